@@ -1,0 +1,3 @@
+from splitvmm.cli import main
+
+main()

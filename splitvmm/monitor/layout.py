@@ -1,0 +1,57 @@
+"""The guest-physical address map: where RAM, boot structures and holes live (x86_64).
+
+Low memory follows what Linux expects from a PC (and what Firecracker and QEMU
+use): boot structures in the first 640 KiB, the EBDA and BIOS area reserved,
+RAM from 1 MiB up to the 32-bit PCI hole, the rest of RAM above 4 GiB.
+"""
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+
+PAGE_SIZE = 4096
+
+# Boot structures written by the loader (all below 640 KiB, in RAM).
+BOOT_GDT = 0x500  # GDT for the 64-bit entry
+BOOT_IDT = 0x520  # empty IDT (limit 0): any exception before the kernel's own IDT is a triple fault
+ZERO_PAGE = 0x7000  # struct boot_params
+BOOT_STACK_TOP = 0x8FF0  # initial RSP
+PML4 = 0x9000  # identity page tables: PML4, PDPT, then 4 page directories (4 GiB of 2 MiB pages)
+PDPT = 0xA000
+PD_BASE = 0xB000  # four pages: 0xB000..0xEFFF
+CMDLINE = 0x20000
+CMDLINE_MAX = 4096  # bytes including the NUL, as Linux's default COMMAND_LINE_SIZE
+MPTABLE = 0x9FC00  # MP floating pointer + config table, in the last KiB of base memory
+EBDA_START = 0x9FC00  # from here to 1 MiB is reserved in the e820 map
+HIMEM_START = 0x100000  # 1 MiB: bzImage protected-mode kernel loads here
+
+# The 32-bit PCI hole: [MMIO32_START, 4 GiB) has no RAM.
+MMIO32_START = 3 * GIB
+FOUR_GIB = 4 * GIB
+IOAPIC_BASE = 0xFEC00000
+LAPIC_BASE = 0xFEE00000
+# KVM needs three pages for the TSS and one for the identity map, in no slot (QEMU's choice).
+KVM_IDENTITY_MAP = 0xFEFFC000
+KVM_TSS = 0xFEFFD000
+
+# Firmware (flat binary, like QEMU -bios): mapped so it ends at 4 GiB, and its last
+# 128 KiB aliased just below 1 MiB so the reset vector (F000:FFF0) sees it in real mode.
+FIRMWARE_MAX = 16 * MIB
+FIRMWARE_LOW_ALIAS = 128 * KIB
+FIRMWARE_LOW_START = HIMEM_START - FIRMWARE_LOW_ALIAS  # 0xE0000
+
+# Legacy PC I/O ports.
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+DEBUG_EXIT_PORT = 0xF4  # QEMU isa-debug-exit: status (value << 1) | 1
+
+
+def ram_ranges(ram_size: int) -> list[tuple[int, int]]:
+    """(gpa, size) of guest RAM: below the PCI hole, then the rest above 4 GiB."""
+    low = min(ram_size, MMIO32_START)
+    ranges = [(0, low)]
+    if ram_size > low:
+        ranges.append((FOUR_GIB, ram_size - low))
+    return ranges

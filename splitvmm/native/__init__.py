@@ -1,0 +1,1 @@
+"""The only code that touches ffi, raw pointers and ioctl numbers."""

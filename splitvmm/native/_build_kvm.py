@@ -1,0 +1,157 @@
+"""cffi builder (API, out-of-line) for the KVM UAPI.
+
+The C compiler reads the system's <linux/kvm.h> and <asm/bootparam.h>, so every
+ioctl number, constant and struct layout below comes from the headers: the
+cdef only names what we use (`...;` lets the compiler fill in the rest).
+"""
+
+from cffi import FFI
+
+IOCTLS = """
+KVM_GET_API_VERSION KVM_CREATE_VM KVM_CHECK_EXTENSION KVM_GET_VCPU_MMAP_SIZE
+KVM_GET_SUPPORTED_CPUID KVM_CREATE_VCPU KVM_SET_USER_MEMORY_REGION
+KVM_SET_TSS_ADDR KVM_SET_IDENTITY_MAP_ADDR KVM_CREATE_IRQCHIP KVM_CREATE_PIT2
+KVM_IRQFD KVM_IOEVENTFD KVM_SIGNAL_MSI KVM_IRQ_LINE_STATUS KVM_GET_IRQCHIP
+KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
+KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_MSRS KVM_SET_MSRS KVM_GET_LAPIC KVM_SET_LAPIC
+KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_TRANSLATE
+""".split()
+
+CONSTANTS = """
+KVM_API_VERSION
+KVM_CAP_IRQCHIP KVM_CAP_PIT2 KVM_CAP_IOEVENTFD KVM_CAP_IRQFD KVM_CAP_USER_MEMORY
+KVM_CAP_SET_TSS_ADDR KVM_CAP_IMMEDIATE_EXIT KVM_CAP_EXT_CPUID KVM_CAP_MP_STATE
+KVM_CAP_NR_VCPUS KVM_CAP_MAX_VCPUS KVM_CAP_READONLY_MEM KVM_CAP_SIGNAL_MSI
+KVM_CAP_IRQ_ROUTING KVM_CAP_SET_IDENTITY_MAP_ADDR
+KVM_EXIT_UNKNOWN KVM_EXIT_EXCEPTION KVM_EXIT_IO KVM_EXIT_HYPERCALL KVM_EXIT_DEBUG
+KVM_EXIT_HLT KVM_EXIT_MMIO KVM_EXIT_SHUTDOWN KVM_EXIT_FAIL_ENTRY KVM_EXIT_INTR
+KVM_EXIT_INTERNAL_ERROR KVM_EXIT_SYSTEM_EVENT
+KVM_EXIT_IO_IN KVM_EXIT_IO_OUT
+KVM_INTERNAL_ERROR_EMULATION KVM_INTERNAL_ERROR_SIMUL_EX KVM_INTERNAL_ERROR_DELIVERY_EV
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+KVM_MEM_READONLY KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
+KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IRQFD_FLAG_DEASSIGN
+KVM_IOEVENTFD_FLAG_DEASSIGN KVM_PIT_SPEAKER_DUMMY
+E820_MAX_ENTRIES_ZEROPAGE
+""".split()
+
+CDEF = """
+typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef int __s32;
+
+struct kvm_run {
+    __u8 request_interrupt_window;
+    __u8 immediate_exit;
+    __u32 exit_reason;
+    union {
+        struct { __u64 hardware_exit_reason; } hw;
+        struct { __u64 hardware_entry_failure_reason; __u32 cpu; } fail_entry;
+        struct { __u32 exception; __u32 error_code; } ex;
+        struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;
+        struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;
+        struct { __u32 suberror; __u32 ndata; __u64 data[16]; } internal;
+        struct { __u32 suberror; __u32 ndata; __u64 flags;
+                 __u8 insn_size; __u8 insn_bytes[15]; } emulation_failure;
+        struct { __u32 type; __u32 ndata; __u64 data[16]; } system_event;
+    };
+    ...;
+};
+
+struct kvm_regs {
+    __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    __u64 r8, r9, r10, r11, r12, r13, r14, r15;
+    __u64 rip, rflags;
+};
+struct kvm_segment {
+    __u64 base; __u32 limit; __u16 selector;
+    __u8 type; __u8 present, dpl, db, s, l, g, avl; __u8 unusable; ...;
+};
+struct kvm_dtable { __u64 base; __u16 limit; ...; };
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    __u64 cr0, cr2, cr3, cr4, cr8;
+    __u64 efer; __u64 apic_base;
+    __u64 interrupt_bitmap[...];
+};
+struct kvm_fpu { __u8 fpr[8][16]; __u16 fcw; __u16 fsw; __u8 ftwx; __u16 last_opcode;
+                 __u64 last_ip; __u64 last_dp; __u8 xmm[16][16]; __u32 mxcsr; ...; };
+struct kvm_lapic_state { char regs[...]; };
+struct kvm_cpuid_entry2 { __u32 function; __u32 index; __u32 flags;
+                          __u32 eax; __u32 ebx; __u32 ecx; __u32 edx; ...; };
+struct kvm_cpuid2 { __u32 nent; struct kvm_cpuid_entry2 entries[]; ...; };
+struct kvm_msr_entry { __u32 index; __u64 data; ...; };
+struct kvm_msrs { __u32 nmsrs; struct kvm_msr_entry entries[]; ...; };
+struct kvm_userspace_memory_region { __u32 slot; __u32 flags; __u64 guest_phys_addr;
+                                     __u64 memory_size; __u64 userspace_addr; };
+struct kvm_pit_config { __u32 flags; ...; };
+struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; ...; };
+struct kvm_ioeventfd { __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; ...; };
+struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; ...; };
+struct kvm_irq_level { __u32 irq; __u32 level; ...; };
+struct kvm_mp_state { __u32 mp_state; };
+struct kvm_translation { __u64 linear_address; __u64 physical_address;
+                         __u8 valid; __u8 writeable; __u8 usermode; ...; };
+/* kvm_irqchip's payload is a union with bitfields; we read it as bytes at the
+   offsets below, which the compiler computes from the header. */
+struct kvm_irqchip { __u32 chip_id; ...; };
+static const unsigned long SV_IRQCHIP_CHIP_OFFSET;
+static const unsigned long SV_PIC_IRR_OFFSET;
+static const unsigned long SV_IOAPIC_IRR_OFFSET;
+static const unsigned long SV_IRQCHIP_CHIP_SIZE;
+
+/* <asm/bootparam.h>: the Linux x86 zero page. */
+struct setup_header {
+    __u8 setup_sects; __u16 root_flags; __u32 syssize; __u16 ram_size; __u16 vid_mode;
+    __u16 root_dev; __u16 boot_flag; __u16 jump; __u32 header; __u16 version;
+    __u32 realmode_swtch; __u16 start_sys_seg; __u16 kernel_version; __u8 type_of_loader;
+    __u8 loadflags; __u16 setup_move_size; __u32 code32_start; __u32 ramdisk_image;
+    __u32 ramdisk_size; __u32 bootsect_kludge; __u16 heap_end_ptr; __u8 ext_loader_ver;
+    __u8 ext_loader_type; __u32 cmd_line_ptr; __u32 initrd_addr_max; __u32 kernel_alignment;
+    __u8 relocatable_kernel; __u8 min_alignment; __u16 xloadflags; __u32 cmdline_size;
+    __u32 hardware_subarch; __u64 hardware_subarch_data; __u32 payload_offset;
+    __u32 payload_length; __u64 setup_data; __u64 pref_address; __u32 init_size;
+    __u32 handover_offset; ...;
+};
+struct boot_e820_entry { __u64 addr; __u64 size; __u32 type; ...; };
+struct boot_params {
+    __u32 ext_ramdisk_image; __u32 ext_ramdisk_size; __u32 ext_cmd_line_ptr;
+    __u8 e820_entries; struct setup_header hdr;
+    struct boot_e820_entry e820_table[...];
+    ...;
+};
+
+/* Thin wrappers so the variadic ioctl() is called with fixed argument types;
+   cffi releases the GIL around every call, which KVM_RUN needs. */
+int sv_ioctl_ptr(int fd, unsigned long request, void *arg);
+int sv_ioctl_val(int fd, unsigned long request, unsigned long arg);
+"""
+
+SOURCE = """
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <linux/kvm.h>
+#include <asm/bootparam.h>
+#include <stddef.h>
+#define SV_IRQCHIP_CHIP_OFFSET offsetof(struct kvm_irqchip, chip)
+#define SV_IRQCHIP_CHIP_SIZE sizeof(((struct kvm_irqchip *)0)->chip)
+#define SV_PIC_IRR_OFFSET offsetof(struct kvm_pic_state, irr)
+#define SV_IOAPIC_IRR_OFFSET offsetof(struct kvm_ioapic_state, irr)
+static int sv_ioctl_ptr(int fd, unsigned long request, void *arg)
+{ return ioctl(fd, request, arg); }
+static int sv_ioctl_val(int fd, unsigned long request, unsigned long arg)
+{ return ioctl(fd, request, arg); }
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    CDEF
+    + "".join(f"static const unsigned long {name};\n" for name in IOCTLS)
+    + "".join(f"static const long {name};\n" for name in CONSTANTS)
+)
+ffibuilder.set_source("splitvmm.native._kvm", SOURCE)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

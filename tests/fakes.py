@@ -1,0 +1,31 @@
+"""Fakes for unit tests: guest memory in a bytearray, an irq that counts, a channel in a list."""
+
+from __future__ import annotations
+
+
+class FakeGuestMemory:
+    """Flat guest RAM from gpa 0 with GuestMemory's read/write interface."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf = bytearray(size)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if gpa < 0 or gpa + len(data) > self.size:
+            raise ValueError(f"fake guest write {gpa:#x}+{len(data):#x} out of range")
+        self.buf[gpa : gpa + len(data)] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        if gpa < 0 or gpa + length > self.size:
+            raise ValueError(f"fake guest read {gpa:#x}+{length:#x} out of range")
+        return bytes(self.buf[gpa : gpa + length])
+
+
+class FakeIrq:
+    """Counts triggers, as an irqfd EventFd would be written."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def trigger(self) -> None:
+        self.count += 1
