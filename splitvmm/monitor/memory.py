@@ -44,6 +44,23 @@ class GuestMemory:
             offset += length
         self.regions: tuple[Region, ...] = tuple(regions)
 
+    def slots(self, holes: list[tuple[int, int]]) -> list[Region]:
+        """RAM regions with (gpa, size) holes cut out, for KVM memory slots (which cannot overlap)."""
+        out = list(self.regions)
+        for hole_gpa, hole_size in holes:
+            cut = []
+            for r in out:
+                lo, hi = max(r.gpa, hole_gpa), min(r.gpa + r.size, hole_gpa + hole_size)
+                if lo >= hi:
+                    cut.append(r)
+                    continue
+                if r.gpa < lo:
+                    cut.append(Region(r.gpa, lo - r.gpa, r.offset))
+                if hi < r.gpa + r.size:
+                    cut.append(Region(hi, r.gpa + r.size - hi, r.offset + hi - r.gpa))
+            out = cut
+        return out
+
     def _locate(self, gpa: int, length: int) -> int:
         """The memfd offset of [gpa, gpa+length), which must lie in one region."""
         for r in self.regions:

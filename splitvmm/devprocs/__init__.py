@@ -1,0 +1,1 @@
+"""Device models, each run in its own sandboxed process (`python -m splitvmm.devprocs`)."""

@@ -1,0 +1,84 @@
+"""The device contract: a pure register state machine plus its saved state.
+
+A device model never touches sockets, processes or the channel: the runtime
+(runtime.py) feeds it accesses and host input, and it talks back only through
+its DeviceContext (an irq trigger, an output sink).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Self
+
+from splitvmm.errors import StateError
+
+
+class Trigger(Protocol):
+    def trigger(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceState:
+    """Plain data (ints, bools, bytes, str, tuples): untrusted when read back."""
+
+    VERSION: ClassVar[int] = 1
+
+    @classmethod
+    def migrate(cls, version: int, fields: dict[str, object]) -> dict[str, object]:
+        if version != cls.VERSION:
+            raise StateError(f"{cls.__name__}: no migration from v{version}")
+        return fields
+
+
+@dataclass(slots=True)
+class Counters:
+    """Guest mistakes we tolerate but count (bad sizes, unknown registers, overruns)."""
+
+    bad_access: int = 0
+    rx_overrun: int = 0
+
+
+@dataclass(slots=True)
+class DeviceContext:
+    """Host resources handed to a device; never part of its state."""
+
+    irq: Trigger
+    out: Callable[[bytes], None] = lambda data: None
+    counters: Counters = field(default_factory=Counters)
+
+
+class Device(abc.ABC):
+    NAME: ClassVar[str]  # model name: module, policy, config `model` and log name
+    WINDOW: ClassVar[int]  # bytes of PIO/MMIO space the device decodes
+    State: ClassVar[type[DeviceState]]
+
+    def __init__(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    def read(self, offset: int, size: int) -> bytes:
+        """len(result) == size; the runtime guarantees offset + size <= WINDOW."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def host_input(self, data: bytes) -> None:
+        """Bytes from the host side of a console device (keyboard, socket)."""
+        self.ctx.counters.bad_access += 1
+
+    @abc.abstractmethod
+    def save(self) -> DeviceState: ...
+
+    @classmethod
+    @abc.abstractmethod
+    def restore(cls, ctx: DeviceContext, state: Any) -> Self: ...
+
+
+REGISTRY: dict[str, type[Device]] = {}
+
+
+def register(cls: type[Device]) -> type[Device]:
+    REGISTRY[cls.NAME] = cls
+    return cls

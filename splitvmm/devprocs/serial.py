@@ -1,0 +1,288 @@
+"""8250/16550A UART (COM1), register names from Linux <linux/serial_reg.h>.
+
+Transmit is instant (the byte goes to the output sink on the THR write); host
+input waits in the receive buffer until the guest reads RBR. The interrupt
+line is edge-signalled through an irqfd (ISA IRQs are edge-triggered on the
+IOAPIC): a pulse each time a new interrupt condition appears.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import ClassVar, Self
+
+from splitvmm.devprocs.base import Device, DeviceContext, DeviceState, register
+from splitvmm.errors import StateError
+
+# The receive buffer: a 16550A has a 16-byte FIFO; we hold more so that pasted
+# input is not lost while the guest is slow, and count what overflows.
+RX_BUFFER_MAX = 4096
+
+
+class Reg(enum.IntEnum):
+    RX_TX = 0  # RBR (read) / THR (write); DLL when LCR.DLAB
+    IER = 1  # DLM when LCR.DLAB
+    IIR_FCR = 2  # IIR (read) / FCR (write)
+    LCR = 3
+    MCR = 4
+    LSR = 5
+    MSR = 6
+    SCR = 7
+
+
+class Ier(enum.IntFlag):
+    RDI = 0x01  # received data available
+    THRI = 0x02  # transmitter holding register empty
+    RLSI = 0x04  # receiver line status
+    MSI = 0x08  # modem status
+
+
+class Iir(enum.IntFlag):
+    NO_INT = 0x01
+    MSI = 0x00
+    THRI = 0x02
+    RDI = 0x04
+    RLSI = 0x06
+    FIFO_ENABLED = 0xC0  # 16550A with FIFOs on
+
+
+class Fcr(enum.IntFlag):
+    ENABLE_FIFO = 0x01
+    CLEAR_RCVR = 0x02
+    CLEAR_XMIT = 0x04
+
+
+class Lcr(enum.IntFlag):
+    WLEN8 = 0x03
+    DLAB = 0x80
+
+
+class Mcr(enum.IntFlag):
+    DTR = 0x01
+    RTS = 0x02
+    OUT1 = 0x04
+    OUT2 = 0x08
+    LOOP = 0x10
+
+
+class Lsr(enum.IntFlag):
+    DR = 0x01  # data ready
+    OE = 0x02  # overrun
+    THRE = 0x20  # transmit holding register empty
+    TEMT = 0x40  # transmitter empty
+
+
+class Msr(enum.IntFlag):
+    DCTS = 0x01
+    DDSR = 0x02
+    TERI = 0x04
+    DDCD = 0x08
+    CTS = 0x10
+    DSR = 0x20
+    RI = 0x40
+    DCD = 0x80
+
+
+# No modem: report the lines a terminal that is always there would assert.
+MSR_CONNECTED = Msr.DCD | Msr.DSR | Msr.CTS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UartState(DeviceState):
+    VERSION: ClassVar[int] = 1
+    ier: int = 0
+    lcr: int = int(Lcr.WLEN8)
+    mcr: int = int(Mcr.OUT2)
+    lsr: int = int(Lsr.THRE | Lsr.TEMT)
+    msr: int = int(MSR_CONNECTED)
+    scr: int = 0
+    dll: int = 12  # 9600 baud
+    dlm: int = 0
+    fcr: int = 0
+    thr_interrupt: bool = False  # a THRE interrupt is pending (cleared by IIR read or THR write)
+    rx: bytes = b""
+
+
+@register
+class Uart8250(Device):
+    NAME = "serial"
+    WINDOW = 8
+    State = UartState
+
+    def __init__(self, ctx: DeviceContext, state: UartState | None = None) -> None:
+        super().__init__(ctx)
+        s = state or UartState()
+        self.ier, self.lcr, self.mcr, self.lsr = s.ier, s.lcr, s.mcr, s.lsr
+        self.msr, self.scr, self.dll, self.dlm, self.fcr = s.msr, s.scr, s.dll, s.dlm, s.fcr
+        self.thr_interrupt = s.thr_interrupt
+        self.rx = bytearray(s.rx)
+        self._irq_pending = self._pending_iir() != Iir.NO_INT
+
+    # -- guest accesses -------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        if size != 1:
+            self.ctx.counters.bad_access += 1
+            return bytes(size)
+        value = self._read_reg(Reg(offset))
+        self._update_irq()
+        return bytes([value])
+
+    def write(self, offset: int, data: bytes) -> None:
+        if len(data) != 1:
+            self.ctx.counters.bad_access += 1
+            return
+        self._write_reg(Reg(offset), data[0])
+        self._update_irq()
+
+    def host_input(self, data: bytes) -> None:
+        if self.mcr & Mcr.LOOP:
+            return  # in loopback the receiver is wired to the transmitter only
+        self._receive(data)
+        self._update_irq()
+
+    # -- registers --------------------------------------------------------------
+    def _dlab(self) -> bool:
+        return bool(self.lcr & Lcr.DLAB)
+
+    def _read_reg(self, reg: Reg) -> int:
+        match reg:
+            case Reg.RX_TX if self._dlab():
+                return self.dll
+            case Reg.RX_TX:
+                return self._read_rbr()
+            case Reg.IER if self._dlab():
+                return self.dlm
+            case Reg.IER:
+                return self.ier
+            case Reg.IIR_FCR:
+                return self._read_iir()
+            case Reg.LCR:
+                return self.lcr
+            case Reg.MCR:
+                return self.mcr
+            case Reg.LSR:
+                value = self.lsr | (Lsr.DR if self.rx else 0)
+                self.lsr &= ~Lsr.OE  # overrun is cleared by reading LSR
+                return value
+            case Reg.MSR:
+                return self._read_msr()
+            case Reg.SCR:
+                return self.scr
+
+    def _write_reg(self, reg: Reg, value: int) -> None:
+        match reg:
+            case Reg.RX_TX if self._dlab():
+                self.dll = value
+            case Reg.RX_TX:
+                self._transmit(value)
+            case Reg.IER if self._dlab():
+                self.dlm = value
+            case Reg.IER:
+                self._write_ier(value)
+            case Reg.IIR_FCR:
+                self._write_fcr(value)
+            case Reg.LCR:
+                self.lcr = value
+            case Reg.MCR:
+                self.mcr = value & 0x1F
+            case Reg.LSR | Reg.MSR:
+                self.ctx.counters.bad_access += 1  # read-only registers (factory test only)
+            case Reg.SCR:
+                self.scr = value
+
+    def _read_rbr(self) -> int:
+        if not self.rx:
+            return 0
+        value = self.rx[0]
+        del self.rx[0]
+        return value
+
+    def _transmit(self, value: int) -> None:
+        if self.mcr & Mcr.LOOP:
+            self._receive(bytes([value]))
+        else:
+            self.ctx.out(bytes([value]))
+        # The byte left at once: THR is empty again, which is itself a new interrupt
+        # event, so the line pulses again even if the last THRE was never acknowledged.
+        self.thr_interrupt = True
+        self._irq_pending = False
+
+    def _write_ier(self, value: int) -> None:
+        enabling_thri = value & Ier.THRI and not self.ier & Ier.THRI
+        self.ier = value & 0x0F
+        if enabling_thri:
+            # THR is always empty here, so enabling ETBEI raises THRE at once (Linux relies on it).
+            self.thr_interrupt = True
+
+    def _write_fcr(self, value: int) -> None:
+        if value & Fcr.CLEAR_RCVR:
+            self.rx.clear()
+        self.fcr = value & (Fcr.ENABLE_FIFO | 0xC0)  # keep enable and trigger level
+
+    def _read_iir(self) -> int:
+        iir = self._pending_iir()
+        if iir == Iir.THRI:
+            self.thr_interrupt = False  # reading IIR with THRE the source clears it
+        fifo = Iir.FIFO_ENABLED if self.fcr & Fcr.ENABLE_FIFO else 0
+        return iir | fifo
+
+    def _read_msr(self) -> int:
+        if self.mcr & Mcr.LOOP:
+            # Loopback wires DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
+            m = self.mcr
+            return (
+                (Msr.DSR if m & Mcr.DTR else 0)
+                | (Msr.CTS if m & Mcr.RTS else 0)
+                | (Msr.RI if m & Mcr.OUT1 else 0)
+                | (Msr.DCD if m & Mcr.OUT2 else 0)
+            )
+        value = self.msr
+        self.msr &= ~(Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD)  # deltas clear on read
+        return value
+
+    def _receive(self, data: bytes) -> None:
+        room = RX_BUFFER_MAX - len(self.rx)
+        if len(data) > room:
+            self.ctx.counters.rx_overrun += len(data) - room
+            self.lsr |= Lsr.OE
+        self.rx += data[:room]
+
+    # -- interrupt --------------------------------------------------------------
+    def _pending_iir(self) -> int:
+        if self.ier & Ier.RLSI and self.lsr & Lsr.OE:
+            return Iir.RLSI
+        if self.ier & Ier.RDI and self.rx:
+            return Iir.RDI
+        if self.ier & Ier.THRI and self.thr_interrupt:
+            return Iir.THRI
+        if self.ier & Ier.MSI and self.msr & (Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD):
+            return Iir.MSI
+        return Iir.NO_INT
+
+    def _update_irq(self) -> None:
+        pending = self._pending_iir() != Iir.NO_INT
+        # OUT2 gates the IRQ line to the PIC on PC serial ports.
+        if pending and not self._irq_pending and self.mcr & Mcr.OUT2:
+            self.ctx.irq.trigger()
+        self._irq_pending = pending and bool(self.mcr & Mcr.OUT2)
+
+    # -- state ------------------------------------------------------------------
+    def save(self) -> UartState:
+        return UartState(
+            ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=self.lsr, msr=self.msr,
+            scr=self.scr, dll=self.dll, dlm=self.dlm, fcr=self.fcr,
+            thr_interrupt=self.thr_interrupt, rx=bytes(self.rx),
+        )  # fmt: skip
+
+    @classmethod
+    def restore(cls, ctx: DeviceContext, state: UartState) -> Self:
+        for name in ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr"):
+            value = getattr(state, name)
+            if not isinstance(value, int) or not 0 <= value <= 0xFF:
+                raise StateError(f"serial: {name}={value!r} is not a byte")
+        if len(state.rx) > RX_BUFFER_MAX:
+            raise StateError(f"serial: rx buffer {len(state.rx)} > {RX_BUFFER_MAX} bytes")
+        if state.ier & ~0x0F or state.mcr & ~0x1F:
+            raise StateError("serial: reserved IER/MCR bits set")
+        return cls(ctx, replace(state))

@@ -1,0 +1,22 @@
+"""DeviceSpec: what the monitor tells a device process at spawn (trusted direction)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    name: str  # the configured device name, e.g. "serial0"
+    model: str  # a key of devprocs.base.REGISTRY
+    channel: str  # ZeroMQ endpoint to connect to (ipc://...)
+    fds: dict[str, int] = field(default_factory=dict)  # role -> inherited fd number
+    options: dict[str, object] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DeviceSpec:
+        return cls(**json.loads(text))

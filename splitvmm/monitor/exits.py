@@ -1,0 +1,21 @@
+"""Why a VM stopped: a typed outcome the CLI turns into an exit status and a message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# `splitvmm up` exit statuses. Debug-exit statuses are always odd ((v << 1) | 1),
+# so the monitor's own outcomes use even numbers.
+EXIT_CLEAN = 0  # i8042 reset / guest power-off
+EXIT_VM_FAULT = 4  # triple fault, emulation failure, failed entry, device failure
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    message: str
+    error: bool = False  # True: print the message as an error
+
+    @classmethod
+    def fault(cls, message: str) -> Outcome:
+        return cls(EXIT_VM_FAULT, message, error=True)

@@ -1,0 +1,244 @@
+"""Machine: puts a VM together from its config, runs it, and tears it down.
+
+Order matters: device processes are spawned (exec'd) before any vCPU thread
+exists, so no fork ever happens in a threaded process; guest RAM is sealed
+before a device can see it; vCPUs start only when every device said READY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import zmq
+
+from splitvmm.config import DeviceSection, VmConfig
+from splitvmm.errors import ConfigError, KvmUnavailable
+from splitvmm.monitor import boot, layout
+from splitvmm.monitor.bus import Bus
+from splitvmm.monitor.console import pump, raw_terminal
+from splitvmm.monitor.devhost import DeviceHost, Spawn
+from splitvmm.monitor.exits import Outcome
+from splitvmm.monitor.memory import GuestMemory
+from splitvmm.monitor.platform import I8042, DebugExit
+from splitvmm.monitor.rundir import RuntimeDir
+from splitvmm.monitor.supervisor import Supervisor
+from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
+from splitvmm.native.eventfd import EventFd
+from splitvmm.native.kvm import Kvm
+from splitvmm.native.mem import mapping_address
+
+log = logging.getLogger("splitvmm.machine")
+
+# Where each device model sits on the PC platform: (port base, window, IRQ).
+SERIAL_WINDOW = 8
+DEBUG_EXIT_WINDOW = 4  # accepts outb/outw/outl at 0xf4
+
+
+class Machine:
+    def __init__(self, cfg: VmConfig, runtime_root: Path | None = None) -> None:
+        self.cfg = cfg
+        self._runtime_root = runtime_root
+        self._outcome: Outcome | None = None
+        self._outcome_lock = threading.Lock()
+        self._wake = EventFd()  # wakes the main thread when the VM ends
+        self._closables: list = []  # closed in reverse order, whatever build() got to
+        self.hosts: list[DeviceHost] = []
+        self.vcpus: list[VcpuThread] = []
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.zctx: zmq.Context | None = None
+        self._serial_host: DeviceHost | None = None
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.kvm = Kvm()
+        self._closables.append(self.kvm)
+        self.kvm.require_caps()
+        if cfg.vm.vcpus > self.kvm.max_vcpus():
+            raise KvmUnavailable(f"vm.vcpus: this host's KVM allows at most {self.kvm.max_vcpus()}")
+        self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
+        self._closables.append(self.rundir)
+        self.mem = GuestMemory(cfg.vm.memory, f"{cfg.vm.name}-ram")
+        self._closables.append(self.mem)
+        self.vm = self.kvm.create_vm()
+        self._closables.append(self.vm)
+        self._create_platform()
+        self.zctx = zmq.Context(io_threads=1)
+        for dev in cfg.devices:
+            self._spawn_device(dev)
+        self.vcpu_fds = [
+            self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
+        ]
+        self._closables.extend(self.vcpu_fds)
+        boot.prepare(cfg, self.kvm, self.vm, self.mem, self.vcpu_fds)
+
+    # -- construction ---------------------------------------------------------------
+    def _create_platform(self) -> None:
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
+        self.vm.set_tss_addr(layout.KVM_TSS)
+        self.vm.create_irqchip()  # PIC + IOAPIC + LAPICs in the kernel
+        self.vm.create_pit2()
+        for slot, region in enumerate(self.mem.slots(boot.memory_holes(self.cfg))):
+            hva = mapping_address(self.mem.map, region.offset)
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)
+        self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
+        self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
+
+    def _spawn_device(self, dev: DeviceSection) -> None:
+        if dev.model != "serial":  # config.py only admits known models
+            raise ConfigError(f"device {dev.name!r}: model {dev.model!r} has no platform wiring")
+        irq = EventFd()
+        self._closables.append(irq)
+        self.vm.register_irqfd(irq.fd, layout.COM1_IRQ)
+        out_fd = self._open_output(dev)
+        host = DeviceHost(
+            Spawn(
+                dev.name,
+                dev.model,
+                SERIAL_WINDOW,
+                dict(dev.options),
+                {"irq": irq.fd, "out": out_fd},
+            ),
+            self.zctx,
+            self.rundir.path,
+            self._device_failed,
+        )
+        self.hosts.append(host)
+        self.pio.insert(layout.COM1_PORT, SERIAL_WINDOW, host)
+        self._serial_host = host
+
+    def _open_output(self, dev: DeviceSection) -> int:
+        output = str(dev.options["output"])
+        if output == "stdio":
+            return 1
+        if output.startswith("unix:"):
+            import socket
+
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(output.removeprefix("unix:"))
+            except OSError as e:
+                raise ConfigError(
+                    f"device {dev.name!r}.output: cannot connect to {output}: {e.strerror}"
+                ) from None
+            self._closables.append(sock)
+            return sock.fileno()
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConfigError(
+                f"device {dev.name!r}.output: cannot open {output}: {e.strerror}"
+            ) from None
+        self._closables.append(_FdCloser(fd))
+        return fd
+
+    # -- outcomes ---------------------------------------------------------------------
+    def stop(self, outcome: Outcome) -> None:
+        """Ends the VM (first outcome wins); safe from any thread."""
+        with self._outcome_lock:
+            if self._outcome is not None:
+                return
+            self._outcome = outcome
+        for v in self.vcpus:
+            v.request_stop()
+        self._wake.trigger()
+
+    def _debug_exit(self, status: int, message: str) -> None:
+        self.stop(Outcome(status, message))
+
+    def _reset(self) -> None:
+        self.stop(Outcome(0, "guest reset through the i8042 controller"))
+
+    def _device_failed(self, host: DeviceHost, reason: str) -> None:
+        # Until crash recovery exists every on_crash policy but "leave" stops the VM cleanly.
+        dev = next(d for d in self.cfg.devices if d.name == host.name)
+        if dev.on_crash == "leave":
+            log.warning(
+                "device %s stays dead (on_crash = leave); its ports read as all-ones", host.name
+            )
+            return
+        self.stop(Outcome.fault(f"device {host.name} failed: {reason}"))
+
+    # -- running ------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        install_kick_handler()
+        for host in self.hosts:
+            host.wait_ready()
+        supervisor = Supervisor(self.hosts)
+        supervisor.start()
+        self.vcpus = [
+            VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop) for fd in self.vcpu_fds
+        ]
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for v in self.vcpus:
+                v.start()
+            self._serve_console()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            for v in self.vcpus:
+                v.request_stop()
+            for v in self.vcpus:
+                v.join()
+            supervisor.close()
+        assert self._outcome is not None
+        return self._outcome
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop(Outcome(128 + signum, f"stopped by {signal.Signals(signum).name}"))
+
+    def _serve_console(self) -> None:
+        host = self._serial_host
+        stdio = (
+            host is not None
+            and next(d for d in self.cfg.devices if d.name == host.name).options["output"]
+            == "stdio"
+        )
+        if not stdio:
+            pump(None, self._wake.fd, lambda data: None, escape=False)
+            return
+        stdin = 0 if _is_open(0) else None
+        with raw_terminal(0) if stdin is not None else contextlib.nullcontext(False) as is_tty:
+            if pump(stdin, self._wake.fd, host.input, escape=is_tty):
+                self.stop(Outcome(0, "quit from the console (Ctrl-A x)"))
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.sync()  # let every device finish the guest's posted writes before it dies
+        for host in self.hosts:
+            host.close()
+        if self.zctx is not None:
+            self.zctx.term()
+        for c in reversed(self._closables):
+            c.close()
+        self._wake.close()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class _FdCloser:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def run_vm(cfg: VmConfig) -> Outcome:
+    machine = Machine(cfg)
+    try:
+        machine.build()
+        return machine.run()
+    finally:
+        machine.close()

@@ -1,0 +1,47 @@
+"""The VM's private runtime directory: device channels (and later the control socket).
+
+`$XDG_RUNTIME_DIR/splitvmm/<name>/`, else `/run/splitvmm/<name>/` for root, else
+a directory under the system temp dir; mode 0700. A lock file held for the
+VM's lifetime tells a second `up` with the same name that the first still runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from splitvmm.errors import SplitvmmError
+
+
+def runtime_root() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "splitvmm"
+    if os.geteuid() == 0:
+        return Path("/run/splitvmm")
+    return Path(tempfile.gettempdir()) / f"splitvmm-{os.geteuid()}"
+
+
+class RuntimeDir:
+    def __init__(self, name: str, root: Path | None = None) -> None:
+        self.path = (root or runtime_root()) / name
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SplitvmmError(f"a VM named {name!r} is already running ({self.path})") from None
+        # Left over from a VM that died without cleaning up: channels are per run.
+        for stale in self.path.glob("*.sock"):
+            stale.unlink()
+        os.ftruncate(self._lock_fd, 0)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock_fd)
