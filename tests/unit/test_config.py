@@ -1,0 +1,98 @@
+"""Config errors name the key and what was expected; good configs parse to dataclasses."""
+
+from pathlib import Path
+
+import pytest
+
+from splitvmm.config import load_config, parse_config, parse_size
+from splitvmm.errors import ConfigError
+
+GOOD = """
+[vm]
+name = "t"
+memory = "64M"
+vcpus = 2
+[boot]
+kernel = "kernel.elf"
+cmdline = "console=ttyS0"
+[[device]]
+name = "serial0"
+model = "serial"
+output = "out.log"
+"""
+
+
+@pytest.fixture
+def kernel_dir(tmp_path: Path) -> Path:
+    (tmp_path / "kernel.elf").write_bytes(b"\x7fELF")
+    return tmp_path
+
+
+def write(tmp: Path, text: str) -> Path:
+    path = tmp / "vm.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_good_file_parses(kernel_dir):
+    cfg = load_config(write(kernel_dir, GOOD))
+    assert (cfg.vm.memory, cfg.vm.vcpus, cfg.boot.kernel, cfg.devices[0].options["output"]) == (
+        64 << 20,
+        2,
+        kernel_dir / "kernel.elf",
+        "out.log",
+    )
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[vm\n", "not valid TOML"),
+        (GOOD.replace('memory = "64M"', 'memory = "lots"'), "vm.memory: expected a size"),
+        (GOOD.replace("vcpus = 2", "vcpus = 0"), "vm.vcpus: 0 is outside"),
+        (GOOD.replace("vcpus = 2", 'vcpus = "2"'), "vm.vcpus: expected int"),
+        (GOOD.replace('kernel = "kernel.elf"', 'kernel = "nope"'), "boot.kernel: .*nope does not exist"),
+        (GOOD.replace('kernel = "kernel.elf"', ""), "exactly one of kernel"),
+        (GOOD.replace('model = "serial"', 'model = "floppy"'), "unknown model 'floppy'"),
+        (GOOD.replace('output = "out.log"', "speed = 9600"), "unknown key 'speed'"),
+        (GOOD + '[[device]]\nname = "serial0"\nmodel = "serial"\n', "used twice"),
+        (GOOD.replace("[vm]", "[vm]\ncolour = 1"), "vm: unknown key 'colour'"),
+        (GOOD.replace('name = "serial0"\n', 'name = "serial0"\non_crash = "panic"\n'), "on_crash"),
+        (GOOD.replace('name = "t"', 'name = "a/b"'), "vm.name"),
+    ],
+    ids=[
+        "bad-toml",
+        "bad-size",
+        "zero-vcpus",
+        "vcpus-string",
+        "missing-kernel",
+        "no-kernel-or-firmware",
+        "unknown-model",
+        "unknown-option",
+        "duplicate-name",
+        "unknown-vm-key",
+        "bad-on-crash",
+        "bad-vm-name",
+    ],
+)
+def test_config_mistake_raises_error_naming_key(kernel_dir, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(kernel_dir, text))
+
+
+def test_config_missing_file_raises_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    "text,size", [("64M", 64 << 20), ("2G", 2 << 30), ("512MiB", 512 << 20), ("4096", 4096)]
+)
+def test_parse_size_units_give_bytes(text, size):
+    assert parse_size(text, "k") == size
+
+
+def test_config_firmware_with_cmdline_raises(tmp_path):
+    (tmp_path / "fw.bin").write_bytes(b"\x00")
+    with pytest.raises(ConfigError, match="initrd and cmdline go with kernel"):
+        parse_config({"boot": {"firmware": "fw.bin", "cmdline": "x"}}, tmp_path)

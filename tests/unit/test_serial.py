@@ -1,0 +1,150 @@
+"""The 8250 register model against a fake irq and an output buffer (no process, no channel)."""
+
+import pytest
+
+from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.serial import (
+    RX_BUFFER_MAX,
+    Ier,
+    Iir,
+    Lcr,
+    Lsr,
+    Mcr,
+    Msr,
+    Reg,
+    UartState,
+    Uart8250,
+)
+from splitvmm.errors import StateError
+from tests.fakes import FakeIrq
+
+
+def make_uart() -> tuple[Uart8250, bytearray, FakeIrq]:
+    out = bytearray()
+    irq = FakeIrq()
+    return Uart8250(DeviceContext(irq=irq, out=out.extend)), out, irq
+
+
+def test_uart_thr_write_emits_byte():
+    uart, out, _ = make_uart()
+    uart.write(Reg.RX_TX, b"A")
+    assert out == b"A"
+
+
+def test_uart_reset_lsr_reports_transmitter_empty():
+    uart, _, _ = make_uart()
+    assert uart.read(Reg.LSR, 1)[0] & (Lsr.THRE | Lsr.TEMT) == Lsr.THRE | Lsr.TEMT
+
+
+def test_uart_dlab_set_redirects_to_divisor_latch():
+    uart, out, _ = make_uart()
+    uart.write(Reg.LCR, bytes([Lcr.DLAB | Lcr.WLEN8]))
+    uart.write(Reg.RX_TX, b"\x01")
+    uart.write(Reg.IER, b"\x02")
+    assert (uart.read(Reg.RX_TX, 1), uart.read(Reg.IER, 1), out) == (b"\x01", b"\x02", bytearray())
+
+
+def test_uart_host_input_sets_data_ready_and_reads_in_order():
+    uart, _, _ = make_uart()
+    uart.host_input(b"ok")
+    lsr = uart.read(Reg.LSR, 1)[0]
+    first, second = uart.read(Reg.RX_TX, 1), uart.read(Reg.RX_TX, 1)
+    assert (lsr & Lsr.DR, first, second, uart.read(Reg.LSR, 1)[0] & Lsr.DR) == (Lsr.DR, b"o", b"k", 0)
+
+
+def test_uart_rx_interrupt_enabled_pulses_irq_once_per_new_condition():
+    uart, _, irq = make_uart()
+    uart.write(Reg.IER, bytes([Ier.RDI]))
+    uart.host_input(b"a")
+    uart.host_input(b"b")
+    assert (irq.count, uart.read(Reg.IIR_FCR, 1)[0] & 0x0F) == (1, Iir.RDI)
+
+
+def test_uart_out2_clear_gates_the_irq_line():
+    uart, _, irq = make_uart()
+    uart.write(Reg.MCR, b"\x00")
+    uart.write(Reg.IER, bytes([Ier.RDI]))
+    uart.host_input(b"a")
+    assert irq.count == 0
+
+
+def test_uart_enabling_thri_raises_thre_interrupt_at_once():
+    uart, _, irq = make_uart()
+    uart.write(Reg.IER, bytes([Ier.THRI]))
+    assert (irq.count, uart.read(Reg.IIR_FCR, 1)[0] & 0x0F) == (1, Iir.THRI)
+
+
+def test_uart_iir_read_clears_thre_interrupt():
+    uart, _, _ = make_uart()
+    uart.write(Reg.IER, bytes([Ier.THRI]))
+    uart.read(Reg.IIR_FCR, 1)
+    assert uart.read(Reg.IIR_FCR, 1)[0] & 0x0F == Iir.NO_INT
+
+
+def test_uart_fifo_enabled_iir_reports_16550a():
+    uart, _, _ = make_uart()
+    uart.write(Reg.IIR_FCR, b"\x01")
+    assert uart.read(Reg.IIR_FCR, 1)[0] & 0xC0 == 0xC0
+
+
+def test_uart_loopback_routes_thr_to_rbr_and_mcr_to_msr():
+    uart, out, _ = make_uart()
+    uart.write(Reg.MCR, bytes([Mcr.LOOP | Mcr.OUT2 | Mcr.RTS]))
+    uart.write(Reg.RX_TX, b"Z")
+    msr = uart.read(Reg.MSR, 1)[0]
+    assert (out, uart.read(Reg.RX_TX, 1), msr) == (bytearray(), b"Z", Msr.CTS | Msr.DCD)
+
+
+def test_uart_scratch_register_holds_value():
+    uart, _, _ = make_uart()
+    uart.write(Reg.SCR, b"\x5a")
+    assert uart.read(Reg.SCR, 1) == b"\x5a"
+
+
+def test_uart_wide_access_is_counted_and_ignored():
+    uart, out, _ = make_uart()
+    uart.write(Reg.RX_TX, b"AB")
+    result = uart.read(Reg.LSR, 2)
+    assert (out, result, uart.ctx.counters.bad_access) == (bytearray(), b"\x00\x00", 2)
+
+
+def test_uart_rx_overflow_sets_overrun_and_counts():
+    uart, _, _ = make_uart()
+    uart.host_input(b"x" * (RX_BUFFER_MAX + 3))
+    lsr = uart.read(Reg.LSR, 1)[0]
+    assert (lsr & Lsr.OE, uart.ctx.counters.rx_overrun, uart.read(Reg.LSR, 1)[0] & Lsr.OE) == (
+        Lsr.OE,
+        3,
+        0,
+    )
+
+
+def test_uart_fcr_clear_receiver_drops_pending_input():
+    uart, _, _ = make_uart()
+    uart.host_input(b"abc")
+    uart.write(Reg.IIR_FCR, b"\x03")
+    assert uart.read(Reg.LSR, 1)[0] & Lsr.DR == 0
+
+
+def test_uart_save_restore_keeps_registers_and_unread_input():
+    uart, _, _ = make_uart()
+    uart.write(Reg.SCR, b"\x11")
+    uart.host_input(b"typed")
+    state = uart.save()
+    restored = Uart8250.restore(DeviceContext(irq=FakeIrq()), state)
+    assert restored.save() == state
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        UartState(lcr=256),
+        UartState(ier=0x10),
+        UartState(rx=b"x" * (RX_BUFFER_MAX + 1)),
+        UartState(scr=-1),
+    ],
+    ids=["lcr-not-a-byte", "ier-reserved-bits", "rx-too-long", "negative"],
+)
+def test_uart_restore_bad_state_raises_state_error(bad):
+    with pytest.raises(StateError):
+        Uart8250.restore(DeviceContext(irq=FakeIrq()), bad)

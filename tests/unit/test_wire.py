@@ -1,0 +1,65 @@
+"""Frame codec: what the monitor accepts from a device (hostile) and a device from the monitor."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splitvmm.errors import ProtocolError
+from splitvmm.protocol import wire
+
+
+def test_read_done_matching_reply_returns_data():
+    assert wire.decode_read_done(wire.encode_read_done(7, b"\xab"), 7, 1) == b"\xab"
+
+
+@pytest.mark.parametrize(
+    "frame,seq,size",
+    [
+        (wire.encode_read_done(6, b"\xab"), 7, 1),  # stale sequence number
+        (wire.encode_read_done(7, b"\xab\xcd"), 7, 1),  # wrong size
+        (wire.encode_ready(), 7, 1),  # wrong opcode
+        (wire.encode_read_done(7, b"\xab")[:-1], 7, 1),  # short frame
+        (wire.encode_read_done(7, b"\xab") + b"\x00", 7, 1),  # long frame
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 0, 7, 0, b"\xab\x01"), 7, 1),  # data past size
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 1, 7, 0, b"\xab"), 7, 1),  # flags set
+    ],
+    ids=["stale-seq", "wrong-size", "wrong-op", "short", "long", "trailing-data", "flags"],
+)
+def test_read_done_bad_reply_raises_protocol_error(frame, seq, size):
+    with pytest.raises(ProtocolError):
+        wire.decode_read_done(frame, seq, size)
+
+
+def test_access_write_outside_window_raises_protocol_error():
+    with pytest.raises(ProtocolError):
+        wire.decode_access(wire.encode_write(7, b"\x00\x00"), window=8)
+
+
+def test_access_write_decodes_offset_and_data():
+    access = wire.decode_access(wire.encode_write(3, b"\x80"), window=8)
+    assert (access.op, access.offset, access.data) == (wire.Op.WRITE, 3, b"\x80")
+
+
+def test_sync_done_wrong_seq_raises_protocol_error():
+    with pytest.raises(ProtocolError):
+        wire.decode_sync_done(wire.encode_sync_done(2), 3)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 4, 8]))
+def test_read_done_random_bytes_never_crash_the_decoder(buf, seq, size):
+    try:
+        data = wire.decode_read_done(buf, seq, size)
+    except ProtocolError:
+        return
+    assert len(data) == size
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(min_size=wire.FRAME.size, max_size=wire.FRAME.size))
+def test_access_random_frames_never_crash_the_decoder(buf):
+    try:
+        access = wire.decode_access(buf, window=8)
+    except ProtocolError:
+        return
+    assert access.offset + access.size <= 8 or access.op in (wire.Op.INPUT, wire.Op.SYNC)
