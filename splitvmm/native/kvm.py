@@ -303,6 +303,10 @@ class VcpuFd(_Fd):
         state = ffi.new("struct kvm_mp_state *", {"mp_state": mp_state})
         _ioctl_ptr(self.fd, lib.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")
 
+    def tsc_khz(self) -> int:
+        """The guest TSC frequency, to turn guest-measured ticks into time."""
+        return _ioctl_val(self.fd, lib.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
     def translate(self, linear: int) -> int | None:
         """Guest linear -> physical address through the vCPU's page tables, or None."""
         tr = ffi.new("struct kvm_translation *", {"linear_address": linear})

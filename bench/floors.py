@@ -1,0 +1,100 @@
+"""This machine's floors, measured in the same run as our figures.
+
+- a bare Python KVM_RUN loop: a real-mode guest doing `in`/`out` to a port
+  nobody serves, answered inline by the loop (no bus, no device, no IPC);
+- a raw pyzmq PAIR round trip over ipc:// between two processes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+
+import zmq
+
+from splitvmm.native._kvm import lib
+from splitvmm.native.kvm import Kvm
+from splitvmm.native.mem import mapping_address
+
+# Real mode at 0x1000 (CS base 0): 1: in $0x80,%al; out %al,$0x81; jmp 1b
+LOOP_CODE = bytes([0xE4, 0x80, 0xE6, 0x81, 0xEB, 0xFA])
+
+
+def kvm_run_floor(exits: int) -> list[float]:
+    """Seconds per exit of a Python KVM_RUN loop that answers each exit inline."""
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        ram = mmap.mmap(-1, 0x10000)
+        ram[0x1000 : 0x1000 + len(LOOP_CODE)] = LOOP_CODE
+        vm.set_user_memory_region(0, 0, len(ram), mapping_address(ram))
+        vcpu = vm.create_vcpu(0, kvm.vcpu_mmap_size())
+        sregs = vcpu.get_sregs()
+        sregs.cs.base, sregs.cs.selector = 0, 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rflags = 0x1000, 2
+        vcpu.set_regs(regs)
+        run = vcpu.run_struct
+        samples = []
+        for _ in range(exits):
+            t0 = time.perf_counter()
+            vcpu.run()
+            if run.exit_reason != lib.KVM_EXIT_IO:
+                raise RuntimeError(f"floor guest exited with reason {run.exit_reason}")
+            if run.io.direction == lib.KVM_EXIT_IO_IN:
+                vcpu.io_data(run.io.data_offset, 1)[0] = 0xFF
+            samples.append(time.perf_counter() - t0)
+        vcpu.close()
+        vm.close()
+        ram.close()
+    return samples
+
+
+def _echo(endpoint: str, n: int) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.connect(endpoint)
+    for _ in range(n):
+        sock.send(sock.recv())
+    sock.close()
+    ctx.term()
+
+
+def zmq_pair_floor(round_trips: int) -> list[float]:
+    """Seconds per 24-byte round trip on a ZeroMQ PAIR over ipc:// to another process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        endpoint = f"ipc://{tmp}/floor.sock"
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PAIR)
+        sock.bind(endpoint)
+        peer = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, round_trips + 1))
+        peer.start()
+        frame = bytes(24)
+        sock.send(frame)
+        sock.recv()  # connected and warm
+        samples = []
+        for _ in range(round_trips):
+            t0 = time.perf_counter()
+            sock.send(frame)
+            sock.recv()
+            samples.append(time.perf_counter() - t0)
+        peer.join()
+        sock.close()
+        ctx.term()
+    return samples
+
+
+def summary_us(samples: list[float]) -> tuple[float, float]:
+    """(median, p99) in microseconds."""
+    ordered = sorted(samples)
+    return statistics.median(ordered) * 1e6, ordered[int(len(ordered) * 0.99) - 1] * 1e6
+
+
+if __name__ == "__main__":
+    print("kvm_run floor  median %.1f us  p99 %.1f us" % summary_us(kvm_run_floor(20000)))
+    print("zmq pair floor median %.1f us  p99 %.1f us" % summary_us(zmq_pair_floor(5000)))
+    print(os.getpid())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what splitvmm needs on a fresh Debian 12 machine (as root, or with sudo):
+# the Debian packages (compiler for the cffi bindings and the test guests, kernel
+# headers for <linux/kvm.h>, libseccomp), then a virtualenv in .venv with splitvmm.
+# Idempotent and quiet when everything is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 python3-venv)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.splitvmm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ splitvmm/native/_build_kvm.py -nt "$stamp" ]; then
+    echo "bootstrap: installing splitvmm into .venv" >&2
+    .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi

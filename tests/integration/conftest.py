@@ -1,0 +1,59 @@
+"""Fixtures for integration tests: built test guests, and running them through `splitvmm up`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def guests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.guests.build import build_guests
+
+    return build_guests(tmp_path_factory.mktemp("guests"))
+
+
+@dataclass
+class Run:
+    status: int
+    serial: str  # what the guest wrote to the serial device
+    stderr: str  # the monitor's messages
+
+
+def vm_toml(boot: str, memory: str = "64M", vcpus: int = 1, serial_out: Path | None = None) -> str:
+    out = f'output = "{serial_out}"\n' if serial_out else ""
+    return (
+        f'[vm]\nname = "test"\nmemory = "{memory}"\nvcpus = {vcpus}\n'
+        f"[boot]\n{boot}\n"
+        f'[[device]]\nname = "serial0"\nmodel = "serial"\n{out}'
+    )
+
+
+def run_up(
+    tmp_path: Path,
+    boot: str,
+    memory: str = "64M",
+    vcpus: int = 1,
+    timeout: float = 120,
+    extra_args: tuple[str, ...] = (),
+) -> Run:
+    """Run `splitvmm up` on a fresh config; the serial output goes to a file we read back."""
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(boot, memory, vcpus, serial))
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", *extra_args, "up", str(config)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={"XDG_RUNTIME_DIR": str(tmp_path / "run"), "PATH": "/usr/bin:/bin"},
+    )
+    text = serial.read_text(errors="replace") if serial.exists() else ""
+    return Run(proc.returncode, text, proc.stderr.decode(errors="replace"))
