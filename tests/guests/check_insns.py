@@ -1,0 +1,152 @@
+"""Fails the build if a guest holds an instruction that a PVM host cannot run.
+
+On a PVM host (see /work/shared/KVM-HERE.md) CPL0 code goes through KVM's instruction
+emulator, which fails on int3, cmpxchg16b, popcnt, xrstor and SSE arithmetic, and shuts the
+VM down on ud2; and no interrupt or exception reaches a guest, so a guest must never enable
+interrupts or trap on purpose.  This script disassembles every executable section of an ELF
+with objdump (and, in 16-bit mode, every range between symbols `X_code16_start` and
+`X_code16_end`, for real-mode code kept in data sections) and lists each forbidden
+instruction it finds.
+
+usage: check_insns.py [--mode i8086] ELF...
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# Mnemonics as objdump (AT&T syntax) prints them.
+FORBIDDEN = {
+    "int3": "emulation fails (KVM_EXIT_INTERNAL_ERROR)",
+    "int": "software interrupts never reach the guest IDT here",
+    "int1": "debug trap",
+    "icebp": "debug trap",
+    "into": "software interrupt",
+    "ud0": "undefined instruction: shuts the VM down",
+    "ud1": "undefined instruction: shuts the VM down",
+    "ud2": "undefined instruction: shuts the VM down",
+    "sti": "the guests never enable interrupts",
+    "popcnt": "emulation fails",
+    "lzcnt": "may not be emulated (and is bsr on older CPUs)",
+    "tzcnt": "may not be emulated (and is bsf on older CPUs)",
+    "cmpxchg16b": "emulation fails",
+    "endbr64": "CET marker: may not be emulated; build with -fcf-protection=none",
+    "endbr32": "CET marker: may not be emulated",
+    "syscall": "no way back to CPL0 here",
+    "sysenter": "no way back to CPL0 here",
+    "ldmxcsr": "SSE state",
+    "stmxcsr": "SSE state",
+    "emms": "MMX",
+    "(bad)": "undecodable bytes in a code section",
+}
+FORBIDDEN_PREFIXES = ("xsave", "xrstor", "fxsave", "fxrstor")
+# SSE/AVX/MMX/AVX-512 registers as operands: any vector instruction at all.
+VECTOR_REGISTER = re.compile(r"%(?:[xyz]mm\d+|mm\d|k[0-7])\b")
+INSTRUCTION_PREFIXES = set(
+    "lock rep repz repe repnz repne data16 data32 addr16 addr32 rex rex.w"
+    " cs ds es ss fs gs notrack bnd xacquire xrelease".split()
+)
+LINE = re.compile(r"^\s*([0-9a-f]+):\s+(.*)$")
+
+
+def objdump(args: list[str]) -> str:
+    result = subprocess.run(
+        ["objdump", "--no-show-raw-insn", "-w", *args], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        sys.exit(f"check_insns: objdump {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def mnemonic(instruction: str) -> str:
+    """The instruction's mnemonic, past any prefixes."""
+    for token in instruction.split():
+        if token not in INSTRUCTION_PREFIXES:
+            return token
+    return ""
+
+
+def why_forbidden(instruction: str) -> str | None:
+    name = mnemonic(instruction)
+    if name in FORBIDDEN:
+        return FORBIDDEN[name]
+    if name.startswith(FORBIDDEN_PREFIXES):
+        return "extended-state save/restore: emulation fails"
+    if VECTOR_REGISTER.search(instruction):
+        return "SSE/AVX/MMX: emulation fails, and the guests are general-register only"
+    return None
+
+
+def problems(listing: str, what: str) -> list[str]:
+    found, seen = [], 0
+    for line in listing.splitlines():
+        m = LINE.match(line)
+        if not m:
+            continue
+        seen += 1
+        instruction = m.group(2).split("#")[0].strip()
+        why = why_forbidden(instruction)
+        if why:
+            found.append(f"  {m.group(1)}: {instruction}    <- {why}")
+    if seen == 0:
+        found.append(f"  no instructions found in {what}: nothing was checked")
+    return found
+
+
+def code16_ranges(elf: Path) -> list[tuple[str, int, int]]:
+    """(name, start, end) for each X_code16_start / X_code16_end symbol pair."""
+    out = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    symbols = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            symbols[parts[2]] = int(parts[0], 16)
+    ranges = []
+    for name, start in symbols.items():
+        if name.endswith("_code16_start"):
+            stem = name.removesuffix("_code16_start")
+            end = symbols.get(f"{stem}_code16_end")
+            if end is None:
+                sys.exit(f"check_insns: {elf}: {name} has no {stem}_code16_end")
+            ranges.append((stem, start, end))
+    return ranges
+
+
+def check(elf: Path, mode: str | None) -> list[str]:
+    found = problems(objdump(["-d", *(["-M", mode] if mode else []), str(elf)]), "code sections")
+    for stem, start, end in code16_ranges(elf):
+        listing = objdump(
+            [
+                "-D",
+                "-M",
+                "i8086",
+                f"--start-address={start:#x}",
+                f"--stop-address={end:#x}",
+                str(elf),
+            ]
+        )
+        found += [f"{p} (16-bit code {stem})" for p in problems(listing, f"{stem}_code16")]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["i8086"], help="disassemble as 16-bit code")
+    parser.add_argument("elf", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    failed = False
+    for elf in args.elf:
+        found = check(elf, args.mode)
+        if found:
+            failed = True
+            print(f"{elf}: instructions a PVM guest must not use:", file=sys.stderr)
+            print("\n".join(found), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
