@@ -1,0 +1,321 @@
+"""Build the demo guest kit into a cache directory, or reuse the one already there.
+
+Layout of the cache:
+    vmlinuz-<release>                 the bzImage, copied out of the kernel package
+    initramfs-<release>.cpio.gz       busybox + virtio modules + /init
+    debian.toml                       the VM config (absolute paths into this directory)
+    manifest.json                     written last: what was built, with sha256 of each file
+    build/                            scratch while building (the unpacked packages), removed
+
+A kit is reused when manifest.json names files that exist with the recorded sha256. The config
+is not in the manifest: it is re-rendered on every run (cheap), so it follows the directory if
+the cache is moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from splitvmm import __version__
+from splitvmm.guestkit.debian import Package, Progress, Runner, extract, fetch_packages, run_tool
+from splitvmm.guestkit.errors import GuestKitError
+from splitvmm.guestkit.initramfs import write_initramfs
+from splitvmm.guestkit.kernel import (
+    SETUP_HEADER_END,
+    BzImageInfo,
+    UnpackedKernel,
+    bzimage_info,
+    find_kernel,
+)
+from splitvmm.guestkit.modules import KernelModules
+from splitvmm.guestkit.rootfs import (
+    APPLETS,
+    VIRTIO_MODULES,
+    Module,
+    render_init,
+    rootfs_entries,
+)
+from splitvmm.guestkit.vmconfig import render_vm_config
+
+# Bump when the manifest's shape changes. Changes to what goes in the kit (/init, applets,
+# modules) need no bump: the recipe fingerprint below catches them.
+MANIFEST_FORMAT = 1
+MANIFEST = "manifest.json"
+CONFIG = "debian.toml"
+BUSYBOX_IN_PACKAGE = "bin/busybox"
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Kit:
+    config: Path
+    kernel: Path
+    initrd: Path
+    release: str  # the kernel's uname -r
+    packages: Mapping[str, str]  # Debian package name -> version
+    boot_protocol: int
+    xloadflags: int
+    modules: tuple[str, ...]  # in load order, relative to /lib/modules/<release>
+    reused: bool
+
+
+def recipe_fingerprint() -> str:
+    """A hash of what this splitvmm puts in a kit, so a cache built by another recipe rebuilds."""
+    recipe = "\0".join((render_init("RELEASE", ["MODULE"]), *APPLETS, "", *VIRTIO_MODULES))
+    return hashlib.sha256(recipe.encode()).hexdigest()
+
+
+def _quiet(message: str) -> None:
+    del message
+
+
+def default_cache_dir(env: Mapping[str, str] = os.environ, home: Path | None = None) -> Path:
+    """$XDG_CACHE_HOME/splitvmm/guest, else ~/.cache/splitvmm/guest (XDG: a relative
+    XDG_CACHE_HOME is invalid and ignored)."""
+    xdg = env.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else (home or Path.home()) / ".cache"
+    return base / "splitvmm" / "guest"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path) -> Iterator[IO[bytes]]:
+    """A file that appears at `path` only once complete, so a crash never leaves half a kit."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            yield f
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: Path) -> Iterator[None]:
+    """One build at a time per cache: two would share (and delete) the same build/ dir."""
+    with (cache_dir / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build_kit(
+    cache_dir: Path,
+    force: bool = False,
+    progress: Progress = _quiet,
+    run: Runner = run_tool,
+) -> Kit:
+    """The kit in `cache_dir`: reused if complete and intact (unless `force`), else built."""
+    cache_dir = cache_dir.expanduser().resolve()  # the config holds absolute paths
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GuestKitError(f"cannot create the cache directory {cache_dir}: {e.strerror}") from e
+    with _locked(cache_dir):
+        kit = None if force else load_cached_kit(cache_dir, progress)
+        try:
+            if kit is None:
+                kit = _build(cache_dir, progress, run)
+                _remove_stale(cache_dir, kit)
+            _write_config(kit)
+        except OSError as e:  # the host's trouble (disk full, permissions), not a bug of ours
+            raise GuestKitError(f"writing the kit in {cache_dir} failed: {e}") from e
+        return kit
+
+
+def _remove_stale(cache_dir: Path, kit: Kit) -> None:
+    """Kernels and initramfs of an older kernel release, left by an earlier build."""
+    for pattern in ("vmlinuz-*", "initramfs-*.cpio.gz"):
+        for path in cache_dir.glob(pattern):
+            if path not in (kit.kernel, kit.initrd):
+                path.unlink()
+
+
+def _write_config(kit: Kit) -> None:
+    text = render_vm_config(kit.kernel, kit.initrd)
+    if not kit.config.is_file() or kit.config.read_text() != text:
+        with _atomic_output(kit.config) as f:
+            f.write(text.encode())
+
+
+def _build(cache_dir: Path, progress: Progress, run: Runner) -> Kit:
+    work = cache_dir / "build"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        kernel_pkg, busybox_pkg = fetch_packages(run, work / "debs", progress)
+        progress(f"unpacking {kernel_pkg.name} and {busybox_pkg.name}")
+        kernel = find_kernel(extract(run, kernel_pkg, work / "kernel"))
+        busybox = extract(run, busybox_pkg, work / "busybox") / BUSYBOX_IN_PACKAGE
+        if not busybox.is_file():
+            raise GuestKitError(f"{busybox_pkg.name} has no {BUSYBOX_IN_PACKAGE}")
+        return _assemble(cache_dir, kernel, busybox, (kernel_pkg, busybox_pkg), progress, run)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _assemble(
+    cache_dir: Path,
+    kernel: UnpackedKernel,
+    busybox: Path,
+    packages: tuple[Package, ...],
+    progress: Progress,
+    run: Runner,
+) -> Kit:
+    """Write vmlinuz and the initramfs from the unpacked packages, then the manifest."""
+    with kernel.vmlinuz.open("rb") as f:
+        boot = bzimage_info(f.read(SETUP_HEADER_END))
+    check_applets(busybox, run)
+    progress(f"collecting the virtio modules of {kernel.release}")
+    modules = collect_modules(KernelModules(kernel.moddir), VIRTIO_MODULES)
+    kit = Kit(
+        config=cache_dir / CONFIG,
+        kernel=cache_dir / f"vmlinuz-{kernel.release}",
+        initrd=cache_dir / f"initramfs-{kernel.release}.cpio.gz",
+        release=kernel.release,
+        packages={p.name: p.version for p in packages},
+        boot_protocol=boot.protocol,
+        xloadflags=boot.xloadflags,
+        modules=tuple(m.path for m in modules),
+        reused=False,
+    )
+    with _atomic_output(kit.kernel) as f, kernel.vmlinuz.open("rb") as src:
+        shutil.copyfileobj(src, f)
+    progress(f"writing {kit.initrd.name}")
+    entries = rootfs_entries(busybox.read_bytes(), kernel.release, modules)
+    with _atomic_output(kit.initrd) as f:
+        write_initramfs(entries, f)
+    _write_manifest(kit)
+    return kit
+
+
+def check_applets(busybox: Path, run: Runner) -> None:
+    """Fail at build time, not at boot, if this busybox lacks an applet the kit links."""
+    result = run([str(busybox), "--list"])
+    if result.returncode != 0:
+        raise GuestKitError(f"{busybox} --list failed with exit status {result.returncode}")
+    missing = sorted(set(APPLETS) - set(result.stdout.split()))
+    if missing:
+        raise GuestKitError(f"busybox-static lacks the applets {', '.join(missing)}")
+
+
+def collect_modules(kernel_modules: KernelModules, wanted: tuple[str, ...]) -> list[Module]:
+    """The modules for `wanted` in load order, as they will sit in the initramfs.
+
+    .ko and .ko.xz files go in as they are: busybox-static's insmod (1.35, Debian 12)
+    decompresses xz itself (checked: it hands init_module the uncompressed size). Other
+    compressions are decompressed here, since that support was not checked.
+    """
+    modules = []
+    for name in kernel_modules.plan(wanted):
+        path = kernel_modules.path(name)
+        if path.endswith((".ko", ".ko.xz")):
+            modules.append(Module(path, (kernel_modules.moddir / path).read_bytes()))
+        else:
+            stem = path[: path.rindex(".ko")]
+            modules.append(Module(f"{stem}.ko", kernel_modules.image(name)))
+    return modules
+
+
+def _manifest(kit: Kit) -> dict[str, object]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "producer": f"splitvmm {__version__}",
+        "recipe": recipe_fingerprint(),
+        "release": kit.release,
+        "packages": dict(kit.packages),
+        "boot_protocol": kit.boot_protocol,
+        "xloadflags": kit.xloadflags,
+        "modules": list(kit.modules),
+        "files": {
+            "kernel": {"name": kit.kernel.name, "sha256": sha256_file(kit.kernel)},
+            "initrd": {"name": kit.initrd.name, "sha256": sha256_file(kit.initrd)},
+        },
+    }
+
+
+def _write_manifest(kit: Kit) -> None:
+    text = json.dumps(_manifest(kit), indent=2, sort_keys=True) + "\n"
+    with _atomic_output(kit.config.with_name(MANIFEST)) as f:
+        f.write(text.encode())
+
+
+def load_cached_kit(cache_dir: Path, progress: Progress = _quiet) -> Kit | None:
+    """The kit recorded in the cache's manifest if every file in it is intact, else None."""
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        kit, hashes = _parse_manifest(cache_dir, json.loads(path.read_text()))
+    except KeyError as e:
+        progress(f"the cached kit's {MANIFEST} has no {e.args[0]!r} field; rebuilding")
+        return None
+    except (ValueError, TypeError, AttributeError) as e:
+        progress(f"the cached kit's {MANIFEST} is unusable: {e}; rebuilding")
+        return None
+    for file, want in hashes.items():
+        if not file.is_file() or sha256_file(file) != want:
+            progress(f"the cached {file.name} is missing or changed; rebuilding")
+            return None
+    progress(f"reusing the kit in {cache_dir}")
+    return kit
+
+
+def _file_name(entry: Any) -> str:
+    name = entry["name"]
+    if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"bad file name {name!r}")
+    return name
+
+
+def _parse_manifest(cache_dir: Path, data: Any) -> tuple[Kit, dict[Path, str]]:
+    """Raises ValueError, KeyError, TypeError or AttributeError on anything unexpected."""
+    if data["format"] != MANIFEST_FORMAT:
+        raise ValueError(f"format {data['format']!r}, this splitvmm writes {MANIFEST_FORMAT}")
+    if data["recipe"] != recipe_fingerprint():
+        raise ValueError("it was built by another version of the kit recipe")
+    files = data["files"]
+    kernel = cache_dir / _file_name(files["kernel"])
+    initrd = cache_dir / _file_name(files["initrd"])
+    kit = Kit(
+        config=cache_dir / CONFIG,
+        kernel=kernel,
+        initrd=initrd,
+        release=str(data["release"]),
+        packages={str(k): str(v) for k, v in data["packages"].items()},
+        boot_protocol=int(data["boot_protocol"]),
+        xloadflags=int(data["xloadflags"]),
+        modules=tuple(str(m) for m in data["modules"]),
+        reused=True,
+    )
+    hashes = {kernel: str(files["kernel"]["sha256"]), initrd: str(files["initrd"]["sha256"])}
+    return kit, hashes
+
+
+def describe(kit: Kit) -> str:
+    """One line for people: what the kit is and how big."""
+    boot = BzImageInfo(kit.boot_protocol, kit.xloadflags)
+    packages = ", ".join(f"{name} {version}" for name, version in kit.packages.items())
+    return (
+        f"kernel {kit.release} ({kit.kernel.name} {_mib(kit.kernel)}, boot protocol"
+        f" {boot.protocol_text}, xloadflags {kit.xloadflags:#x}); {kit.initrd.name}"
+        f" {_mib(kit.initrd)} with {len(kit.modules)} modules; from {packages}"
+    )
+
+
+def _mib(path: Path) -> str:
+    return f"{path.stat().st_size / (1 << 20):.1f} MiB"

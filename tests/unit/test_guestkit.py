@@ -1,0 +1,552 @@
+"""The guest kit builder: module dependencies, /init, the VM config, the cache, apt/dpkg use.
+
+No network and no host tools: apt-get, apt-cache, dpkg-deb and busybox are played by
+FakeHost, which lays out a synthetic kernel package like the real one (boot/vmlinuz-<rel>,
+lib/modules/<rel>/...).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import struct
+import subprocess
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from splitvmm.cli import guest as guest_cli
+from splitvmm.guestkit import debian, kit
+from splitvmm.guestkit.errors import (
+    GuestKitError,
+    HostToolMissing,
+    KernelModuleError,
+    PackageError,
+)
+from splitvmm.guestkit.kernel import bzimage_info
+from splitvmm.guestkit.modules import (
+    ELF64_EHDR,
+    ELF64_SHDR,
+    KernelModules,
+    load_order,
+    module_name,
+    parse_modules_dep,
+    read_modinfo,
+)
+from splitvmm.guestkit.rootfs import APPLETS, VIRTIO_MODULES, Module, render_init, rootfs_entries
+from splitvmm.guestkit.vmconfig import KERNEL_CMDLINE, render_vm_config
+from tests.unit.test_initramfs import parse_newc
+
+RELEASE = "6.1.0-50-cloud-amd64"
+KERNEL_PACKAGE = f"linux-image-{RELEASE}"
+
+# What depmod writes for the virtio drivers of Debian's 6.1 cloud kernel (dependencies listed
+# after the colon; a module appears once per line).
+MODULES_DEP = """\
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_ring.ko \
+kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko \
+kernel/drivers/virtio/virtio.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko \
+kernel/drivers/virtio/virtio.ko
+kernel/net/core/failover.ko:
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/virtio/virtio_ring.ko \
+kernel/drivers/virtio/virtio.ko kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko
+kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio_ring.ko \
+kernel/drivers/virtio/virtio.ko
+kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio.ko \
+kernel/drivers/virtio/virtio_ring.ko
+"""
+
+
+def make_elf(sections: dict[str, bytes]) -> bytes:
+    """A minimal ELF64 little-endian file: header, section contents, then section headers."""
+    names = [*sections, ".shstrtab"]
+    shstrtab = b"\0" + b"".join(name.encode() + b"\0" for name in names)
+    contents = [*sections.values(), shstrtab]
+    body, offsets = b"", []
+    for data in contents:
+        offsets.append(ELF64_EHDR.size + len(body))
+        body += data
+    shdrs = ELF64_SHDR.pack(*[0] * 10)
+    for name, offset, data in zip(names, offsets, contents, strict=True):
+        name_offset = shstrtab.index(name.encode() + b"\0")
+        shdrs += ELF64_SHDR.pack(name_offset, 1, 0, 0, offset, len(data), 0, 0, 1, 0)
+    ident = b"\x7fELF\x02\x01\x01" + bytes(9)
+    shnum = len(names) + 1
+    ehdr = ELF64_EHDR.pack(
+        ident, 1, 62, 1, 0, 0, ELF64_EHDR.size + len(body), 0, 64, 0, 0, 64, shnum, shnum - 1
+    )
+    return ehdr + body + shdrs
+
+
+def make_module(name: str, depends: str) -> bytes:
+    modinfo = f"license=GPL\0depends={depends}\0name={name}\0".encode()
+    return make_elf({".text": b"\xc3", ".modinfo": modinfo})
+
+
+def make_bzimage(protocol: int = 0x020F, xloadflags: int = 0x7F) -> bytes:
+    image = bytearray(0x1000)
+    image[0x1FE:0x200] = b"\x55\xaa"
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x206, protocol)
+    struct.pack_into("<H", image, 0x236, xloadflags)
+    return bytes(image)
+
+
+def write_module_tree(moddir: Path, modules_dep: str) -> None:
+    """Files named in modules.dep, each holding its own path (easy to recognise later)."""
+    for line in modules_dep.replace("\\\n", "").splitlines():
+        path = line.partition(":")[0]
+        (moddir / path).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / path).write_bytes(path.encode())
+
+
+class FakeHost:
+    """apt-cache, apt-get, dpkg-deb and busybox as a Debian 12 host with lists answers them."""
+
+    def __init__(self, have_lists: bool = True) -> None:
+        self.have_lists = have_lists
+        self.calls: list[list[str]] = []
+
+    def __call__(
+        self, argv: Sequence[str], cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        argv = list(argv)
+        self.calls.append(argv)
+        if argv[:2] == ["apt-get", "update"]:
+            self.have_lists = True
+            return self._result(argv)
+        if argv[0] in ("apt-cache", "apt-get") and not self.have_lists:
+            return self._result(argv, 100, "E: No packages found")
+        if argv[:2] == ["apt-cache", "depends"]:
+            return self._result(argv, out=f"{argv[2]}\n  Depends: {KERNEL_PACKAGE}\n")
+        if argv[:2] == ["apt-get", "download"] and cwd is not None:
+            (cwd / f"{argv[2]}_1.0_amd64.deb").write_bytes(b"!<arch>\n")
+            return self._result(argv)
+        if argv[:2] == ["dpkg-deb", "--field"]:
+            return self._result(argv, out="1.0\n")
+        if argv[:2] == ["dpkg-deb", "-x"]:
+            self._unpack(Path(argv[2]).name, Path(argv[3]))
+            return self._result(argv)
+        if argv[1:] == ["--list"]:
+            return self._result(argv, out="\n".join(APPLETS) + "\n")
+        raise AssertionError(f"unexpected command {argv}")
+
+    @staticmethod
+    def _result(
+        argv: list[str], rc: int = 0, err: str = "", out: str = ""
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, rc, out, err)
+
+    @staticmethod
+    def _unpack(deb: str, dest: Path) -> None:
+        if deb.startswith("busybox-static_"):
+            (dest / "bin").mkdir(parents=True)
+            (dest / "bin/busybox").write_bytes(b"\x7fELF busybox")
+            return
+        (dest / "boot").mkdir(parents=True)
+        (dest / f"boot/vmlinuz-{RELEASE}").write_bytes(make_bzimage())
+        moddir = dest / "lib/modules" / RELEASE
+        write_module_tree(moddir, MODULES_DEP)
+        (moddir / "modules.dep").write_text(MODULES_DEP)
+
+
+# --- module names and dependencies -------------------------------------------------------
+
+
+def test_module_name_dash_in_file_name_becomes_underscore():
+    assert module_name("kernel/drivers/char/hw_random/virtio-rng.ko") == "virtio_rng"
+
+
+def test_module_name_xz_suffix_is_stripped():
+    assert module_name("kernel/drivers/virtio/virtio_ring.ko.xz") == "virtio_ring"
+
+
+def test_module_name_not_a_module_raises():
+    with pytest.raises(KernelModuleError, match="not a kernel module"):
+        module_name("modules.order")
+
+
+def test_parse_modules_dep_synthetic_gives_paths_and_deps():
+    index = parse_modules_dep(MODULES_DEP)
+    assert index.paths["virtio_rng"] == "kernel/drivers/char/hw_random/virtio-rng.ko"
+    assert index.deps["net_failover"] == ("failover",)
+
+
+def test_load_order_synthetic_modules_dep_puts_dependencies_first():
+    index = parse_modules_dep(MODULES_DEP)
+    order = load_order(["virtio_net", "virtio_blk"], index.deps.__getitem__)
+    assert order == [
+        "virtio_ring",
+        "virtio",
+        "failover",
+        "net_failover",
+        "virtio_net",
+        "virtio_blk",
+    ]
+
+
+def test_load_order_all_virtio_modules_each_once():
+    index = parse_modules_dep(MODULES_DEP)
+    order = load_order(VIRTIO_MODULES, index.deps.__getitem__)
+    assert sorted(order) == sorted(VIRTIO_MODULES)
+
+
+def test_load_order_dash_and_underscore_names_are_one_module():
+    order = load_order(["virtio-rng", "virtio_rng"], {"virtio_rng": ()}.__getitem__)
+    assert order == ["virtio_rng"]
+
+
+def test_load_order_cycle_raises_naming_the_cycle():
+    deps = {"a": ("b",), "b": ("c",), "c": ("a",)}
+    with pytest.raises(KernelModuleError, match="a -> b -> c -> a"):
+        load_order(["a"], deps.__getitem__)
+
+
+def test_read_modinfo_synthetic_module_gives_depends_and_name():
+    info = read_modinfo(make_module("virtio_pci", "virtio_ring,virtio"))
+    assert (info["depends"], info["name"]) == (["virtio_ring,virtio"], ["virtio_pci"])
+
+
+def test_read_modinfo_not_elf_raises():
+    with pytest.raises(KernelModuleError, match="not an ELF"):
+        read_modinfo(b"#!/bin/sh\n" + bytes(100))
+
+
+def test_read_modinfo_elf_without_modinfo_raises():
+    with pytest.raises(KernelModuleError, match="no .modinfo"):
+        read_modinfo(make_elf({".text": b"\xc3"}))
+
+
+def test_kernel_modules_without_modules_dep_reads_modinfo_of_xz_modules(tmp_path: Path):
+    (tmp_path / "kernel").mkdir()
+    (tmp_path / "kernel/failover.ko").write_bytes(make_module("failover", ""))
+    net_failover = make_module("net_failover", "failover")
+    (tmp_path / "kernel/net_failover.ko.xz").write_bytes(lzma.compress(net_failover))
+    assert KernelModules(tmp_path).plan(["net_failover"]) == ["failover", "net_failover"]
+
+
+def test_kernel_modules_plan_leaves_out_builtin_modules(tmp_path: Path):
+    write_module_tree(tmp_path, MODULES_DEP)
+    (tmp_path / "modules.dep").write_text(MODULES_DEP)
+    (tmp_path / "modules.builtin").write_text("kernel/drivers/block/virtio_blk.ko\n")
+    assert KernelModules(tmp_path).plan(["virtio_blk", "failover"]) == ["failover"]
+
+
+def test_kernel_modules_unknown_module_raises_naming_it(tmp_path: Path):
+    (tmp_path / "modules.dep").write_text(MODULES_DEP)
+    with pytest.raises(KernelModuleError, match="virtio_scsi is not in"):
+        KernelModules(tmp_path).plan(["virtio_scsi"])
+
+
+def test_collect_modules_xz_module_is_kept_compressed(tmp_path: Path):
+    image = make_module("failover", "")
+    (tmp_path / "failover.ko.xz").write_bytes(lzma.compress(image))
+    (module,) = kit.collect_modules(KernelModules(tmp_path), ("failover",))
+    assert (module.path, lzma.decompress(module.data)) == ("failover.ko.xz", image)
+
+
+def test_collect_modules_gz_module_is_decompressed(tmp_path: Path):
+    image = make_module("failover", "")
+    (tmp_path / "failover.ko.gz").write_bytes(gzip.compress(image))
+    (module,) = kit.collect_modules(KernelModules(tmp_path), ("failover",))
+    assert (module.path, module.data) == ("failover.ko", image)
+
+
+# --- /init and the initramfs layout --------------------------------------------------------
+
+INIT = render_init(RELEASE, ["kernel/a.ko", "kernel/b.ko.xz"])
+
+
+def test_render_init_starts_with_shebang():
+    assert INIT.startswith("#!/bin/sh\n")
+
+
+def test_render_init_mounts_before_marker_before_insmod():
+    positions = [
+        INIT.index("mount -t proc proc /proc"),
+        INIT.index("mount -t sysfs sysfs /sys"),
+        INIT.index("mount -t devtmpfs devtmpfs /dev"),
+        INIT.index('echo "splitvmm demo guest: init running"'),
+        INIT.index("uname -a"),
+        INIT.index('insmod "$m"'),
+        INIT.index("cat /proc/partitions"),
+        INIT.index("poweroff -f"),
+        INIT.index("reboot -f"),
+    ]
+    assert positions == sorted(positions)
+
+
+def test_render_init_lists_modules_in_the_given_order():
+    first = INIT.index(f"/lib/modules/{RELEASE}/kernel/a.ko \\\n")
+    second = INIT.index(f"/lib/modules/{RELEASE}/kernel/b.ko.xz \\\n")
+    assert first < second
+
+
+def test_render_init_shell_only_with_splitvmm_shell_on_cmdline():
+    assert '*" splitvmm.shell "*)\n' in INIT
+    assert INIT.index("setsid cttyhack sh") < INIT.index("poweroff -f")
+
+
+def test_render_init_powers_off_only_with_acpi_then_resets():
+    assert "[ -d /sys/firmware/acpi ] && poweroff -f\nreboot -f\n" in INIT
+
+
+def test_render_init_uses_only_linked_applets():
+    commands = {"[", "mount", "echo", "uname", "insmod", "cat", "setsid", "cttyhack", "poweroff"}
+    commands |= {"reboot"}
+    assert commands <= set(APPLETS)
+
+
+ROOTFS = rootfs_entries(b"BB", RELEASE, [Module("kernel/drivers/virtio/virtio.ko", b"KO")])
+ROOTFS_BY_NAME = {e.name: e for e in ROOTFS}
+
+
+def test_rootfs_entries_have_dev_console_5_1():
+    console = ROOTFS_BY_NAME["dev/console"]
+    assert (console.rdev_major, console.rdev_minor) == (5, 1)
+
+
+def test_rootfs_entries_link_applets_to_busybox():
+    assert (ROOTFS_BY_NAME["bin/sh"].data, ROOTFS_BY_NAME["bin/poweroff"].data) == (
+        b"busybox",
+        b"busybox",
+    )
+
+
+def test_rootfs_entries_parents_come_before_children():
+    names = [e.name for e in ROOTFS]
+    early = [n for n in names if "/" in n and n.rpartition("/")[0] not in names[: names.index(n)]]
+    assert early == []
+
+
+def test_rootfs_entries_module_under_lib_modules_release():
+    module = ROOTFS_BY_NAME[f"lib/modules/{RELEASE}/kernel/drivers/virtio/virtio.ko"]
+    assert module.data == b"KO"
+
+
+def test_rootfs_entries_init_is_executable():
+    assert ROOTFS_BY_NAME["init"].mode & 0o111 == 0o111
+
+
+# --- the VM config -------------------------------------------------------------------------
+
+
+def test_render_vm_config_parses_with_the_kit_paths_and_serial():
+    config = tomllib.loads(render_vm_config(Path("/c/vmlinuz"), Path("/c/initrd.gz")))
+    assert config["vm"] == {"name": "debian", "memory": "512M", "vcpus": 1}
+    assert (config["boot"]["kernel"], config["boot"]["initrd"]) == ("/c/vmlinuz", "/c/initrd.gz")
+    assert config["device"] == [
+        {"name": "serial0", "model": "serial", "output": "stdio"},
+    ]
+
+
+def test_render_vm_config_path_with_quote_and_backslash_round_trips():
+    odd = Path('/c/a "b"\\c\n/vmlinuz')
+    config = tomllib.loads(render_vm_config(odd, Path("/c/i")))
+    assert config["boot"]["kernel"] == str(odd)
+
+
+def test_kernel_cmdline_has_serial_console_and_pvm_workarounds():
+    words = KERNEL_CMDLINE.split()
+    assert {"console=ttyS0", "reboot=k", "panic=-1", "noxsave", "nopcid"} <= set(words)
+    assert (
+        "clearcpuid=cx16,xsave,popcnt,rdrand,rdseed,fsgsbase,smap,pcid,invpcid,avx,avx2,rdpid"
+        in words
+    )
+
+
+# --- the bzImage check ---------------------------------------------------------------------
+
+
+def test_bzimage_info_reads_protocol_and_xloadflags():
+    info = bzimage_info(make_bzimage(0x020F, 0x7F))
+    assert (info.protocol, info.xloadflags, info.protocol_text) == (0x020F, 0x7F, "2.15")
+
+
+def test_bzimage_info_without_hdrs_raises():
+    with pytest.raises(GuestKitError, match="HdrS"):
+        bzimage_info(bytes(0x1000))
+
+
+def test_bzimage_info_without_64bit_entry_raises():
+    with pytest.raises(GuestKitError, match="64-bit entry"):
+        bzimage_info(make_bzimage(0x020F, 0x0))
+
+
+# --- apt and dpkg --------------------------------------------------------------------------
+
+
+def test_parse_depends_apt_cache_output_gives_names_in_order():
+    output = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-50-cloud-amd64\n |Depends: x\n"
+    assert debian.parse_depends(output) == ["linux-image-6.1.0-50-cloud-amd64", "x"]
+
+
+def test_resolve_kernel_package_metapackage_gives_versioned_package():
+    assert debian.resolve_kernel_package(FakeHost()) == KERNEL_PACKAGE
+
+
+def test_fetch_packages_without_lists_updates_once_and_retries(tmp_path: Path):
+    host = FakeHost(have_lists=False)
+    kernel, busybox = debian.fetch_packages(host, tmp_path, kit._quiet)
+    assert (kernel.name, busybox.name, kernel.version) == (KERNEL_PACKAGE, "busybox-static", "1.0")
+    assert host.calls.count(["apt-get", "update"]) == 1
+
+
+def test_fetch_packages_update_fails_raises_package_error(tmp_path: Path):
+    def no_network(argv: Sequence[str], cwd: Path | None = None):
+        return subprocess.CompletedProcess(list(argv), 100, "", "E: Temporary failure resolving")
+
+    with pytest.raises(PackageError, match="apt-get update failed.*Temporary failure"):
+        debian.fetch_packages(no_network, tmp_path, kit._quiet)
+
+
+def test_download_failure_names_the_package(tmp_path: Path):
+    def not_found(argv: Sequence[str], cwd: Path | None = None):
+        return subprocess.CompletedProcess(list(argv), 100, "", "E: Unable to locate package x")
+
+    with pytest.raises(PackageError, match="apt-get download busybox-static failed"):
+        debian.download(not_found, "busybox-static", tmp_path)
+
+
+def test_run_tool_missing_program_raises_naming_it(monkeypatch: pytest.MonkeyPatch):
+    def missing(*args: object, **kwargs: object):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(debian.subprocess, "run", missing)
+    with pytest.raises(HostToolMissing, match="^dpkg-deb is not installed"):
+        debian.run_tool(["dpkg-deb", "-x", "a.deb", "/tmp/x"])
+
+
+# --- the cache -----------------------------------------------------------------------------
+
+
+def test_default_cache_dir_absolute_xdg_cache_home_is_used():
+    path = kit.default_cache_dir({"XDG_CACHE_HOME": "/xdg"}, home=Path("/home/u"))
+    assert path == Path("/xdg/splitvmm/guest")
+
+
+def test_default_cache_dir_relative_xdg_cache_home_is_ignored():
+    path = kit.default_cache_dir({"XDG_CACHE_HOME": "rel"}, home=Path("/home/u"))
+    assert path == Path("/home/u/.cache/splitvmm/guest")
+
+
+def test_build_kit_fresh_cache_writes_config_that_names_the_kit(tmp_path: Path):
+    built = kit.build_kit(tmp_path, run=FakeHost())
+    config = tomllib.loads(built.config.read_text())
+    assert (config["boot"]["kernel"], config["boot"]["initrd"]) == (
+        str(tmp_path / f"vmlinuz-{RELEASE}"),
+        str(tmp_path / f"initramfs-{RELEASE}.cpio.gz"),
+    )
+    assert config["boot"]["cmdline"] == KERNEL_CMDLINE
+
+
+def test_build_kit_initramfs_holds_modules_in_load_order(tmp_path: Path):
+    built = kit.build_kit(tmp_path, run=FakeHost())
+    archive = parse_newc(gzip.decompress(built.initrd.read_bytes()))
+    names = [m.raw_name.rstrip(b"\0").decode() for m in archive]
+    assert f"lib/modules/{RELEASE}/kernel/drivers/char/hw_random/virtio-rng.ko" in names
+    assert built.modules[:2] == (
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/drivers/virtio/virtio_ring.ko",
+    )
+
+
+def test_build_kit_manifest_records_sha256_of_kernel_and_initrd(tmp_path: Path):
+    built = kit.build_kit(tmp_path, run=FakeHost())
+    files = json.loads((tmp_path / "manifest.json").read_text())["files"]
+    assert files["kernel"]["sha256"] == kit.sha256_file(built.kernel)
+    assert files["initrd"]["sha256"] == kit.sha256_file(built.initrd)
+
+
+def test_build_kit_leaves_no_build_directory(tmp_path: Path):
+    kit.build_kit(tmp_path, run=FakeHost())
+    assert not (tmp_path / "build").exists()
+
+
+def test_build_kit_second_run_reuses_without_running_anything(tmp_path: Path):
+    kit.build_kit(tmp_path, run=FakeHost())
+    host = FakeHost()
+    again = kit.build_kit(tmp_path, run=host)
+    assert (again.reused, host.calls) == (True, [])
+
+
+def test_build_kit_force_rebuilds(tmp_path: Path):
+    kit.build_kit(tmp_path, run=FakeHost())
+    again = kit.build_kit(tmp_path, force=True, run=FakeHost())
+    assert again.reused is False
+
+
+def test_build_kit_changed_initrd_rebuilds(tmp_path: Path):
+    first = kit.build_kit(tmp_path, run=FakeHost())
+    good = first.initrd.read_bytes()
+    first.initrd.write_bytes(b"corrupt")
+    again = kit.build_kit(tmp_path, run=FakeHost())
+    assert (again.reused, again.initrd.read_bytes() == good) == (False, True)
+
+
+def test_build_kit_moved_cache_rewrites_config_paths(tmp_path: Path):
+    kit.build_kit(tmp_path / "a", run=FakeHost())
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = kit.build_kit(tmp_path / "b", run=FakeHost())
+    config = tomllib.loads(moved.config.read_text())
+    assert (moved.reused, config["boot"]["kernel"]) == (
+        True,
+        str(tmp_path / f"b/vmlinuz-{RELEASE}"),
+    )
+
+
+def test_build_kit_manifest_of_another_recipe_rebuilds(tmp_path: Path):
+    kit.build_kit(tmp_path, run=FakeHost())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "recipe": "0" * 64}))
+    again = kit.build_kit(tmp_path, run=FakeHost())
+    assert again.reused is False
+
+
+def test_build_kit_new_kernel_release_removes_the_old_one(tmp_path: Path):
+    kit.build_kit(tmp_path, run=FakeHost())
+    (tmp_path / "vmlinuz-6.1.0-49-cloud-amd64").write_bytes(b"old")
+    kit.build_kit(tmp_path, force=True, run=FakeHost())
+    assert sorted(p.name for p in tmp_path.glob("vmlinuz-*")) == [f"vmlinuz-{RELEASE}"]
+
+
+def test_build_kit_garbage_manifest_rebuilds(tmp_path: Path):
+    kit.build_kit(tmp_path, run=FakeHost())
+    (tmp_path / "manifest.json").write_text('["not", "a", "manifest"]')
+    again = kit.build_kit(tmp_path, run=FakeHost())
+    assert again.reused is False
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+def test_guest_build_cli_prints_config_path_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(
+        guest_cli, "build_kit", lambda cache, force, progress: kit.build_kit(cache, run=FakeHost())
+    )
+    result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", str(tmp_path)])
+    assert (result.exit_code, result.stdout) == (0, f"{tmp_path / 'debian.toml'}\n")
+
+
+def test_guest_build_cli_kit_error_exits_1_with_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    def fail(cache: Path, force: bool, progress: object) -> kit.Kit:
+        raise PackageError("apt-get download busybox-static failed: 404")
+
+    monkeypatch.setattr(guest_cli, "build_kit", fail)
+    result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "apt-get download busybox-static failed: 404" in result.output
