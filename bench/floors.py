@@ -15,8 +15,8 @@ import tempfile
 import time
 
 import zmq
-
 from splitvmm.native._kvm import lib
+
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 
@@ -71,7 +71,9 @@ def zmq_pair_floor(round_trips: int) -> list[float]:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PAIR)
         sock.bind(endpoint)
-        peer = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, round_trips + 1))
+        peer = multiprocessing.get_context("spawn").Process(
+            target=_echo, args=(endpoint, round_trips + 1)
+        )
         peer.start()
         frame = bytes(24)
         sock.send(frame)

@@ -1,4 +1,11 @@
-"""Boot: put the kernel or firmware in guest memory and the vCPUs in their start state."""
+"""Boot: put the kernel or firmware in guest memory and the vCPUs in their start state.
+
+Kernel (bzImage or ELF): loader.py places kernel, initrd, command line and zero
+page; the MP table lists every vCPU; the BSP starts at the 64-bit entry and
+the APs wait for INIT/SIPI in the in-kernel LAPIC, as on a PC. Firmware: a
+flat image mapped read-only at the top of 4 GiB and below 1 MiB; every vCPU
+keeps KVM's reset state, so the BSP starts at the reset vector in real mode.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,16 @@ import mmap
 import os
 
 from splitvmm.config import VmConfig
-from splitvmm.errors import BootError
-from splitvmm.monitor import layout
+from splitvmm.monitor import boot64, cpuid, layout, loader, mptable
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.native.kvm import Kvm, VcpuFd, VmFd
 from splitvmm.native.mem import mapping_address
 
-FIRMWARE_SLOT_BASE = 16  # memslots after RAM's
+FIRMWARE_SLOT_BASE = 16  # memslots after RAM's (RAM uses at most a few)
 
 
 def memory_holes(cfg: VmConfig) -> list[tuple[int, int]]:
-    """Guest-physical ranges where RAM must not be mapped (firmware's low alias)."""
+    """Guest-physical ranges where RAM must not be mapped (the firmware's low alias)."""
     if cfg.boot.firmware is None:
         return []
     size = cfg.boot.firmware.stat().st_size
@@ -24,37 +30,44 @@ def memory_holes(cfg: VmConfig) -> list[tuple[int, int]]:
     return [(layout.HIMEM_START - low, low)]
 
 
-def prepare(cfg: VmConfig, kvm: Kvm, vm: VmFd, mem: GuestMemory, vcpus: list[VcpuFd]) -> None:
+class Firmware:
+    """The firmware image in its own (unsealed, read-only to the guest) memfd mapping."""
+
+    def __init__(self, vm: VmFd, image: loader.FirmwareImage) -> None:
+        fd = os.memfd_create("firmware", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, len(image.data))
+            self.map = mmap.mmap(fd, len(image.data), mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.map[:] = image.data
+        for i, slot in enumerate(image.slots):
+            hva = mapping_address(self.map, slot.offset)
+            vm.set_user_memory_region(
+                FIRMWARE_SLOT_BASE + i, slot.gpa, slot.size, hva, readonly=True
+            )
+
+    def close(self) -> None:
+        self.map.close()
+
+
+def prepare(
+    cfg: VmConfig, kvm: Kvm, vm: VmFd, mem: GuestMemory, vcpus: list[VcpuFd]
+) -> Firmware | None:
+    """Load what the config boots and set every vCPU's CPUID and start state.
+
+    Returns the firmware mapping (the caller keeps it open for the VM's lifetime).
+    """
+    mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
+    tables = [cpuid.setup_cpuid(kvm, v, len(vcpus), mask) for v in vcpus]
+    for v in vcpus:
+        boot64.setup_lapic_lints(v)
     if cfg.boot.firmware is not None:
-        _map_firmware(vm, cfg.boot.firmware)
-        return
-    raise BootError("kernel boot not wired yet")
-
-
-def _map_firmware(vm: VmFd, path) -> None:
-    data = path.read_bytes()
-    size = len(data)
-    if not 0 < size <= layout.FIRMWARE_MAX or size % (64 * 1024):
-        raise BootError(
-            f"{path}: firmware must be a multiple of 64 KiB up to 16 MiB, is {size} bytes"
-        )
-    fd = os.memfd_create("firmware", os.MFD_CLOEXEC)
-    os.write(fd, data)
-    fw = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    os.close(fd)
-    global _firmware_map
-    _firmware_map = fw  # keep the mapping alive as long as the process
-    vm.set_user_memory_region(
-        FIRMWARE_SLOT_BASE, layout.FOUR_GIB - size, size, mapping_address(fw), readonly=True
-    )
-    low = min(size, layout.FIRMWARE_LOW_ALIAS)
-    vm.set_user_memory_region(
-        FIRMWARE_SLOT_BASE + 1,
-        layout.HIMEM_START - low,
-        low,
-        mapping_address(fw, size - low),
-        readonly=True,
-    )
-
-
-_firmware_map = None
+        return Firmware(vm, loader.load_firmware(cfg.boot.firmware))
+    assert cfg.boot.kernel is not None  # config.py requires exactly one of the two
+    kernel = loader.load_linux(mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline)
+    leaf1 = next((e for e in tables[0] if e.function == 1), None)
+    mptable.write_mptable(mem, len(vcpus), leaf1)
+    boot64.write_boot_tables(mem)
+    boot64.setup_vcpu_64(vcpus[0], kernel.entry)
+    return None

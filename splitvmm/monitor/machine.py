@@ -74,7 +74,9 @@ class Machine:
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
         ]
         self._closables.extend(self.vcpu_fds)
-        boot.prepare(cfg, self.kvm, self.vm, self.mem, self.vcpu_fds)
+        firmware = boot.prepare(cfg, self.kvm, self.vm, self.mem, self.vcpu_fds)
+        if firmware is not None:
+            self._closables.append(firmware)
 
     # -- construction ---------------------------------------------------------------
     def _create_platform(self) -> None:

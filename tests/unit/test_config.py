@@ -51,7 +51,10 @@ def test_config_good_file_parses(kernel_dir):
         (GOOD.replace('memory = "64M"', 'memory = "lots"'), "vm.memory: expected a size"),
         (GOOD.replace("vcpus = 2", "vcpus = 0"), "vm.vcpus: 0 is outside"),
         (GOOD.replace("vcpus = 2", 'vcpus = "2"'), "vm.vcpus: expected int"),
-        (GOOD.replace('kernel = "kernel.elf"', 'kernel = "nope"'), "boot.kernel: .*nope does not exist"),
+        (
+            GOOD.replace('kernel = "kernel.elf"', 'kernel = "nope"'),
+            "boot.kernel: .*nope does not exist",
+        ),
         (GOOD.replace('kernel = "kernel.elf"', ""), "exactly one of kernel"),
         (GOOD.replace('model = "serial"', 'model = "floppy"'), "unknown model 'floppy'"),
         (GOOD.replace('output = "out.log"', "speed = 9600"), "unknown key 'speed'"),

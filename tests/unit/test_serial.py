@@ -12,8 +12,8 @@ from splitvmm.devprocs.serial import (
     Mcr,
     Msr,
     Reg,
-    UartState,
     Uart8250,
+    UartState,
 )
 from splitvmm.errors import StateError
 from tests.fakes import FakeIrq
@@ -49,7 +49,12 @@ def test_uart_host_input_sets_data_ready_and_reads_in_order():
     uart.host_input(b"ok")
     lsr = uart.read(Reg.LSR, 1)[0]
     first, second = uart.read(Reg.RX_TX, 1), uart.read(Reg.RX_TX, 1)
-    assert (lsr & Lsr.DR, first, second, uart.read(Reg.LSR, 1)[0] & Lsr.DR) == (Lsr.DR, b"o", b"k", 0)
+    assert (lsr & Lsr.DR, first, second, uart.read(Reg.LSR, 1)[0] & Lsr.DR) == (
+        Lsr.DR,
+        b"o",
+        b"k",
+        0,
+    )
 
 
 def test_uart_rx_interrupt_enabled_pulses_irq_once_per_new_condition():

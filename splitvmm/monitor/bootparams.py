@@ -1,0 +1,182 @@
+"""The Linux x86 zero page (struct boot_params) for the 64-bit boot protocol.
+
+Layout comes from <asm/bootparam.h> through cffi, so no offset here is typed by
+hand. What goes in follows Documentation/arch/x86/boot.rst ("64-bit Boot
+Protocol": zero-fill a boot_params, copy the kernel's setup header into it at
+0x1f1, fill the loader fields) and, for an ELF vmlinux or a test guest, the
+minimal header Firecracker and crosvm write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from splitvmm.errors import BootError
+from splitvmm.monitor.layout import (
+    CMDLINE,
+    EBDA_START,
+    FOUR_GIB,
+    HIMEM_START,
+    MMIO32_START,
+)
+from splitvmm.native._kvm import ffi, lib
+
+# e820 address range types (ACPI 6.5 table 15.4, "Address Range Types").
+E820_RAM = 1
+E820_RESERVED = 2
+
+# Setup header constants, boot.rst "The Real-Mode Kernel Header".
+SETUP_HEADER_OFFSET = 0x1F1  # where the setup header starts, in the file and the zero page
+# boot.rst "The Zero Page": edd_mbr_sig_buffer starts at 0x290, so a header copy stops there.
+SETUP_HEADER_MAX = 0x290 - SETUP_HEADER_OFFSET
+BOOT_FLAG = 0xAA55
+HDRS_MAGIC = 0x53726448  # "HdrS"
+MIN_PROTOCOL_ELF = 0x020F  # what we claim for the minimal header of an ELF guest
+TYPE_OF_LOADER_UNDEFINED = 0xFF  # boot.rst: "0xFF: undefined" (no assigned loader ID)
+VID_MODE_NORMAL = 0xFFFF  # boot.rst vid_mode: 0xFFFF means "normal"
+# boot.rst "Sample Boot Configuration": heap_end = 0xe000, heap_end_ptr = heap_end - 0x200.
+HEAP_END_PTR = 0xE000 - 0x200
+# Firecracker and crosvm put 16 MiB here for vmlinux (CONFIG_PHYSICAL_ALIGN upper bound).
+ELF_KERNEL_ALIGNMENT = 0x1000000
+
+ZERO_PAGE_SIZE = ffi.sizeof("struct boot_params")
+
+
+@dataclass(frozen=True, slots=True)
+class E820Entry:
+    addr: int
+    size: int
+    type: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetupHeader:
+    """The fields of a bzImage setup header the loader decides on (boot.rst field names)."""
+
+    version: int
+    setup_sects: int
+    syssize: int
+    loadflags: int
+    xloadflags: int
+    initrd_addr_max: int
+    kernel_alignment: int
+    relocatable_kernel: int
+    cmdline_size: int
+    pref_address: int
+    init_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BootSetup:
+    """What the zero page says about this boot, all already placed in guest memory."""
+
+    ram_size: int
+    cmdline_size: int  # bytes at CMDLINE including the NUL
+    setup_header: bytes | None = None  # bzImage header bytes from file offset 0x1f1
+    initrd_gpa: int = 0
+    initrd_size: int = 0
+
+
+def e820_map(ram_size: int) -> list[E820Entry]:
+    """The guest's memory map: what Linux reads as the firmware's INT 15h E820 answer.
+
+    Base memory up to the EBDA is RAM; the EBDA, VGA hole and BIOS area up to 1 MiB
+    are reserved (our MP table lives there); RAM resumes at 1 MiB up to the 32-bit
+    PCI hole and continues above 4 GiB.
+    """
+    if ram_size <= HIMEM_START:
+        raise BootError(
+            f"guest RAM of {ram_size:#x} bytes is too small: Linux needs more than 1 MiB"
+        )
+    low_end = min(ram_size, MMIO32_START)
+    table = [
+        E820Entry(0, EBDA_START, E820_RAM),
+        E820Entry(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+        E820Entry(HIMEM_START, low_end - HIMEM_START, E820_RAM),
+    ]
+    if ram_size > low_end:
+        table.append(E820Entry(FOUR_GIB, ram_size - low_end, E820_RAM))
+    return table
+
+
+def _header_struct(raw: bytes) -> Any:
+    """A zero-padded struct setup_header holding the first bytes of `raw`."""
+    hdr = ffi.new("struct setup_header *")
+    n = min(len(raw), ffi.sizeof("struct setup_header"))
+    ffi.memmove(hdr, raw[:n], n)
+    return hdr
+
+
+def parse_setup_header(raw: bytes) -> SetupHeader:
+    """Read a bzImage setup header (the bytes from file offset 0x1f1 on)."""
+    h = _header_struct(raw)
+    return SetupHeader(
+        version=h.version,
+        setup_sects=h.setup_sects,
+        syssize=h.syssize,
+        loadflags=h.loadflags,
+        xloadflags=h.xloadflags,
+        initrd_addr_max=h.initrd_addr_max,
+        kernel_alignment=h.kernel_alignment,
+        relocatable_kernel=h.relocatable_kernel,
+        cmdline_size=h.cmdline_size,
+        pref_address=h.pref_address,
+        init_size=h.init_size,
+    )
+
+
+def _fill_bzimage_header(bp: Any, raw: bytes) -> None:
+    """Copy the kernel's header in, then set the fields boot.rst marks write/modify."""
+    if len(raw) > SETUP_HEADER_MAX:
+        raise BootError(f"setup header of {len(raw)} bytes runs past zero-page offset 0x290")
+    start = ffi.offsetof("struct boot_params", "hdr")
+    ffi.memmove(ffi.cast("char *", bp) + start, raw, len(raw))
+    hdr = bp.hdr
+    hdr.type_of_loader = TYPE_OF_LOADER_UNDEFINED
+    hdr.vid_mode = VID_MODE_NORMAL
+    # The real-mode setup code never runs under the 64-bit protocol, but boot.rst asks
+    # every loader with protocol >= 2.01 to declare a heap; QEMU and GRUB do the same.
+    hdr.loadflags |= lib.CAN_USE_HEAP
+    hdr.heap_end_ptr = HEAP_END_PTR
+    # cmdline_size stays the kernel's own limit: the field is read-only for loaders.
+
+
+def _fill_elf_header(bp: Any, cmdline_size: int) -> None:
+    """The minimal header a vmlinux entered at startup_64 looks for (Firecracker, crosvm)."""
+    hdr = bp.hdr
+    hdr.boot_flag = BOOT_FLAG
+    hdr.header = HDRS_MAGIC
+    hdr.version = MIN_PROTOCOL_ELF
+    hdr.type_of_loader = TYPE_OF_LOADER_UNDEFINED
+    hdr.kernel_alignment = ELF_KERNEL_ALIGNMENT
+    hdr.cmdline_size = cmdline_size
+
+
+def _fill_e820(bp: Any, ram_size: int) -> None:
+    table = e820_map(ram_size)
+    if len(table) > lib.E820_MAX_ENTRIES_ZEROPAGE:
+        raise BootError(f"e820 map has {len(table)} entries; the zero page holds at most 128")
+    bp.e820_entries = len(table)
+    for i, entry in enumerate(table):
+        slot = bp.e820_table[i]
+        slot.addr, slot.size, slot.type = entry.addr, entry.size, entry.type
+
+
+def build_zero_page(setup: BootSetup) -> bytes:
+    """The struct boot_params to write at ZERO_PAGE (rsi points at it on entry)."""
+    bp = ffi.new("struct boot_params *")  # zero-filled, as boot.rst requires
+    if setup.setup_header is None:
+        _fill_elf_header(bp, setup.cmdline_size)
+    else:
+        _fill_bzimage_header(bp, setup.setup_header)
+    hdr = bp.hdr
+    hdr.cmd_line_ptr = CMDLINE
+    bp.ext_cmd_line_ptr = 0  # CMDLINE is below 4 GiB
+    # The loader keeps the initrd below 4 GiB, so the ext_ (high 32 bits) fields stay 0.
+    if setup.initrd_gpa + setup.initrd_size > FOUR_GIB:
+        raise BootError(f"initrd at {setup.initrd_gpa:#x} ends above 4 GiB")
+    hdr.ramdisk_image = setup.initrd_gpa
+    hdr.ramdisk_size = setup.initrd_size
+    _fill_e820(bp, setup.ram_size)
+    return bytes(ffi.buffer(bp))

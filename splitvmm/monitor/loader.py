@@ -1,0 +1,379 @@
+"""Kernel, initrd, command line and firmware loading (linux-loader's "loader" half).
+
+Every input file is hostile until checked: each header field is validated before
+it is used, every range is checked against guest RAM and our boot structures,
+and each error names the file and what was wrong with it. The zero page itself
+is built by bootparams.py (the "configurator" half).
+
+Formats: ELF64 (System V gABI, "ELF Header" and "Program Header"), bzImage (Linux
+Documentation/arch/x86/boot.rst, 64-bit boot protocol), and flat firmware images
+(what QEMU's -bios maps, hw/i386/x86-common.c: x86_bios_rom_init).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from splitvmm.errors import BootError
+from splitvmm.monitor import bootparams, layout
+from splitvmm.native._kvm import lib
+
+
+class GuestRam(Protocol):
+    """What the loaders need of guest memory (GuestMemory and FakeGuestMemory both fit)."""
+
+    size: int
+
+    def write(self, gpa: int, data: bytes) -> None: ...
+
+
+# Guest-physical ranges [start, end) our boot code writes; nothing may be loaded over them.
+BOOT_STRUCTURES: tuple[tuple[str, int, int], ...] = (
+    ("real-mode IVT and BIOS data area", 0, layout.BOOT_GDT),
+    ("boot GDT and IDT", layout.BOOT_GDT, layout.BOOT_IDT + 8),
+    ("zero page", layout.ZERO_PAGE, layout.ZERO_PAGE + layout.PAGE_SIZE),
+    ("boot stack", layout.BOOT_STACK_TOP & ~(layout.PAGE_SIZE - 1), layout.PML4),
+    ("boot page tables", layout.PML4, layout.PD_BASE + 4 * layout.PAGE_SIZE),
+    ("command line", layout.CMDLINE, layout.CMDLINE + layout.CMDLINE_MAX),
+    ("EBDA, MP table and BIOS area", layout.EBDA_START, layout.HIMEM_START),
+)
+
+COPY_CHUNK = 16 << 20  # copy files into guest RAM this many bytes at a time
+
+# ELF64 (gABI): e_ident, then e_type .. e_shstrndx; program header p_type .. p_align.
+ELF_MAGIC = b"\x7fELF"
+ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+ELF64_PHDR = struct.Struct("<IIQQQQQQ")
+ELFCLASS64, ELFDATA2LSB, EV_CURRENT = 2, 1, 1
+ET_EXEC, EM_X86_64, PT_LOAD = 2, 62, 1
+ELF_MAX_PHDRS = 64  # vmlinux has ~5; more is a malformed or hostile file
+KERNEL_VIRT_BASE = 0xFFFFFFFF80000000  # start of the x86-64 kernel text mapping
+
+# bzImage (boot.rst): "HdrS" at 0x202, a short jump at 0x200 whose target ends the header.
+BZ_MAGIC_OFFSET = 0x202
+BZ_JUMP_OFFSET = 0x200
+JMP_SHORT = 0xEB
+MIN_BZ_PROTOCOL = 0x0206  # cmdline_size exists from 2.06
+XLOADFLAGS_PROTOCOL = 0x020C  # xloadflags (and so XLF_KERNEL_64) exists from 2.12
+ENTRY_64_OFFSET = 0x200  # boot.rst: 64-bit entry is the load address + 0x200
+SECTOR = 512
+
+# QEMU x86_bios_rom_init refuses a BIOS whose size is not a multiple of 64 KiB; so do we.
+FIRMWARE_GRANULE = 64 * layout.KIB
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedKernel:
+    entry: int  # guest-physical 64-bit entry point
+    kind: str  # "elf" or "bzimage"
+    kernel_end: int  # first byte above all the kernel may use (incl. bzImage init_size)
+    kernel_start: int
+    setup_header: bytes | None = None  # bzImage: header bytes from file offset 0x1f1
+    cmdline_max: int = layout.CMDLINE_MAX - 1  # longest command line it takes, NUL excluded
+    initrd_addr_max: int = layout.FOUR_GIB - 1  # highest byte the initrd may occupy
+    initrd_gpa: int = 0
+    initrd_size: int = 0
+    cmdline_size: int = 0  # bytes written at CMDLINE, NUL included
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareSlot:
+    gpa: int  # where to map it
+    size: int
+    offset: int  # offset of this window in the image
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareImage:
+    """A flat firmware image and the read-only memslots the monitor maps it with."""
+
+    path: str
+    data: bytes
+    slots: tuple[FirmwareSlot, ...]
+
+
+def _open(path: Path, what: str) -> tuple[BinaryIO, int]:
+    try:
+        f = open(path, "rb")  # the caller closes it (with-block)
+    except OSError as e:
+        raise BootError(f"{path}: cannot open {what}: {e.strerror}") from None
+    return f, os.fstat(f.fileno()).st_size
+
+
+def _pread(f: BinaryIO, offset: int, length: int) -> bytes:
+    return os.pread(f.fileno(), length, offset)
+
+
+def _copy(mem: GuestRam, f: BinaryIO, offset: int, gpa: int, length: int) -> None:
+    """Copy file bytes [offset, offset+length) to guest gpa, in bounded chunks."""
+    done = 0
+    while done < length:
+        chunk = _pread(f, offset + done, min(COPY_CHUNK, length - done))
+        if not chunk:
+            raise BootError(f"{f.name}: file shrank while it was being loaded")
+        mem.write(gpa + done, chunk)
+        done += len(chunk)
+
+
+def _zero(mem: GuestRam, gpa: int, length: int) -> None:
+    done = 0
+    while done < length:
+        n = min(COPY_CHUNK, length - done)
+        mem.write(gpa + done, bytes(n))
+        done += n
+
+
+def _low_ram_end(mem: GuestRam) -> int:
+    return layout.ram_ranges(mem.size)[0][1]
+
+
+def _check_placement(path: Path, what: str, start: int, end: int, ram_size: int) -> None:
+    """[start, end) must be one piece of RAM and clear of every boot structure."""
+    if not any(gpa <= start and end <= gpa + size for gpa, size in layout.ram_ranges(ram_size)):
+        raise BootError(f"{path}: {what} at [{start:#x}, {end:#x}) is not inside guest RAM")
+    for name, lo, hi in BOOT_STRUCTURES:
+        if start < hi and lo < end:
+            raise BootError(f"{path}: {what} at [{start:#x}, {end:#x}) overlaps the {name}")
+
+
+def load_kernel(mem: GuestRam, path: Path) -> LoadedKernel:
+    """Load an ELF64 vmlinux/test guest or a bzImage, chosen by content, not by name."""
+    f, size = _open(path, "kernel")
+    with f:
+        head = _pread(f, 0, BZ_MAGIC_OFFSET + 4)
+        if head[:4] == ELF_MAGIC:
+            return _load_elf(mem, path, f, size)
+        if head[BZ_MAGIC_OFFSET:] == b"HdrS":
+            return _load_bzimage(mem, path, f, size)
+    raise BootError(
+        f"{path}: not an ELF or bzImage kernel (starts with {head[:4].hex()}, "
+        f"bytes at 0x202 are {head[BZ_MAGIC_OFFSET:].hex() or 'missing'})"
+    )
+
+
+def _elf_header(path: Path, f: BinaryIO, size: int) -> tuple[int, int, int]:
+    """Validate the ELF header; return (e_entry, e_phoff, e_phnum)."""
+    raw = _pread(f, 0, ELF64_EHDR.size)
+    if len(raw) < ELF64_EHDR.size:
+        raise BootError(f"{path}: truncated ELF header ({len(raw)} of {ELF64_EHDR.size} bytes)")
+    ident, e_type, machine, version, entry, phoff, _, _, _, phentsize, phnum, *_ = (
+        ELF64_EHDR.unpack(raw)
+    )
+    if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
+        raise BootError(f"{path}: ELF class {ident[4]}/data {ident[5]}, need ELF64 little-endian")
+    if machine != EM_X86_64 or version != EV_CURRENT:
+        raise BootError(f"{path}: ELF machine {machine} version {version}, need x86-64 (62) v1")
+    if e_type != ET_EXEC:
+        raise BootError(f"{path}: ELF type {e_type}, need an executable (ET_EXEC)")
+    if phentsize != ELF64_PHDR.size or not 0 < phnum <= ELF_MAX_PHDRS:
+        raise BootError(f"{path}: bad program header table ({phnum} entries of {phentsize} bytes)")
+    if phoff + phnum * ELF64_PHDR.size > size:
+        raise BootError(f"{path}: program header table at {phoff:#x} runs past the end of file")
+    return entry, phoff, phnum
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    index: int  # program header number, for error messages
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+
+
+def _check_segment(path: Path, seg: _Segment, size: int, ram_size: int) -> None:
+    what = f"segment {seg.index}"
+    if seg.filesz > seg.memsz or seg.memsz > ram_size:
+        raise BootError(f"{path}: {what} has file size {seg.filesz:#x}, memory size {seg.memsz:#x}")
+    if seg.offset + seg.filesz > size:
+        raise BootError(
+            f"{path}: {what} reads {seg.offset:#x}+{seg.filesz:#x}, past the end of file"
+        )
+    _check_placement(path, what, seg.paddr, seg.paddr + seg.memsz, ram_size)
+
+
+def _elf_segments(path: Path, f: BinaryIO, size: int, ram_size: int) -> tuple[int, list[_Segment]]:
+    """e_entry and the PT_LOAD segments, each one checked."""
+    entry, phoff, phnum = _elf_header(path, f, size)
+    table = _pread(f, phoff, phnum * ELF64_PHDR.size)
+    segments: list[_Segment] = []
+    for i in range(phnum):
+        p_type, _, *fields, _ = ELF64_PHDR.unpack_from(table, i * ELF64_PHDR.size)
+        seg = _Segment(i, *fields)
+        if p_type != PT_LOAD or seg.memsz == 0:
+            continue
+        _check_segment(path, seg, size, ram_size)
+        for other in segments:
+            if seg.paddr < other.paddr + other.memsz and other.paddr < seg.paddr + seg.memsz:
+                raise BootError(f"{path}: segment {i} overlaps segment {other.index}")
+        segments.append(seg)
+    if not segments:
+        raise BootError(f"{path}: ELF file has no loadable segment")
+    return entry, segments
+
+
+def _elf_entry(path: Path, e_entry: int, segments: list[_Segment]) -> int:
+    """Physical entry: vmlinux's e_entry is already physical; a virtual one is translated."""
+    entry = e_entry
+    if e_entry >= KERNEL_VIRT_BASE:
+        hits = [s.paddr + e_entry - s.vaddr for s in segments if 0 <= e_entry - s.vaddr < s.memsz]
+        if not hits:
+            raise BootError(f"{path}: virtual entry {e_entry:#x} is in no loadable segment")
+        entry = hits[0]
+    if not any(0 <= entry - s.paddr < s.filesz for s in segments):
+        raise BootError(f"{path}: entry point {entry:#x} is not in a loaded segment's file data")
+    return entry
+
+
+def _load_elf(mem: GuestRam, path: Path, f: BinaryIO, size: int) -> LoadedKernel:
+    e_entry, segments = _elf_segments(path, f, size, mem.size)
+    entry = _elf_entry(path, e_entry, segments)
+    for s in segments:
+        _copy(mem, f, s.offset, s.paddr, s.filesz)
+        _zero(mem, s.paddr + s.filesz, s.memsz - s.filesz)  # gABI: the rest of p_memsz is 0
+    return LoadedKernel(
+        entry=entry,
+        kind="elf",
+        kernel_start=min(s.paddr for s in segments),
+        kernel_end=max(s.paddr + s.memsz for s in segments),
+    )
+
+
+def _bz_header(path: Path, data: bytes) -> tuple[bytes, bootparams.SetupHeader]:
+    """The raw setup header (0x1f1 up to the end the jump at 0x200 marks), validated."""
+    if len(data) <= BZ_JUMP_OFFSET + 2 or data[BZ_JUMP_OFFSET] != JMP_SHORT:
+        raise BootError(f"{path}: bzImage has no short jump at 0x200 to end its setup header")
+    end = BZ_JUMP_OFFSET + 2 + data[BZ_JUMP_OFFSET + 1]
+    if data[BZ_JUMP_OFFSET + 1] >= 0x80 or end > len(data):
+        raise BootError(f"{path}: bzImage setup header end {end:#x} is invalid")
+    raw = data[bootparams.SETUP_HEADER_OFFSET : end]
+    hdr = bootparams.parse_setup_header(raw)
+    if hdr.version < MIN_BZ_PROTOCOL:
+        raise BootError(
+            f"{path}: boot protocol {hdr.version >> 8}.{hdr.version & 0xFF:02} is older than 2.06"
+        )
+    if hdr.version < XLOADFLAGS_PROTOCOL or not hdr.xloadflags & lib.XLF_KERNEL_64:
+        raise BootError(f"{path}: bzImage has no 64-bit entry point (XLF_KERNEL_64 is not set)")
+    return raw, hdr
+
+
+def _bz_run_address(path: Path, hdr: bootparams.SetupHeader, load: int) -> int:
+    """Where the decompressor will run (arch/x86/boot/compressed/head_64.S, startup_64)."""
+    if not hdr.relocatable_kernel:
+        run = hdr.pref_address or load  # a fixed kernel moves itself to pref_address
+    else:
+        align = hdr.kernel_alignment
+        if align < layout.PAGE_SIZE or align & (align - 1) or align > layout.FOUR_GIB:
+            raise BootError(f"{path}: kernel_alignment {align:#x} is not a sane power of two")
+        run = max((load + align - 1) & ~(align - 1), hdr.pref_address)
+    if run < layout.HIMEM_START:
+        raise BootError(f"{path}: kernel wants to run at {run:#x}, below 1 MiB")
+    return run
+
+
+def _load_bzimage(mem: GuestRam, path: Path, f: BinaryIO, size: int) -> LoadedKernel:
+    low_end = _low_ram_end(mem)
+    if size > low_end - layout.HIMEM_START:
+        raise BootError(f"{path}: bzImage of {size:#x} bytes is larger than guest low RAM")
+    data = _pread(f, 0, size)
+    if len(data) != size:
+        raise BootError(f"{path}: read {len(data):#x} of {size:#x} bytes of the bzImage")
+    raw, hdr = _bz_header(path, data)
+    setup_size = ((hdr.setup_sects or 4) + 1) * SECTOR  # boot.rst: setup_sects 0 means 4
+    kernel = memoryview(data)[setup_size:]
+    if len(kernel) == 0 or hdr.syssize * 16 > len(kernel):
+        raise BootError(f"{path}: truncated bzImage ({len(kernel)} bytes after the setup code)")
+    load = layout.HIMEM_START
+    run = _bz_run_address(path, hdr, load)
+    end = max(load + len(kernel), run + max(hdr.init_size, len(kernel)))
+    if end > low_end:
+        raise BootError(
+            f"{path}: kernel needs RAM up to {end:#x} (init_size {hdr.init_size:#x} at "
+            f"{run:#x}), but guest low RAM ends at {low_end:#x}"
+        )
+    mem.write(load, bytes(kernel))
+    return LoadedKernel(
+        entry=load + ENTRY_64_OFFSET,
+        kind="bzimage",
+        kernel_start=load,
+        kernel_end=end,
+        setup_header=raw,
+        cmdline_max=min(hdr.cmdline_size, layout.CMDLINE_MAX - 1),
+        initrd_addr_max=hdr.initrd_addr_max,
+    )
+
+
+def load_initrd(mem: GuestRam, path: Path, kernel: LoadedKernel) -> LoadedKernel:
+    """Put the initrd page-aligned as high as the kernel allows, clear of the kernel."""
+    f, size = _open(path, "initrd")
+    with f:
+        limit = min(kernel.initrd_addr_max + 1, _low_ram_end(mem))
+        floor = max(kernel.kernel_end, layout.HIMEM_START)
+        gpa = (limit - size) & ~(layout.PAGE_SIZE - 1)
+        if size == 0 or size > limit or gpa < floor:
+            raise BootError(
+                f"{path}: initrd of {size:#x} bytes does not fit between the kernel's end "
+                f"{floor:#x} and {limit:#x}"
+            )
+        _copy(mem, f, 0, gpa, size)
+    return replace(kernel, initrd_gpa=gpa, initrd_size=size)
+
+
+def load_cmdline(mem: GuestRam, cmdline: str, kernel: LoadedKernel) -> LoadedKernel:
+    """Write the NUL-terminated command line at CMDLINE."""
+    raw = cmdline.encode()
+    if b"\0" in raw:
+        raise BootError("the kernel command line contains a NUL byte")
+    if len(raw) > kernel.cmdline_max:
+        raise BootError(
+            f"the kernel command line is {len(raw)} bytes; this kernel takes at most "
+            f"{kernel.cmdline_max}"
+        )
+    mem.write(layout.CMDLINE, raw + b"\0")
+    return replace(kernel, cmdline_size=len(raw) + 1)
+
+
+def load_linux(
+    mem: GuestRam, kernel_path: Path, initrd_path: Path | None = None, cmdline: str = ""
+) -> LoadedKernel:
+    """Kernel, initrd, command line and zero page: all a 64-bit entry needs in memory."""
+    kernel = load_kernel(mem, kernel_path)
+    if initrd_path is not None:
+        kernel = load_initrd(mem, initrd_path, kernel)
+    kernel = load_cmdline(mem, cmdline, kernel)
+    setup = bootparams.BootSetup(
+        ram_size=mem.size,
+        cmdline_size=kernel.cmdline_size,
+        setup_header=kernel.setup_header,
+        initrd_gpa=kernel.initrd_gpa,
+        initrd_size=kernel.initrd_size,
+    )
+    mem.write(layout.ZERO_PAGE, bootparams.build_zero_page(setup))
+    return kernel
+
+
+def load_firmware(path: Path) -> FirmwareImage:
+    """A flat image ending at 4 GiB, its last 128 KiB also below 1 MiB (QEMU -bios)."""
+    f, size = _open(path, "firmware")
+    with f:
+        if size == 0 or size % FIRMWARE_GRANULE or size > layout.FIRMWARE_MAX:
+            raise BootError(
+                f"{path}: firmware is {size:#x} bytes; it must be a non-zero multiple of "
+                f"64 KiB and at most {layout.FIRMWARE_MAX >> 20} MiB"
+            )
+        data = _pread(f, 0, size)
+    if len(data) != size:
+        raise BootError(f"{path}: firmware changed size while it was being read")
+    # QEMU x86_isa_bios_init: the alias is MIN(bios_size, 128 KiB), ending at 1 MiB,
+    # so the reset vector at 0xFFFF0 (F000:FFF0 in real mode) sees the image's tail.
+    alias = min(size, layout.FIRMWARE_LOW_ALIAS)
+    slots = (
+        FirmwareSlot(gpa=layout.FOUR_GIB - size, size=size, offset=0),
+        FirmwareSlot(gpa=layout.HIMEM_START - alias, size=alias, offset=size - alias),
+    )
+    return FirmwareImage(path=str(path), data=data, slots=slots)

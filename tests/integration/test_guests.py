@@ -1,0 +1,66 @@
+"""Every test guest through `splitvmm up`, its serial output read back from the device's file."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.integration.conftest import run_up
+
+pytestmark = pytest.mark.kvm
+
+
+def kernel(guests, name: str, cmdline: str = "") -> str:
+    return f'kernel = "{guests[name]}"\ncmdline = "{cmdline}"'
+
+
+def test_hello_greets_over_serial_and_resets_with_status_0(guests, tmp_path):
+    run = run_up(tmp_path, kernel(guests, "hello", "console=ttyS0 x=1"))
+    assert run.status == 0, run.stderr
+    assert run.serial.startswith("Hello from a splitvmm test guest!\n")
+    assert "cmdline: console=ttyS0 x=1\n" in run.serial
+    assert "guest reset through the i8042 controller" in run.stderr
+
+
+def test_hello_sees_e820_map_with_ebda_reserved(guests, tmp_path):
+    run = run_up(tmp_path, kernel(guests, "hello"), memory="64M")
+    entries = re.findall(r"e820: (0x[0-9a-f]+)-(0x[0-9a-f]+) (\d+)", run.serial)
+    assert entries == [
+        ("0x0000000000000000", "0x000000000009fc00", "1"),
+        ("0x000000000009fc00", "0x0000000000100000", "2"),
+        ("0x0000000000100000", "0x0000000004000000", "1"),
+    ]
+
+
+def test_hello_large_memory_splits_ram_around_pci_hole(guests, tmp_path):
+    run = run_up(tmp_path, kernel(guests, "hello"), memory="4G")
+    assert "e820: 0x0000000000100000-0x00000000c0000000 1" in run.serial
+    assert "e820: 0x0000000100000000-0x0000000140000000 1" in run.serial
+
+
+@pytest.mark.parametrize("status,expected", [(3, 7), (0, 1), (42, 85)])
+def test_exit_status_guest_value_becomes_debug_exit_status(guests, tmp_path, status, expected):
+    run = run_up(tmp_path, kernel(guests, "exit-status", f"status={status}"))
+    assert (run.status, run.serial) == (expected, f"exiting with {status}\n")
+
+
+@pytest.mark.parametrize("vcpus", [2, 4])
+def test_smp_every_vcpu_reports_in(guests, tmp_path, vcpus):
+    run = run_up(tmp_path, kernel(guests, "smp"), vcpus=vcpus)
+    assert run.status == 33, run.serial + run.stderr
+    online = sorted(int(n) for n in re.findall(r"^cpu (\d+) online$", run.serial, re.M))
+    assert online == list(range(1, vcpus))
+    assert f"smp: all {vcpus} cpus online" in run.serial
+
+
+def test_pio_loop_round_trips_through_device_process(guests, tmp_path):
+    run = run_up(tmp_path, kernel(guests, "pio-loop", "count=200"))
+    assert run.status == 1, run.serial + run.stderr
+    assert re.search(r"pio-loop: in median=\d+ p99=\d+", run.serial)
+    assert "pio-loop: done" in run.serial
+
+
+def test_firmware_hello_runs_from_reset_vector(guests, tmp_path):
+    run = run_up(tmp_path, f'firmware = "{guests["firmware-hello"]}"')
+    assert (run.status, run.serial) == (99, "Hello from splitvmm firmware!\n")

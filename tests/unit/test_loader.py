@@ -1,0 +1,332 @@
+"""Kernel, initrd, command line and firmware loading into a fake guest memory."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from splitvmm.errors import BootError
+from splitvmm.monitor.layout import CMDLINE, HIMEM_START, ZERO_PAGE
+from splitvmm.monitor.loader import (
+    LoadedKernel,
+    load_cmdline,
+    load_firmware,
+    load_initrd,
+    load_kernel,
+    load_linux,
+)
+from tests.fakes import FakeGuestMemory
+from tests.unit.images import MIB, Seg, make_bzimage, make_elf
+
+CODE = bytes.fromhex("89f0 66baf400 ef f4")  # mov %esi,%eax; mov $0xf4,%dx; out; hlt
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+# --- ELF ---------------------------------------------------------------------------------
+
+
+def test_load_kernel_elf_copies_segments_and_zeroes_bss(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(32 * MIB)
+    mem.write(0x200000 + len(CODE), b"\xff" * 16)  # stale bytes where .bss will be
+    path = write(tmp_path, "guest.elf", make_elf([Seg(0x200000, CODE, memsz=0x1000)], 0x200000))
+
+    kernel = load_kernel(mem, path)
+
+    assert (kernel.kind, kernel.entry, kernel.kernel_end) == ("elf", 0x200000, 0x201000)
+    assert mem.read(0x200000, len(CODE)) == CODE
+    assert mem.read(0x200000 + len(CODE), 16) == bytes(16)
+
+
+def test_load_kernel_elf_in_free_low_memory_is_accepted(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(32 * MIB)
+    path = write(tmp_path, "low.elf", make_elf([Seg(0x10000, CODE)], 0x10000))
+
+    kernel = load_kernel(mem, path)
+
+    assert kernel.kernel_start == 0x10000
+
+
+def test_load_kernel_elf_virtual_entry_is_translated_through_its_segment(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(32 * MIB)
+    seg = Seg(0x1000000, CODE, vaddr=0xFFFFFFFF81000000)
+    path = write(tmp_path, "vmlinux", make_elf([seg], 0xFFFFFFFF81000002))
+
+    kernel = load_kernel(mem, path)
+
+    assert kernel.entry == 0x1000002
+
+
+def test_load_kernel_truncated_elf_header_names_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "short.elf", make_elf([Seg(0x200000, CODE)], 0x200000)[:40])
+
+    with pytest.raises(BootError, match=r"short\.elf: truncated ELF header"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_segment_past_end_of_file_is_refused(tmp_path: Path) -> None:
+    image = make_elf([Seg(0x200000, CODE * 100)], 0x200000)
+    path = write(tmp_path, "cut.elf", image[:-10])
+
+    with pytest.raises(BootError, match=r"cut\.elf: segment 0 .* past the end of file"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf32_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "c32.elf", make_elf([Seg(0x200000, CODE)], 0x200000, elf_class=1))
+
+    with pytest.raises(BootError, match="need ELF64"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_wrong_machine_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "arm.elf", make_elf([Seg(0x200000, CODE)], 0x200000, machine=183))
+
+    with pytest.raises(BootError, match=r"arm\.elf: ELF machine 183"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_shared_object_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "dyn.elf", make_elf([Seg(0x200000, CODE)], 0x200000, e_type=3))
+
+    with pytest.raises(BootError, match="ET_EXEC"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_segment_outside_ram_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "high.elf", make_elf([Seg(64 * MIB, CODE)], 64 * MIB))
+
+    with pytest.raises(BootError, match=r"high\.elf: segment 0 .* not inside guest RAM"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_over_zero_page_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "zp.elf", make_elf([Seg(ZERO_PAGE + 0x100, CODE)], ZERO_PAGE + 0x100))
+
+    with pytest.raises(BootError, match="overlaps the zero page"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_straddling_1mib_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "x.elf", make_elf([Seg(0xFF000, CODE * 1000)], 0x100000))
+
+    with pytest.raises(BootError, match="overlaps the EBDA, MP table and BIOS area"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_overlapping_segments_are_refused(tmp_path: Path) -> None:
+    segs = [Seg(0x200000, CODE, memsz=0x2000), Seg(0x201000, CODE)]
+    path = write(tmp_path, "ov.elf", make_elf(segs, 0x200000))
+
+    with pytest.raises(BootError, match="segment 1 overlaps segment 0"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_elf_entry_outside_segments_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "e.elf", make_elf([Seg(0x200000, CODE)], 0x300000))
+
+    with pytest.raises(BootError, match="entry point 0x300000"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_unknown_format_names_what_was_found(tmp_path: Path) -> None:
+    path = write(tmp_path, "notes.txt", b"hello world" * 100)
+
+    with pytest.raises(BootError, match=r"notes\.txt: not an ELF or bzImage .*68656c6c"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
+def test_load_kernel_missing_file_is_a_boot_error(tmp_path: Path) -> None:
+    with pytest.raises(BootError, match="cannot open kernel"):
+        load_kernel(FakeGuestMemory(32 * MIB), tmp_path / "absent")
+
+
+# --- bzImage -----------------------------------------------------------------------------
+
+
+def test_load_kernel_bzimage_loads_at_1mib_with_64bit_entry(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(64 * MIB)
+    path = write(tmp_path, "bzImage", make_bzimage(payload=b"\xcc" * 8192))
+
+    kernel = load_kernel(mem, path)
+
+    assert (kernel.kind, kernel.entry) == ("bzimage", HIMEM_START + 0x200)
+    assert mem.read(HIMEM_START, 8192) == b"\xcc" * 8192
+    assert kernel.kernel_end == 0x1000000 + 8 * MIB  # pref_address + init_size
+
+
+def test_load_kernel_bzimage_keeps_its_setup_header_bytes(tmp_path: Path) -> None:
+    image = make_bzimage()
+    path = write(tmp_path, "bzImage", image)
+
+    kernel = load_kernel(FakeGuestMemory(64 * MIB), path)
+
+    assert kernel.setup_header == image[0x1F1:0x268]
+
+
+def test_load_kernel_bzimage_setup_sects_zero_means_four(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(64 * MIB)
+    image = make_bzimage(payload=b"\xab" * 4096, setup_sects=0)
+    path = write(tmp_path, "bzImage", image)
+
+    load_kernel(mem, path)
+
+    assert mem.read(HIMEM_START, 16) == b"\xab" * 16
+
+
+def test_load_kernel_bzimage_old_protocol_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "old", make_bzimage(version=0x0204))
+
+    with pytest.raises(BootError, match=r"old: boot protocol 2\.04 is older than 2\.06"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
+
+
+def test_load_kernel_bzimage_without_xlf_kernel_64_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "k32", make_bzimage(xloadflags=0))
+
+    with pytest.raises(BootError, match="no 64-bit entry point"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
+
+
+def test_load_kernel_bzimage_init_size_beyond_ram_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "big", make_bzimage(init_size=60 * MIB))
+
+    with pytest.raises(BootError, match=r"big: kernel needs RAM up to 0x4c00000"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
+
+
+def test_load_kernel_bzimage_truncated_payload_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "trunc", make_bzimage(syssize=0x10000))
+
+    with pytest.raises(BootError, match="truncated bzImage"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
+
+
+def test_load_kernel_bzimage_bad_alignment_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "align", make_bzimage(kernel_alignment=0x300000))
+
+    with pytest.raises(BootError, match="kernel_alignment 0x300000"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
+
+
+# --- initrd and command line -------------------------------------------------------------
+
+
+def test_load_initrd_goes_page_aligned_to_top_of_low_ram(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(64 * MIB)
+    kernel = LoadedKernel(entry=0x200000, kind="elf", kernel_end=0x300000, kernel_start=0x200000)
+    path = write(tmp_path, "initrd", b"\x5a" * 5000)
+
+    loaded = load_initrd(mem, path, kernel)
+
+    assert (loaded.initrd_gpa, loaded.initrd_size) == (64 * MIB - 0x2000, 5000)
+    assert mem.read(loaded.initrd_gpa, 5000) == b"\x5a" * 5000
+
+
+def test_load_initrd_respects_initrd_addr_max(tmp_path: Path) -> None:
+    kernel = LoadedKernel(
+        entry=0x200000, kind="elf", kernel_end=0x300000, kernel_start=0x200000,
+        initrd_addr_max=32 * MIB - 1,
+    )  # fmt: skip
+    path = write(tmp_path, "initrd", bytes(4096))
+
+    loaded = load_initrd(FakeGuestMemory(64 * MIB), path, kernel)
+
+    assert loaded.initrd_gpa == 32 * MIB - 4096
+
+
+def test_load_initrd_that_would_overlap_kernel_is_refused(tmp_path: Path) -> None:
+    kernel = LoadedKernel(entry=0x200000, kind="elf", kernel_end=60 * MIB, kernel_start=0x200000)
+    path = write(tmp_path, "initrd.img", bytes(8 * MIB))
+
+    with pytest.raises(BootError, match=r"initrd\.img: initrd of 0x800000 bytes does not fit"):
+        load_initrd(FakeGuestMemory(64 * MIB), path, kernel)
+
+
+def test_load_cmdline_writes_nul_terminated_string(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(1 * MIB + 4096)
+    kernel = LoadedKernel(entry=0x200000, kind="elf", kernel_end=0x300000, kernel_start=0x200000)
+
+    loaded = load_cmdline(mem, "console=ttyS0", kernel)
+
+    assert mem.read(CMDLINE, 14) == b"console=ttyS0\0"
+    assert loaded.cmdline_size == 14
+
+
+def test_load_cmdline_longer_than_kernel_limit_is_refused() -> None:
+    kernel = LoadedKernel(
+        entry=0x200000, kind="bzimage", kernel_end=0x300000, kernel_start=0x100000, cmdline_max=10
+    )
+
+    with pytest.raises(BootError, match="is 11 bytes; this kernel takes at most 10"):
+        load_cmdline(FakeGuestMemory(2 * MIB), "x" * 11, kernel)
+
+
+def test_load_cmdline_longer_than_cmdline_area_is_refused() -> None:
+    kernel = LoadedKernel(entry=0x200000, kind="elf", kernel_end=0x300000, kernel_start=0x200000)
+
+    with pytest.raises(BootError, match="takes at most 4095"):
+        load_cmdline(FakeGuestMemory(2 * MIB), "x" * 4096, kernel)
+
+
+def test_load_linux_bzimage_writes_zero_page_with_initrd_and_cmdline(tmp_path: Path) -> None:
+    mem = FakeGuestMemory(64 * MIB)
+    kernel_path = write(tmp_path, "bzImage", make_bzimage())
+    initrd_path = write(tmp_path, "initrd", bytes(4096))
+
+    loaded = load_linux(mem, kernel_path, initrd_path, "quiet")
+
+    zero_page = mem.read(ZERO_PAGE, 4096)
+    assert struct.unpack_from("<I", zero_page, 0x228)[0] == CMDLINE  # cmd_line_ptr
+    assert struct.unpack_from("<II", zero_page, 0x218) == (loaded.initrd_gpa, 4096)
+    assert zero_page[0x210] == 0xFF  # type_of_loader
+    assert struct.unpack_from("<I", zero_page, 0x238)[0] == 2047  # kernel's cmdline_size kept
+
+
+# --- firmware ----------------------------------------------------------------------------
+
+
+def test_load_firmware_maps_image_below_4g_and_tail_below_1mib(tmp_path: Path) -> None:
+    path = write(tmp_path, "bios.bin", bytes(256 * 1024))
+
+    fw = load_firmware(path)
+
+    assert [(s.gpa, s.size, s.offset) for s in fw.slots] == [
+        (0xFFFC0000, 0x40000, 0),
+        (0xE0000, 0x20000, 0x20000),
+    ]
+
+
+def test_load_firmware_of_64k_aliases_only_64k(tmp_path: Path) -> None:
+    path = write(tmp_path, "flat.bin", bytes(64 * 1024))
+
+    fw = load_firmware(path)
+
+    assert (fw.slots[1].gpa, fw.slots[1].size) == (0xF0000, 0x10000)
+
+
+def test_load_firmware_size_not_multiple_of_64k_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "odd.bin", bytes(4096))
+
+    with pytest.raises(BootError, match=r"odd\.bin: firmware is 0x1000 bytes"):
+        load_firmware(path)
+
+
+def test_load_firmware_larger_than_16mib_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "huge.bin", bytes(17 * MIB))
+
+    with pytest.raises(BootError, match="at most 16 MiB"):
+        load_firmware(path)
+
+
+def test_load_firmware_empty_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "empty.bin", b"")
+
+    with pytest.raises(BootError, match="non-zero multiple of 64 KiB"):
+        load_firmware(path)
