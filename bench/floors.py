@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import multiprocessing
-import os
 import statistics
 import tempfile
 import time
@@ -94,9 +93,3 @@ def summary_us(samples: list[float]) -> tuple[float, float]:
     """(median, p99) in microseconds."""
     ordered = sorted(samples)
     return statistics.median(ordered) * 1e6, ordered[int(len(ordered) * 0.99) - 1] * 1e6
-
-
-if __name__ == "__main__":
-    print("kvm_run floor  median %.1f us  p99 %.1f us" % summary_us(kvm_run_floor(20000)))
-    print("zmq pair floor median %.1f us  p99 %.1f us" % summary_us(zmq_pair_floor(5000)))
-    print(os.getpid())

@@ -1,0 +1,111 @@
+"""Cost of a guest port access served by a device process, next to this machine's floors.
+
+Runs the pio-loop test guest through `splitvmm up`: at CPL3 (native speed here)
+it times N `in`s and N `out`s to the 8250 scratch register, served by the
+serial device process, with rdtsc around each; it prints medians and p99s in
+TSC ticks, which we turn into microseconds with the vCPU's TSC frequency. The
+floors are measured in the same run: a bare Python KVM_RUN loop answering the
+exit inline, and a raw pyzmq PAIR round trip between two processes.
+
+    python bench/exit_rtt.py [--count N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.floors import kvm_run_floor, summary_us, zmq_pair_floor  # noqa: E402
+from splitvmm.native.kvm import Kvm  # noqa: E402
+from tests.guests.build import build_guests  # noqa: E402
+
+SCRATCH_PORT = 0x3FF  # 8250 SCR: served by the serial device process, no side effects
+UNCLAIMED_PORT = 0x2F8  # COM2: nobody is there, the monitor's bus answers all-ones itself
+LINE = re.compile(r"pio-loop: (\w+) median=(\d+) p99=(\d+)")
+
+
+def tsc_khz() -> int:
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        vcpu = vm.create_vcpu(0, kvm.vcpu_mmap_size())
+        khz = vcpu.tsc_khz()
+        vcpu.close()
+        vm.close()
+    return khz
+
+
+def splitvmm_pio(count: int, port: int, work: Path) -> dict[str, tuple[float, float]]:
+    guest = build_guests(work / "guests")["pio-loop"]
+    serial = work / f"serial-{port:x}.log"
+    config = work / "pio.toml"
+    config.write_text(
+        f'[vm]\nname = "bench-pio"\nmemory = "64M"\n[boot]\nkernel = "{guest}"\n'
+        f'cmdline = "count={count} port={port:#x}"\n'
+        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", "up", str(config)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    text = serial.read_text()
+    if proc.returncode != 1 or "pio-loop: done" not in text:
+        raise SystemExit(f"pio-loop guest failed (status {proc.returncode}): {proc.stderr}{text}")
+    us_per_tick = 1e3 / tsc_khz()
+    return {
+        kind: (int(median) * us_per_tick, int(p99) * us_per_tick)
+        for kind, median, p99 in LINE.findall(text)
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=5000, help="accesses of each kind")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = splitvmm_pio(args.count, SCRATCH_PORT, Path(tmp))
+        inline = splitvmm_pio(args.count, UNCLAIMED_PORT, Path(tmp))
+    rows = {
+        "guest in  (CPL3) -> serial device process, reply": ours["in"],
+        "guest out (CPL3) -> serial device process, posted": ours["out"],
+        "guest in  (CPL3) -> unclaimed port, monitor answers inline": inline["in"],
+        "guest out (CPL3) -> unclaimed port, monitor drops inline": inline["out"],
+        "guest rdtsc pair (measurement floor)": ours["rdtsc"],
+        "floor: bare Python KVM_RUN loop exit (CPL0, inline)": summary_us(kvm_run_floor(20000)),
+        "floor: raw pyzmq PAIR round trip (ipc://)": summary_us(zmq_pair_floor(5000)),
+    }
+    if args.json:
+        print(json.dumps({k: {"median_us": m, "p99_us": p} for k, (m, p) in rows.items()}))
+        return
+    table = Table(title=f"exit round trip ({args.count} accesses each)")
+    table.add_column("what")
+    table.add_column("median µs", justify="right")
+    table.add_column("p99 µs", justify="right")
+    for what, (median, p99) in rows.items():
+        table.add_row(what, f"{median:.1f}", f"{p99:.1f}")
+    Console().print(table)
+    floor = rows["floor: bare Python KVM_RUN loop exit (CPL0, inline)"][0]
+    zmq = rows["floor: raw pyzmq PAIR round trip (ipc://)"][0]
+    print(
+        f"in via device / (inline in + zmq floor) = {ours['in'][0] / (inline['in'][0] + zmq):.2f}"
+    )
+    print(
+        f"KVM_RUN floor at CPL0 = {floor:.1f} µs (a CPL3 exit costs more on PVM: see KVM-HERE.md)"
+    )
+
+
+if __name__ == "__main__":
+    main()
