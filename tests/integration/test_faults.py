@@ -50,3 +50,15 @@ def test_firmware_starts_at_reset_vector_and_exits_with_status(tmp_path):
     fw = firmware(tmp_path, "nop")
     run = run_up(tmp_path, f'firmware = "{fw}"')
     assert (run.status, run.serial) == (3, "R")
+
+
+def test_triple_fault_stops_vm_with_clear_message(tmp_path):
+    # ud2 at the 64-bit entry: #UD with the loader's empty IDT (limit 0) escalates to a
+    # triple fault, on hardware KVM and PVM alike.
+    from tests.unit.images import Seg, make_elf
+
+    elf = tmp_path / "ud2.elf"
+    elf.write_bytes(make_elf([Seg(paddr=0x200000, data=b"\x0f\x0b")], entry=0x200000))
+    run = run_up(tmp_path, f'kernel = "{elf}"')
+    assert run.status == 4
+    assert "the guest triple-faulted (KVM_EXIT_SHUTDOWN) at RIP 0x200000" in run.stderr
