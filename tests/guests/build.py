@@ -33,6 +33,8 @@ OUTPUTS = {
     "exit-status": "exit-status.elf",
     "smp": "smp.elf",
     "pio-loop": "pio-loop.elf",
+    "counter": "counter.elf",
+    "dirty": "dirty.elf",
     "firmware-hello": "firmware-hello.bin",
 }
 TOOLS = ("make", "gcc", "ld", "objcopy", "objdump", "nm")
