@@ -1,0 +1,303 @@
+"""Guest RAM chunk, encoding sparse-v1: only the pages that hold data, each with its offset.
+
+Why a self-describing extent stream rather than a sparse file restored with SEEK_DATA: holes
+belong to the file system, not to the file's bytes. cp, tar, scp and object stores fill them
+in, some file systems have none, and a sha256 over a sparse file reads every hole (64 GiB of
+zeros for an idle 64 GiB guest). The stream's size and checksum cost what the data costs, it
+survives any copy, and the reader bound-checks every extent before it touches guest memory.
+
+Layout, little endian:
+  header   magic b"SVMMRAM\\0", version u32 (1), page_size u32 (4096), memory_size u64,
+           reserved u64 (0)
+  records  offset u64, length u64, then `length` bytes of data. Offsets ascend, extents are
+           page aligned, non-empty, do not overlap and lie inside memory_size.
+  end      offset u64 = 2^64 - 1, length u64 = total data bytes; nothing may follow.
+
+Each record carries its own data (no table up front), so the writer makes one pass over the
+memory and neither side ever allocates a table whose size the file chooses. The count needs
+no separate cap: ascending, non-overlapping, page-aligned extents inside memory_size number at
+most memory_size / 8 KiB.
+
+The data comes from the memfd's data extents (lseek SEEK_DATA/SEEK_HOLE): pages the guest
+never touched are holes and cost nothing. All-zero pages among the data (touched, or freed and
+zeroed by the guest) are skipped too, so restoring them leaves holes in the new memfd.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from splitvmm.snapshot.format import PAGE_SIZE, SnapshotError
+
+MAGIC = b"SVMMRAM\0"
+VERSION = 1
+ENCODING = "sparse-v1"
+HEADER = struct.Struct("<8sIIQQ")  # magic, version, page_size, memory_size, reserved
+RECORD = struct.Struct("<QQ")  # offset, length
+END_OFFSET = (1 << 64) - 1
+ZERO_PAGE = bytes(PAGE_SIZE)
+PIECE = 8 << 20  # bytes per write/read/progress step: big syscalls, a responsive progress bar
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+class RegionLike(Protocol):
+    @property
+    def gpa(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+
+
+class MemoryLayoutLike(Protocol):
+    """What the manifest records about guest memory (GuestMemory has it)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def regions(self) -> Sequence[RegionLike]: ...
+
+
+class RamLike(MemoryLayoutLike, Protocol):
+    """GuestMemory as the snapshot code uses it: one memfd and a shared read/write mapping."""
+
+    @property
+    def fd(self) -> int: ...
+    @property
+    def map(self) -> mmap.mmap: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RamStats:
+    extents: int
+    data_bytes: int
+    file_bytes: int
+    sha256: str
+
+
+# --- finding the data --------------------------------------------------------------------------
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the memfd's data, page aligned. Uses only lseek: reading a hole through
+    a shared mapping would allocate a page for it, undoing the sparseness we are after.
+
+    lseek moves the file offset that dup'ed copies of the fd share; nobody reads the memfd
+    through its offset (everyone maps it), so that is harmless.
+    """
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after pos
+                break
+            if e.errno == errno.EINVAL:  # a file system without SEEK_DATA: all of it is data
+                return [*extents, (pos, size)]
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        start -= start % PAGE_SIZE
+        end = min(-(-end // PAGE_SIZE) * PAGE_SIZE, size)
+        extents.append((start, end))
+        pos = end
+    return extents
+
+
+def nonzero_runs(mm: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the runs of pages in [start, end) that are not all zero."""
+    run = None
+    for page in range(start, end, PAGE_SIZE):
+        # mmap.find compares in place (no copy); it matches at `page` only for a zero page.
+        if mm.find(ZERO_PAGE, page, page + PAGE_SIZE) == page:
+            if run is not None:
+                yield run, page - run
+                run = None
+        elif run is None:
+            run = page
+    if run is not None:
+        yield run, end - run
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+class _RamWriter:
+    """Writes records and data, hashing and counting them; progress is memfd data scanned."""
+
+    def __init__(self, out: BinaryIO, total: int, progress: Progress | None) -> None:
+        self.out, self.total, self.progress = out, total, progress
+        self.hash = hashlib.sha256()
+        self.size = self.scanned = self.extents = self.data = 0
+
+    def put(self, data: bytes | memoryview) -> None:
+        self.hash.update(data)
+        self.out.write(data)
+        self.size += len(data)
+
+    def report(self, scanned: int) -> None:
+        if self.progress:
+            self.progress(scanned, self.total)
+
+    def data_extent(self, mm: mmap.mmap, view: memoryview, start: int, end: int) -> None:
+        """One memfd data extent: its non-zero runs become records."""
+        for offset, length in nonzero_runs(mm, start, end):
+            self.put(RECORD.pack(offset, length))
+            for piece in range(offset, offset + length, PIECE):
+                piece_end = min(piece + PIECE, offset + length)
+                self.put(view[piece:piece_end])
+                self.report(self.scanned + piece_end - start)
+            self.extents, self.data = self.extents + 1, self.data + length
+        self.scanned += end - start
+        self.report(self.scanned)
+
+
+def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> RamStats:
+    """Encode `mem` into `out` (a buffered file); the VM must be paused and devices quiesced."""
+    if mem.size % PAGE_SIZE:
+        raise SnapshotError(f"guest memory size {mem.size} is not a multiple of {PAGE_SIZE}")
+    extents = data_extents(mem.fd, mem.size)
+    w = _RamWriter(out, sum(end - start for start, end in extents), progress)
+    w.put(HEADER.pack(MAGIC, VERSION, PAGE_SIZE, mem.size, 0))
+    with memoryview(mem.map) as view:
+        for start, end in extents:
+            w.data_extent(mem.map, view, start, end)
+    w.put(RECORD.pack(END_OFFSET, w.data))
+    return RamStats(w.extents, w.data, w.size, w.hash.hexdigest())
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+class _Stream:
+    """A RAM chunk being read at explicit offsets: hashes what it reads, names the chunk."""
+
+    def __init__(self, fd: int, file_size: int, where: str) -> None:
+        self.fd, self.file_size, self.where = fd, file_size, where
+        self.hash = hashlib.sha256()
+        self.pos = 0
+
+    def fail(self, message: str) -> SnapshotError:
+        return SnapshotError(f"{self.where}: {message}")
+
+    def read_exact(self, n: int) -> bytes:
+        data = os.pread(self.fd, n, self.pos)
+        if len(data) != n:
+            raise self.fail(f"truncated at byte {self.pos + len(data)}")
+        self.hash.update(data)
+        self.pos += n
+        return data
+
+    def copy_into(self, mem: RamLike, view: memoryview, offset: int, length: int) -> None:
+        """File data -> guest memory at `offset`, then hash it where it landed."""
+        done = 0
+        while done < length:
+            n = _copy(self.fd, self.pos + done, mem, offset + done, length - done, view)
+            if not n:
+                raise self.fail(f"truncated at byte {self.pos + done}")
+            done += n
+        self.hash.update(view[offset : offset + length])
+        self.pos += length
+
+    def load_extent(
+        self, mem: RamLike, view: memoryview, offset: int, length: int, progress: Progress | None
+    ) -> None:
+        for piece in range(offset, offset + length, PIECE):
+            self.copy_into(mem, view, piece, min(PIECE, offset + length - piece))
+            if progress:
+                progress(self.pos, self.file_size)
+
+    def skip(self, n: int) -> None:
+        """Step over data without reading it (the structure check; verify hashes separately)."""
+        self.pos += n
+
+
+def _copy(fd: int, pos: int, mem: RamLike, offset: int, n: int, view: memoryview) -> int:
+    # sendfile copies page cache -> memfd inside the kernel: about twice as fast here as
+    # reading into the mapping, which takes a page fault per fresh 4 KiB page. It writes at
+    # the memfd's file offset, which nobody else uses (everyone maps it).
+    try:
+        os.lseek(mem.fd, offset, os.SEEK_SET)
+        return os.sendfile(mem.fd, fd, pos, n)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS):  # hugetlbfs has no write(): map it
+            raise
+    return os.preadv(fd, [view[offset : offset + n]], pos)
+
+
+def _check_header(s: _Stream, memory_size: int) -> None:
+    magic, version, page_size, size, reserved = HEADER.unpack(s.read_exact(HEADER.size))
+    if magic != MAGIC:
+        raise s.fail("not a sparse-v1 RAM chunk (bad magic)")
+    if version != VERSION:
+        raise s.fail(f"RAM encoding version {version} is unknown (this splitvmm reads {VERSION})")
+    if page_size != PAGE_SIZE or reserved != 0:
+        raise s.fail(f"page size {page_size} / reserved {reserved} must be {PAGE_SIZE} / 0")
+    if size != memory_size:
+        raise s.fail(f"holds {size} bytes of RAM, the manifest says {memory_size}")
+
+
+def _records(s: _Stream, memory_size: int) -> Iterator[tuple[int, int]]:
+    """Validated (offset, length) extents; the caller reads or skips each one's data."""
+    _check_header(s, memory_size)
+    prev_end = data = 0
+    while True:
+        offset, length = RECORD.unpack(s.read_exact(RECORD.size))
+        if offset == END_OFFSET:
+            break
+        if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset < prev_end:
+            raise s.fail(f"extent {offset:#x}+{length:#x} is unaligned, empty or out of order")
+        if offset + length > memory_size:
+            raise s.fail(
+                f"extent {offset:#x}+{length:#x} lies beyond the {memory_size:#x} bytes of RAM"
+            )
+        if s.pos + length + RECORD.size > s.file_size:
+            raise s.fail(f"truncated: extent {offset:#x}+{length:#x} runs past the end of file")
+        yield offset, length
+        prev_end, data = offset + length, data + length
+    if length != data:
+        raise s.fail(f"end record says {length} data bytes, the extents hold {data}")
+    if s.pos != s.file_size:
+        raise s.fail(f"{s.file_size - s.pos} bytes after the end record")
+
+
+def check_ram(fd: int, file_size: int, memory_size: int, where: str) -> tuple[int, int]:
+    """Walk the structure without reading the data: (extent count, data bytes)."""
+    s = _Stream(fd, file_size, where)
+    count = data = 0
+    for _, length in _records(s, memory_size):
+        s.skip(length)
+        count, data = count + 1, data + length
+    return count, data
+
+
+def clear(mem: RamLike) -> None:
+    """Make every page of `mem` a hole again, so pages absent from the snapshot read as zero."""
+    for start, end in data_extents(mem.fd, mem.size):
+        try:
+            # Punches a hole in the memfd (frees the pages), as fallocate(PUNCH_HOLE) would.
+            mem.map.madvise(mmap.MADV_REMOVE, start, end - start)
+        except OSError:  # a mapping that cannot punch holes: zero the bytes instead
+            for pos in range(start, end, PAGE_SIZE):
+                mem.map[pos : pos + PAGE_SIZE] = ZERO_PAGE
+
+
+def load_ram(
+    fd: int, file_size: int, mem: RamLike, where: str, progress: Progress | None = None
+) -> str:
+    """Read the chunk into `mem`, each extent bounds-checked before it is copied; returns the
+    sha256 of what was read, for the caller to compare. On error `mem` holds a partial image."""
+    s = _Stream(fd, file_size, where)
+    clear(mem)
+    with memoryview(mem.map) as view:
+        for offset, length in _records(s, mem.size):
+            s.load_extent(mem, view, offset, length, progress)
+    return s.hash.hexdigest()

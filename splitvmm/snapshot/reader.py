@@ -1,0 +1,206 @@
+"""Snapshot: open a snapshot directory, verify its chunks, read states and load guest RAM.
+
+A snapshot is untrusted input. open() validates the manifest strictly (format.py); chunk files
+are opened relative to the snapshot directory with O_NOFOLLOW (no symlinks) and O_NONBLOCK (a
+FIFO planted as a chunk cannot hang us), must be regular files of the manifest's size, and are
+hashed as they are read, so what is used is what was checked. Every error is a SnapshotError
+naming the chunk: "chunk vcpu0 (vcpu0.json): checksum mismatch". Messages leave out the
+snapshot's path; callers say which snapshot ("snapshot DIR: ...").
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from splitvmm.snapshot import ram, state
+from splitvmm.snapshot.format import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    ChunkEntry,
+    Manifest,
+    SnapshotError,
+    parse_manifest,
+)
+
+READ_PIECE = 1 << 20
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def format_size(n: int) -> str:
+    """'128 MiB' for round sizes, else a decimal figure: sizes in messages users compare."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if n % (1 << shift) == 0 else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _open_in(directory: Path, name: str, label: str) -> tuple[io.BufferedReader, int]:
+    """(buffered file, size) of a regular file directly inside `directory`."""
+    try:
+        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SnapshotError(f"cannot open the directory: {e.strerror}") from None
+    try:
+        fd = os.open(name, OPEN_FLAGS, dir_fd=dirfd)
+    except FileNotFoundError:
+        raise SnapshotError(f"{label}: file missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SnapshotError(f"{label}: is a symlink; chunks must be regular files") from None
+        raise SnapshotError(f"{label}: cannot open: {e.strerror}") from None
+    finally:
+        os.close(dirfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{label}: not a regular file")
+    return io.BufferedReader(io.FileIO(fd, "rb"), READ_PIECE), st.st_size
+
+
+class Snapshot:
+    """An opened snapshot directory whose manifest has been validated."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Snapshot:
+        path = Path(path)
+        if not path.is_dir():
+            raise SnapshotError("not a directory")
+        f, size = _open_in(path, MANIFEST, MANIFEST)
+        with f:
+            if size > MAX_MANIFEST_BYTES:
+                raise SnapshotError(f"{MANIFEST}: {size} bytes, over the {MAX_MANIFEST_BYTES} cap")
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # the file may have grown since fstat
+        return cls(path, parse_manifest(data))
+
+    # --- what the manifest says ----------------------------------------------------------------
+
+    @property
+    def chunks(self) -> tuple[ChunkEntry, ...]:
+        return self.manifest.chunks
+
+    @property
+    def vcpu_count(self) -> int:
+        return sum(c.kind == "vcpu" for c in self.chunks)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+    def chunk(self, name: str) -> ChunkEntry:
+        for c in self.chunks:
+            if c.name == name:
+                return c
+        raise SnapshotError(f"chunk {name}: not in this snapshot")
+
+    @property
+    def ram_chunk(self) -> ChunkEntry:
+        return next(c for c in self.chunks if c.kind == "ram")  # format.py ensures exactly one
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest for `inspect --json`: everything but the CPUID table, plus totals."""
+        doc = self.manifest.to_json()
+        del doc["cpuid"]
+        doc["format_version"] = self.manifest.read_version
+        return {"path": str(self.path), **doc, "vcpus": self.vcpu_count, "bytes": self.total_bytes}
+
+    # --- reading chunks ------------------------------------------------------------------------
+
+    @contextmanager
+    def _open_chunk(self, entry: ChunkEntry) -> Iterator[io.BufferedReader]:
+        f, size = _open_in(self.path, entry.file, entry.label)
+        with f:
+            _check_size(entry, size)
+            yield f
+
+    def _read_json_entry(self, entry: ChunkEntry) -> Any:
+        with self._open_chunk(entry) as f:
+            data = f.read(entry.size + 1)
+        _check_size(entry, len(data))
+        _check_digest(entry, hashlib.sha256(data).hexdigest())
+        return state.decode(entry, data)
+
+    def read_json(self, name: str) -> Any:
+        """A vCPU, VM or device state, as given to SnapshotWriter.add_json_chunk (checked)."""
+        entry = self.chunk(name)
+        if entry.kind == "ram":
+            raise SnapshotError(f"{entry.label}: guest RAM, not JSON: use load_ram()")
+        return self._read_json_entry(entry)
+
+    def verify(self, progress: ram.Progress | None = None) -> None:
+        """Check every chunk's size, sha256 and structure; progress(done, total) in bytes."""
+        total, done = self.total_bytes, 0
+        for entry in self.chunks:
+            if entry.kind == "ram":
+                self._verify_ram(entry, progress, done, total)
+            else:
+                self._read_json_entry(entry)
+            done += entry.size
+            if progress:
+                progress(done, total)
+
+    def _verify_ram(
+        self, entry: ChunkEntry, progress: ram.Progress | None, done: int, total: int
+    ) -> None:
+        with self._open_chunk(entry) as f:
+            digest, size = _hash_file(f, progress, done, total)
+            _check_size(entry, size)
+            _check_digest(entry, digest)
+            f.seek(0)
+            ram.check_ram(f.fileno(), entry.size, self.manifest.memory.size, entry.label)
+
+    def load_ram(self, mem: ram.RamLike, progress: ram.Progress | None = None) -> None:
+        """Load guest RAM into `mem` (a fresh or stopped VM's). On error, do not run the VM:
+        its memory holds a partial image."""
+        layout = self.manifest.memory
+        if mem.size != layout.size:
+            raise SnapshotError(
+                f"snapshot has {format_size(layout.size)} of RAM, "
+                f"the VM has {format_size(mem.size)}"
+            )
+        regions = [(r.gpa, r.size, r.offset) for r in mem.regions]
+        if regions != [(r.gpa, r.size, r.offset) for r in layout.regions]:
+            raise SnapshotError(f"snapshot's RAM regions differ from the VM's: {regions}")
+        entry = self.ram_chunk
+        with self._open_chunk(entry) as f:
+            digest = ram.load_ram(f.fileno(), entry.size, mem, entry.label, progress)
+        _check_digest(entry, digest)
+
+
+def _check_size(entry: ChunkEntry, size: int) -> None:
+    if size < entry.size:
+        raise SnapshotError(f"{entry.label}: truncated: {size} bytes, manifest says {entry.size}")
+    if size > entry.size:
+        raise SnapshotError(f"{entry.label}: {size} bytes, manifest says {entry.size}")
+
+
+def _check_digest(entry: ChunkEntry, digest: str) -> None:
+    if digest != entry.sha256:
+        raise SnapshotError(f"{entry.label}: checksum mismatch")
+
+
+def _hash_file(
+    f: io.BufferedReader, progress: ram.Progress | None, done: int, total: int
+) -> tuple[str, int]:
+    h = hashlib.sha256()
+    buf = bytearray(READ_PIECE)
+    size = 0
+    with memoryview(buf) as view:
+        while n := f.readinto(view):
+            h.update(view[:n])
+            size += n
+            if progress:
+                progress(done + size, total)
+    return h.hexdigest(), size

@@ -1,0 +1,49 @@
+"""JSON state chunks: vCPU, VM and device state, never pickle (a snapshot is untrusted input).
+
+A device chunk is the document the device model returns, `{"model", "version", "state"}`, so
+the file says what it is on its own; the reader checks both against the manifest. vCPU and VM
+chunks are the capture code's own JSON objects, stored as given. Either way, what the caller
+hands to SnapshotWriter.add_json_chunk is what Snapshot.read_json gives back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from splitvmm.snapshot.format import (
+    MAX_JSON_CHUNK_BYTES,
+    ChunkEntry,
+    SnapshotError,
+    dump_json,
+    load_json,
+)
+
+DEVICE_KEYS = frozenset({"model", "version", "state"})
+
+
+def encode(kind: str, state_version: int, payload: Any, model: str | None, where: str) -> bytes:
+    if kind == "device":
+        payload = {"model": model, "version": state_version, "state": payload}
+    elif not isinstance(payload, dict):
+        raise SnapshotError(f"{where}: a {kind} state must be a JSON object (a dict)")
+    data = dump_json(payload, where)
+    if len(data) > MAX_JSON_CHUNK_BYTES:
+        raise SnapshotError(f"{where}: {len(data)} bytes, over the {MAX_JSON_CHUNK_BYTES} cap")
+    return data
+
+
+def decode(entry: ChunkEntry, data: bytes) -> Any:
+    doc = load_json(data, entry.label)
+    if not isinstance(doc, dict):
+        raise SnapshotError(f"{entry.label}: expected a JSON object")
+    if entry.kind != "device":
+        return doc
+    if set(doc) != DEVICE_KEYS:
+        raise SnapshotError(f"{entry.label}: expected exactly the keys model, version, state")
+    version = doc["version"]
+    if doc["model"] != entry.model or type(version) is not int or version != entry.state_version:
+        raise SnapshotError(
+            f"{entry.label}: file says model {doc['model']!r} v{version!r}, "
+            f"manifest says {entry.model!r} v{entry.state_version}"
+        )
+    return doc["state"]

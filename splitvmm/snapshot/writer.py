@@ -1,0 +1,218 @@
+"""SnapshotWriter: writes a snapshot directory so that a half-written one never looks valid.
+
+Everything goes into a private temporary directory next to the target (`.<name>.tmp-<pid>`,
+same file system, so the final rename is atomic). Every file is fsynced, the manifest is
+written last and fsynced, then the directory, then it is renamed into place and the parent is
+fsynced. A crash before the rename leaves only the hidden temporary directory; any error inside
+the writer removes it. The files hold guest memory, so the directory is 0700 and files 0600.
+
+    with SnapshotWriter(path, vm_config, cpuid, mem) as w:
+        w.add_ram(mem, progress=cb)
+        w.add_json_chunk("vcpu", "vcpu0", 1, regs)
+        w.add_json_chunk("device", "serial0", 1, state, model="serial")
+        w.commit()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from splitvmm import __version__
+from splitvmm.config import NAME_RE
+from splitvmm.snapshot import ram, state
+from splitvmm.snapshot.format import (
+    MANIFEST,
+    ChunkEntry,
+    Manifest,
+    MemoryEntry,
+    RegionEntry,
+    SnapshotError,
+    dump_json,
+    parse_manifest,
+)
+
+T = TypeVar("T")
+RAM_NAME, RAM_FILE = "ram", "ram.bin"
+JSON_KINDS = ("vcpu", "vm", "device")
+WRITE_BUFFER = 1 << 20
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _refuse_existing(target: Path) -> None:
+    if os.path.lexists(target):
+        raise SnapshotError(f"snapshot target {target} already exists")
+
+
+def _layout(memory: ram.MemoryLayoutLike) -> MemoryEntry:
+    regions = tuple(RegionEntry(r.gpa, r.size, r.offset) for r in memory.regions)
+    return MemoryEntry(memory.size, regions)
+
+
+class SnapshotWriter:
+    """Collects chunks into a temporary directory; commit() publishes them as one snapshot."""
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str],
+        vm_config: Mapping[str, Any],
+        cpuid: object,
+        memory: ram.MemoryLayoutLike,
+        *,
+        created: datetime | None = None,
+    ) -> None:
+        self.target = Path(target)
+        if not isinstance(vm_config, Mapping):
+            raise SnapshotError("vm_config must be a dict (the VM's config as written)")
+        dump_json(vm_config, "vm_config")  # fail before creating anything
+        dump_json(cpuid, "cpuid")
+        self._vm_config, self._cpuid = dict(vm_config), cpuid
+        self._memory = _layout(memory)
+        stamp = (created or datetime.now(UTC)).astimezone(UTC)
+        self._created = stamp.isoformat(timespec="seconds")
+        self._chunks: list[ChunkEntry] = []
+        self._state = "open"  # -> "committed" | "aborted"
+        _refuse_existing(self.target)
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
+        try:
+            os.mkdir(self.tmp, 0o700)
+        except FileExistsError:
+            raise SnapshotError(
+                f"temporary directory {self.tmp} already exists (left by a crashed writer?)"
+            ) from None
+        except OSError as e:
+            raise SnapshotError(f"cannot create {self.tmp}: {e.strerror}") from None
+        self._dirfd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # a no-op after commit(); otherwise nothing was published
+
+    @contextlib.contextmanager
+    def _guarded(self, what: str) -> Iterator[None]:
+        """Any failure inside the writer removes the temporary directory, then propagates."""
+        if self._state != "open":
+            raise SnapshotError(f"snapshot {self.target}: the writer is already {self._state}")
+        try:
+            yield
+        except OSError as e:
+            self.abort()
+            raise SnapshotError(f"snapshot {self.target}: {what}: {e.strerror or e}") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write_file(self, name: str, fill: Callable[[BinaryIO], T]) -> T:
+        fd = os.open(name, NEW_FILE, 0o600, dir_fd=self._dirfd)
+        with open(fd, "wb", buffering=WRITE_BUFFER) as f:
+            result = fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        return result
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not NAME_RE.match(name) or name == "manifest":
+            raise SnapshotError(f"chunk name {name!r} must be 1-63 letters, digits, '_', '.', '-'")
+        if any(c.name == name for c in self._chunks):
+            raise SnapshotError(f"chunk {name}: the name is used twice")
+
+    def add_json_chunk(
+        self, kind: str, name: str, state_version: int, payload: Any, model: str | None = None
+    ) -> ChunkEntry:
+        """Add a vCPU, VM or device state; `model` is the device model (kind "device" only)."""
+        with self._guarded(f"chunk {name}"):
+            self._check_name(name)
+            if kind not in JSON_KINDS:
+                raise SnapshotError(f"chunk {name}: kind {kind!r} is not one of {JSON_KINDS}")
+            if type(state_version) is not int or state_version < 1:
+                raise SnapshotError(f"chunk {name}: state_version must be an int >= 1")
+            if (kind == "device") != (isinstance(model, str) and bool(NAME_RE.match(model))):
+                raise SnapshotError(
+                    f"chunk {name}: kind device needs a model name; others take none"
+                )
+            data = state.encode(kind, state_version, payload, model, f"chunk {name}")
+            file = f"{name}.json"
+            self._write_file(file, lambda f: f.write(data))
+            entry = ChunkEntry(
+                kind, name, state_version, file, len(data), hashlib.sha256(data).hexdigest(), model
+            )
+            self._chunks.append(entry)
+            return entry
+
+    def add_ram(self, mem: ram.RamLike, progress: ram.Progress | None = None) -> ChunkEntry:
+        """Write guest RAM (the VM paused, devices quiesced); progress(done, total) in bytes."""
+        with self._guarded("chunk ram"):
+            self._check_name(RAM_NAME)
+            if _layout(mem) != self._memory:
+                raise SnapshotError("chunk ram: the memory differs from the one given at start")
+            stats = self._write_file(RAM_FILE, lambda f: ram.write_ram(f, mem, progress))
+            entry = ChunkEntry(
+                kind="ram",
+                name=RAM_NAME,
+                state_version=ram.VERSION,
+                file=RAM_FILE,
+                size=stats.file_bytes,
+                sha256=stats.sha256,
+                encoding=ram.ENCODING,
+            )
+            self._chunks.append(entry)
+            return entry
+
+    def commit(self) -> Path:
+        """Write the manifest, then publish the directory at the target path."""
+        with self._guarded("commit"):
+            if not any(c.kind == "ram" for c in self._chunks):
+                raise SnapshotError("snapshot has no RAM chunk: call add_ram() before commit()")
+            manifest = Manifest(
+                producer=f"splitvmm {__version__}",
+                created=self._created,
+                vm_config=self._vm_config,
+                cpuid=self._cpuid,
+                memory=self._memory,
+                chunks=tuple(self._chunks),
+            )
+            data = manifest.encode()
+            parse_manifest(data)  # a writer bug must not publish a snapshot we cannot read
+            self._write_file(MANIFEST, lambda f: f.write(data))
+            os.fsync(self._dirfd)
+            self._close_dir()
+            # os.rename would replace an empty directory at the target; check right before.
+            # (Two writers racing for one path is the only way past this; renameat2's
+            # RENAME_NOREPLACE would close it, but os has no binding for it.)
+            _refuse_existing(self.target)
+            os.rename(self.tmp, self.target)
+            self._state = "committed"
+            _fsync_dir(self.target.parent)
+        return self.target
+
+    def _close_dir(self) -> None:
+        # -1 once closed: closing a number twice could close an fd someone else opened since.
+        fd, self._dirfd = self._dirfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def abort(self) -> None:
+        """Drop everything written so far; nothing is published. Safe to call twice."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._close_dir()
+        # ignore_errors: this runs while another error propagates, which is the one to report;
+        # a leftover is a hidden temp directory without the target name, never a snapshot.
+        shutil.rmtree(self.tmp, ignore_errors=True)

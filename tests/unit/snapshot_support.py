@@ -1,0 +1,71 @@
+"""Shared helpers for the snapshot tests: a real memfd guest memory and a small snapshot."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from splitvmm.monitor.memory import GuestMemory
+from splitvmm.snapshot import SnapshotWriter
+
+MIB = 1 << 20
+PAGE = 4096
+MEM_SIZE = 4 * MIB
+# Scattered pages with non-zero bytes: first page, a run of two, the last page.
+PAGES = {0x0: b"\x11", 0x5000: b"\x22", 0x6000: b"\x33", MEM_SIZE - PAGE: b"\x44"}
+VM_CONFIG = {"vm": {"name": "t", "memory": "4M", "vcpus": 1}, "device": []}
+CPUID = [{"function": 0, "index": 0, "eax": 13, "ebx": 0, "ecx": 0, "edx": 0}]
+VCPU = {"regs": {"rip": 0xFFF0, "rflags": 2}, "xsave": "00ff" * 8}
+VM = {"clock": 123456789, "pit": {"mode": 2}}
+SERIAL = {"ier": 0, "lcr": 3, "rx_fifo": "6869"}
+# chunk name -> file, for parametrizing over every chunk of the snapshot write_snapshot makes
+CHUNK_FILES = {
+    "ram": "ram.bin",
+    "vcpu0": "vcpu0.json",
+    "vm": "vm.json",
+    "serial0": "serial0.json",
+}
+
+
+def memory(size: int = MEM_SIZE, pages: dict[int, bytes] | None = None) -> GuestMemory:
+    """A real sealed memfd; each given page is filled with its byte."""
+    mem = GuestMemory(size)
+    for offset, byte in (PAGES if pages is None else pages).items():
+        mem.map[offset : offset + PAGE] = byte * PAGE
+    return mem
+
+
+def write_snapshot(target: Path, mem: GuestMemory) -> Path:
+    with SnapshotWriter(target, VM_CONFIG, CPUID, mem) as w:
+        w.add_ram(mem)
+        w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+        w.add_json_chunk("vm", "vm", 1, VM)
+        w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
+        return w.commit()
+
+
+def edit_manifest(snap: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    path = snap / "manifest.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+def rehash(snap: Path, name: str) -> None:
+    """Make the manifest agree with chunk `name`'s file again (after a crafted rewrite)."""
+    data = (snap / CHUNK_FILES[name]).read_bytes()
+
+    def fix(doc: dict[str, Any]) -> None:
+        entry = next(c for c in doc["chunks"] if c["name"] == name)
+        entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+
+    edit_manifest(snap, fix)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,0 +1,90 @@
+"""`splitvmm snapshot inspect|verify`: tables, JSON, OK lines, and exit 1 with the chunk named."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from splitvmm.cli import cli
+from tests.unit.snapshot_support import flip_byte, memory, write_snapshot
+
+
+@pytest.fixture
+def snap(tmp_path):
+    mem = memory()
+    path = write_snapshot(tmp_path / "s", mem)
+    mem.close()
+    return path
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["snapshot", *args])
+
+
+def test_cli_inspect_shows_header_and_chunks(snap):
+    result = run("inspect", str(snap))
+
+    assert result.exit_code == 0
+    assert "v1 (splitvmm 0.1.0" in result.stdout
+    assert "4 MiB in 1 region(s)" in result.stdout
+    assert "vCPUs     1" in result.stdout
+    assert "serial0" in result.stdout and "│ serial │" in result.stdout
+
+
+def test_cli_inspect_json_is_the_manifest_summary(snap):
+    result = run("inspect", str(snap), "--json")
+
+    doc = json.loads(result.stdout)
+    assert (doc["format_version"], doc["vcpus"], doc["memory"]["size"], "cpuid" in doc) == (
+        1,
+        1,
+        4 << 20,
+        False,
+    )
+    assert [c["name"] for c in doc["chunks"]] == ["ram", "vcpu0", "vm", "serial0"]
+
+
+def test_cli_verify_intact_prints_ok(snap):
+    result = run("verify", str(snap))
+
+    assert (result.exit_code, result.stdout) == (0, f"snapshot {snap}: OK (4 chunks, 0.02 MiB)\n")
+
+
+def test_cli_verify_corrupt_chunk_exits_1_naming_it(snap):
+    flip_byte(snap / "vcpu0.json", 3)
+
+    result = run("verify", str(snap))
+
+    assert result.exit_code == 1
+    assert f"snapshot {snap}: chunk vcpu0 (vcpu0.json): checksum mismatch" in result.stderr
+
+
+def test_cli_verify_missing_chunk_exits_1(snap):
+    os.unlink(snap / "ram.bin")
+
+    result = run("verify", str(snap))
+
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert "chunk ram (ram.bin): file missing" in result.stderr
+
+
+def test_cli_inspect_bad_manifest_exits_1_without_traceback(snap):
+    (snap / "manifest.json").write_text("{")
+
+    result = run("inspect", str(snap))
+
+    assert result.exit_code == 1
+    assert "manifest.json: not valid JSON" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_cli_inspect_missing_directory_exits_1(tmp_path):
+    result = run("inspect", str(tmp_path / "none"))
+
+    assert (result.exit_code, result.stderr.strip()) == (
+        1,
+        f"splitvmm: error: snapshot {tmp_path / 'none'}: not a directory",
+    )

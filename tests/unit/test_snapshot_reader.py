@@ -1,0 +1,271 @@
+"""Snapshot reader: every corrupt, truncated, missing or foreign part gives a SnapshotError
+that names the chunk (or manifest.json), never a traceback and never a half-loaded VM."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splitvmm.monitor.memory import GuestMemory
+from splitvmm.snapshot import Snapshot, SnapshotError
+from tests.unit.snapshot_support import (
+    CHUNK_FILES,
+    MEM_SIZE,
+    MIB,
+    PAGE,
+    edit_manifest,
+    flip_byte,
+    memory,
+    rehash,
+    write_snapshot,
+)
+
+NAMES = list(CHUNK_FILES)
+
+
+@pytest.fixture
+def snap(tmp_path) -> Path:
+    mem = memory()
+    path = write_snapshot(tmp_path / "s", mem)
+    mem.close()
+    return path
+
+
+@pytest.fixture
+def fresh() -> Iterator[GuestMemory]:
+    m = memory(pages={})
+    yield m
+    m.close()
+
+
+def _label(name: str) -> str:
+    return rf"chunk {name} \({CHUNK_FILES[name]}\)"
+
+
+def test_reader_intact_snapshot_verifies(snap):
+    Snapshot.open(snap).verify()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_flipped_byte_fails_checksum(snap, name):
+    flip_byte(snap / CHUNK_FILES[name], 5)
+
+    with pytest.raises(SnapshotError, match=f"{_label(name)}: checksum mismatch"):
+        Snapshot.open(snap).verify()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_truncated_chunk_fails(snap, name):
+    path = snap / CHUNK_FILES[name]
+    size = path.stat().st_size
+    os.truncate(path, size - 3)
+
+    with pytest.raises(SnapshotError, match=f"{_label(name)}: truncated: {size - 3} bytes, "):
+        Snapshot.open(snap).verify()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_extra_bytes_fail(snap, name):
+    with open(snap / CHUNK_FILES[name], "ab") as f:
+        f.write(b"\n")
+
+    with pytest.raises(SnapshotError, match=f"{_label(name)}: .* bytes, manifest says"):
+        Snapshot.open(snap).verify()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reader_missing_chunk_file_fails(snap, name):
+    os.unlink(snap / CHUNK_FILES[name])
+
+    with pytest.raises(SnapshotError, match=f"{_label(name)}: file missing"):
+        Snapshot.open(snap).verify()
+
+
+def test_reader_symlinked_chunk_fails(snap, tmp_path):
+    (tmp_path / "elsewhere.json").write_bytes((snap / "vcpu0.json").read_bytes())
+    os.unlink(snap / "vcpu0.json")
+    os.symlink(tmp_path / "elsewhere.json", snap / "vcpu0.json")
+
+    with pytest.raises(SnapshotError, match=f"{_label('vcpu0')}: is a symlink"):
+        Snapshot.open(snap).read_json("vcpu0")
+
+
+def test_reader_fifo_chunk_fails_without_blocking(snap):
+    os.unlink(snap / "vm.json")
+    os.mkfifo(snap / "vm.json")
+
+    with pytest.raises(SnapshotError, match=f"{_label('vm')}: not a regular file"):
+        Snapshot.open(snap).read_json("vm")
+
+
+def test_reader_flipped_ram_byte_caught_by_load_alone(snap, fresh):
+    flip_byte(snap / "ram.bin", 32 + 16 + 100)  # inside the first page's data
+
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: checksum mismatch"):
+        Snapshot.open(snap).load_ram(fresh)
+
+
+def test_reader_newer_format_version_refused(snap):
+    edit_manifest(snap, lambda doc: doc.update(format_version=2))
+
+    with pytest.raises(
+        SnapshotError, match=r"snapshot format v2 is newer than this splitvmm \(v1\): upgrade"
+    ):
+        Snapshot.open(snap)
+
+
+def _set_chunk(chunk: str, **fields: object):
+    return lambda doc: next(c for c in doc["chunks"] if c["name"] == chunk).update(fields)
+
+
+def _pop_chunk_key(chunk: str, key: str):
+    return lambda doc: next(c for c in doc["chunks"] if c["name"] == chunk).pop(key)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(extra=1), "manifest.json: unknown key 'extra'"),
+        (lambda d: d.pop("cpuid"), "manifest.json: missing key 'cpuid'"),
+        (lambda d: d.update(format="qemu"), "manifest.json: format is 'qemu'"),
+        (lambda d: d.update(format_version="1"), "manifest.json: format_version '1'"),
+        (lambda d: d.update(format_version=0), "manifest.json: format_version 0"),
+        (lambda d: d.update(created="yesterday"), "manifest.json: created 'yesterday'"),
+        (lambda d: d.update(created="2024-01-01T00:00:00"), "has no UTC offset"),
+        (lambda d: d.update(vm_config=[]), "manifest.json: vm_config must be dict"),
+        (lambda d: d["memory"].update(size=3), "manifest.json: memory: size 3 is outside"),
+        (lambda d: d["memory"]["regions"][0].update(gpa=1), "must be 4 KiB aligned"),
+        (lambda d: d["memory"].update(regions=[]), "needs 1..16 regions"),
+        (lambda d: d["memory"]["regions"][0].update(size=PAGE), "regions cover 4096 bytes"),
+        (_set_chunk("vcpu0", extra=1), "manifest.json: chunk vcpu0: unknown key 'extra'"),
+        (_set_chunk("vcpu0", model="serial"), "manifest.json: chunk vcpu0: unknown key 'model'"),
+        (_pop_chunk_key("serial0", "model"), "chunk serial0: missing key 'model'"),
+        (_pop_chunk_key("ram", "encoding"), "chunk ram: missing key 'encoding'"),
+        (_set_chunk("ram", encoding="zstd-v9"), "chunk ram: RAM encoding 'zstd-v9' is unknown"),
+        (_set_chunk("vcpu0", file="../vcpu0.json"), "chunk vcpu0: file '../vcpu0.json' is not"),
+        (_set_chunk("vcpu0", file="sub/vcpu0.json"), "chunk vcpu0: file 'sub/vcpu0.json'"),
+        (_set_chunk("vcpu0", file=".."), "chunk vcpu0: file '..' is not a plain"),
+        (_set_chunk("vcpu0", file="/etc/passwd"), "chunk vcpu0: file '/etc/passwd'"),
+        (_set_chunk("vcpu0", file="manifest.json"), "chunk vcpu0: file 'manifest.json'"),
+        (_set_chunk("vcpu0", file="vm.json"), "chunk vm: name or file used twice"),
+        (_set_chunk("vcpu0", name="vm"), "chunk vm: name or file used twice"),
+        (_set_chunk("vcpu0", size="10"), "chunk vcpu0: size must be int"),
+        (_set_chunk("vcpu0", size=True), "chunk vcpu0: size must be int"),
+        (_set_chunk("vcpu0", size=1 << 30), "chunk vcpu0: size 1073741824 is outside"),
+        (_set_chunk("vcpu0", state_version=0), "chunk vcpu0: state_version 0 is outside"),
+        (_set_chunk("vcpu0", sha256="ABC"), "chunk vcpu0: sha256 must be 64 lowercase hex"),
+        (_set_chunk("vcpu0", kind="disk"), r"chunks\[1\]: kind 'disk' is not one of"),
+        (_set_chunk("vcpu0", name="a/b"), r"chunks\[1\]: name 'a/b'"),
+        (_set_chunk("vcpu0", kind="ram", encoding="sparse-v1"), "needs exactly one ram chunk"),
+        (lambda d: d.update(chunks=d["chunks"][1:]), "needs exactly one ram chunk"),
+        (lambda d: d.update(chunks=d["chunks"] * 1400), "chunks, over the cap of 4096"),
+        (lambda d: d.update(chunks={}), "manifest.json: chunks must be list"),
+    ],
+)
+def test_reader_bad_manifest_refused(snap, edit, message):
+    edit_manifest(snap, edit)
+
+    with pytest.raises(SnapshotError, match=message):
+        Snapshot.open(snap)
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"{not json", "manifest.json: not valid JSON"),
+        (b"\xff\xfe", "manifest.json: not valid JSON"),
+        (b"[]", "manifest.json: expected a JSON object"),
+        (b'{"format": 1, "format": 2}', "duplicate key 'format'"),
+        (b'{"format_version": NaN}', "NaN is not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "manifest.json: (JSON nested too deeply|not valid)"),
+        (b" " * (1 << 20) + b"{}", "manifest.json: 1048578 bytes, over the 1048576 cap"),
+    ],
+)
+def test_reader_unreadable_manifest_refused(snap, data, message):
+    (snap / "manifest.json").write_bytes(data)
+
+    with pytest.raises(SnapshotError, match=message):
+        Snapshot.open(snap)
+
+
+def test_reader_missing_manifest_refused(snap):
+    os.unlink(snap / "manifest.json")
+
+    with pytest.raises(SnapshotError, match="manifest.json: file missing"):
+        Snapshot.open(snap)
+
+
+def test_reader_not_a_directory_refused(tmp_path):
+    with pytest.raises(SnapshotError, match="not a directory"):
+        Snapshot.open(tmp_path / "nothing")
+
+
+def _write_ram(snap: Path, records: list[tuple[int, int]], end: int) -> None:
+    """A RAM chunk with these (offset, length) extents, filled with 0xAA, then rehashed."""
+    body = struct.pack("<8sIIQQ", b"SVMMRAM\0", 1, PAGE, MEM_SIZE, 0)
+    for offset, length in records:
+        body += struct.pack("<QQ", offset, length) + b"\xaa" * length
+    (snap / "ram.bin").write_bytes(body + struct.pack("<QQ", (1 << 64) - 1, end))
+    rehash(snap, "ram")
+
+
+def test_reader_ram_extent_beyond_memory_refused_by_verify(snap):
+    _write_ram(snap, [(MEM_SIZE, PAGE)], PAGE)
+
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: extent 0x400000\\+0x1000 lies"):
+        Snapshot.open(snap).verify()
+
+
+def test_reader_ram_extent_beyond_memory_refused_by_load(snap, fresh):
+    _write_ram(snap, [(0, PAGE), (MEM_SIZE - PAGE, 2 * PAGE)], 3 * PAGE)
+
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: extent 0x3ff000\\+0x2000 lies"):
+        Snapshot.open(snap).load_ram(fresh)
+
+
+def test_reader_wrong_memory_size_refused(snap):
+    small = memory(2 * MIB, {})
+
+    with pytest.raises(SnapshotError, match="snapshot has 4 MiB of RAM, the VM has 2 MiB"):
+        Snapshot.open(snap).load_ram(small)
+    small.close()
+
+
+def test_reader_device_file_with_another_model_refused(snap):
+    (snap / "serial0.json").write_text(json.dumps({"model": "net", "version": 1, "state": {}}))
+    rehash(snap, "serial0")
+
+    with pytest.raises(SnapshotError, match=f"{_label('serial0')}: file says model 'net' v1"):
+        Snapshot.open(snap).read_json("serial0")
+
+
+def test_reader_json_chunk_not_json_refused(snap):
+    (snap / "vm.json").write_bytes(b"\x00garbage")
+    rehash(snap, "vm")
+
+    with pytest.raises(SnapshotError, match=f"{_label('vm')}: not valid JSON"):
+        Snapshot.open(snap).verify()
+
+
+def test_reader_read_json_of_ram_refused(snap):
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: guest RAM, not JSON"):
+        Snapshot.open(snap).read_json("ram")
+
+
+def test_reader_read_json_of_unknown_chunk_refused(snap):
+    with pytest.raises(SnapshotError, match="chunk vcpu7: not in this snapshot"):
+        Snapshot.open(snap).read_json("vcpu7")
+
+
+def test_reader_verify_progress_reaches_total(snap):
+    calls: list[tuple[int, int]] = []
+    s = Snapshot.open(snap)
+
+    s.verify(lambda done, total: calls.append((done, total)))
+
+    assert calls[-1] == (s.total_bytes, s.total_bytes)

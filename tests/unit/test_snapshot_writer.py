@@ -1,0 +1,244 @@
+"""SnapshotWriter: round trips through a real memfd, publishes atomically, cleans up on failure."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+
+import pytest
+
+from splitvmm.monitor.memory import GuestMemory
+from splitvmm.snapshot import Snapshot, SnapshotError, SnapshotWriter
+from tests.unit.snapshot_support import (
+    CPUID,
+    MIB,
+    PAGE,
+    SERIAL,
+    VCPU,
+    VM,
+    VM_CONFIG,
+    memory,
+    write_snapshot,
+)
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = memory()
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def fresh() -> Iterator[GuestMemory]:
+    m = memory(pages={})
+    yield m
+    m.close()
+
+
+def test_writer_roundtrip_restores_identical_memory(tmp_path, mem, fresh):
+    snap = Snapshot.open(write_snapshot(tmp_path / "s", mem))
+
+    snap.load_ram(fresh)
+
+    assert fresh.map[:] == mem.map[:]
+
+
+def test_writer_ram_chunk_size_is_the_data_not_the_memory(tmp_path):
+    big = memory(64 * MIB, {0x1000: b"\x01", 0x2000000: b"\x02", 0x3FFF000: b"\x03"})
+
+    entry = Snapshot.open(write_snapshot(tmp_path / "s", big)).ram_chunk
+    big.close()
+
+    assert 3 * PAGE < entry.size < 3 * PAGE + 128  # three pages plus header and records
+
+
+def test_writer_zero_pages_among_data_are_skipped(tmp_path):
+    touched = memory(pages={0x1000: b"\x00", 0x2000: b"\x07"})  # both are memfd data
+
+    entry = Snapshot.open(write_snapshot(tmp_path / "s", touched)).ram_chunk
+    touched.close()
+
+    assert entry.size == 32 + 16 + PAGE + 16  # header, one record, one page, end record
+
+
+def test_writer_restore_makes_absent_pages_zero(tmp_path, mem):
+    dirty = memory(pages={0x9000: b"\xee", 0x5000: b"\xee"})
+    snap = Snapshot.open(write_snapshot(tmp_path / "s", mem))
+
+    snap.load_ram(dirty)
+
+    assert (dirty.map[0x9000 : 0x9000 + PAGE], dirty.map[0x5000]) == (bytes(PAGE), 0x22)
+    dirty.close()
+
+
+def test_writer_two_regions_roundtrip(tmp_path):
+    size = 3 * 1024 * MIB + 2 * MIB  # RAM above the PCI hole makes a second region
+    high = memory(size, {0x1000: b"\x01", size - PAGE: b"\x02"})
+    target = memory(size, {})
+    snap = Snapshot.open(write_snapshot(tmp_path / "s", high))
+
+    snap.load_ram(target)
+
+    assert (len(snap.manifest.memory.regions), target.map[size - 1], target.map[0x1000]) == (
+        2,
+        2,
+        1,
+    )
+    high.close()
+    target.close()
+
+
+def test_writer_json_chunks_read_back_as_given(tmp_path, mem):
+    snap = Snapshot.open(write_snapshot(tmp_path / "s", mem))
+
+    got = (snap.read_json("vcpu0"), snap.read_json("vm"), snap.read_json("serial0"))
+
+    assert got == (VCPU, VM, SERIAL)
+
+
+def test_writer_manifest_records_config_cpuid_and_layout(tmp_path, mem):
+    manifest = Snapshot.open(write_snapshot(tmp_path / "s", mem)).manifest
+
+    assert (manifest.vm_config, manifest.cpuid, manifest.memory.size, manifest.producer) == (
+        VM_CONFIG,
+        CPUID,
+        mem.size,
+        "splitvmm 0.1.0",
+    )
+
+
+def test_writer_progress_reaches_the_total(tmp_path, mem):
+    calls: list[tuple[int, int]] = []
+    with SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem) as w:
+        w.add_ram(mem, progress=lambda done, total: calls.append((done, total)))
+        w.commit()
+
+    assert calls[-1] == (4 * PAGE, 4 * PAGE)
+
+
+def test_writer_before_commit_target_absent_and_no_manifest(tmp_path, mem):
+    with SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem) as w:
+        w.add_ram(mem)
+
+        seen = (sorted(os.listdir(w.tmp)), (tmp_path / "s").exists())
+
+    assert seen == (["ram.bin"], False)
+
+
+def test_writer_exception_in_with_block_leaves_nothing(tmp_path, mem):
+    with pytest.raises(RuntimeError), SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem) as w:
+        w.add_ram(mem)
+        w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+        raise RuntimeError("coordinator failed")
+
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_failure_inside_add_ram_removes_temp_dir(tmp_path, mem):
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        w.add_ram(mem, progress=interrupt)
+
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_use_after_failure_refused(tmp_path, mem):
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+    with pytest.raises(SnapshotError):
+        w.add_json_chunk("vcpu", "vcpu0", 1, b"not json")
+
+    with pytest.raises(SnapshotError, match="already aborted"):
+        w.commit()
+
+
+def test_writer_existing_target_refused(tmp_path, mem):
+    (tmp_path / "s").mkdir()
+
+    with pytest.raises(SnapshotError, match=r"snapshot target .*/s already exists"):
+        SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+
+
+def test_writer_target_appearing_before_commit_refused(tmp_path, mem):
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+    w.add_ram(mem)
+    (tmp_path / "s").mkdir()  # an empty directory: os.rename alone would replace it
+
+    with pytest.raises(SnapshotError, match="already exists"):
+        w.commit()
+
+    assert os.listdir(tmp_path) == ["s"] and os.listdir(tmp_path / "s") == []
+
+
+def test_writer_commit_without_ram_refused_and_cleaned_up(tmp_path, mem):
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+    w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+
+    with pytest.raises(SnapshotError, match="no RAM chunk"):
+        w.commit()
+
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "kind,name,version,payload,model,message",
+    [
+        ("vcpu", "vcpu0", 1, {"x": b"raw"}, None, "chunk vcpu0: not JSON-able"),
+        ("vcpu", "vcpu0", 1, {"x": float("nan")}, None, "chunk vcpu0: not JSON-able"),
+        ("vcpu", "vcpu0", 1, [1, 2], None, "chunk vcpu0: a vcpu state must be a JSON object"),
+        ("vcpu", "../x", 1, {}, None, "chunk name '../x'"),
+        ("vcpu", "manifest", 1, {}, None, "chunk name 'manifest'"),
+        ("ram", "ram2", 1, {}, None, "chunk ram2: kind 'ram'"),
+        ("vcpu", "vcpu0", 0, {}, None, "chunk vcpu0: state_version"),
+        ("vcpu", "vcpu0", True, {}, None, "chunk vcpu0: state_version"),
+        ("device", "serial0", 1, {}, None, "chunk serial0: kind device needs a model"),
+        ("vm", "vm", 1, {}, "serial", "chunk vm: kind device needs a model"),
+    ],
+)
+def test_writer_bad_json_chunk_refused(tmp_path, mem, kind, name, version, payload, model, message):
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+
+    with pytest.raises(SnapshotError, match=message.replace("(", r"\(")):
+        w.add_json_chunk(kind, name, version, payload, model=model)
+
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_duplicate_chunk_name_refused(tmp_path, mem):
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+    w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+
+    with pytest.raises(SnapshotError, match="chunk vcpu0: the name is used twice"):
+        w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+
+
+def test_writer_ram_of_another_memory_refused(tmp_path, mem):
+    other = memory(2 * MIB, {})
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+
+    with pytest.raises(SnapshotError, match="chunk ram: the memory differs"):
+        w.add_ram(other)
+    other.close()
+
+
+def test_writer_oversized_manifest_refused_at_commit(tmp_path, mem):
+    w = SnapshotWriter(tmp_path / "s", {"blob": "x" * (1 << 20)}, CPUID, mem)
+    w.add_ram(mem)
+
+    with pytest.raises(SnapshotError, match="manifest.json: .* over the 1048576 byte cap"):
+        w.commit()
+
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_files_are_private(tmp_path, mem):
+    snap = write_snapshot(tmp_path / "s", mem)
+
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in snap.iterdir()}
+
+    assert (modes, stat.S_IMODE(snap.stat().st_mode)) == ({0o600}, 0o700)
