@@ -68,8 +68,19 @@ class Device(abc.ABC):
         """Bytes from the host side of a console device (keyboard, socket)."""
         self.ctx.counters.bad_access += 1
 
+    def quiesce(self) -> None:
+        """Snapshot step 2: stop taking work from guest queues and finish what is in flight,
+        or record it in the state so that restore() re-runs it. Until resume(), the device
+        still answers register accesses. A register-only device has nothing to do."""
+        return None  # deliberately empty: optional for devices without queues
+
+    def resume(self) -> None:
+        """After a snapshot: take work from the guest's queues again."""
+        return None  # deliberately empty: optional for devices without queues
+
     @abc.abstractmethod
-    def save(self) -> DeviceState: ...
+    def save(self) -> DeviceState:
+        """The device's state; called only between quiesce() and resume()."""
 
     @classmethod
     @abc.abstractmethod

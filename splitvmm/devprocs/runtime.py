@@ -6,16 +6,21 @@ monitor sent them, so a posted write is always applied before a later read.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 import zmq
 
+from splitvmm.devprocs import sandbox
 from splitvmm.devprocs.base import REGISTRY, Device, DeviceContext
 from splitvmm.devprocs.spec import DeviceSpec
+from splitvmm.errors import StateError
 from splitvmm.native.eventfd import EventFd
-from splitvmm.protocol import wire
+from splitvmm.protocol import codec, control, wire
 
 log = logging.getLogger("splitvmm.dev")
 
@@ -36,18 +41,54 @@ def _writer(fd: int):
     return out
 
 
-def build_device(spec: DeviceSpec) -> Device:
-    model = REGISTRY[spec.model]
+def build_context(spec: DeviceSpec) -> DeviceContext:
     ctx = DeviceContext(irq=EventFd(spec.fds["irq"]))
     if "out" in spec.fds:
         ctx.out = _writer(spec.fds["out"])
-    return model(ctx)
+    return ctx
+
+
+def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
+    """The model, fresh or restored from the spec's state. A saved state is untrusted (a
+    snapshot file), so this runs inside the sandbox and restore() validates every field."""
+    model = REGISTRY[spec.model]
+    if spec.state is None:
+        return model(ctx)
+    return model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
+
+
+def _refuse(sock: zmq.Socket, message: str) -> None:
+    """Tell the monitor why we cannot start (instead of READY), then exit."""
+    sock.send(control.encode({"op": "error", "seq": 0, "message": message[:200]}))
+    sock.close(linger=2000)  # let the frame leave before the process does
+    os._exit(2)
+
+
+def _serve_control(device: Device, sock: zmq.Socket, buf: bytes) -> None:
+    """quiesce / save / resume, in the device's own order. Every access sent before the
+    request was applied already: the channel is ordered."""
+    msg = control.decode(buf)
+    op, seq = msg["op"], msg["seq"]
+    if op == "quiesce":
+        device.quiesce()
+    elif op == "resume":
+        device.resume()
+    if op == "save":
+        reply = {"op": "state", "seq": seq, **codec.state_document(type(device).NAME, device.save())}
+    elif op in control.REPLY_TO:
+        reply = {"op": control.REPLY_TO[op], "seq": seq}
+    else:
+        reply = {"op": "error", "seq": seq, "message": f"unknown control op {op!r}"}
+    sock.send(control.encode(reply))
 
 
 def serve(device: Device, sock: zmq.Socket) -> None:
     window = type(device).WINDOW
     while True:
         buf = sock.recv(copy=True)
+        if control.is_control(buf):
+            _serve_control(device, sock, buf)
+            continue
         access = wire.decode_access(buf, window)
         if access.op == wire.Op.READ:
             sock.send(wire.encode_read_done(access.seq, device.read(access.offset, access.size)))
@@ -59,6 +100,52 @@ def serve(device: Device, sock: zmq.Socket) -> None:
             device.host_input(access.data)
 
 
+# -- sandbox (issue 3) ------------------------------------------------------------------------
+CONNECT_TIMEOUT_MS = 10000  # the monitor binds before it spawns us: this is a stuck monitor
+
+
+def _connect(endpoint: str) -> zmq.Socket:
+    """Connect the channel; return once connected (seccomp forbids connecting afterwards)."""
+    ctx = zmq.Context(io_threads=1)
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost monitor is fatal, never a new socket()
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # so POLLOUT means "connected", not just "queued"
+    sock.connect(endpoint)
+    if not sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+        raise sandbox.SandboxError(f"channel not connected within {CONNECT_TIMEOUT_MS} ms")
+    return sock
+
+
+# -- test hook (issue 3): trusted direction only -------------------------------------------------
+Hook = Callable[[dict[str, int]], dict[str, object]]
+
+
+def _load_hook(spec: DeviceSpec) -> Hook | None:
+    """Unpickle the spec's hook before the sandbox: unpickling imports what it references.
+
+    The spec comes from the monitor (trusted). Nothing read from the channel is ever
+    unpickled, and the hook's result leaves as JSON, never as a pickle.
+    """
+    if not spec.hook:
+        return None
+    import pickle  # only here: a device without a hook never loads pickle
+
+    return pickle.loads(base64.b64decode(spec.hook))  # noqa: S301 (trusted spec, tests only)
+
+
+def _run_hook(hook: Hook, spec: DeviceSpec) -> None:
+    try:
+        result: dict[str, object] = hook(dict(spec.fds))
+    except Exception as e:  # reported to the test, which asserts on it
+        result = {"hook_error": repr(e)}
+    data = json.dumps(result).encode()
+    fd = spec.fds["hook_result"]
+    while data:
+        data = data[os.write(fd, data) :]
+    os.close(fd)
+
+
 def run(spec: DeviceSpec) -> None:
     # The monitor's death must take us with it (no orphan holding guest RAM).
     from splitvmm.devprocs.prctl import set_parent_death_signal
@@ -67,10 +154,17 @@ def run(spec: DeviceSpec) -> None:
     logging.basicConfig(
         level=logging.WARNING, format=f"splitvmm: dev {spec.name}: %(levelname)s %(message)s"
     )
-    device = build_device(spec)
-    ctx = zmq.Context(io_threads=1)
-    sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(spec.channel)
+    ctx = build_context(spec)
+    hook = _load_hook(spec)
+    # -- sandbox (issue 3): after imports and fds, before any guest data --
+    sock = sandbox.enter_sandbox(
+        spec.model, set(spec.fds.values()), spec.seccomp, channel=spec.channel, connect=_connect
+    )
+    if hook is not None:
+        _run_hook(hook, spec)
+    try:
+        device = build_device(spec, ctx)
+    except StateError as e:
+        _refuse(sock, f"saved state rejected: {e}")
     sock.send(wire.encode_ready())
     serve(device, sock)

@@ -13,6 +13,13 @@ class DeviceSpec:
     channel: str  # ZeroMQ endpoint to connect to (ipc://...)
     fds: dict[str, int] = field(default_factory=dict)  # role -> inherited fd number
     options: dict[str, object] = field(default_factory=dict)
+    # -- sandbox (issue 3) --
+    seccomp: str = "kill"  # sandbox.SeccompMode: "kill" (enforce), "log" or "trace" (audit)
+    # Tests only: base64 of a cloudpickled callable `hook(fds) -> dict` that runs inside
+    # the sandbox before READY; its JSON result goes to fds["hook_result"] (runtime.py).
+    hook: str = ""
+    # Restore: the device's saved `{model, version, fields}` document (from a snapshot).
+    state: dict[str, object] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -22,13 +22,15 @@ import zmq
 
 from splitvmm.devprocs.spec import DeviceSpec
 from splitvmm.errors import DeviceFailure, ProtocolError
-from splitvmm.protocol import wire
+from splitvmm.protocol import control, wire
 
 log = logging.getLogger("splitvmm.devhost")
 
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
 WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
+CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
 READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
+READY_POLL_MS = 100  # how often we look whether it died before READY
 
 
 @dataclass(slots=True)
@@ -40,6 +42,9 @@ class Spawn:
     window: int
     options: dict[str, object] = field(default_factory=dict)
     fds: dict[str, int] = field(default_factory=dict)
+    state: dict[str, object] | None = None  # restore: the device's saved state document
+    # The program run with the spec as its last argument; tests put a rogue device here.
+    command: tuple[str, ...] = (sys.executable, "-m", "splitvmm.devprocs")
 
 
 class DeviceHost:
@@ -57,29 +62,52 @@ class DeviceHost:
         self._lock = threading.Lock()  # one access at a time on the channel (vCPUs share it)
         self._seq = 0
         self.failed: str | None = None
+        self.ready = False  # READY received: the channel carries only replies from now on
         self.endpoint = f"ipc://{runtime_dir}/{spawn.name}.sock"
         self.sock = zctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
+        # A hostile device cannot make us buffer much: ZeroMQ drops the connection on a
+        # frame over MAXMSGSIZE, and holds at most RCVHWM unread frames.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_CONTROL)
+        self.sock.setsockopt(zmq.RCVHWM, 64)
         self.sock.bind(self.endpoint)
-        spec = DeviceSpec(spawn.name, spawn.model, self.endpoint, spawn.fds, spawn.options)
+        spec = DeviceSpec(
+            spawn.name, spawn.model, self.endpoint, spawn.fds, spawn.options, state=spawn.state
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitvmm.devprocs", spec.to_json()],
+            [*spawn.command, spec.to_json()],
             pass_fds=tuple(spawn.fds.values()),
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            # Its own session: a Ctrl-C or a signal to our process group must not kill the
+            # device before the monitor has synced it; the monitor decides when it ends
+            # (and PR_SET_PDEATHSIG ends it if the monitor dies).
+            start_new_session=True,
         )
         self.pid = self.proc.pid
 
     def wait_ready(self) -> None:
-        if not self.sock.poll(READY_TIMEOUT_MS):
-            self.fail(f"did not start within {READY_TIMEOUT_MS} ms")
-            raise DeviceFailure(f"device {self.name}: {self.failed}")
+        """READY, or a DeviceFailure saying why not (the device's own words, truncated)."""
+        waited = 0
+        while not self.sock.poll(READY_POLL_MS):
+            waited += READY_POLL_MS
+            status = self.proc.poll()
+            if status is not None or waited >= READY_TIMEOUT_MS:
+                why = f"exited with status {status}" if status is not None else "did not start"
+                self.fail(f"{why} within {waited} ms, before it was ready")
+                raise DeviceFailure(f"device {self.name}: {self.failed}")
+        buf = self.sock.recv()
         try:
-            wire.decode_ready(self.sock.recv())
+            if control.is_control(buf):
+                msg = control.decode(buf)
+                text = str(msg.get("message", ""))[: control.MAX_ERROR_TEXT]
+                raise ProtocolError(f"refused to start: {text!r}")
+            wire.decode_ready(buf)
+            self.ready = True
         except ProtocolError as e:
-            self.fail(f"sent garbage instead of READY: {e}")
-            raise DeviceFailure(f"device {self.name}: {self.failed}") from None
+            self.fail(str(e))
+            raise DeviceFailure(f"device {self.name}: {e}") from None
 
     # -- accesses (called from vCPU threads) -----------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -112,16 +140,33 @@ class DeviceHost:
                 return False
             return True
 
+    def control(self, op: str, timeout_ms: int = CONTROL_TIMEOUT_MS) -> dict[str, object]:
+        """A control request (quiesce, save, resume); the checked reply, or DeviceFailure."""
+        with self._lock:
+            if self.failed:
+                raise DeviceFailure(f"device {self.name} has failed: {self.failed}")
+            seq = self._next_seq()
+            reply = self._request(control.encode({"op": op, "seq": seq}), timeout_ms)
+            if reply is None:
+                raise DeviceFailure(f"device {self.name}: {self.failed}")
+            try:
+                return control.check_reply(control.decode(reply), op, seq, self.model)
+            except ProtocolError as e:
+                self._fail_locked(str(e))
+                raise DeviceFailure(f"device {self.name}: {e}") from None
+
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def _request(self, frame: bytes) -> bytes | None:
+    def _request(self, frame: bytes, timeout_ms: int = READ_TIMEOUT_MS) -> bytes | None:
         """Send a frame and wait for one reply; None (device failed) on error or deadline."""
         try:
+            if self.sock.poll(0):  # only replies may come, and only when asked for
+                raise ProtocolError("sent a frame nobody asked for")
             self.sock.send(frame)
-            if not self.sock.poll(READ_TIMEOUT_MS):
-                raise ProtocolError(f"no reply within {READ_TIMEOUT_MS} ms")
+            if not self.sock.poll(timeout_ms):
+                raise ProtocolError(f"no reply within {timeout_ms} ms")
             return self.sock.recv()
         except (ProtocolError, zmq.ZMQError) as e:
             self._fail_locked(str(e))

@@ -63,3 +63,23 @@ def test_access_random_frames_never_crash_the_decoder(buf):
     except ProtocolError:
         return
     assert access.offset + access.size <= 8 or access.op in (wire.Op.INPUT, wire.Op.SYNC)
+
+
+@pytest.mark.slow
+@settings(max_examples=100_000, deadline=None, database=None)
+@given(st.binary(max_size=64), st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 4, 8]))
+def test_device_reply_decoders_survive_100k_random_frames(buf, seq, size):
+    """Everything the monitor decodes from a device: read replies, sync replies, READY,
+    control replies. Each either decodes within bounds or raises ProtocolError."""
+    from splitvmm.protocol import control
+
+    for decode in (
+        lambda: wire.decode_read_done(buf, seq, size),
+        lambda: wire.decode_sync_done(buf, seq),
+        lambda: wire.decode_ready(buf),
+        lambda: control.check_reply(control.decode(bytes([0x10]) + buf), "save", seq, "serial"),
+    ):
+        try:
+            decode()
+        except ProtocolError:
+            pass

@@ -1,0 +1,235 @@
+"""Seccomp policy files: a strict subset of crosvm's syntax, compiled with libseccomp.
+
+A policy file holds one rule per line (blank lines and `# comments` ignored):
+
+    read: 1                                  allow
+    fcntl: arg1 == F_GETFL || arg1 == F_SETFL    allow when one comparison holds
+    mmap: arg2 & PROT_EXEC == 0              allow when the masked argument equals
+    openat: return ENOENT                    fail with that errno, do not kill
+    @include common_device.policy            another file of the same directory
+
+A value is an integer literal or a name from CONSTANTS (names joined with `|`
+are or-ed). Files are laid out as crosvm does (policies/<arch>/):
+`common_device.policy` and `<model>.policy` are never loaded alone;
+`<model>_device.policy` is the one loaded, with its `@include` lines. A rule
+may appear once per file; a file may override a rule it included (the later
+definition wins). Anything else is a PolicyError naming file:line.
+
+Policies are read by the device process before it enters the sandbox (it has
+no file system afterwards) and compiled into a filter whose default action
+kills the whole process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import re
+import signal
+import termios
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyseccomp as seccomp  # type: ignore[import-untyped]
+
+from splitvmm.errors import SplitvmmError
+from splitvmm.native.confine import FUTEX_OPS, PRCTL_OPTIONS
+
+ARCH = "x86_64"
+
+# The names a rule may use as a value, each from the module that defines it for
+# this platform (no number typed by hand). Add a name here only with a rule
+# that needs it.
+CONSTANTS: dict[str, int] = {
+    "FIONBIO": termios.FIONBIO,
+    "FIOCLEX": termios.FIOCLEX,
+    "TCGETS": termios.TCGETS,
+    "PROT_NONE": 0,
+    "PROT_READ": mmap.PROT_READ,
+    "PROT_WRITE": mmap.PROT_WRITE,
+    "PROT_EXEC": mmap.PROT_EXEC,
+    "F_GETFD": fcntl.F_GETFD,
+    "F_SETFD": fcntl.F_SETFD,
+    "F_GETFL": fcntl.F_GETFL,
+    "F_SETFL": fcntl.F_SETFL,
+    "F_DUPFD_CLOEXEC": fcntl.F_DUPFD_CLOEXEC,
+    "FD_CLOEXEC": fcntl.FD_CLOEXEC,
+    "O_NONBLOCK": os.O_NONBLOCK,
+    "MADV_DONTNEED": mmap.MADV_DONTNEED,
+    "MADV_FREE": mmap.MADV_FREE,
+    "SIG_BLOCK": signal.SIG_BLOCK,
+    "SIG_UNBLOCK": signal.SIG_UNBLOCK,
+    "SIG_SETMASK": signal.SIG_SETMASK,
+    "STDERR_FILENO": 2,
+    "SCHED_OTHER": os.SCHED_OTHER,
+    **FUTEX_OPS,
+    **PRCTL_OPTIONS,
+}
+
+_NAME = r"[a-z_][a-z0-9_]*"
+_RULE = re.compile(rf"^(?P<name>{_NAME})\s*:\s*(?P<body>.+)$")
+_RETURN = re.compile(r"^return\s+(?P<errno>E[A-Z0-9]+)$")
+_CMP = re.compile(r"^arg(?P<arg>[0-5])\s*(?:&\s*(?P<mask>[^=]+?)\s*)?==\s*(?P<value>.+)$")
+_INCLUDE = re.compile(r"^@include\s+(?P<file>[a-z0-9_]+\.policy)$")
+_INT = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
+_U64 = (1 << 64) - 1
+
+
+class PolicyError(SplitvmmError):
+    """A policy file cannot be parsed or compiled; str() starts with file:line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cmp:
+    """`argN & mask == value` (mask is all ones for a plain `==`)."""
+
+    arg: int
+    mask: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    syscall: str
+    where: str  # "file:line", for error messages and `policy check`
+    errno: int = 0  # non-zero: `return ERRNO`
+    any_of: tuple[Cmp, ...] = ()  # empty: allowed whatever the arguments
+
+
+@dataclass(slots=True)
+class Policy:
+    rules: dict[str, Rule]
+    files: list[Path]
+
+
+def default_policy_dir() -> Path:
+    """policies/<arch>/ of this checkout; SPLITVMM_POLICY_DIR overrides it (trusted env)."""
+    env = os.environ.get("SPLITVMM_POLICY_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "policies" / ARCH
+
+
+def _value(text: str, where: str, constants: Mapping[str, int]) -> int:
+    total = 0
+    for term in (t.strip() for t in text.split("|")):
+        if _INT.match(term):
+            total |= int(term, 0)
+        elif term in constants:
+            total |= constants[term]
+        else:
+            raise PolicyError(f"{where}: unknown constant {term!r} (see policy.CONSTANTS)")
+    if total > _U64:
+        raise PolicyError(f"{where}: value {text!r} does not fit in 64 bits")
+    return total
+
+
+def _comparisons(body: str, where: str, constants: Mapping[str, int]) -> tuple[Cmp, ...]:
+    cmps = []
+    for part in (p.strip() for p in body.split("||")):
+        m = _CMP.match(part)
+        if not m:
+            raise PolicyError(f"{where}: expected `argN == VALUE` or `argN & MASK == VALUE`")
+        mask = _value(m["mask"], where, constants) if m["mask"] else _U64
+        value = _value(m["value"], where, constants)
+        if value & ~mask:
+            raise PolicyError(f"{where}: {part!r} can never hold (value has bits outside mask)")
+        cmps.append(Cmp(int(m["arg"]), mask, value))
+    return tuple(cmps)
+
+
+def parse_rule(line: str, where: str, constants: Mapping[str, int] = CONSTANTS) -> Rule:
+    m = _RULE.match(line)
+    if not m:
+        raise PolicyError(f"{where}: expected `syscall: 1`, `syscall: return ERRNO` or a condition")
+    name, body = m["name"], m["body"].strip()
+    if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) < 0:
+        raise PolicyError(f"{where}: {name!r} is not a {ARCH} system call")
+    if body == "1":
+        return Rule(name, where)
+    ret = _RETURN.match(body)
+    if ret:
+        code = getattr(errno, ret["errno"], None)
+        if not isinstance(code, int):
+            raise PolicyError(f"{where}: unknown errno {ret['errno']!r}")
+        return Rule(name, where, errno=code)
+    return Rule(name, where, any_of=_comparisons(body, where, constants))
+
+
+def parse_file(
+    path: Path, constants: Mapping[str, int] = CONSTANTS, _stack: tuple[Path, ...] = ()
+) -> Policy:
+    """Parse one file and what it includes (depth first, in order).
+
+    `constants` may add names known only at run time (the warden's own pid).
+    """
+    if path in _stack:
+        raise PolicyError(f"{_stack[-1]}: @include cycle through {path.name}")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        where = f"{_stack[-1]}" if _stack else str(path)
+        raise PolicyError(f"{where}: cannot read {path}: {e.strerror}") from None
+    policy = Policy({}, [path])
+    own: set[str] = set()
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        where = f"{path}:{lineno}"
+        if not line:
+            continue
+        inc = _INCLUDE.match(line)
+        if inc:
+            sub = parse_file(path.parent / inc["file"], constants, (*_stack, path))
+            policy.rules.update(sub.rules)
+            policy.files.extend(sub.files)
+            continue
+        if line.startswith("@"):
+            raise PolicyError(f"{where}: expected `@include NAME.policy` (a file beside this one)")
+        rule = parse_rule(line, where, constants)
+        if rule.syscall in own:
+            raise PolicyError(f"{where}: {rule.syscall} is already defined in this file")
+        own.add(rule.syscall)
+        policy.rules[rule.syscall] = rule
+    return policy
+
+
+def load_model_policy(model: str, policy_dir: Path | None = None) -> Policy:
+    """The policy a device process of `model` loads: `<model>_device.policy`."""
+    if not re.fullmatch(_NAME, model):
+        raise PolicyError(f"model name {model!r} is not a policy name")
+    return parse_file((policy_dir or default_policy_dir()) / f"{model}_device.policy")
+
+
+def compile_filter(
+    policy: Policy, default_action: int = seccomp.KILL_PROCESS
+) -> seccomp.SyscallFilter:
+    """A filter for every thread of the process (TSYNC): zmq's I/O threads already exist."""
+    filt = seccomp.SyscallFilter(defaction=default_action)
+    # A syscall of another ABI (x32, i386 through int 0x80) kills too, never just the thread.
+    filt.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
+    filt.set_attr(seccomp.Attr.CTL_TSYNC, 1)
+    for rule in policy.rules.values():
+        try:
+            _add_rule(filt, rule)
+        except OSError as e:
+            raise PolicyError(f"{rule.where}: libseccomp rejects the rule: {e.strerror}") from None
+    return filt
+
+
+def _add_rule(filt: seccomp.SyscallFilter, rule: Rule) -> None:
+    if rule.errno:
+        filt.add_rule(seccomp.ERRNO(rule.errno), rule.syscall)
+    elif not rule.any_of:
+        filt.add_rule(seccomp.ALLOW, rule.syscall)
+    else:
+        for cmp in rule.any_of:
+            filt.add_rule(seccomp.ALLOW, rule.syscall, _arg(cmp))
+
+
+def _arg(cmp: Cmp) -> seccomp.Arg:
+    if cmp.mask == _U64:
+        return seccomp.Arg(cmp.arg, seccomp.EQ, cmp.value)
+    return seccomp.Arg(cmp.arg, seccomp.MASKED_EQ, cmp.mask, cmp.value)

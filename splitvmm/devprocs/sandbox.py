@@ -1,0 +1,338 @@
+"""enter_sandbox(): the capability mode every device process enters before it reads guest data.
+
+Layers, each with an escape test in tests/sandbox/:
+(a) namespaces: a new user (root inside, mapped to the monitor's uid outside),
+    mount, network, IPC, UTS and PID namespace; the root is an empty read-only
+    tmpfs holding only the device's channel socket;
+(b) rlimits: no new processes, no fd above those it holds, no core file, no
+    file growth (unless it holds a writable regular file, e.g. a log);
+(c) no_new_privs, locked securebits, no capabilities (bounding and ambient sets
+    emptied too), not dumpable;
+(d) Landlock: every file-system right the kernel's ABI knows handled, none granted
+    (a warning and no Landlock where the kernel has none: (a) already hides the fs);
+(e) seccomp last: the model's allow-list (policies/<arch>/<model>_device.policy),
+    anything else kills the whole process (SECCOMP_RET_KILL_PROCESS).
+
+Why this order, and not "connect the channel, then sandbox":
+
+* unshare(CLONE_NEWUSER) fails with EINVAL in a multithreaded process, and
+  ZeroMQ starts its I/O and reaper threads when the first socket is made. So
+  the namespaces come first, while the process has one thread.
+* Capabilities, Landlock domains and no_new_privs belong to a thread, not to
+  the process: a thread keeps what it had when it was made. Were ZeroMQ's
+  threads started before (c) and (d), they would keep CAP_SYS_ADMIN in the new
+  user namespace and escape Landlock. So (c) and (d) also come before the
+  channel is connected; the threads ZeroMQ makes afterwards inherit them.
+* The channel is an ipc:// path in the monitor's runtime directory, which the
+  empty root hides. Before pivoting, the channel socket is bind-mounted (read
+  only) into the new root as /channel, so the device connects after the file
+  system is gone. Connecting to it is all it allows: it is the monitor's own
+  PAIR socket, which takes one peer, and seccomp forbids socket() and connect()
+  from then on anyway.
+* rlimits come after the connect: threads count against RLIMIT_NPROC, and
+  RLIMIT_NOFILE must sit just above the fds ZeroMQ opened.
+* seccomp is last, with TSYNC: one filter for every thread, ZeroMQ's included.
+* CLONE_NEWPID only moves the children of the caller into the new namespace.
+  So the process forks once (still single-threaded, so safe, gh-100228): the
+  child is pid 1 of the new namespace and becomes the device; the parent
+  stays as the *warden*, the pid the monitor knows. The warden closes every fd
+  but stderr, confines itself with the same layers (its own tiny policy,
+  policies/<arch>/warden.policy), waits for the device and then dies the way
+  the device died (the same signal or exit status), so the monitor's
+  supervision is unchanged. Killing the warden kills the device
+  (PR_SET_PDEATHSIG), as the monitor's death kills the warden.
+
+Caveats: the uid map can name only the caller's own uid (a process cannot map
+another uid once it is inside the new namespace), so when the monitor runs as
+root the device is uid 0 outside; the kernel does not apply RLIMIT_NPROC to
+that uid, and seccomp's clone/fork rules are then the barrier against new
+processes. Landlock's `scoped` rights (signals, abstract UNIX sockets) are not
+used: the build host's <linux/landlock.h> predates them; seccomp and the PID
+and network namespaces cover the same ground.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import logging
+import os
+import resource
+import signal
+import stat
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+import pyseccomp as seccomp  # type: ignore[import-untyped]
+
+from splitvmm.devprocs import policy
+from splitvmm.errors import SplitvmmError
+from splitvmm.native import confine, landlock
+
+log = logging.getLogger("splitvmm.dev.sandbox")
+
+T = TypeVar("T")
+
+NAMESPACES = (
+    confine.CLONE_NEWUSER
+    | confine.CLONE_NEWNS
+    | confine.CLONE_NEWNET
+    | confine.CLONE_NEWIPC
+    | confine.CLONE_NEWUTS
+    | confine.CLONE_NEWPID
+)
+CHANNEL_NAME = "channel"  # the channel socket's name in the empty root
+STD_FDS = frozenset({0, 1, 2})
+_READ_ONLY = (
+    confine.MS_REMOUNT
+    | confine.MS_BIND
+    | confine.MS_RDONLY
+    | confine.MS_NOSUID
+    | confine.MS_NODEV
+    | confine.MS_NOEXEC
+)
+
+
+class SandboxError(SplitvmmError):
+    """A sandbox layer could not be applied; the device must not run without it."""
+
+
+class SeccompMode(enum.StrEnum):
+    KILL = "kill"  # enforce: a syscall outside the policy kills the process
+    LOG = "log"  # audit: outside the policy is logged (kmsg, rate-limited) and runs
+    TRACE = "trace"  # audit: every syscall waits for `splitvmm policy audit` to let it run
+
+
+def enter_sandbox(
+    model: str,
+    keep_fds: set[int],
+    audit: bool | str = False,
+    *,
+    channel: str,
+    connect: Callable[[str], T],
+) -> T:
+    """Confine this device process; returns what `connect(endpoint)` returned.
+
+    `audit`: False (enforce), True (SeccompMode.LOG) or a SeccompMode value.
+
+    Call it single-threaded, after every import, holding the fds in `keep_fds`
+    (0, 1 and 2 are always kept; any other fd is closed). `connect` gets the
+    ipc:// endpoint of the channel inside the new root and must return only
+    once the connection is established: after it, seccomp forbids new sockets.
+    Forks: only the device process returns (see the module docstring).
+    """
+    mode = _mode(audit)
+    device_policy = policy.load_model_policy(model)  # read now: no file system later
+    warden_policy = policy.parse_file(
+        policy.default_policy_dir() / "warden.policy",
+        {**policy.CONSTANTS, "SELF_PID": os.getpid()},  # the warden is this process
+    )
+    socket_path = _channel_path(channel)
+    _close_fds_except(keep_fds | STD_FDS)
+    os.chdir("/")  # so that pivot_root moves the warden's cwd too
+    _unshare_namespaces()
+    _fork_warden(warden_policy)
+    fd_dir = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    endpoint = _pivot_to_empty_root(socket_path)
+    _drop_privileges(dumpable=mode is SeccompMode.TRACE)
+    _restrict_landlock()
+    conn = connect(endpoint)
+    held = {int(name) for name in os.listdir(fd_dir)} - {fd_dir}
+    os.close(fd_dir)
+    _set_rlimits(held)
+    _load_seccomp(device_policy, mode)
+    return conn
+
+
+def _mode(audit: bool | str) -> SeccompMode:
+    if audit is True:
+        return SeccompMode.LOG
+    if audit is False:
+        return SeccompMode.KILL
+    return SeccompMode(audit)
+
+
+def _channel_path(channel: str) -> str:
+    path = channel.removeprefix("ipc://")
+    if path == channel or not os.path.isabs(path) or os.path.dirname(path) == "/":
+        raise SandboxError(f"channel {channel!r} is not ipc:// on an absolute path in a directory")
+    return path
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    for fd in sorted({int(name) for name in os.listdir("/proc/self/fd")} - keep):
+        try:
+            os.close(fd)
+        except OSError:  # the fd listdir used for itself, already closed
+            continue
+
+
+# -- (a) namespaces ---------------------------------------------------------------------------
+def _unshare_namespaces() -> None:
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        confine.unshare(NAMESPACES)
+        # Without setgroups denied, an unprivileged process may not write its gid map.
+        _write_proc("/proc/self/setgroups", "deny")
+        _write_proc("/proc/self/uid_map", f"0 {uid} 1")
+        _write_proc("/proc/self/gid_map", f"0 {gid} 1")
+    except OSError as e:
+        raise SandboxError(f"cannot create the device's namespaces: {e}") from None
+
+
+def _write_proc(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _fork_warden(warden_policy: policy.Policy) -> None:
+    """Fork: the child returns (pid 1 of the new PID namespace); the parent never does."""
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid:
+        os.close(alive_r)
+        _warden(pid, alive_w, warden_policy)
+    os.close(alive_w)
+    # Leave the monitor's process group: kill(0, sig) would reach every process in it
+    # (the monitor included), pid namespace or not; and the terminal's Ctrl-C is the
+    # monitor's to handle.
+    os.setsid()
+    # The warden is our parent now: its death must end us, as the monitor's ends it.
+    confine.set_parent_death_signal(signal.SIGKILL)
+    os.set_blocking(alive_r, False)
+    try:
+        if os.read(alive_r, 1) == b"":  # EOF: the warden died before prctl took effect
+            os._exit(1)
+    except BlockingIOError:
+        pass  # the warden is alive, and from now on its death kills us
+    os.close(alive_r)
+
+
+def _pivot_to_empty_root(socket_path: str) -> str:
+    """Make an empty read-only tmpfs our root, with only the channel socket bound in it."""
+    try:
+        confine.mount(None, "/", None, confine.MS_REC | confine.MS_PRIVATE)
+        sock_fd = os.open(socket_path, os.O_PATH | os.O_CLOEXEC)
+        new_root = os.path.dirname(socket_path)  # exists; hidden only in our mount namespace
+        confine.mount(
+            "tmpfs",
+            new_root,
+            "tmpfs",
+            confine.MS_NOSUID | confine.MS_NODEV | confine.MS_NOEXEC,
+            "size=4k,nr_inodes=4,mode=0555",
+        )
+        target = f"{new_root}/{CHANNEL_NAME}"
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        # The tmpfs now hides the socket's directory: bind it through our O_PATH fd.
+        confine.mount(f"/proc/self/fd/{sock_fd}", target, None, confine.MS_BIND)
+        os.close(sock_fd)
+        os.chdir(new_root)
+        confine.pivot_root(".", ".")  # the old root is stacked on "." ...
+        confine.umount2(".", confine.MNT_DETACH)  # ... and detached, with everything under it
+        os.chdir("/")
+        confine.mount(None, "/", None, _READ_ONLY)
+        confine.mount(None, f"/{CHANNEL_NAME}", None, _READ_ONLY)
+    except OSError as e:
+        raise SandboxError(f"cannot make the device's empty root: {e}") from None
+    return f"ipc:///{CHANNEL_NAME}"
+
+
+# -- (c) privileges and (d) Landlock --------------------------------------------------------
+def _drop_privileges(dumpable: bool) -> None:
+    try:
+        confine.set_dumpable(dumpable)  # no core file with guest data; TRACE: auditor attaches
+        confine.set_no_new_privs()
+        confine.drop_capabilities()
+    except OSError as e:
+        raise SandboxError(f"cannot drop privileges: {e}") from None
+
+
+def _restrict_landlock() -> None:
+    try:
+        abi = landlock.restrict_self_deny_all()
+    except landlock.LandlockUnavailable:
+        log.warning("Landlock is not available on this kernel: the empty root alone hides the fs")
+        return
+    except OSError as e:
+        raise SandboxError(f"cannot enter Landlock: {e}") from None
+    log.debug("Landlock ABI %d: every file-system right denied", abi)
+
+
+# -- (b) rlimits and (e) seccomp --------------------------------------------------------------
+def _set_rlimits(held: set[int]) -> None:
+    fsize = resource.RLIM_INFINITY if any(map(_writable_file, held)) else 0
+    limits = {
+        resource.RLIMIT_NPROC: 0,  # no fork, no thread (ZeroMQ's exist already)
+        resource.RLIMIT_NOFILE: max(held) + 1,  # no fd above those we hold
+        resource.RLIMIT_CORE: 0,
+        resource.RLIMIT_FSIZE: fsize,  # 0 unless we hold a log file to write
+    }
+    try:
+        for which, value in limits.items():
+            resource.setrlimit(which, (value, value))
+    except (OSError, ValueError) as e:
+        raise SandboxError(f"cannot set rlimits: {e}") from None
+
+
+def _writable_file(fd: int) -> bool:
+    """A regular file open for writing: RLIMIT_FSIZE 0 would kill us (SIGXFSZ) on a write."""
+    try:
+        st = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (flags & os.O_ACCMODE) != os.O_RDONLY
+
+
+def _load_seccomp(device_policy: policy.Policy, mode: SeccompMode) -> None:
+    if mode is SeccompMode.TRACE:
+        # Every syscall goes to the listener (`policy audit` takes it with pidfd_getfd).
+        filt = seccomp.SyscallFilter(defaction=seccomp.NOTIFY)
+        filt.set_attr(seccomp.Attr.CTL_TSYNC, 1)
+    else:
+        action = seccomp.LOG if mode is SeccompMode.LOG else seccomp.KILL_PROCESS
+        filt = policy.compile_filter(device_policy, action)
+    try:
+        filt.load()
+    except OSError as e:
+        raise SandboxError(f"cannot load the seccomp filter: {e}") from None
+
+
+# -- the warden ---------------------------------------------------------------------------------
+def _warden(child: int, alive_w: int, warden_policy: policy.Policy) -> NoReturn:
+    """Outlive the device, then die the way it died; confined like it, with a tinier policy."""
+    try:
+        _confine_warden(alive_w, warden_policy)
+        _, status = os.waitpid(child, 0)
+    except BaseException as e:  # the device dies with us (PDEATHSIG); say why we went
+        os.write(2, f"splitvmm: device warden failed: {e!r}\n".encode(errors="replace"))
+        os._exit(1)
+    die_like(status)
+
+
+def _confine_warden(alive_w: int, warden_policy: policy.Policy) -> None:
+    os.closerange(3, alive_w)
+    os.closerange(alive_w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: die at once, no traceback to print
+    _drop_privileges(dumpable=False)
+    _restrict_landlock()
+    for which, value in (
+        (resource.RLIMIT_NPROC, 0),
+        (resource.RLIMIT_NOFILE, alive_w + 1),
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_FSIZE, 0),
+    ):
+        resource.setrlimit(which, (value, value))
+    policy.compile_filter(warden_policy).load()
+
+
+def die_like(status: int) -> NoReturn:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)

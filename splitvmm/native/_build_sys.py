@@ -1,0 +1,163 @@
+"""cffi builder (API, out-of-line) for the process-confinement syscalls of the sandbox.
+
+One section per header (INCLUDES/TYPES/FUNCTIONS, combined below, as cryptography
+does): namespaces and mounts (<sched.h>, <sys/mount.h>), capabilities and
+securebits (<linux/capability.h>, <linux/securebits.h>), prctl, Landlock
+(<linux/landlock.h>) and seccomp user notification (<linux/seccomp.h>, read by
+`splitvmm policy audit`). Every constant, struct layout and syscall number
+comes from the headers; syscalls that glibc does not wrap (pivot_root, capset,
+landlock_*, pidfd_getfd) get a fixed-signature C wrapper so nobody calls the
+variadic syscall(2) from Python.
+"""
+
+from __future__ import annotations
+
+from cffi import FFI
+
+# -- <sched.h>, <sys/mount.h>, <unistd.h>: namespaces and the empty root ---------------------
+NS_INCLUDES = "#include <sched.h>\n#include <sys/mount.h>\n#include <sys/syscall.h>\n"
+NS_TYPES = "".join(
+    f"static const unsigned long {name};\n"
+    for name in """
+    CLONE_NEWUSER CLONE_NEWNS CLONE_NEWNET CLONE_NEWIPC CLONE_NEWUTS CLONE_NEWPID
+    MS_RDONLY MS_NOSUID MS_NODEV MS_NOEXEC MS_REMOUNT MS_BIND MS_REC MS_PRIVATE
+    MNT_DETACH
+    """.split()
+)
+NS_FUNCTIONS = """
+int unshare(int flags);
+int mount(const char *source, const char *target, const char *fstype,
+          unsigned long flags, const void *data);
+int umount2(const char *target, int flags);
+int sv_pivot_root(const char *new_root, const char *put_old);
+"""
+NS_SOURCE = """
+static int sv_pivot_root(const char *new_root, const char *put_old)
+{ return (int)syscall(SYS_pivot_root, new_root, put_old); }
+"""
+
+# -- <linux/capability.h>, <linux/securebits.h>, <sys/prctl.h> ---------------------------------
+CAPS_INCLUDES = (
+    "#include <linux/capability.h>\n#include <linux/securebits.h>\n#include <sys/prctl.h>\n"
+)
+CAPS_TYPES = """
+typedef unsigned int __u32;
+typedef struct __user_cap_header_struct { __u32 version; int pid; } *cap_user_header_t;
+typedef struct __user_cap_data_struct { __u32 effective; __u32 permitted; __u32 inheritable; }
+    *cap_user_data_t;
+static const int _LINUX_CAPABILITY_VERSION_3;
+static const int _LINUX_CAPABILITY_U32S_3;
+""" + "".join(
+    f"static const int {name};\n"
+    for name in """
+    PR_SET_NO_NEW_PRIVS PR_CAPBSET_DROP PR_CAPBSET_READ PR_CAP_AMBIENT PR_CAP_AMBIENT_CLEAR_ALL
+    PR_SET_DUMPABLE PR_SET_SECUREBITS PR_SET_PDEATHSIG PR_SET_NAME
+    SECBIT_NOROOT SECBIT_NOROOT_LOCKED SECBIT_NO_SETUID_FIXUP SECBIT_NO_SETUID_FIXUP_LOCKED
+    SECBIT_KEEP_CAPS_LOCKED SECBIT_NO_CAP_AMBIENT_RAISE SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
+    """.split()
+)
+CAPS_FUNCTIONS = """
+int sv_capset(cap_user_header_t header, cap_user_data_t data);
+int sv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+             unsigned long arg5);
+"""
+CAPS_SOURCE = """
+static int sv_capset(cap_user_header_t header, cap_user_data_t data)
+{ return (int)syscall(SYS_capset, header, data); }
+static int sv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+                    unsigned long arg5)
+{ return prctl(option, arg2, arg3, arg4, arg5); }
+"""
+
+# -- <linux/landlock.h> -------------------------------------------------------------------------
+LANDLOCK_INCLUDES = "#include <linux/landlock.h>\n"
+# The access rights a kernel newer than the build host's header may know. The
+# values are fixed kernel ABI (include/uapi/linux/landlock.h, ABI 3 and 5); the
+# #ifndef keeps the header's own definition wherever it has one. Which of them
+# the running kernel accepts is probed at run time (landlock.py), never assumed.
+LANDLOCK_SOURCE = """
+#ifndef LANDLOCK_ACCESS_FS_TRUNCATE
+#define LANDLOCK_ACCESS_FS_TRUNCATE (1ULL << 14)
+#endif
+#ifndef LANDLOCK_ACCESS_FS_IOCTL_DEV
+#define LANDLOCK_ACCESS_FS_IOCTL_DEV (1ULL << 15)
+#endif
+static int sv_landlock_create_ruleset(const struct landlock_ruleset_attr *attr, size_t size,
+                                      __u32 flags)
+{ return (int)syscall(SYS_landlock_create_ruleset, attr, size, flags); }
+static int sv_landlock_restrict_self(int ruleset_fd, __u32 flags)
+{ return (int)syscall(SYS_landlock_restrict_self, ruleset_fd, flags); }
+"""
+LANDLOCK_TYPES = """
+typedef unsigned long long __u64;
+struct landlock_ruleset_attr { __u64 handled_access_fs; ...; };
+""" + "".join(
+    f"static const unsigned long long {name};\n"
+    for name in """
+    LANDLOCK_CREATE_RULESET_VERSION
+    LANDLOCK_ACCESS_FS_EXECUTE LANDLOCK_ACCESS_FS_WRITE_FILE LANDLOCK_ACCESS_FS_READ_FILE
+    LANDLOCK_ACCESS_FS_READ_DIR LANDLOCK_ACCESS_FS_REMOVE_DIR LANDLOCK_ACCESS_FS_REMOVE_FILE
+    LANDLOCK_ACCESS_FS_MAKE_CHAR LANDLOCK_ACCESS_FS_MAKE_DIR LANDLOCK_ACCESS_FS_MAKE_REG
+    LANDLOCK_ACCESS_FS_MAKE_SOCK LANDLOCK_ACCESS_FS_MAKE_FIFO LANDLOCK_ACCESS_FS_MAKE_BLOCK
+    LANDLOCK_ACCESS_FS_MAKE_SYM LANDLOCK_ACCESS_FS_REFER LANDLOCK_ACCESS_FS_TRUNCATE
+    LANDLOCK_ACCESS_FS_IOCTL_DEV
+    """.split()
+)
+LANDLOCK_FUNCTIONS = """
+int sv_landlock_create_ruleset(const struct landlock_ruleset_attr *attr, size_t size,
+                               __u32 flags);
+int sv_landlock_restrict_self(int ruleset_fd, __u32 flags);
+"""
+
+# -- <linux/seccomp.h>: user notification, read by the policy auditor ---------------------------
+SECCOMP_INCLUDES = "#include <linux/seccomp.h>\n#include <sys/ioctl.h>\n"
+SECCOMP_TYPES = """
+typedef int __s32; typedef long long __s64;
+struct seccomp_data { int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]; };
+struct seccomp_notif { __u64 id; __u32 pid; __u32 flags; struct seccomp_data data; };
+struct seccomp_notif_resp { __u64 id; __s64 val; __s32 error; __u32 flags; };
+static const unsigned long SECCOMP_IOCTL_NOTIF_RECV;
+static const unsigned long SECCOMP_IOCTL_NOTIF_SEND;
+static const unsigned long SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+"""
+SECCOMP_FUNCTIONS = """
+int sv_ioctl_ptr(int fd, unsigned long request, void *arg);
+int sv_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
+"""
+SECCOMP_SOURCE = """
+static int sv_ioctl_ptr(int fd, unsigned long request, void *arg)
+{ return ioctl(fd, request, arg); }
+static int sv_pidfd_getfd(int pidfd, int targetfd, unsigned int flags)
+{ return (int)syscall(SYS_pidfd_getfd, pidfd, targetfd, flags); }
+"""
+
+# -- <linux/futex.h>: the futex operations glibc's mutexes and condition variables use ----------
+FUTEX_INCLUDES = "#include <linux/futex.h>\n"
+FUTEX_TYPES = "".join(
+    f"static const int {name};\n"
+    for name in """
+    FUTEX_WAIT_PRIVATE FUTEX_WAKE_PRIVATE FUTEX_WAIT_BITSET_PRIVATE FUTEX_WAKE_BITSET_PRIVATE
+    FUTEX_CLOCK_REALTIME
+    """.split()
+)
+
+SECTIONS = (
+    (NS_INCLUDES, NS_TYPES + NS_FUNCTIONS, NS_SOURCE),
+    (CAPS_INCLUDES, CAPS_TYPES + CAPS_FUNCTIONS, CAPS_SOURCE),
+    (LANDLOCK_INCLUDES, LANDLOCK_TYPES + LANDLOCK_FUNCTIONS, LANDLOCK_SOURCE),
+    (SECCOMP_INCLUDES, SECCOMP_TYPES + SECCOMP_FUNCTIONS, SECCOMP_SOURCE),
+    (FUTEX_INCLUDES, FUTEX_TYPES, ""),
+)
+
+ffibuilder = FFI()
+ffibuilder.cdef("".join(cdef for _, cdef, _ in SECTIONS))
+# pyconfig.h (included first by cffi) already defines _GNU_SOURCE, which <sched.h> needs.
+ffibuilder.set_source(
+    "splitvmm.native._sys",
+    "#include <stddef.h>\n#include <unistd.h>\n"
+    + "".join(inc for inc, _, _ in SECTIONS)
+    + "".join(src for _, _, src in SECTIONS),
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

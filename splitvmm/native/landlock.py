@@ -1,0 +1,85 @@
+"""Landlock: a ruleset that handles every file-system access right and grants none.
+
+The rights a ruleset may handle depend on the running kernel's Landlock ABI,
+probed with LANDLOCK_CREATE_RULESET_VERSION (a kernel rejects a ruleset that
+names a right it does not know); the bits come from <linux/landlock.h> through
+the cffi module built by _build_sys.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from splitvmm.native._sys import ffi, lib
+
+# The file-system rights each ABI version added (Documentation/userspace-api/landlock.rst).
+_FS_RIGHTS_BY_ABI: dict[int, int] = {
+    1: (
+        lib.LANDLOCK_ACCESS_FS_EXECUTE
+        | lib.LANDLOCK_ACCESS_FS_WRITE_FILE
+        | lib.LANDLOCK_ACCESS_FS_READ_FILE
+        | lib.LANDLOCK_ACCESS_FS_READ_DIR
+        | lib.LANDLOCK_ACCESS_FS_REMOVE_DIR
+        | lib.LANDLOCK_ACCESS_FS_REMOVE_FILE
+        | lib.LANDLOCK_ACCESS_FS_MAKE_CHAR
+        | lib.LANDLOCK_ACCESS_FS_MAKE_DIR
+        | lib.LANDLOCK_ACCESS_FS_MAKE_REG
+        | lib.LANDLOCK_ACCESS_FS_MAKE_SOCK
+        | lib.LANDLOCK_ACCESS_FS_MAKE_FIFO
+        | lib.LANDLOCK_ACCESS_FS_MAKE_BLOCK
+        | lib.LANDLOCK_ACCESS_FS_MAKE_SYM
+    ),
+    2: lib.LANDLOCK_ACCESS_FS_REFER,
+    3: lib.LANDLOCK_ACCESS_FS_TRUNCATE,
+    5: lib.LANDLOCK_ACCESS_FS_IOCTL_DEV,
+}
+
+
+class LandlockUnavailable(OSError):
+    """The kernel has no Landlock, or it is disabled at boot (`lsm=` without landlock)."""
+
+
+def abi_version() -> int:
+    """The running kernel's Landlock ABI version; LandlockUnavailable if there is none."""
+    ret = lib.sv_landlock_create_ruleset(ffi.NULL, 0, lib.LANDLOCK_CREATE_RULESET_VERSION)
+    if ret < 0:
+        err = ffi.errno
+        if err in (errno.ENOSYS, errno.EOPNOTSUPP):
+            raise LandlockUnavailable(err, "landlock_create_ruleset: Landlock is not enabled")
+        raise OSError(err, f"landlock_create_ruleset(VERSION): {os.strerror(err)}")
+    return ret
+
+
+def fs_rights(abi: int) -> int:
+    """Every file-system access right the given ABI knows."""
+    rights = 0
+    for version, bits in _FS_RIGHTS_BY_ABI.items():
+        if version <= abi:
+            rights |= bits
+    return rights
+
+
+def restrict_self_deny_all() -> int:
+    """Confine the calling thread (and the threads it creates later): no file-system access.
+
+    Needs no_new_privs (or CAP_SYS_ADMIN). Landlock is per thread: threads that
+    already exist are not confined, so call this before starting any. Returns
+    the ABI version used.
+    """
+    abi = abi_version()
+    attr = ffi.new("struct landlock_ruleset_attr *")
+    attr.handled_access_fs = fs_rights(abi)
+    # SAFETY: `attr` is a cffi-owned struct alive for the whole call; the kernel copies it.
+    fd = lib.sv_landlock_create_ruleset(attr, ffi.sizeof(attr[0]), 0)
+    if fd < 0:
+        err = ffi.errno
+        raise OSError(err, f"landlock_create_ruleset: {os.strerror(err)}")
+    try:
+        # No landlock_add_rule: a ruleset without rules grants none of the handled rights.
+        if lib.sv_landlock_restrict_self(fd, 0) < 0:
+            err = ffi.errno
+            raise OSError(err, f"landlock_restrict_self: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return abi

@@ -1,0 +1,291 @@
+"""Escape attempts, each run by a test hook inside a real sandboxed device process.
+
+This module travels by value in the hook's pickle (cloudpickle), so it imports
+nothing from tests/; the modules it names travel by reference and are imported
+when the hook is unpickled, before the sandbox (no import works inside).
+Each attempt returns what it got, or raises OSError (the hook reports the
+errno); a forbidden syscall never returns (SIGSYS kills the process).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import pyseccomp  # type: ignore[import-untyped]
+
+from splitvmm.native import confine
+
+PTRACE_ATTACH = 16  # <sys/ptrace.h>; Python's stdlib has no ptrace constants
+BPF_PROG_LOAD = 5  # <linux/bpf.h> enum bpf_cmd
+SETNS_ANY = 0  # setns(2) nstype 0: any kind of namespace
+
+Attempt = Callable[[dict[str, int], dict[str, int]], object]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)  # dlopen(NULL): the loaded libc, no file opened
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        raise OSError(ctypes.get_errno(), "libc call failed")
+    return ret
+
+
+def _syscall(name: str, *args: object) -> int:
+    nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+    return _check(_libc().syscall(nr, *args))
+
+
+def _sockaddr_in(host: str, port: int) -> bytes:
+    return struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) + socket.inet_aton(host)
+
+
+def _sockaddr_un(path: str) -> bytes:
+    return struct.pack("=H", socket.AF_UNIX) + path.encode() + b"\0"
+
+
+def open_etc_passwd(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return _syscall("open", b"/etc/passwd", os.O_RDONLY)
+
+
+def openat_etc_passwd(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return os.open("/etc/passwd", os.O_RDONLY)
+
+
+def read_proc_self_environ(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return os.open("/proc/self/environ", os.O_RDONLY)
+
+
+def list_root(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return os.listdir("/")
+
+
+def creat_file(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return _check(_libc().creat(b"/pwned", 0o600))
+
+
+def mkdir_dir(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    os.mkdir("/pwned")
+    return "made /pwned"
+
+
+def unlink_channel(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    os.unlink("/channel")
+    return "unlinked /channel"
+
+
+def socket_inet(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM).fileno()
+
+
+def connect_unix_path(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect("/channel")
+        return "connected to /channel"
+
+
+def connect_held_fd_to_loopback(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    addr = _sockaddr_in("127.0.0.1", 22)
+    return _check(_libc().connect(3, addr, len(addr)))  # 3: the lowest fd it may hold
+
+
+def connect_held_fd_to_unix_path(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    addr = _sockaddr_un("/channel")
+    return _check(_libc().connect(3, addr, len(addr)))
+
+
+def bind_held_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    addr = _sockaddr_in("0.0.0.0", 0)
+    return _check(_libc().bind(3, addr, len(addr)))
+
+
+def execve_shell(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return os.execv("/bin/sh", ["sh", "-c", "true"])
+
+
+def fork_process(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    return pid
+
+
+def clone_thread(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    thread = threading.Thread(target=lambda: None)
+    try:
+        thread.start()
+    except RuntimeError:  # "can't start new thread": clone failed, EAGAIN (RLIMIT_NPROC)
+        raise OSError(errno.EAGAIN, "can't start new thread") from None
+    thread.join()
+    return "thread ran"
+
+
+def ptrace_attach_monitor(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return _check(_libc().ptrace(PTRACE_ATTACH, ctx["monitor_pid"], None, None))
+
+
+def kill_monitor(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    os.kill(ctx["monitor_pid"], signal.SIGKILL)
+    return "signalled"
+
+
+def process_vm_readv_monitor(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    buf = ctypes.create_string_buffer(8)
+    local = (ctypes.c_size_t * 2)(ctypes.addressof(buf), 8)  # struct iovec {base, len}
+    remote = (ctypes.c_size_t * 2)(0x400000, 8)  # anywhere: the pid check comes first
+    pid = ctx["monitor_pid"]
+    return _syscall("process_vm_readv", pid, local, 1, remote, 1, 0)
+
+
+def mount_tmpfs(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return _check(_libc().mount(b"none", b"/", b"tmpfs", 0, None))
+
+
+def unshare_userns(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    confine.unshare(confine.CLONE_NEWUSER)
+    return "in a new user namespace"
+
+
+def setns_any(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return _check(_libc().setns(fds["irq"], SETNS_ANY))
+
+
+def bpf_prog_load(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return _syscall("bpf", BPF_PROG_LOAD, None, 0)
+
+
+def io_uring_setup(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    params = ctypes.create_string_buffer(120)  # sizeof(struct io_uring_params), zeroed
+    return _syscall("io_uring_setup", 8, params)
+
+
+def ioctl_kvm_on_every_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    answers = {}
+    for fd in range(65):  # the handed /dev/kvm fd (where the host has one) among them
+        try:
+            answers[fd] = fcntl.ioctl(fd, ctx["KVM_GET_API_VERSION"])
+        except OSError as e:
+            answers[fd] = -(e.errno or 0)
+    if all(v < 0 for v in answers.values()):
+        raise OSError(errno.ENOTTY, "every fd refused KVM_GET_API_VERSION")
+    return answers
+
+
+def ftruncate_sealed_memfd(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    os.ftruncate(fds["memfd"], 1 << 20)
+    return "grown"
+
+
+def write_readonly_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return os.write(fds["readonly"], b"pwned")
+
+
+def mmap_exec(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    return len(mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_EXEC))
+
+
+def mprotect_exec(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    buf = mmap.mmap(-1, mmap.PAGESIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    return _check(_libc().mprotect(ctypes.c_void_p(addr), mmap.PAGESIZE, mmap.PROT_EXEC))
+
+
+def setuid_root(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    os.setuid(0)
+    return "uid 0"
+
+
+ATTEMPTS: dict[str, Attempt] = {
+    fn.__name__: fn
+    for fn in (
+        open_etc_passwd,
+        openat_etc_passwd,
+        read_proc_self_environ,
+        list_root,
+        creat_file,
+        mkdir_dir,
+        unlink_channel,
+        socket_inet,
+        connect_unix_path,
+        connect_held_fd_to_loopback,
+        connect_held_fd_to_unix_path,
+        bind_held_fd,
+        execve_shell,
+        fork_process,
+        clone_thread,
+        ptrace_attach_monitor,
+        kill_monitor,
+        process_vm_readv_monitor,
+        mount_tmpfs,
+        unshare_userns,
+        setns_any,
+        bpf_prog_load,
+        io_uring_setup,
+        ioctl_kvm_on_every_fd,
+        ftruncate_sealed_memfd,
+        write_readonly_fd,
+        mmap_exec,
+        mprotect_exec,
+        setuid_root,
+    )
+}
+
+
+# -- what the policy allows, narrowed by arguments: allowed forms return, others kill ------------
+FUTEX_REQUEUE_PRIVATE = 3 | 128  # <linux/futex.h>: FUTEX_REQUEUE | FUTEX_PRIVATE_FLAG
+
+
+def _futex(op: int) -> object:
+    word = ctypes.c_uint32(0)
+    return _syscall("futex", ctypes.byref(word), op, 1, None, None, 0)
+
+
+def _madvise(advice: int) -> object:
+    buf = mmap.mmap(-1, mmap.PAGESIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    return _check(_libc().madvise(ctypes.c_void_p(addr), mmap.PAGESIZE, advice))
+
+
+PROBES: dict[str, Callable[[dict[str, int]], object]] = {
+    "mmap_read_write": lambda ctx: len(mmap.mmap(-1, 1 << 20)),
+    "madvise_dontneed": lambda ctx: _madvise(mmap.MADV_DONTNEED),
+    "futex_wake_private": lambda ctx: _futex(ctx["FUTEX_WAKE_PRIVATE"]),
+    "clock_gettime_syscall": lambda ctx: _syscall(
+        "clock_gettime", time.CLOCK_MONOTONIC, ctypes.create_string_buffer(16)
+    ),
+    "getpid": lambda ctx: os.getpid(),
+    "poll_nothing": lambda ctx: _syscall("poll", None, 0, 0),
+    # forbidden forms of allowed calls
+    "madvise_free": lambda ctx: _madvise(mmap.MADV_FREE),
+    "futex_requeue": lambda ctx: _futex(FUTEX_REQUEUE_PRIVATE),
+    "getppid": lambda ctx: os.getppid(),
+}
+
+
+def run_probe(name: str, ctx: dict[str, int], fds: dict[str, int]) -> dict[str, object]:
+    """The hook for PROBES: like run_attempt."""
+    return _report(lambda: PROBES[name](ctx))
+
+
+def run_attempt(name: str, ctx: dict[str, int], fds: dict[str, int]) -> dict[str, object]:
+    """The hook: {"outcome": "ENOENT"...} when the attempt failed, "succeeded" when it did not."""
+    return _report(lambda: ATTEMPTS[name](fds, ctx))
+
+
+def _report(call: Callable[[], object]) -> dict[str, object]:
+    try:
+        got = call()
+    except OSError as e:
+        return {"outcome": errno.errorcode.get(e.errno or 0, str(e.errno)), "detail": str(e)}
+    return {"outcome": "succeeded", "detail": repr(got)[:200]}

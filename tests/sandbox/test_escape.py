@@ -1,0 +1,164 @@
+"""The escape suite: each attempt runs as a test hook inside a real sandboxed serial device.
+
+A forbidden syscall kills the process, which ends the hook, so every attempt
+gets a fresh device. With the policy enforced, each must fail (an errno) or
+kill (SIGSYS). Each attempt runs a second time with seccomp letting everything
+through (its "trace" mode, every call allowed by a listener here), to test the
+layers beneath it: namespaces, empty root, rlimits, capabilities, Landlock.
+Those must stop every attempt on the host's files, the monitor, mounts and
+namespaces, and the sealed or read-only fds; the others (a socket in an empty
+network namespace, executable memory, a thread...) have seccomp as their only
+barrier, which the table shows. The outcomes go into a table printed by the
+last test (pytest -s, or the file under the session's tmp dir).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cloudpickle  # type: ignore[import-untyped]
+import pytest
+from splitvmm.native._kvm import lib as kvm_lib
+
+from splitvmm.cli.policy import Trace, traced
+from tests.sandbox import escapes
+from tests.sandbox.harness import SandboxedDevice
+
+pytestmark = pytest.mark.sandbox
+MODELS = ["serial"]
+
+# What the layers beneath seccomp must stop on their own (an errno, since nothing kills).
+STOPPED_WITHOUT_SECCOMP = {
+    "open_etc_passwd",
+    "openat_etc_passwd",
+    "read_proc_self_environ",
+    "list_root",
+    "creat_file",
+    "mkdir_dir",
+    "unlink_channel",
+    "execve_shell",
+    "ptrace_attach_monitor",
+    "kill_monitor",
+    "process_vm_readv_monitor",
+    "mount_tmpfs",
+    "unshare_userns",
+    "setns_any",
+    "bpf_prog_load",
+    "ftruncate_sealed_memfd",
+    "write_readonly_fd",
+}
+
+# Outcomes of this session's attempts: (model, attempt, seccomp) -> outcome.
+RESULTS: dict[tuple[str, str, str], str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _escapes_by_value() -> Iterator[None]:
+    # The hook carries the attempt's code: the device never imports tests/.
+    cloudpickle.register_pickle_by_value(escapes)
+    yield
+    cloudpickle.unregister_pickle_by_value(escapes)
+
+
+@pytest.fixture
+def handed_fds(tmp_path: Path) -> Iterator[dict[str, int]]:
+    """Extra fds the device holds: a sealed memfd, a read-only file, /dev/kvm where it exists."""
+    memfd = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(memfd, 4096)
+    import fcntl
+
+    fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    victim = tmp_path / "readonly.txt"
+    victim.write_bytes(b"original")
+    fds = {"memfd": memfd, "readonly": os.open(victim, os.O_RDONLY | os.O_CLOEXEC)}
+    try:
+        fds["kvm"] = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        pass  # no KVM here: the ioctl attempt still sweeps fds 0..64
+    yield fds
+    for fd in fds.values():
+        os.close(fd)
+    assert victim.read_bytes() == b"original"
+
+
+def _outcome(dev: SandboxedDevice) -> str:
+    result = dev.hook_result()
+    if result is not None:
+        return str(result.get("outcome", result))
+    status = dev.wait_exit()
+    return f"killed ({signal.Signals(-status).name})" if status < 0 else f"exited {status}"
+
+
+def _attempt(
+    spawn: Callable[..., SandboxedDevice],
+    model: str,
+    attempt: str,
+    ctx: dict[str, int],
+    **kw: object,
+) -> str:
+    hook = functools.partial(escapes.run_attempt, attempt, ctx)
+    dev = spawn(model=model, hook=hook, **kw)
+    if kw.get("seccomp") != "trace":
+        return _outcome(dev)
+    with traced(dev.proc.pid, Trace(), errnos={}):  # every syscall allowed
+        return _outcome(dev)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("attempt", sorted(escapes.ATTEMPTS))
+def test_sandbox_escape_attempt_fails_or_kills(
+    attempt: str,
+    model: str,
+    spawn: Callable[..., SandboxedDevice],
+    sleeper: subprocess.Popen[bytes],
+    handed_fds: dict[str, int],
+) -> None:
+    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": kvm_lib.KVM_GET_API_VERSION}
+
+    outcome = _attempt(spawn, model, attempt, ctx, extra_fds=handed_fds)
+    RESULTS[model, attempt, "enforced"] = outcome
+
+    assert outcome == "killed (SIGSYS)" or outcome.startswith("E"), outcome
+    assert sleeper.poll() is None  # the stand-in monitor survived
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("attempt", sorted(escapes.ATTEMPTS))
+def test_sandbox_escape_attempt_without_seccomp_meets_the_other_layers(
+    attempt: str,
+    model: str,
+    spawn: Callable[..., SandboxedDevice],
+    sleeper: subprocess.Popen[bytes],
+    handed_fds: dict[str, int],
+) -> None:
+    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": kvm_lib.KVM_GET_API_VERSION}
+
+    outcome = _attempt(spawn, model, attempt, ctx, extra_fds=handed_fds, seccomp="trace")
+    RESULTS[model, attempt, "without seccomp"] = outcome
+
+    if attempt in STOPPED_WITHOUT_SECCOMP:
+        assert outcome.startswith("E"), outcome
+    assert sleeper.poll() is None
+
+
+def test_sandbox_escape_summary_prints_table(tmp_path_factory: pytest.TempPathFactory) -> None:
+    if not RESULTS:
+        pytest.skip("no escape attempt ran in this session")
+    rows = sorted({(m, a) for m, a, _ in RESULTS})
+    width = max(len(a) for _, a in rows)
+    lines = [f"{'model':<7} {'attempt':<{width}}  {'enforced':<16} without seccomp"]
+    for m, a in rows:
+        enforced = RESULTS.get((m, a, "enforced"), "-")
+        lines.append(
+            f"{m:<7} {a:<{width}}  {enforced:<16} {RESULTS.get((m, a, 'without seccomp'), '-')}"
+        )
+    table = "\n".join(lines)
+    path = tmp_path_factory.getbasetemp() / "escape-table.txt"
+    path.write_text(table + "\n")
+    print(f"\n{table}\n(written to {path})")
+    assert all(o != "succeeded" for (_, _, mode), o in RESULTS.items() if mode == "enforced")

@@ -1,0 +1,139 @@
+"""The policy parser and compiler (devprocs/policy.py): no subprocess, no sandbox."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+from pathlib import Path
+
+import pyseccomp as seccomp  # type: ignore[import-untyped]
+import pytest
+
+from splitvmm.devprocs import policy
+from splitvmm.devprocs.policy import Cmp, PolicyError, Rule
+
+ALL_ONES = (1 << 64) - 1
+
+
+def _file(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_parse_rule_when_1_allows_unconditionally() -> None:
+    assert policy.parse_rule("read: 1", "f:1") == Rule("read", "f:1")
+
+
+def test_parse_rule_when_return_gives_the_errno() -> None:
+    assert policy.parse_rule("openat: return ENOENT", "f:1").errno == errno.ENOENT
+
+
+def test_parse_rule_when_or_of_equalities_gives_each_comparison() -> None:
+    rule = policy.parse_rule("fcntl: arg1 == F_GETFL || arg1 == 4", "f:1")
+
+    assert rule.any_of == (Cmp(1, ALL_ONES, policy.CONSTANTS["F_GETFL"]), Cmp(1, ALL_ONES, 4))
+
+
+def test_parse_rule_when_masked_gives_mask_and_value() -> None:
+    rule = policy.parse_rule("mmap: arg2 & PROT_EXEC|PROT_WRITE == 0", "f:1")
+
+    assert rule.any_of == (Cmp(2, mmap.PROT_EXEC | mmap.PROT_WRITE, 0),)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("read", "expected `syscall: 1`"),
+        ("not_a_syscall: 1", "not a x86_64 system call"),
+        ("socketcall: 1", "not a x86_64 system call"),
+        ("openat: return ENOTANERRNO", "unknown errno"),
+        ("ioctl: arg1 == KVM_RUN", "unknown constant 'KVM_RUN'"),
+        ("ioctl: arg7 == 1", "expected `argN == VALUE`"),
+        ("ioctl: arg1 > 1", "expected `argN == VALUE`"),
+        ("mmap: arg2 & 4 == 5", "can never hold"),
+        ("mmap: arg2 == 0x10000000000000000", "does not fit in 64 bits"),
+    ],
+)
+def test_parse_rule_when_malformed_names_file_and_line(line: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=r"^f\.policy:7: ") as info:
+        policy.parse_rule(line, "f.policy:7")
+
+    assert message in str(info.value)
+
+
+def test_parse_file_when_including_merges_rules_in_order(tmp_path: Path) -> None:
+    _file(tmp_path, "common_device.policy", "read: 1\nwrite: 1  # why\n")
+    top = _file(
+        tmp_path, "x_device.policy", "# top\n@include common_device.policy\nwrite: return EPERM\n"
+    )
+
+    parsed = policy.parse_file(top)
+
+    assert sorted(parsed.rules) == ["read", "write"]
+    assert parsed.rules["write"] == Rule("write", f"{top}:3", errno=errno.EPERM)
+
+
+def test_parse_file_when_a_rule_repeats_in_one_file_fails_at_the_repeat(tmp_path: Path) -> None:
+    path = _file(tmp_path, "x.policy", "read: 1\n\nread: 1\n")
+
+    with pytest.raises(PolicyError, match=rf"^{path}:3: read is already defined"):
+        policy.parse_file(path)
+
+
+def test_parse_file_when_include_is_missing_names_the_including_file(tmp_path: Path) -> None:
+    path = _file(tmp_path, "x.policy", "@include nowhere.policy\n")
+
+    with pytest.raises(PolicyError, match=rf"^{path}: cannot read .*nowhere.policy"):
+        policy.parse_file(path)
+
+
+def test_parse_file_when_include_leaves_the_directory_fails(tmp_path: Path) -> None:
+    path = _file(tmp_path, "x.policy", "@include ../etc/x.policy\n")
+
+    with pytest.raises(PolicyError, match=rf"^{path}:1: expected `@include NAME.policy`"):
+        policy.parse_file(path)
+
+
+def test_parse_file_when_includes_cycle_fails(tmp_path: Path) -> None:
+    _file(tmp_path, "a.policy", "@include b.policy\n")
+    _file(tmp_path, "b.policy", "@include a.policy\n")
+
+    with pytest.raises(PolicyError, match="@include cycle through a.policy"):
+        policy.parse_file(tmp_path / "a.policy")
+
+
+def test_parse_file_when_given_run_time_constants_uses_them(tmp_path: Path) -> None:
+    path = _file(tmp_path, "w.policy", "kill: arg0 == SELF_PID\n")
+
+    parsed = policy.parse_file(path, {**policy.CONSTANTS, "SELF_PID": 42})
+
+    assert parsed.rules["kill"].any_of == (Cmp(0, ALL_ONES, 42),)
+
+
+def test_compile_filter_when_policy_parses_exports_bpf(tmp_path: Path) -> None:
+    path = _file(
+        tmp_path, "x.policy", "read: 1\nmmap: arg2 & PROT_EXEC == 0\nopenat: return ENOENT\n"
+    )
+    out = tmp_path / "filter.bpf"
+
+    with out.open("wb") as f:
+        policy.compile_filter(policy.parse_file(path)).export_bpf(f)
+
+    assert out.stat().st_size > 0 and out.stat().st_size % 8 == 0  # struct sock_filter[]
+
+
+def test_compile_filter_defaults_to_kill_process_and_tsync() -> None:
+    filt = policy.compile_filter(policy.Policy({}, []))
+
+    assert filt.get_attr(seccomp.Attr.ACT_DEFAULT) == seccomp.KILL_PROCESS
+    assert filt.get_attr(seccomp.Attr.CTL_TSYNC) == 1
+
+
+def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open() -> None:
+    parsed = policy.load_model_policy("serial")
+
+    assert "ioctl" not in parsed.rules
+    assert parsed.rules["openat"].errno == errno.ENOENT
+    assert parsed.rules["open"].errno == errno.ENOENT
+    assert {"socket", "connect", "execve", "clone", "clone3", "fork"}.isdisjoint(parsed.rules)

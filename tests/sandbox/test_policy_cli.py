@@ -1,0 +1,52 @@
+"""`splitvmm policy check` and `splitvmm policy audit MODEL` (cli/policy.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from splitvmm.cli import cli
+from splitvmm.devprocs import policy
+
+
+def test_policy_check_when_shipped_policies_exits_0() -> None:
+    result = CliRunner().invoke(cli, ["policy", "check"])
+
+    assert result.exit_code == 0, result.output
+    assert "serial_device.policy:" in result.output and "warden.policy:" in result.output
+
+
+def test_policy_check_when_a_rule_is_bad_exits_1_naming_file_and_line(tmp_path: Path) -> None:
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    with (tmp_path / "serial.policy").open("a") as f:
+        f.write("ioctl: arg1 == KVM_RUN\n")
+    lines = (tmp_path / "serial.policy").read_text().count("\n")
+
+    result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'serial.policy'}:{lines}: unknown constant 'KVM_RUN'" in result.output
+
+
+def test_policy_check_when_a_model_has_no_policy_exits_1(tmp_path: Path) -> None:
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    (tmp_path / "serial_device.policy").unlink()
+
+    result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert "serial_device.policy: missing" in result.output
+
+
+@pytest.mark.sandbox
+def test_policy_audit_when_serial_prints_sorted_syscalls_all_in_policy() -> None:
+    result = CliRunner().invoke(cli, ["policy", "audit", "serial", "--accesses", "200"])
+
+    assert result.exit_code == 0, result.output
+    names = [line.split()[0] for line in result.output.splitlines()[:-1]]
+    assert names == sorted(names)
+    assert {"recvfrom", "sendto", "write"} <= set(names)
+    assert "serial: " in result.output.splitlines()[-1]

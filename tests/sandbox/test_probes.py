@@ -1,0 +1,59 @@
+"""The allow-list from inside: allowed calls (and allowed argument forms) return; other
+argument forms of the same calls, and calls left out, kill (STYLE section 8)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+import cloudpickle  # type: ignore[import-untyped]
+import pytest
+
+from splitvmm.native.confine import FUTEX_OPS
+from tests.sandbox import escapes
+from tests.sandbox.harness import SandboxedDevice
+
+pytestmark = pytest.mark.sandbox
+
+ALLOWED = [
+    "mmap_read_write",
+    "madvise_dontneed",
+    "futex_wake_private",
+    "clock_gettime_syscall",
+    "getpid",
+    "poll_nothing",
+]
+KILLED = ["madvise_free", "futex_requeue", "getppid"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _escapes_by_value() -> Iterator[None]:
+    cloudpickle.register_pickle_by_value(escapes)
+    yield
+    cloudpickle.unregister_pickle_by_value(escapes)
+
+
+def _probe(spawn: Callable[..., SandboxedDevice], name: str, seccomp: str = "kill") -> str:
+    dev = spawn(hook=functools.partial(escapes.run_probe, name, dict(FUTEX_OPS)), seccomp=seccomp)
+    result = dev.hook_result()
+    return "killed" if result is None else str(result["outcome"])
+
+
+@pytest.mark.parametrize("name", ALLOWED)
+def test_serial_policy_when_call_is_allowed_returns(
+    name: str, spawn: Callable[..., SandboxedDevice]
+) -> None:
+    assert _probe(spawn, name) == "succeeded"
+
+
+@pytest.mark.parametrize("name", KILLED)
+def test_serial_policy_when_call_or_argument_is_not_allowed_kills(
+    name: str, spawn: Callable[..., SandboxedDevice]
+) -> None:
+    assert _probe(spawn, name) == "killed"
+
+
+def test_serial_policy_in_log_mode_lets_a_forbidden_call_run(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    assert _probe(spawn, "getppid", seccomp="log") == "succeeded"  # logged to kmsg instead

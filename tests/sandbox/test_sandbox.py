@@ -1,0 +1,211 @@
+"""A running sandboxed device, seen from outside: /proc status, namespaces, its warden."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from splitvmm.devprocs.serial import Lsr, Reg
+from tests.sandbox.harness import SandboxedDevice
+
+pytestmark = pytest.mark.sandbox
+# A device is not dumpable (no core file with guest data): reading its fds, root and
+# namespaces from /proc takes CAP_SYS_PTRACE over it, even for the same uid.
+needs_ptrace_read = pytest.mark.skipif(
+    os.geteuid() != 0, reason="reading a non-dumpable process's /proc/PID/{fd,ns,root} needs root"
+)
+NAMESPACES = ("user", "mnt", "net", "ipc", "uts", "pid")
+
+
+def _status(pid: int, task: int | None = None) -> dict[str, str]:
+    path = f"/proc/{pid}/status" if task is None else f"/proc/{pid}/task/{task}/status"
+    lines = Path(path).read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def _confinement(status: dict[str, str]) -> tuple[str, ...]:
+    keys = ("Seccomp", "NoNewPrivs", "CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")
+    return tuple(status[k] for k in keys)
+
+
+CONFINED = ("2", "1") + ("0000000000000000",) * 5
+
+
+def test_device_status_when_serving_is_seccomp_nnp_no_caps(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    tasks = [int(t) for t in os.listdir(f"/proc/{dev.device_pid()}/task")]
+
+    assert len(tasks) >= 3  # the Python thread and ZeroMQ's I/O and reaper threads
+    assert [_confinement(_status(dev.device_pid(), t)) for t in tasks] == [CONFINED] * len(tasks)
+
+
+@needs_ptrace_read
+def test_device_namespaces_when_serving_differ_from_ours(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    theirs = {ns: os.readlink(f"/proc/{dev.device_pid()}/ns/{ns}") for ns in NAMESPACES}
+    ours = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in NAMESPACES}
+
+    assert [ns for ns in NAMESPACES if theirs[ns] == ours[ns]] == []
+
+
+def test_device_when_serving_is_pid_1_of_its_namespace(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    nspid = _status(dev.device_pid())["NSpid"].split()
+
+    assert nspid[-1] == "1"
+
+
+@needs_ptrace_read
+def test_device_root_when_serving_is_empty_tmpfs(spawn: Callable[..., SandboxedDevice]) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    root = Path(f"/proc/{dev.device_pid()}/root")
+
+    assert sorted(os.listdir(root)) == ["channel"]
+    assert "ro" in Path(f"/proc/{dev.device_pid()}/mountinfo").read_text().split("\n")[0]
+
+
+def _limits(pid: int) -> dict[str, list[str]]:
+    text = Path(f"/proc/{pid}/limits").read_text()
+    return {line[:26].strip(): line[26:].split()[:2] for line in text.splitlines()[1:]}
+
+
+@needs_ptrace_read
+def test_device_rlimits_when_serving_forbid_processes_fds_cores_files(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn(stderr_to_file=False)  # no writable regular file: stdio and out are not
+    dev.wait_ready()
+
+    limits = _limits(dev.device_pid())
+    held = max(int(fd) for fd in os.listdir(f"/proc/{dev.device_pid()}/fd"))
+
+    assert limits["Max processes"] == ["0", "0"]
+    assert limits["Max open files"] == [str(held + 1)] * 2
+    assert limits["Max core file size"] == ["0", "0"]
+    assert limits["Max file size"] == ["0", "0"]
+
+
+def test_device_rlimits_when_stderr_is_a_file_let_it_grow(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn(stderr_to_file=True)  # RLIMIT_FSIZE 0 would silence its error messages
+    dev.wait_ready()
+
+    assert _limits(dev.device_pid())["Max file size"] == ["unlimited"] * 2
+
+
+@needs_ptrace_read
+def test_warden_status_when_serving_is_confined_and_holds_no_fds(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    fds = sorted(int(fd) for fd in os.listdir(f"/proc/{dev.proc.pid}/fd"))
+
+    assert _confinement(_status(dev.proc.pid)) == CONFINED
+    assert fds[:3] == [0, 1, 2] and len(fds) == 4  # stdio and the device's liveness pipe
+
+
+def test_device_when_sandboxed_serves_uart_accesses(spawn: Callable[..., SandboxedDevice]) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    dev.write(Reg.RX_TX, b"A")
+    dev.sync()
+    lsr = dev.read(Reg.LSR)[0]
+
+    assert dev.output() == b"A"
+    assert lsr & Lsr.THRE
+
+
+def test_warden_when_device_is_killed_dies_of_the_same_signal(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    os.kill(dev.device_pid(), signal.SIGKILL)
+
+    assert dev.wait_exit() == -signal.SIGKILL
+
+
+def test_device_when_serving_leads_its_own_session(spawn: Callable[..., SandboxedDevice]) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    # /proc/PID/stat fields 5 and 6 (after the parenthesised name): pgrp and session
+    pgrp, session = (
+        Path(f"/proc/{dev.device_pid()}/stat").read_text().rsplit(")", 1)[1].split()[2:4]
+    )
+
+    assert int(pgrp) == int(session) == dev.device_pid()  # kill(0) reaches only itself
+    assert os.getpgid(0) != int(pgrp)
+
+
+def test_warden_when_device_exits_exits_with_its_status(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    dev.sock.send(b"\xff" * 3)  # a malformed frame: ProtocolError, traceback, exit 1
+
+    assert dev.wait_exit() == 1
+    assert "ProtocolError" in dev.stderr()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
+def test_device_when_warden_is_signalled_dies(
+    sig: signal.Signals, spawn: Callable[..., SandboxedDevice]
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+    device = dev.device_pid()
+
+    dev.proc.send_signal(sig)
+
+    assert dev.wait_exit() == -sig
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{device}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not Path(f"/proc/{device}").exists()
+
+
+def _ready_after(spawn: Callable[..., SandboxedDevice], sandboxed: bool) -> float:
+    dev = spawn(sandboxed=sandboxed)
+    seconds = dev.wait_ready()
+    dev.close()
+    return seconds
+
+
+def test_device_startup_with_sandbox_costs_under_a_second_more(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    runs = 7
+    pairs = [(_ready_after(spawn, False), _ready_after(spawn, True)) for _ in range(runs)]
+    bare, boxed = (sorted(column)[runs // 2] for column in zip(*pairs, strict=True))
+
+    print(
+        f"\nspawn to READY, median of {runs}: bare {bare * 1e3:.0f} ms, sandboxed {boxed * 1e3:.0f} ms"
+    )
+    assert boxed < bare + 1.0

@@ -1,0 +1,56 @@
+"""Pieces of devprocs/sandbox.py and native/landlock.py that run without confining anything."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pytest
+
+from splitvmm.devprocs import sandbox
+from splitvmm.devprocs.sandbox import SandboxError, SeccompMode
+from splitvmm.native import landlock
+
+
+@pytest.mark.parametrize(
+    ("audit", "mode"),
+    [(False, SeccompMode.KILL), (True, SeccompMode.LOG), ("trace", SeccompMode.TRACE)],
+)
+def test_sandbox_mode_when_given_audit_value_maps_to_seccomp_mode(
+    audit: bool | str, mode: SeccompMode
+) -> None:
+    assert sandbox._mode(audit) is mode
+
+
+def test_sandbox_mode_when_unknown_raises() -> None:
+    with pytest.raises(ValueError):
+        sandbox._mode("allow")
+
+
+@pytest.mark.parametrize(
+    "channel", ["tcp://127.0.0.1:5555", "ipc://relative.sock", "ipc:///x.sock"]
+)
+def test_sandbox_channel_path_when_not_ipc_in_a_directory_raises(channel: str) -> None:
+    with pytest.raises(SandboxError, match="is not ipc://"):
+        sandbox._channel_path(channel)
+
+
+def test_landlock_fs_rights_when_abi_grows_only_add_rights() -> None:
+    rights = [landlock.fs_rights(abi) for abi in range(1, 8)]
+
+    assert all(a & b == a for a, b in zip(rights, rights[1:], strict=False))
+    assert rights[0].bit_count() == 13 and rights[-1].bit_count() == 16
+
+
+def test_restrict_landlock_when_kernel_has_none_warns_and_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unavailable() -> int:
+        raise landlock.LandlockUnavailable(errno.EOPNOTSUPP, "Landlock is not enabled")
+
+    monkeypatch.setattr(landlock, "restrict_self_deny_all", unavailable)
+
+    with caplog.at_level(logging.WARNING, logger="splitvmm.dev.sandbox"):
+        sandbox._restrict_landlock()
+
+    assert "Landlock is not available" in caplog.text
