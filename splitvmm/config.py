@@ -109,26 +109,26 @@ def _parse_vm(table: dict[str, Any]) -> VmSection:
     return VmSection(name, memory, vcpus, tuple(mask))
 
 
-def _path(table: dict[str, Any], key: str, base: Path) -> Path | None:
+def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | None:
     if key not in table:
         return None
     value = _get(table, key, "boot", str)
     path = (base / value).expanduser() if not value.startswith("~") else Path(value).expanduser()
-    if not path.is_file():
+    if check and not path.is_file():
         raise ConfigError(f"boot.{key}: {path} does not exist or is not a file")
     return path
 
 
-def _parse_boot(table: dict[str, Any], base: Path) -> BootSection:
+def _parse_boot(table: dict[str, Any], base: Path, check: bool) -> BootSection:
     _reject_unknown(table, {"kernel", "initrd", "cmdline", "firmware"}, "boot")
-    kernel, firmware = _path(table, "kernel", base), _path(table, "firmware", base)
+    kernel, firmware = _path(table, "kernel", base, check), _path(table, "firmware", base, check)
     if (kernel is None) == (firmware is None):
         raise ConfigError("boot: give exactly one of kernel (bzImage or ELF) or firmware")
     if firmware is not None and ("initrd" in table or "cmdline" in table):
         raise ConfigError("boot: initrd and cmdline go with kernel, not firmware")
     return BootSection(
         kernel=kernel,
-        initrd=_path(table, "initrd", base),
+        initrd=_path(table, "initrd", base, check),
         cmdline=_get(table, "cmdline", "boot", str, ""),
         firmware=firmware,
     )
@@ -155,10 +155,12 @@ def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
     return DeviceSection(name, model, on_crash, options)
 
 
-def parse_config(data: dict[str, Any], base: Path) -> VmConfig:
+def parse_config(data: dict[str, Any], base: Path, check_files: bool = True) -> VmConfig:
+    """The config from its TOML tables; check_files=False for a restore, whose RAM
+    already holds the kernel (only firmware is read again, when the VM maps it)."""
     _reject_unknown(data, {"vm", "boot", "device"}, "config")
     vm = _parse_vm(_get(data, "vm", "config", dict, {}))
-    boot = _parse_boot(_get(data, "boot", "config", dict), base)
+    boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files)
     devices = tuple(
         _parse_device(_get({"device": d}, "device", f"device[{i}]", dict), f"device[{i}]")
         for i, d in enumerate(_get(data, "device", "config", list, []))
@@ -172,7 +174,7 @@ def parse_config(data: dict[str, Any], base: Path) -> VmConfig:
     return VmConfig(vm, boot, devices)
 
 
-def load_config(path: Path) -> VmConfig:
+def load_config(path: Path, check_files: bool = True) -> VmConfig:
     try:
         text = path.read_text()
     except OSError as e:
@@ -181,5 +183,23 @@ def load_config(path: Path) -> VmConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    cfg = parse_config(data, path.parent)
+    cfg = parse_config(data, path.parent, check_files)
     return VmConfig(cfg.vm, cfg.boot, cfg.devices, source=path)
+
+
+def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
+    """The config as TOML-shaped plain data (absolute paths), which parse_config reads back."""
+    boot: dict[str, Any] = {}
+    for key in ("kernel", "initrd", "firmware"):
+        value = getattr(cfg.boot, key)
+        if value is not None:
+            boot[key] = str(value.resolve())
+    if cfg.boot.kernel is not None:
+        boot["cmdline"] = cfg.boot.cmdline
+    vm = {"name": cfg.vm.name, "memory": cfg.vm.memory, "vcpus": cfg.vm.vcpus}
+    if cfg.vm.cpuid_mask:
+        vm["cpuid_mask"] = list(cfg.vm.cpuid_mask)
+    devices = [
+        {"name": d.name, "model": d.model, "on_crash": d.on_crash, **d.options} for d in cfg.devices
+    ]
+    return {"vm": vm, "boot": boot, "device": devices}

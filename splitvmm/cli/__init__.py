@@ -13,7 +13,11 @@ from splitvmm import __version__
 # name -> module under splitvmm.cli that defines `command`
 SUBCOMMANDS = {
     "up": "up",
+    "restore": "restore",
+    "ctl": "ctl",
     "guest": "guest",
+    "policy": "policy",
+    "snapshot": "snapshot",
 }
 
 

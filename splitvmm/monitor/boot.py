@@ -51,23 +51,26 @@ class Firmware:
         self.map.close()
 
 
-def prepare(
-    cfg: VmConfig, kvm: Kvm, vm: VmFd, mem: GuestMemory, vcpus: list[VcpuFd]
-) -> Firmware | None:
-    """Load what the config boots and set every vCPU's CPUID and start state.
+def map_firmware(cfg: VmConfig, vm: VmFd) -> Firmware | None:
+    """The firmware's read-only slots (part of the platform: a restore maps them too).
 
-    Returns the firmware mapping (the caller keeps it open for the VM's lifetime).
+    The caller keeps the returned mapping open for the VM's lifetime.
     """
+    if cfg.boot.firmware is None:
+        return None
+    return Firmware(vm, loader.load_firmware(cfg.boot.firmware))
+
+
+def prepare(cfg: VmConfig, kvm: Kvm, mem: GuestMemory, vcpus: list[VcpuFd]) -> None:
+    """A fresh boot: every vCPU's CPUID and LAPIC, and the kernel's memory and entry state."""
     mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
     tables = [cpuid.setup_cpuid(kvm, v, len(vcpus), mask) for v in vcpus]
     for v in vcpus:
         boot64.setup_lapic_lints(v)
-    if cfg.boot.firmware is not None:
-        return Firmware(vm, loader.load_firmware(cfg.boot.firmware))
-    assert cfg.boot.kernel is not None  # config.py requires exactly one of the two
+    if cfg.boot.kernel is None:
+        return  # firmware: vCPUs keep KVM's reset state (the BSP at the reset vector)
     kernel = loader.load_linux(mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline)
     leaf1 = next((e for e in tables[0] if e.function == 1), None)
     mptable.write_mptable(mem, len(vcpus), leaf1)
     boot64.write_boot_tables(mem)
     boot64.setup_vcpu_64(vcpus[0], kernel.entry)
-    return None

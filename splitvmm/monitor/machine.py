@@ -12,15 +12,18 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import zmq
 
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import ConfigError, KvmUnavailable
-from splitvmm.monitor import boot, layout
+from splitvmm.monitor import boot, layout, restore
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
+from splitvmm.monitor.control import ControlError, ControlServer, Handler
+from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.devhost import DeviceHost, Spawn
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
@@ -31,6 +34,7 @@ from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
+from splitvmm.snapshot.reader import Snapshot
 
 log = logging.getLogger("splitvmm.machine")
 
@@ -40,9 +44,15 @@ DEBUG_EXIT_WINDOW = 4  # accepts outb/outw/outl at 0xf4
 
 
 class Machine:
-    def __init__(self, cfg: VmConfig, runtime_root: Path | None = None) -> None:
+    def __init__(
+        self, cfg: VmConfig, runtime_root: Path | None = None, snapshot: Snapshot | None = None
+    ) -> None:
         self.cfg = cfg
+        self.snapshot = snapshot  # restore from it instead of booting
         self._runtime_root = runtime_root
+        self.coordinator = Coordinator(self)
+        self.control: ControlServer | None = None
+        self.started = time.monotonic()
         self._outcome: Outcome | None = None
         self._outcome_lock = threading.Lock()
         self._wake = EventFd()  # wakes the main thread when the VM ends
@@ -55,6 +65,7 @@ class Machine:
 
     def build(self) -> None:
         cfg = self.cfg
+        saved = restore.decode_states(self.snapshot) if self.snapshot is not None else None
         self.kvm = Kvm()
         self._closables.append(self.kvm)
         self.kvm.require_caps()
@@ -74,9 +85,14 @@ class Machine:
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
         ]
         self._closables.extend(self.vcpu_fds)
-        firmware = boot.prepare(cfg, self.kvm, self.vm, self.mem, self.vcpu_fds)
+        firmware = boot.map_firmware(cfg, self.vm)
         if firmware is not None:
             self._closables.append(firmware)
+        if self.snapshot is not None:
+            restore.apply(self.snapshot, saved, self)
+        else:
+            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds)
+        self.control = ControlServer(self.rundir.path, self._control_handlers())
 
     # -- construction ---------------------------------------------------------------
     def _create_platform(self) -> None:
@@ -97,6 +113,7 @@ class Machine:
         self._closables.append(irq)
         self.vm.register_irqfd(irq.fd, layout.COM1_IRQ)
         out_fd = self._open_output(dev)
+        state = restore.device_state(self.snapshot, dev.name) if self.snapshot else None
         host = DeviceHost(
             Spawn(
                 dev.name,
@@ -104,6 +121,7 @@ class Machine:
                 SERIAL_WINDOW,
                 dict(dev.options),
                 {"irq": irq.fd, "out": out_fd},
+                state,
             ),
             self.zctx,
             self.rundir.path,
@@ -172,6 +190,8 @@ class Machine:
             host.wait_ready()
         supervisor = Supervisor(self.hosts)
         supervisor.start()
+        assert self.control is not None
+        self.control.start()
         self.vcpus = [
             VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop) for fd in self.vcpu_fds
         ]
@@ -190,6 +210,62 @@ class Machine:
             supervisor.close()
         assert self._outcome is not None
         return self._outcome
+
+    # -- control socket ---------------------------------------------------------------------
+    def _control_handlers(self) -> dict[str, Handler]:
+        return {
+            "status": lambda req: self._status(),
+            "devices": lambda req: {"devices": self._devices()},
+            "pause": lambda req: self._pause(),
+            "resume": lambda req: self._resume(),
+            "snapshot": lambda req: self._snapshot(req, suspend=False),
+            "suspend": lambda req: self._snapshot(req, suspend=True),
+        }
+
+    def _status(self) -> dict[str, object]:
+        return {
+            "name": self.cfg.vm.name,
+            "state": "paused" if self.coordinator.paused else "running",
+            "vcpus": self.cfg.vm.vcpus,
+            "memory": self.cfg.vm.memory,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "pid": os.getpid(),
+            "devices": self._devices(),
+        }
+
+    def _devices(self) -> list[dict[str, object]]:
+        return [
+            {
+                "name": h.name,
+                "model": h.model,
+                "pid": h.pid,
+                "state": "failed" if h.failed else "running",
+                "reason": h.failed or "",
+            }
+            for h in self.hosts
+        ]
+
+    def _pause(self) -> dict[str, object]:
+        self.coordinator.pause()
+        return {"state": "paused"}
+
+    def _resume(self) -> dict[str, object]:
+        self.coordinator.resume()
+        return {"state": "running"}
+
+    def _snapshot(self, req: dict[str, object], suspend: bool) -> dict[str, object]:
+        path = req.get("path")
+        if not isinstance(path, str) or not path:
+            raise ControlError("snapshot needs a target directory path")
+        report = self.coordinator.snapshot(Path(path), keep_paused=suspend)
+        if suspend:
+            self.stop(Outcome(0, f"suspended to {report.path}"))
+        return {
+            "path": str(report.path),
+            "pause_ms": round(report.pause_ms, 1),
+            "write_ms": round(report.write_ms, 1),
+            "bytes": report.bytes,
+        }
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stop(Outcome(128 + signum, f"stopped by {signal.Signals(signum).name}"))
@@ -210,8 +286,11 @@ class Machine:
                 self.stop(Outcome(0, "quit from the console (Ctrl-A x)"))
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()  # first: no request may start on a machine being torn down
         for host in self.hosts:
-            host.sync()  # let every device finish the guest's posted writes before it dies
+            if host.ready:
+                host.sync()  # let every device finish the guest's posted writes before it dies
         for host in self.hosts:
             host.close()
         if self.zctx is not None:
@@ -237,8 +316,8 @@ class _FdCloser:
         os.close(self.fd)
 
 
-def run_vm(cfg: VmConfig) -> Outcome:
-    machine = Machine(cfg)
+def run_vm(cfg: VmConfig, snapshot: Snapshot | None = None) -> Outcome:
+    machine = Machine(cfg, snapshot=snapshot)
     try:
         machine.build()
         return machine.run()

@@ -47,6 +47,11 @@ class VcpuThread(threading.Thread):
         self._stop_vm = stop
         self.stopping = False
         self.exits = 0
+        # Pause protocol: the coordinator sets _pause_requested and kicks; the thread
+        # completes any pending I/O exit, parks, and sets _parked; resume clears both.
+        self._cond = threading.Condition()
+        self._pause_requested = False
+        self._parked = False
 
     def kick(self) -> None:
         self.vcpu.run_struct.immediate_exit = 1
@@ -54,8 +59,38 @@ class VcpuThread(threading.Thread):
             signal.pthread_kill(self.ident, KICK_SIGNAL)
 
     def request_stop(self) -> None:
-        self.stopping = True
+        with self._cond:
+            self.stopping = True
+            self._cond.notify_all()
         self.kick()
+
+    def request_pause(self) -> None:
+        with self._cond:
+            self._pause_requested = True
+        self.kick()
+
+    def wait_parked(self, timeout: float) -> bool:
+        """True once the vCPU is parked outside KVM_RUN with no I/O exit pending."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._parked or self.stopping, timeout)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_requested = False
+            self._cond.notify_all()
+
+    def _park(self) -> None:
+        # KVM_RUN with immediate_exit set completes a pending PIO/MMIO exit (writes the
+        # read value into the guest's register, advances RIP) and returns EINTR without
+        # entering the guest, so the state we save is between two instructions.
+        self.vcpu.run_struct.immediate_exit = 1
+        self.vcpu.run()
+        self.vcpu.run_struct.immediate_exit = 0
+        with self._cond:
+            self._parked = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._pause_requested or self.stopping)
+            self._parked = False
 
     def run(self) -> None:
         try:
@@ -69,6 +104,9 @@ class VcpuThread(threading.Thread):
     def _loop(self) -> None:
         run = self.vcpu.run_struct
         while not self.stopping:
+            if self._pause_requested:
+                self._park()
+                continue
             if self.vcpu.run() < 0:  # kicked
                 run.immediate_exit = 0
                 continue

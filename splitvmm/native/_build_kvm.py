@@ -15,6 +15,10 @@ KVM_IRQFD KVM_IOEVENTFD KVM_SIGNAL_MSI KVM_IRQ_LINE_STATUS KVM_GET_IRQCHIP
 KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
 KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_MSRS KVM_SET_MSRS KVM_GET_LAPIC KVM_SET_LAPIC
 KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_TRANSLATE KVM_GET_TSC_KHZ
+KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS
+KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_GET_MSR_INDEX_LIST KVM_SET_IRQCHIP
+KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK KVM_KVMCLOCK_CTRL KVM_SET_TSC_KHZ
+SV_KVM_GET_XSAVE2
 """.split()
 
 CONSTANTS = """
@@ -35,12 +39,17 @@ KVM_IOEVENTFD_FLAG_DEASSIGN KVM_PIT_SPEAKER_DUMMY
 E820_MAX_ENTRIES_ZEROPAGE CAN_USE_HEAP XLF_KERNEL_64
 KVM_CAP_TSC_DEADLINE_TIMER KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 X86_CR0_PE X86_CR0_ET X86_CR0_NE X86_CR0_PG X86_CR4_PAE X86_EFLAGS_FIXED
+KVM_CAP_XSAVE KVM_CAP_XCRS KVM_CAP_VCPU_EVENTS KVM_CAP_DEBUGREGS KVM_CAP_ADJUST_CLOCK
+KVM_CAP_KVMCLOCK_CTRL KVM_CAP_TSC_CONTROL KVM_CAP_GET_TSC_KHZ
+KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
+KVM_CLOCK_TSC_STABLE KVM_CLOCK_REALTIME KVM_CLOCK_HOST_TSC KVM_MAX_XCRS
+SV_HAVE_XSAVE2 SV_KVM_CAP_XSAVE2
 """.split()
 
 CDEF = """
 typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int __u32;
 typedef unsigned long long __u64;
-typedef int __s32;
+typedef int __s32; typedef long long __s64;
 
 struct kvm_run {
     __u8 request_interrupt_window;
@@ -96,6 +105,20 @@ struct kvm_irq_level { __u32 irq; __u32 level; ...; };
 struct kvm_mp_state { __u32 mp_state; };
 struct kvm_translation { __u64 linear_address; __u64 physical_address;
                          __u8 valid; __u8 writeable; __u8 usermode; ...; };
+/* Snapshot state (vmstate.py). The kernel structs the monitor never looks into (xsave,
+   vcpu events, debug registers, irqchip, PIT) travel as raw bytes of the header's size; only
+   the fields named here are read or written. */
+struct kvm_xsave { __u32 region[...]; ...; };
+struct kvm_xcr { __u32 xcr; __u32 reserved; __u64 value; };
+struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[...]; ...; };
+struct kvm_vcpu_events {
+    struct { __u8 injected; __u8 pending; __u8 masked; __u8 pad; } nmi; __u32 flags; ...;
+};
+struct kvm_debugregs { __u64 db[...]; __u64 dr6; __u64 dr7; __u64 flags; ...; };
+struct kvm_msr_list { __u32 nmsrs; __u32 indices[]; ...; };
+struct kvm_pit_channel_state { __u32 count; __s64 count_load_time; ...; };
+struct kvm_pit_state2 { struct kvm_pit_channel_state channels[...]; __u32 flags; ...; };
+struct kvm_clock_data { __u64 clock; __u32 flags; __u64 realtime; __u64 host_tsc; ...; };
 /* kvm_irqchip's payload is a union with bitfields; we read it as bytes at the
    offsets below, which the compiler computes from the header. */
 struct kvm_irqchip { __u32 chip_id; ...; };
@@ -142,6 +165,17 @@ SOURCE = """
 #define SV_IRQCHIP_CHIP_SIZE sizeof(((struct kvm_irqchip *)0)->chip)
 #define SV_PIC_IRR_OFFSET offsetof(struct kvm_pic_state, irr)
 #define SV_IOAPIC_IRR_OFFSET offsetof(struct kvm_ioapic_state, irr)
+/* KVM_GET_XSAVE2 (Linux 5.17) sizes the buffer by KVM_CAP_XSAVE2; older headers lack it and
+   we fall back to KVM_GET_XSAVE's fixed 4 KiB struct kvm_xsave. */
+#ifdef KVM_GET_XSAVE2
+#define SV_HAVE_XSAVE2 1
+#define SV_KVM_CAP_XSAVE2 KVM_CAP_XSAVE2
+#define SV_KVM_GET_XSAVE2 KVM_GET_XSAVE2
+#else
+#define SV_HAVE_XSAVE2 0
+#define SV_KVM_CAP_XSAVE2 0
+#define SV_KVM_GET_XSAVE2 0
+#endif
 static int sv_ioctl_ptr(int fd, unsigned long request, void *arg)
 { return ioctl(fd, request, arg); }
 static int sv_ioctl_val(int fd, unsigned long request, unsigned long arg)

@@ -7,8 +7,10 @@ KvmError naming the ioctl.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,93 @@ REQUIRED_CAPS = {
     "KVM_CAP_SET_TSS_ADDR": lib.KVM_CAP_SET_TSS_ADDR,
     "KVM_CAP_MP_STATE": lib.KVM_CAP_MP_STATE,
 }
+
+# Snapshot state sizes, all from <linux/kvm.h>: vmstate.py refuses raw state of any other size.
+XSAVE_MIN_SIZE = ffi.sizeof("struct kvm_xsave")  # KVM_GET_XSAVE's buffer; KVM_CAP_XSAVE2 >= this
+FPU_SIZE = ffi.sizeof("struct kvm_fpu")
+LAPIC_SIZE = ffi.sizeof("struct kvm_lapic_state")
+VCPU_EVENTS_SIZE = ffi.sizeof("struct kvm_vcpu_events")
+DEBUGREGS_SIZE = ffi.sizeof("struct kvm_debugregs")
+IRQCHIP_SIZE = lib.SV_IRQCHIP_CHIP_SIZE  # the `chip` union of struct kvm_irqchip
+PIT_STATE2_SIZE = ffi.sizeof("struct kvm_pit_state2")
+MAX_XCRS = lib.KVM_MAX_XCRS
+IRQCHIP_PIC_MASTER = lib.KVM_IRQCHIP_PIC_MASTER
+IRQCHIP_PIC_SLAVE = lib.KVM_IRQCHIP_PIC_SLAVE
+IRQCHIP_IOAPIC = lib.KVM_IRQCHIP_IOAPIC
+# Where each PIT channel's count_load_time (host CLOCK_MONOTONIC ns) sits in kvm_pit_state2.
+PIT_LOAD_TIME_OFFSETS = tuple(
+    ffi.offsetof("struct kvm_pit_state2", "channels")
+    + i * ffi.sizeof("struct kvm_pit_channel_state")
+    + ffi.offsetof("struct kvm_pit_channel_state", "count_load_time")
+    for i in range(len(ffi.new("struct kvm_pit_state2 *").channels))
+)
+# A struct's named fields as plain data: an int field is its width in bits, an array of ints
+# is (bits, length), a nested struct is its own layout. Derived from the header, so the
+# snapshot codec checks ranges against the kernel's real types.
+Layout = dict[str, "int | tuple[int, int] | Layout"]
+
+
+def _layout(ctype: Any) -> Layout:
+    out: Layout = {}
+    for name, field in ctype.fields:
+        t = field.type
+        if t.kind == "struct":
+            out[name] = _layout(t)
+        elif t.kind == "array":
+            out[name] = (ffi.sizeof(t.item) * 8, t.length)
+        else:
+            out[name] = ffi.sizeof(t) * 8
+    return out
+
+
+REGS_LAYOUT: Layout = _layout(ffi.typeof("struct kvm_regs"))
+SREGS_LAYOUT: Layout = _layout(ffi.typeof("struct kvm_sregs"))
+
+
+def _struct_type(cdata: Any) -> Any:
+    t = ffi.typeof(cdata)
+    return t.item if t.kind == "pointer" else t
+
+
+def _to_plain(cdata: Any) -> dict[str, Any]:
+    """A struct's named fields as nested dicts of ints (arrays as lists)."""
+    out: dict[str, Any] = {}
+    for name, field in _struct_type(cdata).fields:
+        value = getattr(cdata, name)
+        if field.type.kind == "struct":
+            out[name] = _to_plain(value)
+        elif field.type.kind == "array":
+            out[name] = list(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _fill(cdata: Any, plain: Mapping[str, Any]) -> None:
+    """Writes `plain` (the shape _to_plain gives) into `cdata`; fields not named stay zero."""
+    for name, field in _struct_type(cdata).fields:
+        if field.type.kind == "struct":
+            _fill(getattr(cdata, name), plain[name])
+        elif field.type.kind == "array":
+            getattr(cdata, name)[0 : field.type.length] = list(plain[name])
+        else:
+            setattr(cdata, name, plain[name])
+
+
+def _raw_get(fd: int, ctype: str, request: int, what: str) -> bytes:
+    # SAFETY: `buf` owns the struct's memory until it is copied out below.
+    buf = ffi.new(f"{ctype} *")
+    _ioctl_ptr(fd, request, buf, what)
+    return bytes(ffi.buffer(buf))
+
+
+def _raw_set(fd: int, ctype: str, data: bytes, request: int, what: str) -> None:
+    # SAFETY: `buf` owns the struct's memory and lives until the ioctl returns.
+    buf = ffi.new(f"{ctype} *")
+    if len(data) != ffi.sizeof(buf[0]):
+        raise ValueError(f"{what}: {len(data)} bytes given, {ctype} is {ffi.sizeof(buf[0])}")
+    ffi.memmove(buf, data, len(data))
+    _ioctl_ptr(fd, request, buf, what)
 
 
 def _check(ret: int, what: str) -> int:
@@ -63,6 +152,14 @@ class _Fd:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _xsave_size(check_extension: Callable[[int], int]) -> int:
+    if lib.SV_HAVE_XSAVE2:
+        size = check_extension(lib.SV_KVM_CAP_XSAVE2)
+        if size > 0:
+            return max(size, XSAVE_MIN_SIZE)
+    return XSAVE_MIN_SIZE if check_extension(lib.KVM_CAP_XSAVE) > 0 else 0
 
 
 class Kvm(_Fd):
@@ -110,6 +207,24 @@ class Kvm(_Fd):
                 raise KvmError(ffi.errno, "KVM_GET_SUPPORTED_CPUID")
             nent *= 2
 
+    def xsave_size(self) -> int:
+        """VmFd.xsave_size() asked of /dev/kvm: the same answer for this process (it depends on
+        the process's arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM) only); the API documents the VM fd."""
+        return _xsave_size(self.check_extension)
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves/restores for a vCPU (msrs_to_save +
+        emulated_msrs). The first call with room for none learns the count (E2BIG)."""
+        probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 0})
+        if lib.sv_ioctl_ptr(self.fd, lib.KVM_GET_MSR_INDEX_LIST, probe) == 0:
+            return []
+        if ffi.errno != errno.E2BIG:
+            raise KvmError(ffi.errno, "KVM_GET_MSR_INDEX_LIST")
+        n = probe.nmsrs
+        buf = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
+        _ioctl_ptr(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+        return [buf.indices[i] for i in range(buf.nmsrs)]
+
     def create_vm(self) -> VmFd:
         return VmFd(_ioctl_val(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self)
 
@@ -127,6 +242,16 @@ class CpuidEntry:
     @classmethod
     def from_c(cls, e: Any) -> CpuidEntry:
         return cls(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockData:
+    """struct kvm_clock_data: the VM's kvmclock (ns), and with which flags KVM reported it."""
+
+    clock: int
+    flags: int = 0
+    realtime: int = 0
+    host_tsc: int = 0
 
 
 class VmFd(_Fd):
@@ -198,6 +323,46 @@ class VmFd(_Fd):
         _ioctl_ptr(self.fd, lib.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
         raw = ffi.buffer(chip)[lib.SV_IRQCHIP_CHIP_OFFSET + lib.SV_IOAPIC_IRR_OFFSET :][:4]
         return int.from_bytes(raw, "little")
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: the `chip` union (PIC master 0, PIC slave 1, IOAPIC 2) as bytes."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        _ioctl_ptr(self.fd, lib.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
+        return bytes(ffi.buffer(chip)[lib.SV_IRQCHIP_CHIP_OFFSET :][:IRQCHIP_SIZE])
+
+    def set_irqchip(self, chip_id: int, data: bytes) -> None:
+        if len(data) != IRQCHIP_SIZE:
+            raise ValueError(
+                f"KVM_SET_IRQCHIP: {len(data)} bytes given, the chip is {IRQCHIP_SIZE}"
+            )
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        start = lib.SV_IRQCHIP_CHIP_OFFSET
+        ffi.buffer(chip)[start : start + IRQCHIP_SIZE] = data
+        _ioctl_ptr(self.fd, lib.KVM_SET_IRQCHIP, chip, "KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> bytes:
+        """KVM_GET_PIT2: struct kvm_pit_state2 as bytes (needs KVM_CREATE_PIT2 first)."""
+        return _raw_get(self.fd, "struct kvm_pit_state2", lib.KVM_GET_PIT2, "KVM_GET_PIT2")
+
+    def set_pit2(self, data: bytes) -> None:
+        _raw_set(self.fd, "struct kvm_pit_state2", data, lib.KVM_SET_PIT2, "KVM_SET_PIT2")
+
+    def get_clock(self) -> ClockData:
+        data = ffi.new("struct kvm_clock_data *")
+        _ioctl_ptr(self.fd, lib.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return ClockData(data.clock, data.flags, data.realtime, data.host_tsc)
+
+    def set_clock(self, clock: int, flags: int = 0, realtime: int = 0) -> None:
+        """KVM_SET_CLOCK. Of the flags KVM acts on KVM_CLOCK_REALTIME only (it then advances
+        `clock` by the CLOCK_REALTIME time elapsed since `realtime`); 0 sets `clock` as is."""
+        data = ffi.new("struct kvm_clock_data *", {"clock": clock, "flags": flags})
+        data.realtime = realtime
+        _ioctl_ptr(self.fd, lib.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE state: KVM_CAP_XSAVE2's answer (> 4 KiB only when a
+        dynamic feature such as AMX was permitted), 4 KiB with plain KVM_CAP_XSAVE, else 0."""
+        return _xsave_size(self.check_extension)
 
     def create_vcpu(self, vcpu_id: int, mmap_size: int) -> VcpuFd:
         fd = _ioctl_val(self.fd, lib.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
@@ -306,6 +471,94 @@ class VcpuFd(_Fd):
     def tsc_khz(self) -> int:
         """The guest TSC frequency, to turn guest-measured ticks into time."""
         return _ioctl_val(self.fd, lib.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: fails unless the host can scale the TSC (or khz is the host's)."""
+        _ioctl_val(self.fd, lib.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell a kvmclock guest it was paused (no soft-lockup warning).
+        EINVAL when the guest has not enabled kvmclock."""
+        _ioctl_val(self.fd, lib.KVM_KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
+
+    def get_regs_dict(self) -> dict[str, int]:
+        """KVM_GET_REGS as {name: value} for the fields of struct kvm_regs (REGS_LAYOUT)."""
+        return _to_plain(self.get_regs())
+
+    def set_regs_dict(self, regs: Mapping[str, int]) -> None:
+        buf = ffi.new("struct kvm_regs *")
+        _fill(buf, regs)
+        self.set_regs(buf)
+
+    def get_sregs_dict(self) -> dict[str, Any]:
+        """KVM_GET_SREGS as nested dicts: segments and tables by name, interrupt_bitmap a list
+        (SREGS_LAYOUT); padding fields are not named."""
+        return _to_plain(self.get_sregs())
+
+    def set_sregs_dict(self, sregs: Mapping[str, Any]) -> None:
+        buf = ffi.new("struct kvm_sregs *")
+        _fill(buf, sregs)
+        self.set_sregs(buf)
+
+    def get_fpu_bytes(self) -> bytes:
+        return _raw_get(self.fd, "struct kvm_fpu", lib.KVM_GET_FPU, "KVM_GET_FPU")
+
+    def set_fpu_bytes(self, data: bytes) -> None:
+        """KVM_SET_FPU. On an XSAVE host it writes the legacy area but not the XSAVE header's
+        xstate_bv: with the SSE bit clear (a fresh vCPU) KVM_GET_FPU shows the new XMM values
+        but KVM_GET_XSAVE reports SSE in its init state (zeros), as would an XRSTOR. Use
+        set_xsave there."""
+        _raw_set(self.fd, "struct kvm_fpu", data, lib.KVM_SET_FPU, "KVM_SET_FPU")
+
+    def get_xsave(self, size: int = XSAVE_MIN_SIZE) -> bytes:
+        """The XSAVE area, `size` bytes as VmFd.xsave_size() gives: KVM_GET_XSAVE for the
+        4 KiB struct kvm_xsave, KVM_GET_XSAVE2 beyond it (same layout, dynamic features added)."""
+        if size < XSAVE_MIN_SIZE or (size > XSAVE_MIN_SIZE and not lib.SV_HAVE_XSAVE2):
+            raise ValueError(f"KVM_GET_XSAVE: cannot read {size} bytes of XSAVE state")
+        buf = ffi.new("char[]", size)  # SAFETY: `buf` owns the memory until we copy it out
+        if size == XSAVE_MIN_SIZE:
+            _ioctl_ptr(self.fd, lib.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
+        else:
+            _ioctl_ptr(self.fd, lib.SV_KVM_GET_XSAVE2, buf, "KVM_GET_XSAVE2")
+        return bytes(ffi.buffer(buf))
+
+    def set_xsave(self, data: bytes) -> None:
+        """KVM_SET_XSAVE reads as many bytes as KVM_CAP_XSAVE2 says: pass exactly that many."""
+        if len(data) < XSAVE_MIN_SIZE:
+            raise ValueError(f"KVM_SET_XSAVE: {len(data)} bytes < {XSAVE_MIN_SIZE}")
+        buf = ffi.new("char[]", data)  # SAFETY: `buf` lives until the ioctl returns
+        _ioctl_ptr(self.fd, lib.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> dict[int, int]:
+        """KVM_GET_XCRS as {xcr index: value} (XCR0 is the only one x86 has today)."""
+        buf = ffi.new("struct kvm_xcrs *")
+        _ioctl_ptr(self.fd, lib.KVM_GET_XCRS, buf, "KVM_GET_XCRS")
+        return {buf.xcrs[i].xcr: buf.xcrs[i].value for i in range(buf.nr_xcrs)}
+
+    def set_xcrs(self, xcrs: Mapping[int, int]) -> None:
+        if len(xcrs) > MAX_XCRS:
+            raise ValueError(f"KVM_SET_XCRS: {len(xcrs)} XCRs > {MAX_XCRS}")
+        buf = ffi.new("struct kvm_xcrs *", {"nr_xcrs": len(xcrs)})
+        for i, (xcr, value) in enumerate(xcrs.items()):
+            buf.xcrs[i].xcr, buf.xcrs[i].value = xcr, value
+        _ioctl_ptr(self.fd, lib.KVM_SET_XCRS, buf, "KVM_SET_XCRS")
+
+    def get_vcpu_events(self) -> bytes:
+        """KVM_GET_VCPU_EVENTS: pending/injected exception, interrupt, NMI, SMI, as bytes."""
+        return _raw_get(
+            self.fd, "struct kvm_vcpu_events", lib.KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS"
+        )
+
+    def set_vcpu_events(self, data: bytes) -> None:
+        _raw_set(
+            self.fd, "struct kvm_vcpu_events", data, lib.KVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS"
+        )
+
+    def get_debugregs(self) -> bytes:
+        return _raw_get(self.fd, "struct kvm_debugregs", lib.KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS")
+
+    def set_debugregs(self, data: bytes) -> None:
+        _raw_set(self.fd, "struct kvm_debugregs", data, lib.KVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS")
 
     def translate(self, linear: int) -> int | None:
         """Guest linear -> physical address through the vCPU's page tables, or None."""

@@ -1,0 +1,45 @@
+"""What every `ctl` command shares: finding the socket, one request, printing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+def socket_path(vm: str | None, socket: Path | None) -> Path:
+    if socket is not None:
+        return socket
+    from splitvmm.monitor.control import SOCKET_NAME
+    from splitvmm.monitor.rundir import runtime_root
+
+    root = runtime_root()
+    if vm is None:
+        running = sorted(p.parent.name for p in root.glob(f"*/{SOCKET_NAME}"))
+        if len(running) != 1:
+            found = ", ".join(running) if running else "none"
+            raise click.ClickException(f"name the VM with --vm (running VMs: {found})")
+        vm = running[0]
+    return root / vm / SOCKET_NAME
+
+
+def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
+    """One request to the VM named by the group options; errors end the command (exit 1)."""
+    from splitvmm.monitor.control import ControlError, request
+
+    opts = ctx.obj
+    try:
+        return request(socket_path(opts["vm"], opts["socket"]), op, args)
+    except ControlError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def emit(reply: dict[str, object], as_json: bool, human: str) -> None:
+    if as_json:
+        reply = {k: v for k, v in reply.items() if k != "ok"}
+        click.echo(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        click.echo(human)
+    sys.stdout.flush()

@@ -1,0 +1,58 @@
+"""`splitvmm ctl status|pause|resume|devices`."""
+
+from __future__ import annotations
+
+import click
+
+from splitvmm.cli.ctl import common
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _device_lines(devices: list[dict[str, object]]) -> str:
+    lines = []
+    for d in devices:
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        lines.append(f"  {d['name']:<12} {d['model']:<10} pid {d['pid']:<8} {d['state']}{reason}")
+    return "\n".join(lines)
+
+
+@click.command("status")
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """The VM's state, size, uptime and devices."""
+    r = common.call(ctx, "status")
+    human = (
+        f"{r['name']}: {r['state']}, {r['vcpus']} vCPU(s), {int(r['memory']) >> 20} MiB, "  # type: ignore[call-overload]
+        f"up {r['uptime_s']} s, monitor pid {r['pid']}\n" + _device_lines(r["devices"])  # type: ignore[arg-type]
+    )
+    common.emit(r, as_json, human)
+
+
+@click.command("pause")
+@json_option
+@click.pass_context
+def pause(ctx: click.Context, as_json: bool) -> None:
+    """Stop every vCPU (devices keep their state)."""
+    common.emit(common.call(ctx, "pause"), as_json, "paused")
+
+
+@click.command("resume")
+@json_option
+@click.pass_context
+def resume(ctx: click.Context, as_json: bool) -> None:
+    """Let a paused VM run again."""
+    common.emit(common.call(ctx, "resume"), as_json, "running")
+
+
+@click.command("devices")
+@json_option
+@click.pass_context
+def devices(ctx: click.Context, as_json: bool) -> None:
+    """The VM's device processes."""
+    r = common.call(ctx, "devices")
+    common.emit(r, as_json, _device_lines(r["devices"]))  # type: ignore[arg-type]
+
+
+COMMANDS = (status, pause, resume, devices)

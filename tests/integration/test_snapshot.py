@@ -1,0 +1,169 @@
+"""Snapshots of running test guests, restored into fresh processes.
+
+The counter guest counts in guest memory at CPL3 and prints `count=v sum=s`,
+where s checks a 64 KiB buffer the guest rewrote from the previous count: a
+restored guest must continue from the saved count with its RAM intact.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import vm_toml
+from tests.integration.vmproc import VmProcess, splitvmm
+
+pytestmark = pytest.mark.kvm
+
+PERIOD = 1_000_000
+LINE = re.compile(r"^count=(\d+) sum=([0-9a-f]{16})$", re.M)
+M64 = (1 << 64) - 1
+
+
+def counter_sum(v: int) -> int:
+    """The guest's checksum of its buffer filled for count v (tests/guests/README.md)."""
+    h = 0
+    for i in range(8192):
+        x = ((v * 8192 + i + 1) * 0x9E3779B97F4A7C15) & M64
+        h = ((h ^ (x ^ (x >> 31))) * 0x100000001B3) & M64
+    return h
+
+
+def counter_config(tmp_path: Path, guests, serial: Path) -> Path:
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period={PERIOD} check=1"'
+    config.write_text(vm_toml(boot, "64M", 1, serial))
+    return config
+
+
+def lines(text: str) -> list[tuple[int, int]]:
+    return [(int(c), int(s, 16)) for c, s in LINE.findall(text)]
+
+
+def assert_counts_continue(text: str, saved: int) -> None:
+    """Restored output: the next count after `saved`, every sum checks RAM, no gaps."""
+    got = lines(text)
+    assert got, text[-300:]
+    # The line after `saved` may have been half printed at the snapshot: its tail comes out
+    # first after the restore, so the first whole line is one or two periods on.
+    assert got[0][0] in (saved + PERIOD, saved + 2 * PERIOD), (saved, got[:3])
+    for (count, digest), (prev, _) in zip(got[1:], got, strict=False):
+        assert count == prev + PERIOD
+        assert digest == counter_sum(count - PERIOD)
+
+
+def saved_count(snapshot: Path, serial_text_at_snapshot: str) -> int:
+    """The last complete count line printed before the snapshot was taken."""
+    return lines(serial_text_at_snapshot)[-1][0]
+
+
+def snapshot_running(vm: VmProcess, target: Path, verb: str = "snapshot") -> tuple[str, str]:
+    """Snapshot (or suspend) a running VM; returns the serial output as of the snapshot.
+
+    Paused first, so that what the file holds when we read it is exactly what the guest
+    had written at the snapshot (the snapshot quiesces the device: its writes are done).
+    """
+    assert vm.ctl("pause").returncode == 0
+    r = vm.ctl(verb, str(target), "--json")
+    assert r.returncode == 0, r.stderr
+    text = vm.text()
+    if verb == "snapshot":
+        assert vm.ctl("resume").returncode == 0
+    return text, r.stdout
+
+
+def test_snapshot_restore_counter_continues_from_saved_count_twice(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    vm = VmProcess(tmp_path, ["up", str(counter_config(tmp_path, guests, serial))], serial)
+    vm.wait_for(r"^count=\d+ sum=")
+    before, reply = snapshot_running(vm, tmp_path / "s1")
+    assert json.loads(reply)["pause_ms"] > 0
+    vm.wait_for(r"^count=\d+ sum=", after=len(before) + 1)  # it runs on after the snapshot
+    assert vm.ctl("suspend", str(tmp_path / "s-unused")).returncode == 0
+    assert vm.finish()[0] == 0
+    saved = saved_count(tmp_path / "s1", before)
+
+    # First restore, then a snapshot of the restored VM, then a second restore.
+    serial2 = tmp_path / "serial2.log"
+    vm2 = VmProcess(
+        tmp_path, ["restore", str(tmp_path / "s1"), "--set", f"serial0.output={serial2}"], serial2
+    )
+    vm2.wait_for(r"^count=\d+ sum=.*\n(?:.*\n)?count=\d+ sum=")
+    before2, _ = snapshot_running(vm2, tmp_path / "s2", "suspend")
+    assert vm2.finish()[0] == 0
+    assert_counts_continue(before2, saved)
+
+    serial3 = tmp_path / "serial3.log"
+    vm3 = VmProcess(
+        tmp_path, ["restore", str(tmp_path / "s2"), "--set", f"serial0.output={serial3}"], serial3
+    )
+    vm3.wait_for(r"^count=\d+ sum=.*\n(?:.*\n)?count=\d+ sum=")
+    vm3.proc.terminate()
+    vm3.finish()
+    assert_counts_continue(vm3.text(), saved_count(tmp_path / "s2", before2))
+
+
+def test_suspend_restores_serial_registers_and_unread_input(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"  # output = "stdio": input comes from our stdin
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"\ncmdline = "period={PERIOD}"'))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial, stdio=True)
+    vm.wait_for(r"^count=\d+$")  # the guest has set its UART up (FCR clears the receiver)
+    vm.send(b"typed but never read")
+    snapshot_running(vm, tmp_path / "s1", "suspend")
+    status, stderr = vm.finish()
+    assert status == 0 and "suspended to" in stderr
+    first = json.loads((tmp_path / "s1" / "serial0.json").read_text())["state"]
+    assert base64.b64decode(first["rx"]) == b"typed but never read"
+
+    # Restore it (up --restore), snapshot again at once: the device state must be the same.
+    vm2 = VmProcess(
+        tmp_path, ["up", str(config), "--restore", str(tmp_path / "s1")], serial, stdio=True
+    )
+    vm2.wait_for(r"^count=\d+$", after=len(vm.text()))
+    snapshot_running(vm2, tmp_path / "s2", "suspend")
+    assert vm2.finish()[0] == 0
+    second = json.loads((tmp_path / "s2" / "serial0.json").read_text())["state"]
+    assert second == first
+
+
+def test_snapshot_during_forwarded_reads_loses_nothing(guests, tmp_path):
+    # pio-loop spends nearly all its time in `in` exits served by the device process,
+    # so the snapshot lands while a vCPU is in the middle of one.
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["pio-loop"]}"\ncmdline = "count=3000"'
+    config.write_text(vm_toml(boot, "64M", 1, serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm.wait_for(r"pio-loop: count=")
+    snapshot_running(vm, tmp_path / "s1", "suspend")
+    assert vm.finish()[0] == 0
+    assert "pio-loop: done" not in vm.text()
+    vm2 = VmProcess(tmp_path, ["up", str(config), "--restore", str(tmp_path / "s1")], serial)
+    status, stderr = vm2.finish(timeout=120)
+    assert status == 1, stderr
+    assert re.search(r"pio-loop: in median=\d+ p99=\d+\npio-loop: out median=", vm2.text())
+    assert "pio-loop: done" in vm2.text()
+
+
+def test_ctl_errors_are_one_sentence_and_nonzero(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    vm = VmProcess(tmp_path, ["up", str(counter_config(tmp_path, guests, serial))], serial)
+    vm.wait_for(r"^count=")
+    assert vm.ctl("pause").returncode == 0
+    again = vm.ctl("pause")
+    (tmp_path / "exists").mkdir()
+    existing = vm.ctl("snapshot", str(tmp_path / "exists"))
+    assert vm.ctl("resume").returncode == 0
+    status = vm.ctl("status", "--json")
+    vm.proc.terminate()
+    vm.finish()
+    missing = splitvmm(tmp_path, "ctl", "--vm", "nope", "status")
+    assert (again.returncode, again.stderr.strip()) == (1, "Error: VM 'test' is already paused")
+    assert existing.returncode == 1 and "already exists" in existing.stderr
+    assert json.loads(status.stdout)["state"] == "running"
+    assert missing.returncode == 1 and "no VM is listening" in missing.stderr

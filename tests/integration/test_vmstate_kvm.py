@@ -1,0 +1,295 @@
+"""vCPU and VM state against real KVM: a running two-vCPU guest is saved, its state goes through
+the JSON codec, a second VM (the first one closed) is restored from it, and the guest goes on
+from where it stopped.
+
+The guest is a real-mode loop per vCPU: eax += 1, ebx += eax, store eax in RAM, `out` eax to the
+debug port. Host-side state that the guest cannot make on PVM (KVM-HERE.md: no SSE, no
+interrupts at CPL0) is set through KVM before the run: an XMM register, MSRs, an IOAPIC pin.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+from splitvmm.native._kvm import ffi, lib
+
+from splitvmm.monitor import layout
+from splitvmm.monitor.cpuid import CpuidMask, setup_cpuid
+from splitvmm.monitor.vmstate import (
+    MSR_IA32_TSC,
+    MSR_MTRR_DEF_TYPE,
+    VcpuHost,
+    VcpuState,
+    VmState,
+    from_dict,
+    restore_vcpu,
+    restore_vm,
+    save_vcpu,
+    save_vm,
+    to_dict,
+)
+from splitvmm.native.kvm import PIT_LOAD_TIME_OFFSETS, Kvm, VcpuFd, VmFd
+from splitvmm.native.mem import mapping_address
+
+pytestmark = pytest.mark.kvm
+
+RAM_SIZE = 1 << 20
+CODE = (0x1000, 0x1100)  # where each vCPU's program starts
+DATA = (0x3000, 0x3004)  # where each loop stores its counter
+START_EAX = (0, 1000)
+DEBUG_PORT = 0xF4
+# vCPU 0 first programs the in-kernel PIC and PIT (these ports never exit), then loops:
+# mov $0xff,%al; out %al,$0x21; out %al,$0xa1 (mask every PIC line); mov $0xb0,%al;
+# out %al,$0x43; mov $0x34,%al; out %al,$0x42; mov $0x12,%al; out %al,$0x42 (PIT channel 2,
+# mode 0, count 0x1234: its gate is low and it has no IRQ, so it never fires); xor %eax,%eax
+PREAMBLE = (bytes.fromhex("b0ff e621 e6a1 b0b0 e643 b034 e642 b012 e642 6631c0"), b"")
+LOOP = (CODE[0] + len(PREAMBLE[0]), CODE[1])
+JMP_OFFSET = 12  # the loop's `jmp`, right after its `out`
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_KERNEL_GS_BASE = 0xC0000102
+HOST_MSRS = {MSR_IA32_SYSENTER_CS: 0x10, MSR_KERNEL_GS_BASE: 0xFFFF_8880_DEAD_0000}
+MTRR_DEF_TYPE = 0x806  # MTRRs enabled, default write-back (as boot64 sets it)
+FIRST_VM_CPUID_MASK = CpuidMask.parse(["1.ecx:0x80000000"])  # no hypervisor bit
+LEAF1_ECX_HYPERVISOR = 1 << 31
+XMM0 = bytes(range(0x40, 0x50))
+XCR0_X87_SSE = 0x3
+# The XSAVE area's architectural layout (SDM Vol. 1, 10.5.1 and 13.4.2), not a kernel struct.
+FXSAVE_XMM0 = 160
+XSAVE_XSTATE_BV = 512
+XFEATURE_SSE = 1 << 1
+APIC_TASKPRI = 0x80  # the LAPIC's TPR (SDM Vol. 3, table 11-1); CR8 mirrors it
+TPR = 0x20
+APIC_LVTT = 0x320  # LVT timer; only KVM_SET_LAPIC restores it
+LVTT = 0x000100EF  # masked (bit 16), vector 0xEF: never fires
+FIRST_VM_CLOCK_NS = 1000 * 10**9  # far from a fresh VM's kvmclock, which starts near 0
+DR0 = 0x12345000  # a breakpoint address; DR7 leaves it disabled
+NMI_MASKED = ffi.offsetof("struct kvm_vcpu_events", "nmi", "masked")  # from the header
+DEBUGREGS_DB0 = ffi.offsetof("struct kvm_debugregs", "db")
+IOAPIC_ONLY_PIN = 20  # above the PICs' 16 lines: only the IOAPIC sees it; its RTE is masked
+MAX_DRIFT_NS = 5_000_000_000  # between a restore and the save after it, on a slow host
+
+
+def loop_code(data_gpa: int) -> bytes:
+    # .code16: inc %eax; add %eax,%ebx; mov %eax,data_gpa; out %eax,$0xf4; jmp .-14
+    return (
+        bytes.fromhex("6640 6601c3 66a3")
+        + data_gpa.to_bytes(2, "little")
+        + bytes([0x66, 0xE7, DEBUG_PORT, 0xEB, 0xF2])
+    )
+
+
+@dataclass
+class Guest:
+    vm: VmFd
+    ram: mmap.mmap
+    vcpus: list[VcpuFd]
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vm.close()
+        self.ram.close()
+
+
+def make_guest(kvm: Kvm, ram: bytes | None = None, mask: CpuidMask | None = None) -> Guest:
+    """A VM as machine.py builds one: TSS, identity map, irqchip, PIT2, RAM, two vCPUs."""
+    vm = kvm.create_vm()
+    vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
+    vm.set_tss_addr(layout.KVM_TSS)
+    vm.create_irqchip()
+    vm.create_pit2()
+    mem = mmap.mmap(-1, RAM_SIZE)
+    if ram is not None:
+        mem[:] = ram
+    # SAFETY (test only): `mem` stays mapped until Guest.close(), after the VM fd is closed.
+    vm.set_user_memory_region(0, 0, RAM_SIZE, mapping_address(mem))
+    vcpus = [vm.create_vcpu(i, kvm.vcpu_mmap_size()) for i in range(2)]
+    for v in vcpus:
+        setup_cpuid(kvm, v, len(vcpus), mask)  # what boot.prepare does before a restore too
+    return Guest(vm, mem, vcpus)
+
+
+def start_programs(guest: Guest) -> None:
+    """Real mode, CS base 0, each vCPU at its program; the AP made runnable (no INIT/SIPI)."""
+    for i, v in enumerate(guest.vcpus):
+        program = PREAMBLE[i] + loop_code(DATA[i])
+        guest.ram[CODE[i] : CODE[i] + len(program)] = program
+        sregs = v.get_sregs()
+        sregs.cs.base, sregs.cs.selector = 0, 0
+        v.set_sregs(sregs)
+        regs = v.get_regs()
+        regs.rip, regs.rax, regs.rbx, regs.rflags = CODE[i], START_EAX[i], 0, 2
+        v.set_regs(regs)
+        v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+
+
+def set_host_side_state(guest: Guest) -> None:
+    """State the guest cannot make on PVM (no SSE, no interrupts at CPL0), set through KVM."""
+    v0 = guest.vcpus[0]
+    # XMM0 through KVM_SET_XSAVE with the SSE bit in xstate_bv: KVM_SET_FPU alone would not do
+    # (KVM writes the legacy area but not xstate_bv, and KVM_GET_XSAVE and the next XRSTOR
+    # then treat SSE as in its init state: zeros).
+    xsave = bytearray(v0.get_xsave())
+    xsave[FXSAVE_XMM0 : FXSAVE_XMM0 + 16] = XMM0
+    xsave[XSAVE_XSTATE_BV] |= XFEATURE_SSE
+    v0.set_xsave(bytes(xsave))
+    v0.set_xcrs({0: XCR0_X87_SSE})
+    events = bytearray(v0.get_vcpu_events())
+    events[NMI_MASKED] = 1
+    v0.set_vcpu_events(bytes(events))
+    debugregs = bytearray(v0.get_debugregs())
+    debugregs[DEBUGREGS_DB0 : DEBUGREGS_DB0 + 8] = DR0.to_bytes(8, "little")
+    v0.set_debugregs(bytes(debugregs))
+    for v in guest.vcpus:
+        v.set_msrs({**HOST_MSRS, MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE})
+        lapic = v.get_lapic()
+        lapic[APIC_TASKPRI] = TPR
+        lapic[APIC_LVTT : APIC_LVTT + 4] = LVTT.to_bytes(4, "little")
+        v.set_lapic(bytes(lapic))
+    guest.vm.irq_line(IOAPIC_ONLY_PIN, 1)
+    guest.vm.set_clock(FIRST_VM_CLOCK_NS)
+
+
+def next_out(vcpu: VcpuFd) -> int:
+    """Runs to the next exit, which must be the loop's `out`; returns the value written."""
+    vcpu.run()
+    run = vcpu.run_struct
+    assert (run.exit_reason, run.io.port) == (lib.KVM_EXIT_IO, DEBUG_PORT)
+    return int.from_bytes(vcpu.io_data(run.io.data_offset, run.io.size), "little")
+
+
+def complete_pending_io(vcpu: VcpuFd) -> None:
+    # What the coordinator does before saving (vcpu.py _park): KVM finishes the `out` (RIP past
+    # it) and returns EINTR without entering the guest.
+    vcpu.run_struct.immediate_exit = 1
+    assert vcpu.run() == -4  # -EINTR
+    vcpu.run_struct.immediate_exit = 0
+
+
+@dataclass
+class Saved:
+    vm: VmState
+    vcpus: list[VcpuState]
+    ram: bytes
+
+
+def save_all(guest: Guest, host: VcpuHost) -> Saved:
+    return Saved(save_vm(guest.vm), [save_vcpu(v, host) for v in guest.vcpus], bytes(guest.ram))
+
+
+def through_json(saved: Saved) -> Saved:
+    """A snapshot as a file would carry it: JSON text, decoded by the strict codec."""
+    vm = json.loads(json.dumps(to_dict(saved.vm)))
+    vcpus = [json.loads(json.dumps(to_dict(s))) for s in saved.vcpus]
+    return Saved(from_dict(VmState, vm), [from_dict(VcpuState, s) for s in vcpus], saved.ram)
+
+
+def without_pit_load_times(pit2: bytes) -> bytes:
+    out = bytearray(pit2)
+    for off in PIT_LOAD_TIME_OFFSETS:
+        out[off : off + 8] = bytes(8)
+    return bytes(out)
+
+
+@pytest.fixture
+def kvm() -> Iterator[Kvm]:
+    k = Kvm()
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def snapshot(kvm: Kvm) -> tuple[Saved, list[list[int]]]:
+    """The first VM: vCPU 0 loops five times, vCPU 1 three; I/O completed, saved, VM closed."""
+    guest = make_guest(kvm, mask=FIRST_VM_CPUID_MASK)
+    start_programs(guest)
+    set_host_side_state(guest)
+    outs = [[next_out(guest.vcpus[i]) for _ in range(n)] for i, n in enumerate((5, 3))]
+    for v in guest.vcpus:
+        complete_pending_io(v)
+    saved = save_all(guest, VcpuHost.probe(kvm, guest.vm))
+    guest.close()  # the second VM can depend on nothing but the saved data
+    return through_json(saved), outs
+
+
+@pytest.fixture
+def restored(kvm: Kvm, snapshot: tuple[Saved, list[list[int]]]) -> Iterator[Guest]:
+    """A fresh VM built as for a boot (CPUID set by setup_cpuid), then restored."""
+    saved, _ = snapshot
+    guest = make_guest(kvm, saved.ram)
+    host = VcpuHost.probe(kvm, guest.vm)
+    restore_vm(guest.vm, saved.vm)
+    for v, state in zip(guest.vcpus, saved.vcpus, strict=True):
+        restore_vcpu(v, state, host)
+    yield guest
+    guest.close()
+
+
+def test_vmstate_first_vm_stops_after_completed_out(
+    snapshot: tuple[Saved, list[list[int]]],
+) -> None:
+    saved, outs = snapshot
+
+    regs = [(s.regs["rax"], s.regs["rbx"], s.regs["rip"]) for s in saved.vcpus]
+    assert outs == [[1, 2, 3, 4, 5], [1001, 1002, 1003]]
+    # RIP is on the `jmp` after the `out`: KVM finished the `out` in complete_pending_io.
+    assert regs == [(5, 15, LOOP[0] + JMP_OFFSET), (1003, 3006, LOOP[1] + JMP_OFFSET)]
+    assert saved.vcpus[0].xsave is not None and saved.vcpus[0].fpu is None
+
+
+def test_vmstate_resaved_state_equals_saved_except_running_clocks(
+    kvm: Kvm, snapshot: tuple[Saved, list[list[int]]], restored: Guest
+) -> None:
+    saved, _ = snapshot
+
+    again = save_all(restored, VcpuHost.probe(kvm, restored.vm))
+
+    # Three things legitimately move between the restore and this save, and only these:
+    # - kvmclock (VmState.clock) runs on from the value KVM_SET_CLOCK put back;
+    # - the guest TSC (MSR_IA32_TSC) runs on from the value KVM_SET_MSRS put back;
+    # - each PIT channel's count_load_time is the host's CLOCK_MONOTONIC at KVM_SET_PIT2, which
+    #   reloads every channel's count "now" (kvm_pit_load_count).
+    max_ticks = MAX_DRIFT_NS * (saved.vcpus[0].tsc_khz or 0) // 10**6
+    pairs = zip(saved.vcpus, again.vcpus, strict=True)
+    tsc_runs = [b.msrs[MSR_IA32_TSC] - a.msrs[MSR_IA32_TSC] for a, b in pairs]
+    assert 0 <= again.vm.clock - saved.vm.clock < MAX_DRIFT_NS
+    assert all(0 <= ticks < max_ticks for ticks in tsc_runs), tsc_runs
+    assert without_pit_load_times(again.vm.pit2) == without_pit_load_times(saved.vm.pit2)
+    assert replace(again.vm, clock=0, pit2=b"") == replace(saved.vm, clock=0, pit2=b"")
+    assert [replace(s, msrs={**s.msrs, MSR_IA32_TSC: 0}) for s in again.vcpus] == [
+        replace(s, msrs={**s.msrs, MSR_IA32_TSC: 0}) for s in saved.vcpus
+    ]
+
+
+def test_vmstate_restored_guest_continues_counting(restored: Guest) -> None:
+    outs = [[next_out(restored.vcpus[i]) for _ in range(n)] for i, n in enumerate((3, 2))]
+
+    assert outs == [[6, 7, 8], [1004, 1005]]
+    assert [v.get_regs().rbx for v in restored.vcpus] == [36, 5015]  # 1+..+8; 1001+..+1005
+    assert [int.from_bytes(restored.ram[d : d + 4], "little") for d in DATA] == [8, 1005]
+
+
+def test_vmstate_restored_host_side_state_survives(restored: Guest) -> None:
+    v0, v1 = restored.vcpus
+    leaf1 = next(e for e in v0.get_cpuid() if e.function == 1)
+    lapics = [v0.get_lapic(), v1.get_lapic()]
+    tprs = [lapic[APIC_TASKPRI] for lapic in lapics]
+    timers = [int.from_bytes(lapic[APIC_LVTT : APIC_LVTT + 4], "little") for lapic in lapics]
+    debugregs = v0.get_debugregs()
+
+    assert leaf1.ecx & LEAF1_ECX_HYPERVISOR == 0  # the first VM's CPUID, not setup_cpuid's
+    assert bytes(v0.get_fpu().xmm[0]) == XMM0  # read back through KVM_GET_FPU, not XSAVE
+    assert v0.get_xcrs() == {0: XCR0_X87_SSE}
+    assert v0.get_vcpu_events()[NMI_MASKED] == 1
+    assert int.from_bytes(debugregs[DEBUGREGS_DB0 : DEBUGREGS_DB0 + 8], "little") == DR0
+    assert v0.get_msrs([*HOST_MSRS, MSR_MTRR_DEF_TYPE]) == {
+        **HOST_MSRS,
+        MSR_MTRR_DEF_TYPE: MTRR_DEF_TYPE,
+    }
+    assert (tprs, timers) == ([TPR, TPR], [LVTT, LVTT])
+    assert restored.vm.ioapic_irr() == 1 << IOAPIC_ONLY_PIN
+    assert restored.vm.get_clock().clock >= FIRST_VM_CLOCK_NS

@@ -1,0 +1,90 @@
+"""A VM running in the background through `splitvmm up`, steered with `splitvmm ctl`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def env_for(tmp_path: Path) -> dict[str, str]:
+    return {
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    }
+
+
+def splitvmm(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "splitvmm", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env_for(tmp_path),
+    )
+
+
+class VmProcess:
+    """`splitvmm up` (or restore) in the background, its serial output in a file."""
+
+    def __init__(
+        self, tmp_path: Path, args: list[str], serial: Path, stdin: bytes = b"", stdio: bool = False
+    ) -> None:
+        """stdio=True: the serial device's output is `stdio` and our stdout goes to `serial`."""
+        self.tmp_path = tmp_path
+        self.serial = serial
+        stdout = open(serial, "ab") if stdio else subprocess.DEVNULL  # noqa: SIM115
+        self._stdout = stdout
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "splitvmm", *args],
+            stdin=subprocess.PIPE,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            env=env_for(tmp_path),
+        )
+        if stdin:
+            self.send(stdin)
+
+    def send(self, data: bytes) -> None:
+        """Type into the VM's console (our stdin is its serial input when output is stdio)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def text(self) -> str:
+        return self.serial.read_text(errors="replace") if self.serial.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float = 30, after: int = 0) -> re.Match[str]:
+        """The first match of `pattern` in the serial output past offset `after`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.compile(pattern, re.M).search(self.text(), after)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                status, err = self.finish()
+                raise AssertionError(f"VM ended ({status}) before {pattern!r}: {err[-800:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in serial output: {self.text()[-500:]!r}")
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return splitvmm(self.tmp_path, "ctl", "--vm", "test", *args)
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """(exit status, stderr) once it ends; kills it if it does not end in time."""
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        if self._stdout is not subprocess.DEVNULL:
+            self._stdout.close()
+        return self.proc.returncode, err.decode(errors="replace")

@@ -1,0 +1,330 @@
+"""vmstate's strict codec and its save/restore ordering, on hand-made states and a fake vCPU.
+
+No /dev/kvm: struct sizes and field widths come from the header through the built cffi module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from splitvmm.errors import StateError
+from splitvmm.monitor.vmstate import (
+    MSR_IA32_TSC,
+    MSR_IA32_TSC_ADJUST,
+    MSR_IA32_TSC_DEADLINE,
+    VcpuHost,
+    VcpuState,
+    VmState,
+    from_dict,
+    msr_restore_order,
+    restore_vcpu,
+    save_vcpu,
+    to_dict,
+)
+from splitvmm.native.kvm import (
+    DEBUGREGS_SIZE,
+    FPU_SIZE,
+    IRQCHIP_SIZE,
+    LAPIC_SIZE,
+    PIT_STATE2_SIZE,
+    REGS_LAYOUT,
+    SREGS_LAYOUT,
+    VCPU_EVENTS_SIZE,
+    XSAVE_MIN_SIZE,
+    CpuidEntry,
+    Layout,
+)
+
+MSR_EFER = 0xC0000080
+U64_MAX = (1 << 64) - 1
+
+
+def filled(layout: Layout, value: int) -> dict[str, Any]:
+    """A struct's plain form with every field `value` (arrays as lists of it)."""
+    out: dict[str, Any] = {}
+    for name, spec in layout.items():
+        if isinstance(spec, dict):
+            out[name] = filled(spec, value)
+        elif isinstance(spec, tuple):
+            out[name] = [value] * spec[1]
+        else:
+            out[name] = value
+    return out
+
+
+def vcpu_state(**changes: Any) -> VcpuState:
+    state = VcpuState(
+        cpuid=(
+            CpuidEntry(0, 0, 0, 0xD, 0x756E6547, 0x6C65746E, 0x49656E69),
+            CpuidEntry(1, 0, 0, 1, 2, 3, 4),
+        ),
+        regs={**filled(REGS_LAYOUT, 0), "rip": 0xFFF0, "rflags": 2, "rax": U64_MAX},
+        sregs=filled(SREGS_LAYOUT, 1),
+        fpu=None,
+        xsave=bytes(range(256)) * (XSAVE_MIN_SIZE // 256),
+        xcrs={0: 7},
+        lapic=b"\x01" * LAPIC_SIZE,
+        events=b"\x02" * VCPU_EVENTS_SIZE,
+        debugregs=b"\x03" * DEBUGREGS_SIZE,
+        mp_state=0,
+        msrs={MSR_IA32_TSC: U64_MAX, MSR_EFER: 0x500},
+        tsc_khz=2_596_134,
+    )
+    return dataclasses.replace(state, **changes)
+
+
+def vm_state() -> VmState:
+    return VmState(
+        pic_master=b"\x04" * IRQCHIP_SIZE,
+        pic_slave=b"\x05" * IRQCHIP_SIZE,
+        ioapic=b"\x06" * IRQCHIP_SIZE,
+        pit2=b"\x07" * PIT_STATE2_SIZE,
+        clock=123_456_789,
+    )
+
+
+def json_roundtrip(data: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(data))
+
+
+def test_vmstate_vcpu_roundtrip_through_json_is_lossless() -> None:
+    state = vcpu_state()
+
+    decoded = from_dict(VcpuState, json_roundtrip(to_dict(state)))
+
+    assert decoded == state
+
+
+def test_vmstate_vcpu_fpu_only_roundtrip_is_lossless() -> None:
+    state = vcpu_state(xsave=None, xcrs={}, fpu=b"\x09" * FPU_SIZE, tsc_khz=None)
+
+    decoded = from_dict(VcpuState, json_roundtrip(to_dict(state)))
+
+    assert decoded == state
+
+
+def test_vmstate_vm_roundtrip_through_json_is_lossless() -> None:
+    state = vm_state()
+
+    decoded = from_dict(VmState, json_roundtrip(to_dict(state)))
+
+    assert decoded == state
+
+
+def test_vmstate_to_dict_names_registers_and_msrs_readably() -> None:
+    data = to_dict(vcpu_state())
+
+    assert (data["regs"]["rip"], data["sregs"]["cs"]["selector"]) == (0xFFF0, 1)
+    assert data["msrs"] == {"0x10": U64_MAX, "0xc0000080": 0x500}
+    assert data["cpuid"][1] == {
+        "function": 1, "index": 0, "flags": 0, "eax": 1, "ebx": 2, "ecx": 3, "edx": 4
+    }  # fmt: skip
+
+
+def _set(*keys: str | int, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A mutation of the encoded dict: data[k0][k1]...[kn] = value."""
+
+    def mutate(data: dict[str, Any]) -> None:
+        target: Any = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return mutate
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda data: data.pop(key)
+
+
+VCPU_BAD = [
+    ("unknown_key", _set("bogus", value=1), "VcpuState: unknown field 'bogus'"),
+    ("missing_key", _drop("lapic"), "VcpuState: missing field 'lapic'"),
+    ("lapic_short", _set("lapic", value="AAAA"), "VcpuState.lapic: 3 bytes, the kernel's struct"),
+    ("lapic_int", _set("lapic", value=5), "VcpuState.lapic: expected base64 text, got int"),
+    ("lapic_not_b64", _set("lapic", value="!!!!"), "VcpuState.lapic: not valid base64"),
+    ("events_huge", _set("events", value="A" * 100_000), "VcpuState.events: 100000 characters"),
+    ("fpu_size", _set("fpu", value="AAAA" * 139), "VcpuState.fpu: 417 bytes, the kernel's"),
+    ("xsave_small", _set("xsave", value="AAAA"), "VcpuState.xsave: 3 bytes is not a valid XSAVE"),
+    ("rax_negative", _set("regs", "rax", value=-1), "VcpuState.regs.rax: -1 is out of range"),
+    ("rax_too_big", _set("regs", "rax", value=1 << 64), "VcpuState.regs.rax: 1844674407370955"),
+    ("rax_bool", _set("regs", "rax", value=True), "VcpuState.regs.rax: expected an integer, got"),
+    ("rax_str", _set("regs", "rax", value="0"), "VcpuState.regs.rax: expected an integer, got"),
+    ("regs_extra", _set("regs", "rsp2", value=0), "VcpuState.regs: unknown field 'rsp2'"),
+    ("selector", _set("sregs", "cs", "selector", value=1 << 16), "VcpuState.sregs.cs.selector:"),
+    ("segment_list", _set("sregs", "cs", value=[1]), "VcpuState.sregs.cs: expected an object"),
+    ("bitmap_short", _set("sregs", "interrupt_bitmap", value=[0]), "VcpuState.sregs.interrupt"),
+    ("bitmap_neg", _set("sregs", "interrupt_bitmap", 3, value=-2), "VcpuState.sregs.interrupt"),
+    ("msr_decimal", _set("msrs", "16", value=1), "VcpuState.msrs: key '16' is not a 0x-prefixed"),
+    ("msr_int_key", _set("msrs", 16, value=1), "VcpuState.msrs: key 16 is not a 0x-prefixed"),
+    ("msr_wide", _set("msrs", "0x100000000", value=1), "VcpuState.msrs: key '0x100000000'"),
+    ("msr_upper", _set("msrs", "0xC0000080", value=1), "VcpuState.msrs: key '0xC0000080'"),
+    ("msr_value", _set("msrs", "0x10", value=1 << 64), "VcpuState.msrs[0x10]: 18446744073709"),
+    ("msrs_list", _set("msrs", value=[1]), "VcpuState.msrs: expected an object, got list"),
+    ("xcr_float", _set("xcrs", "0x0", value=7.0), "VcpuState.xcrs[0x0]: expected an integer"),
+    ("cpuid_str", _set("cpuid", 1, "eax", value="1"), "VcpuState.cpuid[1].eax: expected an int"),
+    ("cpuid_extra", _set("cpuid", 0, "pad", value=0), "VcpuState.cpuid[0]: unknown field 'pad'"),
+    ("cpuid_many", _set("cpuid", value=[{}] * 257), "VcpuState.cpuid: expected a list of at most"),
+    ("mp_negative", _set("mp_state", value=-1), "VcpuState.mp_state: -1 is out of range for 32"),
+    ("tsc_khz_str", _set("tsc_khz", value="fast"), "VcpuState.tsc_khz: expected an integer"),
+    ("no_fpu_state", _set("xsave", value=None), "VcpuState: exactly one of fpu and xsave"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"), [c[1:] for c in VCPU_BAD], ids=[c[0] for c in VCPU_BAD]
+)
+def test_vmstate_vcpu_from_dict_rejects_bad_field(
+    mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    data = json_roundtrip(to_dict(vcpu_state()))
+    mutate(data)
+
+    with pytest.raises(StateError, match=f"^{re.escape(message)}"):
+        from_dict(VcpuState, data)
+
+
+def test_vmstate_vcpu_from_dict_rejects_both_fpu_and_xsave() -> None:
+    data = to_dict(vcpu_state(fpu=b"\x09" * FPU_SIZE))
+
+    with pytest.raises(StateError, match="^VcpuState: exactly one of fpu and xsave"):
+        from_dict(VcpuState, data)
+
+
+VM_BAD = [
+    ("pit_size", _set("pit2", value="AAAA"), "VmState.pit2: 3 bytes, the kernel's struct is 112"),
+    ("ioapic_none", _set("ioapic", value=None), "VmState.ioapic: expected base64 text, got None"),
+    ("clock_negative", _set("clock", value=-5), "VmState.clock: -5 is out of range for 64 bits"),
+    ("unknown_chip", _set("pic_third", value="AAAA"), "VmState: unknown field 'pic_third'"),
+    ("missing_clock", _drop("clock"), "VmState: missing field 'clock'"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), [c[1:] for c in VM_BAD], ids=[c[0] for c in VM_BAD])
+def test_vmstate_vm_from_dict_rejects_bad_field(
+    mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    data = json_roundtrip(to_dict(vm_state()))
+    mutate(data)
+
+    with pytest.raises(StateError, match=f"^{re.escape(message)}"):
+        from_dict(VmState, data)
+
+
+def test_vmstate_from_dict_rejects_non_object() -> None:
+    with pytest.raises(StateError, match="^VmState: expected an object, got list"):
+        from_dict(VmState, [1, 2])
+
+
+def test_vmstate_from_dict_refuses_other_classes() -> None:
+    with pytest.raises(TypeError):
+        from_dict(CpuidEntry, {})  # type: ignore[type-var]
+
+
+def test_vmstate_migrate_refuses_unknown_version() -> None:
+    with pytest.raises(StateError, match="VcpuState: no migration from v7"):
+        VcpuState.migrate(7, {})
+
+
+# -- ordering, against a fake vCPU -----------------------------------------------------------
+
+
+class FakeVcpu:
+    """Records each KVM call made on it, in order, with its arguments; answers from `answers`
+    (a value, or a function of the call's arguments)."""
+
+    def __init__(self, **answers: Any) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.answers = answers
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            self.calls.append((name, args))
+            answer = self.answers.get(name)
+            return answer(*args) if callable(answer) else answer
+
+        return call
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+SAVE_ANSWERS: dict[str, Any] = {"get_lapic": bytearray(LAPIC_SIZE), "get_cpuid": []}
+HOST = VcpuHost(msr_indices=(MSR_IA32_TSC, 0x8B, MSR_EFER), xsave_size=XSAVE_MIN_SIZE)
+
+
+def test_vmstate_restore_vcpu_sets_state_in_documented_order() -> None:
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+
+    restore_vcpu(vcpu, vcpu_state(), HOST)  # type: ignore[arg-type]
+
+    assert vcpu.names == [
+        "set_cpuid", "tsc_khz", "set_mp_state", "set_regs_dict", "set_sregs_dict", "set_xsave",
+        "set_xcrs", "set_debugregs", "set_lapic", "set_msrs", "set_vcpu_events",
+    ]  # fmt: skip
+
+
+def test_vmstate_restore_vcpu_scales_tsc_beyond_tolerance() -> None:
+    vcpu = FakeVcpu(tsc_khz=2_000_000)
+
+    restore_vcpu(vcpu, vcpu_state(), HOST)  # type: ignore[arg-type]
+
+    assert ("set_tsc_khz", (2_596_134,)) in vcpu.calls
+
+
+def test_vmstate_restore_vcpu_pads_xsave_to_host_size() -> None:
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+    state = vcpu_state()
+    host = dataclasses.replace(HOST, xsave_size=2 * XSAVE_MIN_SIZE)
+
+    restore_vcpu(vcpu, state, host)  # type: ignore[arg-type]
+
+    (data,) = next(args for name, args in vcpu.calls if name == "set_xsave")
+    assert data == state.xsave + bytes(XSAVE_MIN_SIZE)  # type: ignore[operator]
+
+
+def test_vmstate_restore_vcpu_refuses_xsave_larger_than_host_before_any_ioctl() -> None:
+    vcpu = FakeVcpu()
+    state = vcpu_state(xsave=bytes(2 * XSAVE_MIN_SIZE))
+
+    with pytest.raises(StateError, match="xsave: 8192 bytes > this host's 4096"):
+        restore_vcpu(vcpu, state, HOST)  # type: ignore[arg-type]
+    assert vcpu.calls == []
+
+
+def test_vmstate_msr_restore_order_puts_tsc_first_and_deadline_last() -> None:
+    msrs = {MSR_IA32_TSC_DEADLINE: 5, MSR_EFER: 1, MSR_IA32_TSC: 2, 0x8B: 3, MSR_IA32_TSC_ADJUST: 4}
+
+    order = list(msr_restore_order(msrs))
+
+    assert order == [MSR_IA32_TSC_ADJUST, MSR_IA32_TSC, 0x8B, MSR_EFER, MSR_IA32_TSC_DEADLINE]
+
+
+def test_vmstate_save_vcpu_reads_mp_state_first_and_events_last() -> None:
+    vcpu = FakeVcpu(get_msrs=lambda indices: {i: 0 for i in indices}, **SAVE_ANSWERS)
+
+    save_vcpu(vcpu, HOST)  # type: ignore[arg-type]
+
+    assert (vcpu.names[0], vcpu.names[-1]) == ("get_mp_state", "get_vcpu_events")
+
+
+def read_until_ucode_rev(indices: list[int]) -> dict[int, int]:
+    """KVM_GET_MSRS stops at the first MSR it cannot read (here 0x8b) and returns the ones
+    before it."""
+    readable = indices[: indices.index(0x8B)] if 0x8B in indices else indices
+    return {i: i for i in readable}
+
+
+def test_vmstate_save_vcpu_skips_msrs_kvm_cannot_read() -> None:
+    vcpu = FakeVcpu(get_msrs=read_until_ucode_rev, **SAVE_ANSWERS)
+
+    state = save_vcpu(vcpu, HOST)  # type: ignore[arg-type]
+
+    assert state.msrs == {MSR_IA32_TSC: MSR_IA32_TSC, MSR_EFER: MSR_EFER}
