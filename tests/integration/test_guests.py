@@ -64,3 +64,35 @@ def test_pio_loop_round_trips_through_device_process(guests, tmp_path):
 def test_firmware_hello_runs_from_reset_vector(guests, tmp_path):
     run = run_up(tmp_path, f'firmware = "{guests["firmware-hello"]}"')
     assert (run.status, run.serial) == (99, "Hello from splitvmm firmware!\n")
+
+
+def test_hello_serial_output_to_unix_socket(guests, tmp_path):
+    import socket
+    import threading
+
+    path = tmp_path / "console.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    received = bytearray()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while chunk := conn.recv(4096):
+                received.extend(chunk)
+
+    reader = threading.Thread(target=serve)
+    reader.start()
+    config = tmp_path / "vm.toml"
+    config.write_text(
+        f'[vm]\nname = "test"\nmemory = "64M"\n[boot]\nkernel = "{guests["hello"]}"\n'
+        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "unix:{path}"\n'
+    )
+    from tests.integration.vmproc import splitvmm
+
+    result = splitvmm(tmp_path, "up", str(config))
+    reader.join(timeout=10)
+    server.close()
+    assert result.returncode == 0, result.stderr
+    assert received.startswith(b"Hello from a splitvmm test guest!\n")
