@@ -34,16 +34,6 @@ UNCLAIMED_PORT = 0x2F8  # COM2: nobody is there, the monitor's bus answers all-o
 LINE = re.compile(r"pio-loop: (\w+) median=(\d+) p99=(\d+)")
 
 
-def tsc_khz() -> int:
-    with Kvm() as kvm:
-        vm = kvm.create_vm()
-        vcpu = vm.create_vcpu(0, kvm.vcpu_mmap_size())
-        khz = vcpu.tsc_khz()
-        vcpu.close()
-        vm.close()
-    return khz
-
-
 def splitvmm_pio(count: int, port: int, work: Path) -> dict[str, tuple[float, float]]:
     guest = build_guests(work / "guests")["pio-loop"]
     serial = work / f"serial-{port:x}.log"
@@ -63,7 +53,8 @@ def splitvmm_pio(count: int, port: int, work: Path) -> dict[str, tuple[float, fl
     text = serial.read_text()
     if proc.returncode != 1 or "pio-loop: done" not in text:
         raise SystemExit(f"pio-loop guest failed (status {proc.returncode}): {proc.stderr}{text}")
-    us_per_tick = 1e3 / tsc_khz()
+    with Kvm() as kvm:
+        us_per_tick = 1e3 / kvm.default_tsc_khz()
     return {
         kind: (int(median) * us_per_tick, int(p99) * us_per_tick)
         for kind, median, p99 in LINE.findall(text)

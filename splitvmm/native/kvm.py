@@ -225,6 +225,16 @@ class Kvm(_Fd):
         _ioctl_ptr(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
         return [buf.indices[i] for i in range(buf.nmsrs)]
 
+    def default_tsc_khz(self) -> int:
+        """The TSC rate KVM gives a new vCPU here (KVM_GET_TSC_KHZ on a throwaway vCPU):
+        what guest-measured ticks mean, and what a snapshot's rate is compared with."""
+        with self.create_vm() as vm:
+            vcpu = vm.create_vcpu(0, self.vcpu_mmap_size())
+            try:
+                return vcpu.tsc_khz()
+            finally:
+                vcpu.close()
+
     def create_vm(self) -> VmFd:
         return VmFd(_ioctl_val(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self)
 
