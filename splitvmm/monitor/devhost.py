@@ -162,12 +162,15 @@ class DeviceHost:
     def _request(self, frame: bytes, timeout_ms: int = READ_TIMEOUT_MS) -> bytes | None:
         """Send a frame and wait for one reply; None (device failed) on error or deadline."""
         try:
-            if self.sock.poll(0):  # only replies may come, and only when asked for
+            if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # only replies come, only when asked
                 raise ProtocolError("sent a frame nobody asked for")
             self.sock.send(frame)
-            if not self.sock.poll(timeout_ms):
-                raise ProtocolError(f"no reply within {timeout_ms} ms")
+            # A blocking recv with a deadline: one wait fewer than poll() then recv().
+            self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
             return self.sock.recv()
+        except zmq.Again:
+            self._fail_locked(f"no reply within {timeout_ms} ms")
+            return None
         except (ProtocolError, zmq.ZMQError) as e:
             self._fail_locked(str(e))
             return None
