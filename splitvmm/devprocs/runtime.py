@@ -74,7 +74,11 @@ def _serve_control(device: Device, sock: zmq.Socket, buf: bytes) -> None:
     elif op == "resume":
         device.resume()
     if op == "save":
-        reply = {"op": "state", "seq": seq, **codec.state_document(type(device).NAME, device.save())}
+        reply = {
+            "op": "state",
+            "seq": seq,
+            **codec.state_document(type(device).NAME, device.save()),
+        }
     elif op in control.REPLY_TO:
         reply = {"op": control.REPLY_TO[op], "seq": seq}
     else:

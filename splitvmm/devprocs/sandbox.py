@@ -32,6 +32,9 @@ Why this order, and not "connect the channel, then sandbox":
 * rlimits come after the connect: threads count against RLIMIT_NPROC, and
   RLIMIT_NOFILE must sit just above the fds ZeroMQ opened.
 * seccomp is last, with TSYNC: one filter for every thread, ZeroMQ's included.
+  pthread_create returns before the new thread runs, so a ZeroMQ thread may
+  run its start-up calls (rseq, its signal mask, its name) under the filter:
+  the common policy allows those, narrowed.
 * CLONE_NEWPID only moves the children of the caller into the new namespace.
   So the process forks once (still single-threaded, so safe, gh-100228): the
   child is pid 1 of the new namespace and becomes the device; the parent
@@ -40,7 +43,11 @@ Why this order, and not "connect the channel, then sandbox":
   policies/<arch>/warden.policy), waits for the device and then dies the way
   the device died (the same signal or exit status), so the monitor's
   supervision is unchanged. Killing the warden kills the device
-  (PR_SET_PDEATHSIG), as the monitor's death kills the warden.
+  (PR_SET_PDEATHSIG), as the monitor's death kills the warden. The device
+  also leaves the monitor's process group (setsid): kill(0, sig) reaches a
+  whole process group whatever the PID namespace. Being pid 1, it ignores
+  signals it has no handler for unless they come as SIGKILL or SIGSTOP from an
+  ancestor namespace: the monitor stops a device by killing its warden.
 
 Caveats: the uid map can name only the caller's own uid (a process cannot map
 another uid once it is inside the new namespace), so when the monitor runs as
@@ -48,7 +55,10 @@ root the device is uid 0 outside; the kernel does not apply RLIMIT_NPROC to
 that uid, and seccomp's clone/fork rules are then the barrier against new
 processes. Landlock's `scoped` rights (signals, abstract UNIX sockets) are not
 used: the build host's <linux/landlock.h> predates them; seccomp and the PID
-and network namespaces cover the same ground.
+and network namespaces cover the same ground. The bind-mounted channel socket
+stays connectable from the empty root (Landlock, up to ABI 7 at least, does
+not govern connecting to a UNIX socket); the monitor can close that door by
+unbinding its endpoint once the device is READY.
 """
 
 from __future__ import annotations

@@ -244,6 +244,7 @@ ATTEMPTS: dict[str, Attempt] = {
 
 # -- what the policy allows, narrowed by arguments: allowed forms return, others kill ------------
 FUTEX_REQUEUE_PRIVATE = 3 | 128  # <linux/futex.h>: FUTEX_REQUEUE | FUTEX_PRIVATE_FLAG
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
 def _futex(op: int) -> object:
@@ -266,7 +267,18 @@ PROBES: dict[str, Callable[[dict[str, int]], object]] = {
     ),
     "getpid": lambda ctx: os.getpid(),
     "poll_nothing": lambda ctx: _syscall("poll", None, 0, 0),
+    # what a ZeroMQ thread does when it starts (it may start after the filter is loaded)
+    "sigmask_block_nothing": lambda ctx: signal.pthread_sigmask(signal.SIG_BLOCK, []),
+    "sched_getscheduler": lambda ctx: os.sched_getscheduler(0),
+    "sched_setscheduler_other": lambda ctx: os.sched_setscheduler(
+        0, os.SCHED_OTHER, os.sched_param(0)
+    ),
+    "prctl_set_name": lambda ctx: _check(_libc().prctl(ctx["PR_SET_NAME"], b"probe", 0, 0, 0)),
     # forbidden forms of allowed calls
+    "sched_setscheduler_fifo": lambda ctx: os.sched_setscheduler(
+        0, os.SCHED_FIFO, os.sched_param(1)
+    ),
+    "prctl_set_dumpable": lambda ctx: _check(_libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)),
     "madvise_free": lambda ctx: _madvise(mmap.MADV_FREE),
     "futex_requeue": lambda ctx: _futex(FUTEX_REQUEUE_PRIVATE),
     "getppid": lambda ctx: os.getppid(),

@@ -56,6 +56,7 @@ class SandboxedDevice:
         self.zctx = zmq.Context()
         self.sock = self.zctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, 2000)  # a dead device must fail the test, not hang it
         self.endpoint = f"ipc://{rundir}/{model}0.sock"
         self.sock.bind(self.endpoint)
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

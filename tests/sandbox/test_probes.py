@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import cloudpickle  # type: ignore[import-untyped]
 import pytest
 
-from splitvmm.native.confine import FUTEX_OPS
+from splitvmm.native.confine import FUTEX_OPS, PRCTL_OPTIONS
 from tests.sandbox import escapes
 from tests.sandbox.harness import SandboxedDevice
 
@@ -22,8 +22,18 @@ ALLOWED = [
     "clock_gettime_syscall",
     "getpid",
     "poll_nothing",
+    "sigmask_block_nothing",
+    "sched_getscheduler",
+    "sched_setscheduler_other",
+    "prctl_set_name",
 ]
-KILLED = ["madvise_free", "futex_requeue", "getppid"]
+KILLED = [
+    "madvise_free",
+    "futex_requeue",
+    "getppid",
+    "sched_setscheduler_fifo",
+    "prctl_set_dumpable",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,7 +44,8 @@ def _escapes_by_value() -> Iterator[None]:
 
 
 def _probe(spawn: Callable[..., SandboxedDevice], name: str, seccomp: str = "kill") -> str:
-    dev = spawn(hook=functools.partial(escapes.run_probe, name, dict(FUTEX_OPS)), seccomp=seccomp)
+    ctx = {**FUTEX_OPS, **PRCTL_OPTIONS}
+    dev = spawn(hook=functools.partial(escapes.run_probe, name, ctx), seccomp=seccomp)
     result = dev.hook_result()
     return "killed" if result is None else str(result["outcome"])
 
