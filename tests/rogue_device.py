@@ -1,6 +1,6 @@
 """A rogue device process (test-only): speaks the channel, then misbehaves on purpose.
 
-    python -m tests.rogue_device BEHAVIOUR SPEC_JSON
+    python -m tests.rogue_device BEHAVIOUR < SPEC_JSON
 
 It connects like a real device, says READY (unless the behaviour is about
 READY), then answers reads the way BEHAVIOUR says.
@@ -28,7 +28,7 @@ BEHAVIOURS = (
 
 
 def main() -> None:
-    behaviour, spec = sys.argv[1], json.loads(sys.argv[2])
+    behaviour, spec = sys.argv[1], json.loads(sys.stdin.read())
     sock = zmq.Context().socket(zmq.PAIR)
     sock.connect(spec["channel"])
     if behaviour == "bad-ready":

@@ -245,12 +245,15 @@ class SpawnedDevice:
         # Its stderr (the traceback the malformed frame causes) stays out of our output.
         with open(rundir / "device.stderr", "wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "splitvmm.devprocs", spec.to_json()],
+                [sys.executable, "-m", "splitvmm.devprocs"],  # the spec goes on stdin
                 pass_fds=tuple(fds.values()),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stderr=stderr,
                 close_fds=True,
             )
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(spec.to_json().encode())
+            self.proc.stdin.close()
         os.close(self.out_w)
         self._seq = 0
 

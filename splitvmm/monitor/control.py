@@ -23,6 +23,7 @@ from splitvmm.native.eventfd import EventFd
 log = logging.getLogger("splitvmm.control")
 
 MAX_REQUEST = 64 * 1024
+CLIENT_TIMEOUT_S = 600  # a multi-GiB snapshot takes seconds; a monitor that hangs gets reported
 SOCKET_NAME = "control.sock"
 
 Handler = Callable[[dict[str, object]], dict[str, object]]
@@ -77,7 +78,7 @@ class ControlServer(threading.Thread):
             return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
         try:
             request = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return {"ok": False, "error": "request is not JSON"}
         op = request.get("op") if isinstance(request, dict) else None
         handler = self.handlers.get(op) if isinstance(op, str) else None
@@ -87,12 +88,15 @@ class ControlServer(threading.Thread):
             return {"ok": True, **handler(request)}
         except SplitvmmError as e:
             return {"ok": False, "error": str(e)}
+        except Exception as e:  # a monitor bug or an odd request: answer, and keep serving
+            log.exception("control request %r failed", op)
+            return {"ok": False, "error": f"{op} failed: {e!r}"}
 
     def close(self) -> None:
         self._closing = True
         self._wake.trigger()
         if self.is_alive():
-            self.join(timeout=35)
+            self.join()  # a snapshot in progress finishes before the machine is torn down
         self.sock.close()
         self.path.unlink(missing_ok=True)
         self._wake.close()
@@ -102,6 +106,7 @@ def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[
     """Client side: one request, one reply. Raises ControlError with the monitor's words."""
     args = args or {}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(CLIENT_TIMEOUT_S)
         try:
             s.connect(str(path))
         except FileNotFoundError:
@@ -111,7 +116,12 @@ def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[
         s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         buf = b""
         while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                raise ControlError(
+                    f"the VM at {path} did not answer within {CLIENT_TIMEOUT_S} s"
+                ) from None
             if not chunk:
                 raise ControlError(f"the VM at {path} closed the connection without a reply")
             buf += chunk

@@ -51,10 +51,16 @@ class Coordinator:
     def pause(self) -> None:
         if self.paused:
             raise ControlError(f"VM {self.machine.cfg.vm.name!r} is already paused")
+        if self.machine.stopping:
+            raise ControlError(f"VM {self.machine.cfg.vm.name!r} is stopping")
         vcpus = self.machine.vcpus
         for v in vcpus:
             v.request_pause()
         stuck = [v.name for v in vcpus if not v.wait_parked(PARK_TIMEOUT_S)]
+        if self.machine.stopping:  # a vCPU that stops is not parked between instructions
+            for v in vcpus:
+                v.resume()
+            raise ControlError(f"VM {self.machine.cfg.vm.name!r} stopped while pausing")
         if stuck:
             for v in vcpus:
                 v.resume()
@@ -77,14 +83,19 @@ class Coordinator:
         t0 = time.monotonic()
         if not was_paused:
             self.pause()
+        ok = False
         try:
             t1 = time.monotonic()
             size = self._write(target)
             t2 = time.monotonic()
+            ok = True
         finally:
-            self._resume_devices()
-            if not was_paused and not keep_paused:
-                self.resume()
+            # A suspended VM stays stopped, devices included: input arriving after the
+            # snapshot would be lost with the VM. A failed suspend resumes everything.
+            if not (ok and keep_paused):
+                self._resume_devices()
+                if not was_paused:
+                    self.resume()
         t3 = time.monotonic()
         return SnapshotReport(target, (t3 - t0) * 1e3, (t2 - t1) * 1e3, size)
 

@@ -26,6 +26,7 @@ from splitvmm.protocol import control, wire
 
 log = logging.getLogger("splitvmm.devhost")
 
+MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
 WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
 CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
@@ -44,7 +45,7 @@ class Spawn:
     fds: dict[str, int] = field(default_factory=dict)
     state: dict[str, object] | None = None  # restore: the device's saved state document
     # The program run with the spec as its last argument; tests put a rogue device here.
-    command: tuple[str, ...] = (sys.executable, "-m", "splitvmm.devprocs")
+    command: tuple[str, ...] = (sys.executable, "-m", "splitvmm.devprocs")  # spec on stdin
 
 
 class DeviceHost:
@@ -64,7 +65,23 @@ class DeviceHost:
         self.failed: str | None = None
         self.ready = False  # READY received: the channel carries only replies from now on
         self.endpoint = f"ipc://{runtime_dir}/{spawn.name}.sock"
+        if len(self.endpoint.removeprefix("ipc://").encode()) > MAX_SOCKET_PATH:
+            raise DeviceFailure(
+                f"device {spawn.name}: channel path {self.endpoint} is longer than a UNIX "
+                f"socket allows ({MAX_SOCKET_PATH} bytes): use a shorter vm.name, device name "
+                "or XDG_RUNTIME_DIR"
+            )
         self.sock = zctx.socket(zmq.PAIR)
+        try:
+            self._bind()
+            self.proc = self._spawn(spawn)
+        except BaseException:
+            self.sock.close()
+            Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+            raise
+        self.pid = self.proc.pid
+
+    def _bind(self) -> None:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
         # A hostile device cannot make us buffer much: ZeroMQ drops the connection on a
@@ -72,20 +89,32 @@ class DeviceHost:
         self.sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_CONTROL)
         self.sock.setsockopt(zmq.RCVHWM, 64)
         self.sock.bind(self.endpoint)
+
+    def _spawn(self, spawn: Spawn) -> subprocess.Popen[bytes]:
+        """exec the device; its spec (with any saved state, up to 1 MiB) goes on its stdin,
+        not in argv, which Linux caps at 128 KiB an argument."""
         spec = DeviceSpec(
             spawn.name, spawn.model, self.endpoint, spawn.fds, spawn.options, state=spawn.state
         )
-        self.proc = subprocess.Popen(
-            [*spawn.command, spec.to_json()],
+        proc = subprocess.Popen(
+            list(spawn.command),
             pass_fds=tuple(spawn.fds.values()),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             close_fds=True,
             # Its own session: a Ctrl-C or a signal to our process group must not kill the
             # device before the monitor has synced it; the monitor decides when it ends
             # (and PR_SET_PDEATHSIG ends it if the monitor dies).
             start_new_session=True,
         )
-        self.pid = self.proc.pid
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(spec.to_json().encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            proc.kill()
+            proc.wait()
+            raise DeviceFailure(f"device {spawn.name}: exited before reading its spec") from None
+        return proc
 
     def wait_ready(self) -> None:
         """READY, or a DeviceFailure saying why not (the device's own words, truncated)."""

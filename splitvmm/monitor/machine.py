@@ -157,6 +157,10 @@ class Machine:
         return fd
 
     # -- outcomes ---------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self._outcome is not None
+
     def stop(self, outcome: Outcome) -> None:
         """Ends the VM (first outcome wins); safe from any thread."""
         with self._outcome_lock:
@@ -190,12 +194,14 @@ class Machine:
             host.wait_ready()
         supervisor = Supervisor(self.hosts)
         supervisor.start()
-        assert self.control is not None
-        self.control.start()
+        # vCPU threads exist before the control socket answers: a pause must see them all.
         self.vcpus = [
             VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop) for fd in self.vcpu_fds
         ]
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        assert self.control is not None
+        self.control.start()
+        stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, self._on_signal) for s in stop_signals}
         try:
             for v in self.vcpus:
                 v.start()
@@ -296,7 +302,10 @@ class Machine:
         if self.zctx is not None:
             self.zctx.term()
         for c in reversed(self._closables):
-            c.close()
+            try:
+                c.close()
+            except Exception:  # keep tearing down: the runtime dir and lock must go too
+                log.exception("closing %r failed", c)
         self._wake.close()
 
 

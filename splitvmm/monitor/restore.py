@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splitvmm.config import VmConfig
-from splitvmm.errors import StateError
+from splitvmm.config import VmConfig, parse_config
+from splitvmm.errors import ConfigError, StateError
 from splitvmm.monitor import vmstate
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
@@ -54,23 +55,28 @@ def open_for(path: Any, cfg: VmConfig, progress: Any = None) -> Snapshot:
 
 
 def config_of(snap: Snapshot, overrides: dict[str, str]) -> VmConfig:
-    """The VM config stored in the snapshot, with `device.key=value` host-resource overrides."""
-    from pathlib import Path
+    """The VM config stored in the snapshot, with `device.key=value` host-resource overrides.
 
-    from splitvmm.config import parse_config
-    from splitvmm.errors import ConfigError
-
+    The stored config is untrusted like the rest of the snapshot: parse_config checks its
+    shape and every value, and any mistake names the manifest's vm_config."""
     data = copy.deepcopy(dict(snap.manifest.vm_config))
-    devices = {d["name"]: d for d in data.get("device", []) if isinstance(d, dict)}
+    boot = data.get("boot")
+    devices_raw = data.get("device")
+    if not isinstance(boot, dict) or not isinstance(devices_raw, list):
+        raise SnapshotError("manifest vm_config: no [boot] table or [[device]] list")
+    devices = {d.get("name"): d for d in devices_raw if isinstance(d, dict)}
     for key, value in overrides.items():
         name, _, option = key.partition(".")
         if name == "boot" and option in ("kernel", "initrd", "firmware"):
-            data["boot"][option] = value
+            boot[option] = value
         elif name in devices and option and option not in ("name", "model"):
             devices[name][option] = value
         else:
             raise ConfigError(f"--set {key}: expected DEVICE.OPTION or boot.firmware")
-    return parse_config(data, Path("/"), check_files=False)
+    try:
+        return parse_config(data, Path("/"), check_files=False)
+    except ConfigError as e:
+        raise SnapshotError(f"manifest vm_config: {e}") from None
 
 
 def device_state(snap: Snapshot, name: str) -> dict[str, object]:

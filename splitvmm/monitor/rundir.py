@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -25,11 +26,23 @@ def runtime_root() -> Path:
     return Path(tempfile.gettempdir()) / f"splitvmm-{os.geteuid()}"
 
 
+def _check_ours(path: Path) -> None:
+    """A directory we own (not a symlink), private to us: the fallback root lives in a
+    shared temp dir, where another user could have made it first to hijack our sockets."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise SplitvmmError(f"{path} is not a directory owned by this user: refusing to use it")
+    os.chmod(path, 0o700)
+
+
 class RuntimeDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
-        self.path = (root or runtime_root()) / name
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.path, 0o700)
+        root = root or runtime_root()
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_ours(root)
+        self.path = root / name
+        self.path.mkdir(mode=0o700, exist_ok=True)
+        _check_ours(self.path)
         self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

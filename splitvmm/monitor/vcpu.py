@@ -56,7 +56,10 @@ class VcpuThread(threading.Thread):
     def kick(self) -> None:
         self.vcpu.run_struct.immediate_exit = 1
         if self.ident is not None and self.is_alive():
-            signal.pthread_kill(self.ident, KICK_SIGNAL)
+            try:
+                signal.pthread_kill(self.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # it exited between is_alive() and the kill: nothing left to kick
 
     def request_stop(self) -> None:
         with self._cond:
@@ -83,9 +86,17 @@ class VcpuThread(threading.Thread):
         # KVM_RUN with immediate_exit set completes a pending PIO/MMIO exit (writes the
         # read value into the guest's register, advances RIP) and returns EINTR without
         # entering the guest, so the state we save is between two instructions.
-        self.vcpu.run_struct.immediate_exit = 1
-        self.vcpu.run()
-        self.vcpu.run_struct.immediate_exit = 0
+        # Completing one piece can produce the next exit of the same instruction (a rep
+        # ins/outs over more than a page, a split MMIO access): serve those until KVM
+        # returns EINTR, so no exit is left half done.
+        run = self.vcpu.run_struct
+        run.immediate_exit = 1
+        while self.vcpu.run() >= 0:
+            outcome = self._handle_exit(run)
+            if outcome is not None:
+                self._stop_vm(outcome)
+                break
+        run.immediate_exit = 0
         with self._cond:
             self._parked = True
             self._cond.notify_all()

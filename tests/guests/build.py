@@ -36,6 +36,7 @@ OUTPUTS = {
     "counter": "counter.elf",
     "dirty": "dirty.elf",
     "firmware-hello": "firmware-hello.bin",
+    "firmware-pio": "firmware-pio.bin",
 }
 TOOLS = ("make", "gcc", "ld", "objcopy", "objdump", "nm")
 BUILD_TIMEOUT_S = 120

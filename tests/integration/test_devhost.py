@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from splitvmm.devprocs.serial import Lsr, Reg
+from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.devhost import DeviceHost, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
@@ -79,3 +80,15 @@ def test_devhost_killed_device_is_reported_and_reads_all_ones(harness):
     supervisor.close()
     assert harness.failures == ["process was killed by signal 9"]
     assert harness.host.read(Reg.SCR, 1) == b"\xff"
+
+
+def test_devhost_channel_path_too_long_fails_cleanly(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    zctx = zmq.Context()
+    irq = EventFd()
+    spawn = Spawn("serial0", "serial", 8, {}, {"irq": irq.fd})
+    with pytest.raises(DeviceFailure, match="longer than a UNIX socket allows"):
+        DeviceHost(spawn, zctx, deep, lambda host, reason: None)
+    zctx.term()  # nothing left open: term() would block forever on a leaked socket
+    irq.close()

@@ -72,7 +72,15 @@ def test_rogue_ready_garbage_refuses_start(zctx, tmp_path):
 
 
 def test_all_rogue_behaviours_are_tested():
-    tested = {"garbage", "oversized", "wrong-seq", "unsolicited", "silent", "wide-reply", "bad-ready"}
+    tested = {
+        "garbage",
+        "oversized",
+        "wrong-seq",
+        "unsolicited",
+        "silent",
+        "wide-reply",
+        "bad-ready",
+    }
     assert tested == set(BEHAVIOURS)
 
 

@@ -159,7 +159,12 @@ def test_ctl_errors_are_one_sentence_and_nonzero(guests, tmp_path):
     (tmp_path / "exists").mkdir()
     existing = vm.ctl("snapshot", str(tmp_path / "exists"))
     assert vm.ctl("resume").returncode == 0
-    status = vm.ctl("status", "--json")
+    from splitvmm.monitor.control import ControlError, request
+
+    socket_path = tmp_path / "run" / "splitvmm" / "test" / "control.sock"
+    with pytest.raises(ControlError, match="snapshot failed"):
+        request(socket_path, "snapshot", {"path": str(tmp_path / "nul\0byte")})
+    status = vm.ctl("status", "--json")  # the control socket still answers
     vm.proc.terminate()
     vm.finish()
     missing = splitvmm(tmp_path, "ctl", "--vm", "nope", "status")

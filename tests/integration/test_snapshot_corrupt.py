@@ -104,3 +104,24 @@ def test_restore_device_set_mismatch_names_device(saved, tmp_path):
     r = splitvmm(tmp_path, "up", str(renamed), "--restore", str(snap))
     assert r.returncode == 1
     assert "serial0" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["vm_config"].pop("boot"),
+        lambda m: m["vm_config"].update(boot="kernel"),
+        lambda m: m["vm_config"]["device"][0].pop("name"),
+        lambda m: m["vm_config"]["vm"].update(vcpus="two"),
+    ],
+    ids=["no-boot", "boot-not-table", "device-without-name", "vcpus-not-int"],
+)
+def test_restore_corrupt_stored_config_names_manifest(saved, tmp_path, change):
+    snap, _ = saved
+    broken = tmp_path / "broken"
+    shutil.copytree(snap, broken)
+    edit_manifest(broken, change)
+    r = splitvmm(tmp_path, "restore", str(broken))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "manifest vm_config" in r.stderr or "device" in r.stderr, r.stderr

@@ -34,7 +34,6 @@ UNSANDBOXED = (
     "import runpy, sys; "
     "from splitvmm.devprocs import runtime, sandbox; "
     "sandbox.enter_sandbox = lambda model, keep, audit, *, channel, connect: connect(channel); "
-    "sys.argv[1:] = [sys.argv[-1]]; "
     "runpy.run_module('splitvmm.devprocs', run_name='__main__')"
 )
 
@@ -67,20 +66,23 @@ class SandboxedDevice:
             self.result_r, fds["hook_result"] = os.pipe2(os.O_CLOEXEC)
         spec = DeviceSpec(f"{model}0", model, self.endpoint, fds, seccomp=seccomp, hook=encoded)
         self.stderr_path = rundir / f"{model}0.stderr"
-        argv = [sys.executable, "-m", "splitvmm.devprocs", spec.to_json()]
+        argv = [sys.executable, "-m", "splitvmm.devprocs"]  # the spec goes on stdin
         if not sandboxed:
-            argv = [sys.executable, "-c", UNSANDBOXED, spec.to_json()]
+            argv = [sys.executable, "-c", UNSANDBOXED]
         with open(self.stderr_path if stderr_to_file else os.devnull, "wb") as stderr:
             self.started = time.monotonic()
             self.proc = subprocess.Popen(
                 argv,
                 pass_fds=tuple(fds.values()),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 close_fds=True,
                 cwd=REPO,
             )
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(spec.to_json().encode())
+            self.proc.stdin.close()
         os.close(out_w)
         if hook is not None:
             os.close(fds["hook_result"])

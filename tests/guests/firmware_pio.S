@@ -1,0 +1,227 @@
+/* firmware-pio: a 64 KiB BIOS-style firmware image (16-bit real mode) that times port I/O to
+ * the 8250 scratch register, so the same guest gives the same figure under splitvmm and QEMU.
+ *
+ * Reset and layout as firmware-hello (firmware_hello.S, firmware.ld): the reset vector at
+ * offset FFF0h jumps to F000:start in the image's alias below 1 MiB.
+ *
+ * It initialises COM1 as the 8250 datasheet says for polled use (IER = 0, DLAB, divisor 1 =
+ * 115200 baud, 8N1, FIFOs on, MCR = DTR|RTS with OUT2 off: no interrupt can reach the CPU), then
+ * takes three TSC deltas, each with one rdtsc before and one after a whole loop of N passes:
+ *
+ *   in    N x `in %dx, %al` from 3FFh (SCR, the scratch register)
+ *   out   N x `out %al, %dx` to 3FFh
+ *   loop  the same loop with no I/O (the floor: the loop's own cost)
+ *
+ * and only then prints, one line each, the decimal totals in TSC ticks:
+ *
+ *   fw-pio: in ticks=<T> n=2000
+ *   fw-pio: out ticks=<T> n=2000
+ *   fw-pio: loop ticks=<T> n=2000
+ *
+ * and writes 31h to the debug-exit port F4h (host status (31h << 1) | 1 = 99). All three loops
+ * run at CPL0; on a PVM host every instruction of them goes through KVM's emulator, the same
+ * for any VMM, so (in - loop) / N is the cost of one port read served by the VMM's UART.
+ *
+ * 32-bit registers (operand-size prefix, allowed in real mode) hold the TSC halves and do the
+ * 64-by-32-bit divisions by 10 for the decimal output. */
+
+#define COM1 0x3f8
+#define UART_TX 0
+#define UART_DLL 0
+#define UART_IER 1
+#define UART_DLM 1
+#define UART_FCR 2
+#define UART_LCR 3
+#define UART_MCR 4
+#define UART_LSR 5
+#define UART_SCR 7
+#define UART_LCR_DLAB 0x80
+#define UART_LCR_WLEN8 0x03
+#define UART_FCR_ENABLE_AND_CLEAR 0x07	/* enable FIFOs, clear receive and transmit FIFOs */
+#define UART_MCR_DTR_RTS 0x03
+#define UART_LSR_THRE 0x20
+#define THRE_POLL_LIMIT 0xffff
+
+#define PIO_PORT (COM1 + UART_SCR)	/* 3FFh */
+#define PASSES 2000
+#define STR(x) #x
+#define XSTR(x) STR(x)
+
+#define DEBUG_EXIT_PORT 0xf4
+#define EXIT_VALUE 0x31
+
+#define STACK_SEGMENT 0x0000
+#define STACK_TOP 0x7c00	/* conventional memory, below the traditional boot sector */
+#define RESULTS 0x7000		/* 3 x 8 bytes at 0000:7000, RAM (the image itself is a ROM) */
+#define RESULT_IN 0
+#define RESULT_OUT 8
+#define RESULT_LOOP 16
+
+/* Writes an immediate byte to a UART register. */
+.macro uart_out reg, value
+	mov	$(COM1 + \reg), %dx
+	mov	$\value, %al
+	out	%al, %dx
+.endm
+
+/* Starts a measurement: TSC in EDI:ESI, CX = passes, DX = the port. */
+.macro timing_start
+	mov	$PASSES, %cx
+	mov	$PIO_PORT, %dx
+	rdtsc
+	mov	%eax, %esi
+	mov	%edx, %edi
+.endm
+
+/* Ends a measurement: stores TSC now - EDI:ESI (64 bits) at ES:RESULTS+\slot. */
+.macro timing_end slot
+	rdtsc
+	sub	%esi, %eax
+	sbb	%edi, %edx
+	mov	%eax, %es:(RESULTS + \slot)
+	mov	%edx, %es:(RESULTS + \slot + 4)
+.endm
+
+	.code16
+	.section .text, "ax"
+	.globl start
+start:
+	cli
+	cld
+	mov	%cs, %ax
+	mov	%ax, %ds		/* strings are in this image */
+	mov	$STACK_SEGMENT, %ax
+	mov	%ax, %ss
+	mov	%ax, %es		/* results in low RAM */
+	mov	$STACK_TOP, %sp
+
+	/* 8250 programming: interrupts off, DLAB, divisor 1 (115200 baud), 8N1, FIFOs, DTR|RTS. */
+	uart_out UART_IER, 0
+	uart_out UART_LCR, UART_LCR_DLAB
+	uart_out UART_DLL, 1
+	uart_out UART_DLM, 0
+	uart_out UART_LCR, UART_LCR_WLEN8
+	uart_out UART_FCR, UART_FCR_ENABLE_AND_CLEAR
+	uart_out UART_MCR, UART_MCR_DTR_RTS
+
+	/* N reads of the scratch register. */
+	timing_start
+1:	in	%dx, %al
+	loop	1b
+	timing_end RESULT_IN
+
+	/* N writes of the scratch register (AL: the TSC's low byte, any value will do). */
+	timing_start
+1:	out	%al, %dx
+	loop	1b
+	timing_end RESULT_OUT
+
+	/* The same loop with no I/O. */
+	timing_start
+1:	loop	1b
+	timing_end RESULT_LOOP
+
+	mov	$RESULT_IN, %bx
+	mov	$label_in, %si
+	call	print_result
+	mov	$RESULT_OUT, %bx
+	mov	$label_out, %si
+	call	print_result
+	mov	$RESULT_LOOP, %bx
+	mov	$label_loop, %si
+	call	print_result
+
+	mov	$EXIT_VALUE, %al
+	out	%al, $DEBUG_EXIT_PORT
+1:	hlt				/* only reached without a debug-exit device */
+	jmp	1b
+
+/* Prints "fw-pio: <label> ticks=<u64 at ES:RESULTS+BX> n=<PASSES>\n"; label string at DS:SI. */
+print_result:
+	push	%si
+	mov	$prefix, %si
+	call	puts
+	pop	%si
+	call	puts
+	mov	$ticks, %si
+	call	puts
+	mov	%es:RESULTS(%bx), %eax
+	mov	%es:(RESULTS + 4)(%bx), %edx
+	call	print_u64
+	mov	$suffix, %si
+	call	puts
+	ret
+
+/* Prints EDX:EAX in decimal: repeated 64-by-32-bit division by 10 (two `div`s, high half
+ * first), digits pushed on the stack, then popped most significant first. */
+print_u64:
+	mov	$10, %ebx
+	xor	%cx, %cx		/* digits on the stack */
+1:	mov	%eax, %esi		/* low half */
+	mov	%edx, %eax
+	xor	%edx, %edx
+	div	%ebx			/* EAX = high / 10, EDX = high % 10 */
+	mov	%eax, %edi		/* the quotient's high half */
+	mov	%esi, %eax
+	div	%ebx			/* (high % 10):low / 10: EAX = quotient's low half, EDX = digit */
+	add	$'0', %dl
+	push	%dx
+	inc	%cx
+	mov	%edi, %edx
+	mov	%eax, %esi
+	or	%edx, %esi
+	jnz	1b			/* until the quotient is 0 */
+2:	pop	%ax
+	call	putc
+	loop	2b
+	ret
+
+/* Prints the NUL-terminated string at DS:SI. */
+puts:
+	lodsb
+	test	%al, %al
+	jz	1f
+	call	putc
+	jmp	puts
+1:	ret
+
+/* Writes AL to the UART, polling LSR.THRE first (at most THRE_POLL_LIMIT times); keeps every
+ * register but AX. */
+putc:
+	push	%bx
+	push	%cx
+	push	%dx
+	mov	%al, %bl
+	mov	$THRE_POLL_LIMIT, %cx
+	mov	$(COM1 + UART_LSR), %dx
+1:	in	%dx, %al
+	test	$UART_LSR_THRE, %al
+	jnz	2f
+	loop	1b
+2:	mov	$(COM1 + UART_TX), %dx
+	mov	%bl, %al
+	out	%al, %dx
+	pop	%dx
+	pop	%cx
+	pop	%bx
+	ret
+
+	.section .rodata, "a"
+prefix:
+	.asciz	"fw-pio: "
+label_in:
+	.asciz	"in"
+label_out:
+	.asciz	"out"
+label_loop:
+	.asciz	"loop"
+ticks:
+	.asciz	" ticks="
+suffix:
+	.ascii	" n="
+	.ascii	XSTR(PASSES)
+	.asciz	"\n"
+
+/* The reset vector: the last 16 bytes of the image (offset FFF0h in segment F000h). */
+	.section .reset, "ax"
+	ljmp	$0xf000, $start
