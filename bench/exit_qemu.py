@@ -31,6 +31,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.vmrun import run_guest, write_config  # noqa: E402
 from splitvmm.native.kvm import Kvm  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
@@ -51,24 +52,10 @@ def parse(text: str, who: str) -> dict[str, float]:
 
 def run_splitvmm(image: Path, work: Path, i: int) -> dict[str, float]:
     serial = work / f"splitvmm-{i}.log"
-    config = work / f"splitvmm-{i}.toml"
-    config.write_text(
-        f'[vm]\nname = "bench-fw-pio"\nmemory = "64M"\n[boot]\nfirmware = "{image}"\n'
-        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
+    config = write_config(
+        work / f"splitvmm-{i}.toml", "bench-fw-pio", f'firmware = "{image}"', "64M", serial
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "splitvmm", "up", str(config)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    text = serial.read_text() if serial.exists() else ""
-    if proc.returncode != EXIT_STATUS:
-        raise SystemExit(
-            f"splitvmm: status {proc.returncode}, want {EXIT_STATUS}:\n{proc.stderr}{text}"
-        )
-    return parse(text, "splitvmm")
+    return parse(run_guest(config, serial, EXIT_STATUS, RUN_TIMEOUT_S), "splitvmm")
 
 
 def run_qemu(qemu: str, image: Path, work: Path, i: int) -> dict[str, float]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.floors import kvm_run_floor, summary_us, zmq_pair_floor  # noqa: E402
+from bench.vmrun import run_guest, write_config  # noqa: E402
 from splitvmm.native.kvm import Kvm  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
@@ -37,22 +37,11 @@ LINE = re.compile(r"pio-loop: (\w+) median=(\d+) p99=(\d+)")
 def splitvmm_pio(count: int, port: int, work: Path) -> dict[str, tuple[float, float]]:
     guest = build_guests(work / "guests")["pio-loop"]
     serial = work / f"serial-{port:x}.log"
-    config = work / "pio.toml"
-    config.write_text(
-        f'[vm]\nname = "bench-pio"\nmemory = "64M"\n[boot]\nkernel = "{guest}"\n'
-        f'cmdline = "count={count} port={port:#x}"\n'
-        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "splitvmm", "up", str(config)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    text = serial.read_text()
-    if proc.returncode != 1 or "pio-loop: done" not in text:
-        raise SystemExit(f"pio-loop guest failed (status {proc.returncode}): {proc.stderr}{text}")
+    boot = f'kernel = "{guest}"\ncmdline = "count={count} port={port:#x}"'
+    config = write_config(work / "pio.toml", "bench-pio", boot, "64M", serial)
+    text = run_guest(config, serial, status=1)
+    if "pio-loop: done" not in text:
+        raise SystemExit(f"pio-loop guest did not finish: {text}")
     with Kvm() as kvm:
         us_per_tick = 1e3 / kvm.default_tsc_khz()
     return {

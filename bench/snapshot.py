@@ -29,6 +29,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.vmrun import write_config  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 
@@ -70,11 +71,8 @@ def disk_floor(work: Path, size: int) -> float:
 def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(work / "run")}
     serial, config, snap = work / f"serial-{mib}-{dirty_mib}.log", work / "vm.toml", work / "snap"
-    config.write_text(
-        f'[vm]\nname = "bench-snap"\nmemory = "{mib}M"\n[boot]\nkernel = "{guest}"\n'
-        f'cmdline = "mib={dirty_mib}"\n'
-        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
-    )
+    boot = f'kernel = "{guest}"\ncmdline = "mib={dirty_mib}"'
+    write_config(config, "bench-snap", boot, f"{mib}M", serial)
     vm = subprocess.Popen(
         [sys.executable, "-m", "splitvmm", "up", str(config)],
         env=env,

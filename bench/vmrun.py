@@ -1,0 +1,31 @@
+"""What the benchmarks share: a VM config for a test guest, and a run through `splitvmm up`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def write_config(path: Path, name: str, boot: str, memory: str, serial: Path) -> Path:
+    """A one-serial-device VM config whose guest output goes to `serial`."""
+    path.write_text(
+        f'[vm]\nname = "{name}"\nmemory = "{memory}"\n[boot]\n{boot}\n'
+        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
+    )
+    return path
+
+
+def run_guest(config: Path, serial: Path, status: int, timeout: float = 600) -> str:
+    """Run the VM to its end; its serial output, or SystemExit if it ended otherwise."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", "up", str(config)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    text = serial.read_text() if serial.exists() else ""
+    if proc.returncode != status:
+        raise SystemExit(f"splitvmm: status {proc.returncode}, want {status}:\n{proc.stderr}{text}")
+    return text
