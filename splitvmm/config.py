@@ -84,6 +84,12 @@ def _get(table: dict[str, Any], key: str, where: str, kind: type, default: objec
     return value
 
 
+def _table(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -162,7 +168,7 @@ def parse_config(data: dict[str, Any], base: Path, check_files: bool = True) -> 
     vm = _parse_vm(_get(data, "vm", "config", dict, {}))
     boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files)
     devices = tuple(
-        _parse_device(_get({"device": d}, "device", f"device[{i}]", dict), f"device[{i}]")
+        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]")
         for i, d in enumerate(_get(data, "device", "config", list, []))
     )
     names = [d.name for d in devices]

@@ -21,13 +21,12 @@ from splitvmm.native.mem import mapping_address
 FIRMWARE_SLOT_BASE = 16  # memslots after RAM's (RAM uses at most a few)
 
 
-def memory_holes(cfg: VmConfig) -> list[tuple[int, int]]:
-    """Guest-physical ranges where RAM must not be mapped (the firmware's low alias)."""
-    if cfg.boot.firmware is None:
+def memory_holes(image: loader.FirmwareImage | None) -> list[tuple[int, int]]:
+    """Guest-physical ranges where RAM must not be mapped: the firmware slots that lie in
+    RAM's space (its alias below 1 MiB), straight from the loader's plan."""
+    if image is None:
         return []
-    size = cfg.boot.firmware.stat().st_size
-    low = min(size, layout.FIRMWARE_LOW_ALIAS)
-    return [(layout.HIMEM_START - low, low)]
+    return [(s.gpa, s.size) for s in image.slots if s.gpa < layout.MMIO32_START]
 
 
 class Firmware:
@@ -49,16 +48,6 @@ class Firmware:
 
     def close(self) -> None:
         self.map.close()
-
-
-def map_firmware(cfg: VmConfig, vm: VmFd) -> Firmware | None:
-    """The firmware's read-only slots (part of the platform: a restore maps them too).
-
-    The caller keeps the returned mapping open for the VM's lifetime.
-    """
-    if cfg.boot.firmware is None:
-        return None
-    return Firmware(vm, loader.load_firmware(cfg.boot.firmware))
 
 
 def prepare(cfg: VmConfig, kvm: Kvm, mem: GuestMemory, vcpus: list[VcpuFd]) -> None:

@@ -19,7 +19,7 @@ import zmq
 
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import ConfigError, KvmUnavailable
-from splitvmm.monitor import boot, layout, restore
+from splitvmm.monitor import boot, layout, loader, restore
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
@@ -62,6 +62,7 @@ class Machine:
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.zctx: zmq.Context | None = None
         self._serial_host: DeviceHost | None = None
+        self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
 
     def build(self) -> None:
         cfg = self.cfg
@@ -77,7 +78,9 @@ class Machine:
         self._closables.append(self.mem)
         self.vm = self.kvm.create_vm()
         self._closables.append(self.vm)
-        self._create_platform()
+        # Read once: its plan gives both RAM's holes and the firmware's own slots.
+        image = loader.load_firmware(cfg.boot.firmware) if cfg.boot.firmware else None
+        self._create_platform(image)
         self.zctx = zmq.Context(io_threads=1)
         for dev in cfg.devices:
             self._spawn_device(dev)
@@ -85,9 +88,8 @@ class Machine:
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
         ]
         self._closables.extend(self.vcpu_fds)
-        firmware = boot.map_firmware(cfg, self.vm)
-        if firmware is not None:
-            self._closables.append(firmware)
+        if image is not None:  # part of the platform: a restore maps it too
+            self._closables.append(boot.Firmware(self.vm, image))
         if self.snapshot is not None:
             restore.apply(self.snapshot, saved, self)
         else:
@@ -95,12 +97,12 @@ class Machine:
         self.control = ControlServer(self.rundir.path, self._control_handlers())
 
     # -- construction ---------------------------------------------------------------
-    def _create_platform(self) -> None:
+    def _create_platform(self, firmware: loader.FirmwareImage | None) -> None:
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
         self.vm.set_tss_addr(layout.KVM_TSS)
         self.vm.create_irqchip()  # PIC + IOAPIC + LAPICs in the kernel
         self.vm.create_pit2()
-        for slot, region in enumerate(self.mem.slots(boot.memory_holes(self.cfg))):
+        for slot, region in enumerate(self.mem.slots(boot.memory_holes(firmware))):
             hva = mapping_address(self.mem.map, region.offset)
             self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
@@ -179,8 +181,7 @@ class Machine:
 
     def _device_failed(self, host: DeviceHost, reason: str) -> None:
         # Until crash recovery exists every on_crash policy but "leave" stops the VM cleanly.
-        dev = next(d for d in self.cfg.devices if d.name == host.name)
-        if dev.on_crash == "leave":
+        if self._device_cfg[host.name].on_crash == "leave":
             log.warning(
                 "device %s stays dead (on_crash = leave); its ports read as all-ones", host.name
             )
@@ -278,11 +279,7 @@ class Machine:
 
     def _serve_console(self) -> None:
         host = self._serial_host
-        stdio = (
-            host is not None
-            and next(d for d in self.cfg.devices if d.name == host.name).options["output"]
-            == "stdio"
-        )
+        stdio = host is not None and self._device_cfg[host.name].options["output"] == "stdio"
         if not stdio:
             pump(None, self._wake.fd, lambda data: None, escape=False)
             return

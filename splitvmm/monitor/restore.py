@@ -47,13 +47,6 @@ def check_compatible(snap: Snapshot, cfg: VmConfig) -> None:
             )
 
 
-def open_for(path: Any, cfg: VmConfig, progress: Any = None) -> Snapshot:
-    snap = Snapshot.open(path)
-    check_compatible(snap, cfg)
-    snap.verify(progress)
-    return snap
-
-
 def config_of(snap: Snapshot, overrides: dict[str, str]) -> VmConfig:
     """The VM config stored in the snapshot, with `device.key=value` host-resource overrides.
 
