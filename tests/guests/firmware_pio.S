@@ -25,22 +25,7 @@
  * 32-bit registers (operand-size prefix, allowed in real mode) hold the TSC halves and do the
  * 64-by-32-bit divisions by 10 for the decimal output. */
 
-#define COM1 0x3f8
-#define UART_TX 0
-#define UART_DLL 0
-#define UART_IER 1
-#define UART_DLM 1
-#define UART_FCR 2
-#define UART_LCR 3
-#define UART_MCR 4
-#define UART_LSR 5
-#define UART_SCR 7
-#define UART_LCR_DLAB 0x80
-#define UART_LCR_WLEN8 0x03
-#define UART_FCR_ENABLE_AND_CLEAR 0x07	/* enable FIFOs, clear receive and transmit FIFOs */
-#define UART_MCR_DTR_RTS 0x03
-#define UART_LSR_THRE 0x20
-#define THRE_POLL_LIMIT 0xffff
+#include "lib/rm_uart.inc"
 
 #define PIO_PORT (COM1 + UART_SCR)	/* 3FFh */
 #define PASSES 2000
@@ -56,13 +41,6 @@
 #define RESULT_IN 0
 #define RESULT_OUT 8
 #define RESULT_LOOP 16
-
-/* Writes an immediate byte to a UART register. */
-.macro uart_out reg, value
-	mov	$(COM1 + \reg), %dx
-	mov	$\value, %al
-	out	%al, %dx
-.endm
 
 /* Starts a measurement: TSC in EDI:ESI, CX = passes, DX = the port. */
 .macro timing_start
@@ -95,14 +73,7 @@ start:
 	mov	%ax, %es		/* results in low RAM */
 	mov	$STACK_TOP, %sp
 
-	/* 8250 programming: interrupts off, DLAB, divisor 1 (115200 baud), 8N1, FIFOs, DTR|RTS. */
-	uart_out UART_IER, 0
-	uart_out UART_LCR, UART_LCR_DLAB
-	uart_out UART_DLL, 1
-	uart_out UART_DLM, 0
-	uart_out UART_LCR, UART_LCR_WLEN8
-	uart_out UART_FCR, UART_FCR_ENABLE_AND_CLEAR
-	uart_out UART_MCR, UART_MCR_DTR_RTS
+	uart_init
 
 	/* N reads of the scratch register. */
 	timing_start
@@ -176,35 +147,7 @@ print_u64:
 	loop	2b
 	ret
 
-/* Prints the NUL-terminated string at DS:SI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	1f
-	call	putc
-	jmp	puts
-1:	ret
-
-/* Writes AL to the UART, polling LSR.THRE first (at most THRE_POLL_LIMIT times); keeps every
- * register but AX. */
-putc:
-	push	%bx
-	push	%cx
-	push	%dx
-	mov	%al, %bl
-	mov	$THRE_POLL_LIMIT, %cx
-	mov	$(COM1 + UART_LSR), %dx
-1:	in	%dx, %al
-	test	$UART_LSR_THRE, %al
-	jnz	2f
-	loop	1b
-2:	mov	$(COM1 + UART_TX), %dx
-	mov	%bl, %al
-	out	%al, %dx
-	pop	%dx
-	pop	%cx
-	pop	%bx
-	ret
+	uart_routines
 
 	.section .rodata, "a"
 prefix:
