@@ -31,7 +31,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.vmrun import run_guest, write_config  # noqa: E402
+from bench.vmrun import run_guest, run_to_end, write_config  # noqa: E402
 from splitvmm.native.kvm import Kvm  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
@@ -60,34 +60,10 @@ def run_splitvmm(image: Path, work: Path, i: int) -> dict[str, float]:
 
 def run_qemu(qemu: str, image: Path, work: Path, i: int) -> dict[str, float]:
     serial = work / f"qemu-{i}.log"
-    proc = subprocess.run(
-        [
-            qemu,
-            "-accel",
-            "kvm",
-            "-bios",
-            str(image),
-            "-m",
-            "64",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-serial",
-            f"file:{serial}",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x01",
-            "-no-reboot",
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-    text = serial.read_text() if serial.exists() else ""
-    if proc.returncode != EXIT_STATUS:
-        raise SystemExit(
-            f"QEMU: status {proc.returncode}, want {EXIT_STATUS}:\n{proc.stderr}{text}"
-        )
+    argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", "64", "-display", "none"]
+    argv += ["-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
+    argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
+    text = run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "QEMU")
     return parse(text, "QEMU")
 
 

@@ -16,16 +16,19 @@ def write_config(path: Path, name: str, boot: str, memory: str, serial: Path) ->
     return path
 
 
-def run_guest(config: Path, serial: Path, status: int, timeout: float = 600) -> str:
-    """Run the VM to its end; its serial output, or SystemExit if it ended otherwise."""
+def run_to_end(argv: list[str], serial: Path, status: int, timeout: float, who: str) -> str:
+    """Run a VMM to its end; the guest's serial output, or SystemExit naming `who` if it
+    ended with another status."""
     proc = subprocess.run(
-        [sys.executable, "-m", "splitvmm", "up", str(config)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
     )
     text = serial.read_text() if serial.exists() else ""
     if proc.returncode != status:
-        raise SystemExit(f"splitvmm: status {proc.returncode}, want {status}:\n{proc.stderr}{text}")
+        raise SystemExit(f"{who}: status {proc.returncode}, want {status}:\n{proc.stderr}{text}")
     return text
+
+
+def run_guest(config: Path, serial: Path, status: int, timeout: float = 600) -> str:
+    """`splitvmm up CONFIG` to its end (see run_to_end)."""
+    argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
+    return run_to_end(argv, serial, status, timeout, "splitvmm")
