@@ -14,8 +14,7 @@ EXIT_VM_FAULT = 4  # triple fault, emulation failure, failed entry, device failu
 class Outcome:
     status: int
     message: str
-    error: bool = False  # True: print the message as an error
 
     @classmethod
     def fault(cls, message: str) -> Outcome:
-        return cls(EXIT_VM_FAULT, message, error=True)
+        return cls(EXIT_VM_FAULT, message)
