@@ -8,9 +8,10 @@ from pathlib import Path
 
 
 def write_config(path: Path, name: str, boot: str, memory: str, serial: Path) -> Path:
-    """A one-serial-device VM config whose guest output goes to `serial`."""
+    """A one-serial-device VM config whose guest output goes to `serial`; snapshots may be
+    written next to it."""
     path.write_text(
-        f'[vm]\nname = "{name}"\nmemory = "{memory}"\n[boot]\n{boot}\n'
+        f'[vm]\nname = "{name}"\nmemory = "{memory}"\nsnapshot_dirs = ["."]\n[boot]\n{boot}\n'
         f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
     )
     return path

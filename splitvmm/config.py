@@ -1,6 +1,7 @@
 """The VM config file (TOML) -> frozen dataclasses, with an error naming the key for every mistake.
 
-[vm]      name, memory ("64M", "2G"), vcpus, cpuid_mask (list of "leaf[.sub].reg:bits")
+[vm]      name, memory ("64M", "2G"), vcpus, cpuid_mask (list of "leaf[.sub].reg:bits"),
+          snapshot_dirs (where `ctl snapshot` may write: the monitor can reach nothing else)
 [boot]    kernel (bzImage or ELF) [+ initrd, cmdline], or firmware (flat binary)
 [[device]] name, model, on_crash, and the model's own options
 """
@@ -36,6 +37,8 @@ class VmSection:
     memory: int  # bytes
     vcpus: int
     cpuid_mask: tuple[str, ...] = ()
+    # Host directories `ctl snapshot`/`suspend` may write into (Landlock grants only these).
+    snapshot_dirs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +101,8 @@ def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> Non
         )
 
 
-def _parse_vm(table: dict[str, Any]) -> VmSection:
-    _reject_unknown(table, {"name", "memory", "vcpus", "cpuid_mask"}, "vm")
+def _parse_vm(table: dict[str, Any], base: Path) -> VmSection:
+    _reject_unknown(table, {"name", "memory", "vcpus", "cpuid_mask", "snapshot_dirs"}, "vm")
     name = _get(table, "name", "vm", str, "vm")
     if not NAME_RE.match(name):
         raise ConfigError(f"vm.name: {name!r} must be 1-63 letters, digits, '_', '.' or '-'")
@@ -112,7 +115,18 @@ def _parse_vm(table: dict[str, Any]) -> VmSection:
     mask = _get(table, "cpuid_mask", "vm", list, [])
     if not all(isinstance(m, str) for m in mask):
         raise ConfigError('vm.cpuid_mask: expected a list of strings like "1.ecx:0x80000000"')
-    return VmSection(name, memory, vcpus, tuple(mask))
+    return VmSection(name, memory, vcpus, tuple(mask), _snapshot_dirs(table, base))
+
+
+def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
+    raw = _get(table, "snapshot_dirs", "vm", list, [])
+    if not all(isinstance(d, str) and d for d in raw):
+        raise ConfigError("vm.snapshot_dirs: expected a list of directory paths")
+    dirs = tuple((base / Path(d).expanduser()).resolve() for d in raw)
+    for d in dirs:
+        if not d.is_dir():  # checked even for a restore: the monitor's Landlock names them
+            raise ConfigError(f"vm.snapshot_dirs: {d} does not exist or is not a directory")
+    return dirs
 
 
 def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | None:
@@ -165,7 +179,7 @@ def parse_config(data: dict[str, Any], base: Path, check_files: bool = True) -> 
     """The config from its TOML tables; check_files=False for a restore, whose RAM
     already holds the kernel (only firmware is read again, when the VM maps it)."""
     _reject_unknown(data, {"vm", "boot", "device"}, "config")
-    vm = _parse_vm(_get(data, "vm", "config", dict, {}))
+    vm = _parse_vm(_get(data, "vm", "config", dict, {}), base)
     boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files)
     devices = tuple(
         _parse_device(_table(d, f"device[{i}]"), f"device[{i}]")
@@ -194,7 +208,10 @@ def load_config(path: Path, check_files: bool = True) -> VmConfig:
 
 
 def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
-    """The config as TOML-shaped plain data (absolute paths), which parse_config reads back."""
+    """The config as TOML-shaped plain data (absolute paths), which parse_config reads back.
+
+    Leaves out vm.snapshot_dirs: what the monitor may write to is the operator's to say
+    each time it starts, never a snapshot's."""
     boot: dict[str, Any] = {}
     for key in ("kernel", "initrd", "firmware"):
         value = getattr(cfg.boot, key)

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
-    from splitvmm.devprocs.policy import Policy
     from splitvmm.native.confine import SeccompListener
+    from splitvmm.sandbox.policy import Policy
 
 SPAWN_TIMEOUT_S = 15.0
 EXPECTED_EXIT = 1  # the workload ends with a malformed frame: ProtocolError, exit status 1
@@ -57,8 +57,9 @@ def command() -> None:
     help="Policy directory (default: policies/<arch>/ of this checkout).",
 )
 def check(policy_dir: Path | None) -> None:
-    """Parse every policy file and compile every <model>_device.policy (and warden.policy)."""
-    from splitvmm.devprocs import policy
+    """Parse every policy file and compile each one a process loads: <model>_device.policy,
+    warden.policy, and the monitor's own monitor.policy and vcpu.policy."""
+    from splitvmm.sandbox import policy
 
     errors, compiled = check_policies(policy_dir or policy.default_policy_dir())
     for error in errors:
@@ -71,18 +72,29 @@ def check(policy_dir: Path | None) -> None:
 
 def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """(errors as "file:line: message", [(file name, rule count)] of the compiled ones)."""
-    from splitvmm.devprocs import policy, serial  # noqa: F401  (registers the models)
+    from splitvmm.devprocs import serial  # noqa: F401  (registers the models)
     from splitvmm.devprocs.base import REGISTRY
+    from splitvmm.monitor.confinement import MONITOR_POLICY, VCPU_POLICY
+    from splitvmm.native.kvm import IOCTL_NUMBERS
+    from splitvmm.sandbox import policy
 
     errors: list[str] = []
     compiled: list[tuple[str, int]] = []
-    loadable = {f"{m}_device.policy" for m in REGISTRY} | {"warden.policy"}
+    loadable = {f"{m}_device.policy" for m in REGISTRY} | {
+        "warden.policy",
+        MONITOR_POLICY,
+        VCPU_POLICY,
+    }
     for name in sorted(loadable - {p.name for p in policy_dir.glob("*.policy")}):
-        errors.append(f"{policy_dir / name}: missing (a model or the warden needs it)")
-    constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}  # the warden's run-time constant
+        errors.append(f"{policy_dir / name}: missing (a model, the warden or the monitor needs it)")
+    # SELF_PID: the warden's and the monitor's run-time constant. Only the monitor's own
+    # policies may name KVM ioctls: a device holds no KVM fd.
+    constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}
+    monitor_constants = {**constants, **IOCTL_NUMBERS}
     for path in sorted(policy_dir.glob("*.policy")):
+        own = monitor_constants if path.name in (MONITOR_POLICY, VCPU_POLICY) else constants
         try:
-            parsed = policy.parse_file(path, constants)
+            parsed = policy.parse_file(path, own)
             if path.name in loadable:
                 policy.compile_filter(parsed)
                 compiled.append((path.name, len(parsed.rules)))
@@ -96,9 +108,9 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 @click.option("--accesses", default=400, show_default=True, help="Accesses in the workload.")
 def audit(model: str, accesses: int) -> None:
     """Run a MODEL device under a tracing filter through a workload; print its syscalls."""
-    from splitvmm.devprocs import policy
     from splitvmm.devprocs.base import REGISTRY
     from splitvmm.devprocs.serial import Uart8250  # noqa: F401  (registers the models)
+    from splitvmm.sandbox import policy
 
     if model not in REGISTRY:
         raise click.BadParameter(f"unknown model {model!r}", param_hint="MODEL")

@@ -28,8 +28,22 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
     metavar="DEVICE.OPTION=VALUE",
     help="Override a host resource that moved, e.g. serial0.output=/tmp/log (repeatable).",
 )
-def command(directory: Path, settings: tuple[str, ...]) -> None:
+@click.option(
+    "--snapshot-dir",
+    "snapshot_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A directory `ctl snapshot` may write to (vm.snapshot_dirs; repeatable).",
+)
+def command(directory: Path, settings: tuple[str, ...], snapshot_dirs: tuple[Path, ...]) -> None:
     """Restore the VM saved in DIRECTORY, with the config stored in the snapshot."""
+    import dataclasses
+
     from splitvmm.monitor import restore
 
-    run_and_exit(lambda snap, ov: restore.config_of(snap, ov), directory, _overrides(settings))
+    def config(snap, overrides):  # what the monitor may write to is never the snapshot's to say
+        cfg = restore.config_of(snap, overrides)
+        dirs = tuple(d.resolve() for d in snapshot_dirs)
+        return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, snapshot_dirs=dirs))
+
+    run_and_exit(config, directory, _overrides(settings))

@@ -75,9 +75,9 @@ from typing import NoReturn, TypeVar
 
 import pyseccomp as seccomp  # type: ignore[import-untyped]
 
-from splitvmm.devprocs import policy
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, landlock
+from splitvmm.sandbox import policy
 
 log = logging.getLogger("splitvmm.dev.sandbox")
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ class Coordinator:
     # -- snapshot -----------------------------------------------------------------------------
     def snapshot(self, target: Path, keep_paused: bool = False) -> SnapshotReport:
         """Write a snapshot; the VM runs on afterwards unless it was paused or keep_paused."""
+        self._check_target(target)
         if target.exists():
             raise ControlError(f"snapshot target {target} already exists")
         was_paused = self.paused
@@ -98,6 +100,19 @@ class Coordinator:
                     self.resume()
         t3 = time.monotonic()
         return SnapshotReport(target, (t3 - t0) * 1e3, (t2 - t1) * 1e3, size)
+
+    def _check_target(self, target: Path) -> None:
+        """Only where the config's vm.snapshot_dirs allow: the monitor's Landlock rules
+        would refuse anything else half-way; say so before pausing anything."""
+        allowed = self.machine.cfg.vm.snapshot_dirs
+        if not target.is_absolute():
+            raise ControlError(f"snapshot target {target} is not an absolute path")
+        parent = Path(os.path.normpath(target)).parent
+        if not any(parent == d or d in parent.parents for d in allowed):
+            where = ", ".join(map(str, allowed)) or "nowhere: the config sets no vm.snapshot_dirs"
+            raise ControlError(
+                f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
+            )
 
     def _quiesce_devices(self) -> dict[str, dict[str, object]]:
         states = {}

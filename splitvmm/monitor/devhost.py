@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -52,10 +54,17 @@ class DeviceHost:
     def __init__(
         self,
         spawn: Spawn,
-        zctx: zmq.Context,
+        zctx: zmq.Context | None,
         runtime_dir: Path,
         on_failure: Callable[[DeviceHost, str], None],
     ) -> None:
+        """Listen on the channel and spawn the device; with `zctx`, attach at once.
+
+        The machine passes no context: it spawns every device, confines itself, and only
+        then attaches, so ZeroMQ's threads are born confined (monitor/confinement.py). The
+        device may connect before that: the kernel queues its connection on our listening
+        socket, which ZeroMQ adopts (ZMQ_USE_FD) with its backlog.
+        """
         self.name = spawn.name
         self.model = spawn.model
         self.window = spawn.window
@@ -71,24 +80,52 @@ class DeviceHost:
                 f"socket allows ({MAX_SOCKET_PATH} bytes): use a shorter vm.name, device name "
                 "or XDG_RUNTIME_DIR"
             )
-        self.sock = zctx.socket(zmq.PAIR)
+        self.sock: zmq.Socket | None = None
+        self._listener: socket.socket | None = _listen(self.endpoint.removeprefix("ipc://"))
         try:
-            self._bind()
             self.proc = self._spawn(spawn)
         except BaseException:
-            self.sock.close()
-            Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+            self._close_channel()
             raise
         self.pid = self.proc.pid
+        # Signals go through a pidfd: it cannot hit a recycled pid, and the confined
+        # monitor may send no signal by pid at all (policies/<arch>/monitor.policy).
+        self.pidfd = os.pidfd_open(self.pid)
+        if zctx is not None:
+            try:
+                self.attach(zctx)
+            except BaseException:
+                self.close()
+                raise
 
-    def _bind(self) -> None:
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
+    def attach(self, zctx: zmq.Context) -> None:
+        """Serve the channel with ZeroMQ, which adopts our listening socket."""
+        if self._listener is None:
+            raise DeviceFailure(f"device {self.name}: its channel is attached or closed")
+        sock = zctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
         # A hostile device cannot make us buffer much: ZeroMQ drops the connection on a
         # frame over MAXMSGSIZE, and holds at most RCVHWM unread frames.
-        self.sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_CONTROL)
-        self.sock.setsockopt(zmq.RCVHWM, 64)
-        self.sock.bind(self.endpoint)
+        sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_CONTROL)
+        sock.setsockopt(zmq.RCVHWM, 64)
+        sock.setsockopt(zmq.USE_FD, self._listener.fileno())
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError:
+            sock.close()
+            raise
+        self._listener.detach()  # ZeroMQ owns (and closes) the fd from now on
+        self._listener = None
+        self.sock = sock
+
+    def _close_channel(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
     def _spawn(self, spawn: Spawn) -> subprocess.Popen[bytes]:
         """exec the device; its spec (with any saved state, up to 1 MiB) goes on its stdin,
@@ -241,7 +278,10 @@ class DeviceHost:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it died on its own meanwhile
 
     def close(self) -> None:
         self.kill()
@@ -249,7 +289,22 @@ class DeviceHost:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             log.error("device %s (pid %d) did not die", self.name, self.pid)
-        self.sock.close()
-        path = self.endpoint.removeprefix("ipc://")
-        if os.path.exists(path):
-            os.unlink(path)
+        self._close_channel()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _listen(path: str) -> socket.socket:
+    """The channel's listening UNIX socket, 0600 (inside the 0700 runtime dir)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        sock.listen(1)  # one peer: the device (PAIR)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock

@@ -19,7 +19,7 @@ import zmq
 
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import ConfigError, KvmUnavailable
-from splitvmm.monitor import boot, layout, loader, restore
+from splitvmm.monitor import boot, confinement, layout, loader, restore
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
@@ -78,11 +78,11 @@ class Machine:
         self._closables.append(self.mem)
         self.vm = self.kvm.create_vm()
         self._closables.append(self.vm)
+        self.confinement = confinement.Confinement()  # reads its policies: files, now
         # Read once: its plan gives both RAM's holes and the firmware's own slots.
         image = loader.load_firmware(cfg.boot.firmware) if cfg.boot.firmware else None
         self._create_platform(image)
-        self.zctx = zmq.Context(io_threads=1)
-        for dev in cfg.devices:
+        for dev in cfg.devices:  # before any thread of ours exists: see confinement.py
             self._spawn_device(dev)
         self.vcpu_fds = [
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
@@ -95,6 +95,13 @@ class Machine:
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds)
         self.control = ControlServer(self.rundir.path, self._control_handlers())
+        # Everything is open: from here on the monitor holds no capability and can reach
+        # nothing on the host but its runtime dir and the snapshot dirs the config names.
+        self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs)
+        self.zctx = zmq.Context(io_threads=1)  # its threads are born confined
+        for host in self.hosts:
+            host.attach(self.zctx)
+        self.confinement.load_monitor_filter()
 
     # -- construction ---------------------------------------------------------------
     def _create_platform(self, firmware: loader.FirmwareImage | None) -> None:
@@ -125,7 +132,7 @@ class Machine:
                 {"irq": irq.fd, "out": out_fd},
                 state,
             ),
-            self.zctx,
+            None,  # attached once the monitor is confined
             self.rundir.path,
             self._device_failed,
         )
@@ -197,7 +204,8 @@ class Machine:
         supervisor.start()
         # vCPU threads exist before the control socket answers: a pause must see them all.
         self.vcpus = [
-            VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop) for fd in self.vcpu_fds
+            VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop, self.confinement)
+            for fd in self.vcpu_fds
         ]
         assert self.control is not None
         self.control.start()

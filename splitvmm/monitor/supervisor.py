@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import select
 import threading
 
@@ -18,7 +17,7 @@ class Supervisor(threading.Thread):
         super().__init__(name="supervisor", daemon=True)
         self._wake = EventFd()
         self._closing = False
-        self._pidfds = {os.pidfd_open(h.pid): h for h in hosts}
+        self._pidfds = {h.pidfd: h for h in hosts}  # the hosts own (and close) them
 
     def run(self) -> None:
         poller = select.poll()
@@ -37,7 +36,6 @@ class Supervisor(threading.Thread):
         """Stop watching (before the monitor kills the devices on purpose)."""
         self._closing = True
         self._wake.trigger()
-        self.join(timeout=5)
-        for fd in self._pidfds:
-            os.close(fd)
+        if self.is_alive():
+            self.join(timeout=5)
         self._wake.close()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from splitvmm.errors import KvmError
 from splitvmm.monitor.bus import Bus
+from splitvmm.monitor.confinement import Confinement, ConfinementError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory, GuestMemoryError
 from splitvmm.native._kvm import lib
@@ -40,11 +41,13 @@ class VcpuThread(threading.Thread):
         mmio: Bus,
         mem: GuestMemory,
         stop: Callable[[Outcome], None],
+        confinement: Confinement,
     ) -> None:
         super().__init__(name=f"vcpu{vcpu.vcpu_id}", daemon=True)
         self.vcpu = vcpu
         self.pio, self.mmio, self.mem = pio, mmio, mem
         self._stop_vm = stop
+        self._confinement = confinement
         self.stopping = False
         self.exits = 0
         # Pause protocol: the coordinator sets _pause_requested and kicks; the thread
@@ -104,6 +107,11 @@ class VcpuThread(threading.Thread):
             self._parked = False
 
     def run(self) -> None:
+        try:
+            self._confinement.confine_vcpu_thread()  # the thread that serves the guest's exits
+        except ConfinementError as e:
+            self._stop_vm(Outcome.fault(f"vcpu{self.vcpu.vcpu_id}: {e}"))
+            return
         try:
             self._loop()
         except KvmError as e:

@@ -19,7 +19,7 @@ NS_INCLUDES = "#include <sched.h>\n#include <sys/mount.h>\n#include <sys/syscall
 NS_TYPES = "".join(
     f"static const unsigned long {name};\n"
     for name in """
-    CLONE_NEWUSER CLONE_NEWNS CLONE_NEWNET CLONE_NEWIPC CLONE_NEWUTS CLONE_NEWPID
+    CLONE_NEWUSER CLONE_NEWNS CLONE_NEWNET CLONE_NEWIPC CLONE_NEWUTS CLONE_NEWPID CLONE_THREAD
     MS_RDONLY MS_NOSUID MS_NODEV MS_NOEXEC MS_REMOUNT MS_BIND MS_REC MS_PRIVATE
     MNT_DETACH
     """.split()
@@ -87,10 +87,14 @@ static int sv_landlock_create_ruleset(const struct landlock_ruleset_attr *attr, 
 { return (int)syscall(SYS_landlock_create_ruleset, attr, size, flags); }
 static int sv_landlock_restrict_self(int ruleset_fd, __u32 flags)
 { return (int)syscall(SYS_landlock_restrict_self, ruleset_fd, flags); }
+static int sv_landlock_add_rule(int ruleset_fd, int rule_type, const void *attr, __u32 flags)
+{ return (int)syscall(SYS_landlock_add_rule, ruleset_fd, rule_type, attr, flags); }
 """
 LANDLOCK_TYPES = """
 typedef unsigned long long __u64;
 struct landlock_ruleset_attr { __u64 handled_access_fs; ...; };
+struct landlock_path_beneath_attr { __u64 allowed_access; int parent_fd; ...; };
+static const int LANDLOCK_RULE_PATH_BENEATH;
 """ + "".join(
     f"static const unsigned long long {name};\n"
     for name in """
@@ -107,6 +111,7 @@ LANDLOCK_FUNCTIONS = """
 int sv_landlock_create_ruleset(const struct landlock_ruleset_attr *attr, size_t size,
                                __u32 flags);
 int sv_landlock_restrict_self(int ruleset_fd, __u32 flags);
+int sv_landlock_add_rule(int ruleset_fd, int rule_type, const void *attr, __u32 flags);
 """
 
 # -- <linux/seccomp.h>: user notification, read by the policy auditor ---------------------------
@@ -137,7 +142,7 @@ FUTEX_TYPES = "".join(
     f"static const int {name};\n"
     for name in """
     FUTEX_WAIT_PRIVATE FUTEX_WAKE_PRIVATE FUTEX_WAIT_BITSET_PRIVATE FUTEX_WAKE_BITSET_PRIVATE
-    FUTEX_CLOCK_REALTIME
+    FUTEX_CLOCK_REALTIME FUTEX_WAIT_BITSET FUTEX_WAKE
     """.split()
 )
 

@@ -17,6 +17,18 @@ from typing import Any
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
 
+KVMIO = 0xAE  # the ioctl "type" byte of every KVM ioctl (<linux/kvm.h>)
+
+# Every KVM ioctl we use, by its <linux/kvm.h> name: for seccomp rules that name them.
+# (SV_KVM_GET_XSAVE2 is the build's stand-in for a header that may lack it: 0 there.)
+IOCTL_NUMBERS: Mapping[str, int] = {
+    name.removeprefix("SV_"): value
+    for name in dir(lib)
+    if name.startswith(("KVM_", "SV_KVM_"))
+    and isinstance(value := getattr(lib, name), int)
+    and (value >> 8) & 0xFF == KVMIO
+}
+
 KVM_PATH = "/dev/kvm"
 
 # Capabilities without which we refuse to start (one clear sentence names the missing one).

@@ -1,4 +1,4 @@
-"""Landlock: a ruleset that handles every file-system access right and grants none.
+"""Landlock: rulesets that handle every file-system access right and grant few or none.
 
 The rights a ruleset may handle depend on the running kernel's Landlock ABI,
 probed with LANDLOCK_CREATE_RULESET_VERSION (a kernel rejects a ruleset that
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Mapping
 
 from splitvmm.native._sys import ffi, lib
 
@@ -60,6 +61,14 @@ def fs_rights(abi: int) -> int:
     return rights
 
 
+ALL_RIGHTS = (1 << 64) - 1  # every right: restrict_self masks it to what the ABI knows
+
+
+# Rights that make sense on a directory hierarchy we only read (imports, tracebacks).
+def read_rights() -> int:
+    return lib.LANDLOCK_ACCESS_FS_READ_FILE | lib.LANDLOCK_ACCESS_FS_READ_DIR
+
+
 def restrict_self_deny_all() -> int:
     """Confine the calling thread (and the threads it creates later): no file-system access.
 
@@ -67,19 +76,53 @@ def restrict_self_deny_all() -> int:
     already exist are not confined, so call this before starting any. Returns
     the ABI version used.
     """
+    return restrict_self({})
+
+
+def restrict_self(beneath: Mapping[str, int]) -> int:
+    """Confine the calling thread (and the threads it creates later) to `beneath`:
+    path -> the rights granted on everything under it (masked to what this ABI
+    knows); every other file-system access is denied. Returns the ABI version."""
     abi = abi_version()
+    handled = fs_rights(abi)
     attr = ffi.new("struct landlock_ruleset_attr *")
-    attr.handled_access_fs = fs_rights(abi)
+    attr.handled_access_fs = handled
     # SAFETY: `attr` is a cffi-owned struct alive for the whole call; the kernel copies it.
     fd = lib.sv_landlock_create_ruleset(attr, ffi.sizeof(attr[0]), 0)
     if fd < 0:
         err = ffi.errno
         raise OSError(err, f"landlock_create_ruleset: {os.strerror(err)}")
     try:
-        # No landlock_add_rule: a ruleset without rules grants none of the handled rights.
+        for path, rights in beneath.items():
+            _add_path_rule(fd, path, rights & handled)
         if lib.sv_landlock_restrict_self(fd, 0) < 0:
             err = ffi.errno
             raise OSError(err, f"landlock_restrict_self: {os.strerror(err)}")
     finally:
         os.close(fd)
     return abi
+
+
+def _add_path_rule(ruleset_fd: int, path: str, rights: int) -> None:
+    if os.path.isfile(path):  # a file takes only the rights that apply to files
+        rights &= _FILE_RIGHTS
+    target = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        rule = ffi.new("struct landlock_path_beneath_attr *")
+        rule.allowed_access = rights
+        rule.parent_fd = target
+        # SAFETY: `rule` is cffi-owned and alive for the call; the kernel copies it.
+        if lib.sv_landlock_add_rule(ruleset_fd, lib.LANDLOCK_RULE_PATH_BENEATH, rule, 0) < 0:
+            err = ffi.errno
+            raise OSError(err, f"landlock_add_rule({path!r}): {os.strerror(err)}")
+    finally:
+        os.close(target)
+
+
+_FILE_RIGHTS = (
+    lib.LANDLOCK_ACCESS_FS_EXECUTE
+    | lib.LANDLOCK_ACCESS_FS_WRITE_FILE
+    | lib.LANDLOCK_ACCESS_FS_READ_FILE
+    | lib.LANDLOCK_ACCESS_FS_TRUNCATE
+    | lib.LANDLOCK_ACCESS_FS_IOCTL_DEV
+)

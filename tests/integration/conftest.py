@@ -30,6 +30,8 @@ def vm_toml(boot: str, memory: str = "64M", vcpus: int = 1, serial_out: Path | N
     out = f'output = "{serial_out}"\n' if serial_out else ""
     return (
         f'[vm]\nname = "test"\nmemory = "{memory}"\nvcpus = {vcpus}\n'
+        # snapshots may go next to the config (the test's tmp_path), and nowhere else
+        'snapshot_dirs = ["."]\n'
         f"[boot]\n{boot}\n"
         f'[[device]]\nname = "serial0"\nmodel = "serial"\n{out}'
     )

@@ -90,7 +90,10 @@ def test_snapshot_restore_counter_continues_from_saved_count_twice(guests, tmp_p
     # First restore, then a snapshot of the restored VM, then a second restore.
     serial2 = tmp_path / "serial2.log"
     vm2 = VmProcess(
-        tmp_path, ["restore", str(tmp_path / "s1"), "--set", f"serial0.output={serial2}"], serial2
+        tmp_path,
+        ["restore", str(tmp_path / "s1"), "--set", f"serial0.output={serial2}"]
+        + ["--snapshot-dir", str(tmp_path)],
+        serial2,
     )
     vm2.wait_for(r"^count=\d+ sum=.*\n(?:.*\n)?count=\d+ sum=")
     before2, _ = snapshot_running(vm2, tmp_path / "s2", "suspend")

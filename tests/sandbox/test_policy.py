@@ -1,4 +1,4 @@
-"""The policy parser and compiler (devprocs/policy.py): no subprocess, no sandbox."""
+"""The policy parser and compiler (sandbox/policy.py): no subprocess, no sandbox."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pyseccomp as seccomp  # type: ignore[import-untyped]
 import pytest
 
-from splitvmm.devprocs import policy
-from splitvmm.devprocs.policy import Cmp, PolicyError, Rule
+from splitvmm.sandbox import policy
+from splitvmm.sandbox.policy import Cmp, PolicyError, Rule
 
 ALL_ONES = (1 << 64) - 1
 

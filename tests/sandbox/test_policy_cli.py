@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm.cli import cli
-from splitvmm.devprocs import policy
+from splitvmm.sandbox import policy
 
 
 def test_policy_check_when_shipped_policies_exits_0() -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import pyseccomp as seccomp  # type: ignore[import-untyped]
 
 from splitvmm.errors import SplitvmmError
-from splitvmm.native.confine import FUTEX_OPS, PRCTL_OPTIONS
+from splitvmm.native.confine import CLONE_THREAD, FUTEX_OPS, PRCTL_OPTIONS
 
 ARCH = "x86_64"
 
@@ -47,6 +47,12 @@ CONSTANTS: dict[str, int] = {
     "FIONBIO": termios.FIONBIO,
     "FIOCLEX": termios.FIOCLEX,
     "TCGETS": termios.TCGETS,
+    "TCSETS": termios.TCSETS,
+    "TCSETSW": termios.TCSETSW,
+    "TCSETSF": termios.TCSETSF,
+    "TIOCGWINSZ": termios.TIOCGWINSZ,
+    "SIGKILL": signal.SIGKILL,
+    "CLONE_THREAD": CLONE_THREAD,
     "PROT_NONE": 0,
     "PROT_READ": mmap.PROT_READ,
     "PROT_WRITE": mmap.PROT_WRITE,
@@ -204,13 +210,17 @@ def load_model_policy(model: str, policy_dir: Path | None = None) -> Policy:
 
 
 def compile_filter(
-    policy: Policy, default_action: int = seccomp.KILL_PROCESS
+    policy: Policy, default_action: int = seccomp.KILL_PROCESS, tsync: bool = True
 ) -> seccomp.SyscallFilter:
-    """A filter for every thread of the process (TSYNC): zmq's I/O threads already exist."""
+    """A filter for every thread of the process (TSYNC: zmq's I/O threads already exist),
+    or with tsync=False for the calling thread alone (and the threads it makes later)."""
     filt = seccomp.SyscallFilter(defaction=default_action)
     # A syscall of another ABI (x32, i386 through int 0x80) kills too, never just the thread.
     filt.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)
-    filt.set_attr(seccomp.Attr.CTL_TSYNC, 1)
+    filt.set_attr(seccomp.Attr.CTL_TSYNC, int(tsync))
+    # Callers set no_new_privs themselves, before Landlock; libseccomp's own prctl would
+    # need a rule in every policy loaded under another (the monitor's vCPU threads).
+    filt.set_attr(seccomp.Attr.CTL_NNP, 0)
     for rule in policy.rules.values():
         try:
             _add_rule(filt, rule)

@@ -1,0 +1,158 @@
+"""The monitor confines itself once its VM is built, before any guest instruction runs.
+
+The monitor parses guest exits and snapshots; a bug there must not hand a
+guest root's capabilities, the host's file system or the host's syscalls. So,
+in this order (Machine.build calls the steps; the reasons are the order):
+
+1. Everything the VM needs from the host is opened first, while the monitor
+   has a single thread: /dev/kvm, the RAM memfd, kernel/initrd/firmware,
+   device outputs, the snapshot being restored, the control socket; and the
+   device processes are spawned (they must not inherit what follows: their
+   own sandbox needs mount namespaces, which Landlock forbids, and a root
+   monitor's CAP_SETFCAP to map uid 0 into their user namespace).
+2. Confinement.confine_process(): capabilities, no_new_privs and Landlock belong to a
+   thread and are inherited by the threads it makes later, so they are
+   applied while there is still one thread. ZeroMQ's I/O threads, the vCPU,
+   control and supervisor threads are all made afterwards and are born
+   confined. Capabilities: all dropped, bounding and ambient sets emptied and
+   the securebits locked, when there are any (a root monitor); an unprivileged
+   monitor has none to drop. Landlock: the runtime directory and the
+   snapshot directories the config names (every right), Python's own module
+   directories (read only: lazy imports, tracebacks); nothing else.
+3. load_monitor_filter(): the seccomp allow-list for every thread
+   (policies/<arch>/monitor.policy, TSYNC), once ZeroMQ's threads exist.
+4. confine_vcpu_thread(): each vCPU thread, the one that runs guest exits,
+   stacks vcpu.policy on itself when it starts: a syscall must pass both.
+
+Anything outside a filter kills the monitor (SECCOMP_RET_KILL_PROCESS).
+SPLITVMM_MONITOR_SECCOMP=log (an operator's environment, trusted) logs
+instead, for drafting a policy; the kernel writes those lines to its log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sysconfig
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyseccomp as seccomp  # type: ignore[import-untyped]
+
+import splitvmm
+from splitvmm.errors import SplitvmmError
+from splitvmm.native import confine, landlock
+from splitvmm.native.kvm import IOCTL_NUMBERS
+from splitvmm.sandbox import policy
+
+log = logging.getLogger("splitvmm.confine")
+
+MONITOR_POLICY = "monitor.policy"
+VCPU_POLICY = "vcpu.policy"
+SECCOMP_ENV = "SPLITVMM_MONITOR_SECCOMP"
+
+# Modules the monitor may need after it is confined, imported now: seccomp
+# forbids executable mappings, so no C extension can be loaded later.
+PRELOAD = (
+    "splitvmm.snapshot.writer",
+    "splitvmm.monitor.vmstate",
+    "encodings.idna",
+    "json",
+    "traceback",
+    "linecache",
+    "tokenize",
+)
+
+
+class ConfinementError(SplitvmmError):
+    """The monitor could not confine itself; it does not run a guest unconfined."""
+
+
+class Confinement:
+    """The monitor's confinement, prepared while files can still be read (the policies)."""
+
+    def __init__(self, policy_dir: Path | None = None) -> None:
+        mode = os.environ.get(SECCOMP_ENV, "kill")
+        if mode not in ("kill", "log"):
+            raise ConfinementError(f"{SECCOMP_ENV}={mode!r}: expected kill or log")
+        action = seccomp.KILL_PROCESS if mode == "kill" else seccomp.LOG
+        self._monitor = _compile(MONITOR_POLICY, policy_dir, action, tsync=True)
+        self._vcpu = _compile(VCPU_POLICY, policy_dir, action, tsync=False)
+        self._vcpu_lock = threading.Lock()  # libseccomp regenerates the BPF on each load
+
+    def confine_process(self, runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> None:
+        """Step 2: capabilities, no_new_privs, Landlock -- on the only thread there is."""
+        if thread_count() != 1:
+            raise ConfinementError("the monitor must confine itself before it starts a thread")
+        for name in PRELOAD:
+            importlib.import_module(name)
+        try:
+            if held_capabilities():
+                confine.drop_capabilities()
+            confine.set_no_new_privs()
+        except OSError as e:
+            raise ConfinementError(f"cannot drop the monitor's privileges: {e}") from None
+        rules = {str(runtime_dir): landlock.ALL_RIGHTS}
+        rules.update({str(d): landlock.ALL_RIGHTS for d in snapshot_dirs})
+        rules.update({d: landlock.read_rights() for d in python_dirs()})
+        try:
+            abi = landlock.restrict_self(rules)
+        except landlock.LandlockUnavailable:
+            log.warning("no Landlock on this kernel: the monitor's file system stays open")
+            return
+        except OSError as e:
+            raise ConfinementError(f"cannot confine the monitor with Landlock: {e}") from None
+        log.debug("Landlock ABI %d: the monitor may reach %s", abi, ", ".join(sorted(rules)))
+
+    def load_monitor_filter(self) -> None:
+        """Step 3: the monitor's allow-list, for every thread it has (TSYNC)."""
+        _load(self._monitor, MONITOR_POLICY)
+
+    def confine_vcpu_thread(self) -> None:
+        """Step 4: run by each vCPU thread on itself before its first KVM_RUN."""
+        with self._vcpu_lock:
+            _load(self._vcpu, VCPU_POLICY)
+
+
+def _compile(name: str, policy_dir: Path | None, action: int, tsync: bool) -> object:
+    try:
+        return policy.compile_filter(load_policy(name, policy_dir), action, tsync=tsync)
+    except policy.PolicyError as e:
+        raise ConfinementError(f"the monitor's seccomp policy: {e}") from None
+
+
+def _load(filt: object, name: str) -> None:
+    try:
+        filt.load()  # type: ignore[attr-defined]
+    except OSError as e:
+        raise ConfinementError(f"cannot load the monitor's seccomp policy {name}: {e}") from None
+
+
+def load_policy(name: str, policy_dir: Path | None = None) -> policy.Policy:
+    """A monitor policy; its rules may name the KVM ioctls (from <linux/kvm.h>)."""
+    constants = {**policy.CONSTANTS, **IOCTL_NUMBERS, "SELF_PID": os.getpid()}
+    return policy.parse_file((policy_dir or policy.default_policy_dir()) / name, constants)
+
+
+def held_capabilities() -> int:
+    """The permitted capability set of this thread (0 for an unprivileged process)."""
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            if line.startswith("CapPrm:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def python_dirs() -> list[str]:
+    """Where the monitor's Python code lives: the standard library, site-packages and
+    splitvmm itself (an editable install lives outside site-packages)."""
+    paths = sysconfig.get_paths()
+    found = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    found.add(str(Path(splitvmm.__file__).resolve().parent))
+    return sorted(p for p in found if os.path.isdir(p))
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
