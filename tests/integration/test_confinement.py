@@ -1,0 +1,201 @@
+"""The monitor's own confinement (monitor/confinement.py), seen from outside a running VM:
+its /proc status, what Landlock and seccomp let it do, and a VM run by an unprivileged user."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import REPO, vm_toml
+from tests.integration.vmproc import VmProcess
+
+pytestmark = pytest.mark.kvm
+
+TEST_USER = "splitvmm-test"  # created by the test, in the kvm group
+
+
+def status_fields(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def test_running_monitor_holds_no_capability_and_every_thread_is_filtered(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=100000"'
+    config.write_text(vm_toml(boot, vcpus=2, serial_out=serial))  # vcpu1 waits for a SIPI
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^count=\d+")
+        pid = json.loads(vm.ctl("status", "--json").stdout)["pid"]
+        status = status_fields(Path(f"/proc/{pid}/status"))
+        tasks = [status_fields(t / "status") for t in Path(f"/proc/{pid}/task").iterdir()]
+    finally:
+        vm.ctl("suspend", str(tmp_path / "end"))
+        vm.finish()
+    assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
+    assert int(status["CapAmb"], 16) == 0
+    if os.geteuid() == 0:  # a root monitor also empties its bounding set
+        assert int(status["CapBnd"], 16) == 0
+    assert all(t["Seccomp"] == "2" and t["NoNewPrivs"] == "1" for t in tasks)
+    assert all(int(t["CapEff"], 16) == 0 for t in tasks)
+    # The two vCPU threads stack vcpu.policy on the monitor's filter (KVM's own worker
+    # threads, "kvm-nx-lpage-recovery", are made by a vCPU's first KVM_RUN and inherit it).
+    ours = [int(t["Seccomp_filters"]) for t in tasks if not t["Name"].startswith("kvm-")]
+    assert sorted(ours)[-3:] == [1, 2, 2]
+
+
+PROBE = textwrap.dedent(
+    """
+    import errno, os, socket, sys, threading
+    from pathlib import Path
+    from splitvmm.monitor.confinement import Confinement
+    run, snaps, outside, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+    c = Confinement()
+    c.confine_process(run, [snaps])
+    def refused(fn):
+        try:
+            fn()
+        except PermissionError:
+            return True
+        return False
+    results = {
+        "read_outside": refused(lambda: open(outside).read()),
+        "create_outside": refused(lambda: open(Path(outside).parent / "new", "w")),
+        "create_in_snapshot_dir": not refused(lambda: (snaps / "s").mkdir()),
+        "create_in_runtime_dir": not refused(lambda: (run / "f").write_text("x")),
+    }
+    c.load_monitor_filter()
+    if step == "socket":
+        socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
+    if step == "exec":
+        os.execv("/bin/true", ["true"])
+    def vcpu():
+        c.confine_vcpu_thread()
+        results["vcpu_open"] = refused(lambda: open(snaps / "s" / "x", "w"))
+    t = threading.Thread(target=vcpu)
+    t.start(); t.join()
+    results["monitor_open_after_vcpu"] = not refused(lambda: open(snaps / "s" / "y", "w"))
+    print(repr(results))
+    """
+)
+
+
+def run_probe(tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
+    run, snaps, other = tmp_path / "run", tmp_path / "snaps", tmp_path / "other"
+    for d in (run, snaps, other):
+        d.mkdir()
+    (other / "secret").write_text("secret\n")
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, str(run), str(snaps), str(other / "secret"), step],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def test_confinement_landlock_allows_only_runtime_and_snapshot_dirs(tmp_path):
+    r = run_probe(tmp_path, "files")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == repr(
+        {
+            "read_outside": True,
+            "create_outside": True,
+            "create_in_snapshot_dir": True,
+            "create_in_runtime_dir": True,
+            "vcpu_open": True,
+            "monitor_open_after_vcpu": True,
+        }
+    )
+
+
+@pytest.mark.parametrize("step", ["socket", "exec"])
+def test_confinement_seccomp_kills_monitor_that_makes_a_socket_or_execs(tmp_path, step):
+    r = run_probe(tmp_path, step)
+    assert r.returncode == -signal.SIGSYS, r.stderr
+
+
+# -- an unprivileged user in the kvm group runs a VM --------------------------------------------
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+@pytest.fixture
+def kvm_user():
+    """A system user in the `kvm` group that may open /dev/kvm (group rw, as Debian's udev
+    rule sets it); everything put back afterwards. Needs root to create them."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a test user and the kvm group needs root")
+    _run("groupadd", "-f", "kvm")
+    created = False
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        _run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             "--groups", "kvm", TEST_USER)  # fmt: skip
+        created = True
+    kvm = os.stat("/dev/kvm")
+    # The interpreter may live under a root-only home (pyenv): let the user traverse it.
+    blocked = [p for p in Path(sys.executable).resolve().parents if not os.stat(p).st_mode & 0o001]
+    modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in blocked}
+    try:
+        os.chown("/dev/kvm", -1, grp.getgrnam("kvm").gr_gid)
+        os.chmod("/dev/kvm", 0o660)
+        for p, mode in modes.items():
+            os.chmod(p, mode | 0o001)
+        yield pwd.getpwnam(TEST_USER)
+    finally:
+        os.chown("/dev/kvm", kvm.st_uid, kvm.st_gid)
+        os.chmod("/dev/kvm", stat.S_IMODE(kvm.st_mode))
+        for p, mode in modes.items():
+            os.chmod(p, mode)
+        if created:
+            _run("userdel", TEST_USER)
+
+
+def test_unprivileged_user_in_kvm_group_runs_a_vm(guests, kvm_user):
+    work = Path(tempfile.mkdtemp(prefix="splitvmm-user-"))  # pytest's tmp_path is root-only
+    try:
+        os.chmod(work, 0o755)
+        shutil.copy(guests["hello"], work / "hello.elf")
+        (work / "run").mkdir()
+        serial = work / "serial.log"
+        (work / "vm.toml").write_text(
+            vm_toml(f'kernel = "{work / "hello.elf"}"', serial_out=serial)
+        )
+        os.chown(work / "run", kvm_user.pw_uid, kvm_user.pw_gid)
+        serial.touch()
+        os.chown(serial, kvm_user.pw_uid, kvm_user.pw_gid)
+        proc = subprocess.run(
+            [sys.executable, "-m", "splitvmm", "up", str(work / "vm.toml")],
+            user=kvm_user.pw_uid,
+            group=kvm_user.pw_gid,
+            extra_groups=[grp.getgrnam("kvm").gr_gid],
+            env={"XDG_RUNTIME_DIR": str(work / "run"), "PATH": "/usr/bin:/bin"},
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert serial.read_text().startswith("Hello from a splitvmm test guest!\n")
+    finally:
+        shutil.rmtree(work)
