@@ -143,7 +143,12 @@ def kvm_user():
     rule sets it); everything put back afterwards. Needs root to create them."""
     if os.geteuid() != 0:
         pytest.skip("creating a test user and the kvm group needs root")
-    _run("groupadd", "-f", "kvm")
+    try:
+        grp.getgrnam("kvm")
+        made_group = False
+    except KeyError:
+        _run("groupadd", "--system", "kvm")
+        made_group = True
     created = False
     try:
         pwd.getpwnam(TEST_USER)
@@ -168,6 +173,8 @@ def kvm_user():
             os.chmod(p, mode)
         if created:
             _run("userdel", TEST_USER)
+        if made_group:
+            _run("groupdel", "kvm")
 
 
 def test_unprivileged_user_in_kvm_group_runs_a_vm(guests, kvm_user):
