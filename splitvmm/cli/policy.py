@@ -232,6 +232,7 @@ class SpawnedDevice:
         import zmq
 
         from splitvmm.devprocs.spec import DeviceSpec
+        from splitvmm.monitor.devhost import start_device
 
         self.zctx = zmq.Context()
         self.sock = self.zctx.socket(zmq.PAIR)
@@ -244,16 +245,8 @@ class SpawnedDevice:
         spec = DeviceSpec(f"{model}0", model, endpoint, fds, seccomp="trace")
         # Its stderr (the traceback the malformed frame causes) stays out of our output.
         with open(rundir / "device.stderr", "wb") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "splitvmm.devprocs"],  # the spec goes on stdin
-                pass_fds=tuple(fds.values()),
-                stdin=subprocess.PIPE,
-                stderr=stderr,
-                close_fds=True,
-            )
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(spec.to_json().encode())
-            self.proc.stdin.close()
+            command = (sys.executable, "-m", "splitvmm.devprocs")
+            self.proc = start_device(command, spec, stderr=stderr.fileno())
         os.close(self.out_w)
         self._seq = 0
 

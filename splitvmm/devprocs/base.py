@@ -53,6 +53,9 @@ class Device(abc.ABC):
     NAME: ClassVar[str]  # model name: module, policy, config `model` and log name
     WINDOW: ClassVar[int]  # bytes of PIO/MMIO space the device decodes
     State: ClassVar[type[DeviceState]]
+    # fd roles whose whole file the model maps (guest RAM, for a virtio device): their sizes
+    # add to the address space its process may use (runtime.address_space_limit).
+    MAPPED_FDS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: DeviceContext) -> None:
         self.ctx = ctx

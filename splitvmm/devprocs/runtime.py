@@ -41,6 +41,20 @@ def _writer(fd: int):
     return out
 
 
+# The address space (RLIMIT_AS) of a device process beyond what it maps of its fds. The
+# serial device measured VmPeak 170 MiB, VmSize 106 MiB and RSS 18 MiB while serving:
+# CPython and its modules ~26 MiB, libzmq's two threads an 8 MiB stack each and a 64 MiB
+# malloc arena (glibc maps 128 MiB to align a new arena, then gives half back).
+RUNTIME_ADDRESS_SPACE = 256 << 20
+
+
+def address_space_limit(spec: DeviceSpec) -> int:
+    """RLIMIT_AS for this device: the runtime's own, plus every fd its model maps whole
+    (a virtio device maps guest RAM: RAM size + the runtime's share)."""
+    mapped = sum(os.fstat(spec.fds[role]).st_size for role in REGISTRY[spec.model].MAPPED_FDS)
+    return RUNTIME_ADDRESS_SPACE + mapped
+
+
 def build_context(spec: DeviceSpec) -> DeviceContext:
     ctx = DeviceContext(irq=EventFd(spec.fds["irq"]))
     if "out" in spec.fds:
@@ -162,7 +176,12 @@ def run(spec: DeviceSpec) -> None:
     hook = _load_hook(spec)
     # -- sandbox (issue 3): after imports and fds, before any guest data --
     sock = sandbox.enter_sandbox(
-        spec.model, set(spec.fds.values()), spec.seccomp, channel=spec.channel, connect=_connect
+        spec.model,
+        set(spec.fds.values()),
+        spec.seccomp,
+        channel=spec.channel,
+        connect=_connect,
+        address_space=address_space_limit(spec),
     )
     if hook is not None:
         _run_hook(hook, spec)
