@@ -20,8 +20,17 @@ MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 1 << 40
 ON_CRASH = ("stop", "restart", "leave")
+# Validate with fullmatch(): `$` also matches before a trailing newline, so match() would take
+# "vm\n" (the anchors stay so that a stray match() cannot take a prefix either).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]i?B?)?$", re.IGNORECASE)
+# At most 16 digits: 1T in bytes has 13, and int() of a 5000-digit string raises ValueError.
+SIZE_RE = re.compile(r"^(\d{1,16})\s*([KMGT]i?B?)?$", re.IGNORECASE)
+# A config is a few hundred bytes; the cap keeps a huge or stack-deep file from reaching tomllib.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_SNAPSHOT_DIRS = 16  # each is a Landlock rule of the monitor's
+MAX_CPUID_MASKS = 64  # more leaves than any CPU reports
+MAX_CPUID_MASK_CHARS = 64  # "0x80000008.0xffffffff.ecx:0xffffffff" is 36
+MAX_SHOWN = 40  # characters of a bad value quoted in an error message
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 # Each device model's options: name -> (type, default); None default means required.
@@ -65,12 +74,20 @@ class VmConfig:
     source: Path | None = None
 
 
+def shown(value: object) -> str:
+    """repr(value) cut to MAX_SHOWN characters: an error message stays one short line."""
+    if isinstance(value, int) and abs(value) >= 10**MAX_SHOWN:  # str() of a huge int is slow
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
 def parse_size(value: object, key: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    m = SIZE_RE.match(value.strip()) if isinstance(value, str) else None
+    m = SIZE_RE.fullmatch(value.strip()) if isinstance(value, str) else None
     if not m:
-        raise ConfigError(f'{key}: expected a size such as "512M" or "2G", got {value!r}')
+        raise ConfigError(f'{key}: expected a size such as "512M" or "2G", got {shown(value)}')
     return int(m.group(1)) * SIZE_UNITS[(m.group(2) or "")[:1].upper()]
 
 
@@ -82,14 +99,23 @@ def _get(table: dict[str, Any], key: str, where: str, kind: type, default: objec
     value = table[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(
-            f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
+            f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} {shown(value)}"
+        )
+    return value
+
+
+def _int(table: dict[str, Any], key: str, where: str, bounds: range, default: int) -> int:
+    value: int = _get(table, key, where, int, default)
+    if value not in bounds:
+        raise ConfigError(
+            f"{where}.{key}: {shown(value)} is outside {bounds.start}..{bounds.stop - 1}"
         )
     return value
 
 
 def _table(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {shown(value)}")
     return value
 
 
@@ -104,24 +130,30 @@ def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> Non
 def _parse_vm(table: dict[str, Any], base: Path) -> VmSection:
     _reject_unknown(table, {"name", "memory", "vcpus", "cpuid_mask", "snapshot_dirs"}, "vm")
     name = _get(table, "name", "vm", str, "vm")
-    if not NAME_RE.match(name):
-        raise ConfigError(f"vm.name: {name!r} must be 1-63 letters, digits, '_', '.' or '-'")
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"vm.name: {shown(name)} must be 1-63 letters, digits, '_', '.' or '-'")
     memory = parse_size(table.get("memory", "256M"), "vm.memory")
     if not MIN_MEMORY <= memory <= MAX_MEMORY or memory % 4096:
-        raise ConfigError(f"vm.memory: {memory} bytes is not a multiple of 4 KiB in [16M, 1T]")
-    vcpus = _get(table, "vcpus", "vm", int, 1)
-    if not 1 <= vcpus <= MAX_VCPUS:
-        raise ConfigError(f"vm.vcpus: {vcpus} is outside 1..{MAX_VCPUS}")
+        raise ConfigError(
+            f"vm.memory: expected a multiple of 4 KiB from 16M to 1T, got {shown(memory)} (bytes)"
+        )
+    vcpus = _int(table, "vcpus", "vm", range(1, MAX_VCPUS + 1), 1)
     mask = _get(table, "cpuid_mask", "vm", list, [])
-    if not all(isinstance(m, str) for m in mask):
-        raise ConfigError('vm.cpuid_mask: expected a list of strings like "1.ecx:0x80000000"')
+    if len(mask) > MAX_CPUID_MASKS or not all(
+        isinstance(m, str) and len(m) <= MAX_CPUID_MASK_CHARS for m in mask
+    ):
+        raise ConfigError(
+            f'vm.cpuid_mask: expected at most {MAX_CPUID_MASKS} strings like "1.ecx:0x80000000"'
+        )
     return VmSection(name, memory, vcpus, tuple(mask), _snapshot_dirs(table, base))
 
 
 def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
     raw = _get(table, "snapshot_dirs", "vm", list, [])
-    if not all(isinstance(d, str) and d for d in raw):
-        raise ConfigError("vm.snapshot_dirs: expected a list of directory paths")
+    if len(raw) > MAX_SNAPSHOT_DIRS or not all(isinstance(d, str) and d for d in raw):
+        raise ConfigError(
+            f"vm.snapshot_dirs: expected a list of at most {MAX_SNAPSHOT_DIRS} directory paths"
+        )
     dirs = tuple((base / Path(d).expanduser()).resolve() for d in raw)
     for d in dirs:
         if not d.is_dir():  # checked even for a restore: the monitor's Landlock names them
@@ -156,8 +188,8 @@ def _parse_boot(table: dict[str, Any], base: Path, check: bool) -> BootSection:
 
 def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
     name = _get(table, "name", where, str)
-    where = f"device {name!r}"
-    if not NAME_RE.match(name):
+    where = f"device {shown(name)}"
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: name must be 1-63 letters, digits, '_', '.' or '-'")
     model = _get(table, "model", where, str)
     if model not in MODEL_OPTIONS:
@@ -196,13 +228,22 @@ def parse_config(data: dict[str, Any], base: Path, check_files: bool = True) -> 
 
 def load_config(path: Path, check_files: bool = True) -> VmConfig:
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, too large for a VM config")
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(raw.decode())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except ValueError:  # int() refuses an integer of over 4300 digits (CVE-2020-10735)
+        raise ConfigError(f"{path}: not valid TOML: an integer has too many digits") from None
     cfg = parse_config(data, path.parent, check_files)
     return VmConfig(cfg.vm, cfg.boot, cfg.devices, source=path)
 

@@ -29,3 +29,21 @@ class FakeIrq:
 
     def trigger(self) -> None:
         self.count += 1
+
+
+class FakeLine:
+    """An output line (devprocs/output.Line) that takes `accept` bytes, then refuses them
+    until the test gives it more room (`accept += n`), like a reader that stopped reading."""
+
+    def __init__(self, accept: int = 1 << 30) -> None:
+        self.accept = accept
+        self.data = bytearray()  # what the line took, in order
+
+    def send(self, data: memoryview) -> int:
+        n = min(len(data), self.accept)
+        self.data += data[:n]
+        self.accept -= n
+        return n
+
+    def fileno(self) -> int:
+        return -1  # never polled: unit tests flush by hand, as the runtime does when writable

@@ -7,8 +7,10 @@ user-notification listener. The listener fd lives in the device; we take a
 copy with pidfd_getfd(2) (found by its /proc/PID/fd link,
 "anon_inode:seccomp notify"), record each call and let it run (or fail it with
 the errno the policy's `return` rule gives). Then we drive the device through
-a few hundred accesses over its channel, end with a malformed frame (so the
-error exit path is traced too) and print the sorted set of syscalls.
+a few hundred accesses over its channel, stall its output (a pipe nobody reads,
+so that it buffers, polls its output fd and flushes when that is writable), end
+with a malformed frame (so the error exit path is traced too) and print the
+sorted set of syscalls.
 
 Why not SECCOMP_RET_LOG and the kernel log: here the audit records reach
 /dev/kmsg through printk's rate limit (10 lines per 5 s), so a full run loses
@@ -20,6 +22,7 @@ the filter judges, from every thread.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import subprocess
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
     from splitvmm.sandbox.policy import Policy
 
 SPAWN_TIMEOUT_S = 15.0
+PIPE_SIZE = 4096  # the device's output pipe: one page, the least Linux gives
 EXPECTED_EXIT = 1  # the workload ends with a malformed frame: ProtocolError, exit status 1
 NOTIFY_LINK = "anon_inode:seccomp notify"
 
@@ -244,6 +248,7 @@ class SpawnedDevice:
         import zmq
 
         from splitvmm.devprocs.spec import DeviceSpec
+        from splitvmm.monitor.devhost import start_device
 
         self.zctx = zmq.Context()
         self.sock = self.zctx.socket(zmq.PAIR)
@@ -252,20 +257,13 @@ class SpawnedDevice:
         self.sock.bind(endpoint)
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # so that the stall comes soon
         fds = {"irq": self.irq, "out": self.out_w}
         spec = DeviceSpec(f"{model}0", model, endpoint, fds, seccomp="trace")
         # Its stderr (the traceback the malformed frame causes) stays out of our output.
         with open(rundir / "device.stderr", "wb") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "splitvmm.devprocs"],  # the spec goes on stdin
-                pass_fds=tuple(fds.values()),
-                stdin=subprocess.PIPE,
-                stderr=stderr,
-                close_fds=True,
-            )
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(spec.to_json().encode())
-            self.proc.stdin.close()
+            command = (sys.executable, "-m", "splitvmm.devprocs")
+            self.proc = start_device(command, spec, stderr=stderr.fileno())
         os.close(self.out_w)
         self._seq = 0
 
@@ -279,7 +277,8 @@ class SpawnedDevice:
     def run_workload(self, accesses: int) -> None:
         """Accesses to every register, host input and SYNCs one at a time, the control
         requests, then a burst of posted writes (the device's queue fills while it
-        works); last, a malformed frame, so that its error exit is traced too."""
+        works), a stalled output; last, a malformed frame, so that its error exit is
+        traced too."""
         from splitvmm.protocol import wire
 
         self._mixed(accesses)
@@ -288,7 +287,26 @@ class SpawnedDevice:
             self.sock.send(wire.encode_write(i % 8, bytes([0x41 + i % 26])))
         self._request(wire.encode_sync(self._next()))
         self._drain()
+        self._stalled_output()
         self.sock.send(b"\xff" * 3)
+
+    def _stalled_output(self) -> None:
+        """More output than the pipe and the device's buffer hold, unread: the device
+        buffers it, drops (and logs) the excess, and answers reads meanwhile; then we read,
+        and it flushes when the pipe is writable again."""
+        from splitvmm.devprocs.output import CAPACITY
+        from splitvmm.devprocs.serial import Lcr, Mcr, Reg
+        from splitvmm.protocol import wire
+
+        self.sock.send(wire.encode_write(Reg.LCR, bytes([Lcr.WLEN8])))  # DLAB off: THR
+        self.sock.send(wire.encode_write(Reg.MCR, bytes([Mcr.OUT2])))  # no loopback
+        for i in range(PIPE_SIZE + CAPACITY + 64):  # the last 64 find no room: dropped
+            self.sock.send(wire.encode_write(Reg.RX_TX, bytes([0x61 + i % 26])))
+        self._request(wire.encode_read(self._next(), Reg.LSR, 1))
+        kept = 0
+        while kept < PIPE_SIZE + CAPACITY and select.select([self.out_r], [], [], 2.0)[0]:
+            kept += len(os.read(self.out_r, 65536))
+            self._request(wire.encode_read(self._next(), Reg.LSR, 1))  # it flushes meanwhile
 
     def _mixed(self, accesses: int) -> None:
         from splitvmm.protocol import wire

@@ -2,16 +2,19 @@
 
 A device model never touches sockets, processes or the channel: the runtime
 (runtime.py) feeds it accesses and host input, and it talks back only through
-its DeviceContext (an irq trigger, an output sink).
+its DeviceContext (an irq trigger, a bounded output buffer).
 """
 
 from __future__ import annotations
 
 import abc
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 
+from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
 
 
@@ -38,6 +41,25 @@ class Counters:
 
     bad_access: int = 0
     rx_overrun: int = 0
+    tx_dropped: int = 0  # output written with no room for it (a driver that did not wait)
+
+
+class RateLimitedLog:
+    """A guest mistake is logged at most once a second per kind (STYLE 7): a guest that
+    repeats it cannot flood the operator's terminal."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def warning(self, kind: str, msg: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._last.get(kind, -self.INTERVAL_S) >= self.INTERVAL_S:
+            self._last[kind] = now
+            self._log.warning(msg, *args)
 
 
 @dataclass(slots=True)
@@ -45,7 +67,7 @@ class DeviceContext:
     """Host resources handed to a device; never part of its state."""
 
     irq: Trigger
-    out: Callable[[bytes], None] = lambda data: None
+    out: BoundedOutput = field(default_factory=BoundedOutput)
     counters: Counters = field(default_factory=Counters)
 
 
@@ -53,6 +75,9 @@ class Device(abc.ABC):
     NAME: ClassVar[str]  # model name: module, policy, config `model` and log name
     WINDOW: ClassVar[int]  # bytes of PIO/MMIO space the device decodes
     State: ClassVar[type[DeviceState]]
+    # fd roles whose whole file the model maps (guest RAM, for a virtio device): their sizes
+    # add to the address space its process may use (runtime.address_space_limit).
+    MAPPED_FDS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: DeviceContext) -> None:
         self.ctx = ctx
@@ -67,6 +92,10 @@ class Device(abc.ABC):
     def host_input(self, data: bytes) -> None:
         """Bytes from the host side of a console device (keyboard, socket)."""
         self.ctx.counters.bad_access += 1
+
+    def output_room(self) -> None:
+        """The output line took buffered bytes (ctx.out): there is room again."""
+        return None  # deliberately empty: optional for devices without output
 
     def quiesce(self) -> None:
         """Snapshot step 2: stop taking work from guest queues and finish what is in flight,

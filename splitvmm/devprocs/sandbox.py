@@ -5,7 +5,9 @@ Layers, each with an escape test in tests/sandbox/:
     mount, network, IPC, UTS and PID namespace; the root is an empty read-only
     tmpfs holding only the device's channel socket;
 (b) rlimits: no new processes, no fd above those it holds, no core file, no
-    file growth (unless it holds a writable regular file, e.g. a log);
+    file growth (unless it holds a writable regular file, e.g. a log), and an
+    address-space limit (RLIMIT_AS) that the caller sizes: a runaway or hostile
+    device gets MemoryError instead of making the host swap;
 (c) no_new_privs, locked securebits, no capabilities (bounding and ambient sets
     emptied too), not dumpable;
 (d) Landlock: every file-system right the kernel's ABI knows handled, none granted
@@ -39,7 +41,10 @@ Why this order, and not "connect the channel, then sandbox":
   So the process forks once (still single-threaded, so safe, gh-100228): the
   child is pid 1 of the new namespace and becomes the device; the parent
   stays as the *warden*, the pid the monitor knows. The warden closes every fd
-  but stderr, confines itself with the same layers (its own tiny policy,
+  but the liveness pipe (while the warden holds it open, the device knows its
+  parent-death signal is armed) and stderr (the one line it writes if its own
+  confinement fails: the monitor would otherwise see only "exit status 1");
+  fds 0 and 1 are closed, as it reads and prints nothing. It confines itself with the same layers (its own tiny policy,
   policies/<arch>/warden.policy), waits for the device and then dies the way
   the device died (the same signal or exit status), so the monitor's
   supervision is unchanged. Killing the warden kills the device
@@ -120,10 +125,12 @@ def enter_sandbox(
     *,
     channel: str,
     connect: Callable[[str], T],
+    address_space: int,
 ) -> T:
     """Confine this device process; returns what `connect(endpoint)` returned.
 
     `audit`: False (enforce), True (SeccompMode.LOG) or a SeccompMode value.
+    `address_space`: RLIMIT_AS in bytes, from the time the channel is connected.
 
     Call it single-threaded, after every import, holding the fds in `keep_fds`
     (0, 1 and 2 are always kept; any other fd is closed). `connect` gets the
@@ -141,7 +148,7 @@ def enter_sandbox(
     _close_fds_except(keep_fds | STD_FDS)
     os.chdir("/")  # so that pivot_root moves the warden's cwd too
     _unshare_namespaces()
-    _fork_warden(warden_policy)
+    _fork_warden(warden_policy, address_space)
     fd_dir = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     endpoint = _pivot_to_empty_root(socket_path)
     _drop_privileges(dumpable=mode is SeccompMode.TRACE)
@@ -149,7 +156,7 @@ def enter_sandbox(
     conn = connect(endpoint)
     held = {int(name) for name in os.listdir(fd_dir)} - {fd_dir}
     os.close(fd_dir)
-    _set_rlimits(held)
+    _set_rlimits(held, address_space)
     _load_seccomp(device_policy, mode)
     return conn
 
@@ -198,13 +205,13 @@ def _write_proc(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _fork_warden(warden_policy: policy.Policy) -> None:
+def _fork_warden(warden_policy: policy.Policy, address_space: int) -> None:
     """Fork: the child returns (pid 1 of the new PID namespace); the parent never does."""
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid:
         os.close(alive_r)
-        _warden(pid, alive_w, warden_policy)
+        _warden(pid, alive_w, warden_policy, address_space)
     os.close(alive_w)
     # Leave the monitor's process group: kill(0, sig) would reach every process in it
     # (the monitor included), pid namespace or not; and the terminal's Ctrl-C is the
@@ -272,13 +279,14 @@ def _restrict_landlock() -> None:
 
 
 # -- (b) rlimits and (e) seccomp --------------------------------------------------------------
-def _set_rlimits(held: set[int]) -> None:
+def _set_rlimits(held: set[int], address_space: int) -> None:
     fsize = resource.RLIM_INFINITY if any(map(_writable_file, held)) else 0
     limits = {
         resource.RLIMIT_NPROC: 0,  # no fork, no thread (ZeroMQ's exist already)
         resource.RLIMIT_NOFILE: max(held) + 1,  # no fd above those we hold
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_FSIZE: fsize,  # 0 unless we hold a log file to write
+        resource.RLIMIT_AS: address_space,  # MemoryError, not the host's memory
     }
     try:
         for which, value in limits.items():
@@ -312,10 +320,10 @@ def _load_seccomp(device_policy: policy.Policy, mode: SeccompMode) -> None:
 
 
 # -- the warden ---------------------------------------------------------------------------------
-def _warden(child: int, alive_w: int, warden_policy: policy.Policy) -> NoReturn:
+def _warden(child: int, alive_w: int, warden_policy: policy.Policy, address_space: int) -> NoReturn:
     """Outlive the device, then die the way it died; confined like it, with a tinier policy."""
     try:
-        _confine_warden(alive_w, warden_policy)
+        _confine_warden(alive_w, warden_policy, address_space)
         _, status = os.waitpid(child, 0)
     except BaseException as e:  # the device dies with us (PDEATHSIG); say why we went
         os.write(2, f"splitvmm: device warden failed: {e!r}\n".encode(errors="replace"))
@@ -323,7 +331,9 @@ def _warden(child: int, alive_w: int, warden_policy: policy.Policy) -> NoReturn:
     die_like(status)
 
 
-def _confine_warden(alive_w: int, warden_policy: policy.Policy) -> None:
+def _confine_warden(alive_w: int, warden_policy: policy.Policy, address_space: int) -> None:
+    # It keeps stderr and the liveness pipe only (see the module docstring).
+    os.closerange(0, 2)
     os.closerange(3, alive_w)
     os.closerange(alive_w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: die at once, no traceback to print
@@ -334,6 +344,7 @@ def _confine_warden(alive_w: int, warden_policy: policy.Policy) -> None:
         (resource.RLIMIT_NOFILE, alive_w + 1),
         (resource.RLIMIT_CORE, 0),
         (resource.RLIMIT_FSIZE, 0),
+        (resource.RLIMIT_AS, address_space),  # the device's: the warden needs less
     ):
         resource.setrlimit(which, (value, value))
     policy.compile_filter(warden_policy).load()

@@ -1,7 +1,16 @@
 """8250/16550A UART (COM1), register names from Linux <linux/serial_reg.h>.
 
-Transmit is instant (the byte goes to the output sink on the THR write); host
-input waits in the receive buffer until the guest reads RBR. The interrupt
+Transmit goes through the device's bounded output buffer (ctx.out, output.py),
+which stands for the line: a byte written to THR enters it at once, and leaves
+as fast as the host's output takes it. LSR reports that buffer the way a
+16550A with a slow line does: THRE is clear while the buffer has no room for
+what a driver writes on THRE (one byte, or with FIFOs on a full 16-byte FIFO
+load, which Linux's 8250 driver writes at once), TEMT is clear while anything
+is still buffered, and THRE rising again is a THRE interrupt event. A driver
+that polls THRE (or waits for its interrupt) loses nothing; bytes written with
+no room at all are dropped and counted (counters.tx_dropped), never waited for.
+
+Host input waits in the receive buffer until the guest reads RBR. The interrupt
 line is edge-signalled through an irqfd (ISA IRQs are edge-triggered on the
 IOAPIC): a pulse each time a new interrupt condition appears.
 """
@@ -9,15 +18,20 @@ IOAPIC): a pulse each time a new interrupt condition appears.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, replace
 from typing import ClassVar, Self
 
-from splitvmm.devprocs.base import Device, DeviceContext, DeviceState, register
+from splitvmm.devprocs.base import Device, DeviceContext, DeviceState, RateLimitedLog, register
 from splitvmm.errors import StateError
+
+log = logging.getLogger("splitvmm.dev.serial")
 
 # The receive buffer: a 16550A has a 16-byte FIFO; we hold more so that pasted
 # input is not lost while the guest is slow, and count what overflows.
 RX_BUFFER_MAX = 4096
+TX_FIFO_LEN = 16  # the 16550A's transmit FIFO: what a driver may write on one THRE
+MAX_COUNTER = (1 << 63) - 1
 
 
 class Reg(enum.IntEnum):
@@ -90,7 +104,10 @@ MSR_CONNECTED = Msr.DCD | Msr.DSR | Msr.CTS
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UartState(DeviceState):
-    VERSION: ClassVar[int] = 1
+    """v2 added tx and tx_dropped. lsr: OE is state; THRE and TEMT are saved as the guest
+    would have read them, and derived again from tx on restore."""
+
+    VERSION: ClassVar[int] = 2
     ier: int = 0
     lcr: int = int(Lcr.WLEN8)
     mcr: int = int(Mcr.OUT2)
@@ -102,6 +119,15 @@ class UartState(DeviceState):
     fcr: int = 0
     thr_interrupt: bool = False  # a THRE interrupt is pending (cleared by IIR read or THR write)
     rx: bytes = b""
+    tx: bytes = b""  # written by the guest, not yet taken by the host's output
+    tx_dropped: int = 0  # bytes written to THR with no room for them
+
+    @classmethod
+    def migrate(cls, version: int, fields: dict[str, object]) -> dict[str, object]:
+        if version == 1:  # v1 transmitted at once: nothing was ever buffered or dropped
+            return {**fields, "tx": "", "tx_dropped": 0}  # JSON fields: bytes are base64
+        # Named: a slots dataclass is a new class, which a bare super()'s cell does not know.
+        return super(UartState, cls).migrate(version, fields)
 
 
 @register
@@ -113,10 +139,15 @@ class Uart8250(Device):
     def __init__(self, ctx: DeviceContext, state: UartState | None = None) -> None:
         super().__init__(ctx)
         s = state or UartState()
-        self.ier, self.lcr, self.mcr, self.lsr = s.ier, s.lcr, s.mcr, s.lsr
+        self.ier, self.lcr, self.mcr = s.ier, s.lcr, s.mcr
+        self.lsr = int(s.lsr & Lsr.OE)  # THRE, TEMT and DR are derived, never stored
         self.msr, self.scr, self.dll, self.dlm, self.fcr = s.msr, s.scr, s.dll, s.dlm, s.fcr
-        self.thr_interrupt = s.thr_interrupt
         self.rx = bytearray(s.rx)
+        ctx.out.put(s.tx)  # restore() checked that it fits
+        ctx.counters.tx_dropped = s.tx_dropped
+        self._thre = self._holding_empty()  # THRE as the guest last saw it
+        self.thr_interrupt = s.thr_interrupt and self._thre
+        self._warn = RateLimitedLog(log)
         self._irq_pending = self._pending_iir() != Iir.NO_INT
 
     # -- guest accesses -------------------------------------------------------
@@ -133,6 +164,10 @@ class Uart8250(Device):
             self.ctx.counters.bad_access += 1
             return
         self._write_reg(Reg(offset), data[0])
+        self._update_irq()
+
+    def output_room(self) -> None:
+        self._check_thre()
         self._update_irq()
 
     def host_input(self, data: bytes) -> None:
@@ -162,7 +197,7 @@ class Uart8250(Device):
             case Reg.MCR:
                 return self.mcr
             case Reg.LSR:
-                value = self.lsr | (Lsr.DR if self.rx else 0)
+                value = self._line_status() | (Lsr.DR if self.rx else 0)
                 self.lsr &= ~Lsr.OE  # overrun is cleared by reading LSR
                 return value
             case Reg.MSR:
@@ -201,24 +236,57 @@ class Uart8250(Device):
     def _transmit(self, value: int) -> None:
         if self.mcr & Mcr.LOOP:
             self._receive(bytes([value]))
-        else:
-            self.ctx.out(bytes([value]))
-        # The byte left at once: THR is empty again, which is itself a new interrupt
-        # event, so the line pulses again even if the last THRE was never acknowledged.
-        self.thr_interrupt = True
-        self._irq_pending = False
+        elif not self.ctx.out.put(bytes([value])):
+            self._drop()
+        # Writing THR clears a THRE interrupt. If the holding register is empty again at
+        # once (the line took the byte, or has room for more), that is itself a new
+        # interrupt event: the line pulses again even if the last THRE was not acknowledged.
+        self._thre = self._holding_empty()
+        self.thr_interrupt = self._thre
+        if self._thre:
+            self._irq_pending = False
+
+    def _drop(self) -> None:
+        self.ctx.counters.tx_dropped = min(self.ctx.counters.tx_dropped + 1, MAX_COUNTER)
+        self._warn.warning(
+            "tx_dropped",
+            "the guest wrote to THR while THRE was clear and the output was full: "
+            "dropped %d byte(s) so far",
+            self.ctx.counters.tx_dropped,
+        )
 
     def _write_ier(self, value: int) -> None:
         enabling_thri = value & Ier.THRI and not self.ier & Ier.THRI
         self.ier = value & 0x0F
-        if enabling_thri:
-            # THR is always empty here, so enabling ETBEI raises THRE at once (Linux relies on it).
+        if enabling_thri and self._thre:
+            # Enabling ETBEI while THR is empty raises THRE at once (Linux relies on it).
             self.thr_interrupt = True
 
     def _write_fcr(self, value: int) -> None:
         if value & Fcr.CLEAR_RCVR:
             self.rx.clear()
+        # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
+        # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
         self.fcr = value & (Fcr.ENABLE_FIFO | 0xC0)  # keep enable and trigger level
+        self._check_thre()  # FIFOs on or off change what "empty" needs
+
+    # -- the transmitter: the output buffer seen as a slow line -----------------------
+    def _holding_empty(self) -> bool:
+        """THRE: room for what a driver writes on THRE (a byte; with FIFOs, a FIFO load)."""
+        need = TX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1
+        return self.ctx.out.room() >= need
+
+    def _line_status(self) -> int:
+        if not self._holding_empty():
+            return self.lsr
+        return self.lsr | Lsr.THRE | (0 if self.ctx.out.pending() else Lsr.TEMT)
+
+    def _check_thre(self) -> None:
+        """THRE rising is a THRE interrupt event; THRE falling takes a pending one back."""
+        thre = self._holding_empty()
+        if thre != self._thre:
+            self.thr_interrupt = thre
+        self._thre = thre
 
     def _read_iir(self) -> int:
         iir = self._pending_iir()
@@ -254,7 +322,7 @@ class Uart8250(Device):
             return Iir.RLSI
         if self.ier & Ier.RDI and self.rx:
             return Iir.RDI
-        if self.ier & Ier.THRI and self.thr_interrupt:
+        if self.ier & Ier.THRI and self.thr_interrupt and self._thre:
             return Iir.THRI
         if self.ier & Ier.MSI and self.msr & (Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD):
             return Iir.MSI
@@ -270,9 +338,10 @@ class Uart8250(Device):
     # -- state ------------------------------------------------------------------
     def save(self) -> UartState:
         return UartState(
-            ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=self.lsr, msr=self.msr,
+            ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=int(self._line_status()), msr=self.msr,
             scr=self.scr, dll=self.dll, dlm=self.dlm, fcr=self.fcr,
             thr_interrupt=self.thr_interrupt, rx=bytes(self.rx),
+            tx=self.ctx.out.buffered(), tx_dropped=self.ctx.counters.tx_dropped,
         )  # fmt: skip
 
     @classmethod
@@ -283,6 +352,10 @@ class Uart8250(Device):
                 raise StateError(f"serial: {name}={value!r} is not a byte")
         if len(state.rx) > RX_BUFFER_MAX:
             raise StateError(f"serial: rx buffer {len(state.rx)} > {RX_BUFFER_MAX} bytes")
+        if len(state.tx) > ctx.out.room():
+            raise StateError(f"serial: tx buffer {len(state.tx)} > {ctx.out.room()} bytes")
+        if not isinstance(state.tx_dropped, int) or not 0 <= state.tx_dropped <= MAX_COUNTER:
+            raise StateError(f"serial: tx_dropped={state.tx_dropped!r} is not a counter")
         if state.ier & ~0x0F or state.mcr & ~0x1F:
             raise StateError("serial: reserved IER/MCR bits set")
         return cls(ctx, replace(state))

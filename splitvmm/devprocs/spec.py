@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+# The most a device reads of its spec: options plus a saved state (restore). The monitor
+# refuses a larger one before it spawns anything (monitor/devhost.py).
+MAX_SPEC = 2 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:

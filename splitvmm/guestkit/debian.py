@@ -74,7 +74,7 @@ def resolve_kernel_package(run: Runner, metapackage: str = KERNEL_METAPACKAGE) -
     result = run(["apt-cache", "depends", metapackage])
     if result.returncode != 0:
         raise PackageError(f"cannot resolve {metapackage}: {tool_error(result)}")
-    kernels = [name for name in parse_depends(result.stdout) if KERNEL_PACKAGE.match(name)]
+    kernels = [name for name in parse_depends(result.stdout) if KERNEL_PACKAGE.fullmatch(name)]
     if not kernels:
         raise PackageError(f"{metapackage} depends on no linux-image-<version>-cloud-amd64")
     return kernels[0]

@@ -9,6 +9,7 @@ DeviceFailure; the machine's on_crash policy decides what happens next.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -17,12 +18,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
 
-from splitvmm.devprocs.spec import DeviceSpec
+from splitvmm.devprocs.spec import MAX_SPEC, DeviceSpec
 from splitvmm.errors import DeviceFailure, ProtocolError
 from splitvmm.protocol import control, wire
 
@@ -48,6 +49,73 @@ class Spawn:
     state: dict[str, object] | None = None  # restore: the device's saved state document
     # The program run with the spec as its last argument; tests put a rogue device here.
     command: tuple[str, ...] = (sys.executable, "-m", "splitvmm.devprocs")  # spec on stdin
+
+
+# Environment variables a device process inherits: only what the device code reads itself
+# (sandbox/policy.py). Nothing else of the monitor's environment (credentials in it,
+# LD_PRELOAD, PYTHONPATH...) reaches a process that parses guest data. The interpreter needs
+# none: sys.executable finds its virtual environment through pyvenv.cfg, without PATH.
+DEVICE_ENV = ("SPLITVMM_POLICY_DIR",)
+
+
+def start_device(
+    command: tuple[str, ...], spec: DeviceSpec, stderr: int | None = None
+) -> subprocess.Popen[bytes]:
+    """exec a device process with its spec on stdin (not in argv, which Linux caps at 128 KiB
+    an argument) and exactly the spec's fds.
+
+    Its fds 0 and 1 are /dev/null (0 once it has read the spec: devprocs/__main__.py), so
+    a device never reads the operator's terminal nor writes to it except through the fd
+    given to it as its output (when that is stdio, a dup of our stdout above fd 2, so that
+    /dev/null can take fd 1). Its fd 2 is our stderr (or `stderr`): a device's warnings and
+    a crashing device's traceback must reach the operator, and a device that can write there
+    can do no more than its `out` role allows already.
+    """
+    spec, dups = _fds_above_stdio(spec)
+    data = spec.to_json().encode()
+    try:
+        if len(data) > MAX_SPEC:
+            raise DeviceFailure(
+                f"device {spec.name}: its spec and saved state take {len(data)} bytes, "
+                f"over the {MAX_SPEC} a device reads"
+            )
+        proc = subprocess.Popen(
+            list(command),
+            pass_fds=tuple(spec.fds.values()),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            close_fds=True,
+            env={k: os.environ[k] for k in DEVICE_ENV if k in os.environ},
+            # Its own session: a Ctrl-C or a signal to our process group must not kill the
+            # device before the monitor has synced it; the monitor decides when it ends
+            # (and PR_SET_PDEATHSIG ends it if the monitor dies).
+            start_new_session=True,
+        )
+    finally:
+        for fd in dups:
+            os.close(fd)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except BrokenPipeError:
+        proc.kill()
+        proc.wait()
+        raise DeviceFailure(f"device {spec.name}: exited before reading its spec") from None
+    return proc
+
+
+def _fds_above_stdio(spec: DeviceSpec) -> tuple[DeviceSpec, list[int]]:
+    """The spec with every fd numbered 0-2 (output = stdio) replaced by a dup above 2, which
+    the caller closes once the device has it; the device's 0-2 are set apart (start_device)."""
+    dups: list[int] = []
+    fds = dict(spec.fds)
+    for role, fd in spec.fds.items():
+        if fd in (0, 1, 2):
+            fds[role] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            dups.append(fds[role])
+    return replace(spec, fds=fds), dups
 
 
 class DeviceHost:
@@ -128,30 +196,10 @@ class DeviceHost:
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
     def _spawn(self, spawn: Spawn) -> subprocess.Popen[bytes]:
-        """exec the device; its spec (with any saved state, up to 1 MiB) goes on its stdin,
-        not in argv, which Linux caps at 128 KiB an argument."""
         spec = DeviceSpec(
             spawn.name, spawn.model, self.endpoint, spawn.fds, spawn.options, state=spawn.state
         )
-        proc = subprocess.Popen(
-            list(spawn.command),
-            pass_fds=tuple(spawn.fds.values()),
-            stdin=subprocess.PIPE,
-            close_fds=True,
-            # Its own session: a Ctrl-C or a signal to our process group must not kill the
-            # device before the monitor has synced it; the monitor decides when it ends
-            # (and PR_SET_PDEATHSIG ends it if the monitor dies).
-            start_new_session=True,
-        )
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(spec.to_json().encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            proc.kill()
-            proc.wait()
-            raise DeviceFailure(f"device {spawn.name}: exited before reading its spec") from None
-        return proc
+        return start_device(spawn.command, spec)
 
     def wait_ready(self) -> None:
         """READY, or a DeviceFailure saying why not (the device's own words, truncated)."""

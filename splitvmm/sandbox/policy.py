@@ -122,7 +122,7 @@ def default_policy_dir() -> Path:
 def _value(text: str, where: str, constants: Mapping[str, int]) -> int:
     total = 0
     for term in (t.strip() for t in text.split("|")):
-        if _INT.match(term):
+        if _INT.fullmatch(term):
             total |= int(term, 0)
         elif term in constants:
             total |= constants[term]
@@ -136,7 +136,7 @@ def _value(text: str, where: str, constants: Mapping[str, int]) -> int:
 def _comparisons(body: str, where: str, constants: Mapping[str, int]) -> tuple[Cmp, ...]:
     cmps = []
     for part in (p.strip() for p in body.split("||")):
-        m = _CMP.match(part)
+        m = _CMP.fullmatch(part)
         if not m:
             raise PolicyError(f"{where}: expected `argN == VALUE` or `argN & MASK == VALUE`")
         mask = _value(m["mask"], where, constants) if m["mask"] else _U64
@@ -148,7 +148,7 @@ def _comparisons(body: str, where: str, constants: Mapping[str, int]) -> tuple[C
 
 
 def parse_rule(line: str, where: str, constants: Mapping[str, int] = CONSTANTS) -> Rule:
-    m = _RULE.match(line)
+    m = _RULE.fullmatch(line)
     if not m:
         raise PolicyError(f"{where}: expected `syscall: 1`, `syscall: return ERRNO` or a condition")
     name, body = m["name"], m["body"].strip()
@@ -156,7 +156,7 @@ def parse_rule(line: str, where: str, constants: Mapping[str, int] = CONSTANTS) 
         raise PolicyError(f"{where}: {name!r} is not a {ARCH} system call")
     if body == "1":
         return Rule(name, where)
-    ret = _RETURN.match(body)
+    ret = _RETURN.fullmatch(body)
     if ret:
         code = getattr(errno, ret["errno"], None)
         if not isinstance(code, int):
@@ -186,7 +186,7 @@ def parse_file(
         where = f"{path}:{lineno}"
         if not line:
             continue
-        inc = _INCLUDE.match(line)
+        inc = _INCLUDE.fullmatch(line)
         if inc:
             sub = parse_file(path.parent / inc["file"], constants, (*_stack, path))
             policy.rules.update(sub.rules)

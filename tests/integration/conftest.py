@@ -26,7 +26,9 @@ class Run:
     stderr: str  # the monitor's messages
 
 
-def vm_toml(boot: str, memory: str = "64M", vcpus: int = 1, serial_out: Path | None = None) -> str:
+def vm_toml(
+    boot: str, memory: str = "64M", vcpus: int = 1, serial_out: Path | str | None = None
+) -> str:
     out = f'output = "{serial_out}"\n' if serial_out else ""
     return (
         f'[vm]\nname = "test"\nmemory = "{memory}"\nvcpus = {vcpus}\n'

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
 import zmq
 
 from splitvmm.devprocs.serial import Lsr, Reg
+from splitvmm.devprocs.spec import MAX_SPEC
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.devhost import DeviceHost, Spawn
 from splitvmm.monitor.supervisor import Supervisor
@@ -92,3 +95,16 @@ def test_devhost_channel_path_too_long_fails_cleanly(tmp_path):
         DeviceHost(spawn, zctx, deep, lambda host, reason: None)
     zctx.term()  # nothing left open: term() would block forever on a leaked socket
     irq.close()
+
+
+def test_device_spec_over_cap_exits_with_one_line_not_a_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm.devprocs"],
+        input=b" " * (MAX_SPEC + 1),
+        capture_output=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"splitvmm: device: the spec is over {MAX_SPEC} bytes\n".encode(),
+    )

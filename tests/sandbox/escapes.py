@@ -28,6 +28,7 @@ from splitvmm.native import confine
 PTRACE_ATTACH = 16  # <sys/ptrace.h>; Python's stdlib has no ptrace constants
 BPF_PROG_LOAD = 5  # <linux/bpf.h> enum bpf_cmd
 SETNS_ANY = 0  # setns(2) nstype 0: any kind of namespace
+ALLOCATION = 1 << 30  # well past a device's address-space limit, well within the host's RAM
 
 Attempt = Callable[[dict[str, int], dict[str, int]], object]
 
@@ -206,6 +207,14 @@ def setuid_root(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return "uid 0"
 
 
+def allocate_past_address_space(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """1 GiB, zero-filled (so every page is touched): beyond the device's RLIMIT_AS."""
+    try:
+        return len(bytearray(ALLOCATION))
+    except MemoryError:
+        raise OSError(errno.ENOMEM, "MemoryError") from None
+
+
 ATTEMPTS: dict[str, Attempt] = {
     fn.__name__: fn
     for fn in (
@@ -238,6 +247,7 @@ ATTEMPTS: dict[str, Attempt] = {
         mmap_exec,
         mprotect_exec,
         setuid_root,
+        allocate_past_address_space,
     )
 }
 

@@ -1,6 +1,6 @@
-"""A device process spawned the way monitor/devhost.py spawns one, without a VM or /dev/kvm.
+"""A device process spawned by monitor/devhost.py's start_device, without a VM or /dev/kvm.
 
-`python -m splitvmm.devprocs SPEC_JSON` with exactly the spec's fds passed
+`python -m splitvmm.devprocs < SPEC_JSON` with exactly the spec's fds passed
 (`pass_fds`), an eventfd as its irq, a pipe as its output, and a ZeroMQ PAIR
 channel bound on ipc:// in a private directory. Optionally a test hook (a
 cloudpickled callable run inside the sandbox, result as JSON on a pipe).
@@ -13,7 +13,6 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import cloudpickle  # type: ignore[import-untyped]
 import zmq
 
 from splitvmm.devprocs.spec import DeviceSpec
+from splitvmm.monitor.devhost import start_device
 from splitvmm.protocol import wire
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ READY_TIMEOUT_S = 15.0
 UNSANDBOXED = (
     "import runpy, sys; "
     "from splitvmm.devprocs import runtime, sandbox; "
-    "sandbox.enter_sandbox = lambda model, keep, audit, *, channel, connect: connect(channel); "
+    "sandbox.enter_sandbox = lambda model, keep, audit, *, channel, connect, **_: connect(channel); "
     "runpy.run_module('splitvmm.devprocs', run_name='__main__')"
 )
 
@@ -49,7 +49,9 @@ class SandboxedDevice:
         seccomp: str = "kill",
         sandboxed: bool = True,
         stderr_to_file: bool = True,
+        out: int | None = None,
     ) -> None:
+        """out: the device's output fd (default: a pipe read back by output())."""
         # Pickle first: a hook that cannot be pickled must fail before anything is open.
         encoded = base64.b64encode(cloudpickle.dumps(hook)).decode() if hook else ""
         self.zctx = zmq.Context()
@@ -60,7 +62,7 @@ class SandboxedDevice:
         self.sock.bind(self.endpoint)
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        fds = {"irq": self.irq, "out": out_w, **(extra_fds or {})}
+        fds = {"irq": self.irq, "out": out_w if out is None else out, **(extra_fds or {})}
         self.result_r = -1
         if hook is not None:
             self.result_r, fds["hook_result"] = os.pipe2(os.O_CLOEXEC)
@@ -71,18 +73,7 @@ class SandboxedDevice:
             argv = [sys.executable, "-c", UNSANDBOXED]
         with open(self.stderr_path if stderr_to_file else os.devnull, "wb") as stderr:
             self.started = time.monotonic()
-            self.proc = subprocess.Popen(
-                argv,
-                pass_fds=tuple(fds.values()),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                close_fds=True,
-                cwd=REPO,
-            )
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(spec.to_json().encode())
-            self.proc.stdin.close()
+            self.proc = start_device(tuple(argv), spec, stderr=stderr.fileno())
         os.close(out_w)
         if hook is not None:
             os.close(fds["hook_result"])

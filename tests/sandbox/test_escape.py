@@ -51,6 +51,7 @@ STOPPED_WITHOUT_SECCOMP = {
     "bpf_prog_load",
     "ftruncate_sealed_memfd",
     "write_readonly_fd",
+    "allocate_past_address_space",
 }
 
 # Outcomes of this session's attempts: (model, attempt, seccomp) -> outcome.

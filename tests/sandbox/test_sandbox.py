@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from splitvmm.devprocs.runtime import RUNTIME_ADDRESS_SPACE
 from splitvmm.devprocs.serial import Lsr, Reg
 from tests.sandbox.harness import SandboxedDevice
 
@@ -114,16 +115,65 @@ def test_device_rlimits_when_stderr_is_a_file_let_it_grow(
 
 
 @needs_ptrace_read
-def test_warden_status_when_serving_is_confined_and_holds_no_fds(
+def test_warden_status_when_serving_is_confined_and_holds_stderr_and_pipe_only(
     spawn: Callable[..., SandboxedDevice],
 ) -> None:
     dev = spawn()
     dev.wait_ready()
 
-    fds = sorted(int(fd) for fd in os.listdir(f"/proc/{dev.proc.pid}/fd"))
+    fds = _fds(dev.proc.pid)
 
     assert _confinement(_status(dev.proc.pid)) == CONFINED
-    assert fds[:3] == [0, 1, 2] and len(fds) == 4  # stdio and the device's liveness pipe
+    assert sorted(fds) == [2, max(fds)] and fds[2] == str(dev.stderr_path)  # its failure line
+    assert fds[max(fds)].startswith("pipe:")  # the device's liveness pipe
+
+
+def _fds(pid: int) -> dict[int, str]:
+    return {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+@needs_ptrace_read
+def test_device_stdin_stdout_when_serving_are_dev_null_and_stderr_is_ours(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn()
+    dev.wait_ready()
+
+    fds = _fds(dev.device_pid())
+
+    assert (fds[0], fds[1], fds[2]) == (os.devnull, os.devnull, str(dev.stderr_path))
+
+
+@needs_ptrace_read
+def test_device_output_stdio_when_serving_is_an_fd_above_2(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    dev = spawn(out=1)  # output = "stdio": the monitor hands over its own fd 1
+    dev.wait_ready()
+
+    fds = _fds(dev.device_pid())
+    ours = os.readlink("/proc/self/fd/1")
+
+    assert fds[1] == os.devnull
+    assert [fd for fd, target in fds.items() if target == ours and fd > 2] != []
+
+
+@pytest.fixture(params=["device", "warden"])
+def serving_pid(request: pytest.FixtureRequest, spawn: Callable[..., SandboxedDevice]) -> int:
+    """The pid of a ready device, or of its warden."""
+    dev = spawn()
+    dev.wait_ready()
+    return dev.device_pid() if request.param == "device" else dev.proc.pid
+
+
+@needs_ptrace_read
+def test_device_environ_when_serving_is_empty(serving_pid: int) -> None:
+    assert Path(f"/proc/{serving_pid}/environ").read_bytes() == b""
+
+
+@needs_ptrace_read
+def test_device_address_space_when_serving_is_limited(serving_pid: int) -> None:
+    assert _limits(serving_pid)["Max address space"] == [str(RUNTIME_ADDRESS_SPACE)] * 2
 
 
 def test_device_when_sandboxed_serves_uart_accesses(spawn: Callable[..., SandboxedDevice]) -> None:

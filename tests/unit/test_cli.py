@@ -1,5 +1,6 @@
 """The root command: version, help, lazy subcommands, and a clear error for a bad config."""
 
+import pytest
 from click.testing import CliRunner
 
 from splitvmm import __version__
@@ -20,3 +21,24 @@ def test_cli_up_missing_config_exits_1_naming_file(tmp_path):
     result = CliRunner().invoke(cli, ["up", str(tmp_path / "absent.toml")])
     assert result.exit_code == 1
     assert "absent.toml: cannot read the config" in result.output
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        '[vm]\nmemory = "' + "9" * 5000 + '"\n',
+        "[vm]\nmemory = " + "9" * 5000 + "\n",
+        "x = " + "[" * 100_000 + "]" * 100_000 + "\n",
+        '[vm]\nname = "vm\\n"\n',
+        "#" * (2 << 20),
+        b"\xff\xfe".decode("latin-1"),
+    ],
+    ids=["memory-digits-string", "memory-digits-int", "nested", "name-newline", "huge", "not-utf8"],
+)
+def test_cli_up_hostile_config_prints_one_line_without_traceback(tmp_path, config):
+    path = tmp_path / "vm.toml"
+    path.write_bytes(config.encode("latin-1"))
+    result = CliRunner().invoke(cli, ["up", str(path)])
+    assert isinstance(result.exception, SystemExit)  # not an escaped ValueError/RecursionError
+    assert (result.exit_code, result.output.count("\n")) == (1, 1)
+    assert result.output.startswith("splitvmm: error: ")

@@ -99,3 +99,37 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
     (tmp_path / "fw.bin").write_bytes(b"\x00")
     with pytest.raises(ConfigError, match="initrd and cmdline go with kernel"):
         parse_config({"boot": {"firmware": "fw.bin", "cmdline": "x"}}, tmp_path)
+
+
+# -- input hygiene: names, sizes, depth and integer bounds, each a one-line error -------------
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (GOOD.replace('name = "t"', 'name = "t\\n"'), r"vm\.name: 't\\n' must be"),
+        (GOOD.replace('name = "serial0"', 'name = "serial0\\n"'), "name must be 1-63"),
+        (GOOD.replace('"64M"', '"' + "9" * 5000 + '"'), "vm.memory: expected a size"),
+        (GOOD.replace('"64M"', "9" * 5000), "an integer has too many digits"),
+        (GOOD.replace('"64M"', "9" * 4000), "vm.memory: .*got an integer of 13288 bits"),
+        (GOOD.replace("vcpus = 2", "vcpus = " + "9" * 4000), "vm.vcpus: an integer of"),
+        (GOOD.replace("vcpus = 2", "vcpus = 256"), r"vm\.vcpus: 256 is outside 1\.\.255"),
+        (GOOD.replace("[vm]", f"[vm]\ncpuid_mask = {['1.ecx:1'] * 65}"), "vm.cpuid_mask"),
+        ("x = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (GOOD + "#" * (1 << 20), "over 1 MiB"),
+    ],
+    ids=[
+        "vm-name-trailing-newline",
+        "device-name-trailing-newline",
+        "memory-5000-digit-string",
+        "memory-5000-digit-int",
+        "memory-4000-digit-int",
+        "vcpus-4000-digit-int",
+        "vcpus-above-bound",
+        "cpuid-mask-too-many",
+        "nested-arrays",
+        "file-over-cap",
+    ],
+)
+def test_config_hostile_input_raises_one_line_error(kernel_dir, text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(write(kernel_dir, text))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300

@@ -1,10 +1,16 @@
 """The 8250 register model against a fake irq and an output buffer (no process, no channel)."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.serial import (
     RX_BUFFER_MAX,
+    TX_FIFO_LEN,
+    Fcr,
     Ier,
     Iir,
     Lcr,
@@ -16,13 +22,16 @@ from splitvmm.devprocs.serial import (
     UartState,
 )
 from splitvmm.errors import StateError
-from tests.fakes import FakeIrq
+from splitvmm.protocol import codec
+from tests.fakes import FakeIrq, FakeLine
+
+GOLDENS = Path(__file__).resolve().parents[1] / "conformance" / "goldens"
 
 
 def make_uart() -> tuple[Uart8250, bytearray, FakeIrq]:
-    out = bytearray()
+    line = FakeLine()
     irq = FakeIrq()
-    return Uart8250(DeviceContext(irq=irq, out=out.extend)), out, irq
+    return Uart8250(DeviceContext(irq=irq, out=BoundedOutput(line))), line.data, irq
 
 
 def test_uart_thr_write_emits_byte():
@@ -153,3 +162,120 @@ def test_uart_save_restore_keeps_registers_and_unread_input():
 def test_uart_restore_bad_state_raises_state_error(bad):
     with pytest.raises(StateError):
         Uart8250.restore(DeviceContext(irq=FakeIrq()), bad)
+
+
+# -- the transmitter against a slow line (output.py) ------------------------------------------
+SMALL = 32  # the output buffer's capacity in these tests
+
+
+def slow_uart(accept: int = 0) -> tuple[Uart8250, FakeLine, FakeIrq]:
+    """A UART whose line takes `accept` bytes, then nothing until the test says so."""
+    line, irq = FakeLine(accept), FakeIrq()
+    return Uart8250(DeviceContext(irq=irq, out=BoundedOutput(line, SMALL))), line, irq
+
+
+def transmit(uart: Uart8250, data: bytes) -> None:
+    for byte in data:
+        uart.write(Reg.RX_TX, bytes([byte]))
+
+
+def line_status(uart: Uart8250) -> int:
+    return uart.read(Reg.LSR, 1)[0] & (Lsr.THRE | Lsr.TEMT)
+
+
+def reader_catches_up(uart: Uart8250, line: FakeLine) -> None:
+    """What the runtime does when the line polls writable."""
+    line.accept = 1 << 30
+    uart.ctx.out.flush()
+    uart.output_room()
+
+
+def test_uart_line_slow_byte_buffered_clears_temt_only():
+    uart, _, _ = slow_uart()
+    transmit(uart, b"a")
+    assert line_status(uart) == Lsr.THRE
+
+
+def test_uart_line_full_clears_thre_and_temt():
+    uart, _, _ = slow_uart(accept=5)
+    transmit(uart, bytes(range(5 + SMALL)))
+    assert line_status(uart) == 0
+
+
+def test_uart_line_drained_sets_thre_temt_and_loses_nothing():
+    uart, line, _ = slow_uart(accept=5)
+    transmit(uart, bytes(range(5 + SMALL)))
+    reader_catches_up(uart, line)
+    assert (line_status(uart), line.data, uart.ctx.counters.tx_dropped) == (
+        Lsr.THRE | Lsr.TEMT,
+        bytes(range(5 + SMALL)),
+        0,
+    )
+
+
+def test_uart_thr_written_with_thre_clear_drops_and_counts():
+    uart, line, _ = slow_uart()
+    transmit(uart, b"k" * SMALL + b"lost")
+    reader_catches_up(uart, line)
+    assert (line.data, uart.ctx.counters.tx_dropped, uart.save().tx_dropped) == (
+        b"k" * SMALL,
+        4,
+        4,
+    )
+
+
+def test_uart_room_appearing_raises_thre_interrupt():
+    uart, line, irq = slow_uart()
+    uart.write(Reg.IER, bytes([Ier.THRI]))
+    transmit(uart, b"x" * SMALL)
+    iir_full = uart.read(Reg.IIR_FCR, 1)[0] & 0x0F
+    pulses = irq.count
+    reader_catches_up(uart, line)
+    assert (iir_full, irq.count - pulses, uart.read(Reg.IIR_FCR, 1)[0] & 0x0F) == (
+        Iir.NO_INT,
+        1,
+        Iir.THRI,
+    )
+
+
+def test_uart_fifo_on_thre_needs_room_for_a_fifo_load():
+    uart, _, _ = slow_uart()
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))
+    transmit(uart, b"f" * (SMALL - TX_FIFO_LEN + 1))  # room for 15 bytes: not a whole load
+    status = line_status(uart)
+    transmit(uart, b"g")  # a driver that writes anyway still has room: nothing is lost
+    assert (status, uart.ctx.counters.tx_dropped) == (0, 0)
+
+
+def test_uart_save_keeps_unsent_output_and_restore_sends_it():
+    uart, _, _ = slow_uart()
+    transmit(uart, b"pending")
+    state = uart.save()
+    line = FakeLine()
+    Uart8250.restore(DeviceContext(irq=FakeIrq(), out=BoundedOutput(line)), state)
+    assert (state.tx, state.lsr & (Lsr.THRE | Lsr.TEMT), line.data) == (
+        b"pending",
+        Lsr.THRE,
+        b"pending",
+    )
+
+
+def test_uart_restore_tx_over_capacity_raises_state_error():
+    ctx = DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine(), SMALL))
+    with pytest.raises(StateError, match="tx buffer"):
+        Uart8250.restore(ctx, UartState(tx=b"x" * (SMALL + 1)))
+
+
+def test_uart_state_v1_document_migrates_with_empty_tx():
+    doc = json.loads((GOLDENS / "vm" / "v1" / "serial0.json").read_text())
+    state = codec.state_from_document("serial", UartState, {**doc, "fields": doc.pop("state")})
+    uart = Uart8250.restore(DeviceContext(irq=FakeIrq()), state)
+    assert (state.tx, state.tx_dropped, line_status(uart)) == (b"", 0, Lsr.THRE | Lsr.TEMT)
+
+
+def test_uart_state_current_document_round_trips():
+    uart, _, _ = slow_uart()
+    transmit(uart, b"queued")
+    state = uart.save()
+    doc = codec.state_document("serial", state)
+    assert codec.state_from_document("serial", UartState, doc) == state

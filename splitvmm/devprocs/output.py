@@ -1,0 +1,162 @@
+"""A device's output: a bounded transmit buffer in front of a line that may be slow.
+
+Back-pressure, not death. A device that produces output (the 8250's transmitter
+today, any console tomorrow) must never block on its output fd: a `unix:`
+listener that stops reading, a full pipe or a terminal stopped with Ctrl-S would
+stop the device's one event loop, the device would miss the monitor's read
+deadline and the VM would end. So:
+
+* the line never blocks (FdLine): a socket is written with MSG_DONTWAIT; a
+  pipe, terminal or character device gets a file description of its own, opened
+  non-blocking through /proc/self/fd, because O_NONBLOCK on the description we
+  were handed would make the monitor's stdout non-blocking too (and the
+  operator's shell, after us); a regular file never blocks;
+* what the line does not take waits in a buffer of CAPACITY bytes
+  (BoundedOutput); the runtime flushes it when the fd polls writable, and tells
+  the device that there is room again (Device.output_room);
+* the device sees the buffer the way a UART sees a slow line: room() and
+  pending() are what its status register reports, and put() takes only what
+  fits. A driver that waits for room loses nothing; the device counts what a
+  driver that does not wait loses.
+
+While the device is quiesced for a snapshot the buffer is `held`: nothing
+leaves, since the buffered bytes are part of the state being saved, and a VM
+suspended to disk sends them once, after its restore.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import select
+import socket
+import stat
+import time
+from typing import Protocol
+
+log = logging.getLogger("splitvmm.dev.output")
+
+CAPACITY = 4096  # a few KiB: a burst of console output, not a log file's worth
+# On SYNC (the monitor's last request before it ends a device) the device waits this long
+# at most for a slow line to take its buffered bytes: below the monitor's read deadline
+# (monitor/devhost.py READ_TIMEOUT_MS), which a device must never miss.
+FLUSH_TIMEOUT_MS = 1000
+
+
+class Line(Protocol):
+    def send(self, data: memoryview) -> int:
+        """Bytes the line took now, 0 when it is full; OSError when it is gone."""
+        ...
+
+    def fileno(self) -> int: ...
+
+
+class FdLine:
+    """A non-blocking writer on an inherited fd. Built before the sandbox: it may reopen."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._sock: socket.socket | None = None
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
+            self._sock = socket.socket(fileno=fd)  # for send(MSG_DONTWAIT); kept for our life
+        elif not stat.S_ISREG(mode):
+            _own_nonblocking_description(fd)
+
+    def send(self, data: memoryview) -> int:
+        try:
+            if self._sock is not None:
+                return self._sock.send(data, socket.MSG_DONTWAIT)
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def _own_nonblocking_description(fd: int) -> None:
+    """Replace `fd` by a non-blocking open of the same pipe, terminal or device."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (flags & os.O_APPEND)
+    try:
+        # O_NOCTTY: we lead our own session, and opening a terminal would make it ours.
+        own = os.open(f"/proc/self/fd/{fd}", want)
+    except OSError as e:
+        log.warning("output: cannot reopen it (%s); making it non-blocking as shared", e.strerror)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        return
+    os.dup2(own, fd)
+    os.close(own)
+
+
+class BoundedOutput:
+    """CAPACITY bytes waiting for a line; no line: the bytes go nowhere, at once."""
+
+    def __init__(self, line: Line | None = None, capacity: int = CAPACITY) -> None:
+        self.line = line
+        self.capacity = capacity
+        self.held = False  # quiesced: keep every byte (see the module docstring)
+        self._buf = bytearray()
+
+    def room(self) -> int:
+        return self.capacity - len(self._buf)
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def buffered(self) -> bytes:
+        return bytes(self._buf)
+
+    def put(self, data: bytes) -> int:
+        """Take as much of `data` as fits; the number of bytes taken."""
+        taken = data[: self.room()]
+        was_empty = not self._buf
+        self._buf += taken
+        if was_empty:  # otherwise the line was full: the runtime flushes when it is writable
+            self.flush()
+        return len(taken)
+
+    def wants_flush(self) -> bool:
+        return bool(self._buf) and self.line is not None and not self.held
+
+    def flush(self) -> int:
+        """Give the line what it takes now; the bytes that left the buffer."""
+        if self.line is None:
+            return self._discard()
+        if self.held:
+            return 0
+        sent = 0
+        while self._buf:
+            try:
+                with memoryview(self._buf) as view:
+                    n = self.line.send(view)
+            except OSError as e:  # the reader went away: output goes nowhere from now on
+                log.warning("output line closed (%s); discarding output", e.strerror)
+                self.line = None
+                return sent + self._discard()
+            if n == 0:
+                break
+            del self._buf[:n]
+            sent += n
+        return sent
+
+    def drain(self, timeout_ms: int = FLUSH_TIMEOUT_MS) -> int:
+        """flush(), waiting up to timeout_ms for a slow line; the bytes that left."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        sent = self.flush()
+        poller = select.poll()
+        while self.wants_flush() and self.line is not None:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            poller.register(self.line.fileno(), select.POLLOUT)
+            if poller.poll(left_ms):
+                sent += self.flush()
+        return sent
+
+    def _discard(self) -> int:
+        n = len(self._buf)
+        self._buf.clear()
+        return n

@@ -1,0 +1,116 @@
+"""A device's bounded output (devprocs/output.py): buffer logic with a fake line, and the
+non-blocking fd line on a real pipe and socket pair (no process, no thread)."""
+
+import fcntl
+import os
+import socket
+
+import pytest
+
+from splitvmm.devprocs.output import FLUSH_TIMEOUT_MS, BoundedOutput, FdLine
+from splitvmm.monitor.devhost import READ_TIMEOUT_MS
+from tests.fakes import FakeLine
+
+
+def test_output_put_on_a_writable_line_sends_at_once():
+    line = FakeLine()
+    out = BoundedOutput(line, 8)
+    taken = out.put(b"hello")
+    assert (taken, line.data, out.pending()) == (5, b"hello", 0)
+
+
+def test_output_put_beyond_capacity_takes_only_what_fits():
+    out = BoundedOutput(FakeLine(accept=0), 8)
+    taken = out.put(b"0123456789")
+    assert (taken, out.buffered(), out.room()) == (8, b"01234567", 0)
+
+
+def test_output_flush_after_reader_catches_up_sends_in_order():
+    line = FakeLine(accept=2)
+    out = BoundedOutput(line, 8)
+    out.put(b"abcd")
+    out.put(b"ef")
+    line.accept = 100
+    sent = out.flush()
+    assert (sent, line.data, out.pending()) == (4, b"abcdef", 0)
+
+
+def test_output_held_keeps_bytes_until_released():
+    line = FakeLine()
+    out = BoundedOutput(line, 8)
+    out.held = True
+    out.put(b"snap")
+    held = (bytes(line.data), out.wants_flush())
+    out.held = False
+    out.flush()
+    assert (held, line.data) == ((b"", False), b"snap")
+
+
+def test_output_without_line_discards_and_keeps_room():
+    out = BoundedOutput(None, 8)
+    taken = out.put(b"0123456789")
+    assert (taken, out.room(), out.pending()) == (8, 8, 0)
+
+
+def test_output_line_gone_discards_and_keeps_serving():
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.close(r)
+    out = BoundedOutput(FdLine(w), 8)
+    taken = out.put(b"late")  # EPIPE: the reader went away
+    os.close(w)
+    assert (taken, out.line, out.room()) == (4, None, 8)
+
+
+def test_output_flush_deadline_is_below_the_monitor_read_deadline():
+    assert FLUSH_TIMEOUT_MS < READ_TIMEOUT_MS  # SYNC drains the output, then must still answer
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe2(os.O_CLOEXEC)
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def test_fd_line_pipe_gets_its_own_nonblocking_description(pipe):
+    r, w = pipe
+    shared = os.dup(w)  # the monitor's copy of the same description
+    FdLine(w)
+    flags = (fcntl.fcntl(w, fcntl.F_GETFL), fcntl.fcntl(shared, fcntl.F_GETFL))
+    os.close(shared)
+    assert (bool(flags[0] & os.O_NONBLOCK), bool(flags[1] & os.O_NONBLOCK)) == (True, False)
+
+
+def fill(line: FdLine) -> int:
+    """Bytes the line takes before it would block."""
+    total, chunk = 0, memoryview(b"z" * 4096)
+    while n := line.send(chunk):
+        total += n
+    return total
+
+
+def test_fd_line_full_pipe_returns_zero_instead_of_blocking(pipe):
+    r, w = pipe
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    line = FdLine(w)
+    assert (fill(line), line.send(memoryview(b"more"))) == (4096, 0)
+
+
+def test_fd_line_socket_full_returns_zero_and_leaves_it_blocking():
+    a, b = socket.socketpair()
+    with a, b:
+        line = FdLine(os.dup(a.fileno()))  # the line's socket object closes its own fd
+        filled = fill(line)
+        flags = fcntl.fcntl(a.fileno(), fcntl.F_GETFL)
+        assert (filled > 0, line.send(memoryview(b"more")), flags & os.O_NONBLOCK) == (True, 0, 0)
+
+
+def test_fd_line_terminal_gets_its_own_nonblocking_description():
+    master, slave = os.openpty()
+    shared = os.dup(slave)
+    FdLine(slave)
+    flags = (fcntl.fcntl(slave, fcntl.F_GETFL), fcntl.fcntl(shared, fcntl.F_GETFL))
+    for fd in (master, slave, shared):
+        os.close(fd)
+    assert (bool(flags[0] & os.O_NONBLOCK), bool(flags[1] & os.O_NONBLOCK)) == (True, False)
