@@ -44,3 +44,19 @@ class StateError(SplitvmmError):
 
 class GuestHalt(SplitvmmError):
     """The guest stopped the VM in a way that ends it with an error (triple fault, ...)."""
+
+
+SHOWN_MAX = 100  # characters of an untrusted value an error message quotes
+
+
+def shown(value: object, limit: int = SHOWN_MAX) -> str:
+    """repr() for an error message, of a value that may come from a hostile file: control
+    and invisible characters stay escapes ("\\x1b", never a raw escape sequence on the
+    terminal), and a long value is clipped, so the message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def clip(message: str, limit: int = 4 * SHOWN_MAX) -> str:
+    """A message clipped to one short line (for text that quotes untrusted values)."""
+    return message if len(message) <= limit else f"{message[:limit]}..."

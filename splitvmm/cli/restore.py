@@ -1,4 +1,5 @@
-"""`splitvmm restore DIR [--set DEVICE.OPTION=VALUE]`: run a snapshot with the config it holds."""
+"""`splitvmm restore DIR [--set DEVICE.OPTION=VALUE] [--require-signature KEYFILE]`: run a
+snapshot with the guest settings it stores and host resources only the operator names."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from splitvmm.cli.up import EXIT_HELP, run_and_exit
+from splitvmm.cli.up import EXIT_HELP, require_signature_option, run_and_exit
 
 
 def _overrides(values: tuple[str, ...]) -> dict[str, str]:
@@ -26,10 +27,14 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
     "settings",
     multiple=True,
     metavar="DEVICE.OPTION=VALUE",
-    help="Override a host resource that moved, e.g. serial0.output=/tmp/log (repeatable).",
+    help="Name a host resource, e.g. serial0.output=/tmp/log or boot.firmware=fw.bin "
+    "(repeatable). None is taken from the snapshot: serial output is stdio unless set, and "
+    "a firmware-booted VM needs boot.firmware.",
 )
-def command(directory: Path, settings: tuple[str, ...]) -> None:
-    """Restore the VM saved in DIRECTORY, with the config stored in the snapshot."""
+@require_signature_option
+def command(directory: Path, settings: tuple[str, ...], key_file: Path | None) -> None:
+    """Restore the VM saved in DIRECTORY, with the guest settings stored in the snapshot."""
     from splitvmm.monitor import restore
 
-    run_and_exit(lambda snap, ov: restore.config_of(snap, ov), directory, _overrides(settings))
+    overrides = _overrides(settings)
+    run_and_exit(lambda snap: restore.config_of(snap, overrides), directory, key_file)
