@@ -58,5 +58,8 @@ def shown(value: object, limit: int = SHOWN_MAX) -> str:
 
 
 def clip(message: str, limit: int = 4 * SHOWN_MAX) -> str:
-    """A message clipped to one short line (for text that quotes untrusted values)."""
-    return message if len(message) <= limit else f"{message[:limit]}..."
+    """A message that quotes untrusted values, clipped to one short line. The middle goes:
+    the start says what is at fault and the end says what is wrong with it."""
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit // 2]} ... {message[-limit // 2 :]}"

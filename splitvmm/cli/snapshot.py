@@ -85,6 +85,17 @@ def _chunk_table(snap: Snapshot) -> Table:
     return table
 
 
+def verify_with_progress(snap: Snapshot) -> None:
+    """snap.verify() with a progress bar on stderr, when stderr is a terminal (elsewhere a
+    bar would leave a blank line; on stdout it would mix with a restored guest's console)."""
+    console = Console(stderr=True)
+    columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    progress = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    with progress as bar:
+        task = bar.add_task("verify", total=max(snap.total_bytes, 1))
+        snap.verify(lambda done, total: bar.update(task, completed=done))
+
+
 @command.command("verify")
 @click.argument("directory", type=DIR)
 @click.option(
@@ -103,14 +114,10 @@ def verify(directory: Path, key_file: Path | None) -> None:
     except SnapshotError as e:
         _fail(directory, e)
     snap = _open(directory, key)
-    columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("verify", total=snap.total_bytes)
-        try:
-            snap.verify(lambda done, total: bar.update(task, completed=done))
-        except SnapshotError as e:
-            bar.stop()
-            _fail(directory, e)
+    try:
+        verify_with_progress(snap)
+    except SnapshotError as e:
+        _fail(directory, e)
     count, mib = len(snap.chunks), snap.total_bytes / (1 << 20)
     chunks = "chunk" if count == 1 else "chunks"
     signed = ", signature good" if key_file is not None else ""

@@ -35,6 +35,7 @@ def run_and_exit(
     cfg_loader: ConfigLoader, snapshot_dir: Path | None, key_file: Path | None
 ) -> None:
     """Shared by `up` and `restore`: build the config, open the snapshot, run, exit."""
+    from splitvmm.cli.snapshot import verify_with_progress
     from splitvmm.monitor import restore
     from splitvmm.monitor.machine import run_vm
     from splitvmm.snapshot import signing
@@ -46,21 +47,13 @@ def run_and_exit(
         cfg = cfg_loader(snap)
         if snap is not None:
             restore.check_compatible(snap, cfg)
-            _verify_with_progress(snap)
+            verify_with_progress(snap)
         outcome = run_vm(cfg, snap)
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
     click.echo(f"\r\nsplitvmm: {outcome.message}", err=True)
     sys.exit(outcome.status)
-
-
-def _verify_with_progress(snap: Snapshot) -> None:
-    from rich.progress import Progress
-
-    with Progress(transient=True, console=None) as progress:
-        task = progress.add_task("verifying snapshot", total=max(snap.total_bytes, 1))
-        snap.verify(lambda done, total: progress.update(task, completed=done))
 
 
 @click.command("up", epilog=EXIT_HELP)

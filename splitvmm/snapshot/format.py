@@ -291,15 +291,15 @@ def _parse_chunk(doc: object, index: int, memory_size: int) -> ChunkEntry:
     if kind not in KINDS:
         raise SnapshotError(f"{where}: kind {shown(kind)} is not one of {', '.join(KINDS)}")
     name = doc.get("name")
-    if isinstance(name, str) and NAME_RE.match(name):
+    if isinstance(name, str) and NAME_RE.fullmatch(name):
         where = f"{MANIFEST}: chunk {name}"  # name it from here on: users know chunks by name
     _reject_unknown(doc, CHUNK_KEYS | EXTRA_CHUNK_KEYS.get(kind, frozenset()), where)
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SnapshotError(
             f"{where}: name {shown(name)} must be 1-63 letters, digits, '_', '.', '-'"
         )
     file = _get(doc, "file", str, where)
-    if not FILE_RE.match(file) or file in (MANIFEST, MANIFEST_SIG):
+    if not FILE_RE.fullmatch(file) or file in (MANIFEST, MANIFEST_SIG):
         raise SnapshotError(f"{where}: file {shown(file)} is not a plain file name in the snapshot")
     # A RAM chunk holds at most the memory plus its record headers (ram.py checks the exact
     # bound); twice the memory is a loose cap that needs no knowledge of the encoding.
@@ -314,9 +314,9 @@ def _parse_chunk(doc: object, index: int, memory_size: int) -> ChunkEntry:
         model=_get(doc, "model", str, where) if kind == "device" else None,
         encoding=_get(doc, "encoding", str, where) if kind == "ram" else None,
     )
-    if not SHA256_RE.match(entry.sha256):
+    if not SHA256_RE.fullmatch(entry.sha256):
         raise SnapshotError(f"{where}: sha256 must be 64 lowercase hex digits")
-    if entry.model is not None and not NAME_RE.match(entry.model):
+    if entry.model is not None and not NAME_RE.fullmatch(entry.model):
         raise SnapshotError(f"{where}: model {shown(entry.model)} is not a model name")
     if entry.encoding is not None and entry.encoding not in RAM_ENCODINGS:
         raise SnapshotError(

@@ -34,7 +34,7 @@ from splitvmm.snapshot.format import MANIFEST_SIG as SIG_FILE
 from splitvmm.snapshot.format import SnapshotError
 
 SIG_PREFIX = b"hmac-sha256:"
-SIG_RE = re.compile(rb"^hmac-sha256:([0-9a-f]{64})\n?$")
+SIG_RE = re.compile(rb"hmac-sha256:([0-9a-f]{64})\n?")
 MAX_SIG_BYTES = 128
 MIN_KEY_BYTES = 16  # 128 bits: below that a key can be guessed
 MAX_KEY_BYTES = 4096  # a key file, not a disk image; HMAC hashes long keys anyway
@@ -85,7 +85,7 @@ def check(manifest: bytes, sig: bytes | None, key: bytes) -> None:
     """SnapshotError unless sig is manifest.sig for exactly these manifest bytes and key."""
     if sig is None:
         raise SnapshotError(f"{SIG_FILE}: missing: the snapshot is not signed")
-    m = SIG_RE.match(sig) if len(sig) <= MAX_SIG_BYTES else None
+    m = SIG_RE.fullmatch(sig) if len(sig) <= MAX_SIG_BYTES else None
     if m is None:
         raise SnapshotError(f"{SIG_FILE}: not an hmac-sha256 signature")
     want = hmac.new(key, manifest, hashlib.sha256).hexdigest().encode()

@@ -131,7 +131,7 @@ class SnapshotWriter:
         return result
 
     def _check_name(self, name: str) -> None:
-        if not isinstance(name, str) or not NAME_RE.match(name) or name == "manifest":
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == "manifest":
             raise SnapshotError(f"chunk name {name!r} must be 1-63 letters, digits, '_', '.', '-'")
         if any(c.name == name for c in self._chunks):
             raise SnapshotError(f"chunk {name}: the name is used twice")
@@ -146,7 +146,7 @@ class SnapshotWriter:
                 raise SnapshotError(f"chunk {name}: kind {kind!r} is not one of {JSON_KINDS}")
             if type(state_version) is not int or state_version < 1:
                 raise SnapshotError(f"chunk {name}: state_version must be an int >= 1")
-            if (kind == "device") != (isinstance(model, str) and bool(NAME_RE.match(model))):
+            if (kind == "device") != (isinstance(model, str) and bool(NAME_RE.fullmatch(model))):
                 raise SnapshotError(
                     f"chunk {name}: kind device needs a model name; others take none"
                 )
