@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splitvmm.config import BOOT_RESOURCES, HOST_RESOURCES, MODEL_OPTIONS, VmConfig, parse_config
+from splitvmm.config import (
+    BOOT_RESOURCES,
+    HOST_RESOURCES,
+    MODEL_OPTIONS,
+    NAME_RE,
+    VmConfig,
+    parse_config,
+)
 from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import vmstate
 from splitvmm.protocol.control import MAX_CONTROL
@@ -109,11 +116,12 @@ def _own_resources(device: dict[str, Any], set_keys: set[str]) -> None:
         if f"{name}.{option}" in set_keys:
             continue
         if default is None:
-            raise ConfigError(f"device {shown(name)}: a restore needs --set {name}.{option}=...")
+            hint = name if isinstance(name, str) and NAME_RE.fullmatch(name) else "DEVICE"
+            raise ConfigError(f"device {shown(name)}: a restore needs --set {hint}.{option}=...")
         device[option] = default
 
 
-def restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
+def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
     """The stored config as plain tables, with no host resource of the snapshot's left in
     it: kernel, initrd and firmware paths and each model's HOST_RESOURCES options are dropped,
     and only the operator's --set values (or restore defaults) stand in their place.
@@ -159,7 +167,7 @@ def config_of(snap: Snapshot, overrides: dict[str, str]) -> VmConfig:
 
     The stored config is untrusted like the rest of the snapshot: parse_config checks its
     shape and every value, and any mistake names the manifest's vm_config."""
-    data = restore_data(snap, overrides)
+    data = _restore_data(snap, overrides)
     try:
         return parse_config(data, Path.cwd(), check_files=False, restored=True)
     except ConfigError as e:

@@ -181,3 +181,24 @@ def test_cli_inspect_json_says_whether_signed(signed):
     result = CliRunner().invoke(cli, ["snapshot", "inspect", str(signed), "--json"])
 
     assert json.loads(result.stdout)["signed"] is True
+
+
+def test_cli_up_require_signature_without_restore_is_a_usage_error(tmp_path):
+    key = key_file(tmp_path / "k", KEY)
+
+    result = CliRunner().invoke(cli, ["up", "vm.toml", "--require-signature", str(key)])
+
+    assert result.exit_code == 2
+    assert "--require-signature goes with --restore" in result.output
+
+
+def test_cli_ctl_sign_with_readable_key_refused_before_connecting(tmp_path):
+    key = key_file(tmp_path / "k", KEY, 0o644)
+    sock = tmp_path / "absent.sock"
+
+    result = CliRunner().invoke(
+        cli, ["ctl", "--socket", str(sock), "snapshot", str(tmp_path / "s"), "--sign", str(key)]
+    )
+
+    assert result.exit_code == 1
+    assert "mode 0644 lets group or others read or change it; chmod 600 it" in result.output
