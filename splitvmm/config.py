@@ -39,6 +39,18 @@ MODEL_OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
 }
 ALWAYS_ALLOWED = {"name", "model", "on_crash"}
 
+# Options that name a host resource (a file, socket, disk image, TAP). A snapshot is untrusted,
+# so a restore never takes one from its manifest: the operator names each (the config given to
+# `up --restore`, or `restore --set DEVICE.OPTION=VALUE`). Per model: option -> what `restore`
+# uses when not --set, or None when the operator must name it (a disk image: no safe default).
+# Every model in MODEL_OPTIONS has an entry, empty if it holds no host resource.
+HOST_RESOURCES: dict[str, dict[str, str | None]] = {
+    "serial": {"output": "stdio"},
+}
+# [boot] keys naming host files. A restore loads no kernel or initrd (guest RAM holds them);
+# a firmware-booted VM maps its firmware again, from the path the operator --set.
+BOOT_RESOURCES = ("kernel", "initrd", "firmware")
+
 
 @dataclass(frozen=True, slots=True)
 class VmSection:
@@ -171,10 +183,12 @@ def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | No
     return path
 
 
-def _parse_boot(table: dict[str, Any], base: Path, check: bool) -> BootSection:
+def _parse_boot(table: dict[str, Any], base: Path, check: bool, restored: bool) -> BootSection:
     _reject_unknown(table, {"kernel", "initrd", "cmdline", "firmware"}, "boot")
     kernel, firmware = _path(table, "kernel", base, check), _path(table, "firmware", base, check)
-    if (kernel is None) == (firmware is None):
+    if restored and (kernel is not None or "initrd" in table):
+        raise ConfigError("boot: a restore loads no kernel or initrd (guest RAM holds them)")
+    if (kernel is None) == (firmware is None) and not (restored and firmware is None):
         raise ConfigError("boot: give exactly one of kernel (bzImage or ELF) or firmware")
     if firmware is not None and ("initrd" in table or "cmdline" in table):
         raise ConfigError("boot: initrd and cmdline go with kernel, not firmware")
@@ -207,12 +221,16 @@ def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
     return DeviceSection(name, model, on_crash, options)
 
 
-def parse_config(data: dict[str, Any], base: Path, check_files: bool = True) -> VmConfig:
+def parse_config(
+    data: dict[str, Any], base: Path, check_files: bool = True, restored: bool = False
+) -> VmConfig:
     """The config from its TOML tables; check_files=False for a restore, whose RAM
-    already holds the kernel (only firmware is read again, when the VM maps it)."""
+    already holds the kernel (only firmware is read again, when the VM maps it).
+    restored=True: the config monitor/restore.py rebuilt from a snapshot, whose [boot]
+    names no kernel (none is loaded) and a firmware only if the VM booted one."""
     _reject_unknown(data, {"vm", "boot", "device"}, "config")
     vm = _parse_vm(_get(data, "vm", "config", dict, {}), base)
-    boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files)
+    boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files, restored)
     devices = tuple(
         _parse_device(_table(d, f"device[{i}]"), f"device[{i}]")
         for i, d in enumerate(_get(data, "device", "config", list, []))
@@ -258,7 +276,7 @@ def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
         value = getattr(cfg.boot, key)
         if value is not None:
             boot[key] = str(value.resolve())
-    if cfg.boot.kernel is not None:
+    if cfg.boot.firmware is None:  # a restored VM's config has no kernel, but its cmdline
         boot["cmdline"] = cfg.boot.cmdline
     vm = {"name": cfg.vm.name, "memory": cfg.vm.memory, "vcpus": cfg.vm.vcpus}
     if cfg.vm.cpuid_mask:

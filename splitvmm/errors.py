@@ -44,3 +44,22 @@ class StateError(SplitvmmError):
 
 class GuestHalt(SplitvmmError):
     """The guest stopped the VM in a way that ends it with an error (triple fault, ...)."""
+
+
+SHOWN_MAX = 100  # characters of an untrusted value an error message quotes
+
+
+def shown(value: object, limit: int = SHOWN_MAX) -> str:
+    """repr() for an error message, of a value that may come from a hostile file: control
+    and invisible characters stay escapes ("\\x1b", never a raw escape sequence on the
+    terminal), and a long value is clipped, so the message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def clip(message: str, limit: int = 4 * SHOWN_MAX) -> str:
+    """A message that quotes untrusted values, clipped to one short line. The middle goes:
+    the start says what is at fault and the end says what is wrong with it."""
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit // 2]} ... {message[-limit // 2 :]}"

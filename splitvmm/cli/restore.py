@@ -1,4 +1,5 @@
-"""`splitvmm restore DIR [--set DEVICE.OPTION=VALUE]`: run a snapshot with the config it holds."""
+"""`splitvmm restore DIR [--set DEVICE.OPTION=VALUE] [--require-signature KEYFILE]`: run a
+snapshot with the guest settings it stores and host resources only the operator names."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from splitvmm.cli.up import EXIT_HELP, run_and_exit
+from splitvmm.cli.up import EXIT_HELP, require_signature_option, run_and_exit
 
 
 def _overrides(values: tuple[str, ...]) -> dict[str, str]:
@@ -26,8 +27,11 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
     "settings",
     multiple=True,
     metavar="DEVICE.OPTION=VALUE",
-    help="Override a host resource that moved, e.g. serial0.output=/tmp/log (repeatable).",
+    help="Name a host resource, e.g. serial0.output=/tmp/log or boot.firmware=fw.bin "
+    "(repeatable). None is taken from the snapshot: serial output is stdio unless set, and "
+    "a firmware-booted VM needs boot.firmware.",
 )
+@require_signature_option
 @click.option(
     "--snapshot-dir",
     "snapshot_dirs",
@@ -35,15 +39,22 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="A directory `ctl snapshot` may write to (vm.snapshot_dirs; repeatable).",
 )
-def command(directory: Path, settings: tuple[str, ...], snapshot_dirs: tuple[Path, ...]) -> None:
-    """Restore the VM saved in DIRECTORY, with the config stored in the snapshot."""
+def command(
+    directory: Path,
+    settings: tuple[str, ...],
+    key_file: Path | None,
+    snapshot_dirs: tuple[Path, ...],
+) -> None:
+    """Restore the VM saved in DIRECTORY, with the guest settings stored in the snapshot."""
     import dataclasses
 
     from splitvmm.monitor import restore
 
-    def config(snap, overrides):  # what the monitor may write to is never the snapshot's to say
+    overrides = _overrides(settings)
+    dirs = tuple(d.resolve() for d in snapshot_dirs)
+
+    def config(snap):  # what the monitor may write to is never the snapshot's to say
         cfg = restore.config_of(snap, overrides)
-        dirs = tuple(d.resolve() for d in snapshot_dirs)
         return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, snapshot_dirs=dirs))
 
-    run_and_exit(config, directory, _overrides(settings))
+    run_and_exit(config, directory, key_file)

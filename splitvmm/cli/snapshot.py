@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot.reader import format_size
@@ -24,9 +25,9 @@ def _fail(path: Path, error: SnapshotError) -> NoReturn:
     sys.exit(1)
 
 
-def _open(path: Path) -> Snapshot:
+def _open(path: Path, key: bytes | None = None) -> Snapshot:
     try:
-        return Snapshot.open(path)
+        return Snapshot.open(path, key)
     except SnapshotError as e:
         _fail(path, e)
 
@@ -40,22 +41,37 @@ def command() -> None:
 @click.argument("directory", type=DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def inspect(directory: Path, as_json: bool) -> None:
-    """Show a snapshot's header and chunks (reads only the manifest; see `verify`)."""
+    """Show a snapshot's header, stored config and chunks (reads only the manifest; see
+    `verify`). Everything shown comes from an untrusted file and is printed as data."""
     snap = _open(directory)
-    if as_json:
+    if as_json:  # ensure_ascii (the default): control characters come out as \u escapes
         click.echo(json.dumps(snap.summary(), indent=2))
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     m = snap.manifest
     regions = len(m.memory.regions)
-    console.print(f"[bold]snapshot[/bold] {directory}")
-    console.print(f"  format    v{m.read_version} ({m.producer}, created {m.created})")
+    console.print(Text.assemble(("snapshot", "bold"), " ", escaped(str(directory))))
+    console.print(
+        Text(f"  format    v{m.read_version} ({escaped(m.producer)}, created {escaped(m.created)})")
+    )
     ram = snap.ram_chunk
     memory = f"{format_size(m.memory.size)} in {regions} region(s)"
-    console.print(f"  memory    {memory}, {format_size(ram.size)} saved ({ram.encoding})")
-    console.print(f"  vCPUs     {snap.vcpu_count}")
-    console.print(f"  on disk   {format_size(snap.total_bytes)} in {len(m.chunks)} chunks")
+    console.print(Text(f"  memory    {memory}, {format_size(ram.size)} saved ({ram.encoding})"))
+    console.print(Text(f"  vCPUs     {snap.vcpu_count}"))
+    console.print(Text(f"  on disk   {format_size(snap.total_bytes)} in {len(m.chunks)} chunks"))
+    if snap.signed:
+        console.print(Text("  signed    manifest.sig (not checked: verify --require-signature)"))
+    console.print(Text("  config    as stored (a restore takes no host path or socket from it):"))
+    # ensure_ascii: every control or non-ASCII character of the stored config is an escape.
+    for line in json.dumps(m.vm_config, indent=2, ensure_ascii=True).splitlines():
+        console.print(Text(f"    {line}"), soft_wrap=True)
     console.print(_chunk_table(snap))
+
+
+def escaped(text: str) -> str:
+    """Text from a snapshot as data: control and invisible characters (escape sequences,
+    newlines, bidi overrides) as their Python escapes, so none reaches the terminal raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _chunk_table(snap: Snapshot) -> Table:
@@ -64,23 +80,45 @@ def _chunk_table(snap: Snapshot) -> Table:
         table.add_column(title, no_wrap=True, justify="right" if title == "size" else "left")
     for c in snap.chunks:
         size, sha = format_size(c.size), c.sha256[:SHA_PREFIX]
-        table.add_row(c.kind, c.name, c.model or "", str(c.state_version), size, sha)
+        cells = (c.kind, c.name, c.model or "", str(c.state_version), size, sha)
+        table.add_row(*(Text(escaped(cell)) for cell in cells))  # Text: never rich markup
     return table
+
+
+def verify_with_progress(snap: Snapshot) -> None:
+    """snap.verify() with a progress bar on stderr, when stderr is a terminal (elsewhere a
+    bar would leave a blank line; on stdout it would mix with a restored guest's console)."""
+    console = Console(stderr=True)
+    columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    progress = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    with progress as bar:
+        task = bar.add_task("verify", total=max(snap.total_bytes, 1))
+        snap.verify(lambda done, total: bar.update(task, completed=done))
 
 
 @command.command("verify")
 @click.argument("directory", type=DIR)
-def verify(directory: Path) -> None:
+@click.option(
+    "--require-signature",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="KEYFILE",
+    help="Also require manifest.sig to be the manifest's HMAC under the key in KEYFILE.",
+)
+def verify(directory: Path, key_file: Path | None) -> None:
     """Check every chunk's size, sha256 and structure; exit 1 on the first problem."""
-    snap = _open(directory)
-    columns = (TextColumn("verifying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("verify", total=snap.total_bytes)
-        try:
-            snap.verify(lambda done, total: bar.update(task, completed=done))
-        except SnapshotError as e:
-            bar.stop()
-            _fail(directory, e)
+    from splitvmm.snapshot import signing
+
+    try:
+        key = signing.load_key(key_file) if key_file is not None else None
+    except SnapshotError as e:
+        _fail(directory, e)
+    snap = _open(directory, key)
+    try:
+        verify_with_progress(snap)
+    except SnapshotError as e:
+        _fail(directory, e)
     count, mib = len(snap.chunks), snap.total_bytes / (1 << 20)
     chunks = "chunk" if count == 1 else "chunks"
-    click.echo(f"snapshot {directory}: OK ({count} {chunks}, {mib:.2f} MiB)")
+    signed = ", signature good" if key_file is not None else ""
+    click.echo(f"snapshot {directory}: OK ({count} {chunks}, {mib:.2f} MiB{signed})")

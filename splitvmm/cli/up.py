@@ -1,31 +1,53 @@
-"""`splitvmm up vm.toml [--restore DIR]`: boot (or restore) a VM in the foreground."""
+"""`splitvmm up vm.toml [--restore DIR [--require-signature KEYFILE]]`: boot (or restore) a VM
+in the foreground."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from splitvmm.errors import SplitvmmError
 
+if TYPE_CHECKING:
+    from splitvmm.config import VmConfig
+    from splitvmm.snapshot.reader import Snapshot
+
 EXIT_HELP = """Exit status: the guest's debug-exit status ((value << 1) | 1), 0 for a guest
 reset, power-off or `ctl suspend`, 4 when the VM stopped on a fault (triple fault, an
 instruction KVM could not run, a failed device), 1 when it could not start."""
 
+ConfigLoader = Callable[["Snapshot | None"], "VmConfig"]
 
-def run_and_exit(cfg_loader, snapshot_dir: Path | None, overrides: dict[str, str]) -> None:
+require_signature_option = click.option(
+    "--require-signature",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="KEYFILE",
+    help="Refuse a snapshot whose manifest.sig is missing or not made with this key.",
+)
+
+
+def run_and_exit(
+    cfg_loader: ConfigLoader, snapshot_dir: Path | None, key_file: Path | None
+) -> None:
     """Shared by `up` and `restore`: build the config, open the snapshot, run, exit."""
+    from splitvmm.cli.snapshot import verify_with_progress
     from splitvmm.monitor import restore
     from splitvmm.monitor.machine import run_vm
+    from splitvmm.snapshot import signing
     from splitvmm.snapshot.reader import Snapshot
 
     try:
-        snap = Snapshot.open(snapshot_dir) if snapshot_dir is not None else None
-        cfg = cfg_loader(snap, overrides)
+        key = signing.load_key(key_file) if key_file is not None else None
+        snap = Snapshot.open(snapshot_dir, key) if snapshot_dir is not None else None
+        cfg = cfg_loader(snap)
         if snap is not None:
             restore.check_compatible(snap, cfg)
-            _verify_with_progress(snap)
+            verify_with_progress(snap)
         outcome = run_vm(cfg, snap)
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
@@ -34,24 +56,20 @@ def run_and_exit(cfg_loader, snapshot_dir: Path | None, overrides: dict[str, str
     sys.exit(outcome.status)
 
 
-def _verify_with_progress(snap) -> None:
-    from rich.progress import Progress
-
-    with Progress(transient=True, console=None) as progress:
-        task = progress.add_task("verifying snapshot", total=max(snap.total_bytes, 1))
-        snap.verify(lambda done, total: progress.update(task, completed=done))
-
-
 @click.command("up", epilog=EXIT_HELP)
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--restore",
     "snapshot_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Start from this snapshot instead of booting (the config must match it).",
+    help="Start from this snapshot instead of booting (the config must match it; every host "
+    "resource comes from the config, none from the snapshot).",
 )
-def command(config: Path, snapshot_dir: Path | None) -> None:
+@require_signature_option
+def command(config: Path, snapshot_dir: Path | None, key_file: Path | None) -> None:
     """Boot the VM described by CONFIG (TOML) and run it until it stops."""
     from splitvmm.config import load_config
 
-    run_and_exit(lambda snap, _: load_config(config, check_files=snap is None), snapshot_dir, {})
+    if key_file is not None and snapshot_dir is None:
+        raise click.UsageError("--require-signature goes with --restore")
+    run_and_exit(lambda snap: load_config(config, check_files=snap is None), snapshot_dir, key_file)

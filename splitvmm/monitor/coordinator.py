@@ -76,8 +76,11 @@ class Coordinator:
         self.paused = False
 
     # -- snapshot -----------------------------------------------------------------------------
-    def snapshot(self, target: Path, keep_paused: bool = False) -> SnapshotReport:
-        """Write a snapshot; the VM runs on afterwards unless it was paused or keep_paused."""
+    def snapshot(
+        self, target: Path, keep_paused: bool = False, sign_key: bytes | None = None
+    ) -> SnapshotReport:
+        """Write a snapshot; the VM runs on afterwards unless it was paused or keep_paused.
+        With sign_key, the snapshot carries its manifest's HMAC (snapshot/signing.py)."""
         self._check_target(target)
         if target.exists():
             raise ControlError(f"snapshot target {target} already exists")
@@ -88,7 +91,7 @@ class Coordinator:
         ok = False
         try:
             t1 = time.monotonic()
-            size = self._write(target)
+            size = self._write(target, sign_key)
             t2 = time.monotonic()
             ok = True
         finally:
@@ -134,7 +137,7 @@ class Coordinator:
                 except DeviceFailure as e:
                     log.error("%s", e)  # the device's on_crash policy has been applied
 
-    def _write(self, target: Path) -> int:
+    def _write(self, target: Path, sign_key: bytes | None) -> int:
         m = self.machine
         device_states = self._quiesce_devices()
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
@@ -150,5 +153,5 @@ class Coordinator:
                 w.add_json_chunk(
                     "device", host.name, int(doc["version"]), doc["fields"], model=host.model
                 )
-            w.commit()
+            w.commit(sign_key)
         return sum(p.stat().st_size for p in target.iterdir())

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from splitvmm.errors import BootError
+from splitvmm.hostpath import HostFileError, open_host_file
 from splitvmm.monitor import bootparams, layout
 from splitvmm.native._kvm import lib
 
@@ -97,24 +98,26 @@ class FirmwareImage:
 
 
 def _open(path: Path, what: str) -> tuple[BinaryIO, int]:
+    """The regular file at path (hostpath: no symlink, FIFO or device), opened to read."""
     try:
-        f = open(path, "rb")  # the caller closes it (with-block)
-    except OSError as e:
-        raise BootError(f"{path}: cannot open {what}: {e.strerror}") from None
-    return f, os.fstat(f.fileno()).st_size
+        fd = open_host_file(path, f"boot.{what}")
+    except HostFileError as e:
+        raise BootError(str(e)) from None
+    f = open(fd, "rb")  # the caller closes it (with-block)
+    return f, os.fstat(fd).st_size
 
 
 def _pread(f: BinaryIO, offset: int, length: int) -> bytes:
     return os.pread(f.fileno(), length, offset)
 
 
-def _copy(mem: GuestRam, f: BinaryIO, offset: int, gpa: int, length: int) -> None:
+def _copy(mem: GuestRam, f: BinaryIO, path: Path, offset: int, gpa: int, length: int) -> None:
     """Copy file bytes [offset, offset+length) to guest gpa, in bounded chunks."""
     done = 0
     while done < length:
         chunk = _pread(f, offset + done, min(COPY_CHUNK, length - done))
         if not chunk:
-            raise BootError(f"{f.name}: file shrank while it was being loaded")
+            raise BootError(f"{path}: file shrank while it was being loaded")
         mem.write(gpa + done, chunk)
         done += len(chunk)
 
@@ -234,7 +237,7 @@ def _load_elf(mem: GuestRam, path: Path, f: BinaryIO, size: int) -> LoadedKernel
     e_entry, segments = _elf_segments(path, f, size, mem.size)
     entry = _elf_entry(path, e_entry, segments)
     for s in segments:
-        _copy(mem, f, s.offset, s.paddr, s.filesz)
+        _copy(mem, f, path, s.offset, s.paddr, s.filesz)
         _zero(mem, s.paddr + s.filesz, s.memsz - s.filesz)  # gABI: the rest of p_memsz is 0
     return LoadedKernel(
         entry=entry,
@@ -320,7 +323,7 @@ def load_initrd(mem: GuestRam, path: Path, kernel: LoadedKernel) -> LoadedKernel
                 f"{path}: initrd of {size:#x} bytes does not fit between the kernel's end "
                 f"{floor:#x} and {limit:#x}"
             )
-        _copy(mem, f, 0, gpa, size)
+        _copy(mem, f, path, 0, gpa, size)
     return replace(kernel, initrd_gpa=gpa, initrd_size=size)
 
 

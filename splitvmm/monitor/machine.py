@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zmq
 
+from splitvmm import hostpath
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import ConfigError, KvmUnavailable
 from splitvmm.monitor import boot, confinement, layout, loader, restore
@@ -34,6 +35,7 @@ from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
+from splitvmm.snapshot import signing
 from splitvmm.snapshot.reader import Snapshot
 
 log = logging.getLogger("splitvmm.machine")
@@ -141,27 +143,16 @@ class Machine:
         self._serial_host = host
 
     def _open_output(self, dev: DeviceSection) -> int:
-        output = str(dev.options["output"])
+        """The serial output's fd: stdout, a UNIX socket, or a regular file (created 0600),
+        each opened through hostpath, so no FIFO, device or symlink, and no hang."""
+        output, key = str(dev.options["output"]), f"device {dev.name!r}.output"
         if output == "stdio":
             return 1
         if output.startswith("unix:"):
-            import socket
-
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(output.removeprefix("unix:"))
-            except OSError as e:
-                raise ConfigError(
-                    f"device {dev.name!r}.output: cannot connect to {output}: {e.strerror}"
-                ) from None
+            sock = hostpath.connect_unix(output.removeprefix("unix:"), key)
             self._closables.append(sock)
             return sock.fileno()
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise ConfigError(
-                f"device {dev.name!r}.output: cannot open {output}: {e.strerror}"
-            ) from None
+        fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)
         self._closables.append(_FdCloser(fd))
         return fd
 
@@ -272,7 +263,8 @@ class Machine:
         path = req.get("path")
         if not isinstance(path, str) or not path:
             raise ControlError("snapshot needs a target directory path")
-        report = self.coordinator.snapshot(Path(path), keep_paused=suspend)
+        key = signing.key_from_hex(req["sign_key"]) if "sign_key" in req else None
+        report = self.coordinator.snapshot(Path(path), keep_paused=suspend, sign_key=key)
         if suspend:
             self.stop(Outcome(0, f"suspended to {report.path}"))
         return {
@@ -280,6 +272,7 @@ class Machine:
             "pause_ms": round(report.pause_ms, 1),
             "write_ms": round(report.write_ms, 1),
             "bytes": report.bytes,
+            "signed": key is not None,
         }
 
     def _on_signal(self, signum: int, frame: object) -> None:

@@ -3,20 +3,37 @@
 Everything that can be wrong with a snapshot is found before any vCPU runs:
 checksums (verify), memory size and layout, vCPU count, the device set and
 models, and each state's decoding. The messages name the chunk.
+
+A snapshot is untrusted input, its stored config included (no checksum covers it, and a
+signature only says who wrote it): a restore takes no host resource from it. `up --restore`
+uses the operator's config file alone; `restore` (config_of) keeps the stored config's guest
+settings and replaces every host path, socket and image named by config.HOST_RESOURCES and
+BOOT_RESOURCES with what the operator --set, or the model's restore default.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from splitvmm.config import VmConfig, parse_config
-from splitvmm.errors import ConfigError, StateError
+from splitvmm.config import (
+    BOOT_RESOURCES,
+    HOST_RESOURCES,
+    MODEL_OPTIONS,
+    NAME_RE,
+    VmConfig,
+    parse_config,
+)
+from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import vmstate
+from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
+
+# A device process reads its spec, saved state included, capped (devprocs/__main__.py
+# MAX_SPEC): a bigger state must be refused here, in a sentence, not there, in a traceback.
+MAX_DEVICE_STATE = MAX_CONTROL
 
 if TYPE_CHECKING:
     from splitvmm.monitor.machine import Machine
@@ -34,6 +51,9 @@ def check_compatible(snap: Snapshot, cfg: VmConfig) -> None:
         raise SnapshotError(
             f"snapshot has {snap.vcpu_count} vCPUs, the config asks for {cfg.vm.vcpus}"
         )
+    if firmware_booted(snap) != (cfg.boot.firmware is not None):
+        booted, asks = ("firmware", "none") if firmware_booted(snap) else ("a kernel", "firmware")
+        raise SnapshotError(f"the snapshot's VM booted {booted}, the config gives {asks}")
     saved = {c.name: c.model for c in snap.chunks if c.kind == "device"}
     wanted = {d.name: d.model for d in cfg.devices}
     for name in sorted(saved.keys() - wanted.keys()):
@@ -47,34 +67,123 @@ def check_compatible(snap: Snapshot, cfg: VmConfig) -> None:
             )
 
 
+def firmware_booted(snap: Snapshot) -> bool:
+    """Whether the stored config says the VM booted firmware. Untrusted like all of it: used
+    only to ask the operator for a firmware path, or to refuse a config that has none."""
+    boot = snap.manifest.vm_config.get("boot")
+    return isinstance(boot, dict) and "firmware" in boot
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    name, _, option = key.partition(".")
+    if not name or not option:
+        raise ConfigError(f"--set {shown(key)}: expected DEVICE.OPTION=VALUE or boot.firmware=PATH")
+    return name, option
+
+
+def _set_boot(boot: dict[str, Any], option: str, value: str, firmware: bool) -> None:
+    if option in ("kernel", "initrd"):
+        raise ConfigError(
+            f"--set boot.{option}: a restore loads no kernel or initrd (RAM has them)"
+        )
+    if option != "firmware":
+        raise ConfigError(f"--set boot.{shown(option)}: only boot.firmware can be set")
+    if not firmware:
+        raise ConfigError("--set boot.firmware: the snapshot's VM booted a kernel, not firmware")
+    boot["firmware"] = value
+
+
+def _set_device(device: dict[str, Any], name: str, option: str, value: str) -> None:
+    model = device.get("model")
+    options = MODEL_OPTIONS.get(model, {}) if isinstance(model, str) else {}
+    allowed = {*options, "on_crash"}
+    if option not in allowed:
+        raise ConfigError(
+            f"--set {name}.{shown(option)}: not an option of device {name!r} "
+            f"(options: {', '.join(sorted(allowed)) or 'none'})"
+        )
+    device[option] = value
+
+
+def _own_resources(device: dict[str, Any], set_keys: set[str]) -> None:
+    """Drop the snapshot's host resources from a device's table; the operator's --set (applied
+    later) or the model's restore default takes their place."""
+    model, name = device.get("model"), device.get("name")
+    if not isinstance(model, str) or model not in HOST_RESOURCES:
+        return  # parse_config refuses the unknown model, naming it
+    for option, default in HOST_RESOURCES[model].items():
+        device.pop(option, None)
+        if f"{name}.{option}" in set_keys:
+            continue
+        if default is None:
+            hint = name if isinstance(name, str) and NAME_RE.fullmatch(name) else "DEVICE"
+            raise ConfigError(f"device {shown(name)}: a restore needs --set {hint}.{option}=...")
+        device[option] = default
+
+
+def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
+    """The stored config as plain tables, with no host resource of the snapshot's left in
+    it: kernel, initrd and firmware paths and each model's HOST_RESOURCES options are dropped,
+    and only the operator's --set values (or restore defaults) stand in their place.
+    Shallow copies only: values are never changed, and a deep copy could recurse on them."""
+    data = dict(snap.manifest.vm_config)
+    boot, devices = data.get("boot"), data.get("device", [])
+    if not isinstance(boot, dict) or not isinstance(devices, list):
+        raise SnapshotError("manifest vm_config: no [boot] table or [[device]] list")
+    firmware = firmware_booted(snap)
+    data["boot"] = {k: v for k, v in boot.items() if k not in BOOT_RESOURCES}
+    vm = data.get("vm")
+    if isinstance(vm, dict):  # where the monitor may write: `restore --snapshot-dir` says
+        data["vm"] = {k: v for k, v in vm.items() if k != "snapshot_dirs"}
+    data["device"] = [dict(d) if isinstance(d, dict) else d for d in devices]
+    by_name = {
+        d["name"]: d
+        for d in data["device"]
+        if isinstance(d, dict) and isinstance(d.get("name"), str)
+    }
+    for device in data["device"]:
+        if isinstance(device, dict):
+            _own_resources(device, set(overrides))
+    for key, value in overrides.items():
+        name, option = _split_key(key)
+        if not value:
+            raise ConfigError(f"--set {shown(key)}: the value is empty")
+        if name == "boot":
+            _set_boot(data["boot"], option, value, firmware)
+        elif name in by_name:
+            _set_device(by_name[name], name, option, value)
+        else:
+            names = ", ".join(shown(n, 40) for n in by_name) or "none"
+            raise ConfigError(f"--set {shown(key)}: no device {shown(name)} (devices: {names})")
+    if firmware and "firmware" not in data["boot"]:
+        raise ConfigError(
+            "the snapshot is of a firmware-booted VM: name its firmware with "
+            "--set boot.firmware=PATH (a snapshot's own host paths are never used)"
+        )
+    return data
+
+
 def config_of(snap: Snapshot, overrides: dict[str, str]) -> VmConfig:
-    """The VM config stored in the snapshot, with `device.key=value` host-resource overrides.
+    """The VM config to restore snap with (`splitvmm restore`): the stored config's guest
+    settings, with host resources only from `overrides` (`--set DEVICE.OPTION=VALUE`,
+    `--set boot.firmware=PATH`) or each model's restore default (serial output: stdio).
 
     The stored config is untrusted like the rest of the snapshot: parse_config checks its
     shape and every value, and any mistake names the manifest's vm_config."""
-    data = copy.deepcopy(dict(snap.manifest.vm_config))
-    boot = data.get("boot")
-    devices_raw = data.get("device")
-    if not isinstance(boot, dict) or not isinstance(devices_raw, list):
-        raise SnapshotError("manifest vm_config: no [boot] table or [[device]] list")
-    devices = {d.get("name"): d for d in devices_raw if isinstance(d, dict)}
-    for key, value in overrides.items():
-        name, _, option = key.partition(".")
-        if name == "boot" and option in ("kernel", "initrd", "firmware"):
-            boot[option] = value
-        elif name in devices and option and option not in ("name", "model"):
-            devices[name][option] = value
-        else:
-            raise ConfigError(f"--set {key}: expected DEVICE.OPTION or boot.firmware")
+    data = _restore_data(snap, overrides)
     try:
-        return parse_config(data, Path("/"), check_files=False)
+        return parse_config(data, Path.cwd(), check_files=False, restored=True)
     except ConfigError as e:
-        raise SnapshotError(f"manifest vm_config: {e}") from None
+        raise SnapshotError(f"manifest vm_config: {clip(str(e))}") from None
 
 
 def device_state(snap: Snapshot, name: str) -> dict[str, object]:
     """The `{model, version, fields}` document the device process restores from."""
     entry = snap.chunk(name)
+    if entry.size > MAX_DEVICE_STATE:
+        raise SnapshotError(
+            f"{entry.label}: device state of {entry.size} bytes, over the {MAX_DEVICE_STATE} cap"
+        )
     fields = snap.read_json(name)
     if not isinstance(fields, dict):
         raise SnapshotError(f"chunk {name}: device state is not an object")

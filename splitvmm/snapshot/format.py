@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, TypeGuard
 
 from splitvmm.config import MAX_MEMORY, NAME_RE
-from splitvmm.errors import SplitvmmError
+from splitvmm.errors import SplitvmmError, shown
 
 
 class SnapshotError(SplitvmmError):
@@ -34,6 +34,7 @@ class SnapshotError(SplitvmmError):
 FORMAT_NAME = "splitvmm-snapshot"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_SIG = "manifest.sig"  # optional: signing.py
 
 # Caps on untrusted input (Firecracker caps snapshot loads "to prevent DOS attacks").
 MAX_MANIFEST_BYTES = 1 << 20
@@ -41,6 +42,7 @@ MAX_CHUNKS = 4096
 MAX_JSON_CHUNK_BYTES = 16 << 20
 MAX_REGIONS = 16  # GuestMemory makes at most two (below the PCI hole and above 4 GiB)
 MAX_PRODUCER_CHARS = 200
+MAX_JSON_DEPTH = 32  # ours nest at most 4 deep (manifest: vm_config.device[i].option)
 MAX_GPA = 1 << 52  # x86_64 physical address width
 
 PAGE_SIZE = 4096
@@ -138,7 +140,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for key, value in pairs:
         if key in doc:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {shown(key)}")
         doc[key] = value
     return doc
 
@@ -147,14 +149,32 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _depth_ok(doc: Any, limit: int) -> bool:
+    """Whether no container in doc nests deeper than limit (iterative: no recursion)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return False
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items if isinstance(v, dict | list))
+    return True
+
+
 def load_json(data: bytes, what: str) -> Any:
     """Parse untrusted JSON: no duplicate keys, no NaN/Infinity, no stack-deep nesting."""
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        doc = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise SnapshotError(f"{what}: not valid JSON: {e}") from None
     except RecursionError:
         raise SnapshotError(f"{what}: JSON nested too deeply") from None
+    # json.loads stops near the interpreter's recursion limit; what nests just below it would
+    # still break whatever walks it recursively later (repr, deepcopy, json.dumps).
+    if not _depth_ok(doc, MAX_JSON_DEPTH):
+        raise SnapshotError(f"{what}: JSON nested too deeply (over {MAX_JSON_DEPTH} levels)")
+    return doc
 
 
 def dump_json(value: Any, what: str) -> bytes:
@@ -175,10 +195,14 @@ UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 def upgrade(doc: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """(the manifest in FORMAT_VERSION's schema, the version it was written with)."""
     if doc.get("format") != FORMAT_NAME:
-        raise SnapshotError(f"{MANIFEST}: format is {doc.get('format')!r}, not {FORMAT_NAME!r}")
+        raise SnapshotError(
+            f"{MANIFEST}: format is {shown(doc.get('format'))}, not {FORMAT_NAME!r}"
+        )
     version = doc.get("format_version")
     if not _is_int(version) or version < 1:
-        raise SnapshotError(f"{MANIFEST}: format_version {version!r} is not a positive integer")
+        raise SnapshotError(
+            f"{MANIFEST}: format_version {shown(version)} is not a positive integer"
+        )
     if version > FORMAT_VERSION:
         raise SnapshotError(
             f"snapshot format v{version} is newer than this splitvmm (v{FORMAT_VERSION}): "
@@ -205,10 +229,10 @@ def _is_int(value: object) -> TypeGuard[int]:
 def _reject_unknown(doc: dict[str, Any], allowed: frozenset[str], where: str) -> None:
     unknown = sorted(set(doc) - allowed)
     if unknown:
-        raise SnapshotError(f"{where}: unknown key {unknown[0]!r}")
+        raise SnapshotError(f"{where}: unknown key {shown(unknown[0])}")
     missing = sorted(allowed - set(doc))
     if missing:
-        raise SnapshotError(f"{where}: missing key {missing[0]!r}")
+        raise SnapshotError(f"{where}: missing key {shown(missing[0])}")
 
 
 def _get(doc: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -265,16 +289,18 @@ def _parse_chunk(doc: object, index: int, memory_size: int) -> ChunkEntry:
         raise SnapshotError(f"{where}: expected an object")
     kind = doc.get("kind")
     if kind not in KINDS:
-        raise SnapshotError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+        raise SnapshotError(f"{where}: kind {shown(kind)} is not one of {', '.join(KINDS)}")
     name = doc.get("name")
     if isinstance(name, str) and NAME_RE.fullmatch(name):
         where = f"{MANIFEST}: chunk {name}"  # name it from here on: users know chunks by name
     _reject_unknown(doc, CHUNK_KEYS | EXTRA_CHUNK_KEYS.get(kind, frozenset()), where)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise SnapshotError(f"{where}: name {name!r} must be 1-63 letters, digits, '_', '.', '-'")
+        raise SnapshotError(
+            f"{where}: name {shown(name)} must be 1-63 letters, digits, '_', '.', '-'"
+        )
     file = _get(doc, "file", str, where)
-    if not FILE_RE.fullmatch(file) or file == MANIFEST:
-        raise SnapshotError(f"{where}: file {file!r} is not a plain file name in the snapshot")
+    if not FILE_RE.fullmatch(file) or file in (MANIFEST, MANIFEST_SIG):
+        raise SnapshotError(f"{where}: file {shown(file)} is not a plain file name in the snapshot")
     # A RAM chunk holds at most the memory plus its record headers (ram.py checks the exact
     # bound); twice the memory is a loose cap that needs no knowledge of the encoding.
     max_size = 2 * memory_size if kind == "ram" else MAX_JSON_CHUNK_BYTES
@@ -291,10 +317,10 @@ def _parse_chunk(doc: object, index: int, memory_size: int) -> ChunkEntry:
     if not SHA256_RE.fullmatch(entry.sha256):
         raise SnapshotError(f"{where}: sha256 must be 64 lowercase hex digits")
     if entry.model is not None and not NAME_RE.fullmatch(entry.model):
-        raise SnapshotError(f"{where}: model {entry.model!r} is not a model name")
+        raise SnapshotError(f"{where}: model {shown(entry.model)} is not a model name")
     if entry.encoding is not None and entry.encoding not in RAM_ENCODINGS:
         raise SnapshotError(
-            f"{where}: RAM encoding {entry.encoding!r} is unknown to this splitvmm "
+            f"{where}: RAM encoding {shown(entry.encoding)} is unknown to this splitvmm "
             f"(it reads {', '.join(RAM_ENCODINGS)})"
         )
     return entry
@@ -320,9 +346,9 @@ def _parse_created(doc: dict[str, Any]) -> str:
     try:
         stamp = datetime.fromisoformat(created)
     except ValueError:
-        raise SnapshotError(f"{MANIFEST}: created {created[:40]!r} is not ISO 8601") from None
+        raise SnapshotError(f"{MANIFEST}: created {shown(created, 40)} is not ISO 8601") from None
     if stamp.tzinfo is None:
-        raise SnapshotError(f"{MANIFEST}: created {created!r} has no UTC offset")
+        raise SnapshotError(f"{MANIFEST}: created {shown(created)} has no UTC offset")
     return created
 
 

@@ -1,26 +1,26 @@
 """Snapshot: open a snapshot directory, verify its chunks, read states and load guest RAM.
 
 A snapshot is untrusted input. open() validates the manifest strictly (format.py); chunk files
-are opened relative to the snapshot directory with O_NOFOLLOW (no symlinks) and O_NONBLOCK (a
-FIFO planted as a chunk cannot hang us), must be regular files of the manifest's size, and are
-hashed as they are read, so what is used is what was checked. Every error is a SnapshotError
+and the manifest are opened relative to the snapshot directory through hostpath (no symlinks,
+and a FIFO planted as a chunk cannot hang us), must be regular files of the manifest's size,
+and are hashed as they are read, so what is used is what was checked. (The directory itself is
+the operator's path and may be reached through a symlink.) Every error is a SnapshotError
 naming the chunk: "chunk vcpu0 (vcpu0.json): checksum mismatch". Messages leave out the
 snapshot's path; callers say which snapshot ("snapshot DIR: ...").
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from splitvmm.snapshot import ram, state
+from splitvmm.hostpath import HostFileError, open_host_file
+from splitvmm.snapshot import ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -31,7 +31,6 @@ from splitvmm.snapshot.format import (
 )
 
 READ_PIECE = 1 << 20
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def format_size(n: int) -> str:
@@ -44,26 +43,27 @@ def format_size(n: int) -> str:
 
 
 def _open_in(directory: Path, name: str, label: str) -> tuple[io.BufferedReader, int]:
-    """(buffered file, size) of a regular file directly inside `directory`."""
+    """(buffered file, size) of a regular file directly inside `directory` (hostpath: not a
+    symlink, FIFO, device or directory)."""
     try:
         dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise SnapshotError(f"cannot open the directory: {e.strerror}") from None
     try:
-        fd = os.open(name, OPEN_FLAGS, dir_fd=dirfd)
-    except FileNotFoundError:
-        raise SnapshotError(f"{label}: file missing") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise SnapshotError(f"{label}: is a symlink; chunks must be regular files") from None
-        raise SnapshotError(f"{label}: cannot open: {e.strerror}") from None
+        fd = open_host_file(name, label, dir_fd=dirfd)
+    except HostFileError as e:
+        raise SnapshotError(f"{label}: {e.reason}") from None
     finally:
         os.close(dirfd)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise SnapshotError(f"{label}: not a regular file")
-    return io.BufferedReader(io.FileIO(fd, "rb"), READ_PIECE), st.st_size
+    return io.BufferedReader(io.FileIO(fd, "rb"), READ_PIECE), os.fstat(fd).st_size
+
+
+def _read_capped(directory: Path, name: str, cap: int) -> bytes:
+    f, size = _open_in(directory, name, name)
+    with f:
+        if size > cap:
+            raise SnapshotError(f"{name}: {size} bytes, over the {cap} cap")
+        return f.read(cap + 1)  # the file may have grown since fstat; the parser caps again
 
 
 class Snapshot:
@@ -74,16 +74,23 @@ class Snapshot:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Snapshot:
+    def open(cls, path: str | os.PathLike[str], key: bytes | None = None) -> Snapshot:
+        """The snapshot at path; with a key, only if manifest.sig is its manifest's MAC under
+        that key (checked before the manifest is parsed: see signing.py)."""
         path = Path(path)
         if not path.is_dir():
             raise SnapshotError("not a directory")
-        f, size = _open_in(path, MANIFEST, MANIFEST)
-        with f:
-            if size > MAX_MANIFEST_BYTES:
-                raise SnapshotError(f"{MANIFEST}: {size} bytes, over the {MAX_MANIFEST_BYTES} cap")
-            data = f.read(MAX_MANIFEST_BYTES + 1)  # the file may have grown since fstat
+        data = _read_capped(path, MANIFEST, MAX_MANIFEST_BYTES)
+        if key is not None:
+            signed = os.path.lexists(path / signing.SIG_FILE)
+            sig = _read_capped(path, signing.SIG_FILE, signing.MAX_SIG_BYTES) if signed else None
+            signing.check(data, sig, key)
         return cls(path, parse_manifest(data))
+
+    @property
+    def signed(self) -> bool:
+        """Whether a manifest.sig is present (says nothing about whether it is good)."""
+        return os.path.lexists(self.path / signing.SIG_FILE)
 
     # --- what the manifest says ----------------------------------------------------------------
 
@@ -114,7 +121,8 @@ class Snapshot:
         doc = self.manifest.to_json()
         del doc["cpuid"]
         doc["format_version"] = self.manifest.read_version
-        return {"path": str(self.path), **doc, "vcpus": self.vcpu_count, "bytes": self.total_bytes}
+        totals = {"vcpus": self.vcpu_count, "bytes": self.total_bytes, "signed": self.signed}
+        return {"path": str(self.path), **doc, **totals}
 
     # --- reading chunks ------------------------------------------------------------------------
 

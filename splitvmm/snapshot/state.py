@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from splitvmm.errors import shown
 from splitvmm.snapshot.format import (
     MAX_JSON_CHUNK_BYTES,
     ChunkEntry,
@@ -43,7 +44,7 @@ def decode(entry: ChunkEntry, data: bytes) -> Any:
     version = doc["version"]
     if doc["model"] != entry.model or type(version) is not int or version != entry.state_version:
         raise SnapshotError(
-            f"{entry.label}: file says model {doc['model']!r} v{version!r}, "
+            f"{entry.label}: file says model {shown(doc['model'])} v{shown(version)}, "
             f"manifest says {entry.model!r} v{entry.state_version}"
         )
     return doc["state"]

@@ -4,13 +4,14 @@ Everything goes into a private temporary directory next to the target (`.<name>.
 same file system, so the final rename is atomic). Every file is fsynced, the manifest is
 written last and fsynced, then the directory, then it is renamed into place and the parent is
 fsynced. A crash before the rename leaves only the hidden temporary directory; any error inside
-the writer removes it. The files hold guest memory, so the directory is 0700 and files 0600.
+the writer removes it. The files hold guest memory, so the directory is 0700 and files 0600
+(created through hostpath, O_EXCL: nothing already there is ever written into).
 
     with SnapshotWriter(path, vm_config, cpuid, mem) as w:
         w.add_ram(mem, progress=cb)
         w.add_json_chunk("vcpu", "vcpu0", 1, regs)
         w.add_json_chunk("device", "serial0", 1, state, model="serial")
-        w.commit()
+        w.commit(sign_key=None)  # or a key: manifest.sig holds the manifest's HMAC
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, BinaryIO, TypeVar
 
 from splitvmm import __version__
 from splitvmm.config import NAME_RE
-from splitvmm.snapshot import ram, state
+from splitvmm.hostpath import Access, HostFileError, open_host_file
+from splitvmm.snapshot import ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
     ChunkEntry,
@@ -42,7 +44,6 @@ T = TypeVar("T")
 RAM_NAME, RAM_FILE = "ram", "ram.bin"
 JSON_KINDS = ("vcpu", "vm", "device")
 WRITE_BUFFER = 1 << 20
-NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 def _fsync_dir(path: Path) -> None:
@@ -119,7 +120,10 @@ class SnapshotWriter:
             raise
 
     def _write_file(self, name: str, fill: Callable[[BinaryIO], T]) -> T:
-        fd = os.open(name, NEW_FILE, 0o600, dir_fd=self._dirfd)
+        try:
+            fd = open_host_file(name, f"snapshot file {name}", Access.CREATE, self._dirfd)
+        except HostFileError as e:
+            raise SnapshotError(f"snapshot {self.target}: {name}: {e.reason}") from None
         with open(fd, "wb", buffering=WRITE_BUFFER) as f:
             result = fill(f)
             f.flush()
@@ -174,8 +178,9 @@ class SnapshotWriter:
             self._chunks.append(entry)
             return entry
 
-    def commit(self) -> Path:
-        """Write the manifest, then publish the directory at the target path."""
+    def commit(self, sign_key: bytes | None = None) -> Path:
+        """Write the manifest (and with sign_key, its MAC in manifest.sig: signing.py), then
+        publish the directory at the target path."""
         with self._guarded("commit"):
             if not any(c.kind == "ram" for c in self._chunks):
                 raise SnapshotError("snapshot has no RAM chunk: call add_ram() before commit()")
@@ -190,6 +195,9 @@ class SnapshotWriter:
             data = manifest.encode()
             parse_manifest(data)  # a writer bug must not publish a snapshot we cannot read
             self._write_file(MANIFEST, lambda f: f.write(data))
+            if sign_key is not None:
+                sig = signing.mac(data, sign_key)
+                self._write_file(signing.SIG_FILE, lambda f: f.write(sig))
             os.fsync(self._dirfd)
             self._close_dir()
             # os.rename would replace an empty directory at the target; check right before.

@@ -61,3 +61,32 @@ def run_up(
     )
     text = serial.read_text(errors="replace") if serial.exists() else ""
     return Run(proc.returncode, text, proc.stderr.decode(errors="replace"))
+
+
+SIGNING_KEY = b"integration-test-signing-key-32b"
+
+
+@dataclass(frozen=True)
+class Saved:
+    snap: Path  # a suspended counter guest, signed with `key`
+    config: Path  # its config (64 MiB, serial0 to a file)
+    key: Path  # the signing key file (0600)
+
+
+@pytest.fixture(scope="module")
+def saved(guests, tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    """A counter guest suspended with `ctl suspend --sign`, taken once per module."""
+    from tests.integration.vmproc import VmProcess
+
+    tmp = tmp_path_factory.mktemp("saved")
+    serial, config, key = tmp / "serial.log", tmp / "vm.toml", tmp / "key"
+    key.write_bytes(SIGNING_KEY)
+    key.chmod(0o600)
+    config.write_text(
+        vm_toml(f'kernel = "{guests["counter"]}"\ncmdline = "period=1000000"', serial_out=serial)
+    )
+    vm = VmProcess(tmp, ["up", str(config)], serial)
+    vm.wait_for(r"^count=\d+$")
+    assert vm.ctl("suspend", str(tmp / "snap"), "--sign", str(key)).returncode == 0
+    assert vm.finish()[0] == 0
+    return Saved(tmp / "snap", config, key)

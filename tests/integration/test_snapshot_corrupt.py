@@ -9,28 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import vm_toml
-from tests.integration.vmproc import VmProcess, splitvmm
+from tests.integration.vmproc import splitvmm
 
 pytestmark = pytest.mark.kvm
 
 CHUNK_FILES = ["ram.bin", "vcpu0.json", "vm.json", "serial0.json"]
-
-
-@pytest.fixture(scope="module")
-def saved(guests, tmp_path_factory) -> tuple[Path, Path]:
-    """(snapshot dir, config) of a suspended counter guest, taken once for the module."""
-    tmp = tmp_path_factory.mktemp("saved")
-    serial = tmp / "serial.log"
-    config = tmp / "vm.toml"
-    config.write_text(
-        vm_toml(f'kernel = "{guests["counter"]}"\ncmdline = "period=1000000"', serial_out=serial)
-    )
-    vm = VmProcess(tmp, ["up", str(config)], serial)
-    vm.wait_for(r"^count=\d+$")
-    assert vm.ctl("suspend", str(tmp / "snap")).returncode == 0
-    assert vm.finish()[0] == 0
-    return tmp / "snap", config
 
 
 def flip_byte(path: Path) -> None:
@@ -76,7 +59,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_restore_corrupt_snapshot_fails_clearly_naming_chunk(saved, tmp_path, case):
-    snap, config = saved
+    snap, config = saved.snap, saved.config
     broken = tmp_path / "broken"
     shutil.copytree(snap, broken)
     corrupt, names = CASES[case]
@@ -89,7 +72,7 @@ def test_restore_corrupt_snapshot_fails_clearly_naming_chunk(saved, tmp_path, ca
 
 
 def test_restore_wrong_memory_size_names_ram_chunk(saved, tmp_path):
-    snap, config = saved
+    snap, config = saved.snap, saved.config
     bigger = tmp_path / "vm.toml"
     bigger.write_text(config.read_text().replace('memory = "64M"', 'memory = "128M"'))
     r = splitvmm(tmp_path, "up", str(bigger), "--restore", str(snap))
@@ -98,7 +81,7 @@ def test_restore_wrong_memory_size_names_ram_chunk(saved, tmp_path):
 
 
 def test_restore_device_set_mismatch_names_device(saved, tmp_path):
-    snap, config = saved
+    snap, config = saved.snap, saved.config
     renamed = tmp_path / "vm.toml"
     renamed.write_text(config.read_text().replace('name = "serial0"', 'name = "com1"'))
     r = splitvmm(tmp_path, "up", str(renamed), "--restore", str(snap))
@@ -117,7 +100,7 @@ def test_restore_device_set_mismatch_names_device(saved, tmp_path):
     ids=["no-boot", "boot-not-table", "device-without-name", "vcpus-not-int"],
 )
 def test_restore_corrupt_stored_config_names_manifest(saved, tmp_path, change):
-    snap, _ = saved
+    snap = saved.snap
     broken = tmp_path / "broken"
     shutil.copytree(snap, broken)
     edit_manifest(broken, change)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,29 @@ def memory(size: int = MEM_SIZE, pages: dict[int, bytes] | None = None) -> Guest
     return mem
 
 
-def write_snapshot(target: Path, mem: GuestMemory) -> Path:
+def write_snapshot(target: Path, mem: GuestMemory, sign_key: bytes | None = None) -> Path:
     with SnapshotWriter(target, VM_CONFIG, CPUID, mem) as w:
         w.add_ram(mem)
         w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
         w.add_json_chunk("vm", "vm", 1, VM)
         w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
-        return w.commit()
+        return w.commit(sign_key)
+
+
+def make_snapshot(target: Path, sign_key: bytes | None = None) -> Path:
+    """write_snapshot of a fresh memory(), closed again."""
+    mem = memory()
+    try:
+        return write_snapshot(target, mem, sign_key)
+    finally:
+        mem.close()
+
+
+def key_file(path: Path, key: bytes = b"k" * 32, mode: int = 0o600) -> Path:
+    """A signing key file (the key's bytes as they are) with the given mode."""
+    path.write_bytes(key)
+    os.chmod(path, mode)
+    return path
 
 
 def edit_manifest(snap: Path, edit: Callable[[dict[str, Any]], object]) -> None:

@@ -9,15 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm.cli import cli
-from tests.unit.snapshot_support import flip_byte, memory, write_snapshot
+from tests.unit.snapshot_support import edit_manifest, flip_byte, make_snapshot
 
 
 @pytest.fixture
 def snap(tmp_path):
-    mem = memory()
-    path = write_snapshot(tmp_path / "s", mem)
-    mem.close()
-    return path
+    return make_snapshot(tmp_path / "s")
 
 
 def run(*args: str):
@@ -68,7 +65,7 @@ def test_cli_verify_missing_chunk_exits_1(snap):
     result = run("verify", str(snap))
 
     assert (result.exit_code, result.stdout) == (1, "")
-    assert "chunk ram (ram.bin): file missing" in result.stderr
+    assert "chunk ram (ram.bin): does not exist" in result.stderr
 
 
 def test_cli_inspect_bad_manifest_exits_1_without_traceback(snap):
@@ -88,3 +85,34 @@ def test_cli_inspect_missing_directory_exits_1(tmp_path):
         1,
         f"splitvmm: error: snapshot {tmp_path / 'none'}: not a directory",
     )
+
+
+HOSTILE_PRODUCER = "[/][bold red]x\x1b[2J\x1b]0;pwned\x07\u202e"
+
+
+def test_cli_inspect_prints_producer_as_data(snap):
+    edit_manifest(snap, lambda m: m.update(producer=HOSTILE_PRODUCER))
+
+    result = run("inspect", str(snap))
+
+    assert result.exit_code == 0, result.output
+    assert "[/][bold red]x\\x1b[2J\\x1b]0;pwned\\x07\\u202e, created" in result.stdout
+    assert not {"\x1b", "\x07", "\u202e"} & set(result.stdout)
+
+
+def test_cli_inspect_prints_stored_config_as_data(snap):
+    edit_manifest(snap, lambda m: m["vm_config"]["vm"].update(name="[red]\x1b[31m\n"))
+
+    result = run("inspect", str(snap))
+
+    assert '"name": "[red]\\u001b[31m\\n"' in result.stdout
+    assert "\x1b" not in result.stdout
+
+
+def test_cli_inspect_json_keeps_hostile_text_exact_and_escaped(snap):
+    edit_manifest(snap, lambda m: m.update(producer=HOSTILE_PRODUCER))
+
+    result = run("inspect", str(snap), "--json")
+
+    assert json.loads(result.stdout)["producer"] == HOSTILE_PRODUCER
+    assert result.stdout.isascii() and "\x1b" not in result.stdout

@@ -82,7 +82,7 @@ def test_reader_extra_bytes_fail(snap, name):
 def test_reader_missing_chunk_file_fails(snap, name):
     os.unlink(snap / CHUNK_FILES[name])
 
-    with pytest.raises(SnapshotError, match=f"{_label(name)}: file missing"):
+    with pytest.raises(SnapshotError, match=f"{_label(name)}: does not exist"):
         Snapshot.open(snap).verify()
 
 
@@ -99,7 +99,7 @@ def test_reader_fifo_chunk_fails_without_blocking(snap):
     os.unlink(snap / "vm.json")
     os.mkfifo(snap / "vm.json")
 
-    with pytest.raises(SnapshotError, match=f"{_label('vm')}: not a regular file"):
+    with pytest.raises(SnapshotError, match=f"{_label('vm')}: is a FIFO, not a regular file"):
         Snapshot.open(snap).read_json("vm")
 
 
@@ -196,7 +196,7 @@ def test_reader_unreadable_manifest_refused(snap, data, message):
 def test_reader_missing_manifest_refused(snap):
     os.unlink(snap / "manifest.json")
 
-    with pytest.raises(SnapshotError, match="manifest.json: file missing"):
+    with pytest.raises(SnapshotError, match="manifest.json: does not exist"):
         Snapshot.open(snap)
 
 

@@ -10,30 +10,54 @@ from splitvmm.cli.ctl import common
 
 target_arg = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+sign_option = click.option(
+    "--sign",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="KEYFILE",
+    help="Sign the manifest (HMAC-SHA256, in manifest.sig) with the key in KEYFILE (mode 0600, "
+    "16+ bytes); it goes to the VM over its private control socket.",
+)
+
+
+def _request(directory: Path, key_file: Path | None) -> dict[str, object]:
+    """The request's arguments: the target, and the key (hex) when signing."""
+    args: dict[str, object] = {"path": str(directory.resolve())}
+    if key_file is not None:
+        from splitvmm.snapshot import SnapshotError, signing
+
+        try:
+            args["sign_key"] = signing.load_key(key_file).hex()
+        except SnapshotError as e:
+            raise click.ClickException(str(e)) from None
+    return args
 
 
 def _human(r: dict[str, object], verb: str) -> str:
     size = int(r["bytes"]) / (1 << 20)  # type: ignore[call-overload]
-    return f"{verb} {r['path']}: {size:.1f} MiB, VM paused {r['pause_ms']} ms"
+    signed = ", signed" if r.get("signed") else ""
+    return f"{verb} {r['path']}: {size:.1f} MiB{signed}, VM paused {r['pause_ms']} ms"
 
 
 @click.command("snapshot")
 @target_arg
 @json_option
+@sign_option
 @click.pass_context
-def snapshot(ctx: click.Context, directory: Path, as_json: bool) -> None:
+def snapshot(ctx: click.Context, directory: Path, as_json: bool, key_file: Path | None) -> None:
     """Write a consistent snapshot to DIRECTORY (which must not exist); the VM runs on."""
-    r = common.call(ctx, "snapshot", path=str(directory.resolve()))
+    r = common.call(ctx, "snapshot", **_request(directory, key_file))
     common.emit(r, as_json, _human(r, "snapshot"))
 
 
 @click.command("suspend")
 @target_arg
 @json_option
+@sign_option
 @click.pass_context
-def suspend(ctx: click.Context, directory: Path, as_json: bool) -> None:
+def suspend(ctx: click.Context, directory: Path, as_json: bool, key_file: Path | None) -> None:
     """Write a snapshot to DIRECTORY, then end the VM (bhyvectl --suspend)."""
-    r = common.call(ctx, "suspend", path=str(directory.resolve()))
+    r = common.call(ctx, "suspend", **_request(directory, key_file))
     common.emit(r, as_json, _human(r, "suspended to"))
 
 

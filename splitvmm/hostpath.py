@@ -1,0 +1,165 @@
+"""Opening a host path on the operator's behalf: regular files only, no symlink, no hang.
+
+The monitor often runs as root, and it opens paths it was told about: the kernel, initrd and
+firmware it maps into the guest, the serial output it creates, the chunk files of a snapshot
+it restores, the key a snapshot is signed with. Each of these goes through open_host_file, so
+each gets the same defences:
+
+- O_NOFOLLOW: the last component may not be a symlink (a link planted at /tmp/serial.log
+  pointing at /etc/shadow would otherwise have root append guest output to it). Earlier
+  components may be symlinks: the operator chose the path and the directories on it, so
+  that is theirs to judge. Inside a snapshot directory (opened with dir_fd, plain names only,
+  see snapshot/format.py FILE_RE) this means no chunk file and no manifest is a symlink.
+- lstat first, then O_NONBLOCK: a FIFO, socket or device is refused before it is opened where
+  possible (opening some devices has side effects), and if one appears between the two steps
+  the open cannot hang on it (a FIFO without a writer would block open() for ever).
+- fstat of the opened fd decides: anything but a regular file is refused, with one sentence
+  naming the config key and the path -- except for an output (Access.APPEND), which may also
+  be a FIFO that has a reader or a character device (/dev/null, a terminal, a real serial
+  line): a stream makes sense there, and O_NONBLOCK|O_NOCTTY open it without hanging or
+  taking a controlling terminal. Then O_NONBLOCK is cleared again: the fd is used (or
+  handed to a device process) as an ordinary blocking file.
+- Files it creates (serial output, snapshot chunks) are 0600: guest output and guest memory
+  are private to the operator.
+
+connect_unix does the same for `unix:PATH` outputs: the path must be a socket (lstat), and the
+connect has a short deadline, so an odd or hostile path cannot stall start-up.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import os
+import socket
+import stat
+from pathlib import Path
+
+from splitvmm.errors import SplitvmmError, shown
+
+CONNECT_TIMEOUT_S = 2.0  # a local listener accepts at once; a full or stuck one is an error
+BASE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+NEW_FILE_MODE = 0o600
+
+
+class Access(enum.Enum):
+    """How a host file is opened, with the flags each way adds to BASE_FLAGS."""
+
+    READ = os.O_RDONLY  # kernel, initrd, firmware, snapshot chunks, key files
+    APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # serial output: created 0600 if missing
+    CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # snapshot writer: a new file, never reused
+
+
+class HostFileError(SplitvmmError):
+    """A host path cannot be used: str() is one sentence naming the key and the path; reason
+    alone reads after a label of the caller's ("chunk vm (vm.json): is a FIFO, ...")."""
+
+    def __init__(self, key: str, path: str | os.PathLike[str], reason: str) -> None:
+        name = os.fspath(path)
+        super().__init__(f"{key}: {name if name and name.isprintable() else shown(name)} {reason}")
+        self.key, self.path, self.reason = key, name, reason
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return name
+    return "a file of unknown type"
+
+
+def _not_regular(mode: int) -> str:
+    return f"is {_kind(mode)}, not a regular file"
+
+
+def _usable(mode: int, access: Access) -> bool:
+    """A regular file, or for an output also a FIFO or a character device (a stream)."""
+    if access is Access.APPEND and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        return True
+    return stat.S_ISREG(mode)
+
+
+def _precheck(path: str, dir_fd: int | None, access: Access) -> str | None:
+    """Why path is refused before opening it, or None (missing is fine when creating)."""
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None if access is not Access.READ else "does not exist"
+    except OSError as e:
+        return f"cannot be opened: {e.strerror}"
+    return None if _usable(st.st_mode, access) else _not_regular(st.st_mode)
+
+
+def _open_error(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "is a symlink, not a regular file"
+    if e.errno == errno.ENOENT:
+        return "does not exist"
+    if e.errno == errno.EISDIR:
+        return "is a directory, not a regular file"
+    if e.errno == errno.EEXIST:
+        return "already exists"
+    if e.errno == errno.ENXIO:  # a FIFO without a reader, or a socket swapped in after lstat
+        return "is a FIFO that nobody reads, or not a regular file"
+    return f"cannot be opened: {e.strerror}"
+
+
+def open_host_file(
+    path: str | os.PathLike[str], key: str, access: Access = Access.READ, dir_fd: int | None = None
+) -> int:
+    """An fd (blocking, close-on-exec) of the regular file at path, relative to dir_fd if
+    given; HostFileError naming `key` and the path otherwise. The caller closes the fd."""
+    name = os.fspath(path)
+    reason = _precheck(name, dir_fd, access)
+    if reason is not None:
+        raise HostFileError(key, name, reason)
+    try:
+        fd = os.open(name, access.value | BASE_FLAGS, NEW_FILE_MODE, dir_fd=dir_fd)
+    except OSError as e:
+        raise HostFileError(key, name, _open_error(e)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not _usable(mode, access):
+            raise HostFileError(key, name, _not_regular(mode))
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _connect_error(e: OSError) -> str:
+    if isinstance(e, TimeoutError):
+        return "did not accept the connection in time"
+    if e.errno == errno.EAGAIN:  # a listener that does not accept: its backlog is full
+        return "is not accepting connections (its backlog is full)"
+    return f"refused the connection: {e.strerror or e}"
+
+
+def connect_unix(path: str | Path, key: str, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
+    """A blocking stream socket connected to the UNIX socket at path (not a symlink to one)."""
+    name = os.fspath(path)
+    try:
+        mode = os.lstat(name).st_mode
+    except OSError as e:
+        reason = "does not exist" if e.errno == errno.ENOENT else f"cannot be used: {e.strerror}"
+        raise HostFileError(key, name, reason) from None
+    if not stat.S_ISSOCK(mode):
+        raise HostFileError(key, name, f"is {_kind(mode)}, not a UNIX socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)  # non-blocking connect, waited for at most `timeout` seconds
+    try:
+        sock.connect(name)
+        sock.setblocking(True)
+    except OSError as e:
+        sock.close()
+        raise HostFileError(key, name, _connect_error(e)) from None
+    return sock

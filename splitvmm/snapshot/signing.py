@@ -1,0 +1,95 @@
+"""Optional authenticity: an HMAC-SHA256 of manifest.json's exact bytes, in manifest.sig.
+
+Why the manifest alone: it holds every chunk's size and sha256, and the reader hashes each
+chunk as it uses it (reader.py), so a good MAC over the manifest's bytes covers the whole
+snapshot. It is checked before the manifest is parsed, so a signed-only restore never feeds
+an unauthenticated manifest to the parser.
+
+Why a separate file and not a field in the manifest: the MAC is over bytes exactly as stored,
+with no canonical JSON to agree on and nothing to strip before checking; a signed snapshot's
+manifest is byte for byte the one an unsigned snapshot would have, and a reader that does
+not ask for a signature ignores the file. The writer puts it in place before the directory
+is renamed, so a snapshot is published signed or not at all.
+
+Why HMAC (a shared secret) and not a public-key signature: whoever saves and whoever
+restores is the operator, who holds the key on both ends; the standard library has it, and
+the key travels only over the monitor's 0600 control socket (`ctl snapshot --sign`).
+
+The key file is the key's bytes as they are (`head -c 32 /dev/urandom > key`): at least
+MIN_KEY_BYTES, and refused (not merely warned about) when group or others may read or write
+it, as ssh refuses a private key: a key others can read signs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import stat
+
+from splitvmm.errors import shown
+from splitvmm.hostpath import HostFileError, open_host_file
+from splitvmm.snapshot.format import MANIFEST_SIG as SIG_FILE
+from splitvmm.snapshot.format import SnapshotError
+
+SIG_PREFIX = b"hmac-sha256:"
+SIG_RE = re.compile(rb"hmac-sha256:([0-9a-f]{64})\n?")
+MAX_SIG_BYTES = 128
+MIN_KEY_BYTES = 16  # 128 bits: below that a key can be guessed
+MAX_KEY_BYTES = 4096  # a key file, not a disk image; HMAC hashes long keys anyway
+
+
+def _check_length(size: int, what: str) -> None:
+    if not MIN_KEY_BYTES <= size <= MAX_KEY_BYTES:
+        raise SnapshotError(
+            f"{what}: a key of {size} bytes; it must be {MIN_KEY_BYTES}..{MAX_KEY_BYTES} bytes"
+        )
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """The key in the file at path: a private regular file (no group/other bits), 16+ bytes."""
+    what = f"signing key {shown(os.fspath(path))}"
+    try:
+        fd = open_host_file(path, "signing key")
+    except HostFileError as e:
+        raise SnapshotError(str(e)) from None
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if mode & 0o077:
+            raise SnapshotError(
+                f"{what}: mode {stat.S_IMODE(mode):04o} lets group or others read or change "
+                "it; chmod 600 it"
+            )
+        key = f.read(MAX_KEY_BYTES + 1)
+    _check_length(len(key), what)
+    return key
+
+
+def key_from_hex(text: object) -> bytes:
+    """A key sent over the control socket (hex); the message never quotes the key."""
+    if not isinstance(text, str) or not re.fullmatch(r"(?:[0-9a-f]{2})+", text):
+        raise SnapshotError("sign_key: expected the key as lowercase hex")
+    key = bytes.fromhex(text)
+    _check_length(len(key), "sign_key")
+    return key
+
+
+def mac(manifest: bytes, key: bytes) -> bytes:
+    """manifest.sig's contents for these manifest bytes."""
+    _check_length(len(key), "signing key")
+    return SIG_PREFIX + hmac.new(key, manifest, hashlib.sha256).hexdigest().encode() + b"\n"
+
+
+def check(manifest: bytes, sig: bytes | None, key: bytes) -> None:
+    """SnapshotError unless sig is manifest.sig for exactly these manifest bytes and key."""
+    if sig is None:
+        raise SnapshotError(f"{SIG_FILE}: missing: the snapshot is not signed")
+    m = SIG_RE.fullmatch(sig) if len(sig) <= MAX_SIG_BYTES else None
+    if m is None:
+        raise SnapshotError(f"{SIG_FILE}: not an hmac-sha256 signature")
+    want = hmac.new(key, manifest, hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(m.group(1), want):
+        raise SnapshotError(
+            f"{SIG_FILE}: the signature does not match (another key, or the manifest was changed)"
+        )

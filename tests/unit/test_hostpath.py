@@ -1,0 +1,218 @@
+"""hostpath: only regular files are opened, never through a symlink, never hanging on a FIFO;
+`unix:` outputs connect only to sockets, within a deadline."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splitvmm import hostpath
+from splitvmm.hostpath import Access, HostFileError, connect_unix, open_host_file
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
+    path = tmp_path / "out.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(0)
+    yield sock, path
+    sock.close()
+
+
+def test_open_host_file_regular_file_gives_blocking_fd(tmp_path):
+    (tmp_path / "fw.bin").write_bytes(b"rom")
+
+    fd = open_host_file(tmp_path / "fw.bin", "boot.firmware")
+
+    with open(fd, "rb") as f:
+        flags = os.get_blocking(fd), os.get_inheritable(fd)
+        assert (f.read(), flags) == (b"rom", (True, False))
+
+
+def test_open_host_file_symlink_refused_naming_key_and_path(tmp_path):
+    (tmp_path / "secret").write_bytes(b"key")
+    os.symlink(tmp_path / "secret", tmp_path / "fw.bin")
+
+    with pytest.raises(HostFileError) as e:
+        open_host_file(tmp_path / "fw.bin", "boot.firmware")
+
+    assert str(e.value) == f"boot.firmware: {tmp_path}/fw.bin is a symlink, not a regular file"
+
+
+def test_open_host_file_symlink_not_followed_when_creating(tmp_path):
+    os.symlink(tmp_path / "etc-passwd", tmp_path / "serial.log")
+
+    with pytest.raises(HostFileError, match="is a symlink"):
+        open_host_file(tmp_path / "serial.log", "device 'serial0'.output", Access.APPEND)
+
+    assert not (tmp_path / "etc-passwd").exists()
+
+
+def test_open_host_file_fifo_refused_for_reading_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+
+    with pytest.raises(HostFileError, match="fifo is a FIFO, not a regular file"):
+        open_host_file(tmp_path / "fifo", "boot.kernel")
+
+
+def test_open_host_file_output_fifo_without_reader_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+
+    with pytest.raises(HostFileError, match="fifo is a FIFO that nobody reads"):
+        open_host_file(tmp_path / "fifo", "device 'serial0'.output", Access.APPEND)
+
+
+def test_open_host_file_output_fifo_with_reader_is_a_blocking_stream(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    reader = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fd = open_host_file(tmp_path / "fifo", "device 'serial0'.output", Access.APPEND)
+        assert os.get_blocking(fd)
+        os.write(fd, b"x")
+        assert os.read(reader, 1) == b"x"
+        os.close(fd)
+    finally:
+        os.close(reader)
+
+
+def test_open_host_file_output_character_device_accepted():
+    fd = open_host_file("/dev/null", "device 'serial0'.output", Access.APPEND)
+    try:
+        assert os.write(fd, b"x") == 1
+    finally:
+        os.close(fd)
+
+
+def test_open_host_file_fifo_swapped_in_after_lstat_refused_by_fstat(tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.setattr(hostpath, "_precheck", lambda *args: None)  # lose the race
+
+    with pytest.raises(HostFileError, match="is a FIFO, not a regular file"):
+        open_host_file(tmp_path / "fifo", "boot.initrd")
+
+
+def test_open_host_file_fifo_swapped_in_for_append_refused(tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "fifo")  # no reader: a blocking open would wait for ever
+    monkeypatch.setattr(hostpath, "_precheck", lambda *args: None)
+
+    with pytest.raises(HostFileError, match="is a FIFO that nobody reads, or not a regular file"):
+        open_host_file(tmp_path / "fifo", "device 'serial0'.output", Access.APPEND)
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [("/dev/null", "a character device"), ("/", "a directory")],
+)
+def test_open_host_file_special_files_refused(path, kind):
+    with pytest.raises(HostFileError, match=f"is {kind}, not a regular file"):
+        open_host_file(path, "boot.firmware")
+
+
+def test_open_host_file_socket_refused(listener):
+    _, path = listener
+
+    with pytest.raises(HostFileError, match="is a socket, not a regular file"):
+        open_host_file(path, "device 'serial0'.output", Access.APPEND)
+
+
+def test_open_host_file_missing_refused_for_reading(tmp_path):
+    with pytest.raises(HostFileError, match=r"^boot\.kernel: .*/absent does not exist$"):
+        open_host_file(tmp_path / "absent", "boot.kernel")
+
+
+def test_open_host_file_append_creates_private_file(tmp_path):
+    fd = open_host_file(tmp_path / "serial.log", "device 'serial0'.output", Access.APPEND)
+    os.close(fd)
+
+    assert stat.S_IMODE(os.stat(tmp_path / "serial.log").st_mode) == 0o600
+
+
+def test_open_host_file_append_keeps_existing_content(tmp_path):
+    (tmp_path / "serial.log").write_bytes(b"old\n")
+
+    fd = open_host_file(tmp_path / "serial.log", "device 'serial0'.output", Access.APPEND)
+    os.write(fd, b"new\n")
+    os.close(fd)
+
+    assert (tmp_path / "serial.log").read_bytes() == b"old\nnew\n"
+
+
+def test_open_host_file_create_refuses_existing_file(tmp_path):
+    (tmp_path / "ram.bin").write_bytes(b"")
+
+    with pytest.raises(HostFileError, match="already exists"):
+        open_host_file(tmp_path / "ram.bin", "chunk ram", Access.CREATE)
+
+
+def test_open_host_file_relative_to_dir_fd(tmp_path):
+    (tmp_path / "vm.json").write_bytes(b"{}")
+    dirfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = open_host_file("vm.json", "chunk vm", dir_fd=dirfd)
+    finally:
+        os.close(dirfd)
+
+    with open(fd, "rb") as f:
+        assert f.read() == b"{}"
+
+
+def test_host_file_error_escapes_control_characters_in_path(tmp_path):
+    with pytest.raises(HostFileError) as e:
+        open_host_file(tmp_path / "a\x1b[2Jb", "boot.kernel")
+
+    assert "\x1b" not in str(e.value) and "\\x1b[2Jb" in str(e.value)
+
+
+def test_connect_unix_listening_socket_gives_blocking_socket(listener):
+    server, path = listener
+
+    sock = connect_unix(path, "device 'serial0'.output")
+    conn, _ = server.accept()
+    sock.sendall(b"hi")
+
+    assert (conn.recv(2), sock.getblocking()) == (b"hi", True)
+    sock.close()
+    conn.close()
+
+
+def test_connect_unix_regular_file_refused(tmp_path):
+    (tmp_path / "shadow").write_bytes(b"")
+
+    with pytest.raises(HostFileError, match="shadow is a regular file, not a UNIX socket"):
+        connect_unix(tmp_path / "shadow", "device 'serial0'.output")
+
+
+def test_connect_unix_symlink_to_socket_refused(listener, tmp_path):
+    _, path = listener
+    os.symlink(path, tmp_path / "link.sock")
+
+    with pytest.raises(HostFileError, match="is a symlink, not a UNIX socket"):
+        connect_unix(tmp_path / "link.sock", "device 'serial0'.output")
+
+
+def test_connect_unix_no_listener_refused(listener):
+    server, path = listener
+    server.close()
+
+    with pytest.raises(HostFileError, match="refused the connection: Connection refused"):
+        connect_unix(path, "device 'serial0'.output")
+
+
+def test_connect_unix_full_backlog_refused_without_hanging(listener):
+    _, path = listener
+    first = connect_unix(path, "device 'serial0'.output")  # fills the backlog of one
+
+    with pytest.raises(HostFileError, match="is not accepting connections"):
+        connect_unix(path, "device 'serial0'.output")
+    first.close()
+
+
+def test_connect_unix_missing_path_refused(tmp_path):
+    with pytest.raises(HostFileError, match="nowhere.sock does not exist"):
+        connect_unix(tmp_path / "nowhere.sock", "device 'serial0'.output")

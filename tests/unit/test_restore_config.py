@@ -1,0 +1,196 @@
+"""restore.config_of: a restore keeps the snapshot's guest settings and takes every host
+resource (output, socket, kernel, firmware) from the operator, never from the manifest."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from splitvmm import config
+from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
+from splitvmm.errors import ConfigError
+from splitvmm.monitor import restore
+from splitvmm.snapshot import Snapshot, SnapshotError
+from tests.unit.snapshot_support import edit_manifest
+
+GOLDEN = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "vm" / "v1"
+
+
+def golden(tmp_path: Path, edit: Callable[[dict[str, Any]], object] | None = None) -> Snapshot:
+    """A copy of the golden VM snapshot (counter guest, kernel boot, serial0), edited."""
+    path = tmp_path / "snap"
+    shutil.copytree(GOLDEN, path)
+    if edit is not None:
+        edit_manifest(path, edit)
+    return Snapshot.open(path)
+
+
+def as_firmware(m: dict[str, Any]) -> None:
+    m["vm_config"]["boot"] = {"firmware": "/home/op/.ssh/id_ed25519"}
+
+
+def test_config_of_without_set_uses_stdio_and_no_kernel(tmp_path):
+    cfg = restore.config_of(golden(tmp_path), {})
+
+    assert (cfg.devices[0].options, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.firmware) == (
+        {"output": "stdio"},
+        None,
+        None,
+        None,
+    )
+
+
+def test_config_of_keeps_guest_settings(tmp_path):
+    cfg = restore.config_of(golden(tmp_path), {})
+
+    assert (cfg.vm.name, cfg.vm.memory, cfg.boot.cmdline, cfg.devices[0].on_crash) == (
+        "golden",
+        16 << 20,
+        "period=1000000 check=1",
+        "stop",
+    )
+
+
+def test_config_of_set_output_is_the_only_output(tmp_path):
+    cfg = restore.config_of(golden(tmp_path), {"serial0.output": "unix:/run/op.sock"})
+
+    assert cfg.devices[0].options["output"] == "unix:/run/op.sock"
+
+
+@pytest.mark.parametrize(
+    "planted", ["/etc/cron.d/evil", "unix:/run/docker.sock", "stdio", "", 7, None]
+)
+def test_config_of_manifest_output_never_used(tmp_path, planted):
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(output=planted))
+
+    assert restore.config_of(snap, {}).devices[0].options["output"] == "stdio"
+
+
+def test_config_of_manifest_kernel_and_initrd_dropped(tmp_path):
+    snap = golden(
+        tmp_path, lambda m: m["vm_config"]["boot"].update(kernel="/etc/shadow", initrd="/x")
+    )
+
+    cfg = restore.config_of(snap, {})
+
+    assert (cfg.boot.kernel, cfg.boot.initrd) == (None, None)
+
+
+def test_config_of_firmware_snapshot_without_set_refused_in_one_line(tmp_path):
+    snap = golden(tmp_path, as_firmware)
+
+    with pytest.raises(ConfigError) as e:
+        restore.config_of(snap, {})
+
+    assert str(e.value) == (
+        "the snapshot is of a firmware-booted VM: name its firmware with --set "
+        "boot.firmware=PATH (a snapshot's own host paths are never used)"
+    )
+
+
+def test_config_of_firmware_from_set_relative_to_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snap = golden(tmp_path, as_firmware)
+
+    cfg = restore.config_of(snap, {"boot.firmware": "fw.bin"})
+
+    assert cfg.boot.firmware == tmp_path / "fw.bin"
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("boot.firmware", "--set boot.firmware: the snapshot's VM booted a kernel, not firmware"),
+        ("boot.kernel", "--set boot.kernel: a restore loads no kernel or initrd"),
+        ("boot.initrd", "--set boot.initrd: a restore loads no kernel or initrd"),
+        ("boot.cmdline", "--set boot.'cmdline': only boot.firmware can be set"),
+        ("com1.output", "--set 'com1.output': no device 'com1' \\(devices: 'serial0'\\)"),
+        ("serial0.path", "--set serial0.'path': not an option of device 'serial0'"),
+        ("serial0.name", "--set serial0.'name': not an option"),
+        ("serial0", "--set 'serial0': expected DEVICE.OPTION=VALUE"),
+    ],
+)
+def test_config_of_bad_set_refused_naming_it(tmp_path, key, message):
+    with pytest.raises(ConfigError, match=message):
+        restore.config_of(golden(tmp_path), {key: "/tmp/x"})
+
+
+def test_config_of_empty_set_value_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--set 'serial0.output': the value is empty"):
+        restore.config_of(golden(tmp_path), {"serial0.output": ""})
+
+
+def test_config_of_set_on_crash_overrides_manifest(tmp_path):
+    cfg = restore.config_of(golden(tmp_path), {"serial0.on_crash": "leave"})
+
+    assert cfg.devices[0].on_crash == "leave"
+
+
+def test_config_of_manifest_on_crash_kept_when_valid(tmp_path):
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(on_crash="leave"))
+
+    assert restore.config_of(snap, {}).devices[0].on_crash == "leave"
+
+
+def test_config_of_manifest_on_crash_garbage_names_manifest(tmp_path):
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(on_crash="rm -rf"))
+
+    with pytest.raises(SnapshotError, match=r"^manifest vm_config: device 'serial0'\.on_crash"):
+        restore.config_of(snap, {})
+
+
+def test_host_resources_cover_every_model():
+    assert set(HOST_RESOURCES) == set(MODEL_OPTIONS)
+    for model, options in HOST_RESOURCES.items():
+        assert set(options) <= set(MODEL_OPTIONS[model]), model
+
+
+def test_config_of_new_model_resource_without_default_needs_set(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        config.MODEL_OPTIONS, "serial", {"output": (str, "stdio"), "path": (str, "")}
+    )
+    monkeypatch.setitem(config.HOST_RESOURCES, "serial", {"output": "stdio", "path": None})
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(path="/dev/sda"))
+
+    with pytest.raises(ConfigError, match=r"device 'serial0': a restore needs --set serial0\.path"):
+        restore.config_of(snap, {})
+
+
+def test_config_of_new_model_resource_from_set_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        config.MODEL_OPTIONS, "serial", {"output": (str, "stdio"), "path": (str, "")}
+    )
+    monkeypatch.setitem(config.HOST_RESOURCES, "serial", {"output": "stdio", "path": None})
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(path="/dev/sda"))
+
+    cfg = restore.config_of(snap, {"serial0.path": "/srv/disk.img"})
+
+    assert cfg.devices[0].options["path"] == "/srv/disk.img"
+
+
+def test_config_of_restored_config_roundtrips_for_the_next_snapshot(tmp_path):
+    cfg = restore.config_of(golden(tmp_path), {"serial0.output": "/tmp/o"})
+    saved = config_to_dict(cfg)
+    again = golden(tmp_path / "2", lambda m: m.update(vm_config=saved))
+
+    assert restore.config_of(again, {}).boot == cfg.boot
+
+
+def test_check_compatible_firmware_snapshot_with_kernel_config_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kernel_cfg = restore.config_of(golden(tmp_path / "k"), {})
+    snap = golden(tmp_path / "f", as_firmware)
+
+    with pytest.raises(SnapshotError, match="the snapshot's VM booted firmware, the config gives"):
+        restore.check_compatible(snap, kernel_cfg)
+
+
+def test_device_state_over_the_cap_refused_naming_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(restore, "MAX_DEVICE_STATE", 100)
+
+    with pytest.raises(SnapshotError, match=r"chunk serial0 \(serial0.json\): device state of 145"):
+        restore.device_state(golden(tmp_path), "serial0")
