@@ -24,7 +24,7 @@ def _human(r: dict[str, object], verb: str) -> str:
 def snapshot(ctx: click.Context, directory: Path, as_json: bool) -> None:
     """Write a consistent snapshot to DIRECTORY (which must not exist); the VM runs on."""
     r = common.call(ctx, "snapshot", path=str(directory.resolve()))
-    common.emit(r, as_json, _human(r, "snapshot"))
+    common.emit(r, as_json, lambda reply: _human(reply, "snapshot"))
 
 
 @click.command("suspend")
@@ -34,7 +34,7 @@ def snapshot(ctx: click.Context, directory: Path, as_json: bool) -> None:
 def suspend(ctx: click.Context, directory: Path, as_json: bool) -> None:
     """Write a snapshot to DIRECTORY, then end the VM (bhyvectl --suspend)."""
     r = common.call(ctx, "suspend", path=str(directory.resolve()))
-    common.emit(r, as_json, _human(r, "suspended to"))
+    common.emit(r, as_json, lambda reply: _human(reply, "suspended to"))
 
 
 COMMANDS = (snapshot, suspend)
