@@ -1,9 +1,11 @@
 """A rogue device process (test-only): speaks the channel, then misbehaves on purpose.
 
-    python -m tests.rogue_device BEHAVIOUR < SPEC_JSON
+    python -m tests.rogue_device BEHAVIOUR [DELAY_MS] < SPEC_JSON
 
 It connects like a real device, says READY (unless the behaviour is about
-READY), then answers reads the way BEHAVIOUR says.
+READY), then answers reads the way BEHAVIOUR says. The slow behaviours answer
+correctly, but only after DELAY_MS (by default three quarters of the monitor's
+deadline for that request, so no single reply misses it).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 
 import zmq
 
-from splitvmm.protocol import wire
+from splitvmm.monitor.devhost import CONTROL_TIMEOUT_MS, READ_TIMEOUT_MS
+from splitvmm.protocol import control, wire
 
 BEHAVIOURS = (
     "garbage",  # replies with random bytes
@@ -24,11 +27,37 @@ BEHAVIOURS = (
     "silent",  # never answers a read
     "bad-ready",  # garbage instead of READY
     "wide-reply",  # replies with more data than was asked for
+    "slow",  # answers every read and sync correctly, DELAY_MS late
+    "slow-control",  # answers every control request correctly, DELAY_MS late
 )
+SLOW_DATA = 0x5A  # what a slow device's reads return
+
+
+def answer_control(sock: zmq.Socket, buf: bytes, delay_s: float | None) -> None:
+    """A real device's reply to quiesce, save or resume, after delay_s; none if None."""
+    if delay_s is None:
+        return
+    msg = control.decode(buf)
+    time.sleep(delay_s)
+    reply = {"op": control.REPLY_TO[msg["op"]], "seq": msg["seq"]}
+    if msg["op"] == "save":
+        reply.update(model="serial", version=1, fields={})
+    sock.send(control.encode(reply))
+
+
+def answer_slowly(sock: zmq.Socket, buf: bytes, delay_s: float) -> None:
+    op, size, _, seq, _, _ = wire.FRAME.unpack(buf)
+    time.sleep(delay_s)
+    if op == wire.Op.READ:
+        sock.send(wire.encode_read_done(seq, bytes([SLOW_DATA]) * size))
+    elif op == wire.Op.SYNC:
+        sock.send(wire.encode_sync_done(seq))
 
 
 def main() -> None:
     behaviour, spec = sys.argv[1], json.loads(sys.stdin.read())
+    default_ms = CONTROL_TIMEOUT_MS if behaviour == "slow-control" else READ_TIMEOUT_MS
+    delay_s = (int(sys.argv[2]) if len(sys.argv) > 2 else default_ms * 3 // 4) / 1000
     sock = zmq.Context().socket(zmq.PAIR)
     sock.connect(spec["channel"])
     if behaviour == "bad-ready":
@@ -41,6 +70,12 @@ def main() -> None:
             sock.send(wire.encode_read_done(seq, b"\x00"))
     while True:
         buf = sock.recv()
+        if control.is_control(buf):
+            answer_control(sock, buf, delay_s if behaviour == "slow-control" else None)
+            continue
+        if behaviour == "slow":
+            answer_slowly(sock, buf, delay_s)
+            continue
         op, size, _, seq, _, _ = wire.FRAME.unpack(buf)
         if op != wire.Op.READ:
             continue

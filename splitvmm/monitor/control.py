@@ -2,8 +2,18 @@
 
 A UNIX stream socket (mode 0600) in the VM's runtime directory. Each request
 is one JSON object on one line (`{"op": "pause"}`), each reply one JSON object
-on one line (`{"ok": true, ...}` or `{"ok": false, "error": "..."}`). Requests
-are served one at a time: pause, snapshot and resume never interleave.
+on one line (`{"ok": true, ...}` or `{"ok": false, "error": "..."}`), and then
+the monitor closes the connection.
+
+Clients are served side by side, so a silent or slow one delays nobody: one
+selector loop reads every request without blocking; each connection has one
+deadline (REQUEST_TIMEOUT_S) to send its whole line; at most MAX_CLIENTS are
+open at once, and one more is refused with a JSON error rather than left to
+hang. Read-only operations (`status`, `devices`) are answered by the loop at
+once, even while a snapshot runs: they read a few fields and change nothing.
+Every other operation runs on a worker thread, one at a time, so pause,
+snapshot and resume never interleave; one that arrives while another runs is
+refused as busy, not queued behind it.
 """
 
 from __future__ import annotations
@@ -14,7 +24,9 @@ import os
 import selectors
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitvmm.errors import SplitvmmError
@@ -23,7 +35,14 @@ from splitvmm.native.eventfd import EventFd
 log = logging.getLogger("splitvmm.control")
 
 MAX_REQUEST = 64 * 1024
+# Open connections at once: each costs an fd and up to MAX_REQUEST of buffer, so a local
+# process opening connections by the thousand cannot exhaust the monitor's fds or memory.
+MAX_CLIENTS = 32
+# A client has this long to send its whole request line (one deadline, not one per recv: a
+# client dribbling a byte at a time gets no more than a silent one).
+REQUEST_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 600  # a multi-GiB snapshot takes seconds; a monitor that hangs gets reported
+MAX_REPLY = 1 << 20  # a status of every device fits many times over; more is not our monitor
 SOCKET_NAME = "control.sock"
 
 Handler = Callable[[dict[str, object]], dict[str, object]]
@@ -33,11 +52,32 @@ class ControlError(SplitvmmError):
     """A control request that cannot be done; its text is the reply's error."""
 
 
+@dataclass(slots=True)
+class _Client:
+    conn: socket.socket
+    deadline: float  # time.monotonic() by which its whole request must have come
+    buf: bytearray = field(default_factory=bytearray)
+
+
 class ControlServer(threading.Thread):
-    def __init__(self, rundir: Path, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self,
+        rundir: Path,
+        handlers: dict[str, Handler],
+        read_only: Collection[str] = (),
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        """read_only: the operations that change nothing and may run beside any other."""
         super().__init__(name="control", daemon=True)
         self.path = rundir / SOCKET_NAME
         self.handlers = handlers
+        self.read_only = frozenset(read_only)
+        self.request_timeout_s = request_timeout_s
+        self.max_clients = max_clients
+        self._clients: dict[socket.socket, _Client] = {}
+        self._worker: threading.Thread | None = None  # the operation in progress, if any
+        self._worker_op = ""
         self._wake = EventFd()
         self._closing = False
         old_umask = os.umask(0o177)  # the socket is created 0600: only our user may steer the VM
@@ -46,46 +86,115 @@ class ControlServer(threading.Thread):
             self.sock.bind(str(self.path))
         finally:
             os.umask(old_umask)
-        self.sock.listen(8)
+        self.sock.listen(max_clients)
+        self.sock.setblocking(False)
 
+    # -- the selector loop ---------------------------------------------------------------
     def run(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ)
-        sel.register(self._wake.fd, selectors.EVENT_READ)
-        while not self._closing:
-            for key, _ in sel.select():
-                if key.fileobj is self.sock and not self._closing:
-                    conn, _ = self.sock.accept()
-                    with conn:
-                        self._serve(conn)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ)
+            sel.register(self._wake.fd, selectors.EVENT_READ)
+            while not self._closing:
+                for key, _ in sel.select(self._next_timeout()):
+                    if key.fileobj is self.sock and not self._closing:
+                        self._accept(sel)
+                    elif isinstance(key.data, _Client):
+                        self._read(sel, key.data)
+                self._expire(sel)
+            for client in list(self._clients.values()):
+                self._drop(sel, client)
+        if self._worker is not None:
+            self._worker.join()  # a snapshot in progress finishes before the machine goes
 
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
-        buf = b""
+    def _next_timeout(self) -> float | None:
+        if not self._clients:
+            return None
+        first = min(c.deadline for c in self._clients.values())
+        return max(0.0, first - time.monotonic())
+
+    def _accept(self, sel: selectors.BaseSelector) -> None:
         try:
-            while b"\n" not in buf and len(buf) <= MAX_REQUEST:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                buf += chunk
-            reply = self._dispatch(buf.split(b"\n", 1)[0])
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return  # the client gave up between poll and accept
+        conn.setblocking(False)
+        if len(self._clients) >= self.max_clients:
+            error = f"the monitor already serves {self.max_clients} control connections; try again"
+            _reply(conn, {"ok": False, "error": error})
+            return
+        client = _Client(conn, time.monotonic() + self.request_timeout_s)
+        self._clients[conn] = client
+        sel.register(conn, selectors.EVENT_READ, client)
+
+    def _read(self, sel: selectors.BaseSelector, client: _Client) -> None:
+        try:
+            chunk = client.conn.recv(4096)
+        except BlockingIOError:
+            return
         except OSError as e:
             log.info("control client went away: %s", e)
+            chunk = b""
+        if not chunk:
+            self._drop(sel, client)
+            return
+        client.buf += chunk
+        line, newline, _ = client.buf.partition(b"\n")
+        if newline or len(client.buf) > MAX_REQUEST:
+            self._forget(sel, client)
+            self._handle(client.conn, bytes(line))
 
-    def _dispatch(self, line: bytes) -> dict[str, object]:
+    def _expire(self, sel: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for client in [c for c in self._clients.values() if c.deadline <= now]:
+            self._forget(sel, client)
+            error = f"no complete request line within {self.request_timeout_s:g} s"
+            _reply(client.conn, {"ok": False, "error": error})
+
+    def _forget(self, sel: selectors.BaseSelector, client: _Client) -> None:
+        sel.unregister(client.conn)
+        del self._clients[client.conn]
+
+    def _drop(self, sel: selectors.BaseSelector, client: _Client) -> None:
+        self._forget(sel, client)
+        client.conn.close()
+
+    # -- requests ------------------------------------------------------------------------
+    def _handle(self, conn: socket.socket, line: bytes) -> None:
+        """Answer a read-only request now, start any other on the worker, or refuse it."""
+        parsed = self._parse(line)
+        if isinstance(parsed, str):
+            _reply(conn, {"ok": False, "error": parsed})
+            return
+        op, request = parsed
+        if op in self.read_only:
+            _reply(conn, self._call(op, request))
+            return
+        if self._worker is not None and self._worker.is_alive():
+            error = f"the monitor is busy with {self._worker_op}; try again when it is done"
+            _reply(conn, {"ok": False, "error": error})
+            return
+        self._worker_op = op
+        self._worker = threading.Thread(
+            target=lambda: _reply(conn, self._call(op, request)), name=f"control-{op}", daemon=True
+        )
+        self._worker.start()
+
+    def _parse(self, line: bytes) -> tuple[str, dict[str, object]] | str:
+        """(op, request), or the error to answer."""
         if len(line) > MAX_REQUEST:
-            return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+            return f"request longer than {MAX_REQUEST} bytes"
         try:
             request = json.loads(line)
         except (ValueError, RecursionError):
-            return {"ok": False, "error": "request is not JSON"}
+            return "request is not JSON"
         op = request.get("op") if isinstance(request, dict) else None
-        handler = self.handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
-            return {"ok": False, "error": f"unknown operation {op!r}"}
+        if not isinstance(op, str) or op not in self.handlers:
+            return f"unknown operation {op!r}"
+        return op, request
+
+    def _call(self, op: str, request: dict[str, object]) -> dict[str, object]:
         try:
-            return {"ok": True, **handler(request)}
+            return {"ok": True, **self.handlers[op](request)}
         except SplitvmmError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a monitor bug or an odd request: answer, and keep serving
@@ -96,36 +205,73 @@ class ControlServer(threading.Thread):
         self._closing = True
         self._wake.trigger()
         if self.is_alive():
-            self.join()  # a snapshot in progress finishes before the machine is torn down
+            self.join()
         self.sock.close()
         self.path.unlink(missing_ok=True)
         self._wake.close()
 
 
+def _reply(conn: socket.socket, reply: dict[str, object]) -> None:
+    """Send one reply line and close. Never blocks: a reply fits the socket buffer of any
+    client that reads, and one that does not read gets nothing."""
+    data = json.dumps(reply).encode() + b"\n"
+    try:
+        if conn.send(data) < len(data):
+            log.info("control client does not read its reply; dropped it")
+    except OSError as e:
+        log.info("control client went away: %s", e)
+    finally:
+        conn.close()
+
+
 def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[str, object]:
-    """Client side: one request, one reply. Raises ControlError with the monitor's words."""
-    args = args or {}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(CLIENT_TIMEOUT_S)
-        try:
+    """Client side: one request, one reply. Raises ControlError with the monitor's words, or
+    one sentence saying why there was no usable reply."""
+    line = json.dumps({"op": op, **(args or {})}).encode() + b"\n"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(CLIENT_TIMEOUT_S)
             s.connect(str(path))
-        except FileNotFoundError:
-            raise ControlError(f"no VM is listening at {path}") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"the VM at {path} is not running (stale socket)") from None
-        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                raise ControlError(
-                    f"the VM at {path} did not answer within {CLIENT_TIMEOUT_S} s"
-                ) from None
-            if not chunk:
-                raise ControlError(f"the VM at {path} closed the connection without a reply")
-            buf += chunk
-    reply = json.loads(buf)
-    if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")))
+            buf = _exchange(s, line, path)
+    except FileNotFoundError:
+        raise ControlError(f"no VM is listening at {path}") from None
+    except ConnectionRefusedError:
+        raise ControlError(f"the VM at {path} is not running (stale socket)") from None
+    except TimeoutError:
+        raise ControlError(f"the VM at {path} did not answer within {CLIENT_TIMEOUT_S} s") from None
+    except OSError as e:
+        raise ControlError(f"cannot talk to the VM at {path}: {e.strerror or e}") from None
+    return _decode_reply(buf, path)
+
+
+def _exchange(s: socket.socket, line: bytes, path: Path) -> bytes:
+    """Send the request, read the reply line. A monitor that refuses us (too many clients)
+    may close before reading the request: its reply is still there to read."""
+    try:
+        s.sendall(line)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    buf = b""
+    while not buf.endswith(b"\n"):
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            raise ControlError(f"the VM at {path} closed the connection without a reply")
+        buf += chunk
+        if len(buf) > MAX_REPLY:
+            raise ControlError(f"the VM at {path} sent a reply longer than {MAX_REPLY} bytes")
+    return buf
+
+
+def _decode_reply(buf: bytes, path: Path) -> dict[str, object]:
+    try:
+        reply = json.loads(buf)
+    except (ValueError, RecursionError):
+        reply = None
+    if not isinstance(reply, dict):
+        raise ControlError(f"the VM at {path} replied with something that is not a JSON object")
+    if reply.get("ok") is not True:
+        raise ControlError(str(reply.get("error", "unknown error"))[:1000])
     return reply

@@ -10,6 +10,10 @@
 4. write guest RAM and the chunks; the writer puts the manifest last and
    renames the directory into place, so a half-written snapshot never looks valid;
 5. resume devices and vCPUs (or leave them stopped for `suspend`).
+
+The devices share one deadline for their quiesce, save and resume (time spent writing RAM
+is not theirs); each request waits only for what is left of it, and a device that does not
+answer in that time has failed like any other (its on_crash policy applies).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import TYPE_CHECKING
 from splitvmm.config import config_to_dict
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import vmstate
+from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.control import ControlError
+from splitvmm.monitor.devhost import CONTROL_TIMEOUT_MS, DeviceHost
 from splitvmm.snapshot.writer import SnapshotWriter
 
 if TYPE_CHECKING:
@@ -33,6 +39,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("splitvmm.coordinator")
 
 PARK_TIMEOUT_S = 10.0  # a vCPU in a forwarded read waits at most the device's read deadline
+# The devices of one snapshot get this long in all to quiesce, save and resume: a device
+# answering each control request just under CONTROL_TIMEOUT_MS kept the VM paused for 31 s.
+# A healthy one needs a few ms (more when it finishes in-flight I/O on quiesce).
+SNAPSHOT_DEVICE_DEADLINE_S = 10.0
+# Once that time is spent a device still gets this long to resume: one that was quiesced must
+# be let go even when another device used the time up (a healthy resume takes ~1 ms).
+RESUME_FLOOR_MS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +57,11 @@ class SnapshotReport:
 
 
 class Coordinator:
-    def __init__(self, machine: Machine) -> None:
+    def __init__(
+        self, machine: Machine, device_deadline_s: float = SNAPSHOT_DEVICE_DEADLINE_S
+    ) -> None:
         self.machine = machine
+        self.device_deadline_s = device_deadline_s
         self.paused = False
 
     # -- pause / resume -----------------------------------------------------------------------
@@ -85,20 +101,21 @@ class Coordinator:
         if target.exists():
             raise ControlError(f"snapshot target {target} already exists")
         was_paused = self.paused
+        deadline = Deadline(self.device_deadline_s)
         t0 = time.monotonic()
         if not was_paused:
             self.pause()
         ok = False
         try:
             t1 = time.monotonic()
-            size = self._write(target, sign_key)
+            size = self._write(target, deadline, sign_key)
             t2 = time.monotonic()
             ok = True
         finally:
             # A suspended VM stays stopped, devices included: input arriving after the
             # snapshot would be lost with the VM. A failed suspend resumes everything.
             if not (ok and keep_paused):
-                self._resume_devices()
+                self._resume_devices(deadline)
                 if not was_paused:
                     self.resume()
         t3 = time.monotonic()
@@ -117,29 +134,40 @@ class Coordinator:
                 f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
             )
 
-    def _quiesce_devices(self) -> dict[str, dict[str, object]]:
+    def _quiesce_devices(self, deadline: Deadline) -> dict[str, dict[str, object]]:
         states = {}
         for host in self.machine.hosts:
             if host.failed:
                 raise ControlError(f"device {host.name} has failed; the VM cannot be saved")
-            try:
-                host.control("quiesce")
-                states[host.name] = host.control("save")
-            except DeviceFailure as e:
-                raise ControlError(f"snapshot aborted: {e}") from None
+            self._ask(host, "quiesce", deadline)
+            states[host.name] = self._ask(host, "save", deadline)
         return states
 
-    def _resume_devices(self) -> None:
+    def _ask(self, host: DeviceHost, op: str, deadline: Deadline) -> dict[str, object]:
+        """One control request in the time the snapshot's deadline has left."""
+        timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
+        limit = f"the devices get {self.device_deadline_s:g} s in all to quiesce, save and resume"
+        if timeout_ms <= 0:
+            raise ControlError(f"snapshot aborted before {host.name} could {op}: {limit}")
+        try:
+            with deadline.counting():
+                return host.control(op, timeout_ms)
+        except DeviceFailure as e:
+            raise ControlError(f"snapshot aborted at {op}: {e} ({limit})") from None
+
+    def _resume_devices(self, deadline: Deadline) -> None:
         for host in self.machine.hosts:
             if not host.failed:
+                timeout_ms = max(RESUME_FLOOR_MS, min(CONTROL_TIMEOUT_MS, deadline.remaining_ms()))
                 try:
-                    host.control("resume")
+                    with deadline.counting():
+                        host.control("resume", timeout_ms)
                 except DeviceFailure as e:
                     log.error("%s", e)  # the device's on_crash policy has been applied
 
-    def _write(self, target: Path, sign_key: bytes | None) -> int:
+    def _write(self, target: Path, deadline: Deadline, sign_key: bytes | None) -> int:
         m = self.machine
-        device_states = self._quiesce_devices()
+        device_states = self._quiesce_devices(deadline)
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
         vm_state = vmstate.to_dict(vmstate.save_vm(m.vm))

@@ -3,8 +3,9 @@
 Spawns the process (exec, never a bare fork of our threaded monitor) with
 exactly the fds it needs, forwards guest accesses over its ZeroMQ channel and
 checks every reply. Anything wrong -- a malformed frame, a wrong sequence
-number, a missed deadline, EOF -- kills the process and reports a
-DeviceFailure; the machine's on_crash policy decides what happens next.
+number, a missed deadline, slow replies past the latency budget, EOF -- kills
+the process and reports a DeviceFailure; the machine's on_crash policy decides
+what happens next.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,12 +27,21 @@ import zmq
 
 from splitvmm.devprocs.spec import MAX_SPEC, DeviceSpec
 from splitvmm.errors import DeviceFailure, ProtocolError
+from splitvmm.monitor.budget import LatencyBudget
 from splitvmm.protocol import control, wire
 
 log = logging.getLogger("splitvmm.devhost")
 
 MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
+# ... and one that answers every read just under that deadline stalls the vCPUs (and any
+# pause waiting for them) for good. Replies slower than SLOW_REPLY_MS (a healthy round trip
+# is 0.1-0.3 ms here; 50 ms is a loaded host's whole scheduling period on top) add up over
+# LATENCY_WINDOW_S; more than LATENCY_BUDGET_MS of them (two replies near the deadline) is a
+# failure. A healthy device, even one a guest polls back to back, never has a slow reply.
+SLOW_REPLY_MS = 50
+LATENCY_WINDOW_S = 10
+LATENCY_BUDGET_MS = 2500
 WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
 CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
 READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
@@ -139,6 +150,7 @@ class DeviceHost:
         self._on_failure = on_failure
         self._lock = threading.Lock()  # one access at a time on the channel (vCPUs share it)
         self._seq = 0
+        self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
         self.failed: str | None = None
         self.ready = False  # READY received: the channel carries only replies from now on
         self.endpoint = f"ipc://{runtime_dir}/{spawn.name}.sock"
@@ -229,7 +241,7 @@ class DeviceHost:
             if self.failed:
                 return b"\xff" * size
             seq = self._next_seq()
-            reply = self._request(wire.encode_read(seq, offset, size))
+            reply = self._access(wire.encode_read(seq, offset, size))
             if reply is None:
                 return b"\xff" * size
             try:
@@ -244,7 +256,7 @@ class DeviceHost:
             if self.failed:
                 return False
             seq = self._next_seq()
-            reply = self._request(wire.encode_sync(seq))
+            reply = self._access(wire.encode_sync(seq))
             if reply is None:
                 return False
             try:
@@ -273,7 +285,22 @@ class DeviceHost:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def _request(self, frame: bytes, timeout_ms: int = READ_TIMEOUT_MS) -> bytes | None:
+    def _access(self, frame: bytes) -> bytes | None:
+        """A read or sync, which a vCPU waits for: its deadline, then the latency budget."""
+        start = time.monotonic()
+        reply = self._request(frame, READ_TIMEOUT_MS)
+        if reply is None:
+            return None
+        over_ms = self._budget.charge((time.monotonic() - start) * 1e3)
+        if over_ms is not None:
+            self._fail_locked(
+                f"its slow replies took {over_ms:.0f} ms within {LATENCY_WINDOW_S} s, over "
+                f"the budget of {LATENCY_BUDGET_MS} ms"
+            )
+            return None
+        return reply
+
+    def _request(self, frame: bytes, timeout_ms: int) -> bytes | None:
         """Send a frame and wait for one reply; None (device failed) on error or deadline."""
         try:
             if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # only replies come, only when asked

@@ -43,6 +43,8 @@ log = logging.getLogger("splitvmm.machine")
 # Where each device model sits on the PC platform: (port base, window, IRQ).
 SERIAL_WINDOW = 8
 DEBUG_EXIT_WINDOW = 4  # accepts outb/outw/outl at 0xf4
+# Control requests that only read a few fields: answered even while a snapshot runs.
+READ_ONLY_REQUESTS = ("status", "devices")
 
 
 class Machine:
@@ -96,7 +98,9 @@ class Machine:
             restore.apply(self.snapshot, saved, self)
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds)
-        self.control = ControlServer(self.rundir.path, self._control_handlers())
+        self.control = ControlServer(
+            self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
+        )
         # Everything is open: from here on the monitor holds no capability and can reach
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
         self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs)

@@ -35,6 +35,7 @@ OUTPUTS = {
     "pio-loop": "pio-loop.elf",
     "counter": "counter.elf",
     "dirty": "dirty.elf",
+    "mmio-sweep": "mmio-sweep.elf",
     "firmware-hello": "firmware-hello.bin",
     "firmware-pio": "firmware-pio.bin",
 }

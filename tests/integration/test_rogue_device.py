@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 import zmq
 
 from splitvmm.errors import DeviceFailure
-from splitvmm.monitor.devhost import DeviceHost, Spawn
+from splitvmm.monitor.control import ControlError
+from splitvmm.monitor.coordinator import Coordinator
+from splitvmm.monitor.devhost import LATENCY_BUDGET_MS, READ_TIMEOUT_MS, DeviceHost, Spawn
 from splitvmm.native.eventfd import EventFd
-from tests.rogue_device import BEHAVIOURS
+from tests.rogue_device import BEHAVIOURS, SLOW_DATA
 
 SCR = 7  # a read the real serial would answer at once
 
@@ -24,9 +28,9 @@ def zctx():
     ctx.term()
 
 
-def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str]) -> DeviceHost:
+def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str) -> DeviceHost:
     irq = EventFd()
-    command = (sys.executable, "-m", "tests.rogue_device", behaviour)
+    command = (sys.executable, "-m", "tests.rogue_device", behaviour, *args)
     spawn = Spawn("rogue0", "serial", 8, {}, {"irq": irq.fd}, command=command)
     return DeviceHost(spawn, zctx, tmp_path, lambda host, reason: failures.append(reason))
 
@@ -80,6 +84,8 @@ def test_all_rogue_behaviours_are_tested():
         "silent",
         "wide-reply",
         "bad-ready",
+        "slow",
+        "slow-control",
     }
     assert tested == set(BEHAVIOURS)
 
@@ -97,3 +103,40 @@ def test_rogue_reads_from_many_threads_fail_once(zctx, tmp_path):
     finally:
         host.close()
     assert len(failures) == 1
+
+
+def test_rogue_slow_just_under_read_deadline_fails_on_latency_budget(zctx, tmp_path):
+    # Each reply comes at 3/4 of the read deadline: none misses it, two overrun the budget.
+    assert 2 * READ_TIMEOUT_MS * 3 // 4 > LATENCY_BUDGET_MS > READ_TIMEOUT_MS * 3 // 4
+    failures: list[str] = []
+    host = spawn_rogue("slow", zctx, tmp_path, failures)
+    try:
+        host.wait_ready()
+        reads = [host.read(SCR, 1) for _ in range(3)]
+        host.proc.wait(timeout=5)
+    finally:
+        host.close()
+    assert reads == [bytes([SLOW_DATA]), b"\xff", b"\xff"]
+    assert len(failures) == 1 and f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
+
+
+def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(zctx, tmp_path):
+    # quiesce is answered after 1 s, inside the 1.6 s the devices get in all; save may then
+    # wait only for what is left, far below the per-request CONTROL_TIMEOUT_MS (10 s).
+    vm = SimpleNamespace(name="test", snapshot_dirs=(tmp_path,))
+    machine = SimpleNamespace(cfg=SimpleNamespace(vm=vm))
+    machine.stopping, machine.vcpus = False, []
+    coordinator = Coordinator(machine, device_deadline_s=1.6)  # type: ignore[arg-type]
+    failures: list[str] = []
+    host = spawn_rogue("slow-control", zctx, tmp_path, failures, "1000")
+    machine.hosts = [host]
+    try:
+        host.wait_ready()
+        with pytest.raises(ControlError, match=r"snapshot aborted at save: device rogue0") as e:
+            coordinator.snapshot(tmp_path / "snap")
+    finally:
+        host.close()
+    assert "the devices get 1.6 s in all to quiesce, save and resume" in str(e.value)
+    waited = re.fullmatch(r"no reply within (\d+) ms", failures[0])
+    assert len(failures) == 1 and waited and int(waited[1]) < 1000, failures
+    assert not (tmp_path / "snap").exists() and not coordinator.paused

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.integration.conftest import vm_toml
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -88,3 +90,11 @@ class VmProcess:
         if self._stdout is not subprocess.DEVNULL:
             self._stdout.close()
         return self.proc.returncode, err.decode(errors="replace")
+
+
+def boot_guest(tmp_path: Path, kernel: Path, cmdline: str = "") -> VmProcess:
+    """`splitvmm up` of one test guest (64 MiB, one vCPU); its serial output in serial.log."""
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{kernel}"\ncmdline = "{cmdline}"', "64M", 1, serial))
+    return VmProcess(tmp_path, ["up", str(config)], serial)

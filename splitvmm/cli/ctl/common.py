@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -36,10 +37,19 @@ def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
         raise click.ClickException(str(e)) from None
 
 
-def emit(reply: dict[str, object], as_json: bool, human: str) -> None:
+def emit(
+    reply: dict[str, object], as_json: bool, human: Callable[[dict[str, object]], str]
+) -> None:
+    """Print the reply: as JSON, or as human(reply), which a reply lacking its fields fails."""
     if as_json:
         reply = {k: v for k, v in reply.items() if k != "ok"}
         click.echo(json.dumps(reply, indent=2, sort_keys=True))
     else:
-        click.echo(human)
+        try:
+            text = human(reply)
+        except (KeyError, TypeError, ValueError) as e:
+            raise click.ClickException(
+                f"the VM's reply lacks what this command shows ({e!r})"
+            ) from None
+        click.echo(text)
     sys.stdout.flush()

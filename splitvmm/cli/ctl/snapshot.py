@@ -47,7 +47,7 @@ def _human(r: dict[str, object], verb: str) -> str:
 def snapshot(ctx: click.Context, directory: Path, as_json: bool, key_file: Path | None) -> None:
     """Write a consistent snapshot to DIRECTORY (which must not exist); the VM runs on."""
     r = common.call(ctx, "snapshot", **_request(directory, key_file))
-    common.emit(r, as_json, _human(r, "snapshot"))
+    common.emit(r, as_json, lambda reply: _human(reply, "snapshot"))
 
 
 @click.command("suspend")
@@ -58,7 +58,7 @@ def snapshot(ctx: click.Context, directory: Path, as_json: bool, key_file: Path 
 def suspend(ctx: click.Context, directory: Path, as_json: bool, key_file: Path | None) -> None:
     """Write a snapshot to DIRECTORY, then end the VM (bhyvectl --suspend)."""
     r = common.call(ctx, "suspend", **_request(directory, key_file))
-    common.emit(r, as_json, _human(r, "suspended to"))
+    common.emit(r, as_json, lambda reply: _human(reply, "suspended to"))
 
 
 COMMANDS = (snapshot, suspend)

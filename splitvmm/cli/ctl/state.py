@@ -17,17 +17,19 @@ def _device_lines(devices: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _status_text(r: dict[str, object]) -> str:
+    return (
+        f"{r['name']}: {r['state']}, {r['vcpus']} vCPU(s), {int(r['memory']) >> 20} MiB, "  # type: ignore[call-overload]
+        f"up {r['uptime_s']} s, monitor pid {r['pid']}\n" + _device_lines(r["devices"])  # type: ignore[arg-type]
+    )
+
+
 @click.command("status")
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """The VM's state, size, uptime and devices."""
-    r = common.call(ctx, "status")
-    human = (
-        f"{r['name']}: {r['state']}, {r['vcpus']} vCPU(s), {int(r['memory']) >> 20} MiB, "  # type: ignore[call-overload]
-        f"up {r['uptime_s']} s, monitor pid {r['pid']}\n" + _device_lines(r["devices"])  # type: ignore[arg-type]
-    )
-    common.emit(r, as_json, human)
+    common.emit(common.call(ctx, "status"), as_json, _status_text)
 
 
 @click.command("pause")
@@ -35,7 +37,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def pause(ctx: click.Context, as_json: bool) -> None:
     """Stop every vCPU (devices keep their state)."""
-    common.emit(common.call(ctx, "pause"), as_json, "paused")
+    common.emit(common.call(ctx, "pause"), as_json, lambda r: "paused")
 
 
 @click.command("resume")
@@ -43,7 +45,7 @@ def pause(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def resume(ctx: click.Context, as_json: bool) -> None:
     """Let a paused VM run again."""
-    common.emit(common.call(ctx, "resume"), as_json, "running")
+    common.emit(common.call(ctx, "resume"), as_json, lambda r: "running")
 
 
 @click.command("devices")
@@ -51,8 +53,7 @@ def resume(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def devices(ctx: click.Context, as_json: bool) -> None:
     """The VM's device processes."""
-    r = common.call(ctx, "devices")
-    common.emit(r, as_json, _device_lines(r["devices"]))  # type: ignore[arg-type]
+    common.emit(common.call(ctx, "devices"), as_json, lambda r: _device_lines(r["devices"]))  # type: ignore[arg-type]
 
 
 COMMANDS = (status, pause, resume, devices)

@@ -1,0 +1,132 @@
+"""ControlServer with fake handlers: clients served side by side, one request deadline each,
+a cap on connections, and operations that change the VM never interleaved.
+
+No /dev/kvm needed; real UNIX sockets and threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splitvmm.monitor.control import ControlError, ControlServer, request
+from tests.integration.rawclient import connect, reply_of, unanswered
+
+READ_ONLY = ("status",)
+
+
+class Operation:
+    """A handler that blocks until the test lets it finish, and says when it has started."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, req: dict[str, object]) -> dict[str, object]:
+        self.started.set()
+        self.release.wait(30)
+        return {"done": True}
+
+
+@pytest.fixture
+def snapshot_op() -> Iterator[Operation]:
+    op = Operation()
+    yield op
+    op.release.set()
+
+
+def serve(tmp_path: Path, snapshot_op: Operation, **kwargs: object) -> ControlServer:
+    handlers = {
+        "status": lambda req: {"state": "running"},
+        "pause": lambda req: {"state": "paused"},
+        "snapshot": snapshot_op,
+    }
+    server = ControlServer(tmp_path, handlers, read_only=READ_ONLY, **kwargs)  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+@pytest.fixture
+def server(tmp_path, snapshot_op) -> Iterator[ControlServer]:
+    s = serve(tmp_path, snapshot_op)
+    yield s
+    snapshot_op.release.set()
+    s.close()
+
+
+def test_control_silent_client_does_not_delay_status(server):
+    silent = connect(server.path, b'{"op": ')  # half a request, then nothing
+    with silent:
+        reply = request(server.path, "status")
+        assert (reply["state"], unanswered(silent)) == ("running", True)
+
+
+def test_control_many_idle_connections_leave_requests_served(server):
+    idle = [connect(server.path) for _ in range(12)]
+    reply = request(server.path, "pause")
+    still_open = [unanswered(s) for s in idle]
+    for s in idle:
+        s.close()
+    assert (reply["state"], still_open) == ("paused", [True] * 12)
+
+
+def test_control_connection_past_cap_is_refused_with_json_error(tmp_path, snapshot_op):
+    server = serve(tmp_path, snapshot_op, max_clients=4)
+    idle = [connect(server.path) for _ in range(4)]
+    try:
+        with pytest.raises(ControlError, match="already serves 4 control connections"):
+            request(server.path, "status")
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
+
+
+def test_control_request_not_sent_within_deadline_gets_error_and_close(tmp_path, snapshot_op):
+    server = serve(tmp_path, snapshot_op, request_timeout_s=0.2)
+    try:
+        reply = reply_of(connect(server.path, b'{"op": "sta'))
+    finally:
+        server.close()
+    assert reply == {"ok": False, "error": "no complete request line within 0.2 s"}
+
+
+def test_control_operation_during_snapshot_is_busy_and_status_answers(server, snapshot_op):
+    snap = connect(server.path, b'{"op": "snapshot"}\n')
+    assert snapshot_op.started.wait(30)
+    with pytest.raises(ControlError, match="the monitor is busy with snapshot"):
+        request(server.path, "pause")
+    status = request(server.path, "status")
+    snapshot_op.release.set()
+    assert (status["state"], reply_of(snap)) == ("running", {"ok": True, "done": True})
+
+
+def test_control_operation_after_snapshot_finishes_runs(server, snapshot_op):
+    snapshot_op.release.set()
+    first = request(server.path, "snapshot")
+    assert (first["done"], request(server.path, "pause")["state"]) == (True, "paused")
+
+
+@pytest.mark.parametrize(
+    "line,error",
+    [
+        (b"not json\n", "request is not JSON"),
+        (b'{"op": "reboot"}\n', "unknown operation 'reboot'"),
+        (b"[1]\n", "unknown operation None"),
+        (b"x" * (65 * 1024), "request longer than 65536 bytes"),
+    ],
+)
+def test_control_bad_request_gets_one_sentence_error(server, line, error):
+    assert reply_of(connect(server.path, line)) == {"ok": False, "error": error}
+
+
+def test_control_close_with_idle_client_connected_returns(tmp_path, snapshot_op):
+    server = serve(tmp_path, snapshot_op)
+    idle = connect(server.path)
+    request(server.path, "status")  # accepted after idle: the backlog is served in order
+    server.close()
+    with idle:
+        assert (idle.recv(1), server.path.exists()) == (b"", False)

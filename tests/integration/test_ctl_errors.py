@@ -1,0 +1,113 @@
+"""`splitvmm ctl` against monitors that are gone, hung, or answer garbage: one line, exit 1.
+
+A fake monitor (a UNIX socket served by a thread) plays each part; no /dev/kvm needed.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from splitvmm.cli import cli
+from splitvmm.monitor import control
+
+SNAPSHOT_REPLY = b'{"ok": true, "path": "/x", "pause_ms": 1.0, "write_ms": 1.0, "bytes": 0}\n'
+
+
+class FakeMonitor:
+    """Serves one connection: reads the request line, then sends `reply` (None: closes at
+    once; b"": says nothing until the test ends)."""
+
+    def __init__(self, path: Path, reply: bytes | None) -> None:
+        self.reply = reply
+        self.request = b""
+        self.done = threading.Event()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn, conn.makefile("rb") as f:
+            self.request = f.readline()
+            if self.reply:
+                conn.sendall(self.reply)
+            elif self.reply is not None:
+                self.done.wait(30)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def monitor(request, tmp_path) -> Iterator[FakeMonitor]:
+    m = FakeMonitor(tmp_path / "control.sock", request.param)
+    yield m
+    m.close()
+
+
+def ctl(path: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["ctl", "--socket", str(path), *args])
+
+
+def assert_one_line_error(result: Result, words: str) -> None:
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    assert words in result.output
+
+
+@pytest.mark.parametrize(
+    "monitor,words",
+    [
+        (b"garbage\n", "replied with something that is not a JSON object"),
+        (b"[1, 2]\n", "replied with something that is not a JSON object"),
+        (None, "closed the connection without a reply"),
+        (b'{"ok": true}\n', "the VM's reply lacks what this command shows (KeyError('name'))"),
+        (b'{"ok": true, "devices": 7}\n', "the VM's reply lacks what this command shows"),
+        (b'{"ok": false, "error": "the monitor is busy with snapshot"}\n', "busy with snapshot"),
+    ],
+    indirect=["monitor"],
+)
+def test_ctl_status_bad_reply_is_one_line_error(monitor, words):
+    assert_one_line_error(ctl(monitor.sock.getsockname(), "status"), words)
+
+
+@pytest.mark.parametrize("monitor", [b""], indirect=True)
+def test_ctl_status_hung_monitor_is_one_line_error(monitor, monkeypatch):
+    monkeypatch.setattr(control, "CLIENT_TIMEOUT_S", 0.2)
+    assert_one_line_error(ctl(monitor.sock.getsockname(), "status"), "did not answer within 0.2 s")
+
+
+def test_ctl_status_missing_socket_is_one_line_error(tmp_path):
+    result = ctl(tmp_path / "control.sock", "status")
+    assert_one_line_error(result, "no VM is listening at")
+
+
+def test_ctl_status_stale_socket_is_one_line_error(tmp_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(tmp_path / "control.sock"))  # bound, never listening: a monitor that died
+    result = ctl(tmp_path / "control.sock", "status")
+    assert_one_line_error(result, "is not running (stale socket)")
+
+
+@pytest.mark.parametrize("monitor", [SNAPSHOT_REPLY], indirect=True)
+def test_ctl_snapshot_relative_dir_is_sent_absolute(monitor, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = ctl(monitor.sock.getsockname(), "snapshot", "snaps/one", "--json")
+    monitor.close()
+    assert result.exit_code == 0, result.output
+    assert (
+        monitor.request
+        == b'{"op": "snapshot", "path": "%s"}\n'
+        % str((tmp_path / "snaps" / "one").resolve()).encode()
+    )
