@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from splitvmm.errors import ConfigError
+from splitvmm.protocol.models import MODELS, PortWindow
 
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
 MIN_MEMORY = 16 << 20
@@ -33,9 +34,9 @@ MAX_CPUID_MASK_CHARS = 64  # "0x80000008.0xffffffff.ecx:0xffffffff" is 36
 MAX_SHOWN = 40  # characters of a bad value quoted in an error message
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
-# Each device model's options: name -> (type, default); None default means required.
+# Each device model's options: name -> (type, default), from its descriptor (protocol/models.py).
 MODEL_OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
-    "serial": {"output": (str, "stdio")},
+    m.name: {o.name: (o.kind, o.default) for o in m.options} for m in MODELS.values()
 }
 ALWAYS_ALLOWED = {"name", "model", "on_crash"}
 
@@ -43,10 +44,13 @@ ALWAYS_ALLOWED = {"name", "model", "on_crash"}
 # so a restore never takes one from its manifest: the operator names each (the config given to
 # `up --restore`, or `restore --set DEVICE.OPTION=VALUE`). Per model: option -> what `restore`
 # uses when not --set, or None when the operator must name it (a disk image: no safe default).
-# Every model in MODEL_OPTIONS has an entry, empty if it holds no host resource.
+# Every model has an entry, empty if it holds no host resource.
 HOST_RESOURCES: dict[str, dict[str, str | None]] = {
-    "serial": {"output": "stdio"},
+    m.name: {o.name: o.restore_default for o in m.options if o.host_resource}
+    for m in MODELS.values()
 }
+# Models every VM has unless `[vm] <model> = false` (the PC's RTC): model -> device name.
+DEFAULT_DEVICES = {m.name: m.default_device for m in MODELS.values() if m.default_device}
 # [boot] keys naming host files. A restore loads no kernel or initrd (guest RAM holds them);
 # a firmware-booted VM maps its firmware again, from the path the operator --set.
 BOOT_RESOURCES = ("kernel", "initrd", "firmware")
@@ -139,8 +143,11 @@ def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> Non
         )
 
 
+VM_KEYS = {"name", "memory", "vcpus", "cpuid_mask", "snapshot_dirs", *DEFAULT_DEVICES}
+
+
 def _parse_vm(table: dict[str, Any], base: Path) -> VmSection:
-    _reject_unknown(table, {"name", "memory", "vcpus", "cpuid_mask", "snapshot_dirs"}, "vm")
+    _reject_unknown(table, VM_KEYS, "vm")
     name = _get(table, "name", "vm", str, "vm")
     if not NAME_RE.fullmatch(name):
         raise ConfigError(f"vm.name: {shown(name)} must be 1-63 letters, digits, '_', '.' or '-'")
@@ -218,6 +225,12 @@ def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
     spec = MODEL_OPTIONS[model]
     _reject_unknown(table, ALWAYS_ALLOWED | set(spec), where)
     options = {key: _get(table, key, where, kind, default) for key, (kind, default) in spec.items()}
+    for option in MODELS[model].options:
+        if option.choices and options[option.name] not in option.choices:
+            allowed = ", ".join(map(str, option.choices))
+            raise ConfigError(
+                f"{where}.{option.name}: expected one of {allowed}, got {shown(options[option.name])}"
+            )
     return DeviceSection(name, model, on_crash, options)
 
 
@@ -235,13 +248,34 @@ def parse_config(
         _parse_device(_table(d, f"device[{i}]"), f"device[{i}]")
         for i, d in enumerate(_get(data, "device", "config", list, []))
     )
+    devices += _default_devices(_get(data, "vm", "config", dict, {}), devices)
     names = [d.name for d in devices]
     for name in names:
         if names.count(name) > 1:
-            raise ConfigError(f"device {name!r}: the name is used twice")
-    if sum(d.model == "serial" for d in devices) > 1:
-        raise ConfigError("device: only one serial device (COM1) is supported")
+            raise ConfigError(f"device {shown(name)}: the name is used twice")
+    for model in MODELS.values():
+        if (
+            isinstance(model.transport, PortWindow)
+            and sum(d.model == model.name for d in devices) > 1
+        ):
+            raise ConfigError(
+                f"device: only one {model.name} device is supported (it sits at fixed ports "
+                f"{model.transport.base:#x}-{model.transport.base + model.transport.size - 1:#x})"
+            )
     return VmConfig(vm, boot, devices)
+
+
+def _default_devices(
+    vm: dict[str, Any], devices: tuple[DeviceSection, ...]
+) -> tuple[DeviceSection, ...]:
+    """The devices every VM has (a PC's RTC) that the config neither lists nor turns off
+    with `[vm] <model> = false`; with their options' defaults."""
+    added = []
+    for model, name in DEFAULT_DEVICES.items():
+        if _get(vm, model, "vm", bool, True) and not any(d.model == model for d in devices):
+            options = {key: default for key, (_, default) in MODEL_OPTIONS[model].items()}
+            added.append(DeviceSection(name, model, "stop", options))
+    return tuple(added)
 
 
 def load_config(path: Path, check_files: bool = True) -> VmConfig:
@@ -281,6 +315,9 @@ def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
     vm = {"name": cfg.vm.name, "memory": cfg.vm.memory, "vcpus": cfg.vm.vcpus}
     if cfg.vm.cpuid_mask:
         vm["cpuid_mask"] = list(cfg.vm.cpuid_mask)
+    for model in DEFAULT_DEVICES:  # left out on purpose: it stays out when read back
+        if not any(d.model == model for d in cfg.devices):
+            vm[model] = False
     devices = [
         {"name": d.name, "model": d.model, "on_crash": d.on_crash, **d.options} for d in cfg.devices
     ]

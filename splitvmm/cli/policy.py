@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
 
 SPAWN_TIMEOUT_S = 15.0
 PIPE_SIZE = 4096  # the device's output pipe: one page, the least Linux gives
+OUTPUT_OVERRUN = 16 << 10  # more than any device buffers: the rest is dropped (and logged)
 EXPECTED_EXIT = 1  # the workload ends with a malformed frame: ProtocolError, exit status 1
 NOTIFY_LINK = "anon_inode:seccomp notify"
 
@@ -76,15 +77,14 @@ def check(policy_dir: Path | None) -> None:
 
 def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """(errors as "file:line: message", [(file name, rule count)] of the compiled ones)."""
-    from splitvmm.devprocs import serial  # noqa: F401  (registers the models)
-    from splitvmm.devprocs.base import REGISTRY
     from splitvmm.monitor.confinement import MONITOR_POLICY, VCPU_POLICY
     from splitvmm.native.kvm import IOCTL_NUMBERS
+    from splitvmm.protocol.models import MODELS
     from splitvmm.sandbox import policy
 
     errors: list[str] = []
     compiled: list[tuple[str, int]] = []
-    loadable = {f"{m}_device.policy" for m in REGISTRY} | {
+    loadable = {f"{m}_device.policy" for m in MODELS} | {
         "warden.policy",
         MONITOR_POLICY,
         VCPU_POLICY,
@@ -112,11 +112,10 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 @click.option("--accesses", default=400, show_default=True, help="Accesses in the workload.")
 def audit(model: str, accesses: int) -> None:
     """Run a MODEL device under a tracing filter through a workload; print its syscalls."""
-    from splitvmm.devprocs.base import REGISTRY
-    from splitvmm.devprocs.serial import Uart8250  # noqa: F401  (registers the models)
+    from splitvmm.protocol.models import MODELS
     from splitvmm.sandbox import policy
 
-    if model not in REGISTRY:
+    if model not in MODELS:
         raise click.BadParameter(f"unknown model {model!r}", param_hint="MODEL")
     current = policy.load_model_policy(model)
     trace = trace_device(model, accesses, current)
@@ -247,8 +246,12 @@ class SpawnedDevice:
     def __init__(self, model: str, rundir: Path) -> None:
         import zmq
 
-        from splitvmm.devprocs.spec import DeviceSpec
         from splitvmm.monitor.devhost import start_device
+        from splitvmm.protocol.models import MODELS, FdKind
+        from splitvmm.protocol.spec import DEVICE_COMMAND, DeviceSpec
+
+        self.model = MODELS[model]
+        self.window = self.model.transport.size
 
         self.zctx = zmq.Context()
         self.sock = self.zctx.socket(zmq.PAIR)
@@ -258,12 +261,12 @@ class SpawnedDevice:
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # so that the stall comes soon
-        fds = {"irq": self.irq, "out": self.out_w}
+        kinds = {FdKind.IRQ: self.irq, FdKind.OUTPUT: self.out_w}
+        fds = {role.name: kinds[role.kind] for role in self.model.fds}
         spec = DeviceSpec(f"{model}0", model, endpoint, fds, seccomp="trace")
         # Its stderr (the traceback the malformed frame causes) stays out of our output.
         with open(rundir / "device.stderr", "wb") as stderr:
-            command = (sys.executable, "-m", "splitvmm.devprocs")
-            self.proc = start_device(command, spec, stderr=stderr.fileno())
+            self.proc = start_device(DEVICE_COMMAND, spec, stderr=stderr.fileno())
         os.close(self.out_w)
         self._seq = 0
 
@@ -284,7 +287,7 @@ class SpawnedDevice:
         self._mixed(accesses)
         self._control_round_trips()
         for i in range(accesses):
-            self.sock.send(wire.encode_write(i % 8, bytes([0x41 + i % 26])))
+            self.sock.send(wire.encode_write(i % self.window, bytes([0x41 + i % 26])))
         self._request(wire.encode_sync(self._next()))
         self._drain()
         self._stalled_output()
@@ -294,25 +297,26 @@ class SpawnedDevice:
         """More output than the pipe and the device's buffer hold, unread: the device
         buffers it, drops (and logs) the excess, and answers reads meanwhile; then we read,
         and it flushes when the pipe is writable again."""
-        from splitvmm.devprocs.output import CAPACITY
-        from splitvmm.devprocs.serial import Lcr, Mcr, Reg
         from splitvmm.protocol import wire
 
-        self.sock.send(wire.encode_write(Reg.LCR, bytes([Lcr.WLEN8])))  # DLAB off: THR
-        self.sock.send(wire.encode_write(Reg.MCR, bytes([Mcr.OUT2])))  # no loopback
-        for i in range(PIPE_SIZE + CAPACITY + 64):  # the last 64 find no room: dropped
-            self.sock.send(wire.encode_write(Reg.RX_TX, bytes([0x61 + i % 26])))
-        self._request(wire.encode_read(self._next(), Reg.LSR, 1))
+        recipe = self.model.output_recipe
+        if recipe is None:  # a model without output
+            return
+        for offset, value in recipe.setup:
+            self.sock.send(wire.encode_write(offset, bytes([value])))
+        for i in range(PIPE_SIZE + OUTPUT_OVERRUN):  # past the pipe and the device's buffer
+            self.sock.send(wire.encode_write(recipe.emit_offset, bytes([0x61 + i % 26])))
+        self._request(wire.encode_read(self._next(), 0, 1))
         kept = 0
-        while kept < PIPE_SIZE + CAPACITY and select.select([self.out_r], [], [], 2.0)[0]:
+        while kept < PIPE_SIZE and select.select([self.out_r], [], [], 2.0)[0]:
             kept += len(os.read(self.out_r, 65536))
-            self._request(wire.encode_read(self._next(), Reg.LSR, 1))  # it flushes meanwhile
+            self._request(wire.encode_read(self._next(), 0, 1))  # it flushes meanwhile
 
     def _mixed(self, accesses: int) -> None:
         from splitvmm.protocol import wire
 
         for i in range(accesses):
-            offset = i % 8
+            offset = i % self.window
             if i % 4 == 0:
                 self._request(wire.encode_read(self._next(), offset, 1))
             elif i % 4 == 1:

@@ -3,9 +3,8 @@
 import os
 import sys
 
-from splitvmm.devprocs import serial  # noqa: F401  (registers the model)
 from splitvmm.devprocs.runtime import run
-from splitvmm.devprocs.spec import MAX_SPEC, DeviceSpec
+from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 
 
 def read_spec() -> DeviceSpec:

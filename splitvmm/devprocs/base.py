@@ -8,6 +8,7 @@ its DeviceContext (an irq trigger, a bounded output buffer).
 from __future__ import annotations
 
 import abc
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, Protocol, Self
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
+from splitvmm.protocol.models import MODELS
 
 
 class Trigger(Protocol):
@@ -120,5 +122,30 @@ REGISTRY: dict[str, type[Device]] = {}
 
 
 def register(cls: type[Device]) -> type[Device]:
+    """Register a model; it must match its descriptor (protocol/models.py), which is all the
+    monitor knows of it: a model and its descriptor that disagree fail at import, in tests."""
+    descriptor = MODELS.get(cls.NAME)
+    if descriptor is None:
+        raise TypeError(f"{cls.__name__}: no descriptor {cls.NAME!r} in protocol.models.MODELS")
+    if cls.WINDOW != descriptor.transport.size:
+        raise TypeError(f"{cls.__name__}: WINDOW {cls.WINDOW} != its descriptor's window")
+    if cls.State.VERSION != descriptor.state_version:
+        raise TypeError(f"{cls.__name__}: State.VERSION != its descriptor's state_version")
     REGISTRY[cls.NAME] = cls
     return cls
+
+
+def load_model(name: str) -> type[Device]:
+    """The model class for a descriptor name: its module is splitvmm.devprocs.<name>
+    (STYLE 6: the name is the key everywhere). Names come from the monitor's spec and
+    must be a descriptor's, never anything else."""
+    if name not in MODELS:
+        raise StateError(f"unknown device model {name!r}")
+    if name not in REGISTRY:
+        importlib.import_module(f"splitvmm.devprocs.{name}")
+    return REGISTRY[name]
+
+
+def load_all_models() -> dict[str, type[Device]]:
+    """Every model with a descriptor (the policy checker, the conformance tests)."""
+    return {name: load_model(name) for name in MODELS}

@@ -18,12 +18,13 @@ from collections.abc import Callable
 import zmq
 
 from splitvmm.devprocs import sandbox
-from splitvmm.devprocs.base import REGISTRY, Device, DeviceContext
+from splitvmm.devprocs.base import Device, DeviceContext, load_model
 from splitvmm.devprocs.output import BoundedOutput, FdLine
-from splitvmm.devprocs.spec import DeviceSpec
 from splitvmm.errors import StateError
+from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, wire
+from splitvmm.protocol.spec import DeviceSpec
 
 log = logging.getLogger("splitvmm.dev")
 
@@ -38,7 +39,8 @@ RUNTIME_ADDRESS_SPACE = 256 << 20
 def address_space_limit(spec: DeviceSpec) -> int:
     """RLIMIT_AS for this device: the runtime's own, plus every fd its model maps whole
     (a virtio device maps guest RAM: RAM size + the runtime's share)."""
-    mapped = sum(os.fstat(spec.fds[role]).st_size for role in REGISTRY[spec.model].MAPPED_FDS)
+    model = load_model(spec.model)
+    mapped = sum(os.fstat(spec.fds[role]).st_size for role in model.MAPPED_FDS)
     return RUNTIME_ADDRESS_SPACE + mapped
 
 
@@ -52,7 +54,7 @@ def build_context(spec: DeviceSpec) -> DeviceContext:
 def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
     """The model, fresh or restored from the spec's state. A saved state is untrusted (a
     snapshot file), so this runs inside the sandbox and restore() validates every field."""
-    model = REGISTRY[spec.model]
+    model = load_model(spec.model)
     if spec.state is None:
         return model(ctx)
     return model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
@@ -175,9 +177,10 @@ def _run_hook(hook: Hook, spec: DeviceSpec) -> None:
 
 def run(spec: DeviceSpec) -> None:
     # The monitor's death must take us with it (no orphan holding guest RAM).
-    from splitvmm.devprocs.prctl import set_parent_death_signal
-
-    set_parent_death_signal(signal.SIGKILL)
+    confine.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() == 1:  # the monitor died before prctl took effect: we were reparented
+        os._exit(1)
+    load_model(spec.model)  # imports the model's module: there is no file system once sandboxed
     logging.basicConfig(
         level=logging.WARNING, format=f"splitvmm: dev {spec.name}: %(levelname)s %(message)s"
     )

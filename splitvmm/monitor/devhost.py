@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,10 +24,10 @@ from pathlib import Path
 
 import zmq
 
-from splitvmm.devprocs.spec import MAX_SPEC, DeviceSpec
 from splitvmm.errors import DeviceFailure, ProtocolError
 from splitvmm.monitor.budget import LatencyBudget
 from splitvmm.protocol import control, wire
+from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec
 
 log = logging.getLogger("splitvmm.devhost")
 
@@ -59,7 +58,7 @@ class Spawn:
     fds: dict[str, int] = field(default_factory=dict)
     state: dict[str, object] | None = None  # restore: the device's saved state document
     # The program run with the spec as its last argument; tests put a rogue device here.
-    command: tuple[str, ...] = (sys.executable, "-m", "splitvmm.devprocs")  # spec on stdin
+    command: tuple[str, ...] = DEVICE_COMMAND
 
 
 # Environment variables a device process inherits: only what the device code reads itself
@@ -75,7 +74,7 @@ def start_device(
     """exec a device process with its spec on stdin (not in argv, which Linux caps at 128 KiB
     an argument) and exactly the spec's fds.
 
-    Its fds 0 and 1 are /dev/null (0 once it has read the spec: devprocs/__main__.py), so
+    Its fds 0 and 1 are /dev/null (0 once it has read the spec), so
     a device never reads the operator's terminal nor writes to it except through the fd
     given to it as its output (when that is stdio, a dup of our stdout above fd 2, so that
     /dev/null can take fd 1). Its fd 2 is our stderr (or `stderr`): a device's warnings and

@@ -35,13 +35,13 @@ from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
+from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor
 from splitvmm.snapshot import signing
 from splitvmm.snapshot.reader import Snapshot
 
 log = logging.getLogger("splitvmm.machine")
 
-# Where each device model sits on the PC platform: (port base, window, IRQ).
-SERIAL_WINDOW = 8
+STDOUT = 1
 DEBUG_EXIT_WINDOW = 4  # accepts outb/outw/outl at 0xf4
 # Control requests that only read a few fields: answered even while a snapshot runs.
 READ_ONLY_REQUESTS = ("status", "devices")
@@ -65,7 +65,7 @@ class Machine:
         self.vcpus: list[VcpuThread] = []
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.zctx: zmq.Context | None = None
-        self._serial_host: DeviceHost | None = None
+        self._console_host: DeviceHost | None = None  # takes the operator's keyboard
         self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
 
     def build(self) -> None:
@@ -122,36 +122,41 @@ class Machine:
         self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
 
     def _spawn_device(self, dev: DeviceSection) -> None:
-        if dev.model != "serial":  # config.py only admits known models
-            raise ConfigError(f"device {dev.name!r}: model {dev.model!r} has no platform wiring")
-        irq = EventFd()
-        self._closables.append(irq)
-        self.vm.register_irqfd(irq.fd, layout.COM1_IRQ)
-        out_fd = self._open_output(dev)
+        """Spawn one device from its model's descriptor: the monitor knows transports and
+        fd kinds, never a model (protocol/models.py)."""
+        model = MODELS[dev.model]  # config.py admits only known models
+        fds = {role.name: self._device_fd(dev, model, role) for role in model.fds}
         state = restore.device_state(self.snapshot, dev.name) if self.snapshot else None
+        window = model.transport
         host = DeviceHost(
-            Spawn(
-                dev.name,
-                dev.model,
-                SERIAL_WINDOW,
-                dict(dev.options),
-                {"irq": irq.fd, "out": out_fd},
-                state,
-            ),
+            Spawn(dev.name, dev.model, window.size, dict(dev.options), fds, state),
             None,  # attached once the monitor is confined
             self.rundir.path,
             self._device_failed,
         )
         self.hosts.append(host)
-        self.pio.insert(layout.COM1_PORT, SERIAL_WINDOW, host)
-        self._serial_host = host
+        self.pio.insert(window.base, window.size, host)
+        if model.console and any(
+            r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
+        ):
+            self._console_host = host
 
-    def _open_output(self, dev: DeviceSection) -> int:
-        """The serial output's fd: stdout, a UNIX socket, or a regular file (created 0600),
-        each opened through hostpath, so no FIFO, device or symlink, and no hang."""
-        output, key = str(dev.options["output"]), f"device {dev.name!r}.output"
+    def _device_fd(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
+        if role.kind is FdKind.IRQ:
+            if model.transport.irq is None:
+                raise ConfigError(f"model {model.name}: fd role {role.name} needs an irq line")
+            irq = EventFd()
+            self._closables.append(irq)
+            self.vm.register_irqfd(irq.fd, model.transport.irq)
+            return irq.fd
+        return self._open_output(dev, role.option)
+
+    def _open_output(self, dev: DeviceSection, option: str) -> int:
+        """An output stream's fd: stdout, a UNIX socket, or a file (created 0600), FIFO or
+        character device, each opened through hostpath: no symlink, and no hang."""
+        output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
         if output == "stdio":
-            return 1
+            return STDOUT
         if output.startswith("unix:"):
             sock = hostpath.connect_unix(output.removeprefix("unix:"), key)
             self._closables.append(sock)
@@ -283,9 +288,8 @@ class Machine:
         self.stop(Outcome(128 + signum, f"stopped by {signal.Signals(signum).name}"))
 
     def _serve_console(self) -> None:
-        host = self._serial_host
-        stdio = host is not None and self._device_cfg[host.name].options["output"] == "stdio"
-        if not stdio:
+        host = self._console_host
+        if host is None:
             pump(None, self._wake.fd, lambda data: None, escape=False)
             return
         stdin = 0 if _is_open(0) else None

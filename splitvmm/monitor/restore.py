@@ -31,7 +31,7 @@ from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
 
-# A device process reads its spec, saved state included, capped (devprocs/__main__.py
+# A device process reads its spec, saved state included, capped (protocol/spec.py
 # MAX_SPEC): a bigger state must be refused here, in a sentence, not there, in a traceback.
 MAX_DEVICE_STATE = MAX_CONTROL
 

@@ -15,11 +15,11 @@ import pytest
 import zmq
 
 from splitvmm.devprocs.serial import Lsr, Reg
-from splitvmm.devprocs.spec import MAX_SPEC
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.devhost import DeviceHost, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
+from splitvmm.protocol.spec import MAX_SPEC
 
 
 class Harness:

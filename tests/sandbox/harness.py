@@ -21,9 +21,9 @@ from pathlib import Path
 import cloudpickle  # type: ignore[import-untyped]
 import zmq
 
-from splitvmm.devprocs.spec import DeviceSpec
 from splitvmm.monitor.devhost import start_device
 from splitvmm.protocol import wire
+from splitvmm.protocol.spec import DeviceSpec
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 15.0

@@ -33,10 +33,11 @@ from splitvmm.config import VmConfig
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.runtime import build_device
 from splitvmm.devprocs.serial import UartState
-from splitvmm.devprocs.spec import DeviceSpec
 from splitvmm.monitor import loader, machine, restore
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
+from splitvmm.protocol.models import MODELS, FdKind
+from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.snapshot.reader import Snapshot
 from tests.fakes import FakeIrq
 
@@ -118,7 +119,9 @@ def fake_run_vm(ran: Ran) -> Callable[[VmConfig, Snapshot | None], Outcome]:
         m = machine.Machine(cfg, snapshot=snap)
         try:
             for dev in cfg.devices:
-                m._open_output(dev)
+                for role in MODELS[dev.model].fds:
+                    if role.kind is FdKind.OUTPUT:
+                        m._open_output(dev, role.option)
             if cfg.boot.firmware is not None:
                 loader.load_firmware(cfg.boot.firmware)
         finally:

@@ -2,9 +2,9 @@
 
 import pytest
 
-from splitvmm.devprocs.spec import MAX_SPEC, DeviceSpec
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.devhost import start_device
+from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 
 
 def test_start_device_state_over_spec_cap_raises_device_failure_naming_device():

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
+
+# How a device process is started: this interpreter, the device package, the spec on stdin.
+DEVICE_COMMAND = (sys.executable, "-m", "splitvmm.devprocs")
 
 # The most a device reads of its spec: options plus a saved state (restore). The monitor
 # refuses a larger one before it spawns anything (monitor/devhost.py).
@@ -13,7 +17,7 @@ MAX_SPEC = 2 << 20
 @dataclass(frozen=True, slots=True)
 class DeviceSpec:
     name: str  # the configured device name, e.g. "serial0"
-    model: str  # a key of devprocs.base.REGISTRY
+    model: str  # a key of protocol.models.MODELS
     channel: str  # ZeroMQ endpoint to connect to (ipc://...)
     fds: dict[str, int] = field(default_factory=dict)  # role -> inherited fd number
     options: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,102 @@
+"""Model descriptors: what the monitor needs to know of a device model, and nothing more.
+
+The monitor never imports a device model (splitvmm/devprocs): it builds a VM from these
+descriptors alone. A descriptor says where the model sits on the platform (its transport:
+a port window and an interrupt line today, a PCI function with config space and BARs for
+virtio), which options its config section takes (and which of them name a host resource,
+which a snapshot must never supply), which fds its process receives (by role kind: the
+monitor knows how to make an irq eventfd or open an output, never what a UART is), and
+the version of its saved state.
+
+Adding a device model: its module in splitvmm/devprocs/ (registered with
+devprocs.base.register, which checks the model against its descriptor here), its seccomp
+policy in policies/<arch>/, its tests, and one entry in MODELS below.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FdKind(enum.Enum):
+    """What the monitor puts behind an fd role of a device process."""
+
+    IRQ = "irq"  # an eventfd registered as an irqfd on the transport's interrupt line
+    OUTPUT = "output"  # the stream named by an option: "stdio", a file path, "unix:PATH"
+
+
+@dataclass(frozen=True, slots=True)
+class FdRole:
+    name: str  # the key in the device's DeviceSpec.fds
+    kind: FdKind
+    option: str = ""  # OUTPUT: the option naming the stream
+
+
+@dataclass(frozen=True, slots=True)
+class PortWindow:
+    """An x86 port-I/O window at a fixed address (ISA), with its ISA interrupt line."""
+
+    base: int
+    size: int  # bytes of port space the model decodes (its Device.WINDOW)
+    irq: int | None = None  # ISA IRQ = IOAPIC pin = GSI
+
+
+Transport = PortWindow  # (PciFunction joins it with virtio)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One option of a model's [[device]] table.
+
+    host_resource: the option names something on the host (a path, a socket, later an
+    image or a TAP). A restore takes it from the operator only: `restore_default` if the
+    operator names none, or a refusal when that is None."""
+
+    name: str
+    kind: type  # str, int or bool
+    default: object  # the value when the table leaves it out
+    choices: tuple[object, ...] = ()  # empty: any value of `kind`
+    host_resource: bool = False
+    restore_default: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecipe:
+    """How to make a model emit output through its registers, for workloads that must
+    stall its output (`splitvmm policy audit`): posted writes of (offset, value) that set
+    it up, then writes of any byte at `emit_offset` each emit that byte."""
+
+    setup: tuple[tuple[int, int], ...]
+    emit_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDescriptor:
+    name: str  # the config's `model`, the policy's file name, the log name
+    transport: Transport
+    options: tuple[Option, ...] = ()
+    fds: tuple[FdRole, ...] = ()
+    state_version: int = 1
+    # A device every VM has unless `[vm] <name> = false` (the PC's RTC), with this name.
+    default_device: str | None = None
+    # Host input (the operator's keyboard when its output is stdio) goes to this device.
+    console: bool = False
+    output_recipe: OutputRecipe | None = None  # a model with an OUTPUT fd role has one
+
+    def option(self, name: str) -> Option:
+        return next(o for o in self.options if o.name == name)
+
+
+SERIAL = ModelDescriptor(
+    name="serial",  # 8250/16550A at COM1
+    transport=PortWindow(base=0x3F8, size=8, irq=4),
+    options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
+    fds=(FdRole("irq", FdKind.IRQ), FdRole("out", FdKind.OUTPUT, option="output")),
+    state_version=2,
+    console=True,
+    # LCR = 8 data bits with DLAB clear (offset 0 is THR), MCR = OUT2 without loopback
+    output_recipe=OutputRecipe(setup=((3, 0x03), (4, 0x08)), emit_offset=0),
+)
+
+MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL,)}

@@ -1,0 +1,60 @@
+"""Model descriptors (protocol/models.py) against the models that implement them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from splitvmm.devprocs.base import REGISTRY, load_all_models, load_model, register
+from splitvmm.errors import StateError
+from splitvmm.protocol.models import MODELS, FdKind
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_matches_its_descriptor(name):
+    model = load_model(name)
+    descriptor = MODELS[name]
+
+    assert (model.NAME, model.WINDOW) == (descriptor.name, descriptor.transport.size)
+    assert model.State.VERSION == descriptor.state_version
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_output_role_names_an_option_and_has_a_recipe(name):
+    descriptor = MODELS[name]
+    outputs = [r for r in descriptor.fds if r.kind is FdKind.OUTPUT]
+
+    assert all(r.option in {o.name for o in descriptor.options} for r in outputs)
+    assert bool(outputs) == (descriptor.output_recipe is not None)
+
+
+def test_load_all_models_covers_every_descriptor():
+    assert set(load_all_models()) == set(MODELS)
+
+
+def test_load_model_unknown_name_refused_without_import():
+    with pytest.raises(StateError, match="unknown device model 'os'"):
+        load_model("os")
+
+
+def test_register_model_disagreeing_with_descriptor_refused():
+    serial = load_model("serial")
+    wrong = type("Wrong", (serial,), {"WINDOW": serial.WINDOW + 1})
+
+    with pytest.raises(TypeError, match="WINDOW"):
+        register(wrong)
+    assert REGISTRY["serial"] is serial
+
+
+def test_register_model_without_descriptor_refused():
+    serial = load_model("serial")
+    stray = type("Stray", (serial,), {"NAME": "stray"})
+
+    with pytest.raises(TypeError, match="no descriptor 'stray'"):
+        register(stray)
+
+
+def test_descriptors_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MODELS["serial"].name = "x"  # type: ignore[misc]
