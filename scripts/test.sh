@@ -4,4 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+# The static checks first (seconds): style, and the layers of DESIGN.md (pyproject.toml
+# [tool.importlinter]: cli -> monitor -> protocol/native; the monitor never imports a model).
+.venv/bin/ruff check splitvmm tests bench
+.venv/bin/ruff format --check splitvmm tests bench
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest -ra "$@"
