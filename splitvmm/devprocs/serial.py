@@ -267,7 +267,7 @@ class Uart8250(Device):
             self.rx.clear()
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
-        self.fcr = value & (Fcr.ENABLE_FIFO | 0xC0)  # keep enable and trigger level
+        self.fcr = value & (int(Fcr.ENABLE_FIFO) | 0xC0)  # keep enable and trigger level (int)
         self._check_thre()  # FIFOs on or off change what "empty" needs
 
     # -- the transmitter: the output buffer seen as a slow line -----------------------
