@@ -10,39 +10,33 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-from dataclasses import dataclass
 
-from splitvmm.errors import SplitvmmError
 from splitvmm.monitor.layout import ram_ranges
+from splitvmm.native.mem import GuestMemoryError, GuestMemoryView, Region
+
+__all__ = ["SEALS", "GuestMemory", "GuestMemoryError", "Region"]
 
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-class GuestMemoryError(SplitvmmError):
-    """An access to a guest-physical range that is not (all) RAM."""
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    gpa: int  # guest-physical start
-    size: int
-    offset: int  # offset in the memfd
-
-
-class GuestMemory:
+class GuestMemory(GuestMemoryView):
     """The guest's RAM as one sealed memfd, split into regions around the PCI hole."""
 
     def __init__(self, size: int, name: str = "guest-ram") -> None:
         self.size = size
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, size)
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
-        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
+            mapping = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
         regions, offset = [], 0
         for gpa, length in ram_ranges(size):
             regions.append(Region(gpa, length, offset))
             offset += length
-        self.regions: tuple[Region, ...] = tuple(regions)
+        super().__init__(mapping, regions)
 
     def slots(self, holes: list[tuple[int, int]]) -> list[Region]:
         """RAM regions with (gpa, size) holes cut out, for KVM memory slots (which cannot overlap)."""
@@ -61,25 +55,6 @@ class GuestMemory:
             out = cut
         return out
 
-    def _locate(self, gpa: int, length: int) -> int:
-        """The memfd offset of [gpa, gpa+length), which must lie in one region."""
-        for r in self.regions:
-            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
-                return r.offset + gpa - r.gpa
-        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
-
-    def write(self, gpa: int, data: bytes) -> None:
-        off = self._locate(gpa, len(data))
-        self.map[off : off + len(data)] = data
-
-    def read(self, gpa: int, length: int) -> bytes:
-        off = self._locate(gpa, length)
-        return self.map[off : off + length]
-
-    def view(self, gpa: int, length: int) -> memoryview:
-        off = self._locate(gpa, length)
-        return memoryview(self.map)[off : off + length]
-
     def close(self) -> None:
-        self.map.close()
+        super().close()
         os.close(self.fd)

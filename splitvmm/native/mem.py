@@ -1,9 +1,14 @@
-"""Host addresses of mappings, for KVM memory slots (hva never leaves native/)."""
+"""Guest RAM mappings: the gpa view both sides share, and host addresses for KVM memory
+slots (an hva never leaves native/)."""
 
 from __future__ import annotations
 
 import mmap
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+from splitvmm.errors import SplitvmmError
 from splitvmm.native._kvm import ffi
 
 
@@ -16,3 +21,69 @@ def mapping_address(mapping: mmap.mmap, offset: int = 0) -> int:
     """
     buf = ffi.from_buffer(mapping)
     return int(ffi.cast("uintptr_t", buf)) + offset
+
+
+class GuestMemoryError(SplitvmmError):
+    """An access to a guest-physical range that is not (all) RAM."""
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    gpa: int  # guest-physical start
+    size: int
+    offset: int  # offset in the RAM memfd (and its mapping)
+
+
+class GuestMemoryView:
+    """Guest RAM by guest-physical address, over one mapping of the RAM memfd.
+
+    The one view the monitor (loader, fault reports, snapshots) and device processes
+    (virtqueues, which map the memfd themselves) share. Every access must lie inside one
+    region: a guest-supplied address and length never reach outside the mapping, and an
+    access that straddles the PCI hole is refused rather than split.
+    """
+
+    def __init__(self, mapping: mmap.mmap, regions: Sequence[Region]) -> None:
+        end = 0
+        for r in sorted(regions, key=lambda r: r.gpa):
+            if r.size <= 0 or r.gpa < end or r.offset < 0 or r.offset + r.size > len(mapping):
+                raise GuestMemoryError(f"guest RAM region {r} does not fit the mapping")
+            end = r.gpa + r.size
+        self.map = mapping
+        self.regions: tuple[Region, ...] = tuple(regions)
+
+    @classmethod
+    def map_fd(cls, fd: int, regions: Sequence[Region]) -> GuestMemoryView:
+        """Map a RAM memfd handed to us (a device process) and view it by gpa."""
+        size = os.fstat(fd).st_size
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            return cls(mapping, regions)
+        except GuestMemoryError:
+            mapping.close()
+            raise
+
+    def locate(self, gpa: int, length: int) -> int:
+        """The mapping offset of [gpa, gpa+length), which must lie in one region."""
+        if gpa >= 0 and length >= 0:
+            for r in self.regions:
+                if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                    return r.offset + gpa - r.gpa
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        off = self.locate(gpa, length)
+        return self.map[off : off + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        off = self.locate(gpa, len(data))
+        self.map[off : off + len(data)] = data
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy window (for preadv/pwritev into guest buffers); release it before
+        close()."""
+        off = self.locate(gpa, length)
+        return memoryview(self.map)[off : off + length]
+
+    def close(self) -> None:
+        self.map.close()

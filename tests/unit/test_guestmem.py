@@ -1,0 +1,73 @@
+"""GuestMemoryView (native/mem.py): the gpa view of guest RAM the monitor and devices share."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+from splitvmm.native.mem import GuestMemoryError, GuestMemoryView, Region
+
+PAGE = 4096
+# RAM in two regions with a hole between them, as around the PCI hole
+REGIONS = (Region(0, 2 * PAGE, 0), Region(8 * PAGE, PAGE, 2 * PAGE))
+
+
+@pytest.fixture
+def view():
+    fd = os.memfd_create("test-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 3 * PAGE)
+    v = GuestMemoryView.map_fd(fd, REGIONS)
+    yield v
+    v.close()
+    os.close(fd)
+
+
+def test_guestmem_write_then_read_in_second_region_lands_at_its_offset(view):
+    view.write(8 * PAGE + 5, b"abc")
+
+    assert view.read(8 * PAGE + 5, 3) == b"abc"
+    assert view.map[2 * PAGE + 5 : 2 * PAGE + 8] == b"abc"
+
+
+@pytest.mark.parametrize(
+    ("gpa", "length"),
+    [
+        (2 * PAGE - 1, 2),  # runs off the first region into the hole
+        (4 * PAGE, 1),  # in the hole
+        (9 * PAGE - 1, 2),  # past the end of RAM
+        (-1, 1),  # a negative address
+        (0, -1),  # a negative length
+        (2**64 - 1, 2),  # wraps around 64 bits
+    ],
+)
+def test_guestmem_access_outside_one_region_refused(view, gpa, length):
+    with pytest.raises(GuestMemoryError, match="is not RAM"):
+        view.read(gpa, length)
+
+
+def test_guestmem_view_is_zero_copy(view):
+    window = view.view(PAGE, 4)
+    window[:] = b"wxyz"
+    window.release()
+
+    assert view.read(PAGE, 4) == b"wxyz"
+
+
+@pytest.mark.parametrize(
+    "regions",
+    [
+        (Region(0, 4 * PAGE, 0),),  # larger than the memfd
+        (Region(0, PAGE, 0), Region(PAGE // 2, PAGE, PAGE)),  # overlapping gpa ranges
+        (Region(0, 0, 0),),  # empty
+        (Region(0, PAGE, -PAGE),),  # before the mapping
+    ],
+)
+def test_guestmem_regions_that_do_not_fit_refused(regions):
+    mapping = mmap.mmap(-1, 3 * PAGE)
+    try:
+        with pytest.raises(GuestMemoryError, match="does not fit"):
+            GuestMemoryView(mapping, regions)
+    finally:
+        mapping.close()
