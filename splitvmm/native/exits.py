@@ -4,7 +4,11 @@ VcpuFd.run() returns one record per exit, so the monitor never reads struct kvm_
 itself. This is the path of every guest port or MMIO access: RunPage decodes the
 page with one struct.unpack_from whose layout is built here from the header's
 offsets (not typed by hand), reads the data bytes as one slice, and builds one
-record. Exits without fields are singletons (no allocation at all).
+record. The four access records are NamedTuples, built with tuple.__new__: about
+a third of what a frozen dataclass costs to build (~0.13 against ~0.4 us here),
+on every exit. They compare equal only to records of their own type, never to a
+plain tuple. The other exits are rare and stay frozen dataclasses; the ones
+without fields are singletons.
 
 A read exit (PioIn, MmioRead) is completed by RunPage.complete_read(data) before the
 next KVM_RUN: KVM copies those bytes into the guest's register when it re-enters.
@@ -15,14 +19,34 @@ from __future__ import annotations
 import enum
 import mmap
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from splitvmm.native._kvm import ffi, lib
 
+_R = TypeVar("_R", bound=tuple)
 
-@dataclass(frozen=True, slots=True)
-class PioIn:
+
+def _same_type_eq(self: tuple, other: object) -> bool:
+    return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+
+
+def _same_type_ne(self: tuple, other: object) -> bool:
+    return not _same_type_eq(self, other)
+
+
+def _access_record(cls: type[_R]) -> type[_R]:
+    """A NamedTuple that equals only records of its own type: PioIn(0x60, 1, 1) equals
+    neither the tuple (0x60, 1, 1) nor a record of another kind with the same fields."""
+    cls.__eq__ = _same_type_eq  # type: ignore[assignment]
+    cls.__ne__ = _same_type_ne  # type: ignore[assignment]
+    cls.__hash__ = tuple.__hash__  # type: ignore[assignment]
+    return cls
+
+
+@_access_record
+class PioIn(NamedTuple):
     """`count` reads of `size` bytes from `port` (count > 1 for rep ins)."""
 
     port: int
@@ -30,8 +54,8 @@ class PioIn:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
-class PioOut:
+@_access_record
+class PioOut(NamedTuple):
     """Writes to `port`: `data` holds len(data) // size accesses of `size` bytes, in order."""
 
     port: int
@@ -39,14 +63,14 @@ class PioOut:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class MmioRead:
+@_access_record
+class MmioRead(NamedTuple):
     gpa: int
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class MmioWrite:
+@_access_record
+class MmioWrite(NamedTuple):
     gpa: int
     data: bytes
 
@@ -171,6 +195,10 @@ _HEAD = field_reader(
 )
 _MMIO = field_reader(_RUN, "mmio.phys_addr", "mmio.len", "mmio.is_write")
 _MMIO_DATA = _field(_RUN, "mmio.data")[0]
+# The hot path's constants as module globals: a cffi `lib.X` lookup costs more than a global.
+_EXIT_IO, _EXIT_IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_IO_OUT
+_EXIT_MMIO, _EXIT_INTR = lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
+_new: Callable[..., Any] = tuple.__new__
 _IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
 _MMIO_DATA_MAX = _field(_RUN, "mmio.data")[1].length
 _INSN_MAX = _field(_RUN, "emulation_failure.insn_bytes")[1].length
@@ -209,19 +237,20 @@ class RunPage:
         page = self._map
         reason, direction, size, port, count, offset = _HEAD.unpack_from(page)
         self._read_len = 0
-        if reason == lib.KVM_EXIT_IO:
-            if direction == lib.KVM_EXIT_IO_OUT:
-                return PioOut(port, size, page[offset : offset + size * count])
+        # _new(Record, fields) is Record(*fields) without NamedTuple's Python-level __new__.
+        if reason == _EXIT_IO:
+            if direction == _EXIT_IO_OUT:
+                return _new(PioOut, (port, size, page[offset : offset + size * count]))
             self._read_at, self._read_len = offset, size * count
-            return PioIn(port, size, count)
-        if reason == lib.KVM_EXIT_MMIO:
+            return _new(PioIn, (port, size, count))
+        if reason == _EXIT_MMIO:
             gpa, length, is_write = _MMIO.unpack_from(page)
             length = min(length, _MMIO_DATA_MAX)
             if is_write:
-                return MmioWrite(gpa, page[_MMIO_DATA : _MMIO_DATA + length])
+                return _new(MmioWrite, (gpa, page[_MMIO_DATA : _MMIO_DATA + length]))
             self._read_at, self._read_len = _MMIO_DATA, length
-            return MmioRead(gpa, length)
-        if reason == lib.KVM_EXIT_INTR:
+            return _new(MmioRead, (gpa, length))
+        if reason == _EXIT_INTR:
             return INTERRUPTED
         return self._decode_cold(reason)
 

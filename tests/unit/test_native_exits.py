@@ -227,3 +227,12 @@ def test_field_reader_unpacks_fields_at_header_offsets(fake: Page) -> None:
 def test_field_reader_rejects_fields_out_of_order() -> None:
     with pytest.raises(ValueError, match=r"io\.size is not after"):
         field_reader("struct kvm_run", "io.port", "io.size")
+
+
+def test_access_record_equals_neither_a_tuple_nor_another_record() -> None:
+    assert (
+        PioIn(0x60, 1, 1) == (0x60, 1, 1),
+        PioIn(0x60, 1, 1) != (0x60, 1, 1),
+        MmioRead(0x60, 1) == MmioWrite(0x60, 1),  # type: ignore[arg-type]
+        PioIn(0x60, 1, 1) == PioIn(0x60, 1, 1),
+    ) == (False, True, False, True)
