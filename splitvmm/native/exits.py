@@ -194,13 +194,13 @@ _HEAD = field_reader(
     _RUN, "exit_reason", "io.direction", "io.size", "io.port", "io.count", "io.data_offset"
 )
 _MMIO = field_reader(_RUN, "mmio.phys_addr", "mmio.len", "mmio.is_write")
-_MMIO_DATA = _field(_RUN, "mmio.data")[0]
+_MMIO_DATA, _MMIO_DATA_TYPE = _field(_RUN, "mmio.data")
+_MMIO_DATA_MAX = _MMIO_DATA_TYPE.length
 # The hot path's constants as module globals: a cffi `lib.X` lookup costs more than a global.
 _EXIT_IO, _EXIT_IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_IO_OUT
 _EXIT_MMIO, _EXIT_INTR = lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
 _new: Callable[..., Any] = tuple.__new__
 _IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
-_MMIO_DATA_MAX = _field(_RUN, "mmio.data")[1].length
 _INSN_MAX = _field(_RUN, "emulation_failure.insn_bytes")[1].length
 
 
