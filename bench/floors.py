@@ -14,8 +14,8 @@ import tempfile
 import time
 
 import zmq
-from splitvmm.native._kvm import lib
 
+from splitvmm.native.exits import PioIn, PioOut
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 
@@ -37,15 +37,14 @@ def kvm_run_floor(exits: int) -> list[float]:
         regs = vcpu.get_regs()
         regs.rip, regs.rflags = 0x1000, 2
         vcpu.set_regs(regs)
-        run = vcpu.run_struct
         samples = []
         for _ in range(exits):
             t0 = time.perf_counter()
-            vcpu.run()
-            if run.exit_reason != lib.KVM_EXIT_IO:
-                raise RuntimeError(f"floor guest exited with reason {run.exit_reason}")
-            if run.io.direction == lib.KVM_EXIT_IO_IN:
-                vcpu.io_data(run.io.data_offset, 1)[0] = 0xFF
+            ex = vcpu.run()
+            if type(ex) is PioIn:
+                vcpu.complete_read(b"\xff")
+            elif type(ex) is not PioOut:
+                raise RuntimeError(f"floor guest exited with {ex!r}")
             samples.append(time.perf_counter() - t0)
         vcpu.close()
         vm.close()

@@ -24,7 +24,14 @@ from splitvmm.monitor.layout import (
     PML4,
     ZERO_PAGE,
 )
-from splitvmm.native._kvm import lib
+from splitvmm.native.kvm import (
+    X86_CR0_ET,
+    X86_CR0_NE,
+    X86_CR0_PE,
+    X86_CR0_PG,
+    X86_CR4_PAE,
+    X86_EFLAGS_FIXED,
+)
 
 if TYPE_CHECKING:
     from splitvmm.monitor.loader import GuestRam
@@ -192,9 +199,9 @@ def configure_sregs(sregs: Any) -> None:
     sregs.idt.base, sregs.idt.limit = BOOT_IDT, 0
     # ET is hard-wired on every x86-64 CPU; NE selects native x87 error reporting, which
     # Linux requires. CD/NW from the reset value are dropped: caches on.
-    sregs.cr0 = lib.X86_CR0_PE | lib.X86_CR0_ET | lib.X86_CR0_NE | lib.X86_CR0_PG
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_NE | X86_CR0_PG
     sregs.cr3 = PML4
-    sregs.cr4 = lib.X86_CR4_PAE
+    sregs.cr4 = X86_CR4_PAE
     sregs.efer = EFER_LME | EFER_LMA
 
 
@@ -205,7 +212,7 @@ def configure_regs(regs: Any, entry: int) -> None:
     regs.rip = entry
     regs.rsi = ZERO_PAGE
     regs.rsp = regs.rbp = BOOT_STACK_TOP
-    regs.rflags = lib.X86_EFLAGS_FIXED  # bit 1 is always 1; IF=0
+    regs.rflags = X86_EFLAGS_FIXED  # bit 1 is always 1; IF=0
 
 
 def boot_msrs() -> dict[int, int]:

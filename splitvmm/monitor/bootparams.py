@@ -1,7 +1,7 @@
 """The Linux x86 zero page (struct boot_params) for the 64-bit boot protocol.
 
-Layout comes from <asm/bootparam.h> through cffi, so no offset here is typed by
-hand. What goes in follows Documentation/arch/x86/boot.rst ("64-bit Boot
+Layout comes from <asm/bootparam.h> through native/bootparams.py, so no offset
+here is typed by hand. What goes in follows Documentation/arch/x86/boot.rst ("64-bit Boot
 Protocol": zero-fill a boot_params, copy the kernel's setup header into it at
 0x1f1, fill the loader fields) and, for an ELF vmlinux or a test guest, the
 minimal header Firecracker and crosvm write.
@@ -10,7 +10,6 @@ minimal header Firecracker and crosvm write.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from splitvmm.errors import BootError
 from splitvmm.monitor.layout import (
@@ -20,7 +19,8 @@ from splitvmm.monitor.layout import (
     HIMEM_START,
     MMIO32_START,
 )
-from splitvmm.native._kvm import ffi, lib
+from splitvmm.native import bootparams as zero_page
+from splitvmm.native.bootparams import ZeroPage
 
 # e820 address range types (ACPI 6.5 table 15.4, "Address Range Types").
 E820_RAM = 1
@@ -40,7 +40,7 @@ HEAP_END_PTR = 0xE000 - 0x200
 # Firecracker and crosvm put 16 MiB here for vmlinux (CONFIG_PHYSICAL_ALIGN upper bound).
 ELF_KERNEL_ALIGNMENT = 0x1000000
 
-ZERO_PAGE_SIZE = ffi.sizeof("struct boot_params")
+ZERO_PAGE_SIZE = zero_page.ZERO_PAGE_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +100,9 @@ def e820_map(ram_size: int) -> list[E820Entry]:
     return table
 
 
-def _header_struct(raw: bytes) -> Any:
-    """A zero-padded struct setup_header holding the first bytes of `raw`."""
-    hdr = ffi.new("struct setup_header *")
-    n = min(len(raw), ffi.sizeof("struct setup_header"))
-    ffi.memmove(hdr, raw[:n], n)
-    return hdr
-
-
 def parse_setup_header(raw: bytes) -> SetupHeader:
     """Read a bzImage setup header (the bytes from file offset 0x1f1 on)."""
-    h = _header_struct(raw)
+    h = zero_page.setup_header(raw)
     return SetupHeader(
         version=h.version,
         setup_sects=h.setup_sects,
@@ -126,23 +118,22 @@ def parse_setup_header(raw: bytes) -> SetupHeader:
     )
 
 
-def _fill_bzimage_header(bp: Any, raw: bytes) -> None:
+def _fill_bzimage_header(bp: ZeroPage, raw: bytes) -> None:
     """Copy the kernel's header in, then set the fields boot.rst marks write/modify."""
     if len(raw) > SETUP_HEADER_MAX:
         raise BootError(f"setup header of {len(raw)} bytes runs past zero-page offset 0x290")
-    start = ffi.offsetof("struct boot_params", "hdr")
-    ffi.memmove(ffi.cast("char *", bp) + start, raw, len(raw))
+    bp.copy_setup_header(raw)
     hdr = bp.hdr
     hdr.type_of_loader = TYPE_OF_LOADER_UNDEFINED
     hdr.vid_mode = VID_MODE_NORMAL
     # The real-mode setup code never runs under the 64-bit protocol, but boot.rst asks
     # every loader with protocol >= 2.01 to declare a heap; QEMU and GRUB do the same.
-    hdr.loadflags |= lib.CAN_USE_HEAP
+    hdr.loadflags |= zero_page.CAN_USE_HEAP
     hdr.heap_end_ptr = HEAP_END_PTR
     # cmdline_size stays the kernel's own limit: the field is read-only for loaders.
 
 
-def _fill_elf_header(bp: Any, cmdline_size: int) -> None:
+def _fill_elf_header(bp: ZeroPage, cmdline_size: int) -> None:
     """The minimal header a vmlinux entered at startup_64 looks for (Firecracker, crosvm)."""
     hdr = bp.hdr
     hdr.boot_flag = BOOT_FLAG
@@ -153,30 +144,20 @@ def _fill_elf_header(bp: Any, cmdline_size: int) -> None:
     hdr.cmdline_size = cmdline_size
 
 
-def _fill_e820(bp: Any, ram_size: int) -> None:
-    table = e820_map(ram_size)
-    if len(table) > lib.E820_MAX_ENTRIES_ZEROPAGE:
-        raise BootError(f"e820 map has {len(table)} entries; the zero page holds at most 128")
-    bp.e820_entries = len(table)
-    for i, entry in enumerate(table):
-        slot = bp.e820_table[i]
-        slot.addr, slot.size, slot.type = entry.addr, entry.size, entry.type
-
-
 def build_zero_page(setup: BootSetup) -> bytes:
     """The struct boot_params to write at ZERO_PAGE (rsi points at it on entry)."""
-    bp = ffi.new("struct boot_params *")  # zero-filled, as boot.rst requires
+    bp = ZeroPage()  # zero-filled, as boot.rst requires
     if setup.setup_header is None:
         _fill_elf_header(bp, setup.cmdline_size)
     else:
         _fill_bzimage_header(bp, setup.setup_header)
     hdr = bp.hdr
     hdr.cmd_line_ptr = CMDLINE
-    bp.ext_cmd_line_ptr = 0  # CMDLINE is below 4 GiB
+    bp.params.ext_cmd_line_ptr = 0  # CMDLINE is below 4 GiB
     # The loader keeps the initrd below 4 GiB, so the ext_ (high 32 bits) fields stay 0.
     if setup.initrd_gpa + setup.initrd_size > FOUR_GIB:
         raise BootError(f"initrd at {setup.initrd_gpa:#x} ends above 4 GiB")
     hdr.ramdisk_image = setup.initrd_gpa
     hdr.ramdisk_size = setup.initrd_size
-    _fill_e820(bp, setup.ram_size)
-    return bytes(ffi.buffer(bp))
+    bp.set_e820([(e.addr, e.size, e.type) for e in e820_map(setup.ram_size)])
+    return bp.to_bytes()

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from splitvmm.errors import ConfigError
-from splitvmm.native._kvm import lib
-from splitvmm.native.kvm import CpuidEntry
+from splitvmm.native.kvm import (
+    KVM_CAP_TSC_DEADLINE_TIMER,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    CpuidEntry,
+)
 
 if TYPE_CHECKING:
     from splitvmm.native.kvm import Kvm, VcpuFd
@@ -113,7 +116,7 @@ class CpuidMask:
         return [self._apply_one(e) for e in entries]
 
     def _apply_one(self, e: CpuidEntry) -> CpuidEntry:
-        subleaf = e.index if e.flags & lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX else 0
+        subleaf = e.index if e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX else 0
         changes = {
             reg: getattr(e, reg) & ~self.clear[(e.function, subleaf, reg)] & U32
             for reg in REGISTERS
@@ -247,7 +250,7 @@ def setup_cpuid(
     kvm: Kvm, vcpu: VcpuFd, nvcpus: int, mask: CpuidMask | None = None
 ) -> list[CpuidEntry]:
     """KVM_SET_CPUID2 on `vcpu` with its normalized table; returns what was set."""
-    tsc_deadline = kvm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER) > 0
+    tsc_deadline = kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0
     entries = vcpu_cpuid(
         kvm.supported_cpuid(), vcpu.vcpu_id, nvcpus, tsc_deadline=tsc_deadline, mask=mask
     )

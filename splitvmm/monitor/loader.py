@@ -21,7 +21,7 @@ from typing import BinaryIO, Protocol
 from splitvmm.errors import BootError
 from splitvmm.hostpath import HostFileError, open_host_file
 from splitvmm.monitor import bootparams, layout
-from splitvmm.native._kvm import lib
+from splitvmm.native.bootparams import XLF_KERNEL_64
 
 
 class GuestRam(Protocol):
@@ -260,7 +260,7 @@ def _bz_header(path: Path, data: bytes) -> tuple[bytes, bootparams.SetupHeader]:
         raise BootError(
             f"{path}: boot protocol {hdr.version >> 8}.{hdr.version & 0xFF:02} is older than 2.06"
         )
-    if hdr.version < XLOADFLAGS_PROTOCOL or not hdr.xloadflags & lib.XLF_KERNEL_64:
+    if hdr.version < XLOADFLAGS_PROTOCOL or not hdr.xloadflags & XLF_KERNEL_64:
         raise BootError(f"{path}: bzImage has no 64-bit entry point (XLF_KERNEL_64 is not set)")
     return raw, hdr
 

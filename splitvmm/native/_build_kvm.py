@@ -18,6 +18,7 @@ KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_TRANSLATE KVM_GET_TSC_KHZ
 KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS
 KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_GET_MSR_INDEX_LIST KVM_SET_IRQCHIP
 KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK KVM_KVMCLOCK_CTRL KVM_SET_TSC_KHZ
+KVM_SET_GSI_ROUTING
 SV_KVM_GET_XSAVE2
 """.split()
 
@@ -29,13 +30,17 @@ KVM_CAP_NR_VCPUS KVM_CAP_MAX_VCPUS KVM_CAP_READONLY_MEM KVM_CAP_SIGNAL_MSI
 KVM_CAP_IRQ_ROUTING KVM_CAP_SET_IDENTITY_MAP_ADDR
 KVM_EXIT_UNKNOWN KVM_EXIT_EXCEPTION KVM_EXIT_IO KVM_EXIT_HYPERCALL KVM_EXIT_DEBUG
 KVM_EXIT_HLT KVM_EXIT_MMIO KVM_EXIT_SHUTDOWN KVM_EXIT_FAIL_ENTRY KVM_EXIT_INTR
-KVM_EXIT_INTERNAL_ERROR KVM_EXIT_SYSTEM_EVENT
+KVM_EXIT_INTERNAL_ERROR KVM_EXIT_SYSTEM_EVENT KVM_EXIT_IRQ_WINDOW_OPEN KVM_EXIT_SET_TPR
+KVM_EXIT_TPR_ACCESS KVM_EXIT_NMI KVM_EXIT_IOAPIC_EOI KVM_EXIT_X86_RDMSR KVM_EXIT_X86_WRMSR
+KVM_EXIT_DIRTY_RING_FULL
+KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
 KVM_EXIT_IO_IN KVM_EXIT_IO_OUT
 KVM_INTERNAL_ERROR_EMULATION KVM_INTERNAL_ERROR_SIMUL_EX KVM_INTERNAL_ERROR_DELIVERY_EV
 KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 KVM_MEM_READONLY KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
 KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IRQFD_FLAG_DEASSIGN
-KVM_IOEVENTFD_FLAG_DEASSIGN KVM_PIT_SPEAKER_DUMMY
+KVM_IOEVENTFD_FLAG_DEASSIGN KVM_PIT_SPEAKER_DUMMY KVM_IRQFD_FLAG_RESAMPLE KVM_CAP_IRQFD_RESAMPLE
+KVM_IRQ_ROUTING_IRQCHIP KVM_IRQ_ROUTING_MSI KVM_IOAPIC_NUM_PINS
 E820_MAX_ENTRIES_ZEROPAGE CAN_USE_HEAP XLF_KERNEL_64
 KVM_CAP_TSC_DEADLINE_TIMER KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 X86_CR0_PE X86_CR0_ET X86_CR0_NE X86_CR0_PG X86_CR4_PAE X86_EFLAGS_FIXED
@@ -100,6 +105,17 @@ struct kvm_userspace_memory_region { __u32 slot; __u32 flags; __u64 guest_phys_a
 struct kvm_pit_config { __u32 flags; ...; };
 struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; ...; };
 struct kvm_ioeventfd { __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; ...; };
+struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };
+struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 pad; };
+/* Declared whole: cffi cannot leave the unnamed union partial. The build checks the entry's
+   size, alignment and field offsets against the header; `words` stands for the union's
+   pad[8] and its __u64 members (s390 adapter): 32 bytes, 8-aligned. */
+struct kvm_irq_routing_entry {
+    __u32 gsi; __u32 type; __u32 flags; __u32 pad;
+    union { struct kvm_irq_routing_irqchip irqchip; struct kvm_irq_routing_msi msi;
+            __u64 words[4]; } u;
+};
+struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; ...; };
 struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; ...; };
 struct kvm_irq_level { __u32 irq; __u32 level; ...; };
 struct kvm_mp_state { __u32 mp_state; };
@@ -125,6 +141,7 @@ struct kvm_irqchip { __u32 chip_id; ...; };
 static const unsigned long SV_IRQCHIP_CHIP_OFFSET;
 static const unsigned long SV_PIC_IRR_OFFSET;
 static const unsigned long SV_IOAPIC_IRR_OFFSET;
+static const unsigned long SV_IOAPIC_REDIRTBL_OFFSET;
 static const unsigned long SV_IRQCHIP_CHIP_SIZE;
 
 /* <asm/bootparam.h>: the Linux x86 zero page. */
@@ -165,6 +182,7 @@ SOURCE = """
 #define SV_IRQCHIP_CHIP_SIZE sizeof(((struct kvm_irqchip *)0)->chip)
 #define SV_PIC_IRR_OFFSET offsetof(struct kvm_pic_state, irr)
 #define SV_IOAPIC_IRR_OFFSET offsetof(struct kvm_ioapic_state, irr)
+#define SV_IOAPIC_REDIRTBL_OFFSET offsetof(struct kvm_ioapic_state, redirtbl)
 /* KVM_GET_XSAVE2 (Linux 5.17) sizes the buffer by KVM_CAP_XSAVE2; older headers lack it and
    we fall back to KVM_GET_XSAVE's fixed 4 KiB struct kvm_xsave. */
 #ifdef KVM_GET_XSAVE2

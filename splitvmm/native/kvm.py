@@ -10,14 +10,20 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
+from splitvmm.native.exits import INTERRUPTED, Exit, RunPage
+from splitvmm.native.routing import IRQCHIP_IOAPIC as IRQCHIP_IOAPIC
+from splitvmm.native.routing import IRQCHIP_PIC_MASTER as IRQCHIP_PIC_MASTER
+from splitvmm.native.routing import IRQCHIP_PIC_SLAVE as IRQCHIP_PIC_SLAVE
+from splitvmm.native.routing import GsiRoute, IrqchipRoute, MsiRoute
 
 KVMIO = 0xAE  # the ioctl "type" byte of every KVM ioctl (<linux/kvm.h>)
+U32 = 0xFFFFFFFF
 
 # Every KVM ioctl we use, by its <linux/kvm.h> name: for seccomp rules that name them.
 # (SV_KVM_GET_XSAVE2 is the build's stand-in for a header that may lack it: 0 there.)
@@ -30,6 +36,19 @@ IOCTL_NUMBERS: Mapping[str, int] = {
 }
 
 KVM_PATH = "/dev/kvm"
+_KICKED = (errno.EINTR, errno.EAGAIN)  # KVM_RUN stopped by a signal or immediate_exit
+
+# Header constants the monitor's vCPU setup needs, by their header names (<linux/kvm.h>,
+# <asm/processor-flags.h>): code outside native/ never imports the cffi module itself.
+KVM_CAP_TSC_DEADLINE_TIMER = lib.KVM_CAP_TSC_DEADLINE_TIMER
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+KVM_MP_STATE_RUNNABLE = lib.KVM_MP_STATE_RUNNABLE
+X86_CR0_PE = lib.X86_CR0_PE
+X86_CR0_ET = lib.X86_CR0_ET
+X86_CR0_NE = lib.X86_CR0_NE
+X86_CR0_PG = lib.X86_CR0_PG
+X86_CR4_PAE = lib.X86_CR4_PAE
+X86_EFLAGS_FIXED = lib.X86_EFLAGS_FIXED
 
 # Capabilities without which we refuse to start (one clear sentence names the missing one).
 REQUIRED_CAPS = {
@@ -52,9 +71,9 @@ DEBUGREGS_SIZE = ffi.sizeof("struct kvm_debugregs")
 IRQCHIP_SIZE = lib.SV_IRQCHIP_CHIP_SIZE  # the `chip` union of struct kvm_irqchip
 PIT_STATE2_SIZE = ffi.sizeof("struct kvm_pit_state2")
 MAX_XCRS = lib.KVM_MAX_XCRS
-IRQCHIP_PIC_MASTER = lib.KVM_IRQCHIP_PIC_MASTER
-IRQCHIP_PIC_SLAVE = lib.KVM_IRQCHIP_PIC_SLAVE
-IRQCHIP_IOAPIC = lib.KVM_IRQCHIP_IOAPIC
+# Where the IOAPIC's redirection table starts in KVM_GET_IRQCHIP's bytes (8 bytes a pin, laid
+# out as the IOAPIC's own 64-bit redirection entries).
+IOAPIC_REDIRTBL_OFFSET = lib.SV_IOAPIC_REDIRTBL_OFFSET
 # Where each PIT channel's count_load_time (host CLOCK_MONOTONIC ns) sits in kvm_pit_state2.
 PIT_LOAD_TIME_OFFSETS = tuple(
     ffi.offsetof("struct kvm_pit_state2", "channels")
@@ -143,6 +162,31 @@ def _ioctl_ptr(fd: int, request: int, arg: Any, what: str) -> int:
 
 def _ioctl_val(fd: int, request: int, arg: int, what: str) -> int:
     return _check(lib.sv_ioctl_val(fd, request, arg), what)
+
+
+def _ioeventfd(eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None) -> Any:
+    """struct kvm_ioeventfd for KVM_IOEVENTFD: KVM matches a deassign on all of these."""
+    ioev = ffi.new("struct kvm_ioeventfd *", {"fd": eventfd, "addr": addr, "len": length})
+    ioev.flags = lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+    if datamatch is not None:
+        ioev.flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        ioev.datamatch = datamatch
+    return ioev
+
+
+def _fill_route(entry: Any, route: GsiRoute) -> None:
+    """One struct kvm_irq_routing_entry."""
+    entry.gsi = route.gsi
+    if isinstance(route, IrqchipRoute):
+        entry.type = lib.KVM_IRQ_ROUTING_IRQCHIP
+        entry.u.irqchip.irqchip, entry.u.irqchip.pin = route.irqchip, route.pin
+    elif isinstance(route, MsiRoute):
+        entry.type = lib.KVM_IRQ_ROUTING_MSI
+        msi = entry.u.msi
+        msi.address_lo, msi.address_hi = route.address & U32, route.address >> 32
+        msi.data = route.data
+    else:
+        raise TypeError(f"GSI route {route!r} is neither an IrqchipRoute nor an MsiRoute")
 
 
 class _Fd:
@@ -312,24 +356,57 @@ class VmFd(_Fd):
         config.flags = lib.KVM_PIT_SPEAKER_DUMMY
         _ioctl_ptr(self.fd, lib.KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2")
 
-    def register_irqfd(self, eventfd: int, gsi: int) -> None:
-        irqfd = ffi.new("struct kvm_irqfd *")
-        irqfd.fd = eventfd
-        irqfd.gsi = gsi
+    def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
+        """A write to `eventfd` raises GSI `gsi`. Without `resample_fd` KVM pulses the line
+        (edge); with it KVM holds the line up (level) until the guest acknowledges the
+        interrupt (EOI), then lowers it and signals `resample_fd`, so the device can
+        raise it again if its condition still holds."""
+        flags = 0 if resample_fd is None else lib.KVM_IRQFD_FLAG_RESAMPLE
+        self._irqfd(eventfd, gsi, flags, resample_fd or 0)
+
+    def unregister_irqfd(self, eventfd: int, gsi: int) -> None:
+        """Detach `eventfd` from `gsi`. KVM finishes any injection the eventfd already
+        started before this returns."""
+        self._irqfd(eventfd, gsi, lib.KVM_IRQFD_FLAG_DEASSIGN, 0)
+
+    def _irqfd(self, eventfd: int, gsi: int, flags: int, resample_fd: int) -> None:
+        irqfd = ffi.new(
+            "struct kvm_irqfd *",
+            {"fd": eventfd, "gsi": gsi, "flags": flags, "resamplefd": resample_fd},
+        )
         _ioctl_ptr(self.fd, lib.KVM_IRQFD, irqfd, "KVM_IRQFD")
 
     def register_ioeventfd(
         self, eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None = None
     ) -> None:
-        ioev = ffi.new("struct kvm_ioeventfd *")
-        ioev.fd = eventfd
-        ioev.addr = addr
-        ioev.len = length
-        ioev.flags = lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0
-        if datamatch is not None:
-            ioev.flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
-            ioev.datamatch = datamatch
+        """A guest write of `length` bytes to `addr` (a port if `pio`, else a gpa), with
+        `datamatch` as its value if given, signals `eventfd` inside KVM: no exit."""
+        ioev = _ioeventfd(eventfd, addr, length, pio, datamatch)
         _ioctl_ptr(self.fd, lib.KVM_IOEVENTFD, ioev, "KVM_IOEVENTFD")
+
+    def unregister_ioeventfd(
+        self, eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None = None
+    ) -> None:
+        """Undo register_ioeventfd with the same arguments: such writes exit again."""
+        ioev = _ioeventfd(eventfd, addr, length, pio, datamatch)
+        ioev.flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        _ioctl_ptr(self.fd, lib.KVM_IOEVENTFD, ioev, "KVM_IOEVENTFD")
+
+    def set_gsi_routing(self, routes: Sequence[GsiRoute]) -> None:
+        """KVM_SET_GSI_ROUTING: replaces the whole GSI table (see routing.pc_default_routes)."""
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for i, route in enumerate(routes):
+            _fill_route(table.entries[i], route)
+        _ioctl_ptr(self.fd, lib.KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
+
+    def signal_msi(self, address: int, data: int) -> bool:
+        """KVM_SIGNAL_MSI: send one MSI now. False when the guest blocked it (a masked or
+        disabled LAPIC), True once delivered."""
+        msi = ffi.new(
+            "struct kvm_msi *",
+            {"address_lo": address & U32, "address_hi": address >> 32, "data": data},
+        )
+        return _ioctl_ptr(self.fd, lib.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI") > 0
 
     def irq_line(self, irq: int, level: int) -> int:
         line = ffi.new("struct kvm_irq_level *")
@@ -340,8 +417,7 @@ class VmFd(_Fd):
 
     def ioapic_irr(self) -> int:
         """The IOAPIC's interrupt request register: bit N set while pin N is asserted."""
-        chip = ffi.new("struct kvm_irqchip *")
-        chip.chip_id = 2  # KVM_IRQCHIP_IOAPIC
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": IRQCHIP_IOAPIC})
         _ioctl_ptr(self.fd, lib.KVM_GET_IRQCHIP, chip, "KVM_GET_IRQCHIP")
         raw = ffi.buffer(chip)[lib.SV_IRQCHIP_CHIP_OFFSET + lib.SV_IOAPIC_IRR_OFFSET :][:4]
         return int.from_bytes(raw, "little")
@@ -398,24 +474,28 @@ class VcpuFd(_Fd):
         super().__init__(fd)
         self.vcpu_id = vcpu_id
         self._run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        # SAFETY: self._run_map owns the kvm_run page and lives as long as this object;
-        # `run` is only used while it does (close() drops `run` before unmapping).
-        self._run_buf = ffi.from_buffer(self._run_map)
-        self.run_struct: Any = ffi.cast("struct kvm_run *", self._run_buf)
+        self._page = RunPage(self._run_map)  # unmapped by close(), after the page is closed
 
-    def run(self) -> int:
-        """KVM_RUN (GIL released by cffi). Returns 0, or -EINTR when kicked by a signal."""
-        ret = lib.sv_ioctl_val(self.fd, lib.KVM_RUN, 0)
-        if ret < 0:
+    def run(self) -> Exit:
+        """KVM_RUN (GIL released by cffi) to the next exit, as a record (native/exits.py).
+
+        INTERRUPTED when a signal or immediate_exit stopped it first (EINTR, EAGAIN)."""
+        if lib.sv_ioctl_val(self.fd, lib.KVM_RUN, 0) < 0:
             err = ffi.errno
-            if err in (4, 11):  # EINTR, EAGAIN: a kick; the caller looks at immediate_exit
-                return -err
+            if err in _KICKED:
+                return INTERRUPTED
             raise KvmError(err, "KVM_RUN")
-        return ret
+        return self._page.decode()
 
-    def io_data(self, offset: int, length: int) -> memoryview:
-        """The kvm_run page bytes KVM uses for a PIO exit's data (data_offset from kvm_run)."""
-        return memoryview(self._run_map)[offset : offset + length]
+    def complete_read(self, data: bytes) -> None:
+        """What the pending PioIn (size * count bytes) or MmioRead (size bytes) reads; the
+        next run() hands it to the guest."""
+        self._page.complete_read(data)
+
+    def set_immediate_exit(self, on: bool) -> None:
+        """While on, run() finishes a pending I/O exit and returns INTERRUPTED without
+        entering the guest: how a kick that races with KVM_RUN's entry is never lost."""
+        self._page.set_immediate_exit(on)
 
     def get_regs(self) -> Any:
         regs = ffi.new("struct kvm_regs *")
@@ -477,9 +557,8 @@ class VcpuFd(_Fd):
         return bytearray(ffi.buffer(lapic))
 
     def set_lapic(self, regs: bytes) -> None:
-        lapic = ffi.new("struct kvm_lapic_state *")
-        ffi.memmove(lapic, regs, ffi.sizeof(lapic[0]))
-        _ioctl_ptr(self.fd, lib.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
+        """KVM_SET_LAPIC from exactly LAPIC_SIZE bytes (what get_lapic gives)."""
+        _raw_set(self.fd, "struct kvm_lapic_state", regs, lib.KVM_SET_LAPIC, "KVM_SET_LAPIC")
 
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")
@@ -590,7 +669,6 @@ class VcpuFd(_Fd):
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.run_struct = None
-            self._run_buf = None
+            self._page.close()
             self._run_map.close()
         super().close()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
-from splitvmm.native._kvm import ffi, lib
+from splitvmm.native._kvm import ffi
 
 from splitvmm.monitor import layout
 from splitvmm.monitor.cpuid import CpuidMask, setup_cpuid
@@ -32,7 +32,8 @@ from splitvmm.monitor.vmstate import (
     save_vm,
     to_dict,
 )
-from splitvmm.native.kvm import PIT_LOAD_TIME_OFFSETS, Kvm, VcpuFd, VmFd
+from splitvmm.native.exits import INTERRUPTED, PioOut
+from splitvmm.native.kvm import KVM_MP_STATE_RUNNABLE, PIT_LOAD_TIME_OFFSETS, Kvm, VcpuFd, VmFd
 from splitvmm.native.mem import mapping_address
 
 pytestmark = pytest.mark.kvm
@@ -124,7 +125,7 @@ def start_programs(guest: Guest) -> None:
         regs = v.get_regs()
         regs.rip, regs.rax, regs.rbx, regs.rflags = CODE[i], START_EAX[i], 0, 2
         v.set_regs(regs)
-        v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+        v.set_mp_state(KVM_MP_STATE_RUNNABLE)
 
 
 def set_host_side_state(guest: Guest) -> None:
@@ -156,18 +157,17 @@ def set_host_side_state(guest: Guest) -> None:
 
 def next_out(vcpu: VcpuFd) -> int:
     """Runs to the next exit, which must be the loop's `out`; returns the value written."""
-    vcpu.run()
-    run = vcpu.run_struct
-    assert (run.exit_reason, run.io.port) == (lib.KVM_EXIT_IO, DEBUG_PORT)
-    return int.from_bytes(vcpu.io_data(run.io.data_offset, run.io.size), "little")
+    ex = vcpu.run()
+    assert isinstance(ex, PioOut) and ex.port == DEBUG_PORT, ex
+    return int.from_bytes(ex.data, "little")
 
 
 def complete_pending_io(vcpu: VcpuFd) -> None:
     # What the coordinator does before saving (vcpu.py _park): KVM finishes the `out` (RIP past
     # it) and returns EINTR without entering the guest.
-    vcpu.run_struct.immediate_exit = 1
-    assert vcpu.run() == -4  # -EINTR
-    vcpu.run_struct.immediate_exit = 0
+    vcpu.set_immediate_exit(True)
+    assert vcpu.run() is INTERRUPTED
+    vcpu.set_immediate_exit(False)
 
 
 @dataclass

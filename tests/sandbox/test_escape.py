@@ -23,9 +23,9 @@ from pathlib import Path
 
 import cloudpickle  # type: ignore[import-untyped]
 import pytest
-from splitvmm.native._kvm import lib as kvm_lib
 
 from splitvmm.cli.policy import Trace, traced
+from splitvmm.native.kvm import IOCTL_NUMBERS
 from tests.sandbox import escapes
 from tests.sandbox.harness import SandboxedDevice
 
@@ -119,7 +119,7 @@ def test_sandbox_escape_attempt_fails_or_kills(
     sleeper: subprocess.Popen[bytes],
     handed_fds: dict[str, int],
 ) -> None:
-    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": kvm_lib.KVM_GET_API_VERSION}
+    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": IOCTL_NUMBERS["KVM_GET_API_VERSION"]}
 
     outcome = _attempt(spawn, model, attempt, ctx, extra_fds=handed_fds)
     RESULTS[model, attempt, "enforced"] = outcome
@@ -137,7 +137,7 @@ def test_sandbox_escape_attempt_without_seccomp_meets_the_other_layers(
     sleeper: subprocess.Popen[bytes],
     handed_fds: dict[str, int],
 ) -> None:
-    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": kvm_lib.KVM_GET_API_VERSION}
+    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": IOCTL_NUMBERS["KVM_GET_API_VERSION"]}
 
     outcome = _attempt(spawn, model, attempt, ctx, extra_fds=handed_fds, seccomp="trace")
     RESULTS[model, attempt, "without seccomp"] = outcome
