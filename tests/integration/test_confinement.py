@@ -61,6 +61,20 @@ def test_running_monitor_holds_no_capability_and_every_thread_is_filtered(guests
     assert sorted(ours)[-3:] == [1, 2, 2]
 
 
+def test_monitor_with_eight_vcpus_runs_and_suspends(guests, tmp_path):
+    # Thirteen threads allocate: more than glibc's first 8 malloc arenas, so it sizes the
+    # pool from the CPU mask (sched_getaffinity), once, from whichever thread comes next.
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=100000"'
+    config.write_text(vm_toml(boot, vcpus=8, serial_out=serial))  # vcpu1-7 wait for a SIPI
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm.wait_for(r"^count=\d+")
+    suspended = vm.ctl("suspend", str(tmp_path / "end"))
+    status, err = vm.finish()
+    assert (suspended.returncode, status) == (0, 0), err
+
+
 PROBE = textwrap.dedent(
     """
     import errno, os, socket, sys, threading
@@ -75,23 +89,43 @@ PROBE = textwrap.dedent(
         except PermissionError:
             return True
         return False
-    results = {
-        "read_outside": refused(lambda: open(outside).read()),
-        "create_outside": refused(lambda: open(Path(outside).parent / "new", "w")),
-        "create_in_snapshot_dir": not refused(lambda: (snaps / "s").mkdir()),
-        "create_in_runtime_dir": not refused(lambda: (run / "f").write_text("x")),
-    }
+    results = {}
+    if step == "files":
+        results = {
+            "read_outside": refused(lambda: open(outside).read()),
+            "create_outside": refused(lambda: open(Path(outside).parent / "new", "w")),
+            "create_in_snapshot_dir": not refused(lambda: (snaps / "s").mkdir()),
+            "create_in_runtime_dir": not refused(lambda: (run / "f").write_text("x")),
+        }
     c.load_monitor_filter()
     if step == "socket":
         socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
     if step == "exec":
         os.execv("/bin/true", ["true"])
+    if step == "threads":  # more threads allocate than glibc has arenas: it counts the CPUs
+        barrier = threading.Barrier(17)
+        def allocate():
+            results.setdefault("allocated", []).append(len(bytes(64 << 10)))
+            barrier.wait()
+        threads = [threading.Thread(target=allocate) for _ in range(16)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        for t in threads:
+            t.join()
+        results["allocated"] = len(results["allocated"])
     def vcpu():
         c.confine_vcpu_thread()
-        results["vcpu_open"] = refused(lambda: open(snaps / "s" / "x", "w"))
+        if step == "files":
+            results["vcpu_open"] = refused(lambda: open(snaps / "s" / "x", "w"))
+        if step == "threads":  # past glibc's largest mmap threshold: realloc is an mremap
+            big = bytearray(40 << 20)
+            big.append(1)
+            results["vcpu_large_buffer"] = len(big)
     t = threading.Thread(target=vcpu)
     t.start(); t.join()
-    results["monitor_open_after_vcpu"] = not refused(lambda: open(snaps / "s" / "y", "w"))
+    if step == "files":
+        results["monitor_open_after_vcpu"] = not refused(lambda: open(snaps / "s" / "y", "w"))
     print(repr(results))
     """
 )
@@ -124,6 +158,12 @@ def test_confinement_landlock_allows_only_runtime_and_snapshot_dirs(tmp_path):
             "monitor_open_after_vcpu": True,
         }
     )
+
+
+def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(tmp_path):
+    r = run_probe(tmp_path, "threads")
+    assert r.returncode == 0, r.stderr  # -SIGSYS: sched_getaffinity or mremap was refused
+    assert r.stdout.strip() == repr({"allocated": 16, "vcpu_large_buffer": (40 << 20) + 1})
 
 
 @pytest.mark.parametrize("step", ["socket", "exec"])
