@@ -16,8 +16,11 @@ in this order (Machine.build calls the steps; the reasons are the order):
    control and supervisor threads are all made afterwards and are born
    confined. Capabilities: all dropped, bounding and ambient sets emptied and
    the securebits locked, when there are any (a root monitor); an unprivileged
-   monitor has none to drop. Landlock: the runtime directory and the
-   snapshot directories the config names (every right), Python's own module
+   monitor has none to drop. Landlock, only what the running monitor does:
+   the runtime directory, emptied and removed at tear-down (its parent: remove
+   a directory); the snapshot directories the config names (make, write and
+   remove new files and directories: no file there is read, so one VM's
+   monitor cannot read another's snapshot of guest RAM); Python's own module
    directories (read only: lazy imports, tracebacks); nothing else.
 3. load_monitor_filter(): the seccomp allow-list for every thread
    (policies/<arch>/monitor.policy, TSYNC), once ZeroMQ's threads exist.
@@ -94,9 +97,7 @@ class Confinement:
             confine.set_no_new_privs()
         except OSError as e:
             raise ConfinementError(f"cannot drop the monitor's privileges: {e}") from None
-        rules = {str(runtime_dir): landlock.ALL_RIGHTS}
-        rules.update({str(d): landlock.ALL_RIGHTS for d in snapshot_dirs})
-        rules.update({d: landlock.read_rights() for d in python_dirs()})
+        rules = landlock_rules(runtime_dir, snapshot_dirs)
         try:
             abi = landlock.restrict_self(rules)
         except landlock.LandlockUnavailable:
@@ -114,6 +115,20 @@ class Confinement:
         """Step 4: run by each vCPU thread on itself before its first KVM_RUN."""
         with self._vcpu_lock:
             _load(self._vcpu, VCPU_POLICY)
+
+
+def landlock_rules(runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> dict[str, int]:
+    """Path -> the Landlock rights granted beneath it (rights for one path are or-ed)."""
+    grants = [
+        (runtime_dir, landlock.remove_rights()),
+        (runtime_dir.parent, landlock.REMOVE_DIR),  # rmdir of the runtime dir itself
+        *((d, landlock.new_files_rights()) for d in snapshot_dirs),
+        *((Path(d), landlock.read_rights()) for d in python_dirs()),
+    ]
+    rules: dict[str, int] = {}
+    for path, rights in grants:
+        rules[str(path)] = rules.get(str(path), 0) | rights
+    return rules
 
 
 def _compile(name: str, policy_dir: Path | None, action: int, tsync: bool) -> object:

@@ -8,6 +8,7 @@ Ctrl-A) works whatever the device does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import termios
@@ -51,7 +52,17 @@ def raw_terminal(fd: int) -> Iterator[bool]:
     try:
         yield True
     finally:
+        _restore(fd, saved)
+
+
+def _restore(fd: int, saved: list) -> None:
+    try:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    except termios.error as e:
+        # A terminal that hung up (closed window, dropped ssh) has no mode left to restore;
+        # the SIGHUP that came with it is what ends the VM, with its own message.
+        if e.args[0] != errno.EIO:
+            raise
 
 
 def pump(fd: int | None, wake_fd: int, deliver: Callable[[bytes], None], escape: bool) -> bool:

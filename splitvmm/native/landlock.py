@@ -61,12 +61,29 @@ def fs_rights(abi: int) -> int:
     return rights
 
 
-ALL_RIGHTS = (1 << 64) - 1  # every right: restrict_self masks it to what the ABI knows
+REMOVE_DIR = lib.LANDLOCK_ACCESS_FS_REMOVE_DIR  # on a parent: rmdir (or rename) a child dir
 
 
 # Rights that make sense on a directory hierarchy we only read (imports, tracebacks).
 def read_rights() -> int:
     return lib.LANDLOCK_ACCESS_FS_READ_FILE | lib.LANDLOCK_ACCESS_FS_READ_DIR
+
+
+def remove_rights() -> int:
+    """List a hierarchy and remove what is in it (a tear-down): nothing is made or read."""
+    return lib.LANDLOCK_ACCESS_FS_READ_DIR | lib.LANDLOCK_ACCESS_FS_REMOVE_FILE | REMOVE_DIR
+
+
+def new_files_rights() -> int:
+    """Make directories and regular files, write them, rename and remove them (a snapshot
+    writer): no file is read or truncated, no link, device, FIFO or socket is made, nothing
+    is moved in from elsewhere (no REFER)."""
+    return (
+        remove_rights()
+        | lib.LANDLOCK_ACCESS_FS_MAKE_DIR
+        | lib.LANDLOCK_ACCESS_FS_MAKE_REG
+        | lib.LANDLOCK_ACCESS_FS_WRITE_FILE
+    )
 
 
 def restrict_self_deny_all() -> int:

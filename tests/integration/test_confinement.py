@@ -61,9 +61,25 @@ def test_running_monitor_holds_no_capability_and_every_thread_is_filtered(guests
     assert sorted(ours)[-3:] == [1, 2, 2]
 
 
+def test_monitor_with_eight_vcpus_runs_suspends_and_leaves_no_runtime_dir(guests, tmp_path):
+    # Thirteen threads allocate: more than glibc's first 8 malloc arenas, so it sizes the
+    # pool from the CPU mask (sched_getaffinity), once, from whichever thread comes next.
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=100000"'
+    config.write_text(vm_toml(boot, vcpus=8, serial_out=serial))  # vcpu1-7 wait for a SIPI
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm.wait_for(r"^count=\d+")
+    suspended = vm.ctl("suspend", str(tmp_path / "end"))
+    status, err = vm.finish()
+    assert (suspended.returncode, status) == (0, 0), err
+    # Emptied and removed at tear-down, by a monitor that may remove nothing else.
+    assert list((tmp_path / "run" / "splitvmm").iterdir()) == []
+
+
 PROBE = textwrap.dedent(
     """
-    import errno, os, socket, sys, threading
+    import errno, os, shutil, socket, sys, threading
     from pathlib import Path
     from splitvmm.monitor.confinement import Confinement
     run, snaps, outside, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -75,33 +91,65 @@ PROBE = textwrap.dedent(
         except PermissionError:
             return True
         return False
-    results = {
-        "read_outside": refused(lambda: open(outside).read()),
-        "create_outside": refused(lambda: open(Path(outside).parent / "new", "w")),
-        "create_in_snapshot_dir": not refused(lambda: (snaps / "s").mkdir()),
-        "create_in_runtime_dir": not refused(lambda: (run / "f").write_text("x")),
-    }
+    results = {}
+    if step == "files":
+        results = {
+            "read_outside": refused(lambda: open(outside).read()),
+            "create_outside": refused(lambda: open(Path(outside).parent / "new", "w")),
+            "create_in_snapshot_dir": not refused(lambda: (snaps / "s").mkdir()),
+            "read_in_snapshot_dir": refused(lambda: (snaps / "other-vm" / "ram.bin").read_bytes()),
+            "symlink_in_snapshot_dir": refused(lambda: (snaps / "s" / "l").symlink_to("/")),
+            "create_in_runtime_dir": refused(lambda: (run / "f").write_text("x")),
+        }
     c.load_monitor_filter()
     if step == "socket":
         socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
     if step == "exec":
         os.execv("/bin/true", ["true"])
+    if step == "threads":  # more threads allocate than glibc has arenas: it counts the CPUs
+        barrier = threading.Barrier(17)
+        def allocate():
+            results.setdefault("allocated", []).append(len(bytes(64 << 10)))
+            barrier.wait()
+        threads = [threading.Thread(target=allocate) for _ in range(16)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        for t in threads:
+            t.join()
+        results["allocated"] = len(results["allocated"])
     def vcpu():
         c.confine_vcpu_thread()
-        results["vcpu_open"] = refused(lambda: open(snaps / "s" / "x", "w"))
+        if step == "files":
+            results["vcpu_open"] = refused(lambda: open(snaps / "s" / "x", "w"))
+        if step == "threads":  # past glibc's largest mmap threshold: realloc is an mremap
+            big = bytearray(40 << 20)
+            big.append(1)
+            results["vcpu_large_buffer"] = len(big)
     t = threading.Thread(target=vcpu)
     t.start(); t.join()
-    results["monitor_open_after_vcpu"] = not refused(lambda: open(snaps / "s" / "y", "w"))
+    if step == "files":
+        results["monitor_open_after_vcpu"] = not refused(lambda: open(snaps / "s" / "y", "w"))
+        # what a snapshot writer does to publish its directory, and to drop one it aborts
+        renamed = snaps / "published"
+        results["rename_and_remove_in_snapshot_dir"] = not refused(
+            lambda: (os.rename(snaps / "s", renamed), shutil.rmtree(renamed))
+        )
+        results["runtime_dir_removed"] = not refused(lambda: shutil.rmtree(run))
     print(repr(results))
     """
 )
 
 
 def run_probe(tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
-    run, snaps, other = tmp_path / "run", tmp_path / "snaps", tmp_path / "other"
-    for d in (run, snaps, other):
-        d.mkdir()
+    """The probe confines itself with runtime dir root/vm (as RuntimeDir makes it) and one
+    snapshot dir, which already holds another VM's snapshot."""
+    run, snaps, other = tmp_path / "root" / "vm", tmp_path / "snaps", tmp_path / "other"
+    for d in (run, snaps / "other-vm", other):
+        d.mkdir(parents=True)
     (other / "secret").write_text("secret\n")
+    (snaps / "other-vm" / "ram.bin").write_bytes(b"guest RAM")
+    (run / "control.sock").touch()
     return subprocess.run(
         [sys.executable, "-c", PROBE, str(run), str(snaps), str(other / "secret"), step],
         capture_output=True,
@@ -111,7 +159,7 @@ def run_probe(tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_confinement_landlock_allows_only_runtime_and_snapshot_dirs(tmp_path):
+def test_confinement_landlock_allows_only_what_the_running_monitor_does(tmp_path):
     r = run_probe(tmp_path, "files")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == repr(
@@ -119,11 +167,22 @@ def test_confinement_landlock_allows_only_runtime_and_snapshot_dirs(tmp_path):
             "read_outside": True,
             "create_outside": True,
             "create_in_snapshot_dir": True,
-            "create_in_runtime_dir": True,
+            "read_in_snapshot_dir": True,  # refused: another VM's snapshot stays private
+            "symlink_in_snapshot_dir": True,
+            "create_in_runtime_dir": True,  # refused: the runtime dir is only torn down
             "vcpu_open": True,
             "monitor_open_after_vcpu": True,
+            "rename_and_remove_in_snapshot_dir": True,
+            "runtime_dir_removed": True,
         }
     )
+    assert not (tmp_path / "root" / "vm").exists()
+
+
+def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(tmp_path):
+    r = run_probe(tmp_path, "threads")
+    assert r.returncode == 0, r.stderr  # -SIGSYS: sched_getaffinity or mremap was refused
+    assert r.stdout.strip() == repr({"allocated": 16, "vcpu_large_buffer": (40 << 20) + 1})
 
 
 @pytest.mark.parametrize("step", ["socket", "exec"])
