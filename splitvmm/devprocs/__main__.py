@@ -3,7 +3,7 @@
 import os
 import sys
 
-from splitvmm.devprocs import serial  # noqa: F401  (registers the model)
+from splitvmm.devprocs import rtc, serial  # noqa: F401  (registers the models)
 from splitvmm.devprocs.runtime import run
 from splitvmm.devprocs.spec import MAX_SPEC, DeviceSpec
 
