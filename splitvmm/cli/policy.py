@@ -7,9 +7,12 @@ user-notification listener. The listener fd lives in the device; we take a
 copy with pidfd_getfd(2) (found by its /proc/PID/fd link,
 "anon_inode:seccomp notify"), record each call and let it run (or fail it with
 the errno the policy's `return` rule gives). Then we drive the device through
-a few hundred accesses over its channel, stall its output (a pipe nobody reads,
-so that it buffers, polls its output fd and flushes when that is writable), end
-with a malformed frame (so the error exit path is traced too) and print the
+a few hundred accesses over its channel (reads and writes all over the model's
+window, host input, syncs, the snapshot's control requests), then what only that
+model does (MODEL_WORKLOADS: the serial's stalled output, a pipe nobody reads, so
+that it buffers, polls its output fd and flushes when that is writable; the rtc's
+periodic interrupts, so that it waits for its deadlines and signals its irq),
+end with a malformed frame (so the error exit path is traced too) and print the
 sorted set of syscalls.
 
 Why not SECCOMP_RET_LOG and the kernel log: here the audit records reach
@@ -31,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,7 +79,7 @@ def check(policy_dir: Path | None) -> None:
 
 def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """(errors as "file:line: message", [(file name, rule count)] of the compiled ones)."""
-    from splitvmm.devprocs import serial  # noqa: F401  (registers the models)
+    from splitvmm.devprocs import rtc, serial  # noqa: F401  (registers the models)
     from splitvmm.devprocs.base import REGISTRY
     from splitvmm.monitor.confinement import MONITOR_POLICY, VCPU_POLICY
     from splitvmm.native.kvm import IOCTL_NUMBERS
@@ -112,8 +115,8 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 @click.option("--accesses", default=400, show_default=True, help="Accesses in the workload.")
 def audit(model: str, accesses: int) -> None:
     """Run a MODEL device under a tracing filter through a workload; print its syscalls."""
+    from splitvmm.devprocs import rtc, serial  # noqa: F401  (registers the models)
     from splitvmm.devprocs.base import REGISTRY
-    from splitvmm.devprocs.serial import Uart8250  # noqa: F401  (registers the models)
     from splitvmm.sandbox import policy
 
     if model not in REGISTRY:
@@ -247,9 +250,12 @@ class SpawnedDevice:
     def __init__(self, model: str, rundir: Path) -> None:
         import zmq
 
+        from splitvmm.devprocs.base import REGISTRY
         from splitvmm.devprocs.spec import DeviceSpec
         from splitvmm.monitor.devhost import start_device
 
+        self.model = model
+        self.window = REGISTRY[model].WINDOW
         self.zctx = zmq.Context()
         self.sock = self.zctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -277,17 +283,17 @@ class SpawnedDevice:
     def run_workload(self, accesses: int) -> None:
         """Accesses to every register, host input and SYNCs one at a time, the control
         requests, then a burst of posted writes (the device's queue fills while it
-        works), a stalled output; last, a malformed frame, so that its error exit is
-        traced too."""
+        works), the model's own workload; last, a malformed frame, so that its error exit
+        is traced too."""
         from splitvmm.protocol import wire
 
         self._mixed(accesses)
         self._control_round_trips()
         for i in range(accesses):
-            self.sock.send(wire.encode_write(i % 8, bytes([0x41 + i % 26])))
+            self.sock.send(wire.encode_write(i % self.window, bytes([0x41 + i % 26])))
         self._request(wire.encode_sync(self._next()))
         self._drain()
-        self._stalled_output()
+        MODEL_WORKLOADS.get(self.model, lambda dev: None)(self)
         self.sock.send(b"\xff" * 3)
 
     def _stalled_output(self) -> None:
@@ -308,11 +314,33 @@ class SpawnedDevice:
             kept += len(os.read(self.out_r, 65536))
             self._request(wire.encode_read(self._next(), Reg.LSR, 1))  # it flushes meanwhile
 
+    def _timed_interrupts(self, count: int = 20) -> None:
+        """The rtc's periodic interrupt at 8192 Hz, acknowledged `count` times: the device
+        polls with its deadline as the timeout, ticks and signals its irq eventfd."""
+        from splitvmm.devprocs.rtc import Reg, RegB
+        from splitvmm.protocol import wire
+
+        self._rtc_write(Reg.FREQ_SELECT, 0x23)  # 32.768 kHz time base, rate 3: 8192 Hz
+        self._rtc_write(Reg.CONTROL, RegB.PIE | RegB.H24)
+        for _ in range(count):
+            self.sock.send(wire.encode_write(0, bytes([Reg.INTR_FLAGS])))
+            self._request(wire.encode_read(self._next(), 1, 1))  # acknowledge: reads C
+            if not select.select([self.irq], [], [], 2.0)[0]:
+                raise click.ClickException("the rtc raised no periodic interrupt within 2 s")
+            os.eventfd_read(self.irq)
+        self._rtc_write(Reg.CONTROL, RegB.H24)
+
+    def _rtc_write(self, reg: int, value: int) -> None:
+        from splitvmm.protocol import wire
+
+        self.sock.send(wire.encode_write(0, bytes([reg])))
+        self.sock.send(wire.encode_write(1, bytes([value])))
+
     def _mixed(self, accesses: int) -> None:
         from splitvmm.protocol import wire
 
         for i in range(accesses):
-            offset = i % 8
+            offset = i % self.window
             if i % 4 == 0:
                 self._request(wire.encode_read(self._next(), offset, 1))
             elif i % 4 == 1:
@@ -365,6 +393,13 @@ class SpawnedDevice:
         self.zctx.term()
         os.close(self.irq)
         os.close(self.out_r)
+
+
+# What only one model does, traced after the common workload.
+MODEL_WORKLOADS: dict[str, Callable[[SpawnedDevice], None]] = {
+    "serial": SpawnedDevice._stalled_output,
+    "rtc": SpawnedDevice._timed_interrupts,
+}
 
 
 @contextlib.contextmanager
