@@ -1,4 +1,4 @@
-"""The escape suite: each attempt runs as a test hook inside a real sandboxed serial device.
+"""The escape suite: each attempt runs as a test hook inside a real sandboxed device, per model.
 
 A forbidden syscall kills the process, which ends the hook, so every attempt
 gets a fresh device. With the policy enforced, each must fail (an errno) or
@@ -30,7 +30,7 @@ from tests.sandbox import escapes
 from tests.sandbox.harness import SandboxedDevice
 
 pytestmark = pytest.mark.sandbox
-MODELS = ["serial"]
+MODELS = ["serial", "rtc"]  # every device model runs the suite in its own sandbox
 
 # What the layers beneath seccomp must stop on their own (an errno, since nothing kills).
 STOPPED_WITHOUT_SECCOMP = {
