@@ -35,6 +35,7 @@ OUTPUTS = {
     "pio-loop": "pio-loop.elf",
     "counter": "counter.elf",
     "dirty": "dirty.elf",
+    "rtc": "rtc.elf",
     "firmware-hello": "firmware-hello.bin",
     "firmware-pio": "firmware-pio.bin",
 }
