@@ -8,8 +8,10 @@ divider chain leaves reset.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -38,7 +40,7 @@ HALF = NS // 2
 TIME = (Reg.SECONDS, Reg.MINUTES, Reg.HOURS, Reg.DAY_OF_WEEK, Reg.DAY_OF_MONTH, Reg.MONTH)
 TIME_AND_YEAR = (*TIME, Reg.YEAR, Reg.CENTURY)
 PI_DAY_BCD = (0x26, 0x09, 0x15, 0x06, 0x14, 0x03, 0x25, 0x20)
-UIP_LEAD_EXACT_NS = 244_140.625
+GOLDENS = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "rtc"
 
 
 def ns_of(when: datetime) -> int:
@@ -473,6 +475,18 @@ def test_rtc_restore_rejects_bad_fields_naming_them(change, message):
     state = replace(RtcState(), **change)
     with pytest.raises(StateError, match=message):
         Mc146818.restore(DeviceContext(irq=FakeIrq()), state, FakeClock(0))
+
+
+def test_rtc_golden_v1_state_restores_its_time_and_nvram():
+    doc = json.loads((GOLDENS / "v1.json").read_text())  # busy_rtc(), saved by release 1
+    state = codec.state_from_document("rtc", RtcState, doc)
+    clock = FakeClock(ns_of(PI_DAY) + 3 * HALF)  # when it was saved
+    rtc = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    assert (rtc.read(0, 1), regs(rtc), rd(rtc, 0x40)) == (
+        bytes([0x80 | Reg.MINUTES]),  # the index port, read first: rd() selects registers
+        (0x27, 0x09, 0x15, 0x01, 0x14, 0x03, 0x30, 0x20),
+        0x99,
+    )
 
 
 def test_rtc_state_from_a_newer_version_is_refused():
