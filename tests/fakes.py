@@ -47,3 +47,26 @@ class FakeLine:
 
     def fileno(self) -> int:
         return -1  # never polled: unit tests flush by hand, as the runtime does when writable
+
+
+class FakeClock:
+    """A host clock that moves only when the test says (devprocs/rtc.Clock): the wall clock
+    and the monotonic clock advance together; `utc_offset` is the host's zone."""
+
+    def __init__(self, wall_ns: int, utc_offset: int = 0) -> None:
+        self.wall = wall_ns
+        self.mono = 1000.0
+        self.offset = utc_offset
+
+    def advance(self, ns: int) -> None:
+        self.wall += ns
+        self.mono += ns / 1e9
+
+    def wall_ns(self) -> int:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def utc_offset(self, wall_s: int) -> int:
+        return self.offset

@@ -7,9 +7,13 @@ user-notification listener. The listener fd lives in the device; we take a
 copy with pidfd_getfd(2) (found by its /proc/PID/fd link,
 "anon_inode:seccomp notify"), record each call and let it run (or fail it with
 the errno the policy's `return` rule gives). Then we drive the device through
-a few hundred accesses over its channel, stall its output (a pipe nobody reads,
-so that it buffers, polls its output fd and flushes when that is writable), end
-with a malformed frame (so the error exit path is traced too) and print the
+a few hundred accesses over its channel (reads and writes all over the model's
+window, host input, syncs, the snapshot's control requests), then what only that
+model does, from its descriptor's recipes (protocol/models.py): a stalled output (a pipe
+nobody reads, so that it buffers, polls its output fd and flushes when that is writable;
+the serial), timed interrupts (so that it waits for its deadlines and signals its irq;
+the rtc),
+end with a malformed frame (so the error exit path is traced too) and print the
 sorted set of syscalls.
 
 Why not SECCOMP_RET_LOG and the kernel log: here the audit records reach
@@ -252,7 +256,6 @@ class SpawnedDevice:
 
         self.model = MODELS[model]
         self.window = self.model.transport.size
-
         self.zctx = zmq.Context()
         self.sock = self.zctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -280,8 +283,8 @@ class SpawnedDevice:
     def run_workload(self, accesses: int) -> None:
         """Accesses to every register, host input and SYNCs one at a time, the control
         requests, then a burst of posted writes (the device's queue fills while it
-        works), a stalled output; last, a malformed frame, so that its error exit is
-        traced too."""
+        works), the model's own workload; last, a malformed frame, so that its error exit
+        is traced too."""
         from splitvmm.protocol import wire
 
         self._mixed(accesses)
@@ -291,6 +294,7 @@ class SpawnedDevice:
         self._request(wire.encode_sync(self._next()))
         self._drain()
         self._stalled_output()
+        self._timed_interrupts()
         self.sock.send(b"\xff" * 3)
 
     def _stalled_output(self) -> None:
@@ -302,8 +306,7 @@ class SpawnedDevice:
         recipe = self.model.output_recipe
         if recipe is None:  # a model without output
             return
-        for offset, value in recipe.setup:
-            self.sock.send(wire.encode_write(offset, bytes([value])))
+        self._post_writes(recipe.setup)
         for i in range(PIPE_SIZE + OUTPUT_OVERRUN):  # past the pipe and the device's buffer
             self.sock.send(wire.encode_write(recipe.emit_offset, bytes([0x61 + i % 26])))
         self._request(wire.encode_read(self._next(), 0, 1))
@@ -311,6 +314,30 @@ class SpawnedDevice:
         while kept < PIPE_SIZE and select.select([self.out_r], [], [], 2.0)[0]:
             kept += len(os.read(self.out_r, 65536))
             self._request(wire.encode_read(self._next(), 0, 1))  # it flushes meanwhile
+
+    def _timed_interrupts(self, count: int = 20) -> None:
+        """A model's timed interrupt (the rtc's periodic one at 8192 Hz), acknowledged
+        `count` times: the device polls with its deadline as the timeout, ticks and signals
+        its irq eventfd."""
+        from splitvmm.protocol import wire
+
+        recipe = self.model.interrupt_recipe
+        if recipe is None:  # a model without timed events
+            return
+        self._post_writes(recipe.start)
+        for _ in range(count):
+            self._post_writes(recipe.ack)
+            self._request(wire.encode_read(self._next(), recipe.ack_read, 1))
+            if not select.select([self.irq], [], [], 2.0)[0]:
+                raise click.ClickException(f"{self.model.name} raised no interrupt within 2 s")
+            os.eventfd_read(self.irq)
+        self._post_writes(recipe.stop)
+
+    def _post_writes(self, writes: tuple[tuple[int, int], ...]) -> None:
+        from splitvmm.protocol import wire
+
+        for offset, value in writes:
+            self.sock.send(wire.encode_write(offset, bytes([value])))
 
     def _mixed(self, accesses: int) -> None:
         from splitvmm.protocol import wire

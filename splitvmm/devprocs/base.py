@@ -11,7 +11,7 @@ import abc
 import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 
@@ -84,6 +84,12 @@ class Device(abc.ABC):
     def __init__(self, ctx: DeviceContext) -> None:
         self.ctx = ctx
 
+    @classmethod
+    def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
+        """A fresh device with its config options (config.py checked their names and types;
+        a model that takes any checks their values and raises ConfigError)."""
+        return cls(ctx)
+
     @abc.abstractmethod
     def read(self, offset: int, size: int) -> bytes:
         """len(result) == size; the runtime guarantees offset + size <= WINDOW."""
@@ -98,6 +104,15 @@ class Device(abc.ABC):
     def output_room(self) -> None:
         """The output line took buffered bytes (ctx.out): there is room again."""
         return None  # deliberately empty: optional for devices without output
+
+    def next_deadline(self) -> float | None:
+        """When the model next needs tick(), on time.monotonic()'s clock; None: not until
+        an access changes that. A model with timed events (a clock's interrupts) has one."""
+        return None
+
+    def tick(self, now: float) -> None:
+        """The deadline passed (`now` is time.monotonic()): do what was due."""
+        return None  # deliberately empty: optional for devices without timed events
 
     def quiesce(self) -> None:
         """Snapshot step 2: stop taking work from guest queues and finish what is in flight,

@@ -3,7 +3,9 @@
 Runs the device model single-threaded: one frame at a time, in the order the
 monitor sent them, so a posted write is always applied before a later read.
 The loop also flushes the device's output buffer (output.py) when its line polls
-writable: a slow reader slows the guest's output, never the channel.
+writable: a slow reader slows the guest's output, never the channel. A model may have
+timed events (a clock's interrupts): the poll then waits no longer than its next
+deadline, and the model's tick() runs once that has passed.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import zmq
@@ -20,7 +24,7 @@ import zmq
 from splitvmm.devprocs import sandbox
 from splitvmm.devprocs.base import Device, DeviceContext, load_model
 from splitvmm.devprocs.output import BoundedOutput, FdLine
-from splitvmm.errors import StateError
+from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, wire
@@ -56,7 +60,7 @@ def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
     snapshot file), so this runs inside the sandbox and restore() validates every field."""
     model = load_model(spec.model)
     if spec.state is None:
-        return model(ctx)
+        return model.from_options(ctx, spec.options)
     return model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
 
 
@@ -93,22 +97,37 @@ def _serve_control(device: Device, sock: zmq.Socket, buf: bytes) -> None:
 
 
 def serve(device: Device, sock: zmq.Socket) -> None:
-    """Frames from the channel, and the output buffer flushed when its line is writable.
-    With nothing buffered (the usual case) the loop blocks in recv(): no poll per exit."""
+    """Frames from the channel, the output buffer flushed when its line is writable, and the
+    model's timed events. With nothing buffered and nothing timed (the usual case) the loop
+    blocks in recv(): no poll per exit."""
     out = device.ctx.out
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     while True:
-        if out.wants_flush() and out.line is not None:
-            line = out.line.fileno()
+        deadline = device.next_deadline()
+        flushing = out.wants_flush() and out.line is not None
+        if deadline is None and not flushing:
+            _serve_frame(device, sock, sock.recv(copy=True))
+            continue
+        line = out.line.fileno() if flushing and out.line is not None else None
+        if line is not None:
             poller.register(line, zmq.POLLOUT)
-            ready = dict(poller.poll())
+        ready = dict(poller.poll(_timeout_ms(deadline)))
+        if line is not None:
             poller.unregister(line)
             if ready.get(line) and out.flush():  # writable, or an error that flush() meets
                 device.output_room()
-            if sock not in ready:
-                continue
-        _serve_frame(device, sock, sock.recv(copy=True))
+        if deadline is not None and time.monotonic() >= deadline:
+            device.tick(time.monotonic())
+        if sock in ready:
+            _serve_frame(device, sock, sock.recv(copy=True))
+
+
+def _timeout_ms(deadline: float | None) -> int | None:
+    """poll()'s timeout for a deadline: rounded up, so the wake-up is never early."""
+    if deadline is None:
+        return None
+    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
 
 
 def _serve_frame(device: Device, sock: zmq.Socket, buf: bytes) -> None:
@@ -201,5 +220,7 @@ def run(spec: DeviceSpec) -> None:
         device = build_device(spec, ctx)
     except StateError as e:
         _refuse(sock, f"saved state rejected: {e}")
+    except ConfigError as e:
+        _refuse(sock, f"options rejected: {e}")
     sock.send(wire.encode_ready())
     serve(device, sock)

@@ -126,7 +126,7 @@ class Machine:
         fd kinds, never a model (protocol/models.py)."""
         model = MODELS[dev.model]  # config.py admits only known models
         fds = {role.name: self._device_fd(dev, model, role) for role in model.fds}
-        state = restore.device_state(self.snapshot, dev.name) if self.snapshot else None
+        state = restore.saved_device_state(self.snapshot, dev.name) if self.snapshot else None
         window = model.transport
         host = DeviceHost(
             Spawn(dev.name, dev.model, window.size, dict(dev.options), fds, state),

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from splitvmm.config import (
     BOOT_RESOURCES,
+    DEFAULT_DEVICES,
     HOST_RESOURCES,
     MODEL_OPTIONS,
     NAME_RE,
@@ -58,13 +59,32 @@ def check_compatible(snap: Snapshot, cfg: VmConfig) -> None:
     wanted = {d.name: d.model for d in cfg.devices}
     for name in sorted(saved.keys() - wanted.keys()):
         raise SnapshotError(f"chunk {name}: the snapshot has device {name!r}, the config does not")
-    for name in sorted(wanted.keys() - saved.keys()):
+    for name in sorted(wanted.keys() - saved.keys() - set(added_defaults(snap, cfg))):
         raise SnapshotError(f"device {name!r} is in the config but not in the snapshot")
     for name, model in wanted.items():
-        if saved[name] != model:
+        if name in saved and saved[name] != model:
             raise SnapshotError(
                 f"chunk {name}: saved model {saved[name]!r}, the config says {model!r}"
             )
+
+
+def added_defaults(snap: Snapshot, cfg: VmConfig) -> list[str]:
+    """Default devices (a PC's RTC) the config has and the snapshot does not: it was taken
+    by a release before the device became a default. They start fresh, as at power-on
+    (the guest saw nothing at their ports before: all-ones)."""
+    saved = {c.name for c in snap.chunks if c.kind == "device"}
+    return [
+        d.name
+        for d in cfg.devices
+        if d.name not in saved and DEFAULT_DEVICES.get(d.model) == d.name
+    ]
+
+
+def saved_device_state(snap: Snapshot, name: str) -> dict[str, object] | None:
+    """device_state(), or None for a default device the snapshot predates."""
+    if not any(c.kind == "device" and c.name == name for c in snap.chunks):
+        return None
+    return device_state(snap, name)
 
 
 def firmware_booted(snap: Snapshot) -> bool:

@@ -72,6 +72,18 @@ class OutputRecipe:
 
 
 @dataclass(frozen=True, slots=True)
+class InterruptRecipe:
+    """How to make a model raise its interrupt again and again, for workloads that must see
+    its timed events (`splitvmm policy audit`): posted writes of (offset, value) that start
+    it, then for each interrupt the `ack` writes and a read at `ack_read`, then `stop`."""
+
+    start: tuple[tuple[int, int], ...]
+    ack: tuple[tuple[int, int], ...]
+    ack_read: int
+    stop: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelDescriptor:
     name: str  # the config's `model`, the policy's file name, the log name
     transport: Transport
@@ -83,6 +95,7 @@ class ModelDescriptor:
     # Host input (the operator's keyboard when its output is stdio) goes to this device.
     console: bool = False
     output_recipe: OutputRecipe | None = None  # a model with an OUTPUT fd role has one
+    interrupt_recipe: InterruptRecipe | None = None  # a model with timed interrupts has one
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -99,4 +112,20 @@ SERIAL = ModelDescriptor(
     output_recipe=OutputRecipe(setup=((3, 0x03), (4, 0x08)), emit_offset=0),
 )
 
-MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL,)}
+RTC = ModelDescriptor(
+    name="rtc",  # MC146818A CMOS clock, as on every PC
+    transport=PortWindow(base=0x70, size=2, irq=8),  # index (bit 7: NMI off), data
+    options=(Option("base", str, "utc", choices=("utc", "localtime")),),
+    fds=(FdRole("irq", FdKind.IRQ),),
+    default_device="rtc",
+    # register A = 32.768 kHz time base at rate 3 (8192 Hz), B = periodic interrupt on,
+    # 24 h; each interrupt acknowledged by reading register C
+    interrupt_recipe=InterruptRecipe(
+        start=((0, 0x0A), (1, 0x23), (0, 0x0B), (1, 0x42)),
+        ack=((0, 0x0C),),
+        ack_read=1,
+        stop=((0, 0x0B), (1, 0x02)),
+    ),
+)
+
+MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL, RTC)}

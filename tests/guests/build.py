@@ -36,6 +36,7 @@ OUTPUTS = {
     "counter": "counter.elf",
     "dirty": "dirty.elf",
     "mmio-sweep": "mmio-sweep.elf",
+    "rtc": "rtc.elf",
     "firmware-hello": "firmware-hello.bin",
     "firmware-pio": "firmware-pio.bin",
 }

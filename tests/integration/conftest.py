@@ -27,11 +27,16 @@ class Run:
 
 
 def vm_toml(
-    boot: str, memory: str = "64M", vcpus: int = 1, serial_out: Path | str | None = None
+    boot: str,
+    memory: str = "64M",
+    vcpus: int = 1,
+    serial_out: Path | str | None = None,
+    vm_extra: str = "",
 ) -> str:
+    """vm_extra: more [vm] lines (`rtc = false`)."""
     out = f'output = "{serial_out}"\n' if serial_out else ""
     return (
-        f'[vm]\nname = "test"\nmemory = "{memory}"\nvcpus = {vcpus}\n'
+        f'[vm]\nname = "test"\nmemory = "{memory}"\nvcpus = {vcpus}\n{vm_extra}\n'
         # snapshots may go next to the config (the test's tmp_path), and nowhere else
         'snapshot_dirs = ["."]\n'
         f"[boot]\n{boot}\n"
@@ -46,11 +51,12 @@ def run_up(
     vcpus: int = 1,
     timeout: float = 120,
     extra_args: tuple[str, ...] = (),
+    vm_extra: str = "",
 ) -> Run:
     """Run `splitvmm up` on a fresh config; the serial output goes to a file we read back."""
     serial = tmp_path / "serial.log"
     config = tmp_path / "vm.toml"
-    config.write_text(vm_toml(boot, memory, vcpus, serial))
+    config.write_text(vm_toml(boot, memory, vcpus, serial, vm_extra))
     proc = subprocess.run(
         [sys.executable, "-m", "splitvmm", *extra_args, "up", str(config)],
         stdin=subprocess.DEVNULL,

@@ -1,4 +1,4 @@
-"""The escape suite: each attempt runs as a test hook inside a real sandboxed serial device.
+"""The escape suite: each attempt runs as a test hook inside a real sandboxed device, per model.
 
 A forbidden syscall kills the process, which ends the hook, so every attempt
 gets a fresh device. With the policy enforced, each must fail (an errno) or
@@ -26,11 +26,13 @@ import pytest
 
 from splitvmm.cli.policy import Trace, traced
 from splitvmm.native.kvm import IOCTL_NUMBERS
+from splitvmm.protocol.models import MODELS as DESCRIPTORS
 from tests.sandbox import escapes
 from tests.sandbox.harness import SandboxedDevice
 
 pytestmark = pytest.mark.sandbox
-MODELS = ["serial"]
+# Every model with a descriptor runs the suite in its own sandbox: no hand-kept list.
+MODELS = sorted(DESCRIPTORS)
 
 # What the layers beneath seccomp must stop on their own (an errno, since nothing kills).
 STOPPED_WITHOUT_SECCOMP = {

@@ -130,8 +130,9 @@ def test_compile_filter_defaults_to_kill_process_and_tsync() -> None:
     assert filt.get_attr(seccomp.Attr.CTL_TSYNC) == 1
 
 
-def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open() -> None:
-    parsed = policy.load_model_policy("serial")
+@pytest.mark.parametrize("model", ["serial", "rtc"])
+def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open(model: str) -> None:
+    parsed = policy.load_model_policy(model)
 
     assert "ioctl" not in parsed.rules
     assert parsed.rules["openat"].errno == errno.ENOENT

@@ -50,3 +50,13 @@ def test_policy_audit_when_serial_prints_sorted_syscalls_all_in_policy() -> None
     assert names == sorted(names)
     assert {"recvfrom", "sendto", "write"} <= set(names)
     assert "serial: " in result.output.splitlines()[-1]
+
+
+@pytest.mark.sandbox
+def test_policy_audit_when_rtc_traces_its_timed_interrupts_all_in_policy() -> None:
+    result = CliRunner().invoke(cli, ["policy", "audit", "rtc", "--accesses", "200"])
+
+    assert result.exit_code == 0, result.output
+    names = {line.split()[0] for line in result.output.splitlines()[:-1]}
+    assert {"poll", "write", "recvfrom"} <= names  # deadline waits, irq eventfd, channel
+    assert "rtc: " in result.output.splitlines()[-1]

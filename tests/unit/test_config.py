@@ -1,10 +1,11 @@
 """Config errors name the key and what was expected; good configs parse to dataclasses."""
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from splitvmm.config import load_config, parse_config, parse_size
+from splitvmm.config import VmConfig, config_to_dict, load_config, parse_config, parse_size
 from splitvmm.errors import ConfigError
 
 GOOD = """
@@ -133,3 +134,40 @@ def test_config_hostile_input_raises_one_line_error(kernel_dir, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(write(kernel_dir, text))
     assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+# -- default devices (protocol/models.py default_device): a PC's RTC -----------------------------
+def _cfg(vm_extra: str = "", devices: str = "") -> VmConfig:
+    text = f'[vm]\nname = "t"\n{vm_extra}[boot]\nfirmware = "fw.bin"\n{devices}'
+    return parse_config(tomllib.loads(text), Path("/"), check_files=False)
+
+
+def test_config_every_vm_has_the_default_rtc():
+    cfg = _cfg()
+
+    assert [(d.name, d.model, d.options) for d in cfg.devices] == [("rtc", "rtc", {"base": "utc"})]
+
+
+def test_config_vm_rtc_false_leaves_it_out_and_stays_out_when_read_back():
+    cfg = _cfg("rtc = false\n")
+    again = parse_config(config_to_dict(cfg), Path("/"), check_files=False)
+
+    assert cfg.devices == again.devices == ()
+
+
+def test_config_rtc_table_sets_its_options_instead_of_the_default():
+    cfg = _cfg(devices='[[device]]\nname = "clock"\nmodel = "rtc"\nbase = "localtime"\n')
+
+    assert [(d.name, d.options["base"]) for d in cfg.devices] == [("clock", "localtime")]
+
+
+def test_config_option_outside_its_choices_names_the_key():
+    with pytest.raises(ConfigError, match=r"device 'clock'.base: expected one of utc, localtime"):
+        _cfg(devices='[[device]]\nname = "clock"\nmodel = "rtc"\nbase = "mars"\n')
+
+
+def test_config_second_device_at_fixed_ports_refused():
+    two = '[[device]]\nname = "a"\nmodel = "rtc"\n[[device]]\nname = "b"\nmodel = "rtc"\n'
+
+    with pytest.raises(ConfigError, match=r"only one rtc device .* fixed ports 0x70-0x71"):
+        _cfg(devices=two)

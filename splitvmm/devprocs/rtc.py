@@ -1,0 +1,527 @@
+"""MC146818A real-time clock and CMOS RAM at ports 0x70-0x71, as a PC has it.
+
+Register and bit names follow Linux <linux/mc146818rtc.h> (RTC_FREQ_SELECT is register A,
+RTC_CONTROL B, RTC_INTR_FLAGS C, RTC_VALID D); behaviour follows the MC146818A datasheet.
+
+Port 0x70 takes the register index in bits 0-6; bit 7 is the PC's NMI-disable bit, kept
+and read back with the index (nothing here raises an NMI), never part of the selection.
+
+Time. Nothing ticks: the guest's clock is the host's wall clock plus an offset, which the
+guest changes by setting the time. A time register read while the clock runs encodes the
+current guest time in the data mode register B asks for (BCD or binary, 12 or 24 hours),
+so a driver that switches modes reads the same time in the new encoding, as in QEMU's and
+crosvm's models (a chip keeps its raw bytes, and a datasheet driver sets the time again
+after a mode change, which works here too). While SET is 1 or the divider chain is not
+running (register A's DV bits other than 32.768 kHz; 11x holds it in reset) the time
+registers hold raw bytes: the guest reads back what it wrote, and when updates resume the
+bytes become the new offset, keeping the sub-second phase after SET (the divider ran on),
+or half a second before the next update when the divider leaves reset (datasheet: "the
+first update cycle begins one-half second later"). Out-of-range fields carry over (31
+February is 3 March) and years stay within 0001-9999: a hostile value never raises.
+DSE is kept but the 1980s US daylight-saving jumps it asks for are not made (QEMU does not
+either; PC firmware and Linux keep DSE at 0).
+
+Update cycle. Each second of guest time the registers advance; UIP (register A bit 7) is 1
+from 244 us before that instant to the end of the 1984 us update cycle, so a driver that
+waits for UIP to clear and then reads sees one consistent time (or re-reads, as Linux's
+mc146818_get_time does when the seconds moved).
+
+Interrupts. PF, AF and UF (register C) are set when their events pass whether or not they
+are enabled, worked out from the time that passed whenever the guest looks; IRQF is a flag
+whose enable bit (PIE, AIE, UIE in register B, the same bit positions) is set. The IRQ 8
+line is pulsed when IRQF rises (ISA IRQs are edge-triggered, as the serial's IRQ 4), and
+reading C clears the flags and lowers it. A timed event (next_deadline/tick) is scheduled
+only while the line is low and an enabled interrupt could raise it: a guest that never
+enables one, or never acknowledges one, costs no wake-ups.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from typing import ClassVar, Protocol, Self
+
+from splitvmm.devprocs.base import Device, DeviceContext, DeviceState, register
+from splitvmm.errors import ConfigError, StateError
+
+CMOS_SIZE = 128
+INDEX_PORT, DATA_PORT = 0, 1  # offsets in the window: 0x70, 0x71
+NMI_DISABLE = 0x80  # port 0x70 bit 7
+INDEX_MASK = 0x7F
+
+NS = 1_000_000_000
+TIME_BASE_HZ = 32768  # the PC's crystal: DV = 010
+UIP_LEAD_NS = 8 * NS // TIME_BASE_HZ  # UIP rises 244 us before an update (tBUC)
+UPDATE_CYCLE_NS = 1_984_000  # and stays up for the update cycle (tUC at 32.768 kHz)
+HALF_SECOND_NS = NS // 2
+DAY_S = 86400
+EPOCH = date(1970, 1, 1).toordinal()
+FIRST_S = (date(1, 1, 1).toordinal() - EPOCH) * DAY_S  # the clock's range: years 0001-9999
+LAST_S = (date(9999, 12, 31).toordinal() - EPOCH + 1) * DAY_S - 1
+MAX_OFFSET_NS = (LAST_S - FIRST_S) * NS  # any offset that keeps a guest clock in that range
+ALARM_DONT_CARE = 0xC0  # an alarm byte with both top bits set matches any value
+BASES = ("utc", "localtime")
+
+
+class Reg(enum.IntEnum):
+    SECONDS = 0x00
+    SECONDS_ALARM = 0x01
+    MINUTES = 0x02
+    MINUTES_ALARM = 0x03
+    HOURS = 0x04
+    HOURS_ALARM = 0x05
+    DAY_OF_WEEK = 0x06
+    DAY_OF_MONTH = 0x07
+    MONTH = 0x08
+    YEAR = 0x09
+    FREQ_SELECT = 0x0A  # register A
+    CONTROL = 0x0B  # register B
+    INTR_FLAGS = 0x0C  # register C
+    VALID = 0x0D  # register D
+    CENTURY = 0x32  # not on the MC146818: the PC's (IBM AT, ACPI FADT) century byte
+
+
+TIME_REGS = frozenset(
+    {Reg.SECONDS, Reg.MINUTES, Reg.HOURS, Reg.DAY_OF_WEEK, Reg.DAY_OF_MONTH, Reg.MONTH}
+    | {Reg.YEAR, Reg.CENTURY}
+)
+
+
+class RegA(enum.IntFlag):
+    UIP = 0x80  # update in progress (read-only)
+    DIV_CTL = 0x70  # time base: 000 4.194304 MHz, 001 1.048576 MHz, 010 32.768 kHz, 11x reset
+    RATE_SELECT = 0x0F  # periodic interrupt rate
+
+
+REF_CLCK_32KHZ = 0x20
+
+
+class RegB(enum.IntFlag):
+    SET = 0x80  # updates inhibited while the time is set
+    PIE = 0x40  # periodic interrupt enable
+    AIE = 0x20  # alarm interrupt enable
+    UIE = 0x10  # update-ended interrupt enable
+    SQWE = 0x08  # square wave (no pin here: kept only)
+    DM_BINARY = 0x04  # binary, not BCD
+    H24 = 0x02  # 24-hour mode
+    DST_EN = 0x01  # daylight saving (kept only)
+
+
+class RegC(enum.IntFlag):
+    IRQF = 0x80
+    PF = 0x40
+    AF = 0x20
+    UF = 0x10
+
+
+FLAGS = RegC.PF | RegC.AF | RegC.UF  # each at the bit of its enable in register B
+RTC_VRT = 0x80  # register D: valid RAM and time (the battery is good)
+
+# What PC firmware leaves: 32.768 kHz and 1024 Hz (A = 0x26), 24-hour BCD (B = 0x02).
+POWER_ON = {Reg.FREQ_SELECT: 0x26, Reg.CONTROL: int(RegB.H24), Reg.VALID: RTC_VRT}
+
+
+def _power_on_cmos() -> bytes:
+    cmos = bytearray(CMOS_SIZE)
+    for reg, value in POWER_ON.items():
+        cmos[reg] = value
+    return bytes(cmos)
+
+
+class Clock(Protocol):
+    def wall_ns(self) -> int:
+        """The host's wall clock (CLOCK_REALTIME), ns since the epoch."""
+        ...
+
+    def monotonic(self) -> float:
+        """The clock the runtime's deadlines use (time.monotonic)."""
+        ...
+
+    def utc_offset(self, wall_s: int) -> int:
+        """The host's local time minus UTC at wall_s, in seconds."""
+        ...
+
+
+class HostClock:
+    def wall_ns(self) -> int:
+        return time.time_ns()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def utc_offset(self, wall_s: int) -> int:
+        # glibc read the zone when `time` was imported, before the sandbox: no file opened.
+        return time.localtime(wall_s).tm_gmtoff
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RtcState(DeviceState):
+    """cmos: the 128 bytes as the guest would read them, with register A's UIP clear and
+    register C's IRQF left out (both derived); the time registers are restored from it
+    only while they are held (SET, or the divider not running), else from offset_ns."""
+
+    VERSION: ClassVar[int] = 1
+    offset_ns: int = 0  # guest clock minus the host's wall clock: survives a restore
+    index: int = 0  # the last byte written to port 0x70 (bit 7: NMI disabled)
+    cmos: bytes = _power_on_cmos()
+    weekday_shift: int = 0  # the day of the week the guest set, less the date's own (mod 7)
+
+
+@register
+class Mc146818(Device):
+    NAME = "rtc"
+    WINDOW = 2
+    State = RtcState
+
+    def __init__(
+        self, ctx: DeviceContext, state: RtcState | None = None, clock: Clock | None = None
+    ) -> None:
+        super().__init__(ctx)
+        s = state or RtcState()
+        self._clock = clock or HostClock()
+        self._now = self._clock.wall_ns()  # the host instant of the access being served
+        self._offset_ns = s.offset_ns
+        self._index = s.index
+        self._cmos = bytearray(s.cmos)
+        self._weekday_shift = s.weekday_shift
+        self._synced_ns = self._guest_ns()  # flags in C account for time up to here
+        self._line = self._irqf()  # the IRQ line as last driven (an edge was sent if high)
+        self._quiesced = False
+        self._deadline: float | None = None
+        self._schedule()
+
+    @classmethod
+    def from_options(
+        cls, ctx: DeviceContext, options: Mapping[str, object], clock: Clock | None = None
+    ) -> Self:
+        """`base = "utc"` (a PC's usual) or `"localtime"`: what the clock shows at start."""
+        base = options.get("base", "utc")
+        if base not in BASES:
+            raise ConfigError(f"rtc: base must be one of {', '.join(BASES)}, got {base!r}")
+        clock = clock or HostClock()
+        offset = clock.utc_offset(clock.wall_ns() // NS) * NS if base == "localtime" else 0
+        return cls(ctx, RtcState(offset_ns=offset), clock)
+
+    # -- guest accesses -------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        if size != 1:
+            self.ctx.counters.bad_access += 1
+            return bytes(size)
+        self._begin()
+        value = self._index if offset == INDEX_PORT else self._read_reg(self._index & INDEX_MASK)
+        self._end()
+        return bytes([value])
+
+    def write(self, offset: int, data: bytes) -> None:
+        if len(data) != 1:
+            self.ctx.counters.bad_access += 1
+            return
+        self._begin()
+        if offset == INDEX_PORT:
+            self._index = data[0]
+        else:
+            self._write_reg(self._index & INDEX_MASK, data[0])
+        self._end()
+
+    # -- timed events (runtime.serve) ---------------------------------------------------
+    def next_deadline(self) -> float | None:
+        return None if self._quiesced else self._deadline
+
+    def tick(self, now: float) -> None:
+        if self._deadline is None or now < self._deadline:
+            return  # woken early (a frame came first): nothing is due yet
+        self._begin()
+        self._end()
+
+    def quiesce(self) -> None:
+        self._quiesced = True  # no interrupt while the VM's irqchip state is being saved
+
+    def resume(self) -> None:
+        self._quiesced = False
+
+    def _begin(self) -> None:
+        """Every entry point: read the clock once, account for the time that passed."""
+        self._now = self._clock.wall_ns()
+        self._sync()
+        self._update_irq()
+
+    def _end(self) -> None:
+        self._update_irq()
+        self._schedule()
+
+    # -- registers --------------------------------------------------------------------
+    def _read_reg(self, reg: int) -> int:
+        if reg in TIME_REGS and not self._held():
+            return self._encoded(self._guest_ns() // NS)[reg]
+        if reg == Reg.FREQ_SELECT:
+            return self._cmos[reg] | (int(RegA.UIP) if self._uip() else 0)
+        if reg == Reg.INTR_FLAGS:
+            value = self._cmos[reg] | (int(RegC.IRQF) if self._irqf() else 0)
+            self._cmos[reg] = 0  # reading C acknowledges everything and lowers the line
+            self._line = False
+            return value
+        return self._cmos[reg]
+
+    def _write_reg(self, reg: int, value: int) -> None:
+        if reg in TIME_REGS:
+            self._write_time(reg, value)
+        elif reg == Reg.FREQ_SELECT:
+            self._write_control(reg, value & ~RegA.UIP)
+        elif reg == Reg.CONTROL:
+            # The datasheet: SET going to 1 clears UIE (no update ends while it is set).
+            self._write_control(reg, value & ~RegB.UIE if value & RegB.SET else value)
+        elif reg in (Reg.INTR_FLAGS, Reg.VALID):
+            self.ctx.counters.bad_access += 1  # read-only status registers
+        else:
+            self._cmos[reg] = value  # alarms and NVRAM
+
+    def _write_time(self, reg: int, value: int) -> None:
+        if self._held():
+            self._cmos[reg] = value
+            return
+        # A write while the clock runs sets that field, the others and the phase unchanged.
+        phase = self._guest_ns() % NS
+        self._latch()
+        self._cmos[reg] = value
+        self._unlatch(phase)
+
+    def _write_control(self, reg: int, value: int) -> None:
+        """Register A or B: holding or releasing the time registers as SET and DV change."""
+        was_held, was_running = self._held(), self._running()
+        a, b = self._cmos[Reg.FREQ_SELECT], self._cmos[Reg.CONTROL]
+        a, b = (value, b) if reg == Reg.FREQ_SELECT else (a, value)
+        if not was_held and _holds(a, b):
+            self._latch()  # in the mode the registers were in, as a chip keeps its bytes
+        self._cmos[reg] = value
+        if self._running() and not was_running:
+            # Out of reset, the first update comes half a second later.
+            self._offset_ns = self._latched_s() * NS + HALF_SECOND_NS - self._now
+        if was_held and not self._held():
+            self._unlatch(self._guest_ns() % NS)
+        self._synced_ns = self._guest_ns()
+
+    # -- the clock ----------------------------------------------------------------------
+    def _guest_ns(self) -> int:
+        return self._now + self._offset_ns
+
+    def _running(self) -> bool:
+        return self._cmos[Reg.FREQ_SELECT] & RegA.DIV_CTL == REF_CLCK_32KHZ
+
+    def _held(self) -> bool:
+        return _holds(self._cmos[Reg.FREQ_SELECT], self._cmos[Reg.CONTROL])
+
+    def _uip(self) -> bool:
+        if self._held():
+            return False  # SET clears UIP; a divider in reset makes no update
+        phase = self._guest_ns() % NS
+        return phase >= NS - UIP_LEAD_NS or phase < UPDATE_CYCLE_NS
+
+    def _latch(self) -> None:
+        """The time registers take the current time: from now on they hold raw bytes."""
+        for reg, value in self._encoded(self._guest_ns() // NS).items():
+            self._cmos[reg] = value
+
+    def _unlatch(self, phase_ns: int) -> None:
+        """The held registers become the running clock, at that sub-second phase."""
+        seconds = self._latched_s()
+        self._offset_ns = seconds * NS + phase_ns - self._now
+        weekday = self._decode(self._cmos[Reg.DAY_OF_WEEK]) - 1
+        self._weekday_shift = (weekday - _weekday(seconds)) % 7
+        self._synced_ns = self._guest_ns()
+
+    def _latched_s(self) -> int:
+        """The held time registers as seconds since the epoch; fields out of range carry."""
+        cmos, dec = self._cmos, self._decode
+        year = (dec(cmos[Reg.CENTURY]) % 100) * 100 + dec(cmos[Reg.YEAR])
+        month = min(max(dec(cmos[Reg.MONTH]), 1), 12)
+        first = date(min(max(year, 1), 9999), month, 1).toordinal() - EPOCH
+        days = first + dec(cmos[Reg.DAY_OF_MONTH]) - 1
+        clock = self._decode_hour(cmos[Reg.HOURS]) * 3600 + dec(cmos[Reg.MINUTES]) * 60
+        return min(max(days * DAY_S + clock + dec(cmos[Reg.SECONDS]), FIRST_S), LAST_S)
+
+    def _encoded(self, seconds: int) -> dict[int, int]:
+        """The time registers for a second of guest time, in the mode register B says."""
+        seconds = min(max(seconds, FIRST_S), LAST_S)
+        days, clock = divmod(seconds, DAY_S)
+        day = date.fromordinal(EPOCH + days)
+        enc = self._encode
+        return {
+            Reg.SECONDS: enc(clock % 60),
+            Reg.MINUTES: enc(clock // 60 % 60),
+            Reg.HOURS: self._encode_hour(clock // 3600),
+            Reg.DAY_OF_WEEK: enc((_weekday(seconds) + self._weekday_shift) % 7 + 1),
+            Reg.DAY_OF_MONTH: enc(day.day),
+            Reg.MONTH: enc(day.month),
+            Reg.YEAR: enc(day.year % 100),
+            Reg.CENTURY: enc(day.year // 100),
+        }
+
+    def _binary(self) -> bool:
+        return bool(self._cmos[Reg.CONTROL] & RegB.DM_BINARY)
+
+    def _encode(self, value: int) -> int:
+        return value if self._binary() else (value // 10) << 4 | value % 10
+
+    def _decode(self, raw: int) -> int:
+        return raw if self._binary() else (raw >> 4) * 10 + (raw & 0x0F)
+
+    def _encode_hour(self, hour: int) -> int:
+        if self._cmos[Reg.CONTROL] & RegB.H24:
+            return self._encode(hour)
+        return self._encode(hour % 12 or 12) | (0x80 if hour >= 12 else 0)  # bit 7: PM
+
+    def _decode_hour(self, raw: int) -> int:
+        if self._cmos[Reg.CONTROL] & RegB.H24:
+            return self._decode(raw)
+        return self._decode(raw & 0x7F) % 12 + (12 if raw & 0x80 else 0)
+
+    # -- events and the interrupt line ------------------------------------------------------
+    def _sync(self) -> None:
+        """Set the flags of every event between the last sync and now."""
+        g0, g = self._synced_ns, self._guest_ns()
+        self._synced_ns = g
+        if g <= g0 or not self._running():
+            return
+        period = self._period_ticks()
+        if period and _ticks(g) // period > _ticks(g0) // period:
+            self._cmos[Reg.INTR_FLAGS] |= RegC.PF
+        if self._cmos[Reg.CONTROL] & RegB.SET:
+            return  # no update cycles while the time is being set
+        first, last = (g0 - UPDATE_CYCLE_NS) // NS + 1, (g - UPDATE_CYCLE_NS) // NS
+        if first <= last:
+            self._cmos[Reg.INTR_FLAGS] |= RegC.UF
+            alarm = self._next_alarm(first)
+            if alarm is not None and alarm <= last:
+                self._cmos[Reg.INTR_FLAGS] |= RegC.AF
+
+    def _period_ticks(self) -> int:
+        """The periodic interrupt's period in time-base ticks; 0 when off (RS = 0)."""
+        rate = self._cmos[Reg.FREQ_SELECT] & RegA.RATE_SELECT
+        if rate == 0:
+            return 0
+        return 1 << (rate + 6 if rate <= 2 else rate - 1)  # 1, 2: 256 and 128 Hz at 32 kHz
+
+    def _next_alarm(self, start: int) -> int | None:
+        """The first second from `start` on whose update matches the alarm registers."""
+        enc, cmos = self._encode, self._cmos
+        hours = _matching(cmos[Reg.HOURS_ALARM], [self._encode_hour(h) for h in range(24)])
+        minutes = _matching(cmos[Reg.MINUTES_ALARM], [enc(m) for m in range(60)])
+        seconds = _matching(cmos[Reg.SECONDS_ALARM], [enc(s) for s in range(60)])
+        if not (hours and minutes and seconds):
+            return None  # a value the clock never shows: the alarm never goes off
+        midnight, clock = divmod(start, DAY_S)
+        today = _first_in_day(clock, hours, minutes, seconds)
+        if today is not None:
+            return midnight * DAY_S + today
+        return (midnight + 1) * DAY_S + (_first_in_day(0, hours, minutes, seconds) or 0)
+
+    def _irqf(self) -> bool:
+        return bool(self._cmos[Reg.INTR_FLAGS] & self._cmos[Reg.CONTROL] & FLAGS)
+
+    def _update_irq(self) -> None:
+        irqf = self._irqf()
+        if irqf and not self._line:
+            self.ctx.irq.trigger()
+        self._line = irqf
+
+    def _schedule(self) -> None:
+        """The next instant an enabled interrupt could raise the line, on the runtime's clock."""
+        event = self._next_event()
+        if event is None:
+            self._deadline = None
+            return
+        self._deadline = self._clock.monotonic() + (event - self._guest_ns()) / NS
+
+    def _next_event(self) -> int | None:
+        """Guest ns of the next event whose enable bit is set, while the line is low."""
+        control, g = self._cmos[Reg.CONTROL], self._guest_ns()
+        if self._line or not self._running() or not control & FLAGS:
+            return None
+        events = []
+        period = self._period_ticks()
+        if control & RegB.PIE and period:
+            events.append(_tick_ns((_ticks(g) // period + 1) * period))
+        if not control & RegB.SET:
+            next_update = (g - UPDATE_CYCLE_NS) // NS + 1
+            if control & RegB.UIE:
+                events.append(next_update * NS + UPDATE_CYCLE_NS)
+            alarm = self._next_alarm(next_update) if control & RegB.AIE else None
+            if alarm is not None:
+                events.append(alarm * NS + UPDATE_CYCLE_NS)
+        return min(events, default=None)
+
+    # -- state ----------------------------------------------------------------------------------
+    def save(self) -> RtcState:
+        self._begin()
+        cmos = bytearray(self._cmos)
+        if not self._held():
+            for reg, value in self._encoded(self._guest_ns() // NS).items():
+                cmos[reg] = value  # what the guest would read (restore takes offset_ns)
+        return RtcState(
+            offset_ns=self._offset_ns,
+            index=self._index,
+            cmos=bytes(cmos),
+            weekday_shift=self._weekday_shift,
+        )
+
+    @classmethod
+    def restore(cls, ctx: DeviceContext, state: RtcState, clock: Clock | None = None) -> Self:
+        _check_int("offset_ns", state.offset_ns, -MAX_OFFSET_NS, MAX_OFFSET_NS)
+        _check_int("index", state.index, 0, 0xFF)
+        _check_int("weekday_shift", state.weekday_shift, 0, 6)
+        if not isinstance(state.cmos, bytes) or len(state.cmos) != CMOS_SIZE:
+            raise StateError(f"rtc: cmos must be {CMOS_SIZE} bytes")
+        if state.cmos[Reg.FREQ_SELECT] & RegA.UIP:
+            raise StateError("rtc: register A has UIP set (it is derived, never saved)")
+        if state.cmos[Reg.INTR_FLAGS] & ~FLAGS:
+            raise StateError("rtc: register C holds bits other than PF, AF and UF")
+        if state.cmos[Reg.VALID] != RTC_VRT:
+            raise StateError(f"rtc: register D is {state.cmos[Reg.VALID]:#04x}, not VRT")
+        return cls(ctx, state, clock)
+
+
+def _holds(a: int, b: int) -> bool:
+    """Whether registers A and B hold the time registers still (SET, or no 32 kHz divider)."""
+    return bool(b & RegB.SET) or a & RegA.DIV_CTL != REF_CLCK_32KHZ
+
+
+def _weekday(seconds: int) -> int:
+    """0 for Sunday .. 6 for Saturday (1 January 1970 was a Thursday)."""
+    return (seconds // DAY_S + 4) % 7
+
+
+def _ticks(ns: int) -> int:
+    return ns * TIME_BASE_HZ // NS
+
+
+def _tick_ns(ticks: int) -> int:
+    return -(-ticks * NS // TIME_BASE_HZ)  # the first ns at or after that tick
+
+
+def _matching(alarm: int, encoded: list[int]) -> list[int]:
+    """The field values (indices of `encoded`) an alarm byte matches, in order."""
+    if alarm & ALARM_DONT_CARE == ALARM_DONT_CARE:
+        return list(range(len(encoded)))
+    return [value for value, raw in enumerate(encoded) if raw == alarm]
+
+
+def _first_in_day(
+    clock: int, hours: list[int], minutes: list[int], seconds: list[int]
+) -> int | None:
+    """The first second of the day at or after `clock` whose hour, minute and second are in
+    those (sorted) lists; None if the day has none left."""
+    now = (clock // 3600, clock // 60 % 60, clock % 60)
+    for h in (h for h in hours if h >= now[0]):
+        for m in (m for m in minutes if (h, m) >= now[:2]):
+            s = next((s for s in seconds if (h, m, s) >= now), None)
+            if s is not None:
+                return h * 3600 + m * 60 + s
+    return None
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise StateError(f"rtc: {name}={value!r} is outside {low}..{high}")

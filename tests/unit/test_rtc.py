@@ -1,0 +1,536 @@
+"""The MC146818A model against a fake host clock and a fake irq (no process, no channel).
+
+Times below are datasheet facts: 1 s update cycles, UIP from 244.140625 us (8 ticks of the
+32.768 kHz time base) before an update to the end of the 1984 us cycle, periodic rates
+65536 >> RS Hz (RS 1 and 2: 256 and 128 Hz), and the first update half a second after the
+divider chain leaves reset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.rtc import (
+    CMOS_SIZE,
+    MAX_OFFSET_NS,
+    NS,
+    UPDATE_CYCLE_NS,
+    Mc146818,
+    Reg,
+    RegA,
+    RegB,
+    RegC,
+    RtcState,
+)
+from splitvmm.errors import ConfigError, StateError
+from splitvmm.protocol import codec
+from tests.fakes import FakeClock, FakeIrq
+
+# Friday 14 March 2025, 15:09:26 UTC, half way through the second.
+PI_DAY = datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)
+HALF = NS // 2
+TIME = (Reg.SECONDS, Reg.MINUTES, Reg.HOURS, Reg.DAY_OF_WEEK, Reg.DAY_OF_MONTH, Reg.MONTH)
+TIME_AND_YEAR = (*TIME, Reg.YEAR, Reg.CENTURY)
+PI_DAY_BCD = (0x26, 0x09, 0x15, 0x06, 0x14, 0x03, 0x25, 0x20)
+GOLDENS = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "rtc"
+
+
+def ns_of(when: datetime) -> int:
+    return int(when.timestamp()) * NS
+
+
+def make_rtc(
+    when: datetime = PI_DAY, phase: int = HALF, **options: object
+) -> tuple[Mc146818, FakeClock, FakeIrq]:
+    clock, irq = FakeClock(ns_of(when) + phase, utc_offset=2 * 3600), FakeIrq()
+    return Mc146818.from_options(DeviceContext(irq=irq), options, clock), clock, irq
+
+
+def rd(rtc: Mc146818, reg: int) -> int:
+    rtc.write(0, bytes([reg]))
+    return rtc.read(1, 1)[0]
+
+
+def wr(rtc: Mc146818, reg: int, value: int) -> None:
+    rtc.write(0, bytes([reg]))
+    rtc.write(1, bytes([value]))
+
+
+def regs(rtc: Mc146818, which: tuple[int, ...] = TIME_AND_YEAR) -> tuple[int, ...]:
+    return tuple(rd(rtc, r) for r in which)
+
+
+def set_time(rtc: Mc146818, values: dict[int, int]) -> None:
+    """The datasheet's way: SET, write the registers, clear SET."""
+    control = rd(rtc, Reg.CONTROL)
+    wr(rtc, Reg.CONTROL, control | RegB.SET)
+    for reg, value in values.items():
+        wr(rtc, reg, value)
+    wr(rtc, Reg.CONTROL, control)
+
+
+def run_to_deadline(rtc: Mc146818, clock: FakeClock) -> float:
+    """Advance the clock to the model's next deadline and tick; the seconds waited."""
+    deadline = rtc.next_deadline()
+    assert deadline is not None
+    waited = deadline - clock.mono
+    clock.advance(round(waited * NS))
+    rtc.tick(deadline)
+    return waited
+
+
+# -- power-on and reading the time -------------------------------------------------------
+def test_rtc_power_on_status_registers_are_the_pc_defaults():
+    rtc, _, _ = make_rtc()
+    assert regs(rtc, (Reg.FREQ_SELECT, Reg.CONTROL, Reg.INTR_FLAGS, Reg.VALID)) == (
+        0x26,
+        RegB.H24,
+        0,
+        0x80,
+    )
+
+
+def test_rtc_bcd_mode_reads_host_utc_time():
+    rtc, _, _ = make_rtc()
+    assert regs(rtc) == PI_DAY_BCD
+
+
+def test_rtc_binary_mode_reads_the_same_time_in_binary():
+    rtc, _, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.H24 | RegB.DM_BINARY)
+    assert regs(rtc) == (26, 9, 15, 6, 14, 3, 25, 20)
+
+
+@pytest.mark.parametrize(
+    "hour,control,expected",
+    [
+        (15, 0, 0x83),  # 3 PM: BCD 3 with bit 7
+        (0, 0, 0x12),  # midnight is 12 AM
+        (12, 0, 0x92),  # noon is 12 PM
+        (11, 0, 0x11),
+        (23, RegB.DM_BINARY, 0x80 | 11),
+        (23, RegB.DM_BINARY | RegB.H24, 23),
+    ],
+)
+def test_rtc_hour_register_follows_12_or_24_hour_mode(hour, control, expected):
+    rtc, _, _ = make_rtc(PI_DAY.replace(hour=hour))
+    wr(rtc, Reg.CONTROL, control)
+    assert rd(rtc, Reg.HOURS) == expected
+
+
+def test_rtc_localtime_base_shows_the_host_zone():
+    rtc, _, _ = make_rtc(base="localtime")  # the fake host is 2 hours ahead of UTC
+    assert rd(rtc, Reg.HOURS) == 0x17
+
+
+def test_rtc_unknown_base_is_refused_naming_the_option():
+    with pytest.raises(ConfigError, match="rtc: base must be one of utc, localtime"):
+        make_rtc(base="mars")
+
+
+def test_rtc_time_advances_with_the_host_clock_across_midnight_and_century():
+    rtc, clock, _ = make_rtc(datetime(2099, 12, 31, 23, 59, 59, tzinfo=UTC))
+    clock.advance(HALF)
+    assert regs(rtc) == (0x00, 0x00, 0x00, 0x06, 0x01, 0x01, 0x00, 0x21)  # a Friday
+
+
+# -- setting the time ---------------------------------------------------------------------
+def test_rtc_set_bit_holds_the_registers_while_the_guest_writes():
+    rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    wr(rtc, Reg.SECONDS, 0x42)
+    clock.advance(5 * NS)
+    assert regs(rtc) == (0x42, *PI_DAY_BCD[1:])
+
+
+def test_rtc_guest_set_time_runs_from_the_written_value_with_century_rollover():
+    rtc, clock, _ = make_rtc()
+    values = {Reg.SECONDS: 0x58, Reg.MINUTES: 0x59, Reg.HOURS: 0x23, Reg.DAY_OF_MONTH: 0x31}
+    set_time(rtc, {**values, Reg.MONTH: 0x12, Reg.YEAR: 0x99, Reg.CENTURY: 0x19})
+    clock.advance(2 * NS)
+    assert regs(rtc) == (0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x00, 0x20)  # Saturday
+
+
+def test_rtc_guest_set_time_is_an_offset_from_the_host_clock():
+    rtc, _, _ = make_rtc()
+    set_time(rtc, {Reg.YEAR: 0x24})  # one year back: 2024-03-14, after 29 February
+    assert rtc.save().offset_ns == -365 * 86400 * NS
+
+
+def test_rtc_clearing_set_keeps_the_sub_second_phase():
+    rtc, clock, _ = make_rtc(phase=HALF)
+    set_time(rtc, {Reg.SECONDS: 0x00})
+    clock.advance(HALF - 1)
+    before = rd(rtc, Reg.SECONDS)
+    clock.advance(1)
+    assert (before, rd(rtc, Reg.SECONDS)) == (0x00, 0x01)
+
+
+def test_rtc_set_bit_clears_uie():
+    rtc, _, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.UIE | RegB.H24)
+    assert rd(rtc, Reg.CONTROL) == RegB.SET | RegB.H24
+
+
+def test_rtc_time_register_write_while_running_sets_that_field_only():
+    rtc, _, _ = make_rtc()
+    wr(rtc, Reg.MINUTES, 0x45)
+    assert regs(rtc) == (0x26, 0x45, *PI_DAY_BCD[2:])
+
+
+def test_rtc_divider_leaving_reset_updates_half_a_second_later():
+    rtc, clock, _ = make_rtc(phase=123_456_789)
+    wr(rtc, Reg.FREQ_SELECT, 0x70 | 0x06)  # divider chain in reset
+    wr(rtc, Reg.SECONDS, 0x10)
+    clock.advance(3 * NS)  # held: no updates
+    wr(rtc, Reg.FREQ_SELECT, 0x26)
+    clock.advance(HALF - 1)
+    before = rd(rtc, Reg.SECONDS)
+    clock.advance(1)
+    assert (before, rd(rtc, Reg.SECONDS)) == (0x10, 0x11)
+
+
+def test_rtc_day_of_week_the_guest_sets_is_kept_across_midnight():
+    rtc, clock, _ = make_rtc(PI_DAY.replace(hour=23, minute=59, second=59), phase=0)
+    set_time(rtc, {Reg.DAY_OF_WEEK: 0x02})  # not the date's own (Friday, 6)
+    clock.advance(NS)
+    assert rd(rtc, Reg.DAY_OF_WEEK) == 0x03
+
+
+def test_rtc_out_of_range_date_carries_into_the_next_month():
+    rtc, _, _ = make_rtc()
+    set_time(rtc, {Reg.DAY_OF_MONTH: 0x30, Reg.MONTH: 0x02})  # 30 February 2025
+    assert regs(rtc, (Reg.DAY_OF_MONTH, Reg.MONTH)) == (0x02, 0x03)
+
+
+def test_rtc_mode_switch_while_set_keeps_the_raw_bytes_as_a_chip_does():
+    rtc, _, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24 | RegB.DM_BINARY)
+    assert rd(rtc, Reg.SECONDS) == 0x26  # still the BCD byte, now read as binary 38
+
+
+# -- update in progress ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "phase,uip",
+    [
+        (HALF, 0),
+        (NS - 244_141, 0),
+        (NS - 244_140, RegA.UIP),  # 244.140625 us before the update: UIP rises
+        (NS - 1, RegA.UIP),
+        (0, RegA.UIP),  # the update cycle itself
+        (UPDATE_CYCLE_NS - 1, RegA.UIP),
+        (UPDATE_CYCLE_NS, 0),
+    ],
+)
+def test_rtc_uip_rises_244us_before_an_update_and_falls_after_the_cycle(phase, uip):
+    rtc, _, _ = make_rtc(phase=phase)
+    assert rd(rtc, Reg.FREQ_SELECT) == 0x26 | uip
+
+
+def test_rtc_uip_is_clear_while_set():
+    rtc, _, _ = make_rtc(phase=0)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    assert rd(rtc, Reg.FREQ_SELECT) == 0x26
+
+
+def test_rtc_uip_is_read_only():
+    rtc, _, _ = make_rtc(phase=HALF)
+    wr(rtc, Reg.FREQ_SELECT, 0xA6)
+    assert rd(rtc, Reg.FREQ_SELECT) == 0x26
+
+
+# -- interrupts -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rate,period_s",
+    [(1, 1 / 256), (2, 1 / 128), (3, 1 / 8192), (6, 1 / 1024), (15, 1 / 2)],
+)
+def test_rtc_periodic_interrupt_comes_at_the_register_a_rate(rate, period_s):
+    rtc, clock, irq = make_rtc(phase=HALF)  # no update (UF) within half a second
+    wr(rtc, Reg.FREQ_SELECT, 0x20 | rate)
+    wr(rtc, Reg.CONTROL, RegB.PIE | RegB.H24)
+    waited = run_to_deadline(rtc, clock)
+    assert (waited, irq.count, rd(rtc, Reg.INTR_FLAGS)) == (
+        pytest.approx(period_s, abs=1e-9),
+        1,
+        RegC.IRQF | RegC.PF,
+    )
+
+
+def test_rtc_periodic_flag_is_set_without_pie_but_raises_no_irq():
+    rtc, clock, irq = make_rtc(phase=0)
+    clock.advance(NS // 1024 + 1)  # the first 1024 Hz edge: 976562.5 ns
+    assert (rd(rtc, Reg.INTR_FLAGS), irq.count, rtc.next_deadline()) == (RegC.PF, 0, None)
+
+
+def test_rtc_update_ended_interrupt_comes_after_the_update_cycle():
+    rtc, clock, irq = make_rtc(phase=HALF)
+    wr(rtc, Reg.FREQ_SELECT, 0x20)  # no periodic flags in the way
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    waited = run_to_deadline(rtc, clock)
+    assert (waited, irq.count, rd(rtc, Reg.INTR_FLAGS), rd(rtc, Reg.SECONDS)) == (
+        pytest.approx(0.5 + UPDATE_CYCLE_NS / NS, abs=1e-9),
+        1,
+        RegC.IRQF | RegC.UF,
+        0x27,
+    )
+
+
+def test_rtc_alarm_interrupt_comes_when_the_time_matches():
+    rtc, clock, irq = make_rtc(phase=HALF)  # 15:09:26.5
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, Reg.SECONDS_ALARM, 0x30)
+    wr(rtc, Reg.MINUTES_ALARM, 0x11)
+    wr(rtc, Reg.HOURS_ALARM, 0x15)
+    wr(rtc, Reg.CONTROL, RegB.AIE | RegB.H24)
+    waited = run_to_deadline(rtc, clock)  # to 15:11:30 and the end of its update
+    assert (waited, irq.count, rd(rtc, Reg.INTR_FLAGS)) == (
+        pytest.approx(123.5 + UPDATE_CYCLE_NS / NS, abs=1e-9),
+        1,
+        RegC.IRQF | RegC.AF | RegC.UF,
+    )
+
+
+def test_rtc_alarm_with_dont_care_bytes_fires_every_second():
+    rtc, clock, _ = make_rtc(phase=HALF)
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    for reg in (Reg.SECONDS_ALARM, Reg.MINUTES_ALARM, Reg.HOURS_ALARM):
+        wr(rtc, reg, 0xC0)
+    wr(rtc, Reg.CONTROL, RegB.AIE | RegB.H24)
+    first = run_to_deadline(rtc, clock)
+    rd(rtc, Reg.INTR_FLAGS)
+    assert (first, run_to_deadline(rtc, clock)) == (
+        pytest.approx(0.5 + UPDATE_CYCLE_NS / NS, abs=1e-9),
+        pytest.approx(1.0, abs=1e-9),
+    )
+
+
+def test_rtc_alarm_the_clock_never_shows_schedules_nothing():
+    rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.SECONDS_ALARM, 0x75)  # not a BCD second
+    wr(rtc, Reg.CONTROL, RegB.AIE | RegB.H24)
+    clock.advance(86400 * NS)
+    assert (rtc.next_deadline(), rd(rtc, Reg.INTR_FLAGS) & RegC.AF) == (None, 0)
+
+
+def test_rtc_alarm_in_12_hour_mode_matches_the_pm_byte():
+    rtc, clock, _ = make_rtc(phase=HALF)  # 3:09:26 PM
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, Reg.CONTROL, 0)
+    wr(rtc, Reg.SECONDS_ALARM, 0x27)
+    wr(rtc, Reg.MINUTES_ALARM, 0x09)
+    wr(rtc, Reg.HOURS_ALARM, 0x83)
+    wr(rtc, Reg.CONTROL, RegB.AIE)
+    assert run_to_deadline(rtc, clock) == pytest.approx(0.5 + UPDATE_CYCLE_NS / NS, abs=1e-9)
+
+
+def test_rtc_unacknowledged_interrupt_pulses_once_and_stops_scheduling():
+    rtc, clock, irq = make_rtc(phase=0)
+    wr(rtc, Reg.CONTROL, RegB.PIE | RegB.H24)
+    run_to_deadline(rtc, clock)
+    clock.advance(NS)
+    rtc.tick(clock.mono)
+    assert (irq.count, rtc.next_deadline()) == (1, None)
+
+
+def test_rtc_enabling_an_interrupt_with_its_flag_pending_pulses_at_once():
+    rtc, clock, irq = make_rtc()
+    clock.advance(NS)  # PF and UF are set
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    assert (irq.count, rd(rtc, Reg.INTR_FLAGS)) == (1, RegC.IRQF | RegC.PF | RegC.UF)
+
+
+def test_rtc_register_c_read_clears_every_flag():
+    rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    clock.advance(NS)
+    assert (rd(rtc, Reg.INTR_FLAGS), rd(rtc, Reg.INTR_FLAGS)) == (
+        RegC.IRQF | RegC.PF | RegC.UF,
+        0,
+    )
+
+
+def test_rtc_no_update_flag_while_set():
+    rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    clock.advance(3 * NS)
+    assert rd(rtc, Reg.INTR_FLAGS) == 0
+
+
+def test_rtc_quiesced_device_schedules_nothing_until_resumed():
+    rtc, _, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.PIE | RegB.H24)
+    rtc.quiesce()
+    quiesced = rtc.next_deadline()
+    rtc.resume()
+    assert (quiesced, rtc.next_deadline() is not None) == (None, True)
+
+
+# -- the index port, NVRAM and status registers ---------------------------------------------
+def test_rtc_nmi_bit_is_kept_and_does_not_select_the_register():
+    rtc, _, _ = make_rtc()
+    rtc.write(0, bytes([0x80 | 0x0E]))
+    rtc.write(1, b"\x5a")
+    assert (rtc.read(0, 1), rd(rtc, 0x0E)) == (b"\x8e", 0x5A)
+
+
+@pytest.mark.parametrize("address", [0x0E, 0x0F, 0x31, 0x33, 0x7F])
+def test_rtc_nvram_byte_round_trips(address):
+    rtc, _, _ = make_rtc()
+    wr(rtc, address, 0xA5)
+    assert rd(rtc, address) == 0xA5
+
+
+@pytest.mark.parametrize("reg,value", [(Reg.INTR_FLAGS, 0), (Reg.VALID, 0x80)])
+def test_rtc_status_registers_c_and_d_ignore_writes(reg, value):
+    rtc, _, _ = make_rtc(phase=HALF)
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, reg, 0xFF)
+    assert (rd(rtc, reg), rtc.ctx.counters.bad_access) == (value, 1)
+
+
+@pytest.mark.parametrize("offset,size", [(0, 2), (1, 4), (0, 8)])
+def test_rtc_wide_access_is_counted_and_reads_zeros(offset, size):
+    rtc, _, _ = make_rtc()
+    rtc.write(offset, bytes(size))
+    assert (rtc.read(offset, size), rtc.ctx.counters.bad_access) == (bytes(size), 2)
+
+
+# -- state --------------------------------------------------------------------------------------
+def busy_rtc() -> tuple[Mc146818, FakeClock]:
+    """An rtc with a guest-set time, a weekday of its own, NVRAM, pending flags and the NMI bit."""
+    rtc, clock, _ = make_rtc()
+    set_time(rtc, {Reg.YEAR: 0x30, Reg.DAY_OF_WEEK: 0x01})
+    wr(rtc, 0x40, 0x99)
+    clock.advance(NS)
+    rtc.write(0, bytes([0x80 | Reg.MINUTES]))
+    return rtc, clock
+
+
+def test_rtc_state_round_trips_through_the_codec():
+    rtc, clock = busy_rtc()
+    state = rtc.save()
+    decoded = codec.state_from_document("rtc", RtcState, codec.state_document("rtc", state))
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), decoded, clock)
+    assert restored.save() == state
+
+
+def test_rtc_restored_clock_keeps_the_guest_time_relative_to_the_host():
+    rtc, clock = busy_rtc()
+    state = rtc.save()
+    clock.advance(3600 * NS)  # the VM was suspended for an hour
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    assert regs(restored) == (0x27, 0x09, 0x16, 0x01, 0x14, 0x03, 0x30, 0x20)
+
+
+def test_rtc_restored_pending_flags_and_nvram_survive():
+    rtc, clock = busy_rtc()
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), rtc.save(), clock)
+    assert (restored.read(0, 1), rd(restored, 0x40), rd(restored, Reg.INTR_FLAGS)) == (
+        bytes([0x80 | Reg.MINUTES]),
+        0x99,
+        RegC.PF | RegC.UF,
+    )
+
+
+def test_rtc_restored_held_registers_stay_held():
+    rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    wr(rtc, Reg.HOURS, 0x07)
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), rtc.save(), clock)
+    clock.advance(10 * NS)
+    assert regs(restored) == (0x26, 0x09, 0x07, *PI_DAY_BCD[3:])
+
+
+def _cmos_with(reg: int, value: int) -> bytes:
+    cmos = bytearray(RtcState().cmos)
+    cmos[reg] = value
+    return bytes(cmos)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"offset_ns": MAX_OFFSET_NS + 1}, "offset_ns="),
+        ({"offset_ns": True}, "offset_ns=True"),
+        ({"index": 256}, "index=256"),
+        ({"index": -1}, "index=-1"),
+        ({"weekday_shift": 7}, "weekday_shift=7"),
+        ({"cmos": bytes(CMOS_SIZE - 1)}, "cmos must be 128 bytes"),
+        ({"cmos": _cmos_with(Reg.FREQ_SELECT, 0xA6)}, "UIP"),
+        ({"cmos": _cmos_with(Reg.INTR_FLAGS, RegC.IRQF)}, "register C"),
+        ({"cmos": _cmos_with(Reg.INTR_FLAGS, 0x01)}, "register C"),
+        ({"cmos": _cmos_with(Reg.VALID, 0)}, "register D"),
+    ],
+)
+def test_rtc_restore_rejects_bad_fields_naming_them(change, message):
+    state = replace(RtcState(), **change)
+    with pytest.raises(StateError, match=message):
+        Mc146818.restore(DeviceContext(irq=FakeIrq()), state, FakeClock(0))
+
+
+def test_rtc_golden_v1_state_restores_its_time_and_nvram():
+    doc = json.loads((GOLDENS / "v1.json").read_text())  # busy_rtc(), saved by release 1
+    state = codec.state_from_document("rtc", RtcState, doc)
+    clock = FakeClock(ns_of(PI_DAY) + 3 * HALF)  # when it was saved
+    rtc = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    assert (rtc.read(0, 1), regs(rtc), rd(rtc, 0x40)) == (
+        bytes([0x80 | Reg.MINUTES]),  # the index port, read first: rd() selects registers
+        (0x27, 0x09, 0x15, 0x01, 0x14, 0x03, 0x30, 0x20),
+        0x99,
+    )
+
+
+def test_rtc_state_from_a_newer_version_is_refused():
+    doc = {**codec.state_document("rtc", RtcState()), "version": 2}
+    with pytest.raises(StateError, match="not one this release reads"):
+        codec.state_from_document("rtc", RtcState, doc)
+
+
+# -- a hostile guest ------------------------------------------------------------------------------
+ACCESS = st.tuples(
+    st.sampled_from(["read", "write", "advance"]),
+    st.integers(0, 1),  # offset
+    st.integers(0, 255),  # value (index or data)
+    st.sampled_from([1, 1, 1, 2, 4, 8]),  # size
+    st.integers(0, 3 * NS),  # host time that passes
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(ACCESS, max_size=60),
+    st.integers(-(10**20), 10**20),  # how far the host clock is from the epoch, in ns
+)
+def test_rtc_any_access_sequence_never_raises_and_saves_a_valid_state(steps, wall):
+    clock, irq = FakeClock(abs(wall) % (300 * 365 * 86400 * NS)), FakeIrq()
+    rtc = Mc146818(DeviceContext(irq=irq), clock=clock)
+    for op, offset, value, size, passed in steps:
+        if op == "read":
+            assert len(rtc.read(offset, size)) == size
+        elif op == "write":
+            rtc.write(offset, bytes([value]) * size)
+        else:
+            clock.advance(passed)
+            rtc.tick(clock.mono)
+    state = rtc.save()
+    assert Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock).save() == state
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 0x7F), st.lists(st.integers(0, 255), min_size=1, max_size=12))
+def test_rtc_any_value_in_any_register_reads_back_a_byte(reg, values):
+    rtc, clock, _ = make_rtc()
+    for value in values:
+        wr(rtc, Reg.CONTROL, value)
+        wr(rtc, reg, value)
+        clock.advance(NS // 3)
+    assert 0 <= rd(rtc, reg) <= 255
