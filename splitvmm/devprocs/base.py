@@ -11,9 +11,9 @@ import abc
 import importlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
@@ -71,11 +71,19 @@ class DeviceContext:
     irq: Trigger
     out: BoundedOutput = field(default_factory=BoundedOutput)
     counters: Counters = field(default_factory=Counters)
+    fds: Mapping[str, int] = field(default_factory=dict)  # role -> fd, as the spec gave them
+    prepared: dict[str, object] = field(default_factory=dict)  # what Device.setup() made
 
 
 class Device(abc.ABC):
+    """What every model is, whatever its transport: a named state machine with a saved state.
+
+    The transport is a second, small interface (PortIoDevice today; a PCI function and a
+    virtio device's ops table later), and what only some models do is an optional protocol
+    the runtime looks for (ConsoleInput, OutputProducer, TimedEvents, EventSources): no
+    model fills in methods it has no use for."""
+
     NAME: ClassVar[str]  # model name: module, policy, config `model` and log name
-    WINDOW: ClassVar[int]  # bytes of PIO/MMIO space the device decodes
     State: ClassVar[type[DeviceState]]
     # fd roles whose whole file the model maps (guest RAM, for a virtio device): their sizes
     # add to the address space its process may use (runtime.address_space_limit).
@@ -85,34 +93,17 @@ class Device(abc.ABC):
         self.ctx = ctx
 
     @classmethod
+    def setup(cls, ctx: DeviceContext) -> None:
+        """Runs before the sandbox, once per process: what the model can only do then (map
+        guest RAM from ctx.fds, start the threads it will ever need) goes into ctx.prepared.
+        No guest data is read here: a saved state arrives only after the sandbox is up."""
+        return None  # deliberately empty: most models need nothing before the sandbox
+
+    @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
         """A fresh device with its config options (config.py checked their names and types;
         a model that takes any checks their values and raises ConfigError)."""
         return cls(ctx)
-
-    @abc.abstractmethod
-    def read(self, offset: int, size: int) -> bytes:
-        """len(result) == size; the runtime guarantees offset + size <= WINDOW."""
-
-    @abc.abstractmethod
-    def write(self, offset: int, data: bytes) -> None: ...
-
-    def host_input(self, data: bytes) -> None:
-        """Bytes from the host side of a console device (keyboard, socket)."""
-        self.ctx.counters.bad_access += 1
-
-    def output_room(self) -> None:
-        """The output line took buffered bytes (ctx.out): there is room again."""
-        return None  # deliberately empty: optional for devices without output
-
-    def next_deadline(self) -> float | None:
-        """When the model next needs tick(), on time.monotonic()'s clock; None: not until
-        an access changes that. A model with timed events (a clock's interrupts) has one."""
-        return None
-
-    def tick(self, now: float) -> None:
-        """The deadline passed (`now` is time.monotonic()): do what was due."""
-        return None  # deliberately empty: optional for devices without timed events
 
     def quiesce(self) -> None:
         """Snapshot step 2: stop taking work from guest queues and finish what is in flight,
@@ -133,16 +124,67 @@ class Device(abc.ABC):
     def restore(cls, ctx: DeviceContext, state: Any) -> Self: ...
 
 
+class PortIoDevice(Device):
+    """The ISA transport: a window of x86 ports (protocol.models.PortWindow)."""
+
+    WINDOW: ClassVar[int]  # bytes of port space the device decodes
+
+    @abc.abstractmethod
+    def read(self, offset: int, size: int) -> bytes:
+        """len(result) == size; the runtime guarantees offset + size <= WINDOW."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+# -- what only some models do: the runtime checks for each ----------------------------------------
+@runtime_checkable
+class ConsoleInput(Protocol):
+    def host_input(self, data: bytes) -> None:
+        """Bytes from the host side of a console device (keyboard, socket)."""
+
+
+@runtime_checkable
+class OutputProducer(Protocol):
+    def output_room(self) -> None:
+        """The output line took buffered bytes (ctx.out): there is room again."""
+
+
+@runtime_checkable
+class TimedEvents(Protocol):
+    def next_deadline(self) -> float | None:
+        """When the model next needs tick(), on time.monotonic()'s clock; None: not until
+        an access changes that."""
+
+    def tick(self, now: float) -> None:
+        """The deadline passed (`now` is time.monotonic()): do what was due."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """An fd the event loop watches for the model: readable -> on_readable()."""
+
+    fd: int
+    on_readable: Callable[[], None]
+
+
+@runtime_checkable
+class EventSources(Protocol):
+    def event_sources(self) -> Sequence[Source]:
+        """The fds to watch now (an ioeventfd the guest kicks, a backend's fd); asked again
+        after every event, so a model may stop watching (back-pressure) and start again."""
+
+
 REGISTRY: dict[str, type[Device]] = {}
 
 
-def register(cls: type[Device]) -> type[Device]:
+def register(cls: type[PortIoDevice]) -> type[PortIoDevice]:
     """Register a model; it must match its descriptor (protocol/models.py), which is all the
     monitor knows of it: a model and its descriptor that disagree fail at import, in tests."""
     descriptor = MODELS.get(cls.NAME)
     if descriptor is None:
         raise TypeError(f"{cls.__name__}: no descriptor {cls.NAME!r} in protocol.models.MODELS")
-    if cls.WINDOW != descriptor.transport.size:
+    if getattr(cls, "WINDOW", None) != descriptor.transport.size:
         raise TypeError(f"{cls.__name__}: WINDOW {cls.WINDOW} != its descriptor's window")
     if cls.State.VERSION != descriptor.state_version:
         raise TypeError(f"{cls.__name__}: State.VERSION != its descriptor's state_version")

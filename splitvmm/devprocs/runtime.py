@@ -1,11 +1,10 @@
-"""The device process main loop: adopt fds, connect the channel, serve accesses.
+"""A device process: adopt fds, run the model's set-up, enter the sandbox, serve.
 
-Runs the device model single-threaded: one frame at a time, in the order the
-monitor sent them, so a posted write is always applied before a later read.
-The loop also flushes the device's output buffer (output.py) when its line polls
-writable: a slow reader slows the guest's output, never the channel. A model may have
-timed events (a clock's interrupts): the poll then waits no longer than its next
-deadline, and the model's tick() runs once that has passed.
+In this order: the spec's fds become the device's context; the model's setup() runs
+(before the sandbox: it may map guest RAM or start the threads it will ever need);
+the sandbox is entered; only then is any guest data read (a saved state, which the
+model's restore() validates); READY; then the event loop (eventloop.py) serves the
+channel and whatever the model waits on, one event at a time.
 """
 
 from __future__ import annotations
@@ -13,18 +12,24 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 import os
 import signal
-import time
 from collections.abc import Callable
 
 import zmq
 
 from splitvmm.devprocs import sandbox
-from splitvmm.devprocs.base import Device, DeviceContext, load_model
+from splitvmm.devprocs.base import (
+    ConsoleInput,
+    Device,
+    DeviceContext,
+    OutputProducer,
+    PortIoDevice,
+    load_model,
+)
+from splitvmm.devprocs.eventloop import EventLoop
 from splitvmm.devprocs.output import BoundedOutput, FdLine
-from splitvmm.errors import ConfigError, StateError
+from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, wire
@@ -49,7 +54,7 @@ def address_space_limit(spec: DeviceSpec) -> int:
 
 
 def build_context(spec: DeviceSpec) -> DeviceContext:
-    ctx = DeviceContext(irq=EventFd(spec.fds["irq"]))
+    ctx = DeviceContext(irq=EventFd(spec.fds["irq"]), fds=dict(spec.fds))
     if "out" in spec.fds:
         ctx.out = BoundedOutput(FdLine(spec.fds["out"]))
     return ctx
@@ -97,55 +102,30 @@ def _serve_control(device: Device, sock: zmq.Socket, buf: bytes) -> None:
 
 
 def serve(device: Device, sock: zmq.Socket) -> None:
-    """Frames from the channel, the output buffer flushed when its line is writable, and the
-    model's timed events. With nothing buffered and nothing timed (the usual case) the loop
-    blocks in recv(): no poll per exit."""
-    out = device.ctx.out
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    while True:
-        deadline = device.next_deadline()
-        flushing = out.wants_flush() and out.line is not None
-        if deadline is None and not flushing:
-            _serve_frame(device, sock, sock.recv(copy=True))
-            continue
-        line = out.line.fileno() if flushing and out.line is not None else None
-        if line is not None:
-            poller.register(line, zmq.POLLOUT)
-        ready = dict(poller.poll(_timeout_ms(deadline)))
-        if line is not None:
-            poller.unregister(line)
-            if ready.get(line) and out.flush():  # writable, or an error that flush() meets
-                device.output_room()
-        if deadline is not None and time.monotonic() >= deadline:
-            device.tick(time.monotonic())
-        if sock in ready:
-            _serve_frame(device, sock, sock.recv(copy=True))
-
-
-def _timeout_ms(deadline: float | None) -> int | None:
-    """poll()'s timeout for a deadline: rounded up, so the wake-up is never early."""
-    if deadline is None:
-        return None
-    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+    """Frames from the channel, and whatever else the model waits on (eventloop.py)."""
+    EventLoop(device, sock, lambda buf: _serve_frame(device, sock, buf)).run()
 
 
 def _serve_frame(device: Device, sock: zmq.Socket, buf: bytes) -> None:
     if control.is_control(buf):
         _serve_control(device, sock, buf)
         return
-    access = wire.decode_access(buf, type(device).WINDOW)
+    if not isinstance(device, PortIoDevice):
+        raise ProtocolError(f"{type(device).__name__} takes no port accesses")
+    access = wire.decode_access(buf, device.WINDOW)
     if access.op == wire.Op.READ:
         sock.send(wire.encode_read_done(access.seq, device.read(access.offset, access.size)))
     elif access.op == wire.Op.WRITE:
         device.write(access.offset, access.data)
     elif access.op == wire.Op.SYNC:
         # The monitor's last request before it ends us: give the line what it takes in time.
-        if device.ctx.out.drain():
+        if device.ctx.out.drain() and isinstance(device, OutputProducer):
             device.output_room()
         sock.send(wire.encode_sync_done(access.seq))
-    else:
+    elif isinstance(device, ConsoleInput):
         device.host_input(access.data)
+    else:  # the monitor sends input to console devices only: count it, as a bad access
+        device.ctx.counters.bad_access += 1
 
 
 # -- sandbox (issue 3) ------------------------------------------------------------------------
@@ -204,6 +184,7 @@ def run(spec: DeviceSpec) -> None:
         level=logging.WARNING, format=f"splitvmm: dev {spec.name}: %(levelname)s %(message)s"
     )
     ctx = build_context(spec)
+    load_model(spec.model).setup(ctx)  # before the sandbox: map, open, start threads
     hook = _load_hook(spec)
     # -- sandbox (issue 3): after imports and fds, before any guest data --
     sock = sandbox.enter_sandbox(

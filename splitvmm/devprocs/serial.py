@@ -22,7 +22,13 @@ import logging
 from dataclasses import dataclass, replace
 from typing import ClassVar, Self
 
-from splitvmm.devprocs.base import Device, DeviceContext, DeviceState, RateLimitedLog, register
+from splitvmm.devprocs.base import (
+    DeviceContext,
+    DeviceState,
+    PortIoDevice,
+    RateLimitedLog,
+    register,
+)
 from splitvmm.errors import StateError
 
 log = logging.getLogger("splitvmm.dev.serial")
@@ -131,7 +137,7 @@ class UartState(DeviceState):
 
 
 @register
-class Uart8250(Device):
+class Uart8250(PortIoDevice):
     NAME = "serial"
     WINDOW = 8
     State = UartState

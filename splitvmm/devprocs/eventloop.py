@@ -1,0 +1,82 @@
+"""The device process's event loop: one poll over the channel and every fd the model watches.
+
+What it waits on, each only while it matters:
+- the channel (ZeroMQ PAIR): frames from the monitor, served one at a time in the order
+  they were sent, so a posted write is applied before a later read;
+- the output line, while the model's output buffer holds bytes (POLLOUT): a slow reader
+  slows the guest's output, never the channel (output.py);
+- the model's own fds (base.EventSources: an ioeventfd the guest kicks, a disk or TAP
+  backend): readable -> the model's callback;
+- the model's next deadline (base.TimedEvents: a clock's interrupts): the poll's timeout,
+  rounded up so the wake-up is never early.
+
+With only the channel to watch (most of a register device's life), the loop blocks in
+recv(): no poll, and no extra system call, per frame. Everything runs on one thread: the
+sandbox allows no new one, and a model never needs a lock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import zmq
+
+from splitvmm.devprocs.base import Device, EventSources, OutputProducer, TimedEvents
+
+
+class EventLoop:
+    def __init__(
+        self,
+        device: Device,
+        channel: zmq.Socket,
+        serve_frame: Callable[[bytes], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device = device
+        self.channel = channel
+        self.serve_frame = serve_frame
+        self.clock = clock
+        self._timed = device if isinstance(device, TimedEvents) else None
+        self._sources = device if isinstance(device, EventSources) else None
+        self._room = device.output_room if isinstance(device, OutputProducer) else None
+
+    def run(self) -> None:
+        """Serve until the channel fails (the monitor went away, or sent garbage: the
+        caller's serve_frame raises, and the process ends)."""
+        while True:
+            self.step()
+
+    def step(self) -> None:
+        """One wait and whatever became ready."""
+        deadline = self._timed.next_deadline() if self._timed is not None else None
+        out = self.device.ctx.out
+        line = out.line.fileno() if out.wants_flush() and out.line is not None else None
+        sources = {s.fd: s for s in self._sources.event_sources()} if self._sources else {}
+        if deadline is None and line is None and not sources:
+            self.serve_frame(self.channel.recv(copy=True))
+            return
+        ready = self._poll(line, sources, deadline)
+        if line is not None and ready.get(line) and out.flush():  # writable, or an error
+            if self._room is not None:
+                self._room()
+        for fd, source in sources.items():
+            if ready.get(fd):
+                source.on_readable()
+        if self._timed is not None and deadline is not None and self.clock() >= deadline:
+            self._timed.tick(self.clock())
+        if ready.get(self.channel):
+            self.serve_frame(self.channel.recv(copy=True))
+
+    def _poll(
+        self, line: int | None, sources: dict[int, object], deadline: float | None
+    ) -> dict[object, int]:
+        poller = zmq.Poller()
+        poller.register(self.channel, zmq.POLLIN)
+        if line is not None:
+            poller.register(line, zmq.POLLOUT)
+        for fd in sources:
+            poller.register(fd, zmq.POLLIN)
+        timeout = None if deadline is None else max(0, math.ceil((deadline - self.clock()) * 1e3))
+        return dict(poller.poll(timeout))
