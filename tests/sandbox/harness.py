@@ -32,7 +32,7 @@ READY_TIMEOUT_S = 15.0
 # the start-up figure only (tests never run an unsandboxed device otherwise).
 UNSANDBOXED = (
     "import runpy, sys; "
-    "from splitvmm.devprocs import runtime, sandbox; "
+    "from splitvmm.devprocs import runtime; from splitvmm.sandbox import device as sandbox; "
     "sandbox.enter_sandbox = lambda model, keep, audit, *, channel, connect, **_: connect(channel); "
     "runpy.run_module('splitvmm.devprocs', run_name='__main__')"
 )
