@@ -61,13 +61,53 @@ def test_running_monitor_holds_no_capability_and_every_thread_is_filtered(guests
     assert sorted(ours)[-3:] == [1, 2, 2]
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', serial_out=serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^count=\d+")
+        status = json.loads(vm.ctl("status", "--json").stdout)
+        wardens = [d["pid"] for d in status["devices"]]
+        parents = {parent_of(pid) for pid in wardens}
+        launcher = min(parents)
+        launcher_status = status_fields(Path(f"/proc/{launcher}/status"))
+        fd_dir = Path(f"/proc/{launcher}/fd")
+        launcher_fds = {int(fd.name): os.readlink(fd) for fd in fd_dir.iterdir()}
+    finally:
+        vm.ctl("suspend", str(tmp_path / "end"))
+        vm.finish()
+    assert len(parents) == 1 and launcher != status["pid"]
+    assert launcher_status["PPid"] == str(status["pid"])
+    # no_new_privs, no filter of its own (its devices would inherit it)
+    assert (launcher_status["NoNewPrivs"], launcher_status["Seccomp"]) == ("1", "0")
+    # /dev/null, stderr, its socket to the monitor and a pidfd per device: nothing of the VM
+    assert (launcher_fds.pop(0), launcher_fds.pop(1)) == ("/dev/null", "/dev/null")
+    del launcher_fds[2]  # the operator's stderr, which the devices inherit
+    kinds = sorted(
+        t if t.startswith("anon_inode") else t.split(":")[0] for t in launcher_fds.values()
+    )
+    assert kinds == ["anon_inode:[pidfd]"] * len(wardens) + ["socket"]
+
+
 PROBE = textwrap.dedent(
     """
     import errno, os, socket, sys, threading
     from pathlib import Path
+    import zmq
     from splitvmm.monitor.confinement import Confinement
+    from splitvmm.monitor.slot import DeviceSlot, Spawn
+    from splitvmm.native.eventfd import EventFd
+    from splitvmm.sandbox.launcher import Launcher
     run, snaps, outside, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-    c = Confinement()
+    launcher = Launcher.start(run)  # first, as the machine does
+    irq, (out_r, out_w) = EventFd(), os.pipe()  # a device's fds, made before confinement
+    c = Confinement(launcher_fd=launcher.fileno())
     c.confine_process(run, [snaps])
     def refused(fn):
         try:
@@ -81,11 +121,27 @@ PROBE = textwrap.dedent(
         "create_in_snapshot_dir": not refused(lambda: (snaps / "s").mkdir()),
         "create_in_runtime_dir": not refused(lambda: (run / "f").write_text("x")),
     }
+    zctx = zmq.Context(io_threads=1)
     c.load_monitor_filter()
     if step == "socket":
         socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
     if step == "exec":
         os.execv("/bin/true", ["true"])
+    if step == "device":  # spawned by the launcher for a monitor confined in every way
+        fds = {"irq": irq.fd, "out": out_w}
+        spawn = Spawn("serial0", "serial", 8, {"output": "stdio"}, fds)
+        slot = DeviceSlot(spawn, run, launcher.spawn, zctx, lambda slot, why: print(why))
+        slot.start()
+        slot.wait_ready()
+        slot.write(7, b"Z")  # the UART's scratch register
+        results = {"scratch": slot.read(7, 1).decode(), "generation": slot.generation}
+        process = slot.process
+        process.kill()
+        results["status"] = process.wait(10)  # from the launcher: it is not our child
+        slot.close()
+        launcher.close()
+        print(repr(results))
+        sys.exit(0)
     def vcpu():
         c.confine_vcpu_thread()
         results["vcpu_open"] = refused(lambda: open(snaps / "s" / "x", "w"))
@@ -130,6 +186,12 @@ def test_confinement_landlock_allows_only_runtime_and_snapshot_dirs(tmp_path):
 def test_confinement_seccomp_kills_monitor_that_makes_a_socket_or_execs(tmp_path, step):
     r = run_probe(tmp_path, step)
     assert r.returncode == -signal.SIGSYS, r.stderr
+
+
+def test_confined_monitor_gets_a_working_device_from_the_launcher(tmp_path):
+    r = run_probe(tmp_path, "device")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == repr({"scratch": "Z", "generation": 1, "status": -signal.SIGKILL})
 
 
 # -- an unprivileged user in the kvm group runs a VM --------------------------------------------
