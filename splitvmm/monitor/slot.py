@@ -198,17 +198,22 @@ class DeviceSlot:
 
     def process_ended(self, process: DeviceProcess) -> None:
         """The supervisor saw `process` end: the device failed, if it still serves it."""
-        try:
-            status = process.wait(END_TIMEOUT_S)
-        except (SplitvmmError, TimeoutError) as e:  # the launcher is gone
-            how = f"ended; its exit status is unknown ({e})"
-        else:
-            how = (
-                f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-            )
         with self._lock:
-            if process is self.process:
-                self._fail_locked(f"process {how}")
+            if process is not self.process:
+                return  # an earlier process of the device, ended on purpose (vacate)
+            # The lock is held while the launcher says how it ended (a few ms): an access
+            # meanwhile waits here, not on a dead device until its deadline.
+            try:
+                status = process.wait(END_TIMEOUT_S)
+            except (SplitvmmError, TimeoutError) as e:  # the launcher is gone
+                how = f"ended; its exit status is unknown ({e})"
+            else:
+                how = (
+                    f"was killed by signal {-status}"
+                    if status < 0
+                    else f"exited with status {status}"
+                )
+            self._fail_locked(f"process {how}")
 
     # -- accesses (from vCPU threads, the console, the coordinator) -----------------------------
     def read(self, offset: int, size: int) -> bytes:

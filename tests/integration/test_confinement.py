@@ -95,6 +95,25 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
     assert kinds == ["anon_inode:[pidfd]"] * len(wardens) + ["socket"]
 
 
+def test_running_vm_device_killed_stops_vm_with_its_status_from_the_launcher(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    # After its first line the guest counts for hours without I/O: no read of the device is
+    # in flight when it dies (one would fail first, on its deadline).
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=1000000000000"'
+    config.write_text(vm_toml(boot, serial_out=serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^counter: period=")
+        (device,) = json.loads(vm.ctl("status", "--json").stdout)["devices"]
+        os.kill(device["pid"], signal.SIGKILL)  # its warden: the pid the monitor knows
+    finally:
+        status, stderr = vm.finish()
+    # The confined monitor's supervisor saw the pidfd and asked the launcher how it ended.
+    assert status == 4, stderr
+    assert "device serial0 failed: process was killed by signal 9" in stderr
+
+
 PROBE = textwrap.dedent(
     """
     import errno, os, socket, sys, threading
