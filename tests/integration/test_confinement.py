@@ -7,6 +7,7 @@ import grp
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import stat
@@ -93,6 +94,24 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
         t if t.startswith("anon_inode") else t.split(":")[0] for t in launcher_fds.values()
     )
     assert kinds == ["anon_inode:[pidfd]"] * len(wardens) + ["socket"]
+
+
+def test_monitor_killed_takes_launcher_and_devices_along(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', serial_out=serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^count=\d+")
+        (device,) = json.loads(vm.ctl("status", "--json").stdout)["devices"]
+        pidfds = [os.pidfd_open(pid) for pid in (parent_of(device["pid"]), device["pid"])]
+        vm.proc.kill()  # SIGKILL: the monitor cleans nothing up
+        ended = [bool(select.select([fd], [], [], 10)[0]) for fd in pidfds]
+    finally:
+        vm.finish()
+    for fd in pidfds:
+        os.close(fd)
+    assert ended == [True, True]  # PR_SET_PDEATHSIG: monitor -> launcher -> warden
 
 
 def test_running_vm_device_killed_stops_vm_with_its_status_from_the_launcher(guests, tmp_path):
