@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from splitvmm.monitor.devhost import CONTROL_TIMEOUT_MS, READ_TIMEOUT_MS
+from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS, READ_TIMEOUT_MS
 from splitvmm.protocol import control, wire
 
 BEHAVIOURS = (

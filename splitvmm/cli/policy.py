@@ -81,8 +81,7 @@ def check(policy_dir: Path | None) -> None:
 
 def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """(errors as "file:line: message", [(file name, rule count)] of the compiled ones)."""
-    from splitvmm.monitor.confinement import MONITOR_POLICY, VCPU_POLICY
-    from splitvmm.native.kvm import IOCTL_NUMBERS
+    from splitvmm.monitor.confinement import MONITOR_POLICY, VCPU_POLICY, policy_constants
     from splitvmm.protocol.models import MODELS
     from splitvmm.sandbox import policy
 
@@ -96,9 +95,10 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     for name in sorted(loadable - {p.name for p in policy_dir.glob("*.policy")}):
         errors.append(f"{policy_dir / name}: missing (a model, the warden or the monitor needs it)")
     # SELF_PID: the warden's and the monitor's run-time constant. Only the monitor's own
-    # policies may name KVM ioctls: a device holds no KVM fd.
+    # policies may name KVM ioctls (a device holds no KVM fd) and the launcher's socket (any
+    # fd number will do here: the rules compare with it).
     constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}
-    monitor_constants = {**constants, **IOCTL_NUMBERS}
+    monitor_constants = policy_constants(launcher_fd=3)
     for path in sorted(policy_dir.glob("*.policy")):
         own = monitor_constants if path.name in (MONITOR_POLICY, VCPU_POLICY) else constants
         try:
@@ -250,9 +250,9 @@ class SpawnedDevice:
     def __init__(self, model: str, rundir: Path) -> None:
         import zmq
 
-        from splitvmm.monitor.devhost import start_device
         from splitvmm.protocol.models import MODELS, FdKind
         from splitvmm.protocol.spec import DEVICE_COMMAND, DeviceSpec
+        from splitvmm.sandbox.spawn import start_device
 
         self.model = MODELS[model]
         self.window = self.model.transport.size

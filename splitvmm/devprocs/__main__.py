@@ -9,7 +9,7 @@ from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 
 def read_spec() -> DeviceSpec:
     """The spec from stdin; then stdin becomes /dev/null: the device holds no pipe it does
-    not need (monitor/devhost.py start_device says what fds 0-2 are)."""
+    not need (sandbox/spawn.py start_device says what fds 0-2 are)."""
     data = sys.stdin.buffer.read(MAX_SPEC + 1)
     if len(data) > MAX_SPEC:
         sys.exit(f"splitvmm: device: the spec is over {MAX_SPEC} bytes")

@@ -40,7 +40,7 @@ log = logging.getLogger("splitvmm.dev.output")
 CAPACITY = 4096  # a few KiB: a burst of console output, not a log file's worth
 # On SYNC (the monitor's last request before it ends a device) the device waits this long
 # at most for a slow line to take its buffered bytes: below the monitor's read deadline
-# (monitor/devhost.py READ_TIMEOUT_MS), which a device must never miss.
+# (monitor/channel.py READ_TIMEOUT_MS), which a device must never miss.
 FLUSH_TIMEOUT_MS = 1000
 
 

@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import zmq
 
-from splitvmm.devprocs import sandbox
 from splitvmm.devprocs.base import (
     ConsoleInput,
     Device,
@@ -34,6 +33,7 @@ from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, wire
 from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox import device as sandbox
 
 log = logging.getLogger("splitvmm.dev")
 

@@ -6,10 +6,13 @@ in this order (Machine.build calls the steps; the reasons are the order):
 
 1. Everything the VM needs from the host is opened first, while the monitor
    has a single thread: /dev/kvm, the RAM memfd, kernel/initrd/firmware,
-   device outputs, the snapshot being restored, the control socket; and the
-   device processes are spawned (they must not inherit what follows: their
-   own sandbox needs mount namespaces, which Landlock forbids, and a root
-   monitor's CAP_SETFCAP to map uid 0 into their user namespace).
+   device outputs and irqfds, the snapshot being restored, the control socket.
+   Device processes are not the monitor's to start: what follows would forbid
+   it (no exec; Landlock forbids the mounts of a device's sandbox; a root
+   monitor without CAP_SETFCAP cannot map uid 0 into a device's user
+   namespace). The launcher (sandbox/launcher.py), forked before all of this,
+   starts them when asked, now and for any restart later; the monitor may
+   only talk to it, over the socket the policy names (LAUNCHER_FD).
 2. Confinement.confine_process(): capabilities, no_new_privs and Landlock belong to a
    thread and are inherited by the threads it makes later, so they are
    applied while there is still one thread. ZeroMQ's I/O threads, the vCPU,
@@ -49,6 +52,7 @@ from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, landlock
 from splitvmm.native.kvm import IOCTL_NUMBERS
 from splitvmm.sandbox import policy
+from splitvmm.sandbox.launcher import thread_count
 
 log = logging.getLogger("splitvmm.confine")
 
@@ -76,13 +80,16 @@ class ConfinementError(SplitvmmError):
 class Confinement:
     """The monitor's confinement, prepared while files can still be read (the policies)."""
 
-    def __init__(self, policy_dir: Path | None = None) -> None:
+    def __init__(self, *, launcher_fd: int, policy_dir: Path | None = None) -> None:
+        """`launcher_fd`: the socket to the launcher, the only one the monitor may send fds
+        over or receive them from."""
         mode = os.environ.get(SECCOMP_ENV, "kill")
         if mode not in ("kill", "log"):
             raise ConfinementError(f"{SECCOMP_ENV}={mode!r}: expected kill or log")
         action = seccomp.KILL_PROCESS if mode == "kill" else seccomp.LOG
-        self._monitor = _compile(MONITOR_POLICY, policy_dir, action, tsync=True)
-        self._vcpu = _compile(VCPU_POLICY, policy_dir, action, tsync=False)
+        constants = policy_constants(launcher_fd)
+        self._monitor = _compile(MONITOR_POLICY, policy_dir, constants, action, tsync=True)
+        self._vcpu = _compile(VCPU_POLICY, policy_dir, constants, action, tsync=False)
         self._vcpu_lock = threading.Lock()  # libseccomp regenerates the BPF on each load
 
     def confine_process(self, runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> None:
@@ -131,9 +138,12 @@ def landlock_rules(runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> dict[str
     return rules
 
 
-def _compile(name: str, policy_dir: Path | None, action: int, tsync: bool) -> object:
+def _compile(
+    name: str, policy_dir: Path | None, constants: dict[str, int], action: int, tsync: bool
+) -> object:
+    path = (policy_dir or policy.default_policy_dir()) / name
     try:
-        return policy.compile_filter(load_policy(name, policy_dir), action, tsync=tsync)
+        return policy.compile_filter(policy.parse_file(path, constants), action, tsync=tsync)
     except policy.PolicyError as e:
         raise ConfinementError(f"the monitor's seccomp policy: {e}") from None
 
@@ -145,10 +155,15 @@ def _load(filt: object, name: str) -> None:
         raise ConfinementError(f"cannot load the monitor's seccomp policy {name}: {e}") from None
 
 
-def load_policy(name: str, policy_dir: Path | None = None) -> policy.Policy:
-    """A monitor policy; its rules may name the KVM ioctls (from <linux/kvm.h>)."""
-    constants = {**policy.CONSTANTS, **IOCTL_NUMBERS, "SELF_PID": os.getpid()}
-    return policy.parse_file((policy_dir or policy.default_policy_dir()) / name, constants)
+def policy_constants(launcher_fd: int) -> dict[str, int]:
+    """The names the monitor's policies may use: the KVM ioctls (from <linux/kvm.h>), and
+    what only the running monitor knows, its pid and the launcher's socket."""
+    return {
+        **policy.CONSTANTS,
+        **IOCTL_NUMBERS,
+        "SELF_PID": os.getpid(),
+        "LAUNCHER_FD": launcher_fd,
+    }
 
 
 def held_capabilities() -> int:
@@ -167,7 +182,3 @@ def python_dirs() -> list[str]:
     found = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     found.add(str(Path(splitvmm.__file__).resolve().parent))
     return sorted(p for p in found if os.path.isdir(p))
-
-
-def thread_count() -> int:
-    return len(os.listdir("/proc/self/task"))

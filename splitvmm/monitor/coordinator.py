@@ -29,8 +29,9 @@ from splitvmm.config import config_to_dict
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.budget import Deadline
+from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS
 from splitvmm.monitor.control import ControlError
-from splitvmm.monitor.devhost import CONTROL_TIMEOUT_MS, DeviceHost
+from splitvmm.monitor.slot import DeviceSlot
 from splitvmm.snapshot.writer import SnapshotWriter
 
 if TYPE_CHECKING:
@@ -136,32 +137,32 @@ class Coordinator:
 
     def _quiesce_devices(self, deadline: Deadline) -> dict[str, dict[str, object]]:
         states = {}
-        for host in self.machine.hosts:
-            if host.failed:
-                raise ControlError(f"device {host.name} has failed; the VM cannot be saved")
-            self._ask(host, "quiesce", deadline)
-            states[host.name] = self._ask(host, "save", deadline)
+        for slot in self.machine.slots:
+            if slot.failed:
+                raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+            self._ask(slot, "quiesce", deadline)
+            states[slot.name] = self._ask(slot, "save", deadline)
         return states
 
-    def _ask(self, host: DeviceHost, op: str, deadline: Deadline) -> dict[str, object]:
+    def _ask(self, slot: DeviceSlot, op: str, deadline: Deadline) -> dict[str, object]:
         """One control request in the time the snapshot's deadline has left."""
         timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
         limit = f"the devices get {self.device_deadline_s:g} s in all to quiesce, save and resume"
         if timeout_ms <= 0:
-            raise ControlError(f"snapshot aborted before {host.name} could {op}: {limit}")
+            raise ControlError(f"snapshot aborted before {slot.name} could {op}: {limit}")
         try:
             with deadline.counting():
-                return host.control(op, timeout_ms)
+                return slot.control(op, timeout_ms)
         except DeviceFailure as e:
             raise ControlError(f"snapshot aborted at {op}: {e} ({limit})") from None
 
     def _resume_devices(self, deadline: Deadline) -> None:
-        for host in self.machine.hosts:
-            if not host.failed:
+        for slot in self.machine.slots:
+            if not slot.failed:
                 timeout_ms = max(RESUME_FLOOR_MS, min(CONTROL_TIMEOUT_MS, deadline.remaining_ms()))
                 try:
                     with deadline.counting():
-                        host.control("resume", timeout_ms)
+                        slot.control("resume", timeout_ms)
                 except DeviceFailure as e:
                     log.error("%s", e)  # the device's on_crash policy has been applied
 
@@ -176,10 +177,10 @@ class Coordinator:
             for i, state in enumerate(vcpu_states):
                 w.add_json_chunk("vcpu", f"vcpu{i}", vmstate.VcpuState.VERSION, state)
             w.add_json_chunk("vm", "vm", vmstate.VmState.VERSION, vm_state)
-            for host in m.hosts:
-                doc = device_states[host.name]
+            for slot in m.slots:
+                doc = device_states[slot.name]
                 w.add_json_chunk(
-                    "device", host.name, int(doc["version"]), doc["fields"], model=host.model
+                    "device", slot.name, int(doc["version"]), doc["fields"], model=slot.model
                 )
             w.commit(sign_key)
         return sum(p.stat().st_size for p in target.iterdir())

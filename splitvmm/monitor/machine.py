@@ -1,8 +1,10 @@
 """Machine: puts a VM together from its config, runs it, and tears it down.
 
-Order matters: device processes are spawned (exec'd) before any vCPU thread
-exists, so no fork ever happens in a threaded process; guest RAM is sealed
-before a device can see it; vCPUs start only when every device said READY.
+Order matters: the launcher is forked first, while the monitor has one thread and
+holds nothing of the VM; everything the VM needs from the host is opened next
+(guest RAM sealed before a device can see it), then the monitor confines itself
+(monitor/confinement.py) and only then asks the launcher for its device processes,
+as it will for any later restart; vCPUs start only when every device said READY.
 """
 
 from __future__ import annotations
@@ -25,17 +27,18 @@ from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
-from splitvmm.monitor.devhost import DeviceHost, Spawn
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.monitor.platform import I8042, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir
+from splitvmm.monitor.slot import DeviceSlot, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor
+from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
 from splitvmm.snapshot.reader import Snapshot
 
@@ -61,33 +64,39 @@ class Machine:
         self._outcome_lock = threading.Lock()
         self._wake = EventFd()  # wakes the main thread when the VM ends
         self._closables: list = []  # closed in reverse order, whatever build() got to
-        self.hosts: list[DeviceHost] = []
+        self.slots: list[DeviceSlot] = []
+        self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self.vcpus: list[VcpuThread] = []
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.zctx: zmq.Context | None = None
-        self._console_host: DeviceHost | None = None  # takes the operator's keyboard
+        self._console: str | None = None  # the device that takes the operator's keyboard
         self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
 
     def build(self) -> None:
         cfg = self.cfg
+        self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
+        self._closables.append(self.rundir)
+        # First, single-threaded, before /dev/kvm or guest RAM: the launcher holds nothing of
+        # the VM. Closed after the devices (_closables go in reverse).
+        self.launcher = Launcher.start(self.rundir.path)
+        self._closables.append(self.launcher)
         saved = restore.decode_states(self.snapshot) if self.snapshot is not None else None
         self.kvm = Kvm()
         self._closables.append(self.kvm)
         self.kvm.require_caps()
         if cfg.vm.vcpus > self.kvm.max_vcpus():
             raise KvmUnavailable(f"vm.vcpus: this host's KVM allows at most {self.kvm.max_vcpus()}")
-        self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
-        self._closables.append(self.rundir)
         self.mem = GuestMemory(cfg.vm.memory, f"{cfg.vm.name}-ram")
         self._closables.append(self.mem)
         self.vm = self.kvm.create_vm()
         self._closables.append(self.vm)
-        self.confinement = confinement.Confinement()  # reads its policies: files, now
+        # Reads its policies (files, now); its rules name the launcher's socket.
+        self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
         # Read once: its plan gives both RAM's holes and the firmware's own slots.
         image = loader.load_firmware(cfg.boot.firmware) if cfg.boot.firmware else None
         self._create_platform(image)
-        for dev in cfg.devices:  # before any thread of ours exists: see confinement.py
-            self._spawn_device(dev)
+        for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
+            self._spawns.append(self._prepare_device(dev))
         self.vcpu_fds = [
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
         ]
@@ -105,9 +114,10 @@ class Machine:
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
         self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs)
         self.zctx = zmq.Context(io_threads=1)  # its threads are born confined
-        for host in self.hosts:
-            host.attach(self.zctx)
         self.confinement.load_monitor_filter()
+        # Confined: the launcher starts the devices, as it will restart them.
+        for spawn in self._spawns:
+            self._start_device(spawn)
 
     # -- construction ---------------------------------------------------------------
     def _create_platform(self, firmware: loader.FirmwareImage | None) -> None:
@@ -121,25 +131,26 @@ class Machine:
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
         self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
 
-    def _spawn_device(self, dev: DeviceSection) -> None:
-        """Spawn one device from its model's descriptor: the monitor knows transports and
-        fd kinds, never a model (protocol/models.py)."""
+    def _prepare_device(self, dev: DeviceSection) -> Spawn:
+        """A device's fds and settings, from its model's descriptor: the monitor knows
+        transports and fd kinds, never a model (protocol/models.py)."""
         model = MODELS[dev.model]  # config.py admits only known models
         fds = {role.name: self._device_fd(dev, model, role) for role in model.fds}
         state = restore.saved_device_state(self.snapshot, dev.name) if self.snapshot else None
-        window = model.transport
-        host = DeviceHost(
-            Spawn(dev.name, dev.model, window.size, dict(dev.options), fds, state),
-            None,  # attached once the monitor is confined
-            self.rundir.path,
-            self._device_failed,
-        )
-        self.hosts.append(host)
-        self.pio.insert(window.base, window.size, host)
         if model.console and any(
             r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
         ):
-            self._console_host = host
+            self._console = dev.name
+        return Spawn(dev.name, dev.model, model.transport.size, dict(dev.options), fds, state)
+
+    def _start_device(self, spawn: Spawn) -> None:
+        assert self.zctx is not None
+        slot = DeviceSlot(
+            spawn, self.rundir.path, self.launcher.spawn, self.zctx, self._device_failed
+        )
+        self.slots.append(slot)  # closed by close() from now on, whatever start() does
+        self.pio.insert(MODELS[spawn.model].transport.base, spawn.window, slot)
+        slot.start()
 
     def _device_fd(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
         if role.kind is FdKind.IRQ:
@@ -186,21 +197,23 @@ class Machine:
     def _reset(self) -> None:
         self.stop(Outcome(0, "guest reset through the i8042 controller"))
 
-    def _device_failed(self, host: DeviceHost, reason: str) -> None:
+    def _device_failed(self, slot: DeviceSlot, reason: str) -> None:
         # Until crash recovery exists every on_crash policy but "leave" stops the VM cleanly.
-        if self._device_cfg[host.name].on_crash == "leave":
+        if self._device_cfg[slot.name].on_crash == "leave":
             log.warning(
-                "device %s stays dead (on_crash = leave); its ports read as all-ones", host.name
+                "device %s stays dead (on_crash = leave); its ports read as all-ones", slot.name
             )
             return
-        self.stop(Outcome.fault(f"device {host.name} failed: {reason}"))
+        self.stop(Outcome.fault(f"device {slot.name} failed: {reason}"))
 
     # -- running ------------------------------------------------------------------------
     def run(self) -> Outcome:
         install_kick_handler()
-        for host in self.hosts:
-            host.wait_ready()
-        supervisor = Supervisor(self.hosts)
+        for slot in self.slots:
+            slot.wait_ready()
+        supervisor = Supervisor()
+        for slot in self.slots:
+            supervisor.watch(slot)
         supervisor.start()
         # vCPU threads exist before the control socket answers: a pause must see them all.
         self.vcpus = [
@@ -251,13 +264,13 @@ class Machine:
     def _devices(self) -> list[dict[str, object]]:
         return [
             {
-                "name": h.name,
-                "model": h.model,
-                "pid": h.pid,
-                "state": "failed" if h.failed else "running",
-                "reason": h.failed or "",
+                "name": s.name,
+                "model": s.model,
+                "pid": s.pid,
+                "state": s.state.value,
+                "reason": s.failed or "",
             }
-            for h in self.hosts
+            for s in self.slots
         ]
 
     def _pause(self) -> dict[str, object]:
@@ -288,23 +301,23 @@ class Machine:
         self.stop(Outcome(128 + signum, f"stopped by {signal.Signals(signum).name}"))
 
     def _serve_console(self) -> None:
-        host = self._console_host
-        if host is None:
+        slot = next((s for s in self.slots if s.name == self._console), None)
+        if slot is None:
             pump(None, self._wake.fd, lambda data: None, escape=False)
             return
         stdin = 0 if _is_open(0) else None
         with raw_terminal(0) if stdin is not None else contextlib.nullcontext(False) as is_tty:
-            if pump(stdin, self._wake.fd, host.input, escape=is_tty):
+            if pump(stdin, self._wake.fd, slot.input, escape=is_tty):
                 self.stop(Outcome(0, "quit from the console (Ctrl-A x)"))
 
     def close(self) -> None:
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
-        for host in self.hosts:
-            if host.ready:
-                host.sync()  # let every device finish the guest's posted writes before it dies
-        for host in self.hosts:
-            host.close()
+        for slot in self.slots:
+            if slot.ready:
+                slot.sync()  # let every device finish the guest's posted writes before it dies
+        for slot in self.slots:
+            slot.close()
         if self.zctx is not None:
             self.zctx.term()
         for c in reversed(self._closables):

@@ -1,41 +1,79 @@
-"""Supervisor: notices a device process that dies, whenever it dies (pidfd + poll)."""
+"""Supervisor: notices a device process that ends, whenever it ends (pidfd + poll).
+
+It watches the process in a slot at the time watch() is called, on its own copy of
+that process's pidfd (the slot may close its own when it replaces the process).
+watch() may be called at any time from any thread -- a device restarted later is
+watched like the first -- and wakes the poll loop through an eventfd. The exit
+status comes from whoever reaps the process (the launcher, for the machine's).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import select
 import threading
 
-from splitvmm.monitor.devhost import DeviceHost
+from splitvmm.errors import DeviceFailure
+from splitvmm.monitor.slot import DeviceSlot
 from splitvmm.native.eventfd import EventFd
+from splitvmm.sandbox.spawn import DeviceProcess
 
 log = logging.getLogger("splitvmm.supervisor")
 
 
 class Supervisor(threading.Thread):
-    def __init__(self, hosts: list[DeviceHost]) -> None:
+    def __init__(self) -> None:
         super().__init__(name="supervisor", daemon=True)
         self._wake = EventFd()
         self._closing = False
-        self._pidfds = {h.pidfd: h for h in hosts}  # the hosts own (and close) them
+        self._lock = threading.Lock()
+        self._added: list[tuple[int, DeviceSlot, DeviceProcess]] = []  # not polled yet
+        self._watched: dict[int, tuple[DeviceSlot, DeviceProcess]] = {}  # our pidfd -> whose
+
+    def watch(self, slot: DeviceSlot) -> None:
+        """Watch the process now in `slot`; its end fails the slot (if still its process)."""
+        process = slot.process
+        if process is None:
+            raise DeviceFailure(f"device {slot.name}: no process to watch")
+        # F_DUPFD_CLOEXEC, not dup(): the one the monitor's seccomp policy allows.
+        pidfd = fcntl.fcntl(process.pidfd, fcntl.F_DUPFD_CLOEXEC, 0)
+        with self._lock:
+            self._added.append((pidfd, slot, process))
+        self._wake.trigger()
 
     def run(self) -> None:
         poller = select.poll()
         poller.register(self._wake.fd, select.POLLIN)
-        for fd in self._pidfds:
-            poller.register(fd, select.POLLIN)
         while not self._closing:
             for fd, _ in poller.poll():
-                if fd == self._wake.fd or self._closing:
-                    continue
-                poller.unregister(fd)
-                host = self._pidfds[fd]
-                host.exited(host.proc.wait())
+                if fd == self._wake.fd:
+                    self._wake.drain()
+                    self._take_added(poller)
+                elif not self._closing:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    slot, process = self._watched.pop(fd)
+                    slot.process_ended(process)
+
+    def _take_added(self, poller: select.poll) -> None:
+        with self._lock:
+            added, self._added = self._added, []
+        for pidfd, slot, process in added:
+            self._watched[pidfd] = (slot, process)
+            poller.register(pidfd, select.POLLIN)
 
     def close(self) -> None:
-        """Stop watching (before the monitor kills the devices on purpose)."""
+        """Stop watching (before the monitor ends the devices on purpose)."""
         self._closing = True
         self._wake.trigger()
         if self.is_alive():
             self.join(timeout=5)
+        with self._lock:
+            pidfds = [*self._watched, *(fd for fd, _, _ in self._added)]
+            self._watched.clear()
+            self._added.clear()
+        for fd in pidfds:
+            os.close(fd)
         self._wake.close()

@@ -3,7 +3,7 @@
 Thin checked wrappers over the cffi module built by _build_sys.py (constants and
 struct layouts from the kernel headers), plus SeccompListener, the fd type the
 policy auditor reads seccomp user notifications from. Each wrapper raises
-OSError naming the call; the sandbox (devprocs/sandbox.py) decides the order.
+OSError naming the call; the device sandbox (sandbox/device.py) decides the order.
 """
 
 from __future__ import annotations

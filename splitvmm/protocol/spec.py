@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 DEVICE_COMMAND = (sys.executable, "-m", "splitvmm.devprocs")
 
 # The most a device reads of its spec: options plus a saved state (restore). The monitor
-# refuses a larger one before it spawns anything (monitor/devhost.py).
+# refuses a larger one before it spawns anything (sandbox/spawn.py).
 MAX_SPEC = 2 << 20
 
 

@@ -1,2 +1,3 @@
-"""Confinement shared by both sides: seccomp policy files (policy.py), used by the device
-processes' sandbox and by the monitor's own confinement."""
+"""Confinement, used for the device processes and by the monitor on itself: seccomp policy
+files (policy.py), the device sandbox (device.py), the one way a device process is started
+(spawn.py) and the launcher that starts them for the monitor (launcher.py)."""

@@ -7,6 +7,7 @@ import grp
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import stat
@@ -77,13 +78,92 @@ def test_monitor_with_eight_vcpus_runs_suspends_and_leaves_no_runtime_dir(guests
     assert list((tmp_path / "run" / "splitvmm").iterdir()) == []
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', serial_out=serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^count=\d+")
+        status = json.loads(vm.ctl("status", "--json").stdout)
+        wardens = [d["pid"] for d in status["devices"]]
+        parents = {parent_of(pid) for pid in wardens}
+        launcher = min(parents)
+        launcher_status = status_fields(Path(f"/proc/{launcher}/status"))
+        fd_dir = Path(f"/proc/{launcher}/fd")
+        launcher_fds = {int(fd.name): os.readlink(fd) for fd in fd_dir.iterdir()}
+    finally:
+        vm.ctl("suspend", str(tmp_path / "end"))
+        vm.finish()
+    assert len(parents) == 1 and launcher != status["pid"]
+    assert launcher_status["PPid"] == str(status["pid"])
+    # no_new_privs, no filter of its own (its devices would inherit it)
+    assert (launcher_status["NoNewPrivs"], launcher_status["Seccomp"]) == ("1", "0")
+    # /dev/null, stderr, its socket to the monitor and a pidfd per device: nothing of the VM
+    assert (launcher_fds.pop(0), launcher_fds.pop(1)) == ("/dev/null", "/dev/null")
+    del launcher_fds[2]  # the operator's stderr, which the devices inherit
+    kinds = sorted(
+        t if t.startswith("anon_inode") else t.split(":")[0] for t in launcher_fds.values()
+    )
+    assert kinds == ["anon_inode:[pidfd]"] * len(wardens) + ["socket"]
+
+
+def test_monitor_killed_takes_launcher_and_devices_along(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', serial_out=serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^count=\d+")
+        devices = json.loads(vm.ctl("status", "--json").stdout)["devices"]
+        wardens = [d["pid"] for d in devices]  # the serial device and the default rtc
+        pidfds = [os.pidfd_open(pid) for pid in (parent_of(wardens[0]), *wardens)]
+        vm.proc.kill()  # SIGKILL: the monitor cleans nothing up
+        ended = [bool(select.select([fd], [], [], 10)[0]) for fd in pidfds]
+    finally:
+        vm.finish()
+    for fd in pidfds:
+        os.close(fd)
+    assert ended == [True] * (1 + len(wardens))  # PR_SET_PDEATHSIG: monitor, launcher, warden
+
+
+def test_running_vm_device_killed_stops_vm_with_its_status_from_the_launcher(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    # After its first line the guest counts for hours without I/O: no read of the device is
+    # in flight when it dies (one would fail first, on its deadline).
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=1000000000000"'
+    config.write_text(vm_toml(boot, serial_out=serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^counter: period=")
+        devices = json.loads(vm.ctl("status", "--json").stdout)["devices"]
+        device = next(d for d in devices if d["name"] == "serial0")
+        os.kill(device["pid"], signal.SIGKILL)  # its warden: the pid the monitor knows
+    finally:
+        status, stderr = vm.finish()
+    # The confined monitor's supervisor saw the pidfd and asked the launcher how it ended.
+    assert status == 4, stderr
+    assert "device serial0 failed: process was killed by signal 9" in stderr
+
+
 PROBE = textwrap.dedent(
     """
     import errno, os, shutil, socket, sys, threading
     from pathlib import Path
+    import zmq
     from splitvmm.monitor.confinement import Confinement
+    from splitvmm.monitor.slot import DeviceSlot, Spawn
+    from splitvmm.native.eventfd import EventFd
+    from splitvmm.sandbox.launcher import Launcher
     run, snaps, outside, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-    c = Confinement()
+    launcher = Launcher.start(run)  # first, as the machine does
+    irq, (out_r, out_w) = EventFd(), os.pipe()  # a device's fds, made before confinement
+    c = Confinement(launcher_fd=launcher.fileno())
     c.confine_process(run, [snaps])
     def refused(fn):
         try:
@@ -101,6 +181,7 @@ PROBE = textwrap.dedent(
             "symlink_in_snapshot_dir": refused(lambda: (snaps / "s" / "l").symlink_to("/")),
             "create_in_runtime_dir": refused(lambda: (run / "f").write_text("x")),
         }
+    zctx = zmq.Context(io_threads=1)
     c.load_monitor_filter()
     if step == "socket":
         socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
@@ -118,6 +199,21 @@ PROBE = textwrap.dedent(
         for t in threads:
             t.join()
         results["allocated"] = len(results["allocated"])
+    if step == "device":  # spawned by the launcher for a monitor confined in every way
+        fds = {"irq": irq.fd, "out": out_w}
+        spawn = Spawn("serial0", "serial", 8, {"output": "stdio"}, fds)
+        slot = DeviceSlot(spawn, run, launcher.spawn, zctx, lambda slot, why: print(why))
+        slot.start()
+        slot.wait_ready()
+        slot.write(7, b"Z")  # the UART's scratch register
+        results = {"scratch": slot.read(7, 1).decode(), "generation": slot.generation}
+        process = slot.process
+        process.kill()
+        results["status"] = process.wait(10)  # from the launcher: it is not our child
+        slot.close()
+        launcher.close()
+        print(repr(results))
+        sys.exit(0)
     def vcpu():
         c.confine_vcpu_thread()
         if step == "files":
@@ -189,6 +285,12 @@ def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(t
 def test_confinement_seccomp_kills_monitor_that_makes_a_socket_or_execs(tmp_path, step):
     r = run_probe(tmp_path, step)
     assert r.returncode == -signal.SIGSYS, r.stderr
+
+
+def test_confined_monitor_gets_a_working_device_from_the_launcher(tmp_path):
+    r = run_probe(tmp_path, "device")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == repr({"scratch": "Z", "generation": 1, "status": -signal.SIGKILL})
 
 
 # -- an unprivileged user in the kvm group runs a VM --------------------------------------------

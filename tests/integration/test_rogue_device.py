@@ -12,10 +12,12 @@ import pytest
 import zmq
 
 from splitvmm.errors import DeviceFailure
+from splitvmm.monitor.channel import LATENCY_BUDGET_MS, READ_TIMEOUT_MS
 from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.coordinator import Coordinator
-from splitvmm.monitor.devhost import LATENCY_BUDGET_MS, READ_TIMEOUT_MS, DeviceHost, Spawn
+from splitvmm.monitor.slot import DeviceSlot, Spawn
 from splitvmm.native.eventfd import EventFd
+from splitvmm.sandbox.spawn import spawn_child
 from tests.rogue_device import BEHAVIOURS, SLOW_DATA
 
 SCR = 7  # a read the real serial would answer at once
@@ -28,11 +30,20 @@ def zctx():
     ctx.term()
 
 
-def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str) -> DeviceHost:
+def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str) -> DeviceSlot:
+    """A rogue device in a slot, started as our child (the launcher would start none)."""
     irq = EventFd()
     command = (sys.executable, "-m", "tests.rogue_device", behaviour, *args)
-    spawn = Spawn("rogue0", "serial", 8, {}, {"irq": irq.fd}, command=command)
-    return DeviceHost(spawn, zctx, tmp_path, lambda host, reason: failures.append(reason))
+    spawn = Spawn("rogue0", "serial", 8, {}, {"irq": irq.fd})
+    slot = DeviceSlot(
+        spawn,
+        tmp_path,
+        lambda spec: spawn_child(spec, command),
+        zctx,
+        lambda slot, reason: failures.append(reason),
+    )
+    slot.start()
+    return slot
 
 
 @pytest.mark.parametrize(
@@ -48,31 +59,32 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
 )
 def test_rogue_reply_kills_device_and_monitor_goes_on(behaviour, reason, zctx, tmp_path, caplog):
     failures: list[str] = []
-    host = spawn_rogue(behaviour, zctx, tmp_path, failures)
+    slot = spawn_rogue(behaviour, zctx, tmp_path, failures)
+    process = slot.process
     try:
-        host.wait_ready()
+        slot.wait_ready()
         if behaviour == "unsolicited":
-            host.sock.poll(2000)  # let its flood arrive before we ask anything
-        with caplog.at_level(logging.ERROR, logger="splitvmm.devhost"):
-            first = host.read(SCR, 1)
-            second = host.read(SCR, 1)  # a dead device reads as all-ones, without waiting
-        host.proc.wait(timeout=5)
+            slot.channel.sock.poll(2000)  # let its flood arrive before we ask anything
+        with caplog.at_level(logging.ERROR, logger="splitvmm.slot"):
+            first = slot.read(SCR, 1)
+            second = slot.read(SCR, 1)  # a dead device reads as all-ones, without waiting
+        process.wait(5)
     finally:
-        host.close()
+        slot.close()
     assert (first, second) == (b"\xff", b"\xff")
     assert len(failures) == 1 and reason in failures[0]
-    assert f"device rogue0 (pid {host.pid}) failed" in caplog.text
-    assert host.proc.returncode is not None  # killed, not left running
+    assert f"device rogue0 (pid {process.pid}) failed" in caplog.text
+    assert process.returncode is not None  # killed, not left running
 
 
 def test_rogue_ready_garbage_refuses_start(zctx, tmp_path):
     failures: list[str] = []
-    host = spawn_rogue("bad-ready", zctx, tmp_path, failures)
+    slot = spawn_rogue("bad-ready", zctx, tmp_path, failures)
     try:
         with pytest.raises(DeviceFailure, match="device rogue0: expected READY"):
-            host.wait_ready()
+            slot.wait_ready()
     finally:
-        host.close()
+        slot.close()
 
 
 def test_all_rogue_behaviours_are_tested():
@@ -92,16 +104,16 @@ def test_all_rogue_behaviours_are_tested():
 
 def test_rogue_reads_from_many_threads_fail_once(zctx, tmp_path):
     failures: list[str] = []
-    host = spawn_rogue("garbage", zctx, tmp_path, failures)
+    slot = spawn_rogue("garbage", zctx, tmp_path, failures)
     try:
-        host.wait_ready()
-        threads = [threading.Thread(target=host.read, args=(SCR, 1)) for _ in range(8)]
+        slot.wait_ready()
+        threads = [threading.Thread(target=slot.read, args=(SCR, 1)) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     finally:
-        host.close()
+        slot.close()
     assert len(failures) == 1
 
 
@@ -109,13 +121,13 @@ def test_rogue_slow_just_under_read_deadline_fails_on_latency_budget(zctx, tmp_p
     # Each reply comes at 3/4 of the read deadline: none misses it, two overrun the budget.
     assert 2 * READ_TIMEOUT_MS * 3 // 4 > LATENCY_BUDGET_MS > READ_TIMEOUT_MS * 3 // 4
     failures: list[str] = []
-    host = spawn_rogue("slow", zctx, tmp_path, failures)
+    slot = spawn_rogue("slow", zctx, tmp_path, failures)
     try:
-        host.wait_ready()
-        reads = [host.read(SCR, 1) for _ in range(3)]
-        host.proc.wait(timeout=5)
+        slot.wait_ready()
+        reads = [slot.read(SCR, 1) for _ in range(3)]
+        slot.process.wait(5)
     finally:
-        host.close()
+        slot.close()
     assert reads == [bytes([SLOW_DATA]), b"\xff", b"\xff"]
     assert len(failures) == 1 and f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
 
@@ -128,14 +140,14 @@ def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(zctx, tmp
     machine.stopping, machine.vcpus = False, []
     coordinator = Coordinator(machine, device_deadline_s=1.6)  # type: ignore[arg-type]
     failures: list[str] = []
-    host = spawn_rogue("slow-control", zctx, tmp_path, failures, "1000")
-    machine.hosts = [host]
+    slot = spawn_rogue("slow-control", zctx, tmp_path, failures, "1000")
+    machine.slots = [slot]
     try:
-        host.wait_ready()
+        slot.wait_ready()
         with pytest.raises(ControlError, match=r"snapshot aborted at save: device rogue0") as e:
             coordinator.snapshot(tmp_path / "snap")
     finally:
-        host.close()
+        slot.close()
     assert "the devices get 1.6 s in all to quiesce, save and resume" in str(e.value)
     waited = re.fullmatch(r"no reply within (\d+) ms", failures[0])
     assert len(failures) == 1 and waited and int(waited[1]) < 1000, failures

@@ -24,10 +24,11 @@ from splitvmm.native._kvm import lib
 
 from splitvmm.devprocs.rtc import Reg, RegB, RegC
 from splitvmm.errors import DeviceFailure
-from splitvmm.monitor.devhost import DeviceHost, Spawn
+from splitvmm.monitor.slot import DeviceSlot, Spawn
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import IRQCHIP_PIC_SLAVE, Kvm
 from splitvmm.protocol.models import RTC
+from splitvmm.sandbox.spawn import spawn_child
 from tests.integration.conftest import run_up, vm_toml
 from tests.integration.vmproc import VmProcess
 
@@ -77,12 +78,13 @@ class RtcHost:
         self.zctx = zmq.Context()
         spawn = Spawn("rtc", "rtc", 2, options, {"irq": irq})
         try:
-            self.host = DeviceHost(spawn, self.zctx, tmp_path, self._on_failure)
+            self.host = DeviceSlot(spawn, tmp_path, spawn_child, self.zctx, self._on_failure)
+            self.host.start()
         except BaseException:
             self.zctx.term()
             raise
 
-    def _on_failure(self, host: DeviceHost, reason: str) -> None:
+    def _on_failure(self, host: DeviceSlot, reason: str) -> None:
         self.failures.append(reason)
 
     def write(self, reg: int, value: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from splitvmm.monitor.devhost import READ_TIMEOUT_MS
+from splitvmm.monitor.channel import READ_TIMEOUT_MS
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import VmProcess
 

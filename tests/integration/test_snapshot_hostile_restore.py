@@ -53,7 +53,7 @@ def run_until_count(tmp_path: Path, args: list[str], out: Path, stdio: bool) -> 
 
 
 def assert_one_line_error(r, expected: str) -> None:
-    """Exit 1 with one `splitvmm: error:` line (a device's refusal is also logged by devhost)."""
+    """Exit 1 with one `splitvmm: error:` line (a device's refusal is also logged by its slot)."""
     errors = [line for line in r.stderr.splitlines() if line.startswith("splitvmm: error: ")]
     assert (r.returncode, len(errors)) == (1, 1), r.stderr
     assert expected in errors[0] and "Traceback" not in r.stderr
@@ -145,7 +145,7 @@ def test_restore_hostile_device_state_refused_by_device_in_one_line(saved, tmp_p
     r = splitvmm(tmp_path, "restore", str(hostile))
 
     # The device refuses the state and exits; whether the monitor reads its reason before it
-    # sees the exit is a race in DeviceHost.wait_ready, so only the device is asserted here.
+    # sees the exit is a race in DeviceSlot.wait_ready, so only the device is asserted here.
     assert_one_line_error(r, "splitvmm: error: device serial0: ")
 
 

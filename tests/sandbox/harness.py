@@ -1,4 +1,4 @@
-"""A device process spawned by monitor/devhost.py's start_device, without a VM or /dev/kvm.
+"""A device process spawned by sandbox/spawn.py's start_device, without a VM or /dev/kvm.
 
 `python -m splitvmm.devprocs < SPEC_JSON` with exactly the spec's fds passed
 (`pass_fds`), an eventfd as its irq, a pipe as its output, and a ZeroMQ PAIR
@@ -21,9 +21,9 @@ from pathlib import Path
 import cloudpickle  # type: ignore[import-untyped]
 import zmq
 
-from splitvmm.monitor.devhost import start_device
 from splitvmm.protocol import wire
 from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox.spawn import start_device
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 15.0
@@ -32,7 +32,7 @@ READY_TIMEOUT_S = 15.0
 # the start-up figure only (tests never run an unsandboxed device otherwise).
 UNSANDBOXED = (
     "import runpy, sys; "
-    "from splitvmm.devprocs import runtime, sandbox; "
+    "from splitvmm.devprocs import runtime; from splitvmm.sandbox import device as sandbox; "
     "sandbox.enter_sandbox = lambda model, keep, audit, *, channel, connect, **_: connect(channel); "
     "runpy.run_module('splitvmm.devprocs', run_name='__main__')"
 )

@@ -1,4 +1,4 @@
-"""Pieces of devprocs/sandbox.py and native/landlock.py that run without confining anything."""
+"""Pieces of sandbox/device.py and native/landlock.py that run without confining anything."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from splitvmm.devprocs import sandbox
-from splitvmm.devprocs.sandbox import SandboxError, SeccompMode
 from splitvmm.native import landlock
+from splitvmm.sandbox import device as sandbox
+from splitvmm.sandbox.device import SandboxError, SeccompMode
 
 
 @pytest.mark.parametrize(

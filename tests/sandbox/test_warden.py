@@ -15,7 +15,7 @@ pytestmark = pytest.mark.sandbox
 # Loads the warden's filter on this process, then runs the statement in argv[1].
 UNDER_WARDEN_FILTER = """
 import os, sys
-from splitvmm.devprocs import sandbox
+from splitvmm.sandbox import device as sandbox
 from splitvmm.sandbox import policy
 from splitvmm.native import confine
 constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}

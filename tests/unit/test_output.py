@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from splitvmm.devprocs.output import FLUSH_TIMEOUT_MS, BoundedOutput, FdLine
-from splitvmm.monitor.devhost import READ_TIMEOUT_MS
+from splitvmm.monitor.channel import READ_TIMEOUT_MS
 from tests.fakes import FakeLine
 
 

@@ -1,10 +1,10 @@
-"""start_device (monitor/devhost.py) refuses what a device could not read, before it spawns."""
+"""start_device (sandbox/spawn.py) refuses what a device could not read, before it spawns."""
 
 import pytest
 
 from splitvmm.errors import DeviceFailure
-from splitvmm.monitor.devhost import start_device
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
+from splitvmm.sandbox.spawn import start_device
 
 
 def test_start_device_state_over_spec_cap_raises_device_failure_naming_device():

@@ -1,0 +1,159 @@
+"""DeviceChannel: the monitor's end of one device process's ZeroMQ channel.
+
+It forwards guest accesses and control requests as frames, numbers each request,
+gives it a deadline, charges slow replies to a latency budget, and checks every
+reply. Anything wrong -- a malformed frame, a wrong sequence number, a missed
+deadline, slow replies past the budget, EOF -- raises ChannelError; the device's
+slot (monitor/slot.py) then fails the device, whose on_crash policy decides what
+happens next. A channel lives as long as one process of its device.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import zmq
+
+from splitvmm.errors import ProtocolError, SplitvmmError
+from splitvmm.monitor.budget import LatencyBudget
+from splitvmm.protocol import control, wire
+from splitvmm.sandbox.spawn import DeviceProcess
+
+READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
+# ... and one that answers every read just under that deadline stalls the vCPUs (and any
+# pause waiting for them) for good. Replies slower than SLOW_REPLY_MS (a healthy round trip
+# is 0.1-0.3 ms here; 50 ms is a loaded host's whole scheduling period on top) add up over
+# LATENCY_WINDOW_S; more than LATENCY_BUDGET_MS of them (two replies near the deadline) is a
+# failure. A healthy device, even one a guest polls back to back, never has a slow reply.
+SLOW_REPLY_MS = 50
+LATENCY_WINDOW_S = 10
+LATENCY_BUDGET_MS = 2500
+WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
+CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
+READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
+READY_POLL_MS = 100  # how often we look whether it died before READY
+
+
+class ChannelError(SplitvmmError):
+    """The device broke its channel (str() says how); the device has failed."""
+
+
+class DeviceChannel:
+    """Not thread-safe: the slot serializes every call (vCPUs share a device)."""
+
+    def __init__(self, model: str, endpoint: str, listener: int, zctx: zmq.Context) -> None:
+        """Serve the channel with ZeroMQ, which adopts `listener`, the device's listening
+        socket (made before the device started: it may have connected already, and the
+        kernel queued its connection in the backlog). We own `listener` from now on."""
+        self.endpoint = endpoint
+        self._model = model  # what a saved state must say it is
+        self._seq = 0
+        self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
+        try:
+            sock = zctx.socket(zmq.PAIR)
+        except BaseException:
+            os.close(listener)
+            raise
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
+        # A hostile device cannot make us buffer much: ZeroMQ drops the connection on a
+        # frame over MAXMSGSIZE, and holds at most RCVHWM unread frames.
+        sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_CONTROL)
+        sock.setsockopt(zmq.RCVHWM, 64)
+        sock.setsockopt(zmq.USE_FD, listener)
+        try:
+            sock.bind(endpoint)  # ZeroMQ owns (and closes) the listener from now on
+        except zmq.ZMQError:
+            sock.close()
+            os.close(listener)
+            raise
+        self.sock = sock
+
+    def wait_ready(self, process: DeviceProcess) -> None:
+        """READY, or ChannelError saying why not (the device's own words, truncated)."""
+        waited = 0
+        while not self.sock.poll(READY_POLL_MS):
+            waited += READY_POLL_MS
+            status = process.poll()
+            if status is not None or waited >= READY_TIMEOUT_MS:
+                why = f"exited with status {status}" if status is not None else "did not start"
+                raise ChannelError(f"{why} within {waited} ms, before it was ready")
+        buf = self.sock.recv()
+        try:
+            if control.is_control(buf):
+                msg = control.decode(buf)
+                text = str(msg.get("message", ""))[: control.MAX_ERROR_TEXT]
+                raise ProtocolError(f"refused to start: {text!r}")
+            wire.decode_ready(buf)
+        except ProtocolError as e:
+            raise ChannelError(str(e)) from None
+
+    # -- requests ------------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        seq = self._next_seq()
+        reply = self._access(wire.encode_read(seq, offset, size))
+        try:
+            return wire.decode_read_done(reply, seq, size)
+        except ProtocolError as e:
+            raise ChannelError(str(e)) from None
+
+    def sync(self) -> None:
+        """Wait until the device applied everything sent so far (posted writes included)."""
+        seq = self._next_seq()
+        reply = self._access(wire.encode_sync(seq))
+        try:
+            wire.decode_sync_done(reply, seq)
+        except ProtocolError as e:
+            raise ChannelError(str(e)) from None
+
+    def control(self, op: str, timeout_ms: int) -> dict[str, object]:
+        """A control request (quiesce, save, resume) and its checked reply."""
+        seq = self._next_seq()
+        reply = self._request(control.encode({"op": op, "seq": seq}), timeout_ms)
+        try:
+            return control.check_reply(control.decode(reply), op, seq, self._model)
+        except ProtocolError as e:
+            raise ChannelError(str(e)) from None
+
+    def post(self, frame: bytes) -> None:
+        """Send a frame that gets no reply (a write, host input)."""
+        try:
+            self.sock.send(frame)
+        except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
+            raise ChannelError(f"stopped taking posted writes ({e})") from None
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _access(self, frame: bytes) -> bytes:
+        """A read or sync, which a vCPU waits for: its deadline, then the latency budget."""
+        start = time.monotonic()
+        reply = self._request(frame, READ_TIMEOUT_MS)
+        over_ms = self._budget.charge((time.monotonic() - start) * 1e3)
+        if over_ms is not None:
+            raise ChannelError(
+                f"its slow replies took {over_ms:.0f} ms within {LATENCY_WINDOW_S} s, over "
+                f"the budget of {LATENCY_BUDGET_MS} ms"
+            )
+        return reply
+
+    def _request(self, frame: bytes, timeout_ms: int) -> bytes:
+        """Send a frame and wait for its one reply, within `timeout_ms`."""
+        try:
+            if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # only replies come, only when asked
+                raise ChannelError("sent a frame nobody asked for")
+            self.sock.send(frame)
+            # A blocking recv with a deadline: one wait fewer than poll() then recv().
+            self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+            return self.sock.recv()
+        except zmq.Again:
+            raise ChannelError(f"no reply within {timeout_ms} ms") from None
+        except zmq.ZMQError as e:
+            raise ChannelError(str(e)) from None
+
+    def close(self) -> None:
+        self.sock.close()
+        Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)

@@ -1,0 +1,196 @@
+"""start_device: the one way a device process is started, and the process handle around it.
+
+Everything that starts a device goes through start_device: the launcher (for the
+monitor: sandbox/launcher.py), `splitvmm policy audit` and the test harnesses (which
+need a tracing filter or a test hook, so they start devices themselves). It execs the
+device, never forks a bare copy of the caller, with exactly the spec's fds.
+
+A DeviceProcess is what its owner holds of a started device: its pid and a pidfd
+(signals through a pidfd cannot hit a recycled pid, and a pidfd polls readable when
+the process ends, whoever its parent is). Its exit status comes from its parent: the
+caller itself (ChildProcess) or the launcher (LaunchedProcess, sandbox/launcher.py).
+"""
+
+from __future__ import annotations
+
+import abc
+import fcntl
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+from dataclasses import replace
+
+from splitvmm.errors import DeviceFailure
+from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec
+
+# Environment variables a device process inherits: only what the device code reads itself
+# (sandbox/policy.py). Nothing else of the monitor's environment (credentials in it,
+# LD_PRELOAD, PYTHONPATH...) reaches a process that parses guest data. The interpreter needs
+# none: sys.executable finds its virtual environment through pyvenv.cfg, without PATH.
+DEVICE_ENV = ("SPLITVMM_POLICY_DIR",)
+
+
+def start_device(
+    command: tuple[str, ...], spec: DeviceSpec, stderr: int | None = None
+) -> subprocess.Popen[bytes]:
+    """exec a device process with its spec on stdin (not in argv, which Linux caps at 128 KiB
+    an argument) and exactly the spec's fds.
+
+    Its fds 0 and 1 are /dev/null (0 once it has read the spec), so
+    a device never reads the operator's terminal nor writes to it except through the fd
+    given to it as its output (when that is stdio, a dup of our stdout above fd 2, so that
+    /dev/null can take fd 1). Its fd 2 is our stderr (or `stderr`): a device's warnings and
+    a crashing device's traceback must reach the operator, and a device that can write there
+    can do no more than its `out` role allows already.
+    """
+    spec, dups = _fds_above_stdio(spec)
+    data = spec.to_json().encode()
+    try:
+        check_spec_size(spec.name, data)
+        proc = subprocess.Popen(
+            list(command),
+            pass_fds=tuple(spec.fds.values()),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            close_fds=True,
+            env={k: os.environ[k] for k in DEVICE_ENV if k in os.environ},
+            # Its own session: a Ctrl-C or a signal to our process group must not kill the
+            # device before the monitor has synced it; the monitor decides when it ends
+            # (and PR_SET_PDEATHSIG ends it if its parent dies).
+            start_new_session=True,
+        )
+    finally:
+        for fd in dups:
+            os.close(fd)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except BrokenPipeError:
+        proc.kill()
+        proc.wait()
+        raise DeviceFailure(f"device {spec.name}: exited before reading its spec") from None
+    return proc
+
+
+def check_spec_size(name: str, data: bytes) -> None:
+    """DeviceFailure if a device could not read this spec (protocol/spec.py MAX_SPEC)."""
+    if len(data) > MAX_SPEC:
+        raise DeviceFailure(
+            f"device {name}: its spec and saved state take {len(data)} bytes, "
+            f"over the {MAX_SPEC} a device reads"
+        )
+
+
+def _fds_above_stdio(spec: DeviceSpec) -> tuple[DeviceSpec, list[int]]:
+    """The spec with every fd numbered 0-2 (output = stdio) replaced by a dup above 2, which
+    the caller closes once the device has it; the device's 0-2 are set apart (start_device)."""
+    dups: list[int] = []
+    fds = dict(spec.fds)
+    for role, fd in spec.fds.items():
+        if fd in (0, 1, 2):
+            fds[role] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            dups.append(fds[role])
+    return replace(spec, fds=fds), dups
+
+
+def listen_channel(path: str) -> socket.socket:
+    """A device channel's listening UNIX socket, 0600 (inside the 0700 runtime dir), made
+    before the device starts: the device connects once, and a refused connection is fatal
+    to it. The monitor's ZeroMQ socket adopts it (ZMQ_USE_FD) with its backlog."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        sock.listen(1)  # one peer: the device (PAIR)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+class DeviceProcess(abc.ABC):
+    """A started device process: signalled and watched through its pidfd, which it owns."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.returncode: int | None = None  # as os.waitstatus_to_exitcode: -N for signal N
+        self._reaping = threading.Lock()  # the supervisor and a tear-down may both wait
+
+    def ended(self) -> bool:
+        """Whether it has exited (its pidfd polls readable), without reaping it."""
+        return self.pidfd >= 0 and readable(self.pidfd, 0)
+
+    def poll(self) -> int | None:
+        """Its exit status if it has exited, else None."""
+        return self.wait(0) if self.returncode is not None or self.ended() else None
+
+    def wait(self, timeout_s: float) -> int:
+        """Its exit status; TimeoutError if it runs on for `timeout_s`."""
+        if self.returncode is None and not readable(self.pidfd, timeout_s):
+            raise TimeoutError(f"process {self.pid} still runs after {timeout_s:g} s")
+        with self._reaping:
+            if self.returncode is None:
+                self.returncode = self._reap()
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL through the pidfd; reaping is left to whoever waits (a vCPU thread may kill
+        a device, and may not wait for it: policies/<arch>/vcpu.policy)."""
+        if self.returncode is None and self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it ended already: only its status is left to collect
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    @abc.abstractmethod
+    def _reap(self) -> int:
+        """The status of the process, which has exited (its pidfd is readable)."""
+
+
+class ChildProcess(DeviceProcess):
+    """A device process that is our own child, started by start_device."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        super().__init__(popen.pid, os.pidfd_open(popen.pid))
+        self.popen = popen
+
+    def _reap(self) -> int:
+        return self.popen.wait()
+
+
+def readable(fd: int, timeout_s: float) -> bool:
+    """Whether `fd` polls readable within `timeout_s` (poll(2): what the confined monitor and
+    its vCPU threads may call)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, round(timeout_s * 1000))))
+
+
+def spawn_child(
+    spec: DeviceSpec, command: tuple[str, ...] = DEVICE_COMMAND, stderr: int | None = None
+) -> tuple[ChildProcess, int]:
+    """Listen on the spec's channel, then start the device as our child: the process, and
+    the channel's listening socket (an fd the caller owns). What the launcher does for the
+    monitor, and what tests do for themselves with a rogue `command`."""
+    path = spec.channel.removeprefix("ipc://")
+    listener = listen_channel(path)
+    try:
+        process = ChildProcess(start_device(command, spec, stderr))
+    except BaseException:
+        listener.close()
+        os.unlink(path)
+        raise
+    return process, listener.detach()

@@ -1,0 +1,169 @@
+"""The monitor's side of a real serial device process: its slot, its channel, its death.
+
+No /dev/kvm needed: the device gets an eventfd for its irq and a pipe for its output. The
+device is our own child (sandbox/spawn.py spawn_child), as a test may have threads that
+rule out forking a launcher; tests/sandbox/test_launcher.py covers the launcher's way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import zmq
+
+from splitvmm.devprocs.serial import Lsr, Reg
+from splitvmm.errors import DeviceFailure
+from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
+from splitvmm.monitor.supervisor import Supervisor
+from splitvmm.native.eventfd import EventFd
+from splitvmm.protocol.spec import MAX_SPEC
+from splitvmm.sandbox.spawn import spawn_child
+
+
+class Harness:
+    def __init__(self, tmp_path) -> None:
+        self.irq = EventFd()
+        self.out_r, self.out_w = os.pipe()
+        self.failures: list[str] = []
+        self.failed = threading.Event()
+        self.zctx = zmq.Context()
+        spawn = Spawn(
+            "serial0", "serial", 8, {"output": "stdio"}, {"irq": self.irq.fd, "out": self.out_w}
+        )
+        self.slot = DeviceSlot(spawn, tmp_path, spawn_child, self.zctx, self._on_failure)
+        self.slot.start()
+        self.slot.wait_ready()
+
+    def _on_failure(self, slot: DeviceSlot, reason: str) -> None:
+        self.failures.append(reason)
+        self.failed.set()
+
+    def close(self) -> None:
+        self.slot.close()
+        self.zctx.term()
+        self.irq.close()
+        os.close(self.out_r)
+        os.close(self.out_w)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def test_slot_thr_writes_reach_output_fd_in_order(harness):
+    for byte in b"hi!":
+        harness.slot.write(Reg.RX_TX, bytes([byte]))
+    assert harness.slot.sync()
+    assert os.read(harness.out_r, 16) == b"hi!"
+
+
+def test_slot_input_is_read_back_through_rbr(harness):
+    harness.slot.input(b"typed text")
+    lsr = harness.slot.read(Reg.LSR, 1)[0]
+    received = b"".join(harness.slot.read(Reg.RX_TX, 1) for _ in range(10))
+    assert (lsr & Lsr.DR, received) == (Lsr.DR, b"typed text")
+
+
+def test_slot_rx_interrupt_signals_the_irq_eventfd(harness):
+    harness.slot.write(Reg.IER, b"\x01")
+    harness.slot.input(b"x")
+    assert harness.slot.sync()
+    assert harness.irq.drain() == 1
+
+
+def test_slot_killed_device_is_reported_and_reads_all_ones(harness):
+    supervisor = Supervisor()
+    supervisor.start()
+    supervisor.watch(harness.slot)  # a process added to a running supervisor
+    os.kill(harness.slot.pid, signal.SIGKILL)
+    assert harness.failed.wait(10)
+    supervisor.close()
+    assert harness.failures == ["process was killed by signal 9"]
+    assert harness.slot.read(Reg.SCR, 1) == b"\xff"
+
+
+def test_slot_channel_path_too_long_fails_cleanly(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    zctx = zmq.Context()
+    irq = EventFd()
+    spawn = Spawn("serial0", "serial", 8, {}, {"irq": irq.fd})
+    with pytest.raises(DeviceFailure, match="longer than a UNIX socket allows"):
+        DeviceSlot(spawn, deep, spawn_child, zctx, lambda slot, reason: None)
+    zctx.term()  # nothing left open: term() would block forever on a leaked socket
+    irq.close()
+
+
+def test_device_spec_over_cap_exits_with_one_line_not_a_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm.devprocs"],
+        input=b" " * (MAX_SPEC + 1),
+        capture_output=True,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"splitvmm: device: the spec is over {MAX_SPEC} bytes\n".encode(),
+    )
+
+
+# -- a device away and back (the crash-restart issue re-fills slots this way) ------------------
+def wait_for_waiting_access(slot: DeviceSlot) -> None:
+    """Until one access waits for the device (the reader thread got there)."""
+    deadline = time.monotonic() + 10
+    while slot.waiting != 1:
+        assert time.monotonic() < deadline, "the access never waited for the device"
+        time.sleep(0.001)
+
+
+def test_slot_read_while_away_waits_for_next_process_started_from_last_state(harness, monkeypatch):
+    monkeypatch.setattr(slot_module, "AWAY_WAIT_MS", 60_000)  # the wait ends on READY only
+    harness.slot.write(Reg.SCR, b"\x5a")
+    harness.slot.control("quiesce")
+    harness.slot.control("save")  # the slot's last known state from now on
+    harness.slot.control("resume")
+    harness.slot.vacate()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(harness.slot.read(Reg.SCR, 1)))
+    reader.start()
+    wait_for_waiting_access(harness.slot)
+    harness.slot.start()
+    harness.slot.wait_ready()
+    reader.join()
+    assert (got, harness.slot.generation, harness.slot.state) == ([b"\x5a"], 2, SlotState.LIVE)
+
+
+def test_slot_failing_while_away_ends_waiting_reads_with_all_ones(harness, monkeypatch):
+    monkeypatch.setattr(slot_module, "AWAY_WAIT_MS", 60_000)  # only fail() may end the wait
+    harness.slot.vacate()
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(harness.slot.read(Reg.SCR, 1)))
+    reader.start()
+    wait_for_waiting_access(harness.slot)
+    harness.slot.fail("its restart failed")
+    reader.join()
+    assert (got, harness.failures) == ([b"\xff"], ["its restart failed"])
+
+
+def test_supervisor_watching_a_restarted_device_fails_it_on_the_new_process_end_only(harness):
+    supervisor = Supervisor()
+    supervisor.start()
+    supervisor.watch(harness.slot)
+    harness.slot.vacate()  # its first process ends on purpose: no failure
+    harness.slot.start()
+    harness.slot.wait_ready()
+    supervisor.watch(harness.slot)
+    os.kill(harness.slot.pid, signal.SIGKILL)
+    assert harness.failed.wait(10)
+    supervisor.close()
+    assert (harness.failures, harness.slot.generation) == (["process was killed by signal 9"], 2)

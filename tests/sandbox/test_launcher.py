@@ -1,0 +1,138 @@
+"""The launcher (sandbox/launcher.py): what it starts, what it refuses, how it ends.
+
+Real device processes, no VM. The launcher is forked from this test process, which
+must have a single thread then (as the monitor has when it forks it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import zmq
+
+from splitvmm.errors import DeviceFailure
+from splitvmm.monitor.channel import DeviceChannel
+from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
+from splitvmm.sandbox.launcher import MAX_FDS, Launcher, LauncherError
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture
+def launcher(rundir: Path) -> Iterator[Launcher]:
+    launcher = Launcher.start(rundir)
+    yield launcher
+    launcher.close()
+
+
+@pytest.fixture
+def fds() -> Iterator[dict[str, int]]:
+    """A serial device's fds: an eventfd as its irq, a pipe as its output."""
+    irq = os.eventfd(0, os.EFD_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    yield {"irq": irq, "out": out_w}
+    for fd in (irq, out_r, out_w):
+        os.close(fd)
+
+
+def serial_spec(rundir: Path, fds: dict[str, int], **changes: object) -> DeviceSpec:
+    spec = DeviceSpec("serial0", "serial", f"ipc://{rundir}/serial0.sock", fds)
+    return replace(spec, **changes)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end(
+    launcher, rundir, fds
+):
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec)
+    zctx = zmq.Context()
+    channel = DeviceChannel("serial", spec.channel, listener, zctx)
+    try:
+        channel.wait_ready(process)
+        parent = parent_of(process.pid)
+        process.kill()
+        status = process.wait(10)
+    finally:
+        channel.close()
+        zctx.term()
+        process.close()
+    assert (parent, status) == (launcher.pid, -signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"seccomp": "log"}, "with seccomp 'kill' and no hook"),
+        ({"seccomp": "trace"}, "with seccomp 'kill' and no hook"),
+        ({"hook": "gASVAAAAAAAAAAA="}, "with seccomp 'kill' and no hook"),
+        ({"model": "nonesuch"}, "device serial0: unknown model 'nonesuch'"),
+        ({"channel": "ipc:///tmp/serial0.sock"}, "its channel must be serial0.sock in"),
+        ({"name": "../serial0"}, "is not a plain file name"),
+        ({"fds": {}}, "model serial takes fds ['irq', 'out'], the request names []"),
+    ],
+    ids=["seccomp-log", "seccomp-trace", "hook", "model", "channel", "name", "fds"],
+)
+def test_launcher_spec_outside_what_it_starts_is_refused(launcher, rundir, fds, changes, why):
+    with pytest.raises(DeviceFailure, match="launcher|device") as e:
+        launcher.spawn(replace(serial_spec(rundir, fds), **changes))
+    assert why in str(e.value)
+
+
+def test_launcher_request_over_fd_cap_is_refused_and_next_request_served(launcher, rundir, fds):
+    many = {f"fd{i}": fds["irq"] for i in range(MAX_FDS + 1)}
+    with pytest.raises(DeviceFailure, match=f"over 4096 bytes or {MAX_FDS} fds"):
+        launcher.spawn(serial_spec(rundir, many))
+    process, listener = launcher.spawn(serial_spec(rundir, fds))
+    os.close(listener)
+    process.kill()
+    assert process.wait(10) == -signal.SIGKILL
+
+
+def test_launcher_spec_near_cap_arrives_whole_in_chunks(launcher, rundir, fds):
+    # A saved state nearly as big as a device reads: many SOCK_SEQPACKET messages.
+    state = {"model": "serial", "version": 1, "fields": {"pad": "A" * (MAX_SPEC - 4096)}}
+    process, listener = launcher.spawn(serial_spec(rundir, fds, state=state))
+    os.close(listener)
+    process.kill()
+    assert process.wait(10) == -signal.SIGKILL
+
+
+def test_launcher_spec_over_cap_raises_naming_device_before_sending(launcher, rundir, fds):
+    state = {"model": "serial", "version": 1, "fields": {"pad": "A" * MAX_SPEC}}
+    with pytest.raises(DeviceFailure, match=f"device serial0: .* over the {MAX_SPEC} a device"):
+        launcher.spawn(serial_spec(rundir, fds, state=state))
+
+
+def test_launcher_has_no_new_privs_and_its_own_session(launcher):
+    status = Path(f"/proc/{launcher.pid}/status").read_text()
+    assert ("NoNewPrivs:\t1" in status, os.getsid(launcher.pid)) == (True, launcher.pid)
+
+
+def test_launcher_closed_by_monitor_ends_with_the_devices_it_started(launcher, rundir, fds):
+    process, listener = launcher.spawn(serial_spec(rundir, fds))
+    os.close(listener)
+    launcher.close()
+    assert process.ended()  # killed by the launcher before it exited
+    process.close()
+
+
+def test_launcher_start_with_a_thread_running_raises():
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with pytest.raises(LauncherError, match="before any thread exists"):
+            Launcher.start(Path("/nonexistent"))
+    finally:
+        stop.set()
+        thread.join()

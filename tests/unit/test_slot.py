@@ -1,0 +1,94 @@
+"""DeviceSlot (monitor/slot.py) without a device process: its restart budget, and what an
+access gets while no device serves the slot. tests/integration/test_slot.py has the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from splitvmm.errors import DeviceFailure
+from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
+from splitvmm.protocol.spec import DeviceSpec
+
+
+def test_restart_budget_within_burst_allows_each_restart():
+    budget = RestartBudget(burst=3, interval_s=10)
+    assert [budget.take(t) for t in (0.0, 1.0, 2.0)] == [True, True, True]
+
+
+def test_restart_budget_over_burst_within_interval_refuses():
+    budget = RestartBudget(burst=2, interval_s=10)
+    budget.take(0.0)
+    budget.take(1.0)
+    assert (budget.take(9.9), budget.remaining(9.9)) == (False, 0)
+
+
+def test_restart_budget_once_interval_passed_allows_again():
+    budget = RestartBudget(burst=2, interval_s=10)
+    budget.take(0.0)
+    budget.take(1.0)
+    assert (budget.take(10.0), budget.remaining(10.0)) == (True, 0)
+
+
+class Failures(list[str]):
+    def __call__(self, slot: DeviceSlot, reason: str) -> None:
+        self.append(reason)
+
+
+def refuse(spec: DeviceSpec) -> tuple[object, int]:
+    raise DeviceFailure(f"device {spec.name}: the launcher refused it")
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()  # no socket is made: no ZeroMQ thread starts
+    yield ctx
+    ctx.term()
+
+
+@pytest.fixture
+def failures() -> Failures:
+    return Failures()
+
+
+@pytest.fixture
+def slot(tmp_path: Path, zctx: zmq.Context, failures: Failures) -> DeviceSlot:
+    return DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, zctx, failures)
+
+
+def test_slot_read_while_away_past_wait_reads_all_ones(slot, monkeypatch):
+    monkeypatch.setattr(slot_module, "AWAY_WAIT_MS", 0)
+    assert (slot.read(0, 2), slot.state, slot.waiting) == (b"\xff\xff", SlotState.AWAY, 0)
+
+
+def test_slot_failed_reads_all_ones_without_waiting(slot, monkeypatch, failures):
+    monkeypatch.setattr(slot_module, "AWAY_WAIT_MS", 3_600_000)  # a wait would hang the test
+    slot.fail("its process was killed")
+    slot.fail("a second reason")
+    assert (slot.read(0, 1), slot.state, failures) == (
+        b"\xff",
+        SlotState.FAILED,
+        ["its process was killed"],
+    )
+
+
+def test_slot_control_when_failed_raises_naming_device_and_reason(slot):
+    slot.fail("its process was killed")
+    with pytest.raises(DeviceFailure, match="device serial0 has failed: its process was killed"):
+        slot.control("save")
+
+
+def test_slot_start_refused_by_spawner_leaves_slot_empty(slot):
+    with pytest.raises(DeviceFailure, match="device serial0: the launcher refused it"):
+        slot.start()
+    assert (slot.process, slot.generation, slot.state) == (None, 0, SlotState.AWAY)
+
+
+def test_slot_start_when_failed_raises(slot):
+    slot.fail("its process was killed")
+    with pytest.raises(DeviceFailure, match="device serial0: its slot is failed, not empty"):
+        slot.start()
