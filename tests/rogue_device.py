@@ -17,7 +17,7 @@ import time
 import zmq
 
 from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS, READ_TIMEOUT_MS
-from splitvmm.protocol import control, wire
+from splitvmm.protocol import control, events, wire
 
 BEHAVIOURS = (
     "garbage",  # replies with random bytes
@@ -29,6 +29,12 @@ BEHAVIOURS = (
     "wide-reply",  # replies with more data than was asked for
     "slow",  # answers every read and sync correctly, DELAY_MS late
     "slow-control",  # answers every control request correctly, DELAY_MS late
+    # -- events (protocol/events.py): frames a device may send unasked, checked by the monitor
+    "publish",  # publishes its state (version = the read's seq) before each read reply
+    "report",  # reports an error with escape codes in it, then answers the read
+    "route",  # asks for routes to GSI 4 (its own) and 9; the read returns what it was told
+    "event-flood",  # publishes MAX_EVENTS_PER_REQUEST + 1 times before a read reply
+    "bad-event",  # publishes a state for another model before its read reply
 )
 SLOW_DATA = 0x5A  # what a slow device's reads return
 
@@ -54,6 +60,31 @@ def answer_slowly(sock: zmq.Socket, buf: bytes, delay_s: float) -> None:
         sock.send(wire.encode_sync_done(seq))
 
 
+EVENT_BEHAVIOURS = ("publish", "report", "route", "event-flood", "bad-event")
+
+
+def answer_with_events(
+    sock: zmq.Socket, buf: bytes, behaviour: str, routes: dict[int, bool]
+) -> None:
+    """Events first, then the reply to a read (or sync) -- as a real device may order them."""
+    op, size, _, seq, _, _ = wire.FRAME.unpack(buf)
+    state = {"model": "serial", "version": max(seq, 1), "fields": {"seq": seq}}
+    if behaviour == "publish":
+        sock.send(events.encode_publish(state))
+    elif behaviour == "report":
+        sock.send(control.encode({"op": "report", "seq": 0, "message": "disk on fire"}))
+    elif behaviour == "event-flood":
+        for _ in range(events.MAX_EVENTS_PER_REQUEST + 1):
+            sock.send(events.encode_publish(state))
+    elif behaviour == "bad-event":
+        sock.send(events.encode_publish({**state, "model": "rtc"}))
+    if op == wire.Op.READ:
+        told = bytes([int(routes.get(1, False)) | int(routes.get(2, False)) << 1]) * size
+        sock.send(wire.encode_read_done(seq, told if behaviour == "route" else b"\x00" * size))
+    elif op == wire.Op.SYNC:
+        sock.send(wire.encode_sync_done(seq))
+
+
 def main() -> None:
     behaviour, spec = sys.argv[1], json.loads(sys.stdin.read())
     default_ms = CONTROL_TIMEOUT_MS if behaviour == "slow-control" else READ_TIMEOUT_MS
@@ -68,10 +99,21 @@ def main() -> None:
     if behaviour == "unsolicited":
         for seq in range(100):
             sock.send(wire.encode_read_done(seq, b"\x00"))
+    routes: dict[int, bool] = {}
+    if behaviour == "route":
+        sock.send(events.encode_route(1, 4))
+        sock.send(events.encode_route(2, 9))
     while True:
         buf = sock.recv()
         if control.is_control(buf):
+            msg = control.decode(buf)
+            if msg["op"] == "route_done":
+                routes[msg["id"]] = msg["ok"]
+                continue
             answer_control(sock, buf, delay_s if behaviour == "slow-control" else None)
+            continue
+        if behaviour in EVENT_BEHAVIOURS:
+            answer_with_events(sock, buf, behaviour, routes)
             continue
         if behaviour == "slow":
             answer_slowly(sock, buf, delay_s)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import abc
 import importlib
-import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
+from splitvmm.protocol import events
 from splitvmm.protocol.models import MODELS
 
 
@@ -46,22 +45,58 @@ class Counters:
     tx_dropped: int = 0  # output written with no room for it (a driver that did not wait)
 
 
-class RateLimitedLog:
-    """A guest mistake is logged at most once a second per kind (STYLE 7): a guest that
-    repeats it cannot flood the operator's terminal."""
+class DeviceEvents:
+    """What a device says to the monitor unasked (protocol/events.py): its state, an error
+    for the operator, a request for an interrupt route. Queued until the runtime connects
+    it to the channel after READY, then sent as they come, never blocking the device: a
+    newer state supersedes one the channel could not take yet, and reports past
+    MAX_PENDING are dropped and counted."""
 
-    INTERVAL_S = 1.0
+    MAX_PENDING = 16
 
-    def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
-        self._log = logger
-        self._clock = clock
-        self._last: dict[str, float] = {}
+    def __init__(self) -> None:
+        self._send: Callable[[bytes], bool] | None = None
+        self._state: bytes | None = None  # the newest published state not sent yet
+        self._pending: list[bytes] = []
+        self.dropped = 0
+        self.routes: dict[int, tuple[bool, str]] = {}  # route id -> (ok, reason), answered
+        self._next_route = 0
 
-    def warning(self, kind: str, msg: str, *args: object) -> None:
-        now = self._clock()
-        if now - self._last.get(kind, -self.INTERVAL_S) >= self.INTERVAL_S:
-            self._last[kind] = now
-            self._log.warning(msg, *args)
+    def publish(self, state_document: dict[str, object]) -> None:
+        self._state = events.encode_publish(state_document)
+        self.flush()
+
+    def report(self, message: str) -> None:
+        self._queue(events.encode_report(message))
+
+    def request_route(self, gsi: int) -> int:
+        """Ask for a route to `gsi`; its answer lands in routes[id]."""
+        self._next_route += 1
+        self._queue(events.encode_route(self._next_route, gsi))
+        return self._next_route
+
+    def route_done(self, route_id: int, ok: bool, reason: str) -> None:
+        self.routes[route_id] = (ok, reason)
+
+    def connect(self, send: Callable[[bytes], bool]) -> None:
+        """`send(frame)` -> False when the channel cannot take it now (it never blocks)."""
+        self._send = send
+        self.flush()
+
+    def flush(self) -> None:
+        if self._send is None:
+            return
+        if self._state is not None and self._send(self._state):
+            self._state = None
+        while self._pending and self._send(self._pending[0]):
+            self._pending.pop(0)
+
+    def _queue(self, frame: bytes) -> None:
+        if len(self._pending) >= self.MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(frame)
+        self.flush()
 
 
 @dataclass(slots=True)
@@ -73,6 +108,7 @@ class DeviceContext:
     counters: Counters = field(default_factory=Counters)
     fds: Mapping[str, int] = field(default_factory=dict)  # role -> fd, as the spec gave them
     prepared: dict[str, object] = field(default_factory=dict)  # what Device.setup() made
+    events: DeviceEvents = field(default_factory=DeviceEvents)  # what it says unasked
 
 
 class Device(abc.ABC):

@@ -56,6 +56,7 @@ class EventLoop:
         sources = {s.fd: s for s in self._sources.event_sources()} if self._sources else {}
         if deadline is None and line is None and not sources:
             self.serve_frame(self.channel.recv(copy=True))
+            self.device.ctx.events.flush()
             return
         ready = self._poll(line, sources, deadline)
         if line is not None and ready.get(line) and out.flush():  # writable, or an error
@@ -68,6 +69,7 @@ class EventLoop:
             self._timed.tick(self.clock())
         if ready.get(self.channel):
             self.serve_frame(self.channel.recv(copy=True))
+        self.device.ctx.events.flush()  # what the channel could not take before
 
     def _poll(
         self, line: int | None, sources: dict[int, object], deadline: float | None

@@ -31,7 +31,7 @@ from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
-from splitvmm.protocol import codec, control, wire
+from splitvmm.protocol import codec, control, events, wire
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox import device as sandbox
 
@@ -81,6 +81,9 @@ def _serve_control(device: Device, sock: zmq.Socket, buf: bytes) -> None:
     request was applied already: the channel is ordered. While quiesced the output buffer
     is held: what it holds is part of the state a snapshot saves."""
     msg = control.decode(buf)
+    if msg["op"] == "route_done":  # the monitor's answer to a route request: no reply
+        device.ctx.events.route_done(*events.decode_route_done(msg))
+        return
     op, seq = msg["op"], msg["seq"]
     if op == "quiesce":
         device.quiesce()
@@ -204,4 +207,14 @@ def run(spec: DeviceSpec) -> None:
     except ConfigError as e:
         _refuse(sock, f"options rejected: {e}")
     sock.send(wire.encode_ready())
+    device.ctx.events.connect(lambda frame: _send_now(sock, frame))
     serve(device, sock)
+
+
+def _send_now(sock: zmq.Socket, frame: bytes) -> bool:
+    """Send an event if the channel takes it now; False if it would block."""
+    try:
+        sock.send(frame, zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True

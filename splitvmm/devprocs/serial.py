@@ -26,10 +26,10 @@ from splitvmm.devprocs.base import (
     DeviceContext,
     DeviceState,
     PortIoDevice,
-    RateLimitedLog,
     register,
 )
 from splitvmm.errors import StateError
+from splitvmm.ratelimit import RateLimitedLog
 
 log = logging.getLogger("splitvmm.dev.serial")
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
 
 from splitvmm.errors import ProtocolError, SplitvmmError
 from splitvmm.monitor.budget import LatencyBudget
-from splitvmm.protocol import control, wire
+from splitvmm.protocol import control, events, wire
 from splitvmm.sandbox.spawn import DeviceProcess
 
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
@@ -43,11 +44,21 @@ class ChannelError(SplitvmmError):
 class DeviceChannel:
     """Not thread-safe: the slot serializes every call (vCPUs share a device)."""
 
-    def __init__(self, model: str, endpoint: str, listener: int, zctx: zmq.Context) -> None:
+    def __init__(
+        self,
+        model: str,
+        endpoint: str,
+        listener: int,
+        zctx: zmq.Context,
+        on_event: Callable[[events.Event], None] | None = None,
+    ) -> None:
         """Serve the channel with ZeroMQ, which adopts `listener`, the device's listening
         socket (made before the device started: it may have connected already, and the
-        kernel queued its connection in the backlog). We own `listener` from now on."""
+        kernel queued its connection in the backlog). We own `listener` from now on.
+        `on_event` gets each event the device sends unasked (protocol/events.py), checked;
+        without one, an event breaks the channel like any frame nobody asked for."""
         self.endpoint = endpoint
+        self._on_event = on_event
         self._model = model  # what a saved state must say it is
         self._seq = 0
         self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
@@ -141,18 +152,45 @@ class DeviceChannel:
         return reply
 
     def _request(self, frame: bytes, timeout_ms: int) -> bytes:
-        """Send a frame and wait for its one reply, within `timeout_ms`."""
+        """Send a frame and wait for its one reply, within `timeout_ms`; the device's events
+        before it (sent unasked, or while it worked on this request) are handled first."""
         try:
-            if self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # only replies come, only when asked
-                raise ChannelError("sent a frame nobody asked for")
+            self.drain_events()
             self.sock.send(frame)
-            # A blocking recv with a deadline: one wait fewer than poll() then recv().
-            self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-            return self.sock.recv()
+            deadline = time.monotonic() + timeout_ms / 1000
+            for _ in range(events.MAX_EVENTS_PER_REQUEST + 1):
+                # A blocking recv with a deadline: one wait fewer than poll() then recv().
+                left_ms = max(0, round((deadline - time.monotonic()) * 1000))
+                self.sock.setsockopt(zmq.RCVTIMEO, left_ms)
+                buf = self.sock.recv()
+                if not events.is_event(buf):  # replies are binary, or control of another op
+                    return buf
+                self._handle_event(buf)
+            raise ChannelError(
+                f"sent more than {events.MAX_EVENTS_PER_REQUEST} events around one request"
+            )
         except zmq.Again:
             raise ChannelError(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
             raise ChannelError(str(e)) from None
+
+    def drain_events(self) -> None:
+        """Handle what the device sent while nobody asked: events only (at most what ZeroMQ
+        holds unread, RCVHWM); any other frame breaks the channel."""
+        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            buf = self.sock.recv(zmq.NOBLOCK)
+            if not events.is_event(buf):
+                raise ChannelError("sent a frame nobody asked for")
+            self._handle_event(buf)
+
+    def _handle_event(self, buf: bytes) -> None:
+        if self._on_event is None:
+            raise ChannelError("sent an event, which this channel takes none of")
+        try:
+            event = events.decode_event(buf, self._model)
+        except ProtocolError as e:
+            raise ChannelError(f"bad event: {e}") from None
+        self._on_event(event)
 
     def close(self) -> None:
         self.sock.close()

@@ -38,8 +38,10 @@ from splitvmm.monitor.channel import (
     ChannelError,
     DeviceChannel,
 )
-from splitvmm.protocol import wire
+from splitvmm.protocol import events, wire
+from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.sandbox.spawn import DeviceProcess
 
 log = logging.getLogger("splitvmm.slot")
@@ -133,6 +135,7 @@ class DeviceSlot:
         self.waiting = 0  # accesses waiting for the device to be back
         self._lock = threading.Lock()
         self._back = threading.Condition(self._lock)  # notified when the state leaves AWAY
+        self._reports = RateLimitedLog(log)  # a device's reports: one line a second at most
 
     @property
     def pid(self) -> int:
@@ -162,7 +165,7 @@ class DeviceSlot:
             )
         process, listener = self._spawner(spec)
         try:
-            channel = DeviceChannel(self.model, self.endpoint, listener, self._zctx)
+            channel = DeviceChannel(self.model, self.endpoint, listener, self._zctx, self._on_event)
         except BaseException:
             _end(self.name, process, None)
             Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
@@ -201,6 +204,7 @@ class DeviceSlot:
         with self._lock:
             if process is not self.process:
                 return  # an earlier process of the device, ended on purpose (vacate)
+            self._drain_events_locked()  # what it published last is its last known state
             # The lock is held while the launcher says how it ended (a few ms): an access
             # meanwhile waits here, not on a dead device until its deadline.
             try:
@@ -287,6 +291,35 @@ class DeviceSlot:
             finally:
                 self.waiting -= 1
         return self.channel if self.state is SlotState.LIVE else None
+
+    # -- events: what the device says unasked (protocol/events.py), checked by its channel ------
+    def _on_event(self, event: events.Event) -> None:
+        """Called by the channel with the slot's lock held (every channel call is)."""
+        match event:
+            case events.Published(state):
+                self.last_state = state  # a restart starts from it, not from the last snapshot
+            case events.Report(message):
+                self._reports.warning("report", "device %s reports: %s", self.name, message)
+            case events.RouteRequest(route_id, gsi):
+                ok, reason = self._route_allowed(gsi)
+                if self.channel is not None:
+                    self.channel.post(events.encode_route_done(route_id, ok, reason))
+
+    def _route_allowed(self, gsi: int) -> tuple[bool, str]:
+        """A device may be routed only the interrupt line its descriptor gives it (the
+        monitor installed it already); MSI routes come with the PCI transport."""
+        line = MODELS[self.model].transport.irq
+        if gsi == line:
+            return True, ""
+        return False, f"{self.model} devices signal GSI {line}, not {gsi}"
+
+    def _drain_events_locked(self) -> None:
+        if self.channel is None:
+            return
+        try:
+            self.channel.drain_events()
+        except ChannelError as e:  # the device is failing anyway; say what else it did
+            log.warning("device %s: %s", self.name, e)
 
     # -- failure and teardown -------------------------------------------------------------------
     def fail(self, reason: str) -> None:

@@ -55,6 +55,8 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         ("unsolicited", "sent a frame nobody asked for"),
         ("silent", "no reply within"),
         ("wide-reply", "reply has data past its size"),
+        ("event-flood", "sent more than 16 events around one request"),
+        ("bad-event", "bad event: state is for model 'rtc', expected 'serial'"),
     ],
 )
 def test_rogue_reply_kills_device_and_monitor_goes_on(behaviour, reason, zctx, tmp_path, caplog):
@@ -98,6 +100,11 @@ def test_all_rogue_behaviours_are_tested():
         "bad-ready",
         "slow",
         "slow-control",
+        "publish",
+        "report",
+        "route",
+        "event-flood",
+        "bad-event",
     }
     assert tested == set(BEHAVIOURS)
 
@@ -152,3 +159,44 @@ def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(zctx, tmp
     waited = re.fullmatch(r"no reply within (\d+) ms", failures[0])
     assert len(failures) == 1 and waited and int(waited[1]) < 1000, failures
     assert not (tmp_path / "snap").exists() and not coordinator.paused
+
+
+# -- events: a device speaks first, and the monitor checks what it says -----------------------
+def test_device_published_state_becomes_its_last_known_state(zctx, tmp_path):
+    failures: list[str] = []
+    slot = spawn_rogue("publish", zctx, tmp_path, failures)
+    try:
+        slot.wait_ready()
+        slot.read(SCR, 1)
+        slot.read(SCR, 1)
+        last = slot.last_state
+    finally:
+        slot.close()
+    assert failures == []
+    assert last == {"model": "serial", "version": 2, "fields": {"seq": 2}}
+
+
+def test_device_report_is_logged_and_device_serves_on(zctx, tmp_path, caplog):
+    failures: list[str] = []
+    slot = spawn_rogue("report", zctx, tmp_path, failures)
+    try:
+        slot.wait_ready()
+        with caplog.at_level(logging.WARNING, logger="splitvmm.slot"):
+            values = [slot.read(SCR, 1) for _ in range(3)]
+    finally:
+        slot.close()
+    assert (failures, values) == ([], [b"\x00"] * 3)
+    assert caplog.text.count("device rogue0 reports: disk on fire") == 1  # once a second
+
+
+def test_device_route_request_granted_only_for_its_own_line(zctx, tmp_path):
+    failures: list[str] = []
+    slot = spawn_rogue("route", zctx, tmp_path, failures)
+    try:
+        slot.wait_ready()
+        slot.sync()  # its two requests are answered around this one
+        told = slot.read(SCR, 1)
+    finally:
+        slot.close()
+    assert failures == []
+    assert told == bytes([0b01])  # GSI 4 (the serial's line) granted, GSI 9 refused

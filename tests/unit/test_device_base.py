@@ -2,7 +2,7 @@
 
 import logging
 
-from splitvmm.devprocs.base import RateLimitedLog
+from splitvmm.ratelimit import RateLimitedLog
 
 
 def test_rate_limited_log_repeats_within_a_second_are_dropped_per_kind(caplog):
