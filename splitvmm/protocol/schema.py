@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import math
 import re
 import types
@@ -136,10 +137,11 @@ class Invalid(Exception):
     """A value the schema refuses. decode() turns it into the caller's error, prefixed with
     where it is; a record's validate() and an upgrade step raise it to refuse data."""
 
-    def __init__(self, problem: str) -> None:
+    def __init__(self, problem: str, at: str = "") -> None:
+        """`at`: where in the record that raises it ("size", "chunks['vm']"), if not all of it."""
         super().__init__(problem)
         self.problem = problem
-        self.path: list[str] = []  # innermost first: ".size", "['vcpu0']", ".chunks"
+        self.path: list[str] = [f".{at}"] if at else []  # innermost first: ".size", "[3]"
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -178,6 +180,37 @@ def upgrade(
         return _upgrade(cls, version, data, what)
     except Invalid as e:
         raise error(_message(what, e)) from None
+
+
+def loads(data: bytes, *, what: str, error: type[SplitvmmError]) -> Any:
+    """Untrusted JSON text: no duplicate keys, no NaN or Infinity, nested at most MAX_DEPTH
+    deep; `error` naming `what` otherwise."""
+    try:
+        doc = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise error(clip(f"{what}: not valid JSON: {e}")) from None
+    except RecursionError:
+        raise error(f"{what}: JSON nested too deeply") from None
+    # json.loads stops near the interpreter's recursion limit; what nests just below it would
+    # still break whatever walks it recursively later (repr, deepcopy, json.dumps).
+    try:
+        _any_json(doc)
+    except Invalid as e:
+        raise error(f"{what}: JSON {e.problem}") from None
+    return doc
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise ValueError(f"duplicate key {shown(key)}")
+        doc[key] = value
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _upgrade(cls: type, version: object, data: object, what: str) -> dict[str, Any]:
@@ -323,7 +356,7 @@ def _int(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _P
     lo = max((r.lo for r in ranges), default=None)
     hi = min((r.hi for r in ranges), default=None)
     step = math.lcm(*(m.n for m in meta if isinstance(m, Multiple)))
-    outside = f"is outside {_bound(lo)}..{_bound(hi)}" if ranges else ""
+    outside = f"is outside {_bound(lo)}..{_bound(hi)}"
 
     def dec(value: Any) -> int:
         if type(value) is not int:  # bool is an int subclass: refused too
@@ -334,7 +367,12 @@ def _int(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _P
             raise Invalid(f"{_int_text(value)} is not a multiple of {step}")
         return value
 
-    return _Plan(int, dec)
+    def dec_range(value: Any) -> int:  # the common case, on its own: snapshots hold thousands
+        if type(value) is not int or not lo <= value <= hi:  # type: ignore[operator]
+            return dec(value)
+        return value
+
+    return _Plan(int, dec_range if ranges and step == 1 else dec)
 
 
 def _lengths(meta: tuple[object, ...]) -> tuple[int, int | None, int]:
@@ -434,7 +472,7 @@ def _any_json(value: Any) -> Any:
         kind = type(item)
         if kind is dict or kind is list:
             if depth > MAX_DEPTH:
-                raise Invalid(f"nested deeper than {MAX_DEPTH} levels")
+                raise Invalid(f"nested too deeply (over {MAX_DEPTH} levels)")
             if kind is dict and not all(type(k) is str for k in item):
                 raise Invalid("object keys must be strings")
             stack.extend((v, depth + 1) for v in (item.values() if kind is dict else item))
@@ -605,44 +643,44 @@ def _fields(hints: Mapping[str, Any], names: list[str]) -> list[_Field]:
     return out
 
 
-def _key_check(fields: list[_Field]) -> Callable[[dict[Any, Any]], None]:
-    """Exactly the record's keys: the unknown one or the missing one, first in sorted order."""
+def _keys_wrong(data: dict[Any, Any], every: frozenset[str], required: frozenset[str]) -> Invalid:
+    """The unknown key or the missing key, first in sorted order."""
+    unknown = sorted(data.keys() - every, key=repr)
+    if unknown:
+        return Invalid(f"unknown key {shown(unknown[0])}")
+    return Invalid(f"missing key {sorted(required - data.keys())[0]!r}")
+
+
+def _object(fields: list[_Field], get: Callable[[Any, str], Any]) -> tuple[Encoder, Decoder]:
+    """(record -> dict, dict -> field values) over exactly these keys; `get` reads a field."""
     every = frozenset(f.name for f in fields)
     required = frozenset(f.name for f in fields if not f.optional_key)
+    decoders = [(f.name, f.plan.decode, f.optional_key) for f in fields]
+    encoders = [(f.name, f.plan.encode, f.optional_key) for f in fields]
 
-    def check(data: dict[Any, Any]) -> None:
-        keys = data.keys()
-        if keys == required or required <= keys <= every:
-            return
-        unknown = sorted(keys - every, key=repr)
-        if unknown:
-            raise Invalid(f"unknown key {shown(unknown[0])}")
-        raise Invalid(f"missing key {sorted(required - keys)[0]!r}")
-
-    return check
-
-
-def _decode_fields(fields: list[_Field], check: Callable[[Any], None], data: Any) -> dict[str, Any]:
-    if type(data) is not dict:
-        raise Invalid(f"expected an object, got {_kind(data)}")
-    check(data)
-    out = {}
-    for f in fields:
-        try:
-            out[f.name] = f.plan.decode(data[f.name]) if f.name in data else None
+    def dec(data: Any) -> dict[str, Any]:
+        if type(data) is not dict:
+            raise Invalid(f"expected an object, got {_kind(data)}")
+        if data.keys() != required and not required <= data.keys() <= every:
+            raise _keys_wrong(data, every, required)
+        out = {}
+        try:  # one try for the loop: this runs for every record of a snapshot
+            for name, decode_field, optional in decoders:
+                out[name] = None if optional and name not in data else decode_field(data[name])
         except Invalid as e:
-            e.path.append(f".{f.name}")
+            e.path.append(f".{name}")
             raise
-    return out
+        return out
 
+    def enc(record: Any) -> dict[str, Any]:
+        out = {}
+        for name, encode_field, optional in encoders:
+            value = get(record, name)
+            if value is not None or not optional:
+                out[name] = encode_field(value)
+        return out
 
-def _encode_fields(fields: list[_Field], get: Callable[[Any, str], Any], record: Any) -> Any:
-    out = {}
-    for f in fields:
-        value = get(record, f.name)
-        if value is not None or not f.optional_key:
-            out[f.name] = f.plan.encode(value)
-    return out
+    return enc, dec
 
 
 def _record(cls: type, meta: tuple[object, ...]) -> _Plan:
@@ -650,20 +688,17 @@ def _record(cls: type, meta: tuple[object, ...]) -> _Plan:
     hints = dict(typing.get_type_hints(cls, include_extras=True))
     for m in meta:
         hints.update(typing.cast(FieldTypes, m).types)
-    names = [f.name for f in dataclasses.fields(cls) if not _local(f)]
-    fields = _fields(hints, names)
-    check = _key_check(fields)
+    fields = _fields(hints, [f.name for f in dataclasses.fields(cls) if not _local(f)])
+    enc, dec_fields = _object(fields, getattr)
     validate: Callable[[Any], None] | None = getattr(cls, "validate", None)
 
     def dec(data: Any) -> Any:
-        record = cls(**_decode_fields(fields, check, data))
+        record = cls(**dec_fields(data))
         if validate is not None:
             validate(record)
         return record
 
-    return _Plan(
-        lambda record: _encode_fields(fields, getattr, record), dec, _labeller(cls, fields)
-    )
+    return _Plan(enc, dec, _labeller(cls, fields))
 
 
 def _labeller(cls: type, fields: list[_Field]) -> Callable[[Any], str | None] | None:
@@ -686,12 +721,7 @@ def _labeller(cls: type, fields: list[_Field]) -> Callable[[Any], str | None] | 
 
 def _typed_dict(cls: type) -> _Plan:
     hints = typing.get_type_hints(cls, include_extras=True)
-    fields = _fields(hints, list(hints))
-    check = _key_check(fields)
-    return _Plan(
-        lambda record: _encode_fields(fields, dict.__getitem__, record),
-        lambda data: _decode_fields(fields, check, data),
-    )
+    return _Plan(*_object(_fields(hints, list(hints)), dict.__getitem__))
 
 
 _BUILDERS: dict[object, Callable[[object, tuple[object, ...], tuple[object, ...]], _Plan]] = {
