@@ -81,10 +81,7 @@ def decode(buf: bytes) -> dict[str, Any]:
         raise ProtocolError("not a control frame")
     if len(buf) > MAX_CONTROL:
         raise ProtocolError(f"control frame of {len(buf)} bytes exceeds {MAX_CONTROL}")
-    try:
-        msg = json.loads(buf[1:])
-    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting bombs included
-        raise ProtocolError("control frame is not JSON") from None
+    msg = schema.loads(buf[1:], what="control frame", error=ProtocolError)
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("control frame is not an object with an op")
     record = MESSAGES.get(msg["op"])

@@ -388,7 +388,8 @@ def _lengths(meta: tuple[object, ...]) -> tuple[int, int | None, int]:
     return lo, hi, multiple
 
 
-def _length_check(meta: tuple[object, ...], unit: str) -> Callable[[int], None]:
+def _length_check(meta: tuple[object, ...], unit: str) -> tuple[Callable[[int], None], str]:
+    """(a check of a length against Size/MaxLen/Len, what it wants: "8..16 bytes")."""
     lo, hi, multiple = _lengths(meta)
     if hi is None:
         want = f"at least {lo} {unit}"
@@ -403,7 +404,7 @@ def _length_check(meta: tuple[object, ...], unit: str) -> Callable[[int], None]:
         if n < lo or (hi is not None and n > hi) or n % multiple:
             raise Invalid(f"expected {want}, got {n}")
 
-    return check
+    return check, want
 
 
 _LENGTHS = (Size, MaxLen, Len)
@@ -411,7 +412,7 @@ _LENGTHS = (Size, MaxLen, Len)
 
 def _str(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _Plan:
     _only(meta, (*_LENGTHS, Pattern), base)
-    check = _length_check(meta, "characters")
+    check, _ = _length_check(meta, "characters")
     patterns = [(re.compile(m.regex), m.description) for m in meta if isinstance(m, Pattern)]
 
     def dec(value: Any) -> str:
@@ -428,15 +429,15 @@ def _str(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _P
 
 def _bytes(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _Plan:
     _only(meta, _LENGTHS, base)
-    check = _length_check(meta, "bytes")
+    check, want = _length_check(meta, "bytes")
     _, hi, _ = _lengths(meta)
-    max_text = None if hi is None else 4 * ((hi + 2) // 3)
+    max_text = None if hi is None else 4 * ((hi + 2) // 3) + 4  # + 4: slack for bad padding
 
     def dec(value: Any) -> bytes:
         if type(value) is not str:
             raise Invalid(f"expected base64 text, got {_kind(value)}")
         if max_text is not None and len(value) > max_text:  # refused before it is decoded
-            raise Invalid(f"expected at most {hi} bytes, got {len(value)} characters of base64")
+            raise Invalid(f"expected {want}, got {len(value)} characters of base64")
         try:
             raw = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
@@ -516,7 +517,7 @@ def _sequence(base: object, args: tuple[object, ...], meta: tuple[object, ...]) 
     _only(meta, _LENGTHS, base)
     if not args:
         raise TypeError(f"schema: {base!r} needs its item type")
-    check = _length_check(meta, "items")
+    check, _ = _length_check(meta, "items")
     make = tuple if typing.get_origin(base) is tuple else list
     if make is tuple and not (len(args) == 2 and args[1] is Ellipsis):
         _only(meta, (), base)
@@ -584,14 +585,16 @@ def _str_key(plan: _Plan) -> tuple[Encoder, Decoder]:
 
 def _dict(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _Plan:
     _only(meta, _LENGTHS, base)
-    check = _length_check(meta, "entries")
+    check, _ = _length_check(meta, "entries")
     key_type, value_type = args if args else (str, Any)
     key_plan, value = _plan(key_type), _plan(value_type)
     bare_key = _split(key_type)[0]
     if bare_key is int:
         enc_key, dec_key = _int_key(key_plan)
+        where = "[{}]".format  # msrs[0xc0000080]
     elif bare_key is str:
         enc_key, dec_key = _str_key(key_plan)
+        where = "[{!r}]".format  # names['x']
     else:
         raise TypeError(f"schema: dict keys must be int or str, not {key_type!r}")
     enc, dec_value = value.encode, value.decode
@@ -606,7 +609,7 @@ def _dict(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _
             try:
                 out[key] = dec_value(v)
             except Invalid as e:
-                e.path.append(f"[{k}]")
+                e.path.append(where(k))
                 raise
         return out
 
