@@ -467,21 +467,31 @@ def _literal(choices: tuple[object, ...]) -> Decoder:
 def _any_json(value: Any) -> Any:
     """Opaque JSON data: a walk (iterative, no recursion) that checks it is JSON and no
     deeper than MAX_DEPTH, so whatever walks it later recursively cannot blow the stack."""
-    stack = [(value, 1)]
+    _json_scalar(value)
+    stack = [(value, 1)] if type(value) in (dict, list) else []
     while stack:
         item, depth = stack.pop()
-        kind = type(item)
-        if kind is dict or kind is list:
-            if depth > MAX_DEPTH:
-                raise Invalid(f"nested too deeply (over {MAX_DEPTH} levels)")
-            if kind is dict and not all(type(k) is str for k in item):
+        if depth > MAX_DEPTH:
+            raise Invalid(f"nested too deeply (over {MAX_DEPTH} levels)")
+        if type(item) is dict:
+            if not all(type(k) is str for k in item):
                 raise Invalid("object keys must be strings")
-            stack.extend((v, depth + 1) for v in (item.values() if kind is dict else item))
-        elif kind is float and not math.isfinite(item):
-            raise Invalid(f"{item} is not JSON")
-        elif kind not in (str, int, bool, float, NONE):
-            raise Invalid(f"{_kind(item)} is not JSON data")
+            item = item.values()
+        for v in item:
+            kind = type(v)
+            if kind is dict or kind is list:
+                stack.append((v, depth + 1))
+            elif kind is not str and kind is not int:
+                _json_scalar(v)
     return value
+
+
+def _json_scalar(value: Any) -> None:
+    kind = type(value)
+    if kind is float and not math.isfinite(value):
+        raise Invalid(f"{value} is not JSON")
+    if kind not in (dict, list, str, int, bool, float, NONE):
+        raise Invalid(f"{_kind(value)} is not JSON data")
 
 
 def _optional(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _Plan:
