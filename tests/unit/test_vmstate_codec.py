@@ -149,7 +149,11 @@ VCPU_BAD = [
     ("lapic_short", _set("lapic", value="AAAA"), "VcpuState: lapic: expected 1024 bytes, got 3"),
     ("lapic_int", _set("lapic", value=5), "VcpuState: lapic: expected base64 text, got an int"),
     ("lapic_not_b64", _set("lapic", value="!!!!"), "VcpuState: lapic: not valid base64"),
-    ("events_huge", _set("events", value="A" * 100_000), "VcpuState: events: expected 64 bytes, go"),
+    (
+        "events_huge",
+        _set("events", value="A" * 100_000),
+        "VcpuState: events: expected 64 bytes, go",
+    ),
     ("fpu_size", _set("fpu", value="AAAA" * 139), "VcpuState: fpu: expected 416 bytes, got 417"),
     ("xsave_small", _set("xsave", value="AAAA"), "VcpuState: xsave: expected 4096..65536 bytes"),
     ("xsave_odd", _set("xsave", value="A" * 5464), "VcpuState: xsave: expected 4096..65536 byt"),
