@@ -518,7 +518,7 @@ def _items(plan: _Plan, items: list[Any]) -> list[Any]:
             out.append(dec(item))
         except Invalid as e:
             label = plan.label(item) if plan.label is not None else None
-            e.path.append(f"[{label!r}]" if label is not None else f"[{i}]")
+            e.path.append(f"[{shown(label)}]" if label is not None else f"[{i}]")
             raise
     return out
 
@@ -593,6 +593,10 @@ def _str_key(plan: _Plan) -> tuple[Encoder, Decoder]:
     return _same, dec
 
 
+def _quoted(key: str) -> str:
+    return f"[{shown(key)}]"
+
+
 def _dict(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _Plan:
     _only(meta, _LENGTHS, base)
     check, _ = _length_check(meta, "entries")
@@ -604,7 +608,7 @@ def _dict(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _
         where = "[{}]".format  # msrs[0xc0000080]
     elif bare_key is str:
         enc_key, dec_key = _str_key(key_plan)
-        where = "[{!r}]".format  # names['x']
+        where = _quoted  # names['x']
     else:
         raise TypeError(f"schema: dict keys must be int or str, not {key_type!r}")
     enc, dec_value = value.encode, value.decode
