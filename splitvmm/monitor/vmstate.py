@@ -2,8 +2,9 @@
 
 `save_vcpu`/`save_vm` read everything KVM keeps for a paused VM; `restore_vcpu`/`restore_vm`
 put it into a fresh VM (fresh process) so the guest goes on exactly where it stopped.
-`to_dict`/`from_dict` turn a state into JSON-able dicts and back; `from_dict` treats its input
-as hostile (a snapshot file) and raises StateError naming the field on any wrong type, unknown
+`to_dict`/`from_dict` turn a state into JSON-able dicts and back through the schema codec
+(protocol/schema.py: the field types below say every bound); `from_dict` treats its input as
+hostile (a snapshot file) and raises StateError naming the field on any wrong type, unknown
 or missing key, wrong struct size or out-of-range int.
 
 Readable where it matters (regs, sregs, MSRs, CPUID, XCRs are named ints); raw bytes of the
