@@ -9,7 +9,7 @@ each gets the same defences:
   pointing at /etc/shadow would otherwise have root append guest output to it). Earlier
   components may be symlinks: the operator chose the path and the directories on it, so
   that is theirs to judge. Inside a snapshot directory (opened with dir_fd, plain names only,
-  see snapshot/format.py FILE_RE) this means no chunk file and no manifest is a symlink.
+  see snapshot/format.py File) this means no chunk file and no manifest is a symlink.
 - lstat first, then O_NONBLOCK: a FIFO, socket or device is refused before it is opened where
   possible (opening some devices has side effects), and if one appears between the two steps
   the open cannot hang on it (a FIFO without a writer would block open() for ever).

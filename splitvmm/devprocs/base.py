@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
-from splitvmm.protocol import events
+from splitvmm.protocol import events, schema
 from splitvmm.protocol.models import MODELS
 
 
@@ -25,15 +25,17 @@ class Trigger(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceState:
-    """Plain data (ints, bools, bytes, str, tuples): untrusted when read back."""
+    """Plain data (ints, bools, bytes, str, tuples, records; protocol/schema.py types, with
+    their bounds): untrusted when read back. A field change bumps VERSION and adds the step
+    from the old version to UPGRADES (it gets and gives the JSON fields: bytes are base64)."""
 
     VERSION: ClassVar[int] = 1
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
 
     @classmethod
     def migrate(cls, version: int, fields: dict[str, object]) -> dict[str, object]:
-        if version != cls.VERSION:
-            raise StateError(f"{cls.__name__}: no migration from v{version}")
-        return fields
+        """Fields of `version` as fields of VERSION: UPGRADES, one step at a time."""
+        return schema.upgrade(cls, version, fields, what=cls.__name__, error=StateError)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import ClassVar, Self
 
@@ -29,6 +30,7 @@ from splitvmm.devprocs.base import (
     register,
 )
 from splitvmm.errors import StateError
+from splitvmm.protocol.schema import Upgrade
 from splitvmm.ratelimit import RateLimitedLog
 
 log = logging.getLogger("splitvmm.dev.serial")
@@ -128,12 +130,8 @@ class UartState(DeviceState):
     tx: bytes = b""  # written by the guest, not yet taken by the host's output
     tx_dropped: int = 0  # bytes written to THR with no room for them
 
-    @classmethod
-    def migrate(cls, version: int, fields: dict[str, object]) -> dict[str, object]:
-        if version == 1:  # v1 transmitted at once: nothing was ever buffered or dropped
-            return {**fields, "tx": "", "tx_dropped": 0}  # JSON fields: bytes are base64
-        # Named: a slots dataclass is a new class, which a bare super()'s cell does not know.
-        return super(UartState, cls).migrate(version, fields)
+    # v1 transmitted at once: nothing was ever buffered or dropped.
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: lambda f: {**f, "tx": "", "tx_dropped": 0}}
 
 
 @register

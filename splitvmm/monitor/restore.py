@@ -219,8 +219,7 @@ def _read_state(snap: Snapshot, name: str, cls: Any) -> Any:
             f"({cls.VERSION}): upgrade splitvmm"
         )
     try:
-        fields = cls.migrate(version, snap.read_json(name))
-        return vmstate.from_dict(cls, fields)
+        return vmstate.from_dict(cls, snap.read_json(name), version=version)
     except StateError as e:
         raise SnapshotError(f"chunk {name}: {e}") from None
 

@@ -2,8 +2,9 @@
 
 `save_vcpu`/`save_vm` read everything KVM keeps for a paused VM; `restore_vcpu`/`restore_vm`
 put it into a fresh VM (fresh process) so the guest goes on exactly where it stopped.
-`to_dict`/`from_dict` turn a state into JSON-able dicts and back; `from_dict` treats its input
-as hostile (a snapshot file) and raises StateError naming the field on any wrong type, unknown
+`to_dict`/`from_dict` turn a state into JSON-able dicts and back through the schema codec
+(protocol/schema.py: the field types below say every bound); `from_dict` treats its input as
+hostile (a snapshot file) and raises StateError naming the field on any wrong type, unknown
 or missing key, wrong struct size or out-of-range int.
 
 Readable where it matters (regs, sregs, MSRs, CPUID, XCRs are named ints); raw bytes of the
@@ -62,15 +63,11 @@ is not used by KVM.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import logging
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypedDict, TypeVar
 
 from splitvmm.errors import KvmError, StateError
 from splitvmm.native.kvm import (
@@ -93,6 +90,8 @@ from splitvmm.native.kvm import (
     VcpuFd,
     VmFd,
 )
+from splitvmm.protocol import schema
+from splitvmm.protocol.schema import U32, U64, FieldTypes, Len, MaxLen, Size
 
 log = logging.getLogger("splitvmm.vmstate")
 
@@ -123,7 +122,36 @@ TSC_KHZ_TOLERANCE_PPM = 250  # Firecracker and QEMU (Red Hat bz 1839095)
 MAX_CPUID_ENTRIES = 256
 MAX_MSRS = 1024
 MAX_XSAVE_SIZE = 64 * 1024
-U32_BITS, U64_BITS = 32, 64
+
+# -- the schema of the states (protocol/schema.py checks every field on the way in) ------------
+
+u32 = Annotated[int, U32]
+u64 = Annotated[int, U64]
+IndexMap = dict[u32, u64]  # MSRs and XCRs: {index: value}, indices written as "0x.." keys
+
+
+def _struct(name: str, layout: Layout) -> Any:
+    """A kernel struct's named fields (a Layout, from <linux/kvm.h>) as a record type: each int
+    checked against its field's width, each array its length; read as plain dicts and lists,
+    what the native layer's get/set_*_dict take."""
+    fields: dict[str, Any] = {}
+    for key, spec in layout.items():
+        if isinstance(spec, dict):
+            fields[key] = _struct(f"{name}_{key}", spec)
+        elif isinstance(spec, tuple):
+            bits, length = spec
+            fields[key] = Annotated[
+                list[Annotated[int, schema.Range(0, (1 << bits) - 1)]], Size(length)
+            ]
+        else:
+            fields[key] = Annotated[int, schema.Range(0, (1 << spec) - 1)]
+    return TypedDict(name, fields)  # type: ignore[operator]
+
+
+KvmRegs = _struct("KvmRegs", REGS_LAYOUT)
+KvmSregs = _struct("KvmSregs", SREGS_LAYOUT)
+# CpuidEntry lives in native/, which cannot import the schema: its fields are all __u32.
+Cpuid = Annotated[CpuidEntry, FieldTypes({f.name: u32 for f in dataclasses.fields(CpuidEntry)})]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,25 +176,25 @@ class VcpuState:
     the legacy FPU/SSE state too, so FPU is kept only on a host without XSAVE."""
 
     VERSION: ClassVar[int] = 1
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
 
-    cpuid: tuple[CpuidEntry, ...]
-    regs: Mapping[str, int]  # REGS_LAYOUT: rax..r15, rip, rflags
-    sregs: Mapping[str, Any]  # SREGS_LAYOUT: segments, gdt/idt, cr0..cr8, efer, apic_base, ...
-    fpu: bytes | None  # struct kvm_fpu
-    xsave: bytes | None  # struct kvm_xsave, KVM_CAP_XSAVE2 bytes
-    xcrs: Mapping[int, int]  # {XCR index: value}
-    lapic: bytes  # struct kvm_lapic_state
-    events: bytes  # struct kvm_vcpu_events
-    debugregs: bytes  # struct kvm_debugregs
-    mp_state: int  # KVM_MP_STATE_*
-    msrs: Mapping[int, int]  # {MSR index: value}, those KVM_GET_MSRS could read
-    tsc_khz: int | None  # the guest TSC rate; None where KVM_GET_TSC_KHZ is missing
+    cpuid: Annotated[tuple[Cpuid, ...], MaxLen(MAX_CPUID_ENTRIES)]
+    regs: KvmRegs  # REGS_LAYOUT: rax..r15, rip, rflags
+    sregs: KvmSregs  # SREGS_LAYOUT: segments, gdt/idt, cr0..cr8, efer, apic_base, ...
+    fpu: Annotated[bytes | None, Size(FPU_SIZE)]  # struct kvm_fpu
+    # struct kvm_xsave, KVM_CAP_XSAVE2 bytes: whole __u32s
+    xsave: Annotated[bytes | None, Len(XSAVE_MIN_SIZE, MAX_XSAVE_SIZE, multiple=4)]
+    xcrs: Annotated[IndexMap, MaxLen(MAX_XCRS)]
+    lapic: Annotated[bytes, Size(LAPIC_SIZE)]  # struct kvm_lapic_state
+    events: Annotated[bytes, Size(VCPU_EVENTS_SIZE)]  # struct kvm_vcpu_events
+    debugregs: Annotated[bytes, Size(DEBUGREGS_SIZE)]  # struct kvm_debugregs
+    mp_state: u32  # KVM_MP_STATE_*
+    msrs: Annotated[IndexMap, MaxLen(MAX_MSRS)]  # those KVM_GET_MSRS could read
+    tsc_khz: u32 | None  # the guest TSC rate; None where KVM_GET_TSC_KHZ is missing
 
-    @classmethod
-    def migrate(cls, version: int, fields: dict[str, object]) -> dict[str, object]:
-        if version != cls.VERSION:
-            raise StateError(f"{cls.__name__}: no migration from v{version}")
-        return fields
+    def validate(self) -> None:
+        if (self.fpu is None) == (self.xsave is None):
+            raise schema.Invalid("exactly one of fpu and xsave must be set")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,18 +203,13 @@ class VmState:
     two PICs and the IOAPIC, struct kvm_pit_state2, and kvmclock in ns."""
 
     VERSION: ClassVar[int] = 1
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
 
-    pic_master: bytes
-    pic_slave: bytes
-    ioapic: bytes
-    pit2: bytes
-    clock: int
-
-    @classmethod
-    def migrate(cls, version: int, fields: dict[str, object]) -> dict[str, object]:
-        if version != cls.VERSION:
-            raise StateError(f"{cls.__name__}: no migration from v{version}")
-        return fields
+    pic_master: Annotated[bytes, Size(IRQCHIP_SIZE)]
+    pic_slave: Annotated[bytes, Size(IRQCHIP_SIZE)]
+    ioapic: Annotated[bytes, Size(IRQCHIP_SIZE)]
+    pit2: Annotated[bytes, Size(PIT_STATE2_SIZE)]
+    clock: u64
 
 
 # -- capture and restore ----------------------------------------------------------------------
@@ -340,177 +363,17 @@ def _fit_xsave(state: VcpuState, host: VcpuHost) -> bytes | None:
 # -- codec ------------------------------------------------------------------------------------
 
 S = TypeVar("S", VcpuState, VmState)
-_Encode = Callable[[Any], Any]
-_Decode = Callable[[str, Any], Any]
-_HEX_KEY = re.compile(r"0x[0-9a-f]{1,8}")
 
 
 def to_dict(state: VcpuState | VmState) -> dict[str, Any]:
     """Plain JSON-able fields: ints, str (bytes as base64, MSR/XCR indices as "0x.." keys),
     lists and dicts. The state's VERSION travels beside it (the manifest's job)."""
-    fields = _FIELDS[type(state)]
-    return {name: enc(getattr(state, name)) for name, (enc, _) in fields.items()}
+    return schema.encode(state)  # type: ignore[no-any-return]
 
 
-def from_dict(cls: type[S], data: object) -> S:
-    """Validating decode of untrusted data; StateError names the first bad field."""
-    fields = _FIELDS.get(cls)
-    if fields is None:
+def from_dict(cls: type[S], data: object, version: int | None = None) -> S:
+    """Validating decode of untrusted data, upgraded first from `version` when given;
+    StateError names the first bad field: "VcpuState: regs.rax: -1 is outside 0..2**64-1"."""
+    if cls not in (VcpuState, VmState):
         raise TypeError(f"from_dict: {cls!r} is not a snapshot state class")
-    obj = _object(cls.__name__, data, fields.keys())
-    values = {name: dec(f"{cls.__name__}.{name}", obj[name]) for name, (_, dec) in fields.items()}
-    state = cls(**values)
-    if isinstance(state, VcpuState) and (state.fpu is None) == (state.xsave is None):
-        raise StateError("VcpuState: exactly one of fpu and xsave must be set")
-    return state
-
-
-def _object(path: str, data: object, expected: Iterable[str]) -> Mapping[str, Any]:
-    """`data` as a mapping with exactly the `expected` keys."""
-    if not isinstance(data, Mapping):
-        raise StateError(f"{path}: expected an object, got {type(data).__name__}")
-    if not all(isinstance(k, str) for k in data):
-        raise StateError(f"{path}: keys must be strings")
-    unknown = sorted(set(data) - set(expected))
-    missing = sorted(set(expected) - set(data))
-    if unknown:
-        raise StateError(f"{path}: unknown field {unknown[0]!r}")
-    if missing:
-        raise StateError(f"{path}: missing field {missing[0]!r}")
-    return data
-
-
-def _uint(path: str, value: object, bits: int) -> int:
-    if type(value) is not int:  # bool is an int subclass: refused too
-        raise StateError(f"{path}: expected an integer, got {type(value).__name__}")
-    if not 0 <= value < 1 << bits:
-        raise StateError(f"{path}: {value} is out of range for {bits} bits")
-    return value
-
-
-def _optional(decode: _Decode) -> _Decode:
-    return lambda path, value: None if value is None else decode(path, value)
-
-
-def _enc_bytes(value: bytes | None) -> str | None:
-    return None if value is None else base64.b64encode(value).decode("ascii")
-
-
-def _dec_bytes(path: str, value: object, *, size: int = 0, low: int = 0, high: int = 0) -> bytes:
-    """Base64 of exactly `size` bytes, or of low..high bytes in whole __u32s (XSAVE)."""
-    if not isinstance(value, str):
-        raise StateError(f"{path}: expected base64 text, got {type(value).__name__}")
-    if len(value) > 4 * (max(size, high) + 2) // 3 + 4:  # refuse before decoding a huge blob
-        raise StateError(f"{path}: {len(value)} characters is too long")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise StateError(f"{path}: not valid base64") from None
-    if size and len(raw) != size:
-        raise StateError(f"{path}: {len(raw)} bytes, the kernel's struct is {size}")
-    if not size and (not low <= len(raw) <= high or len(raw) % 4):
-        raise StateError(f"{path}: {len(raw)} bytes is not a valid XSAVE size ({low}..{high})")
-    return raw
-
-
-def _dec_layout(path: str, value: object, layout: Layout) -> dict[str, Any]:
-    """A struct as _to_plain gives it, every int checked against the header's field width."""
-    obj = _object(path, value, layout.keys())
-    out: dict[str, Any] = {}
-    for name, spec in layout.items():
-        where = f"{path}.{name}"
-        if isinstance(spec, dict):
-            out[name] = _dec_layout(where, obj[name], spec)
-        elif isinstance(spec, tuple):
-            out[name] = _dec_uint_list(where, obj[name], *spec)
-        else:
-            out[name] = _uint(where, obj[name], spec)
-    return out
-
-
-def _dec_uint_list(path: str, value: object, bits: int, length: int) -> list[int]:
-    if not isinstance(value, list) or len(value) != length:
-        raise StateError(f"{path}: expected a list of {length} integers")
-    return [_uint(f"{path}[{i}]", v, bits) for i, v in enumerate(value)]
-
-
-def _enc_index_map(value: Mapping[int, int]) -> dict[str, int]:
-    return {f"{index:#x}": v for index, v in value.items()}
-
-
-def _dec_index_map(path: str, value: object, *, limit: int) -> dict[int, int]:
-    """{"0x10": value}: keys are u32 indices in lower-case hex, values u64."""
-    if not isinstance(value, Mapping):
-        raise StateError(f"{path}: expected an object, got {type(value).__name__}")
-    if len(value) > limit:
-        raise StateError(f"{path}: {len(value)} entries > {limit}")
-    out: dict[int, int] = {}
-    for key, v in value.items():
-        if not isinstance(key, str) or not _HEX_KEY.fullmatch(key):
-            raise StateError(f"{path}: key {key!r} is not a 0x-prefixed 32-bit hex index")
-        out[int(key, 16)] = _uint(f"{path}[{key}]", v, U64_BITS)
-    return out
-
-
-_CPUID_FIELDS = tuple(f.name for f in dataclasses.fields(CpuidEntry))
-
-
-def _enc_cpuid(value: Sequence[CpuidEntry]) -> list[dict[str, int]]:
-    return [dataclasses.asdict(e) for e in value]
-
-
-def _dec_cpuid(path: str, value: object) -> tuple[CpuidEntry, ...]:
-    if not isinstance(value, list) or len(value) > MAX_CPUID_ENTRIES:
-        raise StateError(f"{path}: expected a list of at most {MAX_CPUID_ENTRIES} entries")
-    entries = []
-    for i, entry in enumerate(value):
-        where = f"{path}[{i}]"
-        obj = _object(where, entry, _CPUID_FIELDS)
-        fields = {k: _uint(f"{where}.{k}", obj[k], U32_BITS) for k in _CPUID_FIELDS}
-        entries.append(CpuidEntry(**fields))
-    return tuple(entries)
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """A copy of nested dicts/lists of ints, so the encoded dict shares nothing with the state."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _raw(size: int) -> tuple[_Encode, _Decode]:
-    return _enc_bytes, partial(_dec_bytes, size=size)
-
-
-_FIELDS: dict[type, dict[str, tuple[_Encode, _Decode]]] = {
-    VcpuState: {
-        "cpuid": (_enc_cpuid, _dec_cpuid),
-        "regs": (_plain, partial(_dec_layout, layout=REGS_LAYOUT)),
-        "sregs": (_plain, partial(_dec_layout, layout=SREGS_LAYOUT)),
-        "fpu": (_enc_bytes, _optional(partial(_dec_bytes, size=FPU_SIZE))),
-        "xsave": (
-            _enc_bytes,
-            _optional(partial(_dec_bytes, low=XSAVE_MIN_SIZE, high=MAX_XSAVE_SIZE)),
-        ),
-        "xcrs": (_enc_index_map, partial(_dec_index_map, limit=MAX_XCRS)),
-        "lapic": _raw(LAPIC_SIZE),
-        "events": _raw(VCPU_EVENTS_SIZE),
-        "debugregs": _raw(DEBUGREGS_SIZE),
-        "mp_state": (_same, partial(_uint, bits=U32_BITS)),
-        "msrs": (_enc_index_map, partial(_dec_index_map, limit=MAX_MSRS)),
-        "tsc_khz": (_same, _optional(partial(_uint, bits=U32_BITS))),
-    },
-    VmState: {
-        "pic_master": _raw(IRQCHIP_SIZE),
-        "pic_slave": _raw(IRQCHIP_SIZE),
-        "ioapic": _raw(IRQCHIP_SIZE),
-        "pit2": _raw(PIT_STATE2_SIZE),
-        "clock": (_same, partial(_uint, bits=U64_BITS)),
-    },
-}
+    return schema.decode(cls, data, where=cls.__name__, error=StateError, version=version)

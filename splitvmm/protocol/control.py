@@ -2,22 +2,118 @@
 
 A control frame is one byte CONTROL_TAG then a JSON object; access frames are
 fixed-size binary (wire.py) and never start with that byte. Requests carry a
-sequence number the reply must echo. Everything a device sends is capped and
-checked here before the monitor looks at it.
+sequence number the reply must echo. Every message is one of the records below, and
+decode() checks a frame against its op's record (schema.py) before anyone looks at it.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from splitvmm.errors import ProtocolError
+from splitvmm.errors import ProtocolError, shown
+from splitvmm.protocol import schema
+from splitvmm.protocol.codec import StateDocument
 
 CONTROL_TAG = 0x10
 MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can't make us eat RAM
 REQUESTS = ("quiesce", "save", "resume")
 REPLY_TO = {"quiesce": "quiesced", "save": "state", "resume": "resumed"}
 MAX_ERROR_TEXT = 200
+
+Seq = Annotated[int, schema.U32]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Monitor -> device."""
+
+    op: Literal["quiesce", "save", "resume"]
+    seq: Seq
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Device -> monitor: the request is done."""
+
+    op: Literal["quiesced", "resumed"]
+    seq: Seq
+
+
+@dataclass(frozen=True, slots=True)
+class StateReply(StateDocument):
+    """Device -> monitor: its saved state, a StateDocument (codec.py) whose fields the monitor
+    keeps opaque."""
+
+    op: Literal["state"]
+    seq: Seq
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Device -> monitor: the request failed, or (seq 0) the device cannot start."""
+
+    op: Literal["error"]
+    seq: Seq
+    message: str  # the device's words: data, clipped to MAX_ERROR_TEXT when shown
+
+
+# -- events: what a device sends unasked, and the monitor's answer (events.py says why) ----------
+Unasked = Annotated[int, schema.Range(0, 0)]  # no request to echo: seq is 0
+MAX_ROUTE_ID = (1 << 31) - 1
+MAX_GSI = 4095  # KVM's IRQ routing table (KVM_CAP_IRQ_ROUTING) has at most 4096 entries
+PRINTABLE_LINE = schema.Pattern(r"[^\x00-\x1f\x7f-\x9f]*", "one line of printable text")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishEvent(StateDocument):
+    """Device -> monitor: its current state document."""
+
+    op: Literal["publish"]
+    seq: Unasked
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEvent:
+    """Device -> monitor: an error for the operator; the device carries on."""
+
+    op: Literal["report"]
+    seq: Unasked
+    message: Annotated[str, schema.MaxLen(MAX_ERROR_TEXT), PRINTABLE_LINE]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEvent:
+    """Device -> monitor: asks for an interrupt route."""
+
+    op: Literal["route"]
+    seq: Unasked
+    id: Annotated[int, schema.Range(0, MAX_ROUTE_ID)]
+    gsi: Annotated[int, schema.Range(0, MAX_GSI)]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDone:
+    """Monitor -> device: the answer to a RouteEvent of the same id."""
+
+    op: Literal["route_done"]
+    seq: Unasked
+    id: Annotated[int, schema.Range(0, MAX_ROUTE_ID)]
+    ok: bool
+    reason: Annotated[str, schema.MaxLen(MAX_ERROR_TEXT)]
+
+
+MESSAGES: dict[str, type] = {
+    **dict.fromkeys(REQUESTS, Request),
+    **dict.fromkeys(("quiesced", "resumed"), Done),
+    "state": StateReply,
+    "error": Failed,
+    "publish": PublishEvent,
+    "report": ReportEvent,
+    "route": RouteEvent,
+    "route_done": RouteDone,
+}
 
 
 def is_control(buf: bytes) -> bool:
@@ -29,47 +125,33 @@ def encode(msg: dict[str, Any]) -> bytes:
 
 
 def decode(buf: bytes) -> dict[str, Any]:
+    """A control frame's message, checked against its op's record, as a plain dict."""
     if not is_control(buf):
         raise ProtocolError("not a control frame")
     if len(buf) > MAX_CONTROL:
         raise ProtocolError(f"control frame of {len(buf)} bytes exceeds {MAX_CONTROL}")
-    try:
-        msg = json.loads(buf[1:])
-    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting bombs included
-        raise ProtocolError("control frame is not JSON") from None
+    msg = schema.loads(buf[1:], what="control frame", error=ProtocolError)
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("control frame is not an object with an op")
-    if not isinstance(msg.get("seq"), int) or isinstance(msg.get("seq"), bool):
-        raise ProtocolError("control frame has no integer seq")
+    record = MESSAGES.get(msg["op"])
+    if record is None:
+        raise ProtocolError(f"control frame has an unknown op {shown(msg['op'])}")
+    schema.decode(record, msg, where=f"control {msg['op']}", error=ProtocolError)
     return msg
 
 
 def check_reply(msg: dict[str, Any], request: str, seq: int, model: str) -> dict[str, Any]:
-    """Monitor side: the reply to `request` #seq from a device of `model`, or ProtocolError."""
+    """Monitor side: the reply (from decode) to `request` #seq from a device of `model`;
+    for a save, its state document {model, version, fields}. Else ProtocolError."""
     if msg["seq"] != seq:
         raise ProtocolError(f"reply seq {msg['seq']} to {request} #{seq}")
     if msg["op"] == "error":
-        text = str(msg.get("message", ""))[:MAX_ERROR_TEXT]
+        text = msg["message"][:MAX_ERROR_TEXT]
         raise ProtocolError(f"{request} failed in the device: {text!r}")
     if msg["op"] != REPLY_TO[request]:
         raise ProtocolError(f"reply {msg['op']!r} to {request}")
     if request != "save":
-        if set(msg) != {"op", "seq"}:
-            raise ProtocolError(f"{msg['op']} reply has extra keys")
         return msg
-    return check_state(msg, model)
-
-
-def check_state(msg: dict[str, Any], model: str) -> dict[str, Any]:
-    """A device state document: {model, version, fields}; the fields stay opaque to the monitor."""
-    extra = set(msg) - {"op", "seq", "model", "version", "fields"}
-    if extra:
-        raise ProtocolError(f"state has unknown keys {sorted(extra)}")
-    if msg.get("model") != model:
-        raise ProtocolError(f"state is for model {msg.get('model')!r}, expected {model!r}")
-    version = msg.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 1 << 16:
-        raise ProtocolError(f"state version {version!r} is not a small positive integer")
-    if not isinstance(msg.get("fields"), dict):
-        raise ProtocolError("state fields are not an object")
-    return {"model": model, "version": version, "fields": msg["fields"]}
+    if msg["model"] != model:
+        raise ProtocolError(f"state is for model {shown(msg['model'])}, expected {model!r}")
+    return {"model": model, "version": msg["version"], "fields": msg["fields"]}

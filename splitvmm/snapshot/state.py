@@ -8,18 +8,29 @@ hands to SnapshotWriter.add_json_chunk is what Snapshot.read_json gives back.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from splitvmm.errors import shown
+from splitvmm.protocol import schema
 from splitvmm.snapshot.format import (
     MAX_JSON_CHUNK_BYTES,
+    MAX_STATE_VERSION,
     ChunkEntry,
+    Name,
     SnapshotError,
     dump_json,
     load_json,
 )
 
-DEVICE_KEYS = frozenset({"model", "version", "state"})
+
+@dataclass(frozen=True, slots=True)
+class DeviceChunk:
+    """A device chunk's file: the model's state document, its fields under "state"."""
+
+    model: Name
+    version: Annotated[int, schema.Range(1, MAX_STATE_VERSION)]
+    state: dict[str, Any]  # the model's fields: its own State record checks them on restore
 
 
 def encode(kind: str, state_version: int, payload: Any, model: str | None, where: str) -> bytes:
@@ -39,12 +50,10 @@ def decode(entry: ChunkEntry, data: bytes) -> Any:
         raise SnapshotError(f"{entry.label}: expected a JSON object")
     if entry.kind != "device":
         return doc
-    if set(doc) != DEVICE_KEYS:
-        raise SnapshotError(f"{entry.label}: expected exactly the keys model, version, state")
-    version = doc["version"]
-    if doc["model"] != entry.model or type(version) is not int or version != entry.state_version:
+    chunk = schema.decode(DeviceChunk, doc, where=entry.label, error=SnapshotError)
+    if chunk.model != entry.model or chunk.version != entry.state_version:
         raise SnapshotError(
-            f"{entry.label}: file says model {shown(doc['model'])} v{shown(version)}, "
+            f"{entry.label}: file says model {shown(chunk.model)} v{chunk.version}, "
             f"manifest says {entry.model!r} v{entry.state_version}"
         )
-    return doc["state"]
+    return chunk.state

@@ -42,7 +42,7 @@ CASES = {
     **{f"remove-{f}": (lambda s, f=f: (s / f).unlink(), f.split(".")[0]) for f in CHUNK_FILES},
     "format-version": (
         lambda s: edit_manifest(s, lambda m: m.update(format_version=99)),
-        "format v99 is newer",
+        "snapshot format: version 99 is newer",
     ),
     "vcpu-state-version": (
         lambda s: edit_manifest(s, lambda m: chunk(m, "vcpu0").update(state_version=9)),

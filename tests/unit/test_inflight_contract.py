@@ -24,6 +24,11 @@ def request(device, op: str, seq: int) -> dict:
     return control.decode(sock.sent[0])
 
 
+def saved_document(device, seq: int) -> dict:
+    """The state document of a save, as the monitor takes it from the reply."""
+    return control.check_reply(request(device, "save", seq), "save", seq, "inflight-test")
+
+
 def stuck_on(rid: int):
     return lambda r: r != rid
 
@@ -33,7 +38,7 @@ def test_quiesce_finishes_what_it_can_and_records_the_rest():
     for rid in (1, 2, 3):
         dev.write(0, bytes([rid]))
     assert request(dev, "quiesce", 1) == {"op": "quiesced", "seq": 1}
-    state = request(dev, "save", 2)
+    state = saved_document(dev, seq=2)
     assert (state["model"], state["version"]) == ("inflight-test", 1)
     saved = codec.state_from_document("inflight-test", InflightState, state)
     assert (saved.done, saved.in_flight) == (b"\x01\x02", b"\x03")
@@ -54,7 +59,7 @@ def test_restore_reruns_recorded_requests_exactly_once():
     for rid in (1, 2, 3):
         dev.write(0, bytes([rid]))
     request(dev, "quiesce", 1)
-    document = request(dev, "save", 2)
+    document = saved_document(dev, seq=2)
     state = codec.state_from_document("inflight-test", InflightState, document)
     restored = InflightDevice.restore(DeviceContext(irq=FakeIrq()), state)
     assert (bytes(restored.done), bytes(restored.in_flight)) == (b"\x01\x02\x03", b"")

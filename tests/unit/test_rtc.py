@@ -491,7 +491,7 @@ def test_rtc_golden_v1_state_restores_its_time_and_nvram():
 
 def test_rtc_state_from_a_newer_version_is_refused():
     doc = {**codec.state_document("rtc", RtcState()), "version": 2}
-    with pytest.raises(StateError, match="not one this release reads"):
+    with pytest.raises(StateError, match="version 2 is newer than this splitvmm reads"):
         codec.state_from_document("rtc", RtcState, doc)
 
 

@@ -268,7 +268,8 @@ def test_uart_restore_tx_over_capacity_raises_state_error():
 
 def test_uart_state_v1_document_migrates_with_empty_tx():
     doc = json.loads((GOLDENS / "vm" / "v1" / "serial0.json").read_text())
-    state = codec.state_from_document("serial", UartState, {**doc, "fields": doc.pop("state")})
+    fields = doc.pop("state")  # the snapshot chunk's name for the fields
+    state = codec.state_from_document("serial", UartState, {**doc, "fields": fields})
     uart = Uart8250.restore(DeviceContext(irq=FakeIrq()), state)
     assert (state.tx, state.tx_dropped, line_status(uart)) == (b"", 0, Lsr.THRE | Lsr.TEMT)
 

@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import pytest
 
-from splitvmm.snapshot import format as fmt
 from splitvmm.snapshot.format import (
     ChunkEntry,
     Manifest,
@@ -14,7 +13,6 @@ from splitvmm.snapshot.format import (
     RegionEntry,
     SnapshotError,
     parse_manifest,
-    upgrade,
 )
 
 SHA = "0" * 64
@@ -39,26 +37,38 @@ def test_format_manifest_roundtrips():
 
 
 def test_format_upgrade_runs_every_step_in_order(monkeypatch):
-    monkeypatch.setattr(fmt, "FORMAT_VERSION", 3)
-    monkeypatch.setattr(fmt, "UPGRADES", {1: lambda d: d | {"a": 1}, 2: lambda d: d | {"b": 2}})
+    monkeypatch.setattr(Manifest, "VERSION", 3)
+    steps = {
+        1: lambda d: d | {"producer": d["producer"] + " (v1)"},
+        2: lambda d: d | {"producer": d["producer"] + " -> v2"},
+    }
+    monkeypatch.setattr(Manifest, "UPGRADES", steps)
 
-    doc, read_version = upgrade({"format": "splitvmm-snapshot", "format_version": 1})
+    upgraded = parse_manifest(MANIFEST.encode())
 
-    assert (doc, read_version) == (
-        {"format": "splitvmm-snapshot", "format_version": 3, "a": 1, "b": 2},
-        1,
-    )
+    assert (upgraded.producer, upgraded.read_version) == ("splitvmm 0.1.0 (v1) -> v2", 1)
 
 
 def test_format_missing_upgrade_step_refused(monkeypatch):
-    monkeypatch.setattr(fmt, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(Manifest, "VERSION", 2)
 
-    with pytest.raises(SnapshotError, match="no upgrade from snapshot format v1"):
-        upgrade({"format": "splitvmm-snapshot", "format_version": 1})
+    with pytest.raises(SnapshotError, match="^snapshot format: no upgrade from v1$"):
+        parse_manifest(MANIFEST.encode())
 
 
 def test_format_current_version_needs_no_upgrade():
-    assert fmt.UPGRADES.keys() == set(range(1, fmt.FORMAT_VERSION))
+    assert Manifest.UPGRADES.keys() == set(range(1, Manifest.VERSION))
+
+
+def test_format_manifest_keys_in_writing_order():
+    doc = MANIFEST.to_json()
+
+    assert (list(doc), list(doc["chunks"][0]), list(doc["chunks"][1])) == (
+        ["format", "format_version", "producer", "created", "vm_config", "cpuid", "memory"]
+        + ["chunks"],
+        ["kind", "name", "state_version", "file", "size", "sha256", "encoding"],
+        ["kind", "name", "state_version", "file", "size", "sha256", "model"],
+    )
 
 
 def test_format_regions_must_tile_the_memory():

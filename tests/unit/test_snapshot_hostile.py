@@ -276,7 +276,7 @@ CASES: dict[str, Case] = {
         config(lambda c, e: c.update(boot="kernel")), "no [boot] table"
     ),
     "vm-config-not-object": Case(
-        manifest(lambda m, e: m.update(vm_config=[])), "vm_config must be dict"
+        manifest(lambda m, e: m.update(vm_config=[])), "vm_config: expected an object, got an array"
     ),
     "model-unknown": Case(
         manifest(
@@ -365,13 +365,13 @@ CASES: dict[str, Case] = {
         lambda s, e: (s / "manifest.json").unlink(), "manifest.json: does not exist"
     ),
     "format-version-newer": Case(
-        manifest(lambda m, e: m.update(format_version=99)), "v99 is newer"
+        manifest(lambda m, e: m.update(format_version=99)), "version 99 is newer than this splitvmm"
     ),
     "format-version-zero": Case(
-        manifest(lambda m, e: m.update(format_version=0)), "format_version 0"
+        manifest(lambda m, e: m.update(format_version=0)), "version 0 is not a positive integer"
     ),
     "format-version-string": Case(
-        manifest(lambda m, e: m.update(format_version="1")), "format_version '1'"
+        manifest(lambda m, e: m.update(format_version="1")), "version '1' is not a positive integer"
     ),
     "format-name-foreign": Case(
         manifest(lambda m, e: m.update(format="qemu-savevm")), "format is 'qemu"
@@ -380,10 +380,12 @@ CASES: dict[str, Case] = {
         manifest(lambda m, e: m.update(producer="[/][bold]x\x1b[2J\x1b]0;pwned\x07")), HARMLESS
     ),
     "producer-5000-chars": Case(
-        manifest(lambda m, e: m.update(producer="p" * 5000)), "producer is over"
+        manifest(lambda m, e: m.update(producer="p" * 5000)),
+        "producer: expected at most 200 characters, got 5000",
     ),
     "created-escapes": Case(
-        manifest(lambda m, e: m.update(created="\x1b[31m" * 100)), "is not ISO 8601"
+        manifest(lambda m, e: m.update(created="\x1b[31m" * 100)),
+        "created: expected at most 64 characters, got 500",
     ),
     # -- chunks --
     "chunk-name-twice": Case(manifest(add_device_chunk), "name or file used twice"),
@@ -397,8 +399,10 @@ CASES: dict[str, Case] = {
     "chunk-file-is-signature": Case(
         chunk("vcpu0", file="manifest.sig"), "is not a plain file name"
     ),
-    "chunk-name-newline": Case(chunk("vm", name="vm\n"), "name 'vm\\n' must be"),
-    "chunk-kind-unknown": Case(chunk("vm", kind="exec"), "kind 'exec' is not one of"),
+    "chunk-name-newline": Case(chunk("vm", name="vm\n"), "name: 'vm\\n' is not a name"),
+    "chunk-kind-unknown": Case(
+        chunk("vm", kind="exec"), "kind: 'exec' is not one of ram, vcpu, vm, device"
+    ),
     "chunk-symlink-to-secret": Case(
         replace_file("vcpu0.json", lambda p, e: p.symlink_to(e.secret)), "vcpu0.json): is a symlink"
     ),
@@ -416,10 +420,12 @@ CASES: dict[str, Case] = {
         lambda s, e: os.truncate(s / "ram.bin", 100), "chunk ram (ram.bin): truncated"
     ),
     "chunk-checksum-mismatch": Case(flip("vcpu0.json"), "vcpu0.json): checksum mismatch"),
-    "chunk-size-negative": Case(chunk("vm", size=-1), "size -1 is outside"),
+    "chunk-size-negative": Case(chunk("vm", size=-1), "size: -1 is outside"),
     "chunk-size-huge": Case(chunk("ram", size=1 << 62), "is outside"),
-    "chunk-sha-not-hex": Case(chunk("vm", sha256="\x1b" * 64), "sha256 must be 64 lowercase hex"),
-    "ram-encoding-unknown": Case(chunk("ram", encoding="zstd"), "RAM encoding 'zstd' is unknown"),
+    "chunk-sha-not-hex": Case(chunk("vm", sha256="\x1b" * 64), "is not 64 lowercase hex digits"),
+    "ram-encoding-unknown": Case(
+        chunk("ram", encoding="zstd"), "encoding: 'zstd' is not one of sparse-v1"
+    ),
     "ram-chunk-twice": Case(
         manifest(lambda m, e: m["chunks"].append(dict(m["chunks"][0], name="ram2", file="r2"))),
         "exactly one ram chunk",
@@ -440,8 +446,10 @@ CASES: dict[str, Case] = {
         "snapshot has 0 vCPUs",
     ),
     "state-version-newer": Case(chunk("vcpu0", state_version=9), "state version 9 is newer"),
-    "state-version-negative": Case(chunk("vm", state_version=-1), "state_version -1 is outside"),
-    "state-version-string": Case(chunk("vm", state_version="1"), "state_version must be int"),
+    "state-version-negative": Case(chunk("vm", state_version=-1), "state_version: -1 is outside"),
+    "state-version-string": Case(
+        chunk("vm", state_version="1"), "state_version: expected an integer, got a string"
+    ),
     "vcpu-state-garbage": Case(
         rewrite_chunk("vcpu0", "vcpu0.json", b'{"regs": "\\u001b[2J"}'), "chunk vcpu0"
     ),
@@ -455,7 +463,7 @@ CASES: dict[str, Case] = {
         rewrite_chunk(
             "serial0", "serial0.json", b'{"model": "serial", "version": 1, "state": [1]}'
         ),
-        "device state is not an object",
+        "state: expected an object, got an array",
     ),
     "device-state-over-cap": Case(
         rewrite_chunk("serial0", "serial0.json", serial_state(rx="A" * (2 << 20))),
@@ -470,14 +478,14 @@ CASES: dict[str, Case] = {
             )(s, e),
             chunk("serial0", state_version=NEWER)(s, e),
         ),
-        f"state version {NEWER} is not one this release reads",
+        f"version {NEWER} is newer than this splitvmm reads",
     ),
     "device-state-register-out-of-range": Case(
         rewrite_chunk("serial0", "serial0.json", serial_state(ier=1 << 40)), "is not a byte"
     ),
     "device-state-unknown-field": Case(
         rewrite_chunk("serial0", "serial0.json", serial_state(exec="/bin/sh")),
-        "unknown fields ['exec']",
+        "unknown key 'exec'",
     ),
     "device-state-rx-over-buffer": Case(
         rewrite_chunk("serial0", "serial0.json", serial_state(rx="QUFB" * 2000)),

@@ -144,35 +144,42 @@ def _drop(key: str) -> Callable[[dict[str, Any]], None]:
 
 
 VCPU_BAD = [
-    ("unknown_key", _set("bogus", value=1), "VcpuState: unknown field 'bogus'"),
-    ("missing_key", _drop("lapic"), "VcpuState: missing field 'lapic'"),
-    ("lapic_short", _set("lapic", value="AAAA"), "VcpuState.lapic: 3 bytes, the kernel's struct"),
-    ("lapic_int", _set("lapic", value=5), "VcpuState.lapic: expected base64 text, got int"),
-    ("lapic_not_b64", _set("lapic", value="!!!!"), "VcpuState.lapic: not valid base64"),
-    ("events_huge", _set("events", value="A" * 100_000), "VcpuState.events: 100000 characters"),
-    ("fpu_size", _set("fpu", value="AAAA" * 139), "VcpuState.fpu: 417 bytes, the kernel's"),
-    ("xsave_small", _set("xsave", value="AAAA"), "VcpuState.xsave: 3 bytes is not a valid XSAVE"),
-    ("rax_negative", _set("regs", "rax", value=-1), "VcpuState.regs.rax: -1 is out of range"),
-    ("rax_too_big", _set("regs", "rax", value=1 << 64), "VcpuState.regs.rax: 1844674407370955"),
-    ("rax_bool", _set("regs", "rax", value=True), "VcpuState.regs.rax: expected an integer, got"),
-    ("rax_str", _set("regs", "rax", value="0"), "VcpuState.regs.rax: expected an integer, got"),
-    ("regs_extra", _set("regs", "rsp2", value=0), "VcpuState.regs: unknown field 'rsp2'"),
-    ("selector", _set("sregs", "cs", "selector", value=1 << 16), "VcpuState.sregs.cs.selector:"),
-    ("segment_list", _set("sregs", "cs", value=[1]), "VcpuState.sregs.cs: expected an object"),
-    ("bitmap_short", _set("sregs", "interrupt_bitmap", value=[0]), "VcpuState.sregs.interrupt"),
-    ("bitmap_neg", _set("sregs", "interrupt_bitmap", 3, value=-2), "VcpuState.sregs.interrupt"),
-    ("msr_decimal", _set("msrs", "16", value=1), "VcpuState.msrs: key '16' is not a 0x-prefixed"),
-    ("msr_int_key", _set("msrs", 16, value=1), "VcpuState.msrs: key 16 is not a 0x-prefixed"),
-    ("msr_wide", _set("msrs", "0x100000000", value=1), "VcpuState.msrs: key '0x100000000'"),
-    ("msr_upper", _set("msrs", "0xC0000080", value=1), "VcpuState.msrs: key '0xC0000080'"),
-    ("msr_value", _set("msrs", "0x10", value=1 << 64), "VcpuState.msrs[0x10]: 18446744073709"),
-    ("msrs_list", _set("msrs", value=[1]), "VcpuState.msrs: expected an object, got list"),
-    ("xcr_float", _set("xcrs", "0x0", value=7.0), "VcpuState.xcrs[0x0]: expected an integer"),
-    ("cpuid_str", _set("cpuid", 1, "eax", value="1"), "VcpuState.cpuid[1].eax: expected an int"),
-    ("cpuid_extra", _set("cpuid", 0, "pad", value=0), "VcpuState.cpuid[0]: unknown field 'pad'"),
-    ("cpuid_many", _set("cpuid", value=[{}] * 257), "VcpuState.cpuid: expected a list of at most"),
-    ("mp_negative", _set("mp_state", value=-1), "VcpuState.mp_state: -1 is out of range for 32"),
-    ("tsc_khz_str", _set("tsc_khz", value="fast"), "VcpuState.tsc_khz: expected an integer"),
+    ("unknown_key", _set("bogus", value=1), "VcpuState: unknown key 'bogus'"),
+    ("missing_key", _drop("lapic"), "VcpuState: missing key 'lapic'"),
+    ("lapic_short", _set("lapic", value="AAAA"), "VcpuState: lapic: expected 1024 bytes, got 3"),
+    ("lapic_int", _set("lapic", value=5), "VcpuState: lapic: expected base64 text, got an int"),
+    ("lapic_not_b64", _set("lapic", value="!!!!"), "VcpuState: lapic: not valid base64"),
+    (
+        "events_huge",
+        _set("events", value="A" * 100_000),
+        "VcpuState: events: expected 64 bytes, go",
+    ),
+    ("fpu_size", _set("fpu", value="AAAA" * 139), "VcpuState: fpu: expected 416 bytes, got 417"),
+    ("xsave_small", _set("xsave", value="AAAA"), "VcpuState: xsave: expected 4096..65536 bytes"),
+    ("xsave_odd", _set("xsave", value="A" * 5464), "VcpuState: xsave: expected 4096..65536 byt"),
+    ("rax_negative", _set("regs", "rax", value=-1), "VcpuState: regs.rax: -1 is outside 0..2**64"),
+    ("rax_too_big", _set("regs", "rax", value=1 << 64), "VcpuState: regs.rax: 184467440737095516"),
+    ("rax_bool", _set("regs", "rax", value=True), "VcpuState: regs.rax: expected an integer, got"),
+    ("rax_str", _set("regs", "rax", value="0"), "VcpuState: regs.rax: expected an integer, got"),
+    ("regs_extra", _set("regs", "rsp2", value=0), "VcpuState: regs: unknown key 'rsp2'"),
+    ("selector", _set("sregs", "cs", "selector", value=1 << 16), "VcpuState: sregs.cs.selector:"),
+    ("segment_list", _set("sregs", "cs", value=[1]), "VcpuState: sregs.cs: expected an object"),
+    ("bitmap_short", _set("sregs", "interrupt_bitmap", value=[0]), "VcpuState: sregs.interrupt"),
+    ("bitmap_neg", _set("sregs", "interrupt_bitmap", 3, value=-2), "VcpuState: sregs.interrupt_b"),
+    ("msr_decimal", _set("msrs", "16", value=1), "VcpuState: msrs: key '16' is not a lowercase"),
+    ("msr_int_key", _set("msrs", 16, value=1), "VcpuState: msrs: key 16 is not a lowercase 0x"),
+    ("msr_wide", _set("msrs", "0x100000000", value=1), "VcpuState: msrs: key 0x100000000: 42949"),
+    ("msr_upper", _set("msrs", "0xC0000080", value=1), "VcpuState: msrs: key '0xC0000080' is not"),
+    ("msr_zeros", _set("msrs", "0x010", value=1), "VcpuState: msrs: key '0x010' is not written"),
+    ("msr_value", _set("msrs", "0x10", value=1 << 64), "VcpuState: msrs[0x10]: 18446744073709551"),
+    ("msrs_list", _set("msrs", value=[1]), "VcpuState: msrs: expected an object, got an array"),
+    ("xcr_float", _set("xcrs", "0x0", value=7.0), "VcpuState: xcrs[0x0]: expected an integer"),
+    ("cpuid_str", _set("cpuid", 1, "eax", value="1"), "VcpuState: cpuid[1].eax: expected an int"),
+    ("cpuid_wide", _set("cpuid", 1, "eax", value=1 << 32), "VcpuState: cpuid[1].eax: 4294967296"),
+    ("cpuid_extra", _set("cpuid", 0, "pad", value=0), "VcpuState: cpuid[0]: unknown key 'pad'"),
+    ("cpuid_many", _set("cpuid", value=[{}] * 257), "VcpuState: cpuid: expected at most 256 item"),
+    ("mp_negative", _set("mp_state", value=-1), "VcpuState: mp_state: -1 is outside 0..2**32-1"),
+    ("tsc_khz_str", _set("tsc_khz", value="fast"), "VcpuState: tsc_khz: expected an integer"),
     ("no_fpu_state", _set("xsave", value=None), "VcpuState: exactly one of fpu and xsave"),
 ]
 
@@ -198,11 +205,11 @@ def test_vmstate_vcpu_from_dict_rejects_both_fpu_and_xsave() -> None:
 
 
 VM_BAD = [
-    ("pit_size", _set("pit2", value="AAAA"), "VmState.pit2: 3 bytes, the kernel's struct is 112"),
-    ("ioapic_none", _set("ioapic", value=None), "VmState.ioapic: expected base64 text, got None"),
-    ("clock_negative", _set("clock", value=-5), "VmState.clock: -5 is out of range for 64 bits"),
-    ("unknown_chip", _set("pic_third", value="AAAA"), "VmState: unknown field 'pic_third'"),
-    ("missing_clock", _drop("clock"), "VmState: missing field 'clock'"),
+    ("pit_size", _set("pit2", value="AAAA"), "VmState: pit2: expected 112 bytes, got 3"),
+    ("ioapic_none", _set("ioapic", value=None), "VmState: ioapic: expected base64 text, got null"),
+    ("clock_negative", _set("clock", value=-5), "VmState: clock: -5 is outside 0..2**64-1"),
+    ("unknown_chip", _set("pic_third", value="AAAA"), "VmState: unknown key 'pic_third'"),
+    ("missing_clock", _drop("clock"), "VmState: missing key 'clock'"),
 ]
 
 
@@ -218,7 +225,7 @@ def test_vmstate_vm_from_dict_rejects_bad_field(
 
 
 def test_vmstate_from_dict_rejects_non_object() -> None:
-    with pytest.raises(StateError, match="^VmState: expected an object, got list"):
+    with pytest.raises(StateError, match="^VmState: expected an object, got an array"):
         from_dict(VmState, [1, 2])
 
 
@@ -227,9 +234,15 @@ def test_vmstate_from_dict_refuses_other_classes() -> None:
         from_dict(CpuidEntry, {})  # type: ignore[type-var]
 
 
-def test_vmstate_migrate_refuses_unknown_version() -> None:
-    with pytest.raises(StateError, match="VcpuState: no migration from v7"):
-        VcpuState.migrate(7, {})
+def test_vmstate_from_dict_refuses_newer_version() -> None:
+    with pytest.raises(StateError, match="^VcpuState: version 7 is newer than this splitvmm"):
+        from_dict(VcpuState, to_dict(vcpu_state()), version=7)
+
+
+def test_vmstate_from_dict_of_current_version_needs_no_upgrade() -> None:
+    state = vcpu_state()
+
+    assert from_dict(VcpuState, to_dict(state), version=VcpuState.VERSION) == state
 
 
 # -- ordering, against a fake vCPU -----------------------------------------------------------
