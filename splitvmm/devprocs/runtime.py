@@ -212,7 +212,7 @@ def run(spec: DeviceSpec) -> None:
     serve(device, sock)
 
 
-def _send_now(sock: zmq.Socket, frame: bytes) -> bool:
+def _send_now(sock: zmq.Socket[bytes], frame: bytes) -> bool:
     """Send an event if the channel takes it now; False if it would block."""
     try:
         sock.send(frame, zmq.NOBLOCK)
