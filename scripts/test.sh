@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-# The static checks first (seconds): style, and the layers of DESIGN.md (pyproject.toml
-# [tool.importlinter]: cli -> monitor -> protocol/native; the monitor never imports a model).
+# The static checks first (seconds): style, types (pyproject.toml [tool.mypy]: strict, on
+# splitvmm/), and the layers of DESIGN.md (pyproject.toml [tool.importlinter]: cli -> monitor
+# -> protocol/native; the monitor never imports a model).
 .venv/bin/ruff check splitvmm tests bench
 .venv/bin/ruff format --check splitvmm tests bench
+.venv/bin/mypy
 .venv/bin/lint-imports
 exec .venv/bin/python -m pytest -ra "$@"

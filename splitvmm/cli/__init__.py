@@ -29,7 +29,8 @@ class LazyGroup(click.Group):
         module = SUBCOMMANDS.get(name)
         if module is None:
             return None
-        return importlib.import_module(f"splitvmm.cli.{module}").command
+        command: click.Command = importlib.import_module(f"splitvmm.cli.{module}").command
+        return command
 
 
 @click.group(cls=LazyGroup)

@@ -181,7 +181,7 @@ def traced(warden_pid: int, trace: Trace, errnos: dict[str, int]) -> Iterator[No
 def _serve(
     listener: SeccompListener, trace: Trace, errnos: dict[str, int], stop: threading.Event
 ) -> None:
-    import pyseccomp as seccomp  # type: ignore[import-untyped]
+    import pyseccomp as seccomp
 
     poller = select.poll()
     poller.register(listener.fd, select.POLLIN)

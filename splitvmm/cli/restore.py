@@ -4,10 +4,15 @@ snapshot with the guest settings it stores and host resources only the operator 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from splitvmm.cli.up import EXIT_HELP, require_signature_option, run_and_exit
+
+if TYPE_CHECKING:
+    from splitvmm.config import VmConfig
+    from splitvmm.snapshot.reader import Snapshot
 
 
 def _overrides(values: tuple[str, ...]) -> dict[str, str]:
@@ -53,8 +58,11 @@ def command(
     overrides = _overrides(settings)
     dirs = tuple(d.resolve() for d in snapshot_dirs)
 
-    def config(snap):  # what the monitor may write to is never the snapshot's to say
+    def config(snap: Snapshot | None) -> VmConfig:
+        if snap is None:  # run_and_exit opens DIRECTORY first: a restore always has one
+            raise click.UsageError("restore needs the snapshot in DIRECTORY")
         cfg = restore.config_of(snap, overrides)
+        # What the monitor may write to is never the snapshot's to say.
         return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, snapshot_dirs=dirs))
 
     run_and_exit(config, directory, key_file)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import zmq
 
@@ -30,7 +30,7 @@ class EventLoop:
     def __init__(
         self,
         device: Device,
-        channel: zmq.Socket,
+        channel: zmq.Socket[bytes],
         serve_frame: Callable[[bytes], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -72,7 +72,7 @@ class EventLoop:
         self.device.ctx.events.flush()  # what the channel could not take before
 
     def _poll(
-        self, line: int | None, sources: dict[int, object], deadline: float | None
+        self, line: int | None, sources: Iterable[int], deadline: float | None
     ) -> dict[object, int]:
         poller = zmq.Poller()
         poller.register(self.channel, zmq.POLLIN)

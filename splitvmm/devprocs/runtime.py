@@ -69,14 +69,14 @@ def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
     return model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
 
 
-def _refuse(sock: zmq.Socket, message: str) -> None:
+def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
     """Tell the monitor why we cannot start (instead of READY), then exit."""
     sock.send(control.encode({"op": "error", "seq": 0, "message": message[:200]}))
     sock.close(linger=2000)  # let the frame leave before the process does
     os._exit(2)
 
 
-def _serve_control(device: Device, sock: zmq.Socket, buf: bytes) -> None:
+def _serve_control(device: Device, sock: zmq.Socket[bytes], buf: bytes) -> None:
     """quiesce / save / resume, in the device's own order. Every access sent before the
     request was applied already: the channel is ordered. While quiesced the output buffer
     is held: what it holds is part of the state a snapshot saves."""
@@ -104,12 +104,12 @@ def _serve_control(device: Device, sock: zmq.Socket, buf: bytes) -> None:
     sock.send(control.encode(reply))
 
 
-def serve(device: Device, sock: zmq.Socket) -> None:
+def serve(device: Device, sock: zmq.Socket[bytes]) -> None:
     """Frames from the channel, and whatever else the model waits on (eventloop.py)."""
     EventLoop(device, sock, lambda buf: _serve_frame(device, sock, buf)).run()
 
 
-def _serve_frame(device: Device, sock: zmq.Socket, buf: bytes) -> None:
+def _serve_frame(device: Device, sock: zmq.Socket[bytes], buf: bytes) -> None:
     if control.is_control(buf):
         _serve_control(device, sock, buf)
         return
@@ -135,7 +135,7 @@ def _serve_frame(device: Device, sock: zmq.Socket, buf: bytes) -> None:
 CONNECT_TIMEOUT_MS = 10000  # the monitor binds before it spawns us: this is a stuck monitor
 
 
-def _connect(endpoint: str) -> zmq.Socket:
+def _connect(endpoint: str) -> zmq.Socket[bytes]:
     """Connect the channel; return once connected (seccomp forbids connecting afterwards)."""
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.PAIR)
@@ -162,7 +162,8 @@ def _load_hook(spec: DeviceSpec) -> Hook | None:
         return None
     import pickle  # only here: a device without a hook never loads pickle
 
-    return pickle.loads(base64.b64decode(spec.hook))  # noqa: S301 (trusted spec, tests only)
+    hook: Hook = pickle.loads(base64.b64decode(spec.hook))  # noqa: S301 (trusted spec, tests only)
+    return hook
 
 
 def _run_hook(hook: Hook, spec: DeviceSpec) -> None:
@@ -211,7 +212,7 @@ def run(spec: DeviceSpec) -> None:
     serve(device, sock)
 
 
-def _send_now(sock: zmq.Socket, frame: bytes) -> bool:
+def _send_now(sock: zmq.Socket[bytes], frame: bytes) -> bool:
     """Send an event if the channel takes it now; False if it would block."""
     try:
         sock.send(frame, zmq.NOBLOCK)

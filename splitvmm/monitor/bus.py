@@ -60,8 +60,13 @@ class Bus:
         i = bisect.bisect_right(self._bases, base)
         before = self._ranges[i - 1] if i else None
         after = self._ranges[i] if i < len(self._ranges) else None
-        if (before and before.base + before.size > base) or (after and base + size > after.base):
-            other = before if before and before.base + before.size > base else after
+        if before and before.base + before.size > base:
+            other = before
+        elif after and base + size > after.base:
+            other = after
+        else:
+            other = None
+        if other is not None:
             raise BusError(
                 f"{self.kind} {base:#x}+{size:#x} of {device.name} overlaps {other.device.name}"
             )

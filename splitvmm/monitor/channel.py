@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import zmq
 
@@ -49,7 +50,7 @@ class DeviceChannel:
         model: str,
         endpoint: str,
         listener: int,
-        zctx: zmq.Context,
+        zctx: zmq.Context[zmq.Socket[bytes]],
         on_event: Callable[[events.Event], None] | None = None,
     ) -> None:
         """Serve the channel with ZeroMQ, which adopts `listener`, the device's listening
@@ -177,7 +178,8 @@ class DeviceChannel:
     def drain_events(self) -> None:
         """Handle what the device sent while nobody asked: events only (at most what ZeroMQ
         holds unread, RCVHWM); any other frame breaks the channel."""
-        while self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+        # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
+        while cast(int, self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
             buf = self.sock.recv(zmq.NOBLOCK)
             if not events.is_event(buf):
                 raise ChannelError("sent a frame nobody asked for")

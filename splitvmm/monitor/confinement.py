@@ -45,7 +45,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-import pyseccomp as seccomp  # type: ignore[import-untyped]
+import pyseccomp as seccomp
 
 import splitvmm
 from splitvmm.errors import SplitvmmError
@@ -140,7 +140,7 @@ def landlock_rules(runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> dict[str
 
 def _compile(
     name: str, policy_dir: Path | None, constants: dict[str, int], action: int, tsync: bool
-) -> object:
+) -> seccomp.SyscallFilter:
     path = (policy_dir or policy.default_policy_dir()) / name
     try:
         return policy.compile_filter(policy.parse_file(path, constants), action, tsync=tsync)
@@ -148,9 +148,9 @@ def _compile(
         raise ConfinementError(f"the monitor's seccomp policy: {e}") from None
 
 
-def _load(filt: object, name: str) -> None:
+def _load(filt: seccomp.SyscallFilter, name: str) -> None:
     try:
-        filt.load()  # type: ignore[attr-defined]
+        filt.load()
     except OSError as e:
         raise ConfinementError(f"cannot load the monitor's seccomp policy {name}: {e}") from None
 

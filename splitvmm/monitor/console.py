@@ -55,7 +55,8 @@ def raw_terminal(fd: int) -> Iterator[bool]:
         _restore(fd, saved)
 
 
-def _restore(fd: int, saved: list) -> None:
+def _restore(fd: int, saved: list[int | list[bytes | int]]) -> None:
+    """`saved` is tcgetattr's [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]."""
     try:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
     except termios.error as e:
@@ -71,9 +72,9 @@ def pump(fd: int | None, wake_fd: int, deliver: Callable[[bytes], None], escape:
     watched = [wake_fd] + ([fd] if fd is not None else [])
     while True:
         ready, _, _ = select.select(watched, [], [])
-        if wake_fd in ready:
+        if wake_fd in ready or fd is None:  # without input, only wake_fd is watched
             return False
-        data = os.read(fd, 4096) if fd is not None else b""
+        data = os.read(fd, 4096)
         if not data:  # EOF on input: keep the VM running, stop reading
             watched.remove(fd)
             continue

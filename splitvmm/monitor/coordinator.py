@@ -179,8 +179,9 @@ class Coordinator:
             w.add_json_chunk("vm", "vm", vmstate.VmState.VERSION, vm_state)
             for slot in m.slots:
                 doc = device_states[slot.name]
-                w.add_json_chunk(
-                    "device", slot.name, int(doc["version"]), doc["fields"], model=slot.model
-                )
+                version = doc["version"]
+                if not isinstance(version, int):  # control.check_reply passes no other
+                    raise ControlError(f"device {slot.name} saved a state with no version")
+                w.add_json_chunk("device", slot.name, version, doc["fields"], model=slot.model)
             w.commit(sign_key)
         return sum(p.stat().st_size for p in target.iterdir())

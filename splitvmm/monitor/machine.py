@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 import zmq
 
@@ -63,12 +64,12 @@ class Machine:
         self._outcome: Outcome | None = None
         self._outcome_lock = threading.Lock()
         self._wake = EventFd()  # wakes the main thread when the VM ends
-        self._closables: list = []  # closed in reverse order, whatever build() got to
+        self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self.vcpus: list[VcpuThread] = []
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
-        self.zctx: zmq.Context | None = None
+        self.zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._console: str | None = None  # the device that takes the operator's keyboard
         self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
 
@@ -80,7 +81,9 @@ class Machine:
         # the VM. Closed after the devices (_closables go in reverse).
         self.launcher = Launcher.start(self.rundir.path)
         self._closables.append(self.launcher)
-        saved = restore.decode_states(self.snapshot) if self.snapshot is not None else None
+        restoring = None  # (snapshot, its checked states), decoded before a process is spawned
+        if self.snapshot is not None:
+            restoring = self.snapshot, restore.decode_states(self.snapshot)
         self.kvm = Kvm()
         self._closables.append(self.kvm)
         self.kvm.require_caps()
@@ -103,8 +106,8 @@ class Machine:
         self._closables.extend(self.vcpu_fds)
         if image is not None:  # part of the platform: a restore maps it too
             self._closables.append(boot.Firmware(self.vm, image))
-        if self.snapshot is not None:
-            restore.apply(self.snapshot, saved, self)
+        if restoring is not None:
+            restore.apply(*restoring, self)
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds)
         self.control = ControlServer(
@@ -334,6 +337,10 @@ def _is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class _FdCloser:

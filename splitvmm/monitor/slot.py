@@ -107,7 +107,7 @@ class DeviceSlot:
         spawn: Spawn,
         runtime_dir: Path,
         spawner: Spawner,
-        zctx: zmq.Context,
+        zctx: zmq.Context[zmq.Socket[bytes]],
         on_failure: Callable[[DeviceSlot, str], None],
     ) -> None:
         self.name = spawn.name

@@ -11,12 +11,12 @@ from typing import Any
 
 from splitvmm.native._kvm import ffi, lib
 
-ZERO_PAGE_SIZE = ffi.sizeof("struct boot_params")
-SETUP_HEADER_SIZE = ffi.sizeof("struct setup_header")
+ZERO_PAGE_SIZE: int = ffi.sizeof("struct boot_params")
+SETUP_HEADER_SIZE: int = ffi.sizeof("struct setup_header")
 SETUP_HEADER_OFFSET = ffi.offsetof("struct boot_params", "hdr")
-E820_MAX_ENTRIES_ZEROPAGE = lib.E820_MAX_ENTRIES_ZEROPAGE
-CAN_USE_HEAP = lib.CAN_USE_HEAP  # setup_header.loadflags
-XLF_KERNEL_64 = lib.XLF_KERNEL_64  # setup_header.xloadflags
+E820_MAX_ENTRIES_ZEROPAGE: int = lib.E820_MAX_ENTRIES_ZEROPAGE
+CAN_USE_HEAP: int = lib.CAN_USE_HEAP  # setup_header.loadflags
+XLF_KERNEL_64: int = lib.XLF_KERNEL_64  # setup_header.xloadflags
 
 
 def setup_header(raw: bytes) -> Any:

@@ -13,29 +13,29 @@ from dataclasses import dataclass
 
 from splitvmm.native._sys import ffi, lib
 
-CLONE_NEWUSER = lib.CLONE_NEWUSER
-CLONE_NEWNS = lib.CLONE_NEWNS
-CLONE_NEWNET = lib.CLONE_NEWNET
-CLONE_NEWIPC = lib.CLONE_NEWIPC
-CLONE_NEWUTS = lib.CLONE_NEWUTS
-CLONE_NEWPID = lib.CLONE_NEWPID
-CLONE_THREAD = lib.CLONE_THREAD
+CLONE_NEWUSER: int = lib.CLONE_NEWUSER
+CLONE_NEWNS: int = lib.CLONE_NEWNS
+CLONE_NEWNET: int = lib.CLONE_NEWNET
+CLONE_NEWIPC: int = lib.CLONE_NEWIPC
+CLONE_NEWUTS: int = lib.CLONE_NEWUTS
+CLONE_NEWPID: int = lib.CLONE_NEWPID
+CLONE_THREAD: int = lib.CLONE_THREAD
 
-MS_RDONLY = lib.MS_RDONLY
-MS_NOSUID = lib.MS_NOSUID
-MS_NODEV = lib.MS_NODEV
-MS_NOEXEC = lib.MS_NOEXEC
-MS_REMOUNT = lib.MS_REMOUNT
-MS_BIND = lib.MS_BIND
-MS_REC = lib.MS_REC
-MS_PRIVATE = lib.MS_PRIVATE
-MNT_DETACH = lib.MNT_DETACH
+MS_RDONLY: int = lib.MS_RDONLY
+MS_NOSUID: int = lib.MS_NOSUID
+MS_NODEV: int = lib.MS_NODEV
+MS_NOEXEC: int = lib.MS_NOEXEC
+MS_REMOUNT: int = lib.MS_REMOUNT
+MS_BIND: int = lib.MS_BIND
+MS_REC: int = lib.MS_REC
+MS_PRIVATE: int = lib.MS_PRIVATE
+MNT_DETACH: int = lib.MNT_DETACH
 
 # prctl(2) options by name, for the policy parser's constant table (<linux/prctl.h>).
-PRCTL_OPTIONS = {"PR_SET_NAME": lib.PR_SET_NAME}
+PRCTL_OPTIONS: dict[str, int] = {"PR_SET_NAME": lib.PR_SET_NAME}
 
 # Futex operations by name, for the policy parser's constant table (<linux/futex.h>).
-FUTEX_OPS = {
+FUTEX_OPS: dict[str, int] = {
     name: getattr(lib, name)
     for name in (
         "FUTEX_WAIT_PRIVATE",

@@ -19,29 +19,30 @@ from __future__ import annotations
 import enum
 import mmap
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from splitvmm.native._kvm import ffi, lib
 
-_R = TypeVar("_R", bound=tuple)
+_R = TypeVar("_R", bound=tuple[object, ...])
 
 
-def _same_type_eq(self: tuple, other: object) -> bool:
-    return type(self) is type(other) and tuple.__eq__(self, other)  # type: ignore[arg-type]
+def _same_type_eq(self: tuple[object, ...], other: object) -> bool:
+    return type(self) is type(other) and tuple.__eq__(self, other)
 
 
-def _same_type_ne(self: tuple, other: object) -> bool:
+def _same_type_ne(self: tuple[object, ...], other: object) -> bool:
     return not _same_type_eq(self, other)
 
 
 def _access_record(cls: type[_R]) -> type[_R]:
     """A NamedTuple that equals only records of its own type: PioIn(0x60, 1, 1) equals
     neither the tuple (0x60, 1, 1) nor a record of another kind with the same fields."""
-    cls.__eq__ = _same_type_eq  # type: ignore[assignment]
-    cls.__ne__ = _same_type_ne  # type: ignore[assignment]
-    cls.__hash__ = tuple.__hash__  # type: ignore[assignment]
+    # Replacing methods of a made class is what this decorator is for (a NamedTuple takes no
+    # mixin base): mypy cannot check an assignment to a method, so each line says so.
+    cls.__eq__ = _same_type_eq  # type: ignore[method-assign]
+    cls.__ne__ = _same_type_ne  # type: ignore[method-assign, assignment]
+    cls.__hash__ = tuple.__hash__  # type: ignore[method-assign]
     return cls
 
 
@@ -51,7 +52,8 @@ class PioIn(NamedTuple):
 
     port: int
     size: int
-    count: int
+    # kvm_run's io.count; shadowing tuple.count() is deliberate: a record is never searched.
+    count: int  # type: ignore[assignment]
 
 
 @_access_record
@@ -108,7 +110,7 @@ class InternalError:
 
     @property
     def emulation_failure(self) -> bool:
-        return self.suberror == lib.KVM_INTERNAL_ERROR_EMULATION
+        return self.suberror == int(lib.KVM_INTERNAL_ERROR_EMULATION)
 
 
 class SystemEventKind(enum.Enum):
@@ -199,7 +201,7 @@ _MMIO_DATA_MAX = _MMIO_DATA_TYPE.length
 # The hot path's constants as module globals: a cffi `lib.X` lookup costs more than a global.
 _EXIT_IO, _EXIT_IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_IO_OUT
 _EXIT_MMIO, _EXIT_INTR = lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
-_new: Callable[..., Any] = tuple.__new__
+_new = tuple.__new__
 _IMMEDIATE_EXIT = ffi.offsetof(_RUN, "immediate_exit")
 _INSN_MAX = _field(_RUN, "emulation_failure.insn_bytes")[1].length
 

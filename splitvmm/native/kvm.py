@@ -12,7 +12,7 @@ import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
@@ -40,15 +40,15 @@ _KICKED = (errno.EINTR, errno.EAGAIN)  # KVM_RUN stopped by a signal or immediat
 
 # Header constants the monitor's vCPU setup needs, by their header names (<linux/kvm.h>,
 # <asm/processor-flags.h>): code outside native/ never imports the cffi module itself.
-KVM_CAP_TSC_DEADLINE_TIMER = lib.KVM_CAP_TSC_DEADLINE_TIMER
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-KVM_MP_STATE_RUNNABLE = lib.KVM_MP_STATE_RUNNABLE
-X86_CR0_PE = lib.X86_CR0_PE
-X86_CR0_ET = lib.X86_CR0_ET
-X86_CR0_NE = lib.X86_CR0_NE
-X86_CR0_PG = lib.X86_CR0_PG
-X86_CR4_PAE = lib.X86_CR4_PAE
-X86_EFLAGS_FIXED = lib.X86_EFLAGS_FIXED
+KVM_CAP_TSC_DEADLINE_TIMER: int = lib.KVM_CAP_TSC_DEADLINE_TIMER
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX: int = lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+KVM_MP_STATE_RUNNABLE: int = lib.KVM_MP_STATE_RUNNABLE
+X86_CR0_PE: int = lib.X86_CR0_PE
+X86_CR0_ET: int = lib.X86_CR0_ET
+X86_CR0_NE: int = lib.X86_CR0_NE
+X86_CR0_PG: int = lib.X86_CR0_PG
+X86_CR4_PAE: int = lib.X86_CR4_PAE
+X86_EFLAGS_FIXED: int = lib.X86_EFLAGS_FIXED
 
 # Capabilities without which we refuse to start (one clear sentence names the missing one).
 REQUIRED_CAPS = {
@@ -63,17 +63,18 @@ REQUIRED_CAPS = {
 }
 
 # Snapshot state sizes, all from <linux/kvm.h>: vmstate.py refuses raw state of any other size.
-XSAVE_MIN_SIZE = ffi.sizeof("struct kvm_xsave")  # KVM_GET_XSAVE's buffer; KVM_CAP_XSAVE2 >= this
-FPU_SIZE = ffi.sizeof("struct kvm_fpu")
-LAPIC_SIZE = ffi.sizeof("struct kvm_lapic_state")
-VCPU_EVENTS_SIZE = ffi.sizeof("struct kvm_vcpu_events")
-DEBUGREGS_SIZE = ffi.sizeof("struct kvm_debugregs")
-IRQCHIP_SIZE = lib.SV_IRQCHIP_CHIP_SIZE  # the `chip` union of struct kvm_irqchip
-PIT_STATE2_SIZE = ffi.sizeof("struct kvm_pit_state2")
-MAX_XCRS = lib.KVM_MAX_XCRS
+# KVM_GET_XSAVE's buffer; KVM_CAP_XSAVE2 >= this
+XSAVE_MIN_SIZE: int = ffi.sizeof("struct kvm_xsave")
+FPU_SIZE: int = ffi.sizeof("struct kvm_fpu")
+LAPIC_SIZE: int = ffi.sizeof("struct kvm_lapic_state")
+VCPU_EVENTS_SIZE: int = ffi.sizeof("struct kvm_vcpu_events")
+DEBUGREGS_SIZE: int = ffi.sizeof("struct kvm_debugregs")
+IRQCHIP_SIZE: int = lib.SV_IRQCHIP_CHIP_SIZE  # the `chip` union of struct kvm_irqchip
+PIT_STATE2_SIZE: int = ffi.sizeof("struct kvm_pit_state2")
+MAX_XCRS: int = lib.KVM_MAX_XCRS
 # Where the IOAPIC's redirection table starts in KVM_GET_IRQCHIP's bytes (8 bytes a pin, laid
 # out as the IOAPIC's own 64-bit redirection entries).
-IOAPIC_REDIRTBL_OFFSET = lib.SV_IOAPIC_REDIRTBL_OFFSET
+IOAPIC_REDIRTBL_OFFSET: int = lib.SV_IOAPIC_REDIRTBL_OFFSET
 # Where each PIT channel's count_load_time (host CLOCK_MONOTONIC ns) sits in kvm_pit_state2.
 PIT_LOAD_TIME_OFFSETS = tuple(
     ffi.offsetof("struct kvm_pit_state2", "channels")
@@ -203,7 +204,7 @@ class _Fd:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> _Fd:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -413,7 +414,7 @@ class VmFd(_Fd):
         line.irq = irq
         line.level = level
         _ioctl_ptr(self.fd, lib.KVM_IRQ_LINE_STATUS, line, "KVM_IRQ_LINE_STATUS")
-        return line.level  # KVM reports back the delivery status in the same field
+        return int(line.level)  # KVM reports back the delivery status in the same field
 
     def ioapic_irr(self) -> int:
         """The IOAPIC's interrupt request register: bit N set while pin N is asserted."""
@@ -563,7 +564,7 @@ class VcpuFd(_Fd):
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")
         _ioctl_ptr(self.fd, lib.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
-        return state.mp_state
+        return int(state.mp_state)
 
     def set_mp_state(self, mp_state: int) -> None:
         state = ffi.new("struct kvm_mp_state *", {"mp_state": mp_state})

@@ -49,7 +49,7 @@ def abi_version() -> int:
         if err in (errno.ENOSYS, errno.EOPNOTSUPP):
             raise LandlockUnavailable(err, "landlock_create_ruleset: Landlock is not enabled")
         raise OSError(err, f"landlock_create_ruleset(VERSION): {os.strerror(err)}")
-    return ret
+    return int(ret)
 
 
 def fs_rights(abi: int) -> int:
@@ -61,26 +61,25 @@ def fs_rights(abi: int) -> int:
     return rights
 
 
-REMOVE_DIR = lib.LANDLOCK_ACCESS_FS_REMOVE_DIR  # on a parent: rmdir (or rename) a child dir
+REMOVE_DIR = int(lib.LANDLOCK_ACCESS_FS_REMOVE_DIR)  # on a parent: rmdir (or rename) a child dir
 
 
 # Rights that make sense on a directory hierarchy we only read (imports, tracebacks).
 def read_rights() -> int:
-    return lib.LANDLOCK_ACCESS_FS_READ_FILE | lib.LANDLOCK_ACCESS_FS_READ_DIR
+    return int(lib.LANDLOCK_ACCESS_FS_READ_FILE | lib.LANDLOCK_ACCESS_FS_READ_DIR)
 
 
 def remove_rights() -> int:
     """List a hierarchy and remove what is in it (a tear-down): nothing is made or read."""
-    return lib.LANDLOCK_ACCESS_FS_READ_DIR | lib.LANDLOCK_ACCESS_FS_REMOVE_FILE | REMOVE_DIR
+    return int(lib.LANDLOCK_ACCESS_FS_READ_DIR | lib.LANDLOCK_ACCESS_FS_REMOVE_FILE | REMOVE_DIR)
 
 
 def new_files_rights() -> int:
     """Make directories and regular files, write them, rename and remove them (a snapshot
     writer): no file is read or truncated, no link, device, FIFO or socket is made, nothing
     is moved in from elsewhere (no REFER)."""
-    return (
-        remove_rights()
-        | lib.LANDLOCK_ACCESS_FS_MAKE_DIR
+    return remove_rights() | int(
+        lib.LANDLOCK_ACCESS_FS_MAKE_DIR
         | lib.LANDLOCK_ACCESS_FS_MAKE_REG
         | lib.LANDLOCK_ACCESS_FS_WRITE_FILE
     )

@@ -79,7 +79,7 @@ import stat
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-import pyseccomp as seccomp  # type: ignore[import-untyped]
+import pyseccomp as seccomp
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, landlock

@@ -157,7 +157,8 @@ def _decode_reply(data: bytes, fds: list[int]) -> _Reply:
         msg = json.loads(data)
     except ValueError:  # UnicodeDecodeError included
         raise ValueError(f"a message is not JSON: {data[:100]!r}") from None
-    shape = _REPLIES.get(msg.get("op")) if isinstance(msg, dict) else None
+    op = msg.get("op") if isinstance(msg, dict) else None
+    shape = _REPLIES.get(op) if isinstance(op, str) else None  # a list op is unhashable
     if shape is None:
         raise ValueError(f"unknown message {clip(repr(msg))}")
     keys, nfds = shape

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyseccomp as seccomp  # type: ignore[import-untyped]
+import pyseccomp as seccomp
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native.confine import CLONE_THREAD, FUTEX_OPS, PRCTL_OPTIONS

@@ -30,9 +30,9 @@ import stat
 
 from splitvmm.errors import shown
 from splitvmm.hostpath import HostFileError, open_host_file
-from splitvmm.snapshot.format import MANIFEST_SIG as SIG_FILE
-from splitvmm.snapshot.format import SnapshotError
+from splitvmm.snapshot.format import MANIFEST_SIG, SnapshotError
 
+SIG_FILE = MANIFEST_SIG  # the signature's file name, for the reader and the writer
 SIG_PREFIX = b"hmac-sha256:"
 SIG_RE = re.compile(rb"hmac-sha256:([0-9a-f]{64})\n?")
 MAX_SIG_BYTES = 128

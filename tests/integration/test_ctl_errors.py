@@ -82,6 +82,16 @@ def test_ctl_status_bad_reply_is_one_line_error(monitor, words):
     assert_one_line_error(ctl(monitor.sock.getsockname(), "status"), words)
 
 
+@pytest.mark.parametrize(
+    "monitor",
+    [b'{"ok": true, "devices": [1]}\n', b'{"ok": true, "devices": "ab"}\n'],
+    indirect=True,
+)
+def test_ctl_devices_reply_devices_not_objects_is_one_line_error(monitor):
+    result = ctl(monitor.sock.getsockname(), "devices")
+    assert_one_line_error(result, "lacks what this command shows (TypeError('devices is not")
+
+
 @pytest.mark.parametrize("monitor", [b""], indirect=True)
 def test_ctl_status_hung_monitor_is_one_line_error(monitor, monkeypatch):
     monkeypatch.setattr(control, "CLIENT_TIMEOUT_S", 0.2)

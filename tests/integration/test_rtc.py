@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import zmq
-from splitvmm.native._kvm import lib
 
 from splitvmm.devprocs.rtc import Reg, RegB, RegC
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.slot import DeviceSlot, Spawn
+from splitvmm.native._kvm import lib
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import IRQCHIP_PIC_SLAVE, Kvm
 from splitvmm.protocol.models import RTC

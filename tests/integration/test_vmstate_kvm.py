@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
-from splitvmm.native._kvm import ffi
 
 from splitvmm.monitor import layout
 from splitvmm.monitor.cpuid import CpuidMask, setup_cpuid
@@ -32,6 +31,7 @@ from splitvmm.monitor.vmstate import (
     save_vm,
     to_dict,
 )
+from splitvmm.native._kvm import ffi
 from splitvmm.native.exits import INTERRUPTED, PioOut
 from splitvmm.native.kvm import KVM_MP_STATE_RUNNABLE, PIT_LOAD_TIME_OFFSETS, Kvm, VcpuFd, VmFd
 from splitvmm.native.mem import mapping_address

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import struct
 
-from splitvmm.native._kvm import ffi
-
 from splitvmm.monitor.boot64 import (
     BOOT_GDT_ENTRIES,
     MSR_IA32_MISC_ENABLE,
@@ -17,6 +15,7 @@ from splitvmm.monitor.boot64 import (
     write_boot_tables,
 )
 from splitvmm.monitor.layout import BOOT_GDT, BOOT_STACK_TOP, PML4, ZERO_PAGE
+from splitvmm.native._kvm import ffi
 from tests.fakes import FakeGuestMemory
 
 ADDR_MASK = ((1 << 52) - 1) & ~0xFFF

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from splitvmm.native._kvm import ffi, lib
 
+from splitvmm.native._kvm import ffi, lib
 from splitvmm.native.exits import (
     HLT,
     INTERRUPTED,

@@ -37,6 +37,22 @@ def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
         raise click.ClickException(str(e)) from None
 
 
+def reply_int(reply: dict[str, object], key: str) -> int:
+    """The integer a reply holds at `key` (KeyError, TypeError: emit() says the reply lacks it)."""
+    value = reply[key]
+    if not isinstance(value, int):
+        raise TypeError(f"{key} is not an integer")
+    return value
+
+
+def reply_objects(reply: dict[str, object], key: str) -> list[dict[str, object]]:
+    """The list of JSON objects a reply holds at `key` (else KeyError or TypeError)."""
+    items = reply[key]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise TypeError(f"{key} is not a list of objects")
+    return items
+
+
 def emit(
     reply: dict[str, object], as_json: bool, human: Callable[[dict[str, object]], str]
 ) -> None:

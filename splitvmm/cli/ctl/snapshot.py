@@ -34,7 +34,7 @@ def _request(directory: Path, key_file: Path | None) -> dict[str, object]:
 
 
 def _human(r: dict[str, object], verb: str) -> str:
-    size = int(r["bytes"]) / (1 << 20)  # type: ignore[call-overload]
+    size = common.reply_int(r, "bytes") / (1 << 20)
     signed = ", signed" if r.get("signed") else ""
     return f"{verb} {r['path']}: {size:.1f} MiB{signed}, VM paused {r['pause_ms']} ms"
 

@@ -19,8 +19,9 @@ def _device_lines(devices: list[dict[str, object]]) -> str:
 
 def _status_text(r: dict[str, object]) -> str:
     return (
-        f"{r['name']}: {r['state']}, {r['vcpus']} vCPU(s), {int(r['memory']) >> 20} MiB, "  # type: ignore[call-overload]
-        f"up {r['uptime_s']} s, monitor pid {r['pid']}\n" + _device_lines(r["devices"])  # type: ignore[arg-type]
+        f"{r['name']}: {r['state']}, {r['vcpus']} vCPU(s), {common.reply_int(r, 'memory') >> 20} "
+        f"MiB, up {r['uptime_s']} s, monitor pid {r['pid']}\n"
+        + _device_lines(common.reply_objects(r, "devices"))
     )
 
 
@@ -53,7 +54,11 @@ def resume(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def devices(ctx: click.Context, as_json: bool) -> None:
     """The VM's device processes."""
-    common.emit(common.call(ctx, "devices"), as_json, lambda r: _device_lines(r["devices"]))  # type: ignore[arg-type]
+    common.emit(
+        common.call(ctx, "devices"),
+        as_json,
+        lambda r: _device_lines(common.reply_objects(r, "devices")),
+    )
 
 
 COMMANDS = (status, pause, resume, devices)
