@@ -67,7 +67,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypedDict, TypeVar
 
 from splitvmm.errors import KvmError, StateError
 from splitvmm.native.kvm import (
@@ -148,8 +148,12 @@ def _struct(name: str, layout: Layout) -> Any:
     return TypedDict(name, fields)  # type: ignore[operator]
 
 
-KvmRegs = _struct("KvmRegs", REGS_LAYOUT)
-KvmSregs = _struct("KvmSregs", SREGS_LAYOUT)
+if TYPE_CHECKING:  # built at run time from the layouts, for the schema; plain dicts to mypy
+    KvmRegs = dict[str, int]
+    KvmSregs = dict[str, Any]
+else:
+    KvmRegs = _struct("KvmRegs", REGS_LAYOUT)
+    KvmSregs = _struct("KvmSregs", SREGS_LAYOUT)
 # CpuidEntry lives in native/, which cannot import the schema: its fields are all __u32.
 Cpuid = Annotated[CpuidEntry, FieldTypes({f.name: u32 for f in dataclasses.fields(CpuidEntry)})]
 

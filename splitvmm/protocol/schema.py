@@ -292,7 +292,7 @@ def _build(tp: object) -> _Plan:
         return builder(base, args, meta)
     if isinstance(base, type) and dataclasses.is_dataclass(base):
         return _record(base, meta)
-    if typing.is_typeddict(base):
+    if isinstance(base, type) and typing.is_typeddict(base):
         _only(meta, (), tp)
         return _typed_dict(base)
     raise TypeError(f"schema: unsupported type {tp!r}")
@@ -603,6 +603,7 @@ def _dict(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _
     key_type, value_type = args if args else (str, Any)
     key_plan, value = _plan(key_type), _plan(value_type)
     bare_key = _split(key_type)[0]
+    where: Callable[[Any], str]  # how an entry is named in a message
     if bare_key is int:
         enc_key, dec_key = _int_key(key_plan)
         where = "[{}]".format  # msrs[0xc0000080]

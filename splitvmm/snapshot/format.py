@@ -216,4 +216,6 @@ def parse_manifest(data: bytes) -> Manifest:
     body = {k: v for k, v in doc.items() if k not in ("format", "format_version")}
     body = schema.upgrade(Manifest, version, body, what="snapshot format", error=SnapshotError)
     manifest = schema.decode(Manifest, body, where=MANIFEST, error=SnapshotError)
+    if type(version) is not int:  # upgrade() read it already: this only tells the type checker
+        raise SnapshotError(f"{MANIFEST}: format_version {shown(version)} is not an integer")
     return replace(manifest, read_version=version)

@@ -32,13 +32,13 @@ import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Final, Protocol
 
 from splitvmm.snapshot.format import PAGE_SIZE, SnapshotError
 
 MAGIC = b"SVMMRAM\0"
 VERSION = 1
-ENCODING = "sparse-v1"
+ENCODING: Final = "sparse-v1"
 HEADER = struct.Struct("<8sIIQQ")  # magic, version, page_size, memory_size, reserved
 RECORD = struct.Struct("<QQ")  # offset, length
 END_OFFSET = (1 << 64) - 1

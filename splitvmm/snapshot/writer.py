@@ -32,6 +32,7 @@ from splitvmm.snapshot import ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
     ChunkEntry,
+    Kind,
     Manifest,
     MemoryEntry,
     RegionEntry,
@@ -137,7 +138,7 @@ class SnapshotWriter:
             raise SnapshotError(f"chunk {name}: the name is used twice")
 
     def add_json_chunk(
-        self, kind: str, name: str, state_version: int, payload: Any, model: str | None = None
+        self, kind: Kind, name: str, state_version: int, payload: Any, model: str | None = None
     ) -> ChunkEntry:
         """Add a vCPU, VM or device state; `model` is the device model (kind "device" only)."""
         with self._guarded(f"chunk {name}"):
