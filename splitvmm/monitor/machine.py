@@ -324,6 +324,7 @@ class Machine:
                 "restarts": max(0, s.generation - 1),
                 "last_failure": s.last_failure,
                 "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
+                "longest_stall_ms": round(s.longest_stall_ms, 1),
             }
             for s in self.slots
         ]

@@ -191,6 +191,7 @@ class DeviceSlot:
         self.crashes = 0
         self.last_failure = ""  # why the device failed last (it may be back since)
         self.recover_ms: float | None = None  # crash -> serving again, the last restart
+        self.longest_stall_ms = 0.0  # the longest an access waited for the device to be back
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
         self._frames = 0  # reads, writes and input the device got, over the slot's life
@@ -405,18 +406,21 @@ class DeviceSlot:
     def _await_live(self) -> DeviceChannel | None:
         """The channel of the live device; while it is away, wait (the lock released) until it
         is back, at most AWAY_WAIT_MS. None if it is not back by then, or has failed."""
-        deadline = None
+        if self.state is not SlotState.AWAY:
+            return self.channel if self.state is SlotState.LIVE else None
+        start = time.monotonic()
         while self.state is SlotState.AWAY:
             wait_ms = RESTART_WAIT_MS if self.restarting else AWAY_WAIT_MS
-            deadline = deadline or time.monotonic() + wait_ms / 1000
-            left = deadline - time.monotonic()
+            left = start + wait_ms / 1000 - time.monotonic()
             if left <= 0:
-                return None
+                break
             self.waiting += 1
             try:
                 self._back.wait(left)
             finally:
                 self.waiting -= 1
+        stall_ms = (time.monotonic() - start) * 1e3
+        self.longest_stall_ms = max(self.longest_stall_ms, stall_ms)
         return self.channel if self.state is SlotState.LIVE else None
 
     # -- events: what the device says unasked (protocol/events.py), checked by its channel ------
