@@ -3,7 +3,10 @@
 [vm]      name, memory ("64M", "2G"), vcpus, cpuid_mask (list of "leaf[.sub].reg:bits"),
           snapshot_dirs (where `ctl snapshot` may write: the monitor can reach nothing else)
 [boot]    kernel (bzImage or ELF) [+ initrd, cmdline], or firmware (flat binary)
-[[device]] name, model, on_crash, and the model's own options
+[[device]] name, model, on_crash ("stop", "restart" or "leave"), max_restarts and
+          restart_window (the restart budget: at most max_restarts restarts within any
+          restart_window, seconds or "10s"/"500ms"; then the VM stops), and the model's own
+          options
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 1 << 40
 ON_CRASH = ("stop", "restart", "leave")
+# The restart budget's defaults are systemd's (StartLimitBurst=5 in StartLimitIntervalSec=10s).
+DEFAULT_MAX_RESTARTS = 5
+DEFAULT_RESTART_WINDOW_S = 10.0
+MAX_RESTARTS = 1_000_000
+MAX_RESTART_WINDOW_S = 86400.0
+DURATION_RE = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m)?$")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 # Validate with fullmatch(): `$` also matches before a trailing newline, so match() would take
 # "vm\n" (the anchors stay so that a stray match() cannot take a prefix either).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -38,7 +48,7 @@ SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MODEL_OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     m.name: {o.name: (o.kind, o.default) for o in m.options} for m in MODELS.values()
 }
-ALWAYS_ALLOWED = {"name", "model", "on_crash"}
+ALWAYS_ALLOWED = {"name", "model", "on_crash", "max_restarts", "restart_window"}
 
 # Options that name a host resource (a file, socket, disk image, TAP). A snapshot is untrusted,
 # so a restore never takes one from its manifest: the operator names each (the config given to
@@ -80,6 +90,8 @@ class DeviceSection:
     model: str
     on_crash: str = "stop"
     options: dict[str, Any] = field(default_factory=dict)
+    max_restarts: int = DEFAULT_MAX_RESTARTS  # on_crash = "restart": its budget
+    restart_window_s: float = DEFAULT_RESTART_WINDOW_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +243,45 @@ def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
             raise ConfigError(
                 f"{where}.{option.name}: expected one of {allowed}, got {shown(options[option.name])}"
             )
-    return DeviceSection(name, model, on_crash, options)
+    max_restarts = _int(
+        table, "max_restarts", where, range(0, MAX_RESTARTS + 1), DEFAULT_MAX_RESTARTS
+    )
+    window = _duration(table, "restart_window", where, DEFAULT_RESTART_WINDOW_S)
+    if on_crash != "restart" and ("max_restarts" in table or "restart_window" in table):
+        raise ConfigError(
+            f'{where}.max_restarts: a restart budget needs on_crash = "restart", not {on_crash!r}'
+        )
+    return DeviceSection(
+        name,
+        model,
+        on_crash,
+        options,
+        max_restarts,
+        window,
+    )
+
+
+def _duration(table: dict[str, Any], key: str, where: str, default: float) -> float:
+    """Seconds, as a number or a string with a unit ("10s", "500ms", "1m")."""
+    value = table.get(key, default)
+    if isinstance(value, str):
+        m = DURATION_RE.fullmatch(value.strip())
+        if m is None:
+            raise ConfigError(
+                f'{where}.{key}: {shown(value)} is not a duration (seconds, or "10s", '
+                '"500ms", "1m")'
+            )
+        seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigError(
+            f"{where}.{key}: expected seconds or a duration string, got "
+            f"{type(value).__name__} {shown(value)}"
+        )
+    if not 0 < seconds <= MAX_RESTART_WINDOW_S:
+        raise ConfigError(f"{where}.{key}: {shown(value)} is outside 0..{MAX_RESTART_WINDOW_S:g} s")
+    return seconds
 
 
 def parse_config(
@@ -318,7 +368,12 @@ def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
     for model in DEFAULT_DEVICES:  # left out on purpose: it stays out when read back
         if not any(d.model == model for d in cfg.devices):
             vm[model] = False
-    devices = [
-        {"name": d.name, "model": d.model, "on_crash": d.on_crash, **d.options} for d in cfg.devices
-    ]
+    devices = [_device_table(d) for d in cfg.devices]
     return {"vm": vm, "boot": boot, "device": devices}
+
+
+def _device_table(d: DeviceSection) -> dict[str, Any]:
+    table: dict[str, Any] = {"name": d.name, "model": d.model, "on_crash": d.on_crash}
+    if d.on_crash == "restart":
+        table |= {"max_restarts": d.max_restarts, "restart_window": d.restart_window_s}
+    return table | d.options

@@ -63,9 +63,13 @@ class DeviceEvents:
         self.dropped = 0
         self.routes: dict[int, tuple[bool, str]] = {}  # route id -> (ok, reason), answered
         self._next_route = 0
+        # (frames applied, output bytes emitted): set by the runtime, which counts them; each
+        # publish then is a checkpoint a restart can start from (protocol/events.py).
+        self.progress: Callable[[], tuple[int, int]] | None = None
 
     def publish(self, state_document: dict[str, object]) -> None:
-        self._state = events.encode_publish(state_document)
+        progress = self.progress() if self.progress is not None else None
+        self._state = events.encode_publish(state_document, progress)
         self.flush()
 
     def report(self, message: str) -> None:

@@ -19,6 +19,11 @@ deadline and the VM would end. So:
   fits. A driver that waits for room loses nothing; the device counts what a
   driver that does not wait loses.
 
+Across a crash restart (monitor/slot.py) the buffer counts what left it, `emitted`
+(carried over from the dead process's checkpoint), and drops the first `skip` bytes
+it would send: the bytes the dead process had written already, which the new one
+produces again when it re-applies the frames after its checkpoint.
+
 While the device is quiesced for a snapshot the buffer is `held`: nothing
 leaves, since the buffered bytes are part of the state being saved, and a VM
 suspended to disk sends them once, after its restore.
@@ -98,6 +103,8 @@ class BoundedOutput:
         self.line = line
         self.capacity = capacity
         self.held = False  # quiesced: keep every byte (see the module docstring)
+        self.emitted = 0  # bytes that left the buffer, over the device's life (restarts too)
+        self.skip = 0  # bytes to drop unsent: a dead process of the device sent them already
         self._buf = bytearray()
 
     def room(self) -> int:
@@ -127,7 +134,7 @@ class BoundedOutput:
             return self._discard()
         if self.held:
             return 0
-        sent = 0
+        sent = self._skip()
         while self._buf:
             try:
                 with memoryview(self._buf) as view:
@@ -140,7 +147,16 @@ class BoundedOutput:
                 break
             del self._buf[:n]
             sent += n
+            self.emitted += n
         return sent
+
+    def _skip(self) -> int:
+        n = min(self.skip, len(self._buf))
+        if n:
+            del self._buf[:n]
+            self.skip -= n
+            self.emitted += n
+        return n
 
     def drain(self, timeout_ms: int = FLUSH_TIMEOUT_MS) -> int:
         """flush(), waiting up to timeout_ms for a slow line; the bytes that left."""
@@ -159,4 +175,5 @@ class BoundedOutput:
     def _discard(self) -> int:
         n = len(self._buf)
         self._buf.clear()
+        self.emitted += n
         return n

@@ -36,6 +36,9 @@ WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
 CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
 READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
 READY_POLL_MS = 100  # how often we look whether it died before READY
+# A process seen dead (pidfd) may have answered just before: its frames are in the kernel's
+# socket buffer, and ZeroMQ's I/O thread hands them over before it reports the disconnect.
+GONE_WAIT_MS = 100
 
 
 class ChannelError(SplitvmmError):
@@ -82,6 +85,18 @@ class DeviceChannel:
             os.close(listener)
             raise
         self.sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._pidfd: int | None = None
+        self._gone: zmq.Socket[bytes] | None = None  # ZeroMQ's disconnect events, once watched
+
+    def watch_process(self, process: DeviceProcess) -> None:
+        """A request fails as soon as `process` ends (its pidfd polls readable), not at its
+        deadline: a vCPU waiting on a device that died is told at once."""
+        if self._pidfd is None and process.pidfd >= 0:
+            self._pidfd = process.pidfd
+            self._poller.register(process.pidfd, zmq.POLLIN)
+            self._gone = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def wait_ready(self, process: DeviceProcess) -> None:
         """READY, or ChannelError saying why not (the device's own words, truncated)."""
@@ -160,10 +175,7 @@ class DeviceChannel:
             self.sock.send(frame)
             deadline = time.monotonic() + timeout_ms / 1000
             for _ in range(events.MAX_EVENTS_PER_REQUEST + 1):
-                # A blocking recv with a deadline: one wait fewer than poll() then recv().
-                left_ms = max(0, round((deadline - time.monotonic()) * 1000))
-                self.sock.setsockopt(zmq.RCVTIMEO, left_ms)
-                buf = self.sock.recv()
+                buf = self._recv(deadline)
                 if not events.is_event(buf):  # replies are binary, or control of another op
                     return buf
                 self._handle_event(buf)
@@ -175,11 +187,38 @@ class DeviceChannel:
         except zmq.ZMQError as e:
             raise ChannelError(str(e)) from None
 
+    def _recv(self, deadline: float) -> bytes:
+        """The next frame by `deadline`; ChannelError if the process ended first."""
+        if self._pidfd is None:  # a blocking recv with a deadline: one wait fewer than poll
+            left_ms = max(0, round((deadline - time.monotonic()) * 1000))
+            self.sock.setsockopt(zmq.RCVTIMEO, left_ms)
+            buf: bytes = self.sock.recv()
+            return buf
+        while True:
+            left_ms = max(0, round((deadline - time.monotonic()) * 1000))
+            ready = dict(self._poller.poll(left_ms))
+            if ready.get(self.sock):
+                buf = self.sock.recv(zmq.NOBLOCK)
+                return buf
+            if ready.get(self._pidfd):
+                return self._last_words()
+            if left_ms == 0:
+                raise zmq.Again()
+
+    def _last_words(self) -> bytes:
+        """What a process that ended during a request sent before it ended, if anything."""
+        if self._gone is not None:
+            self._gone.poll(GONE_WAIT_MS)
+        if _readable(self.sock):
+            buf: bytes = self.sock.recv(zmq.NOBLOCK)
+            return buf
+        raise ChannelError("its process ended during a request")
+
     def drain_events(self) -> None:
         """Handle what the device sent while nobody asked: events only (at most what ZeroMQ
         holds unread, RCVHWM); any other frame breaks the channel."""
         # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
-        while cast(int, self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
+        while _readable(self.sock):
             buf = self.sock.recv(zmq.NOBLOCK)
             if not events.is_event(buf):
                 raise ChannelError("sent a frame nobody asked for")
@@ -195,5 +234,13 @@ class DeviceChannel:
         self._on_event(event)
 
     def close(self) -> None:
+        if self._gone is not None:
+            self.sock.disable_monitor()
+            self._gone.close()
         self.sock.close()
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """A frame waits unread (pyzmq types every option as int | bytes; ZMQ_EVENTS is an int)."""
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ import zmq
 
 from splitvmm import hostpath
 from splitvmm.config import DeviceSection, VmConfig
-from splitvmm.errors import ConfigError, KvmUnavailable
+from splitvmm.errors import ConfigError, DeviceFailure, KvmUnavailable
 from splitvmm.monitor import boot, confinement, layout, loader, restore
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
@@ -32,13 +33,14 @@ from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.monitor.platform import I8042, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir
-from splitvmm.monitor.slot import DeviceSlot, Spawn
+from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor
+from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
 from splitvmm.snapshot.reader import Snapshot
@@ -72,6 +74,11 @@ class Machine:
         self.zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._console: str | None = None  # the device that takes the operator's keyboard
         self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
+        self._budgets = {
+            d.name: RestartBudget(d.max_restarts, d.restart_window_s) for d in cfg.devices
+        }
+        self._restarts: queue.SimpleQueue[DeviceSlot | None] = queue.SimpleQueue()
+        self._supervisor: Supervisor | None = None
 
     def build(self) -> None:
         cfg = self.cfg
@@ -200,24 +207,50 @@ class Machine:
     def _reset(self) -> None:
         self.stop(Outcome(0, "guest reset through the i8042 controller"))
 
-    def _device_failed(self, slot: DeviceSlot, reason: str) -> None:
-        # Until crash recovery exists every on_crash policy but "leave" stops the VM cleanly.
-        if self._device_cfg[slot.name].on_crash == "leave":
+    def _device_failed(self, slot: DeviceSlot, reason: str) -> bool:
+        """A device's on_crash policy (called with its slot's lock held); True: restart it."""
+        cfg = self._device_cfg[slot.name]
+        if self.stopping:
+            return False
+        if cfg.on_crash == "leave":
             log.warning(
                 "device %s stays dead (on_crash = leave); its ports read as all-ones", slot.name
             )
-            return
+            return False
+        if cfg.on_crash == "restart" and slot.state is SlotState.LIVE:
+            if self._budgets[slot.name].take(time.monotonic()):
+                self._restarts.put(slot)
+                return True
+            reason = (
+                f"{reason}; it crashed more than max_restarts = {cfg.max_restarts} times "
+                f"within restart_window = {cfg.restart_window_s:g} s, so it is not restarted"
+            )
         self.stop(Outcome.fault(f"device {slot.name} failed: {reason}"))
+        return False
+
+    def _restarter(self) -> None:
+        """Restarts crashed devices, one at a time, off the vCPU threads (a vCPU's access
+        waits on the slot meanwhile)."""
+        while (slot := self._restarts.get()) is not None:
+            try:
+                slot.restart()
+            except DeviceFailure as e:
+                self.stop(Outcome.fault(str(e)))
+                continue
+            if self._supervisor is not None and slot.process is not None:
+                self._supervisor.watch(slot)
 
     # -- running ------------------------------------------------------------------------
     def run(self) -> Outcome:
         install_kick_handler()
         for slot in self.slots:
             slot.wait_ready()
-        supervisor = Supervisor()
+        supervisor = self._supervisor = Supervisor()
         for slot in self.slots:
             supervisor.watch(slot)
         supervisor.start()
+        restarter = threading.Thread(target=self._restarter, name="restarter", daemon=True)
+        restarter.start()
         # vCPU threads exist before the control socket answers: a pause must see them all.
         self.vcpus = [
             VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop, self.confinement)
@@ -238,6 +271,8 @@ class Machine:
                 v.request_stop()
             for v in self.vcpus:
                 v.join()
+            self._restarts.put(None)
+            restarter.join()
             supervisor.close()
         assert self._outcome is not None
         return self._outcome
@@ -251,7 +286,21 @@ class Machine:
             "resume": lambda req: self._resume(),
             "snapshot": lambda req: self._snapshot(req, suspend=False),
             "suspend": lambda req: self._snapshot(req, suspend=True),
+            "crash-device": self._crash_device,
         }
+
+    def _crash_device(self, req: dict[str, object]) -> dict[str, object]:
+        name, sig = req.get("name"), req.get("signal", "KILL")
+        slot = next((s for s in self.slots if s.name == name), None)
+        if slot is None:
+            raise ControlError(f"crash-device: no device named {str(name)[:63]!r}")
+        if sig not in CRASH_SIGNALS:
+            raise ControlError(f"crash-device: signal must be one of {', '.join(CRASH_SIGNALS)}")
+        try:
+            pid = slot.crash(signal.Signals[f"SIG{sig}"])
+        except DeviceFailure as e:
+            raise ControlError(str(e)) from None
+        return {"name": slot.name, "pid": pid, "signal": sig}
 
     def _status(self) -> dict[str, object]:
         return {
@@ -272,6 +321,13 @@ class Machine:
                 "pid": s.pid,
                 "state": s.state.value,
                 "reason": s.failed or "",
+                "on_crash": self._device_cfg[s.name].on_crash,
+                "generation": s.generation,
+                "crashes": s.crashes,
+                "restarts": max(0, s.generation - 1),
+                "last_failure": s.last_failure,
+                "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
+                "longest_stall_ms": round(s.longest_stall_ms, 1),
             }
             for s in self.slots
         ]

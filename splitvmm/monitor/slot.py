@@ -13,15 +13,52 @@ guest accesses that arrive while the device is away:
     FAILED  it failed and stays dead: accesses read as all-ones at once.
 
 start(), wait_ready() and vacate() change the process in the slot: one thread
-at a time calls them (the machine's; later the one that restarts devices).
+at a time calls them (the machine's, then its restarter's: restart()).
 Accesses and control requests may come from any thread; the slot's lock
 serializes them on the channel.
+
+Crash restart (on_crash = "restart"): the new process must go on exactly where the
+dead one was when it died, not where the last snapshot was. The design:
+
+* Checkpoints. The device's runtime publishes its state every PUBLISH_EVERY frames
+  (devprocs/runtime.py) with `applied`, the number of frames (reads, writes, host
+  input) it had applied, and `emitted`, the output bytes its line had taken. It
+  publishes after the reply to the last frame a checkpoint covers.
+* The journal. The slot numbers the same frames: a posted frame when it is sent
+  (sent to a dead process or not), a read once its reply came back (a read without
+  a reply was never answered to the guest: it is sent again, once, to the new
+  process). Every frame past the last checkpoint received stays in the journal
+  (at most MAX_JOURNAL; past that the device cannot be restarted transparently and
+  its crash stops the VM, saying so). A checkpoint received drops what it covers.
+* The restart. The new process starts from the checkpoint's state and re-applies
+  the journal before READY (read replies thrown away): the serial model is a
+  function of its state and its frames, so it ends in the dead process's state,
+  the guest's reads included (an RBR read after the checkpoint pops its byte
+  again: no input byte comes back twice). A checkpoint lost with the dead process
+  costs only a longer replay: the journal is trimmed by checkpoints received.
+* No output byte twice. The replay produces again the output bytes the dead
+  process produced after its checkpoint, some of which reached the line. For an
+  output that is a regular file (a log, or stdio redirected to a file) the slot
+  knows exactly how many did: the file grew by that much since the slot was made
+  (fstat), so the new process drops `skip = grown - checkpoint.emitted` bytes
+  unsent: every byte once, none lost. For a pipe, socket or terminal no such
+  count exists: bytes sent after the last checkpoint (at most PUBLISH_EVERY
+  frames' worth) may come out twice, never lost (a relay through the monitor
+  would count them too: not built yet).
+* Accesses in the gap wait on the slot (AWAY), up to RESTART_WAIT_MS, since a
+  restart takes longer than a read's deadline on a loaded host.
+
+Guarantee, for a driver that waits for THRE: no input byte lost or repeated; no
+output byte lost; no output byte repeated when the output is a regular file.
 """
 
 from __future__ import annotations
 
+import base64
 import enum
 import logging
+import os
+import stat
 import threading
 import time
 from collections import deque
@@ -35,11 +72,12 @@ from splitvmm.errors import DeviceFailure, SplitvmmError
 from splitvmm.monitor.channel import (
     CONTROL_TIMEOUT_MS,
     READ_TIMEOUT_MS,
+    READY_TIMEOUT_MS,
     ChannelError,
     DeviceChannel,
 )
 from splitvmm.protocol import events, wire
-from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.sandbox.spawn import DeviceProcess
@@ -55,6 +93,10 @@ END_TIMEOUT_S = 5.0  # a killed device is gone at once; its status follows from 
 # a device that crashes faster than that is not restarted again.
 RESTART_BURST = 5
 RESTART_INTERVAL_S = 10.0
+# While a crashed device is being restarted, an access waits for its new process (a Python
+# interpreter's start, ~0.1-1 s on a loaded host) rather than read all-ones.
+RESTART_WAIT_MS = READY_TIMEOUT_MS
+MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
 
 # Starts a device process: the process, and its channel's listening socket (an fd we own).
 # The launcher's spawn for the machine; tests start theirs with sandbox.spawn.spawn_child.
@@ -71,6 +113,15 @@ class Spawn:
     options: dict[str, object] = field(default_factory=dict)
     fds: dict[str, int] = field(default_factory=dict)
     state: dict[str, object] | None = None  # restore: the device's saved state document
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A state the device published, and the frames and output bytes it covers."""
+
+    state: dict[str, object] | None
+    applied: int = 0
+    emitted: int = 0
 
 
 class SlotState(enum.Enum):
@@ -108,8 +159,10 @@ class DeviceSlot:
         runtime_dir: Path,
         spawner: Spawner,
         zctx: zmq.Context[zmq.Socket[bytes]],
-        on_failure: Callable[[DeviceSlot, str], None],
+        on_failure: Callable[[DeviceSlot, str], bool],
     ) -> None:
+        """`on_failure(slot, why)` applies the device's on_crash policy; True: a restart
+        follows (restart() from another thread), and accesses wait for it."""
         self.name = spawn.name
         self.model = spawn.model
         self.window = spawn.window
@@ -133,6 +186,18 @@ class DeviceSlot:
         self.state = SlotState.AWAY
         self.failed: str | None = None  # why it failed, while FAILED
         self.waiting = 0  # accesses waiting for the device to be back
+        self.restarting = False  # AWAY after a crash, until restart() put a new process in
+        self.supervised = False  # a Supervisor watches its processes (process_ended)
+        self.crashes = 0
+        self.last_failure = ""  # why the device failed last (it may be back since)
+        self.recover_ms: float | None = None  # crash -> serving again, the last restart
+        self.longest_stall_ms = 0.0  # the longest an access waited for the device to be back
+        self._crashed_at = 0.0
+        self._checkpoint = Checkpoint(spawn.state)
+        self._frames = 0  # reads, writes and input the device got, over the slot's life
+        self._journal: deque[tuple[int, bytes]] = deque()  # (number, frame) past the checkpoint
+        self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
+        self._out_fd, self._out_base = _regular_output(spawn)
         self._lock = threading.Lock()
         self._back = threading.Condition(self._lock)  # notified when the state leaves AWAY
         self._reports = RateLimitedLog(log)  # a device's reports: one line a second at most
@@ -147,9 +212,10 @@ class DeviceSlot:
         return self.state is SlotState.LIVE
 
     # -- the process in the slot ---------------------------------------------------------------
-    def start(self) -> None:
-        """Start the device's next process from its last known state. Accesses wait until
-        wait_ready() has seen its READY."""
+    def start(self, resume: dict[str, object] | None = None) -> None:
+        """Start the device's next process from its last known state (or, after a crash,
+        from its last checkpoint and `resume`). Accesses wait until wait_ready() has seen
+        its READY."""
         with self._lock:
             if self.process is not None or self.state is not SlotState.AWAY:
                 raise DeviceFailure(
@@ -161,7 +227,8 @@ class DeviceSlot:
                 self.endpoint,
                 self._fds,
                 self._options,
-                state=self.last_state,
+                state=self._checkpoint.state if resume is not None else self.last_state,
+                resume=resume,
             )
         process, listener = self._spawner(spec)
         try:
@@ -170,6 +237,7 @@ class DeviceSlot:
             _end(self.name, process, None)
             Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
             raise
+        channel.watch_process(process)
         with self._lock:
             self.generation += 1
             self.process, self.channel = process, channel
@@ -188,7 +256,56 @@ class DeviceSlot:
         with self._lock:
             if self.process is process and self.state is SlotState.AWAY:
                 self.state = SlotState.LIVE
+                if self.restarting:
+                    self.restarting = False
+                    self.recover_ms = (time.monotonic() - self._crashed_at) * 1e3
+                    log.warning(
+                        "device %s is back (pid %d, process %d) %.0f ms after its crash",
+                        self.name, process.pid, self.generation, self.recover_ms,
+                    )  # fmt: skip
                 self._back.notify_all()
+
+    def restart(self) -> None:
+        """After a crash the policy restarts: a new process from the last checkpoint, which
+        re-applies the frames past it (the module docstring). DeviceFailure if it cannot."""
+        with self._lock:
+            process, channel = self.process, self.channel
+            self.process = self.channel = None
+            if channel is not None:
+                self._drain_events_locked(channel)  # the dead process's last checkpoint
+        _end(self.name, process, channel)
+        with self._lock:
+            if self.state is not SlotState.AWAY or not self.restarting:
+                return  # closed meanwhile
+            if self._lost > self._checkpoint.applied:
+                why = f"more than {MAX_JOURNAL} frames since its last checkpoint"
+                self._fail_for_good_locked(f"cannot be restarted: {why}")
+                raise DeviceFailure(f"device {self.name} cannot be restarted: {why}")
+            resume = self._resume_locked()
+        try:
+            self.start(resume)
+        except BaseException as e:
+            self.fail(f"its restart failed: {e}")
+            raise
+        self.wait_ready()
+
+    def _resume_locked(self) -> dict[str, object]:
+        cp = self._checkpoint
+        skip = 0
+        if self._out_fd is not None:
+            grown = os.fstat(self._out_fd).st_size - self._out_base
+            skip = max(0, grown - cp.emitted)
+        replay = [base64.b64encode(frame).decode() for _, frame in self._journal]
+        return {"applied": cp.applied, "emitted": cp.emitted, "skip": skip, "replay": replay}
+
+    def crash(self, signum: int) -> int:
+        """Send `signum` to the device's process (ctl crash-device); its pid."""
+        with self._lock:
+            process = self.process
+            if process is None or self.state is not SlotState.LIVE:
+                raise DeviceFailure(f"device {self.name} is {self.state.value}: no process")
+            process.send_signal(signum)
+            return process.pid
 
     def vacate(self) -> None:
         """End the device's process and close its channel: the device is away, and accesses
@@ -204,7 +321,8 @@ class DeviceSlot:
         with self._lock:
             if process is not self.process:
                 return  # an earlier process of the device, ended on purpose (vacate)
-            self._drain_events_locked()  # what it published last is its last known state
+            if self.channel is not None:  # what it published last is its last known state
+                self._drain_events_locked(self.channel)
             # The lock is held while the launcher says how it ended (a few ms): an access
             # meanwhile waits here, not on a dead device until its deadline.
             try:
@@ -217,17 +335,25 @@ class DeviceSlot:
                     if status < 0
                     else f"exited with status {status}"
                 )
+            if self.restarting:  # its channel said so first: say how it ended
+                log.warning("device %s (pid %d) %s", self.name, process.pid, how)
+                return
             self._fail_locked(f"process {how}")
 
     # -- accesses (from vCPU threads, the console, the coordinator) -----------------------------
     def read(self, offset: int, size: int) -> bytes:
+        """The device's answer; all-ones if it failed for good. A read whose device died
+        before answering is sent again to its next process (once: a read that was not
+        answered is in no checkpoint and no journal)."""
         with self._lock:
-            channel = self._await_live()
-            if channel is not None:
+            while (channel := self._await_live()) is not None:
                 try:
-                    return channel.read(offset, size)
+                    data = channel.read(offset, size)
                 except ChannelError as e:
-                    self._fail_locked(str(e))
+                    self._channel_failed_locked(str(e))
+                    continue  # restarting: wait for the new process; failed: all-ones
+                self._journal_locked(wire.encode_read(0, offset, size))
+                return data
             return b"\xff" * size
 
     def write(self, offset: int, data: bytes) -> None:
@@ -242,10 +368,11 @@ class DeviceSlot:
         with self._lock:
             channel = self._await_live()
             if channel is not None:
+                self._journal_locked(frame)  # re-sent to the next process if this one died
                 try:
                     channel.post(frame)
                 except ChannelError as e:
-                    self._fail_locked(str(e))
+                    self._channel_failed_locked(str(e))
 
     def sync(self) -> bool:
         """Wait until a live device applied everything sent so far (posted writes included)."""
@@ -279,25 +406,35 @@ class DeviceSlot:
     def _await_live(self) -> DeviceChannel | None:
         """The channel of the live device; while it is away, wait (the lock released) until it
         is back, at most AWAY_WAIT_MS. None if it is not back by then, or has failed."""
-        deadline = None
+        if self.state is not SlotState.AWAY:
+            return self.channel if self.state is SlotState.LIVE else None
+        start = time.monotonic()
         while self.state is SlotState.AWAY:
-            deadline = deadline or time.monotonic() + AWAY_WAIT_MS / 1000
-            left = deadline - time.monotonic()
+            wait_ms = RESTART_WAIT_MS if self.restarting else AWAY_WAIT_MS
+            left = start + wait_ms / 1000 - time.monotonic()
             if left <= 0:
-                return None
+                break
             self.waiting += 1
             try:
                 self._back.wait(left)
             finally:
                 self.waiting -= 1
-        return self.channel if self.state is SlotState.LIVE else None
+        stall_ms = (time.monotonic() - start) * 1e3
+        self.longest_stall_ms = max(self.longest_stall_ms, stall_ms)
+        return self.channel if self._live() else None
+
+    def _live(self) -> bool:
+        """Read anew: another thread changed the state while this one waited."""
+        return self.state is SlotState.LIVE
 
     # -- events: what the device says unasked (protocol/events.py), checked by its channel ------
     def _on_event(self, event: events.Event) -> None:
         """Called by the channel with the slot's lock held (every channel call is)."""
         match event:
-            case events.Published(state):
-                self.last_state = state  # a restart starts from it, not from the last snapshot
+            case events.Published(state, applied, emitted):
+                self.last_state = state
+                if applied is not None and emitted is not None:
+                    self._checkpoint_locked(Checkpoint(state, applied, emitted))
             case events.Report(message):
                 self._reports.warning("report", "device %s reports: %s", self.name, message)
             case events.RouteRequest(route_id, gsi):
@@ -313,28 +450,69 @@ class DeviceSlot:
             return True, ""
         return False, f"{self.model} devices signal GSI {line}, not {gsi}"
 
-    def _drain_events_locked(self) -> None:
-        if self.channel is None:
-            return
+    # -- the journal: frames past the last checkpoint (the module docstring) --------------------
+    def _journal_locked(self, frame: bytes) -> None:
+        self._frames += 1
+        self._journal.append((self._frames, frame))
+        if len(self._journal) > MAX_JOURNAL:
+            self._lost = self._journal.popleft()[0]
+
+    def _checkpoint_locked(self, cp: Checkpoint) -> None:
+        if cp.applied > self._frames or cp.applied < self._checkpoint.applied:
+            raise ChannelError(
+                f"published a checkpoint at frame {cp.applied}, but it was sent "
+                f"{self._frames} and its last checkpoint was at {self._checkpoint.applied}"
+            )
+        self._checkpoint = cp
+        while self._journal and self._journal[0][0] <= cp.applied:
+            self._journal.popleft()
+
+    def _drain_events_locked(self, channel: DeviceChannel) -> None:
         try:
-            self.channel.drain_events()
+            channel.drain_events()
         except ChannelError as e:  # the device is failing anyway; say what else it did
             log.warning("device %s: %s", self.name, e)
 
     # -- failure and teardown -------------------------------------------------------------------
     def fail(self, reason: str) -> None:
+        """The device failed; a restart that fails is the end of it."""
         with self._lock:
+            if self.restarting:
+                self._fail_for_good_locked(reason)
+                return
             self._fail_locked(reason)
 
     def _fail_locked(self, reason: str) -> None:
-        if self.state is SlotState.FAILED:
+        """The device failed: its on_crash policy restarts it (accesses wait) or not."""
+        if self.state is SlotState.FAILED or self.restarting:
             return
-        self.state, self.failed = SlotState.FAILED, reason
         if self.process is not None:
             self.process.kill()
         log.error("device %s (pid %d) failed: %s", self.name, self.pid, reason)
+        self.crashes += 1
+        self.last_failure, self._crashed_at = reason, time.monotonic()
+        # The policy restarts only a device that was serving (state LIVE when it is asked).
+        if self._on_failure(self, reason) and self.state is SlotState.LIVE:
+            self.state, self.restarting = SlotState.AWAY, True
+            self._back.notify_all()  # an access waiting for the verdict waits for the restart
+            return
+        self._fail_for_good_locked(reason)
+
+    def _channel_failed_locked(self, reason: str) -> None:
+        """The channel broke. If the process is dead and a supervisor watches it, let the
+        supervisor fail the device (process_ended: it says how the process ended)."""
+        process = self.process
+        if self.supervised and process is not None and process.ended():
+            deadline = time.monotonic() + END_TIMEOUT_S
+            while self.process is process and self.state is SlotState.LIVE:
+                if not self._back.wait(max(0.0, deadline - time.monotonic())):
+                    break
+        if self.process is process and self.state is SlotState.LIVE:
+            self._fail_locked(reason)
+
+    def _fail_for_good_locked(self, reason: str) -> None:
+        self.state, self.failed, self.restarting = SlotState.FAILED, reason, False
         self._back.notify_all()  # accesses waiting for the device read all-ones now
-        self._on_failure(self, reason)
 
     def close(self) -> None:
         """End the device for good (the VM is going)."""
@@ -345,6 +523,17 @@ class DeviceSlot:
                 self.state = SlotState.FAILED
             self._back.notify_all()
         _end(self.name, process, channel)
+
+
+def _regular_output(spawn: Spawn) -> tuple[int | None, int]:
+    """The device's output fd and its size now, if it is a regular file (the module
+    docstring: how many output bytes a dead process sent is then known exactly)."""
+    for role in MODELS[spawn.model].fds:
+        fd = spawn.fds.get(role.name)
+        if role.kind is FdKind.OUTPUT and fd is not None:
+            st = os.fstat(fd)
+            return (fd, st.st_size) if stat.S_ISREG(st.st_mode) else (None, 0)
+    return None, 0
 
 
 def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None) -> None:

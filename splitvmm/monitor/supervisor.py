@@ -41,6 +41,7 @@ class Supervisor(threading.Thread):
         pidfd = fcntl.fcntl(process.pidfd, fcntl.F_DUPFD_CLOEXEC, 0)
         with self._lock:
             self._added.append((pidfd, slot, process))
+        slot.supervised = True
         self._wake.trigger()
 
     def run(self) -> None:

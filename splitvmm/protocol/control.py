@@ -62,16 +62,21 @@ class Failed:
 # -- events: what a device sends unasked, and the monitor's answer (events.py says why) ----------
 Unasked = Annotated[int, schema.Range(0, 0)]  # no request to echo: seq is 0
 MAX_ROUTE_ID = (1 << 31) - 1
+MAX_COUNT = (1 << 63) - 1  # a frame or byte count over a device's life
 MAX_GSI = 4095  # KVM's IRQ routing table (KVM_CAP_IRQ_ROUTING) has at most 4096 entries
 PRINTABLE_LINE = schema.Pattern(r"[^\x00-\x1f\x7f-\x9f]*", "one line of printable text")
 
 
 @dataclass(frozen=True, slots=True)
 class PublishEvent(StateDocument):
-    """Device -> monitor: its current state document."""
+    """Device -> monitor: its current state document; with `applied` (the frames it had
+    applied when it took the state: reads, writes, input) and `emitted` (the bytes its output
+    line had taken), a checkpoint a restart starts from (monitor/slot.py)."""
 
     op: Literal["publish"]
     seq: Unasked
+    applied: Annotated[int | None, schema.Range(0, MAX_COUNT), schema.OPTIONAL_KEY] = None
+    emitted: Annotated[int | None, schema.Range(0, MAX_COUNT), schema.OPTIONAL_KEY] = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ A channel is request/reply from the monitor's side; a device may also speak firs
 
     publish  its current state document ({model, version, fields}, as a save returns),
              so that the state a restart starts from is current, not the last snapshot's;
+             with the frames it had applied and the output bytes it had emitted then (a
+             checkpoint: monitor/slot.py replays the frames after it);
     report   an error it wants the operator to see, and carries on (one line of text);
     route    asks for an interrupt route (id, gsi); the monitor checks it against what
              the device's descriptor allows and answers with route_done (id, ok, reason).
@@ -32,6 +34,8 @@ MAX_REPORT_TEXT = control.MAX_ERROR_TEXT
 @dataclass(frozen=True, slots=True)
 class Published:
     state: dict[str, Any]  # {model, version, fields}: the fields stay opaque to the monitor
+    applied: int | None = None  # frames applied when the state was taken (None: not said)
+    emitted: int | None = None  # output bytes its line had taken by then
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +53,12 @@ Event = Published | Report | RouteRequest
 
 
 # -- device side ------------------------------------------------------------------------------
-def encode_publish(state_document: dict[str, Any]) -> bytes:
-    return control.encode({"op": "publish", "seq": 0, **state_document})
+def encode_publish(
+    state_document: dict[str, Any], progress: tuple[int, int] | None = None
+) -> bytes:
+    """`progress`: (frames applied, output bytes emitted) when the state was taken."""
+    extra = {} if progress is None else {"applied": progress[0], "emitted": progress[1]}
+    return control.encode({"op": "publish", "seq": 0, **state_document, **extra})
 
 
 def encode_report(message: str) -> bytes:
@@ -86,7 +94,8 @@ def decode_event(buf: bytes, model: str) -> Event:
     if op == "publish":
         if msg["model"] != model:
             raise ProtocolError(f"state is for model {shown(msg['model'])}, expected {model!r}")
-        return Published({"model": model, "version": msg["version"], "fields": msg["fields"]})
+        state = {"model": model, "version": msg["version"], "fields": msg["fields"]}
+        return Published(state, msg.get("applied"), msg.get("emitted"))
     if op == "report":
         return Report(msg["message"])
     if op == "route":

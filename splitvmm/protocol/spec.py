@@ -9,6 +9,10 @@ from dataclasses import asdict, dataclass, field
 # How a device process is started: this interpreter, the device package, the spec on stdin.
 DEVICE_COMMAND = (sys.executable, "-m", "splitvmm.devprocs")
 
+# What `ctl crash-device --signal` may send a device (monitor.policy allows these, through a
+# pidfd only): the ways a process dies that crash testing wants to see.
+CRASH_SIGNALS = ("KILL", "SEGV", "ABRT", "TERM", "BUS", "ILL", "FPE")
+
 # The most a device reads of its spec: options plus a saved state (restore). The monitor
 # refuses a larger one before it spawns anything (sandbox/spawn.py).
 MAX_SPEC = 2 << 20
@@ -28,6 +32,10 @@ class DeviceSpec:
     hook: str = ""
     # Restore: the device's saved `{model, version, fields}` document (from a snapshot).
     state: dict[str, object] | None = None
+    # Crash restart: where the state above stands, and what to re-apply on top of it,
+    # {"applied": frames, "emitted": output bytes, "skip": output bytes already sent,
+    #  "replay": [base64 frames]} (monitor/slot.py Resume; checked by devprocs/runtime.py).
+    resume: dict[str, object] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -472,8 +472,9 @@ def _decode_spec(data: bytes) -> DeviceSpec:
     for key, kind in types.items():
         if type(getattr(spec, key)) is not kind:
             raise Refused(f"launcher: the spec's {key} is not a {kind.__name__}")
-    if spec.state is not None and type(spec.state) is not dict:
-        raise Refused("launcher: the spec's state is not an object")
+    for key in ("state", "resume"):
+        if getattr(spec, key) is not None and type(getattr(spec, key)) is not dict:
+            raise Refused(f"launcher: the spec's {key} is not an object")
     return spec
 
 

@@ -150,6 +150,15 @@ class DeviceProcess(abc.ABC):
             except ProcessLookupError:
                 pass  # it ended already: only its status is left to collect
 
+    def send_signal(self, signum: int) -> None:
+        """`signum` through the pidfd (ctl crash-device: the monitor's policy allows only
+        the signals it lists)."""
+        if self.returncode is None and self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            except ProcessLookupError:
+                pass  # it ended already
+
     def close(self) -> None:
         if self.pidfd >= 0:
             os.close(self.pidfd)

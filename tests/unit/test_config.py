@@ -171,3 +171,38 @@ def test_config_second_device_at_fixed_ports_refused():
 
     with pytest.raises(ConfigError, match=r"only one rtc device .* fixed ports 0x70-0x71"):
         _cfg(devices=two)
+
+
+DEVICE = {"name": "serial0", "model": "serial"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "budget"),
+    [
+        ({"on_crash": "restart"}, (5, 10.0)),
+        ({"on_crash": "restart", "max_restarts": 3, "restart_window": "500ms"}, (3, 0.5)),
+        ({"on_crash": "restart", "restart_window": 30}, (5, 30.0)),
+        ({"on_crash": "restart", "restart_window": "1m"}, (5, 60.0)),
+    ],
+)
+def test_config_restart_budget_parses_counts_and_durations(extra, budget):
+    from splitvmm.config import _parse_device
+
+    dev = _parse_device({**DEVICE, **extra}, "device")
+    assert (dev.max_restarts, dev.restart_window_s) == budget
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"on_crash": "restart", "max_restarts": -1}, "max_restarts: -1 is outside"),
+        ({"on_crash": "restart", "restart_window": "soon"}, "restart_window: 'soon' is not a"),
+        ({"on_crash": "restart", "restart_window": 0}, "restart_window: 0 is outside"),
+        ({"on_crash": "stop", "max_restarts": 2}, "max_restarts: a restart budget needs on_crash"),
+    ],
+)
+def test_config_bad_restart_budget_raises_error_naming_key(extra, message):
+    from splitvmm.config import _parse_device
+
+    with pytest.raises(ConfigError, match=message):
+        _parse_device({**DEVICE, **extra}, "device")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from splitvmm.cli.ctl import snapshot, state
+from splitvmm.cli.ctl import crash, snapshot, state
 
 
 @click.group("ctl")
@@ -18,9 +18,9 @@ from splitvmm.cli.ctl import snapshot, state
 )
 @click.pass_context
 def command(ctx: click.Context, vm: str | None, socket: Path | None) -> None:
-    """Control a running VM: status, pause, resume, snapshot, suspend, devices."""
+    """Control a running VM: status, pause, resume, snapshot, suspend, devices, crash-device."""
     ctx.obj = {"vm": vm, "socket": socket}
 
 
-for sub in (*state.COMMANDS, *snapshot.COMMANDS):
+for sub in (*state.COMMANDS, *snapshot.COMMANDS, *crash.COMMANDS):
     command.add_command(sub)

@@ -13,7 +13,12 @@ def _device_lines(devices: list[dict[str, object]]) -> str:
     lines = []
     for d in devices:
         reason = f" ({d['reason']})" if d.get("reason") else ""
-        lines.append(f"  {d['name']:<12} {d['model']:<10} pid {d['pid']:<8} {d['state']}{reason}")
+        line = f"  {d['name']:<12} {d['model']:<10} pid {d['pid']:<8} {d['state']}{reason}"
+        if d.get("crashes"):
+            line += f", {d['restarts']} restart(s), last failure: {d['last_failure']}"
+            if d.get("recover_ms") is not None:
+                line += f", back in {d['recover_ms']} ms"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -1,0 +1,135 @@
+"""Device crashes in a running VM: on_crash = "restart" (transparent), "stop", "leave", and
+the restart budget. The serial device's process is killed while a counting guest prints."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from splitvmm.monitor.control import request
+from tests.integration.conftest import vm_toml
+from tests.integration.vmproc import VmProcess
+
+pytestmark = pytest.mark.kvm
+
+KILLS = 20
+COUNT_RE = re.compile(r"^count=(\d+)$")
+
+
+def start_counter(tmp_path: Path, guests: dict[str, Path], device_extra: str) -> VmProcess:
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = ""'
+    config.write_text(vm_toml(boot, "64M", 1, serial) + device_extra)
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm.wait_for(r"^count=\d+$")
+    return vm
+
+
+def serial_device(tmp_path: Path) -> dict[str, object]:
+    reply = request(tmp_path / "run" / "splitvmm" / "test" / "control.sock", "devices")
+    devices = reply["devices"]
+    assert isinstance(devices, list)
+    return next(d for d in devices if d["name"] == "serial0")
+
+
+def wait_back(tmp_path: Path, generation: int) -> dict[str, object]:
+    """The serial device once its process number `generation` serves (polls the socket)."""
+    for _ in range(600):
+        dev = serial_device(tmp_path)
+        if dev["generation"] == generation and dev["state"] == "running":
+            return dev
+        time.sleep(0.02)
+    raise AssertionError(f"serial0 not back as process {generation}: {dev}")
+
+
+def count_lines(text: str) -> list[int]:
+    """Every count= value, checking that each full line is well formed."""
+    lines = text.split("\n")[1:-1]  # the header, and a last line that may be cut
+    values = []
+    for line in lines:
+        m = COUNT_RE.fullmatch(line)
+        assert m, f"garbled line {line!r}"
+        values.append(int(m.group(1)))
+    return values
+
+
+def test_serial_killed_20_times_loses_repeats_and_garbles_no_line(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 100\n')
+    rng = random.Random(11)
+    try:
+        for kill in range(KILLS):
+            time.sleep(rng.uniform(0.01, 0.2))  # a random moment in the guest's printing
+            dev = serial_device(tmp_path)
+            os.kill(int(dev["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+            wait_back(tmp_path, kill + 2)
+        after = len(vm.text())
+        vm.wait_for(r"^count=\d+$", after=after)  # it prints on after the last kill
+        dev = serial_device(tmp_path)
+        assert dev["restarts"] == KILLS and dev["crashes"] == KILLS
+        assert dev["recover_ms"] is not None
+        vm.proc.send_signal(signal.SIGTERM)
+        status, err = vm.finish()
+    finally:
+        if vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.finish()
+    values = count_lines(vm.text())
+    period = values[0]
+    assert values == [period * (k + 1) for k in range(len(values))], "lost or repeated a line"
+    assert err.count("killed by signal 9") == KILLS, err[-2000:]
+
+
+def test_on_crash_stop_ends_the_vm_with_status_4(tmp_path: Path, guests: dict[str, Path]) -> None:
+    vm = start_counter(tmp_path, guests, 'on_crash = "stop"\n')
+    os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    status, err = vm.finish()
+    assert status == 4
+    assert "device serial0 failed" in err and "killed by signal 9" in err, err[-2000:]
+
+
+def test_on_crash_leave_keeps_the_vm_running_reading_all_ones(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    vm = start_counter(tmp_path, guests, 'on_crash = "leave"\n')
+    try:
+        vm.ctl("crash-device", "serial0", "--signal", "SEGV")
+        for _ in range(500):
+            dev = serial_device(tmp_path)
+            if dev["state"] == "failed":
+                break
+            time.sleep(0.02)
+        assert dev["state"] == "failed" and "signal 11" in str(dev["reason"])
+        # The guest polls LSR: all-ones says THRE, so it keeps writing into the void, and runs.
+        assert vm.proc.poll() is None
+        status = request(tmp_path / "run" / "splitvmm" / "test" / "control.sock", "status")
+        assert status["state"] == "running"
+    finally:
+        vm.proc.send_signal(signal.SIGTERM)
+        status_code, err = vm.finish()
+    assert "stays dead (on_crash = leave)" in err
+
+
+def test_device_crashing_in_a_loop_hits_the_budget_and_stops_the_vm(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    vm = start_counter(
+        tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 2\nrestart_window = "60s"\n'
+    )
+    try:
+        for kill in range(2):
+            vm.ctl("crash-device", "serial0")
+            wait_back(tmp_path, kill + 2)
+        vm.ctl("crash-device", "serial0")
+    finally:
+        status, err = vm.finish()
+    assert status == 4
+    assert "max_restarts = 2" in err and "restart_window = 60 s" in err, err[-2000:]
