@@ -360,9 +360,18 @@ class SpawnedDevice:
 
         for op in ("quiesce", "save", "resume"):
             self.sock.send(control.encode({"op": op, "seq": self._next()}))
+            control.decode(self._reply(f"the device did not answer {op}"))
+
+    def _reply(self, silence: str) -> bytes:
+        """The next frame that is not an event (a device publishes its state unasked)."""
+        from splitvmm.protocol import events
+
+        while True:
             if not self.sock.poll(2000):
-                raise click.ClickException(f"the device did not answer {op}")
-            control.decode(self.sock.recv())
+                raise click.ClickException(silence)
+            buf: bytes = self.sock.recv()
+            if not events.is_event(buf):
+                return buf
 
     def _next(self) -> int:
         self._seq += 1
@@ -370,9 +379,7 @@ class SpawnedDevice:
 
     def _request(self, frame: bytes) -> None:
         self.sock.send(frame)
-        if not self.sock.poll(2000):
-            raise click.ClickException("the device stopped answering")
-        self.sock.recv()
+        self._reply("the device stopped answering")
 
     def _drain(self) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -55,7 +55,7 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         ("unsolicited", "sent a frame nobody asked for"),
         ("silent", "no reply within"),
         ("wide-reply", "reply has data past its size"),
-        ("event-flood", "sent more than 16 events around one request"),
+        ("event-flood", "sent more than 256 events around one request"),
         ("bad-event", "bad event: state is for model 'rtc', expected 'serial'"),
     ],
 )
