@@ -16,14 +16,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import zmq
 
-from splitvmm import hostpath
+from splitvmm import hostpath, timings
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import ConfigError, KvmUnavailable
-from splitvmm.monitor import boot, confinement, layout, loader, restore
+from splitvmm.monitor import boot, confinement, layout, loader
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
@@ -41,7 +41,9 @@ from splitvmm.native.mem import mapping_address
 from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
-from splitvmm.snapshot.reader import Snapshot
+
+if TYPE_CHECKING:
+    from splitvmm.snapshot.reader import Snapshot
 
 log = logging.getLogger("splitvmm.machine")
 
@@ -72,6 +74,7 @@ class Machine:
         self.zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._console: str | None = None  # the device that takes the operator's keyboard
         self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
+        self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
 
     def build(self) -> None:
         cfg = self.cfg
@@ -81,8 +84,12 @@ class Machine:
         # the VM. Closed after the devices (_closables go in reverse).
         self.launcher = Launcher.start(self.rundir.path)
         self._closables.append(self.launcher)
+        timings.mark("launcher fork")
         restoring = None  # (snapshot, its checked states), decoded before a process is spawned
         if self.snapshot is not None:
+            # Only a restore imports restore code: a boot does not pay for it.
+            from splitvmm.monitor import restore
+
             restoring = self.snapshot, restore.decode_states(self.snapshot)
         self.kvm = Kvm()
         self._closables.append(self.kvm)
@@ -107,9 +114,10 @@ class Machine:
         if image is not None:  # part of the platform: a restore maps it too
             self._closables.append(boot.Firmware(self.vm, image))
         if restoring is not None:
-            restore.apply(*restoring, self)
+            restore.apply(*restoring, self)  # imported above, for this restore
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds)
+        timings.mark("kvm, vm, ram, boot")
         self.control = ControlServer(
             self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
         )
@@ -118,9 +126,11 @@ class Machine:
         self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs)
         self.zctx = zmq.Context(io_threads=1)  # its threads are born confined
         self.confinement.load_monitor_filter()
+        timings.mark("confinement")
         # Confined: the launcher starts the devices, as it will restart them.
         for spawn in self._spawns:
             self._start_device(spawn)
+        timings.mark("device spawn requests")
 
     # -- construction ---------------------------------------------------------------
     def _create_platform(self, firmware: loader.FirmwareImage | None) -> None:
@@ -139,7 +149,11 @@ class Machine:
         transports and fd kinds, never a model (protocol/models.py)."""
         model = MODELS[dev.model]  # config.py admits only known models
         fds = {role.name: self._device_fd(dev, model, role) for role in model.fds}
-        state = restore.saved_device_state(self.snapshot, dev.name) if self.snapshot else None
+        state = None
+        if self.snapshot is not None:
+            from splitvmm.monitor import restore
+
+            state = restore.saved_device_state(self.snapshot, dev.name)
         if model.console and any(
             r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
         ):
@@ -153,6 +167,7 @@ class Machine:
         )
         self.slots.append(slot)  # closed by close() from now on, whatever start() does
         self.pio.insert(MODELS[spawn.model].transport.base, spawn.window, slot)
+        self._spawned_at[slot.name] = time.perf_counter()
         slot.start()
 
     def _device_fd(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
@@ -214,6 +229,8 @@ class Machine:
         install_kick_handler()
         for slot in self.slots:
             slot.wait_ready()
+            timings.span(f"device {slot.name} ready", self._spawned_at[slot.name])
+        timings.mark("devices ready (wait)")
         supervisor = Supervisor()
         for slot in self.slots:
             supervisor.watch(slot)
@@ -231,6 +248,7 @@ class Machine:
             for v in self.vcpus:
                 v.start()
             self._serve_console()
+            timings.mark("guest run")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
