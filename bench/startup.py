@@ -12,17 +12,16 @@ phases; "interpreter start" is from our clock reading before the spawn to its
 first mark, "exit" from its last mark to the process's end. The device spans
 overlap the phases: each runs from the request to the launcher to READY.
 
-    python bench/startup.py [--runs R] [--json] [--splitvmm-path DIR]
+    python bench/startup.py [--runs R] [--json] [--no-timings]
 
---splitvmm-path runs another checkout's splitvmm package (PYTHONPATH=DIR), for
-before/after figures from one run.
+--no-timings runs `up` without --timings (a checkout from before it existed:
+check it out, run this file from a copy), and prints no breakdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -74,10 +73,12 @@ def check_output(serial: Path, who: str) -> None:
     serial.unlink()
 
 
-def run_splitvmm(config: Path, serial: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
-    argv = [sys.executable, "-m", "splitvmm", "up", "--timings", str(config)]
-    start, took, err = timed(argv, env)
+def run_splitvmm(config: Path, serial: Path, marks: bool) -> tuple[float, dict[str, float]]:
+    argv = [sys.executable, "-m", "splitvmm", "up", *(["--timings"] if marks else []), str(config)]
+    start, took, err = timed(argv)
     check_output(serial, "splitvmm")
+    if not marks:
+        return took, {}
     first = FIRST.search(err)
     if first is None:
         raise SystemExit(f"splitvmm printed no timings:\n{err}")
@@ -105,11 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=11, help="runs of each")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--splitvmm-path", type=Path, help="run this checkout's splitvmm")
+    parser.add_argument("--no-timings", action="store_true", help="run up without --timings")
     args = parser.parse_args()
-    env = dict(os.environ)
-    if args.splitvmm_path is not None:
-        env["PYTHONPATH"] = str(args.splitvmm_path.resolve())
     qemu = shutil.which(QEMU)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -121,14 +119,14 @@ def main() -> None:
         ours, theirs, phases = [], [], []
         floors: dict[str, list[float]] = {"python -c pass": [], "import splitvmm.cli": []}
         for _ in range(args.runs):  # alternate, so drift on the host hits all alike
-            took, marks = run_splitvmm(config, serial, env)
+            took, marks = run_splitvmm(config, serial, not args.no_timings)
             ours.append(took)
             phases.append(marks)
             if qemu:
                 theirs.append(run_qemu(qemu, image, serial))
             floors["python -c pass"].append(timed([sys.executable, "-c", "pass"])[1])
             floors["import splitvmm.cli"].append(
-                timed([sys.executable, "-c", "import splitvmm.cli"], env)[1]
+                timed([sys.executable, "-c", "import splitvmm.cli"])[1]
             )
     breakdown = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
     result = {
