@@ -8,6 +8,32 @@ floors are measured in the same run: a bare Python KVM_RUN loop answering the
 exit inline, and a raw pyzmq PAIR round trip between two processes.
 
     python bench/exit_rtt.py [--count N] [--json]
+
+Why CPL0 (~10 µs, bench/exit_qemu.py) and CPL3 (140+ µs) differ -- findings so
+far (issue 12, goal 3; 2-core host shared with other work, one run each):
+
+- This bench, --count 3000: in via device 163.6 µs, out posted 81.7 µs, inline
+  in 31.3 µs, inline out 31.5 µs, KVM_RUN floor (CPL0) 8.2 µs, raw zmq round
+  trip 56.3 µs: in / (inline in + zmq) = 1.87.
+- Inside the monitor (scratch copy: perf_counter_ns around VcpuFd.run and
+  DeviceChannel.read), pio-loop at CPL3: KVM_RUN median 36.9 µs (PVM's CPL3
+  exit and re-entry), DeviceChannel.read median 94.7 µs -- 38 µs over the raw
+  zmq floor (the slot's lock, the channel's event drain and RCVTIMEO setsockopt,
+  the device's decode/serve/encode, and two more thread wake-ups on a host with
+  2 cores for monitor, device and both ZeroMQ I/O threads). A posted out costs
+  50 µs over an inline one: back to back, the device's work competes with the
+  vCPU thread for the same cores.
+- CPL0, firmware-pio (2000 `in`s of 0x3ff): KVM_RUN median 8.5 µs, but in one
+  run DeviceChannel.read was called 101 times (the LSR polls of the guest's
+  prints) for 4210 KVM_RUN returns, and that run's guest reported 10 µs per
+  `in`; another run reported 48.7 µs per `in`, which its wall clock (155 ms of
+  guest run for 99 ms of `in` loop by the TSC) confirms. So the ~10 µs figure
+  is not one forwarded read per `in`: an artefact, cause not found yet (next:
+  count PioIn exits by port and count in that run, and KVM's binary stats fd
+  `exits`/`io_exits` around the loop).
+
+Not tried yet: spinning on the reply before blocking (must not hold the GIL
+against other vCPUs), a socketpair instead of ZeroMQ for reads (22 µs floor).
 """
 
 from __future__ import annotations

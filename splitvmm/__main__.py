@@ -1,3 +1,8 @@
-from splitvmm.cli import main
+from splitvmm import timings
 
+timings.mark("start")  # the interpreter is up: what follows is ours (up --timings)
+
+from splitvmm.cli import main  # noqa: E402
+
+timings.mark("import cli")
 main()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from splitvmm.cli.up import EXIT_HELP, require_signature_option, run_and_exit
+from splitvmm.cli.up import EXIT_HELP, require_signature_option, run_and_exit, timings_option
 
 if TYPE_CHECKING:
     from splitvmm.config import VmConfig
@@ -44,11 +44,13 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="A directory `ctl snapshot` may write to (vm.snapshot_dirs; repeatable).",
 )
+@timings_option
 def command(
     directory: Path,
     settings: tuple[str, ...],
     key_file: Path | None,
     snapshot_dirs: tuple[Path, ...],
+    show_timings: bool,
 ) -> None:
     """Restore the VM saved in DIRECTORY, with the guest settings stored in the snapshot."""
     import dataclasses
@@ -65,4 +67,4 @@ def command(
         # What the monitor may write to is never the snapshot's to say.
         return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, snapshot_dirs=dirs))
 
-    run_and_exit(config, directory, key_file)
+    run_and_exit(config, directory, key_file, show_timings)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from splitvmm import timings
 from splitvmm.errors import SplitvmmError
 
 if TYPE_CHECKING:
@@ -32,28 +33,55 @@ require_signature_option = click.option(
 
 
 def run_and_exit(
-    cfg_loader: ConfigLoader, snapshot_dir: Path | None, key_file: Path | None
+    cfg_loader: ConfigLoader,
+    snapshot_dir: Path | None,
+    key_file: Path | None,
+    show_timings: bool = False,
 ) -> None:
-    """Shared by `up` and `restore`: build the config, open the snapshot, run, exit."""
-    from splitvmm.cli.snapshot import verify_with_progress
-    from splitvmm.monitor import restore
+    """Shared by `up` and `restore`: build the config, open the snapshot, run, exit. A boot
+    imports no snapshot reading code (nor rich, which its progress bar uses)."""
     from splitvmm.monitor.machine import run_vm
-    from splitvmm.snapshot import signing
-    from splitvmm.snapshot.reader import Snapshot
 
+    timings.mark("import monitor")
     try:
-        key = signing.load_key(key_file) if key_file is not None else None
-        snap = Snapshot.open(snapshot_dir, key) if snapshot_dir is not None else None
+        snap = _open_snapshot(snapshot_dir, key_file) if snapshot_dir is not None else None
         cfg = cfg_loader(snap)
         if snap is not None:
-            restore.check_compatible(snap, cfg)
-            verify_with_progress(snap)
+            _check_snapshot(snap, cfg)
+        timings.mark("config")
         outcome = run_vm(cfg, snap)
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
+    timings.mark("teardown")
+    if show_timings:
+        timings.print_report()
     click.echo(f"\r\nsplitvmm: {outcome.message}", err=True)
     sys.exit(outcome.status)
+
+
+def _open_snapshot(snapshot_dir: Path, key_file: Path | None) -> Snapshot:
+    from splitvmm.snapshot import signing
+    from splitvmm.snapshot.reader import Snapshot
+
+    key = signing.load_key(key_file) if key_file is not None else None
+    return Snapshot.open(snapshot_dir, key)
+
+
+def _check_snapshot(snap: Snapshot, cfg: VmConfig) -> None:
+    from splitvmm.cli.snapshot import verify_with_progress
+    from splitvmm.monitor import restore
+
+    restore.check_compatible(snap, cfg)
+    verify_with_progress(snap)
+
+
+timings_option = click.option(
+    "--timings",
+    "show_timings",
+    is_flag=True,
+    help="Print to stderr, once the VM ends, how long each start-up phase took.",
+)
 
 
 @click.command("up", epilog=EXIT_HELP)
@@ -66,10 +94,18 @@ def run_and_exit(
     "resource comes from the config, none from the snapshot).",
 )
 @require_signature_option
-def command(config: Path, snapshot_dir: Path | None, key_file: Path | None) -> None:
+@timings_option
+def command(
+    config: Path, snapshot_dir: Path | None, key_file: Path | None, show_timings: bool
+) -> None:
     """Boot the VM described by CONFIG (TOML) and run it until it stops."""
     from splitvmm.config import load_config
 
     if key_file is not None and snapshot_dir is None:
         raise click.UsageError("--require-signature goes with --restore")
-    run_and_exit(lambda snap: load_config(config, check_files=snap is None), snapshot_dir, key_file)
+    run_and_exit(
+        lambda snap: load_config(config, check_files=snap is None),
+        snapshot_dir,
+        key_file,
+        show_timings,
+    )

@@ -2,9 +2,14 @@
 
 Order matters: the launcher is forked first, while the monitor has one thread and
 holds nothing of the VM; everything the VM needs from the host is opened next
-(guest RAM sealed before a device can see it), then the monitor confines itself
-(monitor/confinement.py) and only then asks the launcher for its device processes,
-as it will for any later restart; vCPUs start only when every device said READY.
+(guest RAM sealed before a device can see it). As soon as the devices' fds exist
+(their irqfds need the VM and its irqchip), the monitor asks the launcher for
+their processes, which start -- a Python interpreter each, the longest step of a
+start-up -- while the monitor builds the rest of the VM (a restore asks once
+guest RAM holds the snapshot's contents). Then the monitor confines itself
+(monitor/confinement.py), serves the devices' channels (the kernel queued their
+connections meanwhile), and asks the launcher for any later restart the same
+way; vCPUs start only when every device said READY.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import zmq
 
-from splitvmm import hostpath
+from splitvmm import hostpath, timings
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import ConfigError, DeviceFailure, KvmUnavailable
-from splitvmm.monitor import boot, confinement, layout, loader, restore
+from splitvmm.monitor import boot, confinement, layout, loader
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
@@ -43,7 +48,9 @@ from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor
 from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
-from splitvmm.snapshot.reader import Snapshot
+
+if TYPE_CHECKING:
+    from splitvmm.snapshot.reader import Snapshot
 
 log = logging.getLogger("splitvmm.machine")
 
@@ -79,6 +86,7 @@ class Machine:
         }
         self._restarts: queue.SimpleQueue[DeviceSlot | None] = queue.SimpleQueue()
         self._supervisor: Supervisor | None = None
+        self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
 
     def build(self) -> None:
         cfg = self.cfg
@@ -88,8 +96,12 @@ class Machine:
         # the VM. Closed after the devices (_closables go in reverse).
         self.launcher = Launcher.start(self.rundir.path)
         self._closables.append(self.launcher)
+        timings.mark("launcher fork")
         restoring = None  # (snapshot, its checked states), decoded before a process is spawned
         if self.snapshot is not None:
+            # Only a restore imports restore code: a boot does not pay for it.
+            from splitvmm.monitor import restore
+
             restoring = self.snapshot, restore.decode_states(self.snapshot)
         self.kvm = Kvm()
         self._closables.append(self.kvm)
@@ -100,13 +112,16 @@ class Machine:
         self._closables.append(self.mem)
         self.vm = self.kvm.create_vm()
         self._closables.append(self.vm)
-        # Reads its policies (files, now); its rules name the launcher's socket.
-        self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
         # Read once: its plan gives both RAM's holes and the firmware's own slots.
         image = loader.load_firmware(cfg.boot.firmware) if cfg.boot.firmware else None
         self._create_platform(image)
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
             self._spawns.append(self._prepare_device(dev))
+        # No thread until its first socket, made once the monitor is confined (attach below;
+        # confine_process refuses to run if a thread exists).
+        self.zctx = zmq.Context(io_threads=1)
+        if restoring is None:  # a boot's devices start now, while the rest is built
+            self._launch_devices()
         self.vcpu_fds = [
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
         ]
@@ -114,20 +129,23 @@ class Machine:
         if image is not None:  # part of the platform: a restore maps it too
             self._closables.append(boot.Firmware(self.vm, image))
         if restoring is not None:
-            restore.apply(*restoring, self)
+            restore.apply(*restoring, self)  # imported above, for this restore
+            self._launch_devices()  # after guest RAM holds what they may read at start
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds)
+        timings.mark("kvm, vm, ram, boot")
+        # Reads its policies (files, now); its rules name the launcher's socket.
+        self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
         self.control = ControlServer(
             self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
         )
         # Everything is open: from here on the monitor holds no capability and can reach
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
         self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs)
-        self.zctx = zmq.Context(io_threads=1)  # its threads are born confined
+        for slot in self.slots:  # ZeroMQ's threads start here: born confined
+            slot.attach()
         self.confinement.load_monitor_filter()
-        # Confined: the launcher starts the devices, as it will restart them.
-        for spawn in self._spawns:
-            self._start_device(spawn)
+        timings.mark("confinement, channels")
 
     # -- construction ---------------------------------------------------------------
     def _create_platform(self, firmware: loader.FirmwareImage | None) -> None:
@@ -146,21 +164,30 @@ class Machine:
         transports and fd kinds, never a model (protocol/models.py)."""
         model = MODELS[dev.model]  # config.py admits only known models
         fds = {role.name: self._device_fd(dev, model, role) for role in model.fds}
-        state = restore.saved_device_state(self.snapshot, dev.name) if self.snapshot else None
+        state = None
+        if self.snapshot is not None:
+            from splitvmm.monitor import restore
+
+            state = restore.saved_device_state(self.snapshot, dev.name)
         if model.console and any(
             r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
         ):
             self._console = dev.name
         return Spawn(dev.name, dev.model, model.transport.size, dict(dev.options), fds, state)
 
-    def _start_device(self, spawn: Spawn) -> None:
+    def _launch_devices(self) -> None:
+        """Ask the launcher for every device process; their channels are served later, once
+        the monitor is confined (DeviceSlot.attach)."""
         assert self.zctx is not None
-        slot = DeviceSlot(
-            spawn, self.rundir.path, self.launcher.spawn, self.zctx, self._device_failed
-        )
-        self.slots.append(slot)  # closed by close() from now on, whatever start() does
-        self.pio.insert(MODELS[spawn.model].transport.base, spawn.window, slot)
-        slot.start()
+        for spawn in self._spawns:
+            slot = DeviceSlot(
+                spawn, self.rundir.path, self.launcher.spawn, self.zctx, self._device_failed
+            )
+            self.slots.append(slot)  # closed by close() from now on, whatever launch() does
+            self.pio.insert(MODELS[spawn.model].transport.base, spawn.window, slot)
+            self._spawned_at[slot.name] = time.perf_counter()
+            slot.launch()
+        timings.mark("device launch requests")
 
     def _device_fd(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
         if role.kind is FdKind.IRQ:
@@ -245,6 +272,8 @@ class Machine:
         install_kick_handler()
         for slot in self.slots:
             slot.wait_ready()
+            timings.span(f"device {slot.name} ready", self._spawned_at[slot.name])
+        timings.mark("devices ready (wait)")
         supervisor = self._supervisor = Supervisor()
         for slot in self.slots:
             supervisor.watch(slot)
@@ -264,6 +293,7 @@ class Machine:
             for v in self.vcpus:
                 v.start()
             self._serve_console()
+            timings.mark("guest run")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -183,6 +183,7 @@ class DeviceSlot:
         self.restarts = RestartBudget()
         self.process: DeviceProcess | None = None
         self.channel: DeviceChannel | None = None
+        self._listener: int | None = None  # launched, not attached yet: ours to close
         self.state = SlotState.AWAY
         self.failed: str | None = None  # why it failed, while FAILED
         self.waiting = 0  # accesses waiting for the device to be back
@@ -216,6 +217,15 @@ class DeviceSlot:
         """Start the device's next process from its last known state (or, after a crash,
         from its last checkpoint and `resume`). Accesses wait until wait_ready() has seen
         its READY."""
+        self.launch(resume)
+        self.attach()
+
+    def launch(self, resume: dict[str, object] | None = None) -> None:
+        """The first half of start(): ask for the device's next process, from its last known
+        state (or its last checkpoint and `resume`), and keep its channel's listening socket
+        unserved. The process starts and may connect at once (the kernel queues it); a
+        machine launches its devices before its ZeroMQ sockets may exist
+        (monitor/confinement.py), and attaches them afterwards."""
         with self._lock:
             if self.process is not None or self.state is not SlotState.AWAY:
                 raise DeviceFailure(
@@ -231,16 +241,27 @@ class DeviceSlot:
                 resume=resume,
             )
         process, listener = self._spawner(spec)
+        with self._lock:
+            self.generation += 1
+            self.process, self._listener = process, listener
+
+    def attach(self) -> None:
+        """The second half of start(): serve the channel of the process launch() started."""
+        with self._lock:
+            process, listener, self._listener = self.process, self._listener, None
+        if process is None or listener is None:
+            raise DeviceFailure(f"device {self.name}: no process of it was launched")
         try:
             channel = DeviceChannel(self.model, self.endpoint, listener, self._zctx, self._on_event)
         except BaseException:
+            with self._lock:
+                self.process = None
             _end(self.name, process, None)
             Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
             raise
         channel.watch_process(process)
         with self._lock:
-            self.generation += 1
-            self.process, self.channel = process, channel
+            self.channel = channel
 
     def wait_ready(self) -> None:
         """The process started last is READY: the device is back. DeviceFailure otherwise."""
@@ -313,8 +334,15 @@ class DeviceSlot:
         with self._lock:
             process, channel = self.process, self.channel
             self.process = self.channel = None
+            self._drop_listener_locked()
             self.state, self.failed = SlotState.AWAY, None
         _end(self.name, process, channel)
+
+    def _drop_listener_locked(self) -> None:
+        """Close the listening socket of a process launched and never attached."""
+        if self._listener is not None:
+            os.close(self._listener)
+            self._listener = None
 
     def process_ended(self, process: DeviceProcess) -> None:
         """The supervisor saw `process` end: the device failed, if it still serves it."""
@@ -519,6 +547,7 @@ class DeviceSlot:
         with self._lock:
             process, channel = self.process, self.channel
             self.process = self.channel = None
+            self._drop_listener_locked()
             if self.state is not SlotState.FAILED:
                 self.state = SlotState.FAILED
             self._back.notify_all()

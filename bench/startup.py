@@ -1,0 +1,171 @@
+"""Start-up: a whole `splitvmm up` next to QEMU, on the firmware hello guest.
+
+Runs the firmware-hello test guest (a 64 KiB real-mode image that prints one
+line on COM1 and writes to the debug-exit port) under `splitvmm up --timings`
+and under `qemu-system-x86_64 -accel kvm -bios`, alternately, RUNS times each,
+and times each whole process from its start to its exit (wall clock, the host's
+CLOCK_MONOTONIC). The floors are measured in the same run: `python -c pass`
+(an interpreter's start and end) and `python -c 'import splitvmm.cli'`.
+
+splitvmm's own marks (splitvmm/timings.py, the same clock) split its time into
+phases; "interpreter start" is from our clock reading before the spawn to its
+first mark, "exit" from its last mark to the process's end. The device spans
+overlap the phases: each runs from the request to the launcher to READY.
+
+    python bench/startup.py [--runs R] [--json] [--no-timings]
+
+--no-timings runs `up` without --timings (a checkout from before it existed:
+check it out, run this file from a copy), and prints no breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.vmrun import write_config  # noqa: E402
+from tests.guests.build import build_guests  # noqa: E402
+
+QEMU = "qemu-system-x86_64"
+EXIT_STATUS = 99  # the guest writes 0x31 to the debug-exit port: (0x31 << 1) | 1
+GREETING = "Hello from splitvmm firmware!"
+RUN_TIMEOUT_S = 60
+FIRST = re.compile(r"timings: first mark at monotonic ([\d.]+) s")
+PHASE = re.compile(r"timings: phase (.+?)\s+([\d.]+) ms$", re.MULTILINE)
+SPAN = re.compile(r"timings: span  (.+?)\s+([\d.]+) ms", re.MULTILINE)
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """The clock before the spawn, seconds from there to the exit, and stderr; SystemExit if
+    the process failed."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=RUN_TIMEOUT_S,
+    )
+    took = time.perf_counter() - start
+    if proc.returncode not in (0, EXIT_STATUS):
+        raise SystemExit(f"{argv[0]}: status {proc.returncode}:\n{proc.stderr}")
+    return start, took, proc.stderr
+
+
+def check_output(serial: Path, who: str) -> None:
+    text = serial.read_text() if serial.exists() else ""
+    if GREETING not in text:
+        raise SystemExit(f"{who}: the guest did not print its line: {text!r}")
+    serial.unlink()
+
+
+def run_splitvmm(config: Path, serial: Path, marks: bool) -> tuple[float, dict[str, float]]:
+    argv = [sys.executable, "-m", "splitvmm", "up", *(["--timings"] if marks else []), str(config)]
+    start, took, err = timed(argv)
+    check_output(serial, "splitvmm")
+    if not marks:
+        return took, {}
+    first = FIRST.search(err)
+    if first is None:
+        raise SystemExit(f"splitvmm printed no timings:\n{err}")
+    phases = {"interpreter start": (float(first.group(1)) - start) * 1e3}
+    phases |= {name: float(ms) for name, ms in PHASE.findall(err)}
+    phases["exit"] = took * 1e3 - phases["interpreter start"] - phases.pop("total")
+    phases |= {f"span: {name}": float(ms) for name, ms in SPAN.findall(err)}
+    return took, phases
+
+
+def run_qemu(qemu: str, image: Path, serial: Path) -> float:
+    argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", "64", "-display", "none"]
+    argv += ["-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
+    argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
+    _, took, _ = timed(argv)
+    check_output(serial, "QEMU")
+    return took
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=11, help="runs of each")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--no-timings", action="store_true", help="run up without --timings")
+    args = parser.parse_args()
+    qemu = shutil.which(QEMU)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        image = build_guests(work / "guests")["firmware-hello"]
+        serial = work / "serial.log"
+        config = write_config(
+            work / "hello.toml", "bench-startup", f'firmware = "{image}"', "64M", serial
+        )
+        ours, theirs, phases = [], [], []
+        floors: dict[str, list[float]] = {"python -c pass": [], "import splitvmm.cli": []}
+        for _ in range(args.runs):  # alternate, so drift on the host hits all alike
+            took, marks = run_splitvmm(config, serial, not args.no_timings)
+            ours.append(took)
+            phases.append(marks)
+            if qemu:
+                theirs.append(run_qemu(qemu, image, serial))
+            floors["python -c pass"].append(timed([sys.executable, "-c", "pass"])[1])
+            floors["import splitvmm.cli"].append(
+                timed([sys.executable, "-c", "import splitvmm.cli"])[1]
+            )
+    breakdown = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
+    result = {
+        "runs": args.runs,
+        "splitvmm_ms": median_ms(ours),
+        "qemu_ms": median_ms(theirs) if theirs else None,
+        "ratio": statistics.median(ours) / statistics.median(theirs) if theirs else None,
+        "floors_ms": {k: median_ms(v) for k, v in floors.items()},
+        "phases_ms": breakdown,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_tables(result, qemu)
+
+
+def print_tables(result: dict[str, object], qemu: str | None) -> None:
+    console = Console()
+    table = Table(title=f"start -> exit, firmware hello guest (median of {result['runs']})")
+    table.add_column("what")
+    table.add_column("ms", justify="right")
+    table.add_column("/ QEMU", justify="right")
+    qemu_ms = result["qemu_ms"]
+    rows = {"splitvmm up": result["splitvmm_ms"], "QEMU": qemu_ms}
+    rows |= {f"floor: {k}": v for k, v in result["floors_ms"].items()}  # type: ignore[attr-defined]
+    for what, ms in rows.items():
+        if ms is None:
+            table.add_row(f"{what}: {QEMU} not found", "—", "—")
+            continue
+        ratio = f"{ms / qemu_ms:.2f}" if qemu_ms else "—"
+        table.add_row(what, f"{ms:.1f}", ratio)
+    console.print(table)
+    phases = Table(title="where splitvmm's time goes (medians; spans overlap the phases)")
+    phases.add_column("phase")
+    phases.add_column("ms", justify="right")
+    for name, ms in result["phases_ms"].items():  # type: ignore[attr-defined]
+        phases.add_row(name, f"{ms:.1f}")
+    console.print(phases)
+
+
+if __name__ == "__main__":
+    main()
