@@ -42,6 +42,35 @@ class PortWindow:
     irq: int | None = None  # ISA IRQ = IOAPIC pin = GSI
 
 
+class BarKind(enum.Enum):
+    """What a base address register decodes (PCI Local Bus 3.0, 6.2.5.1)."""
+
+    IO = "io"  # port I/O space
+    MEM32 = "mem32"  # memory below 4 GiB, one BAR register
+    MEM64 = "mem64"  # memory anywhere, two BAR registers (this one and the next)
+
+
+@dataclass(frozen=True, slots=True)
+class PciBar:
+    """One BAR of a PCI function: the monitor places it in the PCI hole and owns its decode."""
+
+    index: int  # 0-5; a MEM64 BAR also takes index + 1
+    size: int  # a power of two: at least 16 bytes of memory or 4 ports
+    kind: BarKind = BarKind.MEM32
+    prefetchable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PciFunction:
+    """A PCI function on bus 0 whose configuration space its device process serves, all
+    but the BAR registers (the monitor's). Ids and class as the PCI header has them."""
+
+    vendor_id: int
+    device_id: int
+    class_code: int  # base class, sub-class, programming interface: 24 bits
+    bars: tuple[PciBar, ...] = ()
+
+
 Transport = PortWindow  # (PciFunction joins it with virtio)
 
 
