@@ -40,6 +40,7 @@ class PortWindow:
     base: int
     size: int  # bytes of port space the model decodes (its Device.WINDOW)
     irq: int | None = None  # ISA IRQ = IOAPIC pin = GSI
+    acpi_hid: str | None = None  # its PNP id in the DSDT (kernel boot), if an OS looks for it
 
 
 class BarKind(enum.Enum):
@@ -132,7 +133,7 @@ class ModelDescriptor:
 
 SERIAL = ModelDescriptor(
     name="serial",  # 8250/16550A at COM1
-    transport=PortWindow(base=0x3F8, size=8, irq=4),
+    transport=PortWindow(base=0x3F8, size=8, irq=4, acpi_hid="PNP0501"),  # 16550A-compatible
     options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
     fds=(FdRole("irq", FdKind.IRQ), FdRole("out", FdKind.OUTPUT, option="output")),
     state_version=2,
@@ -143,7 +144,8 @@ SERIAL = ModelDescriptor(
 
 RTC = ModelDescriptor(
     name="rtc",  # MC146818A CMOS clock, as on every PC
-    transport=PortWindow(base=0x70, size=2, irq=8),  # index (bit 7: NMI off), data
+    # index (bit 7: NMI off), data; PNP0B00: an AT-compatible CMOS clock
+    transport=PortWindow(base=0x70, size=2, irq=8, acpi_hid="PNP0B00"),
     options=(Option("base", str, "utc", choices=("utc", "localtime")),),
     fds=(FdRole("irq", FdKind.IRQ),),
     default_device="rtc",
