@@ -97,3 +97,12 @@ def test_hello_serial_output_to_unix_socket(guests, tmp_path):
     server.close()
     assert result.returncode == 0, result.stderr
     assert received.startswith(b"Hello from a splitvmm test guest!\n")
+
+
+def test_pci_guest_finds_host_bridge_by_cf8_and_by_mcfg_ecam(guests, tmp_path):
+    run = run_up(tmp_path, kernel(guests, "pci"))
+    assert run.status == 0, run.serial + run.stderr
+    assert "acpi: MCFG segment 0 buses 0-0 at 0xe0000000\n" in run.serial
+    assert "cf8: 00:00.0 8086:1237 class 060000 header 00\n" in run.serial
+    assert "ecam: 00:00.0 8086:1237 class 060000 header 00\n" in run.serial
+    assert "pci: 1 functions, both walks agree\n" in run.serial
