@@ -13,10 +13,11 @@ import mmap
 import os
 
 from splitvmm.config import VmConfig
-from splitvmm.monitor import boot64, cpuid, layout, loader, mptable
+from splitvmm.monitor import acpi, boot64, cpuid, layout, loader, mptable
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.native.kvm import Kvm, VcpuFd, VmFd
 from splitvmm.native.mem import mapping_address
+from splitvmm.protocol.models import MODELS, PortWindow
 
 FIRMWARE_SLOT_BASE = 16  # memslots after RAM's (RAM uses at most a few)
 
@@ -50,6 +51,12 @@ class Firmware:
         self.map.close()
 
 
+def acpi_windows(cfg: VmConfig) -> list[PortWindow]:
+    """The configured devices an OS finds through the DSDT (those with a PNP id)."""
+    windows = [MODELS[d.model].transport for d in cfg.devices]
+    return [w for w in windows if w.acpi_hid is not None]
+
+
 def prepare(cfg: VmConfig, kvm: Kvm, mem: GuestMemory, vcpus: list[VcpuFd]) -> None:
     """A fresh boot: every vCPU's CPUID and LAPIC, and the kernel's memory and entry state."""
     mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
@@ -58,7 +65,11 @@ def prepare(cfg: VmConfig, kvm: Kvm, mem: GuestMemory, vcpus: list[VcpuFd]) -> N
         boot64.setup_lapic_lints(v)
     if cfg.boot.kernel is None:
         return  # firmware: vCPUs keep KVM's reset state (the BSP at the reset vector)
-    kernel = loader.load_linux(mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline)
+    acpi_tables = acpi.build(len(vcpus), acpi_windows(cfg))
+    mem.write(acpi_tables.base, acpi_tables.data)
+    kernel = loader.load_linux(
+        mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline, acpi_rsdp_addr=acpi_tables.base
+    )
     leaf1 = next((e for e in tables[0] if e.function == 1), None)
     mptable.write_mptable(mem, len(vcpus), leaf1)
     boot64.write_boot_tables(mem)

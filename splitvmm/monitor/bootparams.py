@@ -18,6 +18,8 @@ from splitvmm.monitor.layout import (
     FOUR_GIB,
     HIMEM_START,
     MMIO32_START,
+    PCIE_ECAM_BASE,
+    PCIE_ECAM_SIZE,
 )
 from splitvmm.native import bootparams as zero_page
 from splitvmm.native.bootparams import ZeroPage
@@ -76,14 +78,16 @@ class BootSetup:
     setup_header: bytes | None = None  # bzImage header bytes from file offset 0x1f1
     initrd_gpa: int = 0
     initrd_size: int = 0
+    acpi_rsdp_addr: int = 0  # 0: no ACPI tables
 
 
 def e820_map(ram_size: int) -> list[E820Entry]:
     """The guest's memory map: what Linux reads as the firmware's INT 15h E820 answer.
 
     Base memory up to the EBDA is RAM; the EBDA, VGA hole and BIOS area up to 1 MiB
-    are reserved (our MP table lives there); RAM resumes at 1 MiB up to the 32-bit
-    PCI hole and continues above 4 GiB.
+    are reserved (our MP table and ACPI tables live there); RAM resumes at 1 MiB up
+    to the 32-bit PCI hole and continues above 4 GiB. The ECAM window in the hole is
+    reserved too: Linux uses an MCFG region only if the firmware reserved it.
     """
     if ram_size <= HIMEM_START:
         raise BootError(
@@ -94,6 +98,7 @@ def e820_map(ram_size: int) -> list[E820Entry]:
         E820Entry(0, EBDA_START, E820_RAM),
         E820Entry(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
         E820Entry(HIMEM_START, low_end - HIMEM_START, E820_RAM),
+        E820Entry(PCIE_ECAM_BASE, PCIE_ECAM_SIZE, E820_RESERVED),
     ]
     if ram_size > low_end:
         table.append(E820Entry(FOUR_GIB, ram_size - low_end, E820_RAM))
@@ -159,5 +164,8 @@ def build_zero_page(setup: BootSetup) -> bytes:
         raise BootError(f"initrd at {setup.initrd_gpa:#x} ends above 4 GiB")
     hdr.ramdisk_image = setup.initrd_gpa
     hdr.ramdisk_size = setup.initrd_size
+    # Boot protocol 2.14's field; Linux reads it whatever version the header claims, and
+    # an older kernel finds the same RSDP by scanning the BIOS area.
+    bp.params.acpi_rsdp_addr = setup.acpi_rsdp_addr
     bp.set_e820([(e.addr, e.size, e.type) for e in e820_map(setup.ram_size)])
     return bp.to_bytes()

@@ -25,9 +25,22 @@ MPTABLE = 0x9FC00  # MP floating pointer + config table, in the last KiB of base
 EBDA_START = 0x9FC00  # from here to 1 MiB is reserved in the e820 map
 HIMEM_START = 0x100000  # 1 MiB: bzImage protected-mode kernel loads here
 
+# ACPI tables (kernel boot only): in the BIOS area, reserved in the e820 map, where an OS
+# that ignores the zero page's acpi_rsdp_addr still finds the RSDP (ACPI 6.5 5.2.5.1: a
+# 16-byte aligned scan of 0xE0000-0xFFFFF). A firmware boot maps its image here instead.
+ACPI_TABLES = 0xE0000
+ACPI_TABLES_END = HIMEM_START
+
 # The 32-bit PCI hole: [MMIO32_START, 4 GiB) has no RAM.
 MMIO32_START = 3 * GIB
 FOUR_GIB = 4 * GIB
+# Inside the hole: the window BARs are placed in (announced in the root bridge's _CRS),
+# then the ECAM (PCI Express memory-mapped configuration) window, 1 MiB per bus, bus 0 only.
+PCI_MMIO32_START = MMIO32_START
+PCI_MMIO32_END = 0xE0000000
+PCIE_ECAM_BASE = 0xE0000000
+PCIE_ECAM_BUSES = 1
+PCIE_ECAM_SIZE = PCIE_ECAM_BUSES * MIB
 IOAPIC_BASE = 0xFEC00000
 LAPIC_BASE = 0xFEE00000
 # KVM needs three pages for the TSS and one for the identity map, in no slot (QEMU's choice).
@@ -44,6 +57,11 @@ FIRMWARE_LOW_START = HIMEM_START - FIRMWARE_LOW_ALIAS  # 0xE0000
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 DEBUG_EXIT_PORT = 0xF4  # QEMU isa-debug-exit: status (value << 1) | 1
+PCI_CONFIG_PORT = 0xCF8  # PCI configuration mechanism #1: address 0xCF8, data 0xCFC-0xCFF
+PCI_CONFIG_WINDOW = 8
+# The hardware-reduced ACPI registers the FADT points at (sleep control, sleep status,
+# reset), served by the monitor; 0x600 is free on a PC (cloud-hypervisor's choice too).
+ACPI_PM_PORT = 0x600
 
 
 def ram_ranges(ram_size: int) -> list[tuple[int, int]]:

@@ -40,7 +40,7 @@ BOOT_STRUCTURES: tuple[tuple[str, int, int], ...] = (
     ("boot stack", layout.BOOT_STACK_TOP & ~(layout.PAGE_SIZE - 1), layout.PML4),
     ("boot page tables", layout.PML4, layout.PD_BASE + 4 * layout.PAGE_SIZE),
     ("command line", layout.CMDLINE, layout.CMDLINE + layout.CMDLINE_MAX),
-    ("EBDA, MP table and BIOS area", layout.EBDA_START, layout.HIMEM_START),
+    ("EBDA, MP table, ACPI tables and BIOS area", layout.EBDA_START, layout.HIMEM_START),
 )
 
 COPY_CHUNK = 16 << 20  # copy files into guest RAM this many bytes at a time
@@ -342,9 +342,14 @@ def load_cmdline(mem: GuestRam, cmdline: str, kernel: LoadedKernel) -> LoadedKer
 
 
 def load_linux(
-    mem: GuestRam, kernel_path: Path, initrd_path: Path | None = None, cmdline: str = ""
+    mem: GuestRam,
+    kernel_path: Path,
+    initrd_path: Path | None = None,
+    cmdline: str = "",
+    acpi_rsdp_addr: int = 0,
 ) -> LoadedKernel:
-    """Kernel, initrd, command line and zero page: all a 64-bit entry needs in memory."""
+    """Kernel, initrd, command line and zero page: all a 64-bit entry needs in memory
+    (the ACPI tables, if any, are already there at acpi_rsdp_addr)."""
     kernel = load_kernel(mem, kernel_path)
     if initrd_path is not None:
         kernel = load_initrd(mem, initrd_path, kernel)
@@ -355,6 +360,7 @@ def load_linux(
         setup_header=kernel.setup_header,
         initrd_gpa=kernel.initrd_gpa,
         initrd_size=kernel.initrd_size,
+        acpi_rsdp_addr=acpi_rsdp_addr,
     )
     mem.write(layout.ZERO_PAGE, bootparams.build_zero_page(setup))
     return kernel

@@ -29,14 +29,15 @@ import zmq
 from splitvmm import hostpath, timings
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import ConfigError, DeviceFailure, KvmUnavailable
-from splitvmm.monitor import boot, confinement, layout, loader
+from splitvmm.monitor import acpi, boot, confinement, layout, loader
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
-from splitvmm.monitor.platform import I8042, DebugExit
+from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
+from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
@@ -158,6 +159,13 @@ class Machine:
             self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
         self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
+        self.pci = PciRoot()  # every boot kind: firmware may enumerate PCI too
+        self.pio.insert(layout.PCI_CONFIG_PORT, layout.PCI_CONFIG_WINDOW, ConfigPorts(self.pci))
+        self.mmio.insert(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE, Ecam(self.pci))
+        pm = AcpiPm(
+            acpi.S5_SLEEP_TYPE, acpi.PM_PORTS.reset_value, lambda why: self.stop(Outcome(0, why))
+        )
+        self.pio.insert(layout.ACPI_PM_PORT, AcpiPm.WINDOW, pm)
 
     def _prepare_device(self, dev: DeviceSection) -> Spawn:
         """A device's fds and settings, from its model's descriptor: the monitor knows

@@ -1,4 +1,4 @@
-"""The two tiny platform devices that end the VM, kept in the monitor on purpose.
+"""The tiny platform devices that end the VM, kept in the monitor on purpose.
 
 They parse no guest data beyond one byte and their only effect is to stop
 the machine, which only the monitor can do.
@@ -44,3 +44,32 @@ class I8042:
     def write(self, offset: int, data: bytes) -> None:
         if offset == 4 and data[0] == I8042_CMD_RESET:
             self._reset()
+
+
+# Hardware-reduced ACPI registers (ACPI 6.3 4.8.3.7 sleep control, 4.8.3.8 sleep status).
+SLEEP_CONTROL, SLEEP_STATUS, RESET = 0, 1, 2  # offsets in the window, as the FADT says
+SLP_EN = 1 << 5
+SLP_TYP_SHIFT, SLP_TYP_MASK = 2, 0x7
+
+
+class AcpiPm:
+    """The FADT's sleep control, sleep status and reset registers: entering S5 (the DSDT's
+    _S5 sleep type with SLP_EN) powers off, writing the reset value resets."""
+
+    name = "acpi-pm"
+    WINDOW = 3
+
+    def __init__(self, s5_type: int, reset_value: int, end: Callable[[str], None]) -> None:
+        self._s5_type, self._reset_value = s5_type, reset_value
+        self._end = end  # ends the VM with status 0, for the reason given
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\x00" * size  # never asleep, so never waking: WAK_STS (bit 7) clear
+
+    def write(self, offset: int, data: bytes) -> None:
+        value = data[0]
+        if offset == SLEEP_CONTROL and value & SLP_EN:
+            if (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == self._s5_type:
+                self._end("guest powered off (ACPI S5)")
+        elif offset == RESET and value == self._reset_value:
+            self._end("guest reset through the ACPI reset register")

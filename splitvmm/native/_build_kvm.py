@@ -160,7 +160,7 @@ struct setup_header {
 struct boot_e820_entry { __u64 addr; __u64 size; __u32 type; ...; };
 struct boot_params {
     __u32 ext_ramdisk_image; __u32 ext_ramdisk_size; __u32 ext_cmd_line_ptr;
-    __u8 e820_entries; struct setup_header hdr;
+    __u64 acpi_rsdp_addr; __u8 e820_entries; struct setup_header hdr;
     struct boot_e820_entry e820_table[...];
     ...;
 };

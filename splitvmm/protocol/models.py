@@ -40,6 +40,36 @@ class PortWindow:
     base: int
     size: int  # bytes of port space the model decodes (its Device.WINDOW)
     irq: int | None = None  # ISA IRQ = IOAPIC pin = GSI
+    acpi_hid: str | None = None  # its PNP id in the DSDT (kernel boot), if an OS looks for it
+
+
+class BarKind(enum.Enum):
+    """What a base address register decodes (PCI Local Bus 3.0, 6.2.5.1)."""
+
+    IO = "io"  # port I/O space
+    MEM32 = "mem32"  # memory below 4 GiB, one BAR register
+    MEM64 = "mem64"  # memory anywhere, two BAR registers (this one and the next)
+
+
+@dataclass(frozen=True, slots=True)
+class PciBar:
+    """One BAR of a PCI function: the monitor places it in the PCI hole and owns its decode."""
+
+    index: int  # 0-5; a MEM64 BAR also takes index + 1
+    size: int  # a power of two: at least 16 bytes of memory or 4 ports
+    kind: BarKind = BarKind.MEM32
+    prefetchable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PciFunction:
+    """A PCI function on bus 0 whose configuration space its device process serves, all
+    but the BAR registers (the monitor's). Ids and class as the PCI header has them."""
+
+    vendor_id: int
+    device_id: int
+    class_code: int  # base class, sub-class, programming interface: 24 bits
+    bars: tuple[PciBar, ...] = ()
 
 
 Transport = PortWindow  # (PciFunction joins it with virtio)
@@ -103,7 +133,7 @@ class ModelDescriptor:
 
 SERIAL = ModelDescriptor(
     name="serial",  # 8250/16550A at COM1
-    transport=PortWindow(base=0x3F8, size=8, irq=4),
+    transport=PortWindow(base=0x3F8, size=8, irq=4, acpi_hid="PNP0501"),  # 16550A-compatible
     options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
     fds=(FdRole("irq", FdKind.IRQ), FdRole("out", FdKind.OUTPUT, option="output")),
     state_version=2,
@@ -114,7 +144,8 @@ SERIAL = ModelDescriptor(
 
 RTC = ModelDescriptor(
     name="rtc",  # MC146818A CMOS clock, as on every PC
-    transport=PortWindow(base=0x70, size=2, irq=8),  # index (bit 7: NMI off), data
+    # index (bit 7: NMI off), data; PNP0B00: an AT-compatible CMOS clock
+    transport=PortWindow(base=0x70, size=2, irq=8, acpi_hid="PNP0B00"),
     options=(Option("base", str, "utc", choices=("utc", "localtime")),),
     fds=(FdRole("irq", FdKind.IRQ),),
     default_device="rtc",

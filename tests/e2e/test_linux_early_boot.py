@@ -33,17 +33,28 @@ def kit(tmp_path_factory):
     return tomllib.loads((cache / "debian.toml").read_text())
 
 
-def test_linux_prints_banner_and_e820_then_boots_or_stops_clearly(kit, tmp_path):
+# Linux's early ACPI table list (drivers/acpi/acpica/tbprint.c) and its choice of the MADT
+# over the MP table (arch/x86/kernel/acpi/boot.c), printed long before the int3 self-test.
+ACPI_TABLE_LINES = ("RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG")
+ACPI_SMP_LINE = "ACPI: Using ACPI (MADT) for SMP configuration information"
+
+
+def test_linux_prints_banner_e820_and_acpi_tables_then_boots_or_stops_clearly(kit, tmp_path):
     boot = kit["boot"]
     run = run_up(
         tmp_path,
         f'kernel = "{boot["kernel"]}"\ninitrd = "{boot["initrd"]}"\ncmdline = "{boot["cmdline"]}"',
         memory="512M",
+        vcpus=2,
         timeout=800,
     )
     assert "Linux version 6." in run.serial
     assert "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable" in run.serial
     assert "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable" in run.serial
+    assert "BIOS-e820: [mem 0x00000000e0000000-0x00000000e00fffff] reserved" in run.serial
+    missing = [t for t in ACPI_TABLE_LINES if f"ACPI: {t} 0x" not in run.serial]
+    assert missing == [], run.serial
+    assert ACPI_SMP_LINE in run.serial
     if run.status == 0:  # hardware KVM: the kernel reached our /init and reset the VM
         assert "splitvmm demo guest: init running" in run.serial
         return

@@ -37,6 +37,7 @@ OUTPUTS = {
     "dirty": "dirty.elf",
     "mmio-sweep": "mmio-sweep.elf",
     "rtc": "rtc.elf",
+    "pci": "pci.elf",
     "firmware-hello": "firmware-hello.bin",
     "firmware-pio": "firmware-pio.bin",
 }

@@ -23,13 +23,14 @@ def test_hello_greets_over_serial_and_resets_with_status_0(guests, tmp_path):
     assert "guest reset through the i8042 controller" in run.stderr
 
 
-def test_hello_sees_e820_map_with_ebda_reserved(guests, tmp_path):
+def test_hello_sees_e820_map_with_ebda_and_ecam_reserved(guests, tmp_path):
     run = run_up(tmp_path, kernel(guests, "hello"), memory="64M")
     entries = re.findall(r"e820: (0x[0-9a-f]+)-(0x[0-9a-f]+) (\d+)", run.serial)
     assert entries == [
         ("0x0000000000000000", "0x000000000009fc00", "1"),
         ("0x000000000009fc00", "0x0000000000100000", "2"),
         ("0x0000000000100000", "0x0000000004000000", "1"),
+        ("0x00000000e0000000", "0x00000000e0100000", "2"),
     ]
 
 
@@ -96,3 +97,12 @@ def test_hello_serial_output_to_unix_socket(guests, tmp_path):
     server.close()
     assert result.returncode == 0, result.stderr
     assert received.startswith(b"Hello from a splitvmm test guest!\n")
+
+
+def test_pci_guest_finds_host_bridge_by_cf8_and_by_mcfg_ecam(guests, tmp_path):
+    run = run_up(tmp_path, kernel(guests, "pci"))
+    assert run.status == 0, run.serial + run.stderr
+    assert "acpi: MCFG segment 0 buses 0-0 at 0xe0000000\n" in run.serial
+    assert "cf8: 00:00.0 8086:1237 class 060000 header 00\n" in run.serial
+    assert "ecam: 00:00.0 8086:1237 class 060000 header 00\n" in run.serial
+    assert "pci: 1 functions, both walks agree\n" in run.serial

@@ -36,8 +36,11 @@ def test_mmio_sweep_of_pci_hole_keeps_monitor_rss_flat(guests, tmp_path):
         late = rss_kib(vm.proc.pid)
     finally:
         vm.proc.terminate()
-        vm.finish()
+        _, stderr = vm.finish()
     reads, all_ones = int(done[1]), int(done[2])
+    seen = f"guest: {vm.text()[-300:]!r}; monitor: {stderr[-500:]!r}"  # if it fails
     assert reads == (4 << 30) // STRIDE - (64 << 20) // STRIDE
-    assert all_ones >= reads - 2  # the in-kernel LAPIC and IOAPIC pages answer for themselves
+    # the in-kernel LAPIC and IOAPIC pages answer for themselves, and so does the host
+    # bridge at the start of the ECAM window
+    assert all_ones >= reads - 3, seen
     assert late - early < RSS_SLACK_KIB, f"monitor RSS grew from {early} to {late} KiB"

@@ -37,13 +37,14 @@ def e820_at(page: bytes, index: int) -> tuple[int, int, int]:
     return struct.unpack_from("<QQI", page, 0x2D0 + 20 * index)
 
 
-def test_e820_map_64mib_has_low_ram_reserved_bios_area_and_high_ram() -> None:
+def test_e820_map_64mib_has_low_ram_reserved_bios_area_high_ram_and_ecam() -> None:
     table = e820_map(64 * MIB)
 
     assert table == [
         E820Entry(0, 0x9FC00, E820_RAM),
         E820Entry(0x9FC00, 0x100000 - 0x9FC00, E820_RESERVED),
         E820Entry(0x100000, 63 * MIB, E820_RAM),
+        E820Entry(0xE0000000, 1 * MIB, E820_RESERVED),
     ]
 
 
@@ -52,6 +53,7 @@ def test_e820_map_4gib_splits_around_pci_hole() -> None:
 
     assert table[2:] == [
         E820Entry(0x100000, 3 * GIB - 0x100000, E820_RAM),
+        E820Entry(0xE0000000, 1 * MIB, E820_RESERVED),
         E820Entry(4 * GIB, 1 * GIB, E820_RAM),
     ]
 
@@ -76,13 +78,19 @@ def test_zero_page_cmd_line_ptr_is_at_0x228() -> None:
 def test_zero_page_e820_entries_count_is_at_0x1e8() -> None:
     page = build_zero_page(BootSetup(ram_size=4 * GIB, cmdline_size=1))
 
-    assert u8(page, 0x1E8) == 4
+    assert u8(page, 0x1E8) == 5
 
 
 def test_zero_page_e820_table_is_at_0x2d0() -> None:
     page = build_zero_page(BootSetup(ram_size=4 * GIB, cmdline_size=1))
 
-    assert e820_at(page, 3) == (4 * GIB, 1 * GIB, E820_RAM)
+    assert e820_at(page, 4) == (4 * GIB, 1 * GIB, E820_RAM)
+
+
+def test_zero_page_acpi_rsdp_addr_is_at_0x070() -> None:
+    page = build_zero_page(BootSetup(ram_size=64 * MIB, cmdline_size=1, acpi_rsdp_addr=0xE0000))
+
+    assert int.from_bytes(page[0x70:0x78], "little") == 0xE0000
 
 
 def test_zero_page_ramdisk_fields_are_at_0x218_and_0x21c() -> None:

@@ -116,7 +116,7 @@ def test_load_kernel_elf_over_zero_page_is_refused(tmp_path: Path) -> None:
 def test_load_kernel_elf_straddling_1mib_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "x.elf", make_elf([Seg(0xFF000, CODE * 1000)], 0x100000))
 
-    with pytest.raises(BootError, match="overlaps the EBDA, MP table and BIOS area"):
+    with pytest.raises(BootError, match="overlaps the EBDA, MP table, ACPI tables and BIOS area"):
         load_kernel(FakeGuestMemory(32 * MIB), path)
 
 

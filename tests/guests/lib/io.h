@@ -14,6 +14,13 @@ static inline void outl(u16 port, u32 value)
 	asm volatile("outl %0, %1" : : "a"(value), "Nd"(port));
 }
 
+static inline u32 inl(u16 port)
+{
+	u32 value;
+	asm volatile("inl %1, %0" : "=a"(value) : "Nd"(port));
+	return value;
+}
+
 static inline u8 inb(u16 port)
 {
 	u8 value;

@@ -1,0 +1,165 @@
+"""A small AML encoder: the named objects and resource descriptors our DSDT needs, no methods.
+
+Each function returns the bytes of one term, encoded as ACPI 6.5 chapter 20 ("ACPI Machine
+Language Specification") and 6.4 ("Resource Data Types for ACPI") say; unit tests pin them
+against what iasl compiles from the equivalent ASL.
+"""
+
+from __future__ import annotations
+
+import struct
+
+# 20.2.5 opcodes and prefixes
+ZERO_OP, ONE_OP, ONES_OP = 0x00, 0x01, 0xFF
+BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
+NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
+EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82
+ROOT_CHAR, DUAL_NAME_PREFIX, MULTI_NAME_PREFIX = ord("\\"), 0x2E, 0x2F
+ONES = (1 << 64) - 1
+
+# 6.4 resource descriptors: small items (tag byte = type << 3 | length) and large items.
+SMALL_IRQ_NO_FLAGS = 0x22  # IRQ descriptor, 2 bytes: the mask alone (edge, active high)
+SMALL_IO = 0x47  # I/O port descriptor, 7 bytes
+SMALL_END_TAG = 0x79
+LARGE_DWORD_ADDRESS = 0x87
+LARGE_WORD_ADDRESS = 0x88
+IO_DECODE_16 = 0x01
+RESOURCE_MEMORY, RESOURCE_IO, RESOURCE_BUS = 0, 1, 2
+# 6.4.3.5.5 general flags: producer (bit 0 clear), positive decode, MinFixed, MaxFixed.
+ADDRESS_PRODUCER_FIXED = 0x0C
+IO_ENTIRE_RANGE = 0x03  # 6.4.3.5.5 I/O type-specific flags: both ISA and non-ISA ranges
+MEM_READ_WRITE = 0x01  # memory type-specific flags: read-write, non-cacheable
+
+
+def pkg_length(content_len: int) -> bytes:
+    """PkgLength (20.2.4) of a package whose contents after PkgLength are content_len bytes;
+    the encoded length counts its own bytes."""
+    for extra in range(4):
+        total = content_len + 1 + extra
+        if extra == 0 and total < 0x40:
+            return bytes([total])
+        if extra and total < 1 << (4 + 8 * extra):
+            rest = (total >> 4).to_bytes(extra, "little")
+            return bytes([extra << 6 | (total & 0xF)]) + rest
+    raise ValueError(f"AML package of {content_len} bytes is too long for a PkgLength")
+
+
+def name_seg(seg: str) -> bytes:
+    if not 1 <= len(seg) <= 4 or not (seg[0].isupper() or seg[0] == "_"):
+        raise ValueError(f"AML name segment {seg!r} is not 1-4 characters from A-Z or _")
+    return seg.ljust(4, "_").encode("ascii")
+
+
+def name_string(path: str) -> bytes:
+    """A NameString (20.2.2): an optional root prefix and one or more segments by '.'."""
+    prefix = b"\\" if path.startswith("\\") else b""
+    segs = [name_seg(s) for s in path.lstrip("\\").split(".")] if path.strip("\\") else []
+    if len(segs) == 0:
+        return prefix + b"\x00"
+    if len(segs) == 1:
+        return prefix + segs[0]
+    if len(segs) == 2:
+        return prefix + bytes([DUAL_NAME_PREFIX]) + b"".join(segs)
+    return prefix + bytes([MULTI_NAME_PREFIX, len(segs)]) + b"".join(segs)
+
+
+def integer(value: int) -> bytes:
+    """The shortest ComputationalData for an integer, as iasl emits it."""
+    if value == 0:
+        return bytes([ZERO_OP])
+    if value == 1:
+        return bytes([ONE_OP])
+    if value == ONES:
+        return bytes([ONES_OP])
+    for prefix, fmt in ((BYTE_PREFIX, "<B"), (WORD_PREFIX, "<H"), (DWORD_PREFIX, "<I")):
+        if value < 1 << (8 * struct.calcsize(fmt)):
+            return bytes([prefix]) + struct.pack(fmt, value)
+    return bytes([QWORD_PREFIX]) + struct.pack("<Q", value)
+
+
+def string(text: str) -> bytes:
+    return bytes([STRING_PREFIX]) + text.encode("ascii") + b"\x00"
+
+
+def eisa_id(text: str) -> bytes:
+    """EISAID("PNP0A08"): three letters packed 5 bits each, then four hex digits, as a
+    big-endian dword (19.6.35), emitted as a DWordConst."""
+    if len(text) != 7 or not text[:3].isupper() or not text[:3].isalpha():
+        raise ValueError(f"EISA id {text!r} is not three capitals and four hex digits")
+    letters = [ord(c) - ord("@") for c in text[:3]]
+    packed = letters[0] << 26 | letters[1] << 21 | letters[2] << 16 | int(text[3:], 16)
+    return bytes([DWORD_PREFIX]) + packed.to_bytes(4, "big")
+
+
+def name(path: str, value: bytes) -> bytes:
+    return bytes([NAME_OP]) + name_string(path) + value
+
+
+def scope(path: str, *terms: bytes) -> bytes:
+    body = name_string(path) + b"".join(terms)
+    return bytes([SCOPE_OP]) + pkg_length(len(body)) + body
+
+
+def device(path: str, *terms: bytes) -> bytes:
+    body = name_string(path) + b"".join(terms)
+    return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+
+
+def buffer(data: bytes) -> bytes:
+    body = integer(len(data)) + data
+    return bytes([BUFFER_OP]) + pkg_length(len(body)) + body
+
+
+def package(*elements: bytes) -> bytes:
+    body = bytes([len(elements)]) + b"".join(elements)
+    return bytes([PACKAGE_OP]) + pkg_length(len(body)) + body
+
+
+# -- resource descriptors (6.4) ------------------------------------------------------------
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """A ResourceTemplate: a Buffer of descriptors closed by an End Tag (checksum 0: none)."""
+    return buffer(b"".join(descriptors) + bytes([SMALL_END_TAG, 0]))
+
+
+def io(base: int, length: int, alignment: int = 1) -> bytes:
+    """IO (Decode16, base, base, alignment, length): a fixed 16-bit port range (6.4.2.5)."""
+    return struct.pack("<BBHHBB", SMALL_IO, IO_DECODE_16, base, base, alignment, length)
+
+
+def irq_no_flags(*irqs: int) -> bytes:
+    """IRQNoFlags () {irqs}: ISA IRQs, edge-triggered, active high (6.4.2.1)."""
+    mask = sum(1 << irq for irq in irqs)
+    return struct.pack("<BH", SMALL_IRQ_NO_FLAGS, mask)
+
+
+def _address_fields(low: int, high: int) -> tuple[int, int, int, int, int]:
+    """Granularity, minimum, maximum, translation offset, length of an address range."""
+    return 0, low, high, 0, high - low + 1
+
+
+def word_bus_number(first: int, last: int) -> bytes:
+    """WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, ...) (6.4.3.5.3)."""
+    body = struct.pack(
+        "<BBB5H", RESOURCE_BUS, ADDRESS_PRODUCER_FIXED, 0, *_address_fields(first, last)
+    )
+    return struct.pack("<BH", LARGE_WORD_ADDRESS, len(body)) + body
+
+
+def dword_io(low: int, high: int) -> bytes:
+    """DWordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, ...)."""
+    body = struct.pack(
+        "<BBB5I", RESOURCE_IO, ADDRESS_PRODUCER_FIXED, IO_ENTIRE_RANGE, *_address_fields(low, high)
+    )
+    return struct.pack("<BH", LARGE_DWORD_ADDRESS, len(body)) + body
+
+
+def dword_memory(low: int, high: int) -> bytes:
+    """DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable,
+    ReadWrite, ...) (6.4.3.5.2)."""
+    body = struct.pack(
+        "<BBB5I", RESOURCE_MEMORY, ADDRESS_PRODUCER_FIXED, MEM_READ_WRITE,
+        *_address_fields(low, high),
+    )  # fmt: skip
+    return struct.pack("<BH", LARGE_DWORD_ADDRESS, len(body)) + body

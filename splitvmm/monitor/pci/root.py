@@ -1,0 +1,143 @@
+"""Bus 0 and the two doors into its configuration space: mechanism #1 and ECAM.
+
+Mechanism #1 (PCI Local Bus 3.0 3.2.2.3.2): a dword write to 0xCF8 latches an address
+(bit 31 enable, bus, device, function, dword register); accesses to 0xCFC-0xCFF then reach
+that dword, byte k of it at 0xCFC + k. Only a dword access is the address register; with
+the enable bit clear the data ports are ordinary (absent) I/O. ECAM (PCI Express Base 4.0
+7.2.2): one 4 KiB page per function, at bus << 20 | device << 15 | function << 12.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from splitvmm.errors import ConfigError
+from splitvmm.monitor.pci.config import (
+    CONFIG_SPACE_SIZE,
+    ECAM_FUNCTION_SIZE,
+    ConfigSpace,
+    HostBridge,
+)
+
+DEVICES = 32
+FUNCTIONS = 8
+HOST_BRIDGE_DEVICE = 0
+BUS0 = 0
+
+CONFIG_ADDRESS_ENABLE = 1 << 31
+# 3.2.2.3.2: bits 30:24 are reserved and bits 1:0 read as zero.
+CONFIG_ADDRESS_MASK = CONFIG_ADDRESS_ENABLE | 0x00FF_FFFC
+CONFIG_DATA_OFFSET = 4  # 0xCFC within the 0xCF8 window
+
+
+def _absent(size: int) -> bytes:
+    return b"\xff" * size
+
+
+class PciRoot:
+    """The function registry of bus 0; absent functions read all-ones, right here."""
+
+    def __init__(self) -> None:
+        self._functions: dict[tuple[int, int], ConfigSpace] = {}
+        self.add(HOST_BRIDGE_DEVICE, 0, HostBridge())
+
+    def add(self, device: int, function: int, space: ConfigSpace) -> None:
+        if not (0 <= device < DEVICES and 0 <= function < FUNCTIONS):
+            raise ConfigError(f"PCI function {space.name}: {device}.{function} is not on bus 0")
+        if (device, function) in self._functions:
+            raise ConfigError(f"PCI function {space.name}: 00:{device:02x}.{function} is taken")
+        self._functions[(device, function)] = space
+
+    def free_device(self) -> int:
+        """The lowest device number with no function, for the next device to plug in."""
+        used = {device for device, _ in self._functions}
+        free = next((d for d in range(DEVICES) if d not in used), None)
+        if free is None:
+            raise ConfigError("PCI bus 0 is full: 32 devices")
+        return free
+
+    def config_read(self, bus: int, device: int, function: int, offset: int, size: int) -> bytes:
+        space = self._functions.get((device, function)) if bus == BUS0 else None
+        if space is None:
+            return _absent(size)
+        if offset % size:  # inside one dword, but not aligned: a byte at a time
+            return b"".join(space.config_read(offset + i, 1) for i in range(size))
+        return space.config_read(offset, size)
+
+    def config_write(self, bus: int, device: int, function: int, offset: int, data: bytes) -> None:
+        space = self._functions.get((device, function)) if bus == BUS0 else None
+        if space is None:
+            return  # absent: the write goes nowhere (master abort)
+        if offset % len(data):
+            for i, byte in enumerate(data):
+                space.config_write(offset + i, bytes([byte]))
+            return
+        space.config_write(offset, data)
+
+
+def _in_one_dword(offset: int, size: int) -> bool:
+    return size in (1, 2, 4) and offset % 4 + size <= 4
+
+
+class ConfigPorts:
+    """Mechanism #1: the port bus's window at 0xCF8-0xCFF."""
+
+    name = "pci-config-ports"
+
+    def __init__(self, root: PciRoot) -> None:
+        self._root = root
+        self._address = 0
+        self._lock = threading.Lock()  # latch and use the address as one step, per access
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == 0 and size == 4:
+            return self._address.to_bytes(4, "little")
+        target = self._target(offset, size)
+        if target is None:
+            return _absent(size)
+        return self._root.config_read(*target, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == 0 and len(data) == 4:
+            with self._lock:
+                self._address = int.from_bytes(data, "little") & CONFIG_ADDRESS_MASK
+            return
+        target = self._target(offset, len(data))
+        if target is not None:
+            self._root.config_write(*target, data)
+
+    def _target(self, offset: int, size: int) -> tuple[int, int, int, int] | None:
+        """(bus, device, function, register offset) of a data-port access, or None when
+        it is no config access (enable clear, or not inside 0xCFC-0xCFF)."""
+        byte = offset - CONFIG_DATA_OFFSET
+        with self._lock:
+            address = self._address
+        if byte < 0 or not _in_one_dword(byte, size) or not address & CONFIG_ADDRESS_ENABLE:
+            return None
+        bus, device = (address >> 16) & 0xFF, (address >> 11) & 0x1F
+        function, register = (address >> 8) & 0x7, address & (CONFIG_SPACE_SIZE - 4)
+        return bus, device, function, register + byte
+
+
+class Ecam:
+    """ECAM: the MMIO bus's window, 1 MiB per bus from bus 0."""
+
+    name = "pci-ecam"
+
+    def __init__(self, root: PciRoot) -> None:
+        self._root = root
+
+    def read(self, offset: int, size: int) -> bytes:
+        if not _in_one_dword(offset, size):
+            return _absent(size)  # PCIe 7.2.2: an access may not cross a dword
+        return self._root.config_read(*self._target(offset), size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if _in_one_dword(offset, len(data)):
+            self._root.config_write(*self._target(offset), data)
+
+    @staticmethod
+    def _target(offset: int) -> tuple[int, int, int, int]:
+        bus, device = offset >> 20, (offset >> 15) & 0x1F
+        function, register = (offset >> 12) & 0x7, offset & (ECAM_FUNCTION_SIZE - 1)
+        return bus, device, function, register

@@ -1,0 +1,171 @@
+"""ACPI tables and the AML encoder: byte sequences from iasl 20200925, fields from ACPI 6.3."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from splitvmm.monitor import acpi, layout
+from splitvmm.monitor.acpi import aml, tables
+from splitvmm.monitor.platform import AcpiPm
+from splitvmm.protocol.models import RTC, SERIAL
+
+# `Name (_HID, EisaId ("PNP0A08"))`, compiled by iasl -p.
+IASL_HID_PNP0A08 = bytes.fromhex("085f4849440c41d00a08")
+# `Name (_CRS, ResourceTemplate () { IO (Decode16, 0x03F8, 0x03F8, 0x01, 0x08)
+#  IRQNoFlags () {4} })`
+IASL_COM1_CRS = bytes.fromhex("085f4352531110" + "0a0d4701f803f8030108221000" + "7900")
+# `WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0xFF, 0, 0x100)`
+IASL_WORD_BUS = bytes.fromhex("880d00020c0000000000ff0000000001")
+# `DWordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, 0, 0xCF7, 0,
+#  0xCF8)`
+IASL_DWORD_IO = bytes.fromhex("871700010c030000000000000000f70c000000000000f80c0000")
+# `DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+#  0, 0xC0000000, 0xDFFFFFFF, 0, 0x20000000)`
+IASL_DWORD_MEMORY = bytes.fromhex("871700000c0100000000000000c0ffffffdf0000000000000020")
+# `Name (_S5, Package (0x02) { 0x05, Zero })`
+IASL_S5 = bytes.fromhex("085f53355f1205020a0500")
+# `Name (\_SB.PCI0.ABCD, 0x12345678)`, `Name (XQ, "hi")`, `Name (BIGI, 0x123456789A)`
+IASL_MULTI_NAME = bytes.fromhex("082f035f53425f504349304142434" + "40c78563412")
+IASL_STRING = bytes.fromhex("0858515f5f0d686900")
+IASL_QWORD = bytes.fromhex("084249474" + "90e9a78563412000000")
+
+
+def test_aml_name_eisa_id_matches_iasl() -> None:
+    assert aml.name("_HID", aml.eisa_id("PNP0A08")) == IASL_HID_PNP0A08
+
+
+def test_aml_resource_template_io_irq_matches_iasl() -> None:
+    crs = aml.resource_template(aml.io(0x3F8, 8), aml.irq_no_flags(4))
+    assert aml.name("_CRS", crs) == IASL_COM1_CRS
+
+
+def test_aml_word_bus_number_matches_iasl() -> None:
+    assert aml.word_bus_number(0, 0xFF) == IASL_WORD_BUS
+
+
+def test_aml_dword_io_matches_iasl() -> None:
+    assert aml.dword_io(0, 0xCF7) == IASL_DWORD_IO
+
+
+def test_aml_dword_memory_matches_iasl() -> None:
+    assert aml.dword_memory(0xC000_0000, 0xDFFF_FFFF) == IASL_DWORD_MEMORY
+
+
+def test_aml_package_of_integers_matches_iasl() -> None:
+    assert aml.name("_S5", aml.package(aml.integer(5), aml.integer(0))) == IASL_S5
+
+
+def test_aml_three_segment_name_uses_multi_name_prefix() -> None:
+    assert aml.name("_SB.PCI0.ABCD", aml.integer(0x12345678)) == IASL_MULTI_NAME
+
+
+def test_aml_string_and_qword_match_iasl() -> None:
+    assert aml.name("XQ", aml.string("hi")) + aml.name("BIGI", aml.integer(0x123456789A)) == (
+        IASL_STRING + IASL_QWORD
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "encoded"),
+    [(0x3E, "3f"), (0x3F, "4104"), (0xFFD, "4fff"), (0x1000, "830001")],
+)
+def test_aml_pkg_length_counts_its_own_bytes(content: int, encoded: str) -> None:
+    assert aml.pkg_length(content).hex() == encoded
+
+
+def test_aml_name_segment_too_long_is_refused() -> None:
+    with pytest.raises(ValueError, match="'PCI00'"):
+        aml.name_seg("PCI00")
+
+
+# -- tables ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built() -> acpi.AcpiTables:
+    return acpi.build(2, [SERIAL.transport, RTC.transport])
+
+
+def table_at(built: acpi.AcpiTables, gpa: int) -> bytes:
+    offset = gpa - built.base
+    length = struct.unpack_from("<I", built.data, offset + 4)[0]
+    return built.data[offset : offset + length]
+
+
+def xsdt_entries(built: acpi.AcpiTables) -> dict[bytes, bytes]:
+    xsdt = table_at(built, struct.unpack_from("<Q", built.data, 24)[0])
+    gpas = struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36)
+    return {table_at(built, g)[:4]: table_at(built, g) for g in gpas}
+
+
+def test_rsdp_is_at_the_start_of_the_bios_area_with_both_checksums(
+    built: acpi.AcpiTables,
+) -> None:
+    rsdp = built.data[:36]
+    assert built.base == 0xE0000
+    assert rsdp[:8] == b"RSD PTR " and rsdp[15] == 2
+    assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+
+
+def test_xsdt_lists_fadt_madt_mcfg_each_checksummed(built: acpi.AcpiTables) -> None:
+    entries = xsdt_entries(built)
+    assert sorted(entries) == [b"APIC", b"FACP", b"MCFG"]
+    assert all(sum(t) % 256 == 0 for t in entries.values())
+
+
+def test_fadt_is_hardware_reduced_with_reset_register_and_dsdt(built: acpi.AcpiTables) -> None:
+    fadt = xsdt_entries(built)[b"FACP"]
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    dsdt = table_at(built, struct.unpack_from("<Q", fadt, 140)[0])
+    assert flags == tables.FADT_HW_REDUCED_ACPI | tables.FADT_RESET_REG_SUP
+    assert fadt[116:128] == tables.io_register(layout.ACPI_PM_PORT + 2)
+    assert dsdt[:4] == b"DSDT" and sum(dsdt) % 256 == 0
+
+
+def test_madt_has_one_enabled_lapic_per_vcpu_then_the_ioapic(built: acpi.AcpiTables) -> None:
+    madt = xsdt_entries(built)[b"APIC"]
+    assert madt[44:52] == bytes.fromhex("0008000001000000")  # vCPU 0: uid 0, APIC id 0
+    assert madt[52:60] == bytes.fromhex("0008010101000000")  # vCPU 1
+    assert madt[60:72] == struct.pack("<BBBBII", 1, 12, 2, 0, 0xFEC0_0000, 0)
+
+
+def test_mcfg_announces_ecam_for_bus_0(built: acpi.AcpiTables) -> None:
+    mcfg = xsdt_entries(built)[b"MCFG"]
+    assert struct.unpack_from("<QHBB", mcfg, 44) == (layout.PCIE_ECAM_BASE, 0, 0, 0)
+
+
+def test_dsdt_serial_takes_port_and_irq_from_its_descriptor(built: acpi.AcpiTables) -> None:
+    fadt = xsdt_entries(built)[b"FACP"]
+    dsdt = table_at(built, struct.unpack_from("<Q", fadt, 140)[0])
+    assert aml.io(SERIAL.transport.base, 8) + aml.irq_no_flags(4) in dsdt
+
+
+# -- the PM registers -----------------------------------------------------------------------
+
+
+class Ends:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def __call__(self, why: str) -> None:
+        self.reasons.append(why)
+
+
+def test_acpi_pm_s5_with_slp_en_powers_off() -> None:
+    ends = Ends()
+    AcpiPm(5, 1, ends).write(0, bytes([5 << 2 | 1 << 5]))
+    assert ends.reasons == ["guest powered off (ACPI S5)"]
+
+
+def test_acpi_pm_s5_without_slp_en_does_nothing() -> None:
+    ends = Ends()
+    AcpiPm(5, 1, ends).write(0, bytes([5 << 2]))
+    assert ends.reasons == []
+
+
+def test_acpi_pm_reset_value_resets() -> None:
+    ends = Ends()
+    AcpiPm(5, 1, ends).write(2, b"\x01")
+    assert ends.reasons == ["guest reset through the ACPI reset register"]

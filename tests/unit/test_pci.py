@@ -1,0 +1,270 @@
+"""The PCI root: mechanism #1 and ECAM against the PCI specs, BAR sizing with a fake function."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from splitvmm.errors import ConfigError
+from splitvmm.monitor.pci.bars import BarAllocator, BarDecoder, FunctionWithBars
+from splitvmm.monitor.pci.config import HostBridge
+from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
+from splitvmm.protocol.models import BarKind, PciBar
+
+ENABLE = 1 << 31
+DATA = 4  # 0xCFC within the 0xCF8 window
+
+
+def cf8(bus: int, device: int, function: int, register: int) -> bytes:
+    return struct.pack("<I", ENABLE | bus << 16 | device << 11 | function << 8 | register)
+
+
+def u32(raw: bytes) -> int:
+    return int.from_bytes(raw, "little")
+
+
+class FakeFunction:
+    """A device-served config space: a 4 KiB scratch area that records every access."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.space = bytearray(4096)
+        self.space[0:4] = struct.pack("<HH", 0x1AF4, 0x1042)
+        self.accesses: list[tuple[str, int, int]] = []
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        self.accesses.append(("r", offset, size))
+        return bytes(self.space[offset : offset + size])
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        self.accesses.append(("w", offset, len(data)))
+        self.space[offset : offset + len(data)] = data
+
+
+@pytest.fixture
+def ports() -> ConfigPorts:
+    return ConfigPorts(PciRoot())
+
+
+def ports_with_fake_at(device: int) -> tuple[ConfigPorts, FakeFunction]:
+    root, fake = PciRoot(), FakeFunction()
+    root.add(device, 0, fake)
+    return ConfigPorts(root), fake
+
+
+def test_config_ports_host_bridge_dword_reads_intel_ids(ports: ConfigPorts) -> None:
+    ports.write(0, cf8(0, 0, 0, 0))
+    assert u32(ports.read(DATA, 4)) == 0x1237_8086
+
+
+def test_config_ports_host_bridge_class_is_host_bridge_header_type_0(ports: ConfigPorts) -> None:
+    ports.write(0, cf8(0, 0, 0, 0x08))
+    assert u32(ports.read(DATA, 4)) >> 8 == 0x060000
+    ports.write(0, cf8(0, 0, 0, 0x0C))
+    assert ports.read(DATA + 2, 1) == b"\x00"  # header type at 0x0E
+
+
+def test_config_ports_byte_and_word_reads_hit_their_offsets(ports: ConfigPorts) -> None:
+    ports.write(0, cf8(0, 0, 0, 0))
+    assert ports.read(DATA + 1, 1) == b"\x80"  # vendor id high byte
+    assert ports.read(DATA + 2, 2) == b"\x37\x12"  # device id
+    assert ports.read(DATA + 3, 1) == b"\x12"
+
+
+def test_config_ports_enable_bit_clear_reads_all_ones(ports: ConfigPorts) -> None:
+    ports.write(0, struct.pack("<I", 0))  # bus 0, device 0, no enable
+    assert ports.read(DATA, 4) == b"\xff" * 4
+
+
+def test_config_ports_address_reads_back_without_reserved_bits(ports: ConfigPorts) -> None:
+    ports.write(0, struct.pack("<I", 0xFFFF_FFFF))
+    assert u32(ports.read(0, 4)) == 0x80FF_FFFC
+
+
+def test_config_ports_byte_write_to_0xcfb_does_not_latch(ports: ConfigPorts) -> None:
+    ports.write(0, cf8(0, 0, 0, 0))
+    ports.write(3, b"\x01")  # Linux's pci_check_type1 pokes 0xCFB with a byte first
+    assert u32(ports.read(0, 4)) == ENABLE
+
+
+def test_config_ports_absent_function_reads_all_ones(ports: ConfigPorts) -> None:
+    ports.write(0, cf8(0, 3, 0, 0))
+    assert ports.read(DATA, 4) == b"\xff" * 4
+
+
+def test_config_ports_other_bus_reads_all_ones(ports: ConfigPorts) -> None:
+    ports.write(0, cf8(1, 0, 0, 0))
+    assert ports.read(DATA, 4) == b"\xff" * 4
+
+
+def test_config_ports_absent_function_write_is_ignored() -> None:
+    ports, fake = ports_with_fake_at(2)
+    ports.write(0, cf8(0, 2, 1, 0x40))  # function 1 of device 2: absent
+    ports.write(DATA, b"\x11\x22\x33\x44")
+    assert fake.accesses == []
+
+
+def test_config_ports_register_offset_plus_data_byte_reaches_function() -> None:
+    ports, fake = ports_with_fake_at(2)
+    ports.write(0, cf8(0, 2, 0, 0x44))
+    ports.write(DATA + 2, b"\xab\xcd")
+    assert fake.accesses == [("w", 0x46, 2)]
+    assert fake.space[0x46:0x48] == b"\xab\xcd"
+
+
+def test_config_ports_unaligned_word_is_split_into_bytes() -> None:
+    ports, fake = ports_with_fake_at(2)
+    ports.write(0, cf8(0, 2, 0, 0))
+    assert ports.read(DATA + 1, 2) == b"\x1a\x42"
+    assert fake.accesses == [("r", 1, 1), ("r", 2, 1)]
+
+
+def test_config_ports_host_bridge_command_is_writable_ids_are_not(ports: ConfigPorts) -> None:
+    ports.write(0, cf8(0, 0, 0, 0))
+    ports.write(DATA, b"\x00\x00\x00\x00")
+    ports.write(0, cf8(0, 0, 0, 0x04))
+    ports.write(DATA, struct.pack("<I", 0xFFFF_FFFF))
+    assert u32(ports.read(DATA, 4)) == 0x0147  # command bits only; status has none set
+    ports.write(0, cf8(0, 0, 0, 0))
+    assert u32(ports.read(DATA, 4)) == 0x1237_8086
+
+
+def test_ecam_reads_host_bridge_ids_at_bus0_device0() -> None:
+    ecam = Ecam(PciRoot())
+    assert u32(ecam.read(0, 4)) == 0x1237_8086
+
+
+def test_ecam_offset_decodes_device_function_register() -> None:
+    root = PciRoot()
+    fake = FakeFunction()
+    root.add(5, 3, fake)
+    ecam = Ecam(root)
+    ecam.write(5 << 15 | 3 << 12 | 0x104, b"\x55")
+    assert fake.accesses == [("w", 0x104, 1)]
+
+
+def test_ecam_absent_function_reads_all_ones() -> None:
+    assert Ecam(PciRoot()).read(1 << 15, 4) == b"\xff" * 4
+
+
+def test_ecam_access_crossing_a_dword_reads_all_ones() -> None:
+    assert Ecam(PciRoot()).read(2, 4) == b"\xff" * 4
+
+
+def test_host_bridge_extended_space_reads_zero() -> None:
+    assert HostBridge().config_read(0x100, 4) == bytes(4)
+
+
+def test_root_add_taken_slot_is_refused() -> None:
+    root = PciRoot()
+    with pytest.raises(ConfigError, match="00:00.0 is taken"):
+        root.add(0, 0, FakeFunction())
+
+
+def test_root_free_device_skips_the_host_bridge() -> None:
+    assert PciRoot().free_device() == 1
+
+
+# -- BARs ---------------------------------------------------------------------------------
+
+
+class Moves:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def __call__(self, index: int, old: int, new: int) -> None:
+        self.seen.append((index, old, new))
+
+
+def bar_function(bars: tuple[PciBar, ...], bases: dict[int, int]) -> tuple[Ecam, Moves]:
+    root, moves = PciRoot(), Moves()
+    decoder = BarDecoder("fake", bars, bases, moves)
+    root.add(1, 0, FunctionWithBars(FakeFunction(), decoder))
+    return Ecam(root), moves
+
+
+DEV1 = 1 << 15
+
+
+def test_bar_mem32_reads_its_preassigned_base() -> None:
+    ecam, _ = bar_function((PciBar(0, 0x4000),), {0: 0xC000_0000})
+    assert u32(ecam.read(DEV1 | 0x10, 4)) == 0xC000_0000
+
+
+def test_bar_mem32_all_ones_reads_size_mask_and_flags() -> None:
+    ecam, _ = bar_function((PciBar(0, 0x4000, prefetchable=True),), {0: 0xC000_0000})
+    ecam.write(DEV1 | 0x10, b"\xff" * 4)
+    assert u32(ecam.read(DEV1 | 0x10, 4)) == 0xFFFF_C008
+
+
+def test_bar_mem32_new_base_is_reported_as_a_move() -> None:
+    ecam, moves = bar_function((PciBar(0, 0x4000),), {0: 0xC000_0000})
+    ecam.write(DEV1 | 0x10, struct.pack("<I", 0xD000_4000))
+    assert moves.seen == [(0, 0xC000_0000, 0xD000_4000)]
+    assert u32(ecam.read(DEV1 | 0x10, 4)) == 0xD000_4000
+
+
+def test_bar_mem32_unaligned_base_loses_its_low_bits() -> None:
+    ecam, _ = bar_function((PciBar(0, 0x4000),), {0: 0xC000_0000})
+    ecam.write(DEV1 | 0x10, struct.pack("<I", 0xD000_1234))
+    assert u32(ecam.read(DEV1 | 0x10, 4)) == 0xD000_0000
+
+
+def test_bar_mem64_sizes_both_dwords() -> None:
+    bars = (PciBar(2, 0x2_0000_0000, BarKind.MEM64),)
+    ecam, _ = bar_function(bars, {2: 0x10_0000_0000})
+    ecam.write(DEV1 | 0x18, b"\xff" * 4)
+    ecam.write(DEV1 | 0x1C, b"\xff" * 4)
+    assert u32(ecam.read(DEV1 | 0x18, 4)) == 0x0000_0004
+    assert u32(ecam.read(DEV1 | 0x1C, 4)) == 0xFFFF_FFFE
+
+
+def test_bar_mem64_upper_dword_write_moves_the_bar() -> None:
+    ecam, moves = bar_function((PciBar(2, 0x1000, BarKind.MEM64),), {2: 0xC000_0000})
+    ecam.write(DEV1 | 0x1C, struct.pack("<I", 0x1))
+    assert moves.seen == [(2, 0xC000_0000, 0x1_C000_0000)]
+
+
+def test_bar_io_all_ones_reads_size_mask_with_io_flag() -> None:
+    ecam, _ = bar_function((PciBar(1, 0x20, BarKind.IO),), {1: 0xC000})
+    ecam.write(DEV1 | 0x14, b"\xff" * 4)
+    assert u32(ecam.read(DEV1 | 0x14, 4)) == 0xFFFF_FFE1
+
+
+def test_bar_unimplemented_register_reads_zero_after_all_ones() -> None:
+    ecam, _ = bar_function((PciBar(0, 0x1000),), {0: 0xC000_0000})
+    ecam.write(DEV1 | 0x20, b"\xff" * 4)
+    assert u32(ecam.read(DEV1 | 0x20, 4)) == 0
+
+
+def test_bar_accesses_never_reach_the_function() -> None:
+    root, fake = PciRoot(), FakeFunction()
+    decoder = BarDecoder("fake", (PciBar(0, 0x1000),), {0: 0xC000_0000}, Moves())
+    root.add(1, 0, FunctionWithBars(fake, decoder))
+    Ecam(root).write(DEV1 | 0x10, b"\xff" * 4)
+    Ecam(root).read(DEV1 | 0x00, 4)
+    assert fake.accesses == [("r", 0, 4)]
+
+
+def test_bar_sizes_not_power_of_two_are_refused() -> None:
+    with pytest.raises(ConfigError, match="BAR 0 size 0x3000"):
+        BarDecoder("fake", (PciBar(0, 0x3000),), {0: 0xC000_0000}, Moves())
+
+
+def test_bar_mem64_in_bar5_is_refused() -> None:
+    with pytest.raises(ConfigError, match="BAR 5 overlaps another or lies past BAR 5"):
+        BarDecoder("fake", (PciBar(5, 0x1000, BarKind.MEM64),), {5: 0xC000_0000}, Moves())
+
+
+def test_bar_allocator_aligns_each_bar_to_its_size() -> None:
+    alloc = BarAllocator(0xC000_0000, 0xE000_0000, "mmio32")
+    alloc.allocate(0x1000)
+    assert alloc.allocate(0x4000) == 0xC000_4000
+
+
+def test_bar_allocator_full_window_is_refused() -> None:
+    alloc = BarAllocator(0xC000_0000, 0xC000_1000, "mmio32")
+    with pytest.raises(ConfigError, match="mmio32 window"):
+        alloc.allocate(0x2000)
