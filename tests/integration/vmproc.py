@@ -92,9 +92,12 @@ class VmProcess:
         return self.proc.returncode, err.decode(errors="replace")
 
 
-def boot_guest(tmp_path: Path, kernel: Path, cmdline: str = "") -> VmProcess:
-    """`splitvmm up` of one test guest (64 MiB, one vCPU); its serial output in serial.log."""
+def boot_guest(
+    tmp_path: Path, kernel: Path, cmdline: str = "", options: tuple[str, ...] = ()
+) -> VmProcess:
+    """`splitvmm [options] up` of one test guest (64 MiB, one vCPU); its serial output in
+    serial.log."""
     serial = tmp_path / "serial.log"
     config = tmp_path / "vm.toml"
     config.write_text(vm_toml(f'kernel = "{kernel}"\ncmdline = "{cmdline}"', "64M", 1, serial))
-    return VmProcess(tmp_path, ["up", str(config)], serial)
+    return VmProcess(tmp_path, [*options, "up", str(config)], serial)
