@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from splitvmm.errors import ConfigError
+from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS, PortWindow
 
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
@@ -48,7 +49,7 @@ SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MODEL_OPTIONS: dict[str, dict[str, tuple[type, object]]] = {
     m.name: {o.name: (o.kind, o.default) for o in m.options} for m in MODELS.values()
 }
-ALWAYS_ALLOWED = {"name", "model", "on_crash", "max_restarts", "restart_window"}
+ALWAYS_ALLOWED = {"name", "model", "on_crash", "max_restarts", "restart_window", "fault"}
 
 # Options that name a host resource (a file, socket, disk image, TAP). A snapshot is untrusted,
 # so a restore never takes one from its manifest: the operator names each (the config given to
@@ -92,6 +93,7 @@ class DeviceSection:
     options: dict[str, Any] = field(default_factory=dict)
     max_restarts: int = DEFAULT_MAX_RESTARTS  # on_crash = "restart": its budget
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
+    fault: dict[str, Any] | None = None  # crash testing (protocol/faults.py): first process only
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,14 +253,8 @@ def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
         raise ConfigError(
             f'{where}.max_restarts: a restart budget needs on_crash = "restart", not {on_crash!r}'
         )
-    return DeviceSection(
-        name,
-        model,
-        on_crash,
-        options,
-        max_restarts,
-        window,
-    )
+    fault = faults.parse(table["fault"], f"{where}.fault") if "fault" in table else None
+    return DeviceSection(name, model, on_crash, options, max_restarts, window, fault)
 
 
 def _duration(table: dict[str, Any], key: str, where: str, default: float) -> float:

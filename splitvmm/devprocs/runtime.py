@@ -34,11 +34,12 @@ from splitvmm.devprocs.base import (
     load_model,
 )
 from splitvmm.devprocs.eventloop import EventLoop
+from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
-from splitvmm.protocol import codec, control, events, wire
+from splitvmm.protocol import codec, control, events, faults, wire
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox import device as sandbox
 
@@ -88,7 +89,9 @@ def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
     os._exit(2)
 
 
-def _serve_control(device: Device, sock: zmq.Socket[bytes], buf: bytes) -> None:
+def _serve_control(
+    device: Device, sock: zmq.Socket[bytes], buf: bytes, injector: FaultInjector
+) -> None:
     """quiesce / save / resume, in the device's own order. Every access sent before the
     request was applied already: the channel is ordered. While quiesced the output buffer
     is held: what it holds is part of the state a snapshot saves."""
@@ -97,7 +100,15 @@ def _serve_control(device: Device, sock: zmq.Socket[bytes], buf: bytes) -> None:
         device.ctx.events.route_done(*events.decode_route_done(msg))
         return
     op, seq = msg["op"], msg["seq"]
-    if op == "quiesce":
+    if op == "fault":  # crash testing: checked by decode() against its record
+        injector.arm(
+            faults.decode(
+                {k: msg[k] for k in faults.Fault.__dataclass_fields__},
+                "control fault",
+                ProtocolError,
+            )
+        )
+    elif op == "quiesce":
         device.quiesce()
         device.ctx.out.held = True
     elif op == "resume":
@@ -137,16 +148,26 @@ class Checkpoints:
         )
 
 
-def serve(device: Device, sock: zmq.Socket[bytes], checkpoints: Checkpoints) -> None:
+def serve(
+    device: Device,
+    sock: zmq.Socket[bytes],
+    checkpoints: Checkpoints,
+    injector: FaultInjector | None = None,
+) -> None:
     """Frames from the channel, and whatever else the model waits on (eventloop.py)."""
-    EventLoop(device, sock, lambda buf: _serve_frame(device, sock, buf, checkpoints)).run()
+    inj = injector or FaultInjector()
+    EventLoop(device, sock, lambda buf: _serve_frame(device, sock, buf, checkpoints, inj)).run()
 
 
 def _serve_frame(
-    device: Device, sock: zmq.Socket[bytes], buf: bytes, checkpoints: Checkpoints
+    device: Device,
+    sock: zmq.Socket[bytes],
+    buf: bytes,
+    checkpoints: Checkpoints,
+    injector: FaultInjector,
 ) -> None:
     if control.is_control(buf):
-        _serve_control(device, sock, buf)
+        _serve_control(device, sock, buf, injector)
         return
     if not isinstance(device, PortIoDevice):
         raise ProtocolError(f"{type(device).__name__} takes no port accesses")
@@ -157,10 +178,14 @@ def _serve_frame(
             device.output_room()
         sock.send(wire.encode_sync_done(access.seq))
         return
+    injector.received()
     reply = _apply(device, access)
     if reply is not None:
+        if not injector.send_reply():
+            return  # dropped: no checkpoint covers it, as if this process died before replying
         sock.send(wire.encode_read_done(access.seq, reply))
     checkpoints.applied_one()  # after the reply: a checkpoint never covers an unanswered read
+    injector.answered()
 
 
 def _apply(device: PortIoDevice, access: wire.Access) -> bytes | None:
@@ -289,6 +314,7 @@ def run(spec: DeviceSpec) -> None:
     if hook is not None:
         _run_hook(hook, spec)
     try:
+        fault = None if spec.fault is None else faults.decode(spec.fault, "fault", ConfigError)
         applied, frames = prepare_resume(spec, ctx)
         device = build_device(spec, ctx)
         checkpoints = Checkpoints(device, applied)
@@ -301,7 +327,7 @@ def run(spec: DeviceSpec) -> None:
         checkpoints.publish()  # sent once connected: the monitor's journal empties at once
     sock.send(wire.encode_ready())
     device.ctx.events.connect(lambda frame: _send_now(sock, frame))
-    serve(device, sock, checkpoints)
+    serve(device, sock, checkpoints, FaultInjector(fault))
 
 
 def _send_now(sock: zmq.Socket[bytes], frame: bytes) -> bool:

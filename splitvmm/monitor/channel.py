@@ -135,10 +135,12 @@ class DeviceChannel:
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
 
-    def control(self, op: str, timeout_ms: int) -> dict[str, object]:
-        """A control request (quiesce, save, resume) and its checked reply."""
+    def control(
+        self, op: str, timeout_ms: int, args: dict[str, object] | None = None
+    ) -> dict[str, object]:
+        """A control request (quiesce, save, resume, fault with `args`), its checked reply."""
         seq = self._next_seq()
-        reply = self._request(control.encode({"op": op, "seq": seq}), timeout_ms)
+        reply = self._request(control.encode({"op": op, "seq": seq, **(args or {})}), timeout_ms)
         try:
             return control.check_reply(control.decode(reply), op, seq, self._model)
         except ProtocolError as e:

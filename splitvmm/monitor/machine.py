@@ -45,6 +45,7 @@ from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
+from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor
 from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.sandbox.launcher import Launcher
@@ -181,7 +182,9 @@ class Machine:
             r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
         ):
             self._console = dev.name
-        return Spawn(dev.name, dev.model, model.transport.size, dict(dev.options), fds, state)
+        return Spawn(
+            dev.name, dev.model, model.transport.size, dict(dev.options), fds, state, dev.fault
+        )
 
     def _launch_devices(self) -> None:
         """Ask the launcher for every device process; their channels are served later, once
@@ -325,7 +328,22 @@ class Machine:
             "snapshot": lambda req: self._snapshot(req, suspend=False),
             "suspend": lambda req: self._snapshot(req, suspend=True),
             "crash-device": self._crash_device,
+            "inject-fault": self._inject_fault,
         }
+
+    def _inject_fault(self, req: dict[str, object]) -> dict[str, object]:
+        """Arm a fault (protocol/faults.py) in a device's running process: a control message."""
+        name = req.get("name")
+        slot = next((s for s in self.slots if s.name == name), None)
+        if slot is None:
+            raise ControlError(f"inject-fault: no device named {str(name)[:63]!r}")
+        fault = {k: req.get(k) for k in faults.Fault.__dataclass_fields__}
+        faults.decode(fault, "inject-fault", ControlError)
+        try:
+            slot.control("fault", args=fault)
+        except DeviceFailure as e:
+            raise ControlError(str(e)) from None
+        return {"name": slot.name, "pid": slot.pid, **fault}
 
     def _crash_device(self, req: dict[str, object]) -> dict[str, object]:
         name, sig = req.get("name"), req.get("signal", "KILL")

@@ -113,6 +113,7 @@ class Spawn:
     options: dict[str, object] = field(default_factory=dict)
     fds: dict[str, int] = field(default_factory=dict)
     state: dict[str, object] | None = None  # restore: the device's saved state document
+    fault: dict[str, object] | None = None  # crash testing: armed in the first process only
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +180,7 @@ class DeviceSlot:
         self._zctx = zctx
         self._on_failure = on_failure
         self.last_state = spawn.state  # what a new process starts from (the last snapshot's)
+        self._fault = spawn.fault  # taken by the first process: a restarted one gets none
         self.generation = 0  # processes started into the slot so far
         self.restarts = RestartBudget()
         self.process: DeviceProcess | None = None
@@ -239,7 +241,9 @@ class DeviceSlot:
                 self._options,
                 state=self._checkpoint.state if resume is not None else self.last_state,
                 resume=resume,
+                fault=self._fault,
             )
+            self._fault = None
         process, listener = self._spawner(spec)
         with self._lock:
             self.generation += 1
@@ -414,16 +418,18 @@ class DeviceSlot:
                 return False
             return True
 
-    def control(self, op: str, timeout_ms: int = CONTROL_TIMEOUT_MS) -> dict[str, object]:
-        """A control request (quiesce, save, resume); the checked reply, or DeviceFailure.
-        A saved state becomes the device's last known state."""
+    def control(
+        self, op: str, timeout_ms: int = CONTROL_TIMEOUT_MS, args: dict[str, object] | None = None
+    ) -> dict[str, object]:
+        """A control request (quiesce, save, resume, fault with `args`); the checked reply, or
+        DeviceFailure. A saved state becomes the device's last known state."""
         with self._lock:
             channel = self._await_live()
             if channel is None:
                 why = f"has failed: {self.failed}" if self.failed else "is away"
                 raise DeviceFailure(f"device {self.name} {why}")
             try:
-                reply = channel.control(op, timeout_ms)
+                reply = channel.control(op, timeout_ms, args)
             except ChannelError as e:
                 self._fail_locked(str(e))
                 raise DeviceFailure(f"device {self.name}: {e}") from None

@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal
 from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import schema
 from splitvmm.protocol.codec import StateDocument
+from splitvmm.protocol.faults import Fault
 
 CONTROL_TAG = 0x10
 MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can't make us eat RAM
 REQUESTS = ("quiesce", "save", "resume")
-REPLY_TO = {"quiesce": "quiesced", "save": "state", "resume": "resumed"}
+REPLY_TO = {"quiesce": "quiesced", "save": "state", "resume": "resumed", "fault": "fault_armed"}
 MAX_ERROR_TEXT = 200
 
 Seq = Annotated[int, schema.U32]
@@ -37,7 +38,16 @@ class Request:
 class Done:
     """Device -> monitor: the request is done."""
 
-    op: Literal["quiesced", "resumed"]
+    op: Literal["quiesced", "resumed", "fault_armed"]
+    seq: Seq
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRequest(Fault):
+    """Monitor -> device: arm this fault (faults.py) in the running process; it answers
+    fault_armed (crash testing: `splitvmm ctl inject-fault`)."""
+
+    op: Literal["fault"]
     seq: Seq
 
 
@@ -111,7 +121,8 @@ class RouteDone:
 
 MESSAGES: dict[str, type] = {
     **dict.fromkeys(REQUESTS, Request),
-    **dict.fromkeys(("quiesced", "resumed"), Done),
+    **dict.fromkeys(("quiesced", "resumed", "fault_armed"), Done),
+    "fault": FaultRequest,
     "state": StateReply,
     "error": Failed,
     "publish": PublishEvent,

@@ -36,6 +36,9 @@ class DeviceSpec:
     # {"applied": frames, "emitted": output bytes, "skip": output bytes already sent,
     #  "replay": [base64 frames]} (monitor/slot.py Resume; checked by devprocs/runtime.py).
     resume: dict[str, object] | None = None
+    # Crash testing: a fault document (protocol/faults.py) this process arms at start; plain
+    # data, checked by the launcher and by the device. A restarted process gets none.
+    fault: dict[str, object] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

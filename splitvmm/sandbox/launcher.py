@@ -64,8 +64,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from splitvmm.errors import DeviceFailure, SplitvmmError, clip
+from splitvmm.errors import DeviceFailure, ProtocolError, SplitvmmError, clip
 from splitvmm.native import confine
+from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.sandbox.spawn import (
@@ -472,9 +473,14 @@ def _decode_spec(data: bytes) -> DeviceSpec:
     for key, kind in types.items():
         if type(getattr(spec, key)) is not kind:
             raise Refused(f"launcher: the spec's {key} is not a {kind.__name__}")
-    for key in ("state", "resume"):
+    for key in ("state", "resume", "fault"):
         if getattr(spec, key) is not None and type(getattr(spec, key)) is not dict:
             raise Refused(f"launcher: the spec's {key} is not an object")
+    if spec.fault is not None:
+        try:
+            faults.decode(spec.fault, f"device {spec.name[:63]!r}: fault", ProtocolError)
+        except ProtocolError as e:
+            raise Refused(str(e)) from None
     return spec
 
 

@@ -133,3 +133,59 @@ def test_device_crashing_in_a_loop_hits_the_budget_and_stops_the_vm(
         status, err = vm.finish()
     assert status == 4
     assert "max_restarts = 2" in err and "restart_window = 60 s" in err, err[-2000:]
+
+
+# -- fault injection: from the config, and from `ctl inject-fault` -----------------------------
+def run_with_fault(
+    tmp_path: Path, guests: dict[str, Path], extra: str, *inject: str, generation: int
+) -> tuple[str, dict[str, object]]:
+    """Start the counter (on_crash = restart), arm `inject` with ctl if given, wait until the
+    serial device serves as process `generation` and the guest printed on; (stderr, device)."""
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 5\n' + extra)
+    try:
+        if inject:
+            done = vm.ctl("inject-fault", "serial0", *inject)
+            assert done.returncode == 0, done.stderr
+        dev = wait_back(tmp_path, generation)
+        vm.wait_for(r"^count=\d+$", after=len(vm.text()))  # it prints on after the fault
+        dev = serial_device(tmp_path)
+        vm.proc.send_signal(signal.SIGTERM)
+        _, err = vm.finish()
+    finally:
+        if vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.finish()
+    values = count_lines(vm.text())
+    assert values == [values[0] * (k + 1) for k in range(len(values))], "lost or repeated a line"
+    return err, dev
+
+
+def test_config_fault_crash_restarts_the_device_and_the_guest_loses_no_line(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    err, dev = run_with_fault(tmp_path, guests, 'fault = "crash:after=200"\n', generation=2)
+    assert dev["restarts"] == 1 and dev["crashes"] == 1  # the restarted process has no fault
+    assert "killed by signal 11" in err, err[-2000:]
+
+
+def test_ctl_fault_delay_under_the_read_deadline_fails_nothing(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    err, dev = run_with_fault(
+        tmp_path, guests, "", "delay", "--after", "5", "--delay-ms", "300", generation=1
+    )
+    assert dev["crashes"] == 0 and dev["state"] == "running", dev
+
+
+def test_ctl_fault_drop_fails_the_device_at_the_read_deadline_and_it_restarts(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    err, dev = run_with_fault(tmp_path, guests, "", "drop", "--after", "5", generation=2)
+    assert dev["restarts"] == 1 and "no reply within" in str(dev["last_failure"]), dev
+
+
+def test_ctl_fault_exit_mid_request_restarts_and_reruns_the_request(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    err, dev = run_with_fault(tmp_path, guests, "", "exit", "--after", "3", generation=2)
+    assert dev["restarts"] == 1 and "exited with status 3" in err, err[-2000:]

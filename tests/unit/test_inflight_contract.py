@@ -4,6 +4,7 @@ through the device runtime's control path and the state codec, as a snapshot car
 from __future__ import annotations
 
 from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.runtime import _serve_control
 from splitvmm.protocol import codec, control
 from tests.fakes import FakeIrq
@@ -20,7 +21,7 @@ class FakeSocket:
 
 def request(device, op: str, seq: int) -> dict:
     sock = FakeSocket()
-    _serve_control(device, sock, control.encode({"op": op, "seq": seq}))
+    _serve_control(device, sock, control.encode({"op": op, "seq": seq}), FaultInjector())
     return control.decode(sock.sent[0])
 
 

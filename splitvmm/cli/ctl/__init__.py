@@ -18,7 +18,8 @@ from splitvmm.cli.ctl import crash, snapshot, state
 )
 @click.pass_context
 def command(ctx: click.Context, vm: str | None, socket: Path | None) -> None:
-    """Control a running VM: status, pause, resume, snapshot, suspend, devices, crash-device."""
+    """Control a running VM: status, pause, resume, snapshot, suspend, devices, crash-device,
+    inject-fault."""
     ctx.obj = {"vm": vm, "socket": socket}
 
 

@@ -1,23 +1,35 @@
-"""`splitvmm ctl crash-device NAME [--signal KILL|SEGV|ABRT|...]`: crash testing."""
+"""Crash testing: `splitvmm ctl crash-device NAME [--signal KILL|SEGV|ABRT|...]` and
+`splitvmm ctl inject-fault NAME KIND [--after N] [--delay-ms D] [--signal S]`."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from splitvmm.cli.ctl import common
+from splitvmm.protocol.faults import FAULT_KINDS, FAULT_SIGNALS, MAX_DELAY_MS
 from splitvmm.protocol.spec import CRASH_SIGNALS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def signal_option(choices: tuple[str, ...], help_text: str) -> Callable[[F], F]:
+    """--signal NAME, one of `choices` (the first is the default)."""
+    return click.option(
+        "--signal",
+        "sig",
+        type=click.Choice(choices, case_sensitive=False),
+        default=choices[0],
+        show_default=True,
+        help=help_text,
+    )
 
 
 @click.command("crash-device")
 @click.argument("name")
-@click.option(
-    "--signal",
-    "sig",
-    type=click.Choice(CRASH_SIGNALS, case_sensitive=False),
-    default="KILL",
-    show_default=True,
-    help="The signal the monitor sends the device's process (through its pidfd).",
-)
+@signal_option(CRASH_SIGNALS, "The signal the monitor sends the device's process (its pidfd).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def crash_device(ctx: click.Context, name: str, sig: str, as_json: bool) -> None:
@@ -26,4 +38,33 @@ def crash_device(ctx: click.Context, name: str, sig: str, as_json: bool) -> None
     common.emit(reply, as_json, lambda r: f"sent SIG{r['signal']} to {r['name']} (pid {r['pid']})")
 
 
-COMMANDS = (crash_device,)
+@click.command("inject-fault")
+@click.argument("name")
+@click.argument("kind", type=click.Choice(FAULT_KINDS))
+@click.option(
+    "--after",
+    type=click.IntRange(1, (1 << 32) - 1),
+    default=1,
+    show_default=True,
+    help="The access frame (read, write, input), counted from now, at which it fires.",
+)
+@click.option(
+    "--delay-ms",
+    type=click.IntRange(0, MAX_DELAY_MS),
+    default=0,
+    help="delay: how long the reply waits.",
+)
+@signal_option(FAULT_SIGNALS, "crash: how the process dies.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def inject_fault(
+    ctx: click.Context, name: str, kind: str, after: int, delay_ms: int, sig: str, as_json: bool
+) -> None:
+    """Arm a fault in a device's running process: crash after N frames, delay or drop the
+    reply to frame N, or exit on receiving frame N. It fires once, in this process only."""
+    args = {"name": name, "kind": kind, "after": after, "delay_ms": delay_ms, "signal": sig.upper()}
+    reply = common.call(ctx, "inject-fault", **args)
+    common.emit(reply, as_json, lambda r: f"armed {r['kind']} in {r['name']} (pid {r['pid']})")
+
+
+COMMANDS = (crash_device, inject_fault)

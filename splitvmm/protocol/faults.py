@@ -1,0 +1,81 @@
+"""Fault injection (crash testing): a plain-data fault a device process arms and fires.
+
+A fault reaches a device in its spec (`[[device]] fault`, first process only) or in a
+`fault` control message (`splitvmm ctl inject-fault`); both are this record, never code:
+the launcher refuses specs with code in them (sandbox/launcher.py). It counts the access
+frames (reads, writes, host input) the process receives after it is armed, and fires once:
+
+    crash  after frame `after` is answered, the process faults (SIGSEGV)
+    delay  the reply to frame `after` (or the first reply after it) waits `delay_ms`
+    drop   the reply to frame `after` (or the first reply after it) is never sent
+    exit   on receiving frame `after`, before applying it, the process exits (status 3)
+
+A fault belongs to one process: the process a restart brings up has none unless armed anew.
+
+Why SEGV only: a device process is pid 1 of its own PID namespace (sandbox/device.py), and
+the kernel drops a signal that such a process sends itself without a handler, SIGKILL and
+SIGABRT included. A fault the CPU raises (a read of address 0) is forced, and kills it;
+`ctl crash-device --signal KILL|ABRT|...` sends the others from the monitor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from splitvmm.errors import ConfigError, SplitvmmError, shown
+from splitvmm.protocol import schema
+
+FAULT_KINDS = ("crash", "delay", "drop", "exit")
+FAULT_SIGNALS = ("SEGV",)
+MAX_DELAY_MS = 10000
+EXIT_STATUS = 3  # the status an `exit` fault leaves with: no other path of a device uses it
+
+Kind = Literal["crash", "delay", "drop", "exit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    kind: Kind
+    after: Annotated[int, schema.Range(1, (1 << 32) - 1)]  # the frame it fires at, from 1
+    delay_ms: Annotated[int, schema.Range(0, MAX_DELAY_MS)]  # delay only
+    signal: Literal["SEGV"]  # crash only
+
+    def validate(self) -> None:
+        if self.kind == "delay" and self.delay_ms == 0:
+            raise schema.Invalid("a delay fault needs delay_ms of 1 or more", "delay_ms")
+
+
+def decode(data: object, where: str, error: type[SplitvmmError]) -> Fault:
+    """The fault in untrusted `data` (a spec's or a control message's), or `error`."""
+    return schema.decode(Fault, data, where=where, error=error)
+
+
+def make(kind: str, after: int = 1, delay_ms: int = 0, signal: str = "SEGV") -> dict[str, object]:
+    """A fault document from its parts (checked by decode())."""
+    return {"kind": kind, "after": after, "delay_ms": delay_ms, "signal": signal}
+
+
+def parse(text: object, where: str) -> dict[str, object]:
+    """A config's `fault = "KIND[:after=N][,delay_ms=D][,signal=S]"`, as a checked fault
+    document; ConfigError naming `where` otherwise."""
+    if not isinstance(text, str):
+        raise ConfigError(f'{where}: expected a string like "crash:after=200", got {shown(text)}')
+    kind, _, rest = text.partition(":")
+    doc = make(kind.strip())
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in ("after", "delay_ms", "signal"):
+            raise ConfigError(f"{where}: {shown(item)} is not after=N, delay_ms=D or signal=S")
+        doc[key.strip()] = _value(key.strip(), value.strip(), where)
+    decode(doc, where, ConfigError)
+    return doc
+
+
+def _value(key: str, value: str, where: str) -> object:
+    if key == "signal":
+        return value.upper().removeprefix("SIG")
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise ConfigError(f"{where}: {key} must be a whole number, got {shown(value)}") from None

@@ -1,0 +1,224 @@
+"""Fault injection (crash testing): the fault record, its config form, the launcher's check,
+and the device runtime firing each kind, through a fake channel socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from splitvmm.config import load_config
+from splitvmm.devprocs import faults as device_faults
+from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.faults import FaultInjector
+from splitvmm.devprocs.output import BoundedOutput
+from splitvmm.devprocs.runtime import Checkpoints, _serve_frame
+from splitvmm.devprocs.serial import Uart8250
+from splitvmm.errors import ConfigError, ProtocolError
+from splitvmm.protocol import control, faults, wire
+from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox.launcher import Refused, _decode_spec
+from tests.fakes import FakeIrq, FakeLine
+from tests.unit.test_config import GOOD, write
+
+LSR = 5
+
+
+def fault(kind: str, **parts: int) -> faults.Fault:
+    return faults.decode({**faults.make(kind), **parts}, "test", ProtocolError)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        faults.make("crash", after=200),
+        faults.make("delay", after=1, delay_ms=faults.MAX_DELAY_MS),
+        faults.make("drop", after=(1 << 32) - 1),
+        faults.make("exit"),
+    ],
+    ids=["crash", "delay-max", "drop-u32", "exit"],
+)
+def test_fault_good_document_decodes(doc: dict[str, object]) -> None:
+    assert faults.decode(doc, "test", ProtocolError).kind == doc["kind"]
+
+
+@pytest.mark.parametrize(
+    "doc,message",
+    [
+        (faults.make("explode"), r"test.*kind"),
+        (faults.make("crash", after=0), r"test.*after"),
+        (faults.make("crash", after=1 << 32), r"test.*after"),
+        (faults.make("delay", delay_ms=faults.MAX_DELAY_MS + 1), r"test.*delay_ms"),
+        (faults.make("delay"), r"test.*delay_ms"),
+        (faults.make("crash", signal="KILL"), r"test.*signal"),
+        (faults.make("crash", after=True), r"test.*after"),
+        ({**faults.make("exit"), "code": "x"}, r"test.*code"),
+        ({"kind": "exit"}, r"test"),
+    ],
+    ids=[
+        "kind",
+        "after-0",
+        "after-u33",
+        "delay-over",
+        "delay-0",
+        "signal",
+        "bool",
+        "extra",
+        "missing",
+    ],
+)
+def test_fault_bad_document_raises_error_naming_field(doc: object, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        faults.decode(doc, "test", ProtocolError)
+
+
+def test_fault_config_string_parses_to_a_document(tmp_path: Path) -> None:
+    (tmp_path / "kernel.elf").write_bytes(b"\x7fELF")
+    text = GOOD.replace(
+        'model = "serial"\n', 'model = "serial"\nfault = "delay:after=7,delay_ms=300"\n'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.devices[0].fault == faults.make("delay", after=7, delay_ms=300)
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ('"explode"', r"device 'serial0'\.fault: .*kind"),
+        ('"crash:after=x"', r"device 'serial0'\.fault: after must be a whole number"),
+        ('"crash:every=3"', r"device 'serial0'\.fault: 'every=3' is not"),
+        ('"crash:signal=KILL"', r"device 'serial0'\.fault: .*signal"),
+        ("3", r"device 'serial0'\.fault: expected a string"),
+    ],
+    ids=["kind", "after-text", "unknown-part", "signal", "not-a-string"],
+)
+def test_fault_config_mistake_raises_error_naming_key(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    (tmp_path / "kernel.elf").write_bytes(b"\x7fELF")
+    text = GOOD.replace('model = "serial"\n', f'model = "serial"\nfault = {value}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_launcher_spec_with_bad_fault_is_refused_with_one_line() -> None:
+    spec = DeviceSpec("serial0", "serial", "ipc:///x/serial0.sock", fault=faults.make("burn"))
+    with pytest.raises(Refused, match=r"^device 'serial0': fault: .*kind[^\n]*$"):
+        _decode_spec(spec.to_json().encode())
+
+
+def test_launcher_spec_with_good_fault_decodes() -> None:
+    spec = DeviceSpec("serial0", "serial", "ipc:///x/serial0.sock", fault=faults.make("exit"))
+    assert _decode_spec(spec.to_json().encode()).fault == faults.make("exit")
+
+
+# -- the runtime firing each kind ---------------------------------------------------------------
+class FakeSocket:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        self.sent.append(frame)
+
+
+class Fired(Exception):
+    """What the fakes of os._exit and crash() raise: the process would end here."""
+
+
+def serve_reads(injector: FaultInjector, count: int) -> tuple[FakeSocket, Uart8250]:
+    """`count` LSR reads through the runtime; the socket has the replies it sent."""
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine())))
+    sock, checkpoints = FakeSocket(), Checkpoints(uart)
+    for seq in range(1, count + 1):
+        _serve_frame(uart, sock, wire.encode_read(seq, LSR, 1), checkpoints, injector)  # type: ignore[arg-type]
+    return sock, uart
+
+
+def test_runtime_drop_fault_sends_no_reply_to_that_frame_only() -> None:
+    sock, _ = serve_reads(FaultInjector(fault("drop", after=2)), 4)
+    assert len(sock.sent) == 3
+    for frame, seq in zip(sock.sent, (1, 3, 4), strict=True):
+        wire.decode_read_done(frame, seq, 1)  # raises on another seq
+
+
+def test_runtime_delay_fault_waits_before_the_reply_of_its_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[object] = []
+
+    class Poll:
+        def poll(self, ms: int) -> None:
+            events.append(("wait", ms))
+
+    monkeypatch.setattr(device_faults.select, "poll", Poll)
+    injector = FaultInjector(fault("delay", after=2, delay_ms=300))
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine())))
+    sock, checkpoints = FakeSocket(), Checkpoints(uart)
+    for seq in (1, 2, 3):
+        _serve_frame(uart, sock, wire.encode_read(seq, LSR, 1), checkpoints, injector)  # type: ignore[arg-type]
+        events.append(("sent", len(sock.sent)))
+    assert events == [("sent", 1), ("wait", 300), ("sent", 2), ("sent", 3)]
+
+
+def test_runtime_exit_fault_ends_the_process_before_applying_its_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def exit_(status: int) -> None:
+        raise Fired(status)
+
+    monkeypatch.setattr(device_faults.os, "_exit", exit_)
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine())))
+    sock, checkpoints = FakeSocket(), Checkpoints(uart)
+    injector = FaultInjector(fault("exit", after=2))
+    _serve_frame(uart, sock, wire.encode_write(0, b"a"), checkpoints, injector)  # type: ignore[arg-type]
+    with pytest.raises(Fired) as fired:
+        _serve_frame(uart, sock, wire.encode_write(0, b"b"), checkpoints, injector)  # type: ignore[arg-type]
+    assert fired.value.args == (faults.EXIT_STATUS,)
+    assert checkpoints.applied == 1  # "b" was never applied
+
+
+def test_runtime_crash_fault_fires_after_its_frame_is_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def crash() -> None:
+        raise Fired()
+
+    monkeypatch.setattr(device_faults, "crash", crash)
+    injector = FaultInjector(fault("crash", after=3))
+    with pytest.raises(Fired):
+        serve_reads(injector, 5)
+    assert injector.frames == 3
+
+
+def test_runtime_fault_control_message_arms_it_and_answers_fault_armed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine())))
+    sock, checkpoints, injector = FakeSocket(), Checkpoints(uart), FaultInjector()
+    msg = {"op": "fault", "seq": 9, **faults.make("drop", after=1)}
+    _serve_frame(uart, sock, control.encode(msg), checkpoints, injector)  # type: ignore[arg-type]
+    assert control.check_reply(control.decode(sock.sent[0]), "fault", 9, "serial")["op"] == (
+        "fault_armed"
+    )
+    _serve_frame(uart, sock, wire.encode_read(10, LSR, 1), checkpoints, injector)  # type: ignore[arg-type]
+    assert len(sock.sent) == 1  # the read's reply was dropped
+
+
+def test_runtime_bad_fault_control_message_is_a_protocol_error() -> None:
+    msg = {"op": "fault", "seq": 9, **faults.make("drop", after=0)}
+    with pytest.raises(ProtocolError, match="control fault.*after"):
+        control.decode(control.encode(msg))
+
+
+def test_device_crash_dies_by_sigsegv() -> None:
+    import faulthandler
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:
+        faulthandler.disable()  # pytest's: it would catch the fault first (the device has none)
+        device_faults.crash()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
