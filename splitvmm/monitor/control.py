@@ -77,7 +77,8 @@ class ControlServer(threading.Thread):
         self.max_clients = max_clients
         self._clients: dict[socket.socket, _Client] = {}
         self._worker: threading.Thread | None = None  # the operation in progress, if any
-        self._worker_op = ""
+        self._worker_op = ""  # the operation in progress ("": none), under _busy_lock
+        self._busy_lock = threading.Lock()
         self._wake = EventFd()
         self._closing = False
         old_umask = os.umask(0o177)  # the socket is created 0600: only our user may steer the VM
@@ -169,15 +170,26 @@ class ControlServer(threading.Thread):
         if op in self.read_only:
             _reply(conn, self._call(op, request))
             return
-        if self._worker is not None and self._worker.is_alive():
-            error = f"the monitor is busy with {self._worker_op}; try again when it is done"
+        with self._busy_lock:
+            busy = self._worker_op
+            if not busy:
+                self._worker_op = op
+        if busy:
+            error = f"the monitor is busy with {busy}; try again when it is done"
             _reply(conn, {"ok": False, "error": error})
             return
-        self._worker_op = op
         self._worker = threading.Thread(
-            target=lambda: _reply(conn, self._call(op, request)), name=f"control-{op}", daemon=True
+            target=self._work, args=(conn, op, request), name=f"control-{op}", daemon=True
         )
         self._worker.start()
+
+    def _work(self, conn: socket.socket, op: str, request: dict[str, object]) -> None:
+        """Run one operation; it is done (not busy) before its reply leaves, so a client
+        that sends its next request on the reply finds the monitor free."""
+        reply = self._call(op, request)
+        with self._busy_lock:
+            self._worker_op = ""
+        _reply(conn, reply)
 
     def _parse(self, line: bytes) -> tuple[str, dict[str, object]] | str:
         """(op, request), or the error to answer."""
