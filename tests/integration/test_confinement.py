@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO, vm_toml
-from tests.integration.vmproc import VmProcess
+from tests.integration.vmproc import VmProcess, boot_guest
 
 pytestmark = pytest.mark.kvm
 
@@ -83,10 +83,7 @@ def parent_of(pid: int) -> int:
 
 
 def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, tmp_path):
-    serial = tmp_path / "serial.log"
-    config = tmp_path / "vm.toml"
-    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', serial_out=serial))
-    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm = boot_guest(tmp_path, guests["counter"])
     try:
         vm.wait_for(r"^count=\d+")
         status = json.loads(vm.ctl("status", "--json").stdout)
@@ -113,10 +110,7 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
 
 
 def test_monitor_killed_takes_launcher_and_devices_along(guests, tmp_path):
-    serial = tmp_path / "serial.log"
-    config = tmp_path / "vm.toml"
-    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', serial_out=serial))
-    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm = boot_guest(tmp_path, guests["counter"])
     try:
         vm.wait_for(r"^count=\d+")
         devices = json.loads(vm.ctl("status", "--json").stdout)["devices"]
@@ -132,13 +126,9 @@ def test_monitor_killed_takes_launcher_and_devices_along(guests, tmp_path):
 
 
 def test_running_vm_device_killed_stops_vm_with_its_status_from_the_launcher(guests, tmp_path):
-    serial = tmp_path / "serial.log"
-    config = tmp_path / "vm.toml"
     # After its first line the guest counts for hours without I/O: no read of the device is
     # in flight when it dies (one would fail first, on its deadline).
-    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=1000000000000"'
-    config.write_text(vm_toml(boot, serial_out=serial))
-    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm = boot_guest(tmp_path, guests["counter"], "period=1000000000000")
     try:
         vm.wait_for(r"^counter: period=")
         devices = json.loads(vm.ctl("status", "--json").stdout)["devices"]

@@ -49,15 +49,16 @@ def wait_back(tmp_path: Path, generation: int) -> dict[str, object]:
     raise AssertionError(f"serial0 not back as process {generation}: {dev}")
 
 
-def count_lines(text: str) -> list[int]:
-    """Every count= value, checking that each full line is well formed."""
+def assert_each_count_once(text: str) -> None:
+    """Every full count= line well formed, and the counts k*period for k = 1, 2, ... in
+    order: none lost, repeated or garbled."""
     lines = text.split("\n")[1:-1]  # the header, and a last line that may be cut
     values = []
     for line in lines:
         m = COUNT_RE.fullmatch(line)
         assert m, f"garbled line {line!r}"
         values.append(int(m.group(1)))
-    return values
+    assert values == [values[0] * (k + 1) for k in range(len(values))], "lost or repeated a line"
 
 
 def test_serial_killed_20_times_loses_repeats_and_garbles_no_line(
@@ -82,9 +83,7 @@ def test_serial_killed_20_times_loses_repeats_and_garbles_no_line(
         if vm.proc.poll() is None:
             vm.proc.kill()
             vm.finish()
-    values = count_lines(vm.text())
-    period = values[0]
-    assert values == [period * (k + 1) for k in range(len(values))], "lost or repeated a line"
+    assert_each_count_once(vm.text())
     assert err.count("killed by signal 9") == KILLS, err[-2000:]
 
 
@@ -155,8 +154,7 @@ def run_with_fault(
         if vm.proc.poll() is None:
             vm.proc.kill()
             vm.finish()
-    values = count_lines(vm.text())
-    assert values == [values[0] * (k + 1) for k in range(len(values))], "lost or repeated a line"
+    assert_each_count_once(vm.text())
     return err, dev
 
 
