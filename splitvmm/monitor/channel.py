@@ -178,9 +178,8 @@ class DeviceChannel:
             deadline = time.monotonic() + timeout_ms / 1000
             for _ in range(events.MAX_EVENTS_PER_REQUEST + 1):
                 buf = self._recv(deadline)
-                if not events.is_event(buf):  # replies are binary, or control of another op
+                if not self._handled_event(buf):  # replies are binary, or control of another op
                     return buf
-                self._handle_event(buf)
             raise ChannelError(
                 f"sent more than {events.MAX_EVENTS_PER_REQUEST} events around one request"
             )
@@ -222,18 +221,21 @@ class DeviceChannel:
         # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
         while _readable(self.sock):
             buf = self.sock.recv(zmq.NOBLOCK)
-            if not events.is_event(buf):
+            if not self._handled_event(buf):
                 raise ChannelError("sent a frame nobody asked for")
-            self._handle_event(buf)
 
-    def _handle_event(self, buf: bytes) -> None:
+    def _handled_event(self, buf: bytes) -> bool:
+        """Whether `buf` was an event, now handled (decoded once: events.event_in)."""
+        try:
+            event = events.event_in(buf, self._model)
+        except ProtocolError as e:  # a broken control frame
+            raise ChannelError(f"bad event: {e}") from None
+        if event is None:
+            return False
         if self._on_event is None:
             raise ChannelError("sent an event, which this channel takes none of")
-        try:
-            event = events.decode_event(buf, self._model)
-        except ProtocolError as e:
-            raise ChannelError(f"bad event: {e}") from None
         self._on_event(event)
+        return True
 
     def close(self) -> None:
         if self._gone is not None:

@@ -92,8 +92,23 @@ def is_event(buf: bytes) -> bool:
 
 def decode_event(buf: bytes, model: str) -> Event:
     """The event a device of `model` sent, every field checked; ProtocolError otherwise."""
+    event = event_in(buf, model)
+    if event is None:
+        op = control.decode(buf)["op"]
+        raise ProtocolError(f"{op!r} is not an event a device may send unasked")
+    return event
+
+
+def event_in(buf: bytes, model: str) -> Event | None:
+    """The event in a frame a device of `model` sent, every field checked, decoding the frame
+    once; None if the frame is no event (an access reply, or a control reply the caller
+    checks against its request); ProtocolError for a broken control frame."""
+    if not control.is_control(buf):
+        return None
     msg = control.decode(buf)
     op = msg["op"]
+    if op not in EVENT_OPS:
+        return None
     if op == "publish":
         if msg["model"] != model:
             raise ProtocolError(f"state is for model {shown(msg['model'])}, expected {model!r}")
@@ -101,9 +116,7 @@ def decode_event(buf: bytes, model: str) -> Event:
         return Published(state, msg.get("applied"), msg.get("emitted"))
     if op == "report":
         return Report(msg["message"])
-    if op == "route":
-        return RouteRequest(msg["id"], msg["gsi"])
-    raise ProtocolError(f"{op!r} is not an event a device may send unasked")
+    return RouteRequest(msg["id"], msg["gsi"])
 
 
 def encode_route_done(route_id: int, ok: bool, reason: str = "") -> bytes:
