@@ -52,7 +52,7 @@ def name_seg(seg: str) -> bytes:
 
 def name_string(path: str) -> bytes:
     """A NameString (20.2.2): an optional root prefix and one or more segments by '.'."""
-    prefix = b"\\" if path.startswith("\\") else b""
+    prefix = bytes([ROOT_CHAR]) if path.startswith("\\") else b""
     segs = [name_seg(s) for s in path.lstrip("\\").split(".")] if path.strip("\\") else []
     if len(segs) == 0:
         return prefix + b"\x00"
