@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
 from splitvmm.protocol import events, schema
-from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.models import MODELS, module_name
 
 
 class Trigger(Protocol):
@@ -235,13 +235,13 @@ def register(cls: type[PortIoDevice]) -> type[PortIoDevice]:
 
 
 def load_model(name: str) -> type[Device]:
-    """The model class for a descriptor name: its module is splitvmm.devprocs.<name>
-    (STYLE 6: the name is the key everywhere). Names come from the monitor's spec and
+    """The model class for a descriptor name: its module is splitvmm.devprocs.<name>, with
+    "_" for "-" (STYLE 6: the name is the key everywhere). Names come from the monitor's spec and
     must be a descriptor's, never anything else."""
     if name not in MODELS:
         raise StateError(f"unknown device model {name!r}")
     if name not in REGISTRY:
-        importlib.import_module(f"splitvmm.devprocs.{name}")
+        importlib.import_module(f"splitvmm.devprocs.{module_name(name)}")
     return REGISTRY[name]
 
 

@@ -54,7 +54,7 @@ class Firmware:
 def acpi_windows(cfg: VmConfig) -> list[PortWindow]:
     """The configured devices an OS finds through the DSDT (those with a PNP id)."""
     windows = [MODELS[d.model].transport for d in cfg.devices]
-    return [w for w in windows if w.acpi_hid is not None]
+    return [w for w in windows if isinstance(w, PortWindow) and w.acpi_hid is not None]
 
 
 def prepare(cfg: VmConfig, kvm: Kvm, mem: GuestMemory, vcpus: list[VcpuFd]) -> None:

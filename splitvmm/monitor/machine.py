@@ -46,7 +46,7 @@ from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor
+from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor, PortWindow
 from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
@@ -195,18 +195,22 @@ class Machine:
                 spawn, self.rundir.path, self.launcher.spawn, self.zctx, self._device_failed
             )
             self.slots.append(slot)  # closed by close() from now on, whatever launch() does
-            self.pio.insert(MODELS[spawn.model].transport.base, spawn.window, slot)
+            transport = MODELS[spawn.model].transport
+            if not isinstance(transport, PortWindow):
+                raise ConfigError(f"device {spawn.name}: PCI functions are not wired up yet")
+            self.pio.insert(transport.base, spawn.window, slot)
             self._spawned_at[slot.name] = time.perf_counter()
             slot.launch()
         timings.mark("device launch requests")
 
     def _device_fd(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
         if role.kind is FdKind.IRQ:
-            if model.transport.irq is None:
+            line = model.transport.irq if isinstance(model.transport, PortWindow) else None
+            if line is None:
                 raise ConfigError(f"model {model.name}: fd role {role.name} needs an irq line")
             irq = EventFd()
             self._closables.append(irq)
-            self.vm.register_irqfd(irq.fd, model.transport.irq)
+            self.vm.register_irqfd(irq.fd, line)
             return irq.fd
         return self._open_output(dev, role.option)
 

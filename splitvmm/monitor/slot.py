@@ -77,7 +77,7 @@ from splitvmm.monitor.channel import (
     DeviceChannel,
 )
 from splitvmm.protocol import events, wire
-from splitvmm.protocol.models import MODELS, FdKind
+from splitvmm.protocol.models import MODELS, FdKind, PortWindow
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.sandbox.spawn import DeviceProcess
@@ -479,8 +479,9 @@ class DeviceSlot:
     def _route_allowed(self, gsi: int) -> tuple[bool, str]:
         """A device may be routed only the interrupt line its descriptor gives it (the
         monitor installed it already); MSI routes come with the PCI transport."""
-        line = MODELS[self.model].transport.irq
-        if gsi == line:
+        transport = MODELS[self.model].transport
+        line = transport.irq if isinstance(transport, PortWindow) else None
+        if line is not None and gsi == line:
             return True, ""
         return False, f"{self.model} devices signal GSI {line}, not {gsi}"
 

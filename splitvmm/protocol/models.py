@@ -22,15 +22,32 @@ from dataclasses import dataclass
 class FdKind(enum.Enum):
     """What the monitor puts behind an fd role of a device process."""
 
-    IRQ = "irq"  # an eventfd registered as an irqfd on the transport's interrupt line
+    IRQ = "irq"  # an eventfd registered as an irqfd on the port window's ISA line
     OUTPUT = "output"  # the stream named by an option: "stdio", a file path, "unix:PATH"
+    # -- PCI functions (virtio) --
+    GUEST_RAM = "guest-ram"  # the guest RAM memfd; where it sits: DeviceSpec.transport["ram"]
+    # A memfd bitmap, one bit per 4 KiB page of the memfd (bit n of byte n // 8 = page n),
+    # that the device sets for every page it writes: KVM's dirty log sees vCPU writes only.
+    DIRTY_LOG = "dirty-log"
+    NOTIFY = "notify"  # an ioeventfd on the notify address of queue `index`
+    MSIX = "msix"  # an irqfd for MSI-X vector `index`: its route is asked for (protocol/events)
+    INTX = "intx"  # an irqfd (level, with a resample fd) on the function's INTx GSI
+    INTX_RESAMPLE = "intx-resample"  # signalled when the guest ends an INTx interrupt (EOI)
+    DISK = "disk"  # the file `option` names, read-only when option `readonly_option` is true
 
 
 @dataclass(frozen=True, slots=True)
 class FdRole:
     name: str  # the key in the device's DeviceSpec.fds
     kind: FdKind
-    option: str = ""  # OUTPUT: the option naming the stream
+    option: str = ""  # OUTPUT, DISK: the option naming the stream or file
+    index: int = 0  # NOTIFY: the queue; MSIX: the vector
+    readonly_option: str = ""  # DISK: the bool option that opens it read-only
+
+
+def indexed_roles(prefix: str, kind: FdKind, count: int) -> tuple[FdRole, ...]:
+    """`count` roles prefix0, prefix1, ...: one per queue or vector."""
+    return tuple(FdRole(f"{prefix}{i}", kind, index=i) for i in range(count))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +79,65 @@ class PciBar:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueNotify:
+    """Where a virtio function's queue notify addresses are (virtio 1.2 4.1.4.4): queue q's
+    at BAR `bar` + `offset` + q * `multiplier`. The monitor puts an ioeventfd on each (fd
+    roles of kind NOTIFY), at the BAR's current base: a guest write there costs no exit."""
+
+    bar: int
+    offset: int
+    multiplier: int
+    queues: int
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """A part of a PCI function's window on its device channel (see PciFunction)."""
+
+    start: int  # offset in the flat window
+    size: int
+    bar: int | None  # None: the configuration space
+
+
+CONFIG_REGION_SIZE = 4096  # PCI Express configuration space (ECAM reaches all of it)
+REGION_ALIGN = 4096
+
+
+@dataclass(frozen=True, slots=True)
 class PciFunction:
-    """A PCI function on bus 0 whose configuration space its device process serves, all
-    but the BAR registers (the monitor's). Ids and class as the PCI header has them."""
+    """A PCI function on bus 0. Its device process serves its configuration space (header,
+    capabilities) and its BARs' registers; the monitor owns what it must: the BAR registers
+    (placement, sizing, moves), the command register's decode enables, the ioeventfds on
+    queue notify addresses, the MSI-X and INTx routes (after it checks what the device asks).
 
-    vendor_id: int
-    device_id: int
-    class_code: int  # base class, sub-class, programming interface: 24 bits
-    bars: tuple[PciBar, ...] = ()
+    On the device channel a function is one flat window (wire offsets): the configuration
+    space at 0, then each BAR's registers in BAR order, each region 4 KiB aligned
+    (regions()); so frames, journal and replay stay those of a port window."""
+
+    bars: tuple[PciBar, ...]
+    notify: QueueNotify | None = None
+    msix_vectors: int = 0  # MSI-X table entries (the table itself is the device's)
+    intx: bool = False  # INTA#: an irqfd on a GSI the monitor chooses (_PRT in the DSDT)
+
+    def regions(self) -> tuple[Region, ...]:
+        out = [Region(0, CONFIG_REGION_SIZE, None)]
+        start = CONFIG_REGION_SIZE
+        for bar in sorted(self.bars, key=lambda b: b.index):
+            out.append(Region(start, bar.size, bar.index))
+            start += -(-bar.size // REGION_ALIGN) * REGION_ALIGN
+        return tuple(out)
+
+    def region_of_bar(self, index: int) -> Region:
+        return next(r for r in self.regions() if r.bar == index)
+
+    @property
+    def size(self) -> int:
+        """The flat window's size (a device's WINDOW)."""
+        last = self.regions()[-1]
+        return last.start + -(-last.size // REGION_ALIGN) * REGION_ALIGN
 
 
-Transport = PortWindow  # (PciFunction joins it with virtio)
+Transport = PortWindow | PciFunction
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,4 +224,61 @@ RTC = ModelDescriptor(
     ),
 )
 
+# -- virtio 1.x over PCI (virtio 1.2 4.1) ------------------------------------------------------
+# Every virtio function has the same two 32-bit memory BARs: BAR 0 holds the virtio
+# structures (common configuration at 0, ISR at 0x1000, device configuration at 0x2000, queue
+# notify addresses from 0x3000, 4 bytes apart), BAR 1 the MSI-X table (at 0) and PBA (0x800).
+# Small BARs below 4 GiB, where a 32-bit driver reaches them.
+VIRTIO_PCI_VENDOR_ID = 0x1AF4
+VIRTIO_REGISTERS_BAR = PciBar(0, 0x4000)
+VIRTIO_MSIX_BAR = PciBar(1, 0x1000)
+VIRTIO_NOTIFY_OFFSET = 0x3000
+VIRTIO_NOTIFY_MULTIPLIER = 4
+
+
+def virtio_function(queues: int) -> PciFunction:
+    """A virtio function with `queues` virtqueues: one MSI-X vector per queue plus one for
+    configuration changes, and INTx as the fallback."""
+    notify = QueueNotify(0, VIRTIO_NOTIFY_OFFSET, VIRTIO_NOTIFY_MULTIPLIER, queues)
+    bars = (VIRTIO_REGISTERS_BAR, VIRTIO_MSIX_BAR)
+    return PciFunction(bars=bars, notify=notify, msix_vectors=queues + 1, intx=True)
+
+
+def virtio_fds(queues: int, *backend: FdRole) -> tuple[FdRole, ...]:
+    """What every virtio device process holds, then its backend's fds."""
+    return (
+        FdRole("ram", FdKind.GUEST_RAM),
+        FdRole("dirty", FdKind.DIRTY_LOG),
+        *indexed_roles("notify", FdKind.NOTIFY, queues),
+        *indexed_roles("msix", FdKind.MSIX, queues + 1),
+        FdRole("intx", FdKind.INTX),
+        FdRole("intx_resample", FdKind.INTX_RESAMPLE),
+        *backend,
+    )
+
+
+VIRTIO_BLK = ModelDescriptor(
+    name="virtio-blk",  # virtio 1.2 5.2, one request queue
+    transport=virtio_function(queues=1),
+    options=(
+        # default None: the option is required (config.py names it when it is missing)
+        Option("path", str, None, host_resource=True),
+        Option("readonly", bool, False),
+        Option("serial", str, ""),  # VIRTIO_BLK_T_GET_ID's answer, at most 20 bytes
+    ),
+    fds=virtio_fds(1, FdRole("disk", FdKind.DISK, option="path", readonly_option="readonly")),
+)
+
+VIRTIO_RNG = ModelDescriptor(
+    name="virtio-rng",  # virtio 1.2 5.4, one request queue
+    transport=virtio_function(queues=1),
+    fds=virtio_fds(1),
+)
+
+# (VIRTIO_BLK and VIRTIO_RNG join when their models land in splitvmm/devprocs.)
 MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL, RTC)}
+
+
+def module_name(model: str) -> str:
+    """The model's module in splitvmm.devprocs (a config name may hold a hyphen)."""
+    return model.replace("-", "_")

@@ -39,6 +39,10 @@ class DeviceSpec:
     # Crash testing: a fault document (protocol/faults.py) this process arms at start; plain
     # data, checked by the launcher and by the device. A restarted process gets none.
     fault: dict[str, object] | None = None
+    # Where the device sits, for transports that need more than their descriptor says: a PCI
+    # function gets {"pci": [device, function], "intx_gsi": GSI, "ram": [[gpa, size,
+    # memfd offset], ...]} (the guest-physical ranges its GUEST_RAM fd backs).
+    transport: dict[str, object] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
