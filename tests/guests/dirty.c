@@ -21,23 +21,10 @@
 #define DEFAULT_START (16 * MIB)
 #define MIN_START (4 * MIB)     /* the image ends below 3 MiB (guest.ld, README.md) */
 #define MAX_END (3 * GIB)       /* the 32-bit PCI hole starts here */
-#define E820_RAM 1
 #define PATTERN_MUL 0x9e3779b97f4a7c15ull
 #define EXIT_BAD_ARGS 2
 
 NORETURN void guest_main(const void *boot_params);
-
-/* True if [start, end) lies inside one e820 RAM entry. */
-static bool in_ram(const void *boot_params, u64 start, u64 end)
-{
-	unsigned n = bp_e820_count(boot_params);
-	for (unsigned i = 0; i < n; i++) {
-		struct e820_entry e = bp_e820_entry(boot_params, i);
-		if (e.type == E820_RAM && e.addr <= start && end - e.addr <= e.size)
-			return true;
-	}
-	return false;
-}
 
 /* Word at address a = (a + 1) * PATTERN_MUL: odd multiplier, so never 0 for a < 2^64 - 1, and
  * no two words of the range alike (no page can be deduplicated or stored as zeros). */
@@ -66,7 +53,7 @@ static NORETURN void dirty(void *boot_params)
 		debug_exit(EXIT_BAD_ARGS);
 	}
 	u64 end = start + mib * MIB;
-	if (mib && !in_ram(boot_params, start, end)) {
+	if (mib && !bp_e820_ram_covers(boot_params, start, end)) {
 		print("dirty: %#lx-%#lx is not inside one e820 RAM range\n", start, end);
 		debug_exit(EXIT_BAD_ARGS);
 	}

@@ -32,3 +32,27 @@ struct e820_entry bp_e820_entry(const void *bp, unsigned index)
 	memcpy(&e, (const u8 *)bp + BP_E820_TABLE + index * sizeof(e), sizeof(e));
 	return e;
 }
+
+bool bp_e820_ram_covers(const void *bp, u64 start, u64 end)
+{
+	unsigned n = bp_e820_count(bp);
+	for (unsigned i = 0; i < n; i++) {
+		struct e820_entry e = bp_e820_entry(bp, i);
+		if (e.type == E820_RAM && e.addr <= start && end - e.addr <= e.size)
+			return true;
+	}
+	return false;
+}
+
+u64 bp_e820_low_ram_end(const void *bp)
+{
+	unsigned n = bp_e820_count(bp);
+	u64 top = 0;
+	for (unsigned i = 0; i < n; i++) {
+		struct e820_entry e = bp_e820_entry(bp, i);
+		u64 end = e.addr + e.size;
+		if (e.type == E820_RAM && e.addr < FOUR_GIB && end > top)
+			top = end < FOUR_GIB ? end : FOUR_GIB;
+	}
+	return top;
+}

@@ -26,3 +26,9 @@ const char *bp_cmdline(const void *bp);
 /* e820_entries, clamped to the table's capacity. */
 unsigned bp_e820_count(const void *bp);
 struct e820_entry bp_e820_entry(const void *bp, unsigned index);
+
+#define E820_RAM 1
+/* True if [start, end) lies inside one e820 RAM entry. */
+bool bp_e820_ram_covers(const void *bp, u64 start, u64 end);
+/* The end of the highest e820 RAM entry that starts below 4 GiB (capped at 4 GiB); 0 if none. */
+u64 bp_e820_low_ram_end(const void *bp);

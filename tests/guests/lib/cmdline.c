@@ -78,3 +78,33 @@ u64 cmdline_u64(const char *cmdline, const char *key, u64 fallback)
 	}
 	return v;
 }
+
+u64 cmdline_size(const char *cmdline, const char *key, u64 fallback)
+{
+	const char *value;
+	size_t len;
+	unsigned shift = 0;
+	u64 v;
+
+	if (!cmdline_find(cmdline, key, &value, &len))
+		return fallback;
+	if (len > 1) {
+		char suffix = value[len - 1];
+		shift = suffix == 'K' ? 10 : suffix == 'M' ? 20 : suffix == 'G' ? 30 : 0;
+		len -= shift ? 1 : 0;
+	}
+	if (!parse_u64(value, len, &v) || v > UINT64_MAX >> shift) {
+		print("cmdline: %s= is not a size, using %lu\n", key, fallback);
+		return fallback;
+	}
+	return v << shift;
+}
+
+bool cmdline_is(const char *cmdline, const char *key, const char *value)
+{
+	const char *v;
+	size_t len;
+
+	return cmdline_find(cmdline, key, &v, &len) && len == strlen(value) &&
+	       memcmp(v, value, len) == 0;
+}

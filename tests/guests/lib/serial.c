@@ -6,6 +6,7 @@
 
 /* Register offsets from the base port. */
 #define UART_TX 0  /* out: transmit holding register (DLAB = 0) */
+#define UART_RX 0  /* in:  receive buffer register (DLAB = 0) */
 #define UART_DLL 0 /* out: divisor latch low byte (DLAB = 1) */
 #define UART_IER 1 /* out: interrupt enable register (DLAB = 0) */
 #define UART_DLM 1 /* out: divisor latch high byte (DLAB = 1) */
@@ -21,6 +22,7 @@
 #define UART_FCR_CLEAR_XMIT 0x04
 #define UART_MCR_DTR 0x01
 #define UART_MCR_RTS 0x02 /* OUT2 (0x08) stays 0: on a PC it gates the IRQ line */
+#define UART_LSR_DR 0x01   /* data ready: a received byte waits in UART_RX */
 #define UART_LSR_THRE 0x20 /* transmit holding register empty */
 
 /* 1.8432 MHz crystal / 16 = 115200 baud at divisor 1. */
@@ -60,4 +62,11 @@ void serial_write(const char *s, size_t len)
 {
 	for (size_t i = 0; i < len; i++)
 		serial_putc(s[i]);
+}
+
+int serial_poll_byte(void)
+{
+	if (!(inb(COM1_PORT + UART_LSR) & UART_LSR_DR))
+		return -1;
+	return inb(COM1_PORT + UART_RX);
 }

@@ -9,3 +9,5 @@
 void serial_init(void);
 void serial_putc(char c);
 void serial_write(const char *s, size_t len);
+/* A received byte (0-255) if one is waiting (LSR.DR), else -1.  One or two port reads. */
+int serial_poll_byte(void);

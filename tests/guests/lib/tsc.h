@@ -25,3 +25,7 @@ static inline void tsc_delay_us(u64 us)
 	while (!tsc_passed(deadline))
 		barrier();
 }
+
+/* The TSC rate in kHz, measured against the 8254 PIT's channel 2 for 50 ms (tsc_cal.c); 0 when
+ * the timer does not behave like one. */
+u64 tsc_calibrate_khz(void);
