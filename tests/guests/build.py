@@ -38,8 +38,12 @@ OUTPUTS = {
     "mmio-sweep": "mmio-sweep.elf",
     "rtc": "rtc.elf",
     "pci": "pci.elf",
+    "virtio-blk": "virtio-blk.elf",
+    "virtio-rng": "virtio-rng.elf",
     "firmware-hello": "firmware-hello.bin",
     "firmware-pio": "firmware-pio.bin",
+    "firmware-virtio-blk": "firmware-virtio-blk.bin",
+    "firmware-virtio-rng": "firmware-virtio-rng.bin",
 }
 TOOLS = ("make", "gcc", "ld", "objcopy", "objdump", "nm")
 BUILD_TIMEOUT_S = 120

@@ -4,8 +4,9 @@ On a PVM host (see /work/shared/KVM-HERE.md) CPL0 code goes through KVM's instru
 emulator, which fails on int3, cmpxchg16b, popcnt, xrstor and SSE arithmetic, and shuts the
 VM down on ud2; and no interrupt or exception reaches a guest, so a guest must never enable
 interrupts or trap on purpose.  This script disassembles every executable section of an ELF
-with objdump (and, in 16-bit mode, every range between symbols `X_code16_start` and
-`X_code16_end`, for real-mode code kept in data sections) and lists each forbidden
+with objdump (and every range between symbols `X_codeN_start` and `X_codeN_end`, N = 16,
+32 or 64, in that mode: real-mode code kept in data sections, a firmware stub's 32- and 64-bit
+code) and lists each forbidden
 instruction it finds.
 
 usage: check_insns.py [--mode i8086] ELF...
@@ -97,8 +98,12 @@ def problems(listing: str, what: str) -> list[str]:
     return found
 
 
-def code16_ranges(elf: Path) -> list[tuple[str, int, int]]:
-    """(name, start, end) for each X_code16_start / X_code16_end symbol pair."""
+MODES = {"16": "i8086", "32": "i386", "64": "x86-64"}
+CODE_RANGE = re.compile(r"^(.+)_code(16|32|64)_start$")
+
+
+def code_ranges(elf: Path) -> list[tuple[str, str, int, int]]:
+    """(name, bits, start, end) for each X_codeN_start / X_codeN_end symbol pair."""
     out = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
     symbols = {}
     for line in out.splitlines():
@@ -107,29 +112,31 @@ def code16_ranges(elf: Path) -> list[tuple[str, int, int]]:
             symbols[parts[2]] = int(parts[0], 16)
     ranges = []
     for name, start in symbols.items():
-        if name.endswith("_code16_start"):
-            stem = name.removesuffix("_code16_start")
-            end = symbols.get(f"{stem}_code16_end")
+        m = CODE_RANGE.match(name)
+        if m:
+            stem, bits = m.groups()
+            end = symbols.get(f"{stem}_code{bits}_end")
             if end is None:
-                sys.exit(f"check_insns: {elf}: {name} has no {stem}_code16_end")
-            ranges.append((stem, start, end))
+                sys.exit(f"check_insns: {elf}: {name} has no {stem}_code{bits}_end")
+            ranges.append((stem, bits, start, end))
     return ranges
 
 
 def check(elf: Path, mode: str | None) -> list[str]:
     found = problems(objdump(["-d", *(["-M", mode] if mode else []), str(elf)]), "code sections")
-    for stem, start, end in code16_ranges(elf):
+    for stem, bits, start, end in code_ranges(elf):
         listing = objdump(
             [
                 "-D",
                 "-M",
-                "i8086",
+                MODES[bits],
                 f"--start-address={start:#x}",
                 f"--stop-address={end:#x}",
                 str(elf),
             ]
         )
-        found += [f"{p} (16-bit code {stem})" for p in problems(listing, f"{stem}_code16")]
+        what = f"{stem}_code{bits}"
+        found += [f"{p} ({bits}-bit code {stem})" for p in problems(listing, what)]
     return found
 
 

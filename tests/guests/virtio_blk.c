@@ -103,7 +103,8 @@ static struct {
 	u64 bad_sectors;
 	u64 newer;            /* sectors that carry seed_hi when seed_lo < seed_hi */
 	unsigned lines;
-	bool check;           /* compare with the pattern (else only sum) */
+	bool check;           /* compare with the pattern */
+	bool sum_reads;       /* sum what is read (implied by check) */
 } chk;
 
 static u8 *slot_buf(unsigned i)
@@ -178,7 +179,7 @@ static void check(u64 sector, const u8 *buf, u32 bytes)
 
 static void expect(u64 seed_lo, u64 seed_hi)
 {
-	chk = (typeof(chk)){ .seed_lo = seed_lo, .seed_hi = seed_hi, .check = true };
+	chk = (typeof(chk)){ .seed_lo = seed_lo, .seed_hi = seed_hi, .check = true, .sum_reads = true };
 }
 
 /* ---- requests ---- */
@@ -218,6 +219,13 @@ static void submit(unsigned i, u32 type, u64 sector, u32 bytes)
 		print(TAG ": no room for a %u-descriptor chain (queue size %u)\n", n, vq.size);
 		fail(VEXIT_ARGS);
 	}
+}
+
+/* Descriptors a request of `bytes` takes from the ring. */
+static unsigned ring_descs(u32 bytes)
+{
+	u32 seg = cfg.seg_bytes ? cfg.seg_bytes : bytes;
+	return cfg.indirect ? 1 : (bytes + seg - 1) / seg + 2;
 }
 
 /* Waits for one request; returns its slot. */
@@ -266,7 +274,9 @@ static u64 stream(u32 type, u64 first, u64 count, u32 bytes, u64 seed, bool rand
 	u64 t0 = rdtsc();
 	while (done < count) {
 		bool posted = false;
-		while (inflight < cfg.depth && next < count) {
+		/* Never more in flight than the ring holds (a small queue, or long direct chains). */
+		while (inflight < cfg.depth && next < count &&
+		       (vq.num_free >= ring_descs(bytes) || inflight == 0)) {
 			unsigned i = free_slot[--nfree];
 			u64 sector = first + next * (bytes / SECTOR);
 			if (random) {
@@ -289,7 +299,7 @@ static u64 stream(u32 type, u64 first, u64 count, u32 bytes, u64 seed, bool rand
 			      sl->bytes, sl->sector, sl->status);
 			fail(VEXIT_IO);
 		}
-		if (type == VIRTIO_BLK_T_IN && chk.check)
+		if (type == VIRTIO_BLK_T_IN && (chk.check || chk.sum_reads))
 			check(sl->sector, slot_buf(i), sl->bytes);
 		free_slot[nfree++] = i;
 		inflight--;
@@ -370,7 +380,7 @@ static void mode_readonly(void)
 		}
 		print(TAG ": readonly: write refused with IOERR\n");
 	}
-	chk = (typeof(chk)){ 0 };
+	chk = (typeof(chk)){ .sum_reads = true };
 	read_region(0, MIB, SMALL_REQ);
 	print(TAG ": readonly: read 1 MiB sum=%016lx\n", chk.sum);
 	print(TAG ": test ok\n");
@@ -573,6 +583,10 @@ static NORETURN void blk_main(void *bp)
 	print(TAG ": isr=%#x status=%#x\n", virtio_isr(&dev), virtio_status(&dev));
 	debug_exit(VEXIT_OK);
 }
+
+/* The firmware flavour's command line before fw_cfg's (lib/fw_boot.c): the firmware flavour runs the benchmark unless told otherwise. */
+extern const char fw_default_cmdline[];
+const char fw_default_cmdline[] = "mode=bench";
 
 NORETURN void guest_main(const void *boot_params);
 

@@ -48,7 +48,7 @@ static void read_all(unsigned count, u32 len, unsigned depth, struct virtq_desc 
 
 	while (done < count) {
 		bool posted = false;
-		while (inflight < depth && next < count) {
+		while (inflight < depth && next < count && vq.num_free > 0) {
 			struct vq_buf b = { (u64)(uintptr_t)buf(next), len, true };
 			memset(buf(next), 0, len);
 			if (!virtq_add(&vq, &b, 1, indirect ? &ind[next] : NULL, next)) {
@@ -135,6 +135,10 @@ static NORETURN void rng_main(void *bp)
 	print(TAG ": ok\n");
 	debug_exit(VEXIT_OK);
 }
+
+/* The firmware flavour's command line before fw_cfg's (lib/fw_boot.c). */
+extern const char fw_default_cmdline[];
+const char fw_default_cmdline[] = "";
 
 NORETURN void guest_main(const void *boot_params);
 
