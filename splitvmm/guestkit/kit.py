@@ -4,6 +4,8 @@ Layout of the cache:
     vmlinuz-<release>                 the bzImage, copied out of the kernel package
     initramfs-<release>.cpio.gz       busybox + virtio modules + /init
     debian.toml                       the VM config (absolute paths into this directory)
+    disk.img                          the demo VM's virtio-blk disk (raw, sparse); the guest's
+                                      data: made once, never rebuilt or overwritten
     manifest.json                     written last: what was built, with sha256 of each file
     build/                            scratch while building (the unpacked packages), removed
 
@@ -51,6 +53,10 @@ from splitvmm.guestkit.vmconfig import render_vm_config
 MANIFEST_FORMAT = 1
 MANIFEST = "manifest.json"
 CONFIG = "debian.toml"
+DISK = "disk.img"
+DISK_SIZE = 64 << 20
+# The first sector, so that `head -n1 /dev/vda` in the guest shows the disk is this one.
+DISK_LABEL = b"splitvmm demo disk: raw, 64 MiB, yours to write\n"
 BUSYBOX_IN_PACKAGE = "bin/busybox"
 HASH_CHUNK = 1 << 20
 
@@ -146,8 +152,19 @@ def _remove_stale(cache_dir: Path, kit: Kit) -> None:
                 path.unlink()
 
 
+def _make_disk(path: Path) -> None:
+    """The demo disk, if there is none: a sparse raw image with a label in sector 0."""
+    if path.exists():
+        return
+    with _atomic_output(path) as f:
+        f.write(DISK_LABEL)
+        f.truncate(DISK_SIZE)
+
+
 def _write_config(kit: Kit) -> None:
-    text = render_vm_config(kit.kernel, kit.initrd)
+    disk = kit.config.with_name(DISK)
+    _make_disk(disk)
+    text = render_vm_config(kit.kernel, kit.initrd, disk)
     if not kit.config.is_file() or kit.config.read_text() != text:
         with _atomic_output(kit.config) as f:
             f.write(text.encode())

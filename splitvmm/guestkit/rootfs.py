@@ -33,11 +33,11 @@ VIRTIO_MODULES = (
 # Applets linked in /bin. /init uses the first group; the rest make the rescue shell usable.
 INIT_APPLETS = (
     "sh", "[", "mount", "echo", "uname", "insmod", "cat", "setsid", "cttyhack", "poweroff",
-    "reboot",
+    "reboot", "head",
 )  # fmt: skip
 SHELL_APPLETS = (
     "ash", "ls", "umount", "mkdir", "mknod", "rm", "cp", "mv", "ln", "chmod", "dmesg", "halt",
-    "lsmod", "rmmod", "modprobe", "ps", "kill", "sleep", "grep", "head", "tail", "dd",
+    "lsmod", "rmmod", "modprobe", "ps", "kill", "sleep", "grep", "tail", "dd",
     "hexdump", "free", "df", "sync", "ip", "ifconfig", "mdev", "stty", "vi", "true", "false",
     "test",
 )  # fmt: skip
@@ -84,6 +84,7 @@ done
 echo "{MARKER}: $loaded of {len(module_paths)} modules loaded"
 echo "{MARKER}: block devices:"
 cat /proc/partitions
+[ -b /dev/vda ] && head -n1 /dev/vda
 case " $(cat /proc/cmdline) " in
 *" {SHELL_FLAG} "*)
     echo "{MARKER}: shell (exit it to power off)"

@@ -30,9 +30,12 @@ def toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def render_vm_config(kernel: Path, initrd: Path, cmdline: str = KERNEL_CMDLINE) -> str:
-    """The config text; `kernel` and `initrd` must be absolute (the config may be used
-    from any directory)."""
+DISK_SERIAL = "splitvmm-demo"  # what the guest reads as /sys/block/vda/serial
+
+
+def render_vm_config(kernel: Path, initrd: Path, disk: Path, cmdline: str = KERNEL_CMDLINE) -> str:
+    """The config text; `kernel`, `initrd` and `disk` must be absolute (the config may be
+    used from any directory)."""
     return f"""# The splitvmm demo guest, written by `splitvmm guest build`.
 # Boot it with `splitvmm up` and the path of this file.
 # Add splitvmm.shell to the command line for a busybox shell on the serial console.
@@ -50,4 +53,14 @@ cmdline = {toml_string(cmdline)}
 name = "serial0"
 model = "serial"
 output = "stdio"
+
+[[device]]
+name = "disk0"
+model = "virtio-blk"
+path = {toml_string(str(disk))}
+serial = "{DISK_SERIAL}"
+
+[[device]]
+name = "rng0"
+model = "virtio-rng"
 """

@@ -38,7 +38,7 @@ from splitvmm.guestkit.modules import (
     read_modinfo,
 )
 from splitvmm.guestkit.rootfs import APPLETS, VIRTIO_MODULES, Module, render_init, rootfs_entries
-from splitvmm.guestkit.vmconfig import KERNEL_CMDLINE, render_vm_config
+from splitvmm.guestkit.vmconfig import DISK_SERIAL, KERNEL_CMDLINE, render_vm_config
 from tests.unit.test_initramfs import parse_newc
 
 RELEASE = "6.1.0-50-cloud-amd64"
@@ -341,18 +341,21 @@ def test_rootfs_entries_init_is_executable():
 # --- the VM config -------------------------------------------------------------------------
 
 
-def test_render_vm_config_parses_with_the_kit_paths_and_serial():
-    config = tomllib.loads(render_vm_config(Path("/c/vmlinuz"), Path("/c/initrd.gz")))
+def test_render_vm_config_parses_with_the_kit_paths_serial_disk_and_rng():
+    text = render_vm_config(Path("/c/vmlinuz"), Path("/c/initrd.gz"), Path("/c/disk.img"))
+    config = tomllib.loads(text)
     assert config["vm"] == {"name": "debian", "memory": "512M", "vcpus": 1}
     assert (config["boot"]["kernel"], config["boot"]["initrd"]) == ("/c/vmlinuz", "/c/initrd.gz")
     assert config["device"] == [
         {"name": "serial0", "model": "serial", "output": "stdio"},
+        {"name": "disk0", "model": "virtio-blk", "path": "/c/disk.img", "serial": DISK_SERIAL},
+        {"name": "rng0", "model": "virtio-rng"},
     ]
 
 
 def test_render_vm_config_path_with_quote_and_backslash_round_trips():
     odd = Path('/c/a "b"\\c\n/vmlinuz')
-    config = tomllib.loads(render_vm_config(odd, Path("/c/i")))
+    config = tomllib.loads(render_vm_config(odd, Path("/c/i"), Path("/c/d")))
     assert config["boot"]["kernel"] == str(odd)
 
 
@@ -448,6 +451,18 @@ def test_build_kit_fresh_cache_writes_config_that_names_the_kit(tmp_path: Path):
         str(tmp_path / f"initramfs-{RELEASE}.cpio.gz"),
     )
     assert config["boot"]["cmdline"] == KERNEL_CMDLINE
+
+
+def test_build_kit_makes_the_disk_once_and_never_overwrites_it(tmp_path: Path):
+    built = kit.build_kit(tmp_path, run=FakeHost())
+    disk = tmp_path / kit.DISK
+    assert tomllib.loads(built.config.read_text())["device"][1]["path"] == str(disk)
+    assert disk.stat().st_size == kit.DISK_SIZE
+    assert disk.read_bytes()[: len(kit.DISK_LABEL)] == kit.DISK_LABEL
+    with disk.open("r+b") as f:  # the guest wrote to it
+        f.write(b"guest data")
+    kit.build_kit(tmp_path, run=FakeHost(), force=True)
+    assert disk.read_bytes().startswith(b"guest data")
 
 
 def test_build_kit_initramfs_holds_modules_in_load_order(tmp_path: Path):
