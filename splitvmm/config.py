@@ -238,6 +238,11 @@ def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
         )
     spec = MODEL_OPTIONS[model]
     _reject_unknown(table, ALWAYS_ALLOWED | set(spec), where)
+    for key, (kind, default) in spec.items():
+        if default is None and key not in table:  # an option without a default is required
+            raise ConfigError(
+                f"{where}.{key}: missing; a {model} device needs it (expected {kind.__name__})"
+            )
     options = {key: _get(table, key, where, kind, default) for key, (kind, default) in spec.items()}
     for option in MODELS[model].options:
         if option.choices and options[option.name] not in option.choices:
@@ -299,7 +304,7 @@ def parse_config(
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"device {shown(name)}: the name is used twice")
-    for model in MODELS.values():
+    for model in MODELS.values():  # a PCI function takes a free slot: any number of them
         if (
             isinstance(model.transport, PortWindow)
             and sum(d.model == model.name for d in devices) > 1

@@ -1,9 +1,9 @@
 """Opening a host path on the operator's behalf: regular files only, no symlink, no hang.
 
 The monitor often runs as root, and it opens paths it was told about: the kernel, initrd and
-firmware it maps into the guest, the serial output it creates, the chunk files of a snapshot
-it restores, the key a snapshot is signed with. Each of these goes through open_host_file, so
-each gets the same defences:
+firmware it maps into the guest, the serial output it creates, the disk images its devices
+read and write, the chunk files of a snapshot it restores, the key a snapshot is signed with.
+Each of these goes through open_host_file, so each gets the same defences:
 
 - O_NOFOLLOW: the last component may not be a symlink (a link planted at /tmp/serial.log
   pointing at /etc/shadow would otherwise have root append guest output to it). Earlier
@@ -47,6 +47,7 @@ class Access(enum.Enum):
     """How a host file is opened, with the flags each way adds to BASE_FLAGS."""
 
     READ = os.O_RDONLY  # kernel, initrd, firmware, snapshot chunks, key files
+    READ_WRITE = os.O_RDWR  # a disk image a device writes to (never created)
     APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # serial output: created 0600 if missing
     CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # snapshot writer: a new file, never reused
 
@@ -92,7 +93,7 @@ def _precheck(path: str, dir_fd: int | None, access: Access) -> str | None:
     try:
         st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return None if access is not Access.READ else "does not exist"
+        return None if access.value & os.O_CREAT else "does not exist"
     except OSError as e:
         return f"cannot be opened: {e.strerror}"
     return None if _usable(st.st_mode, access) else _not_regular(st.st_mode)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 
 from splitvmm.config import VmConfig
 from splitvmm.monitor import acpi, boot64, cpuid, layout, loader, mptable
@@ -57,15 +58,22 @@ def acpi_windows(cfg: VmConfig) -> list[PortWindow]:
     return [w for w in windows if isinstance(w, PortWindow) and w.acpi_hid is not None]
 
 
-def prepare(cfg: VmConfig, kvm: Kvm, mem: GuestMemory, vcpus: list[VcpuFd]) -> None:
-    """A fresh boot: every vCPU's CPUID and LAPIC, and the kernel's memory and entry state."""
+def prepare(
+    cfg: VmConfig,
+    kvm: Kvm,
+    mem: GuestMemory,
+    vcpus: list[VcpuFd],
+    pci_intx: Sequence[tuple[int, int]] = (),
+) -> None:
+    """A fresh boot: every vCPU's CPUID and LAPIC, and the kernel's memory and entry state.
+    `pci_intx`: (PCI device, GSI) of each PCI device's INTA#, for the ACPI tables."""
     mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
     tables = [cpuid.setup_cpuid(kvm, v, len(vcpus), mask) for v in vcpus]
     for v in vcpus:
         boot64.setup_lapic_lints(v)
     if cfg.boot.kernel is None:
         return  # firmware: vCPUs keep KVM's reset state (the BSP at the reset vector)
-    acpi_tables = acpi.build(len(vcpus), acpi_windows(cfg))
+    acpi_tables = acpi.build(len(vcpus), acpi_windows(cfg), pci_intx)
     mem.write(acpi_tables.base, acpi_tables.data)
     kernel = loader.load_linux(
         mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline, acpi_rsdp_addr=acpi_tables.base

@@ -5,6 +5,11 @@ and the bus guarantees offset + size <= window. Accesses nobody claims read
 as all-ones (what an empty ISA/PCI bus returns) and are counted, never fatal.
 The guest picks those addresses, so what the bus keeps about them has a fixed
 size: one count per bus and the last few addresses, for the log.
+
+Ranges change while the guest runs (a PCI BAR moved or its decode turned off, from a
+vCPU thread) as other vCPUs look addresses up. Lookups take no lock: a change builds
+new lists under the writers' lock and swaps one reference, so a lookup sees the map
+before the change or after it, never half of it (copy-on-write, as crosvm's Bus).
 """
 
 from __future__ import annotations
@@ -44,11 +49,19 @@ class BusError(ValueError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Map:
+    """The ranges by base, sorted; never changed once made (a change makes a new one)."""
+
+    bases: tuple[int, ...] = ()
+    ranges: tuple[BusRange, ...] = ()
+
+
 class Bus:
     def __init__(self, kind: str) -> None:
         self.kind = kind  # "pio" or "mmio", for messages
-        self._bases: list[int] = []
-        self._ranges: list[BusRange] = []
+        self._map = _Map()  # read without a lock: replaced whole, never changed
+        self._change_lock = threading.Lock()  # one insert or remove at a time
         self.unclaimed = 0  # accesses nobody claimed, every address together
         self.recent_unclaimed: deque[int] = deque(maxlen=RECENT_UNCLAIMED)
         self._last_log = 0.0
@@ -57,27 +70,39 @@ class Bus:
     def insert(self, base: int, size: int, device: BusDevice) -> None:
         if size <= 0:
             raise BusError(f"{self.kind} range for {device.name} is empty")
-        i = bisect.bisect_right(self._bases, base)
-        before = self._ranges[i - 1] if i else None
-        after = self._ranges[i] if i < len(self._ranges) else None
-        if before and before.base + before.size > base:
-            other = before
-        elif after and base + size > after.base:
-            other = after
-        else:
-            other = None
-        if other is not None:
-            raise BusError(
-                f"{self.kind} {base:#x}+{size:#x} of {device.name} overlaps {other.device.name}"
-            )
-        self._bases.insert(i, base)
-        self._ranges.insert(i, BusRange(base, size, device))
+        with self._change_lock:
+            bases, ranges = self._map.bases, self._map.ranges
+            i = bisect.bisect_right(bases, base)
+            before = ranges[i - 1] if i else None
+            after = ranges[i] if i < len(ranges) else None
+            if before and before.base + before.size > base:
+                other = before
+            elif after and base + size > after.base:
+                other = after
+            else:
+                other = None
+            if other is not None:
+                raise BusError(
+                    f"{self.kind} {base:#x}+{size:#x} of {device.name} overlaps {other.device.name}"
+                )
+            new = BusRange(base, size, device)
+            self._map = _Map(bases[:i] + (base,) + bases[i:], ranges[:i] + (new,) + ranges[i:])
+
+    def remove(self, base: int, device: BusDevice) -> None:
+        """Take out the range at `base`, which `device` must hold (BusError otherwise)."""
+        with self._change_lock:
+            bases, ranges = self._map.bases, self._map.ranges
+            i = bisect.bisect_left(bases, base)
+            if i == len(bases) or bases[i] != base or ranges[i].device is not device:
+                raise BusError(f"{self.kind} {base:#x} holds no range of {device.name}")
+            self._map = _Map(bases[:i] + bases[i + 1 :], ranges[:i] + ranges[i + 1 :])
 
     def find(self, addr: int, size: int) -> tuple[BusDevice, int] | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
+        current = self._map  # one read: this lookup's map, whatever a writer swaps in
+        i = bisect.bisect_right(current.bases, addr) - 1
         if i < 0:
             return None
-        r = self._ranges[i]
+        r = current.ranges[i]
         offset = addr - r.base
         if offset + size > r.size:
             return None

@@ -21,21 +21,26 @@ import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import zmq
 
-from splitvmm import hostpath, timings
+from splitvmm import timings
 from splitvmm.config import DeviceSection, VmConfig
-from splitvmm.errors import ConfigError, DeviceFailure, KvmUnavailable
+from splitvmm.errors import DeviceFailure, KvmUnavailable
 from splitvmm.monitor import acpi, boot, confinement, layout, loader
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
+from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts
 from splitvmm.monitor.exits import Outcome
+from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
 from splitvmm.monitor.memory import GuestMemory
+from splitvmm.monitor.pci.bars import BarAllocator
+from splitvmm.monitor.pci.function import PciFunctionHost, place_bars
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
 from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir
@@ -46,7 +51,7 @@ from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS, FdKind, FdRole, ModelDescriptor, PortWindow
+from splitvmm.protocol.models import MODELS, FdKind, PciFunction, PortWindow
 from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
@@ -56,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("splitvmm.machine")
 
-STDOUT = 1
 DEBUG_EXIT_WINDOW = 4  # accepts outb/outw/outl at 0xf4
 # Control requests that only read a few fields: answered even while a snapshot runs.
 READ_ONLY_REQUESTS = ("status", "devices")
@@ -89,6 +93,8 @@ class Machine:
         self._restarts: queue.SimpleQueue[DeviceSlot | None] = queue.SimpleQueue()
         self._supervisor: Supervisor | None = None
         self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
+        self.functions: dict[str, PciFunctionHost] = {}  # PCI devices, by name
+        self._pci_intx: list[tuple[int, int]] = []  # (PCI device, GSI) of each INTA#: _PRT
 
     def build(self) -> None:
         cfg = self.cfg
@@ -134,7 +140,7 @@ class Machine:
             restore.apply(*restoring, self)  # imported above, for this restore
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
-            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds)
+            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, self._pci_intx)
         timings.mark("kvm, vm, ram, boot")
         # Reads its policies (files, now); its rules name the launcher's socket.
         self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
@@ -155,9 +161,14 @@ class Machine:
         self.vm.set_tss_addr(layout.KVM_TSS)
         self.vm.create_irqchip()  # PIC + IOAPIC + LAPICs in the kernel
         self.vm.create_pit2()
-        for slot, region in enumerate(self.mem.slots(boot.memory_holes(firmware))):
+        self._ram_slots = self.mem.slots(boot.memory_holes(firmware))
+        for slot, region in enumerate(self._ram_slots):
             hva = mapping_address(self.mem.map, region.offset)
             self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)
+        self.routes = GsiRoutes(self.vm)  # the one owner of the VM's GSI routing table
+        self._bar_window = BarAllocator(
+            layout.PCI_MMIO32_START, layout.PCI_MMIO32_END, "32-bit PCI memory"
+        )
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
         self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
         self.pci = PciRoot()  # every boot kind: firmware may enumerate PCI too
@@ -172,7 +183,12 @@ class Machine:
         """A device's fds and settings, from its model's descriptor: the monitor knows
         transports and fd kinds, never a model (protocol/models.py)."""
         model = MODELS[dev.model]  # config.py admits only known models
-        fds = {role.name: self._device_fd(dev, model, role) for role in model.fds}
+        placed = None
+        if isinstance(model.transport, PciFunction):
+            placed = self._place_function(dev.name, model.transport)
+        irqs = None if placed is None else placed.irqs
+        maker = DeviceFds(self.vm, self.mem, self._closables, irqs)
+        fds = maker.make(dev, model)
         state = None
         if self.snapshot is not None:
             from splitvmm.monitor import restore
@@ -182,9 +198,38 @@ class Machine:
             r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
         ):
             self._console = dev.name
-        return Spawn(
+        spawn = Spawn(
             dev.name, dev.model, model.transport.size, dict(dev.options), fds, state, dev.fault
         )
+        if placed is not None:
+            self._plug_function(spawn, placed, maker.notify)
+        return spawn
+
+    def _place_function(self, name: str, function: PciFunction) -> _Placed:
+        """A PCI device's number on bus 0, its BARs' bases, and its interrupts' GSIs."""
+        device = self.pci.free_device()
+        bases = place_bars(name, function, self._bar_window)
+        gsis = self.routes.allocate(function.msix_vectors, f"device {name}")
+        irqs = PciInterrupts(intx_gsi(device) if function.intx else None, gsis)
+        return _Placed(function, device, bases, irqs)
+
+    def _plug_function(self, spawn: Spawn, placed: _Placed, notify: dict[int, int]) -> None:
+        """Put the function on bus 0, its BARs on the MMIO bus (with their ioeventfds)."""
+        queue_fds = tuple(fd for _, fd in sorted(notify.items()))
+        host = PciFunctionHost(
+            spawn.name, placed.function, (placed.device, placed.bases), self.mmio, self.vm,
+            queue_fds,
+        )  # fmt: skip
+        host.plug(self.pci)
+        self.functions[spawn.name] = host
+        spawn.transport = {  # DeviceSpec.transport (protocol/spec.py)
+            "pci": [placed.device, 0],
+            "intx_gsi": placed.irqs.intx_gsi,
+            "ram": [[r.gpa, r.size, r.offset] for r in self._ram_slots],
+        }
+        spawn.msi = MsiVectors(spawn.name, self.routes, placed.irqs.msix_gsis)
+        if placed.irqs.intx_gsi is not None:
+            self._pci_intx.append((placed.device, placed.irqs.intx_gsi))
 
     def _launch_devices(self) -> None:
         """Ask the launcher for every device process; their channels are served later, once
@@ -196,37 +241,13 @@ class Machine:
             )
             self.slots.append(slot)  # closed by close() from now on, whatever launch() does
             transport = MODELS[spawn.model].transport
-            if not isinstance(transport, PortWindow):
-                raise ConfigError(f"device {spawn.name}: PCI functions are not wired up yet")
-            self.pio.insert(transport.base, spawn.window, slot)
+            if isinstance(transport, PortWindow):
+                self.pio.insert(transport.base, spawn.window, slot)
+            else:  # its BARs are on the MMIO bus already: they forward to the slot now
+                self.functions[spawn.name].bind(slot)
             self._spawned_at[slot.name] = time.perf_counter()
             slot.launch()
         timings.mark("device launch requests")
-
-    def _device_fd(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
-        if role.kind is FdKind.IRQ:
-            line = model.transport.irq if isinstance(model.transport, PortWindow) else None
-            if line is None:
-                raise ConfigError(f"model {model.name}: fd role {role.name} needs an irq line")
-            irq = EventFd()
-            self._closables.append(irq)
-            self.vm.register_irqfd(irq.fd, line)
-            return irq.fd
-        return self._open_output(dev, role.option)
-
-    def _open_output(self, dev: DeviceSection, option: str) -> int:
-        """An output stream's fd: stdout, a UNIX socket, or a file (created 0600), FIFO or
-        character device, each opened through hostpath: no symlink, and no hang."""
-        output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
-        if output == "stdio":
-            return STDOUT
-        if output.startswith("unix:"):
-            sock = hostpath.connect_unix(output.removeprefix("unix:"), key)
-            self._closables.append(sock)
-            return sock.fileno()
-        fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)
-        self._closables.append(_FdCloser(fd))
-        return fd
 
     # -- outcomes ---------------------------------------------------------------------
     @property
@@ -388,6 +409,9 @@ class Machine:
                 "last_failure": s.last_failure,
                 "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
                 "longest_stall_ms": round(s.longest_stall_ms, 1),
+                # guest accesses forwarded to the device: what its register traffic costs
+                # the monitor (queue notifies and interrupts never count here)
+                "exits": {"reads": s.reads, "writes": s.writes},
             }
             for s in self.slots
         ]
@@ -459,12 +483,14 @@ class _Closable(Protocol):
     def close(self) -> None: ...
 
 
-class _FdCloser:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """Where a PCI function sits: its descriptor, device number, BAR bases, interrupts."""
 
-    def close(self) -> None:
-        os.close(self.fd)
+    function: PciFunction
+    device: int
+    bases: dict[int, int]
+    irqs: PciInterrupts
 
 
 def run_vm(cfg: VmConfig, snapshot: Snapshot | None = None) -> Outcome:

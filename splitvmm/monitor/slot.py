@@ -68,7 +68,7 @@ from pathlib import Path
 
 import zmq
 
-from splitvmm.errors import DeviceFailure, SplitvmmError
+from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError
 from splitvmm.monitor.channel import (
     CONTROL_TIMEOUT_MS,
     READ_TIMEOUT_MS,
@@ -76,6 +76,7 @@ from splitvmm.monitor.channel import (
     ChannelError,
     DeviceChannel,
 )
+from splitvmm.monitor.irqroutes import MsiVectors
 from splitvmm.protocol import events, wire
 from splitvmm.protocol.models import MODELS, FdKind, PortWindow
 from splitvmm.protocol.spec import DeviceSpec
@@ -114,6 +115,8 @@ class Spawn:
     fds: dict[str, int] = field(default_factory=dict)
     state: dict[str, object] | None = None  # restore: the device's saved state document
     fault: dict[str, object] | None = None  # crash testing: armed in the first process only
+    transport: dict[str, object] | None = None  # DeviceSpec.transport: where a PCI function sits
+    msi: MsiVectors | None = None  # a PCI function's MSI-X vectors, routed when it asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,8 @@ class DeviceSlot:
         self.window = spawn.window
         self._options = spawn.options
         self._fds = spawn.fds  # the machine owns them; each process gets them again
+        self._transport = spawn.transport
+        self._msi = spawn.msi
         self.endpoint = f"ipc://{runtime_dir}/{spawn.name}.sock"
         if len(self.endpoint.removeprefix("ipc://").encode()) > MAX_SOCKET_PATH:
             raise DeviceFailure(
@@ -195,6 +200,10 @@ class DeviceSlot:
         self.last_failure = ""  # why the device failed last (it may be back since)
         self.recover_ms: float | None = None  # crash -> serving again, the last restart
         self.longest_stall_ms = 0.0  # the longest an access waited for the device to be back
+        # Guest accesses forwarded to the device (what costs the monitor an exit), over the
+        # slot's life: the fast path (ioeventfds, irqfds) never counts here.
+        self.reads = 0
+        self.writes = 0
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
         self._frames = 0  # reads, writes and input the device got, over the slot's life
@@ -242,6 +251,7 @@ class DeviceSlot:
                 state=self._checkpoint.state if resume is not None else self.last_state,
                 resume=resume,
                 fault=self._fault,
+                transport=self._transport,
             )
             self._fault = None
         process, listener = self._spawner(spec)
@@ -378,6 +388,7 @@ class DeviceSlot:
         before answering is sent again to its next process (once: a read that was not
         answered is in no checkpoint and no journal)."""
         with self._lock:
+            self.reads += 1
             while (channel := self._await_live()) is not None:
                 try:
                     data = channel.read(offset, size)
@@ -389,15 +400,17 @@ class DeviceSlot:
             return b"\xff" * size
 
     def write(self, offset: int, data: bytes) -> None:
-        self._post(wire.encode_write(offset, data))
+        self._post(wire.encode_write(offset, data), access=True)
 
     def input(self, data: bytes) -> None:
         """Host input for a console device, in frame-sized chunks."""
         for i in range(0, len(data), wire.MAX_INPUT_CHUNK):
             self._post(wire.encode_input(data[i : i + wire.MAX_INPUT_CHUNK]))
 
-    def _post(self, frame: bytes) -> None:
+    def _post(self, frame: bytes, access: bool = False) -> None:
         with self._lock:
+            if access:
+                self.writes += 1
             channel = self._await_live()
             if channel is not None:
                 self._journal_locked(frame)  # re-sent to the next process if this one died
@@ -475,6 +488,10 @@ class DeviceSlot:
                 ok, reason = self._route_allowed(gsi)
                 if self.channel is not None:
                     self.channel.post(events.encode_route_done(route_id, ok, reason))
+            case events.MsiRequest(route_id, vector, address, data):
+                reason = self._msi_route(vector, address, data)
+                if self.channel is not None:
+                    self.channel.post(events.encode_route_done(route_id, not reason, reason))
 
     def _route_allowed(self, gsi: int) -> tuple[bool, str]:
         """A device may be routed only the interrupt line its descriptor gives it (the
@@ -484,6 +501,16 @@ class DeviceSlot:
         if line is not None and gsi == line:
             return True, ""
         return False, f"{self.model} devices signal GSI {line}, not {gsi}"
+
+    def _msi_route(self, vector: int, address: int, data: int) -> str:
+        """Install the MSI route the device asked for; '' once done, else why not."""
+        if self._msi is None:
+            return f"{self.model} devices have no MSI-X vectors"
+        try:
+            return self._msi.route(vector, address, data)
+        except KvmError as e:  # the host's failure, not the device's: say so, refuse
+            log.error("device %s: MSI-X vector %d not routed: %s", self.name, vector, e)
+            return f"the host refused the route: {e}"
 
     # -- the journal: frames past the last checkpoint (the module docstring) --------------------
     def _journal_locked(self, frame: bytes) -> None:

@@ -108,9 +108,25 @@ class RouteEvent:
     gsi: Annotated[int, schema.Range(0, MAX_GSI)]
 
 
+MAX_MSIX_VECTORS = 2048  # PCI Local Bus 3.0 6.8.2.3: an MSI-X table has at most 2048 entries
+
+
+@dataclass(frozen=True, slots=True)
+class MsiEvent:
+    """Device -> monitor: asks that MSI-X vector `vector` send `data` to `address` (what the
+    guest wrote in its table entry); the monitor checks it and answers with a RouteDone."""
+
+    op: Literal["msi"]
+    seq: Unasked
+    id: Annotated[int, schema.Range(0, MAX_ROUTE_ID)]
+    vector: Annotated[int, schema.Range(0, MAX_MSIX_VECTORS - 1)]
+    address: Annotated[int, schema.U64]
+    data: Annotated[int, schema.U32]
+
+
 @dataclass(frozen=True, slots=True)
 class RouteDone:
-    """Monitor -> device: the answer to a RouteEvent of the same id."""
+    """Monitor -> device: the answer to a RouteEvent or MsiEvent of the same id."""
 
     op: Literal["route_done"]
     seq: Unasked
@@ -128,6 +144,7 @@ MESSAGES: dict[str, type] = {
     "publish": PublishEvent,
     "report": ReportEvent,
     "route": RouteEvent,
+    "msi": MsiEvent,
     "route_done": RouteDone,
 }
 

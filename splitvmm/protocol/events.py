@@ -8,10 +8,14 @@ A channel is request/reply from the monitor's side; a device may also speak firs
              checkpoint: monitor/slot.py replays the frames after it);
     report   an error it wants the operator to see, and carries on (one line of text);
     route    asks for an interrupt route (id, gsi); the monitor checks it against what
-             the device's descriptor allows and answers with route_done (id, ok, reason).
+             the device's descriptor allows and answers with route_done (id, ok, reason);
+    msi      asks that an MSI-X vector send a message (id, vector, address, data): what the
+             guest wrote in the vector's table entry. The monitor checks it (a vector the
+             descriptor has, an x86 MSI address, a 16-bit data word), points the vector's
+             GSI at it and answers with route_done (id, ok, reason).
 
 Each is a control frame whose record (control.py: PublishEvent, ReportEvent, RouteEvent,
-RouteDone) the schema codec checks, key by key, before the monitor acts on it. A device
+MsiEvent, RouteDone) the schema codec checks, key by key, before the monitor acts on it. A device
 gets at most MAX_EVENTS_PER_REQUEST of them in around each request of the monitor's, and
 anything else unasked is a broken channel, as before.
 """
@@ -24,7 +28,7 @@ from typing import Any
 from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import control
 
-EVENT_OPS = ("publish", "report", "route")
+EVENT_OPS = ("publish", "report", "route", "msi")
 # Events a device may send around one request of the monitor's; ZeroMQ's RCVHWM already
 # bounds what waits unread, this bounds the work one vCPU's access can be made to do (each
 # event is checked: ~20 us). A healthy device may send many: the serial device publishes a
@@ -52,7 +56,15 @@ class RouteRequest:
     gsi: int
 
 
-Event = Published | Report | RouteRequest
+@dataclass(frozen=True, slots=True)
+class MsiRequest:
+    id: int
+    vector: int
+    address: int
+    data: int
+
+
+Event = Published | Report | RouteRequest | MsiRequest
 
 
 # -- device side ------------------------------------------------------------------------------
@@ -71,6 +83,11 @@ def encode_report(message: str) -> bytes:
 
 def encode_route(route_id: int, gsi: int) -> bytes:
     return control.encode({"op": "route", "seq": 0, "id": route_id, "gsi": gsi})
+
+
+def encode_msi(route_id: int, vector: int, address: int, data: int) -> bytes:
+    msg = {"op": "msi", "seq": 0, "id": route_id, "vector": vector, "address": address}
+    return control.encode({**msg, "data": data})
 
 
 def decode_route_done(msg: dict[str, Any]) -> tuple[int, bool, str]:
@@ -116,6 +133,8 @@ def event_in(buf: bytes, model: str) -> Event | None:
         return Published(state, msg.get("applied"), msg.get("emitted"))
     if op == "report":
         return Report(msg["message"])
+    if op == "msi":
+        return MsiRequest(msg["id"], msg["vector"], msg["address"], msg["data"])
     return RouteRequest(msg["id"], msg["gsi"])
 
 

@@ -118,6 +118,12 @@ class PciFunction:
     notify: QueueNotify | None = None
     msix_vectors: int = 0  # MSI-X table entries (the table itself is the device's)
     intx: bool = False  # INTA#: an irqfd on a GSI the monitor chooses (_PRT in the DSDT)
+    # Writes the vCPU waits for the device to apply: (bar, offset, size), bar None for the
+    # configuration space. A write there may make the device ask for an interrupt route
+    # (MSI-X enabled or a vector unmasked), which must be in place before the guest runs
+    # on: the monitor follows such a write with a sync, serving the device's route events.
+    # Other writes stay posted.
+    sync_writes: tuple[tuple[int | None, int, int], ...] = ()
 
     def regions(self) -> tuple[Region, ...]:
         out = [Region(0, CONFIG_REGION_SIZE, None)]
@@ -129,6 +135,14 @@ class PciFunction:
 
     def region_of_bar(self, index: int) -> Region:
         return next(r for r in self.regions() if r.bar == index)
+
+    def sync_ranges(self) -> tuple[tuple[int, int], ...]:
+        """sync_writes as [start, end) ranges of the flat window."""
+        out = []
+        for bar, offset, size in self.sync_writes:
+            region = self.regions()[0] if bar is None else self.region_of_bar(bar)
+            out.append((region.start + offset, region.start + offset + size))
+        return tuple(out)
 
     @property
     def size(self) -> int:
@@ -234,6 +248,7 @@ VIRTIO_REGISTERS_BAR = PciBar(0, 0x4000)
 VIRTIO_MSIX_BAR = PciBar(1, 0x1000)
 VIRTIO_NOTIFY_OFFSET = 0x3000
 VIRTIO_NOTIFY_MULTIPLIER = 4
+VIRTIO_COMMON_CFG_SIZE = 0x1000  # the common configuration's page of BAR 0
 
 
 def virtio_function(queues: int) -> PciFunction:
@@ -241,7 +256,17 @@ def virtio_function(queues: int) -> PciFunction:
     configuration changes, and INTx as the fallback."""
     notify = QueueNotify(0, VIRTIO_NOTIFY_OFFSET, VIRTIO_NOTIFY_MULTIPLIER, queues)
     bars = (VIRTIO_REGISTERS_BAR, VIRTIO_MSIX_BAR)
-    return PciFunction(bars=bars, notify=notify, msix_vectors=queues + 1, intx=True)
+    # Writes that can change an interrupt route: the MSI-X capability (config space), the
+    # MSI-X table and PBA (BAR 1), the common configuration (msix_config,
+    # queue_msix_vector, queue_enable, device_status).
+    sync_writes = (
+        (None, 0, CONFIG_REGION_SIZE),
+        (VIRTIO_MSIX_BAR.index, 0, VIRTIO_MSIX_BAR.size),
+        (VIRTIO_REGISTERS_BAR.index, 0, VIRTIO_COMMON_CFG_SIZE),
+    )
+    return PciFunction(
+        bars=bars, notify=notify, msix_vectors=queues + 1, intx=True, sync_writes=sync_writes
+    )
 
 
 def virtio_fds(queues: int, *backend: FdRole) -> tuple[FdRole, ...]:

@@ -473,7 +473,7 @@ def _decode_spec(data: bytes) -> DeviceSpec:
     for key, kind in types.items():
         if type(getattr(spec, key)) is not kind:
             raise Refused(f"launcher: the spec's {key} is not a {kind.__name__}")
-    for key in ("state", "resume", "fault"):
+    for key in ("state", "resume", "fault", "transport"):
         if getattr(spec, key) is not None and type(getattr(spec, key)) is not dict:
             raise Refused(f"launcher: the spec's {key} is not an object")
     if spec.fault is not None:

@@ -31,7 +31,8 @@ CHECKSUM, CREATOR = slice(9, 10), slice(28, 36)
 
 
 def _tables(vcpus: int) -> dict[str, bytes]:
-    built = acpi.build(vcpus, [SERIAL.transport, RTC.transport])
+    # two PCI devices with INTA# (the DSDT's _PRT), as virtio devices at 00:01.0 and 00:02.0
+    built = acpi.build(vcpus, [SERIAL.transport, RTC.transport], [(1, 17), (2, 18)])
 
     def at(gpa: int) -> bytes:
         offset = gpa - built.base
@@ -84,8 +85,13 @@ def test_acpiexec_loads_namespace_and_evaluates_root_bridge_and_s5(
     table_files: dict[str, Path],
 ) -> None:
     names = [table_files[s].name for s in ("FACP", "DSDT", "APIC", "MCFG")]
-    script = "Evaluate \\_SB.PCI0._CRS; Evaluate \\_S5; Evaluate \\_SB.DV00._HID"
+    script = (
+        "Evaluate \\_SB.PCI0._CRS; Evaluate \\_S5; Evaluate \\_SB.DV00._HID; "
+        "Evaluate \\_SB.PCI0._PRT"
+    )
     out = _run(["acpiexec", "-b", script, *names], table_files["DSDT"].parent)
     assert [line for line in out.splitlines() if COMPLAINT.search(line)] == []
     assert "Evaluation of \\_S5 returned" in out
     assert "[Integer] = 000000000105D041" in out  # EISAID("PNP0501"): the UART's _HID
+    assert "Evaluation of \\_SB.PCI0._PRT returned" in out
+    assert "[Integer] = 000000000002FFFF" in out  # 00:02.0's _PRT address

@@ -153,6 +153,22 @@ PROBE = textwrap.dedent(
     run, snaps, outside, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
     launcher = Launcher.start(run)  # first, as the machine does
     irq, (out_r, out_w) = EventFd(), os.pipe()  # a device's fds, made before confinement
+    if step == "pci":  # a VM and a PCI function's notify eventfd, made before confinement
+        from splitvmm.monitor.bus import Bus
+        from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
+        from splitvmm.monitor.pci.function import PciFunctionHost
+        from splitvmm.monitor.pci.root import Ecam, PciRoot
+        from splitvmm.native.kvm import Kvm
+        from splitvmm.protocol.models import virtio_function
+        kvm = Kvm()
+        vm = kvm.create_vm()
+        vm.create_irqchip()
+        routes = GsiRoutes(vm)
+        vectors = MsiVectors("blk0", routes, routes.allocate(2, "blk0"))
+        root, mmio = PciRoot(), Bus("mmio")
+        bases = {0: 0xC0000000, 1: 0xC0004000}
+        host = PciFunctionHost("blk0", virtio_function(1), (1, bases), mmio, vm, (irq.fd,))
+        host.plug(root)
     c = Confinement(launcher_fd=launcher.fileno())
     c.confine_process(run, [snaps])
     def refused(fn):
@@ -208,6 +224,10 @@ PROBE = textwrap.dedent(
         c.confine_vcpu_thread()
         if step == "files":
             results["vcpu_open"] = refused(lambda: open(snaps / "s" / "x", "w"))
+        if step == "pci":  # a guest's BAR move and a device's MSI-X route, from a vCPU
+            Ecam(root).write(1 << 15 | 0x10, (0xD0000000).to_bytes(4, "little"))
+            results["decoding"] = dict(sorted(host.decoding().items()))
+            results["msi"] = vectors.route(0, 0xFEE00000, 0x41)
         if step == "threads":  # past glibc's largest mmap threshold: realloc is an mremap
             big = bytearray(40 << 20)
             big.append(1)
@@ -275,6 +295,12 @@ def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(t
 def test_confinement_seccomp_kills_monitor_that_makes_a_socket_or_execs(tmp_path, step):
     r = run_probe(tmp_path, step)
     assert r.returncode == -signal.SIGSYS, r.stderr
+
+
+def test_confined_vcpu_moves_a_bar_and_routes_an_msi(tmp_path):
+    r = run_probe(tmp_path, "pci")
+    assert r.returncode == 0, r.stderr  # -SIGSYS: KVM_IOEVENTFD or KVM_SET_GSI_ROUTING refused
+    assert r.stdout.strip() == repr({"decoding": {0: 0xD0000000, 1: 0xC0004000}, "msi": ""})
 
 
 def test_confined_monitor_gets_a_working_device_from_the_launcher(tmp_path):

@@ -79,8 +79,9 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
         ({"channel": "ipc:///tmp/serial0.sock"}, "its channel must be serial0.sock in"),
         ({"name": "../serial0"}, "is not a plain file name"),
         ({"fds": {}}, "model serial takes fds ['irq', 'out'], the request names []"),
+        ({"transport": ["pci", 1]}, "the spec's transport is not an object"),
     ],
-    ids=["seccomp-log", "seccomp-trace", "hook", "model", "channel", "name", "fds"],
+    ids=["seccomp-log", "seccomp-trace", "hook", "model", "channel", "name", "fds", "transport"],
 )
 def test_launcher_spec_outside_what_it_starts_is_refused(launcher, rundir, fds, changes, why):
     with pytest.raises(DeviceFailure, match="launcher|device") as e:

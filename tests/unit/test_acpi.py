@@ -8,6 +8,7 @@ import pytest
 
 from splitvmm.monitor import acpi, layout
 from splitvmm.monitor.acpi import aml, tables
+from splitvmm.monitor.acpi.dsdt import pci_root_bridge, prt_entry
 from splitvmm.monitor.platform import AcpiPm
 from splitvmm.protocol.models import RTC, SERIAL
 
@@ -30,6 +31,11 @@ IASL_S5 = bytes.fromhex("085f53355f1205020a0500")
 IASL_MULTI_NAME = bytes.fromhex("082f035f53425f504349304142434" + "40c78563412")
 IASL_STRING = bytes.fromhex("0858515f5f0d686900")
 IASL_QWORD = bytes.fromhex("084249474" + "90e9a78563412000000")
+# `Name (_PRT, Package (0x02) { Package (0x04) { 0x0001FFFF, Zero, Zero, 0x11 },
+#  Package (0x04) { 0x0002FFFF, Zero, Zero, 0x12 } })`
+IASL_PRT = bytes.fromhex(
+    "085f505254121a02" + "120b040cffff010000000a11" + "120b040cffff020000000a12"
+)
 
 
 def test_aml_name_eisa_id_matches_iasl() -> None:
@@ -55,6 +61,20 @@ def test_aml_dword_memory_matches_iasl() -> None:
 
 def test_aml_package_of_integers_matches_iasl() -> None:
     assert aml.name("_S5", aml.package(aml.integer(5), aml.integer(0))) == IASL_S5
+
+
+def test_dsdt_prt_entries_match_iasl() -> None:
+    prt = aml.name("_PRT", aml.package(prt_entry(1, 17), prt_entry(2, 18)))
+    assert prt == IASL_PRT
+
+
+def test_dsdt_root_bridge_has_prt_with_each_pci_intx() -> None:
+    bridge = pci_root_bridge([(1, 17), (2, 18)])
+    assert bridge.endswith(IASL_PRT)
+
+
+def test_dsdt_root_bridge_without_pci_intx_has_no_prt() -> None:
+    assert b"_PRT" not in pci_root_bridge()
 
 
 def test_aml_three_segment_name_uses_multi_name_prefix() -> None:

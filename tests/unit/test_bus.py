@@ -1,6 +1,8 @@
 """Bus: range lookup, overlap refusal, unclaimed accesses."""
 
 import logging
+import sys
+import threading
 import tracemalloc
 
 import pytest
@@ -75,3 +77,45 @@ def test_bus_unclaimed_log_names_count_and_latest_addresses(caplog):
     with caplog.at_level(logging.INFO, logger="splitvmm.bus"):
         bus.read(0xE0000000, 4)
     assert caplog.messages == ["1 unclaimed mmio accesses so far, latest at 0xe0000000"]
+
+
+def test_bus_remove_frees_the_range_for_lookups_and_inserts():
+    bus = Bus("mmio")
+    bar = Recorder("blk0 BAR 0")
+    bus.insert(0xC0000000, 0x4000, bar)
+    bus.remove(0xC0000000, bar)
+    bus.insert(0xC0002000, 0x1000, Recorder("other"))
+    assert (bus.find(0xC0000000, 4), bus.find(0xC0002000, 4) is not None) == (None, True)
+
+
+def test_bus_remove_of_another_devices_range_raises():
+    bus = Bus("mmio")
+    bus.insert(0xC0000000, 0x4000, Recorder("blk0 BAR 0"))
+    with pytest.raises(BusError, match="0xc0000000 holds no range of rng0 BAR 0"):
+        bus.remove(0xC0000000, Recorder("rng0 BAR 0"))
+
+
+def test_bus_lookups_while_another_thread_moves_a_range_always_find_the_fixed_one():
+    # A vCPU looks up one device while another vCPU's BAR move removes and inserts another:
+    # copy-on-write means no lookup sees a half-changed map (and none takes a lock).
+    bus = Bus("mmio")
+    fixed, moving = Recorder("fixed"), Recorder("moving")
+    bus.insert(0xC0008000, 0x1000, fixed)
+    done = threading.Event()
+
+    def mover() -> None:
+        while not done.is_set():
+            bus.insert(0xC0000000, 0x4000, moving)
+            bus.remove(0xC0000000, moving)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: a lookup mid-change would show
+    thread = threading.Thread(target=mover)
+    thread.start()
+    try:
+        found = [bus.find(0xC0008000 + i % 0x1000, 1) for i in range(30_000)]
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert all(hit is not None and hit[0] is fixed for hit in found)

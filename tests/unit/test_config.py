@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from splitvmm import config
 from splitvmm.config import VmConfig, config_to_dict, load_config, parse_config, parse_size
 from splitvmm.errors import ConfigError
+from splitvmm.protocol.models import MODELS, VIRTIO_BLK
 
 GOOD = """
 [vm]
@@ -171,6 +173,33 @@ def test_config_second_device_at_fixed_ports_refused():
 
     with pytest.raises(ConfigError, match=r"only one rtc device .* fixed ports 0x70-0x71"):
         _cfg(devices=two)
+
+
+@pytest.fixture
+def with_virtio_blk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PCI descriptor known to the config, in this test only (not in MODELS yet)."""
+    monkeypatch.setitem(MODELS, VIRTIO_BLK.name, VIRTIO_BLK)
+    options = {o.name: (o.kind, o.default) for o in VIRTIO_BLK.options}
+    monkeypatch.setitem(config.MODEL_OPTIONS, VIRTIO_BLK.name, options)
+
+
+BLK = '[[device]]\nname = "{}"\nmodel = "virtio-blk"\n'
+
+
+def test_config_option_without_default_missing_names_device_and_option(with_virtio_blk):
+    with pytest.raises(ConfigError, match=r"device 'blk0'.path: missing; a virtio-blk device"):
+        _cfg(devices=BLK.format("blk0"))
+
+
+def test_config_pci_model_may_appear_twice(with_virtio_blk):
+    two = BLK.format("a") + 'path = "a.img"\n' + BLK.format("b") + 'path = "b.img"\n'
+
+    cfg = _cfg(devices=two)
+
+    assert [(d.name, d.options["path"]) for d in cfg.devices[:2]] == [
+        ("a", "a.img"),
+        ("b", "b.img"),
+    ]
 
 
 DEVICE = {"name": "serial0", "model": "serial"}

@@ -21,6 +21,11 @@ def test_events_each_kind_decodes_to_what_was_sent():
     assert events.decode_event(events.encode_route(7, 4), "serial") == events.RouteRequest(7, 4)
 
 
+def test_events_msi_decodes_to_what_was_sent():
+    frame = events.encode_msi(3, 1, 0xFEE0_1000, 0x4041)
+    assert events.decode_event(frame, "serial") == events.MsiRequest(3, 1, 0xFEE0_1000, 0x4041)
+
+
 def test_events_report_text_is_made_printable_and_short_by_its_sender():
     event = events.decode_event(events.encode_report("\x1b[2J" + "x" * 500), "serial")
 
@@ -39,6 +44,19 @@ def test_events_report_text_is_made_printable_and_short_by_its_sender():
         ({"op": "route", "seq": 0, "id": -1, "gsi": 4}, "id: -1 is outside 0..2**31-1"),
         ({"op": "route", "seq": 0, "id": True, "gsi": 4}, "expected an integer, got a boolean"),
         ({"op": "route", "seq": 0, "id": 1}, "missing key 'gsi'"),
+        (
+            {"op": "msi", "seq": 0, "id": 1, "vector": 2048, "address": 0, "data": 0},
+            "vector: 2048 is outside 0..2047",
+        ),
+        (
+            {"op": "msi", "seq": 0, "id": 1, "vector": 0, "address": -1, "data": 0},
+            "address: -1 is outside 0..2**64-1",
+        ),
+        (
+            {"op": "msi", "seq": 0, "id": 1, "vector": 0, "address": 0, "data": 1 << 32},
+            "data: 4294967296 is outside 0..2**32-1",
+        ),
+        ({"op": "msi", "seq": 0, "id": 1, "vector": 0, "address": 0}, "missing key 'data'"),
         ({"op": "exec", "seq": 0}, "unknown op 'exec'"),
         ({"op": "state", "seq": 0, **STATE}, "'state' is not an event a device may send"),
     ],

@@ -11,7 +11,10 @@ import zmq
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
+from splitvmm.native.routing import MsiRoute
+from splitvmm.protocol import control, events
 from splitvmm.protocol.spec import DeviceSpec
 
 
@@ -92,3 +95,68 @@ def test_slot_start_when_failed_raises(slot):
     slot.fail("its process was killed")
     with pytest.raises(DeviceFailure, match="device serial0: its slot is failed, not empty"):
         slot.start()
+
+
+def test_slot_counts_forwarded_reads_and_writes(slot, monkeypatch):
+    monkeypatch.setattr(slot_module, "AWAY_WAIT_MS", 0)
+    slot.read(0, 1)
+    slot.write(0, b"A")
+    slot.write(1, b"B")
+    slot.input(b"typed")  # host input is no guest access
+    assert (slot.reads, slot.writes) == (1, 2)
+
+
+class PostedFrames(list[bytes]):
+    """A channel that keeps what the slot posts (its answers to events)."""
+
+    def post(self, frame: bytes) -> None:
+        self.append(frame)
+
+
+class RoutingVm:
+    def __init__(self) -> None:
+        self.tables: list[list[object]] = []
+
+    def set_gsi_routing(self, routes: list[object]) -> None:
+        self.tables.append(list(routes))
+
+
+def msi_slot(
+    tmp_path: Path, zctx: zmq.Context, failures: Failures
+) -> tuple[DeviceSlot, PostedFrames, RoutingVm]:
+    vm = RoutingVm()
+    routes = GsiRoutes(vm)
+    msi = MsiVectors("blk0", routes, routes.allocate(2, "blk0"))
+    spawn = Spawn("blk0", "serial", 8, msi=msi)
+    slot = DeviceSlot(spawn, tmp_path, refuse, zctx, failures)
+    posted = PostedFrames()
+    slot.channel = posted
+    return slot, posted, vm
+
+
+def test_slot_msi_event_in_range_is_routed_and_answered_ok(tmp_path, zctx, failures):
+    slot, posted, vm = msi_slot(tmp_path, zctx, failures)
+    slot._on_event(events.MsiRequest(9, 1, 0xFEE0_0000, 0x41))
+    answer = control.decode(posted[0])
+    assert ((answer["id"], answer["ok"]), vm.tables[-1][-1]) == (
+        (9, True),
+        MsiRoute(25, 0xFEE0_0000, 0x41),
+    )
+
+
+def test_slot_msi_event_out_of_range_is_refused_with_a_reason(tmp_path, zctx, failures):
+    slot, posted, vm = msi_slot(tmp_path, zctx, failures)
+    slot._on_event(events.MsiRequest(9, 5, 0xFEE0_0000, 0x41))
+    answer = control.decode(posted[0])
+    assert (answer["ok"], answer["reason"], vm.tables) == (
+        False,
+        "vector 5 is past the 2 MSI-X vectors of blk0",
+        [],
+    )
+
+
+def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
+    posted = PostedFrames()
+    slot.channel = posted
+    slot._on_event(events.MsiRequest(1, 0, 0xFEE0_0000, 0x41))
+    assert control.decode(posted[0])["reason"] == "serial devices have no MSI-X vectors"

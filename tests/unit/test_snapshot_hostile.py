@@ -7,7 +7,7 @@ named. Nothing the snapshot names is ever created, connected to or read.
 No KVM here: run_vm is replaced by everything the monitor does with a snapshot before KVM
 (states decoded, RAM loaded into a memfd, each device state through its model's own restore,
 as the device process does) plus the monitor's own code that opens host resources
-(Machine._open_output, loader.load_firmware) on the config it was given. The KVM end-to-end
+(devicefds.open_output, loader.load_firmware) on the config it was given. The KVM end-to-end
 cases are in tests/integration/test_snapshot_hostile_restore.py.
 """
 
@@ -33,7 +33,7 @@ from splitvmm.config import VmConfig
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.runtime import build_device
 from splitvmm.devprocs.serial import UartState
-from splitvmm.monitor import loader, machine, restore
+from splitvmm.monitor import devicefds, loader, machine, restore
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.protocol.models import MODELS, FdKind
@@ -116,14 +116,17 @@ def fake_run_vm(ran: Ran) -> Callable[[VmConfig, Snapshot | None], Outcome]:
             spec = DeviceSpec(dev.name, dev.model, "ipc://unused", state=state)
             build_device(spec, DeviceContext(irq=FakeIrq()))
         m = machine.Machine(cfg, snapshot=snap)
+        owned: list[devicefds.Closable] = []
         try:
             for dev in cfg.devices:
                 for role in MODELS[dev.model].fds:
                     if role.kind is FdKind.OUTPUT:
-                        m._open_output(dev, role.option)
+                        devicefds.open_output(dev, role.option, owned)
             if cfg.boot.firmware is not None:
                 loader.load_firmware(cfg.boot.firmware)
         finally:
+            for c in owned:
+                c.close()
             m.close()
         ran.cfg = cfg
         return Outcome(0, "restored (no KVM in this test)")

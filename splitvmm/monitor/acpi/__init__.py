@@ -42,8 +42,15 @@ def _align(n: int) -> int:
     return -(-n // TABLE_ALIGN) * TABLE_ALIGN
 
 
-def build(nvcpus: int, windows: Sequence[PortWindow], base: int = layout.ACPI_TABLES) -> AcpiTables:
-    """RSDP, then DSDT, FADT, MADT, MCFG and the XSDT pointing at the last three."""
+def build(
+    nvcpus: int,
+    windows: Sequence[PortWindow],
+    pci_intx: Sequence[tuple[int, int]] = (),
+    base: int = layout.ACPI_TABLES,
+) -> AcpiTables:
+    """RSDP, then DSDT, FADT, MADT, MCFG and the XSDT pointing at the last three.
+    `pci_intx`: (PCI device, GSI) of each PCI device's INTA# (the DSDT's _PRT); the MADT's
+    IOAPIC covers GSIs 0-23, so pins 16-23 need no more."""
     blob = bytearray()
     rsdp_len = _align(tables.RSDP.size)
 
@@ -52,7 +59,7 @@ def build(nvcpus: int, windows: Sequence[PortWindow], base: int = layout.ACPI_TA
         blob.extend(table.ljust(_align(len(table)), b"\x00"))
         return gpa
 
-    dsdt_gpa = place(dsdt(windows))
+    dsdt_gpa = place(dsdt(windows, pci_intx))
     fadt_gpa = place(tables.fadt(dsdt_gpa, PM_PORTS))
     madt_gpa = place(
         tables.madt(nvcpus, layout.LAPIC_BASE, nvcpus, layout.IOAPIC_BASE, OVERRIDES)

@@ -1,8 +1,11 @@
 """The DSDT: the PCI root bridge, the legacy devices the config has, and the S5 sleep state.
 
 The root bridge's _CRS hands out what layout.py gives PCI: bus 0 (what ECAM covers), all
-of port space but the config ports, and the BAR window of the PCI hole. Legacy devices
-take their ports, IRQ and PNP id from their model descriptors (protocol/models.py).
+of port space but the config ports, and the BAR window of the PCI hole. Its _PRT says which
+GSI each PCI device's INTA# drives (the monitor's choice, monitor/irqroutes.py), in the
+GSI form (ACPI 6.5 6.2.13: source 0, the GSI as the source index), as cloud-hypervisor
+and Firecracker write it: no interrupt link devices to program. Legacy devices take their
+ports, IRQ and PNP id from their model descriptors (protocol/models.py).
 """
 
 from __future__ import annotations
@@ -19,9 +22,23 @@ PORT_SPACE_END = 0xFFFF
 # \_S5's SLP_TYPa: what the guest writes into SLP_TYPx of the sleep control register to
 # power off (ACPI 6.3 7.4.2; any value will do, the monitor reads back the same one).
 S5_SLEEP_TYPE = 5
+PRT_ALL_FUNCTIONS = 0xFFFF  # a _PRT address: device << 16, any function
+PRT_PIN_INTA = 0
+PRT_GSI_SOURCE = 0  # no link device: the source index is the GSI itself
 
 
-def pci_root_bridge() -> bytes:
+def prt_entry(device: int, gsi: int) -> bytes:
+    """Package {address, pin, source, source index}: INTA# of `device` drives `gsi`."""
+    return aml.package(
+        aml.integer(device << 16 | PRT_ALL_FUNCTIONS),
+        aml.integer(PRT_PIN_INTA),
+        aml.integer(PRT_GSI_SOURCE),
+        aml.integer(gsi),
+    )
+
+
+def pci_root_bridge(intx: Sequence[tuple[int, int]] = ()) -> bytes:
+    """`intx`: (PCI device, GSI) of each device on bus 0 that has INTA#."""
     last_bus = layout.PCIE_ECAM_BUSES - 1
     config_end = layout.PCI_CONFIG_PORT + layout.PCI_CONFIG_WINDOW
     crs = aml.resource_template(
@@ -31,6 +48,7 @@ def pci_root_bridge() -> bytes:
         aml.dword_io(config_end, PORT_SPACE_END),
         aml.dword_memory(layout.PCI_MMIO32_START, layout.PCI_MMIO32_END - 1),
     )
+    routing = [aml.name("_PRT", aml.package(*(prt_entry(d, g) for d, g in intx)))] if intx else []
     return aml.device(
         "PCI0",
         aml.name("_HID", aml.eisa_id("PNP0A08")),  # PCI Express root bridge
@@ -39,6 +57,7 @@ def pci_root_bridge() -> bytes:
         aml.name("_BBN", aml.integer(0)),
         aml.name("_UID", aml.integer(0)),
         aml.name("_CRS", crs),
+        *routing,
     )
 
 
@@ -56,10 +75,11 @@ def legacy_device(index: int, window: PortWindow) -> bytes:
     )
 
 
-def dsdt(windows: Sequence[PortWindow]) -> bytes:
-    """`windows`: the configured devices' port windows that have an ACPI id."""
+def dsdt(windows: Sequence[PortWindow], pci_intx: Sequence[tuple[int, int]] = ()) -> bytes:
+    """`windows`: the configured devices' port windows that have an ACPI id; `pci_intx`:
+    (PCI device, GSI) of each PCI device's INTA#."""
     devices = [legacy_device(i, w) for i, w in enumerate(windows)]
-    body = aml.scope("_SB", pci_root_bridge(), *devices) + aml.name(
+    body = aml.scope("_SB", pci_root_bridge(pci_intx), *devices) + aml.name(
         "_S5", aml.package(aml.integer(S5_SLEEP_TYPE), aml.integer(0))
     )
     return sdt(b"DSDT", DSDT_REVISION, body)

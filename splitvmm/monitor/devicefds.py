@@ -1,0 +1,182 @@
+"""The fds a device process holds, made by the monitor from its model's fd roles (FdKind).
+
+The monitor knows how to make each kind -- an irqfd, an output stream, a view of guest RAM,
+a dirty bitmap, an ioeventfd, a disk image -- never what a model does with it. Every fd made
+here is the monitor's: a device's processes get copies at each spawn (a restarted process
+gets the same ones: the irqfds and ioeventfds stay registered with KVM across a crash), and
+the machine closes them at tear-down.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from splitvmm import hostpath
+from splitvmm.config import DeviceSection
+from splitvmm.errors import ConfigError
+from splitvmm.monitor.layout import PAGE_SIZE
+from splitvmm.monitor.memory import SEALS, GuestMemory
+from splitvmm.native.eventfd import EventFd
+from splitvmm.protocol.models import FdKind, FdRole, ModelDescriptor, PciFunction, PortWindow
+
+STDOUT = 1
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class IrqFds(Protocol):
+    """The VM's irqfd registration (native/kvm.py VmFd)."""
+
+    def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PciInterrupts:
+    """Where a PCI function's interrupts go: its INTx GSI (None: no INTx), and the GSI of
+    each of its MSI-X vectors."""
+
+    intx_gsi: int | None
+    msix_gsis: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class DeviceFds:
+    """Makes the fds of one device; whatever it opens goes into `owned`, for the caller to
+    close (also when a later role fails)."""
+
+    vm: IrqFds
+    mem: GuestMemory
+    owned: list[Closable]
+    pci: PciInterrupts | None = None
+    notify: dict[int, int] = field(default_factory=dict)  # queue -> its ioeventfd's eventfd
+    _intx: tuple[EventFd, EventFd] | None = None  # (irqfd, resample fd), made together
+
+    def make(self, dev: DeviceSection, model: ModelDescriptor) -> dict[str, int]:
+        """Role name -> fd, for every role of the model."""
+        return {role.name: self._make(dev, model, role) for role in model.fds}
+
+    def _make(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
+        makers: dict[FdKind, Callable[[], int]] = {
+            FdKind.IRQ: lambda: self._isa_irq(model, role),
+            FdKind.OUTPUT: lambda: open_output(dev, role.option, self.owned),
+            FdKind.GUEST_RAM: self._guest_ram,
+            FdKind.DIRTY_LOG: lambda: self._dirty_log(dev.name),
+            FdKind.NOTIFY: lambda: self._notify(model, role),
+            FdKind.MSIX: lambda: self._msix(model, role),
+            FdKind.INTX: lambda: self._intx_pair(model, role)[0].fd,
+            FdKind.INTX_RESAMPLE: lambda: self._intx_pair(model, role)[1].fd,
+            FdKind.DISK: lambda: self._disk(dev, role),
+        }
+        return makers[role.kind]()
+
+    def _eventfd(self) -> EventFd:
+        fd = EventFd()
+        self.owned.append(fd)
+        return fd
+
+    def _isa_irq(self, model: ModelDescriptor, role: FdRole) -> int:
+        line = model.transport.irq if isinstance(model.transport, PortWindow) else None
+        if line is None:
+            raise ConfigError(f"model {model.name}: fd role {role.name} needs an irq line")
+        irq = self._eventfd()
+        self.vm.register_irqfd(irq.fd, line)
+        return irq.fd
+
+    def _own(self, fd: int) -> int:
+        self.owned.append(FdCloser(fd))
+        return fd
+
+    def _guest_ram(self) -> int:
+        """The RAM memfd, opened anew: the device's own file offset, so that nothing it does
+        with it moves the offset the monitor's snapshot code uses (snapshot/ram.py). The
+        seals belong to the memfd, not the fd: the device cannot resize it either."""
+        return self._own(os.open(f"/proc/self/fd/{self.mem.fd}", os.O_RDWR | os.O_CLOEXEC))
+
+    def _dirty_log(self, name: str) -> int:
+        """A memfd bitmap, one bit per 4 KiB page of the RAM memfd, in whole pages; sealed
+        like guest RAM: the monitor reads it while the device writes it."""
+        size = dirty_log_size(self.mem.size)
+        fd = self._own(os.memfd_create(f"{name}-dirty", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        return fd
+
+    def _pci(self, model: ModelDescriptor, role: FdRole) -> tuple[PciFunction, PciInterrupts]:
+        if not isinstance(model.transport, PciFunction) or self.pci is None:
+            raise ConfigError(f"model {model.name}: fd role {role.name} needs a PCI function")
+        return model.transport, self.pci
+
+    def _notify(self, model: ModelDescriptor, role: FdRole) -> int:
+        """An eventfd the PCI function's decode registers on queue `index`'s notify address
+        (pci/function.py), whenever its BAR decodes."""
+        function, _ = self._pci(model, role)
+        if function.notify is None or not 0 <= role.index < function.notify.queues:
+            raise ConfigError(f"model {model.name}: fd role {role.name} names no queue")
+        fd = self._eventfd().fd
+        self.notify[role.index] = fd
+        return fd
+
+    def _msix(self, model: ModelDescriptor, role: FdRole) -> int:
+        """An irqfd on the GSI of MSI-X vector `index` (no route until the device asks)."""
+        _, pci = self._pci(model, role)
+        if not 0 <= role.index < len(pci.msix_gsis):
+            raise ConfigError(f"model {model.name}: fd role {role.name} names no MSI-X vector")
+        irq = self._eventfd()
+        self.vm.register_irqfd(irq.fd, pci.msix_gsis[role.index])
+        return irq.fd
+
+    def _intx_pair(self, model: ModelDescriptor, role: FdRole) -> tuple[EventFd, EventFd]:
+        """INTx: a level irqfd and its resample fd (KVM lowers the line at the guest's EOI
+        and signals the resample fd; the device raises it again if it still has cause)."""
+        _, pci = self._pci(model, role)
+        if pci.intx_gsi is None:
+            raise ConfigError(f"model {model.name}: fd role {role.name} needs INTx")
+        if self._intx is None:
+            irq, resample = self._eventfd(), self._eventfd()
+            self.vm.register_irqfd(irq.fd, pci.intx_gsi, resample_fd=resample.fd)
+            self._intx = irq, resample
+        return self._intx
+
+    def _disk(self, dev: DeviceSection, role: FdRole) -> int:
+        """The regular file the option names, read-only if the readonly option says so."""
+        readonly = bool(dev.options.get(role.readonly_option, False))
+        access = hostpath.Access.READ if readonly else hostpath.Access.READ_WRITE
+        path = str(dev.options[role.option])
+        return self._own(
+            hostpath.open_host_file(path, f"device {dev.name!r}.{role.option}", access)
+        )
+
+
+def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
+    """An output stream's fd: stdout, a UNIX socket, or a file (created 0600), FIFO or
+    character device, each opened through hostpath: no symlink, and no hang."""
+    output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
+    if output == "stdio":
+        return STDOUT
+    if output.startswith("unix:"):
+        sock = hostpath.connect_unix(output.removeprefix("unix:"), key)
+        owned.append(sock)
+        return sock.fileno()
+    fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)
+    owned.append(FdCloser(fd))
+    return fd
+
+
+def dirty_log_size(ram_bytes: int) -> int:
+    """Bytes of a dirty bitmap for `ram_bytes` of RAM memfd: ceil(pages / 8), in whole pages."""
+    pages = -(-ram_bytes // PAGE_SIZE)
+    return -(-pages // (8 * PAGE_SIZE)) * PAGE_SIZE
+
+
+class FdCloser:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)

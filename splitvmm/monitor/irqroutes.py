@@ -1,0 +1,99 @@
+"""The VM's GSI routing table: one owner, since KVM_SET_GSI_ROUTING replaces it whole.
+
+The table is the PC's wiring (native/routing.py pc_default_routes: ISA IRQs and IOAPIC
+pins 0-23, as KVM_CREATE_IRQCHIP made it) plus one MSI route per MSI-X vector a device
+asked for. GSIs from FIRST_MSI_GSI up are handed out one per vector when the VM is built
+(each gets its irqfd then); a vector's route exists only once its device asked for it
+(protocol/events.py `msi`) and the monitor checked what it asked: until then a write to
+its irqfd raises nothing.
+
+Routes are asked for from whichever thread serves the device's channel (a vCPU's sync
+after an MSI-X table write, the control thread): the table is rebuilt and set under one
+lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+from splitvmm.errors import ConfigError
+from splitvmm.native.routing import IOAPIC_NUM_PINS, GsiRoute, MsiRoute, pc_default_routes
+from splitvmm.protocol.control import MAX_GSI
+
+FIRST_MSI_GSI = IOAPIC_NUM_PINS  # 24: GSIs 0-23 are the IOAPIC's pins
+# x86 MSI: the address is in the LAPIC's window 0xFEExxxxx (Intel SDM vol. 3, 11.11.1), its
+# high dword zero; the data's low 16 bits are the message (vector, delivery mode, trigger).
+MSI_ADDRESS_START = 0xFEE00000
+MSI_ADDRESS_END = 0xFEF00000
+MSI_DATA_LIMIT = 1 << 16
+# The first IOAPIC pin of PCI INTx (16-23: what no ISA device uses); INTA of device d is
+# pin 16 + d % 8.
+PCI_INTX_FIRST_PIN = 16
+PCI_INTX_PINS = 8
+
+
+class RoutingVm(Protocol):
+    def set_gsi_routing(self, routes: Sequence[GsiRoute]) -> None: ...
+
+
+def intx_gsi(pci_device: int) -> int:
+    """The GSI (IOAPIC pin) of INTA# of PCI device `pci_device` on bus 0."""
+    return PCI_INTX_FIRST_PIN + pci_device % PCI_INTX_PINS
+
+
+class GsiRoutes:
+    """The routing table of one VM: its MSI routes, set in KVM with the PC's wiring."""
+
+    def __init__(self, vm: RoutingVm) -> None:
+        self._vm = vm
+        self._next_gsi = FIRST_MSI_GSI
+        self._msi: dict[int, MsiRoute] = {}
+        self._lock = threading.Lock()
+
+    def allocate(self, count: int, what: str) -> tuple[int, ...]:
+        """`count` fresh GSIs for `what`'s MSI-X vectors (at build time)."""
+        with self._lock:
+            first = self._next_gsi
+            if first + count > MAX_GSI + 1:
+                raise ConfigError(f"{what}: no GSIs left for {count} MSI-X vectors")
+            self._next_gsi += count
+        return tuple(range(first, first + count))
+
+    def set_msi(self, gsi: int, address: int, data: int) -> None:
+        """Point `gsi` (one allocate() gave) at this message; KvmError if KVM refuses."""
+        route = MsiRoute(gsi, address, data)
+        with self._lock:
+            if not FIRST_MSI_GSI <= gsi < self._next_gsi:
+                raise ValueError(f"GSI {gsi} is no MSI GSI of this VM")
+            if self._msi.get(gsi) == route:
+                return
+            others = [r for g, r in self._msi.items() if g != gsi]
+            self._vm.set_gsi_routing([*pc_default_routes(), *others, route])
+            self._msi[gsi] = route
+
+    def routes(self) -> dict[int, MsiRoute]:
+        with self._lock:
+            return dict(self._msi)
+
+
+class MsiVectors:
+    """One device's MSI-X vectors: vector k signals GSI gsis[k], once a route was asked."""
+
+    def __init__(self, name: str, routes: GsiRoutes, gsis: Sequence[int]) -> None:
+        self.name = name
+        self._routes = routes
+        self.gsis = tuple(gsis)
+
+    def route(self, vector: int, address: int, data: int) -> str:
+        """Install the route a device asked for; '' once done, else why it was refused
+        (the device's request is untrusted: each value is checked first)."""
+        if not 0 <= vector < len(self.gsis):
+            return f"vector {vector} is past the {len(self.gsis)} MSI-X vectors of {self.name}"
+        if not MSI_ADDRESS_START <= address < MSI_ADDRESS_END:
+            return f"address {address:#x} is not an x86 MSI address (0xfee00000-0xfeefffff)"
+        if not 0 <= data < MSI_DATA_LIMIT:
+            return f"data {data:#x} does not fit the 16 bits of an x86 MSI message"
+        self._routes.set_msi(self.gsis[vector], address, data)
+        return ""

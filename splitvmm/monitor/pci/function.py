@@ -1,0 +1,259 @@
+"""A PCI function whose device process serves it: where it sits, and what decodes when.
+
+The device process serves the function's configuration space and its BARs' registers over
+one flat window (protocol/models.py PciFunction); the monitor keeps what moves bus ranges
+and what the guest may not be trusted with:
+
+- the BAR registers (bars.py BarDecoder): placement and moves;
+- the command register's memory and I/O space enables, snooped from the config writes it
+  forwards (the device serves the register's readback): a BAR decodes -- its range on the
+  MMIO bus and the ioeventfds on its queue notify addresses are in place -- only while
+  its space is enabled. Functions start enabled with their BARs pre-assigned (crosvm and
+  Firecracker do the same): a guest without firmware (a direct Linux boot, our test
+  guests) finds the BARs usable at once; Linux turns decode off while it sizes a BAR and
+  back on after, which this follows;
+- the ioeventfds: a guest write to a queue's notify address signals the device's eventfd
+  inside KVM and costs the monitor nothing;
+- the writes a vCPU must wait for (PciFunction.sync_writes): a sync follows them, during
+  which the device's interrupt route requests are served (monitor/slot.py).
+
+A guest may move a BAR onto another device's range: the new range is refused (logged,
+rate-limited) and the BAR decodes nothing until it moves again; the VM runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from splitvmm.errors import ConfigError, KvmError
+from splitvmm.monitor.bus import Bus, BusError
+from splitvmm.monitor.pci.bars import BarAllocator, BarDecoder, FunctionWithBars
+from splitvmm.monitor.pci.config import COMMAND
+from splitvmm.monitor.pci.root import PciRoot
+from splitvmm.protocol.models import BarKind, PciBar, PciFunction
+from splitvmm.ratelimit import RateLimitedLog
+
+log = logging.getLogger("splitvmm.pci")
+
+# Command register (PCI Local Bus 3.0 6.2.2): the decode enables the monitor keeps.
+COMMAND_IO_SPACE = 0x1
+COMMAND_MEMORY_SPACE = 0x2
+FUNCTION = 0  # every device is single-function
+# An ioeventfd of length 0 matches a write of any size (KVM_CAP_IOEVENTFD_ANY_LENGTH).
+ANY_LENGTH = 0
+
+
+class FunctionTarget(Protocol):
+    """Who serves the function's window: the device's slot (monitor/slot.py)."""
+
+    name: str
+
+    def read(self, offset: int, size: int) -> bytes: ...
+    def write(self, offset: int, data: bytes) -> None: ...
+    def sync(self) -> bool: ...
+
+
+class IoEventFds(Protocol):
+    """The VM's ioeventfd registration (native/kvm.py VmFd)."""
+
+    def register_ioeventfd(
+        self, eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None = None
+    ) -> None: ...
+    def unregister_ioeventfd(
+        self, eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None = None
+    ) -> None: ...
+
+
+def place_bars(name: str, function: PciFunction, allocator: BarAllocator) -> dict[int, int]:
+    """Each BAR's first base, from the 32-bit PCI window."""
+    for bar in function.bars:
+        if bar.kind is not BarKind.MEM32:
+            raise ConfigError(
+                f"device {name}: BAR {bar.index} is a {bar.kind.value} BAR; only 32-bit "
+                "memory BARs can be placed yet"
+            )
+    # Largest first: each BAR is aligned to its size, so this wastes no room between them.
+    ordered = sorted(function.bars, key=lambda b: (-b.size, b.index))
+    return {bar.index: allocator.allocate(bar.size) for bar in ordered}
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoding:
+    """Where a BAR decodes now: its bus range, and the notify addresses registered."""
+
+    base: int
+    notify: tuple[tuple[int, int], ...]  # (eventfd, address)
+
+
+class PciFunctionHost:
+    """The monitor's side of one PCI function on bus 0 (the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        function: PciFunction,
+        placement: tuple[int, Mapping[int, int]],
+        mmio: Bus,
+        vm: IoEventFds,
+        notify_fds: Sequence[int] = (),
+    ) -> None:
+        """`placement`: (PCI device number, BAR index -> first base); `notify_fds`: queue
+        q's ioeventfd at index q."""
+        self.name = name
+        self.device, bases = placement
+        self.function = function
+        self._mmio, self._vm = mmio, vm
+        self._notify_fds = tuple(notify_fds)
+        if function.notify is not None and len(self._notify_fds) != function.notify.queues:
+            raise ConfigError(
+                f"device {name}: {len(self._notify_fds)} notify fds for "
+                f"{function.notify.queues} queues"
+            )
+        self._target: FunctionTarget | None = None
+        self._sync = function.sync_ranges()
+        self._bars = {bar.index: bar for bar in function.bars}
+        self._windows = {
+            bar.index: BarWindow(self, bar.index, function.region_of_bar(bar.index).start)
+            for bar in function.bars
+        }
+        self._lock = threading.Lock()  # one decode change at a time, whichever vCPU
+        # Pre-assigned BARs decode from the start (the module docstring).
+        self._command = COMMAND_MEMORY_SPACE | COMMAND_IO_SPACE
+        self._decoding: dict[int, _Decoding] = {}
+        self._refusals = RateLimitedLog(log)
+        self.bars = BarDecoder(name, function.bars, bases, self._on_move)
+        self.config = FunctionWithBars(_ConfigProxy(self), self.bars)
+        with self._lock:
+            for index in self._bars:
+                self._update_locked(index)
+
+    def plug(self, root: PciRoot) -> None:
+        root.add(self.device, FUNCTION, self.config)
+
+    def bind(self, target: FunctionTarget) -> None:
+        """The slot that serves the function from now on (before any vCPU runs)."""
+        self._target = target
+
+    def decoding(self) -> dict[int, int]:
+        """BAR index -> the base it decodes at now (BARs that decode nothing are left out)."""
+        with self._lock:
+            return {index: d.base for index, d in self._decoding.items()}
+
+    # -- forwarding ---------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        """A read at `offset` of the flat window."""
+        target = self._target
+        return b"\xff" * size if target is None else target.read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """A write at `offset` of the flat window; synced if the descriptor says so."""
+        target = self._target
+        if target is None:
+            return
+        target.write(offset, data)
+        if any(start <= offset < end for start, end in self._sync):
+            target.sync()
+
+    def command_written(self, value: int) -> None:
+        """The guest wrote the command register's low byte: follow its decode enables."""
+        with self._lock:
+            self._command = value & (COMMAND_MEMORY_SPACE | COMMAND_IO_SPACE)
+            for index in self._bars:
+                self._update_locked(index)
+
+    # -- decode -------------------------------------------------------------------------------
+    def _on_move(self, index: int, old: int, new: int) -> None:
+        with self._lock:
+            self._update_locked(index)
+
+    def _enabled(self, bar: PciBar) -> bool:
+        bit = COMMAND_IO_SPACE if bar.kind is BarKind.IO else COMMAND_MEMORY_SPACE
+        return bool(self._command & bit)
+
+    def _update_locked(self, index: int) -> None:
+        """Make BAR `index` decode where its register says, if its space is enabled."""
+        bar = self._bars[index]
+        want = self.bars.base(index) if self._enabled(bar) else None
+        have = self._decoding.get(index)
+        if have is not None and have.base == want:
+            return
+        if have is not None:
+            self._undecode_locked(index, have)
+        if want is not None:
+            self._decode_locked(index, want)
+
+    def _decode_locked(self, index: int, base: int) -> None:
+        bar, window = self._bars[index], self._windows[index]
+        try:
+            self._mmio.insert(base, bar.size, window)
+        except BusError as e:
+            self._refusals.warning(
+                "overlap", "device %s: BAR %d left undecoded: %s", self.name, index, e
+            )
+            return
+        done: list[tuple[int, int]] = []
+        try:
+            for fd, addr in self._notify_addresses(index, base):
+                self._vm.register_ioeventfd(fd, addr, ANY_LENGTH, pio=False)
+                done.append((fd, addr))
+        except KvmError as e:
+            self._unregister(done)
+            self._mmio.remove(base, window)
+            self._refusals.warning(
+                "ioeventfd", "device %s: BAR %d left undecoded: %s", self.name, index, e
+            )
+            return
+        self._decoding[index] = _Decoding(base, tuple(done))
+
+    def _undecode_locked(self, index: int, have: _Decoding) -> None:
+        self._unregister(have.notify)
+        self._mmio.remove(have.base, self._windows[index])
+        del self._decoding[index]
+
+    def _unregister(self, notify: Sequence[tuple[int, int]]) -> None:
+        for fd, addr in notify:
+            self._vm.unregister_ioeventfd(fd, addr, ANY_LENGTH, pio=False)
+
+    def _notify_addresses(self, index: int, base: int) -> list[tuple[int, int]]:
+        notify = self.function.notify
+        if notify is None or notify.bar != index:
+            return []
+        return [
+            (fd, base + notify.offset + q * notify.multiplier)
+            for q, fd in enumerate(self._notify_fds)
+        ]
+
+
+class BarWindow:
+    """BAR `index` on the MMIO bus: an access at its base + off reaches the window there."""
+
+    def __init__(self, host: PciFunctionHost, index: int, start: int) -> None:
+        self.name = f"{host.name} BAR {index}"
+        self._host, self._start = host, start
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._host.read(self._start + offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._host.write(self._start + offset, data)
+
+
+class _ConfigProxy:
+    """The function's configuration space (region 0 of its window), but for the BARs
+    (FunctionWithBars answers those): forwarded, with the command register snooped."""
+
+    def __init__(self, host: PciFunctionHost) -> None:
+        self.name = host.name
+        self._host = host
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        return self._host.read(offset, size)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        self._host.write(offset, data)  # the device serves the register's readback
+        if offset <= COMMAND < offset + len(data):
+            self._host.command_written(data[COMMAND - offset])

@@ -1,0 +1,127 @@
+"""A device's fds by kind (monitor/devicefds.py), for a virtio-blk-shaped descriptor, with a
+VM that records its irqfds: guest RAM, the dirty bitmap, notify, MSI-X, INTx, the disk."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splitvmm.config import DeviceSection
+from splitvmm.errors import ConfigError
+from splitvmm.hostpath import HostFileError
+from splitvmm.monitor.devicefds import Closable, DeviceFds, PciInterrupts, dirty_log_size
+from splitvmm.monitor.memory import GuestMemory
+from splitvmm.protocol.models import SERIAL, VIRTIO_BLK, FdKind, FdRole, ModelDescriptor
+
+MIB = 1 << 20
+
+
+class IrqVm:
+    def __init__(self) -> None:
+        self.irqfds: list[tuple[int, int, int | None]] = []  # (eventfd, gsi, resample fd)
+
+    def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
+        self.irqfds.append((eventfd, gsi, resample_fd))
+
+
+@pytest.fixture
+def owned() -> Iterator[list[Closable]]:
+    things: list[Closable] = []
+    yield things
+    for thing in reversed(things):
+        thing.close()
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    memory = GuestMemory(64 * MIB)
+    yield memory
+    memory.close()
+
+
+def blk(path: Path, readonly: bool = False) -> DeviceSection:
+    return DeviceSection("blk0", "virtio-blk", options={"path": str(path), "readonly": readonly})
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    return image
+
+
+def make(
+    mem: GuestMemory, owned: list[Closable], dev: DeviceSection
+) -> tuple[dict[str, int], IrqVm, DeviceFds]:
+    vm = IrqVm()
+    maker = DeviceFds(vm, mem, owned, PciInterrupts(intx_gsi=17, msix_gsis=(24, 25)))
+    return maker.make(dev, VIRTIO_BLK), vm, maker
+
+
+@pytest.mark.parametrize(("ram", "size"), [(4096, 4096), (64 * MIB, 4096), (1 << 30, 32768)])
+def test_dirty_log_size_is_a_bit_per_page_in_whole_pages(ram: int, size: int) -> None:
+    assert dirty_log_size(ram) == size
+
+
+def test_device_fds_virtio_blk_gets_every_role(mem, owned, disk) -> None:
+    fds, _, _ = make(mem, owned, blk(disk))
+    assert sorted(fds) == sorted(role.name for role in VIRTIO_BLK.fds)
+
+
+def test_device_fds_msix_irqfds_on_their_gsis_and_intx_with_resample(mem, owned, disk) -> None:
+    fds, vm, _ = make(mem, owned, blk(disk))
+    assert vm.irqfds == [
+        (fds["msix0"], 24, None),
+        (fds["msix1"], 25, None),
+        (fds["intx"], 17, fds["intx_resample"]),
+    ]
+
+
+def test_device_fds_notify_eventfd_is_recorded_by_queue(mem, owned, disk) -> None:
+    fds, _, maker = make(mem, owned, blk(disk))
+    assert maker.notify == {0: fds["notify0"]}
+
+
+def test_device_fds_dirty_log_is_sized_and_sealed(mem, owned, disk) -> None:
+    fds, _, _ = make(mem, owned, blk(disk))
+    seals = fcntl.fcntl(fds["dirty"], fcntl.F_GET_SEALS)
+    assert (
+        os.fstat(fds["dirty"]).st_size,
+        seals & fcntl.F_SEAL_SHRINK,
+        seals & fcntl.F_SEAL_GROW,
+    ) == (
+        4096,
+        fcntl.F_SEAL_SHRINK,
+        fcntl.F_SEAL_GROW,
+    )
+
+
+def test_device_fds_guest_ram_is_the_memfd_with_its_own_file_offset(mem, owned, disk) -> None:
+    fds, _, _ = make(mem, owned, blk(disk))
+    os.lseek(fds["ram"], 8192, os.SEEK_SET)
+    same = os.fstat(fds["ram"]).st_ino == os.fstat(mem.fd).st_ino
+    assert (same, os.lseek(mem.fd, 0, os.SEEK_CUR)) == (True, 0)
+
+
+@pytest.mark.parametrize(("readonly", "mode"), [(True, os.O_RDONLY), (False, os.O_RDWR)])
+def test_device_fds_disk_opens_as_readonly_option_says(mem, owned, disk, readonly, mode) -> None:
+    fds, _, _ = make(mem, owned, blk(disk, readonly))
+    assert fcntl.fcntl(fds["disk"], fcntl.F_GETFL) & os.O_ACCMODE == mode
+
+
+def test_device_fds_disk_symlink_is_refused_naming_device_and_option(mem, owned, disk) -> None:
+    link = disk.with_name("link.img")
+    link.symlink_to(disk)
+    with pytest.raises(HostFileError, match=r"device 'blk0'.path: .*link.img is a symlink"):
+        make(mem, owned, blk(link))
+
+
+def test_device_fds_pci_role_on_a_port_window_model_is_refused(mem, owned) -> None:
+    model = ModelDescriptor("odd", SERIAL.transport, fds=(FdRole("notify0", FdKind.NOTIFY),))
+    maker = DeviceFds(IrqVm(), mem, owned)
+    with pytest.raises(ConfigError, match="model odd: fd role notify0 needs a PCI function"):
+        maker.make(DeviceSection("odd0", "odd"), model)

@@ -1,0 +1,234 @@
+"""The monitor's side of a PCI function (monitor/pci/function.py): placement, command-register
+decode, BAR moves with their ioeventfds, and the writes it syncs, with a fake slot and VM."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from splitvmm.errors import ConfigError, KvmError
+from splitvmm.monitor.bus import Bus
+from splitvmm.monitor.pci.bars import BarAllocator
+from splitvmm.monitor.pci.function import PciFunctionHost, place_bars
+from splitvmm.monitor.pci.root import Ecam, PciRoot
+from splitvmm.protocol.models import BarKind, PciBar, PciFunction, virtio_function
+
+BAR0_BASE, BAR1_BASE = 0xC000_0000, 0xC000_4000
+DEVICE = 1
+ECAM_DEV = DEVICE << 15  # ECAM offset of 00:01.0
+NOTIFY_FDS = (41,)
+COMMAND_MEMORY = 0x0006  # memory space + bus master
+
+
+class FakeSlot:
+    """The device's flat window: records what reaches it."""
+
+    name = "blk0"
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int, bytes | int]] = []
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.log.append(("r", offset, size))
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.log.append(("w", offset, data))
+
+    def sync(self) -> bool:
+        self.log.append(("sync", 0, 0))
+        return True
+
+
+class FakeVm:
+    """Records ioeventfd registrations as a set of live (fd, addr, length) and every call."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.live: set[tuple[int, int, int]] = set()
+        self.calls: list[tuple[str, int, int]] = []
+        self.refuse = refuse
+
+    def register_ioeventfd(
+        self, eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None = None
+    ) -> None:
+        if self.refuse:
+            raise KvmError(17, "KVM_IOEVENTFD")
+        self.calls.append(("assign", eventfd, addr))
+        self.live.add((eventfd, addr, length))
+
+    def unregister_ioeventfd(
+        self, eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None = None
+    ) -> None:
+        self.calls.append(("deassign", eventfd, addr))
+        self.live.remove((eventfd, addr, length))
+
+
+class Function:
+    """A virtio-shaped function at 00:01.0, its BARs at BAR0_BASE and BAR1_BASE."""
+
+    def __init__(self, vm: FakeVm | None = None, mmio: Bus | None = None) -> None:
+        self.vm, self.mmio, self.slot, self.root = (
+            vm or FakeVm(),
+            mmio or Bus("mmio"),
+            FakeSlot(),
+            PciRoot(),
+        )
+        bases = {0: BAR0_BASE, 1: BAR1_BASE}
+        self.host = PciFunctionHost(
+            "blk0", virtio_function(1), (DEVICE, bases), self.mmio, self.vm, NOTIFY_FDS
+        )
+        self.host.plug(self.root)
+        self.host.bind(self.slot)
+        self.ecam = Ecam(self.root)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        self.ecam.write(ECAM_DEV + offset, data)
+
+    def move_bar(self, index: int, base: int) -> None:
+        self.config_write(0x10 + 4 * index, struct.pack("<I", base))
+
+
+def test_function_preassigned_bars_decode_with_notify_ioeventfd_at_bar0_plus_0x3000() -> None:
+    f = Function()
+    assert (f.host.decoding(), f.vm.live) == (
+        {0: BAR0_BASE, 1: BAR1_BASE},
+        {(41, BAR0_BASE + 0x3000, 0)},
+    )
+
+
+def test_function_bar1_read_reaches_window_at_bar1_region_start() -> None:
+    f = Function()
+    f.mmio.read(BAR1_BASE + 8, 4)
+    assert f.slot.log == [("r", 0x5008, 4)]
+
+
+def test_function_config_read_reaches_region_0_but_bar_registers_do_not() -> None:
+    f = Function()
+    f.ecam.read(ECAM_DEV + 0x00, 4)
+    bar0 = f.ecam.read(ECAM_DEV + 0x10, 4)
+    assert (f.slot.log, int.from_bytes(bar0, "little")) == ([("r", 0, 4)], BAR0_BASE)
+
+
+def test_function_command_memory_off_removes_ranges_and_ioeventfds() -> None:
+    f = Function()
+    f.config_write(0x04, struct.pack("<H", 0x0004))  # bus master only
+    assert (f.host.decoding(), f.vm.live, f.mmio.find(BAR0_BASE, 4)) == ({}, set(), None)
+
+
+def test_function_command_memory_back_on_decodes_again() -> None:
+    f = Function()
+    f.config_write(0x04, b"\x00")
+    f.config_write(0x04, struct.pack("<I", COMMAND_MEMORY))  # a dword: command and status
+    assert (f.host.decoding(), f.vm.live) == (
+        {0: BAR0_BASE, 1: BAR1_BASE},
+        {(41, BAR0_BASE + 0x3000, 0)},
+    )
+
+
+def test_function_command_write_is_forwarded_to_the_device_too() -> None:
+    f = Function()
+    f.config_write(0x04, struct.pack("<H", COMMAND_MEMORY))
+    assert ("w", 0x04, struct.pack("<H", COMMAND_MEMORY)) in f.slot.log
+
+
+def test_function_status_byte_write_leaves_decode_alone() -> None:
+    f = Function()
+    f.config_write(0x06, b"\x00")
+    assert f.host.decoding() == {0: BAR0_BASE, 1: BAR1_BASE}
+
+
+def test_function_bar0_move_reregisters_notify_ioeventfd_at_new_base() -> None:
+    f = Function()
+    f.move_bar(0, 0xD000_0000)
+    assert (f.vm.calls[-2:], f.vm.live, f.mmio.find(BAR0_BASE, 4)) == (
+        [("deassign", 41, BAR0_BASE + 0x3000), ("assign", 41, 0xD000_3000)],
+        {(41, 0xD000_3000, 0)},
+        None,
+    )
+
+
+def test_function_moved_bar_forwards_from_its_new_base() -> None:
+    f = Function()
+    f.move_bar(1, 0xD000_0000)
+    f.mmio.write(0xD000_0010, b"\x01\x00\x00\x00")
+    assert f.slot.log[-2:] == [("w", 0x5010, b"\x01\x00\x00\x00"), ("sync", 0, 0)]
+
+
+def test_function_bar_moved_while_memory_off_decodes_only_once_enabled() -> None:
+    f = Function()
+    f.config_write(0x04, b"\x00")
+    f.move_bar(0, 0xD000_0000)
+    before = f.host.decoding()
+    f.config_write(0x04, b"\x02")
+    assert (before, f.host.decoding()[0], f.vm.live) == (
+        {},
+        0xD000_0000,
+        {(41, 0xD000_3000, 0)},
+    )
+
+
+def test_function_bar_moved_onto_another_range_is_left_undecoded() -> None:
+    f = Function()
+    f.move_bar(0, BAR1_BASE)  # onto its own BAR 1: overlap
+    assert (f.host.decoding(), f.vm.live) == ({1: BAR1_BASE}, set())
+
+
+def test_function_bar_moved_off_an_overlap_decodes_again() -> None:
+    f = Function()
+    f.move_bar(0, BAR1_BASE)
+    f.move_bar(0, 0xD000_0000)
+    assert (f.host.decoding()[0], f.vm.live) == (0xD000_0000, {(41, 0xD000_3000, 0)})
+
+
+def test_function_ioeventfd_refused_leaves_bar_undecoded_without_bus_range() -> None:
+    f = Function(vm=FakeVm(refuse=True))
+    assert (f.host.decoding(), f.mmio.find(BAR0_BASE, 4) is None) == ({1: BAR1_BASE}, True)
+
+
+def test_function_write_to_common_cfg_is_followed_by_sync() -> None:
+    f = Function()
+    f.mmio.write(BAR0_BASE + 0x14, b"\x0f")  # device_status
+    assert f.slot.log == [("w", 0x1014, b"\x0f"), ("sync", 0, 0)]
+
+
+def test_function_write_to_device_cfg_stays_posted() -> None:
+    f = Function()
+    f.mmio.write(BAR0_BASE + 0x2000, b"\x01")
+    assert f.slot.log == [("w", 0x3000, b"\x01")]
+
+
+def test_function_config_space_write_is_followed_by_sync() -> None:
+    f = Function()
+    f.config_write(0x42, b"\x80\x00")  # an MSI-X message control, say
+    assert f.slot.log == [("w", 0x42, b"\x80\x00"), ("sync", 0, 0)]
+
+
+def test_function_wrong_notify_fd_count_is_refused() -> None:
+    with pytest.raises(ConfigError, match="blk0: 2 notify fds for 1 queues"):
+        PciFunctionHost(
+            "blk0", virtio_function(1), (1, {0: 0, 1: 0x4000}), Bus("mmio"), FakeVm(), (1, 2)
+        )
+
+
+def test_function_unbound_reads_all_ones() -> None:
+    host = PciFunctionHost(
+        "blk0", virtio_function(1), (1, {0: BAR0_BASE, 1: BAR1_BASE}), Bus("mmio"), FakeVm(), (7,)
+    )
+    assert host.read(0, 2) == b"\xff\xff"
+
+
+def test_place_bars_largest_first_each_aligned_to_its_size() -> None:
+    window = BarAllocator(0xC000_0000, 0xE000_0000, "test")
+    function = PciFunction(bars=(PciBar(0, 0x1000), PciBar(1, 0x4000)))
+    assert place_bars("d", function, window) == {1: 0xC000_0000, 0: 0xC000_4000}
+
+
+def test_place_bars_mem64_is_refused_naming_device_and_bar() -> None:
+    function = PciFunction(bars=(PciBar(0, 0x4000, BarKind.MEM64),))
+    with pytest.raises(ConfigError, match="device d: BAR 0 is a mem64 BAR"):
+        place_bars("d", function, BarAllocator(0xC000_0000, 0xE000_0000, "test"))
+
+
+def test_virtio_function_sync_ranges_cover_config_bar1_and_common_cfg() -> None:
+    assert virtio_function(1).sync_ranges() == ((0, 0x1000), (0x5000, 0x6000), (0x1000, 0x2000))
