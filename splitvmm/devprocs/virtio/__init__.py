@@ -1,0 +1,1 @@
+"""virtio on the device side: guest RAM access (guestram), the split virtqueue (queue)."""

@@ -1,0 +1,208 @@
+"""Guest RAM as a virtio device process sees it: the RAM memfd and its dirty bitmap.
+
+A device reads and writes guest buffers in place (rings, request data), by guest-physical
+address, through a MAP_SHARED mapping of the memfd the monitor handed it. Every address and
+length comes from the guest, so every access is bounds-checked against the RAM ranges the
+monitor gave (DeviceSpec.transport["ram"]) and never reaches a hole or past the memfd.
+
+KVM's dirty log sees vCPU writes only, so every page the device writes is marked in the
+dirty bitmap memfd (bit n % 8 of byte n // 8 for page n of the RAM memfd) for the monitor's
+snapshots. Marks are only ever set here, never cleared: racing the monitor's clearing costs
+at most one page copied again, never a page missed.
+
+GuestMemoryView (native/mem.py) is the monitor's view of the same memfd; this one adds the
+dirty log, checks the ranges harder (page aligned, no two aliasing the same memfd pages) and
+also runs over plain bytearrays, so queue tests need no memfd.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+
+from splitvmm.native.mem import GuestMemoryError, Region
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+GPA_LIMIT = 1 << 64
+
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+
+Buffer = bytearray | mmap.mmap
+
+
+class GuestRamError(GuestMemoryError):
+    """A guest address/length outside RAM (the caller turns it into NEEDS_RESET), or RAM
+    ranges that do not fit the memfd."""
+
+
+def bitmap_size(ram_size: int) -> int:
+    """The bytes a dirty bitmap needs for `ram_size` bytes of RAM memfd (no rounding up)."""
+    pages = -(-ram_size // PAGE_SIZE)
+    return -(-pages // 8)
+
+
+def _region(entry: Sequence[int]) -> Region:
+    """One [gpa, size, memfd_offset] entry, every field a page-aligned int."""
+    if len(entry) != 3 or not all(type(v) is int for v in entry):
+        raise GuestRamError(f"guest RAM range {entry!r} is not [gpa, size, memfd_offset]")
+    gpa, size, offset = entry
+    if size <= 0 or gpa < 0 or offset < 0 or gpa + size > GPA_LIMIT:
+        raise GuestRamError(f"guest RAM range {entry!r} is empty, negative or past 2^64")
+    if (gpa | size | offset) % PAGE_SIZE:
+        raise GuestRamError(f"guest RAM range {entry!r} is not page aligned")
+    return Region(gpa, size, offset)
+
+
+def _regions(ranges: Sequence[Sequence[int]], ram_size: int) -> list[Region]:
+    """The ranges, checked (sorted, disjoint in gpa and in the memfd, inside the memfd), with
+    neighbours contiguous in both gpa and memfd merged into one: an access may span those."""
+    regions = [_region(e) for e in ranges]
+    if not regions:
+        raise GuestRamError("guest RAM has no range")
+    for prev, cur in zip(regions, regions[1:], strict=False):
+        if cur.gpa < prev.gpa + prev.size:
+            raise GuestRamError(f"guest RAM range at gpa {cur.gpa:#x} is unsorted or overlaps")
+    by_offset = sorted(regions, key=lambda r: r.offset)
+    for prev, cur in zip(by_offset, by_offset[1:], strict=False):
+        if cur.offset < prev.offset + prev.size:
+            raise GuestRamError(f"guest RAM range at gpa {cur.gpa:#x} aliases memfd pages")
+    if by_offset[-1].offset + by_offset[-1].size > ram_size:
+        raise GuestRamError(f"guest RAM ranges reach past the memfd's {ram_size:#x} bytes")
+    merged = [regions[0]]
+    for r in regions[1:]:
+        last = merged[-1]
+        if r.gpa == last.gpa + last.size and r.offset == last.offset + last.size:
+            merged[-1] = Region(last.gpa, last.size + r.size, last.offset)
+        else:
+            merged.append(r)
+    return merged
+
+
+class GuestRam:
+    """Guest RAM by guest-physical address, with the device's writes in the dirty bitmap."""
+
+    def __init__(self, ram: Buffer, dirty: Buffer, ranges: Sequence[Sequence[int]]) -> None:
+        """Use map() (a device process) or from_buffers() (tests)."""
+        self._regions = _regions(ranges, len(ram))
+        if len(dirty) < bitmap_size(len(ram)):
+            raise GuestRamError(
+                f"dirty bitmap of {len(dirty)} bytes is smaller than the {len(ram)} bytes "
+                f"of RAM need ({bitmap_size(len(ram))})"
+            )
+        self._starts = [r.gpa for r in self._regions]
+        self._buffers = (ram, dirty)
+        self._ram = memoryview(ram)
+        self._dirty = memoryview(dirty)
+
+    @classmethod
+    def map(cls, ram_fd: int, dirty_fd: int, ranges: Sequence[Sequence[int]]) -> GuestRam:
+        """Map the RAM memfd and the dirty bitmap memfd handed to this device process."""
+        maps: list[mmap.mmap] = []
+        try:
+            for fd in (ram_fd, dirty_fd):
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    raise GuestRamError(f"fd {fd} (guest RAM or dirty bitmap) is empty")
+                prot = mmap.PROT_READ | mmap.PROT_WRITE
+                maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, prot))
+            return cls(maps[0], maps[1], ranges)
+        except BaseException:
+            for m in maps:
+                m.close()
+            raise
+
+    @classmethod
+    def from_buffers(
+        cls, ram: bytearray, dirty: bytearray, ranges: Sequence[Sequence[int]]
+    ) -> GuestRam:
+        """Guest RAM over plain bytearrays (a fake guest memory for tests)."""
+        return cls(ram, dirty, ranges)
+
+    @property
+    def ranges(self) -> tuple[Region, ...]:
+        """The RAM ranges, sorted by gpa, neighbours contiguous in gpa and memfd merged."""
+        return tuple(self._regions)
+
+    def offset(self, gpa: int, size: int) -> int:
+        """The memfd offset of [gpa, gpa + size), which must lie in one RAM range."""
+        if gpa >= 0 and size >= 0:
+            i = bisect.bisect_right(self._starts, gpa) - 1
+            if i >= 0:
+                r = self._regions[i]
+                if gpa + size <= r.gpa + r.size:
+                    return r.offset + gpa - r.gpa
+        raise GuestRamError(f"guest range {gpa:#x}+{size:#x} is not RAM")
+
+    def check(self, gpa: int, size: int) -> None:
+        self.offset(gpa, size)
+
+    def read(self, gpa: int, size: int) -> bytes:
+        off = self.offset(gpa, size)
+        return bytes(self._ram[off : off + size])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        off = self.offset(gpa, len(data))
+        self._ram[off : off + len(data)] = data
+        self._mark_dirty(
+            off, len(data)
+        )  # after the data: a snapshot that saw it clear copies later
+
+    def buffer(self, gpa: int, size: int, writable: bool) -> memoryview:
+        """A zero-copy view of guest RAM (for preadv/pwritev); writable=True marks its pages
+        dirty now, before the data lands: a snapshot's quiesce() finishes in-flight requests
+        before the monitor reads the bitmap. Release the view before close()."""
+        off = self.offset(gpa, size)
+        view = self._ram[off : off + size]
+        if not writable:
+            return view.toreadonly()
+        self._mark_dirty(off, size)
+        return view
+
+    def iovecs(self, parts: Sequence[tuple[int, int]], writable: bool) -> list[memoryview]:
+        """Views of a chain's (gpa, len) buffers, in order, for os.preadv/os.pwritev."""
+        return [self.buffer(gpa, size, writable) for gpa, size in parts]
+
+    def u16(self, gpa: int) -> int:
+        return int(U16.unpack_from(self._ram, self.offset(gpa, 2))[0])
+
+    def u32(self, gpa: int) -> int:
+        return int(U32.unpack_from(self._ram, self.offset(gpa, 4))[0])
+
+    def u64(self, gpa: int) -> int:
+        return int(U64.unpack_from(self._ram, self.offset(gpa, 8))[0])
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, U16.pack(value))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, U32.pack(value))
+
+    def _mark_dirty(self, off: int, size: int) -> None:
+        """Set the bits of memfd pages [off, off + size): whole bytes by slice, so a 1 MiB
+        buffer costs a few byte operations, not one per page."""
+        if size == 0:
+            return
+        first, last = off >> PAGE_SHIFT, (off + size - 1) >> PAGE_SHIFT
+        b0, b1 = first >> 3, last >> 3
+        low = (0xFF << (first & 7)) & 0xFF  # pages first.. in byte b0
+        high = (2 << (last & 7)) - 1  # pages ..last in byte b1
+        if b0 == b1:
+            self._dirty[b0] |= low & high
+            return
+        self._dirty[b0] |= low
+        self._dirty[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
+        self._dirty[b1] |= high
+
+    def close(self) -> None:
+        """Unmap (a mapped GuestRam); every view from buffer() must be released first."""
+        self._ram.release()
+        self._dirty.release()
+        for buf in self._buffers:
+            if isinstance(buf, mmap.mmap):
+                buf.close()

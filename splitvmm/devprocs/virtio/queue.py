@@ -1,0 +1,323 @@
+"""The split virtqueue (virtio 1.2 2.7), device side: pure logic over a GuestRam.
+
+Every value read from guest memory is hostile: indices, addresses, lengths, flags and chain
+shapes are checked before use, and the work one pop() does is bounded by the queue size
+(at most `size` direct descriptors walked and `size` descriptors in an indirect table). A
+ring that breaks a rule raises QueueError; the transport then sets DEVICE_NEEDS_RESET.
+
+Memory ordering (virtio 1.2 2.7.13): this runs on x86-64, where stores are seen in program
+order and loads are not reordered with other loads (TSO), and CPython performs each guest
+access as its own load or store through the mapping, in program order. So "used ring entry
+before used idx" and "avail idx before the ring entry it covers" need no barrier. A store
+followed by a load of another location may be reordered, though, and two places need that
+order (the driver's side of each has its own full barrier): publishing avail_event (or
+clearing VIRTQ_USED_F_NO_NOTIFY) before re-reading avail idx, and publishing used idx before
+reading used_event (or avail flags). full_fence() gives that order.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from splitvmm.devprocs.virtio.guestram import GuestRam, GuestRamError
+from splitvmm.errors import SplitvmmError, StateError, shown
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768  # virtio 1.2 2.7
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4  # virtio 1.2 2.7, table "Virtqueue Part"
+DESC = struct.Struct("<QIHH")  # struct virtq_desc: addr, len, flags, next
+USED_ELEM = struct.Struct("<II")  # struct virtq_used_elem: id, len
+RING_HEADER = 4  # flags u16, idx u16 before the ring of both avail and used
+MAX_CHAIN_BYTES = 0xFFFF_FFFF  # a chain's buffers together: the used ring's len is a u32
+U16_MASK = 0xFFFF
+U32_MAX = 0xFFFF_FFFF
+U64_MAX = (1 << 64) - 1
+
+_FENCE = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier (x86 mfence's effect): taking and giving back a lock runs locked
+    read-modify-write instructions (lock cmpxchg/xadd in glibc's sem_* or CPython's mutex),
+    and every locked instruction orders all earlier loads and stores before all later ones."""
+    with _FENCE:
+        pass
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """virtio 1.2 2.7.10: notify if `event` lies in [old, new), modulo 2^16 (Linux's
+    vring_need_event)."""
+    return (new - event - 1) & U16_MASK < (new - old) & U16_MASK
+
+
+class QueueError(SplitvmmError):
+    """A hostile or broken ring: the device goes NEEDS_RESET."""
+
+
+@dataclass(slots=True)
+class Chain:
+    head: int  # descriptor index to return in the used ring
+    readable: list[tuple[int, int]] = field(default_factory=list)  # (gpa, len) driver->device
+    writable: list[tuple[int, int]] = field(default_factory=list)  # (gpa, len) device->driver
+
+
+@dataclass(slots=True)
+class _Walk:
+    """A chain being collected, with the bounds it must stay within."""
+
+    chain: Chain
+    max_buffers: int
+    total: int = 0
+
+    def add(self, ram: GuestRam, where: str, desc: tuple[int, int, int, int]) -> None:
+        addr, length, flags, _ = desc
+        chain = self.chain
+        if len(chain.readable) + len(chain.writable) >= self.max_buffers:
+            raise QueueError(
+                f"chain of head {chain.head} has more than queue size {self.max_buffers} "
+                f"descriptors at {where}"
+            )
+        try:
+            ram.check(addr, length)
+        except GuestRamError as e:
+            raise QueueError(f"{where} addr {addr:#x} len {length:#x} is not in RAM") from e
+        self.total += length
+        if self.total > MAX_CHAIN_BYTES:
+            raise QueueError(f"chain of head {chain.head} is over 4 GiB at {where}")
+        if flags & VIRTQ_DESC_F_WRITE:
+            chain.writable.append((addr, length))
+        elif chain.writable:
+            raise QueueError(f"{where} is device-readable after a device-writable descriptor")
+        else:
+            chain.readable.append((addr, length))
+
+
+class SplitQueue:
+    """One enabled split virtqueue: takes available chains, returns used ones."""
+
+    STATE_KEYS = (
+        "size",
+        "desc",
+        "avail",
+        "used",
+        "event_idx",
+        "indirect",
+        "last_avail",
+        "used_idx",
+    )
+
+    def __init__(
+        self,
+        ram: GuestRam,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        event_idx: bool,
+        indirect: bool,
+    ) -> None:
+        """Addresses and size as the driver set them (common cfg): checked here."""
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise QueueError(f"queue size {size} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+        event_bytes = 2 if event_idx else 0  # used_event / avail_event
+        self._ram = ram
+        self.size = size
+        self.desc = self._part(desc, "descriptor table", DESC_ALIGN, DESC.size * size)
+        self.avail = self._part(avail, "avail ring", AVAIL_ALIGN, 4 + 2 * size + event_bytes)
+        self.used = self._part(used, "used ring", USED_ALIGN, 4 + 8 * size + event_bytes)
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail = 0  # next avail ring index to take (wraps at 2^16)
+        self.used_idx = 0  # the device's used idx (wraps at 2^16)
+        self._notify = True  # whether the driver should kick (avail_event kept current)
+        self._signalled: int | None = None  # used_idx at the last needs_notification()
+
+    def _part(self, gpa: int, name: str, align: int, size: int) -> int:
+        if gpa % align:
+            raise QueueError(f"{name} address {gpa:#x} is not {align}-byte aligned")
+        try:
+            self._ram.check(gpa, size)
+        except GuestRamError as e:
+            raise QueueError(f"{name} {gpa:#x}+{size:#x} is not in RAM") from e
+        return gpa
+
+    # -- driver -> device ----------------------------------------------------------------
+    def avail_idx(self) -> int:
+        return self._ram.u16(self.avail + 2)
+
+    def pop(self) -> Chain | None:
+        """The next available chain with every value checked, or None if there is none."""
+        avail_idx = self.avail_idx()
+        pending = (avail_idx - self.last_avail) & U16_MASK
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise QueueError(
+                f"avail idx {avail_idx} is {pending} entries past last_avail "
+                f"{self.last_avail}, more than queue size {self.size}"
+            )
+        # TSO: this load is not done before the avail idx load above (no barrier needed)
+        slot = self.last_avail % self.size
+        head = self._ram.u16(self.avail + RING_HEADER + 2 * slot)
+        if head >= self.size:
+            raise QueueError(f"avail ring[{slot}] head {head} >= queue size {self.size}")
+        chain = self._walk(head)
+        self.last_avail = (self.last_avail + 1) & U16_MASK
+        if self.event_idx and self._notify:
+            self._write_avail_event()
+        return chain
+
+    def _read_desc(self, index: int) -> tuple[int, int, int, int]:
+        addr, length, flags, nxt = DESC.unpack(self._ram.read(self.desc + DESC.size * index, 16))
+        return addr, length, flags, nxt
+
+    def _walk(self, head: int) -> Chain:
+        walk = _Walk(Chain(head), self.size)
+        index = head
+        for _ in range(self.size):  # a chain longer than the table is a loop
+            desc = self._read_desc(index)
+            flags, nxt = desc[2], desc[3]
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                self._walk_indirect(walk, f"descriptor {index}", desc)
+                return walk.chain
+            walk.add(self._ram, f"descriptor {index}", desc)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return walk.chain
+            if nxt >= self.size:
+                raise QueueError(f"descriptor {index} next {nxt} >= queue size {self.size}")
+            index = nxt
+        raise QueueError(f"chain of head {head} loops (longer than queue size {self.size})")
+
+    def _walk_indirect(self, walk: _Walk, where: str, desc: tuple[int, int, int, int]) -> None:
+        """virtio 1.2 2.7.5.3: the chain goes on, and ends, in the table `desc` points at."""
+        addr, length, flags, _ = desc  # the WRITE flag here means nothing (2.7.5.3.2)
+        if not self.indirect:
+            raise QueueError(f"{where} is INDIRECT but VIRTIO_F_INDIRECT_DESC is off")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise QueueError(f"{where} has both INDIRECT and NEXT")
+        if length == 0 or length % DESC.size or length > DESC.size * self.size:
+            raise QueueError(
+                f"{where} indirect table len {length:#x} is not a non-zero multiple of 16 "
+                f"of at most queue size {self.size} descriptors"
+            )
+        try:
+            table = self._ram.read(addr, length)  # one copy: the guest cannot change it under us
+        except GuestRamError as e:
+            raise QueueError(f"{where} indirect table {addr:#x}+{length:#x} is not in RAM") from e
+        count = length // DESC.size
+        index = 0
+        for _ in range(count):  # a chain longer than the table is a loop
+            entry: tuple[int, int, int, int] = DESC.unpack_from(table, DESC.size * index)
+            name = f"{where} indirect descriptor {index}"
+            if entry[2] & VIRTQ_DESC_F_INDIRECT:
+                raise QueueError(f"{name} is INDIRECT inside an indirect table")
+            walk.add(self._ram, name, entry)
+            if not entry[2] & VIRTQ_DESC_F_NEXT:
+                return
+            if entry[3] >= count:
+                raise QueueError(f"{name} next {entry[3]} >= indirect table size {count}")
+            index = entry[3]
+        raise QueueError(f"{where} indirect chain loops (longer than its {count} descriptors)")
+
+    # -- device -> driver ----------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Return chain `head` with `written` bytes written to its writable buffers: the used
+        ring entry, then used idx (TSO keeps the stores in this order for the driver)."""
+        if (self.last_avail - self.used_idx) & U16_MASK == 0:
+            raise ValueError(f"push of head {head} with no chain in flight")
+        if not 0 <= head < self.size or not 0 <= written <= U32_MAX:
+            raise ValueError(f"push of head {head} written {written} is out of range")
+        slot = self.used_idx % self.size
+        self._ram.write(self.used + RING_HEADER + 8 * slot, USED_ELEM.pack(head, written))
+        self.used_idx = (self.used_idx + 1) & U16_MASK
+        self._ram.write_u16(self.used + 2, self.used_idx)
+
+    def needs_notification(self) -> bool:
+        """After pushes: whether to interrupt the driver (virtio 1.2 2.7.10). Nothing pushed
+        since the last call: no. With EVENT_IDX, if used_event lies in the entries pushed
+        since; without it, unless avail flags say VIRTQ_AVAIL_F_NO_INTERRUPT."""
+        old, new = self._signalled, self.used_idx
+        self._signalled = new
+        full_fence()  # used idx is visible before used_event / avail flags are read
+        if old is None:
+            return True  # the first since a (re)start: what the driver saw is unknown
+        if self.event_idx:
+            used_event = self._ram.u16(self.avail + RING_HEADER + 2 * self.size)
+            return vring_need_event(used_event, new, old)
+        return new != old and not self._ram.u16(self.avail) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick (while the device is busy taking chains anyway)."""
+        self._notify = False
+        if not self.event_idx:
+            self._ram.write_u16(self.used, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to kick for the next chain; True if chains arrived meanwhile (pop
+        them: a kick for them may have been skipped before the request was seen)."""
+        self._notify = True
+        if self.event_idx:
+            self._write_avail_event()
+        else:
+            self._ram.write_u16(self.used, 0)
+        full_fence()  # the request is visible before avail idx is read again
+        return self.avail_idx() != self.last_avail
+
+    def _write_avail_event(self) -> None:
+        """Kick when the driver makes entry last_avail available (2.7.10)."""
+        self._ram.write_u16(self.used + RING_HEADER + 8 * self.size, self.last_avail)
+
+    # -- restarts and snapshots ----------------------------------------------------------
+    def resume_from_used(self) -> None:
+        """After the device process restarted: take up again from the used ring's idx in
+        guest memory, so an in-order device re-runs exactly the chains it had not returned."""
+        self.used_idx = self._ram.u16(self.used + 2)
+        self.last_avail = self.used_idx
+        self._signalled = None
+
+    def state(self) -> dict[str, int | bool]:
+        return {key: getattr(self, key) for key in self.STATE_KEYS}
+
+    @classmethod
+    def from_state(cls, ram: GuestRam, state: Mapping[str, object]) -> SplitQueue:
+        """A queue from state(): every field checked (StateError), as untrusted input."""
+        if set(state) != set(cls.STATE_KEYS):
+            raise StateError(f"queue state keys {shown(sorted(state))} are not {cls.STATE_KEYS}")
+        size = _state_int(state, "size", MAX_QUEUE_SIZE)
+        desc, avail, used = (_state_int(state, k, U64_MAX) for k in ("desc", "avail", "used"))
+        event_idx, indirect = _state_bool(state, "event_idx"), _state_bool(state, "indirect")
+        last_avail = _state_int(state, "last_avail", U16_MASK)
+        used_idx = _state_int(state, "used_idx", U16_MASK)
+        try:
+            queue = cls(ram, size, desc, avail, used, event_idx, indirect)
+        except QueueError as e:
+            raise StateError(f"queue state: {e}") from e
+        if (last_avail - used_idx) & U16_MASK > queue.size:
+            raise StateError(
+                f"queue state last_avail {last_avail} is more than size {queue.size} "
+                f"past used_idx {used_idx}"
+            )
+        queue.last_avail, queue.used_idx = last_avail, used_idx
+        return queue
+
+
+def _state_int(state: Mapping[str, object], key: str, limit: int) -> int:
+    value = state[key]
+    if type(value) is not int or not 0 <= value <= limit:
+        raise StateError(f"queue state {key} {shown(value)} is not an int in 0..{limit:#x}")
+    return value
+
+
+def _state_bool(state: Mapping[str, object], key: str) -> bool:
+    value = state[key]
+    if type(value) is not bool:
+        raise StateError(f"queue state {key} {shown(value)} is not a bool")
+    return value
