@@ -31,6 +31,7 @@ from splitvmm.monitor import vmstate
 from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS
 from splitvmm.monitor.control import ControlError
+from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.slot import DeviceSlot
 from splitvmm.snapshot.writer import SnapshotWriter
 
@@ -177,6 +178,8 @@ class Coordinator:
             for i, state in enumerate(vcpu_states):
                 w.add_json_chunk("vcpu", f"vcpu{i}", vmstate.VcpuState.VERSION, state)
             w.add_json_chunk("vm", "vm", vmstate.VmState.VERSION, vm_state)
+            pci = pcistate.save(m.functions, m.routes)
+            w.add_json_chunk("vm", pcistate.CHUNK, pcistate.PciState.VERSION, pci)
             for slot in m.slots:
                 doc = device_states[slot.name]
                 version = doc["version"]

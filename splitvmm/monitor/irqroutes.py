@@ -73,9 +73,26 @@ class GsiRoutes:
             self._vm.set_gsi_routing([*pc_default_routes(), *others, route])
             self._msi[gsi] = route
 
+    def check_msi(self, gsi: int, address: int, data: int) -> str:
+        """'' if `gsi` is one of this VM's MSI GSIs and the message one a device may ask
+        for; else why not (a snapshot's routes are untrusted, like a device's request)."""
+        with self._lock:
+            if not FIRST_MSI_GSI <= gsi < self._next_gsi:
+                return f"GSI {gsi} is no MSI GSI of this VM"
+        return msi_message_refused(address, data)
+
     def routes(self) -> dict[int, MsiRoute]:
         with self._lock:
             return dict(self._msi)
+
+
+def msi_message_refused(address: int, data: int) -> str:
+    """'' for a message an x86 MSI may carry; else what is wrong with it."""
+    if not MSI_ADDRESS_START <= address < MSI_ADDRESS_END:
+        return f"address {address:#x} is not an x86 MSI address (0xfee00000-0xfeefffff)"
+    if not 0 <= data < MSI_DATA_LIMIT:
+        return f"data {data:#x} does not fit the 16 bits of an x86 MSI message"
+    return ""
 
 
 class MsiVectors:
@@ -91,9 +108,7 @@ class MsiVectors:
         (the device's request is untrusted: each value is checked first)."""
         if not 0 <= vector < len(self.gsis):
             return f"vector {vector} is past the {len(self.gsis)} MSI-X vectors of {self.name}"
-        if not MSI_ADDRESS_START <= address < MSI_ADDRESS_END:
-            return f"address {address:#x} is not an x86 MSI address (0xfee00000-0xfeefffff)"
-        if not 0 <= data < MSI_DATA_LIMIT:
-            return f"data {data:#x} does not fit the 16 bits of an x86 MSI message"
-        self._routes.set_msi(self.gsis[vector], address, data)
-        return ""
+        why = msi_message_refused(address, data)
+        if not why:
+            self._routes.set_msi(self.gsis[vector], address, data)
+        return why

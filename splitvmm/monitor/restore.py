@@ -28,6 +28,7 @@ from splitvmm.config import (
 )
 from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import vmstate
+from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
@@ -228,13 +229,25 @@ def _read_state(snap: Snapshot, name: str, cls: Any) -> Any:
 class SavedStates:
     vcpus: tuple[vmstate.VcpuState, ...]
     vm: vmstate.VmState
+    pci: pcistate.PciState | None  # None: a snapshot from before the PCI platform
 
 
 def decode_states(snap: Snapshot) -> SavedStates:
     """Every vCPU and VM chunk decoded and checked: done before the machine is built, so a
     bad chunk stops the restore before any process is spawned."""
     vcpus = tuple(_read_state(snap, f"vcpu{i}", vmstate.VcpuState) for i in range(snap.vcpu_count))
-    return SavedStates(vcpus, _read_state(snap, "vm", vmstate.VmState))
+    return SavedStates(vcpus, _read_state(snap, "vm", vmstate.VmState), _read_pci(snap))
+
+
+def _read_pci(snap: Snapshot) -> pcistate.PciState | None:
+    if not any(c.name == pcistate.CHUNK and c.kind == "vm" for c in snap.chunks):
+        return None
+    try:
+        return pcistate.decode(
+            snap.read_json(pcistate.CHUNK), snap.chunk(pcistate.CHUNK).state_version
+        )
+    except StateError as e:
+        raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
 
 
 def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
@@ -252,3 +265,8 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
         vmstate.restore_vm(machine.vm, states.vm)
     except (OSError, StateError) as e:
         raise SnapshotError(f"chunk vm: KVM refused the state: {e}") from None
+    if states.pci is not None:
+        try:
+            pcistate.apply(states.pci, machine.functions, machine.routes)
+        except (OSError, StateError) as e:
+            raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None

@@ -235,3 +235,9 @@ def test_config_bad_restart_budget_raises_error_naming_key(extra, message):
 
     with pytest.raises(ConfigError, match=message):
         _parse_device({**DEVICE, **extra}, "device")
+
+
+@pytest.mark.parametrize("name", ["ram", "vm", "pci", "vcpu0", "vcpu12"])
+def test_config_device_named_like_a_snapshot_chunk_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"device '{name}': the name is reserved"):
+        _cfg(devices=f'[[device]]\nname = "{name}"\nmodel = "serial"\n')

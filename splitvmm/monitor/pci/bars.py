@@ -97,6 +97,20 @@ class BarDecoder:
             return low | self._values[index + 1] << 32
         return low
 
+    def registers(self) -> tuple[int, ...]:
+        """The six BAR dwords as the guest reads them (a snapshot's record of them)."""
+        with self._lock:
+            return tuple(self._values)
+
+    def load(self, values: tuple[int, ...]) -> None:
+        """Set the six BAR dwords from a snapshot (untrusted): each keeps only the address bits
+        its BAR's size allows and its read-only flags, as a guest's write would. The owner
+        re-decodes afterwards; no move is reported."""
+        with self._lock:
+            for index, value in enumerate(values[:BAR_COUNT]):
+                reg = self._regs.get(index)
+                self._values[index] = 0 if reg is None else (value & reg.mask) | reg.flags
+
     def read(self, offset: int, size: int) -> bytes:
         start = offset - BAR0
         with self._lock:

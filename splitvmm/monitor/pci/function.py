@@ -158,6 +158,17 @@ class PciFunctionHost:
         if any(start <= offset < end for start, end in self._sync):
             target.sync()
 
+    @property
+    def command(self) -> int:
+        """The decode enables the monitor keeps (a snapshot's record of them)."""
+        with self._lock:
+            return self._command
+
+    def restore(self, bars: tuple[int, ...], command: int) -> None:
+        """BARs and enables from a snapshot (monitor/pci/state.py), before any vCPU runs."""
+        self.bars.load(bars)
+        self.command_written(command)
+
     def command_written(self, value: int) -> None:
         """The guest wrote the command register's low byte: follow its decode enables."""
         with self._lock:

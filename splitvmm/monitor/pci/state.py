@@ -1,0 +1,102 @@
+"""What the monitor keeps of the PCI platform, saved in a snapshot (chunk `pci`, kind vm).
+
+A device process saves its own function's state (configuration space, MSI-X table, queues);
+what the monitor owns is saved here: each function's BAR registers and decode enables (a
+guest may have moved a BAR, or turned decode off), and the MSI routes devices asked for (so
+an interrupt a restored device raises before it could ask again still arrives).
+
+A restore builds the VM from the same config, so the same functions sit at the same device
+numbers with the same GSIs. The chunk is untrusted: each function is matched by name and
+device number, each BAR value goes through the BAR decoder (which keeps only what the BAR's
+size and flags allow), and each MSI route is checked as a device's request would be. A
+snapshot from before PCI existed has no chunk: every function starts as a fresh boot's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
+
+from splitvmm.config import NAME_RE
+from splitvmm.errors import StateError
+from splitvmm.monitor.irqroutes import GsiRoutes
+from splitvmm.monitor.pci.function import PciFunctionHost
+from splitvmm.monitor.pci.root import DEVICES
+from splitvmm.protocol import schema
+from splitvmm.protocol.control import MAX_GSI
+from splitvmm.protocol.schema import U32, U64, Len, MaxLen, Pattern, Range
+
+CHUNK = "pci"  # a reserved device name (config.py), like "vm" and "ram"
+MAX_MSI_ROUTES = MAX_GSI + 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FunctionState:
+    LABEL: ClassVar[str] = "name"
+
+    name: Annotated[str, Pattern(NAME_RE.pattern, "a device name")]
+    device: Annotated[int, Range(0, DEVICES - 1)]
+    bars: Annotated[tuple[Annotated[int, U32], ...], Len(6, 6)]  # the six BAR dwords
+    command: Annotated[int, Range(0, 0xFFFF)]  # the decode enables the monitor keeps
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MsiRouteState:
+    gsi: Annotated[int, Range(0, MAX_GSI)]
+    address: Annotated[int, U64]
+    data: Annotated[int, U32]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PciState:
+    VERSION: ClassVar[int] = 1
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
+
+    functions: Annotated[tuple[FunctionState, ...], MaxLen(DEVICES)]
+    msi_routes: Annotated[tuple[MsiRouteState, ...], MaxLen(MAX_MSI_ROUTES)]
+
+
+def save(functions: Mapping[str, PciFunctionHost], routes: GsiRoutes) -> dict[str, object]:
+    """The chunk's JSON fields, from a paused VM."""
+    state = PciState(
+        functions=tuple(
+            FunctionState(
+                name=name, device=host.device, bars=host.bars.registers(), command=host.command
+            )
+            for name, host in functions.items()
+        ),
+        msi_routes=tuple(
+            MsiRouteState(gsi=r.gsi, address=r.address, data=r.data)
+            for r in routes.routes().values()
+        ),
+    )
+    encoded: dict[str, object] = schema.encode(state)
+    return encoded
+
+
+def decode(data: object, version: int) -> PciState:
+    """The chunk, checked field by field (StateError names the first bad one)."""
+    if version > PciState.VERSION:
+        raise StateError(f"state version {version} is newer than this splitvmm reads")
+    state: PciState = schema.decode(
+        PciState, data, where="PciState", error=StateError, version=version
+    )
+    return state
+
+
+def apply(state: PciState, functions: Mapping[str, PciFunctionHost], routes: GsiRoutes) -> None:
+    """Put the saved BARs, enables and routes into a VM built from the same config."""
+    for saved in state.functions:
+        host = functions.get(saved.name)
+        if host is None or host.device != saved.device:
+            raise StateError(
+                f"PciState: functions[{saved.name!r}]: no PCI device {saved.name} at "
+                f"00:{saved.device:02x}.0 in this VM"
+            )
+        host.restore(saved.bars, saved.command)
+    for route in state.msi_routes:
+        why = routes.check_msi(route.gsi, route.address, route.data)
+        if why:
+            raise StateError(f"PciState: msi_routes[gsi {route.gsi}]: {why}")
+        routes.set_msi(route.gsi, route.address, route.data)

@@ -1,0 +1,109 @@
+"""The monitor's PCI platform in a snapshot (monitor/pci/state.py): moved BARs, decode
+enables and MSI routes saved, and put back into a VM built from the same config; a hostile
+chunk refused naming the field, never applied half."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitvmm.errors import StateError
+from splitvmm.monitor.irqroutes import GsiRoutes
+from splitvmm.monitor.pci import state as pcistate
+from splitvmm.native.routing import MsiRoute
+from tests.unit.test_irqroutes import RoutingVm
+from tests.unit.test_pci_function import BAR0_BASE, Function
+
+MSI_ADDRESS = 0xFEE0_0000
+MOVED = 0xD000_0000
+
+
+def platform() -> tuple[Function, GsiRoutes, RoutingVm]:
+    vm = RoutingVm()
+    routes = GsiRoutes(vm)
+    routes.allocate(2, "device blk0")
+    return Function(), routes, vm
+
+
+def saved() -> dict[str, object]:
+    f, routes, _ = platform()
+    f.move_bar(0, MOVED)
+    f.config_write(0x04, b"\x04")  # bus master only: memory decode off
+    routes.set_msi(25, MSI_ADDRESS, 0x4041)
+    return pcistate.save({"blk0": f.host}, routes)
+
+
+def test_pci_state_round_trip_puts_moved_bar_enables_and_routes_back() -> None:
+    data = saved()
+    f, routes, vm = platform()
+    pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+    assert (f.host.bars.base(0), f.host.command, f.host.decoding()) == (MOVED, 0, {})
+    assert routes.routes() == {25: MsiRoute(25, MSI_ADDRESS, 0x4041)}
+    f.config_write(0x04, b"\x02")  # memory decode on: the BAR decodes where it was moved to
+    assert f.host.decoding()[0] == MOVED
+
+
+def test_pci_state_bar_value_keeps_only_what_the_bar_allows() -> None:
+    data = saved()
+    functions = data["functions"]
+    assert isinstance(functions, list)
+    functions[0]["bars"][0] = 0xFFFF_FFFF  # not aligned to its 16 KiB, flag bits set
+    f, routes, _ = platform()
+    pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+    assert f.host.bars.registers()[0] == 0xFFFF_C000
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("name", "other", "no PCI device other"),
+        ("device", 7, "at 00:07.0"),
+    ],
+)
+def test_pci_state_function_not_in_this_vm_is_refused(field: str, value: object, message: str):
+    data = saved()
+    data["functions"][0][field] = value  # type: ignore[index]
+    f, routes, _ = platform()
+    with pytest.raises(StateError, match=message):
+        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+    assert f.host.bars.base(0) == BAR0_BASE
+
+
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ({"gsi": 4, "address": MSI_ADDRESS, "data": 0}, "GSI 4 is no MSI GSI"),
+        ({"gsi": 26, "address": MSI_ADDRESS, "data": 0}, "GSI 26 is no MSI GSI"),
+        ({"gsi": 24, "address": 0x1000, "data": 0}, "not an x86 MSI address"),
+        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x10000}, "16 bits"),
+    ],
+)
+def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
+    route: dict[str, int], message: str
+) -> None:
+    data = saved()
+    data["msi_routes"] = [route]
+    f, routes, vm = platform()
+    with pytest.raises(StateError, match=message):
+        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+    assert vm.tables == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["functions"][0].update(bars=[0] * 5), "bars"),
+        (lambda d: d["functions"][0].update(command=-1), "command"),
+        (lambda d: d.update(extra=1), "extra"),
+        (lambda d: d["msi_routes"].append({"gsi": 24}), "msi_routes"),
+    ],
+)
+def test_pci_state_malformed_chunk_names_the_field(mutate, message: str) -> None:
+    data = saved()
+    mutate(data)
+    with pytest.raises(StateError, match=message):
+        pcistate.decode(data, 1)
+
+
+def test_pci_state_from_a_newer_release_is_refused() -> None:
+    with pytest.raises(StateError, match="newer"):
+        pcistate.decode(saved(), 2)
