@@ -73,6 +73,7 @@ class Failed:
 Unasked = Annotated[int, schema.Range(0, 0)]  # no request to echo: seq is 0
 MAX_ROUTE_ID = (1 << 31) - 1
 MAX_COUNT = (1 << 63) - 1  # a frame or byte count over a device's life
+MAX_MSIX_VECTOR = 2047  # an MSI-X table has at most 2048 entries (PCI 3.0 6.8.2.3)
 MAX_GSI = 4095  # KVM's IRQ routing table (KVM_CAP_IRQ_ROUTING) has at most 4096 entries
 PRINTABLE_LINE = schema.Pattern(r"[^\x00-\x1f\x7f-\x9f]*", "one line of printable text")
 
@@ -109,6 +110,20 @@ class RouteEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class MsiEvent:
+    """Device -> monitor: asks for MSI-X vector `vector`'s route to the message (address,
+    data) the guest wrote in its table entry; the monitor checks both (x86 MSI address
+    range, 16-bit data) and answers with a RouteDone of the same id."""
+
+    op: Literal["msi"]
+    seq: Unasked
+    id: Annotated[int, schema.Range(0, MAX_ROUTE_ID)]
+    vector: Annotated[int, schema.Range(0, MAX_MSIX_VECTOR)]
+    address: Annotated[int, schema.U64]
+    data: Annotated[int, schema.U32]
+
+
+@dataclass(frozen=True, slots=True)
 class RouteDone:
     """Monitor -> device: the answer to a RouteEvent of the same id."""
 
@@ -128,6 +143,7 @@ MESSAGES: dict[str, type] = {
     "publish": PublishEvent,
     "report": ReportEvent,
     "route": RouteEvent,
+    "msi": MsiEvent,
     "route_done": RouteDone,
 }
 

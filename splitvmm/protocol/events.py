@@ -73,6 +73,12 @@ def encode_route(route_id: int, gsi: int) -> bytes:
     return control.encode({"op": "route", "seq": 0, "id": route_id, "gsi": gsi})
 
 
+def encode_msi(route_id: int, vector: int, address: int, data: int) -> bytes:
+    """Ask for MSI-X `vector`'s route to the message (address, data) (control.MsiEvent)."""
+    msg = {"op": "msi", "seq": 0, "id": route_id, "vector": vector, "address": address}
+    return control.encode({**msg, "data": data})
+
+
 def decode_route_done(msg: dict[str, Any]) -> tuple[int, bool, str]:
     """(id, ok, reason) of the monitor's answer, a message control.decode() checked."""
     return msg["id"], msg["ok"], msg["reason"]
