@@ -7,6 +7,10 @@ import os
 
 import pytest
 
+from tests.virtio import standins
+
+standins.install()  # guestram/queue stand-ins while those modules are on another branch
+
 
 @functools.cache
 def kvm_unusable_reason() -> str | None:

@@ -275,8 +275,7 @@ VIRTIO_RNG = ModelDescriptor(
     fds=virtio_fds(1),
 )
 
-# (VIRTIO_BLK and VIRTIO_RNG join when their models land in splitvmm/devprocs.)
-MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL, RTC)}
+MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL, RTC, VIRTIO_BLK, VIRTIO_RNG)}
 
 
 def module_name(model: str) -> str:
