@@ -90,9 +90,18 @@ class VirtioBlk(VirtioPciDevice):
     def __init__(self, ctx: DeviceContext, readonly: bool = False, serial: bytes = b"") -> None:
         super().__init__(ctx)
         self.disk = ctx.fds["disk"]
-        self.capacity = os.fstat(self.disk).st_size // SECTOR
+        capacity = ctx.prepared.get("capacity")
+        if not isinstance(capacity, int):
+            raise TypeError("virtio-blk: the disk's size is unknown (setup() did not run)")
+        self.capacity = capacity
         self.readonly = readonly
         self.serial = serial
+
+    @classmethod
+    def setup(cls, ctx: DeviceContext) -> None:
+        """Guest RAM, and the disk's size (in whole sectors), before the sandbox."""
+        super().setup(ctx)
+        ctx.prepared["capacity"] = os.fstat(ctx.fds["disk"]).st_size // SECTOR
 
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:

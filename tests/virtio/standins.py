@@ -14,11 +14,19 @@ STANDINS = {
 }
 
 
+_installed: list[str] = []
+
+
 def missing() -> list[str]:
     """The real modules not in this tree (the stand-ins take their place in tests)."""
-    return [name for name in STANDINS if importlib.util.find_spec(name) is None]
+    return _installed + [
+        name
+        for name in STANDINS
+        if name not in _installed and importlib.util.find_spec(name) is None
+    ]
 
 
 def install() -> None:
     for name in missing():
         sys.modules[name] = importlib.import_module(STANDINS[name])
+        _installed.append(name)

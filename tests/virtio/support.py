@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs.base import DeviceContext, load_model
 from splitvmm.devprocs.virtio.pci import VirtioPciDevice
 from splitvmm.protocol import control
 from splitvmm.protocol.models import MODELS, FdKind
 
-RAM_SIZE = 1 << 20
 BAR0 = 0x1000  # BAR 0's registers in the flat window
 BAR1 = 0x5000  # BAR 1's (MSI-X)
 ISR = BAR0 + 0x1000
@@ -27,36 +27,15 @@ ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET = 1, 2, 4, 8, 0x40
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
 
 
-def host_fds(name: str, disk: Path | None = None, ram_size: int = RAM_SIZE) -> dict[str, int]:
-    """An fd for each role of the model's descriptor, as the monitor would make them."""
-    fds: dict[str, int] = {}
-    for role in MODELS[name].fds:
-        match role.kind:
-            case FdKind.GUEST_RAM:
-                fds[role.name] = _memfd("ram", ram_size)
-            case FdKind.DIRTY_LOG:
-                fds[role.name] = _memfd("dirty", 4096)
-            case FdKind.DISK:
-                assert disk is not None
-                fds[role.name] = os.open(disk, os.O_RDWR | os.O_CLOEXEC)
-            case FdKind.IRQ:
-                continue
-            case _:
-                fds[role.name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    return fds
+def host_fds(name: str, disk: Path | None = None) -> dict[str, int]:
+    """An fd for each role of the model's descriptor, as the monitor would make them (the
+    policy auditor's stand-ins), with `disk` as the disk image."""
+    given = {} if disk is None else {FdKind.DISK: os.open(disk, os.O_RDWR | os.O_CLOEXEC)}
+    return stand_in_fds(MODELS[name], disk.parent if disk else Path("/nonexistent"), given)
 
 
-def _memfd(name: str, size: int) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
-
-
-def context(
-    fds: dict[str, int], ram_size: int = RAM_SIZE, restarted: bool = False
-) -> DeviceContext:
-    transport = {"pci": [3, 0], "intx_gsi": 19, "ram": [[0, ram_size, 0]]}
-    return DeviceContext(fds=fds, transport=transport, restarted=restarted)
+def context(fds: dict[str, int], restarted: bool = False) -> DeviceContext:
+    return DeviceContext(fds=fds, transport=stand_in_transport(), restarted=restarted)
 
 
 def prepared(name: str, fds: dict[str, int], restarted: bool = False) -> DeviceContext:
