@@ -112,6 +112,37 @@ def test_virtio_pci_msix_cap_points_at_bar1(driver):
     assert (cfg(driver, at + 4, 4), cfg(driver, at + 8, 4)) == (1, 0x801)
 
 
+def pci_cfg_cap(driver: Driver) -> int:
+    return next(at for at, c in iter_caps(lambda o, s: cfg(driver, o, s))
+                if c == 9 and cfg(driver, at + 3, 1) == 5)  # fmt: skip
+
+
+def test_virtio_pci_cfg_access_cap_reads_bar0_through_config_space(driver):
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 4, 0, 1)  # BAR 0
+    driver.wr(at + 8, 0x12, 4)  # num_queues
+    driver.wr(at + 12, 2, 4)
+
+    assert cfg(driver, at + 16, 4) == 1
+
+
+def test_virtio_pci_cfg_access_cap_writes_bar0_through_config_space(driver):
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 8, 0x14, 4)  # device_status
+    driver.wr(at + 12, 1, 4)
+    driver.wr(at + 16, ACK, 1)
+
+    assert driver.status() == ACK
+
+
+def test_virtio_pci_cfg_access_cap_past_the_bar_reads_zero(driver):
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 4, 3, 1)  # no BAR 3
+    driver.wr(at + 12, 4, 4)
+
+    assert cfg(driver, at + 16, 4) == 0
+
+
 def test_virtio_pci_command_register_keeps_writable_bits_only(driver):
     driver.wr(0x04, 0xFFFF, 2)
 

@@ -10,6 +10,7 @@ BAR registers (0x10-0x27) are the monitor's: it never forwards them, and here th
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from splitvmm.devprocs.virtio.msix import PBA_OFFSET
@@ -40,7 +41,10 @@ PCI_CAP_ID_MSIX = 0x11
 MSIX_ENABLE = 0x8000
 MSIX_FUNCTION_MASK = 0x4000
 # virtio_pci_cap cfg_type (virtio 1.2 4.1.4)
-COMMON_CFG, NOTIFY_CFG, ISR_CFG, DEVICE_CFG = 1, 2, 3, 4
+COMMON_CFG, NOTIFY_CFG, ISR_CFG, DEVICE_CFG, PCI_CFG = 1, 2, 3, 4, 5
+# Where the PCI_CFG capability (the last before MSI-X) sits: after the four structures'
+PCI_CFG_CAP = CAP_START + 16 + 20 + 16 + 16
+PCI_CFG_DATA = PCI_CFG_CAP + 16  # pci_cfg_data[4]
 VIRTIO_CAP = struct.Struct("<BBBBBBxxII")  # vndr, next, len, type, bar, id, offset, length
 MSIX_CAP = struct.Struct("<BBHII")  # id, next, message control, table, PBA (offset | BIR)
 MSIX_BAR = 1
@@ -63,8 +67,48 @@ def _caps(dev: VirtioPciDevice) -> list[bytes]:
         VIRTIO_CAP.pack(
             PCI_CAP_ID_VNDR, 0, 16, DEVICE_CFG, 0, 0, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE
         ),
+        VIRTIO_CAP.pack(PCI_CAP_ID_VNDR, 0, 20, PCI_CFG, *dev.cfg_access.fields()) + bytes(4),
         MSIX_CAP.pack(PCI_CAP_ID_MSIX, 0, ctl, 0 | MSIX_BAR, PBA_OFFSET | MSIX_BAR),
     ]
+
+
+@dataclass(slots=True)
+class CfgAccess:
+    """VIRTIO_PCI_CAP_PCI_CFG (virtio 1.2 4.1.4.9): a window onto BAR 0 or 1 through
+    configuration space, for a driver that cannot map the BARs yet. The driver sets bar,
+    offset and length in the capability, then reads or writes pci_cfg_data."""
+
+    bar: int = 0
+    offset: int = 0
+    length: int = 0
+
+    def fields(self) -> tuple[int, int, int, int]:
+        """(bar, id, offset, length) as the capability shows them."""
+        return self.bar, 0, self.offset, self.length
+
+    def write_byte(self, at: int, byte: int) -> None:
+        """A byte of the capability's bar, offset or length fields."""
+        if at == 4:
+            self.bar = byte
+        elif 8 <= at < 16:
+            name = "offset" if at < 12 else "length"
+            shift = 8 * (at % 4)
+            setattr(self, name, getattr(self, name) & ~(0xFF << shift) | byte << shift)
+
+    def target(self, dev: VirtioPciDevice) -> int | None:
+        """The window offset the access selects; None if it selects nothing the device has."""
+        if self.bar not in (0, 1) or self.length not in (1, 2, 4) or self.offset % self.length:
+            return None
+        region = dev.function.region_of_bar(self.bar)
+        if self.offset + self.length > region.size:
+            return None
+        return region.start + self.offset
+
+
+def _cfg_data_read(dev: VirtioPciDevice) -> bytes:
+    at = dev.cfg_access.target(dev)
+    value = None if at is None else dev._read(at, dev.cfg_access.length)
+    return (value or b"").ljust(4, b"\0")
 
 
 def image(dev: VirtioPciDevice) -> bytearray:
@@ -95,15 +139,24 @@ def read(dev: VirtioPciDevice, offset: int, size: int) -> bytes | None:
         return None
     if offset >= 256:
         return bytes(size)  # no extended capabilities
+    if PCI_CFG_DATA <= offset < PCI_CFG_DATA + 4:  # the access runs on a read of the data
+        return _cfg_data_read(dev)[offset - PCI_CFG_DATA :][:size]
     return bytes(image(dev)[offset : offset + size])
 
 
 def write(dev: VirtioPciDevice, offset: int, data: bytes) -> bool:
     if len(data) not in (1, 2, 4) or offset % len(data):
         return False
+    if PCI_CFG_DATA <= offset < PCI_CFG_DATA + 4:
+        target = dev.cfg_access.target(dev)
+        if target is not None and offset == PCI_CFG_DATA:
+            dev.write(target, data.ljust(4, b"\0")[: dev.cfg_access.length])
+        return target is not None
     control = msix_cap_offset(dev) + 2
     for at, byte in enumerate(data, offset):
-        if at in (COMMAND, COMMAND + 1):
+        if PCI_CFG_CAP <= at < PCI_CFG_DATA:
+            dev.cfg_access.write_byte(at - PCI_CFG_CAP, byte)
+        elif at in (COMMAND, COMMAND + 1):
             shift = 8 * (at - COMMAND)
             value = dev.command & ~(0xFF << shift) | byte << shift
             dev.command = value & COMMAND_WRITABLE

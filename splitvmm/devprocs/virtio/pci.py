@@ -183,6 +183,7 @@ class VirtioPciDevice(RegisterDevice):
             for q, fd in enumerate(self._notify)
         ]
         self.command = 0
+        self.cfg_access = config_space.CfgAccess()
         gsi = ctx.transport.get("intx_gsi")
         self.interrupt_line = gsi if isinstance(gsi, int) and 0 <= gsi <= 0xFF else 0xFF
         self.quiesced = False
@@ -500,7 +501,9 @@ class VirtioPciDevice(RegisterDevice):
         return self.State(
             command=self.command, interrupt_line=self.interrupt_line,
             msix_enabled=self.msix.enabled, msix_function_mask=self.msix.function_mask,
-            msix_table=table, msix_pending=self.msix.pending, status=self.status,
+            msix_table=table, msix_pending=self.msix.pending,
+            pci_cfg_bar=self.cfg_access.bar, pci_cfg_offset=self.cfg_access.offset,
+            pci_cfg_length=self.cfg_access.length, status=self.status,
             device_feature_select=self.device_feature_select,
             driver_feature_select=self.driver_feature_select,
             driver_features=self.driver_features, msix_config=self.msix_config,
@@ -531,6 +534,7 @@ class VirtioPciDevice(RegisterDevice):
 
     def _load(self, s: VirtioPciState) -> None:
         self.command, self.interrupt_line = s.command, s.interrupt_line
+        self.cfg_access = config_space.CfgAccess(s.pci_cfg_bar, s.pci_cfg_offset, s.pci_cfg_length)
         self.status, self.isr = s.status, s.isr
         self.device_feature_select = s.device_feature_select
         self.driver_feature_select = s.driver_feature_select

@@ -51,6 +51,9 @@ class VirtioPciState(DeviceState):
     msix_function_mask: bool = False
     msix_table: Annotated[tuple[MsixEntryState, ...], schema.MaxLen(MAX_VECTORS)] = ()
     msix_pending: U64 = 0
+    pci_cfg_bar: U8 = 0  # the VIRTIO_PCI_CAP_PCI_CFG window's selection
+    pci_cfg_offset: U32 = 0
+    pci_cfg_length: U32 = 0
     # common configuration (virtio 1.2 4.1.4.3)
     status: U8 = 0
     device_feature_select: U32 = 0
