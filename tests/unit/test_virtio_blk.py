@@ -314,3 +314,18 @@ def test_virtio_blk_restart_publishes_state_after_the_rerun(blk, fds):
     restarted.process_all()
 
     assert channel.ops("publish")[-1]["fields"]["queues"][0]["used_idx"] == 1  # type: ignore[index]
+
+
+def test_virtio_blk_restart_replaying_queue_enable_keeps_the_used_position(blk, fds):
+    before_enable = blk.save()  # the checkpoint: the queue not enabled yet
+    driver, ring = started(blk)
+    request(ring, IN, 0, [(512, True)])
+    driver.kick()  # served by the process that then dies
+    restarted = VirtioBlk.restore(prepared("virtio-blk", fds, restarted=True), before_enable)
+    replayed = Driver(restarted)
+
+    replayed.start(ring)  # the frames after the checkpoint, re-applied
+    request(ring, IN, 1, [(512, True)])
+    replayed.kick()
+
+    assert [h for h, _ in ring.take_used()] == [0, 3]  # the first not re-run

@@ -368,6 +368,10 @@ class VirtioPciDevice(RegisterDevice):
 
     def _enable_queue(self, q: int) -> None:
         self.queues[q] = replace(self.queues[q], enabled=True, last_avail=0, used_idx=0)
+        if self.ctx.restarted:
+            # Replayed after a crash (the checkpoint predates the enable): the dead process
+            # may have served chains since, so the position is the used ring's.
+            self._position_from_used_ring(q)
         self._open_ring(q)
 
     def _open_ring(self, q: int) -> None:
@@ -553,15 +557,18 @@ class VirtioPciDevice(RegisterDevice):
         """A restored queue; after a crash, from where the used ring in guest RAM says it is
         (what the dead process completed after its last checkpoint is done, once)."""
         if self.ctx.restarted:
-            try:
-                used_idx = self.ram.u16(self.queues[q].device + 2)
-            except GuestRamError as e:
-                self.needs_reset(f"queue {q}: {e}")
-                return
-            # Chains complete in order, one used entry each: taken = completed.
-            self.queues[q] = replace(self.queues[q], last_avail=used_idx, used_idx=used_idx)
+            self._position_from_used_ring(q)
         self._open_ring(q)
         self._notify[q].trigger()  # a kick of the old process, or one the snapshot missed
+
+    def _position_from_used_ring(self, q: int) -> None:
+        """Take up queue q where its used ring in guest RAM says the device was: chains
+        complete in order, one used entry each, so taken = completed = used idx."""
+        try:
+            used_idx = self.ram.u16(self.queues[q].device + 2)
+        except GuestRamError:
+            return  # _open_ring finds the same fault and sets NEEDS_RESET
+        self.queues[q] = replace(self.queues[q], last_avail=used_idx, used_idx=used_idx)
 
 
 def ram_ranges(ctx: DeviceContext) -> list[tuple[int, int, int]]:
