@@ -44,6 +44,7 @@ import click
 
 if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
     from splitvmm.native.confine import SeccompListener
+    from splitvmm.protocol.models import FdKind, ModelDescriptor
     from splitvmm.sandbox.policy import Policy
 
 SPAWN_TIMEOUT_S = 15.0
@@ -87,7 +88,7 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
     errors: list[str] = []
     compiled: list[tuple[str, int]] = []
-    loadable = {f"{m}_device.policy" for m in MODELS} | {
+    loadable = {policy.device_policy_name(m) for m in MODELS} | {
         "warden.policy",
         MONITOR_POLICY,
         VCPU_POLICY,
@@ -131,7 +132,8 @@ def audit(model: str, accesses: int) -> None:
         sys.exit(1)
     missing = sorted(set(trace.calls) - set(current.rules))
     if missing:
-        click.echo(f"splitvmm: missing from {model}_device.policy: {' '.join(missing)}", err=True)
+        where = policy.device_policy_name(model)
+        click.echo(f"splitvmm: missing from {where}: {' '.join(missing)}", err=True)
         sys.exit(1)
 
 
@@ -264,13 +266,14 @@ class SpawnedDevice:
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # so that the stall comes soon
-        kinds = {FdKind.IRQ: self.irq, FdKind.OUTPUT: self.out_w}
-        fds = {role.name: kinds[role.kind] for role in self.model.fds}
-        spec = DeviceSpec(f"{model}0", model, endpoint, fds, seccomp="trace")
+        made = stand_in_fds(self.model, rundir, {FdKind.IRQ: self.irq, FdKind.OUTPUT: self.out_w})
+        self.fds = made
+        spec = DeviceSpec(
+            f"{model}0", model, endpoint, made, seccomp="trace", transport=stand_in_transport()
+        )
         # Its stderr (the traceback the malformed frame causes) stays out of our output.
         with open(rundir / "device.stderr", "wb") as stderr:
             self.proc = start_device(DEVICE_COMMAND, spec, stderr=stderr.fileno())
-        os.close(self.out_w)
         self._seq = 0
 
     def wait_ready(self) -> None:
@@ -295,6 +298,7 @@ class SpawnedDevice:
         self._drain()
         self._stalled_output()
         self._timed_interrupts()
+        self._virtio_requests()
         self.sock.send(b"\xff" * 3)
 
     def _stalled_output(self) -> None:
@@ -332,6 +336,35 @@ class SpawnedDevice:
                 raise click.ClickException(f"{self.model.name} raised no interrupt within 2 s")
             os.eventfd_read(self.irq)
         self._post_writes(recipe.stop)
+
+    def _virtio_requests(self) -> None:
+        """A virtio model's own I/O (its descriptor's queue recipe): the driver's set-up
+        through the channel (INTx: no MSI-X route to ask for), then each chain made
+        available in guest RAM, notified through the ioeventfd and waited for."""
+        recipe = self.model.queue_recipe
+        if recipe is None:  # not a virtio model
+            return
+        ram = GuestRing(self.fds["ram"])
+        for offset, value, size in ram.driver_setup():
+            self._request_write(offset, value, size)
+        for readable, writable in recipe.chains:
+            ram.add(readable, writable)
+            os.eventfd_write(self.fds["notify0"], 1)
+            if not select.select([self.fds["intx"]], [], [], 2.0)[0]:
+                raise click.ClickException(f"{self.model.name} completed no request within 2 s")
+            os.eventfd_read(self.fds["intx"])
+            self._request_read(VIRTIO_ISR, 1)  # reading the ISR acknowledges the interrupt
+        ram.close()
+
+    def _request_write(self, offset: int, value: int, size: int) -> None:
+        from splitvmm.protocol import wire
+
+        self.sock.send(wire.encode_write(offset, value.to_bytes(size, "little")))
+
+    def _request_read(self, offset: int, size: int) -> None:
+        from splitvmm.protocol import wire
+
+        self._request(wire.encode_read(self._next(), offset, size))
 
     def _post_writes(self, writes: tuple[tuple[int, int], ...]) -> None:
         from splitvmm.protocol import wire
@@ -401,8 +434,99 @@ class SpawnedDevice:
             self.proc.wait()
         self.sock.close()
         self.zctx.term()
-        os.close(self.irq)
-        os.close(self.out_r)
+        for fd in {*self.fds.values(), self.irq, self.out_w, self.out_r}:
+            os.close(fd)
+
+
+# -- stand-ins for what the monitor hands a device ---------------------------------------------
+STAND_IN_RAM = 2 << 20  # guest RAM of the audited (or escape-tested) device
+STAND_IN_DISK = 1 << 20  # its disk image
+
+
+def stand_in_fds(model: ModelDescriptor, rundir: Path, given: dict[FdKind, int]) -> dict[str, int]:
+    """An fd for each of the model's roles, as the monitor would make it: `given` for the
+    kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM and its dirty
+    log, an eventfd for a notify, MSI-X or INTx role, a file in `rundir` for a disk."""
+    from splitvmm.protocol.models import FdKind
+
+    fds: dict[str, int] = {}
+    for role in model.fds:
+        if role.kind in given:
+            fds[role.name] = given[role.kind]
+        elif role.kind is FdKind.GUEST_RAM:
+            fds[role.name] = _memfd("ram", STAND_IN_RAM)
+        elif role.kind is FdKind.DIRTY_LOG:
+            fds[role.name] = _memfd("dirty", 4096)
+        elif role.kind is FdKind.DISK:
+            path = rundir / f"{role.name}.img"
+            path.write_bytes(bytes(STAND_IN_DISK))
+            fds[role.name] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        else:
+            fds[role.name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    return fds
+
+
+def stand_in_transport() -> dict[str, object]:
+    """DeviceSpec.transport for the stand-in fds: RAM from gpa 0, INTx on GSI 16."""
+    return {"pci": [3, 0], "intx_gsi": 16, "ram": [[0, STAND_IN_RAM, 0]]}
+
+
+def _memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+# The virtio layout a driver reaches through the flat window (virtio_function's BAR 0 at
+# 0x1000): common configuration, then the ISR.
+VIRTIO_COMMON = 0x1000
+VIRTIO_ISR = 0x2000
+QUEUE_SIZE = 16
+DESC, AVAIL, USED, BUFFERS = 0x1000, 0x2000, 0x3000, 0x10000
+
+
+class GuestRing:
+    """Queue 0 of a virtio device as a driver lays it out in the stand-in guest RAM (virtio
+    1.2 2.7): each chain one readable and one writable descriptor."""
+
+    def __init__(self, ram_fd: int) -> None:
+        import mmap
+
+        self.mem = mmap.mmap(ram_fd, STAND_IN_RAM)
+        self.avail_idx = 0
+
+    @staticmethod
+    def driver_setup() -> list[tuple[int, int, int]]:
+        """(window offset, value, size) writes: reset, features (VERSION_1), queue 0, DRIVER_OK."""
+        c = VIRTIO_COMMON
+        return [
+            (0x04, 0x0006, 2),  # command: memory space and bus master on, INTx not disabled
+            (c + 0x14, 0, 1), (c + 0x14, 1, 1), (c + 0x14, 3, 1),  # reset, ACK, DRIVER
+            (c + 0x08, 1, 4), (c + 0x0C, 1, 4),  # driver features 32-63: VERSION_1
+            (c + 0x14, 0xB, 1),  # FEATURES_OK
+            (c + 0x16, 0, 2), (c + 0x18, QUEUE_SIZE, 2),  # queue 0, its size
+            (c + 0x20, DESC, 8), (c + 0x28, AVAIL, 8), (c + 0x30, USED, 8),
+            (c + 0x1C, 1, 2), (c + 0x14, 0xF, 1),  # enable, DRIVER_OK
+        ]  # fmt: skip
+
+    def add(self, readable: bytes, writable: int) -> None:
+        import struct
+
+        parts = [(BUFFERS, len(readable), 0)] if readable else []
+        parts.append((BUFFERS + 0x8000, writable, 2))  # VIRTQ_DESC_F_WRITE
+        self.mem[BUFFERS : BUFFERS + len(readable)] = readable
+        head = 2 * (self.avail_idx % (QUEUE_SIZE // 2))
+        for i, (gpa, length, flags) in enumerate(parts):
+            more = i + 1 < len(parts)
+            desc = struct.pack("<QIHH", gpa, length, flags | more, head + i + 1 if more else 0)
+            self.mem[DESC + 16 * (head + i) : DESC + 16 * (head + i + 1)] = desc
+        slot = AVAIL + 4 + 2 * (self.avail_idx % QUEUE_SIZE)
+        self.mem[slot : slot + 2] = struct.pack("<H", head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem[AVAIL + 2 : AVAIL + 4] = struct.pack("<H", self.avail_idx)
+
+    def close(self) -> None:
+        self.mem.close()
 
 
 @contextlib.contextmanager

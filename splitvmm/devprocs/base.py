@@ -11,7 +11,7 @@ import abc
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
@@ -21,6 +21,14 @@ from splitvmm.protocol.models import MODELS, module_name
 
 class Trigger(Protocol):
     def trigger(self) -> None: ...
+
+
+class NoLine:
+    """The `irq` of a model whose transport has no ISA line (a PCI function signals its
+    MSI-X and INTx eventfds itself): there is nothing to trigger."""
+
+    def trigger(self) -> None:
+        return None  # deliberately empty: no port-window line to pulse
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +74,9 @@ class DeviceEvents:
         # (frames applied, output bytes emitted): set by the runtime, which counts them; each
         # publish then is a checkpoint a restart can start from (protocol/events.py).
         self.progress: Callable[[], tuple[int, int]] | None = None
+        # What the model does when a route answer arrives (a PCI function signals the MSI-X
+        # vectors that waited for it).
+        self.on_route_done: Callable[[int, bool, str], None] | None = None
 
     def publish(self, state_document: dict[str, object]) -> None:
         progress = self.progress() if self.progress is not None else None
@@ -81,8 +92,17 @@ class DeviceEvents:
         self._queue(events.encode_route(self._next_route, gsi))
         return self._next_route
 
+    def request_msi(self, vector: int, address: int, data: int) -> int:
+        """Ask for MSI-X `vector`'s route to (address, data); its answer lands in routes[id]
+        (and on_route_done, if set)."""
+        self._next_route += 1
+        self._queue(events.encode_msi(self._next_route, vector, address, data))
+        return self._next_route
+
     def route_done(self, route_id: int, ok: bool, reason: str) -> None:
         self.routes[route_id] = (ok, reason)
+        if self.on_route_done is not None:
+            self.on_route_done(route_id, ok, reason)
 
     def connect(self, send: Callable[[bytes], bool]) -> None:
         """`send(frame)` -> False when the channel cannot take it now (it never blocks)."""
@@ -109,19 +129,24 @@ class DeviceEvents:
 class DeviceContext:
     """Host resources handed to a device; never part of its state."""
 
-    irq: Trigger
+    irq: Trigger = field(default_factory=NoLine)  # a port window's ISA line (role "irq")
     out: BoundedOutput = field(default_factory=BoundedOutput)
     counters: Counters = field(default_factory=Counters)
     fds: Mapping[str, int] = field(default_factory=dict)  # role -> fd, as the spec gave them
     prepared: dict[str, object] = field(default_factory=dict)  # what Device.setup() made
     events: DeviceEvents = field(default_factory=DeviceEvents)  # what it says unasked
+    # DeviceSpec.transport: where a PCI function sits ({"pci", "intx_gsi", "ram"}); trusted
+    transport: Mapping[str, object] = field(default_factory=dict)
+    # DeviceSpec.resume is set: this process replaces one that crashed (a virtio device
+    # then takes its queues up from the used rings in guest memory)
+    restarted: bool = False
 
 
 class Device(abc.ABC):
     """What every model is, whatever its transport: a named state machine with a saved state.
 
-    The transport is a second, small interface (PortIoDevice today; a PCI function and a
-    virtio device's ops table later), and what only some models do is an optional protocol
+    The transport is a second, small interface (RegisterDevice: a flat window of registers,
+    a port window's or a PCI function's), and what only some models do is an optional protocol
     the runtime looks for (ConsoleInput, OutputProducer, TimedEvents, EventSources): no
     model fills in methods it has no use for."""
 
@@ -166,10 +191,12 @@ class Device(abc.ABC):
     def restore(cls, ctx: DeviceContext, state: Any) -> Self: ...
 
 
-class PortIoDevice(Device):
-    """The ISA transport: a window of x86 ports (protocol.models.PortWindow)."""
+class RegisterDevice(Device):
+    """A flat window of registers on the device channel: a port window's x86 ports
+    (protocol.models.PortWindow), or a PCI function's configuration space and BARs, one
+    after the other (protocol.models.PciFunction.regions())."""
 
-    WINDOW: ClassVar[int]  # bytes of port space the device decodes
+    WINDOW: ClassVar[int]  # bytes of the window the device decodes (its transport's size)
 
     @abc.abstractmethod
     def read(self, offset: int, size: int) -> bytes:
@@ -218,9 +245,10 @@ class EventSources(Protocol):
 
 
 REGISTRY: dict[str, type[Device]] = {}
+M = TypeVar("M", bound=type[RegisterDevice])
 
 
-def register(cls: type[PortIoDevice]) -> type[PortIoDevice]:
+def register(cls: M) -> M:
     """Register a model; it must match its descriptor (protocol/models.py), which is all the
     monitor knows of it: a model and its descriptor that disagree fail at import, in tests."""
     descriptor = MODELS.get(cls.NAME)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import ClassVar, Protocol, Self
 
-from splitvmm.devprocs.base import DeviceContext, DeviceState, PortIoDevice, register
+from splitvmm.devprocs.base import DeviceContext, DeviceState, RegisterDevice, register
 from splitvmm.errors import ConfigError, StateError
 
 CMOS_SIZE = 128
@@ -171,7 +171,7 @@ class RtcState(DeviceState):
 
 
 @register
-class Mc146818(PortIoDevice):
+class Mc146818(RegisterDevice):
     NAME = "rtc"
     WINDOW = 2
     State = RtcState

@@ -30,7 +30,7 @@ from splitvmm.devprocs.base import (
     Device,
     DeviceContext,
     OutputProducer,
-    PortIoDevice,
+    RegisterDevice,
     load_model,
 )
 from splitvmm.devprocs.eventloop import EventLoop
@@ -67,7 +67,15 @@ def address_space_limit(spec: DeviceSpec) -> int:
 
 
 def build_context(spec: DeviceSpec) -> DeviceContext:
-    ctx = DeviceContext(irq=EventFd(spec.fds["irq"]), fds=dict(spec.fds))
+    """The device's host resources from its spec: a port window's ISA line (role "irq")
+    when it has one, its output, the transport's placement and its other fds by role."""
+    ctx = DeviceContext(
+        fds=dict(spec.fds),
+        transport=dict(spec.transport or {}),
+        restarted=spec.resume is not None,
+    )
+    if "irq" in spec.fds:
+        ctx.irq = EventFd(spec.fds["irq"])
     if "out" in spec.fds:
         ctx.out = BoundedOutput(FdLine(spec.fds["out"]))
     return ctx
@@ -169,7 +177,7 @@ def _serve_frame(
     if control.is_control(buf):
         _serve_control(device, sock, buf, injector)
         return
-    if not isinstance(device, PortIoDevice):
+    if not isinstance(device, RegisterDevice):
         raise ProtocolError(f"{type(device).__name__} takes no port accesses")
     access = wire.decode_access(buf, device.WINDOW)
     if access.op == wire.Op.SYNC:
@@ -188,7 +196,7 @@ def _serve_frame(
     injector.answered()
 
 
-def _apply(device: PortIoDevice, access: wire.Access) -> bytes | None:
+def _apply(device: RegisterDevice, access: wire.Access) -> bytes | None:
     """A read (its reply), a write or host input: what a checkpoint counts."""
     if access.op == wire.Op.READ:
         return device.read(access.offset, access.size)
@@ -230,7 +238,7 @@ def replay(device: Device, frames: list[bytes], checkpoints: Checkpoints) -> Non
     """Re-apply what the dead process got after its checkpoint (read replies go nowhere)."""
     if not frames:
         return
-    if not isinstance(device, PortIoDevice):
+    if not isinstance(device, RegisterDevice):
         raise StateError(f"resume: {type(device).__name__} takes no port accesses")
     for frame in frames:
         try:

@@ -26,7 +26,7 @@ from typing import ClassVar, Self
 from splitvmm.devprocs.base import (
     DeviceContext,
     DeviceState,
-    PortIoDevice,
+    RegisterDevice,
     register,
 )
 from splitvmm.errors import StateError
@@ -135,7 +135,7 @@ class UartState(DeviceState):
 
 
 @register
-class Uart8250(PortIoDevice):
+class Uart8250(RegisterDevice):
     NAME = "serial"
     WINDOW = 8
     State = UartState

@@ -4,7 +4,7 @@ One section per header (INCLUDES/TYPES/FUNCTIONS, combined below, as cryptograph
 does): namespaces and mounts (<sched.h>, <sys/mount.h>), capabilities and
 securebits (<linux/capability.h>, <linux/securebits.h>), prctl, Landlock
 (<linux/landlock.h>) and seccomp user notification (<linux/seccomp.h>, read by
-`splitvmm policy audit`). Every constant, struct layout and syscall number
+`splitvmm policy audit`), and fallocate(2) with a mode (<linux/falloc.h>). Every constant, struct layout and syscall number
 comes from the headers; syscalls that glibc does not wrap (pivot_root, capset,
 landlock_*, pidfd_getfd) get a fixed-signature C wrapper so nobody calls the
 variadic syscall(2) from Python.
@@ -146,12 +146,28 @@ FUTEX_TYPES = "".join(
     """.split()
 )
 
+# -- <fcntl.h>, <linux/falloc.h>: a virtio-blk device's discard and write-zeroes ----------------
+# (os.posix_fallocate takes no mode: punching a hole or zeroing a range needs fallocate(2))
+FALLOC_INCLUDES = "#include <fcntl.h>\n#include <linux/falloc.h>\n"
+FALLOC_TYPES = "".join(
+    f"static const int {name};\n"
+    for name in "FALLOC_FL_KEEP_SIZE FALLOC_FL_PUNCH_HOLE FALLOC_FL_ZERO_RANGE".split()
+)
+FALLOC_FUNCTIONS = """
+int sv_fallocate(int fd, int mode, long long offset, long long len);
+"""
+FALLOC_SOURCE = """
+static int sv_fallocate(int fd, int mode, long long offset, long long len)
+{ return fallocate(fd, mode, (off_t)offset, (off_t)len); }
+"""
+
 SECTIONS = (
     (NS_INCLUDES, NS_TYPES + NS_FUNCTIONS, NS_SOURCE),
     (CAPS_INCLUDES, CAPS_TYPES + CAPS_FUNCTIONS, CAPS_SOURCE),
     (LANDLOCK_INCLUDES, LANDLOCK_TYPES + LANDLOCK_FUNCTIONS, LANDLOCK_SOURCE),
     (SECCOMP_INCLUDES, SECCOMP_TYPES + SECCOMP_FUNCTIONS, SECCOMP_SOURCE),
     (FUTEX_INCLUDES, FUTEX_TYPES, ""),
+    (FALLOC_INCLUDES, FALLOC_TYPES + FALLOC_FUNCTIONS, FALLOC_SOURCE),
 )
 
 ffibuilder = FFI()

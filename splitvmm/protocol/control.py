@@ -73,6 +73,7 @@ class Failed:
 Unasked = Annotated[int, schema.Range(0, 0)]  # no request to echo: seq is 0
 MAX_ROUTE_ID = (1 << 31) - 1
 MAX_COUNT = (1 << 63) - 1  # a frame or byte count over a device's life
+MAX_MSIX_VECTOR = 2047  # an MSI-X table has at most 2048 entries (PCI 3.0 6.8.2.3)
 MAX_GSI = 4095  # KVM's IRQ routing table (KVM_CAP_IRQ_ROUTING) has at most 4096 entries
 PRINTABLE_LINE = schema.Pattern(r"[^\x00-\x1f\x7f-\x9f]*", "one line of printable text")
 
@@ -108,9 +109,6 @@ class RouteEvent:
     gsi: Annotated[int, schema.Range(0, MAX_GSI)]
 
 
-MAX_MSIX_VECTORS = 2048  # PCI Local Bus 3.0 6.8.2.3: an MSI-X table has at most 2048 entries
-
-
 @dataclass(frozen=True, slots=True)
 class MsiEvent:
     """Device -> monitor: asks that MSI-X vector `vector` send `data` to `address` (what the
@@ -119,7 +117,7 @@ class MsiEvent:
     op: Literal["msi"]
     seq: Unasked
     id: Annotated[int, schema.Range(0, MAX_ROUTE_ID)]
-    vector: Annotated[int, schema.Range(0, MAX_MSIX_VECTORS - 1)]
+    vector: Annotated[int, schema.Range(0, MAX_MSIX_VECTOR)]
     address: Annotated[int, schema.U64]
     data: Annotated[int, schema.U32]
 

@@ -86,6 +86,7 @@ def encode_route(route_id: int, gsi: int) -> bytes:
 
 
 def encode_msi(route_id: int, vector: int, address: int, data: int) -> bytes:
+    """Ask for MSI-X `vector`'s route to the message (address, data) (control.MsiEvent)."""
     msg = {"op": "msi", "seq": 0, "id": route_id, "vector": vector, "address": address}
     return control.encode({**msg, "data": data})
 

@@ -16,6 +16,7 @@ policy in policies/<arch>/, its tests, and one entry in MODELS below.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 
 
@@ -193,6 +194,15 @@ class InterruptRecipe:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueRecipe:
+    """What a virtio model's queue 0 is given, for workloads that must see it do its I/O
+    (`splitvmm policy audit`): chains of (the bytes the driver sends, how many bytes it lets
+    the device write), each made available and notified in turn."""
+
+    chains: tuple[tuple[bytes, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelDescriptor:
     name: str  # the config's `model`, the policy's file name, the log name
     transport: Transport
@@ -205,6 +215,7 @@ class ModelDescriptor:
     console: bool = False
     output_recipe: OutputRecipe | None = None  # a model with an OUTPUT fd role has one
     interrupt_recipe: InterruptRecipe | None = None  # a model with timed interrupts has one
+    queue_recipe: QueueRecipe | None = None  # a virtio model has one
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -282,6 +293,10 @@ def virtio_fds(queues: int, *backend: FdRole) -> tuple[FdRole, ...]:
     )
 
 
+def _blk_request(kind: int, sector: int = 0, data: bytes = b"") -> bytes:
+    return struct.pack("<IIQ", kind, 0, sector) + data
+
+
 VIRTIO_BLK = ModelDescriptor(
     name="virtio-blk",  # virtio 1.2 5.2, one request queue
     transport=virtio_function(queues=1),
@@ -292,16 +307,30 @@ VIRTIO_BLK = ModelDescriptor(
         Option("serial", str, ""),  # VIRTIO_BLK_T_GET_ID's answer, at most 20 bytes
     ),
     fds=virtio_fds(1, FdRole("disk", FdKind.DISK, option="path", readonly_option="readonly")),
+    # IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES (zeroing, then unmapping), and a type the
+    # device does not know; each request's last writable byte is its status
+    queue_recipe=QueueRecipe(
+        chains=(
+            (_blk_request(0, 1), 1024 + 1),
+            (_blk_request(1, 2, bytes(range(256)) * 4), 1),
+            (_blk_request(4), 1),
+            (_blk_request(8), 20 + 1),
+            (_blk_request(11, 0, struct.pack("<QII", 8, 8, 0)), 1),
+            (_blk_request(13, 0, struct.pack("<QII", 16, 8, 0)), 1),
+            (_blk_request(13, 0, struct.pack("<QII", 24, 8, 1)), 1),
+            (_blk_request(99), 1),
+        )
+    ),
 )
 
 VIRTIO_RNG = ModelDescriptor(
     name="virtio-rng",  # virtio 1.2 5.4, one request queue
     transport=virtio_function(queues=1),
     fds=virtio_fds(1),
+    queue_recipe=QueueRecipe(chains=((b"", 4096),)),
 )
 
-# (VIRTIO_BLK and VIRTIO_RNG join when their models land in splitvmm/devprocs.)
-MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL, RTC)}
+MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL, RTC, VIRTIO_BLK, VIRTIO_RNG)}
 
 
 def module_name(model: str) -> str:

@@ -36,7 +36,9 @@ from pathlib import Path
 import pyseccomp as seccomp
 
 from splitvmm.errors import SplitvmmError
+from splitvmm.native import files
 from splitvmm.native.confine import CLONE_THREAD, FUTEX_OPS, PRCTL_OPTIONS
+from splitvmm.protocol.models import module_name
 
 ARCH = "x86_64"
 
@@ -77,6 +79,9 @@ CONSTANTS: dict[str, int] = {
     "SIG_SETMASK": signal.SIG_SETMASK,
     "STDERR_FILENO": 2,
     "SCHED_OTHER": os.SCHED_OTHER,
+    "FALLOC_FL_KEEP_SIZE": files.FALLOC_FL_KEEP_SIZE,
+    "FALLOC_FL_PUNCH_HOLE": files.FALLOC_FL_PUNCH_HOLE,
+    "FALLOC_FL_ZERO_RANGE": files.FALLOC_FL_ZERO_RANGE,
     **FUTEX_OPS,
     **PRCTL_OPTIONS,
 }
@@ -208,11 +213,17 @@ def parse_file(
     return policy
 
 
-def load_model_policy(model: str, policy_dir: Path | None = None) -> Policy:
-    """The policy a device process of `model` loads: `<model>_device.policy`."""
-    if not re.fullmatch(_NAME, model):
+def device_policy_name(model: str) -> str:
+    """`<model>_device.policy`, the model's name with "_" for "-" (as its module's)."""
+    name = module_name(model)
+    if not re.fullmatch(_NAME, name):
         raise PolicyError(f"model name {model!r} is not a policy name")
-    return parse_file((policy_dir or default_policy_dir()) / f"{model}_device.policy")
+    return f"{name}_device.policy"
+
+
+def load_model_policy(model: str, policy_dir: Path | None = None) -> Policy:
+    """The policy a device process of `model` loads: device_policy_name(model)."""
+    return parse_file((policy_dir or default_policy_dir()) / device_policy_name(model))
 
 
 def compile_filter(

@@ -1,35 +1,62 @@
 """Every model with a descriptor (protocol/models.py), not a hand-kept list: its saved state
 survives the trip through the state codec, and a restore refuses a document that is not its own.
 
-Each model is exercised through its own registers first (a write to every offset of its
-window, then a read of each), so the state is not just the reset one."""
+Each model is exercised through its own registers first (writes of each width all over its
+window, then a read of each byte), so the state is not just the reset one."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from splitvmm.devprocs.base import DeviceContext, load_model
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec
-from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.models import MODELS, FdKind
 from tests.fakes import FakeIrq
+from tests.virtio.support import close_fds, host_fds, prepared
+
+Contexts = Callable[[str], DeviceContext]
 
 
-def exercised(name: str):
+@pytest.fixture
+def contexts(tmp_path: Path) -> Iterator[Contexts]:
+    """contexts(name): a fresh context for a model, with the host fds its roles need (a
+    virtio device's guest RAM, eventfds and disk), on the same fds each time."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 16))
+    made: dict[str, dict[str, int]] = {}
+
+    def context(name: str) -> DeviceContext:
+        if not any(r.kind is FdKind.GUEST_RAM for r in MODELS[name].fds):
+            return DeviceContext(irq=FakeIrq())
+        fds = made.setdefault(name, host_fds(name, disk))
+        return prepared(name, fds)
+
+    yield context
+    for fds in made.values():
+        close_fds(fds)
+
+
+def exercised(name: str, contexts: Contexts):
+    """The model after a write of each width to every offset of its window, then a read of
+    each byte: a state that is not the reset one."""
     model = load_model(name)
-    device = model(DeviceContext(irq=FakeIrq()))
-    for offset in range(model.WINDOW):
-        device.write(offset, bytes([0x5A ^ offset]))
+    device = model.from_options(contexts(name), {})
+    for size in (1, 2, 4):
+        for offset in range(0, model.WINDOW - size + 1, size):
+            device.write(offset, ((0x5A ^ offset) & 0xFF).to_bytes(size, "little"))
     for offset in range(model.WINDOW):
         device.read(offset, 1)
     return model, device
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_state_roundtrip_through_codec_is_lossless(name):
-    model, device = exercised(name)
+def test_state_roundtrip_through_codec_is_lossless(name, contexts):
+    model, device = exercised(name, contexts)
     device.quiesce()
     state = device.save()
 
@@ -37,12 +64,12 @@ def test_state_roundtrip_through_codec_is_lossless(name):
     decoded = codec.state_from_document(name, model.State, document)
 
     assert decoded == state
-    assert model.restore(DeviceContext(irq=FakeIrq()), decoded).save() == state
+    assert model.restore(contexts(name), decoded).save() == state
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_state_document_of_another_model_refused(name):
-    model, device = exercised(name)
+def test_state_document_of_another_model_refused(name, contexts):
+    model, device = exercised(name, contexts)
     document = codec.state_document(name, device.save())
 
     with pytest.raises(StateError, match="not for model"):
@@ -50,8 +77,8 @@ def test_state_document_of_another_model_refused(name):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_state_document_from_a_newer_release_refused(name):
-    model, device = exercised(name)
+def test_state_document_from_a_newer_release_refused(name, contexts):
+    model, device = exercised(name, contexts)
     document = {**codec.state_document(name, device.save()), "version": model.State.VERSION + 1}
 
     with pytest.raises(StateError, match="version"):

@@ -21,7 +21,9 @@ from pathlib import Path
 import cloudpickle  # type: ignore[import-untyped]
 import zmq
 
+from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.protocol import wire
+from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.spawn import start_device
 
@@ -62,11 +64,20 @@ class SandboxedDevice:
         self.sock.bind(self.endpoint)
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        fds = {"irq": self.irq, "out": out_w if out is None else out, **(extra_fds or {})}
+        # A virtio model's roles (guest RAM, eventfds, a disk) as the monitor would make them.
+        descriptor = MODELS[model]
+        virtio = any(role.kind is FdKind.GUEST_RAM for role in descriptor.fds)
+        self.stand_ins = stand_in_fds(descriptor, rundir, {}) if virtio else {}
+        transport = stand_in_transport() if virtio else None
+        fds = {"irq": self.irq, "out": out_w if out is None else out, **self.stand_ins}
+        fds.update(extra_fds or {})
         self.result_r = -1
         if hook is not None:
             self.result_r, fds["hook_result"] = os.pipe2(os.O_CLOEXEC)
-        spec = DeviceSpec(f"{model}0", model, self.endpoint, fds, seccomp=seccomp, hook=encoded)
+        spec = DeviceSpec(
+            f"{model}0", model, self.endpoint, fds, seccomp=seccomp, hook=encoded,
+            transport=transport,
+        )  # fmt: skip
         self.stderr_path = rundir / f"{model}0.stderr"
         argv = [sys.executable, "-m", "splitvmm.devprocs"]  # the spec goes on stdin
         if not sandboxed:
@@ -125,7 +136,7 @@ class SandboxedDevice:
             return
         self.sock.close()
         self.zctx.term()
-        for fd in (self.irq, self.out_r, self.result_r):
+        for fd in (self.irq, self.out_r, self.result_r, *self.stand_ins.values()):
             if fd >= 0:
                 os.close(fd)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyseccomp as seccomp  # type: ignore[import-untyped]
 import pytest
 
+from splitvmm.protocol.models import MODELS
 from splitvmm.sandbox import policy
 from splitvmm.sandbox.policy import Cmp, PolicyError, Rule
 
@@ -130,7 +131,7 @@ def test_compile_filter_defaults_to_kill_process_and_tsync() -> None:
     assert filt.get_attr(seccomp.Attr.CTL_TSYNC) == 1
 
 
-@pytest.mark.parametrize("model", ["serial", "rtc"])
+@pytest.mark.parametrize("model", sorted(MODELS))
 def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open(model: str) -> None:
     parsed = policy.load_model_policy(model)
 

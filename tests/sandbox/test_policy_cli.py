@@ -60,3 +60,19 @@ def test_policy_audit_when_rtc_traces_its_timed_interrupts_all_in_policy() -> No
     names = {line.split()[0] for line in result.output.splitlines()[:-1]}
     assert {"poll", "write", "recvfrom"} <= names  # deadline waits, irq eventfd, channel
     assert "rtc: " in result.output.splitlines()[-1]
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize(
+    ("model", "own"),
+    [
+        ("virtio-blk", {"preadv2", "pwritev2", "fdatasync", "fallocate"}),
+        ("virtio-rng", {"getrandom"}),
+    ],
+)
+def test_policy_audit_when_virtio_serves_its_queue_all_in_policy(model: str, own: set[str]) -> None:
+    result = CliRunner().invoke(cli, ["policy", "audit", model, "--accesses", "200"])
+
+    assert result.exit_code == 0, result.output
+    names = {line.split()[0] for line in result.output.splitlines()[:-1]}
+    assert own <= names  # its requests were served, each through its own calls

@@ -284,12 +284,12 @@ CASES: dict[str, Case] = {
     "model-unknown": Case(
         manifest(
             lambda m, e: (
-                m["vm_config"]["device"][0].update(model="virtio-blk"),
-                next(c for c in m["chunks"] if c["name"] == "serial0").update(model="virtio-blk"),
+                m["vm_config"]["device"][0].update(model="virtio-gpu"),
+                next(c for c in m["chunks"] if c["name"] == "serial0").update(model="virtio-gpu"),
             )
         ),
-        "unknown model 'virtio-blk'",
-        up_refused="saved model 'virtio-blk', the config says 'serial'",
+        "unknown model 'virtio-gpu'",
+        up_refused="saved model 'virtio-gpu', the config says 'serial'",
     ),
     "model-swapped-in-config": config_only(device(model="rng"), "unknown model 'rng'"),
     "model-swapped-in-chunk": Case(chunk("serial0", model="rng"), "saved model 'rng'"),

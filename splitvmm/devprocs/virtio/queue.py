@@ -276,6 +276,12 @@ class SplitQueue:
         self._ram.write_u16(self.used + RING_HEADER + 8 * self.size, self.last_avail)
 
     # -- restarts and snapshots ----------------------------------------------------------
+    def fresh(self) -> None:
+        """The driver just enabled this queue: it has seen the used idx there is (nothing
+        used yet), so the next needs_notification() applies the spec's rule rather than
+        answer yes to be safe, as after a restore or restart."""
+        self._signalled = self.used_idx
+
     def resume_from_used(self) -> None:
         """After the device process restarted: take up again from the used ring's idx in
         guest memory, so an in-order device re-runs exactly the chains it had not returned."""

@@ -1,0 +1,182 @@
+"""virtio-blk throughput: splitvmm next to QEMU and host `dd`, on the same guest and file.
+
+Runs the firmware-virtio-blk test guest (a `-bios` image written from the virtio spec; it
+assigns the BARs itself, as no firmware does it under `qemu -bios`) in `mode=bench`: it
+writes `size` (64 MiB) sequentially in 1 MiB requests, FLUSHes, reads it back in 1 MiB
+requests, then does 4096 random 4 KiB reads, 8 requests in flight, polling the used ring,
+and times each phase with the TSC (rate measured against the PIT). Under `splitvmm up` the
+requests go to the virtio-blk device process through its ioeventfd, and data moves between
+the image (page cache) and guest RAM with preadv/pwritev in that process; under
+`qemu-system-x86_64 -accel kvm` to virtio-blk-pci (cache=writeback: also the page cache).
+The floor, in the same run on the same file: `dd` with 1 MiB blocks (page cache, as both
+VMMs use it), and 4 KiB preads at the same random offsets from one host thread.
+
+Both VMMs run the guest alternately, RUNS times each; figures are medians. On a PVM host the
+guest's own code (CPL0 here: a firmware) is emulated at ~1 µs an instruction for both VMMs
+alike, so what differs is the device's work per request.
+
+    python bench/blk.py [--runs R] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.vmrun import run_to_end  # noqa: E402
+from tests.guests.build import build_guests  # noqa: E402
+
+QEMU = "qemu-system-x86_64"
+EXIT_STATUS = 33  # the guest's debug-exit 0x10: (0x10 << 1) | 1
+RUN_TIMEOUT_S = 600
+DISK_SIZE = 128 << 20
+BENCH_MIB = 64  # the guest's default size= in mode=bench
+RANDOM_READS = 4096  # the guest's default ios=
+MEMORY = "128M"
+RATE = re.compile(
+    r"^virtio-blk: bench (seq-write-1m|seq-read-1m|rand-read-4k) .*?(?:mib_s|iops)=([\d.]+)", re.M
+)
+PHASES = ("seq-write-1m", "seq-read-1m", "rand-read-4k")
+
+
+def parse(text: str, who: str) -> dict[str, float]:
+    found = {phase: float(value) for phase, value in RATE.findall(text)}
+    if set(found) != set(PHASES):
+        raise SystemExit(f"{who}: the guest did not print its three rates:\n{text}")
+    return found
+
+
+def make_disk(path: Path) -> Path:
+    with path.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    return path
+
+
+def run_splitvmm(image: Path, disk: Path, work: Path, i: int) -> dict[str, float]:
+    serial = work / f"splitvmm-{i}.log"
+    config = work / f"splitvmm-{i}.toml"
+    config.write_text(
+        f'[vm]\nname = "bench-blk"\nmemory = "{MEMORY}"\n[boot]\nfirmware = "{image}"\n'
+        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
+        f'[[device]]\nname = "blk0"\nmodel = "virtio-blk"\npath = "{disk}"\n'
+    )
+    argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
+    return parse(run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "splitvmm"), "splitvmm")
+
+
+def run_qemu(qemu: str, image: Path, disk: Path, work: Path, i: int) -> dict[str, float]:
+    serial = work / f"qemu-{i}.log"
+    argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", MEMORY.removesuffix("M")]
+    argv += ["-display", "none", "-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
+    argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    argv += ["-drive", f"if=none,id=d0,file={disk},format=raw,cache=writeback"]
+    argv += ["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+    return parse(run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "QEMU"), "QEMU")
+
+
+def dd_mib_s(argv: list[str]) -> float:
+    """MiB/s of a dd of BENCH_MIB MiB, from its own wall time."""
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return BENCH_MIB / (time.perf_counter() - start)
+
+
+def host_floor(disk: Path) -> dict[str, float]:
+    write = dd_mib_s(
+        ["dd", "if=/dev/zero", f"of={disk}", "bs=1M", f"count={BENCH_MIB}", "conv=notrunc"]
+    )
+    read = dd_mib_s(["dd", f"if={disk}", "of=/dev/null", "bs=1M", f"count={BENCH_MIB}"])
+    rng = random.Random(1)
+    offsets = [rng.randrange(BENCH_MIB * 256) * 4096 for _ in range(RANDOM_READS)]
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        for off in offsets:
+            os.pread(fd, 4096, off)
+        iops = RANDOM_READS / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+    return {"seq-write-1m": write, "seq-read-1m": read, "rand-read-4k": iops}
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {phase: statistics.median(r[phase] for r in runs) for phase in PHASES}
+
+
+def qemu_version(qemu: str) -> str:
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs of the guest under each VMM")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    qemu = shutil.which(QEMU)
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # a real disk, not a tmpfs
+        work = Path(tmp)
+        image = build_guests(work / "guests")["firmware-virtio-blk"]
+        disk = make_disk(work / "disk.img")
+        ours, theirs, floor = [], [], []
+        for i in range(args.runs):  # alternate, so drift on the host hits all alike
+            ours.append(run_splitvmm(image, disk, work, i))
+            if qemu:
+                theirs.append(run_qemu(qemu, image, disk, work, i))
+            floor.append(host_floor(disk))
+    result = {
+        "runs": args.runs,
+        "qemu": qemu_version(qemu) if qemu else None,
+        "splitvmm": medians(ours),
+        "qemu_figures": medians(theirs) if theirs else None,
+        "host": medians(floor),
+        "samples": {"splitvmm": ours, "qemu": theirs, "host": floor},
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print_table(result, args.runs)
+
+
+def print_table(result: dict[str, object], runs: int) -> None:
+    ours, host = result["splitvmm"], result["host"]
+    theirs = result["qemu_figures"]
+    assert isinstance(ours, dict) and isinstance(host, dict)
+    table = Table(
+        title=f"virtio-blk, firmware-virtio-blk guest, {BENCH_MIB} MiB, 8 in flight "
+        f"(median of {runs} runs)",
+        caption=str(result["qemu"] or f"{QEMU} not found"),
+    )
+    for column in ("", "splitvmm", "QEMU", "host floor", "splitvmm / floor", "splitvmm / QEMU"):
+        table.add_column(column, justify="right" if column else "left")
+    units = {"seq-write-1m": "MiB/s", "seq-read-1m": "MiB/s", "rand-read-4k": "IOPS"}
+    for phase in PHASES:
+        q = theirs[phase] if isinstance(theirs, dict) else None
+        table.add_row(
+            f"{phase} ({units[phase]})",
+            f"{ours[phase]:.0f}",
+            "-" if q is None else f"{q:.0f}",
+            f"{host[phase]:.0f}",
+            f"{ours[phase] / host[phase]:.2f}",
+            "-" if q is None else f"{ours[phase] / q:.2f}",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""A PCI function's interrupts as a device process signals them: MSI-X and INTx.
+
+MSI-X (PCI Local Bus 3.0 6.8.2): the table and the pending bits (PBA) live in BAR 1; the
+enable and function-mask bits in the capability's message control (config space). Each
+vector has an irqfd (fd role msix<k>) that the monitor registered on a GSI of its own, but a
+GSI goes nowhere until the monitor installs its route: the device asks for one (event
+`msi`: vector, address, data) whenever MSI-X is enabled and an unmasked entry holds a
+message it has no route for, and signals the vector only once a route_done for that very
+message came back ok. Until then, and while the vector or the function is masked, the
+vector's pending bit is set; it is signalled when the last obstacle goes.
+
+INTx (PCI 3.0 2.2.6, virtio 1.2 4.1.4.5): a level-triggered line through an irqfd with a
+resample fd. The device asserts it (writes the irqfd) when the ISR becomes non-zero while
+MSI-X is disabled and INTx is not disabled in the command register; the guest's EOI
+deasserts it in KVM and signals the resample fd, and the device asserts again if the ISR
+is still non-zero (the driver did not read it yet).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from splitvmm.devprocs.base import DeviceEvents, Trigger
+
+NO_VECTOR = 0xFFFF  # virtio 1.2 4.1.5.1.2: "no vector"
+ENTRY_SIZE = 16  # message address (lo, hi), message data, vector control
+PBA_OFFSET = 0x800  # in BAR 1, after the table
+VECTOR_MASKED = 1  # vector control bit 0
+# x86 MSI: a message must target the local APICs' window (the monitor checks it again)
+MSI_ADDRESS = range(0xFEE00000, 0xFEF00000)
+
+
+@dataclass(slots=True)
+class Entry:
+    address: int = 0
+    data: int = 0
+    control: int = VECTOR_MASKED  # every vector is masked at reset (PCI 3.0 6.8.2.9)
+
+
+class Msix:
+    """The MSI-X table, PBA and control bits of one function, and its route requests."""
+
+    def __init__(self, triggers: Sequence[Trigger], events: DeviceEvents) -> None:
+        self.triggers = list(triggers)  # one irqfd per vector
+        self.events = events
+        self.entries = [Entry() for _ in triggers]
+        self.pending = 0  # bit k: vector k is pending
+        self.enabled = False
+        self.function_mask = False
+        self.routed: list[tuple[int, int] | None] = [None] * len(triggers)  # confirmed messages
+        self._asked: dict[int, tuple[int, int, int]] = {}  # route id -> (vector, address, data)
+        self.refused = 0  # route requests the monitor refused (a bad message from the guest)
+
+    @property
+    def vectors(self) -> int:
+        return len(self.entries)
+
+    # -- the guest's accesses (BAR 1) -----------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes | None:
+        """A table or PBA read; None for an access of the wrong size or alignment."""
+        if size not in (4, 8) or offset % size:
+            return None
+        if offset < PBA_OFFSET:
+            raw = b"".join(self._entry_bytes(e) for e in self.entries)
+        else:
+            raw = self.pending.to_bytes(-(-self.vectors // 64) * 8, "little")
+            offset -= PBA_OFFSET
+        return raw[offset : offset + size].ljust(size, b"\0")
+
+    def write(self, offset: int, data: bytes) -> bool:
+        """A table write (the PBA is read-only); False for a bad size, alignment or place."""
+        if len(data) not in (4, 8) or offset % len(data) or offset >= self.vectors * ENTRY_SIZE:
+            return False
+        for i in range(0, len(data), 4):
+            self._write_dword(offset + i, int.from_bytes(data[i : i + 4], "little"))
+        self.update()
+        return True
+
+    def _write_dword(self, offset: int, value: int) -> None:
+        entry = self.entries[offset // ENTRY_SIZE]
+        field = offset % ENTRY_SIZE
+        if field == 0:
+            entry.address = (entry.address & ~0xFFFF_FFFF) | (value & ~3)  # dword aligned
+        elif field == 4:
+            entry.address = (entry.address & 0xFFFF_FFFF) | (value << 32)
+        elif field == 8:
+            entry.data = value
+        else:
+            entry.control = value & VECTOR_MASKED
+
+    @staticmethod
+    def _entry_bytes(e: Entry) -> bytes:
+        return struct.pack("<QII", e.address, e.data, e.control)
+
+    def set_control(self, enabled: bool, function_mask: bool) -> None:
+        """The capability's message control bits, as the guest wrote them."""
+        self.enabled, self.function_mask = enabled, function_mask
+        self.update()
+
+    # -- signalling ------------------------------------------------------------------------
+    def signal(self, vector: int) -> None:
+        """Raise `vector` now if it may fire, else make it pending."""
+        if vector >= self.vectors:
+            return  # NO_VECTOR, or one the table lacks: the driver asked for no interrupt
+        self.pending |= 1 << vector
+        self.update()
+
+    def update(self) -> None:
+        """Ask for the routes now needed, then fire what is pending and may fire."""
+        if not self.enabled:
+            return
+        for k, entry in enumerate(self.entries):
+            if entry.control & VECTOR_MASKED:
+                continue
+            message = (entry.address, entry.data)
+            if self.routed[k] != message and not self._asking(k, message):
+                self._ask(k, message)
+            if self.pending >> k & 1 and not self.function_mask and self.routed[k] == message:
+                self.pending &= ~(1 << k)
+                self.triggers[k].trigger()
+
+    def _asking(self, vector: int, message: tuple[int, int]) -> bool:
+        return (vector, *message) in self._asked.values()
+
+    def _ask(self, vector: int, message: tuple[int, int]) -> None:
+        # One request per vector at most: an answer for an older message of this vector is
+        # of no use any more, and a guest rewriting its table cannot grow this.
+        self._asked = {i: a for i, a in self._asked.items() if a[0] != vector}
+        route_id = self.events.request_msi(vector, *message)
+        self._asked[route_id] = (vector, *message)
+
+    def route_done(self, route_id: int, ok: bool, reason: str) -> None:
+        """The monitor's answer: the vector may fire once its entry still holds that message."""
+        asked = self._asked.pop(route_id, None)
+        if asked is None:
+            return  # not ours (an INTx or older request): nothing waits on it
+        vector, address, data = asked
+        if not ok:
+            self.refused += 1
+            return
+        self.routed[vector] = (address, data)
+        self.update()
+
+    def forget_routes(self) -> None:
+        """A restored device asks again: the routes were the old monitor's."""
+        self.routed = [None] * self.vectors
+        self._asked.clear()
+
+
+class Intx:
+    """INTA# through a level irqfd and its resample fd (see the module docstring)."""
+
+    def __init__(self, irqfd: Trigger, asserting: Callable[[], bool]) -> None:
+        self.irqfd = irqfd
+        self.asserting = asserting  # whether the line should be up now
+
+    def update(self) -> None:
+        """The ISR became non-zero (or the guest ended the interrupt): assert if due."""
+        if self.asserting():
+            self.irqfd.trigger()

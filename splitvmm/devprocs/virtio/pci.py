@@ -1,0 +1,582 @@
+"""The virtio 1.x PCI transport (virtio 1.2 4.1), device side, as a RegisterDevice.
+
+The function's flat window (protocol.models.PciFunction.regions()): its configuration space
+at 0 (config_space.py), BAR 0's registers, BAR 1's MSI-X table and PBA (msix.py). BAR 0:
+
+    0x0000  common configuration (4.1.4.3): features, status, queue set-up
+    0x1000  ISR status (4.1.4.5): one byte, reading clears it
+    0x2000  the device-specific configuration (the model's config_bytes/config_write)
+    0x3000  queue notify addresses, 4 bytes apart (4.1.4.4); the monitor's ioeventfds take
+            the guest's writes there (fd roles notify<q>): a write that reaches us over
+            the channel is a notify too
+
+Common configuration fields are accessed at their natural width (4.1.3.1; a 64-bit field
+also as two 32-bit halves); any other access is a guest mistake: counted, reads give zeros.
+
+A queue is processed when its notify eventfd fires, only while DRIVER_OK is set and
+neither NEEDS_RESET nor FAILED: every available chain, in order, each completed before the
+next (processing is synchronous), then one interrupt if the driver wants one, then the
+device's state is published (a crash restart starts from it). A hostile ring or a buffer
+outside guest RAM (QueueError, GuestRamError) stops the device: NEEDS_RESET, a
+configuration-change interrupt, nothing more until the driver resets it.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, ClassVar, Self
+
+from splitvmm.devprocs.base import DeviceContext, RegisterDevice, Source
+from splitvmm.devprocs.virtio import config_space
+from splitvmm.devprocs.virtio.config_space import (
+    COMMON_SIZE,
+    DEVICE_CFG_OFFSET,
+    DEVICE_CFG_SIZE,
+    ISR_OFFSET,
+)
+from splitvmm.devprocs.virtio.guestram import GuestRam, GuestRamError
+from splitvmm.devprocs.virtio.msix import NO_VECTOR, Intx, Msix
+from splitvmm.devprocs.virtio.queue import Chain, QueueError, SplitQueue
+from splitvmm.devprocs.virtio.state import MsixEntryState, QueueState, VirtioPciState
+from splitvmm.errors import StateError
+from splitvmm.native.eventfd import EventFd
+from splitvmm.protocol import codec
+from splitvmm.protocol.models import MODELS, PciFunction
+from splitvmm.ratelimit import RateLimitedLog
+
+log = logging.getLogger("splitvmm.dev.virtio")
+
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT_DESC
+
+ISR_QUEUE = 0x1
+ISR_CONFIG = 0x2
+MAX_QUEUE_SIZE = 32768  # virtio 1.2 2.7: a split queue's size, a power of 2
+
+
+class Status(enum.IntFlag):
+    ACKNOWLEDGE = 0x01
+    DRIVER = 0x02
+    DRIVER_OK = 0x04
+    FEATURES_OK = 0x08
+    NEEDS_RESET = 0x40
+    FAILED = 0x80
+
+
+class Common(enum.IntEnum):
+    """struct virtio_pci_common_cfg (virtio 1.2 4.1.4.3): offset of each field."""
+
+    DEVICE_FEATURE_SELECT = 0x00
+    DEVICE_FEATURE = 0x04
+    DRIVER_FEATURE_SELECT = 0x08
+    DRIVER_FEATURE = 0x0C
+    MSIX_CONFIG = 0x10
+    NUM_QUEUES = 0x12
+    DEVICE_STATUS = 0x14
+    CONFIG_GENERATION = 0x15
+    QUEUE_SELECT = 0x16
+    QUEUE_SIZE = 0x18
+    QUEUE_MSIX_VECTOR = 0x1A
+    QUEUE_ENABLE = 0x1C
+    QUEUE_NOTIFY_OFF = 0x1E
+    QUEUE_DESC = 0x20
+    QUEUE_DRIVER = 0x28
+    QUEUE_DEVICE = 0x30
+    QUEUE_NOTIFY_DATA = 0x38
+    QUEUE_RESET = 0x3A
+
+
+WIDTH = {f: 4 for f in Common if f < Common.MSIX_CONFIG} | {
+    **dict.fromkeys((Common.DEVICE_STATUS, Common.CONFIG_GENERATION), 1),
+    **dict.fromkeys((Common.QUEUE_DESC, Common.QUEUE_DRIVER, Common.QUEUE_DEVICE), 8),
+}
+
+
+def field_of(offset: int, size: int) -> tuple[Common, int] | None:
+    """(field, bit shift) of a common-cfg access of `size` at `offset`: the field at its
+    width, or half of a 64-bit field; None for any other access."""
+    for base, shift in ((offset, 0), (offset - 4, 32)):
+        if base not in Common._value2member_map_:
+            continue
+        width = WIDTH.get(Common(base), 2)
+        if width == size and shift == 0 or width == 8 and size == 4:
+            return Common(base), shift
+    return None
+
+
+class VirtioPciDevice(RegisterDevice):
+    """A virtio device on PCI; a model says what it is (DEVICE_ID, CLASS_CODE, features,
+    its configuration) and what a chain on one of its queues does (handle)."""
+
+    DEVICE_ID: ClassVar[int]  # virtio 1.2 5: 2 block, 4 entropy
+    CLASS_CODE: ClassVar[int]  # PCI class, subclass, programming interface
+    QUEUE_SIZE: ClassVar[int] = 256  # the largest queue the device offers (power of 2)
+    MAPPED_FDS = ("ram", "dirty")
+    State: ClassVar[type[VirtioPciState]]
+
+    # -- what a model says -------------------------------------------------------------------
+    def device_features(self) -> int:
+        """The model's own feature bits (the transport adds VERSION_1, EVENT_IDX, INDIRECT)."""
+        return 0
+
+    def config_bytes(self) -> bytes:
+        """The device-specific configuration as the driver reads it (little-endian)."""
+        return b""
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """A driver write to the device configuration: none is writable unless a model says."""
+        self.ctx.counters.bad_access += 1
+
+    @abc.abstractmethod
+    def handle(self, queue: int, chain: Chain) -> int:
+        """Serve one chain; the bytes written into its writable buffers. GuestRamError or
+        QueueError: the chain is hostile (the device goes NEEDS_RESET)."""
+
+    def reset_model(self) -> None:
+        """Device reset (status 0): the model's own state back to its initial values."""
+        return None  # deliberately empty: a model with no state of its own
+
+    def model_fields(self) -> dict[str, Any]:
+        """The model's fields of its State (beyond the transport's)."""
+        return {}
+
+    @classmethod
+    def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
+        """A device with the model's fields of `state`, each checked (StateError)."""
+        return cls(ctx)
+
+    # -- set-up ------------------------------------------------------------------------------
+    @classmethod
+    def setup(cls, ctx: DeviceContext) -> None:
+        """Map guest RAM (fd roles ram and dirty, placed by transport["ram"])."""
+        ctx.prepared["ram"] = GuestRam.map(ctx.fds["ram"], ctx.fds["dirty"], ram_ranges(ctx))
+
+    def __init__(self, ctx: DeviceContext) -> None:
+        super().__init__(ctx)
+        function = MODELS[self.NAME].transport
+        if not isinstance(function, PciFunction) or function.notify is None:
+            raise TypeError(f"{type(self).__name__}: its descriptor is not a virtio function")
+        self.function = function
+        ram = ctx.prepared.get("ram")
+        if not isinstance(ram, GuestRam):
+            raise TypeError(f"{self.NAME}: guest RAM is not mapped (setup() did not run)")
+        self.ram = ram
+        self.queue_count = function.notify.queues
+        self._bar0 = function.region_of_bar(0)
+        self._bar1 = function.region_of_bar(1)
+        self.msix = Msix([EventFd(ctx.fds[f"msix{k}"]) for k in range(function.msix_vectors)],
+                         ctx.events)  # fmt: skip
+        ctx.events.on_route_done = self.msix.route_done
+        self.intx = Intx(EventFd(ctx.fds["intx"]), self._intx_level)
+        self._notify = [EventFd(ctx.fds[f"notify{q}"]) for q in range(self.queue_count)]
+        self._resample = EventFd(ctx.fds["intx_resample"])
+        self._sources = [Source(self._resample.fd, self._on_resample)]
+        self._notify_sources = [
+            Source(fd.fd, functools.partial(self._on_notify, q))
+            for q, fd in enumerate(self._notify)
+        ]
+        self.command = 0
+        self.cfg_access = config_space.CfgAccess()
+        gsi = ctx.transport.get("intx_gsi")
+        self.interrupt_line = gsi if isinstance(gsi, int) and 0 <= gsi <= 0xFF else 0xFF
+        self.quiesced = False
+        self._warn = RateLimitedLog(log)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Device reset (virtio 1.2 2.4): everything but the PCI function's own registers."""
+        self.status = 0
+        self.device_feature_select = self.driver_feature_select = 0
+        self.driver_features = 0
+        self.msix_config = NO_VECTOR
+        self.config_generation = getattr(self, "config_generation", 0)
+        self.queue_select = 0
+        self.isr = 0
+        self.queues = [self._fresh_queue() for _ in range(self.queue_count)]
+        self.rings: list[SplitQueue | None] = [None] * self.queue_count
+        self.reset_model()
+
+    def _fresh_queue(self) -> QueueState:
+        return QueueState(size=self.QUEUE_SIZE, msix_vector=NO_VECTOR, enabled=False,
+                          desc=0, driver=0, device=0, last_avail=0, used_idx=0)  # fmt: skip
+
+    # -- the window --------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        value = self._read(offset, size)
+        if value is None:
+            self.ctx.counters.bad_access += 1
+            return bytes(size)
+        return value
+
+    def _read(self, offset: int, size: int) -> bytes | None:
+        if offset < self._bar0.start:
+            return config_space.read(self, offset, size)
+        if offset >= self._bar1.start:
+            return self.msix.read(offset - self._bar1.start, size)
+        offset -= self._bar0.start
+        if offset < COMMON_SIZE:
+            return self._common_read(offset, size)
+        if offset == ISR_OFFSET and size == 1:
+            isr, self.isr = self.isr, 0  # reading clears it (and the line stays down at EOI)
+            return bytes([isr])
+        if DEVICE_CFG_OFFSET <= offset < DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE:
+            raw = self.config_bytes()[offset - DEVICE_CFG_OFFSET :][:size]
+            return raw.ljust(size, b"\0")
+        if self._notify_queue(offset) is not None:
+            return bytes(size)  # a notify address reads as nothing
+        return None
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not self._write(offset, data):
+            self.ctx.counters.bad_access += 1
+
+    def _write(self, offset: int, data: bytes) -> bool:
+        if offset < self._bar0.start:
+            return config_space.write(self, offset, data)
+        if offset >= self._bar1.start:
+            return self.msix.write(offset - self._bar1.start, data)
+        offset -= self._bar0.start
+        if offset < COMMON_SIZE:
+            return self._common_write(offset, data)
+        if DEVICE_CFG_OFFSET <= offset < DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE:
+            self.config_write(offset - DEVICE_CFG_OFFSET, data)
+            return True
+        queue = self._notify_queue(offset)
+        if queue is None:
+            return False
+        self.process(queue)  # a notify that took the slow path
+        return True
+
+    def _notify_queue(self, offset: int) -> int | None:
+        notify = self.function.notify
+        assert notify is not None  # checked in __init__
+        q, rest = divmod(offset - notify.offset, notify.multiplier)
+        return q if offset >= notify.offset and 0 <= q < self.queue_count else None
+
+    # -- common configuration ----------------------------------------------------------------
+    def _common_read(self, offset: int, size: int) -> bytes | None:
+        found = field_of(offset, size)
+        if found is None:
+            return None
+        field, shift = found
+        value = self._common_get(field) >> shift
+        return (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+
+    def _common_get(self, field: Common) -> int:
+        queue = self._selected()
+        match field:
+            case Common.DEVICE_FEATURE_SELECT:
+                return self.device_feature_select
+            case Common.DEVICE_FEATURE:
+                return self._offered() >> (32 * self.device_feature_select) & 0xFFFF_FFFF
+            case Common.DRIVER_FEATURE_SELECT:
+                return self.driver_feature_select
+            case Common.DRIVER_FEATURE:
+                return self.driver_features >> (32 * self.driver_feature_select) & 0xFFFF_FFFF
+            case Common.MSIX_CONFIG:
+                return self.msix_config
+            case Common.NUM_QUEUES:
+                return self.queue_count
+            case Common.DEVICE_STATUS:
+                return self.status
+            case Common.CONFIG_GENERATION:
+                return self.config_generation
+            case Common.QUEUE_SELECT:
+                return self.queue_select
+        return 0 if queue is None else self._queue_get(field, queue)
+
+    def _queue_get(self, field: Common, queue: QueueState) -> int:
+        return {
+            Common.QUEUE_SIZE: queue.size,
+            Common.QUEUE_MSIX_VECTOR: queue.msix_vector,
+            Common.QUEUE_ENABLE: int(queue.enabled),
+            Common.QUEUE_NOTIFY_OFF: self.queue_select,  # notify at offset + q * multiplier
+            Common.QUEUE_DESC: queue.desc,
+            Common.QUEUE_DRIVER: queue.driver,
+            Common.QUEUE_DEVICE: queue.device,
+        }.get(field, 0)  # notify data, reset: neither feature is offered
+
+    def _selected(self) -> QueueState | None:
+        return self.queues[self.queue_select] if self.queue_select < self.queue_count else None
+
+    def _common_write(self, offset: int, data: bytes) -> bool:
+        found = field_of(offset, len(data))
+        if found is None:
+            return False
+        field, shift = found
+        value = int.from_bytes(data, "little")
+        if field in (Common.QUEUE_DESC, Common.QUEUE_DRIVER, Common.QUEUE_DEVICE):
+            old = self._common_get(field)
+            mask = ((1 << 8 * len(data)) - 1) << shift
+            value = old & ~mask | value << shift
+        return self._common_set(field, value)
+
+    def _common_set(self, field: Common, value: int) -> bool:
+        match field:
+            case Common.DEVICE_FEATURE_SELECT:
+                self.device_feature_select = value
+            case Common.DRIVER_FEATURE_SELECT:
+                self.driver_feature_select = value
+            case Common.DRIVER_FEATURE:
+                return self._set_driver_features(value)
+            case Common.MSIX_CONFIG:
+                self.msix_config = value if value < self.msix.vectors else NO_VECTOR
+            case Common.DEVICE_STATUS:
+                self._set_status(value)
+            case Common.QUEUE_SELECT:
+                self.queue_select = value
+            case _:
+                return self._queue_set(field, value)
+        return True
+
+    def _set_driver_features(self, value: int) -> bool:
+        select = self.driver_feature_select
+        if select >= 4 or self.status & Status.FEATURES_OK:
+            return False  # past 128 bits, or features already accepted: ignored
+        mask = 0xFFFF_FFFF << (32 * select)
+        self.driver_features = self.driver_features & ~mask | value << (32 * select)
+        return True
+
+    def _queue_set(self, field: Common, value: int) -> bool:
+        queue, q = self._selected(), self.queue_select
+        if queue is None or queue.enabled and field != Common.QUEUE_MSIX_VECTOR:
+            return False  # no such queue, or a live queue's layout (4.1.4.3.2: MUST NOT)
+        match field:
+            case Common.QUEUE_SIZE if 0 < value <= self.QUEUE_SIZE and value & (value - 1) == 0:
+                self.queues[q] = replace(queue, size=value)
+            case Common.QUEUE_MSIX_VECTOR:
+                vector = value if value < self.msix.vectors else NO_VECTOR
+                self.queues[q] = replace(queue, msix_vector=vector)
+            case Common.QUEUE_ENABLE if value == 1:
+                self._enable_queue(q)
+            case Common.QUEUE_DESC:
+                self.queues[q] = replace(queue, desc=value)
+            case Common.QUEUE_DRIVER:
+                self.queues[q] = replace(queue, driver=value)
+            case Common.QUEUE_DEVICE:
+                self.queues[q] = replace(queue, device=value)
+            case _:
+                return False  # read-only, or a value the field cannot take
+        return True
+
+    def _enable_queue(self, q: int) -> None:
+        self.queues[q] = replace(self.queues[q], enabled=True, last_avail=0, used_idx=0)
+        if self.ctx.restarted:
+            # Replayed after a crash (the checkpoint predates the enable): the dead process
+            # may have served chains since, so the position is the used ring's.
+            self._position_from_used_ring(q)
+        self._open_ring(q)
+        ring = self.rings[q]
+        if ring is not None and not self.ctx.restarted:
+            ring.fresh()
+
+    def _open_ring(self, q: int) -> None:
+        queue = self.queues[q]
+        try:
+            ring = SplitQueue(
+                self.ram, queue.size, queue.desc, queue.driver, queue.device,
+                event_idx=bool(self.driver_features & VIRTIO_F_EVENT_IDX),
+                indirect=bool(self.driver_features & VIRTIO_F_INDIRECT_DESC),
+            )  # fmt: skip
+        except (QueueError, GuestRamError) as e:
+            self.needs_reset(f"queue {q}: {e}")
+            return
+        ring.last_avail, ring.used_idx = queue.last_avail, queue.used_idx
+        self.rings[q] = ring
+
+    # -- status and features (virtio 1.2 2.1, 2.2, 3.1) ------------------------------------------
+    def _offered(self) -> int:
+        return TRANSPORT_FEATURES | self.device_features()
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self._reset()
+            return
+        if value & Status.FEATURES_OK and not self.status & Status.FEATURES_OK:
+            accepted = self.driver_features
+            if accepted & ~self._offered() or not accepted & VIRTIO_F_VERSION_1:
+                value &= ~Status.FEATURES_OK  # refused: the driver reads it back clear
+        self.status = value & ~Status.NEEDS_RESET | self.status & Status.NEEDS_RESET
+        if self.status & Status.DRIVER_OK:
+            self.process_all()  # buffers made available before DRIVER_OK wait for it
+
+    def needs_reset(self, why: str) -> None:
+        """The device cannot go on (a hostile ring): NEEDS_RESET, then tell the driver."""
+        if self.status & Status.NEEDS_RESET:
+            return
+        self.status |= Status.NEEDS_RESET
+        self._warn.warning("needs_reset", "%s: %s: the device needs a reset", self.NAME, why)
+        self.ctx.events.report(f"{self.NAME}: {why}: the device needs a reset")
+        if self.status & Status.DRIVER_OK:  # 2.1.2: a configuration change notification
+            self._interrupt(ISR_CONFIG, self.msix_config)
+
+    # -- queues -----------------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        bad = Status.NEEDS_RESET | Status.FAILED
+        return bool(self.status & Status.DRIVER_OK) and not self.status & bad and not self.quiesced
+
+    def process_all(self) -> None:
+        for q in range(self.queue_count):
+            self.process(q)
+
+    def process(self, q: int) -> None:
+        """Every available chain of queue q, in order; then one interrupt if wanted."""
+        ring = self.rings[q]
+        if ring is None or not self._ready():
+            return
+        try:
+            done = self._drain(q, ring)
+            wanted = done and ring.needs_notification()
+        except (QueueError, GuestRamError) as e:
+            self.needs_reset(f"queue {q}: {e}")
+            return
+        if not done:
+            return
+        if wanted:
+            self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
+        self.publish()
+
+    def _drain(self, q: int, ring: SplitQueue) -> int:
+        done = 0
+        while True:
+            chain = ring.pop()
+            if chain is None:
+                ring.enable_notifications()  # EVENT_IDX: kick me at the next one...
+                chain = ring.pop()  # ...which may have come meanwhile
+                if chain is None:
+                    return done
+            ring.push(chain.head, self.handle(q, chain))
+            done += 1
+
+    def publish(self) -> None:
+        """The device's state, for a crash restart to start from (after each batch)."""
+        self.ctx.events.publish(codec.state_document(self.NAME, self.save()))
+
+    # -- interrupts ---------------------------------------------------------------------------------
+    def _interrupt(self, cause: int, vector: int) -> None:
+        self.isr |= cause
+        if self.msix.enabled:
+            self.msix.signal(vector)
+        else:
+            self.intx.update()
+
+    def _intx_level(self) -> bool:
+        disabled = self.command & config_space.COMMAND_INTX_DISABLE
+        return bool(self.isr) and not self.msix.enabled and not disabled
+
+    def config_changed(self) -> None:
+        """The model changed its configuration (4.1.4.3: generation, then the interrupt)."""
+        self.config_generation = (self.config_generation + 1) & 0xFF
+        if self.status & Status.DRIVER_OK:
+            self._interrupt(ISR_CONFIG, self.msix_config)
+
+    # -- the event loop -------------------------------------------------------------------------------
+    def event_sources(self) -> Sequence[Source]:
+        """The INTx resample fd always; the notify fds unless quiesced (their count waits)."""
+        return self._sources if self.quiesced else self._sources + self._notify_sources
+
+    def _on_notify(self, q: int) -> None:
+        self._notify[q].drain()
+        self.process(q)
+
+    def _on_resample(self) -> None:
+        self._resample.drain()
+        self.intx.update()
+
+    def quiesce(self) -> None:
+        self.quiesced = True  # nothing is in flight: each notify is served to the end
+
+    def resume(self) -> None:
+        self.quiesced = False
+        self.process_all()
+
+    # -- state --------------------------------------------------------------------------------------
+    def save(self) -> VirtioPciState:
+        queues = tuple(
+            replace(s, last_avail=r.last_avail, used_idx=r.used_idx) if r is not None else s
+            for s, r in zip(self.queues, self.rings, strict=True)
+        )
+        table = tuple(MsixEntryState(e.address, e.data, bool(e.control & 1))
+                      for e in self.msix.entries)  # fmt: skip
+        return self.State(
+            command=self.command, interrupt_line=self.interrupt_line,
+            msix_enabled=self.msix.enabled, msix_function_mask=self.msix.function_mask,
+            msix_table=table, msix_pending=self.msix.pending,
+            pci_cfg_bar=self.cfg_access.bar, pci_cfg_offset=self.cfg_access.offset,
+            pci_cfg_length=self.cfg_access.length, status=self.status,
+            device_feature_select=self.device_feature_select,
+            driver_feature_select=self.driver_feature_select,
+            driver_features=self.driver_features, msix_config=self.msix_config,
+            config_generation=self.config_generation, queue_select=self.queue_select,
+            isr=self.isr, queues=queues, **self.model_fields(),
+        )  # fmt: skip
+
+    @classmethod
+    def restore(cls, ctx: DeviceContext, state: Any) -> Self:
+        device = cls.from_state(ctx, state)
+        device._check_state(state)
+        device._load(state)
+        return device
+
+    def _check_state(self, s: VirtioPciState) -> None:
+        where = f"{self.NAME} state"
+        if len(s.queues) != self.queue_count or len(s.msix_table) != self.msix.vectors:
+            raise StateError(f"{where}: {len(s.queues)} queues and {len(s.msix_table)} MSI-X "
+                             f"vectors, the device has {self.queue_count} and {self.msix.vectors}")  # fmt: skip
+        if s.msix_pending >> self.msix.vectors:
+            raise StateError(f"{where}: msix_pending names a vector the table lacks")
+        vectors = [s.msix_config, *(q.msix_vector for q in s.queues)]
+        if any(v != NO_VECTOR and v >= self.msix.vectors for v in vectors):
+            raise StateError(f"{where}: an MSI-X vector past the table's {self.msix.vectors}")
+        for q, queue in enumerate(s.queues):
+            if not 0 < queue.size <= self.QUEUE_SIZE or queue.size & (queue.size - 1):
+                raise StateError(f"{where}: queue {q} size {queue.size} is not one offered")
+
+    def _load(self, s: VirtioPciState) -> None:
+        self.command, self.interrupt_line = s.command, s.interrupt_line
+        self.cfg_access = config_space.CfgAccess(s.pci_cfg_bar, s.pci_cfg_offset, s.pci_cfg_length)
+        self.status, self.isr = s.status, s.isr
+        self.device_feature_select = s.device_feature_select
+        self.driver_feature_select = s.driver_feature_select
+        self.driver_features, self.msix_config = s.driver_features, s.msix_config
+        self.config_generation, self.queue_select = s.config_generation, s.queue_select
+        self.queues = list(s.queues)
+        for entry, saved in zip(self.msix.entries, s.msix_table, strict=True):
+            entry.address, entry.data, entry.control = saved.address, saved.data, int(saved.masked)
+        self.msix.pending = s.msix_pending
+        self.msix.set_control(s.msix_enabled, s.msix_function_mask)  # asks for the routes again
+        for q, queue in enumerate(self.queues):
+            if queue.enabled and not self.status & Status.NEEDS_RESET:
+                self._reopen(q)
+
+    def _reopen(self, q: int) -> None:
+        """A restored queue; after a crash, from where the used ring in guest RAM says it is
+        (what the dead process completed after its last checkpoint is done, once)."""
+        if self.ctx.restarted:
+            self._position_from_used_ring(q)
+        self._open_ring(q)
+        self._notify[q].trigger()  # a kick of the old process, or one the snapshot missed
+
+    def _position_from_used_ring(self, q: int) -> None:
+        """Take up queue q where its used ring in guest RAM says the device was: chains
+        complete in order, one used entry each, so taken = completed = used idx."""
+        try:
+            used_idx = self.ram.u16(self.queues[q].device + 2)
+        except GuestRamError:
+            return  # _open_ring finds the same fault and sets NEEDS_RESET
+        self.queues[q] = replace(self.queues[q], last_avail=used_idx, used_idx=used_idx)
+
+
+def ram_ranges(ctx: DeviceContext) -> list[tuple[int, int, int]]:
+    """transport["ram"]: [[gpa, size, memfd offset], ...] (the monitor's, trusted)."""
+    ranges = ctx.transport.get("ram")
+    if not isinstance(ranges, list):
+        raise TypeError("transport['ram'] is not a list of [gpa, size, offset]")
+    return [(int(gpa), int(size), int(off)) for gpa, size, off in ranges]

@@ -1,0 +1,280 @@
+"""virtio-blk (virtio 1.2 5.2): a disk image behind one request queue.
+
+The image is the fd the monitor opened (role `disk`, read-only when the `readonly` option
+is set): the device opens nothing. Its size, taken once at start, is the capacity in
+512-byte sectors. Data moves between the file and guest RAM with preadv/pwritev straight
+on views of guest memory (GuestRam.buffer), never through a copy.
+
+A request is a header (type, reserved, sector: 16 bytes the driver wrote), data buffers,
+then a status byte the device writes last (5.2.6). The device serves IN, OUT, FLUSH,
+GET_ID, DISCARD and WRITE_ZEROES; other types get UNSUPP, a request past the end of the
+disk or a write to a read-only one IOERR. A malformed request (no room for the status
+byte, a header cut short) is the driver's to fix: IOERR when there is a status byte to
+write, else the queue is hostile (NEEDS_RESET).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Self
+
+from splitvmm.devprocs.base import DeviceContext, register
+from splitvmm.devprocs.virtio.pci import VirtioPciDevice
+from splitvmm.devprocs.virtio.queue import Chain, QueueError
+from splitvmm.devprocs.virtio.state import VirtioPciState
+from splitvmm.errors import ConfigError, StateError
+from splitvmm.native import files
+from splitvmm.protocol import schema
+
+VIRTIO_ID_BLOCK = 2
+SECTOR = 512
+ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
+
+# feature bits (5.2.3)
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+
+# request types and status (5.2.6)
+VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH = 0, 1, 4
+VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES = 8, 11, 13
+VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP = 0, 1, 2
+WRITE_ZEROES_FLAG_UNMAP = 1
+
+HEADER = struct.Struct("<IIQ")  # type, reserved, sector
+SEGMENT = struct.Struct("<QII")  # discard / write zeroes: sector, num_sectors, flags
+# struct virtio_blk_config up to write_zeroes_may_unmap (5.2.4)
+# capacity, size_max, seg_max; geometry; blk_size; topology; writeback, num_queues; discard;
+# write zeroes
+CONFIG = struct.Struct("<QII HBB I BBHI BxH III IIB3x")
+SEG_MAX = 254  # data segments a request may have (queue size minus header and status)
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
+MAX_SEGMENTS = 1  # discard / write zeroes segments per request
+IOV_MAX = 1024
+ZERO_CHUNK = (
+    1 << 20
+)  # write zeroes without ZERO_RANGE: zeros written this much at a time  # preadv/pwritev take at most this many buffers at once
+
+
+class RequestError(Exception):
+    """A request the device answers with a status (IOERR or UNSUPP)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VirtioBlkState(VirtioPciState):
+    VERSION: ClassVar[int] = 1
+    capacity: Annotated[int, schema.Range(0, (1 << 54) - 1)] = 0  # sectors, when saved
+    readonly: bool = False
+    serial: Annotated[bytes, schema.MaxLen(ID_BYTES)] = b""
+
+
+@register
+class VirtioBlk(VirtioPciDevice):
+    NAME = "virtio-blk"
+    WINDOW = 0x6000
+    State = VirtioBlkState
+    DEVICE_ID = VIRTIO_ID_BLOCK
+    CLASS_CODE = 0x018000  # mass storage controller, other
+
+    def __init__(self, ctx: DeviceContext, readonly: bool = False, serial: bytes = b"") -> None:
+        super().__init__(ctx)
+        self.disk = ctx.fds["disk"]
+        capacity = ctx.prepared.get("capacity")
+        if not isinstance(capacity, int):
+            raise TypeError("virtio-blk: the disk's size is unknown (setup() did not run)")
+        self.capacity = capacity
+        self.readonly = readonly
+        self.serial = serial
+
+    @classmethod
+    def setup(cls, ctx: DeviceContext) -> None:
+        """Guest RAM, and the disk's size (in whole sectors), before the sandbox."""
+        super().setup(ctx)
+        ctx.prepared["capacity"] = os.fstat(ctx.fds["disk"]).st_size // SECTOR
+
+    @classmethod
+    def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
+        serial = str(options.get("serial", "")).encode()
+        if len(serial) > ID_BYTES:
+            raise ConfigError(f"virtio-blk: serial is {len(serial)} bytes, at most {ID_BYTES}")
+        return cls(ctx, readonly=bool(options.get("readonly", False)), serial=serial)
+
+    @classmethod
+    def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
+        device = cls(ctx, readonly=state.readonly, serial=state.serial)
+        if device.capacity != state.capacity:
+            raise StateError(
+                f"virtio-blk state: the disk has {device.capacity} sectors, the saved device "
+                f"{state.capacity}: not the same image"
+            )
+        return device
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "readonly": self.readonly, "serial": self.serial}
+
+    # -- what the driver sees ---------------------------------------------------------------
+    def device_features(self) -> int:
+        features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        if self.readonly:
+            return features | VIRTIO_BLK_F_RO
+        return features | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+
+    def config_bytes(self) -> bytes:
+        return CONFIG.pack(
+            self.capacity, 0, SEG_MAX,  # capacity, size_max (unused), seg_max
+            0, 0, 0,  # geometry: cylinders, heads, sectors (unused)
+            SECTOR, 0, 0, 1, 0,  # blk_size, topology: exp, align, min_io, opt_io (unused)
+            0, 1,  # writeback (unused), num_queues (without VIRTIO_BLK_F_MQ: unused)
+            MAX_DISCARD_SECTORS, MAX_SEGMENTS, 1,  # discard: max sectors, max seg, alignment
+            MAX_DISCARD_SECTORS, MAX_SEGMENTS, 1,  # write zeroes: max sectors, max seg, unmap
+        )  # fmt: skip
+
+    # -- requests --------------------------------------------------------------------------------
+    def handle(self, queue: int, chain: Chain) -> int:
+        if not chain.writable or chain.writable[-1][1] < 1:
+            raise QueueError("a block request without a status byte")
+        gpa, length = chain.writable[-1]
+        status_gpa = gpa + length - 1
+        data_in = chain.writable[:-1] + ([(gpa, length - 1)] if length > 1 else [])
+        try:
+            kind, sector = self._header(chain.readable)
+            written = self._serve(kind, sector, _skip(chain.readable, HEADER.size), data_in)
+            status = VIRTIO_BLK_S_OK
+        except RequestError as e:
+            written, status = 0, e.status
+        self.ram.write(status_gpa, bytes([status]))  # last: the request is done
+        return written + 1
+
+    def _header(self, readable: list[tuple[int, int]]) -> tuple[int, int]:
+        raw = self._gather(readable, HEADER.size)
+        if len(raw) < HEADER.size:
+            raise RequestError(VIRTIO_BLK_S_IOERR)
+        kind, _, sector = HEADER.unpack(raw)
+        return kind, sector
+
+    def _gather(self, bufs: list[tuple[int, int]], size: int) -> bytes:
+        out = b""
+        for gpa, length in bufs:
+            out += self.ram.read(gpa, min(length, size - len(out)))
+            if len(out) == size:
+                break
+        return out
+
+    def _serve(
+        self, kind: int, sector: int, out: list[tuple[int, int]], into: list[tuple[int, int]]
+    ) -> int:
+        """The bytes written into the guest's buffers (before the status byte)."""
+        match kind:
+            case 0:  # VIRTIO_BLK_T_IN
+                return self._transfer(sector, into, write=False)
+            case 1:  # VIRTIO_BLK_T_OUT
+                self._writable()
+                self._transfer(sector, out, write=True)
+            case 4:  # VIRTIO_BLK_T_FLUSH
+                self._io(os.fdatasync, self.disk)
+            case 8:  # VIRTIO_BLK_T_GET_ID
+                return self._get_id(into)
+            case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
+                self._writable()
+                self._segments(kind, out)
+            case _:
+                raise RequestError(VIRTIO_BLK_S_UNSUPP)
+        return 0
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise RequestError(VIRTIO_BLK_S_IOERR)
+
+    def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
+        total = sum(length for _, length in bufs)
+        if total % SECTOR or sector + total // SECTOR > self.capacity:
+            raise RequestError(VIRTIO_BLK_S_IOERR)
+        views = [self.ram.buffer(gpa, length, writable=not write) for gpa, length in bufs]
+        offset = sector * SECTOR
+        while views:
+            batch = views[:IOV_MAX]
+            call = os.pwritev if write else os.preadv
+            n = self._io(call, self.disk, batch, offset)
+            if n == 0:
+                raise RequestError(VIRTIO_BLK_S_IOERR)  # the image shrank under us
+            offset += n
+            views = _advance(views, n)
+        return 0 if write else total
+
+    def _get_id(self, into: list[tuple[int, int]]) -> int:
+        data = self.serial.ljust(ID_BYTES, b"\0")
+        written = 0
+        for gpa, length in into:
+            chunk = data[written : written + length]
+            self.ram.write(gpa, chunk)
+            written += len(chunk)
+        return written
+
+    def _segments(self, kind: int, out: list[tuple[int, int]]) -> None:
+        raw = self._gather(out, SEGMENT.size * (MAX_SEGMENTS + 1))
+        if not raw or len(raw) % SEGMENT.size or len(raw) > SEGMENT.size * MAX_SEGMENTS:
+            raise RequestError(VIRTIO_BLK_S_IOERR)
+        for sector, count, flags in SEGMENT.iter_unpack(raw):
+            if sector + count > self.capacity or count > MAX_DISCARD_SECTORS:
+                raise RequestError(VIRTIO_BLK_S_IOERR)
+            if flags & ~WRITE_ZEROES_FLAG_UNMAP or kind == VIRTIO_BLK_T_DISCARD and flags:
+                raise RequestError(VIRTIO_BLK_S_UNSUPP)  # 5.2.6.2: unmap is for write zeroes
+            unmap = kind == VIRTIO_BLK_T_DISCARD or flags & WRITE_ZEROES_FLAG_UNMAP
+            self._deallocate(sector * SECTOR, count * SECTOR, zero_range=not unmap)
+
+    def _deallocate(self, offset: int, length: int, zero_range: bool) -> None:
+        """Punch a hole (discard, or write zeroes that may unmap), or zero the range keeping
+        its blocks: where the file system cannot (tmpfs has no ZERO_RANGE), write zeros."""
+        mode = files.FALLOC_FL_ZERO_RANGE if zero_range else files.FALLOC_FL_PUNCH_HOLE
+        try:
+            files.fallocate(self.disk, mode | files.FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP or not zero_range:
+                self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
+                raise RequestError(VIRTIO_BLK_S_IOERR) from None
+        zeros = bytes(min(length, ZERO_CHUNK))
+        for at in range(offset, offset + length, ZERO_CHUNK):
+            self._io(os.pwrite, self.disk, zeros[: offset + length - at], at)
+
+    def _io(self, call: Any, *args: Any) -> int:
+        """A host I/O call; its failure is the request's (IOERR), logged, never the device's."""
+        try:
+            result = call(*args)
+        except OSError as e:
+            self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
+            raise RequestError(VIRTIO_BLK_S_IOERR) from None
+        return int(result or 0)
+
+
+def _skip(bufs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The buffers after their first n bytes."""
+    out = []
+    for gpa, length in bufs:
+        if n >= length:
+            n -= length
+            continue
+        out.append((gpa + n, length - n))
+        n = 0
+    return out
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views after n bytes were transferred (a short preadv/pwritev)."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views = views[1:]
+    if views and n:
+        views = [views[0][n:], *views[1:]]
+    return views

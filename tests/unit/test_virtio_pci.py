@@ -1,0 +1,510 @@
+"""The virtio PCI transport (devprocs/virtio/pci.py), driven through its window the way a
+driver does (virtio 1.2 4.1), with virtio-rng as the model (it has no state of its own)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from splitvmm.devprocs.virtio_rng import VirtioRng
+from splitvmm.errors import StateError
+from tests.virtio.support import (
+    ACK,
+    BAR1,
+    DRIVER,
+    DRIVER_OK,
+    F_EVENT_IDX,
+    F_INDIRECT,
+    F_VERSION_1,
+    FEATURES_OK,
+    ISR,
+    NEEDS_RESET,
+    NOTIFY,
+    Channel,
+    Driver,
+    Ring,
+    close_fds,
+    host_fds,
+    iter_caps,
+    prepared,
+    signalled,
+)
+
+MSI_ADDRESS = 0xFEE00000
+
+
+@pytest.fixture
+def fds() -> Iterator[dict[str, int]]:
+    fds = host_fds("virtio-rng")
+    yield fds
+    close_fds(fds)
+
+
+@pytest.fixture
+def rng(fds: dict[str, int]) -> VirtioRng:
+    return VirtioRng(prepared("virtio-rng", fds))
+
+
+@pytest.fixture
+def driver(rng: VirtioRng) -> Driver:
+    return Driver(rng)
+
+
+@pytest.fixture
+def channel(rng: VirtioRng) -> Channel:
+    ch = Channel()
+    rng.ctx.events.connect(ch.send)
+    return ch
+
+
+def cfg(driver: Driver, offset: int, size: int) -> int:
+    return driver.rd(offset, size)
+
+
+def vndr_caps(driver: Driver) -> dict[int, tuple[int, int, int]]:
+    """cfg_type -> (bar, offset, length) of each virtio_pci_cap, found by walking the list."""
+    found = {}
+    for at, cap_id in iter_caps(lambda o, s: cfg(driver, o, s)):
+        if cap_id == 0x09:
+            raw = bytes(cfg(driver, at + i, 1) for i in range(16))
+            _, _, _, cfg_type, bar, _, offset, length = struct.unpack("<BBBBBBxxII", raw)
+            found[cfg_type] = (bar, offset, length)
+    return found
+
+
+def msix_cap(driver: Driver) -> int:
+    return next(at for at, cap_id in iter_caps(lambda o, s: cfg(driver, o, s)) if cap_id == 0x11)
+
+
+# -- configuration space ------------------------------------------------------------------------
+def test_virtio_pci_header_identifies_a_modern_virtio_rng(driver):
+    assert cfg(driver, 0x00, 2) == 0x1AF4
+    assert cfg(driver, 0x02, 2) == 0x1044
+    assert cfg(driver, 0x08, 1) == 1  # revision
+    assert cfg(driver, 0x08, 4) >> 8 == 0xFF0000  # class code
+    assert cfg(driver, 0x2C, 2) == 0x1AF4 and cfg(driver, 0x2E, 2) == 4
+    assert cfg(driver, 0x06, 2) & 0x10  # capability list
+    assert cfg(driver, 0x0E, 1) == 0  # header type 0
+    assert (cfg(driver, 0x3C, 1), cfg(driver, 0x3D, 1)) == (16, 1)  # intx_gsi, INTA#
+
+
+def test_virtio_pci_capabilities_walked_from_the_pointer_name_every_structure(driver):
+    caps = vndr_caps(driver)
+
+    assert caps[1] == (0, 0x0000, 0x3C)  # common
+    assert caps[2] == (0, 0x3000, 4)  # notify, one queue
+    assert caps[3] == (0, 0x1000, 1)  # ISR
+    assert caps[4][:2] == (0, 0x2000)  # device configuration
+
+
+def test_virtio_pci_notify_cap_has_multiplier_4(driver):
+    at = next(a for a, c in iter_caps(lambda o, s: cfg(driver, o, s))
+              if c == 9 and cfg(driver, a + 3, 1) == 2)  # fmt: skip
+    assert cfg(driver, at + 2, 1) == 20 and cfg(driver, at + 16, 4) == 4
+
+
+def test_virtio_pci_msix_cap_points_at_bar1(driver):
+    at = msix_cap(driver)
+
+    assert cfg(driver, at + 2, 2) & 0x7FF == 1  # table size - 1: two vectors
+    assert (cfg(driver, at + 4, 4), cfg(driver, at + 8, 4)) == (1, 0x801)
+
+
+def pci_cfg_cap(driver: Driver) -> int:
+    return next(at for at, c in iter_caps(lambda o, s: cfg(driver, o, s))
+                if c == 9 and cfg(driver, at + 3, 1) == 5)  # fmt: skip
+
+
+def test_virtio_pci_cfg_access_cap_reads_bar0_through_config_space(driver):
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 4, 0, 1)  # BAR 0
+    driver.wr(at + 8, 0x12, 4)  # num_queues
+    driver.wr(at + 12, 2, 4)
+
+    assert cfg(driver, at + 16, 4) == 1
+
+
+def test_virtio_pci_cfg_access_cap_writes_bar0_through_config_space(driver):
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 8, 0x14, 4)  # device_status
+    driver.wr(at + 12, 1, 4)
+    driver.wr(at + 16, ACK, 1)
+
+    assert driver.status() == ACK
+
+
+def test_virtio_pci_cfg_access_cap_past_the_bar_reads_zero(driver):
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 4, 3, 1)  # no BAR 3
+    driver.wr(at + 12, 4, 4)
+
+    assert cfg(driver, at + 16, 4) == 0
+
+
+def test_virtio_pci_command_register_keeps_writable_bits_only(driver):
+    driver.wr(0x04, 0xFFFF, 2)
+
+    assert cfg(driver, 0x04, 2) == 0x0546
+
+
+def test_virtio_pci_bar_registers_read_zero_and_ignore_writes(driver):
+    driver.wr(0x10, 0xFFFFFFFF, 4)
+
+    assert cfg(driver, 0x10, 4) == 0
+
+
+def test_virtio_pci_interrupt_line_is_writable(driver):
+    driver.wr(0x3C, 5, 1)
+
+    assert cfg(driver, 0x3C, 1) == 5
+
+
+# -- common configuration ------------------------------------------------------------------------
+def test_virtio_pci_device_features_offer_transport_bits(driver):
+    assert driver.device_features() == F_VERSION_1 | F_EVENT_IDX | F_INDIRECT
+
+
+def test_virtio_pci_features_ok_accepted_with_version_1(driver):
+    assert driver.negotiate(F_VERSION_1 | F_EVENT_IDX) & FEATURES_OK
+
+
+def test_virtio_pci_features_ok_refused_without_version_1(driver):
+    assert not driver.negotiate(F_EVENT_IDX) & FEATURES_OK
+
+
+def test_virtio_pci_features_ok_refused_for_unoffered_bit(driver):
+    assert not driver.negotiate(F_VERSION_1 | 1 << 5) & FEATURES_OK
+
+
+def test_virtio_pci_common_access_of_wrong_width_reads_zero_and_counts(rng, driver):
+    value = driver.rd(0x1000 + 0x12, 4)  # num_queues is 16-bit
+
+    assert value == 0 and rng.ctx.counters.bad_access == 1
+
+
+def test_virtio_pci_num_queues_reads_one(driver):
+    assert driver.common(0x12, 2) == 1
+
+
+def test_virtio_pci_queue_size_writable_down_to_a_power_of_two(driver):
+    driver.set_common(0x18, 100, 2)
+    assert driver.common(0x18, 2) == 256
+    driver.set_common(0x18, 64, 2)
+    assert driver.common(0x18, 2) == 64
+
+
+def test_virtio_pci_queue_select_past_the_queues_reads_size_zero(driver):
+    driver.set_common(0x16, 5, 2)
+
+    assert driver.common(0x18, 2) == 0
+
+
+def test_virtio_pci_queue_addresses_read_back_64_bit(driver):
+    driver.set_common(0x20, 0x1234_5678_9ABC_DEF0, 8)
+    driver.set_common(0x28 + 4, 0x1, 4)
+
+    assert driver.common(0x20, 8) == 0x1234_5678_9ABC_DEF0
+    assert driver.common(0x28, 8) == 1 << 32
+
+
+def test_virtio_pci_queue_vector_past_the_table_reads_no_vector(driver):
+    driver.set_common(0x1A, 7, 2)
+
+    assert driver.common(0x1A, 2) == 0xFFFF
+
+
+def test_virtio_pci_reset_reads_back_zero_and_forgets_queues(rng, driver):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    driver.set_status(0)
+
+    assert driver.status() == 0
+    assert driver.common(0x1C, 2) == 0 and driver.common(0x20, 8) == 0
+    assert rng.rings == [None]
+
+
+# -- queues and interrupts -------------------------------------------------------------------------
+def test_virtio_pci_notify_fills_buffer_and_asserts_intx(rng, driver, fds):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    gpa, n = ring.buffer(64)
+    head = ring.add([(gpa, n, True)])
+
+    driver.kick()
+
+    assert ring.take_used() == [(head, 64)]
+    assert signalled(fds["intx"]) == 1
+    assert driver.rd(ISR, 1) == 1 and driver.rd(ISR, 1) == 0  # reading clears it
+
+
+def test_virtio_pci_no_processing_before_driver_ok(rng, driver):
+    ring = Ring(rng.ram)
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    driver.setup_queue(0, ring)
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+    assert ring.take_used() == []
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    assert len(ring.take_used()) == 1
+
+
+def test_virtio_pci_intx_resample_reasserts_while_isr_set(rng, driver, fds):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    signalled(fds["intx"])
+
+    import os
+
+    os.eventfd_write(fds["intx_resample"], 1)  # EOI with the ISR unread
+    next(s for s in rng.event_sources() if s.fd == fds["intx_resample"]).on_readable()
+    assert signalled(fds["intx"]) == 1
+    driver.rd(ISR, 1)
+    os.eventfd_write(fds["intx_resample"], 1)
+    next(s for s in rng.event_sources() if s.fd == fds["intx_resample"]).on_readable()
+    assert signalled(fds["intx"]) == 0
+
+
+def test_virtio_pci_intx_disable_bit_keeps_the_line_down(rng, driver, fds):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    driver.wr(0x04, 0x0400, 2)
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+
+    assert signalled(fds["intx"]) == 0 and cfg(driver, 0x06, 2) & 0x08 == 0
+
+
+def test_virtio_pci_notify_through_the_window_processes_the_queue(rng, driver):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.wr(NOTIFY, 0, 2)
+
+    assert len(ring.take_used()) == 1
+
+
+def test_virtio_pci_hostile_ring_sets_needs_reset_and_interrupts(rng, driver, fds, channel):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.publish(200)  # a head past the queue size
+
+    driver.kick()
+
+    assert driver.status() & NEEDS_RESET
+    assert driver.rd(ISR, 1) & 2  # configuration change
+    assert signalled(fds["intx"]) == 1
+    assert "needs a reset" in str(channel.ops("report")[0]["message"])
+
+
+def test_virtio_pci_needs_reset_stops_processing_until_reset(rng, driver):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.publish(200)
+    driver.kick()
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+
+    assert ring.take_used() == []
+
+
+def test_virtio_pci_queue_outside_ram_sets_needs_reset(rng, driver):
+    ring = Ring(rng.ram, base=0x1FF000)  # the used ring past the 2 MiB of RAM
+    driver.negotiate(F_VERSION_1)
+    driver.setup_queue(0, ring)
+
+    assert driver.status() & NEEDS_RESET
+
+
+def test_virtio_pci_event_idx_suppresses_interrupt_until_used_event(rng, driver, fds):
+    ring = Ring(rng.ram)
+    driver.start(ring, features=F_VERSION_1 | F_EVENT_IDX)
+    ring.set_used_event(1)  # interrupt when the second entry is used
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    first = signalled(fds["intx"])
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+
+    assert (first, signalled(fds["intx"])) == (0, 1)
+
+
+def test_virtio_pci_indirect_chain_served(rng, driver):
+    ring = Ring(rng.ram)
+    driver.start(ring, features=F_VERSION_1 | F_INDIRECT)
+    head = ring.add([(*ring.buffer(8), True), (*ring.buffer(24), True)], indirect=True)
+
+    driver.kick()
+
+    assert ring.take_used() == [(head, 32)]
+
+
+# -- MSI-X ----------------------------------------------------------------------------------------
+def msix_on(driver: Driver, vector: int = 0, data: int = 0x41) -> None:
+    driver.wr(BAR1 + 16 * vector, MSI_ADDRESS, 4)
+    driver.wr(BAR1 + 16 * vector + 4, 0, 4)
+    driver.wr(BAR1 + 16 * vector + 8, data, 4)
+    driver.wr(BAR1 + 16 * vector + 12, 0, 4)  # unmask
+    at = msix_cap(driver)
+    driver.wr(at + 2, cfg(driver, at + 2, 2) | 0x8000, 2)
+
+
+def used_with_msix(rng: VirtioRng, driver: Driver) -> Ring:
+    ring = Ring(rng.ram)
+    driver.start(ring, vector=1)
+    msix_on(driver, vector=1)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    return ring
+
+
+def test_virtio_pci_msix_table_reads_back_and_vectors_start_masked(driver):
+    driver.wr(BAR1 + 16, MSI_ADDRESS | 0x1000, 4)
+
+    assert driver.rd(BAR1 + 16, 4) == MSI_ADDRESS | 0x1000
+    assert driver.rd(BAR1 + 12, 4) == 1 and driver.rd(BAR1 + 28, 4) == 1
+
+
+def test_virtio_pci_msix_byte_access_is_bad(rng, driver):
+    driver.wr(BAR1, 1, 1)
+
+    assert rng.ctx.counters.bad_access == 1
+
+
+def test_virtio_pci_msix_enable_asks_for_route_of_unmasked_vector(driver, channel):
+    msix_on(driver, vector=1, data=0x31)
+
+    (msi,) = channel.ops("msi")
+    assert (msi["vector"], msi["address"], msi["data"]) == (1, MSI_ADDRESS, 0x31)
+
+
+def test_virtio_pci_msix_not_signalled_before_route_confirmed(rng, driver, fds, channel):
+    used_with_msix(rng, driver)
+
+    assert signalled(fds["msix1"]) == 0
+    assert driver.rd(BAR1 + 0x800, 8) == 0b10  # pending
+    assert signalled(fds["intx"]) == 0
+
+
+def test_virtio_pci_msix_route_done_delivers_pending_vector(rng, driver, fds, channel):
+    used_with_msix(rng, driver)
+
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
+
+    assert signalled(fds["msix1"]) == 1 and driver.rd(BAR1 + 0x800, 8) == 0
+
+
+def test_virtio_pci_msix_refused_route_keeps_vector_pending(rng, driver, fds, channel):
+    used_with_msix(rng, driver)
+
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), False, "bad address")
+
+    assert signalled(fds["msix1"]) == 0 and driver.rd(BAR1 + 0x800, 8) == 0b10
+
+
+def test_virtio_pci_msix_masked_vector_pends_until_unmasked(rng, driver, fds, channel):
+    ring = used_with_msix(rng, driver)
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
+    signalled(fds["msix1"])
+    driver.wr(BAR1 + 16 + 12, 1, 4)  # mask vector 1
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    pending = driver.rd(BAR1 + 0x800, 8)
+
+    driver.wr(BAR1 + 16 + 12, 0, 4)
+
+    assert (pending, signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == (0b10, 1, 0)
+
+
+def test_virtio_pci_msix_function_mask_holds_every_vector(rng, driver, fds, channel):
+    ring = used_with_msix(rng, driver)
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
+    signalled(fds["msix1"])
+    at = msix_cap(driver)
+    driver.wr(at + 2, cfg(driver, at + 2, 2) | 0x4000, 2)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    held = signalled(fds["msix1"])
+
+    driver.wr(at + 2, cfg(driver, at + 2, 2) & ~0x4000, 2)
+
+    assert (held, signalled(fds["msix1"])) == (0, 1)
+
+
+def test_virtio_pci_msix_new_message_needs_a_new_route(rng, driver, fds, channel):
+    ring = used_with_msix(rng, driver)
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
+    signalled(fds["msix1"])
+    driver.wr(BAR1 + 16 + 8, 0x42, 4)  # a new data value
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+
+    assert signalled(fds["msix1"]) == 0
+    assert [m["data"] for m in channel.ops("msi")] == [0x41, 0x42]
+
+
+# -- state --------------------------------------------------------------------------------------------
+def test_virtio_pci_restore_keeps_queue_position_and_msix_table(rng, driver, fds, channel):
+    ring = used_with_msix(rng, driver)
+    rng.quiesce()
+    state = rng.save()
+
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), state)
+
+    assert restored.save() == state
+    assert restored.rings[0] is not None and restored.rings[0].used_idx == ring.used_idx()
+
+
+def test_virtio_pci_restore_refuses_vector_past_table(rng):
+    from dataclasses import replace
+
+    bad = replace(rng.save(), msix_config=9)
+
+    with pytest.raises(StateError, match="MSI-X vector"):
+        VirtioRng.restore(rng.ctx, bad)
+
+
+def test_virtio_pci_restore_refuses_queue_size_not_offered(rng):
+    from dataclasses import replace
+
+    state = rng.save()
+    bad = replace(state, queues=(replace(state.queues[0], size=3),))
+
+    with pytest.raises(StateError, match="size 3"):
+        VirtioRng.restore(rng.ctx, bad)
+
+
+def test_virtio_pci_quiesced_device_stops_watching_notify(rng, driver, fds):
+    driver.start(Ring(rng.ram))
+    rng.quiesce()
+
+    assert [s.fd for s in rng.event_sources()] == [fds["intx_resample"]]
+
+
+def test_virtio_pci_resume_processes_what_came_while_quiesced(rng, driver):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    rng.quiesce()
+    ring.add([(*ring.buffer(8), True)])
+
+    rng.resume()
+
+    assert len(ring.take_used()) == 1
+
+
+def test_virtio_pci_batch_publishes_state(rng, driver, channel):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+
+    (published,) = channel.ops("publish")
+    assert published["fields"]["queues"][0]["used_idx"] == 1  # type: ignore[index]
