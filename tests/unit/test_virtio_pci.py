@@ -499,12 +499,13 @@ def test_virtio_pci_resume_processes_what_came_while_quiesced(rng, driver):
     assert len(ring.take_used()) == 1
 
 
-def test_virtio_pci_batch_publishes_state(rng, driver, channel):
+def test_virtio_pci_batch_publishes_nothing(rng, driver, channel):
+    """A restart takes queue positions from the used ring, so a batch costs no state
+    document (JSON of the whole device) on the data path."""
     ring = Ring(rng.ram)
     driver.start(ring)
     ring.add([(*ring.buffer(8), True)])
 
     driver.kick()
 
-    (published,) = channel.ops("publish")
-    assert published["fields"]["queues"][0]["used_idx"] == 1  # type: ignore[index]
+    assert (ring.used_idx(), channel.ops("publish")) == (1, [])

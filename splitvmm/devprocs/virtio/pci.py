@@ -15,8 +15,13 @@ also as two 32-bit halves); any other access is a guest mistake: counted, reads 
 
 A queue is processed when its notify eventfd fires, only while DRIVER_OK is set and
 neither NEEDS_RESET nor FAILED: every available chain, in order, each completed before the
-next (processing is synchronous), then one interrupt if the driver wants one, then the
-device's state is published (a crash restart starts from it). A hostile ring or a buffer
+next (processing is synchronous), then one interrupt if the driver wants one. Nothing is
+published per batch: a crash restart takes each queue's position from its used ring in
+guest RAM (taken = completed, in order), and the state a checkpoint carries changes only with
+register writes, which the runtime's checkpoints and the monitor's journal cover. The
+restarted device interrupts once per live queue, since the dead one may have completed chains
+and died before it could (a spurious interrupt costs the driver a look at its used ring; a
+lost one would leave it waiting). A hostile ring or a buffer
 outside guest RAM (QueueError, GuestRamError) stops the device: NEEDS_RESET, a
 configuration-change interrupt, nothing more until the driver resets it.
 """
@@ -45,7 +50,6 @@ from splitvmm.devprocs.virtio.queue import Chain, QueueError, SplitQueue
 from splitvmm.devprocs.virtio.state import MsixEntryState, QueueState, VirtioPciState
 from splitvmm.errors import StateError
 from splitvmm.native.eventfd import EventFd
-from splitvmm.protocol import codec
 from splitvmm.protocol.models import MODELS, PciFunction
 from splitvmm.ratelimit import RateLimitedLog
 
@@ -441,7 +445,6 @@ class VirtioPciDevice(RegisterDevice):
             return
         if wanted:
             self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
-        self.publish()
 
     def _drain(self, q: int, ring: SplitQueue) -> int:
         done = 0
@@ -454,10 +457,6 @@ class VirtioPciDevice(RegisterDevice):
                     return done
             ring.push(chain.head, self.handle(q, chain))
             done += 1
-
-    def publish(self) -> None:
-        """The device's state, for a crash restart to start from (after each batch)."""
-        self.ctx.events.publish(codec.state_document(self.NAME, self.save()))
 
     # -- interrupts ---------------------------------------------------------------------------------
     def _interrupt(self, cause: int, vector: int) -> None:
@@ -563,6 +562,8 @@ class VirtioPciDevice(RegisterDevice):
             self._position_from_used_ring(q)
         self._open_ring(q)
         self._notify[q].trigger()  # a kick of the old process, or one the snapshot missed
+        if self.ctx.restarted and self.rings[q] is not None and self._ready():
+            self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)  # (the module docstring)
 
     def _position_from_used_ring(self, q: int) -> None:
         """Take up queue q where its used ring in guest RAM says the device was: chains
