@@ -1,21 +1,23 @@
 """A PCI function's monitor side against real KVM: its queue notify ioeventfds follow the
-BAR and the command register's decode, and an MSI-X irqfd raises nothing until its device
-asked for a route. Real-mode guests of a few instructions (KVM-HERE.md), RAM below 0x8000:
+BAR and the command register's decode, an MSI-X irqfd raises nothing until its device
+asked for a route (then its vector is in the LAPIC's IRR), and an INTx irqfd raises its
+IOAPIC pin. Real-mode guests of a few instructions (KVM-HERE.md), RAM below 0x8000:
 the function's BARs sit at 0x8000 (BAR 0, notify at 0xB000) and 0xC000 (BAR 1)."""
 
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 
 from splitvmm.monitor.bus import Bus
-from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
+from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
 from splitvmm.monitor.pci.function import PciFunctionHost
 from splitvmm.monitor.pci.root import Ecam, PciRoot
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.exits import MmioWrite, PioOut
-from splitvmm.native.kvm import VmFd
+from splitvmm.native.kvm import IRQCHIP_IOAPIC, VmFd
 from splitvmm.protocol.models import virtio_function
 from tests.integration import test_native_kvm as native
 from tests.integration.test_native_kvm import (
@@ -124,3 +126,34 @@ def test_msix_irqfd_raises_nothing_until_its_route_is_asked_for(
     g.vm.unregister_irqfd(efd.fd, gsi)
 
     assert (before, reason, lapic_irr_has(g.vcpu, 0x43)) == (False, "", True)
+
+
+IOAPIC_IRR = 16  # struct kvm_ioapic_state: base_address u64, ioregsel u32, id u32, then irr
+
+
+def ioapic_irr(vm: VmFd) -> int:
+    chip = vm.get_irqchip(IRQCHIP_IOAPIC)
+    return int.from_bytes(chip[IOAPIC_IRR : IOAPIC_IRR + 4], "little")
+
+
+def test_intx_irqfd_with_resample_raises_its_ioapic_pin(make_guest: MakeGuest) -> None:
+    """INTx as the monitor wires it (monitor/devicefds.py): a level irqfd with a resample fd on
+    GSI 16 + device % 8. A device's write to it shows as that pin's bit in the IOAPIC's IRR
+    (host side: no interrupt reaches a guest here), and only that pin's."""
+    g = make_guest(MARK)
+    pin = intx_gsi(1)
+    intx, resample = EventFd(), EventFd()
+    try:
+        g.vm.register_irqfd(intx.fd, pin, resample_fd=resample.fd)
+        before = ioapic_irr(g.vm)
+        intx.trigger()
+        after = ioapic_irr(g.vm)
+        deadline = time.monotonic() + 2  # KVM injects from a work queue for an IOAPIC route
+        while not after & (1 << pin) and time.monotonic() < deadline:
+            time.sleep(0.001)
+            after = ioapic_irr(g.vm)
+        g.vm.unregister_irqfd(intx.fd, pin)
+    finally:
+        intx.close()
+        resample.close()
+    assert (before & (1 << pin), after & ~before) == (0, 1 << pin)
