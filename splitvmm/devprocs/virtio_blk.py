@@ -57,10 +57,8 @@ CONFIG = struct.Struct("<QII HBB I BBHI BxH III IIB3x")
 SEG_MAX = 254  # data segments a request may have (queue size minus header and status)
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_SEGMENTS = 1  # discard / write zeroes segments per request
-IOV_MAX = 1024
-ZERO_CHUNK = (
-    1 << 20
-)  # write zeroes without ZERO_RANGE: zeros written this much at a time  # preadv/pwritev take at most this many buffers at once
+IOV_MAX = 1024  # preadv/pwritev take at most this many buffers at once
+ZERO_CHUNK = 1 << 20  # write zeroes without ZERO_RANGE: zeros written this much at a time
 
 
 class RequestError(Exception):

@@ -450,6 +450,23 @@ class DeviceSlot:
                 self.last_state = reply
             return reply
 
+    def heartbeat(self, timeout_ms: int) -> None:
+        """Ping a live device that nothing else is talking to (monitor/supervisor.py): one
+        that does not answer within `timeout_ms` is hung and has failed. A device busy with
+        an access or a control request is skipped: that request has its own deadline."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            channel = self.channel
+            if self.state is not SlotState.LIVE or channel is None:
+                return
+            try:
+                channel.control("ping", timeout_ms)
+            except ChannelError as e:
+                self._channel_failed_locked(f"missed its heartbeat: {e}")
+        finally:
+            self._lock.release()
+
     def _await_live(self) -> DeviceChannel | None:
         """The channel of the live device; while it is away, wait (the lock released) until it
         is back, at most AWAY_WAIT_MS. None if it is not back by then, or has failed."""

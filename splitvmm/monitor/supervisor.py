@@ -1,4 +1,8 @@
-"""Supervisor: notices a device process that ends, whenever it ends (pidfd + poll).
+"""Supervisor: notices a device process that ends, whenever it ends (pidfd + poll), and one
+that hangs (a heartbeat: a ping every HEARTBEAT_INTERVAL_S that it must answer within
+HEARTBEAT_TIMEOUT_MS). A hung device is failed like a dead one, and its on_crash policy
+applies; without the heartbeat a virtio device stuck in a loop would go unnoticed, since
+its guest's I/O reaches it through ioeventfds and never through the monitor.
 
 It watches the process in a slot at the time watch() is called, on its own copy of
 that process's pidfd (the slot may close its own when it replaces the process).
@@ -14,6 +18,7 @@ import logging
 import os
 import select
 import threading
+import time
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.slot import DeviceSlot
@@ -22,10 +27,17 @@ from splitvmm.sandbox.spawn import DeviceProcess
 
 log = logging.getLogger("splitvmm.supervisor")
 
+HEARTBEAT_INTERVAL_S = 1.0
+# A healthy device answers in well under a millisecond, but a virtio device answers only
+# between two batches of requests (its event loop runs one at a time): the read deadline's
+# margin, which covers a loaded host too.
+HEARTBEAT_TIMEOUT_MS = 2000
+
 
 class Supervisor(threading.Thread):
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_s: float = HEARTBEAT_INTERVAL_S) -> None:
         super().__init__(name="supervisor", daemon=True)
+        self._heartbeat_s = heartbeat_s
         self._wake = EventFd()
         self._closing = False
         self._lock = threading.Lock()
@@ -47,8 +59,14 @@ class Supervisor(threading.Thread):
     def run(self) -> None:
         poller = select.poll()
         poller.register(self._wake.fd, select.POLLIN)
+        next_beat = time.monotonic() + self._heartbeat_s
         while not self._closing:
-            for fd, _ in poller.poll():
+            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1e3))
+            ready = poller.poll(timeout_ms)
+            if time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + self._heartbeat_s
+            for fd, _ in ready:
                 if fd == self._wake.fd:
                     self._wake.drain()
                     self._take_added(poller)
@@ -57,6 +75,13 @@ class Supervisor(threading.Thread):
                     os.close(fd)
                     slot, process = self._watched.pop(fd)
                     slot.process_ended(process)
+
+    def _beat(self) -> None:
+        """Ping every watched device (each slot skips itself while it is busy or away)."""
+        for slot, _ in list(self._watched.values()):
+            if self._closing:
+                return
+            slot.heartbeat(HEARTBEAT_TIMEOUT_MS)
 
     def _take_added(self, poller: select.poll) -> None:
         with self._lock:

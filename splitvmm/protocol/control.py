@@ -19,8 +19,16 @@ from splitvmm.protocol.faults import Fault
 
 CONTROL_TAG = 0x10
 MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can't make us eat RAM
-REQUESTS = ("quiesce", "save", "resume")
-REPLY_TO = {"quiesce": "quiesced", "save": "state", "resume": "resumed", "fault": "fault_armed"}
+# ping: the monitor's heartbeat (monitor/supervisor.py): a device that cannot answer it in
+# time is hung, whether or not the guest is touching it.
+REQUESTS = ("quiesce", "save", "resume", "ping")
+REPLY_TO = {
+    "quiesce": "quiesced",
+    "save": "state",
+    "resume": "resumed",
+    "fault": "fault_armed",
+    "ping": "pong",
+}
 MAX_ERROR_TEXT = 200
 
 Seq = Annotated[int, schema.U32]
@@ -30,7 +38,7 @@ Seq = Annotated[int, schema.U32]
 class Request:
     """Monitor -> device."""
 
-    op: Literal["quiesce", "save", "resume"]
+    op: Literal["quiesce", "save", "resume", "ping"]
     seq: Seq
 
 
@@ -38,7 +46,7 @@ class Request:
 class Done:
     """Device -> monitor: the request is done."""
 
-    op: Literal["quiesced", "resumed", "fault_armed"]
+    op: Literal["quiesced", "resumed", "fault_armed", "pong"]
     seq: Seq
 
 
@@ -135,7 +143,7 @@ class RouteDone:
 
 MESSAGES: dict[str, type] = {
     **dict.fromkeys(REQUESTS, Request),
-    **dict.fromkeys(("quiesced", "resumed", "fault_armed"), Done),
+    **dict.fromkeys(("quiesced", "resumed", "fault_armed", "pong"), Done),
     "fault": FaultRequest,
     "state": StateReply,
     "error": Failed,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import struct
 import time
 from pathlib import Path
@@ -293,3 +295,36 @@ def test_virtio_blk_killed_under_io_restarts_and_the_guest_sees_no_error(guests,
         text = stop_loop(vm)
     assert blk["restarts"] == kills and blk["state"] == "running", blk
     assert "mismatch" not in text and ": status " not in text, text[-1500:]
+
+
+def hang_blk(vm: VmProcess) -> None:
+    """SIGSTOP blk0's sandboxed process: the child of the warden `ctl devices` names."""
+    warden = blk_device(vm)["pid"]
+    children = Path(f"/proc/{warden}/task/{warden}/children").read_text().split()
+    assert len(children) == 1, children
+    os.kill(int(children[0]), signal.SIGSTOP)
+
+
+def test_virtio_blk_hung_process_is_caught_by_the_heartbeat_and_restarted(guests, tmp_path):
+    """A stopped (hung) blk process gets no access from the monitor to time out: the guest's
+    I/O goes through ioeventfds. The supervisor's heartbeat finds it, the device is restarted
+    and the guest goes on, no request lost."""
+    vm = loop_vm(tmp_path, guests, blk_extra='on_crash = "restart"\n')
+    try:
+        written(vm)
+        hang_blk(vm)
+        wait_running(vm, generation=2)
+        written(vm, after=len(vm.text()))
+        blk = blk_device(vm)
+    finally:
+        text = stop_loop(vm)
+    assert "heartbeat" in str(blk["last_failure"]), blk
+    assert "mismatch" not in text and ": status " not in text
+
+
+def test_virtio_blk_hung_process_with_on_crash_stop_ends_the_vm_saying_why(guests, tmp_path):
+    vm = loop_vm(tmp_path, guests)
+    written(vm)
+    hang_blk(vm)
+    status, err = vm.finish(timeout=30)
+    assert status == 4 and "blk0" in err and "missed its heartbeat" in err, err
