@@ -2,13 +2,23 @@
 
 Each guest runs the `dirty` test guest, which writes a non-zero pattern over
 N MiB at CPL3 (native speed here), then spins. We snapshot it with `splitvmm
-ctl snapshot` (save time = the ctl round trip; pause = how long the vCPUs were
-stopped, from the monitor's reply), then restore it with `splitvmm up
---restore` and time until the control socket answers, which it does right
-before the vCPU threads start. The floor, measured in the same run: writing
-the same number of bytes to a file in the same directory and fsyncing it.
+ctl suspend` and restore it with `splitvmm up --restore --timings`.
 
-    python bench/snapshot.py [--sizes 128,512,2048] [--json]
+- save s: the `ctl suspend` round trip (a Python client's start included);
+  write ms: the monitor's own time to write the snapshot (from its reply);
+  pause ms: how long the vCPUs were stopped (from its reply).
+- floor s: writing the same number of bytes to a file in the same directory
+  and fsyncing it, measured in the same run; write/floor is the goal's ratio.
+- restore s: from our clock reading before the spawn of `up --restore` to the
+  monitor's "devices ready" mark, right before the vCPU threads start (its
+  --timings marks use the same CLOCK_MONOTONIC). The restore phases table says
+  where that time went (the phases of splitvmm/timings.py, from the last run).
+- ctl s: the old figure, until `splitvmm ctl status` first answers; each poll
+  starts a Python client, so it overshoots by up to one client's start.
+
+Each figure is the median of --runs runs (the machine is noisy).
+
+    python bench/snapshot.py [--sizes 128,512,2048] [--runs 3] [--json]
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +43,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.vmrun import write_config  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
+
+FIRST = re.compile(r"timings: first mark at monotonic ([\d.]+) s")
+PHASE = re.compile(r"timings: phase (.+?)\s+([\d.]+) ms$", re.MULTILINE)
+VCPUS_START = "devices ready (wait)"  # the last phase before the vCPU threads start
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -68,9 +84,42 @@ def disk_floor(work: Path, size: int) -> float:
     return elapsed
 
 
-def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
+def restore_phases(stderr: str, spawned_at: float) -> dict[str, float]:
+    """The restored monitor's phases in ms, with 'to vCPUs' from the spawn to VCPUS_START."""
+    first = FIRST.search(stderr)
+    if first is None:
+        raise SystemExit(f"the restored VM printed no timings:\n{stderr}")
+    phases = {"interpreter start": (float(first.group(1)) - spawned_at) * 1e3}
+    phases |= {name: float(ms) for name, ms in PHASE.findall(stderr)}
+    names = list(phases)
+    if VCPUS_START not in names:
+        raise SystemExit(f"no {VCPUS_START!r} mark:\n{stderr}")
+    phases["to vCPUs"] = sum(phases[n] for n in names[: names.index(VCPUS_START) + 1])
+    return phases
+
+
+def restore(env: dict[str, str], config: Path, snap: Path, work: Path) -> dict[str, object]:
+    argv = [sys.executable, "-m", "splitvmm", "up", str(config), "--restore", str(snap)]
+    t0 = time.perf_counter()
+    restored = subprocess.Popen(
+        [*argv, "--timings"], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    while run(env, "ctl", "--vm", "bench-snap", "status").returncode != 0:
+        if restored.poll() is not None:
+            raise SystemExit(f"restore failed: {restored.stderr.read() if restored.stderr else ''}")
+        time.sleep(0.01)
+    ctl_s = time.perf_counter() - t0
+    run(env, "ctl", "--vm", "bench-snap", "suspend", str(work / "again"))
+    _, err = restored.communicate(timeout=60)
+    shutil.rmtree(work / "again", ignore_errors=True)
+    phases = restore_phases(err, t0)
+    return {"restore_s": phases["to vCPUs"] / 1e3, "ctl_s": ctl_s, "phases_ms": phases}
+
+
+def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(work / "run")}
     serial, config, snap = work / f"serial-{mib}-{dirty_mib}.log", work / "vm.toml", work / "snap"
+    serial.unlink(missing_ok=True)
     boot = f'kernel = "{guest}"\ncmdline = "mib={dirty_mib}"'
     write_config(config, "bench-snap", boot, f"{mib}M", serial)
     vm = subprocess.Popen(
@@ -89,36 +138,35 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
         raise SystemExit(f"suspend failed: {reply.stderr} (VM: {vm.communicate()[1]})")
     vm.wait(60)
     size = sum(p.stat().st_size for p in snap.iterdir())
-    t0 = time.perf_counter()
-    restored = subprocess.Popen(
-        [sys.executable, "-m", "splitvmm", "up", str(config), "--restore", str(snap)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    while run(env, "ctl", "--vm", "bench-snap", "status").returncode != 0:
-        if restored.poll() is not None:
-            raise SystemExit(f"restore failed: {restored.stderr.read() if restored.stderr else ''}")
-        time.sleep(0.01)
-    restore_s = time.perf_counter() - t0
-    run(env, "ctl", "--vm", "bench-snap", "suspend", str(work / "again"))
-    restored.wait(60)
+    restored = restore(env, config, snap, work)
     floor_s = disk_floor(work, size)
     shutil.rmtree(snap)
-    shutil.rmtree(work / "again", ignore_errors=True)
+    saved = json.loads(reply.stdout)
     return {
         "save_s": save_s,
-        "pause_ms": json.loads(reply.stdout)["pause_ms"],
+        "write_ms": saved["write_ms"],
+        "pause_ms": saved["pause_ms"],
         "size_mib": size / (1 << 20),
-        "restore_s": restore_s,
+        **restored,
         "floor_write_fsync_s": floor_s,
     }
+
+
+def median_row(runs: list[dict[str, object]]) -> dict[str, object]:
+    """Each figure's median over the runs; the phases of the last run."""
+    row: dict[str, object] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, float | int):
+            row[key] = statistics.median(float(r[key]) for r in runs)  # type: ignore[arg-type]
+        else:
+            row[key] = runs[-1][key]
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128,512,2048", help="guest RAM sizes in MiB")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each size (medians)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
@@ -127,24 +175,47 @@ def main() -> None:
         guest = build_guests(work / "guests")["dirty"]
         for mib in (int(s) for s in args.sizes.split(",")):
             for dirty in (0, mib // 2):
-                rows.append({"memory_mib": mib, "dirty_mib": dirty, **one(work, guest, mib, dirty)})
+                runs = [one(work, guest, mib, dirty) for _ in range(args.runs)]
+                rows.append({"memory_mib": mib, "dirty_mib": dirty, **median_row(runs)})
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
-    table = Table(title="snapshot (suspend) and restore; floor = write+fsync of the same bytes")
-    for col in ("RAM MiB", "dirty MiB", "save s", "pause ms", "size MiB", "restore s", "floor s"):
+    else:
+        print_tables(rows, args.runs)
+
+
+def print_tables(rows: list[dict[str, object]], runs: int) -> None:
+    console = Console(width=max(Console().width, 120))  # a pipe gets 80: too narrow
+    table = Table(
+        title=f"snapshot (suspend) and restore, median of {runs}; "
+        "floor = write+fsync of the same bytes"
+    )
+    columns = ("RAM MiB", "dirty MiB", "save s", "write ms", "pause ms", "size MiB", "floor s")
+    for col in (*columns, "write/floor", "restore s", "ctl s"):
         table.add_column(col, justify="right")
     for r in rows:
+        floor = float(r["floor_write_fsync_s"])  # type: ignore[arg-type]
+        write_s = float(r["write_ms"]) / 1e3  # type: ignore[arg-type]
         table.add_row(
-            str(r["memory_mib"]),
-            str(r["dirty_mib"]),
+            *(str(r[k]) for k in ("memory_mib", "dirty_mib")),
             f"{r['save_s']:.2f}",
+            f"{r['write_ms']:.0f}",
             f"{r['pause_ms']:.0f}",
             f"{r['size_mib']:.1f}",
-            f"{r['restore_s']:.2f}",
-            f"{r['floor_write_fsync_s']:.2f}",
+            f"{floor:.2f}",
+            f"{write_s / floor:.2f}" if floor >= 0.01 else "—",
+            f"{r['restore_s']:.3f}",
+            f"{r['ctl_s']:.2f}",
         )
-    Console().print(table)
+    console.print(table)
+    phases = Table(title="restore phases, ms (last run; up --timings)")
+    phases.add_column("phase")
+    for r in rows:
+        phases.add_column(f"{r['memory_mib']}/{r['dirty_mib']}", justify="right")
+    names = list(rows[0]["phases_ms"])  # type: ignore[call-overload]
+    for name in names:
+        cells = [f"{r['phases_ms'].get(name, 0.0):.1f}" for r in rows]  # type: ignore[attr-defined]
+        phases.add_row(name, *cells)
+    console.print(phases)
 
 
 if __name__ == "__main__":
