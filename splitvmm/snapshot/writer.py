@@ -17,7 +17,6 @@ the writer removes it. The files hold guest memory, so the directory is 0700 and
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -28,10 +27,11 @@ from typing import Any, BinaryIO, TypeVar
 from splitvmm import __version__
 from splitvmm.config import NAME_RE
 from splitvmm.hostpath import Access, HostFileError, open_host_file
-from splitvmm.snapshot import ram, signing, state
+from splitvmm.snapshot import digest, ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
     ChunkEntry,
+    Digest,
     Kind,
     Manifest,
     MemoryEntry,
@@ -154,9 +154,8 @@ class SnapshotWriter:
             data = state.encode(kind, state_version, payload, model, f"chunk {name}")
             file = f"{name}.json"
             self._write_file(file, lambda f: f.write(data))
-            entry = ChunkEntry(
-                kind, name, state_version, file, len(data), hashlib.sha256(data).hexdigest(), model
-            )
+            checksum = Digest(digest.WRITE_ALGORITHM, digest.of(digest.WRITE_ALGORITHM, data))
+            entry = ChunkEntry(kind, name, state_version, file, len(data), checksum, model)
             self._chunks.append(entry)
             return entry
 
@@ -173,7 +172,7 @@ class SnapshotWriter:
                 state_version=ram.VERSION,
                 file=RAM_FILE,
                 size=stats.file_bytes,
-                sha256=stats.sha256,
+                digest=Digest(digest.WRITE_ALGORITHM, stats.digest),
                 encoding=ram.ENCODING,
             )
             self._chunks.append(entry)
