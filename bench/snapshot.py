@@ -7,6 +7,9 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
 - save s: the `ctl suspend` round trip (a Python client's start included);
   write ms: the monitor's own time to write the snapshot (from its reply);
   pause ms: how long the vCPUs were stopped (from its reply).
+- live pause ms: the same for a `ctl snapshot` taken just before, after which
+  the VM runs on: its vCPUs run again once the data is copied, before the
+  fsyncs (monitor/coordinator.py).
 - floor s: writing the same number of bytes to a file in the same directory
   and fsyncing it, measured in the same run; write/floor is the goal's ratio.
   Both start from a settled disk (settle()): on this ext4, mounted with
@@ -162,6 +165,9 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
     wait_for(serial, f"dirty: {dirty_mib} MiB written", vm)
     disk_floor(work, (dirty_mib + 1) << 20)  # untimed: the first large write pays more
     settle()
+    live = json.loads(run(env, "ctl", "--vm", "bench-snap", "snapshot", str(snap), "--json").stdout)
+    shutil.rmtree(snap)
+    settle()
     t0 = time.perf_counter()
     reply = run(env, "ctl", "--vm", "bench-snap", "suspend", str(snap), "--json")
     save_s = time.perf_counter() - t0
@@ -178,6 +184,7 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
         "save_s": save_s,
         "write_ms": saved["write_ms"],
         "pause_ms": saved["pause_ms"],
+        "live_pause_ms": live["pause_ms"],
         "size_mib": size / (1 << 20),
         **restored,
         "floor_write_fsync_s": floor_s,
@@ -299,12 +306,13 @@ def main() -> None:
 
 
 def print_tables(rows: list[dict[str, object]], runs: int) -> None:
-    console = Console(width=max(Console().width, 170))  # a pipe gets 80: too narrow
+    console = Console(width=max(Console().width, 190))  # a pipe gets 80: too narrow
     table = Table(
         title=f"snapshot (suspend) and restore, median of {runs}; "
         "floor = write+fsync of the same bytes"
     )
-    columns = ("RAM MiB", "dirty MiB", "save s", "write ms", "pause ms", "size MiB", "floor s")
+    columns = ["RAM MiB", "dirty MiB", "save s", "write ms", "pause ms", "live pause ms"]
+    columns += ["size MiB", "floor s"]
     qemu_columns = ("QEMU save s", "QEMU restore s", "restore / QEMU")
     for col in (*columns, "write/floor", "restore s", "ctl s", *qemu_columns):
         table.add_column(col, justify="right")
@@ -316,6 +324,7 @@ def print_tables(rows: list[dict[str, object]], runs: int) -> None:
             f"{r['save_s']:.2f}",
             f"{r['write_ms']:.0f}",
             f"{r['pause_ms']:.0f}",
+            f"{r['live_pause_ms']:.0f}",
             f"{r['size_mib']:.1f}",
             f"{floor:.2f}",
             f"{write_s / floor:.2f}" if floor >= 0.01 else "—",
