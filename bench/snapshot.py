@@ -39,6 +39,14 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
 
 Each figure is the median of --runs runs (the machine is noisy).
 
+Tried for restoring 256 MiB of RAM and dropped (snapshot/ram.py keeps sendfile into the
+memfd in 8 MiB pieces, each hashed on a helper thread while the next is copied: 112-130 ms
+here, the copy alone): preadv into the mapping, 196-220 ms (a fault per fresh page), also
+after MADV_POPULATE_WRITE on each piece; posix_fallocate before sendfile, no change; two
+threads each sendfile()ing half of every piece, 226 ms against 225 (two busy cores: the
+copy is CPU-bound); BLAKE3 with max_threads=AUTO on the helper, 134 ms against 112 (its
+threads compete with the copy).
+
     python bench/snapshot.py [--sizes 128,512,2048] [--runs 3] [--json]
 """
 
