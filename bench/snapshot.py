@@ -2,13 +2,53 @@
 
 Each guest runs the `dirty` test guest, which writes a non-zero pattern over
 N MiB at CPL3 (native speed here), then spins. We snapshot it with `splitvmm
-ctl snapshot` (save time = the ctl round trip; pause = how long the vCPUs were
-stopped, from the monitor's reply), then restore it with `splitvmm up
---restore` and time until the control socket answers, which it does right
-before the vCPU threads start. The floor, measured in the same run: writing
-the same number of bytes to a file in the same directory and fsyncing it.
+ctl suspend` and restore it with `splitvmm up --restore --timings`.
 
-    python bench/snapshot.py [--sizes 128,512,2048] [--json]
+- save s: the `ctl suspend` round trip (a Python client's start included);
+  write ms: the monitor's own time to write the snapshot (from its reply);
+  pause ms: how long the vCPUs were stopped (from its reply).
+- live pause ms: the same for a `ctl snapshot` taken just before, after which
+  the VM runs on: its vCPUs run again once the data is copied, before the
+  fsyncs (monitor/coordinator.py).
+- floor s: writing the same number of bytes to a file in the same directory
+  and fsyncing it, the best of FLOOR_TRIES in the same run; write/floor is the
+  goal's ratio.
+  Both start from a settled disk (settle()): on this ext4, mounted with
+  `discard`, an fsync also waits for the discards of files deleted before it,
+  and for other dirty data, so whichever came after a deletion paid for it.
+  And the first large write after the guest dirtied its memory pays ~0.3-0.4 s
+  of system time more than the next ones, whoever makes it (this host's page
+  allocation: a plain write+fsync made first took 571 ms, the save after it
+  218 ms; made second, 138 ms), so an untimed write of the same size comes
+  before the save.
+- restore s: from our clock reading before the spawn of `up --restore` to the
+  monitor's "devices ready" mark, right before the vCPU threads start (its
+  --timings marks use the same CLOCK_MONOTONIC). The restore phases table says
+  where that time went (the phases of splitvmm/timings.py, from the last run).
+- ctl s: the old figure, until `splitvmm ctl status` first answers; each poll
+  starts a Python client, so it overshoots by up to one client's start.
+- QEMU (when qemu-system-x86_64 is installed), on the same RAM: QEMU's KVM
+  cannot run the `dirty` guest (an ELF with a 64-bit Linux-style entry), so it
+  runs the firmware-hello guest (prints, then halts) with the same number of
+  non-zero bytes put in its RAM from outside (a memory-backend-file on
+  /dev/shm, at the `dirty` guest's range; shmem, like our memfd). What a
+  snapshot costs depends on the RAM, not on the code the guest runs. Save: QMP
+  `stop`, `migrate exec:cat > FILE` (bandwidth limit lifted), until completed,
+  then fsync the file (QEMU does not): compare with pause ms. Restore: from
+  the spawn of `qemu -incoming "exec:cat FILE"` (RAM: memory-backend-memfd)
+  until `cont` returns after the migration completed.
+
+Each figure is the median of --runs runs (the machine is noisy).
+
+Tried for restoring 256 MiB of RAM and dropped (snapshot/ram.py keeps sendfile into the
+memfd in 8 MiB pieces, each hashed on a helper thread while the next is copied: 112-130 ms
+here, the copy alone): preadv into the mapping, 196-220 ms (a fault per fresh page), also
+after MADV_POPULATE_WRITE on each piece; posix_fallocate before sendfile, no change; two
+threads each sendfile()ing half of every piece, 226 ms against 225 (two busy cores: the
+copy is CPU-bound); BLAKE3 with max_threads=AUTO on the helper, 134 ms against 112 (its
+threads compete with the copy).
+
+    python bench/snapshot.py [--sizes 128,512,2048] [--runs 3] [--json]
 """
 
 from __future__ import annotations
@@ -16,7 +56,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,8 +72,16 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.qmp import Qmp  # noqa: E402
 from bench.vmrun import write_config  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
+
+FIRST = re.compile(r"timings: first mark at monotonic ([\d.]+) s")
+PHASE = re.compile(r"timings: phase (.+?)\s+([\d.]+) ms$", re.MULTILINE)
+VCPUS_START = "devices ready (wait)"  # the last phase before the vCPU threads start
+QEMU = "qemu-system-x86_64"
+FLOOR_TRIES = 3  # the floor is the best of these: a write+fsync here varies 2-3x run to run
+DIRTY_START_MIB = 16  # where the `dirty` guest starts writing (tests/guests/dirty.c)
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +94,7 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_for(path: Path, needle: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, needle: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and needle in path.read_text(errors="replace"):
@@ -54,9 +105,16 @@ def wait_for(path: Path, needle: str, proc: subprocess.Popen, timeout: float = 1
     raise SystemExit(f"timed out waiting for {needle!r}")
 
 
+def settle() -> None:
+    """Write back everything dirty (and commit the file system's journal, with the discards
+    of deleted files) outside any timed step, so that no step pays for the one before."""
+    os.sync()
+
+
 def disk_floor(work: Path, size: int) -> float:
     """Seconds to write `size` bytes and fsync them, in 1 MiB pieces."""
     piece = os.urandom(1 << 20)
+    settle()
     t0 = time.perf_counter()
     with open(work / "floor.bin", "wb") as f:
         for _ in range(size >> 20):
@@ -68,9 +126,43 @@ def disk_floor(work: Path, size: int) -> float:
     return elapsed
 
 
-def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
+def restore_phases(stderr: str, spawned_at: float) -> dict[str, float]:
+    """The restored monitor's phases in ms, with 'to vCPUs' from the spawn to VCPUS_START."""
+    first = FIRST.search(stderr)
+    if first is None:
+        raise SystemExit(f"the restored VM printed no timings:\n{stderr}")
+    phases = {"interpreter start": (float(first.group(1)) - spawned_at) * 1e3}
+    phases |= {name: float(ms) for name, ms in PHASE.findall(stderr)}
+    names = list(phases)
+    if VCPUS_START not in names:
+        raise SystemExit(f"no {VCPUS_START!r} mark:\n{stderr}")
+    phases["to vCPUs"] = sum(phases[n] for n in names[: names.index(VCPUS_START) + 1])
+    return phases
+
+
+def restore(env: dict[str, str], config: Path, snap: Path, work: Path) -> dict[str, object]:
+    argv = [sys.executable, "-m", "splitvmm", "up", str(config), "--restore", str(snap)]
+    settle()
+    t0 = time.perf_counter()
+    restored = subprocess.Popen(
+        [*argv, "--timings"], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    while run(env, "ctl", "--vm", "bench-snap", "status").returncode != 0:
+        if restored.poll() is not None:
+            raise SystemExit(f"restore failed: {restored.stderr.read() if restored.stderr else ''}")
+        time.sleep(0.01)
+    ctl_s = time.perf_counter() - t0
+    run(env, "ctl", "--vm", "bench-snap", "suspend", str(work / "again"))
+    _, err = restored.communicate(timeout=60)
+    shutil.rmtree(work / "again", ignore_errors=True)
+    phases = restore_phases(err, t0)
+    return {"restore_s": phases["to vCPUs"] / 1e3, "ctl_s": ctl_s, "phases_ms": phases}
+
+
+def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
     env = {**os.environ, "XDG_RUNTIME_DIR": str(work / "run")}
     serial, config, snap = work / f"serial-{mib}-{dirty_mib}.log", work / "vm.toml", work / "snap"
+    serial.unlink(missing_ok=True)
     boot = f'kernel = "{guest}"\ncmdline = "mib={dirty_mib}"'
     write_config(config, "bench-snap", boot, f"{mib}M", serial)
     vm = subprocess.Popen(
@@ -81,6 +173,11 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
         text=True,
     )
     wait_for(serial, f"dirty: {dirty_mib} MiB written", vm)
+    disk_floor(work, (dirty_mib + 1) << 20)  # untimed: the first large write pays more
+    settle()
+    live = json.loads(run(env, "ctl", "--vm", "bench-snap", "snapshot", str(snap), "--json").stdout)
+    shutil.rmtree(snap)
+    settle()
     t0 = time.perf_counter()
     reply = run(env, "ctl", "--vm", "bench-snap", "suspend", str(snap), "--json")
     save_s = time.perf_counter() - t0
@@ -89,62 +186,181 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
         raise SystemExit(f"suspend failed: {reply.stderr} (VM: {vm.communicate()[1]})")
     vm.wait(60)
     size = sum(p.stat().st_size for p in snap.iterdir())
-    t0 = time.perf_counter()
-    restored = subprocess.Popen(
-        [sys.executable, "-m", "splitvmm", "up", str(config), "--restore", str(snap)],
-        env=env,
+    restored = restore(env, config, snap, work)
+    floor_s = min(disk_floor(work, size) for _ in range(FLOOR_TRIES))
+    shutil.rmtree(snap)
+    saved = json.loads(reply.stdout)
+    return {
+        "save_s": save_s,
+        "write_ms": saved["write_ms"],
+        "pause_ms": saved["pause_ms"],
+        "live_pause_ms": live["pause_ms"],
+        "size_mib": size / (1 << 20),
+        **restored,
+        "floor_write_fsync_s": floor_s,
+    }
+
+
+def qemu_argv(qemu: str, firmware: Path, mib: int, backend: str, qmp: Path) -> list[str]:
+    return [
+        *(qemu, "-accel", "kvm", "-bios", str(firmware), "-display", "none", "-nodefaults"),
+        *("-m", f"{mib}M", "-object", f"{backend},id=mem,size={mib}M"),
+        *("-machine", "memory-backend=mem", "-qmp", f"unix:{qmp},server=on,wait=off"),
+    ]
+
+
+def qemu_memory(path: Path, mib: int, dirty_mib: int) -> None:
+    """A RAM image with dirty_mib MiB of non-zero bytes where the `dirty` guest writes them."""
+    piece = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        f.truncate(mib << 20)
+        f.seek(DIRTY_START_MIB << 20)
+        for _ in range(dirty_mib):
+            f.write(piece)
+
+
+def qemu_one(qemu: str, work: Path, firmware: Path, mib: int, dirty_mib: int) -> dict[str, float]:
+    """QEMU's save (stop, migrate to a file, fsync) and restore (spawn to running)."""
+    ram, state, qmp = (
+        Path(f"/dev/shm/splitvmm-bench-{os.getpid()}"),
+        work / "qemu.state",
+        work / "q",
+    )
+    serial = work / "qemu-serial.log"
+    serial.unlink(missing_ok=True)
+    qemu_memory(ram, mib, dirty_mib)
+    backend = f"memory-backend-file,mem-path={ram},share=on"
+    src = subprocess.Popen(
+        [*qemu_argv(qemu, firmware, mib, backend, qmp), "-serial", f"file:{serial}"],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    while run(env, "ctl", "--vm", "bench-snap", "status").returncode != 0:
-        if restored.poll() is not None:
-            raise SystemExit(f"restore failed: {restored.stderr.read() if restored.stderr else ''}")
-        time.sleep(0.01)
-    restore_s = time.perf_counter() - t0
-    run(env, "ctl", "--vm", "bench-snap", "suspend", str(work / "again"))
-    restored.wait(60)
-    floor_s = disk_floor(work, size)
-    shutil.rmtree(snap)
-    shutil.rmtree(work / "again", ignore_errors=True)
-    return {
-        "save_s": save_s,
-        "pause_ms": json.loads(reply.stdout)["pause_ms"],
-        "size_mib": size / (1 << 20),
-        "restore_s": restore_s,
-        "floor_write_fsync_s": floor_s,
-    }
+    try:
+        wait_for(serial, "Hello from splitvmm firmware!", src)
+        q = Qmp(qmp)
+        q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})  # default: 128 MiB/s
+        settle()
+        t0 = time.perf_counter()
+        q.cmd("stop")
+        q.cmd("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+        q.wait_migration()
+        fd = os.open(state, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        save_s = time.perf_counter() - t0
+        q.cmd("quit")
+        q.close()
+    finally:
+        src.wait(60)
+        ram.unlink()
+        qmp.unlink(missing_ok=True)
+    settle()
+    t0 = time.perf_counter()
+    incoming = ("-serial", "null", "-incoming", f"exec:cat {shlex.quote(str(state))}")
+    dst = subprocess.Popen(
+        [*qemu_argv(qemu, firmware, mib, "memory-backend-memfd", qmp), *incoming],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        q = Qmp(qmp)
+        q.wait_migration()
+        q.cmd("cont")  # the VM was stopped when saved: it stays paused until told
+        restore_s = time.perf_counter() - t0
+        q.cmd("quit")
+        q.close()
+    finally:
+        dst.wait(60)
+        qmp.unlink(missing_ok=True)
+    size = state.stat().st_size
+    state.unlink()
+    return {"qemu_save_s": save_s, "qemu_restore_s": restore_s, "qemu_size_mib": size / (1 << 20)}
+
+
+def median_row(runs: list[dict[str, object]]) -> dict[str, object]:
+    """Each figure's median over the runs; the phases of the last run."""
+    row: dict[str, object] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, float | int):
+            row[key] = statistics.median(float(r[key]) for r in runs)  # type: ignore[arg-type]
+        else:
+            row[key] = runs[-1][key]
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="128,512,2048", help="guest RAM sizes in MiB")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each size (medians)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rows = []
+    qemu = shutil.which(QEMU)
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         work = Path(tmp)
-        guest = build_guests(work / "guests")["dirty"]
+        guests = build_guests(work / "guests")
         for mib in (int(s) for s in args.sizes.split(",")):
             for dirty in (0, mib // 2):
-                rows.append({"memory_mib": mib, "dirty_mib": dirty, **one(work, guest, mib, dirty)})
+                runs = []
+                for _ in range(args.runs):  # alternate, so drift on the host hits both alike
+                    figures = one(work, guests["dirty"], mib, dirty)
+                    if qemu:
+                        figures |= qemu_one(qemu, work, guests["firmware-hello"], mib, dirty)
+                    runs.append(figures)
+                rows.append({"memory_mib": mib, "dirty_mib": dirty, **median_row(runs)})
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
-    table = Table(title="snapshot (suspend) and restore; floor = write+fsync of the same bytes")
-    for col in ("RAM MiB", "dirty MiB", "save s", "pause ms", "size MiB", "restore s", "floor s"):
+    else:
+        print_tables(rows, args.runs)
+
+
+def print_tables(rows: list[dict[str, object]], runs: int) -> None:
+    console = Console(width=max(Console().width, 190))  # a pipe gets 80: too narrow
+    table = Table(
+        title=f"snapshot (suspend) and restore, median of {runs}; "
+        "floor = write+fsync of the same bytes"
+    )
+    columns = ["RAM MiB", "dirty MiB", "save s", "write ms", "pause ms", "live pause ms"]
+    columns += ["size MiB", "floor s"]
+    qemu_columns = ("QEMU save s", "QEMU restore s", "restore / QEMU")
+    for col in (*columns, "write/floor", "restore s", "ctl s", *qemu_columns):
         table.add_column(col, justify="right")
     for r in rows:
+        floor = float(r["floor_write_fsync_s"])  # type: ignore[arg-type]
+        write_s = float(r["write_ms"]) / 1e3  # type: ignore[arg-type]
         table.add_row(
-            str(r["memory_mib"]),
-            str(r["dirty_mib"]),
+            *(str(r[k]) for k in ("memory_mib", "dirty_mib")),
             f"{r['save_s']:.2f}",
+            f"{r['write_ms']:.0f}",
             f"{r['pause_ms']:.0f}",
+            f"{r['live_pause_ms']:.0f}",
             f"{r['size_mib']:.1f}",
-            f"{r['restore_s']:.2f}",
-            f"{r['floor_write_fsync_s']:.2f}",
+            f"{floor:.2f}",
+            f"{write_s / floor:.2f}" if floor >= 0.01 else "—",
+            f"{r['restore_s']:.3f}",
+            f"{r['ctl_s']:.2f}",
+            *qemu_cells(r),
         )
-    Console().print(table)
+    console.print(table)
+    if "qemu_save_s" not in rows[0]:
+        console.print(f"QEMU: {QEMU} not found (apt-get install qemu-system-x86)")
+    phases = Table(title="restore phases, ms (last run; up --timings)")
+    phases.add_column("phase")
+    for r in rows:
+        phases.add_column(f"{r['memory_mib']}/{r['dirty_mib']}", justify="right")
+    names = list(rows[0]["phases_ms"])  # type: ignore[call-overload]
+    for name in names:
+        cells = [f"{r['phases_ms'].get(name, 0.0):.1f}" for r in rows]  # type: ignore[attr-defined]
+        phases.add_row(name, *cells)
+    console.print(phases)
+
+
+def qemu_cells(r: dict[str, object]) -> tuple[str, str, str]:
+    if "qemu_save_s" not in r:
+        return ("—", "—", "—")
+    ratio = float(r["restore_s"]) / float(r["qemu_restore_s"])  # type: ignore[arg-type]
+    return (f"{r['qemu_save_s']:.3f}", f"{r['qemu_restore_s']:.3f}", f"{ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot.reader import format_size
 
 DIR = click.Path(path_type=Path)  # existence is the reader's to judge, with its own message
-SHA_PREFIX = 12
+DIGEST_PREFIX = 12  # hex digits of a chunk's checksum shown by inspect
 
 
 def _fail(path: Path, error: SnapshotError) -> NoReturn:
@@ -76,11 +76,11 @@ def escaped(text: str) -> str:
 
 def _chunk_table(snap: Snapshot) -> Table:
     table = Table(show_edge=False)
-    for title in ("kind", "name", "model", "state v", "size", "sha256"):
+    for title in ("kind", "name", "model", "state v", "size", "checksum"):
         table.add_column(title, no_wrap=True, justify="right" if title == "size" else "left")
     for c in snap.chunks:
-        size, sha = format_size(c.size), c.sha256[:SHA_PREFIX]
-        cells = (c.kind, c.name, c.model or "", str(c.state_version), size, sha)
+        size, checksum = format_size(c.size), f"{c.digest.alg}:{c.digest.hex[:DIGEST_PREFIX]}"
+        cells = (c.kind, c.name, c.model or "", str(c.state_version), size, checksum)
         table.add_row(*(Text(escaped(cell)) for cell in cells))  # Text: never rich markup
     return table
 
@@ -106,7 +106,7 @@ def verify_with_progress(snap: Snapshot) -> None:
     help="Also require manifest.sig to be the manifest's HMAC under the key in KEYFILE.",
 )
 def verify(directory: Path, key_file: Path | None) -> None:
-    """Check every chunk's size, sha256 and structure; exit 1 on the first problem."""
+    """Check every chunk's size, checksum and structure; exit 1 on the first problem."""
     from splitvmm.snapshot import signing
 
     try:

@@ -7,9 +7,11 @@
    channel is ordered);
 3. collect device states (opaque `{model, version, fields}` documents), vCPU
    and VM state;
-4. write guest RAM and the chunks; the writer puts the manifest last and
-   renames the directory into place, so a half-written snapshot never looks valid;
-5. resume devices and vCPUs (or leave them stopped for `suspend`).
+4. write guest RAM and the chunks (a copy into the page cache);
+5. resume devices and vCPUs (or leave them stopped for `suspend`);
+6. commit: fsync the chunks, write the manifest last and rename the directory
+   into place, so a half-written snapshot never looks valid. It reads nothing
+   of the VM, so `ctl snapshot` pauses for the copy, not for the disk's flush.
 
 The devices share one deadline for their quiesce, save and resume (time spent writing RAM
 is not theirs); each request waits only for what is left of it, and a device that does not
@@ -18,6 +20,7 @@ answer in that time has failed like any other (its on_crash policy applies).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -54,7 +57,7 @@ RESUME_FLOOR_MS = 500
 class SnapshotReport:
     path: Path
     pause_ms: float  # from the pause request until vCPUs run again (or the snapshot is done)
-    write_ms: float
+    write_ms: float  # collecting and writing everything, commit included
     bytes: int
 
 
@@ -107,21 +110,33 @@ class Coordinator:
         t0 = time.monotonic()
         if not was_paused:
             self.pause()
+        resumed_at = None
+
+        def let_go() -> None:
+            nonlocal resumed_at
+            resumed_at = time.monotonic()  # set first: a failing resume is not retried
+            self._resume_devices(deadline)
+            if not was_paused:
+                self.resume()
+            resumed_at = time.monotonic()
+
         ok = False
         try:
             t1 = time.monotonic()
-            size = self._write(target, deadline, sign_key)
+            with self._write(target, deadline) as writer:
+                if not keep_paused:
+                    let_go()  # the VM's data is copied: commit reads none of it
+                writer.commit(sign_key)
             t2 = time.monotonic()
             ok = True
         finally:
             # A suspended VM stays stopped, devices included: input arriving after the
             # snapshot would be lost with the VM. A failed suspend resumes everything.
-            if not (ok and keep_paused):
-                self._resume_devices(deadline)
-                if not was_paused:
-                    self.resume()
-        t3 = time.monotonic()
-        return SnapshotReport(target, (t3 - t0) * 1e3, (t2 - t1) * 1e3, size)
+            if resumed_at is None and not (ok and keep_paused):
+                let_go()
+        size = sum(p.stat().st_size for p in target.iterdir())
+        paused_until = t2 if resumed_at is None else resumed_at
+        return SnapshotReport(target, (paused_until - t0) * 1e3, (t2 - t1) * 1e3, size)
 
     def _check_target(self, target: Path) -> None:
         """Only where the config's vm.snapshot_dirs allow: the monitor's Landlock rules
@@ -167,13 +182,17 @@ class Coordinator:
                 except DeviceFailure as e:
                     log.error("%s", e)  # the device's on_crash policy has been applied
 
-    def _write(self, target: Path, deadline: Deadline, sign_key: bytes | None) -> int:
+    def _write(self, target: Path, deadline: Deadline) -> SnapshotWriter:
+        """Every chunk written, not yet committed: the caller commits it (or it aborts on
+        leaving its `with`)."""
         m = self.machine
         device_states = self._quiesce_devices(deadline)
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
         vm_state = vmstate.to_dict(vmstate.save_vm(m.vm))
-        with SnapshotWriter(target, config_to_dict(m.cfg), vcpu_states[0]["cpuid"], m.mem) as w:
+        w = SnapshotWriter(target, config_to_dict(m.cfg), vcpu_states[0]["cpuid"], m.mem)
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(w.abort)
             w.add_ram(m.mem)
             for i, state in enumerate(vcpu_states):
                 w.add_json_chunk("vcpu", f"vcpu{i}", vmstate.VcpuState.VERSION, state)
@@ -186,5 +205,5 @@ class Coordinator:
                 if not isinstance(version, int):  # control.check_reply passes no other
                     raise ControlError(f"device {slot.name} saved a state with no version")
                 w.add_json_chunk("device", slot.name, version, doc["fields"], model=slot.model)
-            w.commit(sign_key)
-        return sum(p.stat().st_size for p in target.iterdir())
+            on_error.pop_all()
+        return w

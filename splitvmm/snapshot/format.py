@@ -4,7 +4,7 @@ A snapshot is a directory: manifest.json plus one file per chunk (guest RAM, eac
 each device). The manifest is self-describing, unlike bhyve's first format (raw struct layouts,
 no per-chunk versions): it names the format and its version, the producer, the VM config as
 written, the guest memory layout, and for every chunk its kind, state version, file, size and
-sha256. Everything in it is untrusted input: a snapshot may come from anywhere, so the records
+checksum (with its algorithm: digest.py). Everything in it is untrusted input: a snapshot may come from anywhere, so the records
 below say every key, type and bound (protocol/schema.py checks them), sizes are capped before
 anything is allocated, and each record's validate() checks what spans its fields.
 
@@ -13,6 +13,9 @@ is upgraded step by step through Manifest.UPGRADES (v1 -> v2 -> ...) and then ch
 the current schema, so restoring an older release's snapshot is a tested promise (the goldens
 in tests/conformance/goldens/snapshot/). To make a v2: bump FORMAT_VERSION, add
 `1: upgrade_v1_to_v2` to Manifest.UPGRADES, change the records, and keep the v1 golden.
+
+v1 -> v2: each chunk's checksum names its algorithm, `"digest": {"alg": "blake3", "hex": ...}`,
+where v1 had `"sha256": ...` (upgraded to `{"alg": "sha256", ...}`: still checked as sha256).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from splitvmm.config import MAX_MEMORY, NAME_RE
 from splitvmm.errors import SplitvmmError, shown
 from splitvmm.protocol import schema
 from splitvmm.protocol.schema import OPTIONAL_KEY, Invalid, Len, MaxLen, Multiple, Pattern, Range
+from splitvmm.snapshot.digest import Algorithm
 
 
 class SnapshotError(SplitvmmError):
@@ -35,7 +39,7 @@ class SnapshotError(SplitvmmError):
 
 
 FORMAT_NAME = "splitvmm-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MANIFEST_SIG = "manifest.sig"  # optional: signing.py
 
@@ -63,7 +67,7 @@ File = Annotated[
         "a plain file name in the snapshot",
     ),
 ]
-Sha256 = Annotated[str, Pattern("[0-9a-f]{64}", "64 lowercase hex digits")]
+Hex256 = Annotated[str, Pattern("[0-9a-f]{64}", "64 lowercase hex digits")]  # a 256-bit checksum
 Bytes = Annotated[int, Range(PAGE_SIZE, MAX_MEMORY), Multiple(PAGE_SIZE)]  # of guest memory
 
 
@@ -96,6 +100,14 @@ class MemoryEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Digest:
+    """A chunk's checksum and the algorithm that made it (digest.py)."""
+
+    alg: Algorithm
+    hex: Hex256  # lowercase
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkEntry:
     LABEL: ClassVar[str] = "name"  # errors name a chunk as users know it: chunks['vcpu0']
 
@@ -105,7 +117,7 @@ class ChunkEntry:
     file: File
     # bytes on disk; a RAM chunk's cap depends on the memory size (Manifest.validate)
     size: Annotated[int, Range(0, 2 * MAX_MEMORY)]
-    sha256: Sha256  # lowercase hex
+    digest: Digest
     model: Annotated[Name | None, OPTIONAL_KEY] = None  # device model, kind "device" only
     encoding: Annotated[RamEncoding | None, OPTIONAL_KEY] = None  # RAM encoding, "ram" only
 
@@ -125,12 +137,34 @@ class ChunkEntry:
             raise Invalid(f"{self.size} is outside 0..{MAX_JSON_CHUNK_BYTES}", at="size")
 
 
+def upgrade_v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    """A v1 chunk's `"sha256": HEX` becomes `"digest": {"alg": "sha256", "hex": HEX}`. Chunks
+    that are not objects are left for the schema check to name; a v1 chunk with a digest is
+    refused (v1 had none)."""
+    chunks = doc.get("chunks")
+    if not isinstance(chunks, list):
+        return doc
+    return {**doc, "chunks": [_upgrade_chunk_v1(c) for c in chunks]}
+
+
+def _upgrade_chunk_v1(chunk: object) -> object:
+    if not isinstance(chunk, dict):
+        return chunk
+    if "digest" in chunk:
+        raise Invalid(f"chunk {shown(chunk.get('name'))}: unknown key 'digest' in a v1 manifest")
+    if "sha256" not in chunk:
+        return chunk  # the schema check says the digest is missing
+    upgraded = {k: v for k, v in chunk.items() if k != "sha256"}
+    upgraded["digest"] = {"alg": "sha256", "hex": chunk["sha256"]}
+    return upgraded
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     VERSION: ClassVar[int] = FORMAT_VERSION
     # from_version -> function turning a manifest of that version into one of from_version + 1
-    # (without its format and format_version keys). Empty while v1 is the only version.
-    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
+    # (without its format and format_version keys).
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {1: upgrade_v1_to_v2}
 
     producer: Annotated[str, MaxLen(MAX_PRODUCER_CHARS)]
     created: Annotated[str, MaxLen(64)]  # UTC, ISO 8601

@@ -2,7 +2,7 @@
 
 Why a self-describing extent stream rather than a sparse file restored with SEEK_DATA: holes
 belong to the file system, not to the file's bytes. cp, tar, scp and object stores fill them
-in, some file systems have none, and a sha256 over a sparse file reads every hole (64 GiB of
+in, some file systems have none, and a checksum over a sparse file reads every hole (64 GiB of
 zeros for an idle 64 GiB guest). The stream's size and checksum cost what the data costs, it
 survives any copy, and the reader bound-checks every extent before it touches guest memory.
 
@@ -21,12 +21,15 @@ most memory_size / 8 KiB.
 The data comes from the memfd's data extents (lseek SEEK_DATA/SEEK_HOLE): pages the guest
 never touched are holes and cost nothing. All-zero pages among the data (touched, or freed and
 zeroed by the guest) are skipped too, so restoring them leaves holes in the new memfd.
+
+The checksum is taken in the same pass as the data moves, on a helper thread that hashes one
+piece while the next is written or copied (digest.Overlapped): a restore checks what landed in
+guest memory, at the cost of the copy alone.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import mmap
 import os
 import struct
@@ -34,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Final, Protocol
 
+from splitvmm.snapshot import digest
 from splitvmm.snapshot.format import PAGE_SIZE, SnapshotError
 
 MAGIC = b"SVMMRAM\0"
@@ -80,7 +84,7 @@ class RamStats:
     extents: int
     data_bytes: int
     file_bytes: int
-    sha256: str
+    digest: str  # hex, of digest.WRITE_ALGORITHM
 
 
 # --- finding the data --------------------------------------------------------------------------
@@ -133,13 +137,14 @@ def nonzero_runs(mm: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int
 class _RamWriter:
     """Writes records and data, hashing and counting them; progress is memfd data scanned."""
 
-    def __init__(self, out: BinaryIO, total: int, progress: Progress | None) -> None:
-        self.out, self.total, self.progress = out, total, progress
-        self.hash = hashlib.sha256()
+    def __init__(
+        self, out: BinaryIO, total: int, progress: Progress | None, checksum: digest.Overlapped
+    ) -> None:
+        self.out, self.total, self.progress, self.hash = out, total, progress, checksum
         self.size = self.scanned = self.extents = self.data = 0
 
     def put(self, data: bytes | memoryview) -> None:
-        self.hash.update(data)
+        self.hash.update(data)  # hashed on a helper thread while it is written
         self.out.write(data)
         self.size += len(data)
 
@@ -165,24 +170,28 @@ def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> 
     if mem.size % PAGE_SIZE:
         raise SnapshotError(f"guest memory size {mem.size} is not a multiple of {PAGE_SIZE}")
     extents = data_extents(mem.fd, mem.size)
-    w = _RamWriter(out, sum(end - start for start, end in extents), progress)
-    w.put(HEADER.pack(MAGIC, VERSION, PAGE_SIZE, mem.size, 0))
-    with memoryview(mem.map) as view:
+    total = sum(end - start for start, end in extents)
+    # The helper is joined before the view goes (a `with` leaves its last item first).
+    with memoryview(mem.map) as view, digest.Overlapped(digest.WRITE_ALGORITHM) as checksum:
+        w = _RamWriter(out, total, progress, checksum)
+        w.put(HEADER.pack(MAGIC, VERSION, PAGE_SIZE, mem.size, 0))
         for start, end in extents:
             w.data_extent(mem.map, view, start, end)
-    w.put(RECORD.pack(END_OFFSET, w.data))
-    return RamStats(w.extents, w.data, w.size, w.hash.hexdigest())
+        w.put(RECORD.pack(END_OFFSET, w.data))
+        return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
 
 
 # --- reading -----------------------------------------------------------------------------------
 
 
 class _Stream:
-    """A RAM chunk being read at explicit offsets: hashes what it reads, names the chunk."""
+    """A RAM chunk being read at explicit offsets: hashes what it reads (when given a hash),
+    names the chunk."""
 
-    def __init__(self, fd: int, file_size: int, where: str) -> None:
-        self.fd, self.file_size, self.where = fd, file_size, where
-        self.hash = hashlib.sha256()
+    def __init__(
+        self, fd: int, file_size: int, where: str, checksum: digest.Overlapped | None = None
+    ) -> None:
+        self.fd, self.file_size, self.where, self.hash = fd, file_size, where, checksum
         self.pos = 0
 
     def fail(self, message: str) -> SnapshotError:
@@ -192,19 +201,22 @@ class _Stream:
         data = os.pread(self.fd, n, self.pos)
         if len(data) != n:
             raise self.fail(f"truncated at byte {self.pos + len(data)}")
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         self.pos += n
         return data
 
     def copy_into(self, mem: RamLike, view: memoryview, offset: int, length: int) -> None:
-        """File data -> guest memory at `offset`, then hash it where it landed."""
+        """File data -> guest memory at `offset`, then hash it where it landed (on the helper
+        thread, while the caller copies the next piece)."""
         done = 0
         while done < length:
             n = _copy(self.fd, self.pos + done, mem, offset + done, length - done, view)
             if not n:
                 raise self.fail(f"truncated at byte {self.pos + done}")
             done += n
-        self.hash.update(view[offset : offset + length])
+        if self.hash is not None:
+            self.hash.update(view[offset : offset + length])
         self.pos += length
 
     def load_extent(
@@ -291,13 +303,19 @@ def clear(mem: RamLike) -> None:
 
 
 def load_ram(
-    fd: int, file_size: int, mem: RamLike, where: str, progress: Progress | None = None
+    fd: int,
+    file_size: int,
+    mem: RamLike,
+    where: str,
+    algorithm: digest.Algorithm,
+    progress: Progress | None = None,
 ) -> str:
     """Read the chunk into `mem`, each extent bounds-checked before it is copied; returns the
-    sha256 of what was read, for the caller to compare. On error `mem` holds a partial image."""
-    s = _Stream(fd, file_size, where)
+    checksum (hex, of `algorithm`) of what was read, for the caller to compare. On error `mem`
+    holds a partial image."""
     clear(mem)
-    with memoryview(mem.map) as view:
+    with memoryview(mem.map) as view, digest.Overlapped(algorithm) as checksum:
+        s = _Stream(fd, file_size, where, checksum)
         for offset, length in _records(s, mem.size):
             s.load_extent(mem, view, offset, length, progress)
-    return s.hash.hexdigest()
+        return checksum.hexdigest()

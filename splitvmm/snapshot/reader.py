@@ -3,7 +3,9 @@
 A snapshot is untrusted input. open() validates the manifest strictly (format.py); chunk files
 and the manifest are opened relative to the snapshot directory through hostpath (no symlinks,
 and a FIFO planted as a chunk cannot hang us), must be regular files of the manifest's size,
-and are hashed as they are read, so what is used is what was checked. (The directory itself is
+and are hashed as they are read, so what is used is what was checked: load_ram() checks guest
+RAM's checksum in the same pass as it copies it, so a restore reads RAM once (verify(ram=False)
+before it checks everything else). (The directory itself is
 the operator's path and may be reached through a symlink.) Every error is a SnapshotError
 naming the chunk: "chunk vcpu0 (vcpu0.json): checksum mismatch". Messages leave out the
 snapshot's path; callers say which snapshot ("snapshot DIR: ...").
@@ -11,7 +13,6 @@ snapshot's path; callers say which snapshot ("snapshot DIR: ...").
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from splitvmm.hostpath import HostFileError, open_host_file
-from splitvmm.snapshot import ram, signing, state
+from splitvmm.snapshot import digest, ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -31,6 +32,7 @@ from splitvmm.snapshot.format import (
 )
 
 READ_PIECE = 1 << 20
+HASH_PIECE = 8 << 20  # verify's reads: big enough to hash on the helper thread
 
 
 def format_size(n: int) -> str:
@@ -137,7 +139,7 @@ class Snapshot:
         with self._open_chunk(entry) as f:
             data = f.read(entry.size + 1)
         _check_size(entry, len(data))
-        _check_digest(entry, hashlib.sha256(data).hexdigest())
+        _check_digest(entry, digest.of(entry.digest.alg, data))
         return state.decode(entry, data)
 
     def read_json(self, name: str) -> Any:
@@ -147,11 +149,16 @@ class Snapshot:
             raise SnapshotError(f"{entry.label}: guest RAM, not JSON: use load_ram()")
         return self._read_json_entry(entry)
 
-    def verify(self, progress: ram.Progress | None = None) -> None:
-        """Check every chunk's size, sha256 and structure; progress(done, total) in bytes."""
+    def verify(self, progress: ram.Progress | None = None, *, ram_data: bool = True) -> None:
+        """Check every chunk's size, checksum and structure; progress(done, total) in bytes.
+        With ram_data=False, the RAM chunk's size only: for a restore, whose load_ram()
+        checks RAM's structure and checksum as it copies, before any vCPU runs."""
         total, done = self.total_bytes, 0
         for entry in self.chunks:
-            if entry.kind == "ram":
+            if entry.kind == "ram" and not ram_data:
+                with self._open_chunk(entry):
+                    pass  # a regular file of the manifest's size
+            elif entry.kind == "ram":
                 self._verify_ram(entry, progress, done, total)
             else:
                 self._read_json_entry(entry)
@@ -163,9 +170,9 @@ class Snapshot:
         self, entry: ChunkEntry, progress: ram.Progress | None, done: int, total: int
     ) -> None:
         with self._open_chunk(entry) as f:
-            digest, size = _hash_file(f, progress, done, total)
+            hexdigest, size = _hash_file(f, entry.digest.alg, progress, (done, total))
             _check_size(entry, size)
-            _check_digest(entry, digest)
+            _check_digest(entry, hexdigest)
             f.seek(0)
             ram.check_ram(f.fileno(), entry.size, self.manifest.memory.size, entry.label)
 
@@ -183,8 +190,10 @@ class Snapshot:
             raise SnapshotError(f"snapshot's RAM regions differ from the VM's: {regions}")
         entry = self.ram_chunk
         with self._open_chunk(entry) as f:
-            digest = ram.load_ram(f.fileno(), entry.size, mem, entry.label, progress)
-        _check_digest(entry, digest)
+            hexdigest = ram.load_ram(
+                f.fileno(), entry.size, mem, entry.label, entry.digest.alg, progress
+            )
+        _check_digest(entry, hexdigest)
 
 
 def _check_size(entry: ChunkEntry, size: int) -> None:
@@ -194,21 +203,26 @@ def _check_size(entry: ChunkEntry, size: int) -> None:
         raise SnapshotError(f"{entry.label}: {size} bytes, manifest says {entry.size}")
 
 
-def _check_digest(entry: ChunkEntry, digest: str) -> None:
-    if digest != entry.sha256:
-        raise SnapshotError(f"{entry.label}: checksum mismatch")
+def _check_digest(entry: ChunkEntry, hexdigest: str) -> None:
+    if hexdigest != entry.digest.hex:
+        raise SnapshotError(f"{entry.label}: checksum mismatch ({entry.digest.alg})")
 
 
 def _hash_file(
-    f: io.BufferedReader, progress: ram.Progress | None, done: int, total: int
+    f: io.BufferedReader,
+    algorithm: digest.Algorithm,
+    progress: ram.Progress | None,
+    done_total: tuple[int, int],
 ) -> tuple[str, int]:
-    h = hashlib.sha256()
-    buf = bytearray(READ_PIECE)
-    size = 0
-    with memoryview(buf) as view:
-        while n := f.readinto(view):
-            h.update(view[:n])
-            size += n
+    """(checksum, size) of the file's contents: one buffer is hashed on the helper thread
+    while the other is read into (digest.Overlapped waits for a piece before the next)."""
+    done, total = done_total
+    buffers = (memoryview(bytearray(HASH_PIECE)), memoryview(bytearray(HASH_PIECE)))
+    size, which = 0, 0
+    with digest.Overlapped(algorithm) as checksum:
+        while n := f.readinto(buffers[which]):
+            checksum.update(buffers[which][:n])
+            size, which = size + n, 1 - which
             if progress:
                 progress(done + size, total)
-    return h.hexdigest(), size
+        return checksum.hexdigest(), size

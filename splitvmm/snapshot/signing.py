@@ -1,8 +1,8 @@
 """Optional authenticity: an HMAC-SHA256 of manifest.json's exact bytes, in manifest.sig.
 
-Why the manifest alone: it holds every chunk's size and sha256, and the reader hashes each
-chunk as it uses it (reader.py), so a good MAC over the manifest's bytes covers the whole
-snapshot. It is checked before the manifest is parsed, so a signed-only restore never feeds
+Why the manifest alone: it holds every chunk's size and checksum (BLAKE3, or sha256 in a v1
+snapshot: both collision resistant, see digest.py), and the reader hashes each chunk as it uses
+it (reader.py), so a good MAC over the manifest's bytes covers the whole snapshot. It is checked before the manifest is parsed, so a signed-only restore never feeds
 an unauthenticated manifest to the parser.
 
 Why a separate file and not a field in the manifest: the MAC is over bytes exactly as stored,

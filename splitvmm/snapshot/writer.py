@@ -3,7 +3,10 @@
 Everything goes into a private temporary directory next to the target (`.<name>.tmp-<pid>`,
 same file system, so the final rename is atomic). Every file is fsynced, the manifest is
 written last and fsynced, then the directory, then it is renamed into place and the parent is
-fsynced. A crash before the rename leaves only the hidden temporary directory; any error inside
+fsynced. The chunk files are fsynced together, by commit(): add_ram() and add_json_chunk()
+only copy the data (into the page cache), and commit() reads nothing of the VM, so a caller
+may let the VM run again before commit() (the coordinator does, for `ctl snapshot`): the
+pause is the copy, the disk's flush comes after. A crash before the rename leaves only the hidden temporary directory; any error inside
 the writer removes it. The files hold guest memory, so the directory is 0700 and files 0600
 (created through hostpath, O_EXCL: nothing already there is ever written into).
 
@@ -17,7 +20,6 @@ the writer removes it. The files hold guest memory, so the directory is 0700 and
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -28,10 +30,11 @@ from typing import Any, BinaryIO, TypeVar
 from splitvmm import __version__
 from splitvmm.config import NAME_RE
 from splitvmm.hostpath import Access, HostFileError, open_host_file
-from splitvmm.snapshot import ram, signing, state
+from splitvmm.snapshot import digest, ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
     ChunkEntry,
+    Digest,
     Kind,
     Manifest,
     MemoryEntry,
@@ -87,6 +90,7 @@ class SnapshotWriter:
         stamp = (created or datetime.now(UTC)).astimezone(UTC)
         self._created = stamp.isoformat(timespec="seconds")
         self._chunks: list[ChunkEntry] = []
+        self._unsynced: list[int] = []  # fds of the files written, until they are fsynced
         self._state = "open"  # -> "committed" | "aborted"
         _refuse_existing(self.target)
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
@@ -120,16 +124,24 @@ class SnapshotWriter:
             self.abort()
             raise
 
-    def _write_file(self, name: str, fill: Callable[[BinaryIO], T]) -> T:
+    def _write_file(self, name: str, fill: Callable[[BinaryIO], T], sync: bool = False) -> T:
+        """Create `name` and fill it; fsync it now, or (a chunk) leave it open for commit()."""
         try:
             fd = open_host_file(name, f"snapshot file {name}", Access.CREATE, self._dirfd)
         except HostFileError as e:
             raise SnapshotError(f"snapshot {self.target}: {name}: {e.reason}") from None
-        with open(fd, "wb", buffering=WRITE_BUFFER) as f:
+        self._unsynced.append(fd)  # closed by _sync_files() or abort(), whatever happens
+        with open(fd, "wb", buffering=WRITE_BUFFER, closefd=False) as f:
             result = fill(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if sync:
+            self._sync_files()
         return result
+
+    def _sync_files(self) -> None:
+        """fsync and close every file written and not yet synced."""
+        while self._unsynced:
+            os.fsync(self._unsynced[-1])
+            os.close(self._unsynced.pop())
 
     def _check_name(self, name: str) -> None:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == "manifest":
@@ -154,9 +166,8 @@ class SnapshotWriter:
             data = state.encode(kind, state_version, payload, model, f"chunk {name}")
             file = f"{name}.json"
             self._write_file(file, lambda f: f.write(data))
-            entry = ChunkEntry(
-                kind, name, state_version, file, len(data), hashlib.sha256(data).hexdigest(), model
-            )
+            checksum = Digest(digest.WRITE_ALGORITHM, digest.of(digest.WRITE_ALGORITHM, data))
+            entry = ChunkEntry(kind, name, state_version, file, len(data), checksum, model)
             self._chunks.append(entry)
             return entry
 
@@ -173,7 +184,7 @@ class SnapshotWriter:
                 state_version=ram.VERSION,
                 file=RAM_FILE,
                 size=stats.file_bytes,
-                sha256=stats.sha256,
+                digest=Digest(digest.WRITE_ALGORITHM, stats.digest),
                 encoding=ram.ENCODING,
             )
             self._chunks.append(entry)
@@ -195,10 +206,11 @@ class SnapshotWriter:
             )
             data = manifest.encode()
             parse_manifest(data)  # a writer bug must not publish a snapshot we cannot read
-            self._write_file(MANIFEST, lambda f: f.write(data))
+            self._sync_files()  # every chunk is on disk before the manifest that names it
+            self._write_file(MANIFEST, lambda f: f.write(data), sync=True)
             if sign_key is not None:
                 sig = signing.mac(data, sign_key)
-                self._write_file(signing.SIG_FILE, lambda f: f.write(sig))
+                self._write_file(signing.SIG_FILE, lambda f: f.write(sig), sync=True)
             os.fsync(self._dirfd)
             self._close_dir()
             # os.rename would replace an empty directory at the target; check right before.
@@ -221,6 +233,8 @@ class SnapshotWriter:
         if self._state != "open":
             return
         self._state = "aborted"
+        while self._unsynced:
+            os.close(self._unsynced.pop())
         self._close_dir()
         # ignore_errors: this runs while another error propagates, which is the one to report;
         # a leftover is a hidden temp directory without the target name, never a snapshot.

@@ -5,7 +5,6 @@ line. The fast suite with every attack is tests/unit/test_snapshot_hostile.py.""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import shutil
 import socket
@@ -18,6 +17,7 @@ import pytest
 
 from tests.integration.conftest import Saved, vm_toml
 from tests.integration.vmproc import VmProcess, splitvmm
+from tests.unit.snapshot_support import checksum_keys
 
 pytestmark = pytest.mark.kvm
 
@@ -137,8 +137,8 @@ def test_restore_hostile_device_state_refused_by_device_in_one_line(saved, tmp_p
     hostile = hostile_copy(
         Saved(snap, saved.config, saved.key),
         tmp_path / "h",
-        lambda m: next(c for c in m["chunks"] if c["name"] == "serial0").update(
-            size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        lambda m: (entry := next(c for c in m["chunks"] if c["name"] == "serial0")).update(
+            checksum_keys(entry, data)
         ),
     )
 

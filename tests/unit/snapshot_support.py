@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from splitvmm.monitor.memory import GuestMemory
-from splitvmm.snapshot import SnapshotWriter
+from splitvmm.snapshot import SnapshotWriter, digest
 
 MIB = 1 << 20
 PAGE = 4096
@@ -71,13 +70,22 @@ def edit_manifest(snap: Path, edit: Callable[[dict[str, Any]], object]) -> None:
     path.write_text(json.dumps(doc))
 
 
+def checksum_keys(entry: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """The keys of a manifest chunk entry (a dict) that make it agree with `data`, in the
+    entry's own form: v1's "sha256", or v2's "digest" with the algorithm it names."""
+    if "sha256" in entry:
+        return {"size": len(data), "sha256": digest.of("sha256", data)}
+    alg = entry["digest"]["alg"]
+    return {"size": len(data), "digest": {"alg": alg, "hex": digest.of(alg, data)}}
+
+
 def rehash(snap: Path, name: str) -> None:
     """Make the manifest agree with chunk `name`'s file again (after a crafted rewrite)."""
     data = (snap / CHUNK_FILES[name]).read_bytes()
 
     def fix(doc: dict[str, Any]) -> None:
         entry = next(c for c in doc["chunks"] if c["name"] == name)
-        entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        entry.update(checksum_keys(entry, data))
 
     edit_manifest(snap, fix)
 

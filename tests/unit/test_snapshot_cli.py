@@ -25,10 +25,11 @@ def test_cli_inspect_shows_header_and_chunks(snap):
     result = run("inspect", str(snap))
 
     assert result.exit_code == 0
-    assert "v1 (splitvmm 0.1.0" in result.stdout
+    assert "v2 (splitvmm 0.1.0" in result.stdout
     assert "4 MiB in 1 region(s)" in result.stdout
     assert "vCPUs     1" in result.stdout
     assert "serial0" in result.stdout and "│ serial │" in result.stdout
+    assert "blake3:" in result.stdout
 
 
 def test_cli_inspect_json_is_the_manifest_summary(snap):
@@ -36,7 +37,7 @@ def test_cli_inspect_json_is_the_manifest_summary(snap):
 
     doc = json.loads(result.stdout)
     assert (doc["format_version"], doc["vcpus"], doc["memory"]["size"], "cpuid" in doc) == (
-        1,
+        2,
         1,
         4 << 20,
         False,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from splitvmm.snapshot.format import (
+    FORMAT_VERSION,
     ChunkEntry,
+    Digest,
     Manifest,
     MemoryEntry,
     RegionEntry,
@@ -15,7 +18,7 @@ from splitvmm.snapshot.format import (
     parse_manifest,
 )
 
-SHA = "0" * 64
+SHA = Digest("blake3", "0" * 64)
 MANIFEST = Manifest(
     producer="splitvmm 0.1.0",
     created="2025-01-01T00:00:00+00:00",
@@ -37,23 +40,59 @@ def test_format_manifest_roundtrips():
 
 
 def test_format_upgrade_runs_every_step_in_order(monkeypatch):
-    monkeypatch.setattr(Manifest, "VERSION", 3)
+    v = FORMAT_VERSION
+    monkeypatch.setattr(Manifest, "VERSION", v + 2)
     steps = {
-        1: lambda d: d | {"producer": d["producer"] + " (v1)"},
-        2: lambda d: d | {"producer": d["producer"] + " -> v2"},
+        v: lambda d: d | {"producer": d["producer"] + " (a)"},
+        v + 1: lambda d: d | {"producer": d["producer"] + " -> b"},
     }
     monkeypatch.setattr(Manifest, "UPGRADES", steps)
 
     upgraded = parse_manifest(MANIFEST.encode())
 
-    assert (upgraded.producer, upgraded.read_version) == ("splitvmm 0.1.0 (v1) -> v2", 1)
+    assert (upgraded.producer, upgraded.read_version) == ("splitvmm 0.1.0 (a) -> b", v)
 
 
 def test_format_missing_upgrade_step_refused(monkeypatch):
-    monkeypatch.setattr(Manifest, "VERSION", 2)
+    monkeypatch.setattr(Manifest, "VERSION", FORMAT_VERSION + 1)
 
-    with pytest.raises(SnapshotError, match="^snapshot format: no upgrade from v1$"):
+    with pytest.raises(
+        SnapshotError, match=f"^snapshot format: no upgrade from v{FORMAT_VERSION}$"
+    ):
         parse_manifest(MANIFEST.encode())
+
+
+def _as_v1(edit_chunk=None) -> bytes:
+    """MANIFEST as format v1 wrote it: each chunk's checksum under "sha256"."""
+    doc = MANIFEST.to_json() | {"format_version": 1}
+    for c in doc["chunks"]:
+        c["sha256"] = c.pop("digest")["hex"]
+        if edit_chunk:
+            edit_chunk(c)
+    return json.dumps(doc).encode()
+
+
+def test_format_v1_sha256_upgrades_to_a_sha256_digest():
+    upgraded = parse_manifest(_as_v1())
+
+    assert [(c.digest, upgraded.read_version) for c in upgraded.chunks] == [
+        (Digest("sha256", "0" * 64), 1),
+        (Digest("sha256", "0" * 64), 1),
+    ]
+
+
+def test_format_v1_chunk_with_a_digest_refused():
+    data = _as_v1(lambda c: c.update(digest={"alg": "blake3", "hex": "0" * 64}))
+
+    with pytest.raises(SnapshotError, match="unknown key 'digest' in a v1 manifest"):
+        parse_manifest(data)
+
+
+def test_format_v1_chunk_without_sha256_names_the_missing_digest():
+    data = _as_v1(lambda c: c.pop("sha256"))
+
+    with pytest.raises(SnapshotError, match=r"chunks\['ram'\]: missing key 'digest'"):
+        parse_manifest(data)
 
 
 def test_format_current_version_needs_no_upgrade():
@@ -66,8 +105,8 @@ def test_format_manifest_keys_in_writing_order():
     assert (list(doc), list(doc["chunks"][0]), list(doc["chunks"][1])) == (
         ["format", "format_version", "producer", "created", "vm_config", "cpuid", "memory"]
         + ["chunks"],
-        ["kind", "name", "state_version", "file", "size", "sha256", "encoding"],
-        ["kind", "name", "state_version", "file", "size", "sha256", "model"],
+        ["kind", "name", "state_version", "file", "size", "digest", "encoding"],
+        ["kind", "name", "state_version", "file", "size", "digest", "model"],
     )
 
 

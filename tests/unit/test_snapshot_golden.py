@@ -1,13 +1,15 @@
-"""Snapshots from older releases keep loading: the v1 golden was written by the v1 writer.
+"""Snapshots from older releases keep loading: each golden was written by its version's writer.
 
-The golden in tests/conformance/goldens/snapshot/v1/ is frozen: never regenerate it. When the
-format moves to v2, add a v2 golden next to it (made with `python -m
+The goldens in tests/conformance/goldens/snapshot/v<N>/ are frozen: never regenerate one. v1
+has sha256 checksums, v2 (the current format) BLAKE3 ones; both hold the same VM. When the
+format moves to v3, add a v3 golden next to them (made with `python -m
 tests.unit.test_snapshot_golden DIR`, after updating the constants here) and keep this test
 passing through format.UPGRADES.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from splitvmm.monitor.memory import GuestMemory
-from splitvmm.snapshot import Snapshot, SnapshotWriter
+from splitvmm.snapshot import FORMAT_VERSION, Snapshot, SnapshotError, SnapshotWriter
 
-GOLDEN_V1 = Path(__file__).parents[1] / "conformance" / "goldens" / "snapshot" / "v1"
+GOLDENS = Path(__file__).parents[1] / "conformance" / "goldens" / "snapshot"
+VERSIONS = range(1, FORMAT_VERSION + 1)  # a golden for every format version ever written
+CHECKSUMS = {1: "sha256", 2: "blake3"}  # each golden's chunks' algorithm
 MEM_SIZE = 1 << 20
 PAGE = 4096
 PAGE0 = (b"splitvmm snapshot golden v1\n" * 147)[:PAGE]
@@ -46,9 +50,9 @@ def make_golden(target: Path) -> Path:
     return target
 
 
-@pytest.fixture
-def golden() -> Snapshot:
-    return Snapshot.open(GOLDEN_V1)
+@pytest.fixture(params=VERSIONS, ids=lambda v: f"v{v}")
+def golden(request: pytest.FixtureRequest) -> Snapshot:
+    return Snapshot.open(GOLDENS / f"v{request.param}")
 
 
 @pytest.fixture
@@ -58,11 +62,10 @@ def fresh() -> Iterator[GuestMemory]:
     m.close()
 
 
-def test_golden_v1_opens_with_its_version_and_producer(golden):
+def test_golden_opens_with_its_version_and_producer(golden):
     m = golden.manifest
 
-    assert (m.read_version, m.producer, m.created, m.vm_config, m.cpuid) == (
-        1,
+    assert (m.producer, m.created, m.vm_config, m.cpuid) == (
         "splitvmm 0.1.0",
         "2025-01-01T00:00:00+00:00",
         VM_CONFIG,
@@ -70,17 +73,28 @@ def test_golden_v1_opens_with_its_version_and_producer(golden):
     )
 
 
-def test_golden_v1_verifies(golden):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_directory_holds_its_format_version(version):
+    assert Snapshot.open(GOLDENS / f"v{version}").manifest.read_version == version
+
+
+def test_golden_checksums_use_their_versions_algorithm(golden):
+    algorithms = {c.digest.alg for c in golden.chunks}
+
+    assert algorithms == {CHECKSUMS[golden.manifest.read_version]}
+
+
+def test_golden_verifies(golden):
     golden.verify()
 
 
-def test_golden_v1_states_read_back(golden):
+def test_golden_states_read_back(golden):
     states = (golden.read_json("vcpu0"), golden.read_json("vm"), golden.read_json("serial0"))
 
     assert states == (VCPU, VM, SERIAL)
 
 
-def test_golden_v1_ram_loads(golden, fresh):
+def test_golden_ram_loads(golden, fresh):
     golden.load_ram(fresh)
 
     assert (fresh.map[0:PAGE], fresh.map[HIGH : HIGH + PAGE], fresh.map[PAGE : 2 * PAGE]) == (
@@ -90,7 +104,21 @@ def test_golden_v1_ram_loads(golden, fresh):
     )
 
 
-def test_golden_v1_chunk_table(golden):
+def test_golden_flipped_ram_byte_refused_by_load_naming_chunk(golden, fresh, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(golden.path, copy)
+    data = bytearray((copy / "ram.bin").read_bytes())
+    data[32 + 16 + 100] ^= 0xFF  # inside the first page's data: the structure stays valid
+    (copy / "ram.bin").write_bytes(data)
+    alg = golden.chunk("ram").digest.alg
+
+    with pytest.raises(
+        SnapshotError, match=rf"^chunk ram \(ram.bin\): checksum mismatch \({alg}\)$"
+    ):
+        Snapshot.open(copy).load_ram(fresh)
+
+
+def test_golden_chunk_table(golden):
     table = [(c.kind, c.name, c.model, c.state_version, c.file) for c in golden.chunks]
 
     assert table == [

@@ -110,12 +110,29 @@ def test_reader_flipped_ram_byte_caught_by_load_alone(snap, fresh):
         Snapshot.open(snap).load_ram(fresh)
 
 
+def test_reader_restore_check_leaves_ram_data_to_load(snap, fresh):
+    flip_byte(snap / "ram.bin", 32 + 16 + 100)
+    opened = Snapshot.open(snap)
+
+    opened.verify(ram_data=False)  # what a restore checks before it builds the VM
+
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: checksum mismatch \\(blake3\\)"):
+        opened.load_ram(fresh)
+
+
+def test_reader_restore_check_refuses_a_truncated_ram_file(snap):
+    os.truncate(snap / "ram.bin", 100)
+
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: truncated: 100 bytes"):
+        Snapshot.open(snap).verify(ram_data=False)
+
+
 def test_reader_newer_format_version_refused(snap):
-    edit_manifest(snap, lambda doc: doc.update(format_version=2))
+    edit_manifest(snap, lambda doc: doc.update(format_version=3))
 
     with pytest.raises(
         SnapshotError,
-        match=r"^snapshot format: version 2 is newer than this splitvmm reads \(up to 1\): upgrade",
+        match=r"^snapshot format: version 3 is newer than this splitvmm reads \(up to 2\): upgrade",
     ):
         Snapshot.open(snap)
 
@@ -196,8 +213,16 @@ def _pop_chunk_key(chunk: str, key: str):
             "chunks\\['vcpu0'\\].state_version: 0 is outside 1..",
         ),
         (
-            _set_chunk("vcpu0", sha256="ABC"),
-            "chunks\\['vcpu0'\\].sha256: 'ABC' is not 64 lowercase hex",
+            _set_chunk("vcpu0", digest={"alg": "blake3", "hex": "ABC"}),
+            "chunks\\['vcpu0'\\].digest.hex: 'ABC' is not 64 lowercase hex",
+        ),
+        (
+            _set_chunk("vcpu0", digest={"alg": "xxh3", "hex": "0" * 64}),
+            "chunks\\['vcpu0'\\].digest.alg: 'xxh3' is not one of blake3, sha256",
+        ),
+        (
+            _set_chunk("vcpu0", sha256="0" * 64),
+            "chunks\\['vcpu0'\\]: unknown key 'sha256'",
         ),
         (
             _set_chunk("vcpu0", kind="disk"),
@@ -207,8 +232,8 @@ def _pop_chunk_key(chunk: str, key: str):
         (_set_chunk("vcpu0", kind="ram", encoding="sparse-v1"), "needs exactly one ram chunk"),
         (lambda d: d.update(chunks=d["chunks"][1:]), "needs exactly one ram chunk"),
         (
-            lambda d: d.update(chunks=d["chunks"] * 1400),
-            "manifest.json: chunks: expected at most 4096 items, got 5600",
+            lambda d: d.update(chunks=d["chunks"] * 1030),
+            "manifest.json: chunks: expected at most 4096 items, got 4120",
         ),
         (lambda d: d.update(chunks={}), "manifest.json: chunks: expected an array, got an object"),
     ],

@@ -10,6 +10,7 @@ import pytest
 
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.snapshot import Snapshot, SnapshotError, SnapshotWriter
+from splitvmm.snapshot import writer as writer_module
 from tests.unit.snapshot_support import (
     CPUID,
     MIB,
@@ -242,3 +243,55 @@ def test_writer_files_are_private(tmp_path, mem):
     modes = {stat.S_IMODE(p.stat().st_mode) for p in snap.iterdir()}
 
     assert (modes, stat.S_IMODE(snap.stat().st_mode)) == ({0o600}, 0o700)
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """The name of every file or directory the writer fsyncs, in order."""
+    names: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        names.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(writer_module.os, "fsync", record)
+    return names
+
+
+def _chunks_written(target, mem) -> SnapshotWriter:
+    w = SnapshotWriter(target, VM_CONFIG, CPUID, mem)
+    w.add_ram(mem)
+    w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+    w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
+    return w
+
+
+def test_writer_chunks_wait_for_commit_to_be_fsynced(tmp_path, mem, fsynced):
+    w = _chunks_written(tmp_path / "s", mem)  # what a VM pauses for: no disk flush in it
+
+    synced_before_commit = list(fsynced)
+    w.commit()
+
+    assert synced_before_commit == []
+
+
+def test_writer_commit_fsyncs_every_chunk_before_the_manifest(tmp_path, mem, fsynced):
+    w = _chunks_written(tmp_path / "s", mem)
+
+    w.commit()
+
+    chunks, rest = set(fsynced[:3]), fsynced[3:]
+    assert (chunks, rest[:2]) == (
+        {"ram.bin", "vcpu0.json", "serial0.json"},
+        ["manifest.json", w.tmp.name],
+    )
+
+
+def test_writer_abort_closes_the_unsynced_chunk_files(tmp_path, mem):
+    before = len(os.listdir("/proc/self/fd"))
+    w = _chunks_written(tmp_path / "s", mem)
+
+    w.abort()
+
+    assert (len(os.listdir("/proc/self/fd")), os.path.exists(w.tmp)) == (before, False)
