@@ -7,6 +7,7 @@ window, then a read of each byte), so the state is not just the reset one."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,17 @@ from tests.fakes import FakeIrq
 from tests.virtio.support import close_fds, host_fds, prepared
 
 Contexts = Callable[[str], DeviceContext]
+
+
+@pytest.fixture(autouse=True)
+def still_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RTC saves the time it shows: two saves a second boundary apart differ. The host
+    clock stands still here, so a save, restore and save again compares state, not time."""
+    from splitvmm.devprocs import rtc
+
+    now = time.time_ns()
+    monkeypatch.setattr(rtc.HostClock, "wall_ns", lambda self: now)
+    monkeypatch.setattr(rtc.HostClock, "monotonic", lambda self: now / 1e9)
 
 
 @pytest.fixture
