@@ -55,7 +55,7 @@
 
 static struct virtio_dev dev;
 static struct virtq rxq, txq;
-static unsigned tx_free[VQ_MAX_SIZE], ntx_free, tx_slots;
+static struct vq_slots tx;
 static u32 rxbuf;
 static u64 rx_bytes, tx_bytes;
 
@@ -104,30 +104,9 @@ static void rx_post(unsigned i)
 	}
 }
 
-static void take_tx(u32 token)
-{
-	if (token >= tx_slots) {
-		print(TAG ": transmit queue returned token %u\n", token);
-		fail(VEXIT_IO);
-	}
-	tx_free[ntx_free++] = token;
-}
-
 static unsigned tx_get(void)
 {
-	u32 token, len;
-	while (virtq_poll(&txq, &token, &len))
-		take_tx(token);
-	if (!ntx_free) {
-		virtq_kick(&txq);
-		if (!virtq_wait(&txq, &token, &len, TX_WAIT_US)) {
-			print(TAG ": transmit queue stuck (avail idx %u, used idx %u)\n",
-			      txq.avail_shadow, *(volatile u16 *)&txq.used->idx);
-			fail(VEXIT_TIMEOUT);
-		}
-		take_tx(token);
-	}
-	return tx_free[--ntx_free];
+	return vq_slots_get(&txq, &tx, TAG, TX_WAIT_US);
 }
 
 /* Queues `n` bytes (at most SLOT) for the host; kicks when `kick`. */
@@ -153,19 +132,7 @@ static void con_puts(const char *s)
 /* Waits until the device has taken every transmit buffer. */
 static void tx_drain(void)
 {
-	u32 token, len;
-	virtq_kick(&txq);
-	u64 deadline = tsc_deadline(TX_WAIT_US);
-	while (ntx_free < tx_slots) {
-		if (virtq_poll(&txq, &token, &len)) {
-			take_tx(token);
-			continue;
-		}
-		if (tsc_passed(deadline)) {
-			print(TAG ": %u buffers never left the transmit queue\n", tx_slots - ntx_free);
-			fail(VEXIT_TIMEOUT);
-		}
-	}
+	vq_slots_drain(&txq, &tx, TAG, TX_WAIT_US);
 }
 
 /* Waits for one filled receive buffer; returns its slot and sets *len, or returns -1 after
@@ -250,31 +217,13 @@ static void mode_pattern(u64 bytes, u32 chunk)
 			buf[k] = pattern_byte(off + k);
 		h = fnv1a(h, buf, n);
 		con_write(buf, n, false);
-		if (ntx_free == 0)
+		if (tx.nfree == 0)
 			virtq_kick(&txq);
 	}
 	tx_drain();
 	u64 ticks = rdtsc() - t0;
 	/* The checksum line, on the console and on COM1 alike. */
-	static const char hex[] = "0123456789abcdef";
-	u32 n = 0;
-	const char *prefix = "pattern: ";
-	memcpy(line, prefix, strlen(prefix));
-	n = (u32)strlen(prefix);
-	char digits[24];
-	u32 d = 0;
-	u64 v = bytes;
-	do {
-		digits[d++] = (char)('0' + v % 10);
-		v /= 10;
-	} while (v);
-	while (d)
-		line[n++] = digits[--d];
-	memcpy(line + n, " bytes fnv1a=", 13);
-	n += 13;
-	for (int s = 60; s >= 0; s -= 4)
-		line[n++] = hex[(h >> s) & 0xf];
-	line[n++] = '\n';
+	u32 n = (u32)format(line, sizeof(line), "pattern: %lu bytes fnv1a=%016lx\n", bytes, h);
 	con_write(line, n, true);
 	tx_drain();
 	print(TAG ": pattern: %lu bytes fnv1a=%016lx ticks=%lu notifies=%u\n", bytes, h, ticks,
@@ -362,9 +311,7 @@ static NORETURN void console_main(void *bp)
 	u16 qsize = virtio_guest_qsize(cmdline);
 	if (!virtq_setup(&dev, &rxq, RXQ, qsize) || !virtq_setup(&dev, &txq, TXQ, qsize))
 		fail(VEXIT_SETUP);
-	tx_slots = txq.size;
-	for (unsigned i = 0; i < tx_slots; i++)
-		tx_free[ntx_free++] = tx_slots - 1 - i;
+	vq_slots_init(&tx, txq.size);
 	virtio_driver_ok(&dev);
 	for (unsigned i = 0; i < rxq.size; i++)
 		rx_post(i);

@@ -115,7 +115,6 @@ static struct {
 	bool peer_known;
 	u32 rxbuf;
 	bool mrg, csum, guest_csum, txsplit, strict;
-	unsigned tx_slots;
 	u64 tsc_khz;
 } cfg;
 
@@ -134,7 +133,7 @@ static struct {
 
 static u8 frame[ETH_FRAME_MAX + SLOT]; /* one received frame, reassembled */
 static struct virtio_net_hdr frame_hdr;
-static unsigned tx_free[VQ_MAX_SIZE], ntx_free;
+static struct vq_slots tx;
 static unsigned reposted;
 
 static NORETURN void fail(u8 value)
@@ -331,38 +330,9 @@ static u8 *tx_slot(unsigned i)
 	return phys_ptr(TX_BASE + (u64)i * SLOT);
 }
 
-static void tx_reclaim(void)
-{
-	u32 token, len;
-	while (virtq_poll(&txq, &token, &len)) {
-		if (token >= cfg.tx_slots) {
-			print(TAG ": transmit queue returned token %u\n", token);
-			fail(VEXIT_IO);
-		}
-		tx_free[ntx_free++] = token;
-	}
-}
-
-/* A free transmit slot (kicking and waiting for the device when there is none); the frame goes
- * at tx_slot(i) + NET_HDR_LEN. */
 static unsigned tx_get(void)
 {
-	tx_reclaim();
-	if (!ntx_free) {
-		virtq_kick(&txq);
-		u32 token, len;
-		if (!virtq_wait(&txq, &token, &len, TX_WAIT_US)) {
-			print(TAG ": transmit queue stuck (avail idx %u, used idx %u)\n",
-			      txq.avail_shadow, *(volatile u16 *)&txq.used->idx);
-			fail(VEXIT_TIMEOUT);
-		}
-		if (token >= cfg.tx_slots) {
-			print(TAG ": transmit queue returned token %u\n", token);
-			fail(VEXIT_IO);
-		}
-		tx_free[ntx_free++] = token;
-	}
-	return tx_free[--ntx_free];
+	return vq_slots_get(&txq, &tx, TAG, TX_WAIT_US);
 }
 
 /* Queues slot i's frame of `len` bytes; `l4_csum` is the checksum field's offset in the L4
@@ -397,15 +367,7 @@ static void tx_queue(unsigned i, u32 len, u32 l4_csum, bool kick)
 
 static void tx_drain(void)
 {
-	virtq_kick(&txq);
-	u64 deadline = tsc_deadline(TX_WAIT_US);
-	for (tx_reclaim(); ntx_free < cfg.tx_slots; tx_reclaim()) {
-		if (tsc_passed(deadline)) {
-			print(TAG ": %u frames never left the transmit queue\n",
-			      cfg.tx_slots - ntx_free);
-			fail(VEXIT_TIMEOUT);
-		}
-	}
+	vq_slots_drain(&txq, &tx, TAG, TX_WAIT_US);
 }
 
 /* ---- building frames ---- */
@@ -888,9 +850,7 @@ static void setup_queues(const char *cmdline)
 	u16 qsize = virtio_guest_qsize(cmdline);
 	if (!virtq_setup(&dev, &rxq, RXQ, qsize) || !virtq_setup(&dev, &txq, TXQ, qsize))
 		fail(VEXIT_SETUP);
-	cfg.tx_slots = cfg.txsplit ? txq.size / 2u : txq.size;
-	for (unsigned i = 0; i < cfg.tx_slots; i++)
-		tx_free[ntx_free++] = cfg.tx_slots - 1 - i;
+	vq_slots_init(&tx, cfg.txsplit ? txq.size / 2u : txq.size);
 	virtio_driver_ok(&dev);
 	/* 5.1.6.3: receive buffers may be posted after DRIVER_OK (3.1.1 step 8 allows it). */
 	for (unsigned i = 0; i < rxq.size; i++)
@@ -980,7 +940,7 @@ static NORETURN void net_main(void *bp)
 	setup_queues(cmdline);
 	print(TAG ": rxq size %u buffers of %u bytes mrg_rxbuf=%u txq size %u slots %u csum=%u "
 	      "guest_csum=%u txsplit=%u tsc_khz=%lu\n", rxq.size, cfg.rxbuf, cfg.mrg, txq.size,
-	      cfg.tx_slots, cfg.csum, cfg.guest_csum, cfg.txsplit, cfg.tsc_khz);
+	      tx.total, cfg.csum, cfg.guest_csum, cfg.txsplit, cfg.tsc_khz);
 	print(TAG ": ip ");
 	print_ip(cfg.ip);
 	print(" peer ");
