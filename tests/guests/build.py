@@ -40,10 +40,14 @@ OUTPUTS = {
     "pci": "pci.elf",
     "virtio-blk": "virtio-blk.elf",
     "virtio-rng": "virtio-rng.elf",
+    "virtio-net": "virtio-net.elf",
+    "virtio-console": "virtio-console.elf",
     "firmware-hello": "firmware-hello.bin",
     "firmware-pio": "firmware-pio.bin",
     "firmware-virtio-blk": "firmware-virtio-blk.bin",
     "firmware-virtio-rng": "firmware-virtio-rng.bin",
+    "firmware-virtio-net": "firmware-virtio-net.bin",
+    "firmware-virtio-console": "firmware-virtio-console.bin",
 }
 TOOLS = ("make", "gcc", "ld", "objcopy", "objdump", "nm")
 BUILD_TIMEOUT_S = 120

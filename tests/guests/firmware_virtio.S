@@ -1,4 +1,4 @@
-/* firmware-virtio-blk / firmware-virtio-rng: a virtio guest as a 64 KiB BIOS-style image, so
+/* firmware-virtio-{blk,rng,net,console}: a virtio guest as a 64 KiB BIOS-style image, so
  * that `qemu-system-x86_64 -bios firmware-virtio-blk.bin` runs the same driver as the ELF
  * guest (and splitvmm's `firmware =` boot too).  Reset and layout as firmware-hello
  * (firmware.ld: the reset vector at offset FFF0h jumps to F000:start in the image's alias below

@@ -3,6 +3,23 @@
 #include "serial.h"
 #include "string.h"
 
+/* Where characters go: the UART, or a buffer while format() runs. */
+static struct {
+	char *buf;
+	size_t len, room; /* room 0: the UART */
+} out;
+
+static void emit(char c)
+{
+	if (!out.room) {
+		serial_putc(c);
+		return;
+	}
+	if (out.len + 1 < out.room)
+		out.buf[out.len] = c;
+	out.len++;
+}
+
 struct spec {
 	bool alt;  /* '#': prefix hex with 0x */
 	bool zero; /* '0': pad with zeros */
@@ -30,16 +47,18 @@ static void put_number(u64 v, bool negative, unsigned base, const struct spec *s
 
 	if (!sp->zero)
 		for (; len < sp->width; len++)
-			serial_putc(' ');
+			emit(' ');
 	if (negative)
-		serial_putc('-');
-	if (sp->alt && base == 16)
-		serial_write("0x", 2);
+		emit('-');
+	if (sp->alt && base == 16) {
+		emit('0');
+		emit('x');
+	}
 	if (sp->zero)
 		for (; len < sp->width; len++)
-			serial_putc('0');
+			emit('0');
 	while (n)
-		serial_putc(digits[--n]);
+		emit(digits[--n]);
 }
 
 /* Parses flags, width and length after a '%'; returns the conversion character's position. */
@@ -84,21 +103,22 @@ void vprint(const char *fmt, va_list ap)
 	va_copy(args, ap);
 	for (const char *p = fmt; *p; p++) {
 		if (*p != '%') {
-			serial_putc(*p);
+			emit(*p);
 			continue;
 		}
 		p = parse_spec(p + 1, &sp);
 		switch (*p) {
 		case 's': {
 			const char *s = va_arg(args, const char *);
-			serial_write(s, strlen(s));
+			while (*s)
+				emit(*s++);
 			break;
 		}
-		case 'c': serial_putc((char)va_arg(args, int)); break;
+		case 'c': emit((char)va_arg(args, int)); break;
 		case 'd': put_signed(&sp, &args); break;
 		case 'u': put_unsigned(&sp, 10, &args); break;
 		case 'x': put_unsigned(&sp, 16, &args); break;
-		case '%': serial_putc('%'); break;
+		case '%': emit('%'); break;
 		default: return; /* unknown conversion or end of string: stop */
 		}
 	}
@@ -111,4 +131,20 @@ void print(const char *fmt, ...)
 	va_start(ap, fmt);
 	vprint(fmt, ap);
 	va_end(ap);
+}
+
+size_t format(char *buf, size_t size, const char *fmt, ...)
+{
+	va_list ap;
+	out.buf = buf;
+	out.len = 0;
+	out.room = size;
+	va_start(ap, fmt);
+	vprint(fmt, ap);
+	va_end(ap);
+	if (size)
+		buf[out.len < size ? out.len : size - 1] = 0;
+	size_t n = out.len;
+	out.room = 0;
+	return n;
 }

@@ -4,6 +4,7 @@
 #include "cmdline.h"
 #include "exit.h"
 #include "print.h"
+#include "tsc.h"
 
 #define DEFAULT_QSIZE 128
 #define GIB (1ull << 30)
@@ -107,4 +108,59 @@ void virtio_guest_need_ram(const void *bp, const char *tag, u64 start, u64 end)
 void virtio_guest_print_features(const struct virtio_dev *d, const char *tag)
 {
 	print("%s: features device=%#lx driver=%#lx\n", tag, d->device_features, d->features);
+}
+
+void vq_slots_init(struct vq_slots *s, unsigned total)
+{
+	s->total = s->nfree = total;
+	for (unsigned i = 0; i < total; i++)
+		s->free[i] = total - 1 - i;
+}
+
+static void slot_back(struct virtq *q, struct vq_slots *s, const char *tag, u32 token)
+{
+	if (token >= s->total) {
+		print("%s: queue %u returned token %u, not a slot\n", tag, q->index, token);
+		virtio_fail(q->dev);
+		debug_exit(VEXIT_IO);
+	}
+	s->free[s->nfree++] = token;
+}
+
+static void reclaim(struct virtq *q, struct vq_slots *s, const char *tag)
+{
+	u32 token, len;
+	while (virtq_poll(q, &token, &len))
+		slot_back(q, s, tag, token);
+}
+
+unsigned vq_slots_get(struct virtq *q, struct vq_slots *s, const char *tag, u64 timeout_us)
+{
+	reclaim(q, s, tag);
+	if (!s->nfree) {
+		u32 token, len;
+		virtq_kick(q);
+		if (!virtq_wait(q, &token, &len, timeout_us)) {
+			print("%s: queue %u stuck (avail idx %u, used idx %u)\n", tag, q->index,
+			      q->avail_shadow, *(volatile u16 *)&q->used->idx);
+			virtio_fail(q->dev);
+			debug_exit(VEXIT_TIMEOUT);
+		}
+		slot_back(q, s, tag, token);
+	}
+	return s->free[--s->nfree];
+}
+
+void vq_slots_drain(struct virtq *q, struct vq_slots *s, const char *tag, u64 timeout_us)
+{
+	virtq_kick(q);
+	u64 deadline = tsc_deadline(timeout_us);
+	for (reclaim(q, s, tag); s->nfree < s->total; reclaim(q, s, tag)) {
+		if (tsc_passed(deadline)) {
+			print("%s: %u buffers never came back from queue %u\n", tag,
+			      s->total - s->nfree, q->index);
+			virtio_fail(q->dev);
+			debug_exit(VEXIT_TIMEOUT);
+		}
+	}
 }

@@ -39,3 +39,18 @@ void virtio_guest_need_ram(const void *bp, const char *tag, u64 start, u64 end);
 
 /* Prints "<tag>: features device=0x... driver=0x..." */
 void virtio_guest_print_features(const struct virtio_dev *d, const char *tag);
+
+/* Driver-owned buffer slots of a queue (a transmit queue, say): slot i's chain is added with
+ * token i, and the slot is free again once the device returns that token. */
+struct vq_slots {
+	unsigned total, nfree;
+	unsigned free[VQ_MAX_SIZE];
+};
+
+void vq_slots_init(struct vq_slots *s, unsigned total);
+/* A free slot: takes back what the device returned; when none is free, kicks and waits up to
+ * timeout_us.  Ends the guest (VEXIT_TIMEOUT, or VEXIT_IO for a token never handed out),
+ * printing "<tag>: ..." and setting FAILED, when that goes wrong. */
+unsigned vq_slots_get(struct virtq *q, struct vq_slots *s, const char *tag, u64 timeout_us);
+/* Kicks, then waits up to timeout_us until every slot is back. */
+void vq_slots_drain(struct virtq *q, struct vq_slots *s, const char *tag, u64 timeout_us);
