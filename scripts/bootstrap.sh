@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 python3-venv acpica-tools)
+APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 python3-venv acpica-tools iproute2)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
