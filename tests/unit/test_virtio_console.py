@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
+from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, VirtioConsoleState
 from splitvmm.errors import StateError
-from splitvmm.protocol import codec
+from splitvmm.protocol import codec, wire
 from splitvmm.protocol.models import MODELS, FdKind
 from tests.virtio.support import (
     ACK,
@@ -401,3 +402,15 @@ def test_virtio_console_crash_restart_input_delivered_since_checkpoint_not_repea
     Driver(restarted).kick(0)
 
     assert rx.take_used()[-1] == (head, 2) and restarted.ram.read(gpa, 2) == b"de"
+
+
+def test_virtio_console_input_frame_from_monitor_reaches_guest(host):
+    """The monitor's INPUT frames (slot.input) as the device runtime applies them."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = started(dev)
+    head, gpa = post(rx, 16)
+    driver.kick(0)
+
+    runtime._apply(dev, wire.decode_access(wire.encode_input(b"keys"), dev.WINDOW))
+
+    assert rx.take_used() == [(head, 4)] and dev.ram.read(gpa, 4) == b"keys"
