@@ -344,17 +344,34 @@ class SpawnedDevice:
         recipe = self.model.queue_recipe
         if recipe is None:  # not a virtio model
             return
-        ram = GuestRing(self.fds["ram"])
-        for offset, value, size in ram.driver_setup():
+        from splitvmm.protocol import wire
+
+        rings = [GuestRing(self.fds["ram"], q) for q in range(2 if recipe.tx_chains else 1)]
+        for offset, value, size in GuestRing.driver_setup(len(rings)):
             self._request_write(offset, value, size)
-        for readable, writable in recipe.chains:
-            ram.add(readable, writable)
-            os.eventfd_write(self.fds["notify0"], 1)
-            if not select.select([self.fds["intx"]], [], [], 2.0)[0]:
+        for q, chains in enumerate((recipe.chains, recipe.tx_chains)[: len(rings)]):
+            for readable, writable in chains:
+                rings[q].add(readable, writable)
+                if self.model.console and q == 0:  # a receive queue fills from host input
+                    self.sock.send(wire.encode_input(b"input\n"))
+                os.eventfd_write(self.fds[f"notify{q}"], 1)
+                self._completed()
+        for ring in rings:
+            ring.close()
+
+    def _completed(self) -> None:
+        """Wait for the device's interrupt, reading its output meanwhile (a transmit queue
+        whose output stalls completes only once the line took its bytes)."""
+        while True:
+            ready = select.select([self.fds["intx"], self.out_r], [], [], 2.0)[0]
+            if not ready:
                 raise click.ClickException(f"{self.model.name} completed no request within 2 s")
-            os.eventfd_read(self.fds["intx"])
-            self._request_read(VIRTIO_ISR, 1)  # reading the ISR acknowledges the interrupt
-        ram.close()
+            if self.out_r in ready:
+                os.read(self.out_r, 65536)
+            if self.fds["intx"] in ready:
+                break
+        os.eventfd_read(self.fds["intx"])
+        self._request_read(VIRTIO_ISR, 1)  # reading the ISR acknowledges the interrupt
 
     def _request_write(self, offset: int, value: int, size: int) -> None:
         from splitvmm.protocol import wire
@@ -483,47 +500,58 @@ VIRTIO_COMMON = 0x1000
 VIRTIO_ISR = 0x2000
 QUEUE_SIZE = 16
 DESC, AVAIL, USED, BUFFERS = 0x1000, 0x2000, 0x3000, 0x10000
+QUEUE_SPAN = 0x40000  # queue q's rings and buffers: these plus q * QUEUE_SPAN
 
 
 class GuestRing:
-    """Queue 0 of a virtio device as a driver lays it out in the stand-in guest RAM (virtio
-    1.2 2.7): each chain one readable and one writable descriptor."""
+    """Queue `queue` of a virtio device as a driver lays it out in the stand-in guest RAM
+    (virtio 1.2 2.7), each queue's rings and buffers QUEUE_SPAN apart: each chain a readable
+    descriptor (if it has bytes to send) and a writable one (if it lets the device write)."""
 
-    def __init__(self, ram_fd: int) -> None:
+    def __init__(self, ram_fd: int, queue: int = 0) -> None:
         import mmap
 
         self.mem = mmap.mmap(ram_fd, STAND_IN_RAM)
+        self.base = queue * QUEUE_SPAN
         self.avail_idx = 0
 
     @staticmethod
-    def driver_setup() -> list[tuple[int, int, int]]:
-        """(window offset, value, size) writes: reset, features (VERSION_1), queue 0, DRIVER_OK."""
+    def driver_setup(queues: int = 1) -> list[tuple[int, int, int]]:
+        """(window offset, value, size) writes: reset, features (VERSION_1), the queues,
+        DRIVER_OK."""
         c = VIRTIO_COMMON
-        return [
+        writes = [
             (0x04, 0x0006, 2),  # command: memory space and bus master on, INTx not disabled
             (c + 0x14, 0, 1), (c + 0x14, 1, 1), (c + 0x14, 3, 1),  # reset, ACK, DRIVER
             (c + 0x08, 1, 4), (c + 0x0C, 1, 4),  # driver features 32-63: VERSION_1
             (c + 0x14, 0xB, 1),  # FEATURES_OK
-            (c + 0x16, 0, 2), (c + 0x18, QUEUE_SIZE, 2),  # queue 0, its size
-            (c + 0x20, DESC, 8), (c + 0x28, AVAIL, 8), (c + 0x30, USED, 8),
-            (c + 0x1C, 1, 2), (c + 0x14, 0xF, 1),  # enable, DRIVER_OK
         ]  # fmt: skip
+        for q in range(queues):
+            base = q * QUEUE_SPAN
+            writes += [
+                (c + 0x16, q, 2), (c + 0x18, QUEUE_SIZE, 2),  # the queue, its size
+                (c + 0x20, base + DESC, 8), (c + 0x28, base + AVAIL, 8),
+                (c + 0x30, base + USED, 8), (c + 0x1C, 1, 2),  # enable
+            ]  # fmt: skip
+        return [*writes, (c + 0x14, 0xF, 1)]  # DRIVER_OK
 
     def add(self, readable: bytes, writable: int) -> None:
         import struct
 
-        parts = [(BUFFERS, len(readable), 0)] if readable else []
-        parts.append((BUFFERS + 0x8000, writable, 2))  # VIRTQ_DESC_F_WRITE
-        self.mem[BUFFERS : BUFFERS + len(readable)] = readable
+        b, buffers = self.base, self.base + BUFFERS
+        parts = [(buffers, len(readable), 0)] if readable else []
+        if writable:
+            parts.append((buffers + 0x8000, writable, 2))  # VIRTQ_DESC_F_WRITE
+        self.mem[buffers : buffers + len(readable)] = readable
         head = 2 * (self.avail_idx % (QUEUE_SIZE // 2))
         for i, (gpa, length, flags) in enumerate(parts):
             more = i + 1 < len(parts)
             desc = struct.pack("<QIHH", gpa, length, flags | more, head + i + 1 if more else 0)
-            self.mem[DESC + 16 * (head + i) : DESC + 16 * (head + i + 1)] = desc
-        slot = AVAIL + 4 + 2 * (self.avail_idx % QUEUE_SIZE)
+            self.mem[b + DESC + 16 * (head + i) : b + DESC + 16 * (head + i + 1)] = desc
+        slot = b + AVAIL + 4 + 2 * (self.avail_idx % QUEUE_SIZE)
         self.mem[slot : slot + 2] = struct.pack("<H", head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem[AVAIL + 2 : AVAIL + 4] = struct.pack("<H", self.avail_idx)
+        self.mem[b + AVAIL + 2 : b + AVAIL + 4] = struct.pack("<H", self.avail_idx)
 
     def close(self) -> None:
         self.mem.close()

@@ -197,13 +197,26 @@ class Machine:
         if model.console and any(
             r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
         ):
-            self._console = dev.name
+            self._take_console(dev.name)
         spawn = Spawn(
             dev.name, dev.model, model.transport.size, dict(dev.options), fds, state, dev.fault
         )
         if placed is not None:
             self._plug_function(spawn, placed, maker.notify)
         return spawn
+
+    def _take_console(self, name: str) -> None:
+        """The operator's keyboard goes to one device: the first configured console device
+        whose output is stdio. Another one there shares the screen, not the keyboard."""
+        if self._console is None:
+            self._console = name
+            return
+        log.warning(
+            "device %s: its output is stdio too, but the keyboard goes to device %s (the "
+            "first console on stdio); give it a file or unix:PATH output to type into it",
+            name,
+            self._console,
+        )
 
     def _place_function(self, name: str, function: PciFunction) -> _Placed:
         """A PCI device's number on bus 0, its BARs' bases, and its interrupts' GSIs."""

@@ -197,9 +197,12 @@ class InterruptRecipe:
 class QueueRecipe:
     """What a virtio model's queue 0 is given, for workloads that must see it do its I/O
     (`splitvmm policy audit`): chains of (the bytes the driver sends, how many bytes it lets
-    the device write), each made available and notified in turn."""
+    the device write), each made available and notified in turn. A model that takes work
+    from its queue 1 too (a console's or a network card's transmit queue) gives `tx_chains`
+    for it, served the same way after queue 0's."""
 
     chains: tuple[tuple[bytes, int], ...]
+    tx_chains: tuple[tuple[bytes, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +333,24 @@ VIRTIO_RNG = ModelDescriptor(
     queue_recipe=QueueRecipe(chains=((b"", 4096),)),
 )
 
-MODELS: dict[str, ModelDescriptor] = {d.name: d for d in (SERIAL, RTC, VIRTIO_BLK, VIRTIO_RNG)}
+VIRTIO_CONSOLE = ModelDescriptor(
+    name="virtio-console",  # virtio 1.2 5.3, one port: receiveq0 (queue 0), transmitq0 (1)
+    transport=virtio_function(queues=2),
+    options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
+    fds=virtio_fds(2, FdRole("out", FdKind.OUTPUT, option="output")),
+    console=True,
+    # receive: two buffers, filled from the host input the workload sent before; transmit:
+    # a line, then more than the audit's pipe and the device's buffer hold (its output
+    # stalls until the audit reads, and the chain completes only then)
+    queue_recipe=QueueRecipe(
+        chains=((b"", 64), (b"", 4096)),
+        tx_chains=((b"hello\n", 0), (bytes(range(32, 127)) * 128, 0)),
+    ),
+)
+
+MODELS: dict[str, ModelDescriptor] = {
+    d.name: d for d in (SERIAL, RTC, VIRTIO_BLK, VIRTIO_RNG, VIRTIO_CONSOLE)
+}
 
 
 def module_name(model: str) -> str:

@@ -1,0 +1,365 @@
+"""virtio-console (virtio 1.2 5.3): one port, receiveq0 (queue 0, host -> guest) and
+transmitq0 (queue 1, guest -> host). No VIRTIO_CONSOLE_F_MULTIPORT, and no F_SIZE: the device
+does not know the operator's terminal, and a fixed 80x25 would be wrong more often than the
+driver's own default; no F_EMERG_WRITE either (a register write cannot wait for the line).
+The configuration space reads as struct virtio_console_config with cols, rows and emerg_wr
+zero (their features are off) and max_nr_ports 1.
+
+Transmit. The guest's buffers go to the device's output (fd role `out`: stdio, a file or a
+`unix:` socket, as the serial device's) through its bounded buffer (output.py). While the
+buffer has no room the device takes no chain from transmitq0, so no byte is lost and only
+the guest is slowed: its driver waits for used buffers. A chain is completed (used ring) only
+once the line took every byte of it, not when the bytes entered the buffer: the used ring is
+what a crash restart takes up from, so a byte the dead process held but never sent is in a
+chain the new process runs again. Chains complete in order.
+
+Receive. Host input (the operator's keyboard when the output is stdio: the monitor's INPUT
+frames; or what the `unix:` peer writes on the output socket) waits in a buffer of
+RX_BUFFER_MAX bytes until the driver posts receive buffers; what overflows it is dropped and
+counted (rx_dropped). A `unix:` peer is not read while the buffer is full (its writes wait).
+
+Snapshot (quiesced: no chain taken, the output held). The state is the transport's, the
+pending input, and for transmit: the queue position at the oldest chain not completed (a
+restore takes the chains in flight again from guest RAM), `tx_sent`, the bytes of those
+chains the line took already (a restore drops them unsent), and `tx_held`, bytes a device
+reset left in the buffer that belong to no chain. So a snapshot during traffic loses no byte
+and repeats none, each way.
+
+Crash restart. The new process starts from the last checkpoint (published by the runtime
+every few frames, and by this device after each batch of completed transmit chains) and
+takes each queue up at its used ring in guest RAM:
+* receive: the used entries since the checkpoint's position say how many input bytes the
+  dead process delivered (their len); the new process drops that many from the front of
+  the checkpoint's pending input and the journalled input frames it re-applies: no byte lost
+  or repeated (past a queue size of completions since the checkpoint it cannot count them:
+  input may then repeat, never be lost). Bytes the dead process read from a `unix:` peer
+  and had not delivered are lost (they were never a frame).
+* transmit: the chains from the used ring's position run again. Their bytes the line took
+  already are dropped when the checkpoint is the one after the last completion (the usual
+  case: the device publishes one with each completion batch): `tx_sent` of the checkpoint,
+  and for a regular file the bytes the file grew by since (the monitor's `skip`). Exactly
+  once for a regular file then; for a pipe, socket or terminal the bytes taken after the
+  checkpoint come out twice. If the checkpoint is older than the last completion (lost with
+  the dead process), nothing is dropped: bytes may repeat, none is lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, ClassVar, Self
+
+from splitvmm.devprocs.base import DeviceContext, Source, register
+from splitvmm.devprocs.output import CAPACITY
+from splitvmm.devprocs.virtio.guestram import GuestRamError
+from splitvmm.devprocs.virtio.pci import ISR_QUEUE, VirtioPciDevice
+from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueError, SplitQueue
+from splitvmm.devprocs.virtio.state import U64, VirtioPciState
+from splitvmm.errors import StateError
+from splitvmm.protocol import codec, schema
+
+log = logging.getLogger("splitvmm.dev.virtio-console")
+
+VIRTIO_ID_CONSOLE = 3
+RX, TX = 0, 1  # receiveq0, transmitq0
+CONFIG = struct.Struct("<HHII")  # struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr
+# Host input waiting for receive buffers: a paste's worth, as the serial device holds.
+RX_BUFFER_MAX = 4096
+MAX_COUNTER = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VirtioConsoleState(VirtioPciState):
+    """The transport's state (its transmit queue saved at the oldest chain not completed),
+    the console's buffers and its counters."""
+
+    VERSION: ClassVar[int] = 1
+    rx_pending: Annotated[bytes, schema.MaxLen(RX_BUFFER_MAX)] = b""
+    tx_sent: U64 = 0  # bytes of the chains in flight the line took already
+    tx_held: Annotated[bytes, schema.MaxLen(CAPACITY)] = b""  # buffered, of no chain
+    bytes_in: U64 = 0
+    bytes_out: U64 = 0
+    rx_dropped: U64 = 0
+
+
+@dataclass(slots=True)
+class _TxChain:
+    """A transmit chain taken from the ring and not completed yet."""
+
+    chain: Chain
+    left: list[tuple[int, int]]  # (gpa, len) of its bytes not in the output buffer yet
+    total: int
+    end: int | None = None  # the output's count (emitted + pending) past its last byte
+
+
+@register
+class VirtioConsole(VirtioPciDevice):
+    NAME = "virtio-console"
+    WINDOW = 0x6000
+    State = VirtioConsoleState
+    DEVICE_ID = VIRTIO_ID_CONSOLE
+    CLASS_CODE = 0x078000  # simple communication controller, other (as QEMU's)
+
+    def __init__(self, ctx: DeviceContext) -> None:
+        self._rx = bytearray()
+        self._rx_skip = 0  # input bytes a dead process delivered already (crash restart)
+        self._tx: deque[_TxChain] = deque()
+        self._tx_done = 0  # the output's count at the start of the oldest chain in flight
+        self.bytes_in = self.bytes_out = self.rx_dropped = 0
+        self._input_fd = ctx.fds["out"] if ctx.prepared.get("input_socket") else None
+        super().__init__(ctx)  # resets the transport, which calls reset_model()
+
+    @classmethod
+    def setup(cls, ctx: DeviceContext) -> None:
+        """Guest RAM, and whether the output is a socket whose peer may write input."""
+        super().setup(ctx)
+        ctx.prepared["input_socket"] = stat.S_ISSOCK(os.fstat(ctx.fds["out"]).st_mode)
+
+    # -- what the driver sees -------------------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        return CONFIG.pack(0, 0, 1, 0)  # cols, rows (no F_SIZE), one port, emerg_wr
+
+    def handle(self, queue: int, chain: Chain) -> int:
+        raise NotImplementedError("virtio-console serves its queues in process()")
+
+    def reset_model(self) -> None:
+        """The chains in flight are the driver's no more; their buffered bytes still go out
+        (tx_held in a snapshot), and new chains start after them."""
+        out = self.ctx.out
+        self._tx = deque()
+        self._tx_done = out.emitted + out.pending()
+
+    def process(self, q: int) -> None:
+        """A notify: receive buffers posted (pending input goes into them), or chains to
+        transmit."""
+        try:
+            if q == RX:
+                self._receive()
+            elif q == TX:
+                self._transmit()
+        except (QueueError, GuestRamError) as e:
+            self.needs_reset(f"queue {q}: {e}")
+
+    def _take(self, ring: SplitQueue) -> Chain | None:
+        chain = ring.pop()
+        if chain is None:
+            ring.enable_notifications()  # EVENT_IDX: kick me at the next one...
+            chain = ring.pop()  # ...which may have come meanwhile
+        return chain
+
+    def _signal(self, q: int, ring: SplitQueue) -> None:
+        if ring.needs_notification():
+            self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
+
+    # -- receive: host -> guest ---------------------------------------------------------------
+    def host_input(self, data: bytes) -> None:
+        """Bytes from the host (ConsoleInput): into receive buffers, or wait for them."""
+        skip = min(self._rx_skip, len(data))
+        self._rx_skip -= skip
+        data = data[skip:]
+        room = RX_BUFFER_MAX - len(self._rx)
+        if len(data) > room:
+            self.rx_dropped = min(self.rx_dropped + len(data) - room, MAX_COUNTER)
+            self._warn.warning("rx_dropped", "%s: no receive buffer and the input buffer is "
+                               "full: dropped %d byte(s) so far", self.NAME, self.rx_dropped)  # fmt: skip
+        self._rx += data[:room]
+        self.process(RX)
+
+    def _receive(self) -> None:
+        ring = self.rings[RX]
+        if not self._rx or ring is None or not self._ready():
+            return
+        done = 0
+        while self._rx:
+            chain = self._take(ring)
+            if chain is None:
+                break
+            ring.push(chain.head, self._fill(chain))
+            done += 1
+        if done:
+            self._signal(RX, ring)
+
+    def _fill(self, chain: Chain) -> int:
+        written = 0
+        for gpa, length in chain.writable:
+            if not self._rx:
+                break
+            chunk = bytes(self._rx[:length])
+            self.ram.write(gpa, chunk)
+            del self._rx[: len(chunk)]
+            written += len(chunk)
+        self.bytes_in = min(self.bytes_in + written, MAX_COUNTER)
+        return written
+
+    def _on_input_socket(self) -> None:
+        """The `unix:` peer wrote: take what the input buffer has room for."""
+        fd = self._input_fd
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, RX_BUFFER_MAX - len(self._rx))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return
+            data = b""  # the peer is gone (ECONNRESET): input ends
+        if not data:
+            self._input_fd = None  # end of input; the output side finds out on its own
+            return
+        self.host_input(data)
+
+    def event_sources(self) -> Sequence[Source]:
+        """The transport's, and the `unix:` peer while the input buffer has room (else its
+        writes wait in the socket) and the device is not quiesced (input read then would
+        miss the snapshot being taken)."""
+        sources = super().event_sources()
+        if self._input_fd is None or self.quiesced or len(self._rx) >= RX_BUFFER_MAX:
+            return sources
+        return [*sources, Source(self._input_fd, self._on_input_socket)]
+
+    # -- transmit: guest -> host -------------------------------------------------------------------
+    def output_room(self) -> None:
+        """The line took buffered bytes (OutputProducer): complete what it sent, take more."""
+        self.process(TX)
+
+    def _transmit(self) -> None:
+        ring = self.rings[TX]
+        if ring is None or not self._ready():
+            return
+        out = self.ctx.out
+        completed = self._complete_sent(ring)
+        while out.room():
+            if not self._tx or self._tx[-1].end is not None:
+                chain = self._take(ring)
+                if chain is None:
+                    break
+                total = sum(length for _, length in chain.readable)
+                self._tx.append(_TxChain(chain, list(chain.readable), total))
+            self._put(self._tx[-1])
+        completed += self._complete_sent(ring)
+        if completed:
+            self._signal(TX, ring)
+            self._checkpoint()
+
+    def _put(self, tx: _TxChain) -> None:
+        """As much of the chain's bytes as the buffer takes (a slice of guest RAM each)."""
+        out = self.ctx.out
+        while tx.left and out.room():
+            gpa, length = tx.left[0]
+            n = min(length, out.room())
+            out.put(self.ram.read(gpa, n))
+            tx.left[0] = (gpa + n, length - n)
+            if n == length:
+                tx.left.pop(0)
+        if not tx.left:
+            tx.end = out.emitted + out.pending()
+
+    def _complete_sent(self, ring: SplitQueue) -> int:
+        """Complete, in order, the chains whose every byte the line took."""
+        done = 0
+        while self._tx:
+            end = self._tx[0].end
+            if end is None or end > self.ctx.out.emitted:
+                break
+            tx = self._tx.popleft()
+            ring.push(tx.chain.head, 0)  # transmit buffers are read only: nothing written
+            self._tx_done = end
+            self.bytes_out = min(self.bytes_out + tx.total, MAX_COUNTER)
+            done += 1
+        return done
+
+    def _checkpoint(self) -> None:
+        """A checkpoint at each completion batch: a crash restart then knows which of the
+        bytes it sends again the line took already (the module docstring)."""
+        self.ctx.events.publish(codec.state_document(self.NAME, self.save()))
+
+    # -- counters -------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rx_dropped": self.rx_dropped,
+            "rx_pending": len(self._rx),
+            "tx_buffered": self.ctx.out.pending(),
+            "tx_in_flight": len(self._tx),
+            "bad_access": self.ctx.counters.bad_access,
+        }
+
+    # -- state ------------------------------------------------------------------------------------------
+    def model_fields(self) -> dict[str, Any]:
+        out = self.ctx.out
+        orphans = max(0, self._tx_done - out.emitted)  # buffered bytes before any chain's
+        return {
+            "rx_pending": bytes(self._rx),
+            "tx_sent": max(0, out.emitted - self._tx_done),
+            "tx_held": out.buffered()[:orphans],
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rx_dropped": self.rx_dropped,
+        }
+
+    def save(self) -> VirtioPciState:
+        """The transmit queue at its oldest chain not completed: a restore takes the chains
+        in flight again from guest RAM (tx_sent says what of them went out)."""
+        state = super().save()
+        queues = list(state.queues)
+        queues[TX] = replace(queues[TX], last_avail=queues[TX].used_idx)
+        return replace(state, queues=tuple(queues))
+
+    @classmethod
+    def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
+        if len(state.tx_held) > ctx.out.room():
+            raise StateError(
+                f"virtio-console state: tx_held {len(state.tx_held)} > {ctx.out.room()} bytes"
+            )
+        device = cls(ctx)
+        device._rx = bytearray(state.rx_pending)
+        device.bytes_in, device.bytes_out = state.bytes_in, state.bytes_out
+        device.rx_dropped = state.rx_dropped
+        return device
+
+    @classmethod
+    def restore(cls, ctx: DeviceContext, state: Any) -> Self:
+        skip, ctx.out.skip = ctx.out.skip, 0  # a crash restart's: applied in _take_up
+        device = super().restore(ctx, state)
+        device._take_up(state, skip)
+        return device
+
+    def _take_up(self, state: VirtioConsoleState, file_skip: int) -> None:
+        """The output's skip and held bytes, and (after a crash) the input delivered since
+        the checkpoint: see the module docstring."""
+        out = self.ctx.out
+        skip = state.tx_sent
+        if self.ctx.restarted:
+            in_step = self.queues[TX].used_idx == state.queues[TX].used_idx
+            skip = skip + file_skip if in_step else 0
+            self._rx_skip = self._delivered_since(state)
+            dropped = min(self._rx_skip, len(self._rx))
+            del self._rx[:dropped]
+            self._rx_skip -= dropped
+        out.skip = skip
+        out.put(state.tx_held)
+        self._tx_done = out.emitted + out.pending()
+
+    def _delivered_since(self, state: VirtioConsoleState) -> int:
+        """The input bytes receive chains got between the checkpoint and the crash: the
+        len of each used entry since the checkpoint's position (device-written, still in
+        the used ring unless more than a ring's worth completed)."""
+        ring, then = self.rings[RX], state.queues[RX].used_idx
+        if ring is None or not state.queues[RX].enabled:
+            return 0
+        count = (ring.used_idx - then) & 0xFFFF
+        if count > ring.size:
+            log.warning("%s: over %d receive completions since the checkpoint: input may "
+                        "repeat", self.NAME, ring.size)  # fmt: skip
+            return 0
+        total = 0
+        for i in range(count):
+            entry = ring.used + RING_HEADER + USED_ELEM.size * ((then + i) % ring.size)
+            total += self.ram.u32(entry + 4)
+        return total

@@ -1,0 +1,416 @@
+"""virtio-console (devprocs/virtio_console.py, virtio 1.2 5.3): one port over receiveq0 and
+transmitq0, against guest RAM memfds, a driver written from the spec (tests/virtio) and an
+output line that takes what a test lets it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splitvmm.cli.policy import stand_in_fds, stand_in_transport
+from splitvmm.devprocs import runtime
+from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, VirtioConsoleState
+from splitvmm.errors import StateError
+from splitvmm.protocol import codec, wire
+from splitvmm.protocol.models import MODELS, FdKind
+from tests.virtio.support import (
+    ACK,
+    DEVICE_CFG,
+    DRIVER,
+    DRIVER_OK,
+    F_VERSION_1,
+    FEATURES_OK,
+    ISR,
+    Channel,
+    Driver,
+    Ring,
+    close_fds,
+)
+
+TX_BASE, TX_HEAP = 0x8000, 0x80000  # transmitq0's rings and buffers, clear of receiveq0's
+
+
+class Line:
+    """An output line that takes at most `budget` more bytes (None: any amount)."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget
+        self.taken = bytearray()
+
+    def send(self, data: memoryview) -> int:
+        n = len(data) if self.budget is None else min(len(data), self.budget)
+        if self.budget is not None:
+            self.budget -= n
+        self.taken += data[:n]
+        return n
+
+    def fileno(self) -> int:
+        return -1
+
+
+class Host:
+    """The host resources of one virtio-console process: fds, and the output behind them."""
+
+    def __init__(self, out_fd: int | None = None) -> None:
+        self.pipe = os.pipe() if out_fd is None else None  # a stand-in `out` when none given
+        fd = self.pipe[1] if self.pipe is not None else out_fd
+        assert fd is not None
+        model = MODELS["virtio-console"]
+        self.fds = stand_in_fds(model, Path("/nonexistent"), {FdKind.OUTPUT: fd})
+
+    def context(self, line: object, restarted: bool = False) -> DeviceContext:
+        ctx = DeviceContext(fds=self.fds, transport=stand_in_transport(), restarted=restarted)
+        ctx.out = BoundedOutput(line)  # type: ignore[arg-type]
+        VirtioConsole.setup(ctx)
+        return ctx
+
+    def close(self) -> None:
+        out = self.fds.pop("out")
+        close_fds(self.fds)
+        os.close(out)
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    h = Host()
+    yield h
+    h.close()
+
+
+def started(dev: VirtioConsole) -> tuple[Driver, Ring, Ring]:
+    """The driver's initialisation (3.1.1) with both queues."""
+    driver, rx, tx = Driver(dev), Ring(dev.ram), Ring(dev.ram, base=TX_BASE)
+    tx.heap = TX_HEAP
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    driver.setup_queue(0, rx)
+    driver.setup_queue(1, tx)
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    return driver, rx, tx
+
+
+def transmit(tx: Ring, *parts: bytes) -> int:
+    return tx.add([(*tx.buffer(p), False) for p in parts])
+
+
+def post(rx: Ring, size: int) -> tuple[int, int]:
+    """A receive buffer of `size` bytes made available: (head, its gpa)."""
+    gpa, _ = rx.buffer(size)
+    return rx.add([(gpa, size, True)]), gpa
+
+
+def flushed(dev: VirtioConsole) -> None:
+    """What the event loop does when the line polls writable."""
+    if dev.ctx.out.flush():
+        dev.output_room()
+
+
+# -- transmit ---------------------------------------------------------------------------------
+def test_virtio_console_transmit_chain_reaches_output_and_completes(host):
+    line = Line()
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    head = transmit(tx, b"hello, ", b"world\n")
+
+    driver.kick(1)
+
+    assert bytes(line.taken) == b"hello, world\n" and tx.take_used() == [(head, 0)]
+
+
+def test_virtio_console_transmit_to_socket_reaches_peer(host):
+    peer, ours = socket.socketpair()
+    h = Host(ours.detach())
+    dev = VirtioConsole(h.context(FdLine(h.fds["out"])))
+    driver, _, tx = started(dev)
+    transmit(tx, b"over a unix: socket\n")
+
+    driver.kick(1)
+
+    assert peer.recv(100) == b"over a unix: socket\n"
+    peer.close()
+    h.close()
+
+
+def test_virtio_console_output_full_chain_not_completed_until_line_takes_it(host):
+    line = Line(budget=0)
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    head = transmit(tx, b"x" * 100)
+    driver.kick(1)
+    assert tx.take_used() == [] and dev.ctx.out.pending() == 100
+
+    line.budget = None
+    flushed(dev)
+
+    assert tx.take_used() == [(head, 0)] and bytes(line.taken) == b"x" * 100
+
+
+def test_virtio_console_output_full_takes_no_more_chains(host):
+    line = Line(budget=0)
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    big = bytes(range(256)) * 20  # 5120 bytes: more than the output buffer holds
+    transmit(tx, big)
+    transmit(tx, b"next")
+
+    driver.kick(1)
+
+    assert dev.ctx.out.pending() == dev.ctx.out.capacity and dev.stats()["tx_in_flight"] == 1
+
+
+def test_virtio_console_output_room_again_sends_every_byte_in_order(host):
+    line = Line(budget=0)
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    big = bytes(range(256)) * 20
+    first, second = transmit(tx, big), transmit(tx, b"next")
+    driver.kick(1)
+
+    line.budget = None
+    for _ in range(3):
+        flushed(dev)
+
+    assert bytes(line.taken) == big + b"next" and tx.take_used() == [(first, 0), (second, 0)]
+
+
+def test_virtio_console_completion_interrupts_driver(host):
+    dev = VirtioConsole(host.context(Line()))
+    driver, _, tx = started(dev)
+    transmit(tx, b"x")
+
+    driver.kick(1)
+
+    assert os.eventfd_read(dev.ctx.fds["intx"]) >= 1 and driver.rd(ISR, 1) & 1
+
+
+# -- receive ----------------------------------------------------------------------------------
+def test_virtio_console_input_fills_posted_buffer(host):
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = started(dev)
+    head, gpa = post(rx, 64)
+    driver.kick(0)
+
+    dev.host_input(b"ls -l\r")
+
+    assert rx.take_used() == [(head, 6)] and dev.ram.read(gpa, 6) == b"ls -l\r"
+
+
+def test_virtio_console_input_before_buffers_delivered_when_posted(host):
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = started(dev)
+    dev.host_input(b"early")
+    assert rx.take_used() == []
+    head, gpa = post(rx, 3)
+    head2, gpa2 = post(rx, 3)
+
+    driver.kick(0)
+
+    assert rx.take_used() == [(head, 3), (head2, 2)]
+    assert dev.ram.read(gpa, 3) + dev.ram.read(gpa2, 2) == b"early"
+
+
+def test_virtio_console_input_before_driver_ok_delivered_after(host):
+    dev = VirtioConsole(host.context(Line()))
+    dev.host_input(b"typed during boot")
+    _, rx, _ = started(dev)
+    head, gpa = post(rx, 64)
+
+    Driver(dev).kick(0)
+
+    assert rx.take_used() == [(head, 17)] and dev.ram.read(gpa, 17) == b"typed during boot"
+
+
+def test_virtio_console_input_overflow_counted(host):
+    dev = VirtioConsole(host.context(Line()))
+    started(dev)
+
+    dev.host_input(b"a" * (RX_BUFFER_MAX + 10))
+
+    assert dev.stats()["rx_dropped"] == 10 and dev.stats()["rx_pending"] == RX_BUFFER_MAX
+
+
+def test_virtio_console_socket_peer_input_reaches_guest(host):
+    peer, ours = socket.socketpair()
+    h = Host(ours.detach())
+    dev = VirtioConsole(h.context(FdLine(h.fds["out"])))
+    driver, rx, _ = started(dev)
+    head, gpa = post(rx, 16)
+    driver.kick(0)
+    peer.sendall(b"echo hi\n")
+
+    (source,) = [s for s in dev.event_sources() if s.fd == h.fds["out"]]
+    source.on_readable()
+
+    assert rx.take_used() == [(head, 8)] and dev.ram.read(gpa, 8) == b"echo hi\n"
+    peer.close()
+    h.close()
+
+
+def test_virtio_console_socket_input_not_read_while_buffer_full(host):
+    peer, ours = socket.socketpair()
+    h = Host(ours.detach())
+    dev = VirtioConsole(h.context(FdLine(h.fds["out"])))
+    dev.host_input(b"z" * RX_BUFFER_MAX)
+
+    assert all(s.fd != h.fds["out"] for s in dev.event_sources())
+    peer.close()
+    h.close()
+
+
+# -- what the driver sees ---------------------------------------------------------------------
+def test_virtio_console_offers_no_size_or_multiport(host):
+    dev = VirtioConsole(host.context(Line()))
+    assert Driver(dev).device_features() == F_VERSION_1 | 1 << 29 | 1 << 28
+
+
+def test_virtio_console_config_has_one_port(host):
+    dev = VirtioConsole(host.context(Line()))
+    cols, rows, ports = struct.unpack("<HHI", dev.read(DEVICE_CFG, 8))
+    assert (cols, rows, ports) == (0, 0, 1)
+
+
+def test_virtio_console_stats_count_bytes_each_way(host):
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, tx = started(dev)
+    post(rx, 64)
+    driver.kick(0)
+    dev.host_input(b"abc")
+    transmit(tx, b"hello")
+    driver.kick(1)
+
+    stats = dev.stats()
+
+    assert (stats["bytes_in"], stats["bytes_out"], stats["rx_dropped"]) == (3, 5, 0)
+
+
+# -- snapshot and crash restart -----------------------------------------------------------------
+def saved(dev: VirtioConsole) -> VirtioConsoleState:
+    """quiesce + save, as the runtime does for a snapshot, through the JSON codec."""
+    dev.quiesce()
+    dev.ctx.out.held = True
+    doc = codec.state_document(dev.NAME, dev.save())
+    return codec.state_from_document(dev.NAME, VirtioConsoleState, doc)
+
+
+def test_virtio_console_snapshot_mid_transmit_restore_sends_rest_once(host):
+    line = Line(budget=30)
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    data = bytes(range(100))
+    head = transmit(tx, data)
+    driver.kick(1)
+    state = saved(dev)
+
+    line2 = Line()
+    restored = VirtioConsole.restore(host.context(line2), state)
+    Driver(restored).kick(1)
+
+    assert bytes(line.taken) + bytes(line2.taken) == data and tx.take_used() == [(head, 0)]
+
+
+def test_virtio_console_snapshot_keeps_pending_input(host):
+    dev = VirtioConsole(host.context(Line()))
+    _, rx, _ = started(dev)
+    dev.host_input(b"pending")
+    state = saved(dev)
+
+    restored = VirtioConsole.restore(host.context(Line()), state)
+    head, gpa = post(rx, 16)
+    Driver(restored).kick(0)
+
+    assert rx.take_used() == [(head, 7)] and restored.ram.read(gpa, 7) == b"pending"
+
+
+def test_virtio_console_snapshot_after_reset_keeps_buffered_bytes(host):
+    line = Line(budget=0)
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    transmit(tx, b"said before the reset")
+    driver.kick(1)
+    driver.set_status(0)
+    state = saved(dev)
+
+    line2 = Line()
+    VirtioConsole.restore(host.context(line2), state)
+
+    assert state.tx_held == b"said before the reset" and bytes(line2.taken) == state.tx_held
+
+
+def test_virtio_console_restore_rejects_held_bytes_past_buffer(host):
+    state = VirtioConsoleState(tx_held=b"x" * 4096)
+    ctx = host.context(Line(budget=0))
+    ctx.out.put(b"y")
+    with pytest.raises(StateError, match="tx_held 4096 > 4095 bytes"):
+        VirtioConsole.restore(ctx, state)
+
+
+def published(channel: Channel) -> VirtioConsoleState:
+    last = channel.ops("publish")[-1]
+    doc = {k: last[k] for k in ("model", "version", "fields")}
+    return codec.state_from_document("virtio-console", VirtioConsoleState, doc)
+
+
+def test_virtio_console_crash_restart_to_file_sends_each_byte_once(host):
+    line, channel = Line(), Channel()
+    ctx = host.context(line)
+    ctx.events.connect(channel.send)
+    dev = VirtioConsole(ctx)
+    driver, _, tx = started(dev)
+    transmit(tx, b"first\n")
+    driver.kick(1)  # completed: a checkpoint after it
+    checkpoint, emitted_then = published(channel), ctx.out.emitted
+    line.budget = 4
+    second = transmit(tx, b"second\n")
+    driver.kick(1)  # the line took "seco", then the process died
+
+    line2 = Line()
+    new = host.context(line2, restarted=True)
+    new.out.emitted = emitted_then  # what the monitor hands over (runtime.prepare_resume)
+    new.out.skip = len(line.taken) - emitted_then  # the file grew by this since
+    restarted = VirtioConsole.restore(new, checkpoint)
+    Driver(restarted).kick(1)
+
+    assert bytes(line.taken) + bytes(line2.taken) == b"first\nsecond\n"
+    assert tx.take_used()[-1] == (second, 0)
+
+
+def test_virtio_console_crash_restart_input_delivered_since_checkpoint_not_repeated(host):
+    channel = Channel()
+    ctx = host.context(Line())
+    ctx.events.connect(channel.send)
+    dev = VirtioConsole(ctx)
+    driver, rx, tx = started(dev)
+    dev.host_input(b"abc")
+    transmit(tx, b"!")
+    driver.kick(1)  # a checkpoint, with "abc" pending
+    checkpoint = published(channel)
+    post(rx, 16)
+    driver.kick(0)  # "abc" delivered, then the process died
+    replayed = b"de"  # the input frames after the checkpoint, re-applied by the runtime
+
+    restarted = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    restarted.host_input(replayed)
+    head, gpa = post(rx, 16)
+    Driver(restarted).kick(0)
+
+    assert rx.take_used()[-1] == (head, 2) and restarted.ram.read(gpa, 2) == b"de"
+
+
+def test_virtio_console_input_frame_from_monitor_reaches_guest(host):
+    """The monitor's INPUT frames (slot.input) as the device runtime applies them."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = started(dev)
+    head, gpa = post(rx, 16)
+    driver.kick(0)
+
+    runtime._apply(dev, wire.decode_access(wire.encode_input(b"keys"), dev.WINDOW))
+
+    assert rx.take_used() == [(head, 4)] and dev.ram.read(gpa, 4) == b"keys"
