@@ -5,6 +5,7 @@ text round trip through the device's queues is the console guest's (issue 10).""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,96 @@ def test_virtio_console_second_on_stdio_is_told_the_keyboard_is_the_first_ones(g
 
     assert status == 0, vm.text() + err
     assert "device con0: its output is stdio too, but the keyboard goes to device serial0" in err
+
+
+# -- the console guest (tests/guests/virtio_console.c, from the virtio spec): text both ways --
+ALPHABET = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/"
+
+
+def pattern(n: int) -> bytes:
+    """The console guest's pattern (tests/guests/README.md): 64-byte lines."""
+    return bytes(0x0A if i % 64 == 63 else ALPHABET[(i // 64 + i % 64) % 64] for i in range(n))
+
+
+def fnv1a(data: bytes) -> str:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def console_guest(tmp_path: Path, guests, cmdline: str, output: str) -> Path:
+    path = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["virtio-console"]}"\ncmdline = "{cmdline}"'
+    path.write_text(vm_toml(boot, "64M", 1, tmp_path / "serial.log") + console_table(output))
+    return path
+
+
+def test_virtio_console_guest_pattern_reaches_the_output_file_byte_for_byte(guests, tmp_path):
+    hvc = tmp_path / "hvc.log"
+    cfg = console_guest(tmp_path, guests, "mode=pattern bytes=100000", str(hvc))
+
+    result = splitvmm(tmp_path, "up", str(cfg))
+
+    serial = (tmp_path / "serial.log").read_text(errors="replace")
+    assert result.returncode == 33, serial + result.stderr
+    out = hvc.read_bytes()
+    greeting = b"virtio-console: hello from the console guest\n"
+    assert out.startswith(greeting)
+    body = out[len(greeting) :]
+    want = pattern(100000)
+    assert body[: len(want)] == want
+    assert body[len(want) :].startswith(f"pattern: 100000 bytes fnv1a={fnv1a(want)}".encode())
+
+
+def test_virtio_console_guest_echoes_lines_sent_through_a_unix_socket(guests, tmp_path):
+    """Host -> guest through the receive queue, guest -> host through the transmit queue,
+    over the `unix:` output (whose peer's writes are the console's input)."""
+    path = tmp_path / "hvc.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    cfg = console_guest(tmp_path, guests, "mode=echo timeout_s=30", f"unix:{path}")
+    vm = VmProcess(tmp_path, ["up", str(cfg)], tmp_path / "serial.log")
+    try:
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+        conn.settimeout(30)
+        got = b""
+
+        def until(marker: bytes) -> None:
+            nonlocal got
+            while marker not in got:
+                chunk = conn.recv(4096)
+                assert chunk, got
+                got += chunk
+
+        until(b"hello from the console guest\n")
+        lines = [b"first line", b"x" * 200, b"", b"last"]
+        for line in lines:
+            conn.sendall(line + b"\n")
+            until(b"echo: " + line + b"\n")
+        conn.sendall(b"quit\n")
+        until(b"bye\n")
+        status, err = vm.finish()
+    finally:
+        listener.close()
+    assert status == 33, vm.text() + err
+
+
+def test_virtio_console_guest_sink_checks_200000_bytes_of_host_input(guests, tmp_path):
+    path = tmp_path / "hvc.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    cfg = console_guest(tmp_path, guests, "mode=sink bytes=200000 rxbuf=4096", f"unix:{path}")
+    vm = VmProcess(tmp_path, ["up", str(cfg)], tmp_path / "serial.log")
+    try:
+        listener.settimeout(30)
+        conn, _ = listener.accept()
+        conn.sendall(pattern(200000))
+        status, err = vm.finish()
+    finally:
+        listener.close()
+    assert status == 33, vm.text() + err
+    assert f"sink: 200000 bytes fnv1a={fnv1a(pattern(200000))} bad=0" in vm.text()
