@@ -74,28 +74,41 @@ def run(kills: int, tmp: Path) -> dict[str, object]:
     )  # fmt: skip
     sock = tmp / "run" / "splitvmm" / "test" / "control.sock"
     rng = random.Random(6)
-    ours, monitors = [], []
+    ours, monitors, warm = [], [], []
     try:
         while not sock.exists() or "count=" not in serial.read_text(errors="replace"):
             time.sleep(0.05)
         for kill in range(kills):
             time.sleep(rng.uniform(0.01, 0.1))
-            pid = int(device(sock)["pid"])  # type: ignore[call-overload]
+            before = device(sock)
             t0 = time.monotonic()
-            os.kill(pid, signal.SIGKILL)
+            os.kill(int(before["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
             dev = wait_serving(sock, kill + 2)
             ours.append((time.monotonic() - t0) * 1e3)
             monitors.append(float(dev["recover_ms"]))  # type: ignore[arg-type]
+            warm.append(dev["warm_restarts"] != before["warm_restarts"])
         stall = float(device(sock)["longest_stall_ms"])  # type: ignore[arg-type]
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
+    if os.environ.get("BENCH_STDERR"):
+        sys.stderr.write(err.decode(errors="replace"))
     values = [int(m) for m in re.findall(r"^count=(\d+)$", serial.read_text(), re.M)]
     intact = values == [values[0] * (k + 1) for k in range(len(values))]
+    by_kind = {
+        kind: [m for m, w in zip(monitors, warm, strict=True) if w == (kind == "spare")]
+        for kind in ("spare", "cold")
+    }
     return {
         "kills": kills,
         "monitor_median_ms": statistics.median(monitors),
         "monitor_p99_ms": p99(monitors),
+        **{f"{kind}_restarts": len(ms) for kind, ms in by_kind.items()},
+        **{f"{kind}_median_ms": statistics.median(ms) for kind, ms in by_kind.items() if ms},
+        **{f"{kind}_p99_ms": p99(ms) for kind, ms in by_kind.items() if ms},
+        "monitor_ms": monitors,
+        "kill_to_serving_ms": [round(t, 1) for t in ours],
+        "warm": warm,
         "kill_to_serving_median_ms": statistics.median(ours),
         "kill_to_serving_p99_ms": p99(ours),
         "longest_stall_ms": stall,
@@ -123,6 +136,13 @@ def main() -> None:
         f"{r['monitor_median_ms']:.1f}",
         f"{r['monitor_p99_ms']:.1f}",
     )
+    for kind, what in (("spare", "a warm spare took over"), ("cold", "a process started cold")):
+        if r.get(f"{kind}_median_ms") is not None:
+            table.add_row(
+                f"  of which {r[f'{kind}_restarts']}: {what}",
+                f"{r[f'{kind}_median_ms']:.1f}",
+                f"{r[f'{kind}_p99_ms']:.1f}",
+            )
     table.add_row(
         "kill() -> serving again (control socket)",
         f"{r['kill_to_serving_median_ms']:.1f}",
