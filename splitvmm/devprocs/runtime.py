@@ -305,9 +305,9 @@ def run(spec: DeviceSpec, read_rest: Callable[[DeviceSpec], DeviceSpec] | None =
     and waits for `read_rest(spec)`, its whole spec (once it takes over a crashed process),
     inside its sandbox: in its namespaces and empty root, privileges dropped, Landlock on,
     just before it connects its channel (the sandbox's `connect` step, below). Its root holds
-    its own listening socket, made at protocol/spec.py spare_path() and moved to the channel's
-    path when it takes over (the bind mount follows the socket, not the name). Connecting,
-    rlimits and seccomp come after the wait, as for any device: ZeroMQ's threads must not
+    its own listening socket, made at protocol/spec.py spare_path() and linked to the
+    channel's path when it takes over (it binds the socket in by its first name, however
+    soon it is taken). Connecting, rlimits and seccomp come after the wait, as for any device: ZeroMQ's threads must not
     exist before the namespaces, and a spare must not connect to a monitor that serves no
     channel of it. So its state, guest data, is read only once it is sandboxed, later than a
     cold process reads its own (pre-sandbox, in its spec).

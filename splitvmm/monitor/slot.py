@@ -56,8 +56,8 @@ dead one was when it died, not where the last snapshot was. The design:
   (protocol/spec.py): it imports its runtime and model, runs setup(), enters its sandbox
   up to connecting its channel, and waits there on its stdin for the spec's DEFERRED part
   (state, resume, fault), holding no guest data. A restart hands it the checkpoint and
-  journal (the resumer: the launcher moves the spare's listening socket to the channel's
-  path and writes the rest down its stdin) and it goes on as a fresh process would:
+  journal (the resumer: the launcher links the spare's listening socket to the channel's
+  path and writes the rest down its stdin; the slot unlinks the spare's name once READY) and it goes on as a fresh process would:
   connect, rlimits, seccomp, restore, replay, READY (devprocs/runtime.py run(): ~4 ms
   there, against ~120-200 ms for a cold process). The restarter starts the next spare once
   the device is back (a spare needs ~110 ms, more on a loaded host, to be warm; one taken
@@ -420,6 +420,8 @@ class DeviceSlot:
                 self.process = self.channel = None
             _end(self.name, process, channel)
             return False
+        finally:  # its first name: free for the next spare's socket
+            Path(spare_path(self.endpoint)).unlink(missing_ok=True)
         self.warm_restarts += 1
         self._now_live(process)
         return True

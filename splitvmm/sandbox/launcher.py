@@ -35,9 +35,9 @@ What a compromised monitor can ask of it, and no more:
 - tell the exit status of the devices it started. Signals go through the
   pidfd the monitor holds: the launcher kills nothing on request.
 - give a warm spare it started (a deferred spec: protocol/spec.py, monitor/slot.py) the
-  rest of its spec, once: its socket moves from `<name>.sock.spare` to its channel's
-  path (sandbox/spawn.py resume_child), and the rest goes down its stdin, checked as a
-  spawn's spec is.
+  rest of its spec, once: its socket, `<name>.sock.spare`, gets its channel's path as a
+  second name (sandbox/spawn.py resume_child), and the rest goes down its stdin, checked
+  as a spawn's spec is.
 A request is at most MAX_SPEC bytes of spec and MAX_FDS fds; at most MAX_DEVICES
 devices live at once, spares included.
 

@@ -13,9 +13,11 @@ caller itself (ChildProcess) or the launcher (LaunchedProcess, sandbox/launcher.
 A warm spare (monitor/slot.py) is started the same way, from a spec with `deferred` set:
 start_device keeps its stdin open, and spawn_child makes its channel's listening socket
 at spare_path() (the device's own channel path belongs to the process it may replace).
-resume_child gives it the rest of its spec when it takes over: the socket moves to the
-channel path, then the spec's DEFERRED part goes down the pipe, and the spare goes on
-from there as a fresh process would (devprocs/runtime.py run()).
+resume_child gives it the rest of its spec when it takes over: the socket gets the channel
+path as a second name (a hard link: a spare still starting binds its socket into its
+sandbox by the first), then the spec's DEFERRED part goes down the pipe, and the spare
+goes on from there as a fresh process would (devprocs/runtime.py run()). The slot
+unlinks the first name once the spare is READY.
 """
 
 from __future__ import annotations
@@ -235,13 +237,13 @@ def spawn_child(
 
 def resume_child(process: ChildProcess, spec: DeviceSpec, rest: DeviceSpec) -> None:
     """Hand the warm spare `process`, started from the deferred `spec`, the rest of its spec:
-    its socket moves to the channel path (its sandbox binds that path in), then `rest`'s
+    its socket gets the channel path as a second name (the module docstring), then `rest`'s
     DEFERRED part goes down its stdin. DeviceFailure if the spare has ended meanwhile (the
     caller starts a process cold instead); nothing is left at the channel path then."""
     path = spec.channel.removeprefix("ipc://")
     data = json.dumps(rest.rest()).encode()
     check_spec_size(spec.name, data)
-    os.rename(spare_path(spec.channel), path)
+    os.link(spare_path(spec.channel), path)
     try:
         _write_stdin(process.popen, data, close=True)
     except BrokenPipeError:
