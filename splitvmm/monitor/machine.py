@@ -249,8 +249,15 @@ class Machine:
         the monitor is confined (DeviceSlot.attach)."""
         assert self.zctx is not None
         for spawn in self._spawns:
+            # A device restarted after a crash keeps a warm spare (monitor/slot.py).
+            restarts = self._device_cfg[spawn.name].on_crash == "restart"
             slot = DeviceSlot(
-                spawn, self.rundir.path, self.launcher.spawn, self.zctx, self._device_failed
+                spawn,
+                self.rundir.path,
+                self.launcher.spawn,
+                self.zctx,
+                self._device_failed,
+                resumer=self.launcher.resume if restarts else None,
             )
             self.slots.append(slot)  # closed by close() from now on, whatever launch() does
             transport = MODELS[spawn.model].transport
@@ -306,7 +313,12 @@ class Machine:
 
     def _restarter(self) -> None:
         """Restarts crashed devices, one at a time, off the vCPU threads (a vCPU's access
-        waits on the slot meanwhile)."""
+        waits on the slot meanwhile); starts their warm spares, first and once each device
+        is back (monitor/slot.py), off the restarts' path."""
+        for each in self.slots:
+            if self.stopping:
+                break
+            each.start_spare()
         while (slot := self._restarts.get()) is not None:
             try:
                 slot.restart()
@@ -315,6 +327,7 @@ class Machine:
                 continue
             if self._supervisor is not None and slot.process is not None:
                 self._supervisor.watch(slot)
+            slot.start_spare()
 
     # -- running ------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -421,6 +434,8 @@ class Machine:
                 "restarts": max(0, s.generation - 1),
                 "last_failure": s.last_failure,
                 "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
+                "warm_restarts": s.warm_restarts,  # restarts a warm spare took over
+                "spare_pid": s.spare_pid,  # the warm spare waiting to, or 0
                 "longest_stall_ms": round(s.longest_stall_ms, 1),
                 # guest accesses forwarded to the device: what its register traffic costs
                 # the monitor (queue notifies and interrupts never count here)

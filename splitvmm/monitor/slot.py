@@ -47,6 +47,24 @@ dead one was when it died, not where the last snapshot was. The design:
   would count them too: not built yet).
 * Accesses in the gap wait on the slot (AWAY), up to RESTART_WAIT_MS, since a
   restart takes longer than a read's deadline on a loaded host.
+* A warm spare. Most of a new process's time to READY is a Python interpreter starting
+  and importing (~110 of ~120 ms for the serial device, devprocs/runtime.py run()). A
+  slot given a `resumer` (the machine gives one to each device whose on_crash is
+  "restart") keeps one spare process of its device: started like any other (the same
+  spawner, the launcher's, with the same fds: an exec of its own, with its own address
+  space layout, not a fork of a pre-imported process), from a deferred spec
+  (protocol/spec.py): it imports its runtime and model, runs setup(), enters its sandbox
+  up to connecting its channel, and waits there on its stdin for the spec's DEFERRED part
+  (state, resume, fault), holding no guest data. A restart hands it the checkpoint and
+  journal (the resumer: the launcher links the spare's listening socket to the channel's
+  path and writes the rest down its stdin; the slot unlinks the spare's name once READY) and it goes on as a fresh process would:
+  connect, rlimits, seccomp, restore, replay, READY (devprocs/runtime.py run(): ~4 ms
+  there, against ~120-200 ms for a cold process). The restarter starts the next spare once
+  the device is back (a spare needs ~110 ms, more on a loaded host, to be warm; one taken
+  before finishes its imports first), off the restart's path. A spare that ended meanwhile
+  (or fails before READY) is ended and the restart starts a process cold; a spare that
+  cannot start is logged, never a failure of the device. The spare is never the slot's process: `pid`, crash() and the
+  supervisor see only the process that serves. close() ends it.
 
 Guarantee, for a driver that waits for THRE: no input byte lost or repeated; no
 output byte lost; no output byte repeated when the output is a regular file.
@@ -79,7 +97,7 @@ from splitvmm.monitor.channel import (
 from splitvmm.monitor.irqroutes import MsiVectors
 from splitvmm.protocol import events, wire
 from splitvmm.protocol.models import MODELS, FdKind, PortWindow
-from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.sandbox.spawn import DeviceProcess
 
@@ -102,6 +120,9 @@ MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes
 # Starts a device process: the process, and its channel's listening socket (an fd we own).
 # The launcher's spawn for the machine; tests start theirs with sandbox.spawn.spawn_child.
 Spawner = Callable[[DeviceSpec], tuple[DeviceProcess, int]]
+# Gives a warm spare (started by the Spawner from a deferred spec) the rest of its spec: the
+# launcher's resume; tests give their own children theirs (sandbox.spawn.resume_child).
+Resumer = Callable[[DeviceProcess, DeviceSpec], None]
 
 
 @dataclass(slots=True)
@@ -164,9 +185,11 @@ class DeviceSlot:
         spawner: Spawner,
         zctx: zmq.Context[zmq.Socket[bytes]],
         on_failure: Callable[[DeviceSlot, str], bool],
+        resumer: Resumer | None = None,
     ) -> None:
         """`on_failure(slot, why)` applies the device's on_crash policy; True: a restart
-        follows (restart() from another thread), and accesses wait for it."""
+        follows (restart() from another thread), and accesses wait for it. With a `resumer`
+        the slot keeps a warm spare for its restarts (start_spare(), the module docstring)."""
         self.name = spawn.name
         self.model = spawn.model
         self.window = spawn.window
@@ -183,6 +206,9 @@ class DeviceSlot:
             )
         self._spawner = spawner
         self._zctx = zctx
+        self._resumer = resumer
+        self._spare: tuple[DeviceProcess, int] | None = None  # a warm spare, its listener
+        self.warm_restarts = 0  # restarts a spare took over
         self._on_failure = on_failure
         self.last_state = spawn.state  # what a new process starts from (the last snapshot's)
         self._fault = spawn.fault  # taken by the first process: a restarted one gets none
@@ -238,23 +264,31 @@ class DeviceSlot:
         machine launches its devices before its ZeroMQ sockets may exist
         (monitor/confinement.py), and attaches them afterwards."""
         with self._lock:
-            if self.process is not None or self.state is not SlotState.AWAY:
-                raise DeviceFailure(
-                    f"device {self.name}: its slot is {self.state.value}, not empty"
-                )
-            spec = DeviceSpec(
-                self.name,
-                self.model,
-                self.endpoint,
-                self._fds,
-                self._options,
-                state=self._checkpoint.state if resume is not None else self.last_state,
-                resume=resume,
-                fault=self._fault,
-                transport=self._transport,
-            )
+            self._check_empty_locked()
+            spec = self._spec_locked(resume)
             self._fault = None
-        process, listener = self._spawner(spec)
+        self._fill(*self._spawner(spec))
+
+    def _check_empty_locked(self) -> None:
+        if self.process is not None or self.state is not SlotState.AWAY:
+            raise DeviceFailure(f"device {self.name}: its slot is {self.state.value}, not empty")
+
+    def _spec_locked(self, resume: dict[str, object] | None) -> DeviceSpec:
+        """The next process's spec: from the last known state, or after a crash from the
+        last checkpoint and `resume`."""
+        return DeviceSpec(
+            self.name,
+            self.model,
+            self.endpoint,
+            self._fds,
+            self._options,
+            state=self._checkpoint.state if resume is not None else self.last_state,
+            resume=resume,
+            fault=self._fault,
+            transport=self._transport,
+        )
+
+    def _fill(self, process: DeviceProcess, listener: int) -> None:
         with self._lock:
             self.generation += 1
             self.process, self._listener = process, listener
@@ -288,6 +322,10 @@ class DeviceSlot:
         except ChannelError as e:
             self.fail(str(e))
             raise DeviceFailure(f"device {self.name}: {self.failed}") from None
+        self._now_live(process)
+
+    def _now_live(self, process: DeviceProcess) -> None:
+        """`process` said READY: the device is back, if it is still the slot's process."""
         with self._lock:
             if self.process is process and self.state is SlotState.AWAY:
                 self.state = SlotState.LIVE
@@ -318,11 +356,84 @@ class DeviceSlot:
                 raise DeviceFailure(f"device {self.name} cannot be restarted: {why}")
             resume = self._resume_locked()
         try:
+            if self._take_over(resume):
+                return
             self.start(resume)
         except BaseException as e:
             self.fail(f"its restart failed: {e}")
             raise
         self.wait_ready()
+
+    # -- the warm spare (the module docstring) ---------------------------------------------------
+    def start_spare(self) -> None:
+        """Start a warm spare, if the slot keeps one and has none. One that cannot start is
+        logged: the next restart starts its process cold. Called by the one thread that
+        calls restart(), never on a restart's path."""
+        with self._lock:
+            if self._resumer is None or self._spare is not None or self.state is SlotState.FAILED:
+                return
+            spec = self._spec_locked(None).spare()
+        try:
+            spare: tuple[DeviceProcess, int] | None = self._spawner(spec)
+        except (SplitvmmError, OSError) as e:
+            log.warning("device %s: no warm spare (%s): its next restart starts cold", self.name, e)
+            return
+        with self._lock:
+            if not self._failed():  # not closed meanwhile: keep it
+                self._spare, spare = spare, None
+        if spare is not None:
+            self._end_spare(*spare)
+
+    @property
+    def spare_pid(self) -> int:
+        spare = self._spare
+        return spare[0].pid if spare is not None else 0
+
+    def _take_over(self, resume: dict[str, object]) -> bool:
+        """Put the warm spare in the slot and hand it `resume`: True once it is READY. False
+        if there is none, or it ended or failed before READY (it is ended): start cold."""
+        with self._lock:
+            self._check_empty_locked()
+            spare, self._spare = self._spare, None
+            spec = self._spec_locked(resume)
+        if spare is None or self._resumer is None:
+            return False
+        process, listener = spare
+        try:
+            self._resumer(process, spec)
+        except (SplitvmmError, OSError) as e:
+            log.warning("device %s: its spare cannot take over (%s): starting cold", self.name, e)
+            self._end_spare(process, listener)
+            return False
+        self._fill(process, listener)
+        self.attach()
+        with self._lock:
+            channel = self.channel
+        assert channel is not None  # attach() put it there; only this thread changes it
+        try:
+            channel.wait_ready(process)
+        except ChannelError as e:
+            log.warning(
+                "device %s: its spare failed before READY (%s): starting cold", self.name, e
+            )
+            with self._lock:
+                self.process = self.channel = None
+            _end(self.name, process, channel)
+            return False
+        finally:  # its first name: free for the next spare's socket
+            Path(spare_path(self.endpoint)).unlink(missing_ok=True)
+        self.warm_restarts += 1
+        self._now_live(process)
+        return True
+
+    def _failed(self) -> bool:
+        """Read anew, as _live()."""
+        return self.state is SlotState.FAILED
+
+    def _end_spare(self, process: DeviceProcess, listener: int) -> None:
+        os.close(listener)
+        Path(spare_path(self.endpoint)).unlink(missing_ok=True)
+        _end(self.name, process, None)
 
     def _resume_locked(self) -> dict[str, object]:
         cp = self._checkpoint
@@ -594,15 +705,18 @@ class DeviceSlot:
         self._back.notify_all()  # accesses waiting for the device read all-ones now
 
     def close(self) -> None:
-        """End the device for good (the VM is going)."""
+        """End the device for good (the VM is going), and its spare."""
         with self._lock:
             process, channel = self.process, self.channel
             self.process = self.channel = None
+            spare, self._spare = self._spare, None
             self._drop_listener_locked()
             if self.state is not SlotState.FAILED:
                 self.state = SlotState.FAILED
             self._back.notify_all()
         _end(self.name, process, channel)
+        if spare is not None:
+            self._end_spare(*spare)
 
 
 def _regular_output(spawn: Spawn) -> tuple[int | None, int]:

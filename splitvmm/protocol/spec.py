@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import cast
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
 DEVICE_COMMAND = (sys.executable, "-m", "splitvmm.devprocs")
@@ -16,6 +17,15 @@ CRASH_SIGNALS = ("KILL", "SEGV", "ABRT", "TERM", "BUS", "ILL", "FPE")
 # The most a device reads of its spec: options plus a saved state (restore). The monitor
 # refuses a larger one before it spawns anything (sandbox/spawn.py).
 MAX_SPEC = 2 << 20
+
+# What a warm spare (monitor/slot.py) gets only when it takes over a crashed process, on its
+# stdin after the rest of its spec: what differs per process. Everything else is per slot.
+DEFERRED = ("state", "resume", "fault")
+
+
+def spare_path(channel: str) -> str:
+    """Where a warm spare's listening socket is made, until it takes over (sandbox/spawn.py resume_child)."""
+    return channel.removeprefix("ipc://") + ".spare"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,26 @@ class DeviceSpec:
     # function gets {"pci": [device, function], "intx_gsi": GSI, "ram": [[gpa, size,
     # memfd offset], ...]} (the guest-physical ranges its GUEST_RAM fd backs).
     transport: dict[str, object] | None = None
+    # A warm spare: it gets this spec (DEFERRED all None) at its start, runs up to its
+    # sandbox and waits for a JSON object of the DEFERRED keys on its stdin
+    # (devprocs/runtime.py; sandbox/spawn.py start_device and resume_child).
+    deferred: bool = False
+
+    def spare(self) -> DeviceSpec:
+        """This spec less what a spare gets later (DEFERRED)."""
+        return replace(self, deferred=True, state=None, resume=None, fault=None)
+
+    def rest(self) -> dict[str, object]:
+        """What a spare gets later: the DEFERRED part of this spec."""
+        return {key: getattr(self, key) for key in DEFERRED}
+
+    def completed(self, rest: dict[str, object]) -> DeviceSpec:
+        """A spare's spec with its DEFERRED part; TypeError if `rest` is not one."""
+        parts = {key: rest.get(key) for key in DEFERRED}
+        if set(rest) - set(DEFERRED) or any(not isinstance(v, dict | None) for v in parts.values()):
+            raise TypeError(f"a spec's deferred part is an object of {', '.join(DEFERRED)}")
+        state, resume, fault = (cast(dict[str, object] | None, parts[k]) for k in DEFERRED)
+        return replace(self, deferred=False, state=state, resume=resume, fault=fault)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

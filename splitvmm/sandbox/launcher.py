@@ -17,6 +17,9 @@ Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
                                                      the socket's send buffer)
     launcher -> monitor  spawned {id, pid} + pidfd and the channel's listening socket
                          refused {id, message}       one of the two for each spawn
+    monitor -> launcher  resume {id, pid, size}      then `size` bytes of JSON: the rest
+                                                     of a warm spare's spec (below)
+    launcher -> monitor  resumed {id} | refused {id, message}
                          exited {pid, status}        for each device it started (it
                                                      is their parent and reaps them)
 
@@ -31,8 +34,12 @@ What a compromised monitor can ask of it, and no more:
   it makes no other file;
 - tell the exit status of the devices it started. Signals go through the
   pidfd the monitor holds: the launcher kills nothing on request.
+- give a warm spare it started (a deferred spec: protocol/spec.py, monitor/slot.py) the
+  rest of its spec, once: its socket, `<name>.sock.spare`, gets its channel's path as a
+  second name (sandbox/spawn.py resume_child), and the rest goes down its stdin, checked
+  as a spawn's spec is.
 A request is at most MAX_SPEC bytes of spec and MAX_FDS fds; at most MAX_DEVICES
-devices live at once.
+devices live at once, spares included.
 
 Its own confinement: it keeps the privileges the monitor had when it forked it --
 a root launcher must keep CAP_SETFCAP (a device maps uid 0 into its user
@@ -68,12 +75,13 @@ from splitvmm.errors import DeviceFailure, ProtocolError, SplitvmmError, clip
 from splitvmm.native import confine
 from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
+from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
 from splitvmm.sandbox.spawn import (
     ChildProcess,
     DeviceProcess,
     check_spec_size,
     readable,
+    resume_child,
     spawn_child,
 )
 
@@ -149,6 +157,7 @@ _REPLIES: dict[str, tuple[dict[str, type], int]] = {
     "ready": ({}, 0),
     "spawned": ({"id": int, "pid": int}, 2),  # the pidfd, the channel's listening socket
     "refused": ({"id": int, "message": str}, 0),
+    "resumed": ({"id": int}, 0),
     "exited": ({"pid": int, "status": int}, 0),
 }
 
@@ -224,14 +233,29 @@ class Launcher:
 
     def spawn(self, spec: DeviceSpec) -> tuple[LaunchedProcess, int]:
         """Start a device: its process, and its channel's listening socket (an fd we own).
-        DeviceFailure naming the device if the launcher refused it."""
+        DeviceFailure naming the device if the launcher refused it. A deferred spec starts
+        a warm spare, which waits for resume()."""
         data = spec.to_json().encode()
         check_spec_size(spec.name, data)
+        reply = self._request({"op": "spawn"}, data, list(spec.fds.values()))
+        pidfd, listener = reply.fds
+        return LaunchedProcess(self, reply.pid, pidfd), listener
+
+    def resume(self, process: DeviceProcess, spec: DeviceSpec) -> None:
+        """Give the warm spare `process` the rest of its spec (the DEFERRED part of `spec`):
+        it takes over from there. DeviceFailure if the launcher refused (the spare ended)."""
+        data = json.dumps(spec.rest()).encode()
+        check_spec_size(spec.name, data)
+        self._request({"op": "resume", "pid": process.pid}, data, [])
+
+    def _request(self, header: dict[str, object], data: bytes, fds: list[int]) -> _Reply:
+        """Send a request (`header`, then `data` in chunks) and take its reply; DeviceFailure
+        with the launcher's words if it refused."""
         with self._spawn_lock:
             self._pending = next(self._ids)
-            header = {"op": "spawn", "id": self._pending, "size": len(data)}
+            header = {**header, "id": self._pending, "size": len(data)}
             try:
-                _send(self._sock, header, list(spec.fds.values()))
+                _send(self._sock, header, fds)
                 for i in range(0, len(data), CHUNK):
                     _send(self._sock, data[i : i + CHUNK])
             except OSError as e:
@@ -239,8 +263,7 @@ class Launcher:
             reply = self._await(self._take_reply, REPLY_TIMEOUT_S)
         if reply.op == "refused":
             raise DeviceFailure(clip(reply.message))
-        pidfd, listener = reply.fds
-        return LaunchedProcess(self, reply.pid, pidfd), listener
+        return reply
 
     def wait_exit(self, pid: int, timeout_s: float) -> int:
         """The exit status of a device it started, which has ended (or is about to)."""
@@ -378,6 +401,7 @@ class _Server:
         self.sock = sock
         self.channel_dir = channel_dir
         self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
+        self.spares: dict[int, tuple[ChildProcess, DeviceSpec]] = {}  # pid -> spare, its spec
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
 
@@ -404,10 +428,15 @@ class _Server:
             return False
         request = 0
         try:
-            request, size = _decode_header(data)
-            spec = _decode_spec(self._read_chunks(size))  # read whole even to be refused
+            request, size, spare = _decode_header(data)
+            payload = self._read_chunks(size)  # read whole even to be refused
             if cut:
                 raise Refused(f"launcher: a request over {MAX_MESSAGE} bytes or {MAX_FDS} fds")
+            if spare is not None:
+                self._resume(spare, payload, len(fds))
+                _send(self.sock, {"op": "resumed", "id": request})
+                return True
+            spec = _decode_spec(payload)
             _check_spec(spec, self.channel_dir, len(fds))
             if len(self.children) >= MAX_DEVICES:
                 raise Refused(f"device {spec.name}: {MAX_DEVICES} devices run already")
@@ -426,11 +455,30 @@ class _Server:
             os.close(listener)  # the monitor's copy is the one ZeroMQ adopts
         self.children[process.pidfd] = process
         self.poller.register(process.pidfd, select.POLLIN)
+        if spec.deferred:
+            self.spares[process.pid] = process, spec
         return True
+
+    def _resume(self, pid: int, payload: bytes, nfds: int) -> None:
+        """Give the spare `pid` the rest of its spec (the module docstring), once."""
+        spare, spec = self.spares.pop(pid, (None, None))
+        if spare is None or spec is None:
+            raise Refused(f"launcher: pid {pid} is no spare waiting for its spec")
+        try:
+            rest = json.loads(payload)
+            whole = _checked_spec(spec.completed(rest))
+        except (ValueError, TypeError, AttributeError):
+            raise Refused(
+                f"device {spec.name}: a spare's rest is not an object of {', '.join(DEFERRED)}"
+            ) from None
+        if nfds:
+            raise Refused(f"device {spec.name}: a spare has its fds already")
+        resume_child(spare, spec, whole)
 
     def _report_end(self, pidfd: int) -> None:
         self.poller.unregister(pidfd)
         process = self.children.pop(pidfd)
+        self.spares.pop(process.pid, None)
         status = process.wait(0)
         process.close()
         _send(self.sock, {"op": "exited", "pid": process.pid, "status": status})
@@ -449,18 +497,21 @@ class _Server:
         return data
 
 
-def _decode_header(data: bytes) -> tuple[int, int]:
-    """A spawn request's (id, size of its spec)."""
+def _decode_header(data: bytes) -> tuple[int, int, int | None]:
+    """A request's (id, size of what follows, the spare's pid for a resume request)."""
     try:
         msg = json.loads(data)
     except ValueError:
         raise Refused("launcher: a request is not JSON") from None
-    if not isinstance(msg, dict) or set(msg) != {"op", "id", "size"} or msg["op"] != "spawn":
-        raise Refused("launcher: a request is not a spawn request")
-    request, size = msg["id"], msg["size"]
+    keys = {"spawn": {"op", "id", "size"}, "resume": {"op", "id", "size", "pid"}}
+    if not isinstance(msg, dict) or keys.get(str(msg.get("op"))) != set(msg):
+        raise Refused("launcher: a request is not a spawn or resume request")
+    request, size, pid = msg["id"], msg["size"], msg.get("pid")
     if type(request) is not int or type(size) is not int or not 0 < size <= MAX_SPEC:
-        raise Refused(f"launcher: a spawn request's spec must be 1 to {MAX_SPEC} bytes")
-    return request, size
+        raise Refused(f"launcher: a request's spec must be 1 to {MAX_SPEC} bytes")
+    if msg["op"] == "resume" and type(pid) is not int:
+        raise Refused("launcher: a resume request's pid is not an int")
+    return request, size, pid
 
 
 def _decode_spec(data: bytes) -> DeviceSpec:
@@ -468,8 +519,16 @@ def _decode_spec(data: bytes) -> DeviceSpec:
         spec = DeviceSpec.from_json(data.decode())
     except (ValueError, TypeError):  # not JSON, or not the spec's keys
         raise Refused("launcher: the request holds no device spec") from None
-    types = {"name": str, "model": str, "channel": str, "fds": dict, "options": dict}
-    types |= {"seccomp": str, "hook": str}
+    spec = _checked_spec(spec)
+    if spec.deferred and any(getattr(spec, key) is not None for key in DEFERRED):
+        raise Refused(f"device {spec.name[:63]!r}: a spare's spec has no {', '.join(DEFERRED)}")
+    return spec
+
+
+def _checked_spec(spec: DeviceSpec) -> DeviceSpec:
+    """`spec`, if each of its fields has its type and its fault is one."""
+    types: dict[str, type] = {"name": str, "model": str, "channel": str, "fds": dict}
+    types |= {"options": dict, "seccomp": str, "hook": str, "deferred": bool}
     for key, kind in types.items():
         if type(getattr(spec, key)) is not kind:
             raise Refused(f"launcher: the spec's {key} is not a {kind.__name__}")

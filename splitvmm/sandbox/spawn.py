@@ -9,12 +9,23 @@ A DeviceProcess is what its owner holds of a started device: its pid and a pidfd
 (signals through a pidfd cannot hit a recycled pid, and a pidfd polls readable when
 the process ends, whoever its parent is). Its exit status comes from its parent: the
 caller itself (ChildProcess) or the launcher (LaunchedProcess, sandbox/launcher.py).
+
+A warm spare (monitor/slot.py) is started the same way, from a spec with `deferred` set:
+start_device keeps its stdin open, and spawn_child makes its channel's listening socket
+at spare_path() (the device's own channel path belongs to the process it may replace).
+resume_child gives it the rest of its spec when it takes over: the socket gets the channel
+path as a second name (a hard link: a spare still starting binds its socket into its
+sandbox by the first), then the spec's DEFERRED part goes down the pipe, and the spare
+goes on from there as a fresh process would (devprocs/runtime.py run()). The slot
+unlinks the first name once the spare is READY.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import fcntl
+import json
 import os
 import select
 import signal
@@ -24,7 +35,7 @@ import threading
 from dataclasses import replace
 
 from splitvmm.errors import DeviceFailure
-from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec
+from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
 
 # Environment variables a device process inherits: only what the device code reads itself
 # (sandbox/policy.py). Nothing else of the monitor's environment (credentials in it,
@@ -37,7 +48,8 @@ def start_device(
     command: tuple[str, ...], spec: DeviceSpec, stderr: int | None = None
 ) -> subprocess.Popen[bytes]:
     """exec a device process with its spec on stdin (not in argv, which Linux caps at 128 KiB
-    an argument) and exactly the spec's fds.
+    an argument), one line of JSON, and exactly the spec's fds. A deferred spec's stdin stays
+    open: the rest follows when the spare takes over (resume_child).
 
     Its fds 0 and 1 are /dev/null (0 once it has read the spec), so
     a device never reads the operator's terminal nor writes to it except through the fd
@@ -47,7 +59,7 @@ def start_device(
     can do no more than its `out` role allows already.
     """
     spec, dups = _fds_above_stdio(spec)
-    data = spec.to_json().encode()
+    data = spec.to_json().encode() + b"\n"  # json.dumps escapes every newline of a string
     try:
         check_spec_size(spec.name, data)
         proc = subprocess.Popen(
@@ -66,15 +78,27 @@ def start_device(
     finally:
         for fd in dups:
             os.close(fd)
-    assert proc.stdin is not None
     try:
-        proc.stdin.write(data)
-        proc.stdin.close()
+        _write_stdin(proc, data, close=not spec.deferred)
     except BrokenPipeError:
         proc.kill()
         proc.wait()
         raise DeviceFailure(f"device {spec.name}: exited before reading its spec") from None
     return proc
+
+
+def _write_stdin(proc: subprocess.Popen[bytes], data: bytes, close: bool) -> None:
+    """Write to the device's stdin; BrokenPipeError if it has ended. Closed if `close`
+    (EOF ends its spec), even when the write failed."""
+    stdin = proc.stdin
+    assert stdin is not None
+    try:
+        stdin.write(data)
+        stdin.flush()
+    finally:
+        if close:
+            with contextlib.suppress(BrokenPipeError):  # what flush said already
+                stdin.close()
 
 
 def check_spec_size(name: str, data: bytes) -> None:
@@ -179,6 +203,11 @@ class ChildProcess(DeviceProcess):
     def _reap(self) -> int:
         return self.popen.wait()
 
+    def close(self) -> None:
+        if self.popen.stdin is not None:  # a spare that never took over
+            self.popen.stdin.close()
+        super().close()
+
 
 def readable(fd: int, timeout_s: float) -> bool:
     """Whether `fd` polls readable within `timeout_s` (poll(2): what the confined monitor and
@@ -193,8 +222,9 @@ def spawn_child(
 ) -> tuple[ChildProcess, int]:
     """Listen on the spec's channel, then start the device as our child: the process, and
     the channel's listening socket (an fd the caller owns). What the launcher does for the
-    monitor, and what tests do for themselves with a rogue `command`."""
-    path = spec.channel.removeprefix("ipc://")
+    monitor, and what tests do for themselves with a rogue `command`. A warm spare's socket
+    is made at spare_path() (the module docstring)."""
+    path = spare_path(spec.channel) if spec.deferred else spec.channel.removeprefix("ipc://")
     listener = listen_channel(path)
     try:
         process = ChildProcess(start_device(command, spec, stderr))
@@ -203,3 +233,21 @@ def spawn_child(
         os.unlink(path)
         raise
     return process, listener.detach()
+
+
+def resume_child(process: ChildProcess, spec: DeviceSpec, rest: DeviceSpec) -> None:
+    """Hand the warm spare `process`, started from the deferred `spec`, the rest of its spec:
+    its socket gets the channel path as a second name (the module docstring), then `rest`'s
+    DEFERRED part goes down its stdin. DeviceFailure if the spare has ended meanwhile (the
+    caller starts a process cold instead); nothing is left at the channel path then."""
+    path = spec.channel.removeprefix("ipc://")
+    data = json.dumps(rest.rest()).encode()
+    check_spec_size(spec.name, data)
+    os.link(spare_path(spec.channel), path)
+    try:
+        _write_stdin(process.popen, data, close=True)
+    except BrokenPipeError:
+        os.unlink(path)
+        raise DeviceFailure(
+            f"device {spec.name}: its spare (pid {process.pid}) ended before it took over"
+        ) from None

@@ -87,6 +87,42 @@ def test_serial_killed_20_times_loses_repeats_and_garbles_no_line(
     assert err.count("killed by signal 9") == KILLS, err[-2000:]
 
 
+def wait_spare(tmp_path: Path, other_than: int = 0) -> int:
+    """The pid of the serial device's warm spare, once there is one (not `other_than`)."""
+    for _ in range(600):
+        spare = int(serial_device(tmp_path)["spare_pid"])  # type: ignore[call-overload]
+        if spare not in (0, other_than):
+            return spare
+        time.sleep(0.02)
+    raise AssertionError("serial0 has no warm spare")
+
+
+def test_serial_killed_comes_back_as_its_warm_spare_and_a_new_spare_follows(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 5\n')
+    try:
+        spare = wait_spare(tmp_path)
+        dev = serial_device(tmp_path)
+        assert dev["pid"] != spare  # the spare is never shown as the device
+        os.kill(int(dev["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        back = wait_back(tmp_path, 2)
+        next_spare = wait_spare(tmp_path, other_than=spare)
+        vm.wait_for(r"^count=\d+$", after=len(vm.text()))
+        status = request(tmp_path / "run" / "splitvmm" / "test" / "control.sock", "status")
+        vm.proc.send_signal(signal.SIGTERM)
+        vm.finish()
+    finally:
+        if vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.finish()
+    assert (back["pid"], back["warm_restarts"], status["state"]) == (spare, 1, "running")
+    assert next_spare != back["pid"]
+    assert_each_count_once(vm.text())
+    for pid in (spare, next_spare):  # no orphan: the spares ended with the monitor
+        assert not Path(f"/proc/{pid}").exists()
+
+
 def test_on_crash_stop_ends_the_vm_with_status_4(tmp_path: Path, guests: dict[str, Path]) -> None:
     vm = start_counter(tmp_path, guests, 'on_crash = "stop"\n')
     os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]

@@ -23,12 +23,12 @@ from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
-from splitvmm.protocol.spec import MAX_SPEC
-from splitvmm.sandbox.spawn import spawn_child
+from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec, spare_path
+from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
 
 
 class Harness:
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, spawner=spawn_child, resumer=None, restarts=False) -> None:
         self.irq = EventFd()
         self.out_r, self.out_w = os.pipe()
         self.failures: list[str] = []
@@ -37,13 +37,17 @@ class Harness:
         spawn = Spawn(
             "serial0", "serial", 8, {"output": "stdio"}, {"irq": self.irq.fd, "out": self.out_w}
         )
-        self.slot = DeviceSlot(spawn, tmp_path, spawn_child, self.zctx, self._on_failure)
+        self.restarts = restarts  # the on_crash policy: restart (True) or not
+        self.slot = DeviceSlot(
+            spawn, tmp_path, spawner, self.zctx, self._on_failure, resumer=resumer
+        )
         self.slot.start()
         self.slot.wait_ready()
 
-    def _on_failure(self, slot: DeviceSlot, reason: str) -> None:
+    def _on_failure(self, slot: DeviceSlot, reason: str) -> bool:
         self.failures.append(reason)
         self.failed.set()
+        return self.restarts
 
     def close(self) -> None:
         self.slot.close()
@@ -167,3 +171,91 @@ def test_supervisor_watching_a_restarted_device_fails_it_on_the_new_process_end_
     assert harness.failed.wait(10)
     supervisor.close()
     assert (harness.failures, harness.slot.generation) == (["process was killed by signal 9"], 2)
+
+
+# -- the warm spare (monitor/slot.py): started, taken over, replaced, ended ----------------------
+def resume_spare(process: ChildProcess, spec: DeviceSpec) -> None:
+    """The launcher's resume for our own children: the spare's deferred spec is `spec`'s."""
+    resume_child(process, spec.spare(), spec)
+
+
+@pytest.fixture
+def spared(tmp_path):
+    """A slot whose device restarts, with a warm spare waiting."""
+    h = Harness(tmp_path, resumer=resume_spare, restarts=True)
+    h.slot.start_spare()
+    yield h
+    h.close()
+
+
+def crash_and_restart(h: Harness) -> None:
+    """What the machine does for on_crash = restart: the failure, then restart()."""
+    h.slot.fail("crashed on purpose")
+    h.slot.restart()
+
+
+def test_slot_restart_takes_over_its_warm_spare_from_the_checkpoint(spared):
+    spare = spared.slot.spare_pid
+    spared.slot.write(Reg.SCR, b"\x5a")  # journaled: the spare re-applies it
+    crash_and_restart(spared)
+    assert (spared.slot.pid, spared.slot.warm_restarts, spared.slot.spare_pid) == (spare, 1, 0)
+    assert (spared.slot.state, spared.slot.read(Reg.SCR, 1)) == (SlotState.LIVE, b"\x5a")
+
+
+def test_slot_start_spare_after_a_warm_restart_starts_a_new_one(spared):
+    crash_and_restart(spared)
+    spared.slot.start_spare()
+    assert spared.slot.spare_pid not in (0, spared.slot.pid)
+
+
+def test_slot_spare_killed_before_the_crash_restart_starts_cold(spared):
+    process = spared.slot._spare[0]
+    process.kill()
+    assert readable(process.pidfd, 10)  # it has exited: its stdin pipe has no reader
+    spared.slot.write(Reg.SCR, b"\x33")
+    crash_and_restart(spared)
+    assert (spared.slot.warm_restarts, spared.slot.generation) == (0, 2)
+    assert spared.slot.pid != process.pid and spared.slot.read(Reg.SCR, 1) == b"\x33"
+    assert not os.path.exists(spare_path(spared.slot.endpoint))
+
+
+def test_slot_spare_refused_by_its_spawner_fails_nothing_and_restart_goes_cold(tmp_path):
+    def no_spares(spec: DeviceSpec) -> tuple[ChildProcess, int]:
+        if spec.deferred:
+            raise DeviceFailure(f"device {spec.name}: the launcher refused it")
+        return spawn_child(spec)
+
+    h = Harness(tmp_path, spawner=no_spares, resumer=resume_spare, restarts=True)
+    try:
+        h.slot.start_spare()
+        crash_and_restart(h)
+        assert (h.slot.state, h.slot.spare_pid, h.slot.warm_restarts) == (SlotState.LIVE, 0, 0)
+        assert (h.failures, h.slot.generation) == (["crashed on purpose"], 2)
+    finally:
+        h.close()
+
+
+def test_slot_close_ends_its_spare_and_its_socket(tmp_path):
+    h = Harness(tmp_path, resumer=resume_spare, restarts=True)
+    h.slot.start_spare()
+    process = h.slot._spare[0]
+    h.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not os.path.exists(spare_path(h.slot.endpoint))
+
+
+def test_spare_ended_before_its_spec_exits_0_having_connected_nothing(tmp_path):
+    """A spare holds no state and makes no connection until the rest of its spec comes:
+    given EOF instead, it leaves from where it waits (exit 0), its channel never used."""
+    irq = EventFd()
+    spec = DeviceSpec("serial0", "serial", f"ipc://{tmp_path}/serial0.sock", {"irq": irq.fd})
+    process, listener = spawn_child(spec.spare())
+    try:
+        process.popen.stdin.close()
+        status = process.wait(30)
+        pending = readable(listener, 0)  # a connection in the backlog polls readable
+    finally:
+        os.close(listener)
+        process.close()
+        irq.close()
+    assert (status, pending) == (0, False)

@@ -137,3 +137,45 @@ def test_launcher_start_with_a_thread_running_raises():
     finally:
         stop.set()
         thread.join()
+
+
+# -- warm spares (a deferred spec, then resume: monitor/slot.py) --------------------------------
+def test_launcher_spare_resumed_says_ready_on_its_channel(launcher, rundir, fds):
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec.spare())
+    resume = {"applied": 0, "emitted": 0, "skip": 0, "replay": []}
+    zctx = zmq.Context()
+    channel = None
+    try:
+        launcher.resume(process, replace(spec, resume=resume))
+        channel = DeviceChannel("serial", spec.channel, listener, zctx)
+        channel.wait_ready(process)  # ChannelError, failing the test, if it is not READY
+        parent = parent_of(process.pid)
+    finally:
+        if channel is not None:
+            channel.close()
+        process.kill()
+        process.wait(10)
+        process.close()
+        zctx.term()
+    assert parent == launcher.pid
+
+
+def test_launcher_spare_spec_holding_a_state_is_refused(launcher, rundir, fds):
+    state = {"model": "serial", "version": 1, "fields": {}}
+    spare = replace(serial_spec(rundir, fds), deferred=True, state=state)
+    with pytest.raises(DeviceFailure, match="a spare's spec has no state, resume, fault"):
+        launcher.spawn(spare)
+
+
+def test_launcher_resume_of_a_process_not_a_waiting_spare_is_refused(launcher, rundir, fds):
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec)  # a device started whole: no spare
+    os.close(listener)
+    try:
+        with pytest.raises(DeviceFailure, match=f"pid {process.pid} is no spare waiting"):
+            launcher.resume(process, spec)
+    finally:
+        process.kill()
+        process.wait(10)
+        process.close()

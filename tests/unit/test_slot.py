@@ -160,3 +160,37 @@ def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
     slot.channel = posted
     slot._on_event(events.MsiRequest(1, 0, 0xFEE0_0000, 0x41))
     assert control.decode(posted[0])["reason"] == "serial devices have no MSI-X vectors"
+
+
+# -- the warm spare: what it is given, and a spawner refusing it -------------------------------
+def test_slot_spare_spec_holds_no_state_resume_or_fault(tmp_path, zctx, failures):
+    """The slot's last known state and an armed fault stay with the slot: a spare gets
+    them only when it takes over (a deferred spec)."""
+    specs: list[DeviceSpec] = []
+
+    def record(spec: DeviceSpec) -> tuple[object, int]:
+        specs.append(spec)
+        raise DeviceFailure(f"device {spec.name}: recorded")
+
+    state = {"model": "serial", "version": 1, "fields": {}}
+    spawn = Spawn("serial0", "serial", 8, state=state, fault={"kind": "crash", "after": 3})
+    slot = DeviceSlot(spawn, tmp_path, record, zctx, failures, resumer=lambda p, s: None)
+    slot.start_spare()
+    (spec,) = specs
+    assert (spec.deferred, spec.rest()) == (True, dict.fromkeys(("state", "resume", "fault")))
+
+
+def test_slot_spare_refused_is_logged_and_fails_nothing(tmp_path, zctx, failures, caplog):
+    slot = DeviceSlot(
+        Spawn("serial0", "serial", 8), tmp_path, refuse, zctx, failures, resumer=lambda p, s: None
+    )
+    slot.start_spare()
+    assert (slot.spare_pid, slot.state, failures) == (0, SlotState.AWAY, [])
+    assert "serial0: no warm spare (device serial0: the launcher refused it)" in caplog.text
+
+
+def test_slot_without_resumer_starts_no_spare(tmp_path, zctx, failures):
+    asked: list[DeviceSpec] = []
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, asked.append, zctx, failures)
+    slot.start_spare()
+    assert asked == []
