@@ -147,10 +147,32 @@ class DeviceChannel:
             raise ChannelError(str(e)) from None
 
     def post(self, frame: bytes) -> None:
-        """Send a frame that gets no reply (a write, host input)."""
+        """Send a frame that gets no reply (a write, host input). It waits only while the
+        device's queue is full, at most WRITE_TIMEOUT_MS, and not at all once its process
+        has ended (its pidfd): a posted write to a dead device held the slot's lock, and
+        every vCPU's access behind it, for the whole timeout (seen as 2 s restart stalls)."""
         try:
-            self.sock.send(frame)
-        except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
+            self.sock.send(frame, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as e:
+            raise ChannelError(f"stopped taking posted writes ({e})") from None
+        if self._pidfd is None:  # no pidfd to watch: a blocking send with its timeout
+            try:
+                self.sock.send(frame)
+            except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
+                raise ChannelError(f"stopped taking posted writes ({e})") from None
+            return
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLOUT)
+        poller.register(self._pidfd, zmq.POLLIN)
+        ready = dict(poller.poll(WRITE_TIMEOUT_MS))
+        if ready.get(self._pidfd):
+            raise ChannelError("its process ended with a posted write unsent")
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.ZMQError as e:
             raise ChannelError(f"stopped taking posted writes ({e})") from None
 
     def _next_seq(self) -> int:

@@ -20,6 +20,7 @@ import zmq
 from splitvmm.devprocs.serial import Lsr, Reg
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
@@ -259,3 +260,15 @@ def test_spare_ended_before_its_spec_exits_0_having_connected_nothing(tmp_path):
         process.close()
         irq.close()
     assert (status, pending) == (0, False)
+
+
+def test_channel_post_to_a_dead_process_fails_at_once_not_at_the_write_timeout(harness):
+    """A posted write to a device whose process ended is refused as soon as the pidfd says
+    so; it used to wait WRITE_TIMEOUT_MS holding the slot's lock (vCPUs stalled behind it)."""
+    channel, process = harness.slot.channel, harness.slot.process
+    assert channel is not None and process is not None
+    process.kill()
+    process.wait(5)
+    with pytest.raises(ChannelError, match="its process ended"):
+        for _ in range(100_000):  # past any queue ZeroMQ may still take
+            channel.post(bytes(24))
