@@ -266,7 +266,9 @@ class SpawnedDevice:
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # so that the stall comes soon
-        made = stand_in_fds(self.model, rundir, {FdKind.IRQ: self.irq, FdKind.OUTPUT: self.out_w})
+        self.peers: dict[str, int] = {}  # the far end of each backend stand-in (a TAP's)
+        given = {FdKind.IRQ: self.irq, FdKind.OUTPUT: self.out_w}
+        made = stand_in_fds(self.model, rundir, given, self.peers)
         self.fds = made
         spec = DeviceSpec(
             f"{model}0", model, endpoint, made, seccomp="trace", transport=stand_in_transport()
@@ -338,22 +340,29 @@ class SpawnedDevice:
         self._post_writes(recipe.stop)
 
     def _virtio_requests(self) -> None:
-        """A virtio model's own I/O (its descriptor's queue recipe): the driver's set-up
+        """A virtio model's own I/O (its descriptor's queue recipes): the driver's set-up
         through the channel (INTx: no MSI-X route to ask for), then each chain made
-        available in guest RAM, notified through the ioeventfd and waited for."""
-        recipe = self.model.queue_recipe
-        if recipe is None:  # not a virtio model
+        available in guest RAM (and its backend input sent), notified through the
+        ioeventfd and waited for; what the device sends its backend is read."""
+        recipes = self.model.queue_recipes
+        if not recipes:  # not a virtio model
             return
         ram = GuestRing(self.fds["ram"])
-        for offset, value, size in ram.driver_setup():
+        for offset, value, size in ram.driver_setup(sorted({r.queue for r in recipes})):
             self._request_write(offset, value, size)
-        for readable, writable in recipe.chains:
-            ram.add(readable, writable)
-            os.eventfd_write(self.fds["notify0"], 1)
-            if not select.select([self.fds["intx"]], [], [], 2.0)[0]:
-                raise click.ClickException(f"{self.model.name} completed no request within 2 s")
-            os.eventfd_read(self.fds["intx"])
-            self._request_read(VIRTIO_ISR, 1)  # reading the ISR acknowledges the interrupt
+        for recipe in recipes:
+            for readable, writable in recipe.chains:
+                ram.add(recipe.queue, readable, writable)
+                for peer in self.peers.values() if recipe.backend_input else ():
+                    os.write(peer, recipe.backend_input)
+                os.eventfd_write(self.fds[f"notify{recipe.queue}"], 1)
+                if not select.select([self.fds["intx"]], [], [], 2.0)[0]:
+                    raise click.ClickException(f"{self.model.name} completed no request within 2 s")
+                os.eventfd_read(self.fds["intx"])
+                self._request_read(VIRTIO_ISR, 1)  # reading the ISR acknowledges the interrupt
+                for peer in self.peers.values():
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(peer, 1 << 16)
         ram.close()
 
     def _request_write(self, offset: int, value: int, size: int) -> None:
@@ -434,7 +443,7 @@ class SpawnedDevice:
             self.proc.wait()
         self.sock.close()
         self.zctx.term()
-        for fd in {*self.fds.values(), self.irq, self.out_w, self.out_r}:
+        for fd in {*self.fds.values(), *self.peers.values(), self.irq, self.out_w, self.out_r}:
             os.close(fd)
 
 
@@ -443,16 +452,30 @@ STAND_IN_RAM = 2 << 20  # guest RAM of the audited (or escape-tested) device
 STAND_IN_DISK = 1 << 20  # its disk image
 
 
-def stand_in_fds(model: ModelDescriptor, rundir: Path, given: dict[FdKind, int]) -> dict[str, int]:
+def stand_in_fds(
+    model: ModelDescriptor,
+    rundir: Path,
+    given: dict[FdKind, int],
+    peers: dict[str, int] | None = None,
+) -> dict[str, int]:
     """An fd for each of the model's roles, as the monitor would make it: `given` for the
     kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM and its dirty
-    log, an eventfd for a notify, MSI-X or INTx role, a file in `rundir` for a disk."""
+    log, an eventfd for a notify, MSI-X or INTx role, a file in `rundir` for a disk, and
+    for a TAP one end of a non-blocking SOCK_SEQPACKET socketpair (one frame per message,
+    as a TAP reads and writes them; no TAP or CAP_NET_ADMIN needed), whose other end goes
+    into `peers` by role (closed when the caller wants none)."""
     from splitvmm.protocol.models import FdKind
 
     fds: dict[str, int] = {}
     for role in model.fds:
         if role.kind in given:
             fds[role.name] = given[role.kind]
+        elif role.kind is FdKind.TAP:
+            fds[role.name], peer = _frame_pair()
+            if peers is None:
+                os.close(peer)
+            else:
+                peers[role.name] = peer
         elif role.kind is FdKind.GUEST_RAM:
             fds[role.name] = _memfd("ram", STAND_IN_RAM)
         elif role.kind is FdKind.DIRTY_LOG:
@@ -471,6 +494,17 @@ def stand_in_transport() -> dict[str, object]:
     return {"pci": [3, 0], "intx_gsi": 16, "ram": [[0, STAND_IN_RAM, 0]]}
 
 
+def _frame_pair() -> tuple[int, int]:
+    """(the device's end, the far end) of a socketpair carrying one frame per message,
+    both non-blocking."""
+    import socket
+
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    for end in ends:
+        end.setblocking(False)
+    return ends[0].detach(), ends[1].detach()
+
+
 def _memfd(name: str, size: int) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
@@ -482,48 +516,58 @@ def _memfd(name: str, size: int) -> int:
 VIRTIO_COMMON = 0x1000
 VIRTIO_ISR = 0x2000
 QUEUE_SIZE = 16
-DESC, AVAIL, USED, BUFFERS = 0x1000, 0x2000, 0x3000, 0x10000
+# Queue q's rings from DESC + q * QUEUE_STRIDE, its buffers from BUFFERS + q * QUEUE_STRIDE.
+DESC, AVAIL, USED, BUFFERS, QUEUE_STRIDE = 0x1000, 0x2000, 0x3000, 0x10000, 0x10000
 
 
 class GuestRing:
-    """Queue 0 of a virtio device as a driver lays it out in the stand-in guest RAM (virtio
-    1.2 2.7): each chain one readable and one writable descriptor."""
+    """Queues of a virtio device as a driver lays them out in the stand-in guest RAM (virtio
+    1.2 2.7): each chain a readable and a writable descriptor (either may be left out)."""
 
     def __init__(self, ram_fd: int) -> None:
         import mmap
 
         self.mem = mmap.mmap(ram_fd, STAND_IN_RAM)
-        self.avail_idx = 0
+        self.avail_idx: dict[int, int] = {}
 
     @staticmethod
-    def driver_setup() -> list[tuple[int, int, int]]:
-        """(window offset, value, size) writes: reset, features (VERSION_1), queue 0, DRIVER_OK."""
+    def driver_setup(queues: list[int]) -> list[tuple[int, int, int]]:
+        """(window offset, value, size) writes: reset, features (VERSION_1), each queue,
+        DRIVER_OK."""
         c = VIRTIO_COMMON
-        return [
+        writes = [
             (0x04, 0x0006, 2),  # command: memory space and bus master on, INTx not disabled
             (c + 0x14, 0, 1), (c + 0x14, 1, 1), (c + 0x14, 3, 1),  # reset, ACK, DRIVER
             (c + 0x08, 1, 4), (c + 0x0C, 1, 4),  # driver features 32-63: VERSION_1
             (c + 0x14, 0xB, 1),  # FEATURES_OK
-            (c + 0x16, 0, 2), (c + 0x18, QUEUE_SIZE, 2),  # queue 0, its size
-            (c + 0x20, DESC, 8), (c + 0x28, AVAIL, 8), (c + 0x30, USED, 8),
-            (c + 0x1C, 1, 2), (c + 0x14, 0xF, 1),  # enable, DRIVER_OK
         ]  # fmt: skip
+        for q in queues:
+            at = q * QUEUE_STRIDE
+            writes += [
+                (c + 0x16, q, 2), (c + 0x18, QUEUE_SIZE, 2),  # queue q, its size
+                (c + 0x20, DESC + at, 8), (c + 0x28, AVAIL + at, 8), (c + 0x30, USED + at, 8),
+                (c + 0x1C, 1, 2),  # enable
+            ]  # fmt: skip
+        return [*writes, (c + 0x14, 0xF, 1)]  # DRIVER_OK
 
-    def add(self, readable: bytes, writable: int) -> None:
+    def add(self, queue: int, readable: bytes, writable: int) -> None:
         import struct
 
-        parts = [(BUFFERS, len(readable), 0)] if readable else []
-        parts.append((BUFFERS + 0x8000, writable, 2))  # VIRTQ_DESC_F_WRITE
-        self.mem[BUFFERS : BUFFERS + len(readable)] = readable
-        head = 2 * (self.avail_idx % (QUEUE_SIZE // 2))
+        at, idx = queue * QUEUE_STRIDE, self.avail_idx.get(queue, 0)
+        parts = [(BUFFERS + at, len(readable), 0)] if readable else []
+        if writable:
+            parts.append((BUFFERS + at + 0x8000, writable, 2))  # VIRTQ_DESC_F_WRITE
+        self.mem[BUFFERS + at : BUFFERS + at + len(readable)] = readable
+        head = 2 * (idx % (QUEUE_SIZE // 2))
         for i, (gpa, length, flags) in enumerate(parts):
             more = i + 1 < len(parts)
             desc = struct.pack("<QIHH", gpa, length, flags | more, head + i + 1 if more else 0)
-            self.mem[DESC + 16 * (head + i) : DESC + 16 * (head + i + 1)] = desc
-        slot = AVAIL + 4 + 2 * (self.avail_idx % QUEUE_SIZE)
+            where = DESC + at + 16 * (head + i)
+            self.mem[where : where + 16] = desc
+        slot = AVAIL + at + 4 + 2 * (idx % QUEUE_SIZE)
         self.mem[slot : slot + 2] = struct.pack("<H", head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem[AVAIL + 2 : AVAIL + 4] = struct.pack("<H", self.avail_idx)
+        self.avail_idx[queue] = (idx + 1) & 0xFFFF
+        self.mem[AVAIL + at + 2 : AVAIL + at + 4] = struct.pack("<H", self.avail_idx[queue])
 
     def close(self) -> None:
         self.mem.close()

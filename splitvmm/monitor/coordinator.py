@@ -65,6 +65,9 @@ class Coordinator:
         self.machine = machine
         self.device_deadline_s = device_deadline_s
         self.paused = False
+        # A snapshot is under way: its devices may be quiesced, and nobody else asks them
+        # anything (`ctl devices` shows no counters meanwhile).
+        self.snapshotting = False
 
     # -- pause / resume -----------------------------------------------------------------------
     def pause(self) -> None:
@@ -108,6 +111,7 @@ class Coordinator:
         if not was_paused:
             self.pause()
         ok = False
+        self.snapshotting = True
         try:
             t1 = time.monotonic()
             size = self._write(target, deadline, sign_key)
@@ -120,6 +124,7 @@ class Coordinator:
                 self._resume_devices(deadline)
                 if not was_paused:
                     self.resume()
+            self.snapshotting = ok and keep_paused  # a suspended VM's devices stay quiesced
         t3 = time.monotonic()
         return SnapshotReport(target, (t3 - t0) * 1e3, (t2 - t1) * 1e3, size)
 

@@ -395,26 +395,32 @@ class Machine:
         }
 
     def _devices(self) -> list[dict[str, object]]:
-        return [
-            {
-                "name": s.name,
-                "model": s.model,
-                "pid": s.pid,
-                "state": s.state.value,
-                "reason": s.failed or "",
-                "on_crash": self._device_cfg[s.name].on_crash,
-                "generation": s.generation,
-                "crashes": s.crashes,
-                "restarts": max(0, s.generation - 1),
-                "last_failure": s.last_failure,
-                "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
-                "longest_stall_ms": round(s.longest_stall_ms, 1),
-                # guest accesses forwarded to the device: what its register traffic costs
-                # the monitor (queue notifies and interrupts never count here)
-                "exits": {"reads": s.reads, "writes": s.writes},
-            }
-            for s in self.slots
-        ]
+        return [{**self._device(s), **self._counters(s)} for s in self.slots]
+
+    def _counters(self, slot: DeviceSlot) -> dict[str, object]:
+        """{"counters": the device's own (Device.stats()), checked}, or {} when it cannot
+        say now: away, busy, or quiesced by a snapshot (asked nothing then)."""
+        counters = None if self.coordinator.snapshotting else slot.stats()
+        return {} if counters is None else {"counters": counters}
+
+    def _device(self, s: DeviceSlot) -> dict[str, object]:
+        return {
+            "name": s.name,
+            "model": s.model,
+            "pid": s.pid,
+            "state": s.state.value,
+            "reason": s.failed or "",
+            "on_crash": self._device_cfg[s.name].on_crash,
+            "generation": s.generation,
+            "crashes": s.crashes,
+            "restarts": max(0, s.generation - 1),
+            "last_failure": s.last_failure,
+            "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
+            "longest_stall_ms": round(s.longest_stall_ms, 1),
+            # guest accesses forwarded to the device: what its register traffic costs
+            # the monitor (queue notifies and interrupts never count here)
+            "exits": {"reads": s.reads, "writes": s.writes},
+        }
 
     def _pause(self) -> dict[str, object]:
         self.coordinator.pause()

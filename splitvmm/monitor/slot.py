@@ -65,6 +65,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import zmq
 
@@ -98,6 +99,13 @@ RESTART_INTERVAL_S = 10.0
 # interpreter's start, ~0.1-1 s on a loaded host) rather than read all-ones.
 RESTART_WAIT_MS = READY_TIMEOUT_MS
 MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
+# `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
+# or a control request that holds the slot (counters are not worth a stall; it shows none)...
+STATS_LOCK_WAIT_S = 0.05
+# ...and a device that does not answer within a read's deadline has failed as it would on a
+# read: a shorter one would kill a device that is busy serving a long queue, a longer one
+# would hold the control socket's loop.
+STATS_TIMEOUT_MS = READ_TIMEOUT_MS
 
 # Starts a device process: the process, and its channel's listening socket (an fd we own).
 # The launcher's spawn for the machine; tests start theirs with sandbox.spawn.spawn_child.
@@ -449,6 +457,23 @@ class DeviceSlot:
             if op == "save":
                 self.last_state = reply
             return reply
+
+    def stats(self) -> dict[str, int] | None:
+        """The device's counters (control op stats), checked; None when it is not live or
+        the slot is busy. A device that breaks the request has failed (as on any request)."""
+        if not self._lock.acquire(timeout=STATS_LOCK_WAIT_S):
+            return None
+        try:
+            if self.state is not SlotState.LIVE or self.channel is None:
+                return None
+            try:
+                reply = self.channel.control("stats", STATS_TIMEOUT_MS)
+            except ChannelError as e:
+                self._fail_locked(str(e))
+                return None
+            return cast(dict[str, int], reply["counters"])  # checked: control.CountersReply
+        finally:
+            self._lock.release()
 
     def _await_live(self) -> DeviceChannel | None:
         """The channel of the live device; while it is away, wait (the lock released) until it

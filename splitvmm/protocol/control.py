@@ -1,4 +1,4 @@
-"""Control messages on a device channel: quiesce, save, resume (JSON, never pickle).
+"""Control messages on a device channel: quiesce, save, resume, stats (JSON, never pickle).
 
 A control frame is one byte CONTROL_TAG then a JSON object; access frames are
 fixed-size binary (wire.py) and never start with that byte. Requests carry a
@@ -19,9 +19,18 @@ from splitvmm.protocol.faults import Fault
 
 CONTROL_TAG = 0x10
 MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can't make us eat RAM
-REQUESTS = ("quiesce", "save", "resume")
-REPLY_TO = {"quiesce": "quiesced", "save": "state", "resume": "resumed", "fault": "fault_armed"}
+REQUESTS = ("quiesce", "save", "resume", "stats")
+REPLY_TO = {
+    "quiesce": "quiesced",
+    "save": "state",
+    "resume": "resumed",
+    "fault": "fault_armed",
+    "stats": "counters",
+}
 MAX_ERROR_TEXT = 200
+# A device's counters (Device.stats()): a few names it chooses, each a count.
+MAX_COUNTERS = 32
+COUNTER_NAME = schema.Pattern(r"[a-z][a-z0-9_]{0,31}", "a counter name (a-z, 0-9, '_')")
 
 Seq = Annotated[int, schema.U32]
 
@@ -30,7 +39,7 @@ Seq = Annotated[int, schema.U32]
 class Request:
     """Monitor -> device."""
 
-    op: Literal["quiesce", "save", "resume"]
+    op: Literal["quiesce", "save", "resume", "stats"]
     seq: Seq
 
 
@@ -67,6 +76,18 @@ class Failed:
     op: Literal["error"]
     seq: Seq
     message: str  # the device's words: data, clipped to MAX_ERROR_TEXT when shown
+
+
+@dataclass(frozen=True, slots=True)
+class CountersReply:
+    """Device -> monitor: the answer to stats, its counters by name (Device.stats())."""
+
+    op: Literal["counters"]
+    seq: Seq
+    counters: Annotated[
+        dict[Annotated[str, COUNTER_NAME], Annotated[int, schema.Range(0, MAX_COUNT)]],
+        schema.MaxLen(MAX_COUNTERS),
+    ]
 
 
 # -- events: what a device sends unasked, and the monitor's answer (events.py says why) ----------
@@ -138,6 +159,7 @@ MESSAGES: dict[str, type] = {
     **dict.fromkeys(("quiesced", "resumed", "fault_armed"), Done),
     "fault": FaultRequest,
     "state": StateReply,
+    "counters": CountersReply,
     "error": Failed,
     "publish": PublishEvent,
     "report": ReportEvent,
