@@ -346,8 +346,9 @@ class Machine:
     # -- control socket ---------------------------------------------------------------------
     def _control_handlers(self) -> dict[str, Handler]:
         return {
-            "status": lambda req: self._status(),
-            "devices": lambda req: {"devices": self._devices()},
+            # {"counters": true}: each device's own counters too (a round trip to each)
+            "status": lambda req: self._status(req.get("counters") is True),
+            "devices": lambda req: {"devices": self._devices(req.get("counters") is True)},
             "pause": lambda req: self._pause(),
             "resume": lambda req: self._resume(),
             "snapshot": lambda req: self._snapshot(req, suspend=False),
@@ -383,7 +384,7 @@ class Machine:
             raise ControlError(str(e)) from None
         return {"name": slot.name, "pid": pid, "signal": sig}
 
-    def _status(self) -> dict[str, object]:
+    def _status(self, counters: bool) -> dict[str, object]:
         return {
             "name": self.cfg.vm.name,
             "state": "paused" if self.coordinator.paused else "running",
@@ -391,10 +392,12 @@ class Machine:
             "memory": self.cfg.vm.memory,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
-            "devices": self._devices(),
+            "devices": self._devices(counters),
         }
 
-    def _devices(self) -> list[dict[str, object]]:
+    def _devices(self, counters: bool = False) -> list[dict[str, object]]:
+        if not counters:
+            return [self._device(s) for s in self.slots]
         return [{**self._device(s), **self._counters(s)} for s in self.slots]
 
     def _counters(self, slot: DeviceSlot) -> dict[str, object]:

@@ -65,7 +65,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import zmq
 
@@ -100,12 +99,8 @@ RESTART_INTERVAL_S = 10.0
 RESTART_WAIT_MS = READY_TIMEOUT_MS
 MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
 # `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
-# or a control request that holds the slot (counters are not worth a stall; it shows none)...
+# or a control request that holds the slot (counters are not worth a stall; it shows none).
 STATS_LOCK_WAIT_S = 0.05
-# ...and a device that does not answer within a read's deadline has failed as it would on a
-# read: a shorter one would kill a device that is busy serving a long queue, a longer one
-# would hold the control socket's loop.
-STATS_TIMEOUT_MS = READ_TIMEOUT_MS
 
 # Starts a device process: the process, and its channel's listening socket (an fd we own).
 # The launcher's spawn for the machine; tests start theirs with sandbox.spawn.spawn_child.
@@ -459,19 +454,21 @@ class DeviceSlot:
             return reply
 
     def stats(self) -> dict[str, int] | None:
-        """The device's counters (control op stats), checked; None when it is not live or
-        the slot is busy. A device that breaks the request has failed (as on any request)."""
+        """The device's counters (DeviceChannel.stats), or None: it is not live, the slot is
+        busy, or it did not answer in time. A device that breaks the request has failed."""
         if not self._lock.acquire(timeout=STATS_LOCK_WAIT_S):
             return None
         try:
-            if self.state is not SlotState.LIVE or self.channel is None:
+            process = self.process
+            if self.state is not SlotState.LIVE or self.channel is None or process is None:
+                return None
+            if process.ended():  # its supervisor will say how; asking would only wait
                 return None
             try:
-                reply = self.channel.control("stats", STATS_TIMEOUT_MS)
+                return self.channel.stats()
             except ChannelError as e:
-                self._fail_locked(str(e))
+                self._channel_failed_locked(str(e))
                 return None
-            return cast(dict[str, int], reply["counters"])  # checked: control.CountersReply
         finally:
             self._lock.release()
 

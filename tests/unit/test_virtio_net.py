@@ -224,6 +224,30 @@ def test_virtio_net_rx_unused_buffer_stays_posted_for_next_frame(net, peer):
     assert rx.take_used() == [(0, 12 + len(FRAME)), (1, 72)]
 
 
+def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_expected_takes_more_buffers(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 1000, 1000, 1000)
+    driver.kick(0)
+    big = bytes(range(256)) * 10  # 2560 bytes: past the 1518 of an Ethernet frame
+    os.write(peer, HDR + big)
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 1000), (1, 1000), (2, 12 + len(big) - 2000)]
+    assert net.counts["rx_frames"] == 1
+
+
+def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_all_buffers_dropped_buffers_kept(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 100, 100)
+    driver.kick(0)
+    os.write(peer, HDR + bytes(300))
+    os.write(peer, HDR + FRAME[:60])
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 72)]
+    assert net.counts["rx_dropped"] == 1
+
+
 def test_virtio_net_rx_without_buffers_stops_watching_tap_and_leaves_frame(net, peer, fds):
     driver, rx, _ = started(net)
     driver.kick(0)
