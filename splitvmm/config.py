@@ -224,7 +224,7 @@ def _parse_boot(table: dict[str, Any], base: Path, check: bool, restored: bool) 
     )
 
 
-def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
+def _parse_device(table: dict[str, Any], where: str, vm_name: str) -> DeviceSection:
     name = _get(table, "name", where, str)
     where = f"device {shown(name)}"
     if not NAME_RE.fullmatch(name):
@@ -250,6 +250,8 @@ def _parse_device(table: dict[str, Any], where: str) -> DeviceSection:
             )
     options = {key: _get(table, key, where, kind, default) for key, (kind, default) in spec.items()}
     for option in MODELS[model].options:
+        if option.derive is not None and option.name not in table:
+            options[option.name] = option.derive(vm_name, name)
         if option.choices and options[option.name] not in option.choices:
             allowed = ", ".join(map(str, option.choices))
             raise ConfigError(
@@ -301,7 +303,7 @@ def parse_config(
     vm = _parse_vm(_get(data, "vm", "config", dict, {}), base)
     boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files, restored)
     devices = tuple(
-        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]")
+        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]", vm.name)
         for i, d in enumerate(_get(data, "device", "config", list, []))
     )
     devices += _default_devices(_get(data, "vm", "config", dict, {}), devices)

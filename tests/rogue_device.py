@@ -28,7 +28,7 @@ BEHAVIOURS = (
     "bad-ready",  # garbage instead of READY
     "wide-reply",  # replies with more data than was asked for
     "slow",  # answers every read and sync correctly, DELAY_MS late
-    "slow-control",  # answers every control request correctly, DELAY_MS late
+    "slow-control",  # answers every control request correctly, DELAY_MS late; reads at once
     # -- events (protocol/events.py): frames a device may send unasked, checked by the monitor
     "publish",  # publishes its state (version = the read's seq) before each read reply
     "report",  # reports an error with escape codes in it, then answers the read
@@ -48,6 +48,8 @@ def answer_control(sock: zmq.Socket, buf: bytes, delay_s: float | None) -> None:
     reply = {"op": control.REPLY_TO[msg["op"]], "seq": msg["seq"]}
     if msg["op"] == "save":
         reply.update(model="serial", version=1, fields={})
+    if msg["op"] == "stats":
+        reply.update(counters={"late": 1})
     sock.send(control.encode(reply))
 
 
@@ -129,6 +131,8 @@ def main() -> None:
             sock.send(wire.encode_read_done(seq + 1, b"\x00" * size))
         elif behaviour == "wide-reply":
             sock.send(wire.FRAME.pack(wire.Op.READ_DONE, size, 0, seq, 0, b"\x01" * 8))
+        elif behaviour == "slow-control":
+            sock.send(wire.encode_read_done(seq, bytes(size)))
         elif behaviour in ("silent", "unsolicited"):
             pass
 

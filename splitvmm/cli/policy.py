@@ -266,7 +266,9 @@ class SpawnedDevice:
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, self.out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         fcntl.fcntl(self.out_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)  # so that the stall comes soon
-        made = stand_in_fds(self.model, rundir, {FdKind.IRQ: self.irq, FdKind.OUTPUT: self.out_w})
+        self.peers: dict[str, int] = {}  # the far end of each backend stand-in (a TAP's)
+        given = {FdKind.IRQ: self.irq, FdKind.OUTPUT: self.out_w}
+        made = stand_in_fds(self.model, rundir, given, self.peers)
         self.fds = made
         spec = DeviceSpec(
             f"{model}0", model, endpoint, made, seccomp="trace", transport=stand_in_transport()
@@ -338,36 +340,42 @@ class SpawnedDevice:
         self._post_writes(recipe.stop)
 
     def _virtio_requests(self) -> None:
-        """A virtio model's own I/O (its descriptor's queue recipe): the driver's set-up
+        """A virtio model's own I/O (its descriptor's queue recipes): the driver's set-up
         through the channel (INTx: no MSI-X route to ask for), then each chain made
-        available in guest RAM, notified through the ioeventfd and waited for."""
-        recipe = self.model.queue_recipe
-        if recipe is None:  # not a virtio model
+        available in guest RAM (and its backend input sent), notified through the
+        ioeventfd and waited for; what the device sends its backend is read."""
+        recipes = self.model.queue_recipes
+        if not recipes:  # not a virtio model
             return
         from splitvmm.protocol import wire
 
-        rings = [GuestRing(self.fds["ram"], q) for q in range(2 if recipe.tx_chains else 1)]
-        for offset, value, size in GuestRing.driver_setup(len(rings)):
+        ram = GuestRing(self.fds["ram"])
+        for offset, value, size in ram.driver_setup(sorted({r.queue for r in recipes})):
             self._request_write(offset, value, size)
-        for q, chains in enumerate((recipe.chains, recipe.tx_chains)[: len(rings)]):
-            for readable, writable in chains:
-                rings[q].add(readable, writable)
-                if self.model.console and q == 0:  # a receive queue fills from host input
-                    self.sock.send(wire.encode_input(b"input\n"))
-                os.eventfd_write(self.fds[f"notify{q}"], 1)
+        for recipe in recipes:
+            for readable, writable in recipe.chains:
+                ram.add(recipe.queue, readable, writable)
+                for peer in self.peers.values() if recipe.backend_input else ():
+                    os.write(peer, recipe.backend_input)
+                if recipe.host_input:  # a console's receive queue fills from host input
+                    self.sock.send(wire.encode_input(recipe.host_input))
+                os.eventfd_write(self.fds[f"notify{recipe.queue}"], 1)
                 self._completed()
-        for ring in rings:
-            ring.close()
+        ram.close()
 
     def _completed(self) -> None:
-        """Wait for the device's interrupt, reading its output meanwhile (a transmit queue
-        whose output stalls completes only once the line took its bytes)."""
+        """Wait for the device's interrupt, reading what it sends its output line or its
+        backend meanwhile (a transmit queue whose output stalls completes only once the
+        line took its bytes)."""
+        drains = [self.out_r, *self.peers.values()]
         while True:
-            ready = select.select([self.fds["intx"], self.out_r], [], [], 2.0)[0]
+            ready = select.select([self.fds["intx"], *drains], [], [], 2.0)[0]
             if not ready:
                 raise click.ClickException(f"{self.model.name} completed no request within 2 s")
-            if self.out_r in ready:
-                os.read(self.out_r, 65536)
+            for fd in drains:
+                if fd in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(fd, 1 << 16)
             if self.fds["intx"] in ready:
                 break
         os.eventfd_read(self.fds["intx"])
@@ -451,7 +459,7 @@ class SpawnedDevice:
             self.proc.wait()
         self.sock.close()
         self.zctx.term()
-        for fd in {*self.fds.values(), self.irq, self.out_w, self.out_r}:
+        for fd in {*self.fds.values(), *self.peers.values(), self.irq, self.out_w, self.out_r}:
             os.close(fd)
 
 
@@ -460,16 +468,30 @@ STAND_IN_RAM = 2 << 20  # guest RAM of the audited (or escape-tested) device
 STAND_IN_DISK = 1 << 20  # its disk image
 
 
-def stand_in_fds(model: ModelDescriptor, rundir: Path, given: dict[FdKind, int]) -> dict[str, int]:
+def stand_in_fds(
+    model: ModelDescriptor,
+    rundir: Path,
+    given: dict[FdKind, int],
+    peers: dict[str, int] | None = None,
+) -> dict[str, int]:
     """An fd for each of the model's roles, as the monitor would make it: `given` for the
     kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM and its dirty
-    log, an eventfd for a notify, MSI-X or INTx role, a file in `rundir` for a disk."""
+    log, an eventfd for a notify, MSI-X or INTx role, a file in `rundir` for a disk, and
+    for a TAP one end of a non-blocking SOCK_SEQPACKET socketpair (one frame per message,
+    as a TAP reads and writes them; no TAP or CAP_NET_ADMIN needed), whose other end goes
+    into `peers` by role (closed when the caller wants none)."""
     from splitvmm.protocol.models import FdKind
 
     fds: dict[str, int] = {}
     for role in model.fds:
         if role.kind in given:
             fds[role.name] = given[role.kind]
+        elif role.kind is FdKind.TAP:
+            fds[role.name], peer = _frame_pair()
+            if peers is None:
+                os.close(peer)
+            else:
+                peers[role.name] = peer
         elif role.kind is FdKind.GUEST_RAM:
             fds[role.name] = _memfd("ram", STAND_IN_RAM)
         elif role.kind is FdKind.DIRTY_LOG:
@@ -488,6 +510,17 @@ def stand_in_transport() -> dict[str, object]:
     return {"pci": [3, 0], "intx_gsi": 16, "ram": [[0, STAND_IN_RAM, 0]]}
 
 
+def _frame_pair() -> tuple[int, int]:
+    """(the device's end, the far end) of a socketpair carrying one frame per message,
+    both non-blocking."""
+    import socket
+
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    for end in ends:
+        end.setblocking(False)
+    return ends[0].detach(), ends[1].detach()
+
+
 def _memfd(name: str, size: int) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
@@ -499,25 +532,23 @@ def _memfd(name: str, size: int) -> int:
 VIRTIO_COMMON = 0x1000
 VIRTIO_ISR = 0x2000
 QUEUE_SIZE = 16
-DESC, AVAIL, USED, BUFFERS = 0x1000, 0x2000, 0x3000, 0x10000
-QUEUE_SPAN = 0x40000  # queue q's rings and buffers: these plus q * QUEUE_SPAN
+# Queue q's rings from DESC + q * QUEUE_STRIDE, its buffers from BUFFERS + q * QUEUE_STRIDE.
+DESC, AVAIL, USED, BUFFERS, QUEUE_STRIDE = 0x1000, 0x2000, 0x3000, 0x10000, 0x10000
 
 
 class GuestRing:
-    """Queue `queue` of a virtio device as a driver lays it out in the stand-in guest RAM
-    (virtio 1.2 2.7), each queue's rings and buffers QUEUE_SPAN apart: each chain a readable
-    descriptor (if it has bytes to send) and a writable one (if it lets the device write)."""
+    """Queues of a virtio device as a driver lays them out in the stand-in guest RAM (virtio
+    1.2 2.7): each chain a readable and a writable descriptor (either may be left out)."""
 
     def __init__(self, ram_fd: int, queue: int = 0) -> None:
         import mmap
 
         self.mem = mmap.mmap(ram_fd, STAND_IN_RAM)
-        self.base = queue * QUEUE_SPAN
-        self.avail_idx = 0
+        self.avail_idx: dict[int, int] = {}
 
     @staticmethod
-    def driver_setup(queues: int = 1) -> list[tuple[int, int, int]]:
-        """(window offset, value, size) writes: reset, features (VERSION_1), the queues,
+    def driver_setup(queues: list[int]) -> list[tuple[int, int, int]]:
+        """(window offset, value, size) writes: reset, features (VERSION_1), each queue,
         DRIVER_OK."""
         c = VIRTIO_COMMON
         writes = [
@@ -526,32 +557,33 @@ class GuestRing:
             (c + 0x08, 1, 4), (c + 0x0C, 1, 4),  # driver features 32-63: VERSION_1
             (c + 0x14, 0xB, 1),  # FEATURES_OK
         ]  # fmt: skip
-        for q in range(queues):
-            base = q * QUEUE_SPAN
+        for q in queues:
+            at = q * QUEUE_STRIDE
             writes += [
-                (c + 0x16, q, 2), (c + 0x18, QUEUE_SIZE, 2),  # the queue, its size
-                (c + 0x20, base + DESC, 8), (c + 0x28, base + AVAIL, 8),
-                (c + 0x30, base + USED, 8), (c + 0x1C, 1, 2),  # enable
+                (c + 0x16, q, 2), (c + 0x18, QUEUE_SIZE, 2),  # queue q, its size
+                (c + 0x20, DESC + at, 8), (c + 0x28, AVAIL + at, 8), (c + 0x30, USED + at, 8),
+                (c + 0x1C, 1, 2),  # enable
             ]  # fmt: skip
         return [*writes, (c + 0x14, 0xF, 1)]  # DRIVER_OK
 
-    def add(self, readable: bytes, writable: int) -> None:
+    def add(self, queue: int, readable: bytes, writable: int) -> None:
         import struct
 
-        b, buffers = self.base, self.base + BUFFERS
-        parts = [(buffers, len(readable), 0)] if readable else []
+        at, idx = queue * QUEUE_STRIDE, self.avail_idx.get(queue, 0)
+        parts = [(BUFFERS + at, len(readable), 0)] if readable else []
         if writable:
-            parts.append((buffers + 0x8000, writable, 2))  # VIRTQ_DESC_F_WRITE
-        self.mem[buffers : buffers + len(readable)] = readable
-        head = 2 * (self.avail_idx % (QUEUE_SIZE // 2))
+            parts.append((BUFFERS + at + 0x8000, writable, 2))  # VIRTQ_DESC_F_WRITE
+        self.mem[BUFFERS + at : BUFFERS + at + len(readable)] = readable
+        head = 2 * (idx % (QUEUE_SIZE // 2))
         for i, (gpa, length, flags) in enumerate(parts):
             more = i + 1 < len(parts)
             desc = struct.pack("<QIHH", gpa, length, flags | more, head + i + 1 if more else 0)
-            self.mem[b + DESC + 16 * (head + i) : b + DESC + 16 * (head + i + 1)] = desc
-        slot = b + AVAIL + 4 + 2 * (self.avail_idx % QUEUE_SIZE)
+            where = DESC + at + 16 * (head + i)
+            self.mem[where : where + 16] = desc
+        slot = AVAIL + at + 4 + 2 * (idx % QUEUE_SIZE)
         self.mem[slot : slot + 2] = struct.pack("<H", head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem[b + AVAIL + 2 : b + AVAIL + 4] = struct.pack("<H", self.avail_idx)
+        self.avail_idx[queue] = (idx + 1) & 0xFFFF
+        self.mem[AVAIL + at + 2 : AVAIL + at + 4] = struct.pack("<H", self.avail_idx[queue])
 
     def close(self) -> None:
         self.mem.close()

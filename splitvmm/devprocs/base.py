@@ -8,6 +8,7 @@ its DeviceContext (an irq trigger, a bounded output buffer).
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +182,12 @@ class Device(abc.ABC):
     def resume(self) -> None:
         """After a snapshot: take work from the guest's queues again."""
         return None  # deliberately empty: optional for devices without queues
+
+    def stats(self) -> dict[str, int]:
+        """Counters over this process's life, by name (the control op `stats`, shown by
+        `ctl devices --json`): the guest mistakes every model counts; a model adds its own
+        (at most control.MAX_COUNTERS names of control.COUNTER_NAME)."""
+        return dataclasses.asdict(self.ctx.counters)
 
     @abc.abstractmethod
     def save(self) -> DeviceState:

@@ -100,7 +100,7 @@ def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
 def _serve_control(
     device: Device, sock: zmq.Socket[bytes], buf: bytes, injector: FaultInjector
 ) -> None:
-    """quiesce / save / resume, in the device's own order. Every access sent before the
+    """quiesce / save / resume / stats, in the device's own order. Every access sent before the
     request was applied already: the channel is ordered. While quiesced the output buffer
     is held: what it holds is part of the state a snapshot saves."""
     msg = control.decode(buf)
@@ -128,6 +128,8 @@ def _serve_control(
             "seq": seq,
             **codec.state_document(type(device).NAME, device.save()),
         }
+    elif op == "stats":  # also while quiesced: counting changes nothing
+        reply = {"op": "counters", "seq": seq, "counters": device.stats()}
     elif op in control.REPLY_TO:
         reply = {"op": control.REPLY_TO[op], "seq": seq}
     else:

@@ -155,19 +155,11 @@ class VirtioBlk(VirtioPciDevice):
         return written + 1
 
     def _header(self, readable: list[tuple[int, int]]) -> tuple[int, int]:
-        raw = self._gather(readable, HEADER.size)
+        raw = self.ram.gather(readable, HEADER.size)
         if len(raw) < HEADER.size:
             raise RequestError(VIRTIO_BLK_S_IOERR)
         kind, _, sector = HEADER.unpack(raw)
         return kind, sector
-
-    def _gather(self, bufs: list[tuple[int, int]], size: int) -> bytes:
-        out = b""
-        for gpa, length in bufs:
-            out += self.ram.read(gpa, min(length, size - len(out)))
-            if len(out) == size:
-                break
-        return out
 
     def _serve(
         self, kind: int, sector: int, out: list[tuple[int, int]], into: list[tuple[int, int]]
@@ -220,7 +212,7 @@ class VirtioBlk(VirtioPciDevice):
         return written
 
     def _segments(self, kind: int, out: list[tuple[int, int]]) -> None:
-        raw = self._gather(out, SEGMENT.size * (MAX_SEGMENTS + 1))
+        raw = self.ram.gather(out, SEGMENT.size * (MAX_SEGMENTS + 1))
         if not raw or len(raw) % SEGMENT.size or len(raw) > SEGMENT.size * MAX_SEGMENTS:
             raise RequestError(VIRTIO_BLK_S_IOERR)
         for sector, count, flags in SEGMENT.iter_unpack(raw):

@@ -21,7 +21,7 @@ import zmq
 from splitvmm.errors import ProtocolError, SplitvmmError
 from splitvmm.monitor.budget import LatencyBudget
 from splitvmm.protocol import control, events, wire
-from splitvmm.sandbox.spawn import DeviceProcess
+from splitvmm.sandbox.spawn import DeviceProcess, readable
 
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
 # ... and one that answers every read just under that deadline stalls the vCPUs (and any
@@ -36,6 +36,11 @@ WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
 CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
 READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
 READY_POLL_MS = 100  # how often we look whether it died before READY
+# `ctl devices` asks each device for its counters (stats) and waits this long: a device busy
+# serving a long queue answers later, and its late answer is dropped when it comes (at most
+# MAX_LATE_STATS of them waiting; a device that leaves more unanswered has failed).
+STATS_TIMEOUT_MS = 200
+MAX_LATE_STATS = 8
 # A process seen dead (pidfd) may have answered just before: its frames are in the kernel's
 # socket buffer, and ZeroMQ's I/O thread hands them over before it reports the disconnect.
 GONE_WAIT_MS = 100
@@ -89,6 +94,7 @@ class DeviceChannel:
         self._poller.register(sock, zmq.POLLIN)
         self._pidfd: int | None = None
         self._gone: zmq.Socket[bytes] | None = None  # ZeroMQ's disconnect events, once watched
+        self._late_stats: set[int] = set()  # seqs of stats requests given up on
 
     def watch_process(self, process: DeviceProcess) -> None:
         """A request fails as soon as `process` ends (its pidfd polls readable), not at its
@@ -145,6 +151,25 @@ class DeviceChannel:
             return control.check_reply(control.decode(reply), op, seq, self._model)
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
+
+    def stats(self, timeout_ms: int = STATS_TIMEOUT_MS) -> dict[str, int] | None:
+        """The device's counters (Device.stats(), checked), or None if it does not answer
+        within `timeout_ms`: that is no failure (its answer is dropped when it comes)."""
+        if len(self._late_stats) >= MAX_LATE_STATS:
+            raise ChannelError(f"left {MAX_LATE_STATS} stats requests unanswered")
+        seq = self._next_seq()
+        try:
+            reply = self._request(control.encode({"op": "stats", "seq": seq}), timeout_ms)
+        except ChannelError:
+            if self._pidfd is not None and readable(self._pidfd, 0):
+                raise  # it ended: its supervisor says how
+            self._late_stats.add(seq)
+            return None
+        try:
+            msg = control.check_reply(control.decode(reply), "stats", seq, self._model)
+        except ProtocolError as e:
+            raise ChannelError(str(e)) from None
+        return cast(dict[str, int], msg["counters"])  # checked: control.CountersReply
 
     def post(self, frame: bytes) -> None:
         """Send a frame that gets no reply (a write, host input). It waits only while the
@@ -250,6 +275,11 @@ class DeviceChannel:
         """Whether `buf` was an event, now handled (decoded once: events.event_in)."""
         try:
             event = events.event_in(buf, self._model)
+            if event is None and self._late_stats and control.is_control(buf):
+                late = control.decode(buf)
+                if late["op"] == "counters" and late["seq"] in self._late_stats:
+                    self._late_stats.discard(late["seq"])  # a stats answer given up on
+                    return True
         except ProtocolError as e:  # a broken control frame
             raise ChannelError(f"bad event: {e}") from None
         if event is None:

@@ -68,6 +68,9 @@ class Coordinator:
         self.machine = machine
         self.device_deadline_s = device_deadline_s
         self.paused = False
+        # A snapshot is under way: its devices may be quiesced, and nobody else asks them
+        # anything (`ctl devices` shows no counters meanwhile).
+        self.snapshotting = False
 
     # -- pause / resume -----------------------------------------------------------------------
     def pause(self) -> None:
@@ -116,11 +119,13 @@ class Coordinator:
             nonlocal resumed_at
             resumed_at = time.monotonic()  # set first: a failing resume is not retried
             self._resume_devices(deadline)
+            self.snapshotting = False  # the devices take work again: they may be asked
             if not was_paused:
                 self.resume()
             resumed_at = time.monotonic()
 
         ok = False
+        self.snapshotting = True
         try:
             t1 = time.monotonic()
             with self._write(target, deadline) as writer:
@@ -134,6 +139,7 @@ class Coordinator:
             # snapshot would be lost with the VM. A failed suspend resumes everything.
             if resumed_at is None and not (ok and keep_paused):
                 let_go()
+            self.snapshotting = ok and keep_paused  # a suspended VM's devices stay quiesced
         size = sum(p.stat().st_size for p in target.iterdir())
         paused_until = t2 if resumed_at is None else resumed_at
         return SnapshotReport(target, (paused_until - t0) * 1e3, (t2 - t1) * 1e3, size)

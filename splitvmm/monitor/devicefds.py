@@ -1,7 +1,7 @@
 """The fds a device process holds, made by the monitor from its model's fd roles (FdKind).
 
 The monitor knows how to make each kind -- an irqfd, an output stream, a view of guest RAM,
-a dirty bitmap, an ioeventfd, a disk image -- never what a model does with it. Every fd made
+a dirty bitmap, an ioeventfd, a disk image, a TAP -- never what a model does with it. Every fd made
 here is the monitor's: a device's processes get copies at each spawn (a restarted process
 gets the same ones: the irqfds and ioeventfds stay registered with KVM across a crash), and
 the machine closes them at tear-down.
@@ -20,6 +20,7 @@ from splitvmm.config import DeviceSection
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.layout import PAGE_SIZE
 from splitvmm.monitor.memory import SEALS, GuestMemory
+from splitvmm.native import tun
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol.models import FdKind, FdRole, ModelDescriptor, PciFunction, PortWindow
 
@@ -72,6 +73,7 @@ class DeviceFds:
             FdKind.INTX: lambda: self._intx_pair(model, role)[0].fd,
             FdKind.INTX_RESAMPLE: lambda: self._intx_pair(model, role)[1].fd,
             FdKind.DISK: lambda: self._disk(dev, role),
+            FdKind.TAP: lambda: self._tap(dev, role),
         }
         return makers[role.kind]()
 
@@ -151,6 +153,19 @@ class DeviceFds:
         return self._own(
             hostpath.open_host_file(path, f"device {dev.name!r}.{role.option}", access)
         )
+
+    def _tap(self, dev: DeviceSection, role: FdRole) -> int:
+        """The TAP the option names, made if missing (which needs CAP_NET_ADMIN), else the
+        existing one (a persistent TAP its owner made for us); opened here, before the
+        monitor confines itself. Only a TAP the monitor made goes away with the fd."""
+        name, key = str(dev.options[role.option]), f"device {dev.name!r}.{role.option}"
+        try:
+            fd, _ = tun.open_tap(name)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot open TAP {name!r}: {e.strerror or e}") from None
+        return self._own(fd)
 
 
 def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:

@@ -372,8 +372,9 @@ class Machine:
     # -- control socket ---------------------------------------------------------------------
     def _control_handlers(self) -> dict[str, Handler]:
         return {
-            "status": lambda req: self._status(),
-            "devices": lambda req: {"devices": self._devices()},
+            # {"counters": true}: each device's own counters too (a round trip to each)
+            "status": lambda req: self._status(req.get("counters") is True),
+            "devices": lambda req: {"devices": self._devices(req.get("counters") is True)},
             "pause": lambda req: self._pause(),
             "resume": lambda req: self._resume(),
             "snapshot": lambda req: self._snapshot(req, suspend=False),
@@ -409,7 +410,7 @@ class Machine:
             raise ControlError(str(e)) from None
         return {"name": slot.name, "pid": pid, "signal": sig}
 
-    def _status(self) -> dict[str, object]:
+    def _status(self, counters: bool) -> dict[str, object]:
         return {
             "name": self.cfg.vm.name,
             "state": "paused" if self.coordinator.paused else "running",
@@ -417,32 +418,40 @@ class Machine:
             "memory": self.cfg.vm.memory,
             "uptime_s": round(time.monotonic() - self.started, 3),
             "pid": os.getpid(),
-            "devices": self._devices(),
+            "devices": self._devices(counters),
         }
 
-    def _devices(self) -> list[dict[str, object]]:
-        return [
-            {
-                "name": s.name,
-                "model": s.model,
-                "pid": s.pid,
-                "state": s.state.value,
-                "reason": s.failed or "",
-                "on_crash": self._device_cfg[s.name].on_crash,
-                "generation": s.generation,
-                "crashes": s.crashes,
-                "restarts": max(0, s.generation - 1),
-                "last_failure": s.last_failure,
-                "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
-                "warm_restarts": s.warm_restarts,  # restarts a warm spare took over
-                "spare_pid": s.spare_pid,  # the warm spare waiting to, or 0
-                "longest_stall_ms": round(s.longest_stall_ms, 1),
-                # guest accesses forwarded to the device: what its register traffic costs
-                # the monitor (queue notifies and interrupts never count here)
-                "exits": {"reads": s.reads, "writes": s.writes},
-            }
-            for s in self.slots
-        ]
+    def _devices(self, counters: bool = False) -> list[dict[str, object]]:
+        if not counters:
+            return [self._device(s) for s in self.slots]
+        return [{**self._device(s), **self._counters(s)} for s in self.slots]
+
+    def _counters(self, slot: DeviceSlot) -> dict[str, object]:
+        """{"counters": the device's own (Device.stats()), checked}, or {} when it cannot
+        say now: away, busy, or quiesced by a snapshot (asked nothing then)."""
+        counters = None if self.coordinator.snapshotting else slot.stats()
+        return {} if counters is None else {"counters": counters}
+
+    def _device(self, s: DeviceSlot) -> dict[str, object]:
+        return {
+            "name": s.name,
+            "model": s.model,
+            "pid": s.pid,
+            "state": s.state.value,
+            "reason": s.failed or "",
+            "on_crash": self._device_cfg[s.name].on_crash,
+            "generation": s.generation,
+            "crashes": s.crashes,
+            "restarts": max(0, s.generation - 1),
+            "last_failure": s.last_failure,
+            "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
+            "warm_restarts": s.warm_restarts,  # restarts a warm spare took over
+            "spare_pid": s.spare_pid,  # the warm spare waiting to, or 0
+            "longest_stall_ms": round(s.longest_stall_ms, 1),
+            # guest accesses forwarded to the device: what its register traffic costs
+            # the monitor (queue notifies and interrupts never count here)
+            "exits": {"reads": s.reads, "writes": s.writes},
+        }
 
     def _pause(self) -> dict[str, object]:
         self.coordinator.pause()

@@ -116,6 +116,9 @@ RESTART_INTERVAL_S = 10.0
 # interpreter's start, ~0.1-1 s on a loaded host) rather than read all-ones.
 RESTART_WAIT_MS = READY_TIMEOUT_MS
 MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
+# `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
+# or a control request that holds the slot (counters are not worth a stall; it shows none).
+STATS_LOCK_WAIT_S = 0.05
 
 # Starts a device process: the process, and its channel's listening socket (an fd we own).
 # The launcher's spawn for the machine; tests start theirs with sandbox.spawn.spawn_child.
@@ -575,6 +578,25 @@ class DeviceSlot:
                 channel.control("ping", timeout_ms)
             except ChannelError as e:
                 self._channel_failed_locked(f"missed its heartbeat: {e}")
+        finally:
+            self._lock.release()
+
+    def stats(self) -> dict[str, int] | None:
+        """The device's counters (DeviceChannel.stats), or None: it is not live, the slot is
+        busy, or it did not answer in time. A device that breaks the request has failed."""
+        if not self._lock.acquire(timeout=STATS_LOCK_WAIT_S):
+            return None
+        try:
+            process = self.process
+            if self.state is not SlotState.LIVE or self.channel is None or process is None:
+                return None
+            if process.ended():  # its supervisor will say how; asking would only wait
+                return None
+            try:
+                return self.channel.stats()
+            except ChannelError as e:
+                self._channel_failed_locked(str(e))
+                return None
         finally:
             self._lock.release()
 

@@ -4,7 +4,9 @@ One section per header (INCLUDES/TYPES/FUNCTIONS, combined below, as cryptograph
 does): namespaces and mounts (<sched.h>, <sys/mount.h>), capabilities and
 securebits (<linux/capability.h>, <linux/securebits.h>), prctl, Landlock
 (<linux/landlock.h>) and seccomp user notification (<linux/seccomp.h>, read by
-`splitvmm policy audit`), and fallocate(2) with a mode (<linux/falloc.h>). Every constant, struct layout and syscall number
+`splitvmm policy audit`), fallocate(2) with a mode (<linux/falloc.h>), and the TUN/TAP driver's ioctls
+(<linux/if_tun.h>: the monitor opens a virtio-net device's TAP, the device sets its
+offloads). Every constant, struct layout and syscall number
 comes from the headers; syscalls that glibc does not wrap (pivot_root, capset,
 landlock_*, pidfd_getfd) get a fixed-signature C wrapper so nobody calls the
 variadic syscall(2) from Python.
@@ -161,6 +163,37 @@ static int sv_fallocate(int fd, int mode, long long offset, long long len)
 { return fallocate(fd, mode, (off_t)offset, (off_t)len); }
 """
 
+# -- <linux/if.h>, <linux/if_tun.h>: a virtio-net device's TAP -----------------------------------
+# The monitor opens /dev/net/tun and attaches it to a TAP by name (TUNSETIFF takes a struct
+# ifreq, whose ifr_name/ifr_flags are macros cffi cannot reach: a C wrapper fills it); the
+# device changes only its offloads (TUNSETOFFLOAD, an integer argument).
+TUN_INCLUDES = "#include <string.h>\n#include <sys/ioctl.h>\n#include <linux/if.h>\n#include <linux/if_tun.h>\n"
+TUN_TYPES = "".join(
+    f"static const unsigned long {name};\n"
+    for name in "TUNSETIFF TUNGETIFF TUNSETVNETHDRSZ TUNGETVNETHDRSZ TUNSETOFFLOAD".split()
+) + "".join(
+    f"static const int {name};\n"
+    for name in """
+        IFNAMSIZ IFF_TAP IFF_NO_PI IFF_VNET_HDR TUN_F_CSUM TUN_F_TSO4 TUN_F_TSO6 TUN_F_TSO_ECN
+        """.split()
+)
+TUN_FUNCTIONS = """
+int sv_tun_set_iff(int fd, const char *name, int flags, char *attached);
+"""
+TUN_SOURCE = """
+static int sv_tun_set_iff(int fd, const char *name, int flags, char *attached)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    ifr.ifr_flags = (short)flags;
+    int r = ioctl(fd, TUNSETIFF, &ifr);
+    if (r == 0)
+        memcpy(attached, ifr.ifr_name, IFNAMSIZ);
+    return r;
+}
+"""
+
 SECTIONS = (
     (NS_INCLUDES, NS_TYPES + NS_FUNCTIONS, NS_SOURCE),
     (CAPS_INCLUDES, CAPS_TYPES + CAPS_FUNCTIONS, CAPS_SOURCE),
@@ -168,6 +201,7 @@ SECTIONS = (
     (SECCOMP_INCLUDES, SECCOMP_TYPES + SECCOMP_FUNCTIONS, SECCOMP_SOURCE),
     (FUTEX_INCLUDES, FUTEX_TYPES, ""),
     (FALLOC_INCLUDES, FALLOC_TYPES + FALLOC_FUNCTIONS, FALLOC_SOURCE),
+    (TUN_INCLUDES, TUN_TYPES + TUN_FUNCTIONS, TUN_SOURCE),
 )
 
 ffibuilder = FFI()

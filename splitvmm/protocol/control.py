@@ -1,4 +1,4 @@
-"""Control messages on a device channel: quiesce, save, resume (JSON, never pickle).
+"""Control messages on a device channel: quiesce, save, resume, stats (JSON, never pickle).
 
 A control frame is one byte CONTROL_TAG then a JSON object; access frames are
 fixed-size binary (wire.py) and never start with that byte. Requests carry a
@@ -20,16 +20,20 @@ from splitvmm.protocol.faults import Fault
 CONTROL_TAG = 0x10
 MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can't make us eat RAM
 # ping: the monitor's heartbeat (monitor/supervisor.py): a device that cannot answer it in
-# time is hung, whether or not the guest is touching it.
-REQUESTS = ("quiesce", "save", "resume", "ping")
+# time is hung, whether or not the guest is touching it. stats: the device's counters.
+REQUESTS = ("quiesce", "save", "resume", "ping", "stats")
 REPLY_TO = {
     "quiesce": "quiesced",
     "save": "state",
     "resume": "resumed",
     "fault": "fault_armed",
     "ping": "pong",
+    "stats": "counters",
 }
 MAX_ERROR_TEXT = 200
+# A device's counters (Device.stats()): a few names it chooses, each a count.
+MAX_COUNTERS = 32
+COUNTER_NAME = schema.Pattern(r"[a-z][a-z0-9_]{0,31}", "a counter name (a-z, 0-9, '_')")
 
 Seq = Annotated[int, schema.U32]
 
@@ -38,7 +42,7 @@ Seq = Annotated[int, schema.U32]
 class Request:
     """Monitor -> device."""
 
-    op: Literal["quiesce", "save", "resume", "ping"]
+    op: Literal["quiesce", "save", "resume", "ping", "stats"]
     seq: Seq
 
 
@@ -75,6 +79,18 @@ class Failed:
     op: Literal["error"]
     seq: Seq
     message: str  # the device's words: data, clipped to MAX_ERROR_TEXT when shown
+
+
+@dataclass(frozen=True, slots=True)
+class CountersReply:
+    """Device -> monitor: the answer to stats, its counters by name (Device.stats())."""
+
+    op: Literal["counters"]
+    seq: Seq
+    counters: Annotated[
+        dict[Annotated[str, COUNTER_NAME], Annotated[int, schema.Range(0, MAX_COUNT)]],
+        schema.MaxLen(MAX_COUNTERS),
+    ]
 
 
 # -- events: what a device sends unasked, and the monitor's answer (events.py says why) ----------
@@ -146,6 +162,7 @@ MESSAGES: dict[str, type] = {
     **dict.fromkeys(("quiesced", "resumed", "fault_armed", "pong"), Done),
     "fault": FaultRequest,
     "state": StateReply,
+    "counters": CountersReply,
     "error": Failed,
     "publish": PublishEvent,
     "report": ReportEvent,

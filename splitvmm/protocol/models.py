@@ -16,7 +16,9 @@ policy in policies/<arch>/, its tests, and one entry in MODELS below.
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -35,13 +37,16 @@ class FdKind(enum.Enum):
     INTX = "intx"  # an irqfd (level, with a resample fd) on the function's INTx GSI
     INTX_RESAMPLE = "intx-resample"  # signalled when the guest ends an INTx interrupt (EOI)
     DISK = "disk"  # the file `option` names, read-only when option `readonly_option` is true
+    # The TAP interface `option` names (made if missing), opened with a virtio net header
+    # per frame (native/tun.py): the device reads and writes frames, nothing else.
+    TAP = "tap"
 
 
 @dataclass(frozen=True, slots=True)
 class FdRole:
     name: str  # the key in the device's DeviceSpec.fds
     kind: FdKind
-    option: str = ""  # OUTPUT, DISK: the option naming the stream or file
+    option: str = ""  # OUTPUT, DISK, TAP: the option naming the stream, file or interface
     index: int = 0  # NOTIFY: the queue; MSIX: the vector
     readonly_option: str = ""  # DISK: the bool option that opens it read-only
 
@@ -169,6 +174,9 @@ class Option:
     choices: tuple[object, ...] = ()  # empty: any value of `kind`
     host_resource: bool = False
     restore_default: str | None = None
+    # The value when the table leaves the option out, from (VM name, device name), when no
+    # constant will do (a MAC address: each NIC its own, the same at every start).
+    derive: Callable[[str, str], object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,14 +203,17 @@ class InterruptRecipe:
 
 @dataclass(frozen=True, slots=True)
 class QueueRecipe:
-    """What a virtio model's queue 0 is given, for workloads that must see it do its I/O
-    (`splitvmm policy audit`): chains of (the bytes the driver sends, how many bytes it lets
-    the device write), each made available and notified in turn. A model that takes work
-    from its queue 1 too (a console's or a network card's transmit queue) gives `tx_chains`
-    for it, served the same way after queue 0's."""
+    """What one of a virtio model's queues is given, for workloads that must see it do its
+    I/O (`splitvmm policy audit`): chains of (the bytes the driver sends, how many bytes it
+    lets the device write), each made available and notified in turn; with
+    `backend_input`, the device's backend (a TAP's stand-in) delivers that first for each
+    chain (a frame the device receives into it); with `host_input`, the monitor sends it as
+    host input first (a console's receive queue fills from it)."""
 
     chains: tuple[tuple[bytes, int], ...]
-    tx_chains: tuple[tuple[bytes, int], ...] = ()
+    queue: int = 0
+    backend_input: bytes = b""
+    host_input: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +229,7 @@ class ModelDescriptor:
     console: bool = False
     output_recipe: OutputRecipe | None = None  # a model with an OUTPUT fd role has one
     interrupt_recipe: InterruptRecipe | None = None  # a model with timed interrupts has one
-    queue_recipe: QueueRecipe | None = None  # a virtio model has one
+    queue_recipes: tuple[QueueRecipe, ...] = ()  # a virtio model has one per queue it audits
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -312,17 +323,19 @@ VIRTIO_BLK = ModelDescriptor(
     fds=virtio_fds(1, FdRole("disk", FdKind.DISK, option="path", readonly_option="readonly")),
     # IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES (zeroing, then unmapping), and a type the
     # device does not know; each request's last writable byte is its status
-    queue_recipe=QueueRecipe(
-        chains=(
-            (_blk_request(0, 1), 1024 + 1),
-            (_blk_request(1, 2, bytes(range(256)) * 4), 1),
-            (_blk_request(4), 1),
-            (_blk_request(8), 20 + 1),
-            (_blk_request(11, 0, struct.pack("<QII", 8, 8, 0)), 1),
-            (_blk_request(13, 0, struct.pack("<QII", 16, 8, 0)), 1),
-            (_blk_request(13, 0, struct.pack("<QII", 24, 8, 1)), 1),
-            (_blk_request(99), 1),
-        )
+    queue_recipes=(
+        QueueRecipe(
+            chains=(
+                (_blk_request(0, 1), 1024 + 1),
+                (_blk_request(1, 2, bytes(range(256)) * 4), 1),
+                (_blk_request(4), 1),
+                (_blk_request(8), 20 + 1),
+                (_blk_request(11, 0, struct.pack("<QII", 8, 8, 0)), 1),
+                (_blk_request(13, 0, struct.pack("<QII", 16, 8, 0)), 1),
+                (_blk_request(13, 0, struct.pack("<QII", 24, 8, 1)), 1),
+                (_blk_request(99), 1),
+            )
+        ),
     ),
 )
 
@@ -330,7 +343,7 @@ VIRTIO_RNG = ModelDescriptor(
     name="virtio-rng",  # virtio 1.2 5.4, one request queue
     transport=virtio_function(queues=1),
     fds=virtio_fds(1),
-    queue_recipe=QueueRecipe(chains=((b"", 4096),)),
+    queue_recipes=(QueueRecipe(chains=((b"", 4096),)),),
 )
 
 VIRTIO_CONSOLE = ModelDescriptor(
@@ -339,17 +352,45 @@ VIRTIO_CONSOLE = ModelDescriptor(
     options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
     fds=virtio_fds(2, FdRole("out", FdKind.OUTPUT, option="output")),
     console=True,
-    # receive: two buffers, filled from the host input the workload sent before; transmit:
-    # a line, then more than the audit's pipe and the device's buffer hold (its output
-    # stalls until the audit reads, and the chain completes only then)
-    queue_recipe=QueueRecipe(
-        chains=((b"", 64), (b"", 4096)),
-        tx_chains=((b"hello\n", 0), (bytes(range(32, 127)) * 128, 0)),
+    # receive: two buffers, filled from the host input sent before each; transmit: a line,
+    # then more than the audit's pipe and the device's buffer hold (its output stalls until
+    # the audit reads, and the chain completes only then)
+    queue_recipes=(
+        QueueRecipe(chains=((b"", 64), (b"", 4096)), queue=0, host_input=b"input\n"),
+        QueueRecipe(chains=((b"hello\n", 0), (bytes(range(32, 127)) * 128, 0)), queue=1),
+    ),
+)
+
+
+def default_mac(vm: str, device: str) -> str:
+    """A MAC address of its own for each NIC, the same at every start: 52:54:00 (the prefix
+    QEMU and libvirt use: locally administered, unicast) and 3 bytes of a hash of the VM's
+    and the device's names."""
+    digest = hashlib.sha256(f"{vm}\0{device}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x52, 0x54, 0x00, *digest[:3]))
+
+
+VNET_HDR = bytes(12)  # struct virtio_net_hdr with VERSION_1: no offload, num_buffers 0
+ETH_FRAME = bytes.fromhex("ffffffffffff5254000000010806") + bytes(46)  # a broadcast frame
+
+VIRTIO_NET = ModelDescriptor(
+    name="virtio-net",  # virtio 1.2 5.1: receiveq0, transmitq0; no control queue
+    transport=virtio_function(queues=2),
+    options=(
+        # default None: required; restore takes it from the operator, never the snapshot
+        Option("tap", str, None, host_resource=True),
+        Option("mac", str, "", derive=default_mac),  # "52:54:00:12:34:56"
+    ),
+    fds=virtio_fds(2, FdRole("tap", FdKind.TAP, option="tap")),
+    # a frame received into a buffer the driver posted, then one transmitted
+    queue_recipes=(
+        QueueRecipe(chains=((b"", 1526),), queue=0, backend_input=VNET_HDR + ETH_FRAME),
+        QueueRecipe(chains=((VNET_HDR + ETH_FRAME, 0),), queue=1),
     ),
 )
 
 MODELS: dict[str, ModelDescriptor] = {
-    d.name: d for d in (SERIAL, RTC, VIRTIO_BLK, VIRTIO_RNG, VIRTIO_CONSOLE)
+    d.name: d for d in (SERIAL, RTC, VIRTIO_BLK, VIRTIO_RNG, VIRTIO_CONSOLE, VIRTIO_NET)
 }
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import pyseccomp as seccomp
 
 from splitvmm.errors import SplitvmmError
-from splitvmm.native import files
+from splitvmm.native import files, tun
 from splitvmm.native.confine import CLONE_THREAD, FUTEX_OPS, PRCTL_OPTIONS
 from splitvmm.protocol.models import module_name
 
@@ -82,6 +82,7 @@ CONSTANTS: dict[str, int] = {
     "FALLOC_FL_KEEP_SIZE": files.FALLOC_FL_KEEP_SIZE,
     "FALLOC_FL_PUNCH_HOLE": files.FALLOC_FL_PUNCH_HOLE,
     "FALLOC_FL_ZERO_RANGE": files.FALLOC_FL_ZERO_RANGE,
+    "TUNSETOFFLOAD": tun.TUNSETOFFLOAD,
     **FUTEX_OPS,
     **PRCTL_OPTIONS,
 }

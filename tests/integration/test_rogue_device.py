@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from splitvmm.errors import DeviceFailure
-from splitvmm.monitor.channel import LATENCY_BUDGET_MS, READ_TIMEOUT_MS
+from splitvmm.monitor.channel import LATENCY_BUDGET_MS, READ_TIMEOUT_MS, STATS_TIMEOUT_MS
 from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.slot import DeviceSlot, Spawn
@@ -159,6 +159,32 @@ def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(zctx, tmp
     waited = re.fullmatch(r"no reply within (\d+) ms", failures[0])
     assert len(failures) == 1 and waited and int(waited[1]) < 1000, failures
     assert not (tmp_path / "snap").exists() and not coordinator.paused
+
+
+def test_device_stats_answered_in_time_gives_its_counters(zctx, tmp_path):
+    failures: list[str] = []
+    slot = spawn_rogue("slow-control", zctx, tmp_path, failures, "0")
+    try:
+        slot.wait_ready()
+        counters = slot.stats()
+    finally:
+        slot.close()
+    assert counters == {"late": 1}
+    assert failures == []
+
+
+def test_device_stats_answered_late_is_no_failure_and_its_answer_is_dropped(zctx, tmp_path):
+    failures: list[str] = []
+    slot = spawn_rogue("slow-control", zctx, tmp_path, failures, str(STATS_TIMEOUT_MS * 2))
+    try:
+        slot.wait_ready()
+        counters = slot.stats()  # given up on after STATS_TIMEOUT_MS
+        read = slot.read(SCR, 1)  # the late answer comes before the read's, and is dropped
+    finally:
+        slot.close()
+    assert counters is None
+    assert read == b"\x00"
+    assert failures == []
 
 
 # -- events: a device speaks first, and the monitor checks what it says -----------------------

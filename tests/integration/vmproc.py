@@ -37,15 +37,22 @@ class VmProcess:
     """`splitvmm up` (or restore) in the background, its serial output in a file."""
 
     def __init__(
-        self, tmp_path: Path, args: list[str], serial: Path, stdin: bytes = b"", stdio: bool = False
+        self,
+        tmp_path: Path,
+        args: list[str],
+        serial: Path,
+        stdin: bytes = b"",
+        stdio: bool = False,
+        argv: list[str] | None = None,
     ) -> None:
-        """stdio=True: the serial device's output is `stdio` and our stdout goes to `serial`."""
+        """stdio=True: the serial device's output is `stdio` and our stdout goes to `serial`.
+        argv: how splitvmm is run (default: this interpreter; `ip netns exec NS ...` too)."""
         self.tmp_path = tmp_path
         self.serial = serial
         stdout = open(serial, "ab") if stdio else subprocess.DEVNULL  # noqa: SIM115
         self._stdout = stdout
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitvmm", *args],
+            [*(argv or [sys.executable, "-m", "splitvmm"]), *args],
             stdin=subprocess.PIPE,
             stdout=stdout,
             stderr=subprocess.PIPE,

@@ -131,11 +131,17 @@ def test_compile_filter_defaults_to_kill_process_and_tsync() -> None:
     assert filt.get_attr(seccomp.Attr.CTL_TSYNC) == 1
 
 
+# The one ioctl a device may make: virtio-net sets its TAP's offloads when the guest's
+# features are accepted (the request number means nothing to any other fd it holds).
+DEVICE_IOCTLS = {"virtio-net": (Cmp(1, (1 << 64) - 1, policy.CONSTANTS["TUNSETOFFLOAD"]),)}
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open(model: str) -> None:
     parsed = policy.load_model_policy(model)
 
-    assert "ioctl" not in parsed.rules
+    ioctl = parsed.rules.get("ioctl")
+    assert (ioctl.any_of if ioctl else None) == DEVICE_IOCTLS.get(model)
     assert parsed.rules["openat"].errno == errno.ENOENT
     assert parsed.rules["open"].errno == errno.ENOENT
     assert {"socket", "connect", "execve", "clone", "clone3", "fork"}.isdisjoint(parsed.rules)

@@ -217,7 +217,7 @@ DEVICE = {"name": "serial0", "model": "serial"}
 def test_config_restart_budget_parses_counts_and_durations(extra, budget):
     from splitvmm.config import _parse_device
 
-    dev = _parse_device({**DEVICE, **extra}, "device")
+    dev = _parse_device({**DEVICE, **extra}, "device", "vm")
     assert (dev.max_restarts, dev.restart_window_s) == budget
 
 
@@ -234,7 +234,7 @@ def test_config_bad_restart_budget_raises_error_naming_key(extra, message):
     from splitvmm.config import _parse_device
 
     with pytest.raises(ConfigError, match=message):
-        _parse_device({**DEVICE, **extra}, "device")
+        _parse_device({**DEVICE, **extra}, "device", "vm")
 
 
 @pytest.mark.parametrize("name", ["ram", "vm", "pci", "vcpu0", "vcpu12"])

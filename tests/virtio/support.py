@@ -27,11 +27,15 @@ ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET = 1, 2, 4, 8, 0x40
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
 
 
-def host_fds(name: str, disk: Path | None = None) -> dict[str, int]:
+def host_fds(
+    name: str, disk: Path | None = None, peers: dict[str, int] | None = None
+) -> dict[str, int]:
     """An fd for each role of the model's descriptor, as the monitor would make them (the
-    policy auditor's stand-ins), with `disk` as the disk image."""
+    policy auditor's stand-ins), with `disk` as the disk image; a TAP's far end (a
+    socketpair's) into `peers`."""
     given = {} if disk is None else {FdKind.DISK: os.open(disk, os.O_RDWR | os.O_CLOEXEC)}
-    return stand_in_fds(MODELS[name], disk.parent if disk else Path("/nonexistent"), given)
+    where = disk.parent if disk else Path("/nonexistent")
+    return stand_in_fds(MODELS[name], where, given, peers)
 
 
 def context(fds: dict[str, int], restarted: bool = False) -> DeviceContext:

@@ -34,8 +34,8 @@ def _status_text(r: dict[str, object]) -> str:
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """The VM's state, size, uptime and devices."""
-    common.emit(common.call(ctx, "status"), as_json, _status_text)
+    """The VM's state, size, uptime and devices (with --json, each device's counters)."""
+    common.emit(common.call(ctx, "status", counters=as_json), as_json, _status_text)
 
 
 @click.command("pause")
@@ -58,9 +58,9 @@ def resume(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def devices(ctx: click.Context, as_json: bool) -> None:
-    """The VM's device processes."""
+    """The VM's device processes (with --json, each one's counters: Device.stats())."""
     common.emit(
-        common.call(ctx, "devices"),
+        common.call(ctx, "devices", counters=as_json),
         as_json,
         lambda r: _device_lines(common.reply_objects(r, "devices")),
     )

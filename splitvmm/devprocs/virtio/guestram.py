@@ -168,6 +168,33 @@ class GuestRam:
         """Views of a chain's (gpa, len) buffers, in order, for os.preadv/os.pwritev."""
         return [self.buffer(gpa, size, writable) for gpa, size in parts]
 
+    def gather(self, parts: Sequence[tuple[int, int]], size: int) -> bytes:
+        """The first `size` bytes of a chain's (gpa, len) buffers (fewer if they are shorter)."""
+        out = b""
+        for gpa, length in parts:
+            out += self.read(gpa, min(length, size - len(out)))
+            if len(out) == size:
+                break
+        return out
+
+    def scatter(
+        self, parts: Sequence[tuple[int, int]], offset: int, data: bytes | memoryview
+    ) -> int:
+        """Write `data` at `offset` into a chain's (gpa, len) buffers, as far as they reach;
+        the bytes written."""
+        done = 0
+        for gpa, length in parts:
+            if offset >= length:
+                offset -= length
+                continue
+            chunk = bytes(data[done : done + length - offset])
+            self.write(gpa + offset, chunk)
+            done += len(chunk)
+            offset = 0
+            if done == len(data):
+                break
+        return done
+
     def u16(self, gpa: int) -> int:
         return int(U16.unpack_from(self._ram, self.offset(gpa, 2))[0])
 

@@ -147,6 +147,11 @@ class VirtioPciDevice(RegisterDevice):
         """Device reset (status 0): the model's own state back to its initial values."""
         return None  # deliberately empty: a model with no state of its own
 
+    def features_ok(self) -> None:
+        """The driver's features (driver_features) were accepted (FEATURES_OK): a model
+        that sets its backend up from them (a TAP's offloads) does it here."""
+        return None  # deliberately empty: most models read the features as they serve
+
     def model_fields(self) -> dict[str, Any]:
         """The model's fields of its State (beyond the transport's)."""
         return {}
@@ -192,6 +197,8 @@ class VirtioPciDevice(RegisterDevice):
         self.interrupt_line = gsi if isinstance(gsi, int) and 0 <= gsi <= 0xFF else 0xFF
         self.quiesced = False
         self._warn = RateLimitedLog(log)
+        self.notifications = 0  # queue notifies served (ioeventfd or the slow path)
+        self.interrupts = 0  # queue and configuration interrupts signalled
         self._reset()
 
     def _reset(self) -> None:
@@ -255,6 +262,7 @@ class VirtioPciDevice(RegisterDevice):
         queue = self._notify_queue(offset)
         if queue is None:
             return False
+        self.notifications += 1
         self.process(queue)  # a notify that took the slow path
         return True
 
@@ -407,7 +415,10 @@ class VirtioPciDevice(RegisterDevice):
             accepted = self.driver_features
             if accepted & ~self._offered() or not accepted & VIRTIO_F_VERSION_1:
                 value &= ~Status.FEATURES_OK  # refused: the driver reads it back clear
+        accepted_now = value & ~self.status & Status.FEATURES_OK
         self.status = value & ~Status.NEEDS_RESET | self.status & Status.NEEDS_RESET
+        if accepted_now:
+            self.features_ok()
         if self.status & Status.DRIVER_OK:
             self.process_all()  # buffers made available before DRIVER_OK wait for it
 
@@ -460,6 +471,7 @@ class VirtioPciDevice(RegisterDevice):
 
     # -- interrupts ---------------------------------------------------------------------------------
     def _interrupt(self, cause: int, vector: int) -> None:
+        self.interrupts += 1
         self.isr |= cause
         if self.msix.enabled:
             self.msix.signal(vector)
@@ -483,11 +495,19 @@ class VirtioPciDevice(RegisterDevice):
 
     def _on_notify(self, q: int) -> None:
         self._notify[q].drain()
+        self.notifications += 1
         self.process(q)
 
     def _on_resample(self) -> None:
         self._resample.drain()
         self.intx.update()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            **super().stats(),
+            "notifications": self.notifications,
+            "interrupts": self.interrupts,
+        }
 
     def quiesce(self) -> None:
         self.quiesced = True  # nothing is in flight: each notify is served to the end

@@ -175,6 +175,16 @@ class SplitQueue:
             self._write_avail_event()
         return chain
 
+    def unpop(self, count: int) -> None:
+        """Give back the last `count` chains pop() took, unserved: pop() takes them again.
+        For a device that took more buffers than it used (a frame shorter than the receive
+        buffers it was read into), so that taken = completed still holds between events."""
+        if not 0 <= count <= (self.last_avail - self.used_idx) & U16_MASK:
+            raise ValueError(f"unpop of {count} chains, more than are in flight")
+        self.last_avail = (self.last_avail - count) & U16_MASK
+        if count and self.event_idx and self._notify:
+            self._write_avail_event()
+
     def _read_desc(self, index: int) -> tuple[int, int, int, int]:
         addr, length, flags, nxt = DESC.unpack(self._ram.read(self.desc + DESC.size * index, 16))
         return addr, length, flags, nxt

@@ -1,0 +1,360 @@
+"""virtio-net (virtio 1.2 5.1): a TAP behind a receive queue (0) and a transmit queue (1).
+
+The TAP is the fd the monitor opened (role `tap`, native/tun.py): IFF_TAP | IFF_NO_PI |
+IFF_VNET_HDR with a 12-byte virtio net header, which is the header a VERSION_1 driver puts
+before every frame (5.1.6): frames move between the TAP and guest RAM with readv/writev on
+views of guest memory, header included, never through a copy. The device opens nothing and
+holds no socket; the only ioctl it makes is TUNSETOFFLOAD, when the driver's features are
+accepted or reset (the offloads the TAP may hand us are the guest's GUEST_* features).
+
+Transmit: each chain is one frame (header, then data), written with one writev; its used
+entry follows the write (a frame the guest saw completed was handed to the TAP). A header
+asking for an offload the driver did not negotiate is refused and counted.
+
+Receive: only while the driver has buffers posted does the device read the TAP: without
+any it stops watching the TAP's fd (the frames wait in the TAP's queue: back-pressure), and
+a notify on the receive queue starts it again. A frame is read into the buffers it may fill
+-- one chain, or with MRG_RXBUF as many chains as the largest expected frame needs -- plus
+a scratch tail, so that a frame longer than them is seen, never cut: with MRG_RXBUF more
+chains take its tail, else (or when no more are posted) it is dropped and counted
+(rx_dropped). Chains it did not need go back unused (SplitQueue.unpop): between events,
+chains taken = chains completed, as the transport's crash restart needs. Each event reads
+at most RX_BATCH frames, then interrupts once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Self
+
+from splitvmm.devprocs.base import DeviceContext, Source, register
+from splitvmm.devprocs.virtio.guestram import GuestRamError
+from splitvmm.devprocs.virtio.pci import ISR_QUEUE, Status, VirtioPciDevice
+from splitvmm.devprocs.virtio.queue import Chain, QueueError, SplitQueue
+from splitvmm.devprocs.virtio.state import VirtioPciState
+from splitvmm.errors import ConfigError, StateError
+from splitvmm.native import tun
+from splitvmm.protocol import schema
+from splitvmm.protocol.models import default_mac
+
+VIRTIO_ID_NET = 1
+RX, TX = 0, 1  # receiveq0, transmitq0
+
+# feature bits (5.1.3)
+VIRTIO_NET_F_CSUM = 1 << 0  # the driver may send partially checksummed frames
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1  # ... and take them
+VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+VIRTIO_NET_F_GUEST_ECN = 1 << 9
+VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+VIRTIO_NET_F_HOST_ECN = 1 << 13
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_NET_F_STATUS = 1 << 16
+VIRTIO_NET_S_LINK_UP = 1
+# What the TAP's vnet header carries, offered only where the TAP takes offloads.
+OFFLOAD_FEATURES = (
+    VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_ECN
+    | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN
+)  # fmt: skip
+# The driver's receive features -> the TAP offloads they allow (TUN_F_*; TSO needs CSUM).
+GUEST_OFFLOADS = (
+    (VIRTIO_NET_F_GUEST_TSO4, tun.TUN_F_TSO4),
+    (VIRTIO_NET_F_GUEST_TSO6, tun.TUN_F_TSO6),
+    (VIRTIO_NET_F_GUEST_ECN, tun.TUN_F_TSO_ECN),
+)
+ALL_OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_TSO_ECN
+
+# struct virtio_net_hdr (5.1.6): flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset, num_buffers
+HDR = struct.Struct("<BBHHHHH")
+NUM_BUFFERS_OFFSET = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6 = 0, 1, 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+GSO_FEATURE = {
+    VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6,
+}
+
+CONFIG = struct.Struct("<6sH")  # struct virtio_net_config: mac, status (5.1.4)
+ETH_MAX_FRAME = 1518  # 1500 bytes of payload, Ethernet header, one VLAN tag
+GSO_MAX_FRAME = 65550  # a TSO segment the TAP may hand us: 64 KiB, Ethernet header
+RX_SCRATCH = 1 << 17  # more than any frame a TAP delivers: the tail of a frame too long
+RX_BATCH = 64  # frames read per event, then an interrupt and the channel's turn
+IOV_MAX = 1024  # buffers one readv/writev takes
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VirtioNetState(VirtioPciState):
+    VERSION: ClassVar[int] = 1
+    mac: Annotated[bytes, schema.Len(6, 6)] = bytes(6)
+
+
+def parse_mac(text: str) -> bytes:
+    """ "52:54:00:12:34:56" -> its 6 bytes; ConfigError unless a unicast address."""
+    if not MAC_RE.fullmatch(text):
+        raise ConfigError(f"virtio-net: mac {text[:40]!r} is not six hex bytes, ':'-separated")
+    mac = bytes.fromhex(text.replace(":", ""))
+    if mac[0] & 1:
+        raise ConfigError(f"virtio-net: mac {text} is a multicast address")
+    return mac
+
+
+@register
+class VirtioNet(VirtioPciDevice):
+    NAME = "virtio-net"
+    WINDOW = 0x6000
+    State = VirtioNetState
+    DEVICE_ID = VIRTIO_ID_NET
+    CLASS_CODE = 0x020000  # network controller, Ethernet
+
+    def __init__(self, ctx: DeviceContext, mac: bytes) -> None:
+        self.tap = ctx.fds["tap"]
+        takes_offloads = ctx.prepared.get("tap_offloads")
+        if not isinstance(takes_offloads, bool):
+            raise TypeError("virtio-net: the TAP was not probed (setup() did not run)")
+        self.takes_offloads = takes_offloads
+        self.mac = mac
+        self.offloads = 0  # TUN_F_* set on the TAP now
+        self.rx_watch = False  # buffers are posted: read the TAP when it is readable
+        self.backend_gone = False  # the TAP stand-in's peer closed (a TAP never ends)
+        self.counts = dict.fromkeys(("rx_frames", "rx_bytes", "rx_dropped", "tx_frames",
+                                     "tx_bytes", "tx_dropped"), 0)  # fmt: skip
+        self._scratch = bytearray(RX_SCRATCH)
+        self._tap_source = Source(self.tap, lambda: self.process(RX))
+        super().__init__(ctx)
+
+    @classmethod
+    def setup(cls, ctx: DeviceContext) -> None:
+        """Guest RAM, and whether the TAP takes offloads (tried now, before the sandbox,
+        then cleared): a stand-in that is no TAP (a socketpair) takes none."""
+        super().setup(ctx)
+        fd = ctx.fds["tap"]
+        try:
+            if tun.vnet_hdr_size(fd) != HDR.size:
+                raise ConfigError(f"virtio-net: the TAP's vnet header is not {HDR.size} bytes")
+            tun.set_offload(fd, ALL_OFFLOADS)
+            tun.set_offload(fd, 0)
+            ctx.prepared["tap_offloads"] = True
+        except OSError:  # ENOTTY: no TAP; EINVAL: a TAP without those offloads
+            ctx.prepared["tap_offloads"] = False
+
+    @classmethod
+    def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
+        # config.py derives a mac for every device (VM and device names); a device spawned
+        # bare (the policy audit, a test) gets the one of no VM.
+        text = str(options.get("mac") or default_mac("", cls.NAME))
+        return cls(ctx, parse_mac(text))
+
+    @classmethod
+    def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
+        if state.mac[0] & 1:
+            raise StateError("virtio-net state: mac is a multicast address")
+        return cls(ctx, state.mac)
+
+    @classmethod
+    def restore(cls, ctx: DeviceContext, state: Any) -> Self:
+        device = super().restore(ctx, state)
+        if state.driver_features & OFFLOAD_FEATURES and not device.takes_offloads:
+            raise StateError("virtio-net state: the driver took offloads this TAP lacks")
+        if device.status & Status.FEATURES_OK:  # the TAP gets the driver's offloads again
+            device.features_ok()
+        return device
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"mac": self.mac}
+
+    def stats(self) -> dict[str, int]:
+        return {**super().stats(), **self.counts}
+
+    # -- what the driver sees ---------------------------------------------------------------
+    def device_features(self) -> int:
+        features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF
+        return features | (OFFLOAD_FEATURES if self.takes_offloads else 0)
+
+    def config_bytes(self) -> bytes:
+        return CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP)
+
+    def features_ok(self) -> None:
+        offloads = 0
+        if self.driver_features & VIRTIO_NET_F_GUEST_CSUM:
+            offloads = tun.TUN_F_CSUM
+            for feature, flag in GUEST_OFFLOADS:
+                offloads |= flag if self.driver_features & feature else 0
+        self._set_offloads(offloads)
+
+    def reset_model(self) -> None:
+        self._set_offloads(0)
+        self.rx_watch = False
+
+    def _set_offloads(self, offloads: int) -> None:
+        if offloads == self.offloads:
+            return
+        try:
+            tun.set_offload(self.tap, offloads)
+        except OSError as e:  # probed at setup: a TAP that took them then takes them now
+            self._warn.warning("offload", "%s: TUNSETOFFLOAD failed: %s", self.NAME, e)
+            return
+        self.offloads = offloads
+
+    # -- the event loop: the TAP while buffers are posted ------------------------------------
+    def event_sources(self) -> Sequence[Source]:
+        sources = super().event_sources()
+        if self.rx_watch and not self.quiesced and not self.backend_gone:
+            return [*sources, self._tap_source]
+        return sources
+
+    def process(self, q: int) -> None:
+        if q != RX:
+            super().process(q)
+            return
+        ring = self.rings[RX]
+        if ring is None or not self._ready():
+            self.rx_watch = False
+            return
+        try:
+            delivered = self._receive(ring)
+            wanted = delivered and ring.needs_notification()
+        except (QueueError, GuestRamError) as e:
+            self.rx_watch = False
+            self.needs_reset(f"queue {RX}: {e}")
+            return
+        if wanted:
+            self._interrupt(ISR_QUEUE, self.queues[RX].msix_vector)
+
+    # -- transmit -----------------------------------------------------------------------------
+    def handle(self, queue: int, chain: Chain) -> int:
+        """A transmit chain: its frame goes to the TAP; nothing is written back."""
+        size = sum(length for _, length in chain.readable)
+        if size < HDR.size or len(chain.readable) > IOV_MAX or not self._header_ok(chain):
+            self.counts["tx_dropped"] += 1
+            return 0
+        try:
+            os.writev(self.tap, self.ram.iovecs(chain.readable, writable=False))
+        except OSError as e:  # the TAP refused the frame (a header it finds invalid)
+            self.counts["tx_dropped"] += 1
+            self._warn.warning("tx", "%s: the TAP refused a frame: %s", self.NAME, e)
+            return 0
+        self.counts["tx_frames"] += 1
+        self.counts["tx_bytes"] += size - HDR.size
+        return 0
+
+    def _header_ok(self, chain: Chain) -> bool:
+        """The header asks only for offloads the driver negotiated (5.1.6.2.1)."""
+        flags, gso_type = self.ram.gather(chain.readable, 2)
+        features = self.driver_features
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not features & VIRTIO_NET_F_CSUM:
+            return False
+        if gso_type & VIRTIO_NET_HDR_GSO_ECN and not features & VIRTIO_NET_F_HOST_ECN:
+            return False
+        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        return gso == VIRTIO_NET_HDR_GSO_NONE or bool(features & GSO_FEATURE.get(gso, 0))
+
+    # -- receive ------------------------------------------------------------------------------
+    def _receive(self, ring: SplitQueue) -> int:
+        """Frames from the TAP into posted buffers, at most RX_BATCH; how many."""
+        delivered = 0
+        for _ in range(RX_BATCH):
+            chains = self._take(ring)
+            if not chains:
+                self.rx_watch = False  # back-pressure: a notify starts us again
+                return delivered
+            n = self._read_frame(chains)
+            if n is None:
+                ring.unpop(len(chains))
+                return delivered
+            delivered += self._complete(ring, chains, n)
+        self.rx_watch = True  # more may wait: the TAP polls readable again
+        return delivered
+
+    def _merge(self) -> bool:
+        return bool(self.driver_features & VIRTIO_NET_F_MRG_RXBUF)
+
+    def _take(self, ring: SplitQueue) -> list[Chain]:
+        """The chains to read a frame into: one, or with MRG_RXBUF enough for the largest
+        frame expected (of those posted); [] when none is (notifications asked for)."""
+        guest_tso = VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6
+        target = GSO_MAX_FRAME if self.driver_features & guest_tso else ETH_MAX_FRAME
+        chains: list[Chain] = []
+        room = buffers = 0
+        while room < HDR.size + target and buffers < IOV_MAX // 2:
+            chain = ring.pop()
+            if chain is None and not chains and ring.enable_notifications():
+                chain = ring.pop()  # posted while we looked: no kick will come for it
+            if chain is None:
+                break
+            chains.append(chain)
+            room, buffers = room + _room(chain), buffers + len(chain.writable)
+            if not self._merge():
+                break
+        return chains
+
+    def _read_frame(self, chains: list[Chain]) -> int | None:
+        """One frame from the TAP into the chains' buffers and the scratch tail: its size
+        (header included), or None if none waits (or the TAP failed: counted, logged)."""
+        views: list[memoryview | bytearray] = []
+        for chain in chains:
+            views += self.ram.iovecs(chain.writable, writable=True)
+        try:
+            n = os.readv(self.tap, [*views, self._scratch])
+        except BlockingIOError:
+            self.rx_watch = True
+            return None
+        except OSError as e:
+            self.rx_watch = False  # until the next notify: no spinning on a failing TAP
+            self._warn.warning("rx", "%s: reading the TAP failed: %s", self.NAME, e)
+            return None
+        if n == 0:
+            self.backend_gone = True
+            return None
+        return n
+
+    def _complete(self, ring: SplitQueue, chains: list[Chain], n: int) -> int:
+        """The frame of n bytes read into `chains` (and the scratch) goes to the driver: the
+        chains it fills are used, the rest given back; 1, or 0 if it was dropped."""
+        if any(_room(c) < HDR.size for c in chains):  # 5.1.6.3.1: MUST
+            raise QueueError(f"a receive buffer of less than the {HDR.size}-byte header")
+        room = sum(_room(c) for c in chains)
+        if n < HDR.size or n > room and not (self._merge() and self._tail(ring, chains, n - room)):
+            ring.unpop(len(chains))
+            self.counts["rx_dropped"] += 1
+            return 0
+        used: list[tuple[int, int]] = []
+        left = n
+        for chain in chains:
+            if left == 0:
+                break
+            take = min(left, _room(chain))
+            used.append((chain.head, take))
+            left -= take
+        ring.unpop(len(chains) - len(used))
+        self.ram.scatter(chains[0].writable, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))
+        for head, written in used:
+            ring.push(head, written)
+        self.counts["rx_frames"] += 1
+        self.counts["rx_bytes"] += n - HDR.size
+        return 1
+
+    def _tail(self, ring: SplitQueue, chains: list[Chain], extra: int) -> bool:
+        """MRG_RXBUF: more chains for the `extra` bytes past those read into (in the
+        scratch), copied there; False if too few are posted (chains keeps those taken)."""
+        tail = memoryview(self._scratch)[:extra]
+        while tail:
+            chain = ring.pop()
+            if chain is None:
+                return False
+            chains.append(chain)
+            tail = tail[self.ram.scatter(chain.writable, 0, tail) :]
+        return True
+
+
+def _room(chain: Chain) -> int:
+    return sum(length for _, length in chain.writable)

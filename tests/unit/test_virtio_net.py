@@ -1,0 +1,327 @@
+"""virtio-net (devprocs/virtio_net.py) with a socketpair standing in for the TAP (one frame
+per message, as a TAP reads and writes them), driven through the PCI transport and split
+rings laid out as a driver does (virtio 1.2 5.1)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from splitvmm.config import parse_config
+from splitvmm.devprocs import virtio_net
+from splitvmm.devprocs.virtio_net import VirtioNet
+from splitvmm.errors import ConfigError
+from splitvmm.native import tun
+from splitvmm.protocol.models import default_mac
+from tests.virtio.support import (
+    ACK,
+    DEVICE_CFG,
+    DRIVER,
+    DRIVER_OK,
+    F_VERSION_1,
+    FEATURES_OK,
+    Driver,
+    Ring,
+    close_fds,
+    host_fds,
+    prepared,
+)
+
+F_CSUM, F_GUEST_CSUM, F_MAC, F_GUEST_TSO4 = 1 << 0, 1 << 1, 1 << 5, 1 << 7
+F_MRG_RXBUF, F_STATUS = 1 << 15, 1 << 16
+OFFLOAD_BITS = 0b11_1011_1000_0011  # CSUM, GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN, HOST_TSO4/6/ECN
+HDR = bytes(12)  # struct virtio_net_hdr, VERSION_1: no offload
+FRAME = bytes.fromhex("ffffffffffff5254000000010800") + bytes(range(100))  # 114 bytes
+MAC = "52:54:00:12:34:56"
+
+
+@pytest.fixture
+def peers() -> dict[str, int]:
+    return {}
+
+
+@pytest.fixture
+def fds(peers: dict[str, int]) -> Iterator[dict[str, int]]:
+    fds = host_fds("virtio-net", peers=peers)
+    yield fds
+    close_fds(fds)
+    close_fds(peers)
+
+
+@pytest.fixture
+def peer(peers: dict[str, int], fds: dict[str, int]) -> int:
+    """The host's end of the TAP stand-in: what it reads the device sent, and vice versa."""
+    return peers["tap"]
+
+
+@pytest.fixture
+def net(fds: dict[str, int]) -> VirtioNet:
+    return VirtioNet.from_options(prepared("virtio-net", fds), {"mac": MAC})
+
+
+def started(dev: VirtioNet, features: int = F_VERSION_1) -> tuple[Driver, Ring, Ring]:
+    """The driver's initialisation (3.1.1) with receiveq0 and transmitq0 set up."""
+    driver, rx, tx = Driver(dev), Ring(dev.ram, base=0x1000), Ring(dev.ram, base=0x4000)
+    tx.heap = 0x80000  # the transmit ring's buffers apart from the receive ring's
+    assert driver.negotiate(features) & FEATURES_OK
+    driver.setup_queue(0, rx)
+    driver.setup_queue(1, tx)
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    return driver, rx, tx
+
+
+def watched(dev: VirtioNet) -> bool:
+    return any(s.fd == dev.tap for s in dev.event_sources())
+
+
+def tap_readable(dev: VirtioNet) -> None:
+    """What the event loop does when the TAP polls readable (the device watches it)."""
+    (source,) = [s for s in dev.event_sources() if s.fd == dev.tap]
+    source.on_readable()
+
+
+def post(rx: Ring, *sizes: int) -> list[int]:
+    """A receive chain of one buffer per size; the buffers' addresses."""
+    gpas = []
+    for size in sizes:
+        gpa, _ = rx.buffer(size)
+        rx.add([(gpa, size, True)])
+        gpas.append(gpa)
+    return gpas
+
+
+def pending_in_tap(fds: dict[str, int]) -> int:
+    """Bytes of the next frame waiting in the device's end (left there, not read)."""
+    with socket.socket(fileno=os.dup(fds["tap"])) as s:
+        try:
+            return len(s.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return 0
+
+
+# -- configuration and features ------------------------------------------------------------------
+def test_virtio_net_config_reports_mac_and_link_up(net):
+    assert net.read(DEVICE_CFG, 4) + net.read(DEVICE_CFG + 4, 2) == bytes.fromhex("525400123456")
+    assert net.read(DEVICE_CFG + 6, 2) == b"\x01\x00"  # VIRTIO_NET_S_LINK_UP
+
+
+def test_virtio_net_features_without_tap_offloads_offer_mac_status_mrg_rxbuf(net):
+    features = Driver(net).device_features()
+
+    assert features & (F_VERSION_1 | F_MAC | F_STATUS | F_MRG_RXBUF) == (
+        F_VERSION_1 | F_MAC | F_STATUS | F_MRG_RXBUF
+    )
+    assert features & OFFLOAD_BITS == 0
+
+
+def test_virtio_net_offload_feature_not_offered_refused_at_features_ok(net):
+    assert not Driver(net).negotiate(F_VERSION_1 | F_GUEST_CSUM) & FEATURES_OK
+
+
+def test_virtio_net_guest_offloads_set_on_tap_at_features_ok_and_cleared_at_reset(fds, monkeypatch):
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(tun, "set_offload", lambda fd, flags: calls.append((fd, flags)))
+    ctx = prepared("virtio-net", fds)
+    ctx.prepared["tap_offloads"] = True  # as a TAP that took them at setup() would
+    dev = VirtioNet.from_options(ctx, {})
+    driver = Driver(dev)
+
+    assert driver.device_features() & OFFLOAD_BITS == OFFLOAD_BITS
+    assert driver.negotiate(F_VERSION_1 | F_GUEST_CSUM | F_GUEST_TSO4) & FEATURES_OK
+    driver.set_status(0)
+    assert calls == [(fds["tap"], tun.TUN_F_CSUM | tun.TUN_F_TSO4), (fds["tap"], 0)]
+
+
+def test_virtio_net_default_mac_is_stable_locally_administered_unicast():
+    mac = bytes.fromhex(default_mac("web1", "net0").replace(":", ""))
+
+    assert default_mac("web1", "net0") == default_mac("web1", "net0")
+    assert default_mac("web1", "net0") != default_mac("web1", "net1")
+    assert default_mac("web1", "net0") != default_mac("web2", "net0")
+    assert (mac[0] & 0b10, mac[0] & 0b01) == (0b10, 0)  # locally administered, unicast
+
+
+def test_virtio_net_config_derives_mac_from_vm_and_device_names(tmp_path: Path):
+    data = {
+        "vm": {"name": "web1"},
+        "boot": {"firmware": "fw.bin"},
+        "device": [{"name": "net0", "model": "virtio-net", "tap": "tap0"}],
+    }
+    cfg = parse_config(data, tmp_path, check_files=False)
+
+    (dev,) = [d for d in cfg.devices if d.name == "net0"]
+    assert dev.options == {"tap": "tap0", "mac": default_mac("web1", "net0")}
+
+
+@pytest.mark.parametrize("mac", ["01:00:5e:00:00:01", "52:54:00:12:34", "52-54-00-12-34-56"])
+def test_virtio_net_bad_mac_option_rejected_naming_it(fds, mac):
+    with pytest.raises(ConfigError, match="virtio-net: mac"):
+        VirtioNet.from_options(prepared("virtio-net", fds), {"mac": mac})
+
+
+# -- transmit -------------------------------------------------------------------------------------
+def test_virtio_net_tx_chain_goes_to_tap_as_header_and_frame(net, peer):
+    driver, _, tx = started(net)
+    tx.add([(*tx.buffer(HDR), False), (*tx.buffer(FRAME), False)])
+    driver.kick(1)
+
+    assert os.read(peer, 1 << 16) == HDR + FRAME
+    assert tx.take_used() == [(0, 0)]
+    assert (net.counts["tx_frames"], net.counts["tx_bytes"]) == (1, len(FRAME))
+
+
+def test_virtio_net_tx_header_asking_unnegotiated_checksum_dropped_and_counted(net, peer):
+    driver, _, tx = started(net)
+    needs_csum = struct.pack("<BBHHHHH", 1, 0, 0, 0, 14, 16, 0)
+    tx.add([(*tx.buffer(needs_csum + FRAME), False)])
+    driver.kick(1)
+
+    with pytest.raises(BlockingIOError):
+        os.read(peer, 1 << 16)
+    assert tx.take_used() == [(0, 0)]
+    assert net.counts["tx_dropped"] == 1
+
+
+# -- receive --------------------------------------------------------------------------------------
+def test_virtio_net_rx_frame_lands_in_posted_buffer_with_num_buffers_one(net, peer):
+    driver, rx, _ = started(net)
+    (gpa,) = post(rx, 1526)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 12 + len(FRAME))]
+    assert net.ram.read(gpa + 10, 2) == b"\x01\x00"  # num_buffers
+    assert net.ram.read(gpa + 12, len(FRAME)) == FRAME
+    assert (net.counts["rx_frames"], net.counts["rx_bytes"]) == (1, len(FRAME))
+
+
+def test_virtio_net_rx_mrg_rxbuf_frame_spans_two_buffers(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    first, second = post(rx, 100, 100)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 100), (1, 12 + len(FRAME) - 100)]
+    assert net.ram.read(first + 10, 2) == b"\x02\x00"  # num_buffers
+    assert net.ram.read(first + 12, 88) + net.ram.read(second, 26) == FRAME
+
+
+def test_virtio_net_rx_unused_buffer_stays_posted_for_next_frame(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 1526, 1526)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+    os.write(peer, HDR + FRAME[:60])
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 12 + len(FRAME)), (1, 72)]
+
+
+def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_expected_takes_more_buffers(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 1000, 1000, 1000)
+    driver.kick(0)
+    big = bytes(range(256)) * 10  # 2560 bytes: past the 1518 of an Ethernet frame
+    os.write(peer, HDR + big)
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 1000), (1, 1000), (2, 12 + len(big) - 2000)]
+    assert net.counts["rx_frames"] == 1
+
+
+def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_all_buffers_dropped_buffers_kept(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 100, 100)
+    driver.kick(0)
+    os.write(peer, HDR + bytes(300))
+    os.write(peer, HDR + FRAME[:60])
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 72)]
+    assert net.counts["rx_dropped"] == 1
+
+
+def test_virtio_net_rx_without_buffers_stops_watching_tap_and_leaves_frame(net, peer, fds):
+    driver, rx, _ = started(net)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+
+    assert not watched(net)
+    assert pending_in_tap(fds) == 12 + len(FRAME)
+    post(rx, 1526)
+    driver.kick(0)  # the guest posts a buffer: the frame that waited lands in it
+    assert rx.take_used() == [(0, 12 + len(FRAME))]
+    assert not watched(net)  # that buffer is used: none posted again
+
+
+def test_virtio_net_rx_buffers_posted_and_tap_empty_watches_tap(net):
+    driver, rx, _ = started(net)
+    post(rx, 1526)
+    driver.kick(0)
+
+    assert watched(net)
+    assert rx.take_used() == []
+
+
+def test_virtio_net_rx_frame_larger_than_buffer_dropped_counted_buffer_reused(net, peer):
+    driver, rx, _ = started(net)
+    post(rx, 64)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)  # 126 bytes: more than the 64 posted
+    os.write(peer, HDR + FRAME[:40])
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 52)]
+    assert net.counts["rx_dropped"] == 1
+    assert net.counts["rx_frames"] == 1
+
+
+# -- snapshot and counters ------------------------------------------------------------------------
+def test_virtio_net_quiesced_does_not_watch_tap_and_resume_delivers(net, peer):
+    driver, rx, _ = started(net)
+    post(rx, 1526)
+    driver.kick(0)
+    net.quiesce()
+    os.write(peer, HDR + FRAME)
+
+    assert not watched(net)
+    net.resume()
+    assert rx.take_used() == [(0, 12 + len(FRAME))]
+
+
+def test_virtio_net_state_restore_keeps_mac_and_queues(net, fds):
+    started(net, F_VERSION_1 | F_MRG_RXBUF)
+    net.quiesce()
+    state = net.save()
+
+    restored = VirtioNet.restore(prepared("virtio-net", fds), state)
+    assert restored.mac == bytes.fromhex("525400123456")
+    assert restored.save() == state
+
+
+def test_virtio_net_stats_count_frames_and_notifications(net, peer):
+    driver, _, tx = started(net)
+    tx.add([(*tx.buffer(HDR + FRAME), False)])
+    driver.kick(1)
+
+    stats = net.stats()
+    assert {k: stats[k] for k in ("tx_frames", "tx_bytes", "notifications")} == {
+        "tx_frames": 1,
+        "tx_bytes": len(FRAME),
+        "notifications": 1,
+    }
+    assert set(stats) >= {"rx_frames", "rx_bytes", "rx_dropped", "tx_dropped", "interrupts"}
+
+
+def test_virtio_net_offload_probe_on_socket_finds_none(fds):
+    ctx = prepared("virtio-net", fds)
+
+    assert ctx.prepared["tap_offloads"] is False
+    assert virtio_net.VirtioNet.from_options(ctx, {}).device_features() & OFFLOAD_BITS == 0
