@@ -112,7 +112,10 @@ def setup_inside() -> None:
     sh("ip", "link", "set", "lo", "up")
     sh("ip", "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr")
     sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP)
-    sh("ip", "link", "set", TAP, "up")
+    # A queue deep enough for a burst: while the guest is slower than the sender, frames
+    # wait in the TAP (the device reads it only when buffers are posted) instead of being
+    # dropped by the host's qdisc at its default 500.
+    sh("ip", "link", "set", TAP, "up", "txqueuelen", "20000")
 
 
 def guest_config(work: Path, image: Path, cmdline: str, serial: Path) -> Path:
