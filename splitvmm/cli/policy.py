@@ -462,8 +462,9 @@ STAND_IN_DISK = 1 << 20  # its disk image
 
 def stand_in_fds(model: ModelDescriptor, rundir: Path, given: dict[FdKind, int]) -> dict[str, int]:
     """An fd for each of the model's roles, as the monitor would make it: `given` for the
-    kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM and its dirty
-    log, an eventfd for a notify, MSI-X or INTx role, a file in `rundir` for a disk."""
+    kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM, its dirty log
+    and a progress page, an eventfd for a notify, MSI-X or INTx role, a file in `rundir`
+    for a disk."""
     from splitvmm.protocol.models import FdKind
 
     fds: dict[str, int] = {}
@@ -472,8 +473,8 @@ def stand_in_fds(model: ModelDescriptor, rundir: Path, given: dict[FdKind, int])
             fds[role.name] = given[role.kind]
         elif role.kind is FdKind.GUEST_RAM:
             fds[role.name] = _memfd("ram", STAND_IN_RAM)
-        elif role.kind is FdKind.DIRTY_LOG:
-            fds[role.name] = _memfd("dirty", 4096)
+        elif role.kind in (FdKind.DIRTY_LOG, FdKind.PROGRESS):
+            fds[role.name] = _memfd(role.name, 4096)
         elif role.kind is FdKind.DISK:
             path = rundir / f"{role.name}.img"
             path.write_bytes(bytes(STAND_IN_DISK))
