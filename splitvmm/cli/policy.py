@@ -475,11 +475,11 @@ def stand_in_fds(
     peers: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """An fd for each of the model's roles, as the monitor would make it: `given` for the
-    kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM and its dirty
-    log, an eventfd for a notify, MSI-X or INTx role, a file in `rundir` for a disk, and
-    for a TAP one end of a non-blocking SOCK_SEQPACKET socketpair (one frame per message,
-    as a TAP reads and writes them; no TAP or CAP_NET_ADMIN needed), whose other end goes
-    into `peers` by role (closed when the caller wants none)."""
+    kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM, its dirty log
+    and a progress page, an eventfd for a notify, MSI-X or INTx role, a file in `rundir`
+    for a disk, and for a TAP one end of a non-blocking SOCK_SEQPACKET socketpair (one
+    frame per message, as a TAP reads and writes them; no TAP or CAP_NET_ADMIN needed),
+    whose other end goes into `peers` by role (closed when the caller wants none)."""
     from splitvmm.protocol.models import FdKind
 
     fds: dict[str, int] = {}
@@ -494,8 +494,8 @@ def stand_in_fds(
                 peers[role.name] = peer
         elif role.kind is FdKind.GUEST_RAM:
             fds[role.name] = _memfd("ram", STAND_IN_RAM)
-        elif role.kind is FdKind.DIRTY_LOG:
-            fds[role.name] = _memfd("dirty", 4096)
+        elif role.kind in (FdKind.DIRTY_LOG, FdKind.PROGRESS):
+            fds[role.name] = _memfd(role.name, 4096)
         elif role.kind is FdKind.DISK:
             path = rundir / f"{role.name}.img"
             path.write_bytes(bytes(STAND_IN_DISK))

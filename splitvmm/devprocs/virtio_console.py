@@ -25,22 +25,35 @@ chains the line took already (a restore drops them unsent), and `tx_held`, bytes
 reset left in the buffer that belong to no chain. So a snapshot during traffic loses no byte
 and repeats none, each way.
 
-Crash restart. The new process starts from the last checkpoint (published by the runtime
-every few frames, and by this device after each batch of completed transmit chains) and
-takes each queue up at its used ring in guest RAM:
+Crash restart. The new process starts from the last checkpoint the monitor read (published
+by the runtime every few frames, and by this device after a batch of completed transmit
+chains, at most one each CHECKPOINT_INTERVAL_S), and takes each queue up at its used ring
+in guest RAM:
 * receive: the used entries since the checkpoint's position say how many input bytes the
   dead process delivered (their len); the new process drops that many from the front of
   the checkpoint's pending input and the journalled input frames it re-applies: no byte lost
   or repeated (past a queue size of completions since the checkpoint it cannot count them:
   input may then repeat, never be lost). Bytes the dead process read from a `unix:` peer
   and had not delivered are lost (they were never a frame).
-* transmit: the chains from the used ring's position run again. Their bytes the line took
-  already are dropped when the checkpoint is the one after the last completion (the usual
-  case: the device publishes one with each completion batch): `tx_sent` of the checkpoint,
-  and for a regular file the bytes the file grew by since (the monitor's `skip`). Exactly
-  once for a regular file then; for a pipe, socket or terminal the bytes taken after the
-  checkpoint come out twice. If the checkpoint is older than the last completion (lost with
-  the dead process), nothing is dropped: bytes may repeat, none is lost.
+* transmit: the chains from the used ring's idx run again, and the bytes of them the line
+  took already must be dropped. The checkpoint cannot say how many: the monitor reads a
+  device's events only around its own requests (a ping a second, while the guest's kicks
+  go through ioeventfds), and what the device had queued dies with it, so the checkpoint is
+  usually older than the last completion. So before each completion the device writes to
+  its progress page (progress.py), which outlives it, where in the output the chain at the
+  next used idx starts. For a regular file the monitor knows what the line took (the file's
+  growth: the checkpoint's `emitted` plus the monitor's `skip`); the new process drops that
+  minus the start the page gives for the used idx in guest RAM, and every byte goes out
+  exactly once. Without such a record (a page that holds none for that idx), or for a pipe,
+  socket or terminal, it goes by the checkpoint: if no chain completed since, it drops the
+  checkpoint's `tx_sent` and, for a file, the file's growth since; else it drops nothing
+  and the bytes the line took of the chains from the used idx come out twice. No byte is
+  lost: whichever way, the output's count it carries on with is where the line is (a
+  file's growth), which the next restart goes by. Unless the file is truncated or written
+  by another meanwhile (its growth then counts what we never sent), or, with no record to
+  go by, a multiple of 65536 chains completed since the checkpoint (used idx wraps: the
+  checkpoint then looks in step, and its `tx_sent` and the growth are dropped from chains
+  that are not its).
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -57,6 +71,7 @@ from typing import Annotated, Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, Source, register
 from splitvmm.devprocs.output import CAPACITY
+from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import GuestRamError
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE, VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueError, SplitQueue
@@ -72,6 +87,12 @@ CONFIG = struct.Struct("<HHII")  # struct virtio_console_config: cols, rows, max
 # Host input waiting for receive buffers: a paste's worth, as the serial device holds.
 RX_BUFFER_MAX = 4096
 MAX_COUNTER = (1 << 64) - 1
+# A checkpoint after a completion batch at most this often: the monitor reads them only
+# around its requests (a heartbeat's ping a second, when the guest's transmit goes through
+# ioeventfds), and one per batch would queue more than a request may find ahead of its
+# reply (protocol/events.py MAX_EVENTS_PER_REQUEST). The progress page, not the checkpoint,
+# is what makes a restart exact.
+CHECKPOINT_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,15 +132,25 @@ class VirtioConsole(VirtioPciDevice):
         self._rx_skip = 0  # input bytes a dead process delivered already (crash restart)
         self._tx: deque[_TxChain] = deque()
         self._tx_done = 0  # the output's count at the start of the oldest chain in flight
+        progress = ctx.prepared.get("progress")
+        if not isinstance(progress, Progress):
+            raise TypeError(f"{self.NAME}: no progress page (setup() did not run)")
+        self._progress = progress
+        self._published = 0.0  # time.monotonic() of the last checkpoint _checkpoint() sent
         self.bytes_in = self.bytes_out = self.rx_dropped = 0
         self._input_fd = ctx.fds["out"] if ctx.prepared.get("input_socket") else None
         super().__init__(ctx)  # resets the transport, which calls reset_model()
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
-        """Guest RAM, and whether the output is a socket whose peer may write input."""
+        """Guest RAM, the progress page (what the process before this one left there),
+        whether the output is a socket whose peer may write input, and whether it is a
+        regular file (a restart then knows what the line took)."""
         super().setup(ctx)
-        ctx.prepared["input_socket"] = stat.S_ISSOCK(os.fstat(ctx.fds["out"]).st_mode)
+        mode = os.fstat(ctx.fds["out"]).st_mode
+        ctx.prepared["input_socket"] = stat.S_ISSOCK(mode)
+        ctx.prepared["output_file"] = stat.S_ISREG(mode)
+        ctx.prepared["progress"] = Progress(ctx.fds["progress"])
 
     # -- what the driver sees -------------------------------------------------------------------
     def config_bytes(self) -> bytes:
@@ -267,6 +298,7 @@ class VirtioConsole(VirtioPciDevice):
             if end is None or end > self.ctx.out.emitted:
                 break
             tx = self._tx.popleft()
+            self._progress.write((ring.used_idx + 1) & 0xFFFF, end)  # before used idx says so
             ring.push(tx.chain.head, 0)  # transmit buffers are read only: nothing written
             self._tx_done = end
             self.bytes_out = min(self.bytes_out + tx.total, MAX_COUNTER)
@@ -275,8 +307,24 @@ class VirtioConsole(VirtioPciDevice):
 
     def _checkpoint(self) -> None:
         """A checkpoint at each completion batch: a crash restart then knows which of the
-        bytes it sends again the line took already (the module docstring)."""
+        bytes it sends again the line took already (the module docstring); at most one each
+        CHECKPOINT_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self._published < CHECKPOINT_INTERVAL_S:
+            return
+        self._published = now
         self.ctx.events.publish(codec.state_document(self.NAME, self.save()))
+
+    def _note_progress(self) -> None:
+        """The progress page says where the chain at the used idx starts (progress.py)."""
+        ring = self.rings[TX]
+        if ring is not None:
+            self._progress.write(ring.used_idx, self._tx_done)
+
+    def _enable_queue(self, q: int) -> None:
+        super()._enable_queue(q)
+        if q == TX:
+            self._note_progress()
 
     # -- counters -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -334,17 +382,36 @@ class VirtioConsole(VirtioPciDevice):
         """The output's skip and held bytes, and (after a crash) the input delivered since
         the checkpoint: see the module docstring."""
         out = self.ctx.out
-        skip = state.tx_sent
+        skip, held = state.tx_sent, state.tx_held
         if self.ctx.restarted:
-            in_step = self.queues[TX].used_idx == state.queues[TX].used_idx
-            skip = skip + file_skip if in_step else 0
+            skip, held = self._resend(state, file_skip)
             self._rx_skip = self._delivered_since(state)
             dropped = min(self._rx_skip, len(self._rx))
             del self._rx[:dropped]
             self._rx_skip -= dropped
         out.skip = skip
-        out.put(state.tx_held)
+        out.put(held)
         self._tx_done = out.emitted + out.pending()
+        self._note_progress()
+
+    def _resend(self, state: VirtioConsoleState, file_skip: int) -> tuple[int, bytes]:
+        """After a crash: the bytes to drop of what goes out again (the held bytes, then the
+        chains from the used ring's idx), and the held bytes. The output's count is set to
+        where those start, so that once the dropped ones are counted it is the line's own
+        count again (a regular file's growth: what the next restart compares with)."""
+        out = self.ctx.out
+        taken = out.emitted + file_skip  # what the line took: exact for a regular file
+        queue, then = self.queues[TX], state.queues[TX]
+        start = self._progress.left.get(queue.used_idx) if queue.enabled else None
+        if self.ctx.prepared["output_file"] and start is not None and start <= taken:
+            out.emitted = start  # the chain at the used idx starts there; held bytes before
+            return taken - start, b""
+        if queue.enabled and then.enabled and queue.used_idx == then.used_idx:
+            # no completion since the checkpoint: its chains in flight start tx_sent back
+            out.emitted = max(0, out.emitted - state.tx_sent)
+            return state.tx_sent + file_skip, state.tx_held
+        out.emitted = taken  # chains completed since an older checkpoint: sent again whole
+        return 0, state.tx_held
 
     def _delivered_since(self, state: VirtioConsoleState) -> int:
         """The input bytes receive chains got between the checkpoint and the crash: the

@@ -1,7 +1,8 @@
 """The fds a device process holds, made by the monitor from its model's fd roles (FdKind).
 
 The monitor knows how to make each kind -- an irqfd, an output stream, a view of guest RAM,
-a dirty bitmap, an ioeventfd, a disk image, a TAP -- never what a model does with it. Every fd made
+a dirty bitmap, a progress page, an ioeventfd, a disk image, a TAP -- never what a model does
+with it. Every fd made
 here is the monitor's: a device's processes get copies at each spawn (a restarted process
 gets the same ones: the irqfds and ioeventfds stay registered with KVM across a crash), and
 the machine closes them at tear-down.
@@ -68,6 +69,7 @@ class DeviceFds:
             FdKind.OUTPUT: lambda: open_output(dev, role.option, self.owned),
             FdKind.GUEST_RAM: self._guest_ram,
             FdKind.DIRTY_LOG: lambda: self._dirty_log(dev.name),
+            FdKind.PROGRESS: lambda: self._sealed_memfd(f"{dev.name}-progress", PAGE_SIZE),
             FdKind.NOTIFY: lambda: self._notify(model, role),
             FdKind.MSIX: lambda: self._msix(model, role),
             FdKind.INTX: lambda: self._intx_pair(model, role)[0].fd,
@@ -103,8 +105,12 @@ class DeviceFds:
     def _dirty_log(self, name: str) -> int:
         """A memfd bitmap, one bit per 4 KiB page of the RAM memfd, in whole pages; sealed
         like guest RAM: the monitor reads it while the device writes it."""
-        size = dirty_log_size(self.mem.size)
-        fd = self._own(os.memfd_create(f"{name}-dirty", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+        return self._sealed_memfd(f"{name}-dirty", dirty_log_size(self.mem.size))
+
+    def _sealed_memfd(self, name: str, size: int) -> int:
+        """A zeroed memfd of `size` bytes that no process can resize (a device's processes
+        map it, and a mapping past a shrunk end would fault)."""
+        fd = self._own(os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
         return fd

@@ -32,6 +32,9 @@ class FdKind(enum.Enum):
     # A memfd bitmap, one bit per 4 KiB page of the memfd (bit n of byte n // 8 = page n),
     # that the device sets for every page it writes: KVM's dirty log sees vCPU writes only.
     DIRTY_LOG = "dirty-log"
+    # A memfd page that outlives each process of the device: what one writes there (its
+    # transmit progress, devprocs/progress.py), the one started after its crash reads.
+    PROGRESS = "progress"
     NOTIFY = "notify"  # an ioeventfd on the notify address of queue `index`
     MSIX = "msix"  # an irqfd for MSI-X vector `index`: its route is asked for (protocol/events)
     INTX = "intx"  # an irqfd (level, with a resample fd) on the function's INTx GSI
@@ -350,7 +353,9 @@ VIRTIO_CONSOLE = ModelDescriptor(
     name="virtio-console",  # virtio 1.2 5.3, one port: receiveq0 (queue 0), transmitq0 (1)
     transport=virtio_function(queues=2),
     options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
-    fds=virtio_fds(2, FdRole("out", FdKind.OUTPUT, option="output")),
+    fds=virtio_fds(
+        2, FdRole("out", FdKind.OUTPUT, option="output"), FdRole("progress", FdKind.PROGRESS)
+    ),
     console=True,
     # receive: two buffers, filled from the host input sent before each; transmit: a line,
     # then more than the audit's pipe and the device's buffer hold (its output stalls until

@@ -5,7 +5,9 @@ text round trip through the device's queues is the console guest's (issue 10).""
 
 from __future__ import annotations
 
+import json
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,31 @@ def test_virtio_console_guest_sink_checks_200000_bytes_of_host_input(guests, tmp
         listener.close()
     assert status == 33, vm.text() + err
     assert f"sink: 200000 bytes fnv1a={fnv1a(pattern(200000))} bad=0" in vm.text()
+
+
+def test_virtio_console_killed_while_writing_to_a_file_loses_and_repeats_no_byte(guests, tmp_path):
+    """on_crash = restart, output to a regular file: each SIGKILL of the console process in
+    the middle of a 64 MiB pattern; the file still holds every byte exactly once."""
+    hvc = tmp_path / "hvc.log"
+    cfg = console_guest(tmp_path, guests, "mode=pattern bytes=64M chunk=256", str(hvc))
+    cfg.write_text(cfg.read_text() + 'on_crash = "restart"\nmax_restarts = 20\n')
+    vm = VmProcess(tmp_path, ["up", str(cfg)], tmp_path / "serial.log")
+    vm.wait_for("greeting sent")
+    for generation in range(2, 7):
+        result = vm.ctl("crash-device", "con0")
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
+            con = next(d for d in devices if d["name"] == "con0")
+            if con["state"] == "running" and con["generation"] == generation:
+                break
+            time.sleep(0.05)
+        assert con["generation"] == generation, con
+    status, err = vm.finish(timeout=120)
+    assert status == 33, vm.text()[-2000:] + err
+    want = pattern(64 << 20)
+    line = f"pattern: {64 << 20} bytes fnv1a={fnv1a(want)}".encode()
+    greeting = b"virtio-console: hello from the console guest\n"
+    out = hvc.read_bytes()
+    assert out.startswith(greeting + want + line), (len(out), out.find(line))

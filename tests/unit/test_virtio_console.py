@@ -16,6 +16,7 @@ from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, VirtioConsoleState
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec, wire
@@ -414,3 +415,100 @@ def test_virtio_console_input_frame_from_monitor_reaches_guest(host):
     runtime._apply(dev, wire.decode_access(wire.encode_input(b"keys"), dev.WINDOW))
 
     assert rx.take_used() == [(head, 4)] and dev.ram.read(gpa, 4) == b"keys"
+
+
+# -- crash restarts to a regular file, from a checkpoint older than the last completion -------
+@pytest.fixture
+def file_host(tmp_path: Path) -> Iterator[Host]:
+    """A host whose `out` is a regular file (the monitor then counts what the line took)."""
+    h = Host(os.open(tmp_path / "hvc.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    yield h
+    h.close()
+
+
+class Process:
+    """One process of the device (fresh, or restored from `state`): its line, and the
+    checkpoints it published."""
+
+    def __init__(self, ctx: DeviceContext, state: VirtioConsoleState | None = None) -> None:
+        assert isinstance(ctx.out.line, Line)
+        self.line, self.channel = ctx.out.line, Channel()
+        ctx.events.connect(self.channel.send)
+        self.dev = VirtioConsole(ctx) if state is None else VirtioConsole.restore(ctx, state)
+
+    def checkpoint(self) -> tuple[VirtioConsoleState, int]:
+        """The last checkpoint it published, and its output count (runtime.Checkpoints)."""
+        return published(self.channel), self.dev.ctx.out.emitted
+
+
+def after_crash(
+    host: Host, checkpoint: tuple[VirtioConsoleState, int], lines: list[Line]
+) -> Process:
+    """The next process, from `checkpoint` as the monitor hands it over (slot._resume_locked,
+    runtime.prepare_resume): the file grew by what every line so far took."""
+    state, emitted = checkpoint
+    ctx = host.context(Line(), restarted=True)
+    ctx.out.emitted = emitted
+    ctx.out.skip = max(0, sum(len(line.taken) for line in lines) - emitted)
+    return Process(ctx, state)
+
+
+def test_virtio_console_restart_from_checkpoint_older_than_last_completion_sends_each_byte_once(
+    file_host,
+):
+    first = Process(file_host.context(Line()))
+    driver, _, tx = started(first.dev)
+    transmit(tx, b"first\n")
+    driver.kick(1)
+    stale = first.checkpoint()  # the last one the monitor read before the crash
+    transmit(tx, b"second\n")
+    driver.kick(1)  # completed: its checkpoint died with the process
+    first.line.budget = 4
+    third = transmit(tx, b"third\n")
+    driver.kick(1)  # the line took "thir", then the process died
+
+    second = after_crash(file_host, stale, [first.line])
+    Driver(second.dev).kick(1)
+
+    assert bytes(first.line.taken + second.line.taken) == b"first\nsecond\nthird\n"
+    assert tx.take_used()[-1] == (third, 0)
+
+
+def test_virtio_console_restart_after_restart_from_old_checkpoint_loses_no_byte(file_host):
+    """The first restart starts from a checkpoint older than the last completion and, with
+    no progress page to go by, sends the chain in flight again whole: the output's count it
+    carries on with must still be the file's, or the next restart drops bytes never sent."""
+    progress = file_host.fds["progress"]
+    first = Process(file_host.context(Line()))
+    driver, _, tx = started(first.dev)
+    transmit(tx, b"first\n")
+    driver.kick(1)
+    stale = first.checkpoint()
+    transmit(tx, b"second\n")
+    driver.kick(1)  # completed after the checkpoint the monitor holds; then the crash
+    os.pwrite(progress, bytes(64), 0)  # no record to go by
+
+    second = after_crash(file_host, stale, [first.line])
+    Driver(second.dev).kick(1)
+    transmit(tx, b"third\n")
+    Driver(second.dev).kick(1)
+    fresh = second.checkpoint()
+    second.line.budget = 3
+    transmit(tx, b"fourth\n")
+    Driver(second.dev).kick(1)  # the line took "fou", then the process died
+    os.pwrite(progress, bytes(64), 0)
+
+    third = after_crash(file_host, fresh, [first.line, second.line])
+    Driver(third.dev).kick(1)
+
+    out = bytes(first.line.taken + second.line.taken + third.line.taken)
+    assert out == b"first\nsecond\nthird\nfourth\n"
+
+
+def test_virtio_console_progress_record_scribbled_on_leaves_the_other(file_host):
+    progress = Progress(file_host.fds["progress"])
+    progress.write(7, 100)  # slot 1
+    progress.write(8, 150)  # slot 0...
+    os.pwrite(file_host.fds["progress"], b"\xff", 3)  # ...scribbled on
+
+    assert progress.records() == {7: 100}

@@ -1,0 +1,63 @@
+"""A queue's progress, kept where the device process's death does not take it (fd role
+`progress`, FdKind.PROGRESS: a memfd page the monitor makes once per device; each process
+of the device gets the same one).
+
+The monitor learns a device's checkpoints only when it reads the device's channel (around
+its own requests, and the heartbeat's ping once a second), and what the device had queued
+on its side dies with it: the checkpoint a restart starts from may be older than the last
+completion the guest sees in its used ring. What a restart must know, and that checkpoint
+cannot say, is where in the output stream the chain at the used ring's idx starts. So
+the device writes it here, (used idx, output count), before the used idx says so; the
+process started after its crash reads it (the record of the used idx it finds in guest
+RAM).
+
+Two slots: the record of used idx u lives in slot u % 2, so writing the next idx's record
+never overwrites the current one's. Each record is (used idx, count, crc32 of both): one
+pwrite(2), which SIGKILL does not cut short, and the crc turns away a page that holds no
+record yet or that a compromised process scribbled on. pwrite, not a mapping: CPython's
+mmap keeps a dup of the fd, which the sandbox closes and ZeroMQ then reuses, and the
+mapping's finalizer would close ZeroMQ's fd.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+from splitvmm.errors import StateError
+
+RECORD = struct.Struct("<QQ")  # used idx, output count
+CRC = struct.Struct("<I")
+SLOT = RECORD.size + CRC.size
+SIZE = 2 * SLOT  # what the page must hold
+
+
+class Progress:
+    """The two records in the device's progress memfd. Made before the sandbox (Device.setup):
+    it reads what the process before this one left, `left`."""
+
+    def __init__(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size < SIZE:
+            raise StateError(f"progress memfd: {size} bytes, {SIZE} needed")
+        self.fd = fd
+        self.left = self.records()
+
+    def write(self, used_idx: int, count: int) -> None:
+        """Record that the chain at `used_idx` starts at output count `count`."""
+        record = RECORD.pack(used_idx, count)
+        os.pwrite(self.fd, record + CRC.pack(zlib.crc32(record)), (used_idx % 2) * SLOT)
+
+    def records(self) -> dict[int, int]:
+        """used idx -> output count, of the slots whose crc holds (pread64: not once the
+        sandbox is up, whose policy allows the device only pwrite64)."""
+        page = os.pread(self.fd, SIZE, 0)
+        found: dict[int, int] = {}
+        for at in (0, SLOT):
+            record = page[at : at + RECORD.size]
+            (crc,) = CRC.unpack_from(page, at + RECORD.size)
+            if len(record) == RECORD.size and zlib.crc32(record) == crc:
+                used_idx, count = RECORD.unpack(record)
+                found[used_idx] = count
+        return found
