@@ -2,10 +2,9 @@
 
 The monitor knows how to make each kind -- an irqfd, an output stream, a view of guest RAM,
 a dirty bitmap, a progress page, an ioeventfd, a disk image, a TAP -- never what a model does
-with it. Every fd made
-here is the monitor's: a device's processes get copies at each spawn (a restarted process
-gets the same ones: the irqfds and ioeventfds stay registered with KVM across a crash), and
-the machine closes them at tear-down.
+with it. Every fd made here is the monitor's: a device's processes get copies at each spawn
+(a restarted process gets the same ones: the irqfds and ioeventfds stay registered with KVM
+across a crash), and the machine closes them at tear-down.
 """
 
 from __future__ import annotations

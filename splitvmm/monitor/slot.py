@@ -239,6 +239,9 @@ class DeviceSlot:
         self._journal: deque[tuple[int, bytes]] = deque()  # (number, frame) past the checkpoint
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
         self._out_fd, self._out_base = _regular_output(spawn)
+        # A process failed through its channel, whose end the supervisor has not reported
+        # yet: process_ended says how it ended even once a restart replaced it.
+        self._failed_process: DeviceProcess | None = None
         self._lock = threading.Lock()
         self._back = threading.Condition(self._lock)  # notified when the state leaves AWAY
         self._reports = RateLimitedLog(log)  # a device's reports: one line a second at most
@@ -476,22 +479,19 @@ class DeviceSlot:
         """The supervisor saw `process` end: the device failed, if it still serves it."""
         with self._lock:
             if process is not self.process:
-                return  # an earlier process of the device, ended on purpose (vacate)
+                # An earlier process: ended on purpose (vacate), or it failed through its
+                # channel first and a restart (a warm spare's: a few ms) already replaced it.
+                if process is self._failed_process:
+                    self._failed_process = None
+                    log.warning("device %s (pid %d) %s", self.name, process.pid, _how(process))
+                return
             if self.channel is not None:  # what it published last is its last known state
                 self._drain_events_locked(self.channel)
             # The lock is held while the launcher says how it ended (a few ms): an access
             # meanwhile waits here, not on a dead device until its deadline.
-            try:
-                status = process.wait(END_TIMEOUT_S)
-            except (SplitvmmError, TimeoutError) as e:  # the launcher is gone
-                how = f"ended; its exit status is unknown ({e})"
-            else:
-                how = (
-                    f"was killed by signal {-status}"
-                    if status < 0
-                    else f"exited with status {status}"
-                )
+            how = _how(process)
             if self.restarting:  # its channel said so first: say how it ended
+                self._failed_process = None
                 log.warning("device %s (pid %d) %s", self.name, process.pid, how)
                 return
             self._fail_locked(f"process {how}")
@@ -700,6 +700,7 @@ class DeviceSlot:
             return
         if self.process is not None:
             self.process.kill()
+            self._failed_process = self.process  # process_ended says how it ended, later
         log.error("device %s (pid %d) failed: %s", self.name, self.pid, reason)
         self.crashes += 1
         self.last_failure, self._crashed_at = reason, time.monotonic()
@@ -739,6 +740,15 @@ class DeviceSlot:
         _end(self.name, process, channel)
         if spare is not None:
             self._end_spare(*spare)
+
+
+def _how(process: DeviceProcess) -> str:
+    """How a process ended, as the launcher saw it (waits for it, at most END_TIMEOUT_S)."""
+    try:
+        status = process.wait(END_TIMEOUT_S)
+    except (SplitvmmError, TimeoutError) as e:  # the launcher is gone
+        return f"ended; its exit status is unknown ({e})"
+    return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
 
 
 def _regular_output(spawn: Spawn) -> tuple[int | None, int]:
