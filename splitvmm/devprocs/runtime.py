@@ -12,6 +12,11 @@ output's `emitted` count every PUBLISH_EVERY frames, always after the reply to t
 frame it covers. A process started after a crash gets the last checkpoint the monitor
 received, the frames after it (re-applied before READY, read replies thrown away) and
 how many output bytes the dead process sent past the checkpoint (dropped unsent).
+
+Register mirror (monitor/mirror.py): a model whose descriptor mirrors registers has its
+values published (MirrorPublisher) stamped with the frames applied: before the reply to
+every read, after a frame or host event that changed them or left the monitor's copy
+without credit, and before the reply to a resume (the monitor drops its copy on quiesce).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 
 import zmq
 
@@ -29,6 +35,8 @@ from splitvmm.devprocs.base import (
     ConsoleInput,
     Device,
     DeviceContext,
+    DeviceEvents,
+    MirroredRegisters,
     OutputProducer,
     RegisterDevice,
     load_model,
@@ -40,6 +48,7 @@ from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, wire
+from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox import device as sandbox
 
@@ -98,7 +107,11 @@ def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
 
 
 def _serve_control(
-    device: Device, sock: zmq.Socket[bytes], buf: bytes, injector: FaultInjector
+    device: Device,
+    sock: zmq.Socket[bytes],
+    buf: bytes,
+    injector: FaultInjector,
+    mirrors: MirrorPublisher,
 ) -> None:
     """quiesce / save / resume, in the device's own order. Every access sent before the
     request was applied already: the channel is ordered. While quiesced the output buffer
@@ -122,6 +135,7 @@ def _serve_control(
     elif op == "resume":
         device.ctx.out.held = False
         device.resume()
+        mirrors.republish()  # before the reply: the monitor dropped its copy on quiesce
     if op == "save":
         reply = {
             "op": "state",
@@ -156,6 +170,49 @@ class Checkpoints:
         )
 
 
+class MirrorPublisher:
+    """Publishes a model's register mirror (monitor/mirror.py) as MIRROR frames, only when
+    the monitor's copy would no longer answer exactly, or could answer for longer."""
+
+    def __init__(self, device: Device, checkpoints: Checkpoints) -> None:
+        self._registers = MODELS[type(device).NAME].mirrored
+        self._model = device if isinstance(device, MirroredRegisters) else None
+        self._events: DeviceEvents = device.ctx.events
+        self._checkpoints = checkpoints  # its `applied` is the stamp
+        self._last: wire.Mirror | None = None  # what the monitor has, once sent
+        self._used = 0  # writes its credit covered, applied since
+
+    def applied(self, write_at: int | None) -> None:
+        """A frame was applied (a write at `write_at`, or None: a read or input), and is
+        about to be counted; a read's reply follows this."""
+        last = self._last
+        if last is not None and write_at == last.credit_offset and self._used < last.credit:
+            self._used += 1
+        else:
+            self._last = None  # the monitor's copy is no longer current: a new stamp
+        self.changed(1)
+
+    def changed(self, pending: int = 0) -> None:
+        """Publish if the values (or the credit's offset) changed, or the credit left runs
+        out; `pending`: frames applied and not counted yet."""
+        if self._model is None:
+            return
+        now = self._model.mirror()
+        last = self._last
+        if last is not None:
+            left = last.credit - self._used
+            same = now.values == last.values and now.credit_offset == last.credit_offset
+            if same and left <= now.credit and 2 * left >= now.credit:
+                return
+        self._last = replace(now, stamp=self._checkpoints.applied + pending)
+        self._used = 0
+        self._events.publish_mirror(wire.encode_mirror(self._last, self._registers))
+
+    def republish(self) -> None:
+        self._last = None
+        self.changed()
+
+
 def serve(
     device: Device,
     sock: zmq.Socket[bytes],
@@ -164,18 +221,26 @@ def serve(
 ) -> None:
     """Frames from the channel, and whatever else the model waits on (eventloop.py)."""
     inj = injector or FaultInjector()
-    EventLoop(device, sock, lambda buf: _serve_frame(device, sock, buf, checkpoints, inj)).run()
+    mirrors = MirrorPublisher(device, checkpoints)
+    mirrors.changed()  # the first, after READY
+    EventLoop(
+        device,
+        sock,
+        lambda buf: _serve_frame(device, sock, buf, (checkpoints, mirrors), inj),
+        after_host_event=mirrors.changed,
+    ).run()
 
 
 def _serve_frame(
     device: Device,
     sock: zmq.Socket[bytes],
     buf: bytes,
-    checkpoints: Checkpoints,
+    progress: tuple[Checkpoints, MirrorPublisher],
     injector: FaultInjector,
 ) -> None:
+    checkpoints, mirrors = progress
     if control.is_control(buf):
-        _serve_control(device, sock, buf, injector)
+        _serve_control(device, sock, buf, injector, mirrors)
         return
     if not isinstance(device, RegisterDevice):
         raise ProtocolError(f"{type(device).__name__} takes no port accesses")
@@ -184,10 +249,12 @@ def _serve_frame(
         # The monitor's last request before it ends us: give the line what it takes in time.
         if device.ctx.out.drain() and isinstance(device, OutputProducer):
             device.output_room()
+            mirrors.changed()
         sock.send(wire.encode_sync_done(access.seq))
         return
     injector.received()
     reply = _apply(device, access)
+    mirrors.applied(access.offset if access.op == wire.Op.WRITE else None)
     if reply is not None:
         if not injector.send_reply():
             return  # dropped: no checkpoint covers it, as if this process died before replying

@@ -2,7 +2,8 @@
 
 It forwards guest accesses and control requests as frames, numbers each request,
 gives it a deadline, charges slow replies to a latency budget, and checks every
-reply. Anything wrong -- a malformed frame, a wrong sequence number, a missed
+reply. It keeps the device's register mirror (monitor/mirror.py) from the MIRROR frames
+the device sends. Anything wrong -- a malformed frame, a wrong sequence number, a missed
 deadline, slow replies past the budget, EOF -- raises ChannelError; the device's
 slot (monitor/slot.py) then fails the device, whose on_crash policy decides what
 happens next. A channel lives as long as one process of its device.
@@ -20,7 +21,9 @@ import zmq
 
 from splitvmm.errors import ProtocolError, SplitvmmError
 from splitvmm.monitor.budget import LatencyBudget
+from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.protocol import control, events, wire
+from splitvmm.protocol.models import MODELS
 from splitvmm.sandbox.spawn import DeviceProcess
 
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
@@ -64,6 +67,12 @@ class DeviceChannel:
         self.endpoint = endpoint
         self._on_event = on_event
         self._model = model  # what a saved state must say it is
+        descriptor = MODELS[model]
+        self._mirrored, self._window = descriptor.mirrored, descriptor.transport.size
+        self.mirror = RegisterMirror(self._mirrored)  # this process's: a new one starts empty
+        # Frames posted since the last request: each may bring one MIRROR (the device's
+        # values after it), over the events a request may meet (_request).
+        self._posted = 0
         self._seq = 0
         self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
         try:
@@ -150,6 +159,7 @@ class DeviceChannel:
         """Send a frame that gets no reply (a write, host input)."""
         try:
             self.sock.send(frame)
+            self._posted += 1
         except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
             raise ChannelError(f"stopped taking posted writes ({e})") from None
 
@@ -176,13 +186,12 @@ class DeviceChannel:
             self.drain_events()
             self.sock.send(frame)
             deadline = time.monotonic() + timeout_ms / 1000
-            for _ in range(events.MAX_EVENTS_PER_REQUEST + 1):
+            allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
+            for _ in range(allowed + 1):
                 buf = self._recv(deadline)
                 if not self._handled_event(buf):  # replies are binary, or control of another op
                     return buf
-            raise ChannelError(
-                f"sent more than {events.MAX_EVENTS_PER_REQUEST} events around one request"
-            )
+            raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
             raise ChannelError(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
@@ -225,7 +234,11 @@ class DeviceChannel:
                 raise ChannelError("sent a frame nobody asked for")
 
     def _handled_event(self, buf: bytes) -> bool:
-        """Whether `buf` was an event, now handled (decoded once: events.event_in)."""
+        """Whether `buf` was an event or a MIRROR, now handled (decoded once: events.event_in,
+        wire.decode_mirror)."""
+        if wire.is_mirror(buf):
+            self._take_mirror(buf)
+            return True
         try:
             event = events.event_in(buf, self._model)
         except ProtocolError as e:  # a broken control frame
@@ -236,6 +249,14 @@ class DeviceChannel:
             raise ChannelError("sent an event, which this channel takes none of")
         self._on_event(event)
         return True
+
+    def _take_mirror(self, buf: bytes) -> None:
+        if not self.mirror.declared:
+            raise ChannelError(f"sent a register mirror, but a {self._model} mirrors none")
+        try:
+            self.mirror.take(wire.decode_mirror(buf, self._mirrored, self._window))
+        except ProtocolError as e:
+            raise ChannelError(f"bad register mirror: {e}") from None
 
     def close(self) -> None:
         if self._gone is not None:
