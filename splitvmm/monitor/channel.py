@@ -266,6 +266,11 @@ class DeviceChannel:
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
+# zmq.POLLIN is an IntFlag, whose `&` builds a member (~1 us): a read from the register mirror
+# asks this once per access.
+_POLLIN = int(zmq.POLLIN)
+
+
 def _readable(sock: zmq.Socket[bytes]) -> bool:
     """A frame waits unread (pyzmq types every option as int | bytes; ZMQ_EVENTS is an int)."""
-    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
+    return bool(cast(int, sock.get(zmq.EVENTS)) & _POLLIN)
