@@ -129,6 +129,7 @@ def _serve_control(
                 ProtocolError,
             )
         )
+        mirrors.republish()
     elif op == "quiesce":
         device.quiesce()
         device.ctx.out.held = True
@@ -174,8 +175,9 @@ class MirrorPublisher:
     """Publishes a model's register mirror (monitor/mirror.py) as MIRROR frames, only when
     the monitor's copy would no longer answer exactly, or could answer for longer."""
 
-    def __init__(self, device: Device, checkpoints: Checkpoints) -> None:
+    def __init__(self, device: Device, checkpoints: Checkpoints, injector: FaultInjector) -> None:
         self._registers = MODELS[type(device).NAME].mirrored
+        self._injector = injector  # a fault armed for a reply: publish no value
         self._model = device if isinstance(device, MirroredRegisters) else None
         self._events: DeviceEvents = device.ctx.events
         self._checkpoints = checkpoints  # its `applied` is the stamp
@@ -200,6 +202,8 @@ class MirrorPublisher:
         if self._model is None:
             return
         now = self._model.mirror()
+        if self._injector.awaits_reply():
+            now = wire.Mirror((None,) * len(self._registers))
         last = self._last
         if last is not None:
             left = last.credit - self._used
@@ -223,12 +227,12 @@ def serve(
 ) -> None:
     """Frames from the channel, and whatever else the model waits on (eventloop.py)."""
     inj = injector or FaultInjector()
-    mirrors = MirrorPublisher(device, checkpoints)
+    mirrors = MirrorPublisher(device, checkpoints, inj)
     mirrors.changed()  # the first, after READY
     EventLoop(
         device,
         sock,
-        lambda buf: _serve_frame(device, sock, buf, (checkpoints, mirrors), inj),
+        lambda buf: _serve_frame(device, sock, buf, checkpoints, inj, mirrors),
         after_host_event=mirrors.changed,
     ).run()
 
@@ -237,10 +241,13 @@ def _serve_frame(
     device: Device,
     sock: zmq.Socket[bytes],
     buf: bytes,
-    progress: tuple[Checkpoints, MirrorPublisher],
+    checkpoints: Checkpoints,
     injector: FaultInjector,
+    mirrors: MirrorPublisher | None = None,
 ) -> None:
-    checkpoints, mirrors = progress
+    """One frame from the monitor; `mirrors`: the model's register mirror, if published."""
+    if mirrors is None:
+        mirrors = MirrorPublisher(device, checkpoints, injector)
     if control.is_control(buf):
         _serve_control(device, sock, buf, injector, mirrors)
         return

@@ -491,6 +491,13 @@ class DeviceSlot:
             try:
                 channel.control("ping", timeout_ms)
             except ChannelError as e:
+                process = self.process
+                if self.supervised and process is not None and process.ended():
+                    # Dead, not hung: the supervisor (this thread) sees its pidfd next and
+                    # says how it ended (process_ended); waiting for that here would wait
+                    # for ourselves. A vCPU reading from the register mirror leaves the
+                    # lock free, so the heartbeat may be first to meet a dead device.
+                    return
                 self._channel_failed_locked(f"missed its heartbeat: {e}")
         finally:
             self._lock.release()
