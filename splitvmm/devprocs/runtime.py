@@ -111,11 +111,12 @@ def _serve_control(
     sock: zmq.Socket[bytes],
     buf: bytes,
     injector: FaultInjector,
-    mirrors: MirrorPublisher,
+    mirrors: MirrorPublisher | None = None,
 ) -> None:
     """quiesce / save / resume, in the device's own order. Every access sent before the
     request was applied already: the channel is ordered. While quiesced the output buffer
-    is held: what it holds is part of the state a snapshot saves."""
+    is held: what it holds is part of the state a snapshot saves. `mirrors`: the model's
+    register mirror, published anew after a resume or a fault armed (MirrorPublisher)."""
     msg = control.decode(buf)
     if msg["op"] == "route_done":  # the monitor's answer to a route request: no reply
         device.ctx.events.route_done(*events.decode_route_done(msg))
@@ -129,14 +130,16 @@ def _serve_control(
                 ProtocolError,
             )
         )
-        mirrors.republish()
+        if mirrors is not None:
+            mirrors.republish()
     elif op == "quiesce":
         device.quiesce()
         device.ctx.out.held = True
     elif op == "resume":
         device.ctx.out.held = False
         device.resume()
-        mirrors.republish()  # before the reply: the monitor dropped its copy on quiesce
+        if mirrors is not None:  # before the reply: the monitor dropped its copy on quiesce
+            mirrors.republish()
     if op == "save":
         reply = {
             "op": "state",
