@@ -31,7 +31,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.vmrun import run_guest, run_to_end, write_config  # noqa: E402
+from bench.vmrun import qemu_firmware_argv, run_guest, run_to_end, write_config  # noqa: E402
 from splitvmm.native.kvm import Kvm  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
@@ -60,9 +60,7 @@ def run_splitvmm(image: Path, work: Path, i: int) -> dict[str, float]:
 
 def run_qemu(qemu: str, image: Path, work: Path, i: int) -> dict[str, float]:
     serial = work / f"qemu-{i}.log"
-    argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", "64", "-display", "none"]
-    argv += ["-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
-    argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
+    argv = qemu_firmware_argv(qemu, image, serial)
     text = run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "QEMU")
     return parse(text, "QEMU")
 

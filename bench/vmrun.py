@@ -33,3 +33,11 @@ def run_guest(config: Path, serial: Path, status: int, timeout: float = 600) -> 
     """`splitvmm up CONFIG` to its end (see run_to_end)."""
     argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
     return run_to_end(argv, serial, status, timeout, "splitvmm")
+
+
+def qemu_firmware_argv(qemu: str, image: Path, serial: Path) -> list[str]:
+    """QEMU running a firmware test guest as its BIOS, COM1 to `serial`, with the debug-exit
+    port the guests end through."""
+    argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", "64", "-display", "none"]
+    argv += ["-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
+    return argv + ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]

@@ -35,7 +35,17 @@ BEHAVIOURS = (
     "route",  # asks for routes to GSI 4 (its own) and 9; the read returns what it was told
     "event-flood",  # publishes MAX_EVENTS_PER_REQUEST + 1 times before a read reply
     "bad-event",  # publishes a state for another model before its read reply
+    # -- register mirrors (monitor/mirror.py), each sent before its read reply
+    "mirror-undeclared",  # a value for a register past the six the serial model mirrors
+    "mirror-oversized",  # data past the six bytes the serial model's registers take
+    "mirror-credit-outside",  # a credit for writes at an offset outside the window
 )
+# The MIRROR frames of the mirror behaviours: mask, credit offset, data.
+ROGUE_MIRRORS = {
+    "mirror-undeclared": (0b1000000, 0, b"\x00" * 6 + b"\x01\x00"),
+    "mirror-oversized": (0b111111, 0, b"\x60" * 8),
+    "mirror-credit-outside": (0b111111, 8, b"\x60" * 6 + b"\x00\x00"),
+}
 SLOW_DATA = 0x5A  # what a slow device's reads return
 
 
@@ -114,6 +124,10 @@ def main() -> None:
                 continue
             answer_control(sock, buf, delay_s if behaviour == "slow-control" else None)
             continue
+        if behaviour in ROGUE_MIRRORS:
+            mask, credit_offset, data = ROGUE_MIRRORS[behaviour]
+            sock.send(wire.FRAME.pack(wire.Op.MIRROR, mask, 1, 0, credit_offset, data))
+            behaviour = "silent"  # after that, no reply: the monitor must not wait for one
         if behaviour in EVENT_BEHAVIOURS:
             answer_with_events(sock, buf, behaviour, routes)
             continue

@@ -421,14 +421,15 @@ class SpawnedDevice:
             control.decode(self._reply(f"the device did not answer {op}"))
 
     def _reply(self, silence: str) -> bytes:
-        """The next frame that is not an event (a device publishes its state unasked)."""
-        from splitvmm.protocol import events
+        """The next frame that is not an event nor a MIRROR (a device publishes its state and
+        its register mirror unasked)."""
+        from splitvmm.protocol import events, wire
 
         while True:
             if not self.sock.poll(2000):
                 raise click.ClickException(silence)
             buf: bytes = self.sock.recv()
-            if not events.is_event(buf):
+            if not events.is_event(buf) and not wire.is_mirror(buf):
                 return buf
 
     def _next(self) -> int:

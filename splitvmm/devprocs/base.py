@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
-from splitvmm.protocol import events, schema
+from splitvmm.protocol import events, schema, wire
 from splitvmm.protocol.models import MODELS, module_name
 
 
@@ -68,6 +68,7 @@ class DeviceEvents:
     def __init__(self) -> None:
         self._send: Callable[[bytes], bool] | None = None
         self._state: bytes | None = None  # the newest published state not sent yet
+        self._mirror: bytes | None = None  # the newest MIRROR frame not sent yet
         self._pending: list[bytes] = []
         self.dropped = 0
         self.routes: dict[int, tuple[bool, str]] = {}  # route id -> (ok, reason), answered
@@ -82,6 +83,11 @@ class DeviceEvents:
     def publish(self, state_document: dict[str, object]) -> None:
         progress = self.progress() if self.progress is not None else None
         self._state = events.encode_publish(state_document, progress)
+        self.flush()
+
+    def publish_mirror(self, frame: bytes) -> None:
+        """A MIRROR frame (runtime.MirrorPublisher); a newer one supersedes one not sent."""
+        self._mirror = frame
         self.flush()
 
     def report(self, message: str) -> None:
@@ -115,6 +121,8 @@ class DeviceEvents:
             return
         if self._state is not None and self._send(self._state):
             self._state = None
+        if self._mirror is not None and self._send(self._mirror):
+            self._mirror = None
         while self._pending and self._send(self._pending[0]):
             self._pending.pop(0)
 
@@ -236,6 +244,15 @@ class TimedEvents(Protocol):
         """The deadline passed (`now` is time.monotonic()): do what was due."""
 
 
+@runtime_checkable
+class MirroredRegisters(Protocol):
+    def mirror(self) -> wire.Mirror:
+        """What reads of the registers its descriptor mirrors (ModelDescriptor.mirrored, in
+        order) return now, None for one whose read would have a side effect now; and the
+        writes that will leave them all as they are (the credit: a promise, which the model
+        must keep). The stamp is the runtime's to set (monitor/mirror.py)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Source:
     """An fd the event loop watches for the model: readable -> on_readable()."""
@@ -265,6 +282,8 @@ def register(cls: M) -> M:
         raise TypeError(f"{cls.__name__}: WINDOW {cls.WINDOW} != its descriptor's window")
     if cls.State.VERSION != descriptor.state_version:
         raise TypeError(f"{cls.__name__}: State.VERSION != its descriptor's state_version")
+    if descriptor.mirrored and not issubclass(cls, MirroredRegisters):
+        raise TypeError(f"{cls.__name__}: its descriptor mirrors registers; it has no mirror()")
     REGISTRY[cls.NAME] = cls
     return cls
 

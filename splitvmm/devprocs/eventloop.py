@@ -33,10 +33,15 @@ class EventLoop:
         channel: zmq.Socket[bytes],
         serve_frame: Callable[[bytes], None],
         clock: Callable[[], float] = time.monotonic,
+        after_host_event: Callable[[], None] | None = None,
     ) -> None:
+        """`after_host_event` runs after a step in which something other than a frame moved
+        the model (its line drained, an fd of its, a deadline): the runtime publishes what
+        that changed (its register mirror)."""
         self.device = device
         self.channel = channel
         self.serve_frame = serve_frame
+        self.after_host_event = after_host_event
         self.clock = clock
         self._timed = device if isinstance(device, TimedEvents) else None
         self._sources = device if isinstance(device, EventSources) else None
@@ -59,14 +64,20 @@ class EventLoop:
             self.device.ctx.events.flush()
             return
         ready = self._poll(line, sources, deadline)
+        host_event = False
         if line is not None and ready.get(line) and out.flush():  # writable, or an error
+            host_event = True
             if self._room is not None:
                 self._room()
         for fd, source in sources.items():
             if ready.get(fd):
+                host_event = True
                 source.on_readable()
         if self._timed is not None and deadline is not None and self.clock() >= deadline:
+            host_event = True
             self._timed.tick(self.clock())
+        if host_event and self.after_host_event is not None:
+            self.after_host_event()
         if ready.get(self.channel):
             self.serve_frame(self.channel.recv(copy=True))
         self.device.ctx.events.flush()  # what the channel could not take before

@@ -30,6 +30,11 @@ class FaultInjector:
         if self.fault.kind == "exit" and self.frames >= self.fault.after:
             os._exit(EXIT_STATUS)  # mid-request: the frame is neither applied nor answered
 
+    def awaits_reply(self) -> bool:
+        """A fault that fires at a reply (`delay`, `drop`) is armed: reads must reach the
+        device, not the monitor's register mirror (runtime.MirrorPublisher)."""
+        return self.fault is not None and self.fault.kind in ("delay", "drop")
+
     def send_reply(self) -> bool:
         """Before a reply: False if it is dropped. `delay` and `drop` fire at the first reply
         at or after their frame (a write gets no reply)."""

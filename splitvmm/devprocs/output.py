@@ -31,6 +31,7 @@ suspended to disk sends them once, after its restore.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -64,6 +65,9 @@ class FdLine:
         self.fd = fd
         self._sock: socket.socket | None = None
         mode = os.fstat(fd).st_mode
+        # A regular file takes each write whole, at once (BoundedOutput.immediate): a device
+        # may promise what its status registers read after a write (monitor/mirror.py).
+        self.whole_writes = stat.S_ISREG(mode)
         if stat.S_ISSOCK(mode):
             self._sock = socket.socket(fileno=fd)  # for send(MSG_DONTWAIT); kept for our life
         elif not stat.S_ISREG(mode):
@@ -73,9 +77,14 @@ class FdLine:
         try:
             if self._sock is not None:
                 return self._sock.send(data, socket.MSG_DONTWAIT)
-            return os.write(self.fd, data)
+            n = os.write(self.fd, data)
         except BlockingIOError:
             return 0
+        if self.whole_writes and n < len(data):
+            # A regular file is full (or at its size limit): the next write fails anyway.
+            # Failing this one keeps the promise that nothing stays buffered.
+            raise OSError(errno.ENOSPC, f"a write of {len(data)} bytes took {n}")
+        return n
 
     def fileno(self) -> int:
         return self.fd
@@ -115,6 +124,13 @@ class BoundedOutput:
 
     def buffered(self) -> bytes:
         return bytes(self._buf)
+
+    def immediate(self) -> bool:
+        """Whether a byte put() while nothing is buffered leaves at once, whole: there is no
+        line, or it is a regular file (FdLine.whole_writes), and the buffer is not held."""
+        if self.held:
+            return False
+        return self.line is None or (isinstance(self.line, FdLine) and self.line.whole_writes)
 
     def put(self, data: bytes) -> int:
         """Take as much of `data` as fits; the number of bytes taken."""

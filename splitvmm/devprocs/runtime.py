@@ -12,6 +12,11 @@ output's `emitted` count every PUBLISH_EVERY frames, always after the reply to t
 frame it covers. A process started after a crash gets the last checkpoint the monitor
 received, the frames after it (re-applied before READY, read replies thrown away) and
 how many output bytes the dead process sent past the checkpoint (dropped unsent).
+
+Register mirror (monitor/mirror.py): a model whose descriptor mirrors registers has its
+values published (MirrorPublisher) stamped with the frames applied: before the reply to
+every read, after a frame or host event that changed them or left the monitor's copy
+without credit, and before the reply to a resume (the monitor drops its copy on quiesce).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 
 import zmq
 
@@ -29,6 +35,8 @@ from splitvmm.devprocs.base import (
     ConsoleInput,
     Device,
     DeviceContext,
+    DeviceEvents,
+    MirroredRegisters,
     OutputProducer,
     RegisterDevice,
     load_model,
@@ -40,6 +48,7 @@ from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, wire
+from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.sandbox import device as sandbox
 
@@ -98,11 +107,16 @@ def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
 
 
 def _serve_control(
-    device: Device, sock: zmq.Socket[bytes], buf: bytes, injector: FaultInjector
+    device: Device,
+    sock: zmq.Socket[bytes],
+    buf: bytes,
+    injector: FaultInjector,
+    mirrors: MirrorPublisher | None = None,
 ) -> None:
     """quiesce / save / resume / stats, in the device's own order. Every access sent before the
     request was applied already: the channel is ordered. While quiesced the output buffer
-    is held: what it holds is part of the state a snapshot saves."""
+    is held: what it holds is part of the state a snapshot saves. `mirrors`: the model's
+    register mirror, published anew after a resume or a fault armed (MirrorPublisher)."""
     msg = control.decode(buf)
     if msg["op"] == "route_done":  # the monitor's answer to a route request: no reply
         device.ctx.events.route_done(*events.decode_route_done(msg))
@@ -116,12 +130,16 @@ def _serve_control(
                 ProtocolError,
             )
         )
+        if mirrors is not None:
+            mirrors.republish()
     elif op == "quiesce":
         device.quiesce()
         device.ctx.out.held = True
     elif op == "resume":
         device.ctx.out.held = False
         device.resume()
+        if mirrors is not None:  # before the reply: the monitor dropped its copy on quiesce
+            mirrors.republish()
     if op == "save":
         reply = {
             "op": "state",
@@ -158,6 +176,54 @@ class Checkpoints:
         )
 
 
+class MirrorPublisher:
+    """Publishes a model's register mirror (monitor/mirror.py) as MIRROR frames, only when
+    the monitor's copy would no longer answer exactly, or could answer for longer."""
+
+    def __init__(self, device: Device, checkpoints: Checkpoints, injector: FaultInjector) -> None:
+        self._registers = MODELS[type(device).NAME].mirrored
+        self._injector = injector  # a fault armed for a reply: publish no value
+        self._model = device if isinstance(device, MirroredRegisters) else None
+        self._events: DeviceEvents = device.ctx.events
+        self._checkpoints = checkpoints  # its `applied` is the stamp
+        self._last: wire.Mirror | None = None  # what the monitor has, once sent
+        self._used = 0  # writes its credit covered, applied since
+
+    def applied(self, write_at: int | None) -> None:
+        """A frame was applied (a write at `write_at`, or None: a read or input), and is
+        about to be counted; a read's reply follows this."""
+        last = self._last
+        if last is not None and write_at == last.credit_offset and self._used < last.credit:
+            self._used += 1
+            if 2 * self._used <= last.credit:
+                return  # the model promised these values: no need to look at them again
+        else:
+            self._last = None  # the monitor's copy is no longer current: a new stamp
+        self.changed(1)
+
+    def changed(self, pending: int = 0) -> None:
+        """Publish if the values (or the credit's offset) changed, or the credit left runs
+        out; `pending`: frames applied and not counted yet."""
+        if self._model is None:
+            return
+        now = self._model.mirror()
+        if self._injector.awaits_reply():
+            now = wire.Mirror((None,) * len(self._registers))
+        last = self._last
+        if last is not None:
+            left = last.credit - self._used
+            same = now.values == last.values and now.credit_offset == last.credit_offset
+            if same and left <= now.credit and 2 * left >= now.credit:
+                return
+        self._last = replace(now, stamp=self._checkpoints.applied + pending)
+        self._used = 0
+        self._events.publish_mirror(wire.encode_mirror(self._last, self._registers))
+
+    def republish(self) -> None:
+        self._last = None
+        self.changed()
+
+
 def serve(
     device: Device,
     sock: zmq.Socket[bytes],
@@ -166,7 +232,14 @@ def serve(
 ) -> None:
     """Frames from the channel, and whatever else the model waits on (eventloop.py)."""
     inj = injector or FaultInjector()
-    EventLoop(device, sock, lambda buf: _serve_frame(device, sock, buf, checkpoints, inj)).run()
+    mirrors = MirrorPublisher(device, checkpoints, inj)
+    mirrors.changed()  # the first, after READY
+    EventLoop(
+        device,
+        sock,
+        lambda buf: _serve_frame(device, sock, buf, checkpoints, inj, mirrors),
+        after_host_event=mirrors.changed,
+    ).run()
 
 
 def _serve_frame(
@@ -175,9 +248,13 @@ def _serve_frame(
     buf: bytes,
     checkpoints: Checkpoints,
     injector: FaultInjector,
+    mirrors: MirrorPublisher | None = None,
 ) -> None:
+    """One frame from the monitor; `mirrors`: the model's register mirror, if published."""
+    if mirrors is None:
+        mirrors = MirrorPublisher(device, checkpoints, injector)
     if control.is_control(buf):
-        _serve_control(device, sock, buf, injector)
+        _serve_control(device, sock, buf, injector, mirrors)
         return
     if not isinstance(device, RegisterDevice):
         raise ProtocolError(f"{type(device).__name__} takes no port accesses")
@@ -186,10 +263,12 @@ def _serve_frame(
         # The monitor's last request before it ends us: give the line what it takes in time.
         if device.ctx.out.drain() and isinstance(device, OutputProducer):
             device.output_room()
+            mirrors.changed()
         sock.send(wire.encode_sync_done(access.seq))
         return
     injector.received()
     reply = _apply(device, access)
+    mirrors.applied(access.offset if access.op == wire.Op.WRITE else None)
     if reply is not None:
         if not injector.send_reply():
             return  # dropped: no checkpoint covers it, as if this process died before replying

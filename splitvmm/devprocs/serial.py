@@ -13,6 +13,17 @@ no room at all are dropped and counted (counters.tx_dropped), never waited for.
 Host input waits in the receive buffer until the guest reads RBR. The interrupt
 line is edge-signalled through an irqfd (ISA IRQs are edge-triggered on the
 IOAPIC): a pulse each time a new interrupt condition appears.
+
+Register mirror (monitor/mirror.py): the monitor answers reads of IER/DLM, LCR, MCR, LSR,
+MSR and SCR from the values this device publishes. LSR is published as not valid while OE
+is set, MSR while a delta bit is set (outside loopback): reading them clears those bits, so
+such a read comes here, clears them once, and the next mirror is valid again. The credit is
+for THR writes (offset 0), while a write changes none of those registers: with DLAB set
+(it writes DLL); with THRE clear (the byte is buffered or dropped: THRE and TEMT stay
+clear); with nothing buffered and an output that takes every byte at once (no line, or a
+regular file: THRE and TEMT stay set); with bytes buffered, while room for a FIFO load is
+left (THRE stays set, TEMT clear). None in loopback (a THR write sets DR) or while the
+output is held for a snapshot.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from splitvmm.devprocs.base import (
 )
 from splitvmm.errors import StateError
 from splitvmm.protocol.schema import Upgrade
+from splitvmm.protocol.wire import MAX_CREDIT, Mirror
 from splitvmm.ratelimit import RateLimitedLog
 
 log = logging.getLogger("splitvmm.dev.serial")
@@ -53,14 +65,16 @@ class Reg(enum.IntEnum):
     SCR = 7
 
 
-class Ier(enum.IntFlag):
+# The register bits are IntEnums, not IntFlags: an IntFlag's `&`, `|` and `~` build a new
+# member each time (~1 us apiece, a dozen per access, measured), an IntEnum's are int's own.
+class Ier(enum.IntEnum):
     RDI = 0x01  # received data available
     THRI = 0x02  # transmitter holding register empty
     RLSI = 0x04  # receiver line status
     MSI = 0x08  # modem status
 
 
-class Iir(enum.IntFlag):
+class Iir(enum.IntEnum):
     NO_INT = 0x01
     MSI = 0x00
     THRI = 0x02
@@ -69,18 +83,18 @@ class Iir(enum.IntFlag):
     FIFO_ENABLED = 0xC0  # 16550A with FIFOs on
 
 
-class Fcr(enum.IntFlag):
+class Fcr(enum.IntEnum):
     ENABLE_FIFO = 0x01
     CLEAR_RCVR = 0x02
     CLEAR_XMIT = 0x04
 
 
-class Lcr(enum.IntFlag):
+class Lcr(enum.IntEnum):
     WLEN8 = 0x03
     DLAB = 0x80
 
 
-class Mcr(enum.IntFlag):
+class Mcr(enum.IntEnum):
     DTR = 0x01
     RTS = 0x02
     OUT1 = 0x04
@@ -88,14 +102,14 @@ class Mcr(enum.IntFlag):
     LOOP = 0x10
 
 
-class Lsr(enum.IntFlag):
+class Lsr(enum.IntEnum):
     DR = 0x01  # data ready
     OE = 0x02  # overrun
     THRE = 0x20  # transmit holding register empty
     TEMT = 0x40  # transmitter empty
 
 
-class Msr(enum.IntFlag):
+class Msr(enum.IntEnum):
     DCTS = 0x01
     DDSR = 0x02
     TERI = 0x04
@@ -108,6 +122,7 @@ class Msr(enum.IntFlag):
 
 # No modem: report the lines a terminal that is always there would assert.
 MSR_CONNECTED = Msr.DCD | Msr.DSR | Msr.CTS
+MSR_DELTAS = Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD  # cleared by reading MSR
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,6 +185,32 @@ class Uart8250(RegisterDevice):
         self._write_reg(Reg(offset), data[0])
         self._update_irq()
 
+    def mirror(self) -> Mirror:
+        """The registers its descriptor mirrors (IER, LCR, MCR, LSR, MSR, SCR), as reads
+        return them now, and the THR writes that leave them so (the module docstring)."""
+        side_effect_msr = not self.mcr & Mcr.LOOP and self.msr & MSR_DELTAS
+        values = (
+            bytes([self.dlm if self._dlab() else self.ier]),
+            bytes([self.lcr]),
+            bytes([self.mcr]),
+            None if self.lsr & Lsr.OE else bytes([self._lsr_value()]),
+            None if side_effect_msr else bytes([self._modem_status()]),
+            bytes([self.scr]),
+        )
+        return Mirror(values, Reg.RX_TX, self._thr_credit())
+
+    def _thr_credit(self) -> int:
+        out = self.ctx.out
+        if self._dlab():
+            return MAX_CREDIT
+        if self.mcr & Mcr.LOOP or out.held:
+            return 0
+        if not self._holding_empty():
+            return MAX_CREDIT
+        if not out.pending():
+            return MAX_CREDIT if out.immediate() else 0
+        return min(out.room() - self._fifo_load(), MAX_CREDIT)
+
     def output_room(self) -> None:
         self._check_thre()
         self._update_irq()
@@ -201,11 +242,14 @@ class Uart8250(RegisterDevice):
             case Reg.MCR:
                 return self.mcr
             case Reg.LSR:
-                value = self._line_status() | (Lsr.DR if self.rx else 0)
+                value = self._lsr_value()
                 self.lsr &= ~Lsr.OE  # overrun is cleared by reading LSR
                 return value
             case Reg.MSR:
-                return self._read_msr()
+                value = self._modem_status()
+                if not self.mcr & Mcr.LOOP:
+                    self.msr &= ~MSR_DELTAS  # deltas clear on read
+                return value
             case Reg.SCR:
                 return self.scr
 
@@ -275,10 +319,16 @@ class Uart8250(RegisterDevice):
         self._check_thre()  # FIFOs on or off change what "empty" needs
 
     # -- the transmitter: the output buffer seen as a slow line -----------------------
+    def _fifo_load(self) -> int:
+        """What a driver writes on THRE: a byte; with FIFOs, a FIFO load."""
+        return TX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1
+
     def _holding_empty(self) -> bool:
-        """THRE: room for what a driver writes on THRE (a byte; with FIFOs, a FIFO load)."""
-        need = TX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1
-        return self.ctx.out.room() >= need
+        """THRE: room for what a driver writes on THRE."""
+        return self.ctx.out.room() >= self._fifo_load()
+
+    def _lsr_value(self) -> int:
+        return self._line_status() | (Lsr.DR if self.rx else 0)
 
     def _line_status(self) -> int:
         if not self._holding_empty():
@@ -299,7 +349,8 @@ class Uart8250(RegisterDevice):
         fifo = Iir.FIFO_ENABLED if self.fcr & Fcr.ENABLE_FIFO else 0
         return iir | fifo
 
-    def _read_msr(self) -> int:
+    def _modem_status(self) -> int:
+        """MSR as a read returns it (reading clears its deltas: _read_reg)."""
         if self.mcr & Mcr.LOOP:
             # Loopback wires DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
             m = self.mcr
@@ -309,9 +360,7 @@ class Uart8250(RegisterDevice):
                 | (Msr.RI if m & Mcr.OUT1 else 0)
                 | (Msr.DCD if m & Mcr.OUT2 else 0)
             )
-        value = self.msr
-        self.msr &= ~(Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD)  # deltas clear on read
-        return value
+        return self.msr
 
     def _receive(self, data: bytes) -> None:
         room = RX_BUFFER_MAX - len(self.rx)
@@ -328,7 +377,7 @@ class Uart8250(RegisterDevice):
             return Iir.RDI
         if self.ier & Ier.THRI and self.thr_interrupt and self._thre:
             return Iir.THRI
-        if self.ier & Ier.MSI and self.msr & (Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD):
+        if self.ier & Ier.MSI and self.msr & MSR_DELTAS:
             return Iir.MSI
         return Iir.NO_INT
 

@@ -2,7 +2,8 @@
 
 It forwards guest accesses and control requests as frames, numbers each request,
 gives it a deadline, charges slow replies to a latency budget, and checks every
-reply. Anything wrong -- a malformed frame, a wrong sequence number, a missed
+reply. It keeps the device's register mirror (monitor/mirror.py) from the MIRROR frames
+the device sends. Anything wrong -- a malformed frame, a wrong sequence number, a missed
 deadline, slow replies past the budget, EOF -- raises ChannelError; the device's
 slot (monitor/slot.py) then fails the device, whose on_crash policy decides what
 happens next. A channel lives as long as one process of its device.
@@ -20,7 +21,9 @@ import zmq
 
 from splitvmm.errors import ProtocolError, SplitvmmError
 from splitvmm.monitor.budget import LatencyBudget
+from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.protocol import control, events, wire
+from splitvmm.protocol.models import MODELS
 from splitvmm.sandbox.spawn import DeviceProcess, readable
 
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
@@ -69,6 +72,12 @@ class DeviceChannel:
         self.endpoint = endpoint
         self._on_event = on_event
         self._model = model  # what a saved state must say it is
+        descriptor = MODELS[model]
+        self._mirrored, self._window = descriptor.mirrored, descriptor.transport.size
+        self.mirror = RegisterMirror(self._mirrored)  # this process's: a new one starts empty
+        # Frames posted since the last request: each may bring one MIRROR (the device's
+        # values after it), over the events a request may meet (_request).
+        self._posted = 0
         self._seq = 0
         self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
         try:
@@ -178,6 +187,7 @@ class DeviceChannel:
         every vCPU's access behind it, for the whole timeout (seen as 2 s restart stalls)."""
         try:
             self.sock.send(frame, zmq.NOBLOCK)
+            self._posted += 1
             return
         except zmq.Again:
             pass
@@ -188,6 +198,7 @@ class DeviceChannel:
                 self.sock.send(frame)
             except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
                 raise ChannelError(f"stopped taking posted writes ({e})") from None
+            self._posted += 1
             return
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLOUT)
@@ -199,6 +210,7 @@ class DeviceChannel:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as e:
             raise ChannelError(f"stopped taking posted writes ({e})") from None
+        self._posted += 1
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -223,13 +235,12 @@ class DeviceChannel:
             self.drain_events()
             self.sock.send(frame)
             deadline = time.monotonic() + timeout_ms / 1000
-            for _ in range(events.MAX_EVENTS_PER_REQUEST + 1):
+            allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
+            for _ in range(allowed + 1):
                 buf = self._recv(deadline)
                 if not self._handled_event(buf):  # replies are binary, or control of another op
                     return buf
-            raise ChannelError(
-                f"sent more than {events.MAX_EVENTS_PER_REQUEST} events around one request"
-            )
+            raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
             raise ChannelError(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
@@ -272,7 +283,11 @@ class DeviceChannel:
                 raise ChannelError("sent a frame nobody asked for")
 
     def _handled_event(self, buf: bytes) -> bool:
-        """Whether `buf` was an event, now handled (decoded once: events.event_in)."""
+        """Whether `buf` was an event or a MIRROR, now handled (decoded once: events.event_in,
+        wire.decode_mirror)."""
+        if wire.is_mirror(buf):
+            self._take_mirror(buf)
+            return True
         try:
             event = events.event_in(buf, self._model)
             if event is None and self._late_stats and control.is_control(buf):
@@ -289,6 +304,14 @@ class DeviceChannel:
         self._on_event(event)
         return True
 
+    def _take_mirror(self, buf: bytes) -> None:
+        if not self.mirror.declared:
+            raise ChannelError(f"sent a register mirror, but a {self._model} mirrors none")
+        try:
+            self.mirror.take(wire.decode_mirror(buf, self._mirrored, self._window))
+        except ProtocolError as e:
+            raise ChannelError(f"bad register mirror: {e}") from None
+
     def close(self) -> None:
         if self._gone is not None:
             self.sock.disable_monitor()
@@ -297,6 +320,11 @@ class DeviceChannel:
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
+# zmq.POLLIN is an IntFlag, whose `&` builds a member (~1 us): a read from the register mirror
+# asks this once per access.
+_POLLIN = int(zmq.POLLIN)
+
+
 def _readable(sock: zmq.Socket[bytes]) -> bool:
     """A frame waits unread (pyzmq types every option as int | bytes; ZMQ_EVENTS is an int)."""
-    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
+    return bool(cast(int, sock.get(zmq.EVENTS)) & _POLLIN)

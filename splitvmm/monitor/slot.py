@@ -233,6 +233,7 @@ class DeviceSlot:
         # slot's life: the fast path (ioeventfds, irqfds) never counts here.
         self.reads = 0
         self.writes = 0
+        self.mirrored_reads = 0  # of those reads, the ones its register mirror answered
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
         self._frames = 0  # reads, writes and input the device got, over the slot's life
@@ -500,9 +501,13 @@ class DeviceSlot:
     def read(self, offset: int, size: int) -> bytes:
         """The device's answer; all-ones if it failed for good. A read whose device died
         before answering is sent again to its next process (once: a read that was not
-        answered is in no checkpoint and no journal)."""
+        answered is in no checkpoint and no journal). The device's register mirror answers
+        when it can (monitor/mirror.py): such a read is no frame, and never journaled."""
         with self._lock:
             self.reads += 1
+            mirrored = self._mirrored_locked(offset, size)
+            if mirrored is not None:
+                return mirrored
             while (channel := self._await_live()) is not None:
                 try:
                     data = channel.read(offset, size)
@@ -510,24 +515,42 @@ class DeviceSlot:
                     self._channel_failed_locked(str(e))
                     continue  # restarting: wait for the new process; failed: all-ones
                 self._journal_locked(wire.encode_read(0, offset, size))
+                channel.mirror.sent(None)
                 return data
             return b"\xff" * size
 
+    def _mirrored_locked(self, offset: int, size: int) -> bytes | None:
+        """The mirror's answer, if it has one exactly; None: ask the device."""
+        channel = self.channel
+        if self.state is not SlotState.LIVE or channel is None or not channel.mirror.declared:
+            return None
+        try:
+            channel.drain_events()  # the device's newest MIRROR, and whatever else it said
+        except ChannelError as e:
+            self._channel_failed_locked(str(e))
+            return None
+        data = channel.mirror.answer(offset, size, self._frames)
+        if data is not None:
+            self.mirrored_reads += 1
+        return data
+
     def write(self, offset: int, data: bytes) -> None:
-        self._post(wire.encode_write(offset, data), access=True)
+        self._post(wire.encode_write(offset, data), write_at=offset)
 
     def input(self, data: bytes) -> None:
         """Host input for a console device, in frame-sized chunks."""
         for i in range(0, len(data), wire.MAX_INPUT_CHUNK):
             self._post(wire.encode_input(data[i : i + wire.MAX_INPUT_CHUNK]))
 
-    def _post(self, frame: bytes, access: bool = False) -> None:
+    def _post(self, frame: bytes, write_at: int | None = None) -> None:
+        """Send a posted frame: a guest write at `write_at`, or host input (None)."""
         with self._lock:
-            if access:
+            if write_at is not None:
                 self.writes += 1
             channel = self._await_live()
             if channel is not None:
                 self._journal_locked(frame)  # re-sent to the next process if this one died
+                channel.mirror.sent(write_at)
                 try:
                     channel.post(frame)
                 except ChannelError as e:
@@ -555,6 +578,9 @@ class DeviceSlot:
             if channel is None:
                 why = f"has failed: {self.failed}" if self.failed else "is away"
                 raise DeviceFailure(f"device {self.name} {why}")
+            if op == "quiesce":  # a snapshot: reads go to the device until it resumes
+                channel.mirror.paused = True
+                channel.mirror.invalidate()
             try:
                 reply = channel.control(op, timeout_ms, args)
             except ChannelError as e:
@@ -562,6 +588,8 @@ class DeviceSlot:
                 raise DeviceFailure(f"device {self.name}: {e}") from None
             if op == "save":
                 self.last_state = reply
+            elif op == "resume":  # its new MIRROR came before the reply
+                channel.mirror.paused = False
             return reply
 
     def heartbeat(self, timeout_ms: int) -> None:
@@ -577,6 +605,13 @@ class DeviceSlot:
             try:
                 channel.control("ping", timeout_ms)
             except ChannelError as e:
+                process = self.process
+                if self.supervised and process is not None and process.ended():
+                    # Dead, not hung: the supervisor (this thread) sees its pidfd next and
+                    # says how it ended (process_ended); waiting for that here would wait
+                    # for ourselves. A vCPU reading from the register mirror leaves the
+                    # lock free, so the heartbeat may be first to meet a dead device.
+                    return
                 self._channel_failed_locked(f"missed its heartbeat: {e}")
         finally:
             self._lock.release()

@@ -21,6 +21,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from splitvmm.protocol.wire import ACCESS_SIZES, MAX_MIRRORED, MIRROR_BYTES
+
 
 class FdKind(enum.Enum):
     """What the monitor puts behind an fd role of a device process."""
@@ -233,9 +235,33 @@ class ModelDescriptor:
     output_recipe: OutputRecipe | None = None  # a model with an OUTPUT fd role has one
     interrupt_recipe: InterruptRecipe | None = None  # a model with timed interrupts has one
     queue_recipes: tuple[QueueRecipe, ...] = ()  # a virtio model has one per queue it audits
+    # Registers, (offset, size) in its window, whose values the device publishes so that the
+    # monitor answers their reads itself (monitor/mirror.py): only registers a read of which
+    # may have no side effect; the device says, with each value, whether it may now. At most
+    # MAX_MIRRORED of them, MIRROR_BYTES together.
+    mirrored: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_mirrored(self.name, self.mirrored, self.transport.size)
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
+
+
+def check_mirrored(model: str, registers: tuple[tuple[int, int], ...], window: int) -> None:
+    """A mirror declaration a MIRROR frame can carry, inside the window, without overlaps."""
+    if len(registers) > MAX_MIRRORED or sum(size for _, size in registers) > MIRROR_BYTES:
+        raise ValueError(
+            f"{model}: mirrors more than {MAX_MIRRORED} registers or {MIRROR_BYTES} bytes"
+        )
+    taken: set[int] = set()
+    for offset, size in registers:
+        span = set(range(offset, offset + size))
+        if size not in ACCESS_SIZES or offset < 0 or offset + size > window or span & taken:
+            raise ValueError(
+                f"{model}: mirrored register at {offset:#x} of {size} bytes is not valid"
+            )
+        taken |= span
 
 
 SERIAL = ModelDescriptor(
@@ -247,6 +273,9 @@ SERIAL = ModelDescriptor(
     console=True,
     # LCR = 8 data bits with DLAB clear (offset 0 is THR), MCR = OUT2 without loopback
     output_recipe=OutputRecipe(setup=((3, 0x03), (4, 0x08)), emit_offset=0),
+    # IER (DLM with DLAB), LCR, MCR, LSR, MSR, SCR: no read side effect, except LSR's and
+    # MSR's, which the device marks not valid while a read of them would clear a bit.
+    mirrored=((1, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1)),
 )
 
 RTC = ModelDescriptor(

@@ -4,7 +4,9 @@ Every frame is FRAME.size bytes: op, size, flags, seq, offset, 8 data bytes.
 - monitor -> device: READ (answered by READ_DONE with the same seq), WRITE
   (posted, never answered), INPUT (host input bytes for a console, posted),
   SYNC (answered by SYNC_DONE once everything sent before it is applied).
-- device -> monitor: READY (once, when it serves), READ_DONE, SYNC_DONE.
+- device -> monitor: READY (once, when it serves), READ_DONE, SYNC_DONE, and MIRROR
+  (unasked, like an event: the current values of the registers its model mirrors, for the
+  monitor to answer reads of them itself; monitor/mirror.py says when it may).
 Decoders check everything a hostile peer could get wrong: length, opcode,
 size, sequence number, offset range. Nothing here is ever unpickled.
 """
@@ -20,6 +22,13 @@ from splitvmm.errors import ProtocolError
 FRAME = struct.Struct("<BBHIQ8s")  # op, size, flags, seq, offset, data: 24 bytes
 ACCESS_SIZES = (1, 2, 4, 8)
 MAX_INPUT_CHUNK = 8
+# A MIRROR frame reuses FRAME's fields: size = the valid mask (one bit per mirrored register,
+# so at most 8 registers), flags = the credit (u16), seq = the stamp (frames applied, mod
+# 2**32), offset = the credit's offset, data = the registers' values in declaration order.
+MAX_MIRRORED = 8
+MIRROR_BYTES = 8
+MAX_CREDIT = 0xFFFF
+STAMP_MASK = 0xFFFFFFFF
 
 
 class Op(enum.IntEnum):
@@ -30,6 +39,7 @@ class Op(enum.IntEnum):
     READY = 5
     SYNC = 6
     SYNC_DONE = 7
+    MIRROR = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +51,25 @@ class Access:
     seq: int
     offset: int
     data: bytes  # the written bytes (WRITE), the input bytes (INPUT), b"" for READ
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """What a read of each mirrored register returns now, as its device publishes it.
+
+    values: per register its model declares (ModelDescriptor.mirrored, in that order), the
+    bytes a read of it returns now, or None when it cannot be answered without the device
+    now (its read would have a side effect, or the value is about to change).
+    credit: how many posted writes at credit_offset, after the stamp, leave every value as
+    it is: the device's promise, which lets the monitor answer a read after such a write
+    without waiting for the device to say so.
+    stamp: the frames (reads, writes, input) the device had applied when it took the values.
+    """
+
+    values: tuple[bytes | None, ...]
+    credit_offset: int = 0
+    credit: int = 0
+    stamp: int = 0
 
 
 def encode_read(seq: int, offset: int, size: int) -> bytes:
@@ -69,6 +98,52 @@ def encode_read_done(seq: int, data: bytes) -> bytes:
 
 def encode_ready() -> bytes:
     return FRAME.pack(Op.READY, 0, 0, 0, 0, b"")
+
+
+def encode_mirror(mirror: Mirror, registers: tuple[tuple[int, int], ...]) -> bytes:
+    """Device side: `mirror` of the (offset, size) registers its model declares."""
+    if len(mirror.values) != len(registers) or not 0 <= mirror.credit <= MAX_CREDIT:
+        raise ProtocolError(f"mirror of {len(mirror.values)} values for {len(registers)} registers")
+    mask, data = 0, b""
+    for i, (value, (_, size)) in enumerate(zip(mirror.values, registers, strict=True)):
+        if value is not None:
+            if len(value) != size:
+                raise ProtocolError(f"mirrored register {i} is {size} bytes, not {len(value)}")
+            mask |= 1 << i
+        data += value if value is not None else bytes(size)
+    stamp = mirror.stamp & STAMP_MASK
+    return FRAME.pack(Op.MIRROR, mask, mirror.credit, stamp, mirror.credit_offset, data)
+
+
+def is_mirror(buf: bytes) -> bool:
+    """Whether a frame from a device claims to be a MIRROR (decode_mirror checks it)."""
+    return len(buf) == FRAME.size and buf[0] == Op.MIRROR
+
+
+def decode_mirror(buf: bytes, registers: tuple[tuple[int, int], ...], window: int) -> Mirror:
+    """Monitor side: a device's MIRROR of the (offset, size) registers its model declares, in
+    a `window`-byte window. Only what the declaration allows passes: a value for a register
+    it does not declare, bytes past the declared sizes or a credit outside the window are a
+    ProtocolError."""
+    op, mask, credit, stamp, credit_offset, data = _unpack(buf)
+    if op != Op.MIRROR:
+        raise ProtocolError(f"expected MIRROR, got op={op}")
+    if mask >> len(registers):
+        raise ProtocolError(
+            f"mirror gives register {mask.bit_length() - 1}, the model mirrors {len(registers)}"
+        )
+    if credit_offset >= window:
+        raise ProtocolError(f"mirror credit at offset {credit_offset:#x}, outside the window")
+    values: list[bytes | None] = []
+    at = 0
+    for i, (_, size) in enumerate(registers):
+        value, at = data[at : at + size], at + size
+        if not mask >> i & 1 and any(value):
+            raise ProtocolError(f"mirror has a value for register {i}, marked not valid")
+        values.append(value if mask >> i & 1 else None)
+    if any(data[at:]):
+        raise ProtocolError("mirror has data past its registers")
+    return Mirror(tuple(values), credit_offset, credit, stamp)
 
 
 def _unpack(buf: bytes) -> tuple[int, int, int, int, int, bytes]:

@@ -44,6 +44,7 @@ OUTPUTS = {
     "virtio-console": "virtio-console.elf",
     "firmware-hello": "firmware-hello.bin",
     "firmware-pio": "firmware-pio.bin",
+    "firmware-serial": "firmware-serial.bin",
     "firmware-virtio-blk": "firmware-virtio-blk.bin",
     "firmware-virtio-rng": "firmware-virtio-rng.bin",
     "firmware-virtio-net": "firmware-virtio-net.bin",

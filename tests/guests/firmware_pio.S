@@ -26,6 +26,7 @@
  * 64-by-32-bit divisions by 10 for the decimal output. */
 
 #include "lib/rm_uart.inc"
+#include "lib/rm_print.inc"
 
 #define PIO_PORT (COM1 + UART_SCR)	/* 3FFh */
 #define PASSES 2000
@@ -123,31 +124,8 @@ print_result:
 	call	puts
 	ret
 
-/* Prints EDX:EAX in decimal: repeated 64-by-32-bit division by 10 (two `div`s, high half
- * first), digits pushed on the stack, then popped most significant first. */
-print_u64:
-	mov	$10, %ebx
-	xor	%cx, %cx		/* digits on the stack */
-1:	mov	%eax, %esi		/* low half */
-	mov	%edx, %eax
-	xor	%edx, %edx
-	div	%ebx			/* EAX = high / 10, EDX = high % 10 */
-	mov	%eax, %edi		/* the quotient's high half */
-	mov	%esi, %eax
-	div	%ebx			/* (high % 10):low / 10: EAX = quotient's low half, EDX = digit */
-	add	$'0', %dl
-	push	%dx
-	inc	%cx
-	mov	%edi, %edx
-	mov	%eax, %esi
-	or	%edx, %esi
-	jnz	1b			/* until the quotient is 0 */
-2:	pop	%ax
-	call	putc
-	loop	2b
-	ret
-
 	uart_routines
+	print_u64_routine
 
 	.section .rodata, "a"
 prefix:

@@ -57,6 +57,9 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         ("wide-reply", "reply has data past its size"),
         ("event-flood", "sent more than 256 events around one request"),
         ("bad-event", "bad event: state is for model 'rtc', expected 'serial'"),
+        ("mirror-undeclared", "bad register mirror: mirror gives register 6, the model"),
+        ("mirror-oversized", "bad register mirror: mirror has data past its registers"),
+        ("mirror-credit-outside", "bad register mirror: mirror credit at offset 0x8, outside"),
     ],
 )
 def test_rogue_reply_kills_device_and_monitor_goes_on(behaviour, reason, zctx, tmp_path, caplog):
@@ -105,6 +108,9 @@ def test_all_rogue_behaviours_are_tested():
         "route",
         "event-flood",
         "bad-event",
+        "mirror-undeclared",
+        "mirror-oversized",
+        "mirror-credit-outside",
     }
     assert tested == set(BEHAVIOURS)
 

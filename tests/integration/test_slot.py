@@ -17,7 +17,7 @@ import time
 import pytest
 import zmq
 
-from splitvmm.devprocs.serial import Lsr, Reg
+from splitvmm.devprocs.serial import RX_BUFFER_MAX, Lcr, Lsr, Reg
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import ChannelError
@@ -29,9 +29,22 @@ from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_c
 
 
 class Harness:
-    def __init__(self, tmp_path, spawner=spawn_child, resumer=None, restarts=False) -> None:
+    def __init__(
+        self,
+        tmp_path,
+        spawner=spawn_child,
+        resumer=None,
+        restarts=False,
+        output_file: bool = False,
+    ) -> None:
+        """The device's output is a pipe, or with `output_file` a regular file (out_r reads
+        it from its start)."""
         self.irq = EventFd()
-        self.out_r, self.out_w = os.pipe()
+        if output_file:
+            self.out_w = os.open(tmp_path / "serial.log", os.O_WRONLY | os.O_CREAT, 0o600)
+            self.out_r = os.open(tmp_path / "serial.log", os.O_RDONLY)
+        else:
+            self.out_r, self.out_w = os.pipe()
         self.failures: list[str] = []
         self.failed = threading.Event()
         self.zctx = zmq.Context()
@@ -61,6 +74,13 @@ class Harness:
 @pytest.fixture
 def harness(tmp_path):
     h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def file_harness(tmp_path):
+    h = Harness(tmp_path, output_file=True)
     yield h
     h.close()
 
@@ -272,3 +292,63 @@ def test_channel_post_to_a_dead_process_fails_at_once_not_at_the_write_timeout(h
     with pytest.raises(ChannelError, match="its process ended"):
         for _ in range(100_000):  # past any queue ZeroMQ may still take
             channel.post(bytes(24))
+
+
+# -- the register mirror (monitor/mirror.py) ---------------------------------------------------
+def test_slot_read_after_posted_write_elsewhere_sees_its_effect(harness):
+    slot = harness.slot
+    slot.read(Reg.LCR, 1)  # the mirror is current
+    slot.write(Reg.LCR, bytes([Lcr.DLAB | Lcr.WLEN8]))
+    slot.write(Reg.IER, b"\x07")  # DLM, with DLAB set
+    got, mirrored = slot.read(Reg.IER, 1), slot.mirrored_reads
+    again = slot.read(Reg.IER, 1)  # current again: the device published before its reply
+    assert (got, again, slot.mirrored_reads - mirrored) == (b"\x07", b"\x07", 1)
+
+
+def test_slot_lsr_after_credited_thr_write_is_the_devices_value(file_harness):
+    slot = file_harness.slot
+    slot.read(Reg.LSR, 1)
+    mirrored = slot.mirrored_reads
+    slot.write(Reg.RX_TX, b"A")  # credited: the output file takes it at once
+    from_mirror = slot.read(Reg.LSR, 1)
+    slot.channel.mirror.paused = True  # the device itself, for comparison
+    from_device = slot.read(Reg.LSR, 1)
+    assert (from_mirror, slot.mirrored_reads - mirrored) == (from_device, 1)
+    assert slot.sync() and os.read(file_harness.out_r, 8) == b"A"
+
+
+def test_slot_lsr_overrun_cleared_by_exactly_one_read_through_the_mirror(harness):
+    slot = harness.slot
+    slot.input(b"x" * (RX_BUFFER_MAX + 8))  # overrun: LSR.OE set
+    mirrored = slot.mirrored_reads
+    first, second = slot.read(Reg.LSR, 1)[0], slot.read(Reg.LSR, 1)[0]
+    third = slot.read(Reg.LSR, 1)[0]
+    assert (first & Lsr.OE, second & Lsr.OE, third & Lsr.OE) == (Lsr.OE, 0, 0)
+    # The first went to the device (OE set: not valid in its mirror), which cleared OE; its
+    # mirror, sent before that reply, answers the next two.
+    assert slot.mirrored_reads - mirrored == 2
+
+
+def test_slot_quiesced_device_answers_its_reads_itself(harness):
+    slot = harness.slot
+    slot.write(Reg.SCR, b"\x5a")
+    slot.read(Reg.SCR, 1)
+    slot.control("quiesce")
+    mirrored = slot.mirrored_reads
+    during = slot.read(Reg.SCR, 1), slot.read(Reg.SCR, 1)
+    quiesced_mirrored = slot.mirrored_reads - mirrored
+    slot.control("resume")
+    after = slot.read(Reg.SCR, 1)
+    assert (during, quiesced_mirrored, after) == ((b"\x5a", b"\x5a"), 0, b"\x5a")
+    assert slot.mirrored_reads - mirrored == 1  # resumed: the device's new mirror answers
+
+
+def test_slot_restarted_device_starts_with_no_mirror_of_the_old_process(harness):
+    slot = harness.slot
+    slot.write(Reg.SCR, b"\x5a")
+    slot.read(Reg.SCR, 1)
+    slot.read(Reg.SCR, 1)  # answered by the old process's mirror
+    slot.vacate()
+    slot.start()  # from the slot's last state: none was saved, so a fresh device
+    slot.wait_ready()
+    assert slot.read(Reg.SCR, 1) == b"\x00"

@@ -144,9 +144,7 @@ class SandboxedDevice:
     def read(self, offset: int, size: int = 1) -> bytes:
         self._seq += 1
         self.sock.send(wire.encode_read(self._seq, offset, size))
-        if not self.sock.poll(2000):
-            raise AssertionError(f"no reply to READ; stderr:\n{self.stderr()}")
-        return wire.decode_read_done(self.sock.recv(), self._seq, size)
+        return wire.decode_read_done(self._reply("READ"), self._seq, size)
 
     def write(self, offset: int, data: bytes) -> None:
         self.sock.send(wire.encode_write(offset, data))
@@ -154,9 +152,16 @@ class SandboxedDevice:
     def sync(self) -> None:
         self._seq += 1
         self.sock.send(wire.encode_sync(self._seq))
-        if not self.sock.poll(2000):
-            raise AssertionError(f"no reply to SYNC; stderr:\n{self.stderr()}")
-        wire.decode_sync_done(self.sock.recv(), self._seq)
+        wire.decode_sync_done(self._reply("SYNC"), self._seq)
+
+    def _reply(self, what: str) -> bytes:
+        """The next frame that is no MIRROR (the device's register mirror, sent unasked)."""
+        while True:
+            if not self.sock.poll(2000):
+                raise AssertionError(f"no reply to {what}; stderr:\n{self.stderr()}")
+            buf: bytes = self.sock.recv()
+            if not wire.is_mirror(buf):
+                return buf
 
     def output(self) -> bytes:
         try:

@@ -114,3 +114,15 @@ def test_fd_line_terminal_gets_its_own_nonblocking_description():
     for fd in (master, slave, shared):
         os.close(fd)
     assert (bool(flags[0] & os.O_NONBLOCK), bool(flags[1] & os.O_NONBLOCK)) == (True, False)
+
+
+def test_output_to_regular_file_is_immediate_unless_held(tmp_path):
+    with open(tmp_path / "log", "wb") as f:
+        out = BoundedOutput(FdLine(f.fileno()))
+        immediate = out.immediate()
+        out.held = True
+        assert (immediate, out.immediate()) == (True, False)
+
+
+def test_output_to_pipe_is_not_immediate(pipe):
+    assert BoundedOutput(FdLine(pipe[1])).immediate() is False

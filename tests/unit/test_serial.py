@@ -23,6 +23,7 @@ from splitvmm.devprocs.serial import (
 )
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec
+from splitvmm.protocol.wire import MAX_CREDIT
 from tests.fakes import FakeIrq, FakeLine
 
 GOLDENS = Path(__file__).resolve().parents[1] / "conformance" / "goldens"
@@ -280,3 +281,73 @@ def test_uart_state_current_document_round_trips():
     state = uart.save()
     doc = codec.state_document("serial", state)
     assert codec.state_from_document("serial", UartState, doc) == state
+
+
+# -- the register mirror (monitor/mirror.py): what the device publishes and promises ------------
+MIRRORED = (Reg.IER, Reg.LCR, Reg.MCR, Reg.LSR, Reg.MSR, Reg.SCR)  # SERIAL.mirrored, in order
+
+
+def test_uart_mirror_values_are_what_reads_return():
+    uart, _, _ = make_uart()
+    uart.write(Reg.SCR, b"\x5a")
+    uart.write(Reg.IER, b"\x05")
+    values = uart.mirror().values
+    assert values == tuple(uart.read(reg, 1) for reg in MIRRORED)
+
+
+def test_uart_mirror_lsr_not_valid_while_overrun_set():
+    uart, _, _ = make_uart()
+    uart.host_input(b"x" * (RX_BUFFER_MAX + 1))
+    assert uart.mirror().values[MIRRORED.index(Reg.LSR)] is None
+
+
+def test_uart_lsr_read_clears_overrun_once_and_mirror_is_valid_again():
+    uart, _, _ = make_uart()
+    uart.host_input(b"x" * (RX_BUFFER_MAX + 1))
+    first, second = uart.read(Reg.LSR, 1)[0], uart.read(Reg.LSR, 1)[0]
+    assert (first & Lsr.OE, second & Lsr.OE) == (Lsr.OE, 0)
+    assert uart.mirror().values[MIRRORED.index(Reg.LSR)] == bytes([second])
+
+
+def test_uart_mirror_msr_not_valid_while_a_delta_is_set():
+    ctx = DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine()))
+    uart = Uart8250.restore(ctx, UartState(msr=int(Msr.DCD | Msr.DCTS)))
+    assert uart.mirror().values[MIRRORED.index(Reg.MSR)] is None
+
+
+def test_uart_credit_no_line_covers_thr_writes_that_keep_every_value():
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(None)))
+    before = uart.mirror()
+    transmit(uart, b"x" * 100)
+    assert (before.credit_offset, before.credit) == (Reg.RX_TX, MAX_CREDIT)
+    assert uart.mirror().values == before.values
+
+
+def test_uart_credit_slow_line_with_bytes_buffered_is_exactly_what_keeps_thre():
+    uart, _, _ = slow_uart()
+    transmit(uart, b"a")  # buffered: TEMT clear, THRE set
+    before = uart.mirror()
+    transmit(uart, b"b" * before.credit)
+    kept = uart.mirror().values
+    transmit(uart, b"c")
+    assert (before.credit, kept) == (SMALL - 2, before.values)
+    assert uart.mirror().values != before.values  # one more write clears THRE
+
+
+def test_uart_credit_slow_line_with_nothing_buffered_is_none():
+    uart, _, _ = slow_uart()
+    assert uart.mirror().credit == 0  # a write may stay buffered (TEMT clears) or not
+
+
+def test_uart_credit_loopback_is_none():
+    uart, _, _ = make_uart()
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    assert uart.mirror().credit == 0
+
+
+def test_uart_credit_dlab_set_covers_divisor_writes():
+    uart, _, _ = slow_uart()
+    uart.write(Reg.LCR, bytes([Lcr.DLAB | Lcr.WLEN8]))
+    before = uart.mirror()
+    uart.write(Reg.RX_TX, b"\x01")
+    assert (before.credit, uart.mirror().values) == (MAX_CREDIT, before.values)

@@ -1,0 +1,92 @@
+"""RegisterMirror: the monitor answers reads of a device's mirrored registers itself.
+
+A guest read forwarded to a device costs a round trip on its channel (~100-200 us here); a
+polled 8250 reads LSR once per byte it prints. A device model declares which registers of
+its window it mirrors (ModelDescriptor.mirrored: offsets and sizes, nothing else: the
+monitor knows no register's meaning), and its process publishes their current values in
+MIRROR frames (protocol/wire.py): before the reply to every read, after every frame that
+changed them, and after any host event (its output line draining) that did.
+
+Exactness: the monitor answers a read from the mirror only when the answer is what the
+device would have given at that point of the guest's accesses.
+
+* Stamps. Each MIRROR carries the frames the device had applied when it took the values,
+  numbered as the slot numbers the frames it sends (monitor/slot.py's journal: reads,
+  posted writes, host input). A mirror whose stamp equals the frames sent so far has seen
+  every access: a read after a posted write sees that write's effect, or the mirror is
+  not current and the read goes to the device.
+* Credit. Waiting for the device to apply a posted write would cost the round trip the
+  mirror saves, so the device may promise more: `credit` further writes at `credit_offset`
+  leave every mirrored value as it is (the 8250: THR writes while its output keeps up do
+  not change LSR). The mirror answers when every frame sent after its stamp is such a write,
+  within the credit. The promise is the device's to keep (devprocs/serial.py says how).
+* Side effects. A value is published as valid only while reading it has no side effect
+  (an 8250 clears LSR's overrun bit and MSR's delta bits on read: the device marks them not
+  valid while one is set, the read goes to the device, which clears the bit once, and its
+  next MIRROR makes the register valid again). So a read the mirror answers is one the
+  device need not see.
+* Host events (output drained, input) change values without a guest access. Input is a
+  frame like the others (the mirror is no longer current); a drain is not: until the
+  device's new MIRROR arrives the mirror answers with the values from before it, which is
+  what the device answered a read that came before the drain.
+
+Journal and restarts: a read answered from the mirror is no frame. It is neither sent nor
+journaled, and the device's frame count does not include it, so checkpoints and a crash
+restart's replay are those of a guest that never made the read; since the read had no side
+effect, the restarted device ends in the same state as one that had served it.
+
+Trust: a MIRROR is checked against the declaration (wire.decode_mirror): a value only for a
+declared register, of its declared size, a credit inside the window; anything else breaks
+the channel. A hostile device can lie only about its own registers, which it answers anyway.
+
+Invalidation: the mirror belongs to one process's channel, so a restarted device starts
+with none until its new process publishes; a snapshot's quiesce pauses it (slot.control)
+until the resume, whose reply comes after the device's new MIRROR.
+"""
+
+from __future__ import annotations
+
+from splitvmm.protocol import wire
+
+
+class RegisterMirror:
+    """The latest MIRROR of one device process, and the frames sent to it since."""
+
+    def __init__(self, registers: tuple[tuple[int, int], ...]) -> None:
+        self._registers = {offset: (i, size) for i, (offset, size) in enumerate(registers)}
+        self._latest: wire.Mirror | None = None
+        self.paused = False  # a snapshot's quiesce until its resume: every read goes through
+        # The frames sent last, all writes at _run_offset: _run of them (None: not a write).
+        self._run_offset: int | None = None
+        self._run = 0
+
+    @property
+    def declared(self) -> bool:
+        """Whether the model mirrors any register (else no read is answered here)."""
+        return bool(self._registers)
+
+    def take(self, mirror: wire.Mirror) -> None:
+        self._latest = mirror
+
+    def invalidate(self) -> None:
+        self._latest = None
+
+    def sent(self, write_offset: int | None) -> None:
+        """The slot numbered one more frame: a write at `write_offset`, or None for another."""
+        if write_offset is not None and write_offset == self._run_offset:
+            self._run += 1
+        else:
+            self._run_offset, self._run = write_offset, int(write_offset is not None)
+
+    def answer(self, offset: int, size: int, frames: int) -> bytes | None:
+        """The value of a read of `size` bytes at `offset`, after `frames` frames were sent,
+        if the mirror has it exactly (the module docstring); None: ask the device."""
+        mirror, where = self._latest, self._registers.get(offset)
+        if mirror is None or where is None or self.paused or where[1] != size:
+            return None
+        value = mirror.values[where[0]]
+        behind = (frames - mirror.stamp) & wire.STAMP_MASK
+        if value is None or behind == 0:
+            return value
+        covered = self._run_offset == mirror.credit_offset and self._run >= behind
+        return value if covered and behind <= mirror.credit else None

@@ -1,0 +1,127 @@
+"""The monitor's register mirror (monitor/mirror.py) and its MIRROR frame (protocol/wire.py):
+when the monitor may answer a read itself, and what a device may put in a MIRROR."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitvmm.errors import ProtocolError
+from splitvmm.monitor.mirror import RegisterMirror
+from splitvmm.protocol import wire
+from splitvmm.protocol.models import check_mirrored
+
+REGISTERS = ((1, 1), (4, 2), (7, 1))  # three registers: a byte, a word, a byte
+WINDOW = 8
+THR = 0
+
+
+def mirror_at(stamp: int, credit: int = 0, scr: bytes | None = b"\x5a") -> RegisterMirror:
+    mirror = RegisterMirror(REGISTERS)
+    mirror.take(wire.Mirror((b"\x01", b"\x02\x03", scr), THR, credit, stamp))
+    return mirror
+
+
+def test_mirror_current_stamp_answers_the_value():
+    assert mirror_at(stamp=3).answer(4, 2, frames=3) == b"\x02\x03"
+
+
+def test_mirror_behind_a_write_without_credit_asks_the_device():
+    mirror = mirror_at(stamp=3)
+    mirror.sent(THR)
+    assert mirror.answer(7, 1, frames=4) is None
+
+
+def test_mirror_writes_within_credit_at_its_offset_answer():
+    mirror = mirror_at(stamp=3, credit=2)
+    mirror.sent(THR)
+    mirror.sent(THR)
+    assert mirror.answer(7, 1, frames=5) == b"\x5a"
+
+
+def test_mirror_writes_past_credit_ask_the_device():
+    mirror = mirror_at(stamp=3, credit=2)
+    for _ in range(3):
+        mirror.sent(THR)
+    assert mirror.answer(7, 1, frames=6) is None
+
+
+def test_mirror_write_elsewhere_after_stamp_asks_the_device():
+    mirror = mirror_at(stamp=3, credit=100)
+    mirror.sent(THR)
+    mirror.sent(7)  # a write the credit does not cover, then one it does
+    mirror.sent(THR)
+    assert mirror.answer(1, 1, frames=6) is None
+
+
+def test_mirror_read_frame_after_stamp_asks_the_device():
+    mirror = mirror_at(stamp=3, credit=100)
+    mirror.sent(None)  # a read (or host input) the device applied after the stamp
+    assert mirror.answer(1, 1, frames=4) is None
+
+
+def test_mirror_register_marked_not_valid_asks_the_device():
+    assert mirror_at(stamp=3, scr=None).answer(7, 1, frames=3) is None
+
+
+@pytest.mark.parametrize("offset,size", [(4, 1), (5, 1), (0, 1), (1, 2)])
+def test_mirror_read_not_of_a_whole_register_asks_the_device(offset, size):
+    assert mirror_at(stamp=3).answer(offset, size, frames=3) is None
+
+
+def test_mirror_paused_asks_the_device():
+    mirror = mirror_at(stamp=3)
+    mirror.paused = True
+    assert mirror.answer(1, 1, frames=3) is None
+
+
+def test_mirror_invalidated_asks_the_device():
+    mirror = mirror_at(stamp=3)
+    mirror.invalidate()
+    assert mirror.answer(1, 1, frames=3) is None
+
+
+def test_mirror_stamp_wraps_with_the_frame_count():
+    mirror = mirror_at(stamp=wire.STAMP_MASK, credit=1)
+    mirror.sent(THR)
+    assert mirror.answer(1, 1, frames=1 << 32) == b"\x01"
+
+
+# -- the MIRROR frame -------------------------------------------------------------------------
+def test_mirror_frame_round_trips():
+    sent = wire.Mirror((b"\x01", None, b"\x5a"), 0, 0xFFFF, 77)
+    assert wire.decode_mirror(wire.encode_mirror(sent, REGISTERS), REGISTERS, WINDOW) == sent
+
+
+def frame(mask: int, data: bytes, credit_offset: int = 0) -> bytes:
+    return wire.FRAME.pack(wire.Op.MIRROR, mask, 1, 5, credit_offset, data)
+
+
+@pytest.mark.parametrize(
+    "buf,why",
+    [
+        (frame(0b1000, b"\x00" * 8), "mirror gives register 3, the model mirrors 3"),
+        (frame(0b111, b"\x01\x02\x03\x04\x05"), "data past its registers"),
+        (frame(0b101, b"\x01\x02\x03\x04"), "a value for register 1, marked not valid"),
+        (frame(0b111, b"\x01" * 4, credit_offset=8), "credit at offset 0x8, outside"),
+        (wire.encode_read_done(5, b"\x00"), "expected MIRROR"),
+        (b"\x08" * 23, "frame is 23 bytes"),
+    ],
+)
+def test_mirror_frame_outside_its_declaration_raises_protocol_error(buf, why):
+    with pytest.raises(ProtocolError, match=why):
+        wire.decode_mirror(buf, REGISTERS, WINDOW)
+
+
+@pytest.mark.parametrize(
+    "registers",
+    [
+        ((0, 1),) * 9,
+        ((0, 8), (8, 1)),
+        ((3, 2), (4, 1)),  # overlapping
+        ((7, 2),),  # past the window
+        ((0, 3),),  # not an access size
+    ],
+)
+def test_mirror_declaration_a_frame_cannot_carry_is_refused(registers):
+    with pytest.raises(ValueError, match="serial: mirror"):
+        check_mirrored("serial", registers, WINDOW)
