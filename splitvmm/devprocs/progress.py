@@ -34,15 +34,16 @@ SIZE = 2 * SLOT  # what the page must hold
 
 
 class Progress:
-    """The two records in the device's progress memfd. Made before the sandbox (Device.setup):
-    it reads what the process before this one left, `left`."""
+    """The two records in the device's progress memfd. Made before the sandbox (Device.setup);
+    what the process before this one left is read when the device is restored (records()),
+    not at set-up: a warm spare (monitor/slot.py) runs its set-up long before the crash it
+    takes over from."""
 
     def __init__(self, fd: int) -> None:
         size = os.fstat(fd).st_size
         if size < SIZE:
             raise StateError(f"progress memfd: {size} bytes, {SIZE} needed")
         self.fd = fd
-        self.left = self.records()
 
     def write(self, used_idx: int, count: int) -> None:
         """Record that the chain at `used_idx` starts at output count `count`."""
@@ -50,8 +51,8 @@ class Progress:
         os.pwrite(self.fd, record + CRC.pack(zlib.crc32(record)), (used_idx % 2) * SLOT)
 
     def records(self) -> dict[int, int]:
-        """used idx -> output count, of the slots whose crc holds (pread64: not once the
-        sandbox is up, whose policy allows the device only pwrite64)."""
+        """used idx -> output count, of the slots whose crc holds (pread64 on this fd: the
+        device's policy allows it, as it allows pwrite64)."""
         page = os.pread(self.fd, SIZE, 0)
         found: dict[int, int] = {}
         for at in (0, SLOT):

@@ -402,7 +402,7 @@ class VirtioConsole(VirtioPciDevice):
         out = self.ctx.out
         taken = out.emitted + file_skip  # what the line took: exact for a regular file
         queue, then = self.queues[TX], state.queues[TX]
-        start = self._progress.left.get(queue.used_idx) if queue.enabled else None
+        start = self._progress.records().get(queue.used_idx) if queue.enabled else None
         if self.ctx.prepared["output_file"] and start is not None and start <= taken:
             out.emitted = start  # the chain at the used idx starts there; held bytes before
             return taken - start, b""
