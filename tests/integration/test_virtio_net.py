@@ -272,3 +272,55 @@ def test_virtio_net_guest_suspended_mid_ping_restores_and_every_ping_is_answered
     # one stream: a line the guest was printing at the suspend goes on in the second file
     replies = (vm.text() + restored.text()).count("rtt_us=")
     assert replies >= 400, replies  # the one in flight at the suspend may show twice
+
+
+def test_virtio_net_killed_under_traffic_restarts_and_frames_keep_flowing(guests, tmp_path, netns):
+    """on_crash = restart: the net process SIGKILLed 5 times while the host has the guest
+    echo UDP datagrams. A datagram the dead process had taken from the TAP is gone (UDP: the
+    host sends it again); every one of 150 comes back, and the guest ends well."""
+    tap_with_host_ip(netns, "svtap9")
+    boot = (
+        f'kernel = "{guests["virtio-net"]}"\ncmdline = "ip={GUEST_IP} peer_ip={HOST_IP} '
+        f'mode=udp-echo port={PORT} count=100000 wait_s=30"'
+    )
+    config = net_config(tmp_path, boot, "svtap9", 'on_crash = "restart"\nmax_restarts = 20\n')
+    prefix = ["ip", "netns", "exec", netns, sys.executable, "-m", "splitvmm"]
+    vm = VmProcess(tmp_path, ["up", str(config)], tmp_path / "serial.log", argv=prefix)
+    vm.wait_for("udp-echo ready")
+    script = f"""
+import socket, sys
+sys.path.insert(0, {str(REPO)!r})
+from tests.integration.test_virtio_net import payload
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+echoed = 0
+for i in range(150):
+    p = payload(i, 8 + (i * 97) % 1465)
+    for _ in range(40):  # 20 s for each: a restart takes well under that
+        s.sendto(p, ({GUEST_IP!r}, {PORT}))
+        try:
+            while s.recv(2048) != p:
+                pass  # an echo of an earlier try
+            echoed += 1
+            break
+        except TimeoutError:
+            continue
+    print(i, flush=True)
+print("echoed", echoed, flush=True)
+"""
+    host = host_socket(netns, script)
+    assert host.stdout is not None
+    kills = 0
+    for line in host.stdout:
+        if line.startswith("echoed"):
+            break
+        if int(line) in (20, 45, 70, 95, 120):  # while traffic flows
+            result = vm.ctl("crash-device", "net0")
+            assert result.returncode == 0, result.stderr
+            kills += 1
+    host.wait(timeout=30)
+    devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
+    vm.proc.send_signal(signal.SIGTERM)
+    vm.finish(timeout=30)
+    net = next(d for d in devices if d["name"] == "net0")
+    assert line.strip() == "echoed 150", line
+    assert (kills, net["restarts"], net["state"]) == (5, 5, "running"), net
