@@ -35,7 +35,7 @@ from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
-from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts
+from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts, raise_interrupts
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
 from splitvmm.monitor.memory import GuestMemory
@@ -297,8 +297,11 @@ class Machine:
             return False
         if cfg.on_crash == "leave":
             log.warning(
-                "device %s stays dead (on_crash = leave); its ports read as all-ones", slot.name
+                "device %s stays dead (on_crash = leave); its registers read as all-ones",
+                slot.name,
             )
+            spawn = next(sp for sp in self._spawns if sp.name == slot.name)
+            raise_interrupts(MODELS[slot.model], spawn.fds)
             return False
         if cfg.on_crash == "restart" and slot.state is SlotState.LIVE:
             if self._budgets[slot.name].take(time.monotonic()):

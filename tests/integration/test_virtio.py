@@ -331,3 +331,20 @@ def test_virtio_blk_hung_process_with_on_crash_stop_ends_the_vm_saying_why(guest
     hang_blk(vm)
     status, err = vm.finish(timeout=30)
     assert status == 4 and "blk0" in err and "missed its heartbeat" in err, err
+
+
+@pytest.mark.slow  # the guest gives a request 30 s before it calls the device failed
+def test_virtio_blk_left_dead_keeps_the_vm_running_and_the_guest_sees_it_fail(guests, tmp_path):
+    """on_crash = leave: the VM runs on with blk0 failed (its registers read all-ones, its
+    interrupts raised once); the guest's request never completes and it says so."""
+    vm = loop_vm(tmp_path, guests, blk_extra='on_crash = "leave"\n')
+    written(vm)
+    result = vm.ctl("crash-device", "blk0")
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    while blk_device(vm)["state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert blk_device(vm)["state"] == "failed"
+    status, err = vm.finish(timeout=90)
+    assert status == 11, vm.text()[-1500:] + err  # debug-exit 5: a request timed out
+    assert "request timed out" in vm.text() and "stays dead" in err

@@ -125,3 +125,34 @@ def test_device_fds_pci_role_on_a_port_window_model_is_refused(mem, owned) -> No
     maker = DeviceFds(IrqVm(), mem, owned)
     with pytest.raises(ConfigError, match="model odd: fd role notify0 needs a PCI function"):
         maker.make(DeviceSection("odd0", "odd"), model)
+
+
+def test_raise_interrupts_signals_each_msix_vector_and_intx_of_a_left_device() -> None:
+    """on_crash = leave: every interrupt fd of the dead device is written once, nothing else."""
+    from splitvmm.monitor.devicefds import raise_interrupts
+    from splitvmm.protocol.models import MODELS, FdKind
+
+    model = MODELS["virtio-blk"]
+    fds = {r.name: os.eventfd(0, os.EFD_NONBLOCK) for r in model.fds}
+    try:
+        assert raise_interrupts(model, fds) == 3  # msix0, msix1 (config), intx
+        signalled = {name for name, fd in fds.items() if _pending(fd)}
+        kinds = {r.name: r.kind for r in model.fds}
+        assert signalled == {n for n, k in kinds.items() if k in (FdKind.MSIX, FdKind.INTX)}
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_raise_interrupts_of_a_port_device_signals_nothing() -> None:
+    from splitvmm.monitor.devicefds import raise_interrupts
+    from splitvmm.protocol.models import MODELS
+
+    assert raise_interrupts(MODELS["serial"], {"irq": -1, "out": -1}) == 0
+
+
+def _pending(fd: int) -> bool:
+    try:
+        return os.eventfd_read(fd) > 0
+    except BlockingIOError:
+        return False
