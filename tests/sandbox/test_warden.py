@@ -48,3 +48,9 @@ def test_warden_filter_when_it_signals_another_process_kills_it() -> None:
 
 def test_warden_filter_when_it_opens_a_file_kills_it() -> None:
     assert _run("open('/etc/passwd')") == -signal.SIGSYS
+
+
+def test_warden_filter_lets_its_interpreter_grow_its_heap() -> None:
+    """A warden that needs memory after its filter is on (the heap grows: brk, mmap) goes
+    on; it was killed for it once, and its death then hid how the device had ended."""
+    assert _run("x = [bytearray(64) for _ in range(200000)]; sandbox.die_like(5 << 8)") == 5
