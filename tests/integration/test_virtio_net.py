@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,9 +319,16 @@ print("echoed", echoed, flush=True)
             assert result.returncode == 0, result.stderr
             kills += 1
     host.wait(timeout=30)
-    devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
+    deadline = time.monotonic() + 30  # the last kill may land after the last echo
+    while True:
+        devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
+        net = next(d for d in devices if d["name"] == "net0")
+        if net["state"] == "running" and net["generation"] == 6:
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     vm.proc.send_signal(signal.SIGTERM)
     vm.finish(timeout=30)
-    net = next(d for d in devices if d["name"] == "net0")
     assert line.strip() == "echoed 150", line
     assert (kills, net["restarts"], net["state"]) == (5, 5, "running"), net
