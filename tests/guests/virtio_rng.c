@@ -4,7 +4,9 @@
  * how many it wrote.  Runs at CPL3 after the switch, as virtio-blk does.
  *
  * Command line (besides lib/virtio_guest.h's flags): count=N buffers (1..64, default 16),
- * len=N bytes each (16..4096, default 64), depth=N in flight at once (1..64, default 8).
+ * len=N bytes each (16..4096, default 64), depth=N in flight at once (1..64, default 8),
+ * rounds=N times over (default 1; each round zeroes, reads and checks the buffers again and,
+ * when N > 1, prints "virtio-rng: round R ok": entropy that keeps coming).
  * Checks: each returned length is 1..len; no buffer all zeros or all one byte value (buffers
  * of 16 bytes or more); no two buffers alike over their common length; then prints a summary.
  * README.md gives the output and exit statuses. */
@@ -120,6 +122,16 @@ static NORETURN void rng_main(void *bp)
 	}
 	virtio_driver_ok(&dev);
 	print(TAG ": queue 0 size %u\n", vq.size);
+	u64 rounds = cmdline_u64(cmdline, "rounds", 1);
+	for (u64 r = 1; r < rounds; r++) {
+		read_all((unsigned)count, (u32)len, (unsigned)depth, ind);
+		unsigned bad = check_all((unsigned)count);
+		if (bad) {
+			print(TAG ": round %lu: %u checks failed\n", r, bad);
+			debug_exit(VEXIT_DATA);
+		}
+		print(TAG ": round %lu ok\n", r);
+	}
 	read_all((unsigned)count, (u32)len, (unsigned)depth, ind);
 	u64 total = 0;
 	for (unsigned i = 0; i < count; i++)

@@ -348,3 +348,34 @@ def test_virtio_blk_left_dead_keeps_the_vm_running_and_the_guest_sees_it_fail(gu
     status, err = vm.finish(timeout=90)
     assert status == 11, vm.text()[-1500:] + err  # debug-exit 5: a request timed out
     assert "request timed out" in vm.text() and "stays dead" in err
+
+
+def test_virtio_rng_killed_5_times_entropy_keeps_coming(guests, tmp_path):
+    """on_crash = restart: the rng process SIGKILLed while the guest reads 64 buffers a round
+    again and again; each round after each restart completes and checks out."""
+    cfg = config(
+        tmp_path,
+        guests["virtio-rng"],
+        "count=64 len=4096 depth=16 rounds=100000",
+        rng_table() + 'on_crash = "restart"\nmax_restarts = 20\n',
+    )
+    vm = VmProcess(tmp_path, ["up", str(cfg)], tmp_path / "serial.log")
+    try:
+        vm.wait_for(r"virtio-rng: round \d+ ok")
+        for generation in range(2, 7):
+            result = vm.ctl("crash-device", "rng0")
+            assert result.returncode == 0, result.stderr
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
+                rng = next(d for d in devices if d["name"] == "rng0")
+                if rng["state"] == "running" and rng["generation"] == generation:
+                    break
+                time.sleep(0.05)
+            after = len(vm.text())
+            vm.wait_for(r"virtio-rng: round \d+ ok", after=after)  # a whole round since
+    finally:
+        vm.proc.send_signal(signal.SIGTERM)
+        vm.finish(timeout=30)
+    text = vm.text()
+    assert "failed" not in text and "in time" not in text and "came back" not in text, text[-800:]
