@@ -6,7 +6,6 @@ reaches a guest here) and end through debug-exit 0x10 (status 33) once every che
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import signal
@@ -210,26 +209,13 @@ def stop_loop(vm: VmProcess) -> str:
 
 
 def blk_device(vm: VmProcess) -> dict[str, object]:
-    devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
-    (blk,) = (d for d in devices if d["name"] == "blk0")
-    return dict(blk)
+    return vm.device("blk0")
 
 
 def blk_exits(vm: VmProcess) -> dict[str, int]:
     exits = blk_device(vm)["exits"]
     assert isinstance(exits, dict)
     return exits
-
-
-def wait_running(vm: VmProcess, generation: int, timeout: float = 30) -> None:
-    """Until blk0's process number `generation` serves (a restart is done)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        blk = blk_device(vm)
-        if blk["state"] == "running" and blk["generation"] == generation:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"blk0 is not back as process {generation}: {blk}")
 
 
 def test_virtio_blk_steady_state_io_costs_the_monitor_no_exits(guests, tmp_path):
@@ -288,7 +274,7 @@ def test_virtio_blk_killed_under_io_restarts_and_the_guest_sees_no_error(guests,
         for kill in range(kills):
             result = vm.ctl("crash-device", "blk0")
             assert result.returncode == 0, result.stderr
-            wait_running(vm, generation=kill + 2)
+            vm.wait_running("blk0", generation=kill + 2)
             written(vm, after=len(vm.text()))  # the guest goes on
         blk = blk_device(vm)
     finally:
@@ -313,7 +299,7 @@ def test_virtio_blk_hung_process_is_caught_by_the_heartbeat_and_restarted(guests
     try:
         written(vm)
         hang_blk(vm)
-        wait_running(vm, generation=2)
+        vm.wait_running("blk0", generation=2)
         written(vm, after=len(vm.text()))
         blk = blk_device(vm)
     finally:
@@ -365,13 +351,7 @@ def test_virtio_rng_killed_5_times_entropy_keeps_coming(guests, tmp_path):
         for generation in range(2, 7):
             result = vm.ctl("crash-device", "rng0")
             assert result.returncode == 0, result.stderr
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
-                rng = next(d for d in devices if d["name"] == "rng0")
-                if rng["state"] == "running" and rng["generation"] == generation:
-                    break
-                time.sleep(0.05)
+            vm.wait_running("rng0", generation)
             after = len(vm.text())
             vm.wait_for(r"virtio-rng: round \d+ ok", after=after)  # a whole round since
     finally:

@@ -5,7 +5,6 @@ text round trip through the device's queues is the console guest's (issue 10).""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from pathlib import Path
@@ -161,14 +160,7 @@ def test_virtio_console_killed_while_writing_to_a_file_loses_and_repeats_no_byte
     for generation in range(2, 7):
         result = vm.ctl("crash-device", "con0")
         assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
-            con = next(d for d in devices if d["name"] == "con0")
-            if con["state"] == "running" and con["generation"] == generation:
-                break
-            time.sleep(0.05)
-        assert con["generation"] == generation, con
+        vm.wait_running("con0", generation)
     status, err = vm.finish(timeout=120)
     assert status == 33, vm.text()[-2000:] + err
     want = pattern(64 << 20)

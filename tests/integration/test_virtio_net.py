@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,20 +274,6 @@ def test_virtio_net_guest_suspended_mid_ping_restores_and_every_ping_is_answered
     assert replies >= 400, replies  # the one in flight at the suspend may show twice
 
 
-def net_running(vm: VmProcess, generation: int, timeout: float = 30) -> dict[str, object]:
-    """net0 as `ctl devices` shows it once its process number `generation` serves (or the
-    timeout passed: the caller's assertion says what it was)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        devices = json.loads(vm.ctl("devices", "--json").stdout)["devices"]
-        net: dict[str, object] = next(d for d in devices if d["name"] == "net0")
-        if net["state"] == "running" and net["generation"] == generation:
-            return net
-        if time.monotonic() > deadline:
-            return net
-        time.sleep(0.05)
-
-
 def test_virtio_net_killed_under_traffic_restarts_and_frames_keep_flowing(guests, tmp_path, netns):
     """on_crash = restart: the net process SIGKILLed 5 times while the host has the guest
     echo UDP datagrams. A datagram the dead process had taken from the TAP is gone (UDP: the
@@ -331,12 +316,12 @@ print("echoed", echoed, flush=True)
         if int(line) in (20, 45, 70, 95, 120):  # while traffic flows
             # frames flow as soon as a new process has its state, before the monitor has
             # its READY: wait for that, or the kill finds the device still away
-            net_running(vm, generation=kills + 1)
+            vm.wait_running("net0", generation=kills + 1)
             result = vm.ctl("crash-device", "net0")
             assert result.returncode == 0, result.stderr
             kills += 1
     host.wait(timeout=30)
-    net = net_running(vm, generation=6)  # the last kill may land after the last echo
+    net = vm.wait_running("net0", generation=6)  # the last kill may land after the last echo
     vm.proc.send_signal(signal.SIGTERM)
     vm.finish(timeout=30)
     assert line.strip() == "echoed 150", line

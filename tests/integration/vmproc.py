@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -86,6 +87,24 @@ class VmProcess:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return splitvmm(self.tmp_path, "ctl", "--vm", "test", *args)
+
+    def device(self, name: str) -> dict[str, object]:
+        """The device as `ctl devices --json` shows it (its counters included)."""
+        devices = json.loads(self.ctl("devices", "--json").stdout)["devices"]
+        (found,) = (d for d in devices if d["name"] == name)
+        return dict(found)
+
+    def wait_running(self, name: str, generation: int, timeout: float = 30) -> dict[str, object]:
+        """The device once its process number `generation` serves (a restart is done);
+        AssertionError if it is not by `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dev = self.device(name)
+            if dev["state"] == "running" and dev["generation"] == generation:
+                return dev
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} is not back as process {generation}: {dev}")
+            time.sleep(0.05)
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
         """(exit status, stderr) once it ends; kills it if it does not end in time."""
