@@ -24,9 +24,14 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.splitvmm-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ -n "$(find splitvmm/native -name "_build_*.py" -newer "$stamp")" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ] || [ -n "$(find splitvmm/native -name "_build_*.py" -newer "$stamp")" ]; then
     echo "bootstrap: installing splitvmm into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-    .venv/bin/python -m pip install -q -e '.[test]'
+    # "compat" puts the checkout on sys.path with a plain .pth line; the default editable
+    # finder costs every interpreter ~11 ms at start-up (site imports it), and splitvmm starts
+    # several (monitor, zygote; tests exec devices). setuptools calls the mode transitional:
+    # where it is gone, the default mode works the same, only slower to start.
+    .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>/dev/null ||
+        .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
 fi

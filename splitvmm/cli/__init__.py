@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import sys
+from typing import NoReturn
 
 import click
 
@@ -51,5 +54,27 @@ def cli(log_level: str) -> None:
     )
 
 
-def main() -> None:
-    cli()
+def main() -> NoReturn:
+    """The `splitvmm` command. It exits without the interpreter's teardown (~35 ms of freeing
+    modules, for `up` a tenth of its run): by then a command has closed what it opened (`up`:
+    the VM, every fd and process of it), and only buffered output is left to flush."""
+    try:
+        cli()  # standalone mode: it always ends with SystemExit
+        status = 0
+    except SystemExit as e:
+        status = _exit_status(e.code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
+            stream.flush()
+    os._exit(status)
+
+
+def _exit_status(code: object) -> int:
+    """What the interpreter would exit with for SystemExit(code)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1

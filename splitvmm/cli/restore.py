@@ -55,12 +55,12 @@ def command(
     """Restore the VM saved in DIRECTORY, with the guest settings stored in the snapshot."""
     import dataclasses
 
-    from splitvmm.monitor import restore
-
     overrides = _overrides(settings)
     dirs = tuple(d.resolve() for d in snapshot_dirs)
 
     def config(snap: Snapshot | None) -> VmConfig:
+        from splitvmm.monitor import restore  # here: after run_and_exit started the launcher
+
         if snap is None:  # run_and_exit opens DIRECTORY first: a restore always has one
             raise click.UsageError("restore needs the snapshot in DIRECTORY")
         cfg = restore.config_of(snap, overrides)

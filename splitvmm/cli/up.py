@@ -39,17 +39,32 @@ def run_and_exit(
     show_timings: bool = False,
 ) -> None:
     """Shared by `up` and `restore`: build the config, open the snapshot, run, exit. A boot
-    imports no snapshot reading code (nor rich, which its progress bar uses)."""
+    imports no snapshot reading code (nor rich, which its progress bar uses).
+
+    The launcher comes first, before the monitor's imports: it starts the zygote, which
+    imports every device model on another core meanwhile (sandbox/launcher.py)."""
+    from splitvmm.sandbox.launcher import Launcher
+
+    try:
+        launcher = Launcher.start()
+    except SplitvmmError as e:
+        click.echo(f"splitvmm: error: {e}", err=True)
+        sys.exit(1)
+    timings.mark("launcher fork")
     from splitvmm.monitor.machine import run_vm
 
     timings.mark("import monitor")
     try:
-        snap = _open_snapshot(snapshot_dir, key_file) if snapshot_dir is not None else None
-        cfg = cfg_loader(snap)
-        if snap is not None:
-            _check_snapshot(snap, cfg)
+        try:
+            snap = _open_snapshot(snapshot_dir, key_file) if snapshot_dir is not None else None
+            cfg = cfg_loader(snap)
+            if snap is not None:
+                _check_snapshot(snap, cfg)
+        except BaseException:
+            launcher.close()
+            raise
         timings.mark("config")
-        outcome = run_vm(cfg, snap)
+        outcome = run_vm(cfg, snap, launcher)
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
@@ -100,13 +115,12 @@ def command(
     config: Path, snapshot_dir: Path | None, key_file: Path | None, show_timings: bool
 ) -> None:
     """Boot the VM described by CONFIG (TOML) and run it until it stops."""
-    from splitvmm.config import load_config
-
     if key_file is not None and snapshot_dir is None:
         raise click.UsageError("--require-signature goes with --restore")
-    run_and_exit(
-        lambda snap: load_config(config, check_files=snap is None),
-        snapshot_dir,
-        key_file,
-        show_timings,
-    )
+
+    def load(snap: Snapshot | None) -> VmConfig:
+        from splitvmm.config import load_config  # here: after run_and_exit started the launcher
+
+        return load_config(config, check_files=snap is None)
+
+    run_and_exit(load, snapshot_dir, key_file, show_timings)

@@ -379,8 +379,13 @@ def _run_hook(hook: Hook, spec: DeviceSpec) -> None:
     os.close(fd)
 
 
-def run(spec: DeviceSpec, read_rest: Callable[[DeviceSpec], DeviceSpec] | None = None) -> None:
-    """The device process from its spec to its end.
+def run(
+    spec: DeviceSpec,
+    read_rest: Callable[[DeviceSpec], DeviceSpec] | None = None,
+    parent: int | None = None,
+) -> None:
+    """The device process from its spec to its end. `parent`: the pid our parent must have
+    (a device forked by the zygote knows its launcher's); None: any but init.
 
     A warm spare (spec.deferred, monitor/slot.py) runs the same steps in the same order,
     and waits for `read_rest(spec)`, its whole spec (once it takes over a crashed process),
@@ -398,7 +403,8 @@ def run(spec: DeviceSpec, read_rest: Callable[[DeviceSpec], DeviceSpec] | None =
     READY <1 ms. The spare has done all but connecting, rlimits, seccomp and what follows."""
     # The monitor's death must take us with it (no orphan holding guest RAM).
     confine.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() == 1:  # the monitor died before prctl took effect: we were reparented
+    # Our parent died before prctl took effect: we were reparented (to init, or a subreaper).
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
         os._exit(1)
     load_model(spec.model)  # imports the model's module: there is no file system once sandboxed
     logging.basicConfig(

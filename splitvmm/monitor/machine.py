@@ -68,9 +68,14 @@ READ_ONLY_REQUESTS = ("status", "devices")
 
 class Machine:
     def __init__(
-        self, cfg: VmConfig, runtime_root: Path | None = None, snapshot: Snapshot | None = None
+        self,
+        cfg: VmConfig,
+        runtime_root: Path | None = None,
+        snapshot: Snapshot | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.cfg = cfg
+        self._early_launcher = launcher  # started by `up` before its imports (ours to close)
         self.snapshot = snapshot  # restore from it instead of booting
         self._runtime_root = runtime_root
         self.coordinator = Coordinator(self)
@@ -101,10 +106,12 @@ class Machine:
         self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
         self._closables.append(self.rundir)
         # First, single-threaded, before /dev/kvm or guest RAM: the launcher holds nothing of
-        # the VM. Closed after the devices (_closables go in reverse).
-        self.launcher = Launcher.start(self.rundir.path)
+        # the VM (`up` starts it earlier still: cli/up.py). Closed after the devices
+        # (_closables go in reverse).
+        self.launcher = self._early_launcher or Launcher.start()
         self._closables.append(self.launcher)
-        timings.mark("launcher fork")
+        self.launcher.configure(self.rundir.path)
+        timings.mark("launcher")
         restoring = None  # (snapshot, its checked states), decoded before a process is spawned
         if self.snapshot is not None:
             # Only a restore imports restore code: a boot does not pay for it.
@@ -533,8 +540,11 @@ class _Placed:
     irqs: PciInterrupts
 
 
-def run_vm(cfg: VmConfig, snapshot: Snapshot | None = None) -> Outcome:
-    machine = Machine(cfg, snapshot=snapshot)
+def run_vm(
+    cfg: VmConfig, snapshot: Snapshot | None = None, launcher: Launcher | None = None
+) -> Outcome:
+    """Build and run the VM; `launcher`, if given, is the VM's (closed with it)."""
+    machine = Machine(cfg, snapshot=snapshot, launcher=launcher)
     try:
         machine.build()
         return machine.run()

@@ -100,6 +100,12 @@ def set_parent_death_signal(sig: int) -> None:
     prctl(lib.PR_SET_PDEATHSIG, sig)
 
 
+def set_child_subreaper() -> None:
+    """Orphaned descendants become our children (not init's): we reap them and may wait on
+    them, as the launcher does for the devices its zygote double-forks (sandbox/zygote.py)."""
+    prctl(lib.PR_SET_CHILD_SUBREAPER, 1)
+
+
 def set_dumpable(dumpable: bool) -> None:
     """Not dumpable: no core file (it would hold guest memory), no same-uid ptrace."""
     prctl(lib.PR_SET_DUMPABLE, int(dumpable))

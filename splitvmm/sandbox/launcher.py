@@ -12,6 +12,9 @@ it for every device process from then on -- and, later, for every restart.
 Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
 
     launcher -> monitor  ready                       once, when it is set up
+    monitor -> launcher  configure {id, size}        then `size` bytes: the runtime dir,
+                                                     once, before any spawn
+    launcher -> monitor  configured {id} | refused {id, message}
     monitor -> launcher  spawn {id, size} + fds      then `size` bytes of spec JSON,
                                                      in chunks (a message must fit
                                                      the socket's send buffer)
@@ -23,15 +26,23 @@ Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
                          exited {pid, status}        for each device it started (it
                                                      is their parent and reaps them)
 
+Why it starts before the monitor knows its VM. `up` forks it first thing, while the
+monitor has imported little and has one thread, and it execs the zygote at once
+(sandbox/zygote.py): the zygote imports every device model on the second core while
+the monitor imports its own modules and reads the config. The runtime dir comes
+after, in the first request (configure), which the monitor sends before it is
+confined; it is fixed from then on.
+
 What a compromised monitor can ask of it, and no more:
-- start DEVICE_COMMAND (this interpreter, `-m splitvmm.devprocs`), never a
-  command from the request, for a model of protocol.models.MODELS, holding
-  exactly the fds the request carries, one per role of that model;
+- start a device process, forked by its zygote from a pristine pre-imported
+  interpreter that runs `splitvmm.devprocs` for it (never a command from the
+  request), for a model of protocol.models.MODELS, holding exactly the fds the
+  request carries, one per role of that model;
 - with seccomp "kill" and no test hook: `splitvmm policy audit` and the test
   harnesses, which need a tracing filter or a hook, call start_device themselves;
 - listen on that device's channel, `<runtime dir>/<name>.sock`: the runtime
-  dir is fixed when the launcher starts and the name is a plain file name, so
-  it makes no other file;
+  dir is fixed by the first configure request (a second one is refused) and the
+  name is a plain file name, so it makes no other file;
 - tell the exit status of the devices it started. Signals go through the
   pidfd the monitor holds: the launcher kills nothing on request.
 - give a warm spare it started (a deferred spec: protocol/spec.py, monitor/slot.py) the
@@ -49,7 +60,10 @@ request above is the barrier. It has no_new_privs, its own session (the
 terminal's Ctrl-C is the monitor's to handle), PR_SET_PDEATHSIG on the monitor,
 and ends when the monitor's end of the socket closes, killing the devices it
 started (each would die with it anyway: PR_SET_PDEATHSIG). It holds the socket,
-/dev/null as stdin and stdout, and the operator's stderr, which devices inherit.
+/dev/null as stdin and stdout, and the operator's stderr, which devices inherit,
+and its zygote's socket. It is a child subreaper (the zygote's double fork makes
+each device its child), so it also reaps whatever else of its descendants is
+orphaned -- a device's PID-namespace init, once its warden has died -- on SIGCHLD.
 """
 
 from __future__ import annotations
@@ -60,30 +74,21 @@ import gc
 import itertools
 import json
 import os
-import select
 import signal
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from splitvmm.errors import DeviceFailure, ProtocolError, SplitvmmError, clip
+from splitvmm.errors import DeviceFailure, SplitvmmError, clip
 from splitvmm.native import confine
-from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
-from splitvmm.sandbox.spawn import (
-    ChildProcess,
-    DeviceProcess,
-    check_spec_size,
-    readable,
-    resume_child,
-    spawn_child,
-)
+from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox.spawn import DeviceProcess, check_spec_size, device_env, readable
+from splitvmm.sandbox.zygote import Zygote
 
 T = TypeVar("T")
 
@@ -92,8 +97,8 @@ MAX_DEVICES = 64  # live devices of one VM: a compromised monitor gets no fork b
 MAX_MESSAGE = 4096  # a request header or a reply; the spec comes in chunks after its header
 CHUNK = 64 << 10  # a SOCK_SEQPACKET message must fit the socket's send buffer (~208 KiB)
 CHUNK_TIMEOUT_S = 5.0  # the rest of a request, once its header came
-READY_TIMEOUT_S = 10.0  # a fork and a few syscalls
-REPLY_TIMEOUT_S = 30.0  # a spawn is a fork, an exec and the spec written to a pipe
+READY_TIMEOUT_S = 10.0  # a fork, its imports and the zygote's exec
+REPLY_TIMEOUT_S = 60.0  # the first spawn waits for the zygote's imports (a loaded host)
 SEND_TIMEOUT_S = 10.0  # a launcher that stops reading has failed
 STOP_TIMEOUT_S = 5.0  # the launcher ends at once when the monitor closes its socket
 
@@ -107,12 +112,12 @@ def thread_count() -> int:
 
 
 # -- messages ---------------------------------------------------------------------------------
-def _send(sock: socket.socket, msg: dict[str, object] | bytes, fds: Sequence[int] = ()) -> None:
+def send(sock: socket.socket, msg: dict[str, object] | bytes, fds: Sequence[int] = ()) -> None:
     data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
     socket.send_fds(sock, [data], list(fds))
 
 
-def _receive(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
+def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
     """One message, the fds it carries (close-on-exec), and whether it was cut: over `size`
     bytes or MAX_FDS fds (the kernel closes the fds that did not fit)."""
     fds = array.array("i")
@@ -125,7 +130,7 @@ def _receive(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
     return data, list(fds), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
 
 
-def _close_all(fds: Iterable[int]) -> None:
+def close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         os.close(fd)
 
@@ -158,6 +163,7 @@ _REPLIES: dict[str, tuple[dict[str, type], int]] = {
     "spawned": ({"id": int, "pid": int}, 2),  # the pidfd, the channel's listening socket
     "refused": ({"id": int, "message": str}, 0),
     "resumed": ({"id": int}, 0),
+    "configured": ({"id": int}, 0),
     "exited": ({"pid": int, "status": int}, 0),
 }
 
@@ -200,9 +206,10 @@ class Launcher:
         self._broken: str | None = None
 
     @classmethod
-    def start(cls, channel_dir: Path) -> Launcher:
-        """Fork the launcher; the devices' channels will be in `channel_dir`. Call it first,
-        single-threaded (a fork in a threaded process is unsafe, gh-100228)."""
+    def start(cls, channel_dir: Path | None = None) -> Launcher:
+        """Fork the launcher; the devices' channels will be in `channel_dir` (or the one
+        given to configure() later). Call it first, single-threaded (a fork in a threaded
+        process is unsafe, gh-100228)."""
         if thread_count() != 1:
             raise LauncherError("the launcher must be started before any thread exists")
         pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -211,8 +218,9 @@ class Launcher:
         pid = os.fork()
         if pid == 0:
             code = 1
+            gc.freeze()  # what we inherited is never collected: no finalizer closes an fd we reuse
             try:
-                code = _launcher_main(theirs.detach(), monitor, str(channel_dir))
+                code = _launcher_main(theirs.detach(), monitor)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -220,12 +228,15 @@ class Launcher:
         theirs.close()
         ours.settimeout(SEND_TIMEOUT_S)
         launcher = cls(ours, pid)
-        try:
-            launcher._await(lambda: launcher._ready or None, READY_TIMEOUT_S)
-        except LauncherError as e:
-            launcher.close()
-            raise LauncherError(f"the launcher did not start: {e}") from None
+        # Not waiting for its ready here: `up` goes on importing while it sets up (the first
+        # request waits for it).
+        if channel_dir is not None:
+            launcher.configure(channel_dir)
         return launcher
+
+    def configure(self, channel_dir: Path) -> None:
+        """Fix the runtime dir where the devices' channels are made (once)."""
+        self._request({"op": "configure"}, str(channel_dir).encode(), [])
 
     def fileno(self) -> int:
         """The socket's fd: the one the confined monitor may send to and receive from."""
@@ -252,12 +263,17 @@ class Launcher:
         """Send a request (`header`, then `data` in chunks) and take its reply; DeviceFailure
         with the launcher's words if it refused."""
         with self._spawn_lock:
+            if not self._ready:
+                try:
+                    self._await(lambda: self._ready or None, READY_TIMEOUT_S)
+                except LauncherError as e:
+                    raise LauncherError(f"the launcher did not start: {e}") from None
             self._pending = next(self._ids)
             header = {**header, "id": self._pending, "size": len(data)}
             try:
-                _send(self._sock, header, fds)
+                send(self._sock, header, fds)
                 for i in range(0, len(data), CHUNK):
-                    _send(self._sock, data[i : i + CHUNK])
+                    send(self._sock, data[i : i + CHUNK])
             except OSError as e:
                 raise LauncherError(f"the launcher takes no request: {e}") from None
             reply = self._await(self._take_reply, REPLY_TIMEOUT_S)
@@ -305,12 +321,12 @@ class Launcher:
         try:
             if not readable(self._sock.fileno(), timeout_s):
                 return None
-            data, fds, cut = _receive(self._sock, MAX_MESSAGE)
+            data, fds, cut = receive(self._sock, MAX_MESSAGE)
         except OSError as e:
             self._broken = f"the launcher's socket failed: {e}"
             return None
         if cut or not data:
-            _close_all(fds)
+            close_all(fds)
             self._broken = "the launcher sent too much" if cut else "the launcher has exited"
             return None
         return data, fds
@@ -320,7 +336,7 @@ class Launcher:
         try:
             reply = _decode_reply(data, fds)
         except ValueError as e:
-            _close_all(fds)
+            close_all(fds)
             self._broken = f"the launcher broke its protocol: {e}"
             return
         if reply.op == "ready":
@@ -331,7 +347,7 @@ class Launcher:
             self._running.discard(reply.pid)
             self._exits[reply.pid] = reply.status
         elif reply.id != self._pending or not self._spawn_lock.locked():
-            _close_all(fds)
+            close_all(fds)
             if reply.op == "spawned":  # a refusal may answer a garbled request; this may not
                 self._broken = f"the launcher started pid {reply.pid} for nobody"
         else:
@@ -351,25 +367,10 @@ class Launcher:
         self._pidfd = -1
 
 
-class LaunchedProcess(DeviceProcess):
-    """A device process the launcher started: it reaps it and tells us its status."""
-
-    def __init__(self, launcher: Launcher, pid: int, pidfd: int) -> None:
-        super().__init__(pid, pidfd)
-        self._launcher = launcher
-
-    def _reap(self) -> int:
-        return self._launcher.wait_exit(self.pid, REPLY_TIMEOUT_S)
-
-
-# -- the launcher's side ----------------------------------------------------------------------
-class Refused(Exception):
-    """A request the launcher does not carry out; str() says why, naming the device."""
-
-
-def _launcher_main(sock_fd: int, monitor: int, channel_dir: str) -> int:
-    """The forked launcher, from its first instruction to its exit status."""
-    gc.freeze()  # what we inherited is never collected: no finalizer closes an fd we reuse
+def _launcher_main(sock_fd: int, monitor: int) -> int:
+    """The forked launcher, from its first instruction to its exit status. The zygote starts
+    before this process imports what it serves requests with (sandbox/launcher_server.py):
+    the zygote's imports are the longest path to the first device."""
     os.setsid()  # the terminal's signals are the monitor's
     confine.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != monitor:  # the monitor died before prctl took effect
@@ -378,9 +379,13 @@ def _launcher_main(sock_fd: int, monitor: int, channel_dir: str) -> int:
         signal.signal(sig, signal.SIG_DFL)
     _keep_only_fds(sock_fd)
     confine.set_no_new_privs()
+    confine.set_child_subreaper()  # before the zygote: its grandchildren are ours
+    zygote = Zygote.start(device_env())
     sock = socket.socket(fileno=sock_fd)
-    _send(sock, {"op": "ready"})
-    _Server(sock, channel_dir).serve()
+    from splitvmm.sandbox import launcher_server
+
+    send(sock, {"op": "ready"})
+    launcher_server.serve(sock, zygote)
     return 0
 
 
@@ -396,171 +401,12 @@ def _keep_only_fds(sock_fd: int) -> None:
     os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
 
 
-class _Server:
-    def __init__(self, sock: socket.socket, channel_dir: str) -> None:
-        self.sock = sock
-        self.channel_dir = channel_dir
-        self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
-        self.spares: dict[int, tuple[ChildProcess, DeviceSpec]] = {}  # pid -> spare, its spec
-        self.poller = select.poll()
-        self.poller.register(sock.fileno(), select.POLLIN)
+class LaunchedProcess(DeviceProcess):
+    """A device process the launcher started: it reaps it and tells us its status."""
 
-    def serve(self) -> None:
-        """Requests and ends of devices, until the monitor closes its end."""
-        try:
-            while True:
-                for fd, _ in self.poller.poll():
-                    if fd != self.sock.fileno():
-                        self._report_end(fd)
-                    elif not self._serve_request():
-                        return
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the monitor is gone: nobody to tell (its devices end below)
-        finally:
-            for process in self.children.values():
-                process.kill()
-                process.wait(STOP_TIMEOUT_S)
+    def __init__(self, launcher: Launcher, pid: int, pidfd: int) -> None:
+        super().__init__(pid, pidfd)
+        self._launcher = launcher
 
-    def _serve_request(self) -> bool:
-        """One request, and its one reply; False once the monitor has closed its end."""
-        data, fds, cut = _receive(self.sock, MAX_MESSAGE)
-        if not data and not fds:
-            return False
-        request = 0
-        try:
-            request, size, spare = _decode_header(data)
-            payload = self._read_chunks(size)  # read whole even to be refused
-            if cut:
-                raise Refused(f"launcher: a request over {MAX_MESSAGE} bytes or {MAX_FDS} fds")
-            if spare is not None:
-                self._resume(spare, payload, len(fds))
-                _send(self.sock, {"op": "resumed", "id": request})
-                return True
-            spec = _decode_spec(payload)
-            _check_spec(spec, self.channel_dir, len(fds))
-            if len(self.children) >= MAX_DEVICES:
-                raise Refused(f"device {spec.name}: {MAX_DEVICES} devices run already")
-            process, listener = spawn_child(
-                replace(spec, fds=dict(zip(spec.fds, fds, strict=True)))
-            )
-        except (Refused, DeviceFailure, OSError) as e:
-            _send(self.sock, {"op": "refused", "id": request, "message": str(e)})
-            return True
-        finally:
-            _close_all(fds)  # the device has its own copies now
-        try:
-            reply = {"op": "spawned", "id": request, "pid": process.pid}
-            _send(self.sock, reply, [process.pidfd, listener])
-        finally:
-            os.close(listener)  # the monitor's copy is the one ZeroMQ adopts
-        self.children[process.pidfd] = process
-        self.poller.register(process.pidfd, select.POLLIN)
-        if spec.deferred:
-            self.spares[process.pid] = process, spec
-        return True
-
-    def _resume(self, pid: int, payload: bytes, nfds: int) -> None:
-        """Give the spare `pid` the rest of its spec (the module docstring), once."""
-        spare, spec = self.spares.pop(pid, (None, None))
-        if spare is None or spec is None:
-            raise Refused(f"launcher: pid {pid} is no spare waiting for its spec")
-        try:
-            rest = json.loads(payload)
-            whole = _checked_spec(spec.completed(rest))
-        except (ValueError, TypeError, AttributeError):
-            raise Refused(
-                f"device {spec.name}: a spare's rest is not an object of {', '.join(DEFERRED)}"
-            ) from None
-        if nfds:
-            raise Refused(f"device {spec.name}: a spare has its fds already")
-        resume_child(spare, spec, whole)
-
-    def _report_end(self, pidfd: int) -> None:
-        self.poller.unregister(pidfd)
-        process = self.children.pop(pidfd)
-        self.spares.pop(process.pid, None)
-        status = process.wait(0)
-        process.close()
-        _send(self.sock, {"op": "exited", "pid": process.pid, "status": status})
-
-    def _read_chunks(self, size: int) -> bytes:
-        """The `size` bytes of spec that follow a request's header."""
-        data = b""
-        while len(data) < size:
-            if not readable(self.sock.fileno(), CHUNK_TIMEOUT_S):
-                raise Refused(f"launcher: the spec stopped at {len(data)} of {size} bytes")
-            chunk, fds, cut = _receive(self.sock, CHUNK)
-            _close_all(fds)
-            if cut or fds or not chunk or len(data) + len(chunk) > size:
-                raise Refused(f"launcher: the spec's chunks do not make {size} bytes")
-            data += chunk
-        return data
-
-
-def _decode_header(data: bytes) -> tuple[int, int, int | None]:
-    """A request's (id, size of what follows, the spare's pid for a resume request)."""
-    try:
-        msg = json.loads(data)
-    except ValueError:
-        raise Refused("launcher: a request is not JSON") from None
-    keys = {"spawn": {"op", "id", "size"}, "resume": {"op", "id", "size", "pid"}}
-    if not isinstance(msg, dict) or keys.get(str(msg.get("op"))) != set(msg):
-        raise Refused("launcher: a request is not a spawn or resume request")
-    request, size, pid = msg["id"], msg["size"], msg.get("pid")
-    if type(request) is not int or type(size) is not int or not 0 < size <= MAX_SPEC:
-        raise Refused(f"launcher: a request's spec must be 1 to {MAX_SPEC} bytes")
-    if msg["op"] == "resume" and type(pid) is not int:
-        raise Refused("launcher: a resume request's pid is not an int")
-    return request, size, pid
-
-
-def _decode_spec(data: bytes) -> DeviceSpec:
-    try:
-        spec = DeviceSpec.from_json(data.decode())
-    except (ValueError, TypeError):  # not JSON, or not the spec's keys
-        raise Refused("launcher: the request holds no device spec") from None
-    spec = _checked_spec(spec)
-    if spec.deferred and any(getattr(spec, key) is not None for key in DEFERRED):
-        raise Refused(f"device {spec.name[:63]!r}: a spare's spec has no {', '.join(DEFERRED)}")
-    return spec
-
-
-def _checked_spec(spec: DeviceSpec) -> DeviceSpec:
-    """`spec`, if each of its fields has its type and its fault is one."""
-    types: dict[str, type] = {"name": str, "model": str, "channel": str, "fds": dict}
-    types |= {"options": dict, "seccomp": str, "hook": str, "deferred": bool}
-    for key, kind in types.items():
-        if type(getattr(spec, key)) is not kind:
-            raise Refused(f"launcher: the spec's {key} is not a {kind.__name__}")
-    for key in ("state", "resume", "fault", "transport"):
-        if getattr(spec, key) is not None and type(getattr(spec, key)) is not dict:
-            raise Refused(f"launcher: the spec's {key} is not an object")
-    if spec.fault is not None:
-        try:
-            faults.decode(spec.fault, f"device {spec.name[:63]!r}: fault", ProtocolError)
-        except ProtocolError as e:
-            raise Refused(str(e)) from None
-    return spec
-
-
-def _check_spec(spec: DeviceSpec, channel_dir: str, nfds: int) -> None:
-    """Only a known model, enforcing, without a hook, on its own channel, with its fds."""
-    name = spec.name
-    if not name or "/" in name or "\0" in name or len(name) > 63:
-        raise Refused(f"launcher: device name {name[:63]!r} is not a plain file name")
-    model = MODELS.get(spec.model)
-    if model is None:
-        raise Refused(f"device {name}: unknown model {spec.model[:63]!r}")
-    if spec.seccomp != "kill" or spec.hook:
-        raise Refused(
-            f"device {name}: the launcher starts devices with seccomp 'kill' and no hook "
-            "(audits and tests start theirs with start_device)"
-        )
-    if spec.channel != f"ipc://{channel_dir}/{name}.sock":
-        raise Refused(f"device {name}: its channel must be {name}.sock in {channel_dir}")
-    roles = {role.name for role in model.fds}
-    if set(spec.fds) != roles or nfds != len(roles):
-        raise Refused(
-            f"device {name}: model {model.name} takes fds {sorted(roles)}, the request "
-            f"names {sorted(spec.fds)[:MAX_FDS]} and carries {nfds}"
-        )
+    def _reap(self) -> int:
+        return self._launcher.wait_exit(self.pid, REPLY_TIMEOUT_S)

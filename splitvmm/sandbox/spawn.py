@@ -1,9 +1,13 @@
 """start_device: the one way a device process is started, and the process handle around it.
 
-Everything that starts a device goes through start_device: the launcher (for the
-monitor: sandbox/launcher.py), `splitvmm policy audit` and the test harnesses (which
-need a tracing filter or a test hook, so they start devices themselves). It execs the
-device, never forks a bare copy of the caller, with exactly the spec's fds.
+A device starts one of two ways, with the same result: its spec on stdin, exactly the
+spec's fds, its own session, stdout /dev/null, then devprocs/runtime.py run().
+- fork_device: the launcher (for the monitor: sandbox/launcher.py) has its zygote fork
+  it from a pre-imported interpreter (sandbox/zygote.py): no interpreter start, no
+  imports, pages shared with its siblings.
+- start_device: exec'd from scratch, for `splitvmm policy audit` and the test
+  harnesses, which need a tracing filter, a test hook or a rogue command.
+Neither forks a bare copy of the caller.
 
 A DeviceProcess is what its owner holds of a started device: its pid and a pidfd
 (signals through a pidfd cannot hit a recycled pid, and a pidfd polls readable when
@@ -33,15 +37,23 @@ import socket
 import subprocess
 import threading
 from dataclasses import replace
+from typing import IO
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
+from splitvmm.sandbox.zygote import FIRST_FD, Zygote
 
 # Environment variables a device process inherits: only what the device code reads itself
 # (sandbox/policy.py). Nothing else of the monitor's environment (credentials in it,
 # LD_PRELOAD, PYTHONPATH...) reaches a process that parses guest data. The interpreter needs
 # none: sys.executable finds its virtual environment through pyvenv.cfg, without PATH.
 DEVICE_ENV = ("SPLITVMM_POLICY_DIR",)
+REAP_TIMEOUT_S = 5.0  # a device killed before it read its spec
+
+
+def device_env() -> dict[str, str]:
+    """The environment of a device process (and of the zygote that forks them)."""
+    return {k: os.environ[k] for k in DEVICE_ENV if k in os.environ}
 
 
 def start_device(
@@ -69,7 +81,7 @@ def start_device(
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             close_fds=True,
-            env={k: os.environ[k] for k in DEVICE_ENV if k in os.environ},
+            env=device_env(),
             # Its own session: a Ctrl-C or a signal to our process group must not kill the
             # device before the monitor has synced it; the monitor decides when it ends
             # (and PR_SET_PDEATHSIG ends it if its parent dies).
@@ -79,7 +91,7 @@ def start_device(
         for fd in dups:
             os.close(fd)
     try:
-        _write_stdin(proc, data, close=not spec.deferred)
+        _write_stdin(proc.stdin, data, close=not spec.deferred)
     except BrokenPipeError:
         proc.kill()
         proc.wait()
@@ -87,10 +99,35 @@ def start_device(
     return proc
 
 
-def _write_stdin(proc: subprocess.Popen[bytes], data: bytes, close: bool) -> None:
-    """Write to the device's stdin; BrokenPipeError if it has ended. Closed if `close`
+def fork_device(zygote: Zygote, spec: DeviceSpec) -> ChildProcess:
+    """What start_device does, by the zygote's fork: the spec's fds become fds 3, 4, ... of
+    the device, and the spec it reads says so. The device is our child (sandbox/zygote.py)."""
+    fds = {role: number for number, role in enumerate(spec.fds, FIRST_FD)}
+    data = replace(spec, fds=fds).to_json().encode() + b"\n"
+    check_spec_size(spec.name, data)
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    stdin = os.fdopen(stdin_w, "wb")
+    try:
+        pid = zygote.fork(stdin_r, list(spec.fds.values()))
+    except OSError as e:
+        stdin.close()
+        raise DeviceFailure(f"device {spec.name}: the zygote failed: {e}") from None
+    finally:
+        os.close(stdin_r)
+    process = ChildProcess(pid, stdin)
+    try:
+        process.write_stdin(data, close=not spec.deferred)
+    except BrokenPipeError:
+        process.kill()
+        process.wait(REAP_TIMEOUT_S)
+        process.close()
+        raise DeviceFailure(f"device {spec.name}: exited before reading its spec") from None
+    return process
+
+
+def _write_stdin(stdin: IO[bytes] | None, data: bytes, close: bool) -> None:
+    """Write to a device's stdin; BrokenPipeError if it has ended. Closed if `close`
     (EOF ends its spec), even when the write failed."""
-    stdin = proc.stdin
     assert stdin is not None
     try:
         stdin.write(data)
@@ -194,18 +231,37 @@ class DeviceProcess(abc.ABC):
 
 
 class ChildProcess(DeviceProcess):
-    """A device process that is our own child, started by start_device."""
+    """A device process that is our own child: exec'd (start_device: `popen`) or forked by
+    our zygote and reparented to us (fork_device). `stdin`: the pipe to its stdin, while a
+    spare waits for the rest of its spec."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        super().__init__(popen.pid, os.pidfd_open(popen.pid))
+    def __init__(
+        self, pid: int, stdin: IO[bytes] | None, popen: subprocess.Popen[bytes] | None = None
+    ) -> None:
+        super().__init__(pid, os.pidfd_open(pid))
+        self.stdin = stdin
         self.popen = popen
 
+    @classmethod
+    def started(cls, popen: subprocess.Popen[bytes]) -> ChildProcess:
+        return cls(popen.pid, popen.stdin, popen)
+
+    def write_stdin(self, data: bytes, close: bool) -> None:
+        """BrokenPipeError if it has ended; closed if `close`, even when the write failed."""
+        _write_stdin(self.stdin, data, close)
+        if close:
+            self.stdin = None
+
     def _reap(self) -> int:
-        return self.popen.wait()
+        if self.popen is not None:
+            return self.popen.wait()
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
 
     def close(self) -> None:
-        if self.popen.stdin is not None:  # a spare that never took over
-            self.popen.stdin.close()
+        if self.stdin is not None:  # a spare that never took over
+            self.stdin.close()
+            self.stdin = None
         super().close()
 
 
@@ -218,16 +274,23 @@ def readable(fd: int, timeout_s: float) -> bool:
 
 
 def spawn_child(
-    spec: DeviceSpec, command: tuple[str, ...] = DEVICE_COMMAND, stderr: int | None = None
+    spec: DeviceSpec,
+    command: tuple[str, ...] = DEVICE_COMMAND,
+    stderr: int | None = None,
+    *,
+    zygote: Zygote | None = None,
 ) -> tuple[ChildProcess, int]:
     """Listen on the spec's channel, then start the device as our child: the process, and
     the channel's listening socket (an fd the caller owns). What the launcher does for the
-    monitor, and what tests do for themselves with a rogue `command`. A warm spare's socket
-    is made at spare_path() (the module docstring)."""
+    monitor (forked by its `zygote`), and what tests do for themselves (exec'd, perhaps a
+    rogue `command`). A warm spare's socket is made at spare_path() (the module docstring)."""
     path = spare_path(spec.channel) if spec.deferred else spec.channel.removeprefix("ipc://")
     listener = listen_channel(path)
     try:
-        process = ChildProcess(start_device(command, spec, stderr))
+        if zygote is not None:
+            process = fork_device(zygote, spec)
+        else:
+            process = ChildProcess.started(start_device(command, spec, stderr))
     except BaseException:
         listener.close()
         os.unlink(path)
@@ -245,7 +308,7 @@ def resume_child(process: ChildProcess, spec: DeviceSpec, rest: DeviceSpec) -> N
     check_spec_size(spec.name, data)
     os.link(spare_path(spec.channel), path)
     try:
-        _write_stdin(process.popen, data, close=True)
+        process.write_stdin(data, close=True)
     except BrokenPipeError:
         os.unlink(path)
         raise DeviceFailure(

@@ -43,6 +43,7 @@ OUTPUTS = {
     "virtio-net": "virtio-net.elf",
     "virtio-console": "virtio-console.elf",
     "firmware-hello": "firmware-hello.bin",
+    "firmware-idle": "firmware-idle.bin",
     "firmware-pio": "firmware-pio.bin",
     "firmware-serial": "firmware-serial.bin",
     "firmware-virtio-blk": "firmware-virtio-blk.bin",

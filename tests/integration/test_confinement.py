@@ -91,8 +91,10 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
         parents = {parent_of(pid) for pid in wardens}
         launcher = min(parents)
         launcher_status = status_fields(Path(f"/proc/{launcher}/status"))
-        fd_dir = Path(f"/proc/{launcher}/fd")
-        launcher_fds = {int(fd.name): os.readlink(fd) for fd in fd_dir.iterdir()}
+        launcher_fds = fds_of(launcher)
+        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+        zygotes = [int(pid) for pid in children if int(pid) not in wardens]
+        zygote_fds = {pid: fds_of(pid) for pid in zygotes}
     finally:
         vm.ctl("suspend", str(tmp_path / "end"))
         vm.finish()
@@ -100,13 +102,27 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
     assert launcher_status["PPid"] == str(status["pid"])
     # no_new_privs, no filter of its own (its devices would inherit it)
     assert (launcher_status["NoNewPrivs"], launcher_status["Seccomp"]) == ("1", "0")
-    # /dev/null, stderr, its socket to the monitor and a pidfd per device: nothing of the VM
-    assert (launcher_fds.pop(0), launcher_fds.pop(1)) == ("/dev/null", "/dev/null")
-    del launcher_fds[2]  # the operator's stderr, which the devices inherit
-    kinds = sorted(
-        t if t.startswith("anon_inode") else t.split(":")[0] for t in launcher_fds.values()
+    # /dev/null, stderr, its sockets to the monitor and to the zygote, its SIGCHLD wake-up
+    # pipe and a pidfd per device: nothing of the VM
+    assert kinds_of(launcher_fds) == sorted(
+        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * 2 + ["socket"] * 2
     )
-    assert kinds == ["anon_inode:[pidfd]"] * len(wardens) + ["socket"]
+    # Its one other child, the zygote the devices were forked from, holds its socket only.
+    assert len(zygotes) == 1
+    assert kinds_of(zygote_fds[zygotes[0]]) == ["socket"]
+
+
+def fds_of(pid: int) -> dict[int, str]:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    return {int(fd.name): os.readlink(fd) for fd in fd_dir.iterdir()}
+
+
+def kinds_of(fds: dict[int, str]) -> list[str]:
+    """The kinds of the fds above stdio, having checked stdio: /dev/null as stdin and stdout;
+    fd 2 is the operator's stderr, which the devices inherit."""
+    assert (fds.pop(0), fds.pop(1)) == ("/dev/null", "/dev/null")
+    del fds[2]
+    return sorted(t if t.startswith("anon_inode") else t.split(":")[0] for t in fds.values())
 
 
 def test_monitor_killed_takes_launcher_and_devices_along(guests, tmp_path):

@@ -223,3 +223,39 @@ def test_ctl_fault_exit_mid_request_restarts_and_reruns_the_request(
 ) -> None:
     err, dev = run_with_fault(tmp_path, guests, "", "exit", "--after", "3", generation=2)
     assert dev["restarts"] == 1 and "exited with status 3" in err, err[-2000:]
+
+
+def test_killed_devices_leave_no_zombie_under_the_launcher(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """A device killed by its warden's death leaves its PID-namespace init an orphan, which
+    the launcher (a subreaper: sandbox/zygote.py) inherits and must reap."""
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 5\n')
+    try:
+        launcher = parent_of(int(serial_device(tmp_path)["pid"]))  # type: ignore[call-overload]
+        for generation in (2, 3, 4):
+            os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+            wait_back(tmp_path, generation)
+        zombies = zombie_children(launcher)
+        for _ in range(250):  # the orphans die of their parent-death signal, then are reaped
+            if not zombies:
+                break
+            time.sleep(0.02)
+            zombies = zombie_children(launcher)
+    finally:
+        vm.proc.kill()
+        vm.finish()
+    assert zombies == []
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def zombie_children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(child)
+        for child in children
+        if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    ]

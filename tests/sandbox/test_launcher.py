@@ -127,6 +127,31 @@ def test_launcher_closed_by_monitor_ends_with_the_devices_it_started(launcher, r
     process.close()
 
 
+def test_launcher_second_configure_is_refused_and_keeps_the_first_dir(
+    launcher, rundir, fds, tmp_path
+):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    with pytest.raises(DeviceFailure, match="the runtime dir is set already"):
+        launcher.configure(other)
+    process, listener = launcher.spawn(serial_spec(rundir, fds))  # still served, in rundir
+    os.close(listener)
+    process.kill()
+    process.wait(10)
+    process.close()
+
+
+def test_launcher_spawn_before_configure_is_refused(rundir, fds):
+    launcher = Launcher.start()
+    try:
+        with pytest.raises(DeviceFailure, match="no runtime dir yet"):
+            launcher.spawn(serial_spec(rundir, fds))
+        with pytest.raises(DeviceFailure, match="is no runtime dir"):
+            launcher.configure(rundir / "missing")
+    finally:
+        launcher.close()
+
+
 def test_launcher_start_with_a_thread_running_raises():
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)

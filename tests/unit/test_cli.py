@@ -1,10 +1,13 @@
 """The root command: version, help, lazy subcommands, and a clear error for a bad config."""
 
+import subprocess
+import sys
+
 import pytest
 from click.testing import CliRunner
 
 from splitvmm import __version__
-from splitvmm.cli import SUBCOMMANDS, cli
+from splitvmm.cli import SUBCOMMANDS, _exit_status, cli
 
 
 def test_cli_version_prints_package_version():
@@ -42,3 +45,27 @@ def test_cli_up_hostile_config_prints_one_line_without_traceback(tmp_path, confi
     assert isinstance(result.exception, SystemExit)  # not an escaped ValueError/RecursionError
     assert (result.exit_code, result.output.count("\n")) == (1, 1)
     assert result.output.startswith("splitvmm: error: ")
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (4, 4), (99, 99), (256, 0)])
+def test_exit_status_of_system_exit_code_is_the_interpreters(code, status):
+    assert _exit_status(code) == status
+
+
+def test_exit_status_of_a_message_is_1_and_the_message_goes_to_stderr(capsys):
+    assert _exit_status("splitvmm: no such VM") == 1
+    assert capsys.readouterr().err == "splitvmm: no such VM\n"
+
+
+def test_main_exits_with_the_commands_status_after_flushing_output(tmp_path):
+    """`splitvmm` ends by os._exit (cli/__init__.py main): what it printed still arrives and
+    the status is the command's (click's usage error: 2)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", "up"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "Missing argument 'CONFIG'" in proc.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "splitvmm", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (version.returncode, version.stdout.startswith("splitvmm, version")) == (0, True)

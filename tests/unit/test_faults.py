@@ -17,7 +17,7 @@ from splitvmm.devprocs.serial import Uart8250
 from splitvmm.errors import ConfigError, ProtocolError
 from splitvmm.protocol import control, faults, wire
 from splitvmm.protocol.spec import DeviceSpec
-from splitvmm.sandbox.launcher import Refused, _decode_spec
+from splitvmm.sandbox.launcher_server import Refused, _decode_spec
 from tests.fakes import FakeIrq, FakeLine
 from tests.unit.test_config import GOOD, write
 

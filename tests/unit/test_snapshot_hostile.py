@@ -38,6 +38,7 @@ from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot.reader import Snapshot
 from tests.fakes import FakeIrq
 
@@ -103,7 +104,7 @@ class Ran:
 
 
 def fake_run_vm(ran: Ran) -> Callable[[VmConfig, Snapshot | None], Outcome]:
-    def run_vm(cfg: VmConfig, snap: Snapshot | None) -> Outcome:
+    def run_vm(cfg: VmConfig, snap: Snapshot | None, launcher: object = None) -> Outcome:
         assert snap is not None
         restore.decode_states(snap)
         mem = GuestMemory(cfg.vm.memory)
@@ -507,9 +508,17 @@ def prepare(tmp_path: Path, env: Env, name: str) -> Path:
     return snap
 
 
+class NoLauncher:
+    """What `up` starts before anything else (cli/up.py), here a process-free stand-in."""
+
+    def close(self) -> None:
+        pass
+
+
 def invoke(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> tuple[Result, Ran]:
     ran = Ran()
     monkeypatch.setattr(machine, "run_vm", fake_run_vm(ran))
+    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: NoLauncher()))
     return CliRunner().invoke(cli, args), ran
 
 

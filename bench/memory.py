@@ -1,0 +1,261 @@
+"""Host memory of a running VM beyond its guest RAM: splitvmm next to QEMU, same guest.
+
+Boots the firmware-idle test guest (prints one line on COM1, then halts for good) under
+`splitvmm up` and under `qemu-system-x86_64 -accel kvm -bios`, with the same devices:
+
+- "serial":    the 8250 on COM1 (and the CMOS clock, which both have by default);
+- "5 devices": the same plus virtio-blk (a 64 MiB raw file), virtio-rng and virtio-console.
+
+Once the guest's line is out (and, for splitvmm, every device is running), it reads every
+process of the VM from /proc: splitvmm's monitor and all its descendants (launcher, zygote,
+and per device its warden and its sandboxed process), QEMU's one process. For each it sums
+PSS (a page shared by N processes counts 1/N in each: the honest sum over a process tree)
+and RSS from smaps, leaving out guest RAM: the mapping of the RAM memfd (splitvmm's
+`<vm>-ram`; QEMU gets `-object memory-backend-memfd` so its RAM is a named memfd too).
+A VM is measured after SETTLE_S, RUNS times; medians.
+
+    python bench/memory.py [--runs R] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.guests.build import build_guests  # noqa: E402
+
+QEMU = "qemu-system-x86_64"
+VM = "bench-memory"
+GREETING = "firmware-idle: halted"
+MEMORY_MIB = 64
+SETTLE_S = 1.0  # after the greeting: lazy allocations (ZeroMQ's threads, first requests) done
+START_TIMEOUT_S = 60
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One process (or a sum): kiB of PSS and RSS, guest RAM left out."""
+
+    pss: int = 0
+    rss: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.pss + other.pss, self.rss + other.rss)
+
+
+def usage_beyond(pid: int, ram_name: str) -> Usage:
+    """PSS and RSS of `pid` from its smaps, leaving out every mapping of the memfd
+    `ram_name` (guest RAM)."""
+    pss = rss = 0
+    in_ram = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        field = line.split(None, 1)[0]
+        if not field.endswith(":"):  # a mapping's header line: its pathname is last
+            in_ram = f"/memfd:{ram_name} " in line + " "
+        elif not in_ram and field == "Pss:":
+            pss += int(line.split()[1])
+        elif not in_ram and field == "Rss:":
+            rss += int(line.split()[1])
+    return Usage(pss, rss)
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    found = [pid]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+            found += descendants(int(child))
+    return found
+
+
+def wait_for_line(path: Path, proc: subprocess.Popen[bytes], who: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if path.exists() and GREETING in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"{who} ended (status {proc.returncode}) before the guest's line")
+        time.sleep(0.02)
+    raise SystemExit(f"{who}: no {GREETING!r} within {START_TIMEOUT_S} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- splitvmm ---------------------------------------------------------------------------------
+def splitvmm_config(work: Path, image: Path, disk: Path | None) -> Path:
+    text = f'[vm]\nname = "{VM}"\nmemory = "{MEMORY_MIB}M"\n[boot]\nfirmware = "{image}"\n'
+    text += f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{work / "serial.log"}"\n'
+    if disk is not None:
+        text += f'[[device]]\nname = "blk0"\nmodel = "virtio-blk"\npath = "{disk}"\n'
+        text += '[[device]]\nname = "rng0"\nmodel = "virtio-rng"\n'
+        text += (
+            f'[[device]]\nname = "con0"\nmodel = "virtio-console"\noutput = "{work / "con.log"}"\n'
+        )
+    config = work / "vm.toml"
+    config.write_text(text)
+    return config
+
+
+def ctl_devices(work: Path) -> list[dict[str, object]]:
+    argv = [sys.executable, "-m", "splitvmm", "ctl", "--socket", str(control_socket(work))]
+    out = subprocess.run([*argv, "devices", "--json"], capture_output=True, text=True, check=True)
+    devices: list[dict[str, object]] = json.loads(out.stdout)["devices"]
+    return devices
+
+
+def control_socket(work: Path) -> Path:
+    return work / "run" / "splitvmm" / VM / "control.sock"
+
+
+def measure_splitvmm(work: Path, image: Path, disk: Path | None) -> dict[str, Usage]:
+    """Usage by role: monitor, launcher, zygote, devices (wardens and sandboxed processes,
+    warm spares included); and the sum."""
+    for log in ("serial.log", "con.log"):
+        (work / log).unlink(missing_ok=True)
+    config = splitvmm_config(work, image, disk)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(work / "run")}
+    (work / "run").mkdir(exist_ok=True, mode=0o700)
+    argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        wait_for_line(work / "serial.log", proc, "splitvmm")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while any(d["state"] != "running" for d in ctl_devices(work)):
+            if time.monotonic() > deadline:
+                raise SystemExit("splitvmm: devices not running")
+            time.sleep(0.05)
+        time.sleep(SETTLE_S)
+        return splitvmm_roles(proc.pid)
+    finally:
+        stop(proc)
+
+
+def splitvmm_roles(monitor: int) -> dict[str, Usage]:
+    ram = f"{VM}-ram"
+    roles = {"monitor": usage_beyond(monitor, ram)}
+    (launcher,) = (
+        int(c) for c in Path(f"/proc/{monitor}/task/{monitor}/children").read_text().split()
+    )
+    roles["launcher"] = usage_beyond(launcher, ram)
+    roles["zygote"] = roles["devices"] = Usage()
+    children = [
+        int(c) for c in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    ]
+    zygote = min(children, key=start_time)  # the launcher starts it first; then the wardens
+    for child in children:
+        role = "zygote" if child == zygote else "devices"
+        for pid in descendants(child):
+            roles[role] += usage_beyond(pid, ram)
+    roles["total"] = sum(roles.values(), Usage())
+    roles["processes"] = Usage(len(descendants(monitor)), 0)
+    return roles
+
+
+def start_time(pid: int) -> int:
+    """When `pid` started, in clock ticks since boot (proc(5): stat field 22)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+# -- QEMU -------------------------------------------------------------------------------------
+def measure_qemu(qemu: str, work: Path, image: Path, disk: Path | None) -> Usage:
+    serial = work / "qemu-serial.log"
+    serial.unlink(missing_ok=True)
+    argv = [qemu, "-accel", "kvm", "-bios", str(image), "-display", "none", "-nodefaults"]
+    argv += ["-m", f"{MEMORY_MIB}M", "-object", f"memory-backend-memfd,id=ram,size={MEMORY_MIB}M"]
+    argv += ["-machine", "memory-backend=ram", "-serial", f"file:{serial}"]
+    if disk is not None:
+        argv += ["-drive", f"file={disk},if=none,id=d0,format=raw"]
+        argv += ["-device", "virtio-blk-pci,drive=d0", "-device", "virtio-rng-pci"]
+        argv += ["-device", "virtio-serial-pci", "-chardev", f"file,id=c0,path={work / 'qc'}"]
+        argv += ["-device", "virtconsole,chardev=c0"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_line(serial, proc, "QEMU")
+        time.sleep(SETTLE_S)
+        return usage_beyond(proc.pid, "ram")
+    finally:
+        stop(proc)
+
+
+# -- report -----------------------------------------------------------------------------------
+def median(samples: list[Usage]) -> Usage:
+    return Usage(
+        round(statistics.median(u.pss for u in samples)),
+        round(statistics.median(u.rss for u in samples)),
+    )
+
+
+def mib(kib: float) -> str:
+    return f"{kib / KIB:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="VMs of each kind")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    args = parser.parse_args()
+    qemu = shutil.which(QEMU)
+    results: dict[str, dict[str, Usage]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        image = build_guests(work / "guests")["firmware-idle"]
+        disk = work / "disk.img"
+        with disk.open("wb") as f:
+            f.truncate(64 << 20)
+        for label, devices in (("serial", None), ("5 devices", disk)):
+            ours: list[dict[str, Usage]] = []
+            theirs: list[Usage] = []
+            for _ in range(args.runs):  # alternate, so drift on the host hits both alike
+                ours.append(measure_splitvmm(work, image, devices))
+                if qemu:
+                    theirs.append(measure_qemu(qemu, work, image, devices))
+            results[label] = {role: median([run[role] for run in ours]) for role in ours[0]}
+            if theirs:
+                results[label]["QEMU"] = median(theirs)
+    if args.json:
+        print(json.dumps({k: {r: vars(u) for r, u in v.items()} for k, v in results.items()}))
+        return
+    show(results)
+
+
+def show(results: dict[str, dict[str, Usage]]) -> None:
+    console = Console()
+    for label, roles in results.items():
+        table = Table(title=f"beyond guest RAM, {label} (MiB, median)")
+        for column in ("what", "PSS", "RSS", "PSS / QEMU's RSS"):
+            table.add_column(column, justify="left" if column == "what" else "right")
+        qemu_rss = roles["QEMU"].rss if "QEMU" in roles else 0
+        for role, use in roles.items():
+            if role == "processes":
+                continue
+            ratio = f"{use.pss / qemu_rss:.2f}" if qemu_rss and role in ("total", "QEMU") else ""
+            name = {"total": f"splitvmm ({roles['processes'].pss} processes)"}.get(role, role)
+            table.add_row(name, mib(use.pss), mib(use.rss), ratio)
+        console.print(table)
+
+
+if __name__ == "__main__":
+    main()

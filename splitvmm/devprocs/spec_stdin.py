@@ -1,0 +1,41 @@
+"""A device process's spec, from its stdin (sandbox/spawn.py start_device and fork_device
+write it there): the first line, and for a warm spare the rest when it takes over."""
+
+import json
+import os
+import sys
+
+from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
+
+
+def read_spec() -> DeviceSpec:
+    """The spec from stdin's first line; then stdin becomes /dev/null, unless the spec is
+    deferred: the device holds no pipe it does not need (sandbox/spawn.py start_device says
+    what fds 0-2 are)."""
+    data = sys.stdin.buffer.readline(MAX_SPEC + 1)
+    if len(data) > MAX_SPEC:
+        sys.exit(f"splitvmm: device: the spec is over {MAX_SPEC} bytes")
+    spec = DeviceSpec.from_json(data.decode())
+    if not spec.deferred:
+        _close_stdin()
+    return spec
+
+
+def read_rest(spec: DeviceSpec) -> DeviceSpec:
+    """A spare's whole spec: `spec` and the rest, which comes on stdin when it takes over
+    (EOF without it: the monitor ended the spare, or is gone). Called in the sandbox
+    (runtime.run), where no /dev/null is left to open: stdin becomes a copy of fd 1, which
+    is /dev/null (sandbox/spawn.py start_device)."""
+    data = sys.stdin.buffer.read(MAX_SPEC + 1)
+    os.dup2(1, 0)
+    if not data:
+        sys.exit(0)
+    if len(data) > MAX_SPEC:
+        sys.exit(f"splitvmm: device: the spec is over {MAX_SPEC} bytes")
+    return spec.completed(json.loads(data))
+
+
+def _close_stdin() -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)

@@ -1,0 +1,258 @@
+"""The launcher process's side of sandbox/launcher.py (its docstring says what it does and
+why): imported only in the forked launcher, after the fork, so that `up` forks it (and it
+starts the zygote) before the monitor has imported what only the launcher needs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+from dataclasses import replace
+
+from splitvmm.errors import DeviceFailure, ProtocolError, clip
+from splitvmm.protocol import faults
+from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
+from splitvmm.sandbox.launcher import (
+    CHUNK,
+    CHUNK_TIMEOUT_S,
+    MAX_DEVICES,
+    MAX_FDS,
+    MAX_MESSAGE,
+    STOP_TIMEOUT_S,
+    close_all,
+    receive,
+    send,
+)
+from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
+from splitvmm.sandbox.zygote import Zygote
+
+
+class Refused(Exception):
+    """A request the launcher does not carry out; str() says why, naming the device."""
+
+
+def serve(sock: socket.socket, zygote: Zygote) -> None:
+    """The launcher's loop (sandbox/launcher.py _launcher_main set the process up)."""
+    _Server(sock, zygote).serve()
+
+
+class _Server:
+    def __init__(self, sock: socket.socket, zygote: Zygote) -> None:
+        self.sock = sock
+        self.zygote = zygote
+        self.channel_dir: str | None = None  # set by the first configure request
+        self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
+        self.spares: dict[int, tuple[ChildProcess, DeviceSpec]] = {}  # pid -> spare, its spec
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        # SIGCHLD wakes the loop: orphans of our devices are ours to reap (the docstring).
+        self._sigchld_r, sigchld_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(sigchld_w, warn_on_full_buffer=False)
+        self.poller.register(self._sigchld_r, select.POLLIN)
+
+    def serve(self) -> None:
+        """Requests and ends of devices, until the monitor closes its end."""
+        try:
+            while True:
+                for fd, _ in self.poller.poll():
+                    if fd == self._sigchld_r:
+                        self._reap_orphans()
+                    elif fd != self.sock.fileno():
+                        self._report_end(fd)
+                    elif not self._serve_request():
+                        return
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the monitor is gone: nobody to tell (its devices end below)
+        finally:
+            for process in self.children.values():
+                process.kill()
+            for process in self.children.values():
+                process.wait(STOP_TIMEOUT_S)
+            self.zygote.close()
+
+    def _reap_orphans(self) -> None:
+        """Reap every ended child that is neither a device (reaped by _report_end, whose
+        status goes to the monitor) nor the zygote: a device's PID-namespace init, whose
+        warden died first, is reparented to us (we are a subreaper)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._sigchld_r, 256):
+                pass
+        ours = {process.pid for process in self.children.values()} | {self.zygote.process.pid}
+        for pid in _children() - ours:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+    def _serve_request(self) -> bool:
+        """One request, and its one reply; False once the monitor has closed its end."""
+        data, fds, cut = receive(self.sock, MAX_MESSAGE)
+        if not data and not fds:
+            return False
+        request = 0
+        try:
+            op, request, size, spare = _decode_header(data)
+            payload = self._read_chunks(size)  # read whole even to be refused
+            if cut:
+                raise Refused(f"launcher: a request over {MAX_MESSAGE} bytes or {MAX_FDS} fds")
+            if op == "configure":
+                self._configure(payload, len(fds))
+                send(self.sock, {"op": "configured", "id": request})
+                return True
+            if spare is not None:
+                self._resume(spare, payload, len(fds))
+                send(self.sock, {"op": "resumed", "id": request})
+                return True
+            if self.channel_dir is None:
+                raise Refused("launcher: no runtime dir yet (configure comes first)")
+            spec = _decode_spec(payload)
+            _check_spec(spec, self.channel_dir, len(fds))
+            if len(self.children) >= MAX_DEVICES:
+                raise Refused(f"device {spec.name}: {MAX_DEVICES} devices run already")
+            process, listener = spawn_child(
+                replace(spec, fds=dict(zip(spec.fds, fds, strict=True))), zygote=self.zygote
+            )
+        except (Refused, DeviceFailure, OSError) as e:
+            send(self.sock, {"op": "refused", "id": request, "message": str(e)})
+            return True
+        finally:
+            close_all(fds)  # the device has its own copies now
+        try:
+            reply = {"op": "spawned", "id": request, "pid": process.pid}
+            send(self.sock, reply, [process.pidfd, listener])
+        finally:
+            os.close(listener)  # the monitor's copy is the one ZeroMQ adopts
+        self.children[process.pidfd] = process
+        self.poller.register(process.pidfd, select.POLLIN)
+        if spec.deferred:
+            self.spares[process.pid] = process, spec
+        return True
+
+    def _configure(self, payload: bytes, nfds: int) -> None:
+        """The runtime dir, once: an absolute path to a directory."""
+        if self.channel_dir is not None:
+            raise Refused("launcher: the runtime dir is set already")
+        path = payload.decode(errors="replace")
+        if nfds or not os.path.isabs(path) or not os.path.isdir(path) or "\0" in path:
+            raise Refused(f"launcher: {clip(path)!r} is no runtime dir")
+        self.channel_dir = path
+
+    def _resume(self, pid: int, payload: bytes, nfds: int) -> None:
+        """Give the spare `pid` the rest of its spec (the module docstring), once."""
+        spare, spec = self.spares.pop(pid, (None, None))
+        if spare is None or spec is None:
+            raise Refused(f"launcher: pid {pid} is no spare waiting for its spec")
+        try:
+            rest = json.loads(payload)
+            whole = _checked_spec(spec.completed(rest))
+        except (ValueError, TypeError, AttributeError):
+            raise Refused(
+                f"device {spec.name}: a spare's rest is not an object of {', '.join(DEFERRED)}"
+            ) from None
+        if nfds:
+            raise Refused(f"device {spec.name}: a spare has its fds already")
+        resume_child(spare, spec, whole)
+
+    def _report_end(self, pidfd: int) -> None:
+        self.poller.unregister(pidfd)
+        process = self.children.pop(pidfd)
+        self.spares.pop(process.pid, None)
+        status = process.wait(0)
+        process.close()
+        send(self.sock, {"op": "exited", "pid": process.pid, "status": status})
+
+    def _read_chunks(self, size: int) -> bytes:
+        """The `size` bytes of spec that follow a request's header."""
+        data = b""
+        while len(data) < size:
+            if not readable(self.sock.fileno(), CHUNK_TIMEOUT_S):
+                raise Refused(f"launcher: the spec stopped at {len(data)} of {size} bytes")
+            chunk, fds, cut = receive(self.sock, CHUNK)
+            close_all(fds)
+            if cut or fds or not chunk or len(data) + len(chunk) > size:
+                raise Refused(f"launcher: the spec's chunks do not make {size} bytes")
+            data += chunk
+        return data
+
+
+def _decode_header(data: bytes) -> tuple[str, int, int, int | None]:
+    """A request's (op, id, size of what follows, the spare's pid for a resume request)."""
+    try:
+        msg = json.loads(data)
+    except ValueError:
+        raise Refused("launcher: a request is not JSON") from None
+    keys = {
+        "spawn": {"op", "id", "size"},
+        "resume": {"op", "id", "size", "pid"},
+        "configure": {"op", "id", "size"},
+    }
+    if not isinstance(msg, dict) or keys.get(str(msg.get("op"))) != set(msg):
+        raise Refused("launcher: a request is not a configure, spawn or resume request")
+    request, size, pid = msg["id"], msg["size"], msg.get("pid")
+    if type(request) is not int or type(size) is not int or not 0 < size <= MAX_SPEC:
+        raise Refused(f"launcher: a request's spec must be 1 to {MAX_SPEC} bytes")
+    if msg["op"] == "resume" and type(pid) is not int:
+        raise Refused("launcher: a resume request's pid is not an int")
+    return msg["op"], request, size, pid
+
+
+def _children() -> set[int]:
+    """Our children's pids (we are single-threaded: our task's children are all of them)."""
+    pid = os.getpid()
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(field) for field in f.read().split()}
+
+
+def _decode_spec(data: bytes) -> DeviceSpec:
+    try:
+        spec = DeviceSpec.from_json(data.decode())
+    except (ValueError, TypeError):  # not JSON, or not the spec's keys
+        raise Refused("launcher: the request holds no device spec") from None
+    spec = _checked_spec(spec)
+    if spec.deferred and any(getattr(spec, key) is not None for key in DEFERRED):
+        raise Refused(f"device {spec.name[:63]!r}: a spare's spec has no {', '.join(DEFERRED)}")
+    return spec
+
+
+def _checked_spec(spec: DeviceSpec) -> DeviceSpec:
+    """`spec`, if each of its fields has its type and its fault is one."""
+    types: dict[str, type] = {"name": str, "model": str, "channel": str, "fds": dict}
+    types |= {"options": dict, "seccomp": str, "hook": str, "deferred": bool}
+    for key, kind in types.items():
+        if type(getattr(spec, key)) is not kind:
+            raise Refused(f"launcher: the spec's {key} is not a {kind.__name__}")
+    for key in ("state", "resume", "fault", "transport"):
+        if getattr(spec, key) is not None and type(getattr(spec, key)) is not dict:
+            raise Refused(f"launcher: the spec's {key} is not an object")
+    if spec.fault is not None:
+        try:
+            faults.decode(spec.fault, f"device {spec.name[:63]!r}: fault", ProtocolError)
+        except ProtocolError as e:
+            raise Refused(str(e)) from None
+    return spec
+
+
+def _check_spec(spec: DeviceSpec, channel_dir: str, nfds: int) -> None:
+    """Only a known model, enforcing, without a hook, on its own channel, with its fds."""
+    name = spec.name
+    if not name or "/" in name or "\0" in name or len(name) > 63:
+        raise Refused(f"launcher: device name {name[:63]!r} is not a plain file name")
+    model = MODELS.get(spec.model)
+    if model is None:
+        raise Refused(f"device {name}: unknown model {spec.model[:63]!r}")
+    if spec.seccomp != "kill" or spec.hook:
+        raise Refused(
+            f"device {name}: the launcher starts devices with seccomp 'kill' and no hook "
+            "(audits and tests start theirs with start_device)"
+        )
+    if spec.channel != f"ipc://{channel_dir}/{name}.sock":
+        raise Refused(f"device {name}: its channel must be {name}.sock in {channel_dir}")
+    roles = {role.name for role in model.fds}
+    if set(spec.fds) != roles or nfds != len(roles):
+        raise Refused(
+            f"device {name}: model {model.name} takes fds {sorted(roles)}, the request "
+            f"names {sorted(spec.fds)[:MAX_FDS]} and carries {nfds}"
+        )

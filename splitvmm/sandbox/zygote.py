@@ -1,0 +1,255 @@
+"""The zygote: a pre-imported interpreter that forks device processes for the launcher.
+
+Why. A device exec'd from scratch spends ~110 of its ~120 ms to READY starting an
+interpreter and importing its modules (devprocs/runtime.py run()), and each holds
+its own ~20 MiB copy of them. The zygote starts once per VM, as early as `up` can
+start it (the launcher execs it while the monitor still imports), imports every
+device model, freezes what it imported (gc.freeze: a collection in a child never
+writes to those pages, so they stay shared) and then forks one child per device.
+
+Why a process of its own and not the launcher. The launcher reads every device's
+spec, saved state included; a child forked from it would inherit those bytes (the
+heap keeps what was freed). The zygote reads nothing but fork requests of a few
+bytes and never sees a spec: the child's spec goes down a pipe from the launcher
+straight into the child, as for an exec'd device (sandbox/spawn.py). So a device
+starts with what an exec'd one has -- the interpreter, the modules, its fds, its
+spec on stdin -- plus the zygote's few request bytes.
+
+The launcher stays every device's parent. The zygote double-forks: the child
+forks the device and exits at once, so the device, an orphan, is reparented to
+the nearest subreaper among its ancestors, the launcher (PR_SET_CHILD_SUBREAPER,
+set before it starts the zygote). The zygote reaps the short-lived child before
+it answers, so by then the device is the launcher's to wait on; the device sets
+its parent-death signal only after its spec came, i.e. after the answer, and
+checks that its parent is the launcher (devprocs/runtime.py run()).
+
+Over a SOCK_SEQPACKET socketpair with the launcher:
+
+    zygote -> launcher   ready                          once, after its imports
+    launcher -> zygote   fork + fds [stdin, fd 3, fd 4, ...]
+    zygote -> launcher   {"pid": N} | {"error": "..."}  one of the two per fork
+
+In the device the first fd becomes stdin and the others fds 3, 4, ... in the
+order sent (the launcher renumbers the spec's fds to match: fork_device in
+sandbox/spawn.py); fd 1 is /dev/null and fd 2 the launcher's stderr, as the
+zygote's are; every other fd is closed before any device code runs.
+
+What it costs in isolation: every device of a VM shares the zygote's address-space
+layout (ASLR is per exec, not per fork) and its hash seed; a device that learns
+its own layout learns its siblings'. Each remains a separate process behind its
+own namespaces, seccomp filter and Landlock domain, which is the boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from splitvmm.native import confine
+from splitvmm.protocol.spec import ZYGOTE_COMMAND
+
+MAX_FDS = 17  # stdin and the 16 fds a device may hold (sandbox/launcher.py MAX_FDS)
+FIRST_FD = 3  # a device's first fd after stdio
+READY_TIMEOUT_S = 60.0  # the zygote's imports, on a loaded host
+FORK_TIMEOUT_S = 10.0  # two forks
+EXIT_TIMEOUT_S = 1.0  # a zygote that closed its socket is ending
+MESSAGE = 256
+
+
+class ZygoteError(OSError):
+    """The zygote is gone, silent or broke its protocol: no device can be forked."""
+
+
+class Zygote:
+    """The launcher's handle on its zygote (one thread: the launcher's)."""
+
+    def __init__(self, sock: socket.socket, process: subprocess.Popen[bytes]) -> None:
+        self._sock = sock
+        self.process = process
+        self._ready = False
+
+    @classmethod
+    def start(cls, env: dict[str, str], command: Sequence[str] = ZYGOTE_COMMAND) -> Zygote:
+        """exec the zygote (`command` and its socket's fd), our child; it gets ready (imports)
+        while we go on."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = subprocess.Popen(
+                [*command, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+                env=env,
+            )
+        finally:
+            theirs.close()
+        return cls(ours, process)
+
+    def fork(self, stdin: int, fds: Sequence[int]) -> int:
+        """A device process with `stdin` as fd 0 and `fds` as fds 3, 4, ...: its pid, ours to
+        reap (the module docstring). ZygoteError if the zygote failed."""
+        if not self._ready:
+            self._expect(READY_TIMEOUT_S, "ready")
+            self._ready = True
+        try:
+            socket.send_fds(self._sock, [b"fork"], [stdin, *fds])
+        except OSError as e:
+            raise ZygoteError(f"the zygote takes no request: {e}") from None
+        reply = self._expect(FORK_TIMEOUT_S, "pid")
+        pid = reply.get("pid")
+        if type(pid) is not int or pid <= 1:
+            raise ZygoteError(f"the zygote could not fork: {reply.get('error', reply)}")
+        return pid
+
+    def _expect(self, timeout_s: float, what: str) -> dict[str, object]:
+        self._sock.settimeout(timeout_s)
+        try:
+            data = self._sock.recv(MESSAGE)
+        except TimeoutError:
+            raise ZygoteError(f"the zygote sent no {what} within {timeout_s:g} s") from None
+        except OSError as e:
+            raise ZygoteError(f"the zygote's socket failed: {e}") from None
+        if not data:
+            raise ZygoteError(f"the zygote exited (status {self._status()})")
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or (what == "ready") != (msg == {"op": "ready"}):
+            raise ZygoteError(f"the zygote broke its protocol: {data[:100]!r}")
+        return msg
+
+    def _status(self) -> int | str:
+        """Its exit status, once its socket said EOF (it may take a moment to end)."""
+        try:
+            return self.process.wait(EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return "unknown: it closed its socket and runs on"
+
+    def close(self) -> None:
+        """End it and reap it: SIGKILL, as it holds nothing to save, and may be importing
+        still (a VM that failed early) or forking a spare nobody waits for."""
+        self._sock.close()
+        self.process.kill()
+        self.process.wait()
+
+
+# -- the zygote's side ------------------------------------------------------------------------
+DeviceMain = Callable[[int], None]  # run a device whose parent must be this pid
+
+
+def serve(sock_fd: int, device_main: DeviceMain) -> int:
+    """The zygote's loop, once everything a device needs is imported: fork a device per
+    request until the launcher closes its end. Returns the zygote's exit status."""
+    launcher = os.getppid()
+    confine.set_parent_death_signal(signal.SIGKILL)  # the launcher's end is ours
+    if os.getppid() != launcher:
+        return 1
+    sock = socket.socket(fileno=sock_fd)
+    gc.freeze()  # from here on, what the children share is never written by a collection
+    try:
+        _serve_requests(sock, launcher, device_main)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the launcher is gone (a VM that failed while we imported): nobody to serve
+    return 0
+
+
+def _serve_requests(sock: socket.socket, launcher: int, device_main: DeviceMain) -> None:
+    sock.sendall(json.dumps({"op": "ready"}).encode())
+    while True:
+        data, fds, flags, _ = socket.recv_fds(sock, MESSAGE, MAX_FDS)
+        if not data and not fds:
+            return  # the launcher has closed its end
+        try:
+            cut = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+            if data != b"fork" or cut or not fds:
+                reply: dict[str, object] = {"error": "a request is not fork with its fds"}
+            else:
+                reply = {"pid": _fork_device(sock, fds, launcher, device_main)}
+        except OSError as e:
+            reply = {"error": f"fork: {e}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.sendall(json.dumps(reply).encode())
+
+
+def _fork_device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain) -> int:
+    """Fork twice (the module docstring); the device's pid once its first parent is reaped."""
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        child = os.fork()
+        if child == 0:
+            os.close(pid_r)
+            _intermediate(sock, fds, pid_w, launcher, main)
+        os.close(pid_w)
+        pid_w = -1
+        data = os.read(pid_r, 4)
+        _, status = os.waitpid(child, 0)
+    finally:
+        os.close(pid_r)
+        if pid_w >= 0:
+            os.close(pid_w)
+    if len(data) != 4 or status != 0:
+        raise OSError(f"the device's first parent failed (status {status})")
+    return int.from_bytes(data, "little")
+
+
+def _intermediate(
+    sock: socket.socket, fds: list[int], pid_w: int, launcher: int, main: DeviceMain
+) -> None:
+    """The short-lived child: fork the device, tell the zygote its pid, exit."""
+    code = 1
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os.close(pid_w)
+            _device(sock, fds, launcher, main)
+        os.write(pid_w, pid.to_bytes(4, "little"))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain) -> None:
+    """The device process: its fds in place, nothing else held, then the device's main."""
+    code = 1
+    try:
+        sock.detach()  # the fd is closed below; the object must never close a reused number
+        os.setsid()  # as an exec'd device (sandbox/spawn.py start_device)
+        _arrange_fds(fds)
+        main(launcher)
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _arrange_fds(fds: list[int]) -> None:
+    """fds[0] becomes 0, fds[1:] become 3, 4, ...; every other fd above 2 is closed."""
+    top = FIRST_FD + len(fds)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]  # out of the way
+    os.dup2(moved[0], 0)
+    for number, fd in enumerate(moved[1:], FIRST_FD):
+        os.dup2(fd, number)  # inheritable, as pass_fds leaves them
+    os.closerange(FIRST_FD + len(fds) - 1, os.sysconf("SC_OPEN_MAX"))

@@ -1,0 +1,103 @@
+"""The zygote (sandbox/zygote.py): what a forked device is born with, whose child it is, and
+how a failed zygote is reported. The probe zygote (tests/sandbox/zygote_probe.py) runs the
+real serve() loop with a device main that reports its fds and parent.
+
+Each test runs its 'launcher' in a forked process of its own that is a child subreaper, as
+the real launcher is, so that the test process itself never inherits orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from splitvmm.native import confine
+from splitvmm.sandbox.zygote import Zygote
+
+PROBE = (sys.executable, "-m", "tests.sandbox.zygote_probe")
+
+
+def as_launcher(body: Callable[[], object]) -> object:
+    """`body`'s JSON result, run in a forked subreaper process (repr of its error if it
+    raised)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            confine.set_child_subreaper()
+            result = body()
+        except Exception as e:  # reported to the test, which asserts on it
+            result = {"error": f"{type(e).__name__}: {e}"}
+        os.write(w, json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def fork_and_report(line: bytes) -> dict[str, object]:
+    """Fork a probe device with a pipe (its fd 3) and an eventfd (its fd 4); write `line` to
+    its stdin; its report, plus what we passed and our own pid."""
+    zygote = Zygote.start({}, PROBE)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    event = os.eventfd(0, os.EFD_CLOEXEC)
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = zygote.fork(stdin_r, [report_w, event])
+        os.close(stdin_r)
+        os.close(report_w)
+        os.write(stdin_w, line)
+        os.close(stdin_w)
+        with os.fdopen(report_r, "rb") as f:
+            facts = json.loads(f.readline())
+        _, status = os.waitpid(pid, 0)  # ours to reap: reparented to us
+        return {
+            **facts,
+            "event": [os.fstat(event).st_dev, os.fstat(event).st_ino],
+            "status": os.waitstatus_to_exitcode(status),
+            "me": os.getpid(),
+            "forked": pid,
+        }
+    finally:
+        os.close(event)
+        zygote.close()
+
+
+def test_zygote_device_has_stdin_then_its_fds_from_3_and_nothing_else():
+    facts = as_launcher(lambda: fork_and_report(b"spec line\n"))
+    assert isinstance(facts, dict), facts
+    assert facts["stdin"] == "spec line\n"
+    # 0-2 (stdin the pipe; 1 and 2 the zygote's), 3 the report pipe, 4 the eventfd; no more
+    assert sorted(facts["fds"], key=int) == ["0", "1", "2", "3", "4"]
+    assert facts["fds"]["4"] == facts["event"]
+
+
+def test_zygote_device_is_reparented_to_the_launcher_in_a_session_of_its_own():
+    facts = as_launcher(lambda: fork_and_report(b"x\n"))
+    assert isinstance(facts, dict), facts
+    assert facts["pid"] == facts["forked"]
+    assert facts["ppid"] == facts["launcher"] == facts["me"]  # reaped by us, above
+    assert facts["sid"] == facts["pid"]
+
+
+def test_zygote_device_exit_status_reaches_the_launcher():
+    facts = as_launcher(lambda: fork_and_report(b"exit 7\n"))
+    assert isinstance(facts, dict), facts
+    assert facts["status"] == 7
+
+
+def test_zygote_that_exited_raises_zygote_error_naming_its_status():
+    def body() -> object:
+        zygote = Zygote.start({}, (sys.executable, "-c", "import sys; sys.exit(3)"))
+        stdin_r, stdin_w = os.pipe()
+        try:
+            zygote.fork(stdin_r, [])
+        finally:
+            zygote.close()
+        return "forked"
+
+    assert as_launcher(body) == {"error": "ZygoteError: the zygote exited (status 3)"}

@@ -1,0 +1,35 @@
+"""A zygote whose 'device' reports what it was born with (tests/sandbox/test_zygote.py):
+`python -m tests.sandbox.zygote_probe FD`. It runs sandbox/zygote.py serve() as the real
+zygote does; its device main writes one JSON line to its fd 3 and ends."""
+
+import json
+import os
+import sys
+
+from splitvmm.sandbox import zygote
+
+
+def report(launcher: int) -> None:
+    line = sys.stdin.buffer.readline()  # what the launcher wrote down the pipe
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue  # the listing's own fd, closed by now
+        fds[name] = [st.st_dev, st.st_ino]
+    facts = {
+        "stdin": line.decode(),
+        "fds": fds,
+        "ppid": os.getppid(),
+        "launcher": launcher,
+        "sid": os.getsid(0),
+        "pid": os.getpid(),
+    }
+    os.write(3, json.dumps(facts).encode() + b"\n")
+    if line.startswith(b"exit "):
+        sys.exit(int(line.split()[1]))
+
+
+if __name__ == "__main__":
+    os._exit(zygote.serve(int(sys.argv[1]), report))
