@@ -27,7 +27,7 @@ from splitvmm.sandbox.launcher import (
     receive,
     send,
 )
-from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
+from splitvmm.sandbox.spawn import ChildProcess, device_env, readable, resume_child, spawn_child
 from splitvmm.sandbox.zygote import Zygote
 
 
@@ -75,6 +75,30 @@ class _Server:
                 process.wait(STOP_TIMEOUT_S)
             self.zygote.close()
 
+    def _spawn(self, spec: DeviceSpec) -> tuple[ChildProcess, int]:
+        """spawn_child by the zygote; once more by a new zygote if that one had died (its
+        death may not have been seen before the request went out)."""
+        zygote = self._live_zygote()
+        try:
+            return spawn_child(spec, zygote=zygote)
+        except DeviceFailure:
+            if not zygote.ended():
+                raise  # the device's own failure
+        return spawn_child(spec, zygote=self._live_zygote())
+
+    def _live_zygote(self) -> Zygote:
+        """The zygote, or a new one if it has ended (killed, crashed, or killed by us after
+        it failed a fork): otherwise every restart that follows would fail too."""
+        if self.zygote.ended():
+            status = self.zygote.process.returncode
+            # fd 2 is the operator's stderr; sys.stderr is the monitor's object, which may
+            # write to an fd _keep_only_fds closed.
+            why = f"splitvmm: launcher: the zygote ended ({status}); starting a new one\n"
+            os.write(2, why.encode())
+            self.zygote.close()
+            self.zygote = Zygote.start(device_env())
+        return self.zygote
+
     def _reap_orphans(self) -> None:
         """Reap every ended child that is neither a device (reaped by _report_end, whose
         status goes to the monitor) nor the zygote: a device's PID-namespace init, whose
@@ -112,8 +136,8 @@ class _Server:
             _check_spec(spec, self.channel_dir, len(fds))
             if len(self.children) >= MAX_DEVICES:
                 raise Refused(f"device {spec.name}: {MAX_DEVICES} devices run already")
-            process, listener = spawn_child(
-                replace(spec, fds=dict(zip(spec.fds, fds, strict=True))), zygote=self.zygote
+            process, listener = self._spawn(
+                replace(spec, fds=dict(zip(spec.fds, fds, strict=True)))
             )
         except (Refused, DeviceFailure, OSError) as e:
             send(self.sock, {"op": "refused", "id": request, "message": str(e)})

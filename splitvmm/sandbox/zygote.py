@@ -98,7 +98,19 @@ class Zygote:
 
     def fork(self, stdin: int, fds: Sequence[int]) -> int:
         """A device process with `stdin` as fd 0 and `fds` as fds 3, 4, ...: its pid, ours to
-        reap (the module docstring). ZygoteError if the zygote failed."""
+        reap (the module docstring). ZygoteError if the zygote failed; it is killed then (a
+        reply that comes late would answer the next request), and ended() says so."""
+        try:
+            return self._fork(stdin, fds)
+        except ZygoteError:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def ended(self) -> bool:
+        return self.process.poll() is not None
+
+    def _fork(self, stdin: int, fds: Sequence[int]) -> int:
         if not self._ready:
             self._expect(READY_TIMEOUT_S, "ready")
             self._ready = True

@@ -259,3 +259,36 @@ def zombie_children(pid: int) -> list[int]:
         for child in children
         if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     ]
+
+
+def test_zygote_killed_in_a_running_vm_the_next_restarts_come_from_a_new_one(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """The zygote forks every device (sandbox/zygote.py); killed, the launcher starts another
+    for the next spawn (here the warm spare after a restart), and the guest loses nothing."""
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 5\n')
+    try:
+        launcher = parent_of(int(serial_device(tmp_path)["pid"]))  # type: ignore[call-overload]
+        wait_spare(tmp_path)  # forked: from here on the zygote is idle
+        zygote = min(children_of(launcher), key=start_time)  # the launcher starts it first
+        os.kill(zygote, signal.SIGKILL)
+        for generation in (2, 3):  # the spare takes over; the next spare needs a zygote
+            os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+            wait_back(tmp_path, generation)
+        vm.wait_for(r"^count=\d+$", after=len(vm.text()))
+        reaped = zygote not in children_of(launcher)
+    finally:
+        vm.proc.send_signal(signal.SIGTERM)
+        _, err = vm.finish()
+    assert reaped
+    assert "the zygote ended (-9); starting a new one" in err
+    assert_each_count_once(vm.text())
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def start_time(pid: int) -> int:
+    """Clock ticks since boot when `pid` started (proc(5): stat field 22)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])

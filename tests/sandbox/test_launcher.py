@@ -152,6 +152,33 @@ def test_launcher_spawn_before_configure_is_refused(rundir, fds):
         launcher.close()
 
 
+def children_of(pid: int) -> set[int]:
+    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_launcher_with_its_zygote_killed_starts_a_new_one_for_the_next_device(
+    launcher, rundir, fds
+):
+    (zygote,) = children_of(launcher.pid)  # before any device: its only child
+    os.kill(zygote, signal.SIGKILL)
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec)
+    zctx = zmq.Context()
+    channel = DeviceChannel("serial", spec.channel, listener, zctx)
+    try:
+        channel.wait_ready(process)  # forked by the new zygote, and serving
+        parent = parent_of(process.pid)
+        others = children_of(launcher.pid) - {process.pid}
+    finally:
+        process.kill()
+        process.wait(10)
+        channel.close()
+        zctx.term()
+        process.close()
+    assert parent == launcher.pid
+    assert len(others) == 1 and zygote not in others  # a new zygote, the old one reaped
+
+
 def test_launcher_start_with_a_thread_running_raises():
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
