@@ -1,11 +1,35 @@
 # setuptools needs setup.py for cffi_modules: the KVM bindings and the sandbox's
 # syscalls are compiled at install time against this machine's kernel headers
-# (<linux/kvm.h>, <linux/landlock.h>, ...; cffi API mode).
+# (<linux/kvm.h>, <linux/landlock.h>, ...; cffi API mode). build_ext also builds the
+# device warden, a small static program (splitvmm/native/warden.c), next to them.
+import os
+
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+WARDEN_SOURCE = "splitvmm/native/warden.c"
+
+
+class BuildExtAndWarden(build_ext):
+    def run(self) -> None:
+        super().run()
+        out_dir = (
+            "splitvmm/native" if self.inplace else os.path.join(self.build_lib, "splitvmm/native")
+        )
+        os.makedirs(self.build_temp, exist_ok=True)
+        objects = self.compiler.compile(
+            [WARDEN_SOURCE], output_dir=self.build_temp, extra_postargs=["-O2", "-Wall", "-Werror"]
+        )
+        # static: exec'd under Landlock, it may open no loader and no library
+        self.compiler.link_executable(
+            objects, "warden", output_dir=out_dir, extra_postargs=["-static"]
+        )
+
 
 setup(
     cffi_modules=[
         "splitvmm/native/_build_kvm.py:ffibuilder",
         "splitvmm/native/_build_sys.py:ffibuilder",
-    ]
+    ],
+    cmdclass={"build_ext": BuildExtAndWarden},
 )

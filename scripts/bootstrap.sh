@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.splitvmm-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ] || [ -n "$(find splitvmm/native -name "_build_*.py" -newer "$stamp")" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ] || [ -n "$(find splitvmm/native -name "_build_*.py" -newer "$stamp")" ] || [ splitvmm/native/warden.c -nt "$stamp" ]; then
     echo "bootstrap: installing splitvmm into .venv" >&2
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     # "compat" puts the checkout on sys.path with a plain .pth line; the default editable

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Mapping
 
 from splitvmm.native._sys import ffi, lib
@@ -69,6 +70,11 @@ def read_rights() -> int:
     return int(lib.LANDLOCK_ACCESS_FS_READ_FILE | lib.LANDLOCK_ACCESS_FS_READ_DIR)
 
 
+def exec_rights() -> int:
+    """Run a program: execve opens it for reading and executing."""
+    return int(lib.LANDLOCK_ACCESS_FS_READ_FILE | lib.LANDLOCK_ACCESS_FS_EXECUTE)
+
+
 def remove_rights() -> int:
     """List a hierarchy and remove what is in it (a tear-down): nothing is made or read."""
     return int(lib.LANDLOCK_ACCESS_FS_READ_DIR | lib.LANDLOCK_ACCESS_FS_REMOVE_FILE | REMOVE_DIR)
@@ -95,10 +101,10 @@ def restrict_self_deny_all() -> int:
     return restrict_self({})
 
 
-def restrict_self(beneath: Mapping[str, int]) -> int:
+def restrict_self(beneath: Mapping[str, int] | Mapping[int, int]) -> int:
     """Confine the calling thread (and the threads it creates later) to `beneath`:
-    path -> the rights granted on everything under it (masked to what this ABI
-    knows); every other file-system access is denied. Returns the ABI version."""
+    path (or an open fd) -> the rights granted on everything under it (masked to what this
+    ABI knows); every other file-system access is denied. Returns the ABI version."""
     abi = abi_version()
     handled = fs_rights(abi)
     attr = ffi.new("struct landlock_ruleset_attr *")
@@ -119,10 +125,12 @@ def restrict_self(beneath: Mapping[str, int]) -> int:
     return abi
 
 
-def _add_path_rule(ruleset_fd: int, path: str, rights: int) -> None:
-    if os.path.isfile(path):  # a file takes only the rights that apply to files
+def _add_path_rule(ruleset_fd: int, path: str | int, rights: int) -> None:
+    """A rule for `path`, or for the file an fd given as `path` refers to (opened earlier, as
+    the device warden's program, which its file system may no longer show by name)."""
+    target = path if isinstance(path, int) else os.open(path, os.O_PATH | os.O_CLOEXEC)
+    if stat.S_ISREG(os.fstat(target).st_mode):  # a file takes only the rights of files
         rights &= _FILE_RIGHTS
-    target = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
         rule = ffi.new("struct landlock_path_beneath_attr *")
         rule.allowed_access = rights
@@ -132,7 +140,8 @@ def _add_path_rule(ruleset_fd: int, path: str, rights: int) -> None:
             err = ffi.errno
             raise OSError(err, f"landlock_add_rule({path!r}): {os.strerror(err)}")
     finally:
-        os.close(target)
+        if not isinstance(path, int):
+            os.close(target)
 
 
 _FILE_RIGHTS = (

@@ -44,10 +44,15 @@ Why this order, and not "connect the channel, then sandbox":
   but the liveness pipe (while the warden holds it open, the device knows its
   parent-death signal is armed) and stderr (the one line it writes if its own
   confinement fails: the monitor would otherwise see only "exit status 1");
-  fds 0 and 1 are closed, as it reads and prints nothing. It confines itself with the same layers (its own tiny policy,
-  policies/<arch>/warden.policy), waits for the device and then dies the way
-  the device died (the same signal or exit status), so the monitor's
-  supervision is unchanged. Killing the warden kills the device
+  fds 0 and 1 are closed, as it reads and prints nothing. It confines itself
+  with the same layers, except that its Landlock domain lets it execute one
+  file, splitvmm/native/warden (a small static C program, opened before the
+  fork: the device's pivot_root moves the warden's root too), and execs it;
+  the program makes itself not dumpable, loads the warden's own tiny filter
+  (policies/<arch>/warden.policy, compiled here and handed over as raw BPF),
+  waits for the device and then dies the way the device died (the same
+  signal or exit status), so the monitor's supervision is unchanged. Being a
+  program of its own, it holds no copy of the device's interpreter. Killing the warden kills the device
   (PR_SET_PDEATHSIG), as the death of its parent, the launcher
   (sandbox/launcher.py), kills the warden, and the monitor's the launcher. The device
   also leaves the monitor's process group (setsid): kill(0, sig) reaches a
@@ -77,10 +82,12 @@ import resource
 import signal
 import stat
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import pyseccomp as seccomp
 
+from splitvmm import native
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, landlock
 from splitvmm.sandbox import policy
@@ -209,10 +216,14 @@ def _write_proc(path: str, text: str) -> None:
 def _fork_warden(warden_policy: policy.Policy, address_space: int) -> None:
     """Fork: the child returns (pid 1 of the new PID namespace); the parent never does."""
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+    # Opened now: the device may pivot to its empty root (the same mount namespace as the
+    # warden's, whose root moves with it) before the warden has exec'd its program.
+    program = os.open(WARDEN, os.O_RDONLY | os.O_CLOEXEC)
     pid = os.fork()
     if pid:
         os.close(alive_r)
-        _warden(pid, alive_w, warden_policy, address_space)
+        _warden(pid, alive_w, program, warden_policy, address_space)
+    os.close(program)
     os.close(alive_w)
     # Leave the monitor's process group: kill(0, sig) would reach every process in it
     # (the monitor included), pid namespace or not; and the terminal's Ctrl-C is the
@@ -321,40 +332,53 @@ def _load_seccomp(device_policy: policy.Policy, mode: SeccompMode) -> None:
 
 
 # -- the warden ---------------------------------------------------------------------------------
-def _warden(child: int, alive_w: int, warden_policy: policy.Policy, address_space: int) -> NoReturn:
-    """Outlive the device, then die the way it died; confined like it, with a tinier policy."""
+# A small static program (splitvmm/native/warden.c, built with the cffi modules): an idle
+# Python warden held a private copy of every page the device wrote after the fork.
+WARDEN = str(Path(native.__file__).resolve().parent / "warden")
+
+
+def _warden(
+    child: int, alive_w: int, program: int, warden_policy: policy.Policy, address_space: int
+) -> NoReturn:
+    """Become the warden: confined like the device (fds, privileges, Landlock, rlimits), then
+    exec'd as splitvmm/native/warden (`program`, an fd: by then its name may be gone), which
+    loads its seccomp filter (exported here as raw BPF), waits for the device and dies the
+    way it died."""
     try:
-        _confine_warden(alive_w, warden_policy, address_space)
-        _, status = os.waitpid(child, 0)
+        filter_fd = _confine_warden(alive_w, program, warden_policy, address_space)
+        os.execve(program, [WARDEN, str(child), str(filter_fd)], {})
     except BaseException as e:  # the device dies with us (PDEATHSIG); say why we went
         os.write(2, f"splitvmm: device warden failed: {e!r}\n".encode(errors="replace"))
-        os._exit(1)
-    die_like(status)
+    os._exit(1)
 
 
-def _confine_warden(alive_w: int, warden_policy: policy.Policy, address_space: int) -> None:
-    # It keeps stderr and the liveness pipe only (see the module docstring).
-    os.closerange(0, 2)
-    os.closerange(3, alive_w)
-    os.closerange(alive_w + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: die at once, no traceback to print
-    _drop_privileges(dumpable=False)
-    _restrict_landlock()
+def _confine_warden(
+    alive_w: int, program: int, warden_policy: policy.Policy, address_space: int
+) -> int:
+    """Everything but seccomp; returns the fd of the warden's filter (raw BPF), for the exec.
+    It keeps stderr, the liveness pipe (see the module docstring), its program (close on
+    exec) and that fd only."""
+    # By number, not from /proc/self/fd: the device may have pivoted our root away.
+    keep = sorted({2, alive_w, program})
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    for low, high in zip([-1, *keep], [*keep, limit], strict=True):
+        os.closerange(low + 1, high)
+    filter_fd = os.memfd_create("warden-filter", 0)  # fd 0 or 1: below alive_w
+    with open(filter_fd, "wb", closefd=False) as f:
+        policy.compile_filter(warden_policy, tsync=False).export_bpf(f)
+    os.lseek(filter_fd, 0, os.SEEK_SET)
+    os.set_inheritable(alive_w, True)
+    _drop_privileges(dumpable=False)  # exec makes it dumpable again: warden.c unsets it
+    try:  # what the device gets (_restrict_landlock), but for executing the warden
+        landlock.restrict_self({program: landlock.exec_rights()})
+    except landlock.LandlockUnavailable:
+        pass  # the device says so (_restrict_landlock)
     for which, value in (
         (resource.RLIMIT_NPROC, 0),
-        (resource.RLIMIT_NOFILE, alive_w + 1),
+        (resource.RLIMIT_NOFILE, max(alive_w, program) + 1),
         (resource.RLIMIT_CORE, 0),
         (resource.RLIMIT_FSIZE, 0),
-        (resource.RLIMIT_AS, address_space),  # the device's: the warden needs less
+        (resource.RLIMIT_AS, address_space),  # the device's: the warden needs far less
     ):
         resource.setrlimit(which, (value, value))
-    policy.compile_filter(warden_policy).load()
-
-
-def die_like(status: int) -> NoReturn:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+    return filter_fd

@@ -1,4 +1,7 @@
-"""The warden's own filter (policies/x86_64/warden.policy), loaded in a bare subprocess."""
+"""The device warden (splitvmm/native/warden.c) under its own filter (warden.policy): it dies
+the way its device died, and does nothing else. Each test runs the real program, exec'd by
+a small Python parent that first forks the 'device' (a child that ends as asked), as
+sandbox/device.py does, without the other layers."""
 
 from __future__ import annotations
 
@@ -8,49 +11,85 @@ import sys
 
 import pytest
 
+from splitvmm.sandbox.device import WARDEN
 from tests.sandbox.harness import REPO
 
 pytestmark = pytest.mark.sandbox
 
-# Loads the warden's filter on this process, then runs the statement in argv[1].
-UNDER_WARDEN_FILTER = """
+# argv[1]: what the device does (Python, in the forked child); argv[2]: the warden's argv
+# after CHILD, or "" for the filter exported as sandbox/device.py exports it.
+UNDER_WARDEN = """
 import os, sys
-from splitvmm.sandbox import device as sandbox
-from splitvmm.sandbox import policy
 from splitvmm.native import confine
-constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}
-warden = policy.parse_file(policy.default_policy_dir() / "warden.policy", constants)
+from splitvmm.sandbox import device, policy
+warden_pid = os.getpid()
+child = os.fork()
+if child == 0:
+    exec(sys.argv[1])
+    os._exit(0)
+constants = {**policy.CONSTANTS, "SELF_PID": warden_pid}
+rules = policy.parse_file(policy.default_policy_dir() / "warden.policy", constants)
+fd = os.memfd_create("filter", 0)
+with open(fd, "wb", closefd=False) as f:
+    policy.compile_filter(rules, tsync=False).export_bpf(f)
+os.lseek(fd, 0, os.SEEK_SET)
 confine.set_no_new_privs()
-policy.compile_filter(warden).load()
-exec(sys.argv[1])
+args = sys.argv[2].split() if sys.argv[2] else [str(fd)]
+os.execv(device.WARDEN, [device.WARDEN, str(child), *args])
 """
 
 
-def _run(statement: str) -> int:
-    argv = [sys.executable, "-c", UNDER_WARDEN_FILTER, statement]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30).returncode
+def _run(device_does: str, warden_args: str = "") -> subprocess.CompletedProcess[bytes]:
+    argv = [sys.executable, "-c", UNDER_WARDEN, device_does, warden_args]
+    return subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
 
 
-# SIGSYS (a device killed by its filter) takes the same path; it is left out because a
-# warden killed by its own filter would look the same.
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGABRT], ids=str)
-def test_warden_filter_when_device_died_of_a_signal_lets_it_die_alike(sig: int) -> None:
-    assert _run(f"sandbox.die_like({int(sig)})") == -sig  # a wait status: the signal
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGABRT, signal.SIGSYS, signal.SIGPIPE], ids=str
+)
+def test_warden_when_device_died_of_a_signal_dies_alike(sig: int) -> None:
+    """SIGSYS: a device killed by its filter; SIGPIPE comes ignored from Python: reset."""
+    device = f"import signal; signal.signal({int(sig)}, signal.SIG_DFL); os.kill(os.getpid(), {int(sig)})"
+    assert _run(device).returncode == -sig
 
 
-def test_warden_filter_when_device_exited_passes_its_status() -> None:
-    assert _run("sandbox.die_like(3 << 8)") == 3  # a wait status: exit code 3
+def test_warden_when_device_exited_passes_its_status() -> None:
+    assert _run("os._exit(3)").returncode == 3
 
 
-def test_warden_filter_when_it_signals_another_process_kills_it() -> None:
-    assert _run("os.kill(os.getppid(), 0)") == -signal.SIGSYS
+def test_warden_when_device_was_killed_dies_of_sigkill() -> None:
+    assert _run("os.kill(os.getpid(), 9)").returncode == -signal.SIGKILL
 
 
-def test_warden_filter_when_it_opens_a_file_kills_it() -> None:
-    assert _run("open('/etc/passwd')") == -signal.SIGSYS
+def test_warden_waits_under_its_seccomp_filter() -> None:
+    """The device reads its parent's status: the warden has loaded its filter before it
+    waits."""
+    device = (
+        "import time\n"
+        "for _ in range(1000):  # until the warden has exec'd and loaded it (10 s at most)\n"
+        "    status = open(f'/proc/{os.getppid()}/status').read()\n"
+        "    fields = {k: v.strip() for k, v in (l.split(':', 1) for l in status.splitlines())}\n"
+        "    if fields['Seccomp'] == '2':\n"
+        "        break\n"
+        "    time.sleep(0.01)\n"
+        "os._exit(10 * int(fields['Seccomp']) + int(fields['NoNewPrivs']))"
+    )
+    assert _run(device).returncode == 21  # seccomp mode 2 (filter), no_new_privs 1
 
 
-def test_warden_filter_lets_its_interpreter_grow_its_heap() -> None:
-    """A warden that needs memory after its filter is on (the heap grows: brk, mmap) goes
-    on; it was killed for it once, and its death then hid how the device had ended."""
-    assert _run("x = [bytearray(64) for _ in range(200000)]; sandbox.die_like(5 << 8)") == 5
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [("", "usage: warden CHILD FILTER_FD"), ("x", "usage"), ("99", "read the filter")],
+)
+def test_warden_with_bad_arguments_exits_1_saying_why(args: str, why: str) -> None:
+    program = [WARDEN, "1", *args.split()] if args else [WARDEN]
+    proc = subprocess.run(program, capture_output=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().startswith("splitvmm: device warden failed: ")
+    assert why in proc.stderr.decode()
+
+
+def test_warden_with_a_filter_that_is_no_bpf_program_exits_1() -> None:
+    proc = _run("os._exit(0)", "0")  # fd 0: the test's stdin, /dev/null: empty
+    assert proc.returncode == 1
+    assert b"the filter is not a BPF program" in proc.stderr
