@@ -16,6 +16,26 @@ overlap the phases: each runs from the request to the launcher to READY.
 
 --no-timings runs `up` without --timings (a checkout from before it existed:
 check it out, run this file from a copy), and prints no breakdown.
+
+Where the time went, and what changed (issue 12, goal 1; this 2-core host, --runs 5):
+
+- Before: 486 ms (QEMU 82). The devices were exec'd once the monitor had imported
+  everything: interpreter + imports ~110 ms each, "devices ready (wait)" 147 ms; the
+  interpreter's teardown ("exit") 39 ms; the launcher and config imports 75 ms before
+  anything ran in parallel.
+- Now: the launcher is forked first (sandbox/launcher.py) and execs the zygote at once
+  (sandbox/zygote.py), which imports every device model on the other core while the
+  monitor imports its own; devices are forked from it (~5 ms each to the fork, READY
+  ~20-30 ms after). `splitvmm` exits by os._exit once everything is closed (exit 39 ->
+  3 ms); the editable install's import finder is gone from site (~11 ms per interpreter).
+  334-364 ms on a host shared with other work (QEMU 64-83 in the same runs).
+- What is left, in order: the monitor's imports (~95 ms quiet, ~150 loaded: ~100
+  dataclasses whose methods are generated and compiled at import, zmq, pyseccomp and
+  its ctypes.util chain, click), the zygote's imports on the other core (~100 ms; the
+  first launch request waits for them: "device launch requests" 45-80 ms), interpreter
+  start ~15 ms, click ~30 ms, teardown ~25 ms (mostly closing the VM fd: the kernel
+  frees the VM). The monitor cannot import lazily what only a snapshot needs: it is
+  confined (Landlock) before the guest runs and could not read the modules later.
 """
 
 from __future__ import annotations

@@ -398,9 +398,11 @@ def run(
     channel of it. So its state, guest data, is read only once it is sandboxed, later than a
     cold process reads its own (pre-sandbox, in its spec).
 
-    Measured for the serial device (a cold process, exec to READY ~120 ms): interpreter
-    start ~23 ms, imports ~85 ms, setup() <1 ms, sandbox and connect ~9 ms, restore and
-    READY <1 ms. The spare has done all but connecting, rlimits, seccomp and what follows."""
+    Measured for the serial device exec'd (tests, `policy audit`; ~120 ms to READY):
+    interpreter start ~23 ms, imports ~85 ms, setup() <1 ms, sandbox and connect ~9 ms,
+    restore and READY <1 ms. Forked by the launcher's zygote (sandbox/zygote.py), the first
+    two are done before the request: ~20-30 ms from the request to READY (bench/startup.py).
+    The spare has done all but connecting, rlimits, seccomp and what follows."""
     # The monitor's death must take us with it (no orphan holding guest RAM).
     confine.set_parent_death_signal(signal.SIGKILL)
     # Our parent died before prctl took effect: we were reparented (to init, or a subreaper).
