@@ -10,11 +10,14 @@ import sys
 from splitvmm.devprocs.base import load_all_models
 from splitvmm.devprocs.runtime import run
 from splitvmm.devprocs.spec_stdin import read_rest, read_spec
+from splitvmm.native import confine
 from splitvmm.sandbox import zygote
 
 
 def device_main(launcher: int) -> None:
-    run(read_spec(), read_rest, parent=launcher)
+    spec = read_spec()
+    confine.set_name(f"sv-{spec.name}")  # not "python": which device this process is
+    run(spec, read_rest, parent=launcher)
 
 
 if __name__ == "__main__":

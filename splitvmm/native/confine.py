@@ -100,6 +100,14 @@ def set_parent_death_signal(sig: int) -> None:
     prctl(lib.PR_SET_PDEATHSIG, sig)
 
 
+def set_name(name: str) -> None:
+    """This thread's name (ps -o comm, top; 15 bytes kept): a forked device is otherwise
+    named after the zygote it came from."""
+    buf = ffi.new("char[]", name.encode(errors="replace")[:15])
+    # SAFETY: `buf` is cffi-owned and NUL-terminated, alive for the call; the kernel copies it.
+    prctl(lib.PR_SET_NAME, int(ffi.cast("uintptr_t", buf)))
+
+
 def set_child_subreaper() -> None:
     """Orphaned descendants become our children (not init's): we reap them and may wait on
     them, as the launcher does for the devices its zygote double-forks (sandbox/zygote.py)."""

@@ -92,9 +92,12 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
         launcher = min(parents)
         launcher_status = status_fields(Path(f"/proc/{launcher}/status"))
         launcher_fds = fds_of(launcher)
-        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-        zygotes = [int(pid) for pid in children if int(pid) not in wardens]
+        zygotes = [int(pid) for pid in children_of(launcher) if int(pid) not in wardens]
         zygote_fds = {pid: fds_of(pid) for pid in zygotes}
+        names = {
+            d["name"]: (comm(d["pid"]), comm(int(children_of(d["pid"])[0])))
+            for d in status["devices"]
+        }
     finally:
         vm.ctl("suspend", str(tmp_path / "end"))
         vm.finish()
@@ -110,6 +113,16 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
     # Its one other child, the zygote the devices were forked from, holds its socket only.
     assert len(zygotes) == 1
     assert kinds_of(zygote_fds[zygotes[0]]) == ["socket"]
+    # Each warden is the small warden program; each device is named after itself in ps.
+    assert names == {name: ("warden", f"sv-{name}") for name in names}
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def children_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 
 
 def fds_of(pid: int) -> dict[int, str]:
