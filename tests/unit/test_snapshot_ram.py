@@ -71,6 +71,52 @@ def test_ram_page_with_one_nonzero_byte_is_kept():
     assert runs == [(0x7000, 0x1000)]
 
 
+def _runs_page_by_page(data: bytes) -> list[tuple[int, int]]:
+    """The definition: maximal runs of pages that are not all zero."""
+    runs: list[tuple[int, int]] = []
+    for page in range(0, len(data), PAGE):
+        if data[page : page + PAGE] == bytes(PAGE):
+            continue
+        if runs and sum(runs[-1]) == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + PAGE)
+        else:
+            runs.append((page, PAGE))
+    return runs
+
+
+# A page is zero, has one byte set (at its start, middle or end), or holds a zero run longer
+# than a page that straddles a page boundary (a match of the search that is not a zero page).
+PAGE_KINDS = st.sampled_from(["zero", "first", "middle", "last", "tail-zeros", "head-zeros"])
+
+
+def _page(kind: str) -> bytes:
+    page = bytearray(PAGE)
+    if kind == "first":
+        page[0] = 1
+    elif kind == "middle":
+        page[PAGE // 2] = 7
+    elif kind == "last":
+        page[-1] = 0xFF
+    elif kind == "tail-zeros":  # zeros to its end: with a head-zeros next, a straddling run
+        page[: PAGE // 4] = b"\x01" * (PAGE // 4)
+    elif kind == "head-zeros":
+        page[-PAGE // 4 :] = b"\x02" * (PAGE // 4)
+    return bytes(page)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(PAGE_KINDS, min_size=1, max_size=MEM_SIZE // PAGE))
+def test_ram_nonzero_runs_are_the_page_by_page_runs(kinds):
+    data = b"".join(_page(kind) for kind in kinds)
+    mem = memory(pages={})
+    mem.map[: len(data)] = data
+    try:
+        runs = list(nonzero_runs(mem.map, 0, len(data)))
+    finally:
+        mem.close()
+    assert runs == _runs_page_by_page(data)
+
+
 def test_ram_writer_output_passes_the_check():
     mem = memory()
     out = io.BytesIO()
