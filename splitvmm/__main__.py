@@ -4,5 +4,4 @@ timings.mark("start")  # the interpreter is up: what follows is ours (up --timin
 
 from splitvmm.cli import main  # noqa: E402
 
-timings.mark("import cli")
 main()

@@ -1,80 +1,31 @@
-"""The root `splitvmm` command. Subcommands load lazily so `--help` imports no cffi module."""
+"""The `splitvmm` program: main() is its entry point (pyproject.toml, __main__.py).
+
+The root command and its subcommands are click commands in root.py. main() loads them only
+after it has started the launcher of a VM that `up` or `restore` will run (early.py): the
+launcher starts the zygote, whose imports (~100 ms) then overlap click's and the monitor's.
+`from splitvmm.cli import cli` still gives the root command (tests drive it in-process).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
-import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
-import click
-
-from splitvmm import __version__
-
-# name -> module under splitvmm.cli that defines `command`
-SUBCOMMANDS = {
-    "up": "up",
-    "restore": "restore",
-    "ctl": "ctl",
-    "guest": "guest",
-    "policy": "policy",
-    "snapshot": "snapshot",
-}
-
-
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(SUBCOMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        module = SUBCOMMANDS.get(name)
-        if module is None:
-            return None
-        command: click.Command = importlib.import_module(f"splitvmm.cli.{module}").command
-        return command
-
-
-@click.group(cls=LazyGroup)
-@click.version_option(__version__, prog_name="splitvmm")
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="warning",
-    show_default=True,
-    help="How much the monitor logs to stderr.",
-)
-def cli(log_level: str) -> None:
-    """A KVM virtual machine monitor with every device model in its own sandboxed process."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="splitvmm: %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+ROOT_NAMES = ("cli", "SUBCOMMANDS", "LazyGroup", "_exit_status")  # what root.py exports here
 
 
 def main() -> NoReturn:
-    """The `splitvmm` command. It exits without the interpreter's teardown (~35 ms of freeing
-    modules, for `up` a tenth of its run): by then a command has closed what it opened (`up`:
-    the VM, every fd and process of it), and only buffered output is left to flush."""
-    try:
-        cli()  # standalone mode: it always ends with SystemExit
-        status = 0
-    except SystemExit as e:
-        status = _exit_status(e.code)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
-            stream.flush()
-    os._exit(status)
+    from splitvmm.cli import early
+
+    early.start_launcher(sys.argv[1:])
+    from splitvmm.cli.root import main as run
+
+    run()
 
 
-def _exit_status(code: object) -> int:
-    """What the interpreter would exit with for SystemExit(code)."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
+def __getattr__(name: str) -> Any:  # PEP 562: root.py loads on first use
+    if name in ROOT_NAMES:
+        from splitvmm.cli import root
+
+        return getattr(root, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

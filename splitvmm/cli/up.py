@@ -43,14 +43,15 @@ def run_and_exit(
 
     The launcher comes first, before the monitor's imports: it starts the zygote, which
     imports every device model on another core meanwhile (sandbox/launcher.py)."""
+    from splitvmm.cli import early
     from splitvmm.sandbox.launcher import Launcher
 
     try:
-        launcher = Launcher.start()
+        launcher = early.take() or Launcher.start()  # main() may have started it already
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
-    timings.mark("launcher fork")
+    timings.mark("command line")
     from splitvmm.monitor.machine import run_vm
 
     timings.mark("import monitor")

@@ -111,7 +111,7 @@ class Machine:
         self.launcher = self._early_launcher or Launcher.start()
         self._closables.append(self.launcher)
         self.launcher.configure(self.rundir.path)
-        timings.mark("launcher")
+        timings.mark("launcher configured")
         restoring = None  # (snapshot, its checked states), decoded before a process is spawned
         if self.snapshot is not None:
             # Only a restore imports restore code: a boot does not pay for it.

@@ -78,17 +78,18 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from splitvmm.errors import DeviceFailure, SplitvmmError, clip
 from splitvmm.native import confine
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.spawn import DeviceProcess, check_spec_size, device_env, readable
 from splitvmm.sandbox.zygote import Zygote
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 T = TypeVar("T")
 
@@ -222,6 +223,8 @@ class Launcher:
             try:
                 code = _launcher_main(theirs.detach(), monitor)
             except BaseException:
+                import traceback  # here: what `up` imports before the fork delays the zygote
+
                 traceback.print_exc()
             finally:
                 os._exit(code)

@@ -46,13 +46,11 @@ import contextlib
 import fcntl
 import gc
 import json
-import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 from splitvmm.native import confine
@@ -248,8 +246,12 @@ def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain
             print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
+        import traceback  # imported by the device already (its runtime): no cost here
+
         traceback.print_exc()
     finally:
+        import logging  # as above; the launcher, which imports this module, needs neither
+
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

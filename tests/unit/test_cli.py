@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm import __version__
-from splitvmm.cli import SUBCOMMANDS, _exit_status, cli
+from splitvmm.cli import SUBCOMMANDS, _exit_status, cli, early
+from splitvmm.sandbox.launcher import Launcher
 
 
 def test_cli_version_prints_package_version():
@@ -69,3 +70,26 @@ def test_main_exits_with_the_commands_status_after_flushing_output(tmp_path):
         [sys.executable, "-m", "splitvmm", "--version"], capture_output=True, text=True, timeout=60
     )
     assert (version.returncode, version.stdout.startswith("splitvmm, version")) == (0, True)
+
+
+@pytest.mark.parametrize(
+    ("args", "found"),
+    [
+        (["up", "vm.toml"], "up"),
+        (["--log-level", "debug", "restore", "snap"], "restore"),
+        (["--log-level", "up", "ctl", "status"], "ctl"),  # "up" is the option's value here
+        (["--version"], None),
+        ([], None),
+    ],
+)
+def test_early_subcommand_skips_root_options_and_their_values(args, found):
+    assert early.subcommand(args) == found
+
+
+def test_early_launcher_is_taken_once_and_only_for_a_vm(monkeypatch):
+    started = []
+    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: started.append(1) or "L"))
+    early.start_launcher(["ctl", "status"])
+    assert (started, early.take()) == ([], None)
+    early.start_launcher(["up", "vm.toml"])
+    assert (early.take(), early.take()) == ("L", None)

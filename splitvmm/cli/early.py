@@ -1,0 +1,59 @@
+"""The launcher of the VM that `splitvmm up` or `splitvmm restore` will run, started before
+click parses the command line (cli/__init__.py main()).
+
+The launcher execs the zygote at once (sandbox/launcher.py), and the zygote's imports are the
+longest path to a VM's first device: every millisecond it starts sooner comes off the start-up
+(bench/startup.py). So main() guesses the subcommand from the arguments, before importing
+click: the first argument that is not an option of the root command. A wrong guess costs
+nothing but time: run_and_exit (cli/up.py) starts a launcher itself when none was started
+here, and an unused one ends with the process (it dies with its parent).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from splitvmm import timings
+
+if TYPE_CHECKING:
+    from splitvmm.sandbox.launcher import Launcher
+
+VM_COMMANDS = ("up", "restore")
+VALUED_OPTIONS = ("--log-level",)  # the root command's options that take a value (root.py)
+
+_launcher: Launcher | None = None
+
+
+def start_launcher(args: list[str]) -> None:
+    """Start the launcher if `args` run a VM; errors are left for run_and_exit to report."""
+    global _launcher
+    if subcommand(args) not in VM_COMMANDS:
+        return
+    from splitvmm.errors import SplitvmmError
+    from splitvmm.sandbox.launcher import Launcher
+
+    try:
+        _launcher = Launcher.start()
+    except SplitvmmError:
+        return  # run_and_exit tries again, and says why it failed
+    timings.mark("launcher fork")
+
+
+def take() -> Launcher | None:
+    """The launcher started here, once (None if none was)."""
+    global _launcher
+    launcher, _launcher = _launcher, None
+    return launcher
+
+
+def subcommand(args: list[str]) -> str | None:
+    """The first argument that is neither an option nor an option's value."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in VALUED_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
