@@ -20,6 +20,18 @@ before the register mirror (every LSR read a round trip to the device) 4.246 s a
 QEMU's 0.605 s, 7.02x; with it 1.291 s against 0.683 s, 1.89x (1.63-1.97x over four
 sessions). Of the ~79 us a byte, the monitor's share of a mirrored LSR read plus a posted
 THR write is ~21 us (3.7 us + 14 us, a Harness loop without KVM), most of it pyzmq's send.
+
+Next step, measured but not built (issue 12 goal 2): the 14 us is ZeroMQ waking its I/O
+thread for a message into an idle pipe. Posted writes sent as parts of one multipart
+message (zmq.SNDMORE) do not wake it until the last part: with a 40 us busy gap between
+writes (the guest's exit), a Harness loop measured 13.5-14.0 us per plain send against
+1.4-2.0 us per SNDMORE part (three runs, load 2.0). The device receives each part as a
+frame, in order, so nothing changes there but an empty closing part to ignore; the next
+request (read, sync, control: quiesce, ping) is the last part and closes the batch, so a
+read after posted writes still sees them. Still to design: what closes a batch no request
+follows (a deadline served by a thread that exists before the monitor is confined, e.g.
+the supervisor's loop), a cap on open parts, and the tests (a read after batched writes,
+a batch open at a crash: the journal replays it, at a snapshot: the quiesce closes it).
 """
 
 from __future__ import annotations
