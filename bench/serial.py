@@ -20,6 +20,21 @@ before the register mirror (every LSR read a round trip to the device) 4.246 s a
 QEMU's 0.605 s, 7.02x; with it 1.291 s against 0.683 s, 1.89x (1.63-1.97x over four
 sessions). Of the ~79 us a byte, the monitor's share of a mirrored LSR read plus a posted
 THR write is ~21 us (3.7 us + 14 us, a Harness loop without KVM), most of it pyzmq's send.
+
+Tried and dropped (issue 12 goal 2): batching posted writes. The 14 us is ZeroMQ waking
+its I/O thread for a message into an idle pipe; posted writes sent as parts of one
+multipart message (zmq.SNDMORE) do not wake it until the last part: with a 40 us busy gap
+between writes, a Harness loop measured 13.5-14.0 us per plain send against 1.4-2.0 us per
+SNDMORE part (three runs, load 2.0). Built that way: THR writes as parts of a message left
+open, closed by the next request (so a read after them still sees them: the request is the
+last part), by an empty last part the device skips, at 32 parts, or by the supervisor's
+loop 1 ms after the batch opened (woken by its eventfd). A slot.write with 40 us GIL-free
+gaps: 14.6-17.1 us batched against 21-34 us plain. But bench/serial.py, alternating the
+two trees, --runs 3/3/5/5, load 1.4-2.3: batched 1.74, 1.70, 1.82, 1.49, 1.25, 1.78x QEMU
+(splitvmm median ~69.5 us a byte), unbatched 1.42, 1.38, 1.81, 1.77, 2.04, 1.87x (~74.4 us
+a byte): ~5 us a byte, within the spread of the runs, for 1 ms more output latency and a
+second thread on the slot's lock. Dropped; the supervisor's two wake-ups a batch (eventfd,
+then its 1 ms timer) on the 2 cores may be what ate half of the gain.
 """
 
 from __future__ import annotations

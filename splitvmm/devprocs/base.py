@@ -90,6 +90,11 @@ class DeviceEvents:
         self._mirror = frame
         self.flush()
 
+    @property
+    def mirror_pending(self) -> bool:
+        """Whether a MIRROR frame waits for the channel to take it."""
+        return self._mirror is not None
+
     def report(self, message: str) -> None:
         self._queue(events.encode_report(message))
 

@@ -15,8 +15,10 @@ how many output bytes the dead process sent past the checkpoint (dropped unsent)
 
 Register mirror (monitor/mirror.py): a model whose descriptor mirrors registers has its
 values published (MirrorPublisher) stamped with the frames applied: before the reply to
-every read, after a frame or host event that changed them or left the monitor's copy
-without credit, and before the reply to a resume (the monitor drops its copy on quiesce).
+every read (or, when the read left the values and credit as last published, in the reply:
+RESTAMPED, no MIRROR frame), after a frame or host event that changed them or left the
+monitor's copy without credit, and before the reply to a resume (the monitor drops its copy
+on quiesce).
 """
 
 from __future__ import annotations
@@ -189,6 +191,23 @@ class MirrorPublisher:
         self._last: wire.Mirror | None = None  # what the monitor has, once sent
         self._used = 0  # writes its credit covered, applied since
 
+    def applied_read(self) -> int | None:
+        """A read was applied, and is about to be counted; its reply follows. The stamp the
+        reply carries (wire.RESTAMPED) when the monitor's copy holds after the read too: its
+        values, credit offset and credit, and no MIRROR of ours waits unsent (the monitor
+        restamps the copy it has: monitor/mirror.py); else None, a MIRROR is published."""
+        last, model = self._last, self._model
+        if last is not None and model is not None and not self._events.mirror_pending:
+            now = self._now(model)
+            same = now.values == last.values and now.credit_offset == last.credit_offset
+            if same and last.credit <= now.credit <= 2 * last.credit:
+                stamp = self._checkpoints.applied + 1  # a new Mirror: cheaper than replace()
+                self._last = wire.Mirror(last.values, last.credit_offset, last.credit, stamp)
+                self._used = 0
+                return self._last.stamp
+        self.applied(None)
+        return None
+
     def applied(self, write_at: int | None) -> None:
         """A frame was applied (a write at `write_at`, or None: a read or input), and is
         about to be counted; a read's reply follows this."""
@@ -206,9 +225,7 @@ class MirrorPublisher:
         out; `pending`: frames applied and not counted yet."""
         if self._model is None:
             return
-        now = self._model.mirror()
-        if self._injector.awaits_reply():
-            now = wire.Mirror((None,) * len(self._registers))
+        now = self._now(self._model)
         last = self._last
         if last is not None:
             left = last.credit - self._used
@@ -222,6 +239,12 @@ class MirrorPublisher:
     def republish(self) -> None:
         self._last = None
         self.changed()
+
+    def _now(self, model: MirroredRegisters) -> wire.Mirror:
+        """The model's values now; none valid while a fault waits for a reply."""
+        if self._injector.awaits_reply():
+            return wire.Mirror((None,) * len(self._registers))
+        return model.mirror()
 
 
 def serve(
@@ -268,11 +291,13 @@ def _serve_frame(
         return
     injector.received()
     reply = _apply(device, access)
-    mirrors.applied(access.offset if access.op == wire.Op.WRITE else None)
     if reply is not None:
+        stamp = mirrors.applied_read()
         if not injector.send_reply():
             return  # dropped: no checkpoint covers it, as if this process died before replying
-        sock.send(wire.encode_read_done(access.seq, reply))
+        sock.send(wire.encode_read_done(access.seq, reply, stamp))
+    else:
+        mirrors.applied(access.offset if access.op == wire.Op.WRITE else None)
     checkpoints.applied_one()  # after the reply: a checkpoint never covers an unanswered read
     injector.answered()
 

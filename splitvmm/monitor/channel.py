@@ -137,9 +137,12 @@ class DeviceChannel:
         seq = self._next_seq()
         reply = self._access(wire.encode_read(seq, offset, size))
         try:
-            return wire.decode_read_done(reply, seq, size)
+            data, stamp = wire.decode_read_reply(reply, seq, size)
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
+        if stamp is not None:
+            self.mirror.restamp(stamp)
+        return data
 
     def sync(self) -> None:
         """Wait until the device applied everything sent so far (posted writes included)."""

@@ -20,6 +20,14 @@ device would have given at that point of the guest's accesses.
   leave every mirrored value as it is (the 8250: THR writes while its output keeps up do
   not change LSR). The mirror answers when every frame sent after its stamp is such a write,
   within the credit. The promise is the device's to keep (devprocs/serial.py says how).
+* Restamps. A forwarded read is a frame, so after it the mirror is behind; rather than send
+  a whole MIRROR that says nothing new, a device whose values, credit offset and credit are
+  those of its last MIRROR after the read marks its reply RESTAMPED with the read's stamp
+  (protocol/wire.py), and the monitor stamps its copy anew. The copy it restamps is the
+  device's last MIRROR: the channel is ordered and every frame before a reply is handled
+  before it (monitor/channel.py), and a device restamps only when no MIRROR of it waits
+  unsent (devprocs/runtime.py MirrorPublisher). A copy the monitor dropped (quiesce) stays
+  dropped: a restamp gives no values.
 * Side effects. A value is published as valid only while reading it has no side effect
   (an 8250 clears LSR's overrun bit and MSR's delta bits on read: the device marks them not
   valid while one is set, the read goes to the device, which clears the bit once, and its
@@ -65,11 +73,21 @@ class RegisterMirror:
         """Whether the model mirrors any register (else no read is answered here)."""
         return bool(self._registers)
 
+    def covers(self, offset: int) -> bool:
+        """Whether a read at `offset` may be answered here (a mirrored register starts there)."""
+        return offset in self._registers
+
     def take(self, mirror: wire.Mirror) -> None:
         self._latest = mirror
 
     def invalidate(self) -> None:
         self._latest = None
+
+    def restamp(self, stamp: int) -> None:
+        """The device's last MIRROR holds at `stamp` too (a RESTAMPED read reply)."""
+        m = self._latest
+        if m is not None:  # a new Mirror, not dataclasses.replace(): ~5x cheaper per read
+            self._latest = wire.Mirror(m.values, m.credit_offset, m.credit, stamp)
 
     def sent(self, write_offset: int | None) -> None:
         """The slot numbered one more frame: a write at `write_offset`, or None for another."""

@@ -522,8 +522,8 @@ class DeviceSlot:
     def _mirrored_locked(self, offset: int, size: int) -> bytes | None:
         """The mirror's answer, if it has one exactly; None: ask the device."""
         channel = self.channel
-        if self.state is not SlotState.LIVE or channel is None or not channel.mirror.declared:
-            return None
+        if self.state is not SlotState.LIVE or channel is None or not channel.mirror.covers(offset):
+            return None  # the read goes to the device, whose channel reads the device's news
         try:
             channel.drain_events()  # the device's newest MIRROR, and whatever else it said
         except ChannelError as e:

@@ -1,8 +1,9 @@
 /* pio-loop: the port-I/O exit benchmark.  Switches to CPL3 once (CPL3 code runs natively
  * here, CPL0 code is emulated) and times, with the TSC, `count` single-byte reads of `port`,
  * then `count` writes, then `count` empty rdtsc pairs (the floor).  Command line:
- * count=N (default 10000, at most MAX_COUNT) and port=P (default 0x3ff, the 8250 scratch
- * register).  Prints median and p99 in TSC ticks, then "pio-loop: done", and ends with
+ * count=N (default 10000, at most MAX_COUNT), port=P (default 0x3ff, the 8250 scratch
+ * register) and in_port=Q (the port the reads go to, default P: a VMM may answer reads of
+ * one register itself and forward those of another).  Prints median and p99 in TSC ticks, then "pio-loop: done", and ends with
  * debug-exit value 0 (host status 1).  A bad command line ends with value 2 (host status 5). */
 #include "bootparams.h"
 #include "cmdline.h"
@@ -69,12 +70,13 @@ static NORETURN void bench(void *boot_params)
 	serial_init();
 	u64 count = cmdline_u64(cmdline, "count", DEFAULT_COUNT);
 	u64 port = cmdline_u64(cmdline, "port", DEFAULT_PORT);
-	if (count == 0 || count > MAX_COUNT || port > 0xffff) {
-		print("pio-loop: need 1 <= count <= %u and port <= 0xffff\n", MAX_COUNT);
+	u64 in_port = cmdline_u64(cmdline, "in_port", port);
+	if (count == 0 || count > MAX_COUNT || port > 0xffff || in_port > 0xffff) {
+		print("pio-loop: need 1 <= count <= %u and ports <= 0xffff\n", MAX_COUNT);
 		debug_exit(EXIT_BAD_ARGS);
 	}
-	print("pio-loop: count=%lu port=%#lx\n", count, port);
-	measure("in", PROBE_IN, (u16)port, count);
+	print("pio-loop: count=%lu port=%#lx in_port=%#lx\n", count, port, in_port);
+	measure("in", PROBE_IN, (u16)in_port, count);
 	measure("out", PROBE_OUT, (u16)port, count);
 	measure("rdtsc", PROBE_RDTSC, (u16)port, count);
 	print("pio-loop: done\n");

@@ -305,6 +305,15 @@ def test_slot_read_after_posted_write_elsewhere_sees_its_effect(harness):
     assert (got, again, slot.mirrored_reads - mirrored) == (b"\x07", b"\x07", 1)
 
 
+def test_slot_read_after_a_restamped_forwarded_read_is_answered_by_the_mirror(harness):
+    slot = harness.slot
+    slot.write(Reg.SCR, b"\x5a")
+    slot.read(Reg.IIR_FCR, 1)  # forwarded (IIR is not mirrored); it changes no mirrored value
+    mirrored = slot.mirrored_reads
+    got = slot.read(Reg.SCR, 1)
+    assert (got, slot.mirrored_reads - mirrored) == (b"\x5a", 1)
+
+
 def test_slot_lsr_after_credited_thr_write_is_the_devices_value(file_harness):
     slot = file_harness.slot
     slot.read(Reg.LSR, 1)

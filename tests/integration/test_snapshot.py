@@ -136,10 +136,11 @@ def test_suspend_restores_serial_registers_and_unread_input(guests, tmp_path):
 
 def test_snapshot_during_forwarded_reads_loses_nothing(guests, tmp_path):
     # pio-loop spends nearly all its time in `in` exits served by the device process,
-    # so the snapshot lands while a vCPU is in the middle of one.
+    # so the snapshot lands while a vCPU is in the middle of one. Its reads go to IIR: the
+    # monitor answers SCR reads (the default port) from the serial's register mirror.
     serial = tmp_path / "serial.log"
     config = tmp_path / "vm.toml"
-    boot = f'kernel = "{guests["pio-loop"]}"\ncmdline = "count=3000"'
+    boot = f'kernel = "{guests["pio-loop"]}"\ncmdline = "count=3000 in_port=0x3fa"'
     config.write_text(vm_toml(boot, "64M", 1, serial))
     vm = VmProcess(tmp_path, ["up", str(config)], serial)
     vm.wait_for(r"pio-loop: count=")

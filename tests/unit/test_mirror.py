@@ -86,6 +86,20 @@ def test_mirror_stamp_wraps_with_the_frame_count():
     assert mirror.answer(1, 1, frames=1 << 32) == b"\x01"
 
 
+def test_mirror_restamped_after_a_forwarded_read_answers():
+    mirror = mirror_at(stamp=3)
+    mirror.sent(None)  # a read the device answered RESTAMPED: its values hold after it
+    mirror.restamp(4)
+    assert mirror.answer(1, 1, frames=4) == b"\x01"
+
+
+def test_mirror_restamp_of_a_dropped_copy_gives_no_values():
+    mirror = mirror_at(stamp=3)
+    mirror.invalidate()  # a quiesce dropped it
+    mirror.restamp(4)
+    assert mirror.answer(1, 1, frames=4) is None
+
+
 # -- the MIRROR frame -------------------------------------------------------------------------
 def test_mirror_frame_round_trips():
     sent = wire.Mirror((b"\x01", None, b"\x5a"), 0, 0xFFFF, 77)

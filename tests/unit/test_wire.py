@@ -21,13 +21,34 @@ def test_read_done_matching_reply_returns_data():
         (wire.encode_read_done(7, b"\xab")[:-1], 7, 1),  # short frame
         (wire.encode_read_done(7, b"\xab") + b"\x00", 7, 1),  # long frame
         (wire.FRAME.pack(wire.Op.READ_DONE, 1, 0, 7, 0, b"\xab\x01"), 7, 1),  # data past size
-        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 1, 7, 0, b"\xab"), 7, 1),  # flags set
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 2, 7, 0, b"\xab"), 7, 1),  # an unknown flag
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 0, 7, 9, b"\xab"), 7, 1),  # offset, no flag
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 1, 7, 1 << 32, b"\xab"), 7, 1),  # stamp too big
     ],
-    ids=["stale-seq", "wrong-size", "wrong-op", "short", "long", "trailing-data", "flags"],
+    ids=[
+        "stale-seq",
+        "wrong-size",
+        "wrong-op",
+        "short",
+        "long",
+        "trailing-data",
+        "unknown-flag",
+        "offset-unflagged",
+        "stamp-too-big",
+    ],
 )
 def test_read_done_bad_reply_raises_protocol_error(frame, seq, size):
     with pytest.raises(ProtocolError):
         wire.decode_read_done(frame, seq, size)
+
+
+def test_read_done_restamped_reply_decodes_its_data_and_stamp():
+    frame = wire.encode_read_done(7, b"\xab", stamp=(1 << 32) + 5)  # stamps wrap at 2**32
+    assert wire.decode_read_reply(frame, 7, 1) == (b"\xab", 5)
+
+
+def test_read_done_plain_reply_has_no_stamp():
+    assert wire.decode_read_reply(wire.encode_read_done(7, b"\xab"), 7, 1) == (b"\xab", None)
 
 
 def test_access_write_outside_window_raises_protocol_error():
