@@ -151,10 +151,13 @@ class VirtioBlk(VirtioPciDevice):
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
             written, status = 0, e.status
-        self.ram.write(status_gpa, bytes([status]))  # last: the request is done
+        self.ram.write_u8(status_gpa, status)  # last: the request is done
         return written + 1
 
     def _header(self, readable: list[tuple[int, int]]) -> tuple[int, int]:
+        if readable and readable[0][1] >= HEADER.size:  # the usual layout: read it in place
+            kind, _, sector = self.ram.unpack(HEADER, readable[0][0])
+            return kind, sector
         raw = self.ram.gather(readable, HEADER.size)
         if len(raw) < HEADER.size:
             raise RequestError(VIRTIO_BLK_S_IOERR)
