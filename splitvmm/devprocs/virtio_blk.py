@@ -147,7 +147,7 @@ class VirtioBlk(VirtioPciDevice):
         data_in = chain.writable[:-1] + ([(gpa, length - 1)] if length > 1 else [])
         try:
             kind, sector = self._header(chain.readable)
-            written = self._serve(kind, sector, _skip(chain.readable, HEADER.size), data_in)
+            written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
             written, status = 0, e.status
@@ -165,22 +165,23 @@ class VirtioBlk(VirtioPciDevice):
         return kind, sector
 
     def _serve(
-        self, kind: int, sector: int, out: list[tuple[int, int]], into: list[tuple[int, int]]
+        self, kind: int, sector: int, readable: list[tuple[int, int]], into: list[tuple[int, int]]
     ) -> int:
-        """The bytes written into the guest's buffers (before the status byte)."""
+        """The bytes written into the guest's buffers (before the status byte); `readable`
+        still holds the header."""
         match kind:
             case 0:  # VIRTIO_BLK_T_IN
                 return self._transfer(sector, into, write=False)
             case 1:  # VIRTIO_BLK_T_OUT
                 self._writable()
-                self._transfer(sector, out, write=True)
+                self._transfer(sector, _skip(readable, HEADER.size), write=True)
             case 4:  # VIRTIO_BLK_T_FLUSH
                 self._io(os.fdatasync, self.disk)
             case 8:  # VIRTIO_BLK_T_GET_ID
                 return self._get_id(into)
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
                 self._writable()
-                self._segments(kind, out)
+                self._segments(kind, _skip(readable, HEADER.size))
             case _:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)
         return 0
@@ -190,15 +191,13 @@ class VirtioBlk(VirtioPciDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR)
 
     def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
-        total = sum(length for _, length in bufs)
+        total = sum([length for _, length in bufs])
         if total % SECTOR or sector + total // SECTOR > self.capacity:
             raise RequestError(VIRTIO_BLK_S_IOERR)
         views = [self.ram.buffer(gpa, length, writable=not write) for gpa, length in bufs]
-        offset = sector * SECTOR
+        offset, call = sector * SECTOR, os.pwritev if write else os.preadv
         while views:
-            batch = views[:IOV_MAX]
-            call = os.pwritev if write else os.preadv
-            n = self._io(call, self.disk, batch, offset)
+            n = self._io(call, self.disk, views[:IOV_MAX], offset)
             if n == 0:
                 raise RequestError(VIRTIO_BLK_S_IOERR)  # the image shrank under us
             offset += n

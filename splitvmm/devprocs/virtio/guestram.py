@@ -240,6 +240,9 @@ class GuestRam:
         if size == 0:
             return
         first, last = off >> PAGE_SHIFT, (off + size - 1) >> PAGE_SHIFT
+        if first == last:  # a ring field, a status byte: one bit
+            self._dirty[first >> 3] |= 1 << (first & 7)
+            return
         b0, b1 = first >> 3, last >> 3
         low = (0xFF << (first & 7)) & 0xFF  # pages first.. in byte b0
         high = (2 << (last & 7)) - 1  # pages ..last in byte b1

@@ -177,7 +177,7 @@ class SplitQueue:
         first INDIRECT descriptor met in the ring, with its name, for _walk to follow. One
         loop for both tables, every check inline: this runs for every descriptor served."""
         readable, writable, check = chain.readable, chain.writable, self._ram.check
-        total = sum(length for _, length in readable) + sum(length for _, length in writable)
+        total = sum(length for _, length in readable + writable) if outer else 0
         prefix = "" if outer is None else f"{outer} indirect "
         for _ in range(count):  # a chain longer than the table is a loop
             desc = DESC.unpack_from(table, DESC.size * index)
