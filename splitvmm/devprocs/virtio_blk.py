@@ -144,7 +144,7 @@ class VirtioBlk(VirtioPciDevice):
             raise QueueError("a block request without a status byte")
         gpa, length = chain.writable[-1]
         status_gpa = gpa + length - 1
-        data_in = chain.writable[:-1] + ([(gpa, length - 1)] if length > 1 else [])
+        data_in = chain.writable[:-1] if length == 1 else [*chain.writable[:-1], (gpa, length - 1)]
         try:
             kind, sector = self._header(chain.readable)
             written = self._serve(kind, sector, chain.readable, data_in)
@@ -195,13 +195,15 @@ class VirtioBlk(VirtioPciDevice):
         if total % SECTOR or sector + total // SECTOR > self.capacity:
             raise RequestError(VIRTIO_BLK_S_IOERR)
         views = [self.ram.buffer(gpa, length, writable=not write) for gpa, length in bufs]
-        offset, call = sector * SECTOR, os.pwritev if write else os.preadv
-        while views:
+        offset, call, left = sector * SECTOR, os.pwritev if write else os.preadv, total
+        while left:
             n = self._io(call, self.disk, views[:IOV_MAX], offset)
             if n == 0:
                 raise RequestError(VIRTIO_BLK_S_IOERR)  # the image shrank under us
-            offset += n
-            views = _advance(views, n)
+            left -= n
+            if left:  # a short transfer, or more than IOV_MAX buffers: go on after it
+                offset += n
+                views = _advance(views, n)
         return 0 if write else total
 
     def _get_id(self, into: list[tuple[int, int]]) -> int:

@@ -129,7 +129,7 @@ class SplitQueue:
 
     def pop(self) -> Chain | None:
         """The next available chain with every value checked, or None if there is none."""
-        avail_idx = self.avail_idx()
+        avail_idx: int = U16.unpack_from(self._avail.view, 2)[0]
         pending = (avail_idx - self.last_avail) & U16_MASK
         if pending == 0:
             return None
@@ -161,7 +161,7 @@ class SplitQueue:
 
     def _walk(self, head: int) -> Chain:
         """The chain from `head`: direct descriptors, then (or only) an indirect table."""
-        chain = Chain(head)
+        chain = Chain(head, [], [])
         found = self._collect(chain, self._desc.view, self.size, head, None)
         if found is not None:  # the chain goes on, and ends, in the table it points at
             where, desc = found
@@ -176,7 +176,7 @@ class SplitQueue:
         the ring's, or the indirect table `outer` points at) to `chain`, each checked; the
         first INDIRECT descriptor met in the ring, with its name, for _walk to follow. One
         loop for both tables, every check inline: this runs for every descriptor served."""
-        readable, writable, check = chain.readable, chain.writable, self._ram.check
+        readable, writable, check = chain.readable, chain.writable, self._ram.offset
         total = sum(length for _, length in readable + writable) if outer else 0
         prefix = "" if outer is None else f"{outer} indirect "
         for _ in range(count):  # a chain longer than the table is a loop
@@ -190,7 +190,7 @@ class SplitQueue:
                 raise QueueError(f"chain of head {chain.head} has more than queue size "
                                  f"{self.size} descriptors at {prefix}descriptor {index}")  # fmt: skip
             try:
-                check(addr, length)
+                check(addr, length)  # (the offset itself is not needed here)
             except GuestRamError as e:
                 raise QueueError(f"{prefix}descriptor {index} addr {addr:#x} len {length:#x} "
                                  "is not in RAM") from e  # fmt: skip
