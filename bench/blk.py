@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     qemu = shutil.which(QEMU)
+    load_before = os.getloadavg()[0]  # the host is shared: a loaded one moves every figure
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # a real disk, not a tmpfs
         work = Path(tmp)
         image = build_guests(work / "guests")["firmware-virtio-blk"]
@@ -147,6 +148,7 @@ def main() -> None:
             floor.append(host_floor(disk))
     result = {
         "runs": args.runs,
+        "load": [load_before, os.getloadavg()[0]],  # 1-minute load average, before and after
         "qemu": qemu_version(qemu) if qemu else None,
         "splitvmm": medians(ours),
         "qemu_figures": medians(theirs) if theirs else None,
@@ -161,12 +163,13 @@ def main() -> None:
 
 def print_table(result: dict[str, object], runs: int) -> None:
     ours, host = result["splitvmm"], result["host"]
-    theirs = result["qemu_figures"]
-    assert isinstance(ours, dict) and isinstance(host, dict)
+    theirs, load = result["qemu_figures"], result["load"]
+    assert isinstance(ours, dict) and isinstance(host, dict) and isinstance(load, list)
     table = Table(
         title=f"virtio-blk, firmware-virtio-blk guest, {BENCH_MIB} MiB, 8 in flight "
         f"(median of {runs} runs)",
-        caption=str(result["qemu"] or f"{QEMU} not found"),
+        caption=f"{result['qemu'] or f'{QEMU} not found'}; 1-minute load {load[0]:.2f} "
+        f"before, {load[1]:.2f} after",
     )
     for column in ("", "splitvmm", "QEMU", "host floor", "splitvmm / floor", "splitvmm / QEMU"):
         table.add_column(column, justify="right" if column else "left")
