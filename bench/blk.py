@@ -48,6 +48,15 @@ the device's cost per request in one process, 10th percentile; figures in us per
 - Not done, the ring walk in C through cffi: pop and push are ~5 us of a ~64 us request
   in a run, and parsing hostile rings in C would put memory-unsafe code where the guest
   attacks (STYLE 0.2: security before speed).
+- Whole bench, same session, 7 runs each, 1-minute load 0.6-0.9 (medians, MiB/s or IOPS;
+  splitvmm / QEMU / dd): before (77188ad) seq-read 9862 / 13876 / 15745 (0.63 of dd, 0.71
+  of QEMU), rand-read-4k 68513 / 106177; after, three runs: seq-read 12354 / 12711 /
+  14213 (0.87, 0.97), 10362 / 12128 / 15354 (0.67, 0.85) and 13295 / 11982 / 15492 (0.86,
+  1.11); rand-read-4k 120789 / 95153, 116623 / 112337 and 109797 / 86352 (1.04-1.27 of
+  QEMU); seq-write 6818, 6229 and 7750 against QEMU's 8653, 8387 and 8256. Single runs
+  reached 13900-14600 for seq-read (~0.9 of dd). The goal (seq-read >= 0.9 of dd and >=
+  QEMU) is met in quiet runs and against QEMU in one median of three, not yet as a median
+  against dd on this host.
 - What is left: the copy (~52 us a MiB into guest RAM, the same in QEMU and dd) and
   ~10-12 us of Python per request; the rest of the spread between runs is the host's
   other work: a 64 MiB phase lasts ~4.5 ms, so one preemption of a few ms halves a run.
