@@ -144,17 +144,20 @@ class VirtioBlk(VirtioPciDevice):
             raise QueueError("a block request without a status byte")
         gpa, length = chain.writable[-1]
         status_gpa = gpa + length - 1
-        data_in = chain.writable[:-1] + ([(gpa, length - 1)] if length > 1 else [])
+        data_in = chain.writable[:-1] if length == 1 else [*chain.writable[:-1], (gpa, length - 1)]
         try:
             kind, sector = self._header(chain.readable)
-            written = self._serve(kind, sector, _skip(chain.readable, HEADER.size), data_in)
+            written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
             written, status = 0, e.status
-        self.ram.write(status_gpa, bytes([status]))  # last: the request is done
+        self.ram.write_u8(status_gpa, status)  # last: the request is done
         return written + 1
 
     def _header(self, readable: list[tuple[int, int]]) -> tuple[int, int]:
+        if readable and readable[0][1] >= HEADER.size:  # the usual layout: read it in place
+            kind, _, sector = self.ram.unpack(HEADER, readable[0][0])
+            return kind, sector
         raw = self.ram.gather(readable, HEADER.size)
         if len(raw) < HEADER.size:
             raise RequestError(VIRTIO_BLK_S_IOERR)
@@ -162,22 +165,23 @@ class VirtioBlk(VirtioPciDevice):
         return kind, sector
 
     def _serve(
-        self, kind: int, sector: int, out: list[tuple[int, int]], into: list[tuple[int, int]]
+        self, kind: int, sector: int, readable: list[tuple[int, int]], into: list[tuple[int, int]]
     ) -> int:
-        """The bytes written into the guest's buffers (before the status byte)."""
+        """The bytes written into the guest's buffers (before the status byte); `readable`
+        still holds the header."""
         match kind:
             case 0:  # VIRTIO_BLK_T_IN
                 return self._transfer(sector, into, write=False)
             case 1:  # VIRTIO_BLK_T_OUT
                 self._writable()
-                self._transfer(sector, out, write=True)
+                self._transfer(sector, _skip(readable, HEADER.size), write=True)
             case 4:  # VIRTIO_BLK_T_FLUSH
                 self._io(os.fdatasync, self.disk)
             case 8:  # VIRTIO_BLK_T_GET_ID
                 return self._get_id(into)
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
                 self._writable()
-                self._segments(kind, out)
+                self._segments(kind, _skip(readable, HEADER.size))
             case _:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)
         return 0
@@ -187,19 +191,19 @@ class VirtioBlk(VirtioPciDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR)
 
     def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
-        total = sum(length for _, length in bufs)
+        total = sum([length for _, length in bufs])
         if total % SECTOR or sector + total // SECTOR > self.capacity:
             raise RequestError(VIRTIO_BLK_S_IOERR)
         views = [self.ram.buffer(gpa, length, writable=not write) for gpa, length in bufs]
-        offset = sector * SECTOR
-        while views:
-            batch = views[:IOV_MAX]
-            call = os.pwritev if write else os.preadv
-            n = self._io(call, self.disk, batch, offset)
+        offset, call, left = sector * SECTOR, os.pwritev if write else os.preadv, total
+        while left:
+            n = self._io(call, self.disk, views[:IOV_MAX], offset)
             if n == 0:
                 raise RequestError(VIRTIO_BLK_S_IOERR)  # the image shrank under us
-            offset += n
-            views = _advance(views, n)
+            left -= n
+            if left:  # a short transfer, or more than IOV_MAX buffers: go on after it
+                offset += n
+                views = _advance(views, n)
         return 0 if write else total
 
     def _get_id(self, into: list[tuple[int, int]]) -> int:

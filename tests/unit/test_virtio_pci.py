@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from splitvmm.devprocs.virtio.queue import Chain
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import StateError
 from tests.virtio.support import (
@@ -237,6 +238,46 @@ def test_virtio_pci_notify_fills_buffer_and_asserts_intx(rng, driver, fds):
     assert ring.take_used() == [(head, 64)]
     assert signalled(fds["intx"]) == 1
     assert driver.rd(ISR, 1) == 1 and driver.rd(ISR, 1) == 0  # reading clears it
+
+
+def test_virtio_pci_drain_asks_for_no_kicks_while_serving_then_clears_it(rng, driver, monkeypatch):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+    flags_seen = []
+    serve = rng.handle
+
+    def handle(q: int, chain: Chain) -> int:
+        flags_seen.append(rng.ram.u16(ring.used))  # used flags while the chain is served
+        return serve(q, chain)
+
+    monkeypatch.setattr(rng, "handle", handle)
+
+    driver.kick()
+
+    assert flags_seen == [1]  # VIRTQ_USED_F_NO_NOTIFY
+    assert rng.ram.u16(ring.used) == 0
+
+
+def test_virtio_pci_chain_made_available_while_serving_is_taken_in_the_same_drain(
+    rng, driver, monkeypatch
+):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    first = ring.add([(*ring.buffer(8), True)])
+    later = ring.buffer(8)
+    serve = rng.handle
+
+    def handle(q: int, chain: Chain) -> int:
+        if chain.head == first:  # the driver adds one without a kick (NO_NOTIFY is set)
+            ring.add([(*later, True)])
+        return serve(q, chain)
+
+    monkeypatch.setattr(rng, "handle", handle)
+
+    driver.kick()
+
+    assert [head for head, _ in ring.take_used()] == [first, first + 1]
 
 
 def test_virtio_pci_no_processing_before_driver_ok(rng, driver):

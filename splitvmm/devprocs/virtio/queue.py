@@ -22,7 +22,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from splitvmm.devprocs.virtio.guestram import GuestRam, GuestRamError
+from splitvmm.devprocs.virtio.guestram import U16, GuestRam, GuestRamError, RamWindow
 from splitvmm.errors import SplitvmmError, StateError, shown
 
 VIRTQ_DESC_F_NEXT = 1
@@ -69,35 +69,7 @@ class Chain:
     writable: list[tuple[int, int]] = field(default_factory=list)  # (gpa, len) device->driver
 
 
-@dataclass(slots=True)
-class _Walk:
-    """A chain being collected, with the bounds it must stay within."""
-
-    chain: Chain
-    max_buffers: int
-    total: int = 0
-
-    def add(self, ram: GuestRam, where: str, desc: tuple[int, int, int, int]) -> None:
-        addr, length, flags, _ = desc
-        chain = self.chain
-        if len(chain.readable) + len(chain.writable) >= self.max_buffers:
-            raise QueueError(
-                f"chain of head {chain.head} has more than queue size {self.max_buffers} "
-                f"descriptors at {where}"
-            )
-        try:
-            ram.check(addr, length)
-        except GuestRamError as e:
-            raise QueueError(f"{where} addr {addr:#x} len {length:#x} is not in RAM") from e
-        self.total += length
-        if self.total > MAX_CHAIN_BYTES:
-            raise QueueError(f"chain of head {chain.head} is over 4 GiB at {where}")
-        if flags & VIRTQ_DESC_F_WRITE:
-            chain.writable.append((addr, length))
-        elif chain.writable:
-            raise QueueError(f"{where} is device-readable after a device-writable descriptor")
-        else:
-            chain.readable.append((addr, length))
+Descriptor = tuple[int, int, int, int]  # struct virtq_desc: addr, len, flags, next
 
 
 class SplitQueue:
@@ -130,9 +102,10 @@ class SplitQueue:
         event_bytes = 2 if event_idx else 0  # used_event / avail_event
         self._ram = ram
         self.size = size
-        self.desc = self._part(desc, "descriptor table", DESC_ALIGN, DESC.size * size)
-        self.avail = self._part(avail, "avail ring", AVAIL_ALIGN, 4 + 2 * size + event_bytes)
-        self.used = self._part(used, "used ring", USED_ALIGN, 4 + 8 * size + event_bytes)
+        self.desc, self._desc = self._part(desc, "descriptor table", DESC_ALIGN, DESC.size * size)
+        avail_bytes, used_bytes = 4 + 2 * size + event_bytes, 4 + 8 * size + event_bytes
+        self.avail, self._avail = self._part(avail, "avail ring", AVAIL_ALIGN, avail_bytes)
+        self.used, self._used = self._part(used, "used ring", USED_ALIGN, used_bytes)
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail = 0  # next avail ring index to take (wraps at 2^16)
@@ -140,22 +113,23 @@ class SplitQueue:
         self._notify = True  # whether the driver should kick (avail_event kept current)
         self._signalled: int | None = None  # used_idx at the last needs_notification()
 
-    def _part(self, gpa: int, name: str, align: int, size: int) -> int:
+    def _part(self, gpa: int, name: str, align: int, size: int) -> tuple[int, RamWindow]:
+        """The part's gpa and its window: every later access is an offset into the window
+        (bounded by its view), not a new look-up of a guest address."""
         if gpa % align:
             raise QueueError(f"{name} address {gpa:#x} is not {align}-byte aligned")
         try:
-            self._ram.check(gpa, size)
+            return gpa, self._ram.window(gpa, size)
         except GuestRamError as e:
             raise QueueError(f"{name} {gpa:#x}+{size:#x} is not in RAM") from e
-        return gpa
 
     # -- driver -> device ----------------------------------------------------------------
     def avail_idx(self) -> int:
-        return self._ram.u16(self.avail + 2)
+        return int(U16.unpack_from(self._avail.view, 2)[0])
 
     def pop(self) -> Chain | None:
         """The next available chain with every value checked, or None if there is none."""
-        avail_idx = self.avail_idx()
+        avail_idx: int = U16.unpack_from(self._avail.view, 2)[0]
         pending = (avail_idx - self.last_avail) & U16_MASK
         if pending == 0:
             return None
@@ -166,7 +140,7 @@ class SplitQueue:
             )
         # TSO: this load is not done before the avail idx load above (no barrier needed)
         slot = self.last_avail % self.size
-        head = self._ram.u16(self.avail + RING_HEADER + 2 * slot)
+        head: int = U16.unpack_from(self._avail.view, RING_HEADER + 2 * slot)[0]
         if head >= self.size:
             raise QueueError(f"avail ring[{slot}] head {head} >= queue size {self.size}")
         chain = self._walk(head)
@@ -185,29 +159,65 @@ class SplitQueue:
         if count and self.event_idx and self._notify:
             self._write_avail_event()
 
-    def _read_desc(self, index: int) -> tuple[int, int, int, int]:
-        addr, length, flags, nxt = DESC.unpack(self._ram.read(self.desc + DESC.size * index, 16))
-        return addr, length, flags, nxt
-
     def _walk(self, head: int) -> Chain:
-        walk = _Walk(Chain(head), self.size)
-        index = head
-        for _ in range(self.size):  # a chain longer than the table is a loop
-            desc = self._read_desc(index)
-            flags, nxt = desc[2], desc[3]
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                self._walk_indirect(walk, f"descriptor {index}", desc)
-                return walk.chain
-            walk.add(self._ram, f"descriptor {index}", desc)
-            if not flags & VIRTQ_DESC_F_NEXT:
-                return walk.chain
-            if nxt >= self.size:
-                raise QueueError(f"descriptor {index} next {nxt} >= queue size {self.size}")
-            index = nxt
-        raise QueueError(f"chain of head {head} loops (longer than queue size {self.size})")
+        """The chain from `head`: direct descriptors, then (or only) an indirect table."""
+        chain = Chain(head, [], [])
+        found = self._collect(chain, self._desc.view, self.size, head, None)
+        if found is not None:  # the chain goes on, and ends, in the table it points at
+            where, desc = found
+            table = self._indirect_table(where, desc)
+            self._collect(chain, table, len(table) // DESC.size, 0, where)
+        return chain
 
-    def _walk_indirect(self, walk: _Walk, where: str, desc: tuple[int, int, int, int]) -> None:
-        """virtio 1.2 2.7.5.3: the chain goes on, and ends, in the table `desc` points at."""
+    def _collect(
+        self, chain: Chain, table: memoryview | bytes, count: int, index: int, outer: str | None
+    ) -> tuple[str, Descriptor] | None:
+        """Add the buffers of the chain from descriptor `index` of `table` (`count` entries:
+        the ring's, or the indirect table `outer` points at) to `chain`, each checked; the
+        first INDIRECT descriptor met in the ring, with its name, for _walk to follow. One
+        loop for both tables, every check inline: this runs for every descriptor served."""
+        readable, writable, check = chain.readable, chain.writable, self._ram.offset
+        total = sum(length for _, length in readable + writable) if outer else 0
+        prefix = "" if outer is None else f"{outer} indirect "
+        for _ in range(count):  # a chain longer than the table is a loop
+            desc = DESC.unpack_from(table, DESC.size * index)
+            addr, length, flags, nxt = desc
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if outer is None:
+                    return f"descriptor {index}", desc
+                raise QueueError(f"{prefix}descriptor {index} is INDIRECT inside an indirect table")
+            if len(readable) + len(writable) >= self.size:
+                raise QueueError(f"chain of head {chain.head} has more than queue size "
+                                 f"{self.size} descriptors at {prefix}descriptor {index}")  # fmt: skip
+            try:
+                check(addr, length)  # (the offset itself is not needed here)
+            except GuestRamError as e:
+                raise QueueError(f"{prefix}descriptor {index} addr {addr:#x} len {length:#x} "
+                                 "is not in RAM") from e  # fmt: skip
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise QueueError(f"chain of head {chain.head} is over 4 GiB at {prefix}"
+                                 f"descriptor {index}")  # fmt: skip
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise QueueError(f"{prefix}descriptor {index} is device-readable after a "
+                                 "device-writable descriptor")  # fmt: skip
+            else:
+                readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return None
+            if nxt >= count:
+                what = "queue" if outer is None else "indirect table"
+                raise QueueError(f"{prefix}descriptor {index} next {nxt} >= {what} size {count}")
+            index = nxt
+        if outer is None:
+            raise QueueError(f"chain of head {chain.head} loops (longer than queue size {count})")
+        raise QueueError(f"{outer} indirect chain loops (longer than its {count} descriptors)")
+
+    def _indirect_table(self, where: str, desc: Descriptor) -> bytes:
+        """virtio 1.2 2.7.5.3: the table `desc` points at, checked, as one copy (the guest
+        cannot change it under the walk)."""
         addr, length, flags, _ = desc  # the WRITE flag here means nothing (2.7.5.3.2)
         if not self.indirect:
             raise QueueError(f"{where} is INDIRECT but VIRTIO_F_INDIRECT_DESC is off")
@@ -219,23 +229,9 @@ class SplitQueue:
                 f"of at most queue size {self.size} descriptors"
             )
         try:
-            table = self._ram.read(addr, length)  # one copy: the guest cannot change it under us
+            return self._ram.read(addr, length)
         except GuestRamError as e:
             raise QueueError(f"{where} indirect table {addr:#x}+{length:#x} is not in RAM") from e
-        count = length // DESC.size
-        index = 0
-        for _ in range(count):  # a chain longer than the table is a loop
-            entry: tuple[int, int, int, int] = DESC.unpack_from(table, DESC.size * index)
-            name = f"{where} indirect descriptor {index}"
-            if entry[2] & VIRTQ_DESC_F_INDIRECT:
-                raise QueueError(f"{name} is INDIRECT inside an indirect table")
-            walk.add(self._ram, name, entry)
-            if not entry[2] & VIRTQ_DESC_F_NEXT:
-                return
-            if entry[3] >= count:
-                raise QueueError(f"{name} next {entry[3]} >= indirect table size {count}")
-            index = entry[3]
-        raise QueueError(f"{where} indirect chain loops (longer than its {count} descriptors)")
 
     # -- device -> driver ----------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
@@ -245,10 +241,10 @@ class SplitQueue:
             raise ValueError(f"push of head {head} with no chain in flight")
         if not 0 <= head < self.size or not 0 <= written <= U32_MAX:
             raise ValueError(f"push of head {head} written {written} is out of range")
-        slot = self.used_idx % self.size
-        self._ram.write(self.used + RING_HEADER + 8 * slot, USED_ELEM.pack(head, written))
+        entry = RING_HEADER + USED_ELEM.size * (self.used_idx % self.size)
+        self._used.write(entry, USED_ELEM.pack(head, written))
         self.used_idx = (self.used_idx + 1) & U16_MASK
-        self._ram.write_u16(self.used + 2, self.used_idx)
+        self._used.write(2, U16.pack(self.used_idx))
 
     def needs_notification(self) -> bool:
         """After pushes: whether to interrupt the driver (virtio 1.2 2.7.10). Nothing pushed
@@ -260,15 +256,16 @@ class SplitQueue:
         if old is None:
             return True  # the first since a (re)start: what the driver saw is unknown
         if self.event_idx:
-            used_event = self._ram.u16(self.avail + RING_HEADER + 2 * self.size)
+            used_event = U16.unpack_from(self._avail.view, RING_HEADER + 2 * self.size)[0]
             return vring_need_event(used_event, new, old)
-        return new != old and not self._ram.u16(self.avail) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        flags = U16.unpack_from(self._avail.view, 0)[0]
+        return new != old and not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick (while the device is busy taking chains anyway)."""
         self._notify = False
         if not self.event_idx:
-            self._ram.write_u16(self.used, VIRTQ_USED_F_NO_NOTIFY)
+            self._used.write(0, U16.pack(VIRTQ_USED_F_NO_NOTIFY))
 
     def enable_notifications(self) -> bool:
         """Ask the driver to kick for the next chain; True if chains arrived meanwhile (pop
@@ -277,13 +274,13 @@ class SplitQueue:
         if self.event_idx:
             self._write_avail_event()
         else:
-            self._ram.write_u16(self.used, 0)
+            self._used.write(0, U16.pack(0))
         full_fence()  # the request is visible before avail idx is read again
         return self.avail_idx() != self.last_avail
 
     def _write_avail_event(self) -> None:
         """Kick when the driver makes entry last_avail available (2.7.10)."""
-        self._ram.write_u16(self.used + RING_HEADER + 8 * self.size, self.last_avail)
+        self._used.write(RING_HEADER + USED_ELEM.size * self.size, U16.pack(self.last_avail))
 
     # -- restarts and snapshots ----------------------------------------------------------
     def fresh(self) -> None:
@@ -295,7 +292,7 @@ class SplitQueue:
     def resume_from_used(self) -> None:
         """After the device process restarted: take up again from the used ring's idx in
         guest memory, so an in-order device re-runs exactly the chains it had not returned."""
-        self.used_idx = self._ram.u16(self.used + 2)
+        self.used_idx = int(U16.unpack_from(self._used.view, 2)[0])
         self.last_avail = self.used_idx
         self._signalled = None
 
