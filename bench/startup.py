@@ -34,8 +34,10 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   its ctypes.util chain, click), the zygote's imports on the other core (~100 ms; the
   first launch request waits for them: "device launch requests" 45-80 ms), interpreter
   start ~15 ms, click ~30 ms, teardown ~25 ms (mostly closing the VM fd: the kernel
-  frees the VM). The monitor cannot import lazily what only a snapshot needs: it is
-  confined (Landlock) before the guest runs and could not read the modules later.
+  frees the VM). Deferring what only a snapshot needs (~12 ms: snapshot.writer, vmstate,
+  pci.state, signing) to confinement time was measured and not done: the monitor already
+  waits for the zygote, so it would move the wait, not shorten it (and a confined monitor
+  may read Python modules but map no C extension: monitor/confinement.py PRELOAD).
 """
 
 from __future__ import annotations
