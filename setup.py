@@ -6,6 +6,7 @@ import os
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import LinkError
 
 WARDEN_SOURCE = "splitvmm/native/warden.c"
 
@@ -13,17 +14,23 @@ WARDEN_SOURCE = "splitvmm/native/warden.c"
 class BuildExtAndWarden(build_ext):
     def run(self) -> None:
         super().run()
-        out_dir = (
-            "splitvmm/native" if self.inplace else os.path.join(self.build_lib, "splitvmm/native")
-        )
+        out_dir = "splitvmm/native"
+        if not self.inplace:
+            out_dir = os.path.join(self.build_lib, out_dir)
         os.makedirs(self.build_temp, exist_ok=True)
         objects = self.compiler.compile(
-            [WARDEN_SOURCE], output_dir=self.build_temp, extra_postargs=["-O2", "-Wall", "-Werror"]
+            [WARDEN_SOURCE], output_dir=self.build_temp, extra_postargs=["-O2", "-Wall", "-fPIE"]
         )
         # static: exec'd under Landlock, it may open no loader and no library
-        self.compiler.link_executable(
-            objects, "warden", output_dir=out_dir, extra_postargs=["-static"]
-        )
+        try:
+            self.compiler.link_executable(
+                objects, "warden", output_dir=out_dir, extra_postargs=["-static-pie", "-s"]
+            )
+        except LinkError as e:
+            raise LinkError(
+                f"cannot link the device warden statically ({e}): it needs the C library's "
+                "static archive, libc.a (Debian: libc6-dev; Fedora: glibc-static)"
+            ) from None
 
 
 setup(

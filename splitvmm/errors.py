@@ -1,5 +1,7 @@
 """The error types of splitvmm: each names what went wrong in one sentence."""
 
+import sys
+
 
 class SplitvmmError(Exception):
     """Base of every error we raise on purpose; the CLI prints it without a traceback."""
@@ -63,3 +65,15 @@ def clip(message: str, limit: int = 4 * SHOWN_MAX) -> str:
     if len(message) <= limit:
         return message
     return f"{message[: limit // 2]} ... {message[-limit // 2 :]}"
+
+
+def system_exit_status(code: object) -> int:
+    """The status the interpreter exits with for SystemExit(code), printing a message code to
+    stderr as it does: for processes that end by os._exit (cli/root.py main(), a device forked
+    by the zygote: sandbox/zygote.py)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1

@@ -13,6 +13,7 @@ from typing import NoReturn
 import click
 
 from splitvmm import __version__, timings
+from splitvmm.errors import system_exit_status
 
 # name -> module under splitvmm.cli that defines `command`
 SUBCOMMANDS = {
@@ -64,7 +65,7 @@ def main() -> NoReturn:
         cli()  # standalone mode: it always ends with SystemExit
         status = 0
     except SystemExit as e:
-        status = _exit_status(e.code)
+        status = system_exit_status(e.code)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
@@ -72,11 +73,4 @@ def main() -> NoReturn:
     os._exit(status)
 
 
-def _exit_status(code: object) -> int:
-    """What the interpreter would exit with for SystemExit(code)."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
+_exit_status = system_exit_status  # tests and cli/__init__.py know it by this name

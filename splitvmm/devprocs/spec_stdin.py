@@ -13,6 +13,8 @@ def read_spec() -> DeviceSpec:
     deferred: the device holds no pipe it does not need (sandbox/spawn.py start_device says
     what fds 0-2 are)."""
     data = sys.stdin.buffer.readline(MAX_SPEC + 1)
+    if not data:  # EOF: whoever was to send it is gone (a launcher or zygote that died)
+        sys.exit(0)
     if len(data) > MAX_SPEC:
         sys.exit(f"splitvmm: device: the spec is over {MAX_SPEC} bytes")
     spec = DeviceSpec.from_json(data.decode())

@@ -1,29 +1,42 @@
-"""`python -m splitvmm.devprocs.zygote FD`: the launcher's zygote (sandbox/zygote.py).
+"""`python -I -m splitvmm.devprocs.zygote FD`: the launcher's zygote (sandbox/zygote.py).
 
 Imports what every device process imports, then forks one per request on the socket FD;
 each child runs what `python -m splitvmm.devprocs` runs, from the spec on its stdin.
 """
 
 import os
+import signal
 import sys
 
-from splitvmm.devprocs.base import load_all_models
-from splitvmm.devprocs.runtime import run
-from splitvmm.devprocs.spec_stdin import read_rest, read_spec
 from splitvmm.native import confine
-from splitvmm.sandbox import zygote
 
 
 def device_main(launcher: int) -> None:
+    from splitvmm.devprocs.runtime import run  # imported by main() before any fork
+    from splitvmm.devprocs.spec_stdin import read_rest, read_spec
+
     spec = read_spec()
     confine.set_name(f"sv-{spec.name}")  # not "python": which device this process is
     run(spec, read_rest, parent=launcher)
 
 
-if __name__ == "__main__":
+def main() -> None:
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
         sys.exit("usage: python -m splitvmm.devprocs.zygote FD (started by the launcher)")
+    # Before the imports (~100 ms): a zygote whose launcher died meanwhile must not go on.
+    launcher = os.getppid()
+    confine.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != launcher:
+        os._exit(1)
+    from splitvmm.devprocs import runtime, spec_stdin  # noqa: F401 (what device_main runs)
+    from splitvmm.devprocs.base import load_all_models
+    from splitvmm.sandbox import zygote
+
     load_all_models()
-    code = zygote.serve(int(sys.argv[1]), device_main)
+    code = zygote.serve(int(sys.argv[1]), device_main, launcher)
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown: the launcher waits for us to end
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@
  * itself not dumpable (exec made it so again), then loads the seccomp filter (raw BPF,
  * policies/<arch>/warden.policy as libseccomp compiled it) read from FILTER_FD, and waits.
  */
+#define _GNU_SOURCE /* strerrordesc_np */
 #include <errno.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -32,22 +33,24 @@ static struct sock_filter program[BPF_MAXINSNS];
 static _Noreturn void fail(const char *what)
 {
 	static char line[256];
+	const char *why = strerrordesc_np(errno); /* a static string: strerror may allocate */
 	int len = snprintf(line, sizeof(line), "splitvmm: device warden failed: %s: %s\n", what,
-			   strerror(errno));
+			   why ? why : "unknown error");
 
 	if (len > 0)
 		(void)!write(STDERR_FILENO, line, (size_t)len < sizeof(line) ? (size_t)len : sizeof(line) - 1);
 	_exit(1);
 }
 
-static int number(const char *text)
+/* A decimal number from `least` to 2^22 (pids and fds both fit). */
+static int number(const char *text, long least)
 {
 	char *end;
 	long value;
 
 	errno = 0;
 	value = strtol(text, &end, 10);
-	if (errno || end == text || *end || value < 0 || value > 1 << 22) {
+	if (errno || end == text || *end || value < least || value > 1 << 22) {
 		errno = EINVAL;
 		fail("usage: warden CHILD FILTER_FD");
 	}
@@ -84,10 +87,10 @@ int main(int argc, char **argv)
 		errno = EINVAL;
 		fail("usage: warden CHILD FILTER_FD");
 	}
-	child = number(argv[1]);
+	child = number(argv[1], 1); /* 0 would make waitpid wait for any child of the group */
 	if (prctl(PR_SET_DUMPABLE, 0) < 0)
 		fail("PR_SET_DUMPABLE");
-	load_filter(number(argv[2]));
+	load_filter(number(argv[2], 0)); /* fd 0 as often as not: stdin was closed for it */
 	while (waitpid(child, &status, 0) < 0)
 		if (errno != EINTR)
 			fail("wait for the device");

@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import cast
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
-DEVICE_COMMAND = (sys.executable, "-m", "splitvmm.devprocs")
+# -I (isolated): `-m` would put the working directory first on sys.path, so a json.py there
+# would run in every device before its sandbox; -I leaves it out, and PYTHON* variables too.
+DEVICE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs")
 # The launcher's zygote (sandbox/zygote.py): this interpreter, every device model imported,
 # forking a device per request; its argument is its socket's fd.
-ZYGOTE_COMMAND = (sys.executable, "-m", "splitvmm.devprocs.zygote")
+ZYGOTE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs.zygote")
 
 # What `ctl crash-device --signal` may send a device (monitor.policy allows these, through a
 # pidfd only): the ways a process dies that crash testing wants to see.

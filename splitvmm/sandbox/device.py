@@ -218,7 +218,13 @@ def _fork_warden(warden_policy: policy.Policy, address_space: int) -> None:
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     # Opened now: the device may pivot to its empty root (the same mount namespace as the
     # warden's, whose root moves with it) before the warden has exec'd its program.
-    program = os.open(WARDEN, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        program = os.open(WARDEN, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SandboxError(
+            f"the device warden {WARDEN} cannot be opened ({e.strerror}): it is built with "
+            "splitvmm's native modules (scripts/bootstrap.sh)"
+        ) from None
     pid = os.fork()
     if pid:
         os.close(alive_r)

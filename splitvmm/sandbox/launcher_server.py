@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import socket
+import time
 from dataclasses import replace
 
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
@@ -45,6 +46,7 @@ class _Server:
         self.sock = sock
         self.zygote = zygote
         self.channel_dir: str | None = None  # set by the first configure request
+        self._configured = False  # a configure request came (the first is the only one)
         self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
         self.spares: dict[int, tuple[ChildProcess, DeviceSpec]] = {}  # pid -> spare, its spec
         self.poller = select.poll()
@@ -69,21 +71,29 @@ class _Server:
         except (BrokenPipeError, ConnectionResetError):
             return  # the monitor is gone: nobody to tell (its devices end below)
         finally:
-            for process in self.children.values():
-                process.kill()
-            for process in self.children.values():
-                process.wait(STOP_TIMEOUT_S)
-            self.zygote.close()
+            self._end_all()
+
+    def _end_all(self) -> None:
+        """Kill every device and the zygote; wait for the devices together, within one
+        STOP_TIMEOUT_S (the monitor gives us as long before it kills us)."""
+        for process in self.children.values():
+            process.kill()
+        self.zygote.close()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in self.children.values():
+            with contextlib.suppress(TimeoutError):
+                process.wait(max(0.0, deadline - time.monotonic()))
 
     def _spawn(self, spec: DeviceSpec) -> tuple[ChildProcess, int]:
         """spawn_child by the zygote; once more by a new zygote if that one had died (its
-        death may not have been seen before the request went out)."""
+        death may not have been seen before the request went out) -- not if it was silent
+        too long: a second wait would take the monitor's whole patience."""
         zygote = self._live_zygote()
         try:
             return spawn_child(spec, zygote=zygote)
         except DeviceFailure:
-            if not zygote.ended():
-                raise  # the device's own failure
+            if not zygote.ended() or zygote.timed_out:
+                raise  # the device's own failure, or a zygote that never answered
         return spawn_child(spec, zygote=self._live_zygote())
 
     def _live_zygote(self) -> Zygote:
@@ -156,12 +166,28 @@ class _Server:
         return True
 
     def _configure(self, payload: bytes, nfds: int) -> None:
-        """The runtime dir, once: an absolute path to a directory."""
-        if self.channel_dir is not None:
-            raise Refused("launcher: the runtime dir is set already")
-        path = payload.decode(errors="replace")
-        if nfds or not os.path.isabs(path) or not os.path.isdir(path) or "\0" in path:
-            raise Refused(f"launcher: {clip(path)!r} is no runtime dir")
+        """The runtime dir, once -- the first request decides, refused or not: an absolute
+        path to a directory (not a symlink) of ours that nobody else may enter, as the
+        monitor makes it (monitor/rundir.py)."""
+        if self._configured:
+            raise Refused("launcher: the runtime dir was set already")
+        self._configured = True
+        try:
+            path = payload.decode()
+        except UnicodeDecodeError:
+            raise Refused("launcher: the runtime dir is not UTF-8") from None
+        if nfds or not os.path.isabs(path) or "\0" in path:
+            raise Refused(f"launcher: {clip(path)!r} is no absolute path")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise Refused(f"launcher: {clip(path)!r} is no runtime dir: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise Refused(f"launcher: {clip(path)!r} is not ours alone (owner, mode 0700)")
         self.channel_dir = path
 
     def _resume(self, pid: int, payload: bytes, nfds: int) -> None:
@@ -224,10 +250,15 @@ def _decode_header(data: bytes) -> tuple[str, int, int, int | None]:
 
 
 def _children() -> set[int]:
-    """Our children's pids (we are single-threaded: our task's children are all of them)."""
+    """Our children's pids (we are single-threaded: our task's children are all of them); none
+    where the kernel has no CONFIG_PROC_CHILDREN: orphans then wait as zombies for our end
+    (a device's restarts bound them), which is better than a launcher that fails."""
     pid = os.getpid()
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return {int(field) for field in f.read().split()}
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(field) for field in f.read().split()}
+    except OSError:
+        return set()
 
 
 def _decode_spec(data: bytes) -> DeviceSpec:

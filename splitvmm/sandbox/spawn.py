@@ -119,8 +119,10 @@ def fork_device(zygote: Zygote, spec: DeviceSpec) -> ChildProcess:
         process.write_stdin(data, close=not spec.deferred)
     except BrokenPipeError:
         process.kill()
-        process.wait(REAP_TIMEOUT_S)
-        process.close()
+        try:
+            process.wait(REAP_TIMEOUT_S)
+        finally:
+            process.close()
         raise DeviceFailure(f"device {spec.name}: exited before reading its spec") from None
     return process
 

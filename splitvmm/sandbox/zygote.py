@@ -35,8 +35,8 @@ sandbox/spawn.py); fd 1 is /dev/null and fd 2 the launcher's stderr, as the
 zygote's are; every other fd is closed before any device code runs.
 
 What it costs in isolation: every device of a VM shares the zygote's address-space
-layout (ASLR is per exec, not per fork) and its hash seed; a device that learns
-its own layout learns its siblings'. Each remains a separate process behind its
+layout (ASLR is per exec, not per fork), its stack canary and its hash seed; a
+device that learns its own layout or canary learns its siblings'. Each remains a separate process behind its
 own namespaces, seccomp filter and Landlock domain, which is the boundary.
 """
 
@@ -53,12 +53,14 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from splitvmm.native import confine
+from splitvmm.errors import system_exit_status
 from splitvmm.protocol.spec import ZYGOTE_COMMAND
 
 MAX_FDS = 17  # stdin and the 16 fds a device may hold (sandbox/launcher.py MAX_FDS)
 FIRST_FD = 3  # a device's first fd after stdio
-READY_TIMEOUT_S = 60.0  # the zygote's imports, on a loaded host
+# Within the monitor's REPLY_TIMEOUT_S for a spawn (sandbox/launcher.py): ready + fork, and
+# after a zygote that died (never one that timed out) a new one's (launcher_server.py _spawn).
+READY_TIMEOUT_S = 30.0  # the zygote's imports, on a loaded host
 FORK_TIMEOUT_S = 10.0  # two forks
 EXIT_TIMEOUT_S = 1.0  # a zygote that closed its socket is ending
 MESSAGE = 256
@@ -75,6 +77,7 @@ class Zygote:
         self._sock = sock
         self.process = process
         self._ready = False
+        self._timed_out = False
 
     @classmethod
     def start(cls, env: dict[str, str], command: Sequence[str] = ZYGOTE_COMMAND) -> Zygote:
@@ -108,6 +111,11 @@ class Zygote:
     def ended(self) -> bool:
         return self.process.poll() is not None
 
+    @property
+    def timed_out(self) -> bool:
+        """Whether it failed by saying nothing in time (a second try would wait as long)."""
+        return self._timed_out
+
     def _fork(self, stdin: int, fds: Sequence[int]) -> int:
         if not self._ready:
             self._expect(READY_TIMEOUT_S, "ready")
@@ -127,6 +135,7 @@ class Zygote:
         try:
             data = self._sock.recv(MESSAGE)
         except TimeoutError:
+            self._timed_out = True
             raise ZygoteError(f"the zygote sent no {what} within {timeout_s:g} s") from None
         except OSError as e:
             raise ZygoteError(f"the zygote's socket failed: {e}") from None
@@ -159,11 +168,10 @@ class Zygote:
 DeviceMain = Callable[[int], None]  # run a device whose parent must be this pid
 
 
-def serve(sock_fd: int, device_main: DeviceMain) -> int:
+def serve(sock_fd: int, device_main: DeviceMain, launcher: int) -> int:
     """The zygote's loop, once everything a device needs is imported: fork a device per
-    request until the launcher closes its end. Returns the zygote's exit status."""
-    launcher = os.getppid()
-    confine.set_parent_death_signal(signal.SIGKILL)  # the launcher's end is ours
+    request until the launcher closes its end. Returns the zygote's exit status. `launcher`:
+    our parent, read (and its death made ours, PR_SET_PDEATHSIG) before the imports."""
     if os.getppid() != launcher:
         return 1
     sock = socket.socket(fileno=sock_fd)
@@ -241,10 +249,10 @@ def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain
         _arrange_fds(fds)
         main(launcher)
         code = 0
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else 1
+    except SystemExit as e:  # ends as an exec'd device would, by the interpreter's rules
+        code = system_exit_status(e.code)
+    except KeyboardInterrupt:
+        code = -signal.SIGINT
     except BaseException:
         import traceback  # imported by the device already (its runtime): no cost here
 
@@ -256,7 +264,10 @@ def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        os._exit(code)
+        if code < 0:  # the interpreter dies of SIGINT after a KeyboardInterrupt: so do we
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        os._exit(code & 0xFF)
 
 
 def _arrange_fds(fds: list[int]) -> None:

@@ -282,6 +282,7 @@ def run_probe(tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
     run, snaps, other = tmp_path / "root" / "vm", tmp_path / "snaps", tmp_path / "other"
     for d in (run, snaps / "other-vm", other):
         d.mkdir(parents=True)
+    run.chmod(0o700)  # as RuntimeDir makes it, which the launcher checks
     (other / "secret").write_text("secret\n")
     (snaps / "other-vm" / "ram.bin").write_bytes(b"guest RAM")
     (run / "control.sock").touch()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,7 +23,7 @@ from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
-from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec, spare_path
+from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
 from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
 
 
@@ -131,7 +130,7 @@ def test_slot_channel_path_too_long_fails_cleanly(tmp_path):
 
 def test_device_spec_over_cap_exits_with_one_line_not_a_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "splitvmm.devprocs"],
+        list(DEVICE_COMMAND),
         input=b" " * (MAX_SPEC + 1),
         capture_output=True,
         timeout=60,

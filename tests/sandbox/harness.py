@@ -24,7 +24,7 @@ import zmq
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.protocol import wire
 from splitvmm.protocol.models import MODELS, FdKind
-from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.protocol.spec import DEVICE_COMMAND, DeviceSpec
 from splitvmm.sandbox.spawn import start_device
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ class SandboxedDevice:
             transport=transport,
         )  # fmt: skip
         self.stderr_path = rundir / f"{model}0.stderr"
-        argv = [sys.executable, "-m", "splitvmm.devprocs"]  # the spec goes on stdin
+        argv = list(DEVICE_COMMAND)  # the spec goes on stdin
         if not sandboxed:
             argv = [sys.executable, "-c", UNSANDBOXED]
         with open(self.stderr_path if stderr_to_file else os.devnull, "wb") as stderr:

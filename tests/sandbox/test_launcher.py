@@ -132,7 +132,7 @@ def test_launcher_second_configure_is_refused_and_keeps_the_first_dir(
 ):
     other = tmp_path / "elsewhere"
     other.mkdir()
-    with pytest.raises(DeviceFailure, match="the runtime dir is set already"):
+    with pytest.raises(DeviceFailure, match="the runtime dir was set already"):
         launcher.configure(other)
     process, listener = launcher.spawn(serial_spec(rundir, fds))  # still served, in rundir
     os.close(listener)
@@ -146,8 +146,28 @@ def test_launcher_spawn_before_configure_is_refused(rundir, fds):
     try:
         with pytest.raises(DeviceFailure, match="no runtime dir yet"):
             launcher.spawn(serial_spec(rundir, fds))
-        with pytest.raises(DeviceFailure, match="is no runtime dir"):
-            launcher.configure(rundir / "missing")
+    finally:
+        launcher.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda d: d / "missing", "is no runtime dir: No such file or directory"),
+        (lambda d: (d / "open").mkdir(mode=0o755) or d / "open", "is not ours alone"),
+        (lambda d: (d / "link").symlink_to(d) or d / "link", "is no runtime dir"),
+    ],
+    ids=["missing", "mode-0755", "symlink"],
+)
+def test_launcher_configure_refused_is_final(rundir, fds, make, why):
+    """A runtime dir that is missing, open to others or a symlink is refused, and so is any
+    later configure: the first request decides."""
+    launcher = Launcher.start()
+    try:
+        with pytest.raises(DeviceFailure, match=why):
+            launcher.configure(make(rundir))
+        with pytest.raises(DeviceFailure, match="was set already"):
+            launcher.configure(rundir)
     finally:
         launcher.close()
 

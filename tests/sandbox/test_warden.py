@@ -79,11 +79,15 @@ def test_warden_waits_under_its_seccomp_filter() -> None:
 
 @pytest.mark.parametrize(
     ("args", "why"),
-    [("", "usage: warden CHILD FILTER_FD"), ("x", "usage"), ("99", "read the filter")],
+    [
+        ("", "usage: warden CHILD FILTER_FD"),
+        ("1 x", "usage"),
+        ("0 3", "usage"),  # pid 0: waitpid would wait for any child of the group
+        ("1 99", "read the filter"),
+    ],
 )
 def test_warden_with_bad_arguments_exits_1_saying_why(args: str, why: str) -> None:
-    program = [WARDEN, "1", *args.split()] if args else [WARDEN]
-    proc = subprocess.run(program, capture_output=True, timeout=30)
+    proc = subprocess.run([WARDEN, *args.split()], capture_output=True, timeout=30)
     assert proc.returncode == 1
     assert proc.stderr.decode().startswith("splitvmm: device warden failed: ")
     assert why in proc.stderr.decode()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
+
+import pytest
 
 from splitvmm.native import confine
 from splitvmm.sandbox.zygote import Zygote
@@ -84,10 +87,15 @@ def test_zygote_device_is_reparented_to_the_launcher_in_a_session_of_its_own():
     assert facts["sid"] == facts["pid"]
 
 
-def test_zygote_device_exit_status_reaches_the_launcher():
-    facts = as_launcher(lambda: fork_and_report(b"exit 7\n"))
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [(b"exit 7\n", 7), (b"exit\n", 0), (b"interrupt\n", -signal.SIGINT), (b"x\n", 0)],
+)
+def test_zygote_device_ends_with_the_status_an_interpreter_would_give(line, status):
+    """SystemExit(7), SystemExit(None), KeyboardInterrupt, a normal return: as if exec'd."""
+    facts = as_launcher(lambda: fork_and_report(line))
     assert isinstance(facts, dict), facts
-    assert facts["status"] == 7
+    assert facts["status"] == status
 
 
 def test_zygote_that_exited_raises_zygote_error_naming_its_status():

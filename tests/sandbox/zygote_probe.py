@@ -27,9 +27,12 @@ def report(launcher: int) -> None:
         "pid": os.getpid(),
     }
     os.write(3, json.dumps(facts).encode() + b"\n")
-    if line.startswith(b"exit "):
-        sys.exit(int(line.split()[1]))
+    words = line.split()
+    if words[:1] == [b"exit"]:  # "exit" alone: SystemExit(None)
+        sys.exit(int(words[1]) if len(words) > 1 else None)
+    if words == [b"interrupt"]:
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    os._exit(zygote.serve(int(sys.argv[1]), report))
+    os._exit(zygote.serve(int(sys.argv[1]), report, os.getppid()))

@@ -39,13 +39,22 @@ def test_cli_up_missing_config_exits_1_naming_file(tmp_path):
     ],
     ids=["memory-digits-string", "memory-digits-int", "nested", "name-newline", "huge", "not-utf8"],
 )
-def test_cli_up_hostile_config_prints_one_line_without_traceback(tmp_path, config):
+def test_cli_up_hostile_config_prints_one_line_without_traceback(tmp_path, config, monkeypatch):
+    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: NoLauncher()))
     path = tmp_path / "vm.toml"
     path.write_bytes(config.encode("latin-1"))
     result = CliRunner().invoke(cli, ["up", str(path)])
     assert isinstance(result.exception, SystemExit)  # not an escaped ValueError/RecursionError
     assert (result.exit_code, result.output.count("\n")) == (1, 1)
     assert result.output.startswith("splitvmm: error: ")
+    assert "launcher" not in result.output  # the config's error, not the process's
+
+
+class NoLauncher:
+    """`up` starts a launcher before it reads the config: a process-free stand-in here."""
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (4, 4), (99, 99), (256, 0)])
