@@ -8,7 +8,11 @@
  *
  * It initialises COM1 (8250: 115200 8N1, FIFOs on, interrupts off), prints
  * "Hello from splitvmm firmware!" and writes 31h to the debug-exit port 0xf4: under QEMU's
- * isa-debug-exit the host exit status is (31h << 1) | 1 = 99. */
+ * isa-debug-exit the host exit status is (31h << 1) | 1 = 99.
+ *
+ * Built with -DIDLE it is firmware-idle: it prints "firmware-idle: halted" and halts for
+ * good instead (interrupts off), a VM that stays up doing nothing, whose host memory
+ * bench/memory.py measures under splitvmm and QEMU alike. */
 
 #include "lib/rm_uart.inc"
 
@@ -35,16 +39,22 @@ start:
 	mov	$greeting, %si
 	call	puts
 
+#ifndef IDLE
 	mov	$EXIT_VALUE, %al
 	out	%al, $DEBUG_EXIT_PORT
-1:	hlt				/* only reached without a debug-exit device */
+#endif
+1:	hlt				/* firmware-idle, or no debug-exit device */
 	jmp	1b
 
 	uart_routines
 
 	.section .rodata, "a"
 greeting:
+#ifdef IDLE
+	.asciz	"firmware-idle: halted\n"
+#else
 	.asciz	"Hello from splitvmm firmware!\n"
+#endif
 
 /* The reset vector: the last 16 bytes of the image (offset FFF0h in segment F000h). */
 	.section .reset, "ax"
