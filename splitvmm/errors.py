@@ -1,6 +1,11 @@
-"""The error types of splitvmm: each names what went wrong in one sentence."""
+"""The error types of splitvmm: each names what went wrong in one sentence; and how a process
+of ours ends once an error (or its work) is done."""
 
+import contextlib
+import os
+import signal
 import sys
+from typing import NoReturn
 
 
 class SplitvmmError(Exception):
@@ -77,3 +82,19 @@ def system_exit_status(code: object) -> int:
         return code & 0xFF
     print(code, file=sys.stderr)
     return 1
+
+
+def exit_now(status: int) -> NoReturn:
+    """End this process without the interpreter's teardown (~35 ms of freeing modules), once
+    what it opened is closed: logging and stdio are flushed, then os._exit(status). A negative
+    status is death by that signal, as the interpreter's own after a KeyboardInterrupt."""
+    import logging  # here: the launcher imports this module before its fork, and not logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
+            stream.flush()
+    if status < 0:
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    os._exit(status & 0xFF)

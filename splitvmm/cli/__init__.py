@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, NoReturn
 
-ROOT_NAMES = ("cli", "SUBCOMMANDS", "LazyGroup", "_exit_status")  # what root.py exports here
+ROOT_NAMES = ("cli", "SUBCOMMANDS", "LazyGroup")  # what root.py exports here
 
 
 def main() -> NoReturn:

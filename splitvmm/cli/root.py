@@ -3,17 +3,15 @@ module; cli/__init__.py main() loads this module once a VM's launcher is on its 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
-import os
 import sys
 from typing import NoReturn
 
 import click
 
 from splitvmm import __version__, timings
-from splitvmm.errors import system_exit_status
+from splitvmm.errors import exit_now, system_exit_status
 
 # name -> module under splitvmm.cli that defines `command`
 SUBCOMMANDS = {
@@ -66,11 +64,4 @@ def main() -> NoReturn:
         status = 0
     except SystemExit as e:
         status = system_exit_status(e.code)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
-            stream.flush()
-    os._exit(status)
-
-
-_exit_status = system_exit_status  # tests and cli/__init__.py know it by this name
+    exit_now(status)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from splitvmm.errors import exit_now
 from splitvmm.native import confine
 
 
@@ -33,9 +34,7 @@ def main() -> None:
     from splitvmm.sandbox import zygote
 
     load_all_models()
-    code = zygote.serve(int(sys.argv[1]), device_main, launcher)
-    sys.stderr.flush()
-    os._exit(code)  # no interpreter teardown: the launcher waits for us to end
+    exit_now(zygote.serve(int(sys.argv[1]), device_main, launcher))  # the launcher waits
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ Why this order, and not "connect the channel, then sandbox":
   (policies/<arch>/warden.policy, compiled here and handed over as raw BPF),
   waits for the device and then dies the way the device died (the same
   signal or exit status), so the monitor's supervision is unchanged. Being a
-  program of its own, it holds no copy of the device's interpreter. Killing the warden kills the device
-  (PR_SET_PDEATHSIG), as the death of its parent, the launcher
+  program of its own, it holds no copy of the device's interpreter. Killing
+  the warden kills the device (PR_SET_PDEATHSIG), as the death of its parent, the launcher
   (sandbox/launcher.py), kills the warden, and the monitor's the launcher. The device
   also leaves the monitor's process group (setsid): kill(0, sig) reaches a
   whole process group whatever the PID namespace. Being pid 1, it ignores

@@ -60,11 +60,12 @@ request above is the barrier. It has no_new_privs, its own session (the
 terminal's Ctrl-C is the monitor's to handle), PR_SET_PDEATHSIG on the monitor,
 and ends when the monitor's end of the socket closes, killing the devices it
 started (each would die with it anyway: PR_SET_PDEATHSIG). It holds the socket,
-/dev/null as stdin and stdout, and the operator's stderr, which devices inherit;
-then its zygote's socket, its SIGCHLD wake-up pipe, a pidfd per device and a spare's
-stdin pipe until the spare takes over (all close-on-exec: the zygote gets none). It is a child subreaper (the zygote's double fork makes
-each device its child), so it also reaps whatever else of its descendants is
-orphaned -- a device's PID-namespace init, once its warden has died -- on SIGCHLD.
+/dev/null as stdin and stdout, and the operator's stderr, which devices inherit; then
+its zygote's socket, its SIGCHLD wake-up pipe, a pidfd per device and a spare's stdin
+pipe until the spare takes over (all close-on-exec: the zygote gets none). It is a child
+subreaper (the zygote's double fork makes each device its child), so it also reaps
+whatever else of its descendants is orphaned -- a device's PID-namespace init, once its
+warden has died -- on SIGCHLD.
 """
 
 from __future__ import annotations
@@ -87,14 +88,14 @@ from splitvmm.errors import DeviceFailure, SplitvmmError, clip
 from splitvmm.native import confine
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.spawn import DeviceProcess, check_spec_size, device_env, readable
-from splitvmm.sandbox.zygote import Zygote
+from splitvmm.sandbox.zygote import MAX_DEVICE_FDS, Zygote
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 T = TypeVar("T")
 
-MAX_FDS = 16  # fds of one device: a virtio device's irqfds, ioeventfds, RAM and backend fit
+MAX_FDS = MAX_DEVICE_FDS  # a request carries one device's fds (sandbox/zygote.py)
 MAX_DEVICES = 64  # live devices of one VM: a compromised monitor gets no fork bomb
 MAX_MESSAGE = 4096  # a request header or a reply; the spec comes in chunks after its header
 CHUNK = 64 << 10  # a SOCK_SEQPACKET message must fit the socket's send buffer (~208 KiB)

@@ -35,14 +35,14 @@ sandbox/spawn.py); fd 1 is /dev/null and fd 2 the launcher's stderr, as the
 zygote's are; every other fd is closed before any device code runs.
 
 What it costs in isolation: every device of a VM shares the zygote's address-space
-layout (ASLR is per exec, not per fork), its stack canary and its hash seed; a
-device that learns its own layout or canary learns its siblings'. Each remains a separate process behind its
-own namespaces, seccomp filter and Landlock domain, which is the boundary.
+layout (ASLR is per exec, not per fork), its stack canary and its hash seed; a device
+that learns its own layout or canary learns its siblings'. Each remains a separate
+process behind its own namespaces, seccomp filter and Landlock domain, which is the
+boundary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import gc
 import json
@@ -50,13 +50,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 
-from splitvmm.errors import system_exit_status
+from splitvmm.errors import exit_now, system_exit_status
 from splitvmm.protocol.spec import ZYGOTE_COMMAND
 
-MAX_FDS = 17  # stdin and the 16 fds a device may hold (sandbox/launcher.py MAX_FDS)
+# fds of one device: a virtio device's irqfds, ioeventfds, RAM and backend fit (the launcher
+# takes no request with more: sandbox/launcher.py MAX_FDS)
+MAX_DEVICE_FDS = 16
+MAX_FDS = MAX_DEVICE_FDS + 1  # a fork request: stdin and the device's fds
 FIRST_FD = 3  # a device's first fd after stdio
 # Within the monitor's REPLY_TIMEOUT_S for a spawn (sandbox/launcher.py): ready + fork, and
 # after a zygote that died (never one that timed out) a new one's (launcher_server.py _spawn).
@@ -258,16 +260,7 @@ def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain
 
         traceback.print_exc()
     finally:
-        import logging  # as above; the launcher, which imports this module, needs neither
-
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        if code < 0:  # the interpreter dies of SIGINT after a KeyboardInterrupt: so do we
-            signal.signal(-code, signal.SIG_DFL)
-            os.kill(os.getpid(), -code)
-        os._exit(code & 0xFF)
+        exit_now(code)
 
 
 def _arrange_fds(fds: list[int]) -> None:

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm import __version__
-from splitvmm.cli import SUBCOMMANDS, _exit_status, cli, early
+from splitvmm.cli import SUBCOMMANDS, cli, early
+from splitvmm.errors import system_exit_status
 from splitvmm.sandbox.launcher import Launcher
 
 
@@ -59,11 +60,11 @@ class NoLauncher:
 
 @pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (4, 4), (99, 99), (256, 0)])
 def test_exit_status_of_system_exit_code_is_the_interpreters(code, status):
-    assert _exit_status(code) == status
+    assert system_exit_status(code) == status
 
 
 def test_exit_status_of_a_message_is_1_and_the_message_goes_to_stderr(capsys):
-    assert _exit_status("splitvmm: no such VM") == 1
+    assert system_exit_status("splitvmm: no such VM") == 1
     assert capsys.readouterr().err == "splitvmm: no such VM\n"
 
 
