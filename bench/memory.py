@@ -37,6 +37,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.vmrun import wait_for_text  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
@@ -82,17 +83,6 @@ def descendants(pid: int) -> list[int]:
         for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
             found += descendants(int(child))
     return found
-
-
-def wait_for_line(path: Path, proc: subprocess.Popen[bytes], who: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if path.exists() and GREETING in path.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise SystemExit(f"{who} ended (status {proc.returncode}) before the guest's line")
-        time.sleep(0.02)
-    raise SystemExit(f"{who}: no {GREETING!r} within {START_TIMEOUT_S} s")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -141,7 +131,7 @@ def measure_splitvmm(work: Path, image: Path, disk: Path | None) -> dict[str, Us
     argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        wait_for_line(work / "serial.log", proc, "splitvmm")
+        wait_for_text(work / "serial.log", GREETING, proc, START_TIMEOUT_S, "splitvmm")
         deadline = time.monotonic() + START_TIMEOUT_S
         while any(d["state"] != "running" for d in ctl_devices(work)):
             if time.monotonic() > deadline:
@@ -193,7 +183,7 @@ def measure_qemu(qemu: str, work: Path, image: Path, disk: Path | None) -> Usage
         argv += ["-device", "virtconsole,chardev=c0"]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for_line(serial, proc, "QEMU")
+        wait_for_text(serial, GREETING, proc, START_TIMEOUT_S, "QEMU")
         time.sleep(SETTLE_S)
         return usage_beyond(proc.pid, "ram")
     finally:

@@ -79,7 +79,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.qmp import Qmp  # noqa: E402
-from bench.vmrun import write_config  # noqa: E402
+from bench.vmrun import wait_for_text, write_config  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 FIRST = re.compile(r"timings: first mark at monotonic ([\d.]+) s")
@@ -88,6 +88,7 @@ VCPUS_START = "devices ready (wait)"  # the last phase before the vCPU threads s
 QEMU = "qemu-system-x86_64"
 FLOOR_TRIES = 3  # the floor is the best of these: a write+fsync here varies 2-3x run to run
 DIRTY_START_MIB = 16  # where the `dirty` guest starts writing (tests/guests/dirty.c)
+WAIT_TIMEOUT_S = 120  # a guest's line, a loaded host included
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -98,17 +99,6 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         check=False,
     )
-
-
-def wait_for(path: Path, needle: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise SystemExit(f"VM ended early: {proc.stderr.read() if proc.stderr else ''}")
-        time.sleep(0.02)
-    raise SystemExit(f"timed out waiting for {needle!r}")
 
 
 def settle() -> None:
@@ -178,7 +168,7 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(serial, f"dirty: {dirty_mib} MiB written", vm)
+    wait_for_text(serial, f"dirty: {dirty_mib} MiB written", vm, WAIT_TIMEOUT_S)
     disk_floor(work, (dirty_mib + 1) << 20)  # untimed: the first large write pays more
     settle()
     live = json.loads(run(env, "ctl", "--vm", "bench-snap", "snapshot", str(snap), "--json").stdout)
@@ -243,7 +233,7 @@ def qemu_one(qemu: str, work: Path, firmware: Path, mib: int, dirty_mib: int) ->
         text=True,
     )
     try:
-        wait_for(serial, "Hello from splitvmm firmware!", src)
+        wait_for_text(serial, "Hello from splitvmm firmware!", src, WAIT_TIMEOUT_S, "QEMU")
         q = Qmp(qmp)
         q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})  # default: 128 MiB/s
         settle()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 
 def write_config(path: Path, name: str, boot: str, memory: str, serial: Path) -> Path:
@@ -41,3 +43,20 @@ def qemu_firmware_argv(qemu: str, image: Path, serial: Path) -> list[str]:
     argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", "64", "-display", "none"]
     argv += ["-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
     return argv + ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
+
+
+def wait_for_text(
+    path: Path, needle: str, proc: subprocess.Popen[Any], timeout: float, who: str = "VM"
+) -> None:
+    """Until `needle` shows in the file at `path` (a guest's serial output); SystemExit naming
+    `who` if its process `proc` ends first (with its stderr, if piped) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            err = err.decode(errors="replace") if isinstance(err, bytes) else err
+            raise SystemExit(f"{who} ended (status {proc.returncode}) before {needle!r}: {err}")
+        time.sleep(0.02)
+    raise SystemExit(f"{who}: no {needle!r} within {timeout:g} s")
