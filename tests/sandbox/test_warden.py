@@ -97,3 +97,38 @@ def test_warden_with_a_filter_that_is_no_bpf_program_exits_1() -> None:
     proc = _run("os._exit(0)", "0")  # fd 0: the test's stdin, /dev/null: empty
     assert proc.returncode == 1
     assert b"the filter is not a BPF program" in proc.stderr
+
+
+# The filter itself (what the program runs under), loaded on a Python process that calls
+# libc through ctypes set up beforehand: everything it does afterwards is a handful of
+# syscalls, which the control case shows the filter allows.
+UNDER_WARDEN_FILTER = """
+import ctypes, os, sys
+from splitvmm.native import confine
+from splitvmm.sandbox import policy
+libc = ctypes.CDLL(None, use_errno=True)
+ppid = os.getppid()
+code = compile(sys.argv[1], "<statement>", "exec")
+constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}
+rules = policy.parse_file(policy.default_policy_dir() / "warden.policy", constants)
+confine.set_no_new_privs()
+policy.compile_filter(rules, tsync=False).load()
+exec(code)
+"""
+
+
+def _under_filter(statement: str) -> int:
+    argv = [sys.executable, "-c", UNDER_WARDEN_FILTER, statement]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, timeout=30).returncode
+
+
+def test_warden_filter_control_getpid_and_exit_are_allowed() -> None:
+    assert _under_filter("libc.getpid(); libc._exit(5)") == 5
+
+
+def test_warden_filter_when_it_signals_another_process_kills_it() -> None:
+    assert _under_filter("libc.kill(ppid, 0); libc._exit(5)") == -signal.SIGSYS
+
+
+def test_warden_filter_when_it_opens_a_file_kills_it() -> None:
+    assert _under_filter("libc.open(b'/etc/passwd', 0); libc._exit(5)") == -signal.SIGSYS
