@@ -14,7 +14,8 @@
  *   ro=1       the disk is expected to be read-only (mode=test only)
  *   every=S    loop: a progress line after every S bytes (default 16M); passes=N: stop after
  *              N passes (default 0: until a byte arrives on COM1)
- *   ios=N      bench: random 4 KiB reads (default 4096)
+ *   ios=N      bench: random 4 KiB reads (default 4096); passes=N: each phase N times
+ *              (default 1; the firmware flavour's default is 7)
  * README.md describes each mode's output, the data pattern and the exit statuses. */
 #include "bootparams.h"
 #include "cmdline.h"
@@ -468,35 +469,44 @@ static void mode_loop(const char *cmdline, u64 seed, u64 size)
 	      passes, newer);
 }
 
-/* value * 10 / ticks-derived rate, printed with one decimal. */
+/* units * scale per second, from `ticks` of the TSC, printed with one decimal.  In two steps
+ * (units per second, then the remainder) so that 2 GiB at 1000 MHz of TSC does not overflow
+ * 64 bits, as one product units * 10 * khz * 1000 would past ~700 MiB. */
 static void print_rate(const char *what, u64 units, u64 ticks, const char *unit, u64 scale)
 {
 	if (!cfg.tsc_khz || !ticks) {
 		print(TAG ": bench %s ticks=%lu\n", what, ticks);
 		return;
 	}
-	/* units * scale per second = units * scale * khz * 1000 / ticks; x10 for one decimal. */
-	u64 tenths = units * 10 * cfg.tsc_khz * 1000 / scale / ticks;
+	u64 whole = units / scale, rest = units % scale; /* units = whole * scale + rest */
+	u64 tenths = (whole * 10 * cfg.tsc_khz * 1000 + rest * 10 * cfg.tsc_khz * 1000 / scale) /
+		     ticks;
 	print(TAG ": bench %s ticks=%lu %s=%lu.%lu\n", what, ticks, unit, tenths / 10,
 	      tenths % 10);
 }
 
 static void mode_bench(const char *cmdline, u64 size)
 {
-	u64 ios = cmdline_u64(cmdline, "ios", 4096);
+	u64 ios = cmdline_u64(cmdline, "ios", 4096), passes = cmdline_u64(cmdline, "passes", 1);
+	if (passes < 1 || passes > 1000) {
+		print(TAG ": bench passes= must be 1..1000\n");
+		fail(VEXIT_ARGS);
+	}
 	chk = (typeof(chk)){ 0 }; /* no checking: only throughput */
 	cfg.tsc_khz = tsc_calibrate_khz();
-	print(TAG ": bench size=%lu MiB depth=%u tsc_khz=%lu\n", size / MIB, cfg.depth,
-	      cfg.tsc_khz);
+	print(TAG ": bench size=%lu MiB depth=%u passes=%lu tsc_khz=%lu\n", size / MIB, cfg.depth,
+	      passes, cfg.tsc_khz);
 	for (unsigned i = 0; i < cfg.depth; i++)
 		fill(1, 0, slot_buf(i), MAX_REQ);
-	u64 t = stream(VIRTIO_BLK_T_OUT, 0, size / MAX_REQ, MAX_REQ, 0, false, 0);
-	print_rate("seq-write-1m", size, t, "mib_s", MIB);
-	flush();
-	t = stream(VIRTIO_BLK_T_IN, 0, size / MAX_REQ, MAX_REQ, 0, false, 0);
-	print_rate("seq-read-1m", size, t, "mib_s", MIB);
-	t = stream(VIRTIO_BLK_T_IN, 0, ios, SMALL_REQ, 0, true, size);
-	print_rate("rand-read-4k", ios, t, "iops", 1);
+	for (u64 p = 0; p < passes; p++) { /* a line per phase and pass: the host takes medians */
+		u64 t = stream(VIRTIO_BLK_T_OUT, 0, size / MAX_REQ, MAX_REQ, 0, false, 0);
+		print_rate("seq-write-1m", size, t, "mib_s", MIB);
+		flush();
+		t = stream(VIRTIO_BLK_T_IN, 0, size / MAX_REQ, MAX_REQ, 0, false, 0);
+		print_rate("seq-read-1m", size, t, "mib_s", MIB);
+		t = stream(VIRTIO_BLK_T_IN, 0, ios, SMALL_REQ, 0, true, size);
+		print_rate("rand-read-4k", ios, t, "iops", 1);
+	}
 	print(TAG ": bench notifies=%u\n", vq.notifies);
 }
 
@@ -586,7 +596,7 @@ static NORETURN void blk_main(void *bp)
 
 /* The firmware flavour's command line before fw_cfg's (lib/fw_boot.c): the firmware flavour runs the benchmark unless told otherwise. */
 extern const char fw_default_cmdline[];
-const char fw_default_cmdline[] = "mode=bench";
+const char fw_default_cmdline[] = "mode=bench passes=7";
 
 NORETURN void guest_main(const void *boot_params);
 
