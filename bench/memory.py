@@ -37,7 +37,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.vmrun import wait_for_text  # noqa: E402
+from bench.vmrun import compile_package, wait_for_text  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="VMs of each kind")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args()
+    compile_package()
     qemu = shutil.which(QEMU)
     results: dict[str, dict[str, Usage]] = {}
     with tempfile.TemporaryDirectory() as tmp:

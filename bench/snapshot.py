@@ -79,7 +79,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.qmp import Qmp  # noqa: E402
-from bench.vmrun import wait_for_text, write_config  # noqa: E402
+from bench.vmrun import compile_package, wait_for_text, write_config  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 FIRST = re.compile(r"timings: first mark at monotonic ([\d.]+) s")
@@ -291,6 +291,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each size (medians)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    compile_package()
     rows = []
     qemu = shutil.which(QEMU)
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:

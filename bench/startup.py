@@ -58,7 +58,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.vmrun import write_config  # noqa: E402
+from bench.vmrun import compile_package, write_config  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--no-timings", action="store_true", help="run up without --timings")
     args = parser.parse_args()
+    compile_package()
     qemu = shutil.which(QEMU)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
