@@ -147,7 +147,10 @@ class VirtioBlk(VirtioPciDevice):
         data_in = chain.writable[:-1] if length == 1 else [*chain.writable[:-1], (gpa, length - 1)]
         try:
             kind, sector = self._header(chain.readable)
-            written = self._serve(kind, sector, chain.readable, data_in)
+            if kind == VIRTIO_BLK_T_IN:  # most requests: no dispatch (_serve has the rest)
+                written = self._transfer(sector, data_in, write=False)
+            else:
+                written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
             written, status = 0, e.status
@@ -170,7 +173,7 @@ class VirtioBlk(VirtioPciDevice):
         """The bytes written into the guest's buffers (before the status byte); `readable`
         still holds the header."""
         match kind:
-            case 0:  # VIRTIO_BLK_T_IN
+            case 0:  # VIRTIO_BLK_T_IN (handle() serves most itself)
                 return self._transfer(sector, into, write=False)
             case 1:  # VIRTIO_BLK_T_OUT
                 self._writable()
@@ -191,10 +194,12 @@ class VirtioBlk(VirtioPciDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR)
 
     def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
-        total = sum([length for _, length in bufs])
+        total = 0
+        for _, length in bufs:  # (a loop: a comprehension is a call of its own)
+            total += length
         if total % SECTOR or sector + total // SECTOR > self.capacity:
             raise RequestError(VIRTIO_BLK_S_IOERR)
-        views = [self.ram.buffer(gpa, length, writable=not write) for gpa, length in bufs]
+        views = self.ram.iovecs(bufs, writable=not write)
         offset, call, left = sector * SECTOR, os.pwritev if write else os.preadv, total
         while left:
             n = self._io(call, self.disk, views[:IOV_MAX], offset)

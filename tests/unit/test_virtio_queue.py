@@ -477,6 +477,45 @@ def test_queue_buffer_outside_ram_raises(driver, addr, length):
         driver.device().pop()
 
 
+# RAM in two ranges with a hole between, as around the PCI hole (the rings stay low)
+LOW_END, HIGH = 0xA_0000, RAM_SIZE
+LOW_DATA = 0x4_0000
+
+
+def two_range_driver() -> DriverQueue:
+    ranges = [[0, LOW_END, 0], [HIGH, RAM_SIZE - LOW_END, LOW_END]]
+    return DriverQueue(GuestRam.from_buffers(bytearray(RAM_SIZE), bytearray(4096), ranges), 8)
+
+
+def test_queue_pop_takes_buffers_from_either_ram_range():
+    """pop() compares each buffer with the range the last look-up hit, and looks up the
+    others in every range: buffers in turn below and above the hole are all RAM."""
+    driver = two_range_driver()
+    parts = [(LOW_DATA, 16, False), (HIGH + 0x100, 32, False), (LOW_DATA + 64, 8, False),
+             (HIGH + RAM_SIZE - LOW_END - 1, 1, True)]  # fmt: skip
+    driver.publish(driver.add(parts))
+
+    chain_ = driver.device().pop()
+
+    assert chain_ == Chain(0, [(gpa, n) for gpa, n, w in parts if not w], [parts[-1][:2]])
+
+
+@pytest.mark.parametrize(
+    ("addr", "length"),
+    [(LOW_END - 8, 16), (HIGH - 1, 2), (HIGH + RAM_SIZE - LOW_END - 4, 8), (LOW_END, 1)],
+    ids=["low-range-into-hole", "hole-into-high-range", "past-the-high-end", "in-the-hole"],
+)
+def test_queue_buffer_leaving_its_range_raises_after_one_in_it(addr, length):
+    """A buffer that starts in (or next to) the range a previous buffer was found in, and
+    leaves it, is not RAM: the quick comparison passes it on to the full look-up."""
+    driver = two_range_driver()
+    driver.publish(driver.add([(LOW_DATA, 16, False), (HIGH + 0x100, 16, False),
+                               (addr, length, True)]))  # fmt: skip
+
+    with pytest.raises(QueueError, match=f"addr {addr:#x} len {length:#x} is not in RAM"):
+        driver.device().pop()
+
+
 def test_queue_readable_after_writable_raises(driver):
     driver.publish(driver.add([(DATA_GPA, 1, True), (DATA_GPA, 1, False)]))
 

@@ -148,6 +148,12 @@ class GuestRam:
                     return r.offset + gpa - r.gpa
         raise GuestRamError(f"guest range {gpa:#x}+{size:#x} is not RAM")
 
+    def last_range(self) -> tuple[int, int]:
+        """[start, end) of the RAM range the last look-up hit: an access inside it is RAM
+        (a caller checking many buffers compares against it, and calls offset() for the
+        rest, which looks them up in every range)."""
+        return self._hit[0], self._hit[1]
+
     def check(self, gpa: int, size: int) -> None:
         self.offset(gpa, size)
 
@@ -175,7 +181,10 @@ class GuestRam:
 
     def iovecs(self, parts: Sequence[tuple[int, int]], writable: bool) -> list[memoryview]:
         """Views of a chain's (gpa, len) buffers, in order, for os.preadv/os.pwritev."""
-        return [self.buffer(gpa, size, writable) for gpa, size in parts]
+        views = []
+        for gpa, size in parts:  # (not a comprehension: in 3.11 that is a function call)
+            views.append(self.buffer(gpa, size, writable))
+        return views
 
     def gather(self, parts: Sequence[tuple[int, int]], size: int) -> bytes:
         """The first `size` bytes of a chain's (gpa, len) buffers (fewer if they are shorter)."""
@@ -284,3 +293,8 @@ class RamWindow:
         """`data` at offset `at` of the part, then its pages marked dirty."""
         self.view[at : at + len(data)] = data
         self._ram._mark_dirty(self._offset + at, len(data))
+
+    def mark(self) -> None:
+        """Every page of the part marked dirty: after stores through `view` (a few fields
+        stored, one mark for them all)."""
+        self._ram._mark_dirty(self._offset, len(self.view))

@@ -40,6 +40,7 @@ MAX_CHAIN_BYTES = 0xFFFF_FFFF  # a chain's buffers together: the used ring's len
 U16_MASK = 0xFFFF
 U32_MAX = 0xFFFF_FFFF
 U64_MAX = (1 << 64) - 1
+_DESC_AT = (DESC.unpack_from, DESC.size)  # bound once: _collect runs for every descriptor
 
 _FENCE = threading.Lock()
 
@@ -129,22 +130,28 @@ class SplitQueue:
 
     def pop(self) -> Chain | None:
         """The next available chain with every value checked, or None if there is none."""
+        last, size = self.last_avail, self.size
         avail_idx: int = U16.unpack_from(self._avail.view, 2)[0]
-        pending = (avail_idx - self.last_avail) & U16_MASK
+        pending = (avail_idx - last) & U16_MASK
         if pending == 0:
             return None
-        if pending > self.size:
+        if pending > size:
             raise QueueError(
-                f"avail idx {avail_idx} is {pending} entries past last_avail "
-                f"{self.last_avail}, more than queue size {self.size}"
+                f"avail idx {avail_idx} is {pending} entries past last_avail {last}, more "
+                f"than queue size {size}"
             )
         # TSO: this load is not done before the avail idx load above (no barrier needed)
-        slot = self.last_avail % self.size
+        slot = last & (size - 1)  # the size is a power of 2
         head: int = U16.unpack_from(self._avail.view, RING_HEADER + 2 * slot)[0]
-        if head >= self.size:
-            raise QueueError(f"avail ring[{slot}] head {head} >= queue size {self.size}")
-        chain = self._walk(head)
-        self.last_avail = (self.last_avail + 1) & U16_MASK
+        if head >= size:
+            raise QueueError(f"avail ring[{slot}] head {head} >= queue size {size}")
+        chain = Chain(head, [], [])
+        found = self._collect(chain, self._desc.view, size, head, None)
+        if found is not None:  # the chain goes on, and ends, in the table it points at
+            where, desc = found
+            table = self._indirect_table(where, desc)
+            self._collect(chain, table, len(table) // DESC.size, 0, where)
+        self.last_avail = (last + 1) & U16_MASK
         if self.event_idx and self._notify:
             self._write_avail_event()
         return chain
@@ -159,41 +166,34 @@ class SplitQueue:
         if count and self.event_idx and self._notify:
             self._write_avail_event()
 
-    def _walk(self, head: int) -> Chain:
-        """The chain from `head`: direct descriptors, then (or only) an indirect table."""
-        chain = Chain(head, [], [])
-        found = self._collect(chain, self._desc.view, self.size, head, None)
-        if found is not None:  # the chain goes on, and ends, in the table it points at
-            where, desc = found
-            table = self._indirect_table(where, desc)
-            self._collect(chain, table, len(table) // DESC.size, 0, where)
-        return chain
-
     def _collect(
         self, chain: Chain, table: memoryview | bytes, count: int, index: int, outer: str | None
     ) -> tuple[str, Descriptor] | None:
         """Add the buffers of the chain from descriptor `index` of `table` (`count` entries:
         the ring's, or the indirect table `outer` points at) to `chain`, each checked; the
-        first INDIRECT descriptor met in the ring, with its name, for _walk to follow. One
+        first INDIRECT descriptor met in the ring, with its name, for pop() to follow. One
         loop for both tables, every check inline: this runs for every descriptor served."""
         readable, writable, check = chain.readable, chain.writable, self._ram.offset
         total = sum(length for _, length in readable + writable) if outer else 0
         prefix = "" if outer is None else f"{outer} indirect "
+        taken, limit, unpack_from, step = len(readable) + len(writable), self.size, *_DESC_AT
+        start, end = self._ram.last_range()  # inside it: RAM, without a call per descriptor
         for _ in range(count):  # a chain longer than the table is a loop
-            desc = DESC.unpack_from(table, DESC.size * index)
+            desc = unpack_from(table, step * index)
             addr, length, flags, nxt = desc
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if outer is None:
                     return f"descriptor {index}", desc
                 raise QueueError(f"{prefix}descriptor {index} is INDIRECT inside an indirect table")
-            if len(readable) + len(writable) >= self.size:
+            if taken >= limit:
                 raise QueueError(f"chain of head {chain.head} has more than queue size "
                                  f"{self.size} descriptors at {prefix}descriptor {index}")  # fmt: skip
-            try:
-                check(addr, length)  # (the offset itself is not needed here)
-            except GuestRamError as e:
-                raise QueueError(f"{prefix}descriptor {index} addr {addr:#x} len {length:#x} "
-                                 "is not in RAM") from e  # fmt: skip
+            if not start <= addr <= end - length:  # else the full look-up: another range?
+                try:
+                    check(addr, length)  # (the offset itself is not needed here)
+                except GuestRamError as e:
+                    raise QueueError(f"{prefix}descriptor {index} addr {addr:#x} len "
+                                     f"{length:#x} is not in RAM") from e  # fmt: skip
             total += length
             if total > MAX_CHAIN_BYTES:
                 raise QueueError(f"chain of head {chain.head} is over 4 GiB at {prefix}"
@@ -205,6 +205,7 @@ class SplitQueue:
                                  "device-writable descriptor")  # fmt: skip
             else:
                 readable.append((addr, length))
+            taken += 1
             if not flags & VIRTQ_DESC_F_NEXT:
                 return None
             if nxt >= count:
@@ -242,9 +243,11 @@ class SplitQueue:
         if not 0 <= head < self.size or not 0 <= written <= U32_MAX:
             raise ValueError(f"push of head {head} written {written} is out of range")
         entry = RING_HEADER + USED_ELEM.size * (self.used_idx % self.size)
-        self._used.write(entry, USED_ELEM.pack(head, written))
+        view = self._used.view  # two stores, then one dirty mark for both
+        view[entry : entry + USED_ELEM.size] = USED_ELEM.pack(head, written)
         self.used_idx = (self.used_idx + 1) & U16_MASK
-        self._used.write(2, U16.pack(self.used_idx))
+        view[2:4] = U16.pack(self.used_idx)
+        self._used.mark()
 
     def needs_notification(self) -> bool:
         """After pushes: whether to interrupt the driver (virtio 1.2 2.7.10). Nothing pushed
