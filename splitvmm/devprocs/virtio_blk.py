@@ -84,6 +84,7 @@ class VirtioBlk(VirtioPciDevice):
     State = VirtioBlkState
     DEVICE_ID = VIRTIO_ID_BLOCK
     CLASS_CODE = 0x018000  # mass storage controller, other
+    POLL_NS = 32_000  # a driver keeps requests in flight: see _arrives_within()
 
     def __init__(self, ctx: DeviceContext, readonly: bool = False, serial: bytes = b"") -> None:
         super().__init__(ctx)

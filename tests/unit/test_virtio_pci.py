@@ -280,6 +280,74 @@ def test_virtio_pci_chain_made_available_while_serving_is_taken_in_the_same_drai
     assert [head for head, _ in ring.take_used()] == [first, first + 1]
 
 
+def test_virtio_pci_chain_made_available_while_polling_is_served_without_a_kick(
+    rng, driver, fds, monkeypatch
+):
+    """After a drain that served something, the device looks for more for POLL_NS with kicks
+    still off; what the driver adds meanwhile is served in the same process() call, after
+    the interrupt for what was done before (the poll never holds an interrupt back)."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    first = ring.add([(*ring.buffer(8), True)])
+    later = ring.buffer(8)
+    # long enough for three looks on any host; the poll after the second chain runs it out
+    monkeypatch.setattr(rng, "POLL_NS", 200_000_000)
+    queue = rng.rings[0]
+    assert queue is not None
+    looks = []
+    avail_idx = queue.avail_idx
+
+    def polled_avail_idx() -> int:  # the driver adds its chain on the poll's third look
+        looks.append(rng.ram.u16(ring.used))  # used flags while the device looks
+        if len(looks) == 3:
+            ring.add([(*later, True)])
+        return avail_idx()
+
+    monkeypatch.setattr(queue, "avail_idx", polled_avail_idx)
+    seen = []
+    serve = rng.handle
+
+    def handle(q: int, chain: Chain) -> int:
+        seen.append((chain.head, signalled(fds["intx"])))
+        return serve(q, chain)
+
+    monkeypatch.setattr(rng, "handle", handle)
+
+    driver.kick()
+
+    assert [head for head, _ in ring.take_used()] == [first, first + 1]
+    assert seen == [(first, 0), (first + 1, 1)]  # the first chain's interrupt came first
+    assert looks[:3] == [1, 1, 1]  # VIRTQ_USED_F_NO_NOTIFY all along the poll
+    assert rng.ram.u16(ring.used) == 0  # kicks asked for again at the end
+
+
+def test_virtio_pci_no_poll_after_a_notify_that_found_nothing(rng, driver, monkeypatch):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    monkeypatch.setattr(rng, "POLL_NS", 60 * 10**9)
+    polls = []
+    monkeypatch.setattr(rng, "_arrives_within", lambda *args: polls.append(args) or False)
+
+    driver.kick()  # nothing available: an idle device never polls
+
+    assert polls == []
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    assert len(polls) == 1 and len(ring.take_used()) == 1
+
+
+def test_virtio_pci_poll_without_a_chain_ends_and_asks_for_kicks(rng, driver, monkeypatch):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    monkeypatch.setattr(rng, "POLL_NS", 2_000_000)  # 2 ms
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+
+    assert len(ring.take_used()) == 1
+    assert rng.ram.u16(ring.used) == 0
+
+
 def test_virtio_pci_no_processing_before_driver_ok(rng, driver):
     ring = Ring(rng.ram)
     assert driver.negotiate(F_VERSION_1) & FEATURES_OK

@@ -32,6 +32,7 @@ import abc
 import enum
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, ClassVar, Self
@@ -122,6 +123,9 @@ class VirtioPciDevice(RegisterDevice):
     DEVICE_ID: ClassVar[int]  # virtio 1.2 5: 2 block, 4 entropy
     CLASS_CODE: ClassVar[int]  # PCI class, subclass, programming interface
     QUEUE_SIZE: ClassVar[int] = 256  # the largest queue the device offers (power of 2)
+    # How long process() keeps looking at a queue it has just drained before it asks the
+    # driver to kick again and sleeps (0: not at all). See _arrives_within().
+    POLL_NS: ClassVar[int] = 0
     MAPPED_FDS = ("ram", "dirty")
     State: ClassVar[type[VirtioPciState]]
 
@@ -442,35 +446,54 @@ class VirtioPciDevice(RegisterDevice):
             self.process(q)
 
     def process(self, q: int) -> None:
-        """Every available chain of queue q, in order; then one interrupt if wanted."""
+        """Every available chain of queue q, in order, with the driver's kicks off meanwhile
+        (2.7.10: a kick per chain would cost the guest an exit each, and this loop looks
+        anyway); an interrupt, if wanted, each time the ring runs dry, then POLL_NS for more
+        before kicks are asked for again."""
         ring = self.rings[q]
         if ring is None or not self._ready():
             return
         try:
-            done = self._drain(q, ring)
-            wanted = done and ring.needs_notification()
+            ring.disable_notifications()
+            while True:
+                done = self._drain(q, ring)
+                if done and ring.needs_notification():
+                    self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
+                if done and self._arrives_within(ring, self.POLL_NS):
+                    continue  # no kick, no wake-up: the driver's next chain came meanwhile
+                if not ring.enable_notifications():  # kick me at the next one...
+                    return
+                ring.disable_notifications()  # ...unless it came meanwhile
         except (QueueError, GuestRamError) as e:
             self.needs_reset(f"queue {q}: {e}")
-            return
-        if not done:
-            return
-        if wanted:
-            self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
 
     def _drain(self, q: int, ring: SplitQueue) -> int:
-        """Serve chains until the ring is empty, with the driver's kicks off meanwhile (2.7.10:
-        a kick per chain would cost the guest an exit each, and this loop looks anyway)."""
+        """Serve chains until the ring is empty; how many."""
         done = 0
-        ring.disable_notifications()
-        while True:
-            chain = ring.pop()
-            if chain is None:
-                if not ring.enable_notifications():  # kick me at the next one...
-                    return done
-                ring.disable_notifications()  # ...unless it came meanwhile
-                continue
+        while (chain := ring.pop()) is not None:
             ring.push(chain.head, self.handle(q, chain))
             done += 1
+        return done
+
+    @staticmethod
+    def _arrives_within(ring: SplitQueue, ns: int) -> bool:
+        """Whether the driver makes a chain available within `ns`, looking all along.
+
+        A device that sleeps once the ring is dry costs the driver's next request a kick (an
+        exit) and itself a wake-up, and the waker's CPU is where the scheduler tends to wake
+        it: on the vCPU's, which then stops running the guest that would refill the ring. A
+        driver with requests in flight refills it within microseconds of seeing one done,
+        so a device that served something looks a little longer (QEMU's iothreads poll for
+        up to 32 us by default, poll-max-ns, for the same reason). Only after a drain that
+        served chains: an idle device never polls."""
+        if ns <= 0:
+            return False
+        deadline = time.monotonic_ns() + ns
+        last = ring.last_avail
+        while ring.avail_idx() == last:
+            if time.monotonic_ns() >= deadline:
+                return False
+        return True
 
     # -- interrupts ---------------------------------------------------------------------------------
     def _interrupt(self, cause: int, vector: int) -> None:
