@@ -63,6 +63,36 @@ the device's cost per request in one process, 10th percentile; figures in us per
 - What is left: the copy (~52 us a MiB into guest RAM, the same in QEMU and dd) and
   ~10-12 us of Python per request; the rest of the spread between runs is the host's
   other work: a 64 MiB phase lasts ~4.5 ms, so one preemption of a few ms halves a run.
+
+Second round (2026-12-01, later session):
+
+- Seven passes a run, each phase's median over every pass of every run: single passes of
+  dd alone gave 7.7-15.8 GB/s back to back.
+- Inside a run (the device timing its own loop), a 1 MiB read in the seq-read phase cost
+  80-131 us, of which the preadv 61-105 and Python ~19 (pop 5, handle 11, push 3): more
+  than the ~11 us in one process (bench/blk_request.py), and everything, the copy
+  included, slower together in the slow runs. The device is never idle inside a phase;
+  the guest's clock runs ~0.1-0.2 ms longer than the device's span per phase (its first
+  kick), with or without polling.
+- Found: a slow mode. The device slept whenever its ring ran dry, the guest's next
+  request kicked, the device woke on the kicking vCPU's CPU, and guest and device shared
+  a CPU from then on: 8269 kicks in a run (5 normally), passes of 14.5k random IOPS, the
+  vCPU thread preempted ~5000 times a second. Fixed by polling 32 us before sleeping
+  (VirtioPciDevice.POLL_NS, QEMU's poll-max-ns default for iothreads): 29-65 kicks a run.
+- Fewer Python calls per request (comprehensions are calls in 3.11; one dirty mark per
+  push; the range check inline): 4 KiB IN 8.2 -> 7.4-7.6 us in one process.
+- A minimal loop doing the same checks for this guest's chains only (no Chain, no call
+  per layer) costs 3.2 us a 4 KiB request and 57 us a 1 MiB one (preadv 52): the floor for
+  a device written in Python on this host, which leaves the 1 MiB reads at ~0.9 of the
+  copy before any other cost. Not built: it would be a second walker.
+- Tried and dropped: polling 100 us (no better than 32); taking every available chain
+  before serving any, and a prepare/execute split of blk requests so that the Python of
+  the next request does not run right after a 1 MiB copy has emptied the caches (no gain
+  in one process, none visible in the bench); MADV_HUGEPAGE (this host's shmem THP is
+  "never"; anonymous THP against a 4 KiB memfd: 3.8% in a copy loop, within the noise).
+- bench/blk.py --runs 7, same session, polling in: seq-read 12538 MiB/s against dd 15077
+  (0.83) and QEMU 12763 (0.98); rand-read-4k 102615 IOPS (1.14 of QEMU); seq-write 8334
+  (0.94 of QEMU).
 """
 
 from __future__ import annotations
