@@ -73,7 +73,7 @@ Second round (2026-12-01, later session):
   than the ~11 us in one process (bench/blk_request.py), and everything, the copy
   included, slower together in the slow runs. The device is never idle inside a phase;
   the guest's clock runs ~0.1-0.2 ms longer than the device's span per phase (its first
-  kick), with or without polling.
+  kick), the same with a 100 us poll (five runs each).
 - Found: a slow mode. The device slept whenever its ring ran dry, the guest's next
   request kicked, the device woke on the kicking vCPU's CPU, and guest and device shared
   a CPU from then on: 8269 kicks in a run (5 normally), passes of 14.5k random IOPS, the
@@ -85,7 +85,7 @@ Second round (2026-12-01, later session):
   per layer) costs 3.2 us a 4 KiB request and 57 us a 1 MiB one (preadv 52): the floor for
   a device written in Python on this host, which leaves the 1 MiB reads at ~0.9 of the
   copy before any other cost. Not built: it would be a second walker.
-- Tried and dropped: polling 100 us (no better than 32); taking every available chain
+- Tried and dropped: taking every available chain
   before serving any, and a prepare/execute split of blk requests so that the Python of
   the next request does not run right after a 1 MiB copy has emptied the caches (no gain
   in one process, none visible in the bench); MADV_HUGEPAGE (this host's shmem THP is
