@@ -14,9 +14,11 @@ from typing import Any
 def compile_package() -> None:
     """Byte-code for every splitvmm module, as an installed package has it: a bench that
     times a start must not time the compiler (an edited module's .pyc is stale, and where
-    PYTHONDONTWRITEBYTECODE is set nothing rewrites it: ~60-80 ms of the monitor's start)."""
+    PYTHONDONTWRITEBYTECODE is set nothing rewrites it: ~60-80 ms of the monitor's start).
+    scripts/bootstrap.sh does the same once; this is for a tree edited since."""
     spec = importlib.util.find_spec("splitvmm")  # the one `python -m splitvmm` runs
-    assert spec is not None and spec.submodule_search_locations
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("splitvmm is not installed here: run scripts/bootstrap.sh")
     package = spec.submodule_search_locations[0]
     if not compileall.compile_dir(package, quiet=1):
         raise SystemExit(f"could not compile {package}")

@@ -39,4 +39,4 @@ fi
 # leaves it to the first import, and where PYTHONDONTWRITEBYTECODE is set (CI images, this
 # project's sandboxes) there is none, so every `splitvmm` process compiled every module from
 # source (~60-80 ms of the monitor's start-up). compileall only rewrites what changed.
-.venv/bin/python -m compileall -q splitvmm >/dev/null
+.venv/bin/python -m compileall -q splitvmm

@@ -148,10 +148,7 @@ class VirtioBlk(VirtioPciDevice):
         data_in = chain.writable[:-1] if length == 1 else [*chain.writable[:-1], (gpa, length - 1)]
         try:
             kind, sector = self._header(chain.readable)
-            if kind == VIRTIO_BLK_T_IN:  # most requests: no dispatch (_serve has the rest)
-                written = self._transfer(sector, data_in, write=False)
-            else:
-                written = self._serve(kind, sector, chain.readable, data_in)
+            written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
             written, status = 0, e.status
@@ -174,7 +171,7 @@ class VirtioBlk(VirtioPciDevice):
         """The bytes written into the guest's buffers (before the status byte); `readable`
         still holds the header."""
         match kind:
-            case 0:  # VIRTIO_BLK_T_IN (handle() serves most itself)
+            case 0:  # VIRTIO_BLK_T_IN
                 return self._transfer(sector, into, write=False)
             case 1:  # VIRTIO_BLK_T_OUT
                 self._writable()

@@ -29,8 +29,9 @@ log = logging.getLogger("splitvmm.supervisor")
 
 HEARTBEAT_INTERVAL_S = 1.0
 # A healthy device answers in well under a millisecond, but a virtio device answers only
-# between two batches of requests (its event loop runs one at a time): the read deadline's
-# margin, which covers a loaded host too.
+# between two rounds of requests (its event loop runs one thing at a time; a round is at
+# most ~1 ms, devprocs/virtio/pci.py BUDGET_NS): the read deadline's margin covers a
+# loaded host.
 HEARTBEAT_TIMEOUT_MS = 2000
 
 

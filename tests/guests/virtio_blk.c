@@ -469,18 +469,19 @@ static void mode_loop(const char *cmdline, u64 seed, u64 size)
 	      passes, newer);
 }
 
-/* units * scale per second, from `ticks` of the TSC, printed with one decimal.  In two steps
- * (units per second, then the remainder) so that 2 GiB at 1000 MHz of TSC does not overflow
- * 64 bits, as one product units * 10 * khz * 1000 would past ~700 MiB. */
+/* units * scale per second, from `ticks` of the TSC, printed with one decimal.  Through the
+ * phase's microseconds, so that no product passes 64 bits: ticks * 1000 up to ~70 days at
+ * 3 GHz, whole units * 10^7 up to ~1.8 * 10^12 of them (ios, or MiB of size), the rest
+ * (< scale <= 1 MiB) * 10^7. */
 static void print_rate(const char *what, u64 units, u64 ticks, const char *unit, u64 scale)
 {
-	if (!cfg.tsc_khz || !ticks) {
+	u64 us = cfg.tsc_khz ? ticks * 1000 / cfg.tsc_khz : 0;
+	if (!us) {
 		print(TAG ": bench %s ticks=%lu\n", what, ticks);
 		return;
 	}
 	u64 whole = units / scale, rest = units % scale; /* units = whole * scale + rest */
-	u64 tenths = (whole * 10 * cfg.tsc_khz * 1000 + rest * 10 * cfg.tsc_khz * 1000 / scale) /
-		     ticks;
+	u64 tenths = whole * 10000000 / us + rest * 10000000 / scale / us;
 	print(TAG ": bench %s ticks=%lu %s=%lu.%lu\n", what, ticks, unit, tenths / 10,
 	      tenths % 10);
 }

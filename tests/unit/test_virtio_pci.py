@@ -280,6 +280,35 @@ def test_virtio_pci_chain_made_available_while_serving_is_taken_in_the_same_drai
     assert [head for head, _ in ring.take_used()] == [first, first + 1]
 
 
+class FakeClock:
+    """The device's clock_ns, advanced by hand: `step` ns at each reading."""
+
+    def __init__(self, step: int = 1_000) -> None:
+        self.now, self.step = 0, step
+
+    def __call__(self) -> int:
+        self.now += self.step
+        return self.now
+
+
+def on_look(rng: VirtioRng, look, watch: int | None = None) -> list[int]:
+    """Call look(n) at the device's n-th read of queue 0's avail idx (its polling, then the
+    check after it asks for kicks again); the u16 at guest address `watch` (default: the
+    used ring's flags) at each look, listed."""
+    queue = rng.rings[0]
+    assert queue is not None
+    seen: list[int] = []
+    avail_idx = queue.avail_idx
+
+    def looked() -> int:
+        seen.append(rng.ram.u16(queue.used if watch is None else watch))
+        look(len(seen))
+        return avail_idx()
+
+    queue.avail_idx = looked  # type: ignore[method-assign]
+    return seen
+
+
 def test_virtio_pci_chain_made_available_while_polling_is_served_without_a_kick(
     rng, driver, fds, monkeypatch
 ):
@@ -290,20 +319,9 @@ def test_virtio_pci_chain_made_available_while_polling_is_served_without_a_kick(
     driver.start(ring)
     first = ring.add([(*ring.buffer(8), True)])
     later = ring.buffer(8)
-    # long enough for three looks on any host; the poll after the second chain runs it out
-    monkeypatch.setattr(rng, "POLL_NS", 200_000_000)
-    queue = rng.rings[0]
-    assert queue is not None
-    looks = []
-    avail_idx = queue.avail_idx
-
-    def polled_avail_idx() -> int:  # the driver adds its chain on the poll's third look
-        looks.append(rng.ram.u16(ring.used))  # used flags while the device looks
-        if len(looks) == 3:
-            ring.add([(*later, True)])
-        return avail_idx()
-
-    monkeypatch.setattr(queue, "avail_idx", polled_avail_idx)
+    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "POLL_NS", 10_000)  # ten looks
+    flags = on_look(rng, lambda n: n == 3 and ring.add([(*later, True)]))
     seen = []
     serve = rng.handle
 
@@ -317,8 +335,24 @@ def test_virtio_pci_chain_made_available_while_polling_is_served_without_a_kick(
 
     assert [head for head, _ in ring.take_used()] == [first, first + 1]
     assert seen == [(first, 0), (first + 1, 1)]  # the first chain's interrupt came first
-    assert looks[:3] == [1, 1, 1]  # VIRTQ_USED_F_NO_NOTIFY all along the poll
+    assert flags[:3] == [1, 1, 1]  # VIRTQ_USED_F_NO_NOTIFY all along the poll
     assert rng.ram.u16(ring.used) == 0  # kicks asked for again at the end
+
+
+def test_virtio_pci_poll_without_a_chain_runs_out_and_asks_for_kicks(rng, driver, monkeypatch):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "POLL_NS", 10_000)
+    flags = on_look(rng, lambda n: None)
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+
+    assert len(ring.take_used()) == 1
+    # it looked, kicks off, until POLL_NS ran out; the last look is the check after asking
+    # for kicks again
+    assert len(flags) >= 5 and set(flags[:-1]) == {1} and flags[-1] == 0
 
 
 def test_virtio_pci_no_poll_after_a_notify_that_found_nothing(rng, driver, monkeypatch):
@@ -336,16 +370,61 @@ def test_virtio_pci_no_poll_after_a_notify_that_found_nothing(rng, driver, monke
     assert len(polls) == 1 and len(ring.take_used()) == 1
 
 
-def test_virtio_pci_poll_without_a_chain_ends_and_asks_for_kicks(rng, driver, monkeypatch):
+def test_virtio_pci_poll_with_event_idx_leaves_avail_event_until_it_ends(rng, driver, monkeypatch):
+    """With EVENT_IDX, kicks are off while avail_event stays behind (2.7.10): the poll does
+    not move it; asking for kicks again sets it to the next chain."""
     ring = Ring(rng.ram)
-    driver.start(ring)
-    monkeypatch.setattr(rng, "POLL_NS", 2_000_000)  # 2 ms
+    driver.start(ring, features=F_VERSION_1 | F_EVENT_IDX)
+    avail_event = ring.used + 4 + 8 * ring.size
     ring.add([(*ring.buffer(8), True)])
+    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "POLL_NS", 10_000)
+    seen = on_look(rng, lambda n: None, watch=avail_event)
 
     driver.kick()
 
     assert len(ring.take_used()) == 1
-    assert rng.ram.u16(ring.used) == 0
+    # not moved while it looked; then (the check after it): kick me when chain 1 comes
+    assert len(seen) >= 5 and set(seen[:-1]) == {0} and seen[-1] == 1
+
+
+def test_virtio_pci_hostile_chain_made_available_while_polling_needs_reset(
+    rng, driver, monkeypatch
+):
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "POLL_NS", 10_000)
+    on_look(rng, lambda n: n == 2 and ring.add([(0xFFFF_FFFF_FFFF_0000, 8, True)]))
+
+    driver.kick()
+
+    assert len(ring.take_used()) == 1
+    assert driver.status() & NEEDS_RESET
+
+
+def test_virtio_pci_process_returns_to_the_event_loop_when_its_budget_is_spent(
+    rng, driver, fds, monkeypatch
+):
+    """A driver that never lets the ring run dry still gets its frames served: process()
+    stops after BUDGET_NS with kicks still off and its own notify eventfd signalled, and the
+    next round takes up where it stopped."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    heads = [ring.add([(*ring.buffer(8), True)]) for _ in range(3)]
+    monkeypatch.setattr(rng, "BUDGET_NS", 0)  # spent after the first chain
+
+    driver.kick()
+
+    assert [head for head, _ in ring.take_used()] == heads[:1]
+    assert rng.ram.u16(ring.used) == 1  # VIRTQ_USED_F_NO_NOTIFY: no kick needed
+    assert signalled(fds["notify0"]) == 1  # the event loop comes back for the rest
+    notify = next(s for s in rng.event_sources() if s.fd == fds["notify0"])
+    notify.on_readable()  # what the event loop does next, after the channel's frame
+    assert signalled(fds["notify0"]) == 1
+    notify.on_readable()
+    assert [head for head, _ in ring.take_used()] == heads[1:]
 
 
 def test_virtio_pci_no_processing_before_driver_ok(rng, driver):

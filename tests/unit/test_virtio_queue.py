@@ -505,15 +505,44 @@ def test_queue_pop_takes_buffers_from_either_ram_range():
     [(LOW_END - 8, 16), (HIGH - 1, 2), (HIGH + RAM_SIZE - LOW_END - 4, 8), (LOW_END, 1)],
     ids=["low-range-into-hole", "hole-into-high-range", "past-the-high-end", "in-the-hole"],
 )
-def test_queue_buffer_leaving_its_range_raises_after_one_in_it(addr, length):
-    """A buffer that starts in (or next to) the range a previous buffer was found in, and
-    leaves it, is not RAM: the quick comparison passes it on to the full look-up."""
+@pytest.mark.parametrize("last", ["low", "high"])
+def test_queue_buffer_leaving_its_range_raises_after_one_in_it(addr, length, last):
+    """A buffer that starts in (or next to) a RAM range and leaves it is not RAM, whichever
+    range the walk compares with first: the one the last look-up hit, here low (the driver's
+    writes), or high (as the last buffer of a chain served before would leave it)."""
     driver = two_range_driver()
+    queue = driver.device()
     driver.publish(driver.add([(LOW_DATA, 16, False), (HIGH + 0x100, 16, False),
                                (addr, length, True)]))  # fmt: skip
+    queue._ram.check(LOW_DATA if last == "low" else HIGH + 0x200, 8)
+    expected = (0, LOW_END) if last == "low" else (HIGH, HIGH + RAM_SIZE - LOW_END)
+    assert queue._ram.last_range() == expected
 
     with pytest.raises(QueueError, match=f"addr {addr:#x} len {length:#x} is not in RAM"):
-        driver.device().pop()
+        queue.pop()
+
+
+@pytest.mark.parametrize(
+    ("addr", "length", "ram"),
+    [
+        ((1 << 64) - 1, 1, False),
+        ((1 << 64) - 1, 0, False),
+        ((1 << 64) - 16, 0xFFFF_FFFF, False),
+        (LOW_END, 0, True),  # zero length at a range's end: nothing past it is touched
+        (HIGH + RAM_SIZE - LOW_END, 0, True),
+        (HIGH, 0, True),
+    ],
+)
+def test_queue_buffer_at_the_edges_of_two_ranges(addr, length, ram):
+    driver = two_range_driver()
+    driver.publish(driver.add([(LOW_DATA, 16, False), (addr, length, True)]))
+    queue = driver.device()
+
+    if ram:
+        assert queue.pop() == Chain(0, [(LOW_DATA, 16)], [(addr, length)])
+    else:
+        with pytest.raises(QueueError, match="is not in RAM"):
+            queue.pop()
 
 
 def test_queue_readable_after_writable_raises(driver):

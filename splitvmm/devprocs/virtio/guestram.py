@@ -151,8 +151,10 @@ class GuestRam:
     def last_range(self) -> tuple[int, int]:
         """[start, end) of the RAM range the last look-up hit: an access inside it is RAM
         (a caller checking many buffers compares against it, and calls offset() for the
-        rest, which looks them up in every range)."""
-        return self._hit[0], self._hit[1]
+        rest, which looks them up in every range). Callers rely on it for their bounds
+        checks: _hit only ever holds one whole range of self._regions, which never change."""
+        start, end, _ = self._hit
+        return start, end
 
     def check(self, gpa: int, size: int) -> None:
         self.offset(gpa, size)
@@ -274,7 +276,8 @@ class GuestRam:
 class RamWindow:
     """A part of guest RAM checked once (GuestRam.window), read in place through `view` (it
     covers exactly the part: struct.unpack_from at an offset into it stays inside it or
-    raises) and written through write(), which marks the dirty log.
+    raises) and written through write(), which marks the dirty log; or stored to through
+    `view` by slice assignment, a few fields at once, then mark() for them all.
 
     Never struct.pack_into a field the guest may be reading: it zeroes the field's bytes
     before it stores the value (CPython's s_pack_internal memsets first), so a driver

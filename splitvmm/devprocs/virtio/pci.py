@@ -15,7 +15,9 @@ also as two 32-bit halves); any other access is a guest mistake: counted, reads 
 
 A queue is processed when its notify eventfd fires, only while DRIVER_OK is set and
 neither NEEDS_RESET nor FAILED: every available chain, in order, each completed before the
-next (processing is synchronous), then one interrupt if the driver wants one. Nothing is
+next (processing is synchronous), then one interrupt if the driver wants one, for at most
+BUDGET_NS a time (the device triggers its own notify eventfd to take up the rest after the
+channel's frames). Nothing is
 published per batch: a crash restart takes each queue's position from its used ring in
 guest RAM (taken = completed, in order), and the state a checkpoint carries changes only with
 register writes, which the runtime's checkpoints and the monitor's journal cover. The
@@ -126,6 +128,10 @@ class VirtioPciDevice(RegisterDevice):
     # How long process() keeps looking at a queue it has just drained before it asks the
     # driver to kick again and sleeps (0: not at all). See _arrives_within().
     POLL_NS: ClassVar[int] = 0
+    # The longest one process() call runs: the event loop serves the channel (register reads,
+    # posted writes, the supervisor's heartbeat) only between two calls.
+    BUDGET_NS: ClassVar[int] = 1_000_000
+    clock_ns = staticmethod(time.monotonic_ns)  # (tests drive it by hand)
     MAPPED_FDS = ("ram", "dirty")
     State: ClassVar[type[VirtioPciState]]
 
@@ -449,17 +455,23 @@ class VirtioPciDevice(RegisterDevice):
         """Every available chain of queue q, in order, with the driver's kicks off meanwhile
         (2.7.10: a kick per chain would cost the guest an exit each, and this loop looks
         anyway); an interrupt, if wanted, each time the ring runs dry, then POLL_NS for more
-        before kicks are asked for again."""
+        before kicks are asked for again. At most BUDGET_NS a call: a driver that keeps the
+        ring from running dry gets the rest in the next call, after the channel's frames."""
         ring = self.rings[q]
         if ring is None or not self._ready():
             return
+        deadline = self.clock_ns() + self.BUDGET_NS
         try:
             ring.disable_notifications()
             while True:
-                done = self._drain(q, ring)
+                done = self._drain(q, ring, deadline)
                 if done and ring.needs_notification():
                     self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
-                if done and self._arrives_within(ring, self.POLL_NS):
+                left = deadline - self.clock_ns()
+                if left <= 0:  # kicks stay off: our own notify brings the loop back here
+                    self._notify[q].trigger()
+                    return
+                if done and self._arrives_within(ring, min(self.POLL_NS, left)):
                     continue  # no kick, no wake-up: the driver's next chain came meanwhile
                 if not ring.enable_notifications():  # kick me at the next one...
                     return
@@ -467,16 +479,17 @@ class VirtioPciDevice(RegisterDevice):
         except (QueueError, GuestRamError) as e:
             self.needs_reset(f"queue {q}: {e}")
 
-    def _drain(self, q: int, ring: SplitQueue) -> int:
-        """Serve chains until the ring is empty; how many."""
+    def _drain(self, q: int, ring: SplitQueue, deadline: int) -> int:
+        """Serve chains until the ring is empty or the deadline has passed; how many."""
         done = 0
         while (chain := ring.pop()) is not None:
             ring.push(chain.head, self.handle(q, chain))
             done += 1
+            if self.clock_ns() >= deadline:
+                break
         return done
 
-    @staticmethod
-    def _arrives_within(ring: SplitQueue, ns: int) -> bool:
+    def _arrives_within(self, ring: SplitQueue, ns: int) -> bool:
         """Whether the driver makes a chain available within `ns`, looking all along.
 
         A device that sleeps once the ring is dry costs the driver's next request a kick (an
@@ -488,10 +501,10 @@ class VirtioPciDevice(RegisterDevice):
         served chains: an idle device never polls."""
         if ns <= 0:
             return False
-        deadline = time.monotonic_ns() + ns
+        deadline = self.clock_ns() + ns
         last = ring.last_avail
         while ring.avail_idx() == last:
-            if time.monotonic_ns() >= deadline:
+            if self.clock_ns() >= deadline:
                 return False
         return True
 

@@ -141,7 +141,7 @@ class SplitQueue:
                 f"than queue size {size}"
             )
         # TSO: this load is not done before the avail idx load above (no barrier needed)
-        slot = last & (size - 1)  # the size is a power of 2
+        slot = last % size
         head: int = U16.unpack_from(self._avail.view, RING_HEADER + 2 * slot)[0]
         if head >= size:
             raise QueueError(f"avail ring[{slot}] head {head} >= queue size {size}")
