@@ -35,6 +35,12 @@ two trees, --runs 3/3/5/5, load 1.4-2.3: batched 1.74, 1.70, 1.82, 1.49, 1.25, 1
 a byte): ~5 us a byte, within the spread of the runs, for 1 ms more output latency and a
 second thread on the slot's lock. Dropped; the supervisor's two wake-ups a batch (eventfd,
 then its 1 ms timer) on the 2 cores may be what ate half of the gain.
+
+2026-12-01, later, no change to the serial path: four rounds of --runs 5 on a quiet host
+gave 1.46, 1.48, 1.43 and 1.56x QEMU (49.4-53.3 us a byte against 34.1-34.6); with some
+load, alternating this tree and the session's first (36b2cc3): 1.51 and 1.81 against 1.65
+and 1.76. A pyzmq send of 16 bytes into an idle ipc:// pipe, from a thread that spins
+between sends as a vCPU does: median 8.3 us, p10 2.7 (5000 sends).
 """
 
 from __future__ import annotations

@@ -38,6 +38,21 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   pci.state, signing) to confinement time was measured and not done: the monitor already
   waits for the zygote, so it would move the wait, not shorten it (and a confined monitor
   may read Python modules but map no C extension: monitor/confinement.py PRELOAD).
+- Byte-code (2026-12-01, later): with PYTHONDONTWRITEBYTECODE set, as in this project's
+  sandboxes, nothing wrote the monitor's .pyc files (the zygote and devices run under -I,
+  which ignores the variable, and wrote theirs), so every `up` compiled the monitor's
+  modules. scripts/bootstrap.sh now compiles the package, and this bench compiles it
+  before it times anything. From two fresh clones, both bootstrapped, farm-bench -n 15
+  A/B: 265 ms against 315 (paired ratio 0.80). This bench, quiet: 228 ms against QEMU's
+  69.9 (3.27x).
+- Measured since, and left: the dataclass decorator is 86 ms of the monitor's ~200 ms of
+  imports in a bare interpreter (100 classes; frozen=True doubles a class's cost, two
+  more generated methods) and 31 of the device side's ~56 (44 classes). The zygote
+  starts 57-84 ms after the first mark and was ready 146-230 ms after it in three runs:
+  in two of them the first launch request waited 30-70 ms for it. Forking the launcher
+  before `splitvmm.cli` imports typing (13.5 ms) and before sandbox/launcher.py's
+  imports (~23 ms) would start it ~35 ms sooner; not done. Of the teardown, closing the
+  VM fd is 15.6-18.4 ms (the kernel frees the VM), the launcher 3.3-4.8.
 """
 
 from __future__ import annotations
