@@ -48,11 +48,13 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
 - Measured since, and left: the dataclass decorator is 86 ms of the monitor's ~200 ms of
   imports in a bare interpreter (100 classes; frozen=True doubles a class's cost, two
   more generated methods) and 31 of the device side's ~56 (44 classes). The zygote
-  starts 57-84 ms after the first mark and was ready 146-230 ms after it in three runs:
-  in two of them the first launch request waited 30-70 ms for it. Forking the launcher
-  before `splitvmm.cli` imports typing (13.5 ms) and before sandbox/launcher.py's
-  imports (~23 ms) would start it ~35 ms sooner; not done. Of the teardown, closing the
-  VM fd is 15.6-18.4 ms (the kernel frees the VM), the launcher 3.3-4.8.
+  starts 44-102 ms after the first mark and was ready 146-272 ms after it (13 runs, its
+  own marks on stderr); the first launch request waited for it in 5 of them, 5-72 ms,
+  and in the other 8 the monitor's own imports were the longer path. So forking the
+  launcher before `splitvmm.cli` imports typing (13.5 ms) and sandbox/launcher.py's
+  imports (~23 ms), which would start the zygote up to ~35 ms sooner, was not done: it
+  would shorten a third of the starts. Of the teardown, closing the VM fd is 15.6-18.4 ms
+  (the kernel frees the VM), the launcher 3.3-4.8.
 """
 
 from __future__ import annotations
