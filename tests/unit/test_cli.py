@@ -82,6 +82,22 @@ def test_main_exits_with_the_commands_status_after_flushing_output(tmp_path):
     assert (version.returncode, version.stdout.startswith("splitvmm, version")) == (0, True)
 
 
+def test_main_does_not_import_from_the_working_directory(tmp_path):
+    """`python -m` puts the working directory first on sys.path: a json.py, copy.py or
+    dataclasses.py there must not stand in for the standard library's."""
+    for module in ("json", "copy", "dataclasses", "click"):
+        (tmp_path / f"{module}.py").write_text('raise SystemExit("imported from the cwd")\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", "up", str(tmp_path / "missing.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert "imported from the cwd" not in proc.stderr
+    assert proc.returncode == 1 and "missing.toml: cannot read the config" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "found"),
     [
