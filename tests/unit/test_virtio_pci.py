@@ -337,6 +337,7 @@ def test_virtio_pci_chain_made_available_while_polling_is_served_without_a_kick(
     assert seen == [(first, 0), (first + 1, 1)]  # the first chain's interrupt came first
     assert flags[:3] == [1, 1, 1]  # VIRTQ_USED_F_NO_NOTIFY all along the poll
     assert rng.ram.u16(ring.used) == 0  # kicks asked for again at the end
+    assert {k: rng.stats()[k] for k in ("polls", "poll_hits")} == {"polls": 2, "poll_hits": 1}
 
 
 def test_virtio_pci_poll_without_a_chain_runs_out_and_asks_for_kicks(rng, driver, monkeypatch):
@@ -425,6 +426,11 @@ def test_virtio_pci_process_returns_to_the_event_loop_when_its_budget_is_spent(
     assert signalled(fds["notify0"]) == 1
     notify.on_readable()
     assert [head for head, _ in ring.take_used()] == heads[1:]
+    assert rng.stats()["budget_yields"] == 3
+    assert signalled(fds["notify0"]) == 1
+    notify.on_readable()  # a call that finds nothing asks for kicks and does not come back
+    assert rng.ram.u16(ring.used) == 0 and signalled(fds["notify0"]) == 0
+    assert rng.stats()["budget_yields"] == 3
 
 
 def test_virtio_pci_no_processing_before_driver_ok(rng, driver):

@@ -209,6 +209,8 @@ class VirtioPciDevice(RegisterDevice):
         self._warn = RateLimitedLog(log)
         self.notifications = 0  # queue notifies served (ioeventfd or the slow path)
         self.interrupts = 0  # queue and configuration interrupts signalled
+        self.polls = self.poll_hits = 0  # looks for more after a drain; those that found some
+        self.budget_yields = 0  # process() calls that stopped at BUDGET_NS (and came back)
         self._reset()
 
     def _reset(self) -> None:
@@ -468,10 +470,12 @@ class VirtioPciDevice(RegisterDevice):
                 if done and ring.needs_notification():
                     self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
                 left = deadline - self.clock_ns()
-                if left <= 0:  # kicks stay off: our own notify brings the loop back here
+                if done and left <= 0:  # kicks stay off: our own notify brings us back here
+                    self.budget_yields += 1
                     self._notify[q].trigger()
                     return
                 if done and self._arrives_within(ring, min(self.POLL_NS, left)):
+                    self.poll_hits += 1
                     continue  # no kick, no wake-up: the driver's next chain came meanwhile
                 if not ring.enable_notifications():  # kick me at the next one...
                     return
@@ -501,6 +505,7 @@ class VirtioPciDevice(RegisterDevice):
         served chains: an idle device never polls."""
         if ns <= 0:
             return False
+        self.polls += 1
         deadline = self.clock_ns() + ns
         last = ring.last_avail
         while ring.avail_idx() == last:
@@ -546,6 +551,9 @@ class VirtioPciDevice(RegisterDevice):
             **super().stats(),
             "notifications": self.notifications,
             "interrupts": self.interrupts,
+            "polls": self.polls,  # the CPU spent looking: at most POLL_NS each
+            "poll_hits": self.poll_hits,
+            "budget_yields": self.budget_yields,
         }
 
     def quiesce(self) -> None:
