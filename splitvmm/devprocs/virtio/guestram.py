@@ -85,6 +85,12 @@ def _regions(ranges: Sequence[Sequence[int]], ram_size: int) -> list[Region]:
     return merged
 
 
+def _hit_of(r: Region) -> tuple[int, int, int]:
+    """(gpa start, gpa end, memfd offset - gpa) of a range: what offset() compares a
+    look-up with, and adds to its gpa."""
+    return r.gpa, r.gpa + r.size, r.offset - r.gpa
+
+
 class GuestRam:
     """Guest RAM by guest-physical address, with the device's writes in the dirty bitmap."""
 
@@ -97,10 +103,9 @@ class GuestRam:
                 f"of RAM need ({bitmap_size(len(ram))})"
             )
         self._starts = [r.gpa for r in self._regions]
-        # (gpa start, gpa end, memfd offset - gpa) of the range offset() found last: a
-        # device's buffers are mostly in one range, so most lookups end at one comparison
-        self._hit = (self._regions[0].gpa, self._regions[0].gpa + self._regions[0].size,
-                     self._regions[0].offset - self._regions[0].gpa)  # fmt: skip
+        # the range offset() found last: a device's buffers are mostly in one range, so most
+        # look-ups end at one comparison
+        self._hit = _hit_of(self._regions[0])
         self._buffers = (ram, dirty)
         self._ram = memoryview(ram)
         self._dirty = memoryview(dirty)
@@ -144,7 +149,7 @@ class GuestRam:
             if i >= 0:
                 r = self._regions[i]
                 if gpa + size <= r.gpa + r.size:
-                    self._hit = (r.gpa, r.gpa + r.size, r.offset - r.gpa)
+                    self._hit = _hit_of(r)
                     return r.offset + gpa - r.gpa
         raise GuestRamError(f"guest range {gpa:#x}+{size:#x} is not RAM")
 
