@@ -29,9 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from msgspec import Struct
 from rich.console import Console
 from rich.table import Table
 
@@ -49,8 +49,7 @@ START_TIMEOUT_S = 60
 KIB = 1024
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(Struct, frozen=True):
     """One process (or a sum): kiB of PSS and RSS, guest RAM left out."""
 
     pss: int = 0

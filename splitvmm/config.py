@@ -1,4 +1,4 @@
-"""The VM config file (TOML) -> frozen dataclasses, with an error naming the key for every mistake.
+"""The VM config file (TOML) -> frozen records (msgspec Structs), with an error naming the key for every mistake.
 
 [vm]      name, memory ("64M", "2G"), vcpus, cpuid_mask (list of "leaf[.sub].reg:bits"),
           snapshot_dirs (where `ctl snapshot` may write: the monitor can reach nothing else)
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct, field
 
 from splitvmm.errors import ConfigError
 from splitvmm.protocol import faults
@@ -70,8 +71,7 @@ DEFAULT_DEVICES = {m.name: m.default_device for m in MODELS.values() if m.defaul
 BOOT_RESOURCES = ("kernel", "initrd", "firmware")
 
 
-@dataclass(frozen=True, slots=True)
-class VmSection:
+class VmSection(Struct, frozen=True):
     name: str
     memory: int  # bytes
     vcpus: int
@@ -80,16 +80,14 @@ class VmSection:
     snapshot_dirs: tuple[Path, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class BootSection:
+class BootSection(Struct, frozen=True):
     kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str = ""
     firmware: Path | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceSection:
+class DeviceSection(Struct, frozen=True):
     name: str
     model: str
     on_crash: str = "stop"
@@ -99,8 +97,7 @@ class DeviceSection:
     fault: dict[str, Any] | None = None  # crash testing (protocol/faults.py): first process only
 
 
-@dataclass(frozen=True, slots=True)
-class VmConfig:
+class VmConfig(Struct, frozen=True):
     vm: VmSection
     boot: BootSection
     devices: tuple[DeviceSection, ...]

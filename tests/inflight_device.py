@@ -10,7 +10,6 @@ finish, and records what it cannot; restore() re-runs the recorded requests.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from splitvmm.devprocs.base import Device, DeviceContext, DeviceState
@@ -19,8 +18,7 @@ from splitvmm.errors import StateError
 MAX_REQUESTS = 64
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InflightState(DeviceState):
+class InflightState(DeviceState, frozen=True, kw_only=True):
     VERSION: ClassVar[int] = 1
     done: bytes = b""  # completed request ids, in completion order
     in_flight: bytes = b""  # taken from the guest, not completed: re-run on restore

@@ -16,34 +16,42 @@ from typing import TYPE_CHECKING
 from splitvmm import timings
 
 if TYPE_CHECKING:
+    import socket
+
     from splitvmm.sandbox.launcher import Launcher
 
 VM_COMMANDS = ("up", "restore")
 VALUED_OPTIONS = ("--log-level",)  # the root command's options that take a value (root.py)
 
-_launcher: Launcher | None = None
+_forked: tuple[socket.socket, int] | None = None  # launcher_start.fork()'s socket and pid
 
 
 def start_launcher(args: list[str]) -> None:
     """Start the launcher if `args` run a VM; errors are left for run_and_exit to report."""
-    global _launcher
+    global _forked
     if subcommand(args) not in VM_COMMANDS:
         return
-    from splitvmm.errors import SplitvmmError
-    from splitvmm.sandbox.launcher import Launcher
+    # launcher_start, not the launcher's client: what is imported before the fork delays the
+    # zygote twice (here and in the launcher before its exec), and the client imports msgspec.
+    from splitvmm.sandbox import launcher_start
 
     try:
-        _launcher = Launcher.start()
-    except SplitvmmError:
+        _forked = launcher_start.fork()
+    except launcher_start.LauncherError:
         return  # run_and_exit tries again, and says why it failed
     timings.mark("launcher fork")
 
 
 def take() -> Launcher | None:
     """The launcher started here, once (None if none was)."""
-    global _launcher
-    launcher, _launcher = _launcher, None
-    return launcher
+    global _forked
+    if _forked is None:
+        return None
+    from splitvmm.sandbox.launcher import Launcher
+
+    sock, pid = _forked
+    _forked = None
+    return Launcher(sock, pid)
 
 
 def subcommand(args: list[str]) -> str | None:

@@ -36,14 +36,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from msgspec import Struct, field
 
 if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
-    from splitvmm.native.confine import SeccompListener
+    from splitvmm.native.seccomp_notify import SeccompListener
     from splitvmm.protocol.models import FdKind, ModelDescriptor
     from splitvmm.sandbox.policy import Policy
 
@@ -138,8 +138,7 @@ def audit(model: str, accesses: int) -> None:
 
 
 # -- tracing ------------------------------------------------------------------------------------
-@dataclass
-class Trace:
+class Trace(Struct):
     calls: Counter[str] = field(default_factory=Counter)
     args: dict[str, set[int]] = field(default_factory=dict)  # the argument a rule would check
     device_status: int | None = None
@@ -218,7 +217,8 @@ def format_trace(trace: Trace, current: Policy) -> Iterator[str]:
 
 def take_listener(warden_pid: int) -> SeccompListener:
     """A copy of the device's seccomp listener fd (the device is the warden's only child)."""
-    from splitvmm.native.confine import SeccompListener, pidfd_getfd
+    from splitvmm.native.confine import pidfd_getfd
+    from splitvmm.native.seccomp_notify import SeccompListener
 
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while time.monotonic() < deadline:

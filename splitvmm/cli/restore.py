@@ -53,7 +53,7 @@ def command(
     show_timings: bool,
 ) -> None:
     """Restore the VM saved in DIRECTORY, with the guest settings stored in the snapshot."""
-    import dataclasses
+    from msgspec.structs import replace
 
     overrides = _overrides(settings)
     dirs = tuple(d.resolve() for d in snapshot_dirs)
@@ -65,6 +65,6 @@ def command(
             raise click.UsageError("restore needs the snapshot in DIRECTORY")
         cfg = restore.config_of(snap, overrides)
         # What the monitor may write to is never the snapshot's to say.
-        return dataclasses.replace(cfg, vm=dataclasses.replace(cfg.vm, snapshot_dirs=dirs))
+        return replace(cfg, vm=replace(cfg.vm, snapshot_dirs=dirs))
 
     run_and_exit(config, directory, key_file, show_timings)

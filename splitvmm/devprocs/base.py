@@ -8,11 +8,12 @@ its DeviceContext (an irq trigger, a bounded output buffer).
 from __future__ import annotations
 
 import abc
-import dataclasses
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
+
+from msgspec import Struct, field
+from msgspec.structs import asdict
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
@@ -32,8 +33,7 @@ class NoLine:
         return None  # deliberately empty: no port-window line to pulse
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceState:
+class DeviceState(Struct, frozen=True, kw_only=True):
     """Plain data (ints, bools, bytes, str, tuples, records; protocol/schema.py types, with
     their bounds): untrusted when read back. A field change bumps VERSION and adds the step
     from the old version to UPGRADES (it gets and gives the JSON fields: bytes are base64)."""
@@ -47,8 +47,7 @@ class DeviceState:
         return schema.upgrade(cls, version, fields, what=cls.__name__, error=StateError)
 
 
-@dataclass(slots=True)
-class Counters:
+class Counters(Struct):
     """Guest mistakes we tolerate but count (bad sizes, unknown registers, overruns)."""
 
     bad_access: int = 0
@@ -139,8 +138,7 @@ class DeviceEvents:
         self.flush()
 
 
-@dataclass(slots=True)
-class DeviceContext:
+class DeviceContext(Struct):
     """Host resources handed to a device; never part of its state."""
 
     irq: Trigger = field(default_factory=NoLine)  # a port window's ISA line (role "irq")
@@ -200,7 +198,7 @@ class Device(abc.ABC):
         """Counters over this process's life, by name (the control op `stats`, shown by
         `ctl devices --json`): the guest mistakes every model counts; a model adds its own
         (at most control.MAX_COUNTERS names of control.COUNTER_NAME)."""
-        return dataclasses.asdict(self.ctx.counters)
+        return asdict(self.ctx.counters)
 
     @abc.abstractmethod
     def save(self) -> DeviceState:
@@ -258,8 +256,7 @@ class MirroredRegisters(Protocol):
         must keep). The stamp is the runtime's to set (monitor/mirror.py)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
+class Source(Struct, frozen=True):
     """An fd the event loop watches for the model: readable -> on_readable()."""
 
     fd: int

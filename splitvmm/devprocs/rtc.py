@@ -40,7 +40,6 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import date
 from typing import ClassVar, Protocol, Self
 
@@ -157,8 +156,7 @@ class HostClock:
         return time.localtime(wall_s).tm_gmtoff
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RtcState(DeviceState):
+class RtcState(DeviceState, frozen=True, kw_only=True):
     """cmos: the 128 bytes as the guest would read them, with register A's UIP clear and
     register C's IRQF left out (both derived); the time registers are restored from it
     only while they are held (SET, or the divider not running), else from offset_ns."""

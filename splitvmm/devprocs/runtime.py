@@ -29,9 +29,9 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import replace
 
 import zmq
+from msgspec.structs import replace
 
 from splitvmm.devprocs.base import (
     ConsoleInput,
@@ -127,7 +127,7 @@ def _serve_control(
     if op == "fault":  # crash testing: checked by decode() against its record
         injector.arm(
             faults.decode(
-                {k: msg[k] for k in faults.Fault.__dataclass_fields__},
+                {k: msg[k] for k in faults.Fault.__struct_fields__},
                 "control fault",
                 ProtocolError,
             )

@@ -31,8 +31,9 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from typing import ClassVar, Self
+
+from msgspec.structs import replace
 
 from splitvmm.devprocs.base import (
     DeviceContext,
@@ -125,8 +126,7 @@ MSR_CONNECTED = Msr.DCD | Msr.DSR | Msr.CTS
 MSR_DELTAS = Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD  # cleared by reading MSR
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UartState(DeviceState):
+class UartState(DeviceState, frozen=True, kw_only=True):
     """v2 added tx and tx_dropped. lsr: OE is state; THRE and TEMT are saved as the guest
     would have read them, and derived again from tx on restore."""
 

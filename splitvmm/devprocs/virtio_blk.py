@@ -19,7 +19,6 @@ import errno
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, register
@@ -69,8 +68,7 @@ class RequestError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VirtioBlkState(VirtioPciState):
+class VirtioBlkState(VirtioPciState, frozen=True, kw_only=True):
     VERSION: ClassVar[int] = 1
     capacity: Annotated[int, schema.Range(0, (1 << 54) - 1)] = 0  # sectors, when saved
     readonly: bool = False

@@ -66,8 +66,10 @@ import struct
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar, Self
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from splitvmm.devprocs.base import DeviceContext, Source, register
 from splitvmm.devprocs.output import CAPACITY
@@ -95,8 +97,7 @@ MAX_COUNTER = (1 << 64) - 1
 CHECKPOINT_INTERVAL_S = 0.05
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VirtioConsoleState(VirtioPciState):
+class VirtioConsoleState(VirtioPciState, frozen=True, kw_only=True):
     """The transport's state (its transmit queue saved at the oldest chain not completed),
     the console's buffers and its counters."""
 
@@ -109,8 +110,7 @@ class VirtioConsoleState(VirtioPciState):
     rx_dropped: U64 = 0
 
 
-@dataclass(slots=True)
-class _TxChain:
+class _TxChain(Struct):
     """A transmit chain taken from the ring and not completed yet."""
 
     chain: Chain

@@ -28,7 +28,6 @@ import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, Source, register
@@ -92,8 +91,7 @@ IOV_MAX = 1024  # buffers one readv/writev takes
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VirtioNetState(VirtioPciState):
+class VirtioNetState(VirtioPciState, frozen=True, kw_only=True):
     VERSION: ClassVar[int] = 1
     mac: Annotated[bytes, schema.Len(6, 6)] = bytes(6)
 

@@ -5,7 +5,6 @@ No feature bits of its own and no configuration space."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import ClassVar
 
 from splitvmm.devprocs.base import register
@@ -19,8 +18,7 @@ VIRTIO_ID_RNG = 4
 MAX_SLICE = 64 << 10
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VirtioRngState(VirtioPciState):
+class VirtioRngState(VirtioPciState, frozen=True, kw_only=True):
     VERSION: ClassVar[int] = 1
 
 

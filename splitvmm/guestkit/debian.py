@@ -13,9 +13,10 @@ import os
 import re
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from msgspec import Struct
 
 from splitvmm.guestkit.errors import GuestKitError, HostToolMissing, PackageError
 
@@ -80,8 +81,7 @@ def resolve_kernel_package(run: Runner, metapackage: str = KERNEL_METAPACKAGE) -
     return kernels[0]
 
 
-@dataclass(frozen=True, slots=True)
-class Package:
+class Package(Struct, frozen=True):
     """A downloaded .deb and what dpkg-deb says it is."""
 
     name: str

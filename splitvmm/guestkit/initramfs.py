@@ -15,8 +15,9 @@ from __future__ import annotations
 import gzip
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import IO, Protocol
+
+from msgspec import Struct
 
 NEWC_MAGIC = b"070701"
 NEWC_HEADER_SIZE = 110  # 6 bytes of magic + 13 fields of 8 hex digits
@@ -30,8 +31,7 @@ class ByteSink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
-@dataclass(frozen=True, slots=True)
-class CpioEntry:
+class CpioEntry(Struct, frozen=True):
     """One archive member. `name` has no leading "/": the kernel unpacks relative to rootfs."""
 
     name: str

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from splitvmm.guestkit.errors import GuestKitError
 
@@ -21,8 +22,7 @@ MIN_BOOT_PROTOCOL = 0x020C  # xloadflags and the 64-bit entry need 2.12
 MODULE_ROOTS = ("lib/modules", "usr/lib/modules")
 
 
-@dataclass(frozen=True, slots=True)
-class BzImageInfo:
+class BzImageInfo(Struct, frozen=True):
     protocol: int  # e.g. 0x020f
     xloadflags: int
 
@@ -48,8 +48,7 @@ def bzimage_info(head: bytes) -> BzImageInfo:
     return BzImageInfo(protocol, xloadflags)
 
 
-@dataclass(frozen=True, slots=True)
-class UnpackedKernel:
+class UnpackedKernel(Struct, frozen=True):
     release: str  # uname -r, e.g. 6.1.0-50-cloud-amd64
     vmlinuz: Path
     moddir: Path

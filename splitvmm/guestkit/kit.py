@@ -23,9 +23,10 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from msgspec import Struct
 
 from splitvmm import __version__
 from splitvmm.guestkit.debian import Package, Progress, Runner, extract, fetch_packages, run_tool
@@ -61,8 +62,7 @@ BUSYBOX_IN_PACKAGE = "bin/busybox"
 HASH_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class Kit:
+class Kit(Struct, frozen=True):
     config: Path
     kernel: Path
     initrd: Path

@@ -13,8 +13,9 @@ import gzip
 import lzma
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from splitvmm.guestkit.errors import KernelModuleError
 
@@ -62,8 +63,7 @@ def decompress_module(path: str, raw: bytes) -> bytes:
     return raw
 
 
-@dataclass(frozen=True, slots=True)
-class ModuleIndex:
+class ModuleIndex(Struct, frozen=True):
     """What modules.dep says: each module's path (relative to /lib/modules/<ver>) and deps."""
 
     paths: Mapping[str, str]

@@ -4,7 +4,8 @@ modules, and an /init script that loads them, reports, and stops the VM."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from splitvmm.guestkit.initramfs import (
     CpioEntry,
@@ -53,8 +54,7 @@ MARKER = "splitvmm demo guest"
 SHELL_FLAG = "splitvmm.shell"
 
 
-@dataclass(frozen=True, slots=True)
-class Module:
+class Module(Struct, frozen=True):
     """A module to put in the initramfs: its path under /lib/modules/<ver> and its bytes."""
 
     path: str

@@ -10,8 +10,9 @@ SDM Vol. 3A 4.5, "4-Level Paging"), as Firecracker and crosvm do.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from msgspec import Struct
 
 from splitvmm.monitor.layout import (
     BOOT_GDT,
@@ -114,8 +115,7 @@ GDT_LIMIT = len(BOOT_GDT_ENTRIES) * 8 - 1
 IDT_SIZE = 8  # one zeroed slot; the IDT limit stays 0 so every vector faults
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(Struct, frozen=True):
     """A descriptor decoded into the fields struct kvm_segment holds."""
 
     selector: int

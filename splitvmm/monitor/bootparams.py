@@ -9,7 +9,7 @@ minimal header Firecracker and crosvm write.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from msgspec import Struct
 
 from splitvmm.errors import BootError
 from splitvmm.monitor.layout import (
@@ -45,15 +45,13 @@ ELF_KERNEL_ALIGNMENT = 0x1000000
 ZERO_PAGE_SIZE = zero_page.ZERO_PAGE_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class E820Entry:
+class E820Entry(Struct, frozen=True):
     addr: int
     size: int
     type: int
 
 
-@dataclass(frozen=True, slots=True)
-class SetupHeader:
+class SetupHeader(Struct, frozen=True):
     """The fields of a bzImage setup header the loader decides on (boot.rst field names)."""
 
     version: int
@@ -69,8 +67,7 @@ class SetupHeader:
     init_size: int
 
 
-@dataclass(frozen=True, slots=True)
-class BootSetup:
+class BootSetup(Struct, frozen=True):
     """What the zero page says about this boot, all already placed in guest memory."""
 
     ram_size: int

@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Protocol
+
+from msgspec import Struct
 
 log = logging.getLogger("splitvmm.bus")
 
@@ -38,8 +39,7 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class BusRange:
+class BusRange(Struct, frozen=True):
     base: int
     size: int
     device: BusDevice
@@ -49,8 +49,7 @@ class BusError(ValueError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class _Map:
+class _Map(Struct, frozen=True):
     """The ranges by base, sorted; never changed once made (a change makes a new one)."""
 
     bases: tuple[int, ...] = ()

@@ -52,7 +52,7 @@ from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, landlock
 from splitvmm.native.kvm import IOCTL_NUMBERS
 from splitvmm.sandbox import policy
-from splitvmm.sandbox.launcher import thread_count
+from splitvmm.sandbox.launcher_start import thread_count
 
 log = logging.getLogger("splitvmm.confine")
 

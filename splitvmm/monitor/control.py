@@ -26,8 +26,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from msgspec import Struct, field
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native.eventfd import EventFd
@@ -52,8 +53,7 @@ class ControlError(SplitvmmError):
     """A control request that cannot be done; its text is the reply's error."""
 
 
-@dataclass(slots=True)
-class _Client:
+class _Client(Struct):
     conn: socket.socket
     deadline: float  # time.monotonic() by which its whole request must have come
     buf: bytearray = field(default_factory=bytearray)

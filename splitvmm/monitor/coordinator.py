@@ -24,9 +24,10 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from msgspec import Struct
 
 from splitvmm.config import config_to_dict
 from splitvmm.errors import DeviceFailure
@@ -53,8 +54,7 @@ SNAPSHOT_DEVICE_DEADLINE_S = 10.0
 RESUME_FLOOR_MS = 500
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotReport:
+class SnapshotReport(Struct, frozen=True):
     path: Path
     pause_ms: float  # from the pause request until vCPUs run again (or the snapshot is done)
     write_ms: float  # collecting and writing everything, commit included

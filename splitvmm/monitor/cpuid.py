@@ -14,11 +14,12 @@ does not support.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from msgspec import Struct, field
+from msgspec.structs import replace
 
 from splitvmm.errors import ConfigError
 from splitvmm.native.kvm import (
@@ -62,8 +63,7 @@ MASK_SYNTAX = re.compile(
 MaskKey = tuple[int, int, str]  # (leaf, subleaf, register)
 
 
-@dataclass(frozen=True, slots=True)
-class Topology:
+class Topology(Struct, frozen=True):
     vcpu_id: int
     nvcpus: int
     amd: bool
@@ -85,11 +85,10 @@ def _parse_int(text: str, what: str, spec: str) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidMask:
+class CpuidMask(Struct, frozen=True):
     """Bits to clear, keyed by (leaf, subleaf, register)."""
 
-    clear: Mapping[MaskKey, int] = dataclasses.field(default_factory=dict)
+    clear: Mapping[MaskKey, int] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, specs: Iterable[str]) -> CpuidMask:
@@ -122,7 +121,7 @@ class CpuidMask:
             for reg in REGISTERS
             if (e.function, subleaf, reg) in self.clear
         }
-        return dataclasses.replace(e, **changes) if changes else e
+        return replace(e, **changes) if changes else e
 
 
 def _leaf1(e: CpuidEntry, t: Topology) -> CpuidEntry:
@@ -132,7 +131,7 @@ def _leaf1(e: CpuidEntry, t: Topology) -> CpuidEntry:
     # KVM emulates the TSC deadline timer only where KVM_CAP_TSC_DEADLINE_TIMER says so.
     ecx = ecx | LEAF1_ECX_TSC_DEADLINE if t.tsc_deadline else ecx & ~LEAF1_ECX_TSC_DEADLINE
     edx = e.edx | LEAF1_EDX_HTT if t.nvcpus > 1 else e.edx & ~LEAF1_EDX_HTT
-    return dataclasses.replace(e, ebx=ebx, ecx=ecx, edx=edx)
+    return replace(e, ebx=ebx, ecx=ecx, edx=edx)
 
 
 def _cache(e: CpuidEntry, t: Topology) -> CpuidEntry:
@@ -145,21 +144,21 @@ def _cache(e: CpuidEntry, t: Topology) -> CpuidEntry:
     if e.function == 4:
         cores = min(t.nvcpus, CACHE_CORES_MASK + 1) - 1
         eax = eax & ~(CACHE_CORES_MASK << CACHE_CORES_SHIFT) | cores << CACHE_CORES_SHIFT
-    return dataclasses.replace(e, eax=eax & U32)
+    return replace(e, eax=eax & U32)
 
 
 def _leaf6(e: CpuidEntry, t: Topology) -> CpuidEntry:
     """No thermal, power or frequency control is emulated: hide all of it (incl. EPB)."""
-    return dataclasses.replace(e, eax=e.eax & LEAF6_EAX_ARAT, ebx=0, ecx=0, edx=0)
+    return replace(e, eax=e.eax & LEAF6_EAX_ARAT, ebx=0, ecx=0, edx=0)
 
 
 def _leaf7(e: CpuidEntry, t: Topology) -> CpuidEntry:
-    return dataclasses.replace(e, ecx=e.ecx & ~LEAF7_ECX_WAITPKG) if e.index == 0 else e
+    return replace(e, ecx=e.ecx & ~LEAF7_ECX_WAITPKG) if e.index == 0 else e
 
 
 def _no_pmu(e: CpuidEntry, t: Topology) -> CpuidEntry:
     """Leaf 0xA: architectural PMU. We configure no vPMU, so report version 0."""
-    return dataclasses.replace(e, eax=0, ebx=0, ecx=0, edx=0)
+    return replace(e, eax=0, ebx=0, ecx=0, edx=0)
 
 
 def _topology(e: CpuidEntry, t: Topology) -> CpuidEntry:
@@ -170,7 +169,7 @@ def _topology(e: CpuidEntry, t: Topology) -> CpuidEntry:
         eax, ebx, ecx = t.core_bits, t.nvcpus, TOPO_LEVEL_CORE << TOPO_LEVEL_TYPE_SHIFT | 1
     else:
         eax, ebx, ecx = 0, 0, e.index & 0xFF  # level type 0: no more levels
-    return dataclasses.replace(e, eax=eax, ebx=ebx, ecx=ecx, edx=t.vcpu_id)
+    return replace(e, eax=eax, ebx=ebx, ecx=ecx, edx=t.vcpu_id)
 
 
 def _amd_size(e: CpuidEntry, t: Topology) -> CpuidEntry:
@@ -179,7 +178,7 @@ def _amd_size(e: CpuidEntry, t: Topology) -> CpuidEntry:
         return e
     ecx = e.ecx & ~(AMD_NC_MASK | AMD_APIC_ID_SIZE_MASK << AMD_APIC_ID_SIZE_SHIFT)
     ecx |= (t.nvcpus - 1) | t.core_bits << AMD_APIC_ID_SIZE_SHIFT
-    return dataclasses.replace(e, ecx=ecx)
+    return replace(e, ecx=ecx)
 
 
 def _amd_cache(e: CpuidEntry, t: Topology) -> CpuidEntry:
@@ -190,7 +189,7 @@ def _amd_ext_apic(e: CpuidEntry, t: Topology) -> CpuidEntry:
     """0x8000001E: extended APIC ID; core ID = vCPU, 1 thread per core, 1 node."""
     if not t.amd:
         return e
-    return dataclasses.replace(e, eax=t.vcpu_id, ebx=t.vcpu_id & 0xFF, ecx=0, edx=0)
+    return replace(e, eax=t.vcpu_id, ebx=t.vcpu_id & 0xFF, ecx=0, edx=0)
 
 
 NORMALIZERS = {

@@ -12,8 +12,9 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
+
+from msgspec import Struct, field
 
 from splitvmm import hostpath
 from splitvmm.config import DeviceSection
@@ -37,8 +38,7 @@ class IrqFds(Protocol):
     def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class PciInterrupts:
+class PciInterrupts(Struct, frozen=True):
     """Where a PCI function's interrupts go: its INTx GSI (None: no INTx), and the GSI of
     each of its MSI-X vectors."""
 
@@ -46,8 +46,7 @@ class PciInterrupts:
     msix_gsis: tuple[int, ...]
 
 
-@dataclass(slots=True)
-class DeviceFds:
+class DeviceFds(Struct):
     """Makes the fds of one device; whatever it opens goes into `owned`, for the caller to
     close (also when a later role fails)."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from msgspec import Struct
 
 # `splitvmm up` exit statuses. Debug-exit statuses are always odd ((v << 1) | 1),
 # so the monitor's own outcomes use even numbers.
@@ -10,8 +10,7 @@ EXIT_CLEAN = 0  # i8042 reset / guest power-off
 EXIT_VM_FAULT = 4  # triple fault, emulation failure, failed entry, device failure
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(Struct, frozen=True):
     status: int
     message: str
 

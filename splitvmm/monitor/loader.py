@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from splitvmm.errors import BootError
 from splitvmm.hostpath import HostFileError, open_host_file
@@ -67,8 +69,7 @@ SECTOR = 512
 FIRMWARE_GRANULE = 64 * layout.KIB
 
 
-@dataclass(frozen=True, slots=True)
-class LoadedKernel:
+class LoadedKernel(Struct, frozen=True):
     entry: int  # guest-physical 64-bit entry point
     kind: str  # "elf" or "bzimage"
     kernel_end: int  # first byte above all the kernel may use (incl. bzImage init_size)
@@ -81,15 +82,13 @@ class LoadedKernel:
     cmdline_size: int = 0  # bytes written at CMDLINE, NUL included
 
 
-@dataclass(frozen=True, slots=True)
-class FirmwareSlot:
+class FirmwareSlot(Struct, frozen=True):
     gpa: int  # where to map it
     size: int
     offset: int  # offset of this window in the image
 
 
-@dataclass(frozen=True, slots=True)
-class FirmwareImage:
+class FirmwareImage(Struct, frozen=True):
     """A flat firmware image and the read-only memslots the monitor maps it with."""
 
     path: str
@@ -179,8 +178,7 @@ def _elf_header(path: Path, f: BinaryIO, size: int) -> tuple[int, int, int]:
     return entry, phoff, phnum
 
 
-@dataclass(frozen=True, slots=True)
-class _Segment:
+class _Segment(Struct, frozen=True):
     index: int  # program header number, for error messages
     offset: int
     vaddr: int

@@ -21,11 +21,11 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import zmq
+from msgspec import Struct
 
 from splitvmm import timings
 from splitvmm.config import DeviceSection, VmConfig
@@ -399,7 +399,7 @@ class Machine:
         slot = next((s for s in self.slots if s.name == name), None)
         if slot is None:
             raise ControlError(f"inject-fault: no device named {str(name)[:63]!r}")
-        fault = {k: req.get(k) for k in faults.Fault.__dataclass_fields__}
+        fault = {k: req.get(k) for k in faults.Fault.__struct_fields__}
         faults.decode(fault, "inject-fault", ControlError)
         try:
             slot.control("fault", args=fault)
@@ -530,8 +530,7 @@ class _Closable(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class _Placed:
+class _Placed(Struct, frozen=True):
     """Where a PCI function sits: its descriptor, device number, BAR bases, interrupts."""
 
     function: PciFunction

@@ -13,9 +13,10 @@ BOOT_RESOURCES with what the operator --set, or the model's restore default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from msgspec import Struct
 
 from splitvmm.config import (
     BOOT_RESOURCES,
@@ -225,8 +226,7 @@ def _read_state(snap: Snapshot, name: str, cls: Any) -> Any:
         raise SnapshotError(f"chunk {name}: {e}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class SavedStates:
+class SavedStates(Struct, frozen=True):
     vcpus: tuple[vmstate.VcpuState, ...]
     vm: vmstate.VmState
     pci: pcistate.PciState | None  # None: a snapshot from before the PCI platform

@@ -81,10 +81,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
+from msgspec import Struct, field
 
 from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError
 from splitvmm.monitor.channel import (
@@ -128,8 +128,7 @@ Spawner = Callable[[DeviceSpec], tuple[DeviceProcess, int]]
 Resumer = Callable[[DeviceProcess, DeviceSpec], None]
 
 
-@dataclass(slots=True)
-class Spawn:
+class Spawn(Struct):
     """What a device's processes get: its model and options, and role -> fd to pass."""
 
     name: str
@@ -143,8 +142,7 @@ class Spawn:
     msi: MsiVectors | None = None  # a PCI function's MSI-X vectors, routed when it asks
 
 
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
+class Checkpoint(Struct, frozen=True):
     """A state the device published, and the frames and output bytes it covers."""
 
     state: dict[str, object] | None
@@ -158,8 +156,7 @@ class SlotState(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(slots=True)
-class RestartBudget:
+class RestartBudget(Struct):
     """At most `burst` restarts within any `interval_s` seconds. Bookkeeping only: the
     crash-restart policy asks it before it restarts a device."""
 

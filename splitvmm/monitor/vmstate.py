@@ -63,11 +63,11 @@ is not used by KVM.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypedDict, TypeVar
+
+from msgspec import Struct
 
 from splitvmm.errors import KvmError, StateError
 from splitvmm.native.kvm import (
@@ -155,11 +155,10 @@ else:
     KvmRegs = _struct("KvmRegs", REGS_LAYOUT)
     KvmSregs = _struct("KvmSregs", SREGS_LAYOUT)
 # CpuidEntry lives in native/, which cannot import the schema: its fields are all __u32.
-Cpuid = Annotated[CpuidEntry, FieldTypes({f.name: u32 for f in dataclasses.fields(CpuidEntry)})]
+Cpuid = Annotated[CpuidEntry, FieldTypes({name: u32 for name in CpuidEntry.__struct_fields__})]
 
 
-@dataclass(frozen=True, slots=True)
-class VcpuHost:
+class VcpuHost(Struct, frozen=True):
     """What save and restore need to know about this host's KVM; probe it once per VM."""
 
     msr_indices: tuple[int, ...]  # KVM_GET_MSR_INDEX_LIST plus the MTRRs
@@ -174,8 +173,7 @@ class VcpuHost:
         return cls(tuple(indices), size)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VcpuState:
+class VcpuState(Struct, frozen=True, kw_only=True):
     """One vCPU's architectural state. Exactly one of fpu/xsave is set: the XSAVE area holds
     the legacy FPU/SSE state too, so FPU is kept only on a host without XSAVE."""
 
@@ -201,8 +199,7 @@ class VcpuState:
             raise schema.Invalid("exactly one of fpu and xsave must be set")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VmState:
+class VmState(Struct, frozen=True, kw_only=True):
     """The in-kernel devices and clock: the `chip` union of struct kvm_irqchip for each of the
     two PICs and the IOAPIC, struct kvm_pit_state2, and kvmclock in ns."""
 

@@ -1,15 +1,15 @@
 """Syscalls a process makes to confine itself: namespaces, mounts, capabilities, prctl.
 
 Thin checked wrappers over the cffi module built by _build_sys.py (constants and
-struct layouts from the kernel headers), plus SeccompListener, the fd type the
-policy auditor reads seccomp user notifications from. Each wrapper raises
-OSError naming the call; the device sandbox (sandbox/device.py) decides the order.
+struct layouts from the kernel headers). Each wrapper raises OSError naming the
+call; the device sandbox (sandbox/device.py) decides the order. The launcher imports
+this module before it execs its zygote (sandbox/launcher_start.py): it imports
+nothing but the cffi module.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from splitvmm.native._sys import ffi, lib
 
@@ -61,7 +61,8 @@ SECUREBITS_LOCKED = (
 )
 
 
-def _check(ret: int, what: str) -> int:
+def check(ret: int, what: str) -> int:
+    """`ret` of a libc call, or OSError with errno, naming the call (`what`)."""
     if ret < 0:
         err = ffi.errno
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -69,26 +70,26 @@ def _check(ret: int, what: str) -> int:
 
 
 def unshare(flags: int) -> None:
-    _check(lib.unshare(flags), f"unshare({flags:#x})")
+    check(lib.unshare(flags), f"unshare({flags:#x})")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
     src = source.encode() if source is not None else ffi.NULL
     typ = fstype.encode() if fstype is not None else ffi.NULL
     opts = data.encode() if data else ffi.NULL
-    _check(lib.mount(src, target.encode(), typ, flags, opts), f"mount({target!r}, {flags:#x})")
+    check(lib.mount(src, target.encode(), typ, flags, opts), f"mount({target!r}, {flags:#x})")
 
 
 def umount2(target: str, flags: int) -> None:
-    _check(lib.umount2(target.encode(), flags), f"umount2({target!r})")
+    check(lib.umount2(target.encode(), flags), f"umount2({target!r})")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(lib.sv_pivot_root(new_root.encode(), put_old.encode()), "pivot_root")
+    check(lib.sv_pivot_root(new_root.encode(), put_old.encode()), "pivot_root")
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(lib.sv_prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+    return check(lib.sv_prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
 
 
 def set_no_new_privs() -> None:
@@ -136,68 +137,9 @@ def drop_capabilities() -> None:
     header.pid = 0
     # SAFETY: both cffi-owned buffers outlive the call; VERSION_3 takes two data structs.
     data = ffi.new("struct __user_cap_data_struct[]", lib._LINUX_CAPABILITY_U32S_3)
-    _check(lib.sv_capset(header, data), "capset(0)")
+    check(lib.sv_capset(header, data), "capset(0)")
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     """A duplicate of another process's fd (needs ptrace-attach rights over it)."""
-    return _check(lib.sv_pidfd_getfd(pidfd, target_fd, 0), f"pidfd_getfd({target_fd})")
-
-
-@dataclass(frozen=True, slots=True)
-class SyscallEvent:
-    """One system call a filtered process made (a seccomp user notification)."""
-
-    id: int
-    tid: int
-    nr: int
-    args: tuple[int, ...]
-
-
-class SeccompListener:
-    """A seccomp user-notification fd: every notified syscall waits until answered."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._notif = ffi.new("struct seccomp_notif *")
-        self._resp = ffi.new("struct seccomp_notif_resp *")
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def receive(self) -> SyscallEvent:
-        """Block until the next notification; OSError(ENOENT) once the process is gone."""
-        ffi.memmove(self._notif, b"\0" * ffi.sizeof(self._notif[0]), ffi.sizeof(self._notif[0]))
-        # SAFETY: `_notif` is owned by self and outlives the ioctl that fills it.
-        _check(lib.sv_ioctl_ptr(self.fd, lib.SECCOMP_IOCTL_NOTIF_RECV, self._notif), "NOTIF_RECV")
-        data = self._notif.data
-        return SyscallEvent(self._notif.id, self._notif.pid, data.nr, tuple(data.args))
-
-    def allow(self, event: SyscallEvent) -> None:
-        """Let the syscall run as if the filter had allowed it."""
-        self._resp.id = event.id
-        self._resp.val = 0
-        self._resp.error = 0
-        self._resp.flags = lib.SECCOMP_USER_NOTIF_FLAG_CONTINUE
-        # SAFETY: `_resp` is owned by self and outlives the ioctl that reads it.
-        _check(lib.sv_ioctl_ptr(self.fd, lib.SECCOMP_IOCTL_NOTIF_SEND, self._resp), "NOTIF_SEND")
-
-    def fail(self, event: SyscallEvent, errno_: int) -> None:
-        """Answer the syscall with -errno_ without running it."""
-        self._resp.id = event.id
-        self._resp.val = 0
-        self._resp.error = -errno_
-        self._resp.flags = 0
-        # SAFETY: as in allow().
-        _check(lib.sv_ioctl_ptr(self.fd, lib.SECCOMP_IOCTL_NOTIF_SEND, self._resp), "NOTIF_SEND")
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> SeccompListener:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    return check(lib.sv_pidfd_getfd(pidfd, target_fd, 0), f"pidfd_getfd({target_fd})")

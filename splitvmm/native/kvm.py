@@ -11,8 +11,9 @@ import errno
 import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Self
+
+from msgspec import Struct
 
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
@@ -296,8 +297,7 @@ class Kvm(_Fd):
         return VmFd(_ioctl_val(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self)
 
 
-@dataclass(frozen=True, slots=True)
-class CpuidEntry:
+class CpuidEntry(Struct, frozen=True):
     function: int
     index: int
     flags: int
@@ -311,8 +311,7 @@ class CpuidEntry:
         return cls(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
 
 
-@dataclass(frozen=True, slots=True)
-class ClockData:
+class ClockData(Struct, frozen=True):
     """struct kvm_clock_data: the VM's kvmclock (ns), and with which flags KVM reported it."""
 
     clock: int

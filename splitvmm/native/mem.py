@@ -6,7 +6,8 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native._kvm import ffi
@@ -27,8 +28,7 @@ class GuestMemoryError(SplitvmmError):
     """An access to a guest-physical range that is not (all) RAM."""
 
 
-@dataclass(frozen=True, slots=True)
-class Region:
+class Region(Struct, frozen=True):
     gpa: int  # guest-physical start
     size: int
     offset: int  # offset in the RAM memfd (and its mapping)

@@ -7,7 +7,7 @@ routes along with them or legacy interrupts (the serial's IRQ 4) stop arriving.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from msgspec import Struct
 
 from splitvmm.native._kvm import lib
 
@@ -19,8 +19,7 @@ PIC_LINES = 16  # two cascaded 8259As, 8 lines each (ISA IRQ 0-15)
 PIC_CHIP_LINES = 8
 
 
-@dataclass(frozen=True, slots=True)
-class IrqchipRoute:
+class IrqchipRoute(Struct, frozen=True):
     """GSI `gsi` drives `pin` of an in-kernel interrupt controller (IRQCHIP_*)."""
 
     gsi: int
@@ -28,8 +27,7 @@ class IrqchipRoute:
     pin: int
 
 
-@dataclass(frozen=True, slots=True)
-class MsiRoute:
+class MsiRoute(Struct, frozen=True):
     """GSI `gsi` sends the message `data` to `address` (a 64-bit MSI address)."""
 
     gsi: int

@@ -8,8 +8,9 @@ it only checks the document's shape (control.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
+
+from msgspec import Struct
 
 from splitvmm.errors import StateError, shown
 from splitvmm.protocol import schema
@@ -18,8 +19,7 @@ S = TypeVar("S")
 MAX_STATE_VERSION = (1 << 16) - 1
 
 
-@dataclass(frozen=True, slots=True)
-class StateDocument:
+class StateDocument(Struct, frozen=True):
     model: Annotated[str, schema.MaxLen(64)]
     version: Annotated[int, schema.Range(1, MAX_STATE_VERSION)]
     fields: dict[str, Any]  # the State's, checked by the model's side only

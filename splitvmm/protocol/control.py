@@ -9,8 +9,9 @@ decode() checks a frame against its op's record (schema.py) before anyone looks 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
+
+from msgspec import Struct
 
 from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import schema
@@ -38,24 +39,21 @@ COUNTER_NAME = schema.Pattern(r"[a-z][a-z0-9_]{0,31}", "a counter name (a-z, 0-9
 Seq = Annotated[int, schema.U32]
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(Struct, frozen=True):
     """Monitor -> device."""
 
     op: Literal["quiesce", "save", "resume", "ping", "stats"]
     seq: Seq
 
 
-@dataclass(frozen=True, slots=True)
-class Done:
+class Done(Struct, frozen=True):
     """Device -> monitor: the request is done."""
 
     op: Literal["quiesced", "resumed", "fault_armed", "pong"]
     seq: Seq
 
 
-@dataclass(frozen=True, slots=True)
-class FaultRequest(Fault):
+class FaultRequest(Fault, frozen=True):
     """Monitor -> device: arm this fault (faults.py) in the running process; it answers
     fault_armed (crash testing: `splitvmm ctl inject-fault`)."""
 
@@ -63,8 +61,7 @@ class FaultRequest(Fault):
     seq: Seq
 
 
-@dataclass(frozen=True, slots=True)
-class StateReply(StateDocument):
+class StateReply(StateDocument, frozen=True):
     """Device -> monitor: its saved state, a StateDocument (codec.py) whose fields the monitor
     keeps opaque."""
 
@@ -72,8 +69,7 @@ class StateReply(StateDocument):
     seq: Seq
 
 
-@dataclass(frozen=True, slots=True)
-class Failed:
+class Failed(Struct, frozen=True):
     """Device -> monitor: the request failed, or (seq 0) the device cannot start."""
 
     op: Literal["error"]
@@ -81,8 +77,7 @@ class Failed:
     message: str  # the device's words: data, clipped to MAX_ERROR_TEXT when shown
 
 
-@dataclass(frozen=True, slots=True)
-class CountersReply:
+class CountersReply(Struct, frozen=True):
     """Device -> monitor: the answer to stats, its counters by name (Device.stats())."""
 
     op: Literal["counters"]
@@ -102,8 +97,7 @@ MAX_GSI = 4095  # KVM's IRQ routing table (KVM_CAP_IRQ_ROUTING) has at most 4096
 PRINTABLE_LINE = schema.Pattern(r"[^\x00-\x1f\x7f-\x9f]*", "one line of printable text")
 
 
-@dataclass(frozen=True, slots=True)
-class PublishEvent(StateDocument):
+class PublishEvent(StateDocument, frozen=True):
     """Device -> monitor: its current state document; with `applied` (the frames it had
     applied when it took the state: reads, writes, input) and `emitted` (the bytes its output
     line had taken), a checkpoint a restart starts from (monitor/slot.py)."""
@@ -114,8 +108,7 @@ class PublishEvent(StateDocument):
     emitted: Annotated[int | None, schema.Range(0, MAX_COUNT), schema.OPTIONAL_KEY] = None
 
 
-@dataclass(frozen=True, slots=True)
-class ReportEvent:
+class ReportEvent(Struct, frozen=True):
     """Device -> monitor: an error for the operator; the device carries on."""
 
     op: Literal["report"]
@@ -123,8 +116,7 @@ class ReportEvent:
     message: Annotated[str, schema.MaxLen(MAX_ERROR_TEXT), PRINTABLE_LINE]
 
 
-@dataclass(frozen=True, slots=True)
-class RouteEvent:
+class RouteEvent(Struct, frozen=True):
     """Device -> monitor: asks for an interrupt route."""
 
     op: Literal["route"]
@@ -133,8 +125,7 @@ class RouteEvent:
     gsi: Annotated[int, schema.Range(0, MAX_GSI)]
 
 
-@dataclass(frozen=True, slots=True)
-class MsiEvent:
+class MsiEvent(Struct, frozen=True):
     """Device -> monitor: asks that MSI-X vector `vector` send `data` to `address` (what the
     guest wrote in its table entry); the monitor checks it and answers with a RouteDone."""
 
@@ -146,8 +137,7 @@ class MsiEvent:
     data: Annotated[int, schema.U32]
 
 
-@dataclass(frozen=True, slots=True)
-class RouteDone:
+class RouteDone(Struct, frozen=True):
     """Monitor -> device: the answer to a RouteEvent or MsiEvent of the same id."""
 
     op: Literal["route_done"]

@@ -22,8 +22,9 @@ anything else unasked is a broken channel, as before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+from msgspec import Struct
 
 from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import control
@@ -38,26 +39,22 @@ MAX_EVENTS_PER_REQUEST = 256
 MAX_REPORT_TEXT = control.MAX_ERROR_TEXT
 
 
-@dataclass(frozen=True, slots=True)
-class Published:
+class Published(Struct, frozen=True):
     state: dict[str, Any]  # {model, version, fields}: the fields stay opaque to the monitor
     applied: int | None = None  # frames applied when the state was taken (None: not said)
     emitted: int | None = None  # output bytes its line had taken by then
 
 
-@dataclass(frozen=True, slots=True)
-class Report:
+class Report(Struct, frozen=True):
     message: str  # printable, at most MAX_REPORT_TEXT characters
 
 
-@dataclass(frozen=True, slots=True)
-class RouteRequest:
+class RouteRequest(Struct, frozen=True):
     id: int
     gsi: int
 
 
-@dataclass(frozen=True, slots=True)
-class MsiRequest:
+class MsiRequest(Struct, frozen=True):
     id: int
     vector: int
     address: int

@@ -20,8 +20,9 @@ SIGABRT included. A fault the CPU raises (a read of address 0) is forced, and ki
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Literal
+
+from msgspec import Struct
 
 from splitvmm.errors import ConfigError, SplitvmmError, shown
 from splitvmm.protocol import schema
@@ -34,8 +35,7 @@ EXIT_STATUS = 3  # the status an `exit` fault leaves with: no other path of a de
 Kind = Literal["crash", "delay", "drop", "exit"]
 
 
-@dataclass(frozen=True, slots=True)
-class Fault:
+class Fault(Struct, frozen=True):
     kind: Kind
     after: Annotated[int, schema.Range(1, (1 << 32) - 1)]  # the frame it fires at, from 1
     delay_ms: Annotated[int, schema.Range(0, MAX_DELAY_MS)]  # delay only

@@ -19,7 +19,8 @@ import enum
 import hashlib
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from splitvmm.protocol.wire import ACCESS_SIZES, MAX_MIRRORED, MIRROR_BYTES
 
@@ -47,8 +48,7 @@ class FdKind(enum.Enum):
     TAP = "tap"
 
 
-@dataclass(frozen=True, slots=True)
-class FdRole:
+class FdRole(Struct, frozen=True):
     name: str  # the key in the device's DeviceSpec.fds
     kind: FdKind
     option: str = ""  # OUTPUT, DISK, TAP: the option naming the stream, file or interface
@@ -61,8 +61,7 @@ def indexed_roles(prefix: str, kind: FdKind, count: int) -> tuple[FdRole, ...]:
     return tuple(FdRole(f"{prefix}{i}", kind, index=i) for i in range(count))
 
 
-@dataclass(frozen=True, slots=True)
-class PortWindow:
+class PortWindow(Struct, frozen=True):
     """An x86 port-I/O window at a fixed address (ISA), with its ISA interrupt line."""
 
     base: int
@@ -79,8 +78,7 @@ class BarKind(enum.Enum):
     MEM64 = "mem64"  # memory anywhere, two BAR registers (this one and the next)
 
 
-@dataclass(frozen=True, slots=True)
-class PciBar:
+class PciBar(Struct, frozen=True):
     """One BAR of a PCI function: the monitor places it in the PCI hole and owns its decode."""
 
     index: int  # 0-5; a MEM64 BAR also takes index + 1
@@ -89,8 +87,7 @@ class PciBar:
     prefetchable: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class QueueNotify:
+class QueueNotify(Struct, frozen=True):
     """Where a virtio function's queue notify addresses are (virtio 1.2 4.1.4.4): queue q's
     at BAR `bar` + `offset` + q * `multiplier`. The monitor puts an ioeventfd on each (fd
     roles of kind NOTIFY), at the BAR's current base: a guest write there costs no exit."""
@@ -101,8 +98,7 @@ class QueueNotify:
     queues: int
 
 
-@dataclass(frozen=True, slots=True)
-class Region:
+class Region(Struct, frozen=True):
     """A part of a PCI function's window on its device channel (see PciFunction)."""
 
     start: int  # offset in the flat window
@@ -114,8 +110,7 @@ CONFIG_REGION_SIZE = 4096  # PCI Express configuration space (ECAM reaches all o
 REGION_ALIGN = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class PciFunction:
+class PciFunction(Struct, frozen=True):
     """A PCI function on bus 0. Its device process serves its configuration space (header,
     capabilities) and its BARs' registers; the monitor owns what it must: the BAR registers
     (placement, sizing, moves), the command register's decode enables, the ioeventfds on
@@ -165,8 +160,7 @@ class PciFunction:
 Transport = PortWindow | PciFunction
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(Struct, frozen=True):
     """One option of a model's [[device]] table.
 
     host_resource: the option names something on the host (a path, a socket, later an
@@ -184,8 +178,7 @@ class Option:
     derive: Callable[[str, str], object] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class OutputRecipe:
+class OutputRecipe(Struct, frozen=True):
     """How to make a model emit output through its registers, for workloads that must
     stall its output (`splitvmm policy audit`): posted writes of (offset, value) that set
     it up, then writes of any byte at `emit_offset` each emit that byte."""
@@ -194,8 +187,7 @@ class OutputRecipe:
     emit_offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class InterruptRecipe:
+class InterruptRecipe(Struct, frozen=True):
     """How to make a model raise its interrupt again and again, for workloads that must see
     its timed events (`splitvmm policy audit`): posted writes of (offset, value) that start
     it, then for each interrupt the `ack` writes and a read at `ack_read`, then `stop`."""
@@ -206,8 +198,7 @@ class InterruptRecipe:
     stop: tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class QueueRecipe:
+class QueueRecipe(Struct, frozen=True):
     """What one of a virtio model's queues is given, for workloads that must see it do its
     I/O (`splitvmm policy audit`): chains of (the bytes the driver sends, how many bytes it
     lets the device write), each made available and notified in turn; with
@@ -221,8 +212,7 @@ class QueueRecipe:
     host_input: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class ModelDescriptor:
+class ModelDescriptor(Struct, frozen=True):
     name: str  # the config's `model`, the policy's file name, the log name
     transport: Transport
     options: tuple[Option, ...] = ()

@@ -1,11 +1,10 @@
 """One strict codec for every document that crosses a trust boundary: device and vCPU/VM
 states, the snapshot manifest, control messages.
 
-A record is a frozen dataclass (or a TypedDict, decoded to a plain dict) whose field types say
-everything the codec checks, through typing.Annotated:
+A record is a frozen msgspec.Struct (or a TypedDict, decoded to a plain dict) whose field types
+say everything the codec checks, through typing.Annotated:
 
-    @dataclass(frozen=True, slots=True)
-    class Region:
+    class Region(Struct, frozen=True):
         gpa: Annotated[int, Range(0, 1 << 52), Multiple(4096)]
         data: Annotated[bytes, Size(512)]            # base64 of exactly 512 bytes
         name: Annotated[str, Pattern(r"[a-z]{1,8}", "a short name")]
@@ -29,8 +28,8 @@ What a record class may declare:
   field ("chunks['vcpu0'].size") rather than by its index, when the field is valid.
 - validate(self): cross-field invariants, raising Invalid; decode calls it on every record
   it builds (code that builds records itself is trusted).
-- A field with metadata=LOCAL is not part of the document (never written, never read: it
-  keeps its default). Annotated[X | None, OPTIONAL_KEY]: the key may be absent, which means
+- A field typed Annotated[X, LOCAL] is not part of the document (never written, never read:
+  it keeps its default). Annotated[X | None, OPTIONAL_KEY]: the key may be absent, which means
   None, and None is written by leaving the key out.
 
 Plans (one encoder and one decoder per type) are built once per class and cached: snapshot
@@ -41,15 +40,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
 import math
 import re
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, Union
+
+from msgspec import Struct
 
 from splitvmm.errors import SplitvmmError, clip, shown
 
@@ -62,8 +61,7 @@ Upgrade = Callable[[dict[str, Any]], dict[str, Any]]
 # --- constraints ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Range:
+class Range(Struct, frozen=True):
     """An int from lo to hi, both included."""
 
     lo: int
@@ -74,29 +72,25 @@ U8, U16 = Range(0, (1 << 8) - 1), Range(0, (1 << 16) - 1)
 U32, U64 = Range(0, (1 << 32) - 1), Range(0, (1 << 64) - 1)
 
 
-@dataclass(frozen=True, slots=True)
-class Multiple:
+class Multiple(Struct, frozen=True):
     """An int that is a multiple of n (an aligned address)."""
 
     n: int
 
 
-@dataclass(frozen=True, slots=True)
-class Size:
+class Size(Struct, frozen=True):
     """Exactly n bytes (of bytes), characters (of str) or items (of a collection)."""
 
     n: int
 
 
-@dataclass(frozen=True, slots=True)
-class MaxLen:
+class MaxLen(Struct, frozen=True):
     """At most n bytes, characters, items or entries."""
 
     n: int
 
 
-@dataclass(frozen=True, slots=True)
-class Len:
+class Len(Struct, frozen=True):
     """From lo to hi bytes, characters, items or entries, in whole multiples of `multiple`."""
 
     lo: int
@@ -104,8 +98,7 @@ class Len:
     multiple: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Pattern:
+class Pattern(Struct, frozen=True):
     """A str that re.fullmatch()es `regex`; `description` says what it must be, for the
     message: "'a/b' is not a chunk name (1-63 letters, digits, '_', '.' or '-')"."""
 
@@ -113,8 +106,7 @@ class Pattern:
     description: str
 
 
-@dataclass(frozen=True)
-class FieldTypes:
+class FieldTypes(Struct, frozen=True):
     """On a record from a layer that cannot import this module (native/): the types to read
     its fields as, e.g. Annotated[CpuidEntry, FieldTypes({"eax": Annotated[int, U32], ...})]."""
 
@@ -130,7 +122,7 @@ class _Marker:
 
 
 OPTIONAL_KEY = _Marker("OPTIONAL_KEY")
-LOCAL: Mapping[str, object] = types.MappingProxyType({"splitvmm.schema": "local"})
+LOCAL = _Marker("LOCAL")
 
 
 class Invalid(Exception):
@@ -249,8 +241,7 @@ Encoder = Callable[[Any], Any]
 Decoder = Callable[[Any], Any]
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
+class _Plan(Struct, frozen=True):
     encode: Encoder
     decode: Decoder
     label: Callable[[Any], str | None] | None = None  # a record item's name (LABEL)
@@ -290,7 +281,7 @@ def _build(tp: object) -> _Plan:
     builder = _BUILDERS.get(origin or base)
     if builder is not None:
         return builder(base, args, meta)
-    if isinstance(base, type) and dataclasses.is_dataclass(base):
+    if isinstance(base, type) and issubclass(base, Struct):
         return _record(base, meta)
     if isinstance(base, type) and typing.is_typeddict(base):
         _only(meta, (), tp)
@@ -634,15 +625,10 @@ def _dict(base: object, args: tuple[object, ...], meta: tuple[object, ...]) -> _
 # --- records -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Field:
+class _Field(Struct, frozen=True):
     name: str
     plan: _Plan
     optional_key: bool  # may be absent (None), written only when not None
-
-
-def _local(f: dataclasses.Field[Any]) -> bool:
-    return f.metadata.get("splitvmm.schema") == "local"
 
 
 def _fields(hints: Mapping[str, Any], names: list[str]) -> list[_Field]:
@@ -701,12 +687,13 @@ def _object(fields: list[_Field], get: Callable[[Any, str], Any]) -> tuple[Encod
     return enc, dec
 
 
-def _record(cls: type, meta: tuple[object, ...]) -> _Plan:
+def _record(cls: type[Struct], meta: tuple[object, ...]) -> _Plan:
     _only(meta, (FieldTypes,), cls)
     hints = dict(typing.get_type_hints(cls, include_extras=True))
     for m in meta:
         hints.update(typing.cast(FieldTypes, m).types)
-    fields = _fields(hints, [f.name for f in dataclasses.fields(cls) if not _local(f)])
+    names = [n for n in cls.__struct_fields__ if LOCAL not in _split(hints[n])[1]]
+    fields = _fields(hints, names)
     enc, dec_fields = _object(fields, getattr)
     validate: Callable[[Any], None] | None = getattr(cls, "validate", None)
 

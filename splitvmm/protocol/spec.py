@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field, replace
 from typing import cast
+
+from msgspec import Struct, field
+from msgspec.structs import asdict, replace
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
 # -I (isolated): `-m` would put the working directory first on sys.path, so a json.py there
 # would run in every device before its sandbox; -I leaves it out, and PYTHON* variables too.
 DEVICE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs")
-# The launcher's zygote (sandbox/zygote.py): this interpreter, every device model imported,
-# forking a device per request; its argument is its socket's fd.
-ZYGOTE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs.zygote")
 
 # What `ctl crash-device --signal` may send a device (monitor.policy allows these, through a
 # pidfd only): the ways a process dies that crash testing wants to see.
@@ -33,8 +32,7 @@ def spare_path(channel: str) -> str:
     return channel.removeprefix("ipc://") + ".spare"
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceSpec:
+class DeviceSpec(Struct, frozen=True):
     name: str  # the configured device name, e.g. "serial0"
     model: str  # a key of protocol.models.MODELS
     channel: str  # ZeroMQ endpoint to connect to (ipc://...)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from splitvmm.errors import ProtocolError
 
@@ -47,8 +48,7 @@ class Op(enum.IntEnum):
     MIRROR = 8
 
 
-@dataclass(frozen=True, slots=True)
-class Access:
+class Access(Struct, frozen=True):
     """A guest access forwarded to a device: `offset` is relative to the device window."""
 
     op: Op
@@ -58,8 +58,7 @@ class Access:
     data: bytes  # the written bytes (WRITE), the input bytes (INPUT), b"" for READ
 
 
-@dataclass(frozen=True, slots=True)
-class Mirror:
+class Mirror(Struct, frozen=True):
     """What a read of each mirrored register returns now, as its device publishes it.
 
     values: per register its model declares (ModelDescriptor.mirrored, in that order), the

@@ -70,9 +70,6 @@ warden has died -- on SIGCHLD.
 
 from __future__ import annotations
 
-import array
-import fcntl
-import gc
 import itertools
 import json
 import os
@@ -80,22 +77,22 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from splitvmm.errors import DeviceFailure, SplitvmmError, clip
-from splitvmm.native import confine
+from msgspec import Struct
+
+from splitvmm.errors import DeviceFailure, clip
 from splitvmm.protocol.spec import DeviceSpec
-from splitvmm.sandbox.spawn import DeviceProcess, check_spec_size, device_env, readable
-from splitvmm.sandbox.zygote import MAX_DEVICE_FDS, Zygote
+from splitvmm.sandbox import launcher_start
+from splitvmm.sandbox.launcher_start import LauncherError, close_all, receive, send
+from splitvmm.sandbox.spawn import DeviceProcess, check_spec_size, readable
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 T = TypeVar("T")
 
-MAX_FDS = MAX_DEVICE_FDS  # a request carries one device's fds (sandbox/zygote.py)
 MAX_DEVICES = 64  # live devices of one VM: a compromised monitor gets no fork bomb
 MAX_MESSAGE = 4096  # a request header or a reply; the spec comes in chunks after its header
 CHUNK = 64 << 10  # a SOCK_SEQPACKET message must fit the socket's send buffer (~208 KiB)
@@ -106,50 +103,7 @@ SEND_TIMEOUT_S = 10.0  # a launcher that stops reading has failed
 STOP_TIMEOUT_S = 5.0  # the launcher ends at once when the monitor closes its socket
 
 
-class LauncherError(SplitvmmError):
-    """The launcher is gone or broke its protocol; no device can be started any more."""
-
-
-def thread_count() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-# -- messages ---------------------------------------------------------------------------------
-def send(sock: socket.socket, msg: dict[str, object] | bytes, fds: Sequence[int] = ()) -> None:
-    data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
-    socket.send_fds(sock, [data], list(fds))
-
-
-def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
-    """One message, the fds it carries (close-on-exec), and whether it was cut: over `size`
-    bytes or MAX_FDS fds (the kernel closes the fds that did not fit)."""
-    fds = array.array("i")
-    data, ancdata, flags, _ = sock.recvmsg(
-        size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-    )
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
-
-
-def close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-
-
-def _fd_above_stdio(sock: socket.socket) -> socket.socket:
-    """The socket on an fd above 2: with stdin closed, a socketpair may get fd 0, which the
-    console (and the launcher's /dev/null) will claim."""
-    if sock.fileno() > 2:
-        return sock
-    fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
-    sock.close()
-    return socket.socket(fileno=fd)
-
-
-@dataclass(frozen=True, slots=True)
-class _Reply:
+class _Reply(Struct, frozen=True):
     """A message from the launcher, checked (see _REPLIES)."""
 
     op: str
@@ -194,6 +148,8 @@ class Launcher:
     """The monitor's handle on its launcher; safe from any thread."""
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
+        """The handle on a launcher that launcher_start.fork() started: its socket and pid."""
+        sock.settimeout(SEND_TIMEOUT_S)
         self._sock = sock
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)  # now: a confined monitor may not open one
@@ -213,26 +169,7 @@ class Launcher:
         """Fork the launcher; the devices' channels will be in `channel_dir` (or the one
         given to configure() later). Call it first, single-threaded (a fork in a threaded
         process is unsafe, gh-100228)."""
-        if thread_count() != 1:
-            raise LauncherError("the launcher must be started before any thread exists")
-        pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours, theirs = (_fd_above_stdio(s) for s in pair)
-        monitor = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            gc.freeze()  # what we inherited is never collected: no finalizer closes an fd we reuse
-            try:
-                code = _launcher_main(theirs.detach(), monitor)
-            except BaseException:
-                import traceback  # here: what `up` imports before the fork delays the zygote
-
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        theirs.close()
-        ours.settimeout(SEND_TIMEOUT_S)
-        launcher = cls(ours, pid)
+        launcher = cls(*launcher_start.fork())
         # Not waiting for its ready here: `up` goes on importing while it sets up (the first
         # request waits for it).
         if channel_dir is not None:
@@ -370,40 +307,6 @@ class Launcher:
         os.waitpid(self.pid, 0)
         os.close(self._pidfd)
         self._pidfd = -1
-
-
-def _launcher_main(sock_fd: int, monitor: int) -> int:
-    """The forked launcher, from its first instruction to its exit status. The zygote starts
-    before this process imports what it serves requests with (sandbox/launcher_server.py):
-    the zygote's imports are the longest path to the first device."""
-    os.setsid()  # the terminal's signals are the monitor's
-    confine.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != monitor:  # the monitor died before prctl took effect
-        return 1
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-    _keep_only_fds(sock_fd)
-    confine.set_no_new_privs()
-    confine.set_child_subreaper()  # before the zygote: its grandchildren are ours
-    zygote = Zygote.start(device_env())
-    sock = socket.socket(fileno=sock_fd)
-    from splitvmm.sandbox import launcher_server
-
-    send(sock, {"op": "ready"})
-    launcher_server.serve(sock, zygote)
-    return 0
-
-
-def _keep_only_fds(sock_fd: int) -> None:
-    """/dev/null as stdin and stdout, stderr kept for the devices, the socket; nothing else."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        if fd != null:
-            os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-    os.closerange(3, sock_fd)
-    os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 class LaunchedProcess(DeviceProcess):

@@ -11,7 +11,8 @@ import select
 import signal
 import socket
 import time
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults
@@ -21,15 +22,12 @@ from splitvmm.sandbox.launcher import (
     CHUNK,
     CHUNK_TIMEOUT_S,
     MAX_DEVICES,
-    MAX_FDS,
     MAX_MESSAGE,
     STOP_TIMEOUT_S,
-    close_all,
-    receive,
-    send,
 )
-from splitvmm.sandbox.spawn import ChildProcess, device_env, readable, resume_child, spawn_child
-from splitvmm.sandbox.zygote import Zygote
+from splitvmm.sandbox.launcher_start import MAX_FDS, close_all, receive, send
+from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
+from splitvmm.sandbox.zygote import Zygote, device_env
 
 
 class Refused(Exception):

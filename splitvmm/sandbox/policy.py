@@ -30,10 +30,10 @@ import re
 import signal
 import termios
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyseccomp as seccomp
+from msgspec import Struct
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import files, tun
@@ -100,8 +100,7 @@ class PolicyError(SplitvmmError):
     """A policy file cannot be parsed or compiled; str() starts with file:line."""
 
 
-@dataclass(frozen=True, slots=True)
-class Cmp:
+class Cmp(Struct, frozen=True):
     """`argN & mask == value` (mask is all ones for a plain `==`)."""
 
     arg: int
@@ -109,16 +108,14 @@ class Cmp:
     value: int
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(Struct, frozen=True):
     syscall: str
     where: str  # "file:line", for error messages and `policy check`
     errno: int = 0  # non-zero: `return ERRNO`
     any_of: tuple[Cmp, ...] = ()  # empty: allowed whatever the arguments
 
 
-@dataclass(slots=True)
-class Policy:
+class Policy(Struct):
     rules: dict[str, Rule]
     files: list[Path]
 

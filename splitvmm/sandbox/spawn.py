@@ -36,24 +36,15 @@ import signal
 import socket
 import subprocess
 import threading
-from dataclasses import replace
 from typing import IO
+
+from msgspec.structs import replace
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
-from splitvmm.sandbox.zygote import FIRST_FD, Zygote
+from splitvmm.sandbox.zygote import FIRST_FD, Zygote, device_env
 
-# Environment variables a device process inherits: only what the device code reads itself
-# (sandbox/policy.py). Nothing else of the monitor's environment (credentials in it,
-# LD_PRELOAD, PYTHONPATH...) reaches a process that parses guest data. The interpreter needs
-# none: sys.executable finds its virtual environment through pyvenv.cfg, without PATH.
-DEVICE_ENV = ("SPLITVMM_POLICY_DIR",)
 REAP_TIMEOUT_S = 5.0  # a device killed before it read its spec
-
-
-def device_env() -> dict[str, str]:
-    """The environment of a device process (and of the zygote that forks them)."""
-    return {k: os.environ[k] for k in DEVICE_ENV if k in os.environ}
 
 
 def start_device(

@@ -50,11 +50,21 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 
 from splitvmm.errors import exit_now, system_exit_status
-from splitvmm.protocol.spec import ZYGOTE_COMMAND
 
+# How the zygote is started: this interpreter, isolated (-I, as a device: protocol/spec.py
+# DEVICE_COMMAND), every device model imported, forking a device per request; its argument
+# is its socket's fd. This module is on the launcher's path to that exec
+# (sandbox/launcher_start.py): it imports no protocol module.
+ZYGOTE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs.zygote")
+# Environment variables a device process inherits: only what the device code reads itself
+# (sandbox/policy.py). Nothing else of the monitor's environment (credentials in it,
+# LD_PRELOAD, PYTHONPATH...) reaches a process that parses guest data. The interpreter needs
+# none: sys.executable finds its virtual environment through pyvenv.cfg, without PATH.
+DEVICE_ENV = ("SPLITVMM_POLICY_DIR",)
 # fds of one device: a virtio device's irqfds, ioeventfds, RAM and backend fit (the launcher
 # takes no request with more: sandbox/launcher.py MAX_FDS)
 MAX_DEVICE_FDS = 16
@@ -66,6 +76,11 @@ READY_TIMEOUT_S = 30.0  # the zygote's imports, on a loaded host
 FORK_TIMEOUT_S = 10.0  # two forks
 EXIT_TIMEOUT_S = 1.0  # a zygote that closed its socket is ending
 MESSAGE = 256
+
+
+def device_env() -> dict[str, str]:
+    """The environment of a device process (and of the zygote that forks them)."""
+    return {k: os.environ[k] for k in DEVICE_ENV if k in os.environ}
 
 
 class ZygoteError(OSError):

@@ -23,9 +23,11 @@ from __future__ import annotations
 import json
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from splitvmm.config import MAX_MEMORY, NAME_RE
 from splitvmm.errors import SplitvmmError, shown
@@ -71,8 +73,7 @@ Hex256 = Annotated[str, Pattern("[0-9a-f]{64}", "64 lowercase hex digits")]  # a
 Bytes = Annotated[int, Range(PAGE_SIZE, MAX_MEMORY), Multiple(PAGE_SIZE)]  # of guest memory
 
 
-@dataclass(frozen=True, slots=True)
-class RegionEntry:
+class RegionEntry(Struct, frozen=True):
     gpa: Annotated[int, Range(0, MAX_GPA), Multiple(PAGE_SIZE)]
     size: Bytes
     offset: Annotated[int, Range(0, MAX_MEMORY), Multiple(PAGE_SIZE)]  # offset in the memfd
@@ -82,8 +83,7 @@ class RegionEntry:
             raise Invalid(f"gpa + size {self.gpa + self.size:#x} is above 2**52")
 
 
-@dataclass(frozen=True, slots=True)
-class MemoryEntry:
+class MemoryEntry(Struct, frozen=True):
     size: Bytes
     regions: Annotated[tuple[RegionEntry, ...], Len(1, MAX_REGIONS)]
 
@@ -99,16 +99,14 @@ class MemoryEntry:
             raise Invalid(f"regions cover {offset} bytes, size says {self.size}")
 
 
-@dataclass(frozen=True, slots=True)
-class Digest:
+class Digest(Struct, frozen=True):
     """A chunk's checksum and the algorithm that made it (digest.py)."""
 
     alg: Algorithm
     hex: Hex256  # lowercase
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkEntry:
+class ChunkEntry(Struct, frozen=True):
     LABEL: ClassVar[str] = "name"  # errors name a chunk as users know it: chunks['vcpu0']
 
     kind: Kind
@@ -159,8 +157,7 @@ def _upgrade_chunk_v1(chunk: object) -> object:
     return upgraded
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
+class Manifest(Struct, frozen=True):
     VERSION: ClassVar[int] = FORMAT_VERSION
     # from_version -> function turning a manifest of that version into one of from_version + 1
     # (without its format and format_version keys).
@@ -173,7 +170,7 @@ class Manifest:
     memory: MemoryEntry
     chunks: Annotated[tuple[ChunkEntry, ...], MaxLen(MAX_CHUNKS)]
     # the format_version on disk, before any upgrade (not a key of its own)
-    read_version: int = field(default=FORMAT_VERSION, metadata=schema.LOCAL)
+    read_version: Annotated[int, schema.LOCAL] = FORMAT_VERSION
 
     def validate(self) -> None:
         _check_created(self.created)

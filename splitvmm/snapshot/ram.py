@@ -34,8 +34,9 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import BinaryIO, Final, Protocol
+
+from msgspec import Struct
 
 from splitvmm.snapshot import digest
 from splitvmm.snapshot.format import PAGE_SIZE, SnapshotError
@@ -79,8 +80,7 @@ class RamLike(MemoryLayoutLike, Protocol):
     def map(self) -> mmap.mmap: ...
 
 
-@dataclass(frozen=True, slots=True)
-class RamStats:
+class RamStats(Struct, frozen=True):
     extents: int
     data_bytes: int
     file_bytes: int

@@ -8,8 +8,9 @@ hands to SnapshotWriter.add_json_chunk is what Snapshot.read_json gives back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
+
+from msgspec import Struct
 
 from splitvmm.errors import shown
 from splitvmm.protocol import schema
@@ -24,8 +25,7 @@ from splitvmm.snapshot.format import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceChunk:
+class DeviceChunk(Struct, frozen=True):
     """A device chunk's file: the model's state document, its fields under "state"."""
 
     model: Name

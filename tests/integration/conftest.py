@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from msgspec import Struct
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,8 +19,7 @@ def guests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_guests(tmp_path_factory.mktemp("guests"))
 
 
-@dataclass
-class Run:
+class Run(Struct):
     status: int
     serial: str  # what the guest wrote to the serial device
     stderr: str  # the monitor's messages
@@ -72,8 +71,7 @@ def run_up(
 SIGNING_KEY = b"integration-test-signing-key-32b"
 
 
-@dataclass(frozen=True)
-class Saved:
+class Saved(Struct, frozen=True):
     snap: Path  # a suspended counter guest, signed with `key`
     config: Path  # its config (64 MiB, serial0 to a file)
     key: Path  # the signing key file (0600)

@@ -4,18 +4,17 @@ real eventfds, and a model that watches fds and has timed events. No device proc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import pytest
 import zmq
+from msgspec import Struct, field
 
 from splitvmm.devprocs.base import DeviceContext, Source
 from splitvmm.devprocs.eventloop import EventLoop
 from tests.fakes import FakeIrq
 
 
-@dataclass
-class Recorder:
+class Recorder(Struct):
     """A model with an fd it watches while `watching`, and a deadline."""
 
     ctx: DeviceContext

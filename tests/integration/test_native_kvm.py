@@ -13,9 +13,9 @@ import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
+from msgspec import Struct
 
 from splitvmm.errors import KvmError
 from splitvmm.monitor import layout
@@ -65,8 +65,7 @@ PIO_WRITE_LOOP = loop(bytes([0xBA, *PORT.to_bytes(2, "little"), 0xB0, VALUE, 0xE
 MMIO_WRITE_LOOP = loop(bytes([0xB0, VALUE, 0xA2, *MMIO_GPA.to_bytes(2, "little"), 0xE6, 0xF4]))
 
 
-@dataclass
-class Guest:
+class Guest(Struct):
     vm: VmFd
     vcpu: VcpuFd
     ram: mmap.mmap

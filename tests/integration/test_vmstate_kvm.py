@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import mmap
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 
 import pytest
+from msgspec import Struct
+from msgspec.structs import replace
 
 from splitvmm.monitor import layout
 from splitvmm.monitor.cpuid import CpuidMask, setup_cpuid
@@ -83,8 +84,7 @@ def loop_code(data_gpa: int) -> bytes:
     )
 
 
-@dataclass
-class Guest:
+class Guest(Struct):
     vm: VmFd
     ram: mmap.mmap
     vcpus: list[VcpuFd]
@@ -170,8 +170,7 @@ def complete_pending_io(vcpu: VcpuFd) -> None:
     vcpu.set_immediate_exit(False)
 
 
-@dataclass
-class Saved:
+class Saved(Struct):
     vm: VmState
     vcpus: list[VcpuState]
     ram: bytes

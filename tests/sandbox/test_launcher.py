@@ -10,16 +10,17 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import zmq
+from msgspec.structs import replace
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
-from splitvmm.sandbox.launcher import MAX_FDS, Launcher, LauncherError
+from splitvmm.sandbox.launcher import Launcher
+from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
 
 pytestmark = pytest.mark.sandbox
 

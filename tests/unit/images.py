@@ -7,7 +7,8 @@ header offsets of Documentation/arch/x86/boot.rst.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 MIB = 1 << 20
 
@@ -16,8 +17,7 @@ EHDR = struct.Struct("<4sBBB9sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
 
 
-@dataclass(frozen=True)
-class Seg:
+class Seg(Struct, frozen=True):
     paddr: int
     data: bytes
     memsz: int | None = None  # default: len(data)

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from splitvmm import __version__
 from splitvmm.cli import SUBCOMMANDS, cli, early
 from splitvmm.errors import system_exit_status
+from splitvmm.sandbox import launcher, launcher_start
 from splitvmm.sandbox.launcher import Launcher
 
 
@@ -84,8 +85,8 @@ def test_main_exits_with_the_commands_status_after_flushing_output(tmp_path):
 
 def test_main_does_not_import_from_the_working_directory(tmp_path):
     """`python -m` puts the working directory first on sys.path: a json.py, copy.py or
-    dataclasses.py there must not stand in for the standard library's."""
-    for module in ("json", "copy", "dataclasses", "click"):
+    typing.py there must not stand in for the standard library's."""
+    for module in ("json", "copy", "typing", "click"):
         (tmp_path / f"{module}.py").write_text('raise SystemExit("imported from the cwd")\n')
     proc = subprocess.run(
         [sys.executable, "-m", "splitvmm", "up", str(tmp_path / "missing.toml")],
@@ -113,9 +114,10 @@ def test_early_subcommand_skips_root_options_and_their_values(args, found):
 
 
 def test_early_launcher_is_taken_once_and_only_for_a_vm(monkeypatch):
-    started = []
-    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: started.append(1) or "L"))
+    forked = []
+    monkeypatch.setattr(launcher_start, "fork", lambda: forked.append(1) or ("sock", 42))
+    monkeypatch.setattr(launcher, "Launcher", lambda sock, pid: ("L", sock, pid))
     early.start_launcher(["ctl", "status"])
-    assert (started, early.take()) == ([], None)
+    assert (forked, early.take()) == ([], None)
     early.start_launcher(["up", "vm.toml"])
-    assert (early.take(), early.take()) == ("L", None)
+    assert (early.take(), early.take()) == (("L", "sock", 42), None)

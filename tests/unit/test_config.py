@@ -1,4 +1,4 @@
-"""Config errors name the key and what was expected; good configs parse to dataclasses."""
+"""Config errors name the key and what was expected; good configs parse to records."""
 
 import tomllib
 from pathlib import Path

@@ -4,17 +4,16 @@ failed one resumes it. The machine, its vCPUs and the writer are fakes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from msgspec import Struct, field
 
 from splitvmm.monitor.coordinator import Coordinator
 
 
-@dataclass
-class FakeVcpu:
+class FakeVcpu(Struct):
     events: list[str]
 
     def request_pause(self) -> None:
@@ -27,8 +26,7 @@ class FakeVcpu:
         self.events.append("resume")
 
 
-@dataclass
-class FakeWriter:
+class FakeWriter(Struct):
     events: list[str]
     target: Path
     fail: bool = False

@@ -7,9 +7,9 @@ import gzip
 import io
 import re
 import stat
-from dataclasses import dataclass
 
 import pytest
+from msgspec import Struct
 
 from splitvmm.guestkit.initramfs import (
     CpioEntry,
@@ -26,8 +26,7 @@ FIELDS = (
 ).split()
 
 
-@dataclass(frozen=True)
-class Member:
+class Member(Struct, frozen=True):
     offset: int  # of the header in the archive
     magic: bytes
     fields: dict[str, int]

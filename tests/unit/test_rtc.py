@@ -9,13 +9,13 @@ divider chain leaves reset.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.rtc import (

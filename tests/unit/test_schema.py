@@ -10,12 +10,13 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Annotated, Any, ClassVar, Literal, TypedDict, Union
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec import Struct
+from msgspec.structs import replace
 
 from splitvmm.devprocs.serial import UartState
 from splitvmm.errors import ProtocolError, StateError
@@ -44,8 +45,7 @@ from splitvmm.snapshot.format import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Part:
+class Part(Struct, frozen=True):
     LABEL: ClassVar[str] = "name"
     name: Annotated[str, Pattern("[a-z]{1,8}", "a short name")]
     weight: Annotated[int, U8]
@@ -56,14 +56,14 @@ class Pair(TypedDict):
     right: list[bool]
 
 
-@dataclass(frozen=True)
-class Plain:  # a record of another layer's (native/'s CpuidEntry): no Annotated of its own
+class Plain(
+    Struct, frozen=True
+):  # a record of another layer's (native/'s CpuidEntry): no Annotated of its own
     a: int
     b: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Sample:
+class Sample(Struct, frozen=True, kw_only=True):
     gpa: Annotated[int, Range(0, 1 << 52), Multiple(4096)]
     blob: Annotated[bytes, Size(12)]
     area: Annotated[bytes, Len(8, 16, multiple=4)]
@@ -79,7 +79,7 @@ class Sample:
     note: Annotated[str | None, MaxLen(3)]
     extra: Annotated[Annotated[str, MaxLen(3)] | None, OPTIONAL_KEY] = None
     opaque: Any = None
-    local: int = field(default=9, metadata=schema.LOCAL)
+    local: Annotated[int, schema.LOCAL] = 9
 
 
 SAMPLE = Sample(
@@ -265,8 +265,7 @@ def test_schema_huge_int_is_described_not_printed():
 # --- record hooks ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+class Span(Struct, frozen=True):
     start: Annotated[int, U8]
     end: Annotated[int, U8]
 
@@ -275,8 +274,7 @@ class Span:
             raise Invalid(f"{self.end} is before start {self.start}", at="end")
 
 
-@dataclass(frozen=True, slots=True)
-class Spans:
+class Spans(Struct, frozen=True):
     spans: tuple[Span, ...]
 
 
@@ -288,8 +286,7 @@ def test_schema_validate_refusal_names_its_place():
 
 
 def test_schema_unsupported_type_is_a_bug_not_data():
-    @dataclass(frozen=True)
-    class Floaty:
+    class Floaty(Struct, frozen=True):
         ratio: float
 
     with pytest.raises(TypeError, match="unsupported type"):
@@ -297,8 +294,7 @@ def test_schema_unsupported_type_is_a_bug_not_data():
 
 
 def test_schema_constraint_of_another_type_is_a_bug_not_data():
-    @dataclass(frozen=True)
-    class Wrong:
+    class Wrong(Struct, frozen=True):
         name: Annotated[str, Range(0, 1)]
 
     with pytest.raises(TypeError, match="does not apply"):
@@ -308,8 +304,7 @@ def test_schema_constraint_of_another_type_is_a_bug_not_data():
 # --- versions -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Versioned:
+class Versioned(Struct, frozen=True):
     VERSION: ClassVar[int] = 3
     UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {
         1: lambda d: {"size": d["length"]},  # v2 renamed length to size
@@ -347,8 +342,7 @@ def test_schema_upgrade_refuses_bad_version_or_data(doc, version, message):
         decode_versioned(doc, version)
 
 
-@dataclass(frozen=True, slots=True)
-class Gap:
+class Gap(Struct, frozen=True):
     VERSION: ClassVar[int] = 2  # and no UPGRADES: v1 cannot be read
     size: int
 
@@ -480,8 +474,12 @@ def _record(cls: Any, meta: tuple[object, ...], checked: bool = True) -> st.Sear
         hints.update(m.types)
     if typing.is_typeddict(cls):
         return st.fixed_dictionaries({k: values(t) for k, t in hints.items()})
-    assert is_dataclass(cls), cls
-    names = [f.name for f in fields(cls) if f.metadata.get("splitvmm.schema") != "local"]
+    assert issubclass(cls, Struct), cls
+    names = [
+        n
+        for n in cls.__struct_fields__
+        if schema.LOCAL not in getattr(hints[n], "__metadata__", ())
+    ]
     records = st.builds(cls, **{n: values(hints[n]) for n in names})
     return records.filter(_valid) if checked else records
 

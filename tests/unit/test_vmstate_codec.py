@@ -5,13 +5,13 @@ No /dev/kvm: struct sizes and field widths come from the header through the buil
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from splitvmm.errors import StateError
 from splitvmm.monitor.vmstate import (
@@ -76,7 +76,7 @@ def vcpu_state(**changes: Any) -> VcpuState:
         msrs={MSR_IA32_TSC: U64_MAX, MSR_EFER: 0x500},
         tsc_khz=2_596_134,
     )
-    return dataclasses.replace(state, **changes)
+    return replace(state, **changes)
 
 
 def vm_state() -> VmState:
@@ -295,7 +295,7 @@ def test_vmstate_restore_vcpu_scales_tsc_beyond_tolerance() -> None:
 def test_vmstate_restore_vcpu_pads_xsave_to_host_size() -> None:
     vcpu = FakeVcpu(tsc_khz=2_596_134)
     state = vcpu_state()
-    host = dataclasses.replace(HOST, xsave_size=2 * XSAVE_MIN_SIZE)
+    host = replace(HOST, xsave_size=2 * XSAVE_MIN_SIZE)
 
     restore_vcpu(vcpu, state, host)  # type: ignore[arg-type]
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from msgspec import Struct, field
 
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs.base import DeviceContext, load_model
@@ -62,8 +63,7 @@ def signalled(fd: int) -> int:
         return 0
 
 
-@dataclass
-class Channel:
+class Channel(Struct):
     """The monitor's end of the events a device sends (DeviceEvents.connect)."""
 
     frames: list[dict[str, object]] = field(default_factory=list)

@@ -10,8 +10,9 @@ BAR registers (0x10-0x27) are the monitor's: it never forwards them, and here th
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from msgspec import Struct
 
 from splitvmm.devprocs.virtio.msix import PBA_OFFSET
 from splitvmm.protocol.models import VIRTIO_NOTIFY_MULTIPLIER, VIRTIO_PCI_VENDOR_ID
@@ -72,8 +73,7 @@ def _caps(dev: VirtioPciDevice) -> list[bytes]:
     ]
 
 
-@dataclass(slots=True)
-class CfgAccess:
+class CfgAccess(Struct):
     """VIRTIO_PCI_CAP_PCI_CFG (virtio 1.2 4.1.4.9): a window onto BAR 0 or 1 through
     configuration space, for a driver that cannot map the BARs yet. The driver sets bar,
     offset and length in the capability, then reads or writes pci_cfg_data."""

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from splitvmm.devprocs.base import DeviceEvents, Trigger
 
@@ -32,8 +33,7 @@ VECTOR_MASKED = 1  # vector control bit 0
 MSI_ADDRESS = range(0xFEE00000, 0xFEF00000)
 
 
-@dataclass(slots=True)
-class Entry:
+class Entry(Struct):
     address: int = 0
     data: int = 0
     control: int = VECTOR_MASKED  # every vector is masked at reset (PCI 3.0 6.8.2.9)

@@ -36,8 +36,9 @@ import functools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, ClassVar, Self
+
+from msgspec.structs import replace
 
 from splitvmm.devprocs.base import DeviceContext, RegisterDevice, Source
 from splitvmm.devprocs.virtio import config_space

@@ -20,7 +20,8 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+
+from msgspec import Struct, field
 
 from splitvmm.devprocs.virtio.guestram import U16, GuestRam, GuestRamError, RamWindow
 from splitvmm.errors import SplitvmmError, StateError, shown
@@ -63,8 +64,7 @@ class QueueError(SplitvmmError):
     """A hostile or broken ring: the device goes NEEDS_RESET."""
 
 
-@dataclass(slots=True)
-class Chain:
+class Chain(Struct):
     head: int  # descriptor index to return in the used ring
     readable: list[tuple[int, int]] = field(default_factory=list)  # (gpa, len) driver->device
     writable: list[tuple[int, int]] = field(default_factory=list)  # (gpa, len) device->driver

@@ -6,8 +6,9 @@ vector its table has, a pending bit of a vector that exists)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, ClassVar
+
+from msgspec import Struct
 
 from splitvmm.devprocs.base import DeviceState
 from splitvmm.protocol import schema
@@ -20,8 +21,7 @@ MAX_QUEUES = 64  # more than any model here has (the descriptor says how many)
 MAX_VECTORS = 64  # queues + 1
 
 
-@dataclass(frozen=True, slots=True)
-class QueueState:
+class QueueState(Struct, frozen=True):
     """One virtqueue's configuration (common cfg) and where the device is in it."""
 
     size: U16
@@ -34,15 +34,13 @@ class QueueState:
     used_idx: U16  # the device's used index
 
 
-@dataclass(frozen=True, slots=True)
-class MsixEntryState:
+class MsixEntryState(Struct, frozen=True):
     address: U64
     data: U32
     masked: bool
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VirtioPciState(DeviceState):
+class VirtioPciState(DeviceState, frozen=True, kw_only=True):
     VERSION: ClassVar[int] = 1
     # configuration space
     command: U16 = 0

@@ -9,7 +9,8 @@ dsdt.py (the namespace).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from splitvmm.errors import ConfigError
 from splitvmm.monitor import layout
@@ -32,8 +33,7 @@ PM_PORTS = tables.PmPorts(
 OVERRIDES = (tables.Override(irq=9, gsi=9, flags=tables.MPS_INTI_ACTIVE_HIGH_LEVEL),)
 
 
-@dataclass(frozen=True, slots=True)
-class AcpiTables:
+class AcpiTables(Struct, frozen=True):
     base: int  # guest-physical address of `data`; the RSDP is its first bytes
     data: bytes
 

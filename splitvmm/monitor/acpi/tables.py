@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 OEM_ID = b"SPLITV"
 OEM_TABLE_ID = b"SPLITVMM"
@@ -100,8 +101,7 @@ def io_register(port: int) -> bytes:
     return GAS.pack(GAS_SYSTEM_IO, 8, 0, GAS_ACCESS_BYTE, port)
 
 
-@dataclass(frozen=True, slots=True)
-class PmPorts:
+class PmPorts(Struct, frozen=True):
     """The hardware-reduced registers (4.8.3.7, 4.8.3.6): where they live, what resets."""
 
     sleep_control: int
@@ -129,8 +129,7 @@ def fadt(dsdt_gpa: int, pm: PmPorts) -> bytes:
     return sdt(b"FACP", FADT_REVISION, bytes(body))
 
 
-@dataclass(frozen=True, slots=True)
-class Override:
+class Override(Struct, frozen=True):
     """An ISA interrupt source override: ISA `irq` arrives at `gsi`, with these flags."""
 
     irq: int

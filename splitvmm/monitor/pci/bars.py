@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.pci.config import BAR0, BAR_COUNT, BAR_END, ConfigSpace
@@ -48,8 +49,7 @@ def check_bars(name: str, bars: Sequence[PciBar]) -> None:
         taken |= regs
 
 
-@dataclass(frozen=True, slots=True)
-class _Register:
+class _Register(Struct, frozen=True):
     """One BAR dword: its writable address bits and its read-only flags."""
 
     mask: int

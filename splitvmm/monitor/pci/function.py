@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
+
+from msgspec import Struct
 
 from splitvmm.errors import ConfigError, KvmError
 from splitvmm.monitor.bus import Bus, BusError
@@ -81,8 +82,7 @@ def place_bars(name: str, function: PciFunction, allocator: BarAllocator) -> dic
     return {bar.index: allocator.allocate(bar.size) for bar in ordered}
 
 
-@dataclass(frozen=True, slots=True)
-class _Decoding:
+class _Decoding(Struct, frozen=True):
     """Where a BAR decodes now: its bus range, and the notify addresses registered."""
 
     base: int

@@ -15,8 +15,9 @@ snapshot from before PCI existed has no chunk: every function starts as a fresh 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, ClassVar
+
+from msgspec import Struct
 
 from splitvmm.config import NAME_RE
 from splitvmm.errors import StateError
@@ -31,8 +32,7 @@ CHUNK = "pci"  # a reserved device name (config.py), like "vm" and "ram"
 MAX_MSI_ROUTES = MAX_GSI + 1
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FunctionState:
+class FunctionState(Struct, frozen=True, kw_only=True):
     LABEL: ClassVar[str] = "name"
 
     name: Annotated[str, Pattern(NAME_RE.pattern, "a device name")]
@@ -41,15 +41,13 @@ class FunctionState:
     command: Annotated[int, Range(0, 0xFFFF)]  # the decode enables the monitor keeps
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MsiRouteState:
+class MsiRouteState(Struct, frozen=True, kw_only=True):
     gsi: Annotated[int, Range(0, MAX_GSI)]
     address: Annotated[int, U64]
     data: Annotated[int, U32]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PciState:
+class PciState(Struct, frozen=True, kw_only=True):
     VERSION: ClassVar[int] = 1
     UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
 

@@ -1,0 +1,69 @@
+"""SeccompListener: the fd type the policy auditor (cli/policy.py) reads seccomp user
+notifications from, over the cffi module built by _build_sys.py."""
+
+from __future__ import annotations
+
+import os
+
+from msgspec import Struct
+
+from splitvmm.native._sys import ffi, lib
+from splitvmm.native.confine import check
+
+
+class SyscallEvent(Struct, frozen=True):
+    """One system call a filtered process made (a seccomp user notification)."""
+
+    id: int
+    tid: int
+    nr: int
+    args: tuple[int, ...]
+
+
+class SeccompListener:
+    """A seccomp user-notification fd: every notified syscall waits until answered."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._notif = ffi.new("struct seccomp_notif *")
+        self._resp = ffi.new("struct seccomp_notif_resp *")
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def receive(self) -> SyscallEvent:
+        """Block until the next notification; OSError(ENOENT) once the process is gone."""
+        ffi.memmove(self._notif, b"\0" * ffi.sizeof(self._notif[0]), ffi.sizeof(self._notif[0]))
+        # SAFETY: `_notif` is owned by self and outlives the ioctl that fills it.
+        check(lib.sv_ioctl_ptr(self.fd, lib.SECCOMP_IOCTL_NOTIF_RECV, self._notif), "NOTIF_RECV")
+        data = self._notif.data
+        return SyscallEvent(self._notif.id, self._notif.pid, data.nr, tuple(data.args))
+
+    def allow(self, event: SyscallEvent) -> None:
+        """Let the syscall run as if the filter had allowed it."""
+        self._resp.id = event.id
+        self._resp.val = 0
+        self._resp.error = 0
+        self._resp.flags = lib.SECCOMP_USER_NOTIF_FLAG_CONTINUE
+        # SAFETY: `_resp` is owned by self and outlives the ioctl that reads it.
+        check(lib.sv_ioctl_ptr(self.fd, lib.SECCOMP_IOCTL_NOTIF_SEND, self._resp), "NOTIF_SEND")
+
+    def fail(self, event: SyscallEvent, errno_: int) -> None:
+        """Answer the syscall with -errno_ without running it."""
+        self._resp.id = event.id
+        self._resp.val = 0
+        self._resp.error = -errno_
+        self._resp.flags = 0
+        # SAFETY: as in allow().
+        check(lib.sv_ioctl_ptr(self.fd, lib.SECCOMP_IOCTL_NOTIF_SEND, self._resp), "NOTIF_SEND")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> SeccompListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,134 @@
+"""The launcher's first moments: its fork from `splitvmm`, and the launcher itself up to the
+exec of its zygote (what the launcher is and does: sandbox/launcher.py).
+
+Why a module of its own. The zygote's imports are the longest path to a VM's first device
+(bench/startup.py), and everything imported before its exec lies on that path twice over: in
+`splitvmm` before the fork, and in the launcher before the exec. So this module imports the
+standard library's basics and native/confine (prctl and setsid wrappers) and nothing else:
+no msgspec, no protocol module, no launcher client. What the launcher serves requests with
+(sandbox/launcher_server.py) it imports once the zygote is on its way; the monitor's handle
+(sandbox/launcher.py Launcher) wraps the socket and pid that fork() returns.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import gc
+import json
+import os
+import select
+import signal
+import socket
+from collections.abc import Iterable, Sequence
+
+from splitvmm.errors import SplitvmmError
+from splitvmm.sandbox.zygote import MAX_DEVICE_FDS
+
+MAX_FDS = MAX_DEVICE_FDS  # a request carries one device's fds (sandbox/zygote.py)
+
+
+class LauncherError(SplitvmmError):
+    """The launcher is gone or broke its protocol; no device can be started any more."""
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def fork() -> tuple[socket.socket, int]:
+    """Fork the launcher: (our end of its socket, its pid). Call it first, single-threaded (a
+    fork in a threaded process is unsafe, gh-100228). The launcher says "ready" on the socket
+    once it is set up; this does not wait for it."""
+    if thread_count() != 1:
+        raise LauncherError("the launcher must be started before any thread exists")
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = (_fd_above_stdio(s) for s in pair)
+    monitor = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        gc.freeze()  # what we inherited is never collected: no finalizer closes an fd we reuse
+        try:
+            code = _launcher_main(theirs.detach(), monitor)
+        except BaseException:
+            import traceback  # here: nothing before the zygote's exec may wait for it
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours, pid
+
+
+def _launcher_main(sock_fd: int, monitor: int) -> int:
+    """The forked launcher, from its first instruction to its exit status. The zygote starts
+    before this process imports what it serves requests with (sandbox/launcher_server.py)."""
+    from splitvmm.native import confine
+    from splitvmm.sandbox.zygote import Zygote, device_env
+
+    os.setsid()  # the terminal's signals are the monitor's
+    confine.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != monitor:  # the monitor died before prctl took effect
+        return 1
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _keep_only_fds(sock_fd)
+    confine.set_no_new_privs()
+    confine.set_child_subreaper()  # before the zygote: its grandchildren are ours
+    zygote = Zygote.start(device_env())
+    sock = socket.socket(fileno=sock_fd)
+    send(sock, {"op": "ready"})
+    # What it serves requests with (~30 ms of imports) waits for the first request: until
+    # then the two cores this is built for are the monitor's imports' and the zygote's.
+    select.select([sock], [], [])
+    from splitvmm.sandbox import launcher_server
+
+    launcher_server.serve(sock, zygote)
+    return 0
+
+
+def _keep_only_fds(sock_fd: int) -> None:
+    """/dev/null as stdin and stdout, stderr kept for the devices, the socket; nothing else."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        if fd != null:
+            os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    os.closerange(3, sock_fd)
+    os.closerange(sock_fd + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def _fd_above_stdio(sock: socket.socket) -> socket.socket:
+    """The socket on an fd above 2: with stdin closed, a socketpair may get fd 0, which the
+    console (and the launcher's /dev/null) will claim."""
+    if sock.fileno() > 2:
+        return sock
+    fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+    sock.close()
+    return socket.socket(fileno=fd)
+
+
+# -- messages ---------------------------------------------------------------------------------
+def send(sock: socket.socket, msg: dict[str, object] | bytes, fds: Sequence[int] = ()) -> None:
+    data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+    socket.send_fds(sock, [data], list(fds))
+
+
+def receive(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
+    """One message, the fds it carries (close-on-exec), and whether it was cut: over `size`
+    bytes or MAX_FDS fds (the kernel closes the fds that did not fit)."""
+    fds = array.array("i")
+    data, ancdata, flags, _ = sock.recvmsg(
+        size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+    )
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds), bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
