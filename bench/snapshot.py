@@ -25,8 +25,8 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
   monitor's "devices ready" mark, right before the vCPU threads start (its
   --timings marks use the same CLOCK_MONOTONIC). The restore phases table says
   where that time went (the phases of splitvmm/timings.py, from the last run).
-- ctl s: the old figure, until `splitvmm ctl status` first answers; each poll
-  starts a Python client, so it overshoots by up to one client's start.
+- ctl s: the old figure, until `splitvmm ctl status` first answers, which is asked once
+  the control socket exists (a ctl client per poll took CPU from the restore).
 - QEMU (when qemu-system-x86_64 is installed), on the same RAM: QEMU's KVM
   cannot run the `dirty` guest (an ELF with a 64-bit Linux-style entry), so it
   runs the firmware-hello guest (prints, then halts) with the same number of
@@ -143,10 +143,13 @@ def restore(env: dict[str, str], config: Path, snap: Path, work: Path) -> dict[s
     restored = subprocess.Popen(
         [*argv, "--timings"], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    while run(env, "ctl", "--vm", "bench-snap", "status").returncode != 0:
+    # Its control socket first, by stat: a `ctl` client per poll is an interpreter start
+    # (~100 ms of CPU) on this 2-core host, which slowed the restore it was waiting for.
+    control = Path(env["XDG_RUNTIME_DIR"]) / "splitvmm" / "bench-snap" / "control.sock"
+    while not control.exists() or run(env, "ctl", "--vm", "bench-snap", "status").returncode:
         if restored.poll() is not None:
             raise SystemExit(f"restore failed: {restored.stderr.read() if restored.stderr else ''}")
-        time.sleep(0.01)
+        time.sleep(0.002)
     ctl_s = time.perf_counter() - t0
     run(env, "ctl", "--vm", "bench-snap", "suspend", str(work / "again"))
     _, err = restored.communicate(timeout=60)

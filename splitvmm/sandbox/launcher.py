@@ -160,6 +160,8 @@ class Launcher:
         self._reading = False  # one thread receives; the others wait for what it files
         self._ready = False
         self._reply: _Reply | None = None  # to the spawn in progress
+        # A configure sent whose reply nobody took yet: the next request takes it first.
+        self._unanswered = False
         self._exits: dict[int, int] = {}  # pid -> status, until its waiter takes it
         self._running: set[int] = set()  # pids spawned whose end was not reported yet
         self._broken: str | None = None
@@ -177,8 +179,15 @@ class Launcher:
         return launcher
 
     def configure(self, channel_dir: Path) -> None:
-        """Fix the runtime dir where the devices' channels are made (once)."""
-        self._request({"op": "configure"}, str(channel_dir).encode(), [])
+        """Fix the runtime dir where the devices' channels are made (once). This sends the
+        request and returns: its reply is taken by the next request, which fails with the
+        launcher's words (DeviceFailure) if it was refused. The launcher imports what it
+        serves requests with when this first one comes (~30 ms: sandbox/launcher_start.py),
+        and the monitor goes on building the VM meanwhile (a restore: its RAM too)."""
+        with self._spawn_lock:
+            self._take_unanswered()
+            self._send({"op": "configure"}, str(channel_dir).encode(), [])
+            self._unanswered = True
 
     def fileno(self) -> int:
         """The socket's fd: the one the confined monitor may send to and receive from."""
@@ -205,23 +214,32 @@ class Launcher:
         """Send a request (`header`, then `data` in chunks) and take its reply; DeviceFailure
         with the launcher's words if it refused."""
         with self._spawn_lock:
-            if not self._ready:
-                try:
-                    self._await(lambda: self._ready or None, READY_TIMEOUT_S)
-                except LauncherError as e:
-                    raise LauncherError(f"the launcher did not start: {e}") from None
-            self._pending = next(self._ids)
-            header = {**header, "id": self._pending, "size": len(data)}
+            self._take_unanswered()
+            self._send(header, data, fds)
+            return _accepted(self._await(self._take_reply, REPLY_TIMEOUT_S))
+
+    def _send(self, header: dict[str, object], data: bytes, fds: list[int]) -> None:
+        """Send a request, once the launcher is ready (the spawn lock held)."""
+        if not self._ready:
             try:
-                send(self._sock, header, fds)
-                for i in range(0, len(data), CHUNK):
-                    send(self._sock, data[i : i + CHUNK])
-            except OSError as e:
-                raise LauncherError(f"the launcher takes no request: {e}") from None
+                self._await(lambda: self._ready or None, READY_TIMEOUT_S)
+            except LauncherError as e:
+                raise LauncherError(f"the launcher did not start: {e}") from None
+        self._pending = next(self._ids)
+        header = {**header, "id": self._pending, "size": len(data)}
+        try:
+            send(self._sock, header, fds)
+            for i in range(0, len(data), CHUNK):
+                send(self._sock, data[i : i + CHUNK])
+        except OSError as e:
+            raise LauncherError(f"the launcher takes no request: {e}") from None
+
+    def _take_unanswered(self) -> None:
+        """Take the reply to a configure sent earlier, if any (the spawn lock held)."""
+        if self._unanswered:
             reply = self._await(self._take_reply, REPLY_TIMEOUT_S)
-        if reply.op == "refused":
-            raise DeviceFailure(clip(reply.message))
-        return reply
+            self._unanswered = False
+            _accepted(reply)
 
     def wait_exit(self, pid: int, timeout_s: float) -> int:
         """The exit status of a device it started, which has ended (or is about to)."""
@@ -288,7 +306,7 @@ class Launcher:
                 self._broken = f"the launcher reported the end of pid {reply.pid}, not ours"
             self._running.discard(reply.pid)
             self._exits[reply.pid] = reply.status
-        elif reply.id != self._pending or not self._spawn_lock.locked():
+        elif reply.id != self._pending or not (self._spawn_lock.locked() or self._unanswered):
             close_all(fds)
             if reply.op == "spawned":  # a refusal may answer a garbled request; this may not
                 self._broken = f"the launcher started pid {reply.pid} for nobody"
@@ -307,6 +325,13 @@ class Launcher:
         os.waitpid(self.pid, 0)
         os.close(self._pidfd)
         self._pidfd = -1
+
+
+def _accepted(reply: _Reply) -> _Reply:
+    """The reply to a request, or DeviceFailure with the launcher's words if it refused."""
+    if reply.op == "refused":
+        raise DeviceFailure(clip(reply.message))
+    return reply
 
 
 class LaunchedProcess(DeviceProcess):

@@ -133,8 +133,9 @@ def test_launcher_second_configure_is_refused_and_keeps_the_first_dir(
 ):
     other = tmp_path / "elsewhere"
     other.mkdir()
+    launcher.configure(other)  # its reply comes with the next request
     with pytest.raises(DeviceFailure, match="the runtime dir was set already"):
-        launcher.configure(other)
+        launcher.spawn(serial_spec(rundir, fds))
     process, listener = launcher.spawn(serial_spec(rundir, fds))  # still served, in rundir
     os.close(listener)
     process.kill()
@@ -165,10 +166,12 @@ def test_launcher_configure_refused_is_final(rundir, fds, make, why):
     later configure: the first request decides."""
     launcher = Launcher.start()
     try:
-        with pytest.raises(DeviceFailure, match=why):
-            launcher.configure(make(rundir))
+        launcher.configure(make(rundir))
+        with pytest.raises(DeviceFailure, match=why):  # the next request takes the reply
+            launcher.spawn(serial_spec(rundir, fds))
+        launcher.configure(rundir)
         with pytest.raises(DeviceFailure, match="was set already"):
-            launcher.configure(rundir)
+            launcher.configure(rundir)  # a configure takes the one before's reply too
     finally:
         launcher.close()
 
