@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from msgspec import Struct
+from msgspec.structs import asdict
 from rich.console import Console
 from rich.table import Table
 
@@ -226,7 +227,7 @@ def main() -> None:
             if theirs:
                 results[label]["QEMU"] = median(theirs)
     if args.json:
-        print(json.dumps({k: {r: vars(u) for r, u in v.items()} for k, v in results.items()}))
+        print(json.dumps({k: {r: asdict(u) for r, u in v.items()} for k, v in results.items()}))
         return
     show(results)
 

@@ -111,7 +111,7 @@ class Machine:
         self.launcher = self._early_launcher or Launcher.start()
         self._closables.append(self.launcher)
         self.launcher.configure(self.rundir.path)
-        timings.mark("launcher configured")
+        timings.mark("launcher configure sent")
         restoring = None  # (snapshot, its checked states), decoded before a process is spawned
         if self.snapshot is not None:
             # Only a restore imports restore code: a boot does not pay for it.
@@ -149,6 +149,7 @@ class Machine:
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, self._pci_intx)
         timings.mark("kvm, vm, ram, boot")
+        self.launcher.check_configured()  # the spawns took its reply, or this does
         # Reads its policies (files, now); its rules name the launcher's socket.
         self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
         self.control = ControlServer(

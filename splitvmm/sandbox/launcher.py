@@ -189,6 +189,12 @@ class Launcher:
             self._send({"op": "configure"}, str(channel_dir).encode(), [])
             self._unanswered = True
 
+    def check_configured(self) -> None:
+        """Take the reply to configure if no request took it yet: DeviceFailure with the
+        launcher's words if it was refused (a VM without devices sends no other request)."""
+        with self._spawn_lock:
+            self._take_unanswered()
+
     def fileno(self) -> int:
         """The socket's fd: the one the confined monitor may send to and receive from."""
         return self._sock.fileno()

@@ -81,7 +81,9 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     send(sock, {"op": "ready"})
     # What it serves requests with (~30 ms of imports) waits for the first request: until
     # then the two cores this is built for are the monitor's imports' and the zygote's.
-    select.select([sock], [], [])
+    waiting = select.poll()  # not select(): the socket may be on an fd above 1023
+    waiting.register(sock, select.POLLIN)
+    waiting.poll()
     from splitvmm.sandbox import launcher_server
 
     launcher_server.serve(sock, zygote)

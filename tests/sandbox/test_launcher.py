@@ -176,6 +176,19 @@ def test_launcher_configure_refused_is_final(rundir, fds, make, why):
         launcher.close()
 
 
+def test_launcher_refused_configure_is_reported_without_another_request(rundir):
+    """A VM without devices sends no request after configure: check_configured() takes
+    its reply, and is a no-op once a reply was taken."""
+    launcher = Launcher.start()
+    try:
+        launcher.configure(rundir / "missing")
+        with pytest.raises(DeviceFailure, match="is no runtime dir"):
+            launcher.check_configured()
+        launcher.check_configured()  # nothing outstanding
+    finally:
+        launcher.close()
+
+
 def children_of(pid: int) -> set[int]:
     return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
