@@ -40,6 +40,17 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
 
 Each figure is the median of --runs runs (the machine is noisy).
 
+Restore, what changed (2026-12-01, issue 12 goal 4): a restore starts as a boot does, so
+the start-up work (bench/startup.py: msgspec records, the launcher forked earlier) counts
+here too; and the monitor no longer waits for the launcher's reply to its first request
+(configure) while it decodes the states and copies RAM. Alternating restores of the same
+snapshots, 9 pairs, to-vCPUs by the monitor's marks, configure's change alone: idle 512 MiB
+224.7 ms against 231.7 (paired ratio 0.97), 256 MiB dirty 357.6 against 380.5 (0.955).
+This bench, --sizes 512 --runs 3, back to back with this file on both trees: before the
+session (f7e5af6) idle 0.293 s, 256 MiB dirty 0.368 s (QEMU 0.570, 0.655); after, idle
+0.199 s, 256 MiB dirty 0.312 s (QEMU 0.527, 0.645). Goal (0.1 s, 0.25 s) not met: the
+interpreters' start and imports are ~150 ms of the idle figure.
+
 Tried for restoring 256 MiB of RAM and dropped (snapshot/ram.py keeps sendfile into the
 memfd in 8 MiB pieces, each hashed on a helper thread while the next is copied: 112-130 ms
 here, the copy alone): preadv into the mapping, 196-220 ms (a fault per fresh page), also

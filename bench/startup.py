@@ -55,6 +55,27 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   imports (~23 ms), which would start the zygote up to ~35 ms sooner, was not done: it
   would shorten a third of the starts. Of the teardown, closing the VM fd is 15.6-18.4 ms
   (the kernel frees the VM), the launcher 3.3-4.8.
+- msgspec records (2026-12-01, second round): the ~100 dataclasses on `up`'s path became
+  msgspec Structs, built in C (0.018 ms a class against 0.83 for a frozen slotted
+  dataclass): "import monitor" 154-167 -> 51-72 ms. That made the zygote the longest path,
+  and msgspec (~20 ms cold) now came before its exec, so the launcher is forked by
+  sandbox/launcher_start.py, which imports only the standard library's basics ("launcher
+  fork" 36-45 -> 11-23 ms); the launcher imports its server code (~30 ms) when the first
+  request comes, so that it does not share the two cores with the monitor's and the
+  zygote's imports; and configure, that first request, no longer waits for its reply.
+  farm-bench -n 25, alternating, firmware hello guest, quiet: 210 ms against 268 for
+  f7e5af6 (paired ratio 0.80; CPU 0.31 s against 0.41). This bench, back to back, --runs
+  15: 213.6 ms (QEMU 68.9, 3.10x) against 316.1 for f7e5af6 (QEMU 72.8, 4.34x).
+- Where it goes now: the monitor is done importing ~120 ms after its start and then waits
+  ~45 ms ("device launch requests") for the zygote, which execs ~35 ms after the start and
+  imports for ~110-120 ms: zmq ~20, msgspec ~18 (of which typing_extensions and inspect ~10:
+  msgspec imports typing_extensions where it is installed, and blake3 requires it), pyseccomp ~11 (ctypes.util runs
+  `ldconfig -p` twice), logging ~9, re ~5. The run is CPU-bound: ~0.31 s of CPU on 2 cores.
+- Tried and dropped: forking before anything imports typing (the TYPE_CHECKING = False
+  idiom in errors.py and cli/): the exec came ~5 ms sooner, farm-bench A/B 0.999;
+  gc.disable() during the zygote's imports (41 collections): no difference; importing
+  hashlib lazily in protocol/models.py (~4 ms of the zygote's): a sandboxed virtio-net
+  device calls default_mac(), and a device cannot import once it is confined.
 """
 
 from __future__ import annotations
