@@ -41,6 +41,11 @@ gave 1.46, 1.48, 1.43 and 1.56x QEMU (49.4-53.3 us a byte against 34.1-34.6); wi
 load, alternating this tree and the session's first (36b2cc3): 1.51 and 1.81 against 1.65
 and 1.76. A pyzmq send of 16 bytes into an idle ipc:// pipe, from a thread that spins
 between sends as a vCPU does: median 8.3 us, p10 2.7 (5000 sends).
+
+2026-12-01, second session: the records on the path (wire.Mirror and the others) are msgspec
+Structs, cheaper to build than dataclasses; nothing else on the path changed. Alternating
+with f7e5af6, --runs 5, load 0.8-1.2: 1.57 and 1.69x QEMU against 1.82 and 2.00 (64.8-76.0
+us a byte against 68.1-72.3; QEMU 36.1-44.9 over the four runs). Not within 1.5x at this load.
 """
 
 from __future__ import annotations
