@@ -21,3 +21,35 @@ def test_up_imports_no_restore_code_nor_rich():
     )
 
     assert result.stdout.strip() == "[]"
+
+
+# What runs before the launcher's fork (cli/early.py) and in the launcher before its zygote's
+# exec (sandbox/launcher_start.py): each import there delays the zygote, whose own imports
+# are the longest path to a VM's first device (bench/startup.py).
+BEFORE_THE_ZYGOTE = (
+    "import splitvmm.cli, splitvmm.cli.early, splitvmm.sandbox.launcher_start, "
+    "splitvmm.native.confine, splitvmm.sandbox.zygote"
+)
+NOT_BEFORE_THE_ZYGOTE = (
+    "click",
+    "msgspec",
+    "pyseccomp",
+    "zmq",
+    "splitvmm.protocol.models",
+    "splitvmm.protocol.spec",
+    "splitvmm.sandbox.launcher",
+    "splitvmm.sandbox.launcher_server",
+)
+
+
+def test_up_imports_nothing_heavy_before_the_zygote_execs():
+    probe = (
+        f"{BEFORE_THE_ZYGOTE}; import sys; "
+        f"print(sorted(set(sys.modules) & set({NOT_BEFORE_THE_ZYGOTE!r})))"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+
+    assert result.stdout.strip() == "[]"
