@@ -1,9 +1,9 @@
 """The launcher of the VM that `splitvmm up` or `splitvmm restore` will run, started before
 click parses the command line (cli/__init__.py main()).
 
-The launcher execs the zygote at once (sandbox/launcher.py), and the zygote's imports are the
-longest path to a VM's first device: every millisecond it starts sooner comes off the start-up
-(bench/startup.py). So main() guesses the subcommand from the arguments, before importing
+The launcher execs the zygote at once (sandbox/launcher_start.py), and the zygote's imports
+are the longest path to a VM's first device: every millisecond it starts sooner comes off the
+start-up (bench/startup.py). So main() guesses the subcommand from the arguments, before importing
 click: the first argument that is not an option of the root command. A wrong guess costs
 nothing but time: run_and_exit (cli/up.py) starts a launcher itself when none was started
 here, and an unused one ends with the process (it dies with its parent).

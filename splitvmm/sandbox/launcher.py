@@ -27,11 +27,12 @@ Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
                                                      is their parent and reaps them)
 
 Why it starts before the monitor knows its VM. `up` forks it first thing, while the
-monitor has imported little and has one thread, and it execs the zygote at once
-(sandbox/zygote.py): the zygote imports every device model on the second core while
-the monitor imports its own modules and reads the config. The runtime dir comes
-after, in the first request (configure), which the monitor sends before it is
-confined; it is fixed from then on.
+monitor has imported little and has one thread (sandbox/launcher_start.py), and it execs
+the zygote at once (sandbox/zygote.py): the zygote imports every device model on the
+second core while the monitor imports its own modules and reads the config. The runtime
+dir comes after, in the first request (configure), which the monitor sends before it is
+confined, without waiting for the reply (the next request takes it); it is fixed from
+then on. The launcher imports what it serves requests with when that request comes.
 
 What a compromised monitor can ask of it, and no more:
 - start a device process, forked by its zygote from a pristine pre-imported

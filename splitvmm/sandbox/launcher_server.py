@@ -35,7 +35,7 @@ class Refused(Exception):
 
 
 def serve(sock: socket.socket, zygote: Zygote) -> None:
-    """The launcher's loop (sandbox/launcher.py _launcher_main set the process up)."""
+    """The launcher's loop (sandbox/launcher_start.py _launcher_main set the process up)."""
     _Server(sock, zygote).serve()
 
 

@@ -66,7 +66,7 @@ ZYGOTE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs.zygote")
 # none: sys.executable finds its virtual environment through pyvenv.cfg, without PATH.
 DEVICE_ENV = ("SPLITVMM_POLICY_DIR",)
 # fds of one device: a virtio device's irqfds, ioeventfds, RAM and backend fit (the launcher
-# takes no request with more: sandbox/launcher.py MAX_FDS)
+# takes no request with more: sandbox/launcher_start.py MAX_FDS)
 MAX_DEVICE_FDS = 16
 MAX_FDS = MAX_DEVICE_FDS + 1  # a fork request: stdin and the device's fds
 FIRST_FD = 3  # a device's first fd after stdio
