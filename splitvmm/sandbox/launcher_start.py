@@ -4,10 +4,13 @@ exec of its zygote (what the launcher is and does: sandbox/launcher.py).
 Why a module of its own. The zygote's imports are the longest path to a VM's first device
 (bench/startup.py), and everything imported before its exec lies on that path twice over: in
 `splitvmm` before the fork, and in the launcher before the exec. So this module imports the
-standard library's basics and native/confine (prctl and setsid wrappers) and nothing else:
-no msgspec, no protocol module, no launcher client. What the launcher serves requests with
-(sandbox/launcher_server.py) it imports once the zygote is on its way; the monitor's handle
-(sandbox/launcher.py Launcher) wraps the socket and pid that fork() returns.
+standard library's basics, errors and sandbox/zygote.py (the zygote's command and handle),
+and the launcher then native/confine (prctl wrappers), and nothing else: no msgspec, no
+protocol module, no launcher client (tests/integration/test_startup_imports.py). What the
+launcher serves requests with (sandbox/launcher_server.py) it imports when the first request
+comes; the monitor's handle (sandbox/launcher.py Launcher) wraps the socket and pid that
+fork() returns. The protocol's message framing (send, receive), which both sides use, is
+here too.
 """
 
 from __future__ import annotations
