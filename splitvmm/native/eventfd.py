@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 
+from splitvmm.native.fd import OwnedFd
 
-class EventFd:
+
+class EventFd(OwnedFd):
     def __init__(self, fd: int | None = None) -> None:
         # A fresh eventfd in the monitor; in a device process, adopt the inherited fd.
-        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
-
-    def fileno(self) -> int:
-        return self.fd
+        super().__init__(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd)
 
     def trigger(self) -> None:
         os.eventfd_write(self.fd, 1)
@@ -22,8 +21,3 @@ class EventFd:
             return os.eventfd_read(self.fd)
         except BlockingIOError:
             return 0
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

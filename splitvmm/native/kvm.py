@@ -11,13 +11,14 @@ import errno
 import mmap
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 from msgspec import Struct
 
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
 from splitvmm.native.exits import INTERRUPTED, Exit, RunPage
+from splitvmm.native.fd import OwnedFd
 from splitvmm.native.routing import IRQCHIP_IOAPIC as IRQCHIP_IOAPIC
 from splitvmm.native.routing import IRQCHIP_PIC_MASTER as IRQCHIP_PIC_MASTER
 from splitvmm.native.routing import IRQCHIP_PIC_SLAVE as IRQCHIP_PIC_SLAVE
@@ -191,27 +192,6 @@ def _fill_route(entry: Any, route: GsiRoute) -> None:
         raise TypeError(f"GSI route {route!r} is neither an IrqchipRoute nor an MsiRoute")
 
 
-class _Fd:
-    """An owned fd, closed once, usable as a context manager."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def _xsave_size(check_extension: Callable[[int], int]) -> int:
     if lib.SV_HAVE_XSAVE2:
         size = check_extension(lib.SV_KVM_CAP_XSAVE2)
@@ -220,7 +200,7 @@ def _xsave_size(check_extension: Callable[[int], int]) -> int:
     return XSAVE_MIN_SIZE if check_extension(lib.KVM_CAP_XSAVE) > 0 else 0
 
 
-class Kvm(_Fd):
+class Kvm(OwnedFd):
     """/dev/kvm itself: API version, capabilities, supported CPUID, VM creation."""
 
     def __init__(self, path: str = KVM_PATH) -> None:
@@ -320,7 +300,7 @@ class ClockData(Struct, frozen=True):
     host_tsc: int = 0
 
 
-class VmFd(_Fd):
+class VmFd(OwnedFd):
     """A VM: memory slots, irqchip, PIT, irqfd/ioeventfd registration, vCPU creation."""
 
     def __init__(self, fd: int, kvm: Kvm) -> None:
@@ -467,7 +447,7 @@ class VmFd(_Fd):
         return VcpuFd(fd, vcpu_id, mmap_size)
 
 
-class VcpuFd(_Fd):
+class VcpuFd(OwnedFd):
     """A vCPU: its shared kvm_run page, KVM_RUN, and register state."""
 
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:

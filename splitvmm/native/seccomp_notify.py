@@ -3,12 +3,11 @@ notifications from, over the cffi module built by _build_sys.py."""
 
 from __future__ import annotations
 
-import os
-
 from msgspec import Struct
 
 from splitvmm.native._sys import ffi, lib
 from splitvmm.native.confine import check
+from splitvmm.native.fd import OwnedFd
 
 
 class SyscallEvent(Struct, frozen=True):
@@ -20,16 +19,13 @@ class SyscallEvent(Struct, frozen=True):
     args: tuple[int, ...]
 
 
-class SeccompListener:
+class SeccompListener(OwnedFd):
     """A seccomp user-notification fd: every notified syscall waits until answered."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
+        super().__init__(fd)
         self._notif = ffi.new("struct seccomp_notif *")
         self._resp = ffi.new("struct seccomp_notif_resp *")
-
-    def fileno(self) -> int:
-        return self.fd
 
     def receive(self) -> SyscallEvent:
         """Block until the next notification; OSError(ENOENT) once the process is gone."""
@@ -56,14 +52,3 @@ class SeccompListener:
         self._resp.flags = 0
         # SAFETY: as in allow().
         check(lib.sv_ioctl_ptr(self.fd, lib.SECCOMP_IOCTL_NOTIF_SEND, self._resp), "NOTIF_SEND")
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> SeccompListener:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
