@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from msgspec import Struct
-from msgspec.structs import asdict
 from rich.console import Console
 from rich.table import Table
+
+from splitvmm.record import Struct, asdict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -76,13 +76,15 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   gc.disable() during the zygote's imports (41 collections): no difference; importing
   hashlib lazily in protocol/models.py (~4 ms of the zygote's): a sandboxed virtio-net
   device calls default_mac(), and a device cannot import once it is confined.
-- Measured and left for the team to decide: hiding typing_extensions from msgspec
-  (sys.modules["typing_extensions"] = None before it is imported, in __main__.py and the
-  zygote) spares every interpreter typing_extensions, inspect, ast and dis, which splitvmm
-  never uses (it uses msgspec's Struct, not its codecs): farm-bench -n 40, alternating,
-  wall 228 ms against 240 (paired ratio 0.94), CPU 0.92. Not done: it poisons an import
-  for the whole process (a dependency that imports typing_extensions one day would fail
-  with ImportError), and the console script and `ctl`'s rich would need it too.
+- msgspec without typing_extensions (2026-12-01, third round): hiding it for the whole
+  process (sys.modules["typing_extensions"] = None) was measured at 0.94 and left, as it
+  poisons the import. splitvmm/record.py now hides it for msgspec's own import only and
+  removes the entry right after, so a later import of typing_extensions works; every
+  module takes Struct and its helpers from there (ruff's banned-api keeps it so). msgspec
+  alone: 24 -> 12 ms (inspect, ast, dis, tokenize no longer imported), in the monitor, the
+  launcher and the zygote. farm-bench -n 25, alternating with c8fd15e, load ~1: wall 236
+  ms against 251 (paired ratio 0.905), CPU 0.351 s against 0.384 (0.91). click still
+  imports inspect in the monitor (~6 ms).
 """
 
 from __future__ import annotations

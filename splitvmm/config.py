@@ -16,11 +16,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from msgspec import Struct, field
-
 from splitvmm.errors import ConfigError
 from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS, PortWindow
+from splitvmm.record import Struct, field
 
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
 MIN_MEMORY = 16 << 20

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from msgspec import Struct, field
+
+from splitvmm.record import Struct, field
 
 if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
     from splitvmm.native.seccomp_notify import SeccompListener

@@ -53,7 +53,7 @@ def command(
     show_timings: bool,
 ) -> None:
     """Restore the VM saved in DIRECTORY, with the guest settings stored in the snapshot."""
-    from msgspec.structs import replace
+    from splitvmm.record import replace
 
     overrides = _overrides(settings)
     dirs = tuple(d.resolve() for d in snapshot_dirs)

@@ -12,13 +12,11 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
-from msgspec import Struct, field
-from msgspec.structs import asdict
-
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
 from splitvmm.protocol import events, schema, wire
 from splitvmm.protocol.models import MODELS, module_name
+from splitvmm.record import Struct, asdict, field
 
 
 class Trigger(Protocol):

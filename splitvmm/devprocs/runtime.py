@@ -31,7 +31,6 @@ import signal
 from collections.abc import Callable
 
 import zmq
-from msgspec.structs import replace
 
 from splitvmm.devprocs.base import (
     ConsoleInput,
@@ -52,6 +51,7 @@ from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, wire
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DeviceSpec, spare_path
+from splitvmm.record import replace
 from splitvmm.sandbox import device as sandbox
 
 log = logging.getLogger("splitvmm.dev")

@@ -33,8 +33,6 @@ import logging
 from collections.abc import Mapping
 from typing import ClassVar, Self
 
-from msgspec.structs import replace
-
 from splitvmm.devprocs.base import (
     DeviceContext,
     DeviceState,
@@ -45,6 +43,7 @@ from splitvmm.errors import StateError
 from splitvmm.protocol.schema import Upgrade
 from splitvmm.protocol.wire import MAX_CREDIT, Mirror
 from splitvmm.ratelimit import RateLimitedLog
+from splitvmm.record import replace
 
 log = logging.getLogger("splitvmm.dev.serial")
 

@@ -68,9 +68,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Self
 
-from msgspec import Struct
-from msgspec.structs import replace
-
 from splitvmm.devprocs.base import DeviceContext, Source, register
 from splitvmm.devprocs.output import CAPACITY
 from splitvmm.devprocs.progress import Progress
@@ -80,6 +77,7 @@ from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueE
 from splitvmm.devprocs.virtio.state import U64, VirtioPciState
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec, schema
+from splitvmm.record import Struct, replace
 
 log = logging.getLogger("splitvmm.dev.virtio-console")
 

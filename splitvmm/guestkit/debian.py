@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from msgspec import Struct
-
 from splitvmm.guestkit.errors import GuestKitError, HostToolMissing, PackageError
+from splitvmm.record import Struct
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterable
 from typing import IO, Protocol
 
-from msgspec import Struct
+from splitvmm.record import Struct
 
 NEWC_MAGIC = b"070701"
 NEWC_HEADER_SIZE = 110  # 6 bytes of magic + 13 fields of 8 hex digits

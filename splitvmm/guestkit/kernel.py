@@ -5,9 +5,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from msgspec import Struct
-
 from splitvmm.guestkit.errors import GuestKitError
+from splitvmm.record import Struct
 
 # Linux Documentation/arch/x86/boot.rst, "The Real-Mode Kernel Header".
 SETUP_HEADER_MAGIC = b"HdrS"

@@ -26,8 +26,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from msgspec import Struct
-
 from splitvmm import __version__
 from splitvmm.guestkit.debian import Package, Progress, Runner, extract, fetch_packages, run_tool
 from splitvmm.guestkit.errors import GuestKitError
@@ -48,6 +46,7 @@ from splitvmm.guestkit.rootfs import (
     rootfs_entries,
 )
 from splitvmm.guestkit.vmconfig import render_vm_config
+from splitvmm.record import Struct
 
 # Bump when the manifest's shape changes. Changes to what goes in the kit (/init, applets,
 # modules) need no bump: the recipe fingerprint below catches them.

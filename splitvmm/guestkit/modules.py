@@ -15,9 +15,8 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from msgspec import Struct
-
 from splitvmm.guestkit.errors import KernelModuleError
+from splitvmm.record import Struct
 
 # Longest first, so "x.ko.xz" is not mistaken for a module named "x.ko".
 MODULE_SUFFIXES = (".ko.zst", ".ko.xz", ".ko.gz", ".ko")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from msgspec import Struct
-
 from splitvmm.guestkit.initramfs import (
     CpioEntry,
     char_device,
@@ -14,6 +12,7 @@ from splitvmm.guestkit.initramfs import (
     regular_file,
     symlink,
 )
+from splitvmm.record import Struct
 
 # The drivers for splitvmm's devices (virtio 1.x over PCI), by module name; load_order adds
 # whatever they depend on.

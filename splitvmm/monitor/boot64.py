@@ -12,8 +12,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any
 
-from msgspec import Struct
-
 from splitvmm.monitor.layout import (
     BOOT_GDT,
     BOOT_IDT,
@@ -33,6 +31,7 @@ from splitvmm.native.kvm import (
     X86_CR4_PAE,
     X86_EFLAGS_FIXED,
 )
+from splitvmm.record import Struct
 
 if TYPE_CHECKING:
     from splitvmm.monitor.loader import GuestRam

@@ -9,8 +9,6 @@ minimal header Firecracker and crosvm write.
 
 from __future__ import annotations
 
-from msgspec import Struct
-
 from splitvmm.errors import BootError
 from splitvmm.monitor.layout import (
     CMDLINE,
@@ -23,6 +21,7 @@ from splitvmm.monitor.layout import (
 )
 from splitvmm.native import bootparams as zero_page
 from splitvmm.native.bootparams import ZeroPage
+from splitvmm.record import Struct
 
 # e820 address range types (ACPI 6.5 table 15.4, "Address Range Types").
 E820_RAM = 1

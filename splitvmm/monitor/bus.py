@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from msgspec import Struct
+from splitvmm.record import Struct
 
 log = logging.getLogger("splitvmm.bus")
 

@@ -28,10 +28,9 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from msgspec import Struct, field
-
 from splitvmm.errors import SplitvmmError
 from splitvmm.native.eventfd import EventFd
+from splitvmm.record import Struct, field
 
 log = logging.getLogger("splitvmm.control")
 

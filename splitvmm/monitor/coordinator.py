@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from msgspec import Struct
-
 from splitvmm.config import config_to_dict
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import vmstate
@@ -37,6 +35,7 @@ from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS
 from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.slot import DeviceSlot
+from splitvmm.record import Struct
 from splitvmm.snapshot.writer import SnapshotWriter
 
 if TYPE_CHECKING:

@@ -18,15 +18,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from msgspec import Struct, field
-from msgspec.structs import replace
-
 from splitvmm.errors import ConfigError
 from splitvmm.native.kvm import (
     KVM_CAP_TSC_DEADLINE_TIMER,
     KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     CpuidEntry,
 )
+from splitvmm.record import Struct, field, replace
 
 if TYPE_CHECKING:
     from splitvmm.native.kvm import Kvm, VcpuFd

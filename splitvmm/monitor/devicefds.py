@@ -14,8 +14,6 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
-from msgspec import Struct, field
-
 from splitvmm import hostpath
 from splitvmm.config import DeviceSection
 from splitvmm.errors import ConfigError
@@ -24,6 +22,7 @@ from splitvmm.monitor.memory import SEALS, GuestMemory
 from splitvmm.native import tun
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol.models import FdKind, FdRole, ModelDescriptor, PciFunction, PortWindow
+from splitvmm.record import Struct, field
 
 STDOUT = 1
 

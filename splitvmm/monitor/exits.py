@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msgspec import Struct
+from splitvmm.record import Struct
 
 # `splitvmm up` exit statuses. Debug-exit statuses are always odd ((v << 1) | 1),
 # so the monitor's own outcomes use even numbers.

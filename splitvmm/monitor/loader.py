@@ -17,13 +17,11 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from msgspec import Struct
-from msgspec.structs import replace
-
 from splitvmm.errors import BootError
 from splitvmm.hostpath import HostFileError, open_host_file
 from splitvmm.monitor import bootparams, layout
 from splitvmm.native.bootparams import XLF_KERNEL_64
+from splitvmm.record import Struct, replace
 
 
 class GuestRam(Protocol):

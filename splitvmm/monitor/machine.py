@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import zmq
-from msgspec import Struct
 
 from splitvmm import timings
 from splitvmm.config import DeviceSection, VmConfig
@@ -53,6 +52,7 @@ from splitvmm.native.mem import mapping_address
 from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS, FdKind, PciFunction, PortWindow
 from splitvmm.protocol.spec import CRASH_SIGNALS
+from splitvmm.record import Struct
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
 

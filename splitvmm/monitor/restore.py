@@ -16,8 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from msgspec import Struct
-
 from splitvmm.config import (
     BOOT_RESOURCES,
     DEFAULT_DEVICES,
@@ -31,6 +29,7 @@ from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
+from splitvmm.record import Struct
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
 

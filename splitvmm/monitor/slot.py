@@ -84,7 +84,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zmq
-from msgspec import Struct, field
 
 from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError
 from splitvmm.monitor.channel import (
@@ -99,6 +98,7 @@ from splitvmm.protocol import events, wire
 from splitvmm.protocol.models import MODELS, FdKind, PortWindow
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.ratelimit import RateLimitedLog
+from splitvmm.record import Struct, field
 from splitvmm.sandbox.spawn import DeviceProcess
 
 log = logging.getLogger("splitvmm.slot")

@@ -67,8 +67,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypedDict, TypeVar
 
-from msgspec import Struct
-
 from splitvmm.errors import KvmError, StateError
 from splitvmm.native.kvm import (
     DEBUGREGS_SIZE,
@@ -92,6 +90,7 @@ from splitvmm.native.kvm import (
 )
 from splitvmm.protocol import schema
 from splitvmm.protocol.schema import U32, U64, FieldTypes, Len, MaxLen, Size
+from splitvmm.record import Struct
 
 log = logging.getLogger("splitvmm.vmstate")
 

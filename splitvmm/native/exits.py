@@ -21,9 +21,8 @@ import mmap
 import struct
 from typing import Any, NamedTuple, TypeVar
 
-from msgspec import Struct
-
 from splitvmm.native._kvm import ffi, lib
+from splitvmm.record import Struct
 
 _R = TypeVar("_R", bound=tuple[object, ...])
 

@@ -13,8 +13,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from msgspec import Struct
-
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
 from splitvmm.native.exits import INTERRUPTED, Exit, RunPage
@@ -23,6 +21,7 @@ from splitvmm.native.routing import IRQCHIP_IOAPIC as IRQCHIP_IOAPIC
 from splitvmm.native.routing import IRQCHIP_PIC_MASTER as IRQCHIP_PIC_MASTER
 from splitvmm.native.routing import IRQCHIP_PIC_SLAVE as IRQCHIP_PIC_SLAVE
 from splitvmm.native.routing import GsiRoute, IrqchipRoute, MsiRoute
+from splitvmm.record import Struct
 
 KVMIO = 0xAE  # the ioctl "type" byte of every KVM ioctl (<linux/kvm.h>)
 U32 = 0xFFFFFFFF

@@ -7,10 +7,9 @@ import mmap
 import os
 from collections.abc import Sequence
 
-from msgspec import Struct
-
 from splitvmm.errors import SplitvmmError
 from splitvmm.native._kvm import ffi
+from splitvmm.record import Struct
 
 
 def mapping_address(mapping: mmap.mmap, offset: int = 0) -> int:

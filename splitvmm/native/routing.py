@@ -7,9 +7,8 @@ routes along with them or legacy interrupts (the serial's IRQ 4) stop arriving.
 
 from __future__ import annotations
 
-from msgspec import Struct
-
 from splitvmm.native._kvm import lib
+from splitvmm.record import Struct
 
 IRQCHIP_PIC_MASTER: int = lib.KVM_IRQCHIP_PIC_MASTER
 IRQCHIP_PIC_SLAVE: int = lib.KVM_IRQCHIP_PIC_SLAVE

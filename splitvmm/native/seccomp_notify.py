@@ -3,11 +3,10 @@ notifications from, over the cffi module built by _build_sys.py."""
 
 from __future__ import annotations
 
-from msgspec import Struct
-
 from splitvmm.native._sys import ffi, lib
 from splitvmm.native.confine import check
 from splitvmm.native.fd import OwnedFd
+from splitvmm.record import Struct
 
 
 class SyscallEvent(Struct, frozen=True):

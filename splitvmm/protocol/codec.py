@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from msgspec import Struct
-
 from splitvmm.errors import StateError, shown
 from splitvmm.protocol import schema
+from splitvmm.record import Struct
 
 S = TypeVar("S")
 MAX_STATE_VERSION = (1 << 16) - 1

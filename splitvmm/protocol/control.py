@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from msgspec import Struct
-
 from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import schema
 from splitvmm.protocol.codec import StateDocument
 from splitvmm.protocol.faults import Fault
+from splitvmm.record import Struct
 
 CONTROL_TAG = 0x10
 MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can't make us eat RAM

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgspec import Struct
-
 from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import control
+from splitvmm.record import Struct
 
 EVENT_OPS = ("publish", "report", "route", "msi")
 # Events a device may send around one request of the monitor's; ZeroMQ's RCVHWM already

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from msgspec import Struct
-
 from splitvmm.errors import ConfigError, SplitvmmError, shown
 from splitvmm.protocol import schema
+from splitvmm.record import Struct
 
 FAULT_KINDS = ("crash", "delay", "drop", "exit")
 FAULT_SIGNALS = ("SEGV",)

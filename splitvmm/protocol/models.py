@@ -20,9 +20,8 @@ import hashlib
 import struct
 from collections.abc import Callable
 
-from msgspec import Struct
-
 from splitvmm.protocol.wire import ACCESS_SIZES, MAX_MIRRORED, MIRROR_BYTES
+from splitvmm.record import Struct
 
 
 class FdKind(enum.Enum):

@@ -48,9 +48,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-from msgspec import Struct
-
 from splitvmm.errors import SplitvmmError, clip, shown
+from splitvmm.record import Struct
 
 MAX_DEPTH = 32  # of an Any value: ours nest at most 4 deep (vm_config.device[i].option)
 NONE = type(None)

@@ -6,8 +6,7 @@ import json
 import sys
 from typing import cast
 
-from msgspec import Struct, field
-from msgspec.structs import asdict, replace
+from splitvmm.record import Struct, asdict, field, replace
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
 # -I (isolated): `-m` would put the working directory first on sys.path, so a json.py there

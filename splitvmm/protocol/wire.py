@@ -18,9 +18,8 @@ from __future__ import annotations
 import enum
 import struct
 
-from msgspec import Struct
-
 from splitvmm.errors import ProtocolError
+from splitvmm.record import Struct
 
 FRAME = struct.Struct("<BBHIQ8s")  # op, size, flags, seq, offset, data: 24 bytes
 ACCESS_SIZES = (1, 2, 4, 8)

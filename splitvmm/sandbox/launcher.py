@@ -81,10 +81,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from msgspec import Struct
-
 from splitvmm.errors import DeviceFailure, clip
 from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.record import Struct
 from splitvmm.sandbox import launcher_start
 from splitvmm.sandbox.launcher_start import LauncherError, close_all, receive, send
 from splitvmm.sandbox.spawn import DeviceProcess, check_spec_size, readable

@@ -12,12 +12,11 @@ import signal
 import socket
 import time
 
-from msgspec.structs import replace
-
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
+from splitvmm.record import replace
 from splitvmm.sandbox.launcher import (
     CHUNK,
     CHUNK_TIMEOUT_S,

@@ -33,12 +33,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pyseccomp as seccomp
-from msgspec import Struct
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import files, tun
 from splitvmm.native.confine import CLONE_THREAD, FUTEX_OPS, PRCTL_OPTIONS
 from splitvmm.protocol.models import module_name
+from splitvmm.record import Struct
 
 ARCH = "x86_64"
 

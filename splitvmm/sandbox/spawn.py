@@ -38,10 +38,9 @@ import subprocess
 import threading
 from typing import IO
 
-from msgspec.structs import replace
-
 from splitvmm.errors import DeviceFailure
 from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
+from splitvmm.record import replace
 from splitvmm.sandbox.zygote import FIRST_FD, Zygote, device_env
 
 REAP_TIMEOUT_S = 5.0  # a device killed before it read its spec

@@ -26,13 +26,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from msgspec import Struct
-from msgspec.structs import replace
-
 from splitvmm.config import MAX_MEMORY, NAME_RE
 from splitvmm.errors import SplitvmmError, shown
 from splitvmm.protocol import schema
 from splitvmm.protocol.schema import OPTIONAL_KEY, Invalid, Len, MaxLen, Multiple, Pattern, Range
+from splitvmm.record import Struct, replace
 from splitvmm.snapshot.digest import Algorithm
 
 

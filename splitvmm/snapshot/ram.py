@@ -36,8 +36,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Final, Protocol
 
-from msgspec import Struct
-
+from splitvmm.record import Struct
 from splitvmm.snapshot import digest
 from splitvmm.snapshot.format import PAGE_SIZE, SnapshotError
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from msgspec import Struct
-
 from splitvmm.errors import shown
 from splitvmm.protocol import schema
+from splitvmm.record import Struct
 from splitvmm.snapshot.format import (
     MAX_JSON_CHUNK_BYTES,
     MAX_STATE_VERSION,

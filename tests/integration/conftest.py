@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from msgspec import Struct
+
+from splitvmm.record import Struct
 
 REPO = Path(__file__).resolve().parents[2]
 

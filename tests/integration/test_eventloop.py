@@ -7,10 +7,10 @@ import os
 
 import pytest
 import zmq
-from msgspec import Struct, field
 
 from splitvmm.devprocs.base import DeviceContext, Source
 from splitvmm.devprocs.eventloop import EventLoop
+from splitvmm.record import Struct, field
 from tests.fakes import FakeIrq
 
 

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from msgspec import Struct
 
 from splitvmm.errors import KvmError
 from splitvmm.monitor import layout
@@ -31,6 +30,7 @@ from splitvmm.native.kvm import (
 )
 from splitvmm.native.mem import mapping_address
 from splitvmm.native.routing import MsiRoute, pc_default_routes
+from splitvmm.record import Struct
 
 pytestmark = pytest.mark.kvm
 

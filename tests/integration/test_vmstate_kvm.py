@@ -14,8 +14,6 @@ import mmap
 from collections.abc import Iterator
 
 import pytest
-from msgspec import Struct
-from msgspec.structs import replace
 
 from splitvmm.monitor import layout
 from splitvmm.monitor.cpuid import CpuidMask, setup_cpuid
@@ -36,6 +34,7 @@ from splitvmm.native._kvm import ffi
 from splitvmm.native.exits import INTERRUPTED, PioOut
 from splitvmm.native.kvm import KVM_MP_STATE_RUNNABLE, PIT_LOAD_TIME_OFFSETS, Kvm, VcpuFd, VmFd
 from splitvmm.native.mem import mapping_address
+from splitvmm.record import Struct, replace
 
 pytestmark = pytest.mark.kvm
 

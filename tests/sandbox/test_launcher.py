@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import zmq
-from msgspec.structs import replace
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
+from splitvmm.record import replace
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from msgspec import Struct
+from splitvmm.record import Struct
 
 MIB = 1 << 20
 

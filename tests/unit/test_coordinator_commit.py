@@ -8,9 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from msgspec import Struct, field
 
 from splitvmm.monitor.coordinator import Coordinator
+from splitvmm.record import Struct, field
 
 
 class FakeVcpu(Struct):

@@ -9,7 +9,6 @@ import re
 import stat
 
 import pytest
-from msgspec import Struct
 
 from splitvmm.guestkit.initramfs import (
     CpioEntry,
@@ -20,6 +19,7 @@ from splitvmm.guestkit.initramfs import (
     write_initramfs,
     write_newc,
 )
+from splitvmm.record import Struct
 
 FIELDS = (
     "ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check"

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from msgspec.structs import replace
 
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.rtc import (
@@ -32,6 +31,7 @@ from splitvmm.devprocs.rtc import (
 )
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.protocol import codec
+from splitvmm.record import replace
 from tests.fakes import FakeClock, FakeIrq
 
 # Friday 14 March 2025, 15:09:26 UTC, half way through the second.

@@ -15,8 +15,6 @@ from typing import Annotated, Any, ClassVar, Literal, TypedDict, Union
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from msgspec import Struct
-from msgspec.structs import replace
 
 from splitvmm.devprocs.serial import UartState
 from splitvmm.errors import ProtocolError, StateError
@@ -36,6 +34,7 @@ from splitvmm.protocol.schema import (
     Range,
     Size,
 )
+from splitvmm.record import Struct, replace
 from splitvmm.snapshot.format import (
     MAX_JSON_CHUNK_BYTES,
     ChunkEntry,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from msgspec.structs import replace
 
+from splitvmm.record import replace
 from splitvmm.snapshot.format import (
     FORMAT_VERSION,
     ChunkEntry,

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from msgspec.structs import replace
 
 from splitvmm.devprocs.virtio_blk import VirtioBlk
 from splitvmm.errors import ConfigError, StateError
+from splitvmm.record import replace
 from tests.virtio.support import (
     DEVICE_CFG,
     F_EVENT_IDX,

@@ -657,7 +657,7 @@ def test_virtio_pci_restore_keeps_queue_position_and_msix_table(rng, driver, fds
 
 
 def test_virtio_pci_restore_refuses_vector_past_table(rng):
-    from msgspec.structs import replace
+    from splitvmm.record import replace
 
     bad = replace(rng.save(), msix_config=9)
 
@@ -666,7 +666,7 @@ def test_virtio_pci_restore_refuses_vector_past_table(rng):
 
 
 def test_virtio_pci_restore_refuses_queue_size_not_offered(rng):
-    from msgspec.structs import replace
+    from splitvmm.record import replace
 
     state = rng.save()
     bad = replace(state, queues=(replace(state.queues[0], size=3),))

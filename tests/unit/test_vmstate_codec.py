@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from msgspec.structs import replace
 
 from splitvmm.errors import StateError
 from splitvmm.monitor.vmstate import (
@@ -40,6 +39,7 @@ from splitvmm.native.kvm import (
     CpuidEntry,
     Layout,
 )
+from splitvmm.record import replace
 
 MSR_EFER = 0xC0000080
 U64_MAX = (1 << 64) - 1

@@ -10,13 +10,12 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from msgspec import Struct, field
-
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs.base import DeviceContext, load_model
 from splitvmm.devprocs.virtio.pci import VirtioPciDevice
 from splitvmm.protocol import control
 from splitvmm.protocol.models import MODELS, FdKind
+from splitvmm.record import Struct, field
 
 BAR0 = 0x1000  # BAR 0's registers in the flat window
 BAR1 = 0x5000  # BAR 1's (MSI-X)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from msgspec import Struct
-
 from splitvmm.devprocs.virtio.msix import PBA_OFFSET
 from splitvmm.protocol.models import VIRTIO_NOTIFY_MULTIPLIER, VIRTIO_PCI_VENDOR_ID
+from splitvmm.record import Struct
 
 if TYPE_CHECKING:
     from splitvmm.devprocs.virtio.pci import VirtioPciDevice

@@ -21,9 +21,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 
-from msgspec import Struct
-
 from splitvmm.devprocs.base import DeviceEvents, Trigger
+from splitvmm.record import Struct
 
 NO_VECTOR = 0xFFFF  # virtio 1.2 4.1.5.1.2: "no vector"
 ENTRY_SIZE = 16  # message address (lo, hi), message data, vector control

@@ -38,8 +38,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, Self
 
-from msgspec.structs import replace
-
 from splitvmm.devprocs.base import DeviceContext, RegisterDevice, Source
 from splitvmm.devprocs.virtio import config_space
 from splitvmm.devprocs.virtio.config_space import (
@@ -56,6 +54,7 @@ from splitvmm.errors import StateError
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol.models import MODELS, PciFunction
 from splitvmm.ratelimit import RateLimitedLog
+from splitvmm.record import replace
 
 log = logging.getLogger("splitvmm.dev.virtio")
 

@@ -21,10 +21,9 @@ import struct
 import threading
 from collections.abc import Mapping
 
-from msgspec import Struct, field
-
 from splitvmm.devprocs.virtio.guestram import U16, GuestRam, GuestRamError, RamWindow
 from splitvmm.errors import SplitvmmError, StateError, shown
+from splitvmm.record import Struct, field
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2

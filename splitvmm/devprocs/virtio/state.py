@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from msgspec import Struct
-
 from splitvmm.devprocs.base import DeviceState
 from splitvmm.protocol import schema
+from splitvmm.record import Struct
 
 U8 = Annotated[int, schema.U8]
 U16 = Annotated[int, schema.U16]

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from msgspec import Struct
-
 from splitvmm.errors import ConfigError
 from splitvmm.monitor import layout
 from splitvmm.monitor.acpi import tables
 from splitvmm.monitor.acpi.dsdt import S5_SLEEP_TYPE, dsdt
 from splitvmm.protocol.models import PortWindow
+from splitvmm.record import Struct
 
 __all__ = ["PM_PORTS", "S5_SLEEP_TYPE", "AcpiTables", "build"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from msgspec import Struct
+from splitvmm.record import Struct
 
 OEM_ID = b"SPLITV"
 OEM_TABLE_ID = b"SPLITVMM"

@@ -13,11 +13,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from msgspec import Struct
-
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.pci.config import BAR0, BAR_COUNT, BAR_END, ConfigSpace
 from splitvmm.protocol.models import BarKind, PciBar
+from splitvmm.record import Struct
 
 DWORD = 0xFFFF_FFFF
 BAR_IO_SPACE = 0x1  # bit 0: I/O space indicator

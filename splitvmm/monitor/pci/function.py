@@ -28,8 +28,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from msgspec import Struct
-
 from splitvmm.errors import ConfigError, KvmError
 from splitvmm.monitor.bus import Bus, BusError
 from splitvmm.monitor.pci.bars import BarAllocator, BarDecoder, FunctionWithBars
@@ -37,6 +35,7 @@ from splitvmm.monitor.pci.config import COMMAND
 from splitvmm.monitor.pci.root import PciRoot
 from splitvmm.protocol.models import BarKind, PciBar, PciFunction
 from splitvmm.ratelimit import RateLimitedLog
+from splitvmm.record import Struct
 
 log = logging.getLogger("splitvmm.pci")
 
