@@ -183,7 +183,7 @@ def traced(warden_pid: int, trace: Trace, errnos: dict[str, int]) -> Iterator[No
 def _serve(
     listener: SeccompListener, trace: Trace, errnos: dict[str, int], stop: threading.Event
 ) -> None:
-    import pyseccomp as seccomp
+    from splitvmm.native.seccomp import pyseccomp as seccomp
 
     poller = select.poll()
     poller.register(listener.fd, select.POLLIN)

@@ -45,12 +45,11 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-import pyseccomp as seccomp
-
 import splitvmm
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, landlock
 from splitvmm.native.kvm import IOCTL_NUMBERS
+from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.sandbox import policy
 from splitvmm.sandbox.launcher_start import thread_count
 

@@ -85,11 +85,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-import pyseccomp as seccomp
-
 from splitvmm import native
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, landlock
+from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.sandbox import policy
 
 log = logging.getLogger("splitvmm.dev.sandbox")

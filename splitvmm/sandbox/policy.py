@@ -32,11 +32,10 @@ import termios
 from collections.abc import Mapping
 from pathlib import Path
 
-import pyseccomp as seccomp
-
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import files, tun
 from splitvmm.native.confine import CLONE_THREAD, FUTEX_OPS, PRCTL_OPTIONS
+from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.protocol.models import module_name
 from splitvmm.record import Struct
 

@@ -21,9 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
-import pyseccomp  # type: ignore[import-untyped]
-
 from splitvmm.native import confine
+from splitvmm.native.seccomp import pyseccomp
 
 PTRACE_ATTACH = 16  # <sys/ptrace.h>; Python's stdlib has no ptrace constants
 BPF_PROG_LOAD = 5  # <linux/bpf.h> enum bpf_cmd

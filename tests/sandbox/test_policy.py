@@ -6,9 +6,9 @@ import errno
 import mmap
 from pathlib import Path
 
-import pyseccomp as seccomp  # type: ignore[import-untyped]
 import pytest
 
+from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.protocol.models import MODELS
 from splitvmm.sandbox import policy
 from splitvmm.sandbox.policy import Cmp, PolicyError, Rule
