@@ -85,6 +85,11 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   launcher and the zygote. farm-bench -n 25, alternating with c8fd15e, load ~1: wall 236
   ms against 251 (paired ratio 0.905), CPU 0.351 s against 0.384 (0.91). click still
   imports inspect in the monitor (~6 ms).
+- pyseccomp without ldconfig (same round): its import ran `ldconfig -p` twice
+  (ctypes.util.find_library), in the monitor and the zygote; splitvmm/native/seccomp.py
+  has find_library try each library's soname with dlopen first during that import: 3.8 ->
+  1.3 ms a process (median of 30 fresh interpreters), and four fork+execs fewer per `up`.
+  farm-bench -n 50 A/B: wall 0.99, CPU 0.99 (inside this host's noise).
 """
 
 from __future__ import annotations
