@@ -7,6 +7,12 @@ and times each whole process from its start to its exit (wall clock, the host's
 CLOCK_MONOTONIC). The floors are measured in the same run: `python -c pass`
 (an interpreter's start and end) and `python -c 'import splitvmm.cli'`.
 
+Each figure comes with the CPU it took (user + system seconds of the whole process tree:
+every parent reaps its children, so the kernel counts theirs in the process this reaps).
+On this shared 2-core host the wall clock moves with the load from run to run and CPU
+far less, and a start-up that keeps both cores busy (splitvmm's does) gets faster only by
+spending less CPU or by leaving neither core idle.
+
 splitvmm's own marks (splitvmm/timings.py, the same clock) split its time into
 phases; "interpreter start" is from our clock reading before the spawn to its
 first mark, "exit" from its last mark to the process's end. The device spans
@@ -97,6 +103,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -104,6 +111,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -122,9 +130,23 @@ PHASE = re.compile(r"timings: phase (.+?)\s+([\d.]+) ms$", re.MULTILINE)
 SPAN = re.compile(r"timings: span  (.+?)\s+([\d.]+) ms", re.MULTILINE)
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """The clock before the spawn, seconds from there to the exit, and stderr; SystemExit if
-    the process failed."""
+class Run(NamedTuple):
+    start: float  # the clock before the spawn
+    wall: float  # seconds from there to the exit
+    cpu: float  # user + system seconds of the process and every descendant it reaped
+    stderr: str
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> Run:
+    """One run of `argv`; SystemExit if the process failed. Its CPU is that of every process
+    of the tree: each parent reaps its children (splitvmm: the monitor its launcher, the
+    launcher its zygote and devices), so the kernel adds theirs to the process we reap."""
+    cpu = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(
         argv,
@@ -137,7 +159,7 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, fl
     took = time.perf_counter() - start
     if proc.returncode not in (0, EXIT_STATUS):
         raise SystemExit(f"{argv[0]}: status {proc.returncode}:\n{proc.stderr}")
-    return start, took, proc.stderr
+    return Run(start, took, _children_cpu() - cpu, proc.stderr)
 
 
 def check_output(serial: Path, who: str) -> None:
@@ -147,12 +169,13 @@ def check_output(serial: Path, who: str) -> None:
     serial.unlink()
 
 
-def run_splitvmm(config: Path, serial: Path, marks: bool) -> tuple[float, dict[str, float]]:
+def run_splitvmm(config: Path, serial: Path, marks: bool) -> tuple[Run, dict[str, float]]:
     argv = [sys.executable, "-m", "splitvmm", "up", *(["--timings"] if marks else []), str(config)]
-    start, took, err = timed(argv)
+    run = timed(argv)
+    start, took, err = run.start, run.wall, run.stderr
     check_output(serial, "splitvmm")
     if not marks:
-        return took, {}
+        return run, {}
     first = FIRST.search(err)
     if first is None:
         raise SystemExit(f"splitvmm printed no timings:\n{err}")
@@ -160,20 +183,27 @@ def run_splitvmm(config: Path, serial: Path, marks: bool) -> tuple[float, dict[s
     phases |= {name: float(ms) for name, ms in PHASE.findall(err)}
     phases["exit"] = took * 1e3 - phases["interpreter start"] - phases.pop("total")
     phases |= {f"span: {name}": float(ms) for name, ms in SPAN.findall(err)}
-    return took, phases
+    return run, phases
 
 
-def run_qemu(qemu: str, image: Path, serial: Path) -> float:
+def run_qemu(qemu: str, image: Path, serial: Path) -> Run:
     argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", "64", "-display", "none"]
     argv += ["-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
     argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
-    _, took, _ = timed(argv)
+    run = timed(argv)
     check_output(serial, "QEMU")
-    return took
+    return run
 
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
+
+
+def medians(runs: list[Run]) -> tuple[float, float] | None:
+    """Median wall and CPU ms of `runs` (None where there were none)."""
+    if not runs:
+        return None
+    return median_ms([r.wall for r in runs]), median_ms([r.cpu for r in runs])
 
 
 def main() -> None:
@@ -191,25 +221,34 @@ def main() -> None:
         config = write_config(
             work / "hello.toml", "bench-startup", f'firmware = "{image}"', "64M", serial
         )
-        ours, theirs, phases = [], [], []
-        floors: dict[str, list[float]] = {"python -c pass": [], "import splitvmm.cli": []}
+        ours: list[Run] = []
+        theirs: list[Run] = []
+        phases = []
+        floors: dict[str, list[Run]] = {"python -c pass": [], "import splitvmm.cli": []}
         for _ in range(args.runs):  # alternate, so drift on the host hits all alike
-            took, marks = run_splitvmm(config, serial, not args.no_timings)
-            ours.append(took)
+            run, marks = run_splitvmm(config, serial, not args.no_timings)
+            ours.append(run)
             phases.append(marks)
             if qemu:
                 theirs.append(run_qemu(qemu, image, serial))
-            floors["python -c pass"].append(timed([sys.executable, "-c", "pass"])[1])
+            floors["python -c pass"].append(timed([sys.executable, "-c", "pass"]))
             floors["import splitvmm.cli"].append(
-                timed([sys.executable, "-c", "import splitvmm.cli"])[1]
+                timed([sys.executable, "-c", "import splitvmm.cli"])
             )
     breakdown = {k: statistics.median(p.get(k, 0.0) for p in phases) for k in phases[0]}
+    ours_ms, theirs_ms = medians(ours), medians(theirs)
+    assert ours_ms is not None
     result = {
         "runs": args.runs,
-        "splitvmm_ms": median_ms(ours),
-        "qemu_ms": median_ms(theirs) if theirs else None,
-        "ratio": statistics.median(ours) / statistics.median(theirs) if theirs else None,
-        "floors_ms": {k: median_ms(v) for k, v in floors.items()},
+        "splitvmm_ms": ours_ms[0],
+        "qemu_ms": theirs_ms[0] if theirs_ms else None,
+        "ratio": ours_ms[0] / theirs_ms[0] if theirs_ms else None,
+        # CPU moves far less than wall on a shared host, and this start-up is CPU-bound
+        "splitvmm_cpu_ms": ours_ms[1],
+        "qemu_cpu_ms": theirs_ms[1] if theirs_ms else None,
+        "cpu_ratio": ours_ms[1] / theirs_ms[1] if theirs_ms else None,
+        "floors_ms": {k: medians(v)[0] for k, v in floors.items()},  # type: ignore[index]
+        "floors_cpu_ms": {k: medians(v)[1] for k, v in floors.items()},  # type: ignore[index]
         "phases_ms": breakdown,
     }
     if args.json:
@@ -222,17 +261,24 @@ def print_tables(result: dict[str, object], qemu: str | None) -> None:
     console = Console()
     table = Table(title=f"start -> exit, firmware hello guest (median of {result['runs']})")
     table.add_column("what")
-    table.add_column("ms", justify="right")
+    table.add_column("wall ms", justify="right")
     table.add_column("/ QEMU", justify="right")
-    qemu_ms = result["qemu_ms"]
-    rows = {"splitvmm up": result["splitvmm_ms"], "QEMU": qemu_ms}
-    rows |= {f"floor: {k}": v for k, v in result["floors_ms"].items()}  # type: ignore[attr-defined]
-    for what, ms in rows.items():
+    table.add_column("CPU ms", justify="right")
+    table.add_column("/ QEMU", justify="right")
+    qemu_ms, qemu_cpu = result["qemu_ms"], result["qemu_cpu_ms"]
+    rows = {
+        "splitvmm up": (result["splitvmm_ms"], result["splitvmm_cpu_ms"]),
+        "QEMU": (qemu_ms, qemu_cpu),
+    }
+    for k, v in result["floors_ms"].items():  # type: ignore[attr-defined]
+        rows[f"floor: {k}"] = (v, result["floors_cpu_ms"][k])  # type: ignore[index]
+    for what, (ms, cpu) in rows.items():
         if ms is None:
-            table.add_row(f"{what}: {QEMU} not found", "—", "—")
+            table.add_row(f"{what}: {QEMU} not found", "—", "—", "—", "—")
             continue
-        ratio = f"{ms / qemu_ms:.2f}" if qemu_ms else "—"
-        table.add_row(what, f"{ms:.1f}", ratio)
+        ratio = f"{ms / qemu_ms:.2f}" if qemu_ms else "—"  # type: ignore[operator]
+        cpu_ratio = f"{cpu / qemu_cpu:.2f}" if qemu_cpu else "—"  # type: ignore[operator]
+        table.add_row(what, f"{ms:.1f}", ratio, f"{cpu:.1f}", cpu_ratio)
     console.print(table)
     phases = Table(title="where splitvmm's time goes (medians; spans overlap the phases)")
     phases.add_column("phase")
