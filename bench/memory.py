@@ -14,6 +14,16 @@ and RSS from smaps, leaving out guest RAM: the mapping of the RAM memfd (splitvm
 `<vm>-ram`; QEMU gets `-object memory-backend-memfd` so its RAM is a named memfd too).
 A VM is measured after SETTLE_S, RUNS times; medians.
 
+The zygote (sandbox/zygote.py) ends once the VM's devices and their spares have started (the
+monitor's rest request to the launcher), so a settled VM has none: its row reads 0 unless a
+spawn is under way. That change (2026-12-01, --runs 3, same host, same hour): serial 60.5 ->
+53.0 MiB (1.87 -> 1.62x QEMU's RSS), 5 devices 76.0 -> 68.4 (2.22 -> 2.01x). What is left,
+serial: the monitor ~21 MiB (its Python with click, zmq, msgspec, pyseccomp and the
+snapshot code it preloads before it confines itself: 16.5 MiB of anonymous memory after
+its imports alone), the launcher ~10, each device ~9 (its Python, ~5 of it pages copied
+from the zygote's on write: CPython 3.11 writes a reference count on every object it
+touches) and its warden ~0.3.
+
     python bench/memory.py [--runs R] [--json]
 """
 
@@ -154,19 +164,14 @@ def splitvmm_roles(monitor: int) -> dict[str, Usage]:
     children = [
         int(c) for c in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
     ]
-    zygote = min(children, key=start_time)  # the launcher starts it first; then the wardens
-    for child in children:
-        role = "zygote" if child == zygote else "devices"
+    for child in children:  # the wardens (a device is its warden's child), and the zygote
+        # until the monitor lets it rest, once the devices and their spares have started
+        role = "devices" if Path(os.readlink(f"/proc/{child}/exe")).name == "warden" else "zygote"
         for pid in descendants(child):
             roles[role] += usage_beyond(pid, ram)
     roles["total"] = sum(roles.values(), Usage())
     roles["processes"] = Usage(len(descendants(monitor)), 0)
     return roles
-
-
-def start_time(pid: int) -> int:
-    """When `pid` started, in clock ticks since boot (proc(5): stat field 22)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
 # -- QEMU -------------------------------------------------------------------------------------

@@ -96,6 +96,20 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   has find_library try each library's soname with dlopen first during that import: 3.8 ->
   1.3 ms a process (median of 30 fresh interpreters), and four fork+execs fewer per `up`.
   farm-bench -n 50 A/B: wall 0.99, CPU 0.99 (inside this host's noise).
+- Where the CPU goes (same round; BSD process accounting over 30 runs, 10 ms ticks, so
+  rough): the monitor ~175 ms a run, the zygote (and its short-lived intermediate children)
+  ~108, the launcher ~22, the two wardens ~8 together (their Python before the exec: the
+  warden's filter, Landlock), the devices ~5 after their fork; QEMU ~52 in all. Of the
+  monitor's, imports are most: sampled on-CPU, 98% of its Python stacks were inside an
+  import (click ~16 ms with inspect, zmq ~13, the monitor's own modules ~15, pyseccomp and
+  ctypes ~5, hashlib's OpenSSL ~3, tomllib, msgspec and what it brings ~10).
+- Tried and dropped (same round), each A/B'd with farm-bench -n 50 against the tree
+  without it, twice: importing the launcher's server code right after the zygote's exec
+  instead of at the first request, 0.974 and 0.996 for waiting (kept); sending every
+  device's spawn request before taking any answer, so that the monitor builds and confines
+  the VM while the launcher and the zygote fork (Launcher.ask_spawn, the slot taking its
+  process at attach): 1.03 and 0.97. Neither core is idle during a start-up, so reordering
+  work moves it without shortening it; only less CPU shortens it.
 """
 
 from __future__ import annotations

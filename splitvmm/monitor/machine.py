@@ -28,7 +28,7 @@ import zmq
 
 from splitvmm import timings
 from splitvmm.config import DeviceSection, VmConfig
-from splitvmm.errors import DeviceFailure, KvmUnavailable
+from splitvmm.errors import DeviceFailure, KvmUnavailable, SplitvmmError
 from splitvmm.monitor import acpi, boot, confinement, layout, loader
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
@@ -325,11 +325,13 @@ class Machine:
     def _restarter(self) -> None:
         """Restarts crashed devices, one at a time, off the vCPU threads (a vCPU's access
         waits on the slot meanwhile); starts their warm spares, first and once each device
-        is back (monitor/slot.py), off the restarts' path."""
+        is back (monitor/slot.py), off the restarts' path; and after those, with no restart
+        waiting, lets the launcher end its zygote until the next spawn."""
         for each in self.slots:
             if self.stopping:
                 break
             each.start_spare()
+        self._rest_launcher()
         while (slot := self._restarts.get()) is not None:
             try:
                 slot.restart()
@@ -339,6 +341,19 @@ class Machine:
             if self._supervisor is not None and slot.process is not None:
                 self._supervisor.watch(slot)
             slot.start_spare()
+            if self._restarts.empty():
+                self._rest_launcher()
+
+    def _rest_launcher(self) -> None:
+        """Every device and spare has started, and no restart waits: the launcher ends its
+        zygote until the next spawn (sandbox/launcher.py rest)."""
+        if self.stopping:
+            return
+        try:
+            self.launcher.rest()
+        except SplitvmmError as e:  # a launcher gone wrong fails the next spawn too, louder
+            if not self.stopping:
+                log.warning("the launcher did not end its zygote: %s", e)
 
     # -- running ------------------------------------------------------------------------
     def run(self) -> Outcome:

@@ -23,6 +23,10 @@ Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
     monitor -> launcher  resume {id, pid, size}      then `size` bytes of JSON: the rest
                                                      of a warm spare's spec (below)
     launcher -> monitor  resumed {id} | refused {id, message}
+    monitor -> launcher  rest {id, size: 0}          no spawn is expected for now: the
+                                                     zygote ends, and a new one starts
+                                                     with the next spawn
+    launcher -> monitor  rested {id}
                          exited {pid, status}        for each device it started (it
                                                      is their parent and reaps them)
 
@@ -45,7 +49,8 @@ What a compromised monitor can ask of it, and no more:
   dir is fixed by the first configure request (a second one is refused) and the
   name is a plain file name, so it makes no other file;
 - tell the exit status of the devices it started. Signals go through the
-  pidfd the monitor holds: the launcher kills nothing on request.
+  pidfd the monitor holds: the launcher kills no device on request;
+- end its zygote (rest): the next spawn then waits for a new one's imports;
 - give a warm spare it started (a deferred spec: protocol/spec.py, monitor/slot.py) the
   rest of its spec, once: its socket, `<name>.sock.spare`, gets its channel's path as a
   second name (sandbox/spawn.py resume_child), and the rest goes down its stdin, checked
@@ -121,6 +126,7 @@ _REPLIES: dict[str, tuple[dict[str, type], int]] = {
     "refused": ({"id": int, "message": str}, 0),
     "resumed": ({"id": int}, 0),
     "configured": ({"id": int}, 0),
+    "rested": ({"id": int}, 0),
     "exited": ({"pid": int, "status": int}, 0),
 }
 
@@ -215,6 +221,12 @@ class Launcher:
         data = json.dumps(spec.rest()).encode()
         check_spec_size(spec.name, data)
         self._request({"op": "resume", "pid": process.pid}, data, [])
+
+    def rest(self) -> None:
+        """No spawn is expected for now (a VM's devices and their spares have started): the
+        launcher ends its zygote, whose memory goes back (~5 MiB of its own: bench/memory.py),
+        and starts a new one for the next spawn, which then waits for its imports."""
+        self._request({"op": "rest"}, b"", [])
 
     def _request(self, header: dict[str, object], data: bytes, fds: list[int]) -> _Reply:
         """Send a request (`header`, then `data` in chunks) and take its reply; DeviceFailure

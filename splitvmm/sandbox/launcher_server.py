@@ -41,7 +41,9 @@ def serve(sock: socket.socket, zygote: Zygote) -> None:
 class _Server:
     def __init__(self, sock: socket.socket, zygote: Zygote) -> None:
         self.sock = sock
-        self.zygote = zygote
+        # None while it rests (a rest request: the monitor expects no spawn for now); the
+        # next spawn starts a new one (_live_zygote).
+        self.zygote: Zygote | None = zygote
         self.channel_dir: str | None = None  # set by the first configure request
         self._configured = False  # a configure request came (the first is the only one)
         self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
@@ -75,7 +77,7 @@ class _Server:
         STOP_TIMEOUT_S (the monitor gives us as long before it kills us)."""
         for process in self.children.values():
             process.kill()
-        self.zygote.close()
+        self._end_zygote()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for process in self.children.values():
             with contextlib.suppress(TimeoutError):
@@ -94,17 +96,24 @@ class _Server:
         return spawn_child(spec, zygote=self._live_zygote())
 
     def _live_zygote(self) -> Zygote:
-        """The zygote, or a new one if it has ended (killed, crashed, or killed by us after
-        it failed a fork): otherwise every restart that follows would fail too."""
-        if self.zygote.ended():
+        """The zygote, or a new one if it rests or has ended (killed, crashed, or killed by
+        us after it failed a fork): otherwise every restart that follows would fail too."""
+        if self.zygote is not None and self.zygote.ended():
             status = self.zygote.process.returncode
             # fd 2 is the operator's stderr; sys.stderr is the monitor's object, which may
             # write to an fd _keep_only_fds closed.
             why = f"splitvmm: launcher: the zygote ended ({status}); starting a new one\n"
             os.write(2, why.encode())
-            self.zygote.close()
+            self._end_zygote()
+        if self.zygote is None:
             self.zygote = Zygote.start(device_env())
         return self.zygote
+
+    def _end_zygote(self) -> None:
+        """End the zygote (it holds nothing to save), if there is one."""
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
 
     def _reap_orphans(self) -> None:
         """Reap every ended child that is neither a device (reaped by _report_end, whose
@@ -113,7 +122,9 @@ class _Server:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._sigchld_r, 256):
                 pass
-        ours = {process.pid for process in self.children.values()} | {self.zygote.process.pid}
+        ours = {process.pid for process in self.children.values()}
+        if self.zygote is not None:
+            ours.add(self.zygote.process.pid)
         for pid in _children() - ours:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
@@ -132,6 +143,15 @@ class _Server:
             if op == "configure":
                 self._configure(payload, len(fds))
                 send(self.sock, {"op": "configured", "id": request})
+                return True
+            if op == "rest":
+                # The monitor expects no spawn for now: the zygote's memory (~5 MiB of its
+                # own, bench/memory.py) goes back; a later spawn starts a new one (~100 ms of
+                # imports, on the way to that device only).
+                if fds:
+                    raise Refused("launcher: a rest request carries no fds")
+                self._end_zygote()
+                send(self.sock, {"op": "rested", "id": request})
                 return True
             if spare is not None:
                 self._resume(spare, payload, len(fds))
@@ -235,11 +255,16 @@ def _decode_header(data: bytes) -> tuple[str, int, int, int | None]:
         "spawn": {"op", "id", "size"},
         "resume": {"op", "id", "size", "pid"},
         "configure": {"op", "id", "size"},
+        "rest": {"op", "id", "size"},
     }
     if not isinstance(msg, dict) or keys.get(str(msg.get("op"))) != set(msg):
-        raise Refused("launcher: a request is not a configure, spawn or resume request")
+        raise Refused("launcher: a request is not a configure, spawn, resume or rest request")
     request, size, pid = msg["id"], msg["size"], msg.get("pid")
-    if type(request) is not int or type(size) is not int or not 0 < size <= MAX_SPEC:
+    if type(request) is not int or type(size) is not int:
+        raise Refused("launcher: a request's id and size are not ints")
+    if msg["op"] == "rest" and size != 0:
+        raise Refused("launcher: a rest request carries nothing")
+    if msg["op"] != "rest" and not 0 < size <= MAX_SPEC:
         raise Refused(f"launcher: a request's spec must be 1 to {MAX_SPEC} bytes")
     if msg["op"] == "resume" and type(pid) is not int:
         raise Refused("launcher: a resume request's pid is not an int")

@@ -7,6 +7,13 @@ start it (the launcher execs it while the monitor still imports), imports every
 device model, freezes what it imported (gc.freeze: a collection in a child never
 writes to those pages, so they stay shared) and then forks one child per device.
 
+Its life. Once a VM's devices and their warm spares have started and no restart waits, the
+monitor lets the launcher end it (the rest request, sandbox/launcher.py): an idle zygote
+held ~5 MiB of its own for the VM's whole life (bench/memory.py). The next spawn -- a new
+spare after a restart took the old one, or a cold restart -- starts a new zygote and waits
+for its imports (~100 ms, the same as the first spawn of a VM); the monitor lets it rest
+again once that restart is done.
+
 Why a process of its own and not the launcher. The launcher reads every device's
 spec, saved state included; a child forked from it would inherit those bytes (the
 heap keeps what was freed). The zygote reads nothing but fork requests of a few

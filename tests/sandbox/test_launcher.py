@@ -198,22 +198,42 @@ def test_launcher_with_its_zygote_killed_starts_a_new_one_for_the_next_device(
 ):
     (zygote,) = children_of(launcher.pid)  # before any device: its only child
     os.kill(zygote, signal.SIGKILL)
+    parent, others = serve_one(launcher, rundir, fds)
+    assert parent == launcher.pid
+    assert len(others) == 1 and zygote not in others  # a new zygote, the old one reaped
+
+
+def serve_one(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> tuple[int, set[int]]:
+    """Start a serial device and see it serve: its parent, and the launcher's other
+    children meanwhile (its zygote)."""
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec)
     zctx = zmq.Context()
     channel = DeviceChannel("serial", spec.channel, listener, zctx)
     try:
-        channel.wait_ready(process)  # forked by the new zygote, and serving
-        parent = parent_of(process.pid)
-        others = children_of(launcher.pid) - {process.pid}
+        channel.wait_ready(process)  # forked by a zygote, and serving
+        return parent_of(process.pid), children_of(launcher.pid) - {process.pid}
     finally:
         process.kill()
         process.wait(10)
         channel.close()
         zctx.term()
         process.close()
+
+
+def test_launcher_rest_ends_its_zygote_and_the_next_spawn_starts_a_new_one(launcher, rundir, fds):
+    (zygote,) = children_of(launcher.pid)
+    held = {int(fd.name): os.readlink(fd) for fd in Path(f"/proc/{zygote}/fd").iterdir()}
+    launcher.rest()
+    assert children_of(launcher.pid) == set()  # ended and reaped
+    # It held its socket to the launcher, and nothing but stdio besides (/dev/null in, out).
+    assert (held.pop(0), held.pop(1)) == ("/dev/null", "/dev/null")
+    del held[2]  # the launcher's stderr
+    assert [target.split(":")[0] for target in held.values()] == ["socket"]
+    launcher.rest()  # resting again: nothing to end
+    parent, others = serve_one(launcher, rundir, fds)
     assert parent == launcher.pid
-    assert len(others) == 1 and zygote not in others  # a new zygote, the old one reaped
+    assert len(others) == 1 and zygote not in others  # a new zygote
 
 
 def test_launcher_start_with_a_thread_running_raises():

@@ -1,0 +1,46 @@
+"""The launcher's decoder of request headers (sandbox/launcher_server.py): what a request
+may say, and the refusal of anything else."""
+
+import json
+
+import pytest
+
+from splitvmm.protocol.spec import MAX_SPEC
+from splitvmm.sandbox.launcher_server import Refused, _decode_header
+
+
+def header(**msg: object) -> bytes:
+    return json.dumps(msg).encode()
+
+
+def test_rest_request_carries_nothing():
+    assert _decode_header(header(op="rest", id=3, size=0)) == ("rest", 3, 0, None)
+
+
+@pytest.mark.parametrize("size", [1, MAX_SPEC])
+def test_rest_request_with_a_payload_is_refused(size):
+    with pytest.raises(Refused, match="a rest request carries nothing"):
+        _decode_header(header(op="rest", id=3, size=size))
+
+
+@pytest.mark.parametrize("op", ["spawn", "configure"])
+@pytest.mark.parametrize("size", [0, MAX_SPEC + 1])
+def test_a_request_with_a_spec_outside_its_bounds_is_refused(op, size):
+    with pytest.raises(Refused, match=f"spec must be 1 to {MAX_SPEC} bytes"):
+        _decode_header(header(op=op, id=1, size=size))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        header(op="fork", id=1, size=1),
+        header(op="rest", id=1),
+        header(op="rest", id=1, size=0, pid=5),
+        header(op="spawn", id="1", size=1),
+        b"[]",
+    ],
+    ids=["unknown-op", "no-size", "extra-key", "id-not-int", "not-an-object"],
+)
+def test_a_malformed_request_is_refused(data):
+    with pytest.raises(Refused):
+        _decode_header(data)
