@@ -14,10 +14,14 @@ and RSS from smaps, leaving out guest RAM: the mapping of the RAM memfd (splitvm
 `<vm>-ram`; QEMU gets `-object memory-backend-memfd` so its RAM is a named memfd too).
 A VM is measured after SETTLE_S, RUNS times; medians.
 
-The zygote (sandbox/zygote.py) ends once the VM's devices and their spares have started (the
-monitor's rest request to the launcher), so a settled VM has none: its row reads 0 unless a
-spawn is under way. That change (2026-12-01, --runs 3, same host, same hour): serial 60.5 ->
-53.0 MiB (1.87 -> 1.62x QEMU's RSS), 5 devices 76.0 -> 68.4 (2.22 -> 2.01x). What is left,
+The zygote (sandbox/zygote.py) ends once the VM's devices and their spares have started and
+no restart came for ZYGOTE_IDLE_S (the monitor's rest request to the launcher), so a settled
+VM has none: its row reads 0 unless a spawn is under way. Measured
+(2026-12-01, --runs 3, SETTLE_S 3 s for every tree, same host and hour): before (96fec8b's
+parent) serial 58.0 MiB, 5 devices 73.5 (1.78x, 2.16x QEMU's RSS); with the rest 50.9 and
+66.3 (1.55x, 1.94x). From the session's first tree (c8fd15e: 60.6 and 76.0), the other
+2.5 MiB came from msgspec imported without typing_extensions, inspect, ast and dis
+(splitvmm/record.py) in the monitor, the launcher and the zygote. What is left,
 serial: the monitor ~21 MiB (its Python with click, zmq, msgspec, pyseccomp and the
 snapshot code it preloads before it confines itself: 16.5 MiB of anonymous memory after
 its imports alone), the launcher ~10, each device ~9 (its Python, ~5 of it pages copied
@@ -44,18 +48,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from splitvmm.record import Struct, asdict
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.vmrun import compile_package, wait_for_text  # noqa: E402
+from splitvmm.monitor.machine import ZYGOTE_IDLE_S  # noqa: E402
+from splitvmm.record import Struct, asdict  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 VM = "bench-memory"
 GREETING = "firmware-idle: halted"
 MEMORY_MIB = 64
-SETTLE_S = 1.0  # after the greeting: lazy allocations (ZeroMQ's threads, first requests) done
+# After the greeting: lazy allocations (ZeroMQ's threads, first requests) done, and the
+# zygote ended (the monitor lets it rest ZYGOTE_IDLE_S after the devices started)
+SETTLE_S = ZYGOTE_IDLE_S + 1.0
 START_TIMEOUT_S = 60
 KIB = 1024
 
@@ -166,7 +172,11 @@ def splitvmm_roles(monitor: int) -> dict[str, Usage]:
     ]
     for child in children:  # the wardens (a device is its warden's child), and the zygote
         # until the monitor lets it rest, once the devices and their spares have started
-        role = "devices" if Path(os.readlink(f"/proc/{child}/exe")).name == "warden" else "zygote"
+        try:
+            exe = Path(os.readlink(f"/proc/{child}/exe")).name
+        except FileNotFoundError:  # ended since the listing
+            continue
+        role = "devices" if exe == "warden" else "zygote"
         for pid in descendants(child):
             roles[role] += usage_beyond(pid, ram)
     roles["total"] = sum(roles.values(), Usage())

@@ -11,7 +11,8 @@ Each figure comes with the CPU it took (user + system seconds of the whole proce
 every parent reaps its children, so the kernel counts theirs in the process this reaps).
 On this shared 2-core host the wall clock moves with the load from run to run and CPU
 far less, and a start-up that keeps both cores busy (splitvmm's does) gets faster only by
-spending less CPU or by leaving neither core idle.
+spending less CPU or by leaving neither core idle. (A device's own process, killed at the
+end, is reaped by nobody when the launcher ends first: its few ms of CPU are left out.)
 
 splitvmm's own marks (splitvmm/timings.py, the same clock) split its time into
 phases; "interpreter start" is from our clock reading before the spawn to its

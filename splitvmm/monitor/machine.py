@@ -62,6 +62,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("splitvmm.machine")
 
 DEBUG_EXIT_WINDOW = 4  # accepts outb/outw/outl at 0xf4
+# After the devices and their spares started, or the last restart, this long without another
+# restart before the launcher may end its zygote (~5 MiB): a restart's new spare needs one,
+# and a zygote being started (~100 ms of imports) holds up the launcher for every request
+# meanwhile, a warm restart's included. So a burst of crashes is served by one zygote.
+ZYGOTE_IDLE_S = 2.0
 # Control requests that only read a few fields: answered even while a snapshot runs.
 READ_ONLY_REQUESTS = ("status", "devices")
 
@@ -325,14 +330,23 @@ class Machine:
     def _restarter(self) -> None:
         """Restarts crashed devices, one at a time, off the vCPU threads (a vCPU's access
         waits on the slot meanwhile); starts their warm spares, first and once each device
-        is back (monitor/slot.py), off the restarts' path; and after those, with no restart
-        waiting, lets the launcher end its zygote until the next spawn."""
+        is back (monitor/slot.py), off the restarts' path; and once no restart came for
+        ZYGOTE_IDLE_S, lets the launcher end its zygote until the next spawn."""
         for each in self.slots:
             if self.stopping:
                 break
             each.start_spare()
-        self._rest_launcher()
-        while (slot := self._restarts.get()) is not None:
+        rested = False
+        while True:
+            try:
+                slot = self._restarts.get(timeout=None if rested else ZYGOTE_IDLE_S)
+            except queue.Empty:
+                self._rest_launcher()  # asked once; again only after the next restart
+                rested = True
+                continue
+            if slot is None:
+                return
+            rested = False
             try:
                 slot.restart()
             except DeviceFailure as e:
@@ -341,12 +355,9 @@ class Machine:
             if self._supervisor is not None and slot.process is not None:
                 self._supervisor.watch(slot)
             slot.start_spare()
-            if self._restarts.empty():
-                self._rest_launcher()
 
     def _rest_launcher(self) -> None:
-        """Every device and spare has started, and no restart waits: the launcher ends its
-        zygote until the next spawn (sandbox/launcher.py rest)."""
+        """Let the launcher end its zygote until the next spawn (sandbox/launcher.py rest)."""
         if self.stopping:
             return
         try:

@@ -67,7 +67,7 @@ terminal's Ctrl-C is the monitor's to handle), PR_SET_PDEATHSIG on the monitor,
 and ends when the monitor's end of the socket closes, killing the devices it
 started (each would die with it anyway: PR_SET_PDEATHSIG). It holds the socket,
 /dev/null as stdin and stdout, and the operator's stderr, which devices inherit; then
-its zygote's socket, its SIGCHLD wake-up pipe, a pidfd per device and a spare's stdin
+its zygote's socket (while it has a zygote), its SIGCHLD wake-up pipe, a pidfd per device and a spare's stdin
 pipe until the spare takes over (all close-on-exec: the zygote gets none). It is a child
 subreaper (the zygote's double fork makes each device its child), so it also reaps
 whatever else of its descendants is orphaned -- a device's PID-namespace init, once its
@@ -103,7 +103,7 @@ MAX_MESSAGE = 4096  # a request header or a reply; the spec comes in chunks afte
 CHUNK = 64 << 10  # a SOCK_SEQPACKET message must fit the socket's send buffer (~208 KiB)
 CHUNK_TIMEOUT_S = 5.0  # the rest of a request, once its header came
 READY_TIMEOUT_S = 10.0  # a fork, its imports and the zygote's exec
-REPLY_TIMEOUT_S = 60.0  # the first spawn waits for the zygote's imports (a loaded host)
+REPLY_TIMEOUT_S = 60.0  # a spawn may wait for a new zygote's imports (a loaded host)
 SEND_TIMEOUT_S = 10.0  # a launcher that stops reading has failed
 STOP_TIMEOUT_S = 5.0  # the launcher ends at once when the monitor closes its socket
 

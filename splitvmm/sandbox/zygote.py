@@ -2,17 +2,18 @@
 
 Why. A device exec'd from scratch spends ~110 of its ~120 ms to READY starting an
 interpreter and importing its modules (devprocs/runtime.py run()), and each holds
-its own ~20 MiB copy of them. The zygote starts once per VM, as early as `up` can
+its own ~20 MiB copy of them. The zygote starts with the VM, as early as `up` can
 start it (the launcher execs it while the monitor still imports), imports every
 device model, freezes what it imported (gc.freeze: a collection in a child never
 writes to those pages, so they stay shared) and then forks one child per device.
 
-Its life. Once a VM's devices and their warm spares have started and no restart waits, the
-monitor lets the launcher end it (the rest request, sandbox/launcher.py): an idle zygote
-held ~5 MiB of its own for the VM's whole life (bench/memory.py). The next spawn -- a new
-spare after a restart took the old one, or a cold restart -- starts a new zygote and waits
-for its imports (~100 ms, the same as the first spawn of a VM); the monitor lets it rest
-again once that restart is done.
+Its life. Once a VM's devices and their warm spares have started and no restart came for a
+while (monitor/machine.py ZYGOTE_IDLE_S), the monitor lets the launcher end it (the rest
+request, sandbox/launcher.py): an idle zygote held ~5 MiB of its own for the VM's whole life
+(bench/memory.py). The next spawn -- a new spare after a restart took the old one, or a cold
+restart -- starts a new zygote and waits for its imports (~100 ms, as the first spawn of a
+VM does), and the launcher serves nothing else meanwhile; the monitor lets it rest again
+after the next idle period, so a burst of crashes is served by one zygote.
 
 Why a process of its own and not the launcher. The launcher reads every device's
 spec, saved state included; a child forked from it would inherit those bytes (the
@@ -41,9 +42,9 @@ order sent (the launcher renumbers the spec's fds to match: fork_device in
 sandbox/spawn.py); fd 1 is /dev/null and fd 2 the launcher's stderr, as the
 zygote's are; every other fd is closed before any device code runs.
 
-What it costs in isolation: every device of a VM shares the zygote's address-space
-layout (ASLR is per exec, not per fork), its stack canary and its hash seed; a device
-that learns its own layout or canary learns its siblings'. Each remains a separate
+What it costs in isolation: the devices one zygote forked share its address-space layout
+(ASLR is per exec, not per fork), its stack canary and its hash seed; a device that
+learns its own layout or canary learns its siblings' (those of the same zygote). Each remains a separate
 process behind its own namespaces, seccomp filter and Landlock domain, which is the
 boundary.
 """
