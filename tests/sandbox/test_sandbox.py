@@ -120,6 +120,11 @@ def test_warden_status_when_serving_is_confined_and_holds_stderr_and_pipe_only(
 ) -> None:
     dev = spawn()
     dev.wait_ready()
+    # The warden loads its filter after its exec, which runs beside the device's own start:
+    # on a loaded host the device may be READY first (the warden reads nothing meanwhile).
+    deadline = time.monotonic() + 10
+    while _status(dev.proc.pid)["Seccomp"] != "2" and time.monotonic() < deadline:
+        time.sleep(0.01)
 
     fds = _fds(dev.proc.pid)
 
