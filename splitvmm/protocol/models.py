@@ -16,7 +16,6 @@ policy in policies/<arch>/, its tests, and one entry in MODELS below.
 from __future__ import annotations
 
 import enum
-import hashlib
 import struct
 from collections.abc import Callable
 
@@ -388,7 +387,13 @@ VIRTIO_CONSOLE = ModelDescriptor(
 def default_mac(vm: str, device: str) -> str:
     """A MAC address of its own for each NIC, the same at every start: 52:54:00 (the prefix
     QEMU and libvirt use: locally administered, unicast) and 3 bytes of a hash of the VM's
-    and the device's names."""
+    and the device's names.
+
+    hashlib is imported here, not with this module: only the monitor's config derives a MAC
+    (config.py), and the zygote and the launcher, which import this module too, need not
+    load OpenSSL for it (~3 ms and ~0.6 MiB each: bench/startup.py, bench/memory.py)."""
+    import hashlib
+
     digest = hashlib.sha256(f"{vm}\0{device}".encode()).digest()
     return ":".join(f"{b:02x}" for b in (0x52, 0x54, 0x00, *digest[:3]))
 

@@ -146,6 +146,10 @@ def test_virtio_net_default_mac_is_stable_locally_administered_unicast():
     assert (mac[0] & 0b10, mac[0] & 0b01) == (0b10, 0)  # locally administered, unicast
 
 
+def test_virtio_net_bare_mac_is_the_default_mac_of_no_vm():
+    assert virtio_net.BARE_MAC == default_mac("", "virtio-net")
+
+
 def test_virtio_net_config_derives_mac_from_vm_and_device_names(tmp_path: Path):
     data = {
         "vm": {"name": "web1"},
