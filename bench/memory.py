@@ -21,10 +21,12 @@ VM has none: its row reads 0 unless a spawn is under way. Measured
 parent) serial 58.0 MiB, 5 devices 73.5 (1.78x, 2.16x QEMU's RSS); with the rest 50.9 and
 66.3 (1.55x, 1.94x). From the session's first tree (c8fd15e: 60.6 and 76.0), the other
 2.5 MiB came from msgspec imported without typing_extensions, inspect, ast and dis
-(splitvmm/record.py) in the monitor, the launcher and the zygote. What is left,
+(splitvmm/record.py) in the monitor, the launcher and the zygote. Then hashlib (OpenSSL)
+no longer imported by the zygote and the launcher (protocol/models.py default_mac), back to
+back: serial 51.0 -> 49.5, 5 devices 66.5 -> 65.9 (launcher 9.6 -> 8.0). What is left,
 serial: the monitor ~21 MiB (its Python with click, zmq, msgspec, pyseccomp and the
 snapshot code it preloads before it confines itself: 16.5 MiB of anonymous memory after
-its imports alone), the launcher ~10, each device ~9 (its Python, ~5 of it pages copied
+its imports alone), the launcher ~8, each device ~9 (its Python, ~5 of it pages copied
 from the zygote's on write: CPython 3.11 writes a reference count on every object it
 touches) and its warden ~0.3.
 
