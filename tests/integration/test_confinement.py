@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO, vm_toml
-from tests.integration.vmproc import VmProcess, boot_guest
+from tests.integration.vmproc import VmProcess, boot_guest, comm
 
 pytestmark = pytest.mark.kvm
 
@@ -116,10 +116,6 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
     )
     # Each warden is the small warden program; each device is named after itself in ps.
     assert names == {name: ("warden", f"sv-{name}") for name in names}
-
-
-def comm(pid: int) -> str:
-    return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
 def children_of(pid: int) -> list[str]:

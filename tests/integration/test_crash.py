@@ -15,7 +15,7 @@ import pytest
 
 from splitvmm.monitor.control import request
 from tests.integration.conftest import vm_toml
-from tests.integration.vmproc import VmProcess
+from tests.integration.vmproc import VmProcess, comm
 
 pytestmark = pytest.mark.kvm
 
@@ -274,14 +274,14 @@ def test_zygote_rests_in_a_running_vm_and_one_comes_back_for_a_burst_of_restarts
     try:
         launcher = parent_of(int(serial_device(tmp_path)["pid"]))  # type: ignore[call-overload]
         spare = wait_spare(tmp_path)
-        rested_at_start = wait_no_zygote(launcher)
+        rested_at_start = wait_no_zygote(launcher, tmp_path)
         zygotes = []
         for generation in (2, 3):  # the spare takes over; the next spare needs a zygote
             os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
             wait_back(tmp_path, generation)
             spare = wait_spare(tmp_path, other_than=spare)
-            zygotes.append(zygotes_of(launcher))
-        rested_after = wait_no_zygote(launcher)
+            zygotes.append(zygotes_of(launcher, tmp_path))
+        rested_after = wait_no_zygote(launcher, tmp_path)
         vm.wait_for(r"^count=\d+$", after=len(vm.text()))
     finally:
         vm.proc.send_signal(signal.SIGTERM)
@@ -293,28 +293,26 @@ def test_zygote_rests_in_a_running_vm_and_one_comes_back_for_a_burst_of_restarts
     assert_each_count_once(vm.text())
 
 
-def zygotes_of(launcher: int) -> list[int]:
-    """The launcher's children that run the zygote (a spare's process, forked from it, runs
-    its code until it execs its warden: named sv-<device> by then)."""
+def zygotes_of(launcher: int, tmp_path: Path) -> list[int]:
+    """The launcher's children that run the zygote's code and are not the serial device's
+    process or its spare (each is forked from the zygote and runs its code until it names
+    itself sv-<device> and execs its warden: a spare just reported may not have yet)."""
+    dev = serial_device(tmp_path)
+    devices = {dev["pid"], dev["spare_pid"]}
     return [
         c
         for c in children_of(launcher)
-        if "splitvmm.devprocs.zygote" in cmdline(c) and comm(c) == Path(sys.executable).name[:15]
+        if "splitvmm.devprocs.zygote" in cmdline(c)
+        and comm(c) == Path(sys.executable).name[:15]
+        and c not in devices
     ]
 
 
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:  # ended meanwhile
-        return ""
-
-
-def wait_no_zygote(launcher: int, timeout_s: float = 10.0) -> bool:
+def wait_no_zygote(launcher: int, tmp_path: Path, timeout_s: float = 10.0) -> bool:
     """Whether the launcher's zygote ends (rests) within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not zygotes_of(launcher):
+        if not zygotes_of(launcher, tmp_path):
             return True
         time.sleep(0.02)
     return False

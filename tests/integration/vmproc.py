@@ -127,3 +127,11 @@ def boot_guest(
     config = tmp_path / "vm.toml"
     config.write_text(vm_toml(f'kernel = "{kernel}"\ncmdline = "{cmdline}"', "64M", 1, serial))
     return VmProcess(tmp_path, [*options, "up", str(config)], serial)
+
+
+def comm(pid: int) -> str:
+    """A process's name (proc(5) comm: a device's is sv-<name>); "" once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
