@@ -67,11 +67,11 @@ terminal's Ctrl-C is the monitor's to handle), PR_SET_PDEATHSIG on the monitor,
 and ends when the monitor's end of the socket closes, killing the devices it
 started (each would die with it anyway: PR_SET_PDEATHSIG). It holds the socket,
 /dev/null as stdin and stdout, and the operator's stderr, which devices inherit; then
-its zygote's socket (while it has a zygote), its SIGCHLD wake-up pipe, a pidfd per device and a spare's stdin
-pipe until the spare takes over (all close-on-exec: the zygote gets none). It is a child
-subreaper (the zygote's double fork makes each device its child), so it also reaps
-whatever else of its descendants is orphaned -- a device's PID-namespace init, once its
-warden has died -- on SIGCHLD.
+its zygote's socket (while it has a zygote), its SIGCHLD wake-up pipe, a pidfd per device
+and a spare's stdin pipe until the spare takes over (all close-on-exec: the zygote gets
+none). It is a child subreaper (the zygote's double fork makes each device its child), so
+it also reaps whatever else of its descendants is orphaned -- a device's PID-namespace
+init, once its warden has died -- on SIGCHLD.
 """
 
 from __future__ import annotations

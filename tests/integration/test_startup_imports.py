@@ -1,7 +1,21 @@
 """`splitvmm up` loads only what a boot uses: its start-up pays for every import."""
 
+import json
 import subprocess
 import sys
+
+
+def imported(code: str, names: tuple[str, ...], *flags: str) -> list[str]:
+    """Which of `names` a fresh interpreter (with `flags`) has imported after running `code`."""
+    probe = (
+        f"{code}; import json, sys; print(json.dumps(sorted(set(sys.modules) & {set(names)!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, *flags, "-c", probe], capture_output=True, text=True, check=True
+    )
+    found: list[str] = json.loads(result.stdout)
+    return found
+
 
 # What `up` reaches before the VM runs: the CLI, the command, the monitor.
 UP_IMPORTS = "import splitvmm.cli, splitvmm.cli.up, splitvmm.monitor.machine"
@@ -14,13 +28,7 @@ NOT_FOR_A_BOOT = (
 
 
 def test_up_imports_no_restore_code_nor_rich():
-    probe = f"{UP_IMPORTS}; import sys; print(sorted(set(sys.modules) & set({NOT_FOR_A_BOOT!r})))"
-
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-
-    assert result.stdout.strip() == "[]"
+    assert imported(UP_IMPORTS, NOT_FOR_A_BOOT) == []
 
 
 # What runs before the launcher's fork (cli/early.py) and in the launcher before its zygote's
@@ -43,16 +51,7 @@ NOT_BEFORE_THE_ZYGOTE = (
 
 
 def test_up_imports_nothing_heavy_before_the_zygote_execs():
-    probe = (
-        f"{BEFORE_THE_ZYGOTE}; import sys; "
-        f"print(sorted(set(sys.modules) & set({NOT_BEFORE_THE_ZYGOTE!r})))"
-    )
-
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    )
-
-    assert result.stdout.strip() == "[]"
+    assert imported(BEFORE_THE_ZYGOTE, NOT_BEFORE_THE_ZYGOTE) == []
 
 
 # What the zygote imports before it forks devices (devprocs/zygote.py main()) and what the
@@ -64,17 +63,8 @@ ZYGOTE_AND_LAUNCHER = (
     "from splitvmm.devprocs.base import load_all_models; load_all_models(); "
     "import splitvmm.sandbox.zygote, splitvmm.sandbox.launcher_server"
 )
-NOT_FOR_RECORDS = ("typing_extensions", "inspect", "hashlib", "_hashlib")
+NOT_IN_THE_ZYGOTE = ("typing_extensions", "inspect", "hashlib", "_hashlib")
 
 
 def test_the_zygote_and_the_launcher_import_neither_typing_extensions_nor_openssl():
-    probe = (
-        f"{ZYGOTE_AND_LAUNCHER}; import sys; "
-        f"print(sorted(set(sys.modules) & set({NOT_FOR_RECORDS!r})))"
-    )
-
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", probe], capture_output=True, text=True, check=True
-    )
-
-    assert result.stdout.strip() == "[]"
+    assert imported(ZYGOTE_AND_LAUNCHER, NOT_IN_THE_ZYGOTE, "-I") == []
