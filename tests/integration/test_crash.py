@@ -293,6 +293,30 @@ def test_zygote_rests_in_a_running_vm_and_one_comes_back_for_a_burst_of_restarts
     assert_each_count_once(vm.text())
 
 
+def test_zygote_killed_in_a_running_vm_the_next_restarts_come_from_a_new_one(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """Killed (here before it rests), the zygote is replaced by the launcher for the next
+    spawn (the warm spare after a restart), which says so, and the guest loses nothing."""
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 5\n')
+    try:
+        launcher = parent_of(int(serial_device(tmp_path)["pid"]))  # type: ignore[call-overload]
+        wait_spare(tmp_path)  # forked: from here on the zygote is idle, for ZYGOTE_IDLE_S
+        (zygote,) = zygotes_of(launcher, tmp_path)
+        os.kill(zygote, signal.SIGKILL)
+        for generation in (2, 3):  # the spare takes over; the next spare needs a zygote
+            os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+            wait_back(tmp_path, generation)
+        vm.wait_for(r"^count=\d+$", after=len(vm.text()))
+        reaped = zygote not in children_of(launcher)
+    finally:
+        vm.proc.send_signal(signal.SIGTERM)
+        _, err = vm.finish()
+    assert reaped
+    assert "the zygote ended (-9); starting a new one" in err
+    assert_each_count_once(vm.text())
+
+
 def zygotes_of(launcher: int, tmp_path: Path) -> list[int]:
     """The launcher's children that run the zygote's code and are not the serial device's
     process or its spare (each is forked from the zygote and runs its code until it names
