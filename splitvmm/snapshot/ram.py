@@ -119,8 +119,14 @@ def nonzero_runs(mm: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int
     """(offset, length) of the runs of pages in [start, end) that are not all zero."""
     run = None
     for page in range(start, end, PAGE_SIZE):
-        # mmap.find compares in place (no copy); it matches at `page` only for a zero page.
-        if mm.find(ZERO_PAGE, page, page + PAGE_SIZE) == page:
+        # A page whose first byte is set is data (one index, no copy); any other is copied and
+        # compared whole (memcmp). Not mmap.find(ZERO_PAGE, page, page + PAGE_SIZE), which
+        # compares in place but runs a substring search per page: 256 MiB of data pages took
+        # 11 ms with it on CPython 3.11.7 and 168 ms on Debian's 3.11.2 (whose search sets up
+        # the 4 KiB pattern anew each call), and a mix of 128 MiB of data pages and 128 MiB of
+        # zero pages 130 and 430 ms. This way, on both: 3-4 ms for the data pages, 17-38 ms
+        # for 256 MiB of zero pages.
+        if mm[page] == 0 and mm[page : page + PAGE_SIZE] == ZERO_PAGE:
             if run is not None:
                 yield run, page - run
                 run = None
