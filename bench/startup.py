@@ -111,6 +111,17 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   the VM while the launcher and the zygote fork (Launcher.ask_spawn, the slot taking its
   process at attach): 1.03 and 0.97. Neither core is idle during a start-up, so reordering
   work moves it without shortening it; only less CPU shortens it.
+- The interpreter (2026-12-02): .venv was made from whatever PATH found first as python3,
+  here pyenv's CPython 3.11.7, a default source build (--enable-shared: the interpreter
+  calls into libpython.so, position-independent code). Debian's /usr/bin/python3 (3.11.2)
+  is linked statically and built with the distribution's optimisations. Importing the
+  monitor's and two device models' modules: 84 ms against 115 (medians of 10 fresh
+  interpreters each, alternating); a whole `up`, farm-bench -n 40 A/B: wall 174 ms against
+  211 (paired ratio 0.855), CPU 0.261 s against 0.309 (0.83); this bench, --runs 15,
+  alternating, two rounds: 174.0 and 190.0 ms (2.33x and 2.43x QEMU) against 212.1 and
+  247.0 (2.78x, 3.03x). scripts/bootstrap.sh now makes .venv from /usr/bin/python3. The
+  same switch showed that snapshot/ram.py's zero-page scan (mmap.find per page) was 20x
+  slower on 3.11.2, and it no longer uses it.
 """
 
 from __future__ import annotations
