@@ -36,7 +36,8 @@ the zygote at once (sandbox/zygote.py): the zygote imports every device model on
 second core while the monitor imports its own modules and reads the config. The runtime
 dir comes after, in the first request (configure), which the monitor sends before it is
 confined, without waiting for the reply (the next request takes it); it is fixed from
-then on. The launcher imports what it serves requests with when that request comes.
+then on. The launcher imports what it serves requests with once its zygote is ready, or
+when that request comes if it comes first.
 
 What a compromised monitor can ask of it, and no more:
 - start a device process, forked by its zygote from a pristine pre-imported
@@ -188,8 +189,9 @@ class Launcher:
         """Fix the runtime dir where the devices' channels are made (once). This sends the
         request and returns: its reply is taken by the next request, which fails with the
         launcher's words (DeviceFailure) if it was refused. The launcher imports what it
-        serves requests with when this first one comes (~30 ms: sandbox/launcher_start.py),
-        and the monitor goes on building the VM meanwhile (a restore: its RAM too)."""
+        serves requests with (~15-30 ms: sandbox/launcher_start.py) once its zygote is ready
+        or this first request comes, whichever is first, and the monitor goes on building the
+        VM meanwhile (a restore: its RAM too)."""
         with self._spawn_lock:
             self._take_unanswered()
             self._send({"op": "configure"}, str(channel_dir).encode(), [])

@@ -7,8 +7,8 @@ Why a module of its own. The zygote's imports are the longest path to a VM's fir
 standard library's basics, errors and sandbox/zygote.py (the zygote's command and handle),
 and the launcher then native/confine (prctl wrappers), and nothing else: no msgspec, no
 protocol module, no launcher client (tests/integration/test_startup_imports.py). What the
-launcher serves requests with (sandbox/launcher_server.py) it imports when the first request
-comes; the monitor's handle (sandbox/launcher.py Launcher) wraps the socket and pid that
+launcher serves requests with (sandbox/launcher_server.py) it imports once its zygote is
+ready or the first request comes, whichever is first; the monitor's handle (sandbox/launcher.py Launcher) wraps the socket and pid that
 fork() returns. The protocol's message framing (send, receive), which both sides use, is
 here too.
 """
@@ -82,10 +82,14 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     zygote = Zygote.start(device_env())
     sock = socket.socket(fileno=sock_fd)
     send(sock, {"op": "ready"})
-    # What it serves requests with (~30 ms of imports) waits for the first request: until
-    # then the two cores this is built for are the monitor's imports' and the zygote's.
+    # What it serves requests with (~15-30 ms of imports) waits for the first request or for
+    # the zygote's "ready", whichever comes first: until then the two cores this is built for
+    # are the monitor's imports' and the zygote's. A zygote done importing leaves its core to
+    # ours while the monitor still imports; waiting for the first request (the monitor's
+    # configure, once its imports are done) put ours on the way to the first device.
     waiting = select.poll()  # not select(): the socket may be on an fd above 1023
     waiting.register(sock, select.POLLIN)
+    waiting.register(zygote.fileno(), select.POLLIN)
     waiting.poll()
     from splitvmm.sandbox import launcher_server
 

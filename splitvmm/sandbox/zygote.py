@@ -136,6 +136,11 @@ class Zygote:
     def ended(self) -> bool:
         return self.process.poll() is not None
 
+    def fileno(self) -> int:
+        """Its socket: readable once it is ready (its "ready" waits there for fork()) or has
+        ended."""
+        return self._sock.fileno()
+
     @property
     def timed_out(self) -> bool:
         """Whether it failed by saying nothing in time (a second try would wait as long)."""

@@ -10,8 +10,10 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import zmq
@@ -24,6 +26,7 @@ from splitvmm.sandbox.launcher import Launcher
 from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
 
 pytestmark = pytest.mark.sandbox
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -202,6 +205,40 @@ def test_launcher_with_its_zygote_killed_starts_a_new_one_for_the_next_device(
     parent, others = serve_one(launcher, rundir, fds)
     assert parent == launcher.pid
     assert len(others) == 1 and zygote not in others  # a new zygote, the old one reaped
+
+
+def test_launcher_asked_only_after_its_zygote_is_ready_serves_from_that_zygote(rundir, fds):
+    """The launcher imports its server code as soon as its zygote is ready (or a request
+    comes first): it waits on the zygote's socket too, and must leave the zygote's "ready"
+    there for the first fork."""
+    launcher = Launcher.start()
+    try:
+        (zygote,) = wait_for(lambda: children_of(launcher.pid))
+        wait_for(lambda: blocked_in_recvmsg(zygote))  # imported, waiting for a request
+        launcher.configure(rundir)
+        parent, others = serve_one(launcher, rundir, fds)
+        assert parent == launcher.pid
+        assert others == {zygote}  # forked by the zygote that was ready, not a new one
+    finally:
+        launcher.close()
+
+
+SYS_RECVMSG = 47  # x86_64
+
+
+def blocked_in_recvmsg(pid: int) -> bool:
+    """/proc/PID/syscall: the number of the system call it is blocked in, first."""
+    return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(SYS_RECVMSG)
+
+
+def wait_for(probe: Callable[[], T], timeout_s: float = 30.0) -> T:
+    """The first truthy value `probe` gives, trying every 10 ms."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing from {probe} within {timeout_s} s")
+        time.sleep(0.01)
+    return value
 
 
 def serve_one(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> tuple[int, set[int]]:
