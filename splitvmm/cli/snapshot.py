@@ -103,7 +103,7 @@ def verify_with_progress(snap: Snapshot) -> None:
     "key_file",
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="KEYFILE",
-    help="Also require manifest.sig to be the manifest's HMAC under the key in KEYFILE.",
+    help="Also require manifest.sig to be the manifest's MAC under the key in KEYFILE.",
 )
 def verify(directory: Path, key_file: Path | None) -> None:
     """Check every chunk's size, checksum and structure; exit 1 on the first problem."""

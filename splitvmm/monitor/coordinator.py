@@ -103,7 +103,7 @@ class Coordinator:
         self, target: Path, keep_paused: bool = False, sign_key: bytes | None = None
     ) -> SnapshotReport:
         """Write a snapshot; the VM runs on afterwards unless it was paused or keep_paused.
-        With sign_key, the snapshot carries its manifest's HMAC (snapshot/signing.py)."""
+        With sign_key, the snapshot carries its manifest's MAC (snapshot/signing.py)."""
         self._check_target(target)
         if target.exists():
             raise ControlError(f"snapshot target {target} already exists")

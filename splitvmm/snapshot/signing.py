@@ -1,4 +1,4 @@
-"""Optional authenticity: an HMAC-SHA256 of manifest.json's exact bytes, in manifest.sig.
+"""Optional authenticity: a MAC of manifest.json's exact bytes, in manifest.sig.
 
 Why the manifest alone: it holds every chunk's size and checksum (BLAKE3, or sha256 in a v1
 snapshot: both collision resistant, see digest.py), and the reader hashes each chunk as it uses
@@ -11,9 +11,18 @@ manifest is byte for byte the one an unsigned snapshot would have, and a reader 
 not ask for a signature ignores the file. The writer puts it in place before the directory
 is renamed, so a snapshot is published signed or not at all.
 
-Why HMAC (a shared secret) and not a public-key signature: whoever saves and whoever
-restores is the operator, who holds the key on both ends; the standard library has it, and
-the key travels only over the monitor's 0600 control socket (`ctl snapshot --sign`).
+Why a MAC (a shared secret) and not a public-key signature: whoever saves and whoever
+restores is the operator, who holds the key on both ends, and the key travels only over the
+monitor's 0600 control socket (`ctl snapshot --sign`).
+
+Which MAC. The file names it: `blake3-keyed:HEX` is what this release writes, BLAKE3 in its
+keyed-hash mode (a MAC by design) under a 32-byte key that BLAKE3's key-derivation mode makes
+from the operator's key (of any length) and this use's own context string. The monitor that
+signs is confined by then and hashes its chunks with BLAKE3 already (digest.py); HMAC-SHA256,
+what earlier releases wrote, needs hashlib, which loads OpenSSL's libcrypto: ~3.5 MiB of the
+monitor's resident memory for the life of every VM (2 MiB of its PSS here, bench/memory.py),
+and ~3 ms of its start-up, for one MAC a snapshot.
+`hmac-sha256:HEX` is still checked (HMAC-SHA256, RFC 2104), by readers only.
 
 The key file is the key's bytes as they are (`head -c 32 /dev/urandom > key`): at least
 MIN_KEY_BYTES, and refused (not merely warned about) when group or others may read or write
@@ -22,22 +31,26 @@ it, as ssh refuses a private key: a key others can read signs nothing.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import re
 import stat
+
+import blake3
 
 from splitvmm.errors import shown
 from splitvmm.hostpath import HostFileError, open_host_file
 from splitvmm.snapshot.format import MANIFEST_SIG, SnapshotError
 
 SIG_FILE = MANIFEST_SIG  # the signature's file name, for the reader and the writer
-SIG_PREFIX = b"hmac-sha256:"
-SIG_RE = re.compile(rb"hmac-sha256:([0-9a-f]{64})\n?")
+SIG_PREFIX = b"blake3-keyed:"  # what this release writes
+LEGACY_PREFIX = b"hmac-sha256:"  # what earlier releases wrote: still checked
+SIG_RE = re.compile(rb"(blake3-keyed|hmac-sha256):([0-9a-f]{64})\n?")
+# BLAKE3's key derivation takes a context string unique to one use in one application, fixed
+# for good: a new one would make every key sign differently.
+KEY_CONTEXT = "splitvmm 2026-12-02 snapshot manifest.sig MAC key"
 MAX_SIG_BYTES = 128
 MIN_KEY_BYTES = 16  # 128 bits: below that a key can be guessed
-MAX_KEY_BYTES = 4096  # a key file, not a disk image; HMAC hashes long keys anyway
+MAX_KEY_BYTES = 4096  # a key file, not a disk image (its derivation takes any length)
 
 
 def _check_length(size: int, what: str) -> None:
@@ -78,7 +91,12 @@ def key_from_hex(text: object) -> bytes:
 def mac(manifest: bytes, key: bytes) -> bytes:
     """manifest.sig's contents for these manifest bytes."""
     _check_length(len(key), "signing key")
-    return SIG_PREFIX + hmac.new(key, manifest, hashlib.sha256).hexdigest().encode() + b"\n"
+    return SIG_PREFIX + _blake3_keyed(manifest, key) + b"\n"
+
+
+def _blake3_keyed(manifest: bytes, key: bytes) -> bytes:
+    derived = blake3.blake3(key, derive_key_context=KEY_CONTEXT).digest()
+    return blake3.blake3(manifest, key=derived).hexdigest().encode()
 
 
 def check(manifest: bytes, sig: bytes | None, key: bytes) -> None:
@@ -87,9 +105,17 @@ def check(manifest: bytes, sig: bytes | None, key: bytes) -> None:
         raise SnapshotError(f"{SIG_FILE}: missing: the snapshot is not signed")
     m = SIG_RE.fullmatch(sig) if len(sig) <= MAX_SIG_BYTES else None
     if m is None:
-        raise SnapshotError(f"{SIG_FILE}: not an hmac-sha256 signature")
-    want = hmac.new(key, manifest, hashlib.sha256).hexdigest().encode()
-    if not hmac.compare_digest(m.group(1), want):
+        raise SnapshotError(f"{SIG_FILE}: not a blake3-keyed or hmac-sha256 signature")
+    # Here, not with the module: a reader's, never the confined monitor's (the docstring).
+    import hashlib
+    import hmac
+
+    kind, got = m.groups()
+    if kind + b":" == LEGACY_PREFIX:
+        want = hmac.new(key, manifest, hashlib.sha256).hexdigest().encode()
+    else:
+        want = _blake3_keyed(manifest, key)
+    if not hmac.compare_digest(got, want):
         raise SnapshotError(
             f"{SIG_FILE}: the signature does not match (another key, or the manifest was changed)"
         )

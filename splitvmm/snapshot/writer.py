@@ -14,7 +14,7 @@ the writer removes it. The files hold guest memory, so the directory is 0700 and
         w.add_ram(mem, progress=cb)
         w.add_json_chunk("vcpu", "vcpu0", 1, regs)
         w.add_json_chunk("device", "serial0", 1, state, model="serial")
-        w.commit(sign_key=None)  # or a key: manifest.sig holds the manifest's HMAC
+        w.commit(sign_key=None)  # or a key: manifest.sig holds the manifest's MAC
 """
 
 from __future__ import annotations

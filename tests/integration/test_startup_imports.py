@@ -31,6 +31,21 @@ def test_up_imports_no_restore_code_nor_rich():
     assert imported(UP_IMPORTS, NOT_FOR_A_BOOT) == []
 
 
+# What the monitor holds for the VM's life: `up`'s imports and what it loads before it
+# confines itself (monitor/confinement.py PRELOAD). OpenSSL's libcrypto, which hashlib and
+# hmac load, would be ~3.7 MiB of it: the snapshot it writes is BLAKE3 throughout
+# (snapshot/digest.py, snapshot/signing.py); a sha256 is taken by readers only.
+MONITOR_IMPORTS = (
+    f"{UP_IMPORTS}; import importlib; "
+    "from splitvmm.monitor.confinement import PRELOAD; "
+    "[importlib.import_module(name) for name in PRELOAD]"
+)
+
+
+def test_the_monitor_of_a_boot_loads_no_openssl():
+    assert imported(MONITOR_IMPORTS, ("hashlib", "_hashlib", "hmac")) == []
+
+
 # What runs before the launcher's fork (cli/early.py) and in the launcher before its zygote's
 # exec (sandbox/launcher_start.py): each import there delays the zygote, whose own imports
 # are the longest path to a VM's first device (bench/startup.py).

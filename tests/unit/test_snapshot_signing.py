@@ -1,11 +1,15 @@
-"""Signed snapshots: HMAC-SHA256 of manifest.json's bytes in manifest.sig; a reader that asks
-for a signature refuses an unsigned, re-signed, edited or wrongly keyed snapshot."""
+"""Signed snapshots: a MAC of manifest.json's bytes in manifest.sig (keyed BLAKE3; earlier
+releases' HMAC-SHA256 still checked); a reader that asks for a signature refuses an unsigned,
+re-signed, edited or wrongly keyed snapshot."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 
+import blake3
 import pytest
 from click.testing import CliRunner, Result
 
@@ -35,7 +39,49 @@ def unsigned(tmp_path):
 def test_signing_signed_snapshot_opens_with_its_key(signed):
     snap = Snapshot.open(signed, KEY)
 
-    assert (snap.signed, (signed / "manifest.sig").read_bytes()[:12]) == (True, b"hmac-sha256:")
+    assert (snap.signed, (signed / "manifest.sig").read_bytes()[:13]) == (True, b"blake3-keyed:")
+
+
+def test_signing_signature_is_blake3_keyed_under_the_derived_key(signed):
+    """The construction, spelled out with the blake3 package alone: a reader in another
+    language can check it from the docstring."""
+    derived = blake3.blake3(KEY, derive_key_context=signing.KEY_CONTEXT).digest()
+    manifest = (signed / "manifest.json").read_bytes()
+    want = blake3.blake3(manifest, key=derived).hexdigest()
+
+    assert (signed / "manifest.sig").read_bytes() == f"blake3-keyed:{want}\n".encode()
+
+
+def hmac_sha256_sig(snapshot: Path, key: bytes) -> bytes:
+    """manifest.sig as earlier releases wrote it."""
+    manifest = (snapshot / "manifest.json").read_bytes()
+    return b"hmac-sha256:" + hmac.new(key, manifest, hashlib.sha256).hexdigest().encode() + b"\n"
+
+
+def test_signing_earlier_releases_hmac_sha256_signature_still_opens(signed):
+    (signed / "manifest.sig").write_bytes(hmac_sha256_sig(signed, KEY))
+
+    assert Snapshot.open(signed, KEY).signed is True
+
+
+def test_signing_earlier_releases_signature_with_another_key_refused(signed):
+    (signed / "manifest.sig").write_bytes(hmac_sha256_sig(signed, b"y" * 32))
+
+    with pytest.raises(SnapshotError, match="manifest.sig: the signature does not match"):
+        Snapshot.open(signed, KEY)
+
+
+def test_signing_one_kind_of_signature_does_not_pass_as_the_other(signed):
+    """A blake3-keyed value relabelled hmac-sha256 (and back) is checked as what it says."""
+    sig = (signed / "manifest.sig").read_bytes()
+    (signed / "manifest.sig").write_bytes(sig.replace(b"blake3-keyed:", b"hmac-sha256:"))
+    with pytest.raises(SnapshotError, match="the signature does not match"):
+        Snapshot.open(signed, KEY)
+
+    legacy = hmac_sha256_sig(signed, KEY)
+    (signed / "manifest.sig").write_bytes(legacy.replace(b"hmac-sha256:", b"blake3-keyed:"))
+    with pytest.raises(SnapshotError, match="the signature does not match"):
+        Snapshot.open(signed, KEY)
 
 
 def test_signing_unsigned_snapshot_refused(unsigned):
@@ -67,12 +113,22 @@ def test_signing_checked_before_manifest_is_parsed(unsigned):
 
 
 @pytest.mark.parametrize(
-    "sig", [b"", b"hmac-sha256:XYZ\n", b"sha1:" + b"0" * 40, b"hmac-sha256:" + b"A" * 64]
+    "sig",
+    [
+        b"",
+        b"hmac-sha256:XYZ\n",
+        b"sha1:" + b"0" * 40,
+        b"hmac-sha256:" + b"A" * 64,
+        b"blake3-keyed:" + b"0" * 63,
+        b"blake3:" + b"0" * 64,
+    ],
 )
 def test_signing_malformed_signature_file_refused(signed, sig):
     (signed / "manifest.sig").write_bytes(sig)
 
-    with pytest.raises(SnapshotError, match="manifest.sig: not an hmac-sha256 signature"):
+    with pytest.raises(
+        SnapshotError, match="manifest.sig: not a blake3-keyed or hmac-sha256 signature"
+    ):
         Snapshot.open(signed, KEY)
 
 
