@@ -31,10 +31,12 @@ if [ -z "${PYTHON:-}" ]; then
     [ -x "$PYTHON" ] && "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
         PYTHON=python3
 fi
-PYTHON="$(command -v "$PYTHON")"
+found="$(command -v "$PYTHON")" || { echo "bootstrap: no interpreter ${PYTHON@Q}" >&2; exit 1; }
+PYTHON="$found"
 base="$("$PYTHON" -c 'import sys; print(sys.base_prefix)')"
-# A .venv made from another interpreter is made again (its home line names that one's bin).
-if [ -f .venv/pyvenv.cfg ] && ! grep -qx "home = $base/bin" .venv/pyvenv.cfg; then
+# A .venv made from another interpreter (or whose interpreter is gone) is made again.
+venv_base="$(.venv/bin/python -c 'import sys; print(sys.base_prefix)' 2>/dev/null || true)"
+if [ -e .venv ] && [ "$venv_base" != "$base" ]; then
     echo "bootstrap: .venv was made from another Python; making it again from $PYTHON" >&2
     rm -rf .venv
 fi

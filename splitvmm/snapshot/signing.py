@@ -35,6 +35,10 @@ import os
 import re
 import stat
 
+# Constant-time comparison. hmac.compare_digest is this very function where hmac runs
+# without OpenSSL, and importing hmac loads OpenSSL (the module docstring).
+from _operator import _compare_digest
+
 import blake3
 
 from splitvmm.errors import shown
@@ -106,16 +110,17 @@ def check(manifest: bytes, sig: bytes | None, key: bytes) -> None:
     m = SIG_RE.fullmatch(sig) if len(sig) <= MAX_SIG_BYTES else None
     if m is None:
         raise SnapshotError(f"{SIG_FILE}: not a blake3-keyed or hmac-sha256 signature")
-    # Here, not with the module: a reader's, never the confined monitor's (the docstring).
-    import hashlib
-    import hmac
-
     kind, got = m.groups()
     if kind + b":" == LEGACY_PREFIX:
+        # Here, not with the module: OpenSSL only where an old signature is checked (a
+        # restore's monitor checks the signature too: cli/up.py).
+        import hashlib
+        import hmac
+
         want = hmac.new(key, manifest, hashlib.sha256).hexdigest().encode()
     else:
         want = _blake3_keyed(manifest, key)
-    if not hmac.compare_digest(got, want):
+    if not _compare_digest(got, want):
         raise SnapshotError(
             f"{SIG_FILE}: the signature does not match (another key, or the manifest was changed)"
         )

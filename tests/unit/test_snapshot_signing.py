@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import blake3
@@ -56,6 +58,20 @@ def hmac_sha256_sig(snapshot: Path, key: bytes) -> bytes:
     """manifest.sig as earlier releases wrote it."""
     manifest = (snapshot / "manifest.json").read_bytes()
     return b"hmac-sha256:" + hmac.new(key, manifest, hashlib.sha256).hexdigest().encode() + b"\n"
+
+
+def test_signing_checking_a_blake3_signature_loads_no_openssl(signed):
+    """A restore's monitor checks the signature itself (cli/up.py), and keeps what it loaded
+    for the VM's life: OpenSSL (hashlib, hmac) only for an earlier release's signature."""
+    probe = (
+        "import json, sys; from splitvmm.snapshot import Snapshot; "
+        f"Snapshot.open({str(signed)!r}, {KEY!r}); "
+        "print(json.dumps(sorted({'hashlib', '_hashlib', 'hmac'} & set(sys.modules))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out) == []
 
 
 def test_signing_earlier_releases_hmac_sha256_signature_still_opens(signed):
