@@ -7,8 +7,11 @@ must have a single thread then (as the monitor has when it forks it).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -221,6 +224,42 @@ def test_launcher_asked_only_after_its_zygote_is_ready_serves_from_that_zygote(r
         assert others == {zygote}  # forked by the zygote that was ready, not a new one
     finally:
         launcher.close()
+
+
+# In a fresh interpreter, which has not imported msgspec (launcher_start imports nothing of
+# the launcher's server: test_startup_imports.py): fork a launcher, wait until its zygote is
+# ready, then see whether the launcher mapped msgspec's C extension, sending it no request.
+EARLY_IMPORT_PROBE = """
+import json, os, sys, time
+from pathlib import Path
+from splitvmm.sandbox.launcher_start import fork
+
+sock, pid = fork()
+def until(probe, seconds):
+    deadline = time.monotonic() + seconds
+    while not (value := probe()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+(zygote,) = until(lambda: Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), 30)
+until(lambda: Path(f"/proc/{zygote}/syscall").read_text().split()[0] == "47", 30)
+mapped = until(lambda: "msgspec" in Path(f"/proc/{pid}/maps").read_text(), 10)
+print(json.dumps({"ours": "msgspec" in sys.modules, "launcher": mapped}))
+sock.close()
+os.waitpid(pid, 0)
+"""
+
+
+def test_launcher_imports_its_server_once_its_zygote_is_ready_before_any_request():
+    """Not at the monitor's first request, which comes once the monitor's own imports are
+    done: the launcher's imports would then lie between that request and the first device."""
+    out = subprocess.run(
+        [sys.executable, "-c", EARLY_IMPORT_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert json.loads(out) == {"ours": False, "launcher": True}
 
 
 SYS_RECVMSG = 47  # x86_64
