@@ -46,6 +46,15 @@ between sends as a vCPU does: median 8.3 us, p10 2.7 (5000 sends).
 Structs, cheaper to build than dataclasses; nothing else on the path changed. Alternating
 with f7e5af6, --runs 5, load 0.8-1.2: 1.57 and 1.69x QEMU against 1.82 and 2.00 (64.8-76.0
 us a byte against 68.1-72.3; QEMU 36.1-44.9 over the four runs). Not within 1.5x at this load.
+
+2026-12-02: .venv from Debian's python3 (scripts/bootstrap.sh), alternating with pyenv's
+3.11.7, --runs 3: 1.50 and 1.53x QEMU against 1.60 and 1.60. Tried and dropped: a mirrored
+read asking ZeroMQ for the device's news (its getsockopt(ZMQ_EVENTS), 3-4 us) every 8th read
+instead of at each (a MIRROR some reads old is still exact: monitor/mirror.py, host events).
+A Harness loop with 30 us spins between accesses: 1.6 us a mirrored LSR read against 3.1-3.6.
+This bench, alternating the two trees, --runs 4, three rounds: 65.7, 60.0, 61.9 us a byte
+against 63.9, 60.1, 70.9 (QEMU 37.3-41.8): the 2 us are inside the spread, so the read
+still takes the news every time.
 """
 
 from __future__ import annotations
