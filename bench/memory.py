@@ -23,11 +23,17 @@ parent) serial 58.0 MiB, 5 devices 73.5 (1.78x, 2.16x QEMU's RSS); with the rest
 2.5 MiB came from msgspec imported without typing_extensions, inspect, ast and dis
 (splitvmm/record.py) in the monitor, the launcher and the zygote. Then hashlib (OpenSSL)
 no longer imported by the zygote and the launcher (protocol/models.py default_mac), back to
-back: serial 51.0 -> 49.5, 5 devices 66.5 -> 65.9 (launcher 9.6 -> 8.0). What is left,
-serial: the monitor ~21 MiB (its Python with click, zmq, msgspec, pyseccomp and the
-snapshot code it preloads before it confines itself: 16.5 MiB of anonymous memory after
-its imports alone), the launcher ~8, each device ~9 (its Python, ~5 of it pages copied
-from the zygote's on write: CPython 3.11 writes a reference count on every object it
+back: serial 51.0 -> 49.5, 5 devices 66.5 -> 65.9 (launcher 9.6 -> 8.0). Then (2026-12-02)
+OpenSSL out of the monitor too (snapshot/signing.py signs with keyed BLAKE3, digest.py
+imports hashlib for a v1 reader only), same hour: serial 48.9 -> 46.8 (1.49x -> 1.42x),
+5 devices 65.1 -> 62.8 (1.91x -> 1.84x); the monitor 20.1 -> 18.1 MiB PSS, 30.0 -> 26.5
+RSS. A VM with a virtio-net device whose MAC is not given still loads it (the monitor
+derives the MAC with sha256: protocol/models.py default_mac). What is left,
+serial: the monitor ~18 MiB (its Python with click, zmq, msgspec, pyseccomp and the
+snapshot code it preloads before it confines itself: ~15 MiB of anonymous memory after
+its imports alone; click alone adds 3.4 MiB to a bare interpreter, zmq 2.5, pyseccomp and
+ctypes 2.4, msgspec 1.8), the launcher ~8, each device ~10 (its Python, ~5 of it pages
+copied from the zygote's on write: CPython 3.11 writes a reference count on every object it
 touches) and its warden ~0.3.
 
     python bench/memory.py [--runs R] [--json]

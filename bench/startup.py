@@ -122,6 +122,23 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   247.0 (2.78x, 3.03x). scripts/bootstrap.sh now makes .venv from /usr/bin/python3. The
   same switch showed that snapshot/ram.py's zero-page scan (mmap.find per page) was 20x
   slower on 3.11.2, and it no longer uses it.
+- Same day, with a timeline of device-side marks (not committed): the monitor now finishes
+  its imports after the zygote is ready (~80-100 ms), so the launcher's import of its server
+  code (~11 ms of CPU, msgspec included), which waited for the monitor's first request, lay
+  between that request and the first spawn. It now starts once the zygote says ready (its
+  socket polls readable), on the core the zygote leaves: "device launch requests" 24.8 ms
+  against 27.5 (--timings, 20 alternating runs each). The monitor no longer loads OpenSSL
+  (snapshot/signing.py signs with keyed BLAKE3; sha256 is imported by readers only):
+  farm-bench -n 60 A/B 0.963 wall, 0.970 CPU. This bench, quiet (load 0.6): 160.6 ms against
+  QEMU's 75.9 (2.12x); on a busier hour 174-190 ms (2.33-2.43x).
+- Measured and dropped (same day): every memslot before KVM_CREATE_IRQCHIP (the first
+  memslot made after it waited ~7 ms here, one made before it 0.1 ms, Firecracker's order):
+  the VM's close then waited as much longer (teardown 25.0 against 11.0 ms, 20 runs), the
+  kernel's grace periods moved, not saved. Closing the VM's fds on a helper thread while the
+  devices and the launcher end: the close took 1-16 ms from run to run (the in-kernel PIT's
+  teardown waits out SRCU grace periods) and the medians moved 11.1 -> 11.8 ms. Importing
+  the snapshot code (PRELOAD, ~12 ms) on a helper thread while the monitor waits for the
+  launcher's replies: farm-bench -n 60 A/B 1.006.
 """
 
 from __future__ import annotations
