@@ -8,9 +8,9 @@ standard library's basics, errors and sandbox/zygote.py (the zygote's command an
 and the launcher then native/confine (prctl wrappers), and nothing else: no msgspec, no
 protocol module, no launcher client (tests/integration/test_startup_imports.py). What the
 launcher serves requests with (sandbox/launcher_server.py) it imports once its zygote is
-ready or the first request comes, whichever is first; the monitor's handle (sandbox/launcher.py Launcher) wraps the socket and pid that
-fork() returns. The protocol's message framing (send, receive), which both sides use, is
-here too.
+ready or the first request comes, whichever is first; the monitor's handle
+(sandbox/launcher.py Launcher) wraps the socket and pid that fork() returns. The protocol's
+message framing (send, receive), which both sides use, is here too.
 """
 
 from __future__ import annotations
