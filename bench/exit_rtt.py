@@ -57,6 +57,13 @@ Tried and dropped (same bench, --count 2000 --rounds 3, alternating):
   3.0-3.2), 1.71 vs 1.69 (load 2.5-2.6): within the noise, and a dead device would
   be seen up to a slice late; kept the poll.
 
+The host's own wake-ups (2026-12-02): each round also times a pipe round trip between two
+processes pinned to one CPU and to two (bench/floors.py). One run, --count 2000 --rounds 3:
+7.4 us on one CPU, 43.5 us across two (a wake-up of another CPU of this VM costs ~18 us), a
+raw zmq round trip 105 us, the forwarded IIR read ~265 us; in another hour of the same
+session the zmq floor was 373 us. A ZeroMQ round trip is several such wake-ups (each side's
+application and I/O threads), so this floor, and the ratio against it, move with the host.
+
 Not tried yet: a socketpair instead of ZeroMQ for the channel (22 µs floor, but
 reads and posted writes must stay on one ordered stream); a cheaper serial
 mirror() (a third of the device's Python per read).
@@ -77,7 +84,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.floors import kvm_run_floor, summary_us, zmq_pair_floor  # noqa: E402
+from bench.floors import (  # noqa: E402
+    kvm_run_floor,
+    pipe_pair_floor,
+    summary_us,
+    zmq_pair_floor,
+)
 from bench.vmrun import run_guest, write_config  # noqa: E402
 from splitvmm.native.kvm import Kvm  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
@@ -116,6 +128,10 @@ ROWS = {  # row -> (run, kind): the pio-loop runs of one round, and the line of 
     "guest rdtsc pair (measurement floor)": ("forwarded", "rdtsc"),
 }
 ZMQ_ROW = "floor: raw pyzmq PAIR round trip (ipc://)"
+PIPE_ROWS = {  # (our CPU, the child's) -> row
+    (0, 0): "floor: pipe round trip, two processes on one CPU",
+    (0, 1): "floor: pipe round trip, two processes on two CPUs",
+}
 KVM_ROW = "floor: bare Python KVM_RUN loop exit (CPL0, inline)"
 
 
@@ -125,10 +141,12 @@ def one_round(count: int, work: Path) -> tuple[dict[str, tuple[float, float]], f
     the load moves between rounds, so only a ratio from one round means anything."""
     runs = {"forwarded": splitvmm_pio(count, SCRATCH_PORT, work, in_port=IIR_PORT)}
     zmq = summary_us(zmq_pair_floor(count))
+    pipes = {row: summary_us(pipe_pair_floor(count, cpus)) for cpus, row in PIPE_ROWS.items()}
     runs["inline"] = splitvmm_pio(count, UNCLAIMED_PORT, work)
     runs["mirrored"] = splitvmm_pio(count, SCRATCH_PORT, work)
     rows = {what: runs[run][kind] for what, (run, kind) in ROWS.items()}
     rows[ZMQ_ROW] = zmq
+    rows.update(pipes)
     ratio = runs["forwarded"]["in"][0] / (runs["inline"]["in"][0] + zmq[0])
     return rows, ratio
 

@@ -2,13 +2,19 @@
 
 - a bare Python KVM_RUN loop: a real-mode guest doing `in`/`out` to a port
   nobody serves, answered inline by the loop (no bus, no device, no IPC);
-- a raw pyzmq PAIR round trip over ipc:// between two processes.
+- a raw pyzmq PAIR round trip over ipc:// between two processes;
+- a pipe round trip between two processes, one byte each way, nothing but two wake-ups:
+  with both on one CPU, and on two. What a wake-up costs here depends on whether the woken
+  process runs on another CPU (an idle CPU of this VM must be woken by the hypervisor) or on
+  the waker's, and a ZeroMQ round trip is several such hops (each side's application thread
+  and its I/O thread), so the zmq floor moves with the cross-CPU one from hour to hour.
 """
 
 from __future__ import annotations
 
 import mmap
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -49,6 +55,40 @@ def kvm_run_floor(exits: int) -> list[float]:
         vcpu.close()
         vm.close()
         ram.close()
+    return samples
+
+
+def pipe_pair_floor(round_trips: int, cpus: tuple[int, int]) -> list[float]:
+    """Seconds per one-byte round trip through two pipes to a forked child and back, this
+    process on cpus[0] and the child on cpus[1] (the same CPU twice: no cross-CPU wake-up)."""
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.sched_setaffinity(0, {cpus[1]})
+            for _ in range(round_trips + 1):
+                os.write(from_child, os.read(to_child, 1))
+            code = 0
+        finally:
+            os._exit(code)
+    samples = []
+    try:
+        os.write(from_parent, b"x")
+        os.read(to_parent, 1)  # the child runs and is warm
+        for _ in range(round_trips):
+            t0 = time.perf_counter()
+            os.write(from_parent, b"x")
+            os.read(to_parent, 1)
+            samples.append(time.perf_counter() - t0)
+    finally:
+        for fd in (to_child, from_parent, to_parent, from_child):
+            os.close(fd)
+        os.waitpid(pid, 0)
+        os.sched_setaffinity(0, allowed)
     return samples
 
 
