@@ -88,6 +88,7 @@ from bench.floors import (  # noqa: E402
     kvm_run_floor,
     pipe_pair_floor,
     summary_us,
+    two_cpus,
     zmq_pair_floor,
 )
 from bench.vmrun import run_guest, write_config  # noqa: E402
@@ -128,10 +129,8 @@ ROWS = {  # row -> (run, kind): the pio-loop runs of one round, and the line of 
     "guest rdtsc pair (measurement floor)": ("forwarded", "rdtsc"),
 }
 ZMQ_ROW = "floor: raw pyzmq PAIR round trip (ipc://)"
-PIPE_ROWS = {  # (our CPU, the child's) -> row
-    (0, 0): "floor: pipe round trip, two processes on one CPU",
-    (0, 1): "floor: pipe round trip, two processes on two CPUs",
-}
+PIPE_ONE_CPU = "floor: pipe round trip, two processes on one CPU"
+PIPE_TWO_CPUS = "floor: pipe round trip, two processes on two CPUs"
 KVM_ROW = "floor: bare Python KVM_RUN loop exit (CPL0, inline)"
 
 
@@ -141,7 +140,15 @@ def one_round(count: int, work: Path) -> tuple[dict[str, tuple[float, float]], f
     the load moves between rounds, so only a ratio from one round means anything."""
     runs = {"forwarded": splitvmm_pio(count, SCRATCH_PORT, work, in_port=IIR_PORT)}
     zmq = summary_us(zmq_pair_floor(count))
-    pipes = {row: summary_us(pipe_pair_floor(count, cpus)) for cpus, row in PIPE_ROWS.items()}
+    cpus = two_cpus()
+    pipes = (
+        {}
+        if cpus is None
+        else {
+            PIPE_ONE_CPU: summary_us(pipe_pair_floor(count, (cpus[0], cpus[0]))),
+            PIPE_TWO_CPUS: summary_us(pipe_pair_floor(count, cpus)),
+        }
+    )
     runs["inline"] = splitvmm_pio(count, UNCLAIMED_PORT, work)
     runs["mirrored"] = splitvmm_pio(count, SCRATCH_PORT, work)
     rows = {what: runs[run][kind] for what, (run, kind) in ROWS.items()}

@@ -60,36 +60,60 @@ def kvm_run_floor(exits: int) -> list[float]:
 
 def pipe_pair_floor(round_trips: int, cpus: tuple[int, int]) -> list[float]:
     """Seconds per one-byte round trip through two pipes to a forked child and back, this
-    process on cpus[0] and the child on cpus[1] (the same CPU twice: no cross-CPU wake-up)."""
+    process on cpus[0] and the child on cpus[1] (the same CPU twice: no cross-CPU wake-up).
+    Each side closes the other's ends, so either one's end is the other's EOF."""
+    allowed = os.sched_getaffinity(0)
     to_child, from_parent = os.pipe()
     to_parent, from_child = os.pipe()
-    allowed = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpus[0]})
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.sched_setaffinity(0, {cpus[1]})
-            for _ in range(round_trips + 1):
-                os.write(from_child, os.read(to_child, 1))
-            code = 0
-        finally:
-            os._exit(code)
-    samples = []
+    pid = -1
     try:
+        os.sched_setaffinity(0, {cpus[0]})
+        pid = os.fork()
+        if pid == 0:
+            _pipe_echo(to_child, from_child, from_parent, to_parent, cpus[1])
+        os.close(to_child)
+        os.close(from_child)
+        to_child = from_child = -1
+        samples = []
         os.write(from_parent, b"x")
-        os.read(to_parent, 1)  # the child runs and is warm
+        if os.read(to_parent, 1) != b"x":  # the child runs and is warm
+            raise RuntimeError("the pipe floor's child ended before it answered")
         for _ in range(round_trips):
             t0 = time.perf_counter()
             os.write(from_parent, b"x")
-            os.read(to_parent, 1)
+            if not os.read(to_parent, 1):
+                raise RuntimeError("the pipe floor's child ended")
             samples.append(time.perf_counter() - t0)
+        return samples
     finally:
         for fd in (to_child, from_parent, to_parent, from_child):
-            os.close(fd)
-        os.waitpid(pid, 0)
+            if fd >= 0:
+                os.close(fd)
+        if pid > 0:
+            os.waitpid(pid, 0)
         os.sched_setaffinity(0, allowed)
-    return samples
+
+
+def _pipe_echo(
+    read_fd: int, write_fd: int, parents_write: int, parents_read: int, cpu: int
+) -> None:
+    """The forked child: echo each byte until the parent's end closes (EOF), then exit."""
+    code = 1
+    try:
+        os.close(parents_write)
+        os.close(parents_read)
+        os.sched_setaffinity(0, {cpu})
+        while byte := os.read(read_fd, 1):
+            os.write(write_fd, byte)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def two_cpus() -> tuple[int, int] | None:
+    """Two CPUs this process may run on, or None on a one-CPU host."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return (allowed[0], allowed[1]) if len(allowed) > 1 else None
 
 
 def _echo(endpoint: str, n: int) -> None:

@@ -33,9 +33,11 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 found="$(command -v "$PYTHON")" || { echo "bootstrap: no interpreter ${PYTHON@Q}" >&2; exit 1; }
 PYTHON="$found"
-base="$("$PYTHON" -c 'import sys; print(sys.base_prefix)')"
-# A .venv made from another interpreter (or whose interpreter is gone) is made again.
-venv_base="$(.venv/bin/python -c 'import sys; print(sys.base_prefix)' 2>/dev/null || true)"
+which='import sys; print(sys.base_prefix, sys.version)'
+base="$("$PYTHON" -c "$which")"
+# A .venv made from another interpreter, another version of it, or one that is gone, is made
+# again.
+venv_base="$(.venv/bin/python -c "$which" 2>/dev/null || true)"
 if [ -e .venv ] && [ "$venv_base" != "$base" ]; then
     echo "bootstrap: .venv was made from another Python; making it again from $PYTHON" >&2
     rm -rf .venv

@@ -241,9 +241,9 @@ def until(probe, seconds):
         time.sleep(0.01)
     return value
 (zygote,) = until(lambda: Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), 30)
-until(lambda: Path(f"/proc/{zygote}/syscall").read_text().split()[0] == "47", 30)
+ready = until(lambda: Path(f"/proc/{zygote}/syscall").read_text().split()[0] == "47", 30)
 mapped = until(lambda: "msgspec" in Path(f"/proc/{pid}/maps").read_text(), 10)
-print(json.dumps({"ours": "msgspec" in sys.modules, "launcher": mapped}))
+print(json.dumps({"ours": "msgspec" in sys.modules, "zygote": ready, "launcher": mapped}))
 sock.close()
 os.waitpid(pid, 0)
 """
@@ -252,14 +252,11 @@ os.waitpid(pid, 0)
 def test_launcher_imports_its_server_once_its_zygote_is_ready_before_any_request():
     """Not at the monitor's first request, which comes once the monitor's own imports are
     done: the launcher's imports would then lie between that request and the first device."""
-    out = subprocess.run(
-        [sys.executable, "-c", EARLY_IMPORT_PROBE],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    assert json.loads(out) == {"ours": False, "launcher": True}
+    probe = subprocess.run(
+        [sys.executable, "-c", EARLY_IMPORT_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == {"ours": False, "zygote": True, "launcher": True}
 
 
 SYS_RECVMSG = 47  # x86_64

@@ -68,10 +68,11 @@ def test_signing_checking_a_blake3_signature_loads_no_openssl(signed):
         f"Snapshot.open({str(signed)!r}, {KEY!r}); "
         "print(json.dumps(sorted({'hashlib', '_hashlib', 'hmac'} & set(sys.modules))))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    ).stdout
-    assert json.loads(out) == []
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
 
 
 def test_signing_earlier_releases_hmac_sha256_signature_still_opens(signed):
