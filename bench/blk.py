@@ -93,6 +93,15 @@ Second round (2026-12-01, later session):
 - bench/blk.py --runs 7, same session, polling in: seq-read 12538 MiB/s against dd 15077
   (0.83) and QEMU 12763 (0.98); rand-read-4k 102615 IOPS (1.14 of QEMU); seq-write 8334
   (0.94 of QEMU).
+
+Third round (2026-12-02): .venv is made from Debian's python3 (scripts/bootstrap.sh), whose
+build runs the device's Python faster: bench/blk_request.py 4 KiB IN 8.0-8.2 -> 6.9-7.0 us.
+--runs 5, alternating with the session's first tree (1aa1705, .venv from pyenv's 3.11.7),
+load 1.5-1.8 (splitvmm / QEMU / dd): now seq-read 9155 / 14050 / 13175 and 10103 / 12588 /
+13315 MiB/s, rand-read-4k 113876 and 115053 IOPS (1.31x, 1.30x QEMU); before seq-read 10974 /
+13778 / 14350 and 9252 / 12885 / 13956, rand-read-4k 95427 and 90127 (1.06x, 1.01x). In a
+quieter hour earlier, the new tree's seq-read was 0.84-0.87 of dd and 0.88-0.91 of QEMU.
+Sequential reads are the copy's; the goal is not met.
 """
 
 from __future__ import annotations

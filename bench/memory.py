@@ -36,6 +36,10 @@ ctypes 2.4, msgspec 1.8), the launcher ~8, each device ~10 (its Python, ~5 of it
 copied from the zygote's on write: CPython 3.11 writes a reference count on every object it
 touches) and its warden ~0.3.
 
+End of 2026-12-02's session, alternating with its first tree (1aa1705, .venv from pyenv's
+3.11.7): serial 49.5 -> 46.7 MiB (1.51x -> 1.42x QEMU's RSS), 5 devices 65.7 -> 62.9 (1.93x
+-> 1.83x); the monitor 20.8 -> 18.1 MiB PSS.
+
     python bench/memory.py [--runs R] [--json]
 """
 

@@ -55,6 +55,10 @@ A Harness loop with 30 us spins between accesses: 1.6 us a mirrored LSR read aga
 This bench, alternating the two trees, --runs 4, three rounds: 65.7, 60.0, 61.9 us a byte
 against 63.9, 60.1, 70.9 (QEMU 37.3-41.8): the 2 us are inside the spread, so the read
 still takes the news every time.
+
+End of 2026-12-02's session, alternating with its first tree (1aa1705, .venv from pyenv's
+3.11.7), --runs 4, two rounds: 1.37x and 1.21x QEMU (49.7 and 51.2 us a byte) against 1.67x
+and 1.70x (61.8 and 70.6; QEMU 36.4-42.5).
 """
 
 from __future__ import annotations

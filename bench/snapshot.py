@@ -71,6 +71,11 @@ both it took 130-430 ms for 128 MiB of zero pages. nonzero_runs now takes a page
 byte is set as data and compares any other whole (a copy and a memcmp): 3-4 ms for 256 MiB of
 data pages, 17-38 ms for 256 MiB of zero pages, on both.
 
+End of 2026-12-02's session, --sizes 512 --runs 3, two rounds alternating with its first
+tree (1aa1705, .venv from pyenv's 3.11.7): restore, idle, 0.145 and 0.148 s against 0.188 and
+0.183 (QEMU 0.50-0.98); 256 MiB dirty 0.320 and 0.246 against 0.286 and 0.336 (no change
+outside the noise); save write/floor 1.29 and 1.24 against 1.50 and 1.29.
+
     python bench/snapshot.py [--sizes 128,512,2048] [--runs 3] [--json]
 """
 

@@ -139,6 +139,15 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   teardown waits out SRCU grace periods) and the medians moved 11.1 -> 11.8 ms. Importing
   the snapshot code (PRELOAD, ~12 ms) on a helper thread while the monitor waits for the
   launcher's replies: farm-bench -n 60 A/B 1.006.
+- End of 2026-12-02's session, alternating the session's first tree (1aa1705, its .venv from
+  pyenv's 3.11.7, as CI made it) and ce01c1b (.venv from Debian's python3), --runs 15, two
+  rounds: 173.5 and 211.4 ms (2.68x and 3.12x QEMU; CPU 264 and 321 ms) against 147.9 and
+  143.9 (2.13x and 2.22x; CPU 213 and 206 ms); farm-bench -n 40 A/B of the whole process:
+  wall 0.831, CPU 0.836 (155 ms against 184). Phases of the quiet run above (160.6 ms):
+  interpreter 11.7, launcher fork 12.3, import cli 22.0 (click ~14), command line 9.2,
+  import monitor 39.6, device launch requests 22.5 (two spawns of ~8 ms, the zygote's double
+  fork ~3.5 of each, and the ~7 ms first-memslot wait), confinement and channels 5.5,
+  devices ready 4.0, guest run 4.5, teardown 18.2 (the VM's close: 1-16 ms from run to run).
 """
 
 from __future__ import annotations
