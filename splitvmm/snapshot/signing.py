@@ -48,7 +48,9 @@ from splitvmm.snapshot.format import MANIFEST_SIG, SnapshotError
 SIG_FILE = MANIFEST_SIG  # the signature's file name, for the reader and the writer
 SIG_PREFIX = b"blake3-keyed:"  # what this release writes
 LEGACY_PREFIX = b"hmac-sha256:"  # what earlier releases wrote: still checked
-SIG_RE = re.compile(rb"(blake3-keyed|hmac-sha256):([0-9a-f]{64})\n?")
+SIG_RE = re.compile(
+    rb"(%s|%s)([0-9a-f]{64})\n?" % (re.escape(SIG_PREFIX), re.escape(LEGACY_PREFIX))
+)
 # BLAKE3's key derivation takes a context string unique to one use in one application, fixed
 # for good: a new one would make every key sign differently.
 KEY_CONTEXT = "splitvmm 2026-12-02 snapshot manifest.sig MAC key"
@@ -110,8 +112,8 @@ def check(manifest: bytes, sig: bytes | None, key: bytes) -> None:
     m = SIG_RE.fullmatch(sig) if len(sig) <= MAX_SIG_BYTES else None
     if m is None:
         raise SnapshotError(f"{SIG_FILE}: not a blake3-keyed or hmac-sha256 signature")
-    kind, got = m.groups()
-    if kind + b":" == LEGACY_PREFIX:
+    prefix, got = m.groups()
+    if prefix == LEGACY_PREFIX:
         # Here, not with the module: OpenSSL only where an old signature is checked (a
         # restore's monitor checks the signature too: cli/up.py).
         import hashlib
