@@ -226,9 +226,12 @@ def test_launcher_asked_only_after_its_zygote_is_ready_serves_from_that_zygote(r
         launcher.close()
 
 
+SYS_RECVMSG = 47  # x86_64
+
 # In a fresh interpreter, which has not imported msgspec (launcher_start imports nothing of
 # the launcher's server: test_startup_imports.py): fork a launcher, wait until its zygote is
-# ready, then see whether the launcher mapped msgspec's C extension, sending it no request.
+# ready (blocked in recvmsg, whose number is its argument), then see whether the launcher
+# mapped msgspec's C extension, sending it no request.
 EARLY_IMPORT_PROBE = """
 import json, os, sys, time
 from pathlib import Path
@@ -241,7 +244,7 @@ def until(probe, seconds):
         time.sleep(0.01)
     return value
 (zygote,) = until(lambda: Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), 30)
-ready = until(lambda: Path(f"/proc/{zygote}/syscall").read_text().split()[0] == "47", 30)
+ready = until(lambda: Path(f"/proc/{zygote}/syscall").read_text().split()[0] == sys.argv[1], 30)
 mapped = until(lambda: "msgspec" in Path(f"/proc/{pid}/maps").read_text(), 10)
 print(json.dumps({"ours": "msgspec" in sys.modules, "zygote": ready, "launcher": mapped}))
 sock.close()
@@ -253,13 +256,13 @@ def test_launcher_imports_its_server_once_its_zygote_is_ready_before_any_request
     """Not at the monitor's first request, which comes once the monitor's own imports are
     done: the launcher's imports would then lie between that request and the first device."""
     probe = subprocess.run(
-        [sys.executable, "-c", EARLY_IMPORT_PROBE], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", EARLY_IMPORT_PROBE, str(SYS_RECVMSG)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert probe.returncode == 0, probe.stderr
     assert json.loads(probe.stdout) == {"ours": False, "zygote": True, "launcher": True}
-
-
-SYS_RECVMSG = 47  # x86_64
 
 
 def blocked_in_recvmsg(pid: int) -> bool:
