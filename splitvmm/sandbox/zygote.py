@@ -43,10 +43,10 @@ sandbox/spawn.py); fd 1 is /dev/null and fd 2 the launcher's stderr, as the
 zygote's are; every other fd is closed before any device code runs.
 
 What it costs in isolation: the devices one zygote forked share its address-space layout
-(ASLR is per exec, not per fork), its stack canary and its hash seed; a device that
-learns its own layout or canary learns its siblings' (those of the same zygote). Each remains a separate
-process behind its own namespaces, seccomp filter and Landlock domain, which is the
-boundary.
+(ASLR is per exec, not per fork), its stack canary and its hash seed; a device that learns
+its own layout or canary learns its siblings' (those of the same zygote). Each remains a
+separate process behind its own namespaces, seccomp filter and Landlock domain, which is
+the boundary.
 """
 
 from __future__ import annotations

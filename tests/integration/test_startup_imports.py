@@ -33,7 +33,7 @@ def test_up_imports_no_restore_code_nor_rich():
 
 # What the monitor holds for the VM's life: `up`'s imports and what it loads before it
 # confines itself (monitor/confinement.py PRELOAD). OpenSSL's libcrypto, which hashlib and
-# hmac load, would be ~3.7 MiB of it: the snapshot it writes is BLAKE3 throughout
+# hmac load, would be ~3.5 MiB of its resident memory: the snapshot it writes is BLAKE3 throughout
 # (snapshot/digest.py, snapshot/signing.py); a sha256 is taken by readers only.
 MONITOR_IMPORTS = (
     f"{UP_IMPORTS}; import importlib; "
