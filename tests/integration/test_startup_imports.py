@@ -71,15 +71,24 @@ def test_up_imports_nothing_heavy_before_the_zygote_execs():
 
 # What the zygote imports before it forks devices (devprocs/zygote.py main()) and what the
 # launcher serves requests with: msgspec is imported without typing_extensions, which would
-# bring inspect, ast and dis (~12 ms of each interpreter's start: splitvmm/record.py), and
-# nothing loads OpenSSL (hashlib: only the monitor derives MACs, protocol/models.py).
+# bring inspect, ast and dis (~12 ms of each interpreter's start: splitvmm/record.py),
+# pyseccomp without ctypes.util, which would bring shutil, bz2 and lzma (~4 ms:
+# native/seccomp.py), and nothing loads OpenSSL (hashlib: only the monitor derives MACs,
+# protocol/models.py).
 ZYGOTE_AND_LAUNCHER = (
     "from splitvmm.devprocs import runtime, spec_stdin; "
     "from splitvmm.devprocs.base import load_all_models; load_all_models(); "
     "import splitvmm.sandbox.zygote, splitvmm.sandbox.launcher_server"
 )
-NOT_IN_THE_ZYGOTE = ("typing_extensions", "inspect", "hashlib", "_hashlib")
+NOT_IN_THE_ZYGOTE = (
+    "typing_extensions",
+    "inspect",
+    "ctypes.util",
+    "shutil",
+    "hashlib",
+    "_hashlib",
+)
 
 
-def test_the_zygote_and_the_launcher_import_neither_typing_extensions_nor_openssl():
+def test_the_zygote_and_the_launcher_import_neither_typing_extensions_ctypes_util_nor_openssl():
     assert imported(ZYGOTE_AND_LAUNCHER, NOT_IN_THE_ZYGOTE, "-I") == []

@@ -1,4 +1,5 @@
-"""native/seccomp.py: pyseccomp imported without running ldconfig, ldconfig kept as fallback."""
+"""native/seccomp.py: pyseccomp imported without running ldconfig nor importing ctypes.util,
+ldconfig kept as fallback."""
 
 import ctypes.util
 import subprocess
@@ -23,8 +24,54 @@ def test_pyseccomp_imports_without_starting_ldconfig():
     assert result.stdout.strip() == "ok"
 
 
-def test_find_library_is_ctypes_own_again_after_the_import():
-    assert ctypes.util.find_library is seccomp._ldconfig_find_library
+def fresh(code: str) -> str:
+    """What `code` prints in a fresh interpreter (which has imported no ctypes.util)."""
+    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_pyseccomp_imports_without_importing_ctypes_util():
+    code = (
+        "import sys\n"
+        "from splitvmm.native.seccomp import pyseccomp\n"
+        "print(sorted(m for m in ('ctypes.util', 'shutil', 'bz2', 'lzma') if m in sys.modules))\n"
+        "import ctypes\n"
+        "print(hasattr(ctypes, 'util'))\n"
+    )
+    assert fresh(code).splitlines() == ["[]", "False"]
+
+
+def test_ctypes_util_imported_afterwards_is_the_real_module():
+    code = (
+        "from splitvmm.native.seccomp import pyseccomp\n"
+        "import ctypes, ctypes.util\n"
+        "print(ctypes.util.__file__ is not None, ctypes.util.find_library.__module__)\n"
+        "from ctypes.util import find_library\n"
+        "print(find_library is ctypes.util.find_library)\n"
+    )
+    assert fresh(code).splitlines() == ["True ctypes.util", "True"]
+
+
+def test_where_ctypes_util_was_imported_its_find_library_is_its_own_again():
+    code = (
+        "import ctypes.util\n"
+        "own = ctypes.util.find_library\n"
+        "from splitvmm.native.seccomp import pyseccomp\n"
+        "print(ctypes.util.find_library is own)\n"
+    )
+    assert fresh(code) == "True"
+
+
+def test_the_ldconfig_fallback_imports_the_real_ctypes_util_over_a_stand_in(monkeypatch):
+    stand_in = type(sys)("ctypes.util")
+    stand_in.__stand_in__ = True  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ctypes.util", stand_in)
+    real = ctypes.util.find_library
+
+    # A name no soname lookup can take: the fallback's answer, from the real module.
+    assert seccomp._ldconfig_find_library("c") == real("c")
+    assert sys.modules["ctypes.util"] is not stand_in
 
 
 def test_a_library_that_does_not_load_by_its_soname_is_asked_of_ldconfig(monkeypatch):
