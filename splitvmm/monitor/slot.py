@@ -759,6 +759,16 @@ class DeviceSlot:
         self.state, self.failed, self.restarting = SlotState.FAILED, reason, False
         self._back.notify_all()  # accesses waiting for the device read all-ones now
 
+    def kill(self) -> None:
+        """SIGKILL the device's process and its spare, and return: the VM is going, and
+        close() waits for them (a machine kills every device first, so that they end
+        together)."""
+        with self._lock:
+            spare = None if self._spare is None else self._spare[0]
+            for process in (self.process, spare):
+                if process is not None:
+                    process.kill()
+
     def close(self) -> None:
         """End the device for good (the VM is going), and its spare."""
         with self._lock:
