@@ -21,6 +21,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -91,6 +92,7 @@ class Machine:
         self._wake = EventFd()  # wakes the main thread when the VM ends
         self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self._vm_fds: list[_Closable] = []  # the VM's, then its vCPUs': closed apart (close())
+        self._pit_mode: _OnThread | None = None  # the PIT's re-injection going off (build())
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self.vcpus: list[VcpuThread] = []
@@ -155,6 +157,8 @@ class Machine:
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, self._pci_intx)
         timings.mark("kvm, vm, ram, boot")
+        if self._pit_mode is not None:
+            self._pit_mode.result()  # its thread ends before the monitor confines itself
         self.launcher.check_configured()  # the spawns took its reply, or this does
         # Reads its policies (files, now); its rules name the launcher's socket.
         self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
@@ -173,12 +177,18 @@ class Machine:
     def _create_platform(self, firmware: loader.FirmwareImage | None) -> None:
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
         self.vm.set_tss_addr(layout.KVM_TSS)
-        self.vm.create_irqchip()  # PIC + IOAPIC + LAPICs in the kernel
-        self.vm.create_pit2()
+        # Guest RAM before the irqchip and the PIT, whose creation leaves an SRCU grace period
+        # under way for a few ms: a memslot made meanwhile waits for it (~7 ms here).
         self._ram_slots = self.mem.slots(boot.memory_holes(firmware))
         for slot, region in enumerate(self._ram_slots):
             hva = mapping_address(self.mem.map, region.offset)
             self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)
+        self.vm.create_irqchip()  # PIC + IOAPIC + LAPICs in the kernel
+        self.vm.create_pit2()
+        # Re-injection off (native/kvm.py set_pit_reinject), on a thread of its own: its
+        # grace periods (~15 ms) pass while the rest of the VM is built and its devices start,
+        # and the VM's close then waits for none (~16 ms with re-injection on).
+        self._pit_mode = _OnThread("pit-mode", lambda: self.vm.set_pit_reinject(False))
         self.routes = GsiRoutes(self.vm)  # the one owner of the VM's GSI routing table
         self._bar_window = BarAllocator(
             layout.PCI_MMIO32_START, layout.PCI_MMIO32_END, "32-bit PCI memory"
@@ -536,6 +546,8 @@ class Machine:
         once."""
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
+        if self._pit_mode is not None:
+            self._pit_mode.wait()  # a build that failed may have left it running
         vm_fds, self._vm_fds = self._vm_fds, []
         if any(v.is_alive() for v in self.vcpus):  # a vCPU may still use its fd: close last
             self._closables[:0] = vm_fds
@@ -567,6 +579,31 @@ class Machine:
             ready[-1].sync()
         for helper in helpers:
             helper.join()
+
+
+class _OnThread:
+    """`call()` on a thread of its own, started at once; result() waits for it and raises
+    what it raised."""
+
+    def __init__(self, name: str, call: Callable[[], object]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), name=name)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except BaseException as e:  # handed to result()'s caller
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> None:
+        self._thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _close_all(closables: list[_Closable]) -> None:

@@ -61,6 +61,7 @@ REQUIRED_CAPS = {
     "KVM_CAP_EXT_CPUID": lib.KVM_CAP_EXT_CPUID,
     "KVM_CAP_SET_TSS_ADDR": lib.KVM_CAP_SET_TSS_ADDR,
     "KVM_CAP_MP_STATE": lib.KVM_CAP_MP_STATE,
+    "KVM_CAP_REINJECT_CONTROL": lib.KVM_CAP_REINJECT_CONTROL,
 }
 
 # Snapshot state sizes, all from <linux/kvm.h>: vmstate.py refuses raw state of any other size.
@@ -334,6 +335,16 @@ class VmFd(OwnedFd):
         config = ffi.new("struct kvm_pit_config *")
         config.flags = lib.KVM_PIT_SPEAKER_DUMMY
         _ioctl_ptr(self.fd, lib.KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2")
+
+    def set_pit_reinject(self, reinject: bool) -> None:
+        """KVM_REINJECT_CONTROL: whether the in-kernel PIT re-injects the ticks a guest did
+        not take in time (on after KVM_CREATE_PIT2). KVM's API documentation recommends off
+        but for an OS that keeps time by counting PIT ticks (Linux 2.4). The switch waits
+        out SRCU grace periods while it holds the PIT's lock (~15 ms here); with the PIT
+        never re-injecting, the VM's close does not (monitor/machine.py)."""
+        control = ffi.new("struct kvm_reinject_control *")
+        control.pit_reinject = int(reinject)
+        _ioctl_ptr(self.fd, lib.KVM_REINJECT_CONTROL, control, "KVM_REINJECT_CONTROL")
 
     def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
         """A write to `eventfd` raises GSI `gsi`. Without `resample_fd` KVM pulses the line

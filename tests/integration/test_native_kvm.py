@@ -9,6 +9,7 @@ held up, and the LAPIC's IRR (KVM_GET_LAPIC) once a vector was delivered to it.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import time
@@ -359,3 +360,20 @@ def test_signal_msi_to_disabled_lapic_is_not_delivered(make_guest: MakeGuest) ->
     g = make_guest(b"")  # a fresh LAPIC is software-disabled (SPIV bit 8 clear)
 
     assert g.vm.signal_msi(MSI_ADDRESS_APIC0, 0x43) is False
+
+
+def test_pit_reinject_switches_off_and_on_again(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vm.create_pit2()
+        vm.set_pit_reinject(False)
+        vm.set_pit_reinject(False)  # already off: nothing to switch
+        vm.set_pit_reinject(True)
+
+
+def test_pit_reinject_without_a_pit_raises_kvm_error(kvm: Kvm) -> None:
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        with pytest.raises(KvmError, match="KVM_REINJECT_CONTROL") as raised:
+            vm.set_pit_reinject(False)
+    assert raised.value.errno == errno.ENXIO

@@ -1,5 +1,6 @@
 """Machine.close(): the VM's fds close on a thread of their own while the devices end, and
-every device is synced, then killed, then waited for, each step for all of them at once."""
+every device is synced, then killed, then waited for, each step for all of them at once.
+And _OnThread, which runs a step of the build (the PIT's re-injection going off) aside."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from splitvmm.config import parse_config
-from splitvmm.monitor.machine import Machine
+from splitvmm.errors import KvmError
+from splitvmm.monitor.machine import Machine, _OnThread
 
 WAIT_S = 5.0  # a step that is not concurrent waits this long, then fails
 
@@ -120,3 +122,30 @@ def test_with_a_vcpu_thread_still_running_the_vm_closes_last_on_the_callers_thre
     fds = [who for step, who in steps.log if step == "fd"]
     assert fds == ["ram", "launcher", "vcpu1", "vcpu0", "vm"]
     assert {fd.thread for fd in vm_fds} == {threading.current_thread().name}
+
+
+def test_on_thread_result_raises_what_the_call_raised_once():
+    def call() -> None:
+        raise KvmError(6, "KVM_REINJECT_CONTROL")
+
+    failed = _OnThread("t", call)
+
+    with pytest.raises(KvmError, match="KVM_REINJECT_CONTROL"):
+        failed.result()
+    failed.result()  # handed over: a second wait has nothing to raise
+
+
+def test_on_thread_runs_the_call_aside_and_wait_raises_nothing():
+    ran_on: list[str] = []
+    release = threading.Event()
+
+    def call() -> None:
+        release.wait(WAIT_S)
+        ran_on.append(threading.current_thread().name)
+        raise OSError("ignored by wait()")
+
+    aside = _OnThread("pit-mode", call)
+    assert ran_on == []  # started, not waited for
+    release.set()
+    aside.wait()
+    assert ran_on == ["pit-mode"]
