@@ -72,7 +72,7 @@ def check(policy_dir: Path | None) -> None:
     warden.policy, and the monitor's own monitor.policy and vcpu.policy."""
     from splitvmm.sandbox import policy
 
-    errors, compiled = check_policies(policy_dir or policy.default_policy_dir())
+    errors, compiled = check_policies(policy_dir or Path(policy.default_policy_dir()))
     for error in errors:
         click.echo(f"splitvmm: policy error: {error}", err=True)
     if errors:

@@ -140,7 +140,7 @@ def landlock_rules(runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> dict[str
 def _compile(
     name: str, policy_dir: Path | None, constants: dict[str, int], action: int, tsync: bool
 ) -> seccomp.SyscallFilter:
-    path = (policy_dir or policy.default_policy_dir()) / name
+    path = os.path.join(policy_dir or policy.default_policy_dir(), name)
     try:
         return policy.compile_filter(policy.parse_file(path, constants), action, tsync=tsync)
     except policy.PolicyError as e:

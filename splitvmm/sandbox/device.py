@@ -82,7 +82,6 @@ import resource
 import signal
 import stat
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from splitvmm import native
@@ -147,10 +146,7 @@ def enter_sandbox(
     """
     mode = _mode(audit)
     device_policy = policy.load_model_policy(model)  # read now: no file system later
-    warden_policy = policy.parse_file(
-        policy.default_policy_dir() / "warden.policy",
-        {**policy.CONSTANTS, "SELF_PID": os.getpid()},  # the warden is this process
-    )
+    warden_policy = policy.load_warden_policy(os.getpid())  # the warden is this process
     socket_path = _channel_path(channel)
     _close_fds_except(keep_fds | STD_FDS)
     os.chdir("/")  # so that pivot_root moves the warden's cwd too
@@ -339,7 +335,7 @@ def _load_seccomp(device_policy: policy.Policy, mode: SeccompMode) -> None:
 # -- the warden ---------------------------------------------------------------------------------
 # A small static program (splitvmm/native/warden.c, built with the cffi modules): an idle
 # Python warden held a private copy of every page the device wrote after the fork.
-WARDEN = str(Path(native.__file__).resolve().parent / "warden")
+WARDEN = os.path.join(os.path.dirname(os.path.realpath(native.__file__)), "warden")
 
 
 def _warden(

@@ -17,7 +17,10 @@ definition wins). Anything else is a PolicyError naming file:line.
 
 Policies are read by the device process before it enters the sandbox (it has
 no file system afterwards) and compiled into a filter whose default action
-kills the whole process.
+kills the whole process. Paths are strings (os.path; any os.PathLike is taken):
+this module is imported by the zygote, which imports every device's modules
+before it forks one (sandbox/zygote.py), and pathlib with what it imports costs
+~4 ms there.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import re
 import signal
 import termios
 from collections.abc import Mapping
-from pathlib import Path
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import files, tun
@@ -116,15 +118,16 @@ class Rule(Struct, frozen=True):
 
 class Policy(Struct):
     rules: dict[str, Rule]
-    files: list[Path]
+    files: list[str]
 
 
-def default_policy_dir() -> Path:
+def default_policy_dir() -> str:
     """policies/<arch>/ of this checkout; SPLITVMM_POLICY_DIR overrides it (trusted env)."""
     env = os.environ.get("SPLITVMM_POLICY_DIR")
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "policies" / ARCH
+        return env
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    return os.path.join(checkout, "policies", ARCH)
 
 
 def _value(text: str, where: str, constants: Mapping[str, int]) -> int:
@@ -174,16 +177,20 @@ def parse_rule(line: str, where: str, constants: Mapping[str, int] = CONSTANTS) 
 
 
 def parse_file(
-    path: Path, constants: Mapping[str, int] = CONSTANTS, _stack: tuple[Path, ...] = ()
+    file: str | os.PathLike[str],
+    constants: Mapping[str, int] = CONSTANTS,
+    _stack: tuple[str, ...] = (),
 ) -> Policy:
     """Parse one file and what it includes (depth first, in order).
 
     `constants` may add names known only at run time (the warden's own pid).
     """
+    path = os.fspath(file)
     if path in _stack:
-        raise PolicyError(f"{_stack[-1]}: @include cycle through {path.name}")
+        raise PolicyError(f"{_stack[-1]}: @include cycle through {os.path.basename(path)}")
     try:
-        text = path.read_text()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except OSError as e:
         where = f"{_stack[-1]}" if _stack else str(path)
         raise PolicyError(f"{where}: cannot read {path}: {e.strerror}") from None
@@ -196,7 +203,9 @@ def parse_file(
             continue
         inc = _INCLUDE.fullmatch(line)
         if inc:
-            sub = parse_file(path.parent / inc["file"], constants, (*_stack, path))
+            sub = parse_file(
+                os.path.join(os.path.dirname(path), inc["file"]), constants, (*_stack, path)
+            )
             policy.rules.update(sub.rules)
             policy.files.extend(sub.files)
             continue
@@ -218,9 +227,16 @@ def device_policy_name(model: str) -> str:
     return f"{name}_device.policy"
 
 
-def load_model_policy(model: str, policy_dir: Path | None = None) -> Policy:
+def load_model_policy(model: str, policy_dir: str | os.PathLike[str] | None = None) -> Policy:
     """The policy a device process of `model` loads: device_policy_name(model)."""
-    return parse_file((policy_dir or default_policy_dir()) / device_policy_name(model))
+    return parse_file(os.path.join(policy_dir or default_policy_dir(), device_policy_name(model)))
+
+
+def load_warden_policy(self_pid: int, policy_dir: str | os.PathLike[str] | None = None) -> Policy:
+    """The policy a device's warden loads: warden.policy, whose rules name the warden's own
+    pid, `self_pid`, as SELF_PID."""
+    constants = {**CONSTANTS, "SELF_PID": self_pid}
+    return parse_file(os.path.join(policy_dir or default_policy_dir(), "warden.policy"), constants)
 
 
 def compile_filter(

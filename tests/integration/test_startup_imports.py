@@ -73,7 +73,8 @@ def test_up_imports_nothing_heavy_before_the_zygote_execs():
 # launcher serves requests with: msgspec is imported without typing_extensions, which would
 # bring inspect, ast and dis (~12 ms of each interpreter's start: splitvmm/record.py),
 # pyseccomp without ctypes.util, which would bring shutil, bz2 and lzma (~4 ms:
-# native/seccomp.py), and nothing loads OpenSSL (hashlib: only the monitor derives MACs,
+# native/seccomp.py), no pathlib, which would bring urllib.parse and ipaddress (~4 ms:
+# sandbox/policy.py), and nothing loads OpenSSL (hashlib: only the monitor derives MACs,
 # protocol/models.py).
 ZYGOTE_AND_LAUNCHER = (
     "from splitvmm.devprocs import runtime, spec_stdin; "
@@ -85,10 +86,12 @@ NOT_IN_THE_ZYGOTE = (
     "inspect",
     "ctypes.util",
     "shutil",
+    "pathlib",
+    "urllib.parse",
     "hashlib",
     "_hashlib",
 )
 
 
-def test_the_zygote_and_the_launcher_import_neither_typing_extensions_ctypes_util_nor_openssl():
+def test_the_zygote_and_the_launcher_import_no_typing_extensions_ctypes_util_pathlib_nor_openssl():
     assert imported(ZYGOTE_AND_LAUNCHER, NOT_IN_THE_ZYGOTE, "-I") == []

@@ -124,6 +124,31 @@ def test_compile_filter_when_policy_parses_exports_bpf(tmp_path: Path) -> None:
     assert out.stat().st_size > 0 and out.stat().st_size % 8 == 0  # struct sock_filter[]
 
 
+def test_parse_file_takes_a_str_path_as_well(tmp_path: Path) -> None:
+    _file(tmp_path, "common.policy", "read: 1\n")
+    top = _file(tmp_path, "x.policy", "@include common.policy\nwrite: 1\n")
+
+    parsed = policy.parse_file(str(top))
+
+    assert parsed.files == [str(top), str(tmp_path / "common.policy")]
+    assert parsed.rules["read"].where == f"{tmp_path / 'common.policy'}:1"
+
+
+def test_warden_policy_names_the_given_pid_as_self_pid() -> None:
+    parsed = policy.load_warden_policy(4242)
+
+    assert parsed.rules["kill"].any_of == (Cmp(0, ALL_ONES, 4242),)
+    assert parsed.files[0] == f"{policy.default_policy_dir()}/warden.policy"
+
+
+def test_policy_dir_is_the_checkouts_unless_the_environment_names_one(monkeypatch) -> None:
+    checkout = Path(__file__).resolve().parents[2]
+    monkeypatch.delenv("SPLITVMM_POLICY_DIR", raising=False)
+    assert policy.default_policy_dir() == str(checkout / "policies" / policy.ARCH)
+    monkeypatch.setenv("SPLITVMM_POLICY_DIR", "/elsewhere")
+    assert policy.default_policy_dir() == "/elsewhere"
+
+
 def test_compile_filter_defaults_to_kill_process_and_tsync() -> None:
     filt = policy.compile_filter(policy.Policy({}, []))
 

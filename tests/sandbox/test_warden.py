@@ -27,8 +27,7 @@ child = os.fork()
 if child == 0:
     exec(sys.argv[1])
     os._exit(0)
-constants = {**policy.CONSTANTS, "SELF_PID": warden_pid}
-rules = policy.parse_file(policy.default_policy_dir() / "warden.policy", constants)
+rules = policy.load_warden_policy(warden_pid)
 fd = os.memfd_create("filter", 0)
 with open(fd, "wb", closefd=False) as f:
     policy.compile_filter(rules, tsync=False).export_bpf(f)
@@ -109,8 +108,7 @@ from splitvmm.sandbox import policy
 libc = ctypes.CDLL(None, use_errno=True)
 ppid = os.getppid()
 code = compile(sys.argv[1], "<statement>", "exec")
-constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}
-rules = policy.parse_file(policy.default_policy_dir() / "warden.policy", constants)
+rules = policy.load_warden_policy(os.getpid())
 confine.set_no_new_privs()
 policy.compile_filter(rules, tsync=False).load()
 exec(code)
