@@ -144,6 +144,7 @@ class Machine:
         # confine_process refuses to run if a thread exists).
         self.zctx = zmq.Context(io_threads=1)
         if restoring is None:  # a boot's devices start now, while the rest is built
+            self._pit_reinject_off()
             self._launch_devices()
         self.vcpu_fds = [
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
@@ -153,6 +154,7 @@ class Machine:
             self._closables.append(boot.Firmware(self.vm, image))
         if restoring is not None:
             restore.apply(*restoring, self)  # imported above, for this restore
+            self._pit_reinject_off()  # after apply() set the PIT's state, under the same lock
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
             boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, self._pci_intx)
@@ -185,10 +187,6 @@ class Machine:
             self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)
         self.vm.create_irqchip()  # PIC + IOAPIC + LAPICs in the kernel
         self.vm.create_pit2()
-        # Re-injection off (native/kvm.py set_pit_reinject), on a thread of its own: its
-        # grace periods (~15 ms) pass while the rest of the VM is built and its devices start,
-        # and the VM's close then waits for none (~16 ms with re-injection on).
-        self._pit_mode = _OnThread("pit-mode", lambda: self.vm.set_pit_reinject(False))
         self.routes = GsiRoutes(self.vm)  # the one owner of the VM's GSI routing table
         self._bar_window = BarAllocator(
             layout.PCI_MMIO32_START, layout.PCI_MMIO32_END, "32-bit PCI memory"
@@ -202,6 +200,13 @@ class Machine:
             acpi.S5_SLEEP_TYPE, acpi.PM_PORTS.reset_value, lambda why: self.stop(Outcome(0, why))
         )
         self.pio.insert(layout.ACPI_PM_PORT, AcpiPm.WINDOW, pm)
+
+    def _pit_reinject_off(self) -> None:
+        """Turn the PIT's lost-tick re-injection off (native/kvm.py set_pit_reinject) on a
+        thread of its own, joined before the monitor confines itself: its grace periods
+        (~15 ms), during which it holds the PIT's lock, pass while the devices start, and the
+        VM's close then waits for none (~16 ms with re-injection on)."""
+        self._pit_mode = _OnThread("pit-mode", lambda: self.vm.set_pit_reinject(False))
 
     def _prepare_device(self, dev: DeviceSection) -> Spawn:
         """A device's fds and settings, from its model's descriptor: the monitor knows
