@@ -148,6 +148,35 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   import monitor 39.6, device launch requests 22.5 (two spawns of ~8 ms, the zygote's double
   fork ~3.5 of each, and the ~7 ms first-memslot wait), confinement and channels 5.5,
   devices ready 4.0, guest run 4.5, teardown 18.2 (the VM's close: 1-16 ms from run to run).
+- Kernel waits (2026-12-02, second session). A kernel stack sampled while each slow ioctl ran
+  (/proc/PID/task/TID/stack, one VM at a time): the VM's close spent its ~16 ms in
+  kvm_free_pit, turning the PIT's lost-tick re-injection off (kvm_pit_set_reinject:
+  synchronize_srcu on the irq SRCU) and unregistering its bus devices; the first memslot's
+  ~7 ms was a grace period that KVM_CREATE_IRQCHIP and KVM_CREATE_PIT2 leave under way (0.1-0.2
+  ms before them, or 30 ms after). Bare create/close loops: irqchip, PIT, memslot, close = 7
+  + 16 ms; re-injection off right after the PIT = 15 ms for the switch, then 0.1 and 0.4-0.8.
+  Now: guest RAM's memslots before the irqchip; re-injection off (what KVM's API document
+  recommends, QEMU's lost_tick_policy=discard) on a thread of its own, started as the
+  devices are asked for and joined before confinement; and the machine's close hands the VM's
+  fds to a thread of their own, syncs every device at once, kills them all, then waits.
+  `up --timings`, paired runs (the order alternating; median of the differences, bootstrap
+  95%): close on a thread, 20 runs, teardown 23.0 -> 12.4 ms; re-injection off, 50 runs,
+  whole process -4.8 ms [-8.5, -0.9], teardown -3.3 [-4.8, -1.6]. Two earlier tries of the
+  same day, moving the first memslot after the devices' launch and closing only the VM on a
+  helper thread, had moved the waits instead (teardown 18.2 -> 20.6 ms for the first).
+- Imports (same session): pyseccomp without ctypes.util (shutil, bz2, lzma: ~4 ms in the
+  zygote; native/seccomp.py), and sandbox/policy.py on str paths, so that the zygote imports
+  no pathlib (with urllib.parse and ipaddress, ~4 ms): 50 paired runs, -3.5 ms [-7.0, -0.2].
+  What the zygote imports now, by cumulative -X importtime: zmq ~20 of ~70 ms (its
+  constants' enum classes 4.5, pickle 3.1 for send_pyobj, platform 1.8; ~18 ms of wall
+  clock in a warm interpreter), msgspec and the protocol ~12, logging ~8 (traceback,
+  linecache), re ~6. The monitor imports zmq too.
+- Tried and dropped again (same session): forking the launcher before `splitvmm` imports
+  typing, json, socket and subprocess (a module importing only os and C modules, the
+  launcher importing the rest itself): its zygote was ready ~10 ms sooner (85 -> 75 ms, 12
+  runs), but the whole process did not move, farm-bench -n 40 wall 0.99, CPU 1.03, and
+  after the changes above 50 paired runs +3.2 ms [-4.5, 10.2]: the launcher's own imports
+  cost the CPU the early start saved.
 """
 
 from __future__ import annotations
