@@ -21,7 +21,6 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +38,7 @@ from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts, raise_interrupt
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
 from splitvmm.monitor.memory import GuestMemory
+from splitvmm.monitor.onthread import OnThread
 from splitvmm.monitor.pci.bars import BarAllocator
 from splitvmm.monitor.pci.function import PciFunctionHost, place_bars
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
@@ -92,7 +92,7 @@ class Machine:
         self._wake = EventFd()  # wakes the main thread when the VM ends
         self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self._vm_fds: list[_Closable] = []  # the VM's, then its vCPUs': closed apart (close())
-        self._pit_mode: _OnThread | None = None  # the PIT's re-injection going off (build())
+        self._pit_mode: OnThread | None = None  # the PIT's re-injection going off (build())
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self.vcpus: list[VcpuThread] = []
@@ -206,7 +206,7 @@ class Machine:
         thread of its own, joined before the monitor confines itself: its grace periods
         (~15 ms), during which it holds the PIT's lock, pass while the devices start, and the
         VM's close then waits for none (~16 ms with re-injection on)."""
-        self._pit_mode = _OnThread("pit-mode", lambda: self.vm.set_pit_reinject(False))
+        self._pit_mode = OnThread("pit-mode", lambda: self.vm.set_pit_reinject(False))
 
     def _prepare_device(self, dev: DeviceSection) -> Spawn:
         """A device's fds and settings, from its model's descriptor: the monitor knows
@@ -544,71 +544,53 @@ class Machine:
                 self.stop(Outcome(0, "quit from the console (Ctrl-A x)"))
 
     def close(self) -> None:
-        """Tear down whatever build() got to. The VM's fds close first, on a thread of their
-        own, while the devices end: the kernel's teardown of the VM waits out grace periods
-        (the in-kernel PIT's: ~16 ms here, bench/startup.py) that the devices' ends then fill.
-        Every device is synced, then killed, then waited for, each step for all of them at
-        once."""
+        """Tear down whatever build() got to. Every device is synced, then killed, then
+        waited for, each step for all of them at once. Once every sync is done (a device's
+        event during its sync, an MSI-X route, may still use the VM), the VM's fds close on a
+        thread of their own: the kernel's teardown of a VM waits out grace periods
+        (bench/startup.py) that the devices' ends fill."""
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
-        if self._pit_mode is not None:
-            self._pit_mode.wait()  # a build that failed may have left it running
+        if self._pit_mode is not None:  # a build that failed may have left it running
+            _log_failure("turning the PIT's re-injection off", self._pit_mode.wait())
         vm_fds, self._vm_fds = self._vm_fds, []
-        if any(v.is_alive() for v in self.vcpus):  # a vCPU may still use its fd: close last
-            self._closables[:0] = vm_fds
-            vm_fds = []
-        vm_closer = None
-        if vm_fds:
-            vm_closer = threading.Thread(target=_close_all, args=(vm_fds,), name="vm-close")
-            vm_closer.start()
-        self._sync_devices()
-        for slot in self.slots:
-            slot.kill()
-        for slot in self.slots:
-            slot.close()
-        if self.zctx is not None:
-            self.zctx.term()
-        _close_all(self._closables)
-        if vm_closer is not None:
-            vm_closer.join()
-        self._wake.close()
+        vm_closer: OnThread | None = None
+        try:
+            self._sync_devices()
+            if vm_fds and not any(v.is_alive() for v in self.vcpus):
+                vm_closer = OnThread("vm-close", lambda: _close_all(vm_fds))
+                vm_fds = []
+            for slot in self.slots:
+                slot.kill()
+            for slot in self.slots:
+                slot.close()
+            if self.zctx is not None:
+                self.zctx.term()
+        finally:
+            # The VM's fds here only if a vCPU thread still runs (it may be in KVM_RUN) or the
+            # devices' end failed first: before the rest, as before the closing thread.
+            _close_all(vm_fds)
+            _close_all(self._closables)
+            if vm_closer is not None:
+                vm_closer.wait()
+            self._wake.close()
 
     def _sync_devices(self) -> None:
         """Let every device finish the guest's posted writes (and flush its output line)
         before it dies: all of them at once, a thread each but the last."""
         ready = [slot for slot in self.slots if slot.ready]
-        helpers = [threading.Thread(target=s.sync, name=f"sync-{s.name}") for s in ready[:-1]]
-        for helper in helpers:
-            helper.start()
-        if ready:
-            ready[-1].sync()
-        for helper in helpers:
-            helper.join()
-
-
-class _OnThread:
-    """`call()` on a thread of its own, started at once; result() waits for it and raises
-    what it raised."""
-
-    def __init__(self, name: str, call: Callable[[], object]) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(call,), name=name)
-        self._thread.start()
-
-    def _run(self, call: Callable[[], object]) -> None:
+        helpers = [(s.name, OnThread(f"sync-{s.name}", s.sync)) for s in ready[:-1]]
         try:
-            call()
-        except BaseException as e:  # handed to result()'s caller
-            self._error = e
+            if ready:
+                ready[-1].sync()
+        finally:
+            for name, helper in helpers:
+                _log_failure(f"syncing device {name}", helper.wait())
 
-    def wait(self) -> None:
-        self._thread.join()
 
-    def result(self) -> None:
-        self._thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
+def _log_failure(what: str, error: BaseException | None) -> None:
+    if error is not None:
+        log.error("%s failed", what, exc_info=error)
 
 
 def _close_all(closables: list[_Closable]) -> None:

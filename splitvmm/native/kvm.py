@@ -339,9 +339,11 @@ class VmFd(OwnedFd):
     def set_pit_reinject(self, reinject: bool) -> None:
         """KVM_REINJECT_CONTROL: whether the in-kernel PIT re-injects the ticks a guest did
         not take in time (on after KVM_CREATE_PIT2). KVM's API documentation recommends off
-        but for an OS that keeps time by counting PIT ticks (Linux 2.4). The switch waits
-        out SRCU grace periods while it holds the PIT's lock (~15 ms here); with the PIT
-        never re-injecting, the VM's close does not (monitor/machine.py)."""
+        but for an OS that keeps time by counting PIT ticks (Linux 2.4); on AMD hosts it
+        also keeps AVIC on (re-injection needs EOI exits, which AVIC does not give, and
+        inhibits it: APICV_INHIBIT_REASON_PIT_REINJ). The switch waits out SRCU grace
+        periods while it holds the PIT's lock (~15 ms here); with the PIT never
+        re-injecting, the VM's close does not (monitor/machine.py)."""
         control = ffi.new("struct kvm_reinject_control *")
         control.pit_reinject = int(reinject)
         _ioctl_ptr(self.fd, lib.KVM_REINJECT_CONTROL, control, "KVM_REINJECT_CONTROL")

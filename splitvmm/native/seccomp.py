@@ -22,14 +22,21 @@ Every module takes pyseccomp from here (ruff's banned-api rule in pyproject.toml
 import ctypes
 import sys
 import types
+from collections.abc import Callable
 
 # What ldconfig's cache names them on glibc: libseccomp's ABI has been .so.2 since 2012.
 SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
 _UTIL = "ctypes.util"
+# ctypes.util's own find_library, where that module was imported before us: its place holds
+# ours while pyseccomp imports, so the fallback must not look it up there.
+_lent: Callable[[str], str | None] | None = None
 
 
 def _ldconfig_find_library(name: str) -> str | None:
-    """ctypes.util's own find_library (ldconfig), the real module imported for it."""
+    """ctypes.util's own find_library (ldconfig): the one set aside, or the real module's,
+    imported now over the stand-in."""
+    if _lent is not None:
+        return _lent(name)
     stand_in = sys.modules.get(_UTIL)
     if stand_in is not None and getattr(stand_in, "__stand_in__", False):
         del sys.modules[_UTIL]  # the import below then loads the real one, for good
@@ -53,12 +60,12 @@ def _find_library(name: str) -> str | None:
 if _UTIL in sys.modules:  # the real module is here already: only its function is lent
     import ctypes.util
 
-    _own = ctypes.util.find_library
+    _lent = ctypes.util.find_library
     ctypes.util.find_library = _find_library
     try:
         import pyseccomp  # noqa: TID251 (the import point)
     finally:
-        ctypes.util.find_library = _own
+        ctypes.util.find_library = _lent
 else:
     _stand_in = types.ModuleType(_UTIL, "find_library for pyseccomp's import (native/seccomp.py)")
     _stand_in.find_library = _find_library  # type: ignore[attr-defined]

@@ -410,3 +410,27 @@ def test_unprivileged_user_in_kvm_group_runs_a_vm(guests, kvm_user):
         assert serial.read_text().startswith("Hello from a splitvmm test guest!\n")
     finally:
         shutil.rmtree(work)
+
+
+# In a fresh interpreter, whose only thread is its main one: a thread still running keeps the
+# monitor from confining itself, one that was just joined (its OS thread may outlive join()
+# by a moment) does not.
+SINGLE_THREADED_PROBE = """
+import threading
+from splitvmm.monitor.confinement import single_threaded
+release = threading.Event()
+running = threading.Thread(target=release.wait)
+running.start()
+print(single_threaded(grace_s=0.05))
+release.set()
+running.join()
+print(single_threaded())
+"""
+
+
+def test_confine_process_waits_out_a_joined_thread_not_a_running_one():
+    result = subprocess.run(
+        [sys.executable, "-c", SINGLE_THREADED_PROBE], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

@@ -1,7 +1,6 @@
 """native/seccomp.py: pyseccomp imported without running ldconfig nor importing ctypes.util,
 ldconfig kept as fallback."""
 
-import ctypes.util
 import subprocess
 import sys
 
@@ -63,15 +62,39 @@ def test_where_ctypes_util_was_imported_its_find_library_is_its_own_again():
     assert fresh(code) == "True"
 
 
-def test_the_ldconfig_fallback_imports_the_real_ctypes_util_over_a_stand_in(monkeypatch):
-    stand_in = type(sys)("ctypes.util")
-    stand_in.__stand_in__ = True  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ctypes.util", stand_in)
-    real = ctypes.util.find_library
+# ctypes.CDLL refusing libseccomp's soname to native/seccomp.py's own try (and loading it for
+# pyseccomp): the import takes ldconfig's way for it.
+REFUSE_SONAME = (
+    "import ctypes, sys\n"
+    "real, refused = ctypes.CDLL, []\n"
+    "class CDLL(real):\n"
+    "    def __init__(self, name, *args, **kwargs):\n"
+    "        caller = sys._getframe(1).f_globals['__name__']\n"
+    "        if name == 'libseccomp.so.2' and caller == 'splitvmm.native.seccomp':\n"
+    "            refused.append(name)\n"
+    "            raise OSError('refused')\n"
+    "        super().__init__(name, *args, **kwargs)\n"
+    "ctypes.CDLL = CDLL\n"
+)
 
-    # A name no soname lookup can take: the fallback's answer, from the real module.
-    assert seccomp._ldconfig_find_library("c") == real("c")
-    assert sys.modules["ctypes.util"] is not stand_in
+
+def test_the_ldconfig_fallback_imports_the_real_ctypes_util_over_the_stand_in():
+    code = REFUSE_SONAME + (
+        "from splitvmm.native.seccomp import pyseccomp\n"
+        "import sys, ctypes.util\n"
+        "print(refused, sys.modules['ctypes.util'] is ctypes.util, ctypes.util.__file__ is not None)\n"
+    )
+    assert fresh(code) == "['libseccomp.so.2'] True True"
+
+
+def test_the_ldconfig_fallback_where_ctypes_util_was_imported_first_uses_its_own_function():
+    code = REFUSE_SONAME + (
+        "import ctypes.util\n"
+        "own = ctypes.util.find_library\n"
+        "from splitvmm.native.seccomp import pyseccomp\n"
+        "print(refused, ctypes.util.find_library is own)\n"
+    )
+    assert fresh(code) == "['libseccomp.so.2'] True"
 
 
 def test_a_library_that_does_not_load_by_its_soname_is_asked_of_ldconfig(monkeypatch):
