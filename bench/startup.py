@@ -177,6 +177,13 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   runs), but the whole process did not move, farm-bench -n 40 wall 0.99, CPU 1.03, and
   after the changes above 50 paired runs +3.2 ms [-4.5, 10.2]: the launcher's own imports
   cost the CPU the early start saved.
+- End of that session (7eca8b4; the VM's fds now close once every device's sync is done,
+  as a device's event during its sync may still use the VM), against its first tree
+  (037f155), busy hour, alternating: this bench --runs 15, two rounds, 194.4 and 190.2 ms
+  (2.50x and 2.53x QEMU) -> 176.4 and 155.6 (2.26x, 2.07x); 60 paired `up` runs, whole
+  process -12.8 ms [-18.4, -8.8] (179.8 -> 168.9); farm-bench -n 40 A/B wall 0.928, CPU
+  0.939; 25 alternating runs: teardown (guest end -> last mark) 23.6 -> 15.0 ms, last mark
+  -> exit 4.2 -> 4.1, start -> guest end 173.1 -> 163.9.
 """
 
 from __future__ import annotations
