@@ -40,6 +40,11 @@ End of 2026-12-02's session, alternating with its first tree (1aa1705, .venv fro
 3.11.7): serial 49.5 -> 46.7 MiB (1.51x -> 1.42x QEMU's RSS), 5 devices 65.7 -> 62.9 (1.93x
 -> 1.83x); the monitor 20.8 -> 18.1 MiB PSS.
 
+The next session (its start-up work left the zygote without pathlib, ctypes.util, shutil, bz2
+and lzma: bench/startup.py), one run each against its first tree (037f155), --runs 3: serial
+46.7 -> 45.4 MiB (1.43x -> 1.39x QEMU's RSS), 5 devices 63.1 -> 60.5 (1.84x -> 1.78x); the
+devices' PSS 20.7 -> 19.3 and 37.8 -> 35.1, the monitor and the launcher unchanged.
+
     python bench/memory.py [--runs R] [--json]
 """
 

@@ -76,6 +76,15 @@ tree (1aa1705, .venv from pyenv's 3.11.7): restore, idle, 0.145 and 0.148 s agai
 0.183 (QEMU 0.50-0.98); 256 MiB dirty 0.320 and 0.246 against 0.286 and 0.336 (no change
 outside the noise); save write/floor 1.29 and 1.24 against 1.50 and 1.29.
 
+The next session's start-up work (bench/startup.py: kernel waits, imports) against its first
+tree (037f155), busy hour: --runs 3, two rounds, restore idle 0.145 and 0.144 s against 0.162
+and 0.133, 256 MiB dirty 0.302 and 0.245 against 0.251 and 0.266: single medians of three
+cannot tell them apart here. Paired restores of one snapshot, the trees alternating (to
+vCPUs, from `up --timings`): idle 512 MiB, 20 each, 145.0 -> 136.2 ms, median paired
+difference -4.8 ms (bootstrap 95% [-13.9, 3.1]); 256 MiB dirty, 12 each, 290.0 -> 269.4,
+-7.1 [-31.1, 12.9]. The goals (0.1 s idle, 0.25 s dirty) are not met: a restore is a
+start-up first (~120-140 ms to the vCPUs here).
+
     python bench/snapshot.py [--sizes 128,512,2048] [--runs 3] [--json]
 """
 
