@@ -143,7 +143,10 @@ def landlock_rules(runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> dict[str
 
 
 def single_threaded(grace_s: float = JOINED_THREAD_EXIT_S) -> bool:
-    """Whether this process has one thread, given `grace_s` for threads already ending."""
+    """Whether this process has one thread: False at once while Python knows of another
+    (not yet joined), and `grace_s` for the OS threads of those it has joined to end."""
+    if threading.active_count() != 1:
+        return False
     deadline = time.monotonic() + grace_s
     while thread_count() != 1:
         if time.monotonic() >= deadline:

@@ -15,6 +15,7 @@ way; vCPUs start only when every device said READY.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -558,34 +559,41 @@ class Machine:
         try:
             self._sync_devices()
             if vm_fds and not any(v.is_alive() for v in self.vcpus):
-                vm_closer = OnThread("vm-close", lambda: _close_all(vm_fds))
+                vm_closer = OnThread("vm-close", functools.partial(_close_all, vm_fds))
                 vm_fds = []
-            for slot in self.slots:
-                slot.kill()
-            for slot in self.slots:
-                slot.close()
-            if self.zctx is not None:
-                self.zctx.term()
         finally:
-            # The VM's fds here only if a vCPU thread still runs (it may be in KVM_RUN) or the
-            # devices' end failed first: before the rest, as before the closing thread.
-            _close_all(vm_fds)
-            _close_all(self._closables)
-            if vm_closer is not None:
-                vm_closer.wait()
-            self._wake.close()
+            try:
+                self._end_devices()
+            finally:
+                # The VM's fds here only if a vCPU thread still runs (it may be in KVM_RUN) or
+                # the syncs failed first: before the rest, as before the closing thread.
+                _close_all(vm_fds)
+                _close_all(self._closables)
+                if vm_closer is not None:
+                    _log_failure("closing the VM", vm_closer.wait())
+                self._wake.close()
 
     def _sync_devices(self) -> None:
         """Let every device finish the guest's posted writes (and flush its output line)
-        before it dies: all of them at once, a thread each but the last."""
-        ready = [slot for slot in self.slots if slot.ready]
-        helpers = [(s.name, OnThread(f"sync-{s.name}", s.sync)) for s in ready[:-1]]
+        before it dies: all of them at once, a thread each. A failure is logged: the device
+        is ended next all the same."""
+        syncs: list[tuple[str, OnThread]] = []
         try:
-            if ready:
-                ready[-1].sync()
+            for slot in self.slots:
+                if slot.ready:
+                    syncs.append((slot.name, OnThread(f"sync-{slot.name}", slot.sync)))
         finally:
-            for name, helper in helpers:
-                _log_failure(f"syncing device {name}", helper.wait())
+            for name, sync in syncs:
+                _log_failure(f"syncing device {name}", sync.wait())
+
+    def _end_devices(self) -> None:
+        """Kill every device, then wait for each: their ends overlap."""
+        for slot in self.slots:
+            slot.kill()
+        for slot in self.slots:
+            slot.close()
+        if self.zctx is not None:
+            self.zctx.term()
 
 
 def _log_failure(what: str, error: BaseException | None) -> None:

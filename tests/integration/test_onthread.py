@@ -1,5 +1,5 @@
 """OnThread: a call on a thread of its own, its error handed to whoever waits for it.
-Threads (the tiers: STYLE.md 8)."""
+Threads, so not among the unit tests."""
 
 from __future__ import annotations
 
