@@ -142,7 +142,8 @@ class Machine:
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
             self._spawns.append(self._prepare_device(dev))
         # No thread until its first socket, made once the monitor is confined (attach below;
-        # confine_process refuses to run if a thread exists).
+        # confine_process refuses to run while a thread exists: the pit-mode one is joined
+        # before).
         self.zctx = zmq.Context(io_threads=1)
         if restoring is None:  # a boot's devices start now, while the rest is built
             self._pit_reinject_off()
