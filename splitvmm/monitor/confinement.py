@@ -158,7 +158,7 @@ def single_threaded(grace_s: float = JOINED_THREAD_EXIT_S) -> bool:
 def _compile(
     name: str, policy_dir: Path | None, constants: dict[str, int], action: int, tsync: bool
 ) -> seccomp.SyscallFilter:
-    path = os.path.join(policy_dir or policy.default_policy_dir(), name)
+    path = policy.policy_file(name, policy_dir)
     try:
         return policy.compile_filter(policy.parse_file(path, constants), action, tsync=tsync)
     except policy.PolicyError as e:

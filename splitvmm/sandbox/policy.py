@@ -227,16 +227,21 @@ def device_policy_name(model: str) -> str:
     return f"{name}_device.policy"
 
 
+def policy_file(name: str, policy_dir: str | os.PathLike[str] | None = None) -> str:
+    """The path of policy file `name` in `policy_dir`, or in default_policy_dir()."""
+    return os.path.join(policy_dir or default_policy_dir(), name)
+
+
 def load_model_policy(model: str, policy_dir: str | os.PathLike[str] | None = None) -> Policy:
     """The policy a device process of `model` loads: device_policy_name(model)."""
-    return parse_file(os.path.join(policy_dir or default_policy_dir(), device_policy_name(model)))
+    return parse_file(policy_file(device_policy_name(model), policy_dir))
 
 
 def load_warden_policy(self_pid: int, policy_dir: str | os.PathLike[str] | None = None) -> Policy:
     """The policy a device's warden loads: warden.policy, whose rules name the warden's own
     pid, `self_pid`, as SELF_PID."""
     constants = {**CONSTANTS, "SELF_PID": self_pid}
-    return parse_file(os.path.join(policy_dir or default_policy_dir(), "warden.policy"), constants)
+    return parse_file(policy_file("warden.policy", policy_dir), constants)
 
 
 def compile_filter(
