@@ -136,6 +136,11 @@ class DeviceEvents:
         self.flush()
 
 
+def _always_waiting() -> bool:
+    """A model driven without an event loop (tests) cannot know: it assumes work waits."""
+    return True
+
+
 class DeviceContext(Struct):
     """Host resources handed to a device; never part of its state."""
 
@@ -150,6 +155,10 @@ class DeviceContext(Struct):
     # DeviceSpec.resume is set: this process replaces one that crashed (a virtio device
     # then takes its queues up from the used rings in guest memory)
     restarted: bool = False
+    # Whether the event loop has work ready besides what the model is doing (a frame on the
+    # channel, another fd of the model's, a deadline passed): a model busy for long asks
+    # before it goes on (virtio's BUDGET_NS). The event loop sets it (EventLoop.waiting).
+    waiting: Callable[[], bool] = _always_waiting
 
 
 class Device(abc.ABC):

@@ -10,6 +10,10 @@ What it waits on, each only while it matters:
 - the model's next deadline (base.TimedEvents: a clock's interrupts): the poll's timeout,
   rounded up so the wake-up is never early.
 
+A model busy for long in one callback (a virtio queue the driver never lets run dry) asks
+waiting() -- its context's `waiting` -- whether any of these is ready, and hands the loop back
+only then: the same poll, without the wait.
+
 With only the channel to watch (most of a register device's life), the loop blocks in
 recv(): no poll, and no extra system call, per frame. Everything runs on one thread: the
 sandbox allows no new one, and a model never needs a lock.
@@ -23,7 +27,7 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
-from splitvmm.devprocs.base import Device, EventSources, OutputProducer, TimedEvents
+from splitvmm.devprocs.base import Device, EventSources, OutputProducer, Source, TimedEvents
 
 
 class EventLoop:
@@ -46,6 +50,7 @@ class EventLoop:
         self._timed = device if isinstance(device, TimedEvents) else None
         self._sources = device if isinstance(device, EventSources) else None
         self._room = device.output_room if isinstance(device, OutputProducer) else None
+        device.ctx.waiting = self.waiting
 
     def run(self) -> None:
         """Serve until the channel fails (the monitor went away, or sent garbage: the
@@ -55,17 +60,15 @@ class EventLoop:
 
     def step(self) -> None:
         """One wait and whatever became ready."""
-        deadline = self._timed.next_deadline() if self._timed is not None else None
-        out = self.device.ctx.out
-        line = out.line.fileno() if out.wants_flush() and out.line is not None else None
-        sources = {s.fd: s for s in self._sources.event_sources()} if self._sources else {}
+        deadline, line, sources = self._watched()
         if deadline is None and line is None and not sources:
             self.serve_frame(self.channel.recv(copy=True))
             self.device.ctx.events.flush()
             return
-        ready = self._poll(line, sources, deadline)
+        timeout = None if deadline is None else max(0, math.ceil((deadline - self.clock()) * 1e3))
+        ready = self._poll(line, sources, timeout)
         host_event = False
-        if line is not None and ready.get(line) and out.flush():  # writable, or an error
+        if line is not None and ready.get(line) and self.device.ctx.out.flush():  # or an error
             host_event = True
             if self._room is not None:
                 self._room()
@@ -82,8 +85,26 @@ class EventLoop:
             self.serve_frame(self.channel.recv(copy=True))
         self.device.ctx.events.flush()  # what the channel could not take before
 
+    def waiting(self) -> bool:
+        """Whether a step now would find something ready: a frame, an fd of the model's, the
+        line writable while output waits, a deadline passed. Asked by a model in the middle
+        of a callback: a kick it has just taken counts only if the guest kicked again."""
+        deadline, line, sources = self._watched()
+        if deadline is not None and self.clock() >= deadline:
+            return True
+        return bool(self._poll(line, sources, 0))
+
+    def _watched(self) -> tuple[float | None, int | None, dict[int, Source]]:
+        """What a step waits on now: the model's deadline, its output line while it holds
+        output, and its fds (the channel always)."""
+        deadline = self._timed.next_deadline() if self._timed is not None else None
+        out = self.device.ctx.out
+        line = out.line.fileno() if out.wants_flush() and out.line is not None else None
+        sources = {s.fd: s for s in self._sources.event_sources()} if self._sources else {}
+        return deadline, line, sources
+
     def _poll(
-        self, line: int | None, sources: Iterable[int], deadline: float | None
+        self, line: int | None, sources: Iterable[int], timeout_ms: int | None
     ) -> dict[object, int]:
         poller = zmq.Poller()
         poller.register(self.channel, zmq.POLLIN)
@@ -91,5 +112,4 @@ class EventLoop:
             poller.register(line, zmq.POLLOUT)
         for fd in sources:
             poller.register(fd, zmq.POLLIN)
-        timeout = None if deadline is None else max(0, math.ceil((deadline - self.clock()) * 1e3))
-        return dict(poller.poll(timeout))
+        return dict(poller.poll(timeout_ms))

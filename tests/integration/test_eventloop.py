@@ -101,3 +101,47 @@ def test_eventloop_past_deadline_ticks_without_a_frame(channel, model):
     loop_for(model, device, frames, clock=clock).step()
 
     assert (model.events, frames) == (["tick@100"], [])
+
+
+def test_eventloop_lends_the_model_its_waiting(channel, model):
+    _, device = channel
+    loop = loop_for(model, device, [])
+
+    assert model.ctx.waiting == loop.waiting
+
+
+def test_eventloop_waiting_sees_a_frame_without_taking_it(channel, model):
+    """Asked in the middle of a model's callback: nothing ready, then a frame, which the
+    next step still serves."""
+    monitor, device = channel
+    frames: list[bytes] = []
+    loop = loop_for(model, device, frames)
+    assert not loop.waiting()
+
+    monitor.send(b"frame")
+
+    assert loop.waiting()
+    loop.step()
+    assert frames == [b"frame"] and not loop.waiting()
+
+
+def test_eventloop_waiting_sees_a_readable_fd_only_while_the_model_watches_it(channel, model):
+    _, device = channel
+    loop = loop_for(model, device, [])
+    os.eventfd_write(model.kick, 1)
+
+    assert loop.waiting()
+    model.watching = False  # back-pressure: the fd stays pending, and nobody waits on it
+    assert not loop.waiting()
+    assert os.eventfd_read(model.kick) == 1
+
+
+def test_eventloop_waiting_sees_a_deadline_passed(channel, model):
+    _, device = channel
+    now = [99.0]
+    loop = loop_for(model, device, [], clock=lambda: now[0])
+    model.watching, model.deadline = False, 99.5
+
+    assert not loop.waiting()
+    now[0] = 99.5
+    assert loop.waiting()

@@ -80,6 +80,14 @@ class Host:
             os.close(self.pipe[0])
 
 
+def socket_line(h: Host) -> FdLine:
+    """The output line on a socket `out`, as a device process builds it, but on a dup: the
+    line's socket object owns its fd and closes it when the device is collected, which for a
+    device (its sources hold its methods: a cycle) is whenever the garbage collector runs --
+    maybe in a later test, after h.close() let `out`'s number go to another fd."""
+    return FdLine(os.dup(h.fds["out"]))
+
+
 @pytest.fixture
 def host() -> Iterator[Host]:
     h = Host()
@@ -129,7 +137,7 @@ def test_virtio_console_transmit_chain_reaches_output_and_completes(host):
 def test_virtio_console_transmit_to_socket_reaches_peer(host):
     peer, ours = socket.socketpair()
     h = Host(ours.detach())
-    dev = VirtioConsole(h.context(FdLine(h.fds["out"])))
+    dev = VirtioConsole(h.context(socket_line(h)))
     driver, _, tx = started(dev)
     transmit(tx, b"over a unix: socket\n")
 
@@ -241,7 +249,7 @@ def test_virtio_console_input_overflow_counted(host):
 def test_virtio_console_socket_peer_input_reaches_guest(host):
     peer, ours = socket.socketpair()
     h = Host(ours.detach())
-    dev = VirtioConsole(h.context(FdLine(h.fds["out"])))
+    dev = VirtioConsole(h.context(socket_line(h)))
     driver, rx, _ = started(dev)
     head, gpa = post(rx, 16)
     driver.kick(0)
@@ -258,7 +266,7 @@ def test_virtio_console_socket_peer_input_reaches_guest(host):
 def test_virtio_console_socket_input_not_read_while_buffer_full(host):
     peer, ours = socket.socketpair()
     h = Host(ours.detach())
-    dev = VirtioConsole(h.context(FdLine(h.fds["out"])))
+    dev = VirtioConsole(h.context(socket_line(h)))
     dev.host_input(b"z" * RX_BUFFER_MAX)
 
     assert all(s.fd != h.fds["out"] for s in dev.event_sources())

@@ -433,6 +433,50 @@ def test_virtio_pci_process_returns_to_the_event_loop_when_its_budget_is_spent(
     assert rng.stats()["budget_yields"] == 3
 
 
+def test_virtio_pci_process_goes_on_past_its_budget_while_nothing_else_waits(
+    rng, driver, fds, monkeypatch
+):
+    """The event loop has nothing else ready (ctx.waiting): a spent budget is renewed, not
+    handed back: every chain is served in one call, and the loop is asked once per budget."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    heads = [ring.add([(*ring.buffer(8), True)]) for _ in range(3)]
+    monkeypatch.setattr(rng, "BUDGET_NS", 0)  # spent after each chain
+    asked: list[int] = []  # the used idx each time the device asked
+
+    def nothing_waits() -> bool:
+        asked.append(ring.used_idx())
+        return False
+
+    rng.ctx.waiting = nothing_waits
+
+    driver.kick()
+
+    assert [head for head, _ in ring.take_used()] == heads
+    assert asked == [1, 2, 3]
+    assert signalled(fds["notify0"]) == 0  # nothing to come back for
+    assert rng.ram.u16(ring.used) == 0  # drained: kicks asked for again
+    assert (rng.stats()["budget_renewals"], rng.stats()["budget_yields"]) == (3, 0)
+
+
+def test_virtio_pci_process_hands_the_loop_back_once_something_waits(rng, driver, fds, monkeypatch):
+    """A frame (or any fd) becomes ready in the middle of a long drain: the next spent
+    budget hands the event loop back, kicks off and its own notify signalled."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    heads = [ring.add([(*ring.buffer(8), True)]) for _ in range(3)]
+    monkeypatch.setattr(rng, "BUDGET_NS", 0)
+    answers = iter([False, True])
+    rng.ctx.waiting = lambda: next(answers)
+
+    driver.kick()
+
+    assert [head for head, _ in ring.take_used()] == heads[:2]
+    assert signalled(fds["notify0"]) == 1
+    assert rng.ram.u16(ring.used) == 1  # VIRTQ_USED_F_NO_NOTIFY: no kick needed
+    assert (rng.stats()["budget_renewals"], rng.stats()["budget_yields"]) == (1, 1)
+
+
 def test_virtio_pci_no_processing_before_driver_ok(rng, driver):
     ring = Ring(rng.ram)
     assert driver.negotiate(F_VERSION_1) & FEATURES_OK
