@@ -102,6 +102,29 @@ load 1.5-1.8 (splitvmm / QEMU / dd): now seq-read 9155 / 14050 / 13175 and 10103
 13778 / 14350 and 9252 / 12885 / 13956, rand-read-4k 95427 and 90127 (1.06x, 1.01x). In a
 quieter hour earlier, the new tree's seq-read was 0.84-0.87 of dd and 0.88-0.91 of QEMU.
 Sequential reads are the copy's; the goal is not met.
+
+Fourth round (2026-12-02, later): the device timed its own drain loop in a run (per 1 MiB
+read of a seq-read pass: pop 2.7-3.5 us, handle 57-63 of which preadv 53-57, push 1.5-1.9)
+and the gaps between requests: 0.4-0.6 us, but five or six of ~55 us per pass, 4-6% of it.
+Those were the budget's: every BUDGET_NS (1 ms) process() handed the event loop back through
+its own notify eventfd, and one pass around the loop (a new poller, the poll, the notify's
+read, process() again) cost ~55 us. It now asks the loop first (DeviceContext.waiting, one
+poll without a wait, ~3 us) and goes on when nothing else waits. 40 alternating pairs of
+the bench guest against the tree before (each run's median of 7 passes, paired ratio,
+bootstrap 95%): seq-read 1.052 [0.991, 1.098], rand-read-4k 1.050 [1.010, 1.103], seq-write
+0.982 [0.905, 1.064]. Then --runs 5 three times, load 0.2-0.9: seq-read 14213 / 14964 / 15794
+MiB/s (0.90 of dd, 0.95 of QEMU), 13649 / 14522 / 15341 (0.89, 0.94) and 13548 / 13412 /
+14867 (0.91, 1.01); --runs 7 twice, load 1.1-1.4: 14078 / 14295 / 15013 (0.94, 0.98) and
+12282 / 14050 / 15268 (0.80, 0.87). rand-read-4k 1.42-1.59x QEMU throughout.
+- Tried again and dropped: popping every available chain before serving any (the ring
+  walks with warm caches, the unserved given back with unpop() at the deadline): 40 pairs,
+  seq-read 0.988 [0.958, 0.996].
+- Looked at and left: the guest's vCPU and the device on one CPU (the first round's slow
+  mode) no longer happens: a sched_switch trace of a run had the vCPU thread on one CPU for
+  638 of 708 ms and the device on the other for 305 of 328. THP for the device's mapping of
+  guest RAM: a 1 MiB preadv into it costs the same (62-68 us against 62-65, with and without
+  a second core spinning). What is left per request is the device's Python, ~8-10 us of a
+  ~60-70 us read, and this host's noise, which moves a run's figure by 10-15%.
 """
 
 from __future__ import annotations
