@@ -41,7 +41,8 @@ class EventLoop:
     ) -> None:
         """`after_host_event` runs after a step in which something other than a frame moved
         the model (its line drained, an fd of its, a deadline): the runtime publishes what
-        that changed (its register mirror)."""
+        that changed (its register mirror). The loop lends the model its waiting()
+        (device.ctx.waiting): one loop per device, for the process's life."""
         self.device = device
         self.channel = channel
         self.serve_frame = serve_frame

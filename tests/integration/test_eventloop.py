@@ -1,5 +1,6 @@
 """The device process's event loop (devprocs/eventloop.py) with a real ZeroMQ channel and
-real eventfds, and a model that watches fds and has timed events. No device process, no KVM."""
+real eventfds, and a model that watches fds and has timed events, or a virtio device whose
+driver never lets its ring run dry. No device process, no KVM."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import zmq
 
 from splitvmm.devprocs.base import DeviceContext, Source
 from splitvmm.devprocs.eventloop import EventLoop
+from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.record import Struct, field
 from tests.fakes import FakeIrq
+from tests.virtio.support import Driver, Ring, close_fds, host_fds, prepared
 
 
 class Recorder(Struct):
@@ -145,3 +148,72 @@ def test_eventloop_waiting_sees_a_deadline_passed(channel, model):
     assert not loop.waiting()
     now[0] = 99.5
     assert loop.waiting()
+
+
+# -- a virtio device's long drain under the loop ----------------------------------------------
+@pytest.fixture
+def rng_under_loop(channel):
+    """virtio-rng (the transport's budget, no state of its own) under a real loop, with a
+    driver that refills its ring from inside each request: the ring never runs dry until
+    the driver stops, after `chains` requests."""
+    _, device_sock = channel
+    fds = host_fds("virtio-rng")
+    rng = VirtioRng(prepared("virtio-rng", fds))
+    frames: list[bytes] = []
+    loop = EventLoop(rng, device_sock, frames.append)
+    yield rng, fds, loop, frames
+    close_fds(fds)
+
+
+def keep_busy(rng, chains: int, on_chain=None) -> list[str]:
+    """Start the driver, set a zero budget (spent after every chain), and make each served
+    chain add the next until `chains` were served; returns the log of what ran, in order."""
+    ring = Ring(rng.ram)
+    Driver(rng).start(ring)
+    rng.BUDGET_NS = 0
+    log: list[str] = []
+    served = rng.handle
+
+    def handle(q, chain):
+        log.append("chain")
+        if on_chain is not None:
+            on_chain(log.count("chain"))
+        if log.count("chain") < chains:
+            ring.add([(*ring.buffer(8), True)])
+        return served(q, chain)
+
+    rng.handle = handle
+    ring.add([(*ring.buffer(8), True)])
+    return log
+
+
+def test_eventloop_lets_a_drain_run_on_while_nothing_else_waits(rng_under_loop):
+    rng, fds, loop, _ = rng_under_loop
+    log = keep_busy(rng, chains=20)
+    os.eventfd_write(fds["notify0"], 1)  # the guest's kick
+
+    loop.step()
+
+    assert log.count("chain") == 20  # all in the one step the kick started
+    assert (rng.stats()["budget_renewals"], rng.stats()["budget_yields"]) == (20, 0)
+
+
+def test_eventloop_serves_a_frame_that_comes_mid_drain_within_two_budgets(rng_under_loop, channel):
+    """The frame is seen at the next spent budget (the drain yields), and served in the next
+    step, after one more budget of the notify the drain signalled for itself."""
+    monitor, _ = channel
+    rng, fds, loop, _ = rng_under_loop
+
+    def frame_after_chain_5(served: int) -> None:
+        if served == 5:
+            monitor.send(b"frame")
+
+    log = keep_busy(rng, chains=20, on_chain=frame_after_chain_5)
+    loop.serve_frame = lambda buf: log.append("frame")
+    os.eventfd_write(fds["notify0"], 1)
+
+    loop.step()
+    assert log.count("chain") == 5 and rng.stats()["budget_yields"] == 1
+    loop.step()
+
+    assert log.index("frame") == 6  # after chain 6: the notify's one budget came first

@@ -23,6 +23,7 @@ from tests.virtio.support import (
     close_fds,
     host_fds,
     prepared,
+    serve_ready,
     signalled,
 )
 
@@ -273,6 +274,7 @@ def test_virtio_blk_snapshot_mid_way_restores_and_serves_the_rest(blk, fds):
 
     restored = VirtioBlk.restore(prepared("virtio-blk", fds), state)
     restored.resume()
+    serve_ready(restored)  # the event loop's next step
 
     assert restored.save().queues[0].used_idx == 2 and status_of(restored, status) == OK
     assert [h for h, _ in ring.take_used()] == [0, 3]

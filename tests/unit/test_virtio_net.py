@@ -30,6 +30,7 @@ from tests.virtio.support import (
     close_fds,
     host_fds,
     prepared,
+    serve_ready,
 )
 
 F_CSUM, F_GUEST_CSUM, F_MAC, F_GUEST_TSO4 = 1 << 0, 1 << 1, 1 << 5, 1 << 7
@@ -297,6 +298,7 @@ def test_virtio_net_quiesced_does_not_watch_tap_and_resume_delivers(net, peer):
 
     assert not watched(net)
     net.resume()
+    serve_ready(net)  # the event loop's next step: the TAP and the notifies are watched again
     assert rx.take_used() == [(0, 12 + len(FRAME))]
 
 

@@ -30,6 +30,7 @@ from tests.virtio.support import (
     host_fds,
     iter_caps,
     prepared,
+    serve_ready,
     signalled,
 )
 
@@ -726,7 +727,9 @@ def test_virtio_pci_quiesced_device_stops_watching_notify(rng, driver, fds):
     assert [s.fd for s in rng.event_sources()] == [fds["intx_resample"]]
 
 
-def test_virtio_pci_resume_processes_what_came_while_quiesced(rng, driver):
+def test_virtio_pci_resume_leaves_what_came_while_quiesced_to_the_event_loop(rng, driver, fds):
+    """resume() runs while the monitor waits for its reply (and its vCPUs with it): it only
+    signals the queue's notify; the event loop's next step serves the chain."""
     ring = Ring(rng.ram)
     driver.start(ring)
     rng.quiesce()
@@ -734,6 +737,8 @@ def test_virtio_pci_resume_processes_what_came_while_quiesced(rng, driver):
 
     rng.resume()
 
+    assert ring.take_used() == []
+    assert serve_ready(rng) == 1
     assert len(ring.take_used()) == 1
 
 

@@ -15,15 +15,16 @@ also as two 32-bit halves); any other access is a guest mistake: counted, reads 
 
 A queue is processed when its notify eventfd fires, only while DRIVER_OK is set and
 neither NEEDS_RESET nor FAILED: every available chain, in order, each completed before the
-next (processing is synchronous), then one interrupt if the driver wants one. Every BUDGET_NS
-it asks its event loop whether anything else waits (a frame on the channel, another fd): if
-so, it triggers its own notify eventfd and returns, to take up the rest after them; if not,
-it goes on. Nothing is published per batch: a crash restart takes each queue's position from its used ring in
-guest RAM (taken = completed, in order), and the state a checkpoint carries changes only with
-register writes, which the runtime's checkpoints and the monitor's journal cover. The
-restarted device interrupts once per live queue, since the dead one may have completed chains
-and died before it could (a spurious interrupt costs the driver a look at its used ring; a
-lost one would leave it waiting). A hostile ring or a buffer
+next (processing is synchronous), then one interrupt if the driver wants one. Every
+BUDGET_NS it asks its event loop whether anything else waits (a frame on the channel,
+another fd): if so, it triggers its own notify eventfd and returns, to take up the rest
+once the loop has served them; if not, it goes on. Nothing is published per batch: a crash
+restart takes each queue's position from its used ring in guest RAM (taken = completed, in
+order), and the state a checkpoint carries changes only with register writes, which the
+runtime's checkpoints and the monitor's journal cover. The restarted device interrupts once
+per live queue, since the dead one may have completed chains and died before it could (a
+spurious interrupt costs the driver a look at its used ring; a lost one would leave it
+waiting). A hostile ring or a buffer
 outside guest RAM (QueueError, GuestRamError) stops the device: NEEDS_RESET, a
 configuration-change interrupt, nothing more until the driver resets it.
 """
@@ -213,7 +214,7 @@ class VirtioPciDevice(RegisterDevice):
         self.interrupts = 0  # queue and configuration interrupts signalled
         self.polls = self.poll_hits = 0  # looks for more after a drain; those that found some
         self.budget_yields = 0  # process() calls that stopped at BUDGET_NS (and came back)
-        self.budget_renewals = 0  # ... that went on, as nothing else waited
+        self.budget_renewals = 0  # budgets renewed, as nothing else waited
         self._reset()
 
     def _reset(self) -> None:
@@ -461,8 +462,9 @@ class VirtioPciDevice(RegisterDevice):
         (2.7.10: a kick per chain would cost the guest an exit each, and this loop looks
         anyway); an interrupt, if wanted, each time the ring runs dry, then POLL_NS for more
         before kicks are asked for again. Every BUDGET_NS, a driver that keeps the ring from
-        running dry gets the rest in the next call if anything else waits for the event loop
-        (the channel's frames first), and in this one if nothing does."""
+        running dry gets the rest in a later call if anything else waits for the event loop,
+        and in this one if nothing does. A frame that arrives meanwhile is served within two
+        budgets: the loop runs the fds' callbacks (this notify among them) before a frame."""
         ring = self.rings[q]
         if ring is None or not self._ready():
             return
@@ -569,8 +571,13 @@ class VirtioPciDevice(RegisterDevice):
         self.quiesced = True  # nothing is in flight: each notify is served to the end
 
     def resume(self) -> None:
+        """What came while quiesced is served by the event loop, after the reply: each live
+        queue's notify is signalled. The monitor's vCPUs wait for that reply, and nothing else
+        reaches the loop meanwhile (ctx.waiting() would let a drain run to the ring's end)."""
         self.quiesced = False
-        self.process_all()
+        for q, ring in enumerate(self.rings):
+            if ring is not None:
+                self._notify[q].trigger()
 
     # -- state --------------------------------------------------------------------------------------
     def save(self) -> VirtioPciState:
