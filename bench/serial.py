@@ -59,6 +59,17 @@ still takes the news every time.
 End of 2026-12-02's session, alternating with its first tree (1aa1705, .venv from pyenv's
 3.11.7), --runs 4, two rounds: 1.37x and 1.21x QEMU (49.7 and 51.2 us a byte) against 1.67x
 and 1.70x (61.8 and 70.6; QEMU 36.4-42.5).
+
+2026-12-02, third session: this bench, --runs 4, load ~1: 55.7 us a byte against QEMU's 36.3
+(1.54x), no change to the path. Tried and dropped: the monitor's ZeroMQ threads in
+SCHED_BATCH (ZMQ_THREAD_SCHED_POLICY; their own sched_setscheduler, after the monitor's
+filter may be loaded, so the policy must allow it). A posted write wakes the context's I/O
+thread on the vCPU's CPU, where it preempted the vCPU thread for every byte: 7988
+involuntary switches of the vCPU thread in one run, 638 in SCHED_BATCH, the I/O thread's CPU
+277 -> 150 ms. But the guest's figure did not move clearly: 30 alternating pairs, -2.8 us a
+byte [-7.3, 1.0] (bootstrap 95%), and three smaller sets -6.4, -0.5 and -1.9. And a batch
+thread does not preempt on any wake-up: a device's reply, which a vCPU waits for, would wait
+for the next tick on a host whose CPUs are all busy.
 """
 
 from __future__ import annotations
