@@ -125,6 +125,17 @@ MiB/s (0.90 of dd, 0.95 of QEMU), 13649 / 14522 / 15341 (0.89, 0.94) and 13548 /
   guest RAM: a 1 MiB preadv into it costs the same (62-68 us against 62-65, with and without
   a second core spinning). What is left per request is the device's Python, ~8-10 us of a
   ~60-70 us read, and this host's noise, which moves a run's figure by 10-15%.
+- Why the first requests of every pass are slow (75-240 us in the device's own trace, 60
+  later): the image's page cache. A 1 MiB preadv of each MiB of the bench's image, 20 times
+  over: MiBs held in 4 KiB folios copy in 125-220 us, those in 2 MiB folios (FileHugePages)
+  in 52-60; after the file was dropped from the cache and read again in order, all but its
+  first ~14 MiB (readahead's ramp) were fast. QEMU pays the same: `perf trace` of its
+  preadvs (it merges a pass into ~8 MiB calls) gave 0.62-1.0 ms for the first of a pass and
+  0.44-0.5 for the later ones. Both VMMs and dd read the same file in a run, so the layout
+  moves all three.
+- Clean runs at the end of the round (--runs 5, load 0.9-1.6): seq-read 10825 / 12365 /
+  14359 (0.75 of dd, 0.88 of QEMU), 10573 / 12608 / 14159 (0.75, 0.84), 12785 / 14964 / 15421
+  (0.83, 0.85). Between 0.84 and 1.01 of QEMU over this round's eight runs: not yet the goal.
 """
 
 from __future__ import annotations
