@@ -184,6 +184,12 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   process -12.8 ms [-18.4, -8.8] (179.8 -> 168.9); farm-bench -n 40 A/B wall 0.928, CPU
   0.939; 25 alternating runs: teardown (guest end -> last mark) 23.6 -> 15.0 ms, last mark
   -> exit 4.2 -> 4.1, start -> guest end 173.1 -> 163.9.
+- This bench in a third session of 2026-12-02, no change to the path: 123.3 ms against QEMU's
+  65.4 (1.88x, load 0.35), then 141.0 against 69.7 (2.02x) and 151.3 against 67.3 (2.25x, with
+  `python -c pass` itself 25% slower): the ratio moves with the host. Tried and dropped: the
+  launcher importing its server code on a thread of nice 19 from its zygote's exec on,
+  instead of once the zygote is ready (in some runs that import came between the monitor's
+  first request and its answer, ~6 ms): 50 paired `up` runs, +2.1 ms [-0.7, 5.4].
 """
 
 from __future__ import annotations
