@@ -11,7 +11,10 @@ import zmq
 
 from splitvmm.devprocs.base import DeviceContext, Source
 from splitvmm.devprocs.eventloop import EventLoop
+from splitvmm.devprocs.faults import FaultInjector
+from splitvmm.devprocs.runtime import Checkpoints, _serve_frame
 from splitvmm.devprocs.virtio_rng import VirtioRng
+from splitvmm.protocol import control
 from splitvmm.record import Struct, field
 from tests.fakes import FakeIrq
 from tests.virtio.support import Driver, Ring, close_fds, host_fds, prepared
@@ -217,3 +220,27 @@ def test_eventloop_serves_a_frame_that_comes_mid_drain_within_two_budgets(rng_un
     loop.step()
 
     assert log.index("frame") == 6  # after chain 6: the notify's one budget came first
+
+
+def test_eventloop_resume_replies_before_the_quiesced_queue_is_served(rng_under_loop, channel):
+    """The monitor's resume waits for its reply (its vCPUs too): the reply goes first, and the
+    chain made available while quiesced is served by the loop's next step."""
+    monitor, device_sock = channel
+    rng, fds, loop, _ = rng_under_loop
+    checkpoints, injector = Checkpoints(rng), FaultInjector()
+    loop.serve_frame = lambda buf: _serve_frame(rng, device_sock, buf, checkpoints, injector)
+    ring = Ring(rng.ram)
+    Driver(rng).start(ring)
+    monitor.send(control.encode({"op": "quiesce", "seq": 1}))
+    loop.step()
+    assert control.decode(monitor.recv())["seq"] == 1
+    ring.add([(*ring.buffer(8), True)])
+    os.eventfd_write(fds["notify0"], 1)  # the guest's kick, not watched while quiesced
+
+    monitor.send(control.encode({"op": "resume", "seq": 2}))
+    loop.step()
+
+    assert control.decode(monitor.recv(zmq.NOBLOCK))["seq"] == 2
+    assert ring.take_used() == []
+    loop.step()
+    assert len(ring.take_used()) == 1

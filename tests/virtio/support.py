@@ -9,7 +9,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from select import select as ready_now
+from select import POLLIN, poll
 
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs.base import DeviceContext, load_model
@@ -66,7 +66,12 @@ def signalled(fd: int) -> int:
 def serve_ready(dev: VirtioPciDevice) -> int:
     """Run the callback of each fd the device watches that polls readable now, as one step
     of its event loop does (devprocs/eventloop.py, without the channel); how many ran."""
-    ready = [s for s in dev.event_sources() if ready_now([s.fd], [], [], 0)[0]]
+    sources = dev.event_sources()
+    poller = poll()
+    for source in sources:
+        poller.register(source.fd, POLLIN)
+    readable = {fd for fd, _ in poller.poll(0)}
+    ready = [s for s in sources if s.fd in readable]
     for source in ready:
         source.on_readable()
     return len(ready)

@@ -210,7 +210,7 @@ class VirtioPciDevice(RegisterDevice):
         self.interrupt_line = gsi if isinstance(gsi, int) and 0 <= gsi <= 0xFF else 0xFF
         self.quiesced = False
         self._warn = RateLimitedLog(log)
-        self.notifications = 0  # queue notifies served (ioeventfd or the slow path)
+        self.notifications = 0  # notifies served: the guest's (ioeventfd, slow path), our own
         self.interrupts = 0  # queue and configuration interrupts signalled
         self.polls = self.poll_hits = 0  # looks for more after a drain; those that found some
         self.budget_yields = 0  # process() calls that stopped at BUDGET_NS (and came back)
@@ -463,8 +463,9 @@ class VirtioPciDevice(RegisterDevice):
         anyway); an interrupt, if wanted, each time the ring runs dry, then POLL_NS for more
         before kicks are asked for again. Every BUDGET_NS, a driver that keeps the ring from
         running dry gets the rest in a later call if anything else waits for the event loop,
-        and in this one if nothing does. A frame that arrives meanwhile is served within two
-        budgets: the loop runs the fds' callbacks (this notify among them) before a frame."""
+        and in this one if nothing does. A frame that arrives meanwhile is served within one
+        budget, plus one for each busy queue (this one included): the loop runs the fds'
+        callbacks, their notifies among them, before a frame."""
         ring = self.rings[q]
         if ring is None or not self._ready():
             return
