@@ -189,7 +189,9 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   `python -c pass` itself 25% slower): the ratio moves with the host. Tried and dropped: the
   launcher importing its server code on a thread of nice 19 from its zygote's exec on,
   instead of once the zygote is ready (in some runs that import came between the monitor's
-  first request and its answer, ~6 ms): 50 paired `up` runs, +2.1 ms [-0.7, 5.4].
+  first request and its answer, ~6 ms): 50 paired `up` runs, +2.1 ms [-0.7, 5.4]. And
+  gc.disable() in the monitor from the launcher's fork to the end of its imports (as tried
+  in the zygote before): 40 paired runs, +1.6 ms [-7.8, 7.1].
 """
 
 from __future__ import annotations
