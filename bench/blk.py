@@ -136,6 +136,12 @@ MiB/s (0.90 of dd, 0.95 of QEMU), 13649 / 14522 / 15341 (0.89, 0.94) and 13548 /
   preadvs (it merges a pass into ~8 MiB calls) gave 0.62-1.0 ms for the first of a pass and
   0.44-0.5 for the later ones. Both VMMs and dd read the same file in a run, so the layout
   moves all three.
+- Measured in a scratch copy, not built: mypyc (it ships with mypy, which already checks the
+  tree strictly) compiling devprocs/virtio/queue.py, guestram.py and pci.py (Chain as a plain
+  class, as mypyc cannot compile a msgspec Struct subclass; VirtioPciDevice open to
+  interpreted subclasses): bench/blk_request.py 4 KiB IN 7.0 -> 5.5-5.7 us, 1 MiB IN 59.5-61
+  -> 57.2-61.4 us (preadv 50-54 in both). A quarter of the Python per request, ~2% of a
+  1 MiB read: not the way to the goal on its own.
 - Clean runs at the end of the round (--runs 5, load 0.9-1.6): seq-read 10825 / 12365 /
   14359 (0.75 of dd, 0.88 of QEMU), 10573 / 12608 / 14159 (0.75, 0.84), 12785 / 14964 / 15421
   (0.83, 0.85). Between 0.84 and 1.01 of QEMU over this round's eight runs: not yet the goal.
