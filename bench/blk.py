@@ -141,7 +141,12 @@ MiB/s (0.90 of dd, 0.95 of QEMU), 13649 / 14522 / 15341 (0.89, 0.94) and 13548 /
   class, as mypyc cannot compile a msgspec Struct subclass; VirtioPciDevice open to
   interpreted subclasses): bench/blk_request.py 4 KiB IN 7.0 -> 5.5-5.7 us, 1 MiB IN 59.5-61
   -> 57.2-61.4 us (preadv 50-54 in both). A quarter of the Python per request, ~2% of a
-  1 MiB read: not the way to the goal on its own.
+  1 MiB read in one process. The same copy, bootstrapped into a venv of its own (the
+  compiled modules load in the zygote and run in the sandboxed device unchanged), against
+  this tree, 20 alternating pairs of the bench guest: seq-read 1.038 [0.984, 1.155],
+  rand-read-4k 1.108 [1.016, 1.276]. Adopting it is a build and design change (a compile
+  step, Chain not a msgspec Struct, native classes that tests cannot monkeypatch): left for
+  a decision of its own.
 - Clean runs at the end of the round (--runs 5, load 0.9-1.6): seq-read 10825 / 12365 /
   14359 (0.75 of dd, 0.88 of QEMU), 10573 / 12608 / 14159 (0.75, 0.84), 12785 / 14964 / 15421
   (0.83, 0.85). Between 0.84 and 1.01 of QEMU over this round's eight runs: not yet the goal.
