@@ -69,7 +69,8 @@ class EventLoop:
         timeout = None if deadline is None else max(0, math.ceil((deadline - self.clock()) * 1e3))
         ready = self._poll(line, sources, timeout)
         host_event = False
-        if line is not None and ready.get(line) and self.device.ctx.out.flush():  # or an error
+        # the line polled writable (or in error): flush what waits for it
+        if line is not None and ready.get(line) and self.device.ctx.out.flush():
             host_event = True
             if self._room is not None:
                 self._room()
