@@ -78,3 +78,46 @@ def test_digest_overlapped_leaves_no_thread_when_the_caller_fails():
         raise OSError("the copy failed")
 
     assert threading.active_count() == before
+
+
+def test_digest_overlapped_one_helper_hashes_every_large_piece(monkeypatch):
+    hashers: list[int] = []
+
+    class Recording:
+        def update(self, data: object) -> None:
+            hashers.append(threading.get_ident())
+
+        def hexdigest(self) -> str:
+            return ""
+
+    monkeypatch.setattr(digest, "new", lambda algorithm: Recording())
+    with digest.Overlapped("blake3") as checksum:
+        for piece in pieces(DATA, [BIG, BIG, BIG]):
+            checksum.update(piece)
+        checksum.wait()
+
+    assert len(hashers) == 4  # three large pieces on the helper, the 4-byte tail at once
+    assert len(set(hashers[:3])) == 1
+    assert hashers[0] != threading.get_ident()
+    assert hashers[3] == threading.get_ident()
+
+
+def test_digest_overlapped_hexdigest_ends_the_helper():
+    before = threading.active_count()
+    checksum = digest.Overlapped("blake3")
+    checksum.update(DATA)
+    assert threading.active_count() == before + 1
+
+    assert checksum.hexdigest() == digest.of("blake3", DATA)
+    assert threading.active_count() == before
+
+
+def test_digest_overlapped_helper_error_leaves_no_thread(monkeypatch):
+    before = threading.active_count()
+    monkeypatch.setattr(digest, "new", lambda algorithm: _Broken())
+    checksum = digest.Overlapped("blake3")
+    checksum.update(DATA)
+
+    with pytest.raises(ValueError, match="the buffer went away"):
+        checksum.update(DATA)  # the next piece waits for the first, and meets its error
+    assert threading.active_count() == before
