@@ -6,11 +6,17 @@ is set): the device opens nothing. Its size, taken once at start, is the capacit
 on views of guest memory (GuestRam.buffer), never through a copy.
 
 A request is a header (type, reserved, sector: 16 bytes the driver wrote), data buffers,
-then a status byte the device writes last (5.2.6). The device serves IN, OUT, FLUSH,
-GET_ID, DISCARD and WRITE_ZEROES; other types get UNSUPP, a request past the end of the
-disk or a write to a read-only one IOERR. A malformed request (no room for the status
-byte, a header cut short) is the driver's to fix: IOERR when there is a status byte to
-write, else the queue is hostile (NEEDS_RESET).
+then a status byte the device writes last (5.2.6): the last byte of the device-writable
+part, however the driver split it into descriptors (2.7.4). The device serves IN, OUT,
+FLUSH, GET_ID, DISCARD and WRITE_ZEROES; other types (and flags it does not know) get
+UNSUPP, a request past the end of the disk or a write to a read-only one IOERR. A failed
+request's data buffers are zeroed, so that the used len (data + status) is true. A
+malformed request (no room for the status byte, a header cut short) is the driver's to
+fix: IOERR when there is a status byte to write, else the queue is hostile (NEEDS_RESET).
+
+Write cache: VIRTIO_BLK_F_FLUSH is offered. A driver that accepts it gets write-back (the
+page cache) and FLUSH as its fdatasync; one that does not gets stable writes, each synced
+before it completes (5.2.6.2), as QEMU does.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import errno
 import os
 import struct
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, NoReturn, Self
 
 from splitvmm.devprocs.base import DeviceContext, register
 from splitvmm.devprocs.virtio.pci import VirtioPciDevice
@@ -57,7 +63,9 @@ SEG_MAX = 254  # data segments a request may have (queue size minus header and s
 MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_SEGMENTS = 1  # discard / write zeroes segments per request
 IOV_MAX = 1024  # preadv/pwritev take at most this many buffers at once
-ZERO_CHUNK = 1 << 20  # write zeroes without ZERO_RANGE: zeros written this much at a time
+ZERO_CHUNK = 1 << 20  # zeros written (to the disk, or to guest buffers) this much at a time
+PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE
+ZERO_RANGE = files.FALLOC_FL_ZERO_RANGE | files.FALLOC_FL_KEEP_SIZE
 
 
 class RequestError(Exception):
@@ -103,6 +111,8 @@ class VirtioBlk(VirtioPciDevice):
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
         serial = str(options.get("serial", "")).encode()
+        if not serial.isascii():  # 5.2.6: the answer to GET_ID is an ASCII string
+            raise ConfigError("virtio-blk: serial must be ASCII")
         if len(serial) > ID_BYTES:
             raise ConfigError(f"virtio-blk: serial is {len(serial)} bytes, at most {ID_BYTES}")
         return cls(ctx, readonly=bool(options.get("readonly", False)), serial=serial)
@@ -139,17 +149,25 @@ class VirtioBlk(VirtioPciDevice):
 
     # -- requests --------------------------------------------------------------------------------
     def handle(self, queue: int, chain: Chain) -> int:
-        if not chain.writable or chain.writable[-1][1] < 1:
+        # 2.7.4: no assumption about how the driver laid the request out: the status byte is
+        # the last byte of the device-writable part, after any empty descriptors there.
+        writable, last = chain.writable, len(chain.writable)
+        while last and not writable[last - 1][1]:
+            last -= 1
+        if not last:
             raise QueueError("a block request without a status byte")
-        gpa, length = chain.writable[-1]
+        gpa, length = writable[last - 1]
         status_gpa = gpa + length - 1
-        data_in = chain.writable[:-1] if length == 1 else [*chain.writable[:-1], (gpa, length - 1)]
+        data_in = writable[: last - 1] if length == 1 else [*writable[: last - 1], (gpa, length - 1)]
         try:
             kind, sector = self._header(chain.readable)
             written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
-            written, status = 0, e.status
+            # The used ring's len counts the bytes written from the first writable one on
+            # (2.7.8), and the status byte comes after the data buffers: they are zeroed, so
+            # that len (data + status) is true whatever a failed read left in them.
+            written, status = self._zero(data_in), e.status
         self.ram.write_u8(status_gpa, status)  # last: the request is done
         return written + 1
 
@@ -174,6 +192,7 @@ class VirtioBlk(VirtioPciDevice):
             case 1:  # VIRTIO_BLK_T_OUT
                 self._writable()
                 self._transfer(sector, _skip(readable, HEADER.size), write=True)
+                self._stable()
             case 4:  # VIRTIO_BLK_T_FLUSH
                 self._io(os.fdatasync, self.disk)
             case 8:  # VIRTIO_BLK_T_GET_ID
@@ -181,6 +200,7 @@ class VirtioBlk(VirtioPciDevice):
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
                 self._writable()
                 self._segments(kind, _skip(readable, HEADER.size))
+                self._stable()
             case _:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)
         return 0
@@ -188,6 +208,23 @@ class VirtioBlk(VirtioPciDevice):
     def _writable(self) -> None:
         if self.readonly:
             raise RequestError(VIRTIO_BLK_S_IOERR)
+
+    def _stable(self) -> None:
+        """5.2.6.2: a driver that did not accept VIRTIO_BLK_F_FLUSH (offered, and no
+        CONFIG_WCE) gets stable writes: the data is on the disk before the request completes
+        (write-through, as QEMU turns its cache off for such a driver)."""
+        if not self.driver_features & VIRTIO_BLK_F_FLUSH:
+            self._io(os.fdatasync, self.disk)
+
+    def _zero(self, bufs: list[tuple[int, int]]) -> int:
+        """Zero the guest's buffers `bufs`: how many bytes that was."""
+        total = 0
+        for view in self.ram.iovecs(bufs, writable=True):
+            for at in range(0, len(view), ZERO_CHUNK):
+                piece = view[at : at + ZERO_CHUNK]
+                piece[:] = bytes(len(piece))
+            total += len(view)
+        return total
 
     def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
         total = 0
@@ -218,27 +255,45 @@ class VirtioBlk(VirtioPciDevice):
 
     def _segments(self, kind: int, out: list[tuple[int, int]]) -> None:
         raw = self.ram.gather(out, SEGMENT.size * (MAX_SEGMENTS + 1))
-        if not raw or len(raw) % SEGMENT.size or len(raw) > SEGMENT.size * MAX_SEGMENTS:
+        if not raw or len(raw) % SEGMENT.size:
             raise RequestError(VIRTIO_BLK_S_IOERR)
-        for sector, count, flags in SEGMENT.iter_unpack(raw):
+        segments = list(SEGMENT.iter_unpack(raw))
+        for _, _, flags in segments:  # 5.2.6.2: these MUSTs come before any other check
+            if flags & ~WRITE_ZEROES_FLAG_UNMAP or kind == VIRTIO_BLK_T_DISCARD and flags:
+                raise RequestError(VIRTIO_BLK_S_UNSUPP)  # unmap is for write zeroes only
+        if len(segments) > MAX_SEGMENTS:
+            raise RequestError(VIRTIO_BLK_S_IOERR)
+        for sector, count, flags in segments:
             if sector + count > self.capacity or count > MAX_DISCARD_SECTORS:
                 raise RequestError(VIRTIO_BLK_S_IOERR)
-            if flags & ~WRITE_ZEROES_FLAG_UNMAP or kind == VIRTIO_BLK_T_DISCARD and flags:
-                raise RequestError(VIRTIO_BLK_S_UNSUPP)  # 5.2.6.2: unmap is for write zeroes
-            unmap = kind == VIRTIO_BLK_T_DISCARD or flags & WRITE_ZEROES_FLAG_UNMAP
-            self._deallocate(sector * SECTOR, count * SECTOR, zero_range=not unmap)
+            if not count:
+                continue  # an empty range: nothing to discard or zero
+            if kind == VIRTIO_BLK_T_DISCARD:
+                self._discard(sector * SECTOR, count * SECTOR)
+            else:
+                self._write_zeroes(sector * SECTOR, count * SECTOR, flags)
 
-    def _deallocate(self, offset: int, length: int, zero_range: bool) -> None:
-        """Punch a hole (discard, or write zeroes that may unmap), or zero the range keeping
-        its blocks: where the file system cannot (tmpfs has no ZERO_RANGE), write zeros."""
-        mode = files.FALLOC_FL_ZERO_RANGE if zero_range else files.FALLOC_FL_PUNCH_HOLE
+    def _discard(self, offset: int, length: int) -> None:
+        """Punch a hole. Discarding is a hint the device may ignore (5.2.6.2): where the file
+        system has no holes (EOPNOTSUPP), the data stays and the request succeeds."""
         try:
-            files.fallocate(self.disk, mode | files.FALLOC_FL_KEEP_SIZE, offset, length)
-            return
+            files.fallocate(self.disk, PUNCH_HOLE, offset, length)
         except OSError as e:
-            if e.errno != errno.EOPNOTSUPP or not zero_range:
-                self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
-                raise RequestError(VIRTIO_BLK_S_IOERR) from None
+            if e.errno != errno.EOPNOTSUPP:
+                self._io_failed(e)
+
+    def _write_zeroes(self, offset: int, length: int, flags: int) -> None:
+        """The range reads as zeros afterwards (5.2.6.2). With the unmap flag the device may
+        deallocate it: a hole where the file system has them; else (or without the flag) its
+        blocks are zeroed in place; else (tmpfs has no ZERO_RANGE) zeros are written."""
+        modes = (PUNCH_HOLE, ZERO_RANGE) if flags & WRITE_ZEROES_FLAG_UNMAP else (ZERO_RANGE,)
+        for mode in modes:
+            try:
+                files.fallocate(self.disk, mode, offset, length)
+                return
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    self._io_failed(e)
         zeros = bytes(min(length, ZERO_CHUNK))
         for at in range(offset, offset + length, ZERO_CHUNK):
             self._io(os.pwrite, self.disk, zeros[: offset + length - at], at)
@@ -248,9 +303,12 @@ class VirtioBlk(VirtioPciDevice):
         try:
             result = call(*args)
         except OSError as e:
-            self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
-            raise RequestError(VIRTIO_BLK_S_IOERR) from None
+            self._io_failed(e)
         return int(result or 0)
+
+    def _io_failed(self, e: OSError) -> NoReturn:
+        self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
+        raise RequestError(VIRTIO_BLK_S_IOERR) from None
 
 
 def _skip(bufs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:

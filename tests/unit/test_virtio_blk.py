@@ -3,6 +3,7 @@ through the PCI transport and a split ring laid out as a driver does (virtio 1.2
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from splitvmm.devprocs.virtio_blk import VirtioBlk
 from splitvmm.errors import ConfigError, StateError
+from splitvmm.native import files
 from splitvmm.record import replace
 from tests.virtio.support import (
     DEVICE_CFG,
@@ -30,7 +32,7 @@ from tests.virtio.support import (
 SECTORS = 64
 IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 OK, IOERR, UNSUPP = 0, 1, 2
-F_RO, F_DISCARD, F_WRITE_ZEROES = 1 << 5, 1 << 13, 1 << 14
+F_RO, F_FLUSH, F_DISCARD, F_WRITE_ZEROES = 1 << 5, 1 << 9, 1 << 13, 1 << 14
 
 
 @pytest.fixture
@@ -102,6 +104,12 @@ def test_virtio_blk_serial_longer_than_20_bytes_refused(fds):
         make(fds, serial="x" * 21)
 
 
+def test_virtio_blk_serial_not_ascii_refused(fds):
+    """5.2.6: the GET_ID answer is an ASCII string."""
+    with pytest.raises(ConfigError, match="serial.*ASCII"):
+        make(fds, serial="dísk")
+
+
 def test_virtio_blk_in_reads_sectors_into_guest_buffers(blk):
     driver, ring = started(blk)
     status = request(ring, IN, 2, [(512, True), (512, True)])
@@ -134,13 +142,22 @@ def test_virtio_blk_out_on_readonly_disk_is_ioerr(fds, disk):
     assert status_of(dev, status) == IOERR and disk.read_bytes()[:2] == b"\x00\x01"
 
 
-def test_virtio_blk_in_past_the_end_is_ioerr(blk):
+@pytest.mark.parametrize(
+    "kind, sector, want",
+    [(IN, SECTORS - 1, IOERR), (99, 0, UNSUPP)],
+    ids=["in-past-end", "unknown"],
+)
+def test_virtio_blk_failed_request_has_its_buffers_zeroed_and_counted(blk, kind, sector, want):
+    """The status byte follows the data buffers, so len (2.7.8: bytes written from the first
+    writable one on) counts them too: the device zeroes them rather than leave them unknown."""
     driver, ring = started(blk)
-    status = request(ring, IN, SECTORS - 1, [(1024, True)])
+    status = request(ring, kind, sector, [(1024, True)])
+    blk.ram.write(status - 1024, b"\xee" * 1024)
 
     driver.kick()
 
-    assert status_of(blk, status) == IOERR and ring.take_used()[0][1] == 1
+    assert status_of(blk, status) == want and ring.take_used()[0][1] == 1025
+    assert blk.ram.read(status - 1024, 1024) == bytes(1024)
 
 
 def test_virtio_blk_in_of_partial_sector_is_ioerr(blk):
@@ -150,6 +167,48 @@ def test_virtio_blk_in_of_partial_sector_is_ioerr(blk):
     driver.kick()
 
     assert status_of(blk, status) == IOERR
+
+
+def synced(monkeypatch: pytest.MonkeyPatch, ring: Ring) -> list[int]:
+    """The used idx at each fdatasync the device makes from now on."""
+    seen: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        seen.append(ring.used_idx())
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return seen
+
+
+@pytest.mark.parametrize("kind", [OUT, WRITE_ZEROES, DISCARD])
+def test_virtio_blk_writes_are_stable_before_completion_without_flush_negotiated(
+    blk, monkeypatch, kind
+):
+    """5.2.6.2: FLUSH offered but not accepted (and no CONFIG_WCE): a completed write is
+    stable, so it reaches the disk before the used ring says it is done."""
+    driver, ring = started(blk)  # VERSION_1 only
+    seen = synced(monkeypatch, ring)
+    data = b"\xab" * 512 if kind == OUT else struct.pack("<QII", 1, 1, 0)
+    status = request(ring, kind, 1, [(data, False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == OK and seen == [0] and ring.used_idx() == 1
+
+
+def test_virtio_blk_writes_wait_for_flush_when_the_driver_took_it(blk, monkeypatch):
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    seen = synced(monkeypatch, ring)
+    request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    driver.kick()
+    assert seen == []
+
+    status = request(ring, FLUSH, 0, [])
+    driver.kick()
+
+    assert status_of(blk, status) == OK and seen == [1]
 
 
 def test_virtio_blk_flush_ok(blk):
@@ -200,15 +259,73 @@ def test_virtio_blk_discard_with_unmap_flag_is_unsupp(blk):
     assert status_of(blk, status) == UNSUPP
 
 
-def test_virtio_blk_write_zeroes_zeroes_the_range(blk, disk):
+def no_holes(monkeypatch: pytest.MonkeyPatch, also_zero_range: bool = True) -> None:
+    """A file system without PUNCH_HOLE (and, by default, without ZERO_RANGE either)."""
+    real = files.fallocate
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if mode & files.FALLOC_FL_PUNCH_HOLE or also_zero_range:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        real(fd, mode, offset, length)
+
+    monkeypatch.setattr(files, "fallocate", fallocate)
+
+
+@pytest.mark.parametrize("unmap", [0, 1], ids=["keep", "unmap"])
+@pytest.mark.parametrize("fs", ["holes", "zero-range-only", "neither"])
+def test_virtio_blk_write_zeroes_zeroes_the_range(blk, disk, monkeypatch, fs, unmap):
+    """The range MUST read as zeros whatever the file system can do; with the unmap flag the
+    device MAY deallocate it (5.2.6.2)."""
+    if fs != "holes":
+        no_holes(monkeypatch, also_zero_range=fs == "neither")
     driver, ring = started(blk)
-    status = request(ring, WRITE_ZEROES, 0, [(struct.pack("<QII", 1, 2, 0), False)])
+    status = request(ring, WRITE_ZEROES, 0, [(struct.pack("<QII", 1, 2, unmap), False)])
 
     driver.kick()
 
     image = disk.read_bytes()
     assert status_of(blk, status) == OK
     assert image[512:1536] == bytes(1024) and image[1536:1538] == b"\x00\x01"
+
+
+def test_virtio_blk_discard_where_holes_are_unsupported_is_ok_and_keeps_the_data(
+    blk, disk, monkeypatch
+):
+    no_holes(monkeypatch)
+    driver, ring = started(blk)
+    status = request(ring, DISCARD, 0, [(struct.pack("<QII", 1, 2, 0), False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == OK and disk.read_bytes()[512:514] == b"\x00\x01"
+
+
+@pytest.mark.parametrize("kind", [DISCARD, WRITE_ZEROES])
+def test_virtio_blk_empty_segment_is_ok(blk, disk, kind):
+    driver, ring = started(blk)
+    status = request(ring, kind, 0, [(struct.pack("<QII", 8, 0, 0), False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == OK and disk.read_bytes()[8 * 512 : 8 * 512 + 2] == b"\0\1"
+
+
+@pytest.mark.parametrize(
+    "kind, segments",
+    [
+        (WRITE_ZEROES, [(SECTORS, 8, 2)]),  # an unknown flag on a range past the end
+        (DISCARD, [(0, 8, 1), (8, 8, 1)]),  # unmap on discard, in more segments than allowed
+    ],
+    ids=["unknown-flag", "discard-unmap"],
+)
+def test_virtio_blk_unsupported_flags_are_unsupp_before_other_checks(blk, kind, segments):
+    driver, ring = started(blk)
+    data = b"".join(struct.pack("<QII", *segment) for segment in segments)
+    status = request(ring, kind, 0, [(data, False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == UNSUPP
 
 
 def test_virtio_blk_write_zeroes_past_the_end_is_ioerr(blk):
@@ -229,6 +346,29 @@ def test_virtio_blk_several_chains_in_one_notify_complete_in_order(blk, fds):
     assert [head for head, _ in ring.take_used()] == [0, 3, 6, 9]
     assert [status_of(blk, s) for s in statuses] == [OK] * 4
     assert signalled(fds["intx"]) == 1  # one interrupt for the batch
+
+
+def test_virtio_blk_status_byte_found_before_empty_writable_descriptors(blk):
+    """2.7.4: the device makes no assumption about the arrangement of descriptors."""
+    driver, ring = started(blk)
+    header = ring.buffer(struct.pack("<IIQ", FLUSH, 0, 0))
+    status, spare = ring.buffer(1), ring.buffer(1)
+    ring.add([(*header, False), (*status, True), (spare[0], 0, True)])
+
+    driver.kick()
+
+    assert not driver.status() & NEEDS_RESET
+    assert status_of(blk, status[0]) == OK and ring.take_used()[0][1] == 1
+
+
+def test_virtio_blk_chain_with_only_empty_writable_descriptors_needs_reset(blk):
+    driver, ring = started(blk)
+    header, spare = ring.buffer(struct.pack("<IIQ", IN, 0, 0)), ring.buffer(1)
+    ring.add([(*header, False), (spare[0], 0, True)])
+
+    driver.kick()
+
+    assert driver.status() & NEEDS_RESET
 
 
 def test_virtio_blk_chain_without_status_byte_needs_reset(blk):
