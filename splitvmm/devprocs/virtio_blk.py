@@ -158,7 +158,9 @@ class VirtioBlk(VirtioPciDevice):
             raise QueueError("a block request without a status byte")
         gpa, length = writable[last - 1]
         status_gpa = gpa + length - 1
-        data_in = writable[: last - 1] if length == 1 else [*writable[: last - 1], (gpa, length - 1)]
+        data_in = (
+            writable[: last - 1] if length == 1 else [*writable[: last - 1], (gpa, length - 1)]
+        )
         try:
             kind, sector = self._header(chain.readable)
             written = self._serve(kind, sector, chain.readable, data_in)

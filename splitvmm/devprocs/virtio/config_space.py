@@ -33,7 +33,8 @@ INTERRUPT_LINE = 0x3C
 COMMAND_MEMORY, COMMAND_MASTER = 0x0002, 0x0004
 COMMAND_INTX_DISABLE = 0x0400
 COMMAND_WRITABLE = COMMAND_MEMORY | COMMAND_MASTER | 0x0040 | 0x0100 | COMMAND_INTX_DISABLE
-STATUS_INTERRUPT = 0x0008  # INTx asserted
+STATUS_INTERRUPT = 0x0008  # an interrupt pending (asserted on INTA# unless disabled)
+SUBSYSTEM_ID_BASE = 0x40
 STATUS_CAP_LIST = 0x0010
 
 PCI_CAP_ID_VNDR = 0x09
@@ -113,11 +114,13 @@ def _cfg_data_read(dev: VirtioPciDevice) -> bytes:
 def image(dev: VirtioPciDevice) -> bytearray:
     """The first 256 bytes of configuration space as the guest reads them now."""
     img = bytearray(256)
-    status = STATUS_CAP_LIST | (STATUS_INTERRUPT if dev._intx_level() else 0)
+    status = STATUS_CAP_LIST | (STATUS_INTERRUPT if dev.interrupt_status() else 0)
     struct.pack_into("<HHHHB", img, 0, VIRTIO_PCI_VENDOR_ID, 0x1040 + dev.DEVICE_ID,
                      dev.command, status, 1)  # fmt: skip
     img[0x09:0x0C] = dev.CLASS_CODE.to_bytes(3, "little")  # prog-if, subclass, class
-    struct.pack_into("<HH", img, 0x2C, VIRTIO_PCI_VENDOR_ID, dev.DEVICE_ID)  # subsystem
+    # Subsystem: a non-transitional device's ID SHOULD be 0x40 or more (virtio 1.2 4.1.2.1),
+    # below which a legacy driver reads the device type.
+    struct.pack_into("<HH", img, 0x2C, VIRTIO_PCI_VENDOR_ID, SUBSYSTEM_ID_BASE + dev.DEVICE_ID)
     img[0x34] = CAP_START
     img[INTERRUPT_LINE], img[0x3D] = dev.interrupt_line, 1  # INTA#
     at = CAP_START

@@ -204,7 +204,9 @@ class VirtioPciDevice(RegisterDevice):
             Source(fd.fd, functools.partial(self._on_notify, q))
             for q, fd in enumerate(self._notify)
         ]
-        self.command = 0
+        # Memory decode on, as the monitor starts the function (monitor/pci/function.py: its
+        # BARs come pre-assigned, as firmware leaves them): the register says what decodes.
+        self.command = config_space.COMMAND_MEMORY
         self.cfg_access = config_space.CfgAccess()
         gsi = ctx.transport.get("intx_gsi")
         self.interrupt_line = gsi if isinstance(gsi, int) and 0 <= gsi <= 0xFF else 0xFF
@@ -533,9 +535,14 @@ class VirtioPciDevice(RegisterDevice):
         else:
             self.intx.update()
 
+    def interrupt_status(self) -> bool:
+        """PCI Status bit 3: the OR of the ISR while MSI-X is off (virtio 1.2 4.1.4.5.1),
+        whatever the Interrupt Disable bit says (PCI 3.0 6.2.3)."""
+        return bool(self.isr) and not self.msix.enabled
+
     def _intx_level(self) -> bool:
-        disabled = self.command & config_space.COMMAND_INTX_DISABLE
-        return bool(self.isr) and not self.msix.enabled and not disabled
+        """INTA# asserted: an interrupt pending and INTx not disabled in the command register."""
+        return self.interrupt_status() and not self.command & config_space.COMMAND_INTX_DISABLE
 
     def config_changed(self) -> None:
         """The model changed its configuration (4.1.4.3: generation, then the interrupt)."""
