@@ -12,11 +12,14 @@ no room at all are dropped and counted (counters.tx_dropped), never waited for.
 
 Host input waits in the receive buffer until the guest reads RBR. The interrupt
 line is edge-signalled through an irqfd (ISA IRQs are edge-triggered on the
-IOAPIC): a pulse each time a new interrupt condition appears.
+IOAPIC): a pulse each time a new interrupt condition appears, and after each RBR
+read that leaves data (the next byte is a new receive event, as on a 16450). The
+FIFO trigger level is kept but not used: received data is reported at once, and no
+character-timeout interrupt (IIR 0x0C) is ever needed.
 
 Register mirror (monitor/mirror.py): the monitor answers reads of IER/DLM, LCR, MCR, LSR,
 MSR and SCR from the values this device publishes. LSR is published as not valid while OE
-is set, MSR while a delta bit is set (outside loopback): reading them clears those bits, so
+is set, MSR while a delta bit is set (in loopback too): reading them clears those bits, so
 such a read comes here, clears them once, and the next mirror is valid again. The credit is
 for THR writes (offset 0), while a write changes none of those registers: with DLAB set
 (it writes DLL); with THRE clear (the byte is buffered or dropped: THRE and TEMT stay
@@ -166,7 +169,7 @@ class Uart8250(RegisterDevice):
         self._thre = self._holding_empty()  # THRE as the guest last saw it
         self.thr_interrupt = s.thr_interrupt and self._thre
         self._warn = RateLimitedLog(log)
-        self._irq_pending = self._pending_iir() != Iir.NO_INT
+        self._irq_pending = self._pending_iir() != Iir.NO_INT and self._irq_wired()
 
     # -- guest accesses -------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -187,7 +190,7 @@ class Uart8250(RegisterDevice):
     def mirror(self) -> Mirror:
         """The registers its descriptor mirrors (IER, LCR, MCR, LSR, MSR, SCR), as reads
         return them now, and the THR writes that leave them so (the module docstring)."""
-        side_effect_msr = not self.mcr & Mcr.LOOP and self.msr & MSR_DELTAS
+        side_effect_msr = self.msr & MSR_DELTAS
         values = (
             bytes([self.dlm if self._dlab() else self.ier]),
             bytes([self.lcr]),
@@ -246,8 +249,7 @@ class Uart8250(RegisterDevice):
                 return value
             case Reg.MSR:
                 value = self._modem_status()
-                if not self.mcr & Mcr.LOOP:
-                    self.msr &= ~MSR_DELTAS  # deltas clear on read
+                self.msr &= ~MSR_DELTAS  # deltas clear on read
                 return value
             case Reg.SCR:
                 return self.scr
@@ -267,7 +269,7 @@ class Uart8250(RegisterDevice):
             case Reg.LCR:
                 self.lcr = value
             case Reg.MCR:
-                self.mcr = value & 0x1F
+                self._write_mcr(value)
             case Reg.LSR | Reg.MSR:
                 self.ctx.counters.bad_access += 1  # read-only registers (factory test only)
             case Reg.SCR:
@@ -278,6 +280,11 @@ class Uart8250(RegisterDevice):
             return 0
         value = self.rx[0]
         del self.rx[0]
+        if self.rx and self.ier & Ier.RDI:
+            # The next byte takes the one read: a new receive event, hence a new edge on the
+            # (edge-triggered) ISA line, as when a 16450's holding register fills again or a
+            # 16550A's FIFO times out. A driver that reads one byte per interrupt gets them all.
+            self._irq_pending = False
         return value
 
     def _transmit(self, value: int) -> None:
@@ -309,8 +316,22 @@ class Uart8250(RegisterDevice):
             # Enabling ETBEI while THR is empty raises THRE at once (Linux relies on it).
             self.thr_interrupt = True
 
+    def _write_mcr(self, value: int) -> None:
+        """MCR; in loopback its outputs drive MSR's lines, and each change of a line sets its
+        delta bit (TERI: RI falling) as the modem's would (PC16550D: MCR bit 4)."""
+        before = self._modem_lines()
+        self.mcr = value & 0x1F
+        changed = before ^ self._modem_lines()
+        self.msr |= (
+            (Msr.DCTS if changed & Msr.CTS else 0)
+            | (Msr.DDSR if changed & Msr.DSR else 0)
+            | (Msr.TERI if changed & before & Msr.RI else 0)
+            | (Msr.DDCD if changed & Msr.DCD else 0)
+        )
+
     def _write_fcr(self, value: int) -> None:
-        if value & Fcr.CLEAR_RCVR:
+        # Turning the FIFOs on or off clears them, as the clear bits do (PC16550D: FCR bit 0).
+        if value & Fcr.CLEAR_RCVR or (value ^ self.fcr) & Fcr.ENABLE_FIFO:
             self.rx.clear()
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
@@ -350,8 +371,12 @@ class Uart8250(RegisterDevice):
 
     def _modem_status(self) -> int:
         """MSR as a read returns it (reading clears its deltas: _read_reg)."""
+        return self._modem_lines() | self.msr & MSR_DELTAS
+
+    def _modem_lines(self) -> int:
+        """MSR's line bits: the modem's (self.msr), or in loopback the MCR's outputs wired
+        back, DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD."""
         if self.mcr & Mcr.LOOP:
-            # Loopback wires DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
             m = self.mcr
             return (
                 (Msr.DSR if m & Mcr.DTR else 0)
@@ -359,7 +384,7 @@ class Uart8250(RegisterDevice):
                 | (Msr.RI if m & Mcr.OUT1 else 0)
                 | (Msr.DCD if m & Mcr.OUT2 else 0)
             )
-        return self.msr
+        return self.msr & ~MSR_DELTAS
 
     def _receive(self, data: bytes) -> None:
         room = RX_BUFFER_MAX - len(self.rx)
@@ -380,12 +405,16 @@ class Uart8250(RegisterDevice):
             return Iir.MSI
         return Iir.NO_INT
 
+    def _irq_wired(self) -> bool:
+        """OUT2 gates the IRQ line to the PIC on PC serial ports; loopback holds the OUT pins
+        inactive (PC16550D: MCR bit 4), which closes the gate."""
+        return self.mcr & (Mcr.OUT2 | Mcr.LOOP) == Mcr.OUT2
+
     def _update_irq(self) -> None:
-        pending = self._pending_iir() != Iir.NO_INT
-        # OUT2 gates the IRQ line to the PIC on PC serial ports.
-        if pending and not self._irq_pending and self.mcr & Mcr.OUT2:
+        pending = self._pending_iir() != Iir.NO_INT and self._irq_wired()
+        if pending and not self._irq_pending:
             self.ctx.irq.trigger()
-        self._irq_pending = pending and bool(self.mcr & Mcr.OUT2)
+        self._irq_pending = pending
 
     # -- state ------------------------------------------------------------------
     def save(self) -> UartState:

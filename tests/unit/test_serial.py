@@ -107,7 +107,67 @@ def test_uart_loopback_routes_thr_to_rbr_and_mcr_to_msr():
     uart.write(Reg.MCR, bytes([Mcr.LOOP | Mcr.OUT2 | Mcr.RTS]))
     uart.write(Reg.RX_TX, b"Z")
     msr = uart.read(Reg.MSR, 1)[0]
-    assert (out, uart.read(Reg.RX_TX, 1), msr) == (bytearray(), b"Z", Msr.CTS | Msr.DCD)
+    # DSR fell as the lines switched from the modem's (DCD, DSR, CTS) to MCR's outputs.
+    want = Msr.CTS | Msr.DCD | Msr.DDSR
+    assert (out, uart.read(Reg.RX_TX, 1), msr) == (bytearray(), b"Z", want)
+
+
+def test_uart_loopback_mcr_changes_set_msr_deltas_and_a_modem_status_interrupt():
+    """PC16550D, MCR bit 4: in loopback the modem status interrupts work, driven by MCR."""
+    uart, _, _ = make_uart()
+    uart.write(Reg.IER, bytes([Ier.MSI]))
+    uart.write(Reg.MCR, b"\x10")  # loopback, every output off: DCD, DSR and CTS fall
+    uart.write(Reg.MCR, b"\x1f")  # every output on: every line rises
+
+    assert uart.read(Reg.IIR_FCR, 1)[0] & 0x0F == Iir.MSI
+    assert uart.read(Reg.MSR, 1)[0] == 0xFB  # the four lines, DCTS, DDSR, DDCD
+    assert uart.read(Reg.IIR_FCR, 1)[0] & 0x0F == Iir.NO_INT
+    uart.write(Reg.MCR, b"\x1b")  # OUT1 off: RI falls, the trailing edge
+    assert uart.read(Reg.MSR, 1)[0] == Msr.DSR | Msr.CTS | Msr.DCD | Msr.TERI
+
+
+def test_uart_loopback_holds_the_irq_line_down():
+    """Loopback forces OUT2 inactive, which on a PC closes the IRQ gate."""
+    uart, _, irq = make_uart()
+    uart.write(Reg.MCR, bytes([Mcr.LOOP | Mcr.OUT2]))
+    uart.write(Reg.IER, bytes([Ier.RDI]))
+    uart.write(Reg.RX_TX, b"Z")
+
+    assert uart.read(Reg.IIR_FCR, 1)[0] & 0x0F == Iir.RDI and irq.count == 0
+
+
+def test_uart_rbr_read_leaving_data_is_a_new_receive_edge():
+    """The ISA line is edge-triggered: a driver that reads IIR and one byte per interrupt
+    must get an interrupt for each byte that follows."""
+    uart, _, irq = make_uart()
+    uart.write(Reg.IER, bytes([Ier.RDI]))
+    uart.host_input(b"abc")
+    got = []
+    for _ in range(3):
+        assert uart.read(Reg.IIR_FCR, 1)[0] & 0x0F == Iir.RDI
+        got.append(uart.read(Reg.RX_TX, 1))
+
+    assert (b"".join(got), irq.count) == (b"abc", 3)
+    assert uart.read(Reg.IIR_FCR, 1)[0] & 0x0F == Iir.NO_INT
+
+
+def test_uart_turning_the_fifos_off_clears_the_receiver():
+    uart, _, _ = make_uart()
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))
+    uart.host_input(b"zz")
+    uart.write(Reg.IIR_FCR, b"\x00")
+
+    assert uart.read(Reg.LSR, 1)[0] & Lsr.DR == 0
+
+
+def test_uart_restored_with_out2_clear_pulses_once_out2_is_set():
+    """A pending interrupt behind a closed OUT2 gate is no edge yet: opening it is one."""
+    line, irq = FakeLine(), FakeIrq()
+    ctx = DeviceContext(irq=irq, out=BoundedOutput(line))
+    uart = Uart8250.restore(ctx, UartState(ier=int(Ier.RDI), mcr=0, rx=b"x"))
+    uart.write(Reg.MCR, bytes([Mcr.OUT2]))
+
+    assert irq.count == 1
 
 
 def test_uart_scratch_register_holds_value():
@@ -307,6 +367,15 @@ def test_uart_lsr_read_clears_overrun_once_and_mirror_is_valid_again():
     first, second = uart.read(Reg.LSR, 1)[0], uart.read(Reg.LSR, 1)[0]
     assert (first & Lsr.OE, second & Lsr.OE) == (Lsr.OE, 0)
     assert uart.mirror().values[MIRRORED.index(Reg.LSR)] == bytes([second])
+
+
+def test_uart_mirror_msr_not_valid_while_a_loopback_delta_is_set():
+    uart, _, _ = make_uart()
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    assert uart.mirror().values[MIRRORED.index(Reg.MSR)] is None
+
+    assert uart.read(Reg.MSR, 1) == b"\x0b"  # DCD, DSR and CTS fell: read once, here
+    assert uart.mirror().values[MIRRORED.index(Reg.MSR)] == b"\x00"
 
 
 def test_uart_mirror_msr_not_valid_while_a_delta_is_set():
