@@ -577,7 +577,31 @@ def test_queue_indirect_with_next_raises(driver):
         driver.device(indirect=True).pop()
 
 
-@pytest.mark.parametrize("length", [0, 8, 24, 16 * 8 + 16])
+def test_queue_indirect_table_larger_than_the_queue_holds_a_short_chain(driver):
+    """2.7.5.3: the table is desc[len/16]; only the chain is bounded by the queue size (a
+    driver may keep tables sized for its largest request on a queue it made smaller)."""
+    buffers = [(DATA_GPA, 16, False), (DATA_GPA + 16, 512, True), (DATA_GPA + 528, 1, True)]
+    driver.ram.write(TABLE_GPA, b"".join(chain(buffers)) + bytes(29 * 16))  # 32 entries
+    driver.set_desc(0, TABLE_GPA, 32 * 16, INDIRECT)  # on a queue of 8
+    driver.publish(0)
+
+    popped = driver.device(indirect=True).pop()
+
+    assert popped is not None
+    assert popped.readable == [(DATA_GPA, 16)]
+    assert popped.writable == [(DATA_GPA + 16, 512), (DATA_GPA + 528, 1)]
+
+
+def test_queue_indirect_chain_longer_than_the_queue_raises(driver):
+    driver.ram.write(TABLE_GPA, b"".join(chain([(DATA_GPA, 1, False)] * 9)))  # queue size 8
+    driver.set_desc(0, TABLE_GPA, 9 * 16, INDIRECT)
+    driver.publish(0)
+
+    with pytest.raises(QueueError, match="more than queue size 8 descriptors"):
+        driver.device(indirect=True).pop()
+
+
+@pytest.mark.parametrize("length", [0, 8, 24])
 def test_queue_indirect_table_bad_len_raises(driver, length):
     driver.set_desc(0, TABLE_GPA, length, INDIRECT)
     driver.publish(0)

@@ -215,21 +215,23 @@ class SplitQueue:
             raise QueueError(f"chain of head {chain.head} loops (longer than queue size {count})")
         raise QueueError(f"{outer} indirect chain loops (longer than its {count} descriptors)")
 
-    def _indirect_table(self, where: str, desc: Descriptor) -> bytes:
-        """virtio 1.2 2.7.5.3: the table `desc` points at, checked, as one copy (the guest
-        cannot change it under the walk)."""
+    def _indirect_table(self, where: str, desc: Descriptor) -> memoryview:
+        """virtio 1.2 2.7.5.3: the table `desc` points at, checked, read in place as the
+        ring's own table is: the walk reads each descriptor once as it reaches it and checks
+        it before use, so a guest changing the table meanwhile changes nothing relied on.
+        The table may hold more descriptors than the queue (a driver may keep tables sized
+        for its largest request on a queue it made smaller); the chain in it may not."""
         addr, length, flags, _ = desc  # the WRITE flag here means nothing (2.7.5.3.2)
         if not self.indirect:
             raise QueueError(f"{where} is INDIRECT but VIRTIO_F_INDIRECT_DESC is off")
         if flags & VIRTQ_DESC_F_NEXT:
             raise QueueError(f"{where} has both INDIRECT and NEXT")
-        if length == 0 or length % DESC.size or length > DESC.size * self.size:
+        if length == 0 or length % DESC.size:
             raise QueueError(
-                f"{where} indirect table len {length:#x} is not a non-zero multiple of 16 "
-                f"of at most queue size {self.size} descriptors"
+                f"{where} indirect table len {length:#x} is not a non-zero multiple of 16"
             )
         try:
-            return self._ram.read(addr, length)
+            return self._ram.buffer(addr, length, writable=False)
         except GuestRamError as e:
             raise QueueError(f"{where} indirect table {addr:#x}+{length:#x} is not in RAM") from e
 
