@@ -85,6 +85,15 @@ difference -4.8 ms (bootstrap 95% [-13.9, 3.1]); 256 MiB dirty, 12 each, 290.0 -
 -7.1 [-31.1, 12.9]. The goals (0.1 s idle, 0.25 s dirty) are not met: a restore is a
 start-up first (~120-140 ms to the vCPUs here).
 
+Changed (2026-12-02, a later session): the chunk checksum's helper thread (snapshot/digest.py
+Overlapped) was started anew for every 8 MiB piece, ~0.6 ms each here; one helper now serves a
+whole chunk. snapshot/ram.py write_ram of 256 MiB of data, the two trees alternating in fresh
+processes (each after an untimed write of the same size, as below), 14 each: 90.6 -> 74.9 ms,
+paired -15.8 ms [-20.4, 0.1]; load_ram 136.1 -> 130.9, -6.3 [-15.4, 6.5]. This bench cannot
+show it: three rounds of --sizes 512 --runs 3 each, alternating, gave write ms 149/177/189
+before and 162/178/180 after, the host's page-allocation stalls (a first large allocation
+after a while costs 0.3-0.5 s here, on any write) moving single runs by more than that.
+
     python bench/snapshot.py [--sizes 128,512,2048] [--runs 3] [--json]
 """
 

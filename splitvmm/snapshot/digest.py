@@ -64,10 +64,12 @@ class Overlapped:
     """A checksum fed piece by piece, each large piece hashed on a helper thread while the
     caller goes on with its I/O; order is kept (a piece starts once the one before is done).
 
-    One helper serves every piece, started with the first large one: a thread started per
-    piece (32 for 256 MiB in 8 MiB pieces) cost ~0.6 ms each here, and the save's RAM write
-    took 85-95 ms against 63-73 with one helper (256 MiB; a bare write of the same bytes
-    52-65 ms): bench/snapshot.py.
+    One helper serves every piece, started with the first large one. A thread started per
+    piece (32 for 256 MiB in 8 MiB pieces) cost ~0.6 ms each here: ram.write_ram of 256 MiB
+    of data, 14 alternating runs in fresh processes, each after an untimed write of the same
+    size, took 90.6 ms (median) with a thread per piece and 74.9 with one helper, paired
+    difference -15.8 ms [-20.4, 0.1] (bootstrap 95%); a bare write of the same bytes takes
+    52-65. Its load_ram: 136.1 against 130.9 ms, -6.3 [-15.4, 6.5], not resolved.
 
     A piece must stay unchanged until the next update() or hexdigest() returns. Use it as a
     context manager, or end with hexdigest(): either joins the helper, so none outlives the
