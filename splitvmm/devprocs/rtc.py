@@ -17,7 +17,10 @@ registers hold raw bytes: the guest reads back what it wrote, and when updates r
 bytes become the new offset, keeping the sub-second phase after SET (the divider ran on),
 or half a second before the next update when the divider leaves reset (datasheet: "the
 first update cycle begins one-half second later"). Out-of-range fields carry over (31
-February is 3 March) and years stay within 0001-9999: a hostile value never raises.
+February is 3 March; a month outside 1-12 is taken as the nearest one) and years stay within
+0001-9999: a hostile value never raises. Leap years are the Gregorian calendar's, century byte
+included (2100 has no 29 February), as the PC's firmware and Linux read the clock; the bare
+chip, which knows no century, takes every fourth year.
 DSE is kept but the 1980s US daylight-saving jumps it asks for are not made (QEMU does not
 either; PC firmware and Linux keep DSE at 0).
 
