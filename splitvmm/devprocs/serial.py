@@ -13,9 +13,11 @@ no room at all are dropped and counted (counters.tx_dropped), never waited for.
 Host input waits in the receive buffer until the guest reads RBR. The interrupt
 line is edge-signalled through an irqfd (ISA IRQs are edge-triggered on the
 IOAPIC): a pulse each time a new interrupt condition appears, and after each RBR
-read that leaves data (the next byte is a new receive event, as on a 16450). The
-FIFO trigger level is kept but not used: received data is reported at once, and no
-character-timeout interrupt (IIR 0x0C) is ever needed.
+read that leaves data (the next byte is a new receive event, as on a 16450). With
+FIFOs on, received data at or above the trigger level is a received-data interrupt,
+and less is a character timeout (IIR 0x0C), at once: the four character times of
+quiet a 16550A waits for have passed by the time a guest looks (host input comes in
+bursts, and nothing here keeps a timer for it).
 
 Register mirror (monitor/mirror.py): the monitor answers reads of IER/DLM, LCR, MCR, LSR,
 MSR and SCR from the values this device publishes. LSR is published as not valid while OE
@@ -83,6 +85,7 @@ class Iir(enum.IntEnum):
     THRI = 0x02
     RDI = 0x04
     RLSI = 0x06
+    CTI = 0x0C  # character timeout: data below the FIFO trigger level
     FIFO_ENABLED = 0xC0  # 16550A with FIFOs on
 
 
@@ -90,6 +93,10 @@ class Fcr(enum.IntEnum):
     ENABLE_FIFO = 0x01
     CLEAR_RCVR = 0x02
     CLEAR_XMIT = 0x04
+    TRIGGER = 0xC0  # the receive FIFO's trigger level: 1, 4, 8 or 14 bytes
+
+
+RX_TRIGGER_LEVELS = (1, 4, 8, 14)  # by FCR bits 7-6
 
 
 class Lcr(enum.IntEnum):
@@ -335,7 +342,7 @@ class Uart8250(RegisterDevice):
             self.rx.clear()
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
-        self.fcr = value & (int(Fcr.ENABLE_FIFO) | 0xC0)  # keep enable and trigger level (int)
+        self.fcr = value & (Fcr.ENABLE_FIFO | Fcr.TRIGGER)  # keep enable and trigger level
         self._check_thre()  # FIFOs on or off change what "empty" needs
 
     # -- the transmitter: the output buffer seen as a slow line -----------------------
@@ -398,6 +405,8 @@ class Uart8250(RegisterDevice):
         if self.ier & Ier.RLSI and self.lsr & Lsr.OE:
             return Iir.RLSI
         if self.ier & Ier.RDI and self.rx:
+            if self.fcr & Fcr.ENABLE_FIFO and len(self.rx) < RX_TRIGGER_LEVELS[self.fcr >> 6]:
+                return Iir.CTI
             return Iir.RDI
         if self.ier & Ier.THRI and self.thr_interrupt and self._thre:
             return Iir.THRI

@@ -151,6 +151,23 @@ def test_uart_rbr_read_leaving_data_is_a_new_receive_edge():
     assert uart.read(Reg.IIR_FCR, 1)[0] & 0x0F == Iir.NO_INT
 
 
+def test_uart_fifo_reports_data_below_the_trigger_level_as_a_character_timeout():
+    """PC16550D: with FIFOs on, received data is an interrupt at the trigger level; less is
+    a character timeout (IIR 0x0C), so a driver never reads past the data on RDA."""
+    uart, _, irq = make_uart()
+    uart.write(Reg.IIR_FCR, b"\x47")  # FIFOs on and cleared, trigger level 4
+    uart.write(Reg.IER, bytes([Ier.RDI]))
+    uart.host_input(b"123")
+    assert (uart.read(Reg.IIR_FCR, 1)[0], irq.count) == (0xCC, 1)
+
+    uart.host_input(b"45678")
+    assert uart.read(Reg.IIR_FCR, 1)[0] == 0xC4
+    got = b"".join(uart.read(Reg.RX_TX, 1) for _ in range(4))  # a driver reads 4 on RDA
+    assert (got, uart.read(Reg.IIR_FCR, 1)[0]) == (b"1234", 0xC4)  # 4 left: still RDA
+    uart.read(Reg.RX_TX, 1)
+    assert uart.read(Reg.IIR_FCR, 1)[0] == 0xCC  # 3 left: below the trigger level
+
+
 def test_uart_turning_the_fifos_off_clears_the_receiver():
     uart, _, _ = make_uart()
     uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))
