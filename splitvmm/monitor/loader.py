@@ -61,6 +61,14 @@ JMP_SHORT = 0xEB
 MIN_BZ_PROTOCOL = 0x0206  # cmdline_size exists from 2.06
 XLOADFLAGS_PROTOCOL = 0x020C  # xloadflags (and so XLF_KERNEL_64) exists from 2.12
 ENTRY_64_OFFSET = 0x200  # boot.rst: 64-bit entry is the load address + 0x200
+BOOT_FLAG_OFFSET, BOOT_FLAG = 0x1FE, b"\x55\xaa"  # boot.rst: boot_flag, always 0xAA55
+# boot.rst: the setup header's fields by the protocol that added them; a header whose jump
+# at 0x200 ends it before the last field of the version it claims is malformed (its missing
+# init_size and pref_address would read as 0 and misplace the initrd).
+HEADER_END_BY_PROTOCOL = ((0x020F, 0x26C), (0x020B, 0x268), (0x020A, 0x264))  # (from, end)
+# x86 Linux's COMMAND_LINE_SIZE: head64.c copies exactly this much from cmd_line_ptr. A
+# bzImage says its own limit (cmdline_size); a vmlinux (ELF) has no header to say it.
+ELF_CMDLINE_MAX = 2048 - 1
 SECTOR = 512
 
 # QEMU x86_bios_rom_init refuses a BIOS whose size is not a multiple of 64 KiB; so do we.
@@ -73,7 +81,7 @@ class LoadedKernel(Struct, frozen=True):
     kernel_end: int  # first byte above all the kernel may use (incl. bzImage init_size)
     kernel_start: int
     setup_header: bytes | None = None  # bzImage: header bytes from file offset 0x1f1
-    cmdline_max: int = layout.CMDLINE_MAX - 1  # longest command line it takes, NUL excluded
+    cmdline_max: int = ELF_CMDLINE_MAX  # longest command line it takes, NUL excluded
     initrd_addr_max: int = layout.FOUR_GIB - 1  # highest byte the initrd may occupy
     initrd_gpa: int = 0
     initrd_size: int = 0
@@ -189,6 +197,11 @@ def _check_segment(path: Path, seg: _Segment, size: int, ram_size: int) -> None:
     what = f"segment {seg.index}"
     if seg.filesz > seg.memsz or seg.memsz > ram_size:
         raise BootError(f"{path}: {what} has file size {seg.filesz:#x}, memory size {seg.memsz:#x}")
+    if seg.paddr + seg.memsz > layout.FOUR_GIB:  # boot.rst 64-bit protocol: identity-mapped
+        raise BootError(
+            f"{path}: {what} at {seg.paddr:#x}+{seg.memsz:#x} reaches past 4 GiB, beyond the "
+            "identity map the 64-bit entry gets (monitor/boot64.py)"
+        )
     if seg.offset + seg.filesz > size:
         raise BootError(
             f"{path}: {what} reads {seg.offset:#x}+{seg.filesz:#x}, past the end of file"
@@ -245,16 +258,25 @@ def _load_elf(mem: GuestRam, path: Path, f: BinaryIO, size: int) -> LoadedKernel
 
 def _bz_header(path: Path, data: bytes) -> tuple[bytes, bootparams.SetupHeader]:
     """The raw setup header (0x1f1 up to the end the jump at 0x200 marks), validated."""
+    if data[BOOT_FLAG_OFFSET : BOOT_FLAG_OFFSET + 2] != BOOT_FLAG:
+        raise BootError(f"{path}: bzImage boot_flag at 0x1fe is not 0xAA55")
     if len(data) <= BZ_JUMP_OFFSET + 2 or data[BZ_JUMP_OFFSET] != JMP_SHORT:
         raise BootError(f"{path}: bzImage has no short jump at 0x200 to end its setup header")
     end = BZ_JUMP_OFFSET + 2 + data[BZ_JUMP_OFFSET + 1]
-    if data[BZ_JUMP_OFFSET + 1] >= 0x80 or end > len(data):
-        raise BootError(f"{path}: bzImage setup header end {end:#x} is invalid")
+    if data[BZ_JUMP_OFFSET + 1] >= 0x80:
+        raise BootError(f"{path}: bzImage setup header end {end:#x} is invalid (a jump back)")
+    if end > len(data):
+        raise BootError(f"{path}: truncated bzImage: its setup header runs to {end:#x}")
     raw = data[bootparams.SETUP_HEADER_OFFSET : end]
     hdr = bootparams.parse_setup_header(raw)
+    protocol = f"{hdr.version >> 8}.{hdr.version & 0xFF:02}"
     if hdr.version < MIN_BZ_PROTOCOL:
+        raise BootError(f"{path}: boot protocol {protocol} is older than 2.06")
+    need = next((e for since, e in HEADER_END_BY_PROTOCOL if hdr.version >= since), 0)
+    if end < need:
         raise BootError(
-            f"{path}: boot protocol {hdr.version >> 8}.{hdr.version & 0xFF:02} is older than 2.06"
+            f"{path}: bzImage setup header ends at {end:#x}, short of {need:#x} where "
+            f"protocol {protocol}'s fields end"
         )
     if hdr.version < XLOADFLAGS_PROTOCOL or not hdr.xloadflags & XLF_KERNEL_64:
         raise BootError(f"{path}: bzImage has no 64-bit entry point (XLF_KERNEL_64 is not set)")
@@ -311,10 +333,12 @@ def load_initrd(mem: GuestRam, path: Path, kernel: LoadedKernel) -> LoadedKernel
     """Put the initrd page-aligned as high as the kernel allows, clear of the kernel."""
     f, size = _open(path, "initrd")
     with f:
+        if size == 0:
+            raise BootError(f"{path}: the initrd is empty")
         limit = min(kernel.initrd_addr_max + 1, _low_ram_end(mem))
         floor = max(kernel.kernel_end, layout.HIMEM_START)
         gpa = (limit - size) & ~(layout.PAGE_SIZE - 1)
-        if size == 0 or size > limit or gpa < floor:
+        if size > limit or gpa < floor:
             raise BootError(
                 f"{path}: initrd of {size:#x} bytes does not fit between the kernel's end "
                 f"{floor:#x} and {limit:#x}"

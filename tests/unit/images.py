@@ -67,7 +67,7 @@ BZ_FIELDS = {
     "pref_address": (0x258, "<Q"),
     "init_size": (0x260, "<I"),
 }
-HEADER_END = 0x268  # protocol 2.15 ends with kernel_info_offset at 0x268
+HEADER_END = 0x26C  # protocol 2.15 ends with kernel_info_offset at 0x268
 
 
 def make_bzimage(payload: bytes = b"\x90" * 4096, **overrides: int | bytes) -> bytes:

@@ -109,7 +109,7 @@ def test_zero_page_for_elf_has_minimal_header() -> None:
 
 
 def test_zero_page_for_bzimage_copies_header_and_sets_loader_fields() -> None:
-    header = make_bzimage()[0x1F1:0x268]
+    header = make_bzimage()[0x1F1:0x26C]
 
     page = build_zero_page(BootSetup(ram_size=64 * MIB, cmdline_size=6, setup_header=header))
 

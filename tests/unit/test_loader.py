@@ -106,6 +106,14 @@ def test_load_kernel_elf_segment_outside_ram_is_refused(tmp_path: Path) -> None:
         load_kernel(FakeGuestMemory(32 * MIB), path)
 
 
+def test_load_kernel_elf_segment_past_4gib_is_refused(tmp_path: Path) -> None:
+    """The 64-bit entry gets an identity map of the first 4 GiB only (monitor/boot64.py)."""
+    path = write(tmp_path, "hi.elf", make_elf([Seg(5 << 30, CODE)], 5 << 30))
+
+    with pytest.raises(BootError, match=r"hi\.elf: segment 0 .* reaches past 4 GiB"):
+        load_kernel(FakeGuestMemory(32 * MIB), path)
+
+
 def test_load_kernel_elf_over_zero_page_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "zp.elf", make_elf([Seg(ZERO_PAGE + 0x100, CODE)], ZERO_PAGE + 0x100))
 
@@ -167,7 +175,7 @@ def test_load_kernel_bzimage_keeps_its_setup_header_bytes(tmp_path: Path) -> Non
 
     kernel = load_kernel(FakeGuestMemory(64 * MIB), path)
 
-    assert kernel.setup_header == image[0x1F1:0x268]
+    assert kernel.setup_header == image[0x1F1:0x26C]
 
 
 def test_load_kernel_bzimage_setup_sects_zero_means_four(tmp_path: Path) -> None:
@@ -180,10 +188,21 @@ def test_load_kernel_bzimage_setup_sects_zero_means_four(tmp_path: Path) -> None
     assert mem.read(HIMEM_START, 16) == b"\xab" * 16
 
 
-def test_load_kernel_bzimage_old_protocol_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, "old", make_bzimage(version=0x0204))
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (make_bzimage(version=0x0204), r"boot protocol 2\.04 is older than 2\.06"),
+        (make_bzimage(boot_flag=0), "boot_flag at 0x1fe is not 0xAA55"),
+        (make_bzimage()[:0x220], "truncated bzImage: its setup header runs to 0x26c"),
+        # a 2.15 header whose jump ends it before pref_address and init_size
+        (make_bzimage(jump=0xEB | (0x240 - 0x202) << 8), "short of 0x26c where protocol 2.15"),
+    ],
+    ids=["old-protocol", "boot-flag", "truncated-header", "short-header"],
+)
+def test_load_kernel_bad_bzimage_header_is_refused(tmp_path: Path, image: bytes, match: str):
+    path = write(tmp_path, "bad", image)
 
-    with pytest.raises(BootError, match=r"old: boot protocol 2\.04 is older than 2\.06"):
+    with pytest.raises(BootError, match=f"bad: .*{match}"):
         load_kernel(FakeGuestMemory(64 * MIB), path)
 
 
@@ -241,6 +260,13 @@ def test_load_initrd_respects_initrd_addr_max(tmp_path: Path) -> None:
     assert loaded.initrd_gpa == 32 * MIB - 4096
 
 
+def test_load_initrd_empty_is_refused_as_empty(tmp_path: Path) -> None:
+    kernel = load_kernel(FakeGuestMemory(64 * MIB), write(tmp_path, "bz", make_bzimage()))
+
+    with pytest.raises(BootError, match="initrd: the initrd is empty"):
+        load_initrd(FakeGuestMemory(64 * MIB), write(tmp_path, "initrd", b""), kernel)
+
+
 def test_load_initrd_that_would_overlap_kernel_is_refused(tmp_path: Path) -> None:
     kernel = LoadedKernel(entry=0x200000, kind="elf", kernel_end=60 * MIB, kernel_start=0x200000)
     path = write(tmp_path, "initrd.img", bytes(8 * MIB))
@@ -268,11 +294,13 @@ def test_load_cmdline_longer_than_kernel_limit_is_refused() -> None:
         load_cmdline(FakeGuestMemory(2 * MIB), "x" * 11, kernel)
 
 
-def test_load_cmdline_longer_than_cmdline_area_is_refused() -> None:
+def test_load_cmdline_of_an_elf_kernel_is_limited_to_what_x86_linux_reads() -> None:
+    """x86 Linux's COMMAND_LINE_SIZE is 2048 (head64.c copies that much, NUL included); a
+    vmlinux has no cmdline_size to say so, and a longer line would lose its tail silently."""
     kernel = LoadedKernel(entry=0x200000, kind="elf", kernel_end=0x300000, kernel_start=0x200000)
 
-    with pytest.raises(BootError, match="takes at most 4095"):
-        load_cmdline(FakeGuestMemory(2 * MIB), "x" * 4096, kernel)
+    with pytest.raises(BootError, match="takes at most 2047"):
+        load_cmdline(FakeGuestMemory(2 * MIB), "x" * 2048, kernel)
 
 
 def test_load_linux_bzimage_writes_zero_page_with_initrd_and_cmdline(tmp_path: Path) -> None:
