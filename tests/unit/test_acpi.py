@@ -25,6 +25,8 @@ IASL_DWORD_IO = bytes.fromhex("871700010c030000000000000000f70c000000000000f80c0
 # `DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
 #  0, 0xC0000000, 0xDFFFFFFF, 0, 0x20000000)`
 IASL_DWORD_MEMORY = bytes.fromhex("871700000c0100000000000000c0ffffffdf0000000000000020")
+# `Memory32Fixed (ReadWrite, 0xE0000000, 0x00100000)`
+IASL_MEMORY32_FIXED = bytes.fromhex("86090001000000e000001000")
 # `Name (_S5, Package (0x02) { 0x05, Zero })`
 IASL_S5 = bytes.fromhex("085f53355f1205020a0500")
 # `Name (\_SB.PCI0.ABCD, 0x12345678)`, `Name (XQ, "hi")`, `Name (BIGI, 0x123456789A)`
@@ -45,6 +47,10 @@ def test_aml_name_eisa_id_matches_iasl() -> None:
 def test_aml_resource_template_io_irq_matches_iasl() -> None:
     crs = aml.resource_template(aml.io(0x3F8, 8), aml.irq_no_flags(4))
     assert aml.name("_CRS", crs) == IASL_COM1_CRS
+
+
+def test_aml_memory32_fixed_matches_iasl() -> None:
+    assert aml.memory32_fixed(0xE000_0000, 0x10_0000) == IASL_MEMORY32_FIXED
 
 
 def test_aml_word_bus_number_matches_iasl() -> None:
@@ -139,9 +145,27 @@ def test_fadt_is_hardware_reduced_with_reset_register_and_dsdt(built: acpi.AcpiT
     fadt = xsdt_entries(built)[b"FACP"]
     flags = struct.unpack_from("<I", fadt, 112)[0]
     dsdt = table_at(built, struct.unpack_from("<Q", fadt, 140)[0])
-    assert flags == tables.FADT_HW_REDUCED_ACPI | tables.FADT_RESET_REG_SUP
+    assert flags & tables.FADT_HW_REDUCED_ACPI and flags & tables.FADT_RESET_REG_SUP
     assert fadt[116:128] == tables.io_register(layout.ACPI_PM_PORT + 2)
     assert dsdt[:4] == b"DSDT" and sum(dsdt) % 256 == 0
+
+
+def test_fadt_has_no_fixed_feature_buttons_and_says_wbinvd_works(built: acpi.AcpiTables) -> None:
+    """Table 5-35: PWR_BUTTON and SLP_BUTTON set mean no fixed-feature button (a hardware-
+    reduced platform has none); WBINVD MUST be set by new systems."""
+    flags = struct.unpack_from("<I", xsdt_entries(built)[b"FACP"], 112)[0]
+    assert flags & 0x31 == 0x31
+
+
+@pytest.mark.parametrize("with_rtc", [True, False], ids=["rtc", "no-rtc"])
+def test_fadt_boot_arch_says_no_vga_and_whether_the_cmos_clock_is_there(with_rtc: bool) -> None:
+    windows = [SERIAL.transport, RTC.transport] if with_rtc else [SERIAL.transport]
+    fadt = xsdt_entries(acpi.build(1, windows))[b"FACP"]
+
+    boot_arch = struct.unpack_from("<H", fadt, 109)[0]
+    assert boot_arch == tables.BOOT_ARCH_VGA_NOT_PRESENT | (
+        0 if with_rtc else tables.BOOT_ARCH_CMOS_RTC_NOT_PRESENT
+    )
 
 
 def test_madt_has_one_enabled_lapic_per_vcpu_then_the_ioapic(built: acpi.AcpiTables) -> None:
@@ -149,6 +173,27 @@ def test_madt_has_one_enabled_lapic_per_vcpu_then_the_ioapic(built: acpi.AcpiTab
     assert madt[44:52] == bytes.fromhex("0008000001000000")  # vCPU 0: uid 0, APIC id 0
     assert madt[52:60] == bytes.fromhex("0008010101000000")  # vCPU 1
     assert madt[60:72] == struct.pack("<BBBBII", 1, 12, 2, 0, 0xFEC0_0000, 0)
+
+
+def test_madt_has_no_interrupt_source_override(built: acpi.AcpiTables) -> None:
+    """ISA IRQs reach their IOAPIC pins edge-triggered, active high, as the MP table says;
+    with no SCI (hardware-reduced), nothing moves IRQ 9 to level."""
+    madt = xsdt_entries(built)[b"APIC"]
+    at, types = 44, []
+    while at < len(madt):
+        types.append(madt[at])
+        at += madt[at + 1]
+    assert tables.MADT_TYPE_ISO not in types
+
+
+def test_dsdt_reserves_ecam_and_the_pm_ports_as_motherboard_resources(
+    built: acpi.AcpiTables,
+) -> None:
+    fadt = xsdt_entries(built)[b"FACP"]
+    dsdt = table_at(built, struct.unpack_from("<Q", fadt, 140)[0])
+    assert aml.name("_HID", aml.eisa_id("PNP0C02")) in dsdt
+    ranges = aml.memory32_fixed(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE)
+    assert ranges + aml.io(layout.ACPI_PM_PORT, 3) in dsdt
 
 
 def test_mcfg_announces_ecam_for_bus_0(built: acpi.AcpiTables) -> None:

@@ -27,9 +27,11 @@ PM_PORTS = tables.PmPorts(
     reset=layout.ACPI_PM_PORT + 2,
     reset_value=0x01,
 )
-# ISA IRQ n reaches IOAPIC pin n (KVM's default GSI routing, which the MP table also
-# states); only IRQ 9 differs from ISA's edge/high: level, active high, as on PCs.
-OVERRIDES = (tables.Override(irq=9, gsi=9, flags=tables.MPS_INTI_ACTIVE_HIGH_LEVEL),)
+# ISA IRQ n reaches IOAPIC pin n, edge-triggered, active high (KVM's default GSI routing, as
+# the MP table states): no override. PCs make IRQ 9 level for the SCI; hardware-reduced ACPI
+# has no SCI, and an override there would contradict the MP table.
+OVERRIDES: tuple[tables.Override, ...] = ()
+RTC_HID = "PNP0B00"  # the CMOS clock's id: without it, the FADT says there is none
 
 
 class AcpiTables(Struct, frozen=True):
@@ -59,7 +61,8 @@ def build(
         return gpa
 
     dsdt_gpa = place(dsdt(windows, pci_intx))
-    fadt_gpa = place(tables.fadt(dsdt_gpa, PM_PORTS))
+    rtc = any(w.acpi_hid == RTC_HID for w in windows)
+    fadt_gpa = place(tables.fadt(dsdt_gpa, PM_PORTS, rtc))
     madt_gpa = place(
         tables.madt(nvcpus, layout.LAPIC_BASE, nvcpus, layout.IOAPIC_BASE, OVERRIDES)
     )  # the IOAPIC's id follows the vCPUs' APIC ids, as in the MP table

@@ -21,6 +21,7 @@ ONES = (1 << 64) - 1
 SMALL_IRQ_NO_FLAGS = 0x22  # IRQ descriptor, 2 bytes: the mask alone (edge, active high)
 SMALL_IO = 0x47  # I/O port descriptor, 7 bytes
 SMALL_END_TAG = 0x79
+LARGE_MEMORY32_FIXED = 0x86
 LARGE_DWORD_ADDRESS = 0x87
 LARGE_WORD_ADDRESS = 0x88
 IO_DECODE_16 = 0x01
@@ -126,6 +127,11 @@ def resource_template(*descriptors: bytes) -> bytes:
 def io(base: int, length: int, alignment: int = 1) -> bytes:
     """IO (Decode16, base, base, alignment, length): a fixed 16-bit port range (6.4.2.5)."""
     return struct.pack("<BBHHBB", SMALL_IO, IO_DECODE_16, base, base, alignment, length)
+
+
+def memory32_fixed(base: int, length: int) -> bytes:
+    """Memory32Fixed (ReadWrite, base, length): a fixed memory range (6.4.3.4)."""
+    return struct.pack("<BHBII", LARGE_MEMORY32_FIXED, 9, MEM_READ_WRITE, base, length)
 
 
 def irq_no_flags(*irqs: int) -> bytes:

@@ -17,6 +17,8 @@ from splitvmm.monitor.acpi import aml
 from splitvmm.monitor.acpi.tables import DSDT_REVISION, sdt
 from splitvmm.protocol.models import PortWindow
 
+PM_PORT_COUNT = 3  # sleep control, sleep status, reset (acpi/__init__.py PM_PORTS)
+
 PCI_SEGMENT = 0
 PORT_SPACE_END = 0xFFFF
 # \_S5's SLP_TYPa: what the guest writes into SLP_TYPx of the sleep control register to
@@ -75,11 +77,29 @@ def legacy_device(index: int, window: PortWindow) -> bytes:
     )
 
 
+def motherboard_resources() -> bytes:
+    """PNP0C02: ranges the platform decodes that no device claims, for the OS to leave alone.
+    ECAM must be one (PCI Firmware 3.2 4.1.2: the MCFG's range is reserved here, else Linux
+    warns and stricter OSes fall back to 0xCF8), and the ACPI PM ports."""
+    return aml.device(
+        "MRES",
+        aml.name("_HID", aml.eisa_id("PNP0C02")),
+        aml.name(
+            "_CRS",
+            aml.resource_template(
+                aml.memory32_fixed(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE),
+                aml.io(layout.ACPI_PM_PORT, PM_PORT_COUNT),
+            ),
+        ),
+    )
+
+
 def dsdt(windows: Sequence[PortWindow], pci_intx: Sequence[tuple[int, int]] = ()) -> bytes:
     """`windows`: the configured devices' port windows that have an ACPI id; `pci_intx`:
     (PCI device, GSI) of each PCI device's INTA#."""
     devices = [legacy_device(i, w) for i, w in enumerate(windows)]
-    body = aml.scope("_SB", pci_root_bridge(pci_intx), *devices) + aml.name(
+    board = motherboard_resources()
+    body = aml.scope("_SB", pci_root_bridge(pci_intx), board, *devices) + aml.name(
         "_S5", aml.package(aml.integer(S5_SLEEP_TYPE), aml.integer(0))
     )
     return sdt(b"DSDT", DSDT_REVISION, body)

@@ -40,8 +40,16 @@ MCFG_REVISION = 1
 DSDT_REVISION = 2  # 64-bit integers in AML
 
 # FADT flags (table 5-35) and offsets of the fields we fill (table 5-34).
+FADT_WBINVD = 1 << 0  # WBINVD works (table 5-35: MUST be set by new systems)
+FADT_PWR_BUTTON = 1 << 4  # no fixed-feature power button (set: a control method one, or none)
+FADT_SLP_BUTTON = 1 << 5  # no fixed-feature sleep button
 FADT_RESET_REG_SUP = 1 << 10
 FADT_HW_REDUCED_ACPI = 1 << 20
+# IA-PC boot architecture flags (table 5-36): what legacy hardware an OS may not probe for.
+# The 8042 flag stays clear: the monitor serves port 0x64 for a reset only.
+BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
+BOOT_ARCH_CMOS_RTC_NOT_PRESENT = 1 << 5
+FADT_IAPC_BOOT_ARCH = 109
 FADT_X_DSDT = 140
 FADT_FLAGS = 112
 FADT_RESET_REG = 116
@@ -110,15 +118,19 @@ class PmPorts(Struct, frozen=True):
     reset_value: int
 
 
-def fadt(dsdt_gpa: int, pm: PmPorts) -> bytes:
-    """A hardware-reduced FADT: no SCI, no PM1 blocks; the reset register and the sleep
-    control and status registers are ports the monitor serves."""
+def fadt(dsdt_gpa: int, pm: PmPorts, rtc: bool) -> bytes:
+    """A hardware-reduced FADT: no SCI, no PM1 blocks, no fixed-feature buttons; the reset
+    register and the sleep control and status registers are ports the monitor serves.
+    `rtc`: the CMOS clock is there (else the OS is told not to look for one)."""
     body = bytearray(FADT_LENGTH - SDT_HEADER.size)
 
     def put(offset: int, data: bytes) -> None:
         body[offset - SDT_HEADER.size : offset - SDT_HEADER.size + len(data)] = data
 
-    put(FADT_FLAGS, struct.pack("<I", FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP))
+    flags = FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP
+    put(FADT_FLAGS, struct.pack("<I", flags | FADT_HW_REDUCED_ACPI))
+    boot_arch = BOOT_ARCH_VGA_NOT_PRESENT | (0 if rtc else BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
+    put(FADT_IAPC_BOOT_ARCH, struct.pack("<H", boot_arch))
     put(FADT_RESET_REG, io_register(pm.reset))
     put(FADT_RESET_VALUE, bytes([pm.reset_value]))
     put(FADT_MINOR_VERSION, bytes([FADT_MINOR]))
