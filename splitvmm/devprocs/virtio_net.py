@@ -72,6 +72,7 @@ ALL_OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_TSO_
 # struct virtio_net_hdr (5.1.6): flags, gso_type, hdr_len, gso_size, csum_start,
 # csum_offset, num_buffers
 HDR = struct.Struct("<BBHHHHH")
+FLAGS_OFFSET = 0
 NUM_BUFFERS_OFFSET = 10
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6 = 0, 1, 4
@@ -321,7 +322,7 @@ class VirtioNet(VirtioPciDevice):
     def _complete(self, ring: SplitQueue, chains: list[Chain], n: int) -> int:
         """The frame of n bytes read into `chains` (and the scratch) goes to the driver: the
         chains it fills are used, the rest given back; 1, or 0 if it was dropped."""
-        if any(_room(c) < HDR.size for c in chains):  # 5.1.6.3.1: MUST
+        if self._merge() and any(_room(c) < HDR.size for c in chains):  # 5.1.6.3.1: MUST
             raise QueueError(f"a receive buffer of less than the {HDR.size}-byte header")
         room = sum(_room(c) for c in chains)
         if n < HDR.size or n > room and not (self._merge() and self._tail(ring, chains, n - room)):
@@ -337,9 +338,12 @@ class VirtioNet(VirtioPciDevice):
             used.append((chain.head, take))
             left -= take
         ring.unpop(len(chains) - len(used))
-        self.ram.scatter(chains[0].writable, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))
-        for head, written in used:
-            ring.push(head, written)
+        header = chains[0].writable
+        if not self.driver_features & VIRTIO_NET_F_GUEST_CSUM:
+            # 5.1.6.4.1: flags MUST be 0 then; the TAP marks frames it validated DATA_VALID.
+            self.ram.scatter(header, FLAGS_OFFSET, b"\0")
+        self.ram.scatter(header, NUM_BUFFERS_OFFSET, struct.pack("<H", len(used)))
+        ring.push_together(used)  # 5.1.6.4.1: a frame's buffers are used together
         self.counts["rx_frames"] += 1
         self.counts["rx_bytes"] += n - HDR.size
         return 1

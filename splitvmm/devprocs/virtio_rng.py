@@ -31,10 +31,16 @@ class VirtioRng(VirtioPciDevice):
     CLASS_CODE = 0xFF0000  # unclassified device
 
     def handle(self, queue: int, chain: Chain) -> int:
+        """Random bytes into the writable buffers, in order: the count the device got. The
+        driver uses len bytes (5.4.6.1), so a short getrandom (a signal during a large read)
+        ends the chain there rather than counting bytes never written (2.7.8)."""
         written = 0
         for gpa, length in chain.writable:
             for at in range(0, length, MAX_SLICE):
-                n = min(MAX_SLICE, length - at)
-                self.ram.write(gpa + at, os.getrandom(n))
-                written += n
+                want = min(MAX_SLICE, length - at)
+                data = os.getrandom(want)
+                self.ram.write(gpa + at, data)
+                written += len(data)
+                if len(data) < want:
+                    return written
         return written

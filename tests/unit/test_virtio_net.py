@@ -14,6 +14,7 @@ import pytest
 
 from splitvmm.config import parse_config
 from splitvmm.devprocs import virtio_net
+from splitvmm.devprocs.virtio.queue import SplitQueue
 from splitvmm.devprocs.virtio_net import VirtioNet
 from splitvmm.errors import ConfigError
 from splitvmm.native import tun
@@ -25,6 +26,7 @@ from tests.virtio.support import (
     DRIVER_OK,
     F_VERSION_1,
     FEATURES_OK,
+    NEEDS_RESET,
     Driver,
     Ring,
     close_fds,
@@ -216,6 +218,53 @@ def test_virtio_net_rx_mrg_rxbuf_frame_spans_two_buffers(net, peer):
     assert rx.take_used() == [(0, 100), (1, 12 + len(FRAME) - 100)]
     assert net.ram.read(first + 10, 2) == b"\x02\x00"  # num_buffers
     assert net.ram.read(first + 12, 88) + net.ram.read(second, 26) == FRAME
+
+
+def test_virtio_net_rx_mrg_rxbuf_frame_buffers_are_used_together(net, peer, monkeypatch):
+    """5.1.6.4.1: a frame's buffers are returned together (one move of used idx), so a
+    driver never sees num_buffers 2 with one of them used."""
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 100, 100)
+    driver.kick(0)
+
+    def one_at_a_time(*args: object) -> None:
+        raise AssertionError("a buffer of a merged frame was used on its own")
+
+    monkeypatch.setattr(SplitQueue, "push", one_at_a_time)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 100), (1, 12 + len(FRAME) - 100)]
+
+
+@pytest.mark.parametrize("guest_csum", [False, True], ids=["plain", "guest-csum"])
+def test_virtio_net_rx_header_flags_are_zero_unless_guest_csum(fds, peer, monkeypatch, guest_csum):
+    """5.1.6.4.1: without VIRTIO_NET_F_GUEST_CSUM the device MUST set flags to 0; the TAP
+    marks frames the host validated DATA_VALID (2) whatever was negotiated."""
+    monkeypatch.setattr(tun, "set_offload", lambda fd, flags: None)
+    ctx = prepared("virtio-net", fds)
+    ctx.prepared["tap_offloads"] = True  # as a TAP that took them at setup() would
+    dev = VirtioNet.from_options(ctx, {})
+    driver, rx, _ = started(dev, F_VERSION_1 | (F_CSUM | F_GUEST_CSUM if guest_csum else 0))
+    (gpa,) = post(rx, 1526)
+    driver.kick(0)
+    os.write(peer, b"\x02" + HDR[1:] + FRAME)  # VIRTIO_NET_HDR_F_DATA_VALID
+    tap_readable(dev)
+
+    assert dev.ram.read(gpa, 1) == (b"\x02" if guest_csum else b"\x00")
+
+
+def test_virtio_net_rx_buffer_smaller_than_the_header_without_mrg_drops_the_frame(net, peer):
+    """5.1.6.3.1: buffers of at least the header are a MUST with MRG_RXBUF only; without
+    it a frame that does not fit is dropped, the buffer kept, the device working."""
+    driver, rx, _ = started(net)
+    post(rx, 8)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+
+    assert rx.take_used() == [] and net.counts["rx_dropped"] == 1
+    assert not driver.status() & NEEDS_RESET
 
 
 def test_virtio_net_rx_unused_buffer_stays_posted_for_next_frame(net, peer):

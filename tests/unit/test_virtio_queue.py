@@ -650,3 +650,18 @@ def test_queue_indirect_buffer_outside_ram_raises(driver):
 
     with pytest.raises(QueueError, match="descriptor 0 indirect descriptor 1 addr 0x100000"):
         driver.device(indirect=True).pop()
+
+
+def test_queue_push_together_writes_every_entry_then_used_idx_once(driver):
+    heads = [driver.add([(DATA_GPA + 64 * i, 64, True)]) for i in range(3)]
+    driver.publish(*heads)
+    queue = driver.device()
+    for _ in heads:
+        queue.pop()
+
+    queue.push_together([(heads[0], 64), (heads[1], 10)])
+
+    assert [driver.used_elem(0), driver.used_elem(1)] == [(heads[0], 64), (heads[1], 10)]
+    assert driver.used_idx() == 2 == queue.used_idx
+    with pytest.raises(ValueError, match="push of 2 chains, more than are in flight"):
+        queue.push_together([(heads[2], 1), (heads[2], 1)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -35,6 +36,19 @@ def test_virtio_rng_fills_every_writable_buffer(rng):
 
     assert ring.take_used() == [(head, 8192)]
     assert rng.ram.read(a[0], 4096) != bytes(4096) and rng.ram.read(b[0], 4096) != bytes(4096)
+
+
+def test_virtio_rng_short_getrandom_reports_only_the_bytes_written(rng, monkeypatch):
+    """2.7.8: len counts bytes written; the driver takes len bytes as entropy (5.4.6.1)."""
+    monkeypatch.setattr(os, "getrandom", lambda n: b"\x5a" * min(n, 1000))
+    driver, ring = Driver(rng), Ring(rng.ram)
+    driver.start(ring)
+    a, b = ring.buffer(4096), ring.buffer(4096)
+    head = ring.add([(*a, True), (*b, True)])
+
+    driver.kick()
+
+    assert ring.take_used() == [(head, 1000)]
 
 
 def test_virtio_rng_readable_buffer_left_alone(rng):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from splitvmm.devprocs.virtio.guestram import U16, GuestRam, GuestRamError, RamWindow
 from splitvmm.errors import SplitvmmError, StateError, shown
@@ -248,6 +248,23 @@ class SplitQueue:
         view[entry : entry + USED_ELEM.size] = USED_ELEM.pack(head, written)
         self.used_idx = (self.used_idx + 1) & U16_MASK
         view[2:4] = U16.pack(self.used_idx)
+        self._used.mark()
+
+    def push_together(self, used: Sequence[tuple[int, int]]) -> None:
+        """Return several chains as one (virtio 1.2 5.1.6.4.1: a merged receive frame's
+        buffers): every used ring entry, then used idx once, so that a driver never sees
+        some of them without the others."""
+        if len(used) > (self.last_avail - self.used_idx) & U16_MASK:
+            raise ValueError(f"push of {len(used)} chains, more than are in flight")
+        view, idx = self._used.view, self.used_idx
+        for head, written in used:
+            if not 0 <= head < self.size or not 0 <= written <= U32_MAX:
+                raise ValueError(f"push of head {head} written {written} is out of range")
+            entry = RING_HEADER + USED_ELEM.size * (idx % self.size)
+            view[entry : entry + USED_ELEM.size] = USED_ELEM.pack(head, written)
+            idx = (idx + 1) & U16_MASK
+        self.used_idx = idx
+        view[2:4] = U16.pack(idx)
         self._used.mark()
 
     def needs_notification(self) -> bool:
