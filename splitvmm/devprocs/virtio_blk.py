@@ -64,6 +64,7 @@ MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_SEGMENTS = 1  # discard / write zeroes segments per request
 IOV_MAX = 1024  # preadv/pwritev take at most this many buffers at once
 ZERO_CHUNK = 1 << 20  # zeros written (to the disk, or to guest buffers) this much at a time
+ZEROS = memoryview(bytes(ZERO_CHUNK))  # calloc'd: the kernel's zero page until written
 PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE
 ZERO_RANGE = files.FALLOC_FL_ZERO_RANGE | files.FALLOC_FL_KEEP_SIZE
 
@@ -119,6 +120,8 @@ class VirtioBlk(VirtioPciDevice):
 
     @classmethod
     def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
+        if not state.serial.isascii():
+            raise StateError("virtio-blk state: serial is not ASCII")
         device = cls(ctx, readonly=state.readonly, serial=state.serial)
         if device.capacity != state.capacity:
             raise StateError(
@@ -166,12 +169,14 @@ class VirtioBlk(VirtioPciDevice):
             written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
-            # The used ring's len counts the bytes written from the first writable one on
-            # (2.7.8), and the status byte comes after the data buffers: they are zeroed, so
-            # that len (data + status) is true whatever a failed read left in them.
-            written, status = self._zero(data_in), e.status
+            written, status = 0, e.status
+        # The used ring's len counts the bytes written from the first writable one on
+        # (2.7.8), and the status byte comes after the data buffers: what the request did
+        # not fill (all of them when it failed, GET_ID's past 20 bytes) is zeroed, so that
+        # len (data + status) is true.
+        total = self._zero_past(data_in, written)
         self.ram.write_u8(status_gpa, status)  # last: the request is done
-        return written + 1
+        return total + 1
 
     def _header(self, readable: list[tuple[int, int]]) -> tuple[int, int]:
         if readable and readable[0][1] >= HEADER.size:  # the usual layout: read it in place
@@ -218,14 +223,19 @@ class VirtioBlk(VirtioPciDevice):
         if not self.driver_features & VIRTIO_BLK_F_FLUSH:
             self._io(os.fdatasync, self.disk)
 
-    def _zero(self, bufs: list[tuple[int, int]]) -> int:
-        """Zero the guest's buffers `bufs`: how many bytes that was."""
+    def _zero_past(self, bufs: list[tuple[int, int]], done: int) -> int:
+        """Zero the guest's buffers `bufs` past their first `done` bytes: their total size.
+        Buffers that overlap are zeroed once (a driver may point many descriptors at one
+        buffer), so the work is bounded by guest RAM, not by the chain's length."""
         total = 0
-        for view in self.ram.iovecs(bufs, writable=True):
-            for at in range(0, len(view), ZERO_CHUNK):
-                piece = view[at : at + ZERO_CHUNK]
-                piece[:] = bytes(len(piece))
-            total += len(view)
+        for _, length in bufs:  # (a loop: a comprehension is a call of its own)
+            total += length
+        if done < total:
+            for start, end in _merged(_skip(bufs, done)):
+                for view in self.ram.iovecs([(start, end - start)], writable=True):
+                    for at in range(0, len(view), ZERO_CHUNK):
+                        piece = view[at : at + ZERO_CHUNK]
+                        piece[:] = ZEROS[: len(piece)]
         return total
 
     def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
@@ -256,6 +266,9 @@ class VirtioBlk(VirtioPciDevice):
         return written
 
     def _segments(self, kind: int, out: list[tuple[int, int]]) -> None:
+        # One segment more than allowed is read, enough to refuse more: an unknown flag past
+        # it goes unseen, and such a request (over max_discard_seg, a driver's MUST NOT) is
+        # IOERR rather than UNSUPP.
         raw = self.ram.gather(out, SEGMENT.size * (MAX_SEGMENTS + 1))
         if not raw or len(raw) % SEGMENT.size:
             raise RequestError(VIRTIO_BLK_S_IOERR)
@@ -296,9 +309,8 @@ class VirtioBlk(VirtioPciDevice):
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     self._io_failed(e)
-        zeros = bytes(min(length, ZERO_CHUNK))
         for at in range(offset, offset + length, ZERO_CHUNK):
-            self._io(os.pwrite, self.disk, zeros[: offset + length - at], at)
+            self._io(os.pwrite, self.disk, ZEROS[: offset + length - at], at)
 
     def _io(self, call: Any, *args: Any) -> int:
         """A host I/O call; its failure is the request's (IOERR), logged, never the device's."""
@@ -322,6 +334,18 @@ def _skip(bufs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
             continue
         out.append((gpa + n, length - n))
         n = 0
+    return out
+
+
+def _merged(bufs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (start, end) ranges the buffers cover, overlapping ones merged (each such union
+    lies in one RAM range, as its buffers do; buffers that only touch are kept apart)."""
+    out: list[tuple[int, int]] = []
+    for gpa, length in sorted(bufs):
+        if out and gpa < out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], gpa + length))
+        elif length:
+            out.append((gpa, gpa + length))
     return out
 
 

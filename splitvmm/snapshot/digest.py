@@ -95,8 +95,9 @@ class Overlapped:
             self._hash.update(piece)
             return
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="snapshot-hash", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="snapshot-hash", daemon=True)
+            thread.start()  # (kept only once started: a failed start is what gets raised)
+            self._thread = thread
         self._busy = True
         self._pieces.put(piece)
 

@@ -160,6 +160,40 @@ def test_virtio_blk_failed_request_has_its_buffers_zeroed_and_counted(blk, kind,
     assert blk.ram.read(status - 1024, 1024) == bytes(1024)
 
 
+def test_virtio_blk_get_id_into_a_larger_buffer_zeroes_and_counts_the_rest(blk):
+    driver, ring = started(blk)
+    status = request(ring, GET_ID, 0, [(32, True)])
+    blk.ram.write(status - 32, b"\xee" * 32)
+
+    driver.kick()
+
+    assert blk.ram.read(status - 32, 32) == b"disk-0001".ljust(32, b"\0")
+    assert ring.take_used()[0][1] == 33 and status_of(blk, status) == OK
+
+
+def test_virtio_blk_failed_request_zeroes_a_buffer_named_twice_once(blk, monkeypatch):
+    """A driver may point many descriptors at one buffer: the work is its size, not the
+    chain's length (a guest could otherwise name 16 MiB 256 times per request)."""
+    driver, ring = started(blk)
+    header = ring.buffer(struct.pack("<IIQ", IN, 0, SECTORS))  # past the end: IOERR
+    data, status = ring.buffer(512), ring.buffer(1)
+    ring.add([(*header, False), (*data, True), (*data, True), (*status, True)])
+    blk.ram.write(data[0], b"\xee" * 512)
+    zeroed: list[tuple[int, int]] = []
+    real = blk.ram.iovecs
+
+    def iovecs(parts: list[tuple[int, int]], writable: bool) -> list[memoryview]:
+        if writable and parts and parts[0][0] == data[0]:
+            zeroed.extend(parts)
+        return real(parts, writable)
+
+    monkeypatch.setattr(blk.ram, "iovecs", iovecs)
+    driver.kick()
+
+    assert status_of(blk, status[0]) == IOERR and ring.take_used()[0][1] == 1025
+    assert zeroed == [(data[0], 512)] and blk.ram.read(data[0], 512) == bytes(512)
+
+
 def test_virtio_blk_in_of_partial_sector_is_ioerr(blk):
     driver, ring = started(blk)
     status = request(ring, IN, 0, [(100, True)])
@@ -418,6 +452,13 @@ def test_virtio_blk_snapshot_mid_way_restores_and_serves_the_rest(blk, fds):
 
     assert restored.save().queues[0].used_idx == 2 and status_of(restored, status) == OK
     assert [h for h, _ in ring.take_used()] == [0, 3]
+
+
+def test_virtio_blk_restore_refuses_a_serial_that_is_not_ascii(blk):
+    bad = replace(blk.save(), serial="dísk".encode())
+
+    with pytest.raises(StateError, match="not ASCII"):
+        VirtioBlk.restore(blk.ctx, bad)
 
 
 def test_virtio_blk_restore_refuses_another_capacity(blk):
