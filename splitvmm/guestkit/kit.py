@@ -7,7 +7,12 @@ Layout of the cache:
     disk.img                          the demo VM's virtio-blk disk (raw, sparse); the guest's
                                       data: made once, never rebuilt or overwritten
     manifest.json                     written last: what was built, with sha256 of each file
-    build/                            scratch while building (the unpacked packages), removed
+    .build-XXXXXXXX/                  scratch while building (the unpacked packages), a new
+                                      directory each build, removed
+
+The cache directory is the user's to choose (`--cache-dir`), and may hold other files: the kit
+removes only what it made, its scratch directory and the kernel and initramfs an earlier
+manifest.json names, never files it merely finds there.
 
 A kit is reused when manifest.json names files that exist with the recorded sha256. The config
 is not in the manifest: it is re-rendered on every run (cheap), so it follows the directory if
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -135,20 +141,29 @@ def build_kit(
         kit = None if force else load_cached_kit(cache_dir, progress)
         try:
             if kit is None:
+                earlier = _recorded_files(cache_dir)
                 kit = _build(cache_dir, progress, run)
-                _remove_stale(cache_dir, kit)
+                _remove_stale(earlier, kit)
             _write_config(kit)
         except OSError as e:  # the host's trouble (disk full, permissions), not a bug of ours
             raise GuestKitError(f"writing the kit in {cache_dir} failed: {e}") from e
         return kit
 
 
-def _remove_stale(cache_dir: Path, kit: Kit) -> None:
-    """Kernels and initramfs of an older kernel release, left by an earlier build."""
-    for pattern in ("vmlinuz-*", "initramfs-*.cpio.gz"):
-        for path in cache_dir.glob(pattern):
-            if path not in (kit.kernel, kit.initrd):
-                path.unlink()
+def _recorded_files(cache_dir: Path) -> set[Path]:
+    """The kernel and initramfs an earlier build's manifest names (a stale kit's included):
+    the only files a new build may remove."""
+    try:
+        files = json.loads((cache_dir / MANIFEST).read_text())["files"]
+        return {cache_dir / _file_name(files[role]) for role in ("kernel", "initrd")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # no manifest, or one we cannot read: nothing of ours to remove
+
+
+def _remove_stale(earlier: set[Path], kit: Kit) -> None:
+    """The kernel and initramfs of an earlier build that this one does not reuse."""
+    for path in earlier - {kit.kernel, kit.initrd}:
+        path.unlink(missing_ok=True)
 
 
 def _make_disk(path: Path) -> None:
@@ -170,8 +185,7 @@ def _write_config(kit: Kit) -> None:
 
 
 def _build(cache_dir: Path, progress: Progress, run: Runner) -> Kit:
-    work = cache_dir / "build"
-    shutil.rmtree(work, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))  # ours alone
     try:
         kernel_pkg, busybox_pkg = fetch_packages(run, work / "debs", progress)
         progress(f"unpacking {kernel_pkg.name} and {busybox_pkg.name}")

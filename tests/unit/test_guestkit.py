@@ -485,7 +485,24 @@ def test_build_kit_manifest_records_sha256_of_kernel_and_initrd(tmp_path: Path):
 
 def test_build_kit_leaves_no_build_directory(tmp_path: Path):
     kit.build_kit(tmp_path, run=FakeHost())
-    assert not (tmp_path / "build").exists()
+    assert not list(tmp_path.glob(".build-*"))
+
+
+def test_build_kit_removes_only_what_it_made(tmp_path: Path):
+    """--cache-dir is the user's choice: files the kit finds there are not its own, even
+    named like its kernels (a --cache-dir /boot must not lose the host's)."""
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "notes.txt").write_text("mine")
+    (tmp_path / "vmlinuz-6.1-mine").write_bytes(b"host kernel")
+    manifest = {"files": {"kernel": {"name": "vmlinuz-0.1-old"}, "initrd": {"name": "i-old"}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))  # an earlier kit's
+    (tmp_path / "vmlinuz-0.1-old").write_bytes(b"ours, stale")
+
+    kit.build_kit(tmp_path, run=FakeHost())
+
+    assert (tmp_path / "build" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "vmlinuz-6.1-mine").read_bytes() == b"host kernel"
+    assert not (tmp_path / "vmlinuz-0.1-old").exists()
 
 
 def test_build_kit_second_run_reuses_without_running_anything(tmp_path: Path):
@@ -526,13 +543,6 @@ def test_build_kit_manifest_of_another_recipe_rebuilds(tmp_path: Path):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "recipe": "0" * 64}))
     again = kit.build_kit(tmp_path, run=FakeHost())
     assert again.reused is False
-
-
-def test_build_kit_new_kernel_release_removes_the_old_one(tmp_path: Path):
-    kit.build_kit(tmp_path, run=FakeHost())
-    (tmp_path / "vmlinuz-6.1.0-49-cloud-amd64").write_bytes(b"old")
-    kit.build_kit(tmp_path, force=True, run=FakeHost())
-    assert sorted(p.name for p in tmp_path.glob("vmlinuz-*")) == [f"vmlinuz-{RELEASE}"]
 
 
 def test_build_kit_garbage_manifest_rebuilds(tmp_path: Path):
