@@ -186,18 +186,28 @@ def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
         raise ConfigError(
             f"vm.snapshot_dirs: expected a list of at most {MAX_SNAPSHOT_DIRS} directory paths"
         )
-    dirs = tuple((base / Path(d).expanduser()).resolve() for d in raw)
+    dirs = tuple(_host_path(base, d, "vm.snapshot_dirs", resolve=True) for d in raw)
     for d in dirs:
         if not d.is_dir():  # checked even for a restore: the monitor's Landlock names them
             raise ConfigError(f"vm.snapshot_dirs: {d} does not exist or is not a directory")
     return dirs
 
 
+def _host_path(base: Path, value: str, where: str, resolve: bool = False) -> Path:
+    """`value` (~ expanded) relative to the config's directory; a ConfigError naming `where`
+    for what no path can be (a NUL byte, an unknown ~user, a symlink loop)."""
+    try:
+        path = base / Path(value).expanduser()
+        return path.resolve() if resolve else path
+    except (ValueError, RuntimeError, OSError) as e:  # NUL; ~nobody, symlink loop; ELOOP
+        raise ConfigError(f"{where}: {shown(value)} is no usable path: {e}") from None
+
+
 def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | None:
     if key not in table:
         return None
     value = _get(table, key, "boot", str)
-    path = (base / value).expanduser() if not value.startswith("~") else Path(value).expanduser()
+    path = _host_path(base, value, f"boot.{key}")
     if check and not path.is_file():
         raise ConfigError(f"boot.{key}: {path} does not exist or is not a file")
     return path
@@ -276,8 +286,14 @@ def _duration(table: dict[str, Any], key: str, where: str, default: float) -> fl
                 '"500ms", "1m")'
             )
         seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
-    elif isinstance(value, int | float) and not isinstance(value, bool):
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not 0 < value <= MAX_RESTART_WINDOW_S:  # before float(): a huge int overflows it
+            raise ConfigError(
+                f"{where}.{key}: {shown(value)} is outside 0..{MAX_RESTART_WINDOW_S:g} s"
+            )
         seconds = float(value)
+    elif isinstance(value, float):
+        seconds = value
     else:
         raise ConfigError(
             f"{where}.{key}: expected seconds or a duration string, got "
@@ -340,6 +356,8 @@ def load_config(path: Path, check_files: bool = True) -> VmConfig:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, too large for a VM config")
+    if raw.startswith(b"\xef\xbb\xbf"):  # tomllib reads it as a stray character at 1:1
+        raise ConfigError(f"{path}: starts with a UTF-8 byte-order mark, which TOML forbids")
     try:
         data = tomllib.loads(raw.decode())
     except UnicodeDecodeError as e:

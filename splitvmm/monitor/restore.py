@@ -164,6 +164,11 @@ def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
     }
     for device in data["device"]:
         if isinstance(device, dict):
+            if "fault" in device:  # the writer never stores it (config_to_dict)
+                raise SnapshotError(
+                    f"manifest vm_config: device {shown(device.get('name'), 40)} arms a "
+                    "crash-testing fault, which no snapshot carries"
+                )
             _own_resources(device, set(overrides))
     for key, value in overrides.items():
         name, option = _split_key(key)

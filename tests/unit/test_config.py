@@ -118,6 +118,13 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         (GOOD.replace("[vm]", f"[vm]\ncpuid_mask = {['1.ecx:1'] * 65}"), "vm.cpuid_mask"),
         ("x = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         (GOOD + "#" * (1 << 20), "over 1 MiB"),
+        (
+            GOOD + 'on_crash = "restart"\nrestart_window = ' + "9" * 400,
+            "restart_window: an integer of 1329 bits is outside",
+        ),
+        (GOOD.replace('"kernel.elf"', '"~nosuchuser/k"'), "boot.kernel: '~nosuchuser/k' is no"),
+        (GOOD.replace("[boot]", 'snapshot_dirs = ["a\\u0000"]\n[boot]'), "vm.snapshot_dirs: 'a"),
+        ("\ufeff" + GOOD, "starts with a UTF-8 byte-order mark"),
     ],
     ids=[
         "vm-name-trailing-newline",
@@ -130,6 +137,10 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         "cpuid-mask-too-many",
         "nested-arrays",
         "file-over-cap",
+        "restart-window-400-digit-int",
+        "kernel-unknown-user",
+        "snapshot-dir-nul",
+        "byte-order-mark",
     ],
 )
 def test_config_hostile_input_raises_one_line_error(kernel_dir, text, message):

@@ -70,6 +70,15 @@ def test_config_of_manifest_output_never_used(tmp_path, planted):
     assert restore.config_of(snap, {}).devices[0].options["output"] == "stdio"
 
 
+def test_config_of_manifest_arming_a_fault_refused(tmp_path):
+    """A crash-testing fault is the operator's to arm (`ctl inject-fault`, the config):
+    the writer never stores one, so a manifest that does was made to."""
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(fault="crash:after=1"))
+
+    with pytest.raises(SnapshotError, match="device 'serial0' arms a crash-testing fault"):
+        restore.config_of(snap, {})
+
+
 def test_config_of_manifest_kernel_and_initrd_dropped(tmp_path):
     snap = golden(
         tmp_path, lambda m: m["vm_config"]["boot"].update(kernel="/etc/shadow", initrd="/x")
