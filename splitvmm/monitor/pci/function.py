@@ -34,6 +34,7 @@ from splitvmm.monitor.pci.bars import BarAllocator, BarDecoder, FunctionWithBars
 from splitvmm.monitor.pci.config import COMMAND
 from splitvmm.monitor.pci.root import PciRoot
 from splitvmm.protocol.models import BarKind, PciBar, PciFunction
+from splitvmm.protocol.wire import ACCESS_SIZES
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import Struct
 
@@ -239,17 +240,39 @@ class PciFunctionHost:
 
 
 class BarWindow:
-    """BAR `index` on the MMIO bus: an access at its base + off reaches the window there."""
+    """BAR `index` on the MMIO bus: an access at its base + off reaches the window there.
+
+    KVM hands over MMIO accesses of any length up to 8 (the fragments of one that crosses a
+    page, a 6-byte far pointer), and the device channel takes 1, 2, 4 and 8 bytes
+    (protocol/wire.py): any other length goes as its pieces, largest first, as QEMU's
+    access_with_adjusted_size splits them. A 3-byte frame killed the device process, and
+    its restart replayed the same frame."""
 
     def __init__(self, host: PciFunctionHost, index: int, start: int) -> None:
         self.name = f"{host.name} BAR {index}"
         self._host, self._start = host, start
 
     def read(self, offset: int, size: int) -> bytes:
-        return self._host.read(self._start + offset, size)
+        if size in ACCESS_SIZES:
+            return self._host.read(self._start + offset, size)
+        return b"".join(self._host.read(self._start + at, n) for at, n in _pieces(offset, size))
 
     def write(self, offset: int, data: bytes) -> None:
-        self._host.write(self._start + offset, data)
+        if len(data) in ACCESS_SIZES:
+            self._host.write(self._start + offset, data)
+            return
+        for at, n in _pieces(offset, len(data)):
+            self._host.write(self._start + at, data[at - offset : at - offset + n])
+
+
+def _pieces(offset: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) pieces of 4, 2 and 1 bytes that make up an access of `size`."""
+    pieces = []
+    while size:
+        n = 4 if size >= 4 else 2 if size >= 2 else 1
+        pieces.append((offset, n))
+        offset, size = offset + n, size - n
+    return pieces
 
 
 class _ConfigProxy:
