@@ -78,19 +78,27 @@ def run_and_exit(
 
 def _open_snapshot(snapshot_dir: Path, key_file: Path | None) -> Snapshot:
     from splitvmm.snapshot import signing
+    from splitvmm.snapshot.format import SnapshotError
     from splitvmm.snapshot.reader import Snapshot
 
     key = signing.load_key(key_file) if key_file is not None else None
-    return Snapshot.open(snapshot_dir, key)
+    try:
+        return Snapshot.open(snapshot_dir, key)
+    except SnapshotError as e:  # which snapshot, as `snapshot inspect` says
+        raise SnapshotError(f"snapshot {snapshot_dir}: {e}") from None
 
 
 def _check_snapshot(snap: Snapshot, cfg: VmConfig) -> None:
     from splitvmm.monitor import restore
+    from splitvmm.snapshot.format import SnapshotError
 
-    restore.check_compatible(snap, cfg)
-    # Guest RAM's checksum is checked as it is copied into the VM (before any vCPU runs), so
-    # a restore reads it once; everything else is checked here, before anything is built.
-    snap.verify(ram_data=False)
+    try:
+        restore.check_compatible(snap, cfg)
+        # Guest RAM's checksum is checked as it is copied into the VM (before any vCPU runs),
+        # so a restore reads it once; everything else is checked here, before anything runs.
+        snap.verify(ram_data=False)
+    except SnapshotError as e:
+        raise SnapshotError(f"snapshot {snap.path}: {e}") from None
 
 
 timings_option = click.option(

@@ -31,6 +31,7 @@ import mmap
 import os
 import re
 import signal
+import stat
 import termios
 from collections.abc import Mapping
 
@@ -176,6 +177,25 @@ def parse_rule(line: str, where: str, constants: Mapping[str, int] = CONSTANTS) 
     return Rule(name, where, any_of=_comparisons(body, where, constants))
 
 
+def _read_text(path: str, where: str) -> str:
+    """The policy file's text; PolicyError for what is no readable UTF-8 regular file (a FIFO
+    is refused without waiting for a writer: opened O_NONBLOCK, then checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PolicyError(f"{where}: {path} is not a regular file")
+            with open(fd, "rb", closefd=False) as f:
+                return f.read().decode("utf-8")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise PolicyError(f"{where}: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        where_at = f"{e.reason} at byte {e.start}"
+        raise PolicyError(f"{where}: {path} is not UTF-8 text ({where_at})") from None
+
+
 def parse_file(
     file: str | os.PathLike[str],
     constants: Mapping[str, int] = CONSTANTS,
@@ -188,12 +208,8 @@ def parse_file(
     path = os.fspath(file)
     if path in _stack:
         raise PolicyError(f"{_stack[-1]}: @include cycle through {os.path.basename(path)}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        where = f"{_stack[-1]}" if _stack else str(path)
-        raise PolicyError(f"{where}: cannot read {path}: {e.strerror}") from None
+    where = f"{_stack[-1]}" if _stack else str(path)
+    text = _read_text(path, where)
     policy = Policy({}, [path])
     own: set[str] = set()
     for lineno, raw in enumerate(text.splitlines(), 1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,22 @@ def test_parse_file_when_include_is_missing_names_the_including_file(tmp_path: P
     path = _file(tmp_path, "x.policy", "@include nowhere.policy\n")
 
     with pytest.raises(PolicyError, match=rf"^{path}: cannot read .*nowhere.policy"):
+        policy.parse_file(path)
+
+
+def test_parse_file_not_utf8_is_a_policy_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.policy"
+    path.write_bytes(b"read: 1\n\xff\xfe\n")
+
+    with pytest.raises(PolicyError, match=rf"^{path}: {path} is not UTF-8 text"):
+        policy.parse_file(path)
+
+
+def test_parse_file_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "x.policy"
+    os.mkfifo(path)
+
+    with pytest.raises(PolicyError, match=rf"^{path}: {path} is not a regular file"):
         policy.parse_file(path)
 
 

@@ -606,3 +606,19 @@ def test_hostile_snapshot_verify_is_one_line(tmp_path, env, name):
 
 def test_hostile_suite_has_fifty_distinct_attacks():
     assert len(CASES) >= 50
+
+
+@pytest.mark.parametrize("command", ["up", "restore"])
+def test_restore_of_a_missing_directory_names_it(tmp_path, env, monkeypatch, command):
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(OPERATOR_CONFIG.format(output=env.oplog))
+    missing = tmp_path / "no-such-snapshot"
+    args = (
+        ["up", str(cfg), "--restore", str(missing)]
+        if command == "up"
+        else ["restore", str(missing)]
+    )
+
+    result, _ = invoke(monkeypatch, args)
+
+    assert_refused_cleanly(result, f"snapshot {missing}: not a directory")
