@@ -18,7 +18,7 @@ from typing import Any
 
 from splitvmm.errors import ConfigError
 from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS, PortWindow
+from splitvmm.protocol.models import MODELS, Option, PortWindow
 from splitvmm.record import Struct, field
 
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
@@ -203,6 +203,17 @@ def _host_path(base: Path, value: str, where: str, resolve: bool = False) -> Pat
         raise ConfigError(f"{where}: {shown(value)} is no usable path: {e}") from None
 
 
+def _option_path(base: Path, value: str, where: str, option: Option) -> str:
+    """A device's path option from the config's directory (an output's after "unix:")."""
+    if value == "stdio":
+        return value
+    prefix = "unix:" if value.startswith("unix:") else ""
+    rest = value.removeprefix(prefix)
+    if not rest:
+        return value  # nothing to resolve: refused where it is opened, naming the option
+    return prefix + str(_host_path(base, rest, f"{where}.{option.name}"))
+
+
 def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | None:
     if key not in table:
         return None
@@ -230,7 +241,7 @@ def _parse_boot(table: dict[str, Any], base: Path, check: bool, restored: bool) 
     )
 
 
-def _parse_device(table: dict[str, Any], where: str, vm_name: str) -> DeviceSection:
+def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -> DeviceSection:
     name = _get(table, "name", where, str)
     where = f"device {shown(name)}"
     if not NAME_RE.fullmatch(name):
@@ -258,6 +269,8 @@ def _parse_device(table: dict[str, Any], where: str, vm_name: str) -> DeviceSect
     for option in MODELS[model].options:
         if option.derive is not None and option.name not in table:
             options[option.name] = option.derive(vm_name, name)
+        if option.path and option.name in table:
+            options[option.name] = _option_path(base, str(options[option.name]), where, option)
         if option.choices and options[option.name] not in option.choices:
             allowed = ", ".join(map(str, option.choices))
             raise ConfigError(
@@ -315,7 +328,7 @@ def parse_config(
     vm = _parse_vm(_get(data, "vm", "config", dict, {}), base)
     boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files, restored)
     devices = tuple(
-        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]", vm.name)
+        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]", vm.name, base)
         for i, d in enumerate(_get(data, "device", "config", list, []))
     )
     devices += _default_devices(_get(data, "vm", "config", dict, {}), devices)

@@ -171,6 +171,9 @@ class Option(Struct, frozen=True):
     choices: tuple[object, ...] = ()  # empty: any value of `kind`
     host_resource: bool = False
     restore_default: str | None = None
+    # A host path: a relative one is taken from the config file's directory, as boot's paths
+    # are (an output's after its "unix:" prefix; "stdio" names none).
+    path: bool = False
     # The value when the table leaves the option out, from (VM name, device name), when no
     # constant will do (a MAC address: each NIC its own, the same at every start).
     derive: Callable[[str, str], object] | None = None
@@ -255,7 +258,9 @@ def check_mirrored(model: str, registers: tuple[tuple[int, int], ...], window: i
 SERIAL = ModelDescriptor(
     name="serial",  # 8250/16550A at COM1
     transport=PortWindow(base=0x3F8, size=8, irq=4, acpi_hid="PNP0501"),  # 16550A-compatible
-    options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
+    options=(
+        Option("output", str, "stdio", host_resource=True, restore_default="stdio", path=True),
+    ),
     fds=(FdRole("irq", FdKind.IRQ), FdRole("out", FdKind.OUTPUT, option="output")),
     state_version=2,
     console=True,
@@ -336,7 +341,7 @@ VIRTIO_BLK = ModelDescriptor(
     transport=virtio_function(queues=1),
     options=(
         # default None: the option is required (config.py names it when it is missing)
-        Option("path", str, None, host_resource=True),
+        Option("path", str, None, host_resource=True, path=True),
         Option("readonly", bool, False),
         Option("serial", str, ""),  # VIRTIO_BLK_T_GET_ID's answer, at most 20 bytes
     ),
@@ -369,7 +374,9 @@ VIRTIO_RNG = ModelDescriptor(
 VIRTIO_CONSOLE = ModelDescriptor(
     name="virtio-console",  # virtio 1.2 5.3, one port: receiveq0 (queue 0), transmitq0 (1)
     transport=virtio_function(queues=2),
-    options=(Option("output", str, "stdio", host_resource=True, restore_default="stdio"),),
+    options=(
+        Option("output", str, "stdio", host_resource=True, restore_default="stdio", path=True),
+    ),
     fds=virtio_fds(
         2, FdRole("out", FdKind.OUTPUT, option="output"), FdRole("progress", FdKind.PROGRESS)
     ),

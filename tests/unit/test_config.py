@@ -43,7 +43,7 @@ def test_config_good_file_parses(kernel_dir):
         64 << 20,
         2,
         kernel_dir / "kernel.elf",
-        "out.log",
+        str(kernel_dir / "out.log"),  # from the config's directory, as the kernel is
     )
 
 
@@ -202,14 +202,32 @@ def test_config_option_without_default_missing_names_device_and_option(with_virt
         _cfg(devices=BLK.format("blk0"))
 
 
+@pytest.mark.parametrize(
+    ("given", "want"),
+    [
+        ("disk.img", "{dir}/disk.img"),
+        ("/srv/disk.img", "/srv/disk.img"),
+        ("unix:out.sock", "unix:{dir}/out.sock"),
+        ("stdio", "stdio"),
+    ],
+)
+def test_config_device_paths_are_taken_from_the_config_directory(kernel_dir, given, want):
+    """As boot.kernel is: the same config means the same files from any working directory."""
+    model, option = ("virtio-blk", "path") if given.endswith(".img") else ("serial", "output")
+    device = f'[[device]]\nname = "d0"\nmodel = "{model}"\n{option} = "{given}"\n'
+    cfg = load_config(write(kernel_dir, GOOD.split("[[device]]")[0] + device))
+
+    assert cfg.devices[0].options[option] == want.format(dir=kernel_dir)
+
+
 def test_config_pci_model_may_appear_twice(with_virtio_blk):
     two = BLK.format("a") + 'path = "a.img"\n' + BLK.format("b") + 'path = "b.img"\n'
 
     cfg = _cfg(devices=two)
 
     assert [(d.name, d.options["path"]) for d in cfg.devices[:2]] == [
-        ("a", "a.img"),
-        ("b", "b.img"),
+        ("a", "/a.img"),  # _cfg's config lives in /
+        ("b", "/b.img"),
     ]
 
 
@@ -228,7 +246,7 @@ DEVICE = {"name": "serial0", "model": "serial"}
 def test_config_restart_budget_parses_counts_and_durations(extra, budget):
     from splitvmm.config import _parse_device
 
-    dev = _parse_device({**DEVICE, **extra}, "device", "vm")
+    dev = _parse_device({**DEVICE, **extra}, "device", "vm", Path("/"))
     assert (dev.max_restarts, dev.restart_window_s) == budget
 
 
@@ -245,7 +263,7 @@ def test_config_bad_restart_budget_raises_error_naming_key(extra, message):
     from splitvmm.config import _parse_device
 
     with pytest.raises(ConfigError, match=message):
-        _parse_device({**DEVICE, **extra}, "device", "vm")
+        _parse_device({**DEVICE, **extra}, "device", "vm", Path("/"))
 
 
 @pytest.mark.parametrize("name", ["ram", "vm", "pci", "vcpu0", "vcpu12"])
