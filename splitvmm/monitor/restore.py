@@ -22,6 +22,7 @@ from splitvmm.config import (
     HOST_RESOURCES,
     MODEL_OPTIONS,
     NAME_RE,
+    ON_CRASH,
     VmConfig,
     parse_config,
 )
@@ -29,6 +30,7 @@ from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
+from splitvmm.protocol.models import MODELS
 from splitvmm.record import Struct
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
@@ -115,6 +117,8 @@ def _set_boot(boot: dict[str, Any], option: str, value: str, firmware: bool) -> 
 
 
 def _set_device(device: dict[str, Any], name: str, option: str, value: str) -> None:
+    """The option's --set value, typed and checked here, so that a mistake names --set (the
+    stored config's own values are checked after, naming the manifest)."""
     model = device.get("model")
     options = MODEL_OPTIONS.get(model, {}) if isinstance(model, str) else {}
     allowed = {*options, "on_crash"}
@@ -123,7 +127,34 @@ def _set_device(device: dict[str, Any], name: str, option: str, value: str) -> N
             f"--set {name}.{shown(option)}: not an option of device {name!r} "
             f"(options: {', '.join(sorted(allowed)) or 'none'})"
         )
-    device[option] = value
+    key = f"--set {name}.{option}"
+    kind = options[option][0] if option in options else str
+    typed = _typed(value, kind, key)
+    descriptor = MODELS[model].options if isinstance(model, str) and model in MODELS else ()
+    choices = (
+        ON_CRASH
+        if option == "on_crash"
+        else next((o.choices for o in descriptor if o.name == option), ())
+    )
+    if choices and typed not in choices:
+        raise ConfigError(
+            f"{key}: expected one of {', '.join(map(str, choices))}, got {shown(value)}"
+        )
+    device[option] = typed
+
+
+def _typed(value: str, kind: type, key: str) -> object:
+    """A --set value (always text) as the option's type: bool from true/false, int."""
+    if kind is bool:
+        if value not in ("true", "false"):
+            raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
+        return value == "true"
+    if kind is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}") from None
+    return value
 
 
 def _own_resources(device: dict[str, Any], set_keys: set[str]) -> None:

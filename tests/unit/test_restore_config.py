@@ -203,3 +203,28 @@ def test_device_state_over_the_cap_refused_naming_chunk(tmp_path, monkeypatch):
 
     with pytest.raises(SnapshotError, match=r"chunk serial0 \(serial0.json\): device state of 145"):
         restore.device_state(golden(tmp_path), "serial0")
+
+
+def test_config_of_set_value_of_the_wrong_choice_names_set_not_the_manifest(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--set serial0\.on_crash: expected one of stop, rest"):
+        restore.config_of(golden(tmp_path), {"serial0.on_crash": "bogus"})
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("false", False)])
+def test_config_of_set_bool_option_is_typed(tmp_path, monkeypatch, text, value):
+    monkeypatch.setitem(
+        config.MODEL_OPTIONS, "serial", {"output": (str, "stdio"), "quiet": (bool, False)}
+    )
+
+    cfg = restore.config_of(golden(tmp_path), {"serial0.quiet": text})
+
+    assert cfg.devices[0].options["quiet"] is value
+
+
+def test_config_of_set_bool_option_not_true_or_false_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        config.MODEL_OPTIONS, "serial", {"output": (str, "stdio"), "quiet": (bool, False)}
+    )
+
+    with pytest.raises(ConfigError, match=r"^--set serial0\.quiet: expected true or false"):
+        restore.config_of(golden(tmp_path), {"serial0.quiet": "yes"})
