@@ -18,7 +18,7 @@ from typing import Any
 
 from splitvmm.errors import ConfigError
 from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS, Option, PortWindow
+from splitvmm.protocol.models import MODELS, FdKind, Option, PortWindow
 from splitvmm.record import Struct, field
 
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
@@ -317,6 +317,24 @@ def _duration(table: dict[str, Any], key: str, where: str, default: float) -> fl
     return seconds
 
 
+def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
+    """Two devices may share a disk image only read-only: two writers (two guest drivers,
+    each caching what it wrote) corrupt it, and the monitor takes no lock on it."""
+    seen: dict[str, tuple[str, bool]] = {}  # path -> (first device, writable)
+    for dev in devices:
+        for role in MODELS[dev.model].fds:
+            if role.kind is not FdKind.DISK:
+                continue
+            path = str(dev.options[role.option])
+            writable = not dev.options.get(role.readonly_option, False)
+            if path in seen and (writable or seen[path][1]):
+                raise ConfigError(
+                    f"device {shown(dev.name)}.{role.option}: {shown(path)} is also the disk of "
+                    f"device {shown(seen[path][0])}; two devices may share an image only read-only"
+                )
+            seen.setdefault(path, (dev.name, writable))
+
+
 def parse_config(
     data: dict[str, Any], base: Path, check_files: bool = True, restored: bool = False
 ) -> VmConfig:
@@ -336,6 +354,7 @@ def parse_config(
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"device {shown(name)}: the name is used twice")
+    _check_shared_disks(devices)
     for model in MODELS.values():  # a PCI function takes a free slot: any number of them
         if (
             isinstance(model.transport, PortWindow)

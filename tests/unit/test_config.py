@@ -220,6 +220,31 @@ def test_config_device_paths_are_taken_from_the_config_directory(kernel_dir, giv
     assert cfg.devices[0].options[option] == want.format(dir=kernel_dir)
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "refused"),
+    [
+        ("false", "false", True),
+        ("true", "false", True),
+        ("false", "true", True),
+        ("true", "true", False),
+    ],
+    ids=["both-writable", "second-writable", "first-writable", "both-readonly"],
+)
+def test_config_one_image_on_two_devices_only_read_only(with_virtio_blk, first, second, refused):
+    two = (
+        BLK.format("a") + f'path = "d.img"\nreadonly = {first}\n'
+        + BLK.format("b") + f'path = "d.img"\nreadonly = {second}\n'
+    )  # fmt: skip
+
+    if refused:
+        with pytest.raises(
+            ConfigError, match=r"device 'b'\.path: '/d\.img' is also the disk of device 'a'"
+        ):
+            _cfg(devices=two)
+    else:
+        assert len(_cfg(devices=two).devices) == 3  # and the default rtc
+
+
 def test_config_pci_model_may_appear_twice(with_virtio_blk):
     two = BLK.format("a") + 'path = "a.img"\n' + BLK.format("b") + 'path = "b.img"\n'
 
