@@ -120,6 +120,12 @@ MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
 STATS_LOCK_WAIT_S = 0.05
 
+# A read whose device died before answering goes once more, to its next process; if that one
+# dies too, the read is all-ones. A read that kills every process it reaches would otherwise
+# hold the vCPU for as long as restarts come back (forever, when each takes longer than
+# restart_window / max_restarts).
+READ_ATTEMPTS = 2
+
 # Starts a device process: the process, and its channel's listening socket (an fd we own).
 # The launcher's spawn for the machine; tests start theirs with sandbox.spawn.spawn_child.
 Spawner = Callable[[DeviceSpec], tuple[DeviceProcess, int]]
@@ -505,12 +511,15 @@ class DeviceSlot:
             mirrored = self._mirrored_locked(offset, size)
             if mirrored is not None:
                 return mirrored
-            while (channel := self._await_live()) is not None:
+            for _ in range(READ_ATTEMPTS):
+                channel = self._await_live()
+                if channel is None:
+                    break  # away past the wait, or failed: all-ones
                 try:
                     data = channel.read(offset, size)
                 except ChannelError as e:
                     self._channel_failed_locked(str(e))
-                    continue  # restarting: wait for the new process; failed: all-ones
+                    continue  # restarting: wait for the new process
                 self._journal_locked(wire.encode_read(0, offset, size))
                 channel.mirror.sent(None)
                 return data

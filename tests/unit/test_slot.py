@@ -11,7 +11,9 @@ import zmq
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
+from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.native.routing import MsiRoute
 from splitvmm.protocol import control, events
@@ -194,3 +196,32 @@ def test_slot_without_resumer_starts_no_spare(tmp_path, zctx, failures):
     slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, asked.append, zctx, failures)
     slot.start_spare()
     assert asked == []
+
+
+class DyingChannel:
+    """A channel whose process dies on every read (each restart brings another such)."""
+
+    reads = 0
+    mirror = RegisterMirror(())  # mirrors nothing: every read goes to the device
+
+    def read(self, offset: int, size: int) -> bytes:
+        DyingChannel.reads += 1
+        if DyingChannel.reads > 5:
+            raise AssertionError("the read was retried without bound")
+        raise ChannelError("its process ended during a request")
+
+
+def test_slot_read_that_kills_every_process_is_sent_twice_then_reads_all_ones(slot, monkeypatch):
+    """Once to the process, once more to the next: a vCPU is never held by restarts that
+    each come back in time (within restart_window / max_restarts)."""
+    DyingChannel.reads = 0
+    slot.state, slot.channel = SlotState.LIVE, DyingChannel()
+    restarts: list[str] = []
+
+    def restarted_at_once(why: str) -> None:
+        restarts.append(why)
+        slot.channel = DyingChannel()  # the next process, live at once
+
+    monkeypatch.setattr(slot, "_channel_failed_locked", restarted_at_once)
+
+    assert (slot.read(2, 1), DyingChannel.reads, len(restarts)) == (b"\xff", 2, 2)
