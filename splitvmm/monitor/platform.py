@@ -39,11 +39,12 @@ class I8042:
         self._reset = reset
 
     def read(self, offset: int, size: int) -> bytes:
-        return bytes([I8042_STATUS_IDLE]) * size if offset == 4 else b"\x00" * size
+        # byte by byte, as an ISA bus splits a wider access: 0x64 reads idle, the rest 0
+        return bytes(I8042_STATUS_IDLE if at == 4 else 0 for at in range(offset, offset + size))
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset == 4 and data[0] == I8042_CMD_RESET:
-            self._reset()
+        if 0 <= 4 - offset < len(data) and data[4 - offset] == I8042_CMD_RESET:
+            self._reset()  # the command byte, wherever in the access it lands
 
 
 # Hardware-reduced ACPI registers (ACPI 6.3 4.8.3.7 sleep control, 4.8.3.8 sleep status).
@@ -67,9 +68,13 @@ class AcpiPm:
         return b"\x00" * size  # never asleep, so never waking: WAK_STS (bit 7) clear
 
     def write(self, offset: int, data: bytes) -> None:
-        value = data[0]
-        if offset == SLEEP_CONTROL and value & SLP_EN:
-            if (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == self._s5_type:
-                self._end("guest powered off (ACPI S5)")
-        elif offset == RESET and value == self._reset_value:
-            self._end("guest reset through the ACPI reset register")
+        """Byte by byte, as an ISA bus splits a wider access (the FADT says byte access,
+        but a word write over two registers reaches both)."""
+        for at, value in enumerate(data, offset):
+            if at == SLEEP_CONTROL and value & SLP_EN:
+                if (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK == self._s5_type:
+                    self._end("guest powered off (ACPI S5)")
+                    return
+            elif at == RESET and value == self._reset_value:
+                self._end("guest reset through the ACPI reset register")
+                return

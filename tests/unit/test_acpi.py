@@ -9,7 +9,7 @@ import pytest
 from splitvmm.monitor import acpi, layout
 from splitvmm.monitor.acpi import aml, tables
 from splitvmm.monitor.acpi.dsdt import pci_root_bridge, prt_entry
-from splitvmm.monitor.platform import AcpiPm
+from splitvmm.monitor.platform import I8042, I8042_STATUS_IDLE, AcpiPm
 from splitvmm.protocol.models import RTC, SERIAL
 
 # `Name (_HID, EisaId ("PNP0A08"))`, compiled by iasl -p.
@@ -234,3 +234,20 @@ def test_acpi_pm_reset_value_resets() -> None:
     ends = Ends()
     AcpiPm(5, 1, ends).write(2, b"\x01")
     assert ends.reasons == ["guest reset through the ACPI reset register"]
+
+
+def test_acpi_pm_word_write_reaches_the_reset_register_in_its_high_byte() -> None:
+    """A 2-byte write at the sleep status register covers the reset register too: an ISA
+    bus splits it into bytes, and the second is the reset value."""
+    ends = Ends()
+    AcpiPm(5, 1, ends).write(1, b"\x00\x01")
+    assert ends.reasons == ["guest reset through the ACPI reset register"]
+
+
+def test_i8042_word_access_reaches_the_command_port_in_its_high_byte() -> None:
+    resets: list[int] = []
+    i8042 = I8042(lambda: resets.append(1))
+
+    assert i8042.read(3, 2) == bytes([0, I8042_STATUS_IDLE])
+    i8042.write(3, b"\x00\xfe")  # outw 0x63: 0xFE lands on 0x64, the reset command
+    assert resets == [1]
