@@ -18,7 +18,7 @@ from typing import Any
 
 from splitvmm.errors import ConfigError
 from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS, FdKind, Option, PortWindow
+from splitvmm.protocol.models import MODELS, FdKind, PortWindow
 from splitvmm.record import Struct, field
 
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
@@ -203,7 +203,7 @@ def _host_path(base: Path, value: str, where: str, resolve: bool = False) -> Pat
         raise ConfigError(f"{where}: {shown(value)} is no usable path: {e}") from None
 
 
-def _option_path(base: Path, value: str, where: str, option: Option) -> str:
+def _option_path(base: Path, value: str, key: str) -> str:
     """A device's path option from the config's directory (an output's after "unix:")."""
     if value == "stdio":
         return value
@@ -211,7 +211,7 @@ def _option_path(base: Path, value: str, where: str, option: Option) -> str:
     rest = value.removeprefix(prefix)
     if not rest:
         return value  # nothing to resolve: refused where it is opened, naming the option
-    return prefix + str(_host_path(base, rest, f"{where}.{option.name}"))
+    return prefix + str(_host_path(base, rest, key))
 
 
 def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | None:
@@ -270,7 +270,8 @@ def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -
         if option.derive is not None and option.name not in table:
             options[option.name] = option.derive(vm_name, name)
         if option.path and option.name in table:
-            options[option.name] = _option_path(base, str(options[option.name]), where, option)
+            key = f"{where}.{option.name}"
+            options[option.name] = _option_path(base, str(options[option.name]), key)
         if option.choices and options[option.name] not in option.choices:
             allowed = ", ".join(map(str, option.choices))
             raise ConfigError(

@@ -3,8 +3,9 @@ in the foreground."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,10 +58,13 @@ def run_and_exit(
     timings.mark("import monitor")
     try:
         try:
-            snap = _open_snapshot(snapshot_dir, key_file) if snapshot_dir is not None else None
-            cfg = cfg_loader(snap)
-            if snap is not None:
-                _check_snapshot(snap, cfg)
+            if snapshot_dir is None:
+                snap, cfg = None, cfg_loader(None)
+            else:
+                with _naming_snapshot(snapshot_dir):
+                    snap = _open_snapshot(snapshot_dir, key_file)
+                    cfg = cfg_loader(snap)
+                    _check_snapshot(snap, cfg)
         except BaseException:
             launcher.close()
             raise
@@ -76,29 +80,33 @@ def run_and_exit(
     sys.exit(outcome.status)
 
 
+@contextlib.contextmanager
+def _naming_snapshot(snapshot_dir: Path) -> Iterator[None]:
+    """A snapshot's error (opening it, its stored config, its checks) names which snapshot,
+    as `snapshot inspect` does."""
+    from splitvmm.snapshot.format import SnapshotError
+
+    try:
+        yield
+    except SnapshotError as e:
+        raise SnapshotError(f"snapshot {snapshot_dir}: {e}") from None
+
+
 def _open_snapshot(snapshot_dir: Path, key_file: Path | None) -> Snapshot:
     from splitvmm.snapshot import signing
-    from splitvmm.snapshot.format import SnapshotError
     from splitvmm.snapshot.reader import Snapshot
 
     key = signing.load_key(key_file) if key_file is not None else None
-    try:
-        return Snapshot.open(snapshot_dir, key)
-    except SnapshotError as e:  # which snapshot, as `snapshot inspect` says
-        raise SnapshotError(f"snapshot {snapshot_dir}: {e}") from None
+    return Snapshot.open(snapshot_dir, key)
 
 
 def _check_snapshot(snap: Snapshot, cfg: VmConfig) -> None:
     from splitvmm.monitor import restore
-    from splitvmm.snapshot.format import SnapshotError
 
-    try:
-        restore.check_compatible(snap, cfg)
-        # Guest RAM's checksum is checked as it is copied into the VM (before any vCPU runs),
-        # so a restore reads it once; everything else is checked here, before anything runs.
-        snap.verify(ram_data=False)
-    except SnapshotError as e:
-        raise SnapshotError(f"snapshot {snap.path}: {e}") from None
+    restore.check_compatible(snap, cfg)
+    # Guest RAM's checksum is checked as it is copied into the VM (before any vCPU runs), so
+    # a restore reads it once; everything else is checked here, before anything is built.
+    snap.verify(ram_data=False)
 
 
 timings_option = click.option(

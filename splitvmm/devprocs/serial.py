@@ -176,7 +176,7 @@ class Uart8250(RegisterDevice):
         self._thre = self._holding_empty()  # THRE as the guest last saw it
         self.thr_interrupt = s.thr_interrupt and self._thre
         self._warn = RateLimitedLog(log)
-        self._irq_pending = self._pending_iir() != Iir.NO_INT and self._irq_wired()
+        self._irq_pending = self._irq_asserted()
 
     # -- guest accesses -------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -414,13 +414,14 @@ class Uart8250(RegisterDevice):
             return Iir.MSI
         return Iir.NO_INT
 
-    def _irq_wired(self) -> bool:
-        """OUT2 gates the IRQ line to the PIC on PC serial ports; loopback holds the OUT pins
-        inactive (PC16550D: MCR bit 4), which closes the gate."""
-        return self.mcr & (Mcr.OUT2 | Mcr.LOOP) == Mcr.OUT2
+    def _irq_asserted(self) -> bool:
+        """An interrupt pending and the line to the PIC open: OUT2 gates it on PC serial
+        ports, and loopback holds the OUT pins inactive (PC16550D: MCR bit 4)."""
+        wired = self.mcr & (Mcr.OUT2 | Mcr.LOOP) == Mcr.OUT2
+        return wired and self._pending_iir() != Iir.NO_INT
 
     def _update_irq(self) -> None:
-        pending = self._pending_iir() != Iir.NO_INT and self._irq_wired()
+        pending = self._irq_asserted()
         if pending and not self._irq_pending:
             self.ctx.irq.trigger()
         self._irq_pending = pending

@@ -192,8 +192,8 @@ def _read_text(path: str, where: str) -> str:
     except OSError as e:
         raise PolicyError(f"{where}: cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        where_at = f"{e.reason} at byte {e.start}"
-        raise PolicyError(f"{where}: {path} is not UTF-8 text ({where_at})") from None
+        why = f"{e.reason} at byte {e.start}"
+        raise PolicyError(f"{where}: {path} is not UTF-8 text ({why})") from None
 
 
 def parse_file(

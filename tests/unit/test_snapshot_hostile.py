@@ -41,6 +41,7 @@ from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot.reader import Snapshot
 from tests.fakes import FakeIrq
+from tests.unit.snapshot_support import edit_manifest
 
 NEWER = UartState.VERSION + 1  # a serial state from a release after this one
 
@@ -622,3 +623,14 @@ def test_restore_of_a_missing_directory_names_it(tmp_path, env, monkeypatch, com
     result, _ = invoke(monkeypatch, args)
 
     assert_refused_cleanly(result, f"snapshot {missing}: not a directory")
+
+
+def test_restore_of_a_bad_stored_config_names_the_snapshot(tmp_path, monkeypatch):
+    """Its stored config's errors name which snapshot, as opening and checking it do."""
+    snap = tmp_path / "snap"
+    shutil.copytree(GOLDEN, snap)
+    edit_manifest(snap, lambda m: m["vm_config"]["device"][0].update(fault="crash:after=1"))
+
+    result, _ = invoke(monkeypatch, ["restore", str(snap)])
+
+    assert_refused_cleanly(result, f"snapshot {snap}: manifest vm_config: device 'serial0' arms")

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from splitvmm.monitor import layout
 from splitvmm.monitor.acpi import aml
 from splitvmm.monitor.acpi.tables import DSDT_REVISION, sdt
+from splitvmm.monitor.platform import AcpiPm
 from splitvmm.protocol.models import PortWindow
-
-PM_PORT_COUNT = 3  # sleep control, sleep status, reset (acpi/__init__.py PM_PORTS)
 
 PCI_SEGMENT = 0
 PORT_SPACE_END = 0xFFFF
@@ -88,7 +87,7 @@ def motherboard_resources() -> bytes:
             "_CRS",
             aml.resource_template(
                 aml.memory32_fixed(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE),
-                aml.io(layout.ACPI_PM_PORT, PM_PORT_COUNT),
+                aml.io(layout.ACPI_PM_PORT, AcpiPm.WINDOW),
             ),
         ),
     )
