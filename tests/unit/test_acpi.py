@@ -145,7 +145,13 @@ def test_fadt_is_hardware_reduced_with_reset_register_and_dsdt(built: acpi.AcpiT
     fadt = xsdt_entries(built)[b"FACP"]
     flags = struct.unpack_from("<I", fadt, 112)[0]
     dsdt = table_at(built, struct.unpack_from("<Q", fadt, 140)[0])
-    assert flags & tables.FADT_HW_REDUCED_ACPI and flags & tables.FADT_RESET_REG_SUP
+    assert flags == (
+        tables.FADT_HW_REDUCED_ACPI
+        | tables.FADT_RESET_REG_SUP
+        | tables.FADT_WBINVD
+        | tables.FADT_PWR_BUTTON
+        | tables.FADT_SLP_BUTTON
+    )
     assert fadt[116:128] == tables.io_register(layout.ACPI_PM_PORT + 2)
     assert dsdt[:4] == b"DSDT" and sum(dsdt) % 256 == 0
 
