@@ -41,7 +41,7 @@ from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.monitor.onthread import OnThread
 from splitvmm.monitor.pci.bars import BarAllocator
-from splitvmm.monitor.pci.function import PciFunctionHost, place_bars
+from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_bars
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
 from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir
@@ -108,6 +108,7 @@ class Machine:
         self._supervisor: Supervisor | None = None
         self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
         self.functions: dict[str, PciFunctionHost] = {}  # PCI devices, by name
+        self._bar_decode = SharedDecode()  # theirs: their BARs share self.mmio
         self._pci_intx: list[tuple[int, int]] = []  # (PCI device, GSI) of each INTA#: _PRT
 
     def build(self) -> None:
@@ -262,7 +263,7 @@ class Machine:
         queue_fds = tuple(fd for _, fd in sorted(notify.items()))
         host = PciFunctionHost(
             spawn.name, placed.function, (placed.device, placed.bases), self.mmio, self.vm,
-            queue_fds,
+            queue_fds, self._bar_decode,
         )  # fmt: skip
         host.plug(self.pci)
         self.functions[spawn.name] = host

@@ -10,9 +10,10 @@ import pytest
 from splitvmm.errors import ConfigError, KvmError
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.pci.bars import BarAllocator
-from splitvmm.monitor.pci.function import PciFunctionHost, place_bars
+from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_bars
 from splitvmm.monitor.pci.root import Ecam, PciRoot
 from splitvmm.protocol.models import BarKind, PciBar, PciFunction, virtio_function
+from splitvmm.ratelimit import RateLimitedLog
 
 BAR0_BASE, BAR1_BASE = 0xC000_0000, 0xC000_4000
 DEVICE = 1
@@ -65,25 +66,34 @@ class FakeVm:
 
 
 class Function:
-    """A virtio-shaped function at 00:01.0, its BARs at BAR0_BASE and BAR1_BASE."""
+    """A virtio-shaped function at 00:01.0, its BARs at BAR0_BASE and BAR1_BASE; or, for a
+    second one on the same bus, at `device` with `bases` (its own root: ECAM of its own)."""
 
-    def __init__(self, vm: FakeVm | None = None, mmio: Bus | None = None) -> None:
+    def __init__(
+        self,
+        vm: FakeVm | None = None,
+        mmio: Bus | None = None,
+        shared: SharedDecode | None = None,
+        device: int = DEVICE,
+        bases: tuple[int, int] = (BAR0_BASE, BAR1_BASE),
+    ) -> None:
         self.vm, self.mmio, self.slot, self.root = (
             vm or FakeVm(),
             mmio or Bus("mmio"),
             FakeSlot(),
             PciRoot(),
         )
-        bases = {0: BAR0_BASE, 1: BAR1_BASE}
+        self.device = device
         self.host = PciFunctionHost(
-            "blk0", virtio_function(1), (DEVICE, bases), self.mmio, self.vm, NOTIFY_FDS
-        )
+            f"blk{device}", virtio_function(1), (device, dict(enumerate(bases))), self.mmio,
+            self.vm, NOTIFY_FDS, shared,
+        )  # fmt: skip
         self.host.plug(self.root)
         self.host.bind(self.slot)
         self.ecam = Ecam(self.root)
 
     def config_write(self, offset: int, data: bytes) -> None:
-        self.ecam.write(ECAM_DEV + offset, data)
+        self.ecam.write((self.device << 15) + offset, data)
 
     def move_bar(self, index: int, base: int) -> None:
         self.config_write(0x10 + 4 * index, struct.pack("<I", base))
@@ -201,6 +211,46 @@ def test_function_bar_moved_off_an_overlap_decodes_again() -> None:
     f.move_bar(0, BAR1_BASE)
     f.move_bar(0, 0xD000_0000)
     assert (f.host.decoding()[0], f.vm.live) == (0xD000_0000, {(41, 0xD000_3000, 0)})
+
+
+def test_function_bars_swapped_with_decode_on_both_decode_at_their_new_bases() -> None:
+    """PCI 3.0 6.2.2/6.2.5.1: with Memory Space on, a BAR decodes where it holds. BAR 1's
+    move onto BAR 0's range is refused while BAR 0 is there; once BAR 0 moves away, the
+    range is free and BAR 1 decodes (it used to stay dead until it moved again)."""
+    f = Function()
+    f.move_bar(1, BAR0_BASE)  # refused: BAR 0 is there
+    assert f.host.decoding() == {0: BAR0_BASE}
+    f.move_bar(0, 0xD000_0000)
+    assert (f.host.decoding(), f.vm.live) == (
+        {0: 0xD000_0000, 1: BAR0_BASE},
+        {(41, 0xD000_3000, 0)},
+    )
+    assert f.mmio.find(BAR0_BASE + 8, 4) is not None
+
+
+def test_function_bar_waiting_for_another_functions_range_decodes_once_it_is_free() -> None:
+    mmio, shared = Bus("mmio"), SharedDecode()
+    a = Function(mmio=mmio, shared=shared)
+    b = Function(mmio=mmio, shared=shared, device=2, bases=(0xC001_0000, 0xC001_4000))
+    a.move_bar(0, 0xC001_0000)  # onto b's BAR 0: refused
+    assert a.host.decoding() == {1: BAR1_BASE}
+    b.config_write(0x04, b"\x04")  # b's memory decode off gives its ranges up
+    assert (a.host.decoding(), b.host.decoding()) == ({0: 0xC001_0000, 1: BAR1_BASE}, {})
+    b.config_write(0x04, b"\x06")  # b's BAR 0 is in conflict now, its BAR 1 is not
+    assert b.host.decoding() == {1: 0xC001_4000}
+
+
+def test_function_bar_still_in_conflict_after_a_retry_is_not_logged_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(RateLimitedLog, "INTERVAL_S", 0.0)  # every warning gets through
+    mmio, shared = Bus("mmio"), SharedDecode()
+    a = Function(mmio=mmio, shared=shared)
+    b = Function(mmio=mmio, shared=shared, device=2, bases=(0xC001_0000, 0xC001_4000))
+    a.move_bar(0, 0xC001_0000)  # onto b's BAR 0: refused, logged
+    b.move_bar(1, 0xD000_0000)  # a range given up: a's BAR 0 is tried again, in vain
+    overlaps = [r for r in caplog.records if "left undecoded" in r.getMessage()]
+    assert (len(overlaps), a.host.decoding()) == (1, {1: BAR1_BASE})
 
 
 def test_function_ioeventfd_refused_leaves_bar_undecoded_without_bus_range() -> None:

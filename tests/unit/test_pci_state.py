@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.errors import StateError
+from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.irqroutes import GsiRoutes
 from splitvmm.monitor.pci import state as pcistate
+from splitvmm.monitor.pci.function import SharedDecode
 from splitvmm.native.routing import MsiRoute
 from tests.unit.test_irqroutes import RoutingVm
-from tests.unit.test_pci_function import BAR0_BASE, Function
+from tests.unit.test_pci_function import BAR0_BASE, BAR1_BASE, Function
 
 MSI_ADDRESS = 0xFEE0_0000
 MOVED = 0xD000_0000
@@ -40,6 +42,37 @@ def test_pci_state_round_trip_puts_moved_bar_enables_and_routes_back() -> None:
     assert routes.routes() == {25: MsiRoute(25, MSI_ADDRESS, 0x4041)}
     f.config_write(0x04, b"\x02")  # memory decode on: the BAR decodes where it was moved to
     assert f.host.decoding()[0] == MOVED
+
+
+def test_pci_state_bar_moved_into_a_range_its_sibling_left_decodes_after_restore() -> None:
+    """The VM a snapshot restores into has its BARs at their first bases: BAR 0 saved where
+    BAR 1 started is in conflict until BAR 1 is put back where it was moved to."""
+    f, routes, _ = platform()
+    f.move_bar(1, MOVED)
+    f.move_bar(0, BAR1_BASE)
+    data = pcistate.save({"blk0": f.host}, routes)
+    g, routes2, _ = platform()
+    pcistate.apply(pcistate.decode(data, 1), {"blk0": g.host}, routes2)
+    assert g.host.decoding() == f.host.decoding() == {0: BAR1_BASE, 1: MOVED}
+
+
+def test_pci_state_bar_moved_into_a_range_another_function_left_decodes_after_restore():
+    def two() -> tuple[Function, Function, GsiRoutes]:
+        mmio, shared = Bus("mmio"), SharedDecode()
+        a = Function(mmio=mmio, shared=shared)
+        b = Function(mmio=mmio, shared=shared, device=2, bases=(0xC001_0000, 0xC001_4000))
+        return a, b, platform()[1]
+
+    a, b, routes = two()
+    b.move_bar(0, MOVED)
+    a.move_bar(0, 0xC001_0000)  # into the range b's BAR 0 left
+    data = pcistate.save({"blk1": a.host, "blk2": b.host}, routes)
+    a2, b2, routes2 = two()
+    pcistate.apply(pcistate.decode(data, 1), {"blk1": a2.host, "blk2": b2.host}, routes2)
+    assert (a2.host.decoding(), b2.host.decoding()) == (
+        {0: 0xC001_0000, 1: BAR1_BASE},
+        {0: MOVED, 1: 0xC001_4000},
+    )
 
 
 def test_pci_state_bar_value_keeps_only_what_the_bar_allows() -> None:

@@ -18,7 +18,12 @@ and what the guest may not be trusted with:
   which the device's interrupt route requests are served (monitor/slot.py).
 
 A guest may move a BAR onto another device's range: the new range is refused (logged,
-rate-limited) and the BAR decodes nothing until it moves again; the VM runs on.
+rate-limited) and the BAR decodes nothing while the conflict lasts; the VM runs on. As a
+decoder would, it decodes again once the range is free: every function on the MMIO bus
+shares one SharedDecode, and whenever a BAR gives up a range, each BAR left undecoded is
+tried again. So the order of BAR writes (a guest swapping two BARs with decode on, as Linux
+writes a 32-bit BAR) and of a snapshot's functions being restored (each into a VM whose
+BARs sit at their first bases) does not decide what decodes in the end.
 """
 
 from __future__ import annotations
@@ -82,6 +87,20 @@ def place_bars(name: str, function: PciFunction, allocator: BarAllocator) -> dic
     return {bar.index: allocator.allocate(bar.size) for bar in ordered}
 
 
+class SharedDecode:
+    """The functions whose BARs share one MMIO bus: one lock for every decode change among
+    them (rare: a guest's BAR or command write), and a retry of the BARs left undecoded
+    once a range is given up (the module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.hosts: list[PciFunctionHost] = []
+
+    def retry_locked(self) -> None:
+        for host in self.hosts:
+            host.retry_undecoded_locked()
+
+
 class _Decoding(Struct, frozen=True):
     """Where a BAR decodes now: its bus range, and the notify addresses registered."""
 
@@ -100,9 +119,11 @@ class PciFunctionHost:
         mmio: Bus,
         vm: IoEventFds,
         notify_fds: Sequence[int] = (),
+        shared: SharedDecode | None = None,
     ) -> None:
         """`placement`: (PCI device number, BAR index -> first base); `notify_fds`: queue
-        q's ioeventfd at index q."""
+        q's ioeventfd at index q; `shared`: that of every function on `mmio` (None: this
+        function is the only one)."""
         self.name = name
         self.device, bases = placement
         self.function = function
@@ -120,7 +141,8 @@ class PciFunctionHost:
             bar.index: BarWindow(self, bar.index, function.region_of_bar(bar.index).start)
             for bar in function.bars
         }
-        self._lock = threading.Lock()  # one decode change at a time, whichever vCPU
+        self._shared = shared or SharedDecode()
+        self._lock = self._shared.lock  # one decode change at a time, whichever vCPU
         # Pre-assigned BARs decode from the start (the module docstring).
         self._command = COMMAND_MEMORY_SPACE | COMMAND_IO_SPACE
         self._decoding: dict[int, _Decoding] = {}
@@ -128,6 +150,7 @@ class PciFunctionHost:
         self.bars = BarDecoder(name, function.bars, bases, self._on_move)
         self.config = FunctionWithBars(_ConfigProxy(self), self.bars)
         with self._lock:
+            self._shared.hosts.append(self)
             for index in self._bars:
                 self._update_locked(index)
 
@@ -196,15 +219,25 @@ class PciFunctionHost:
             self._undecode_locked(index, have)
         if want is not None:
             self._decode_locked(index, want)
+        if have is not None:
+            self._shared.retry_locked()  # a range was given up: it may be what one waited for
 
-    def _decode_locked(self, index: int, base: int) -> None:
+    def retry_undecoded_locked(self) -> None:
+        """Decode each BAR that should (its space enabled) but does not, where it can now;
+        a BAR still in conflict is left as it was, without a second warning."""
+        for index, bar in self._bars.items():
+            if index not in self._decoding and self._enabled(bar):
+                self._decode_locked(index, self.bars.base(index), warn=False)
+
+    def _decode_locked(self, index: int, base: int, warn: bool = True) -> None:
         bar, window = self._bars[index], self._windows[index]
         try:
             self._mmio.insert(base, bar.size, window)
         except BusError as e:
-            self._refusals.warning(
-                "overlap", "device %s: BAR %d left undecoded: %s", self.name, index, e
-            )
+            if warn:
+                self._refusals.warning(
+                    "overlap", "device %s: BAR %d left undecoded: %s", self.name, index, e
+                )
             return
         done: list[tuple[int, int]] = []
         try:
@@ -214,9 +247,10 @@ class PciFunctionHost:
         except KvmError as e:
             self._unregister(done)
             self._mmio.remove(base, window)
-            self._refusals.warning(
-                "ioeventfd", "device %s: BAR %d left undecoded: %s", self.name, index, e
-            )
+            if warn:
+                self._refusals.warning(
+                    "ioeventfd", "device %s: BAR %d left undecoded: %s", self.name, index, e
+                )
             return
         self._decoding[index] = _Decoding(base, tuple(done))
 
