@@ -155,6 +155,9 @@ class DeviceContext(Struct):
     # DeviceSpec.resume is set: this process replaces one that crashed (a virtio device
     # then takes its queues up from the used rings in guest memory)
     restarted: bool = False
+    # A restart re-applies the dead process's journal (runtime.replay): registers only, no
+    # guest queue touched, until the model's after_restart() takes them up
+    replaying: bool = False
     # Whether the event loop has work ready besides what the model is doing (a frame on the
     # channel, another fd of the model's, a deadline passed): a model busy for long asks
     # before it goes on (virtio's BUDGET_NS). The event loop sets it (EventLoop.waiting).
@@ -199,6 +202,12 @@ class Device(abc.ABC):
 
     def resume(self) -> None:
         """After a snapshot: take work from the guest's queues again."""
+        return None  # deliberately empty: optional for devices without queues
+
+    def after_restart(self) -> None:
+        """A crash restart's last step, once the dead process's journal is replayed (which
+        reaches the registers only: ctx.replaying): take up the guest's queues from where
+        the dead process left them in guest memory."""
         return None  # deliberately empty: optional for devices without queues
 
     def stats(self) -> dict[str, int]:

@@ -341,20 +341,27 @@ def _count(resume: dict[str, object], key: str) -> int:
 
 
 def replay(device: Device, frames: list[bytes], checkpoints: Checkpoints) -> None:
-    """Re-apply what the dead process got after its checkpoint (read replies go nowhere)."""
+    """Re-apply what the dead process got after its checkpoint (read replies go nowhere), to
+    its registers only (ctx.replaying): the guest's queues as they were at some frame of the
+    journal may be memory the driver has given up since; after_restart() takes up the ones
+    the last frame leaves."""
     if not frames:
         return
     if not isinstance(device, RegisterDevice):
         raise StateError(f"resume: {type(device).__name__} takes no port accesses")
-    for frame in frames:
-        try:
-            access = wire.decode_access(frame, device.WINDOW)
-        except ProtocolError as e:
-            raise StateError(f"resume: {e}") from None
-        if access.op == wire.Op.SYNC:
-            raise StateError("resume: a SYNC frame is never replayed")
-        _apply(device, access)
-        checkpoints.applied += 1
+    device.ctx.replaying = True
+    try:
+        for frame in frames:
+            try:
+                access = wire.decode_access(frame, device.WINDOW)
+            except ProtocolError as e:
+                raise StateError(f"resume: {e}") from None
+            if access.op == wire.Op.SYNC:
+                raise StateError("resume: a SYNC frame is never replayed")
+            _apply(device, access)
+            checkpoints.applied += 1
+    finally:
+        device.ctx.replaying = False
 
 
 # -- sandbox (issue 3) ------------------------------------------------------------------------
@@ -469,6 +476,8 @@ def run(
         device = build_device(spec, ctx)
         checkpoints = Checkpoints(device, applied)
         replay(device, frames, checkpoints)
+        if ctx.restarted:
+            device.after_restart()
     except StateError as e:
         _refuse(sock, f"saved state rejected: {e}")
     except ConfigError as e:

@@ -74,7 +74,7 @@ from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import GuestRamError
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE, VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueError, SplitQueue
-from splitvmm.devprocs.virtio.state import U64, VirtioPciState
+from splitvmm.devprocs.virtio.state import U64, QueueState, VirtioPciState
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec, schema
 from splitvmm.record import Struct, replace
@@ -127,7 +127,8 @@ class VirtioConsole(VirtioPciDevice):
 
     def __init__(self, ctx: DeviceContext) -> None:
         self._rx = bytearray()
-        self._rx_skip = 0  # input bytes a dead process delivered already (crash restart)
+        # A crash restart's checkpoint (None: there was none), until after_restart()
+        self._checkpoint_taken: VirtioConsoleState | None = None
         self._tx: deque[_TxChain] = deque()
         self._tx_done = 0  # the output's count at the start of the oldest chain in flight
         progress = ctx.prepared.get("progress")
@@ -189,9 +190,6 @@ class VirtioConsole(VirtioPciDevice):
     # -- receive: host -> guest ---------------------------------------------------------------
     def host_input(self, data: bytes) -> None:
         """Bytes from the host (ConsoleInput): into receive buffers, or wait for them."""
-        skip = min(self._rx_skip, len(data))
-        self._rx_skip -= skip
-        data = data[skip:]
         room = RX_BUFFER_MAX - len(self._rx)
         if len(data) > room:
             self.rx_dropped = min(self.rx_dropped + len(data) - room, MAX_COUNTER)
@@ -371,39 +369,49 @@ class VirtioConsole(VirtioPciDevice):
 
     @classmethod
     def restore(cls, ctx: DeviceContext, state: Any) -> Self:
-        skip, ctx.out.skip = ctx.out.skip, 0  # a crash restart's: applied in _take_up
         device = super().restore(ctx, state)
-        device._take_up(state, skip)
+        if ctx.restarted:
+            device._checkpoint_taken = state  # taken up once the journal is replayed
+            return device
+        out = ctx.out
+        out.skip = state.tx_sent
+        out.put(state.tx_held)
+        device._tx_done = out.emitted + out.pending()
+        device._note_progress()
         return device
 
-    def _take_up(self, state: VirtioConsoleState, file_skip: int) -> None:
-        """The output's skip and held bytes, and (after a crash) the input delivered since
-        the checkpoint: see the module docstring."""
+    def after_restart(self) -> None:
+        """The queues (the transport's), then the output's skip and held bytes, and the
+        input the dead process delivered since its checkpoint, dropped from the front of
+        what is pending now: the checkpoint's, then the replayed INPUT frames' (a `unix:`
+        peer's bytes it read since were never frames: those it delivered are in no buffer
+        here, those it did not are lost). See the module docstring."""
+        super().after_restart()
+        then, self._checkpoint_taken = self._checkpoint_taken, None
         out = self.ctx.out
-        skip, held = state.tx_sent, state.tx_held
-        if self.ctx.restarted:
-            skip, held = self._resend(state, file_skip)
-            self._rx_skip = self._delivered_since(state)
-            dropped = min(self._rx_skip, len(self._rx))
-            del self._rx[:dropped]
-            self._rx_skip -= dropped
-        out.skip = skip
+        file_skip, out.skip = out.skip, 0
+        out.skip, held = self._resend(then, file_skip)
+        del self._rx[: self._delivered_since(then)]
         out.put(held)
         self._tx_done = out.emitted + out.pending()
         self._note_progress()
 
-    def _resend(self, state: VirtioConsoleState, file_skip: int) -> tuple[int, bytes]:
+    def _resend(self, state: VirtioConsoleState | None, file_skip: int) -> tuple[int, bytes]:
         """After a crash: the bytes to drop of what goes out again (the held bytes, then the
         chains from the used ring's idx), and the held bytes. The output's count is set to
         where those start, so that once the dropped ones are counted it is the line's own
         count again (a regular file's growth: what the next restart compares with)."""
         out = self.ctx.out
         taken = out.emitted + file_skip  # what the line took: exact for a regular file
-        queue, then = self.queues[TX], state.queues[TX]
+        queue = self.queues[TX]
         start = self._progress.records().get(queue.used_idx) if queue.enabled else None
         if self.ctx.prepared["output_file"] and start is not None and start <= taken:
             out.emitted = start  # the chain at the used idx starts there; held bytes before
             return taken - start, b""
+        if state is None:
+            out.emitted = taken  # no checkpoint: every chain from the used idx, whole
+            return 0, b""
+        then = state.queues[TX]
         if queue.enabled and then.enabled and queue.used_idx == then.used_idx:
             # no completion since the checkpoint: its chains in flight start tx_sent back
             out.emitted = max(0, out.emitted - state.tx_sent)
@@ -411,13 +419,17 @@ class VirtioConsole(VirtioPciDevice):
         out.emitted = taken  # chains completed since an older checkpoint: sent again whole
         return 0, state.tx_held
 
-    def _delivered_since(self, state: VirtioConsoleState) -> int:
+    def _delivered_since(self, state: VirtioConsoleState | None) -> int:
         """The input bytes receive chains got between the checkpoint and the crash: the
         len of each used entry since the checkpoint's position (device-written, still in
-        the used ring unless more than a ring's worth completed)."""
-        ring, then = self.rings[RX], state.queues[RX].used_idx
-        if ring is None or not state.queues[RX].enabled:
+        the used ring unless more than a ring's worth completed); from 0 where the ring was
+        enabled since (an enable starts the used ring at 0)."""
+        ring = self.rings[RX]
+        if ring is None:
             return 0
+        saved, now = None if state is None else state.queues[RX], self.queues[RX]
+        same = saved is not None and saved.enabled and _layout(saved) == _layout(now)
+        then = saved.used_idx if same and saved is not None else 0
         count = (ring.used_idx - then) & 0xFFFF
         if count > ring.size:
             log.warning("%s: over %d receive completions since the checkpoint: input may "
@@ -428,3 +440,8 @@ class VirtioConsole(VirtioPciDevice):
             entry = ring.used + RING_HEADER + USED_ELEM.size * ((then + i) % ring.size)
             total += self.ram.u32(entry + 4)
         return total
+
+
+def _layout(queue: QueueState) -> tuple[int, int, int, int]:
+    """Where a queue's ring is: the same after a checkpoint unless the driver set it up anew."""
+    return queue.size, queue.desc, queue.driver, queue.device

@@ -33,6 +33,7 @@ from tests.virtio.support import (
     Driver,
     Ring,
     close_fds,
+    replaying,
 )
 
 TX_BASE, TX_HEAP = 0x8000, 0x80000  # transmitq0's rings and buffers, clear of receiveq0's
@@ -385,6 +386,7 @@ def test_virtio_console_crash_restart_to_file_sends_each_byte_once(host):
     new.out.emitted = emitted_then  # what the monitor hands over (runtime.prepare_resume)
     new.out.skip = len(line.taken) - emitted_then  # the file grew by this since
     restarted = VirtioConsole.restore(new, checkpoint)
+    restarted.after_restart()
     Driver(restarted).kick(1)
 
     assert bytes(line.taken) + bytes(line2.taken) == b"first\nsecond\n"
@@ -406,7 +408,8 @@ def test_virtio_console_crash_restart_input_delivered_since_checkpoint_not_repea
     replayed = b"de"  # the input frames after the checkpoint, re-applied by the runtime
 
     restarted = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
-    restarted.host_input(replayed)
+    with replaying(restarted):
+        restarted.host_input(replayed)
     head, gpa = post(rx, 16)
     Driver(restarted).kick(0)
 
@@ -443,6 +446,8 @@ class Process:
         self.line, self.channel = ctx.out.line, Channel()
         ctx.events.connect(self.channel.send)
         self.dev = VirtioConsole(ctx) if state is None else VirtioConsole.restore(ctx, state)
+        if ctx.restarted:
+            self.dev.after_restart()  # runtime.run's, once the (here empty) journal is replayed
 
     def checkpoint(self) -> tuple[VirtioConsoleState, int]:
         """The last checkpoint it published, and its output count (runtime.Checkpoints)."""
@@ -520,3 +525,75 @@ def test_virtio_console_progress_record_scribbled_on_leaves_the_other(file_host)
     os.pwrite(file_host.fds["progress"], b"\xff", 3)  # ...scribbled on
 
     assert progress.records() == {7: 100}
+
+
+def test_virtio_console_restart_input_replayed_after_a_checkpoint_before_the_enable_is_not_repeated(
+    host,
+):
+    """The checkpoint predates receiveq0's enable: the input the dead process delivered
+    since counts from used idx 0 (it used to count nothing, and the replayed INPUT frame
+    was delivered a second time)."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx = Driver(dev), Ring(dev.ram)
+    tx = Ring(dev.ram, base=TX_BASE)
+    tx.heap = TX_HEAP
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    checkpoint = dev.save()
+    journal = [
+        lambda d: Driver(d).setup_queue(0, rx),
+        lambda d: Driver(d).setup_queue(1, tx),
+        lambda d: Driver(d).set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK),
+    ]
+    for frame in journal:
+        frame(dev)
+    for _ in range(4):
+        post(rx, 64)
+    driver.kick(0)
+    journal.append(lambda d: d.host_input(b"secret\n"))
+    journal[-1](dev)  # delivered: then the process dies
+    assert [n for _, n in rx.take_used()] == [7]
+
+    new = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    with replaying(new):
+        for frame in journal:
+            frame(new)
+    Driver(new).kick(0)
+
+    assert (rx.take_used(), new.stats()["rx_pending"]) == ([], 0)
+
+
+def test_virtio_console_restart_to_file_with_checkpoint_before_the_tx_enable_sends_once(
+    file_host,
+):
+    """The checkpoint predates transmitq0's enable; the dead process wrote a chain to the
+    file and died before completing it. The progress page's record for the used idx says
+    the line took it: it used to be overwritten by the replayed enable, and the chain's
+    bytes went to the file twice."""
+    first = Process(file_host.context(Line()))
+    driver, rx = Driver(first.dev), Ring(first.dev.ram)
+    tx = Ring(first.dev.ram, base=TX_BASE)
+    tx.heap = TX_HEAP
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    checkpoint = (first.dev.save(), first.dev.ctx.out.emitted)
+    journal = [
+        lambda d: Driver(d).setup_queue(0, rx),
+        lambda d: Driver(d).setup_queue(1, tx),
+        lambda d: Driver(d).set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK),
+    ]
+    for frame in journal:
+        frame(first.dev)
+    first.dev._complete_sent = lambda ring: 0  # the line took it; died before the push
+    transmit(tx, b"hello\n")
+    driver.kick(1)
+
+    state, emitted = checkpoint
+    ctx = file_host.context(Line(), restarted=True)
+    ctx.out.emitted, ctx.out.skip = emitted, len(first.line.taken) - emitted
+    second = VirtioConsole.restore(ctx, state)
+    with replaying(second):
+        for frame in journal:
+            frame(second)
+    Driver(second).kick(1)
+
+    assert bytes(first.line.taken) + bytes(ctx.out.line.taken) == b"hello\n"
+    assert [n for _, n in tx.take_used()] == [0]

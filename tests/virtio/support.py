@@ -5,6 +5,7 @@ through the device's window, and split virtqueues built in guest RAM the way a d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterator
@@ -48,6 +49,18 @@ def prepared(name: str, fds: dict[str, int], restarted: bool = False) -> DeviceC
     ctx = context(fds, restarted=restarted)
     load_model(name).setup(ctx)
     return ctx
+
+
+@contextlib.contextmanager
+def replaying(device: VirtioPciDevice) -> Iterator[None]:
+    """What runtime.run does around a crash restart's journal: the frames re-applied in the
+    block reach the registers only (ctx.replaying), then after_restart() takes the queues up."""
+    device.ctx.replaying = True
+    try:
+        yield
+    finally:
+        device.ctx.replaying = False
+    device.after_restart()
 
 
 def close_fds(fds: dict[str, int]) -> None:

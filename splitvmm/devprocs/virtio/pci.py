@@ -21,10 +21,14 @@ another fd): if so, it triggers its own notify eventfd and returns, to take up t
 once the loop has served them; if not, it goes on. Nothing is published per batch: a crash
 restart takes each queue's position from its used ring in guest RAM (taken = completed, in
 order), and the state a checkpoint carries changes only with register writes, which the
-runtime's checkpoints and the monitor's journal cover. The restarted device interrupts once
-per live queue, since the dead one may have completed chains and died before it could (a
+runtime's checkpoints and the monitor's journal cover. The journal's frames are re-applied
+to the registers only: no ring is opened or run meanwhile, since a ring a frame enabled may
+be memory the driver has reset and given up since (writing its used ring, or running its
+stale descriptors, would write into guest memory that is no longer the device's). Once they
+are, after_restart() takes up each queue the last frame leaves enabled, and interrupts once
+for it, since the dead process may have completed chains and died before it could (a
 spurious interrupt costs the driver a look at its used ring; a lost one would leave it
-waiting). A hostile ring or a buffer
+waiting; raised any earlier, a replayed ISR read would clear it). A hostile ring or a buffer
 outside guest RAM (QueueError, GuestRamError) stops the device: NEEDS_RESET, a
 configuration-change interrupt, nothing more until the driver resets it.
 """
@@ -398,13 +402,11 @@ class VirtioPciDevice(RegisterDevice):
 
     def _enable_queue(self, q: int) -> None:
         self.queues[q] = replace(self.queues[q], enabled=True, last_avail=0, used_idx=0)
-        if self.ctx.restarted:
-            # Replayed after a crash (the checkpoint predates the enable): the dead process
-            # may have served chains since, so the position is the used ring's.
-            self._position_from_used_ring(q)
+        if self.ctx.replaying:
+            return  # after_restart() opens it where the dead process left it
         self._open_ring(q)
         ring = self.rings[q]
-        if ring is not None and not self.ctx.restarted:
+        if ring is not None:
             ring.fresh()
 
     def _open_ring(self, q: int) -> None:
@@ -453,7 +455,8 @@ class VirtioPciDevice(RegisterDevice):
     # -- queues -----------------------------------------------------------------------------------
     def _ready(self) -> bool:
         bad = Status.NEEDS_RESET | Status.FAILED
-        return bool(self.status & Status.DRIVER_OK) and not self.status & bad and not self.quiesced
+        live = not self.quiesced and not self.ctx.replaying
+        return bool(self.status & Status.DRIVER_OK) and not self.status & bad and live
 
     def process_all(self) -> None:
         for q in range(self.queue_count):
@@ -642,19 +645,25 @@ class VirtioPciDevice(RegisterDevice):
             entry.address, entry.data, entry.control = saved.address, saved.data, int(saved.masked)
         self.msix.pending = s.msix_pending
         self.msix.set_control(s.msix_enabled, s.msix_function_mask)  # asks for the routes again
+        if self.ctx.restarted:
+            return  # after_restart() opens the queues, once the journal is replayed
         for q, queue in enumerate(self.queues):
             if queue.enabled and not self.status & Status.NEEDS_RESET:
-                self._reopen(q)
+                self._open_ring(q)
+                self._notify[q].trigger()  # a kick the snapshot missed
 
-    def _reopen(self, q: int) -> None:
-        """A restored queue; after a crash, from where the used ring in guest RAM says it is
-        (what the dead process completed after its last checkpoint is done, once)."""
-        if self.ctx.restarted:
+    def after_restart(self) -> None:
+        """Each queue the dead process left enabled, from where the used ring in guest RAM
+        says it is (what it completed after its last checkpoint is done, once), with a kick
+        it may have missed and an interrupt it may not have sent (the module docstring)."""
+        for q, queue in enumerate(self.queues):
+            if not queue.enabled or self.status & Status.NEEDS_RESET:
+                continue
             self._position_from_used_ring(q)
-        self._open_ring(q)
-        self._notify[q].trigger()  # a kick of the old process, or one the snapshot missed
-        if self.ctx.restarted and self.rings[q] is not None and self._ready():
-            self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)  # (the module docstring)
+            self._open_ring(q)
+            self._notify[q].trigger()
+            if self.rings[q] is not None and self._ready():
+                self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
 
     def _position_from_used_ring(self, q: int) -> None:
         """Take up queue q where its used ring in guest RAM says the device was: chains
