@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from splitvmm.devprocs.virtio.msix import NO_VECTOR
 from splitvmm.devprocs.virtio.queue import Chain
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import StateError
@@ -665,6 +666,51 @@ def test_virtio_pci_msix_masked_vector_pends_until_unmasked(rng, driver, fds, ch
     driver.wr(BAR1 + 16 + 12, 0, 4)
 
     assert (pending, signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == (0b10, 1, 0)
+
+
+def pending_behind_mask(rng: VirtioRng, driver: Driver, fds, channel) -> None:
+    """Vector 1, queue 0's, confirmed, then masked with a queue interrupt pending on it."""
+    ring = used_with_msix(rng, driver)
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
+    signalled(fds["msix1"])
+    driver.wr(BAR1 + 16 + 12, 1, 4)  # mask vector 1 (Linux does before it resets)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    assert driver.rd(BAR1 + 0x800, 8) == 0b10
+
+
+def test_virtio_pci_msix_pending_vector_is_dropped_by_a_reset(rng, driver, fds, channel):
+    """2.4.1: no notification after a reset until the driver initialises the device again."""
+    pending_behind_mask(rng, driver, fds, channel)
+
+    driver.set_status(0)
+    driver.wr(BAR1 + 16 + 12, 0, 4)  # unmasked: the old message must not go
+
+    assert (signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == (0, 0)
+
+
+def test_virtio_pci_msix_pending_vector_no_event_maps_to_is_dropped(rng, driver, fds, channel):
+    """4.1.5.2: with queue_msix_vector NO_VECTOR, no interrupt for that queue."""
+    pending_behind_mask(rng, driver, fds, channel)
+
+    driver.set_common(0x16, 0, 2)  # queue_select 0
+    driver.set_common(0x1A, NO_VECTOR, 2)  # queue_msix_vector
+    driver.wr(BAR1 + 16 + 12, 0, 4)
+
+    assert (signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == (0, 0)
+
+
+def test_virtio_pci_msix_pending_vector_another_event_still_maps_to_is_kept(
+    rng, driver, fds, channel
+):
+    pending_behind_mask(rng, driver, fds, channel)
+
+    driver.set_common(0x10, 1, 2)  # config_msix_vector 1 too
+    driver.set_common(0x16, 0, 2)
+    driver.set_common(0x1A, NO_VECTOR, 2)
+    driver.wr(BAR1 + 16 + 12, 0, 4)
+
+    assert signalled(fds["msix1"]) == 1
 
 
 def test_virtio_pci_msix_function_mask_holds_every_vector(rng, driver, fds, channel):

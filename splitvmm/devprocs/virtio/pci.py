@@ -234,7 +234,18 @@ class VirtioPciDevice(RegisterDevice):
         self.isr = 0
         self.queues = [self._fresh_queue() for _ in range(self.queue_count)]
         self.rings: list[SplitQueue | None] = [None] * self.queue_count
+        self._drop_unmapped_pending()  # every event is unmapped now: nothing may fire (2.4.1)
         self.reset_model()
+
+    def _drop_unmapped_pending(self) -> None:
+        """A vector pending behind its mask is dropped once no event maps to it: the device
+        MUST NOT deliver an interrupt for an event whose vector is NO_VECTOR (4.1.5.2, 4.1.5.3),
+        nor any after a reset (2.4.1), and unmasking it would send the old message."""
+        mapped = 0
+        for vector in (self.msix_config, *(queue.msix_vector for queue in self.queues)):
+            if vector != NO_VECTOR:
+                mapped |= 1 << vector
+        self.msix.pending &= mapped
 
     def _fresh_queue(self) -> QueueState:
         return QueueState(size=self.QUEUE_SIZE, msix_vector=NO_VECTOR, enabled=False,
@@ -362,6 +373,7 @@ class VirtioPciDevice(RegisterDevice):
                 return self._set_driver_features(value)
             case Common.MSIX_CONFIG:
                 self.msix_config = value if value < self.msix.vectors else NO_VECTOR
+                self._drop_unmapped_pending()
             case Common.DEVICE_STATUS:
                 self._set_status(value)
             case Common.QUEUE_SELECT:
@@ -388,6 +400,7 @@ class VirtioPciDevice(RegisterDevice):
             case Common.QUEUE_MSIX_VECTOR:
                 vector = value if value < self.msix.vectors else NO_VECTOR
                 self.queues[q] = replace(queue, msix_vector=vector)
+                self._drop_unmapped_pending()
             case Common.QUEUE_ENABLE if value == 1:
                 self._enable_queue(q)
             case Common.QUEUE_DESC:
