@@ -72,6 +72,7 @@ ALL_OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_TSO_
 # struct virtio_net_hdr (5.1.6): flags, gso_type, hdr_len, gso_size, csum_start,
 # csum_offset, num_buffers
 HDR = struct.Struct("<BBHHHHH")
+HDR_LEN = 2  # the header's hdr_len field, after flags and gso_type
 FLAGS_OFFSET = 0
 NUM_BUFFERS_OFFSET = 10
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
@@ -234,13 +235,24 @@ class VirtioNet(VirtioPciDevice):
 
     # -- transmit -----------------------------------------------------------------------------
     def handle(self, queue: int, chain: Chain) -> int:
-        """A transmit chain: its frame goes to the TAP; nothing is written back."""
+        """A transmit chain: its frame goes to the TAP; nothing is written back.
+
+        The TAP gets a copy of the header, checked, with hdr_len 0: the device MUST NOT rely
+        on hdr_len (5.1.6.2.2), and tun refuses a frame whose hdr_len it finds wrong (larger
+        than the frame, or below an Ethernet header), a value the spec lets the driver give;
+        with 0 tun works out what it needs from csum_start and csum_offset. A copy also means
+        the guest cannot change the header between the check and the TAP's read of it."""
         size = sum(length for _, length in chain.readable)
-        if size < HDR.size or len(chain.readable) > IOV_MAX or not self._header_ok(chain):
+        if size < HDR.size or len(chain.readable) > IOV_MAX:
             self.counts["tx_dropped"] += 1
             return 0
+        header = bytearray(self.ram.gather(chain.readable, HDR.size))
+        if not self._header_ok(header):
+            self.counts["tx_dropped"] += 1
+            return 0
+        header[HDR_LEN : HDR_LEN + 2] = b"\0\0"
         try:
-            os.writev(self.tap, self.ram.iovecs(chain.readable, writable=False))
+            os.writev(self.tap, [header, *self.ram.iovecs(_past_header(chain), writable=False)])
         except OSError as e:  # the TAP refused the frame (a header it finds invalid)
             self.counts["tx_dropped"] += 1
             self._warn.warning("tx", "%s: the TAP refused a frame: %s", self.NAME, e)
@@ -249,9 +261,9 @@ class VirtioNet(VirtioPciDevice):
         self.counts["tx_bytes"] += size - HDR.size
         return 0
 
-    def _header_ok(self, chain: Chain) -> bool:
+    def _header_ok(self, header: bytes | bytearray) -> bool:
         """The header asks only for offloads the driver negotiated (5.1.6.2.1)."""
-        flags, gso_type = self.ram.gather(chain.readable, 2)
+        flags, gso_type = header[0], header[1]
         features = self.driver_features
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not features & VIRTIO_NET_F_CSUM:
             return False
@@ -363,3 +375,15 @@ class VirtioNet(VirtioPciDevice):
 
 def _room(chain: Chain) -> int:
     return sum(length for _, length in chain.writable)
+
+
+def _past_header(chain: Chain) -> list[tuple[int, int]]:
+    """The (gpa, len) buffers of a transmit chain after its header's HDR.size bytes."""
+    skip, rest = HDR.size, []
+    for gpa, length in chain.readable:
+        if skip >= length:
+            skip -= length
+            continue
+        rest.append((gpa + skip, length - skip))
+        skip = 0
+    return rest

@@ -182,6 +182,23 @@ def test_virtio_net_tx_chain_goes_to_tap_as_header_and_frame(net, peer):
     assert (net.counts["tx_frames"], net.counts["tx_bytes"]) == (1, len(FRAME))
 
 
+@pytest.mark.parametrize("hdr_len", [5, 200, 0xFFFF])
+def test_virtio_net_tx_header_goes_to_tap_with_hdr_len_0_whatever_the_driver_gave(
+    net, peer, hdr_len
+):
+    """5.1.6.2.2: the device MUST NOT rely on hdr_len. tun refuses a frame whose hdr_len is
+    past its end or below an Ethernet header: such frames, which the spec allows, were
+    dropped. The header and frame split across descriptors mid-header, as 2.6.4 allows."""
+    driver, _, tx = started(net)
+    header = struct.pack("<BBHHHHH", 0, 0, hdr_len, 0, 0, 0, 0)
+    packet = header + FRAME
+    tx.add([(*tx.buffer(packet[:5]), False), (*tx.buffer(packet[5:]), False)])
+    driver.kick(1)
+
+    assert os.read(peer, 1 << 16) == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 0) + FRAME
+    assert (net.counts["tx_frames"], net.counts["tx_dropped"]) == (1, 0)
+
+
 def test_virtio_net_tx_header_asking_unnegotiated_checksum_dropped_and_counted(net, peer):
     driver, _, tx = started(net)
     needs_csum = struct.pack("<BBHHHHH", 1, 0, 0, 0, 14, 16, 0)
