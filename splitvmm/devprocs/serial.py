@@ -56,6 +56,7 @@ log = logging.getLogger("splitvmm.dev.serial")
 # input is not lost while the guest is slow, and count what overflows.
 RX_BUFFER_MAX = 4096
 TX_FIFO_LEN = 16  # the 16550A's transmit FIFO: what a driver may write on one THRE
+RX_FIFO_LEN = 16  # its receive FIFO: what the receiver holds in loopback (_loop_back)
 MAX_COUNTER = (1 << 63) - 1
 
 
@@ -296,7 +297,7 @@ class Uart8250(RegisterDevice):
 
     def _transmit(self, value: int) -> None:
         if self.mcr & Mcr.LOOP:
-            self._receive(bytes([value]))
+            self._loop_back(value)
         elif not self.ctx.out.put(bytes([value])):
             self._drop()
         # Writing THR clears a THRE interrupt. If the holding register is empty again at
@@ -337,13 +338,20 @@ class Uart8250(RegisterDevice):
         )
 
     def _write_fcr(self, value: int) -> None:
-        # Turning the FIFOs on or off clears them, as the clear bits do (PC16550D: FCR bit 0).
-        if value & Fcr.CLEAR_RCVR or (value ^ self.fcr) & Fcr.ENABLE_FIFO:
+        """PC16550D FCR: turning the FIFOs on or off clears them, as the clear bits do; the
+        other bits are programmed only with bit 0 set ("FCR0 must be a 1 when other FCR bits
+        are written to or they will not be programmed"); and "the transmitter interrupt
+        after changing FCR0 will be immediate, if it is enabled"."""
+        toggled = (value ^ self.fcr) & Fcr.ENABLE_FIFO
+        if toggled or value & Fcr.ENABLE_FIFO and value & Fcr.CLEAR_RCVR:
             self.rx.clear()
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
-        self.fcr = value & (Fcr.ENABLE_FIFO | Fcr.TRIGGER)  # keep enable and trigger level
+        # FCR is write-only: with bit 0 clear the trigger level is unused until it is set.
+        self.fcr = value & (Fcr.ENABLE_FIFO | Fcr.TRIGGER) if value & Fcr.ENABLE_FIFO else 0
         self._check_thre()  # FIFOs on or off change what "empty" needs
+        if toggled and self._thre:
+            self.thr_interrupt = True
 
     # -- the transmitter: the output buffer seen as a slow line -----------------------
     def _fifo_load(self) -> int:
@@ -392,6 +400,21 @@ class Uart8250(RegisterDevice):
                 | (Msr.DCD if m & Mcr.OUT2 else 0)
             )
         return self.msr & ~MSR_DELTAS
+
+    def _loop_back(self, value: int) -> None:
+        """Loopback: the transmitter's byte goes into the receiver, which holds what the
+        chip's holds (PC16550D LSR bit 1): its 16-byte FIFO, or with FIFOs off one byte. A
+        byte past that is an overrun: lost with FIFOs on, written over the unread one
+        without (a driver sizes the FIFO so: Linux's size_fifo). Host input is the host's
+        buffer, RX_BUFFER_MAX deep, but in loopback the guest alone decides the timing."""
+        fifo = self.fcr & Fcr.ENABLE_FIFO
+        if len(self.rx) < (RX_FIFO_LEN if fifo else 1):
+            self.rx.append(value)
+            return
+        self.lsr |= Lsr.OE
+        self.ctx.counters.rx_overrun = min(self.ctx.counters.rx_overrun + 1, MAX_COUNTER)
+        if not fifo:
+            self.rx[-1] = value
 
     def _receive(self, data: bytes) -> None:
         room = RX_BUFFER_MAX - len(self.rx)

@@ -218,6 +218,58 @@ def test_uart_fcr_clear_receiver_drops_pending_input():
     assert uart.read(Reg.LSR, 1)[0] & Lsr.DR == 0
 
 
+def test_uart_fcr_bits_are_not_programmed_without_bit_0():
+    """PC16550D FCR0: "must be a 1 when other FCR bits are written to or they will not be
+    programmed": a clear-receiver bit alone drops nothing."""
+    uart, _, _ = make_uart()
+    uart.host_input(b"x")
+    uart.write(Reg.IIR_FCR, b"\x02")
+    assert uart.read(Reg.LSR, 1)[0] & Lsr.DR
+
+
+@pytest.mark.parametrize("fcr", [b"\x07", b"\x00"], ids=["on", "off"])
+def test_uart_changing_fcr0_gives_a_thre_interrupt_at_once(fcr):
+    """PC16550D: "The transmitter interrupt after changing FCR0 will be immediate, if it is
+    enabled": a driver that took the THRE interrupt, then turns the FIFOs on (or off) and
+    waits for THRE before it sends, waited forever."""
+    uart, _, irq = make_uart()
+    if fcr == b"\x00":
+        uart.write(Reg.IIR_FCR, b"\x07")
+    uart.write(Reg.IER, bytes([Ier.THRI]))
+    uart.read(Reg.IIR_FCR, 1)  # THRE taken
+    before = irq.count
+
+    uart.write(Reg.IIR_FCR, fcr)
+
+    assert (uart.read(Reg.IIR_FCR, 1)[0] & 0x0F, irq.count) == (Iir.THRI, before + 1)
+
+
+def test_uart_loopback_with_fifos_holds_16_bytes_then_overruns():
+    """PC16550D LSR bit 1: a full FIFO keeps its bytes, the next one is lost and OE set. A
+    driver that sizes the FIFO in loopback (Linux's size_fifo) counted 4096."""
+    uart, _, _ = make_uart()
+    uart.write(Reg.IIR_FCR, b"\x07")
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    for k in range(32):
+        uart.write(Reg.RX_TX, bytes([k]))
+    lsr = uart.read(Reg.LSR, 1)[0]
+    got = bytearray()
+    while uart.read(Reg.LSR, 1)[0] & Lsr.DR:
+        got += uart.read(Reg.RX_TX, 1)
+    assert (lsr & Lsr.OE, bytes(got)) == (Lsr.OE, bytes(range(16)))
+
+
+def test_uart_loopback_without_fifos_overwrites_the_unread_byte():
+    """16450 mode: OE, "thereby destroying the previous character"."""
+    uart, _, _ = make_uart()
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    uart.write(Reg.RX_TX, b"1")
+    uart.write(Reg.RX_TX, b"2")
+    lsr = uart.read(Reg.LSR, 1)[0]
+    assert (lsr & (Lsr.OE | Lsr.DR), uart.read(Reg.RX_TX, 1)) == (Lsr.OE | Lsr.DR, b"2")
+    assert not uart.read(Reg.LSR, 1)[0] & Lsr.DR
+
+
 def test_uart_save_restore_keeps_registers_and_unread_input():
     uart, _, _ = make_uart()
     uart.write(Reg.SCR, b"\x11")
