@@ -82,6 +82,10 @@ GSO_FEATURE = {
     VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_HOST_TSO6,
 }
+GUEST_GSO_FEATURE = {
+    VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_GUEST_TSO6,
+}
 
 CONFIG = struct.Struct("<6sH")  # struct virtio_net_config: mac, status (5.1.4)
 ETH_MAX_FRAME = 1518  # 1500 bytes of payload, Ethernet header, one VLAN tag
@@ -337,7 +341,11 @@ class VirtioNet(VirtioPciDevice):
         if self._merge() and any(_room(c) < HDR.size for c in chains):  # 5.1.6.3.1: MUST
             raise QueueError(f"a receive buffer of less than the {HDR.size}-byte header")
         room = sum(_room(c) for c in chains)
-        if n < HDR.size or n > room and not (self._merge() and self._tail(ring, chains, n - room)):
+        if (
+            n < HDR.size
+            or n > room and not (self._merge() and self._tail(ring, chains, n - room))
+            or not self._offloads_negotiated(self.ram.gather(chains[0].writable, 2))
+        ):  # fmt: skip
             ring.unpop(len(chains))
             self.counts["rx_dropped"] += 1
             return 0
@@ -359,6 +367,21 @@ class VirtioNet(VirtioPciDevice):
         self.counts["rx_frames"] += 1
         self.counts["rx_bytes"] += n - HDR.size
         return 1
+
+    def _offloads_negotiated(self, header: bytes) -> bool:
+        """A received frame's header (flags, gso_type) asks only for what the driver took
+        (5.1.6.4.1: no GSO type without its GUEST_ feature; a partial checksum without
+        GUEST_CSUM is no fully checksummed packet). The TAP's offloads follow the driver's
+        features, but a frame it queued under an earlier negotiation (before a reset, or
+        while a restarted process probed the TAP) still carries the old ones: dropped."""
+        flags, gso_type = header
+        features = self.driver_features
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not features & VIRTIO_NET_F_GUEST_CSUM:
+            return False
+        if gso_type & VIRTIO_NET_HDR_GSO_ECN and not features & VIRTIO_NET_F_GUEST_ECN:
+            return False
+        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        return gso == VIRTIO_NET_HDR_GSO_NONE or bool(features & GUEST_GSO_FEATURE.get(gso, 0))
 
     def _tail(self, ring: SplitQueue, chains: list[Chain], extra: int) -> bool:
         """MRG_RXBUF: more chains for the `extra` bytes past those read into (in the

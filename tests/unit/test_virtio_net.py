@@ -225,6 +225,53 @@ def test_virtio_net_rx_frame_lands_in_posted_buffer_with_num_buffers_one(net, pe
     assert (net.counts["rx_frames"], net.counts["rx_bytes"]) == (1, len(FRAME))
 
 
+@pytest.fixture
+def offloading(fds: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> VirtioNet:
+    """A device whose TAP took the offloads at setup() (the stand-in cannot: its offloads
+    are not set)."""
+    monkeypatch.setattr(tun, "set_offload", lambda fd, flags: None)
+    ctx = prepared("virtio-net", fds)
+    ctx.prepared["tap_offloads"] = True
+    return VirtioNet.from_options(ctx, {})
+
+
+@pytest.mark.parametrize(
+    ("flags", "gso_type", "features"),
+    [
+        (1, 0, F_VERSION_1),  # a partial checksum, GUEST_CSUM not taken
+        (1, 1, F_VERSION_1 | F_GUEST_CSUM),  # a TSO4 segment, GUEST_TSO4 not taken
+        (1, 0x81, F_VERSION_1 | F_GUEST_CSUM | F_GUEST_TSO4),  # ECN, GUEST_ECN not taken
+        (1, 3, F_VERSION_1 | F_GUEST_CSUM | F_GUEST_TSO4),  # UDP (UFO), never offered
+    ],
+    ids=["csum", "tso4", "ecn", "ufo"],
+)
+def test_virtio_net_rx_frame_asking_an_offload_not_negotiated_is_dropped(
+    offloading, peer, flags, gso_type, features
+):
+    """5.1.6.4.1: no GSO type without its GUEST_ feature, and without GUEST_CSUM a fully
+    checksummed packet. A frame the TAP queued under an earlier negotiation (before a reset)
+    went through with its flags zeroed and its GSO fields as they were."""
+    driver, rx, _ = started(offloading, features | F_CSUM)
+    post(rx, 1526)
+    driver.kick(0)
+    os.write(peer, struct.pack("<BBHHHHH", flags, gso_type, 54, 1448, 34, 16, 0) + FRAME)
+    tap_readable(offloading)
+
+    assert (rx.take_used(), offloading.counts["rx_dropped"]) == ([], 1)
+
+
+def test_virtio_net_rx_frame_with_negotiated_offloads_keeps_its_header(offloading, peer):
+    driver, rx, _ = started(offloading, F_VERSION_1 | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4)
+    (gpa,) = post(rx, 1526)
+    driver.kick(0)
+    header = struct.pack("<BBHHHHH", 1, 1, 54, 1448, 34, 16, 0)
+    os.write(peer, header + FRAME)
+    tap_readable(offloading)
+
+    assert rx.take_used() == [(0, 12 + len(FRAME))]
+    assert offloading.ram.read(gpa, 10) == header[:10]
+
+
 def test_virtio_net_rx_mrg_rxbuf_frame_spans_two_buffers(net, peer):
     driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
     first, second = post(rx, 100, 100)
