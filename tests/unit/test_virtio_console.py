@@ -597,3 +597,41 @@ def test_virtio_console_restart_to_file_with_checkpoint_before_the_tx_enable_sen
 
     assert bytes(first.line.taken) + bytes(ctx.out.line.taken) == b"hello\n"
     assert [n for _, n in tx.take_used()] == [0]
+
+
+def test_virtio_console_restart_to_socket_takes_the_peers_next_bytes_whole():
+    """The dead process read input from its `unix:` peer and delivered it after its last
+    checkpoint (those bytes were never frames). The count delivered since used to linger
+    as a skip and ate as many of the next bytes the peer sent."""
+    peer, ours = socket.socketpair()
+    host = Host(ours.detach())
+    try:
+        ctx = host.context(socket_line(host))
+        channel = Channel()
+        ctx.events.connect(channel.send)
+        dev = VirtioConsole(ctx)
+        driver, rx, tx = started(dev)
+        transmit(tx, b"login: ")
+        driver.kick(1)  # a transmit completion: a checkpoint
+        checkpoint = published(channel)
+        posted = dict(post(rx, 64) for _ in range(4))  # head -> its buffer
+        driver.kick(0)
+        peer.sendall(b"hello\n")
+        peer_readable(dev, host)  # read and delivered, no checkpoint since: then the crash
+        assert [n for _, n in rx.take_used()] == [6]
+
+        new = VirtioConsole.restore(host.context(socket_line(host), restarted=True), checkpoint)
+        new.after_restart()
+        peer.sendall(b"world\n")
+        peer_readable(new, host)
+
+        (head, n), *_ = rx.take_used()
+        assert (n, new.ram.read(posted[head], n)) == (6, b"world\n")
+    finally:
+        peer.close()
+        host.close()
+
+
+def peer_readable(dev: VirtioConsole, host: Host) -> None:
+    (source,) = [s for s in dev.event_sources() if s.fd == host.fds["out"]]
+    source.on_readable()
