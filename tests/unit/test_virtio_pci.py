@@ -654,6 +654,23 @@ def test_virtio_pci_msix_refused_route_keeps_vector_pending(rng, driver, fds, ch
     assert signalled(fds["msix1"]) == 0 and driver.rd(BAR1 + 0x800, 8) == 0b10
 
 
+def test_virtio_pci_msix_refused_message_is_not_asked_for_again_until_rewritten(
+    rng, driver, fds, channel
+):
+    """A refused message stays refused: asking again at every interrupt let a guest make
+    the monitor answer a request per interrupt. A new message is asked for."""
+    ring = used_with_msix(rng, driver)
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), False, "bad address")
+    for _ in range(3):
+        ring.add([(*ring.buffer(8), True)])
+        driver.kick()
+    asked = len(channel.ops("msi"))
+
+    driver.wr(BAR1 + 16 + 8, 0x42, 4)  # the guest writes another message
+
+    assert (asked, len(channel.ops("msi"))) == (1, 2)
+
+
 def test_virtio_pci_msix_masked_vector_pends_until_unmasked(rng, driver, fds, channel):
     ring = used_with_msix(rng, driver)
     rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")

@@ -51,6 +51,9 @@ class Msix:
         self.routed: list[tuple[int, int] | None] = [None] * len(triggers)  # confirmed messages
         self._asked: dict[int, tuple[int, int, int]] = {}  # route id -> (vector, address, data)
         self.refused = 0  # route requests the monitor refused (a bad message from the guest)
+        # Each vector's message the monitor refused: not asked for again until the guest
+        # writes another (else every interrupt would cost the monitor a refusal)
+        self._refused: list[tuple[int, int] | None] = [None] * len(triggers)
 
     @property
     def vectors(self) -> int:
@@ -114,7 +117,8 @@ class Msix:
             if entry.control & VECTOR_MASKED:
                 continue
             message = (entry.address, entry.data)
-            if self.routed[k] != message and not self._asking(k, message):
+            unrouted = self.routed[k] != message and self._refused[k] != message
+            if unrouted and not self._asking(k, message):
                 self._ask(k, message)
             if self.pending >> k & 1 and not self.function_mask and self.routed[k] == message:
                 self.pending &= ~(1 << k)
@@ -138,6 +142,7 @@ class Msix:
         vector, address, data = asked
         if not ok:
             self.refused += 1
+            self._refused[vector] = (address, data)
             return
         self.routed[vector] = (address, data)
         self.update()
@@ -145,6 +150,7 @@ class Msix:
     def forget_routes(self) -> None:
         """A restored device asks again: the routes were the old monitor's."""
         self.routed = [None] * self.vectors
+        self._refused = [None] * self.vectors
         self._asked.clear()
 
 
