@@ -156,14 +156,27 @@ class Coordinator:
                 f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
             )
 
-    def _quiesce_devices(self, deadline: Deadline) -> dict[str, dict[str, object]]:
+    def _quiesce_devices(self, deadline: Deadline) -> dict[str, tuple[int, dict[str, object]]]:
+        """Each device's generation (its slot's process count) and the state it saved."""
         states = {}
         for slot in self.machine.slots:
             if slot.failed:
                 raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+            generation = slot.generation
             self._ask(slot, "quiesce", deadline)
-            states[slot.name] = self._ask(slot, "save", deadline)
+            states[slot.name] = generation, self._ask(slot, "save", deadline)
         return states
+
+    def _check_generations(self, states: dict[str, tuple[int, dict[str, object]]]) -> None:
+        """Every device is still the process that saved its state. One that crashed since
+        was replaced by a process that is not quiesced: it may have served its queues while
+        guest RAM was copied, so the saved state would not match the RAM."""
+        for slot in self.machine.slots:
+            if slot.generation != states[slot.name][0]:
+                raise ControlError(
+                    f"snapshot aborted: device {slot.name} was restarted while the snapshot "
+                    "was taken (its saved state may not match guest memory); take it again"
+                )
 
     def _ask(self, slot: DeviceSlot, op: str, deadline: Deadline) -> dict[str, object]:
         """One control request in the time the snapshot's deadline has left."""
@@ -205,10 +218,11 @@ class Coordinator:
             pci = pcistate.save(m.functions, m.routes)
             w.add_json_chunk("vm", pcistate.CHUNK, pcistate.PciState.VERSION, pci)
             for slot in m.slots:
-                doc = device_states[slot.name]
+                doc = device_states[slot.name][1]
                 version = doc["version"]
                 if not isinstance(version, int):  # control.check_reply passes no other
                     raise ControlError(f"device {slot.name} saved a state with no version")
                 w.add_json_chunk("device", slot.name, version, doc["fields"], model=slot.model)
+            self._check_generations(device_states)  # RAM is copied: later restarts are harmless
             on_error.pop_all()
         return w

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from splitvmm.monitor.budget import Deadline
+from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.record import Struct, field
 
@@ -88,3 +90,41 @@ def test_coordinator_failed_live_commit_resumes_once(tmp_path, monkeypatch):
         coord.snapshot(tmp_path / "snap")
 
     assert (events, coord.paused) == (["pause", "resume", "commit"], False)
+
+
+class FakeSlot(Struct):
+    """A device slot; `restart_at`: the control op during which its process dies and the
+    slot starts a new one (generation + 1), as monitor/slot.py restart() does."""
+
+    name: str
+    generation: int = 1
+    failed: bool = False
+    restart_at: str | None = None
+
+    def control(self, op: str, timeout_ms: int) -> dict[str, object]:
+        if op == self.restart_at:
+            self.generation += 1
+        return {"version": 1, "fields": {}}
+
+
+@pytest.mark.parametrize("restart_at", ["quiesce", "save"])
+def test_coordinator_device_restarted_during_the_snapshot_aborts_it(
+    tmp_path, monkeypatch, restart_at
+):
+    """A device that crashed after it was asked to quiesce was replaced by a process that is
+    not quiesced: it may serve its queues while guest RAM is copied, so its saved state would
+    not match the RAM. The snapshot is refused, naming the device."""
+    coord, _ = coordinator(tmp_path, monkeypatch)
+    slots = [FakeSlot("serial0"), FakeSlot("blk0", restart_at=restart_at)]
+    coord.machine.slots = slots
+    states = coord._quiesce_devices(Deadline(5.0))
+
+    with pytest.raises(ControlError, match="device blk0 was restarted while the snapshot"):
+        coord._check_generations(states)
+
+
+def test_coordinator_devices_unchanged_since_they_saved_pass_the_check(tmp_path, monkeypatch):
+    coord, _ = coordinator(tmp_path, monkeypatch)
+    coord.machine.slots = [FakeSlot("serial0"), FakeSlot("blk0", generation=3)]
+
+    coord._check_generations(coord._quiesce_devices(Deadline(5.0)))
