@@ -309,8 +309,12 @@ class VirtioBlk(VirtioPciDevice):
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     self._io_failed(e)
-        for at in range(offset, offset + length, ZERO_CHUNK):
-            self._io(os.pwrite, self.disk, ZEROS[: offset + length - at], at)
+        at, end = offset, offset + length
+        while at < end:  # a write may be short (a file system filling up): the rest again
+            wrote = self._io(os.pwrite, self.disk, ZEROS[: end - at], at)
+            if wrote <= 0:
+                raise RequestError(VIRTIO_BLK_S_IOERR)
+            at += wrote
 
     def _io(self, call: Any, *args: Any) -> int:
         """A host I/O call; its failure is the request's (IOERR), logged, never the device's."""

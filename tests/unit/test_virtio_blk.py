@@ -323,6 +323,23 @@ def test_virtio_blk_write_zeroes_zeroes_the_range(blk, disk, monkeypatch, fs, un
     assert image[512:1536] == bytes(1024) and image[1536:1538] == b"\x00\x01"
 
 
+def test_virtio_blk_write_zeroes_written_in_short_writes_still_zeroes_the_range(
+    blk, disk, monkeypatch
+):
+    """Written as zeros (no ZERO_RANGE: tmpfs), a short pwrite (a file system filling up)
+    left the rest of its chunk as it was, and the request was OK all the same."""
+    no_holes(monkeypatch)
+    real = os.pwrite
+    short = lambda fd, data, at: real(fd, data[: max(1, len(data) // 2)], at)  # noqa: E731
+    monkeypatch.setattr(os, "pwrite", short)
+    driver, ring = started(blk)
+    status = request(ring, WRITE_ZEROES, 0, [(struct.pack("<QII", 4, 4, 0), False)])
+
+    driver.kick()
+
+    assert (status_of(blk, status), disk.read_bytes()[2048:4096]) == (OK, bytes(2048))
+
+
 def test_virtio_blk_discard_where_holes_are_unsupported_is_ok_and_keeps_the_data(
     blk, disk, monkeypatch
 ):
@@ -516,3 +533,20 @@ def test_virtio_blk_restart_replaying_queue_enable_keeps_the_used_position(blk, 
     replayed.kick()
 
     assert [h for h, _ in ring.take_used()] == [0, 3]  # the first not re-run
+
+
+def test_virtio_blk_chains_completed_before_a_bad_one_are_notified(blk, fds):
+    """2.7.7.2: a used buffer notification is due for every chain the device completed.
+    The chain after them (a header and no status byte) puts the device in NEEDS_RESET; the
+    first one's queue interrupt used to go with it, and a driver that does not handle
+    NEEDS_RESET (Linux's) waited for that completion forever."""
+    driver, ring = started(blk)
+    status = request(ring, IN, 0, [(512, True)])
+    ring.add([(*ring.buffer(struct.pack("<IIQ", IN, 0, 0)), False)])  # no status byte
+    signalled(fds["intx"])
+
+    driver.kick()
+
+    assert ring.take_used()[0][0] == 0 and status_of(blk, status) == OK
+    assert driver.status() & NEEDS_RESET
+    assert blk.isr & 0x1 and signalled(fds["intx"]) >= 1

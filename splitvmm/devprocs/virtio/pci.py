@@ -510,6 +510,11 @@ class VirtioPciDevice(RegisterDevice):
                     return
                 ring.disable_notifications()  # ...unless it came meanwhile
         except (QueueError, GuestRamError) as e:
+            # The chains completed before the bad one are the driver's: their notification
+            # is due (2.7.7.2) whatever the device does next, and a driver that ignores
+            # NEEDS_RESET (Linux does) would wait for them forever.
+            if ring.needs_notification():
+                self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
             self.needs_reset(f"queue {q}: {e}")
 
     def _drain(self, q: int, ring: SplitQueue, deadline: int) -> int:
