@@ -35,9 +35,9 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 # Validate with fullmatch(): `$` also matches before a trailing newline, so match() would take
 # "vm\n" (the anchors stay so that a stray match() cannot take a prefix either).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-# A snapshot's chunks are named by device name, beside the monitor's own: no device may take
-# one of theirs.
-RESERVED_NAME_RE = re.compile(r"ram|vm|pci|vcpu[0-9]+")
+# A snapshot's chunks are named by device name, beside the monitor's own and its manifest: no
+# device may take one of theirs (the writer would refuse it only once guest RAM is copied).
+RESERVED_NAME_RE = re.compile(r"ram|vm|pci|vcpu[0-9]+|manifest")
 # At most 16 digits: 1T in bytes has 13, and int() of a 5000-digit string raises ValueError.
 SIZE_RE = re.compile(r"^(\d{1,16})\s*([KMGT]i?B?)?$", re.IGNORECASE)
 # A config is a few hundred bytes; the cap keeps a huge or stack-deep file from reaching tomllib.

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from splitvmm.monitor.machine import Machine
 
 log = logging.getLogger("splitvmm.coordinator")
+# A device's slot.lives when it was asked to quiesce, and the state it saved
+_Saved = tuple[tuple[int, int], dict[str, object]]
 
 PARK_TIMEOUT_S = 10.0  # a vCPU in a forwarded read waits at most the device's read deadline
 # The devices of one snapshot get this long in all to quiesce, save and resume: a device
@@ -139,7 +141,7 @@ class Coordinator:
             if resumed_at is None and not (ok and keep_paused):
                 let_go()
             self.snapshotting = ok and keep_paused  # a suspended VM's devices stay quiesced
-        size = sum(p.stat().st_size for p in target.iterdir())
+        size = _bytes_in(target)
         paused_until = t2 if resumed_at is None else resumed_at
         return SnapshotReport(target, (paused_until - t0) * 1e3, (t2 - t1) * 1e3, size)
 
@@ -156,23 +158,24 @@ class Coordinator:
                 f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
             )
 
-    def _quiesce_devices(self, deadline: Deadline) -> dict[str, tuple[int, dict[str, object]]]:
-        """Each device's generation (its slot's process count) and the state it saved."""
+    def _quiesce_devices(self, deadline: Deadline) -> dict[str, _Saved]:
+        """Each device's lives (slot.lives) when it was asked, and the state it saved."""
         states = {}
         for slot in self.machine.slots:
             if slot.failed:
                 raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
-            generation = slot.generation
+            lives = slot.lives
             self._ask(slot, "quiesce", deadline)
-            states[slot.name] = generation, self._ask(slot, "save", deadline)
+            states[slot.name] = lives, self._ask(slot, "save", deadline)
         return states
 
-    def _check_generations(self, states: dict[str, tuple[int, dict[str, object]]]) -> None:
+    def _check_generations(self, states: dict[str, _Saved]) -> None:
         """Every device is still the process that saved its state. One that crashed since
         was replaced by a process that is not quiesced: it may have served its queues while
-        guest RAM was copied, so the saved state would not match the RAM."""
+        guest RAM was copied, so the saved state would not match the RAM. (Its slot counts
+        the crash before it asks for the replacement: slot.lives.)"""
         for slot in self.machine.slots:
-            if slot.generation != states[slot.name][0]:
+            if slot.lives != states[slot.name][0]:
                 raise ControlError(
                     f"snapshot aborted: device {slot.name} was restarted while the snapshot "
                     "was taken (its saved state may not match guest memory); take it again"
@@ -226,3 +229,12 @@ class Coordinator:
             self._check_generations(device_states)  # RAM is copied: later restarts are harmless
             on_error.pop_all()
         return w
+
+
+def _bytes_in(target: Path) -> int:
+    """What a committed snapshot holds on disk; 0 if it was moved or removed since (by
+    whoever archives it): it was written all the same, and a suspend must still stop."""
+    try:
+        return sum(p.stat().st_size for p in target.iterdir())
+    except OSError:
+        return 0

@@ -259,6 +259,13 @@ class DeviceSlot:
     def ready(self) -> bool:
         return self.state is SlotState.LIVE
 
+    @property
+    def lives(self) -> tuple[int, int]:
+        """(crashes, generation): changes once a crash is seen, before any process replaces
+        the dead one, and again when one does (the coordinator's check that a snapshot's
+        devices are the processes that saved their states)."""
+        return self.crashes, self.generation
+
     # -- the process in the slot ---------------------------------------------------------------
     def start(self, resume: dict[str, object] | None = None) -> None:
         """Start the device's next process from its last known state (or, after a crash,
@@ -580,7 +587,7 @@ class DeviceSlot:
         """A control request (quiesce, save, resume, fault with `args`); the checked reply, or
         DeviceFailure. A saved state becomes the device's last known state."""
         with self._lock:
-            channel = self._await_live()
+            channel = self._await_live(timeout_ms)  # a snapshot's pause is bounded by it
             if channel is None:
                 why = f"has failed: {self.failed}" if self.failed else "is away"
                 raise DeviceFailure(f"device {self.name} {why}")
@@ -641,14 +648,16 @@ class DeviceSlot:
         finally:
             self._lock.release()
 
-    def _await_live(self) -> DeviceChannel | None:
+    def _await_live(self, limit_ms: float | None = None) -> DeviceChannel | None:
         """The channel of the live device; while it is away, wait (the lock released) until it
-        is back, at most AWAY_WAIT_MS. None if it is not back by then, or has failed."""
+        is back, at most AWAY_WAIT_MS (RESTART_WAIT_MS while it restarts), and at most
+        `limit_ms`. None if it is not back by then, or has failed."""
         if self.state is not SlotState.AWAY:
             return self.channel if self.state is SlotState.LIVE else None
         start = time.monotonic()
         while self.state is SlotState.AWAY:
-            wait_ms = RESTART_WAIT_MS if self.restarting else AWAY_WAIT_MS
+            wait_ms: float = RESTART_WAIT_MS if self.restarting else AWAY_WAIT_MS
+            wait_ms = wait_ms if limit_ms is None else min(wait_ms, limit_ms)
             left = start + wait_ms / 1000 - time.monotonic()
             if left <= 0:
                 break

@@ -291,7 +291,7 @@ def test_config_bad_restart_budget_raises_error_naming_key(extra, message):
         _parse_device({**DEVICE, **extra}, "device", "vm", Path("/"))
 
 
-@pytest.mark.parametrize("name", ["ram", "vm", "pci", "vcpu0", "vcpu12"])
+@pytest.mark.parametrize("name", ["ram", "vm", "pci", "vcpu0", "vcpu12", "manifest"])
 def test_config_device_named_like_a_snapshot_chunk_is_refused(name: str) -> None:
     with pytest.raises(ConfigError, match=f"device '{name}': the name is reserved"):
         _cfg(devices=f'[[device]]\nname = "{name}"\nmodel = "serial"\n')

@@ -33,6 +33,7 @@ class FakeWriter(Struct):
     target: Path
     fail: bool = False
     aborted: list[bool] = field(default_factory=list)
+    archived: bool = False  # moved away by something else as soon as it is committed
 
     def __enter__(self) -> FakeWriter:
         return self
@@ -44,16 +45,19 @@ class FakeWriter(Struct):
         self.events.append("commit")
         if self.fail:
             raise OSError("disk full")
-        self.target.mkdir()
+        if not self.archived:
+            self.target.mkdir()
         return self.target
 
 
-def coordinator(tmp_path: Path, monkeypatch, fail: bool = False) -> tuple[Coordinator, list[str]]:
+def coordinator(
+    tmp_path: Path, monkeypatch, fail: bool = False, archived: bool = False
+) -> tuple[Coordinator, list[str]]:
     events: list[str] = []
     cfg = SimpleNamespace(vm=SimpleNamespace(name="t", snapshot_dirs=[tmp_path]))
     machine = SimpleNamespace(cfg=cfg, stopping=False, vcpus=[FakeVcpu(events)], slots=[])
     coord = Coordinator(machine)  # type: ignore[arg-type]
-    writer = FakeWriter(events, tmp_path / "snap", fail)
+    writer = FakeWriter(events, tmp_path / "snap", fail, archived=archived)
     monkeypatch.setattr(coord, "_write", lambda target, deadline: writer)
     return coord, events
 
@@ -98,24 +102,37 @@ class FakeSlot(Struct):
 
     name: str
     generation: int = 1
+    crashes: int = 0
     failed: bool = False
     restart_at: str | None = None
+    crash_at: str | None = None
+
+    @property
+    def lives(self) -> tuple[int, int]:
+        return self.crashes, self.generation
 
     def control(self, op: str, timeout_ms: int) -> dict[str, object]:
         if op == self.restart_at:
+            self.crashes += 1
             self.generation += 1
+        if op == self.crash_at:  # seen, its spare told to take over, not in the slot yet
+            self.crashes += 1
         return {"version": 1, "fields": {}}
 
 
-@pytest.mark.parametrize("restart_at", ["quiesce", "save"])
+@pytest.mark.parametrize(
+    ("restart_at", "crash_at"),
+    [("quiesce", None), ("save", None), (None, "save")],
+    ids=["restarted-at-quiesce", "restarted-at-save", "crashed-spare-taking-over"],
+)
 def test_coordinator_device_restarted_during_the_snapshot_aborts_it(
-    tmp_path, monkeypatch, restart_at
+    tmp_path, monkeypatch, restart_at, crash_at
 ):
     """A device that crashed after it was asked to quiesce was replaced by a process that is
     not quiesced: it may serve its queues while guest RAM is copied, so its saved state would
     not match the RAM. The snapshot is refused, naming the device."""
     coord, _ = coordinator(tmp_path, monkeypatch)
-    slots = [FakeSlot("serial0"), FakeSlot("blk0", restart_at=restart_at)]
+    slots = [FakeSlot("serial0"), FakeSlot("blk0", restart_at=restart_at, crash_at=crash_at)]
     coord.machine.slots = slots
     states = coord._quiesce_devices(Deadline(5.0))
 
@@ -128,3 +145,13 @@ def test_coordinator_devices_unchanged_since_they_saved_pass_the_check(tmp_path,
     coord.machine.slots = [FakeSlot("serial0"), FakeSlot("blk0", generation=3)]
 
     coord._check_generations(coord._quiesce_devices(Deadline(5.0)))
+
+
+def test_coordinator_suspend_whose_snapshot_is_moved_at_once_still_returns(tmp_path, monkeypatch):
+    """Its size is read after the commit: a snapshot moved away by then (an archiver) made
+    the suspend raise, so the machine never stopped and its devices stayed quiesced."""
+    coord, events = coordinator(tmp_path, monkeypatch, archived=True)
+
+    report = coord.snapshot(tmp_path / "snap", keep_paused=True)
+
+    assert (events, coord.paused, report.bytes) == (["pause", "commit"], True, 0)

@@ -3,6 +3,7 @@ access gets while no device serves the slot. tests/integration/test_slot.py has 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def slot(tmp_path: Path, zctx: zmq.Context, failures: Failures) -> DeviceSlot:
 def test_slot_read_while_away_past_wait_reads_all_ones(slot, monkeypatch):
     monkeypatch.setattr(slot_module, "AWAY_WAIT_MS", 0)
     assert (slot.read(0, 2), slot.state, slot.waiting) == (b"\xff\xff", SlotState.AWAY, 0)
+
+
+def test_slot_control_waits_for_an_away_device_no_longer_than_its_timeout(slot, monkeypatch):
+    """A snapshot's control request gets the time the snapshot's deadline has left: it used
+    to wait RESTART_WAIT_MS / AWAY_WAIT_MS whatever it was given, with every vCPU paused."""
+    monkeypatch.setattr(slot_module, "AWAY_WAIT_MS", 3_600_000)  # a wait would hang the test
+    start = time.monotonic()
+    with pytest.raises(DeviceFailure, match="serial0 is away"):
+        slot.control("quiesce", timeout_ms=50)
+    assert time.monotonic() - start < 5
 
 
 def test_slot_failed_reads_all_ones_without_waiting(slot, monkeypatch, failures):
