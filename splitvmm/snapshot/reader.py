@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,10 +63,21 @@ def _open_in(directory: Path, name: str, label: str) -> tuple[io.BufferedReader,
 
 def _read_capped(directory: Path, name: str, cap: int) -> bytes:
     f, size = _open_in(directory, name, name)
-    with f:
+    with f, _reading(name):
         if size > cap:
             raise SnapshotError(f"{name}: {size} bytes, over the {cap} cap")
         return f.read(cap + 1)  # the file may have grown since fstat; the parser caps again
+
+
+@contextmanager
+def _reading(label: str) -> Iterator[None]:
+    """An I/O error while a snapshot's file is read (EIO or ESTALE from its storage; for
+    RAM, ENOMEM or EFBIG writing guest memory) is the snapshot's error, naming the file:
+    never a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise SnapshotError(f"{label}: {e.strerror or e}") from None
 
 
 class Snapshot:
@@ -80,7 +92,13 @@ class Snapshot:
         """The snapshot at path; with a key, only if manifest.sig is its manifest's MAC under
         that key (checked before the manifest is parsed: see signing.py)."""
         path = Path(path)
-        if not path.is_dir():
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            is_dir = False
+        except OSError as e:  # EACCES on a parent, ENAMETOOLONG...
+            raise SnapshotError(f"cannot open the directory: {e.strerror}") from None
+        if not is_dir:
             raise SnapshotError("not a directory")
         data = _read_capped(path, MANIFEST, MAX_MANIFEST_BYTES)
         if key is not None:
@@ -131,7 +149,7 @@ class Snapshot:
     @contextmanager
     def _open_chunk(self, entry: ChunkEntry) -> Iterator[io.BufferedReader]:
         f, size = _open_in(self.path, entry.file, entry.label)
-        with f:
+        with f, _reading(entry.label):
             _check_size(entry, size)
             yield f
 

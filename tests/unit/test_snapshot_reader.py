@@ -3,6 +3,8 @@ that names the chunk (or manifest.json), never a traceback and never a half-load
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import struct
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from splitvmm.monitor.memory import GuestMemory
-from splitvmm.snapshot import Snapshot, SnapshotError
+from splitvmm.snapshot import Snapshot, SnapshotError, reader
 from tests.unit.snapshot_support import (
     CHUNK_FILES,
     MEM_SIZE,
@@ -274,6 +276,41 @@ def test_reader_missing_manifest_refused(snap):
 def test_reader_not_a_directory_refused(tmp_path):
     with pytest.raises(SnapshotError, match="not a directory"):
         Snapshot.open(tmp_path / "nothing")
+
+
+def test_reader_directory_it_may_not_look_into_is_an_error_not_a_traceback(tmp_path):
+    with pytest.raises(SnapshotError, match="cannot open the directory: File name too long"):
+        Snapshot.open(tmp_path / ("x" * 300))
+
+
+def test_reader_io_error_while_loading_ram_names_the_chunk(snap, fresh, monkeypatch):
+    """EIO or ESTALE from the snapshot's storage, ENOMEM or EFBIG writing guest memory: an
+    OSError went up to `up --restore` as a traceback."""
+
+    def broken(*args: object) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "sendfile", broken)
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: Input/output error"):
+        Snapshot.open(snap).load_ram(fresh)
+
+
+def test_reader_io_error_while_reading_a_chunk_names_it(snap, monkeypatch):
+    real_open_in = reader._open_in
+
+    class Stale(io.BufferedReader):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+
+    def open_in(directory: Path, name: str, label: str) -> tuple[io.BufferedReader, int]:
+        f, size = real_open_in(directory, name, label)
+        if name != CHUNK_FILES["vm"]:
+            return f, size
+        return Stale(f.detach()), size
+
+    monkeypatch.setattr(reader, "_open_in", open_in)
+    with pytest.raises(SnapshotError, match=f"{_label('vm')}: Stale file handle"):
+        Snapshot.open(snap).verify()
 
 
 def _write_ram(snap: Path, records: list[tuple[int, int]], end: int) -> None:
