@@ -115,6 +115,9 @@ RESTART_INTERVAL_S = 10.0
 # While a crashed device is being restarted, an access waits for its new process (a Python
 # interpreter's start, ~0.1-1 s on a loaded host) rather than read all-ones.
 RESTART_WAIT_MS = READY_TIMEOUT_MS
+# Host input a console device gets while a snapshot has it quiesced waits in its slot, this
+# much at most (what an operator types, or pastes, during one)
+HELD_INPUT_MAX = 1 << 16
 MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
 # `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
@@ -248,6 +251,8 @@ class DeviceSlot:
         self._failed_process: DeviceProcess | None = None
         self._lock = threading.Lock()
         self._back = threading.Condition(self._lock)  # notified when the state leaves AWAY
+        self._quiesced = False  # by a snapshot, until its resume: host input waits (input())
+        self._held_input = bytearray()
         self._reports = RateLimitedLog(log)  # a device's reports: one line a second at most
 
     @property
@@ -551,23 +556,41 @@ class DeviceSlot:
         self._post(wire.encode_write(offset, data), write_at=offset)
 
     def input(self, data: bytes) -> None:
-        """Host input for a console device, in frame-sized chunks."""
+        """Host input for a console device, in frame-sized chunks. While a snapshot has the
+        device quiesced, it waits here (at most HELD_INPUT_MAX bytes; the rest is dropped, as
+        a full device buffer drops it) and goes at the resume: applied meanwhile, it would
+        change a device whose state is saved already, and the interrupt it raised would be
+        in the vCPUs' saved state but its byte in no device's."""
+        with self._lock:
+            if self._quiesced:
+                room = HELD_INPUT_MAX - len(self._held_input)
+                if len(data) > room:
+                    log.warning("device %s: input during a snapshot: %d byte(s) dropped",
+                                self.name, len(data) - room)  # fmt: skip
+                self._held_input += data[:room]
+                return
+            self._input_locked(data)
+
+    def _input_locked(self, data: bytes) -> None:
         for i in range(0, len(data), wire.MAX_INPUT_CHUNK):
-            self._post(wire.encode_input(data[i : i + wire.MAX_INPUT_CHUNK]))
+            self._post_locked(wire.encode_input(data[i : i + wire.MAX_INPUT_CHUNK]))
 
     def _post(self, frame: bytes, write_at: int | None = None) -> None:
         """Send a posted frame: a guest write at `write_at`, or host input (None)."""
         with self._lock:
-            if write_at is not None:
-                self.writes += 1
-            channel = self._await_live()
-            if channel is not None:
-                self._journal_locked(frame)  # re-sent to the next process if this one died
-                channel.mirror.sent(write_at)
-                try:
-                    channel.post(frame)
-                except ChannelError as e:
-                    self._channel_failed_locked(str(e))
+            self._post_locked(frame, write_at)
+
+    def _post_locked(self, frame: bytes, write_at: int | None = None) -> None:
+        if write_at is not None:
+            self.writes += 1
+        channel = self._await_live()
+        if channel is not None:
+            self._journal_locked(frame)  # re-sent to the next process if this one died
+            channel.mirror.sent(write_at)
+            try:
+                channel.post(frame)
+            except ChannelError as e:
+                self._channel_failed_locked(str(e))
 
     def sync(self) -> bool:
         """Wait until a live device applied everything sent so far (posted writes included)."""
@@ -594,15 +617,22 @@ class DeviceSlot:
             if op == "quiesce":  # a snapshot: reads go to the device until it resumes
                 channel.mirror.paused = True
                 channel.mirror.invalidate()
+            if op == "resume":
+                self._quiesced = False  # whatever comes of it: no input is held past it
             try:
                 reply = channel.control(op, timeout_ms, args)
             except ChannelError as e:
+                self._held_input.clear()  # for a device that failed: lost with it
                 self._fail_locked(str(e))
                 raise DeviceFailure(f"device {self.name}: {e}") from None
-            if op == "save":
+            if op == "quiesce":
+                self._quiesced = True
+            elif op == "save":
                 self.last_state = reply
             elif op == "resume":  # its new MIRROR came before the reply
                 channel.mirror.paused = False
+                held, self._held_input = self._held_input, bytearray()
+                self._input_locked(bytes(held))
             return reply
 
     def heartbeat(self, timeout_ms: int) -> None:

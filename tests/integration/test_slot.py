@@ -351,6 +351,19 @@ def test_slot_quiesced_device_answers_its_reads_itself(harness):
     assert slot.mirrored_reads - mirrored == 1  # resumed: the device's new mirror answers
 
 
+def test_slot_input_while_quiesced_reaches_the_device_after_its_resume(harness):
+    """Input applied to a quiesced device changed a state it had saved already (and its
+    interrupt went into the vCPUs' saved state): it waits for the resume."""
+    slot = harness.slot
+    slot.control("quiesce")
+    slot.input(b"late")
+    during = slot.read(Reg.LSR, 1)[0] & Lsr.DR
+    saved = slot.control("save")
+    slot.control("resume")
+    received = b"".join(slot.read(Reg.RX_TX, 1) for _ in range(4))
+    assert (during, saved["fields"]["rx"], received) == (0, "", b"late")
+
+
 def test_slot_restarted_device_starts_with_no_mirror_of_the_old_process(harness):
     slot = harness.slot
     slot.write(Reg.SCR, b"\x5a")
