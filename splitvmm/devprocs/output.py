@@ -41,6 +41,8 @@ import stat
 import time
 from typing import Protocol
 
+from splitvmm.native import files
+
 log = logging.getLogger("splitvmm.dev.output")
 
 CAPACITY = 4096  # a few KiB: a burst of console output, not a log file's worth
@@ -92,17 +94,12 @@ class FdLine:
 
 def _own_nonblocking_description(fd: int) -> None:
     """Replace `fd` by a non-blocking open of the same pipe, terminal or device."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    want = os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (flags & os.O_APPEND)
-    try:
-        # O_NOCTTY: we lead our own session, and opening a terminal would make it ours.
-        own = os.open(f"/proc/self/fd/{fd}", want)
-    except OSError as e:
-        log.warning("output: cannot reopen it (%s); making it non-blocking as shared", e.strerror)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        return
-    os.dup2(own, fd)
-    os.close(own)
+    error = files.reopen_write_only(fd, os.O_NONBLOCK | os.O_CLOEXEC)
+    if error is not None:
+        log.warning(
+            "output: cannot reopen it (%s); making it non-blocking as shared", error.strerror
+        )
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
 class BoundedOutput:

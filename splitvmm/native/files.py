@@ -1,7 +1,11 @@
 """File operations the standard library lacks: fallocate(2) with a mode (a virtio-blk
-device's discard and write-zeroes punch holes in, or zero ranges of, its disk image)."""
+device's discard and write-zeroes punch holes in, or zero ranges of, its disk image), and a
+write-only description of an fd shared read-write (a device's output and its stderr)."""
 
 from __future__ import annotations
+
+import fcntl
+import os
 
 from splitvmm.native._sys import ffi, lib
 
@@ -15,3 +19,18 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if lib.sv_fallocate(fd, mode, offset, length) < 0:
         err = ffi.errno
         raise OSError(err, f"fallocate(mode={mode:#x}, {offset}, {length})")
+
+
+def reopen_write_only(fd: int, flags: int = 0) -> OSError | None:
+    """Replace `fd` by a write-only open of the same pipe, terminal or device (through
+    /proc/self/fd), with `flags` and the O_APPEND it had: a description of our own, through
+    which nothing can be read. The error where that cannot be done (a socket), `fd` as it was.
+    O_NOCTTY: a device leads its own session, and opening a terminal would make it ours."""
+    want = os.O_WRONLY | os.O_NOCTTY | flags | (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+    try:
+        own = os.open(f"/proc/self/fd/{fd}", want)
+    except OSError as e:
+        return e
+    os.dup2(own, fd)
+    os.close(own)
+    return None

@@ -86,7 +86,7 @@ from typing import NoReturn, TypeVar
 
 from splitvmm import native
 from splitvmm.errors import SplitvmmError
-from splitvmm.native import confine, landlock
+from splitvmm.native import confine, files, landlock
 from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.sandbox import policy
 
@@ -145,6 +145,7 @@ def enter_sandbox(
     Forks: only the device process returns (see the module docstring).
     """
     mode = _mode(audit)
+    _stderr_write_only()
     device_policy = policy.load_model_policy(model)  # read now: no file system later
     warden_policy = policy.load_warden_policy(os.getpid())  # the warden is this process
     socket_path = _channel_path(channel)
@@ -162,6 +163,23 @@ def enter_sandbox(
     _set_rlimits(held, address_space)
     _load_seccomp(device_policy, mode)
     return conn
+
+
+def _stderr_write_only() -> None:
+    """fd 2 is the operator's stderr, for a device's warnings and a crashing one's
+    traceback: often their terminal, open read-write. A device must not read what they type
+    (we lead our own session: no job control stops the read), so a write-only open of the
+    same terminal or pipe replaces it; where none can be made, /dev/null. A regular file or a
+    socket (journald's) is left as it is: nothing typed comes through it."""
+    mode = os.fstat(2).st_mode
+    if fcntl.fcntl(2, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        return
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return
+    if files.reopen_write_only(2) is not None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
 
 
 def _mode(audit: bool | str) -> SeccompMode:

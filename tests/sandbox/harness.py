@@ -52,8 +52,10 @@ class SandboxedDevice:
         sandboxed: bool = True,
         stderr_to_file: bool = True,
         out: int | None = None,
+        stderr_fd: int | None = None,
     ) -> None:
-        """out: the device's output fd (default: a pipe read back by output())."""
+        """out: the device's output fd (default: a pipe read back by output()); stderr_fd:
+        its stderr (default: a file, or /dev/null without stderr_to_file)."""
         # Pickle first: a hook that cannot be pickled must fail before anything is open.
         encoded = base64.b64encode(cloudpickle.dumps(hook)).decode() if hook else ""
         self.zctx = zmq.Context()
@@ -84,7 +86,8 @@ class SandboxedDevice:
             argv = [sys.executable, "-c", UNSANDBOXED]
         with open(self.stderr_path if stderr_to_file else os.devnull, "wb") as stderr:
             self.started = time.monotonic()
-            self.proc = start_device(tuple(argv), spec, stderr=stderr.fileno())
+            error_fd = stderr.fileno() if stderr_fd is None else stderr_fd
+            self.proc = start_device(tuple(argv), spec, stderr=error_fd)
         os.close(out_w)
         if hook is not None:
             os.close(fds["hook_result"])

@@ -150,6 +150,29 @@ def test_device_stdin_stdout_when_serving_are_dev_null_and_stderr_is_ours(
 
 
 @needs_ptrace_read
+def test_device_stderr_on_a_terminal_is_write_only_when_serving(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """Run from a terminal, stderr is the operator's terminal, open read-write: a device
+    could read what they type (a password at the guest's prompt). It keeps the terminal to
+    write to, and nothing to read with."""
+    ours, terminal = os.openpty()
+    try:
+        dev = spawn(stderr_fd=terminal)
+        dev.wait_ready()
+        pid = dev.device_pid()
+        with open(f"/proc/{pid}/fdinfo/2") as f:
+            flags = int(f.read().split("flags:")[1].split()[0], 8)
+        assert (flags & os.O_ACCMODE, os.readlink(f"/proc/{pid}/fd/2")) == (
+            os.O_WRONLY,
+            os.ttyname(terminal),
+        )
+    finally:
+        os.close(ours)
+        os.close(terminal)
+
+
+@needs_ptrace_read
 def test_device_output_stdio_when_serving_is_an_fd_above_2(
     spawn: Callable[..., SandboxedDevice],
 ) -> None:
