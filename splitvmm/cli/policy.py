@@ -524,8 +524,15 @@ def _frame_pair() -> tuple[int, int]:
 
 
 def _memfd(name: str, size: int) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """A memfd sealed as the monitor seals guest RAM and a device's other memfds (the
+    sandbox's file-size limit leaves sealed ones out: sandbox/device.py)."""
+    import fcntl
+
+    from splitvmm.monitor.memory import SEALS
+
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     return fd
 
 

@@ -467,6 +467,7 @@ def run(
         channel=f"ipc://{spare_path(spec.channel)}" if spec.deferred else spec.channel,
         connect=connect,
         address_space=address_space_limit(spec),
+        mapped=frozenset(spec.fds[role] for role in load_model(spec.model).MAPPED_FDS),
     )
     if hook is not None:
         _run_hook(hook, spec)

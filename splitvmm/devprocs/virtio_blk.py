@@ -65,8 +65,10 @@ MAX_SEGMENTS = 1  # discard / write zeroes segments per request
 IOV_MAX = 1024  # preadv/pwritev take at most this many buffers at once
 ZERO_CHUNK = 1 << 20  # zeros written (to the disk, or to guest buffers) this much at a time
 ZEROS = memoryview(bytes(ZERO_CHUNK))  # calloc'd: the kernel's zero page until written
-PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE
-ZERO_RANGE = files.FALLOC_FL_ZERO_RANGE | files.FALLOC_FL_KEEP_SIZE
+PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE  # the kernel wants both
+# Without KEEP_SIZE: the process's RLIMIT_FSIZE (the image's size: sandbox/device.py) then
+# binds it, where ZERO_RANGE|KEEP_SIZE could allocate blocks past the end unbounded
+ZERO_RANGE = files.FALLOC_FL_ZERO_RANGE
 
 
 class RequestError(Exception):

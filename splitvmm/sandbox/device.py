@@ -132,11 +132,14 @@ def enter_sandbox(
     channel: str,
     connect: Callable[[str], T],
     address_space: int,
+    mapped: frozenset[int] = frozenset(),
 ) -> T:
     """Confine this device process; returns what `connect(endpoint)` returned.
 
     `audit`: False (enforce), True (SeccompMode.LOG) or a SeccompMode value.
     `address_space`: RLIMIT_AS in bytes, from the time the channel is connected.
+    `mapped`: fds of `keep_fds` the model only maps (guest RAM): no write(2) goes to them,
+    so their size does not raise the file-size limit (_file_size_limit).
 
     Call it single-threaded, after every import, holding the fds in `keep_fds`
     (0, 1 and 2 are always kept; any other fd is closed). `connect` gets the
@@ -160,7 +163,7 @@ def enter_sandbox(
     conn = connect(endpoint)
     held = {int(name) for name in os.listdir(fd_dir)} - {fd_dir}
     os.close(fd_dir)
-    _set_rlimits(held, address_space)
+    _set_rlimits(held, address_space, mapped)
     _load_seccomp(device_policy, mode)
     return conn
 
@@ -310,13 +313,13 @@ def _restrict_landlock() -> None:
 
 
 # -- (b) rlimits and (e) seccomp --------------------------------------------------------------
-def _set_rlimits(held: set[int], address_space: int) -> None:
-    fsize = resource.RLIM_INFINITY if any(map(_writable_file, held)) else 0
+def _set_rlimits(held: set[int], address_space: int, mapped: frozenset[int]) -> None:
+    fsize = _file_size_limit(held - mapped)
     limits = {
         resource.RLIMIT_NPROC: 0,  # no fork, no thread (ZeroMQ's exist already)
         resource.RLIMIT_NOFILE: max(held) + 1,  # no fd above those we hold
         resource.RLIMIT_CORE: 0,
-        resource.RLIMIT_FSIZE: fsize,  # 0 unless we hold a log file to write
+        resource.RLIMIT_FSIZE: fsize,  # no file we write grows, but a log (_file_size_limit)
         resource.RLIMIT_AS: address_space,  # MemoryError, not the host's memory
     }
     try:
@@ -326,14 +329,27 @@ def _set_rlimits(held: set[int], address_space: int) -> None:
         raise SandboxError(f"cannot set rlimits: {e}") from None
 
 
-def _writable_file(fd: int) -> bool:
-    """A regular file open for writing: RLIMIT_FSIZE 0 would kill us (SIGXFSZ) on a write."""
-    try:
-        st = os.fstat(fd)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and (flags & os.O_ACCMODE) != os.O_RDONLY
+def _file_size_limit(written: set[int]) -> int:
+    """RLIMIT_FSIZE, from the fds we may write(2) to. None if we hold a log: a regular file
+    open O_APPEND (a device's output), or fd 2 on a regular file (the operator's `2> file`:
+    its warnings and tracebacks). Else the size of the largest writable regular file (a disk
+    image; the progress page), since the limit bounds the end of every write: no write can
+    make a disk image larger than the guest was told (a compromised virtio-blk could fill the
+    host's file system with writes past its end). 0 when we write no file. So the bound holds
+    for a virtio-blk whose stderr is a terminal, a pipe or journald's socket."""
+    sizes = []
+    for fd in written:
+        try:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or flags & os.O_ACCMODE == os.O_RDONLY:
+            continue
+        if flags & os.O_APPEND or fd == 2:
+            return resource.RLIM_INFINITY
+        sizes.append(st.st_size)
+    return max(sizes, default=0)
 
 
 def _load_seccomp(device_policy: policy.Policy, mode: SeccompMode) -> None:

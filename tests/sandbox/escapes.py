@@ -191,6 +191,30 @@ def write_readonly_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return os.write(fds["readonly"], b"pwned")
 
 
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE = 0x01, 0x10
+
+
+PAST_THE_END = 1 << 30  # past any stand-in file (fstat is no device's to call)
+
+
+def _file_to_grow(fds: dict[str, int]) -> int:
+    """The disk image a virtio-blk device writes (else the handed sealed memfd)."""
+    return fds.get("disk", fds["memfd"])
+
+
+def write_past_end_of_disk(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """Grow the image, filling the host's file system: the file-size rlimit is its size."""
+    return os.pwrite(_file_to_grow(fds), b"x", PAST_THE_END)
+
+
+def allocate_past_end_of_disk(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """Blocks past the end that no listing shows (KEEP_SIZE is not bound by the rlimit)."""
+    mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+    at, length = ctypes.c_longlong(PAST_THE_END), ctypes.c_longlong(1 << 28)
+    return _check(_libc().fallocate(_file_to_grow(fds), mode, at, length))
+
+
 def mmap_exec(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return len(mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_EXEC))
 
@@ -243,6 +267,8 @@ ATTEMPTS: dict[str, Attempt] = {
         ioctl_kvm_on_every_fd,
         ftruncate_sealed_memfd,
         write_readonly_fd,
+        write_past_end_of_disk,
+        allocate_past_end_of_disk,
         mmap_exec,
         mprotect_exec,
         setuid_root,

@@ -14,6 +14,7 @@ last test (pytest -s, or the file under the session's tmp dir).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -53,6 +54,7 @@ STOPPED_WITHOUT_SECCOMP = {
     "bpf_prog_load",
     "ftruncate_sealed_memfd",
     "write_readonly_fd",
+    "write_past_end_of_disk",
     "allocate_past_address_space",
 }
 
@@ -97,6 +99,12 @@ def _outcome(dev: SandboxedDevice) -> str:
     return f"killed ({signal.Signals(-status).name})" if status < 0 else f"exited {status}"
 
 
+# Attempts on the file-size limit: it binds a device whose stderr is no regular file (a
+# terminal, a pipe, journald's socket: sandbox/device.py _file_size_limit), so these run with
+# a pipe as stderr, the others with the harness's file.
+STDERR_ON_A_PIPE = {"write_past_end_of_disk", "allocate_past_end_of_disk"}
+
+
 def _attempt(
     spawn: Callable[..., SandboxedDevice],
     model: str,
@@ -105,11 +113,17 @@ def _attempt(
     **kw: object,
 ) -> str:
     hook = functools.partial(escapes.run_attempt, attempt, ctx)
-    dev = spawn(model=model, hook=hook, **kw)
-    if kw.get("seccomp") != "trace":
-        return _outcome(dev)
-    with traced(dev.proc.pid, Trace(), errnos={}):  # every syscall allowed
-        return _outcome(dev)
+    with contextlib.ExitStack() as stack:
+        if attempt in STDERR_ON_A_PIPE:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            stack.callback(os.close, r)
+            stack.callback(os.close, w)
+            kw["stderr_fd"] = w
+        dev = spawn(model=model, hook=hook, **kw)
+        if kw.get("seccomp") != "trace":
+            return _outcome(dev)
+        with traced(dev.proc.pid, Trace(), errnos={}):  # every syscall allowed
+            return _outcome(dev)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import resource
 
 import pytest
 
@@ -54,3 +56,32 @@ def test_restrict_landlock_when_kernel_has_none_warns_and_goes_on(
         sandbox._restrict_landlock()
 
     assert "Landlock is not available" in caplog.text
+
+
+def test_file_size_limit_is_the_largest_file_written_in_place(tmp_path) -> None:
+    """A disk image and a page written in place: the limit is the larger, so no write grows
+    the image; read-only files, pipes and mapped-only fds (not passed) set none."""
+    disk, page, ro = tmp_path / "disk.img", tmp_path / "page", tmp_path / "ro"
+    disk.write_bytes(bytes(1 << 20))
+    page.write_bytes(bytes(4096))
+    ro.write_bytes(bytes(8 << 20))
+    r, w = os.pipe()
+    fds = [os.open(disk, os.O_RDWR), os.open(page, os.O_RDWR), os.open(ro, os.O_RDONLY)]
+    try:
+        assert sandbox._file_size_limit({*fds, r, w}) == 1 << 20
+        assert sandbox._file_size_limit({r, w}) == 0
+    finally:
+        for fd in (*fds, r, w):
+            os.close(fd)
+
+
+def test_file_size_limit_is_none_with_a_log_to_grow(tmp_path) -> None:
+    """A device's output file (O_APPEND) grows: no limit then."""
+    disk, log = tmp_path / "disk.img", tmp_path / "serial.log"
+    disk.write_bytes(bytes(4096))
+    fds = [os.open(disk, os.O_RDWR), os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)]
+    try:
+        assert sandbox._file_size_limit(set(fds)) == resource.RLIM_INFINITY
+    finally:
+        for fd in fds:
+            os.close(fd)
