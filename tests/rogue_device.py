@@ -35,6 +35,8 @@ BEHAVIOURS = (
     "route",  # asks for routes to GSI 4 (its own) and 9; the read returns what it was told
     "event-flood",  # publishes MAX_EVENTS_PER_REQUEST + 1 times before a read reply
     "bad-event",  # publishes a state for another model before its read reply
+    "huge-event",  # publishes a state of 96 KiB (under MAX_CONTROL) before its read reply
+    "endless-events",  # from READY on, publishes slow-to-check states without end
     # -- register mirrors (monitor/mirror.py), each sent before its read reply
     "mirror-undeclared",  # a value for a register past the six the serial model mirrors
     "mirror-oversized",  # data past the six bytes the serial model's registers take
@@ -72,7 +74,7 @@ def answer_slowly(sock: zmq.Socket, buf: bytes, delay_s: float) -> None:
         sock.send(wire.encode_sync_done(seq))
 
 
-EVENT_BEHAVIOURS = ("publish", "report", "route", "event-flood", "bad-event")
+EVENT_BEHAVIOURS = ("publish", "report", "route", "event-flood", "bad-event", "huge-event")
 
 
 def answer_with_events(
@@ -90,6 +92,8 @@ def answer_with_events(
             sock.send(events.encode_publish(state))
     elif behaviour == "bad-event":
         sock.send(events.encode_publish({**state, "model": "rtc"}))
+    elif behaviour == "huge-event":
+        sock.send(events.encode_publish({**state, "fields": {"pad": "x" * (96 << 10)}}))
     if op == wire.Op.READ:
         told = bytes([int(routes.get(1, False)) | int(routes.get(2, False)) << 1]) * size
         sock.send(wire.encode_read_done(seq, told if behaviour == "route" else b"\x00" * size))
@@ -102,6 +106,7 @@ def main() -> None:
     default_ms = CONTROL_TIMEOUT_MS if behaviour == "slow-control" else READ_TIMEOUT_MS
     delay_s = (int(sys.argv[2]) if len(sys.argv) > 2 else default_ms * 3 // 4) / 1000
     sock = zmq.Context().socket(zmq.PAIR)
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)  # as a device's (devprocs/runtime.py _connect)
     sock.connect(spec["channel"])
     if behaviour == "bad-ready":
         sock.send(b"\x00" * 24)
@@ -111,6 +116,12 @@ def main() -> None:
     if behaviour == "unsolicited":
         for seq in range(100):
             sock.send(wire.encode_read_done(seq, b"\x00"))
+    if behaviour == "endless-events":
+        # Each under MAX_DEVICE_FRAME, and ~20 ms of the monitor's checking (nested JSON).
+        state = {"model": "serial", "version": 1, "fields": {"pad": [{}] * 15000}}
+        frame = events.encode_publish(state)
+        while True:  # as fast as the monitor takes them (a PAIR socket blocks at its HWM)
+            sock.send(frame)
     routes: dict[int, bool] = {}
     if behaviour == "route":
         sock.send(events.encode_route(1, 4))

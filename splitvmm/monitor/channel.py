@@ -47,6 +47,7 @@ MAX_LATE_STATS = 8
 # A process seen dead (pidfd) may have answered just before: its frames are in the kernel's
 # socket buffer, and ZeroMQ's I/O thread hands them over before it reports the disconnect.
 GONE_WAIT_MS = 100
+RCVHWM = 64  # frames ZeroMQ holds unread from a device (its sends wait beyond that)
 
 
 class ChannelError(SplitvmmError):
@@ -89,8 +90,8 @@ class DeviceChannel:
         sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
         # A hostile device cannot make us buffer much: ZeroMQ drops the connection on a
         # frame over MAXMSGSIZE, and holds at most RCVHWM unread frames.
-        sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_CONTROL)
-        sock.setsockopt(zmq.RCVHWM, 64)
+        sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_DEVICE_FRAME)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.USE_FD, listener)
         try:
             sock.bind(endpoint)  # ZeroMQ owns (and closes) the listener from now on
@@ -243,6 +244,8 @@ class DeviceChannel:
                 buf = self._recv(deadline)
                 if not self._handled_event(buf):  # replies are binary, or control of another op
                     return buf
+                if time.monotonic() >= deadline:  # events kept coming: the reply did not
+                    raise zmq.Again()
             raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
             raise ChannelError(f"no reply within {timeout_ms} ms") from None
@@ -277,10 +280,14 @@ class DeviceChannel:
         raise ChannelError("its process ended during a request")
 
     def drain_events(self) -> None:
-        """Handle what the device sent while nobody asked: events only (at most what ZeroMQ
-        holds unread, RCVHWM); any other frame breaks the channel."""
+        """Handle what the device sent while nobody asked: events only; any other frame
+        breaks the channel. At most RCVHWM frames a call (what ZeroMQ holds unread): a
+        device that keeps sending cannot hold the caller here (a vCPU, or the supervisor,
+        which watches every device); what it sends meanwhile waits for the next call."""
         # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
-        while _readable(self.sock):
+        for _ in range(RCVHWM):
+            if not _readable(self.sock):
+                return
             buf = self.sock.recv(zmq.NOBLOCK)
             if not self._handled_event(buf):
                 raise ChannelError("sent a frame nobody asked for")

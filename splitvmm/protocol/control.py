@@ -19,6 +19,10 @@ from splitvmm.record import Struct
 
 CONTROL_TAG = 0x10
 MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can't make us eat RAM
+# The largest frame the monitor takes from a device: its biggest is a state document (a save
+# reply, a published checkpoint), ~15 KiB for a virtio-console with both buffers full. A
+# device sending MAX_CONTROL frames of nested JSON kept the monitor parsing (~0.4 s each).
+MAX_DEVICE_FRAME = 64 << 10
 # ping: the monitor's heartbeat (monitor/supervisor.py): a device that cannot answer it in
 # time is hung, whether or not the guest is touching it. stats: the device's counters.
 REQUESTS = ("quiesce", "save", "resume", "ping", "stats")
