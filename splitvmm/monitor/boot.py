@@ -82,3 +82,8 @@ def prepare(
     mptable.write_mptable(mem, len(vcpus), leaf1)
     boot64.write_boot_tables(mem)
     boot64.setup_vcpu_64(vcpus[0], kernel.entry)
+    for ap in vcpus[1:]:
+        # The MSRs firmware sets on every CPU, not the BSP only: an AP left at KVM's reset
+        # values has its fast strings off (Linux then turns ERMS off for every CPU) and
+        # MTRRs that differ from the BSP's (Linux warns of a BIOS that set up one CPU).
+        ap.set_msrs(boot64.boot_msrs())

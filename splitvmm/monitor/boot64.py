@@ -81,6 +81,9 @@ MSR_CSTAR = 0xC0000083
 MSR_SYSCALL_MASK = 0xC0000084
 MSR_KERNEL_GS_BASE = 0xC0000102
 MISC_ENABLE_FAST_STRING = 1 << 0
+# What KVM resets IA32_MISC_ENABLE to (no branch trace store, no PEBS), kept as they are
+MISC_ENABLE_BTS_UNAVAIL = 1 << 11
+MISC_ENABLE_PEBS_UNAVAIL = 1 << 12
 MSR_MTRR_DEF_TYPE = 0x2FF
 MTRR_ENABLE = 1 << 11  # SDM Vol. 3A 12.11.2.1, IA32_MTRR_DEF_TYPE.E
 MTRR_TYPE_WB = 6
@@ -230,8 +233,10 @@ def boot_msrs() -> dict[int, int]:
         ),
         0,
     )
-    # Fast-string operations enabled: what firmware leaves set (SDM Vol. 4 table 2-2).
-    msrs[MSR_IA32_MISC_ENABLE] = MISC_ENABLE_FAST_STRING
+    # Fast-string operations enabled: what firmware leaves set (SDM Vol. 4 table 2-2); KVM's
+    # BTS and PEBS unavailable bits as KVM reset them (clearing them would claim both).
+    unavailable = MISC_ENABLE_BTS_UNAVAIL | MISC_ENABLE_PEBS_UNAVAIL
+    msrs[MSR_IA32_MISC_ENABLE] = MISC_ENABLE_FAST_STRING | unavailable
     # MTRRs on with write-back as the default type (current Firecracker does the same):
     # with MTRRs off, Linux also skips PAT setup and maps everything uncached-minus.
     msrs[MSR_MTRR_DEF_TYPE] = MTRR_ENABLE | MTRR_TYPE_WB

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from splitvmm.devprocs import rtc
 from splitvmm.monitor import acpi, layout
 from splitvmm.monitor.acpi import aml, tables
 from splitvmm.monitor.acpi.dsdt import pci_root_bridge, prt_entry
@@ -165,13 +166,30 @@ def test_fadt_has_no_fixed_feature_buttons_and_says_wbinvd_works(built: acpi.Acp
 
 @pytest.mark.parametrize("with_rtc", [True, False], ids=["rtc", "no-rtc"])
 def test_fadt_boot_arch_says_no_vga_and_whether_the_cmos_clock_is_there(with_rtc: bool) -> None:
+    """Table 5.11: LEGACY_DEVICES set, as the DSDT declares a serial port (a user-visible
+    ISA device an OS loads a driver for)."""
     windows = [SERIAL.transport, RTC.transport] if with_rtc else [SERIAL.transport]
     fadt = xsdt_entries(acpi.build(1, windows))[b"FACP"]
 
     boot_arch = struct.unpack_from("<H", fadt, 109)[0]
-    assert boot_arch == tables.BOOT_ARCH_VGA_NOT_PRESENT | (
+    assert boot_arch == tables.BOOT_ARCH_VGA_NOT_PRESENT | tables.BOOT_ARCH_LEGACY_DEVICES | (
         0 if with_rtc else tables.BOOT_ARCH_CMOS_RTC_NOT_PRESENT
     )
+
+
+def test_fadt_boot_arch_without_serial_or_with_the_clock_alone_has_no_legacy_devices() -> None:
+    fadt = xsdt_entries(acpi.build(1, [RTC.transport]))[b"FACP"]
+    assert not struct.unpack_from("<H", fadt, 109)[0] & tables.BOOT_ARCH_LEGACY_DEVICES
+
+
+@pytest.mark.parametrize("with_rtc", [True, False], ids=["rtc", "no-rtc"])
+def test_fadt_century_is_the_cmos_clocks_century_index(with_rtc: bool) -> None:
+    """ACPI 5.2.9 CENTURY: 0 says the RTC has no century byte; the model keeps one at 0x32,
+    and Linux uses it only when the FADT says where."""
+    windows = [SERIAL.transport, RTC.transport] if with_rtc else [SERIAL.transport]
+    fadt = xsdt_entries(acpi.build(1, windows))[b"FACP"]
+
+    assert fadt[108] == (rtc.Reg.CENTURY if with_rtc else 0)
 
 
 def test_madt_has_one_enabled_lapic_per_vcpu_then_the_ioapic(built: acpi.AcpiTables) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
+from splitvmm.monitor import boot
 from splitvmm.monitor.boot64 import (
     BOOT_GDT_ENTRIES,
     MSR_IA32_MISC_ENABLE,
@@ -16,7 +18,9 @@ from splitvmm.monitor.boot64 import (
 )
 from splitvmm.monitor.layout import BOOT_GDT, BOOT_STACK_TOP, PML4, ZERO_PAGE
 from splitvmm.native._kvm import ffi
+from splitvmm.native.kvm import CpuidEntry
 from tests.fakes import FakeGuestMemory
+from tests.unit.images import MIB, make_bzimage
 
 ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
 
@@ -122,10 +126,69 @@ def test_configure_regs_points_rsi_at_zero_page() -> None:
     )  # fmt: skip
 
 
-def test_boot_msrs_enable_fast_strings() -> None:
+def test_boot_msrs_enable_fast_strings_and_keep_kvms_bts_pebs_unavailable() -> None:
     msrs = boot_msrs()
 
-    assert msrs[MSR_IA32_MISC_ENABLE] == 1
+    assert msrs[MSR_IA32_MISC_ENABLE] == 1 | 1 << 11 | 1 << 12
+
+
+class FakeVcpu:
+    """What boot.prepare asks of a vCPU; records the MSRs set."""
+
+    def __init__(self, vcpu_id: int) -> None:
+        self.vcpu_id = vcpu_id
+        self.msrs: dict[int, int] | None = None
+
+    def set_cpuid(self, entries: object) -> None:
+        pass
+
+    def get_lapic(self) -> bytearray:
+        return bytearray(1024)
+
+    def set_lapic(self, lapic: object) -> None:
+        pass
+
+    def get_sregs(self) -> object:
+        return ffi.new("struct kvm_sregs *")
+
+    def set_sregs(self, sregs: object) -> None:
+        pass
+
+    def get_regs(self) -> object:
+        return ffi.new("struct kvm_regs *")
+
+    def set_regs(self, regs: object) -> None:
+        pass
+
+    def get_fpu(self) -> object:
+        return ffi.new("struct kvm_fpu *")
+
+    def set_fpu(self, fpu: object) -> None:
+        pass
+
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        self.msrs = msrs
+
+
+def test_prepare_linux_sets_the_boot_msrs_on_every_vcpu(tmp_path) -> None:
+    """Firmware sets up every CPU alike: APs left at KVM's reset values had fast strings off
+    (Linux then clears ERMS for all CPUs) and MTRRs unlike the BSP's (Linux warns)."""
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(make_bzimage())
+    cfg = SimpleNamespace(
+        vm=SimpleNamespace(cpuid_mask=()),
+        boot=SimpleNamespace(kernel=kernel, initrd=None, cmdline="console=ttyS0"),
+        devices=[],
+    )
+    kvm = SimpleNamespace(
+        supported_cpuid=lambda: [CpuidEntry(1, 0, 0, 0x906EA, 0, 0, 0)],
+        check_extension=lambda cap: 1,
+    )
+    vcpus = [FakeVcpu(i) for i in range(3)]
+
+    boot.prepare(cfg, kvm, FakeGuestMemory(256 * MIB), vcpus)  # type: ignore[arg-type]
+
+    assert [v.msrs for v in vcpus] == [boot_msrs()] * 3
 
 
 def test_boot_msrs_enable_mtrrs_with_write_back_default() -> None:

@@ -62,7 +62,8 @@ def build(
 
     dsdt_gpa = place(dsdt(windows, pci_intx))
     rtc = any(w.acpi_hid == RTC_HID for w in windows)
-    fadt_gpa = place(tables.fadt(dsdt_gpa, PM_PORTS, rtc))
+    legacy = any(w.acpi_hid not in (None, RTC_HID) for w in windows)  # the clock is no user's
+    fadt_gpa = place(tables.fadt(dsdt_gpa, PM_PORTS, rtc, legacy))
     madt_gpa = place(
         tables.madt(nvcpus, layout.LAPIC_BASE, nvcpus, layout.IOAPIC_BASE, OVERRIDES)
     )  # the IOAPIC's id follows the vCPUs' APIC ids, as in the MP table

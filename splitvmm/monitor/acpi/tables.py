@@ -47,9 +47,14 @@ FADT_RESET_REG_SUP = 1 << 10
 FADT_HW_REDUCED_ACPI = 1 << 20
 # IA-PC boot architecture flags (table 5-36): what legacy hardware an OS may not probe for.
 # The 8042 flag stays clear: the monitor serves port 0x64 for a reset only.
+BOOT_ARCH_LEGACY_DEVICES = 1 << 0  # user-visible ISA devices: an OS loads a driver (serial)
 BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
 BOOT_ARCH_CMOS_RTC_NOT_PRESENT = 1 << 5
 FADT_IAPC_BOOT_ARCH = 109
+# The RTC's CMOS index of the century (the MC146818 model's, devprocs/rtc.py CENTURY): 0 in
+# the FADT says there is none, and Linux then reads years as 1970-2069, never writing it.
+FADT_CENTURY = 108
+CMOS_CENTURY = 0x32
 FADT_X_DSDT = 140
 FADT_FLAGS = 112
 FADT_RESET_REG = 116
@@ -118,10 +123,11 @@ class PmPorts(Struct, frozen=True):
     reset_value: int
 
 
-def fadt(dsdt_gpa: int, pm: PmPorts, rtc: bool) -> bytes:
+def fadt(dsdt_gpa: int, pm: PmPorts, rtc: bool, legacy: bool) -> bytes:
     """A hardware-reduced FADT: no SCI, no PM1 blocks, no fixed-feature buttons; the reset
     register and the sleep control and status registers are ports the monitor serves.
-    `rtc`: the CMOS clock is there (else the OS is told not to look for one)."""
+    `rtc`: the CMOS clock is there, with its century byte (else the OS is told not to look
+    for one); `legacy`: the DSDT declares a user-visible ISA device (a serial port)."""
     body = bytearray(FADT_LENGTH - SDT_HEADER.size)
 
     def put(offset: int, data: bytes) -> None:
@@ -130,7 +136,9 @@ def fadt(dsdt_gpa: int, pm: PmPorts, rtc: bool) -> bytes:
     flags = FADT_WBINVD | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP
     put(FADT_FLAGS, struct.pack("<I", flags | FADT_HW_REDUCED_ACPI))
     boot_arch = BOOT_ARCH_VGA_NOT_PRESENT | (0 if rtc else BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
+    boot_arch |= BOOT_ARCH_LEGACY_DEVICES if legacy else 0
     put(FADT_IAPC_BOOT_ARCH, struct.pack("<H", boot_arch))
+    put(FADT_CENTURY, bytes([CMOS_CENTURY if rtc else 0]))
     put(FADT_RESET_REG, io_register(pm.reset))
     put(FADT_RESET_VALUE, bytes([pm.reset_value]))
     put(FADT_MINOR_VERSION, bytes([FADT_MINOR]))
