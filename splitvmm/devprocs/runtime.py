@@ -49,7 +49,7 @@ from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, wire
-from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.record import replace
 from splitvmm.sandbox import device as sandbox
@@ -365,6 +365,9 @@ def replay(device: Device, frames: list[bytes], checkpoints: Checkpoints) -> Non
 
 
 # -- sandbox (issue 3) ------------------------------------------------------------------------
+# Fd kinds whose files a device writes in place and must not grow (sandbox/device.py
+# _file_size_limit): its disk image, its progress page
+FIXED_SIZE = (FdKind.DISK, FdKind.PROGRESS)
 CONNECT_TIMEOUT_MS = 10000  # the monitor binds before it spawns us: this is a stuck monitor
 
 
@@ -467,7 +470,9 @@ def run(
         channel=f"ipc://{spare_path(spec.channel)}" if spec.deferred else spec.channel,
         connect=connect,
         address_space=address_space_limit(spec),
-        mapped=frozenset(spec.fds[role] for role in load_model(spec.model).MAPPED_FDS),
+        fixed_size=frozenset(
+            spec.fds[role.name] for role in MODELS[spec.model].fds if role.kind in FIXED_SIZE
+        ),
     )
     if hook is not None:
         _run_hook(hook, spec)

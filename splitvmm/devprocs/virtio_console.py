@@ -189,7 +189,12 @@ class VirtioConsole(VirtioPciDevice):
 
     # -- receive: host -> guest ---------------------------------------------------------------
     def host_input(self, data: bytes) -> None:
-        """Bytes from the host (ConsoleInput): into receive buffers, or wait for them."""
+        """Bytes from the host (ConsoleInput): into receive buffers, or wait for them. While
+        a restart replays its journal, every byte is kept: those the dead process delivered
+        are among them, and after_restart() drops those, then caps what is left."""
+        if self.ctx.replaying:
+            self._rx += data
+            return
         room = RX_BUFFER_MAX - len(self._rx)
         if len(data) > room:
             self.rx_dropped = min(self.rx_dropped + len(data) - room, MAX_COUNTER)
@@ -392,6 +397,9 @@ class VirtioConsole(VirtioPciDevice):
         file_skip, out.skip = out.skip, 0
         out.skip, held = self._resend(then, file_skip)
         del self._rx[: self._delivered_since(then)]
+        if len(self._rx) > RX_BUFFER_MAX:  # more than a live process would have held
+            self.rx_dropped = min(self.rx_dropped + len(self._rx) - RX_BUFFER_MAX, MAX_COUNTER)
+            del self._rx[RX_BUFFER_MAX:]
         out.put(held)
         self._tx_done = out.emitted + out.pending()
         self._note_progress()

@@ -116,8 +116,8 @@ RESTART_INTERVAL_S = 10.0
 # interpreter's start, ~0.1-1 s on a loaded host) rather than read all-ones.
 RESTART_WAIT_MS = READY_TIMEOUT_MS
 # Host input a console device gets while a snapshot has it quiesced waits in its slot, this
-# much at most (what an operator types, or pastes, during one)
-HELD_INPUT_MAX = 1 << 16
+# much at most (what an operator types during one; a device's own input buffer is as big)
+HELD_INPUT_MAX = 4096
 MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
 # `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
@@ -359,6 +359,7 @@ class DeviceSlot:
                         self.name, process.pid, self.generation, self.recover_ms,
                     )  # fmt: skip
                 self._back.notify_all()
+                self._release_held_input_locked()  # a new process is never quiesced
 
     def restart(self) -> None:
         """After a crash the policy restarts: a new process from the last checkpoint, which
@@ -565,11 +566,17 @@ class DeviceSlot:
             if self._quiesced:
                 room = HELD_INPUT_MAX - len(self._held_input)
                 if len(data) > room:
-                    log.warning("device %s: input during a snapshot: %d byte(s) dropped",
-                                self.name, len(data) - room)  # fmt: skip
+                    self._reports.warning("held", "device %s: input during a snapshot: %d "
+                                          "byte(s) dropped", self.name, len(data) - room)  # fmt: skip
                 self._held_input += data[:room]
                 return
             self._input_locked(data)
+
+    def _release_held_input_locked(self) -> None:
+        """No longer quiesced: what input waited goes to the device now."""
+        self._quiesced = False
+        held, self._held_input = self._held_input, bytearray()
+        self._input_locked(bytes(held))
 
     def _input_locked(self, data: bytes) -> None:
         for i in range(0, len(data), wire.MAX_INPUT_CHUNK):
@@ -610,6 +617,8 @@ class DeviceSlot:
         """A control request (quiesce, save, resume, fault with `args`); the checked reply, or
         DeviceFailure. A saved state becomes the device's last known state."""
         with self._lock:
+            if op == "resume":
+                self._quiesced = False  # whatever comes of it: no input is held past it
             channel = self._await_live(timeout_ms)  # a snapshot's pause is bounded by it
             if channel is None:
                 why = f"has failed: {self.failed}" if self.failed else "is away"
@@ -617,13 +626,10 @@ class DeviceSlot:
             if op == "quiesce":  # a snapshot: reads go to the device until it resumes
                 channel.mirror.paused = True
                 channel.mirror.invalidate()
-            if op == "resume":
-                self._quiesced = False  # whatever comes of it: no input is held past it
             try:
                 reply = channel.control(op, timeout_ms, args)
             except ChannelError as e:
-                self._held_input.clear()  # for a device that failed: lost with it
-                self._fail_locked(str(e))
+                self._fail_locked(str(e))  # held input waits for a replacement (_now_live)
                 raise DeviceFailure(f"device {self.name}: {e}") from None
             if op == "quiesce":
                 self._quiesced = True
@@ -631,8 +637,7 @@ class DeviceSlot:
                 self.last_state = reply
             elif op == "resume":  # its new MIRROR came before the reply
                 channel.mirror.paused = False
-                held, self._held_input = self._held_input, bytearray()
-                self._input_locked(bytes(held))
+                self._release_held_input_locked()
             return reply
 
     def heartbeat(self, timeout_ms: int) -> None:

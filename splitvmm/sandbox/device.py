@@ -132,14 +132,14 @@ def enter_sandbox(
     channel: str,
     connect: Callable[[str], T],
     address_space: int,
-    mapped: frozenset[int] = frozenset(),
+    fixed_size: frozenset[int] = frozenset(),
 ) -> T:
     """Confine this device process; returns what `connect(endpoint)` returned.
 
     `audit`: False (enforce), True (SeccompMode.LOG) or a SeccompMode value.
     `address_space`: RLIMIT_AS in bytes, from the time the channel is connected.
-    `mapped`: fds of `keep_fds` the model only maps (guest RAM): no write(2) goes to them,
-    so their size does not raise the file-size limit (_file_size_limit).
+    `fixed_size`: fds of `keep_fds` whose files must not grow (a disk image): what the
+    file-size limit is made of (_file_size_limit).
 
     Call it single-threaded, after every import, holding the fds in `keep_fds`
     (0, 1 and 2 are always kept; any other fd is closed). `connect` gets the
@@ -163,7 +163,7 @@ def enter_sandbox(
     conn = connect(endpoint)
     held = {int(name) for name in os.listdir(fd_dir)} - {fd_dir}
     os.close(fd_dir)
-    _set_rlimits(held, address_space, mapped)
+    _set_rlimits(held, address_space, fixed_size)
     _load_seccomp(device_policy, mode)
     return conn
 
@@ -174,12 +174,16 @@ def _stderr_write_only() -> None:
     (we lead our own session: no job control stops the read), so a write-only open of the
     same terminal or pipe replaces it; where none can be made, /dev/null. A regular file or a
     socket (journald's) is left as it is: nothing typed comes through it."""
-    mode = os.fstat(2).st_mode
-    if fcntl.fcntl(2, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+    try:
+        mode = os.fstat(2).st_mode
+        flags = fcntl.fcntl(2, fcntl.F_GETFL)
+    except OSError:
+        return  # no stderr at all (2>&-): nothing to read through either
+    if flags & os.O_ACCMODE == os.O_WRONLY or not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
         return
-    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        return
-    if files.reopen_write_only(2) is not None:
+    error = files.reopen_write_only(2)
+    if error is not None:
+        log.warning("stderr cannot be reopened write-only (%s): /dev/null from here on", error)
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 2)
         os.close(null)
@@ -313,8 +317,8 @@ def _restrict_landlock() -> None:
 
 
 # -- (b) rlimits and (e) seccomp --------------------------------------------------------------
-def _set_rlimits(held: set[int], address_space: int, mapped: frozenset[int]) -> None:
-    fsize = _file_size_limit(held - mapped)
+def _set_rlimits(held: set[int], address_space: int, fixed_size: frozenset[int]) -> None:
+    fsize = _file_size_limit(held, fixed_size)
     limits = {
         resource.RLIMIT_NPROC: 0,  # no fork, no thread (ZeroMQ's exist already)
         resource.RLIMIT_NOFILE: max(held) + 1,  # no fd above those we hold
@@ -329,16 +333,16 @@ def _set_rlimits(held: set[int], address_space: int, mapped: frozenset[int]) -> 
         raise SandboxError(f"cannot set rlimits: {e}") from None
 
 
-def _file_size_limit(written: set[int]) -> int:
-    """RLIMIT_FSIZE, from the fds we may write(2) to. None if we hold a log: a regular file
-    open O_APPEND (a device's output), or fd 2 on a regular file (the operator's `2> file`:
-    its warnings and tracebacks). Else the size of the largest writable regular file (a disk
-    image; the progress page), since the limit bounds the end of every write: no write can
-    make a disk image larger than the guest was told (a compromised virtio-blk could fill the
-    host's file system with writes past its end). 0 when we write no file. So the bound holds
-    for a virtio-blk whose stderr is a terminal, a pipe or journald's socket."""
+def _file_size_limit(held: set[int], fixed_size: frozenset[int]) -> int:
+    """RLIMIT_FSIZE. It bounds the end of every write(2) to any file, so: no limit if we
+    hold a writable regular file that may grow (an output or log file, the operator's
+    stdout or stderr redirected to a file). Else the size of the largest of `fixed_size`
+    (a disk image; the progress page, written in place): no write can make a disk image
+    larger than the guest was told (a compromised virtio-blk could fill the host's file
+    system with writes past its end). 0 when we write to no file. A file we only map (guest
+    RAM) is in neither set and does not count: a mapping's stores are no write(2)."""
     sizes = []
-    for fd in written:
+    for fd in held:
         try:
             st = os.fstat(fd)
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -346,10 +350,20 @@ def _file_size_limit(written: set[int]) -> int:
             continue
         if not stat.S_ISREG(st.st_mode) or flags & os.O_ACCMODE == os.O_RDONLY:
             continue
-        if flags & os.O_APPEND or fd == 2:
+        if fd in fixed_size:
+            sizes.append(st.st_size)
+        elif not _sealed_against_growing(fd):
             return resource.RLIM_INFINITY
-        sizes.append(st.st_size)
     return max(sizes, default=0)
+
+
+def _sealed_against_growing(fd: int) -> bool:
+    """A memfd whose size is sealed (guest RAM, a dirty log): it cannot grow, and is only
+    mapped."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_GROW)
+    except OSError:
+        return False  # no memfd (EINVAL): no seals
 
 
 def _load_seccomp(device_policy: policy.Policy, mode: SeccompMode) -> None:

@@ -59,8 +59,9 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         ("bad-event", "bad event: state is for model 'rtc', expected 'serial'"),
         # over MAX_DEVICE_FRAME: ZeroMQ drops the peer, the read times out
         ("huge-event", "no reply within"),
-        # the read (and each drain before a request) no longer waits out a flood
-        ("endless-events", "no reply within"),
+        # the read (and each drain before a request) no longer waits out a flood: it fails
+        # at its deadline, or at its event allowance, whichever this host reaches first
+        ("endless-events", ("no reply within", "sent more than 256 events")),
         ("mirror-undeclared", "bad register mirror: mirror gives register 6, the model"),
         ("mirror-oversized", "bad register mirror: mirror has data past its registers"),
         ("mirror-credit-outside", "bad register mirror: mirror credit at offset 0x8, outside"),
@@ -81,7 +82,8 @@ def test_rogue_reply_kills_device_and_monitor_goes_on(behaviour, reason, zctx, t
     finally:
         slot.close()
     assert (first, second) == (b"\xff", b"\xff")
-    assert len(failures) == 1 and reason in failures[0]
+    reasons = (reason,) if isinstance(reason, str) else reason
+    assert len(failures) == 1 and any(r in failures[0] for r in reasons), failures
     assert f"device rogue0 (pid {process.pid}) failed" in caplog.text
     assert process.returncode is not None  # killed, not left running
 

@@ -222,6 +222,18 @@ def test_slot_restart_takes_over_its_warm_spare_from_the_checkpoint(spared):
     assert (spared.slot.state, spared.slot.read(Reg.SCR, 1)) == (SlotState.LIVE, b"\x5a")
 
 
+def test_slot_input_held_for_a_quiesced_device_goes_to_the_process_that_replaces_it(spared):
+    """A device that crashed while a snapshot had it quiesced is replaced by a process that
+    is not: what was held goes to it, and later input is not held (it was, for good, when
+    the snapshot's resume found the device away)."""
+    slot = spared.slot
+    slot.control("quiesce")
+    slot.input(b"ab")
+    crash_and_restart(spared)
+    slot.input(b"cd")
+    assert b"".join(slot.read(Reg.RX_TX, 1) for _ in range(4)) == b"abcd"
+
+
 def test_slot_start_spare_after_a_warm_restart_starts_a_new_one(spared):
     crash_and_restart(spared)
     spared.slot.start_spare()

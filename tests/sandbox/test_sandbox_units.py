@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -58,30 +59,38 @@ def test_restrict_landlock_when_kernel_has_none_warns_and_goes_on(
     assert "Landlock is not available" in caplog.text
 
 
-def test_file_size_limit_is_the_largest_file_written_in_place(tmp_path) -> None:
+def test_file_size_limit_is_the_largest_file_that_must_not_grow(tmp_path) -> None:
     """A disk image and a page written in place: the limit is the larger, so no write grows
-    the image; read-only files, pipes and mapped-only fds (not passed) set none."""
+    the image; read-only files, pipes and sealed memfds (guest RAM, only mapped) set none."""
     disk, page, ro = tmp_path / "disk.img", tmp_path / "page", tmp_path / "ro"
     disk.write_bytes(bytes(1 << 20))
     page.write_bytes(bytes(4096))
     ro.write_bytes(bytes(8 << 20))
+    ram = os.memfd_create("ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(ram, 16 << 20)
+    fcntl.fcntl(ram, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
     r, w = os.pipe()
-    fds = [os.open(disk, os.O_RDWR), os.open(page, os.O_RDWR), os.open(ro, os.O_RDONLY)]
+    fixed = [os.open(disk, os.O_RDWR), os.open(page, os.O_RDWR)]
+    others = [os.open(ro, os.O_RDONLY), ram, r, w]
     try:
-        assert sandbox._file_size_limit({*fds, r, w}) == 1 << 20
-        assert sandbox._file_size_limit({r, w}) == 0
+        assert sandbox._file_size_limit({*fixed, *others}, frozenset(fixed)) == 1 << 20
+        assert sandbox._file_size_limit(set(others), frozenset()) == 0
     finally:
-        for fd in (*fds, r, w):
+        for fd in (*fixed, *others):
             os.close(fd)
 
 
-def test_file_size_limit_is_none_with_a_log_to_grow(tmp_path) -> None:
-    """A device's output file (O_APPEND) grows: no limit then."""
-    disk, log = tmp_path / "disk.img", tmp_path / "serial.log"
+@pytest.mark.parametrize("append", [True, False], ids=["log", "stdout-redirected"])
+def test_file_size_limit_is_none_with_a_file_that_grows(tmp_path, append: bool) -> None:
+    """A device's output or log file grows, whether opened O_APPEND (an output file) or not
+    (the operator's `> console.log`, handed to a stdio output): no limit then, or its
+    writes would fail with EFBIG and the guest's output be lost."""
+    disk, log = tmp_path / "disk.img", tmp_path / "console.log"
     disk.write_bytes(bytes(4096))
-    fds = [os.open(disk, os.O_RDWR), os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)]
+    mode = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fds = [os.open(disk, os.O_RDWR), os.open(log, mode)]
     try:
-        assert sandbox._file_size_limit(set(fds)) == resource.RLIM_INFINITY
+        assert sandbox._file_size_limit(set(fds), frozenset(fds[:1])) == resource.RLIM_INFINITY
     finally:
         for fd in fds:
             os.close(fd)

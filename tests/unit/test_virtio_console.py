@@ -635,3 +635,31 @@ def test_virtio_console_restart_to_socket_takes_the_peers_next_bytes_whole():
 def peer_readable(dev: VirtioConsole, host: Host) -> None:
     (source,) = [s for s in dev.event_sources() if s.fd == host.fds["out"]]
     source.on_readable()
+
+
+def test_virtio_console_restart_keeps_input_pending_past_a_journal_of_over_4_kib(host):
+    """The journal's INPUT frames (8 bytes each) hold the bytes the dead process delivered
+    as well as those it held: capped at RX_BUFFER_MAX while replayed, then cut by what was
+    delivered, most of what was still pending was lost."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = started(dev)
+    checkpoint = dev.save()
+    data = bytes(i % 251 for i in range(7000))
+    journal = [data[i : i + 8] for i in range(0, len(data), 8)]
+    for chunk in journal[:500]:
+        dev.host_input(chunk)  # 4000 bytes wait for a buffer...
+    post(rx, 4000)
+    driver.kick(0)  # ...and go into the one posted
+    for chunk in journal[500:]:
+        dev.host_input(chunk)  # 3000 more wait: then the crash
+    assert (rx.take_used()[0][1], dev.stats()["rx_pending"]) == (4000, 3000)
+
+    new = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    with replaying(new):
+        for chunk in journal:
+            new.host_input(chunk)
+
+    assert (new.stats()["rx_pending"], new.stats()["rx_dropped"]) == (3000, 0)
+    head, gpa = post(rx, 3000)
+    Driver(new).kick(0)
+    assert rx.take_used() == [(head, 3000)] and new.ram.read(gpa, 3000) == data[4000:]

@@ -52,7 +52,7 @@ class Msix:
         self._asked: dict[int, tuple[int, int, int]] = {}  # route id -> (vector, address, data)
         self.refused = 0  # route requests the monitor refused (a bad message from the guest)
         # Each vector's message the monitor refused: not asked for again until the guest
-        # writes another (else every interrupt would cost the monitor a refusal)
+        # writes its entry (else every interrupt would cost the monitor a refusal)
         self._refused: list[tuple[int, int] | None] = [None] * len(triggers)
 
     @property
@@ -81,6 +81,9 @@ class Msix:
         return True
 
     def _write_dword(self, offset: int, value: int) -> None:
+        # Any write to an entry asks again, even for the message refused (the refusal may
+        # have been the host's, for the moment): one request per write at most.
+        self._refused[offset // ENTRY_SIZE] = None
         entry = self.entries[offset // ENTRY_SIZE]
         field = offset % ENTRY_SIZE
         if field == 0:
