@@ -250,7 +250,7 @@ class VirtioNet(VirtioPciDevice):
         if size < HDR.size or len(chain.readable) > IOV_MAX:
             self.counts["tx_dropped"] += 1
             return 0
-        header = bytearray(self.ram.gather(chain.readable, HDR.size))
+        header = bytearray(self._header_of(chain.readable))
         if not self._header_ok(header):
             self.counts["tx_dropped"] += 1
             return 0
@@ -264,6 +264,14 @@ class VirtioNet(VirtioPciDevice):
         self.counts["tx_frames"] += 1
         self.counts["tx_bytes"] += size - HDR.size
         return 0
+
+    def _header_of(self, parts: Sequence[tuple[int, int]], size: int = HDR.size) -> bytes:
+        """The first `size` bytes of a chain's header: most drivers put the whole header in
+        the first buffer, read at once; else gathered across buffers."""
+        gpa, length = parts[0]
+        if length >= size:
+            return self.ram.read(gpa, size)
+        return self.ram.gather(parts, size)
 
     def _header_ok(self, header: bytes | bytearray) -> bool:
         """The header asks only for offloads the driver negotiated (5.1.6.2.1)."""
@@ -344,7 +352,7 @@ class VirtioNet(VirtioPciDevice):
         if (
             n < HDR.size
             or n > room and not (self._merge() and self._tail(ring, chains, n - room))
-            or not self._offloads_negotiated(self.ram.gather(chains[0].writable, 2))
+            or not self._offloads_negotiated(self._header_of(chains[0].writable, 2))
         ):  # fmt: skip
             ring.unpop(len(chains))
             self.counts["rx_dropped"] += 1
@@ -375,6 +383,8 @@ class VirtioNet(VirtioPciDevice):
         features, but a frame it queued under an earlier negotiation (before a reset, or
         while a restarted process probed the TAP) still carries the old ones: dropped."""
         flags, gso_type = header
+        if not flags | gso_type:
+            return True  # nearly every frame: nothing asked for
         features = self.driver_features
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not features & VIRTIO_NET_F_GUEST_CSUM:
             return False
@@ -400,8 +410,11 @@ def _room(chain: Chain) -> int:
     return sum(length for _, length in chain.writable)
 
 
-def _past_header(chain: Chain) -> list[tuple[int, int]]:
+def _past_header(chain: Chain) -> Sequence[tuple[int, int]]:
     """The (gpa, len) buffers of a transmit chain after its header's HDR.size bytes."""
+    gpa, length = chain.readable[0]
+    if length == HDR.size:
+        return chain.readable[1:]  # the header in a buffer of its own
     skip, rest = HDR.size, []
     for gpa, length in chain.readable:
         if skip >= length:
