@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, NoReturn, Self
 
 from splitvmm.devprocs.base import DeviceContext, register
+from splitvmm.devprocs.virtio.guestram import skip_bytes
 from splitvmm.devprocs.virtio.pci import VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
 from splitvmm.devprocs.virtio.state import VirtioPciState
@@ -200,7 +201,7 @@ class VirtioBlk(VirtioPciDevice):
                 return self._transfer(sector, into, write=False)
             case 1:  # VIRTIO_BLK_T_OUT
                 self._writable()
-                self._transfer(sector, _skip(readable, HEADER.size), write=True)
+                self._transfer(sector, skip_bytes(readable, HEADER.size), write=True)
                 self._stable()
             case 4:  # VIRTIO_BLK_T_FLUSH
                 self._io(os.fdatasync, self.disk)
@@ -208,7 +209,7 @@ class VirtioBlk(VirtioPciDevice):
                 return self._get_id(into)
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
                 self._writable()
-                self._segments(kind, _skip(readable, HEADER.size))
+                self._segments(kind, skip_bytes(readable, HEADER.size))
                 self._stable()
             case _:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)
@@ -233,7 +234,7 @@ class VirtioBlk(VirtioPciDevice):
         for _, length in bufs:  # (a loop: a comprehension is a call of its own)
             total += length
         if done < total:
-            for start, end in _merged(_skip(bufs, done)):
+            for start, end in _merged(skip_bytes(bufs, done)):
                 for view in self.ram.iovecs([(start, end - start)], writable=True):
                     for at in range(0, len(view), ZERO_CHUNK):
                         piece = view[at : at + ZERO_CHUNK]
@@ -329,18 +330,6 @@ class VirtioBlk(VirtioPciDevice):
     def _io_failed(self, e: OSError) -> NoReturn:
         self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
         raise RequestError(VIRTIO_BLK_S_IOERR) from None
-
-
-def _skip(bufs: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    """The buffers after their first n bytes."""
-    out = []
-    for gpa, length in bufs:
-        if n >= length:
-            n -= length
-            continue
-        out.append((gpa + n, length - n))
-        n = 0
-    return out
 
 
 def _merged(bufs: list[tuple[int, int]]) -> list[tuple[int, int]]:

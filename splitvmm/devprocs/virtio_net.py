@@ -31,13 +31,14 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, Source, register
-from splitvmm.devprocs.virtio.guestram import GuestRamError
+from splitvmm.devprocs.virtio.guestram import GuestRamError, skip_bytes
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE, Status, VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import Chain, QueueError, SplitQueue
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import tun
 from splitvmm.protocol import schema
+from splitvmm.record import Struct
 
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1  # receiveq0, transmitq0
@@ -86,6 +87,18 @@ GUEST_GSO_FEATURE = {
     VIRTIO_NET_HDR_GSO_TCPV4: VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_HDR_GSO_TCPV6: VIRTIO_NET_F_GUEST_TSO6,
 }
+
+
+class Offloads(Struct, frozen=True):
+    """The features a header's offloads need, one way (5.1.6.2.1 transmit, 5.1.6.4.1 receive)."""
+
+    csum: int  # for NEEDS_CSUM
+    ecn: int  # for the GSO ECN bit
+    gso: Mapping[int, int]  # GSO type -> its feature
+
+
+TX_OFFLOADS = Offloads(VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_ECN, GSO_FEATURE)
+RX_OFFLOADS = Offloads(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, GUEST_GSO_FEATURE)
 
 CONFIG = struct.Struct("<6sH")  # struct virtio_net_config: mac, status (5.1.4)
 ETH_MAX_FRAME = 1518  # 1500 bytes of payload, Ethernet header, one VLAN tag
@@ -251,7 +264,7 @@ class VirtioNet(VirtioPciDevice):
             self.counts["tx_dropped"] += 1
             return 0
         header = bytearray(self._header_of(chain.readable))
-        if not self._header_ok(header):
+        if not self._negotiated(header, TX_OFFLOADS):
             self.counts["tx_dropped"] += 1
             return 0
         header[HDR_LEN : HDR_LEN + 2] = b"\0\0"
@@ -273,16 +286,23 @@ class VirtioNet(VirtioPciDevice):
             return self.ram.read(gpa, size)
         return self.ram.gather(parts, size)
 
-    def _header_ok(self, header: bytes | bytearray) -> bool:
-        """The header asks only for offloads the driver negotiated (5.1.6.2.1)."""
+    def _negotiated(self, header: bytes | bytearray, need: Offloads) -> bool:
+        """The header (its flags and gso_type) asks only for offloads the driver negotiated:
+        a frame it sends (5.1.6.2.1), or one the TAP hands us for it (5.1.6.4.1: no GSO type
+        without its GUEST_ feature; a partial checksum without GUEST_CSUM is no fully
+        checksummed packet; the TAP's offloads follow the driver's features, but a frame it
+        queued under an earlier negotiation, before a reset or while a restarted process
+        probed the TAP, still carries the old ones)."""
         flags, gso_type = header[0], header[1]
+        if not flags | gso_type:
+            return True  # nearly every frame: nothing asked for
         features = self.driver_features
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not features & VIRTIO_NET_F_CSUM:
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not features & need.csum:
             return False
-        if gso_type & VIRTIO_NET_HDR_GSO_ECN and not features & VIRTIO_NET_F_HOST_ECN:
+        if gso_type & VIRTIO_NET_HDR_GSO_ECN and not features & need.ecn:
             return False
         gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-        return gso == VIRTIO_NET_HDR_GSO_NONE or bool(features & GSO_FEATURE.get(gso, 0))
+        return gso == VIRTIO_NET_HDR_GSO_NONE or bool(features & need.gso.get(gso, 0))
 
     # -- receive ------------------------------------------------------------------------------
     def _receive(self, ring: SplitQueue) -> int:
@@ -352,7 +372,7 @@ class VirtioNet(VirtioPciDevice):
         if (
             n < HDR.size
             or n > room and not (self._merge() and self._tail(ring, chains, n - room))
-            or not self._offloads_negotiated(self._header_of(chains[0].writable, 2))
+            or not self._negotiated(self._header_of(chains[0].writable, 2), RX_OFFLOADS)
         ):  # fmt: skip
             ring.unpop(len(chains))
             self.counts["rx_dropped"] += 1
@@ -376,23 +396,6 @@ class VirtioNet(VirtioPciDevice):
         self.counts["rx_bytes"] += n - HDR.size
         return 1
 
-    def _offloads_negotiated(self, header: bytes) -> bool:
-        """A received frame's header (flags, gso_type) asks only for what the driver took
-        (5.1.6.4.1: no GSO type without its GUEST_ feature; a partial checksum without
-        GUEST_CSUM is no fully checksummed packet). The TAP's offloads follow the driver's
-        features, but a frame it queued under an earlier negotiation (before a reset, or
-        while a restarted process probed the TAP) still carries the old ones: dropped."""
-        flags, gso_type = header
-        if not flags | gso_type:
-            return True  # nearly every frame: nothing asked for
-        features = self.driver_features
-        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not features & VIRTIO_NET_F_GUEST_CSUM:
-            return False
-        if gso_type & VIRTIO_NET_HDR_GSO_ECN and not features & VIRTIO_NET_F_GUEST_ECN:
-            return False
-        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-        return gso == VIRTIO_NET_HDR_GSO_NONE or bool(features & GUEST_GSO_FEATURE.get(gso, 0))
-
     def _tail(self, ring: SplitQueue, chains: list[Chain], extra: int) -> bool:
         """MRG_RXBUF: more chains for the `extra` bytes past those read into (in the
         scratch), copied there; False if too few are posted (chains keeps those taken)."""
@@ -412,14 +415,6 @@ def _room(chain: Chain) -> int:
 
 def _past_header(chain: Chain) -> Sequence[tuple[int, int]]:
     """The (gpa, len) buffers of a transmit chain after its header's HDR.size bytes."""
-    gpa, length = chain.readable[0]
-    if length == HDR.size:
+    if chain.readable[0][1] == HDR.size:
         return chain.readable[1:]  # the header in a buffer of its own
-    skip, rest = HDR.size, []
-    for gpa, length in chain.readable:
-        if skip >= length:
-            skip -= length
-            continue
-        rest.append((gpa + skip, length - skip))
-        skip = 0
-    return rest
+    return skip_bytes(chain.readable, HDR.size)

@@ -48,6 +48,19 @@ def bitmap_size(ram_size: int) -> int:
     return -(-pages // 8)
 
 
+def skip_bytes(parts: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """A chain's (gpa, len) buffers after their first n bytes (a request's header, the part
+    a request filled)."""
+    out = []
+    for gpa, length in parts:
+        if n >= length:
+            n -= length
+            continue
+        out.append((gpa + n, length - n))
+        n = 0
+    return out
+
+
 def _region(entry: Sequence[int]) -> Region:
     """One [gpa, size, memfd_offset] entry, every field a page-aligned int."""
     if len(entry) != 3 or not all(type(v) is int for v in entry):
