@@ -468,7 +468,10 @@ class DeviceSlot:
         return {"applied": cp.applied, "emitted": cp.emitted, "skip": skip, "replay": replay}
 
     def crash(self, signum: int) -> int:
-        """Send `signum` to the device's process (ctl crash-device); its pid."""
+        """Send `signum` to the device's process (ctl crash-device); its pid. That is the
+        process the launcher started, the device's warden (sandbox/device.py): it dies of
+        `signum`, and the device proper, its child, dies with it by SIGKILL (its parent-death
+        signal), a moment later."""
         with self._lock:
             process = self.process
             if process is None or self.state is not SlotState.LIVE:

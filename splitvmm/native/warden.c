@@ -78,6 +78,19 @@ static void load_filter(int fd)
 		fail("load the filter");
 }
 
+/* Signal dispositions and the mask survive exec: a SIGCHLD ignored by whoever started us
+ * would let the kernel reap the device unseen (waitpid: ECHILD), and a blocked signal would
+ * leave the device's death pending in us instead of ending us. Both to the defaults. */
+static void default_signals(void)
+{
+	sigset_t none;
+
+	if (sigemptyset(&none) < 0 || sigprocmask(SIG_SETMASK, &none, NULL) < 0)
+		fail("unblock signals");
+	if (signal(SIGCHLD, SIG_DFL) == SIG_ERR)
+		fail("SIGCHLD to its default");
+}
+
 int main(int argc, char **argv)
 {
 	pid_t child;
@@ -90,6 +103,7 @@ int main(int argc, char **argv)
 	child = number(argv[1], 1); /* 0 would make waitpid wait for any child of the group */
 	if (prctl(PR_SET_DUMPABLE, 0) < 0)
 		fail("PR_SET_DUMPABLE");
+	default_signals();
 	load_filter(number(argv[2], 0)); /* fd 0 as often as not: stdin was closed for it */
 	while (waitpid(child, &status, 0) < 0)
 		if (errno != EINTR)

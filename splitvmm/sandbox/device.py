@@ -74,6 +74,7 @@ unbinding its endpoint once the device is READY.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import logging
@@ -397,7 +398,10 @@ def _warden(
         filter_fd = _confine_warden(alive_w, program, warden_policy, address_space)
         os.execve(program, [WARDEN, str(child), str(filter_fd)], {})
     except BaseException as e:  # the device dies with us (PDEATHSIG); say why we went
-        os.write(2, f"splitvmm: device warden failed: {e!r}\n".encode(errors="replace"))
+        # Whatever the write does, this process ends below: it must never return into the
+        # device's code, unfiltered.
+        with contextlib.suppress(BaseException):
+            os.write(2, f"splitvmm: device warden failed: {e!r}\n".encode(errors="replace"))
     os._exit(1)
 
 
@@ -426,7 +430,8 @@ def _confine_warden(
         (resource.RLIMIT_NPROC, 0),
         (resource.RLIMIT_NOFILE, max(alive_w, program) + 1),
         (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_FSIZE, 0),
+        # 0 but where stderr is a file: its one line (warden.c fail()) must get there.
+        (resource.RLIMIT_FSIZE, _file_size_limit({2}, frozenset())),
         (resource.RLIMIT_AS, address_space),  # the device's: the warden needs far less
     ):
         resource.setrlimit(which, (value, value))

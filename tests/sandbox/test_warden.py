@@ -17,11 +17,13 @@ from tests.sandbox.harness import REPO
 pytestmark = pytest.mark.sandbox
 
 # argv[1]: what the device does (Python, in the forked child); argv[2]: the warden's argv
-# after CHILD, or "" for the filter exported as sandbox/device.py exports it.
+# after CHILD, or "" for the filter exported as sandbox/device.py exports it; argv[3]: what
+# the warden's starter does first, before the fork (what the warden inherits besides).
 UNDER_WARDEN = """
-import os, sys
+import os, signal, sys
 from splitvmm.native import confine
 from splitvmm.sandbox import device, policy
+exec(sys.argv[3])
 warden_pid = os.getpid()
 child = os.fork()
 if child == 0:
@@ -38,8 +40,10 @@ os.execv(device.WARDEN, [device.WARDEN, str(child), *args])
 """
 
 
-def _run(device_does: str, warden_args: str = "") -> subprocess.CompletedProcess[bytes]:
-    argv = [sys.executable, "-c", UNDER_WARDEN, device_does, warden_args]
+def _run(
+    device_does: str, warden_args: str = "", first: str = ""
+) -> subprocess.CompletedProcess[bytes]:
+    argv = [sys.executable, "-c", UNDER_WARDEN, device_does, warden_args, first]
     return subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
 
 
@@ -58,6 +62,57 @@ def test_warden_when_device_exited_passes_its_status() -> None:
 
 def test_warden_when_device_was_killed_dies_of_sigkill() -> None:
     assert _run("os.kill(os.getpid(), 9)").returncode == -signal.SIGKILL
+
+
+def test_warden_started_with_sigchld_ignored_still_reports_the_device_status() -> None:
+    """An ignored SIGCHLD survives exec, and the kernel would reap the device unseen."""
+    ignored = "signal.signal(signal.SIGCHLD, signal.SIG_IGN)"
+    assert _run("import time; time.sleep(0.2); os._exit(7)", first=ignored).returncode == 7
+
+
+def test_warden_started_with_the_death_signal_blocked_still_dies_alike() -> None:
+    """A blocked mask survives exec: the replayed death would stay pending in the warden."""
+    blocked = "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})"
+    device = (
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM}); "
+        "os.kill(os.getpid(), signal.SIGTERM)"
+    )
+    assert _run(device, first=blocked).returncode == -signal.SIGTERM
+
+
+# The Python side of a warden whose exec fails (sandbox/device.py _warden), with stderr a
+# regular file (argv[1]): it must say why there, and end, never return into the device.
+WARDEN_EXEC_FAILS = """
+import os, signal, sys, time
+from splitvmm.native import confine
+from splitvmm.sandbox import device, policy
+err = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+os.dup2(err, 2)
+parent = os.getpid()
+child = os.fork()
+if child == 0:
+    confine.set_parent_death_signal(signal.SIGKILL)  # as the device: the warden's end is ours
+    if os.getppid() == parent:  # else it ended before prctl took effect
+        time.sleep(30)
+    os._exit(0)
+alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+program = os.open(sys.argv[2], os.O_RDONLY | os.O_CLOEXEC)  # execve fails, past the rlimits
+try:
+    device._warden(child, alive_w, program, policy.load_warden_policy(os.getpid()), 1 << 34)
+finally:
+    os.kill(child, 9)
+    os.write(2, b"returned into the device's code")
+"""
+
+
+def test_warden_whose_exec_fails_says_why_in_a_stderr_file_and_ends(tmp_path) -> None:
+    log, program = tmp_path / "stderr.log", tmp_path / "program"
+    program.write_text("not an executable\n")  # mode 0644: no execute permission
+    argv = [sys.executable, "-c", WARDEN_EXEC_FAILS, str(log), str(program)]
+    proc = subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    assert proc.returncode == 1, log.read_text()
+    assert log.read_text().startswith("splitvmm: device warden failed: ")
+    assert "returned" not in log.read_text()
 
 
 def test_warden_waits_under_its_seccomp_filter() -> None:
