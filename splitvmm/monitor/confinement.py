@@ -19,14 +19,22 @@ in this order (Machine.build calls the steps; the reasons are the order):
    control and supervisor threads are all made afterwards and are born
    confined. Capabilities: all dropped, bounding and ambient sets emptied and
    the securebits locked, when there are any (a root monitor); an unprivileged
-   monitor has none to drop. Landlock, only what the running monitor does:
+   monitor has none to drop. Not dumpable, and no core file: a crash writes no
+   guest RAM to disk, and no process of the same user may ptrace the monitor or
+   read its memory through /proc (as each device). Landlock, only what the
+   running monitor does:
    the runtime directory, emptied and removed at tear-down (its parent: remove
    a directory); the snapshot directories the config names (make, write and
-   remove new files and directories: no file there is read, so one VM's
-   monitor cannot read another's snapshot of guest RAM); Python's own module
-   directories (read only: lazy imports, tracebacks); nothing else.
-3. load_monitor_filter(): the seccomp allow-list for every thread
-   (policies/<arch>/monitor.policy, TSYNC), once ZeroMQ's threads exist.
+   remove files and directories: no file there is read, so one VM's monitor
+   cannot read another's snapshot of guest RAM, though it could overwrite or
+   remove it: native/landlock.py new_files_rights); Python's own module
+   directories (read only: lazy imports, tracebacks); nothing else. It is the
+   monitor's only barrier against the host's file system (its filter allows
+   open, unlink and rename), so a kernel without Landlock fails the start,
+   unless the operator says SPLITVMM_MONITOR_LANDLOCK=optional.
+3. load_monitor_filter(): the seccomp allow-list (policies/<arch>/monitor.policy,
+   TSYNC), before the devices' channels are served: ZeroMQ's threads, which
+   read what a device sends, are born filtered.
 4. confine_vcpu_thread(): each vCPU thread, the one that runs guest exits,
    stacks vcpu.policy on itself when it starts: a syscall must pass both.
 
@@ -40,6 +48,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import resource
 import sysconfig
 import threading
 import time
@@ -59,6 +68,9 @@ log = logging.getLogger("splitvmm.confine")
 MONITOR_POLICY = "monitor.policy"
 VCPU_POLICY = "vcpu.policy"
 SECCOMP_ENV = "SPLITVMM_MONITOR_SECCOMP"
+# "required" (the default), or "optional": a kernel without Landlock then runs the monitor
+# without it, with a warning (an operator's environment, trusted, as SECCOMP_ENV).
+LANDLOCK_ENV = "SPLITVMM_MONITOR_LANDLOCK"
 # A thread that Python has joined may still be listed in /proc/self/task for a moment: join()
 # returns once the thread's Python state is gone, just before its OS thread exits (seen once
 # in a full test run with the build's pit-mode thread, monitor/machine.py).
@@ -91,6 +103,12 @@ class Confinement:
         if mode not in ("kill", "log"):
             raise ConfinementError(f"{SECCOMP_ENV}={mode!r}: expected kill or log")
         action = seccomp.KILL_PROCESS if mode == "kill" else seccomp.LOG
+        landlock_mode = os.environ.get(LANDLOCK_ENV, "required")
+        if landlock_mode not in ("required", "optional"):
+            raise ConfinementError(
+                f"{LANDLOCK_ENV}={landlock_mode!r}: expected required or optional"
+            )
+        self._landlock_optional = landlock_mode == "optional"
         constants = policy_constants(launcher_fd)
         self._monitor = _compile(MONITOR_POLICY, policy_dir, constants, action, tsync=True)
         self._vcpu = _compile(VCPU_POLICY, policy_dir, constants, action, tsync=False)
@@ -106,12 +124,20 @@ class Confinement:
             if held_capabilities():
                 confine.drop_capabilities()
             confine.set_no_new_privs()
+            confine.set_dumpable(False)
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         except OSError as e:
             raise ConfinementError(f"cannot drop the monitor's privileges: {e}") from None
         rules = landlock_rules(runtime_dir, snapshot_dirs)
         try:
             abi = landlock.restrict_self(rules)
         except landlock.LandlockUnavailable:
+            if not self._landlock_optional:
+                raise ConfinementError(
+                    "this kernel has no Landlock (Linux 5.13+, with landlock among its LSMs): "
+                    "without it the confined monitor could still write any file its user may, "
+                    f"so the VM does not start; {LANDLOCK_ENV}=optional runs it anyway"
+                ) from None
             log.warning("no Landlock on this kernel: the monitor's file system stays open")
             return
         except OSError as e:

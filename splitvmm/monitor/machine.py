@@ -173,9 +173,9 @@ class Machine:
         # Everything is open: from here on the monitor holds no capability and can reach
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
         self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs)
-        for slot in self.slots:  # ZeroMQ's threads start here: born confined
-            slot.attach()
         self.confinement.load_monitor_filter()
+        for slot in self.slots:  # ZeroMQ's threads start here, born confined and filtered
+            slot.attach()
         timings.mark("confinement, channels")
 
     # -- construction ---------------------------------------------------------------

@@ -82,8 +82,10 @@ def remove_rights() -> int:
 
 def new_files_rights() -> int:
     """Make directories and regular files, write them, rename and remove them (a snapshot
-    writer): no file is read or truncated, no link, device, FIFO or socket is made, nothing
-    is moved in from elsewhere (no REFER)."""
+    writer): no file is read, no link, device, FIFO or socket is made, nothing is moved in
+    from elsewhere (no REFER). Landlock cannot tell a new file from an old one: the files
+    already beneath may be written and removed too, and truncated under ABI < 3 (which has
+    no truncate right to withhold)."""
     return remove_rights() | int(
         lib.LANDLOCK_ACCESS_FS_MAKE_DIR
         | lib.LANDLOCK_ACCESS_FS_MAKE_REG

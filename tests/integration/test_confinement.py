@@ -169,7 +169,7 @@ def test_running_vm_device_killed_stops_vm_with_its_status_from_the_launcher(gue
 
 PROBE = textwrap.dedent(
     """
-    import errno, os, shutil, socket, sys, threading
+    import ctypes, errno, os, resource, shutil, socket, sys, threading
     from pathlib import Path
     import zmq
     from splitvmm.monitor.confinement import Confinement
@@ -196,6 +196,18 @@ PROBE = textwrap.dedent(
         host = PciFunctionHost("blk0", virtio_function(1), (1, bases), mmio, vm, (irq.fd,))
         host.plug(root)
     c = Confinement(launcher_fd=launcher.fileno())
+    if step == "no-landlock":  # a kernel without it
+        from splitvmm.native import landlock
+        def unavailable(rules):
+            raise landlock.LandlockUnavailable(errno.EOPNOTSUPP, "Landlock is not enabled")
+        landlock.restrict_self = unavailable
+        try:
+            c.confine_process(run, [snaps])
+        except Exception as e:
+            print(repr({"refused": str(e)}))
+            sys.exit(0)
+        print(repr({"refused": None, "created_outside": open(outside + ".new", "w") is not None}))
+        sys.exit(0)
     c.confine_process(run, [snaps])
     def refused(fn):
         try:
@@ -212,6 +224,9 @@ PROBE = textwrap.dedent(
             "read_in_snapshot_dir": refused(lambda: (snaps / "other-vm" / "ram.bin").read_bytes()),
             "symlink_in_snapshot_dir": refused(lambda: (snaps / "s" / "l").symlink_to("/")),
             "create_in_runtime_dir": refused(lambda: (run / "f").write_text("x")),
+            # no core file of guest RAM, no ptrace: prctl(PR_GET_DUMPABLE), RLIMIT_CORE
+            "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),
+            "core_limit": resource.getrlimit(resource.RLIMIT_CORE),
         }
     zctx = zmq.Context(io_threads=1)
     c.load_monitor_filter()
@@ -273,7 +288,9 @@ PROBE = textwrap.dedent(
 )
 
 
-def run_probe(tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
+def run_probe(
+    tmp_path: Path, step: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The probe confines itself with runtime dir root/vm (as RuntimeDir makes it) and one
     snapshot dir, which already holds another VM's snapshot."""
     run, snaps, other = tmp_path / "root" / "vm", tmp_path / "snaps", tmp_path / "other"
@@ -285,6 +302,7 @@ def run_probe(tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
     (run / "control.sock").touch()
     return subprocess.run(
         [sys.executable, "-c", PROBE, str(run), str(snaps), str(other / "secret"), step],
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -303,6 +321,8 @@ def test_confinement_landlock_allows_only_what_the_running_monitor_does(tmp_path
             "read_in_snapshot_dir": True,  # refused: another VM's snapshot stays private
             "symlink_in_snapshot_dir": True,
             "create_in_runtime_dir": True,  # refused: the runtime dir is only torn down
+            "dumpable": 0,
+            "core_limit": (0, 0),
             "vcpu_open": True,
             "monitor_open_after_vcpu": True,
             "rename_and_remove_in_snapshot_dir": True,
@@ -310,6 +330,28 @@ def test_confinement_landlock_allows_only_what_the_running_monitor_does(tmp_path
         }
     )
     assert not (tmp_path / "root" / "vm").exists()
+
+
+def test_confinement_without_landlock_refuses_to_run_naming_the_way_out(tmp_path):
+    """The monitor's filter allows open, unlink and rename: Landlock is its only file-system
+    barrier, and a monitor without it would run a guest with the host's files open."""
+    r = run_probe(tmp_path, "no-landlock")
+    assert r.returncode == 0, r.stderr
+    refused = eval(r.stdout)["refused"]
+    assert "this kernel has no Landlock" in refused
+    assert "SPLITVMM_MONITOR_LANDLOCK=optional runs it anyway" in refused
+
+
+def test_confinement_without_landlock_runs_when_the_operator_says_optional(tmp_path):
+    r = run_probe(tmp_path, "no-landlock", {"SPLITVMM_MONITOR_LANDLOCK": "optional"})
+    assert r.returncode == 0, r.stderr
+    assert eval(r.stdout) == {"refused": None, "created_outside": True}
+    assert "no Landlock on this kernel" in r.stderr
+
+
+def test_confinement_landlock_mode_not_known_is_refused(tmp_path):
+    r = run_probe(tmp_path, "no-landlock", {"SPLITVMM_MONITOR_LANDLOCK": "off"})
+    assert "SPLITVMM_MONITOR_LANDLOCK='off': expected required or optional" in r.stderr
 
 
 def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(tmp_path):
