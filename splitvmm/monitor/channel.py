@@ -189,32 +189,37 @@ class DeviceChannel:
         device's queue is full, at most WRITE_TIMEOUT_MS, and not at all once its process
         has ended (its pidfd): a posted write to a dead device held the slot's lock, and
         every vCPU's access behind it, for the whole timeout (seen as 2 s restart stalls)."""
+        self._send(frame, "a posted write")
+        self._posted += 1
+
+    def _send(self, frame: bytes, what: str) -> None:
+        """Send `frame` (`what` it is, for messages), waiting only while the device's queue
+        is full, at most WRITE_TIMEOUT_MS, and not at all once its process has ended. With
+        no peer connected a PAIR socket takes nothing, so a frame to a device that has just
+        died would otherwise wait out the whole timeout, holding the slot's lock."""
         try:
             self.sock.send(frame, zmq.NOBLOCK)
-            self._posted += 1
             return
         except zmq.Again:
             pass
         except zmq.ZMQError as e:
-            raise ChannelError(f"stopped taking posted writes ({e})") from None
+            raise ChannelError(f"stopped taking frames ({e})") from None
         if self._pidfd is None:  # no pidfd to watch: a blocking send with its timeout
             try:
                 self.sock.send(frame)
             except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
-                raise ChannelError(f"stopped taking posted writes ({e})") from None
-            self._posted += 1
+                raise ChannelError(f"stopped taking frames ({e})") from None
             return
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLOUT)
         poller.register(self._pidfd, zmq.POLLIN)
         ready = dict(poller.poll(WRITE_TIMEOUT_MS))
         if ready.get(self._pidfd):
-            raise ChannelError("its process ended with a posted write unsent")
+            raise ChannelError(f"its process ended with {what} unsent")
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            raise ChannelError(f"stopped taking posted writes ({e})") from None
-        self._posted += 1
+            raise ChannelError(f"stopped taking frames ({e})") from None
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -237,7 +242,7 @@ class DeviceChannel:
         before it (sent unasked, or while it worked on this request) are handled first."""
         try:
             self.drain_events()
-            self.sock.send(frame)
+            self._send(frame, "a request")
             deadline = time.monotonic() + timeout_ms / 1000
             allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
             for _ in range(allowed + 1):

@@ -41,6 +41,8 @@ from splitvmm.snapshot.writer import SnapshotWriter
 if TYPE_CHECKING:
     from splitvmm.monitor.machine import Machine
 
+NAME_MAX = 255  # bytes of one file name (<limits.h>)
+
 log = logging.getLogger("splitvmm.coordinator")
 # A device's slot.lives when it was asked to quiesce, and the state it saved
 _Saved = tuple[tuple[int, int], dict[str, object]]
@@ -151,35 +153,58 @@ class Coordinator:
         allowed = self.machine.cfg.vm.snapshot_dirs
         if not target.is_absolute():
             raise ControlError(f"snapshot target {target} is not an absolute path")
-        parent = Path(os.path.normpath(target)).parent
-        if not any(parent == d or d in parent.parents for d in allowed):
+        if "\0" in str(target):
+            raise ControlError(f"snapshot target {str(target)!r} holds a NUL byte")
+        path = Path(os.path.normpath(target))
+        if path in allowed:
+            raise ControlError(
+                f"snapshot target {target} is a snapshot dir itself: name a new directory in it"
+            )
+        if not any(path.parent == d or d in path.parent.parents for d in allowed):
             where = ", ".join(map(str, allowed)) or "nowhere: the config sets no vm.snapshot_dirs"
             raise ControlError(
                 f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
             )
+        # What the writer would fail on after every vCPU and device was stopped.
+        if len(os.fsencode(path.name)) > NAME_MAX:
+            raise ControlError(f"snapshot target {target}: its name is over {NAME_MAX} bytes")
+        if not path.parent.is_dir():
+            raise ControlError(f"snapshot target {target}: {path.parent} is not a directory")
 
     def _quiesce_devices(self, deadline: Deadline) -> dict[str, _Saved]:
-        """Each device's lives (slot.lives) when it was asked, and the state it saved."""
+        """Each device's lives (slot.lives) when its quiesce was answered, and the state it
+        saved. A device away when asked (a restart under way) is asked once it is back: the
+        process that answers is the one quiesced, and a snapshot taken just after a crash
+        stands."""
         states = {}
         for slot in self.machine.slots:
             if slot.failed:
                 raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
-            lives = slot.lives
             self._ask(slot, "quiesce", deadline)
+            lives = slot.quiesced_lives
+            assert lives is not None  # set under the slot's lock with the answer
             states[slot.name] = lives, self._ask(slot, "save", deadline)
         return states
 
     def _check_generations(self, states: dict[str, _Saved]) -> None:
-        """Every device is still the process that saved its state. One that crashed since
-        was replaced by a process that is not quiesced: it may have served its queues while
-        guest RAM was copied, so the saved state would not match the RAM. (Its slot counts
-        the crash before it asks for the replacement: slot.lives.)"""
+        """Every device is still the process that was quiesced and saved its state. One that
+        crashed since was replaced, or will be, by a process that is not quiesced: it may
+        have served its queues while guest RAM was copied, so the saved state would not
+        match the RAM. (Its slot counts the crash before it asks for the replacement.)"""
         for slot in self.machine.slots:
-            if slot.lives != states[slot.name][0]:
-                raise ControlError(
-                    f"snapshot aborted: device {slot.name} was restarted while the snapshot "
-                    "was taken (its saved state may not match guest memory); take it again"
-                )
+            crashes, generation = states[slot.name][0]
+            if slot.lives == (crashes, generation):
+                continue
+            if slot.failed:
+                what = f"failed while the snapshot was taken ({slot.failed})"
+            elif slot.generation != generation:
+                what = "crashed and was restarted while the snapshot was taken"
+            else:
+                what = "crashed while the snapshot was taken"
+            raise ControlError(
+                f"snapshot aborted: device {slot.name} {what}: its saved state may not match "
+                "guest memory" + ("" if slot.failed else "; take it again once it is back")
+            )
 
     def _ask(self, slot: DeviceSlot, op: str, deadline: Deadline) -> dict[str, object]:
         """One control request in the time the snapshot's deadline has left."""

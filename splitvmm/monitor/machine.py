@@ -371,6 +371,12 @@ class Machine:
             except DeviceFailure as e:
                 self.stop(Outcome.fault(str(e)))
                 continue
+            except Exception as e:  # a monitor bug: stop the VM, never leave its devices dead
+                log.exception("restarting device %s", slot.name)
+                self.stop(
+                    Outcome.fault(f"device {slot.name}: internal error in its restart: {e!r}")
+                )
+                continue
             if self._supervisor is not None and slot.process is not None:
                 self._supervisor.watch(slot)
             slot.start_spare()

@@ -252,6 +252,9 @@ class DeviceSlot:
         self._lock = threading.Lock()
         self._back = threading.Condition(self._lock)  # notified when the state leaves AWAY
         self._quiesced = False  # by a snapshot, until its resume: host input waits (input())
+        # `lives` when the last quiesce was answered, under the lock: the process a snapshot
+        # quiesced, whom its coordinator checks is still the slot's (coordinator.py).
+        self.quiesced_lives: tuple[int, int] | None = None
         self._held_input = bytearray()
         self._reports = RateLimitedLog(log)  # a device's reports: one line a second at most
 
@@ -382,9 +385,12 @@ class DeviceSlot:
             if self._take_over(resume):
                 return
             self.start(resume)
-        except BaseException as e:
+        except DeviceFailure as e:
             self.fail(f"its restart failed: {e}")
             raise
+        except (SplitvmmError, OSError) as e:  # the launcher gone or broken, an fd failing
+            self.fail(f"its restart failed: {e}")
+            raise DeviceFailure(f"device {self.name}: its restart failed: {e}") from e
         self.wait_ready()
 
     # -- the warm spare (the module docstring) ---------------------------------------------------
@@ -636,6 +642,7 @@ class DeviceSlot:
                 raise DeviceFailure(f"device {self.name}: {e}") from None
             if op == "quiesce":
                 self._quiesced = True
+                self.quiesced_lives = self.lives
             elif op == "save":
                 self.last_state = reply
             elif op == "resume":  # its new MIRROR came before the reply

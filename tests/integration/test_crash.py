@@ -132,6 +132,21 @@ def test_on_crash_stop_ends_the_vm_with_status_4(tmp_path: Path, guests: dict[st
     assert "device serial0 failed" in err and "killed by signal 9" in err, err[-2000:]
 
 
+def test_launcher_killed_the_restart_that_cannot_be_done_stops_the_vm_with_status_4(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """The devices end with their launcher; their restarts then fail for want of one, which
+    must stop the VM, not leave it running on dead devices."""
+    rtc = '[[device]]\nname = "rtc"\nmodel = "rtc"\non_crash = "restart"\n'
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\n' + rtc)
+    children = Path(f"/proc/{vm.proc.pid}/task/{vm.proc.pid}/children").read_text().split()
+    (launcher,) = children  # the monitor's only child: devices are the launcher's
+    os.kill(int(launcher), signal.SIGKILL)
+    status, err = vm.finish(timeout=20)
+    assert status == 4, err[-2000:]
+    assert "its restart failed" in err and "the launcher" in err, err[-2000:]
+
+
 def test_on_crash_leave_keeps_the_vm_running_reading_all_ones(
     tmp_path: Path, guests: dict[str, Path]
 ) -> None:

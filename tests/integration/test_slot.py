@@ -116,6 +116,20 @@ def test_slot_killed_device_is_reported_and_reads_all_ones(harness):
     assert harness.slot.read(Reg.SCR, 1) == b"\xff"
 
 
+def test_slot_control_to_a_device_dead_and_disconnected_fails_at_once_saying_so(harness):
+    """Once ZeroMQ has dropped the dead device's connection, its PAIR socket takes no frame:
+    the request must fail on the pidfd, not wait out the send timeout and be reported as a
+    reply that never came."""
+    process = harness.slot.process
+    assert process is not None
+    process.kill()
+    process.wait(10)
+    time.sleep(0.2)  # ZeroMQ's I/O thread sees the connection close and drops its pipe
+    with pytest.raises(DeviceFailure) as e:
+        harness.slot.control("save")
+    assert "its process ended with a request unsent" in str(e.value)
+
+
 def test_slot_channel_path_too_long_fails_cleanly(tmp_path):
     deep = tmp_path / ("d" * 100)
     deep.mkdir()

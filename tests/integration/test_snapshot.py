@@ -166,7 +166,7 @@ def test_ctl_errors_are_one_sentence_and_nonzero(guests, tmp_path):
     from splitvmm.monitor.control import ControlError, request
 
     socket_path = tmp_path / "run" / "splitvmm" / "test" / "control.sock"
-    with pytest.raises(ControlError, match="snapshot failed"):
+    with pytest.raises(ControlError, match="holds a NUL byte"):
         request(socket_path, "snapshot", {"path": str(tmp_path / "nul\0byte")})
     status = vm.ctl("status", "--json")  # the control socket still answers
     vm.proc.terminate()

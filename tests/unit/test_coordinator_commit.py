@@ -97,15 +97,20 @@ def test_coordinator_failed_live_commit_resumes_once(tmp_path, monkeypatch):
 
 
 class FakeSlot(Struct):
-    """A device slot; `restart_at`: the control op during which its process dies and the
-    slot starts a new one (generation + 1), as monitor/slot.py restart() does."""
+    """A device slot; `restart_at`: the control op before whose answer its process dies and
+    the slot starts a new one (generation + 1), as monitor/slot.py restart() does, and the new
+    one answers (slot.control waits for a device that is away); `crash_at`: the op before
+    whose answer its death is seen, the new process not in the slot yet; `fail_at`: the op
+    after which it fails for good."""
 
     name: str
     generation: int = 1
     crashes: int = 0
-    failed: bool = False
+    failed: str | None = None
     restart_at: str | None = None
     crash_at: str | None = None
+    fail_at: str | None = None
+    quiesced_lives: tuple[int, int] | None = None
 
     @property
     def lives(self) -> tuple[int, int]:
@@ -117,27 +122,50 @@ class FakeSlot(Struct):
             self.generation += 1
         if op == self.crash_at:  # seen, its spare told to take over, not in the slot yet
             self.crashes += 1
+        if op == "quiesce":  # under the slot's lock, with the answer
+            self.quiesced_lives = self.lives
+        if op == self.fail_at:
+            self.crashes += 1
+            self.failed = "process was killed by signal 9"
         return {"version": 1, "fields": {}}
 
 
 @pytest.mark.parametrize(
-    ("restart_at", "crash_at"),
-    [("quiesce", None), ("save", None), (None, "save")],
-    ids=["restarted-at-quiesce", "restarted-at-save", "crashed-spare-taking-over"],
+    ("changes", "what"),
+    [
+        ({"restart_at": "save"}, "crashed and was restarted while the snapshot was taken"),
+        ({"crash_at": "save"}, "crashed while the snapshot was taken"),
+        ({"fail_at": "save"}, "failed while the snapshot was taken (process was killed by"),
+    ],
+    ids=["restarted-at-save", "crashed-spare-taking-over", "failed-for-good"],
 )
-def test_coordinator_device_restarted_during_the_snapshot_aborts_it(
-    tmp_path, monkeypatch, restart_at, crash_at
+def test_coordinator_device_crashed_after_its_quiesce_aborts_the_snapshot(
+    tmp_path, monkeypatch, changes, what
 ):
-    """A device that crashed after it was asked to quiesce was replaced by a process that is
-    not quiesced: it may serve its queues while guest RAM is copied, so its saved state would
-    not match the RAM. The snapshot is refused, naming the device."""
+    """A device that crashed after it was quiesced was replaced, or will be, by a process
+    that is not quiesced: it may serve its queues while guest RAM is copied, so its saved
+    state would not match the RAM. The snapshot is refused, naming the device and what
+    became of it."""
     coord, _ = coordinator(tmp_path, monkeypatch)
-    slots = [FakeSlot("serial0"), FakeSlot("blk0", restart_at=restart_at, crash_at=crash_at)]
-    coord.machine.slots = slots
+    coord.machine.slots = [FakeSlot("serial0"), FakeSlot("blk0", **changes)]
     states = coord._quiesce_devices(Deadline(5.0))
 
-    with pytest.raises(ControlError, match="device blk0 was restarted while the snapshot"):
+    with pytest.raises(ControlError) as e:
         coord._check_generations(states)
+    assert f"device blk0 {what}" in str(e.value)
+    assert ("take it again" in str(e.value)) is ("fail_at" not in changes)
+
+
+def test_coordinator_device_restarted_before_it_answered_its_quiesce_is_saved(
+    tmp_path, monkeypatch
+):
+    """A snapshot asked for just after a crash: the slot waits for the new process, which
+    answers the quiesce and is the one saved. The snapshot stands (it used to be thrown
+    away after the whole RAM copy, as if the device had crashed during it)."""
+    coord, _ = coordinator(tmp_path, monkeypatch)
+    coord.machine.slots = [FakeSlot("serial0", restart_at="quiesce"), FakeSlot("blk0")]
+
+    coord._check_generations(coord._quiesce_devices(Deadline(5.0)))
 
 
 def test_coordinator_devices_unchanged_since_they_saved_pass_the_check(tmp_path, monkeypatch):
@@ -155,3 +183,29 @@ def test_coordinator_suspend_whose_snapshot_is_moved_at_once_still_returns(tmp_p
     report = coord.snapshot(tmp_path / "snap", keep_paused=True)
 
     assert (events, coord.paused, report.bytes) == (["pause", "commit"], True, 0)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("{d}", "is a snapshot dir itself: name a new directory in it"),
+        ("{d}/a\0b", "holds a NUL byte"),
+        ("{d}/" + "n" * 256, "its name is over 255 bytes"),
+        ("{d}/missing/snap", "/missing is not a directory"),
+        ("{d}/file/snap", "/file is not a directory"),
+    ],
+    ids=["the-dir-itself", "nul", "name-too-long", "no-parent", "parent-a-file"],
+)
+def test_coordinator_snapshot_target_the_writer_would_refuse_is_refused_before_the_pause(
+    tmp_path, monkeypatch, target, why
+):
+    """Said before any vCPU or device is stopped, naming the target: the writer's OSError
+    came only after the pause, and some (a NUL, a long name) named no path."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    (tmp_path / "file").write_text("")
+
+    with pytest.raises(ControlError) as e:
+        coord.snapshot(Path(target.format(d=tmp_path)))
+
+    assert why in str(e.value) and "snapshot target" in str(e.value)
+    assert (events, coord.paused) == ([], False)
