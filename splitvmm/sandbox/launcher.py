@@ -107,6 +107,7 @@ READY_TIMEOUT_S = 10.0  # a fork, its imports and the zygote's exec
 REPLY_TIMEOUT_S = 60.0  # a spawn may wait for a new zygote's imports (a loaded host)
 SEND_TIMEOUT_S = 10.0  # a launcher that stops reading has failed
 STOP_TIMEOUT_S = 5.0  # the launcher ends at once when the monitor closes its socket
+ORPHAN_WAIT_S = 5.0  # a device outliving its warden (a system call to finish): then reported
 
 
 class _Reply(Struct, frozen=True):

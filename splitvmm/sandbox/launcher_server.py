@@ -22,6 +22,7 @@ from splitvmm.sandbox.launcher import (
     CHUNK_TIMEOUT_S,
     MAX_DEVICES,
     MAX_MESSAGE,
+    ORPHAN_WAIT_S,
     STOP_TIMEOUT_S,
 )
 from splitvmm.sandbox.launcher_start import MAX_FDS, close_all, receive, send
@@ -115,19 +116,26 @@ class _Server:
             self.zygote.close()
             self.zygote = None
 
-    def _reap_orphans(self) -> None:
+    def _reap_orphans(self) -> set[int]:
         """Reap every ended child that is neither a device (reaped by _report_end, whose
         status goes to the monitor) nor the zygote: a device's PID-namespace init, whose
-        warden died first, is reparented to us (we are a subreaper)."""
+        warden died first, is reparented to us (we are a subreaper). The orphans that still
+        run."""
         with contextlib.suppress(BlockingIOError):
             while os.read(self._sigchld_r, 256):
                 pass
         ours = {process.pid for process in self.children.values()}
         if self.zygote is not None:
             ours.add(self.zygote.process.pid)
+        running = set()
         for pid in _children() - ours:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+            try:
+                ended, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if not ended:
+                running.add(pid)
+        return running
 
     def _serve_request(self) -> bool:
         """One request, and its one reply; False once the monitor has closed its end."""
@@ -215,7 +223,7 @@ class _Server:
         try:
             rest = json.loads(payload)
             whole = _checked_spec(spec.completed(rest))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             raise Refused(
                 f"device {spec.name}: a spare's rest is not an object of {', '.join(DEFERRED)}"
             ) from None
@@ -229,27 +237,57 @@ class _Server:
         self.spares.pop(process.pid, None)
         status = process.wait(0)
         process.close()
+        self._outlive_orphans()
         send(self.sock, {"op": "exited", "pid": process.pid, "status": status})
 
+    def _outlive_orphans(self) -> None:
+        """Wait, at most ORPHAN_WAIT_S, until no orphan of ours runs. A device's warden is
+        our child and the device proper its child: when the warden dies, the device is
+        reparented to us before the warden's pidfd wakes us, and dies by its parent-death
+        SIGKILL -- once out of the system call it is in: a write to its disk image, which
+        in uninterruptible sleep may last. "exited" is the monitor's leave to start a
+        replacement on the same image, so it waits until the old writer is gone."""
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while orphans := self._reap_orphans():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = (
+                    f"splitvmm: launcher: pids {sorted(orphans)} still run {ORPHAN_WAIT_S:g} s "
+                    "after their device's warden ended; reporting its end anyway\n"
+                )
+                os.write(2, why.encode())
+                return
+            waiting = select.poll()
+            pidfds = []
+            for pid in orphans:
+                with contextlib.suppress(ProcessLookupError):  # reaped meanwhile: no wait
+                    pidfds.append(os.pidfd_open(pid))
+                    waiting.register(pidfds[-1], select.POLLIN)
+            waiting.poll(max(1, round(left * 1000)))
+            close_all(pidfds)
+
     def _read_chunks(self, size: int) -> bytes:
-        """The `size` bytes of spec that follow a request's header."""
-        data = b""
+        """The `size` bytes of spec that follow a request's header, within CHUNK_TIMEOUT_S
+        in all (not per chunk: one byte a chunk would hold the launcher, which reaps and
+        reports nothing meanwhile, for hours)."""
+        data = bytearray()
+        deadline = time.monotonic() + CHUNK_TIMEOUT_S
         while len(data) < size:
-            if not readable(self.sock.fileno(), CHUNK_TIMEOUT_S):
+            if not readable(self.sock.fileno(), max(0.0, deadline - time.monotonic())):
                 raise Refused(f"launcher: the spec stopped at {len(data)} of {size} bytes")
             chunk, fds, cut = receive(self.sock, CHUNK)
             close_all(fds)
             if cut or fds or not chunk or len(data) + len(chunk) > size:
                 raise Refused(f"launcher: the spec's chunks do not make {size} bytes")
             data += chunk
-        return data
+        return bytes(data)
 
 
 def _decode_header(data: bytes) -> tuple[str, int, int, int | None]:
     """A request's (op, id, size of what follows, the spare's pid for a resume request)."""
     try:
         msg = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise Refused("launcher: a request is not JSON") from None
     keys = {
         "spawn": {"op", "id", "size"},
@@ -286,7 +324,7 @@ def _children() -> set[int]:
 def _decode_spec(data: bytes) -> DeviceSpec:
     try:
         spec = DeviceSpec.from_json(data.decode())
-    except (ValueError, TypeError):  # not JSON, or not the spec's keys
+    except (ValueError, TypeError, RecursionError):  # not JSON (or too deep), not the keys
         raise Refused("launcher: the request holds no device spec") from None
     spec = _checked_spec(spec)
     if spec.deferred and any(getattr(spec, key) is not None for key in DEFERRED):

@@ -81,7 +81,11 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     confine.set_child_subreaper()  # before the zygote: its grandchildren are ours
     zygote = Zygote.start(device_env())
     sock = socket.socket(fileno=sock_fd)
-    send(sock, {"op": "ready"})
+    try:
+        send(sock, {"op": "ready"})
+    except (BrokenPipeError, ConnectionResetError):
+        zygote.close()
+        return 0  # the monitor is gone already (a start that failed early): nobody to serve
     # What it serves requests with (~15-30 ms of imports) waits for the first request or for
     # the zygote's "ready", whichever comes first: until then the two cores this is built for
     # are the monitor's imports' and the zygote's. A zygote done importing leaves its core to

@@ -25,8 +25,12 @@ from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
+from splitvmm.sandbox import launcher as launcher_module
+from splitvmm.sandbox import launcher_start
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
+from splitvmm.sandbox.spawn import readable
+from tests.sandbox.harness import REPO
 
 pytestmark = pytest.mark.sandbox
 T = TypeVar("T")
@@ -120,6 +124,81 @@ def test_launcher_spec_over_cap_raises_naming_device_before_sending(launcher, ru
     state = {"model": "serial", "version": 1, "fields": {"pad": "A" * MAX_SPEC}}
     with pytest.raises(DeviceFailure, match=f"device serial0: .* over the {MAX_SPEC} a device"):
         launcher.spawn(serial_spec(rundir, fds, state=state))
+
+
+def test_launcher_whose_monitor_left_before_it_was_ready_ends_quietly(capfd):
+    """A start that fails early (a bad config or snapshot) closes the launcher's socket
+    before it may have said ready: that is no error of the launcher's."""
+    sock, pid = launcher_start.fork()
+    sock.close()
+    _, status = os.waitpid(pid, 0)
+    assert (os.waitstatus_to_exitcode(status), capfd.readouterr().err) == (0, "")
+
+
+def test_launcher_spec_trickled_a_byte_at_a_time_is_refused_within_one_deadline(
+    rundir, monkeypatch
+):
+    """CHUNK_TIMEOUT_S bounds the whole spec, not each chunk: one byte every 0.2 s kept the
+    launcher (which reaps and reports nothing meanwhile) on one request for as long as the
+    sender liked."""
+    monkeypatch.setattr(launcher_module, "CHUNK_TIMEOUT_S", 0.5)
+    if "splitvmm.sandbox.launcher_server" in sys.modules:  # imported by an earlier test
+        monkeypatch.setattr(sys.modules["splitvmm.sandbox.launcher_server"], "CHUNK_TIMEOUT_S", 0.5)
+    launcher = Launcher.start(rundir)
+    try:
+        launcher.check_configured()  # it is ready and configured
+        sock = launcher._sock
+        launcher_start.send(sock, {"op": "spawn", "id": 99, "size": 100})
+        sent = 0
+        while sent < 100 and not readable(sock.fileno(), 0.2):
+            launcher_start.send(sock, b"x")
+            sent += 1
+        data, _, _ = launcher_start.receive(sock, 4096)
+        reply = json.loads(data)
+    finally:
+        launcher.close()
+    assert (reply["op"], reply["id"]) == ("refused", 99)
+    assert "the spec stopped at" in reply["message"] and sent < 10
+
+
+# A launcher's server (sandbox/launcher_server.py) with one "warden" child whose "device"
+# outlives it by 0.5 s, as a device in a long system call outlives its killed warden.
+OUTLIVED_WARDEN = """
+import json, os, socket, time
+from splitvmm.native import confine
+from splitvmm.sandbox import launcher_server
+from splitvmm.sandbox.launcher_start import receive
+from splitvmm.sandbox.spawn import ChildProcess, readable
+confine.set_child_subreaper()  # as the launcher: the device is reparented to us
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+r, w = os.pipe()
+warden = os.fork()
+if warden == 0:
+    device = os.fork()
+    if device == 0:
+        time.sleep(0.5)
+        os._exit(0)
+    os.write(w, device.to_bytes(4, "little"))
+    os._exit(0)
+device = int.from_bytes(os.read(r, 4), "little")
+server = launcher_server._Server(theirs, None)
+process = ChildProcess(warden, None)
+server.children[process.pidfd] = process
+server.poller.register(process.pidfd)
+readable(process.pidfd, 10)  # the warden has ended: what wakes the launcher's loop
+server._report_end(process.pidfd)
+reply = json.loads(receive(ours, 4096)[0])
+print(json.dumps({"op": reply["op"], "device_gone": not os.path.exists(f"/proc/{device}")}))
+"""
+
+
+def test_launcher_reports_a_device_ended_only_once_it_outlived_its_warden():
+    """ "exited" is the monitor's leave to start a replacement on the same disk image: the
+    device proper must be gone, not only its warden."""
+    argv = [sys.executable, "-c", OUTLIVED_WARDEN]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"op": "exited", "device_gone": True}
 
 
 def test_launcher_has_no_new_privs_and_its_own_session(launcher):

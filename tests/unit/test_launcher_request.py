@@ -6,7 +6,7 @@ import json
 import pytest
 
 from splitvmm.protocol.spec import MAX_SPEC
-from splitvmm.sandbox.launcher_server import Refused, _decode_header
+from splitvmm.sandbox.launcher_server import Refused, _decode_header, _decode_spec
 
 
 def header(**msg: object) -> bytes:
@@ -44,3 +44,15 @@ def test_a_request_with_a_spec_outside_its_bounds_is_refused(op, size):
 def test_a_malformed_request_is_refused(data):
     with pytest.raises(Refused):
         _decode_header(data)
+
+
+def test_a_request_nested_deeper_than_the_parser_goes_is_refused():
+    """json.loads raises RecursionError, no ValueError: it ended the launcher (and with it
+    every device) with a traceback."""
+    with pytest.raises(Refused, match="a request is not JSON"):
+        _decode_header(b"[" * 100_000)
+
+
+def test_a_spec_nested_deeper_than_the_parser_goes_is_refused():
+    with pytest.raises(Refused, match="the request holds no device spec"):
+        _decode_spec(b'{"name": ' + b"[" * 100_000)
