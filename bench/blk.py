@@ -150,6 +150,17 @@ MiB/s (0.90 of dd, 0.95 of QEMU), 13649 / 14522 / 15341 (0.89, 0.94) and 13548 /
 - Clean runs at the end of the round (--runs 5, load 0.9-1.6): seq-read 10825 / 12365 /
   14359 (0.75 of dd, 0.88 of QEMU), 10573 / 12608 / 14159 (0.75, 0.84), 12785 / 14964 / 15421
   (0.83, 0.85). Between 0.84 and 1.01 of QEMU over this round's eight runs: not yet the goal.
+
+2026-12-02, fourth session, another host (dd 6701 MiB/s here), --runs 3, splitvmm / QEMU /
+floor: seq-write 4438 / 4782 / 5564 MiB/s (0.80 of the floor, 0.93 of QEMU), seq-read 5314 /
+5628 / 6701 (0.79, 0.94), rand-read-4k 177293 / 40023 / 1336412 IOPS (4.43x QEMU). What the
+floor's buffer is worth, in one process (15 rounds of 64 preadv of 1 MiB from the page cache,
+medians, us per MiB): into one 1 MiB bytearray (dd's pattern: it stays in the L2) 92.8; into
+8 rotating 1 MiB slots of a memfd mapping (the guest's 8 requests in flight) 113.9; of
+anonymous memory 112.7; of anonymous memory with MADV_HUGEPAGE 113.1. So 0.82 of dd is the
+most any VMM gets with this guest on this host (QEMU: 0.84), and huge pages change nothing
+(shmem THP is off here, so a memfd gets none anyway). bench/blk_request.py: 1 MiB IN 115.5
+us (its preadv alone 87.6), 4 KiB IN 6.2 (0.7).
 """
 
 from __future__ import annotations

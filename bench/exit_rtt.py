@@ -71,6 +71,11 @@ mirror() (a third of the device's Python per read).
 End of 2026-12-02's session, --count 2000 --rounds 3, against its first tree (1aa1705, .venv
 from pyenv's 3.11.7): median ratio 1.89 (rounds 1.89, 1.63, 1.90) against 1.94 (1.94, 1.69,
 1.98), zmq floor ~110 us for both: no change that shows.
+
+2026-12-02, fourth session, another host, default --count and --rounds: forwarded IIR read
+252.5 us (p99 522), mirrored SCR read 69.0, inline in 65.8, raw zmq floor 88.1, pipe round
+trip 2.4 us on one CPU and 62.4 across two; ratio per round 1.72, 1.64, 1.62 (median 1.64).
+No change to the path.
 """
 
 from __future__ import annotations

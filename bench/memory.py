@@ -46,6 +46,14 @@ and lzma: bench/startup.py), one run each against its first tree (037f155), --ru
 devices' PSS 20.7 -> 19.3 and 37.8 -> 35.1, the monitor and the launcher unchanged.
 
     python bench/memory.py [--runs R] [--json]
+
+2026-12-02, fourth session (another host), --runs 1: serial 45.4 MiB PSS (monitor 18.1,
+launcher 8.0, devices 19.3; 1.40x QEMU's RSS of 32.6), 5 devices 60.6 (1.78x). Tried and
+dropped: malloc_trim(0), glibc's free heap back to the kernel (QEMU's RCU thread does it), in
+the monitor once its devices were ready, in the launcher when its zygote rests and in each
+device after READY. The monitor's Private_Dirty went 15.95 -> 14.72 MiB in smaps_rollup a few
+seconds in, but this bench, --runs 3, read serial 45.3 (monitor 17.9, launcher 8.2, devices
+19.2) and 5 devices 60.4: the heap grows back before the VM has settled.
 """
 
 from __future__ import annotations

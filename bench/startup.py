@@ -192,6 +192,22 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   first request and its answer, ~6 ms): 50 paired `up` runs, +2.1 ms [-0.7, 5.4]. And
   gc.disable() in the monitor from the launcher's fork to the end of its imports (as tried
   in the zygote before): 40 paired runs, +1.6 ms [-7.8, 7.1].
+
+2026-12-02, fourth session, another host (`python -c pass` 9.4 ms): --runs 10, quiet, 116.0
+ms against QEMU's 61.0 (1.90x), CPU 174.6 ms. Tried again and dropped: every spawn request
+sent before any answer is taken, the slot taking its process at attach (Launcher.ask_spawn
+above): farm-bench -n 20 A/B against the tree without it, wall 1.033 (two devices) and 1.021
+(five), CPU 1.065 and 1.042. A timeline across the processes (marks written to stderr by the
+launcher, the zygote, the devices and the monitor; not committed) shows why. From the
+monitor's configure request to its devices' READY, ~27 ms either way, the path runs through
+the launcher importing its server code once the zygote is ready (~14 ms, so the configure's
+answer waits for it), each spawn's double fork in the zygote (2.5-4 ms, one after the other),
+and the device's own set-up to its connect (~9 ms: its two policies read ~1-3, unshare ~0.6,
+warden fork, pivot and Landlock ~1.8). On the monitor's side the PIT's re-injection switch
+(an SRCU grace period, 15-19 ms from the launch requests on) is what a monitor that no
+longer waits for its spawns waits for instead. A restore of an idle 512 MiB guest (~110 ms to
+the vCPUs): the monitor's imports end at ~86 ms; then the snapshot's decode, RAM, the two
+spawns (~10 ms), the PIT's grace period, confinement (~3 ms) and the devices' READY.
 """
 
 from __future__ import annotations
