@@ -135,6 +135,10 @@ class ControlServer(threading.Thread):
             log.info("control client went away: %s", e)
             chunk = b""
         if not chunk:
+            if client.buf:  # a request the client ended by shutting its side, not with "\n"
+                self._forget(sel, client)
+                self._handle(client.conn, bytes(client.buf))
+                return
             self._drop(sel, client)
             return
         client.buf += chunk

@@ -6,6 +6,7 @@ No /dev/kvm needed; real UNIX sockets and threads.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,11 @@ def test_control_close_with_idle_client_connected_returns(tmp_path, snapshot_op)
     server.close()
     with idle:
         assert (idle.recv(1), server.path.exists()) == (b"", False)
+
+
+def test_control_request_ended_by_shutdown_without_newline_is_answered(server):
+    """A client that shuts its side after its request (as `printf '{"op": "status"}' | nc -U
+    -N` does) still gets its reply; nothing came back before."""
+    with connect(server.path, b'{"op": "status"}') as client:
+        client.shutdown(socket.SHUT_WR)
+        assert reply_of(client) == {"ok": True, "state": "running"}

@@ -121,3 +121,21 @@ def test_ctl_snapshot_relative_dir_is_sent_absolute(monitor, tmp_path, monkeypat
         == b'{"op": "snapshot", "path": "%s"}\n'
         % str((tmp_path / "snaps" / "one").resolve()).encode()
     )
+
+
+def test_ctl_without_vm_skips_stale_sockets(tmp_path, monkeypatch):
+    """A monitor killed outright leaves its socket: `ctl` without --vm must not count it as
+    a running VM (two were "running", so it asked for --vm)."""
+    from splitvmm.cli.ctl.common import socket_path
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    for vm in ("dead", "live"):
+        (tmp_path / "splitvmm" / vm).mkdir(parents=True)
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live,
+    ):
+        dead.bind(str(tmp_path / "splitvmm" / "dead" / "control.sock"))  # never listens
+        live.bind(str(tmp_path / "splitvmm" / "live" / "control.sock"))
+        live.listen()
+        assert socket_path(None, None) == tmp_path / "splitvmm" / "live" / "control.sock"

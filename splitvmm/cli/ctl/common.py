@@ -18,12 +18,26 @@ def socket_path(vm: str | None, socket: Path | None) -> Path:
 
     root = runtime_root()
     if vm is None:
-        running = sorted(p.parent.name for p in root.glob(f"*/{SOCKET_NAME}"))
+        # A monitor killed outright leaves its socket behind: only a listening one counts.
+        running = sorted(p.parent.name for p in root.glob(f"*/{SOCKET_NAME}") if _listening(p))
         if len(running) != 1:
             found = ", ".join(running) if running else "none"
             raise click.ClickException(f"name the VM with --vm (running VMs: {found})")
         vm = running[0]
     return root / vm / SOCKET_NAME
+
+
+def _listening(path: Path) -> bool:
+    """Whether a monitor accepts connections on `path` (a stale socket refuses them)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
