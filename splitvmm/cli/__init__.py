@@ -17,10 +17,27 @@ ROOT_NAMES = ("cli", "SUBCOMMANDS", "LazyGroup")  # what root.py exports here
 def main() -> NoReturn:
     from splitvmm.cli import early
 
+    _stdio_open()
     early.start_launcher(sys.argv[1:])
     from splitvmm.cli.root import main as run
 
     run()
+
+
+def _stdio_open() -> None:
+    """/dev/null for any of fds 0-2 closed at start (`splitvmm up ... <&-`): else the first
+    fd opened takes the number (the launcher's pidfd took 0), and the console reads it as
+    the operator's keyboard, or a device's output goes to it."""
+    import os
+
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: root.py loads on first use

@@ -82,6 +82,15 @@ class FdLine:
             n = os.write(self.fd, data)
         except BlockingIOError:
             return 0
+        except OSError:
+            # The reader went away, and BoundedOutput drops this line. A socket object that
+            # is finalized unclosed warns, naming itself through getsockname, which a
+            # device's filter forbids (SIGSYS): the fd stays open, as a pipe's does, and no
+            # object is left to finalize.
+            if self._sock is not None:
+                self._sock.detach()
+                self._sock = None
+            raise
         if self.whole_writes and n < len(data):
             # A regular file is full (or at its size limit): the next write fails anyway.
             # Failing this one keeps the promise that nothing stays buffered.

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import termios
 import tty
 from collections.abc import Callable, Iterator
+
+log = logging.getLogger("splitvmm.console")
 
 CTRL_A = 0x01
 
@@ -58,7 +61,9 @@ def raw_terminal(fd: int) -> Iterator[bool]:
 def _restore(fd: int, saved: list[int | list[bytes | int]]) -> None:
     """`saved` is tcgetattr's [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]."""
     try:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        # TCSAFLUSH: input not read by now (keys typed at the end, a terminal's answer to
+        # a query the guest wrote) is dropped, not handed to the shell as commands.
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
     except termios.error as e:
         # A terminal that hung up (closed window, dropped ssh) has no mode left to restore;
         # the SIGHUP that came with it is what ends the VM, with its own message.
@@ -74,7 +79,11 @@ def pump(fd: int | None, wake_fd: int, deliver: Callable[[bytes], None], escape:
         ready, _, _ = select.select(watched, [], [])
         if wake_fd in ready or fd is None:  # without input, only wake_fd is watched
             return False
-        data = os.read(fd, 4096)
+        try:
+            data = os.read(fd, 4096)
+        except OSError as e:  # EBADF (nohup's write-only /dev/null), EIO (a lost terminal)
+            log.warning("the console's input failed (%s): no more input to the VM", e.strerror)
+            data = b""
         if not data:  # EOF on input: keep the VM running, stop reading
             watched.remove(fd)
             continue

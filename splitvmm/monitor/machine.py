@@ -411,7 +411,13 @@ class Machine:
         ]
         assert self.control is not None
         self.control.start()
-        stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        # A signal ignored when we started stays ignored (nohup, a shell's `cmd &` ignoring
+        # SIGINT): the operator asked for that, as for any program.
+        stop_signals = [
+            s
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(s) is not signal.SIG_IGN
+        ]
         previous = {s: signal.signal(s, self._on_signal) for s in stop_signals}
         try:
             for v in self.vcpus:

@@ -111,15 +111,24 @@ def read_to_eof(fd: int) -> bytes:
     raise AssertionError(f"no output for {WAIT_S} s after {len(data)} bytes")
 
 
-def test_serial_output_unread_past_the_deadline_stalls_guest_then_arrives_whole(
+def start_counter(
     guests: dict[str, Path], tmp_path: Path, reader: UnixReader | FifoReader
-) -> None:
+) -> tuple[VmProcess, int]:
+    """The counter guest printing to `reader`, once its first output is there: the VM, and
+    the fd we read it from."""
     boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=1 limit={LIMIT}"'
     config = tmp_path / "vm.toml"
     config.write_text(vm_toml(boot, serial_out=reader.output()))
     vm = VmProcess(tmp_path, ["up", str(config)], tmp_path / "unused.log")
     fd = reader.connected()
     assert select.select([fd], [], [], WAIT_S)[0], "the guest printed nothing"
+    return vm, fd
+
+
+def test_serial_output_unread_past_the_deadline_stalls_guest_then_arrives_whole(
+    guests: dict[str, Path], tmp_path: Path, reader: UnixReader | FifoReader
+) -> None:
+    vm, fd = start_counter(guests, tmp_path, reader)
 
     with pytest.raises(subprocess.TimeoutExpired):  # we do not read: the VM must live on
         vm.proc.wait(timeout=STALL_S)
@@ -129,3 +138,21 @@ def test_serial_output_unread_past_the_deadline_stalls_guest_then_arrives_whole(
 
     assert held_back > 0  # the guest was made to wait: its output had not all gone out
     assert (status, data) == (1, EXPECTED), stderr[-2000:]
+
+
+def test_serial_output_reader_gone_leaves_the_vm_running_output_dropped(
+    guests: dict[str, Path], tmp_path: Path
+) -> None:
+    """The unix: peer reads a little and leaves: output goes nowhere from then on, as for a
+    pipe whose reader left. The device died instead (SIGSYS: its socket's finalizer asked
+    getsockname for its warning), and the VM stopped with status 4."""
+    reader = UnixReader(tmp_path)
+    try:
+        vm, _ = start_counter(guests, tmp_path, reader)
+        assert reader.conn is not None
+        reader.conn.close()
+        status, stderr = vm.finish()
+    finally:
+        reader.close()
+    assert status == 1, stderr[-2000:]  # the guest ran to its end
+    assert "discarding output" in stderr

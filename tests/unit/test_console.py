@@ -3,9 +3,12 @@ terminal's mode comes back at exit."""
 
 import os
 import pty
+import select
 import termios
+import threading
+import time
 
-from splitvmm.monitor.console import EscapeParser, raw_terminal
+from splitvmm.monitor.console import EscapeParser, pump, raw_terminal
 
 
 def test_escape_plain_bytes_pass_through():
@@ -44,4 +47,35 @@ def test_raw_terminal_that_hung_up_exits_without_error():
         with raw_terminal(slave):
             os.close(master)  # the window closes or ssh drops under the VM: EIO from now on
     finally:
+        os.close(slave)
+
+
+def test_pump_whose_input_fails_stops_reading_it_and_serves_on(caplog):
+    """GNU nohup reopens stdin as /dev/null write-only: it polls readable and read() fails
+    (EBADF). That ended `up` with a traceback; it is the end of input, as EOF is."""
+    stdin = os.open(os.devnull, os.O_WRONLY)
+    wake_r, wake_w = os.pipe()
+    delivered: list[bytes] = []
+    timer = threading.Timer(0.3, os.write, (wake_w, b"x"))  # the VM ends a moment later
+    timer.start()
+    try:
+        assert pump(stdin, wake_r, delivered.append, escape=False) is False
+    finally:
+        timer.join()
+        for fd in (stdin, wake_r, wake_w):
+            os.close(fd)
+    assert delivered == [] and "the console's input failed (Bad file descriptor)" in caplog.text
+
+
+def test_raw_terminal_drops_input_left_unread_at_exit():
+    """Keys typed at the end, or a terminal's answer to a query the guest wrote, must not
+    reach the shell as commands once the VM is gone (TCSAFLUSH)."""
+    master, slave = pty.openpty()
+    try:
+        with raw_terminal(slave):
+            os.write(master, b"rm -rf ~\r")  # unread by the time the VM ends
+            time.sleep(0.1)  # the pty hands it to the line discipline on a kernel worker
+        assert not select.select([slave], [], [], 0.2)[0]
+    finally:
+        os.close(master)
         os.close(slave)

@@ -1,0 +1,79 @@
+"""How `splitvmm up` meets its operator's process: signals it was started with ignored,
+stdio closed at start, a stderr nobody reads at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import vm_toml
+from tests.integration.vmproc import REPO, env_for
+
+pytestmark = pytest.mark.kvm
+
+
+def start(tmp_path: Path, kernel: Path, cmdline: str, **popen: object) -> subprocess.Popen[bytes]:
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{kernel}"\ncmdline = "{cmdline}"', serial_out=serial))
+    argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
+    return subprocess.Popen(argv, cwd=REPO, env=env_for(tmp_path), **popen)  # type: ignore[call-overload]
+
+
+def counting(tmp_path: Path, guests: dict[str, Path], **popen: object) -> subprocess.Popen[bytes]:
+    """The counter guest, once it prints; stdin /dev/null unless `popen` says otherwise."""
+    proc = start(tmp_path, guests["counter"], "", **{"stdin": subprocess.DEVNULL, **popen})
+    serial = tmp_path / "serial.log"
+    deadline = time.monotonic() + 30
+    while not (serial.exists() and b"count=" in serial.read_bytes()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the guest printed nothing"
+        time.sleep(0.05)
+    return proc
+
+
+def ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def test_up_started_with_sighup_ignored_runs_on_after_one(tmp_path, guests):
+    """nohup: the operator asked for SIGHUP to be ignored; the VM ended with 129."""
+    proc = counting(tmp_path, guests, stderr=subprocess.PIPE, preexec_fn=ignore_sighup)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        alive = proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert alive, err.decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+
+
+def test_up_started_with_stdin_closed_reads_dev_null_there(tmp_path, guests):
+    """`up ... <&-`: the launcher's pidfd took fd 0, and the console read it as the
+    operator's keyboard."""
+    proc = counting(tmp_path, guests, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+    try:
+        fd0 = os.readlink(f"/proc/{proc.pid}/fd/0")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert fd0 == "/dev/null"
+
+
+def test_up_whose_stderr_nobody_reads_exits_with_the_vms_status(tmp_path, guests):
+    """The last line goes to a pipe with no reader: EPIPE made the exit status 1 rather
+    than the guest's reset (0)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = start(tmp_path, guests["hello"], "greeting=hi", stdin=subprocess.DEVNULL, stderr=w)
+    finally:
+        os.close(w)
+    assert proc.wait(60) == 0
