@@ -212,11 +212,15 @@ for i in range(900):
 """
     host = host_socket(netns, script)
     host.communicate(timeout=60)
+    # Where a lost datagram went, should one be: the TAP's drops, and the device's own.
+    tap = ip("-s", "-j", "link", "show", "svtap9", ns=netns, check=False).stdout
+    devices = vm.ctl("devices", "--json").stdout
     status, err = vm.finish(timeout=120)
     text = vm.text()
     assert status == 33, text[-2000:] + err
     sink = text[text.find("sink received=") :].split("\n", 1)[0]
-    assert "received=900 of 900" in sink and "missing=0" in sink and "bad=0" in sink, text
+    why = f"{sink}\nTAP: {tap}\ndevices: {devices}"
+    assert "received=900 of 900" in sink and "missing=0" in sink and "bad=0" in sink, why
 
 
 def test_virtio_net_guest_burst_reaches_the_host(guests, tmp_path, netns):
