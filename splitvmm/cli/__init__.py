@@ -25,12 +25,14 @@ def main() -> NoReturn:
 
 
 def _stdio_open() -> None:
-    """/dev/null for any of fds 0-2 closed at start (`splitvmm up ... <&-`): else the first
-    fd opened takes the number (the launcher's pidfd took 0), and the console reads it as
-    the operator's keyboard, or a device's output goes to it."""
+    """/dev/null for any of fds 0-2 closed at start (`splitvmm up ... <&-`, `>&-`): else the
+    first fd opened takes the number (the launcher's pidfd took 0), and the console reads it
+    as the operator's keyboard, or a device's output goes to it. Python started with that
+    fd closed has None for its stream: a stream on /dev/null replaces it, so that printing,
+    logging and the final flush work (exit_now flushed None: exit status 1)."""
     import os
 
-    for fd in (0, 1, 2):
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
         try:
             os.fstat(fd)
         except OSError:
@@ -38,6 +40,8 @@ def _stdio_open() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: root.py loads on first use

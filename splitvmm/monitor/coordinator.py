@@ -36,7 +36,7 @@ from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.slot import DeviceSlot
 from splitvmm.record import Struct
-from splitvmm.snapshot.writer import SnapshotWriter
+from splitvmm.snapshot.writer import SnapshotWriter, staging_path
 
 if TYPE_CHECKING:
     from splitvmm.monitor.machine import Machine
@@ -166,8 +166,11 @@ class Coordinator:
                 f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
             )
         # What the writer would fail on after every vCPU and device was stopped.
-        if len(os.fsencode(path.name)) > NAME_MAX:
-            raise ControlError(f"snapshot target {target}: its name is over {NAME_MAX} bytes")
+        if len(os.fsencode(staging_path(path).name)) > NAME_MAX:  # the longer of its names
+            raise ControlError(
+                f"snapshot target {target}: its name is too long (with the writer's "
+                f"temporary name for it, .<name>.tmp-<pid>, over {NAME_MAX} bytes)"
+            )
         if not path.parent.is_dir():
             raise ControlError(f"snapshot target {target}: {path.parent} is not a directory")
 

@@ -388,7 +388,7 @@ class DeviceSlot:
         except DeviceFailure as e:
             self.fail(f"its restart failed: {e}")
             raise
-        except (SplitvmmError, OSError) as e:  # the launcher gone or broken, an fd failing
+        except Exception as e:  # the launcher gone or broken, an fd or a socket failing
             self.fail(f"its restart failed: {e}")
             raise DeviceFailure(f"device {self.name}: its restart failed: {e}") from e
         self.wait_ready()
@@ -513,8 +513,10 @@ class DeviceSlot:
                 return
             if self.channel is not None:  # what it published last is its last known state
                 self._drain_events_locked(self.channel)
-            # The lock is held while the launcher says how it ended (a few ms): an access
-            # meanwhile waits here, not on a dead device until its deadline.
+            # The lock is held while the launcher says how it ended: a few ms, or until the
+            # device proper, which may outlive its warden in a system call, is gone (at most
+            # launcher.ORPHAN_WAIT_S). An access meanwhile waits here, not on a dead device
+            # until its deadline.
             how = _how(process)
             if self.restarting:  # its channel said so first: say how it ended
                 self._failed_process = None

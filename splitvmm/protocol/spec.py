@@ -6,6 +6,8 @@ import json
 import sys
 from typing import cast
 
+from splitvmm.errors import ProtocolError
+from splitvmm.protocol import schema
 from splitvmm.record import Struct, asdict, field, replace
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
@@ -81,4 +83,6 @@ class DeviceSpec(Struct, frozen=True):
 
     @classmethod
     def from_json(cls, text: str) -> DeviceSpec:
-        return cls(**json.loads(text))
+        """ProtocolError if `text` is no JSON object (or nests deeper than schema.MAX_DEPTH);
+        TypeError if its keys are not the spec's."""
+        return cls(**schema.loads(text.encode(), what="a device spec", error=ProtocolError))

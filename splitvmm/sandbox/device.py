@@ -400,7 +400,7 @@ def _warden(
     except BaseException as e:  # the device dies with us (PDEATHSIG); say why we went
         # Whatever the write does, this process ends below: it must never return into the
         # device's code, unfiltered.
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(OSError):
             os.write(2, f"splitvmm: device warden failed: {e!r}\n".encode(errors="replace"))
     os._exit(1)
 

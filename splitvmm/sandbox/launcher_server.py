@@ -5,7 +5,6 @@ starts the zygote) before the monitor has imported what only the launcher needs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
@@ -13,7 +12,7 @@ import socket
 import time
 
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
-from splitvmm.protocol import faults
+from splitvmm.protocol import faults, schema
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
@@ -52,6 +51,8 @@ class _Server:
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
         # SIGCHLD wakes the loop: orphans of our devices are ours to reap (the docstring).
+        # Orphans a device's end report waited for, or gave up on (_outlive_orphans).
+        self._attributed: set[int] = set()
         self._sigchld_r, sigchld_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(sigchld_w, warn_on_full_buffer=False)
@@ -101,10 +102,7 @@ class _Server:
         us after it failed a fork): otherwise every restart that follows would fail too."""
         if self.zygote is not None and self.zygote.ended():
             status = self.zygote.process.returncode
-            # fd 2 is the operator's stderr; sys.stderr is the monitor's object, which may
-            # write to an fd _keep_only_fds closed.
-            why = f"splitvmm: launcher: the zygote ended ({status}); starting a new one\n"
-            os.write(2, why.encode())
+            _say(f"the zygote ended ({status}); starting a new one")
             self._end_zygote()
         if self.zygote is None:
             self.zygote = Zygote.start(device_env())
@@ -221,9 +219,9 @@ class _Server:
         if spare is None or spec is None:
             raise Refused(f"launcher: pid {pid} is no spare waiting for its spec")
         try:
-            rest = json.loads(payload)
+            rest = schema.loads(payload, what="a spare's rest", error=ProtocolError)
             whole = _checked_spec(spec.completed(rest))
-        except (ValueError, TypeError, AttributeError, RecursionError):
+        except (ProtocolError, ValueError, TypeError, AttributeError):
             raise Refused(
                 f"device {spec.name}: a spare's rest is not an object of {', '.join(DEFERRED)}"
             ) from None
@@ -241,30 +239,34 @@ class _Server:
         send(self.sock, {"op": "exited", "pid": process.pid, "status": status})
 
     def _outlive_orphans(self) -> None:
-        """Wait, at most ORPHAN_WAIT_S, until no orphan of ours runs. A device's warden is
-        our child and the device proper its child: when the warden dies, the device is
-        reparented to us before the warden's pidfd wakes us, and dies by its parent-death
-        SIGKILL -- once out of the system call it is in: a write to its disk image, which
-        in uninterruptible sleep may last. "exited" is the monitor's leave to start a
-        replacement on the same image, so it waits until the old writer is gone."""
+        """Wait, at most ORPHAN_WAIT_S, for the orphan the warden just reaped leaves. A
+        device's warden is our child and the device proper its child: when the warden dies,
+        the device is reparented to us before the warden's pidfd wakes us, and dies by its
+        parent-death SIGKILL -- once out of the system call it is in: a write to its disk
+        image, which in uninterruptible sleep may last. "exited" is the monitor's leave to
+        start a replacement on the same image, so it waits until the old writer is gone.
+        Orphans an earlier report waited for (or gave up on) are not this device's: a stuck
+        one delays no other device's report."""
+        fresh = self._reap_orphans() - self._attributed
         deadline = time.monotonic() + ORPHAN_WAIT_S
-        while orphans := self._reap_orphans():
+        while fresh:
             left = deadline - time.monotonic()
             if left <= 0:
-                why = (
-                    f"splitvmm: launcher: pids {sorted(orphans)} still run {ORPHAN_WAIT_S:g} s "
-                    "after their device's warden ended; reporting its end anyway\n"
+                _say(
+                    f"pids {sorted(fresh)} still run {ORPHAN_WAIT_S:g} s after their "
+                    "device's warden ended; reporting its end anyway"
                 )
-                os.write(2, why.encode())
-                return
+                break
             waiting = select.poll()
             pidfds = []
-            for pid in orphans:
+            for pid in fresh:
                 with contextlib.suppress(ProcessLookupError):  # reaped meanwhile: no wait
                     pidfds.append(os.pidfd_open(pid))
                     waiting.register(pidfds[-1], select.POLLIN)
             waiting.poll(max(1, round(left * 1000)))
             close_all(pidfds)
+            fresh &= self._reap_orphans()
+        self._attributed = (self._attributed | fresh) & self._reap_orphans()
 
     def _read_chunks(self, size: int) -> bytes:
         """The `size` bytes of spec that follow a request's header, within CHUNK_TIMEOUT_S
@@ -286,8 +288,8 @@ class _Server:
 def _decode_header(data: bytes) -> tuple[str, int, int, int | None]:
     """A request's (op, id, size of what follows, the spare's pid for a resume request)."""
     try:
-        msg = json.loads(data)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        msg = schema.loads(data, what="a request", error=ProtocolError)
+    except ProtocolError:
         raise Refused("launcher: a request is not JSON") from None
     keys = {
         "spawn": {"op", "id", "size"},
@@ -309,6 +311,14 @@ def _decode_header(data: bytes) -> tuple[str, int, int, int | None]:
     return msg["op"], request, size, pid
 
 
+def _say(what: str) -> None:
+    """One line on the operator's stderr (fd 2: sys.stderr is the monitor's object, which may
+    write to an fd _keep_only_fds closed). A stderr nobody reads (EPIPE) or a terminal that
+    hung up (EIO) loses the line, never the launcher and its devices."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"splitvmm: launcher: {what}\n".encode(errors="replace"))
+
+
 def _children() -> set[int]:
     """Our children's pids (we are single-threaded: our task's children are all of them); none
     where the kernel has no CONFIG_PROC_CHILDREN: orphans then wait as zombies for our end
@@ -324,7 +334,7 @@ def _children() -> set[int]:
 def _decode_spec(data: bytes) -> DeviceSpec:
     try:
         spec = DeviceSpec.from_json(data.decode())
-    except (ValueError, TypeError, RecursionError):  # not JSON (or too deep), not the keys
+    except (ProtocolError, ValueError, TypeError):  # not JSON (or too deep), not the keys
         raise Refused("launcher: the request holds no device spec") from None
     spec = _checked_spec(spec)
     if spec.deferred and any(getattr(spec, key) is not None for key in DEFERRED):

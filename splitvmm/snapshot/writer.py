@@ -68,6 +68,12 @@ def _layout(memory: ram.MemoryLayoutLike) -> MemoryEntry:
     return MemoryEntry(memory.size, regions)
 
 
+def staging_path(target: Path) -> Path:
+    """Where a snapshot for `target` is written before its rename: a private temporary
+    directory beside it (the module docstring)."""
+    return target.parent / f".{target.name}.tmp-{os.getpid()}"
+
+
 class SnapshotWriter:
     """Collects chunks into a temporary directory; commit() publishes them as one snapshot."""
 
@@ -93,7 +99,7 @@ class SnapshotWriter:
         self._unsynced: list[int] = []  # fds of the files written, until they are fsynced
         self._state = "open"  # -> "committed" | "aborted"
         _refuse_existing(self.target)
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}"
+        self.tmp = staging_path(self.target)
         try:
             os.mkdir(self.tmp, 0o700)
         except FileExistsError:

@@ -55,6 +55,7 @@ def test_up_started_with_sighup_ignored_runs_on_after_one(tmp_path, guests):
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a monitor that is not dumpable hides its fds")
 def test_up_started_with_stdin_closed_reads_dev_null_there(tmp_path, guests):
     """`up ... <&-`: the launcher's pidfd took fd 0, and the console read it as the
     operator's keyboard."""
@@ -65,6 +66,22 @@ def test_up_started_with_stdin_closed_reads_dev_null_there(tmp_path, guests):
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     assert fd0 == "/dev/null"
+
+
+@pytest.mark.parametrize("closed", [1, 2], ids=["stdout", "stderr"])
+def test_up_started_with_stdout_or_stderr_closed_exits_with_the_vms_status(
+    tmp_path, guests, closed
+):
+    """`up ... >&-`, `2>&-`: Python had None for that stream, and the final flush of it
+    failed, so the exit status was 1 rather than the guest's reset (0)."""
+    proc = start(
+        tmp_path,
+        guests["hello"],
+        "greeting=hi",
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(closed),
+    )
+    assert proc.wait(60) == 0
 
 
 def test_up_whose_stderr_nobody_reads_exits_with_the_vms_status(tmp_path, guests):

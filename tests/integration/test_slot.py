@@ -124,7 +124,12 @@ def test_slot_control_to_a_device_dead_and_disconnected_fails_at_once_saying_so(
     assert process is not None
     process.kill()
     process.wait(10)
-    time.sleep(0.2)  # ZeroMQ's I/O thread sees the connection close and drops its pipe
+    channel = harness.slot.channel
+    assert channel is not None
+    deadline = time.monotonic() + 10  # ZeroMQ's I/O thread sees the connection close and
+    while channel.sock.get(zmq.EVENTS) & zmq.POLLOUT:  # drops its pipe: no room from then on
+        assert time.monotonic() < deadline, "ZeroMQ kept the dead device's pipe"
+        time.sleep(0.005)
     with pytest.raises(DeviceFailure) as e:
         harness.slot.control("save")
     assert "its process ended with a request unsent" in str(e.value)

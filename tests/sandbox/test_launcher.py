@@ -192,6 +192,51 @@ print(json.dumps({"op": reply["op"], "device_gone": not os.path.exists(f"/proc/{
 """
 
 
+# Two "wardens" whose "devices" outlive them: the first's for 3 s, past ORPHAN_WAIT_S (0.5 s
+# here), the second's not at all.
+STUCK_ORPHAN = """
+import json, os, socket, time
+from splitvmm.native import confine
+from splitvmm.sandbox import launcher_server
+from splitvmm.sandbox.launcher_start import receive
+from splitvmm.sandbox.spawn import ChildProcess, readable
+launcher_server.ORPHAN_WAIT_S = 0.5
+confine.set_child_subreaper()
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+server = launcher_server._Server(theirs, None)
+devices = []
+for linger in (3.0, 0.0):
+    r, w = os.pipe()
+    warden = os.fork()
+    if warden == 0:
+        device = os.fork()
+        if device == 0:
+            time.sleep(linger)
+            os._exit(0)
+        os.write(w, device.to_bytes(4, "little"))
+        os._exit(0)
+    devices.append(int.from_bytes(os.read(r, 4), "little"))
+    process = ChildProcess(warden, None)
+    server.children[process.pidfd] = process
+    server.poller.register(process.pidfd)
+    readable(process.pidfd, 10)
+    server._report_end(process.pidfd)
+    assert json.loads(receive(ours, 4096)[0])["op"] == "exited"
+print(json.dumps(devices))
+"""
+
+
+def test_launcher_device_stuck_past_the_wait_delays_no_other_devices_report():
+    """The first report gives up on its device after ORPHAN_WAIT_S and says so; the second
+    waits for its own device only, and blames no one."""
+    argv = [sys.executable, "-c", STUCK_ORPHAN]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    stuck, _ = json.loads(result.stdout)
+    assert result.stderr.count("still run") == 1, result.stderr
+    assert f"pids [{stuck}] still run 0.5 s" in result.stderr
+
+
 def test_launcher_reports_a_device_ended_only_once_it_outlived_its_warden():
     """ "exited" is the monitor's leave to start a replacement on the same disk image: the
     device proper must be gone, not only its warden."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,13 +81,18 @@ def test_warden_started_with_the_death_signal_blocked_still_dies_alike() -> None
     assert _run(device, first=blocked).returncode == -signal.SIGTERM
 
 
-# The Python side of a warden whose exec fails (sandbox/device.py _warden), with stderr a
-# regular file (argv[1]): it must say why there, and end, never return into the device.
+# The Python side of a warden whose exec fails (sandbox/device.py _warden), its stderr a
+# regular file (argv[1] a path) or a pipe nobody reads (argv[1] "dead-pipe"): it must say
+# why where it can, and end (status 1), never return into the device's code (status 7).
 WARDEN_EXEC_FAILS = """
 import os, signal, sys, time
 from splitvmm.native import confine
 from splitvmm.sandbox import device, policy
-err = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+if sys.argv[1] == "dead-pipe":
+    err, unread = os.pipe()[::-1]
+    os.close(unread)
+else:
+    err = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 os.dup2(err, 2)
 parent = os.getpid()
 child = os.fork()
@@ -101,18 +107,28 @@ try:
     device._warden(child, alive_w, program, policy.load_warden_policy(os.getpid()), 1 << 34)
 finally:
     os.kill(child, 9)
-    os.write(2, b"returned into the device's code")
+    os._exit(7)  # the device's code would go on here
 """
 
 
-def test_warden_whose_exec_fails_says_why_in_a_stderr_file_and_ends(tmp_path) -> None:
-    log, program = tmp_path / "stderr.log", tmp_path / "program"
+def warden_whose_exec_fails(tmp_path: Path, stderr: str) -> int:
+    program = tmp_path / "program"
     program.write_text("not an executable\n")  # mode 0644: no execute permission
-    argv = [sys.executable, "-c", WARDEN_EXEC_FAILS, str(log), str(program)]
+    argv = [sys.executable, "-c", WARDEN_EXEC_FAILS, stderr, str(program)]
     proc = subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-    assert proc.returncode == 1, log.read_text()
+    return proc.returncode
+
+
+def test_warden_whose_exec_fails_says_why_in_a_stderr_file_and_ends(tmp_path) -> None:
+    """Its RLIMIT_FSIZE was 0, so the line was lost (EFBIG) where stderr is a file."""
+    log = tmp_path / "stderr.log"
+    assert warden_whose_exec_fails(tmp_path, str(log)) == 1, log.read_text()
     assert log.read_text().startswith("splitvmm: device warden failed: ")
-    assert "returned" not in log.read_text()
+
+
+def test_warden_whose_exec_fails_with_stderr_unread_still_ends(tmp_path) -> None:
+    """The line's EPIPE skipped the warden's exit: it went on into the device's code."""
+    assert warden_whose_exec_fails(tmp_path, "dead-pipe") == 1
 
 
 def test_warden_waits_under_its_seccomp_filter() -> None:

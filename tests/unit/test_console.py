@@ -4,9 +4,8 @@ terminal's mode comes back at exit."""
 import os
 import pty
 import select
+import signal
 import termios
-import threading
-import time
 
 from splitvmm.monitor.console import EscapeParser, pump, raw_terminal
 
@@ -56,12 +55,15 @@ def test_pump_whose_input_fails_stops_reading_it_and_serves_on(caplog):
     stdin = os.open(os.devnull, os.O_WRONLY)
     wake_r, wake_w = os.pipe()
     delivered: list[bytes] = []
-    timer = threading.Timer(0.3, os.write, (wake_w, b"x"))  # the VM ends a moment later
-    timer.start()
+    # The VM ends a moment later: an alarm's handler wakes the pump (on this thread: select
+    # is retried after the handler runs, PEP 475), once it has read its failing input.
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: os.write(wake_w, b"x"))
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
     try:
         assert pump(stdin, wake_r, delivered.append, escape=False) is False
     finally:
-        timer.join()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         for fd in (stdin, wake_r, wake_w):
             os.close(fd)
     assert delivered == [] and "the console's input failed (Bad file descriptor)" in caplog.text
@@ -74,7 +76,7 @@ def test_raw_terminal_drops_input_left_unread_at_exit():
     try:
         with raw_terminal(slave):
             os.write(master, b"rm -rf ~\r")  # unread by the time the VM ends
-            time.sleep(0.1)  # the pty hands it to the line discipline on a kernel worker
+            assert select.select([slave], [], [], 5)[0]  # the pty has passed it on
         assert not select.select([slave], [], [], 0.2)[0]
     finally:
         os.close(master)

@@ -190,7 +190,7 @@ def test_coordinator_suspend_whose_snapshot_is_moved_at_once_still_returns(tmp_p
     [
         ("{d}", "is a snapshot dir itself: name a new directory in it"),
         ("{d}/a\0b", "holds a NUL byte"),
-        ("{d}/" + "n" * 256, "its name is over 255 bytes"),
+        ("{d}/" + "n" * 250, "its name is too long (with the writer's temporary name"),
         ("{d}/missing/snap", "/missing is not a directory"),
         ("{d}/file/snap", "/file is not a directory"),
     ],
