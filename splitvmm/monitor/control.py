@@ -52,6 +52,11 @@ class ControlError(SplitvmmError):
     """A control request that cannot be done; its text is the reply's error."""
 
 
+class ControlBusy(ControlError):
+    """A request refused for now, that may be done later (the reply says "retry": true):
+    the monitor is busy with another operation, or serves all the connections it takes."""
+
+
 class _Client(Struct):
     conn: socket.socket
     deadline: float  # time.monotonic() by which its whole request must have come
@@ -120,7 +125,7 @@ class ControlServer(threading.Thread):
         conn.setblocking(False)
         if len(self._clients) >= self.max_clients:
             error = f"the monitor already serves {self.max_clients} control connections; try again"
-            _reply(conn, {"ok": False, "error": error})
+            _reply(conn, {"ok": False, "error": error, "retry": True})
             return
         client = _Client(conn, time.monotonic() + self.request_timeout_s)
         self._clients[conn] = client
@@ -179,7 +184,7 @@ class ControlServer(threading.Thread):
                 self._worker_op = op
         if busy:
             error = f"the monitor is busy with {busy}; try again when it is done"
-            _reply(conn, {"ok": False, "error": error})
+            _reply(conn, {"ok": False, "error": error, "retry": True})
             return
         self._worker = threading.Thread(
             target=self._work, args=(conn, op, request), name=f"control-{op}", daemon=True
@@ -288,5 +293,6 @@ def _decode_reply(buf: bytes, path: Path) -> dict[str, object]:
     if not isinstance(reply, dict):
         raise ControlError(f"the VM at {path} replied with something that is not a JSON object")
     if reply.get("ok") is not True:
-        raise ControlError(str(reply.get("error", "unknown error"))[:1000])
+        refused = ControlBusy if reply.get("retry") is True else ControlError
+        raise refused(str(reply.get("error", "unknown error"))[:1000])
     return reply

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from splitvmm.monitor.control import ControlError, ControlServer, request
+from splitvmm.monitor.control import ControlBusy, ControlError, ControlServer, request
 from tests.integration.rawclient import connect, reply_of, unanswered
 
 READ_ONLY = ("status",)
@@ -98,7 +98,7 @@ def test_control_request_not_sent_within_deadline_gets_error_and_close(tmp_path,
 def test_control_operation_during_snapshot_is_busy_and_status_answers(server, snapshot_op):
     snap = connect(server.path, b'{"op": "snapshot"}\n')
     assert snapshot_op.started.wait(30)
-    with pytest.raises(ControlError, match="the monitor is busy with snapshot"):
+    with pytest.raises(ControlBusy, match="the monitor is busy with snapshot"):
         request(server.path, "pause")
     status = request(server.path, "status")
     snapshot_op.release.set()

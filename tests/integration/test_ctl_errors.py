@@ -139,3 +139,17 @@ def test_ctl_without_vm_skips_stale_sockets(tmp_path, monkeypatch):
         live.bind(str(tmp_path / "splitvmm" / "live" / "control.sock"))
         live.listen()
         assert socket_path(None, None) == tmp_path / "splitvmm" / "live" / "control.sock"
+
+
+@pytest.mark.parametrize(
+    "monitor",
+    [b'{"ok": false, "error": "the monitor is busy with snapshot; try again", "retry": true}\n'],
+    indirect=True,
+)
+def test_ctl_refused_as_busy_exits_75_to_say_try_again(monitor):
+    """A script can tell "busy, retry" from a failure without parsing the words."""
+    result = ctl(monitor.sock.getsockname(), "pause")
+    assert (result.exit_code, result.output.strip()) == (
+        75,
+        "Error: the monitor is busy with snapshot; try again",
+    )

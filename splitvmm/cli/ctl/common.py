@@ -40,13 +40,23 @@ def _listening(path: Path) -> bool:
     return True
 
 
+EXIT_TRY_AGAIN = 75  # <sysexits.h> EX_TEMPFAIL: the monitor is busy; the same request may work
+
+
+class TryAgain(click.ClickException):
+    exit_code = EXIT_TRY_AGAIN
+
+
 def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
-    """One request to the VM named by the group options; errors end the command (exit 1)."""
-    from splitvmm.monitor.control import ControlError, request
+    """One request to the VM named by the group options; errors end the command: exit 1, or
+    EXIT_TRY_AGAIN where the monitor refused it for now (busy), so a script may retry."""
+    from splitvmm.monitor.control import ControlBusy, ControlError, request
 
     opts = ctx.obj
     try:
         return request(socket_path(opts["vm"], opts["socket"]), op, args)
+    except ControlBusy as e:
+        raise TryAgain(str(e)) from None
     except ControlError as e:
         raise click.ClickException(str(e)) from None
 
