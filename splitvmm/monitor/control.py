@@ -140,12 +140,10 @@ class ControlServer(threading.Thread):
             log.info("control client went away: %s", e)
             chunk = b""
         if not chunk:
-            if client.buf:  # a request the client ended by shutting its side, not with "\n"
-                self._forget(sel, client)
-                self._handle(client.conn, bytes(client.buf))
+            if not client.buf:
+                self._drop(sel, client)
                 return
-            self._drop(sel, client)
-            return
+            chunk = b"\n"  # a request the client ended by shutting its side: its line ends
         client.buf += chunk
         line, newline, _ = client.buf.partition(b"\n")
         if newline or len(client.buf) > MAX_REQUEST:

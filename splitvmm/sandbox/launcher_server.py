@@ -247,7 +247,8 @@ class _Server:
         start a replacement on the same image, so it waits until the old writer is gone.
         Orphans an earlier report waited for (or gave up on) are not this device's: a stuck
         one delays no other device's report."""
-        fresh = self._reap_orphans() - self._attributed
+        running = self._reap_orphans()
+        fresh = running - self._attributed
         deadline = time.monotonic() + ORPHAN_WAIT_S
         while fresh:
             left = deadline - time.monotonic()
@@ -265,8 +266,9 @@ class _Server:
                     waiting.register(pidfds[-1], select.POLLIN)
             waiting.poll(max(1, round(left * 1000)))
             close_all(pidfds)
-            fresh &= self._reap_orphans()
-        self._attributed = (self._attributed | fresh) & self._reap_orphans()
+            running = self._reap_orphans()
+            fresh &= running
+        self._attributed = (self._attributed & running) | fresh  # fresh: running still
 
     def _read_chunks(self, size: int) -> bytes:
         """The `size` bytes of spec that follow a request's header, within CHUNK_TIMEOUT_S
