@@ -76,6 +76,27 @@ from pyenv's 3.11.7): median ratio 1.89 (rounds 1.89, 1.63, 1.90) against 1.94 (
 252.5 us (p99 522), mirrored SCR read 69.0, inline in 65.8, raw zmq floor 88.1, pipe round
 trip 2.4 us on one CPU and 62.4 across two; ratio per round 1.72, 1.64, 1.62 (median 1.64).
 No change to the path.
+
+2026-12-02, fifth session, same host: where the round trip's time goes is where its threads
+run. The same forwarded IIR read (pio-loop, 30000 reads, guest median) with every thread of
+the monitor and the serial device left to the scheduler: 305 us; the vCPU thread alone on one
+CPU, the device's and both ZeroMQ I/O threads on the other (taskset): 217 us; all on one CPU:
+139 us. The raw pyzmq round trip (bench/floors.py, under taskset): 17.4 us on one CPU, 105
+across two. A ZeroMQ round trip is six wake-ups (each side's application and I/O threads),
+and here a wake-up of another CPU costs ~15-30 us: an idle CPU of this host halts into the
+outer hypervisor (cpuidle haltpoll, guest_halt_poll_ns 0). Timed inside the vCPU loop
+(perf_counter_ns around each exit, 3000 reads): KVM_RUN 74-83 us between reads, the slot's
+handling 190-245, of which the channel's send 19-20 (the eventfd write that wakes the
+monitor's I/O thread), the wait for the reply 166-187, the Python before and after it 8 and
+11. The same channel and device process without a guest (tests' Harness, a loop of reads,
+with or without 70 us spins between them): send 20, wait 101, Python 3 and 5. So running the
+guest between reads costs each wait ~70-85 us here (where the scheduler puts the wake-ups)
+and doubles the Python's time (caches and TLB after PVM's switches). On one CPU the ratio
+is 139 / (66 + 17.4) = 1.67 against the one-CPU floor: the ~56 us of Python on the two sides
+(slot, channel, runtime, model) is what is left beyond ZeroMQ's own cost, where 1.2 would
+leave ~17 us for it. Pinning is no default to take from this: bench/serial.py on one CPU gave
+69.8 us a byte against 55.1 on two (QEMU 30.4 and 31.2), as each posted write's wake-ups then
+preempt the vCPU. Goal (<= 1.2) not met; no change to the path.
 """
 
 from __future__ import annotations

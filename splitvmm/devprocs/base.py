@@ -55,7 +55,7 @@ class Counters(Struct):
 
 class DeviceEvents:
     """What a device says to the monitor unasked (protocol/events.py): its state, an error
-    for the operator, a request for an interrupt route. Queued until the runtime connects
+    for the operator, a request for an interrupt route, its room for host input. Queued until the runtime connects
     it to the channel after READY, then sent as they come, never blocking the device: a
     newer state supersedes one the channel could not take yet, and reports past
     MAX_PENDING are dropped and counted."""
@@ -66,6 +66,7 @@ class DeviceEvents:
         self._send: Callable[[bytes], bool] | None = None
         self._state: bytes | None = None  # the newest published state not sent yet
         self._mirror: bytes | None = None  # the newest MIRROR frame not sent yet
+        self._room: bytes | None = None  # the newest input_room frame not sent yet
         self._pending: list[bytes] = []
         self.dropped = 0
         self.routes: dict[int, tuple[bool, str]] = {}  # route id -> (ok, reason), answered
@@ -80,6 +81,12 @@ class DeviceEvents:
     def publish(self, state_document: dict[str, object]) -> None:
         progress = self.progress() if self.progress is not None else None
         self._state = events.encode_publish(state_document, progress)
+        self.flush()
+
+    def publish_room(self, frame: bytes) -> None:
+        """An input_room frame (runtime.InputRoomReporter); a newer one supersedes one not
+        sent: each says all the monitor needs."""
+        self._room = frame
         self.flush()
 
     def publish_mirror(self, frame: bytes) -> None:
@@ -125,6 +132,8 @@ class DeviceEvents:
             self._state = None
         if self._mirror is not None and self._send(self._mirror):
             self._mirror = None
+        if self._room is not None and self._send(self._room):
+            self._room = None
         while self._pending and self._send(self._pending[0]):
             self._pending.pop(0)
 
@@ -245,6 +254,12 @@ class RegisterDevice(Device):
 class ConsoleInput(Protocol):
     def host_input(self, data: bytes) -> None:
         """Bytes from the host side of a console device (keyboard, socket)."""
+
+    def input_buffer(self) -> tuple[int, int] | None:
+        """(bytes of host input waiting for the guest, how many the model holds): the
+        runtime tells the monitor the room left (protocol/events.py input_room), and the
+        monitor sends no more than that. None: the model's host input does not come
+        through the channel (a `unix:` peer's, which the model reads itself)."""
 
 
 @runtime_checkable

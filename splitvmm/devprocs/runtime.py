@@ -247,6 +247,42 @@ class MirrorPublisher:
         return model.mirror()
 
 
+class InputRoomReporter:
+    """Tells the monitor how much host input a console model has room for (protocol/events.py
+    input_room), so that it sends no more: input waits on the host side (its terminal, the
+    pipe into `splitvmm up`), and no byte of a paste is dropped here.
+
+    The monitor's idea of the room is the last report's, less what it sent since: `received`
+    counts the input bytes this process got. A new report goes when the room is below that
+    idea (the monitor would send too much), a quarter of the buffer above it, or when the
+    buffer is empty and the room above it: a step of a quarter keeps the reports few while
+    the guest reads a byte at a time, and an empty buffer always asks for more."""
+
+    def __init__(self, device: Device) -> None:
+        self._model = device if isinstance(device, ConsoleInput) else None
+        self._events = device.ctx.events
+        self.received = 0  # host input bytes this process got from the monitor
+        self._said: tuple[int, int] | None = None  # (received, room) of the last report
+
+    def check(self) -> None:
+        """After each frame and host event: report the room if the monitor should know."""
+        model = self._model
+        if model is None:
+            return
+        buffer = model.input_buffer()
+        if buffer is None:
+            return
+        waiting, holds = buffer
+        room = max(0, holds - waiting)
+        said = self._said
+        if said is not None:
+            believed = said[1] - (self.received - said[0])  # what the monitor thinks is left
+            if room == believed or (room > believed and room - believed < holds // 4 and waiting):
+                return
+        self._said = (self.received, room)
+        self._events.publish_room(events.encode_input_room(self.received, room))
+
+
 def serve(
     device: Device,
     sock: zmq.Socket[bytes],
@@ -257,12 +293,18 @@ def serve(
     inj = injector or FaultInjector()
     mirrors = MirrorPublisher(device, checkpoints, inj)
     mirrors.changed()  # the first, after READY
-    EventLoop(
-        device,
-        sock,
-        lambda buf: _serve_frame(device, sock, buf, checkpoints, inj, mirrors),
-        after_host_event=mirrors.changed,
-    ).run()
+    inputs = InputRoomReporter(device)
+    inputs.check()  # likewise: until it comes, the monitor sends a console no input
+
+    def serve_frame(buf: bytes) -> None:
+        _serve_frame(device, sock, buf, checkpoints, inj, mirrors, inputs)
+        inputs.check()
+
+    def after_host_event() -> None:
+        mirrors.changed()
+        inputs.check()
+
+    EventLoop(device, sock, serve_frame, after_host_event=after_host_event).run()
 
 
 def _serve_frame(
@@ -272,8 +314,10 @@ def _serve_frame(
     checkpoints: Checkpoints,
     injector: FaultInjector,
     mirrors: MirrorPublisher | None = None,
+    inputs: InputRoomReporter | None = None,
 ) -> None:
-    """One frame from the monitor; `mirrors`: the model's register mirror, if published."""
+    """One frame from the monitor; `mirrors`: the model's register mirror, if published;
+    `inputs`: what counts the host input it receives, if its room is reported."""
     if mirrors is None:
         mirrors = MirrorPublisher(device, checkpoints, injector)
     if control.is_control(buf):
@@ -290,6 +334,8 @@ def _serve_frame(
         sock.send(wire.encode_sync_done(access.seq))
         return
     injector.received()
+    if access.op == wire.Op.INPUT and inputs is not None:
+        inputs.received += len(access.data)
     reply = _apply(device, access)
     if reply is not None:
         stamp = mirrors.applied_read()

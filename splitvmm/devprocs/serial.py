@@ -231,6 +231,10 @@ class Uart8250(RegisterDevice):
         self._receive(data)
         self._update_irq()
 
+    def input_buffer(self) -> tuple[int, int]:
+        """ConsoleInput: host input comes only through the monitor, into `rx`."""
+        return len(self.rx), RX_BUFFER_MAX
+
     # -- registers --------------------------------------------------------------
     def _dlab(self) -> bool:
         return bool(self.lcr & Lcr.DLAB)

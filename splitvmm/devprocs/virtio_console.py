@@ -15,8 +15,10 @@ chain the new process runs again. Chains complete in order.
 
 Receive. Host input (the operator's keyboard when the output is stdio: the monitor's INPUT
 frames; or what the `unix:` peer writes on the output socket) waits in a buffer of
-RX_BUFFER_MAX bytes until the driver posts receive buffers; what overflows it is dropped and
-counted (rx_dropped). A `unix:` peer is not read while the buffer is full (its writes wait).
+RX_BUFFER_MAX bytes until the driver posts receive buffers. Neither source overflows it: the
+monitor sends no more than the room the runtime says it has (protocol/events.py input_room),
+and a `unix:` peer is not read while the buffer is full (its writes wait). What overflows it
+anyway (a monitor that ignores the room) is dropped and counted (rx_dropped).
 
 Snapshot (quiesced: no chain taken, the output held). The state is the transport's, the
 pending input, and for transmit: the queue position at the oldest chain not completed (a
@@ -137,7 +139,8 @@ class VirtioConsole(VirtioPciDevice):
         self._progress = progress
         self._published = 0.0  # time.monotonic() of the last checkpoint _checkpoint() sent
         self.bytes_in = self.bytes_out = self.rx_dropped = 0
-        self._input_fd = ctx.fds["out"] if ctx.prepared.get("input_socket") else None
+        self._socket_input = bool(ctx.prepared.get("input_socket"))
+        self._input_fd = ctx.fds["out"] if self._socket_input else None
         super().__init__(ctx)  # resets the transport, which calls reset_model()
 
     @classmethod
@@ -202,6 +205,11 @@ class VirtioConsole(VirtioPciDevice):
                                "full: dropped %d byte(s) so far", self.NAME, self.rx_dropped)  # fmt: skip
         self._rx += data[:room]
         self.process(RX)
+
+    def input_buffer(self) -> tuple[int, int] | None:
+        """ConsoleInput: with a `unix:` output the peer's writes are the input, read here
+        only while `_rx` has room (event_sources); else it comes through the monitor."""
+        return None if self._socket_input else (len(self._rx), RX_BUFFER_MAX)
 
     def _receive(self) -> None:
         ring = self.rings[RX]

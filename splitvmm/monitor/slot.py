@@ -115,9 +115,6 @@ RESTART_INTERVAL_S = 10.0
 # While a crashed device is being restarted, an access waits for its new process (a Python
 # interpreter's start, ~0.1-1 s on a loaded host) rather than read all-ones.
 RESTART_WAIT_MS = READY_TIMEOUT_MS
-# Host input a console device gets while a snapshot has it quiesced waits in its slot, this
-# much at most (what an operator types during one; a device's own input buffer is as big)
-HELD_INPUT_MAX = 4096
 MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
 # `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
@@ -252,10 +249,13 @@ class DeviceSlot:
         self._lock = threading.Lock()
         self._back = threading.Condition(self._lock)  # notified when the state leaves AWAY
         self._quiesced = False  # by a snapshot, until its resume: host input waits (input())
+        # Host input for the process in the slot (input()): the bytes sent to it, and its
+        # last input_room event (received, room); both start anew with each process.
+        self._input_sent = 0
+        self._input_room: tuple[int, int] | None = None
         # `lives` when the last quiesce was answered, under the lock: the process a snapshot
         # quiesced, whom its coordinator checks is still the slot's (coordinator.py).
         self.quiesced_lives: tuple[int, int] | None = None
-        self._held_input = bytearray()
         self._reports = RateLimitedLog(log)  # a device's reports: one line a second at most
 
     @property
@@ -335,6 +335,7 @@ class DeviceSlot:
         channel.watch_process(process)
         with self._lock:
             self.channel = channel
+            self._input_sent, self._input_room = 0, None  # its process says its room anew
 
     def wait_ready(self) -> None:
         """The process started last is READY: the device is back. DeviceFailure otherwise."""
@@ -362,7 +363,7 @@ class DeviceSlot:
                         self.name, process.pid, self.generation, self.recover_ms,
                     )  # fmt: skip
                 self._back.notify_all()
-                self._release_held_input_locked()  # a new process is never quiesced
+                self._quiesced = False  # a new process is never quiesced
 
     def restart(self) -> None:
         """After a crash the policy restarts: a new process from the last checkpoint, which
@@ -567,31 +568,39 @@ class DeviceSlot:
     def write(self, offset: int, data: bytes) -> None:
         self._post(wire.encode_write(offset, data), write_at=offset)
 
-    def input(self, data: bytes) -> None:
-        """Host input for a console device, in frame-sized chunks. While a snapshot has the
-        device quiesced, it waits here (at most HELD_INPUT_MAX bytes; the rest is dropped, as
-        a full device buffer drops it) and goes at the resume: applied meanwhile, it would
-        change a device whose state is saved already, and the interrupt it raised would be
-        in the vCPUs' saved state but its byte in no device's."""
+    def input(self, data: bytes) -> int | None:
+        """Host input for a console device: as much of `data`, from its front, as the device
+        has room for (its last input_room event, protocol/events.py, less what was sent to it
+        since), in frame-sized chunks; how many bytes went. The caller keeps the rest and
+        offers it again (monitor/console.py pump): input waits on the host side, and a paste
+        larger than the device's buffer loses nothing. 0 while the device cannot take input:
+        it is starting or restarting (its process has not said its room yet), or a snapshot
+        has it quiesced (input applied then would change a state it saved already, and the
+        interrupt it raised would be in the vCPUs' saved state with its byte in no device's).
+        None once it has failed for good: nothing will take input again."""
         with self._lock:
-            if self._quiesced:
-                room = HELD_INPUT_MAX - len(self._held_input)
-                if len(data) > room:
-                    self._reports.warning("held", "device %s: input during a snapshot: %d "
-                                          "byte(s) dropped", self.name, len(data) - room)  # fmt: skip
-                self._held_input += data[:room]
-                return
-            self._input_locked(data)
-
-    def _release_held_input_locked(self) -> None:
-        """No longer quiesced: what input waited goes to the device now."""
-        self._quiesced = False
-        held, self._held_input = self._held_input, bytearray()
-        self._input_locked(bytes(held))
-
-    def _input_locked(self, data: bytes) -> None:
-        for i in range(0, len(data), wire.MAX_INPUT_CHUNK):
-            self._post_locked(wire.encode_input(data[i : i + wire.MAX_INPUT_CHUNK]))
+            if self.state is SlotState.FAILED:
+                return None
+            channel = self.channel
+            if self.state is not SlotState.LIVE or channel is None or self._quiesced:
+                return 0
+            try:
+                channel.drain_events()  # its newest input_room
+            except ChannelError as e:
+                self._channel_failed_locked(str(e))
+                return 0
+            said = self._input_room
+            if said is None or self.channel is not channel:
+                return 0
+            room = said[1] - (self._input_sent - said[0])
+            sent, end = 0, min(len(data), room)
+            while sent < end and self._live() and self.channel is channel:
+                chunk = data[sent : min(sent + wire.MAX_INPUT_CHUNK, end)]
+                # Journaled before it goes: if the channel fails, a restart re-applies it.
+                self._post_locked(wire.encode_input(chunk))
+                sent += len(chunk)
+            self._input_sent += sent
+            return sent
 
     def _post(self, frame: bytes, write_at: int | None = None) -> None:
         """Send a posted frame: a guest write at `write_at`, or host input (None)."""
@@ -629,7 +638,7 @@ class DeviceSlot:
         DeviceFailure. A saved state becomes the device's last known state."""
         with self._lock:
             if op == "resume":
-                self._quiesced = False  # whatever comes of it: no input is held past it
+                self._quiesced = False  # whatever comes of it: input goes again after it
             channel = self._await_live(timeout_ms)  # a snapshot's pause is bounded by it
             if channel is None:
                 why = f"has failed: {self.failed}" if self.failed else "is away"
@@ -640,7 +649,7 @@ class DeviceSlot:
             try:
                 reply = channel.control(op, timeout_ms, args)
             except ChannelError as e:
-                self._fail_locked(str(e))  # held input waits for a replacement (_now_live)
+                self._fail_locked(str(e))
                 raise DeviceFailure(f"device {self.name}: {e}") from None
             if op == "quiesce":
                 self._quiesced = True
@@ -649,7 +658,6 @@ class DeviceSlot:
                 self.last_state = reply
             elif op == "resume":  # its new MIRROR came before the reply
                 channel.mirror.paused = False
-                self._release_held_input_locked()
             return reply
 
     def heartbeat(self, timeout_ms: int) -> None:
@@ -735,6 +743,13 @@ class DeviceSlot:
                 ok, reason = self._route_allowed(gsi)
                 if self.channel is not None:
                     self.channel.post(events.encode_route_done(route_id, ok, reason))
+            case events.InputRoom(received, room):
+                if received > self._input_sent:
+                    raise ChannelError(
+                        f"said it received {received} bytes of input, but was sent "
+                        f"{self._input_sent}"
+                    )
+                self._input_room = (received, room)
             case events.MsiRequest(route_id, vector, address, data):
                 reason = self._msi_route(vector, address, data)
                 if self.channel is not None:

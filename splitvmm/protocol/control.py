@@ -97,6 +97,9 @@ MAX_ROUTE_ID = (1 << 31) - 1
 MAX_COUNT = (1 << 63) - 1  # a frame or byte count over a device's life
 MAX_MSIX_VECTOR = 2047  # an MSI-X table has at most 2048 entries (PCI 3.0 6.8.2.3)
 MAX_GSI = 4095  # KVM's IRQ routing table (KVM_CAP_IRQ_ROUTING) has at most 4096 entries
+# A console device's host-input buffer (events.py input_room): what it may say it has room
+# for. Ours hold 4 KiB; the bound keeps a device from making the monitor send without end.
+MAX_INPUT_ROOM = 1 << 20
 PRINTABLE_LINE = schema.Pattern(r"[^\x00-\x1f\x7f-\x9f]*", "one line of printable text")
 
 
@@ -140,6 +143,17 @@ class MsiEvent(Struct, frozen=True):
     data: Annotated[int, schema.U32]
 
 
+class InputRoomEvent(Struct, frozen=True):
+    """Device -> monitor: a console device had room for `room` more bytes of host input
+    once it had received `received` bytes of it (this process's count): the monitor sends
+    no more than that room (monitor/slot.py input())."""
+
+    op: Literal["input_room"]
+    seq: Unasked
+    received: Annotated[int, schema.Range(0, MAX_COUNT)]
+    room: Annotated[int, schema.Range(0, MAX_INPUT_ROOM)]
+
+
 class RouteDone(Struct, frozen=True):
     """Monitor -> device: the answer to a RouteEvent or MsiEvent of the same id."""
 
@@ -161,6 +175,7 @@ MESSAGES: dict[str, type] = {
     "report": ReportEvent,
     "route": RouteEvent,
     "msi": MsiEvent,
+    "input_room": InputRoomEvent,
     "route_done": RouteDone,
 }
 

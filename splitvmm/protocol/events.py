@@ -12,12 +12,17 @@ A channel is request/reply from the monitor's side; a device may also speak firs
     msi      asks that an MSI-X vector send a message (id, vector, address, data): what the
              guest wrote in the vector's table entry. The monitor checks it (a vector the
              descriptor has, an x86 MSI address, a 16-bit data word), points the vector's
-             GSI at it and answers with route_done (id, ok, reason).
+             GSI at it and answers with route_done (id, ok, reason);
+    input_room
+             a console device's room for host input (received, room): it had room for
+             `room` more bytes once it had received `received` bytes of input. The monitor
+             sends a console device no more input than that room (monitor/slot.py
+             input()), so input waits on the host side, never overflows the device.
 
 Each is a control frame whose record (control.py: PublishEvent, ReportEvent, RouteEvent,
-MsiEvent, RouteDone) the schema codec checks, key by key, before the monitor acts on it. A device
-gets at most MAX_EVENTS_PER_REQUEST of them in around each request of the monitor's, and
-anything else unasked is a broken channel, as before.
+MsiEvent, InputRoomEvent, RouteDone) the schema codec checks, key by key, before the monitor
+acts on it. A device gets at most MAX_EVENTS_PER_REQUEST of them in around each request of
+the monitor's, and anything else unasked is a broken channel, as before.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import control
 from splitvmm.record import Struct
 
-EVENT_OPS = ("publish", "report", "route", "msi")
+EVENT_OPS = ("publish", "report", "route", "msi", "input_room")
 # Events a device may send around one request of the monitor's; ZeroMQ's RCVHWM already
 # bounds what waits unread, this bounds the work one vCPU's access can be made to do (each
 # event is checked: ~20 us). A healthy device may send many: the serial device publishes a
@@ -60,7 +65,12 @@ class MsiRequest(Struct, frozen=True):
     data: int
 
 
-Event = Published | Report | RouteRequest | MsiRequest
+class InputRoom(Struct, frozen=True):
+    received: int  # host input bytes this process had received
+    room: int  # and the bytes it had room for then
+
+
+Event = Published | Report | RouteRequest | MsiRequest | InputRoom
 
 
 # -- device side ------------------------------------------------------------------------------
@@ -85,6 +95,11 @@ def encode_msi(route_id: int, vector: int, address: int, data: int) -> bytes:
     """Ask for MSI-X `vector`'s route to the message (address, data) (control.MsiEvent)."""
     msg = {"op": "msi", "seq": 0, "id": route_id, "vector": vector, "address": address}
     return control.encode({**msg, "data": data})
+
+
+def encode_input_room(received: int, room: int) -> bytes:
+    """A console device's room for host input (control.InputRoomEvent)."""
+    return control.encode({"op": "input_room", "seq": 0, "received": received, "room": room})
 
 
 def decode_route_done(msg: dict[str, Any]) -> tuple[int, bool, str]:
@@ -132,6 +147,8 @@ def event_in(buf: bytes, model: str) -> Event | None:
         return Report(msg["message"])
     if op == "msi":
         return MsiRequest(msg["id"], msg["vector"], msg["address"], msg["data"])
+    if op == "input_room":
+        return InputRoom(msg["received"], msg["room"])
     return RouteRequest(msg["id"], msg["gsi"])
 
 

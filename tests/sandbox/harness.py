@@ -22,7 +22,7 @@ import cloudpickle  # type: ignore[import-untyped]
 import zmq
 
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
-from splitvmm.protocol import wire
+from splitvmm.protocol import events, wire
 from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.protocol.spec import DEVICE_COMMAND, DeviceSpec
 from splitvmm.sandbox.spawn import start_device
@@ -158,12 +158,13 @@ class SandboxedDevice:
         wire.decode_sync_done(self._reply("SYNC"), self._seq)
 
     def _reply(self, what: str) -> bytes:
-        """The next frame that is no MIRROR (the device's register mirror, sent unasked)."""
+        """The next frame that is neither a MIRROR nor an event (the device's register mirror,
+        its checkpoints, its room for input: what it sends unasked)."""
         while True:
             if not self.sock.poll(2000):
                 raise AssertionError(f"no reply to {what}; stderr:\n{self.stderr()}")
             buf: bytes = self.sock.recv()
-            if not wire.is_mirror(buf):
+            if not wire.is_mirror(buf) and not events.is_event(buf):
                 return buf
 
     def output(self) -> bytes:

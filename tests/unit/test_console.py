@@ -1,13 +1,14 @@
 """The console escape: Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A, other bytes pass; the
 terminal's mode comes back at exit."""
 
+import fcntl
 import os
 import pty
 import select
 import signal
 import termios
 
-from splitvmm.monitor.console import EscapeParser, pump, raw_terminal
+from splitvmm.monitor.console import PENDING_MAX, READ_SIZE, EscapeParser, pump, raw_terminal
 
 
 def test_escape_plain_bytes_pass_through():
@@ -81,3 +82,87 @@ def test_raw_terminal_drops_input_left_unread_at_exit():
     finally:
         os.close(master)
         os.close(slave)
+
+
+class Device:
+    """A console device that takes at most `room` bytes an offer, and nothing at every
+    other offer (the room it said is used up until the guest reads); it wakes the pump
+    once it has `expect` bytes."""
+
+    def __init__(self, room: int, expect: int, wake_w: int) -> None:
+        self.room, self.expect, self.wake_w = room, expect, wake_w
+        self.got = bytearray()
+        self.offers = 0
+
+    def __call__(self, data: bytes) -> int:
+        self.offers += 1
+        taken = 0 if self.offers % 2 == 0 else min(self.room, len(data))
+        self.got += data[:taken]
+        if len(self.got) >= self.expect:
+            os.write(self.wake_w, b"x")
+        return taken
+
+
+def run_pump(data: bytes, device: Device, wake_r: int) -> bool:
+    """pump() over a pipe holding `data`, then EOF; True if it quit."""
+    stdin, writer = os.pipe()
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.write(writer, data)
+    os.close(writer)
+    try:
+        return pump(stdin, wake_r, device, escape=False)
+    finally:
+        os.close(stdin)
+
+
+def test_pump_offers_what_the_device_did_not_take_again_until_it_took_it_all():
+    """A paste many times the device's room: nothing dropped, nothing twice, in order."""
+    wake_r, wake_w = os.pipe()
+    paste = bytes(i % 253 for i in range(300_000))
+    device = Device(room=8000, expect=len(paste), wake_w=wake_w)
+    try:
+        assert run_pump(paste, device, wake_r) is False
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+    assert bytes(device.got) == paste
+
+
+def test_pump_reads_no_further_than_pending_max_while_the_device_takes_nothing():
+    """The rest waits in the pipe (or the terminal): back-pressure, not a growing buffer."""
+    stdin, writer = os.pipe()
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
+    written = os.write(writer, b"z" * (4 * PENDING_MAX))
+    wake_r, wake_w = os.pipe()
+    offers: list[int] = []
+
+    def deliver(data: bytes) -> int:
+        offers.append(len(data))
+        if sum(n >= PENDING_MAX for n in offers) == 5:  # retried while full: end the VM
+            os.write(wake_w, b"x")
+        return 0
+
+    try:
+        assert pump(stdin, wake_r, deliver, escape=False) is False
+        left = int.from_bytes(fcntl.ioctl(stdin, termios.FIONREAD, bytes(4)), "little")
+    finally:
+        for fd in (stdin, writer, wake_r, wake_w):
+            os.close(fd)
+    assert PENDING_MAX <= written - left < PENDING_MAX + READ_SIZE
+    assert max(offers) == written - left
+
+
+def test_pump_for_a_device_that_takes_no_more_input_still_sees_the_escape():
+    """A device failed for good (deliver says None): the input is read and dropped, and
+    Ctrl-A x behind more than PENDING_MAX bytes of it still quits."""
+    stdin, writer = os.pipe()
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.write(writer, b"q" * (2 * PENDING_MAX) + b"\x01x")
+    wake_r, wake_w = os.pipe()
+    offers: list[bytes] = []
+    try:
+        quit_ = pump(stdin, wake_r, lambda data: offers.append(data), escape=True)
+    finally:
+        for fd in (stdin, writer, wake_r, wake_w):
+            os.close(fd)
+    assert quit_ is True and len(offers) == 1

@@ -26,6 +26,11 @@ def test_events_msi_decodes_to_what_was_sent():
     assert events.decode_event(frame, "serial") == events.MsiRequest(3, 1, 0xFEE0_1000, 0x4041)
 
 
+def test_events_input_room_decodes_to_what_was_sent():
+    frame = events.encode_input_room(4096, 1024)
+    assert events.decode_event(frame, "serial") == events.InputRoom(4096, 1024)
+
+
 def test_events_report_text_is_made_printable_and_short_by_its_sender():
     event = events.decode_event(events.encode_report("\x1b[2J" + "x" * 500), "serial")
 
@@ -57,6 +62,12 @@ def test_events_report_text_is_made_printable_and_short_by_its_sender():
             "data: 4294967296 is outside 0..2**32-1",
         ),
         ({"op": "msi", "seq": 0, "id": 1, "vector": 0, "address": 0}, "missing key 'data'"),
+        (
+            {"op": "input_room", "seq": 0, "received": 0, "room": (1 << 20) + 1},
+            "room: 1048577 is outside 0..1048576",
+        ),
+        ({"op": "input_room", "seq": 0, "received": -1, "room": 8}, "received: -1 is outside"),
+        ({"op": "input_room", "seq": 0, "room": 8}, "missing key 'received'"),
         ({"op": "exec", "seq": 0}, "unknown op 'exec'"),
         ({"op": "state", "seq": 0, **STATE}, "'state' is not an event a device may send"),
     ],
@@ -98,6 +109,20 @@ def test_device_events_newer_state_supersedes_one_the_channel_could_not_take():
     queue.flush()
 
     assert [events.decode_event(f, "serial") for f in sent] == [events.Published(STATE)]
+
+
+def test_device_events_newer_input_room_supersedes_one_the_channel_could_not_take():
+    sent: list[bytes] = []
+    accept = False
+    queue = DeviceEvents()
+    queue.connect(lambda frame: accept and sent.append(frame) is None)
+    queue.publish_room(events.encode_input_room(0, 4096))
+    queue.publish_room(events.encode_input_room(8, 4088))
+
+    accept = True
+    queue.flush()
+
+    assert [events.decode_event(f, "serial") for f in sent] == [events.InputRoom(8, 4088)]
 
 
 def test_device_events_reports_past_the_cap_are_dropped_and_counted():

@@ -17,7 +17,7 @@ from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.native.routing import MsiRoute
-from splitvmm.protocol import control, events
+from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.spec import DeviceSpec
 
 
@@ -115,7 +115,7 @@ def test_slot_counts_forwarded_reads_and_writes(slot, monkeypatch):
     slot.read(0, 1)
     slot.write(0, b"A")
     slot.write(1, b"B")
-    slot.input(b"typed")  # host input is no guest access
+    slot.input(b"typed")  # host input is no guest access (and none goes: the slot is away)
     assert (slot.reads, slot.writes) == (1, 2)
 
 
@@ -173,6 +173,68 @@ def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
     slot.channel = posted
     slot._on_event(events.MsiRequest(1, 0, 0xFEE0_0000, 0x41))
     assert control.decode(posted[0])["reason"] == "serial devices have no MSI-X vectors"
+
+
+# -- host input: no more than the device's last input_room says it has room for ---------------
+class InputChannel(list[bytes]):
+    """A live device's channel: keeps the frames posted to it; drain_events() hands the slot
+    the events the test queued (as the channel does with the device's)."""
+
+    def __init__(self, slot: DeviceSlot) -> None:
+        super().__init__()
+        self.slot = slot
+        self.events: list[events.Event] = []
+        self.mirror = RegisterMirror(())
+
+    def drain_events(self) -> None:
+        queued, self.events = self.events, []
+        for event in queued:
+            self.slot._on_event(event)
+
+    def post(self, frame: bytes) -> None:
+        self.append(frame)
+
+    def typed(self) -> bytes:
+        return b"".join(wire.decode_access(frame, 8).data for frame in self)
+
+
+@pytest.fixture
+def live(slot: DeviceSlot) -> InputChannel:
+    channel = InputChannel(slot)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    return channel
+
+
+def test_slot_input_before_the_device_said_its_room_sends_nothing(slot, live):
+    assert (slot.input(b"typed"), live) == (0, [])
+
+
+def test_slot_input_sends_what_the_room_allows_and_more_once_the_guest_made_room(slot, live):
+    live.events.append(events.InputRoom(0, 10))
+    first = slot.input(b"x" * 25)
+    again = slot.input(b"x" * 15)  # none of its room is left
+    live.events.append(events.InputRoom(4, 10))  # the guest read some: 10 - (10 - 4) = 4
+    third = slot.input(b"y" * 15)
+    assert (first, again, third, live.typed()) == (10, 0, 4, b"x" * 10 + b"y" * 4)
+
+
+def test_slot_input_while_quiesced_sends_nothing_and_after_the_resume_goes(slot, live):
+    live.events.append(events.InputRoom(0, 10))
+    slot._quiesced = True
+    held = slot.input(b"abc")
+    slot._quiesced = False
+    assert (held, slot.input(b"abc"), live.typed()) == (0, 3, b"abc")
+
+
+def test_slot_input_to_a_device_failed_for_good_says_none_will_take_it(slot, live):
+    slot.state = SlotState.FAILED
+    assert (slot.input(b"abc"), live) == (None, [])
+
+
+def test_slot_input_room_claiming_more_than_was_sent_fails_the_device(slot, live, failures):
+    live.events.append(events.InputRoom(5, 100))
+    assert slot.input(b"abc") == 0
+    assert failures == ["said it received 5 bytes of input, but was sent 0"]
 
 
 # -- the warm spare: what it is given, and a spawner refusing it -------------------------------
