@@ -161,6 +161,8 @@ class DeviceContext(Struct):
     events: DeviceEvents = field(default_factory=DeviceEvents)  # what it says unasked
     # DeviceSpec.transport: where a PCI function sits ({"pci", "intx_gsi", "ram"}); trusted
     transport: Mapping[str, object] = field(default_factory=dict)
+    # DeviceSpec.options: the model's config options (config.py checked them); trusted
+    options: Mapping[str, object] = field(default_factory=dict)
     # DeviceSpec.resume is set: this process replaces one that crashed (a virtio device
     # then takes its queues up from the used rings in guest memory)
     restarted: bool = False

@@ -83,6 +83,7 @@ def build_context(spec: DeviceSpec) -> DeviceContext:
     ctx = DeviceContext(
         fds=dict(spec.fds),
         transport=dict(spec.transport or {}),
+        options=dict(spec.options),
         restarted=spec.resume is not None,
     )
     if "irq" in spec.fds:

@@ -232,7 +232,11 @@ class Uart8250(RegisterDevice):
         self._update_irq()
 
     def input_buffer(self) -> tuple[int, int]:
-        """ConsoleInput: host input comes only through the monitor, into `rx`."""
+        """ConsoleInput: host input comes only through the monitor, into `rx`. In loopback
+        the receiver is the transmitter's (host_input drops what comes): no room, so the
+        input waits on the host side until the guest ends loopback (Linux's probe)."""
+        if self.mcr & Mcr.LOOP:
+            return RX_BUFFER_MAX, RX_BUFFER_MAX
         return len(self.rx), RX_BUFFER_MAX
 
     # -- registers --------------------------------------------------------------
@@ -348,7 +352,11 @@ class Uart8250(RegisterDevice):
         after changing FCR0 will be immediate, if it is enabled"."""
         toggled = (value ^ self.fcr) & Fcr.ENABLE_FIFO
         if toggled or value & Fcr.ENABLE_FIFO and value & Fcr.CLEAR_RCVR:
-            self.rx.clear()
+            # What the chip's receiver holds: its FIFO, or RBR with FIFOs off. The rest of
+            # `rx` is host input still on the line (the monitor sends no more than its room),
+            # which a clear does not reach: a driver's start (Linux clears the FIFOs when the
+            # port opens) drops at most a FIFO's worth of a paste, as on the chip.
+            del self.rx[: RX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1]
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
         # FCR is write-only: with bit 0 clear the trigger level is unused until it is set.

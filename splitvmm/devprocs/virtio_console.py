@@ -146,11 +146,14 @@ class VirtioConsole(VirtioPciDevice):
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
         """Guest RAM, the progress page (what the process before this one left there),
-        whether the output is a socket whose peer may write input, and whether it is a
-        regular file (a restart then knows what the line took)."""
+        whether the output is a `unix:` socket whose peer writes the input, and whether it
+        is a regular file (a restart then knows what the line took). Only a `unix:` output
+        is read for input: `stdio` may be a socket too (the monitor's stdout under socat,
+        inetd or systemd), whose input is the monitor's, through the channel."""
         super().setup(ctx)
         mode = os.fstat(ctx.fds["out"]).st_mode
-        ctx.prepared["input_socket"] = stat.S_ISSOCK(mode)
+        output = str(ctx.options.get("output", ""))
+        ctx.prepared["input_socket"] = output.startswith("unix:") and stat.S_ISSOCK(mode)
         ctx.prepared["output_file"] = stat.S_ISREG(mode)
         ctx.prepared["progress"] = Progress(ctx.fds["progress"])
 

@@ -22,10 +22,12 @@ log = logging.getLogger("splitvmm.console")
 CTRL_A = 0x01
 READ_SIZE = 4096  # a read of the operator's input
 # Input the device had no room for is offered again this often (it says its room in events
-# the monitor reads around its requests: monitor/slot.py input()); at most PENDING_MAX bytes
-# of it wait here before the input is read no further.
+# the monitor reads around its requests: monitor/slot.py input()), OFFER_MAX bytes at a time
+# (a device has room for 4 KiB). At most PENDING_MAX bytes of it wait here: past that, input
+# from a pipe or file is read no further, and a terminal's is dropped (pump()).
 RETRY_S = 0.02
-PENDING_MAX = 64 * 1024
+OFFER_MAX = 64 * 1024
+PENDING_MAX = 1024 * 1024
 
 
 class EscapeParser:
@@ -86,17 +88,19 @@ def pump(
     `deliver(data)` sends what the console device has room for, from the front of `data`,
     and says how many bytes that was (monitor/slot.py input()): 0 while it has no room,
     None once it will never take input again. What it did not take waits here and is
-    offered again every RETRY_S; past PENDING_MAX bytes waiting, `fd` is not read until the
-    guest has taken some, so a paste waits in the terminal or the pipe, not lost. The escape
-    (Ctrl-A x) is seen when its bytes are read: at once, unless a paste of more than
-    PENDING_MAX bytes sits unread before it, as with QEMU's mux."""
+    offered again every RETRY_S, so a paste larger than the device's buffer waits for the
+    guest to read, none of it lost. Past PENDING_MAX bytes waiting, input from a pipe or a
+    file (`escape` off) is not read until the guest has taken some: it waits in the pipe.
+    A terminal's (`escape` on) is always read, so that Ctrl-A x quits whatever the guest
+    does: past PENDING_MAX, what it types is dropped, and said so."""
     parser = EscapeParser()
     pending = bytearray()  # read, not taken by the device yet
     discard = False  # the device takes no input any more: read for the escape alone
+    dropped = 0  # typed while PENDING_MAX bytes waited (a terminal's input only)
     reading = fd is not None
     while True:
         watched = [wake_fd]
-        if fd is not None and reading and (discard or len(pending) < PENDING_MAX):
+        if fd is not None and reading and (escape or discard or len(pending) < PENDING_MAX):
             watched.append(fd)
         ready, _, _ = select.select(watched, [], [], RETRY_S if pending else None)
         if wake_fd in ready:
@@ -114,13 +118,18 @@ def pump(
             if escape:
                 data, quit_ = parser.feed(data)
             if not discard:
-                pending += data
+                kept = data[: max(0, PENDING_MAX - len(pending))]
+                pending += kept
+                if len(kept) < len(data):
+                    if not dropped:
+                        log.warning("the guest is not reading its console: input dropped")
+                    dropped += len(data) - len(kept)
             if quit_:
                 if pending:
-                    deliver(bytes(pending))  # what it takes now; the VM ends with the rest
+                    deliver(bytes(pending[:OFFER_MAX]))  # what it takes now; the VM ends
                 return True
         if pending:
-            taken = deliver(bytes(pending))
+            taken = deliver(bytes(pending[:OFFER_MAX]))
             if taken is None:
                 log.warning(
                     "the console device takes no more input: %d byte(s) dropped", len(pending)
@@ -129,3 +138,8 @@ def pump(
                 pending.clear()
             else:
                 del pending[:taken]
+                if dropped and not pending:
+                    log.warning(
+                        "console input dropped while the guest read none: %d byte(s)", dropped
+                    )
+                    dropped = 0

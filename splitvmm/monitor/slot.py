@@ -596,10 +596,12 @@ class DeviceSlot:
             sent, end = 0, min(len(data), room)
             while sent < end and self._live() and self.channel is channel:
                 chunk = data[sent : min(sent + wire.MAX_INPUT_CHUNK, end)]
-                # Journaled before it goes: if the channel fails, a restart re-applies it.
-                self._post_locked(wire.encode_input(chunk))
+                # Counted before it goes: a post that fails may wait (the lock released) while
+                # a restart puts a new process in, whose count starts at 0 (attach()). The
+                # chunk is journaled as it goes: that restart re-applies it.
+                self._input_sent += len(chunk)
                 sent += len(chunk)
-            self._input_sent += sent
+                self._post_locked(wire.encode_input(chunk))
             return sent
 
     def _post(self, frame: bytes, write_at: int | None = None) -> None:

@@ -6,13 +6,15 @@ text round trip through the device's queues is the console guest's (issue 10).""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import vm_toml
-from tests.integration.vmproc import VmProcess, splitvmm
+from tests.integration.vmproc import REPO, VmProcess, env_for, splitvmm
 
 pytestmark = pytest.mark.kvm
 
@@ -162,6 +164,42 @@ def test_virtio_console_paste_through_stdin_larger_than_its_buffer_loses_no_line
     echoed = [line for line in vm.text().encode().split(b"\n") if line.startswith(b"echo: ")]
     assert status == 33, (tmp_path / "serial.log").read_text()[-2000:] + err
     assert echoed == [b"echo: " + line for line in lines]
+
+
+def test_virtio_console_on_stdio_that_is_a_socket_takes_the_keyboard_input(guests, tmp_path):
+    """`up`'s stdout a socket (socat, inetd, systemd's StandardOutput=socket), stdin a pipe:
+    the input is stdin's, through the monitor. The device took the socket for a `unix:`
+    peer's, reported no room for the monitor's input, and the guest got none (status 11)."""
+    cfg = console_guest(tmp_path, guests, "mode=echo timeout_s=30", "stdio")
+    ours, theirs = socket.socketpair()
+    vm = subprocess.Popen(
+        [sys.executable, "-m", "splitvmm", "up", str(cfg)],
+        stdin=subprocess.PIPE,
+        stdout=theirs.fileno(),
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env_for(tmp_path),
+    )
+    theirs.close()
+    got = b""
+    try:
+        assert vm.stdin is not None
+        vm.stdin.write(b"hello one\nhello two\nquit\n")
+        vm.stdin.flush()
+        ours.settimeout(60)
+        while b"bye\n" not in got:
+            chunk = ours.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        _, err = vm.communicate(timeout=60)
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.communicate()
+        ours.close()
+    assert vm.returncode == 33, got.decode(errors="replace") + err.decode(errors="replace")
+    assert b"echo: hello one\necho: hello two\nbye\n" in got
 
 
 def test_virtio_console_killed_while_writing_to_a_file_loses_and_repeats_no_byte(guests, tmp_path):

@@ -8,7 +8,10 @@ import select
 import signal
 import termios
 
-from splitvmm.monitor.console import PENDING_MAX, READ_SIZE, EscapeParser, pump, raw_terminal
+import pytest
+
+from splitvmm.monitor import console
+from splitvmm.monitor.console import OFFER_MAX, READ_SIZE, EscapeParser, pump, raw_terminal
 
 
 def test_escape_plain_bytes_pass_through():
@@ -128,8 +131,16 @@ def test_pump_offers_what_the_device_did_not_take_again_until_it_took_it_all():
     assert bytes(device.got) == paste
 
 
-def test_pump_reads_no_further_than_pending_max_while_the_device_takes_nothing():
-    """The rest waits in the pipe (or the terminal): back-pressure, not a growing buffer."""
+@pytest.fixture
+def small_pending(monkeypatch) -> int:
+    """PENDING_MAX at 64 KiB, so that a pipe holds more than it."""
+    monkeypatch.setattr(console, "PENDING_MAX", 64 * 1024)
+    return console.PENDING_MAX
+
+
+def test_pump_reads_no_further_than_pending_max_while_the_device_takes_nothing(small_pending):
+    """Input from a pipe waits in the pipe: back-pressure, not a growing buffer."""
+    PENDING_MAX = small_pending
     stdin, writer = os.pipe()
     fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
     written = os.write(writer, b"z" * (4 * PENDING_MAX))
@@ -149,12 +160,38 @@ def test_pump_reads_no_further_than_pending_max_while_the_device_takes_nothing()
         for fd in (stdin, writer, wake_r, wake_w):
             os.close(fd)
     assert PENDING_MAX <= written - left < PENDING_MAX + READ_SIZE
-    assert max(offers) == written - left
+    assert max(offers) == min(written - left, OFFER_MAX)
 
 
-def test_pump_for_a_device_that_takes_no_more_input_still_sees_the_escape():
+def test_pump_for_a_terminal_always_reads_so_the_escape_quits_a_guest_that_reads_none(
+    small_pending, caplog
+):
+    """A terminal's input is read past PENDING_MAX (and the excess dropped, said so), so
+    Ctrl-A x quits even behind a paste the guest never reads."""
+    PENDING_MAX = small_pending
+    stdin, writer = os.pipe()
+    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.write(writer, b"p" * (3 * PENDING_MAX) + b"\x01x")
+    wake_r, wake_w = os.pipe()
+    offers: list[int] = []
+
+    def deliver(data: bytes) -> int:
+        offers.append(len(data))
+        return 0
+
+    try:
+        quit_ = pump(stdin, wake_r, deliver, escape=True)
+    finally:
+        for fd in (stdin, writer, wake_r, wake_w):
+            os.close(fd)
+    assert quit_ is True and max(offers) == min(PENDING_MAX, OFFER_MAX)
+    assert "the guest is not reading its console: input dropped" in caplog.text
+
+
+def test_pump_for_a_device_that_takes_no_more_input_still_sees_the_escape(small_pending):
     """A device failed for good (deliver says None): the input is read and dropped, and
     Ctrl-A x behind more than PENDING_MAX bytes of it still quits."""
+    PENDING_MAX = small_pending
     stdin, writer = os.pipe()
     fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
     os.write(writer, b"q" * (2 * PENDING_MAX) + b"\x01x")

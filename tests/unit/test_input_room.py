@@ -93,12 +93,12 @@ def test_room_reported_when_the_guest_emptied_the_buffer_whatever_it_read():
 
 
 def test_room_that_shrank_without_input_is_reported_at_once():
-    """Loopback puts the guest's own bytes in the receiver: less room than the monitor
-    thinks, which it must learn before it sends into it."""
+    """Loopback: the receiver takes no host input, which the monitor must learn before it
+    sends into it."""
     console = Console()
+    console.type(b"ab")
     console.frame(wire.encode_write(Reg.MCR, bytes([Mcr.LOOP])))
-    console.frame(wire.encode_write(Reg.RX_TX, b"L"))
-    assert console.rooms()[-1] == (0, RX_BUFFER_MAX - 1)
+    assert console.rooms()[-1] == (2, 0)
 
 
 def test_room_a_monitor_keeps_to_lets_no_byte_of_a_long_paste_drop():
@@ -117,6 +117,16 @@ def test_room_a_monitor_keeps_to_lets_no_byte_of_a_long_paste_drop():
             console.inputs.check()
     assert bytes(got) == paste and console.uart.ctx.counters.rx_overrun == 0
     assert len(console.rooms()) < 5 * 4 + 4  # a report per quarter of the buffer read, about
+
+
+def test_room_is_none_in_loopback_and_the_input_waits_for_its_end():
+    """Loopback wires the receiver to the transmitter, and host input is dropped: the
+    device says it has no room, so none is sent, and says so again when loopback ends."""
+    console = Console()
+    console.frame(wire.encode_write(Reg.MCR, bytes([Mcr.LOOP])))
+    in_loopback = console.room_now()
+    console.frame(wire.encode_write(Reg.MCR, b"\x00"))
+    assert (in_loopback, console.room_now()) == (0, RX_BUFFER_MAX)
 
 
 def test_room_not_reported_by_a_model_without_console_input():

@@ -191,7 +191,11 @@ class InputChannel(list[bytes]):
         for event in queued:
             self.slot._on_event(event)
 
+    fail_at: int | None = None  # the post that finds the process dead
+
     def post(self, frame: bytes) -> None:
+        if len(self) == self.fail_at:
+            raise ChannelError("its process ended with a posted write unsent")
         self.append(frame)
 
     def typed(self) -> bytes:
@@ -235,6 +239,37 @@ def test_slot_input_room_claiming_more_than_was_sent_fails_the_device(slot, live
     live.events.append(events.InputRoom(5, 100))
     assert slot.input(b"abc") == 0
     assert failures == ["said it received 5 bytes of input, but was sent 0"]
+
+
+class Dead:
+    pid = 1
+
+    def ended(self) -> bool:
+        return True
+
+
+def test_slot_input_failing_while_a_restart_replaces_the_process_leaves_the_new_count(
+    slot, live, monkeypatch
+):
+    """A post finds the process dead; failing it waits for the supervisor (the slot's lock
+    released), and meanwhile a restart brings a new process in, whose count starts at 0.
+    What the dead one was sent must not be counted against the new one: it was, and the
+    new process's room looked used up for its whole life."""
+    live.events.append(events.InputRoom(0, 4096))
+    live.fail_at = 3
+    slot.process, slot.supervised = Dead(), True
+    new = InputChannel(slot)
+
+    def restart_meanwhile(timeout: float | None = None) -> bool:
+        slot.process, slot.channel = Dead(), new  # type: ignore[assignment]
+        slot._input_sent, slot._input_room = 0, None  # attach()
+        new.events.append(events.InputRoom(0, 4096))  # the new process's first report
+        return True
+
+    monkeypatch.setattr(slot._back, "wait", restart_meanwhile)
+    taken = slot.input(b"x" * 64)
+    monkeypatch.undo()
+    assert (taken, slot._input_sent, slot.input(b"y" * 4096)) == (32, 0, 4096)
 
 
 # -- the warm spare: what it is given, and a spawner refusing it -------------------------------

@@ -60,15 +60,19 @@ class Line:
 class Host:
     """The host resources of one virtio-console process: fds, and the output behind them."""
 
-    def __init__(self, out_fd: int | None = None) -> None:
+    def __init__(self, out_fd: int | None = None, output: str = "unix:/stand-in") -> None:
+        """`out_fd`, the output the config's `output` option named (a socket's is `unix:`)."""
         self.pipe = os.pipe() if out_fd is None else None  # a stand-in `out` when none given
         fd = self.pipe[1] if self.pipe is not None else out_fd
         assert fd is not None
         model = MODELS["virtio-console"]
         self.fds = stand_in_fds(model, Path("/nonexistent"), {FdKind.OUTPUT: fd})
+        self.options = {"output": output if out_fd is not None else "stdio"}
 
     def context(self, line: object, restarted: bool = False) -> DeviceContext:
-        ctx = DeviceContext(fds=self.fds, transport=stand_in_transport(), restarted=restarted)
+        ctx = DeviceContext(
+            fds=self.fds, transport=stand_in_transport(), options=self.options, restarted=restarted
+        )
         ctx.out = BoundedOutput(line)  # type: ignore[arg-type]
         VirtioConsole.setup(ctx)
         return ctx
@@ -133,6 +137,19 @@ def test_virtio_console_transmit_chain_reaches_output_and_completes(host):
     driver.kick(1)
 
     assert bytes(line.taken) == b"hello, world\n" and tx.take_used() == [(head, 0)]
+
+
+def test_virtio_console_stdio_that_is_a_socket_takes_input_from_the_monitor_not_the_socket():
+    """`output = "stdio"` where the monitor's stdout is a socket (socat, inetd, systemd):
+    its peer is no input; the input is the monitor's, whose room the device reports. It
+    took the socket for a `unix:` peer, reported no room, and got no input at all."""
+    peer, ours = socket.socketpair()
+    h = Host(ours.detach(), output="stdio")
+    dev = VirtioConsole(h.context(socket_line(h)))
+    watched = [source.fd for source in dev.event_sources()]
+    assert (dev.input_buffer(), h.fds["out"] in watched) == ((0, RX_BUFFER_MAX), False)
+    peer.close()
+    h.close()
 
 
 def test_virtio_console_transmit_to_socket_reaches_peer(host):
