@@ -106,11 +106,16 @@ class Device:
         return taken
 
 
-def run_pump(data: bytes, device: Device, wake_r: int) -> bool:
-    """pump() over a pipe holding `data`, then EOF; True if it quit."""
+def input_pipe(data: bytes) -> tuple[int, int, int]:
+    """A pipe of 1 MiB holding `data`: (its read end, its write end, what was written)."""
     stdin, writer = os.pipe()
     fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
-    os.write(writer, data)
+    return stdin, writer, os.write(writer, data)
+
+
+def run_pump(data: bytes, device: Device, wake_r: int) -> bool:
+    """pump() over a pipe holding `data`, then EOF; True if it quit."""
+    stdin, writer, _ = input_pipe(data)
     os.close(writer)
     try:
         return pump(stdin, wake_r, device, escape=False)
@@ -141,9 +146,7 @@ def small_pending(monkeypatch) -> int:
 def test_pump_reads_no_further_than_pending_max_while_the_device_takes_nothing(small_pending):
     """Input from a pipe waits in the pipe: back-pressure, not a growing buffer."""
     PENDING_MAX = small_pending
-    stdin, writer = os.pipe()
-    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
-    written = os.write(writer, b"z" * (4 * PENDING_MAX))
+    stdin, writer, written = input_pipe(b"z" * (4 * PENDING_MAX))
     wake_r, wake_w = os.pipe()
     offers: list[int] = []
 
@@ -169,9 +172,7 @@ def test_pump_for_a_terminal_always_reads_so_the_escape_quits_a_guest_that_reads
     """A terminal's input is read past PENDING_MAX (and the excess dropped, said so), so
     Ctrl-A x quits even behind a paste the guest never reads."""
     PENDING_MAX = small_pending
-    stdin, writer = os.pipe()
-    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
-    os.write(writer, b"p" * (3 * PENDING_MAX) + b"\x01x")
+    stdin, writer, _ = input_pipe(b"p" * (3 * PENDING_MAX) + b"\x01x")
     wake_r, wake_w = os.pipe()
     offers: list[int] = []
 
@@ -192,9 +193,7 @@ def test_pump_for_a_device_that_takes_no_more_input_still_sees_the_escape(small_
     """A device failed for good (deliver says None): the input is read and dropped, and
     Ctrl-A x behind more than PENDING_MAX bytes of it still quits."""
     PENDING_MAX = small_pending
-    stdin, writer = os.pipe()
-    fcntl.fcntl(writer, fcntl.F_SETPIPE_SZ, 1 << 20)
-    os.write(writer, b"q" * (2 * PENDING_MAX) + b"\x01x")
+    stdin, writer, _ = input_pipe(b"q" * (2 * PENDING_MAX) + b"\x01x")
     wake_r, wake_w = os.pipe()
     offers: list[bytes] = []
     try:
