@@ -18,6 +18,7 @@ import zmq
 
 from splitvmm.devprocs.serial import RX_BUFFER_MAX, Lcr, Lsr, Reg
 from splitvmm.errors import DeviceFailure
+from splitvmm.monitor import console
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
@@ -290,6 +291,45 @@ def test_slot_input_past_the_device_buffer_waits_for_the_guest_and_none_is_lost(
     assert bytes(got) == paste
     assert slot.read(Reg.LSR, 1)[0] & Lsr.OE == 0
     assert slot.stats() is not None and slot.stats().get("rx_overrun", 0) == 0
+
+
+def test_slot_paste_through_the_console_pump_survives_a_snapshot_and_a_crash_restart(spared):
+    """The operator's side as `up` runs it: console.pump() reads a pipe holding 3x the
+    device's buffer and offers it to slot.input(); the guest's side reads RBR while LSR.DR.
+    A snapshot's quiesce and resume a third of the way in (no read meanwhile: the vCPUs are
+    paused), a crash restart two thirds in: every byte arrives once, in order."""
+    slot = spared.slot
+    paste = bytes(32 + i % 95 for i in range(3 * RX_BUFFER_MAX))
+    stdin, writer = os.pipe()
+    wake_r, wake_w = os.pipe()
+    os.write(writer, paste)
+    os.close(writer)
+    pump = threading.Thread(target=console.pump, args=(stdin, wake_r, slot.input, False))
+    pump.start()
+    got = bytearray()
+    quiesced = restarted = False
+    deadline = time.monotonic() + 60
+    try:
+        while len(got) < len(paste) and time.monotonic() < deadline:
+            if not quiesced and len(got) >= len(paste) // 3:
+                slot.control("quiesce")
+                time.sleep(0.1)  # the pump offers meanwhile, and is refused
+                slot.control("resume")
+                quiesced = True
+            if not restarted and len(got) >= 2 * len(paste) // 3:
+                crash_and_restart(spared)
+                restarted = True
+            if slot.read(Reg.LSR, 1)[0] & Lsr.DR:
+                got += slot.read(Reg.RX_TX, 1)
+            else:
+                time.sleep(0.001)
+    finally:
+        os.write(wake_w, b"x")
+        pump.join(10)
+        for fd in (stdin, wake_r, wake_w):
+            os.close(fd)
+    assert (quiesced, restarted, slot.warm_restarts) == (True, True, 1)
+    assert bytes(got) == paste
 
 
 def test_slot_start_spare_after_a_warm_restart_starts_a_new_one(spared):
