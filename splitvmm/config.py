@@ -18,7 +18,13 @@ from typing import Any
 
 from splitvmm.errors import ConfigError
 from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS, FdKind, PortWindow
+from splitvmm.protocol.models import (
+    MODELS,
+    UNIX_OUTPUT,
+    FdKind,
+    PortWindow,
+    unix_output_path,
+)
 from splitvmm.record import Struct, field
 
 MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
@@ -207,11 +213,11 @@ def _option_path(base: Path, value: str, key: str) -> str:
     """A device's path option from the config's directory (an output's after "unix:")."""
     if value == "stdio":
         return value
-    prefix = "unix:" if value.startswith("unix:") else ""
-    rest = value.removeprefix(prefix)
+    unix = unix_output_path(value)
+    rest = value if unix is None else unix
     if not rest:
         return value  # nothing to resolve: refused where it is opened, naming the option
-    return prefix + str(_host_path(base, rest, key))
+    return ("" if unix is None else UNIX_OUTPUT) + str(_host_path(base, rest, key))
 
 
 def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | None:

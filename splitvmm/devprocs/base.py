@@ -55,10 +55,10 @@ class Counters(Struct):
 
 class DeviceEvents:
     """What a device says to the monitor unasked (protocol/events.py): its state, an error
-    for the operator, a request for an interrupt route, its room for host input. Queued until the runtime connects
-    it to the channel after READY, then sent as they come, never blocking the device: a
-    newer state supersedes one the channel could not take yet, and reports past
-    MAX_PENDING are dropped and counted."""
+    for the operator, a request for an interrupt route, its room for host input. Queued
+    until the runtime connects it to the channel after READY, then sent as they come, never
+    blocking the device: a newer state (or MIRROR, or room) supersedes one the channel could
+    not take yet, and reports past MAX_PENDING are dropped and counted."""
 
     MAX_PENDING = 16
 
@@ -258,7 +258,7 @@ class ConsoleInput(Protocol):
         """Bytes from the host side of a console device (keyboard, socket)."""
 
     def input_buffer(self) -> tuple[int, int] | None:
-        """(bytes of host input waiting for the guest, how many the model holds): the
+        """(bytes of host input waiting for the guest, how many the model holds now): the
         runtime tells the monitor the room left (protocol/events.py input_room), and the
         monitor sends no more than that. None: the model's host input does not come
         through the channel (a `unix:` peer's, which the model reads itself)."""

@@ -263,7 +263,7 @@ class InputRoomReporter:
         self._model = device if isinstance(device, ConsoleInput) else None
         self._events = device.ctx.events
         self.received = 0  # host input bytes this process got from the monitor
-        self._said: tuple[int, int] | None = None  # (received, room) of the last report
+        self._said: events.InputRoom | None = None  # the last report
 
     def check(self) -> None:
         """After each frame and host event: report the room if the monitor should know."""
@@ -277,10 +277,10 @@ class InputRoomReporter:
         room = max(0, holds - waiting)
         said = self._said
         if said is not None:
-            believed = said[1] - (self.received - said[0])  # what the monitor thinks is left
+            believed = said.left(self.received)  # what the monitor thinks is left
             if room == believed or (room > believed and room - believed < holds // 4 and waiting):
                 return
-        self._said = (self.received, room)
+        self._said = events.InputRoom(self.received, room)
         self._events.publish_room(events.encode_input_room(self.received, room))
 
 

@@ -235,9 +235,7 @@ class Uart8250(RegisterDevice):
         """ConsoleInput: host input comes only through the monitor, into `rx`. In loopback
         the receiver is the transmitter's (host_input drops what comes): no room, so the
         input waits on the host side until the guest ends loopback (Linux's probe)."""
-        if self.mcr & Mcr.LOOP:
-            return RX_BUFFER_MAX, RX_BUFFER_MAX
-        return len(self.rx), RX_BUFFER_MAX
+        return len(self.rx), 0 if self.mcr & Mcr.LOOP else RX_BUFFER_MAX
 
     # -- registers --------------------------------------------------------------
     def _dlab(self) -> bool:
@@ -352,11 +350,10 @@ class Uart8250(RegisterDevice):
         after changing FCR0 will be immediate, if it is enabled"."""
         toggled = (value ^ self.fcr) & Fcr.ENABLE_FIFO
         if toggled or value & Fcr.ENABLE_FIFO and value & Fcr.CLEAR_RCVR:
-            # What the chip's receiver holds: its FIFO, or RBR with FIFOs off. The rest of
-            # `rx` is host input still on the line (the monitor sends no more than its room),
-            # which a clear does not reach: a driver's start (Linux clears the FIFOs when the
-            # port opens) drops at most a FIFO's worth of a paste, as on the chip.
-            del self.rx[: RX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1]
+            # All of `rx`, the host's input behind the FIFO included: `rx` is one buffer for
+            # both, and what stayed of it would be read back in the loopback test that follows
+            # a clear (Linux's size_fifo: a backlog made it count 64 bytes of FIFO).
+            self.rx.clear()
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
         # FCR is write-only: with bit 0 clear the trigger level is unused until it is set.

@@ -79,6 +79,7 @@ from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueE
 from splitvmm.devprocs.virtio.state import U64, QueueState, VirtioPciState
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec, schema
+from splitvmm.protocol.models import unix_output_path
 from splitvmm.record import Struct, replace
 
 log = logging.getLogger("splitvmm.dev.virtio-console")
@@ -152,8 +153,8 @@ class VirtioConsole(VirtioPciDevice):
         inetd or systemd), whose input is the monitor's, through the channel."""
         super().setup(ctx)
         mode = os.fstat(ctx.fds["out"]).st_mode
-        output = str(ctx.options.get("output", ""))
-        ctx.prepared["input_socket"] = output.startswith("unix:") and stat.S_ISSOCK(mode)
+        unix = unix_output_path(ctx.options.get("output", ""))
+        ctx.prepared["input_socket"] = unix is not None and stat.S_ISSOCK(mode)
         ctx.prepared["output_file"] = stat.S_ISREG(mode)
         ctx.prepared["progress"] = Progress(ctx.fds["progress"])
 

@@ -104,6 +104,7 @@ def pump(
             watched.append(fd)
         ready, _, _ = select.select(watched, [], [], RETRY_S if pending else None)
         if wake_fd in ready:
+            _say_dropped(dropped)
             return False
         if fd is not None and fd in ready:
             try:
@@ -127,6 +128,7 @@ def pump(
             if quit_:
                 if pending:
                     deliver(bytes(pending[:OFFER_MAX]))  # what it takes now; the VM ends
+                _say_dropped(dropped)
                 return True
         if pending:
             taken = deliver(bytes(pending[:OFFER_MAX]))
@@ -138,8 +140,12 @@ def pump(
                 pending.clear()
             else:
                 del pending[:taken]
-                if dropped and not pending:
-                    log.warning(
-                        "console input dropped while the guest read none: %d byte(s)", dropped
-                    )
+                if not pending:
+                    _say_dropped(dropped)
                     dropped = 0
+
+
+def _say_dropped(dropped: int) -> None:
+    """The count of a terminal's input dropped past PENDING_MAX, once it is known."""
+    if dropped:
+        log.warning("console input dropped while the guest read none: %d byte(s)", dropped)

@@ -21,7 +21,14 @@ from splitvmm.monitor.layout import PAGE_SIZE
 from splitvmm.monitor.memory import SEALS, GuestMemory
 from splitvmm.native import tun
 from splitvmm.native.eventfd import EventFd
-from splitvmm.protocol.models import FdKind, FdRole, ModelDescriptor, PciFunction, PortWindow
+from splitvmm.protocol.models import (
+    FdKind,
+    FdRole,
+    ModelDescriptor,
+    PciFunction,
+    PortWindow,
+    unix_output_path,
+)
 from splitvmm.record import Struct, field
 
 STDOUT = 1
@@ -191,8 +198,9 @@ def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
     output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
     if output == "stdio":
         return STDOUT
-    if output.startswith("unix:"):
-        sock = hostpath.connect_unix(output.removeprefix("unix:"), key)
+    path = unix_output_path(output)
+    if path is not None:
+        sock = hostpath.connect_unix(path, key)
         owned.append(sock)
         return sock.fileno()
     fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)

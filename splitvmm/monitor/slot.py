@@ -252,7 +252,7 @@ class DeviceSlot:
         # Host input for the process in the slot (input()): the bytes sent to it, and its
         # last input_room event (received, room); both start anew with each process.
         self._input_sent = 0
-        self._input_room: tuple[int, int] | None = None
+        self._input_room: events.InputRoom | None = None
         # `lives` when the last quiesce was answered, under the lock: the process a snapshot
         # quiesced, whom its coordinator checks is still the slot's (coordinator.py).
         self.quiesced_lives: tuple[int, int] | None = None
@@ -592,7 +592,7 @@ class DeviceSlot:
             said = self._input_room
             if said is None or self.channel is not channel:
                 return 0
-            room = said[1] - (self._input_sent - said[0])
+            room = said.left(self._input_sent)
             sent, end = 0, min(len(data), room)
             while sent < end and self._live() and self.channel is channel:
                 chunk = data[sent : min(sent + wire.MAX_INPUT_CHUNK, end)]
@@ -745,13 +745,13 @@ class DeviceSlot:
                 ok, reason = self._route_allowed(gsi)
                 if self.channel is not None:
                     self.channel.post(events.encode_route_done(route_id, ok, reason))
-            case events.InputRoom(received, room):
+            case events.InputRoom(received, _):
                 if received > self._input_sent:
                     raise ChannelError(
                         f"said it received {received} bytes of input, but was sent "
                         f"{self._input_sent}"
                     )
-                self._input_room = (received, room)
+                self._input_room = event
             case events.MsiRequest(route_id, vector, address, data):
                 reason = self._msi_route(vector, address, data)
                 if self.channel is not None:

@@ -69,6 +69,11 @@ class InputRoom(Struct, frozen=True):
     received: int  # host input bytes this process had received
     room: int  # and the bytes it had room for then
 
+    def left(self, sent: int) -> int:
+        """The room left once `sent` bytes were sent to the process: the monitor's room
+        (monitor/slot.py input()), and the device's idea of it (devprocs/runtime.py)."""
+        return self.room - (sent - self.received)
+
 
 Event = Published | Report | RouteRequest | MsiRequest | InputRoom
 

@@ -22,6 +22,14 @@ from collections.abc import Callable
 from splitvmm.protocol.wire import ACCESS_SIZES, MAX_MIRRORED, MIRROR_BYTES
 from splitvmm.record import Struct
 
+UNIX_OUTPUT = "unix:"  # an output option's prefix for a UNIX socket: "unix:PATH"
+
+
+def unix_output_path(value: object) -> str | None:
+    """The socket path an output option names after "unix:"; None for stdio or a file."""
+    text = str(value)
+    return text.removeprefix(UNIX_OUTPUT) if text.startswith(UNIX_OUTPUT) else None
+
 
 class FdKind(enum.Enum):
     """What the monitor puts behind an fd role of a device process."""

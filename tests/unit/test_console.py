@@ -59,12 +59,17 @@ def test_pump_whose_input_fails_stops_reading_it_and_serves_on(caplog):
     stdin = os.open(os.devnull, os.O_WRONLY)
     wake_r, wake_w = os.pipe()
     delivered: list[bytes] = []
+
+    def deliver(data: bytes) -> int:
+        delivered.append(data)
+        return len(data)
+
     # The VM ends a moment later: an alarm's handler wakes the pump (on this thread: select
     # is retried after the handler runs, PEP 475), once it has read its failing input.
     previous = signal.signal(signal.SIGALRM, lambda signum, frame: os.write(wake_w, b"x"))
     signal.setitimer(signal.ITIMER_REAL, 0.3)
     try:
-        assert pump(stdin, wake_r, delivered.append, escape=False) is False
+        assert pump(stdin, wake_r, deliver, escape=False) is False
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

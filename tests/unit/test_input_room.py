@@ -4,12 +4,13 @@ reads it, and the monitor's arithmetic over them (monitor/slot.py input())."""
 
 from __future__ import annotations
 
-from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.base import DeviceContext, load_model
 from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.runtime import Checkpoints, InputRoomReporter, MirrorPublisher, _serve_frame
 from splitvmm.devprocs.serial import RX_BUFFER_MAX, Mcr, Reg, Uart8250
 from splitvmm.protocol import control, events, wire
+from splitvmm.protocol.models import MODELS
 from tests.fakes import FakeIrq, FakeLine
 from tests.unit.test_faults import FakeSocket
 
@@ -59,7 +60,7 @@ class Console:
     def room_now(self) -> int:
         """The monitor's room, from the last report: what it may send now."""
         received, room = self.rooms()[-1]
-        return room - (self.sent - received)
+        return events.InputRoom(received, room).left(self.sent)
 
 
 def test_room_reported_once_at_start():
@@ -127,6 +128,15 @@ def test_room_is_none_in_loopback_and_the_input_waits_for_its_end():
     in_loopback = console.room_now()
     console.frame(wire.encode_write(Reg.MCR, b"\x00"))
     assert (in_loopback, console.room_now()) == (0, RX_BUFFER_MAX)
+
+
+def test_room_reported_by_every_console_model():
+    """A model the descriptors call a console takes the monitor's input only if it says its
+    room: one without input_buffer() would get none, silently."""
+    consoles = [name for name, model in MODELS.items() if model.console]
+    assert consoles and all(
+        callable(getattr(load_model(name), "input_buffer", None)) for name in consoles
+    )
 
 
 def test_room_not_reported_by_a_model_without_console_input():
