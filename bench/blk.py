@@ -161,6 +161,18 @@ anonymous memory 112.7; of anonymous memory with MADV_HUGEPAGE 113.1. So 0.82 of
 most any VMM gets with this guest on this host (QEMU: 0.84), and huge pages change nothing
 (shmem THP is off here, so a memfd gets none anyway). bench/blk_request.py: 1 MiB IN 115.5
 us (its preadv alone 87.6), 4 KiB IN 6.2 (0.7).
+
+2026-12-02, fifth session, same host, three runs (--runs 3, 5, 5): seq-read 6309 / 6533 /
+7879, 6318 / 6524 / 7959 and 6237 / 6500 / 7944 MiB/s (0.79-0.80 of the floor, 0.96-0.97 of
+QEMU); seq-write 0.87-0.88 and 0.95-0.96; rand-read-4k 4.73-4.90x QEMU. Per 1 MiB read that
+is ~5 us more than QEMU (158.5 against 153.1). Where a 1 MiB request's own time goes, in one
+process (bench/blk_request.py's driver, the device's _io timed inside it, medians over 300
+rounds of 8): 139.8 us a request, 125.8 of them the preadv (a bare loop of preadvs into the
+same buffers: ~113), so ~14 us of Python, against ~7 for a 4 KiB request. The difference is the caches the copy empties: the same 4 KiB path
+with a 1 MiB preadv elsewhere after each request (a scratch buffer, timed as part of the
+I/O) costs 12.8-13.5 us of Python against 7.0-7.1 without (two rounds each). So the Python
+left per 1 MiB read is a 4 KiB read's run with cold caches; a smaller working set (compiled
+code: mypyc, in the second round above) is what would shrink it. No change to the path.
 """
 
 from __future__ import annotations
