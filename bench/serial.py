@@ -75,6 +75,15 @@ for the next tick on a host whose CPUs are all busy.
 26.1 (1.74x; 0.743 s against 0.427). QEMU gains more than splitvmm from this host: a PIO exit
 is ~6.8 us in QEMU and ~9.7 in a Python KVM_RUN loop on PVM (KVM-HERE.md), and the posted THR
 write's send (waking ZeroMQ's I/O thread) is most of the rest. No change to the path.
+2026-12-02, fifth session, same host: batching's ceiling, measured with a throwaway change
+(not kept): posted writes sent as parts of one ZeroMQ message (SNDMORE), closed by the next
+request or at 32 parts, with no timer to close a batch that nothing follows (which a real
+one needs, and which costs wake-ups of its own). --runs 3, alternating, twice: 57.1 and 57.3
+us a byte plain against 46.5 and 46.9 batched (QEMU 30.6-31.0): 1.84x and 1.87x against
+1.52x. So even a batch that costs nothing leaves this host's figure above 1.5x: the rest is
+the two exits per byte in a Python KVM_RUN loop (the mirrored LSR read and the THR write).
+Not built again. Also tried, all of a VM's threads on one CPU (taskset -c 0): 69.8 us a byte
+against 55.1 on two (QEMU 30.4 and 31.2).
 """
 
 from __future__ import annotations
