@@ -61,12 +61,15 @@ class DeviceEvents:
     not take yet, and reports past MAX_PENDING are dropped and counted."""
 
     MAX_PENDING = 16
+    # Kinds of frame of which only the newest matters, sent in this order: the published
+    # state, the register mirror (runtime.MirrorPublisher), the room for host input
+    # (runtime.InputRoomReporter).
+    SUPERSEDING = ("state", "mirror", "room")
 
     def __init__(self) -> None:
         self._send: Callable[[bytes], bool] | None = None
-        self._state: bytes | None = None  # the newest published state not sent yet
-        self._mirror: bytes | None = None  # the newest MIRROR frame not sent yet
-        self._room: bytes | None = None  # the newest input_room frame not sent yet
+        # The newest frame of each superseding kind not sent yet (SUPERSEDING: its order)
+        self._latest: dict[str, bytes] = {}
         self._pending: list[bytes] = []
         self.dropped = 0
         self.routes: dict[int, tuple[bool, str]] = {}  # route id -> (ok, reason), answered
@@ -80,24 +83,25 @@ class DeviceEvents:
 
     def publish(self, state_document: dict[str, object]) -> None:
         progress = self.progress() if self.progress is not None else None
-        self._state = events.encode_publish(state_document, progress)
-        self.flush()
+        self._supersede("state", events.encode_publish(state_document, progress))
 
     def publish_room(self, frame: bytes) -> None:
-        """An input_room frame (runtime.InputRoomReporter); a newer one supersedes one not
-        sent: each says all the monitor needs."""
-        self._room = frame
-        self.flush()
+        """An input_room frame; a newer one supersedes one not sent: each says all the
+        monitor needs."""
+        self._supersede("room", frame)
 
     def publish_mirror(self, frame: bytes) -> None:
-        """A MIRROR frame (runtime.MirrorPublisher); a newer one supersedes one not sent."""
-        self._mirror = frame
-        self.flush()
+        """A MIRROR frame; a newer one supersedes one not sent."""
+        self._supersede("mirror", frame)
 
     @property
     def mirror_pending(self) -> bool:
         """Whether a MIRROR frame waits for the channel to take it."""
-        return self._mirror is not None
+        return "mirror" in self._latest
+
+    def _supersede(self, kind: str, frame: bytes) -> None:
+        self._latest[kind] = frame
+        self.flush()
 
     def report(self, message: str) -> None:
         self._queue(events.encode_report(message))
@@ -128,12 +132,10 @@ class DeviceEvents:
     def flush(self) -> None:
         if self._send is None:
             return
-        if self._state is not None and self._send(self._state):
-            self._state = None
-        if self._mirror is not None and self._send(self._mirror):
-            self._mirror = None
-        if self._room is not None and self._send(self._room):
-            self._room = None
+        for kind in self.SUPERSEDING:
+            frame = self._latest.get(kind)
+            if frame is not None and self._send(frame):
+                del self._latest[kind]
         while self._pending and self._send(self._pending[0]):
             self._pending.pop(0)
 

@@ -590,7 +590,7 @@ class DeviceSlot:
                 self._channel_failed_locked(str(e))
                 return 0
             said = self._input_room
-            if said is None or self.channel is not channel:
+            if said is None:
                 return 0
             room = said.left(self._input_sent)
             sent, end = 0, min(len(data), room)

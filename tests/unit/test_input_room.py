@@ -6,42 +6,39 @@ from __future__ import annotations
 
 from splitvmm.devprocs.base import DeviceContext, load_model
 from splitvmm.devprocs.faults import FaultInjector
-from splitvmm.devprocs.output import BoundedOutput
-from splitvmm.devprocs.runtime import Checkpoints, InputRoomReporter, MirrorPublisher, _serve_frame
-from splitvmm.devprocs.serial import RX_BUFFER_MAX, Mcr, Reg, Uart8250
+from splitvmm.devprocs.runtime import InputRoomReporter, _serve_frame
+from splitvmm.devprocs.serial import RX_BUFFER_MAX, Mcr, Reg
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
-from tests.fakes import FakeIrq, FakeLine
-from tests.unit.test_faults import FakeSocket
+from tests.fakes import FakeIrq
+from tests.unit.test_mirror_publisher import Channel
 
 QUARTER = RX_BUFFER_MAX // 4
 
 
-class Console:
-    """An 8250 served by the runtime, its room reported; `rooms()` the reports so far."""
+class Console(Channel):
+    """An 8250 served by the runtime (test_mirror_publisher's Channel), its room reported;
+    `rooms()` the reports so far."""
 
     def __init__(self) -> None:
-        self.uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine())))
-        self.sock = FakeSocket()
-        self.uart.ctx.events.connect(lambda frame: self.sock.send(frame) is None)
-        self.checkpoints = Checkpoints(self.uart)
-        self.mirrors = MirrorPublisher(self.uart, self.checkpoints, FaultInjector())
+        super().__init__()
         self.inputs = InputRoomReporter(self.uart)
         self.inputs.check()  # the first report, as after READY
-        self.seq = 0
         self.sent = 0  # what a monitor sent, keeping to the room: monitor/slot.py input()
 
-    def frame(self, buf: bytes) -> None:
+    def frame(self, buf: bytes) -> list[bytes]:
+        before = len(self.sock.sent)
         _serve_frame(
             self.uart,
-            self.sock,
+            self.sock,  # type: ignore[arg-type]
             buf,
             self.checkpoints,
             FaultInjector(),
             self.mirrors,
-            self.inputs,  # type: ignore[arg-type]
+            self.inputs,
         )
         self.inputs.check()
+        return self.sock.sent[before:]
 
     def type(self, data: bytes) -> None:
         for i in range(0, len(data), wire.MAX_INPUT_CHUNK):
