@@ -18,7 +18,12 @@ run to the next on this shared host, so a median of single passes was mostly noi
 guest's driver runs at CPL3 (native on a PVM host) once set up, the same for both VMMs, so
 what differs is the device's work per request.
 
-    python bench/blk.py [--runs R] [--json]
+    python bench/blk.py [--runs R] [--cache page|direct] [--json]
+
+--cache direct runs the same with O_DIRECT on every side: splitvmm's `direct = true`, QEMU's
+cache=none (O_DIRECT, its default aio=threads pool), dd's iflag=direct / oflag=direct and
+the 4 KiB floor's preads on an O_DIRECT fd. Then the figures are the disk's under the file
+system, not the copy out of the page cache.
 
 Where a 1 MiB read's time goes, and what was tried (2026-12-01; bench/blk_request.py gives
 the device's cost per request in one process, 10th percentile; figures in us per request):
@@ -179,6 +184,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import random
 import re
@@ -233,24 +239,28 @@ def make_disk(path: Path) -> Path:
     return path
 
 
-def run_splitvmm(image: Path, disk: Path, work: Path, i: int) -> dict[str, float]:
+def run_splitvmm(image: Path, disk: Path, work: Path, i: int, direct: bool) -> dict[str, float]:
     serial = work / f"splitvmm-{i}.log"
     config = work / f"splitvmm-{i}.toml"
     config.write_text(
         f'[vm]\nname = "bench-blk"\nmemory = "{MEMORY}"\n[boot]\nfirmware = "{image}"\n'
         f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
         f'[[device]]\nname = "blk0"\nmodel = "virtio-blk"\npath = "{disk}"\n'
+        f"direct = {'true' if direct else 'false'}\n"
     )
     argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
     return parse(run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "splitvmm"), "splitvmm")
 
 
-def run_qemu(qemu: str, image: Path, disk: Path, work: Path, i: int) -> dict[str, float]:
+def run_qemu(
+    qemu: str, image: Path, disk: Path, work: Path, i: int, direct: bool
+) -> dict[str, float]:
     serial = work / f"qemu-{i}.log"
     argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", MEMORY.removesuffix("M")]
     argv += ["-display", "none", "-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
     argv += ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
-    argv += ["-drive", f"if=none,id=d0,file={disk},format=raw,cache=writeback"]
+    cache = "none" if direct else "writeback"  # none: O_DIRECT (its default aio=threads)
+    argv += ["-drive", f"if=none,id=d0,file={disk},format=raw,cache={cache}"]
     argv += ["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
     return parse(run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "QEMU"), "QEMU")
 
@@ -268,25 +278,27 @@ def dd_mib_s(argv: list[str]) -> float:
     return BENCH_MIB / float(found.group(1))
 
 
-def host_floor(disk: Path) -> dict[str, list[float]]:
-    """PASSES of each, as the guest does them."""
+def host_floor(disk: Path, direct: bool) -> dict[str, list[float]]:
+    """PASSES of each, as the guest does them; with O_DIRECT too where the VMMs use it."""
     floor: dict[str, list[float]] = {phase: [] for phase in PHASES}
     rng = random.Random(1)
     offsets = [rng.randrange(BENCH_MIB * 256) * 4096 for _ in range(RANDOM_READS)]
+    block = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+    write, read = ["conv=notrunc"], []
+    if direct:
+        write, read = [*write, "oflag=direct"], ["iflag=direct"]
     for _ in range(PASSES):
         floor["seq-write-1m"].append(
-            dd_mib_s(
-                ["dd", "if=/dev/zero", f"of={disk}", "bs=1M", f"count={BENCH_MIB}", "conv=notrunc"]
-            )
+            dd_mib_s(["dd", "if=/dev/zero", f"of={disk}", "bs=1M", f"count={BENCH_MIB}", *write])
         )
         floor["seq-read-1m"].append(
-            dd_mib_s(["dd", f"if={disk}", "of=/dev/null", "bs=1M", f"count={BENCH_MIB}"])
+            dd_mib_s(["dd", f"if={disk}", "of=/dev/null", "bs=1M", f"count={BENCH_MIB}", *read])
         )
-        fd = os.open(disk, os.O_RDONLY)
+        fd = os.open(disk, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         try:
             start = time.perf_counter()
             for off in offsets:
-                os.pread(fd, 4096, off)
+                os.preadv(fd, [block], off)
             floor["rand-read-4k"].append(RANDOM_READS / (time.perf_counter() - start))
         finally:
             os.close(fd)
@@ -308,7 +320,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of the guest under each VMM")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--cache",
+        choices=("page", "direct"),
+        default="page",
+        help="page: the host's page cache (both VMMs' default); direct: O_DIRECT everywhere "
+        "(splitvmm's direct = true, QEMU's cache=none, dd's iflag/oflag=direct)",
+    )
     args = parser.parse_args()
+    direct = args.cache == "direct"
     qemu = shutil.which(QEMU)
     load_before = os.getloadavg()[0]  # the host is shared: a loaded one moves every figure
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # a real disk, not a tmpfs
@@ -317,12 +337,13 @@ def main() -> None:
         disk = make_disk(work / "disk.img")
         ours, theirs, floor = [], [], []
         for i in range(args.runs):  # alternate, so drift on the host hits all alike
-            ours.append(run_splitvmm(image, disk, work, i))
+            ours.append(run_splitvmm(image, disk, work, i, direct))
             if qemu:
-                theirs.append(run_qemu(qemu, image, disk, work, i))
-            floor.append(host_floor(disk))
+                theirs.append(run_qemu(qemu, image, disk, work, i, direct))
+            floor.append(host_floor(disk, direct))
     result = {
         "runs": args.runs,
+        "cache": args.cache,
         "load": [load_before, os.getloadavg()[0]],  # 1-minute load average, before and after
         "qemu": qemu_version(qemu) if qemu else None,
         "splitvmm": medians(ours),
@@ -341,7 +362,8 @@ def print_table(result: dict[str, object], runs: int) -> None:
     theirs, load = result["qemu_figures"], result["load"]
     assert isinstance(ours, dict) and isinstance(host, dict) and isinstance(load, list)
     table = Table(
-        title=f"virtio-blk, firmware-virtio-blk guest, {BENCH_MIB} MiB, 8 in flight "
+        title=f"virtio-blk, firmware-virtio-blk guest, {BENCH_MIB} MiB, 8 in flight, "
+        f"{'O_DIRECT' if result['cache'] == 'direct' else 'page cache'} "
         f"(median of {runs} runs x {PASSES} passes)",
         caption=f"{result['qemu'] or f'{QEMU} not found'}; 1-minute load {load[0]:.2f} "
         f"before, {load[1]:.2f} after",

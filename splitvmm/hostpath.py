@@ -114,17 +114,24 @@ def _open_error(e: OSError) -> str:
 
 
 def open_host_file(
-    path: str | os.PathLike[str], key: str, access: Access = Access.READ, dir_fd: int | None = None
+    path: str | os.PathLike[str],
+    key: str,
+    access: Access = Access.READ,
+    dir_fd: int | None = None,
+    flags: int = 0,
 ) -> int:
     """An fd (blocking, close-on-exec) of the regular file at path, relative to dir_fd if
-    given; HostFileError naming `key` and the path otherwise. The caller closes the fd."""
+    given, opened with `flags` besides (O_DIRECT for a disk image that asks for it);
+    HostFileError naming `key` and the path otherwise. The caller closes the fd."""
     name = os.fspath(path)
     reason = _precheck(name, dir_fd, access)
     if reason is not None:
         raise HostFileError(key, name, reason)
     try:
-        fd = os.open(name, access.value | BASE_FLAGS, NEW_FILE_MODE, dir_fd=dir_fd)
+        fd = os.open(name, access.value | BASE_FLAGS | flags, NEW_FILE_MODE, dir_fd=dir_fd)
     except OSError as e:
+        if e.errno == errno.EINVAL and flags & os.O_DIRECT:
+            raise HostFileError(key, name, "is on a file system without direct I/O") from None
         raise HostFileError(key, name, _open_error(e)) from None
     try:
         mode = os.fstat(fd).st_mode

@@ -14,6 +14,13 @@ request's data buffers are zeroed, so that the used len (data + status) is true.
 malformed request (no room for the status byte, a header cut short) is the driver's to
 fix: IOERR when there is a status byte to write, else the queue is hostile (NEEDS_RESET).
 
+Direct I/O: an image opened with O_DIRECT (the `direct` option: no copy in the host's page
+cache, as QEMU's cache=none) takes whole DIRECT_IO_ALIGN blocks at aligned addresses. A
+request whose offset and buffers are all aligned (a page-cache driver's usual request) goes
+straight between the file and guest RAM as any other; the rest goes through a bounce buffer
+of the device's, a block-aligned span of the disk at a time, and a write that covers part
+of a block reads that block first. The monitor checked the image's size and a first block.
+
 Write cache: VIRTIO_BLK_F_FLUSH is offered. A driver that accepts it gets write-back (the
 page cache) and FLUSH as its fdatasync; one that does not gets stable writes, each synced
 before it completes (5.2.6.2), as QEMU does.
@@ -22,6 +29,8 @@ before it completes (5.2.6.2), as QEMU does.
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import struct
 from collections.abc import Mapping
@@ -35,6 +44,7 @@ from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import files
 from splitvmm.protocol import schema
+from splitvmm.protocol.models import DIRECT_IO_ALIGN
 
 VIRTIO_ID_BLOCK = 2
 SECTOR = 512
@@ -65,7 +75,9 @@ MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_SEGMENTS = 1  # discard / write zeroes segments per request
 IOV_MAX = 1024  # preadv/pwritev take at most this many buffers at once
 ZERO_CHUNK = 1 << 20  # zeros written (to the disk, or to guest buffers) this much at a time
-ZEROS = memoryview(bytes(ZERO_CHUNK))  # calloc'd: the kernel's zero page until written
+# Read-only anonymous memory: the kernel's zero page, page-aligned, so O_DIRECT can write it
+ZEROS = memoryview(mmap.mmap(-1, ZERO_CHUNK, prot=mmap.PROT_READ))
+BOUNCE_BYTES = 1 << 20  # O_DIRECT: the bounce buffer for unaligned requests (see above)
 PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE  # the kernel wants both
 # Without KEEP_SIZE: the process's RLIMIT_FSIZE (the image's size: sandbox/device.py) then
 # binds it, where ZERO_RANGE|KEEP_SIZE could allocate blocks past the end unbounded
@@ -105,12 +117,19 @@ class VirtioBlk(VirtioPciDevice):
         self.capacity = capacity
         self.readonly = readonly
         self.serial = serial
+        bounce = ctx.prepared.get("bounce")
+        # None: the image is not opened with O_DIRECT, and any buffer will do
+        self.bounce = memoryview(bounce) if isinstance(bounce, mmap.mmap) else None
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
-        """Guest RAM, and the disk's size (in whole sectors), before the sandbox."""
+        """Guest RAM, the disk's size (in whole sectors) and, for an image the monitor opened
+        with O_DIRECT (the fd says so), a page-aligned bounce buffer, before the sandbox."""
         super().setup(ctx)
-        ctx.prepared["capacity"] = os.fstat(ctx.fds["disk"]).st_size // SECTOR
+        disk = ctx.fds["disk"]
+        ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
+        if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
+            ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES)
 
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
@@ -247,8 +266,16 @@ class VirtioBlk(VirtioPciDevice):
             total += length
         if total % SECTOR or sector + total // SECTOR > self.capacity:
             raise RequestError(VIRTIO_BLK_S_IOERR)
-        views = self.ram.iovecs(bufs, writable=not write)
-        offset, call, left = sector * SECTOR, os.pwritev if write else os.preadv, total
+        views, offset = self.ram.iovecs(bufs, writable=not write), sector * SECTOR
+        if self.bounce is None or _aligned(offset, bufs):
+            self._vectored(offset, views, total, write)
+        else:
+            self._bounced(offset, views, total, write)
+        return 0 if write else total
+
+    def _vectored(self, offset: int, views: list[memoryview], left: int, write: bool) -> None:
+        """`left` bytes between the disk at `offset` and `views`, in place."""
+        call = os.pwritev if write else os.preadv
         while left:
             n = self._io(call, self.disk, views[:IOV_MAX], offset)
             if n == 0:
@@ -257,7 +284,32 @@ class VirtioBlk(VirtioPciDevice):
             if left:  # a short transfer, or more than IOV_MAX buffers: go on after it
                 offset += n
                 views = _advance(views, n)
-        return 0 if write else total
+
+    def _bounced(self, offset: int, views: list[memoryview], total: int, write: bool) -> None:
+        """`total` bytes between the disk at `offset` and `views` through the bounce buffer,
+        for an O_DIRECT image where they are not all aligned: each step moves a block-aligned
+        span of the disk (at most the bounce buffer) whole; a write that covers only part of
+        its first or last block reads that block into the span first."""
+        bounce, end = self.bounce, offset + total
+        assert bounce is not None
+        at, done = offset - offset % DIRECT_IO_ALIGN, 0  # the span's start; bytes moved
+        while at < end:
+            stop = min(-(-end // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN, at + len(bounce))
+            span = bounce[: stop - at]
+            lo, hi = max(offset, at) - at, min(end, stop) - at  # the request's part of it
+            if write:
+                if lo:
+                    self._vectored(at, [span[:DIRECT_IO_ALIGN]], DIRECT_IO_ALIGN, write=False)
+                if hi < len(span):
+                    tail = len(span) - DIRECT_IO_ALIGN
+                    self._vectored(at + tail, [span[tail:]], DIRECT_IO_ALIGN, write=False)
+                _copy(views, done, span[lo:hi], into_views=False)
+                self._vectored(at, [span], len(span), write=True)
+            else:
+                self._vectored(at, [span], len(span), write=False)
+                _copy(views, done, span[lo:hi], into_views=True)
+            done += hi - lo
+            at = stop
 
     def _get_id(self, into: list[tuple[int, int]]) -> int:
         data = self.serial.ljust(ID_BYTES, b"\0")
@@ -312,12 +364,13 @@ class VirtioBlk(VirtioPciDevice):
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     self._io_failed(e)
-        at, end = offset, offset + length
-        while at < end:  # a write may be short (a file system filling up): the rest again
-            wrote = self._io(os.pwrite, self.disk, ZEROS[: end - at], at)
-            if wrote <= 0:
-                raise RequestError(VIRTIO_BLK_S_IOERR)
-            at += wrote
+        zeros = [ZEROS] * (length // ZERO_CHUNK)
+        if length % ZERO_CHUNK:
+            zeros.append(ZEROS[: length % ZERO_CHUNK])
+        if self.bounce is None or not (offset | length) % DIRECT_IO_ALIGN:
+            self._vectored(offset, zeros, length, write=True)
+        else:
+            self._bounced(offset, zeros, length, write=True)
 
     def _io(self, call: Any, *args: Any) -> int:
         """A host I/O call; its failure is the request's (IOERR), logged, never the device's."""
@@ -342,6 +395,35 @@ def _merged(bufs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         elif length:
             out.append((gpa, gpa + length))
     return out
+
+
+def _aligned(offset: int, bufs: list[tuple[int, int]]) -> bool:
+    """Whether O_DIRECT can move these guest buffers at this disk offset in place. A gpa is
+    as aligned as the address it maps to: KVM's memslots are page-aligned on both sides."""
+    if offset % DIRECT_IO_ALIGN:
+        return False
+    for gpa, length in bufs:
+        if (gpa | length) % DIRECT_IO_ALIGN:
+            return False
+    return True
+
+
+def _copy(views: list[memoryview], skip: int, span: memoryview, into_views: bool) -> None:
+    """Copy between `span` and the bytes of `views` from `skip` on, as many as span holds:
+    into the views (a read's data), or out of them into span (a write's)."""
+    at = 0
+    for view in views:
+        if skip >= len(view):
+            skip -= len(view)
+            continue
+        n = min(len(view) - skip, len(span) - at)
+        if into_views:
+            view[skip : skip + n] = span[at : at + n]
+        else:
+            span[at : at + n] = view[skip : skip + n]
+        at, skip = at + n, 0
+        if at == len(span):
+            return
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

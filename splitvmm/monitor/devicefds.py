@@ -10,6 +10,7 @@ across a crash), and the machine closes them at tear-down.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -22,6 +23,7 @@ from splitvmm.monitor.memory import SEALS, GuestMemory
 from splitvmm.native import tun
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol.models import (
+    DIRECT_IO_ALIGN,
     FdKind,
     FdRole,
     ModelDescriptor,
@@ -156,13 +158,18 @@ class DeviceFds(Struct):
         return self._intx
 
     def _disk(self, dev: DeviceSection, role: FdRole) -> int:
-        """The regular file the option names, read-only if the readonly option says so."""
+        """The regular file the option names, read-only if the readonly option says so, and
+        with O_DIRECT if the direct option does (checked here: see check_direct_io)."""
         readonly = bool(dev.options.get(role.readonly_option, False))
+        direct = bool(role.direct_option and dev.options.get(role.direct_option, False))
         access = hostpath.Access.READ if readonly else hostpath.Access.READ_WRITE
-        path = str(dev.options[role.option])
-        return self._own(
-            hostpath.open_host_file(path, f"device {dev.name!r}.{role.option}", access)
+        path, key = str(dev.options[role.option]), f"device {dev.name!r}.{role.option}"
+        fd = self._own(
+            hostpath.open_host_file(path, key, access, flags=os.O_DIRECT if direct else 0)
         )
+        if direct:
+            check_direct_io(fd, path, f"device {dev.name!r}.{role.direct_option}")
+        return fd
 
     def _tap(self, dev: DeviceSection, role: FdRole) -> int:
         """The TAP the option names, made if missing (which needs CAP_NET_ADMIN), else the
@@ -176,6 +183,28 @@ class DeviceFds(Struct):
         except OSError as e:
             raise ConfigError(f"{key}: cannot open TAP {name!r}: {e.strerror or e}") from None
         return self._own(fd)
+
+
+def check_direct_io(fd: int, path: str, key: str) -> None:
+    """A disk opened with O_DIRECT must take whole DIRECT_IO_ALIGN blocks: its size a whole
+    number of them (a device writes a partial last block as a whole one, which would grow
+    the file), and a block read at offset 0 (a file system whose blocks are larger refuses
+    it, EINVAL, and would refuse the guest's every request)."""
+    size = os.fstat(fd).st_size
+    if size % DIRECT_IO_ALIGN:
+        raise ConfigError(
+            f"{key}: {path} is {size} bytes, not a multiple of {DIRECT_IO_ALIGN}, as direct "
+            "I/O needs (resize it, or leave direct out)"
+        )
+    block = mmap.mmap(-1, DIRECT_IO_ALIGN)  # page-aligned, as O_DIRECT wants memory
+    try:
+        os.preadv(fd, [block], 0)
+    except OSError as e:
+        raise ConfigError(
+            f"{key}: {path} refused a direct read of {DIRECT_IO_ALIGN} bytes: {e.strerror}"
+        ) from None
+    finally:
+        block.close()
 
 
 def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:

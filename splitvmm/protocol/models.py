@@ -23,6 +23,11 @@ from splitvmm.protocol.wire import ACCESS_SIZES, MAX_MIRRORED, MIRROR_BYTES
 from splitvmm.record import Struct
 
 UNIX_OUTPUT = "unix:"  # an output option's prefix for a UNIX socket: "unix:PATH"
+# O_DIRECT moves whole blocks between a disk image and memory: its file offsets, lengths and
+# buffer addresses aligned to the file system's block (statx's STATX_DIOALIGN, 512 on most
+# disks). 4 KiB is the largest logical block in common use, so the monitor refuses a direct
+# image whose size or first block this does not fit, and a device bounces what it misses.
+DIRECT_IO_ALIGN = 4096
 
 
 def unix_output_path(value: object) -> str | None:
@@ -48,7 +53,9 @@ class FdKind(enum.Enum):
     MSIX = "msix"  # an irqfd for MSI-X vector `index`: its route is asked for (protocol/events)
     INTX = "intx"  # an irqfd (level, with a resample fd) on the function's INTx GSI
     INTX_RESAMPLE = "intx-resample"  # signalled when the guest ends an INTx interrupt (EOI)
-    DISK = "disk"  # the file `option` names, read-only when option `readonly_option` is true
+    # The file `option` names: read-only when option `readonly_option` is true, and with
+    # O_DIRECT (no host page cache) when option `direct_option` is (DIRECT_IO_ALIGN).
+    DISK = "disk"
     # The TAP interface `option` names (made if missing), opened with a virtio net header
     # per frame (native/tun.py): the device reads and writes frames, nothing else.
     TAP = "tap"
@@ -60,6 +67,7 @@ class FdRole(Struct, frozen=True):
     option: str = ""  # OUTPUT, DISK, TAP: the option naming the stream, file or interface
     index: int = 0  # NOTIFY: the queue; MSIX: the vector
     readonly_option: str = ""  # DISK: the bool option that opens it read-only
+    direct_option: str = ""  # DISK: the bool option that opens it with O_DIRECT
 
 
 def indexed_roles(prefix: str, kind: FdKind, count: int) -> tuple[FdRole, ...]:
@@ -351,9 +359,15 @@ VIRTIO_BLK = ModelDescriptor(
         # default None: the option is required (config.py names it when it is missing)
         Option("path", str, None, host_resource=True, path=True),
         Option("readonly", bool, False),
+        Option("direct", bool, False),  # O_DIRECT: the host's page cache left out
         Option("serial", str, ""),  # VIRTIO_BLK_T_GET_ID's answer, at most 20 bytes
     ),
-    fds=virtio_fds(1, FdRole("disk", FdKind.DISK, option="path", readonly_option="readonly")),
+    fds=virtio_fds(
+        1,
+        FdRole(
+            "disk", FdKind.DISK, option="path", readonly_option="readonly", direct_option="direct"
+        ),
+    ),
     # IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES (zeroing, then unmapping), and a type the
     # device does not know; each request's last writable byte is its status
     queue_recipes=(

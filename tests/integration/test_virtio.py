@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -92,26 +93,57 @@ def test_virtio_blk_guest_passes_through_splitvmm(guests, tmp_path, options):
         assert re.search(r"BAR0 0x[0-9a-f]+ -> 0x[0-9a-f]+", serial), serial
 
 
+def run_blk(tmp_path: Path, guests, mode: str, seed: int, size: str, devices: str) -> str:
+    """The blk guest in mode=write or mode=verify; its serial output, once it passed."""
+    cmdline = f"mode={mode} seed={seed} size={size}"
+    status, serial, err = up(tmp_path, config(tmp_path, guests["virtio-blk"], cmdline, devices))
+    assert status == OK, serial + err
+    return serial
+
+
+def same_sum(written: str, verified: str, seed: int, size: str) -> bool:
+    """Whether the verify read back the checksum the write reported."""
+    sums = [re.search(rf"{verb} {size[:-1]} MiB seed={seed} sum=(\w+)", text)
+            for verb, text in (("wrote", written), ("verified", verified))]  # fmt: skip
+    return all(sums) and sums[0][1] == sums[1][1]  # type: ignore[index]
+
+
 def test_virtio_blk_64mib_pattern_survives_power_off_into_a_fresh_vm(guests, tmp_path):
     disk = make_disk(tmp_path / "disk.img")
     devices = blk_table("blk0", disk)
-    status, written, err = up(
-        tmp_path, config(tmp_path, guests["virtio-blk"], "mode=write seed=42 size=64M", devices)
-    )
-    assert status == OK, written + err
+    written = run_blk(tmp_path, guests, "write", 42, "64M", devices)
     # The host sees the guest's bytes in the image: sector 77777's words, as the spec'd pattern.
     with disk.open("rb") as f:
         f.seek(77777 * 512)
         words = struct.unpack("<64Q", f.read(512))
     assert list(words) == [pattern_word(42, 77777, i) for i in range(64)]
 
-    status, verified, err = up(
-        tmp_path, config(tmp_path, guests["virtio-blk"], "mode=verify seed=42 size=64M", devices)
-    )
-    assert status == OK, verified + err
-    sum_written = re.search(r"wrote 64 MiB seed=42 sum=(\w+)", written)
-    sum_verified = re.search(r"verified 64 MiB seed=42 sum=(\w+)", verified)
-    assert sum_written and sum_verified and sum_written[1] == sum_verified[1]
+    verified = run_blk(tmp_path, guests, "verify", 42, "64M", devices)
+    assert same_sum(written, verified, 42, "64M")
+
+
+def cached_bytes(path: Path) -> int:
+    """How much of the file the host's page cache holds (mincore(2), through util-linux)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return int(out.strip())
+
+
+def test_virtio_blk_direct_io_leaves_the_host_page_cache_out(guests, tmp_path):
+    """direct = true: 16 MiB written and read back, a fresh VM verifies it, and none of it
+    passed through the host's page cache; the same verify without direct fills the cache
+    (so the measure can see it)."""
+    disk = make_disk(tmp_path / "disk.img")  # sparse: nothing of it cached yet
+    direct = blk_table("blk0", disk, "direct = true\n")
+    written = run_blk(tmp_path, guests, "write", 7, "16M", direct)
+    verified = run_blk(tmp_path, guests, "verify", 7, "16M", direct)
+    assert same_sum(written, verified, 7, "16M")
+    assert cached_bytes(disk) < 1 << 20, "direct I/O went through the page cache"
+
+    run_blk(tmp_path, guests, "verify", 7, "16M", blk_table("blk0", disk))
+    assert cached_bytes(disk) >= 16 << 20
 
 
 def test_virtio_blk_verify_with_another_seed_fails_in_the_guest(guests, tmp_path):

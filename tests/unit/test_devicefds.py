@@ -113,6 +113,43 @@ def test_device_fds_disk_opens_as_readonly_option_says(mem, owned, disk, readonl
     assert fcntl.fcntl(fds["disk"], fcntl.F_GETFL) & os.O_ACCMODE == mode
 
 
+def direct(path: Path) -> DeviceSection:
+    return DeviceSection("blk0", "virtio-blk", options={"path": str(path), "direct": True})
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_device_fds_disk_opens_with_o_direct_as_direct_option_says(mem, owned, disk, on) -> None:
+    try:
+        fds, _, _ = make(mem, owned, direct(disk) if on else blk(disk))
+    except HostFileError as e:
+        pytest.skip(f"no direct I/O where the tests run: {e}")
+    assert bool(fcntl.fcntl(fds["disk"], fcntl.F_GETFL) & os.O_DIRECT) is on
+
+
+def test_device_fds_direct_disk_of_a_partial_block_is_refused_naming_the_option(
+    mem, owned, disk
+) -> None:
+    """A device writes a direct image's partial last block whole, which would grow it."""
+    disk.write_bytes(bytes(4096 + 512))
+    with pytest.raises(ConfigError, match=r"device 'blk0'.direct: .*4608 bytes, not a multiple"):
+        make(mem, owned, direct(disk))
+
+
+def test_device_fds_direct_disk_on_a_file_system_without_it_is_refused(
+    mem, owned, disk, monkeypatch
+) -> None:
+    real = os.open
+
+    def no_direct(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.raises(HostFileError, match=r"device 'blk0'.path: .*without direct I/O"):
+        make(mem, owned, direct(disk))
+
+
 def test_device_fds_disk_symlink_is_refused_naming_device_and_option(mem, owned, disk) -> None:
     link = disk.with_name("link.img")
     link.symlink_to(disk)

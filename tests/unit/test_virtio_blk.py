@@ -329,9 +329,9 @@ def test_virtio_blk_write_zeroes_written_in_short_writes_still_zeroes_the_range(
     """Written as zeros (no ZERO_RANGE: tmpfs), a short pwrite (a file system filling up)
     left the rest of its chunk as it was, and the request was OK all the same."""
     no_holes(monkeypatch)
-    real = os.pwrite
-    short = lambda fd, data, at: real(fd, data[: max(1, len(data) // 2)], at)  # noqa: E731
-    monkeypatch.setattr(os, "pwrite", short)
+    real = os.pwritev
+    short = lambda fd, bufs, at: real(fd, [bufs[0][: max(1, len(bufs[0]) // 2)]], at)  # noqa: E731
+    monkeypatch.setattr(os, "pwritev", short)
     driver, ring = started(blk)
     status = request(ring, WRITE_ZEROES, 0, [(struct.pack("<QII", 4, 4, 0), False)])
 
@@ -550,3 +550,135 @@ def test_virtio_blk_chains_completed_before_a_bad_one_are_notified(blk, fds):
     assert ring.take_used()[0][0] == 0 and status_of(blk, status) == OK
     assert driver.status() & NEEDS_RESET
     assert blk.isr & 0x1 and signalled(fds["intx"]) >= 1
+
+
+# -- an image opened with O_DIRECT (the `direct` option) ---------------------------------------
+
+
+@pytest.fixture
+def direct_fds(disk: Path) -> Iterator[dict[str, int]]:
+    """The device's fds with the disk opened as the monitor opens a `direct = true` one."""
+    fds = host_fds("virtio-blk", disk)
+    os.close(fds.pop("disk"))
+    try:
+        fds["disk"] = os.open(disk, os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as e:  # EINVAL: this file system takes no O_DIRECT
+        close_fds(fds)
+        pytest.skip(f"{disk.parent} is on a file system without direct I/O: {e}")
+    yield fds
+    close_fds(fds)
+
+
+@pytest.fixture
+def bounces(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, bool]]:
+    """Every request that went through the bounce buffer: (offset, bytes, write)."""
+    seen: list[tuple[int, int, bool]] = []
+    real = VirtioBlk._bounced
+
+    def spy(self: VirtioBlk, offset: int, views: list[memoryview], total: int, write: bool) -> None:
+        seen.append((offset, total, write))
+        real(self, offset, views, total, write)
+
+    monkeypatch.setattr(VirtioBlk, "_bounced", spy)
+    return seen
+
+
+def aligned(ring: Ring, data: bytes | int) -> tuple[int, int]:
+    """A buffer at a page-aligned gpa (Ring.buffer aligns to 16 bytes only)."""
+    ring.heap = -(-ring.heap // 4096) * 4096
+    return ring.buffer(data)
+
+
+def sector_bytes(n: int) -> bytes:
+    return bytes(range(256)) * 2  # what the disk fixture put in every sector
+
+
+def test_virtio_blk_direct_aligned_request_moves_in_place(direct_fds, disk, bounces):
+    """A page-cache driver's request (page-aligned buffers, a block-aligned offset) needs no
+    bounce: O_DIRECT moves it between the file and guest RAM as the buffered path does."""
+    dev = make(direct_fds)
+    assert dev.bounce is not None  # the device saw O_DIRECT on its fd
+    driver, ring = started(dev)
+    served = []
+    for kind, data, writable in [(OUT, b"\x5a" * 4096, False), (IN, 4096, True)]:
+        header = ring.buffer(struct.pack("<IIQ", kind, 0, 8))
+        buf, status = aligned(ring, data), ring.buffer(b"\xff")
+        ring.add([(*header, False), (*buf, writable), (*status, True)])
+        driver.kick()  # one request a kick: a slow disk may end a kick's budget after one
+        served += [(ring.take_used()[0][1], status_of(dev, status[0]))]
+
+    assert served == [(1, OK), (4097, OK)] and dev.ram.read(buf[0], 4096) == b"\x5a" * 4096
+    assert disk.read_bytes()[8 * 512 : 16 * 512] == b"\x5a" * 4096 and bounces == []
+
+
+def test_virtio_blk_direct_unaligned_read_goes_through_the_bounce_buffer(direct_fds, bounces):
+    """Sector 1 (not on a 4 KiB block) into buffers at 16-byte-aligned gpas: O_DIRECT takes
+    neither in place; the device reads the blocks around it and copies the request's part."""
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    status = request(ring, IN, 1, [(512, True), (1536, True)])
+
+    driver.kick()
+
+    assert ring.take_used()[0][1] == 2049 and status_of(dev, status) == OK
+    assert dev.ram.read(status - 2048, 2048) == sector_bytes(1) * 4
+    assert bounces == [(512, 2048, False)]
+
+
+def test_virtio_blk_direct_unaligned_write_keeps_the_rest_of_its_blocks(direct_fds, disk, bounces):
+    """A write of sectors 7..9 covers parts of blocks 0 and 1: each is read, patched and
+    written whole, so the sectors around the request keep their data."""
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    status = request(ring, OUT, 7, [(b"\xab" * 1000, False), (b"\xcd" * 536, False)])
+
+    driver.kick()
+
+    image = disk.read_bytes()
+    assert status_of(dev, status) == OK and bounces == [(7 * 512, 1536, True)]
+    assert image[7 * 512 : 10 * 512] == b"\xab" * 1000 + b"\xcd" * 536
+    assert image[: 7 * 512] == sector_bytes(0) * 7
+    assert image[10 * 512 :] == sector_bytes(0) * (SECTORS - 10)
+
+
+def test_virtio_blk_direct_unaligned_request_larger_than_the_bounce_buffer(
+    disk, direct_fds, monkeypatch
+):
+    """A request longer than the bounce buffer moves one aligned span at a time; buffers of
+    odd sizes straddle the spans."""
+    monkeypatch.setattr("splitvmm.devprocs.virtio_blk.BOUNCE_BYTES", 8192)
+    dev = make(direct_fds)
+    assert dev.bounce is not None and len(dev.bounce) == 8192
+    driver, ring = started(dev)
+    payload = bytes((i * 7) & 0xFF for i in range(20 * 512))
+    status = request(ring, OUT, 3, [(payload[:1536], False), (payload[1536:], False)])
+    driver.kick()  # one request a kick: a slow disk may end a kick's budget after one
+    sizes = [512, 7008, 20 * 512 - 7520]  # multiples of 16: Ring.buffer lays them end to end
+    status2 = request(ring, IN, 3, [(n, True) for n in sizes])
+    driver.kick()
+
+    image = disk.read_bytes()
+    assert [used for _, used in ring.take_used()] == [1, 20 * 512 + 1]
+    assert [status_of(dev, status), status_of(dev, status2)] == [OK, OK]
+    assert image[3 * 512 : 23 * 512] == payload
+    assert image[: 3 * 512] + image[23 * 512 :] == sector_bytes(0) * (SECTORS - 20)
+    assert dev.ram.read(status2 - 20 * 512, 20 * 512) == payload
+
+
+@pytest.mark.parametrize(("sector", "count"), [(1, 2), (8, 8)], ids=["unaligned", "aligned"])
+def test_virtio_blk_direct_write_zeroes_written_as_zeros(
+    direct_fds, disk, monkeypatch, sector, count
+):
+    """Without ZERO_RANGE (tmpfs) the zeros are written: through the bounce buffer where the
+    range is not whole blocks, from the page-aligned zero page where it is."""
+    no_holes(monkeypatch)
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    status = request(ring, WRITE_ZEROES, 0, [(struct.pack("<QII", sector, count, 0), False)])
+
+    driver.kick()
+
+    image = disk.read_bytes()
+    start, end = sector * 512, (sector + count) * 512
+    assert status_of(dev, status) == OK and image[start:end] == bytes(end - start)
+    assert image[:start] + image[end:] == sector_bytes(0) * (SECTORS - count)
