@@ -178,6 +178,21 @@ with a 1 MiB preadv elsewhere after each request (a scratch buffer, timed as par
 I/O) costs 12.8-13.5 us of Python against 7.0-7.1 without (two rounds each). So the Python
 left per 1 MiB read is a 4 KiB read's run with cold caches; a smaller working set (compiled
 code: mypyc, in the second round above) is what would shrink it. No change to the path.
+
+2026-12-02, sixth session, same host: `direct = true` (O_DIRECT) and --cache direct. With the
+page cache out of the way the disk under /tmp is the floor here (dd iflag=direct 1.5-2.6 GB/s
+from run to run). First, the device serving one request at a time (preadv/pwritev in place,
+as for the page cache), --runs 3, splitvmm / QEMU (cache=none, aio=threads) / floor: seq-write
+2254 / 2271 / 1642 MiB/s, seq-read 1708 / 1855 / 1540 (1.11 of the floor, 0.92 of QEMU),
+rand-read-4k 10645 / 32139 / 13386 IOPS (0.33 of QEMU): QEMU's thread pool has the guest's 8
+requests on the disk at once, the device one. Then aligned requests through Linux AIO
+(native/aio.py, QEMU's aio=native; up to AIO_DEPTH in flight, used in order: the transport's
+Pending), same command: seq-write 3122 / 2468 / 1958, seq-read 2119 / 1912 / 1688 (1.26 of
+the floor, 1.11 of QEMU), rand-read-4k 34364 / 22194 / 13684 (1.55 of QEMU). On the host, AIO
+4 KiB reads at depth 1, 8 and 32 from one Python loop: 13.8k, 58.1k and 114.3k IOPS. QEMU
+with aio=native instead of its threads, two runs by hand: seq-read 2304 and 1670 against
+1948 and 1873, rand-read-4k 23849 and 22422 against 35805 and 21886: the same within this
+disk's noise.
 """
 
 from __future__ import annotations

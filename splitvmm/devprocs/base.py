@@ -202,6 +202,14 @@ class Device(abc.ABC):
         return None  # deliberately empty: most models need nothing before the sandbox
 
     @classmethod
+    def setup_sandboxed(cls, ctx: DeviceContext) -> None:
+        """Runs in the process that serves, once it is inside the sandbox's namespaces and
+        Landlock domain, before its rlimits and seccomp filter: what belongs to that address
+        space and does not survive the sandbox's fork (an AIO context), made with a call
+        that the filter then refuses. Into ctx.prepared, as setup()'s."""
+        return None  # deliberately empty: most models make everything in setup()
+
+    @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
         """A fresh device with its config options (config.py checked their names and types;
         a model that takes any checks their values and raises ConfigError)."""

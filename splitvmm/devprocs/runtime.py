@@ -2,7 +2,7 @@
 
 In this order: the spec's fds become the device's context; the model's setup() runs
 (before the sandbox: it may map guest RAM or start the threads it will ever need);
-the sandbox is entered; only then is any guest data read (a saved state, which the
+the sandbox is entered (the model's setup_sandboxed() runs inside it, before seccomp); only then is any guest data read (a saved state, which the
 model's restore() validates); READY; then the event loop (eventloop.py) serves the
 channel and whatever the model waits on, one event at a time.
 
@@ -496,11 +496,13 @@ def run(
         level=logging.WARNING, format=f"splitvmm: dev {spec.name}: %(levelname)s %(message)s"
     )
     ctx = build_context(spec)
-    load_model(spec.model).setup(ctx)  # before the sandbox: map, open, start threads
+    model = load_model(spec.model)
+    model.setup(ctx)  # before the sandbox: map, open, start threads
     hook = _load_hook(spec)
 
     def connect(endpoint: str) -> tuple[DeviceSpec, zmq.Socket[bytes]]:
         """Sandboxed but for rlimits and seccomp: a warm spare waits here for its spec."""
+        model.setup_sandboxed(ctx)  # in the process that serves: after the sandbox's fork
         if not spec.deferred:
             return spec, _connect(endpoint)
         if read_rest is None:

@@ -20,6 +20,11 @@ request whose offset and buffers are all aligned (a page-cache driver's usual re
 straight between the file and guest RAM as any other; the rest goes through a bounce buffer
 of the device's, a block-aligned span of the disk at a time, and a write that covers part
 of a block reads that block first. The monitor checked the image's size and a first block.
+Aligned reads and writes are started with Linux AIO (native/aio.py: QEMU's aio=native), up to
+AIO_DEPTH at once, so the guest's requests in flight are on the disk together; they finish
+as the disk completes them, and reach the used ring in the order they were taken (the
+transport's Pending). Any other request waits for those in flight first, so a FLUSH covers
+every write before it and a bounced write's read-modify-write never races one.
 
 Write cache: VIRTIO_BLK_F_FLUSH is offered. A driver that accepts it gets write-back (the
 page cache) and FLUSH as its fdatasync; one that does not gets stable writes, each synced
@@ -38,11 +43,11 @@ from typing import Annotated, Any, ClassVar, NoReturn, Self
 
 from splitvmm.devprocs.base import DeviceContext, register
 from splitvmm.devprocs.virtio.guestram import skip_bytes
-from splitvmm.devprocs.virtio.pci import VirtioPciDevice
+from splitvmm.devprocs.virtio.pci import Pending, VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
-from splitvmm.native import files
+from splitvmm.native import aio, files
 from splitvmm.protocol import schema
 from splitvmm.protocol.models import DIRECT_IO_ALIGN
 
@@ -78,6 +83,7 @@ ZERO_CHUNK = 1 << 20  # zeros written (to the disk, or to guest buffers) this mu
 # Read-only anonymous memory: the kernel's zero page, page-aligned, so O_DIRECT can write it
 ZEROS = memoryview(mmap.mmap(-1, ZERO_CHUNK, prot=mmap.PROT_READ))
 BOUNCE_BYTES = 1 << 20  # O_DIRECT: the bounce buffer for unaligned requests (see above)
+AIO_DEPTH = 32  # O_DIRECT: requests in flight at once (a Linux guest keeps up to a queue's)
 PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE  # the kernel wants both
 # Without KEEP_SIZE: the process's RLIMIT_FSIZE (the image's size: sandbox/device.py) then
 # binds it, where ZERO_RANGE|KEEP_SIZE could allocate blocks past the end unbounded
@@ -90,6 +96,25 @@ class RequestError(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
+
+
+class BlkRequest(Pending):
+    """An aligned read or write on an O_DIRECT image, in flight on the disk."""
+
+    __slots__ = ("data_in", "offset", "status_gpa", "total", "views", "write")
+
+    def __init__(
+        self,
+        write: bool,
+        offset: int,
+        views: list[memoryview],
+        total: int,
+        data_in: list[tuple[int, int]],
+        status_gpa: int,
+    ) -> None:
+        super().__init__()
+        self.write, self.offset, self.views, self.total = write, offset, views, total
+        self.data_in, self.status_gpa = data_in, status_gpa
 
 
 class VirtioBlkState(VirtioPciState, frozen=True, kw_only=True):
@@ -107,6 +132,7 @@ class VirtioBlk(VirtioPciDevice):
     DEVICE_ID = VIRTIO_ID_BLOCK
     CLASS_CODE = 0x018000  # mass storage controller, other
     POLL_NS = 32_000  # a driver keeps requests in flight: see _arrives_within()
+    MAX_IN_FLIGHT = AIO_DEPTH  # only an O_DIRECT image's requests are ever in flight
 
     def __init__(self, ctx: DeviceContext, readonly: bool = False, serial: bytes = b"") -> None:
         super().__init__(ctx)
@@ -117,9 +143,13 @@ class VirtioBlk(VirtioPciDevice):
         self.capacity = capacity
         self.readonly = readonly
         self.serial = serial
-        bounce = ctx.prepared.get("bounce")
+        bounce, context = ctx.prepared.get("bounce"), ctx.prepared.get("aio")
         # None: the image is not opened with O_DIRECT, and any buffer will do
         self.bounce = memoryview(bounce) if isinstance(bounce, mmap.mmap) else None
+        self.aio = context if isinstance(context, aio.AioContext) else None
+        self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
+        self._token = 0
+        self.counts = {"aio_requests": 0, "bounced_requests": 0}
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
@@ -130,6 +160,14 @@ class VirtioBlk(VirtioPciDevice):
         ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
             ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES)
+
+    @classmethod
+    def setup_sandboxed(cls, ctx: DeviceContext) -> None:
+        """An O_DIRECT image's AIO context, in the process that serves (a fork leaves a
+        context behind); the seccomp filter refuses io_setup afterwards, so a device cannot
+        take the host's AIO events (fs.aio-max-nr, shared by every process) for itself."""
+        if "bounce" in ctx.prepared:
+            ctx.prepared["aio"] = aio.AioContext(AIO_DEPTH)
 
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
@@ -155,6 +193,9 @@ class VirtioBlk(VirtioPciDevice):
     def model_fields(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "readonly": self.readonly, "serial": self.serial}
 
+    def stats(self) -> dict[str, int]:
+        return {**super().stats(), **self.counts}
+
     # -- what the driver sees ---------------------------------------------------------------
     def device_features(self) -> int:
         features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
@@ -173,7 +214,7 @@ class VirtioBlk(VirtioPciDevice):
         )  # fmt: skip
 
     # -- requests --------------------------------------------------------------------------------
-    def handle(self, queue: int, chain: Chain) -> int:
+    def handle(self, queue: int, chain: Chain) -> int | Pending:
         # 2.7.4: no assumption about how the driver laid the request out: the status byte is
         # the last byte of the device-writable part, after any empty descriptors there.
         writable, last = chain.writable, len(chain.writable)
@@ -188,17 +229,90 @@ class VirtioBlk(VirtioPciDevice):
         )
         try:
             kind, sector = self._header(chain.readable)
+            if self.aio is not None:
+                started = self._start(kind, sector, chain.readable, data_in, status_gpa)
+                if started is not None:
+                    return started
+                self._settle()
             written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
             written, status = 0, e.status
-        # The used ring's len counts the bytes written from the first writable one on
-        # (2.7.8), and the status byte comes after the data buffers: what the request did
-        # not fill (all of them when it failed, GET_ID's past 20 bytes) is zeroed, so that
-        # len (data + status) is true.
+        return self._complete(data_in, written, status_gpa, status)
+
+    def _complete(
+        self, data_in: list[tuple[int, int]], written: int, status_gpa: int, status: int
+    ) -> int:
+        """Finish a request: the used ring's len counts the bytes written from the first
+        writable one on (2.7.8), and the status byte comes after the data buffers: what the
+        request did not fill (all of them when it failed, GET_ID's past 20 bytes) is zeroed,
+        so that len (data + status) is true."""
         total = self._zero_past(data_in, written)
         self.ram.write_u8(status_gpa, status)  # last: the request is done
         return total + 1
+
+    # -- requests in flight (O_DIRECT) ------------------------------------------------------
+    def _start(
+        self,
+        kind: int,
+        sector: int,
+        readable: list[tuple[int, int]],
+        data_in: list[tuple[int, int]],
+        status_gpa: int,
+    ) -> BlkRequest | None:
+        """An aligned IN or OUT started on the disk (AIO), or None for handle() to serve
+        in place; RequestError as _serve() would raise it."""
+        if kind == VIRTIO_BLK_T_IN:
+            bufs, write = data_in, False
+        elif kind == VIRTIO_BLK_T_OUT:
+            self._writable()
+            bufs, write = skip_bytes(readable, HEADER.size), True
+        else:
+            return None
+        offset, total = self._extent(sector, bufs)
+        if not total or len(bufs) > IOV_MAX or not _aligned(offset, bufs):
+            return None
+        assert self.aio is not None
+        views = self.ram.iovecs(bufs, writable=not write)
+        self._token += 1
+        try:
+            self.aio.submit(self._token, aio.PWRITEV if write else aio.PREADV, self.disk,
+                            offset, views)  # fmt: skip
+        except OSError as e:
+            if e.errno == errno.EAGAIN:  # the kernel's AIO limit: served in place instead
+                return None
+            self._io_failed(e)
+        request = BlkRequest(write, offset, views, total, data_in, status_gpa)
+        self._requests[self._token] = request
+        self.counts["aio_requests"] += 1
+        return request
+
+    def wait_pending(self) -> None:
+        """At least one request in flight finished: its result checked, a short transfer
+        completed in place, a stable write synced, its status written."""
+        assert self.aio is not None
+        for token, result in self.aio.wait(1):
+            request = self._requests.pop(token)
+            written, status = 0, VIRTIO_BLK_S_OK
+            try:
+                if result < 0:
+                    self._io_failed(OSError(-result, os.strerror(-result)))
+                if result < request.total:  # short (the image shrank?): the rest in place
+                    self._vectored(request.offset + result, _advance(request.views, result),
+                                   request.total - result, request.write)  # fmt: skip
+                if request.write:
+                    self._stable()
+                else:
+                    written = request.total
+            except RequestError as e:
+                written, status = 0, e.status
+            request.views = []  # the guest's buffers, exported no longer
+            request.written = self._complete(request.data_in, written, request.status_gpa, status)
+
+    def _settle(self) -> None:
+        """Wait for every request in flight: the next one is served in place, after them."""
+        while self._requests:
+            self.wait_pending()
 
     def _header(self, readable: list[tuple[int, int]]) -> tuple[int, int]:
         if readable and readable[0][1] >= HEADER.size:  # the usual layout: read it in place
@@ -260,16 +374,23 @@ class VirtioBlk(VirtioPciDevice):
                         piece[:] = ZEROS[: len(piece)]
         return total
 
-    def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
+    def _extent(self, sector: int, bufs: list[tuple[int, int]]) -> tuple[int, int]:
+        """The disk offset and length of a transfer into or out of `bufs`: whole sectors,
+        inside the disk, or IOERR."""
         total = 0
         for _, length in bufs:  # (a loop: a comprehension is a call of its own)
             total += length
         if total % SECTOR or sector + total // SECTOR > self.capacity:
             raise RequestError(VIRTIO_BLK_S_IOERR)
-        views, offset = self.ram.iovecs(bufs, writable=not write), sector * SECTOR
+        return sector * SECTOR, total
+
+    def _transfer(self, sector: int, bufs: list[tuple[int, int]], write: bool) -> int:
+        offset, total = self._extent(sector, bufs)
+        views = self.ram.iovecs(bufs, writable=not write)
         if self.bounce is None or _aligned(offset, bufs):
             self._vectored(offset, views, total, write)
         else:
+            self.counts["bounced_requests"] += 1
             self._bounced(offset, views, total, write)
         return 0 if write else total
 

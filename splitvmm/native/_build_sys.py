@@ -6,7 +6,8 @@ securebits (<linux/capability.h>, <linux/securebits.h>), prctl, Landlock
 (<linux/landlock.h>) and seccomp user notification (<linux/seccomp.h>, read by
 `splitvmm policy audit`), fallocate(2) with a mode (<linux/falloc.h>), and the TUN/TAP driver's ioctls
 (<linux/if_tun.h>: the monitor opens a virtio-net device's TAP, the device sets its
-offloads). Every constant, struct layout and syscall number
+offloads), and Linux's native AIO (<linux/aio_abi.h>: a virtio-blk device's requests on an
+O_DIRECT image). Every constant, struct layout and syscall number
 comes from the headers; syscalls that glibc does not wrap (pivot_root, capset,
 landlock_*, pidfd_getfd) get a fixed-signature C wrapper so nobody calls the
 variadic syscall(2) from Python.
@@ -194,6 +195,40 @@ static int sv_tun_set_iff(int fd, const char *name, int flags, char *attached)
 }
 """
 
+# -- <linux/aio_abi.h>: a virtio-blk device's requests on an O_DIRECT image, in flight at once --
+# Linux's native AIO (QEMU's aio=native): a request on an O_DIRECT fd is queued to the disk by
+# io_submit and completes later, so the guest's requests reach the disk together, where one
+# preadv at a time would wait out each. glibc wraps none of the calls.
+AIO_INCLUDES = "#include <sys/uio.h>\n#include <linux/aio_abi.h>\n#include <time.h>\n"
+AIO_TYPES = """
+typedef unsigned short __u16;
+typedef unsigned long aio_context_t;
+struct iovec { void *iov_base; size_t iov_len; };
+struct iocb {
+    __u64 aio_data; __u16 aio_lio_opcode; __u32 aio_fildes; __u64 aio_buf; __u64 aio_nbytes;
+    long long aio_offset; __u32 aio_flags; __u32 aio_resfd; ...;
+};
+struct io_event { __u64 data; __u64 obj; long long res; long long res2; };
+static const int IOCB_CMD_PREADV;
+static const int IOCB_CMD_PWRITEV;
+"""
+AIO_FUNCTIONS = """
+int sv_io_setup(unsigned int nr_events, aio_context_t *ctx);
+int sv_io_destroy(aio_context_t ctx);
+int sv_io_submit(aio_context_t ctx, long nr, struct iocb **iocbs);
+int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events);
+"""
+AIO_SOURCE = """
+static int sv_io_setup(unsigned int nr_events, aio_context_t *ctx)
+{ return (int)syscall(SYS_io_setup, nr_events, ctx); }
+static int sv_io_destroy(aio_context_t ctx)
+{ return (int)syscall(SYS_io_destroy, ctx); }
+static int sv_io_submit(aio_context_t ctx, long nr, struct iocb **iocbs)
+{ return (int)syscall(SYS_io_submit, ctx, nr, iocbs); }
+static int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events)
+{ return (int)syscall(SYS_io_getevents, ctx, min_nr, nr, events, NULL); }
+"""
+
 SECTIONS = (
     (NS_INCLUDES, NS_TYPES + NS_FUNCTIONS, NS_SOURCE),
     (CAPS_INCLUDES, CAPS_TYPES + CAPS_FUNCTIONS, CAPS_SOURCE),
@@ -202,6 +237,7 @@ SECTIONS = (
     (FUTEX_INCLUDES, FUTEX_TYPES, ""),
     (FALLOC_INCLUDES, FALLOC_TYPES + FALLOC_FUNCTIONS, FALLOC_SOURCE),
     (TUN_INCLUDES, TUN_TYPES + TUN_FUNCTIONS, TUN_SOURCE),
+    (AIO_INCLUDES, AIO_TYPES + AIO_FUNCTIONS, AIO_SOURCE),
 )
 
 ffibuilder = FFI()

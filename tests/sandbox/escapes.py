@@ -170,6 +170,14 @@ def io_uring_setup(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return _syscall("io_uring_setup", 8, params)
 
 
+def io_setup_context(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """An AIO context takes events from fs.aio-max-nr, which the whole host shares: a device
+    that could make them could starve every other process's AIO. virtio-blk's, for a direct
+    image, is made before seccomp; its policy allows io_submit and io_getevents only."""
+    handle = ctypes.c_ulong(0)
+    return _syscall("io_setup", 8, ctypes.byref(handle))
+
+
 def ioctl_kvm_on_every_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
     answers = {}
     for fd in range(65):  # the handed /dev/kvm fd (where the host has one) among them
@@ -264,6 +272,7 @@ ATTEMPTS: dict[str, Attempt] = {
         setns_any,
         bpf_prog_load,
         io_uring_setup,
+        io_setup_context,
         ioctl_kvm_on_every_fd,
         ftruncate_sealed_memfd,
         write_readonly_fd,

@@ -45,9 +45,11 @@ def context(fds: dict[str, int], restarted: bool = False) -> DeviceContext:
 
 
 def prepared(name: str, fds: dict[str, int], restarted: bool = False) -> DeviceContext:
-    """A context on these fds, after the model's setup() (guest RAM mapped)."""
+    """A context on these fds, after the model's setup() (guest RAM mapped) and what it
+    makes inside the sandbox (this process is the one that serves)."""
     ctx = context(fds, restarted=restarted)
     load_model(name).setup(ctx)
+    load_model(name).setup_sandboxed(ctx)
     return ctx
 
 

@@ -15,7 +15,12 @@ also as two 32-bit halves); any other access is a guest mistake: counted, reads 
 
 A queue is processed when its notify eventfd fires, only while DRIVER_OK is set and
 neither NEEDS_RESET nor FAILED: every available chain, in order, each completed before the
-next (processing is synchronous), then one interrupt if the driver wants one. Every
+next, then one interrupt if the driver wants one. A model may instead start a chain and
+finish it later (handle() returns a Pending: a request in flight on the host, such as an
+O_DIRECT read queued to the disk); then up to MAX_IN_FLIGHT chains are in flight at once,
+the model's wait_pending() blocks until one finishes, and chains still go to the used ring
+in the order they were taken. Either way process() returns with nothing in flight, so the
+rest of this holds for both. Every
 BUDGET_NS it asks its event loop whether anything else waits (a frame on the channel,
 another fd): if so, it triggers its own notify eventfd and returns, to take up the rest
 once the loop has served them; if not, it goes on. Nothing is published per batch: a crash
@@ -36,6 +41,8 @@ configuration-change interrupt, nothing more until the driver resets it.
 from __future__ import annotations
 
 import abc
+import collections
+import contextlib
 import enum
 import functools
 import logging
@@ -123,6 +130,16 @@ def field_of(offset: int, size: int) -> tuple[Common, int] | None:
     return None
 
 
+class Pending:
+    """A chain a model started and finishes later: `written` (the bytes written into its
+    writable buffers, as handle() returns) is set once it is done."""
+
+    __slots__ = ("written",)
+
+    def __init__(self) -> None:
+        self.written: int | None = None
+
+
 class VirtioPciDevice(RegisterDevice):
     """A virtio device on PCI; a model says what it is (DEVICE_ID, CLASS_CODE, features,
     its configuration) and what a chain on one of its queues does (handle)."""
@@ -138,6 +155,9 @@ class VirtioPciDevice(RegisterDevice):
     # other fds only between two calls. Handing the loop back when nothing waits cost ~55 us
     # a time (one pass around it), 4-6% of a sequential read's throughput (bench/blk.py).
     BUDGET_NS: ClassVar[int] = 1_000_000
+    # Chains a model may have in flight at once (handle() returning Pending); 1 for a model
+    # that finishes every chain in handle().
+    MAX_IN_FLIGHT: ClassVar[int] = 1
     clock_ns = staticmethod(time.monotonic_ns)  # (tests drive it by hand)
     MAPPED_FDS = ("ram", "dirty")
     State: ClassVar[type[VirtioPciState]]
@@ -156,9 +176,15 @@ class VirtioPciDevice(RegisterDevice):
         self.ctx.counters.bad_access += 1
 
     @abc.abstractmethod
-    def handle(self, queue: int, chain: Chain) -> int:
-        """Serve one chain; the bytes written into its writable buffers. GuestRamError or
-        QueueError: the chain is hostile (the device goes NEEDS_RESET)."""
+    def handle(self, queue: int, chain: Chain) -> int | Pending:
+        """Serve one chain; the bytes written into its writable buffers, or a Pending that
+        wait_pending() finishes. GuestRamError or QueueError: the chain is hostile (the
+        device goes NEEDS_RESET)."""
+
+    def wait_pending(self) -> None:
+        """Block until at least one Pending that handle() returned is done (its `written`
+        set). Only a model whose handle() returns Pending is asked."""
+        raise NotImplementedError(f"{self.NAME}: handle() returned Pending")
 
     def reset_model(self) -> None:
         """Device reset (status 0): the model's own state back to its initial values."""
@@ -518,14 +544,47 @@ class VirtioPciDevice(RegisterDevice):
             self.needs_reset(f"queue {q}: {e}")
 
     def _drain(self, q: int, ring: SplitQueue, deadline: int) -> int:
-        """Serve chains until the ring is empty or the deadline has passed; how many."""
+        """Serve chains until the ring is empty or the deadline has passed; how many. With
+        chains in flight (Pending), it takes more while there is room and time, waits for
+        the model when there is not, and returns once every one it took is done."""
         done = 0
-        while (chain := ring.pop()) is not None:
-            ring.push(chain.head, self.handle(q, chain))
-            done += 1
-            if self.clock_ns() >= deadline:
-                break
-        return done
+        in_flight: collections.deque[tuple[int, Pending]] = collections.deque()
+        try:
+            while True:
+                chain = None  # one chain at least, past the deadline or not, as it was set
+                room = len(in_flight) < self.MAX_IN_FLIGHT
+                if room and (not done and not in_flight or self.clock_ns() < deadline):
+                    chain = ring.pop()
+                if chain is not None:
+                    result = self.handle(q, chain)
+                    if isinstance(result, Pending):
+                        in_flight.append((chain.head, result))
+                        continue
+                    if not in_flight:
+                        ring.push(chain.head, result)
+                        done += 1
+                        if self.clock_ns() >= deadline:
+                            return done
+                        continue
+                    finished = Pending()  # done, but after those in flight before it
+                    finished.written = result
+                    in_flight.append((chain.head, finished))
+                elif not in_flight:
+                    return done
+                else:
+                    self.wait_pending()
+                while in_flight and (written := in_flight[0][1].written) is not None:
+                    ring.push(in_flight.popleft()[0], written)
+                    done += 1
+        finally:
+            # A hostile chain ends the drain (NEEDS_RESET follows). What is in flight still
+            # writes into guest RAM, so it is waited for; then it is used, as the chains
+            # before the bad one are (process(): their notification is due).
+            while any(p.written is None for _, p in in_flight):
+                self.wait_pending()
+            with contextlib.suppress(QueueError, GuestRamError):
+                for head, pending in in_flight:
+                    ring.push(head, pending.written or 0)
 
     def _arrives_within(self, ring: SplitQueue, ns: int) -> bool:
         """Whether the driver makes a chain available within `ns`, looking all along.
