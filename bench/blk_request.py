@@ -55,7 +55,9 @@ def make_device(disk: Path) -> VirtioBlk:
         fds[role] = os.memfd_create(role, os.MFD_CLOEXEC)
         os.ftruncate(fds[role], size)
     ctx = DeviceContext(fds=fds, transport={"pci": [3, 0], "intx_gsi": 16, "ram": [[0, RAM, 0]]})
-    load_model("virtio-blk").setup(ctx)
+    model = load_model("virtio-blk")
+    model.setup(ctx)
+    model.setup_sandboxed(ctx)  # as a device process does (nothing, for a page-cache image)
     return Unpolled.from_options(ctx, {})
 
 

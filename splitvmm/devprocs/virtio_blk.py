@@ -43,7 +43,7 @@ from typing import Annotated, Any, ClassVar, NoReturn, Self
 
 from splitvmm.devprocs.base import DeviceContext, register
 from splitvmm.devprocs.virtio.guestram import skip_bytes
-from splitvmm.devprocs.virtio.pci import Pending, VirtioPciDevice
+from splitvmm.devprocs.virtio.pci import Pending, VirtioPciDevice, log
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
@@ -80,8 +80,10 @@ MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
 MAX_SEGMENTS = 1  # discard / write zeroes segments per request
 IOV_MAX = 1024  # preadv/pwritev take at most this many buffers at once
 ZERO_CHUNK = 1 << 20  # zeros written (to the disk, or to guest buffers) this much at a time
-# Read-only anonymous memory: the kernel's zero page, page-aligned, so O_DIRECT can write it
-ZEROS = memoryview(mmap.mmap(-1, ZERO_CHUNK, prot=mmap.PROT_READ))
+# Read-only private anonymous memory: the kernel's zero page, page-aligned, so O_DIRECT can
+# write it. Private: the zygote maps it once for every device it forks, and a shared mapping
+# would let any of them (mprotect is allowed) change what every other writes as zeros.
+ZEROS = memoryview(mmap.mmap(-1, ZERO_CHUNK, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ))
 BOUNCE_BYTES = 1 << 20  # O_DIRECT: the bounce buffer for unaligned requests (see above)
 AIO_DEPTH = 32  # O_DIRECT: requests in flight at once (a Linux guest keeps up to a queue's)
 PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE  # the kernel wants both
@@ -159,15 +161,19 @@ class VirtioBlk(VirtioPciDevice):
         disk = ctx.fds["disk"]
         ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
-            ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES)
+            ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES, flags=mmap.MAP_PRIVATE)
 
     @classmethod
     def setup_sandboxed(cls, ctx: DeviceContext) -> None:
         """An O_DIRECT image's AIO context, in the process that serves (a fork leaves a
         context behind); the seccomp filter refuses io_setup afterwards, so a device cannot
         take the host's AIO events (fs.aio-max-nr, shared by every process) for itself."""
-        if "bounce" in ctx.prepared:
+        if "bounce" not in ctx.prepared:
+            return
+        try:
             ctx.prepared["aio"] = aio.AioContext(AIO_DEPTH)
+        except OSError as e:  # the host's AIO events used up (EAGAIN), or no AIO at all
+            log.warning("virtio-blk: no AIO context (%s): direct requests one at a time", e)
 
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:

@@ -9,8 +9,10 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import cffi
 import pytest
 
+from splitvmm.devprocs import virtio_blk
 from splitvmm.devprocs.virtio_blk import VirtioBlk
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import files
@@ -52,7 +54,11 @@ def fds(disk: Path) -> Iterator[dict[str, int]]:
 
 
 def make(fds: dict[str, int], **options: object) -> VirtioBlk:
-    return VirtioBlk.from_options(prepared("virtio-blk", fds), options)
+    """The device; nothing else waits for its event loop (there is none), so a kick serves
+    every chain, however long the disk takes."""
+    dev = VirtioBlk.from_options(prepared("virtio-blk", fds), options)
+    dev.ctx.waiting = lambda: False
+    return dev
 
 
 @pytest.fixture
@@ -770,9 +776,14 @@ def test_virtio_blk_direct_failed_or_short_completion(direct_fds, monkeypatch, r
     """A completion with -errno is IOERR (the buffer zeroed); a short one is finished in
     place, so the guest gets all its data."""
     real = AioContext.wait
-    monkeypatch.setattr(
-        AioContext, "wait", lambda self, least=1: [(t, result) for t, _ in real(self, least)]
-    )
+
+    def wait(self: AioContext, least: int = 1) -> list[tuple[int, int]]:
+        done = real(self, least)
+        if result > 0:  # what the kernel read past a short result is not the guest's yet
+            dev.ram.write(gpa + result, b"\xee" * (4096 - result))
+        return [(token, result) for token, _ in done]
+
+    monkeypatch.setattr(AioContext, "wait", wait)
     dev = make(direct_fds)
     driver, ring = started(dev)
     head, gpa = aligned_request(ring, IN, 8, 4096)
@@ -788,3 +799,112 @@ def test_virtio_blk_direct_failed_or_short_completion(direct_fds, monkeypatch, r
     else:
         assert (used, written, status) == (head, 4097, OK)
         assert dev.ram.read(gpa, 4096) == sector_bytes(8) * 8
+
+
+def test_virtio_blk_direct_completions_out_of_order_are_used_in_order(
+    direct_fds, disk, monkeypatch
+):
+    """The disk may finish requests in any order: they reach the used ring in the order the
+    driver made them available, a request served in place (GET_ID) in its turn."""
+    disk.write_bytes(b"".join(bytes([n]) * 4096 for n in range(SECTORS // 8)))
+    real = AioContext.wait
+    monkeypatch.setattr(
+        AioContext, "wait", lambda self, least=1: list(reversed(real(self, len(self))))
+    )
+    dev = make(direct_fds, serial="id")
+    driver, ring = started(dev)
+    first = [aligned_request(ring, IN, 8 * n, 4096) for n in range(2)]
+    get_id = request(ring, GET_ID, 0, [(20, True)])
+    last = aligned_request(ring, IN, 8 * 5, 4096)
+
+    driver.kick()
+
+    heads = [head for head, _ in ring.take_used()]
+    assert heads == [first[0][0], first[1][0], heads[2], last[0]] and len(heads) == 4
+    assert [dev.ram.read(gpa, 4096) for _, gpa in [*first, last]] == [
+        bytes([n]) * 4096 for n in (0, 1, 5)
+    ]
+    assert dev.ram.read(get_id - 32, 20) == b"id".ljust(20, b"\0")  # 20 bytes take 32
+
+
+def test_virtio_blk_direct_without_an_aio_context_serves_in_place(direct_fds, monkeypatch, caplog):
+    """io_setup refused (the host's fs.aio-max-nr used up, or no AIO): the device starts all
+    the same and serves each request in place, one at a time."""
+
+    def refuse(self: AioContext, depth: int) -> None:
+        raise OSError(errno.EAGAIN, "io_setup")
+
+    monkeypatch.setattr(AioContext, "__init__", refuse)
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    head, gpa = aligned_request(ring, IN, 8, 4096)
+
+    driver.kick()
+
+    assert dev.aio is None and ring.take_used() == [(head, 4097)]
+    assert dev.ram.read(gpa, 4096) == sector_bytes(8) * 8 and "no AIO context" in caplog.text
+
+
+def test_virtio_blk_direct_used_chains_interrupt_before_the_device_waits_for_more(
+    direct_fds, monkeypatch
+):
+    """The ring dry and a request still in flight: the chains already used get their
+    interrupt before the device blocks for the rest, not once every one is done."""
+    real = AioContext.wait
+    interrupts_at_wait: list[int] = []
+    held: list[tuple[int, int]] = []  # completions not reported yet
+
+    def one_at_a_time(self: AioContext, least: int = 1) -> list[tuple[int, int]]:
+        interrupts_at_wait.append(dev.interrupts)
+        held.extend(real(self, len(self)))
+        return [held.pop(0)]
+
+    monkeypatch.setattr(AioContext, "wait", one_at_a_time)
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    for n in range(2):
+        aligned_request(ring, IN, 8 * n, 4096)
+
+    driver.kick()
+
+    assert [used for _, used in ring.take_used()] == [4097, 4097]
+    assert interrupts_at_wait == [0, 1]  # the first chain's interrupt came before the wait
+
+
+def test_virtio_blk_direct_error_of_its_own_mid_batch_ends_the_drain(direct_fds, monkeypatch):
+    """An unexpected error while finishing a batch of completions (MemoryError under the
+    address-space limit, a bug) loses the rest of that batch: the drain ends with the error,
+    for the device's on_crash policy, rather than waiting for ever for what was lost."""
+    real = AioContext.wait
+    monkeypatch.setattr(AioContext, "wait", lambda self, least=1: real(self, len(self)))
+    calls: list[int] = []
+    real_complete = VirtioBlk._complete
+
+    def complete(self: VirtioBlk, *args: object) -> int:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise ValueError("boom")
+        return real_complete(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VirtioBlk, "_complete", complete)
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    for n in range(3):
+        aligned_request(ring, IN, 8 * n, 4096)
+
+    with pytest.raises(ValueError, match="boom"):
+        driver.kick()
+    assert len(dev.aio) == 0
+
+
+def test_virtio_blk_zeros_are_a_private_mapping():
+    """The zygote maps ZEROS once for every device it forks: a shared mapping would let one
+    device (mprotect is allowed) change what every other writes as zeros."""
+    address = int(cffi.FFI().cast("uintptr_t", cffi.FFI().from_buffer(virtio_blk.ZEROS)))
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, perms = line.split()[:2]
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= address < high:
+            assert perms == "r--p", line
+            return
+    pytest.fail("ZEROS is in no mapping")

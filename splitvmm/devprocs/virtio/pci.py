@@ -572,6 +572,11 @@ class VirtioPciDevice(RegisterDevice):
                 elif not in_flight:
                     return done
                 else:
+                    # Chains used so far are the driver's now: their interrupt is not held
+                    # back until every one in flight is done (that would turn its queue
+                    # depth into batches)
+                    if ring.needs_notification():
+                        self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
                     self.wait_pending()
                 while in_flight and (written := in_flight[0][1].written) is not None:
                     ring.push(in_flight.popleft()[0], written)
@@ -580,8 +585,12 @@ class VirtioPciDevice(RegisterDevice):
             # A hostile chain ends the drain (NEEDS_RESET follows). What is in flight still
             # writes into guest RAM, so it is waited for; then it is used, as the chains
             # before the bad one are (process(): their notification is due).
-            while any(p.written is None for _, p in in_flight):
+            unfinished = sum(p.written is None for _, p in in_flight)
+            while unfinished:
                 self.wait_pending()
+                before, unfinished = unfinished, sum(p.written is None for _, p in in_flight)
+                if unfinished == before:  # the model lost them (an error of its own): no spin
+                    break
             with contextlib.suppress(QueueError, GuestRamError):
                 for head, pending in in_flight:
                     ring.push(head, pending.written or 0)
