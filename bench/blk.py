@@ -193,6 +193,21 @@ the floor, 1.11 of QEMU), rand-read-4k 34364 / 22194 / 13684 (1.55 of QEMU). On 
 with aio=native instead of its threads, two runs by hand: seq-read 2304 and 1670 against
 1948 and 1873, rand-read-4k 23849 and 22422 against 35805 and 21886: the same within this
 disk's noise.
+- After the review's changes (interrupts before the device waits, among others), eight more
+  runs of the same tree (--runs 2 or 3), seq-read splitvmm / QEMU / dd: 1717 / 2245 / 1490,
+  1918 / 2609 / 1666, 1575 / 2119 / 1477, 1369 / 2236 / 1532, 2027 / 2055 / 1598, 2278 / 2215
+  / 1500, and without the interrupt before the wait 1826 / 1897 / 1437 and 1544 / 2131 / 1515:
+  0.61-1.03 of QEMU (median ~0.75), 0.89-1.52 of dd (median ~1.15). rand-read-4k 30.6k-35.4k
+  IOPS throughout (1.0-1.5x QEMU, 2.3-2.5x the one-thread floor). This disk moves by 2x from
+  one minute to the next (dd iflag=direct 1.3-2.6 GB/s; AIO from one Python loop at depth 1
+  to 16 and 1 to 8 MiB requests: 0.8-1.5 GB/s, depth and size making no difference within a
+  minute), so single medians swing; more runs than the 6 here would be needed to say more.
+- Where QEMU's sequential reads differ (strace of its preadvs): it merges each batch of the
+  guest's contiguous 1 MiB requests into one preadv of 2-8 MiB. Tried and dropped: the same
+  here (requests plugged while the ring has more, submitted as one AIO request per run of
+  contiguous ones, up to IOV_MAX buffers), alternating with the tree without it, two pairs of
+  --runs 2: seq-read 1743 and 1572 against 2027 and 2278, seq-write 2274 and 2041 against
+  2767 and 3110: each completion waits for its whole run, and the guest refills later.
 """
 
 from __future__ import annotations

@@ -117,12 +117,23 @@ def direct(path: Path) -> DeviceSection:
     return DeviceSection("blk0", "virtio-blk", options={"path": str(path), "direct": True})
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_device_fds_disk_opens_with_o_direct_as_direct_option_says(mem, owned, disk, on) -> None:
+def made_or_skipped(mem: GuestMemory, owned: list[Closable], dev: DeviceSection) -> dict[str, int]:
+    """The device's fds; a skip where the tests' file system has no direct I/O."""
     try:
-        fds, _, _ = make(mem, owned, direct(disk) if on else blk(disk))
+        fds, _, _ = make(mem, owned, dev)
     except HostFileError as e:
         pytest.skip(f"no direct I/O where the tests run: {e}")
+    return fds
+
+
+def refused_direct(mem: GuestMemory, owned: list[Closable], disk: Path, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        made_or_skipped(mem, owned, direct(disk))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_device_fds_disk_opens_with_o_direct_as_direct_option_says(mem, owned, disk, on) -> None:
+    fds = made_or_skipped(mem, owned, direct(disk) if on else blk(disk))
     assert bool(fcntl.fcntl(fds["disk"], fcntl.F_GETFL) & os.O_DIRECT) is on
 
 
@@ -131,11 +142,7 @@ def test_device_fds_direct_disk_of_a_partial_block_is_refused_naming_the_option(
 ) -> None:
     """A device writes a direct image's partial last block whole, which would grow it."""
     disk.write_bytes(bytes(4096 + 512))
-    try:
-        with pytest.raises(ConfigError, match=r"'blk0'.direct: .*4608 bytes, not a multiple"):
-            make(mem, owned, direct(disk))
-    except HostFileError as e:
-        pytest.skip(f"no direct I/O where the tests run: {e}")
+    refused_direct(mem, owned, disk, r"'blk0'.direct: .*4608 bytes, not a multiple")
 
 
 def test_device_fds_direct_disk_whose_first_block_a_direct_read_refuses(
@@ -150,11 +157,7 @@ def test_device_fds_direct_disk_whose_first_block_a_direct_read_refuses(
         return real(fd, buffers, offset)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "preadv", refuse)
-    try:
-        with pytest.raises(ConfigError, match=r"'blk0'.direct: .*refused a direct read"):
-            make(mem, owned, direct(disk))
-    except HostFileError as e:
-        pytest.skip(f"no direct I/O where the tests run: {e}")
+    refused_direct(mem, owned, disk, r"'blk0'.direct: .*refused a direct read")
 
 
 def test_device_fds_direct_disk_on_a_file_system_without_it_is_refused(
