@@ -293,11 +293,12 @@ class VirtioBlk(VirtioPciDevice):
         self.counts["aio_requests"] += 1
         return request
 
-    def wait_pending(self) -> None:
-        """At least one request in flight finished: its result checked, a short transfer
-        completed in place, a stable write synced, its status written."""
+    def wait_pending(self, timeout_ns: int | None = None) -> None:
+        """Each request in flight that finished (at least one, unless timeout_ns passed):
+        its result checked, a short transfer completed in place, a stable write synced, its
+        status written."""
         assert self.aio is not None
-        for token, result in self.aio.wait(1):
+        for token, result in self.aio.wait(1, timeout_ns):
             request = self._requests.pop(token)
             written, status = 0, VIRTIO_BLK_S_OK
             try:

@@ -216,7 +216,8 @@ AIO_FUNCTIONS = """
 int sv_io_setup(unsigned int nr_events, aio_context_t *ctx);
 int sv_io_destroy(aio_context_t ctx);
 int sv_io_submit(aio_context_t ctx, long nr, struct iocb **iocbs);
-int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events);
+int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events,
+                    long long timeout_ns);
 """
 AIO_SOURCE = """
 static int sv_io_setup(unsigned int nr_events, aio_context_t *ctx)
@@ -225,8 +226,13 @@ static int sv_io_destroy(aio_context_t ctx)
 { return (int)syscall(SYS_io_destroy, ctx); }
 static int sv_io_submit(aio_context_t ctx, long nr, struct iocb **iocbs)
 { return (int)syscall(SYS_io_submit, ctx, nr, iocbs); }
-static int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events)
-{ return (int)syscall(SYS_io_getevents, ctx, min_nr, nr, events, NULL); }
+static int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events,
+                           long long timeout_ns)
+{
+    struct timespec limit = { timeout_ns / 1000000000, timeout_ns % 1000000000 };
+    return (int)syscall(SYS_io_getevents, ctx, min_nr, nr, events,
+                        timeout_ns < 0 ? NULL : &limit);
+}
 """
 
 SECTIONS = (

@@ -69,14 +69,16 @@ class AioContext:
             raise OSError(err, f"io_submit(offset={offset}, {len(handles)} buffers)")
         self._in_flight[token] = (iocb, iov, handles)
 
-    def wait(self, least: int = 1) -> list[tuple[int, int]]:
-        """Block until at least `least` requests (at most those in flight) completed; each
-        completion as (token, result). EINTR is retried."""
+    def wait(self, least: int = 1, timeout_ns: int | None = None) -> list[tuple[int, int]]:
+        """Block until at least `least` requests (at most those in flight) completed, or
+        `timeout_ns` passed (None: no limit); each completion as (token, result). EINTR is
+        retried (with the whole timeout again)."""
         least = min(least, len(self._in_flight))
         if not self._in_flight:
             return []
+        limit = -1 if timeout_ns is None else timeout_ns
         while True:
-            n = lib.sv_io_getevents(self._ctx, least, self.depth, self._events)
+            n = lib.sv_io_getevents(self._ctx, least, self.depth, self._events, limit)
             if n >= 0:
                 break
             err = ffi.errno

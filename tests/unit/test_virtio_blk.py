@@ -777,8 +777,10 @@ def test_virtio_blk_direct_failed_or_short_completion(direct_fds, monkeypatch, r
     place, so the guest gets all its data."""
     real = AioContext.wait
 
-    def wait(self: AioContext, least: int = 1) -> list[tuple[int, int]]:
-        done = real(self, least)
+    def wait(
+        self: AioContext, least: int = 1, timeout_ns: int | None = None
+    ) -> list[tuple[int, int]]:
+        done = real(self, least, timeout_ns)
         if result > 0:  # what the kernel read past a short result is not the guest's yet
             dev.ram.write(gpa + result, b"\xee" * (4096 - result))
         return [(token, result) for token, _ in done]
@@ -809,7 +811,7 @@ def test_virtio_blk_direct_completions_out_of_order_are_used_in_order(
     disk.write_bytes(b"".join(bytes([n]) * 4096 for n in range(SECTORS // 8)))
     real = AioContext.wait
     monkeypatch.setattr(
-        AioContext, "wait", lambda self, least=1: list(reversed(real(self, len(self))))
+        AioContext, "wait", lambda self, least=1, ns=None: list(reversed(real(self, len(self))))
     )
     dev = make(direct_fds, serial="id")
     driver, ring = started(dev)
@@ -854,7 +856,9 @@ def test_virtio_blk_direct_used_chains_interrupt_before_the_device_waits_for_mor
     interrupts_at_wait: list[int] = []
     held: list[tuple[int, int]] = []  # completions not reported yet
 
-    def one_at_a_time(self: AioContext, least: int = 1) -> list[tuple[int, int]]:
+    def one_at_a_time(
+        self: AioContext, least: int = 1, timeout_ns: int | None = None
+    ) -> list[tuple[int, int]]:
         interrupts_at_wait.append(dev.interrupts)
         held.extend(real(self, len(self)))
         return [held.pop(0)]
@@ -876,7 +880,7 @@ def test_virtio_blk_direct_error_of_its_own_mid_batch_ends_the_drain(direct_fds,
     address-space limit, a bug) loses the rest of that batch: the drain ends with the error,
     for the device's on_crash policy, rather than waiting for ever for what was lost."""
     real = AioContext.wait
-    monkeypatch.setattr(AioContext, "wait", lambda self, least=1: real(self, len(self)))
+    monkeypatch.setattr(AioContext, "wait", lambda self, least=1, ns=None: real(self, len(self)))
     calls: list[int] = []
     real_complete = VirtioBlk._complete
 
@@ -908,3 +912,32 @@ def test_virtio_blk_zeros_are_a_private_mapping():
             assert perms == "r--p", line
             return
     pytest.fail("ZEROS is in no mapping")
+
+
+def test_virtio_blk_direct_chain_made_available_while_others_are_in_flight_is_started(
+    direct_fds, monkeypatch, in_flight
+):
+    """Kicks are off while the device drains, so a driver that refills the ring on seeing a
+    chain done does it without a kick: with requests in flight and the ring dry, the device
+    waits for them only REFILL_POLL_NS at a time and looks at the ring in between."""
+    real = AioContext.wait
+    timeouts: list[int | None] = []
+
+    def wait(
+        self: AioContext, least: int = 1, timeout_ns: int | None = None
+    ) -> list[tuple[int, int]]:
+        timeouts.append(timeout_ns)
+        if len(timeouts) == 1:
+            aligned_request(ring, IN, 16, 4096)  # the driver refills, without a kick
+            return []
+        return real(self, least, timeout_ns)
+
+    monkeypatch.setattr(AioContext, "wait", wait)
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    aligned_request(ring, IN, 0, 4096)
+
+    driver.kick()
+
+    assert timeouts[0] == dev.REFILL_POLL_NS and in_flight == [1, 2]
+    assert [used for _, used in ring.take_used()] == [4097, 4097]

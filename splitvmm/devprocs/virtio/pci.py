@@ -18,8 +18,9 @@ neither NEEDS_RESET nor FAILED: every available chain, in order, each completed 
 next, then one interrupt if the driver wants one. A model may instead start a chain and
 finish it later (handle() returns a Pending: a request in flight on the host, such as an
 O_DIRECT read queued to the disk); then up to MAX_IN_FLIGHT chains are in flight at once,
-the model's wait_pending() blocks until one finishes, and chains still go to the used ring
-in the order they were taken. Either way process() returns with nothing in flight, so the
+the model's wait_pending() waits for them (REFILL_POLL_NS at a time while the ring is dry,
+so that a chain the driver adds meanwhile, without a kick, starts at once), and chains still
+go to the used ring in the order they were taken. Either way process() returns with nothing in flight, so the
 rest of this holds for both. Every
 BUDGET_NS it asks its event loop whether anything else waits (a frame on the channel,
 another fd): if so, it triggers its own notify eventfd and returns, to take up the rest
@@ -158,6 +159,9 @@ class VirtioPciDevice(RegisterDevice):
     # Chains a model may have in flight at once (handle() returning Pending); 1 for a model
     # that finishes every chain in handle().
     MAX_IN_FLIGHT: ClassVar[int] = 1
+    # With chains in flight and the ring dry, how long a wait for them lasts before the ring
+    # is looked at again (the driver refills it without a kick: see process())
+    REFILL_POLL_NS: ClassVar[int] = 20_000
     clock_ns = staticmethod(time.monotonic_ns)  # (tests drive it by hand)
     MAPPED_FDS = ("ram", "dirty")
     State: ClassVar[type[VirtioPciState]]
@@ -181,9 +185,10 @@ class VirtioPciDevice(RegisterDevice):
         wait_pending() finishes. GuestRamError or QueueError: the chain is hostile (the
         device goes NEEDS_RESET)."""
 
-    def wait_pending(self) -> None:
+    def wait_pending(self, timeout_ns: int | None = None) -> None:
         """Block until at least one Pending that handle() returned is done (its `written`
-        set). Only a model whose handle() returns Pending is asked."""
+        set), or timeout_ns passed (None: no limit). Only a model whose handle() returns
+        Pending is asked."""
         raise NotImplementedError(f"{self.NAME}: handle() returned Pending")
 
     def reset_model(self) -> None:
@@ -553,7 +558,8 @@ class VirtioPciDevice(RegisterDevice):
             while True:
                 chain = None  # one chain at least, past the deadline or not, as it was set
                 room = len(in_flight) < self.MAX_IN_FLIGHT
-                if room and (not done and not in_flight or self.clock_ns() < deadline):
+                looked = room and (not done and not in_flight or self.clock_ns() < deadline)
+                if looked:
                     chain = ring.pop()
                 if chain is not None:
                     result = self.handle(q, chain)
@@ -577,7 +583,9 @@ class VirtioPciDevice(RegisterDevice):
                     # depth into batches)
                     if ring.needs_notification():
                         self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
-                    self.wait_pending()
+                    # The ring was dry: the driver refills it (without a kick, as kicks are
+                    # off) once it sees a chain done, so look again every REFILL_POLL_NS
+                    self.wait_pending(self.REFILL_POLL_NS if looked else None)
                 while in_flight and (written := in_flight[0][1].written) is not None:
                     ring.push(in_flight.popleft()[0], written)
                     done += 1
