@@ -211,7 +211,8 @@ disk's noise.
 - Kept: with requests in flight and the ring dry, the device waited for the next completion
   before it looked at the ring again, and the guest refills it (without a kick: kicks are off
   while the device drains) as soon as it sees one done, so each refill waited a completion.
-  It now waits REFILL_POLL_NS (20 us) at a time and looks in between. Four alternating pairs
+  It now waits REFILL_POLL_NS (20 us, ~70-100 us with the kernel's default 50 us timer
+  slack) at a time and looks in between. Four alternating pairs
   of --runs 2, seq-read with / without, QEMU of the same run in brackets: 2142 (1855) / 1721
   (2294), 2050 (2146) / 1884 (2213), 1993 (2291) / 1615 (2192), 2063 (2309) / 1432 (1836) MiB/s:
   median 2057 against 1668, 0.87-1.15 of QEMU against 0.74-0.85, 1.30-1.38 of dd. rand-read-4k

@@ -373,10 +373,18 @@ class DeviceSlot:
             self.process = self.channel = None
             if channel is not None:
                 self._drain_events_locked(channel)  # the dead process's last checkpoint
-        _end(self.name, process, channel)
+        gone = _end(self.name, process, channel)
         with self._lock:
             if self.state is not SlotState.AWAY or not self.restarting:
                 return  # closed meanwhile
+            if not gone and self._holds_disk():
+                why = (
+                    "its process did not end (disk I/O that does not finish?): its writes "
+                    "could overtake a new one's on the same image, its reads land in guest "
+                    "RAM the guest has reused"
+                )
+                self._fail_for_good_locked(f"cannot be restarted: {why}")
+                raise DeviceFailure(f"device {self.name} cannot be restarted: {why}")
             if self._lost > self._checkpoint.applied:
                 why = f"more than {MAX_JOURNAL} frames since its last checkpoint"
                 self._fail_for_good_locked(f"cannot be restarted: {why}")
@@ -837,6 +845,10 @@ class DeviceSlot:
         if self.process is process and self.state is SlotState.LIVE:
             self._fail_locked(reason)
 
+    def _holds_disk(self) -> bool:
+        """Whether the device holds a disk image: I/O on it may outlive a killed process."""
+        return any(role.kind is FdKind.DISK for role in MODELS[self.model].fds)
+
     def _fail_for_good_locked(self, reason: str) -> None:
         self.state, self.failed, self.restarting = SlotState.FAILED, reason, False
         self._back.notify_all()  # accesses waiting for the device read all-ones now
@@ -886,13 +898,20 @@ def _regular_output(spawn: Spawn) -> tuple[int | None, int]:
     return None, 0
 
 
-def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None) -> None:
+def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None) -> bool:
+    """Kill and reap the process, close the channel; whether the process is known to be gone,
+    its device proper included (not when the wait timed out, or the launcher reported its end
+    with the device proper still running: DeviceProcess.lingered)."""
+    gone = True
     if process is not None:
         process.kill()
         try:
             process.wait(END_TIMEOUT_S)
+            gone = not process.lingered()
         except (SplitvmmError, TimeoutError) as e:
             log.error("device %s (pid %d) did not end: %s", name, process.pid, e)
+            gone = False
         process.close()
     if channel is not None:
         channel.close()
+    return gone

@@ -9,9 +9,9 @@ request completes, so nothing can unmap or resize what the kernel writes into.
 
 A process that ends with requests in flight waits for them in the kernel (exit_aio), so once
 a device's process is gone, none of its writes can land after a successor's. The launcher
-waits up to ORPHAN_WAIT_S (sandbox/launcher.py) for that before it reports the end; a disk
-stalled for longer than that (a hung device's process, killed, waiting out its I/O) still
-holds up to AIO_DEPTH writes when a successor starts, where a synchronous device held one.
+waits up to ORPHAN_WAIT_S (sandbox/launcher.py) for that before it reports the end, and says
+when the process still ran (a disk stalled for longer); the monitor then starts no successor
+for a device that writes a disk image (monitor/slot.py restart()): it fails for good.
 """
 
 from __future__ import annotations

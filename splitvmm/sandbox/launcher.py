@@ -27,8 +27,9 @@ Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
                                                      zygote ends, and a new one starts
                                                      with the next spawn
     launcher -> monitor  rested {id}
-                         exited {pid, status}        for each device it started (it
-                                                     is their parent and reaps them)
+                         exited {pid, status,        for each device it started (it
+                                 lingering}          is their parent and reaps them);
+                                                     lingering: an orphan still ran
 
 Why it starts before the monitor knows its VM. `up` forks it first thing, while the
 monitor has imported little and has one thread (sandbox/launcher_start.py), and it execs
@@ -117,6 +118,7 @@ class _Reply(Struct, frozen=True):
     id: int = 0
     pid: int = 0
     status: int = 0
+    lingering: bool = False
     message: str = ""
     fds: tuple[int, ...] = ()
 
@@ -129,7 +131,9 @@ _REPLIES: dict[str, tuple[dict[str, type], int]] = {
     "resumed": ({"id": int}, 0),
     "configured": ({"id": int}, 0),
     "rested": ({"id": int}, 0),
-    "exited": ({"pid": int, "status": int}, 0),
+    # lingering: an orphan (this device proper, or one an earlier report gave up on) still
+    # ran ORPHAN_WAIT_S after the warden ended
+    "exited": ({"pid": int, "status": int, "lingering": bool}, 0),
 }
 
 
@@ -170,7 +174,8 @@ class Launcher:
         self._reply: _Reply | None = None  # to the spawn in progress
         # A configure sent whose reply nobody took yet: the next request takes it first.
         self._unanswered = False
-        self._exits: dict[int, int] = {}  # pid -> status, until its waiter takes it
+        # pid -> (status, whether an orphan still ran at the report), until its waiter takes it
+        self._exits: dict[int, tuple[int, bool]] = {}
         self._running: set[int] = set()  # pids spawned whose end was not reported yet
         self._broken: str | None = None
 
@@ -262,8 +267,9 @@ class Launcher:
             self._unanswered = False
             _accepted(reply)
 
-    def wait_exit(self, pid: int, timeout_s: float) -> int:
-        """The exit status of a device it started, which has ended (or is about to)."""
+    def wait_exit(self, pid: int, timeout_s: float) -> tuple[int, bool]:
+        """The exit status of a device it started, which has ended (or is about to), and
+        whether a device proper still ran when it was reported (ORPHAN_WAIT_S)."""
         return self._await(lambda: self._exits.pop(pid, None), timeout_s)
 
     def _take_reply(self) -> _Reply | None:
@@ -326,7 +332,7 @@ class Launcher:
             if reply.pid not in self._running:
                 self._broken = f"the launcher reported the end of pid {reply.pid}, not ours"
             self._running.discard(reply.pid)
-            self._exits[reply.pid] = reply.status
+            self._exits[reply.pid] = reply.status, reply.lingering
         elif reply.id != self._pending or not (self._spawn_lock.locked() or self._unanswered):
             close_all(fds)
             if reply.op == "spawned":  # a refusal may answer a garbled request; this may not
@@ -361,6 +367,11 @@ class LaunchedProcess(DeviceProcess):
     def __init__(self, launcher: Launcher, pid: int, pidfd: int) -> None:
         super().__init__(pid, pidfd)
         self._launcher = launcher
+        self._lingered = False
 
     def _reap(self) -> int:
-        return self._launcher.wait_exit(self.pid, REPLY_TIMEOUT_S)
+        status, self._lingered = self._launcher.wait_exit(self.pid, REPLY_TIMEOUT_S)
+        return status
+
+    def lingered(self) -> bool:
+        return self._lingered

@@ -235,11 +235,15 @@ class _Server:
         self.spares.pop(process.pid, None)
         status = process.wait(0)
         process.close()
-        self._outlive_orphans()
-        send(self.sock, {"op": "exited", "pid": process.pid, "status": status})
+        lingering = self._outlive_orphans()
+        send(self.sock, {"op": "exited", "pid": process.pid, "status": status,
+                         "lingering": lingering})  # fmt: skip
 
-    def _outlive_orphans(self) -> None:
-        """Wait, at most ORPHAN_WAIT_S, for the orphan the warden just reaped leaves. A
+    def _outlive_orphans(self) -> bool:
+        """Wait, at most ORPHAN_WAIT_S, for the orphan the warden just reaped leaves; whether
+        any orphan still runs then (the report says so, and the monitor restarts no device
+        with a disk image). Orphans are not matched to their wardens, so any that still runs
+        counts: the one this device left may be among those an earlier report gave up on. A
         device's warden is our child and the device proper its child: when the warden dies,
         the device is reparented to us before the warden's pidfd wakes us, and dies by its
         parent-death SIGKILL -- once out of the system call it is in: a write to its disk
@@ -269,6 +273,7 @@ class _Server:
             running = self._reap_orphans()
             fresh &= running
         self._attributed = (self._attributed & running) | fresh  # fresh: running still
+        return bool(self._attributed)
 
     def _read_chunks(self, size: int) -> bytes:
         """The `size` bytes of spec that follow a request's header, within CHUNK_TIMEOUT_S

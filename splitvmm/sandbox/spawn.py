@@ -194,6 +194,13 @@ class DeviceProcess(abc.ABC):
                 self.returncode = self._reap()
         return self.returncode
 
+    def lingered(self) -> bool:
+        """Whether, once reaped, a device proper was still running (a system call that does
+        not end: I/O on a stalled disk): a process started in its place must not share a
+        disk image with it. Only the launcher waits for the device proper and says so
+        (LaunchedProcess); a process exec'd here (tests, `policy audit`) says False."""
+        return False
+
     def kill(self) -> None:
         """SIGKILL through the pidfd; reaping is left to whoever waits (a vCPU thread may kill
         a device, and may not wait for it: policies/<arch>/vcpu.policy)."""

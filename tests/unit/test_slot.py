@@ -333,3 +333,60 @@ def test_slot_read_that_kills_every_process_is_sent_twice_then_reads_all_ones(sl
     monkeypatch.setattr(slot, "_channel_failed_locked", restarted_at_once)
 
     assert (slot.read(2, 1), DyingChannel.reads, len(restarts)) == (b"\xff", 2, 2)
+
+
+# -- a restart after a process that did not end --------------------------------------------------
+class Outlived:
+    """A killed process whose end the launcher reported with its device proper still running
+    (a write to a stalled disk that does not finish), or whose end never came."""
+
+    pid = 4242
+
+    def __init__(self, lingered: bool, ends: bool = True) -> None:
+        self._lingered, self._ends = lingered, ends
+
+    def kill(self) -> None:
+        pass
+
+    def wait(self, timeout_s: float) -> int:
+        if not self._ends:
+            raise TimeoutError(f"process {self.pid} still runs after {timeout_s:g} s")
+        return -9
+
+    def lingered(self) -> bool:
+        return self._lingered
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("readonly", "lingered", "ends", "restarted"),
+    [
+        (False, True, True, False),  # a writer still running: no second writer
+        (False, False, False, False),  # its end never reported: the same
+        (False, False, True, True),  # gone: restarted
+        (True, True, True, False),  # a reader still running: its reads land in guest RAM
+        (True, False, True, True),
+    ],
+    ids=["writer-lingering", "writer-never-ended", "writer-gone", "reader-lingering", "reader"],
+)
+def test_slot_restarts_no_disk_device_while_the_old_process_may_still_do_io(
+    tmp_path, zctx, failures, readonly, lingered, ends, restarted
+):
+    """A successor on the same image while the old process may still do I/O there would
+    have its writes overtaken by the old one's, and guest buffers it reused written by the
+    old one's reads: the device fails for good instead."""
+    options = {"path": "disk.img", "readonly": readonly}
+    slot = DeviceSlot(Spawn("blk0", "virtio-blk", 0x6000, options=options), tmp_path, refuse,
+                      zctx, failures)  # fmt: skip
+    slot.process, slot.restarting = Outlived(lingered, ends), True  # type: ignore[assignment]
+
+    with pytest.raises(DeviceFailure) as raised:
+        slot.restart()
+
+    if restarted:  # it went on to start a new process, which the spawner refused
+        assert "the launcher refused it" in str(raised.value)
+    else:
+        assert "cannot be restarted: its process did not end" in str(raised.value)
+        assert slot.state is SlotState.FAILED and "did not end" in str(slot.failed)

@@ -160,7 +160,8 @@ class VirtioPciDevice(RegisterDevice):
     # that finishes every chain in handle().
     MAX_IN_FLIGHT: ClassVar[int] = 1
     # With chains in flight and the ring dry, how long a wait for them lasts before the ring
-    # is looked at again (the driver refills it without a kick: see process())
+    # is looked at again (the driver refills it without a kick: see process()). The kernel
+    # adds the process's timer slack (50 us by default): a look every ~70-100 us.
     REFILL_POLL_NS: ClassVar[int] = 20_000
     clock_ns = staticmethod(time.monotonic_ns)  # (tests drive it by hand)
     MAPPED_FDS = ("ram", "dirty")
