@@ -2,9 +2,10 @@
 
 In this order: the spec's fds become the device's context; the model's setup() runs
 (before the sandbox: it may map guest RAM or start the threads it will ever need);
-the sandbox is entered (the model's setup_sandboxed() runs inside it, before seccomp); only then is any guest data read (a saved state, which the
-model's restore() validates); READY; then the event loop (eventloop.py) serves the
-channel and whatever the model waits on, one event at a time.
+the sandbox is entered (the model's setup_sandboxed() runs inside it, before seccomp);
+only then is any guest data read (a saved state, which the model's restore()
+validates); READY; then the event loop (eventloop.py) serves the channel and whatever the
+model waits on, one event at a time.
 
 Checkpoints (crash restart, monitor/slot.py): the runtime counts the frames it applies
 (reads, writes, host input) and publishes the device's state with that count and its

@@ -82,6 +82,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import zmq
 
@@ -378,17 +379,15 @@ class DeviceSlot:
             if self.state is not SlotState.AWAY or not self.restarting:
                 return  # closed meanwhile
             if not gone and self._holds_disk():
-                why = (
+                self._refuse_restart_locked(
                     "its process did not end (disk I/O that does not finish?): its writes "
                     "could overtake a new one's on the same image, its reads land in guest "
                     "RAM the guest has reused"
                 )
-                self._fail_for_good_locked(f"cannot be restarted: {why}")
-                raise DeviceFailure(f"device {self.name} cannot be restarted: {why}")
             if self._lost > self._checkpoint.applied:
-                why = f"more than {MAX_JOURNAL} frames since its last checkpoint"
-                self._fail_for_good_locked(f"cannot be restarted: {why}")
-                raise DeviceFailure(f"device {self.name} cannot be restarted: {why}")
+                self._refuse_restart_locked(
+                    f"more than {MAX_JOURNAL} frames since its last checkpoint"
+                )
             resume = self._resume_locked()
         try:
             if self._take_over(resume):
@@ -844,6 +843,10 @@ class DeviceSlot:
                     break
         if self.process is process and self.state is SlotState.LIVE:
             self._fail_locked(reason)
+
+    def _refuse_restart_locked(self, why: str) -> NoReturn:
+        self._fail_for_good_locked(f"cannot be restarted: {why}")
+        raise DeviceFailure(f"device {self.name} cannot be restarted: {why}")
 
     def _holds_disk(self) -> bool:
         """Whether the device holds a disk image: I/O on it may outlive a killed process."""

@@ -214,7 +214,6 @@ static const int IOCB_CMD_PWRITEV;
 """
 AIO_FUNCTIONS = """
 int sv_io_setup(unsigned int nr_events, aio_context_t *ctx);
-int sv_io_destroy(aio_context_t ctx);
 int sv_io_submit(aio_context_t ctx, long nr, struct iocb **iocbs);
 int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events,
                     long long timeout_ns);
@@ -222,8 +221,6 @@ int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *ev
 AIO_SOURCE = """
 static int sv_io_setup(unsigned int nr_events, aio_context_t *ctx)
 { return (int)syscall(SYS_io_setup, nr_events, ctx); }
-static int sv_io_destroy(aio_context_t ctx)
-{ return (int)syscall(SYS_io_destroy, ctx); }
 static int sv_io_submit(aio_context_t ctx, long nr, struct iocb **iocbs)
 { return (int)syscall(SYS_io_submit, ctx, nr, iocbs); }
 static int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_event *events,

@@ -11,7 +11,8 @@ A process that ends with requests in flight waits for them in the kernel (exit_a
 a device's process is gone, none of its writes can land after a successor's. The launcher
 waits up to ORPHAN_WAIT_S (sandbox/launcher.py) for that before it reports the end, and says
 when the process still ran (a disk stalled for longer); the monitor then starts no successor
-for a device that writes a disk image (monitor/slot.py restart()): it fails for good.
+for a device that holds a disk image (monitor/slot.py restart()): it fails for good. A
+context is never destroyed: it goes with the process, as its requests do.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class AioContext:
             if n >= 0:
                 break
             err = ffi.errno
-            if err != errno.EINTR:  # a signal's handler ran: wait again
+            if err != errno.EINTR:  # (EINTR: a signal's handler ran; wait again)
                 raise OSError(err, "io_getevents")
         done = []
         for event in self._events[0:n]:
@@ -90,11 +91,3 @@ class AioContext:
             self._in_flight.pop(token, None)
             done.append((token, int(event.res)))
         return done
-
-    def close(self) -> None:
-        """Wait for what is in flight, then destroy the context."""
-        while self._in_flight:
-            self.wait(len(self._in_flight))
-        if self._ctx is not None:
-            lib.sv_io_destroy(self._ctx)
-            self._ctx = None

@@ -13,30 +13,30 @@ at 0 (config_space.py), BAR 0's registers, BAR 1's MSI-X table and PBA (msix.py)
 Common configuration fields are accessed at their natural width (4.1.3.1; a 64-bit field
 also as two 32-bit halves); any other access is a guest mistake: counted, reads give zeros.
 
-A queue is processed when its notify eventfd fires, only while DRIVER_OK is set and
-neither NEEDS_RESET nor FAILED: every available chain, in order, each completed before the
-next, then one interrupt if the driver wants one. A model may instead start a chain and
-finish it later (handle() returns a Pending: a request in flight on the host, such as an
-O_DIRECT read queued to the disk); then up to MAX_IN_FLIGHT chains are in flight at once,
-the model's wait_pending() waits for them (REFILL_POLL_NS at a time while the ring is dry,
-so that a chain the driver adds meanwhile, without a kick, starts at once), and chains still
-go to the used ring in the order they were taken. Either way process() returns with nothing in flight, so the
-rest of this holds for both. Every
-BUDGET_NS it asks its event loop whether anything else waits (a frame on the channel,
-another fd): if so, it triggers its own notify eventfd and returns, to take up the rest
-once the loop has served them; if not, it goes on. Nothing is published per batch: a crash
-restart takes each queue's position from its used ring in guest RAM (taken = completed, in
-order), and the state a checkpoint carries changes only with register writes, which the
-runtime's checkpoints and the monitor's journal cover. The journal's frames are re-applied
-to the registers only: no ring is opened or run meanwhile, since a ring a frame enabled may
-be memory the driver has reset and given up since (writing its used ring, or running its
-stale descriptors, would write into guest memory that is no longer the device's). Once they
-are, after_restart() takes up each queue the last frame leaves enabled, and interrupts once
-for it, since the dead process may have completed chains and died before it could (a
-spurious interrupt costs the driver a look at its used ring; a lost one would leave it
-waiting; raised any earlier, a replayed ISR read would clear it). A hostile ring or a buffer
-outside guest RAM (QueueError, GuestRamError) stops the device: NEEDS_RESET, a
-configuration-change interrupt, nothing more until the driver resets it.
+A queue is processed when its notify eventfd fires, only while DRIVER_OK is set and neither
+NEEDS_RESET nor FAILED: every available chain, in order, each completed before the next,
+then one interrupt if the driver wants one. A model may instead start a chain and finish it
+later (handle() returns a Pending: a request in flight on the host, such as an O_DIRECT
+read queued to the disk); then up to MAX_IN_FLIGHT chains are in flight at once, the
+model's wait_pending() waits for them (REFILL_POLL_NS at a time while the ring is dry, so
+that a chain the driver adds meanwhile, without a kick, starts at once), and chains still
+go to the used ring in the order they were taken. Either way process() returns with nothing
+in flight, so the rest of this holds for both. Every BUDGET_NS it asks its event loop
+whether anything else waits (a frame on the channel, another fd): if so, it triggers its
+own notify eventfd and returns, to take up the rest once the loop has served them; if not,
+it goes on. Nothing is published per batch: a crash restart takes each queue's position
+from its used ring in guest RAM (taken = completed, in order), and the state a checkpoint
+carries changes only with register writes, which the runtime's checkpoints and the
+monitor's journal cover. The journal's frames are re-applied to the registers only: no ring
+is opened or run meanwhile, since a ring a frame enabled may be memory the driver has reset
+and given up since (writing its used ring, or running its stale descriptors, would write
+into guest memory that is no longer the device's). Once they are, after_restart() takes up
+each queue the last frame leaves enabled, and interrupts once for it, since the dead
+process may have completed chains and died before it could (a spurious interrupt costs the
+driver a look at its used ring; a lost one would leave it waiting; raised any earlier, a
+replayed ISR read would clear it). A hostile ring or a buffer outside guest RAM
+(QueueError, GuestRamError) stops the device: NEEDS_RESET, a configuration-change
+interrupt, nothing more until the driver resets it.
 """
 
 from __future__ import annotations
