@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -192,13 +192,22 @@ class DeviceChannel:
         self._send(frame, "a posted write")
         self._posted += 1
 
-    def _send(self, frame: bytes, what: str) -> None:
+    def post_many(self, frames: Sequence[bytes]) -> None:
+        """Posted frames, in order, as the parts of one ZeroMQ message: one wake-up of its
+        I/O threads for all (each part is a frame to the device). ZeroMQ delivers a
+        message whole or not at all."""
+        for frame in frames[:-1]:
+            self._send(frame, "a posted write", zmq.SNDMORE)
+        self._send(frames[-1], "a posted write")
+        self._posted += len(frames)
+
+    def _send(self, frame: bytes, what: str, more: int = 0) -> None:
         """Send `frame` (`what` it is, for messages), waiting only while the device's queue
         is full, at most WRITE_TIMEOUT_MS, and not at all once its process has ended. With
         no peer connected a PAIR socket takes nothing, so a frame to a device that has just
         died would otherwise wait out the whole timeout, holding the slot's lock."""
         try:
-            self.sock.send(frame, zmq.NOBLOCK)
+            self.sock.send(frame, zmq.NOBLOCK | more)
             return
         except zmq.Again:
             pass
@@ -206,7 +215,7 @@ class DeviceChannel:
             raise ChannelError(f"stopped taking frames ({e})") from None
         if self._pidfd is None:  # no pidfd to watch: a blocking send with its timeout
             try:
-                self.sock.send(frame)
+                self.sock.send(frame, more)
             except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
                 raise ChannelError(f"stopped taking frames ({e})") from None
             return
@@ -217,7 +226,7 @@ class DeviceChannel:
         if ready.get(self._pidfd):
             raise ChannelError(f"its process ended with {what} unsent")
         try:
-            self.sock.send(frame, zmq.NOBLOCK)
+            self.sock.send(frame, zmq.NOBLOCK | more)
         except zmq.ZMQError as e:
             raise ChannelError(f"stopped taking frames ({e})") from None
 

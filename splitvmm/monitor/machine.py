@@ -48,6 +48,7 @@ from splitvmm.monitor.rundir import RuntimeDir
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
+from splitvmm.monitor.writebehind import WriteBehind, Zone
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
@@ -404,9 +405,10 @@ class Machine:
         supervisor.start()
         restarter = threading.Thread(target=self._restarter, name="restarter", daemon=True)
         restarter.start()
+        write_behind = self._write_behind()
         # vCPU threads exist before the control socket answers: a pause must see them all.
         self.vcpus = [
-            VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop, self.confinement)
+            VcpuThread(fd, self.pio, self.mmio, self.mem, self.stop, self.confinement, write_behind)
             for fd in self.vcpu_fds
         ]
         assert self.control is not None
@@ -431,11 +433,32 @@ class Machine:
                 v.request_stop()
             for v in self.vcpus:
                 v.join()
+            if write_behind is not None:
+                write_behind.close()
             self._restarts.put(None)
             restarter.join()
             supervisor.close()
         assert self._outcome is not None
         return self._outcome
+
+    def _write_behind(self) -> WriteBehind | None:
+        """Held writes for the devices whose models declare write-behind registers, where
+        KVM can hold port writes (monitor/writebehind.py); started, not armed."""
+        zones = []
+        for slot in self.slots:
+            model = MODELS[slot.model]
+            transport = model.transport
+            if isinstance(transport, PortWindow):
+                for offset, size in model.write_behind:
+                    port = transport.base + offset
+                    zones.append(Zone(port, size, slot, transport.base, transport.size))
+        page = self.vm.coalesced_pio_page() if zones else 0
+        if not page:
+            return None
+        ring = self.vcpu_fds[0].coalesced_ring(page)
+        write_behind = WriteBehind(self.vm, ring, zones)
+        write_behind.start()
+        return write_behind
 
     # -- control socket ---------------------------------------------------------------------
     def _control_handlers(self) -> dict[str, Handler]:
@@ -519,6 +542,8 @@ class Machine:
             # guest accesses forwarded to the device: what its register traffic costs
             # the monitor (queue notifies and interrupts never count here)
             "exits": {"reads": s.reads, "writes": s.writes},
+            # writes to its write-behind registers that KVM held: delivered with no exit
+            "held_writes": s.held_writes,
         }
 
     def _pause(self) -> dict[str, object]:

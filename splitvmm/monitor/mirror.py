@@ -38,6 +38,10 @@ device would have given at that point of the guest's accesses.
   device's new MIRROR arrives the mirror answers with the values from before it, which is
   what the device answered a read that came before the drain.
 
+Held writes (monitor/writebehind.py): writes KVM kept without an exit are frames the slot
+has not sent yet; a read answered meanwhile counts them as sent after the mirror's stamp, as
+one run at the end (the device's credit covers them or the read waits until they are sent).
+
 Journal and restarts: a read answered from the mirror is no frame. It is neither sent nor
 journaled, and the device's frame count does not include it, so checkpoints and a crash
 restart's replay are those of a guest that never made the read; since the read had no side
@@ -96,15 +100,24 @@ class RegisterMirror:
         else:
             self._run_offset, self._run = write_offset, int(write_offset is not None)
 
-    def answer(self, offset: int, size: int, frames: int) -> bytes | None:
-        """The value of a read of `size` bytes at `offset`, after `frames` frames were sent,
-        if the mirror has it exactly (the module docstring); None: ask the device."""
+    def answer(
+        self, offset: int, size: int, frames: int, held: int = 0, held_at: int = 0
+    ) -> bytes | None:
+        """The value of a read of `size` bytes at `offset`, after `frames` frames were sent
+        and `held` more writes at `held_at` that are still to be sent (write-behind: they
+        came before the read), if the mirror has it exactly (the module docstring); None:
+        ask the device, after sending what is held."""
         mirror, where = self._latest, self._registers.get(offset)
         if mirror is None or where is None or self.paused or where[1] != size:
             return None
         value = mirror.values[where[0]]
         behind = (frames - mirror.stamp) & wire.STAMP_MASK
-        if value is None or behind == 0:
+        if value is None or behind + held == 0:
             return value
-        covered = self._run_offset == mirror.credit_offset and self._run >= behind
+        run_offset, run = self._run_offset, self._run
+        if held:  # the writes after the sent ones: the run ends with them
+            run = held + (run if run_offset == held_at else 0)
+            run_offset = held_at
+        behind += held
+        covered = run_offset == mirror.credit_offset and run >= behind
         return value if covered and behind <= mirror.credit else None

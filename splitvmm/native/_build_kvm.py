@@ -19,6 +19,7 @@ KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_VCPU_EVENTS KVM_SE
 KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS KVM_GET_MSR_INDEX_LIST KVM_SET_IRQCHIP
 KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK KVM_KVMCLOCK_CTRL KVM_SET_TSC_KHZ
 KVM_SET_GSI_ROUTING KVM_REINJECT_CONTROL
+KVM_REGISTER_COALESCED_MMIO KVM_UNREGISTER_COALESCED_MMIO
 SV_KVM_GET_XSAVE2
 """.split()
 
@@ -49,6 +50,7 @@ KVM_CAP_KVMCLOCK_CTRL KVM_CAP_TSC_CONTROL KVM_CAP_GET_TSC_KHZ
 KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
 KVM_CLOCK_TSC_STABLE KVM_CLOCK_REALTIME KVM_CLOCK_HOST_TSC KVM_MAX_XCRS
 SV_HAVE_XSAVE2 SV_KVM_CAP_XSAVE2
+KVM_CAP_COALESCED_MMIO KVM_CAP_COALESCED_PIO
 """.split()
 
 CDEF = """
@@ -144,6 +146,15 @@ static const unsigned long SV_PIC_IRR_OFFSET;
 static const unsigned long SV_IOAPIC_IRR_OFFSET;
 static const unsigned long SV_IOAPIC_REDIRTBL_OFFSET;
 static const unsigned long SV_IRQCHIP_CHIP_SIZE;
+/* Coalesced port writes (KVM_REGISTER_COALESCED_MMIO with pio = 1): the zone and the ring's
+   entries have unnamed unions, so they are read and written as bytes at these offsets. */
+static const unsigned long SV_COALESCED_ZONE_SIZE;
+static const unsigned long SV_COALESCED_ZONE_PIO_OFFSET;
+static const unsigned long SV_COALESCED_RING_ENTRIES_OFFSET;
+static const unsigned long SV_COALESCED_ENTRY_SIZE;
+static const unsigned long SV_COALESCED_ENTRY_LEN_OFFSET;
+static const unsigned long SV_COALESCED_ENTRY_DATA_OFFSET;
+static const unsigned long SV_COALESCED_ENTRY_DATA_SIZE;
 
 /* <asm/bootparam.h>: the Linux x86 zero page. */
 struct setup_header {
@@ -184,6 +195,13 @@ SOURCE = """
 #define SV_PIC_IRR_OFFSET offsetof(struct kvm_pic_state, irr)
 #define SV_IOAPIC_IRR_OFFSET offsetof(struct kvm_ioapic_state, irr)
 #define SV_IOAPIC_REDIRTBL_OFFSET offsetof(struct kvm_ioapic_state, redirtbl)
+#define SV_COALESCED_ZONE_SIZE sizeof(struct kvm_coalesced_mmio_zone)
+#define SV_COALESCED_ZONE_PIO_OFFSET offsetof(struct kvm_coalesced_mmio_zone, pio)
+#define SV_COALESCED_RING_ENTRIES_OFFSET offsetof(struct kvm_coalesced_mmio_ring, coalesced_mmio)
+#define SV_COALESCED_ENTRY_SIZE sizeof(struct kvm_coalesced_mmio)
+#define SV_COALESCED_ENTRY_LEN_OFFSET offsetof(struct kvm_coalesced_mmio, len)
+#define SV_COALESCED_ENTRY_DATA_OFFSET offsetof(struct kvm_coalesced_mmio, data)
+#define SV_COALESCED_ENTRY_DATA_SIZE sizeof(((struct kvm_coalesced_mmio *)0)->data)
 /* KVM_GET_XSAVE2 (Linux 5.17) sizes the buffer by KVM_CAP_XSAVE2; older headers lack it and
    we fall back to KVM_GET_XSAVE's fixed 4 KiB struct kvm_xsave. */
 #ifdef KVM_GET_XSAVE2

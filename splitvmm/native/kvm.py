@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
+from splitvmm.native.coalesced import CoalescedRing
 from splitvmm.native.exits import INTERRUPTED, Exit, RunPage
 from splitvmm.native.fd import OwnedFd
 from splitvmm.native.routing import IRQCHIP_IOAPIC as IRQCHIP_IOAPIC
@@ -175,6 +177,15 @@ def _ioeventfd(eventfd: int, addr: int, length: int, pio: bool, datamatch: int |
         ioev.flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
         ioev.datamatch = datamatch
     return ioev
+
+
+def _coalesced_zone(port: int, size: int) -> Any:
+    """A struct kvm_coalesced_mmio_zone for ports (its pio member is in an unnamed union:
+    written as bytes at the offset the header gives)."""
+    zone = ffi.new("char[]", lib.SV_COALESCED_ZONE_SIZE)
+    struct.pack_into("<QI", ffi.buffer(zone), 0, port, size)
+    struct.pack_into("<I", ffi.buffer(zone), lib.SV_COALESCED_ZONE_PIO_OFFSET, 1)
+    return zone
 
 
 def _fill_route(entry: Any, route: GsiRoute) -> None:
@@ -384,6 +395,27 @@ class VmFd(OwnedFd):
         ioev.flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
         _ioctl_ptr(self.fd, lib.KVM_IOEVENTFD, ioev, "KVM_IOEVENTFD")
 
+    def coalesced_pio_page(self) -> int:
+        """The page of a vCPU's mapping that holds the VM's ring of coalesced writes, or 0
+        where KVM coalesces no port writes (native/coalesced.py)."""
+        if self.check_extension(lib.KVM_CAP_COALESCED_PIO) <= 0:
+            return 0
+        return max(0, self.check_extension(lib.KVM_CAP_COALESCED_MMIO))
+
+    def register_coalesced_pio(self, port: int, size: int) -> None:
+        """Guest writes to ports [port, port + size) go to the coalesced ring, without an
+        exit, while it has room (native/coalesced.py)."""
+        zone = _coalesced_zone(port, size)
+        _ioctl_ptr(self.fd, lib.KVM_REGISTER_COALESCED_MMIO, zone, "KVM_REGISTER_COALESCED_MMIO")
+
+    def unregister_coalesced_pio(self, port: int, size: int) -> None:
+        """Writes to those ports exit again (writes already in the ring stay there). KVM waits
+        out a grace period first: ~8 ms here, so not on a vCPU's thread."""
+        zone = _coalesced_zone(port, size)
+        _ioctl_ptr(
+            self.fd, lib.KVM_UNREGISTER_COALESCED_MMIO, zone, "KVM_UNREGISTER_COALESCED_MMIO"
+        )
+
     def set_gsi_routing(self, routes: Sequence[GsiRoute]) -> None:
         """KVM_SET_GSI_ROUTING: replaces the whole GSI table (see routing.pc_default_routes)."""
         table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
@@ -467,6 +499,7 @@ class VcpuFd(OwnedFd):
         self.vcpu_id = vcpu_id
         self._run_map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._page = RunPage(self._run_map)  # unmapped by close(), after the page is closed
+        self._ring: CoalescedRing | None = None  # likewise
 
     def run(self) -> Exit:
         """KVM_RUN (GIL released by cffi) to the next exit, as a record (native/exits.py).
@@ -659,8 +692,17 @@ class VcpuFd(OwnedFd):
         _ioctl_ptr(self.fd, lib.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
         return tr.physical_address if tr.valid else None
 
+    def coalesced_ring(self, page: int) -> CoalescedRing:
+        """The VM's ring of coalesced writes as this vCPU's mapping shows it (page: from
+        VmFd.coalesced_pio_page()); closed with this fd."""
+        if self._ring is None:
+            self._ring = CoalescedRing(self._run_map, page)
+        return self._ring
+
     def close(self) -> None:
         if self.fd >= 0:
             self._page.close()
+            if self._ring is not None:
+                self._ring.close()
             self._run_map.close()
         super().close()

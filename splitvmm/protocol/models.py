@@ -247,9 +247,16 @@ class ModelDescriptor(Struct, frozen=True):
     # may have no side effect; the device says, with each value, whether it may now. At most
     # MAX_MIRRORED of them, MIRROR_BYTES together.
     mirrored: tuple[tuple[int, int], ...] = ()
+    # Registers, (offset, size) in its port window, whose writes the monitor may hold back
+    # and deliver later, in order (monitor/writebehind.py): KVM keeps them without an exit.
+    # They reach the device before its next access other than a read its mirror answers,
+    # before a snapshot, and within a few milliseconds: a model declares only registers
+    # whose write the guest sees the effect of through those reads and its interrupts alone.
+    write_behind: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         check_mirrored(self.name, self.mirrored, self.transport.size)
+        check_write_behind(self.name, self.write_behind, self.transport)
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -271,6 +278,23 @@ def check_mirrored(model: str, registers: tuple[tuple[int, int], ...], window: i
         taken |= span
 
 
+def check_write_behind(
+    model: str, registers: tuple[tuple[int, int], ...], transport: Transport
+) -> None:
+    """Write-behind registers: in a port window (KVM coalesces port writes at fixed ports;
+    a PCI BAR moves), inside it, without overlaps."""
+    if registers and not isinstance(transport, PortWindow):
+        raise ValueError(f"{model}: write-behind registers need a port window")
+    taken: set[int] = set()
+    for offset, size in registers:
+        span = set(range(offset, offset + size))
+        if size not in ACCESS_SIZES or offset < 0 or offset + size > transport.size or span & taken:
+            raise ValueError(
+                f"{model}: write-behind register at {offset:#x} of {size} bytes is not valid"
+            )
+        taken |= span
+
+
 SERIAL = ModelDescriptor(
     name="serial",  # 8250/16550A at COM1
     transport=PortWindow(base=0x3F8, size=8, irq=4, acpi_hid="PNP0501"),  # 16550A-compatible
@@ -285,6 +309,9 @@ SERIAL = ModelDescriptor(
     # IER (DLM with DLAB), LCR, MCR, LSR, MSR, SCR: no read side effect, except LSR's and
     # MSR's, which the device marks not valid while a read of them would clear a bit.
     mirrored=((1, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1)),
+    # THR (DLL with DLAB): a polled driver writes it once per byte, after an LSR read the
+    # mirror answers; the device's THR credit covers the writes held meanwhile
+    write_behind=((0, 1),),
 )
 
 RTC = ModelDescriptor(

@@ -19,6 +19,7 @@ import pytest
 
 from splitvmm.errors import KvmError
 from splitvmm.monitor import layout
+from splitvmm.native.coalesced import CoalescedRing
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.exits import HLT, INTERRUPTED, MmioRead, MmioWrite, PioIn, PioOut
 from splitvmm.native.kvm import (
@@ -377,3 +378,50 @@ def test_pit_reinject_without_a_pit_raises_kvm_error(kvm: Kvm) -> None:
         with pytest.raises(KvmError, match="KVM_REINJECT_CONTROL") as raised:
             vm.set_pit_reinject(False)
     assert raised.value.errno == errno.ENXIO
+
+
+# -- coalesced port writes (native/coalesced.py, monitor/writebehind.py) ------------------------
+# mov $PORT,%dx; mov $1,%al; out %al,(%dx); mov $2,%al; out; mov $3,%al; out;
+# out %al,$DEBUG_PORT; mov $0x4241,%ax; out %ax,(%dx) (two bytes: past a one-byte zone)
+COALESCED_WRITES = bytes([0xBA, *PORT.to_bytes(2, "little")]) + bytes(
+    [0xB0, 1, 0xEE, 0xB0, 2, 0xEE, 0xB0, 3, 0xEE, 0xE6, 0xF4, 0xB8, 0x41, 0x42, 0xEF]
+)
+
+
+def coalescing(g: Guest) -> CoalescedRing:
+    """The ring, once PORT's one-byte writes go there (skips where KVM coalesces none)."""
+    page = g.vm.coalesced_pio_page()
+    if not page:
+        pytest.skip("this host's KVM does not coalesce port writes (no KVM_CAP_COALESCED_PIO)")
+    ring = g.vcpu.coalesced_ring(page)
+    g.vm.register_coalesced_pio(PORT, 1)
+    return ring
+
+
+def test_coalesced_port_writes_wait_in_the_ring_without_exits(make_guest: MakeGuest) -> None:
+    g = make_guest(COALESCED_WRITES)
+    ring = coalescing(g)
+
+    first = g.vcpu.run()  # the three writes to PORT cost no exit
+    held = ring.take()
+    second = g.vcpu.run()  # a write wider than the zone exits as any does
+
+    assert first == PioOut(DEBUG_PORT, 1, b"\x03")
+    assert held == [(PORT, b"\x01"), (PORT, b"\x02"), (PORT, b"\x03")]
+    assert (second, ring.pending()) == (PioOut(PORT, 2, b"AB"), 0)
+
+
+def test_coalesced_zone_unregistered_writes_exit_again(make_guest: MakeGuest) -> None:
+    g = make_guest(PIO_WRITE_LOOP)
+    ring = coalescing(g)
+    g.vcpu.run()  # PORT's write held, then the marker
+    held = ring.take()
+
+    g.vm.unregister_coalesced_pio(PORT, 1)
+    ex = g.vcpu.run()
+
+    assert (held, ex, ring.pending()) == (
+        [(PORT, bytes([VALUE]))],
+        PioOut(PORT, 1, bytes([VALUE])),
+        0,
+    )

@@ -53,6 +53,37 @@ def test_mirror_write_elsewhere_after_stamp_asks_the_device():
     assert mirror.answer(1, 1, frames=6) is None
 
 
+# -- writes KVM holds (monitor/writebehind.py): sent after the frames, before the read ------
+def test_mirror_held_writes_within_credit_answer():
+    assert mirror_at(stamp=3, credit=2).answer(7, 1, frames=3, held=2, held_at=THR) == b"\x5a"
+
+
+def test_mirror_held_writes_past_credit_ask_the_device():
+    assert mirror_at(stamp=3, credit=2).answer(7, 1, frames=3, held=3, held_at=THR) is None
+
+
+def test_mirror_held_writes_without_credit_ask_the_device():
+    assert mirror_at(stamp=3).answer(7, 1, frames=3, held=1, held_at=THR) is None
+
+
+def test_mirror_held_writes_elsewhere_than_the_credit_ask_the_device():
+    assert mirror_at(stamp=3, credit=100).answer(7, 1, frames=3, held=1, held_at=7) is None
+
+
+def test_mirror_sent_and_held_writes_count_together_against_the_credit():
+    mirror = mirror_at(stamp=3, credit=3)
+    mirror.sent(THR)
+    mirror.sent(THR)
+    assert mirror.answer(7, 1, frames=5, held=1, held_at=THR) == b"\x5a"
+    assert mirror.answer(7, 1, frames=5, held=2, held_at=THR) is None
+
+
+def test_mirror_held_writes_after_a_sent_frame_the_credit_does_not_cover_ask_the_device():
+    mirror = mirror_at(stamp=3, credit=100)
+    mirror.sent(None)  # a read the device applied after the stamp: its values may differ
+    assert mirror.answer(7, 1, frames=4, held=1, held_at=THR) is None
+
+
 def test_mirror_read_frame_after_stamp_asks_the_device():
     mirror = mirror_at(stamp=3, credit=100)
     mirror.sent(None)  # a read (or host input) the device applied after the stamp

@@ -390,3 +390,72 @@ def test_slot_restarts_no_disk_device_while_the_old_process_may_still_do_io(
     else:
         assert "cannot be restarted: its process did not end" in str(raised.value)
         assert slot.state is SlotState.FAILED and "did not end" in str(slot.failed)
+
+
+# -- writes KVM held (monitor/writebehind.py) --------------------------------------------------
+LSR, THR = 5, 0
+
+
+class HeldChannel(InputChannel):
+    """A live serial device's channel with a current MIRROR of LSR (credit for `credit` THR
+    writes), counting the times the slot asked for the device's news."""
+
+    def __init__(self, slot: DeviceSlot, credit: int) -> None:
+        super().__init__(slot)
+        self.mirror = RegisterMirror(((LSR, 1),))
+        self.mirror.take(wire.Mirror((b"\x60",), THR, credit, 0))
+        self.messages: list[list[bytes]] = []
+        self.drains = 0
+
+    def drain_events(self) -> None:
+        self.drains += 1
+        super().drain_events()
+
+    def post_many(self, frames: list[bytes]) -> None:
+        self.messages.append(list(frames))
+        self.extend(frames)
+
+
+@pytest.fixture
+def held(slot: DeviceSlot) -> HeldChannel:
+    channel = HeldChannel(slot, credit=4)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    return channel
+
+
+def test_slot_held_writes_go_as_one_message_each_a_journaled_frame(slot, held):
+    slot.write_many([(THR, b"a"), (THR, b"b"), (THR, b"c")])
+
+    assert [wire.decode_access(f, 8).data for f in held.messages[0]] == [b"a", b"b", b"c"]
+    assert (len(held.messages), slot.held_writes, slot.writes) == (1, 3, 0)
+    assert [n for n, _ in slot._journal] == [1, 2, 3]  # replayed to a restarted process
+
+
+def test_slot_read_after_held_writes_within_credit_is_answered_by_the_mirror(slot, held):
+    assert slot.read_held(LSR, 1, held=4, held_at=THR) == b"\x60"
+    assert (slot.reads, slot.mirrored_reads, held) == (1, 1, [])
+
+
+def test_slot_read_after_held_writes_past_credit_is_left_to_the_device(slot, held):
+    assert slot.read_held(LSR, 1, held=5, held_at=THR) is None
+    assert (slot.reads, slot.mirrored_reads) == (0, 0)  # the read is made, and counted, later
+
+
+def test_slot_read_after_sent_and_held_writes_counts_both_against_the_credit(slot, held):
+    slot.write_many([(THR, b"a"), (THR, b"b"), (THR, b"c")])
+    assert slot.read_held(LSR, 1, held=1, held_at=THR) == b"\x60"
+    assert slot.read_held(LSR, 1, held=2, held_at=THR) is None
+
+
+def test_slot_mirrored_reads_ask_for_the_devices_news_every_few_reads(slot, held):
+    for _ in range(3 * slot_module.NEWS_EVERY):
+        assert slot.read(LSR, 1) == b"\x60"
+    assert held.drains == 3
+
+
+def test_slot_mirrored_read_the_old_news_cannot_answer_asks_for_newer_at_once(slot, held):
+    slot.read(LSR, 1)  # news taken: the next reads use it
+    held.mirror.invalidate()  # as stale as it gets: a read asks the channel again at once
+    before = held.drains
+    slot.read_held(LSR, 1, held=1, held_at=THR)
+    assert held.drains == before + 1

@@ -1,0 +1,108 @@
+"""KVM's coalesced port writes: the ring in which KVM keeps a guest's writes to the ports
+the monitor registered (VmFd.register_coalesced_pio), instead of exiting for each.
+
+KVM appends each such write, as it happens, to one ring per VM, a page shared with user
+space that every vCPU's mmap shows at the page KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO)
+names; the guest runs on without an exit. User space takes the entries from `first` up to
+`last` and moves `first` on; once the ring is full, the next write to such a port exits as
+any other does (Linux api.rst, KVM_REGISTER_COALESCED_MMIO; QEMU takes its ring the same
+way, kvm_flush_coalesced_mmio_buffer).
+
+One limit of the kernel's: a `rep outs` that fills the ring part-way through is cut short,
+its remaining writes dropped (x86.c emulator_pio_in_out: once one element went to an
+in-kernel device, the rest are not sent to user space). What the monitor registers are
+registers a driver writes one at a time (an 8250's THR, which it polls or is interrupted
+for), so only a guest that writes a UART 170 bytes blind loses any, as it would with the
+chip's 16-byte FIFO.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any
+
+from splitvmm.native._kvm import ffi, lib
+
+# The ring's layout (struct kvm_coalesced_mmio_ring, <linux/kvm.h>): first and last, then
+# the entries (struct kvm_coalesced_mmio: the address, the length, pio, the data).
+ENTRIES_OFFSET: int = lib.SV_COALESCED_RING_ENTRIES_OFFSET
+ENTRY_SIZE: int = lib.SV_COALESCED_ENTRY_SIZE
+LEN_OFFSET: int = lib.SV_COALESCED_ENTRY_LEN_OFFSET
+DATA_OFFSET: int = lib.SV_COALESCED_ENTRY_DATA_OFFSET
+DATA_SIZE: int = lib.SV_COALESCED_ENTRY_DATA_SIZE
+
+
+class CoalescedRing:
+    """The VM's ring of coalesced writes, read through one vCPU's mapping. Its owner takes
+    entries from one thread at a time (monitor/writebehind.py holds a lock around take())."""
+
+    def __init__(self, mapping: mmap.mmap, page: int) -> None:
+        """`mapping`: a vCPU's kvm_run mmap; `page`: the ring's page in it (the value of
+        KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO))."""
+        start = page * mmap.PAGESIZE
+        if page <= 0 or start + mmap.PAGESIZE > len(mapping):
+            raise ValueError(f"coalesced ring page {page} is outside the vCPU's mapping")
+        # SAFETY: the mapping is its vCPU's (VcpuFd), unmapped only when that fd closes, after
+        # every vCPU thread ended; the ring is read only by vCPU threads and the flusher,
+        # which the machine stops before it (monitor/machine.py run()).
+        self._buf: Any = ffi.from_buffer(mapping)
+        self._view = memoryview(mapping)[start : start + mmap.PAGESIZE]
+        # first and last as aligned 32-bit words: one load or store each (x86 keeps stores
+        # in order, so an entry KVM wrote is whole once `last` says it is there)
+        self._index: Any = ffi.cast("volatile uint32_t *", self._buf + start)
+        self.size = (mmap.PAGESIZE - ENTRIES_OFFSET) // ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX
+        self._scan = (-1, 0, -1)  # one_port()'s: (first, scanned up to, port or -1 / -2)
+
+    def pending(self) -> int:
+        """How many writes wait in the ring."""
+        return int(self._index[1] - self._index[0]) % self.size
+
+    def oldest(self) -> int:
+        """Where the oldest waiting write is (or the next one will be): it moves on with each
+        take(), so one that stays put while writes wait says nobody took them meanwhile."""
+        return int(self._index[0])
+
+    def one_port(self) -> tuple[int, int] | None:
+        """(how many writes wait, their port) if every one waiting is at one port (0, -1 when
+        none waits); None if they are at several. Each entry is looked at once, however
+        often this is asked between two take()s."""
+        first, last = self._index[0], self._index[1]
+        start, scanned, port = self._scan
+        if start != first:  # taken since: look again from the front
+            scanned, port = first, -1
+        for i in self._span(scanned, last):
+            at = ENTRIES_OFFSET + i * ENTRY_SIZE
+            entry_port = int.from_bytes(self._view[at : at + 8], "little")
+            if port not in (-1, entry_port):
+                port = -2  # several ports: stays so until the next take()
+                break
+            port = entry_port
+        self._scan = (first, last, port)
+        return None if port == -2 else ((last - first) % self.size, port)
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """The writes waiting, oldest first, as (port, data); the ring has room for them again."""
+        first, last = self._index[0], self._index[1]
+        writes = [self._entry(i) for i in self._span(first, last)]
+        self._index[0] = last
+        self._scan = (-1, 0, -1)
+        return writes
+
+    def _span(self, first: int, last: int) -> range | list[int]:
+        if first >= self.size or last >= self.size:
+            raise ValueError(f"coalesced ring indices {first}, {last} are not below {self.size}")
+        if first <= last:
+            return range(first, last)
+        return [*range(first, self.size), *range(last)]
+
+    def _entry(self, i: int) -> tuple[int, bytes]:
+        at = ENTRIES_OFFSET + i * ENTRY_SIZE
+        port = int.from_bytes(self._view[at : at + 8], "little")
+        length = int.from_bytes(self._view[at + LEN_OFFSET : at + LEN_OFFSET + 4], "little")
+        if not 0 < length <= DATA_SIZE:
+            raise ValueError(f"coalesced write of {length} bytes at port {port:#x}")
+        return port, bytes(self._view[at + DATA_OFFSET : at + DATA_OFFSET + length])
+
+    def close(self) -> None:
+        self._view.release()
+        self._index = self._buf = None

@@ -1,0 +1,45 @@
+"""Write-behind (monitor/writebehind.py) through `splitvmm up`: a polled 8250 guest's THR
+writes cost no exit, and every byte still comes out, in order, including the last ones of a
+guest that then halts for good and makes no exit again."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import vm_toml
+from tests.integration.vmproc import VmProcess
+
+pytestmark = pytest.mark.kvm
+
+GREETING = "firmware-idle: halted\n"
+
+
+def test_last_bytes_of_a_guest_that_halts_come_out_without_another_exit(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """firmware-idle polls LSR before each byte, writes it to THR, and after the newline halts
+    in the kernel's irqchip with interrupts off: no exit ever delivers its last write, so the
+    flusher must."""
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'firmware = "{guests["firmware-idle"]}"', serial_out=serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"halted\n")
+        dev = vm.device("serial0")
+        vm.proc.send_signal(signal.SIGTERM)
+        status, err = vm.finish()
+    finally:
+        if vm.proc.poll() is None:
+            vm.proc.kill()
+            vm.finish()
+    assert (vm.text(), status) == (GREETING, 128 + signal.SIGTERM), err[-2000:]
+    # the UART's set-up writes exit (the first THR-offset one, DLL, arms write-behind); the
+    # greeting's bytes go to THR with no exit
+    exits = dev["exits"]
+    assert isinstance(exits, dict)
+    assert dev["held_writes"] >= len(GREETING) - 1
+    assert exits["writes"] < 8, dev
