@@ -48,7 +48,7 @@ from splitvmm.monitor.rundir import RuntimeDir
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
-from splitvmm.monitor.writebehind import WriteBehind, Zone
+from splitvmm.monitor.writebehind import WriteBehind, Zone, kernel_holds_rep_outs_once
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
@@ -98,6 +98,7 @@ class Machine:
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self.vcpus: list[VcpuThread] = []
+        self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._console: str | None = None  # the device that takes the operator's keyboard
@@ -434,7 +435,10 @@ class Machine:
             for v in self.vcpus:
                 v.join()
             if write_behind is not None:
-                write_behind.close()
+                try:
+                    write_behind.close()  # the guest's last writes, before the devices' sync
+                except Exception as e:  # (a monitor bug) the rest of the teardown still runs
+                    _log_failure("delivering the held writes", e)
             self._restarts.put(None)
             restarter.join()
             supervisor.close()
@@ -450,13 +454,20 @@ class Machine:
             transport = model.transport
             if isinstance(transport, PortWindow):
                 for offset, size in model.write_behind:
-                    port = transport.base + offset
-                    zones.append(Zone(port, size, slot, transport.base, transport.size))
+                    port, base, when = (
+                        transport.base + offset,
+                        transport.base,
+                        model.write_behind_while,
+                    )
+                    zones.append(Zone(port, size, slot, base, transport.size, when))
         page = self.vm.coalesced_pio_page() if zones else 0
         if not page:
             return None
+        if not kernel_holds_rep_outs_once(self._host_release):
+            log.info("no write-behind: the host kernel is older than Linux 6.0")
+            return None
         ring = self.vcpu_fds[0].coalesced_ring(page)
-        write_behind = WriteBehind(self.vm, ring, zones)
+        write_behind = WriteBehind(self.vm, ring, zones, lambda why: self.stop(Outcome.fault(why)))
         write_behind.start()
         return write_behind
 

@@ -100,6 +100,14 @@ class RegisterMirror:
         else:
             self._run_offset, self._run = write_offset, int(write_offset is not None)
 
+    def value(self, offset: int) -> bytes | None:
+        """The latest MIRROR's value of the register at `offset`, however many frames were sent
+        since (None: none taken, paused, not declared, or marked not valid)."""
+        mirror, where = self._latest, self._registers.get(offset)
+        if mirror is None or where is None or self.paused:
+            return None
+        return mirror.values[where[0]]
+
     def answer(
         self, offset: int, size: int, frames: int, held: int = 0, held_at: int = 0
     ) -> bytes | None:

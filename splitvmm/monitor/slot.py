@@ -126,11 +126,6 @@ STATS_LOCK_WAIT_S = 0.05
 # hold the vCPU for as long as restarts come back (forever, when each takes longer than
 # restart_window / max_restarts).
 READ_ATTEMPTS = 2
-# Reads the register mirror may answer from what the monitor already took from the device's
-# channel before it asks ZeroMQ for newer news (getsockopt ZMQ_EVENTS: ~7 us with a guest
-# running between reads, a third of a mirrored read). A MIRROR some reads old is still exact
-# (monitor/mirror.py: stamps and credit); one too old to answer makes the read ask at once.
-NEWS_EVERY = 8
 
 # Starts a device process: the process, and its channel's listening socket (an fd we own).
 # The launcher's spawn for the machine; tests start theirs with sandbox.spawn.spawn_child.
@@ -244,7 +239,6 @@ class DeviceSlot:
         self.writes = 0
         self.mirrored_reads = 0  # of those reads, the ones its register mirror answered
         self.held_writes = 0  # writes KVM held, which cost no exit (monitor/writebehind.py)
-        self._reads_without_news = NEWS_EVERY  # mirrored reads since its channel was drained
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
         self._frames = 0  # reads, writes and input the device got, over the slot's life
@@ -574,6 +568,21 @@ class DeviceSlot:
                 self.reads += 1
             return data
 
+    def mirrored_value(self, offset: int) -> bytes | None:
+        """What the device's newest MIRROR says of its register at `offset` (None: it is not
+        live, published none, or marks it not valid): whether its model wants write-behind
+        now (monitor/writebehind.py), not a guest read's answer."""
+        with self._lock:
+            channel = self.channel
+            if self.state is not SlotState.LIVE or channel is None:
+                return None
+            try:
+                channel.drain_events()
+            except ChannelError as e:
+                self._channel_failed_locked(str(e))
+                return None
+            return channel.mirror.value(offset)
+
     def write_many(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """Guest writes, (offset, data) in the order made, that KVM held without an exit
         (monitor/writebehind.py): posted as one message, each a frame of its own (journaled,
@@ -601,13 +610,6 @@ class DeviceSlot:
         channel = self.channel
         if self.state is not SlotState.LIVE or channel is None or not channel.mirror.covers(offset):
             return None  # the read goes to the device, whose channel reads the device's news
-        if self._reads_without_news < NEWS_EVERY:
-            data = channel.mirror.answer(offset, size, self._frames, held, held_at)
-            if data is not None:
-                self._reads_without_news += 1
-                self.mirrored_reads += 1
-                return data
-        self._reads_without_news = 0
         try:
             channel.drain_events()  # the device's newest MIRROR, and whatever else it said
         except ChannelError as e:

@@ -160,28 +160,31 @@ class VcpuThread(threading.Thread):
         `match` on class patterns does, so the four access kinds are told apart that way
         (written out in each test, not held in a local, so that mypy narrows `ex`).
 
-        Writes KVM held (monitor/writebehind.py) reach their devices first, unless this is a
-        read that the device's register mirror answers with them counted.
+        Writes KVM held for a device (monitor/writebehind.py) reach it before any other access
+        to it, unless this is a read that its register mirror answers with them counted.
         """
         held = self.write_behind
-        if held is not None and held.pending():
-            if type(ex) is PioIn and ex[2] == 1:
-                data = held.read(ex[0], ex[1])
-                if data is not None:
-                    self.vcpu.complete_read(data)
-                    return None
-            held.flush()
         if type(ex) is PioOut:
             port, size, data = ex
+            if held is not None and port in held.ports:
+                held.deliver(port)
             if len(data) == size:
                 self.pio.write(port, data)
             else:  # rep outs: len(data) // size accesses, back to back
                 for i in range(0, len(data), size):
                     self.pio.write(port, data[i : i + size])
-            if held is not None and not held.armed and port in held.ports:
-                held.arm()  # the next writes there cost no exit
+            if held is not None and not held.armed and port in held.write_ports:
+                held.arm(port)  # the next writes there cost no exit
         elif type(ex) is PioIn:
             port, size, count = ex
+            if held is not None and port in held.ports:
+                if count == 1:
+                    answer = held.read(port, size)
+                    if answer is not None:
+                        self.vcpu.complete_read(answer)
+                        return None
+                else:
+                    held.deliver(port)
             if count == 1:
                 self.vcpu.complete_read(self.pio.read(port, size))
             else:  # rep ins: `count` reads, back to back

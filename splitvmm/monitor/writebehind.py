@@ -5,42 +5,56 @@
 Why. A polled 8250 driver makes two exits a byte: an LSR read, which the device's register
 mirror answers in the monitor (monitor/mirror.py), and a THR write, posted to the device,
 whose ZeroMQ send wakes the I/O threads of both sides. Held, the write costs neither: the
-next LSR read counts it against the device's THR credit, and a hundred writes or so go to
+next LSR read counts it against the device's THR credit, and up to HELD_BATCH writes go to
 the device as the parts of one message.
+
+The ring is the VM's; the monitor moves what it holds into one queue per device (collect)
+and hands each queue to its device under that device's own lock (deliver), so a device that
+is slow to take its writes (restarting, or hostile) holds up only accesses to itself.
 
 When held writes reach the device; each rule keeps the device's view what it would be had
 every write exited:
 
-* Before any other exit is served, by whichever vCPU takes it (VcpuThread._handle_exit):
-  any access, to any device, reaches its device after every write the guest made before it.
+* Before any other access of that device's port window by any vCPU is served
+  (VcpuThread._handle_exit): the access comes after every write the guest made before it.
   One exception, the point of all this: a read that the device's register mirror answers
   exactly with the held writes counted (RegisterMirror.answer: the credit the device gives
-  for writes at that offset covers them), while every held write is that device's, at one
-  port. Such a read is one the device need not see (the mirror's rules), so it may come
-  before them.
+  for writes at that offset covers them), while every held write of that device is at one
+  offset and fewer than HELD_BATCH wait. Such a read is one the device need not see (the
+  mirror's rules), so it may come before them. Accesses to other devices do not wait:
+  posted writes to two device processes were never ordered with each other.
 * Before a vCPU parks (a pause; a snapshot quiesces the devices once every vCPU has parked,
-  so no write is left in the ring) and when a vCPU thread ends (the VM's last output).
-* Within TICK_S otherwise: while armed, a flusher thread looks at the ring every TICK_S, so a
-  guest that writes and then runs without exits (or halts in the kernel's irqchip) has its
-  bytes out, and sees their interrupts, about a millisecond later.
+  so no write is left held), and when the VM ends (close(), before the devices' last sync).
+* Within about two ticks otherwise: while armed, a flusher thread looks every TICK_S and delivers
+  what waited since its last look, so a guest that writes and then runs without touching the
+  device (or halts in the kernel's irqchip) has its bytes out, and sees their interrupts,
+  about a millisecond later. So write-behind suits registers of drivers that poll: the
+  model says when (ModelDescriptor.write_behind_while: the 8250 while IER has THRI off; a
+  driver that waits for the THRE interrupt gets its writes served as they come, as before).
 
 Arming. KVM tells nobody when it adds to the ring, so something has to look, and looking
-every TICK_S for an idle VM's whole life would be wake-ups for nothing. So the registers start
-unregistered: the first write to one exits as any write does, is served, and arms
-write-behind (KVM_REGISTER_COALESCED_MMIO, a few us, on that vCPU's thread); the flusher
-disarms it after IDLE_TICKS looks that found nothing (the unregister waits out a grace period
-of ~8 ms, on the flusher's thread) and delivers what came meanwhile.
+every TICK_S for an idle VM's whole life would be wake-ups for nothing. The registers start
+unregistered: a write to one exits as any write does, is served, and arms write-behind if
+the device's mirror says its model wants it now (KVM_REGISTER_COALESCED_MMIO, on that vCPU's
+thread); the flusher disarms it after IDLE_TICKS looks that found nothing new, or once the
+model no longer wants it (the unregister waits out a grace period, ~8 ms here, on the
+flusher's thread), and delivers what came meanwhile.
 
-A full ring makes the next write exit: it is served after the ring's writes, as any exit is.
-A host whose KVM cannot coalesce port writes (no KVM_CAP_COALESCED_PIO) gets no write-behind:
-the writes exit, as they did before.
+A full ring makes the next write exit: it is served after the device's held writes, as any
+access is. What KVM does with a `rep outs` that fills the ring part-way depends on the host
+kernel: Linux 6.0 and later drop the rest of it (x86.c emulator_pio_in_out), earlier ones
+send the whole string to user space as well, so that the held part would be delivered
+twice; so the monitor arms write-behind only on Linux 6.0 or later (MIN_KERNEL). A guest
+that writes an 8250's THR with `rep outsb`, blind, loses what does not fit in the ring (169
+writes), as the chip loses what overflows its 16-byte FIFO. A host whose KVM cannot
+coalesce port writes (no KVM_CAP_COALESCED_PIO) gets no write-behind: the writes exit.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from splitvmm.errors import KvmError
@@ -51,13 +65,14 @@ from splitvmm.record import Struct
 log = logging.getLogger("splitvmm.writebehind")
 
 # How often an armed flusher looks at the ring. It delivers what waited since its last look
-# (what a vCPU did not take meanwhile): a held write waits at most two ticks.
+# and a vCPU did not deliver meanwhile: a held write waits at most two ticks.
 TICK_S = 0.001
-IDLE_TICKS = 50  # looks that found nothing before it disarms (50 ms without such a write)
+IDLE_TICKS = 50  # looks that found nothing new before it disarms (50 ms without such a write)
 # A read the mirror could answer delivers the held writes instead, on the vCPU's own thread,
 # once this many wait: the flusher's deliveries take the GIL from the vCPUs.
 HELD_BATCH = 32
-CLOSE_WAIT_S = 5.0
+WISH_TICKS = 16  # how often the flusher asks whether the models still want write-behind
+MIN_KERNEL = (6, 0)  # a `rep outs` that fills the ring is not also sent to user space
 
 
 class HeldWriter(Protocol):
@@ -67,17 +82,40 @@ class HeldWriter(Protocol):
 
     def read_held(self, offset: int, size: int, held: int, held_at: int) -> bytes | None: ...
     def write_many(self, writes: Sequence[tuple[int, bytes]]) -> None: ...
+    def mirrored_value(self, offset: int) -> bytes | None: ...
 
 
 class Zone(Struct, frozen=True):
     """One write-behind register: ports [port, port + size) of the device whose port window
-    is [base, base + window)."""
+    is [base, base + window); wanted while `when` holds of its mirror (None: always)."""
 
     port: int
     size: int
     device: HeldWriter
     base: int
     window: int
+    when: tuple[int, int, int] | None = None  # (mirrored offset, mask, value)
+
+
+class _Held:
+    """One device's writes taken from the ring and not yet delivered."""
+
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.writes: list[tuple[int, bytes]] = []
+        self.offset: int | None = None  # the offset every write is at; None: several
+        self.lock = threading.Lock()  # one delivery at a time, and accesses wait for it
+        self.deliveries = 0
+
+
+def kernel_holds_rep_outs_once(release: str) -> bool:
+    """Whether a host kernel of this release (os.uname().release) sends no write of a `rep
+    outs` both to the ring and to user space (the module docstring)."""
+    try:
+        major, minor = (int(part) for part in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= MIN_KERNEL
 
 
 class WriteBehind:
@@ -86,92 +124,132 @@ class WriteBehind:
         vm: VmFd,
         ring: CoalescedRing,
         zones: Sequence[Zone],
+        fail: Callable[[str], None],
         tick_s: float = TICK_S,
         idle_ticks: int = IDLE_TICKS,
     ) -> None:
+        """`fail`: stops the VM when the flusher cannot go on (a monitor bug)."""
         self._vm, self._ring, self._zones = vm, ring, tuple(zones)
+        self._fail = fail
         self._by_port = {z.port + i: z for z in self._zones for i in range(z.size)}
-        self.ports = frozenset(self._by_port)  # a write exit here arms (VcpuThread)
-        self._only_port = next(iter(self.ports)) if len(self.ports) == 1 else None
+        self._held = {id(z.device): _Held(z) for z in self._zones}
+        # every port of every such device's window: an access there waits for its writes
+        self._window = {
+            z.base + i: self._held[id(z.device)] for z in self._zones for i in range(z.window)
+        }
+        self.ports = frozenset(self._window)
+        self.write_ports = frozenset(self._by_port)  # a write exit here may arm
         self._tick_s, self._idle_ticks = tick_s, idle_ticks
-        self._lock = threading.Lock()  # one taker of the ring at a time, delivery included
+        self._ring_lock = threading.Lock()  # the ring, and every device's queue
         self._cond = threading.Condition()  # armed, closing, broken
-        self.armed = False  # read without the lock by vCPUs: a stale False re-arms, a no-op
+        self.armed = False  # read without the lock by vCPUs: a stale False asks arm(), a no-op
         self._closing = False
-        self._broken = False  # KVM refused a zone: no write-behind for this VM
-        self.delivered = 0  # writes taken from the ring and handed to their devices
+        self._broken = False  # KVM refused a zone: write-behind stays as it is
+        self.collected = 0  # writes taken from the ring
         self._thread = threading.Thread(target=self._flusher, name="write-behind", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def pending(self) -> bool:
-        """Whether KVM holds writes (without the lock: a vCPU asks at every exit)."""
-        return self._ring.pending() != 0
-
+    # -- the vCPUs' side ---------------------------------------------------------------------
     def read(self, port: int, size: int) -> bytes | None:
-        """A read exit at `port` while writes are held: the device's mirror answer, if every
-        held write is that device's, at one port, and the mirror is exact with them counted;
-        None: deliver them first (flush), then read as usual."""
-        with self._lock:
-            if self._only_port is not None:  # (no need to look at the entries)
-                held: tuple[int, int] | None = (self._ring.pending(), self._only_port)
-            else:
-                held = self._ring.one_port()
-            if held is None or not 0 < held[0] < HELD_BATCH:
-                return None
-            count, at = held
-            zone = self._by_port.get(at)
-            if zone is None or not zone.base <= port < zone.base + zone.window:
-                return None
-            return zone.device.read_held(port - zone.base, size, count, at - zone.base)
+        """A read exit at `port`, of a device's window (in `ports`): its mirror's answer if
+        exact with its held writes counted; None: they are delivered now, and the read goes
+        its usual way."""
+        self._collect()
+        held = self._window[port]
+        with held.lock:
+            with self._ring_lock:
+                count, at = len(held.writes), held.offset
+            if 0 < count < HELD_BATCH and at is not None:
+                base = held.zone.base
+                data = held.zone.device.read_held(port - base, size, count, at)
+                if data is not None:
+                    return data
+            self._deliver_locked(held)
+        return None
+
+    def deliver(self, port: int) -> None:
+        """An exit at `port`, of a device's window (in `ports`), other than a read(): the
+        device's held writes first."""
+        self._collect()
+        held = self._window[port]
+        with held.lock:
+            self._deliver_locked(held)
 
     def flush(self) -> None:
-        """Deliver every held write, in the order made; one message for each run of writes
-        to one device."""
-        with self._lock:
-            writes = self._ring.take()
-            device: HeldWriter | None = None
-            run: list[tuple[int, bytes]] = []
-            for port, data in writes:
+        """Deliver every device's held writes (a vCPU about to park, the VM's end)."""
+        self._collect()
+        for held in self._held.values():
+            with held.lock:
+                self._deliver_locked(held)
+
+    def _collect(self) -> None:
+        """Move what the ring holds to each device's queue, in order."""
+        if not self._ring.pending():  # (a vCPU's own writes are in it by now)
+            return
+        with self._ring_lock:
+            for port, data in self._ring.take():
                 zone = self._by_port.get(port)
                 if zone is None:  # KVM holds only what we registered: not ours to deliver
                     log.warning("a held write at port %#x that no device registered", port)
                     continue
-                if zone.device is not device and run:
-                    self._deliver(device, run)
-                    run = []
-                device = zone.device
-                run.append((port - zone.base, data))
-            if run:
-                self._deliver(device, run)
+                held = self._held[id(zone.device)]
+                offset = port - zone.base
+                if not held.writes:
+                    held.offset = offset
+                elif held.offset != offset:
+                    held.offset = None
+                held.writes.append((offset, data))
+                self.collected += 1
 
-    def _deliver(self, device: HeldWriter | None, run: list[tuple[int, bytes]]) -> None:
-        assert device is not None
-        self.delivered += len(run)
-        device.write_many(run)
+    def _deliver_locked(self, held: _Held) -> None:
+        """Hand `held`'s queue to its device (its lock held: an access waits for this)."""
+        with self._ring_lock:
+            writes, held.writes = held.writes, []
+        if writes:
+            held.deliveries += 1
+            held.zone.device.write_many(writes)
 
-    def arm(self) -> None:
-        """A write at one of `ports` exited (a vCPU's thread, after serving it): hold the
-        next ones. A zone KVM refuses turns write-behind off for the VM, with a warning."""
+    def arm(self, port: int) -> None:
+        """A write at `port` (in `write_ports`) exited, on a vCPU's thread after it was served:
+        hold the next ones, if the device's model wants it now. A zone KVM refuses leaves
+        write-behind as it is for the VM, with a warning."""
+        zone = self._by_port[port]
+        if not self._wanted(zone):
+            return
         with self._cond:
             if self.armed or self._broken or self._closing:
                 return
-            done: list[Zone] = []
-            try:
-                for zone in self._zones:
-                    self._vm.register_coalesced_pio(zone.port, zone.size)
-                    done.append(zone)
-            except KvmError as e:
-                log.warning("write-behind off: %s", e)
-                self._broken = True
-                if self._unregister(done):
-                    return
-            self.armed = True  # (a zone left registered: the flusher keeps delivering)
+            for z in self._zones:
+                try:
+                    self._vm.register_coalesced_pio(z.port, z.size)
+                except KvmError as e:
+                    log.warning("write-behind off: %s", e)
+                    self._broken = True  # (zones registered so far stay: still served)
+                    break
+                self.armed = True  # the flusher delivers for what is registered
             self._cond.notify_all()
 
+    def _wanted(self, zone: Zone) -> bool:
+        if zone.when is None:
+            return True
+        offset, mask, value = zone.when
+        current = zone.device.mirrored_value(offset)
+        return current is not None and int.from_bytes(current, "little") & mask == value
+
+    # -- the flusher ---------------------------------------------------------------------------
     def _flusher(self) -> None:
-        idle, last_oldest = 0, -1
+        try:
+            self._serve()
+        except Exception as e:  # a monitor bug: held writes would wait for ever
+            log.exception("write-behind's flusher failed")
+            self._fail(f"write-behind: internal error: {e!r}")
+
+    def _serve(self) -> None:
+        idle = ticks = 0
+        seen = {key: (-1, False) for key in self._held}
+        last_collected = self.collected
         while True:
             with self._cond:
                 while not self.armed and not self._closing:
@@ -179,42 +257,46 @@ class WriteBehind:
                 if self._closing:
                     return
                 self._cond.wait(self._tick_s)  # a close wakes it at once
-            oldest = self._ring.oldest()
-            if not self.pending():
+            self._collect()
+            for key, held in self._held.items():
+                waiting = bool(held.writes)
+                if waiting and seen[key] == (held.deliveries, True):  # waited a whole tick
+                    with held.lock:
+                        self._deliver_locked(held)
+                seen[key] = (held.deliveries, bool(held.writes))
+            if self.collected != last_collected:
+                idle, last_collected = 0, self.collected
+            else:
                 idle += 1
-            elif oldest == last_oldest:  # waiting since the last look: deliver them
-                self.flush()
-                idle = 0
-            else:  # new since the last look, or a vCPU takes them: look again next tick
-                idle = 0
-            last_oldest = self._ring.oldest()
-            if idle >= self._idle_ticks:
+            ticks += 1
+            # the model's wish, from the device's mirror (a round with its channel): now and
+            # then; meanwhile what it holds still goes out within two ticks
+            unwanted = ticks % WISH_TICKS == 0 and not all(self._wanted(z) for z in self._zones)
+            if idle >= self._idle_ticks or unwanted:
                 self._disarm()
                 idle = 0
 
     def _disarm(self) -> None:
         with self._cond:
-            if not self.armed or self._broken or not self._unregister(self._zones):
+            if not self.armed or self._broken:
                 return  # (broken: a zone may be left registered, so the flusher stays on)
+            for zone in self._zones:
+                try:
+                    self._vm.unregister_coalesced_pio(zone.port, zone.size)
+                except KvmError as e:
+                    log.warning("write-behind: %s", e)
+                    self._broken = True
+            if self._broken:
+                return
             self.armed = False
         self.flush()  # what KVM held before the zones went
 
-    def _unregister(self, zones: Sequence[Zone]) -> bool:
-        """Whether KVM let go of every zone in `zones`."""
-        ok = True
-        for zone in zones:
-            try:
-                self._vm.unregister_coalesced_pio(zone.port, zone.size)
-            except KvmError as e:
-                log.warning("write-behind: %s", e)
-                self._broken, ok = True, False
-        return ok
-
     def close(self) -> None:
-        """Stop the flusher and deliver what is left (every vCPU thread has ended)."""
+        """Stop the flusher and deliver what is left (every vCPU thread has ended). The
+        flusher may be in a delivery to a slow device: its own deadlines bound the wait."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._thread.is_alive():
-            self._thread.join(CLOSE_WAIT_S)
+            self._thread.join()
         self.flush()

@@ -47,45 +47,22 @@ class CoalescedRing:
         # which the machine stops before it (monitor/machine.py run()).
         self._buf: Any = ffi.from_buffer(mapping)
         self._view = memoryview(mapping)[start : start + mmap.PAGESIZE]
-        # first and last as aligned 32-bit words: one load or store each (x86 keeps stores
-        # in order, so an entry KVM wrote is whole once `last` says it is there)
+        # first and last as aligned 32-bit words: one load or store each. KVM writes an entry,
+        # then (smp_wmb) `last`; we load `last`, then the entries, then store `first`: x86
+        # keeps loads and stores in order, so that is enough here (another architecture would
+        # want an acquire load of `last` and a release store of `first`)
         self._index: Any = ffi.cast("volatile uint32_t *", self._buf + start)
         self.size = (mmap.PAGESIZE - ENTRIES_OFFSET) // ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX
-        self._scan = (-1, 0, -1)  # one_port()'s: (first, scanned up to, port or -1 / -2)
 
     def pending(self) -> int:
         """How many writes wait in the ring."""
         return int(self._index[1] - self._index[0]) % self.size
-
-    def oldest(self) -> int:
-        """Where the oldest waiting write is (or the next one will be): it moves on with each
-        take(), so one that stays put while writes wait says nobody took them meanwhile."""
-        return int(self._index[0])
-
-    def one_port(self) -> tuple[int, int] | None:
-        """(how many writes wait, their port) if every one waiting is at one port (0, -1 when
-        none waits); None if they are at several. Each entry is looked at once, however
-        often this is asked between two take()s."""
-        first, last = self._index[0], self._index[1]
-        start, scanned, port = self._scan
-        if start != first:  # taken since: look again from the front
-            scanned, port = first, -1
-        for i in self._span(scanned, last):
-            at = ENTRIES_OFFSET + i * ENTRY_SIZE
-            entry_port = int.from_bytes(self._view[at : at + 8], "little")
-            if port not in (-1, entry_port):
-                port = -2  # several ports: stays so until the next take()
-                break
-            port = entry_port
-        self._scan = (first, last, port)
-        return None if port == -2 else ((last - first) % self.size, port)
 
     def take(self) -> list[tuple[int, bytes]]:
         """The writes waiting, oldest first, as (port, data); the ring has room for them again."""
         first, last = self._index[0], self._index[1]
         writes = [self._entry(i) for i in self._span(first, last)]
         self._index[0] = last
-        self._scan = (-1, 0, -1)
         return writes
 
     def _span(self, first: int, last: int) -> range | list[int]:

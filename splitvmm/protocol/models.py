@@ -253,10 +253,16 @@ class ModelDescriptor(Struct, frozen=True):
     # before a snapshot, and within a few milliseconds: a model declares only registers
     # whose write the guest sees the effect of through those reads and its interrupts alone.
     write_behind: tuple[tuple[int, int], ...] = ()
+    # When: while the mirrored register at offset has (value & mask) == value (None: always);
+    # a register the monitor reads from the device's MIRROR, nothing else of its meaning.
+    write_behind_while: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         check_mirrored(self.name, self.mirrored, self.transport.size)
         check_write_behind(self.name, self.write_behind, self.transport)
+        when = self.write_behind_while
+        if when is not None and when[0] not in dict(self.mirrored):
+            raise ValueError(f"{self.name}: write_behind_while names a register it does not mirror")
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -310,8 +316,11 @@ SERIAL = ModelDescriptor(
     # MSR's, which the device marks not valid while a read of them would clear a bit.
     mirrored=((1, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1)),
     # THR (DLL with DLAB): a polled driver writes it once per byte, after an LSR read the
-    # mirror answers; the device's THR credit covers the writes held meanwhile
+    # mirror answers; the device's THR credit covers the writes held meanwhile. Only while
+    # IER has THRI (bit 1) off: a driver that waits for the THRE interrupt instead would wait
+    # for the flusher's tick (monitor/writebehind.py).
     write_behind=((0, 1),),
+    write_behind_while=(1, 0x02, 0x00),
 )
 
 RTC = ModelDescriptor(

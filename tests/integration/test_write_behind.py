@@ -4,15 +4,36 @@ guest that then halts for good and makes no exit again."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from splitvmm.monitor.writebehind import kernel_holds_rep_outs_once
+from splitvmm.native.kvm import Kvm
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import VmProcess
 
 pytestmark = pytest.mark.kvm
+
+
+def _host_holds_port_writes() -> bool:
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        try:
+            return vm.coalesced_pio_page() > 0
+        finally:
+            vm.close()
+
+
+@pytest.fixture(autouse=True)
+def _write_behind_here() -> None:
+    if not kernel_holds_rep_outs_once(os.uname().release):
+        pytest.skip("write-behind needs Linux 6.0 or later on the host")
+    if not _host_holds_port_writes():
+        pytest.skip("this host's KVM does not coalesce port writes (no KVM_CAP_COALESCED_PIO)")
+
 
 GREETING = "firmware-idle: halted\n"
 

@@ -84,6 +84,19 @@ def test_mirror_held_writes_after_a_sent_frame_the_credit_does_not_cover_ask_the
     assert mirror.answer(7, 1, frames=4, held=1, held_at=THR) is None
 
 
+def test_mirror_value_is_the_latest_whatever_was_sent_since():
+    mirror = mirror_at(stamp=3)
+    mirror.sent(None)
+    assert (mirror.value(4), mirror.value(7), mirror.value(0)) == (b"\x02\x03", b"\x5a", None)
+
+
+def test_mirror_value_while_paused_or_marked_not_valid_is_none():
+    mirror = mirror_at(stamp=3, scr=None)
+    assert mirror.value(7) is None
+    mirror.paused = True
+    assert mirror.value(1) is None
+
+
 def test_mirror_read_frame_after_stamp_asks_the_device():
     mirror = mirror_at(stamp=3, credit=100)
     mirror.sent(None)  # a read (or host input) the device applied after the stamp

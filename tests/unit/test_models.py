@@ -6,7 +6,7 @@ import pytest
 
 from splitvmm.devprocs.base import REGISTRY, load_all_models, load_model, register
 from splitvmm.errors import StateError
-from splitvmm.protocol.models import MODELS, FdKind
+from splitvmm.protocol.models import MODELS, FdKind, ModelDescriptor
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -61,3 +61,32 @@ def test_register_model_without_descriptor_refused():
 def test_descriptors_are_frozen():
     with pytest.raises(AttributeError, match="immutable"):
         MODELS["serial"].name = "x"  # type: ignore[misc]
+
+
+# -- write-behind declarations (monitor/writebehind.py) -------------------------------------------
+def _serial_with(**changes: object) -> ModelDescriptor:
+    return ModelDescriptor(**{**asdict_shallow(MODELS["serial"]), **changes})
+
+
+def asdict_shallow(d: ModelDescriptor) -> dict[str, object]:
+    return {f: getattr(d, f) for f in d.__struct_fields__}
+
+
+@pytest.mark.parametrize(
+    "registers",
+    [((8, 1),), ((0, 3),), ((-1, 1),), ((0, 2), (1, 1))],
+    ids=["outside", "odd size", "negative", "overlap"],
+)
+def test_write_behind_register_not_valid_is_refused(registers):
+    with pytest.raises(ValueError, match="write-behind register"):
+        _serial_with(write_behind=registers)
+
+
+def test_write_behind_in_a_pci_function_is_refused():
+    with pytest.raises(ValueError, match="port window"):
+        ModelDescriptor(**{**asdict_shallow(MODELS["virtio-rng"]), "write_behind": ((0, 1),)})
+
+
+def test_write_behind_while_a_register_not_mirrored_is_refused():
+    with pytest.raises(ValueError, match="does not mirror"):
+        _serial_with(write_behind_while=(2, 0x01, 0))

@@ -447,15 +447,11 @@ def test_slot_read_after_sent_and_held_writes_counts_both_against_the_credit(slo
     assert slot.read_held(LSR, 1, held=2, held_at=THR) is None
 
 
-def test_slot_mirrored_reads_ask_for_the_devices_news_every_few_reads(slot, held):
-    for _ in range(3 * slot_module.NEWS_EVERY):
-        assert slot.read(LSR, 1) == b"\x60"
-    assert held.drains == 3
+def test_slot_mirrored_value_takes_the_devices_news_first(slot, held):
+    """What write-behind asks (whether the model wants it now): the newest MIRROR's value."""
+    held.mirror.take(wire.Mirror((b"\x20",), THR, 4, 0))
+    assert (slot.mirrored_value(LSR), held.drains) == (b"\x20", 1)
 
 
-def test_slot_mirrored_read_the_old_news_cannot_answer_asks_for_newer_at_once(slot, held):
-    slot.read(LSR, 1)  # news taken: the next reads use it
-    held.mirror.invalidate()  # as stale as it gets: a read asks the channel again at once
-    before = held.drains
-    slot.read_held(LSR, 1, held=1, held_at=THR)
-    assert held.drains == before + 1
+def test_slot_mirrored_value_of_a_device_not_live_is_none(slot):
+    assert slot.mirrored_value(LSR) is None

@@ -6,6 +6,7 @@ filled by KVM itself; tests/integration/test_guests.py a guest through `splitvmm
 from __future__ import annotations
 
 import mmap
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -14,7 +15,7 @@ import pytest
 from splitvmm.errors import KvmError
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
-from splitvmm.monitor.writebehind import HELD_BATCH, WriteBehind, Zone
+from splitvmm.monitor.writebehind import HELD_BATCH, WriteBehind, Zone, kernel_holds_rep_outs_once
 from splitvmm.native.coalesced import (
     DATA_OFFSET,
     ENTRIES_OFFSET,
@@ -92,29 +93,6 @@ def test_ring_take_follows_the_ring_around_its_end(kernel, ring):
     )
 
 
-def test_ring_one_port_counts_writes_at_one_port_and_none_for_several(kernel, ring):
-    assert ring.one_port() == (0, -1)
-    kernel.write(COM1, b"a")
-    kernel.write(COM1, b"b")
-    assert ring.one_port() == (2, COM1)
-    kernel.write(COM2, b"c")
-    assert ring.one_port() is None
-    kernel.write(COM1, b"d")
-    assert ring.one_port() is None  # still several, until they are taken
-    ring.take()
-    kernel.write(COM2, b"e")
-    assert ring.one_port() == (1, COM2)
-
-
-def test_ring_oldest_moves_only_when_writes_are_taken(kernel, ring):
-    kernel.write(COM1, b"a")
-    before = ring.oldest()
-    kernel.write(COM1, b"b")
-    assert ring.oldest() == before
-    ring.take()
-    assert ring.oldest() == before + 2
-
-
 def test_ring_with_an_index_past_its_end_raises(kernel, ring):
     kernel.set_index(1, ring.size + 3)
     with pytest.raises(ValueError, match="not below"):
@@ -128,20 +106,30 @@ def test_ring_page_outside_the_mapping_is_refused(kernel):
 
 # -- delivery --------------------------------------------------------------------------------
 class Device:
-    """A slot's two write-behind calls, recorded; read_held answers `answer`."""
+    """A slot's write-behind calls, recorded; read_held answers `answer`, its mirror says IER
+    is `ier`; write_many may wait on `gate` (a delivery in progress)."""
 
-    def __init__(self, name: str, answer: bytes | None = b"\x60") -> None:
+    def __init__(self, name: str, answer: bytes | None = b"\x60", ier: int = 0) -> None:
         self.name = name
         self.answer = answer
+        self.ier = ier
         self.runs: list[list[tuple[int, bytes]]] = []
         self.reads: list[tuple[int, int, int, int]] = []
+        self.gate: threading.Event | None = None
+        self.delivering = threading.Event()
 
     def read_held(self, offset: int, size: int, held: int, held_at: int) -> bytes | None:
         self.reads.append((offset, size, held, held_at))
         return self.answer
 
     def write_many(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        self.delivering.set()
+        if self.gate is not None:
+            self.gate.wait(DEADLINE_S)
         self.runs.append(list(writes))
+
+    def mirrored_value(self, offset: int) -> bytes | None:
+        return bytes([self.ier]) if offset == IER else None
 
 
 class Vm:
@@ -163,15 +151,26 @@ class Vm:
         self.zones.remove((port, size))
 
 
+IER, LSR, THRI = 1, 5, 0x02
+Failures = list[str]
+
+
 def make(
-    ring: CoalescedRing, vm: Vm, *devices: Device, tick_s: float = 60.0, idle_ticks: int = 50
+    ring: CoalescedRing,
+    vm: Vm,
+    *devices: Device,
+    tick_s: float = 60.0,
+    idle_ticks: int = 50,
+    failures: Failures | None = None,
 ) -> WriteBehind:
-    """THR of a UART at COM1 (and COM2) for each device, in order."""
-    zones = [Zone(base, 1, d, base, 8) for base, d in zip((COM1, COM2), devices, strict=False)]
-    return WriteBehind(vm, ring, zones, tick_s=tick_s, idle_ticks=idle_ticks)  # type: ignore[arg-type]
+    """THR of a UART at COM1 (and COM2) for each device, in order, wanted while THRI is off."""
+    when = (IER, THRI, 0)
+    zones = [Zone(b, 1, d, b, 8, when) for b, d in zip((COM1, COM2), devices, strict=False)]
+    fail = (failures if failures is not None else []).append
+    return WriteBehind(vm, ring, zones, fail, tick_s=tick_s, idle_ticks=idle_ticks)  # type: ignore[arg-type]
 
 
-def test_flush_hands_each_device_its_writes_in_order_one_call_per_run(kernel, ring):
+def test_flush_hands_each_device_its_writes_in_order_one_call_each(kernel, ring):
     com1, com2 = Device("com1"), Device("com2")
     held = make(ring, Vm(), com1, com2)
     for port, data in ((COM1, b"a"), (COM1, b"b"), (COM2, b"x"), (COM1, b"c")):
@@ -179,9 +178,9 @@ def test_flush_hands_each_device_its_writes_in_order_one_call_per_run(kernel, ri
 
     held.flush()
 
-    assert com1.runs == [[(0, b"a"), (0, b"b")], [(0, b"c")]]
+    assert com1.runs == [[(0, b"a"), (0, b"b"), (0, b"c")]]
     assert com2.runs == [[(0, b"x")]]
-    assert (held.pending(), held.delivered) == (False, 4)
+    assert (ring.pending(), held.collected) == (0, 4)
 
 
 def test_flush_skips_a_write_at_a_port_no_zone_has(kernel, ring, caplog):
@@ -194,36 +193,52 @@ def test_flush_skips_a_write_at_a_port_no_zone_has(kernel, ring, caplog):
     assert "no device registered" in caplog.text
 
 
+def test_access_to_a_device_delivers_its_writes_and_no_other_devices(kernel, ring):
+    """Posted writes to two device processes were never ordered with each other: a device
+    slow to take its writes holds up only accesses to itself."""
+    com1, com2 = Device("com1"), Device("com2")
+    held = make(ring, Vm(), com1, com2)
+    kernel.write(COM1, b"a")
+    kernel.write(COM2, b"x")
+
+    held.deliver(COM2 + IER)
+
+    assert (com1.runs, com2.runs) == ([], [[(0, b"x")]])
+
+
 def test_read_of_the_device_holding_the_writes_asks_its_mirror_with_them_counted(kernel, ring):
     com1 = Device("com1")
     held = make(ring, Vm(), com1)
     kernel.write(COM1, b"a")
     kernel.write(COM1, b"b")
 
-    assert held.read(COM1 + 5, 1) == b"\x60"  # LSR
-    assert (com1.reads, com1.runs, held.pending()) == ([(5, 1, 2, 0)], [], True)
+    assert held.read(COM1 + LSR, 1) == b"\x60"
+    assert (com1.reads, com1.runs) == ([(LSR, 1, 2, 0)], [])
+    held.flush()
+    assert com1.runs == [[(0, b"a"), (0, b"b")]]  # still held until then
 
 
-def test_read_the_mirror_cannot_answer_leaves_the_writes_to_be_delivered(kernel, ring):
+def test_read_the_mirror_cannot_answer_comes_after_the_writes(kernel, ring):
     com1 = Device("com1", answer=None)
     held = make(ring, Vm(), com1)
     kernel.write(COM1, b"a")
-    assert (held.read(COM1 + 5, 1), held.pending()) == (None, True)
+    assert (held.read(COM1 + LSR, 1), com1.runs) == (None, [[(0, b"a")]])
 
 
-def test_read_of_another_device_than_the_one_holding_writes_is_not_answered(kernel, ring):
-    com1, com2 = Device("com1"), Device("com2")
-    held = make(ring, Vm(), com1, com2)
+def test_read_with_nothing_held_is_left_to_the_usual_way(ring):
+    com1 = Device("com1")
+    held = make(ring, Vm(), com1)
+    assert (held.read(COM1 + LSR, 1), com1.reads) == (None, [])
+
+
+def test_read_with_writes_at_two_offsets_held_delivers_them(kernel, ring):
+    com1 = Device("com1")
+    zones = [Zone(COM1, 2, com1, COM1, 8)]  # THR and IER both write-behind
+    held = WriteBehind(Vm(), ring, zones, [].append)  # type: ignore[arg-type]
     kernel.write(COM1, b"a")
-    assert (held.read(COM2 + 5, 1), com1.reads, com2.reads) == (None, [], [])
-
-
-def test_read_while_writes_of_two_devices_are_held_is_not_answered(kernel, ring):
-    com1, com2 = Device("com1"), Device("com2")
-    held = make(ring, Vm(), com1, com2)
-    kernel.write(COM1, b"a")
-    kernel.write(COM2, b"b")
-    assert (held.read(COM1 + 5, 1), com1.reads) == (None, [])
+    kernel.write(COM1 + 1, b"\x00")
+    assert (held.read(COM1 + LSR, 1), com1.reads) == (None, [])
+    assert com1.runs == [[(0, b"a"), (1, b"\x00")]]
 
 
 def test_read_with_a_batch_held_is_not_answered_so_the_vcpu_delivers_it(kernel, ring):
@@ -231,26 +246,65 @@ def test_read_with_a_batch_held_is_not_answered_so_the_vcpu_delivers_it(kernel, 
     held = make(ring, Vm(), com1)
     for _ in range(HELD_BATCH):
         kernel.write(COM1, b"a")
-    assert held.read(COM1 + 5, 1) is None
+    assert (held.read(COM1 + LSR, 1), len(com1.runs[0])) == (None, HELD_BATCH)
+
+
+def test_access_during_a_delivery_waits_for_it(kernel, ring):
+    """The flusher (or another vCPU) has taken the writes and is handing them over: an access
+    to the same device must not overtake them (the ring looks empty meanwhile)."""
+    com1 = Device("com1")
+    com1.gate = threading.Event()
+    held = make(ring, Vm(), com1)
+    kernel.write(COM1, b"a")
+    flusher = threading.Thread(target=held.flush)
+    flusher.start()
+    assert com1.delivering.wait(DEADLINE_S)
+    order: list[str] = []
+    access = threading.Thread(target=lambda: (held.deliver(COM1 + IER), order.append("access")))
+    access.start()
+    access.join(0.05)
+    order.append("delivered")
+    com1.gate.set()
+    flusher.join(DEADLINE_S)
+    access.join(DEADLINE_S)
+    assert (order, com1.runs) == (["delivered", "access"], [[(0, b"a")]])
 
 
 # -- arming, the flusher ---------------------------------------------------------------------
 def test_arm_registers_every_zone_once(ring):
     vm = Vm()
     held = make(ring, vm, Device("com1"), Device("com2"))
-    held.arm()
-    held.arm()
+    held.arm(COM1)
+    held.arm(COM1)
     assert (held.armed, vm.zones, len(vm.calls)) == (True, {(COM1, 1), (COM2, 1)}, 2)
 
 
-def test_arm_refused_by_kvm_turns_write_behind_off_and_lets_go_of_the_zones(ring, caplog):
+def test_arm_while_the_model_does_not_want_it_registers_nothing(ring):
+    """An 8250 with THRI on: its driver waits for the THRE interrupt, not the flusher."""
+    vm = Vm()
+    held = make(ring, vm, Device("com1", ier=THRI))
+    held.arm(COM1)
+    assert (held.armed, vm.calls) == (False, [])
+
+
+def test_arm_refused_by_kvm_keeps_what_it_registered_served_and_tries_no_more(ring, caplog):
+    """No unregister on the vCPU's thread (its filter allows none): the zone registered
+    before the refusal stays, and the flusher keeps delivering for it."""
     vm = Vm(refuse=COM2)
     held = make(ring, vm, Device("com1"), Device("com2"))
-    held.arm()
-    held.arm()
-    assert (held.armed, vm.zones) == (False, set())
-    assert vm.calls == ["register 0x3f8", "register 0x2f8", "unregister 0x3f8"]
+    held.arm(COM1)
+    held.arm(COM1)
+    assert (held.armed, vm.zones) == (True, {(COM1, 1)})
+    assert vm.calls == ["register 0x3f8", "register 0x2f8"]
     assert "write-behind off" in caplog.text
+
+
+def test_arm_refused_for_the_first_zone_leaves_it_off(ring):
+    vm = Vm(refuse=COM1)
+    held = make(ring, vm, Device("com1"))
+    held.arm(COM1)
+    held.arm(COM1)
+    assert (held.armed, vm.calls) == (False, ["register 0x3f8"])
 
 
 def wait_for(condition, what: str) -> None:
@@ -267,7 +321,7 @@ def test_flusher_delivers_a_write_nothing_else_takes(kernel, ring):
     held = make(ring, Vm(), com1, tick_s=0.001)
     held.start()
     try:
-        held.arm()
+        held.arm(COM1)
         kernel.write(COM1, b"!")
         wait_for(lambda: com1.runs == [[(0, b"!")]], "the held write delivered")
     finally:
@@ -277,26 +331,73 @@ def test_flusher_delivers_a_write_nothing_else_takes(kernel, ring):
 def test_flusher_disarms_after_idle_looks_and_delivers_what_came_meanwhile(kernel, ring):
     vm = Vm()
     com1 = Device("com1")
+    com1.gate = threading.Event()  # the last tick's delivery waits until we say
     held = make(ring, vm, com1, tick_s=0.001, idle_ticks=3)
     held.start()
     try:
-        held.arm()
+        held.arm(COM1)
         wait_for(lambda: not held.armed, "disarmed")
         assert vm.zones == set()
-        held.arm()  # the next write exits and arms again
+        kernel.write(COM1, b"z")  # held before the zone went: delivered by the disarm
+        com1.gate.set()
+        held.arm(COM1)  # the next write exits and arms again
+        wait_for(lambda: com1.runs == [[(0, b"z")]], "the write delivered")
         assert vm.zones == {(COM1, 1)}
     finally:
         held.close()
+
+
+def test_flusher_disarms_once_the_model_no_longer_wants_it(ring):
+    vm = Vm()
+    com1 = Device("com1")
+    held = make(ring, vm, com1, tick_s=0.001, idle_ticks=10_000)
+    held.start()
+    try:
+        held.arm(COM1)
+        com1.ier = THRI  # the driver turned to the THRE interrupt
+        wait_for(lambda: not held.armed, "disarmed")
+        assert vm.zones == set()
+    finally:
+        held.close()
+
+
+def test_flusher_failing_stops_the_vm(kernel, ring, monkeypatch):
+    failures: Failures = []
+    held = make(ring, Vm(), Device("com1"), tick_s=0.001, failures=failures)
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(held, "_collect", broken)
+    held.start()
+    held.arm(COM1)
+    wait_for(lambda: failures, "the VM stopped")
+    assert "internal error" in failures[0]
 
 
 def test_close_stops_the_flusher_and_delivers_what_is_left(kernel, ring):
     com1 = Device("com1")
     held = make(ring, Vm(), com1)
     held.start()
-    held.arm()
+    held.arm(COM1)
     kernel.write(COM1, b"z")
     held.close()
     assert (com1.runs, held._thread.is_alive()) == ([[(0, b"z")]], False)
+
+
+@pytest.mark.parametrize(
+    "release,holds",
+    [
+        ("6.1.0-27-amd64", True),
+        ("6.0.0", True),
+        ("6.18.3-pvm", True),
+        ("5.15.0-91-generic", False),
+        ("5.19", False),
+        ("weird", False),
+    ],
+)
+def test_write_behind_only_on_kernels_that_send_a_rep_outs_once(release, holds):
+    assert kernel_holds_rep_outs_once(release) is holds
 
 
 # -- the vCPU's side (monitor/vcpu.py) -------------------------------------------------------
@@ -332,23 +433,25 @@ class FakeVcpu:
 
 
 class FakeWriteBehind:
-    def __init__(self, log: list[str], pending: bool, answer: bytes | None) -> None:
-        self.log, self._pending, self.answer = log, pending, answer
+    def __init__(self, log: list[str], answer: bytes | None) -> None:
+        self.log, self.answer = log, answer
         self.armed = False
-        self.ports = frozenset({COM1})
-
-    def pending(self) -> bool:
-        return self._pending
+        self.ports = frozenset(range(COM1, COM1 + 8))
+        self.write_ports = frozenset({COM1})
 
     def read(self, port: int, size: int) -> bytes | None:
         self.log.append(f"held read {port:#x}")
+        if self.answer is None:
+            self.log.append("deliver")
         return self.answer
+
+    def deliver(self, port: int) -> None:
+        self.log.append("deliver")
 
     def flush(self) -> None:
         self.log.append("flush")
-        self._pending = False
 
-    def arm(self) -> None:
+    def arm(self, port: int) -> None:
         self.log.append("arm")
         self.armed = True
 
@@ -358,11 +461,12 @@ class NoConfinement:
         pass
 
 
-def vcpu_thread(pending: bool, answer: bytes | None = None) -> tuple[VcpuThread, list[str]]:
+def vcpu_thread(answer: bytes | None = None) -> tuple[VcpuThread, list[str]]:
     recorder = Recorder()
     pio = Bus("pio")
     pio.insert(COM1, 8, recorder)
-    held = FakeWriteBehind(recorder.log, pending, answer)
+    pio.insert(COM2, 8, Recorder())
+    held = FakeWriteBehind(recorder.log, answer)
     thread = VcpuThread(
         FakeVcpu(recorder.log),  # type: ignore[arg-type]
         pio,
@@ -376,34 +480,48 @@ def vcpu_thread(pending: bool, answer: bytes | None = None) -> tuple[VcpuThread,
 
 
 def test_vcpu_read_the_held_writes_leave_exact_is_answered_without_delivering_them():
-    thread, log = vcpu_thread(pending=True, answer=b"\x60")
+    thread, log = vcpu_thread(answer=b"\x60")
     thread._handle_exit(PioIn(COM1 + 5, 1, 1))
     assert log == ["held read 0x3fd", "complete b'`'"]
 
 
 def test_vcpu_read_the_mirror_cannot_answer_comes_after_the_held_writes():
-    thread, log = vcpu_thread(pending=True, answer=None)
+    thread, log = vcpu_thread(answer=None)
     thread._handle_exit(PioIn(COM1 + 5, 1, 1))
-    assert log == ["held read 0x3fd", "flush", "read 5", "complete b'\\x01'"]
+    assert log == ["held read 0x3fd", "deliver", "read 5", "complete b'\\x01'"]
 
 
-def test_vcpu_any_other_exit_comes_after_the_held_writes():
-    thread, log = vcpu_thread(pending=True)
+def test_vcpu_any_other_access_to_the_device_comes_after_its_held_writes():
+    thread, log = vcpu_thread()
     thread._handle_exit(PioOut(COM1 + 1, 1, b"\x02"))
-    assert log == ["flush", "write 1 b'\\x02'"]
+    thread._handle_exit(PioIn(COM1, 1, 2))  # rep insb
+    assert log == [
+        "deliver",
+        "write 1 b'\\x02'",
+        "deliver",
+        "read 0",
+        "read 0",
+        "complete b'\\x01\\x01'",
+    ]
+
+
+def test_vcpu_access_to_another_device_does_not_wait_for_held_writes():
+    thread, log = vcpu_thread()
+    thread._handle_exit(PioOut(COM2 + 1, 1, b"\x02"))
+    assert log == []
 
 
 def test_vcpu_write_exit_at_a_write_behind_port_arms_it_after_serving_it():
-    thread, log = vcpu_thread(pending=False)
+    thread, log = vcpu_thread()
     thread._handle_exit(PioOut(COM1, 1, b"A"))
     thread._handle_exit(PioOut(COM1 + 1, 1, b"B"))
-    assert log == ["write 0 b'A'", "arm", "write 1 b'B'"]
+    assert log == ["deliver", "write 0 b'A'", "arm", "deliver", "write 1 b'B'"]
 
 
 def test_vcpu_delivers_the_held_writes_before_it_parks():
     """A snapshot quiesces the devices once every vCPU parked: nothing may be left held."""
     install_kick_handler()  # (as the machine does before its vCPUs start)
-    thread, log = vcpu_thread(pending=True)
+    thread, log = vcpu_thread()
     thread.start()
     try:
         thread.request_pause()
