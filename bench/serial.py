@@ -84,6 +84,21 @@ us a byte plain against 46.5 and 46.9 batched (QEMU 30.6-31.0): 1.84x and 1.87x 
 the two exits per byte in a Python KVM_RUN loop (the mirrored LSR read and the THR write).
 Not built again. Also tried, all of a VM's threads on one CPU (taskset -c 0): 69.8 us a byte
 against 55.1 on two (QEMU 30.4 and 31.2).
+
+2026-12-02, seventh session, another host (slower for Python: `python -c pass` ~19 ms; QEMU
+34-54 us a byte from run to run), first run: 78.5 us a byte against QEMU's 39.1 (2.01x).
+Write-behind (monitor/writebehind.py): the THR write no longer exits. KVM holds it in its
+coalesced ring (KVM_REGISTER_COALESCED_MMIO with pio = 1), the next LSR read counts it against
+the device's THR credit, and the held writes go to the device in batches of up to 32 as one
+ZeroMQ message, so a byte costs one exit and a thirty-second of a send. Timed inside the vCPU
+loop (temporary instrumentation, not kept): KVM_RUN 34-45 us a byte (the coalesced write is
+emulated in the kernel on PVM: ~17 us of the old second exit stays) and the held LSR read
+15-25 us of Python, of which asking ZeroMQ for the device's news ~7. Tried and dropped: asking
+for news only every 8th mirrored read (a stale "THRE clear" could follow the THRE interrupt,
+which the device raises before it publishes its MIRROR). --runs 3, alternating with the tree
+before (9b77dc2), three rounds, load from a reviewer beside it: 79.6, 88.1, 85.0 us a byte
+(1.65x, 1.63x, 1.94x QEMU) against 116.7, 94.9, 89.0 (2.18x, 2.21x, 2.11x); earlier, quieter,
+--runs 5: 60.8 and 58.7 (1.66x, 1.74x). Not yet within 1.5x on this host.
 """
 
 from __future__ import annotations

@@ -173,8 +173,8 @@ class VcpuThread(threading.Thread):
             else:  # rep outs: len(data) // size accesses, back to back
                 for i in range(0, len(data), size):
                     self.pio.write(port, data[i : i + size])
-            if held is not None and not held.armed and port in held.write_ports:
-                held.arm(port)  # the next writes there cost no exit
+            if held is not None and port in held.ports:
+                held.written(port)  # at a write-behind register: the next ones cost no exit
         elif type(ex) is PioIn:
             port, size, count = ex
             if held is not None and port in held.ports:

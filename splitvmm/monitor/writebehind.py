@@ -35,18 +35,21 @@ every write exited:
 Arming. KVM tells nobody when it adds to the ring, so something has to look, and looking
 every TICK_S for an idle VM's whole life would be wake-ups for nothing. The registers start
 unregistered: a write to one exits as any write does, is served, and arms write-behind if
-the device's mirror says its model wants it now (KVM_REGISTER_COALESCED_MMIO, on that vCPU's
-thread); the flusher disarms it after IDLE_TICKS looks that found nothing new, or once the
+the device's mirror says its model wants it now (KVM_REGISTER_COALESCED_MMIO, ~75 us here
+with the guest running, on that vCPU's thread); the flusher disarms it after IDLE_TICKS looks that found nothing new, or once the
 model no longer wants it (the unregister waits out a grace period, ~8 ms here, on the
-flusher's thread), and delivers what came meanwhile.
+flusher's thread; a write exit meanwhile does not wait to arm again), and delivers what came
+meanwhile. The model's wish is read from its latest MIRROR, which may trail the driver's
+last write by a frame: a hint for when to hold writes, never an answer to the guest.
 
 A full ring makes the next write exit: it is served after the device's held writes, as any
 access is. What KVM does with a `rep outs` that fills the ring part-way depends on the host
 kernel: Linux 6.0 and later drop the rest of it (x86.c emulator_pio_in_out), earlier ones
 send the whole string to user space as well, so that the held part would be delivered
 twice; so the monitor arms write-behind only on Linux 6.0 or later (MIN_KERNEL). A guest
-that writes an 8250's THR with `rep outsb`, blind, loses what does not fit in the ring (169
-writes), as the chip loses what overflows its 16-byte FIFO. A host whose KVM cannot
+that writes an 8250's THR with `rep outsb`, blind, loses the part of the string (KVM emulates
+it a page at a time) that does not fit in the ring's 169 entries, as the chip loses what
+overflows its 16-byte FIFO. A host whose KVM cannot
 coalesce port writes (no KVM_CAP_COALESCED_PIO) gets no write-behind: the writes exit.
 """
 
@@ -145,6 +148,9 @@ class WriteBehind:
         self.armed = False  # read without the lock by vCPUs: a stale False asks arm(), a no-op
         self._closing = False
         self._broken = False  # KVM refused a zone: write-behind stays as it is
+        # the model did not want it at the last arm(): not asked again (a round with the
+        # device's channel) until the driver writes another register of the window
+        self._declined = False
         self.collected = 0  # writes taken from the ring
         self._thread = threading.Thread(target=self._flusher, name="write-behind", daemon=True)
 
@@ -215,10 +221,15 @@ class WriteBehind:
         """A write at `port` (in `write_ports`) exited, on a vCPU's thread after it was served:
         hold the next ones, if the device's model wants it now. A zone KVM refuses leaves
         write-behind as it is for the VM, with a warning."""
+        if self._broken or self._declined:
+            return
         zone = self._by_port[port]
         if not self._wanted(zone):
+            self._declined = True  # until the driver writes another register of the window
             return
-        with self._cond:
+        if not self._cond.acquire(blocking=False):
+            return  # the flusher is disarming (a grace period): the next write asks again
+        try:
             if self.armed or self._broken or self._closing:
                 return
             for z in self._zones:
@@ -230,6 +241,18 @@ class WriteBehind:
                     break
                 self.armed = True  # the flusher delivers for what is registered
             self._cond.notify_all()
+        finally:
+            self._cond.release()
+
+    def written(self, port: int) -> None:
+        """A write exit at `port`, of a device's window (in `ports`), was served (a vCPU's
+        thread): one to a write-behind register arms it; one to another register may have
+        changed what the model wants (the 8250's IER), so the next arm() asks again."""
+        if port in self.write_ports:
+            if not self.armed:
+                self.arm(port)
+        else:
+            self._declined = False
 
     def _wanted(self, zone: Zone) -> bool:
         if zone.when is None:

@@ -8,12 +8,9 @@ names; the guest runs on without an exit. User space takes the entries from `fir
 any other does (Linux api.rst, KVM_REGISTER_COALESCED_MMIO; QEMU takes its ring the same
 way, kvm_flush_coalesced_mmio_buffer).
 
-One limit of the kernel's: a `rep outs` that fills the ring part-way through is cut short,
-its remaining writes dropped (x86.c emulator_pio_in_out: once one element went to an
-in-kernel device, the rest are not sent to user space). What the monitor registers are
-registers a driver writes one at a time (an 8250's THR, which it polls or is interrupted
-for), so only a guest that writes a UART 170 bytes blind loses any, as it would with the
-chip's 16-byte FIFO.
+One limit of the kernel's: a `rep outs` that fills the ring part-way through is cut short
+(Linux 6.0 and later drop the rest of the chunk KVM emulates, up to a page; earlier kernels
+send all of it to user space too): monitor/writebehind.py says what the monitor does about it.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 import mmap
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -146,9 +146,13 @@ class Vm:
             raise KvmError(22, "KVM_REGISTER_COALESCED_MMIO")
         self.zones.add((port, size))
 
+    on_unregister: Callable[[], None] | None = None  # what KVM does during the grace period
+
     def unregister_coalesced_pio(self, port: int, size: int) -> None:
         self.calls.append(f"unregister {port:#x}")
         self.zones.remove((port, size))
+        if self.on_unregister is not None:
+            self.on_unregister()
 
 
 IER, LSR, THRI = 1, 5, 0x02
@@ -329,22 +333,50 @@ def test_flusher_delivers_a_write_nothing_else_takes(kernel, ring):
 
 
 def test_flusher_disarms_after_idle_looks_and_delivers_what_came_meanwhile(kernel, ring):
+    """A write KVM took while the zone went (before its grace period ended) is delivered by
+    the disarm itself: nothing arms again, no tick comes after."""
     vm = Vm()
+    vm.on_unregister = lambda: kernel.write(COM1, b"z")
     com1 = Device("com1")
-    com1.gate = threading.Event()  # the last tick's delivery waits until we say
     held = make(ring, vm, com1, tick_s=0.001, idle_ticks=3)
     held.start()
     try:
         held.arm(COM1)
         wait_for(lambda: not held.armed, "disarmed")
-        assert vm.zones == set()
-        kernel.write(COM1, b"z")  # held before the zone went: delivered by the disarm
-        com1.gate.set()
-        held.arm(COM1)  # the next write exits and arms again
-        wait_for(lambda: com1.runs == [[(0, b"z")]], "the write delivered")
-        assert vm.zones == {(COM1, 1)}
+        assert (vm.zones, com1.runs) == (set(), [[(0, b"z")]])
     finally:
         held.close()
+
+
+def test_arm_while_the_flusher_disarms_does_not_wait_for_the_grace_period(ring):
+    vm = Vm()
+    held = make(ring, vm, Device("com1"))
+    held._cond.acquire()  # the flusher, in KVM_UNREGISTER_COALESCED_MMIO
+    try:
+        done = threading.Event()
+        threading.Thread(target=lambda: (held.arm(COM1), done.set())).start()
+        assert done.wait(DEADLINE_S)
+    finally:
+        held._cond.release()
+    assert (held.armed, vm.calls) == (False, [])
+    held.arm(COM1)  # the next write exit
+    assert held.armed
+
+
+def test_arm_the_model_declined_asks_again_only_after_another_register_is_written(ring):
+    vm = Vm()
+    com1 = Device("com1", ier=THRI)
+    asked: list[int] = []
+    real = com1.mirrored_value
+    com1.mirrored_value = lambda offset: (asked.append(offset), real(offset))[1]  # type: ignore[method-assign]
+    held = make(ring, vm, com1)
+    held.written(COM1)
+    held.written(COM1)  # THR again: not asked (a round with the device's channel each)
+    assert (held.armed, asked) == (False, [IER])
+    com1.ier = 0
+    held.written(COM1 + IER)  # the driver turned THRI off
+    held.written(COM1)
+    assert (held.armed, asked) == (True, [IER, IER])
 
 
 def test_flusher_disarms_once_the_model_no_longer_wants_it(ring):
@@ -451,9 +483,10 @@ class FakeWriteBehind:
     def flush(self) -> None:
         self.log.append("flush")
 
-    def arm(self, port: int) -> None:
-        self.log.append("arm")
-        self.armed = True
+    def written(self, port: int) -> None:
+        if port in self.write_ports and not self.armed:
+            self.log.append("arm")
+            self.armed = True
 
 
 class NoConfinement:
