@@ -11,9 +11,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
+import zmq
 
 from splitvmm.errors import KvmError
 from splitvmm.monitor.bus import Bus
+from splitvmm.monitor.mirror import RegisterMirror
+from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.monitor.writebehind import HELD_BATCH, WriteBehind, Zone, kernel_holds_rep_outs_once
 from splitvmm.native.coalesced import (
@@ -24,6 +27,8 @@ from splitvmm.native.coalesced import (
     CoalescedRing,
 )
 from splitvmm.native.exits import INTERRUPTED, PioIn, PioOut
+from splitvmm.protocol import wire
+from splitvmm.protocol.models import MODELS
 
 PAGE = 2  # the ring's page in a vCPU's mapping, as KVM_CAP_COALESCED_MMIO says on x86
 COM1, COM2 = 0x3F8, 0x2F8
@@ -415,6 +420,50 @@ def test_close_stops_the_flusher_and_delivers_what_is_left(kernel, ring):
     kernel.write(COM1, b"z")
     held.close()
     assert (com1.runs, held._thread.is_alive()) == ([[(0, b"z")]], False)
+
+
+class SerialChannel(list[bytes]):
+    """A live 8250's channel as DeviceSlot uses it: its latest MIRROR (every register the
+    descriptor mirrors: IER 0, LSR THRE|TEMT, THR credit `credit`), the messages posted."""
+
+    def __init__(self, credit: int) -> None:
+        super().__init__()
+        registers = MODELS["serial"].mirrored
+        self.mirror = RegisterMirror(registers)
+        values = tuple(b"\x60" if off == LSR else b"\x00" for off, _ in registers)
+        self.mirror.take(wire.Mirror(values, 0, credit, 0))
+        self.messages: list[list[bytes]] = []
+
+    def drain_events(self) -> None:
+        pass
+
+    def post_many(self, frames: list[bytes]) -> None:
+        self.messages.append(list(frames))
+
+
+def test_with_a_real_slot_reads_within_credit_are_answered_and_past_it_the_writes_go_first(
+    kernel, ring, tmp_path
+):
+    """WriteBehind, DeviceSlot and RegisterMirror together: the 8250's THR credit decides."""
+    zctx = zmq.Context()
+    try:
+        slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, None, zctx, None)  # type: ignore[arg-type]
+        channel = SerialChannel(credit=2)
+        slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+        zone = Zone(COM1, 1, slot, COM1, 8, MODELS["serial"].write_behind_while)
+        held = WriteBehind(Vm(), ring, [zone], [].append)  # type: ignore[arg-type]
+        held.written(COM1)  # IER 0 in the mirror: the model wants it
+        kernel.write(COM1, b"a")
+        kernel.write(COM1, b"b")
+
+        assert (held.armed, held.read(COM1 + LSR, 1), channel.messages) == (True, b"\x60", [])
+
+        kernel.write(COM1, b"c")  # three held, credit for two: the device must see them
+        assert held.read(COM1 + LSR, 1) is None
+        sent = [wire.decode_access(f, 8).data for f in channel.messages[0]]
+        assert (sent, slot.held_writes, slot.mirrored_reads) == ([b"a", b"b", b"c"], 3, 1)
+    finally:
+        zctx.term()
 
 
 @pytest.mark.parametrize(
