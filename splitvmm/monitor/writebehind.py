@@ -148,9 +148,11 @@ class WriteBehind:
         self.armed = False  # read without the lock by vCPUs: a stale False asks arm(), a no-op
         self._closing = False
         self._broken = False  # KVM refused a zone: write-behind stays as it is
-        # the model did not want it at the last arm(): not asked again (a round with the
-        # device's channel) until the driver writes another register of the window
-        self._declined = False
+        # Writes to the other registers of the windows, counted: the model's wish may change
+        # with each. A wish declined at a count is not asked again (a round with the device's
+        # channel) until the count moves.
+        self._wish_changes = 0
+        self._declined_at = -1
         self.collected = 0  # writes taken from the ring
         self._thread = threading.Thread(target=self._flusher, name="write-behind", daemon=True)
 
@@ -221,11 +223,14 @@ class WriteBehind:
         """A write at `port` (in `write_ports`) exited, on a vCPU's thread after it was served:
         hold the next ones, if the device's model wants it now. A zone KVM refuses leaves
         write-behind as it is for the VM, with a warning."""
-        if self._broken or self._declined:
+        if self._broken or self._declined_at == self._wish_changes:
             return
         zone = self._by_port[port]
-        if not self._wanted(zone):
-            self._declined = True  # until the driver writes another register of the window
+        changes = self._wish_changes  # (a write that changes it meanwhile makes us ask again)
+        wish = self._wish(zone)
+        if wish is not True:
+            if wish is False:  # not again until the driver writes another register
+                self._declined_at = changes
             return
         if not self._cond.acquire(blocking=False):
             return  # the flusher is disarming (a grace period): the next write asks again
@@ -252,14 +257,18 @@ class WriteBehind:
             if not self.armed:
                 self.arm(port)
         else:
-            self._declined = False
+            self._wish_changes += 1
 
-    def _wanted(self, zone: Zone) -> bool:
+    def _wish(self, zone: Zone) -> bool | None:
+        """Whether the zone's model wants write-behind now, by its device's latest MIRROR;
+        None: no answer now (no MIRROR yet, as after a restart, or the device not live)."""
         if zone.when is None:
             return True
         offset, mask, value = zone.when
         current = zone.device.mirrored_value(offset)
-        return current is not None and int.from_bytes(current, "little") & mask == value
+        if current is None:
+            return None
+        return int.from_bytes(current, "little") & mask == value
 
     # -- the flusher ---------------------------------------------------------------------------
     def _flusher(self) -> None:
@@ -294,7 +303,7 @@ class WriteBehind:
             ticks += 1
             # the model's wish, from the device's mirror (a round with its channel): now and
             # then; meanwhile what it holds still goes out within two ticks
-            unwanted = ticks % WISH_TICKS == 0 and not all(self._wanted(z) for z in self._zones)
+            unwanted = ticks % WISH_TICKS == 0 and any(self._wish(z) is False for z in self._zones)
             if idle >= self._idle_ticks or unwanted:
                 self._disarm()
                 idle = 0

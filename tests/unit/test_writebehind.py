@@ -114,10 +114,11 @@ class Device:
     """A slot's write-behind calls, recorded; read_held answers `answer`, its mirror says IER
     is `ier`; write_many may wait on `gate` (a delivery in progress)."""
 
-    def __init__(self, name: str, answer: bytes | None = b"\x60", ier: int = 0) -> None:
+    def __init__(self, name: str, answer: bytes | None = b"\x60", ier: int | None = 0) -> None:
         self.name = name
         self.answer = answer
-        self.ier = ier
+        self.ier = ier  # None: no MIRROR yet (a process just restarted)
+        self.asking: Callable[[], None] | None = None  # what happens while it is asked
         self.runs: list[list[tuple[int, bytes]]] = []
         self.reads: list[tuple[int, int, int, int]] = []
         self.gate: threading.Event | None = None
@@ -134,7 +135,10 @@ class Device:
         self.runs.append(list(writes))
 
     def mirrored_value(self, offset: int) -> bytes | None:
-        return bytes([self.ier]) if offset == IER else None
+        value = bytes([self.ier]) if offset == IER and self.ier is not None else None
+        if self.asking is not None:  # after the value is read: it is the older one
+            self.asking()
+        return value
 
 
 class Vm:
@@ -314,6 +318,36 @@ def test_arm_refused_for_the_first_zone_leaves_it_off(ring):
     held.arm(COM1)
     held.arm(COM1)
     assert (held.armed, vm.calls) == (False, ["register 0x3f8"])
+
+
+def test_arm_with_no_mirror_yet_asks_again_at_the_next_write(ring):
+    """A device process just restarted has published no MIRROR: no answer is no refusal."""
+    vm = Vm()
+    com1 = Device("com1", ier=None)
+    held = make(ring, vm, com1)
+    held.written(COM1)
+    com1.ier = 0  # its MIRROR came
+    held.written(COM1)
+    assert held.armed
+
+
+def test_arm_asked_while_another_vcpu_turns_thri_off_asks_again(ring):
+    """The wish a vCPU reads may be older than an IER write another vCPU makes meanwhile:
+    that write wins, and the next THR write asks again."""
+    vm = Vm()
+    com1 = Device("com1", ier=THRI)
+    held = make(ring, vm, com1)
+
+    def other_vcpu() -> None:
+        com1.asking = None
+        held.written(COM1 + IER)  # served while the first vCPU waited for the old IER
+        com1.ier = 0
+
+    com1.asking = other_vcpu
+    held.written(COM1)  # read THRI on: declined
+    assert not held.armed
+    held.written(COM1)
+    assert held.armed
 
 
 def wait_for(condition, what: str) -> None:
