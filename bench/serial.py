@@ -98,7 +98,9 @@ for news only every 8th mirrored read (a stale "THRE clear" could follow the THR
 which the device raises before it publishes its MIRROR). --runs 3, alternating with the tree
 before (9b77dc2), three rounds, load from a reviewer beside it: 79.6, 88.1, 85.0 us a byte
 (1.65x, 1.63x, 1.94x QEMU) against 116.7, 94.9, 89.0 (2.18x, 2.21x, 2.11x); earlier, quieter,
---runs 5: 60.8 and 58.7 (1.66x, 1.74x). Not yet within 1.5x on this host.
+--runs 5: 60.8 and 58.7 (1.66x, 1.74x). At the session's end, busier (QEMU 38-55 us a byte):
+86.8 and 91.5 (2.28x, 2.15x); the final tree alternating with 21659e4, whose hot path it
+shares: 102.4 and 100.2 against 99.9 and 100.9. Not yet within 1.5x on this host.
 """
 
 from __future__ import annotations
