@@ -189,8 +189,7 @@ class DeviceChannel:
         device's queue is full, at most WRITE_TIMEOUT_MS, and not at all once its process
         has ended (its pidfd): a posted write to a dead device held the slot's lock, and
         every vCPU's access behind it, for the whole timeout (seen as 2 s restart stalls)."""
-        self._send(frame, "a posted write")
-        self._posted += 1
+        self.post_many((frame,))
 
     def post_many(self, frames: Sequence[bytes]) -> None:
         """Posted frames, in order, as the parts of one ZeroMQ message: one wake-up of its

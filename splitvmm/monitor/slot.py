@@ -589,19 +589,7 @@ class DeviceSlot:
         counted and replayed like any posted write)."""
         with self._lock:
             self.held_writes += len(writes)
-            channel = self._await_live()
-            if channel is None:
-                return
-            frames = []
-            for offset, data in writes:
-                frame = wire.encode_write(offset, data)
-                self._journal_locked(frame)  # re-sent to the next process if this one died
-                channel.mirror.sent(offset)
-                frames.append(frame)
-            try:
-                channel.post_many(frames)
-            except ChannelError as e:
-                self._channel_failed_locked(str(e))
+            self._post_frames_locked([(wire.encode_write(o, d), o) for o, d in writes])
 
     def _mirrored_locked(
         self, offset: int, size: int, held: int = 0, held_at: int = 0
@@ -667,14 +655,21 @@ class DeviceSlot:
     def _post_locked(self, frame: bytes, write_at: int | None = None) -> None:
         if write_at is not None:
             self.writes += 1
+        self._post_frames_locked(((frame, write_at),))
+
+    def _post_frames_locked(self, frames: Sequence[tuple[bytes, int | None]]) -> None:
+        """Post (frame, the offset of the write it is or None) in order, as one message, to
+        the live device (waiting while it is away); each journaled and counted first."""
         channel = self._await_live()
-        if channel is not None:
+        if channel is None:
+            return
+        for frame, write_at in frames:
             self._journal_locked(frame)  # re-sent to the next process if this one died
             channel.mirror.sent(write_at)
-            try:
-                channel.post(frame)
-            except ChannelError as e:
-                self._channel_failed_locked(str(e))
+        try:
+            channel.post_many([frame for frame, _ in frames])
+        except ChannelError as e:
+            self._channel_failed_locked(str(e))
 
     def sync(self) -> bool:
         """Wait until a live device applied everything sent so far (posted writes included)."""

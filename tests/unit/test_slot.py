@@ -197,6 +197,10 @@ class InputChannel(list[bytes]):
             raise ChannelError("its process ended with a posted write unsent")
         self.append(frame)
 
+    def post_many(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            self.post(frame)
+
     def typed(self) -> bytes:
         return b"".join(wire.decode_access(frame, 8).data for frame in self)
 
