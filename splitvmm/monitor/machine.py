@@ -453,13 +453,9 @@ class Machine:
             model = MODELS[slot.model]
             transport = model.transport
             if isinstance(transport, PortWindow):
+                base, when = transport.base, model.write_behind_while
                 for offset, size in model.write_behind:
-                    port, base, when = (
-                        transport.base + offset,
-                        transport.base,
-                        model.write_behind_while,
-                    )
-                    zones.append(Zone(port, size, slot, base, transport.size, when))
+                    zones.append(Zone(base + offset, size, slot, base, transport.size, when))
         page = self.vm.coalesced_pio_page() if zones else 0
         if not page:
             return None

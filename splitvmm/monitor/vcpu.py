@@ -166,15 +166,16 @@ class VcpuThread(threading.Thread):
         held = self.write_behind
         if type(ex) is PioOut:
             port, size, data = ex
-            if held is not None and port in held.ports:
-                held.deliver(port)
+            here = held if held is not None and port in held.ports else None
+            if here is not None:
+                here.deliver(port)
             if len(data) == size:
                 self.pio.write(port, data)
             else:  # rep outs: len(data) // size accesses, back to back
                 for i in range(0, len(data), size):
                     self.pio.write(port, data[i : i + size])
-            if held is not None and port in held.ports:
-                held.written(port)  # at a write-behind register: the next ones cost no exit
+            if here is not None:
+                here.written(port)  # at a write-behind register: the next ones cost no exit
         elif type(ex) is PioIn:
             port, size, count = ex
             if held is not None and port in held.ports:

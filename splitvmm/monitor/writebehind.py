@@ -25,32 +25,34 @@ every write exited:
   posted writes to two device processes were never ordered with each other.
 * Before a vCPU parks (a pause; a snapshot quiesces the devices once every vCPU has parked,
   so no write is left held), and when the VM ends (close(), before the devices' last sync).
-* Within about two ticks otherwise: while armed, a flusher thread looks every TICK_S and delivers
-  what waited since its last look, so a guest that writes and then runs without touching the
-  device (or halts in the kernel's irqchip) has its bytes out, and sees their interrupts,
-  about a millisecond later. So write-behind suits registers of drivers that poll: the
-  model says when (ModelDescriptor.write_behind_while: the 8250 while IER has THRI off; a
-  driver that waits for the THRE interrupt gets its writes served as they come, as before).
+* Within about two ticks otherwise: while armed, a flusher thread looks every TICK_S and
+  delivers what waited since its last look, so a guest that writes and then runs without
+  touching the device (or halts in the kernel's irqchip) has its bytes out, and sees their
+  interrupts, about a millisecond later. So write-behind suits registers of drivers that
+  poll: the model says when (ModelDescriptor.write_behind_while: the 8250 while IER has THRI
+  off; a driver that waits for the THRE interrupt gets its writes served as they come, as
+  before).
 
 Arming. KVM tells nobody when it adds to the ring, so something has to look, and looking
 every TICK_S for an idle VM's whole life would be wake-ups for nothing. The registers start
 unregistered: a write to one exits as any write does, is served, and arms write-behind if
 the device's mirror says its model wants it now (KVM_REGISTER_COALESCED_MMIO, ~75 us here
-with the guest running, on that vCPU's thread); the flusher disarms it after IDLE_TICKS looks that found nothing new, or once the
-model no longer wants it (the unregister waits out a grace period, ~8 ms here, on the
-flusher's thread; a write exit meanwhile does not wait to arm again), and delivers what came
-meanwhile. The model's wish is read from its latest MIRROR, which may trail the driver's
-last write by a frame: a hint for when to hold writes, never an answer to the guest.
+with the guest running, on that vCPU's thread); the flusher disarms it after IDLE_TICKS
+looks that found nothing new, or once the model no longer wants it (the unregister waits out
+a grace period, ~8 ms here, on the flusher's thread; a write exit meanwhile does not wait to
+arm again), and delivers what came meanwhile. The model's wish is read from its latest
+MIRROR, which may trail the driver's last write by a frame: a hint for when to hold writes,
+never an answer to the guest.
 
 A full ring makes the next write exit: it is served after the device's held writes, as any
 access is. What KVM does with a `rep outs` that fills the ring part-way depends on the host
 kernel: Linux 6.0 and later drop the rest of it (x86.c emulator_pio_in_out), earlier ones
 send the whole string to user space as well, so that the held part would be delivered
 twice; so the monitor arms write-behind only on Linux 6.0 or later (MIN_KERNEL). A guest
-that writes an 8250's THR with `rep outsb`, blind, loses the part of the string (KVM emulates
-it a page at a time) that does not fit in the ring's 169 entries, as the chip loses what
-overflows its 16-byte FIFO. A host whose KVM cannot
-coalesce port writes (no KVM_CAP_COALESCED_PIO) gets no write-behind: the writes exit.
+that writes an 8250's THR with `rep outsb`, blind, loses the part of the string (KVM
+emulates it a page at a time) that does not fit in the ring's 169 entries, as the chip loses
+what overflows its 16-byte FIFO. A host whose KVM cannot coalesce port writes (no
+KVM_CAP_COALESCED_PIO) gets no write-behind: the writes exit.
 """
 
 from __future__ import annotations
