@@ -78,12 +78,9 @@ def test_serial_killed_20_times_loses_repeats_and_garbles_no_line(
         dev = serial_device(tmp_path)
         assert dev["restarts"] == KILLS and dev["crashes"] == KILLS
         assert dev["recover_ms"] is not None
-        vm.proc.send_signal(signal.SIGTERM)
-        status, err = vm.finish()
+        status, err = vm.stop()
     finally:
-        if vm.proc.poll() is None:
-            vm.proc.kill()
-            vm.finish()
+        vm.kill_if_running()
     assert_each_count_once(vm.text())
     assert err.count("killed by signal 9") == KILLS, err[-2000:]
 
@@ -111,12 +108,9 @@ def test_serial_killed_comes_back_as_its_warm_spare_and_a_new_spare_follows(
         next_spare = wait_spare(tmp_path, other_than=spare)
         vm.wait_for(r"^count=\d+$", after=len(vm.text()))
         status = request(tmp_path / "run" / "splitvmm" / "test" / "control.sock", "status")
-        vm.proc.send_signal(signal.SIGTERM)
-        vm.finish()
+        vm.stop()
     finally:
-        if vm.proc.poll() is None:
-            vm.proc.kill()
-            vm.finish()
+        vm.kill_if_running()
     assert (back["pid"], back["warm_restarts"], status["state"]) == (spare, 1, "running")
     assert next_spare != back["pid"]
     assert_each_count_once(vm.text())
@@ -164,8 +158,7 @@ def test_on_crash_leave_keeps_the_vm_running_reading_all_ones(
         status = request(tmp_path / "run" / "splitvmm" / "test" / "control.sock", "status")
         assert status["state"] == "running"
     finally:
-        vm.proc.send_signal(signal.SIGTERM)
-        status_code, err = vm.finish()
+        status_code, err = vm.stop()
     assert "stays dead (on_crash = leave)" in err
 
 
@@ -200,12 +193,9 @@ def run_with_fault(
         dev = wait_back(tmp_path, generation)
         vm.wait_for(r"^count=\d+$", after=len(vm.text()))  # it prints on after the fault
         dev = serial_device(tmp_path)
-        vm.proc.send_signal(signal.SIGTERM)
-        _, err = vm.finish()
+        _, err = vm.stop()
     finally:
-        if vm.proc.poll() is None:
-            vm.proc.kill()
-            vm.finish()
+        vm.kill_if_running()
     assert_each_count_once(vm.text())
     return err, dev
 
@@ -299,8 +289,7 @@ def test_zygote_rests_in_a_running_vm_and_one_comes_back_for_a_burst_of_restarts
         rested_after = wait_no_zygote(launcher, tmp_path)
         vm.wait_for(r"^count=\d+$", after=len(vm.text()))
     finally:
-        vm.proc.send_signal(signal.SIGTERM)
-        _, err = vm.finish()
+        _, err = vm.stop()
     assert rested_at_start and rested_after
     assert len(zygotes[0]) == 1 and zygotes[1] == zygotes[0]  # one zygote for the burst
     assert "the zygote ended" not in err  # a rest is no death to report
@@ -325,8 +314,7 @@ def test_zygote_killed_in_a_running_vm_the_next_restarts_come_from_a_new_one(
         vm.wait_for(r"^count=\d+$", after=len(vm.text()))
         reaped = zygote not in children_of(launcher)
     finally:
-        vm.proc.send_signal(signal.SIGTERM)
-        _, err = vm.finish()
+        _, err = vm.stop()
     assert reaped
     assert "the zygote ended (-9); starting a new one" in err
     assert_each_count_once(vm.text())

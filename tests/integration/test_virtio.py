@@ -422,7 +422,6 @@ def test_virtio_rng_killed_5_times_entropy_keeps_coming(guests, tmp_path):
             after = len(vm.text())
             vm.wait_for(r"virtio-rng: round \d+ ok", after=after)  # a whole round since
     finally:
-        vm.proc.send_signal(signal.SIGTERM)
-        vm.finish(timeout=30)
+        vm.stop(timeout=30)
     text = vm.text()
     assert "failed" not in text and "in time" not in text and "came back" not in text, text[-800:]

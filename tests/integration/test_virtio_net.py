@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -115,8 +114,7 @@ def test_virtio_net_ctl_devices_shows_each_devices_counters(guests, tmp_path, ne
         vm.wait_for(r"count=\d+")
         devices = {d["name"]: d for d in json.loads(vm.ctl("devices", "--json").stdout)["devices"]}
     finally:
-        vm.proc.send_signal(signal.SIGTERM)
-        vm.finish()
+        vm.stop()
 
     net = devices["net0"]["counters"]
     assert {"rx_frames", "rx_bytes", "rx_dropped", "tx_frames", "tx_bytes", "tx_dropped"} <= set(
@@ -337,7 +335,6 @@ print("echoed", echoed, flush=True)
             kills += 1
     host.wait(timeout=30)
     net = vm.wait_running("net0", generation=6)  # the last kill may land after the last echo
-    vm.proc.send_signal(signal.SIGTERM)
-    vm.finish(timeout=30)
+    vm.stop(timeout=30)
     assert line.strip() == "echoed 150", line
     assert (kills, net["restarts"], net["state"]) == (5, 5, "running"), net

@@ -51,12 +51,9 @@ def test_last_bytes_of_a_guest_that_halts_come_out_without_another_exit(
     try:
         vm.wait_for(r"halted\n")
         dev = vm.device("serial0")
-        vm.proc.send_signal(signal.SIGTERM)
-        status, err = vm.finish()
+        status, err = vm.stop()
     finally:
-        if vm.proc.poll() is None:
-            vm.proc.kill()
-            vm.finish()
+        vm.kill_if_running()
     assert (vm.text(), status) == (GREETING, 128 + signal.SIGTERM), err[-2000:]
     # the UART's set-up writes exit (the first THR-offset one, DLL, arms write-behind); the
     # greeting's bytes go to THR with no exit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,17 @@ class VmProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{name} is not back as process {generation}: {dev}")
             time.sleep(0.05)
+
+    def stop(self, timeout: float = 60) -> tuple[int, str]:
+        """SIGTERM, as an operator ends a VM, then finish()."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.finish(timeout)
+
+    def kill_if_running(self) -> None:
+        """Whatever a test left running (it failed before stop()), killed and reaped."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.finish()
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
         """(exit status, stderr) once it ends; kills it if it does not end in time."""
