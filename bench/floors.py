@@ -2,6 +2,9 @@
 
 - a bare Python KVM_RUN loop: a real-mode guest doing `in`/`out` to a port
   nobody serves, answered inline by the loop (no bus, no device, no IPC);
+- the same loop running the firmware-serial guest (bench/serial.py): every UART access
+  answered inline, with or without KVM holding the THR writes in its coalesced ring (what
+  write-behind costs at the least: monitor/writebehind.py);
 - a raw pyzmq PAIR round trip over ipc:// between two processes;
 - a pipe round trip between two processes, one byte each way, nothing but two wake-ups:
   with both on one CPU, and on two. What a wake-up costs here depends on whether the woken
@@ -27,6 +30,13 @@ from splitvmm.native.mem import mapping_address
 
 # Real mode at 0x1000 (CS base 0): 1: in $0x80,%al; out %al,$0x81; jmp 1b
 LOOP_CODE = bytes([0xE4, 0x80, 0xE6, 0x81, 0xEB, 0xFA])
+
+COM1 = 0x3F8  # THR (DLL while LCR.DLAB is set)
+COM1_LCR, COM1_LSR = COM1 + 3, COM1 + 5
+LCR_DLAB = 0x80
+LSR_IDLE = b"\x60"  # THRE and TEMT: a line that keeps up, so each byte takes one LSR read
+DEBUG_EXIT_PORT = 0xF4  # tests/guests: the firmware guests' last write
+LOW_MEMORY = 1 << 20  # real mode's reach; a firmware image's alias ends here (QEMU -bios)
 
 
 def kvm_run_floor(exits: int) -> list[float]:
@@ -56,6 +66,56 @@ def kvm_run_floor(exits: int) -> list[float]:
         vm.close()
         ram.close()
     return samples
+
+
+def serial_guest_floor(image: bytes, hold_thr: bool) -> bytes:
+    """What firmware-serial (bench/serial.py) writes to COM1, run by a bare Python KVM_RUN loop
+    that answers every access inline: LSR reads THRE and TEMT, other reads 0, THR writes are
+    the output. With hold_thr, KVM holds the THR writes in its coalesced ring from the first
+    LSR read on (after the guest's set-up, whose DLL write goes to the same port), and the
+    loop takes them from the ring at every exit: the least a monitor with write-behind does
+    per byte. The image (64 KiB) is mapped at the top of 4 GiB and aliased below 1 MiB, where
+    the reset vector finds it (monitor/loader.py load_firmware)."""
+    with Kvm() as kvm:
+        vm = kvm.create_vm()
+        low = mmap.mmap(-1, LOW_MEMORY)
+        low[LOW_MEMORY - len(image) :] = image
+        top = mmap.mmap(-1, len(image))
+        top[:] = image
+        vm.set_user_memory_region(0, 0, len(low), mapping_address(low))
+        vm.set_user_memory_region(1, (1 << 32) - len(image), len(top), mapping_address(top))
+        vcpu = vm.create_vcpu(0, kvm.vcpu_mmap_size())
+        page = vm.coalesced_pio_page() if hold_thr else 0
+        if hold_thr and not page:
+            raise RuntimeError("KVM here holds no port writes (no KVM_CAP_COALESCED_PIO)")
+        ring = None
+        out, dlab = bytearray(), False
+        try:
+            while True:
+                ex = vcpu.run()
+                if ring is not None and ring.pending():
+                    out += b"".join(data for _, data in ring.take())
+                if type(ex) is PioIn:
+                    port, size, count = ex
+                    if port == COM1_LSR and page and ring is None:
+                        vm.register_coalesced_pio(COM1, 1)
+                        ring = vcpu.coalesced_ring(page)
+                    vcpu.complete_read(LSR_IDLE if port == COM1_LSR else bytes(size * count))
+                elif type(ex) is PioOut:
+                    port, _, data = ex
+                    if port == DEBUG_EXIT_PORT:
+                        return bytes(out)
+                    if port == COM1_LCR:
+                        dlab = bool(data[0] & LCR_DLAB)
+                    elif port == COM1 and not dlab:
+                        out += data
+                else:
+                    raise RuntimeError(f"firmware-serial exited with {ex!r}")
+        finally:
+            vcpu.close()
+            vm.close()
+            low.close()
+            top.close()
 
 
 def pipe_pair_floor(round_trips: int, cpus: tuple[int, int]) -> list[float]:

@@ -120,6 +120,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.exit_qemu import qemu_version  # noqa: E402
+from bench.floors import serial_guest_floor  # noqa: E402
 from bench.vmrun import qemu_firmware_argv, run_guest, run_to_end, write_config  # noqa: E402
 from splitvmm.native.kvm import Kvm  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
@@ -129,6 +130,10 @@ EXIT_STATUS = 99  # the guest writes 0x31 to the debug-exit port: (0x31 << 1) | 
 RUN_TIMEOUT_S = 300
 BYTES = 16384
 LINE_LEN = 64
+FLOORS = {  # bench/floors.py serial_guest_floor: the same guest, no device, no IPC
+    False: "floor: bare Python KVM_RUN loop, each access inline",
+    True: "floor: the same, THR writes held by KVM (coalesced)",
+}
 RESULT = re.compile(rf"fw-serial: ticks=(\d+) bytes={BYTES}\n")
 
 
@@ -163,6 +168,10 @@ def run_qemu(qemu: str, image: Path, work: Path, i: int) -> int:
     return parse(run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "QEMU"), "QEMU")
 
 
+def run_floor(image: Path, hold_thr: bool) -> int:
+    return parse(serial_guest_floor(image.read_bytes(), hold_thr).decode(), "floor")
+
+
 def summary(ticks: list[int], tsc_khz: int) -> dict[str, object]:
     seconds = [t / (tsc_khz * 1e3) for t in ticks]
     median = statistics.median(seconds)
@@ -177,17 +186,26 @@ def main() -> None:
     qemu = shutil.which(QEMU)
     with Kvm() as kvm:
         tsc_khz = kvm.default_tsc_khz()
+        vm = kvm.create_vm()
+        coalesced = vm.coalesced_pio_page() > 0
+        vm.close()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         image = build_guests(work / "guests")["firmware-serial"]
         ours_runs, qemu_runs = [], []
-        for i in range(args.runs):  # alternate, so drift on the host hits both alike
+        floor_runs: dict[bool, list[int]] = {False: [], True: []}
+        for i in range(args.runs):  # alternate, so drift on the host hits all alike
             ours_runs.append(run_splitvmm(image, work, i))
             if qemu:
                 qemu_runs.append(run_qemu(qemu, image, work, i))
+            for hold_thr, runs in floor_runs.items():
+                if hold_thr and not coalesced:
+                    continue
+                runs.append(run_floor(image, hold_thr))
     ours = summary(ours_runs, tsc_khz)
     theirs = summary(qemu_runs, tsc_khz) if qemu else None
     ratio = float(ours["s"]) / float(theirs["s"]) if theirs else None  # type: ignore[arg-type]
+    floors = {hold: summary(runs, tsc_khz) for hold, runs in floor_runs.items() if runs}
 
     if args.json:
         print(
@@ -200,6 +218,8 @@ def main() -> None:
                     "splitvmm": ours,
                     "qemu_figures": theirs,
                     "ratio_splitvmm_over_qemu": ratio,
+                    "floor_inline": floors.get(False),
+                    "floor_thr_held": floors.get(True),
                 }
             )
         )
@@ -211,13 +231,22 @@ def main() -> None:
         caption=f"TSC {tsc_khz / 1e6:.3f} GHz; "
         + (qemu_version(qemu) if qemu else f"{QEMU} not found"),
     )
-    for column in ("VMM", "output s", "µs per byte", "splitvmm / QEMU"):
+    for column in ("VMM", "output s", "µs per byte", "/ QEMU"):
         table.add_column(column, justify="left" if column == "VMM" else "right")
     table.add_row("splitvmm", f"{ours['s']:.3f}", f"{ours['us_per_byte']:.1f}", "")
     if theirs is not None and ratio is not None:
         table.add_row("QEMU", f"{theirs['s']:.3f}", f"{theirs['us_per_byte']:.1f}", f"{ratio:.2f}")
     else:
         table.add_row(f"QEMU: {QEMU} not found (apt-get install qemu-system-x86)", "", "", "")
+    for hold_thr, what in FLOORS.items():
+        floor = floors.get(hold_thr)
+        if floor is None:
+            table.add_row(f"{what}: KVM here holds no port writes", "", "", "")
+            continue
+        over = float(floor["s"]) / float(theirs["s"]) if theirs else None  # type: ignore[arg-type]
+        table.add_row(
+            what, f"{floor['s']:.3f}", f"{floor['us_per_byte']:.1f}", f"{over:.2f}" if over else ""
+        )
     Console().print(table)
 
 
