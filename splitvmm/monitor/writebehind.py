@@ -138,6 +138,14 @@ class WriteBehind:
         self._fail = fail
         self._by_port = {z.port + i: z for z in self._zones for i in range(z.size)}
         self._held = {id(z.device): _Held(z) for z in self._zones}
+        # each registered port: its device's queue and the port's offset in the window
+        self._queue_of = {
+            port: (self._held[id(z.device)], port - z.base) for port, z in self._by_port.items()
+        }
+        # With one port registered in all (an 8250's THR), every write in the ring is that
+        # queue's, at that offset: a read counts them where they are, and they are taken from
+        # the ring when delivered or at the flusher's tick, not at each read (read()).
+        self._sole = next(iter(self._queue_of.values())) if len(self._queue_of) == 1 else None
         # every port of every such device's window: an access there waits for its writes
         self._window = {
             z.base + i: self._held[id(z.device)] for z in self._zones for i in range(z.window)
@@ -166,14 +174,17 @@ class WriteBehind:
         """A read exit at `port`, of a device's window (in `ports`): its mirror's answer if
         exact with its held writes counted; None: they are delivered now, and the read goes
         its usual way."""
-        self._collect()
-        held = self._window[port]
+        held, sole = self._window[port], self._sole
         with held.lock:
+            at: int | None
             with self._ring_lock:
-                count, at = len(held.writes), held.offset
+                if sole is not None and sole[0] is held:
+                    count, at = len(held.writes) + self._ring.pending(), sole[1]
+                else:
+                    self._collect_locked()
+                    count, at = len(held.writes), held.offset
             if 0 < count < HELD_BATCH and at is not None:
-                base = held.zone.base
-                data = held.zone.device.read_held(port - base, size, count, at)
+                data = held.zone.device.read_held(port - held.zone.base, size, count, at)
                 if data is not None:
                     return data
             self._deliver_locked(held)
@@ -182,40 +193,43 @@ class WriteBehind:
     def deliver(self, port: int) -> None:
         """An exit at `port`, of a device's window (in `ports`), other than a read(): the
         device's held writes first."""
-        self._collect()
         held = self._window[port]
         with held.lock:
             self._deliver_locked(held)
 
     def flush(self) -> None:
         """Deliver every device's held writes (a vCPU about to park, the VM's end)."""
-        self._collect()
         for held in self._held.values():
             with held.lock:
                 self._deliver_locked(held)
 
     def _collect(self) -> None:
-        """Move what the ring holds to each device's queue, in order."""
+        """Move what the ring holds to each device's queue, in order (the flusher's look)."""
         if not self._ring.pending():  # (a vCPU's own writes are in it by now)
             return
         with self._ring_lock:
-            for port, data in self._ring.take():
-                zone = self._by_port.get(port)
-                if zone is None:  # KVM holds only what we registered: not ours to deliver
-                    log.warning("a held write at port %#x that no device registered", port)
-                    continue
-                held = self._held[id(zone.device)]
-                offset = port - zone.base
-                if not held.writes:
-                    held.offset = offset
-                elif held.offset != offset:
-                    held.offset = None
-                held.writes.append((offset, data))
-                self.collected += 1
+            self._collect_locked()
+
+    def _collect_locked(self) -> None:
+        """collect(), the ring's lock held."""
+        for port, data in self._ring.take():
+            queue = self._queue_of.get(port)
+            if queue is None:  # KVM holds only what we registered: not ours to deliver
+                log.warning("a held write at port %#x that no device registered", port)
+                continue
+            held, offset = queue
+            if not held.writes:
+                held.offset = offset
+            elif held.offset != offset:
+                held.offset = None
+            held.writes.append((offset, data))
+            self.collected += 1
 
     def _deliver_locked(self, held: _Held) -> None:
-        """Hand `held`'s queue to its device (its lock held: an access waits for this)."""
+        """Hand `held`'s queue to its device (its lock held: an access waits for this), with
+        what the ring holds for it (a read may have counted them there: read())."""
         with self._ring_lock:
+            self._collect_locked()
             writes, held.writes = held.writes, []
         if writes:
             held.deliveries += 1

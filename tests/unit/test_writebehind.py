@@ -21,6 +21,7 @@ from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.monitor.writebehind import HELD_BATCH, WriteBehind, Zone, kernel_holds_rep_outs_once
 from splitvmm.native.coalesced import (
     DATA_OFFSET,
+    DATA_SIZE,
     ENTRIES_OFFSET,
     ENTRY_SIZE,
     LEN_OFFSET,
@@ -101,6 +102,15 @@ def test_ring_take_follows_the_ring_around_its_end(kernel, ring):
 def test_ring_with_an_index_past_its_end_raises(kernel, ring):
     kernel.set_index(1, ring.size + 3)
     with pytest.raises(ValueError, match="not below"):
+        ring.take()
+
+
+@pytest.mark.parametrize("length", [0, DATA_SIZE + 1, 1 << 31])
+def test_ring_entry_of_a_length_no_port_write_has_raises(kernel, ring, length):
+    kernel.write(COM1, b"a")
+    at = kernel.base + ENTRIES_OFFSET + LEN_OFFSET
+    kernel.mapping[at : at + 4] = length.to_bytes(4, "little")
+    with pytest.raises(ValueError, match=f"coalesced write of {length} bytes at port 0x3f8"):
         ring.take()
 
 
@@ -229,6 +239,32 @@ def test_read_of_the_device_holding_the_writes_asks_its_mirror_with_them_counted
     assert (com1.reads, com1.runs) == ([(LSR, 1, 2, 0)], [])
     held.flush()
     assert com1.runs == [[(0, b"a"), (0, b"b")]]  # still held until then
+
+
+def test_read_with_one_port_registered_counts_the_writes_in_the_ring_and_leaves_them(kernel, ring):
+    com1 = Device("com1")
+    held = make(ring, Vm(), com1)  # COM1's THR alone: every write in the ring is com1's
+    kernel.write(COM1, b"a")
+    kernel.write(COM1, b"b")
+    assert held.read(COM1 + LSR, 1) == b"\x60"
+    assert (ring.pending(), held.collected) == (2, 0)
+    held._collect()  # the flusher's look moves them to com1's queue
+    kernel.write(COM1, b"c")
+    assert held.read(COM1 + LSR, 1) == b"\x60"
+    assert com1.reads == [(LSR, 1, 2, 0), (LSR, 1, 3, 0)]  # queued and in the ring, together
+    held.deliver(COM1 + IER)
+    assert (com1.runs, ring.pending()) == ([[(0, b"a"), (0, b"b"), (0, b"c")]], 0)
+
+
+def test_read_with_two_devices_registered_counts_only_its_own_writes(kernel, ring):
+    com1, com2 = Device("com1"), Device("com2")
+    held = make(ring, Vm(), com1, com2)
+    for port, data in ((COM2, b"x"), (COM1, b"a"), (COM2, b"y")):
+        kernel.write(port, data)
+    assert held.read(COM1 + LSR, 1) == b"\x60"
+    assert (com1.reads, ring.pending(), held.collected) == ([(LSR, 1, 1, 0)], 0, 3)
+    held.flush()
+    assert (com1.runs, com2.runs) == ([[(0, b"a")]], [[(0, b"x"), (0, b"y")]])
 
 
 def test_read_the_mirror_cannot_answer_comes_after_the_writes(kernel, ring):
