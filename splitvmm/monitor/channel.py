@@ -75,7 +75,8 @@ class DeviceChannel:
         self._model = model  # what a saved state must say it is
         descriptor = MODELS[model]
         self._mirrored, self._window = descriptor.mirrored, descriptor.transport.size
-        self.mirror = RegisterMirror(self._mirrored)  # this process's: a new one starts empty
+        # this process's: a new one starts empty
+        self.mirror = RegisterMirror(self._mirrored, descriptor.quiet_while)
         # Frames posted since the last request: each may bring one MIRROR (the device's
         # values after it), over the events a request may meet (_request).
         self._posted = 0

@@ -38,6 +38,18 @@ device would have given at that point of the guest's accesses.
   device's new MIRROR arrives the mirror answers with the values from before it, which is
   what the device answered a read that came before the drain.
 
+News: each read asks ZeroMQ whether the device sent anything (ZMQ_EVENTS: a system call, ~2
+us, ~9 in a vCPU's loop on a PVM host, a tenth of a polled byte's time) and takes it first,
+except while the latest MIRROR says the device is quiet (ModelDescriptor.quiet_while: the
+8250 with THRI off) and fewer than NEWS_EVERY reads went without. Quiet, the device raises
+no interrupt but in answer to a frame, and what it does on its own (its line draining) shows
+only through its mirrored registers, which an unrefreshed mirror answers with their values
+from before it, as above: no guest can tell that read from one made a moment sooner. The
+condition is the stale MIRROR's, which is also the device's now: every frame sent after its
+stamp is a credit write (a read answered) or the read goes to the device, whose reply comes
+after its news. Without a THRE interrupt to say the line drained, a guest that waits for it
+would be the one to tell (hence THRI off), and the news stays at most NEWS_EVERY reads away.
+
 Held writes (monitor/writebehind.py): writes KVM kept without an exit are frames the slot
 has not sent yet; a read answered meanwhile counts them as sent after the mirror's stamp, as
 one run at the end (the device's credit covers them or the read waits until they are sent).
@@ -60,12 +72,26 @@ from __future__ import annotations
 
 from splitvmm.protocol import wire
 
+# While the device is quiet, a read asks for its news once in this many (the docstring).
+NEWS_EVERY = 8
+
 
 class RegisterMirror:
     """The latest MIRROR of one device process, and the frames sent to it since."""
 
-    def __init__(self, registers: tuple[tuple[int, int], ...]) -> None:
+    def __init__(
+        self,
+        registers: tuple[tuple[int, int], ...],
+        quiet_while: tuple[tuple[int, int, int], ...] = (),
+    ) -> None:
+        """`registers`, `quiet_while`: the model's (ModelDescriptor.mirrored, .quiet_while)."""
         self._registers = {offset: (i, size) for i, (offset, size) in enumerate(registers)}
+        # (index in a MIRROR's values, mask, value): every one holds while the device is quiet
+        self._quiet_while = tuple(
+            (self._registers[offset][0], mask, value) for offset, mask, value in quiet_while
+        )
+        self._quiet = False  # what the latest MIRROR says
+        self._unasked = 0  # reads made since one asked for news, while quiet
         self._latest: wire.Mirror | None = None
         self.paused = False  # a snapshot's quiesce until its resume: every read goes through
         # The frames sent last, all writes at _run_offset: _run of them (None: not a write).
@@ -83,9 +109,28 @@ class RegisterMirror:
 
     def take(self, mirror: wire.Mirror) -> None:
         self._latest = mirror
+        self._quiet = bool(self._quiet_while) and all(
+            (v := mirror.values[i]) is not None and int.from_bytes(v, "little") & mask == value
+            for i, mask, value in self._quiet_while
+        )
 
     def invalidate(self) -> None:
         self._latest = None
+        self._quiet = False
+
+    @property
+    def quiet(self) -> bool:
+        """Whether the latest MIRROR says the device is quiet (ModelDescriptor.quiet_while)."""
+        return self._quiet
+
+    def news_due(self) -> bool:
+        """Whether a read must take the device's news before the mirror answers it (the
+        module docstring): always, but NEWS_EVERY - 1 in NEWS_EVERY reads while quiet."""
+        if self._quiet and self._unasked < NEWS_EVERY - 1:
+            self._unasked += 1
+            return False
+        self._unasked = 0
+        return True
 
     def restamp(self, stamp: int) -> None:
         """The device's last MIRROR holds at `stamp` too (a RESTAMPED read reply)."""

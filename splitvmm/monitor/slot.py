@@ -598,12 +598,14 @@ class DeviceSlot:
         channel = self.channel
         if self.state is not SlotState.LIVE or channel is None or not channel.mirror.covers(offset):
             return None  # the read goes to the device, whose channel reads the device's news
-        try:
-            channel.drain_events()  # the device's newest MIRROR, and whatever else it said
-        except ChannelError as e:
-            self._channel_failed_locked(str(e))
-            return None
-        data = channel.mirror.answer(offset, size, self._frames, held, held_at)
+        mirror = channel.mirror
+        if mirror.news_due():
+            try:
+                channel.drain_events()  # the device's newest MIRROR, and whatever else it said
+            except ChannelError as e:
+                self._channel_failed_locked(str(e))
+                return None
+        data = mirror.answer(offset, size, self._frames, held, held_at)
         if data is not None:
             self.mirrored_reads += 1
         return data

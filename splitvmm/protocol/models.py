@@ -256,6 +256,11 @@ class ModelDescriptor(Struct, frozen=True):
     # When: while the mirrored register at offset has (value & mask) == value (None: always);
     # a register the monitor reads from the device's MIRROR, nothing else of its meaning.
     write_behind_while: tuple[int, int, int] | None = None
+    # While every (offset, mask, value) holds of its mirrored registers, the model raises no
+    # interrupt but in answer to a frame: what it does on its own (its output line draining)
+    # shows only through its mirrored registers. A read may then be answered from a MIRROR
+    # that the device's news has not refreshed (monitor/mirror.py, news); () never.
+    quiet_while: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         check_mirrored(self.name, self.mirrored, self.transport.size)
@@ -263,6 +268,7 @@ class ModelDescriptor(Struct, frozen=True):
         when = self.write_behind_while
         if when is not None and when[0] not in dict(self.mirrored):
             raise ValueError(f"{self.name}: write_behind_while names a register it does not mirror")
+        check_conditions(self.name, "quiet_while", self.quiet_while, self.mirrored)
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
@@ -282,6 +288,25 @@ def check_mirrored(model: str, registers: tuple[tuple[int, int], ...], window: i
                 f"{model}: mirrored register at {offset:#x} of {size} bytes is not valid"
             )
         taken |= span
+
+
+def check_conditions(
+    model: str,
+    what: str,
+    conditions: tuple[tuple[int, int, int], ...],
+    mirrored: tuple[tuple[int, int], ...],
+) -> None:
+    """(offset, mask, value) conditions on mirrored registers: each names one, and its mask
+    and value fit the register, the value inside the mask."""
+    sizes = dict(mirrored)
+    for offset, mask, value in conditions:
+        size = sizes.get(offset)
+        if size is None:
+            raise ValueError(f"{model}: {what} names a register at {offset:#x} it does not mirror")
+        if not (0 < mask < 1 << 8 * size and value & ~mask == 0):
+            raise ValueError(
+                f"{model}: {what} has mask {mask:#x} and value {value:#x} at {offset:#x}"
+            )
 
 
 def check_write_behind(
@@ -321,6 +346,10 @@ SERIAL = ModelDescriptor(
     # for the flusher's tick (monitor/writebehind.py).
     write_behind=((0, 1),),
     write_behind_while=(1, 0x02, 0x00),
+    # DLAB clear and IER's THRI off: the line draining is then no interrupt (the THRE one),
+    # and every other interrupt answers a frame (input, a write). A polled driver's LSR reads
+    # need not ask for news each.
+    quiet_while=((3, 0x80, 0x00), (1, 0x02, 0x00)),
 )
 
 RTC = ModelDescriptor(

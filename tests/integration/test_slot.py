@@ -16,11 +16,12 @@ import time
 import pytest
 import zmq
 
-from splitvmm.devprocs.serial import RX_BUFFER_MAX, Lcr, Lsr, Reg
+from splitvmm.devprocs.serial import RX_BUFFER_MAX, Ier, Lcr, Lsr, Reg
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import console
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import ChannelError
+from splitvmm.monitor.mirror import NEWS_EVERY
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
@@ -433,6 +434,43 @@ def test_slot_lsr_after_credited_thr_write_is_the_devices_value(file_harness):
     from_device = slot.read(Reg.LSR, 1)
     assert (from_mirror, slot.mirrored_reads - mirrored) == (from_device, 1)
     assert slot.sync() and os.read(file_harness.out_r, 8) == b"A"
+
+
+def drains_counted(slot: DeviceSlot, monkeypatch) -> list[int]:
+    """How often the slot asks its channel for the device's news (one entry a time)."""
+    channel, asked = slot.channel, []
+    assert channel is not None
+    drain = channel.drain_events
+
+    def counted() -> None:
+        asked.append(1)
+        drain()
+
+    monkeypatch.setattr(channel, "drain_events", counted)
+    return asked
+
+
+def test_slot_quiet_device_is_asked_for_news_once_in_news_every_reads(harness, monkeypatch):
+    slot = harness.slot
+    slot.write(Reg.SCR, b"\x5a")
+    slot.read(Reg.SCR, 1)  # current again, and quiet: IER is 0, DLAB clear
+    asked, mirrored = drains_counted(slot, monkeypatch), slot.mirrored_reads
+    quiet = [slot.read(Reg.SCR, 1) for _ in range(2 * NEWS_EVERY)]
+    assert (quiet, len(asked)) == ([b"\x5a"] * 2 * NEWS_EVERY, 2)
+    assert slot.mirrored_reads - mirrored == 2 * NEWS_EVERY
+    # THRI on, posted: the quiet mirror is behind a write its credit does not cover, so the
+    # next read goes to the device, whose new mirror is not quiet: news at every read.
+    slot.write(Reg.IER, bytes([Ier.THRI]))
+    mirrored = slot.mirrored_reads
+    ier = slot.read(Reg.IER, 1)
+    asked.clear()
+    loud = [slot.read(Reg.SCR, 1) for _ in range(3)]
+    assert (ier, slot.mirrored_reads - mirrored, loud, len(asked)) == (
+        bytes([Ier.THRI]),
+        3,
+        [b"\x5a"] * 3,
+        3,
+    )
 
 
 def test_slot_lsr_overrun_cleared_by_exactly_one_read_through_the_mirror(harness):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.errors import ProtocolError
-from splitvmm.monitor.mirror import RegisterMirror
+from splitvmm.monitor.mirror import NEWS_EVERY, RegisterMirror
 from splitvmm.protocol import wire
 from splitvmm.protocol.models import check_mirrored
 
@@ -142,6 +142,59 @@ def test_mirror_restamp_of_a_dropped_copy_gives_no_values():
     mirror.invalidate()  # a quiesce dropped it
     mirror.restamp(4)
     assert mirror.answer(1, 1, frames=4) is None
+
+
+# -- news: how often a read asks for the device's (the module docstring) ----------------------
+QUIET_WHILE = ((1, 0x02, 0x00), (7, 0x80, 0x00))  # bit 1 of the first byte, bit 7 of the last
+
+
+def quiet_mirror(first: bytes | None = b"\x01", last: bytes | None = b"\x5a") -> RegisterMirror:
+    mirror = RegisterMirror(REGISTERS, QUIET_WHILE)
+    mirror.take(wire.Mirror((first, b"\x02\x03", last), THR, 0, 3))
+    return mirror
+
+
+def dues(mirror: RegisterMirror, reads: int) -> list[bool]:
+    return [mirror.news_due() for _ in range(reads)]
+
+
+def test_news_due_at_every_read_of_a_device_that_declares_no_quiet():
+    assert dues(mirror_at(stamp=3), 3) == [True] * 3
+
+
+def test_news_due_once_in_news_every_reads_while_quiet():
+    once = [False] * (NEWS_EVERY - 1) + [True]
+    assert dues(quiet_mirror(), 2 * NEWS_EVERY) == once * 2
+
+
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [(b"\x03", b"\x5a"), (b"\x01", b"\x80"), (None, b"\x5a")],
+    ids=["first fails", "second fails", "not valid"],
+)
+def test_news_due_at_every_read_unless_every_condition_holds(first, last):
+    mirror = quiet_mirror(first, last)
+    assert (mirror.quiet, dues(mirror, 3)) == (False, [True] * 3)
+
+
+def test_news_due_at_once_after_a_mirror_that_is_not_quiet():
+    mirror = quiet_mirror()
+    mirror.news_due()
+    mirror.take(wire.Mirror((b"\x02", b"\x02\x03", b"\x5a"), THR, 0, 4))  # THRI-like bit on
+    assert dues(mirror, 2) == [True, True]
+
+
+def test_news_due_at_every_read_once_the_copy_is_dropped():
+    mirror = quiet_mirror()
+    mirror.invalidate()
+    assert dues(mirror, 2) == [True, True]
+
+
+def test_news_quiet_restamped_stays_quiet():
+    mirror = quiet_mirror()
+    mirror.sent(None)
+    mirror.restamp(4)
+    assert mirror.quiet
 
 
 # -- the MIRROR frame -------------------------------------------------------------------------

@@ -90,3 +90,19 @@ def test_write_behind_in_a_pci_function_is_refused():
 def test_write_behind_while_a_register_not_mirrored_is_refused():
     with pytest.raises(ValueError, match="does not mirror"):
         _serial_with(write_behind_while=(2, 0x01, 0))
+
+
+# -- quiet declarations (monitor/mirror.py, news) -------------------------------------------------
+@pytest.mark.parametrize(
+    ("conditions", "why"),
+    [
+        (((2, 0x01, 0),), "does not mirror"),
+        (((1, 0x100, 0),), "mask"),
+        (((1, 0x00, 0),), "mask"),
+        (((1, 0x02, 0x04),), "value"),
+    ],
+    ids=["not mirrored", "mask too wide", "no mask", "value outside the mask"],
+)
+def test_quiet_while_not_valid_is_refused(conditions, why):
+    with pytest.raises(ValueError, match=f"quiet_while .*{why}"):
+        _serial_with(quiet_while=conditions)

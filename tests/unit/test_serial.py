@@ -22,7 +22,9 @@ from splitvmm.devprocs.serial import (
     UartState,
 )
 from splitvmm.errors import StateError
+from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.protocol import codec
+from splitvmm.protocol.models import SERIAL
 from splitvmm.protocol.wire import MAX_CREDIT
 from tests.fakes import FakeIrq, FakeLine
 
@@ -335,6 +337,40 @@ def reader_catches_up(uart: Uart8250, line: FakeLine) -> None:
     line.accept = 1 << 30
     uart.ctx.out.flush()
     uart.output_room()
+
+
+# SERIAL.quiet_while (monitor/mirror.py, news): while it holds of the mirror, the line draining
+# raises no interrupt, so a mirror that has not taken the device's news yet is still exact.
+def quiet(uart: Uart8250) -> bool:
+    mirror = RegisterMirror(SERIAL.mirrored, SERIAL.quiet_while)
+    mirror.take(uart.mirror())
+    return mirror.quiet
+
+
+@pytest.mark.parametrize(
+    ("ier", "dlab", "quiet_now", "drain_irqs"),
+    [
+        (Ier.RDI | Ier.RLSI | Ier.MSI, False, True, 0),  # every source but THRE
+        (Ier.THRI, False, False, 1),  # THRE: the drain is an interrupt
+        (Ier.THRI, True, False, 1),  # DLAB: the mirror shows DLM, not IER
+        (0, True, False, 0),  # likewise, with IER off: not quiet, as it cannot be told
+    ],
+    ids=["thri off", "thri on", "dlab with thri", "dlab without"],
+)
+def test_uart_quiet_exactly_while_its_line_draining_raises_no_interrupt(
+    ier, dlab, quiet_now, drain_irqs
+):
+    uart, line, irq = slow_uart()
+    uart.write(Reg.IER, bytes([ier]))
+    transmit(uart, b"x" * SMALL)  # buffered, past a FIFO load's room: THRE and TEMT clear
+    assert line_status(uart) == 0
+    if dlab:
+        uart.write(Reg.LCR, bytes([Lcr.DLAB | Lcr.WLEN8]))
+        uart.write(Reg.IER, b"\x00")  # DLM
+    before = irq.count
+    was_quiet = quiet(uart)
+    reader_catches_up(uart, line)  # no frame: the host's line took the bytes
+    assert (was_quiet, irq.count - before) == (quiet_now, drain_irqs)
 
 
 def test_uart_line_slow_byte_buffered_clears_temt_only():
