@@ -72,9 +72,9 @@ def serial_guest_floor(image: bytes, hold_thr: bool) -> bytes:
     """What firmware-serial (bench/serial.py) writes to COM1, run by a bare Python KVM_RUN loop
     that answers every access inline: LSR reads THRE and TEMT, other reads 0, THR writes are
     the output. With hold_thr, KVM holds the THR writes in its coalesced ring from the first
-    LSR read on (after the guest's set-up, whose DLL write goes to the same port), and the
-    loop takes them from the ring at every exit: the least a monitor with write-behind does
-    per byte. The image (64 KiB) is mapped at the top of 4 GiB and aliased below 1 MiB, where
+    LSR read on (after the guest's set-up, whose DLL write goes to the same port: from then on
+    every write there is taken as output, DLAB or not), and the loop takes them from the ring
+    at every exit: the least a monitor with write-behind does per byte. The image (64 KiB) is mapped at the top of 4 GiB and aliased below 1 MiB, where
     the reset vector finds it (monitor/loader.py load_firmware)."""
     with Kvm() as kvm:
         vm = kvm.create_vm()

@@ -297,6 +297,7 @@ class DeviceChannel:
         device that keeps sending cannot hold the caller here (a vCPU, or the supervisor,
         which watches every device); what it sends meanwhile waits for the next call."""
         # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
+        self.mirror.news_taken()
         for _ in range(RCVHWM):
             if not _readable(self.sock):
                 return

@@ -39,16 +39,21 @@ device would have given at that point of the guest's accesses.
   what the device answered a read that came before the drain.
 
 News: each read asks ZeroMQ whether the device sent anything (ZMQ_EVENTS: a system call, ~2
-us, ~9 in a vCPU's loop on a PVM host, a tenth of a polled byte's time) and takes it first,
+us, ~8 in a vCPU's loop on a PVM host, a tenth of a polled byte's time) and takes it first,
 except while the latest MIRROR says the device is quiet (ModelDescriptor.quiet_while: the
-8250 with THRI off) and fewer than NEWS_EVERY reads went without. Quiet, the device raises
-no interrupt but in answer to a frame, and what it does on its own (its line draining) shows
+8250 with THRI off), fewer than NEWS_EVERY reads went without, and the news was taken less
+than NEWS_MAX_AGE_NS ago (by any read or request: a driver that sleeps between polls, as
+Linux's tcdrain does, sees its line drained at its next poll). Quiet, the device raises no
+interrupt but in answer to a frame, and what it does on its own (its line draining) shows
 only through its mirrored registers, which an unrefreshed mirror answers with their values
-from before it, as above: no guest can tell that read from one made a moment sooner. The
-condition is the stale MIRROR's, which is also the device's now: every frame sent after its
-stamp is a credit write (a read answered) or the read goes to the device, whose reply comes
-after its news. Without a THRE interrupt to say the line drained, a guest that waits for it
-would be the one to tell (hence THRI off), and the news stays at most NEWS_EVERY reads away.
+from before it, as above: the guest cannot tell that read from one made a moment sooner.
+The condition is the stale MIRROR's, which is also the device's now: every frame sent after
+its stamp is a credit write (a read answered) or the read goes to the device, whose reply
+comes after its news. Without a THRE interrupt to say the line drained, a guest that waits
+for it would be the one to tell (hence THRI off). What no rule here can see: a host that
+feeds a device's output back to the guest some other way (a relay into another device) lets
+it learn of the drain sooner, and read TEMT clear after seeing its byte come back, for up to
+NEWS_MAX_AGE_NS (before, for ZeroMQ's own delivery time).
 
 Held writes (monitor/writebehind.py): writes KVM kept without an exit are frames the slot
 has not sent yet; a read answered meanwhile counts them as sent after the mirror's stamp, as
@@ -70,10 +75,15 @@ until the resume, whose reply comes after the device's new MIRROR.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from splitvmm.protocol import wire
 
-# While the device is quiet, a read asks for its news once in this many (the docstring).
+# While the device is quiet, a read asks for its news once in this many, and once this long
+# has passed since it was last taken (the docstring): a polled byte's time is ~50-100 us here.
 NEWS_EVERY = 8
+NEWS_MAX_AGE_NS = 1_000_000
 
 
 class RegisterMirror:
@@ -83,15 +93,19 @@ class RegisterMirror:
         self,
         registers: tuple[tuple[int, int], ...],
         quiet_while: tuple[tuple[int, int, int], ...] = (),
+        clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
-        """`registers`, `quiet_while`: the model's (ModelDescriptor.mirrored, .quiet_while)."""
+        """`registers`, `quiet_while`: the model's (ModelDescriptor.mirrored, .quiet_while);
+        `clock`: nanoseconds, for the news's age."""
         self._registers = {offset: (i, size) for i, (offset, size) in enumerate(registers)}
         # (index in a MIRROR's values, mask, value): every one holds while the device is quiet
         self._quiet_while = tuple(
             (self._registers[offset][0], mask, value) for offset, mask, value in quiet_while
         )
         self._quiet = False  # what the latest MIRROR says
-        self._unasked = 0  # reads made since one asked for news, while quiet
+        self._unasked = 0  # reads made since the news was taken
+        self._clock = clock
+        self._news_at = clock()  # when it was taken: none yet, and no MIRROR to be quiet
         self._latest: wire.Mirror | None = None
         self.paused = False  # a snapshot's quiesce until its resume: every read goes through
         # The frames sent last, all writes at _run_offset: _run of them (None: not a write).
@@ -125,12 +139,18 @@ class RegisterMirror:
 
     def news_due(self) -> bool:
         """Whether a read must take the device's news before the mirror answers it (the
-        module docstring): always, but NEWS_EVERY - 1 in NEWS_EVERY reads while quiet."""
-        if self._quiet and self._unasked < NEWS_EVERY - 1:
-            self._unasked += 1
-            return False
-        self._unasked = 0
-        return True
+        module docstring): always, unless quiet, with fewer than NEWS_EVERY reads made and
+        less than NEWS_MAX_AGE_NS passed since it was taken."""
+        if not self._quiet or self._unasked >= NEWS_EVERY - 1:
+            return True
+        if self._clock() - self._news_at >= NEWS_MAX_AGE_NS:
+            return True
+        self._unasked += 1
+        return False
+
+    def news_taken(self) -> None:
+        """The device's news was just taken (its channel's drain_events)."""
+        self._unasked, self._news_at = 0, self._clock()
 
     def restamp(self, stamp: int) -> None:
         """The device's last MIRROR holds at `stamp` too (a RESTAMPED read reply)."""

@@ -30,7 +30,9 @@ DATA_OFFSET: int = lib.SV_COALESCED_ENTRY_DATA_OFFSET
 DATA_SIZE: int = lib.SV_COALESCED_ENTRY_DATA_SIZE
 # One entry read with one call (a port write is taken per guest byte: the per-field reads cost
 # ~1 us more each): the address (the first field), the length, and the data.
-_ENTRY = struct.Struct(f"<QI{DATA_OFFSET - LEN_OFFSET - 4}x{DATA_SIZE}s")
+_ENTRY = struct.Struct(f"<Q{LEN_OFFSET - 8}xI{DATA_OFFSET - LEN_OFFSET - 4}x{DATA_SIZE}s")
+if _ENTRY.size != ENTRY_SIZE:  # the address is not first, or the data not last
+    raise ImportError(f"struct kvm_coalesced_mmio is {ENTRY_SIZE} bytes, not {_ENTRY.size}")
 
 
 class CoalescedRing:

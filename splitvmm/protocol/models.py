@@ -265,9 +265,8 @@ class ModelDescriptor(Struct, frozen=True):
     def __post_init__(self) -> None:
         check_mirrored(self.name, self.mirrored, self.transport.size)
         check_write_behind(self.name, self.write_behind, self.transport)
-        when = self.write_behind_while
-        if when is not None and when[0] not in dict(self.mirrored):
-            raise ValueError(f"{self.name}: write_behind_while names a register it does not mirror")
+        when = () if self.write_behind_while is None else (self.write_behind_while,)
+        check_conditions(self.name, "write_behind_while", when, self.mirrored)
         check_conditions(self.name, "quiet_while", self.quiet_while, self.mirrored)
 
     def option(self, name: str) -> Option:

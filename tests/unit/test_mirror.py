@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.errors import ProtocolError
-from splitvmm.monitor.mirror import NEWS_EVERY, RegisterMirror
+from splitvmm.monitor.mirror import NEWS_EVERY, NEWS_MAX_AGE_NS, RegisterMirror
 from splitvmm.protocol import wire
 from splitvmm.protocol.models import check_mirrored
 
@@ -148,14 +148,33 @@ def test_mirror_restamp_of_a_dropped_copy_gives_no_values():
 QUIET_WHILE = ((1, 0x02, 0x00), (7, 0x80, 0x00))  # bit 1 of the first byte, bit 7 of the last
 
 
-def quiet_mirror(first: bytes | None = b"\x01", last: bytes | None = b"\x5a") -> RegisterMirror:
-    mirror = RegisterMirror(REGISTERS, QUIET_WHILE)
+class Clock:
+    def __init__(self) -> None:
+        self.ns = 5_000_000
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def quiet_mirror(
+    first: bytes | None = b"\x01", last: bytes | None = b"\x5a", clock: Clock | None = None
+) -> RegisterMirror:
+    mirror = RegisterMirror(REGISTERS, QUIET_WHILE, clock or Clock())
     mirror.take(wire.Mirror((first, b"\x02\x03", last), THR, 0, 3))
     return mirror
 
 
-def dues(mirror: RegisterMirror, reads: int) -> list[bool]:
-    return [mirror.news_due() for _ in range(reads)]
+def dues(mirror: RegisterMirror, reads: int, clock: Clock | None = None, step_ns: int = 0):
+    """Whether each of `reads` reads took the news, as the slot does (the channel's drain
+    says it was taken); `step_ns` apart on `clock`."""
+    due = []
+    for _ in range(reads):
+        due.append(mirror.news_due())
+        if due[-1]:
+            mirror.news_taken()
+        if clock is not None:
+            clock.ns += step_ns
+    return due
 
 
 def test_news_due_at_every_read_of_a_device_that_declares_no_quiet():
@@ -163,8 +182,33 @@ def test_news_due_at_every_read_of_a_device_that_declares_no_quiet():
 
 
 def test_news_due_once_in_news_every_reads_while_quiet():
+    mirror = quiet_mirror()
+    mirror.news_taken()
     once = [False] * (NEWS_EVERY - 1) + [True]
-    assert dues(quiet_mirror(), 2 * NEWS_EVERY) == once * 2
+    assert dues(mirror, 2 * NEWS_EVERY) == once * 2
+
+
+def test_news_due_while_quiet_once_it_is_older_than_its_age():
+    clock = Clock()
+    mirror = quiet_mirror(clock=clock)
+    mirror.news_taken()
+    step = NEWS_MAX_AGE_NS // 2  # a driver that sleeps between polls
+    assert dues(mirror, 6, clock, step) == [False, False, True, False, True, False]
+
+
+def test_news_due_at_once_for_a_quiet_mirror_never_refreshed_since_it_was_made():
+    clock = Clock()
+    mirror = quiet_mirror(clock=clock)
+    clock.ns += NEWS_MAX_AGE_NS
+    assert dues(mirror, 1) == [True]
+
+
+def test_news_taken_by_another_path_starts_the_count_again():
+    mirror = quiet_mirror()
+    mirror.news_taken()
+    dues(mirror, NEWS_EVERY - 2)
+    mirror.news_taken()  # a forwarded read's request, or the console's input
+    assert dues(mirror, NEWS_EVERY) == [False] * (NEWS_EVERY - 1) + [True]
 
 
 @pytest.mark.parametrize(
@@ -174,11 +218,13 @@ def test_news_due_once_in_news_every_reads_while_quiet():
 )
 def test_news_due_at_every_read_unless_every_condition_holds(first, last):
     mirror = quiet_mirror(first, last)
+    mirror.news_taken()
     assert (mirror.quiet, dues(mirror, 3)) == (False, [True] * 3)
 
 
 def test_news_due_at_once_after_a_mirror_that_is_not_quiet():
     mirror = quiet_mirror()
+    mirror.news_taken()
     mirror.news_due()
     mirror.take(wire.Mirror((b"\x02", b"\x02\x03", b"\x5a"), THR, 0, 4))  # THRI-like bit on
     assert dues(mirror, 2) == [True, True]
@@ -186,15 +232,24 @@ def test_news_due_at_once_after_a_mirror_that_is_not_quiet():
 
 def test_news_due_at_every_read_once_the_copy_is_dropped():
     mirror = quiet_mirror()
+    mirror.news_taken()
     mirror.invalidate()
     assert dues(mirror, 2) == [True, True]
 
 
-def test_news_quiet_restamped_stays_quiet():
-    mirror = quiet_mirror()
-    mirror.sent(None)
-    mirror.restamp(4)
-    assert mirror.quiet
+def test_mirror_quiet_answers_with_what_it_has_while_newer_news_waits_unread():
+    """The slot's way: a read the news is not due for is answered from the MIRROR taken last,
+    whatever the device published since (its line drained: TEMT set, here the last byte)."""
+    mirror = quiet_mirror(last=b"\x20")
+    mirror.news_taken()
+    newer = wire.Mirror((b"\x01", b"\x02\x03", b"\x60"), THR, 0, 3)  # published, unread
+    answers = []
+    for _ in range(NEWS_EVERY):
+        if mirror.news_due():
+            mirror.take(newer)  # what drain_events does with it
+            mirror.news_taken()
+        answers.append(mirror.answer(7, 1, frames=3))
+    assert answers == [b"\x20"] * (NEWS_EVERY - 1) + [b"\x60"]
 
 
 # -- the MIRROR frame -------------------------------------------------------------------------

@@ -106,3 +106,8 @@ def test_write_behind_while_a_register_not_mirrored_is_refused():
 def test_quiet_while_not_valid_is_refused(conditions, why):
     with pytest.raises(ValueError, match=f"quiet_while .*{why}"):
         _serial_with(quiet_while=conditions)
+
+
+def test_write_behind_while_with_a_mask_that_does_not_fit_is_refused():
+    with pytest.raises(ValueError, match="write_behind_while has mask 0x100"):
+        _serial_with(write_behind_while=(1, 0x100, 0))
