@@ -38,7 +38,8 @@ EVENT_OPS = ("publish", "report", "route", "msi", "input_room")
 # bounds what waits unread, this bounds the work one vCPU's access can be made to do (each
 # event is checked: ~20 us). A healthy device may send many: the serial device publishes a
 # checkpoint every 32 frames it applies, and a read can wait behind ~1000 posted writes
-# (ZeroMQ's send queue): ~34 publishes. Found by a snapshot under forwarded reads.
+# (ZeroMQ's send queue): ~34 publishes, and those already waiting unread count too (at most
+# the channel's RCVHWM, 64). Found by a snapshot under forwarded reads.
 MAX_EVENTS_PER_REQUEST = 256
 MAX_REPORT_TEXT = control.MAX_ERROR_TEXT
 
