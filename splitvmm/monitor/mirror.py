@@ -79,6 +79,7 @@ import time
 from collections.abc import Callable
 
 from splitvmm.protocol import wire
+from splitvmm.protocol.models import condition_holds
 
 # While the device is quiet, a read asks for its news once in this many, and once this long
 # has passed since it was last taken (the docstring): a polled byte's time is ~50-100 us here.
@@ -124,7 +125,7 @@ class RegisterMirror:
     def take(self, mirror: wire.Mirror) -> None:
         self._latest = mirror
         self._quiet = bool(self._quiet_while) and all(
-            (v := mirror.values[i]) is not None and int.from_bytes(v, "little") & mask == value
+            (v := mirror.values[i]) is not None and condition_holds(v, mask, value)
             for i, mask, value in self._quiet_while
         )
 

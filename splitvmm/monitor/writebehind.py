@@ -65,6 +65,7 @@ from typing import Protocol
 from splitvmm.errors import KvmError
 from splitvmm.native.coalesced import CoalescedRing
 from splitvmm.native.kvm import VmFd
+from splitvmm.protocol.models import condition_holds
 from splitvmm.record import Struct
 
 log = logging.getLogger("splitvmm.writebehind")
@@ -284,7 +285,7 @@ class WriteBehind:
         current = zone.device.mirrored_value(offset)
         if current is None:
             return None
-        return int.from_bytes(current, "little") & mask == value
+        return condition_holds(current, mask, value)
 
     # -- the flusher ---------------------------------------------------------------------------
     def _flusher(self) -> None:

@@ -308,6 +308,12 @@ def check_conditions(
             )
 
 
+def condition_holds(register: bytes, mask: int, value: int) -> bool:
+    """Whether a mirrored register's bytes meet an (offset, mask, value) condition the model
+    declared (write_behind_while, quiet_while; check_conditions checked it)."""
+    return int.from_bytes(register, "little") & mask == value
+
+
 def check_write_behind(
     model: str, registers: tuple[tuple[int, int], ...], transport: Transport
 ) -> None:
