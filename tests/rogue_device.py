@@ -37,6 +37,10 @@ BEHAVIOURS = (
     "bad-event",  # publishes a state for another model before its read reply
     "huge-event",  # publishes a state of 96 KiB (under MAX_CONTROL) before its read reply
     "endless-events",  # from READY on, publishes slow-to-check states without end
+    # -- CHECKPOINT frames (wire.py), each sent before its read reply
+    "checkpoint",  # publishes its state at read 1, then says it holds after the reads before
+    "checkpoint-first",  # says its state holds without having published one
+    "bad-checkpoint",  # publishes its state, then a CHECKPOINT with a flag set
     # -- register mirrors (monitor/mirror.py), each sent before its read reply
     "mirror-undeclared",  # a value for a register past the six the serial model mirrors
     "mirror-oversized",  # data past the six bytes the serial model's registers take
@@ -74,7 +78,18 @@ def answer_slowly(sock: zmq.Socket, buf: bytes, delay_s: float) -> None:
         sock.send(wire.encode_sync_done(seq))
 
 
-EVENT_BEHAVIOURS = ("publish", "report", "route", "event-flood", "bad-event", "huge-event")
+EVENT_BEHAVIOURS = (
+    "publish",
+    "report",
+    "route",
+    "event-flood",
+    "bad-event",
+    "huge-event",
+    "checkpoint",
+    "checkpoint-first",
+    "bad-checkpoint",
+)
+CHECKPOINT_EMITTED = 7  # the output bytes the "checkpoint" behaviour says its line took
 
 
 def answer_with_events(
@@ -94,6 +109,13 @@ def answer_with_events(
         sock.send(events.encode_publish({**state, "model": "rtc"}))
     elif behaviour == "huge-event":
         sock.send(events.encode_publish({**state, "fields": {"pad": "x" * (96 << 10)}}))
+    elif behaviour == "checkpoint" and seq == 1:
+        sock.send(events.encode_publish(state))
+    elif behaviour in ("checkpoint", "checkpoint-first"):
+        sock.send(wire.encode_checkpoint(seq - 1, CHECKPOINT_EMITTED))
+    elif behaviour == "bad-checkpoint":
+        sock.send(events.encode_publish(state))
+        sock.send(wire.FRAME.pack(wire.Op.CHECKPOINT, 0, 1, 0, seq, bytes(8)))
     if op == wire.Op.READ:
         told = bytes([int(routes.get(1, False)) | int(routes.get(2, False)) << 1]) * size
         sock.send(wire.encode_read_done(seq, told if behaviour == "route" else b"\x00" * size))

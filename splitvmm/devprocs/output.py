@@ -134,8 +134,12 @@ class BoundedOutput:
     def immediate(self) -> bool:
         """Whether a byte put() while nothing is buffered leaves at once, whole: there is no
         line, or it is a regular file (FdLine.whole_writes), and the buffer is not held."""
-        if self.held:
-            return False
+        return not self.held and self.counted()
+
+    def counted(self) -> bool:
+        """Whether the monitor can count what the line took: there is no line, or it is a
+        regular file, whose growth the monitor reads (monitor/slot.py). A restart then sends
+        no byte twice, however far back its checkpoint is."""
         return self.line is None or (isinstance(self.line, FdLine) and self.line.whole_writes)
 
     def put(self, data: bytes) -> int:

@@ -9,8 +9,8 @@ model waits on, one event at a time.
 
 Checkpoints (crash restart, monitor/slot.py): the runtime counts the frames it applies
 (reads, writes, host input) and publishes the device's state with that count and its
-output's `emitted` count every PUBLISH_EVERY frames, always after the reply to the last
-frame it covers. A process started after a crash gets the last checkpoint the monitor
+output's `emitted` count every PUBLISH_EVERY frames (PUBLISH_EVERY_COUNTED where the
+monitor counts the output), always after the reply to the last frame it covers. A process started after a crash gets the last checkpoint the monitor
 received, the frames after it (re-applied before READY, read replies thrown away) and
 how many output bytes the dead process sent past the checkpoint (dropped unsent).
 
@@ -63,10 +63,15 @@ log = logging.getLogger("splitvmm.dev")
 # CPython and its modules ~26 MiB, libzmq's two threads an 8 MiB stack each and a 64 MiB
 # malloc arena (glibc maps 128 MiB to align a new arena, then gives half back).
 RUNTIME_ADDRESS_SPACE = 256 << 20
-# Frames between two checkpoints: what the monitor keeps to re-send after a crash, and what
-# a new process re-applies (a few ms). One JSON state per 32 frames costs ~2% of a frame's
-# time on the serial device.
+# Frames between two checkpoints: what the monitor keeps to re-send after a crash, what a new
+# process re-applies (~10-20 us a frame here) and, for an output line the monitor cannot
+# count (a pipe, socket or terminal), how far back a restart may send bytes twice. Each
+# checkpoint is a message of its own, and its wake-ups (both sides' ZeroMQ I/O threads, on a
+# core a vCPU shares) cost a polled serial byte ~7% at 32 frames (bench/serial.py).
 PUBLISH_EVERY = 32
+# ... where the monitor counts what the line took (BoundedOutput.counted): no byte comes out
+# twice whatever the distance, which bounds only the replay (~3-5 ms at 256 frames).
+PUBLISH_EVERY_COUNTED = 256
 MAX_REPLAY = 4096  # the monitor's journal holds no more (monitor/slot.py MAX_JOURNAL)
 
 
@@ -160,24 +165,24 @@ def _serve_control(
 
 
 class Checkpoints:
-    """Counts the frames the device applied, and publishes a checkpoint every PUBLISH_EVERY."""
+    """Counts the frames the device applied, and publishes a checkpoint every PUBLISH_EVERY
+    (PUBLISH_EVERY_COUNTED where the monitor counts what the output line took)."""
 
     def __init__(self, device: Device, applied: int = 0) -> None:
         self.device = device
         self.applied = applied
         self._published = applied
+        self.every = PUBLISH_EVERY_COUNTED if device.ctx.out.counted() else PUBLISH_EVERY
         device.ctx.events.progress = lambda: (self.applied, device.ctx.out.emitted)
 
     def applied_one(self) -> None:
         self.applied += 1
-        if self.applied - self._published >= PUBLISH_EVERY:
+        if self.applied - self._published >= self.every:
             self.publish()
 
     def publish(self) -> None:
         self._published = self.applied
-        self.device.ctx.events.publish(
-            codec.state_document(type(self.device).NAME, self.device.save())
-        )
+        self.device.ctx.events.publish_state(type(self.device).NAME, self.device.save())
 
 
 class MirrorPublisher:
@@ -383,7 +388,7 @@ def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, list[byte
 
 def _count(resume: dict[str, object], key: str) -> int:
     n = resume.get(key)
-    if type(n) is not int or not 0 <= n <= control.MAX_COUNT:
+    if type(n) is not int or not 0 <= n <= wire.MAX_COUNT:
         raise StateError(f"resume: {key} must be a count, got {str(n)[:20]!r}")
     return n
 

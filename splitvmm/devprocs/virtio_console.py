@@ -78,7 +78,7 @@ from splitvmm.devprocs.virtio.pci import ISR_QUEUE, VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueError, SplitQueue
 from splitvmm.devprocs.virtio.state import U64, QueueState, VirtioPciState
 from splitvmm.errors import StateError
-from splitvmm.protocol import codec, schema
+from splitvmm.protocol import schema
 from splitvmm.protocol.models import unix_output_path
 from splitvmm.record import Struct, replace
 
@@ -326,7 +326,7 @@ class VirtioConsole(VirtioPciDevice):
         if now - self._published < CHECKPOINT_INTERVAL_S:
             return
         self._published = now
-        self.ctx.events.publish(codec.state_document(self.NAME, self.save()))
+        self.ctx.events.publish_state(self.NAME, self.save())
 
     def _note_progress(self) -> None:
         """The progress page says where the chain at the used idx starts (progress.py)."""

@@ -106,6 +106,8 @@ class DeviceChannel:
         self._pidfd: int | None = None
         self._gone: zmq.Socket[bytes] | None = None  # ZeroMQ's disconnect events, once watched
         self._late_stats: set[int] = set()  # seqs of stats requests given up on
+        # The last state this process published: what its CHECKPOINT frames say still holds.
+        self._published: events.Published | None = None
 
     def watch_process(self, process: DeviceProcess) -> None:
         """A request fails as soon as `process` ends (its pidfd polls readable), not at its
@@ -310,26 +312,41 @@ class DeviceChannel:
                 raise ChannelError("sent a frame nobody asked for")
 
     def _handled_event(self, buf: bytes) -> bool:
-        """Whether `buf` was an event or a MIRROR, now handled (decoded once: events.event_in,
-        wire.decode_mirror)."""
+        """Whether `buf` was an event, a MIRROR or a CHECKPOINT, now handled (decoded once:
+        events.event_in, wire.decode_mirror, wire.decode_checkpoint)."""
         if wire.is_mirror(buf):
             self._take_mirror(buf)
             return True
-        try:
-            event = events.event_in(buf, self._model)
-            if event is None and self._late_stats and control.is_control(buf):
-                late = control.decode(buf)
-                if late["op"] == "counters" and late["seq"] in self._late_stats:
-                    self._late_stats.discard(late["seq"])  # a stats answer given up on
-                    return True
-        except ProtocolError as e:  # a broken control frame
-            raise ChannelError(f"bad event: {e}") from None
+        if wire.is_checkpoint(buf):
+            event: events.Event | None = self._checkpoint_event(buf)
+        else:
+            try:
+                event = events.event_in(buf, self._model)
+                if event is None and self._late_stats and control.is_control(buf):
+                    late = control.decode(buf)
+                    if late["op"] == "counters" and late["seq"] in self._late_stats:
+                        self._late_stats.discard(late["seq"])  # a stats answer given up on
+                        return True
+            except ProtocolError as e:  # a broken control frame
+                raise ChannelError(f"bad event: {e}") from None
         if event is None:
             return False
         if self._on_event is None:
             raise ChannelError("sent an event, which this channel takes none of")
+        if type(event) is events.Published:
+            self._published = event
         self._on_event(event)
         return True
+
+    def _checkpoint_event(self, buf: bytes) -> events.Published:
+        """A CHECKPOINT: the state this process published last, at a later point."""
+        try:
+            applied, emitted = wire.decode_checkpoint(buf)
+        except ProtocolError as e:
+            raise ChannelError(f"bad checkpoint: {e}") from None
+        if self._published is None:
+            raise ChannelError("sent a checkpoint before it published any state")
+        return events.Published(self._published.state, applied, emitted)
 
     def _take_mirror(self, buf: bytes) -> None:
         if not self.mirror.declared:

@@ -21,9 +21,10 @@ Crash restart (on_crash = "restart"): the new process must go on exactly where t
 dead one was when it died, not where the last snapshot was. The design:
 
 * Checkpoints. The device's runtime publishes its state every PUBLISH_EVERY frames
-  (devprocs/runtime.py) with `applied`, the number of frames (reads, writes, host
-  input) it had applied, and `emitted`, the output bytes its line had taken. It
-  publishes after the reply to the last frame a checkpoint covers.
+  (PUBLISH_EVERY_COUNTED where its output is a regular file, or none: devprocs/runtime.py)
+  with `applied`, the number of frames (reads, writes, host input) it had applied, and
+  `emitted`, the output bytes its line had taken. It publishes after the reply to the
+  last frame a checkpoint covers.
 * The journal. The slot numbers the same frames: a posted frame when it is sent
   (sent to a dead process or not), a read once its reply came back (a read without
   a reply was never answered to the guest: it is sent again, once, to the new

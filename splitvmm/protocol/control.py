@@ -15,6 +15,7 @@ from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import schema
 from splitvmm.protocol.codec import StateDocument
 from splitvmm.protocol.faults import Fault
+from splitvmm.protocol.wire import MAX_COUNT
 from splitvmm.record import Struct
 
 CONTROL_TAG = 0x10
@@ -94,7 +95,6 @@ class CountersReply(Struct, frozen=True):
 # -- events: what a device sends unasked, and the monitor's answer (events.py says why) ----------
 Unasked = Annotated[int, schema.Range(0, 0)]  # no request to echo: seq is 0
 MAX_ROUTE_ID = (1 << 31) - 1
-MAX_COUNT = (1 << 63) - 1  # a frame or byte count over a device's life
 MAX_MSIX_VECTOR = 2047  # an MSI-X table has at most 2048 entries (PCI 3.0 6.8.2.3)
 MAX_GSI = 4095  # KVM's IRQ routing table (KVM_CAP_IRQ_ROUTING) has at most 4096 entries
 # A console device's host-input buffer (events.py input_room): what it may say it has room

@@ -19,7 +19,12 @@ A channel is request/reply from the monitor's side; a device may also speak firs
              sends a console device no more input than that room (monitor/slot.py
              input()), so input waits on the host side, never overflows the device.
 
-Each is a control frame whose record (control.py: PublishEvent, ReportEvent, RouteEvent,
+A publish whose state the monitor has already (the device's last one) may instead be a
+CHECKPOINT frame (wire.py): the frames applied and the bytes emitted, and nothing else. The
+monitor's end of the channel turns it into the same Published event, with the state that
+process published last; a CHECKPOINT before any publish breaks the channel.
+
+Each other event is a control frame whose record (control.py: PublishEvent, ReportEvent, RouteEvent,
 MsiEvent, InputRoomEvent, RouteDone) the schema codec checks, key by key, before the monitor
 acts on it. A device gets at most MAX_EVENTS_PER_REQUEST of them in around each request of
 the monitor's, and anything else unasked is a broken channel, as before.

@@ -8,7 +8,9 @@ Every frame is FRAME.size bytes: op, size, flags, seq, offset, 8 data bytes.
   (unasked, like an event: the current values of the registers its model mirrors, for the
   monitor to answer reads of them itself; monitor/mirror.py says when it may). A READ_DONE
   may carry RESTAMPED: the device's last MIRROR holds after this read too, stamped anew
-  (its offset field), which saves a whole MIRROR frame per forwarded read.
+  (its offset field), which saves a whole MIRROR frame per forwarded read. And CHECKPOINT
+  (unasked, like an event): the state the device published last (protocol/events.py)
+  still holds at a later point, a checkpoint without a state document.
 Decoders check everything a hostile peer could get wrong: length, opcode,
 size, sequence number, offset range. Nothing here is ever unpickled.
 """
@@ -34,6 +36,10 @@ STAMP_MASK = 0xFFFFFFFF
 # READ_DONE flag: the values, credit offset and credit of the device's last MIRROR hold after
 # this read too; the frame's offset is their new stamp (monitor/mirror.py RegisterMirror.restamp).
 RESTAMPED = 1
+# A CHECKPOINT frame: offset = the frames the device had applied, data = the output bytes its
+# line had taken (u64); size, flags and seq are 0.
+EMITTED = struct.Struct("<Q")
+MAX_COUNT = (1 << 63) - 1  # a frame or byte count over a device's life (control.py's too)
 
 
 class Op(enum.IntEnum):
@@ -45,6 +51,7 @@ class Op(enum.IntEnum):
     SYNC = 6
     SYNC_DONE = 7
     MIRROR = 8
+    CHECKPOINT = 9
 
 
 class Access(Struct, frozen=True):
@@ -119,6 +126,28 @@ def encode_mirror(mirror: Mirror, registers: tuple[tuple[int, int], ...]) -> byt
         data += value if value is not None else bytes(size)
     stamp = mirror.stamp & STAMP_MASK
     return FRAME.pack(Op.MIRROR, mask, mirror.credit, stamp, mirror.credit_offset, data)
+
+
+def encode_checkpoint(applied: int, emitted: int) -> bytes:
+    """Device side: its last published state still holds after `applied` frames, with
+    `emitted` output bytes taken by its line."""
+    return FRAME.pack(Op.CHECKPOINT, 0, 0, 0, applied, EMITTED.pack(emitted))
+
+
+def is_checkpoint(buf: bytes) -> bool:
+    """Whether a frame from a device claims to be a CHECKPOINT (decode_checkpoint checks it)."""
+    return len(buf) == FRAME.size and buf[0] == Op.CHECKPOINT
+
+
+def decode_checkpoint(buf: bytes) -> tuple[int, int]:
+    """Monitor side: (applied, emitted) of a CHECKPOINT frame, or ProtocolError."""
+    op, n, flags, seq, applied, data = _unpack(buf)
+    if op != Op.CHECKPOINT or n or flags or seq:
+        raise ProtocolError(f"expected CHECKPOINT, got op={op} size={n} flags={flags} seq={seq}")
+    (emitted,) = EMITTED.unpack(data)
+    if applied > MAX_COUNT or emitted > MAX_COUNT:
+        raise ProtocolError(f"checkpoint counts {applied} frames, {emitted} bytes: over 2**63-1")
+    return applied, emitted
 
 
 def is_mirror(buf: bytes) -> bool:

@@ -15,10 +15,10 @@ from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import LATENCY_BUDGET_MS, READ_TIMEOUT_MS, STATS_TIMEOUT_MS
 from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.coordinator import Coordinator
-from splitvmm.monitor.slot import DeviceSlot, Spawn
+from splitvmm.monitor.slot import Checkpoint, DeviceSlot, Spawn
 from splitvmm.native.eventfd import EventFd
 from splitvmm.sandbox.spawn import spawn_child
-from tests.rogue_device import BEHAVIOURS, SLOW_DATA
+from tests.rogue_device import BEHAVIOURS, CHECKPOINT_EMITTED, SLOW_DATA
 
 SCR = 7  # a read the real serial would answer at once
 
@@ -62,6 +62,8 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         # the read (and each drain before a request) no longer waits out a flood: it fails
         # at its deadline, or at its event allowance, whichever this host reaches first
         ("endless-events", ("no reply within", "sent more than 256 events")),
+        ("checkpoint-first", "sent a checkpoint before it published any state"),
+        ("bad-checkpoint", "bad checkpoint: expected CHECKPOINT, got op=9 size=0 flags=1"),
         ("mirror-undeclared", "bad register mirror: mirror gives register 6, the model"),
         ("mirror-oversized", "bad register mirror: mirror has data past its registers"),
         ("mirror-credit-outside", "bad register mirror: mirror credit at offset 0x8, outside"),
@@ -116,6 +118,9 @@ def test_all_rogue_behaviours_are_tested():
         "bad-event",
         "huge-event",
         "endless-events",
+        "checkpoint",
+        "checkpoint-first",
+        "bad-checkpoint",
         "mirror-undeclared",
         "mirror-oversized",
         "mirror-credit-outside",
@@ -214,6 +219,22 @@ def test_device_published_state_becomes_its_last_known_state(zctx, tmp_path):
         slot.close()
     assert failures == []
     assert last == {"model": "serial", "version": 2, "fields": {"seq": 2}}
+
+
+def test_device_checkpoint_holds_its_last_published_state_at_a_later_frame(zctx, tmp_path):
+    failures: list[str] = []
+    slot = spawn_rogue("checkpoint", zctx, tmp_path, failures)
+    try:
+        slot.wait_ready()
+        slot.read(SCR, 1)  # its state comes before this reply
+        slot.read(SCR, 1)  # "it still holds after the first read", before this one
+        checkpoint, journal = slot._checkpoint, [n for n, _ in slot._journal]
+    finally:
+        slot.close()
+    assert failures == []
+    state = {"model": "serial", "version": 1, "fields": {"seq": 1}}
+    assert checkpoint == Checkpoint(state, applied=1, emitted=CHECKPOINT_EMITTED)
+    assert journal == [2]  # a restart would replay the second read only
 
 
 def test_device_report_is_logged_and_device_serves_on(zctx, tmp_path, caplog):

@@ -6,9 +6,13 @@ import re
 
 import pytest
 
-from splitvmm.devprocs.base import DeviceEvents
+from splitvmm.devprocs.base import DeviceContext, DeviceEvents, DeviceState
+from splitvmm.devprocs.output import BoundedOutput
+from splitvmm.devprocs.runtime import PUBLISH_EVERY, PUBLISH_EVERY_COUNTED, Checkpoints
+from splitvmm.devprocs.serial import Uart8250
 from splitvmm.errors import ProtocolError
-from splitvmm.protocol import control, events
+from splitvmm.protocol import control, events, wire
+from tests.fakes import FakeIrq, FakeLine
 
 STATE = {"model": "serial", "version": 2, "fields": {"ier": 1}}
 
@@ -140,3 +144,153 @@ def test_device_events_route_answer_is_kept_by_id():
     queue.route_done(*events.decode_route_done({"id": route, "ok": False, "reason": "no"}))
 
     assert queue.routes == {route: (False, "no")}
+
+
+# -- a state the monitor has already goes as a CHECKPOINT frame (DeviceEvents.publish_state)
+class Tally(DeviceState, frozen=True, kw_only=True):
+    count: int = 0
+
+
+def tally_document(count: int) -> dict[str, object]:
+    return {"model": "tally", "version": 1, "fields": {"count": count}}
+
+
+class Channel:
+    """The channel's side of DeviceEvents.connect: takes frames while `accept` is set."""
+
+    def __init__(self, queue: DeviceEvents) -> None:
+        self.sent: list[bytes] = []
+        self.accept = True
+        queue.connect(lambda frame: self.accept and self.sent.append(frame) is None)
+
+    def decoded(self) -> list[object]:
+        return [
+            wire.decode_checkpoint(f) if wire.is_checkpoint(f) else events.decode_event(f, "tally")
+            for f in self.sent
+        ]
+
+
+def progressing(*points: tuple[int, int]) -> DeviceEvents:
+    """A queue whose progress (frames applied, bytes emitted) is each of `points` in turn."""
+    queue = DeviceEvents()
+    queue.progress = iter(points).__next__
+    return queue
+
+
+def test_device_events_state_the_monitor_has_goes_as_a_checkpoint():
+    queue = progressing((32, 5), (64, 9))
+    channel = Channel(queue)
+
+    queue.publish_state("tally", Tally(count=1))
+    queue.publish_state("tally", Tally(count=1))
+
+    assert channel.decoded() == [events.Published(tally_document(1), 32, 5), (64, 9)]
+
+
+def test_device_events_changed_state_goes_as_a_document():
+    queue = progressing((32, 5), (64, 9))
+    channel = Channel(queue)
+
+    queue.publish_state("tally", Tally(count=1))
+    queue.publish_state("tally", Tally(count=2))
+
+    assert channel.decoded() == [
+        events.Published(tally_document(1), 32, 5),
+        events.Published(tally_document(2), 64, 9),
+    ]
+
+
+def test_device_events_state_of_an_unsent_document_goes_as_a_document_again():
+    queue = progressing((32, 5), (64, 9), (96, 12))
+    channel = Channel(queue)
+    channel.accept = False
+    queue.publish_state("tally", Tally(count=1))  # the channel cannot take it yet
+
+    queue.publish_state("tally", Tally(count=1))  # the monitor has no state to hold
+    channel.accept = True
+    queue.flush()
+    queue.publish_state("tally", Tally(count=1))  # now it has
+
+    assert channel.decoded() == [events.Published(tally_document(1), 64, 9), (96, 12)]
+
+
+def test_device_events_newer_checkpoint_supersedes_one_not_sent():
+    queue = progressing((32, 5), (64, 9), (96, 12))
+    channel = Channel(queue)
+    queue.publish_state("tally", Tally(count=1))
+    channel.accept = False
+
+    queue.publish_state("tally", Tally(count=1))
+    queue.publish_state("tally", Tally(count=1))
+    channel.accept = True
+    queue.flush()
+
+    assert channel.decoded() == [events.Published(tally_document(1), 32, 5), (96, 12)]
+
+
+def test_device_events_state_back_to_the_last_sent_supersedes_an_unsent_document():
+    queue = progressing((32, 5), (64, 9), (96, 12))
+    channel = Channel(queue)
+    queue.publish_state("tally", Tally(count=1))
+    channel.accept = False
+
+    queue.publish_state("tally", Tally(count=2))  # never sent: the monitor's last stays 1
+    queue.publish_state("tally", Tally(count=1))
+    channel.accept = True
+    queue.flush()
+
+    assert channel.decoded() == [events.Published(tally_document(1), 32, 5), (96, 12)]
+
+
+def test_device_events_state_after_a_bare_document_goes_as_a_document():
+    queue = progressing((32, 5), (64, 9), (96, 12))
+    channel = Channel(queue)
+    queue.publish_state("tally", Tally(count=1))
+
+    queue.publish(tally_document(1))  # a document without its State: the monitor's is unknown
+    queue.publish_state("tally", Tally(count=1))
+
+    assert channel.decoded() == [
+        events.Published(tally_document(1), 32, 5),
+        events.Published(tally_document(1), 64, 9),
+        events.Published(tally_document(1), 96, 12),
+    ]
+
+
+def test_device_events_state_without_progress_goes_as_a_document():
+    queue = DeviceEvents()  # no runtime counts its frames: no checkpoint to make
+    channel = Channel(queue)
+
+    queue.publish_state("tally", Tally(count=1))
+    queue.publish_state("tally", Tally(count=1))
+
+    assert channel.decoded() == [events.Published(tally_document(1))] * 2
+
+
+# -- how often the runtime takes a checkpoint (devprocs/runtime.py Checkpoints) ----------------
+def checkpoints_after(frames: int, out: BoundedOutput) -> list[int]:
+    """The `applied` of each checkpoint a serial device on `out` publishes over `frames`."""
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=out))
+    checkpoints = Checkpoints(uart)
+    sent: list[bytes] = []
+    uart.ctx.events.connect(lambda frame: sent.append(frame) is None)
+    for _ in range(frames):
+        checkpoints.applied_one()
+    return [
+        wire.decode_checkpoint(f)[0]
+        if wire.is_checkpoint(f)
+        else events.decode_event(f, "serial").applied
+        for f in sent
+    ]
+
+
+def test_checkpoints_for_an_output_nobody_counts_come_every_publish_every():
+    applied = checkpoints_after(3 * PUBLISH_EVERY, BoundedOutput(FakeLine()))
+
+    assert applied == [PUBLISH_EVERY, 2 * PUBLISH_EVERY, 3 * PUBLISH_EVERY]
+
+
+def test_checkpoints_for_a_counted_output_come_every_publish_every_counted():
+    applied = checkpoints_after(2 * PUBLISH_EVERY_COUNTED, BoundedOutput())  # no line
+
+    assert applied == [PUBLISH_EVERY_COUNTED, 2 * PUBLISH_EVERY_COUNTED]

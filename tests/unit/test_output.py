@@ -126,3 +126,14 @@ def test_output_to_regular_file_is_immediate_unless_held(tmp_path):
 
 def test_output_to_pipe_is_not_immediate(pipe):
     assert BoundedOutput(FdLine(pipe[1])).immediate() is False
+
+
+def test_output_to_regular_file_or_none_is_counted_held_or_not(tmp_path):
+    with open(tmp_path / "log", "wb") as f:
+        out = BoundedOutput(FdLine(f.fileno()))
+        out.held = True  # held for a snapshot: still a line whose growth the monitor reads
+        assert (out.counted(), BoundedOutput().counted()) == (True, True)
+
+
+def test_output_to_pipe_is_not_counted(pipe):
+    assert BoundedOutput(FdLine(pipe[1])).counted() is False

@@ -152,3 +152,38 @@ def test_valid_input_and_sync_frames_decode(payload, seq):
     assert (access.op, access.data) == (wire.Op.INPUT, payload)
     assert (sync.op, sync.seq) == (wire.Op.SYNC, seq)
     wire.decode_sync_done(wire.encode_sync_done(seq), seq)
+
+
+# -- CHECKPOINT: a device's last published state holds at a later point (protocol/events.py)
+def test_checkpoint_decodes_its_counts():
+    frame = wire.encode_checkpoint(2**40 + 3, 2**62)
+
+    assert wire.is_checkpoint(frame)
+    assert wire.decode_checkpoint(frame) == (2**40 + 3, 2**62)
+
+
+@pytest.mark.parametrize(
+    "frame,problem",
+    [
+        (wire.FRAME.pack(wire.Op.CHECKPOINT, 1, 0, 0, 5, bytes(8)), "size=1"),
+        (wire.FRAME.pack(wire.Op.CHECKPOINT, 0, 1, 0, 5, bytes(8)), "flags=1"),
+        (wire.FRAME.pack(wire.Op.CHECKPOINT, 0, 0, 9, 5, bytes(8)), "seq=9"),
+        (wire.FRAME.pack(wire.Op.CHECKPOINT, 0, 0, 0, 2**63, bytes(8)), "over 2\\*\\*63-1"),
+        (wire.FRAME.pack(wire.Op.CHECKPOINT, 0, 0, 0, 5, b"\xff" * 8), "over 2\\*\\*63-1"),
+        (wire.encode_mirror(wire.Mirror((b"\x60",)), ((5, 1),)), "expected CHECKPOINT"),
+        (wire.encode_checkpoint(1, 1)[:-1], "frame is 23 bytes"),
+    ],
+)
+def test_checkpoint_bad_frame_raises_protocol_error(frame, problem):
+    with pytest.raises(ProtocolError, match=problem):
+        wire.decode_checkpoint(frame)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(min_size=wire.FRAME.size, max_size=wire.FRAME.size))
+def test_checkpoint_random_frames_never_crash_the_decoder(buf):
+    try:
+        applied, emitted = wire.decode_checkpoint(buf)
+    except ProtocolError:
+        return
+    assert 0 <= applied <= wire.MAX_COUNT and 0 <= emitted <= wire.MAX_COUNT
