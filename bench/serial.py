@@ -154,6 +154,7 @@ FLOORS = {  # bench/floors.py serial_guest_floor: the same guest, no device, no 
     False: "floor: bare Python KVM_RUN loop, each access inline",
     True: "floor: the same, THR writes held by KVM (coalesced)",
 }
+OUTPUTS = {"file": "a file", "pipe": "stdout, a pipe"}
 RESULT = re.compile(rf"fw-serial: ticks=(\d+) bytes={BYTES}\n")
 
 
@@ -174,16 +175,16 @@ def parse(text: str, who: str) -> int:
     return int(found.group(1))
 
 
-def run_splitvmm(image: Path, work: Path, i: int) -> int:
-    serial = work / f"splitvmm-{i}.log"
+def run_splitvmm(image: Path, work: Path, i: int, pipe: bool) -> int:
+    serial = None if pipe else work / f"splitvmm-{i}.log"
     config = write_config(
         work / f"splitvmm-{i}.toml", "bench-serial", f'firmware = "{image}"', "64M", serial
     )
     return parse(run_guest(config, serial, EXIT_STATUS, RUN_TIMEOUT_S), "splitvmm")
 
 
-def run_qemu(qemu: str, image: Path, work: Path, i: int) -> int:
-    serial = work / f"qemu-{i}.log"
+def run_qemu(qemu: str, image: Path, work: Path, i: int, pipe: bool) -> int:
+    serial = None if pipe else work / f"qemu-{i}.log"
     argv = qemu_firmware_argv(qemu, image, serial)
     return parse(run_to_end(argv, serial, EXIT_STATUS, RUN_TIMEOUT_S, "QEMU"), "QEMU")
 
@@ -202,7 +203,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of the guest under each VMM")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default="file",
+        help="where both VMMs send COM1: a file, or their stdout, a pipe this bench reads",
+    )
     args = parser.parse_args()
+    pipe = args.output == "pipe"
     qemu = shutil.which(QEMU)
     with Kvm() as kvm:
         tsc_khz = kvm.default_tsc_khz()
@@ -215,9 +223,9 @@ def main() -> None:
         ours_runs, qemu_runs = [], []
         floor_runs: dict[bool, list[int]] = {False: [], True: []}
         for i in range(args.runs):  # alternate, so drift on the host hits all alike
-            ours_runs.append(run_splitvmm(image, work, i))
+            ours_runs.append(run_splitvmm(image, work, i, pipe))
             if qemu:
-                qemu_runs.append(run_qemu(qemu, image, work, i))
+                qemu_runs.append(run_qemu(qemu, image, work, i, pipe))
             for hold_thr, runs in floor_runs.items():
                 if hold_thr and not coalesced:
                     continue
@@ -234,6 +242,7 @@ def main() -> None:
                     "tsc_khz": tsc_khz,
                     "runs": args.runs,
                     "bytes": BYTES,
+                    "output": args.output,
                     "qemu": qemu_version(qemu) if qemu else None,
                     "splitvmm": ours,
                     "qemu_figures": theirs,
@@ -247,7 +256,7 @@ def main() -> None:
 
     table = Table(
         title=f"{BYTES} bytes through a polled 8250 (LSR read + THR write per byte), "
-        f"firmware-serial guest, median of {args.runs} runs",
+        f"firmware-serial guest, COM1 to {OUTPUTS[args.output]}, median of {args.runs} runs",
         caption=f"TSC {tsc_khz / 1e6:.3f} GHz; "
         + (qemu_version(qemu) if qemu else f"{QEMU} not found"),
     )

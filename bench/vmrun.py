@@ -24,39 +24,44 @@ def compile_package() -> None:
         raise SystemExit(f"could not compile {package}")
 
 
-def write_config(path: Path, name: str, boot: str, memory: str, serial: Path) -> Path:
-    """A one-serial-device VM config whose guest output goes to `serial`; snapshots may be
-    written next to it."""
+def write_config(path: Path, name: str, boot: str, memory: str, serial: Path | None) -> Path:
+    """A one-serial-device VM config whose guest output goes to `serial` (None: stdout);
+    snapshots may be written next to it."""
+    output = "stdio" if serial is None else serial
     path.write_text(
         f'[vm]\nname = "{name}"\nmemory = "{memory}"\nsnapshot_dirs = ["."]\n[boot]\n{boot}\n'
-        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{serial}"\n'
+        f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{output}"\n'
     )
     return path
 
 
-def run_to_end(argv: list[str], serial: Path, status: int, timeout: float, who: str) -> str:
-    """Run a VMM to its end; the guest's serial output, or SystemExit naming `who` if it
-    ended with another status."""
+def run_to_end(argv: list[str], serial: Path | None, status: int, timeout: float, who: str) -> str:
+    """Run a VMM to its end; the guest's serial output (from the file `serial`, or from its
+    stdout, a pipe, when None), or SystemExit naming `who` if it ended with another status."""
     proc = subprocess.run(
         argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
     )
-    text = serial.read_text() if serial.exists() else ""
+    if serial is None:
+        text = proc.stdout
+    else:
+        text = serial.read_text() if serial.exists() else ""
     if proc.returncode != status:
         raise SystemExit(f"{who}: status {proc.returncode}, want {status}:\n{proc.stderr}{text}")
     return text
 
 
-def run_guest(config: Path, serial: Path, status: int, timeout: float = 600) -> str:
+def run_guest(config: Path, serial: Path | None, status: int, timeout: float = 600) -> str:
     """`splitvmm up CONFIG` to its end (see run_to_end)."""
     argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
     return run_to_end(argv, serial, status, timeout, "splitvmm")
 
 
-def qemu_firmware_argv(qemu: str, image: Path, serial: Path) -> list[str]:
-    """QEMU running a firmware test guest as its BIOS, COM1 to `serial`, with the debug-exit
-    port the guests end through."""
+def qemu_firmware_argv(qemu: str, image: Path, serial: Path | None) -> list[str]:
+    """QEMU running a firmware test guest as its BIOS, COM1 to `serial` (None: stdout), with
+    the debug-exit port the guests end through."""
     argv = [qemu, "-accel", "kvm", "-bios", str(image), "-m", "64", "-display", "none"]
-    argv += ["-nodefaults", "-serial", f"file:{serial}", "-no-reboot"]
+    chardev = "stdio" if serial is None else f"file:{serial}"
+    argv += ["-nodefaults", "-serial", chardev, "-no-reboot"]
     return argv + ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
 
 

@@ -3,12 +3,22 @@
 Transmit goes through the device's bounded output buffer (ctx.out, output.py),
 which stands for the line: a byte written to THR enters it at once, and leaves
 as fast as the host's output takes it. LSR reports that buffer the way a
-16550A with a slow line does: THRE is clear while the buffer has no room for
-what a driver writes on THRE (one byte, or with FIFOs on a full 16-byte FIFO
-load, which Linux's 8250 driver writes at once), TEMT is clear while anything
-is still buffered, and THRE rising again is a THRE interrupt event. A driver
-that polls THRE (or waits for its interrupt) loses nothing; bytes written with
-no room at all are dropped and counted (counters.tx_dropped), never waited for.
+16550A with a slow line does: THRE and TEMT are clear together while the buffer
+has no room for what a driver writes on THRE (one byte, or with FIFOs on a full
+16-byte FIFO load, which Linux's 8250 driver writes at once), set together while
+it has, and THRE rising again is a THRE interrupt event. A driver that polls THRE
+(or waits for its interrupt) loses nothing; bytes written with no room at all are
+dropped and counted (counters.tx_dropped), never waited for.
+
+Why TEMT does not wait for the buffer to empty: the buffer is the host's side of
+the line (a pipe's kernel buffer, QEMU's chardev), not the UART's FIFO, which is
+also why FCR's CLEAR_XMIT leaves it alone. The transmitter hands each byte to the
+line at once, so its shift register is never what is full. And whether the host
+takes a byte the moment it is written is the host's timing: were LSR to show it, a
+THR write's effect on LSR would depend on it, and no register mirror could answer
+the poll after the write (the credit below). With TEMT cleared while a byte waited,
+a guest printing to a terminal or pipe sent every LSR poll to this process and back
+(bench/serial.py: ~3.5x a file output's time a byte).
 
 Host input waits in the receive buffer until the guest reads RBR. The interrupt
 line is edge-signalled through an irqfd (ISA IRQs are edge-triggered on the
@@ -25,10 +35,10 @@ is set, MSR while a delta bit is set (in loopback too): reading them clears thos
 such a read comes here, clears them once, and the next mirror is valid again. The credit is
 for THR writes (offset 0), while a write changes none of those registers: with DLAB set
 (it writes DLL); with THRE clear (the byte is buffered or dropped: THRE and TEMT stay
-clear); with nothing buffered and an output that takes every byte at once (no line, or a
-regular file: THRE and TEMT stay set); with bytes buffered, while room for a FIFO load is
-left (THRE stays set, TEMT clear). None in loopback (a THR write sets DR) or while the
-output is held for a snapshot.
+clear); with an output that takes every byte at once (no line, or a regular file: THRE
+and TEMT stay set); on any other line, for the writes that leave room for a FIFO load
+however few bytes the host takes meanwhile (THRE and TEMT stay set). None in loopback (a
+THR write sets DR) or while the output is held for a snapshot.
 """
 
 from __future__ import annotations
@@ -215,10 +225,8 @@ class Uart8250(RegisterDevice):
             return MAX_CREDIT
         if self.mcr & Mcr.LOOP or out.held:
             return 0
-        if not self._holding_empty():
+        if not self._holding_empty() or out.immediate():
             return MAX_CREDIT
-        if not out.pending():
-            return MAX_CREDIT if out.immediate() else 0
         return min(out.room() - self._fifo_load(), MAX_CREDIT)
 
     def output_room(self) -> None:
@@ -375,9 +383,8 @@ class Uart8250(RegisterDevice):
         return self._line_status() | (Lsr.DR if self.rx else 0)
 
     def _line_status(self) -> int:
-        if not self._holding_empty():
-            return self.lsr
-        return self.lsr | Lsr.THRE | (0 if self.ctx.out.pending() else Lsr.TEMT)
+        """THRE and TEMT, together (the module docstring)."""
+        return self.lsr | Lsr.THRE | Lsr.TEMT if self._holding_empty() else self.lsr
 
     def _check_thre(self) -> None:
         """THRE rising is a THRE interrupt event; THRE falling takes a pending one back."""

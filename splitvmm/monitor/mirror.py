@@ -52,8 +52,8 @@ its stamp is a credit write (a read answered) or the read goes to the device, wh
 comes after its news. Without a THRE interrupt to say the line drained, a guest that waits
 for it would be the one to tell (hence THRI off). What no rule here can see: a host that
 feeds a device's output back to the guest some other way (a relay into another device) lets
-it learn of the drain sooner, and read TEMT clear after seeing its byte come back, for up to
-NEWS_MAX_AGE_NS (before, for ZeroMQ's own delivery time).
+it learn of the drain sooner, and read THRE and TEMT clear (its line full) after seeing its
+byte come back, for up to NEWS_MAX_AGE_NS (before, for ZeroMQ's own delivery time).
 
 Held writes (monitor/writebehind.py): writes KVM kept without an exit are frames the slot
 has not sent yet; a read answered meanwhile counts them as sent after the mirror's stamp, as

@@ -239,8 +239,9 @@ def test_news_due_at_every_read_once_the_copy_is_dropped():
 
 def test_mirror_quiet_answers_with_what_it_has_while_newer_news_waits_unread():
     """The slot's way: a read the news is not due for is answered from the MIRROR taken last,
-    whatever the device published since (its line drained: TEMT set, here the last byte)."""
-    mirror = quiet_mirror(last=b"\x20")
+    whatever the device published since (its full line drained: THRE and TEMT set, here the
+    last byte)."""
+    mirror = quiet_mirror(last=b"\x00")
     mirror.news_taken()
     newer = wire.Mirror((b"\x01", b"\x02\x03", b"\x60"), THR, 0, 3)  # published, unread
     answers = []
@@ -249,7 +250,7 @@ def test_mirror_quiet_answers_with_what_it_has_while_newer_news_waits_unread():
             mirror.take(newer)  # what drain_events does with it
             mirror.news_taken()
         answers.append(mirror.answer(7, 1, frames=3))
-    assert answers == [b"\x20"] * (NEWS_EVERY - 1) + [b"\x60"]
+    assert answers == [b"\x00"] * (NEWS_EVERY - 1) + [b"\x60"]
 
 
 # -- the MIRROR frame -------------------------------------------------------------------------

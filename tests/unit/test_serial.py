@@ -374,10 +374,11 @@ def test_uart_quiet_exactly_while_its_line_draining_raises_no_interrupt(
     assert (was_quiet, irq.count - before) == (quiet_now, drain_irqs)
 
 
-def test_uart_line_slow_byte_buffered_clears_temt_only():
-    uart, _, _ = slow_uart()
+@pytest.mark.parametrize("accept", [0, 1], ids=["byte buffered", "byte taken"])
+def test_uart_line_status_after_a_write_is_the_same_whether_the_line_took_it(accept):
+    uart, _, _ = slow_uart(accept)
     transmit(uart, b"a")
-    assert line_status(uart) == Lsr.THRE
+    assert line_status(uart) == Lsr.THRE | Lsr.TEMT  # the buffer is the host's: room is left
 
 
 def test_uart_line_full_clears_thre_and_temt():
@@ -439,7 +440,7 @@ def test_uart_save_keeps_unsent_output_and_restore_sends_it():
     Uart8250.restore(DeviceContext(irq=FakeIrq(), out=BoundedOutput(line)), state)
     assert (state.tx, state.lsr & (Lsr.THRE | Lsr.TEMT), line.data) == (
         b"pending",
-        Lsr.THRE,
+        Lsr.THRE | Lsr.TEMT,
         b"pending",
     )
 
@@ -517,7 +518,7 @@ def test_uart_credit_no_line_covers_thr_writes_that_keep_every_value():
 
 def test_uart_credit_slow_line_with_bytes_buffered_is_exactly_what_keeps_thre():
     uart, _, _ = slow_uart()
-    transmit(uart, b"a")  # buffered: TEMT clear, THRE set
+    transmit(uart, b"a")  # buffered: THRE and TEMT set, room for SMALL - 1 more
     before = uart.mirror()
     transmit(uart, b"b" * before.credit)
     kept = uart.mirror().values
@@ -526,9 +527,15 @@ def test_uart_credit_slow_line_with_bytes_buffered_is_exactly_what_keeps_thre():
     assert uart.mirror().values != before.values  # one more write clears THRE
 
 
-def test_uart_credit_slow_line_with_nothing_buffered_is_none():
-    uart, _, _ = slow_uart()
-    assert uart.mirror().credit == 0  # a write may stay buffered (TEMT clears) or not
+@pytest.mark.parametrize("accept", [0, 3], ids=["line takes nothing", "line takes 3 bytes"])
+def test_uart_credit_slow_line_with_nothing_buffered_is_exactly_what_keeps_lsr(accept):
+    uart, _, _ = slow_uart(accept)
+    before = uart.mirror()
+    transmit(uart, b"b" * before.credit)
+    kept = uart.mirror().values
+    transmit(uart, b"c" * (accept + 1))  # what the line took, and one more: the buffer is full
+    assert (before.credit, kept) == (SMALL - 1, before.values)
+    assert uart.mirror().values != before.values
 
 
 def test_uart_credit_loopback_is_none():
