@@ -13,7 +13,11 @@ the serial device process, and the LSR read is answered by the monitor from the 
 register mirror (monitor/mirror.py) when the mirror is current, else by a round trip to the
 device.
 
-    python bench/serial.py [--runs R] [--json]
+    python bench/serial.py [--runs R] [--json] [--output file|pipe]
+
+--output pipe sends COM1 to each VMM's stdout, a pipe this bench reads (`output = "stdio"`,
+QEMU's `-serial stdio`): what a terminal gets, where the host may not take a byte the moment
+it is written. The default is a file, as every figure below before 2026-12-03.
 
 Measured here (2 cores shared with other work, load 3-4; medians of 5 runs, same session):
 before the register mirror (every LSR read a round trip to the device) 4.246 s against
@@ -121,6 +125,23 @@ against 107.4, 111.7, 104.0 (1.95x, 2.06x, 1.99x). --runs 5: 66.7 against QEMU's
 is quiet, not yet when it is busy. Measured and left: checkpoints every 256 frames instead
 of 32 took another ~9% (8 pairs, paired ratio 0.77 against 0.85), but PUBLISH_EVERY also
 bounds the bytes a crash may repeat on a terminal (monitor/slot.py).
+
+2026-12-03 (same kind of host, quieter: `python -c pass` ~10 ms). Two changes:
+- Checkpoints (devprocs/runtime.py). Counted over one run, the device sent the monitor 520
+  frames: 512 checkpoints, 7 MIRRORs and one read reply. Turning checkpoints off in the old
+  tree made it 7% faster (10 alternating pairs). A checkpoint whose state the monitor has
+  (every one while the line keeps up) is now a 24-byte CHECKPOINT frame, not a JSON
+  document. Where the monitor counts the output (a regular file, or none) it comes every
+  256 frames, not 32. 10 pairs against 09cb9d8: paired 0.945 wall, whole-run CPU 2612 ->
+  2250 ms (0.87). The smaller frame alone (both trees at 32) did not show (0.995): a
+  message's cost here is its wake-ups more than its JSON.
+- A pipe or terminal (devprocs/serial.py): TEMT used to clear while a byte waited in the
+  device's buffer, so LSR after a THR write depended on whether the host had taken the byte.
+  The device could promise nothing, and every LSR poll after a write went to the device.
+  --output pipe, --runs 3: 362.5 us a byte against QEMU's 60.8 (5.96x). THRE and TEMT now
+  rise and fall together with the buffer's room, and the credit holds on any line.
+  --runs 5: 74.7 against 57.4 (1.30x; floors 1.02x and 0.98x). The file output, --runs 5,
+  load ~1.5: 83.5 against 57.3 (1.46x).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ BEHAVIOURS = (
     "huge-event",  # publishes a state of 96 KiB (under MAX_CONTROL) before its read reply
     "endless-events",  # from READY on, publishes slow-to-check states without end
     # -- CHECKPOINT frames (wire.py), each sent before its read reply
-    "checkpoint",  # publishes its state at read 1, then says it holds after the reads before
+    "checkpoint",  # publishes states at reads 1 and 2, then says the last holds (applied)
     "checkpoint-first",  # says its state holds without having published one
     "bad-checkpoint",  # publishes its state, then a CHECKPOINT with a flag set
     # -- register mirrors (monitor/mirror.py), each sent before its read reply
@@ -109,7 +109,7 @@ def answer_with_events(
         sock.send(events.encode_publish({**state, "model": "rtc"}))
     elif behaviour == "huge-event":
         sock.send(events.encode_publish({**state, "fields": {"pad": "x" * (96 << 10)}}))
-    elif behaviour == "checkpoint" and seq == 1:
+    elif behaviour == "checkpoint" and seq <= 2:
         sock.send(events.encode_publish(state))
     elif behaviour in ("checkpoint", "checkpoint-first"):
         sock.send(wire.encode_checkpoint(seq - 1, CHECKPOINT_EMITTED))

@@ -14,10 +14,10 @@ deadline and the VM would end. So:
 * what the line does not take waits in a buffer of CAPACITY bytes
   (BoundedOutput); the runtime flushes it when the fd polls writable, and tells
   the device that there is room again (Device.output_room);
-* the device sees the buffer the way a UART sees a slow line: room() and
-  pending() are what its status register reports, and put() takes only what
-  fits. A driver that waits for room loses nothing; the device counts what a
-  driver that does not wait loses.
+* the device sees the buffer the way a UART sees a slow line: room() is what
+  its status register reports, and put() takes only what fits. A driver that
+  waits for room loses nothing; the device counts what a driver that does not
+  wait loses.
 
 Across a crash restart (monitor/slot.py) the buffer counts what left it, `emitted`
 (carried over from the dead process's checkpoint), and drops the first `skip` bytes

@@ -10,9 +10,10 @@ model waits on, one event at a time.
 Checkpoints (crash restart, monitor/slot.py): the runtime counts the frames it applies
 (reads, writes, host input) and publishes the device's state with that count and its
 output's `emitted` count every PUBLISH_EVERY frames (PUBLISH_EVERY_COUNTED where the
-monitor counts the output), always after the reply to the last frame it covers. A process started after a crash gets the last checkpoint the monitor
-received, the frames after it (re-applied before READY, read replies thrown away) and
-how many output bytes the dead process sent past the checkpoint (dropped unsent).
+monitor counts the output), always after the reply to the last frame it covers. A process
+started after a crash gets the last checkpoint the monitor received, the frames after it
+(re-applied before READY, read replies thrown away) and how many output bytes the dead
+process sent past the checkpoint (dropped unsent).
 
 Register mirror (monitor/mirror.py): a model whose descriptor mirrors registers has its
 values published (MirrorPublisher) stamped with the frames applied: before the reply to
@@ -63,15 +64,6 @@ log = logging.getLogger("splitvmm.dev")
 # CPython and its modules ~26 MiB, libzmq's two threads an 8 MiB stack each and a 64 MiB
 # malloc arena (glibc maps 128 MiB to align a new arena, then gives half back).
 RUNTIME_ADDRESS_SPACE = 256 << 20
-# Frames between two checkpoints: what the monitor keeps to re-send after a crash, what a new
-# process re-applies (~10-20 us a frame here) and, for an output line the monitor cannot
-# count (a pipe, socket or terminal), how far back a restart may send bytes twice. Each
-# checkpoint is a message of its own, and its wake-ups (both sides' ZeroMQ I/O threads, on a
-# core a vCPU shares) cost a polled serial byte ~7% at 32 frames (bench/serial.py).
-PUBLISH_EVERY = 32
-# ... where the monitor counts what the line took (BoundedOutput.counted): no byte comes out
-# twice whatever the distance, which bounds only the replay (~3-5 ms at 256 frames).
-PUBLISH_EVERY_COUNTED = 256
 MAX_REPLAY = 4096  # the monitor's journal holds no more (monitor/slot.py MAX_JOURNAL)
 
 
@@ -172,7 +164,8 @@ class Checkpoints:
         self.device = device
         self.applied = applied
         self._published = applied
-        self.every = PUBLISH_EVERY_COUNTED if device.ctx.out.counted() else PUBLISH_EVERY
+        counted = device.ctx.out.counted()
+        self.every = events.PUBLISH_EVERY_COUNTED if counted else events.PUBLISH_EVERY
         device.ctx.events.progress = lambda: (self.applied, device.ctx.out.emitted)
 
     def applied_one(self) -> None:

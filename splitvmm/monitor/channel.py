@@ -50,6 +50,9 @@ GONE_WAIT_MS = 100
 RCVHWM = 64  # frames ZeroMQ holds unread from a device (its sends wait beyond that)
 
 
+NO_EVENTS = "sent an event, which this channel takes none of"
+
+
 class ChannelError(SplitvmmError):
     """The device broke its channel (str() says how); the device has failed."""
 
@@ -318,6 +321,8 @@ class DeviceChannel:
             self._take_mirror(buf)
             return True
         if wire.is_checkpoint(buf):
+            if self._on_event is None:
+                raise ChannelError(NO_EVENTS)
             event: events.Event | None = self._checkpoint_event(buf)
         else:
             try:
@@ -332,7 +337,7 @@ class DeviceChannel:
         if event is None:
             return False
         if self._on_event is None:
-            raise ChannelError("sent an event, which this channel takes none of")
+            raise ChannelError(NO_EVENTS)
         if type(event) is events.Published:
             self._published = event
         self._on_event(event)

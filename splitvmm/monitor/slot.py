@@ -21,7 +21,7 @@ Crash restart (on_crash = "restart"): the new process must go on exactly where t
 dead one was when it died, not where the last snapshot was. The design:
 
 * Checkpoints. The device's runtime publishes its state every PUBLISH_EVERY frames
-  (PUBLISH_EVERY_COUNTED where its output is a regular file, or none: devprocs/runtime.py)
+  (PUBLISH_EVERY_COUNTED where its output is a regular file, or none: protocol/events.py)
   with `applied`, the number of frames (reads, writes, host input) it had applied, and
   `emitted`, the output bytes its line had taken. It publishes after the reply to the
   last frame a checkpoint covers.
@@ -43,9 +43,10 @@ dead one was when it died, not where the last snapshot was. The design:
   knows exactly how many did: the file grew by that much since the slot was made
   (fstat), so the new process drops `skip = grown - checkpoint.emitted` bytes
   unsent: every byte once, none lost. For a pipe, socket or terminal no such
-  count exists: bytes sent after the last checkpoint (at most PUBLISH_EVERY
-  frames' worth) may come out twice, never lost (a relay through the monitor
-  would count them too: not built yet).
+  count exists: bytes sent after the last checkpoint received (at most MAX_AHEAD
+  frames' worth, for a driver that polls: no read is answered from the register
+  mirror further ahead than that) may come out twice, never lost (a relay through
+  the monitor would count them too: not built yet).
 * Accesses in the gap wait on the slot (AWAY), up to RESTART_WAIT_MS, since a
   restart takes longer than a read's deadline on a loaded host.
 * A warm spare. Most of a new process's time to READY is a Python interpreter starting
@@ -117,7 +118,12 @@ RESTART_INTERVAL_S = 10.0
 # While a crashed device is being restarted, an access waits for its new process (a Python
 # interpreter's start, ~0.1-1 s on a loaded host) rather than read all-ones.
 RESTART_WAIT_MS = READY_TIMEOUT_MS
-MAX_JOURNAL = 4096  # frames kept past the last checkpoint (the device publishes every 32)
+MAX_JOURNAL = 4096  # frames kept past the last checkpoint (one comes every 32 or 256 frames)
+# On an output it cannot count, the slot answers no read from the register mirror while it has
+# sent this many frames past the last checkpoint it received (after taking the device's news):
+# the read goes to the device, whose reply comes after its checkpoints. A crash then repeats at
+# most this many frames' output, however far a device lags its posted writes.
+MAX_AHEAD = 2 * events.PUBLISH_EVERY
 # `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
 STATS_LOCK_WAIT_S = 0.05
@@ -246,6 +252,8 @@ class DeviceSlot:
         self._journal: deque[tuple[int, bytes]] = deque()  # (number, frame) past the checkpoint
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
         self._out_fd, self._out_base = _regular_output(spawn)
+        # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
+        self._uncounted = self._out_fd is None and _has_output(spawn)
         # A process failed through its channel, whose end the supervisor has not reported
         # yet: process_ended says how it ended even once a restart replaced it.
         self._failed_process: DeviceProcess | None = None
@@ -600,12 +608,15 @@ class DeviceSlot:
         if self.state is not SlotState.LIVE or channel is None or not channel.mirror.covers(offset):
             return None  # the read goes to the device, whose channel reads the device's news
         mirror = channel.mirror
-        if mirror.news_due():
+        ahead = self._uncounted and self._frames - self._checkpoint.applied >= MAX_AHEAD
+        if ahead or mirror.news_due():
             try:
                 channel.drain_events()  # the device's newest MIRROR, and whatever else it said
             except ChannelError as e:
                 self._channel_failed_locked(str(e))
                 return None
+            if ahead and self._frames - self._checkpoint.applied >= MAX_AHEAD:
+                return None  # the device's reply comes after its checkpoints
         data = mirror.answer(offset, size, self._frames, held, held_at)
         if data is not None:
             self.mirrored_reads += 1
@@ -934,6 +945,13 @@ def _how(process: DeviceProcess) -> str:
     except (SplitvmmError, TimeoutError) as e:  # the launcher is gone
         return f"ended; its exit status is unknown ({e})"
     return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+
+
+def _has_output(spawn: Spawn) -> bool:
+    return any(
+        role.kind is FdKind.OUTPUT and spawn.fds.get(role.name) is not None
+        for role in MODELS[spawn.model].fds
+    )
 
 
 def _regular_output(spawn: Spawn) -> tuple[int | None, int]:

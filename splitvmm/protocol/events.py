@@ -42,10 +42,23 @@ EVENT_OPS = ("publish", "report", "route", "msi", "input_room")
 # Events a device may send around one request of the monitor's; ZeroMQ's RCVHWM already
 # bounds what waits unread, this bounds the work one vCPU's access can be made to do (each
 # event is checked: ~20 us). A healthy device may send many: the serial device publishes a
-# checkpoint every 32 frames it applies, and a read can wait behind ~1000 posted writes
-# (ZeroMQ's send queue): ~34 publishes, and those already waiting unread count too (at most
-# the channel's RCVHWM, 64). Found by a snapshot under forwarded reads.
+# checkpoint at least every 32 frames it applies, and a read can wait behind ~1000 posted
+# writes (ZeroMQ's send queue): ~34 publishes, and those already waiting unread count too (at
+# most the channel's RCVHWM, 64). Found by a snapshot under forwarded reads.
 MAX_EVENTS_PER_REQUEST = 256
+
+# Frames between two checkpoints: what the monitor keeps to re-send after a crash, what a new
+# process re-applies (~10-20 us a frame here) and, for an output line the monitor cannot
+# count (a pipe, socket or terminal), how far back a restart may send bytes twice. Each
+# checkpoint is a message of its own, and its wake-ups (both sides' ZeroMQ I/O threads, on a
+# core a vCPU shares) cost a polled serial byte ~7% at 32 frames (bench/serial.py).
+# The device's runtime takes them (devprocs/runtime.py Checkpoints); the monitor's slot
+# keeps to them (monitor/slot.py MAX_AHEAD).
+PUBLISH_EVERY = 32
+# ... where the monitor counts what the line took (devprocs/output.py BoundedOutput.counted):
+# no byte comes out twice whatever the distance, which bounds only the replay (~3-5 ms at
+# 256 frames).
+PUBLISH_EVERY_COUNTED = 256
 MAX_REPORT_TEXT = control.MAX_ERROR_TEXT
 
 

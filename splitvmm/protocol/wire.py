@@ -142,8 +142,10 @@ def is_checkpoint(buf: bytes) -> bool:
 def decode_checkpoint(buf: bytes) -> tuple[int, int]:
     """Monitor side: (applied, emitted) of a CHECKPOINT frame, or ProtocolError."""
     op, n, flags, seq, applied, data = _unpack(buf)
-    if op != Op.CHECKPOINT or n or flags or seq:
-        raise ProtocolError(f"expected CHECKPOINT, got op={op} size={n} flags={flags} seq={seq}")
+    if op != Op.CHECKPOINT:
+        raise ProtocolError(f"expected CHECKPOINT, got op={op}")
+    if n or flags or seq:
+        raise ProtocolError(f"CHECKPOINT with size={n} flags={flags} seq={seq}, not all 0")
     (emitted,) = EMITTED.unpack(data)
     if applied > MAX_COUNT or emitted > MAX_COUNT:
         raise ProtocolError(f"checkpoint counts {applied} frames, {emitted} bytes: over 2**63-1")

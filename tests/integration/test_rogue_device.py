@@ -63,7 +63,7 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         # at its deadline, or at its event allowance, whichever this host reaches first
         ("endless-events", ("no reply within", "sent more than 256 events")),
         ("checkpoint-first", "sent a checkpoint before it published any state"),
-        ("bad-checkpoint", "bad checkpoint: expected CHECKPOINT, got op=9 size=0 flags=1"),
+        ("bad-checkpoint", "bad checkpoint: CHECKPOINT with size=0 flags=1 seq=0, not all 0"),
         ("mirror-undeclared", "bad register mirror: mirror gives register 6, the model"),
         ("mirror-oversized", "bad register mirror: mirror has data past its registers"),
         ("mirror-credit-outside", "bad register mirror: mirror credit at offset 0x8, outside"),
@@ -226,15 +226,16 @@ def test_device_checkpoint_holds_its_last_published_state_at_a_later_frame(zctx,
     slot = spawn_rogue("checkpoint", zctx, tmp_path, failures)
     try:
         slot.wait_ready()
-        slot.read(SCR, 1)  # its state comes before this reply
-        slot.read(SCR, 1)  # "it still holds after the first read", before this one
+        slot.read(SCR, 1)  # a state comes before this reply
+        slot.read(SCR, 1)  # and another before this one
+        slot.read(SCR, 1)  # "the last still holds after the second read", before this one
         checkpoint, journal = slot._checkpoint, [n for n, _ in slot._journal]
     finally:
         slot.close()
     assert failures == []
-    state = {"model": "serial", "version": 1, "fields": {"seq": 1}}
-    assert checkpoint == Checkpoint(state, applied=1, emitted=CHECKPOINT_EMITTED)
-    assert journal == [2]  # a restart would replay the second read only
+    state = {"model": "serial", "version": 2, "fields": {"seq": 2}}
+    assert checkpoint == Checkpoint(state, applied=2, emitted=CHECKPOINT_EMITTED)
+    assert journal == [3]  # a restart would replay the third read only
 
 
 def test_device_report_is_logged_and_device_serves_on(zctx, tmp_path, caplog):

@@ -7,6 +7,7 @@ rule out forking a launcher; tests/sandbox/test_launcher.py covers the launcher'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from splitvmm.monitor import mirror as mirror_module
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.mirror import NEWS_EVERY
-from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
+from splitvmm.monitor.slot import MAX_AHEAD, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import wire
@@ -250,6 +251,61 @@ def crash_and_restart(h: Harness) -> None:
     h.slot.restart()
 
 
+def pipe_contents(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    got = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            got += chunk
+    return got
+
+
+def test_slot_crash_restart_on_a_pipe_repeats_at_most_max_ahead_frames_of_output(tmp_path):
+    """A pipe's growth cannot be counted: what the dead process sent after the last
+    checkpoint the monitor had comes out again (monitor/slot.py). LSR polls answered from
+    the mirror let the monitor run ahead of the device, by at most MAX_AHEAD frames."""
+    h = Harness(tmp_path, restarts=True)
+    sent = bytearray()
+    try:
+        for i in range(2000):  # a polled driver: LSR, then THR
+            h.slot.read(Reg.LSR, 1)
+            sent += bytes([0x41 + i % 26])
+            h.slot.write(Reg.RX_TX, sent[-1:])
+        crash_and_restart(h)
+        sent += b"!"
+        h.slot.write(Reg.RX_TX, b"!")
+        assert h.slot.sync()
+        got = pipe_contents(h.out_r)
+    finally:
+        h.close()
+    repeated = len(got) - len(sent)
+    cut = next((i for i, (a, b) in enumerate(zip(got, sent, strict=False)) if a != b), len(sent))
+    assert 0 <= repeated <= MAX_AHEAD, repeated
+    assert (got[:cut] + got[cut + repeated :], got[cut : cut + repeated]) == (
+        bytes(sent),
+        got[cut - repeated : cut],
+    )
+
+
+def test_slot_on_a_pipe_answers_from_the_mirror_only_within_max_ahead_of_a_checkpoint(
+    harness, monkeypatch
+):
+    """Its news never taken between requests (as when the device lags), the slot still
+    forwards a read once it is MAX_AHEAD frames past the last checkpoint it has."""
+    slot = harness.slot
+    monkeypatch.setattr(slot.channel, "drain_events", lambda: None)
+    ahead_when_mirrored = []
+    for i in range(4 * MAX_AHEAD):
+        mirrored = slot.mirrored_reads
+        ahead = slot._frames - slot._checkpoint.applied
+        slot.read(Reg.LSR, 1)
+        if slot.mirrored_reads > mirrored:
+            ahead_when_mirrored.append(ahead)
+        slot.write(Reg.RX_TX, bytes([0x41 + i % 26]))
+    assert max(ahead_when_mirrored) < MAX_AHEAD
+    assert len(ahead_when_mirrored) > 2 * MAX_AHEAD  # most polls are still the mirror's
+
+
 def test_slot_restart_takes_over_its_warm_spare_from_the_checkpoint(spared):
     spare = spared.slot.spare_pid
     spared.slot.write(Reg.SCR, b"\x5a")  # journaled: the spare re-applies it
@@ -435,6 +491,21 @@ def test_slot_lsr_after_credited_thr_write_is_the_devices_value(file_harness):
     from_device = slot.read(Reg.LSR, 1)
     assert (from_mirror, slot.mirrored_reads - mirrored) == (from_device, 1)
     assert slot.sync() and os.read(file_harness.out_r, 8) == b"A"
+
+
+def test_slot_lsr_after_thr_writes_to_a_pipe_is_the_devices_value_from_the_mirror(harness):
+    """A pipe (or terminal) may not take a byte the moment it is written; LSR does not say
+    whether it did (devprocs/serial.py), so the device's credit holds on it too."""
+    slot = harness.slot
+    slot.read(Reg.LSR, 1)
+    mirrored = slot.mirrored_reads
+    slot.write(Reg.RX_TX, b"A")
+    slot.write(Reg.RX_TX, b"B")
+    from_mirror = slot.read(Reg.LSR, 1)
+    slot.channel.mirror.paused = True  # the device itself, for comparison
+    from_device = slot.read(Reg.LSR, 1)
+    assert (from_mirror, slot.mirrored_reads - mirrored) == (from_device, 1)
+    assert slot.sync() and os.read(harness.out_r, 8) == b"AB"
 
 
 def drains_counted(slot: DeviceSlot, monkeypatch) -> list[int]:

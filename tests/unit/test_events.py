@@ -8,10 +8,11 @@ import pytest
 
 from splitvmm.devprocs.base import DeviceContext, DeviceEvents, DeviceState
 from splitvmm.devprocs.output import BoundedOutput
-from splitvmm.devprocs.runtime import PUBLISH_EVERY, PUBLISH_EVERY_COUNTED, Checkpoints
+from splitvmm.devprocs.runtime import Checkpoints
 from splitvmm.devprocs.serial import Uart8250
 from splitvmm.errors import ProtocolError
 from splitvmm.protocol import control, events, wire
+from splitvmm.protocol.events import PUBLISH_EVERY, PUBLISH_EVERY_COUNTED
 from tests.fakes import FakeIrq, FakeLine
 
 STATE = {"model": "serial", "version": 2, "fields": {"ier": 1}}
@@ -229,7 +230,7 @@ def test_device_events_newer_checkpoint_supersedes_one_not_sent():
 
 
 def test_device_events_state_back_to_the_last_sent_supersedes_an_unsent_document():
-    queue = progressing((32, 5), (64, 9), (96, 12))
+    queue = progressing((32, 5), (64, 9), (96, 12), (128, 15))
     channel = Channel(queue)
     queue.publish_state("tally", Tally(count=1))
     channel.accept = False
@@ -238,8 +239,13 @@ def test_device_events_state_back_to_the_last_sent_supersedes_an_unsent_document
     queue.publish_state("tally", Tally(count=1))
     channel.accept = True
     queue.flush()
+    queue.publish_state("tally", Tally(count=2))  # the monitor has never had it
 
-    assert channel.decoded() == [events.Published(tally_document(1), 32, 5), (96, 12)]
+    assert channel.decoded() == [
+        events.Published(tally_document(1), 32, 5),
+        (96, 12),
+        events.Published(tally_document(2), 128, 15),
+    ]
 
 
 def test_device_events_state_after_a_bare_document_goes_as_a_document():

@@ -9,6 +9,7 @@ from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.serial import (
     RX_BUFFER_MAX,
+    TEMT_ROOM,
     TX_FIFO_LEN,
     Fcr,
     Ier,
@@ -317,10 +318,13 @@ def test_uart_restore_bad_state_raises_state_error(bad):
 SMALL = 32  # the output buffer's capacity in these tests
 
 
-def slow_uart(accept: int = 0) -> tuple[Uart8250, FakeLine, FakeIrq]:
+BIG = 4 * TEMT_ROOM  # a buffer with room past what TEMT needs, as the real one (4 KiB)
+
+
+def slow_uart(accept: int = 0, capacity: int = SMALL) -> tuple[Uart8250, FakeLine, FakeIrq]:
     """A UART whose line takes `accept` bytes, then nothing until the test says so."""
     line, irq = FakeLine(accept), FakeIrq()
-    return Uart8250(DeviceContext(irq=irq, out=BoundedOutput(line, SMALL))), line, irq
+    return Uart8250(DeviceContext(irq=irq, out=BoundedOutput(line, capacity))), line, irq
 
 
 def transmit(uart: Uart8250, data: bytes) -> None:
@@ -376,9 +380,23 @@ def test_uart_quiet_exactly_while_its_line_draining_raises_no_interrupt(
 
 @pytest.mark.parametrize("accept", [0, 1], ids=["byte buffered", "byte taken"])
 def test_uart_line_status_after_a_write_is_the_same_whether_the_line_took_it(accept):
-    uart, _, _ = slow_uart(accept)
+    uart, _, _ = slow_uart(accept, BIG)
     transmit(uart, b"a")
     assert line_status(uart) == Lsr.THRE | Lsr.TEMT  # the buffer is the host's: room is left
+
+
+def test_uart_line_room_below_temt_room_clears_temt_only():
+    uart, _, _ = slow_uart(capacity=BIG)
+    transmit(uart, b"x" * (BIG - TEMT_ROOM))
+    at_room = line_status(uart)
+    transmit(uart, b"x")
+    assert (at_room, line_status(uart)) == (Lsr.THRE | Lsr.TEMT, Lsr.THRE)
+
+
+def test_uart_temt_in_a_buffer_smaller_than_temt_room_needs_it_empty():
+    uart, _, _ = slow_uart()
+    transmit(uart, b"a")
+    assert line_status(uart) == Lsr.THRE
 
 
 def test_uart_line_full_clears_thre_and_temt():
@@ -440,7 +458,7 @@ def test_uart_save_keeps_unsent_output_and_restore_sends_it():
     Uart8250.restore(DeviceContext(irq=FakeIrq(), out=BoundedOutput(line)), state)
     assert (state.tx, state.lsr & (Lsr.THRE | Lsr.TEMT), line.data) == (
         b"pending",
-        Lsr.THRE | Lsr.TEMT,
+        Lsr.THRE,
         b"pending",
     )
 
@@ -528,14 +546,28 @@ def test_uart_credit_slow_line_with_bytes_buffered_is_exactly_what_keeps_thre():
 
 
 @pytest.mark.parametrize("accept", [0, 3], ids=["line takes nothing", "line takes 3 bytes"])
-def test_uart_credit_slow_line_with_nothing_buffered_is_exactly_what_keeps_lsr(accept):
-    uart, _, _ = slow_uart(accept)
+@pytest.mark.parametrize("fifo", [False, True], ids=["fifo off", "fifo on"])
+def test_uart_credit_slow_line_with_nothing_buffered_is_exactly_what_keeps_lsr(accept, fifo):
+    uart, _, _ = slow_uart(accept, BIG)
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO if fifo else 0]))
     before = uart.mirror()
     transmit(uart, b"b" * before.credit)
     kept = uart.mirror().values
-    transmit(uart, b"c" * (accept + 1))  # what the line took, and one more: the buffer is full
-    assert (before.credit, kept) == (SMALL - 1, before.values)
+    transmit(uart, b"c" * (accept + 1))  # what the line took, and one more: TEMT clears
+    assert (before.credit, kept) == (BIG - TEMT_ROOM, before.values)
     assert uart.mirror().values != before.values
+
+
+def test_uart_credit_below_temt_room_is_exactly_what_keeps_thre():
+    uart, _, _ = slow_uart(capacity=BIG)
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))
+    transmit(uart, b"a" * (BIG - TEMT_ROOM + 1))  # TEMT clear, THRE set
+    before = uart.mirror()
+    transmit(uart, b"b" * before.credit)
+    kept = uart.mirror().values
+    transmit(uart, b"c")
+    assert (before.credit, kept) == (TEMT_ROOM - 1 - TX_FIFO_LEN, before.values)
+    assert uart.mirror().values != before.values  # one more write clears THRE
 
 
 def test_uart_credit_loopback_is_none():
