@@ -138,10 +138,18 @@ bounds the bytes a crash may repeat on a terminal (monitor/slot.py).
 - A pipe or terminal (devprocs/serial.py): TEMT used to clear while a byte waited in the
   device's buffer, so LSR after a THR write depended on whether the host had taken the byte.
   The device could promise nothing, and every LSR poll after a write went to the device.
-  --output pipe, --runs 3: 362.5 us a byte against QEMU's 60.8 (5.96x). THRE and TEMT now
-  rise and fall together with the buffer's room, and the credit holds on any line.
-  --runs 5: 74.7 against 57.4 (1.30x; floors 1.02x and 0.98x). The file output, --runs 5,
-  load ~1.5: 83.5 against 57.3 (1.46x).
+  --output pipe, --runs 3: 362.5 us a byte against QEMU's 60.8 (5.96x). THRE and TEMT are
+  now room in the buffer (a FIFO load, and TEMT_ROOM = 128 bytes), and the credit holds on
+  any line. A crash restart on such a line may repeat what the device sent after the last
+  checkpoint the monitor has, so the slot answers no read from the mirror MAX_AHEAD (64)
+  frames past one (monitor/slot.py): when the device lags, a poll goes to it. Final tree,
+  --runs 3 on a host with load 1-1.3: pipe 88.0-162.3 us a byte over four runs (QEMU
+  58.3-64.0), file 92.3 (QEMU 59.0). Alternating with 09cb9d8 (whole-run CPU from
+  RUSAGE_CHILDREN), 6 pairs each: pipe 494.7 -> 86.7 us a byte (paired 0.16, CPU 0.26);
+  file 100.6 -> 106.2 (paired wall 1.004, CPU 0.895). Dropped: capping the device's credit
+  at 32 writes on such a line instead (the same bound): 127.8 us a byte against 84.2 for
+  the slot's check in back-to-back runs, as the device republished its mirror every 16
+  writes.
 """
 
 from __future__ import annotations

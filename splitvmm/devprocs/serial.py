@@ -17,7 +17,7 @@ written is the host's timing: were LSR to show it, a THR write's effect on LSR w
 depend on it, and no register mirror could answer the poll after the write (the
 credit below). With TEMT clear while any byte waited, a guest printing to a terminal
 or pipe sent every LSR poll to this process and back (bench/serial.py --output pipe:
-362.5 us a byte against 74.7 since). What TEMT still promises a driver that waits for
+362.5 us a byte, 85-105 since). What TEMT still promises a driver that waits for
 it is room for a whole FIFO of any 8250 it may believe it drives.
 
 Host input waits in the receive buffer until the guest reads RBR. The interrupt
