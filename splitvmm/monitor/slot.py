@@ -253,7 +253,7 @@ class DeviceSlot:
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
         self._out_fd, self._out_base = _regular_output(spawn)
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
-        self._uncounted = self._out_fd is None and _has_output(spawn)
+        self._uncounted = self._out_fd is None and _output_fd(spawn) is not None
         # A process failed through its channel, whose end the supervisor has not reported
         # yet: process_ended says how it ended even once a restart replaced it.
         self._failed_process: DeviceProcess | None = None
@@ -608,19 +608,23 @@ class DeviceSlot:
         if self.state is not SlotState.LIVE or channel is None or not channel.mirror.covers(offset):
             return None  # the read goes to the device, whose channel reads the device's news
         mirror = channel.mirror
-        ahead = self._uncounted and self._frames - self._checkpoint.applied >= MAX_AHEAD
+        ahead = self._too_far_ahead_locked()
         if ahead or mirror.news_due():
             try:
                 channel.drain_events()  # the device's newest MIRROR, and whatever else it said
             except ChannelError as e:
                 self._channel_failed_locked(str(e))
                 return None
-            if ahead and self._frames - self._checkpoint.applied >= MAX_AHEAD:
+            if ahead and self._too_far_ahead_locked():
                 return None  # the device's reply comes after its checkpoints
         data = mirror.answer(offset, size, self._frames, held, held_at)
         if data is not None:
             self.mirrored_reads += 1
         return data
+
+    def _too_far_ahead_locked(self) -> bool:
+        """MAX_AHEAD frames sent past the last checkpoint received, on an uncounted output."""
+        return self._uncounted and self._frames - self._checkpoint.applied >= MAX_AHEAD
 
     def write(self, offset: int, data: bytes) -> None:
         self._post(wire.encode_write(offset, data), write_at=offset)
@@ -947,22 +951,23 @@ def _how(process: DeviceProcess) -> str:
     return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
 
 
-def _has_output(spawn: Spawn) -> bool:
-    return any(
-        role.kind is FdKind.OUTPUT and spawn.fds.get(role.name) is not None
-        for role in MODELS[spawn.model].fds
-    )
+def _output_fd(spawn: Spawn) -> int | None:
+    """The device's output fd, if it has one."""
+    for role in MODELS[spawn.model].fds:
+        fd = spawn.fds.get(role.name)
+        if role.kind is FdKind.OUTPUT and fd is not None:
+            return fd
+    return None
 
 
 def _regular_output(spawn: Spawn) -> tuple[int | None, int]:
     """The device's output fd and its size now, if it is a regular file (the module
     docstring: how many output bytes a dead process sent is then known exactly)."""
-    for role in MODELS[spawn.model].fds:
-        fd = spawn.fds.get(role.name)
-        if role.kind is FdKind.OUTPUT and fd is not None:
-            st = os.fstat(fd)
-            return (fd, st.st_size) if stat.S_ISREG(st.st_mode) else (None, 0)
-    return None, 0
+    fd = _output_fd(spawn)
+    if fd is None:
+        return None, 0
+    st = os.fstat(fd)
+    return (fd, st.st_size) if stat.S_ISREG(st.st_mode) else (None, 0)
 
 
 def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None) -> bool:
