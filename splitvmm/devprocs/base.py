@@ -79,7 +79,7 @@ class DeviceEvents:
         self._send: Callable[[bytes], bool] | None = None
         # The newest frame of each superseding kind not sent yet (SUPERSEDING: its order)
         self._latest: dict[str, bytes] = {}
-        # The state the last state document sent carried (None: not known), the state the
+        # The state the last state document sent carried (None: none yet), the state the
         # queued one carries, and whether the queued state frame is a document at all.
         self._state_sent: DeviceState | None = None
         self._state_queued: DeviceState | None = None
@@ -95,31 +95,18 @@ class DeviceEvents:
         # vectors that waited for it).
         self.on_route_done: Callable[[int, bool, str], None] | None = None
 
-    def publish(self, state_document: dict[str, object]) -> None:
-        """A state document (with the runtime's progress, if it counts)."""
-        progress = self.progress() if self.progress is not None else None
-        self._queue_document(state_document, None, progress)
-
     def publish_state(self, model: str, state: DeviceState) -> None:
-        """Publish a `model` device's `state`: only the progress if the monitor has it
-        already, that is if the last document sent carried it. (A newer document the
-        channel could not take yet is superseded then: the monitor's last is that one.)"""
+        """Publish a `model` device's `state` (with the runtime's progress, if it counts):
+        only the progress if the monitor has it already, that is if the last document sent
+        carried it. (A newer document the channel could not take yet is superseded then: the
+        monitor's last is that one.)"""
         progress = self.progress() if self.progress is not None else None
-        if progress is None or state != self._state_sent:
-            self._queue_document(codec.state_document(model, state), state, progress)
+        if progress is not None and state == self._state_sent:
+            self._document_queued = False
+            self._supersede("state", wire.encode_checkpoint(*progress))
             return
-        self._document_queued = False
-        self._supersede("state", wire.encode_checkpoint(*progress))
-
-    def _queue_document(
-        self,
-        document: dict[str, object],
-        state: DeviceState | None,
-        progress: CheckpointProgress | None,
-    ) -> None:
-        """`state`: the State the document encodes, if known (None: a later state can only
-        go as a document)."""
         self._state_queued, self._document_queued = state, True
+        document = codec.state_document(model, state)
         self._supersede("state", events.encode_publish(document, progress))
 
     def publish_room(self, frame: bytes) -> None:

@@ -88,16 +88,24 @@ def test_events_replies_and_access_frames_are_not_events():
     assert events.is_event(events.encode_route(1, 4))
 
 
+class Tally(DeviceState, frozen=True, kw_only=True):
+    count: int = 0
+
+
+def tally_document(count: int) -> dict[str, object]:
+    return {"model": "tally", "version": 1, "fields": {"count": count}}
+
+
 def test_device_events_queue_until_connected_then_go_in_order():
     sent: list[bytes] = []
     queue = DeviceEvents()
     queue.report("one")
-    queue.publish(STATE)
+    queue.publish_state("tally", Tally(count=1))
 
     queue.connect(lambda frame: sent.append(frame) is None)
 
-    assert [events.decode_event(f, "serial") for f in sent] == [
-        events.Published(STATE),
+    assert [events.decode_event(f, "tally") for f in sent] == [
+        events.Published(tally_document(1)),
         events.Report("one"),
     ]
 
@@ -107,13 +115,13 @@ def test_device_events_newer_state_supersedes_one_the_channel_could_not_take():
     accept = False
     queue = DeviceEvents()
     queue.connect(lambda frame: accept and sent.append(frame) is None)
-    queue.publish({**STATE, "version": 1})
-    queue.publish(STATE)
+    queue.publish_state("tally", Tally(count=1))
+    queue.publish_state("tally", Tally(count=2))
 
     accept = True
     queue.flush()
 
-    assert [events.decode_event(f, "serial") for f in sent] == [events.Published(STATE)]
+    assert [events.decode_event(f, "tally") for f in sent] == [events.Published(tally_document(2))]
 
 
 def test_device_events_newer_input_room_supersedes_one_the_channel_could_not_take():
@@ -148,14 +156,6 @@ def test_device_events_route_answer_is_kept_by_id():
 
 
 # -- a state the monitor has already goes as a CHECKPOINT frame (DeviceEvents.publish_state)
-class Tally(DeviceState, frozen=True, kw_only=True):
-    count: int = 0
-
-
-def tally_document(count: int) -> dict[str, object]:
-    return {"model": "tally", "version": 1, "fields": {"count": count}}
-
-
 class Channel:
     """The channel's side of DeviceEvents.connect: takes frames while `accept` is set."""
 
@@ -245,21 +245,6 @@ def test_device_events_state_back_to_the_last_sent_supersedes_an_unsent_document
         events.Published(tally_document(1), 32, 5),
         (96, 12),
         events.Published(tally_document(2), 128, 15),
-    ]
-
-
-def test_device_events_state_after_a_bare_document_goes_as_a_document():
-    queue = progressing((32, 5), (64, 9), (96, 12))
-    channel = Channel(queue)
-    queue.publish_state("tally", Tally(count=1))
-
-    queue.publish(tally_document(1))  # a document without its State: the monitor's is unknown
-    queue.publish_state("tally", Tally(count=1))
-
-    assert channel.decoded() == [
-        events.Published(tally_document(1), 32, 5),
-        events.Published(tally_document(1), 64, 9),
-        events.Published(tally_document(1), 96, 12),
     ]
 
 
