@@ -27,6 +27,7 @@ from tests.virtio.support import (
     Channel,
     Driver,
     Ring,
+    SteppingClock,
     close_fds,
     host_fds,
     iter_caps,
@@ -283,17 +284,6 @@ def test_virtio_pci_chain_made_available_while_serving_is_taken_in_the_same_drai
     assert [head for head, _ in ring.take_used()] == [first, first + 1]
 
 
-class FakeClock:
-    """The device's clock_ns, advanced by hand: `step` ns at each reading."""
-
-    def __init__(self, step: int = 1_000) -> None:
-        self.now, self.step = 0, step
-
-    def __call__(self) -> int:
-        self.now += self.step
-        return self.now
-
-
 def on_look(rng: VirtioRng, look, watch: int | None = None) -> list[int]:
     """Call look(n) at the device's n-th read of queue 0's avail idx (its polling, then the
     check after it asks for kicks again); the u16 at guest address `watch` (default: the
@@ -322,7 +312,7 @@ def test_virtio_pci_chain_made_available_while_polling_is_served_without_a_kick(
     driver.start(ring)
     first = ring.add([(*ring.buffer(8), True)])
     later = ring.buffer(8)
-    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "clock_ns", SteppingClock(step=1_000))
     monkeypatch.setattr(rng, "POLL_NS", 10_000)  # ten looks
     flags = on_look(rng, lambda n: n == 3 and ring.add([(*later, True)]))
     seen = []
@@ -346,7 +336,7 @@ def test_virtio_pci_chain_made_available_while_polling_is_served_without_a_kick(
 def test_virtio_pci_poll_without_a_chain_runs_out_and_asks_for_kicks(rng, driver, monkeypatch):
     ring = Ring(rng.ram)
     driver.start(ring)
-    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "clock_ns", SteppingClock(step=1_000))
     monkeypatch.setattr(rng, "POLL_NS", 10_000)
     flags = on_look(rng, lambda n: None)
     ring.add([(*ring.buffer(8), True)])
@@ -381,7 +371,7 @@ def test_virtio_pci_poll_with_event_idx_leaves_avail_event_until_it_ends(rng, dr
     driver.start(ring, features=F_VERSION_1 | F_EVENT_IDX)
     avail_event = ring.used + 4 + 8 * ring.size
     ring.add([(*ring.buffer(8), True)])
-    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "clock_ns", SteppingClock(step=1_000))
     monkeypatch.setattr(rng, "POLL_NS", 10_000)
     seen = on_look(rng, lambda n: None, watch=avail_event)
 
@@ -398,7 +388,7 @@ def test_virtio_pci_hostile_chain_made_available_while_polling_needs_reset(
     ring = Ring(rng.ram)
     driver.start(ring)
     ring.add([(*ring.buffer(8), True)])
-    monkeypatch.setattr(rng, "clock_ns", FakeClock(step=1_000))
+    monkeypatch.setattr(rng, "clock_ns", SteppingClock(step=1_000))
     monkeypatch.setattr(rng, "POLL_NS", 10_000)
     on_look(rng, lambda n: n == 2 and ring.add([(0xFFFF_FFFF_FFFF_0000, 8, True)]))
 

@@ -70,6 +70,19 @@ def close_fds(fds: dict[str, int]) -> None:
         os.close(fd)
 
 
+class SteppingClock:
+    """A device's clock_ns, advanced by hand: `step` ns at each reading. Its process() then
+    takes as long on a loaded host as on an idle one: its budget and its polls end after as
+    many readings, never in the middle of what a test set up."""
+
+    def __init__(self, step: int = 1_000) -> None:
+        self.now, self.step = 0, step
+
+    def __call__(self) -> int:
+        self.now += self.step
+        return self.now
+
+
 def signalled(fd: int) -> int:
     """How many times an eventfd was written since the last look (0: not at all)."""
     try:
