@@ -48,6 +48,7 @@ from typing import ClassVar, Protocol, Self
 
 from splitvmm.devprocs.base import DeviceContext, DeviceState, RegisterDevice, register
 from splitvmm.errors import ConfigError, StateError
+from splitvmm.protocol.schema import Upgrade
 
 CMOS_SIZE = 128
 INDEX_PORT, DATA_PORT = 0, 1  # offsets in the window: 0x70, 0x71
@@ -162,13 +163,18 @@ class HostClock:
 class RtcState(DeviceState, frozen=True, kw_only=True):
     """cmos: the 128 bytes as the guest would read them, with register A's UIP clear and
     register C's IRQF left out (both derived); the time registers are restored from it
-    only while they are held (SET, or the divider not running), else from offset_ns."""
+    only while they are held (SET, or the divider not running), else from offset_ns.
+    v2 added aborted_s."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     offset_ns: int = 0  # guest clock minus the host's wall clock: survives a restore
     index: int = 0  # the last byte written to port 0x70 (bit 7: NMI disabled)
     cmos: bytes = _power_on_cmos()
     weekday_shift: int = 0  # the day of the week the guest set, less the date's own (mod 7)
+    # The guest second whose update SET aborted, while the time base is still inside its
+    # cycle (Mc146818._unset); None at any other time
+    aborted_s: int | None = None
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: lambda f: {**f, "aborted_s": None}}
 
 
 @register
@@ -189,6 +195,7 @@ class Mc146818(RegisterDevice):
         self._cmos = bytearray(s.cmos)
         self._weekday_shift = s.weekday_shift
         self._synced_ns = self._guest_ns()  # flags in C account for time up to here
+        self._aborted_s = s.aborted_s  # the second whose update SET aborted (_unset)
         self._line = self._irqf()  # the IRQ line as last driven (an edge was sent if high)
         self._quiesced = False
         self._deadline: float | None = None
@@ -301,7 +308,7 @@ class Mc146818(RegisterDevice):
             # Out of reset, the first update comes half a second later.
             self._offset_ns = self._latched_s() * NS + HALF_SECOND_NS - self._now
         if was_held and not self._held():
-            self._unlatch(self._guest_ns() % NS)
+            self._unset(self._guest_ns() % NS)
         self._synced_ns = self._guest_ns()
 
     # -- the clock ----------------------------------------------------------------------
@@ -318,7 +325,13 @@ class Mc146818(RegisterDevice):
         if self._held():
             return False  # SET clears UIP; a divider in reset makes no update
         phase = self._guest_ns() % NS
-        return phase >= NS - UIP_LEAD_NS or phase < UPDATE_CYCLE_NS
+        if phase >= NS - UIP_LEAD_NS:
+            return True
+        return phase < UPDATE_CYCLE_NS and not self._in_aborted_cycle()
+
+    def _in_aborted_cycle(self) -> bool:
+        g = self._guest_ns()
+        return g // NS == self._aborted_s and g % NS < UPDATE_CYCLE_NS
 
     def _latch(self) -> None:
         """The time registers take the current time: from now on they hold raw bytes."""
@@ -332,6 +345,18 @@ class Mc146818(RegisterDevice):
         weekday = self._decode(self._cmos[Reg.DAY_OF_WEEK]) - 1
         self._weekday_shift = (weekday - _weekday(seconds)) % 7
         self._synced_ns = self._guest_ns()
+        self._aborted_s = None
+
+    def _unset(self, phase_ns: int) -> None:
+        """The held registers run again (SET cleared, or the divider out of reset with SET
+        clear): "when the SET bit is written to a one, any update cycle in progress is
+        aborted", and none runs while it is one. So where the time base is still inside
+        the cycle of the tick that came while SET was one, that update is not under way:
+        UIP stays low and no UF (nor AF) comes at its end; the next update is a second
+        after that tick, with the divider's phase kept."""
+        self._unlatch(phase_ns)
+        if phase_ns < UPDATE_CYCLE_NS and self._cmos[Reg.CONTROL] & RegB.SET == 0:
+            self._aborted_s = self._guest_ns() // NS
 
     def _latched_s(self) -> int:
         """The held time registers as seconds since the epoch; fields out of range carry."""
@@ -391,12 +416,17 @@ class Mc146818(RegisterDevice):
             self._cmos[Reg.INTR_FLAGS] |= RegC.PF
         if self._cmos[Reg.CONTROL] & RegB.SET:
             return  # no update cycles while the time is being set
-        first, last = (g0 - UPDATE_CYCLE_NS) // NS + 1, (g - UPDATE_CYCLE_NS) // NS
+        first, last = self._updates_from(g0), (g - UPDATE_CYCLE_NS) // NS
         if first <= last:
             self._cmos[Reg.INTR_FLAGS] |= RegC.UF
             alarm = self._next_alarm(first)
             if alarm is not None and alarm <= last:
                 self._cmos[Reg.INTR_FLAGS] |= RegC.AF
+
+    def _updates_from(self, g: int) -> int:
+        """The first second whose update cycle ends after guest ns `g` (not the aborted one)."""
+        first = (g - UPDATE_CYCLE_NS) // NS + 1
+        return first + 1 if first == self._aborted_s else first
 
     def _period_ticks(self) -> int:
         """The periodic interrupt's period in time-base ticks; 0 when off (RS = 0)."""
@@ -446,7 +476,7 @@ class Mc146818(RegisterDevice):
         if control & RegB.PIE and period:
             events.append(_tick_ns((_ticks(g) // period + 1) * period))
         if not control & RegB.SET:
-            next_update = (g - UPDATE_CYCLE_NS) // NS + 1
+            next_update = self._updates_from(g)
             if control & RegB.UIE:
                 events.append(next_update * NS + UPDATE_CYCLE_NS)
             alarm = self._next_alarm(next_update) if control & RegB.AIE else None
@@ -466,6 +496,7 @@ class Mc146818(RegisterDevice):
             index=self._index,
             cmos=bytes(cmos),
             weekday_shift=self._weekday_shift,
+            aborted_s=self._aborted_s if self._in_aborted_cycle() else None,
         )
 
     @classmethod
@@ -481,6 +512,8 @@ class Mc146818(RegisterDevice):
             raise StateError("rtc: register C holds bits other than PF, AF and UF")
         if state.cmos[Reg.VALID] != RTC_VRT:
             raise StateError(f"rtc: register D is {state.cmos[Reg.VALID]:#04x}, not VRT")
+        if state.aborted_s is not None:
+            _check_int("aborted_s", state.aborted_s, FIRST_S, LAST_S)
         return cls(ctx, state, clock)
 
 

@@ -174,6 +174,75 @@ def test_rtc_clearing_set_keeps_the_sub_second_phase():
     assert (before, rd(rtc, Reg.SECONDS)) == (0x00, 0x01)
 
 
+def test_rtc_set_released_inside_the_tick_it_held_back_runs_no_update_then():
+    """SET held across a tick inhibits that tick's update; released within what would have
+    been its cycle (the first 1984 us), it shows no UIP and sets no UF with the registers
+    unchanged: the next update is the next tick's, a second later."""
+    rtc, clock, _ = make_rtc(phase=NS - 100_000)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    wr(rtc, Reg.SECONDS, 0x30)
+    clock.advance(100_000 + 600_000)  # past the tick, 0.6 ms into its cycle
+    wr(rtc, Reg.CONTROL, RegB.H24)
+    uip = rd(rtc, Reg.FREQ_SELECT) & RegA.UIP
+    clock.advance(1_500_000)  # past the end of that cycle
+    at_cycle_end = (rd(rtc, Reg.INTR_FLAGS) & RegC.UF, rd(rtc, Reg.SECONDS))
+    clock.advance(NS - 2_100_000 - 1)  # just before the next tick
+    before_tick = (rd(rtc, Reg.FREQ_SELECT) & RegA.UIP, rd(rtc, Reg.SECONDS))
+    clock.advance(1 + UPDATE_CYCLE_NS)
+
+    assert (uip, at_cycle_end, before_tick) == (0, (0, 0x30), (RegA.UIP, 0x30))
+    assert (rd(rtc, Reg.INTR_FLAGS) & RegC.UF, rd(rtc, Reg.SECONDS)) == (RegC.UF, 0x31)
+
+
+def test_rtc_set_released_inside_the_tick_it_held_back_arms_the_next_update():
+    """With UIE on, the interrupt that follows such a release is the next tick's."""
+    rtc, clock, irq = make_rtc(phase=NS - 100_000)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    clock.advance(100_000 + 600_000)
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+
+    waited = run_to_deadline(rtc, clock)
+
+    assert waited == pytest.approx((NS - 600_000 + UPDATE_CYCLE_NS) / NS)
+    assert (irq.count, rd(rtc, Reg.INTR_FLAGS) & ~RegC.PF) == (1, RegC.IRQF | RegC.UF)
+
+
+@pytest.mark.parametrize("restart_after_ns", [1_500_000, 1_800_000])
+def test_rtc_saved_inside_an_aborted_cycle_restores_without_its_update(restart_after_ns):
+    """A snapshot (or a crash restart's checkpoint) taken in what is left of the aborted
+    cycle carries it: the restored clock gives no UF at that cycle's end either; one
+    taken after it carries nothing."""
+    rtc, clock, _ = make_rtc(phase=NS - 100_000)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    clock.advance(100_000 + 300_000)
+    wr(rtc, Reg.CONTROL, RegB.H24)
+    clock.advance(restart_after_ns)
+    state = rtc.save()
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    clock.advance(UPDATE_CYCLE_NS)
+
+    assert (state.aborted_s is None) == (300_000 + restart_after_ns >= UPDATE_CYCLE_NS)
+    assert rd(restored, Reg.INTR_FLAGS) & RegC.UF == 0
+
+
+def test_rtc_set_released_after_the_cycle_of_its_tick_keeps_the_phase():
+    """Past the first 1984 us nothing was aborted: the next update comes at the next tick."""
+    rtc, clock, _ = make_rtc(phase=NS - 100_000)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    clock.advance(100_000 + UPDATE_CYCLE_NS)
+    wr(rtc, Reg.CONTROL, RegB.H24)
+    flags = rd(rtc, Reg.INTR_FLAGS) & RegC.UF
+    clock.advance(NS - UPDATE_CYCLE_NS)
+
+    assert (flags, rd(rtc, Reg.FREQ_SELECT) & RegA.UIP, rd(rtc, Reg.INTR_FLAGS) & RegC.UF) == (
+        0,
+        RegA.UIP,
+        0,
+    )
+    clock.advance(UPDATE_CYCLE_NS)
+    assert rd(rtc, Reg.INTR_FLAGS) & RegC.UF == RegC.UF
+
+
 def test_rtc_set_bit_clears_uie():
     rtc, _, _ = make_rtc()
     wr(rtc, Reg.CONTROL, RegB.SET | RegB.UIE | RegB.H24)
@@ -469,6 +538,8 @@ def _cmos_with(reg: int, value: int) -> bytes:
         ({"cmos": _cmos_with(Reg.INTR_FLAGS, RegC.IRQF)}, "register C"),
         ({"cmos": _cmos_with(Reg.INTR_FLAGS, 0x01)}, "register C"),
         ({"cmos": _cmos_with(Reg.VALID, 0)}, "register D"),
+        ({"aborted_s": 1 << 62}, "aborted_s="),
+        ({"aborted_s": "1"}, "aborted_s='1'"),
     ],
 )
 def test_rtc_restore_rejects_bad_fields_naming_them(change, message):
@@ -490,8 +561,8 @@ def test_rtc_golden_v1_state_restores_its_time_and_nvram():
 
 
 def test_rtc_state_from_a_newer_version_is_refused():
-    doc = {**codec.state_document("rtc", RtcState()), "version": 2}
-    with pytest.raises(StateError, match="version 2 is newer than this splitvmm reads"):
+    doc = {**codec.state_document("rtc", RtcState()), "version": 3}
+    with pytest.raises(StateError, match="version 3 is newer than this splitvmm reads"):
         codec.state_from_document("rtc", RtcState, doc)
 
 
