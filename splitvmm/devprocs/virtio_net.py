@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Self
 
@@ -105,6 +106,11 @@ ETH_MAX_FRAME = 1518  # 1500 bytes of payload, Ethernet header, one VLAN tag
 GSO_MAX_FRAME = 65550  # a TSO segment the TAP may hand us: 64 KiB, Ethernet header
 RX_SCRATCH = 1 << 17  # more than any frame a TAP delivers: the tail of a frame too long
 RX_BATCH = 64  # frames read per event, then an interrupt and the channel's turn
+# After a failed TAP read (not EAGAIN): how long before the TAP is watched again. A failing
+# TAP that polls readable would otherwise spin the device; and no kick may ever come to
+# restart it (with EVENT_IDX the driver kicks only past avail_event, and Linux refills a
+# full ring only as buffers are used), so the device comes back to it by itself.
+RX_RETRY_S = 0.1
 IOV_MAX = 1024  # buffers one readv/writev takes
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 # The MAC of a device spawned bare (the policy audit, a test): models.default_mac("",
@@ -145,6 +151,7 @@ class VirtioNet(VirtioPciDevice):
         self.mac = mac
         self.offloads = 0  # TUN_F_* set on the TAP now
         self.rx_watch = False  # buffers are posted: read the TAP when it is readable
+        self.rx_retry_at: float | None = None  # a TAP read failed: watch it again then
         self.backend_gone = False  # the TAP stand-in's peer closed (a TAP never ends)
         self.counts = dict.fromkeys(("rx_frames", "rx_bytes", "rx_dropped", "tx_frames",
                                      "tx_bytes", "tx_dropped"), 0)  # fmt: skip
@@ -214,6 +221,7 @@ class VirtioNet(VirtioPciDevice):
     def reset_model(self) -> None:
         self._set_offloads(0)
         self.rx_watch = False
+        self.rx_retry_at = None
 
     def _set_offloads(self, offloads: int) -> None:
         if offloads == self.offloads:
@@ -226,6 +234,18 @@ class VirtioNet(VirtioPciDevice):
         self.offloads = offloads
 
     # -- the event loop: the TAP while buffers are posted ------------------------------------
+    monotonic = staticmethod(time.monotonic)  # (tests drive it by hand)
+
+    def next_deadline(self) -> float | None:
+        """TimedEvents: when a TAP that failed a read is to be watched again."""
+        return None if self.quiesced else self.rx_retry_at
+
+    def tick(self, now: float) -> None:
+        if self.rx_retry_at is None or now < self.rx_retry_at:
+            return  # woken early (something else came first)
+        self.rx_retry_at = None
+        self.rx_watch = True  # the buffers are still posted: the TAP's next frame lands
+
     def event_sources(self) -> Sequence[Source]:
         sources = super().event_sources()
         if self.rx_watch and not self.quiesced and not self.backend_gone:
@@ -355,7 +375,8 @@ class VirtioNet(VirtioPciDevice):
             self.rx_watch = True
             return None
         except OSError as e:
-            self.rx_watch = False  # until the next notify: no spinning on a failing TAP
+            self.rx_watch = False  # no spinning on a failing TAP: again at RX_RETRY_S
+            self.rx_retry_at = self.monotonic() + RX_RETRY_S
             self._warn.warning("rx", "%s: reading the TAP failed: %s", self.NAME, e)
             return None
         if n == 0:

@@ -4,6 +4,7 @@ rings laid out as a driver does (virtio 1.2 5.1)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -24,6 +25,7 @@ from tests.virtio.support import (
     DEVICE_CFG,
     DRIVER,
     DRIVER_OK,
+    F_EVENT_IDX,
     F_VERSION_1,
     FEATURES_OK,
     NEEDS_RESET,
@@ -399,6 +401,49 @@ def test_virtio_net_rx_frame_larger_than_buffer_dropped_counted_buffer_reused(ne
     assert rx.take_used() == [(0, 52)]
     assert net.counts["rx_dropped"] == 1
     assert net.counts["rx_frames"] == 1
+
+
+def test_virtio_net_rx_after_a_failed_tap_read_resumes_without_a_kick(net, peer, monkeypatch):
+    """A TAP read that fails (not EAGAIN: EBADFD for a detached queue, say) stops the watch
+    for RX_RETRY_S, then the device watches the TAP again by itself: a driver with EVENT_IDX
+    does not kick for buffers behind avail_event, and Linux's with a full ring adds none."""
+    driver, rx, _ = started(net, F_VERSION_1 | F_EVENT_IDX)
+    post(rx, 1526)
+    driver.kick(0)
+    real_readv, failures = os.readv, [OSError(errno.EBADFD, "File descriptor in bad state")]
+
+    def readv(fd: int, buffers: list) -> int:
+        if fd == net.tap and failures:
+            raise failures.pop()
+        return real_readv(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", readv)
+    monkeypatch.setattr(net, "monotonic", lambda: 50.0)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+    stopped, deadline = not watched(net), net.next_deadline()
+
+    net.tick(50.0 + virtio_net.RX_RETRY_S / 2)  # early: nothing yet
+    early = watched(net)
+    net.tick(50.0 + virtio_net.RX_RETRY_S)
+    tap_readable(net)
+
+    assert (stopped, deadline, early) == (True, 50.0 + virtio_net.RX_RETRY_S, False)
+    assert rx.take_used() == [(0, 12 + len(FRAME))] and net.next_deadline() is None
+
+
+def test_virtio_net_rx_retry_waits_while_quiesced_and_goes_with_a_reset(net, monkeypatch):
+    driver, rx, _ = started(net)
+    post(rx, 1526)
+    driver.kick(0)
+    net.rx_retry_at = 7.0
+    net.quiesce()
+    quiesced = net.next_deadline()
+    net.resume()
+    resumed = net.next_deadline()
+    driver.set_status(0)
+
+    assert (quiesced, resumed, net.next_deadline()) == (None, 7.0, None)
 
 
 # -- snapshot and counters ------------------------------------------------------------------------
