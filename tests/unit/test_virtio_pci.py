@@ -505,7 +505,7 @@ def test_virtio_pci_intx_disable_bit_keeps_the_line_down_not_the_status_bit(rng,
     4.1.4.5.1 makes the OR of the ISR: a driver that masks INTx can still poll it."""
     ring = Ring(rng.ram)
     driver.start(ring)
-    driver.wr(0x04, 0x0402, 2)
+    driver.wr(0x04, 0x0406, 2)  # memory, bus master, interrupt disable
     ring.add([(*ring.buffer(8), True)])
 
     driver.kick()
@@ -677,6 +677,42 @@ def test_virtio_pci_msix_masked_vector_pends_until_unmasked(rng, driver, fds, ch
     driver.wr(BAR1 + 16 + 12, 0, 4)
 
     assert (pending, signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == (0b10, 1, 0)
+
+
+def test_virtio_pci_bus_master_off_stops_every_dma_until_it_is_on_again(rng, driver, fds):
+    """PCI 3.0 6.2.2: with Bus Master Enable clear the function generates no PCI accesses.
+    A guest clears it to stop a device it hands over (Linux's pci_device_shutdown, before
+    a kexec): the ring is neither read nor written; set again, what waits is served."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    driver.wr(0x04, 0x0002, 2)  # memory decode only
+    head = ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+    stopped = (ring.used_idx(), signalled(fds["intx"]))
+    driver.wr(0x04, 0x0006, 2)
+    serve_ready(rng)  # the event loop's next step: the device kicked its own queue
+
+    assert (stopped, ring.take_used(), signalled(fds["intx"])) == ((0, 0), [(head, 8)], 1)
+
+
+def test_virtio_pci_bus_master_off_holds_msix_messages_pending(rng, driver, fds, channel):
+    """An MSI-X message is a memory write: with Bus Master Enable clear the vector pends (its
+    PBA bit), and is sent once the function may master the bus again."""
+    ring = used_with_msix(rng, driver)
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
+    signalled(fds["msix1"])
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()  # served, interrupt sent: then bus mastering goes
+    signalled(fds["msix1"])
+    driver.set_common(0x10, 1, 2)  # msix_config: configuration changes on vector 1 too
+    driver.wr(0x04, 0x0002, 2)
+    rng.config_changed()  # an interrupt with no DMA before it
+    held = (signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8))
+
+    driver.wr(0x04, 0x0006, 2)
+
+    assert (held, signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == ((0, 0b10), 1, 0)
 
 
 def pending_behind_mask(rng: VirtioRng, driver: Driver, fds, channel) -> None:

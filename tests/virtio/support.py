@@ -19,6 +19,7 @@ from splitvmm.protocol import control
 from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.record import Struct, field
 
+COMMAND, COMMAND_MASTER = 0x04, 0x0004  # the PCI command register and Bus Master Enable
 BAR0 = 0x1000  # BAR 0's registers in the flat window
 BAR1 = 0x5000  # BAR 1's (MSI-X)
 ISR = BAR0 + 0x1000
@@ -150,8 +151,15 @@ class Driver:
             features |= self.common(0x04, 4) << (32 * select)
         return features
 
+    def enable_bus_master(self) -> None:
+        """What a driver's PCI side does first (Linux's pci_set_master): without Bus Master
+        Enable the function may not touch guest memory nor send an MSI-X message."""
+        self.wr(COMMAND, self.rd(COMMAND, 2) | COMMAND_MASTER, 2)
+
     def negotiate(self, features: int) -> int:
-        """ACKNOWLEDGE, DRIVER, the features, FEATURES_OK: the status read back."""
+        """Bus mastering on, then ACKNOWLEDGE, DRIVER, the features, FEATURES_OK: the status
+        read back."""
+        self.enable_bus_master()
         self.set_status(ACK)
         self.set_status(ACK | DRIVER)
         for select in (0, 1):

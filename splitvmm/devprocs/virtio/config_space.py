@@ -160,8 +160,7 @@ def write(dev: VirtioPciDevice, offset: int, data: bytes) -> bool:
             dev.cfg_access.write_byte(at - PCI_CFG_CAP, byte)
         elif at in (COMMAND, COMMAND + 1):
             shift = 8 * (at - COMMAND)
-            value = dev.command & ~(0xFF << shift) | byte << shift
-            dev.command = value & COMMAND_WRITABLE
+            dev.set_command((dev.command & ~(0xFF << shift) | byte << shift) & COMMAND_WRITABLE)
         elif at == INTERRUPT_LINE:
             dev.interrupt_line = byte
         elif at == control + 1:  # bits 15 (enable) and 14 (function mask)

@@ -6,8 +6,10 @@ vector has an irqfd (fd role msix<k>) that the monitor registered on a GSI of it
 GSI goes nowhere until the monitor installs its route: the device asks for one (event
 `msi`: vector, address, data) whenever MSI-X is enabled and an unmasked entry holds a
 message it has no route for, and signals the vector only once a route_done for that very
-message came back ok. Until then, and while the vector or the function is masked, the
-vector's pending bit is set; it is signalled when the last obstacle goes.
+message came back ok. Until then, and while the vector or the function is masked or the
+function may not master the bus (an MSI-X message is a memory write: PCI 3.0 6.2.2, Bus
+Master Enable clear "disables the device from generating PCI accesses"), the vector's
+pending bit is set; it is signalled when the last obstacle goes.
 
 INTx (PCI 3.0 2.2.6, virtio 1.2 4.1.4.5): a level-triggered line through an irqfd with a
 resample fd. The device asserts it (writes the irqfd) when the ISR becomes non-zero while
@@ -48,6 +50,7 @@ class Msix:
         self.pending = 0  # bit k: vector k is pending
         self.enabled = False
         self.function_mask = False
+        self.bus_master = False  # the command register's Bus Master Enable
         self.routed: list[tuple[int, int] | None] = [None] * len(triggers)  # confirmed messages
         self._asked: dict[int, tuple[int, int, int]] = {}  # route id -> (vector, address, data)
         self.refused = 0  # route requests the monitor refused (a bad message from the guest)
@@ -104,6 +107,10 @@ class Msix:
         self.enabled, self.function_mask = enabled, function_mask
         self.update()
 
+    def set_bus_master(self, enabled: bool) -> None:
+        self.bus_master = enabled
+        self.update()
+
     # -- signalling ------------------------------------------------------------------------
     def signal(self, vector: int) -> None:
         """Raise `vector` now if it may fire, else make it pending."""
@@ -123,7 +130,8 @@ class Msix:
             unrouted = self.routed[k] != message and self._refused[k] != message
             if unrouted and not self._asking(k, message):
                 self._ask(k, message)
-            if self.pending >> k & 1 and not self.function_mask and self.routed[k] == message:
+            may_fire = not self.function_mask and self.bus_master and self.routed[k] == message
+            if self.pending >> k & 1 and may_fire:
                 self.pending &= ~(1 << k)
                 self.triggers[k].trigger()
 

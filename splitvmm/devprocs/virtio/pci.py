@@ -283,6 +283,20 @@ class VirtioPciDevice(RegisterDevice):
         return QueueState(size=self.QUEUE_SIZE, msix_vector=NO_VECTOR, enabled=False,
                           desc=0, driver=0, device=0, last_avail=0, used_idx=0)  # fmt: skip
 
+    def set_command(self, value: int) -> None:
+        """The PCI command register, as the guest wrote it (config_space.py). Bus Master
+        Enable gates every DMA (_ready) and MSI-X message: a guest clears it to stop a
+        device it hands over (Linux's pci_device_shutdown before a kexec). Set again, the
+        queues are looked at, as after resume: what the driver made available meanwhile
+        came with kicks that found the device unable to serve them."""
+        mastered = value & ~self.command & config_space.COMMAND_MASTER
+        self.command = value
+        self.msix.set_bus_master(bool(value & config_space.COMMAND_MASTER))
+        if mastered and not self.quiesced:
+            for q, ring in enumerate(self.rings):
+                if ring is not None:
+                    self._notify[q].trigger()
+
     # -- the window --------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
         value = self._read(offset, size)
@@ -499,9 +513,13 @@ class VirtioPciDevice(RegisterDevice):
 
     # -- queues -----------------------------------------------------------------------------------
     def _ready(self) -> bool:
+        """Whether the queues may run: the driver is done (DRIVER_OK, and neither NEEDS_RESET
+        nor FAILED) and the function may master the bus (every ring access and buffer is a
+        DMA: PCI 3.0 6.2.2)."""
         bad = Status.NEEDS_RESET | Status.FAILED
         live = not self.quiesced and not self.ctx.replaying
-        return bool(self.status & Status.DRIVER_OK) and not self.status & bad and live
+        master = self.command & config_space.COMMAND_MASTER
+        return bool(self.status & Status.DRIVER_OK and master) and not self.status & bad and live
 
     def process_all(self) -> None:
         for q in range(self.queue_count):
@@ -739,6 +757,7 @@ class VirtioPciDevice(RegisterDevice):
         for entry, saved in zip(self.msix.entries, s.msix_table, strict=True):
             entry.address, entry.data, entry.control = saved.address, saved.data, int(saved.masked)
         self.msix.pending = s.msix_pending
+        self.msix.bus_master = bool(s.command & config_space.COMMAND_MASTER)
         self.msix.set_control(s.msix_enabled, s.msix_function_mask)  # asks for the routes again
         if self.ctx.restarted:
             return  # after_restart() opens the queues, once the journal is replayed
