@@ -20,7 +20,10 @@ or pipe sent every LSR poll to this process and back (bench/serial.py --output p
 362.5 us a byte, 85-105 since). What TEMT still promises a driver that waits for
 it is room for a whole FIFO of any 8250 it may believe it drives.
 
-Host input waits in the receive buffer until the guest reads RBR. The interrupt
+Host input waits in the receive buffer until the guest reads RBR. In loopback the
+receiver hears the transmitter only: input the monitor sent before it learned that
+(it sends only into room this device reported) waits on the line, `line_in`, and
+reaches the receive buffer when loopback ends, as the rest of the host's does. The interrupt
 line is edge-signalled through an irqfd (ISA IRQs are edge-triggered on the
 IOAPIC): a pulse each time a new interrupt condition appears, and after each RBR
 read that leaves data (the next byte is a new receive event, as on a 16450). With
@@ -150,10 +153,10 @@ MSR_DELTAS = Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD  # cleared by reading MSR
 
 
 class UartState(DeviceState, frozen=True, kw_only=True):
-    """v2 added tx and tx_dropped. lsr: OE is state; THRE and TEMT are saved as the guest
-    would have read them, and derived again from tx on restore."""
+    """v2 added tx and tx_dropped, v3 line_in. lsr: OE is state; THRE and TEMT are saved as
+    the guest would have read them, and derived again from tx on restore."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     ier: int = 0
     lcr: int = int(Lcr.WLEN8)
     mcr: int = int(Mcr.OUT2)
@@ -167,9 +170,14 @@ class UartState(DeviceState, frozen=True, kw_only=True):
     rx: bytes = b""
     tx: bytes = b""  # written by the guest, not yet taken by the host's output
     tx_dropped: int = 0  # bytes written to THR with no room for them
+    line_in: bytes = b""  # host input that came in loopback: rx's once loopback ends
 
-    # v1 transmitted at once: nothing was ever buffered or dropped.
-    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: lambda f: {**f, "tx": "", "tx_dropped": 0}}
+    # v1 transmitted at once: nothing was ever buffered or dropped. v2 dropped what came in
+    # loopback.
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {
+        1: lambda f: {**f, "tx": "", "tx_dropped": 0},
+        2: lambda f: {**f, "line_in": ""},
+    }
 
 
 @register
@@ -185,6 +193,7 @@ class Uart8250(RegisterDevice):
         self.lsr = int(s.lsr & Lsr.OE)  # THRE, TEMT and DR are derived, never stored
         self.msr, self.scr, self.dll, self.dlm, self.fcr = s.msr, s.scr, s.dll, s.dlm, s.fcr
         self.rx = bytearray(s.rx)
+        self.line_in = bytearray(s.line_in)
         ctx.out.put(s.tx)  # restore() checked that it fits
         ctx.counters.tx_dropped = s.tx_dropped
         self._thre = self._holding_empty()  # THRE as the guest last saw it
@@ -239,15 +248,23 @@ class Uart8250(RegisterDevice):
 
     def host_input(self, data: bytes) -> None:
         if self.mcr & Mcr.LOOP:
-            return  # in loopback the receiver is wired to the transmitter only
+            # The receiver hears the transmitter only: what the monitor sent into the room
+            # it was told of before the guest turned loopback on waits on the line.
+            room = RX_BUFFER_MAX - len(self.line_in)
+            if len(data) > room:  # more than any room reported: the monitor's mistake
+                self.ctx.counters.rx_overrun += len(data) - room
+            self.line_in += data[:room]
+            return
         self._receive(data)
         self._update_irq()
 
     def input_buffer(self) -> tuple[int, int]:
         """ConsoleInput: host input comes only through the monitor, into `rx`. In loopback
-        the receiver is the transmitter's (host_input drops what comes): no room, so the
-        input waits on the host side until the guest ends loopback (Linux's probe)."""
-        return len(self.rx), 0 if self.mcr & Mcr.LOOP else RX_BUFFER_MAX
+        the receiver is the transmitter's: no room, so the input waits on the host side
+        until the guest ends loopback (Linux's probe); what was on its way already waits
+        here (`line_in`)."""
+        waiting = len(self.rx) + len(self.line_in)
+        return waiting, 0 if self.mcr & Mcr.LOOP else RX_BUFFER_MAX
 
     # -- registers --------------------------------------------------------------
     def _dlab(self) -> bool:
@@ -346,7 +363,11 @@ class Uart8250(RegisterDevice):
         """MCR; in loopback its outputs drive MSR's lines, and each change of a line sets its
         delta bit (TERI: RI falling) as the modem's would (PC16550D: MCR bit 4)."""
         before = self._modem_lines()
+        leaving_loopback = self.mcr & ~value & Mcr.LOOP
         self.mcr = value & 0x1F
+        if leaving_loopback and self.line_in:
+            self._receive(bytes(self.line_in))  # the line is the receiver's again
+            self.line_in.clear()
         changed = before ^ self._modem_lines()
         self.msr |= (
             (Msr.DCTS if changed & Msr.CTS else 0)
@@ -482,7 +503,7 @@ class Uart8250(RegisterDevice):
         return UartState(
             ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=int(self._line_status()), msr=self.msr,
             scr=self.scr, dll=self.dll, dlm=self.dlm, fcr=self.fcr,
-            thr_interrupt=self.thr_interrupt, rx=bytes(self.rx),
+            thr_interrupt=self.thr_interrupt, rx=bytes(self.rx), line_in=bytes(self.line_in),
             tx=self.ctx.out.buffered(), tx_dropped=self.ctx.counters.tx_dropped,
         )  # fmt: skip
 
@@ -494,6 +515,8 @@ class Uart8250(RegisterDevice):
                 raise StateError(f"serial: {name}={value!r} is not a byte")
         if len(state.rx) > RX_BUFFER_MAX:
             raise StateError(f"serial: rx buffer {len(state.rx)} > {RX_BUFFER_MAX} bytes")
+        if len(state.line_in) > RX_BUFFER_MAX:
+            raise StateError(f"serial: line_in {len(state.line_in)} > {RX_BUFFER_MAX} bytes")
         if len(state.tx) > ctx.out.room():
             raise StateError(f"serial: tx buffer {len(state.tx)} > {ctx.out.room()} bytes")
         if not isinstance(state.tx_dropped, int) or not 0 <= state.tx_dropped <= MAX_COUNTER:

@@ -238,6 +238,38 @@ def test_uart_size_fifo_in_loopback_after_a_clear_counts_16_with_host_input_wait
     assert bytes(got) == bytes(range(16))
 
 
+def test_uart_input_on_its_way_when_loopback_starts_reaches_rbr_after_it():
+    """The monitor sends input into the room it was told of; a guest may turn loopback on
+    (Linux's probe) before it learns there is none. That input waits on the line: the
+    loopback test reads back its own bytes only, and the typed ones come after it."""
+    uart, _, _ = make_uart()
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    uart.host_input(b"typed")  # sent before the room went to 0
+    room = uart.input_buffer()
+    uart.write(Reg.RX_TX, b"L")
+    looped = uart.read(Reg.RX_TX, 1)
+    empty = not uart.read(Reg.LSR, 1)[0] & Lsr.DR
+
+    uart.write(Reg.MCR, bytes([Mcr.OUT2 | Mcr.DTR | Mcr.RTS]))
+    got = bytearray()
+    while uart.read(Reg.LSR, 1)[0] & Lsr.DR:
+        got += uart.read(Reg.RX_TX, 1)
+
+    assert (room, looped, empty, bytes(got)) == ((5, 0), b"L", True, b"typed")
+    assert uart.ctx.counters.rx_overrun == 0
+
+
+def test_uart_input_held_in_loopback_is_saved_and_restored():
+    uart, _, _ = make_uart()
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    uart.host_input(b"held")
+    state = uart.save()
+    restored = Uart8250.restore(DeviceContext(irq=FakeIrq()), state)
+    restored.write(Reg.MCR, bytes([Mcr.OUT2]))
+
+    assert (state.line_in, restored.read(Reg.RX_TX, 1)) == (b"held", b"h")
+
+
 def test_uart_fcr_bits_are_not_programmed_without_bit_0():
     """PC16550D FCR0: "must be a 1 when other FCR bits are written to or they will not be
     programmed": a clear-receiver bit alone drops nothing."""
@@ -469,12 +501,21 @@ def test_uart_restore_tx_over_capacity_raises_state_error():
         Uart8250.restore(ctx, UartState(tx=b"x" * (SMALL + 1)))
 
 
+@pytest.mark.parametrize("field", ["rx", "line_in"])
+def test_uart_restore_input_over_the_buffer_raises_state_error(field):
+    with pytest.raises(StateError, match=f"{field}.* > {RX_BUFFER_MAX} bytes"):
+        Uart8250.restore(
+            DeviceContext(irq=FakeIrq()), UartState(**{field: b"x" * (RX_BUFFER_MAX + 1)})
+        )
+
+
 def test_uart_state_v1_document_migrates_with_empty_tx():
     doc = json.loads((GOLDENS / "vm" / "v1" / "serial0.json").read_text())
     fields = doc.pop("state")  # the snapshot chunk's name for the fields
     state = codec.state_from_document("serial", UartState, {**doc, "fields": fields})
     uart = Uart8250.restore(DeviceContext(irq=FakeIrq()), state)
     assert (state.tx, state.tx_dropped, line_status(uart)) == (b"", 0, Lsr.THRE | Lsr.TEMT)
+    assert state.line_in == b""
 
 
 def test_uart_state_current_document_round_trips():
