@@ -7,6 +7,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitvmm.devprocs.virtio.msix import NO_VECTOR
 from splitvmm.devprocs.virtio.queue import Chain
@@ -579,6 +581,38 @@ def test_virtio_pci_indirect_chain_served(rng, driver):
     driver.kick()
 
     assert ring.take_used() == [(head, 32)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    event_idx=st.booleans(),
+    batches=st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=40),
+)
+def test_virtio_pci_a_driver_that_kicks_only_when_asked_never_stalls(event_idx, batches):
+    """2.7.10: a driver may skip the kick the device's used ring says it does not need
+    (VIRTQ_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX). Whatever batches it makes
+    available, and whenever it takes what was used, every chain gets served: a device that
+    let a driver skip a kick it needed would leave chains waiting for ever."""
+    fds = host_fds("virtio-rng")
+    try:
+        dev = VirtioRng(prepared("virtio-rng", fds))
+        dev.clock_ns = SteppingClock(step=1_000)  # type: ignore[method-assign]
+        driver, ring = Driver(dev), Ring(dev.ram)
+        driver.start(ring, F_VERSION_1 | (F_EVENT_IDX if event_idx else 0))
+        made = used = 0
+        for count, take in batches:
+            old = ring.avail_idx
+            for _ in range(min(count, ring.size - (made - used))):  # a descriptor each
+                ring.add([(*ring.buffer(8), True)])
+                made += 1
+            driver.kick_if_needed(ring, old, event_idx=event_idx)
+            if take:
+                used += len(ring.take_used())
+        used += len(ring.take_used())
+
+        assert used == made
+    finally:
+        close_fds(fds)
 
 
 # -- MSI-X ----------------------------------------------------------------------------------------

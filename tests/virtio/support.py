@@ -183,6 +183,21 @@ class Driver:
         self.setup_queue(0, ring, vector)
         self.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
 
+    def kick_if_needed(self, ring: Ring, old_idx: int, q: int = 0, event_idx: bool = False) -> bool:
+        """After making chains available from avail idx `old_idx` on: kick only where the
+        device asked for it (2.7.10 with EVENT_IDX: the new chains passed avail_event;
+        without: VIRTQ_USED_F_NO_NOTIFY clear), as a driver that suppresses its kicks does.
+        Whether it kicked."""
+        new = ring.avail_idx
+        if event_idx:
+            avail_event = ring.ram.u16(ring.used + 4 + 8 * ring.size)  # type: ignore[attr-defined]
+            needed = (new - avail_event - 1) & 0xFFFF < (new - old_idx) & 0xFFFF
+        else:
+            needed = not ring.ram.u16(ring.used) & 1  # type: ignore[attr-defined]
+        if needed:
+            self.kick(q)
+        return bool(needed)
+
     def kick(self, q: int = 0) -> None:
         """What the guest's notify write does: the monitor's ioeventfd fires."""
         os.eventfd_write(self.dev.ctx.fds[f"notify{q}"], 1)
