@@ -58,6 +58,8 @@ KERNEL_VIRT_BASE = 0xFFFFFFFF80000000  # start of the x86-64 kernel text mapping
 BZ_MAGIC_OFFSET = 0x202
 BZ_JUMP_OFFSET = 0x200
 JMP_SHORT = 0xEB
+BZ_VERSION_END = 0x208  # the header's version field, u16 at 0x206
+BZ_HEADER_READ = 0x1000  # read first: the setup header ends by 0x281 (0x202 + a short jump)
 MIN_BZ_PROTOCOL = 0x0206  # cmdline_size exists from 2.06
 XLOADFLAGS_PROTOCOL = 0x020C  # xloadflags (and so XLF_KERNEL_64) exists from 2.12
 ENTRY_64_OFFSET = 0x200  # boot.rst: 64-bit entry is the load address + 0x200
@@ -195,8 +197,15 @@ class _Segment(Struct, frozen=True):
 
 def _check_segment(path: Path, seg: _Segment, size: int, ram_size: int) -> None:
     what = f"segment {seg.index}"
-    if seg.filesz > seg.memsz or seg.memsz > ram_size:
-        raise BootError(f"{path}: {what} has file size {seg.filesz:#x}, memory size {seg.memsz:#x}")
+    if seg.filesz > seg.memsz:
+        raise BootError(
+            f"{path}: {what} has file size {seg.filesz:#x}, more than its memory size "
+            f"{seg.memsz:#x}"
+        )
+    if seg.memsz > ram_size:
+        raise BootError(
+            f"{path}: {what} has memory size {seg.memsz:#x}, more than guest RAM ({ram_size:#x})"
+        )
     if seg.paddr + seg.memsz > layout.FOUR_GIB:  # boot.rst 64-bit protocol: identity-mapped
         raise BootError(
             f"{path}: {what} at {seg.paddr:#x}+{seg.memsz:#x} reaches past 4 GiB, beyond the "
@@ -267,6 +276,11 @@ def _bz_header(path: Path, data: bytes) -> tuple[bytes, bootparams.SetupHeader]:
         raise BootError(f"{path}: bzImage setup header end {end:#x} is invalid (a jump back)")
     if end > len(data):
         raise BootError(f"{path}: truncated bzImage: its setup header runs to {end:#x}")
+    if end < BZ_VERSION_END:
+        raise BootError(
+            f"{path}: bzImage setup header ends at {end:#x} (the jump at 0x200), before its "
+            f"version field ends at {BZ_VERSION_END:#x}"
+        )
     raw = data[bootparams.SETUP_HEADER_OFFSET : end]
     hdr = bootparams.parse_setup_header(raw)
     protocol = f"{hdr.version >> 8}.{hdr.version & 0xFF:02}"
@@ -278,7 +292,12 @@ def _bz_header(path: Path, data: bytes) -> tuple[bytes, bootparams.SetupHeader]:
             f"{path}: bzImage setup header ends at {end:#x}, short of {need:#x} where "
             f"protocol {protocol}'s fields end"
         )
-    if hdr.version < XLOADFLAGS_PROTOCOL or not hdr.xloadflags & XLF_KERNEL_64:
+    if hdr.version < XLOADFLAGS_PROTOCOL:
+        raise BootError(
+            f"{path}: boot protocol {protocol} predates xloadflags (2.12, Linux 3.8): the "
+            "bzImage cannot say it has a 64-bit entry point, and splitvmm enters 64-bit only"
+        )
+    if not hdr.xloadflags & XLF_KERNEL_64:
         raise BootError(f"{path}: bzImage has no 64-bit entry point (XLF_KERNEL_64 is not set)")
     return raw, hdr
 
@@ -301,23 +320,25 @@ def _load_bzimage(mem: GuestRam, path: Path, f: BinaryIO, size: int) -> LoadedKe
     low_end = _low_ram_end(mem)
     if size > low_end - layout.HIMEM_START:
         raise BootError(f"{path}: bzImage of {size:#x} bytes is larger than guest low RAM")
-    data = _pread(f, 0, size)
-    if len(data) != size:
-        raise BootError(f"{path}: read {len(data):#x} of {size:#x} bytes of the bzImage")
-    raw, hdr = _bz_header(path, data)
+    head = _pread(f, 0, min(size, BZ_HEADER_READ))
+    if len(head) != min(size, BZ_HEADER_READ):
+        raise BootError(f"{path}: file shrank while it was being loaded")
+    raw, hdr = _bz_header(path, head)
     setup_size = ((hdr.setup_sects or 4) + 1) * SECTOR  # boot.rst: setup_sects 0 means 4
-    kernel = memoryview(data)[setup_size:]
-    if len(kernel) == 0 or hdr.syssize * 16 > len(kernel):
-        raise BootError(f"{path}: truncated bzImage ({len(kernel)} bytes after the setup code)")
+    kernel_size = max(size - setup_size, 0)
+    if kernel_size == 0 or hdr.syssize * 16 > kernel_size:
+        raise BootError(f"{path}: truncated bzImage ({kernel_size} bytes after the setup code)")
     load = layout.HIMEM_START
     run = _bz_run_address(path, hdr, load)
-    end = max(load + len(kernel), run + max(hdr.init_size, len(kernel)))
+    end = max(load + kernel_size, run + max(hdr.init_size, kernel_size))
     if end > low_end:
         raise BootError(
             f"{path}: kernel needs RAM up to {end:#x} (init_size {hdr.init_size:#x} at "
             f"{run:#x}), but guest low RAM ends at {low_end:#x}"
         )
-    mem.write(load, bytes(kernel))
+    # In bounded chunks straight from the file: a whole read would hold the image twice
+    # (bytes, then the copy), and one read returns at most 0x7ffff000 bytes on Linux.
+    _copy(mem, f, path, setup_size, load, kernel_size)
     return LoadedKernel(
         entry=load + ENTRY_64_OFFSET,
         kind="bzimage",
@@ -355,7 +376,8 @@ def load_cmdline(mem: GuestRam, cmdline: str, kernel: LoadedKernel) -> LoadedKer
     if len(raw) > kernel.cmdline_max:
         raise BootError(
             f"the kernel command line is {len(raw)} bytes; this kernel takes at most "
-            f"{kernel.cmdline_max}"
+            f"{kernel.cmdline_max} (its cmdline_size, and never more than the "
+            f"{layout.CMDLINE_MAX - 1} splitvmm has room for)"
         )
     mem.write(layout.CMDLINE, raw + b"\0")
     return replace(kernel, cmdline_size=len(raw) + 1)

@@ -196,8 +196,12 @@ def test_load_kernel_bzimage_setup_sects_zero_means_four(tmp_path: Path) -> None
         (make_bzimage()[:0x220], "truncated bzImage: its setup header runs to 0x26c"),
         # a 2.15 header whose jump ends it before pref_address and init_size
         (make_bzimage(jump=0xEB | (0x240 - 0x202) << 8), "short of 0x26c where protocol 2.15"),
+        # a jump that ends the header before its version: not "protocol 0.00"
+        (make_bzimage(jump=0xEB), r"header ends at 0x202 \(the jump at 0x200\), before its ver"),
+        # before 2.12 nothing says whether the entry is 64-bit
+        (make_bzimage(version=0x020B), r"protocol 2\.11 predates xloadflags \(2\.12"),
     ],
-    ids=["old-protocol", "boot-flag", "truncated-header", "short-header"],
+    ids=["old-protocol", "boot-flag", "truncated-header", "short-header", "no-version", "2.11"],
 )
 def test_load_kernel_bad_bzimage_header_is_refused(tmp_path: Path, image: bytes, match: str):
     path = write(tmp_path, "bad", image)
@@ -210,6 +214,25 @@ def test_load_kernel_bzimage_without_xlf_kernel_64_is_refused(tmp_path: Path) ->
     path = write(tmp_path, "k32", make_bzimage(xloadflags=0))
 
     with pytest.raises(BootError, match="no 64-bit entry point"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
+
+
+@pytest.mark.parametrize(
+    ("filesz", "memsz", "match"),
+    [
+        (0x2000, 0x1000, "file size 0x2000, more than its memory size 0x1000"),
+        (0x1000, 1 << 40, r"memory size 0x10000000000, more than guest RAM \(0x4000000\)"),
+    ],
+    ids=["file-over-memory", "memory-over-ram"],
+)
+def test_load_kernel_elf_segment_sizes_name_the_limit_broken(
+    tmp_path: Path, filesz: int, memsz: int, match: str
+) -> None:
+    path = write(
+        tmp_path, "seg.elf", make_elf([Seg(0x200000, b"\x90" * filesz, memsz=memsz)], 0x200000)
+    )
+
+    with pytest.raises(BootError, match=match):
         load_kernel(FakeGuestMemory(64 * MIB), path)
 
 
