@@ -100,10 +100,17 @@ def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
     return model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
 
 
+REFUSAL_LINGER_MS = 2000  # at most this long to send why we cannot start
+
+
 def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
     """Tell the monitor why we cannot start (instead of READY), then exit."""
     sock.send(control.encode({"op": "error", "seq": 0, "message": message[:200]}))
-    sock.close(linger=2000)  # let the frame leave before the process does
+    # Let the frame leave before the process does: close() only sets the linger, and
+    # os._exit would take ZeroMQ's I/O thread down with the frame still queued (the monitor
+    # then saw a device that exited, without the reason); term() waits for it to be sent.
+    sock.close(linger=REFUSAL_LINGER_MS)
+    sock.context.term()
     os._exit(2)
 
 

@@ -39,6 +39,7 @@ WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
 CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
 READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
 READY_POLL_MS = 100  # how often we look whether it died before READY
+EXITED_GRACE_MS = 50  # for the last frame of a device that exited (its I/O thread sent it)
 # `ctl devices` asks each device for its counters (stats) and waits this long: a device busy
 # serving a long queue answers later, and its late answer is dropped when it comes (at most
 # MAX_LATE_STATS of them waiting; a device that leaves more unanswered has failed).
@@ -126,6 +127,10 @@ class DeviceChannel:
         while not self.sock.poll(READY_POLL_MS):
             waited += READY_POLL_MS
             status = process.poll()
+            # A device that refuses to start sends why, then exits: the frame may reach our
+            # socket just after the poll gave up, so it is looked for once more.
+            if status is not None and self.sock.poll(EXITED_GRACE_MS):
+                break
             if status is not None or waited >= READY_TIMEOUT_MS:
                 why = f"exited with status {status}" if status is not None else "did not start"
                 raise ChannelError(f"{why} within {waited} ms, before it was ready")

@@ -36,9 +36,7 @@ HOST_CLOCK_TOLERANCE_S = 2  # the issue's bound between the guest's reading and 
 IRQ_WAIT_S = 5.0
 LINE = r"^rtc: {} (\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ) epoch=(\d+)\n"  # whole lines only
 PIC_IRQ8 = 1 << (RTC.transport.irq - 8)  # the slave PIC's line 0
-REFUSED = (
-    r"device rtc: (refused to start: .options rejected: rtc: base must be|exited with status 2)"
-)
+REFUSED = r"device rtc: refused to start: .options rejected: rtc: base must be"
 
 
 # -- the guest ------------------------------------------------------------------------------------
@@ -128,10 +126,13 @@ def test_rtc_device_periodic_interrupt_signals_its_irq_from_its_own_timer(tmp_pa
     assert rtc.failures == []
 
 
-def test_rtc_device_refuses_an_unknown_base_in_one_line(tmp_path, irq):
+@pytest.mark.parametrize("attempt", range(5))
+def test_rtc_device_refuses_an_unknown_base_in_one_line(tmp_path, irq, attempt):
+    """Its own words, every time: a refusal sent just before the process exits used to be
+    lost now and then (ZeroMQ's I/O thread went with the process, or the monitor saw the
+    exit first), and the user read only 'exited with status 2'."""
     rtc = rtc_host(tmp_path, irq.fd, {"base": "mars"})
     try:
-        # Its words, or its exit with _refuse's status 2 when wait_ready sees the exit first.
         with pytest.raises(DeviceFailure, match=REFUSED):
             rtc.host.wait_ready()
     finally:
