@@ -60,6 +60,8 @@ from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import signing
 
 if TYPE_CHECKING:
+    from signal import _HANDLER
+
     from splitvmm.snapshot.reader import Snapshot
 
 log = logging.getLogger("splitvmm.machine")
@@ -92,6 +94,8 @@ class Machine:
         self._outcome: Outcome | None = None
         self._outcome_lock = threading.Lock()
         self._wake = EventFd()  # wakes the main thread when the VM ends
+        # The stop signals' handlers before run() put ours in; close() puts them back
+        self._previous_handlers: dict[signal.Signals, _HANDLER] = {}
         self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self._vm_fds: list[_Closable] = []  # the VM's, then its vCPUs': closed apart (close())
         self._pit_mode: OnThread | None = None  # the PIT's re-injection going off (build())
@@ -415,21 +419,22 @@ class Machine:
         assert self.control is not None
         self.control.start()
         # A signal ignored when we started stays ignored (nohup, a shell's `cmd &` ignoring
-        # SIGINT): the operator asked for that, as for any program.
+        # SIGINT): the operator asked for that, as for any program. Ours stay until close()
+        # is done: `timeout` signals `up` and then its whole process group, and a second
+        # signal during the teardown must not cut it short (a KeyboardInterrupt, or the
+        # default SIGTERM, skipped the devices' syncs and the VM's close).
         stop_signals = [
             s
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
             if signal.getsignal(s) is not signal.SIG_IGN
         ]
-        previous = {s: signal.signal(s, self._on_signal) for s in stop_signals}
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals}
         try:
             for v in self.vcpus:
                 v.start()
             self._serve_console()
             timings.mark("guest run")
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             for v in self.vcpus:
                 v.request_stop()
             for v in self.vcpus:
@@ -618,6 +623,9 @@ class Machine:
                 if vm_closer is not None:
                     _log_failure("closing the VM", vm_closer.wait())
                 self._wake.close()
+                for s, handler in self._previous_handlers.items():
+                    signal.signal(s, handler)
+                self._previous_handlers = {}
 
     def _sync_devices(self) -> None:
         """Let every device finish the guest's posted writes (and flush its output line)

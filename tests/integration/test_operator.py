@@ -55,6 +55,21 @@ def test_up_started_with_sighup_ignored_runs_on_after_one(tmp_path, guests):
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_up_signalled_twice_still_ends_with_the_first_signals_status(tmp_path, guests, sig):
+    """`timeout` signals `up`, then its whole process group: the second signal came during
+    the teardown, where the previous handlers were back, and cut it short (SIGINT: click's
+    'Aborted!' and status 1; SIGTERM: killed by it, nothing said)."""
+    proc = counting(tmp_path, guests, stderr=subprocess.PIPE)
+    proc.send_signal(sig)
+    time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 128 + sig, err.decode()
+    assert f"stopped by {sig.name}" in err.decode() and "Aborted" not in err.decode()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="a monitor that is not dumpable hides its fds")
 def test_up_started_with_stdin_closed_reads_dev_null_there(tmp_path, guests):
     """`up ... <&-`: the launcher's pidfd took fd 0, and the console read it as the
