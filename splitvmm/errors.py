@@ -64,6 +64,13 @@ def shown(value: object, limit: int = SHOWN_MAX) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def escaped(text: str, keep: str = "") -> str:
+    """Text from elsewhere (a snapshot, the monitor's reply, a device's words) as data:
+    control and invisible characters (escape sequences, newlines, bidi overrides) as their
+    Python escapes, so none reaches the terminal raw; those in `keep` stay as they are."""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
 def clip(message: str, limit: int = 4 * SHOWN_MAX) -> str:
     """A message that quotes untrusted values, clipped to one short line. The middle goes:
     the start says what is at fault and the end says what is wrong with it."""

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 from rich.text import Text
 
+from splitvmm.errors import escaped
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot.reader import format_size
 
@@ -66,12 +67,6 @@ def inspect(directory: Path, as_json: bool) -> None:
     for line in json.dumps(m.vm_config, indent=2, ensure_ascii=True).splitlines():
         console.print(Text(f"    {line}"), soft_wrap=True)
     console.print(_chunk_table(snap))
-
-
-def escaped(text: str) -> str:
-    """Text from a snapshot as data: control and invisible characters (escape sequences,
-    newlines, bidi overrides) as their Python escapes, so none reaches the terminal raw."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _chunk_table(snap: Snapshot) -> Table:

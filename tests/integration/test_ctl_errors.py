@@ -83,6 +83,31 @@ def test_ctl_status_bad_reply_is_one_line_error(monitor, words):
 
 
 @pytest.mark.parametrize(
+    "monitor", [b'{"ok": false, "error": "\\u001b]0;pwned\\u0007 failed\\nfake"}\n'], indirect=True
+)
+def test_ctl_error_text_reaches_the_terminal_escaped(monitor):
+    """An error may quote a device's words: an escape sequence in it stays an escape, and
+    a newline cannot start a line of its own."""
+    result = ctl(monitor.sock.getsockname(), "status")
+    assert_one_line_error(result, r"\x1b]0;pwned\x07 failed\nfake")
+    assert "\x1b" not in result.output and "\x07" not in result.output
+
+
+@pytest.mark.parametrize(
+    "monitor",
+    [
+        b'{"ok": true, "name": "vm\\u001b[2J", "state": "running", "vcpus": 1, '
+        b'"memory": 1048576, "uptime_s": 1, "pid": 7, "devices": []}\n'
+    ],
+    indirect=True,
+)
+def test_ctl_reply_text_reaches_the_terminal_escaped(monitor):
+    result = ctl(monitor.sock.getsockname(), "status")
+    assert result.exit_code == 0 and "vm\\x1b[2J" in result.output, result.output
+    assert "\x1b" not in result.output
+
+
+@pytest.mark.parametrize(
     "monitor",
     [b'{"ok": true, "devices": [1]}\n', b'{"ok": true, "devices": "ab"}\n'],
     indirect=True,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from splitvmm.errors import escaped
+
 
 def socket_path(vm: str | None, socket: Path | None) -> Path:
     if socket is not None:
@@ -56,9 +58,9 @@ def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
     try:
         return request(socket_path(opts["vm"], opts["socket"]), op, args)
     except ControlBusy as e:
-        raise TryAgain(str(e)) from None
-    except ControlError as e:
-        raise click.ClickException(str(e)) from None
+        raise TryAgain(escaped(str(e))) from None
+    except ControlError as e:  # its text may quote a device's words: never raw on a terminal
+        raise click.ClickException(escaped(str(e))) from None
 
 
 def reply_int(reply: dict[str, object], key: str) -> int:
@@ -91,5 +93,5 @@ def emit(
             raise click.ClickException(
                 f"the VM's reply lacks what this command shows ({e!r})"
             ) from None
-        click.echo(text)
+        click.echo(escaped(text, keep="\n"))  # the reply's strings come from the monitor
     sys.stdout.flush()
