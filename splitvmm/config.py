@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from splitvmm.errors import ConfigError
+from splitvmm.errors import ConfigError, escaped
 from splitvmm.protocol import faults
 from splitvmm.protocol.models import (
     MODELS,
@@ -202,6 +202,8 @@ def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
 def _host_path(base: Path, value: str, where: str, resolve: bool = False) -> Path:
     """`value` (~ expanded) relative to the config's directory; a ConfigError naming `where`
     for what no path can be (a NUL byte, an unknown ~user, a symlink loop)."""
+    if "\0" in value:  # pathlib takes it; every system call would refuse it
+        raise ConfigError(f"{where}: {shown(value)} is no usable path: it holds a NUL byte")
     try:
         path = base / Path(value).expanduser()
         return path.resolve() if resolve else path
@@ -226,7 +228,7 @@ def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | No
     value = _get(table, key, "boot", str)
     path = _host_path(base, value, f"boot.{key}")
     if check and not path.is_file():
-        raise ConfigError(f"boot.{key}: {path} does not exist or is not a file")
+        raise ConfigError(f"boot.{key}: {escaped(str(path))} does not exist or is not a file")
     return path
 
 

@@ -99,9 +99,11 @@ def _precheck(path: str, dir_fd: int | None, access: Access) -> str | None:
     return None if _usable(st.st_mode, access) else _not_regular(st.st_mode)
 
 
-def _open_error(e: OSError) -> str:
+def _open_error(e: OSError, access: Access) -> str:
     if e.errno == errno.ELOOP:
         return "is a symlink, not a regular file"
+    if e.errno == errno.ENOENT and access.value & os.O_CREAT:
+        return "cannot be created: its directory does not exist"
     if e.errno == errno.ENOENT:
         return "does not exist"
     if e.errno == errno.EISDIR:
@@ -132,7 +134,7 @@ def open_host_file(
     except OSError as e:
         if e.errno == errno.EINVAL and flags & os.O_DIRECT:
             raise HostFileError(key, name, "is on a file system without direct I/O") from None
-        raise HostFileError(key, name, _open_error(e)) from None
+        raise HostFileError(key, name, _open_error(e, access)) from None
     try:
         mode = os.fstat(fd).st_mode
         if not _usable(mode, access):

@@ -9,6 +9,7 @@ across a crash), and the machine closes them at tear-down.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -181,7 +182,11 @@ class DeviceFds(Struct):
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
         except OSError as e:
-            raise ConfigError(f"{key}: cannot open TAP {name!r}: {e.strerror or e}") from None
+            why = e.strerror or str(e)
+            if e.errno == errno.EINVAL:  # tun's answer for a name it will not take as a TAP
+                why = "an interface of that name exists and is not a TAP, or the kernel takes "
+                why += "no interface of that name (TUNSETIFF: Invalid argument)"
+            raise ConfigError(f"{key}: cannot open TAP {name!r}: {why}") from None
         return self._own(fd)
 
 

@@ -154,6 +154,8 @@ def load_kernel(mem: GuestRam, path: Path) -> LoadedKernel:
     """Load an ELF64 vmlinux/test guest or a bzImage, chosen by content, not by name."""
     f, size = _open(path, "kernel")
     with f:
+        if size == 0:
+            raise BootError(f"{path}: the kernel file is empty")
         head = _pread(f, 0, BZ_MAGIC_OFFSET + 4)
         if head[:4] == ELF_MAGIC:
             return _load_elf(mem, path, f, size)

@@ -95,7 +95,7 @@ class Snapshot:
         try:
             is_dir = stat.S_ISDIR(os.stat(path).st_mode)
         except (FileNotFoundError, NotADirectoryError):
-            is_dir = False
+            raise SnapshotError("does not exist") from None
         except OSError as e:  # EACCES on a parent, ENAMETOOLONG...
             raise SnapshotError(f"cannot open the directory: {e.strerror}") from None
         if not is_dir:

@@ -125,6 +125,10 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         (GOOD.replace('"kernel.elf"', '"~nosuchuser/k"'), "boot.kernel: '~nosuchuser/k' is no"),
         (GOOD.replace("[boot]", 'snapshot_dirs = ["a\\u0000"]\n[boot]'), "vm.snapshot_dirs: 'a"),
         ("\ufeff" + GOOD, "starts with a UTF-8 byte-order mark"),
+        (
+            GOOD.replace('"kernel.elf"', '"k\\u0000.elf"'),
+            r"boot\.kernel: 'k\\x00\.elf' is no usable path: it holds a NUL byte",
+        ),
     ],
     ids=[
         "vm-name-trailing-newline",
@@ -141,6 +145,7 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         "kernel-unknown-user",
         "snapshot-dir-nul",
         "byte-order-mark",
+        "kernel-nul",
     ],
 )
 def test_config_hostile_input_raises_one_line_error(kernel_dir, text, message):

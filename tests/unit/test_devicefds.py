@@ -15,7 +15,14 @@ from splitvmm.errors import ConfigError
 from splitvmm.hostpath import HostFileError
 from splitvmm.monitor.devicefds import Closable, DeviceFds, PciInterrupts, dirty_log_size
 from splitvmm.monitor.memory import GuestMemory
-from splitvmm.protocol.models import SERIAL, VIRTIO_BLK, FdKind, FdRole, ModelDescriptor
+from splitvmm.protocol.models import (
+    SERIAL,
+    VIRTIO_BLK,
+    VIRTIO_NET,
+    FdKind,
+    FdRole,
+    ModelDescriptor,
+)
 
 MIB = 1 << 20
 
@@ -218,3 +225,13 @@ def _pending(fd: int) -> bool:
         return os.eventfd_read(fd) > 0
     except BlockingIOError:
         return False
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this host")
+def test_device_fds_tap_named_after_an_interface_that_is_no_tap_says_so(mem, owned) -> None:
+    """`lo` exists and is not a TAP: tun says EINVAL, which alone read as a bad argument."""
+    dev = DeviceSection("net0", "virtio-net", options={"tap": "lo", "mac": "52:54:00:12:34:56"})
+    maker = DeviceFds(IrqVm(), mem, owned, PciInterrupts(intx_gsi=17, msix_gsis=(24, 25, 26)))
+
+    with pytest.raises(ConfigError, match="net0'.tap: cannot open TAP 'lo': an interface of that"):
+        maker.make(dev, VIRTIO_NET)

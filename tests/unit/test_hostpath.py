@@ -126,6 +126,12 @@ def test_open_host_file_missing_refused_for_reading(tmp_path):
         open_host_file(tmp_path / "absent", "boot.kernel")
 
 
+def test_open_host_file_create_in_a_missing_directory_says_so(tmp_path):
+    """Not "does not exist": the file would be created; its directory is what is missing."""
+    with pytest.raises(HostFileError, match="cannot be created: its directory does not exist$"):
+        open_host_file(tmp_path / "nodir" / "serial.log", "device 'serial0'.output", Access.APPEND)
+
+
 def test_open_host_file_append_creates_private_file(tmp_path):
     fd = open_host_file(tmp_path / "serial.log", "device 'serial0'.output", Access.APPEND)
     os.close(fd)

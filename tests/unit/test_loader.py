@@ -143,6 +143,13 @@ def test_load_kernel_elf_entry_outside_segments_is_refused(tmp_path: Path) -> No
         load_kernel(FakeGuestMemory(32 * MIB), path)
 
 
+def test_load_kernel_empty_file_is_refused_as_empty(tmp_path: Path) -> None:
+    path = write(tmp_path, "empty.bin", b"")
+
+    with pytest.raises(BootError, match=r"empty\.bin: the kernel file is empty$"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
+
+
 def test_load_kernel_unknown_format_names_what_was_found(tmp_path: Path) -> None:
     path = write(tmp_path, "notes.txt", b"hello world" * 100)
 

@@ -84,7 +84,7 @@ def test_cli_inspect_missing_directory_exits_1(tmp_path):
 
     assert (result.exit_code, result.stderr.strip()) == (
         1,
-        f"splitvmm: error: snapshot {tmp_path / 'none'}: not a directory",
+        f"splitvmm: error: snapshot {tmp_path / 'none'}: does not exist",
     )
 
 

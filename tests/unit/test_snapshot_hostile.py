@@ -622,7 +622,7 @@ def test_restore_of_a_missing_directory_names_it(tmp_path, env, monkeypatch, com
 
     result, _ = invoke(monkeypatch, args)
 
-    assert_refused_cleanly(result, f"snapshot {missing}: not a directory")
+    assert_refused_cleanly(result, f"snapshot {missing}: does not exist")
 
 
 def test_restore_of_a_bad_stored_config_names_the_snapshot(tmp_path, monkeypatch):

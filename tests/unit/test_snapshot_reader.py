@@ -273,9 +273,15 @@ def test_reader_missing_manifest_refused(snap):
         Snapshot.open(snap)
 
 
-def test_reader_not_a_directory_refused(tmp_path):
-    with pytest.raises(SnapshotError, match="not a directory"):
+def test_reader_missing_directory_refused(tmp_path):
+    with pytest.raises(SnapshotError, match="^does not exist$"):
         Snapshot.open(tmp_path / "nothing")
+
+
+def test_reader_not_a_directory_refused(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(SnapshotError, match="^not a directory$"):
+        Snapshot.open(tmp_path / "file")
 
 
 def test_reader_directory_it_may_not_look_into_is_an_error_not_a_traceback(tmp_path):
