@@ -231,7 +231,21 @@ def config_of(snap: Snapshot, overrides: dict[str, str]) -> VmConfig:
     try:
         return parse_config(data, Path.cwd(), check_files=False, restored=True)
     except ConfigError as e:
+        key = _overridden(str(e), overrides)
+        if key is not None:  # the operator's value, not the snapshot's, is at fault
+            raise ConfigError(f"--set {shown(key)}: {clip(str(e))}") from None
         raise SnapshotError(f"manifest vm_config: {clip(str(e))}") from None
+
+
+def _overridden(message: str, overrides: dict[str, str]) -> str | None:
+    """The --set key whose option a config error names (parse_config's way of naming it:
+    "device 'NAME'.OPTION: ..." or "boot.OPTION: ..."), or None."""
+    for key in overrides:
+        name, option = _split_key(key)
+        named = f"boot.{option}:" if name == "boot" else f"device {name!r}.{option}:"
+        if message.startswith(named):
+            return key
+    return None
 
 
 def device_state(snap: Snapshot, name: str) -> dict[str, object]:

@@ -152,6 +152,23 @@ def test_config_of_manifest_on_crash_garbage_names_manifest(tmp_path):
         restore.config_of(snap, {})
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "serial0.output",
+            "~nosuchuser/x",
+            r"^--set 'serial0\.output': device 'serial0'\.output: '~no",
+        ),
+    ],
+)
+def test_config_of_operators_bad_value_is_blamed_on_the_set_not_the_snapshot(
+    tmp_path, key, value, message
+):
+    with pytest.raises(ConfigError, match=message):
+        restore.config_of(golden(tmp_path), {key: value})
+
+
 def test_host_resources_cover_every_model():
     assert set(HOST_RESOURCES) == set(MODEL_OPTIONS)
     for model, options in HOST_RESOURCES.items():
