@@ -101,7 +101,10 @@ def verify_with_progress(snap: Snapshot) -> None:
     help="Also require manifest.sig to be the manifest's MAC under the key in KEYFILE.",
 )
 def verify(directory: Path, key_file: Path | None) -> None:
-    """Check every chunk's size, checksum and structure; exit 1 on the first problem."""
+    """Check every chunk's size, checksum and structure, and decode the vCPU, VM and PCI
+    states as a restore would; exit 1 on the first problem. (Each device's own fields are
+    checked by its model when it is restored.)"""
+    from splitvmm.monitor import restore
     from splitvmm.snapshot import signing
 
     try:
@@ -111,6 +114,7 @@ def verify(directory: Path, key_file: Path | None) -> None:
     snap = _open(directory, key)
     try:
         verify_with_progress(snap)
+        restore.check_states(snap)
     except SnapshotError as e:
         _fail(directory, e)
     count, mib = len(snap.chunks), snap.total_bytes / (1 << 20)

@@ -284,8 +284,20 @@ class SavedStates(Struct, frozen=True):
 def decode_states(snap: Snapshot) -> SavedStates:
     """Every vCPU and VM chunk decoded and checked: done before the machine is built, so a
     bad chunk stops the restore before any process is spawned."""
+    if snap.vcpu_count == 0:
+        raise SnapshotError("no vCPU chunk: a VM has at least one vCPU")
     vcpus = tuple(_read_state(snap, f"vcpu{i}", vmstate.VcpuState) for i in range(snap.vcpu_count))
     return SavedStates(vcpus, _read_state(snap, "vm", vmstate.VmState), _read_pci(snap))
+
+
+def check_states(snap: Snapshot) -> None:
+    """What a restore checks of the states before any process runs (`snapshot verify`):
+    every vCPU, VM and PCI chunk decoded, every device chunk a state document of its
+    bounded size. A device's fields are its model's to judge, in its sandboxed process."""
+    decode_states(snap)
+    for chunk in snap.chunks:
+        if chunk.kind == "device":
+            device_state(snap, chunk.name)
 
 
 def _read_pci(snap: Snapshot) -> pcistate.PciState | None:

@@ -18,8 +18,11 @@ MEM_SIZE = 4 * MIB
 PAGES = {0x0: b"\x11", 0x5000: b"\x22", 0x6000: b"\x33", MEM_SIZE - PAGE: b"\x44"}
 VM_CONFIG = {"vm": {"name": "t", "memory": "4M", "vcpus": 1}, "device": []}
 CPUID = [{"function": 0, "index": 0, "eax": 13, "ebx": 0, "ecx": 0, "edx": 0}]
-VCPU = {"regs": {"rip": 0xFFF0, "rflags": 2}, "xsave": "00ff" * 8}
-VM = {"clock": 123456789, "pit": {"mode": 2}}
+# A vCPU's and the VM's states as a restore decodes them (snapshot verify does too): the
+# golden v1 VM's, saved by release 1 (tests/conformance/goldens/vm/v1)
+GOLDEN_VM = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "vm" / "v1"
+VCPU = json.loads((GOLDEN_VM / "vcpu0.json").read_text())
+VM = json.loads((GOLDEN_VM / "vm.json").read_text())
 SERIAL = {"ier": 0, "lcr": 3, "rx_fifo": "6869"}
 # chunk name -> file, for parametrizing over every chunk of the snapshot write_snapshot makes
 CHUNK_FILES = {

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm.cli import cli
-from tests.unit.snapshot_support import edit_manifest, flip_byte, make_snapshot
+from tests.unit.snapshot_support import edit_manifest, flip_byte, make_snapshot, rehash
 
 
 @pytest.fixture
@@ -48,7 +48,36 @@ def test_cli_inspect_json_is_the_manifest_summary(snap):
 def test_cli_verify_intact_prints_ok(snap):
     result = run("verify", str(snap))
 
-    assert (result.exit_code, result.stdout) == (0, f"snapshot {snap}: OK (4 chunks, 0.02 MiB)\n")
+    assert (result.exit_code, result.stdout) == (0, f"snapshot {snap}: OK (4 chunks, 0.03 MiB)\n")
+
+
+@pytest.mark.parametrize(
+    ("chunk", "content", "message"),
+    [
+        ("vcpu0", {}, "chunk vcpu0: VcpuState: missing key"),
+        ("vm", {"x": 1}, "chunk vm: VmState"),
+    ],
+)
+def test_cli_verify_decodes_the_states_a_restore_would(snap, chunk, content, message):
+    """Checksums that match are not enough: a state every restore refuses is no OK."""
+    (snap / f"{chunk}.json").write_text(json.dumps(content))
+    rehash(snap, chunk)
+
+    result = run("verify", str(snap))
+
+    assert (result.exit_code, result.stdout) == (1, ""), result.stdout
+    assert message in result.stderr
+
+
+def test_cli_verify_snapshot_without_vcpus_exits_1(snap):
+    edit_manifest(
+        snap, lambda doc: doc.update(chunks=[c for c in doc["chunks"] if c["kind"] != "vcpu"])
+    )
+    os.unlink(snap / "vcpu0.json")
+
+    result = run("verify", str(snap))
+
+    assert result.exit_code == 1 and "no vCPU chunk" in result.stderr, result.stderr
 
 
 def test_cli_verify_corrupt_chunk_exits_1_naming_it(snap):
