@@ -290,11 +290,14 @@ class Mc146818(RegisterDevice):
         if self._held():
             self._cmos[reg] = value
             return
-        # A write while the clock runs sets that field, the others and the phase unchanged.
-        phase = self._guest_ns() % NS
+        # A write while the clock runs sets that field, the others and the phase unchanged;
+        # inside a cycle SET aborted (_unset), that update stays aborted.
+        phase, aborted = self._guest_ns() % NS, self._in_aborted_cycle()
         self._latch()
         self._cmos[reg] = value
         self._unlatch(phase)
+        if aborted:
+            self._aborted_s = self._guest_ns() // NS
 
     def _write_control(self, reg: int, value: int) -> None:
         """Register A or B: holding or releasing the time registers as SET and DV change."""
@@ -355,7 +358,7 @@ class Mc146818(RegisterDevice):
         UIP stays low and no UF (nor AF) comes at its end; the next update is a second
         after that tick, with the divider's phase kept."""
         self._unlatch(phase_ns)
-        if phase_ns < UPDATE_CYCLE_NS and self._cmos[Reg.CONTROL] & RegB.SET == 0:
+        if phase_ns < UPDATE_CYCLE_NS:
             self._aborted_s = self._guest_ns() // NS
 
     def _latched_s(self) -> int:

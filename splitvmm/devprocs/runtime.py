@@ -100,17 +100,19 @@ def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
     return model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
 
 
-REFUSAL_LINGER_MS = 2000  # at most this long to send why we cannot start
+REFUSAL_WAIT_MS = 2000  # at most this long for the monitor to take why we cannot start
 
 
 def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
     """Tell the monitor why we cannot start (instead of READY), then exit."""
     sock.send(control.encode({"op": "error", "seq": 0, "message": message[:200]}))
-    # Let the frame leave before the process does: close() only sets the linger, and
-    # os._exit would take ZeroMQ's I/O thread down with the frame still queued (the monitor
-    # then saw a device that exited, without the reason); term() waits for it to be sent.
-    sock.close(linger=REFUSAL_LINGER_MS)
-    sock.context.term()
+    # Let the frame leave before the process does: os._exit right after the send took
+    # ZeroMQ's I/O thread down with the frame still queued now and then, and the monitor saw
+    # a device that exited without its reason. The monitor ends us once it has read it (it
+    # ends a device that failed); one that is gone leaves us to exit after REFUSAL_WAIT_MS.
+    # Not context.term(): ending ZeroMQ's threads takes the thread `exit` and a shared futex
+    # wait, which the device's seccomp filter refuses (a SIGSYS after every refusal).
+    sock.poll(REFUSAL_WAIT_MS, zmq.POLLIN)
     os._exit(2)
 
 

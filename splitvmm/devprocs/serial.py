@@ -252,7 +252,8 @@ class Uart8250(RegisterDevice):
             # it was told of before the guest turned loopback on waits on the line.
             room = RX_BUFFER_MAX - len(self.line_in)
             if len(data) > room:  # more than any room reported: the monitor's mistake
-                self.ctx.counters.rx_overrun += len(data) - room
+                overrun = self.ctx.counters.rx_overrun + len(data) - room
+                self.ctx.counters.rx_overrun = min(overrun, MAX_COUNTER)
             self.line_in += data[:room]
             return
         self._receive(data)
@@ -468,7 +469,8 @@ class Uart8250(RegisterDevice):
     def _receive(self, data: bytes) -> None:
         room = RX_BUFFER_MAX - len(self.rx)
         if len(data) > room:
-            self.ctx.counters.rx_overrun += len(data) - room
+            overrun = self.ctx.counters.rx_overrun + len(data) - room
+            self.ctx.counters.rx_overrun = min(overrun, MAX_COUNTER)
             self.lsr |= Lsr.OE
         self.rx += data[:room]
 
@@ -517,6 +519,8 @@ class Uart8250(RegisterDevice):
             raise StateError(f"serial: rx buffer {len(state.rx)} > {RX_BUFFER_MAX} bytes")
         if len(state.line_in) > RX_BUFFER_MAX:
             raise StateError(f"serial: line_in {len(state.line_in)} > {RX_BUFFER_MAX} bytes")
+        if state.line_in and not state.mcr & Mcr.LOOP:  # it would never reach rx
+            raise StateError("serial: line_in holds input, and loopback is off")
         if len(state.tx) > ctx.out.room():
             raise StateError(f"serial: tx buffer {len(state.tx)} > {ctx.out.room()} bytes")
         if not isinstance(state.tx_dropped, int) or not 0 <= state.tx_dropped <= MAX_COUNTER:

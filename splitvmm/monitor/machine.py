@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("splitvmm.machine")
 
 DEBUG_EXIT_WINDOW = 4  # accepts outb/outw/outl at 0xf4
+STOP_SIGNALS_BEFORE_DEFAULT = 2  # the operator's and `timeout`'s to its process group
 # After the devices and their spares started, or the last restart, this long without another
 # restart before the launcher may end its zygote (~5 MiB): a restart's new spare needs one,
 # and a zygote being started (~100 ms of imports) holds up the launcher for every request
@@ -96,6 +97,7 @@ class Machine:
         self._wake = EventFd()  # wakes the main thread when the VM ends
         # The stop signals' handlers before run() put ours in; close() puts them back
         self._previous_handlers: dict[signal.Signals, _HANDLER] = {}
+        self._stop_signals = 0  # stop signals received
         self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self._vm_fds: list[_Closable] = []  # the VM's, then its vCPUs': closed apart (close())
         self._pit_mode: OnThread | None = None  # the PIT's re-injection going off (build())
@@ -583,6 +585,14 @@ class Machine:
         }
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        """A stop request. The second is `timeout` signalling our process group after us
+        (run()): nothing more. A third is an operator who will not wait for the teardown
+        (a device's restart or the VM's close can take seconds): the signal's default."""
+        self._stop_signals += 1
+        if self._stop_signals > STOP_SIGNALS_BEFORE_DEFAULT:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         self.stop(Outcome(128 + signum, f"stopped by {signal.Signals(signum).name}"))
 
     def _serve_console(self) -> None:

@@ -187,3 +187,48 @@ def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open(model: str
     assert parsed.rules["openat"].errno == errno.ENOENT
     assert parsed.rules["open"].errno == errno.ENOENT
     assert {"socket", "connect", "execve", "clone", "clone3", "fork"}.isdisjoint(parsed.rules)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_device_that_refuses_to_start_exits_2_under_its_own_filter(tmp_path, model) -> None:
+    """runtime._refuse inside the device's seccomp filter: its words reach the monitor and
+    the process exits 2. Ending ZeroMQ's threads (context.term(), tried once so that the
+    words would leave) takes the thread `exit` and a shared futex wait, which the filters
+    refuse: every refusal then ended in SIGSYS."""
+    import signal
+    import time
+
+    import zmq
+
+    from splitvmm.devprocs import runtime
+    from splitvmm.native import confine
+
+    endpoint = f"ipc://{tmp_path}/refuse.sock"
+    ctx = zmq.Context()
+    monitor = ctx.socket(zmq.PAIR)
+    monitor.bind(endpoint)
+    filt = policy.compile_filter(policy.load_model_policy(model))
+    pid = os.fork()
+    if pid == 0:  # the device: connected, then sandboxed, then refusing
+        try:
+            sock = zmq.Context().socket(zmq.PAIR)
+            sock.connect(endpoint)
+            sock.send(b"connected")
+            time.sleep(0.1)
+            confine.set_no_new_privs()
+            filt.load()
+            runtime.REFUSAL_WAIT_MS = 200  # nobody ends us here, as a monitor would
+            runtime._refuse(sock, "options rejected: a test")
+        finally:
+            os._exit(99)
+    try:
+        assert monitor.recv() == b"connected"
+        words = monitor.recv() if monitor.poll(5000) else None
+        _, status = os.waitpid(pid, 0)
+    finally:
+        monitor.close(linger=0)
+        ctx.term()
+
+    assert words is not None and b"options rejected: a test" in words
+    exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else signal.Signals(os.WTERMSIG(status))
+    assert exited == 2

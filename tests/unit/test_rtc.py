@@ -194,6 +194,20 @@ def test_rtc_set_released_inside_the_tick_it_held_back_runs_no_update_then():
     assert (rd(rtc, Reg.INTR_FLAGS) & RegC.UF, rd(rtc, Reg.SECONDS)) == (RegC.UF, 0x31)
 
 
+def test_rtc_time_write_inside_the_aborted_cycle_keeps_it_aborted():
+    """A field written (SET clear) in what is left of the aborted cycle: still no update."""
+    rtc, clock, _ = make_rtc(phase=NS - 100_000)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
+    clock.advance(100_000 + 300_000)
+    wr(rtc, Reg.CONTROL, RegB.H24)
+    clock.advance(300_000)
+    wr(rtc, Reg.MINUTES, 0x45)
+    uip = rd(rtc, Reg.FREQ_SELECT) & RegA.UIP
+    clock.advance(UPDATE_CYCLE_NS)
+
+    assert (uip, rd(rtc, Reg.INTR_FLAGS) & RegC.UF, rd(rtc, Reg.MINUTES)) == (0, 0, 0x45)
+
+
 def test_rtc_set_released_inside_the_tick_it_held_back_arms_the_next_update():
     """With UIE on, the interrupt that follows such a release is the next tick's."""
     rtc, clock, irq = make_rtc(phase=NS - 100_000)

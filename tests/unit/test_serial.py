@@ -509,6 +509,12 @@ def test_uart_restore_input_over_the_buffer_raises_state_error(field):
         )
 
 
+def test_uart_restore_refuses_held_input_outside_loopback():
+    """line_in reaches rx when loopback ends: with loopback off it never would."""
+    with pytest.raises(StateError, match="line_in holds input, and loopback is off"):
+        Uart8250.restore(DeviceContext(irq=FakeIrq()), UartState(line_in=b"x"))
+
+
 def test_uart_state_v1_document_migrates_with_empty_tx():
     doc = json.loads((GOLDENS / "vm" / "v1" / "serial0.json").read_text())
     fields = doc.pop("state")  # the snapshot chunk's name for the fields
