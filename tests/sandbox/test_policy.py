@@ -204,31 +204,40 @@ def test_a_device_that_refuses_to_start_exits_2_under_its_own_filter(tmp_path, m
     from splitvmm.native import confine
 
     endpoint = f"ipc://{tmp_path}/refuse.sock"
-    ctx = zmq.Context()
-    monitor = ctx.socket(zmq.PAIR)
-    monitor.bind(endpoint)
     filt = policy.compile_filter(policy.load_model_policy(model))
-    pid = os.fork()
+    pid = os.fork()  # before this process has ZeroMQ's threads: nothing held across the fork
     if pid == 0:  # the device: connected, then sandboxed, then refusing
         try:
             sock = zmq.Context().socket(zmq.PAIR)
-            sock.connect(endpoint)
+            sock.connect(endpoint)  # ZeroMQ connects once the monitor's end is bound
             sock.send(b"connected")
-            time.sleep(0.1)
+            sock.recv()  # the monitor's "go": connected for sure, as a device is before seccomp
             confine.set_no_new_privs()
             filt.load()
             runtime.REFUSAL_WAIT_MS = 200  # nobody ends us here, as a monitor would
             runtime._refuse(sock, "options rejected: a test")
         finally:
             os._exit(99)
+    ctx = zmq.Context()
+    monitor = ctx.socket(zmq.PAIR)
+    ended = (0, 0)
     try:
-        assert monitor.recv() == b"connected"
-        words = monitor.recv() if monitor.poll(5000) else None
-        _, status = os.waitpid(pid, 0)
+        monitor.bind(endpoint)
+        hello = monitor.recv() if monitor.poll(10_000) else None
+        monitor.send(b"go")
+        words = monitor.recv() if monitor.poll(10_000) else None
+        deadline = time.monotonic() + 10
+        while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
+        if ended[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         monitor.close(linger=0)
         ctx.term()
+    status = ended[1]
 
+    assert hello == b"connected" and ended[0] == pid
     assert words is not None and b"options rejected: a test" in words
     exited = os.WEXITSTATUS(status) if os.WIFEXITED(status) else signal.Signals(os.WTERMSIG(status))
     assert exited == 2
