@@ -241,6 +241,14 @@ class Device(abc.ABC):
         a model that takes any checks their values and raises ConfigError)."""
         return cls(ctx)
 
+    def check_options(self, options: Mapping[str, object]) -> None:
+        """A restored device (a snapshot's, or a crash restart's) against the config options
+        it was started with: ConfigError for a value from_options() would refuse, or for a
+        guest-visible one its state contradicts (the guest keeps the device it had; a value
+        taken silently from the state would leave the operator's config a lie). A model
+        whose options the guest never sees has nothing to check."""
+        return None  # deliberately empty: most models have no guest-visible option
+
     def quiesce(self) -> None:
         """Snapshot step 2: stop taking work from guest queues and finish what is in flight,
         or record it in the state so that restore() re-runs it. Until resume(), the device

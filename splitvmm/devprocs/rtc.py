@@ -206,12 +206,15 @@ class Mc146818(RegisterDevice):
         cls, ctx: DeviceContext, options: Mapping[str, object], clock: Clock | None = None
     ) -> Self:
         """`base = "utc"` (a PC's usual) or `"localtime"`: what the clock shows at start."""
-        base = options.get("base", "utc")
-        if base not in BASES:
-            raise ConfigError(f"rtc: base must be one of {', '.join(BASES)}, got {base!r}")
+        base = _base_option(options)
         clock = clock or HostClock()
         offset = clock.utc_offset(clock.wall_ns() // NS) * NS if base == "localtime" else 0
         return cls(ctx, RtcState(offset_ns=offset), clock)
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        """`base` says what the clock shows at start only: a restored clock runs on from its
+        saved offset, whatever it says, but a value a boot would refuse is refused."""
+        _base_option(options)
 
     # -- guest accesses -------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -557,6 +560,13 @@ def _first_in_day(
             if s is not None:
                 return h * 3600 + m * 60 + s
     return None
+
+
+def _base_option(options: Mapping[str, object]) -> object:
+    base = options.get("base", "utc")
+    if base not in BASES:
+        raise ConfigError(f"rtc: base must be one of {', '.join(BASES)}, got {base!r}")
+    return base
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

@@ -97,7 +97,9 @@ def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
     model = load_model(spec.model)
     if spec.state is None:
         return model.from_options(ctx, spec.options)
-    return model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
+    device = model.restore(ctx, codec.state_from_document(spec.model, model.State, spec.state))
+    device.check_options(spec.options)  # ConfigError: refused, naming the option
+    return device
 
 
 REFUSAL_WAIT_MS = 2000  # at most this long for the monitor to take why we cannot start

@@ -177,12 +177,21 @@ class VirtioBlk(VirtioPciDevice):
 
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
-        serial = str(options.get("serial", "")).encode()
-        if not serial.isascii():  # 5.2.6: the answer to GET_ID is an ASCII string
-            raise ConfigError("virtio-blk: serial must be ASCII")
-        if len(serial) > ID_BYTES:
-            raise ConfigError(f"virtio-blk: serial is {len(serial)} bytes, at most {ID_BYTES}")
-        return cls(ctx, readonly=bool(options.get("readonly", False)), serial=serial)
+        readonly, serial = _guest_options(options)
+        return cls(ctx, readonly=readonly, serial=serial)
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        readonly, serial = _guest_options(options)
+        if serial != self.serial:
+            raise ConfigError(
+                f"virtio-blk: serial is {serial.decode()!r} in the config, "
+                f"{self.serial.decode()!r} in the saved device the guest knows"
+            )
+        if readonly != self.readonly:
+            raise ConfigError(
+                f"virtio-blk: readonly is {str(readonly).lower()} in the config, "
+                f"{str(self.readonly).lower()} in the saved device the guest knows"
+            )
 
     @classmethod
     def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
@@ -511,6 +520,16 @@ class VirtioBlk(VirtioPciDevice):
     def _io_failed(self, e: OSError) -> NoReturn:
         self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
         raise RequestError(VIRTIO_BLK_S_IOERR) from None
+
+
+def _guest_options(options: Mapping[str, object]) -> tuple[bool, bytes]:
+    """readonly and serial, the options the guest sees (F_RO, GET_ID); ConfigError if bad."""
+    serial = str(options.get("serial", "")).encode()
+    if not serial.isascii():  # 5.2.6: the answer to GET_ID is an ASCII string
+        raise ConfigError("virtio-blk: serial must be ASCII")
+    if len(serial) > ID_BYTES:
+        raise ConfigError(f"virtio-blk: serial is {len(serial)} bytes, at most {ID_BYTES}")
+    return bool(options.get("readonly", False)), serial
 
 
 def _merged(bufs: list[tuple[int, int]]) -> list[tuple[int, int]]:

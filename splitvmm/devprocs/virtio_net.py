@@ -124,6 +124,10 @@ class VirtioNetState(VirtioPciState, frozen=True, kw_only=True):
     mac: Annotated[bytes, schema.Len(6, 6)] = bytes(6)
 
 
+def _mac_option(options: Mapping[str, object]) -> bytes:
+    return parse_mac(str(options.get("mac") or BARE_MAC))
+
+
 def parse_mac(text: str) -> bytes:
     """ "52:54:00:12:34:56" -> its 6 bytes; ConfigError unless a unicast address."""
     if not MAC_RE.fullmatch(text):
@@ -178,8 +182,16 @@ class VirtioNet(VirtioPciDevice):
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
         # config.py derives a mac for every device (VM and device names); a device spawned
         # bare (the policy audit, a test) gets the one of no VM.
-        text = str(options.get("mac") or BARE_MAC)
-        return cls(ctx, parse_mac(text))
+        return cls(ctx, _mac_option(options))
+
+    def check_options(self, options: Mapping[str, object]) -> None:
+        mac = _mac_option(options)
+        if mac != self.mac:
+            raise ConfigError(
+                f"virtio-net: mac is {mac.hex(':')} in the config, {self.mac.hex(':')} in the "
+                "saved device the guest knows (a mac not given is derived from the VM's and "
+                "the device's names: give it)"
+            )
 
     @classmethod
     def from_state(cls, ctx: DeviceContext, state: Any) -> Self:

@@ -574,6 +574,15 @@ def test_rtc_golden_v1_state_restores_its_time_and_nvram():
     )
 
 
+def test_rtc_restored_checks_base_but_runs_on_from_its_offset():
+    rtc, clock, _ = make_rtc()
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), rtc.save(), clock)
+
+    restored.check_options({"base": "localtime"})  # what it shows at start only
+    with pytest.raises(ConfigError, match="base must be one of utc, localtime, got 'mars'"):
+        restored.check_options({"base": "mars"})
+
+
 def test_rtc_state_from_a_newer_version_is_refused():
     doc = {**codec.state_document("rtc", RtcState()), "version": 3}
     with pytest.raises(StateError, match="version 3 is newer than this splitvmm reads"):

@@ -13,10 +13,13 @@ import cffi
 import pytest
 
 from splitvmm.devprocs import virtio_blk
+from splitvmm.devprocs.runtime import build_device
 from splitvmm.devprocs.virtio_blk import VirtioBlk
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import files
 from splitvmm.native.aio import AioContext
+from splitvmm.protocol import codec
+from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.record import replace
 from tests.virtio.support import (
     DEVICE_CFG,
@@ -489,6 +492,38 @@ def test_virtio_blk_restore_refuses_a_serial_that_is_not_ascii(blk):
 
     with pytest.raises(StateError, match="not ASCII"):
         VirtioBlk.restore(blk.ctx, bad)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"serial": "disk-0002"}, "serial is 'disk-0002' in the config, 'disk-0001' in the saved"),
+        ({"serial": "disk-0001", "readonly": True}, "readonly is true in the config, false in"),
+        ({"serial": "x" * 21}, "serial is 21 bytes, at most 20"),
+    ],
+    ids=["other-serial", "now-readonly", "bad-serial"],
+)
+def test_virtio_blk_restored_refuses_config_options_the_guest_would_not_see(blk, options, message):
+    """A restore takes the guest-visible values from the state: a config that says other
+    (or what a boot refuses) is refused, not left a lie."""
+    restored = VirtioBlk.restore(blk.ctx, blk.save())
+
+    with pytest.raises(ConfigError, match=message):
+        restored.check_options(options)
+
+
+def test_virtio_blk_restore_in_a_device_process_checks_the_spec_options(blk, fds):
+    """runtime.build_device, as a restored process runs it: the refusal it raises is what
+    the process sends the monitor ("options rejected: ...")."""
+    doc = codec.state_document("virtio-blk", blk.save())
+    spec = DeviceSpec("disk0", "virtio-blk", "ipc://unused", options={"serial": "d2"}, state=doc)
+
+    with pytest.raises(ConfigError, match="serial is 'd2' in the config"):
+        build_device(spec, prepared("virtio-blk", fds))
+
+
+def test_virtio_blk_restored_takes_the_options_it_was_saved_with(blk):
+    VirtioBlk.restore(blk.ctx, blk.save()).check_options({"serial": "disk-0001", "path": "x"})
 
 
 def test_virtio_blk_restore_refuses_another_capacity(blk):

@@ -470,6 +470,16 @@ def test_virtio_net_state_restore_keeps_mac_and_queues(net, fds):
     assert restored.save() == state
 
 
+def test_virtio_net_restored_refuses_another_mac_in_the_config(net, fds):
+    restored = VirtioNet.restore(prepared("virtio-net", fds), net.save())
+
+    restored.check_options({"mac": MAC, "tap": "tap0"})
+    with pytest.raises(ConfigError, match="mac is 52:54:00:12:34:57 in the config, 52:54:00:12"):
+        restored.check_options({"mac": "52:54:00:12:34:57"})
+    with pytest.raises(ConfigError, match="six hex bytes"):
+        restored.check_options({"mac": "zz"})
+
+
 def test_virtio_net_stats_count_frames_and_notifications(net, peer):
     driver, _, tx = started(net)
     tx.add([(*tx.buffer(HDR + FRAME), False)])
