@@ -252,8 +252,7 @@ class Uart8250(RegisterDevice):
             # it was told of before the guest turned loopback on waits on the line.
             room = RX_BUFFER_MAX - len(self.line_in)
             if len(data) > room:  # more than any room reported: the monitor's mistake
-                overrun = self.ctx.counters.rx_overrun + len(data) - room
-                self.ctx.counters.rx_overrun = min(overrun, MAX_COUNTER)
+                self._count_overrun(len(data) - room)
             self.line_in += data[:room]
             return
         self._receive(data)
@@ -462,17 +461,19 @@ class Uart8250(RegisterDevice):
             self.rx.append(value)
             return
         self.lsr |= Lsr.OE
-        self.ctx.counters.rx_overrun = min(self.ctx.counters.rx_overrun + 1, MAX_COUNTER)
+        self._count_overrun(1)
         if not fifo:
             self.rx[-1] = value
 
     def _receive(self, data: bytes) -> None:
         room = RX_BUFFER_MAX - len(self.rx)
         if len(data) > room:
-            overrun = self.ctx.counters.rx_overrun + len(data) - room
-            self.ctx.counters.rx_overrun = min(overrun, MAX_COUNTER)
+            self._count_overrun(len(data) - room)
             self.lsr |= Lsr.OE
         self.rx += data[:room]
+
+    def _count_overrun(self, lost: int) -> None:
+        self.ctx.counters.rx_overrun = min(self.ctx.counters.rx_overrun + lost, MAX_COUNTER)
 
     # -- interrupt --------------------------------------------------------------
     def _pending_iir(self) -> int:

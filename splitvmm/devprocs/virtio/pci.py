@@ -293,9 +293,7 @@ class VirtioPciDevice(RegisterDevice):
         self.command = value
         self.msix.set_bus_master(bool(value & config_space.COMMAND_MASTER))
         if mastered and not self.quiesced:
-            for q, ring in enumerate(self.rings):
-                if ring is not None:
-                    self._notify[q].trigger()
+            self._kick_live_queues()
 
     # -- the window --------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -699,6 +697,10 @@ class VirtioPciDevice(RegisterDevice):
         queue's notify is signalled. The monitor's vCPUs wait for that reply, and nothing else
         reaches the loop meanwhile (ctx.waiting() would let a drain run to the ring's end)."""
         self.quiesced = False
+        self._kick_live_queues()
+
+    def _kick_live_queues(self) -> None:
+        """Signal each open ring's notify: the event loop serves what waits there."""
         for q, ring in enumerate(self.rings):
             if ring is not None:
                 self._notify[q].trigger()
