@@ -109,3 +109,57 @@ def test_zygote_that_exited_raises_zygote_error_naming_its_status():
         return "forked"
 
     assert as_launcher(body) == {"error": "ZygoteError: the zygote exited (status 3)"}
+
+
+# A zygote that reports, as its first message, which fds below 64 it has and whether its
+# stdin and stdout are /dev/null.
+FD_PROBE = (
+    sys.executable,
+    "-c",
+    "import json, os, sys\n"
+    "def is_open(fd):\n"
+    "    try:\n"
+    "        os.fstat(fd)\n"
+    "    except OSError:\n"
+    "        return False\n"
+    "    return True\n"
+    "null = os.stat(os.devnull).st_rdev\n"
+    "facts = {'fds': [fd for fd in range(64) if is_open(fd)], 'socket': int(sys.argv[1]),\n"
+    "         'null': [os.fstat(fd).st_rdev == null for fd in (0, 1)]}\n"
+    "os.write(int(sys.argv[1]), json.dumps(facts).encode())\n",
+)
+
+
+def test_zygote_gets_stdio_and_its_socket_and_no_other_fd_of_the_launcher():
+    """Every fd of the launcher but stderr stays behind, inheritable or not (it is started
+    without subprocess, whose close_fds did this)."""
+
+    def body() -> object:
+        leaked_r, leaked_w = os.pipe()
+        os.set_inheritable(leaked_r, True)  # an fd someone forgot to make close-on-exec
+        zygote = Zygote.start({}, FD_PROBE)
+        try:
+            facts: dict[str, object] = json.loads(os.read(zygote.fileno(), 4096))
+            return {**facts, "leaked": leaked_r}
+        finally:
+            zygote.close()
+            os.close(leaked_r)
+            os.close(leaked_w)
+
+    facts = as_launcher(body)
+    assert isinstance(facts, dict), facts
+    assert facts["fds"] == [0, 1, 2, facts["socket"]], facts
+    assert facts["null"] == [True, True]
+
+
+def test_zygote_that_was_killed_is_seen_ended_with_the_signal_as_status():
+    def body() -> object:
+        zygote = Zygote.start({}, (sys.executable, "-c", "import time; time.sleep(60)"))
+        ended_before = zygote.ended()
+        os.kill(zygote.pid, signal.SIGTERM)
+        os.waitid(os.P_PID, zygote.pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped
+        result = [ended_before, zygote.ended(), zygote.returncode]
+        zygote.close()  # reaped already: nothing to kill
+        return result
+
+    assert as_launcher(body) == [False, True, -signal.SIGTERM]
