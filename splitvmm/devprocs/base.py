@@ -197,6 +197,9 @@ class DeviceContext(Struct):
     # A restart re-applies the dead process's journal (runtime.replay): registers only, no
     # guest queue touched, until the model's after_restart() takes them up
     replaying: bool = False
+    # While replaying: the host's wall clock (CLOCK_REALTIME ns) when the monitor sent the
+    # frame being re-applied. A model that keeps time reads its clock as of then (rtc.py).
+    replay_wall_ns: int | None = None
     # Whether the event loop has work ready besides what the model is doing (a frame on the
     # channel, another fd of the model's, a deadline passed): a model busy for long asks
     # before it goes on (virtio's BUDGET_NS). The event loop sets it (EventLoop.waiting).

@@ -164,9 +164,9 @@ class RtcState(DeviceState, frozen=True, kw_only=True):
     """cmos: the 128 bytes as the guest would read them, with register A's UIP clear and
     register C's IRQF left out (both derived); the time registers are restored from it
     only while they are held (SET, or the divider not running), else from offset_ns.
-    v2 added aborted_s."""
+    v2 added aborted_s, v3 synced_ns."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     offset_ns: int = 0  # guest clock minus the host's wall clock: survives a restore
     index: int = 0  # the last byte written to port 0x70 (bit 7: NMI disabled)
     cmos: bytes = _power_on_cmos()
@@ -174,7 +174,14 @@ class RtcState(DeviceState, frozen=True, kw_only=True):
     # The guest second whose update SET aborted, while the time base is still inside its
     # cycle (Mc146818._unset); None at any other time
     aborted_s: int | None = None
-    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: lambda f: {**f, "aborted_s": None}}
+    # The guest time (ns) up to which register C's flags account for the events: a restored
+    # clock sets those that came since (a restart's gap: an alarm in it still goes off). None
+    # (states before v3): from the restore on.
+    synced_ns: int | None = None
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {
+        1: lambda f: {**f, "aborted_s": None},
+        2: lambda f: {**f, "synced_ns": None},
+    }
 
 
 @register
@@ -194,7 +201,8 @@ class Mc146818(RegisterDevice):
         self._index = s.index
         self._cmos = bytearray(s.cmos)
         self._weekday_shift = s.weekday_shift
-        self._synced_ns = self._guest_ns()  # flags in C account for time up to here
+        # flags in C account for the events up to this guest time
+        self._synced_ns = self._guest_ns() if s.synced_ns is None else s.synced_ns
         self._aborted_s = s.aborted_s  # the second whose update SET aborted (_unset)
         self._line = self._irqf()  # the IRQ line as last driven (an edge was sent if high)
         self._quiesced = False
@@ -254,8 +262,10 @@ class Mc146818(RegisterDevice):
         self._quiesced = False
 
     def _begin(self) -> None:
-        """Every entry point: read the clock once, account for the time that passed."""
-        self._now = self._clock.wall_ns()
+        """Every entry point: read the clock once, account for the time that passed. A frame
+        a restart re-applies is served as of when it was first sent (runtime.replay)."""
+        replayed = self.ctx.replay_wall_ns
+        self._now = self._clock.wall_ns() if replayed is None else replayed
         self._sync()
         self._update_irq()
 
@@ -470,11 +480,14 @@ class Mc146818(RegisterDevice):
         if event is None:
             self._deadline = None
             return
-        self._deadline = self._clock.monotonic() + (event - self._guest_ns()) / NS
+        # From the clock as it reads now, not from self._now: a replayed frame's is past.
+        now = self._clock.wall_ns() + self._offset_ns
+        self._deadline = self._clock.monotonic() + (event - now) / NS
 
     def _next_event(self) -> int | None:
-        """Guest ns of the next event whose enable bit is set, while the line is low."""
-        control, g = self._cmos[Reg.CONTROL], self._guest_ns()
+        """Guest ns of the next event whose enable bit is set, while the line is low; from
+        the last sync on, so that a restored clock ticks at once for an event in the gap."""
+        control, g = self._cmos[Reg.CONTROL], min(self._synced_ns, self._guest_ns())
         if self._line or not self._running() or not control & FLAGS:
             return None
         events = []
@@ -503,6 +516,7 @@ class Mc146818(RegisterDevice):
             cmos=bytes(cmos),
             weekday_shift=self._weekday_shift,
             aborted_s=self._aborted_s if self._in_aborted_cycle() else None,
+            synced_ns=self._synced_ns,
         )
 
     @classmethod
@@ -520,6 +534,8 @@ class Mc146818(RegisterDevice):
             raise StateError(f"rtc: register D is {state.cmos[Reg.VALID]:#04x}, not VRT")
         if state.aborted_s is not None:
             _check_int("aborted_s", state.aborted_s, FIRST_S, LAST_S)
+        if state.synced_ns is not None:
+            _check_int("synced_ns", state.synced_ns, FIRST_S * NS, (LAST_S + 1) * NS)
         return cls(ctx, state, clock)
 
 

@@ -65,6 +65,7 @@ log = logging.getLogger("splitvmm.dev")
 # malloc arena (glibc maps 128 MiB to align a new arena, then gives half back).
 RUNTIME_ADDRESS_SPACE = 256 << 20
 MAX_REPLAY = 4096  # the monitor's journal holds no more (monitor/slot.py MAX_JOURNAL)
+MAX_WALL_NS = 1 << 63  # a replayed frame's send time: CLOCK_REALTIME ns, as a signed 64-bit
 
 
 def address_space_limit(spec: DeviceSpec) -> int:
@@ -372,22 +373,30 @@ def _apply(device: RegisterDevice, access: wire.Access) -> bytes | None:
     return None
 
 
-def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, list[bytes]]:
-    """A restart's (frames applied at its checkpoint, frames to re-apply); the output's
-    counters set before the model's restore() puts its buffered bytes back."""
+Replay = list[tuple[bytes, int]]  # (frame, host wall-clock ns when the monitor sent it)
+
+
+def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay]:
+    """A restart's (frames applied at its checkpoint, frames to re-apply with when each was
+    sent); the output's counters set before the model's restore() puts its buffered bytes
+    back."""
     resume = spec.resume
     if resume is None:
         return 0, []
     counts = [_count(resume, k) for k in ("applied", "emitted", "skip")]
-    replay = resume.get("replay")
+    replay, sent = resume.get("replay"), resume.get("replay_wall_ns")
     if not isinstance(replay, list) or len(replay) > MAX_REPLAY:
         raise StateError(f"resume: replay must be a list of at most {MAX_REPLAY} frames")
+    if not isinstance(sent, list) or len(sent) != len(replay):
+        raise StateError("resume: replay_wall_ns must give a time for each replayed frame")
+    if not all(type(t) is int and 0 <= t <= MAX_WALL_NS for t in sent):
+        raise StateError("resume: replay_wall_ns must be wall-clock times in ns")
     try:
         frames = [base64.b64decode(f, validate=True) for f in replay]
     except (TypeError, ValueError):
         raise StateError("resume: a replayed frame is not base64") from None
     applied, ctx.out.emitted, ctx.out.skip = counts
-    return applied, frames
+    return applied, list(zip(frames, sent, strict=True))
 
 
 def _count(resume: dict[str, object], key: str) -> int:
@@ -397,28 +406,31 @@ def _count(resume: dict[str, object], key: str) -> int:
     return n
 
 
-def replay(device: Device, frames: list[bytes], checkpoints: Checkpoints) -> None:
+def replay(device: Device, frames: Replay, checkpoints: Checkpoints) -> None:
     """Re-apply what the dead process got after its checkpoint (read replies go nowhere), to
     its registers only (ctx.replaying): the guest's queues as they were at some frame of the
     journal may be memory the driver has given up since; after_restart() takes up the ones
-    the last frame leaves."""
+    the last frame leaves. Each frame as of when it was sent (ctx.replay_wall_ns): a clock
+    set an hour before the crash was set then, not at the restart."""
     if not frames:
         return
     if not isinstance(device, RegisterDevice):
         raise StateError(f"resume: {type(device).__name__} takes no port accesses")
     device.ctx.replaying = True
     try:
-        for frame in frames:
+        for frame, sent in frames:
             try:
                 access = wire.decode_access(frame, device.WINDOW)
             except ProtocolError as e:
                 raise StateError(f"resume: {e}") from None
             if access.op == wire.Op.SYNC:
                 raise StateError("resume: a SYNC frame is never replayed")
+            device.ctx.replay_wall_ns = sent
             _apply(device, access)
             checkpoints.applied += 1
     finally:
         device.ctx.replaying = False
+        device.ctx.replay_wall_ns = None
 
 
 # -- sandbox (issue 3) ------------------------------------------------------------------------

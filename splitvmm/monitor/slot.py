@@ -35,7 +35,10 @@ dead one was when it died, not where the last snapshot was. The design:
   the journal before READY (read replies thrown away): the serial model is a
   function of its state and its frames, so it ends in the dead process's state,
   the guest's reads included (an RBR read after the checkpoint pops its byte
-  again: no input byte comes back twice). A checkpoint lost with the dead process
+  again: no input byte comes back twice). Each frame is journaled with the host's
+  wall clock when it was sent and re-applied as of then: the rtc is a function of
+  its frames and of when they came (a time the guest set an hour before the crash
+  was set then, not at the restart). A checkpoint lost with the dead process
   costs only a longer replay: the journal is trimmed by checkpoints received.
 * No output byte twice. The replay produces again the output bytes the dead
   process produced after its checkpoint, some of which reached the line. For an
@@ -249,7 +252,8 @@ class DeviceSlot:
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
         self._frames = 0  # reads, writes and input the device got, over the slot's life
-        self._journal: deque[tuple[int, bytes]] = deque()  # (number, frame) past the checkpoint
+        # (number, frame, host wall-clock ns when it was sent) past the checkpoint
+        self._journal: deque[tuple[int, bytes, int]] = deque()
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
         self._out_fd, self._out_base = _regular_output(spawn)
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
@@ -488,8 +492,15 @@ class DeviceSlot:
         if self._out_fd is not None:
             grown = os.fstat(self._out_fd).st_size - self._out_base
             skip = max(0, grown - cp.emitted)
-        replay = [base64.b64encode(frame).decode() for _, frame in self._journal]
-        return {"applied": cp.applied, "emitted": cp.emitted, "skip": skip, "replay": replay}
+        replay = [base64.b64encode(frame).decode() for _, frame, _ in self._journal]
+        replay_wall_ns = [sent for _, _, sent in self._journal]
+        return {
+            "applied": cp.applied,
+            "emitted": cp.emitted,
+            "skip": skip,
+            "replay": replay,
+            "replay_wall_ns": replay_wall_ns,
+        }
 
     def crash(self, signum: int) -> int:
         """Send `signum` to the device's process (ctl crash-device); its pid. That is the
@@ -557,12 +568,13 @@ class DeviceSlot:
                 channel = self._await_live()
                 if channel is None:
                     break  # away past the wait, or failed: all-ones
+                sent = time.time_ns()
                 try:
                     data = channel.read(offset, size)
                 except ChannelError as e:
                     self._channel_failed_locked(str(e))
                     continue  # restarting: wait for the new process
-                self._journal_locked(wire.encode_read(0, offset, size))
+                self._journal_locked(wire.encode_read(0, offset, size), sent)
                 channel.mirror.sent(None)
                 return data
             return b"\xff" * size
@@ -845,9 +857,11 @@ class DeviceSlot:
             return f"the host refused the route: {e}"
 
     # -- the journal: frames past the last checkpoint (the module docstring) --------------------
-    def _journal_locked(self, frame: bytes) -> None:
+    def _journal_locked(self, frame: bytes, sent: int | None = None) -> None:
+        """`sent`: the host's wall clock (CLOCK_REALTIME ns) when the frame went out, now by
+        default: a replay re-applies each frame as of then (a clock model reads that time)."""
         self._frames += 1
-        self._journal.append((self._frames, frame))
+        self._journal.append((self._frames, frame, time.time_ns() if sent is None else sent))
         if len(self._journal) > MAX_JOURNAL:
             self._lost = self._journal.popleft()[0]
 

@@ -363,7 +363,7 @@ RTC = ModelDescriptor(
     transport=PortWindow(base=0x70, size=2, irq=8, acpi_hid="PNP0B00"),
     options=(Option("base", str, "utc", choices=("utc", "localtime")),),
     fds=(FdRole("irq", FdKind.IRQ),),
-    state_version=2,
+    state_version=3,
     default_device="rtc",
     # register A = 32.768 kHz time base at rate 3 (8192 Hz), B = periodic interrupt on,
     # 24 h; each interrupt acknowledged by reading register C

@@ -229,7 +229,7 @@ def test_device_checkpoint_holds_its_last_published_state_at_a_later_frame(zctx,
         slot.read(SCR, 1)  # a state comes before this reply
         slot.read(SCR, 1)  # and another before this one
         slot.read(SCR, 1)  # "the last still holds after the second read", before this one
-        checkpoint, journal = slot._checkpoint, [n for n, _ in slot._journal]
+        checkpoint, journal = slot._checkpoint, [n for n, _, _ in slot._journal]
     finally:
         slot.close()
     assert failures == []

@@ -71,8 +71,12 @@ def test_rtc_false_leaves_the_clock_out(guests, tmp_path):
 class RtcHost:
     """An rtc device process with `irq` as its irq fd, driven as the monitor drives it."""
 
-    def __init__(self, tmp_path: Path, irq: int, options: dict[str, object]) -> None:
+    def __init__(
+        self, tmp_path: Path, irq: int, options: dict[str, object], restarts: bool = False
+    ) -> None:
+        """restarts: a failure asks for a restart (on_crash = "restart")."""
         self.failures: list[str] = []
+        self.restarts = restarts
         self.zctx = zmq.Context()
         spawn = Spawn("rtc", "rtc", 2, options, {"irq": irq})
         try:
@@ -82,8 +86,9 @@ class RtcHost:
             self.zctx.term()
             raise
 
-    def _on_failure(self, host: DeviceSlot, reason: str) -> None:
+    def _on_failure(self, host: DeviceSlot, reason: str) -> bool:
         self.failures.append(reason)
+        return self.restarts
 
     def write(self, reg: int, value: int) -> None:
         self.host.write(0, bytes([reg]))
@@ -105,8 +110,10 @@ def irq() -> Iterator[EventFd]:
     fd.close()
 
 
-def rtc_host(tmp_path: Path, irq: int, options: dict[str, object] | None = None) -> RtcHost:
-    return RtcHost(tmp_path, irq, options or {"base": "utc"})
+def rtc_host(
+    tmp_path: Path, irq: int, options: dict[str, object] | None = None, restarts: bool = False
+) -> RtcHost:
+    return RtcHost(tmp_path, irq, options or {"base": "utc"}, restarts)
 
 
 def test_rtc_device_periodic_interrupt_signals_its_irq_from_its_own_timer(tmp_path, irq):
@@ -124,6 +131,39 @@ def test_rtc_device_periodic_interrupt_signals_its_irq_from_its_own_timer(tmp_pa
 
     assert (signalled, flags & (RegC.IRQF | RegC.PF)) == ([irq.fd], RegC.IRQF | RegC.PF)
     assert rtc.failures == []
+
+
+def guest_seconds(rtc: RtcHost) -> int:
+    """The time of day the guest reads (24-hour BCD), in seconds."""
+
+    def bcd(reg: int) -> int:
+        value = rtc.read(reg)
+        return (value >> 4) * 10 + (value & 0x0F)
+
+    return bcd(Reg.HOURS) * 3600 + bcd(Reg.MINUTES) * 60 + bcd(Reg.SECONDS)
+
+
+def test_rtc_device_restarted_an_hour_after_its_time_was_set_keeps_the_guest_time(tmp_path, irq):
+    """The restart re-applies the frames after the last checkpoint (a time set is a dozen:
+    still in the journal, however long ago) as of when they were sent: the clock the guest
+    set to 01:00:00 three seconds ago reads 01:00:03 after the restart, not 01:00:00."""
+    rtc = rtc_host(tmp_path, irq.fd, restarts=True)
+    try:
+        rtc.host.wait_ready()
+        rtc.write(Reg.CONTROL, RegB.SET | RegB.H24)
+        for reg in (Reg.HOURS, Reg.MINUTES, Reg.SECONDS):
+            rtc.write(reg, 0x01 if reg == Reg.HOURS else 0)
+        rtc.write(Reg.CONTROL, RegB.H24)
+        time.sleep(3)
+        before = guest_seconds(rtc)
+        rtc.host.fail("killed by the test")
+        rtc.host.restart()
+        after = guest_seconds(rtc)
+    finally:
+        rtc.close()
+
+    assert 3600 + 3 <= before <= after <= before + 1, (before, after)
+    assert rtc.failures == ["killed by the test"]
 
 
 @pytest.mark.parametrize("attempt", range(5))

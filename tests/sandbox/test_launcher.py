@@ -482,7 +482,7 @@ def test_launcher_start_with_a_thread_running_raises():
 def test_launcher_spare_resumed_says_ready_on_its_channel(launcher, rundir, fds):
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec.spare())
-    resume = {"applied": 0, "emitted": 0, "skip": 0, "replay": []}
+    resume = {"applied": 0, "emitted": 0, "skip": 0, "replay": [], "replay_wall_ns": []}
     zctx = zmq.Context()
     channel = None
     try:

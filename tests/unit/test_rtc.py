@@ -8,6 +8,7 @@ divider chain leaves reset.
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.rtc import (
     CMOS_SIZE,
@@ -30,7 +32,8 @@ from splitvmm.devprocs.rtc import (
     RtcState,
 )
 from splitvmm.errors import ConfigError, StateError
-from splitvmm.protocol import codec
+from splitvmm.protocol import codec, wire
+from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.record import replace
 from tests.fakes import FakeClock, FakeIrq
 
@@ -554,6 +557,8 @@ def _cmos_with(reg: int, value: int) -> bytes:
         ({"cmos": _cmos_with(Reg.VALID, 0)}, "register D"),
         ({"aborted_s": 1 << 62}, "aborted_s="),
         ({"aborted_s": "1"}, "aborted_s='1'"),
+        ({"synced_ns": 1 << 70}, "synced_ns="),
+        ({"synced_ns": 1.5}, "synced_ns=1.5"),
     ],
 )
 def test_rtc_restore_rejects_bad_fields_naming_them(change, message):
@@ -583,9 +588,76 @@ def test_rtc_restored_checks_base_but_runs_on_from_its_offset():
         restored.check_options({"base": "mars"})
 
 
+def test_rtc_v2_state_upgrades_to_flags_accounted_from_the_restore():
+    rtc, clock = busy_rtc()
+    doc = codec.state_document("rtc", rtc.save())
+    fields = {k: v for k, v in doc["fields"].items() if k != "synced_ns"}
+    state = codec.state_from_document("rtc", RtcState, {**doc, "version": 2, "fields": fields})
+    assert state.synced_ns is None
+    clock.advance(10 * NS)
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    assert rd(restored, Reg.INTR_FLAGS) == RegC.PF | RegC.UF  # those saved; none since
+
+
+# -- a crash restart: checkpoint, then the journal re-applied (devprocs/runtime.py replay) ----
+def restarted(state: RtcState, clock: FakeClock, journal: list[tuple[bytes, int]]) -> Mc146818:
+    """A new process's rtc: restored from the checkpoint `state`, the journal re-applied."""
+    irq = FakeIrq()
+    rtc = Mc146818.restore(DeviceContext(irq=irq), state, clock)
+    runtime.replay(rtc, journal, runtime.Checkpoints(rtc))
+    return rtc
+
+
+def test_rtc_time_set_after_the_checkpoint_is_replayed_as_of_when_it_was_set():
+    rtc, clock, _ = make_rtc()
+    checkpoint = rtc.save()
+    journal = []  # what the monitor's slot keeps: each frame with the wall clock it went at
+    for reg, value in ((Reg.CONTROL, RegB.SET | RegB.H24), (Reg.HOURS, 0x07)):
+        for frame in (wire.encode_write(0, bytes([reg])), wire.encode_write(1, bytes([value]))):
+            journal.append((frame, clock.wall_ns()))
+            rtc.write(wire.decode_access(frame, 2).offset, wire.decode_access(frame, 2).data)
+    for frame in (wire.encode_write(0, bytes([Reg.CONTROL])), wire.encode_write(1, b"\x02")):
+        journal.append((frame, clock.wall_ns()))
+        rtc.write(wire.decode_access(frame, 2).offset, wire.decode_access(frame, 2).data)
+    clock.advance(3600 * NS)  # an hour later, the device crashes and restarts
+    live = regs(rtc)
+    assert live[:3] == (0x26, 0x09, 0x08)  # 07:09:26 set an hour ago
+    assert regs(restarted(checkpoint, clock, journal)) == live
+
+
+def test_rtc_alarm_that_falls_in_a_restart_gap_still_goes_off():
+    rtc, clock, _ = make_rtc(phase=HALF)  # 15:09:26.5
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, Reg.SECONDS_ALARM, 0x28)  # 15:09:28
+    wr(rtc, Reg.MINUTES_ALARM, 0x09)
+    wr(rtc, Reg.HOURS_ALARM, 0x15)
+    wr(rtc, Reg.CONTROL, RegB.AIE | RegB.H24)
+    checkpoint = rtc.save()
+    clock.advance(2 * NS)  # the device died at 15:09:27.5; it is back at 15:09:28.5
+    irq = FakeIrq()
+    back = Mc146818.restore(DeviceContext(irq=irq), checkpoint, clock)
+    deadline = back.next_deadline()
+    assert deadline is not None and deadline <= clock.mono  # the alarm passed: tick at once
+    back.tick(clock.mono)
+    assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (1, RegC.IRQF | RegC.AF | RegC.UF)
+
+
+@pytest.mark.parametrize(
+    "times",
+    [[], [1, 2], ["1"], [-1], [1 << 64], [1.0]],
+    ids=["missing", "one-too-many", "text", "negative", "past-64-bits", "float"],
+)
+def test_resume_refuses_replay_times_that_do_not_give_one_time_per_frame(times):
+    frame = base64.b64encode(wire.encode_write(0, b"\x0b")).decode()
+    resume = {"applied": 0, "emitted": 0, "skip": 0, "replay": [frame], "replay_wall_ns": times}
+    spec = DeviceSpec(name="rtc", model="rtc", channel="ipc:///x", resume=resume)
+    with pytest.raises(StateError, match="resume: replay_wall_ns must"):
+        runtime.prepare_resume(spec, DeviceContext())
+
+
 def test_rtc_state_from_a_newer_version_is_refused():
-    doc = {**codec.state_document("rtc", RtcState()), "version": 3}
-    with pytest.raises(StateError, match="version 3 is newer than this splitvmm reads"):
+    doc = {**codec.state_document("rtc", RtcState()), "version": 4}
+    with pytest.raises(StateError, match="version 4 is newer than this splitvmm reads"):
         codec.state_from_document("rtc", RtcState, doc)
 
 

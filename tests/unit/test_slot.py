@@ -432,7 +432,7 @@ def test_slot_held_writes_go_as_one_message_each_a_journaled_frame(slot, held):
 
     assert [wire.decode_access(f, 8).data for f in held.messages[0]] == [b"a", b"b", b"c"]
     assert (len(held.messages), slot.held_writes, slot.writes) == (1, 3, 0)
-    assert [n for n, _ in slot._journal] == [1, 2, 3]  # replayed to a restarted process
+    assert [n for n, _, _ in slot._journal] == [1, 2, 3]  # replayed to a restarted process
 
 
 def test_slot_read_after_held_writes_within_credit_is_answered_by_the_mirror(slot, held):
