@@ -31,12 +31,15 @@ BEHAVIOURS = (
     "slow-control",  # answers every control request correctly, DELAY_MS late; reads at once
     # -- events (protocol/events.py): frames a device may send unasked, checked by the monitor
     "publish",  # publishes its state (version = the read's seq) before each read reply
-    "report",  # reports an error with escape codes in it, then answers the read
+    "report",  # reports an error with bidi and invisible characters, then answers the read
     "route",  # asks for routes to GSI 4 (its own) and 9; the read returns what it was told
     "event-flood",  # publishes MAX_EVENTS_PER_REQUEST + 1 times before a read reply
     "bad-event",  # publishes a state for another model before its read reply
     "huge-event",  # publishes a state of 96 KiB (under MAX_CONTROL) before its read reply
     "endless-events",  # from READY on, publishes slow-to-check states without end
+    "ping-flood",  # sends 200 slow-to-check states before each pong (heartbeat)
+    "slow-ping",  # answers each ping correctly, DELAY_MS late
+    "mirror-flood",  # publishes a register mirror, then slow-to-check states without end
     # -- CHECKPOINT frames (wire.py), each sent before its read reply
     "checkpoint",  # publishes states at reads 1 and 2, then says the last holds (applied)
     "checkpoint-first",  # says its state holds without having published one
@@ -53,6 +56,12 @@ ROGUE_MIRRORS = {
     "mirror-credit-outside": (0b111111, 8, b"\x60" * 6 + b"\x00\x00"),
 }
 SLOW_DATA = 0x5A  # what a slow device's reads return
+
+
+# A state under MAX_DEVICE_FRAME that takes the monitor ~20-30 ms to check (nested JSON).
+SLOW_STATE = {"model": "serial", "version": 1, "fields": {"pad": [{}] * 15000}}
+# A serial mirror with every register valid: LSR (offset 5) reads 0x60, THR empty.
+VALID_MIRROR = (0b111111, 0, b"\x60" * 6 + b"\x00\x00")
 
 
 def answer_control(sock: zmq.Socket, buf: bytes, delay_s: float | None) -> None:
@@ -101,7 +110,8 @@ def answer_with_events(
     if behaviour == "publish":
         sock.send(events.encode_publish(state))
     elif behaviour == "report":
-        sock.send(control.encode({"op": "report", "seq": 0, "message": "disk on fire"}))
+        message = "disk on fire \u202egol.exe\u202c\u2028\u200b"  # bidi, separator, invisible
+        sock.send(control.encode({"op": "report", "seq": 0, "message": message}))
     elif behaviour == "event-flood":
         for _ in range(events.MAX_EVENTS_PER_REQUEST + 1):
             sock.send(events.encode_publish(state))
@@ -138,10 +148,11 @@ def main() -> None:
     if behaviour == "unsolicited":
         for seq in range(100):
             sock.send(wire.encode_read_done(seq, b"\x00"))
-    if behaviour == "endless-events":
-        # Each under MAX_DEVICE_FRAME, and ~20 ms of the monitor's checking (nested JSON).
-        state = {"model": "serial", "version": 1, "fields": {"pad": [{}] * 15000}}
-        frame = events.encode_publish(state)
+    if behaviour == "mirror-flood":
+        mask, credit_offset, data = VALID_MIRROR
+        sock.send(wire.FRAME.pack(wire.Op.MIRROR, mask, 1, 0, credit_offset, data))
+    if behaviour in ("endless-events", "mirror-flood"):
+        frame = events.encode_publish(SLOW_STATE)
         while True:  # as fast as the monitor takes them (a PAIR socket blocks at its HWM)
             sock.send(frame)
     routes: dict[int, bool] = {}
@@ -155,7 +166,13 @@ def main() -> None:
             if msg["op"] == "route_done":
                 routes[msg["id"]] = msg["ok"]
                 continue
-            answer_control(sock, buf, delay_s if behaviour == "slow-control" else None)
+            if msg["op"] == "ping" and behaviour == "ping-flood":
+                for _ in range(200):
+                    sock.send(events.encode_publish(SLOW_STATE))
+            if behaviour == "slow-control" or (behaviour == "slow-ping" and msg["op"] == "ping"):
+                answer_control(sock, buf, delay_s)
+            elif behaviour in ("ping-flood", "slow-ping"):
+                answer_control(sock, buf, 0)
             continue
         if behaviour in ROGUE_MIRRORS:
             mask, credit_offset, data = ROGUE_MIRRORS[behaviour]

@@ -49,6 +49,10 @@ MAX_LATE_STATS = 8
 # socket buffer, and ZeroMQ's I/O thread hands them over before it reports the disconnect.
 GONE_WAIT_MS = 100
 RCVHWM = 64  # frames ZeroMQ holds unread from a device (its sends wait beyond that)
+# How long one drain_events() call may take: the rest waits for the next call. Each frame is
+# checked whole (up to control.MAX_DEVICE_FRAME, ~30 ms for a hostile 64 KiB publish), so a
+# count alone let a device hold a vCPU's mirrored read for seconds.
+DRAIN_LIMIT_S = SLOW_REPLY_MS / 1000
 
 
 NO_EVENTS = "sent an event, which this channel takes none of"
@@ -176,6 +180,14 @@ class DeviceChannel:
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
 
+    def ping(self, timeout_ms: int) -> None:
+        """The supervisor's heartbeat: a pong within `timeout_ms`, its wait charged to the
+        latency budget as a read's is (a device answering every ping just under the deadline
+        holds the one thread that watches every device)."""
+        start = time.monotonic()
+        self.control("ping", timeout_ms)
+        self._charge((time.monotonic() - start) * 1e3)
+
     def stats(self, timeout_ms: int = STATS_TIMEOUT_MS) -> dict[str, int] | None:
         """The device's counters (Device.stats(), checked), or None if it does not answer
         within `timeout_ms`: that is no failure (its answer is dropped when it comes)."""
@@ -248,13 +260,18 @@ class DeviceChannel:
         """A read or sync, which a vCPU waits for: its deadline, then the latency budget."""
         start = time.monotonic()
         reply = self._request(frame, READ_TIMEOUT_MS)
-        over_ms = self._budget.charge((time.monotonic() - start) * 1e3)
+        self._charge((time.monotonic() - start) * 1e3)
+        return reply
+
+    def _charge(self, waited_ms: float) -> None:
+        """Charge a wait on the device (or the time its events took) to its latency budget;
+        ChannelError once the budget is spent."""
+        over_ms = self._budget.charge(waited_ms)
         if over_ms is not None:
             raise ChannelError(
                 f"its slow replies took {over_ms:.0f} ms within {LATENCY_WINDOW_S} s, over "
                 f"the budget of {LATENCY_BUDGET_MS} ms"
             )
-        return reply
 
     def _request(self, frame: bytes, timeout_ms: int) -> bytes:
         """Send a frame and wait for its one reply, within `timeout_ms`; the device's events
@@ -272,6 +289,10 @@ class DeviceChannel:
                 if not self._handled_event(buf):  # replies are binary, or control of another op
                     self.mirror.news_taken()  # everything the device sent before its reply
                     return buf
+                # The deadline bounds the events too: _recv returns a frame already there
+                # however late, and checking each one (up to MAX_DEVICE_FRAME) takes time.
+                if time.monotonic() > deadline:
+                    raise ChannelError(f"kept sending events past its {timeout_ms} ms deadline")
             raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
             raise ChannelError(f"no reply within {timeout_ms} ms") from None
@@ -307,17 +328,22 @@ class DeviceChannel:
 
     def drain_events(self) -> None:
         """Handle what the device sent while nobody asked: events only; any other frame
-        breaks the channel. At most RCVHWM frames a call (what ZeroMQ holds unread): a
-        device that keeps sending cannot hold the caller here (a vCPU, or the supervisor,
-        which watches every device); what it sends meanwhile waits for the next call."""
+        breaks the channel. At most RCVHWM frames a call (what ZeroMQ holds unread), and no
+        more once DRAIN_LIMIT_S has passed: a device that keeps sending cannot hold the
+        caller here (a vCPU, or the supervisor, which watches every device); what it sends
+        meanwhile waits for the next call. The time taken is charged to its budget."""
         # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
         self.mirror.news_taken()
+        start = time.monotonic()
         for _ in range(RCVHWM):
-            if not _readable(self.sock):
-                return
+            if not _readable(self.sock) or time.monotonic() - start > DRAIN_LIMIT_S:
+                break
             buf = self.sock.recv(zmq.NOBLOCK)
             if not self._handled_event(buf):
                 raise ChannelError("sent a frame nobody asked for")
+        # What its events cost us, as a slow reply would: a device that keeps sending costly
+        # ones spends its latency budget and has failed.
+        self._charge((time.monotonic() - start) * 1e3)
 
     def _handled_event(self, buf: bytes) -> bool:
         """Whether `buf` was an event, a MIRROR or a CHECKPOINT, now handled (decoded once:

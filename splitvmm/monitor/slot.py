@@ -91,7 +91,7 @@ from typing import NoReturn
 
 import zmq
 
-from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError
+from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError, escaped
 from splitvmm.monitor.channel import (
     CONTROL_TIMEOUT_MS,
     READ_TIMEOUT_MS,
@@ -753,7 +753,7 @@ class DeviceSlot:
             if self.state is not SlotState.LIVE or channel is None:
                 return
             try:
-                channel.control("ping", timeout_ms)
+                channel.ping(timeout_ms)
             except ChannelError as e:
                 process = self.process
                 if self.supervised and process is not None and process.ended():
@@ -820,7 +820,10 @@ class DeviceSlot:
                 if applied is not None and emitted is not None:
                     self._checkpoint_locked(Checkpoint(state, applied, emitted))
             case events.Report(message):
-                self._reports.warning("report", "device %s reports: %s", self.name, message)
+                # checked as one line, but bidi overrides, separators and invisible
+                # characters are printable to that check: escaped, as any device's words
+                shown = escaped(message)
+                self._reports.warning("report", "device %s reports: %s", self.name, shown)
             case events.RouteRequest(route_id, gsi):
                 ok, reason = self._route_allowed(gsi)
                 if self.channel is not None:

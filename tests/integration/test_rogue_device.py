@@ -6,6 +6,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -16,11 +17,14 @@ from splitvmm.monitor.channel import LATENCY_BUDGET_MS, READ_TIMEOUT_MS, STATS_T
 from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.slot import Checkpoint, DeviceSlot, Spawn
+from splitvmm.monitor.supervisor import HEARTBEAT_TIMEOUT_MS
 from splitvmm.native.eventfd import EventFd
 from splitvmm.sandbox.spawn import spawn_child
 from tests.rogue_device import BEHAVIOURS, CHECKPOINT_EMITTED, SLOW_DATA
 
 SCR = 7  # a read the real serial would answer at once
+LSR = 5  # a read the serial's register mirror answers
+HEARTBEAT_MS = HEARTBEAT_TIMEOUT_MS
 
 
 @pytest.fixture
@@ -61,7 +65,7 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         ("huge-event", "no reply within"),
         # the read (and each drain before a request) no longer waits out a flood: it fails
         # at its deadline, or at its event allowance, whichever this host reaches first
-        ("endless-events", ("no reply within", "sent more than 256 events")),
+        ("endless-events", ("past its 2000 ms deadline", "sent more than 256 events")),
         ("checkpoint-first", "sent a checkpoint before it published any state"),
         ("bad-checkpoint", "bad checkpoint: CHECKPOINT with size=0 flags=1 seq=0, not all 0"),
         ("mirror-undeclared", "bad register mirror: mirror gives register 6, the model"),
@@ -118,6 +122,9 @@ def test_all_rogue_behaviours_are_tested():
         "bad-event",
         "huge-event",
         "endless-events",
+        "ping-flood",
+        "slow-ping",
+        "mirror-flood",
         "checkpoint",
         "checkpoint-first",
         "bad-checkpoint",
@@ -156,6 +163,55 @@ def test_rogue_slow_just_under_read_deadline_fails_on_latency_budget(zctx, tmp_p
         slot.close()
     assert reads == [bytes([SLOW_DATA]), b"\xff", b"\xff"]
     assert len(failures) == 1 and f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
+
+
+def test_rogue_flooding_events_before_each_pong_fails_its_heartbeat_at_the_deadline(zctx, tmp_path):
+    """200 publishes of ~25 ms each to check before a pong: the events are held to the
+    ping's deadline (they used to run on for seconds past it, and the device lived on)."""
+    failures: list[str] = []
+    slot = spawn_rogue("ping-flood", zctx, tmp_path, failures)
+    try:
+        slot.wait_ready()
+        start = time.monotonic()
+        slot.heartbeat(HEARTBEAT_MS)
+        took = time.monotonic() - start
+    finally:
+        slot.close()
+    assert len(failures) == 1, failures
+    assert f"kept sending events past its {HEARTBEAT_MS} ms deadline" in failures[0]
+    assert took < 2 * HEARTBEAT_MS / 1000 + 1  # the deadline, one slow event, the teardown
+
+
+def test_rogue_answering_each_ping_just_under_its_deadline_fails_on_latency_budget(zctx, tmp_path):
+    failures: list[str] = []
+    slot = spawn_rogue("slow-ping", zctx, tmp_path, failures, str(HEARTBEAT_MS * 3 // 4))
+    try:
+        slot.wait_ready()
+        for _ in range(3):
+            slot.heartbeat(HEARTBEAT_MS)
+    finally:
+        slot.close()
+    assert len(failures) == 1 and f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
+
+
+def test_rogue_flooding_events_behind_its_mirror_costs_each_read_little_then_fails(zctx, tmp_path):
+    """A read the register mirror answers drains the device's news first: a drain stops at
+    DRAIN_LIMIT_S (it took ~64 slow events, ~2 s, a read), and what it took is charged."""
+    failures: list[str] = []
+    slot = spawn_rogue("mirror-flood", zctx, tmp_path, failures)
+    try:
+        slot.wait_ready()
+        slot.channel.sock.poll(2000)  # its mirror, then the flood
+        worst, reads, start = 0.0, [], time.monotonic()
+        while not failures and time.monotonic() - start < 30:
+            before = time.monotonic()
+            reads.append(slot.read(LSR, 1))
+            worst = max(worst, time.monotonic() - before)
+    finally:
+        slot.close()
+    assert len(failures) == 1 and f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
+    assert reads[0] == b"\x60"  # the mirror answered while the device was still live
+    assert worst < 1.0, worst  # DRAIN_LIMIT_S and one event past it, on a loaded host
 
 
 def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(zctx, tmp_path):
@@ -248,7 +304,8 @@ def test_device_report_is_logged_and_device_serves_on(zctx, tmp_path, caplog):
     finally:
         slot.close()
     assert (failures, values) == ([], [b"\x00"] * 3)
-    assert caplog.text.count("device rogue0 reports: disk on fire") == 1  # once a second
+    shown = "device rogue0 reports: disk on fire \\u202egol.exe\\u202c\\u2028\\u200b"
+    assert caplog.text.count(shown) == 1, caplog.text  # escaped, and once a second
 
 
 def test_device_route_request_granted_only_for_its_own_line(zctx, tmp_path):
