@@ -30,7 +30,7 @@ from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
-from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.models import MODELS, PortWindow
 from splitvmm.record import Struct
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
@@ -301,7 +301,20 @@ def check_states(snap: Snapshot) -> None:
 
 
 def _read_pci(snap: Snapshot) -> pcistate.PciState | None:
+    """The PCI platform's chunk; None for a snapshot from before it, which has no PCI device
+    (without the chunk, where the guest moved their BARs and its MSI routes are unknown)."""
     if not any(c.name == pcistate.CHUNK and c.kind == "vm" for c in snap.chunks):
+        on_pci = sorted(
+            c.name
+            for c in snap.chunks
+            if c.kind == "device" and c.model in MODELS
+            and not isinstance(MODELS[c.model].transport, PortWindow)
+        )  # fmt: skip
+        if on_pci:
+            raise SnapshotError(
+                f"chunk {pcistate.CHUNK}: not in this snapshot, but its VM has PCI devices "
+                f"({', '.join(on_pci)})"
+            )
         return None
     try:
         return pcistate.decode(
@@ -326,8 +339,9 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
         vmstate.restore_vm(machine.vm, states.vm)
     except (OSError, StateError) as e:
         raise SnapshotError(f"chunk vm: KVM refused the state: {e}") from None
-    if states.pci is not None:
-        try:
-            pcistate.apply(states.pci, machine.functions, machine.routes)
-        except (OSError, StateError) as e:
-            raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
+    if states.pci is None:
+        return  # a snapshot from before the PCI platform, with no PCI device (_read_pci)
+    try:
+        pcistate.apply(states.pci, machine.functions, machine.routes)
+    except (OSError, StateError) as e:
+        raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None

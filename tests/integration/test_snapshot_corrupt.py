@@ -4,11 +4,13 @@ vCPU runs, never a traceback."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import splitvmm
 
 pytestmark = pytest.mark.kvm
@@ -108,3 +110,48 @@ def test_restore_corrupt_stored_config_names_manifest(saved, tmp_path, change):
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     assert "manifest vm_config" in r.stderr or "device" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def saved_with_pci(guests, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A counter guest with a virtio-rng function on its PCI bus, suspended once per module:
+    (snapshot, config)."""
+    from tests.integration.vmproc import VmProcess
+
+    tmp = tmp_path_factory.mktemp("saved_pci")
+    serial, config = tmp / "serial.log", tmp / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=1000000"'
+    rng = '[[device]]\nname = "rng0"\nmodel = "virtio-rng"\n'
+    config.write_text(vm_toml(boot, serial_out=serial) + rng)
+    vm = VmProcess(tmp, ["up", str(config)], serial)
+    vm.wait_for(r"^count=\d+$")
+    assert vm.ctl("suspend", str(tmp / "snap")).returncode == 0
+    assert vm.finish()[0] == 0
+    return tmp / "snap", config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda m: m.update(chunks=[c for c in m["chunks"] if c["name"] != "pci"]),
+            r"chunk pci: not in this snapshot, but its VM has PCI devices \(rng0\)",
+        ),
+    ],
+    ids=["pci-chunk-left-out"],
+)
+def test_restore_of_a_vm_with_pci_devices_needs_its_pci_chunk(
+    saved_with_pci, tmp_path, change, message
+):
+    """Without it the guest's moved BARs and MSI routes are lost, and its driver hung."""
+    snap, config = saved_with_pci
+    broken = tmp_path / "broken"
+    shutil.copytree(snap, broken)
+    edit_manifest(broken, change)
+    r = splitvmm(tmp_path, "up", str(config), "--restore", str(broken))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert re.search(message, r.stderr), r.stderr
+    verified = splitvmm(tmp_path, "snapshot", "verify", str(broken))
+    assert verified.returncode != 0 and re.search(message, verified.stderr), verified.stderr
+    ok = splitvmm(tmp_path, "snapshot", "verify", str(snap))
+    assert ok.returncode == 0, ok.stderr  # the snapshot as taken is sound

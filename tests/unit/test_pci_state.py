@@ -101,6 +101,26 @@ def test_pci_state_function_not_in_this_vm_is_refused(field: str, value: object,
     assert f.host.bars.base(0) == BAR0_BASE
 
 
+def test_pci_state_without_a_function_of_this_vm_is_refused_naming_it():
+    """A function left out would stay where the boot put it, not where its guest moved it."""
+    data = saved()
+    data["functions"] = []
+    f, routes, _ = platform()
+    with pytest.raises(StateError, match="functions: none saved for blk0"):
+        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+
+
+def test_pci_state_with_a_function_twice_is_refused():
+    data = saved()
+    functions = data["functions"]
+    assert isinstance(functions, list)
+    data["functions"] = [functions[0], functions[0]]
+    f, routes, _ = platform()
+    with pytest.raises(StateError, match="a device is saved twice"):
+        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+    assert f.host.bars.base(0) == BAR0_BASE  # nothing applied
+
+
 @pytest.mark.parametrize(
     ("route", "message"),
     [

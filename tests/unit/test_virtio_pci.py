@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from splitvmm.devprocs.virtio.msix import NO_VECTOR
 from splitvmm.devprocs.virtio.queue import Chain
+from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import StateError
 from tests.virtio.support import (
@@ -850,6 +851,52 @@ def test_virtio_pci_restore_refuses_queue_size_not_offered(rng):
 
     with pytest.raises(StateError, match="size 3"):
         VirtioRng.restore(rng.ctx, bad)
+
+
+def saved_with_used_chains(rng: VirtioRng, driver: Driver) -> tuple[VirtioPciState, Ring]:
+    ring = used_with_msix(rng, driver)
+    rng.quiesce()
+    return rng.save(), ring
+
+
+def with_queue(state: VirtioPciState, **change: object) -> VirtioPciState:
+    from splitvmm.record import replace
+
+    return replace(state, queues=(replace(state.queues[0], **change),))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # a chain taken and never completed: a quiesced snapshot has none
+        ({"last_avail": 9, "used_idx": 8}, "last_avail 9 is not used_idx 8, but a snapshot"),
+        # taken and completed as far as the state says, but not as its used ring does
+        ({"last_avail": 1000, "used_idx": 1000}, "its used ring in guest RAM is at index"),
+        # rings outside guest RAM, in a queue that runs (no NEEDS_RESET)
+        ({"desc": 1 << 50}, "descriptor table 0x4000000000000\\+0x100 is not in RAM"),
+    ],
+    ids=["in-flight", "ahead-of-the-used-ring", "desc-outside-ram"],
+)
+def test_virtio_pci_restore_refuses_a_queue_its_state_or_guest_ram_contradicts(
+    rng, driver, fds, change, message
+):
+    """Before any vCPU runs: such a guest hung at its first kick, or read an I/O error."""
+    state, _ = saved_with_used_chains(rng, driver)
+
+    with pytest.raises(StateError, match=f"virtio-rng state: queue 0: .*{message}"):
+        VirtioRng.restore(prepared("virtio-rng", fds), with_queue(state, **change))
+
+
+def test_virtio_pci_restore_needing_a_reset_opens_no_ring_and_is_taken(rng, driver, fds):
+    """A driver may have enabled a queue whose rings are not in RAM: the device needed a
+    reset then, and a snapshot of it restores as it was."""
+    state, _ = saved_with_used_chains(rng, driver)
+    from splitvmm.record import replace
+
+    bad_rings = replace(with_queue(state, desc=1 << 50), status=state.status | NEEDS_RESET)
+
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), bad_rings)
+    assert restored.rings[0] is None and restored.save() == bad_rings
 
 
 def test_virtio_pci_quiesced_device_stops_watching_notify(rng, driver, fds):

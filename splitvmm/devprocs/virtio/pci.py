@@ -467,18 +467,22 @@ class VirtioPciDevice(RegisterDevice):
             ring.fresh()
 
     def _open_ring(self, q: int) -> None:
-        queue = self.queues[q]
         try:
-            ring = SplitQueue(
-                self.ram, queue.size, queue.desc, queue.driver, queue.device,
-                event_idx=bool(self.driver_features & VIRTIO_F_EVENT_IDX),
-                indirect=bool(self.driver_features & VIRTIO_F_INDIRECT_DESC),
-            )  # fmt: skip
+            self.rings[q] = self._new_ring(q)
         except (QueueError, GuestRamError) as e:
             self.needs_reset(f"queue {q}: {e}")
-            return
+
+    def _new_ring(self, q: int) -> SplitQueue:
+        """Queue q's rings where its state says they are, at its last_avail and used_idx;
+        QueueError or GuestRamError if they are not in guest RAM."""
+        queue = self.queues[q]
+        ring = SplitQueue(
+            self.ram, queue.size, queue.desc, queue.driver, queue.device,
+            event_idx=bool(self.driver_features & VIRTIO_F_EVENT_IDX),
+            indirect=bool(self.driver_features & VIRTIO_F_INDIRECT_DESC),
+        )  # fmt: skip
         ring.last_avail, ring.used_idx = queue.last_avail, queue.used_idx
-        self.rings[q] = ring
+        return ring
 
     # -- status and features (virtio 1.2 2.1, 2.2, 3.1) ------------------------------------------
     def _offered(self) -> int:
@@ -765,8 +769,29 @@ class VirtioPciDevice(RegisterDevice):
             return  # after_restart() opens the queues, once the journal is replayed
         for q, queue in enumerate(self.queues):
             if queue.enabled and not self.status & Status.NEEDS_RESET:
-                self._open_ring(q)
+                self.rings[q] = self._saved_ring(q)
                 self._notify[q].trigger()  # a kick the snapshot missed
+
+    def _saved_ring(self, q: int) -> SplitQueue:
+        """A snapshot's live queue q, or StateError where its state contradicts itself or the
+        guest RAM saved with it (before any vCPU runs: a guest left to meet it at its first
+        kick hung, or read an I/O error). A snapshot is taken quiesced: no request is in
+        flight, so the device has taken what it completed (last_avail = used_idx), and its
+        used ring in guest RAM says so; the rings were in guest RAM, or the device would
+        have needed a reset (its status says NEEDS_RESET then, and none is opened)."""
+        queue, where = self.queues[q], f"{self.NAME} state: queue {q}"
+        if queue.last_avail != queue.used_idx:
+            raise StateError(f"{where}: last_avail {queue.last_avail} is not used_idx "
+                             f"{queue.used_idx}, but a snapshot has no request in flight")  # fmt: skip
+        try:
+            ring = self._new_ring(q)
+            in_ram = self.ram.u16(queue.device + 2)
+        except (QueueError, GuestRamError) as e:
+            raise StateError(f"{where}: {e}") from None
+        if in_ram != queue.used_idx:
+            raise StateError(f"{where}: its used ring in guest RAM is at index {in_ram}, the "
+                             f"state says {queue.used_idx}")  # fmt: skip
+        return ring
 
     def after_restart(self) -> None:
         """Each queue the dead process left enabled, from where the used ring in guest RAM

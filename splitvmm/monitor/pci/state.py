@@ -83,7 +83,9 @@ def decode(data: object, version: int) -> PciState:
 
 
 def apply(state: PciState, functions: Mapping[str, PciFunctionHost], routes: GsiRoutes) -> None:
-    """Put the saved BARs, enables and routes into a VM built from the same config."""
+    """Put the saved BARs, enables and routes into a VM built from the same config: every
+    function of it, each once (one left out would sit where the boot put it, not where the
+    guest moved it, and its driver would hang)."""
     for saved in state.functions:
         host = functions.get(saved.name)
         if host is None or host.device != saved.device:
@@ -91,7 +93,14 @@ def apply(state: PciState, functions: Mapping[str, PciFunctionHost], routes: Gsi
                 f"PciState: functions[{saved.name!r}]: no PCI device {saved.name} at "
                 f"00:{saved.device:02x}.0 in this VM"
             )
-        host.restore(saved.bars, saved.command)
+    names = [saved.name for saved in state.functions]
+    missing = sorted(set(functions) - set(names))
+    if missing:
+        raise StateError(f"PciState: functions: none saved for {', '.join(missing)}")
+    if len(set(names)) != len(names):
+        raise StateError("PciState: functions: a device is saved twice")
+    for saved in state.functions:
+        functions[saved.name].restore(saved.bars, saved.command)
     for route in state.msi_routes:
         why = routes.check_msi(route.gsi, route.address, route.data)
         if why:
