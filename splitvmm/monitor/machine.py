@@ -343,7 +343,8 @@ class Machine:
             spawn = next(sp for sp in self._spawns if sp.name == slot.name)
             raise_interrupts(MODELS[slot.model], spawn.fds)
             return False
-        if cfg.on_crash == "restart" and slot.state is SlotState.LIVE:
+        # A device that was serving, or whose restart met a crash before it was READY
+        if cfg.on_crash == "restart" and (slot.state is SlotState.LIVE or slot.restarting):
             if self._budgets[slot.name].take(time.monotonic()):
                 self._restarts.put(slot)
                 return True

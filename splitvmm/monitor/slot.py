@@ -366,7 +366,12 @@ class DeviceSlot:
         self._now_live(process)
 
     def _now_live(self, process: DeviceProcess) -> None:
-        """`process` said READY: the device is back, if it is still the slot's process."""
+        """`process` said READY: the device is back, if it is still the slot's process. A PCI
+        function restored or restarted asks for its MSI-X routes again right after READY, and
+        holds each vector's interrupts pending until its route is done (devprocs/virtio/
+        msix.py): one round trip takes those requests now, not at the first access or the
+        next heartbeat (~1 s after a restart's, with I/O stalled meanwhile)."""
+        restored = self.restarting or self.last_state is not None
         with self._lock:
             if self.process is process and self.state is SlotState.AWAY:
                 self.state = SlotState.LIVE
@@ -379,6 +384,8 @@ class DeviceSlot:
                     )  # fmt: skip
                 self._back.notify_all()
                 self._quiesced = False  # a new process is never quiesced
+        if restored and not isinstance(MODELS[self.model].transport, PortWindow):
+            self.heartbeat(READ_TIMEOUT_MS)  # a vCPU's access under way reads them instead
 
     def restart(self) -> None:
         """After a crash the policy restarts: a new process from the last checkpoint, which
@@ -413,7 +420,40 @@ class DeviceSlot:
         except Exception as e:  # the launcher gone or broken, an fd or a socket failing
             self.fail(f"its restart failed: {e}")
             raise DeviceFailure(f"device {self.name}: its restart failed: {e}") from e
-        self.wait_ready()
+        self._wait_restarted()
+
+    def _wait_restarted(self) -> None:
+        """The new process a restart started cold is READY, or it failed before: a crash like
+        any other, which the policy may restart again within its budget (the device is then
+        away until the restarter's next turn), or DeviceFailure. A kill loop that met the new
+        process in its start stopped the VM, with budget left."""
+        with self._lock:
+            process, channel = self.process, self.channel
+        assert process is not None and channel is not None  # start() put them there
+        try:
+            channel.wait_ready(process)
+        except ChannelError as e:
+            with self._lock:
+                again = self._crashed_in_restart_locked(process, str(e))
+            if not again:
+                raise DeviceFailure(f"device {self.name}: {self.failed}") from None
+            return
+        self._now_live(process)
+
+    def _crashed_in_restart_locked(self, process: DeviceProcess, reason: str) -> bool:
+        """`process`, started by a restart, failed before READY: True if the policy restarts
+        the device again (it stays away, restarting), False if it failed for good."""
+        if self.process is not process or self.state is not SlotState.AWAY:
+            return False  # closed meanwhile
+        process.kill()
+        self._failed_process = process
+        log.error("device %s (pid %d) failed in its restart: %s", self.name, process.pid, reason)
+        self.crashes += 1
+        self.last_failure, self._crashed_at = reason, time.monotonic()
+        if self._on_failure(self, reason):
+            return True
+        self._fail_for_good_locked(f"its restart failed: {reason}")
+        return False
 
     # -- the warm spare (the module docstring) ---------------------------------------------------
     def start_spare(self) -> None:

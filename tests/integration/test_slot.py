@@ -13,11 +13,14 @@ import signal
 import subprocess
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import zmq
 
+from splitvmm.cli.policy import stand_in_transport
 from splitvmm.devprocs.serial import RX_BUFFER_MAX, Ier, Lcr, Lsr, Reg
+from splitvmm.devprocs.virtio.guestram import GuestRam
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import console
 from splitvmm.monitor import mirror as mirror_module
@@ -28,6 +31,7 @@ from splitvmm.monitor.slot import MAX_AHEAD, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import wire
+from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
 from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
 
@@ -423,6 +427,52 @@ def test_slot_spare_refused_by_its_spawner_fails_nothing_and_restart_goes_cold(t
         h.close()
 
 
+def killing_the_second(calls: list[ChildProcess]):
+    """A spawner whose second process (the restart's) is killed in its start."""
+
+    def spawner(spec: DeviceSpec) -> tuple[ChildProcess, int]:
+        process, listener = spawn_child(spec)
+        calls.append(process)
+        if len(calls) == 2:
+            process.send_signal(signal.SIGKILL)
+        return process, listener
+
+    return spawner
+
+
+def test_slot_restart_whose_process_dies_before_ready_is_a_crash_the_policy_restarts(tmp_path):
+    """A kill loop may meet the new process in its start: that is another crash, for the
+    on_crash policy and its budget, not the end of the device (it stopped the VM)."""
+    calls: list[ChildProcess] = []
+    h = Harness(tmp_path, spawner=killing_the_second(calls), restarts=True)
+    try:
+        h.slot.write(Reg.SCR, b"\x5a")
+        h.slot.fail("killed by the test")
+        h.slot.restart()  # its process dies before READY: the policy asks for another
+        between = (h.slot.state, h.slot.restarting, h.slot.crashes)
+        h.slot.restart()
+        after = (h.slot.state, h.slot.read(Reg.SCR, 1), len(calls))
+    finally:
+        h.close()
+    assert between == (SlotState.AWAY, True, 2)
+    assert after == (SlotState.LIVE, b"\x5a", 3)
+    assert h.failures[0] == "killed by the test" and "before it was ready" in h.failures[1]
+
+
+def test_slot_restart_whose_process_dies_before_ready_fails_for_good_past_the_policy(tmp_path):
+    calls: list[ChildProcess] = []
+    h = Harness(tmp_path, spawner=killing_the_second(calls), restarts=True)
+    try:
+        h.slot.fail("killed by the test")
+        h.restarts = False  # the budget is spent by now
+        with pytest.raises(DeviceFailure, match="device serial0: its restart failed: exited"):
+            h.slot.restart()
+        state = h.slot.state
+    finally:
+        h.close()
+    assert (state, len(h.failures)) == (SlotState.FAILED, 2)
+
+
 def test_slot_close_ends_its_spare_and_its_socket(tmp_path):
     h = Harness(tmp_path, resumer=resume_spare, restarts=True)
     h.slot.start_spare()
@@ -599,3 +649,80 @@ def test_slot_restarted_device_starts_with_no_mirror_of_the_old_process(harness)
     slot.start()  # from the slot's last state: none was saved, so a fresh device
     slot.wait_ready()
     assert slot.read(Reg.SCR, 1) == b"\x00"
+
+
+# -- a PCI function's MSI-X routes after a restart ------------------------------------------
+class FakeMsi:
+    """The monitor's MSI routing (monitor/irqroutes.py MsiVectors), every route granted."""
+
+    def __init__(self) -> None:
+        self.routed: list[int] = []
+
+    def route(self, vector: int, address: int, data: int) -> str:
+        self.routed.append(vector)
+        return ""
+
+
+class SlotBackedDevice:
+    """What tests.virtio.support.Driver drives: here the slot, as a vCPU's accesses do."""
+
+    def __init__(self, slot: DeviceSlot, fds: dict[str, int]) -> None:
+        self.slot = slot
+        self.ctx = SimpleNamespace(fds=fds)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.slot.read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.slot.write(offset, data)
+
+    def event_sources(self) -> list[object]:
+        return []
+
+
+MSIX_WAIT_S = 2.0  # the supervisor's heartbeat comes every 1 s: no test of ours runs one
+
+
+def test_virtio_restarted_with_msix_on_interrupts_at_once_not_at_the_next_heartbeat(tmp_path):
+    """The new process asks for its routes right after READY and holds its interrupts until
+    they are done: the slot takes those requests at once (they used to wait for the next
+    channel call, the heartbeat's, up to ~1 s with the guest's I/O stalled)."""
+    from tests.unit.test_virtio_pci import msix_on
+    from tests.virtio.support import Driver, Ring, close_fds, host_fds
+
+    fds = host_fds("virtio-rng")
+    transport = stand_in_transport()
+    ram = GuestRam.map(fds["ram"], fds["dirty"], [tuple(r) for r in transport["ram"]])
+    zctx, msi = zmq.Context(), FakeMsi()
+    spawn = Spawn(
+        "rng0", "virtio-rng", MODELS["virtio-rng"].transport.size, {}, fds,
+        transport=transport, msi=msi,
+    )  # fmt: skip
+    slot = DeviceSlot(spawn, tmp_path, spawn_child, zctx, lambda slot, reason: True)
+    try:
+        slot.start()
+        slot.wait_ready()
+        driver, ring = Driver(SlotBackedDevice(slot, fds)), Ring(ram)
+        driver.start(ring, vector=0)
+        msix_on(driver, 0)
+        driver.status()  # an access: the monitor takes the route request on its way
+        ring.add([(*ring.buffer(8), True)])
+        os.eventfd_write(fds["notify0"], 1)
+        assert readable(fds["msix0"], MSIX_WAIT_S)
+        os.eventfd_read(fds["msix0"])
+
+        slot.fail("killed by the test")
+        slot.restart()
+        # after_restart()'s interrupt, for a completion the dead process may not have sent
+        assert readable(fds["msix0"], MSIX_WAIT_S), "no interrupt after the restart"
+        os.eventfd_read(fds["msix0"])
+        ring.add([(*ring.buffer(8), True)])
+        os.eventfd_write(fds["notify0"], 1)
+        assert readable(fds["msix0"], MSIX_WAIT_S), "no interrupt for a request after it"
+        used = ring.used_idx()
+    finally:
+        slot.close()
+        zctx.term()
+        ram.close()
+        close_fds(fds)
+    assert used == 2 and msi.routed == [0, 0]
