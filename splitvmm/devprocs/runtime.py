@@ -515,7 +515,10 @@ def run(
         os._exit(1)
     load_model(spec.model)  # imports the model's module: there is no file system once sandboxed
     logging.basicConfig(
-        level=logging.WARNING, format=f"splitvmm: dev {spec.name}: %(levelname)s %(message)s"
+        # no name of its own: the launcher's relay prints each line as the device's, named
+        # by what it knows (sandbox/relay.py)
+        level=logging.WARNING,
+        format="%(levelname)s %(message)s",
     )
     ctx = build_context(spec)
     model = load_model(spec.model)

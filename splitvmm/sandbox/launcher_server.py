@@ -25,6 +25,7 @@ from splitvmm.sandbox.launcher import (
     STOP_TIMEOUT_S,
 )
 from splitvmm.sandbox.launcher_start import MAX_FDS, close_all, receive, send
+from splitvmm.sandbox.relay import READ_SIZE, StderrRelay
 from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
 from splitvmm.sandbox.zygote import Zygote, device_env
 
@@ -57,6 +58,7 @@ class _Server:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(sigchld_w, warn_on_full_buffer=False)
         self.poller.register(self._sigchld_r, select.POLLIN)
+        self.relays: dict[int, StderrRelay] = {}  # the read end of a device's stderr pipe
 
     def serve(self) -> None:
         """Requests and ends of devices, until the monitor closes its end."""
@@ -65,6 +67,8 @@ class _Server:
                 for fd, _ in self.poller.poll():
                     if fd == self._sigchld_r:
                         self._reap_orphans()
+                    elif fd in self.relays:
+                        self._relay(fd)
                     elif fd != self.sock.fileno():
                         self._report_end(fd)
                     elif not self._serve_request():
@@ -84,18 +88,48 @@ class _Server:
         for process in self.children.values():
             with contextlib.suppress(TimeoutError):
                 process.wait(max(0.0, deadline - time.monotonic()))
+        for fd in list(self.relays):  # their last words (a traceback): what the pipe holds
+            while fd in self.relays and readable(fd, 0):
+                self._relay(fd)
+
+    def _relay(self, fd: int) -> None:
+        """What a device wrote to its stderr, named and escaped (sandbox/relay.py), to ours;
+        at EOF (the device and its warden are gone) the pipe is closed."""
+        relay = self.relays[fd]
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        lines = relay.feed(data) if data else relay.end()
+        if lines:
+            with contextlib.suppress(OSError):  # as _say: a stderr nobody reads loses lines
+                os.write(2, "".join(f"{line}\n" for line in lines).encode(errors="replace"))
+        if not data:
+            self.poller.unregister(fd)
+            del self.relays[fd]
+            os.close(fd)
 
     def _spawn(self, spec: DeviceSpec) -> tuple[ChildProcess, int]:
         """spawn_child by the zygote; once more by a new zygote if that one had died (its
         death may not have been seen before the request went out) -- not if it was silent
         too long: a second wait would take the monitor's whole patience."""
-        zygote = self._live_zygote()
+        relay_r, relay_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # its fd 2 (relay.py)
         try:
-            return spawn_child(spec, zygote=zygote)
-        except DeviceFailure:
-            if not zygote.ended() or zygote.timed_out:
-                raise  # the device's own failure, or a zygote that never answered
-        return spawn_child(spec, zygote=self._live_zygote())
+            zygote = self._live_zygote()
+            try:
+                spawned = spawn_child(spec, stderr=relay_w, zygote=zygote)
+            except DeviceFailure:
+                if not zygote.ended() or zygote.timed_out:
+                    raise  # the device's own failure, or a zygote that never answered
+                spawned = spawn_child(spec, stderr=relay_w, zygote=self._live_zygote())
+        except BaseException:
+            os.close(relay_r)
+            raise
+        finally:
+            os.close(relay_w)  # the device's copy is the one left: EOF once it is gone
+        self.relays[relay_r] = StderrRelay(spec.name)
+        self.poller.register(relay_r, select.POLLIN)
+        return spawned
 
     def _live_zygote(self) -> Zygote:
         """The zygote, or a new one if it rests or has ended (killed, crashed, or killed by

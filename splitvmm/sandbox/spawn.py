@@ -56,9 +56,9 @@ def start_device(
     Its fds 0 and 1 are /dev/null (0 once it has read the spec), so
     a device never reads the operator's terminal nor writes to it except through the fd
     given to it as its output (when that is stdio, a dup of our stdout above fd 2, so that
-    /dev/null can take fd 1). Its fd 2 is our stderr (or `stderr`): a device's warnings and
-    a crashing device's traceback must reach the operator, and a device that can write there
-    can do no more than its `out` role allows already.
+    /dev/null can take fd 1). Its fd 2 is `stderr`, or ours: the launcher gives each device
+    a pipe it relays to the operator's, named and escaped (sandbox/relay.py); a test or
+    `policy audit` gives its own.
     """
     spec, dups = _fds_above_stdio(spec)
     data = spec.to_json().encode() + b"\n"  # json.dumps escapes every newline of a string
@@ -89,16 +89,17 @@ def start_device(
     return proc
 
 
-def fork_device(zygote: Zygote, spec: DeviceSpec) -> ChildProcess:
+def fork_device(zygote: Zygote, spec: DeviceSpec, stderr: int = 2) -> ChildProcess:
     """What start_device does, by the zygote's fork: the spec's fds become fds 3, 4, ... of
-    the device, and the spec it reads says so. The device is our child (sandbox/zygote.py)."""
+    the device, and the spec it reads says so; `stderr` its fd 2. The device is our child
+    (sandbox/zygote.py)."""
     fds = {role: number for number, role in enumerate(spec.fds, FIRST_FD)}
     data = replace(spec, fds=fds).to_json().encode() + b"\n"
     check_spec_size(spec.name, data)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     stdin = os.fdopen(stdin_w, "wb")
     try:
-        pid = zygote.fork(stdin_r, list(spec.fds.values()))
+        pid = zygote.fork(stdin_r, stderr, list(spec.fds.values()))
     except OSError as e:
         stdin.close()
         raise DeviceFailure(f"device {spec.name}: the zygote failed: {e}") from None
@@ -287,7 +288,7 @@ def spawn_child(
     listener = listen_channel(path)
     try:
         if zygote is not None:
-            process = fork_device(zygote, spec)
+            process = fork_device(zygote, spec, 2 if stderr is None else stderr)
         else:
             process = ChildProcess.started(start_device(command, spec, stderr))
     except BaseException:

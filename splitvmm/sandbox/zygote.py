@@ -34,13 +34,14 @@ checks that its parent is the launcher (devprocs/runtime.py run()).
 Over a SOCK_SEQPACKET socketpair with the launcher:
 
     zygote -> launcher   ready                          once, after its imports
-    launcher -> zygote   fork + fds [stdin, fd 3, fd 4, ...]
+    launcher -> zygote   fork + fds [stdin, stderr, fd 3, fd 4, ...]
     zygote -> launcher   {"pid": N} | {"error": "..."}  one of the two per fork
 
-In the device the first fd becomes stdin and the others fds 3, 4, ... in the
+In the device the first fd becomes stdin, the second fd 2 (the launcher's pipe that relays
+a device's stderr to the operator's: sandbox/relay.py) and the others fds 3, 4, ... in the
 order sent (the launcher renumbers the spec's fds to match: fork_device in
-sandbox/spawn.py); fd 1 is /dev/null and fd 2 the launcher's stderr, as the
-zygote's are; every other fd is closed before any device code runs.
+sandbox/spawn.py); fd 1 is /dev/null, as the zygote's is; every other fd is closed before
+any device code runs.
 
 What it costs in isolation: the devices one zygote forked share its address-space layout
 (ASLR is per exec, not per fork), its stack canary and its hash seed; a device that learns
@@ -84,7 +85,7 @@ DEVICE_ENV = ("SPLITVMM_POLICY_DIR",)
 # fds of one device: a virtio device's irqfds, ioeventfds, RAM and backend fit (the launcher
 # takes no request with more: sandbox/launcher_start.py MAX_FDS)
 MAX_DEVICE_FDS = 16
-MAX_FDS = MAX_DEVICE_FDS + 1  # a fork request: stdin and the device's fds
+MAX_FDS = MAX_DEVICE_FDS + 2  # a fork request: stdin, stderr and the device's fds
 FIRST_FD = 3  # a device's first fd after stdio
 # Within the monitor's REPLY_TIMEOUT_S for a spawn (sandbox/launcher.py): ready + fork, and
 # after a zygote that died (never one that timed out) a new one's (launcher_server.py _spawn).
@@ -133,12 +134,13 @@ class Zygote:
             theirs.close()
         return cls(ours, pid)
 
-    def fork(self, stdin: int, fds: Sequence[int]) -> int:
-        """A device process with `stdin` as fd 0 and `fds` as fds 3, 4, ...: its pid, ours to
+    def fork(self, stdin: int, stderr: int, fds: Sequence[int]) -> int:
+        """A device process with `stdin` as fd 0, `stderr` as fd 2 and `fds` as fds 3, 4, ...
+        (fd 1 is /dev/null, the zygote's): its pid, ours to
         reap (the module docstring). ZygoteError if the zygote failed; it is killed then (a
         reply that comes late would answer the next request), and ended() says so."""
         try:
-            return self._fork(stdin, fds)
+            return self._fork([stdin, stderr, *fds])
         except ZygoteError:
             self._kill_and_reap()
             raise
@@ -161,12 +163,12 @@ class Zygote:
         """Whether it failed by saying nothing in time (a second try would wait as long)."""
         return self._timed_out
 
-    def _fork(self, stdin: int, fds: Sequence[int]) -> int:
+    def _fork(self, fds: Sequence[int]) -> int:
         if not self._ready:
             self._expect(READY_TIMEOUT_S, "ready")
             self._ready = True
         try:
-            socket.send_fds(self._sock, [b"fork"], [stdin, *fds])
+            socket.send_fds(self._sock, [b"fork"], fds)
         except OSError as e:
             raise ZygoteError(f"the zygote takes no request: {e}") from None
         reply = self._expect(FORK_TIMEOUT_S, "pid")
@@ -257,7 +259,7 @@ def _serve_requests(sock: socket.socket, launcher: int, device_main: DeviceMain)
             return  # the launcher has closed its end
         try:
             cut = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-            if data != b"fork" or cut or not fds:
+            if data != b"fork" or cut or len(fds) < 2:
                 reply: dict[str, object] = {"error": "a request is not fork with its fds"}
             else:
                 reply = {"pid": _fork_device(sock, fds, launcher, device_main)}
@@ -328,10 +330,11 @@ def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain
 
 
 def _arrange_fds(fds: list[int]) -> None:
-    """fds[0] becomes 0, fds[1:] become 3, 4, ...; every other fd above 2 is closed."""
+    """fds[0] becomes 0, fds[1] 2, fds[2:] 3, 4, ...; every other fd above 2 is closed."""
     top = FIRST_FD + len(fds)
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]  # out of the way
     os.dup2(moved[0], 0)
-    for number, fd in enumerate(moved[1:], FIRST_FD):
+    os.dup2(moved[1], 2)
+    for number, fd in enumerate(moved[2:], FIRST_FD):
         os.dup2(fd, number)  # inheritable, as pass_fds leaves them
-    os.closerange(FIRST_FD + len(fds) - 1, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(FIRST_FD + len(fds) - 2, os.sysconf("SC_OPEN_MAX"))

@@ -110,9 +110,10 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
     # no_new_privs, no filter of its own (its devices would inherit it)
     assert (launcher_status["NoNewPrivs"], launcher_status["Seccomp"]) == ("1", "0")
     # /dev/null, stderr, its socket to the monitor (its zygote's went with the zygote), its
-    # SIGCHLD wake-up pipe and a pidfd per device: nothing of the VM
+    # SIGCHLD wake-up pipe, and a pidfd and a stderr pipe (sandbox/relay.py) per device:
+    # nothing of the VM
     assert kinds_of(launcher_fds) == sorted(
-        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * 2 + ["socket"]
+        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * (2 + len(wardens)) + ["socket"]
     )
     # Each warden is the small warden program; each device is named after itself in ps.
     assert names == {name: ("warden", f"sv-{name}") for name in names}
@@ -129,7 +130,7 @@ def fds_of(pid: int) -> dict[int, str]:
 
 def kinds_of(fds: dict[int, str]) -> list[str]:
     """The kinds of the fds above stdio, having checked stdio: /dev/null as stdin and stdout;
-    fd 2 is the operator's stderr, which the devices inherit."""
+    fd 2 is the stderr its parent gave it (the launcher's relay pipe, for a device)."""
     assert (fds.pop(0), fds.pop(1)) == ("/dev/null", "/dev/null")
     del fds[2]
     return sorted(t if t.startswith("anon_inode") else t.split(":")[0] for t in fds.values())
@@ -165,6 +166,32 @@ def test_running_vm_device_killed_stops_vm_with_its_status_from_the_launcher(gue
     # The confined monitor's supervisor saw the pidfd and asked the launcher how it ended.
     assert status == 4, stderr
     assert "device serial0 failed: process was killed by signal 9" in stderr
+
+
+def test_device_stderr_reaches_the_operator_named_by_the_launcher_and_escaped(guests, tmp_path):
+    """A device's fd 2 is a pipe the launcher reads, not the operator's terminal: what a
+    device (one a guest took over, say) writes there comes out as its line, named by the
+    launcher, with escape sequences shown as text (it wrote the clipboard through OSC 52, and
+    lines that read as the monitor's). The test writes into that pipe as the device would."""
+    vm = boot_guest(tmp_path, guests["counter"], "period=1000000000000")
+    try:
+        vm.wait_for(r"^counter: period=")
+        devices = json.loads(vm.ctl("status", "--json").stdout)["devices"]
+        warden = next(d["pid"] for d in devices if d["name"] == "serial0")
+        stderr_of_device = os.readlink(f"/proc/{warden}/fd/2")
+        launcher_holds = set(fds_of(parent_of(warden)).values())
+        fd = os.open(f"/proc/{warden}/fd/2", os.O_WRONLY)
+        try:
+            os.write(fd, b"\x1b]52;c;cHduZWQ=\x07\x1b[2Jsplitvmm: error: fake\n")
+        finally:
+            os.close(fd)
+        time.sleep(0.5)  # the launcher relays it
+    finally:
+        status, stderr = vm.stop()
+    assert stderr_of_device.startswith("pipe:") and stderr_of_device in launcher_holds
+    assert "\x1b" not in stderr, repr(stderr)
+    shown = "splitvmm: device serial0: \\x1b]52;c;cHduZWQ=\\x07\\x1b[2Jsplitvmm: error: fake\n"
+    assert shown in stderr, stderr
 
 
 PROBE = textwrap.dedent(

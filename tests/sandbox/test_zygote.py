@@ -49,8 +49,10 @@ def fork_and_report(line: bytes) -> dict[str, object]:
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     event = os.eventfd(0, os.EFD_CLOEXEC)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)  # the launcher's relay pipe
     try:
-        pid = zygote.fork(stdin_r, [report_w, event])
+        pid = zygote.fork(stdin_r, stderr_w, [report_w, event])
+        os.close(stderr_w)
         os.close(stdin_r)
         os.close(report_w)
         os.write(stdin_w, line)
@@ -61,12 +63,14 @@ def fork_and_report(line: bytes) -> dict[str, object]:
         return {
             **facts,
             "event": [os.fstat(event).st_dev, os.fstat(event).st_ino],
+            "stderr": [os.fstat(stderr_r).st_dev, os.fstat(stderr_r).st_ino],
             "status": os.waitstatus_to_exitcode(status),
             "me": os.getpid(),
             "forked": pid,
         }
     finally:
         os.close(event)
+        os.close(stderr_r)
         zygote.close()
 
 
@@ -74,9 +78,11 @@ def test_zygote_device_has_stdin_then_its_fds_from_3_and_nothing_else():
     facts = as_launcher(lambda: fork_and_report(b"spec line\n"))
     assert isinstance(facts, dict), facts
     assert facts["stdin"] == "spec line\n"
-    # 0-2 (stdin the pipe; 1 and 2 the zygote's), 3 the report pipe, 4 the eventfd; no more
+    # 0-2 (stdin the pipe, 1 the zygote's, 2 the stderr pipe sent), 3 the report pipe, 4 the
+    # eventfd; no more
     assert sorted(facts["fds"], key=int) == ["0", "1", "2", "3", "4"]
     assert facts["fds"]["4"] == facts["event"]
+    assert facts["fds"]["2"] == facts["stderr"]
 
 
 def test_zygote_device_is_reparented_to_the_launcher_in_a_session_of_its_own():
@@ -103,7 +109,7 @@ def test_zygote_that_exited_raises_zygote_error_naming_its_status():
         zygote = Zygote.start({}, (sys.executable, "-c", "import sys; sys.exit(3)"))
         stdin_r, stdin_w = os.pipe()
         try:
-            zygote.fork(stdin_r, [])
+            zygote.fork(stdin_r, 2, [])
         finally:
             zygote.close()
         return "forked"
