@@ -470,9 +470,19 @@ class Mc146818(RegisterDevice):
 
     def _update_irq(self) -> None:
         irqf = self._irqf()
-        if irqf and not self._line:
-            self.ctx.irq.trigger()
+        if irqf and not self._line and not self.ctx.replaying:
+            self.ctx.irq.trigger()  # a replayed frame's edge went out from the dead process
         self._line = irqf
+
+    def after_restart(self) -> None:
+        """The journal replayed (registers only: no edge went out for it): one edge if the
+        line is high now, for the one the dead process may have died before sending (a
+        spurious one finds register C's flags, or none, as after any edge)."""
+        was_high = self._line
+        self._begin()  # an event in the gap raises the line now, with its edge
+        if was_high and self._line:
+            self.ctx.irq.trigger()
+        self._end()
 
     def _schedule(self) -> None:
         """The next instant an enabled interrupt could raise the line, on the runtime's clock."""
@@ -516,7 +526,8 @@ class Mc146818(RegisterDevice):
             cmos=bytes(cmos),
             weekday_shift=self._weekday_shift,
             aborted_s=self._aborted_s if self._in_aborted_cycle() else None,
-            synced_ns=self._synced_ns,
+            # the guest clock runs on past the registers' range: kept within what restores
+            synced_ns=min(max(self._synced_ns, FIRST_S * NS), (LAST_S + 1) * NS),
         )
 
     @classmethod

@@ -180,13 +180,6 @@ class DeviceChannel:
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
 
-    def ping(self, timeout_ms: int) -> None:
-        """The supervisor's heartbeat: a pong within `timeout_ms`, its wait charged to the
-        latency budget as a read's is (a device answering every ping just under the deadline
-        holds the one thread that watches every device)."""
-        start = time.monotonic()
-        self.control("ping", timeout_ms)
-        self._charge((time.monotonic() - start) * 1e3)
 
     def stats(self, timeout_ms: int = STATS_TIMEOUT_MS) -> dict[str, int] | None:
         """The device's counters (Device.stats(), checked), or None if it does not answer
@@ -326,24 +319,29 @@ class DeviceChannel:
             return buf
         raise ChannelError("its process ended during a request")
 
-    def drain_events(self) -> None:
+    def drain_events(self, limited: bool = True) -> None:
         """Handle what the device sent while nobody asked: events only; any other frame
         breaks the channel. At most RCVHWM frames a call (what ZeroMQ holds unread), and no
         more once DRAIN_LIMIT_S has passed: a device that keeps sending cannot hold the
         caller here (a vCPU, or the supervisor, which watches every device); what it sends
-        meanwhile waits for the next call. The time taken is charged to its budget."""
+        meanwhile waits for the next call. A drain cut short by that limit (the device had
+        sent more than its limit's worth to check) is charged to its budget, as a slow reply
+        would be: one the monitor's own stalls slowed, but that emptied the queue, is not.
+        `limited`=False: a process that ended, whose last frames are all wanted."""
         # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
         self.mirror.news_taken()
         start = time.monotonic()
         for _ in range(RCVHWM):
-            if not _readable(self.sock) or time.monotonic() - start > DRAIN_LIMIT_S:
-                break
+            if not _readable(self.sock):
+                return
+            if limited and time.monotonic() - start > DRAIN_LIMIT_S:
+                # What its events cost us: a device that keeps sending costly ones spends
+                # its latency budget and has failed.
+                self._charge((time.monotonic() - start) * 1e3)
+                return
             buf = self.sock.recv(zmq.NOBLOCK)
             if not self._handled_event(buf):
                 raise ChannelError("sent a frame nobody asked for")
-        # What its events cost us, as a slow reply would: a device that keeps sending costly
-        # ones spends its latency budget and has failed.
-        self._charge((time.monotonic() - start) * 1e3)
 
     def _handled_event(self, buf: bytes) -> bool:
         """Whether `buf` was an event, a MIRROR or a CHECKPOINT, now handled (decoded once:

@@ -113,6 +113,7 @@ MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 # An access to a device that is away waits no longer than one to a device that is there may
 # (its read deadline): a pause waits for every vCPU to finish its access (coordinator.py).
 AWAY_WAIT_MS = READ_TIMEOUT_MS
+MAX_FAILED_STARTS = 3  # restarts in a row whose process fails before READY: then it has failed
 END_TIMEOUT_S = 5.0  # a killed device is gone at once; its status follows from the launcher
 # The restart budget's defaults, systemd's (StartLimitBurst=5 within StartLimitIntervalSec=10s):
 # a device that crashes faster than that is not restarted again.
@@ -240,6 +241,7 @@ class DeviceSlot:
         self.restarting = False  # AWAY after a crash, until restart() put a new process in
         self.supervised = False  # a Supervisor watches its processes (process_ended)
         self.crashes = 0
+        self._failed_starts = 0  # restarts in a row whose process failed before READY
         self.last_failure = ""  # why the device failed last (it may be back since)
         self.recover_ms: float | None = None  # crash -> serving again, the last restart
         self.longest_stall_ms = 0.0  # the longest an access waited for the device to be back
@@ -376,7 +378,7 @@ class DeviceSlot:
             if self.process is process and self.state is SlotState.AWAY:
                 self.state = SlotState.LIVE
                 if self.restarting:
-                    self.restarting = False
+                    self.restarting, self._failed_starts = False, 0
                     self.recover_ms = (time.monotonic() - self._crashed_at) * 1e3
                     log.warning(
                         "device %s is back (pid %d, process %d) %.0f ms after its crash",
@@ -449,9 +451,14 @@ class DeviceSlot:
         self._failed_process = process
         log.error("device %s (pid %d) failed in its restart: %s", self.name, process.pid, reason)
         self.crashes += 1
+        self._failed_starts += 1
         self.last_failure, self._crashed_at = reason, time.monotonic()
-        if self._on_failure(self, reason):
+        # A process that never gets READY fails only at READY_TIMEOUT_MS: slower than any
+        # restart budget's window, which then never fills. So a few in a row are the end.
+        if self._failed_starts < MAX_FAILED_STARTS and self._on_failure(self, reason):
             return True
+        if self._failed_starts >= MAX_FAILED_STARTS:
+            reason = f"{reason}; its last {MAX_FAILED_STARTS} restarts failed before READY"
         self._fail_for_good_locked(f"its restart failed: {reason}")
         return False
 
@@ -793,7 +800,7 @@ class DeviceSlot:
             if self.state is not SlotState.LIVE or channel is None:
                 return
             try:
-                channel.ping(timeout_ms)
+                channel.control("ping", timeout_ms)
             except ChannelError as e:
                 process = self.process
                 if self.supervised and process is not None and process.ended():
@@ -919,8 +926,10 @@ class DeviceSlot:
             self._journal.popleft()
 
     def _drain_events_locked(self, channel: DeviceChannel) -> None:
+        """What a process that ended sent (its last checkpoint): all of it, as it sends no
+        more (at most RCVHWM frames), and charged to nothing."""
         try:
-            channel.drain_events()
+            channel.drain_events(limited=False)
         except ChannelError as e:  # the device is failing anyway; say what else it did
             log.warning("device %s: %s", self.name, e)
 

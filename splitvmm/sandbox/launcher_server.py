@@ -84,11 +84,16 @@ class _Server:
         for process in self.children.values():
             process.kill()
         self._end_zygote()
+        self._relay_what_is_there()  # before a device stuck in I/O takes the whole wait
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for process in self.children.values():
             with contextlib.suppress(TimeoutError):
                 process.wait(max(0.0, deadline - time.monotonic()))
-        for fd in list(self.relays):  # their last words (a traceback): what the pipe holds
+        self._relay_what_is_there()
+
+    def _relay_what_is_there(self) -> None:
+        """The devices' last words (a traceback): what their pipes hold now."""
+        for fd in list(self.relays):
             while fd in self.relays and readable(fd, 0):
                 self._relay(fd)
 
@@ -113,7 +118,10 @@ class _Server:
         """spawn_child by the zygote; once more by a new zygote if that one had died (its
         death may not have been seen before the request went out) -- not if it was silent
         too long: a second wait would take the monitor's whole patience."""
-        relay_r, relay_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # its fd 2 (relay.py)
+        # Its fd 2 (relay.py): blocking, as a terminal is (a traceback written while we are
+        # busy elsewhere waits for room, never fails with EAGAIN); our end is not.
+        relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(relay_r, False)
         try:
             zygote = self._live_zygote()
             try:

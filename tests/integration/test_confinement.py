@@ -179,6 +179,7 @@ def test_device_stderr_reaches_the_operator_named_by_the_launcher_and_escaped(gu
         devices = json.loads(vm.ctl("status", "--json").stdout)["devices"]
         warden = next(d["pid"] for d in devices if d["name"] == "serial0")
         stderr_of_device = os.readlink(f"/proc/{warden}/fd/2")
+        flags = int(Path(f"/proc/{warden}/fdinfo/2").read_text().split()[3], 8)
         launcher_holds = set(fds_of(parent_of(warden)).values())
         fd = os.open(f"/proc/{warden}/fd/2", os.O_WRONLY)
         try:
@@ -189,6 +190,8 @@ def test_device_stderr_reaches_the_operator_named_by_the_launcher_and_escaped(gu
     finally:
         status, stderr = vm.stop()
     assert stderr_of_device.startswith("pipe:") and stderr_of_device in launcher_holds
+    # blocking, as a terminal is: a traceback written while the launcher is busy waits
+    assert not flags & os.O_NONBLOCK
     assert "\x1b" not in stderr, repr(stderr)
     shown = "splitvmm: device serial0: \\x1b]52;c;cHduZWQ=\\x07\\x1b[2Jsplitvmm: error: fake\n"
     assert shown in stderr, stderr

@@ -16,7 +16,7 @@ from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import LATENCY_BUDGET_MS, READ_TIMEOUT_MS, STATS_TIMEOUT_MS
 from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.coordinator import Coordinator
-from splitvmm.monitor.slot import Checkpoint, DeviceSlot, Spawn
+from splitvmm.monitor.slot import Checkpoint, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import HEARTBEAT_TIMEOUT_MS
 from splitvmm.native.eventfd import EventFd
 from splitvmm.sandbox.spawn import spawn_child
@@ -182,16 +182,19 @@ def test_rogue_flooding_events_before_each_pong_fails_its_heartbeat_at_the_deadl
     assert took < 2 * HEARTBEAT_MS / 1000 + 1  # the deadline, one slow event, the teardown
 
 
-def test_rogue_answering_each_ping_just_under_its_deadline_fails_on_latency_budget(zctx, tmp_path):
+def test_device_answering_each_ping_late_but_within_its_deadline_is_not_failed(zctx, tmp_path):
+    """A healthy virtio-blk answers a ping only after a long fdatasync (its event loop does
+    it in line): a slow pong within the heartbeat's deadline is no failure, however often."""
     failures: list[str] = []
     slot = spawn_rogue("slow-ping", zctx, tmp_path, failures, str(HEARTBEAT_MS * 3 // 4))
     try:
         slot.wait_ready()
         for _ in range(3):
             slot.heartbeat(HEARTBEAT_MS)
+        state = slot.state
     finally:
         slot.close()
-    assert len(failures) == 1 and f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
+    assert (failures, state) == ([], SlotState.LIVE)
 
 
 def test_rogue_flooding_events_behind_its_mirror_costs_each_read_little_then_fails(zctx, tmp_path):

@@ -427,13 +427,14 @@ def test_slot_spare_refused_by_its_spawner_fails_nothing_and_restart_goes_cold(t
         h.close()
 
 
-def killing_the_second(calls: list[ChildProcess]):
-    """A spawner whose second process (the restart's) is killed in its start."""
+def killing_in_start(calls: list[ChildProcess], which: range = range(2, 3)):
+    """A spawner that kills the processes it starts whose number (from 1) is in `which`
+    (by default the second: the first restart's) in their start."""
 
     def spawner(spec: DeviceSpec) -> tuple[ChildProcess, int]:
         process, listener = spawn_child(spec)
         calls.append(process)
-        if len(calls) == 2:
+        if len(calls) in which:
             process.send_signal(signal.SIGKILL)
         return process, listener
 
@@ -444,7 +445,7 @@ def test_slot_restart_whose_process_dies_before_ready_is_a_crash_the_policy_rest
     """A kill loop may meet the new process in its start: that is another crash, for the
     on_crash policy and its budget, not the end of the device (it stopped the VM)."""
     calls: list[ChildProcess] = []
-    h = Harness(tmp_path, spawner=killing_the_second(calls), restarts=True)
+    h = Harness(tmp_path, spawner=killing_in_start(calls), restarts=True)
     try:
         h.slot.write(Reg.SCR, b"\x5a")
         h.slot.fail("killed by the test")
@@ -461,7 +462,7 @@ def test_slot_restart_whose_process_dies_before_ready_is_a_crash_the_policy_rest
 
 def test_slot_restart_whose_process_dies_before_ready_fails_for_good_past_the_policy(tmp_path):
     calls: list[ChildProcess] = []
-    h = Harness(tmp_path, spawner=killing_the_second(calls), restarts=True)
+    h = Harness(tmp_path, spawner=killing_in_start(calls), restarts=True)
     try:
         h.slot.fail("killed by the test")
         h.restarts = False  # the budget is spent by now
@@ -471,6 +472,24 @@ def test_slot_restart_whose_process_dies_before_ready_fails_for_good_past_the_po
     finally:
         h.close()
     assert (state, len(h.failures)) == (SlotState.FAILED, 2)
+
+
+def test_slot_restarts_failing_before_ready_again_and_again_end_the_device(tmp_path):
+    """Each such failure comes only at READY_TIMEOUT_MS for a process that hangs in its start:
+    slower than any restart budget fills. MAX_FAILED_STARTS in a row are the end of it."""
+    calls: list[ChildProcess] = []
+    h = Harness(tmp_path, spawner=killing_in_start(calls, range(2, 100)), restarts=True)
+    try:
+        h.slot.fail("killed by the test")
+        for _ in range(slot_module.MAX_FAILED_STARTS - 1):
+            h.slot.restart()
+            assert h.slot.state is SlotState.AWAY
+        with pytest.raises(DeviceFailure, match="its last 3 restarts failed before READY"):
+            h.slot.restart()
+        state = h.slot.state
+    finally:
+        h.close()
+    assert (state, len(calls)) == (SlotState.FAILED, 1 + slot_module.MAX_FAILED_STARTS)
 
 
 def test_slot_close_ends_its_spare_and_its_socket(tmp_path):

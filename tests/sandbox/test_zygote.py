@@ -130,7 +130,8 @@ FD_PROBE = (
     "        return False\n"
     "    return True\n"
     "null = os.stat(os.devnull).st_rdev\n"
-    "facts = {'fds': [fd for fd in range(64) if is_open(fd)], 'socket': int(sys.argv[1]),\n"
+    "top = max(64, int(sys.argv[1]) + 1)\n"
+    "facts = {'fds': [fd for fd in range(top) if is_open(fd)], 'socket': int(sys.argv[1]),\n"
     "         'null': [os.fstat(fd).st_rdev == null for fd in (0, 1)]}\n"
     "os.write(int(sys.argv[1]), json.dumps(facts).encode())\n",
 )

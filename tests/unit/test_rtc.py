@@ -642,6 +642,43 @@ def test_rtc_alarm_that_falls_in_a_restart_gap_still_goes_off():
     assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (1, RegC.IRQF | RegC.AF | RegC.UF)
 
 
+def test_rtc_replay_sends_no_edge_the_dead_process_sent_and_restart_sends_one_if_high():
+    """Ten updates the guest acknowledged after the checkpoint: the replay rebuilds each flag
+    and its read, and pulses IRQ 8 for none (the guest had those edges); after_restart pulses
+    once if the line is high then (the dead process may have died before its edge)."""
+    rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    rd(rtc, Reg.INTR_FLAGS)
+    checkpoint = rtc.save()
+    journal = []
+    for _ in range(10):
+        clock.advance(NS)
+        rtc.tick(clock.mono)
+        for frame in (wire.encode_write(0, bytes([Reg.INTR_FLAGS])), wire.encode_read(0, 1, 1)):
+            journal.append((frame, clock.wall_ns()))
+            access = wire.decode_access(frame, 2)
+            if access.op == wire.Op.WRITE:
+                rtc.write(access.offset, access.data)
+            else:
+                rtc.read(access.offset, 1)
+    clock.advance(NS)  # one more update, not acknowledged: the line is high at the restart
+    irq = FakeIrq()
+    back = Mc146818.restore(DeviceContext(irq=irq, restarted=True), checkpoint, clock)
+    runtime.replay(back, journal, runtime.Checkpoints(back))
+    replayed = irq.count
+    back.after_restart()
+    assert (replayed, irq.count) == (0, 1)
+
+
+def test_rtc_clock_set_to_the_end_of_year_9999_saves_a_state_that_restores():
+    rtc, clock, _ = make_rtc()
+    set_time(rtc, {Reg.CENTURY: 0x99, Reg.YEAR: 0x99, Reg.MONTH: 0x12, Reg.DAY_OF_MONTH: 0x31,
+                   Reg.HOURS: 0x23, Reg.MINUTES: 0x59, Reg.SECONDS: 0x59})  # fmt: skip
+    clock.advance(5 * NS)  # the guest clock runs on past what the registers show
+    state = rtc.save()
+    assert Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock).save() == state
+
+
 @pytest.mark.parametrize(
     "times",
     [[], [1, 2], ["1"], [-1], [1 << 64], [1.0]],
