@@ -69,7 +69,11 @@ def run_and_exit(
             launcher.close()
             raise
         timings.mark("config")
-        outcome = run_vm(cfg, snap, launcher)
+        if snapshot_dir is None:
+            outcome = run_vm(cfg, snap, launcher)
+        else:  # what the restore finds wrong as it loads (RAM's checksum, a state) names it too
+            with _naming_snapshot(snapshot_dir):
+                outcome = run_vm(cfg, snap, launcher)
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)

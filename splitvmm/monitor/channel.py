@@ -180,7 +180,6 @@ class DeviceChannel:
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
 
-
     def stats(self, timeout_ms: int = STATS_TIMEOUT_MS) -> dict[str, int] | None:
         """The device's counters (Device.stats(), checked), or None if it does not answer
         within `timeout_ms`: that is no failure (its answer is dropped when it comes)."""

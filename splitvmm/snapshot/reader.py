@@ -204,8 +204,12 @@ class Snapshot:
                 f"the VM has {format_size(mem.size)}"
             )
         regions = [(r.gpa, r.size, r.offset) for r in mem.regions]
-        if regions != [(r.gpa, r.size, r.offset) for r in layout.regions]:
-            raise SnapshotError(f"snapshot's RAM regions differ from the VM's: {regions}")
+        saved = [(r.gpa, r.size, r.offset) for r in layout.regions]
+        if regions != saved:  # (guest address, size, offset in RAM) each
+            raise SnapshotError(
+                f"snapshot's RAM regions {shown_list(saved)} differ from the VM's "
+                f"{shown_list(regions)} (guest address, size, offset)"
+            )
         entry = self.ram_chunk
         with self._open_chunk(entry) as f:
             hexdigest = ram.load_ram(
@@ -244,3 +248,9 @@ def _hash_file(
             if progress:
                 progress(done + size, total)
         return checksum.hexdigest(), size
+
+
+def shown_list(regions: list[tuple[int, int, int]], most: int = 4) -> str:
+    """Regions in hex, the first `most` of them: a hostile manifest may list thousands."""
+    text = ", ".join(f"({g:#x}, {s:#x}, {o:#x})" for g, s, o in regions[:most])
+    return f"[{text}{', ...' if len(regions) > most else ''}]"

@@ -69,7 +69,7 @@ def test_restore_corrupt_snapshot_fails_clearly_naming_chunk(saved, tmp_path, ca
     r = splitvmm(tmp_path, "up", str(config), "--restore", str(broken))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    assert r.stderr.startswith("splitvmm: error: ")
+    assert r.stderr.startswith(f"splitvmm: error: snapshot {broken}: "), r.stderr
     assert names in r.stderr, r.stderr
 
 

@@ -350,6 +350,22 @@ def test_reader_wrong_memory_size_refused(snap):
     small.close()
 
 
+def test_reader_other_ram_regions_refused_showing_both_layouts(snap, fresh):
+    half = MEM_SIZE // 2
+    regions = [
+        {"gpa": 0, "size": half, "offset": 0},
+        {"gpa": 1 << 32, "size": half, "offset": half},
+    ]
+    edit_manifest(snap, lambda d: d["memory"].update(regions=regions))
+
+    with pytest.raises(SnapshotError) as err:
+        Snapshot.open(snap).load_ram(fresh)
+    assert str(err.value) == (
+        "snapshot's RAM regions [(0x0, 0x200000, 0x0), (0x100000000, 0x200000, 0x200000)] "
+        "differ from the VM's [(0x0, 0x400000, 0x0)] (guest address, size, offset)"
+    )
+
+
 def test_reader_device_file_with_another_model_refused(snap):
     (snap / "serial0.json").write_text(json.dumps({"model": "net", "version": 1, "state": {}}))
     rehash(snap, "serial0")
