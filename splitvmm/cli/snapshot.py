@@ -101,9 +101,9 @@ def verify_with_progress(snap: Snapshot) -> None:
     help="Also require manifest.sig to be the manifest's MAC under the key in KEYFILE.",
 )
 def verify(directory: Path, key_file: Path | None) -> None:
-    """Check every chunk's size, checksum and structure, and decode the vCPU, VM and PCI
-    states as a restore would; exit 1 on the first problem. (Each device's own fields are
-    checked by its model when it is restored.)"""
+    """Check every chunk's size, checksum and structure, decode the vCPU, VM and PCI states
+    and parse the stored config as a restore would; exit 1 on the first problem. (Each
+    device's own fields are checked by its model when it is restored.)"""
     from splitvmm.monitor import restore
     from splitvmm.snapshot import signing
 

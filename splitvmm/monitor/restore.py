@@ -293,11 +293,20 @@ def decode_states(snap: Snapshot) -> SavedStates:
 def check_states(snap: Snapshot) -> None:
     """What a restore checks of the states before any process runs (`snapshot verify`):
     every vCPU, VM and PCI chunk decoded, every device chunk a state document of its
-    bounded size. A device's fields are its model's to judge, in its sandboxed process."""
+    bounded size, and the stored config as `splitvmm restore` parses it. A device's fields
+    are its model's to judge, in its sandboxed process."""
     decode_states(snap)
     for chunk in snap.chunks:
         if chunk.kind == "device":
             device_state(snap, chunk.name)
+    # The stored config, as `splitvmm restore DIR` takes it (its firmware is the operator's
+    # to name: a stand-in path, never opened). `up CONFIG --restore` takes CONFIG instead.
+    stand_in = {"boot.firmware": "firmware.bin"} if firmware_booted(snap) else {}
+    try:
+        check_compatible(snap, config_of(snap, stand_in))
+    except SnapshotError as e:
+        raise SnapshotError(f"{e} (`splitvmm restore` refuses it; `up CONFIG --restore` "
+                            "would take CONFIG's instead)") from None  # fmt: skip
 
 
 def _read_pci(snap: Snapshot) -> pcistate.PciState | None:

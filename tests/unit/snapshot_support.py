@@ -13,10 +13,14 @@ from splitvmm.snapshot import SnapshotWriter, digest
 
 MIB = 1 << 20
 PAGE = 4096
-MEM_SIZE = 4 * MIB
+MEM_SIZE = 16 * MIB  # the least a VM config takes (restore parses the stored one)
 # Scattered pages with non-zero bytes: first page, a run of two, the last page.
 PAGES = {0x0: b"\x11", 0x5000: b"\x22", 0x6000: b"\x33", MEM_SIZE - PAGE: b"\x44"}
-VM_CONFIG = {"vm": {"name": "t", "memory": "4M", "vcpus": 1}, "device": []}
+VM_CONFIG = {  # as a VM with this RAM and these chunks stores it (config_to_dict)
+    "vm": {"name": "t", "memory": "16M", "vcpus": 1},
+    "boot": {"kernel": "vmlinux"},
+    "device": [{"name": "serial0", "model": "serial"}],
+}
 CPUID = [{"function": 0, "index": 0, "eax": 13, "ebx": 0, "ecx": 0, "edx": 0}]
 # A vCPU's and the VM's states as a restore decodes them (snapshot verify does too): the
 # golden v1 VM's, saved by release 1 (tests/conformance/goldens/vm/v1)

@@ -26,7 +26,7 @@ def test_cli_inspect_shows_header_and_chunks(snap):
 
     assert result.exit_code == 0
     assert "v2 (splitvmm 0.1.0" in result.stdout
-    assert "4 MiB in 1 region(s)" in result.stdout
+    assert "16 MiB in 1 region(s)" in result.stdout
     assert "vCPUs     1" in result.stdout
     assert "serial0" in result.stdout and "│ serial │" in result.stdout
     assert "blake3:" in result.stdout
@@ -39,7 +39,7 @@ def test_cli_inspect_json_is_the_manifest_summary(snap):
     assert (doc["format_version"], doc["vcpus"], doc["memory"]["size"], "cpuid" in doc) == (
         2,
         1,
-        4 << 20,
+        16 << 20,
         False,
     )
     assert [c["name"] for c in doc["chunks"]] == ["ram", "vcpu0", "vm", "serial0"]
@@ -67,6 +67,26 @@ def test_cli_verify_decodes_the_states_a_restore_would(snap, chunk, content, mes
 
     assert (result.exit_code, result.stdout) == (1, ""), result.stdout
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["vm"].update(vcpus="two"), "manifest vm_config: "),
+        (lambda c: c["vm"].update(memory=10**30), "manifest vm_config: "),
+        (lambda c: c["device"].append(dict(c["device"][0])), "manifest vm_config: "),
+        (lambda c: c.update(device="serial"), "manifest vm_config: "),
+    ],
+    ids=["vcpus-text", "memory-huge", "device-twice", "devices-not-a-list"],
+)
+def test_cli_verify_parses_the_stored_config_as_restore_would(snap, edit, message):
+    """`splitvmm restore DIR` refuses such a snapshot: verify says so too."""
+    edit_manifest(snap, lambda doc: edit(doc["vm_config"]))
+
+    result = run("verify", str(snap))
+
+    assert (result.exit_code, result.stdout) == (1, ""), result.stdout
+    assert message in result.stderr and "`splitvmm restore` refuses it" in result.stderr
 
 
 def test_cli_verify_snapshot_without_vcpus_exits_1(snap):

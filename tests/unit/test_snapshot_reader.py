@@ -331,21 +331,23 @@ def _write_ram(snap: Path, records: list[tuple[int, int]], end: int) -> None:
 def test_reader_ram_extent_beyond_memory_refused_by_verify(snap):
     _write_ram(snap, [(MEM_SIZE, PAGE)], PAGE)
 
-    with pytest.raises(SnapshotError, match=f"{_label('ram')}: extent 0x400000\\+0x1000 lies"):
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: extent {MEM_SIZE:#x}\\+0x1000 lies"):
         Snapshot.open(snap).verify()
 
 
 def test_reader_ram_extent_beyond_memory_refused_by_load(snap, fresh):
     _write_ram(snap, [(0, PAGE), (MEM_SIZE - PAGE, 2 * PAGE)], 3 * PAGE)
 
-    with pytest.raises(SnapshotError, match=f"{_label('ram')}: extent 0x3ff000\\+0x2000 lies"):
+    with pytest.raises(
+        SnapshotError, match=f"{_label('ram')}: extent {MEM_SIZE - PAGE:#x}\\+0x2000 lies"
+    ):
         Snapshot.open(snap).load_ram(fresh)
 
 
 def test_reader_wrong_memory_size_refused(snap):
     small = memory(2 * MIB, {})
 
-    with pytest.raises(SnapshotError, match="snapshot has 4 MiB of RAM, the VM has 2 MiB"):
+    with pytest.raises(SnapshotError, match="snapshot has 16 MiB of RAM, the VM has 2 MiB"):
         Snapshot.open(snap).load_ram(small)
     small.close()
 
@@ -361,8 +363,8 @@ def test_reader_other_ram_regions_refused_showing_both_layouts(snap, fresh):
     with pytest.raises(SnapshotError) as err:
         Snapshot.open(snap).load_ram(fresh)
     assert str(err.value) == (
-        "snapshot's RAM regions [(0x0, 0x200000, 0x0), (0x100000000, 0x200000, 0x200000)] "
-        "differ from the VM's [(0x0, 0x400000, 0x0)] (guest address, size, offset)"
+        "snapshot's RAM regions [(0x0, 0x800000, 0x0), (0x100000000, 0x800000, 0x800000)] "
+        "differ from the VM's [(0x0, 0x1000000, 0x0)] (guest address, size, offset)"
     )
 
 
