@@ -1,18 +1,11 @@
 """The error types of splitvmm: each names what went wrong in one sentence; and how a process
 of ours ends once an error (or its work) is done."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import signal
 import sys
-
-# typing only for the type checker: this module is imported before the launcher's fork, where
-# typing (~10 ms with the re it brings) would delay the zygote (sandbox/launcher_start.py).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import NoReturn
+from typing import NoReturn
 
 
 class SplitvmmError(Exception):

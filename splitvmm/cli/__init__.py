@@ -9,10 +9,7 @@ launcher starts the zygote, whose imports (~100 ms) then overlap click's and the
 from __future__ import annotations
 
 import sys
-
-TYPE_CHECKING = False  # typing waits for root.py: it would delay the launcher (early.py)
-if TYPE_CHECKING:
-    from typing import Any, NoReturn
+from typing import Any, NoReturn
 
 ROOT_NAMES = ("cli", "SUBCOMMANDS", "LazyGroup")  # what root.py exports here
 

@@ -11,9 +11,10 @@ here, and an unused one ends with the process (it dies with its parent).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from splitvmm import timings
 
-TYPE_CHECKING = False  # typing (~10 ms with re) would delay the launcher's fork
 if TYPE_CHECKING:
     import socket
 

@@ -143,7 +143,7 @@ class _Server:
         """The zygote, or a new one if it rests or has ended (killed, crashed, or killed by
         us after it failed a fork): otherwise every restart that follows would fail too."""
         if self.zygote is not None and self.zygote.ended():
-            status = self.zygote.returncode
+            status = self.zygote.process.returncode
             _say(f"the zygote ended ({status}); starting a new one")
             self._end_zygote()
         if self.zygote is None:
@@ -166,7 +166,7 @@ class _Server:
                 pass
         ours = {process.pid for process in self.children.values()}
         if self.zygote is not None:
-            ours.add(self.zygote.pid)
+            ours.add(self.zygote.process.pid)
         running = set()
         for pid in _children() - ours:
             try:

@@ -10,9 +10,7 @@ protocol module, no launcher client (tests/integration/test_startup_imports.py).
 launcher serves requests with (sandbox/launcher_server.py) it imports once its zygote is
 ready or the first request comes, whichever is first; the monitor's handle
 (sandbox/launcher.py Launcher) wraps the socket and pid that fork() returns. The protocol's
-message framing (send, receive), which both sides use, is here too. Nor does anything here
-import json, subprocess or typing before that exec (~25 ms together on this host): the zygote
-is spawned with os.posix_spawn (sandbox/zygote.py), and json is imported by send().
+message framing (send, receive), which both sides use, is here too.
 """
 
 from __future__ import annotations
@@ -20,17 +18,15 @@ from __future__ import annotations
 import array
 import fcntl
 import gc
+import json
 import os
 import select
 import signal
 import socket
+from collections.abc import Iterable, Sequence
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.sandbox.zygote import MAX_DEVICE_FDS
-
-TYPE_CHECKING = False  # no typing, json or collections before the zygote's exec (see above)
-if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
 
 MAX_FDS = MAX_DEVICE_FDS  # a request carries one device's fds (sandbox/zygote.py)
 
@@ -129,8 +125,6 @@ def _fd_above_stdio(sock: socket.socket) -> socket.socket:
 
 # -- messages ---------------------------------------------------------------------------------
 def send(sock: socket.socket, msg: dict[str, object] | bytes, fds: Sequence[int] = ()) -> None:
-    import json  # here: the launcher's first message comes after its zygote's exec
-
     data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
     socket.send_fds(sock, [data], list(fds))
 

@@ -54,28 +54,20 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import json
 import os
-import select
 import signal
 import socket
+import subprocess
 import sys
+from collections.abc import Callable, Sequence
 
 from splitvmm.errors import exit_now, system_exit_status
-
-# Only the type checker reads these: typing alone (it brings re) is ~10 ms of an interpreter's
-# start here, and this module is on the launcher's path to the zygote's exec.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-
-    DeviceMain = Callable[[int], None]  # run a device whose parent must be this pid
 
 # How the zygote is started: this interpreter, isolated (-I, as a device: protocol/spec.py
 # DEVICE_COMMAND), every device model imported, forking a device per request; its argument
 # is its socket's fd. This module is on the launcher's path to that exec
-# (sandbox/launcher_start.py): it imports no protocol module, nor json, subprocess or typing
-# (~25 ms together on this host: tests/integration/test_startup_imports.py). The zygote is
-# started with os.posix_spawn, and json waits for its first message.
+# (sandbox/launcher_start.py): it imports no protocol module.
 ZYGOTE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs.zygote")
 # Environment variables a device process inherits: only what the device code reads itself
 # (sandbox/policy.py). Nothing else of the monitor's environment (credentials in it,
@@ -107,32 +99,29 @@ class ZygoteError(OSError):
 class Zygote:
     """The launcher's handle on its zygote (one thread: the launcher's)."""
 
-    def __init__(self, sock: socket.socket, pid: int) -> None:
+    def __init__(self, sock: socket.socket, process: subprocess.Popen[bytes]) -> None:
         self._sock = sock
-        self.pid = pid
-        self.returncode: int | None = None  # once reaped: as subprocess's (-N: signal N)
+        self.process = process
         self._ready = False
         self._timed_out = False
 
     @classmethod
     def start(cls, env: dict[str, str], command: Sequence[str] = ZYGOTE_COMMAND) -> Zygote:
         """exec the zygote (`command` and its socket's fd), our child; it gets ready (imports)
-        while we go on. Its stdin and stdout are /dev/null, its stderr ours, and no other fd
-        of ours reaches it but its socket: every other one is closed in the child (as
-        subprocess's close_fds, which this module does without: see ZYGOTE_COMMAND)."""
+        while we go on."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            keep = theirs.fileno()
-            os.set_inheritable(keep, True)
-            actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-            ]
-            actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _open_fds() if fd > 2 and fd != keep]
-            pid = os.posix_spawn(command[0], [*command, str(keep)], env, file_actions=actions)
+            process = subprocess.Popen(
+                [*command, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+                env=env,
+            )
         finally:
             theirs.close()
-        return cls(ours, pid)
+        return cls(ours, process)
 
     def fork(self, stdin: int, stderr: int, fds: Sequence[int]) -> int:
         """A device process with `stdin` as fd 0, `stderr` as fd 2 and `fds` as fds 3, 4, ...
@@ -142,16 +131,12 @@ class Zygote:
         try:
             return self._fork([stdin, stderr, *fds])
         except ZygoteError:
-            self._kill_and_reap()
+            self.process.kill()
+            self.process.wait()
             raise
 
     def ended(self) -> bool:
-        """Whether it has ended (reaped here if it has)."""
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode is not None
+        return self.process.poll() is not None
 
     def fileno(self) -> int:
         """Its socket: readable once it is ready (its "ready" waits there for fork()) or has
@@ -188,8 +173,6 @@ class Zygote:
             raise ZygoteError(f"the zygote's socket failed: {e}") from None
         if not data:
             raise ZygoteError(f"the zygote exited (status {self._status()})")
-        import json  # here, after the exec: not on the zygote's way to its imports
-
         try:
             msg = json.loads(data)
         except ValueError:
@@ -200,38 +183,21 @@ class Zygote:
 
     def _status(self) -> int | str:
         """Its exit status, once its socket said EOF (it may take a moment to end)."""
-        if not self.ended():
-            ending = os.pidfd_open(self.pid)
-            try:
-                waiting = select.poll()
-                waiting.register(ending, select.POLLIN)
-                waiting.poll(round(EXIT_TIMEOUT_S * 1000))
-            finally:
-                os.close(ending)
-            if not self.ended():
-                return "unknown: it closed its socket and runs on"
-        assert self.returncode is not None
-        return self.returncode
+        try:
+            return self.process.wait(EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return "unknown: it closed its socket and runs on"
 
     def close(self) -> None:
         """End it and reap it: SIGKILL, as it holds nothing to save, and may be importing
         still (a VM that failed early) or forking a spare nobody waits for."""
         self._sock.close()
-        self._kill_and_reap()
-
-    def _kill_and_reap(self) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, signal.SIGKILL)  # a zombie until reaped: the pid is still ours
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-
-
-def _open_fds() -> list[int]:
-    """Every fd of this process (the listing's own fd is closed by then: harmless)."""
-    return [int(name) for name in os.listdir("/proc/self/fd")]
+        self.process.kill()
+        self.process.wait()
 
 
 # -- the zygote's side ------------------------------------------------------------------------
+DeviceMain = Callable[[int], None]  # run a device whose parent must be this pid
 
 
 def serve(sock_fd: int, device_main: DeviceMain, launcher: int) -> int:
@@ -250,8 +216,6 @@ def serve(sock_fd: int, device_main: DeviceMain, launcher: int) -> int:
 
 
 def _serve_requests(sock: socket.socket, launcher: int, device_main: DeviceMain) -> None:
-    import json  # not at the top: the launcher imports this module (ZYGOTE_COMMAND)
-
     sock.sendall(json.dumps({"op": "ready"}).encode())
     while True:
         data, fds, flags, _ = socket.recv_fds(sock, MESSAGE, MAX_FDS)

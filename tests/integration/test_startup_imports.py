@@ -55,9 +55,6 @@ BEFORE_THE_ZYGOTE = (
     "splitvmm.native.confine, splitvmm.sandbox.zygote"
 )
 NOT_BEFORE_THE_ZYGOTE = (
-    "typing",  # with the re it brings, ~10 ms here
-    "json",
-    "subprocess",
     "click",
     "msgspec",
     "pyseccomp",

@@ -138,8 +138,7 @@ FD_PROBE = (
 
 
 def test_zygote_gets_stdio_and_its_socket_and_no_other_fd_of_the_launcher():
-    """Every fd of the launcher but stderr stays behind, inheritable or not (it is started
-    without subprocess, whose close_fds did this)."""
+    """Every fd of the launcher but stderr stays behind, inheritable or not (close_fds)."""
 
     def body() -> object:
         leaked_r, leaked_w = os.pipe()
@@ -163,9 +162,9 @@ def test_zygote_that_was_killed_is_seen_ended_with_the_signal_as_status():
     def body() -> object:
         zygote = Zygote.start({}, (sys.executable, "-c", "import time; time.sleep(60)"))
         ended_before = zygote.ended()
-        os.kill(zygote.pid, signal.SIGTERM)
-        os.waitid(os.P_PID, zygote.pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped
-        result = [ended_before, zygote.ended(), zygote.returncode]
+        os.kill(zygote.process.pid, signal.SIGTERM)
+        os.waitid(os.P_PID, zygote.process.pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped
+        result = [ended_before, zygote.ended(), zygote.process.returncode]
         zygote.close()  # reaped already: nothing to kill
         return result
 
