@@ -79,7 +79,10 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   msgspec imports typing_extensions where it is installed, and blake3 requires it), pyseccomp ~11 (ctypes.util runs
   `ldconfig -p` twice), logging ~9, re ~5. The run is CPU-bound: ~0.31 s of CPU on 2 cores.
 - Tried and dropped: forking before anything imports typing (the TYPE_CHECKING = False
-  idiom in errors.py and cli/): the exec came ~5 ms sooner, farm-bench A/B 0.999;
+  idiom in errors.py and cli/): the exec came ~5 ms sooner, farm-bench A/B 0.999 (tried
+  again 2026-12-03 with json and subprocess kept off that path too, the zygote spawned by
+  os.posix_spawn: "launcher fork" 23.5 -> 11.0 ms, device launch requests 28-32 ms both,
+  whole `up` 251/247 against 270/239 ms, --runs 7 twice: reverted, cebd2b7);
   gc.disable() during the zygote's imports (41 collections): no difference; importing
   hashlib lazily in protocol/models.py (~4 ms of the zygote's): a sandboxed virtio-net
   device calls default_mac(), and a device cannot import once it is confined.
