@@ -65,6 +65,7 @@ EPOCH = date(1970, 1, 1).toordinal()
 FIRST_S = (date(1, 1, 1).toordinal() - EPOCH) * DAY_S  # the clock's range: years 0001-9999
 LAST_S = (date(9999, 12, 31).toordinal() - EPOCH + 1) * DAY_S - 1
 MAX_OFFSET_NS = (LAST_S - FIRST_S) * NS  # any offset that keeps a guest clock in that range
+MAX_GUEST_NS = (1 << 63) + MAX_OFFSET_NS  # a guest time: CLOCK_REALTIME ns plus an offset
 ALARM_DONT_CARE = 0xC0  # an alarm byte with both top bits set matches any value
 BASES = ("utc", "localtime")
 
@@ -526,8 +527,7 @@ class Mc146818(RegisterDevice):
             cmos=bytes(cmos),
             weekday_shift=self._weekday_shift,
             aborted_s=self._aborted_s if self._in_aborted_cycle() else None,
-            # the guest clock runs on past the registers' range: kept within what restores
-            synced_ns=min(max(self._synced_ns, FIRST_S * NS), (LAST_S + 1) * NS),
+            synced_ns=self._synced_ns,
         )
 
     @classmethod
@@ -546,7 +546,9 @@ class Mc146818(RegisterDevice):
         if state.aborted_s is not None:
             _check_int("aborted_s", state.aborted_s, FIRST_S, LAST_S)
         if state.synced_ns is not None:
-            _check_int("synced_ns", state.synced_ns, FIRST_S * NS, (LAST_S + 1) * NS)
+            # a guest time: the host's wall clock plus an offset (it runs on past year 9999,
+            # where the registers stop)
+            _check_int("synced_ns", state.synced_ns, -MAX_OFFSET_NS, MAX_GUEST_NS)
         return cls(ctx, state, clock)
 
 

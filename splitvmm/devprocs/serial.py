@@ -497,9 +497,15 @@ class Uart8250(RegisterDevice):
 
     def _update_irq(self) -> None:
         pending = self._irq_asserted()
-        if pending and not self._irq_pending:
-            self.ctx.irq.trigger()
+        if pending and not self._irq_pending and not self.ctx.replaying:
+            self.ctx.irq.trigger()  # a replayed frame's edge went out from the dead process
         self._irq_pending = pending
+
+    def after_restart(self) -> None:
+        """The journal replayed (registers only: no edge went out for it): one edge if an
+        interrupt is pending now, for the one the dead process may have died before sending."""
+        if self._irq_pending:
+            self.ctx.irq.trigger()
 
     # -- state ------------------------------------------------------------------
     def save(self) -> UartState:

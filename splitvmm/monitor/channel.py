@@ -49,7 +49,8 @@ MAX_LATE_STATS = 8
 # socket buffer, and ZeroMQ's I/O thread hands them over before it reports the disconnect.
 GONE_WAIT_MS = 100
 RCVHWM = 64  # frames ZeroMQ holds unread from a device (its sends wait beyond that)
-# How long one drain_events() call may take: the rest waits for the next call. Each frame is
+# How long (this thread's CPU) one drain_events() call may take: the rest waits for the next
+# call. Each frame is
 # checked whole (up to control.MAX_DEVICE_FRAME, ~30 ms for a hostile 64 KiB publish), so a
 # count alone let a device hold a vCPU's mirrored read for seconds.
 DRAIN_LIMIT_S = SLOW_REPLY_MS / 1000
@@ -323,24 +324,21 @@ class DeviceChannel:
         breaks the channel. At most RCVHWM frames a call (what ZeroMQ holds unread), and no
         more once DRAIN_LIMIT_S has passed: a device that keeps sending cannot hold the
         caller here (a vCPU, or the supervisor, which watches every device); what it sends
-        meanwhile waits for the next call. A drain cut short by that limit (the device had
-        sent more than its limit's worth to check) is charged to its budget, as a slow reply
-        would be: one the monitor's own stalls slowed, but that emptied the queue, is not.
-        `limited`=False: a process that ended, whose last frames are all wanted."""
+        meanwhile waits for the next call. The CPU time the drain took (this thread's: the
+        host's preemptions and the GIL's waits are not the device's doing) is charged to its
+        budget as a slow reply's wait is. `limited`=False: a process that ended, whose last
+        frames are all wanted."""
         # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
         self.mirror.news_taken()
-        start = time.monotonic()
+        start = time.thread_time()  # this thread's CPU: not the host's or the GIL's stalls
         for _ in range(RCVHWM):
-            if not _readable(self.sock):
-                return
-            if limited and time.monotonic() - start > DRAIN_LIMIT_S:
-                # What its events cost us: a device that keeps sending costly ones spends
-                # its latency budget and has failed.
-                self._charge((time.monotonic() - start) * 1e3)
-                return
+            if not _readable(self.sock) or limited and time.thread_time() - start > DRAIN_LIMIT_S:
+                break
             buf = self.sock.recv(zmq.NOBLOCK)
             if not self._handled_event(buf):
                 raise ChannelError("sent a frame nobody asked for")
+        if limited:  # what its events cost us, as a slow reply would: a device that keeps
+            self._charge((time.thread_time() - start) * 1e3)  # sending costly ones has failed
 
     def _handled_event(self, buf: bytes) -> bool:
         """Whether `buf` was an event, a MIRROR or a CHECKPOINT, now handled (decoded once:

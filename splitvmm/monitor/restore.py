@@ -299,14 +299,29 @@ def check_states(snap: Snapshot) -> None:
     for chunk in snap.chunks:
         if chunk.kind == "device":
             device_state(snap, chunk.name)
-    # The stored config, as `splitvmm restore DIR` takes it (its firmware is the operator's
-    # to name: a stand-in path, never opened). `up CONFIG --restore` takes CONFIG instead.
-    stand_in = {"boot.firmware": "firmware.bin"} if firmware_booted(snap) else {}
+    # The stored config, as `splitvmm restore DIR` takes it. `up CONFIG --restore` takes
+    # CONFIG instead.
     try:
-        check_compatible(snap, config_of(snap, stand_in))
-    except SnapshotError as e:
+        check_compatible(snap, config_of(snap, _stand_ins(snap)))
+    except (SnapshotError, ConfigError) as e:
         raise SnapshotError(f"{e} (`splitvmm restore` refuses it; `up CONFIG --restore` "
                             "would take CONFIG's instead)") from None  # fmt: skip
+
+
+def _stand_ins(snap: Snapshot) -> dict[str, str]:
+    """`--set` values for what a restore needs the operator to name (a firmware, a disk
+    image, a TAP): stand-ins, never opened (config_of checks no file)."""
+    stand_ins = {"boot.firmware": "stand-in"} if firmware_booted(snap) else {}
+    devices = snap.manifest.vm_config.get("device")
+    for device in devices if isinstance(devices, list) else []:
+        if not isinstance(device, dict):
+            continue  # config_of names it
+        model, name = device.get("model"), device.get("name")
+        if isinstance(name, str) and isinstance(model, str) and model in HOST_RESOURCES:
+            for option, default in HOST_RESOURCES[model].items():
+                if default is None:
+                    stand_ins[f"{name}.{option}"] = "stand-in"
+    return stand_ins
 
 
 def _read_pci(snap: Snapshot) -> pcistate.PciState | None:

@@ -557,7 +557,7 @@ def _cmos_with(reg: int, value: int) -> bytes:
         ({"cmos": _cmos_with(Reg.VALID, 0)}, "register D"),
         ({"aborted_s": 1 << 62}, "aborted_s="),
         ({"aborted_s": "1"}, "aborted_s='1'"),
-        ({"synced_ns": 1 << 70}, "synced_ns="),
+        ({"synced_ns": 1 << 80}, "synced_ns="),
         ({"synced_ns": 1.5}, "synced_ns=1.5"),
     ],
 )
@@ -643,40 +643,63 @@ def test_rtc_alarm_that_falls_in_a_restart_gap_still_goes_off():
 
 
 def test_rtc_replay_sends_no_edge_the_dead_process_sent_and_restart_sends_one_if_high():
-    """Ten updates the guest acknowledged after the checkpoint: the replay rebuilds each flag
-    and its read, and pulses IRQ 8 for none (the guest had those edges); after_restart pulses
-    once if the line is high then (the dead process may have died before its edge)."""
+    """Ten updates the guest acknowledged after the checkpoint, then one it had not read yet
+    (a register A read saw it come): the replay rebuilds each flag and read and pulses IRQ 8
+    for none (the guest had those edges); after_restart pulses once, the line being high
+    then (the dead process may have died before that edge)."""
     rtc, clock, _ = make_rtc()
     wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
     rd(rtc, Reg.INTR_FLAGS)
     checkpoint = rtc.save()
     journal = []
-    for _ in range(10):
-        clock.advance(NS)
-        rtc.tick(clock.mono)
-        for frame in (wire.encode_write(0, bytes([Reg.INTR_FLAGS])), wire.encode_read(0, 1, 1)):
+
+    def applied(*frames: bytes) -> None:
+        for frame in frames:
             journal.append((frame, clock.wall_ns()))
             access = wire.decode_access(frame, 2)
             if access.op == wire.Op.WRITE:
                 rtc.write(access.offset, access.data)
             else:
                 rtc.read(access.offset, 1)
-    clock.advance(NS)  # one more update, not acknowledged: the line is high at the restart
+
+    for _ in range(10):
+        clock.advance(NS)
+        applied(wire.encode_write(0, bytes([Reg.INTR_FLAGS])), wire.encode_read(0, 1, 1))
+    clock.advance(NS)
+    applied(wire.encode_write(0, bytes([Reg.FREQ_SELECT])), wire.encode_read(0, 1, 1))
     irq = FakeIrq()
     back = Mc146818.restore(DeviceContext(irq=irq, restarted=True), checkpoint, clock)
     runtime.replay(back, journal, runtime.Checkpoints(back))
     replayed = irq.count
     back.after_restart()
     assert (replayed, irq.count) == (0, 1)
+    assert rd(back, Reg.INTR_FLAGS) & (RegC.IRQF | RegC.UF) == RegC.IRQF | RegC.UF
 
 
-def test_rtc_clock_set_to_the_end_of_year_9999_saves_a_state_that_restores():
+def test_rtc_restarted_with_an_event_in_the_gap_pulses_once():
     rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    rd(rtc, Reg.INTR_FLAGS)
+    checkpoint = rtc.save()
+    clock.advance(NS)  # an update while no process serves
+    irq = FakeIrq()
+    back = Mc146818.restore(DeviceContext(irq=irq, restarted=True), checkpoint, clock)
+    back.after_restart()
+    assert irq.count == 1
+
+
+def test_rtc_clock_run_past_year_9999_restores_without_flags_the_guest_read():
+    """The guest clock runs on past 9999-12-31 (the registers stop there): its state
+    restores, and the flags the guest acknowledged stay clear."""
+    rtc, clock, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.PIE | RegB.UIE | RegB.H24)
     set_time(rtc, {Reg.CENTURY: 0x99, Reg.YEAR: 0x99, Reg.MONTH: 0x12, Reg.DAY_OF_MONTH: 0x31,
                    Reg.HOURS: 0x23, Reg.MINUTES: 0x59, Reg.SECONDS: 0x59})  # fmt: skip
-    clock.advance(5 * NS)  # the guest clock runs on past what the registers show
+    clock.advance(5 * NS)
+    rd(rtc, Reg.INTR_FLAGS)
     state = rtc.save()
-    assert Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock).save() == state
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    assert (restored.save(), rd(restored, Reg.INTR_FLAGS)) == (state, 0)
 
 
 @pytest.mark.parametrize(

@@ -629,3 +629,26 @@ def test_uart_credit_dlab_set_covers_divisor_writes():
     before = uart.mirror()
     uart.write(Reg.RX_TX, b"\x01")
     assert (before.credit, uart.mirror().values) == (MAX_CREDIT, before.values)
+
+
+def test_uart_replay_sends_no_edge_the_dead_process_sent_and_restart_sends_one_if_pending():
+    """A crash restart re-applies the journal to the registers only: the guest had the edges
+    its frames raised. after_restart sends one if an interrupt is pending then, for the one
+    the dead process may have died before sending."""
+    from splitvmm.devprocs import runtime
+    from splitvmm.protocol import wire
+
+    uart, _, _ = make_uart()
+    checkpoint = uart.save()
+    journal = [
+        (wire.encode_write(Reg.MCR, bytes([Mcr.OUT2])), 0),
+        (wire.encode_write(Reg.IER, bytes([Ier.THRI])), 0),  # THR empty: THRI, an edge
+        (wire.encode_read(0, Reg.IIR_FCR, 1), 0),  # read: THRI taken back, the line falls
+        (wire.encode_write(Reg.RX_TX, b"x"), 0),  # THR empty again at once: THRI, an edge
+    ]
+    irq = FakeIrq()
+    back = Uart8250.restore(DeviceContext(irq=irq, restarted=True), checkpoint)
+    runtime.replay(back, journal, runtime.Checkpoints(back))
+    replayed = irq.count
+    back.after_restart()
+    assert (replayed, irq.count) == (0, 1)

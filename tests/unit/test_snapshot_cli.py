@@ -89,6 +89,40 @@ def test_cli_verify_parses_the_stored_config_as_restore_would(snap, edit, messag
     assert message in result.stderr and "`splitvmm restore` refuses it" in result.stderr
 
 
+def test_cli_verify_of_a_vm_with_a_disk_and_a_tap_says_ok(tmp_path):
+    """Their image and TAP are the operator's to name at a restore (--set): verify stands in
+    for them (it crashed with a traceback on every such VM)."""
+    from splitvmm.snapshot.writer import SnapshotWriter
+    from tests.unit.snapshot_support import CPUID, SERIAL, VCPU, VM, VM_CONFIG, memory
+
+    config = {
+        **VM_CONFIG,
+        "device": [
+            *VM_CONFIG["device"],
+            {"name": "blk0", "model": "virtio-blk", "path": "/nowhere/disk.img"},
+            {"name": "net0", "model": "virtio-net", "tap": "tap9"},
+        ],
+    }
+    mem = memory()
+    try:
+        with SnapshotWriter(tmp_path / "s", config, CPUID, mem) as w:
+            w.add_ram(mem)
+            w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+            w.add_json_chunk("vm", "vm", 1, VM)
+            w.add_json_chunk("vm", "pci", 1, {"functions": [], "msi_routes": []})
+            w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
+            w.add_json_chunk("device", "blk0", 1, {}, model="virtio-blk")
+            w.add_json_chunk("device", "net0", 1, {}, model="virtio-net")
+            snap = w.commit(None)
+    finally:
+        mem.close()
+
+    result = run("verify", str(snap))
+
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert result.stdout.startswith(f"snapshot {snap}: OK (7 chunks")
+
+
 def test_cli_verify_snapshot_without_vcpus_exits_1(snap):
     edit_manifest(
         snap, lambda doc: doc.update(chunks=[c for c in doc["chunks"] if c["kind"] != "vcpu"])
