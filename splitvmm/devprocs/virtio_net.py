@@ -69,7 +69,6 @@ GUEST_OFFLOADS = (
     (VIRTIO_NET_F_GUEST_TSO6, tun.TUN_F_TSO6),
     (VIRTIO_NET_F_GUEST_ECN, tun.TUN_F_TSO_ECN),
 )
-ALL_OFFLOADS = tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6 | tun.TUN_F_TSO_ECN
 
 # struct virtio_net_hdr (5.1.6): flags, gso_type, hdr_len, gso_size, csum_start,
 # csum_offset, num_buffers
@@ -148,12 +147,15 @@ class VirtioNet(VirtioPciDevice):
 
     def __init__(self, ctx: DeviceContext, mac: bytes) -> None:
         self.tap = ctx.fds["tap"]
-        takes_offloads = ctx.prepared.get("tap_offloads")
+        # The monitor tried the TAP's offloads when it opened it (tun.open_tap), before any
+        # process of ours: offloads are the TAP's, so a warm spare's own try would have
+        # cleared the live process's. No word of it: a stand-in that is no TAP (a socketpair).
+        takes_offloads = ctx.transport.get("tap_offloads", False)
         if not isinstance(takes_offloads, bool):
-            raise TypeError("virtio-net: the TAP was not probed (setup() did not run)")
+            raise TypeError("virtio-net: transport['tap_offloads'] is not a bool")
         self.takes_offloads = takes_offloads
         self.mac = mac
-        self.offloads = 0  # TUN_F_* set on the TAP now
+        self.offloads = -1  # TUN_F_* set on the TAP now; -1: not known (a restart's TAP)
         self.rx_watch = False  # buffers are posted: read the TAP when it is readable
         self.rx_retry_at: float | None = None  # a TAP read failed: watch it again then
         self.backend_gone = False  # the TAP stand-in's peer closed (a TAP never ends)
@@ -165,18 +167,15 @@ class VirtioNet(VirtioPciDevice):
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
-        """Guest RAM, and whether the TAP takes offloads (tried now, before the sandbox,
-        then cleared): a stand-in that is no TAP (a socketpair) takes none."""
+        """Guest RAM, and a TAP's vnet header checked (a stand-in that is no TAP, a
+        socketpair, has none: ENOTTY)."""
         super().setup(ctx)
-        fd = ctx.fds["tap"]
         try:
-            if tun.vnet_hdr_size(fd) != HDR.size:
-                raise ConfigError(f"virtio-net: the TAP's vnet header is not {HDR.size} bytes")
-            tun.set_offload(fd, ALL_OFFLOADS)
-            tun.set_offload(fd, 0)
-            ctx.prepared["tap_offloads"] = True
-        except OSError:  # ENOTTY: no TAP; EINVAL: a TAP without those offloads
-            ctx.prepared["tap_offloads"] = False
+            size = tun.vnet_hdr_size(ctx.fds["tap"])
+        except OSError:
+            return
+        if size != HDR.size:
+            raise ConfigError(f"virtio-net: the TAP's vnet header is not {HDR.size} bytes")
 
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
@@ -240,7 +239,7 @@ class VirtioNet(VirtioPciDevice):
             return
         try:
             tun.set_offload(self.tap, offloads)
-        except OSError as e:  # probed at setup: a TAP that took them then takes them now
+        except OSError as e:  # tried at open_tap: a TAP that took them then takes them now
             self._warn.warning("offload", "%s: TUNSETOFFLOAD failed: %s", self.NAME, e)
             return
         self.offloads = offloads
@@ -323,8 +322,7 @@ class VirtioNet(VirtioPciDevice):
         a frame it sends (5.1.6.2.1), or one the TAP hands us for it (5.1.6.4.1: no GSO type
         without its GUEST_ feature; a partial checksum without GUEST_CSUM is no fully
         checksummed packet; the TAP's offloads follow the driver's features, but a frame it
-        queued under an earlier negotiation, before a reset or while a restarted process
-        probed the TAP, still carries the old ones)."""
+        queued under an earlier negotiation, before a reset, still carries the old ones)."""
         flags, gso_type = header[0], header[1]
         if not flags | gso_type:
             return True  # nearly every frame: nothing asked for

@@ -65,6 +65,7 @@ class DeviceFds(Struct):
     pci: PciInterrupts | None = None
     notify: dict[int, int] = field(default_factory=dict)  # queue -> its ioeventfd's eventfd
     _intx: tuple[EventFd, EventFd] | None = None  # (irqfd, resample fd), made together
+    tap_offloads: bool | None = None  # whether its TAP takes offloads (tun.open_tap), if any
 
     def make(self, dev: DeviceSection, model: ModelDescriptor) -> dict[str, int]:
         """Role name -> fd, for every role of the model."""
@@ -178,7 +179,7 @@ class DeviceFds(Struct):
         monitor confines itself. Only a TAP the monitor made goes away with the fd."""
         name, key = str(dev.options[role.option]), f"device {dev.name!r}.{role.option}"
         try:
-            fd, _ = tun.open_tap(name)
+            fd, _, self.tap_offloads = tun.open_tap(name)
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
         except OSError as e:

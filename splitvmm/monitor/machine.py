@@ -243,6 +243,9 @@ class Machine:
         )
         if placed is not None:
             self._plug_function(spawn, placed, maker.notify)
+            if maker.tap_offloads is not None:  # what the device may offer (virtio_net.py)
+                assert spawn.transport is not None
+                spawn.transport["tap_offloads"] = maker.tap_offloads
         return spawn
 
     def _take_console(self, name: str) -> None:

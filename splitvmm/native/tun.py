@@ -28,12 +28,15 @@ TUN_F_TSO_ECN: int = lib.TUN_F_TSO_ECN  # ... with ECN (CWR) set on the large se
 # hdr_len, gso_size, csum_start, csum_offset, num_buffers.
 VNET_HDR_SIZE = 12
 _INT = struct.Struct("i")
+ALL_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN  # what a guest may take
 
 
-def open_tap(name: str) -> tuple[int, str]:
+def open_tap(name: str) -> tuple[int, str, bool]:
     """An fd on TAP `name` (made if missing), non-blocking and close-on-exec, without the
     packet-information prefix, with a VNET_HDR_SIZE-byte virtio net header per frame and no
-    offloads yet; and the name the kernel attached it to. OSError naming the call."""
+    offloads yet; the name the kernel attached it to; and whether it takes ALL_OFFLOADS
+    (tried now, then cleared: offloads are the TAP's, not an fd's, so only the fd's opener,
+    before any device uses it, may try them). OSError naming the call."""
     encoded = name.encode()
     if not encoded or len(encoded) >= IFNAMSIZ or b"\0" in encoded or b"/" in encoded:
         raise ValueError(f"TAP name {name!r} is not 1-{IFNAMSIZ - 1} bytes of an interface name")
@@ -44,8 +47,13 @@ def open_tap(name: str) -> tuple[int, str]:
         if lib.sv_tun_set_iff(fd, encoded, flags, attached) < 0:
             raise OSError(ffi.errno, f"TUNSETIFF {name!r}: {os.strerror(ffi.errno)}")
         set_vnet_hdr_size(fd, VNET_HDR_SIZE)
+        try:
+            set_offload(fd, ALL_OFFLOADS)
+            takes_offloads = True
+        except OSError:  # EINVAL: a TAP without those offloads
+            takes_offloads = False
         set_offload(fd, 0)
-        return fd, ffi.string(attached).decode()
+        return fd, ffi.string(attached).decode(), takes_offloads
     except BaseException:
         os.close(fd)
         raise

@@ -53,9 +53,11 @@ class SandboxedDevice:
         stderr_to_file: bool = True,
         out: int | None = None,
         stderr_fd: int | None = None,
+        transport: dict[str, object] | None = None,
     ) -> None:
         """out: the device's output fd (default: a pipe read back by output()); stderr_fd:
-        its stderr (default: a file, or /dev/null without stderr_to_file)."""
+        its stderr (default: a file, or /dev/null without stderr_to_file); transport: what
+        the monitor would add to a virtio device's stand-in transport."""
         # Pickle first: a hook that cannot be pickled must fail before anything is open.
         encoded = base64.b64encode(cloudpickle.dumps(hook)).decode() if hook else ""
         self.zctx = zmq.Context()
@@ -70,7 +72,7 @@ class SandboxedDevice:
         descriptor = MODELS[model]
         virtio = any(role.kind is FdKind.GUEST_RAM for role in descriptor.fds)
         self.stand_ins = stand_in_fds(descriptor, rundir, {}) if virtio else {}
-        transport = stand_in_transport() if virtio else None
+        transport = {**stand_in_transport(), **(transport or {})} if virtio else None
         fds = {"irq": self.irq, "out": out_w if out is None else out, **self.stand_ins}
         fds.update(extra_fds or {})
         self.result_r = -1
