@@ -56,6 +56,12 @@ in guest RAM:
   go by, a multiple of 65536 chains completed since the checkpoint (used idx wraps: the
   checkpoint then looks in step, and its `tx_sent` and the growth are dropped from chains
   that are not its).
+* a driver that reset the device since the checkpoint (the state counts resets): its
+  queues are another session's, so the checkpoint's position says nothing of them. The new
+  session's transmit chains go out whole (their bytes the line took come out twice), and
+  its receive count starts at the new ring's 0: input the dead process delivered to the
+  old session's ring after the checkpoint may repeat, and bytes of the old session's
+  chains the line had not taken are lost with the memory its driver gave up.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ import stat
 import struct
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, Source, register
@@ -80,6 +86,7 @@ from splitvmm.devprocs.virtio.state import U64, QueueState, VirtioPciState
 from splitvmm.errors import StateError
 from splitvmm.protocol import schema
 from splitvmm.protocol.models import unix_output_path
+from splitvmm.protocol.schema import Upgrade
 from splitvmm.record import Struct, replace
 
 log = logging.getLogger("splitvmm.dev.virtio-console")
@@ -102,13 +109,17 @@ class VirtioConsoleState(VirtioPciState, frozen=True, kw_only=True):
     """The transport's state (its transmit queue saved at the oldest chain not completed),
     the console's buffers and its counters."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     rx_pending: Annotated[bytes, schema.MaxLen(RX_BUFFER_MAX)] = b""
     tx_sent: U64 = 0  # bytes of the chains in flight the line took already
     tx_held: Annotated[bytes, schema.MaxLen(CAPACITY)] = b""  # buffered, of no chain
     bytes_in: U64 = 0
     bytes_out: U64 = 0
     rx_dropped: U64 = 0
+    # Device resets so far (v2): a crash restart tells the queues of the checkpoint's
+    # session from those of a driver that reset and set them up again since.
+    resets: U64 = 0
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: lambda f: {**f, "resets": 0}}
 
 
 class _TxChain(Struct):
@@ -140,6 +151,7 @@ class VirtioConsole(VirtioPciDevice):
         self._progress = progress
         self._published = 0.0  # time.monotonic() of the last checkpoint _checkpoint() sent
         self.bytes_in = self.bytes_out = self.rx_dropped = 0
+        self.resets = 0
         self._socket_input = bool(ctx.prepared.get("input_socket"))
         self._input_fd = ctx.fds["out"] if self._socket_input else None
         super().__init__(ctx)  # resets the transport, which calls reset_model()
@@ -171,6 +183,7 @@ class VirtioConsole(VirtioPciDevice):
         out = self.ctx.out
         self._tx = deque()
         self._tx_done = out.emitted + out.pending()
+        self.resets = min(self.resets + 1, MAX_COUNTER)
 
     def process(self, q: int) -> None:
         """A notify: receive buffers posted (pending input goes into them), or chains to
@@ -362,6 +375,7 @@ class VirtioConsole(VirtioPciDevice):
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "rx_dropped": self.rx_dropped,
+            "resets": self.resets,
         }
 
     def save(self) -> VirtioPciState:
@@ -381,7 +395,7 @@ class VirtioConsole(VirtioPciDevice):
         device = cls(ctx)
         device._rx = bytearray(state.rx_pending)
         device.bytes_in, device.bytes_out = state.bytes_in, state.bytes_out
-        device.rx_dropped = state.rx_dropped
+        device.rx_dropped, device.resets = state.rx_dropped, state.resets
         return device
 
     @classmethod
@@ -432,11 +446,14 @@ class VirtioConsole(VirtioPciDevice):
             out.emitted = taken  # no checkpoint: every chain from the used idx, whole
             return 0, b""
         then = state.queues[TX]
-        if queue.enabled and then.enabled and queue.used_idx == then.used_idx:
+        same = state.resets == self.resets and _layout(then) == _layout(queue)
+        if same and queue.enabled and then.enabled and queue.used_idx == then.used_idx:
             # no completion since the checkpoint: its chains in flight start tx_sent back
             out.emitted = max(0, out.emitted - state.tx_sent)
             return state.tx_sent + file_skip, state.tx_held
-        out.emitted = taken  # chains completed since an older checkpoint: sent again whole
+        # Chains completed since an older checkpoint, or a driver that reset since (its
+        # chain at the same used idx is another): sent again whole, none lost
+        out.emitted = taken
         return 0, state.tx_held
 
     def _delivered_since(self, state: VirtioConsoleState | None) -> int:
@@ -449,6 +466,10 @@ class VirtioConsole(VirtioPciDevice):
             return 0
         saved, now = None if state is None else state.queues[RX], self.queues[RX]
         same = saved is not None and saved.enabled and _layout(saved) == _layout(now)
+        if state is not None and state.resets != self.resets:
+            same = False  # another session's ring, at whatever used idx
+            log.warning("%s: the driver reset since the checkpoint: input delivered before "
+                        "that may repeat", self.NAME)  # fmt: skip
         then = saved.used_idx if same and saved is not None else 0
         count = (ring.used_idx - then) & 0xFFFF
         if count > ring.size:

@@ -20,6 +20,14 @@ chains take its tail, else (or when no more are posted) it is dropped and counte
 (rx_dropped). Chains it did not need go back unused (SplitQueue.unpop): between events,
 chains taken = chains completed, as the transport's crash restart needs. Each event reads
 at most RX_BATCH frames, then interrupts once.
+
+Crash restart: the new process takes each queue up at its used ring in guest RAM, as a NIC
+that lost power would: a frame the dead process read from the TAP and had not completed is
+lost (its buffers are posted again, whole; nothing half-written is ever completed), and a
+transmit chain it wrote to the TAP but had not completed is written again (at most one a
+crash: each chain completes right after its write), so the peer may see that frame twice.
+TCP and a guest's own retransmits cope with both; a datagram protocol sees the loss or
+the duplicate.
 """
 
 from __future__ import annotations

@@ -474,6 +474,7 @@ VIRTIO_CONSOLE = ModelDescriptor(
         2, FdRole("out", FdKind.OUTPUT, option="output"), FdRole("progress", FdKind.PROGRESS)
     ),
     console=True,
+    state_version=2,
     # receive: two buffers, filled from the host input sent before each; transmit: a line,
     # then more than the audit's pipe and the device's buffer hold (its output stalls until
     # the audit reads, and the chain completes only then)
