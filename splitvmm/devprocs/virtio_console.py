@@ -465,12 +465,12 @@ class VirtioConsole(VirtioPciDevice):
         if ring is None:
             return 0
         saved, now = None if state is None else state.queues[RX], self.queues[RX]
-        same = saved is not None and saved.enabled and _layout(saved) == _layout(now)
-        if state is not None and state.resets != self.resets:
-            same = False  # another session's ring, at whatever used idx
+        reset = state is not None and state.resets != self.resets  # another session's ring
+        if reset:
             log.warning("%s: the driver reset since the checkpoint: input delivered before "
                         "that may repeat", self.NAME)  # fmt: skip
-        then = saved.used_idx if same and saved is not None else 0
+        same = saved is not None and saved.enabled and _layout(saved) == _layout(now)
+        then = saved.used_idx if same and not reset and saved is not None else 0
         count = (ring.used_idx - then) & 0xFFFF
         if count > ring.size:
             log.warning("%s: over %d receive completions since the checkpoint: input may "

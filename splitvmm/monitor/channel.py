@@ -50,9 +50,8 @@ MAX_LATE_STATS = 8
 GONE_WAIT_MS = 100
 RCVHWM = 64  # frames ZeroMQ holds unread from a device (its sends wait beyond that)
 # How long (this thread's CPU) one drain_events() call may take: the rest waits for the next
-# call. Each frame is
-# checked whole (up to control.MAX_DEVICE_FRAME, ~30 ms for a hostile 64 KiB publish), so a
-# count alone let a device hold a vCPU's mirrored read for seconds.
+# call. Each frame is checked whole (up to control.MAX_DEVICE_FRAME, ~30 ms for a hostile
+# 64 KiB publish), so a count alone let a device hold a vCPU's mirrored read for seconds.
 DRAIN_LIMIT_S = SLOW_REPLY_MS / 1000
 
 

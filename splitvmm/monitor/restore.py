@@ -30,7 +30,7 @@ from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
-from splitvmm.protocol.models import MODELS, PortWindow
+from splitvmm.protocol.models import MODELS, PciFunction
 from splitvmm.record import Struct
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
@@ -332,7 +332,7 @@ def _read_pci(snap: Snapshot) -> pcistate.PciState | None:
             c.name
             for c in snap.chunks
             if c.kind == "device" and c.model in MODELS
-            and not isinstance(MODELS[c.model].transport, PortWindow)
+            and isinstance(MODELS[c.model].transport, PciFunction)
         )  # fmt: skip
         if on_pci:
             raise SnapshotError(

@@ -101,7 +101,7 @@ from splitvmm.monitor.channel import (
 )
 from splitvmm.monitor.irqroutes import MsiVectors
 from splitvmm.protocol import events, wire
-from splitvmm.protocol.models import MODELS, FdKind, PortWindow
+from splitvmm.protocol.models import MODELS, FdKind, PciFunction, PortWindow
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import Struct, field
@@ -386,7 +386,7 @@ class DeviceSlot:
                     )  # fmt: skip
                 self._back.notify_all()
                 self._quiesced = False  # a new process is never quiesced
-        if restored and not isinstance(MODELS[self.model].transport, PortWindow):
+        if restored and isinstance(MODELS[self.model].transport, PciFunction):
             self.heartbeat(READ_TIMEOUT_MS)  # a vCPU's access under way reads them instead
 
     def restart(self) -> None:
@@ -447,12 +447,8 @@ class DeviceSlot:
         the device again (it stays away, restarting), False if it failed for good."""
         if self.process is not process or self.state is not SlotState.AWAY:
             return False  # closed meanwhile
-        process.kill()
-        self._failed_process = process
-        log.error("device %s (pid %d) failed in its restart: %s", self.name, process.pid, reason)
-        self.crashes += 1
+        self._count_crash_locked(reason, "failed in its restart")
         self._failed_starts += 1
-        self.last_failure, self._crashed_at = reason, time.monotonic()
         # A process that never gets READY fails only at READY_TIMEOUT_MS: slower than any
         # restart budget's window, which then never fills. So a few in a row are the end.
         if self._failed_starts < MAX_FAILED_STARTS and self._on_failure(self, reason):
@@ -946,18 +942,22 @@ class DeviceSlot:
         """The device failed: its on_crash policy restarts it (accesses wait) or not."""
         if self.state is SlotState.FAILED or self.restarting:
             return
-        if self.process is not None:
-            self.process.kill()
-            self._failed_process = self.process  # process_ended says how it ended, later
-        log.error("device %s (pid %d) failed: %s", self.name, self.pid, reason)
-        self.crashes += 1
-        self.last_failure, self._crashed_at = reason, time.monotonic()
+        self._count_crash_locked(reason, "failed")
         # The policy restarts only a device that was serving (state LIVE when it is asked).
         if self._on_failure(self, reason) and self.state is SlotState.LIVE:
             self.state, self.restarting = SlotState.AWAY, True
             self._back.notify_all()  # an access waiting for the verdict waits for the restart
             return
         self._fail_for_good_locked(reason)
+
+    def _count_crash_locked(self, reason: str, how: str) -> None:
+        """Its process is killed (if it is not dead yet), and the crash logged and counted."""
+        if self.process is not None:
+            self.process.kill()
+            self._failed_process = self.process  # process_ended says how it ended, later
+        log.error("device %s (pid %d) %s: %s", self.name, self.pid, how, reason)
+        self.crashes += 1
+        self.last_failure, self._crashed_at = reason, time.monotonic()
 
     def _channel_failed_locked(self, reason: str) -> None:
         """The channel broke. If the process is dead and a supervisor watches it, let the

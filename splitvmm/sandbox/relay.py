@@ -23,14 +23,12 @@ from collections.abc import Callable
 from splitvmm.errors import escaped
 
 MAX_LINE = 1000  # characters of one line shown; a longer line is cut, and says so
+MAX_RAW = MAX_LINE * 4  # bytes of a line kept (UTF-8: at most 4 a character)
 WINDOW_S = 1.0
 BURST_BYTES = 16 * 1024  # a device's stderr shown in any WINDOW_S: a traceback fits
 READ_SIZE = 4096
 
 Clock = Callable[[], float]
-
-
-MAX_RAW = MAX_LINE * 4  # bytes of a line kept (UTF-8: at most 4 a character)
 
 
 class StderrRelay:

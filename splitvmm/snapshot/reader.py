@@ -207,8 +207,8 @@ class Snapshot:
         saved = [(r.gpa, r.size, r.offset) for r in layout.regions]
         if regions != saved:  # (guest address, size, offset in RAM) each
             raise SnapshotError(
-                f"snapshot's RAM regions {shown_list(saved)} differ from the VM's "
-                f"{shown_list(regions)} (guest address, size, offset)"
+                f"snapshot's RAM regions {_shown_regions(saved)} differ from the VM's "
+                f"{_shown_regions(regions)} (guest address, size, offset)"
             )
         entry = self.ram_chunk
         with self._open_chunk(entry) as f:
@@ -250,7 +250,7 @@ def _hash_file(
         return checksum.hexdigest(), size
 
 
-def shown_list(regions: list[tuple[int, int, int]], most: int = 4) -> str:
+def _shown_regions(regions: list[tuple[int, int, int]], most: int = 4) -> str:
     """Regions in hex, the first `most` of them: a hostile manifest may list thousands."""
     text = ", ".join(f"({g:#x}, {s:#x}, {o:#x})" for g, s, o in regions[:most])
     return f"[{text}{', ...' if len(regions) > most else ''}]"
