@@ -12,6 +12,7 @@ from collections.abc import Callable
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from tests.virtio.support import (
     ACK,
+    COMMAND,
     DRIVER,
     DRIVER_OK,
     F_VERSION_1,
@@ -125,3 +126,28 @@ def test_replay_never_touches_a_ring_the_driver_has_reset_and_given_up() -> None
         b"\xaa" * 16,
         b"\x11" * 64,
     )
+
+
+def test_restart_interrupt_pends_while_bus_master_is_off_and_comes_when_it_is_set() -> None:
+    """The dead process completed a chain and died before its interrupt; the journal ends
+    with the guest clearing Bus Master Enable (Linux's shutdown before a kexec, or a driver
+    unbinding). The restart's catch-up interrupt was sent only to a function that may master
+    the bus, and never later: when the guest set the bit again, nothing told its driver of
+    the completed chain. It pends instead (the ISR, and INTx, which is no bus master cycle),
+    as any interrupt raised meanwhile would."""
+    fds = host_fds("virtio-rng")
+    dev = VirtioRng(prepared("virtio-rng", fds))
+    driver, ring = Driver(dev), Ring(dev.ram)
+    driver.start(ring)
+    checkpoint = dev.save()
+    ring.add([(*ring.buffer(16), True)])
+    die_after_push(dev)
+    signalled(fds["intx"])
+    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, 0, 2)]
+    journal[0](dev)
+
+    new = restart(fds, checkpoint, journal)
+    Driver(new).enable_bus_master()
+
+    # INTx is level-triggered: each assertion while the line is up writes its irqfd again
+    assert (ring.used_idx(), new.isr, signalled(fds["intx"]) > 0) == (1, 1, True)

@@ -518,10 +518,14 @@ class VirtioPciDevice(RegisterDevice):
         """Whether the queues may run: the driver is done (DRIVER_OK, and neither NEEDS_RESET
         nor FAILED) and the function may master the bus (every ring access and buffer is a
         DMA: PCI 3.0 6.2.2)."""
-        bad = Status.NEEDS_RESET | Status.FAILED
         live = not self.quiesced and not self.ctx.replaying
         master = self.command & config_space.COMMAND_MASTER
-        return bool(self.status & Status.DRIVER_OK and master) and not self.status & bad and live
+        return self._driver_ok() and bool(master) and live
+
+    def _driver_ok(self) -> bool:
+        """DRIVER_OK, and neither NEEDS_RESET nor FAILED: the driver runs the device."""
+        bad = Status.NEEDS_RESET | Status.FAILED
+        return bool(self.status & Status.DRIVER_OK) and not self.status & bad
 
     def process_all(self) -> None:
         for q in range(self.queue_count):
@@ -803,7 +807,9 @@ class VirtioPciDevice(RegisterDevice):
             self._position_from_used_ring(q)
             self._open_ring(q)
             self._notify[q].trigger()
-            if self.rings[q] is not None and self._ready():
+            # Not _ready(): with Bus Master Enable clear the interrupt pends (the ISR, the
+            # PBA) until the guest sets it, as one raised meanwhile would.
+            if self.rings[q] is not None and self._driver_ok():
                 self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
 
     def _position_from_used_ring(self, q: int) -> None:
