@@ -86,7 +86,6 @@ class DeviceEvents:
         self._document_queued = False
         self._pending: list[bytes] = []
         self.dropped = 0
-        self.routes: dict[int, tuple[bool, str]] = {}  # route id -> (ok, reason), answered
         self._next_route = 0
         # (frames applied, output bytes emitted): set by the runtime, which counts them; each
         # publish then is a checkpoint a restart can start from (protocol/events.py).
@@ -131,20 +130,20 @@ class DeviceEvents:
         self._queue(events.encode_report(message))
 
     def request_route(self, gsi: int) -> int:
-        """Ask for a route to `gsi`; its answer lands in routes[id]."""
+        """Ask for a route to `gsi`; its answer goes to on_route_done."""
         self._next_route += 1
         self._queue(events.encode_route(self._next_route, gsi))
         return self._next_route
 
     def request_msi(self, vector: int, address: int, data: int) -> int:
-        """Ask for MSI-X `vector`'s route to (address, data); its answer lands in routes[id]
-        (and on_route_done, if set)."""
+        """Ask for MSI-X `vector`'s route to (address, data); its answer goes to
+        on_route_done. Nothing of it is kept here: a guest rewriting a table entry in a loop
+        makes a request and an answer each time."""
         self._next_route += 1
         self._queue(events.encode_msi(self._next_route, vector, address, data))
         return self._next_route
 
     def route_done(self, route_id: int, ok: bool, reason: str) -> None:
-        self.routes[route_id] = (ok, reason)
         if self.on_route_done is not None:
             self.on_route_done(route_id, ok, reason)
 

@@ -234,6 +234,9 @@ class VirtioConsole(VirtioPciDevice):
             return
         done = 0
         while self._rx:
+            if done == ring.size:  # a driver refilling as fast as we fill: the event loop
+                self._notify[RX].trigger()  # (frames, the heartbeat) first, then the rest
+                break
             chain = self._take(ring)
             if chain is None:
                 break

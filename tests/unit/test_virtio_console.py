@@ -34,6 +34,7 @@ from tests.virtio.support import (
     Ring,
     close_fds,
     replaying,
+    signalled,
 )
 
 TX_BASE, TX_HEAP = 0x8000, 0x80000  # transmitq0's rings and buffers, clear of receiveq0's
@@ -253,6 +254,31 @@ def test_virtio_console_input_before_driver_ok_delivered_after(host):
     Driver(dev).kick(0)
 
     assert rx.take_used() == [(head, 17)] and dev.ram.read(gpa, 17) == b"typed during boot"
+
+
+def test_virtio_console_receive_hands_the_loop_back_after_a_queue_of_chains(host):
+    """A driver that makes each receive chain available again as soon as it is used (zero
+    bytes long here, so pending input never runs out; another vCPU stands in) kept the
+    device in one call for as long as it went on: no frame, no heartbeat served. One call
+    takes a queue's worth of chains, then rings its own notify to come back after the rest
+    of the event loop, as process() does when its budget runs out."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = started(dev)
+    rx.add([(0x10000, 0, True)])
+    driver.kick(0)
+    signalled(host.fds["notify0"])
+    ring, push, pushed = dev.rings[0], dev.rings[0].push, []
+
+    def push_and_make_available_again(head: int, written: int) -> None:
+        push(head, written)
+        pushed.append(head)
+        if len(pushed) < 1000:
+            rx.publish(head)
+
+    ring.push = push_and_make_available_again  # type: ignore[method-assign]
+    dev.host_input(b"x")
+
+    assert (len(pushed), signalled(host.fds["notify0"])) == (rx.size, 1)
 
 
 def test_virtio_console_input_overflow_counted(host):

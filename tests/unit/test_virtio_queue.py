@@ -423,6 +423,25 @@ def test_queue_avail_idx_more_than_size_ahead_raises(driver):
         driver.device().pop()
 
 
+def test_queue_more_chains_in_flight_than_the_queue_holds_raises(driver):
+    """2.7: a driver has `size` descriptors, so at most `size` chains are ever in flight.
+    One that publishes a head the device still holds made pop() go on for as long as the
+    guest kept publishing (a virtio-console transmit loop popped 60000 chains in one call,
+    its deque at 27 MB; past 65536 the u16 count wrapped and push() raised ValueError, which
+    killed the device rather than set NEEDS_RESET)."""
+    heads = [driver.add([(DATA_GPA + i, 1, False)]) for i in range(8)]
+    driver.publish(*heads)
+    queue = driver.device()
+    assert all(queue.pop() for _ in range(8))
+    driver.publish(heads[0])  # again, none of the 8 returned
+
+    with pytest.raises(QueueError, match="8 chains in flight, the queue's size"):
+        queue.pop()
+    queue.push(heads[0], 0)
+    driver.publish(heads[0])
+    assert queue.pop() is not None  # one returned: one more may come
+
+
 def test_queue_avail_idx_behind_last_avail_raises(driver):
     queue = driver.device()
     queue.last_avail = queue.used_idx = 5

@@ -2,8 +2,10 @@
 
 Every value read from guest memory is hostile: indices, addresses, lengths, flags and chain
 shapes are checked before use, and the work one pop() does is bounded by the queue size
-(at most `size` direct descriptors walked and `size` descriptors in an indirect table). A
-ring that breaks a rule raises QueueError; the transport then sets DEVICE_NEEDS_RESET.
+(at most `size` direct descriptors walked and `size` descriptors in an indirect table), as
+are the chains in flight (the driver has `size` descriptors: a device loop that pops until
+it has enough is bounded too). A ring that breaks a rule raises QueueError; the transport
+then sets DEVICE_NEEDS_RESET.
 
 Memory ordering (virtio 1.2 2.7.13): this runs on x86-64, where stores are seen in program
 order and loads are not reordered with other loads (TSO), and CPython performs each guest
@@ -139,6 +141,9 @@ class SplitQueue:
                 f"avail idx {avail_idx} is {pending} entries past last_avail {last}, more "
                 f"than queue size {size}"
             )
+        if (last - self.used_idx) & U16_MASK >= size:  # its `size` descriptors all held here
+            raise QueueError(f"a chain made available with {size} chains in flight, the "
+                             "queue's size: a head the device has not returned")  # fmt: skip
         # TSO: this load is not done before the avail idx load above (no barrier needed)
         slot = last % size
         head: int = U16.unpack_from(self._avail.view, RING_HEADER + 2 * slot)[0]
