@@ -226,24 +226,25 @@ class Mc146818(RegisterDevice):
         _base_option(options)
 
     # -- guest accesses -------------------------------------------------------------
+    # A wider access is byte cycles at consecutive ports, as an ISA bus splits it for an
+    # 8-bit device (QEMU's CMOS does the same): `outw 0x70` with 0x5a0e selects register
+    # 0x0e, then writes 0x5a to it, an idiom of some boot code.
     def read(self, offset: int, size: int) -> bytes:
-        if size != 1:
-            self.ctx.counters.bad_access += 1
-            return bytes(size)
         self._begin()
-        value = self._index if offset == INDEX_PORT else self._read_reg(self._index & INDEX_MASK)
+        values = bytearray()
+        for at in range(offset, offset + size):
+            index = self._index
+            values.append(index if at == INDEX_PORT else self._read_reg(index & INDEX_MASK))
         self._end()
-        return bytes([value])
+        return bytes(values)
 
     def write(self, offset: int, data: bytes) -> None:
-        if len(data) != 1:
-            self.ctx.counters.bad_access += 1
-            return
         self._begin()
-        if offset == INDEX_PORT:
-            self._index = data[0]
-        else:
-            self._write_reg(self._index & INDEX_MASK, data[0])
+        for at, value in enumerate(data, offset):
+            if at == INDEX_PORT:
+                self._index = value
+            else:
+                self._write_reg(self._index & INDEX_MASK, value)
         self._end()
 
     # -- timed events (runtime.serve) ---------------------------------------------------
@@ -333,7 +334,7 @@ class Mc146818(RegisterDevice):
         return self._now + self._offset_ns
 
     def _running(self) -> bool:
-        return self._cmos[Reg.FREQ_SELECT] & RegA.DIV_CTL == REF_CLCK_32KHZ
+        return _divider_runs(self._cmos[Reg.FREQ_SELECT])
 
     def _held(self) -> bool:
         return _holds(self._cmos[Reg.FREQ_SELECT], self._cmos[Reg.CONTROL])
@@ -552,9 +553,17 @@ class Mc146818(RegisterDevice):
         return cls(ctx, state, clock)
 
 
+def _divider_runs(a: int) -> bool:
+    """Whether register A's DV bits name one of the three time bases (000, 001, 010): each
+    runs the divider chain. A PC's crystal is 32.768 kHz, and the clock keeps the host's time
+    whichever a driver names, as QEMU's does (a driver written from the datasheet may write
+    000). 011 to 101 are test settings: stopped, as 11x (reset) is."""
+    return a & RegA.DIV_CTL <= REF_CLCK_32KHZ
+
+
 def _holds(a: int, b: int) -> bool:
-    """Whether registers A and B hold the time registers still (SET, or no 32 kHz divider)."""
-    return bool(b & RegB.SET) or a & RegA.DIV_CTL != REF_CLCK_32KHZ
+    """Whether registers A and B hold the time registers still (SET, or no running divider)."""
+    return bool(b & RegB.SET) or not _divider_runs(a)
 
 
 def _weekday(seconds: int) -> int:

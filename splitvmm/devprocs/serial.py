@@ -202,20 +202,23 @@ class Uart8250(RegisterDevice):
         self._irq_pending = self._irq_asserted()
 
     # -- guest accesses -------------------------------------------------------
+    # A wider access is byte cycles at consecutive ports, as an ISA bus splits it for an
+    # 8-bit device (QEMU's serial does the same): `outw 0x3fb` writes LCR, then MCR.
     def read(self, offset: int, size: int) -> bytes:
-        if size != 1:
-            self.ctx.counters.bad_access += 1
-            return bytes(size)
-        value = self._read_reg(Reg(offset))
-        self._update_irq()
-        return bytes([value])
+        if size == 1:  # the common case, without a loop
+            value = self._read_reg(Reg(offset))
+            self._update_irq()
+            return bytes([value])
+        values = bytearray()
+        for at in range(offset, offset + size):
+            values.append(self._read_reg(Reg(at)))
+            self._update_irq()
+        return bytes(values)
 
     def write(self, offset: int, data: bytes) -> None:
-        if len(data) != 1:
-            self.ctx.counters.bad_access += 1
-            return
-        self._write_reg(Reg(offset), data[0])
-        self._update_irq()
+        for at, value in enumerate(data, offset):
+            self._write_reg(Reg(at), value)
+            self._update_irq()
 
     def mirror(self) -> Mirror:
         """The registers its descriptor mirrors (IER, LCR, MCR, LSR, MSR, SCR), as reads
@@ -455,7 +458,10 @@ class Uart8250(RegisterDevice):
         chip's holds (PC16550D LSR bit 1): its 16-byte FIFO, or with FIFOs off one byte. A
         byte past that is an overrun: lost with FIFOs on, written over the unread one
         without (a driver sizes the FIFO so: Linux's size_fifo). Host input is the host's
-        buffer, RX_BUFFER_MAX deep, but in loopback the guest alone decides the timing."""
+        buffer, RX_BUFFER_MAX deep, but in loopback the guest alone decides the timing. The
+        receiver assembles the word length LCR sets (5 to 8 bits, right-justified: PC16550D
+        RBR), so the bits above it read 0."""
+        value &= (1 << (5 + (self.lcr & Lcr.WLEN8))) - 1
         fifo = self.fcr & Fcr.ENABLE_FIFO
         if len(self.rx) < (RX_FIFO_LEN if fifo else 1):
             self.rx.append(value)

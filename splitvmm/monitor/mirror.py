@@ -16,8 +16,9 @@ device would have given at that point of the guest's accesses.
   every access: a read after a posted write sees that write's effect, or the mirror is
   not current and the read goes to the device.
 * Credit. Waiting for the device to apply a posted write would cost the round trip the
-  mirror saves, so the device may promise more: `credit` further writes at `credit_offset`
-  leave every mirrored value as it is (the 8250: THR writes while its output keeps up do
+  mirror saves, so the device may promise more: `credit` further one-byte writes at
+  `credit_offset` leave every mirrored value as it is (a wider write may reach the next
+  registers: a byte-wide device splits it as an ISA bus does, so it is no credit write) (the 8250: THR writes while its output keeps up do
   not change LSR). The mirror answers when every frame sent after its stamp is such a write,
   within the credit. The promise is the device's to keep (devprocs/serial.py says how).
 * Restamps. A forwarded read is a frame, so after it the mirror is behind; rather than send
@@ -160,7 +161,8 @@ class RegisterMirror:
             self._latest = wire.Mirror(m.values, m.credit_offset, m.credit, stamp)
 
     def sent(self, write_offset: int | None) -> None:
-        """The slot numbered one more frame: a write at `write_offset`, or None for another."""
+        """The slot numbered one more frame: a one-byte write at `write_offset`, or None for
+        another."""
         if write_offset is not None and write_offset == self._run_offset:
             self._run += 1
         else:

@@ -653,7 +653,9 @@ class DeviceSlot:
         counted and replayed like any posted write)."""
         with self._lock:
             self.held_writes += len(writes)
-            self._post_frames_locked([(wire.encode_write(o, d), o) for o, d in writes])
+            self._post_frames_locked(
+                [(wire.encode_write(o, d), _credited(o, d)) for o, d in writes]
+            )
 
     def _mirrored_locked(
         self, offset: int, size: int, held: int = 0, held_at: int = 0
@@ -682,7 +684,9 @@ class DeviceSlot:
         return self._uncounted and self._frames - self._checkpoint.applied >= MAX_AHEAD
 
     def write(self, offset: int, data: bytes) -> None:
-        self._post(wire.encode_write(offset, data), write_at=offset)
+        with self._lock:
+            self.writes += 1
+            self._post_frames_locked(((wire.encode_write(offset, data), _credited(offset, data)),))
 
     def input(self, data: bytes) -> int | None:
         """Host input for a console device: as much of `data`, from its front, as the device
@@ -717,22 +721,13 @@ class DeviceSlot:
                 # chunk is journaled as it goes: that restart re-applies it.
                 self._input_sent += len(chunk)
                 sent += len(chunk)
-                self._post_locked(wire.encode_input(chunk))
+                self._post_frames_locked(((wire.encode_input(chunk), None),))
             return sent
 
-    def _post(self, frame: bytes, write_at: int | None = None) -> None:
-        """Send a posted frame: a guest write at `write_at`, or host input (None)."""
-        with self._lock:
-            self._post_locked(frame, write_at)
-
-    def _post_locked(self, frame: bytes, write_at: int | None = None) -> None:
-        if write_at is not None:
-            self.writes += 1
-        self._post_frames_locked(((frame, write_at),))
-
     def _post_frames_locked(self, frames: Sequence[tuple[bytes, int | None]]) -> None:
-        """Post (frame, the offset of the write it is or None) in order, as one message, to
-        the live device (waiting while it is away); each journaled and counted first."""
+        """Post (frame, the offset of the one-byte write it is or None: _credited) in order,
+        as one message, to the live device (waiting while it is away); each journaled and
+        counted first."""
         channel = self._await_live()
         if channel is None:
             return
@@ -1053,3 +1048,10 @@ def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None
     if channel is not None:
         channel.close()
     return gone
+
+
+def _credited(offset: int, data: bytes) -> int | None:
+    """How the register mirror counts a guest write (monitor/mirror.py, credit): a write of
+    one byte at `offset`; None, as any other frame, for a wider one, which a byte-wide device
+    spreads over the next registers too (an ISA bus splits it into byte cycles)."""
+    return offset if len(data) == 1 else None

@@ -562,6 +562,17 @@ def test_slot_lsr_after_credited_thr_write_is_the_devices_value(file_harness):
     assert slot.sync() and os.read(file_harness.out_r, 8) == b"A"
 
 
+def test_slot_word_write_at_the_credit_offset_is_no_credit_write(file_harness):
+    """`outw 0x3f8` is THR, then IER (the device splits it as an ISA bus does). Counted as
+    a THR write within the credit, the IER read after it came from the mirror, which said
+    IER was still 0."""
+    slot = file_harness.slot
+    slot.read(Reg.LSR, 1)  # the mirror current, with its THR credit
+    slot.write(Reg.RX_TX, bytes([ord("A"), Ier.RDI]))
+    assert slot.read(Reg.IER, 1) == bytes([Ier.RDI])
+    assert slot.sync() and os.read(file_harness.out_r, 8) == b"A"
+
+
 def test_slot_lsr_after_thr_writes_to_a_pipe_is_the_devices_value_from_the_mirror(harness):
     """A pipe (or terminal) may not take a byte the moment it is written; LSR does not say
     whether it did (devprocs/serial.py), so the device's credit holds on it too."""
@@ -621,7 +632,10 @@ def test_slot_lsr_overrun_cleared_by_exactly_one_read_through_the_mirror(harness
     # Input past the device's room (input() never sends it; a monitor that did): LSR.OE set
     flood = b"x" * (RX_BUFFER_MAX + 8)
     for i in range(0, len(flood), wire.MAX_INPUT_CHUNK):
-        slot._post(wire.encode_input(flood[i : i + wire.MAX_INPUT_CHUNK]))
+        with slot._lock:
+            slot._post_frames_locked(
+                ((wire.encode_input(flood[i : i + wire.MAX_INPUT_CHUNK]), None),)
+            )
     mirrored = slot.mirrored_reads
     first, second = slot.read(Reg.LSR, 1)[0], slot.read(Reg.LSR, 1)[0]
     third = slot.read(Reg.LSR, 1)[0]

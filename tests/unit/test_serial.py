@@ -115,6 +115,17 @@ def test_uart_loopback_routes_thr_to_rbr_and_mcr_to_msr():
     assert (out, uart.read(Reg.RX_TX, 1), msr) == (bytearray(), b"Z", want)
 
 
+@pytest.mark.parametrize("lcr,received", [(0x00, 0x1F), (0x01, 0x3F), (0x02, 0x7F), (0x03, 0xFF)])
+def test_uart_loopback_receives_the_word_length_lcr_sets(lcr, received):
+    """PC16550D: the receiver assembles 5 to 8 data bits (LCR bits 0-1), right-justified in
+    RBR; the bits above read 0. 0xff looped back with 5-bit words read 0xff."""
+    uart, _, _ = make_uart()
+    uart.write(Reg.LCR, bytes([lcr]))
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    uart.write(Reg.RX_TX, b"\xff")
+    assert uart.read(Reg.RX_TX, 1)[0] == received
+
+
 def test_uart_loopback_mcr_changes_set_msr_deltas_and_a_modem_status_interrupt():
     """PC16550D, MCR bit 4: in loopback the modem status interrupts work, driven by MCR."""
     uart, _, _ = make_uart()
@@ -196,11 +207,20 @@ def test_uart_scratch_register_holds_value():
     assert uart.read(Reg.SCR, 1) == b"\x5a"
 
 
-def test_uart_wide_access_is_counted_and_ignored():
+def test_uart_wide_access_is_byte_cycles_at_consecutive_ports():
+    """An ISA bus splits a word or dword access to a byte-wide device into byte cycles (QEMU
+    too); they were counted as bad and dropped: `outw 0x3fb` left LCR and MCR as they were,
+    `inw 0x3fd` read zeros."""
     uart, out, _ = make_uart()
-    uart.write(Reg.RX_TX, b"AB")
-    result = uart.read(Reg.LSR, 2)
-    assert (out, result, uart.ctx.counters.bad_access) == (bytearray(), b"\x00\x00", 2)
+    uart.write(Reg.LCR, b"\x83\x0b")  # LCR with DLAB, then MCR
+    uart.write(Reg.RX_TX, b"\x01\x00")  # DLL, DLM: 115200 baud
+    uart.write(Reg.LCR, b"\x03")
+    uart.write(Reg.RX_TX, b"AB")  # THR, then IER
+    lsr_msr = uart.read(Reg.LSR, 2)
+    singles = uart.read(Reg.LSR, 1) + uart.read(Reg.MSR, 1)
+    regs = uart.read(Reg.IER, 4)  # IER, IIR, LCR, MCR
+    assert (bytes(out), uart.dll, uart.dlm, uart.ctx.counters.bad_access) == (b"A", 1, 0, 0)
+    assert (lsr_msr[0], regs[0], regs[2:]) == (singles[0], ord("B") & 0x0F, b"\x03\x0b")
 
 
 def test_uart_rx_overflow_sets_overrun_and_counts():

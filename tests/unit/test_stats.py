@@ -24,12 +24,14 @@ class FakeSocket:
 
 def test_stats_request_answered_with_the_models_counters():
     uart = Uart8250(DeviceContext(irq=FakeIrq()))
-    uart.write(0, b"ab")  # a 2-byte access: a guest mistake, counted
+    uart.write(4, b"\x10")  # MCR: loopback
+    for byte in b"ab":  # looped back into a receiver that holds one byte: an overrun
+        uart.write(0, bytes([byte]))
     sock = FakeSocket()
     _serve_control(uart, sock, control.encode({"op": "stats", "seq": 7}), FaultInjector())
 
     reply = control.check_reply(control.decode(sock.sent[0]), "stats", 7, "serial")
-    assert reply["counters"]["bad_access"] == 1
+    assert (reply["counters"]["rx_overrun"], reply["counters"]["bad_access"]) == (1, 0)
 
 
 @pytest.mark.parametrize(
