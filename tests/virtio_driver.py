@@ -52,10 +52,10 @@ class DriverQueue:
         self.avail_idx = 0
         self.next_free = 0  # the next descriptor add() takes
 
-    def device(self, indirect: bool = False) -> SplitQueue:
+    def device(self, indirect: bool = False, max_chain: int | None = None) -> SplitQueue:
         """The device's view of this queue."""
         return SplitQueue(
-            self.ram, self.size, DESC_GPA, AVAIL_GPA, USED_GPA, self.event_idx, indirect
+            self.ram, self.size, DESC_GPA, AVAIL_GPA, USED_GPA, self.event_idx, indirect, max_chain
         )
 
     def set_desc(self, index: int, addr: int, length: int, flags: int = 0, next_: int = 0) -> None:

@@ -80,7 +80,7 @@ from splitvmm.devprocs.base import DeviceContext, Source, register
 from splitvmm.devprocs.output import CAPACITY
 from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import GuestRamError
-from splitvmm.devprocs.virtio.pci import ISR_QUEUE, VirtioPciDevice
+from splitvmm.devprocs.virtio.pci import VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueError, SplitQueue
 from splitvmm.devprocs.virtio.state import U64, QueueState, VirtioPciState
 from splitvmm.errors import StateError
@@ -194,7 +194,7 @@ class VirtioConsole(VirtioPciDevice):
             elif q == TX:
                 self._transmit()
         except (QueueError, GuestRamError) as e:
-            self.needs_reset(f"queue {q}: {e}")
+            self.ring_failed(q, e)  # the chains used before it are notified
 
     def _take(self, ring: SplitQueue) -> Chain | None:
         chain = ring.pop()
@@ -202,10 +202,6 @@ class VirtioConsole(VirtioPciDevice):
             ring.enable_notifications()  # EVENT_IDX: kick me at the next one...
             chain = ring.pop()  # ...which may have come meanwhile
         return chain
-
-    def _signal(self, q: int, ring: SplitQueue) -> None:
-        if ring.needs_notification():
-            self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
 
     # -- receive: host -> guest ---------------------------------------------------------------
     def host_input(self, data: bytes) -> None:
@@ -243,7 +239,7 @@ class VirtioConsole(VirtioPciDevice):
             ring.push(chain.head, self._fill(chain))
             done += 1
         if done:
-            self._signal(RX, ring)
+            self.signal_used(RX, ring)
 
     def _fill(self, chain: Chain) -> int:
         written = 0
@@ -303,7 +299,7 @@ class VirtioConsole(VirtioPciDevice):
             self._put(self._tx[-1])
         completed += self._complete_sent(ring)
         if completed:
-            self._signal(TX, ring)
+            self.signal_used(TX, ring)
             self._checkpoint()
 
     def _put(self, tx: _TxChain) -> None:

@@ -41,7 +41,7 @@ from typing import Annotated, Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, Source, register
 from splitvmm.devprocs.virtio.guestram import GuestRamError, skip_bytes
-from splitvmm.devprocs.virtio.pci import ISR_QUEUE, Status, VirtioPciDevice
+from splitvmm.devprocs.virtio.pci import Status, VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import Chain, QueueError, SplitQueue
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
@@ -281,13 +281,12 @@ class VirtioNet(VirtioPciDevice):
             return
         try:
             delivered = self._receive(ring)
-            wanted = delivered and ring.needs_notification()
         except (QueueError, GuestRamError) as e:
             self.rx_watch = False
-            self.needs_reset(f"queue {RX}: {e}")
+            self.ring_failed(RX, e)  # the frames delivered before it are notified
             return
-        if wanted:
-            self._interrupt(ISR_QUEUE, self.queues[RX].msix_vector)
+        if delivered:
+            self.signal_used(RX, ring)
 
     # -- transmit -----------------------------------------------------------------------------
     def handle(self, queue: int, chain: Chain) -> int:

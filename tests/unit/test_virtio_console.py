@@ -17,6 +17,7 @@ from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.devprocs.progress import Progress
+from splitvmm.devprocs.virtio.pci import ISR_QUEUE
 from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, VirtioConsoleState
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec, wire
@@ -29,6 +30,7 @@ from tests.virtio.support import (
     F_VERSION_1,
     FEATURES_OK,
     ISR,
+    NEEDS_RESET,
     Channel,
     Driver,
     Ring,
@@ -279,6 +281,23 @@ def test_virtio_console_receive_hands_the_loop_back_after_a_queue_of_chains(host
     dev.host_input(b"x")
 
     assert (len(pushed), signalled(host.fds["notify0"])) == (rx.size, 1)
+
+
+def test_virtio_console_input_before_a_broken_chain_is_notified(host):
+    """2.7.7.2: the chain input filled is used, the next is outside guest RAM: NEEDS_RESET,
+    and the used buffer notification for the first (it was skipped)."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = started(dev)
+    head, _ = post(rx, 4)
+    rx.add([(0xFFFF_0000_0000, 64, True)])
+
+    dev.host_input(b"abcdefgh")
+
+    assert (rx.take_used(), driver.status() & NEEDS_RESET, dev.isr & ISR_QUEUE) == (
+        [(head, 4)],
+        NEEDS_RESET,
+        ISR_QUEUE,
+    )
 
 
 def test_virtio_console_input_overflow_counted(host):

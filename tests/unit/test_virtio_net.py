@@ -15,6 +15,7 @@ import pytest
 
 from splitvmm.config import parse_config
 from splitvmm.devprocs import virtio_net
+from splitvmm.devprocs.virtio.pci import ISR_QUEUE
 from splitvmm.devprocs.virtio.queue import SplitQueue
 from splitvmm.devprocs.virtio_net import VirtioNet
 from splitvmm.errors import ConfigError
@@ -231,6 +232,25 @@ def test_virtio_net_rx_frame_lands_in_posted_buffer_with_num_buffers_one(net, pe
     assert net.ram.read(gpa + 10, 2) == b"\x01\x00"  # num_buffers
     assert net.ram.read(gpa + 12, len(FRAME)) == FRAME
     assert (net.counts["rx_frames"], net.counts["rx_bytes"]) == (1, len(FRAME))
+
+
+def test_virtio_net_rx_frames_before_a_broken_chain_are_notified(net, peer):
+    """2.7.7.2: used entries written, the device MUST notify (flags 0). Two frames went into
+    two chains, the third chain was outside guest RAM: NEEDS_RESET, with no used buffer
+    notification for the two (a driver that ignores NEEDS_RESET, as Linux does, waits)."""
+    driver, rx, _ = started(net)
+    post(rx, 2048, 2048)
+    rx.add([(0xFFFF_0000_0000, 2048, True)])
+    driver.kick(0)
+    for _ in range(3):
+        os.write(peer, HDR + FRAME)
+    tap_readable(net)
+
+    assert (rx.used_idx(), driver.status() & NEEDS_RESET, net.isr & ISR_QUEUE) == (
+        2,
+        NEEDS_RESET,
+        ISR_QUEUE,
+    )
 
 
 @pytest.fixture

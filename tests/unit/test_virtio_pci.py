@@ -561,6 +561,20 @@ def test_virtio_pci_queue_outside_ram_sets_needs_reset(rng, driver):
     assert driver.status() & NEEDS_RESET
 
 
+def test_virtio_pci_needs_reset_from_set_up_is_told_when_the_driver_starts(rng, driver, fds):
+    """A ring refused at queue_enable sets NEEDS_RESET before DRIVER_OK, when 2.1.2 asks for
+    no notification; a driver that reads status only when told then ran a dead device, with
+    no interrupt ever. The configuration change notification comes with DRIVER_OK."""
+    ring = Ring(rng.ram, base=0x1FF000)
+    driver.negotiate(F_VERSION_1)
+    driver.setup_queue(0, ring)
+    assert (signalled(fds["intx"]), driver.status() & NEEDS_RESET) == (0, NEEDS_RESET)
+
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+
+    assert (signalled(fds["intx"]), driver.rd(ISR, 1)) == (1, 2)
+
+
 def test_virtio_pci_event_idx_suppresses_interrupt_until_used_event(rng, driver, fds):
     ring = Ring(rng.ram)
     driver.start(ring, features=F_VERSION_1 | F_EVENT_IDX)

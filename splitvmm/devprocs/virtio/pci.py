@@ -480,6 +480,7 @@ class VirtioPciDevice(RegisterDevice):
             self.ram, queue.size, queue.desc, queue.driver, queue.device,
             event_idx=bool(self.driver_features & VIRTIO_F_EVENT_IDX),
             indirect=bool(self.driver_features & VIRTIO_F_INDIRECT_DESC),
+            max_chain=self.QUEUE_SIZE,
         )  # fmt: skip
         ring.last_avail, ring.used_idx = queue.last_avail, queue.used_idx
         return ring
@@ -497,9 +498,15 @@ class VirtioPciDevice(RegisterDevice):
             if accepted & ~self._offered() or not accepted & VIRTIO_F_VERSION_1:
                 value &= ~Status.FEATURES_OK  # refused: the driver reads it back clear
         accepted_now = value & ~self.status & Status.FEATURES_OK
+        started_now = value & ~self.status & Status.DRIVER_OK
         self.status = value & ~Status.NEEDS_RESET | self.status & Status.NEEDS_RESET
         if accepted_now:
             self.features_ok()
+        if started_now and self.status & Status.NEEDS_RESET:
+            # Set during set-up (a ring refused at queue_enable), when 2.1.2 asks for no
+            # notification: a driver that reads status only when told would run a dead
+            # device. Told now, as the driver starts it.
+            self._interrupt(ISR_CONFIG, self.msix_config)
         if self.status & Status.DRIVER_OK:
             self.process_all()  # buffers made available before DRIVER_OK wait for it
 
@@ -548,8 +555,8 @@ class VirtioPciDevice(RegisterDevice):
             ring.disable_notifications()
             while True:
                 done = self._drain(q, ring, deadline)
-                if done and ring.needs_notification():
-                    self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
+                if done:
+                    self.signal_used(q, ring)
                 left = deadline - self.clock_ns()
                 if done and left <= 0:
                     if self.ctx.waiting():  # kicks stay off: our own notify brings us back
@@ -566,12 +573,23 @@ class VirtioPciDevice(RegisterDevice):
                     return
                 ring.disable_notifications()  # ...unless it came meanwhile
         except (QueueError, GuestRamError) as e:
-            # The chains completed before the bad one are the driver's: their notification
-            # is due (2.7.7.2) whatever the device does next, and a driver that ignores
-            # NEEDS_RESET (Linux does) would wait for them forever.
-            if ring.needs_notification():
-                self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
-            self.needs_reset(f"queue {q}: {e}")
+            self.ring_failed(q, e)
+
+    def ring_failed(self, q: int, error: Exception) -> None:
+        """Queue q's ring broke a rule (`error`): NEEDS_RESET. The chains completed before
+        the bad one are the driver's: their notification is due (2.7.7.2) whatever the
+        device does next, and a driver that ignores NEEDS_RESET (Linux does) would wait for
+        them forever."""
+        ring = self.rings[q]
+        if ring is not None:
+            self.signal_used(q, ring)
+        self.needs_reset(f"queue {q}: {error}")
+
+    def signal_used(self, q: int, ring: SplitQueue) -> None:
+        """The used buffer notification of queue q, if the driver wants one now (2.7.7.2,
+        2.7.10)."""
+        if ring.needs_notification():
+            self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
 
     def _drain(self, q: int, ring: SplitQueue, deadline: int) -> int:
         """Serve chains until the ring is empty or the deadline has passed; how many. With
@@ -606,8 +624,7 @@ class VirtioPciDevice(RegisterDevice):
                     # Chains used so far are the driver's now: their interrupt is not held
                     # back until every one in flight is done (that would turn its queue
                     # depth into batches)
-                    if ring.needs_notification():
-                        self._interrupt(ISR_QUEUE, self.queues[q].msix_vector)
+                    self.signal_used(q, ring)
                     # The ring was dry: the driver refills it (without a kick, as kicks are
                     # off) once it sees a chain done, so look again every REFILL_POLL_NS
                     self.wait_pending(self.REFILL_POLL_NS if looked else None)

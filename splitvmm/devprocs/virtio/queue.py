@@ -1,8 +1,8 @@
 """The split virtqueue (virtio 1.2 2.7), device side: pure logic over a GuestRam.
 
 Every value read from guest memory is hostile: indices, addresses, lengths, flags and chain
-shapes are checked before use, and the work one pop() does is bounded by the queue size
-(at most `size` direct descriptors walked and `size` descriptors in an indirect table), as
+shapes are checked before use, and the work one pop() does is bounded (at most `size`
+direct descriptors walked, and `max_chain` in a chain: the device's largest queue size), as
 are the chains in flight (the driver has `size` descriptors: a device loop that pops until
 it has enough is bounded too). A ring that breaks a rule raises QueueError; the transport
 then sets DEVICE_NEEDS_RESET.
@@ -97,10 +97,17 @@ class SplitQueue:
         used: int,
         event_idx: bool,
         indirect: bool,
+        max_chain: int | None = None,
     ) -> None:
-        """Addresses and size as the driver set them (common cfg): checked here."""
+        """Addresses and size as the driver set them (common cfg): checked here. `max_chain`:
+        the most descriptors a chain may have, the device's (2.7.4.1: a device MAY limit
+        them); None: `size`. A driver may make a queue smaller than the device's to save
+        memory (4.1.4.3) and still send, through an indirect table, the chains the device's
+        own limits allow (virtio-blk's seg_max): Linux and QEMU bound an indirect chain
+        only by its table, and so would a driver written from the spec."""
         if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
             raise QueueError(f"queue size {size} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+        self.max_chain = max(size, max_chain or size)
         event_bytes = 2 if event_idx else 0  # used_event / avail_event
         self._ram = ram
         self.size = size
@@ -180,7 +187,7 @@ class SplitQueue:
         readable, writable, check = chain.readable, chain.writable, self._ram.offset
         total = sum(length for _, length in readable + writable) if outer else 0
         prefix = "" if outer is None else f"{outer} indirect "
-        taken, limit, unpack_from, step = len(readable) + len(writable), self.size, *_DESC_AT
+        taken, limit, unpack_from, step = len(readable) + len(writable), self.max_chain, *_DESC_AT
         start, end = self._ram.last_range()  # inside it: RAM, without a call per descriptor
         for _ in range(count):  # a chain longer than the table is a loop
             desc = unpack_from(table, step * index)
@@ -190,8 +197,8 @@ class SplitQueue:
                     return f"descriptor {index}", desc
                 raise QueueError(f"{prefix}descriptor {index} is INDIRECT inside an indirect table")
             if taken >= limit:
-                raise QueueError(f"chain of head {chain.head} has more than queue size "
-                                 f"{self.size} descriptors at {prefix}descriptor {index}")  # fmt: skip
+                raise QueueError(f"chain of head {chain.head} has more than {limit} "
+                                 f"descriptors at {prefix}descriptor {index}")  # fmt: skip
             if not start <= addr <= end - length:  # else the full look-up: another range?
                 try:
                     check(addr, length)  # (the offset itself is not needed here)
@@ -225,7 +232,8 @@ class SplitQueue:
         ring's own table is: the walk reads each descriptor once as it reaches it and checks
         it before use, so a guest changing the table meanwhile changes nothing relied on.
         The table may hold more descriptors than the queue (a driver may keep tables sized
-        for its largest request on a queue it made smaller); the chain in it may not."""
+        for its largest request on a queue it made smaller); the chain in it may have
+        `max_chain` at most."""
         addr, length, flags, _ = desc  # the WRITE flag here means nothing (2.7.5.3.2)
         if not self.indirect:
             raise QueueError(f"{where} is INDIRECT but VIRTIO_F_INDIRECT_DESC is off")
