@@ -213,6 +213,8 @@ class ControlServer(threading.Thread):
     def _call(self, op: str, request: dict[str, object]) -> dict[str, object]:
         try:
             return {"ok": True, **self.handlers[op](request)}
+        except ControlBusy as e:  # a handler's "not now": the client may try again
+            return {"ok": False, "error": str(e), "retry": True}
         except SplitvmmError as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # a monitor bug or an odd request: answer, and keep serving

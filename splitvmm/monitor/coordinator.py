@@ -32,7 +32,7 @@ from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS
-from splitvmm.monitor.control import ControlError
+from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.slot import DeviceSlot
 from splitvmm.record import Struct
@@ -47,7 +47,11 @@ log = logging.getLogger("splitvmm.coordinator")
 # A device's slot.lives when it was asked to quiesce, and the state it saved
 _Saved = tuple[tuple[int, int], dict[str, object]]
 
-PARK_TIMEOUT_S = 10.0  # a vCPU in a forwarded read waits at most the device's read deadline
+# All the vCPUs together. A vCPU in a forwarded read waits at most the device's read deadline,
+# but one waiting for a device that restarts waits up to its READY timeout (slot.py
+# RESTART_WAIT_MS): a snapshot waits for restarts before it pauses (_devices_back), and a
+# pause that meets one started since names the device.
+PARK_TIMEOUT_S = 10.0
 # The devices of one snapshot get this long in all to quiesce, save and resume: a device
 # answering each control request just under CONTROL_TIMEOUT_MS kept the VM paused for 31 s.
 # A healthy one needs a few ms (more when it finishes in-flight I/O on quiesce).
@@ -84,7 +88,8 @@ class Coordinator:
         vcpus = self.machine.vcpus
         for v in vcpus:
             v.request_pause()
-        stuck = [v.name for v in vcpus if not v.wait_parked(PARK_TIMEOUT_S)]
+        until = time.monotonic() + PARK_TIMEOUT_S  # one deadline for all, not one each
+        stuck = [v.name for v in vcpus if not v.wait_parked(max(0.0, until - time.monotonic()))]
         if self.machine.stopping:  # a vCPU that stops is not parked between instructions
             for v in vcpus:
                 v.resume()
@@ -92,7 +97,13 @@ class Coordinator:
         if stuck:
             for v in vcpus:
                 v.resume()
-            raise ControlError(f"{', '.join(stuck)} did not stop within {PARK_TIMEOUT_S} s")
+            waited_on = [s.name for s in self.machine.slots if s.waiting]
+            if waited_on:  # a restart under way: it will be back (or fail) on its own
+                raise ControlBusy(
+                    f"{', '.join(stuck)} did not stop within {PARK_TIMEOUT_S:g} s: waiting for "
+                    f"device {', '.join(waited_on)} to come back; try again once it is"
+                )
+            raise ControlError(f"{', '.join(stuck)} did not stop within {PARK_TIMEOUT_S:g} s")
         self.paused = True
 
     def resume(self) -> None:
@@ -108,9 +119,10 @@ class Coordinator:
     ) -> SnapshotReport:
         """Write a snapshot; the VM runs on afterwards unless it was paused or keep_paused.
         With sign_key, the snapshot carries its manifest's MAC (snapshot/signing.py)."""
-        self._check_target(target)
+        target = self._check_target(target)
         if target.exists():
             raise ControlError(f"snapshot target {target} already exists")
+        self._devices_back()
         was_paused = self.paused
         deadline = Deadline(self.device_deadline_s)
         t0 = time.monotonic()
@@ -118,10 +130,12 @@ class Coordinator:
             self.pause()
         resumed_at = None
 
+        quiesced: dict[str, tuple[int, int]] = {}  # the devices quiesced: their lives then
+
         def let_go() -> None:
             nonlocal resumed_at
             resumed_at = time.monotonic()  # set first: a failing resume is not retried
-            self._resume_devices(deadline)
+            self._resume_devices(quiesced, deadline)
             self.snapshotting = False  # the devices take work again: they may be asked
             if not was_paused:
                 self.resume()
@@ -131,7 +145,7 @@ class Coordinator:
         self.snapshotting = True
         try:
             t1 = time.monotonic()
-            with self._write(target, deadline) as writer:
+            with self._write(target, deadline, quiesced) as writer:
                 if not keep_paused:
                     let_go()  # the VM's data is copied: commit reads none of it
                 writer.commit(sign_key)
@@ -147,14 +161,24 @@ class Coordinator:
         paused_until = t2 if resumed_at is None else resumed_at
         return SnapshotReport(target, (paused_until - t0) * 1e3, (t2 - t1) * 1e3, size)
 
-    def _check_target(self, target: Path) -> None:
-        """Only where the config's vm.snapshot_dirs allow: the monitor's Landlock rules
-        would refuse anything else half-way; say so before pausing anything."""
+    def _check_target(self, target: Path) -> Path:
+        """The path to write: `target` where the config's vm.snapshot_dirs allow it (the
+        monitor's Landlock rules would refuse anything else half-way), normalised, as it
+        was checked; say what is wrong before pausing anything."""
+        try:
+            return self._checked_target(target)
+        except (OSError, UnicodeError) as e:  # a name too long for the system, a lone surrogate
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ControlError(f"snapshot target {str(target)!r}: {reason}") from None
+
+    def _checked_target(self, target: Path) -> Path:
         allowed = self.machine.cfg.vm.snapshot_dirs
         if not target.is_absolute():
             raise ControlError(f"snapshot target {target} is not an absolute path")
         if "\0" in str(target):
             raise ControlError(f"snapshot target {str(target)!r} holds a NUL byte")
+        if ".." in target.parts:  # normpath's answer may not be the path the kernel walks
+            raise ControlError(f"snapshot target {target} holds a '..' component")
         path = Path(os.path.normpath(target))
         if path in allowed:
             raise ControlError(
@@ -173,12 +197,32 @@ class Coordinator:
             )
         if not path.parent.is_dir():
             raise ControlError(f"snapshot target {target}: {path.parent} is not a directory")
+        return path
 
-    def _quiesce_devices(self, deadline: Deadline) -> dict[str, _Saved]:
+    def _devices_back(self) -> None:
+        """Before any vCPU stops: no device has failed, and none is away (a restart under
+        way), waiting for those up to the devices' deadline while the VM runs on. Paused
+        first, the guest stood still for the whole wait, even for a device it never used."""
+        for slot in self.machine.slots:
+            if slot.failed:
+                raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+        until = time.monotonic() + self.device_deadline_s
+        for slot in self.machine.slots:
+            if not slot.wait_back(max(0.0, until - time.monotonic())):
+                if slot.failed:
+                    raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+                raise ControlBusy(
+                    f"device {slot.name} is restarting and not back within "
+                    f"{self.device_deadline_s:g} s; try again once it is"
+                )
+
+    def _quiesce_devices(
+        self, deadline: Deadline, quiesced: dict[str, tuple[int, int]]
+    ) -> dict[str, _Saved]:
         """Each device's lives (slot.lives) when its quiesce was answered, and the state it
-        saved. A device away when asked (a restart under way) is asked once it is back: the
-        process that answers is the one quiesced, and a snapshot taken just after a crash
-        stands."""
+        saved; `quiesced` gets the lives as each answers. A device away when asked (a crash
+        since _devices_back) is asked once it is back: the process that answers is the one
+        quiesced, and a snapshot taken just after a crash stands."""
         states = {}
         for slot in self.machine.slots:
             if slot.failed:
@@ -186,6 +230,7 @@ class Coordinator:
             self._ask(slot, "quiesce", deadline)
             lives = slot.quiesced_lives
             assert lives is not None  # set under the slot's lock with the answer
+            quiesced[slot.name] = lives
             states[slot.name] = lives, self._ask(slot, "save", deadline)
         return states
 
@@ -221,9 +266,13 @@ class Coordinator:
         except DeviceFailure as e:
             raise ControlError(f"snapshot aborted at {op}: {e} ({limit})") from None
 
-    def _resume_devices(self, deadline: Deadline) -> None:
+    def _resume_devices(self, quiesced: dict[str, tuple[int, int]], deadline: Deadline) -> None:
+        """Resume each device quiesced that is still that process. One whose quiesce was not
+        answered failed (its on_crash policy applies), and a crash since (its lives changed)
+        put in, or will put in, a process that was never quiesced: waiting to resume it held
+        the vCPUs for as long as its restart took."""
         for slot in self.machine.slots:
-            if not slot.failed:
+            if not slot.failed and quiesced.get(slot.name) == slot.lives:
                 timeout_ms = max(RESUME_FLOOR_MS, min(CONTROL_TIMEOUT_MS, deadline.remaining_ms()))
                 try:
                     with deadline.counting():
@@ -231,11 +280,13 @@ class Coordinator:
                 except DeviceFailure as e:
                     log.error("%s", e)  # the device's on_crash policy has been applied
 
-    def _write(self, target: Path, deadline: Deadline) -> SnapshotWriter:
+    def _write(
+        self, target: Path, deadline: Deadline, quiesced: dict[str, tuple[int, int]]
+    ) -> SnapshotWriter:
         """Every chunk written, not yet committed: the caller commits it (or it aborts on
         leaving its `with`)."""
         m = self.machine
-        device_states = self._quiesce_devices(deadline)
+        device_states = self._quiesce_devices(deadline, quiesced)
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
         vm_state = vmstate.to_dict(vmstate.save_vm(m.vm))

@@ -823,6 +823,15 @@ class DeviceSlot:
         finally:
             self._lock.release()
 
+    def wait_back(self, timeout_s: float) -> bool:
+        """Whether the device is live, waiting up to `timeout_s` while it is away (a restart
+        under way). Not a guest's stall: nothing counts it (longest_stall_ms, waiting)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self.state is SlotState.AWAY and (left := deadline - time.monotonic()) > 0:
+                self._back.wait(left)
+            return self._live()
+
     def _await_live(self, limit_ms: float | None = None) -> DeviceChannel | None:
         """The channel of the live device; while it is away, wait (the lock released) until it
         is back, at most AWAY_WAIT_MS (RESTART_WAIT_MS while it restarts), and at most

@@ -139,3 +139,19 @@ def test_control_request_ended_by_shutdown_without_newline_is_answered(server):
     with connect(server.path, b'{"op": "status"}') as client:
         client.shutdown(socket.SHUT_WR)
         assert reply_of(client) == {"ok": True, "state": "running"}
+
+
+def test_control_handler_that_says_not_now_gets_a_retry_reply(tmp_path, snapshot_op):
+    """A handler's ControlBusy (a snapshot waiting on a device's restart) is a "try again",
+    as the server's own busy refusal is; it was answered as a plain error."""
+
+    def restarting(req: dict[str, object]) -> dict[str, object]:
+        raise ControlBusy("device rng0 is restarting")
+
+    server = serve(tmp_path, snapshot_op)
+    server.handlers["pause"] = restarting
+    try:
+        reply = reply_of(connect(server.path, b'{"op": "pause"}\n'))
+    finally:
+        server.close()
+    assert reply == {"ok": False, "error": "device rng0 is restarting", "retry": True}

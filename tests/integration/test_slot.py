@@ -255,6 +255,23 @@ def crash_and_restart(h: Harness) -> None:
     h.slot.restart()
 
 
+def test_slot_wait_back_waits_out_a_restart_and_counts_no_stall(tmp_path):
+    """What the coordinator waits with before it pauses a VM whose device is restarting:
+    not a guest's stall, so neither `waiting` (which names a device a pause waits on) nor
+    longest_stall_ms counts it."""
+    h = Harness(tmp_path, restarts=True)
+    try:
+        h.slot.fail("crashed on purpose")
+        assert h.slot.state is SlotState.AWAY
+        restart = threading.Thread(target=h.slot.restart)
+        restart.start()
+        back = h.slot.wait_back(10.0)
+        restart.join()
+        assert (back, h.slot.generation, h.slot.longest_stall_ms, h.slot.waiting) == (True, 2, 0, 0)
+    finally:
+        h.close()
+
+
 def pipe_contents(fd: int) -> bytes:
     os.set_blocking(fd, False)
     got = b""
