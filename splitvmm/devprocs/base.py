@@ -129,12 +129,6 @@ class DeviceEvents:
     def report(self, message: str) -> None:
         self._queue(events.encode_report(message))
 
-    def request_route(self, gsi: int) -> int:
-        """Ask for a route to `gsi`; its answer goes to on_route_done."""
-        self._next_route += 1
-        self._queue(events.encode_route(self._next_route, gsi))
-        return self._next_route
-
     def request_msi(self, vector: int, address: int, data: int) -> int:
         """Ask for MSI-X `vector`'s route to (address, data); its answer goes to
         on_route_done. Nothing of it is kept here: a guest rewriting a table entry in a loop

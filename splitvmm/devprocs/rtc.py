@@ -165,7 +165,9 @@ class RtcState(DeviceState, frozen=True, kw_only=True):
     """cmos: the 128 bytes as the guest would read them, with register A's UIP clear and
     register C's IRQF left out (both derived); the time registers are restored from it
     only while they are held (SET, or the divider not running), else from offset_ns.
-    v2 added aborted_s, v3 synced_ns."""
+    v2 added aborted_s, v3 synced_ns. Releases before DV 000 and 001 ran the clock held
+    them as a reset does: such a v3 state restores running from offset_ns, the time the
+    clock would show had it run all along."""
 
     VERSION: ClassVar[int] = 3
     offset_ns: int = 0  # guest clock minus the host's wall clock: survives a restore

@@ -36,7 +36,8 @@ Register mirror (monitor/mirror.py): the monitor answers reads of IER/DLM, LCR, 
 MSR and SCR from the values this device publishes. LSR is published as not valid while OE
 is set, MSR while a delta bit is set (in loopback too): reading them clears those bits, so
 such a read comes here, clears them once, and the next mirror is valid again. The credit is
-for THR writes (offset 0), while a write changes none of those registers: with DLAB set
+for one-byte THR writes (offset 0; a wider write reaches IER too), while a write changes
+none of those registers: with DLAB set
 (it writes DLL); with THRE clear (the byte is buffered or dropped: THRE and TEMT stay
 clear); with nothing buffered and an output that takes every byte at once (no line, or a
 regular file: THRE and TEMT stay set); else for the writes that leave THRE's and TEMT's

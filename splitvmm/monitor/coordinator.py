@@ -120,7 +120,7 @@ class Coordinator:
         """Write a snapshot; the VM runs on afterwards unless it was paused or keep_paused.
         With sign_key, the snapshot carries its manifest's MAC (snapshot/signing.py)."""
         target = self._check_target(target)
-        if target.exists():
+        if os.path.lexists(target):  # a symlink too, dangling or not: the rename would replace it
             raise ControlError(f"snapshot target {target} already exists")
         self._devices_back()
         was_paused = self.paused
@@ -180,6 +180,11 @@ class Coordinator:
         if ".." in target.parts:  # normpath's answer may not be the path the kernel walks
             raise ControlError(f"snapshot target {target} holds a '..' component")
         path = Path(os.path.normpath(target))
+        if not path.parent.is_dir():
+            raise ControlError(f"snapshot target {target}: {path.parent} is not a directory")
+        # Where the kernel will write, its parent's symlinks followed: what Landlock judges,
+        # after the pause (vm.snapshot_dirs are resolved so too: config.py).
+        path = path.parent.resolve(strict=True) / path.name
         if path in allowed:
             raise ControlError(
                 f"snapshot target {target} is a snapshot dir itself: name a new directory in it"
@@ -195,8 +200,6 @@ class Coordinator:
                 f"snapshot target {target}: its name is too long (with the writer's "
                 f"temporary name for it, .<name>.tmp-<pid>, over {NAME_MAX} bytes)"
             )
-        if not path.parent.is_dir():
-            raise ControlError(f"snapshot target {target}: {path.parent} is not a directory")
         return path
 
     def _devices_back(self) -> None:
@@ -212,7 +215,7 @@ class Coordinator:
                 if slot.failed:
                     raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
                 raise ControlBusy(
-                    f"device {slot.name} is restarting and not back within "
+                    f"device {slot.name} is away (restarting) and not back within "
                     f"{self.device_deadline_s:g} s; try again once it is"
                 )
 
@@ -267,10 +270,11 @@ class Coordinator:
             raise ControlError(f"snapshot aborted at {op}: {e} ({limit})") from None
 
     def _resume_devices(self, quiesced: dict[str, tuple[int, int]], deadline: Deadline) -> None:
-        """Resume each device quiesced that is still that process. One whose quiesce was not
-        answered failed (its on_crash policy applies), and a crash since (its lives changed)
-        put in, or will put in, a process that was never quiesced: waiting to resume it held
-        the vCPUs for as long as its restart took."""
+        """Resume each device quiesced that is still that process. One never asked (an
+        earlier device ended the snapshot) is not quiesced; one whose quiesce was not
+        answered has failed (its on_crash policy applies); and a crash since (its lives
+        changed) put in, or will put in, a process that was never quiesced: waiting to resume
+        it held the vCPUs for as long as its restart took."""
         for slot in self.machine.slots:
             if not slot.failed and quiesced.get(slot.name) == slot.lives:
                 timeout_ms = max(RESUME_FLOOR_MS, min(CONTROL_TIMEOUT_MS, deadline.remaining_ms()))

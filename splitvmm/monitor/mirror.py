@@ -17,10 +17,11 @@ device would have given at that point of the guest's accesses.
   not current and the read goes to the device.
 * Credit. Waiting for the device to apply a posted write would cost the round trip the
   mirror saves, so the device may promise more: `credit` further one-byte writes at
-  `credit_offset` leave every mirrored value as it is (a wider write may reach the next
-  registers: a byte-wide device splits it as an ISA bus does, so it is no credit write) (the 8250: THR writes while its output keeps up do
-  not change LSR). The mirror answers when every frame sent after its stamp is such a write,
-  within the credit. The promise is the device's to keep (devprocs/serial.py says how).
+  `credit_offset` leave every mirrored value as it is (the 8250: THR writes while its
+  output keeps up do not change LSR). A wider write is no credit write: a byte-wide device
+  splits it over the next registers, as an ISA bus does. The mirror answers when every
+  frame sent after its stamp is such a write, within the credit. The promise is the
+  device's to keep (devprocs/serial.py says how).
 * Restamps. A forwarded read is a frame, so after it the mirror is behind; rather than send
   a whole MIRROR that says nothing new, a device whose values, credit offset and credit are
   those of its last MIRROR after the read marks its reply RESTAMPED with the read's stamp

@@ -256,7 +256,9 @@ def test_coordinator_snapshot_waits_for_a_restart_while_the_vm_runs_and_says_bus
     coord, events = coordinator(tmp_path, monkeypatch)
     coord.machine.slots = [FakeSlot("serial0"), FakeSlot("rng0", back=False)]
 
-    with pytest.raises(ControlBusy, match="device rng0 is restarting and not back within"):
+    with pytest.raises(
+        ControlBusy, match="device rng0 is away \\(restarting\\) and not back within"
+    ):
         coord.snapshot(tmp_path / "snap")
     assert (events, coord.paused) == ([], False)
 
@@ -283,3 +285,28 @@ def test_coordinator_pause_held_by_a_restarting_device_names_it(tmp_path, monkey
     with pytest.raises(ControlBusy, match="waiting for device serial0 to come back"):
         coord.pause()
     assert (events, coord.paused) == (["pause", "resume"], False)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("{d}/out/snap", "is outside vm.snapshot_dirs"),
+        ("{d}/dangling", "already exists"),
+    ],
+    ids=["through-a-symlink", "a-dangling-symlink"],
+)
+def test_coordinator_snapshot_target_behind_or_at_a_symlink_is_refused_before_the_pause(
+    tmp_path, monkeypatch, target, why
+):
+    """A parent that is a symlink out of vm.snapshot_dirs passed the lexical check, and the
+    writer then wrote through it, refused by Landlock after the pause; a target that is a
+    dangling symlink did not "exist", and the rename would have replaced the link."""
+    coord, events = coordinator(tmp_path / "snaps", monkeypatch)
+    (tmp_path / "snaps").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "snaps" / "out").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "snaps" / "dangling").symlink_to(tmp_path / "nowhere")
+
+    with pytest.raises(ControlError, match=why):
+        coord.snapshot(Path(target.format(d=tmp_path / "snaps")))
+    assert (events, coord.paused) == ([], False)

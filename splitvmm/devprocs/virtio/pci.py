@@ -634,7 +634,7 @@ class VirtioPciDevice(RegisterDevice):
         finally:
             # A hostile chain ends the drain (NEEDS_RESET follows). What is in flight still
             # writes into guest RAM, so it is waited for; then it is used, as the chains
-            # before the bad one are (process(): their notification is due).
+            # before the bad one are (ring_failed: their notification is due).
             unfinished = sum(p.written is None for _, p in in_flight)
             while unfinished:
                 self.wait_pending()
