@@ -141,6 +141,11 @@ def _set_device(device: dict[str, Any], name: str, option: str, value: str) -> N
             f"{key}: expected one of {', '.join(map(str, choices))}, got {shown(value)}"
         )
     device[option] = typed
+    if option == "on_crash" and typed != "restart":
+        # the stored restart budget was the stored policy's: it goes with it (left, the
+        # config's check blamed the snapshot's manifest for the operator's --set)
+        device.pop("max_restarts", None)
+        device.pop("restart_window", None)
 
 
 def _typed(value: str, kind: type, key: str) -> object:

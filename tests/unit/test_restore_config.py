@@ -139,6 +139,22 @@ def test_config_of_set_on_crash_overrides_manifest(tmp_path):
     assert cfg.devices[0].on_crash == "leave"
 
 
+def test_config_of_set_on_crash_away_from_restart_drops_the_stored_budget(tmp_path):
+    """A snapshot of a device with on_crash = "restart" stores its restart budget; a --set
+    of another policy left it there, and the config's check then blamed the manifest
+    ("snapshot ...: manifest vm_config: ... a restart budget needs on_crash = restart")."""
+    snap = golden(
+        tmp_path,
+        lambda m: m["vm_config"]["device"][0].update(
+            on_crash="restart", max_restarts=3, restart_window=10.0
+        ),
+    )
+
+    cfg = restore.config_of(snap, {"serial0.on_crash": "stop"})
+
+    assert cfg.devices[0].on_crash == "stop"
+
+
 def test_config_of_manifest_on_crash_kept_when_valid(tmp_path):
     snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(on_crash="leave"))
 
