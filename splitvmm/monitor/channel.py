@@ -211,7 +211,7 @@ class DeviceChannel:
         I/O threads for all (each part is a frame to the device). ZeroMQ delivers a
         message whole or not at all."""
         for frame in frames[:-1]:
-            self._send(frame, "a posted write", zmq.SNDMORE)
+            self._send(frame, "a posted write", _SNDMORE)
         self._send(frames[-1], "a posted write")
         self._posted += len(frames)
 
@@ -221,7 +221,7 @@ class DeviceChannel:
         no peer connected a PAIR socket takes nothing, so a frame to a device that has just
         died would otherwise wait out the whole timeout, holding the slot's lock."""
         try:
-            self.sock.send(frame, zmq.NOBLOCK | more)
+            self.sock.send(frame, _NOBLOCK | more)
             return
         except zmq.Again:
             pass
@@ -240,7 +240,7 @@ class DeviceChannel:
         if ready.get(self._pidfd):
             raise ChannelError(f"its process ended with {what} unsent")
         try:
-            self.sock.send(frame, zmq.NOBLOCK | more)
+            self.sock.send(frame, _NOBLOCK | more)
         except zmq.ZMQError as e:
             raise ChannelError(f"stopped taking frames ({e})") from None
 
@@ -394,9 +394,10 @@ class DeviceChannel:
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
-# zmq.POLLIN is an IntFlag, whose `&` builds a member (~1 us): a read from the register mirror
-# asks this once per access.
+# zmq's flags are IntFlags, whose `&` and `|` build a member (~0.6-1 us each): a read from
+# the register mirror asks _POLLIN once per access, and every frame sent takes _NOBLOCK.
 _POLLIN = int(zmq.POLLIN)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 
 
 def _readable(sock: zmq.Socket[bytes]) -> bool:
