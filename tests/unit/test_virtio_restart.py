@@ -10,14 +10,17 @@ import struct
 from collections.abc import Callable
 
 from splitvmm.devprocs.virtio_rng import VirtioRng
+from tests.unit.test_virtio_pci import msix_on
 from tests.virtio.support import (
     ACK,
+    BAR1,
     COMMAND,
     DRIVER,
     DRIVER_OK,
     F_VERSION_1,
     FEATURES_OK,
     ISR,
+    Channel,
     Driver,
     Ring,
     host_fds,
@@ -151,3 +154,30 @@ def test_restart_interrupt_pends_while_bus_master_is_off_and_comes_when_it_is_se
 
     # INTx is level-triggered: each assertion while the line is up writes its irqfd again
     assert (ring.used_idx(), new.isr, signalled(fds["intx"]) > 0) == (1, 1, True)
+
+
+def test_restart_msix_catch_up_waits_in_the_pba_for_bus_master_enable() -> None:
+    """The MSI-X side of the test above: with Bus Master Enable clear the restart's catch-up
+    vector pends (its PBA bit: an MSI-X message is a memory write), and goes out once the
+    guest sets the bit again."""
+    fds = host_fds("virtio-rng")
+    dev = VirtioRng(prepared("virtio-rng", fds))
+    driver, ring = Driver(dev), Ring(dev.ram)
+    dev.ctx.events.connect(Channel().send)
+    driver.start(ring, vector=1)
+    msix_on(driver, vector=1)
+    checkpoint = dev.save()
+    ring.add([(*ring.buffer(16), True)])
+    die_after_push(dev)
+    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, 0x0002, 2)]  # memory on, master off
+    journal[0](dev)
+
+    new = restart(fds, checkpoint, journal)
+    channel = Channel()
+    new.ctx.events.connect(channel.send)
+    for asked in channel.ops("msi"):  # the restored table's routes, asked for again
+        new.ctx.events.route_done(int(asked["id"]), True, "")
+    held = (signalled(fds["msix1"]), Driver(new).rd(BAR1 + 0x800, 8))
+    Driver(new).wr(COMMAND, 0x0006, 2)
+
+    assert (ring.used_idx(), held, signalled(fds["msix1"])) == (1, (0, 0b10), 1)
