@@ -109,6 +109,8 @@ class Coordinator:
     def resume(self) -> None:
         if not self.paused:
             raise ControlError(f"VM {self.machine.cfg.vm.name!r} is not paused")
+        for fd in self.machine.vcpu_fds:
+            vmstate.tell_stopped(fd)  # parked: out of KVM_RUN, as an ioctl from here needs
         for v in self.machine.vcpus:
             v.resume()
         self.paused = False

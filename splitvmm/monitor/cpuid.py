@@ -36,7 +36,9 @@ MAX_VCPUS = 254  # 8-bit xAPIC IDs, 0xFF broadcast, one ID for the IOAPIC (see m
 # Leaf 1 (SDM Vol. 2A table 3-8, 3-10, 3-11).
 LEAF1_EBX_LOGICAL_COUNT_SHIFT = 16
 LEAF1_EBX_APIC_ID_SHIFT = 24
+LEAF1_ECX_VMX = 1 << 5  # nested virtualization: see _leaf1
 LEAF1_ECX_PDCM = 1 << 15  # IA32_PERF_CAPABILITIES: no PMU is virtualized for the guest
+EXT1_ECX_SVM = 1 << 2  # leaf 0x80000001: AMD's nested virtualization (see _leaf1)
 LEAF1_ECX_TSC_DEADLINE = 1 << 24
 LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28  # EBX[23:16] is valid
@@ -125,7 +127,10 @@ class CpuidMask(Struct, frozen=True):
 def _leaf1(e: CpuidEntry, t: Topology) -> CpuidEntry:
     ebx = (e.ebx & 0xFFFF) | t.nvcpus << LEAF1_EBX_LOGICAL_COUNT_SHIFT
     ebx |= t.vcpu_id << LEAF1_EBX_APIC_ID_SHIFT
-    ecx = (e.ecx | LEAF1_ECX_HYPERVISOR) & ~LEAF1_ECX_PDCM
+    # No VMX: a snapshot cannot hold a nested hypervisor's state (KVM_GET_NESTED_STATE is
+    # not saved), and a Linux guest that loads kvm_intel runs VMXON at once (6.12 and later),
+    # so every restore would take its VMX operation away from under it.
+    ecx = (e.ecx | LEAF1_ECX_HYPERVISOR) & ~(LEAF1_ECX_PDCM | LEAF1_ECX_VMX)
     # KVM emulates the TSC deadline timer only where KVM_CAP_TSC_DEADLINE_TIMER says so.
     ecx = ecx | LEAF1_ECX_TSC_DEADLINE if t.tsc_deadline else ecx & ~LEAF1_ECX_TSC_DEADLINE
     edx = e.edx | LEAF1_EDX_HTT if t.nvcpus > 1 else e.edx & ~LEAF1_EDX_HTT
@@ -152,6 +157,11 @@ def _leaf6(e: CpuidEntry, t: Topology) -> CpuidEntry:
 
 def _leaf7(e: CpuidEntry, t: Topology) -> CpuidEntry:
     return replace(e, ecx=e.ecx & ~LEAF7_ECX_WAITPKG) if e.index == 0 else e
+
+
+def _ext1(e: CpuidEntry, t: Topology) -> CpuidEntry:
+    """0x80000001: no SVM, for the reason _leaf1 clears VMX."""
+    return replace(e, ecx=e.ecx & ~EXT1_ECX_SVM)
 
 
 def _no_pmu(e: CpuidEntry, t: Topology) -> CpuidEntry:
@@ -198,6 +208,7 @@ NORMALIZERS = {
     0xA: _no_pmu,
     0xB: _topology,
     0x1F: _topology,
+    0x80000001: _ext1,
     0x80000008: _amd_size,
     0x8000001D: _amd_cache,
     0x8000001E: _amd_ext_apic,

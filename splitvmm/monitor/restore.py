@@ -357,6 +357,12 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
     """Load RAM, vCPU and VM state into a freshly built (not yet running) machine."""
     snap.load_ram(machine.mem)
     host = vmstate.VcpuHost.probe(machine.kvm, machine.vm)
+    # The VM's first (vmstate's docstring): its kvmclock must be back before the vCPUs' MSRs,
+    # as KVM writes a kvmclock guest's wall clock into its RAM from it as the MSR is set.
+    try:
+        vmstate.restore_vm(machine.vm, states.vm)
+    except (OSError, StateError) as e:
+        raise SnapshotError(f"chunk vm: KVM refused the state: {e}") from None
     for fd in machine.vcpu_fds:
         name = f"vcpu{fd.vcpu_id}"
         state = states.vcpus[fd.vcpu_id]
@@ -364,10 +370,8 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
             vmstate.restore_vcpu(fd, state, host)
         except (OSError, StateError) as e:
             raise SnapshotError(f"chunk {name}: KVM refused the state: {e}") from None
-    try:
-        vmstate.restore_vm(machine.vm, states.vm)
-    except (OSError, StateError) as e:
-        raise SnapshotError(f"chunk vm: KVM refused the state: {e}") from None
+    for fd in machine.vcpu_fds:
+        vmstate.tell_stopped(fd)  # the guest was stopped since it was saved
     if states.pci is None:
         return  # a snapshot from before the PCI platform, with no PCI device (_read_pci)
     try:

@@ -20,9 +20,11 @@ Preconditions (the coordinator's job, DESIGN.md "Snapshot"):
 - restore: the fresh VM has its irqchip, PIT, memslots and vCPUs, guest RAM is already back
   (KVM_SET_SREGS reloads PAE PDPTEs from guest memory), and no vCPU has entered KVM_RUN yet
   (KVM refuses a different KVM_SET_CPUID2 after the first run). Then restore_vm and
-  restore_vcpu for each vCPU, then run. Firecracker's snapshot builder restores the VM state
-  before the vCPUs', its newer in-place reset path the vCPUs first; both orders pass
-  tests/integration/test_vmstate_kvm.py here.
+  restore_vcpu for each vCPU, in that order (Firecracker's snapshot builder's), then
+  tell_stopped, then run. The VM first because of its clock: a kvmclock guest's
+  MSR_KVM_WALL_CLOCK_NEW makes KVM write the guest's boot time into its RAM as the MSR is set,
+  computed from the VM's kvmclock then; set before KVM_SET_CLOCK, the boot time came out
+  later by the guest's whole uptime (tests/integration/test_vmstate_kvm.py).
 
 Save order (Firecracker vstate/vcpu/x86_64.rs save_state): MP state first, because
 KVM_GET_MP_STATE runs kvm_apic_accept_events(), which may change LAPIC and vCPU state; then
@@ -63,6 +65,7 @@ is not used by KVM.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypedDict, TypeVar
@@ -293,6 +296,19 @@ def restore_vm(vm: VmFd, state: VmState) -> None:
     vm.set_irqchip(IRQCHIP_PIC_MASTER, state.pic_master)
     vm.set_irqchip(IRQCHIP_PIC_SLAVE, state.pic_slave)
     vm.set_irqchip(IRQCHIP_IOAPIC, state.ioapic)
+
+
+def tell_stopped(vcpu: VcpuFd) -> None:
+    """KVM_KVMCLOCK_CTRL: a kvmclock guest is told it was stopped (PVCLOCK_GUEST_STOPPED),
+    before it runs again after a pause, a snapshot's or a restore's. Linux's soft-lockup and
+    RCU-stall watchdogs then take the jump in time for what it is rather than report a
+    lockup (Firecracker does this on pause and after a restore, QEMU when the VM stops).
+    EINVAL: the guest has not enabled kvmclock, and there is nobody to tell."""
+    try:
+        vcpu.kvmclock_ctrl()
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
 
 
 def read_msrs(vcpu: VcpuFd, indices: Sequence[int]) -> dict[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -291,3 +292,40 @@ def test_vmstate_restored_host_side_state_survives(restored: Guest) -> None:
     assert (tprs, timers) == ([TPR, TPR], [LVTT, LVTT])
     assert restored.vm.ioapic_irr() == 1 << IOAPIC_ONLY_PIN
     assert restored.vm.get_clock().clock >= FIRST_VM_CLOCK_NS
+
+
+MSR_KVM_WALL_CLOCK_NEW = 0x4B564D00  # Linux's arch/x86/include/uapi/asm/kvm_para.h
+WALL_CLOCK_GPA = 0x8000  # struct pvclock_wall_clock: version, sec, nsec (u32 each)
+
+
+def boot_wall_clock_s(ram: mmap.mmap) -> float:
+    _, sec, nsec = struct.unpack_from("<III", ram, WALL_CLOCK_GPA)
+    return sec + nsec / 1e9
+
+
+def test_vmstate_kvmclock_guests_boot_time_survives_the_restore_order_apply_uses(
+    kvm: Kvm,
+) -> None:
+    """KVM writes a kvmclock guest's boot time (host real time less its kvmclock) into its
+    RAM when MSR_KVM_WALL_CLOCK_NEW is set: restore_vm (KVM_SET_CLOCK) first, then the
+    vCPUs, as restore.apply does. The vCPUs first, the fresh VM's kvmclock (~0) made the
+    boot time later by the guest's uptime, and a guest that reads it again (Linux on resume)
+    jumped its wall clock forward by as much."""
+    first = make_guest(kvm)
+    first.vm.set_clock(FIRST_VM_CLOCK_NS)
+    first.vcpus[0].set_msrs({MSR_KVM_WALL_CLOCK_NEW: WALL_CLOCK_GPA})
+    booted = boot_wall_clock_s(first.ram)
+    host = VcpuHost.probe(kvm, first.vm)
+    vcpus, vm = [save_vcpu(v, host) for v in first.vcpus], save_vm(first.vm)
+    ram = bytes(first.ram)
+    first.close()
+
+    second = make_guest(kvm, ram)
+    try:
+        restore_vm(second.vm, vm)
+        for v, state in zip(second.vcpus, vcpus, strict=True):
+            restore_vcpu(v, state, host)
+        again = boot_wall_clock_s(second.ram)
+    finally:
+        second.close()
+    assert abs(again - booted) < MAX_DRIFT_NS / 1e9  # not FIRST_VM_CLOCK_NS (1000 s) later

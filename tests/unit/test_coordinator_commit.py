@@ -4,6 +4,7 @@ failed one resumes it. The machine, its vCPUs and the writer are fakes."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,16 @@ class FakeVcpu(Struct):
 
     def resume(self) -> None:
         self.events.append("resume")
+
+
+class FakeVcpuFd(Struct):
+    events: list[str]
+    kvmclock: bool = True  # the guest enabled kvmclock
+
+    def kvmclock_ctrl(self) -> None:
+        if not self.kvmclock:
+            raise OSError(errno.EINVAL, "KVM_KVMCLOCK_CTRL")
+        self.events.append("kvmclock stopped")
 
 
 class FakeWriter(Struct):
@@ -57,7 +68,9 @@ def coordinator(
 ) -> tuple[Coordinator, list[str]]:
     events: list[str] = []
     cfg = SimpleNamespace(vm=SimpleNamespace(name="t", snapshot_dirs=[tmp_path]))
-    machine = SimpleNamespace(cfg=cfg, stopping=False, vcpus=[FakeVcpu(events)], slots=[])
+    machine = SimpleNamespace(
+        cfg=cfg, stopping=False, vcpus=[FakeVcpu(events)], vcpu_fds=[FakeVcpuFd(events)], slots=[]
+    )
     coord = Coordinator(machine)  # type: ignore[arg-type]
     writer = FakeWriter(events, tmp_path / "snap", fail, archived=archived)
     monkeypatch.setattr(coord, "_write", lambda target, deadline, quiesced: writer)
@@ -69,7 +82,7 @@ def test_coordinator_snapshot_resumes_vcpus_before_the_commit(tmp_path, monkeypa
 
     coord.snapshot(tmp_path / "snap")
 
-    assert (events, coord.paused) == (["pause", "resume", "commit"], False)
+    assert (events, coord.paused) == (["pause", "kvmclock stopped", "resume", "commit"], False)
 
 
 def test_coordinator_suspend_commits_with_the_vcpus_stopped(tmp_path, monkeypatch):
@@ -86,7 +99,7 @@ def test_coordinator_failed_suspend_commit_resumes_the_vcpus(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         coord.snapshot(tmp_path / "snap", keep_paused=True)
 
-    assert (events, coord.paused) == (["pause", "commit", "resume"], False)
+    assert (events, coord.paused) == (["pause", "commit", "kvmclock stopped", "resume"], False)
 
 
 def test_coordinator_failed_live_commit_resumes_once(tmp_path, monkeypatch):
@@ -95,7 +108,7 @@ def test_coordinator_failed_live_commit_resumes_once(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         coord.snapshot(tmp_path / "snap")
 
-    assert (events, coord.paused) == (["pause", "resume", "commit"], False)
+    assert (events, coord.paused) == (["pause", "kvmclock stopped", "resume", "commit"], False)
 
 
 class FakeSlot(Struct):
@@ -310,3 +323,16 @@ def test_coordinator_snapshot_target_behind_or_at_a_symlink_is_refused_before_th
     with pytest.raises(ControlError, match=why):
         coord.snapshot(Path(target.format(d=tmp_path / "snaps")))
     assert (events, coord.paused) == ([], False)
+
+
+@pytest.mark.parametrize("kvmclock", [True, False])
+def test_coordinator_resume_tells_a_kvmclock_guest_it_was_stopped(tmp_path, monkeypatch, kvmclock):
+    """KVM_KVMCLOCK_CTRL before the vCPUs run again: a Linux guest stopped for a snapshot's
+    copy of a large RAM, or a pause, took the jump in its clock for a soft lockup (Firecracker
+    tells it on pause, QEMU when the VM stops). A guest without kvmclock (EINVAL) is fine."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    coord.machine.vcpu_fds = [FakeVcpuFd(events, kvmclock=kvmclock)]
+    coord.pause()
+    coord.resume()
+    told = ["kvmclock stopped"] if kvmclock else []
+    assert (events, coord.paused) == (["pause", *told, "resume"], False)

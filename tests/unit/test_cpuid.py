@@ -71,6 +71,15 @@ def test_cpuid_leaf1_clears_pdcm() -> None:
     assert (leaf1.ecx >> 15) & 1 == 0
 
 
+def test_cpuid_hides_nested_virtualization() -> None:
+    """VMX (leaf 1 ECX 5) and SVM (0x80000001 ECX 2) as KVM reports them with nested=1: a
+    snapshot holds no nested state, and a guest's kvm module runs VMXON as it loads."""
+    table = [*INTEL, CpuidEntry(0x80000001, 0, 0, eax=0, ebx=0, ecx=0x121 | 1 << 2, edx=0)]
+    table[1] = CpuidEntry(1, 0, 0, eax=0x906EA, ebx=0x00100800, ecx=0x81A0B223, edx=0x1F8BFBFF)
+    entries = vcpu_cpuid(table, 0, 1, tsc_deadline=True)
+    assert ((find(entries, 1).ecx >> 5) & 1, find(entries, 0x80000001).ecx) == (0, 0x121)
+
+
 def test_cpuid_leaf4_counts_cores_and_l3_sharing() -> None:
     entries = vcpu_cpuid(INTEL, 0, 4, tsc_deadline=True)
 

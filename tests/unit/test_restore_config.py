@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from splitvmm import config
 from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
 from splitvmm.errors import ConfigError
-from splitvmm.monitor import restore
+from splitvmm.monitor import restore, vmstate
 from splitvmm.snapshot import Snapshot, SnapshotError
 from tests.unit.snapshot_support import edit_manifest
 
@@ -261,3 +262,23 @@ def test_config_of_set_bool_option_not_true_or_false_refused(tmp_path, monkeypat
 
     with pytest.raises(ConfigError, match=r"^--set serial0\.quiet: expected true or false"):
         restore.config_of(golden(tmp_path), {"serial0.quiet": "yes"})
+
+
+def test_apply_restores_the_vm_before_its_vcpus_and_tells_them_they_stopped(monkeypatch):
+    """The order tests/integration/test_vmstate_kvm.py shows a kvmclock guest needs (the VM's
+    clock before the vCPUs' MSRs), then KVM_KVMCLOCK_CTRL on each vCPU before any runs."""
+    calls: list[str] = []
+    monkeypatch.setattr(vmstate.VcpuHost, "probe", staticmethod(lambda kvm, vm: "host"))
+    monkeypatch.setattr(vmstate, "restore_vm", lambda vm, state: calls.append("vm"))
+    monkeypatch.setattr(
+        vmstate, "restore_vcpu", lambda fd, state, host: calls.append(f"vcpu{fd.vcpu_id}")
+    )
+    monkeypatch.setattr(vmstate, "tell_stopped", lambda fd: calls.append(f"told{fd.vcpu_id}"))
+    fds = [SimpleNamespace(vcpu_id=0), SimpleNamespace(vcpu_id=1)]
+    machine = SimpleNamespace(mem=None, kvm=None, vm=None, vcpu_fds=fds)
+    snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
+    states = SimpleNamespace(vcpus=[None, None], vm=None, pci=None)
+
+    restore.apply(snap, states, machine)  # type: ignore[arg-type]
+
+    assert calls == ["ram", "vm", "vcpu0", "vcpu1", "told0", "told1"]
