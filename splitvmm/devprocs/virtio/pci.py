@@ -597,6 +597,7 @@ class VirtioPciDevice(RegisterDevice):
         the model when there is not, and returns once every one it took is done."""
         done = 0
         in_flight: collections.deque[tuple[int, Pending]] = collections.deque()
+        lost = False  # an error of the model's own: completions it took may be gone
         try:
             while True:
                 chain = None  # one chain at least, past the deadline or not, as it was set
@@ -631,19 +632,37 @@ class VirtioPciDevice(RegisterDevice):
                 while in_flight and (written := in_flight[0][1].written) is not None:
                     ring.push(in_flight.popleft()[0], written)
                     done += 1
+        except BaseException as e:
+            lost = not isinstance(e, QueueError | GuestRamError)
+            raise
         finally:
-            # A hostile chain ends the drain (NEEDS_RESET follows). What is in flight still
-            # writes into guest RAM, so it is waited for; then it is used, as the chains
-            # before the bad one are (ring_failed: their notification is due).
-            unfinished = sum(p.written is None for _, p in in_flight)
-            while unfinished:
-                self.wait_pending()
-                before, unfinished = unfinished, sum(p.written is None for _, p in in_flight)
-                if unfinished == before:  # the model lost them (an error of its own): no spin
-                    break
-            with contextlib.suppress(QueueError, GuestRamError):
-                for head, pending in in_flight:
-                    ring.push(head, pending.written or 0)
+            if not lost:  # a hostile chain: what is in flight still writes into guest RAM
+                self._wait_in_flight(in_flight)
+            self._use_finished(ring, in_flight)
+
+    def _wait_in_flight(self, in_flight: Sequence[tuple[int, Pending]]) -> None:
+        """A hostile chain ends the drain (NEEDS_RESET follows): wait for what is in flight,
+        which still writes into guest RAM, so that it can be used as the chains before the
+        bad one are (ring_failed: their notification is due)."""
+        unfinished = sum(p.written is None for _, p in in_flight)
+        while unfinished:
+            self.wait_pending()
+            before, unfinished = unfinished, sum(p.written is None for _, p in in_flight)
+            if unfinished == before:  # the model lost them (an error of its own): no spin
+                return
+
+    def _use_finished(self, ring: SplitQueue, in_flight: Sequence[tuple[int, Pending]]) -> None:
+        """Use the chains finished in order, up to the first that is not. After an error of
+        the model's own (a bug, MemoryError under the address-space limit), which ends the
+        process (its on_crash policy applies), a completion it had taken from the kernel may
+        be lost with the error, its status byte never written: a restart takes the queue up
+        from the used ring and serves the rest again, where using them all told the driver
+        "done" (status 0, or whatever its byte held) for writes that had failed."""
+        with contextlib.suppress(QueueError, GuestRamError):
+            for head, pending in in_flight:
+                if pending.written is None:
+                    return
+                ring.push(head, pending.written)
 
     def _arrives_within(self, ring: SplitQueue, ns: int) -> bool:
         """Whether the driver makes a chain available within `ns`, looking all along.
