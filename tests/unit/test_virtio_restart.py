@@ -181,3 +181,24 @@ def test_restart_msix_catch_up_waits_in_the_pba_for_bus_master_enable() -> None:
     Driver(new).wr(COMMAND, 0x0006, 2)
 
     assert (ring.used_idx(), held, signalled(fds["msix1"])) == (1, (0, 0b10), 1)
+
+
+def test_restart_after_a_queue_enabled_on_a_stale_used_ring_serves_every_request() -> None:
+    """A driver may enable a queue on memory it did not zero (a reset and a new set-up on the
+    same rings); the device starts at 0, and wrote nothing there until its first push. A
+    crash before that: the restart took the stale used idx (1) from guest RAM, skipped the
+    first request, and the driver took the old entry in that slot for its completion."""
+    fds = host_fds("virtio-rng")
+    dev = VirtioRng(prepared("virtio-rng", fds))
+    ring = Ring(dev.ram)
+    dev.ram.write(ring.used, struct.pack("<HHII", 0, 1, 9, 7))  # a previous life's idx, entry
+    checkpoint = dev.save()
+    journal: list[Frame] = [lambda d: Driver(d).start(ring)]
+    journal[0](dev)
+    heads = [ring.add([(*ring.buffer(16), True)]) for _ in range(3)]  # then the crash
+
+    new = restart(fds, checkpoint, journal)
+    for _ in range(3):
+        serve_ready(new)
+
+    assert ring.take_used() == [(head, 16) for head in heads]

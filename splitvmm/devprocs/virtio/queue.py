@@ -318,9 +318,19 @@ class SplitQueue:
 
     # -- restarts and snapshots ----------------------------------------------------------
     def fresh(self) -> None:
-        """The driver just enabled this queue: it has seen the used idx there is (nothing
-        used yet), so the next needs_notification() applies the spec's rule rather than
+        """The driver just enabled this queue: nothing is used yet, and the used ring in
+        guest RAM says so (flags, idx and avail_event 0, as the device's own count is). A
+        driver need not zero it (Linux does), and a crash restart takes the queue up from
+        that idx (resume_from_used): a stale one made the restarted device skip requests
+        the driver had made available, and the driver took old entries for their
+        completions. The next needs_notification() then applies the spec's rule rather than
         answer yes to be safe, as after a restore or restart."""
+        view = self._used.view
+        view[0:RING_HEADER] = bytes(RING_HEADER)
+        if self.event_idx:
+            at = RING_HEADER + USED_ELEM.size * self.size
+            view[at : at + 2] = bytes(2)
+        self._used.mark()
         self._signalled = self.used_idx
 
     def resume_from_used(self) -> None:
