@@ -216,11 +216,7 @@ NORMALIZERS = {
 
 
 def _is_amd(entries: Sequence[CpuidEntry]) -> bool:
-    leaf0 = next((e for e in entries if e.function == 0), None)
-    if leaf0 is None:
-        return False
-    vendor = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
-    return vendor in AMD_VENDORS
+    return _vendor(entries).encode("latin-1") in AMD_VENDORS
 
 
 def _with_core_level(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
@@ -264,3 +260,49 @@ def setup_cpuid(
     )
     vcpu.set_cpuid(entries)
     return entries
+
+
+# The feature registers a restore compares with this host's KVM (leaf, subleaf, register),
+# and the bits in them that are not features the host must have: set by _leaf1 itself
+# (HYPERVISOR, HTT, TSC_DEADLINE, which KVM emulates where KVM_CAP_TSC_DEADLINE_TIMER says
+# so) or by KVM as the guest runs (OSXSAVE and OSPKE follow CR4).
+FEATURE_REGISTERS: dict[tuple[int, int, str], int] = {
+    (0x1, 0, "ecx"): LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE | 1 << 27,  # OSXSAVE
+    (0x1, 0, "edx"): LEAF1_EDX_HTT,
+    (0x7, 0, "ebx"): 0,
+    (0x7, 0, "ecx"): 1 << 4,  # OSPKE
+    (0x7, 0, "edx"): 0,
+    (0x7, 1, "eax"): 0,
+    (0xD, 1, "eax"): 0,  # XSAVEOPT, XSAVEC, XGETBV1, XSAVES
+    (0x80000001, 0, "ecx"): 0,
+    (0x80000001, 0, "edx"): 0,
+}
+
+
+def missing_on_host(saved: Sequence[CpuidEntry], supported: Sequence[CpuidEntry]) -> list[str]:
+    """What a guest started with `saved` (a snapshot's vCPU) uses that this host's KVM
+    (`supported`) does not offer: its vendor, and feature bits, one line each; [] where it
+    has them all. A guest patches its code for the features it finds at boot (XSAVES in its
+    context switch, RDPID in its vDSO): restored without them it meets #UD."""
+    have = {(e.function, e.index): e for e in supported}
+    had = {(e.function, e.index): e for e in saved}
+    missing = []
+    if _vendor(saved) != _vendor(supported):
+        missing.append(f"vendor {_vendor(saved)!r} (this host's is {_vendor(supported)!r})")
+    for (leaf, subleaf, reg), dynamic in FEATURE_REGISTERS.items():
+        entry = had.get((leaf, subleaf))
+        if entry is None:
+            continue
+        host = have.get((leaf, subleaf))
+        lacking = getattr(entry, reg) & ~dynamic & ~(getattr(host, reg) if host else 0)
+        if lacking:
+            missing.append(f"leaf {leaf:#x}.{subleaf} {reg} bits {lacking:#x}")
+    return missing
+
+
+def _vendor(entries: Sequence[CpuidEntry]) -> str:
+    leaf0 = next((e for e in entries if e.function == 0), None)
+    if leaf0 is None:
+        return ""
+    raw = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx))
+    return raw.decode("latin-1")

@@ -222,7 +222,7 @@ def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(zctx, tmp
     # wait only for what is left, far below the per-request CONTROL_TIMEOUT_MS (10 s).
     vm = SimpleNamespace(name="test", snapshot_dirs=(tmp_path,))
     machine = SimpleNamespace(cfg=SimpleNamespace(vm=vm))
-    machine.stopping, machine.vcpus = False, []
+    machine.stopping, machine.vcpus, machine.vcpu_fds = False, [], []
     coordinator = Coordinator(machine, device_deadline_s=1.6)  # type: ignore[arg-type]
     failures: list[str] = []
     slot = spawn_rogue("slow-control", zctx, tmp_path, failures, "1000")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.errors import ConfigError
-from splitvmm.monitor.cpuid import CpuidMask, vcpu_cpuid
+from splitvmm.monitor.cpuid import CpuidMask, missing_on_host, vcpu_cpuid
 from splitvmm.native.kvm import CpuidEntry
 
 SIG = 1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
@@ -238,3 +238,25 @@ def test_cpuid_mask_apply_to_absent_leaf_changes_nothing() -> None:
     mask = CpuidMask.parse(["0x40000001.eax:0xffffffff"])
 
     assert mask.apply(INTEL) == INTEL
+
+
+def test_cpuid_restore_on_a_host_with_every_feature_finds_nothing_missing() -> None:
+    saved = vcpu_cpuid(INTEL, 1, 2, tsc_deadline=True)  # HYPERVISOR, HTT, TSC_DEADLINE set
+    osxsave = [e if e.function != 1 else CpuidEntry(1, 0, 0, e.eax, e.ebx, e.ecx | 1 << 27, e.edx)
+               for e in saved]  # fmt: skip
+    assert missing_on_host(osxsave, INTEL) == []
+
+
+def test_cpuid_restore_on_a_host_lacking_a_feature_names_it() -> None:
+    """A guest that found AVX-512F (leaf 7 EBX 16) at boot uses it: restored on a host whose
+    KVM does not offer it, it meets #UD. The restore was silent."""
+    saved = [e if e.function != 7 else CpuidEntry(7, 0, SIG, e.eax, e.ebx | 1 << 16, e.ecx, e.edx)
+             for e in vcpu_cpuid(INTEL, 0, 1, tsc_deadline=True)]  # fmt: skip
+    assert missing_on_host(saved, INTEL) == ["leaf 0x7.0 ebx bits 0x10000"]
+
+
+def test_cpuid_restore_on_another_vendor_is_named() -> None:
+    saved = vcpu_cpuid(AMD, 0, 1, tsc_deadline=True)
+    assert (
+        missing_on_host(saved, INTEL)[0] == "vendor 'AuthenticAMD' (this host's is 'GenuineIntel')"
+    )

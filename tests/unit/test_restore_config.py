@@ -15,6 +15,7 @@ from splitvmm import config
 from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
 from splitvmm.errors import ConfigError
 from splitvmm.monitor import restore, vmstate
+from splitvmm.native.kvm import CpuidEntry
 from splitvmm.snapshot import Snapshot, SnapshotError
 from tests.unit.snapshot_support import edit_manifest
 
@@ -275,10 +276,31 @@ def test_apply_restores_the_vm_before_its_vcpus_and_tells_them_they_stopped(monk
     )
     monkeypatch.setattr(vmstate, "tell_stopped", lambda fd: calls.append(f"told{fd.vcpu_id}"))
     fds = [SimpleNamespace(vcpu_id=0), SimpleNamespace(vcpu_id=1)]
-    machine = SimpleNamespace(mem=None, kvm=None, vm=None, vcpu_fds=fds)
+    kvm = SimpleNamespace(supported_cpuid=lambda: [])
+    machine = SimpleNamespace(mem=None, kvm=kvm, vm=None, vcpu_fds=fds)
     snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
-    states = SimpleNamespace(vcpus=[None, None], vm=None, pci=None)
+    vcpu = SimpleNamespace(cpuid=())
+    states = SimpleNamespace(vcpus=[vcpu, vcpu], vm=None, pci=None)
 
     restore.apply(snap, states, machine)  # type: ignore[arg-type]
 
     assert calls == ["ram", "vm", "vcpu0", "vcpu1", "told0", "told1"]
+
+
+def test_apply_says_which_cpu_features_this_host_lacks(monkeypatch, caplog):
+    """Said, not refused (QEMU's way without `enforce`): the golden snapshots, made on an AMD
+    host with AVX-512, restore here and their guest never uses those features."""
+    monkeypatch.setattr(vmstate.VcpuHost, "probe", staticmethod(lambda kvm, vm: "host"))
+    monkeypatch.setattr(vmstate, "restore_vm", lambda vm, state: None)
+    monkeypatch.setattr(vmstate, "restore_vcpu", lambda fd, state, host: None)
+    monkeypatch.setattr(vmstate, "tell_stopped", lambda fd: None)
+    avx512 = CpuidEntry(7, 0, 1, eax=0, ebx=1 << 16, ecx=0, edx=0)
+    kvm = SimpleNamespace(supported_cpuid=lambda: [CpuidEntry(7, 0, 1, 0, 0, 0, 0)])
+    machine = SimpleNamespace(mem=None, kvm=kvm, vm=None, vcpu_fds=[])
+    states = SimpleNamespace(vcpus=[SimpleNamespace(cpuid=(avx512,))], vm=None, pci=None)
+
+    restore.apply(SimpleNamespace(load_ram=lambda mem: None), states, machine)  # type: ignore[arg-type]
+
+    assert "CPU features this host's KVM does not offer (leaf 0x7.0 ebx bits 0x10000)" in (
+        caplog.text
+    )
