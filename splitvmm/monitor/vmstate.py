@@ -203,16 +203,27 @@ class VcpuState(Struct, frozen=True, kw_only=True):
 
 class VmState(Struct, frozen=True, kw_only=True):
     """The in-kernel devices and clock: the `chip` union of struct kvm_irqchip for each of the
-    two PICs and the IOAPIC, struct kvm_pit_state2, and kvmclock in ns."""
+    two PICs and the IOAPIC, struct kvm_pit_state2, and kvmclock in ns with the rest of what
+    KVM_GET_CLOCK said (v2): its flags (KVM_CLOCK_TSC_STABLE, and where the kernel has them
+    KVM_CLOCK_REALTIME and KVM_CLOCK_HOST_TSC, which say `realtime` and `host_tsc` are
+    valid: the host's CLOCK_REALTIME and TSC at that kvmclock). This release puts the clock
+    back as saved (restore_vm); kept so that a restore which lets the saved time pass
+    (KVM_SET_CLOCK with KVM_CLOCK_REALTIME, Firecracker's clock_realtime) can be offered for
+    the snapshots taken now. v1 states have none of them: 0."""
 
-    VERSION: ClassVar[int] = 1
-    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
+    VERSION: ClassVar[int] = 2
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {
+        1: lambda f: {**f, "clock_flags": 0, "clock_realtime": 0, "clock_host_tsc": 0},
+    }
 
     pic_master: Annotated[bytes, Size(IRQCHIP_SIZE)]
     pic_slave: Annotated[bytes, Size(IRQCHIP_SIZE)]
     ioapic: Annotated[bytes, Size(IRQCHIP_SIZE)]
     pit2: Annotated[bytes, Size(PIT_STATE2_SIZE)]
     clock: u64
+    clock_flags: u32
+    clock_realtime: u64
+    clock_host_tsc: u64
 
 
 # -- capture and restore ----------------------------------------------------------------------
@@ -284,8 +295,18 @@ def save_vm(vm: VmFd) -> VmState:
         pic_slave=vm.get_irqchip(IRQCHIP_PIC_SLAVE),
         ioapic=vm.get_irqchip(IRQCHIP_IOAPIC),
         pit2=vm.get_pit2(),
-        clock=vm.get_clock().clock,
+        **_clock(vm),
     )
+
+
+def _clock(vm: VmFd) -> dict[str, int]:
+    clock = vm.get_clock()
+    return {
+        "clock": clock.clock,
+        "clock_flags": clock.flags,
+        "clock_realtime": clock.realtime,
+        "clock_host_tsc": clock.host_tsc,
+    }
 
 
 def restore_vm(vm: VmFd, state: VmState) -> None:

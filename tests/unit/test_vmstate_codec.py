@@ -86,6 +86,9 @@ def vm_state() -> VmState:
         ioapic=b"\x06" * IRQCHIP_SIZE,
         pit2=b"\x07" * PIT_STATE2_SIZE,
         clock=123_456_789,
+        clock_flags=0x7,  # TSC_STABLE | REALTIME | HOST_TSC
+        clock_realtime=1_796_300_000_000_000_000,
+        clock_host_tsc=U64_MAX,
     )
 
 
@@ -237,6 +240,15 @@ def test_vmstate_from_dict_refuses_other_classes() -> None:
 def test_vmstate_from_dict_refuses_newer_version() -> None:
     with pytest.raises(StateError, match="^VcpuState: version 7 is newer than this splitvmm"):
         from_dict(VcpuState, to_dict(vcpu_state()), version=7)
+
+
+def test_vmstate_vm_state_v1_reads_with_no_clock_data_past_the_clock() -> None:
+    """v1 kept kvmclock's value alone; v2 keeps the rest of KVM_GET_CLOCK's answer."""
+    v1 = {k: v for k, v in to_dict(vm_state()).items() if not k.startswith("clock_")}
+
+    state = from_dict(VmState, v1, version=1)
+
+    assert (state.clock, state.clock_flags, state.clock_realtime) == (123_456_789, 0, 0)
 
 
 def test_vmstate_from_dict_of_current_version_needs_no_upgrade() -> None:
