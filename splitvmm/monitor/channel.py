@@ -38,6 +38,10 @@ LATENCY_BUDGET_MS = 2500
 WRITE_TIMEOUT_MS = 2000  # a device that stops draining posted writes has failed
 CONTROL_TIMEOUT_MS = 10000  # quiesce may wait for in-flight I/O to finish
 READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
+# A warm spare has done all that: READY after it is handed its state takes ~4 ms (a long
+# journal's replay more). One that hangs is given up for a cold start well before a guest's
+# access stops waiting for the restart (slot.py RESTART_WAIT_MS, READY_TIMEOUT_MS).
+SPARE_READY_TIMEOUT_MS = 2000
 READY_POLL_MS = 100  # how often we look whether it died before READY
 EXITED_GRACE_MS = 50  # for the last frame of a device that exited (its I/O thread sent it)
 # `ctl devices` asks each device for its counters (stats) and waits this long: a device busy
@@ -125,8 +129,9 @@ class DeviceChannel:
             self._poller.register(process.pidfd, zmq.POLLIN)
             self._gone = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
-    def wait_ready(self, process: DeviceProcess) -> None:
-        """READY, or ChannelError saying why not (the device's own words, truncated)."""
+    def wait_ready(self, process: DeviceProcess, timeout_ms: int = READY_TIMEOUT_MS) -> None:
+        """READY within `timeout_ms`, or ChannelError saying why not (the device's own words,
+        truncated)."""
         waited = 0
         while not self.sock.poll(READY_POLL_MS):
             waited += READY_POLL_MS
@@ -135,7 +140,7 @@ class DeviceChannel:
             # socket just after the poll gave up, so it is looked for once more.
             if status is not None and self.sock.poll(EXITED_GRACE_MS):
                 break
-            if status is not None or waited >= READY_TIMEOUT_MS:
+            if status is not None or waited >= timeout_ms:
                 why = f"exited with status {status}" if status is not None else "did not start"
                 raise ChannelError(f"{why} within {waited} ms, before it was ready")
         buf = self.sock.recv()

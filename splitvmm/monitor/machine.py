@@ -33,7 +33,7 @@ from splitvmm.errors import DeviceFailure, KvmUnavailable, SplitvmmError
 from splitvmm.monitor import acpi, boot, confinement, layout, loader
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
-from splitvmm.monitor.control import ControlError, ControlServer, Handler
+from splitvmm.monitor.control import ControlBusy, ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts, raise_interrupts
 from splitvmm.monitor.exits import Outcome
@@ -516,7 +516,8 @@ class Machine:
         try:
             pid = slot.crash(signal.Signals[f"SIG{sig}"])
         except DeviceFailure as e:
-            raise ControlError(str(e)) from None
+            # restarting: it will be back, and the same request work then (ctl's 75)
+            raise (ControlBusy if slot.restarting else ControlError)(str(e)) from None
         return {"name": slot.name, "pid": pid, "signal": sig}
 
     def _status(self, counters: bool) -> dict[str, object]:

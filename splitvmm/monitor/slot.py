@@ -96,6 +96,7 @@ from splitvmm.monitor.channel import (
     CONTROL_TIMEOUT_MS,
     READ_TIMEOUT_MS,
     READY_TIMEOUT_MS,
+    SPARE_READY_TIMEOUT_MS,
     ChannelError,
     DeviceChannel,
 )
@@ -505,7 +506,7 @@ class DeviceSlot:
             channel = self.channel
         assert channel is not None  # attach() put it there; only this thread changes it
         try:
-            channel.wait_ready(process)
+            channel.wait_ready(process, SPARE_READY_TIMEOUT_MS)
         except ChannelError as e:
             log.warning(
                 "device %s: its spare failed before READY (%s): starting cold", self.name, e

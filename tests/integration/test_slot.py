@@ -255,6 +255,19 @@ def crash_and_restart(h: Harness) -> None:
     h.slot.restart()
 
 
+def test_slot_restart_gives_up_a_hung_spare_for_a_cold_start_in_time(spared):
+    """A spare that hangs (stopped here) was waited for READY_TIMEOUT_MS (15 s), as long as a
+    guest's access waits for the restart (RESTART_WAIT_MS): the access gave up first, a read
+    answered all-ones. It gets SPARE_READY_TIMEOUT_MS, then the device starts cold."""
+    os.kill(spared.slot.spare_pid, signal.SIGSTOP)
+    start = time.monotonic()
+    crash_and_restart(spared)
+    took = time.monotonic() - start
+    assert (spared.slot.state, spared.slot.warm_restarts) == (SlotState.LIVE, 0)
+    assert took < slot_module.RESTART_WAIT_MS / 1000 / 2, took
+    assert spared.slot.read(Reg.SCR, 1) == b"\x00"
+
+
 def test_slot_wait_back_waits_out_a_restart_and_counts_no_stall(tmp_path):
     """What the coordinator waits with before it pauses a VM whose device is restarting:
     not a guest's stall, so longest_stall_ms (`ctl devices`) does not count it."""

@@ -10,9 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.coordinator import Coordinator
+from splitvmm.monitor.machine import Machine
 from splitvmm.record import Struct, field
 
 
@@ -336,3 +338,25 @@ def test_coordinator_resume_tells_a_kvmclock_guest_it_was_stopped(tmp_path, monk
     coord.resume()
     told = ["kvmclock stopped"] if kvmclock else []
     assert (events, coord.paused) == (["pause", *told, "resume"], False)
+
+
+@pytest.mark.parametrize(("restarting", "refusal"), [(True, ControlBusy), (False, ControlError)])
+def test_crash_device_on_a_device_away_is_busy_while_it_restarts(restarting, refusal):
+    """ctl crash-device racing a restart (two testers, or a loop faster than the restart) was
+    a plain failure (exit 1); the device will be back and the same request work then: 75.
+    A device failed for good stays a failure."""
+
+    class AwaySlot:
+        name = "con0"
+
+        def __init__(self) -> None:
+            self.restarting = restarting
+
+        def crash(self, signum: int) -> int:
+            raise DeviceFailure("device con0 is away: no process")
+
+    machine = SimpleNamespace(slots=[AwaySlot()])
+
+    with pytest.raises(refusal, match="device con0 is away: no process") as e:
+        Machine._crash_device(machine, {"name": "con0", "signal": "KILL"})  # type: ignore[arg-type]
+    assert isinstance(e.value, ControlBusy) is restarting
