@@ -335,9 +335,15 @@ class Machine:
 
     def _device_failed(self, slot: DeviceSlot, reason: str) -> bool:
         """A device's on_crash policy (called with its slot's lock held); True: restart it."""
-        cfg = self._device_cfg[slot.name]
         if self.stopping:
             return False
+        if self.launcher.exited():  # every device died with it, and none can start again
+            self.stop(Outcome.fault(
+                f"the launcher process exited, and every device with it (device {slot.name} "
+                f"failed: {reason}); no device can be restarted without it"
+            ))  # fmt: skip
+            return False
+        cfg = self._device_cfg[slot.name]
         if cfg.on_crash == "leave":
             log.warning(
                 "device %s stays dead (on_crash = leave); its registers read as all-ones",

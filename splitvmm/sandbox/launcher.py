@@ -213,6 +213,11 @@ class Launcher:
         """The socket's fd: the one the confined monitor may send to and receive from."""
         return self._sock.fileno()
 
+    def exited(self) -> bool:
+        """Whether the launcher process has ended (its devices end with it: each warden's
+        parent-death signal)."""
+        return self._pidfd >= 0 and readable(self._pidfd, 0)
+
     def spawn(self, spec: DeviceSpec) -> tuple[LaunchedProcess, int]:
         """Start a device: its process, and its channel's listening socket (an fd we own).
         DeviceFailure naming the device if the launcher refused it. A deferred spec starts
