@@ -143,8 +143,6 @@ class VirtioBlk(VirtioPciDevice):
         if not isinstance(capacity, int):
             raise TypeError("virtio-blk: the disk's size is unknown (setup() did not run)")
         self.capacity = capacity
-        # whether a write zeroes request may deallocate (write_zeroes_may_unmap, 5.2.4)
-        self.punches = ctx.prepared.get("punches") is True
         self.readonly = readonly
         self.serial = serial
         bounce, context = ctx.prepared.get("bounce"), ctx.prepared.get("aio")
@@ -161,9 +159,7 @@ class VirtioBlk(VirtioPciDevice):
         with O_DIRECT (the fd says so), a page-aligned bounce buffer, before the sandbox."""
         super().setup(ctx)
         disk = ctx.fds["disk"]
-        size = os.fstat(disk).st_size
-        ctx.prepared["capacity"] = size // SECTOR
-        ctx.prepared["punches"] = _punches_holes(disk, size)
+        ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
             ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES, flags=mmap.MAP_PRIVATE)
 
@@ -229,8 +225,7 @@ class VirtioBlk(VirtioPciDevice):
             SECTOR, 0, 0, 1, 0,  # blk_size, topology: exp, align, min_io, opt_io (unused)
             0, 1,  # writeback (unused), num_queues (without VIRTIO_BLK_F_MQ: unused)
             MAX_DISCARD_SECTORS, MAX_SEGMENTS, 1,  # discard: max sectors, max seg, alignment
-            MAX_DISCARD_SECTORS, MAX_SEGMENTS,  # write zeroes: max sectors, max seg,
-            int(self.punches),  # and whether one may deallocate (5.2.6.2: SHOULD say so)
+            MAX_DISCARD_SECTORS, MAX_SEGMENTS, 1,  # write zeroes: max sectors, max seg, unmap
         )  # fmt: skip
 
     # -- requests --------------------------------------------------------------------------------
@@ -586,14 +581,3 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     if views and n:
         views = [views[0][n:], *views[1:]]
     return views
-
-
-def _punches_holes(disk: int, size: int) -> bool:
-    """Whether the image's file system punches holes: a hole past its end (KEEP_SIZE: no
-    byte of the image changes) is punched, or refused with EOPNOTSUPP where it cannot (a
-    read-only fd: EBADF, and no write zeroes either)."""
-    try:
-        files.fallocate(disk, PUNCH_HOLE, size, SECTOR)
-    except OSError:
-        return False
-    return True

@@ -494,26 +494,6 @@ def test_virtio_blk_restore_refuses_a_serial_that_is_not_ascii(blk):
         VirtioBlk.restore(blk.ctx, bad)
 
 
-WRITE_ZEROES_MAY_UNMAP = DEVICE_CFG + 56  # struct virtio_blk_config (5.2.4)
-
-
-def test_virtio_blk_write_zeroes_may_unmap_where_the_image_punches_holes(blk):
-    assert Driver(blk).rd(WRITE_ZEROES_MAY_UNMAP, 1) == 1  # ext4 or tmpfs: they punch
-
-
-def test_virtio_blk_write_zeroes_may_not_unmap_where_the_image_cannot_punch(fds, monkeypatch):
-    """5.2.4: the device SHOULD clear write_zeroes_may_unmap if and only if a write zeroes
-    request cannot deallocate; it said 1 where the file system has no holes (EOPNOTSUPP),
-    and such a request then wrote zeros."""
-
-    def no_holes(fd: int, mode: int, offset: int, length: int) -> None:
-        raise OSError(errno.EOPNOTSUPP, "fallocate")
-
-    monkeypatch.setattr(files, "fallocate", no_holes)
-
-    assert Driver(make(fds)).rd(WRITE_ZEROES_MAY_UNMAP, 1) == 0
-
-
 @pytest.mark.parametrize(
     ("options", "message"),
     [
