@@ -337,13 +337,15 @@ class Machine:
         """A device's on_crash policy (called with its slot's lock held); True: restart it."""
         if self.stopping:
             return False
-        if self.launcher.exited():  # every device died with it, and none can start again
+        cfg = self._device_cfg[slot.name]
+        # Every device died with the launcher, and none can start again: a device left dead
+        # (on_crash = leave) stays so, any other stops the VM naming the launcher.
+        if cfg.on_crash != "leave" and self.launcher.exited():
             self.stop(Outcome.fault(
                 f"the launcher process exited, and every device with it (device {slot.name} "
                 f"failed: {reason}); no device can be restarted without it"
             ))  # fmt: skip
             return False
-        cfg = self._device_cfg[slot.name]
         if cfg.on_crash == "leave":
             log.warning(
                 "device %s stays dead (on_crash = leave); its registers read as all-ones",

@@ -44,6 +44,7 @@ MAX_DEVICE_STATE = MAX_CONTROL
 
 if TYPE_CHECKING:
     from splitvmm.monitor.machine import Machine
+    from splitvmm.native.kvm import CpuidEntry
 
 
 def check_compatible(snap: Snapshot, cfg: VmConfig) -> None:
@@ -360,6 +361,7 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
     """Load RAM, vCPU and VM state into a freshly built (not yet running) machine."""
     snap.load_ram(machine.mem)
     host = vmstate.VcpuHost.probe(machine.kvm, machine.vm)
+    booted_here = _boot_cpuid(machine)
     # The VM's first (vmstate's docstring): its kvmclock must be back before the vCPUs' MSRs,
     # as KVM writes a kvmclock guest's wall clock into its RAM from it as the MSR is set.
     try:
@@ -375,18 +377,29 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
             raise SnapshotError(f"chunk {name}: KVM refused the state: {e}") from None
     for fd in machine.vcpu_fds:
         vmstate.tell_stopped(fd)  # the guest was stopped since it was saved
+    if states.pci is not None:  # None: a snapshot from before the PCI platform (_read_pci)
+        try:
+            pcistate.apply(states.pci, machine.functions, machine.routes)
+        except (OSError, StateError) as e:
+            raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
     # Said, not refused, as QEMU does without `enforce`: a guest that never uses them runs
-    # (the golden snapshots, made on another host, do), one that does meets #UD.
-    missing = cpuid.missing_on_host(states.vcpus[0].cpuid, machine.kvm.supported_cpuid())
+    # (the golden snapshots, made on another host, do), one that does meets #UD. Said once
+    # the VM's state is in, so that a restore refused on the way prints only its error.
+    missing = cpuid.missing_on_host(states.vcpus[0].cpuid, booted_here)
     if missing:
         log.warning(
             "the restored guest was started with CPU features this host's KVM does not offer "
             "(%s): where it uses them it faults (#UD); restore it on a host that has them",
             "; ".join(missing),
         )
-    if states.pci is None:
-        return  # a snapshot from before the PCI platform, with no PCI device (_read_pci)
-    try:
-        pcistate.apply(states.pci, machine.functions, machine.routes)
-    except (OSError, StateError) as e:
-        raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
+
+
+def _boot_cpuid(machine: Machine) -> list[CpuidEntry]:
+    """The CPUID a vCPU booted here gets, as KVM reads it back: the table a restore compares
+    the snapshot's with. Read back, not KVM_GET_SUPPORTED_CPUID: a host may answer
+    KVM_GET_CPUID2 with other bits than it was set (PVM gives the host's own table,
+    KVM-HERE.md), and a snapshot holds what KVM_GET_CPUID2 said. Set on vCPU 0 before its
+    saved table replaces it (KVM takes a new one until the first KVM_RUN)."""
+    vcpu = machine.vcpu_fds[0]
+    cpuid.setup_cpuid(machine.kvm, vcpu, len(machine.vcpu_fds))
+    return vcpu.get_cpuid()

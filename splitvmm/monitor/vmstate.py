@@ -324,12 +324,13 @@ def tell_stopped(vcpu: VcpuFd) -> None:
     before it runs again after a pause, a snapshot's or a restore's. Linux's soft-lockup and
     RCU-stall watchdogs then take the jump in time for what it is rather than report a
     lockup (Firecracker does this on pause and after a restore, QEMU when the VM stops).
-    EINVAL: the guest has not enabled kvmclock, and there is nobody to tell."""
+    EINVAL: the guest has not enabled kvmclock, and there is nobody to tell. Any other
+    error is logged, not raised: the vCPUs must run again all the same."""
     try:
         vcpu.kvmclock_ctrl()
     except OSError as e:
         if e.errno != errno.EINVAL:
-            raise
+            log.warning("vcpu%d: KVM_KVMCLOCK_CTRL failed: %s", vcpu.vcpu_id, e)
 
 
 def read_msrs(vcpu: VcpuFd, indices: Sequence[int]) -> dict[int, int]:
