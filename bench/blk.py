@@ -218,6 +218,13 @@ disk's noise.
   median 2057 against 1668, 0.87-1.15 of QEMU against 0.74-0.85, 1.30-1.38 of dd. rand-read-4k
   unchanged (33-34k). Spinning instead (a zero timeout), two pairs against 20 us: 1641 / 1660
   and 2313 / 1928, not clearly better for a whole core's time; not kept.
+
+2026-12-03, another host (copies at a third of the earlier hosts' speed: dd 4.7-5.5 GB/s;
+Python ~3x slower: bench/blk_request.py 4 KiB IN 20.1 us, 1 MiB IN 239.6 of which preadv
+192.2), --runs 5: seq-read 2936 / 3711 / 5507 MiB/s (0.53 of the floor, 0.79 of QEMU),
+seq-write 2806 / 3554 / 4151, rand-read-4k 58888 / 78371 IOPS (0.75 of QEMU). Alternating with
+708f918, --runs 3, two rounds: seq-read 2938 and 2994 (before) against 2844 and 2999 (after):
+no change. QEMU reaches 0.67 of dd here: the per-request Python weighs more on a slow host.
 """
 
 from __future__ import annotations

@@ -97,6 +97,12 @@ is 139 / (66 + 17.4) = 1.67 against the one-CPU floor: the ~56 us of Python on t
 leave ~17 us for it. Pinning is no default to take from this: bench/serial.py on one CPU gave
 69.8 us a byte against 55.1 on two (QEMU 30.4 and 31.2), as each posted write's wake-ups then
 preempt the vCPU. Goal (<= 1.2) not met; no change to the path.
+
+2026-12-03, a slow host (`python -c pass` 20-28 ms), --rounds 2: forwarded IIR read 240.4 us,
+inline 46.7, raw zmq floor 85.1; ratio per round 1.76, 1.90 (median 1.83). In a Harness loop
+(5000 reads, the monitor's side timed around zmq's poll): 117-162 us a read, 89-122 of them
+waiting for the device, 28-39 the monitor's own Python. The one enum operation on the path
+(zmq.NOBLOCK | flags, 0.6 us a frame) is gone (monitor/channel.py); no change that shows.
 """
 
 from __future__ import annotations
