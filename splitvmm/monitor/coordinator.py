@@ -208,14 +208,12 @@ class Coordinator:
         """Before any vCPU stops: no device has failed, and none is away (a restart under
         way), waiting for those up to the devices' deadline while the VM runs on. Paused
         first, the guest stood still for the whole wait, even for a device it never used."""
-        for slot in self.machine.slots:
-            if slot.failed:
-                raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+        for slot in self.machine.slots:  # every one, before waiting for any
+            _refuse_failed(slot)
         until = time.monotonic() + self.device_deadline_s
         for slot in self.machine.slots:
             if not slot.wait_back(max(0.0, until - time.monotonic())):
-                if slot.failed:
-                    raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+                _refuse_failed(slot)
                 raise ControlBusy(
                     f"device {slot.name} is away (restarting) and not back within "
                     f"{self.device_deadline_s:g} s; try again once it is"
@@ -230,8 +228,7 @@ class Coordinator:
         quiesced, and a snapshot taken just after a crash stands."""
         states = {}
         for slot in self.machine.slots:
-            if slot.failed:
-                raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+            _refuse_failed(slot)
             self._ask(slot, "quiesce", deadline)
             lives = slot.quiesced_lives
             assert lives is not None  # set under the slot's lock with the answer
@@ -314,6 +311,11 @@ class Coordinator:
             self._check_generations(device_states)  # RAM is copied: later restarts are harmless
             on_error.pop_all()
         return w
+
+
+def _refuse_failed(slot: DeviceSlot) -> None:
+    if slot.failed:
+        raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
 
 
 def _bytes_in(target: Path) -> int:

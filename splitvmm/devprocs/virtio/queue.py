@@ -325,12 +325,9 @@ class SplitQueue:
         the driver had made available, and the driver took old entries for their
         completions. The next needs_notification() then applies the spec's rule rather than
         answer yes to be safe, as after a restore or restart."""
-        view = self._used.view
-        view[0:RING_HEADER] = bytes(RING_HEADER)
+        self._used.write(0, bytes(RING_HEADER))  # flags and idx
         if self.event_idx:
-            at = RING_HEADER + USED_ELEM.size * self.size
-            view[at : at + 2] = bytes(2)
-        self._used.mark()
+            self._write_avail_event()  # at last_avail: 0
         self._signalled = self.used_idx
 
     def resume_from_used(self) -> None:
