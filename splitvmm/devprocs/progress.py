@@ -1,6 +1,7 @@
-"""A queue's progress, kept where the device process's death does not take it (fd role
-`progress`, FdKind.PROGRESS: a memfd page the monitor makes once per device; each process
-of the device gets the same one).
+"""What a device's processes keep for each other, where one's death does not take it (fd
+role `progress`, FdKind.PROGRESS: a memfd page the monitor makes once per device; each
+process of the device gets the same one): a queue's progress (virtio-console) and a latched
+error (virtio-blk).
 
 The monitor learns a device's checkpoints only when it reads the device's channel (around
 its own requests, and the heartbeat's ping once a second), and what the device had queued
@@ -17,6 +18,12 @@ pwrite(2), which SIGKILL does not cut short, and the crc turns away a page that 
 record yet or that a compromised process scribbled on. pwrite, not a mapping: CPython's
 mmap keeps a dup of the fd, which the sandbox closes and ZeroMQ then reuses, and the
 mapping's finalizer would close ZeroMQ's fd.
+
+A third slot holds a latched error: a nonzero code (crc'd the same way) that a device
+records once, before the guest can see its effect, and that every later process of the
+device reads back. virtio-blk latches a failed write-back there (its fdatasync's errno):
+the kernel reports such a failure once per open file, and the restarted process shares the
+dead one's, so it would otherwise answer the next FLUSH with OK.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from splitvmm.errors import StateError
 RECORD = struct.Struct("<QQ")  # used idx, output count
 CRC = struct.Struct("<I")
 SLOT = RECORD.size + CRC.size
-SIZE = 2 * SLOT  # what the page must hold
+LATCH = RECORD.size  # the latched error's slot: (code, 0) in a record of its own
+SIZE = 3 * SLOT  # what the page must hold: two progress slots and the latch
 
 
 class Progress:
-    """The two records in the device's progress memfd. Made before the sandbox (Device.setup);
+    """The records in the device's progress memfd. Made before the sandbox (Device.setup);
     what the process before this one left is read when the device is restored (records()),
     not at set-up: a warm spare (monitor/slot.py) runs its set-up long before the crash it
     takes over from."""
@@ -48,7 +56,23 @@ class Progress:
     def write(self, used_idx: int, count: int) -> None:
         """Record that the chain at `used_idx` starts at output count `count`."""
         record = RECORD.pack(used_idx, count)
-        os.pwrite(self.fd, record + CRC.pack(zlib.crc32(record)), (used_idx % 2) * SLOT)
+        os.pwrite(self.fd, _sealed(record), (used_idx % 2) * SLOT)
+
+    def latch(self, code: int) -> None:
+        """Latch a nonzero error `code`: every later process of the device reads it back."""
+        if code <= 0:
+            raise ValueError(f"latch: {code} is no error code")
+        os.pwrite(self.fd, _sealed(RECORD.pack(code, 0)), 2 * SLOT)
+
+    def latched(self) -> int:
+        """The latched error code, or 0 where none was latched (or the slot holds no record:
+        a compromised process may scribble on the page, but only over its own device's)."""
+        slot = os.pread(self.fd, SLOT, 2 * SLOT)
+        record = slot[:LATCH]
+        if len(slot) < SLOT or zlib.crc32(record) != CRC.unpack_from(slot, LATCH)[0]:
+            return 0
+        code: int = RECORD.unpack(record)[0]
+        return code
 
     def records(self) -> dict[int, int]:
         """used idx -> output count, of the slots whose crc holds (pread64 on this fd: the
@@ -62,3 +86,8 @@ class Progress:
                 used_idx, count = RECORD.unpack(record)
                 found[used_idx] = count
         return found
+
+
+def _sealed(record: bytes) -> bytes:
+    """A record and its crc32: one slot, written with one pwrite."""
+    return record + CRC.pack(zlib.crc32(record))

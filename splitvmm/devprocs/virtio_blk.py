@@ -29,6 +29,16 @@ every write before it and a bounced write's read-modify-write never races one.
 Write cache: VIRTIO_BLK_F_FLUSH is offered. A driver that accepts it gets write-back (the
 page cache) and FLUSH as its fdatasync; one that does not gets stable writes, each synced
 before it completes (5.2.6.2), as QEMU does.
+
+A failed write-back is for good. When fdatasync fails, Linux has marked the pages it could
+not write clean: the page cache no longer matches the disk, no later fdatasync tries them
+again, and the failure is reported once per open file. So once a sync of a page-cache image
+failed, every later FLUSH (and stable write) is IOERR, as QEMU's file-posix does
+(page_cache_inconsistent), until the VM stops. The failure is latched in the device's
+progress page (progress.py) before the guest sees its IOERR, so a process restarted after a
+crash, which shares the dead one's open file, keeps failing too (the window between the
+fdatasync's return and the latch is a few microseconds of Python); a snapshot carries it
+(flush_error). An O_DIRECT image has no page cache to lose, as QEMU also reasons.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, NoReturn, Self
 
 from splitvmm.devprocs.base import DeviceContext, register
+from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import skip_bytes
 from splitvmm.devprocs.virtio.pci import Pending, VirtioPciDevice, log
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
@@ -50,6 +61,7 @@ from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import aio, files
 from splitvmm.protocol import schema
 from splitvmm.protocol.models import DIRECT_IO_ALIGN
+from splitvmm.protocol.schema import Upgrade
 
 VIRTIO_ID_BLOCK = 2
 SECTOR = 512
@@ -90,6 +102,7 @@ PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE  # the kerne
 # Without KEEP_SIZE: the process's RLIMIT_FSIZE (the image's size: sandbox/device.py) then
 # binds it, where ZERO_RANGE|KEEP_SIZE could allocate blocks past the end unbounded
 ZERO_RANGE = files.FALLOC_FL_ZERO_RANGE
+MAX_ERRNO = 4095  # the kernel's errno values are below it
 
 
 class RequestError(Exception):
@@ -120,10 +133,13 @@ class BlkRequest(Pending):
 
 
 class VirtioBlkState(VirtioPciState, frozen=True, kw_only=True):
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     capacity: Annotated[int, schema.Range(0, (1 << 54) - 1)] = 0  # sectors, when saved
     readonly: bool = False
     serial: Annotated[bytes, schema.MaxLen(ID_BYTES)] = b""
+    # The errno of a failed write-back (v2; 0: none): every FLUSH fails (module docstring)
+    flush_error: Annotated[int, schema.Range(0, MAX_ERRNO)] = 0
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: lambda f: {**f, "flush_error": 0}}
 
 
 @register
@@ -149,6 +165,11 @@ class VirtioBlk(VirtioPciDevice):
         # None: the image is not opened with O_DIRECT, and any buffer will do
         self.bounce = memoryview(bounce) if isinstance(bounce, mmap.mmap) else None
         self.aio = context if isinstance(context, aio.AioContext) else None
+        progress = ctx.prepared.get("progress")
+        if not isinstance(progress, Progress):
+            raise TypeError(f"{self.NAME}: no progress page (setup() did not run)")
+        self._progress = progress
+        self.flush_error = 0  # a failed write-back's errno: see the module docstring
         self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
         self._token = 0
         self.counts = {"aio_requests": 0, "bounced_requests": 0}
@@ -160,6 +181,7 @@ class VirtioBlk(VirtioPciDevice):
         super().setup(ctx)
         disk = ctx.fds["disk"]
         ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
+        ctx.prepared["progress"] = Progress(ctx.fds["progress"])
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
             ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES, flags=mmap.MAP_PRIVATE)
 
@@ -203,10 +225,25 @@ class VirtioBlk(VirtioPciDevice):
                 f"virtio-blk state: the disk has {device.capacity} sectors, the saved device "
                 f"{state.capacity}: not the same image"
             )
+        if state.flush_error:
+            device._latch_flush_error(state.flush_error)
         return device
 
+    def after_restart(self) -> None:
+        """A failed write-back the dead process latched after its last checkpoint fails
+        this process's FLUSHes too (the module docstring), before any request is served."""
+        latched = self._progress.latched()
+        if latched and not self.flush_error:
+            self.flush_error = min(latched, MAX_ERRNO)
+        super().after_restart()
+
     def model_fields(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "readonly": self.readonly, "serial": self.serial}
+        return {
+            "capacity": self.capacity,
+            "readonly": self.readonly,
+            "serial": self.serial,
+            "flush_error": self.flush_error,
+        }
 
     def stats(self) -> dict[str, int]:
         return {**super().stats(), **self.counts}
@@ -353,7 +390,7 @@ class VirtioBlk(VirtioPciDevice):
                 self._transfer(sector, skip_bytes(readable, HEADER.size), write=True)
                 self._stable()
             case 4:  # VIRTIO_BLK_T_FLUSH
-                self._io(os.fdatasync, self.disk)
+                self._flush()
             case 8:  # VIRTIO_BLK_T_GET_ID
                 return self._get_id(into)
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
@@ -373,7 +410,26 @@ class VirtioBlk(VirtioPciDevice):
         CONFIG_WCE) gets stable writes: the data is on the disk before the request completes
         (write-through, as QEMU turns its cache off for such a driver)."""
         if not self.driver_features & VIRTIO_BLK_F_FLUSH:
-            self._io(os.fdatasync, self.disk)
+            self._flush()
+
+    def _flush(self) -> None:
+        """fdatasync, or IOERR for good once one failed on a page-cache image (the module
+        docstring): latched before the guest can see this request's IOERR."""
+        if self.flush_error:
+            raise RequestError(VIRTIO_BLK_S_IOERR)
+        try:
+            os.fdatasync(self.disk)
+        except OSError as e:
+            if self.bounce is None:  # not O_DIRECT: the page cache lost the failed writes
+                self._latch_flush_error(e.errno or errno.EIO)
+                self._warn.warning(
+                    "io", "%s: write-back failed (%s): every later FLUSH fails", self.NAME, e
+                )
+            self._io_failed(e)
+
+    def _latch_flush_error(self, code: int) -> None:
+        self.flush_error = min(code, MAX_ERRNO)
+        self._progress.latch(self.flush_error)
 
     def _zero_past(self, bufs: list[tuple[int, int]], done: int) -> int:
         """Zero the guest's buffers `bufs` past their first `done` bytes: their total size.

@@ -438,7 +438,9 @@ VIRTIO_BLK = ModelDescriptor(
         FdRole(
             "disk", FdKind.DISK, option="path", readonly_option="readonly", direct_option="direct"
         ),
+        FdRole("progress", FdKind.PROGRESS),  # a failed write-back, latched across restarts
     ),
+    state_version=2,
     # IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES (zeroing, then unmapping), and a type the
     # device does not know; each request's last writable byte is its status
     queue_recipes=(

@@ -13,6 +13,7 @@ import cffi
 import pytest
 
 from splitvmm.devprocs import virtio_blk
+from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.runtime import build_device
 from splitvmm.devprocs.virtio_blk import VirtioBlk
 from splitvmm.errors import ConfigError, StateError
@@ -533,6 +534,99 @@ def test_virtio_blk_restore_refuses_another_capacity(blk):
         VirtioBlk.restore(blk.ctx, bad)
 
 
+@pytest.fixture
+def write_back_fails(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The next fdatasync fails with EIO, as after a write-back the disk refused; later ones
+    succeed, as Linux's do once the failure was reported on that open file. The fds of every
+    fdatasync the device makes from now on."""
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls
+
+
+def test_virtio_blk_failed_write_back_fails_every_later_flush(blk, write_back_fails):
+    """The host's page cache no longer matches the disk once a write-back failed, and the
+    kernel said so once: every later FLUSH is IOERR (QEMU's page_cache_inconsistent)."""
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    first = request(ring, FLUSH, 0, [])
+    driver.kick()
+    request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    second = request(ring, FLUSH, 0, [])
+    driver.kick()
+
+    assert (status_of(blk, first), status_of(blk, second)) == (IOERR, IOERR)
+    assert len(write_back_fails) == 1  # the second did not ask the kernel, which says 0
+    assert blk.save().flush_error == errno.EIO
+
+
+def test_virtio_blk_failed_write_back_fails_later_stable_writes(blk, write_back_fails):
+    """Without FLUSH negotiated each write is synced before it completes (5.2.6.2): once a
+    sync failed, no later write can be stable."""
+    driver, ring = started(blk)  # VERSION_1 only: write-through
+    first = request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    second = request(ring, OUT, 2, [(b"\xcd" * 512, False)])
+    driver.kick()
+
+    assert (status_of(blk, first), status_of(blk, second)) == (IOERR, IOERR)
+
+
+def test_virtio_blk_failed_write_back_fails_flushes_after_a_crash_restart(
+    blk, fds, write_back_fails
+):
+    """The restarted process shares the dead one's open file, whose fdatasync now says 0:
+    the failure latched in the progress page before the guest saw IOERR fails its FLUSH."""
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    stale = blk.save()  # the last checkpoint: before the failure
+    failed = request(ring, FLUSH, 0, [])
+    driver.kick()  # IOERR: then the process dies, its checkpoint not taken since
+
+    restarted = VirtioBlk.restore(prepared("virtio-blk", fds, restarted=True), stale)
+    restarted.after_restart()
+    again = request(ring, FLUSH, 0, [])
+    Driver(restarted).kick()
+
+    assert (status_of(blk, failed), status_of(restarted, again)) == (IOERR, IOERR)
+    assert len(write_back_fails) == 1
+
+
+def test_virtio_blk_snapshot_keeps_a_failed_write_back(blk, fds, write_back_fails):
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    request(ring, FLUSH, 0, [])
+    driver.kick()
+    state = blk.save()
+    page = os.memfd_create("progress", os.MFD_CLOEXEC)  # a restored VM's: nothing latched
+    os.ftruncate(page, 4096)
+    try:
+        restored = VirtioBlk.restore(prepared("virtio-blk", {**fds, "progress": page}), state)
+        status = request(ring, FLUSH, 0, [])
+        Driver(restored).kick()
+
+        assert status_of(restored, status) == IOERR
+        assert Progress(page).latched() == errno.EIO  # and a restart after it keeps it
+    finally:
+        os.close(page)
+
+
+def test_virtio_blk_v1_state_restores_without_a_failed_write_back(blk):
+    doc = codec.state_document("virtio-blk", blk.save())
+    fields = dict(doc["fields"])  # type: ignore[call-overload]
+    del fields["flush_error"]  # what version 1 saved
+
+    v1 = codec.state_from_document(
+        "virtio-blk", VirtioBlk.State, {**doc, "version": 1, "fields": fields}
+    )
+
+    assert v1 == blk.save()
+
+
 def test_virtio_blk_restart_resumes_from_used_ring_none_twice(blk, fds, disk):
     driver, ring = started(blk)
     stale = blk.save()  # the last checkpoint: nothing used yet
@@ -656,6 +750,19 @@ def test_virtio_blk_direct_aligned_request_moves_in_place(direct_fds, disk, boun
 
     assert served == [(1, OK), (4097, OK)] and dev.ram.read(buf[0], 4096) == b"\x5a" * 4096
     assert disk.read_bytes()[8 * 512 : 16 * 512] == b"\x5a" * 4096 and bounces == []
+
+
+def test_virtio_blk_direct_failed_flush_is_not_latched(direct_fds, write_back_fails):
+    """O_DIRECT writes bypass the page cache: a failed fdatasync lost no cached write, and
+    the next FLUSH asks the disk again (as QEMU's cache=none)."""
+    dev = make(direct_fds)
+    driver, ring = started(dev, F_VERSION_1 | F_FLUSH)
+    first = request(ring, FLUSH, 0, [])
+    second = request(ring, FLUSH, 0, [])
+    driver.kick()
+
+    assert (status_of(dev, first), status_of(dev, second)) == (IOERR, OK)
+    assert len(write_back_fails) == 2 and dev.save().flush_error == 0
 
 
 def test_virtio_blk_direct_unaligned_read_goes_through_the_bounce_buffer(direct_fds, bounces):

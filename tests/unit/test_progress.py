@@ -1,0 +1,60 @@
+"""The progress page (devprocs/progress.py): what a device's processes keep for each other."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from splitvmm.devprocs.progress import SIZE, SLOT, Progress
+from splitvmm.errors import StateError
+
+
+@pytest.fixture
+def page() -> Iterator[int]:
+    fd = os.memfd_create("progress", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)  # the monitor's: one page (monitor/devicefds.py)
+    yield fd
+    os.close(fd)
+
+
+def test_progress_fresh_page_has_nothing_latched(page):
+    assert Progress(page).latched() == 0 and Progress(page).records() == {}
+
+
+def test_progress_latched_error_is_read_back_by_a_later_process(page):
+    Progress(page).latch(5)
+
+    assert Progress(page).latched() == 5  # another process's Progress on the same page
+
+
+def test_progress_latch_leaves_the_queue_records_alone(page):
+    progress = Progress(page)
+    progress.write(7, 100)
+    progress.write(8, 150)
+
+    progress.latch(28)
+
+    assert progress.records() == {7: 100, 8: 150} and progress.latched() == 28
+
+
+def test_progress_latch_scribbled_on_reads_as_none(page):
+    progress = Progress(page)
+    progress.latch(5)
+    os.pwrite(page, b"\xff", 2 * SLOT + 1)
+
+    assert progress.latched() == 0
+
+
+@pytest.mark.parametrize("code", [0, -5])
+def test_progress_latch_refuses_what_is_no_error(page, code):
+    with pytest.raises(ValueError, match="no error code"):
+        Progress(page).latch(code)
+
+
+def test_progress_page_too_small_is_refused(page):
+    os.ftruncate(page, SIZE - 1)
+
+    with pytest.raises(StateError, match="progress memfd"):
+        Progress(page)
