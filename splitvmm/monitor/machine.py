@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import zmq
 
@@ -112,7 +112,8 @@ class Machine:
         self._budgets = {
             d.name: RestartBudget(d.max_restarts, d.restart_window_s) for d in cfg.devices
         }
-        self._restarts: queue.SimpleQueue[DeviceSlot | None] = queue.SimpleQueue()
+        # The restarter's work: a crashed device, a device whose warm spare ended, or None
+        self._restarts: queue.SimpleQueue[DeviceSlot | SpareLost | None] = queue.SimpleQueue()
         self._supervisor: Supervisor | None = None
         self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
         self.functions: dict[str, PciFunctionHost] = {}  # PCI devices, by name
@@ -368,24 +369,29 @@ class Machine:
 
     def _restarter(self) -> None:
         """Restarts crashed devices, one at a time, off the vCPU threads (a vCPU's access
-        waits on the slot meanwhile); starts their warm spares, first and once each device
-        is back (monitor/slot.py), off the restarts' path; and once no restart came for
-        ZYGOTE_IDLE_S, lets the launcher end its zygote until the next spawn."""
+        waits on the slot meanwhile); starts their warm spares, first, once each device
+        is back, and when one ended while it waited (monitor/slot.py), off the restarts'
+        path; and once no spawn came for ZYGOTE_IDLE_S, lets the launcher end its zygote
+        until the next spawn."""
         for each in self.slots:
             if self.stopping:
                 break
-            each.start_spare()
+            self._start_spare(each)
         rested = False
         while True:
             try:
                 slot = self._restarts.get(timeout=None if rested else ZYGOTE_IDLE_S)
             except queue.Empty:
-                self._rest_launcher()  # asked once; again only after the next restart
+                self._rest_launcher()  # asked once; again only after the next spawn
                 rested = True
                 continue
             if slot is None:
                 return
             rested = False
+            if isinstance(slot, SpareLost):
+                if not self.stopping:
+                    self._start_spare(slot.slot)
+                continue
             try:
                 slot.restart()
             except DeviceFailure as e:
@@ -399,7 +405,13 @@ class Machine:
                 continue
             if self._supervisor is not None and slot.process is not None:
                 self._supervisor.watch(slot)
-            slot.start_spare()
+            self._start_spare(slot)
+
+    def _start_spare(self, slot: DeviceSlot) -> None:
+        """A warm spare for `slot` (if it keeps one), watched while it waits."""
+        spare = slot.start_spare()
+        if spare is not None and self._supervisor is not None:
+            self._supervisor.watch_spare(slot, spare)
 
     def _rest_launcher(self) -> None:
         """Let the launcher end its zygote until the next spawn (sandbox/launcher.py rest)."""
@@ -418,7 +430,9 @@ class Machine:
             slot.wait_ready()
             timings.span(f"device {slot.name} ready", self._spawned_at[slot.name])
         timings.mark("devices ready (wait)")
-        supervisor = self._supervisor = Supervisor()
+        supervisor = self._supervisor = Supervisor(
+            on_spare_lost=lambda slot: self._restarts.put(SpareLost(slot))
+        )
         for slot in self.slots:
             supervisor.watch(slot)
         supervisor.start()
@@ -698,6 +712,12 @@ def _is_open(fd: int) -> bool:
 
 class _Closable(Protocol):
     def close(self) -> None: ...
+
+
+class SpareLost(NamedTuple):
+    """For the restarter: `slot`'s warm spare ended while it waited; start another."""
+
+    slot: DeviceSlot
 
 
 class _Placed(Struct, frozen=True):

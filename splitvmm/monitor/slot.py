@@ -66,10 +66,14 @@ dead one was when it died, not where the last snapshot was. The design:
   connect, rlimits, seccomp, restore, replay, READY (devprocs/runtime.py run(): ~4 ms
   there, against ~120-200 ms for a cold process). The restarter starts the next spare once
   the device is back (a spare needs ~110 ms, more on a loaded host, to be warm; one taken
-  before finishes its imports first), off the restart's path. A spare that ended meanwhile
-  (or fails before READY) is ended and the restart starts a process cold; a spare that
-  cannot start is logged, never a failure of the device. The spare is never the slot's process: `pid`, crash() and the
-  supervisor see only the process that serves. close() ends it.
+  before finishes its imports first), off the restart's path. A spare that ends while it
+  waits (the supervisor watches it: spare_ended()) is replaced at once, so that the next
+  crash does not start cold, up to MAX_SPARE_LOSSES in a row without a restart taking one
+  (a spare that cannot live is a host's problem, and replacing it for ever would spawn in
+  a loop); one that fails before READY is ended and the restart starts a process cold; a
+  spare that cannot start is logged, never a failure of the device. The spare is never
+  the slot's process: `pid`, crash() and the supervisor's process watch see only the
+  process that serves. close() ends it.
 
 Guarantee, for a driver that waits for THRE: no input byte lost or repeated; no
 output byte lost; no output byte repeated when the output is a regular file.
@@ -115,6 +119,7 @@ MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 # (its read deadline): a pause waits for every vCPU to finish its access (coordinator.py).
 AWAY_WAIT_MS = READ_TIMEOUT_MS
 MAX_FAILED_STARTS = 3  # restarts in a row whose process fails before READY: then it has failed
+MAX_SPARE_LOSSES = 3  # warm spares in a row that end while they wait: then none till a restart
 END_TIMEOUT_S = 5.0  # a killed device is gone at once; its status follows from the launcher
 # The restart budget's defaults, systemd's (StartLimitBurst=5 within StartLimitIntervalSec=10s):
 # a device that crashes faster than that is not restarted again.
@@ -227,6 +232,7 @@ class DeviceSlot:
         self._zctx = zctx
         self._resumer = resumer
         self._spare: tuple[DeviceProcess, int] | None = None  # a warm spare, its listener
+        self._spare_losses = 0  # spares that ended waiting, since one last took over
         self.warm_restarts = 0  # restarts a spare took over
         self._on_failure = on_failure
         self.last_state = spawn.state  # what a new process starts from (the last snapshot's)
@@ -460,24 +466,55 @@ class DeviceSlot:
         return False
 
     # -- the warm spare (the module docstring) ---------------------------------------------------
-    def start_spare(self) -> None:
-        """Start a warm spare, if the slot keeps one and has none. One that cannot start is
-        logged: the next restart starts its process cold. Called by the one thread that
-        calls restart(), never on a restart's path."""
+    def start_spare(self) -> DeviceProcess | None:
+        """Start a warm spare, if the slot keeps one and has none: the process kept, for the
+        supervisor to watch (spare_ended()). One that cannot start is logged: the next
+        restart starts its process cold. Called by the one thread that calls restart(),
+        never on a restart's path."""
         with self._lock:
-            if self._resumer is None or self._spare is not None or self.state is SlotState.FAILED:
-                return
+            if (
+                self._resumer is None
+                or self._spare is not None
+                or self.state is SlotState.FAILED
+                or self._spare_losses >= MAX_SPARE_LOSSES
+            ):
+                return None
             spec = self._spec_locked(None).spare()
         try:
             spare: tuple[DeviceProcess, int] | None = self._spawner(spec)
         except (SplitvmmError, OSError) as e:
             log.warning("device %s: no warm spare (%s): its next restart starts cold", self.name, e)
-            return
+            return None
+        assert spare is not None
+        process = spare[0]
         with self._lock:
             if not self._failed():  # not closed meanwhile: keep it
                 self._spare, spare = spare, None
         if spare is not None:
             self._end_spare(*spare)
+            return None
+        return process
+
+    def spare_ended(self, process: DeviceProcess) -> bool:
+        """The supervisor saw `process` end: if it was still the slot's warm spare, it is
+        ended (its listener closed, its name freed) and True, for the restarter to start
+        another, unless MAX_SPARE_LOSSES went in a row. A spare that took over since is the
+        slot's process: its end is process_ended()'s."""
+        with self._lock:
+            if self._spare is None or self._spare[0] is not process:
+                return False
+            spare, self._spare = self._spare, None
+            self._spare_losses += 1
+            again = self._spare_losses < MAX_SPARE_LOSSES and not self._failed()
+        log.warning(
+            "device %s: its warm spare (pid %d) %s: %s",
+            self.name,
+            process.pid,
+            _how(process),
+            "starting another" if again else "no more spares until a restart needs one",
+        )
+        self._end_spare(*spare)
+        return again
 
     @property
     def spare_pid(self) -> int:
@@ -518,6 +555,7 @@ class DeviceSlot:
         finally:  # its first name: free for the next spare's socket
             Path(spare_path(self.endpoint)).unlink(missing_ok=True)
         self.warm_restarts += 1
+        self._spare_losses = 0
         self._now_live(process)
         return True
 

@@ -9,6 +9,10 @@ that process's pidfd (the slot may close its own when it replaces the process).
 watch() may be called at any time from any thread -- a device restarted later is
 watched like the first -- and wakes the poll loop through an eventfd. The exit
 status comes from whoever reaps the process (the launcher, for the machine's).
+
+It watches a slot's warm spare too (watch_spare()): a spare that ends while it waits is
+the slot's to end (DeviceSlot.spare_ended), and `on_spare_lost` has another started, off
+this thread (a spawn waits on the launcher).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.slot import DeviceSlot
@@ -36,25 +41,38 @@ HEARTBEAT_TIMEOUT_MS = 2000
 
 
 class Supervisor(threading.Thread):
-    def __init__(self, heartbeat_s: float = HEARTBEAT_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        heartbeat_s: float = HEARTBEAT_INTERVAL_S,
+        on_spare_lost: Callable[[DeviceSlot], None] | None = None,
+    ) -> None:
         super().__init__(name="supervisor", daemon=True)
         self._heartbeat_s = heartbeat_s
+        self._on_spare_lost = on_spare_lost
         self._wake = EventFd()
         self._closing = False
         self._lock = threading.Lock()
-        self._added: list[tuple[int, DeviceSlot, DeviceProcess]] = []  # not polled yet
-        self._watched: dict[int, tuple[DeviceSlot, DeviceProcess]] = {}  # our pidfd -> whose
+        # Our pidfd -> whose process, and whether it is the slot's warm spare
+        self._added: list[tuple[int, DeviceSlot, DeviceProcess, bool]] = []  # not polled yet
+        self._watched: dict[int, tuple[DeviceSlot, DeviceProcess, bool]] = {}
 
     def watch(self, slot: DeviceSlot) -> None:
         """Watch the process now in `slot`; its end fails the slot (if still its process)."""
         process = slot.process
         if process is None:
             raise DeviceFailure(f"device {slot.name}: no process to watch")
+        self._add(slot, process, spare=False)
+        slot.supervised = True
+
+    def watch_spare(self, slot: DeviceSlot, spare: DeviceProcess) -> None:
+        """Watch `slot`'s warm spare `spare`; its end while it waits is the slot's to end."""
+        self._add(slot, spare, spare=True)
+
+    def _add(self, slot: DeviceSlot, process: DeviceProcess, spare: bool) -> None:
         # F_DUPFD_CLOEXEC, not dup(): the one the monitor's seccomp policy allows.
         pidfd = fcntl.fcntl(process.pidfd, fcntl.F_DUPFD_CLOEXEC, 0)
         with self._lock:
-            self._added.append((pidfd, slot, process))
-        slot.supervised = True
+            self._added.append((pidfd, slot, process, spare))
         self._wake.trigger()
 
     def run(self) -> None:
@@ -74,21 +92,25 @@ class Supervisor(threading.Thread):
                 elif not self._closing:
                     poller.unregister(fd)
                     os.close(fd)
-                    slot, process = self._watched.pop(fd)
-                    slot.process_ended(process)
+                    slot, process, spare = self._watched.pop(fd)
+                    if not spare:
+                        slot.process_ended(process)
+                    elif slot.spare_ended(process) and self._on_spare_lost is not None:
+                        self._on_spare_lost(slot)
 
     def _beat(self) -> None:
         """Ping every watched device (each slot skips itself while it is busy or away)."""
-        for slot, _ in list(self._watched.values()):
+        for slot, _, spare in list(self._watched.values()):
             if self._closing:
                 return
-            slot.heartbeat(HEARTBEAT_TIMEOUT_MS)
+            if not spare:
+                slot.heartbeat(HEARTBEAT_TIMEOUT_MS)
 
     def _take_added(self, poller: select.poll) -> None:
         with self._lock:
             added, self._added = self._added, []
-        for pidfd, slot, process in added:
-            self._watched[pidfd] = (slot, process)
+        for pidfd, slot, process, spare in added:
+            self._watched[pidfd] = (slot, process, spare)
             poller.register(pidfd, select.POLLIN)
 
     def close(self) -> None:
@@ -98,7 +120,7 @@ class Supervisor(threading.Thread):
         if self.is_alive():
             self.join(timeout=5)
         with self._lock:
-            pidfds = [*self._watched, *(fd for fd, _, _ in self._added)]
+            pidfds = [*self._watched, *(fd for fd, _, _, _ in self._added)]
             self._watched.clear()
             self._added.clear()
         for fd in pidfds:

@@ -118,6 +118,26 @@ def test_serial_killed_comes_back_as_its_warm_spare_and_a_new_spare_follows(
         assert not Path(f"/proc/{pid}").exists()
 
 
+def test_serial_spare_killed_while_waiting_is_replaced_and_the_next_crash_is_warm(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 5\n')
+    try:
+        spare = wait_spare(tmp_path)
+        os.kill(spare, signal.SIGKILL)
+        replacement = wait_spare(tmp_path, other_than=spare)  # no crash of the device
+        assert serial_device(tmp_path)["generation"] == 1
+        os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        back = wait_back(tmp_path, 2)
+        vm.wait_for(r"^count=\d+$", after=len(vm.text()))
+        _, err = vm.stop()
+    finally:
+        vm.kill_if_running()
+    assert (back["pid"], back["warm_restarts"]) == (replacement, 1)
+    assert "its warm spare" in err and "starting another" in err, err[-2000:]
+    assert_each_count_once(vm.text())
+
+
 def test_on_crash_stop_ends_the_vm_with_status_4(tmp_path: Path, guests: dict[str, Path]) -> None:
     vm = start_counter(tmp_path, guests, 'on_crash = "stop"\n')
     os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]

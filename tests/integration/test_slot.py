@@ -440,6 +440,73 @@ def test_slot_spare_killed_before_the_crash_restart_starts_cold(spared):
     assert not os.path.exists(spare_path(spared.slot.endpoint))
 
 
+def watched_spares(h: Harness) -> tuple[Supervisor, list[DeviceSlot]]:
+    """A supervisor watching `h`'s spare, and the slots whose spares it saw lost (the
+    machine's restarter then starts another: here the test does)."""
+    lost: list[DeviceSlot] = []
+    supervisor = Supervisor(on_spare_lost=lost.append)
+    supervisor.start()
+    supervisor.watch_spare(h.slot, h.slot._spare[0])
+    return supervisor, lost
+
+
+def test_slot_spare_killed_while_waiting_is_ended_and_replaced_before_any_crash(spared):
+    """A spare that dies while it waits is seen at once (its pidfd), not at the next
+    crash: another is started, and that crash is served warm."""
+    supervisor, lost = watched_spares(spared)
+    try:
+        first = spared.slot._spare[0]
+        first.kill()
+        deadline = time.monotonic() + 10
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lost == [spared.slot] and spared.slot.spare_pid == 0
+        assert not os.path.exists(spare_path(spared.slot.endpoint))  # its name freed
+        replacement = spared.slot.start_spare()  # what the restarter does
+        assert replacement is not None and replacement.pid != first.pid
+        spared.slot.write(Reg.SCR, b"\x44")
+        crash_and_restart(spared)
+    finally:
+        supervisor.close()
+    assert (spared.slot.warm_restarts, spared.slot.pid) == (1, replacement.pid)
+    assert spared.slot.read(Reg.SCR, 1) == b"\x44"
+
+
+def test_slot_spares_that_keep_dying_are_not_replaced_for_ever(spared, monkeypatch):
+    monkeypatch.setattr(slot_module, "MAX_SPARE_LOSSES", 2)
+    supervisor, lost = watched_spares(spared)
+    try:
+        for _ in range(2):
+            spare = spared.slot._spare[0]
+            spare.kill()
+            assert readable(spare.pidfd, 10)
+            deadline = time.monotonic() + 10
+            while spared.slot.spare_pid and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if spared.slot.start_spare() is not None:
+                supervisor.watch_spare(spared.slot, spared.slot._spare[0])
+    finally:
+        supervisor.close()
+    assert lost == [spared.slot]  # the second loss asked for no other
+    assert spared.slot.spare_pid == 0 and spared.slot.start_spare() is None
+
+
+def test_slot_spare_watch_ignores_the_end_of_a_spare_that_took_over(spared):
+    """A spare that took over is the slot's process: its end is a crash (process_ended),
+    not a lost spare."""
+    supervisor, lost = watched_spares(spared)
+    try:
+        crash_and_restart(spared)
+        took_over = spared.slot.process
+        assert took_over is not None
+        took_over.kill()
+        assert readable(took_over.pidfd, 10)
+        time.sleep(0.2)  # the supervisor's poll has seen it end
+    finally:
+        supervisor.close()
+    assert lost == []
+
+
 def test_slot_spare_refused_by_its_spawner_fails_nothing_and_restart_goes_cold(tmp_path):
     def no_spares(spec: DeviceSpec) -> tuple[ChildProcess, int]:
         if spec.deferred:
