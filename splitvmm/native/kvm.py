@@ -64,6 +64,12 @@ REQUIRED_CAPS = {
     "KVM_CAP_SET_TSS_ADDR": lib.KVM_CAP_SET_TSS_ADDR,
     "KVM_CAP_MP_STATE": lib.KVM_CAP_MP_STATE,
     "KVM_CAP_REINJECT_CONTROL": lib.KVM_CAP_REINJECT_CONTROL,
+    "KVM_CAP_PIT2": lib.KVM_CAP_PIT2,  # KVM_CREATE_PIT2, and the PIT's state in a snapshot
+    # A snapshot's vCPU and VM state (monitor/vmstate.py): refused at start, not when a
+    # `ctl snapshot` first needs them (all in Linux since 2.6.33-35)
+    "KVM_CAP_VCPU_EVENTS": lib.KVM_CAP_VCPU_EVENTS,
+    "KVM_CAP_DEBUGREGS": lib.KVM_CAP_DEBUGREGS,
+    "KVM_CAP_ADJUST_CLOCK": lib.KVM_CAP_ADJUST_CLOCK,
 }
 
 # Snapshot state sizes, all from <linux/kvm.h>: vmstate.py refuses raw state of any other size.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from splitvmm.errors import KvmError
+from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.monitor import layout
 from splitvmm.native.coalesced import CoalescedRing
 from splitvmm.native.eventfd import EventFd
@@ -26,6 +26,7 @@ from splitvmm.native.kvm import (
     IOAPIC_REDIRTBL_OFFSET,
     IRQCHIP_IOAPIC,
     LAPIC_SIZE,
+    REQUIRED_CAPS,
     Kvm,
     VcpuFd,
     VmFd,
@@ -361,6 +362,23 @@ def test_signal_msi_to_disabled_lapic_is_not_delivered(make_guest: MakeGuest) ->
     g = make_guest(b"")  # a fresh LAPIC is software-disabled (SPIV bit 8 clear)
 
     assert g.vm.signal_msi(MSI_ADDRESS_APIC0, 0x43) is False
+
+
+def test_this_host_has_every_required_capability(kvm: Kvm) -> None:
+    kvm.require_caps()
+
+
+@pytest.mark.parametrize("missing", ["KVM_CAP_VCPU_EVENTS", "KVM_CAP_ADJUST_CLOCK"])
+def test_a_capability_a_snapshot_needs_is_required_at_start(
+    kvm: Kvm, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    """Refused where the VM starts, in one sentence naming it, not at its first snapshot."""
+    real = kvm.check_extension
+    monkeypatch.setattr(
+        kvm, "check_extension", lambda cap: 0 if cap == REQUIRED_CAPS[missing] else real(cap)
+    )
+    with pytest.raises(KvmUnavailable, match=f"lacks {missing}$"):
+        kvm.require_caps()
 
 
 def test_pit_reinject_switches_off_and_on_again(kvm: Kvm) -> None:
