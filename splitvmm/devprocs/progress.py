@@ -19,6 +19,15 @@ record yet or that a compromised process scribbled on. pwrite, not a mapping: CP
 mmap keeps a dup of the fd, which the sandbox closes and ZeroMQ then reuses, and the
 mapping's finalizer would close ZeroMQ's fd.
 
+A host-I/O flag, byte PROGRESS_HOST_IO_BYTE (protocol/models.py), past the slots: 1 while the device is inside a host I/O call
+that may block for long (a disk's read, write or sync: virtio-blk), 0 otherwise. The
+monitor reads it when a request to the device misses its deadline (monitor/channel.py): a
+device waiting on its disk is slow, not hung, and is waited for rather than failed, as QEMU
+and crosvm wait for theirs (a frozen file system, a slow NFS server, a large sync). It is a
+byte store in a mapping, not a pwrite: it is set and cleared around every such call (~40 ns
+against ~1-2 us a request). A compromised device may set it for good, and only its own
+guest waits for it then, as it would for a device that answered but served nothing.
+
 A third slot holds a latched error: a nonzero code (crc'd the same way) that a device
 records once, before the guest can see its effect, and that every later process of the
 device reads back. virtio-blk latches a failed write-back there (its fdatasync's errno):
@@ -28,17 +37,20 @@ dead one's, so it would otherwise answer the next FLUSH with OK.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
 
 from splitvmm.errors import StateError
+from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 
 RECORD = struct.Struct("<QQ")  # used idx, output count
 CRC = struct.Struct("<I")
 SLOT = RECORD.size + CRC.size
 LATCH = RECORD.size  # the latched error's slot: (code, 0) in a record of its own
-SIZE = 3 * SLOT  # what the page must hold: two progress slots and the latch
+HOST_IO = PROGRESS_HOST_IO_BYTE  # the host-I/O flag, past two progress slots and the latch
+SIZE = HOST_IO + 1  # what the page must hold
 
 
 class Progress:
@@ -88,6 +100,20 @@ class Progress:
         return found
 
 
+def host_io_flag(fd: int) -> memoryview:
+    """The page's host-I/O flag, writable: map it before the sandbox and keep it for the
+    process's life, as guest RAM's mappings are (CPython's mmap holds a dup of the fd, which
+    the sandbox closes; only closing the mapping would use that number again)."""
+    size = os.fstat(fd).st_size
+    if size < SIZE:
+        raise StateError(f"progress memfd: {size} bytes, {SIZE} needed")
+    page = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return memoryview(page)[HOST_IO : HOST_IO + 1]
+
+
 def _sealed(record: bytes) -> bytes:
     """A record and its crc32: one slot, written with one pwrite."""
     return record + CRC.pack(zlib.crc32(record))
+
+
+assert 3 * SLOT <= HOST_IO, "the host-I/O flag lies past the records"

@@ -39,6 +39,11 @@ progress page (progress.py) before the guest sees its IOERR, so a process restar
 crash, which shares the dead one's open file, keeps failing too (the window between the
 fdatasync's return and the latch is a few microseconds of Python); a snapshot carries it
 (flush_error). An O_DIRECT image has no page cache to lose, as QEMU also reasons.
+
+A slow disk is not a hung device: each disk call that may block (_host_call) sets the
+host-I/O flag in the progress page meanwhile, and the monitor waits for a device whose flag
+is set past its requests' and the heartbeat's deadlines (monitor/channel.py). Without it, a
+file system frozen for a host's backup failed the device after 2 s.
 """
 
 from __future__ import annotations
@@ -48,11 +53,11 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, NoReturn, Self
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, NoReturn, Self, TypeVar
 
 from splitvmm.devprocs.base import DeviceContext, register
-from splitvmm.devprocs.progress import Progress
+from splitvmm.devprocs.progress import Progress, host_io_flag
 from splitvmm.devprocs.virtio.guestram import skip_bytes
 from splitvmm.devprocs.virtio.pci import Pending, VirtioPciDevice, log
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
@@ -103,6 +108,9 @@ PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE  # the kerne
 # binds it, where ZERO_RANGE|KEEP_SIZE could allocate blocks past the end unbounded
 ZERO_RANGE = files.FALLOC_FL_ZERO_RANGE
 MAX_ERRNO = 4095  # the kernel's errno values are below it
+
+
+T = TypeVar("T")
 
 
 class RequestError(Exception):
@@ -169,6 +177,10 @@ class VirtioBlk(VirtioPciDevice):
         if not isinstance(progress, Progress):
             raise TypeError(f"{self.NAME}: no progress page (setup() did not run)")
         self._progress = progress
+        host_io = ctx.prepared.get("host_io")
+        if not isinstance(host_io, memoryview):
+            raise TypeError(f"{self.NAME}: no host-I/O flag (setup() did not run)")
+        self._host_io = host_io
         self.flush_error = 0  # a failed write-back's errno: see the module docstring
         self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
         self._token = 0
@@ -182,6 +194,7 @@ class VirtioBlk(VirtioPciDevice):
         disk = ctx.fds["disk"]
         ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
         ctx.prepared["progress"] = Progress(ctx.fds["progress"])
+        ctx.prepared["host_io"] = host_io_flag(ctx.fds["progress"])
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
             ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES, flags=mmap.MAP_PRIVATE)
 
@@ -328,8 +341,8 @@ class VirtioBlk(VirtioPciDevice):
         views = self.ram.iovecs(bufs, writable=not write)
         self._token += 1
         try:
-            self.aio.submit(self._token, aio.PWRITEV if write else aio.PREADV, self.disk,
-                            offset, views)  # fmt: skip
+            self._host_call(self.aio.submit, self._token, aio.PWRITEV if write else aio.PREADV,
+                            self.disk, offset, views)  # fmt: skip
         except OSError as e:
             if e.errno == errno.EAGAIN:  # the kernel's AIO limit: served in place instead
                 return None
@@ -344,7 +357,7 @@ class VirtioBlk(VirtioPciDevice):
         its result checked, a short transfer completed in place, a stable write synced, its
         status written."""
         assert self.aio is not None
-        for token, result in self.aio.wait(1, timeout_ns):
+        for token, result in self._host_call(self.aio.wait, 1, timeout_ns):
             request = self._requests.pop(token)
             written, status = 0, VIRTIO_BLK_S_OK
             try:
@@ -418,7 +431,7 @@ class VirtioBlk(VirtioPciDevice):
         if self.flush_error:
             raise RequestError(VIRTIO_BLK_S_IOERR)
         try:
-            os.fdatasync(self.disk)
+            self._host_call(os.fdatasync, self.disk)
         except OSError as e:
             if self.bounce is None:  # not O_DIRECT: the page cache lost the failed writes
                 self._latch_flush_error(e.errno or errno.EIO)
@@ -540,7 +553,7 @@ class VirtioBlk(VirtioPciDevice):
         """Punch a hole. Discarding is a hint the device may ignore (5.2.6.2): where the file
         system has no holes (EOPNOTSUPP), the data stays and the request succeeds."""
         try:
-            files.fallocate(self.disk, PUNCH_HOLE, offset, length)
+            self._host_call(files.fallocate, self.disk, PUNCH_HOLE, offset, length)
         except OSError as e:
             if e.errno != errno.EOPNOTSUPP:
                 self._io_failed(e)
@@ -552,7 +565,7 @@ class VirtioBlk(VirtioPciDevice):
         modes = (PUNCH_HOLE, ZERO_RANGE) if flags & WRITE_ZEROES_FLAG_UNMAP else (ZERO_RANGE,)
         for mode in modes:
             try:
-                files.fallocate(self.disk, mode, offset, length)
+                self._host_call(files.fallocate, self.disk, mode, offset, length)
                 return
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
@@ -568,10 +581,21 @@ class VirtioBlk(VirtioPciDevice):
     def _io(self, call: Any, *args: Any) -> int:
         """A host I/O call; its failure is the request's (IOERR), logged, never the device's."""
         try:
-            result = call(*args)
+            result = self._host_call(call, *args)
         except OSError as e:
             self._io_failed(e)
         return int(result or 0)
+
+    def _host_call(self, call: Callable[..., T], *args: Any) -> T:
+        """`call` on the disk, which may block for long (a frozen file system, a slow
+        server, a large sync): the host-I/O flag says so meanwhile, and the monitor waits
+        for this process past its requests' deadlines instead of failing it (progress.py)."""
+        flag = self._host_io
+        flag[0] = 1
+        try:
+            return call(*args)
+        finally:
+            flag[0] = 0
 
     def _io_failed(self, e: OSError) -> NoReturn:
         self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)

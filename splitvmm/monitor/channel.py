@@ -7,10 +7,20 @@ the device sends. Anything wrong -- a malformed frame, a wrong sequence number, 
 deadline, slow replies past the budget, EOF -- raises ChannelError; the device's
 slot (monitor/slot.py) then fails the device, whose on_crash policy decides what
 happens next. A channel lives as long as one process of its device.
+
+A device waiting on its host's disk is slow, not hung. A device that says so (`host_io`:
+the flag in its progress page, protocol/models.py PROGRESS_HOST_IO_BYTE, set around each
+disk call that may block) is waited for past a deadline, as long as the flag stays set,
+and that wait is not charged to its latency budget: a frozen file system, a slow NFS
+server or a large sync held virtio-blk in one call for seconds, and the heartbeat failed
+it (with on_crash = "stop", the VM), or killed it mid-call, where SIGKILL waits for the
+call anyway. QEMU and crosvm wait for their disks too. The wait is logged every
+HOST_IO_LOG_S.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +56,8 @@ READY_POLL_MS = 100  # how often we look whether it died before READY
 EXITED_GRACE_MS = 50  # for the last frame of a device that exited (its I/O thread sent it)
 # `ctl devices` asks each device for its counters (stats) and waits this long: a device busy
 # serving a long queue answers later, and its late answer is dropped when it comes (at most
-# MAX_LATE_STATS of them waiting; a device that leaves more unanswered has failed).
+# MAX_LATE_STATS of them waiting, with the heartbeat's pings to a device in host I/O; a
+# device that leaves more unanswered has failed).
 STATS_TIMEOUT_MS = 200
 MAX_LATE_STATS = 8
 # A process seen dead (pidfd) may have answered just before: its frames are in the kernel's
@@ -60,10 +71,17 @@ DRAIN_LIMIT_S = SLOW_REPLY_MS / 1000
 
 
 NO_EVENTS = "sent an event, which this channel takes none of"
+HOST_IO_LOG_S = 10  # a wait past a deadline on a device in a host I/O call: logged this often
+
+log = logging.getLogger("splitvmm.channel")
 
 
 class ChannelError(SplitvmmError):
     """The device broke its channel (str() says how); the device has failed."""
+
+
+class _InHostIo(Exception):
+    """Past a request's deadline, the device is inside a host I/O call (ping())."""
 
 
 class DeviceChannel:
@@ -76,13 +94,19 @@ class DeviceChannel:
         listener: int,
         zctx: zmq.Context[zmq.Socket[bytes]],
         on_event: Callable[[events.Event], None] | None = None,
+        host_io: Callable[[], bool] | None = None,
     ) -> None:
         """Serve the channel with ZeroMQ, which adopts `listener`, the device's listening
         socket (made before the device started: it may have connected already, and the
         kernel queued its connection in the backlog). We own `listener` from now on.
         `on_event` gets each event the device sends unasked (protocol/events.py), checked;
-        without one, an event breaks the channel like any frame nobody asked for."""
+        without one, an event breaks the channel like any frame nobody asked for.
+        `host_io` says whether the device is inside a host I/O call now (the module
+        docstring); None: it never is."""
         self.endpoint = endpoint
+        self._host_io = host_io
+        self._waited_on_host_io = False  # by the last request, past its deadline
+        self._host_io_since = self._host_io_logged = 0.0  # that wait's start, its last log
         self._on_event = on_event
         self._model = model  # what a saved state must say it is
         descriptor = MODELS[model]
@@ -117,7 +141,9 @@ class DeviceChannel:
         self._poller.register(sock, zmq.POLLIN)
         self._pidfd: int | None = None
         self._gone: zmq.Socket[bytes] | None = None  # ZeroMQ's disconnect events, once watched
-        self._late_stats: set[int] = set()  # seqs of stats requests given up on
+        # Requests given up on without a failure, whose answers are dropped when they come:
+        # seq -> the reply's op ("counters": stats; "pong": a ping to a device in host I/O)
+        self._late: dict[int, str] = {}
         # The last state this process published: what its CHECKPOINT frames say still holds.
         self._published: events.Published | None = None
 
@@ -185,18 +211,39 @@ class DeviceChannel:
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
 
+    def ping(self, timeout_ms: int) -> bool:
+        """The heartbeat: True once the device answered within `timeout_ms`; False if it is
+        inside a host I/O call, past the deadline or before it (one ping at a time waits for
+        it; its answer is dropped when it comes): the supervisor, which pings every device
+        from one thread, goes on; ChannelError if it is hung."""
+        if "pong" in self._late.values() and self._host_io is not None and self._host_io():
+            return False
+        if len(self._late) >= MAX_LATE_STATS:
+            raise ChannelError(f"left {MAX_LATE_STATS} requests unanswered")
+        seq = self._next_seq()
+        try:
+            reply = self._request(control.encode({"op": "ping", "seq": seq}), timeout_ms, False)
+        except _InHostIo:
+            self._late[seq] = "pong"
+            return False
+        try:
+            control.check_reply(control.decode(reply), "ping", seq, self._model)
+        except ProtocolError as e:
+            raise ChannelError(str(e)) from None
+        return True
+
     def stats(self, timeout_ms: int = STATS_TIMEOUT_MS) -> dict[str, int] | None:
         """The device's counters (Device.stats(), checked), or None if it does not answer
         within `timeout_ms`: that is no failure (its answer is dropped when it comes)."""
-        if len(self._late_stats) >= MAX_LATE_STATS:
-            raise ChannelError(f"left {MAX_LATE_STATS} stats requests unanswered")
+        if len(self._late) >= MAX_LATE_STATS:
+            raise ChannelError(f"left {MAX_LATE_STATS} requests unanswered")
         seq = self._next_seq()
         try:
-            reply = self._request(control.encode({"op": "stats", "seq": seq}), timeout_ms)
-        except ChannelError:
-            if self._pidfd is not None and readable(self._pidfd, 0):
+            reply = self._request(control.encode({"op": "stats", "seq": seq}), timeout_ms, False)
+        except (ChannelError, _InHostIo) as e:
+            if isinstance(e, ChannelError) and self._pidfd is not None and readable(self._pidfd, 0):
                 raise  # it ended: its supervisor says how
-            self._late_stats.add(seq)
+            self._late[seq] = "counters"
             return None
         try:
             msg = control.check_reply(control.decode(reply), "stats", seq, self._model)
@@ -242,6 +289,8 @@ class DeviceChannel:
         poller.register(self.sock, zmq.POLLOUT)
         poller.register(self._pidfd, zmq.POLLIN)
         ready = dict(poller.poll(WRITE_TIMEOUT_MS))
+        while not ready and self._still_in_host_io():  # its queue waits on its disk
+            ready = dict(poller.poll(WRITE_TIMEOUT_MS))
         if ready.get(self._pidfd):
             raise ChannelError(f"its process ended with {what} unsent")
         try:
@@ -257,7 +306,8 @@ class DeviceChannel:
         """A read or sync, which a vCPU waits for: its deadline, then the latency budget."""
         start = time.monotonic()
         reply = self._request(frame, READ_TIMEOUT_MS)
-        self._charge((time.monotonic() - start) * 1e3)
+        if not self._waited_on_host_io:  # the disk's slowness is not the device's
+            self._charge((time.monotonic() - start) * 1e3)
         return reply
 
     def _charge(self, waited_ms: float) -> None:
@@ -270,19 +320,30 @@ class DeviceChannel:
                 f"the budget of {LATENCY_BUDGET_MS} ms"
             )
 
-    def _request(self, frame: bytes, timeout_ms: int) -> bytes:
+    def _request(self, frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
         """Send a frame and wait for its one reply, within `timeout_ms`; the device's events
         before it (sent unasked, or while it worked on this request) are handled first, in
         the order sent, those waiting unread included (at most RCVHWM, within the same
         allowance). Not drained before the send: that would ask ZeroMQ once more
         (ZMQ_EVENTS, a system call; ~8 us in a vCPU's loop on a PVM host) for what the loop
-        reads anyway."""
+        reads anyway. Past the deadline, a device inside a host I/O call is waited for (the
+        module docstring), or, without `wait_host_io`, _InHostIo is raised."""
+        self._waited_on_host_io = False
         try:
             self._send(frame, "a request")
             deadline = time.monotonic() + timeout_ms / 1000
             allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
             for _ in range(allowed + 1):
-                buf = self._recv(deadline)
+                while True:
+                    try:
+                        buf = self._recv(deadline)
+                        break
+                    except zmq.Again:
+                        if not self._still_in_host_io():
+                            raise
+                        if not wait_host_io:
+                            raise _InHostIo() from None
+                    deadline = time.monotonic() + timeout_ms / 1000  # wait on, a slice more
                 if not self._handled_event(buf):  # replies are binary, or control of another op
                     self.mirror.news_taken()  # everything the device sent before its reply
                     return buf
@@ -295,6 +356,24 @@ class DeviceChannel:
             raise ChannelError(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
             raise ChannelError(str(e)) from None
+
+    def _still_in_host_io(self) -> bool:
+        """Whether the device, past a deadline, says it is inside a host I/O call: then it
+        is waited for (the module docstring), and the wait logged every HOST_IO_LOG_S."""
+        if self._host_io is None or not self._host_io():
+            return False
+        now = time.monotonic()
+        if not self._waited_on_host_io:
+            self._waited_on_host_io, self._host_io_since, self._host_io_logged = True, now, now
+        elif now - self._host_io_logged >= HOST_IO_LOG_S:
+            self._host_io_logged = now
+            log.warning(
+                "device %s: waiting %.0f s past a deadline for a host I/O call of its disk "
+                "(slow storage, not a hung device)",
+                Path(self.endpoint).stem,
+                now - self._host_io_since,
+            )
+        return True
 
     def _recv(self, deadline: float) -> bytes:
         """The next frame by `deadline`; ChannelError if the process ended first."""
@@ -357,10 +436,10 @@ class DeviceChannel:
         else:
             try:
                 event = events.event_in(buf, self._model)
-                if event is None and self._late_stats and control.is_control(buf):
+                if event is None and self._late and control.is_control(buf):
                     late = control.decode(buf)
-                    if late["op"] == "counters" and late["seq"] in self._late_stats:
-                        self._late_stats.discard(late["seq"])  # a stats answer given up on
+                    if self._late.get(late["seq"]) == late["op"]:
+                        del self._late[late["seq"]]  # an answer given up on
                         return True
             except ProtocolError as e:  # a broken control frame
                 raise ChannelError(f"bad event: {e}") from None

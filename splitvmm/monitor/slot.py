@@ -106,7 +106,13 @@ from splitvmm.monitor.channel import (
 )
 from splitvmm.monitor.irqroutes import MsiVectors
 from splitvmm.protocol import events, wire
-from splitvmm.protocol.models import MODELS, FdKind, PciFunction, PortWindow
+from splitvmm.protocol.models import (
+    MODELS,
+    PROGRESS_HOST_IO_BYTE,
+    FdKind,
+    PciFunction,
+    PortWindow,
+)
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import Struct, field
@@ -267,6 +273,7 @@ class DeviceSlot:
         self._out_fd, self._out_base = _regular_output(spawn)
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
         self._uncounted = self._out_fd is None and _output_fd(spawn) is not None
+        self._host_io = _host_io_flag(spawn)
         # A process failed through its channel, whose end the supervisor has not reported
         # yet: process_ended says how it ended even once a restart replaced it.
         self._failed_process: DeviceProcess | None = None
@@ -349,7 +356,9 @@ class DeviceSlot:
         if process is None or listener is None:
             raise DeviceFailure(f"device {self.name}: no process of it was launched")
         try:
-            channel = DeviceChannel(self.model, self.endpoint, listener, self._zctx, self._on_event)
+            channel = DeviceChannel(
+                self.model, self.endpoint, listener, self._zctx, self._on_event, self._host_io
+            )
         except BaseException:
             with self._lock:
                 self.process = None
@@ -830,7 +839,7 @@ class DeviceSlot:
             if self.state is not SlotState.LIVE or channel is None:
                 return
             try:
-                channel.control("ping", timeout_ms)
+                channel.ping(timeout_ms)  # False: waiting on its disk, not hung
             except ChannelError as e:
                 process = self.process
                 if self.supervised and process is not None and process.ended():
@@ -1058,6 +1067,17 @@ def _how(process: DeviceProcess) -> str:
     except (SplitvmmError, TimeoutError) as e:  # the launcher is gone
         return f"ended; its exit status is unknown ({e})"
     return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+
+
+def _host_io_flag(spawn: Spawn) -> Callable[[], bool] | None:
+    """How the monitor reads whether a device is inside a host I/O call: the flag in its
+    progress page (protocol/models.py PROGRESS_HOST_IO_BYTE), read with pread (the monitor
+    maps nothing a device writes); None for a device without a progress page."""
+    for role in MODELS[spawn.model].fds:
+        fd = spawn.fds.get(role.name)
+        if role.kind is FdKind.PROGRESS and fd is not None:
+            return lambda: os.pread(fd, 1, PROGRESS_HOST_IO_BYTE) == b"\x01"
+    return None
 
 
 def _output_fd(spawn: Spawn) -> int | None:

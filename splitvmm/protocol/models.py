@@ -28,6 +28,10 @@ UNIX_OUTPUT = "unix:"  # an output option's prefix for a UNIX socket: "unix:PATH
 # disks). 4 KiB is the largest logical block in common use, so the monitor refuses a direct
 # image whose size or first block this does not fit, and a device bounces what it misses.
 DIRECT_IO_ALIGN = 4096
+# The byte of a device's progress page (FdKind.PROGRESS) that says, while it is 1, that the
+# device is inside a host I/O call that may block for long: the monitor then waits for it
+# past a request's deadline, rather than failing it as hung (devprocs/progress.py).
+PROGRESS_HOST_IO_BYTE = 64
 
 
 def unix_output_path(value: object) -> str | None:
@@ -47,7 +51,8 @@ class FdKind(enum.Enum):
     # that the device sets for every page it writes: KVM's dirty log sees vCPU writes only.
     DIRTY_LOG = "dirty-log"
     # A memfd page that outlives each process of the device: what one writes there (its
-    # transmit progress, devprocs/progress.py), the one started after its crash reads.
+    # transmit progress, a latched error, devprocs/progress.py), the one started after its
+    # crash reads; and its host-I/O flag (PROGRESS_HOST_IO_BYTE), which the monitor reads.
     PROGRESS = "progress"
     NOTIFY = "notify"  # an ioeventfd on the notify address of queue `index`
     MSIX = "msix"  # an irqfd for MSI-X vector `index`: its route is asked for (protocol/events)

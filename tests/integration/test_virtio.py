@@ -13,10 +13,12 @@ import signal
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import VmProcess, splitvmm
 
@@ -217,10 +219,12 @@ def loop_vm(
     blk_extra: str = "",
     cmdline: str = "",
     size_mib: int = 16,
+    disk: Path | None = None,
 ) -> VmProcess:
     """The blk guest in mode=loop (write, read back, verify 1 MiB blocks for ever, passes of
-    `size_mib`), serial on stdio so a byte typed stops it; progress every 4 MiB."""
-    disk = tmp_path / "disk.img"
+    `size_mib`), serial on stdio so a byte typed stops it; progress every 4 MiB. The image is
+    `disk`, or tmp_path/disk.img (made if missing)."""
+    disk = disk or tmp_path / "disk.img"
     if not disk.exists():
         make_disk(disk, max(32, size_mib) << 20)
     cfg = config(
@@ -350,12 +354,73 @@ def test_virtio_blk_killed_under_io_restarts_and_the_guest_sees_no_error(
     assert "mismatch" not in text and ": status " not in text, text[-1500:]
 
 
+@pytest.fixture
+def frozen_fs(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 file system on a loop device, mounted under tmp_path, that a test may
+    freeze (fsfreeze, as a host's backup or LVM snapshot does): where the disk image goes."""
+    missing = [tool for tool in ("mkfs.ext4", "mount", "fsfreeze") if not shutil.which(tool)]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs root and {', '.join(missing) or 'its tools'} for a loop mount")
+    backing, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    make_disk(backing, 64 << 20)
+    mnt.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True, capture_output=True)
+    mounted = subprocess.run(["mount", "-o", "loop", str(backing), str(mnt)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"no loop mount here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@DIRECT
+def test_virtio_blk_waiting_on_a_frozen_file_system_is_slow_not_failed(
+    guests, tmp_path, frozen_fs, direct
+):
+    """Frozen longer than the heartbeat's and a read's 2 s deadlines, the image's file
+    system holds the device in a disk call; with the default on_crash (stop) that stopped
+    the VM as a hung device. The monitor waits for it (its host-I/O flag), and once thawed
+    the guest goes on: no restart, no error, every block verified."""
+    disk = make_disk(frozen_fs / "disk.img", 32 << 20)
+    vm = loop_vm(tmp_path, guests, blk_extra=direct_table(direct), disk=disk)
+    try:
+        written(vm)
+        subprocess.run(["fsfreeze", "-f", str(frozen_fs)], check=True)
+        try:
+            time.sleep(4.5)
+        finally:
+            subprocess.run(["fsfreeze", "-u", str(frozen_fs)], check=True)
+        written(vm, after=len(vm.text()))  # the guest goes on
+        blk = blk_device(vm)
+    finally:
+        text = stop_loop(vm)
+    assert (blk["restarts"], blk["generation"], blk["state"]) == (0, 1, "running"), blk
+    assert "mismatch" not in text and ": status " not in text, text[-1500:]
+
+
 def hang_blk(vm: VmProcess) -> None:
-    """SIGSTOP blk0's sandboxed process: the child of the warden `ctl devices` names."""
+    """SIGSTOP blk0's sandboxed process (the child of the warden `ctl devices` names) where
+    it is not inside a disk call: stopped there, its host-I/O flag would say it waits on its
+    disk, and the monitor would wait for it (monitor/channel.py)."""
     warden = blk_device(vm)["pid"]
     children = Path(f"/proc/{warden}/task/{warden}/children").read_text().split()
     assert len(children) == 1, children
-    os.kill(int(children[0]), signal.SIGSTOP)
+    pid = int(children[0])
+    progress = next(
+        f"/proc/{pid}/fd/{fd}"
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if "blk0-progress" in os.readlink(f"/proc/{pid}/fd/{fd}")
+    )
+    with open(progress, "rb") as page:
+        for _ in range(1000):
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.005)  # stopped by now
+            if os.pread(page.fileno(), 1, PROGRESS_HOST_IO_BYTE) == b"\x00":
+                return
+            os.kill(pid, signal.SIGCONT)
+    raise AssertionError("blk0 was inside a disk call at every try")
 
 
 def test_virtio_blk_hung_process_is_caught_by_the_heartbeat_and_restarted(guests, tmp_path):

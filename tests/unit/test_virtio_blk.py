@@ -20,6 +20,7 @@ from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import files
 from splitvmm.native.aio import AioContext
 from splitvmm.protocol import codec
+from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.record import replace
 from tests.virtio.support import (
@@ -625,6 +626,37 @@ def test_virtio_blk_v1_state_restores_without_a_failed_write_back(blk):
     )
 
     assert v1 == blk.save()
+
+
+def host_io_flag_during(
+    monkeypatch: pytest.MonkeyPatch, fds: dict[str, int], name: str
+) -> list[bytes]:
+    """The host-I/O flag, as the monitor reads it (pread), during each os.`name` call."""
+    seen: list[bytes] = []
+    real = getattr(os, name)
+
+    def call(*args: object) -> object:
+        seen.append(os.pread(fds["progress"], 1, PROGRESS_HOST_IO_BYTE))
+        return real(*args)
+
+    monkeypatch.setattr(os, name, call)
+    return seen
+
+
+@pytest.mark.parametrize(("kind", "call"), [(IN, "preadv"), (OUT, "pwritev"), (FLUSH, "fdatasync")])
+def test_virtio_blk_host_io_flag_is_set_during_each_disk_call_only(
+    blk, fds, monkeypatch, kind, call
+):
+    """The monitor waits past its deadlines for a device whose flag says it is inside a
+    disk call (monitor/channel.py): set around each one, clear between them."""
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    during = host_io_flag_during(monkeypatch, fds, call)
+    data = [(512, True)] if kind == IN else [(b"\xab" * 512, False)] if kind == OUT else []
+    status = request(ring, kind, 1, data)
+    driver.kick()
+
+    assert status_of(blk, status) == OK and during == [b"\x01"]
+    assert os.pread(fds["progress"], 1, PROGRESS_HOST_IO_BYTE) == b"\x00"
 
 
 def test_virtio_blk_restart_resumes_from_used_ring_none_twice(blk, fds, disk):

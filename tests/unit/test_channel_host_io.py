@@ -1,0 +1,110 @@
+"""DeviceChannel and a device inside a host I/O call (monitor/channel.py, the module
+docstring): past a deadline it is waited for while its flag says so, uncharged; the
+heartbeat's ping goes on without it. A real ZeroMQ channel; the device is a thread that
+answers late, its flag a variable."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from splitvmm.monitor import channel as channel_module
+from splitvmm.monitor.channel import ChannelError, DeviceChannel
+from splitvmm.protocol import control
+
+LATE_S = 0.6  # the device's answer, past the requests' 200 ms deadlines
+DEADLINE_MS = 200
+
+
+class LateDevice:
+    """A device end that answers each ping LATE_S after it came, in order."""
+
+    def __init__(self, zctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+        self.in_host_io = False
+        self.sock = zctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self.sock.poll(20):
+                continue
+            msg = control.decode(self.sock.recv())
+            time.sleep(LATE_S)
+            self.sock.send(control.encode({"op": "pong", "seq": msg["seq"]}))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[DeviceChannel, LateDevice]]:
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    path = tmp_path / "dev0.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(1)
+    device: list[LateDevice] = []
+    ch = DeviceChannel(
+        "serial", f"ipc://{path}", listening.detach(), zctx, host_io=lambda: device[0].in_host_io
+    )
+    device.append(LateDevice(zctx, f"ipc://{path}"))
+    yield ch, device[0]
+    device[0].close()
+    ch.close()
+    zctx.term()
+
+
+def test_a_late_answer_from_a_device_not_in_host_io_fails_it(pair):
+    ch, _ = pair
+    with pytest.raises(ChannelError, match=f"no reply within {DEADLINE_MS} ms"):
+        ch.control("ping", DEADLINE_MS)
+
+
+def test_a_device_in_a_host_io_call_is_waited_for_past_the_deadline(pair):
+    ch, device = pair
+    device.in_host_io = True
+    start = time.monotonic()
+
+    ch.control("ping", DEADLINE_MS)  # answered LATE_S later: no failure
+
+    assert time.monotonic() - start >= LATE_S
+
+
+def test_a_wait_on_host_io_is_not_charged_to_the_latency_budget(pair, monkeypatch):
+    """A vCPU's access (read, sync) charges a slow answer to the device's budget; one that
+    waited on the device's disk is not the device's doing."""
+    ch, device = pair
+    monkeypatch.setattr(channel_module, "READ_TIMEOUT_MS", DEADLINE_MS)
+    charged: list[float] = []
+    monkeypatch.setattr(ch._budget, "charge", charged.append)
+    device.in_host_io = True
+    ch._access(control.encode({"op": "ping", "seq": ch._next_seq()}))
+    device.in_host_io = False
+    monkeypatch.setattr(channel_module, "READ_TIMEOUT_MS", 2000)
+    ch._access(control.encode({"op": "ping", "seq": ch._next_seq()}))
+
+    assert len(charged) == 1 and charged[0] >= LATE_S * 1e3  # the second only
+
+
+def test_a_ping_to_a_device_in_host_io_returns_and_its_late_answer_is_dropped(pair):
+    ch, device = pair
+    device.in_host_io = True
+    start = time.monotonic()
+
+    assert ch.ping(DEADLINE_MS) is False  # the supervisor goes on to the other devices
+    assert time.monotonic() - start < LATE_S
+    assert ch.ping(DEADLINE_MS) is False  # one ping waits at a time: none sent
+    device.in_host_io = False
+    assert ch.ping(2000) is True  # the late pong came first, and was dropped
