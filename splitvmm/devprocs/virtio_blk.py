@@ -233,11 +233,15 @@ class VirtioBlk(VirtioPciDevice):
         if not state.serial.isascii():
             raise StateError("virtio-blk state: serial is not ASCII")
         device = cls(ctx, readonly=state.readonly, serial=state.serial)
-        if device.capacity != state.capacity:
+        if device.capacity < state.capacity and not ctx.restarted:
             raise StateError(
-                f"virtio-blk state: the disk has {device.capacity} sectors, the saved device "
-                f"{state.capacity}: not the same image"
+                f"virtio-blk state: the image has {device.capacity} sectors, fewer than the "
+                f"{state.capacity} of the saved device: not the image it was saved with"
             )
+        # The capacity is what the guest was told. An image grown since (or, under a crash
+        # restart, shrunk: the dead process served the same file) keeps it: no resize is
+        # announced, and a request past the file's end is IOERR, as it was.
+        device.capacity = state.capacity
         if state.flush_error:
             device._latch_flush_error(state.flush_error)
         return device
@@ -484,8 +488,12 @@ class VirtioBlk(VirtioPciDevice):
         call = os.pwritev if write else os.preadv
         while left:
             n = self._io(call, self.disk, views[:IOV_MAX], offset)
-            if n == 0:
-                raise RequestError(VIRTIO_BLK_S_IOERR)  # the image shrank under us
+            if n == 0:  # the image shrank under us
+                self._warn.warning(
+                    "io", "%s: the image ends before byte %d: shrunk under the VM?", self.NAME,
+                    offset + 1,
+                )  # fmt: skip
+                raise RequestError(VIRTIO_BLK_S_IOERR)
             left -= n
             if left:  # a short transfer, or more than IOV_MAX buffers: go on after it
                 offset += n

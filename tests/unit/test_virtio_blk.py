@@ -528,11 +528,47 @@ def test_virtio_blk_restored_takes_the_options_it_was_saved_with(blk):
     VirtioBlk.restore(blk.ctx, blk.save()).check_options({"serial": "disk-0001", "path": "x"})
 
 
-def test_virtio_blk_restore_refuses_another_capacity(blk):
+def test_virtio_blk_restore_refuses_an_image_smaller_than_the_saved_device(blk):
     bad = replace(blk.save(), capacity=SECTORS + 1)
 
-    with pytest.raises(StateError, match="sectors"):
+    with pytest.raises(StateError, match="fewer than the 65 of the saved device"):
         VirtioBlk.restore(blk.ctx, bad)
+
+
+def test_virtio_blk_image_grown_under_a_running_vm_restarts_with_the_size_the_guest_knows(
+    blk, fds, disk
+):
+    """An operator grew the image while the VM ran: a crash restart (or a restore) keeps
+    the capacity the driver read; the restarted device used to refuse the checkpoint as
+    another image, and with every restart failing, the VM stopped."""
+    driver, ring = started(blk)
+    checkpoint = blk.save()
+    os.truncate(disk, (SECTORS + 8) * 512)
+
+    restarted = VirtioBlk.restore(prepared("virtio-blk", fds, restarted=True), checkpoint)
+    restarted.after_restart()
+    past = request(ring, IN, SECTORS, [(512, True)])  # past the end the guest knows
+    Driver(restarted).kick()
+
+    assert restarted.capacity == SECTORS and status_of(restarted, past) == IOERR
+
+
+def test_virtio_blk_image_shrunk_under_a_running_vm_restarts_failing_past_its_end(
+    blk, fds, disk, caplog
+):
+    driver, ring = started(blk)
+    checkpoint = blk.save()
+    os.truncate(disk, (SECTORS - 8) * 512)
+
+    restarted = VirtioBlk.restore(prepared("virtio-blk", fds, restarted=True), checkpoint)
+    restarted.after_restart()
+    gone = request(ring, IN, SECTORS - 4, [(512, True)])
+    kept = request(ring, IN, 0, [(512, True)])
+    Driver(restarted).kick()
+
+    assert restarted.capacity == SECTORS
+    assert (status_of(restarted, gone), status_of(restarted, kept)) == (IOERR, OK)
+    assert "shrunk under the VM" in caplog.text  # the operator is told why
 
 
 @pytest.fixture
