@@ -27,7 +27,10 @@ from splitvmm.protocol.models import (
 )
 from splitvmm.record import Struct, field
 
-MAX_VCPUS = 255  # xAPIC IDs are 8 bits (and the MP table must fit below 1 MiB)
+# xAPIC IDs are 8 bits, 0xFF is broadcast, and the IOAPIC takes ID vcpus in the MADT and the
+# MP table, whose IDs must all differ (MP spec 1.4; cloud-hypervisor's limit too). The one
+# limit: monitor/cpuid.py and monitor/mptable.py check against it.
+MAX_VCPUS = 254
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 1 << 40
 ON_CRASH = ("stop", "restart", "leave")

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from splitvmm.config import MAX_VCPUS
 from splitvmm.errors import ConfigError
 from splitvmm.native.kvm import (
     KVM_CAP_TSC_DEADLINE_TIMER,
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 U32 = 0xFFFFFFFF
-MAX_VCPUS = 254  # 8-bit xAPIC IDs, 0xFF broadcast, one ID for the IOAPIC (see mptable.py)
 
 # Leaf 1 (SDM Vol. 2A table 3-8, 3-10, 3-11).
 LEAF1_EBX_LOGICAL_COUNT_SHIFT = 16

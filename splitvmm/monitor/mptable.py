@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from splitvmm.config import MAX_VCPUS
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.layout import HIMEM_START, IOAPIC_BASE, LAPIC_BASE, MPTABLE
 
@@ -55,10 +56,6 @@ PRODUCT_ID = b"SPLITVMM".ljust(12, b" ")
 DEFAULT_CPU_SIGNATURE = 0x600
 DEFAULT_FEATURE_FLAGS = (1 << 0) | (1 << 9)
 CPU_SIGNATURE_MASK = 0xFFF  # table 4-5: stepping, model, family; bits 31:12 reserved
-
-# APIC IDs are 8 bits, 0xFF is broadcast and the IOAPIC takes ID nvcpus (Firecracker's and
-# cloud-hypervisor's limit of 254 for the same reasons).
-MAX_VCPUS = 254
 
 
 def _checksum(data: bytes) -> int:

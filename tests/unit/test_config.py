@@ -114,7 +114,7 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         (GOOD.replace('"64M"', "9" * 5000), "an integer has too many digits"),
         (GOOD.replace('"64M"', "9" * 4000), "vm.memory: .*got an integer of 13288 bits"),
         (GOOD.replace("vcpus = 2", "vcpus = " + "9" * 4000), "vm.vcpus: an integer of"),
-        (GOOD.replace("vcpus = 2", "vcpus = 256"), r"vm\.vcpus: 256 is outside 1\.\.255"),
+        (GOOD.replace("vcpus = 2", "vcpus = 255"), r"vm\.vcpus: 255 is outside 1\.\.254"),
         (GOOD.replace("[vm]", f"[vm]\ncpuid_mask = {['1.ecx:1'] * 65}"), "vm.cpuid_mask"),
         ("x = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         (GOOD + "#" * (1 << 20), "over 1 MiB"),
