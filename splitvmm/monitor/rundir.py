@@ -49,9 +49,11 @@ class RuntimeDir:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise SplitvmmError(f"a VM named {name!r} is already running ({self.path})") from None
-        # Left over from a VM that died without cleaning up: channels are per run.
-        for stale in self.path.glob("*.sock"):
-            stale.unlink()
+        # Left over from a VM that died without cleaning up: channels are per run, and so
+        # are warm spares' sockets (a stale one made every spare of the next run fail to bind).
+        for pattern in ("*.sock", "*.sock.spare"):
+            for stale in self.path.glob(pattern):
+                stale.unlink()
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
 

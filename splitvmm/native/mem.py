@@ -48,6 +48,9 @@ class GuestMemoryView:
             if r.size <= 0 or r.gpa < end or r.offset < 0 or r.offset + r.size > len(mapping):
                 raise GuestMemoryError(f"guest RAM region {r} does not fit the mapping")
             end = r.gpa + r.size
+        # Guest RAM never goes into a core file (QEMU's dump-guest-core=off): the monitor is
+        # made non-dumpable only when it confines itself, after a restore or a boot filled it.
+        mapping.madvise(mmap.MADV_DONTDUMP)
         self.map = mapping
         self.regions: tuple[Region, ...] = tuple(regions)
 

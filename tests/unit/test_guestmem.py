@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from splitvmm.monitor.memory import GuestMemory
 from splitvmm.native.mem import GuestMemoryError, GuestMemoryView, Region
 
 PAGE = 4096
@@ -71,3 +72,17 @@ def test_guestmem_regions_that_do_not_fit_refused(regions):
             GuestMemoryView(mapping, regions)
     finally:
         mapping.close()
+
+
+def test_guest_ram_mapping_is_left_out_of_core_files():
+    """A crash of the monitor before it confines itself (while a restore fills RAM, say)
+    dumps no guest RAM: the kernel marks the mapping VM_DONTDUMP ('dd' in smaps)."""
+    ram = GuestMemory(1 << 20, name="dontdump-test")
+    try:
+        smaps = open("/proc/self/smaps").read().split("\n")
+        at = next(i for i, line in enumerate(smaps) if "memfd:dontdump-test" in line)
+        flags = next(line for line in smaps[at:] if line.startswith("VmFlags:"))
+    finally:
+        ram.map.close()
+        os.close(ram.fd)
+    assert " dd" in flags, flags

@@ -27,3 +27,16 @@ def test_rundir_close_removes_it_and_frees_the_name(tmp_path):
     again = RuntimeDir("vm1", tmp_path)
     again.close()
     assert not (tmp_path / "vm1").exists()
+
+
+def test_rundir_left_by_a_killed_vm_has_its_channels_and_spare_sockets_removed(tmp_path):
+    """A VM killed by SIGKILL leaves its sockets; a warm spare's (NAME.sock.spare) that
+    stayed made every spare of the next run of that name fail to bind, for its whole life."""
+    left = tmp_path / "vm1"
+    left.mkdir(mode=0o700)
+    for name in ("serial0.sock", "disk0.sock.spare", "control.sock"):
+        (left / name).touch()
+    rundir = RuntimeDir("vm1", tmp_path)
+    remaining = sorted(p.name for p in rundir.path.iterdir())
+    rundir.close()
+    assert remaining == ["lock"]

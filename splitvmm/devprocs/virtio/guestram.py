@@ -134,6 +134,7 @@ class GuestRam:
                     raise GuestRamError(f"fd {fd} (guest RAM or dirty bitmap) is empty")
                 prot = mmap.PROT_READ | mmap.PROT_WRITE
                 maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, prot))
+                maps[-1].madvise(mmap.MADV_DONTDUMP)  # before its sandbox, a device may dump
             return cls(maps[0], maps[1], ranges)
         except BaseException:
             for m in maps:
