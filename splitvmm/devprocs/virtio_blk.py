@@ -181,6 +181,7 @@ class VirtioBlk(VirtioPciDevice):
         if not isinstance(host_io, memoryview):
             raise TypeError(f"{self.NAME}: no host-I/O flag (setup() did not run)")
         self._host_io = host_io
+        host_io[0] = 0  # a process killed inside a disk call left it set: this one is not
         self.flush_error = 0  # a failed write-back's errno: see the module docstring
         self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
         self._token = 0

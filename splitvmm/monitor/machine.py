@@ -411,7 +411,10 @@ class Machine:
         """A warm spare for `slot` (if it keeps one), watched while it waits."""
         spare = slot.start_spare()
         if spare is not None and self._supervisor is not None:
-            self._supervisor.watch_spare(slot, spare)
+            try:
+                self._supervisor.watch_spare(slot, spare)
+            except OSError as e:  # the slot closed it meanwhile (the VM is ending)
+                log.debug("device %s: its spare is not watched: %s", slot.name, e)
 
     def _rest_launcher(self) -> None:
         """Let the launcher end its zygote until the next spawn (sandbox/launcher.py rest)."""

@@ -393,8 +393,8 @@ class DeviceSlot:
         with self._lock:
             if self.process is process and self.state is SlotState.AWAY:
                 self.state = SlotState.LIVE
-                if self.restarting:
-                    self.restarting, self._failed_starts = False, 0
+                if self.restarting:  # back: a spare may be kept again (MAX_SPARE_LOSSES)
+                    self.restarting, self._failed_starts, self._spare_losses = False, 0, 0
                     self.recover_ms = (time.monotonic() - self._crashed_at) * 1e3
                     log.warning(
                         "device %s is back (pid %d, process %d) %.0f ms after its crash",

@@ -225,6 +225,8 @@ PROBE = textwrap.dedent(
         bases = {0: 0xC0000000, 1: 0xC0004000}
         host = PciFunctionHost("blk0", virtio_function(1), (1, bases), mmio, vm, (irq.fd,))
         host.plug(root)
+    progress = os.memfd_create("progress")  # a device's progress page (FdKind.PROGRESS)
+    os.ftruncate(progress, 4096)
     c = Confinement(launcher_fd=launcher.fileno())
     if step == "no-landlock":  # a kernel without it
         from splitvmm.native import landlock
@@ -303,6 +305,8 @@ PROBE = textwrap.dedent(
             big = bytearray(40 << 20)
             big.append(1)
             results["vcpu_large_buffer"] = len(big)
+            # past a forwarded access's deadline: is the device inside a host I/O call?
+            results["vcpu_reads_host_io_flag"] = os.pread(progress, 1, 64)
     t = threading.Thread(target=vcpu)
     t.start(); t.join()
     if step == "files":
@@ -387,7 +391,9 @@ def test_confinement_landlock_mode_not_known_is_refused(tmp_path):
 def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(tmp_path):
     r = run_probe(tmp_path, "threads")
     assert r.returncode == 0, r.stderr  # -SIGSYS: sched_getaffinity or mremap was refused
-    assert r.stdout.strip() == repr({"allocated": 16, "vcpu_large_buffer": (40 << 20) + 1})
+    assert r.stdout.strip() == repr(
+        {"allocated": 16, "vcpu_large_buffer": (40 << 20) + 1, "vcpu_reads_host_io_flag": b"\0"}
+    )
 
 
 @pytest.mark.parametrize("step", ["socket", "exec"])

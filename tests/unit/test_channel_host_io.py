@@ -108,3 +108,13 @@ def test_a_ping_to_a_device_in_host_io_returns_and_its_late_answer_is_dropped(pa
     assert ch.ping(DEADLINE_MS) is False  # one ping waits at a time: none sent
     device.in_host_io = False
     assert ch.ping(2000) is True  # the late pong came first, and was dropped
+
+
+def test_stats_to_a_device_in_host_io_wait_one_at_a_time(pair):
+    """`ctl devices` polled through a long stall: one stats request waits, the rest are not
+    sent (each used to add a late answer, and the eighth failed the device)."""
+    ch, device = pair
+    device.in_host_io = True
+    for _ in range(channel_module.MAX_LATE_STATS + 2):
+        assert ch.stats(DEADLINE_MS) is None
+    assert list(ch._late.values()) == ["counters"]

@@ -695,6 +695,18 @@ def test_virtio_blk_host_io_flag_is_set_during_each_disk_call_only(
     assert os.pread(fds["progress"], 1, PROGRESS_HOST_IO_BYTE) == b"\x00"
 
 
+def test_virtio_blk_flag_a_killed_process_left_set_is_cleared_by_the_next(blk, fds):
+    """Killed inside a disk call, a process leaves its host-I/O flag set in the page that
+    outlives it: the process that serves next clears it, or the monitor would wait for
+    every later hang as for a slow disk."""
+    checkpoint = blk.save()
+    os.pwrite(fds["progress"], b"\x01", PROGRESS_HOST_IO_BYTE)
+
+    VirtioBlk.restore(prepared("virtio-blk", fds, restarted=True), checkpoint)
+
+    assert os.pread(fds["progress"], 1, PROGRESS_HOST_IO_BYTE) == b"\x00"
+
+
 def test_virtio_blk_restart_resumes_from_used_ring_none_twice(blk, fds, disk):
     driver, ring = started(blk)
     stale = blk.save()  # the last checkpoint: nothing used yet
