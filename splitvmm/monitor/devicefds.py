@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import mmap
 import os
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from splitvmm.protocol.models import (
     unix_output_path,
 )
 from splitvmm.record import Struct, field
+
+log = logging.getLogger("splitvmm.devicefds")
 
 STDOUT = 1
 
@@ -169,6 +172,7 @@ class DeviceFds(Struct):
         fd = self._own(
             hostpath.open_host_file(path, key, access, flags=os.O_DIRECT if direct else 0)
         )
+        lock_disk(fd, path, key, readonly)
         if direct:
             check_direct_io(fd, path, f"device {dev.name!r}.{role.direct_option}")
         return fd
@@ -189,6 +193,28 @@ class DeviceFds(Struct):
                 why += "no interface of that name (TUNSETIFF: Invalid argument)"
             raise ConfigError(f"{key}: cannot open TAP {name!r}: {why}") from None
         return self._own(fd)
+
+
+def lock_disk(fd: int, path: str, key: str, readonly: bool) -> None:
+    """Lock the image for this VM's life, as QEMU and crosvm do: a read-write VM alone, or
+    any number of read-only ones, so two VMs never write one image (each through its own
+    page cache view, journal and allocator: a corrupt file system) and none reads an image
+    another writes. flock(2), on the open file description: the device processes share it,
+    and it ends with the last fd, when the VM does. A file system without locks (ENOLCK,
+    EOPNOTSUPP: some network file systems) is used unlocked, with a warning."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        use = "open read-write" if readonly else "open"
+        raise ConfigError(
+            f"{key}: {path} is {use} in another VM (it holds the image's lock): a disk image "
+            "is written by one VM at a time, and read by none while one writes it"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+            raise ConfigError(f"{key}: cannot lock {path}: {e.strerror or e}") from None
+        log.warning("%s: %s cannot be locked (%s): nothing keeps another VM off it", key, path,
+                    e.strerror)  # fmt: skip
 
 
 def check_direct_io(fd: int, path: str, key: str) -> None:

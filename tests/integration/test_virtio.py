@@ -205,6 +205,22 @@ def test_virtio_blk_config_without_path_names_the_key(tmp_path, guests):
     assert status != 0 and "blk0" in err and "path" in err and "Traceback" not in err
 
 
+def test_virtio_blk_image_in_use_by_a_running_vm_is_refused_naming_the_key(guests, tmp_path):
+    """Two VMs writing one image corrupt it: the second is refused, as QEMU refuses it."""
+    running = loop_vm(tmp_path, guests)
+    try:
+        written(running)
+        other = tmp_path / "other"
+        other.mkdir()
+        cfg = config(
+            other, guests["virtio-blk"], "mode=test", blk_table("disk1", tmp_path / "disk.img")
+        )
+        status, _, err = up(other, cfg)
+    finally:
+        stop_loop(running)
+    assert status == 1 and "device 'disk1'.path: " in err and "is open in another VM" in err, err
+
+
 def test_virtio_blk_missing_image_names_the_key(tmp_path, guests):
     cfg = config(tmp_path, guests["virtio-blk"], "", blk_table("blk0", tmp_path / "nope.img"))
     status, _, err = up(tmp_path, cfg)

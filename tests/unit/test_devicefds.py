@@ -13,7 +13,13 @@ import pytest
 from splitvmm.config import DeviceSection
 from splitvmm.errors import ConfigError
 from splitvmm.hostpath import HostFileError
-from splitvmm.monitor.devicefds import Closable, DeviceFds, PciInterrupts, dirty_log_size
+from splitvmm.monitor.devicefds import (
+    Closable,
+    DeviceFds,
+    PciInterrupts,
+    dirty_log_size,
+    lock_disk,
+)
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.protocol.models import (
     SERIAL,
@@ -235,3 +241,48 @@ def test_device_fds_tap_named_after_an_interface_that_is_no_tap_says_so(mem, own
 
     with pytest.raises(ConfigError, match="net0'.tap: cannot open TAP 'lo': an interface of that"):
         maker.make(dev, VIRTIO_NET)
+
+
+def open_image(path, readonly: bool = False) -> int:
+    """The image as another VM's monitor holds it: an open file description of its own."""
+    return os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+
+
+@pytest.mark.parametrize(
+    ("first_readonly", "second_readonly", "refused"),
+    [
+        (False, False, "is open in another VM"),
+        (False, True, "is open read-write in another VM"),  # it writes: nobody reads
+        (True, False, "is open in another VM"),  # it reads: nobody writes
+        (True, True, None),  # many readers of an image nobody writes
+    ],
+)
+def test_a_disk_image_is_written_by_one_vm_at_a_time(
+    tmp_path, first_readonly, second_readonly, refused
+):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    first, second = open_image(image, first_readonly), open_image(image, second_readonly)
+    try:
+        lock_disk(first, str(image), "device 'disk0'.path", first_readonly)
+        if refused is None:
+            lock_disk(second, str(image), "device 'disk1'.path", second_readonly)
+        else:
+            with pytest.raises(ConfigError, match=f"device 'disk1'.path: .* {refused}"):
+                lock_disk(second, str(image), "device 'disk1'.path", second_readonly)
+    finally:
+        os.close(first)
+        os.close(second)
+
+
+def test_a_disk_images_lock_ends_with_its_vm(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    first = open_image(image)
+    lock_disk(first, str(image), "device 'disk0'.path", False)
+    os.close(first)  # the VM's last fd of it: the VM ended
+    second = open_image(image)
+    try:
+        lock_disk(second, str(image), "device 'disk0'.path", False)
+    finally:
+        os.close(second)
