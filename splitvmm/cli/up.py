@@ -4,6 +4,7 @@ in the foreground."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,11 @@ def run_and_exit(
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # SIGINT before the VM's own handlers (Machine.build): the
+        # config or the snapshot was being read, and nothing was built; not click's Abort
+        with contextlib.suppress(OSError):
+            click.echo("splitvmm: stopped by SIGINT", err=True)
+        sys.exit(128 + signal.SIGINT)
     timings.mark("teardown")
     # The VM's status is the exit status, whatever becomes of these lines: a terminal that
     # hung up (EIO) or a stderr pipe nobody reads (EPIPE) must not turn it into 1 or 120.

@@ -120,7 +120,28 @@ class Machine:
         self._bar_decode = SharedDecode()  # theirs: their BARs share self.mmio
         self._pci_intx: list[tuple[int, int]] = []  # (PCI device, GSI) of each INTA#: _PRT
 
+    def _install_stop_handlers(self) -> None:
+        """SIGINT, SIGTERM and SIGHUP stop the VM (_on_signal), from the start of build() to
+        the end of close(). A signal ignored when we started stays ignored (nohup, a shell's
+        `cmd &` ignoring SIGINT): the operator asked for that, as for any program. From the
+        start: one during the build used to kill the process (its runtime directory, lock
+        and sockets left behind) or raise a KeyboardInterrupt in the middle of a spawn;
+        until close() is done: `timeout` signals `up` and then its whole process group, and
+        a second signal during the teardown must not cut it short (the devices' syncs and
+        the VM's close would be skipped)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # (a test building a machine on another thread: signals are not its)
+        stop_signals = [
+            s
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(s) is not signal.SIG_IGN
+        ]
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals}
+
     def build(self) -> None:
+        """Everything but running: a stop signal meanwhile ends the build at its next step
+        (a restore's RAM load first), and run() then runs nothing."""
+        self._install_stop_handlers()
         cfg = self.cfg
         self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
         self._closables.append(self.rundir)
@@ -131,6 +152,8 @@ class Machine:
         self._closables.append(self.launcher)
         self.launcher.configure(self.rundir.path)
         timings.mark("launcher configure sent")
+        if self.stopping:
+            return
         restoring = None  # (snapshot, its checked states), decoded before a process is spawned
         if self.snapshot is not None:
             # Only a restore imports restore code: a boot does not pay for it.
@@ -149,6 +172,8 @@ class Machine:
         # Read once: its plan gives both RAM's holes and the firmware's own slots.
         image = loader.load_firmware(cfg.boot.firmware) if cfg.boot.firmware else None
         self._create_platform(image)
+        if self.stopping:
+            return
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
             self._spawns.append(self._prepare_device(dev))
         # No thread until its first socket, made once the monitor is confined (attach below;
@@ -173,6 +198,8 @@ class Machine:
         timings.mark("kvm, vm, ram, boot")
         if self._pit_mode is not None:
             self._pit_mode.result()  # its thread ends before the monitor confines itself
+        if self.stopping:
+            return
         self.launcher.check_configured()  # the spawns took its reply, or this does
         # Reads its policies (files, now); its rules name the launcher's socket.
         self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
@@ -428,6 +455,8 @@ class Machine:
 
     # -- running ------------------------------------------------------------------------
     def run(self) -> Outcome:
+        if self._outcome is not None:  # stopped while it was built: no vCPU runs
+            return self._outcome
         install_kick_handler()
         for slot in self.slots:
             slot.wait_ready()
@@ -449,17 +478,6 @@ class Machine:
         ]
         assert self.control is not None
         self.control.start()
-        # A signal ignored when we started stays ignored (nohup, a shell's `cmd &` ignoring
-        # SIGINT): the operator asked for that, as for any program. Ours stay until close()
-        # is done: `timeout` signals `up` and then its whole process group, and a second
-        # signal during the teardown must not cut it short (a KeyboardInterrupt, or the
-        # default SIGTERM, skipped the devices' syncs and the VM's close).
-        stop_signals = [
-            s
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-            if signal.getsignal(s) is not signal.SIG_IGN
-        ]
-        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals}
         try:
             for v in self.vcpus:
                 v.start()

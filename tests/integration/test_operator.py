@@ -70,6 +70,32 @@ def test_up_signalled_twice_still_ends_with_the_first_signals_status(tmp_path, g
     assert f"stopped by {sig.name}" in err.decode() and "Aborted" not in err.decode()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_up_signalled_while_it_builds_the_vm_stops_cleanly_before_any_vcpu_runs(
+    tmp_path, guests, sig
+):
+    """A signal once the runtime directory exists, while devices start and the VM is
+    built: SIGTERM killed the process there (its runtime directory, lock and sockets left),
+    SIGINT raised a KeyboardInterrupt in the middle of a spawn (click's 'Aborted!', status 1,
+    false 'started pid N for nobody' errors). The VM now stops at the build's next step,
+    runs no vCPU, tears down as after a run, and exits 128 + the signal."""
+    proc = start(tmp_path, guests["counter"], "", stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    runtime = tmp_path / "run" / "splitvmm"
+    deadline = time.monotonic() + 30
+    while not list(runtime.glob("*/lock")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no runtime directory"
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    text = err.decode()
+    serial = tmp_path / "serial.log"
+
+    assert proc.returncode == 128 + sig, text
+    assert f"stopped by {sig.name}" in text and "Aborted" not in text and "ERROR" not in text
+    assert not (serial.exists() and b"count=" in serial.read_bytes())  # no vCPU ran
+    assert list(runtime.iterdir()) == []  # the runtime directory went with the VM
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="a monitor that is not dumpable hides its fds")
 def test_up_started_with_stdin_closed_reads_dev_null_there(tmp_path, guests):
     """`up ... <&-`: the launcher's pidfd took fd 0, and the console read it as the

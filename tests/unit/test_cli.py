@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm import __version__
-from splitvmm.cli import SUBCOMMANDS, cli, early
+from splitvmm.cli import SUBCOMMANDS, cli, early, up
 from splitvmm.errors import system_exit_status
 from splitvmm.sandbox import launcher, launcher_start
 from splitvmm.sandbox.launcher import Launcher
@@ -121,3 +121,20 @@ def test_early_launcher_is_taken_once_and_only_for_a_vm(monkeypatch):
     assert (forked, early.take()) == ([], None)
     early.start_launcher(["up", "vm.toml"])
     assert (early.take(), early.take()) == (("L", "sock", 42), None)
+
+
+def test_up_interrupted_while_reading_its_config_exits_130_not_click_abort(monkeypatch, capsys):
+    """SIGINT before the VM's handlers are in (reading the config or the snapshot): the
+    launcher is closed, and the exit is a stop by SIGINT, not click's 'Aborted!' (1)."""
+    closed: list[bool] = []
+    fake = type("FakeLauncher", (), {"close": lambda self: closed.append(True)})()
+    monkeypatch.setattr(launcher.Launcher, "start", staticmethod(lambda: fake))
+
+    def interrupted(snapshot: object) -> object:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as ended:
+        up.run_and_exit(interrupted, None, None)  # type: ignore[arg-type]
+
+    assert ended.value.code == 130 and closed == [True]
+    assert "splitvmm: stopped by SIGINT" in capsys.readouterr().err
