@@ -11,6 +11,7 @@ here, and an unused one ends with the process (it dies with its parent).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from splitvmm import timings
@@ -31,6 +32,7 @@ def start_launcher(args: list[str]) -> None:
     global _forked
     if subcommand(args) not in VM_COMMANDS:
         return
+    close_inherited_fds()
     # launcher_start, not the launcher's client: what is imported before the fork delays the
     # zygote twice (here and in the launcher before its exec), and the client imports msgspec.
     from splitvmm.sandbox import launcher_start
@@ -40,6 +42,16 @@ def start_launcher(args: list[str]) -> None:
     except launcher_start.LauncherError:
         return  # run_and_exit tries again, and says why it failed
     timings.mark("launcher fork")
+
+
+def close_inherited_fds() -> None:
+    """Close every fd past stdio that the process running a VM inherited, before it starts
+    anything. The monitor confines itself with Landlock, which leaves open fds alone: one a
+    parent left open (a shell's `9>>file`) stayed writable outside the monitor's domain, and
+    the devices' launcher would have inherited it too. Firecracker's jailer closes them
+    the same way. Here, at the process's start (main()), not in run_and_exit: a test runs
+    `up` in its own process through click, whose fds are not ours to close."""
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
 
 
 def take() -> Launcher | None:

@@ -97,6 +97,25 @@ def test_up_signalled_while_it_builds_the_vm_stops_cleanly_before_any_vcpu_runs(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a monitor that is not dumpable hides its fds")
+def test_up_closes_fds_it_inherited_before_it_confines_itself(tmp_path, guests):
+    """A shell's `9>>file`: Landlock leaves open fds alone, so the confined monitor (and the
+    launcher after it) could still write there, outside its domain."""
+    outside = tmp_path / "outside.txt"
+    fd = os.open(outside, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        proc = counting(tmp_path, guests, stderr=subprocess.PIPE, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    try:
+        held = [os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{proc.pid}/fd")]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert str(outside) not in held, held
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a monitor that is not dumpable hides its fds")
 def test_up_started_with_stdin_closed_reads_dev_null_there(tmp_path, guests):
     """`up ... <&-`: the launcher's pidfd took fd 0, and the console read it as the
     operator's keyboard."""

@@ -117,10 +117,13 @@ def test_early_launcher_is_taken_once_and_only_for_a_vm(monkeypatch):
     forked = []
     monkeypatch.setattr(launcher_start, "fork", lambda: forked.append(1) or ("sock", 42))
     monkeypatch.setattr(launcher, "Launcher", lambda sock, pid: ("L", sock, pid))
+    closes: list[bool] = []
+    monkeypatch.setattr(early, "close_inherited_fds", lambda: closes.append(True))
     early.start_launcher(["ctl", "status"])
     assert (forked, early.take()) == ([], None)
     early.start_launcher(["up", "vm.toml"])
     assert (early.take(), early.take()) == (("L", "sock", 42), None)
+    assert closes == [True]  # only a VM's process closes what it inherited
 
 
 def test_up_interrupted_while_reading_its_config_exits_130_not_click_abort(monkeypatch, capsys):
