@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 
 from splitvmm.config import VmConfig
+from splitvmm.errors import ConfigError
 from splitvmm.monitor import acpi, boot64, cpuid, layout, loader, mptable
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.native.kvm import Kvm, VcpuFd, VmFd
@@ -58,6 +59,20 @@ def acpi_windows(cfg: VmConfig) -> list[PortWindow]:
     return [w for w in windows if isinstance(w, PortWindow) and w.acpi_hid is not None]
 
 
+def check_physical_bits(ram_size: int, bits: int) -> None:
+    """Refuse RAM the guest's CPUs cannot address: its top (past 4 GiB, once RAM passes the
+    PCI hole) within the physical-address width CPUID tells them, as QEMU refuses it. An OS
+    would take the e820 map's RAM and fault on reserved address bits there."""
+    top = max(gpa + size for gpa, size in layout.ram_ranges(ram_size))
+    if top > 1 << bits:
+        fits = (1 << bits) - (layout.FOUR_GIB - layout.MMIO32_START)
+        raise ConfigError(
+            f"vm.memory: {ram_size >> 20} MiB puts RAM up to {top:#x}, past the {bits}-bit "
+            f"physical addresses this VM's CPUs have (CPUID 0x80000008, the host's or "
+            f"vm.cpuid_mask's): at most {fits >> 20} MiB fits"
+        )
+
+
 def prepare(
     cfg: VmConfig,
     kvm: Kvm,
@@ -69,6 +84,7 @@ def prepare(
     `pci_intx`: (PCI device, GSI) of each PCI device's INTA#, for the ACPI tables."""
     mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
     tables = [cpuid.setup_cpuid(kvm, v, len(vcpus), mask) for v in vcpus]
+    check_physical_bits(mem.size, cpuid.physical_address_bits(tables[0]))
     for v in vcpus:
         boot64.setup_lapic_lints(v)
     if cfg.boot.kernel is None:

@@ -250,6 +250,15 @@ def vcpu_cpuid(
     return mask.apply(entries) if mask is not None else entries
 
 
+def physical_address_bits(entries: Sequence[CpuidEntry]) -> int:
+    """MAXPHYADDR, the physical-address width the guest is told: leaf 0x80000008 EAX[7:0];
+    36 where the table has no such leaf (SDM vol. 3A 4.1.4, for a CPU with PAE)."""
+    for e in entries:
+        if e.function == 0x80000008 and e.eax & 0xFF:
+            return e.eax & 0xFF
+    return 36
+
+
 def setup_cpuid(
     kvm: Kvm, vcpu: VcpuFd, nvcpus: int, mask: CpuidMask | None = None
 ) -> list[CpuidEntry]:

@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from splitvmm.monitor.cpuid import physical_address_bits
+from splitvmm.native.kvm import Kvm
 from tests.integration.conftest import run_up
 
 pytestmark = pytest.mark.kvm
@@ -38,6 +40,18 @@ def test_hello_large_memory_splits_ram_around_pci_hole(guests, tmp_path):
     run = run_up(tmp_path, kernel(guests, "hello"), memory="4G")
     assert "e820: 0x0000000000100000-0x00000000c0000000 1" in run.serial
     assert "e820: 0x0000000100000000-0x0000000140000000 1" in run.serial
+
+
+def test_ram_past_the_guests_physical_address_bits_is_refused_naming_the_key(guests, tmp_path):
+    """4G of RAM reaches 5 GiB (past the PCI hole): with CPUID telling the guest 32 physical
+    address bits (vm.cpuid_mask clears the rest of this host's), it would fault there."""
+    host_bits = physical_address_bits(Kvm().supported_cpuid())
+    if not 32 <= host_bits < 64:
+        pytest.skip(f"this host's CPUID says {host_bits} physical address bits")
+    mask = f'cpuid_mask = ["0x80000008.eax:{host_bits & ~32:#x}"]\n'
+    run = run_up(tmp_path, kernel(guests, "hello"), memory="4G", vm_extra=mask)
+    assert run.status == 1 and "vm.memory: 4096 MiB puts RAM up to 0x140000000" in run.stderr
+    assert "past the 32-bit physical addresses" in run.stderr and run.serial == ""
 
 
 @pytest.mark.parametrize("status,expected", [(3, 7), (0, 1), (42, 85)])

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.errors import ConfigError
-from splitvmm.monitor.cpuid import CpuidMask, missing_on_host, vcpu_cpuid
+from splitvmm.monitor.boot import check_physical_bits
+from splitvmm.monitor.cpuid import (
+    CpuidMask,
+    missing_on_host,
+    physical_address_bits,
+    vcpu_cpuid,
+)
 from splitvmm.native.kvm import CpuidEntry
 
 SIG = 1  # KVM_CPUID_FLAG_SIGNIFCANT_INDEX
@@ -260,3 +266,24 @@ def test_cpuid_restore_on_another_vendor_is_named() -> None:
     assert (
         missing_on_host(saved, INTEL)[0] == "vendor 'AuthenticAMD' (this host's is 'GenuineIntel')"
     )
+
+
+def test_physical_address_bits_come_from_leaf_0x80000008_or_default_to_36():
+    leaf = CpuidEntry(0x80000008, 0, 0, 0x3028, 0, 0, 0)  # 40 physical, 48 linear bits
+    assert physical_address_bits([leaf]) == 40
+    assert physical_address_bits([CpuidEntry(1, 0, 0, 0x600, 0, 0, 0)]) == 36
+
+
+@pytest.mark.parametrize(
+    ("memory_gib", "bits", "refused"),
+    [(3, 32, False), (4, 32, True), (63, 36, False), (64, 36, True), (1024, 46, False)],
+)
+def test_ram_past_the_guests_physical_address_width_is_refused_naming_the_key(
+    memory_gib, bits, refused
+):
+    """RAM past the PCI hole sits above 4 GiB: 4G of RAM reaches 5 GiB, past 32 bits."""
+    if refused:
+        with pytest.raises(ConfigError, match=f"vm.memory: .* past the {bits}-bit"):
+            check_physical_bits(memory_gib << 30, bits)
+    else:
+        check_physical_bits(memory_gib << 30, bits)
