@@ -264,6 +264,7 @@ class DeviceChannel:
         """Posted frames, in order, as the parts of one ZeroMQ message: one wake-up of its
         I/O threads for all (each part is a frame to the device). ZeroMQ delivers a
         message whole or not at all."""
+        self._waited_on_host_io = False  # a wait on its disk here is this post's own
         for frame in frames[:-1]:
             self._send(frame, "a posted write", _SNDMORE)
         self._send(frames[-1], "a posted write")

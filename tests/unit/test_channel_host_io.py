@@ -118,3 +118,14 @@ def test_stats_to_a_device_in_host_io_wait_one_at_a_time(pair):
     for _ in range(channel_module.MAX_LATE_STATS + 2):
         assert ch.stats(DEADLINE_MS) is None
     assert list(ch._late.values()) == ["counters"]
+
+
+def test_a_posted_write_starts_its_own_host_io_wait(pair):
+    """A post that waits on a device in host I/O logs how long it has waited: from its own
+    start, not from a request's before it."""
+    ch, _ = pair
+    ch._waited_on_host_io, ch._host_io_since = True, 0.0  # what an earlier request left
+
+    ch.post(control.encode({"op": "ping", "seq": ch._next_seq()}))
+
+    assert ch._waited_on_host_io is False
