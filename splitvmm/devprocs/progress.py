@@ -37,12 +37,12 @@ dead one's, so it would otherwise answer the next FLUSH with OK.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import zlib
 
 from splitvmm.errors import StateError
+from splitvmm.native.mem import map_shared_page
 from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 
 RECORD = struct.Struct("<QQ")  # used idx, output count
@@ -101,14 +101,12 @@ class Progress:
 
 
 def host_io_flag(fd: int) -> memoryview:
-    """The page's host-I/O flag, writable: map it before the sandbox and keep it for the
-    process's life, as guest RAM's mappings are (CPython's mmap holds a dup of the fd, which
-    the sandbox closes; only closing the mapping would use that number again)."""
+    """The page's host-I/O flag, writable: mapped before the sandbox, for the process's life
+    (native/mem.py map_shared_page: no dup of the fd for the sandbox to close)."""
     size = os.fstat(fd).st_size
     if size < SIZE:
         raise StateError(f"progress memfd: {size} bytes, {SIZE} needed")
-    page = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    return memoryview(page)[HOST_IO : HOST_IO + 1]
+    return map_shared_page(fd, SIZE)[HOST_IO : HOST_IO + 1]
 
 
 def _sealed(record: bytes) -> bytes:

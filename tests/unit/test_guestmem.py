@@ -8,7 +8,7 @@ import os
 import pytest
 
 from splitvmm.monitor.memory import GuestMemory
-from splitvmm.native.mem import GuestMemoryError, GuestMemoryView, Region
+from splitvmm.native.mem import GuestMemoryError, GuestMemoryView, Region, map_shared_page
 
 PAGE = 4096
 # RAM in two regions with a hole between them, as around the PCI hole
@@ -86,3 +86,30 @@ def test_guest_ram_mapping_is_left_out_of_core_files():
         ram.map.close()
         os.close(ram.fd)
     assert " dd" in flags, flags
+
+
+def test_shared_page_needs_no_fd_once_mapped():
+    """map_shared_page keeps no dup of the fd (CPython's mmap does, and closes it at exit):
+    the fd closed, the mapping still reaches the memfd's pages."""
+    fd = os.memfd_create("page")
+    os.ftruncate(fd, 4096)
+    reader = os.dup(fd)
+    open_before = len(os.listdir("/proc/self/fd"))
+    page = map_shared_page(fd, 65)
+    assert len(os.listdir("/proc/self/fd")) == open_before  # no fd of its own
+    os.close(fd)
+    page[64] = 1
+    try:
+        assert (len(page), os.pread(reader, 1, 64)) == (65, b"\x01")
+    finally:
+        os.close(reader)
+
+
+def test_shared_page_past_the_fds_end_is_refused():
+    fd = os.memfd_create("page")
+    try:
+        with pytest.raises(ValueError, match="8192 bytes to map, 4096 there"):
+            os.ftruncate(fd, 4096)
+            map_shared_page(fd, 8192)
+    finally:
+        os.close(fd)
