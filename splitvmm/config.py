@@ -331,7 +331,8 @@ def _duration(table: dict[str, Any], key: str, where: str, default: float) -> fl
 
 def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
     """Two devices may share a disk image only read-only: two writers (two guest drivers,
-    each caching what it wrote) corrupt it, and the monitor takes no lock on it."""
+    each caching what it wrote) corrupt it. Named here, by its path; the image's lock
+    (monitor/devicefds.py lock_disk) catches one reached by two paths, and other VMs."""
     seen: dict[str, tuple[str, bool]] = {}  # path -> (first device, writable)
     for dev in devices:
         for role in MODELS[dev.model].fds:

@@ -54,10 +54,10 @@ def run_and_exit(
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
     timings.mark("command line")
-    from splitvmm.monitor.machine import run_vm
-
-    timings.mark("import monitor")
     try:
+        from splitvmm.monitor.machine import run_vm
+
+        timings.mark("import monitor")
         try:
             if snapshot_dir is None:
                 snap, cfg = None, cfg_loader(None)

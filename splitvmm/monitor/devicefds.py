@@ -207,8 +207,9 @@ def lock_disk(fd: int, path: str, key: str, readonly: bool) -> None:
     except BlockingIOError:
         use = "open read-write" if readonly else "open"
         raise ConfigError(
-            f"{key}: {path} is {use} in another VM (it holds the image's lock): a disk image "
-            "is written by one VM at a time, and read by none while one writes it"
+            f"{key}: {path} is {use} in another VM (it holds the image's lock; or another "
+            "device of this VM, by another path; or a process of a VM that has just ended): "
+            "a disk image is written by one VM at a time, and read by none while one writes it"
         ) from None
     except OSError as e:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):

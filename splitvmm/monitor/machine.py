@@ -191,6 +191,8 @@ class Machine:
             self._closables.append(boot.Firmware(self.vm, image))
         if restoring is not None:
             restore.apply(*restoring, self)  # imported above, for this restore
+            if self.stopping:  # a stop signal while RAM loaded: no device is started
+                return
             self._pit_reinject_off()  # after apply() set the PIT's state, under the same lock
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
@@ -462,6 +464,8 @@ class Machine:
             slot.wait_ready()
             timings.span(f"device {slot.name} ready", self._spawned_at[slot.name])
         timings.mark("devices ready (wait)")
+        if self._outcome is not None:  # stopped while the devices got ready: still none runs
+            return self._outcome
         supervisor = self._supervisor = Supervisor(
             on_spare_lost=lambda slot: self._restarts.put(SpareLost(slot))
         )
