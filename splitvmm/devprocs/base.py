@@ -54,6 +54,7 @@ class Counters(Struct):
 
 
 CheckpointProgress = tuple[int, int]  # (frames applied, output bytes emitted)
+T = TypeVar("T")
 
 
 class DeviceEvents:
@@ -197,6 +198,14 @@ class DeviceContext(Struct):
     # channel, another fd of the model's, a deadline passed): a model busy for long asks
     # before it goes on (virtio's BUDGET_NS). The event loop sets it (EventLoop.waiting).
     waiting: Callable[[], bool] = _always_waiting
+
+    def made(self, key: str, kind: type[T], what: str) -> T:
+        """What the model's setup() put in `prepared` under `key`, of type `kind`; TypeError
+        naming `what` when setup() did not run (or put something else there)."""
+        value = self.prepared.get(key)
+        if not isinstance(value, kind):
+            raise TypeError(f"{what} (setup() did not run)")
+        return value
 
 
 class Device(abc.ABC):

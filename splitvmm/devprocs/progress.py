@@ -86,6 +86,12 @@ class Progress:
         code: int = RECORD.unpack(record)[0]
         return code
 
+    def host_io_flag(self) -> memoryview:
+        """The page's host-I/O flag, writable: map it before the sandbox; it stays mapped for
+        the process's life (native/mem.py map_shared_page: no dup of the fd for the sandbox
+        to close)."""
+        return map_shared_page(self.fd, SIZE)[HOST_IO : HOST_IO + 1]
+
     def records(self) -> dict[int, int]:
         """used idx -> output count, of the slots whose crc holds (pread64 on this fd: the
         device's policy allows it, as it allows pwrite64)."""
@@ -98,15 +104,6 @@ class Progress:
                 used_idx, count = RECORD.unpack(record)
                 found[used_idx] = count
         return found
-
-
-def host_io_flag(fd: int) -> memoryview:
-    """The page's host-I/O flag, writable: mapped before the sandbox, for the process's life
-    (native/mem.py map_shared_page: no dup of the fd for the sandbox to close)."""
-    size = os.fstat(fd).st_size
-    if size < SIZE:
-        raise StateError(f"progress memfd: {size} bytes, {SIZE} needed")
-    return map_shared_page(fd, SIZE)[HOST_IO : HOST_IO + 1]
 
 
 def _sealed(record: bytes) -> bytes:

@@ -57,7 +57,7 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, NoReturn, Self, TypeVar
 
 from splitvmm.devprocs.base import DeviceContext, register
-from splitvmm.devprocs.progress import Progress, host_io_flag
+from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import skip_bytes
 from splitvmm.devprocs.virtio.pci import Pending, VirtioPciDevice, log
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
@@ -163,25 +163,16 @@ class VirtioBlk(VirtioPciDevice):
     def __init__(self, ctx: DeviceContext, readonly: bool = False, serial: bytes = b"") -> None:
         super().__init__(ctx)
         self.disk = ctx.fds["disk"]
-        capacity = ctx.prepared.get("capacity")
-        if not isinstance(capacity, int):
-            raise TypeError("virtio-blk: the disk's size is unknown (setup() did not run)")
-        self.capacity = capacity
+        self.capacity = ctx.made("capacity", int, f"{self.NAME}: the disk's size is unknown")
         self.readonly = readonly
         self.serial = serial
         bounce, context = ctx.prepared.get("bounce"), ctx.prepared.get("aio")
         # None: the image is not opened with O_DIRECT, and any buffer will do
         self.bounce = memoryview(bounce) if isinstance(bounce, mmap.mmap) else None
         self.aio = context if isinstance(context, aio.AioContext) else None
-        progress = ctx.prepared.get("progress")
-        if not isinstance(progress, Progress):
-            raise TypeError(f"{self.NAME}: no progress page (setup() did not run)")
-        self._progress = progress
-        host_io = ctx.prepared.get("host_io")
-        if not isinstance(host_io, memoryview):
-            raise TypeError(f"{self.NAME}: no host-I/O flag (setup() did not run)")
-        self._host_io = host_io
-        host_io[0] = 0  # a process killed inside a disk call left it set: this one is not
+        self._progress = ctx.made("progress", Progress, f"{self.NAME}: no progress page")
+        self._host_io = ctx.made("host_io", memoryview, f"{self.NAME}: no host-I/O flag")
+        self._host_io[0] = 0  # a process killed inside a disk call left it set: this one is not
         self.flush_error = 0  # a failed write-back's errno: see the module docstring
         self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
         self._token = 0
@@ -194,8 +185,8 @@ class VirtioBlk(VirtioPciDevice):
         super().setup(ctx)
         disk = ctx.fds["disk"]
         ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
-        ctx.prepared["progress"] = Progress(ctx.fds["progress"])
-        ctx.prepared["host_io"] = host_io_flag(ctx.fds["progress"])
+        progress = ctx.prepared["progress"] = Progress(ctx.fds["progress"])
+        ctx.prepared["host_io"] = progress.host_io_flag()
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
             ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES, flags=mmap.MAP_PRIVATE)
 

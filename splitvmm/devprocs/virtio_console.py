@@ -145,10 +145,7 @@ class VirtioConsole(VirtioPciDevice):
         self._checkpoint_taken: VirtioConsoleState | None = None
         self._tx: deque[_TxChain] = deque()
         self._tx_done = 0  # the output's count at the start of the oldest chain in flight
-        progress = ctx.prepared.get("progress")
-        if not isinstance(progress, Progress):
-            raise TypeError(f"{self.NAME}: no progress page (setup() did not run)")
-        self._progress = progress
+        self._progress = ctx.made("progress", Progress, f"{self.NAME}: no progress page")
         self._published = 0.0  # time.monotonic() of the last checkpoint _checkpoint() sent
         self.bytes_in = self.bytes_out = self.rx_dropped = 0
         self.resets = 0

@@ -1073,18 +1073,22 @@ def _host_io_flag(spawn: Spawn) -> Callable[[], bool] | None:
     """How the monitor reads whether a device is inside a host I/O call: the flag in its
     progress page (protocol/models.py PROGRESS_HOST_IO_BYTE), read with pread (the monitor
     maps nothing a device writes); None for a device without a progress page."""
-    for role in MODELS[spawn.model].fds:
-        fd = spawn.fds.get(role.name)
-        if role.kind is FdKind.PROGRESS and fd is not None:
-            return lambda: os.pread(fd, 1, PROGRESS_HOST_IO_BYTE) == b"\x01"
-    return None
+    fd = _fd_of_kind(spawn, FdKind.PROGRESS)
+    if fd is None:
+        return None
+    return lambda: os.pread(fd, 1, PROGRESS_HOST_IO_BYTE) == b"\x01"
 
 
 def _output_fd(spawn: Spawn) -> int | None:
     """The device's output fd, if it has one."""
+    return _fd_of_kind(spawn, FdKind.OUTPUT)
+
+
+def _fd_of_kind(spawn: Spawn, kind: FdKind) -> int | None:
+    """The fd of the device's first role of `kind`, if it has one."""
     for role in MODELS[spawn.model].fds:
         fd = spawn.fds.get(role.name)
-        if role.kind is FdKind.OUTPUT and fd is not None:
+        if role.kind is kind and fd is not None:
             return fd
     return None
 

@@ -22,8 +22,9 @@ def map_shared_page(fd: int, size: int) -> memoryview:
     and unmaps the pages: with the progress page so mapped, a virtio-blk device that ended
     through Python's own teardown (its policy audit's malformed frame) died of SIGSEGV,
     one run in three under load. A plain mmap(2) keeps no fd."""
-    if not 0 < size <= os.fstat(fd).st_size:
-        raise ValueError(f"fd {fd}: {size} bytes to map, {os.fstat(fd).st_size} there")
+    there = os.fstat(fd).st_size
+    if not 0 < size <= there:
+        raise ValueError(f"fd {fd}: {size} bytes to map, {there} there")
     address = _libc_mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
     if address is None or address == _MAP_FAILED:
         err = ctypes.get_errno()

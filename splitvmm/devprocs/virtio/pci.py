@@ -222,10 +222,7 @@ class VirtioPciDevice(RegisterDevice):
         if not isinstance(function, PciFunction) or function.notify is None:
             raise TypeError(f"{type(self).__name__}: its descriptor is not a virtio function")
         self.function = function
-        ram = ctx.prepared.get("ram")
-        if not isinstance(ram, GuestRam):
-            raise TypeError(f"{self.NAME}: guest RAM is not mapped (setup() did not run)")
-        self.ram = ram
+        self.ram = ctx.made("ram", GuestRam, f"{self.NAME}: guest RAM is not mapped")
         self.queue_count = function.notify.queues
         self._bar0 = function.region_of_bar(0)
         self._bar1 = function.region_of_bar(1)
