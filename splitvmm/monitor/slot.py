@@ -512,7 +512,7 @@ class DeviceSlot:
         with self._lock:
             if self._spare is None or self._spare[0] is not process:
                 return False
-            spare, self._spare = self._spare, None
+            self._drop_spare_locked()
             self._spare_losses += 1
             again = self._spare_losses < MAX_SPARE_LOSSES and not self._failed()
         log.warning(
@@ -522,7 +522,7 @@ class DeviceSlot:
             _how(process),
             "starting another" if again else "no more spares until a restart needs one",
         )
-        self._end_spare(*spare)
+        _end(self.name, process, None)
         return again
 
     @property
@@ -573,9 +573,23 @@ class DeviceSlot:
         return self.state is SlotState.FAILED
 
     def _end_spare(self, process: DeviceProcess, listener: int) -> None:
+        self._free_spare_name(listener)
+        _end(self.name, process, None)
+
+    def _drop_spare_locked(self) -> DeviceProcess | None:
+        """Take the warm spare out of the slot, its name freed at once: the process, for the
+        caller to end outside the lock. "No spare" must always mean that the next one can
+        bind spare_path(); freeing it after the lock, a start_spare() in between (another
+        thread's) met EADDRINUSE."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        self._free_spare_name(spare[1])
+        return spare[0]
+
+    def _free_spare_name(self, listener: int) -> None:
         os.close(listener)
         Path(spare_path(self.endpoint)).unlink(missing_ok=True)
-        _end(self.name, process, None)
 
     def _resume_locked(self) -> dict[str, object]:
         cp = self._checkpoint
@@ -1050,14 +1064,14 @@ class DeviceSlot:
         with self._lock:
             process, channel = self.process, self.channel
             self.process = self.channel = None
-            spare, self._spare = self._spare, None
+            spare = self._drop_spare_locked()
             self._drop_listener_locked()
             if self.state is not SlotState.FAILED:
                 self.state = SlotState.FAILED
             self._back.notify_all()
         _end(self.name, process, channel)
         if spare is not None:
-            self._end_spare(*spare)
+            _end(self.name, spare, None)
 
 
 def _how(process: DeviceProcess) -> str:

@@ -491,6 +491,34 @@ def test_slot_spares_that_keep_dying_are_not_replaced_for_ever(spared, monkeypat
     assert spared.slot.spare_pid == 0 and spared.slot.start_spare() is None
 
 
+def test_slot_without_a_spare_has_its_spare_name_free_already(spared, monkeypatch):
+    """The moment the slot shows no spare, the next can bind: the lost spare's name is
+    freed with it, not after the (slow) wait for its end. CI met a start_spare() in that
+    window: EADDRINUSE, and no spare."""
+    seen_ended = threading.Event()
+    go_on = threading.Event()
+    how = slot_module._how
+
+    def slow_how(process):
+        seen_ended.set()
+        go_on.wait(10)
+        return how(process)
+
+    monkeypatch.setattr(slot_module, "_how", slow_how)
+    spare = spared.slot._spare[0]
+    spare.kill()
+    assert readable(spare.pidfd, 10)
+    ender = threading.Thread(target=spared.slot.spare_ended, args=(spare,))
+    ender.start()
+    try:
+        assert seen_ended.wait(10) and spared.slot.spare_pid == 0
+        assert not os.path.exists(spare_path(spared.slot.endpoint))
+        assert spared.slot.start_spare() is not None
+    finally:
+        go_on.set()
+        ender.join()
+
+
 def test_slot_spare_watch_ignores_the_end_of_a_spare_that_took_over(spared):
     """A spare that took over is the slot's process: its end is a crash (process_ended),
     not a lost spare."""
