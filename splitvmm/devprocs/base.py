@@ -73,8 +73,8 @@ class DeviceEvents:
     MAX_PENDING = 16
     # Kinds of frame of which only the newest matters, sent in this order: the published
     # state, the register mirror (runtime.MirrorPublisher), the room for host input
-    # (runtime.InputRoomReporter).
-    SUPERSEDING = ("state", "mirror", "room")
+    # (runtime.InputRoomReporter), a stall (never dropped: the VM must pause for it).
+    SUPERSEDING = ("state", "mirror", "room", "stall")
 
     def __init__(self) -> None:
         self._send: Callable[[bytes], bool] | None = None
@@ -129,6 +129,10 @@ class DeviceEvents:
 
     def report(self, message: str) -> None:
         self._queue(events.encode_report(message))
+
+    def stall(self, message: str) -> None:
+        """Ask the monitor to pause the VM: a request waits for room on the host."""
+        self._supersede("stall", events.encode_stall(message))
 
     def request_msi(self, vector: int, address: int, data: int) -> int:
         """Ask for MSI-X `vector`'s route to (address, data); its answer goes to

@@ -40,6 +40,14 @@ crash, which shares the dead one's open file, keeps failing too (the window betw
 fdatasync's return and the latch is a few microseconds of Python); a snapshot carries it
 (flush_error). An O_DIRECT image has no page cache to lose, as QEMU also reasons.
 
+A full host: a write (or discard, or write-zeroes) that meets ENOSPC or EDQUOT stalls the
+device (the transport's stall(): the request waits, the monitor pauses the VM, and its next
+resume tries the request again), so that a guest never reads an I/O error the operator
+could have spared it by making room: QEMU's default (werror=enospc) does the same. With
+the `on_full = "error"` option such a request is IOERR, as any other failure. A failed
+FLUSH of a page-cache image never stalls: what it lost is lost (above), and the retry would
+find the error latched.
+
 A slow disk is not a hung device: each disk call that may block (_host_call) sets the
 host-I/O flag in the progress page meanwhile, and the monitor waits for a device whose flag
 is set past its requests' and the heartbeat's deadlines (monitor/channel.py). Without it, a
@@ -59,7 +67,7 @@ from typing import Annotated, Any, ClassVar, NoReturn, Self, TypeVar
 from splitvmm.devprocs.base import DeviceContext, register
 from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import skip_bytes
-from splitvmm.devprocs.virtio.pci import Pending, VirtioPciDevice, log
+from splitvmm.devprocs.virtio.pci import Pending, Stalled, VirtioPciDevice, log
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
@@ -108,6 +116,7 @@ PUNCH_HOLE = files.FALLOC_FL_PUNCH_HOLE | files.FALLOC_FL_KEEP_SIZE  # the kerne
 # binds it, where ZERO_RANGE|KEEP_SIZE could allocate blocks past the end unbounded
 ZERO_RANGE = files.FALLOC_FL_ZERO_RANGE
 MAX_ERRNO = 4095  # the kernel's errno values are below it
+HOST_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write the operator can make room for: stall
 
 
 T = TypeVar("T")
@@ -160,7 +169,13 @@ class VirtioBlk(VirtioPciDevice):
     POLL_NS = 32_000  # a driver keeps requests in flight: see _arrives_within()
     MAX_IN_FLIGHT = AIO_DEPTH  # only an O_DIRECT image's requests are ever in flight
 
-    def __init__(self, ctx: DeviceContext, readonly: bool = False, serial: bytes = b"") -> None:
+    def __init__(
+        self,
+        ctx: DeviceContext,
+        readonly: bool = False,
+        serial: bytes = b"",
+        pause_when_full: bool = True,
+    ) -> None:
         super().__init__(ctx)
         self.disk = ctx.fds["disk"]
         self.capacity = ctx.made("capacity", int, f"{self.NAME}: the disk's size is unknown")
@@ -174,6 +189,8 @@ class VirtioBlk(VirtioPciDevice):
         self._host_io = ctx.made("host_io", memoryview, f"{self.NAME}: no host-I/O flag")
         self._host_io[0] = 0  # a process killed inside a disk call left it set: this one is not
         self.flush_error = 0  # a failed write-back's errno: see the module docstring
+        # on_full (protocol/models.py): a write the host has no room for stalls the device
+        self.pause_when_full = pause_when_full
         self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
         self._token = 0
         self.counts = {"aio_requests": 0, "bounced_requests": 0}
@@ -205,7 +222,7 @@ class VirtioBlk(VirtioPciDevice):
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
         readonly, serial = _guest_options(options)
-        return cls(ctx, readonly=readonly, serial=serial)
+        return cls(ctx, readonly=readonly, serial=serial, pause_when_full=_pauses(options))
 
     def check_options(self, options: Mapping[str, object]) -> None:
         readonly, serial = _guest_options(options)
@@ -224,7 +241,10 @@ class VirtioBlk(VirtioPciDevice):
     def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
         if not state.serial.isascii():
             raise StateError("virtio-blk state: serial is not ASCII")
-        device = cls(ctx, readonly=state.readonly, serial=state.serial)
+        # on_full is the host's policy, not the guest's: from this start's options
+        device = cls(
+            ctx, readonly=state.readonly, serial=state.serial, pause_when_full=_pauses(ctx.options)
+        )
         if device.capacity < state.capacity and not ctx.restarted:
             raise StateError(
                 f"virtio-blk state: the image has {device.capacity} sectors, fewer than the "
@@ -368,6 +388,9 @@ class VirtioBlk(VirtioPciDevice):
                     written = request.total
             except RequestError as e:
                 written, status = 0, e.status
+            except Stalled:  # it goes back to the ring (the transport's stall())
+                request.views, request.stalled = [], True
+                continue
             request.views = []  # the guest's buffers, exported no longer
             request.written = self._complete(request.data_in, written, request.status_gpa, status)
 
@@ -429,12 +452,15 @@ class VirtioBlk(VirtioPciDevice):
         try:
             self._host_call(os.fdatasync, self.disk)
         except OSError as e:
-            if self.bounce is None:  # not O_DIRECT: the page cache lost the failed writes
-                self._latch_flush_error(e.errno or errno.EIO)
-                self._warn.warning(
-                    "io", "%s: write-back failed (%s): every later FLUSH fails", self.NAME, e
-                )
-            self._io_failed(e)
+            if self.bounce is not None:  # O_DIRECT: nothing lost in a page cache
+                self._io_failed(e)
+            # The page cache lost the failed writes: IOERR now and later, never a stall (the
+            # module docstring)
+            self._latch_flush_error(e.errno or errno.EIO)
+            self._warn.warning(
+                "io", "%s: write-back failed (%s): every later FLUSH fails", self.NAME, e
+            )
+            raise RequestError(VIRTIO_BLK_S_IOERR) from None
 
     def _latch_flush_error(self, code: int) -> None:
         self.flush_error = min(code, MAX_ERRNO)
@@ -598,6 +624,9 @@ class VirtioBlk(VirtioPciDevice):
             flag[0] = 0
 
     def _io_failed(self, e: OSError) -> NoReturn:
+        """The request's IOERR; a stall (Stalled) where the host only lacks room for it."""
+        if e.errno in HOST_FULL and self.pause_when_full:
+            raise self.stall(f"the disk's file system is full ({os.strerror(e.errno)})") from None
         self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
         raise RequestError(VIRTIO_BLK_S_IOERR) from None
 
@@ -610,6 +639,11 @@ def _guest_options(options: Mapping[str, object]) -> tuple[bool, bytes]:
     if len(serial) > ID_BYTES:
         raise ConfigError(f"virtio-blk: serial is {len(serial)} bytes, at most {ID_BYTES}")
     return bool(options.get("readonly", False)), serial
+
+
+def _pauses(options: Mapping[str, object]) -> bool:
+    """Whether on_full says "pause" (its default: protocol/models.py)."""
+    return options.get("on_full", "pause") == "pause"
 
 
 def _merged(bufs: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,12 +76,21 @@ class Coordinator:
         self.machine = machine
         self.device_deadline_s = device_deadline_s
         self.paused = False
+        # One pause, resume or snapshot at a time: ctl's (its worker thread) or the
+        # restarter's for a device that stalled (Machine._pause_for)
+        self._lock = threading.RLock()
         # A snapshot is under way: its devices may be quiesced, and nobody else asks them
         # anything (`ctl devices` shows no counters meanwhile).
         self.snapshotting = False
 
     # -- pause / resume -----------------------------------------------------------------------
-    def pause(self) -> None:
+    def pause(self, missing_ok: bool = False) -> None:
+        """Park every vCPU; with `missing_ok`, a VM paused already is no error."""
+        with self._lock:
+            if not (self.paused and missing_ok):
+                self._pause()
+
+    def _pause(self) -> None:
         if self.paused:
             raise ControlError(f"VM {self.machine.cfg.vm.name!r} is already paused")
         if self.machine.stopping:
@@ -107,8 +117,16 @@ class Coordinator:
         self.paused = True
 
     def resume(self) -> None:
+        """Run the vCPUs again; a device that stalled meanwhile tries its request again
+        first (DeviceSlot.resume_stalled)."""
+        with self._lock:
+            self._resume()
+
+    def _resume(self) -> None:
         if not self.paused:
             raise ControlError(f"VM {self.machine.cfg.vm.name!r} is not paused")
+        for slot in self.machine.slots:
+            slot.resume_stalled()
         for fd in self.machine.vcpu_fds:
             vmstate.tell_stopped(fd)  # parked: out of KVM_RUN, as an ioctl from here needs
         for v in self.machine.vcpus:
@@ -121,6 +139,10 @@ class Coordinator:
     ) -> SnapshotReport:
         """Write a snapshot; the VM runs on afterwards unless it was paused or keep_paused.
         With sign_key, the snapshot carries its manifest's MAC (snapshot/signing.py)."""
+        with self._lock:
+            return self._snapshot(target, keep_paused, sign_key)
+
+    def _snapshot(self, target: Path, keep_paused: bool, sign_key: bytes | None) -> SnapshotReport:
         target = self._check_target(target)
         if os.path.lexists(target):  # a symlink too, dangling or not: the rename would replace it
             raise ControlError(f"snapshot target {target} already exists")

@@ -112,8 +112,11 @@ class Machine:
         self._budgets = {
             d.name: RestartBudget(d.max_restarts, d.restart_window_s) for d in cfg.devices
         }
-        # The restarter's work: a crashed device, a device whose warm spare ended, or None
-        self._restarts: queue.SimpleQueue[DeviceSlot | SpareLost | None] = queue.SimpleQueue()
+        # The restarter's work: a crashed device, a device whose warm spare ended, one that
+        # stalled (the VM to pause), or None
+        self._restarts: queue.SimpleQueue[DeviceSlot | SpareLost | Stalled | None] = (
+            queue.SimpleQueue()
+        )
         self._supervisor: Supervisor | None = None
         self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
         self.functions: dict[str, PciFunctionHost] = {}  # PCI devices, by name
@@ -331,6 +334,7 @@ class Machine:
                 self.zctx,
                 self._device_failed,
                 resumer=self.launcher.resume if restarts else None,
+                on_stall=lambda slot, why: self._restarts.put(Stalled(slot, why)),
             )
             self.slots.append(slot)  # closed by close() from now on, whatever launch() does
             transport = MODELS[spawn.model].transport
@@ -421,6 +425,9 @@ class Machine:
                 if not self.stopping:
                     self._start_spare(slot.slot)
                 continue
+            if isinstance(slot, Stalled):
+                self._pause_for(slot)
+                continue
             try:
                 slot.restart()
             except DeviceFailure as e:
@@ -435,6 +442,26 @@ class Machine:
             if self._supervisor is not None and slot.process is not None:
                 self._supervisor.watch(slot)
             self._start_spare(slot)
+
+    def _pause_for(self, stalled: Stalled) -> None:
+        """Pause the VM for a device that holds a request until the host has room (its
+        model's pause_option is "pause"); `ctl resume` has it try again (Coordinator)."""
+        slot = stalled.slot
+        if self.stopping or slot.stalled is None:  # resumed meanwhile: it tried again
+            return
+        path = self._device_cfg[slot.name].options.get("path")
+        where = f"device {slot.name}" + (f" ({path})" if path else "")
+        try:
+            self.coordinator.pause(missing_ok=True)
+        except ControlError as e:
+            log.error("%s: %s; the VM could not be paused: %s", where, stalled.why, e)
+            return
+        log.error(
+            "%s: %s: the VM is paused; make room on the host, then `splitvmm ctl resume` "
+            "(its request is tried again)",
+            where,
+            stalled.why,
+        )
 
     def _start_spare(self, slot: DeviceSlot) -> None:
         """A warm spare for `slot` (if it keeps one), watched while it waits."""
@@ -605,6 +632,8 @@ class Machine:
             "warm_restarts": s.warm_restarts,  # restarts a warm spare took over
             "spare_pid": s.spare_pid,  # the warm spare waiting to, or 0
             "longest_stall_ms": round(s.longest_stall_ms, 1),
+            # why it holds a request until the VM's resume (the VM paused for it), or ""
+            "stalled": s.stalled or "",
             # guest accesses forwarded to the device: what its register traffic costs
             # the monitor (queue notifies and interrupts never count here)
             "exits": {"reads": s.reads, "writes": s.writes},
@@ -737,6 +766,13 @@ def _is_open(fd: int) -> bool:
 
 class _Closable(Protocol):
     def close(self) -> None: ...
+
+
+class Stalled(NamedTuple):
+    """For the restarter: `slot`'s device stalled (`why`): pause the VM."""
+
+    slot: DeviceSlot
+    why: str
 
 
 class SpareLost(NamedTuple):

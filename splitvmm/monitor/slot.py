@@ -216,10 +216,13 @@ class DeviceSlot:
         zctx: zmq.Context[zmq.Socket[bytes]],
         on_failure: Callable[[DeviceSlot, str], bool],
         resumer: Resumer | None = None,
+        on_stall: Callable[[DeviceSlot, str], None] | None = None,
     ) -> None:
         """`on_failure(slot, why)` applies the device's on_crash policy; True: a restart
         follows (restart() from another thread), and accesses wait for it. With a `resumer`
-        the slot keeps a warm spare for its restarts (start_spare(), the module docstring)."""
+        the slot keeps a warm spare for its restarts (start_spare(), the module docstring).
+        `on_stall(slot, why)`: the device holds a request until the VM's next resume and
+        asks for a pause (protocol/events.py stall), with the slot's lock held."""
         self.name = spawn.name
         self.model = spawn.model
         self.window = spawn.window
@@ -241,6 +244,10 @@ class DeviceSlot:
         self._spare_losses = 0  # spares that ended waiting, since one last took over
         self.warm_restarts = 0  # restarts a spare took over
         self._on_failure = on_failure
+        self._on_stall = on_stall
+        # Why the device waits for the VM's resume to take a request up again (its stall
+        # event), until that resume tells it to (resume_stalled()); None: it does not
+        self.stalled: str | None = None
         self.last_state = spawn.state  # what a new process starts from (the last snapshot's)
         self._fault = spawn.fault  # taken by the first process: a restarted one gets none
         self.generation = 0  # processes started into the slot so far
@@ -842,6 +849,18 @@ class DeviceSlot:
                 channel.mirror.paused = False
             return reply
 
+    def resume_stalled(self) -> None:
+        """The VM resumes: a device that stalled takes its request up again (its control
+        op "resume"). A device that cannot be asked has failed: its on_crash policy applies,
+        and a new process takes the request up from the used ring anyway."""
+        if self.stalled is None:
+            return
+        self.stalled = None
+        try:
+            self.control("resume")
+        except DeviceFailure as e:
+            log.warning("device %s: not resumed after its stall: %s", self.name, e)
+
     def heartbeat(self, timeout_ms: int) -> None:
         """Ping a live device that nothing else is talking to (monitor/supervisor.py): one
         that does not answer within `timeout_ms` is hung and has failed. A device busy with
@@ -933,6 +952,15 @@ class DeviceSlot:
                 # characters are printable to that check: escaped, as any device's words
                 shown = escaped(message)
                 self._reports.warning("report", "device %s reports: %s", self.name, shown)
+            case events.Stall(message):
+                option = MODELS[self.model].pause_option
+                if not option or self._options.get(option) != "pause":
+                    allowed = f"its {option} is not 'pause'" if option else "its model may not"
+                    raise ChannelError(f"asked to pause the VM, which {allowed}")
+                if self.stalled is None:
+                    self.stalled = escaped(message)
+                    if self._on_stall is not None:
+                        self._on_stall(self, self.stalled)
             case events.RouteRequest(route_id, gsi):
                 ok, reason = self._route_allowed(gsi)
                 if self.channel is not None:

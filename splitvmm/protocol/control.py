@@ -122,6 +122,15 @@ class ReportEvent(Struct, frozen=True):
     message: Annotated[str, schema.MaxLen(MAX_ERROR_TEXT), PRINTABLE_LINE]
 
 
+class StallEvent(Struct, frozen=True):
+    """Device -> monitor: it holds a request it cannot serve until the operator gives the
+    host back what ran out (a full file system): pause the VM (events.py stall)."""
+
+    op: Literal["stall"]
+    seq: Unasked
+    message: Annotated[str, schema.MaxLen(MAX_ERROR_TEXT), PRINTABLE_LINE]
+
+
 class RouteEvent(Struct, frozen=True):
     """Device -> monitor: asks for an interrupt route."""
 
@@ -173,6 +182,7 @@ MESSAGES: dict[str, type] = {
     "error": Failed,
     "publish": PublishEvent,
     "report": ReportEvent,
+    "stall": StallEvent,
     "route": RouteEvent,
     "msi": MsiEvent,
     "input_room": InputRoomEvent,

@@ -7,6 +7,10 @@ A channel is request/reply from the monitor's side; a device may also speak firs
              with the frames it had applied and the output bytes it had emitted then (a
              checkpoint: monitor/slot.py replays the frames after it);
     report   an error it wants the operator to see, and carries on (one line of text);
+    stall    it holds a request it cannot serve until the host has room again (one line
+             of text: why): its model's descriptor lets it ask, and the operator's config
+             chose so (ModelDescriptor.pause_option). The monitor pauses the VM; its next
+             resume hands the device a "resume", and the device tries the request again;
     route    asks for an interrupt route (id, gsi); the monitor checks it against what
              the device's descriptor allows and answers with route_done (id, ok, reason);
     msi      asks that an MSI-X vector send a message (id, vector, address, data): what the
@@ -24,8 +28,8 @@ CHECKPOINT frame (wire.py): the frames applied and the bytes emitted, and nothin
 monitor's end of the channel turns it into the same Published event, with the state that
 process published last; a CHECKPOINT before any publish breaks the channel.
 
-Each other event is a control frame whose record (control.py: PublishEvent, ReportEvent, RouteEvent,
-MsiEvent, InputRoomEvent, RouteDone) the schema codec checks, key by key, before the monitor
+Each other event is a control frame whose record (control.py: PublishEvent, ReportEvent,
+StallEvent, RouteEvent, MsiEvent, InputRoomEvent, RouteDone) the schema codec checks, key by key, before the monitor
 acts on it. A device gets at most MAX_EVENTS_PER_REQUEST of them in around each request of
 the monitor's, and anything else unasked is a broken channel, as before.
 """
@@ -38,7 +42,7 @@ from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import control
 from splitvmm.record import Struct
 
-EVENT_OPS = ("publish", "report", "route", "msi", "input_room")
+EVENT_OPS = ("publish", "report", "stall", "route", "msi", "input_room")
 # Events a device may send around one request of the monitor's; ZeroMQ's RCVHWM already
 # bounds what waits unread, this bounds the work one vCPU's access can be made to do (each
 # event is checked: ~20 us). A healthy device may send many: the serial device publishes a
@@ -72,6 +76,10 @@ class Report(Struct, frozen=True):
     message: str  # printable, at most MAX_REPORT_TEXT characters
 
 
+class Stall(Struct, frozen=True):
+    message: str  # printable, at most MAX_REPORT_TEXT characters: what ran out, where
+
+
 class RouteRequest(Struct, frozen=True):
     id: int
     gsi: int
@@ -94,7 +102,7 @@ class InputRoom(Struct, frozen=True):
         return self.room - (sent - self.received)
 
 
-Event = Published | Report | RouteRequest | MsiRequest | InputRoom
+Event = Published | Report | Stall | RouteRequest | MsiRequest | InputRoom
 
 
 # -- device side ------------------------------------------------------------------------------
@@ -107,8 +115,16 @@ def encode_publish(
 
 
 def encode_report(message: str) -> bytes:
-    text = "".join(c if c.isprintable() else "?" for c in message)[:MAX_REPORT_TEXT]
-    return control.encode({"op": "report", "seq": 0, "message": text})
+    return control.encode({"op": "report", "seq": 0, "message": _printable(message)})
+
+
+def _printable(message: str) -> str:
+    """One line a report or stall may carry (control.PRINTABLE_LINE, MAX_REPORT_TEXT)."""
+    return "".join(c if c.isprintable() else "?" for c in message)[:MAX_REPORT_TEXT]
+
+
+def encode_stall(message: str) -> bytes:
+    return control.encode({"op": "stall", "seq": 0, "message": _printable(message)})
 
 
 def encode_route(route_id: int, gsi: int) -> bytes:
@@ -169,6 +185,8 @@ def event_in(buf: bytes, model: str) -> Event | None:
         return Published(state, msg.get("applied"), msg.get("emitted"))
     if op == "report":
         return Report(msg["message"])
+    if op == "stall":
+        return Stall(msg["message"])
     if op == "msi":
         return MsiRequest(msg["id"], msg["vector"], msg["address"], msg["data"])
     if op == "input_room":

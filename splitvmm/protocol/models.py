@@ -179,6 +179,9 @@ class PciFunction(Struct, frozen=True):
 Transport = PortWindow | PciFunction
 
 
+PAUSE_CHOICES = ("pause", "error")  # a pause_option's values (ModelDescriptor)
+
+
 class Option(Struct, frozen=True):
     """One option of a model's [[device]] table.
 
@@ -266,8 +269,14 @@ class ModelDescriptor(Struct, frozen=True):
     # shows only through its mirrored registers. A read may then be answered from a MIRROR
     # that the device's news has not refreshed (monitor/mirror.py, news); () never.
     quiet_while: tuple[tuple[int, int, int], ...] = ()
+    # The option (its values PAUSE_CHOICES) with which the operator lets the device pause the
+    # VM when the host runs out of what a request needs (a full file system): its "stall"
+    # event (protocol/events.py), which the monitor takes only where this option is "pause".
+    pause_option: str = ""
 
     def __post_init__(self) -> None:
+        if self.pause_option and self.option(self.pause_option).choices != PAUSE_CHOICES:
+            raise ValueError(f"{self.name}: {self.pause_option} must offer {PAUSE_CHOICES}")
         check_mirrored(self.name, self.mirrored, self.transport.size)
         check_write_behind(self.name, self.write_behind, self.transport)
         when = () if self.write_behind_while is None else (self.write_behind_while,)
@@ -437,6 +446,10 @@ VIRTIO_BLK = ModelDescriptor(
         Option("readonly", bool, False),
         Option("direct", bool, False),  # O_DIRECT: the host's page cache left out
         Option("serial", str, ""),  # VIRTIO_BLK_T_GET_ID's answer, at most 20 bytes
+        # A write the host's file system has no room for (ENOSPC, EDQUOT): "pause" the VM
+        # until the operator makes room and resumes it, the write then done (QEMU's default,
+        # werror=enospc), or fail it ("error": the guest reads IOERR).
+        Option("on_full", str, "pause", choices=PAUSE_CHOICES),
     ),
     fds=virtio_fds(
         1,
@@ -446,6 +459,7 @@ VIRTIO_BLK = ModelDescriptor(
         FdRole("progress", FdKind.PROGRESS),  # a failed write-back, latched across restarts
     ),
     state_version=2,
+    pause_option="on_full",
     # IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES (zeroing, then unmapping), and a type the
     # device does not know; each request's last writable byte is its status
     queue_recipes=(

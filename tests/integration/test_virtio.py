@@ -6,6 +6,7 @@ reaches a guest here) and end through debug-exit 0x10 (status 33) once every che
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -414,6 +415,50 @@ def test_virtio_blk_waiting_on_a_frozen_file_system_is_slow_not_failed(
         text = stop_loop(vm)
     assert (blk["restarts"], blk["generation"], blk["state"]) == (0, 1, "running"), blk
     assert "mismatch" not in text and ": status " not in text, text[-1500:]
+
+
+def vm_status(vm: VmProcess) -> dict[str, object]:
+    status = vm.ctl("status", "--json")
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)
+
+
+@DIRECT
+def test_virtio_blk_full_host_file_system_pauses_the_vm_until_room_is_made(
+    guests, tmp_path, frozen_fs, direct
+):
+    """The image is sparse and its file system fills up under the guest's writes: the VM
+    pauses (on_full's default), the operator deletes a file and resumes it, and the guest
+    goes on, never told of an error: every block written is read back as written."""
+    disk = make_disk(frozen_fs / "disk.img", 32 << 20)
+    filler = frozen_fs / "filler"
+    fs = os.statvfs(frozen_fs)
+    with filler.open("wb") as f:  # leaves ~10 MiB: the guest's first 16 MiB pass fills it
+        os.posix_fallocate(f.fileno(), 0, fs.f_bfree * fs.f_frsize - (10 << 20))
+    vm = loop_vm(tmp_path, guests, blk_extra=direct_table(direct), disk=disk)
+    try:
+        written(vm)  # up, and writing
+        deadline = time.monotonic() + 60
+        while (status := vm_status(vm))["state"] != "paused":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        (blk,) = (d for d in status["devices"] if d["name"] == "blk0")  # type: ignore[attr-defined]
+        assert "No space left on device" in blk["stalled"], blk
+        filler.unlink()
+        resumed = vm.ctl("resume")
+        assert resumed.returncode == 0, resumed.stderr
+        mib, end = written(vm, after=len(vm.text()))
+        written(vm, after=end)
+        blk = blk_device(vm)
+        state = vm_status(vm)["state"]
+    finally:
+        vm.send(b"q")
+        code, err = vm.finish()
+        text = vm.text()
+    assert code == OK, text[-2000:] + err
+    assert (state, blk["stalled"], blk["restarts"]) == ("running", "", 0), blk
+    assert "mismatch" not in text and ": status " not in text, text[-1500:]
+    assert mib >= 4 and "the VM is paused; make room on the host" in err, err[-1500:]
 
 
 def hang_blk(vm: VmProcess) -> None:

@@ -27,6 +27,18 @@ def test_events_each_kind_decodes_to_what_was_sent():
     assert events.decode_event(events.encode_route(7, 4), "serial") == events.RouteRequest(7, 4)
 
 
+def test_events_stall_decodes_to_what_was_sent_made_printable():
+    frame = events.encode_stall("disk full\n" + "x" * 500)
+    assert events.decode_event(frame, "virtio-blk") == events.Stall(
+        "disk full?" + "x" * (events.MAX_REPORT_TEXT - 10)
+    )
+
+
+def test_events_stall_is_checked_as_one_line_of_printable_text():
+    with pytest.raises(ProtocolError, match="not one line of printable text"):
+        events.decode_event(control.encode({"op": "stall", "seq": 0, "message": "a\nb"}), "x")
+
+
 def test_events_msi_decodes_to_what_was_sent():
     frame = events.encode_msi(3, 1, 0xFEE0_1000, 0x4041)
     assert events.decode_event(frame, "serial") == events.MsiRequest(3, 1, 0xFEE0_1000, 0x4041)
@@ -309,3 +321,16 @@ def test_checkpoints_for_a_counted_output_come_every_publish_every_counted():
     applied = checkpoints_after(2 * PUBLISH_EVERY_COUNTED, BoundedOutput())  # no line
 
     assert applied == [PUBLISH_EVERY_COUNTED, 2 * PUBLISH_EVERY_COUNTED]
+
+
+def test_device_events_stall_is_never_dropped_behind_a_full_queue():
+    """The VM must pause for a stall, or the guest's request waits for ever: reports may
+    be dropped past the cap, a stall never is."""
+    sent: list[bytes] = []
+    queue = DeviceEvents()
+    for i in range(DeviceEvents.MAX_PENDING + 3):
+        queue.report(f"r{i}")
+    queue.stall("full")
+    queue.connect(lambda frame: sent.append(frame) is None)
+
+    assert events.Stall("full") in [events.decode_event(f, "virtio-blk") for f in sent]

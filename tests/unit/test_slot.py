@@ -3,6 +3,7 @@ access gets while no device serves the slot. tests/integration/test_slot.py has 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,60 @@ def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
     slot.channel = posted
     slot._on_event(events.MsiRequest(1, 0, 0xFEE0_0000, 0x41))
     assert control.decode(posted[0])["reason"] == "serial devices have no MSI-X vectors"
+
+
+# -- a stall: the device asks for the VM's pause (protocol/events.py) -------------------------
+def stall_slot(
+    tmp_path: Path, zctx: zmq.Context, failures: Failures, on_full: str = "pause"
+) -> tuple[DeviceSlot, list[str]]:
+    stalls: list[str] = []
+    spawn = Spawn("blk0", "virtio-blk", 8, options={"path": "disk.img", "on_full": on_full})
+    slot = DeviceSlot(
+        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s, why: stalls.append(why)
+    )
+    return slot, stalls
+
+
+def test_slot_stall_is_passed_on_once_until_resumed(tmp_path, zctx, failures, monkeypatch):
+    slot, stalls = stall_slot(tmp_path, zctx, failures)
+    asked: list[str] = []
+    monkeypatch.setattr(slot, "control", lambda op, *a, **k: asked.append(op) or {})
+
+    slot._on_event(events.Stall("full \u202e"))
+    slot._on_event(events.Stall("full again"))  # the pause is under way: nothing new
+    stalled = slot.stalled
+    slot.resume_stalled()
+    slot.resume_stalled()  # not stalled now: the device is asked nothing
+
+    assert (stalls, stalled, asked, slot.stalled) == (
+        ["full \\u202e"],
+        "full \\u202e",
+        ["resume"],
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "on_full", "error"),
+    [
+        ("virtio-blk", "error", "asked to pause the VM, which its on_full is not 'pause'"),
+        ("serial", None, "asked to pause the VM, which its model may not"),
+    ],
+)
+def test_slot_stall_from_a_device_not_allowed_to_is_a_broken_channel(
+    tmp_path, zctx, failures, model, on_full, error
+):
+    """A stall pauses the VM: only a model that declares it (pause_option), and only where
+    the operator chose "pause". Anything else is a device gone wrong."""
+    stalls: list[str] = []
+    options = {} if on_full is None else {"on_full": on_full}
+    spawn = Spawn("dev0", model, 8, options=options)
+    slot = DeviceSlot(
+        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s, why: stalls.append(why)
+    )
+    with pytest.raises(ChannelError, match=re.escape(error)):
+        slot._on_event(events.Stall("full"))
+    assert stalls == [] and slot.stalled is None
 
 
 # -- host input: no more than the device's last input_room says it has room for ---------------

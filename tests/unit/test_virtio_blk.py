@@ -28,6 +28,7 @@ from tests.virtio.support import (
     F_EVENT_IDX,
     F_VERSION_1,
     NEEDS_RESET,
+    Channel,
     Driver,
     Ring,
     SteppingClock,
@@ -773,6 +774,143 @@ def test_virtio_blk_chains_completed_before_a_bad_one_are_notified(blk, fds):
     assert blk.isr & 0x1 and signalled(fds["intx"]) >= 1
 
 
+# -- a host file system with no room (on_full) ----------------------------------------------
+@pytest.fixture
+def host_full(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """While its one item is True, every pwritev the device makes fails with ENOSPC (after
+    writing nothing), as on a full file system; set it False to make room."""
+    full = [True]
+    real = os.pwritev
+
+    def pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    return full
+
+
+def connected(dev: VirtioBlk) -> Channel:
+    channel = Channel()
+    dev.ctx.events.connect(channel.send)
+    return channel
+
+
+def test_virtio_blk_write_to_a_full_host_stalls_until_resumed_then_is_done(blk, disk, host_full):
+    """ENOSPC is the host's to fix, not the guest's: the write and the chains after it go
+    back to the ring unused (no IOERR for the guest to see), the device asks the monitor,
+    once, to pause the VM, and serves nothing more until resumed; then it does them all."""
+    channel = connected(blk)
+    driver, ring = started(blk)
+    first = request(ring, IN, 0, [(512, True)])
+    write = request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    after = request(ring, IN, 1, [(512, True)])
+
+    driver.kick()
+    used_while_full = ring.take_used()
+    driver.kick()  # a kick meanwhile serves nothing
+    host_full[0] = False  # the operator makes room
+    assert ring.take_used() == [] and blk.stalled is not None
+
+    blk.resume()
+    serve_ready(blk)  # the event loop's next step: the notify resume() signalled
+
+    assert used_while_full == [(0, 513)] and status_of(blk, first) == OK
+    assert [head for head, _ in ring.take_used()] == [3, 6]
+    assert (status_of(blk, write), status_of(blk, after)) == (OK, OK)
+    assert blk.ram.read(after - 512, 512) == b"\xab" * 512
+    assert disk.read_bytes()[512:1024] == b"\xab" * 512
+    stalls = channel.ops("stall")
+    assert len(stalls) == 1 and "No space left on device" in str(stalls[0]["message"])
+    assert blk.stalled is None
+
+
+def test_virtio_blk_write_still_full_after_resume_stalls_again(blk, host_full):
+    channel = connected(blk)
+    driver, ring = started(blk)
+    request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    driver.kick()
+
+    blk.resume()
+    serve_ready(blk)
+
+    assert ring.take_used() == [] and blk.stalled is not None
+    assert len(channel.ops("stall")) == 2  # one a stall: the monitor pauses the VM again
+
+
+@pytest.mark.parametrize("kind", [DISCARD, WRITE_ZEROES])
+def test_virtio_blk_discard_or_write_zeroes_on_a_full_host_stalls(blk, monkeypatch, kind):
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files, "fallocate", fallocate)
+    driver, ring = started(blk)
+    request(ring, kind, 0, [(struct.pack("<QII", 1, 1, 0), False)])
+
+    driver.kick()
+
+    assert ring.take_used() == [] and blk.stalled is not None
+
+
+def test_virtio_blk_on_full_error_fails_the_write_instead(fds, host_full):
+    dev = make(fds, on_full="error")
+    channel = connected(dev)
+    driver, ring = started(dev)
+    write = request(ring, OUT, 1, [(b"\xab" * 512, False)])
+
+    driver.kick()
+
+    assert status_of(dev, write) == IOERR and ring.take_used() == [(0, 1)]
+    assert channel.ops("stall") == [] and dev.stalled is None
+
+
+def test_virtio_blk_snapshot_while_stalled_restores_the_write_not_taken(blk, fds, disk, host_full):
+    """A snapshot of a stalled device has the request available, not taken: a restore
+    (with room by then) does it."""
+    driver, ring = started(blk)
+    write = request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    driver.kick()
+    blk.quiesce()
+    state = blk.save()
+    host_full[0] = False
+
+    restored = VirtioBlk.restore(prepared("virtio-blk", fds), state)
+    restored.resume()
+    serve_ready(restored)
+
+    assert (state.queues[0].last_avail, state.queues[0].used_idx) == (0, 0)
+    assert ring.take_used() == [(0, 1)] and status_of(restored, write) == OK
+    assert disk.read_bytes()[512:1024] == b"\xab" * 512
+
+
+def test_virtio_blk_reset_forgets_a_stall(blk, host_full):
+    driver, ring = started(blk)
+    request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    driver.kick()
+
+    driver.set_status(0)  # the driver resets the device: its requests are gone
+
+    assert blk.stalled is None
+
+
+def test_virtio_blk_failed_write_back_with_enospc_is_ioerr_not_a_stall(blk, monkeypatch):
+    """A FLUSH's ENOSPC on a page-cache image lost writes already: IOERR, latched, as any
+    failed write-back (trying it again would find the error latched)."""
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    flush = request(ring, FLUSH, 0, [])
+
+    driver.kick()
+
+    assert status_of(blk, flush) == IOERR and blk.stalled is None
+    assert blk.save().flush_error == errno.ENOSPC
+
+
 # -- an image opened with O_DIRECT (the `direct` option) ---------------------------------------
 
 
@@ -1173,3 +1311,38 @@ def test_virtio_blk_direct_chain_made_available_while_others_are_in_flight_is_st
 
     assert timeouts[0] == dev.REFILL_POLL_NS and in_flight == [1, 2]
     assert [used for _, used in ring.take_used()] == [4097, 4097]
+
+
+def test_virtio_blk_direct_write_completing_with_enospc_stalls_with_the_chains_after_it(
+    direct_fds, disk, monkeypatch
+):
+    """An AIO write that completes with -ENOSPC: the chains before it are used, it and
+    those after it (done meanwhile or not) go back to the ring; resumed with room, all are
+    done, in order."""
+    full = [True]
+    real = AioContext.wait
+
+    def wait(
+        self: AioContext, least: int = 1, timeout_ns: int | None = None
+    ) -> list[tuple[int, int]]:
+        done = real(self, len(self))  # all at once: the stall is found mid-batch
+        return [(t, -errno.ENOSPC if full[0] and t == stalling else r) for t, r in done]
+
+    monkeypatch.setattr(AioContext, "wait", wait)
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    before = aligned_request(ring, IN, 0, 4096)
+    write = aligned_request(ring, OUT, 8, b"\x5a" * 4096)
+    after = aligned_request(ring, IN, 8, 4096)
+    stalling = 2  # AIO token of the second request
+
+    driver.kick()
+    used_while_full = ring.take_used()
+    full[0] = False
+    dev.resume()
+    serve_ready(dev)
+
+    assert used_while_full == [(before[0], 4097)] and dev.stalled is None
+    assert ring.take_used() == [(write[0], 1), (after[0], 4097)]
+    assert dev.ram.read(after[1], 4096) == b"\x5a" * 4096
+    assert disk.read_bytes()[8 * 512 : 16 * 512] == b"\x5a" * 4096 and len(dev.aio) == 0

@@ -37,6 +37,14 @@ driver a look at its used ring; a lost one would leave it waiting; raised any ea
 replayed ISR read would clear it). A hostile ring or a buffer outside guest RAM
 (QueueError, GuestRamError) stops the device: NEEDS_RESET, a configuration-change
 interrupt, nothing more until the driver resets it.
+
+A chain the host cannot serve now, through no fault of the driver's (its write met a full
+file system), stalls the device (stall()): the chain and every one taken after it go back
+to the ring unused (SplitQueue.unpop; those after it are done again later, as a restart
+would), the queues serve nothing more, and the monitor is asked to pause the VM (a "stall"
+event). The driver sees requests that take long, never an error. The monitor's resume of
+the VM resumes the device, which takes the chain up again: done, or stalled anew. A
+snapshot meanwhile saves the queue with the chain not taken, so a restore tries it too.
 """
 
 from __future__ import annotations
@@ -133,12 +141,18 @@ def field_of(offset: int, size: int) -> tuple[Common, int] | None:
 
 class Pending:
     """A chain a model started and finishes later: `written` (the bytes written into its
-    writable buffers, as handle() returns) is set once it is done."""
+    writable buffers, as handle() returns) is set once it is done, or `stalled` once the
+    model found it cannot be done now (VirtioPciDevice.stall)."""
 
-    __slots__ = ("written",)
+    __slots__ = ("stalled", "written")
 
     def __init__(self) -> None:
         self.written: int | None = None
+        self.stalled = False
+
+
+class Stalled(Exception):
+    """Raised by handle() (VirtioPciDevice.stall): the chain cannot be served now."""
 
 
 class VirtioPciDevice(RegisterDevice):
@@ -244,6 +258,7 @@ class VirtioPciDevice(RegisterDevice):
         gsi = ctx.transport.get("intx_gsi")
         self.interrupt_line = gsi if isinstance(gsi, int) and 0 <= gsi <= 0xFF else 0xFF
         self.quiesced = False
+        self.stalled: str | None = None  # why the queues wait for a resume (stall())
         self._warn = RateLimitedLog(log)
         self.notifications = 0  # notifies served: the guest's (ioeventfd, slow path), our own
         self.interrupts = 0  # queue and configuration interrupts signalled
@@ -263,6 +278,7 @@ class VirtioPciDevice(RegisterDevice):
         self.isr = 0
         self.queues = [self._fresh_queue() for _ in range(self.queue_count)]
         self.rings: list[SplitQueue | None] = [None] * self.queue_count
+        self.stalled = None  # the chains it waited to serve are the driver's to forget
         self._drop_unmapped_pending()  # every event is unmapped now: nothing may fire (2.4.1)
         self.reset_model()
 
@@ -545,7 +561,7 @@ class VirtioPciDevice(RegisterDevice):
         budget, plus one for each busy queue (this one included): the loop runs the fds'
         callbacks, their notifies among them, before a frame."""
         ring = self.rings[q]
-        if ring is None or not self._ready():
+        if ring is None or not self._ready() or self.stalled is not None:
             return
         deadline = self.clock_ns() + self.BUDGET_NS
         try:
@@ -554,6 +570,8 @@ class VirtioPciDevice(RegisterDevice):
                 done = self._drain(q, ring, deadline)
                 if done:
                     self.signal_used(q, ring)
+                if self.stalled is not None:  # kicks stay off: resume() looks again
+                    return
                 left = deadline - self.clock_ns()
                 if done and left <= 0:
                     if self.ctx.waiting():  # kicks stay off: our own notify brings us back
@@ -598,12 +616,16 @@ class VirtioPciDevice(RegisterDevice):
         try:
             while True:
                 chain = None  # one chain at least, past the deadline or not, as it was set
-                room = len(in_flight) < self.MAX_IN_FLIGHT
+                room = len(in_flight) < self.MAX_IN_FLIGHT and self.stalled is None
                 looked = room and (not done and not in_flight or self.clock_ns() < deadline)
                 if looked:
                     chain = ring.pop()
                 if chain is not None:
-                    result = self.handle(q, chain)
+                    try:
+                        result = self.handle(q, chain)
+                    except Stalled:
+                        result = Pending()
+                        result.stalled = True
                     if isinstance(result, Pending):
                         in_flight.append((chain.head, result))
                         continue
@@ -617,6 +639,9 @@ class VirtioPciDevice(RegisterDevice):
                     finished.written = result
                     in_flight.append((chain.head, finished))
                 elif not in_flight:
+                    return done
+                elif in_flight[0][1].stalled:  # every chain before it used: give it back
+                    self._give_back(ring, in_flight)
                     return done
                 else:
                     # Chains used so far are the driver's now: their interrupt is not held
@@ -636,6 +661,33 @@ class VirtioPciDevice(RegisterDevice):
             if not lost:  # a hostile chain: what is in flight still writes into guest RAM
                 self._wait_in_flight(in_flight)
             self._use_finished(ring, in_flight)
+
+    def _give_back(
+        self, ring: SplitQueue, in_flight: collections.deque[tuple[int, Pending]]
+    ) -> None:
+        """The stalled chain first in `in_flight`, and every one taken after it, back to the
+        ring unused, once those still on the host are done: the device takes them up again
+        on resume (the module docstring). Their effects so far (a write done, a status byte
+        written) are done again then, as a restart would."""
+        unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
+        while unfinished:
+            self.wait_pending()
+            before = unfinished
+            unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
+            if unfinished == before:  # the model lost them (an error of its own): no spin
+                break
+        ring.unpop(len(in_flight))
+        in_flight.clear()
+
+    def stall(self, why: str) -> Stalled:
+        """The chain being served cannot be now (`why`: what the host lacks): its device
+        stalls (the module docstring), and the monitor is asked, once, to pause the VM. The
+        exception for handle() to raise; a model that finds it on a Pending sets `stalled`."""
+        if self.stalled is None:
+            self.stalled = why
+            self._warn.warning("stall", "%s: %s: waiting for the VM's resume", self.NAME, why)
+            self.ctx.events.stall(why)
+        return Stalled(why)
 
     def _wait_in_flight(self, in_flight: Sequence[tuple[int, Pending]]) -> None:
         """A hostile chain ends the drain (NEEDS_RESET follows): wait for what is in flight,
@@ -738,6 +790,7 @@ class VirtioPciDevice(RegisterDevice):
         queue's notify is signalled. The monitor's vCPUs wait for that reply, and nothing else
         reaches the loop meanwhile (ctx.waiting() would let a drain run to the ring's end)."""
         self.quiesced = False
+        self.stalled = None  # what stalled is tried again
         self._kick_live_queues()
 
     def _kick_live_queues(self) -> None:
