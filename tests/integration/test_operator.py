@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,15 +20,44 @@ from tests.integration.vmproc import REPO, env_for
 pytestmark = pytest.mark.kvm
 
 
-def start(tmp_path: Path, kernel: Path, cmdline: str, **popen: object) -> subprocess.Popen[bytes]:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_vm_left_behind() -> Iterator[None]:
+    """A test that fails before its VM ends leaves none running for the tests after it (a
+    VM spinning its vCPU slowed the rest of a CI run into failing)."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def start(tmp_path: Path, kernel: Path, cmdline: str, **popen: Any) -> subprocess.Popen[bytes]:
+    """`splitvmm up` of `kernel`, its stop signals at their defaults whatever this test run
+    inherited (`up` keeps a signal ignored where it started ignored, as nohup asks, and a
+    shell's `cmd &` starts its job with SIGINT ignored), then `popen`'s preexec_fn."""
     serial = tmp_path / "serial.log"
     config = tmp_path / "vm.toml"
     config.write_text(vm_toml(f'kernel = "{kernel}"\ncmdline = "{cmdline}"', serial_out=serial))
     argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
-    return subprocess.Popen(argv, cwd=REPO, env=env_for(tmp_path), **popen)  # type: ignore[call-overload]
+    then = popen.pop("preexec_fn", None)
+
+    def preexec() -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        if then is not None:
+            then()
+
+    proc = subprocess.Popen(argv, cwd=REPO, env=env_for(tmp_path), preexec_fn=preexec, **popen)
+    _started.append(proc)
+    return proc
 
 
-def counting(tmp_path: Path, guests: dict[str, Path], **popen: object) -> subprocess.Popen[bytes]:
+def counting(tmp_path: Path, guests: dict[str, Path], **popen: Any) -> subprocess.Popen[bytes]:
     """The counter guest, once it prints; stdin /dev/null unless `popen` says otherwise."""
     proc = start(tmp_path, guests["counter"], "", **{"stdin": subprocess.DEVNULL, **popen})
     serial = tmp_path / "serial.log"
