@@ -268,6 +268,11 @@ class Device(abc.ABC):
         """After a snapshot: take work from the guest's queues again."""
         return None  # deliberately empty: optional for devices without queues
 
+    def retry(self) -> None:
+        """The VM resumes after this device's stall (protocol/events.py): take the request
+        that stalled up again."""
+        return None  # deliberately empty: only a model that stalls has a request to retry
+
     def after_restart(self) -> None:
         """A crash restart's last step, once the dead process's journal is replayed (which
         reaches the registers only: ctx.replaying): take up the guest's queues from where

@@ -126,7 +126,7 @@ def _serve_control(
     injector: FaultInjector,
     mirrors: MirrorPublisher | None = None,
 ) -> None:
-    """quiesce / save / resume / stats, in the device's own order. Every access sent before the
+    """quiesce / save / resume / retry / ping / stats, in the device's own order. Every access sent before the
     request was applied already: the channel is ordered. While quiesced the output buffer
     is held: what it holds is part of the state a snapshot saves. `mirrors`: the model's
     register mirror, published anew after a resume or a fault armed (MirrorPublisher)."""
@@ -153,6 +153,10 @@ def _serve_control(
         device.resume()
         if mirrors is not None:  # before the reply: the monitor dropped its copy on quiesce
             mirrors.republish()
+    elif op == "retry":
+        device.retry()
+    elif op == "ping":  # an event the channel could not take when it came goes now
+        device.ctx.events.flush()
     if op == "save":
         reply = {
             "op": "state",

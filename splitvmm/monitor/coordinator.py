@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,8 +77,8 @@ class Coordinator:
         self.machine = machine
         self.device_deadline_s = device_deadline_s
         self.paused = False
-        # One pause, resume or snapshot at a time: ctl's (its worker thread) or the
-        # restarter's for a device that stalled (Machine._pause_for)
+        # One pause, resume or snapshot at a time: ctl's (its worker thread) or one for a
+        # device that stalled (Machine._pauser)
         self._lock = threading.RLock()
         # A snapshot is under way: its devices may be quiesced, and nobody else asks them
         # anything (`ctl devices` shows no counters meanwhile).
@@ -89,6 +90,16 @@ class Coordinator:
         with self._lock:
             if not (self.paused and missing_ok):
                 self._pause()
+
+    def pause_for(self, wanted: Callable[[], bool]) -> bool:
+        """Pause the VM, paused already or not, if `wanted()` still says so once no other
+        pause, resume or snapshot is under way (a device's stall: the operator's resume may
+        have had it retry meanwhile); whether it did. ControlError as pause()."""
+        with self._lock:
+            if not wanted():
+                return False
+            self.pause(missing_ok=True)
+            return True
 
     def _pause(self) -> None:
         if self.paused:

@@ -73,6 +73,9 @@ STOP_SIGNALS_BEFORE_DEFAULT = 2  # the operator's and `timeout`'s to its process
 # and a zygote being started (~100 ms of imports) holds up the launcher for every request
 # meanwhile, a warm restart's included. So a burst of crashes is served by one zygote.
 ZYGOTE_IDLE_S = 2.0
+# A device stalled and the VM could not pause (a vCPU waits for a device's restart): how
+# long before the pause is tried again
+STALL_PAUSE_RETRY_S = 0.5
 # Control requests that only read a few fields: answered even while a snapshot runs.
 READ_ONLY_REQUESTS = ("status", "devices")
 
@@ -112,11 +115,10 @@ class Machine:
         self._budgets = {
             d.name: RestartBudget(d.max_restarts, d.restart_window_s) for d in cfg.devices
         }
-        # The restarter's work: a crashed device, a device whose warm spare ended, one that
-        # stalled (the VM to pause), or None
-        self._restarts: queue.SimpleQueue[DeviceSlot | SpareLost | Stalled | None] = (
-            queue.SimpleQueue()
-        )
+        # The restarter's work: a crashed device, a device whose warm spare ended, or None
+        self._restarts: queue.SimpleQueue[DeviceSlot | SpareLost | None] = queue.SimpleQueue()
+        # The pauser's: a device that stalled (the VM to pause for it), or None
+        self._stalls: queue.SimpleQueue[Stalled | None] = queue.SimpleQueue()
         self._supervisor: Supervisor | None = None
         self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
         self.functions: dict[str, PciFunctionHost] = {}  # PCI devices, by name
@@ -334,7 +336,7 @@ class Machine:
                 self.zctx,
                 self._device_failed,
                 resumer=self.launcher.resume if restarts else None,
-                on_stall=lambda slot, why: self._restarts.put(Stalled(slot, why)),
+                on_stall=lambda slot, why: self._stalls.put(Stalled(slot, why)),
             )
             self.slots.append(slot)  # closed by close() from now on, whatever launch() does
             transport = MODELS[spawn.model].transport
@@ -425,9 +427,6 @@ class Machine:
                 if not self.stopping:
                     self._start_spare(slot.slot)
                 continue
-            if isinstance(slot, Stalled):
-                self._pause_for(slot)
-                continue
             try:
                 slot.restart()
             except DeviceFailure as e:
@@ -443,25 +442,41 @@ class Machine:
                 self._supervisor.watch(slot)
             self._start_spare(slot)
 
+    def _pauser(self) -> None:
+        """Pauses the VM for each device that stalls (on_stall), on a thread of its own: a
+        pause waits for every vCPU to park (PARK_TIMEOUT_S) and for a snapshot under way,
+        which crash restarts must not wait behind. Started once the vCPUs exist (a stall read
+        while the devices got READY, a restored device's retry, waits for them)."""
+        while (stalled := self._stalls.get()) is not None:
+            self._pause_for(stalled)
+
     def _pause_for(self, stalled: Stalled) -> None:
         """Pause the VM for a device that holds a request until the host has room (its
-        model's pause_option is "pause"); `ctl resume` has it try again (Coordinator)."""
+        model's pause_option is "pause"), unless the operator's resume had it retry
+        meanwhile; `ctl resume` has it try again (Coordinator). A pause that cannot be made
+        now (a vCPU waits for a device's restart) is tried again: the device waits anyway."""
         slot = stalled.slot
-        if self.stopping or slot.stalled is None:  # resumed meanwhile: it tried again
-            return
         path = self._device_cfg[slot.name].options.get("path")
         where = f"device {slot.name}" + (f" ({path})" if path else "")
-        try:
-            self.coordinator.pause(missing_ok=True)
-        except ControlError as e:
-            log.error("%s: %s; the VM could not be paused: %s", where, stalled.why, e)
-            return
-        log.error(
-            "%s: %s: the VM is paused; make room on the host, then `splitvmm ctl resume` "
-            "(its request is tried again)",
-            where,
-            stalled.why,
-        )
+        said = False
+        while not self.stopping:
+            try:
+                if self.coordinator.pause_for(lambda: slot.stalled is not None):
+                    log.error(
+                        "%s: %s: the VM is paused; make room on the host, then `splitvmm ctl "
+                        "resume` (its request is tried again)",
+                        where,
+                        stalled.why,
+                    )
+                return
+            except ControlError as e:
+                if self.stopping:
+                    return
+                if not said:
+                    log.warning("%s: %s; the VM cannot pause yet (%s): trying again", where,
+                                stalled.why, e)  # fmt: skip
+                    said = True
+            time.sleep(STALL_PAUSE_RETRY_S)
 
     def _start_spare(self, slot: DeviceSlot) -> None:
         """A warm spare for `slot` (if it keeps one), watched while it waits."""
@@ -509,6 +524,8 @@ class Machine:
         ]
         assert self.control is not None
         self.control.start()
+        pauser = threading.Thread(target=self._pauser, name="stall-pauser", daemon=True)
+        pauser.start()
         try:
             for v in self.vcpus:
                 v.start()
@@ -525,7 +542,9 @@ class Machine:
                 except Exception as e:  # (a monitor bug) the rest of the teardown still runs
                     _log_failure("delivering the held writes", e)
             self._restarts.put(None)
+            self._stalls.put(None)
             restarter.join()
+            pauser.join()
             supervisor.close()
         assert self._outcome is not None
         return self._outcome
@@ -769,7 +788,7 @@ class _Closable(Protocol):
 
 
 class Stalled(NamedTuple):
-    """For the restarter: `slot`'s device stalled (`why`): pause the VM."""
+    """For the pauser: `slot`'s device stalled (`why`): pause the VM."""
 
     slot: DeviceSlot
     why: str

@@ -409,6 +409,7 @@ class DeviceSlot:
                     )  # fmt: skip
                 self._back.notify_all()
                 self._quiesced = False  # a new process is never quiesced
+                self.stalled = None  # nor stalled: it retries what its predecessor held
         if restored and isinstance(MODELS[self.model].transport, PciFunction):
             self.heartbeat(READ_TIMEOUT_MS)  # a vCPU's access under way reads them instead
 
@@ -823,8 +824,9 @@ class DeviceSlot:
     def control(
         self, op: str, timeout_ms: int = CONTROL_TIMEOUT_MS, args: dict[str, object] | None = None
     ) -> dict[str, object]:
-        """A control request (quiesce, save, resume, fault with `args`); the checked reply, or
-        DeviceFailure. A saved state becomes the device's last known state."""
+        """A control request (quiesce, save, resume, retry, fault with `args`); the checked
+        reply, or DeviceFailure. A saved state becomes the device's last known state; a
+        retry's reply ends the stall (resume_stalled)."""
         with self._lock:
             if op == "resume":
                 self._quiesced = False  # whatever comes of it: input goes again after it
@@ -847,19 +849,25 @@ class DeviceSlot:
                 self.last_state = reply
             elif op == "resume":  # its new MIRROR came before the reply
                 channel.mirror.paused = False
+            elif op == "retry":
+                # Under the lock that took the reply: a stall event read with it (sent
+                # before the device retried) is the old one, ignored as the slot was still
+                # stalled; one read after it is the retry's, and a new stall
+                self.stalled = None
             return reply
 
     def resume_stalled(self) -> None:
         """The VM resumes: a device that stalled takes its request up again (its control
-        op "resume"). A device that cannot be asked has failed: its on_crash policy applies,
+        op "retry"). A device that cannot be asked has failed: its on_crash policy applies,
         and a new process takes the request up from the used ring anyway."""
         if self.stalled is None:
             return
-        self.stalled = None
         try:
-            self.control("resume")
+            self.control("retry")
         except DeviceFailure as e:
-            log.warning("device %s: not resumed after its stall: %s", self.name, e)
+            with self._lock:  # that process is gone; a new one stalls anew if it must
+                self.stalled = None
+            log.warning("device %s: not told to retry after its stall: %s", self.name, e)
 
     def heartbeat(self, timeout_ms: int) -> None:
         """Ping a live device that nothing else is talking to (monitor/supervisor.py): one

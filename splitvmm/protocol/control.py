@@ -26,11 +26,13 @@ MAX_CONTROL = 1 << 20  # Firecracker caps snapshot state loads too: a device can
 MAX_DEVICE_FRAME = 64 << 10
 # ping: the monitor's heartbeat (monitor/supervisor.py): a device that cannot answer it in
 # time is hung, whether or not the guest is touching it. stats: the device's counters.
-REQUESTS = ("quiesce", "save", "resume", "ping", "stats")
+# retry: the VM resumes after the device's stall (events.py): it tries its request again.
+REQUESTS = ("quiesce", "save", "resume", "retry", "ping", "stats")
 REPLY_TO = {
     "quiesce": "quiesced",
     "save": "state",
     "resume": "resumed",
+    "retry": "retrying",
     "fault": "fault_armed",
     "ping": "pong",
     "stats": "counters",
@@ -46,14 +48,14 @@ Seq = Annotated[int, schema.U32]
 class Request(Struct, frozen=True):
     """Monitor -> device."""
 
-    op: Literal["quiesce", "save", "resume", "ping", "stats"]
+    op: Literal["quiesce", "save", "resume", "retry", "ping", "stats"]
     seq: Seq
 
 
 class Done(Struct, frozen=True):
     """Device -> monitor: the request is done."""
 
-    op: Literal["quiesced", "resumed", "fault_armed", "pong"]
+    op: Literal["quiesced", "resumed", "retrying", "fault_armed", "pong"]
     seq: Seq
 
 
@@ -175,7 +177,7 @@ class RouteDone(Struct, frozen=True):
 
 MESSAGES: dict[str, type] = {
     **dict.fromkeys(REQUESTS, Request),
-    **dict.fromkeys(("quiesced", "resumed", "fault_armed", "pong"), Done),
+    **dict.fromkeys(("quiesced", "resumed", "retrying", "fault_armed", "pong"), Done),
     "fault": FaultRequest,
     "state": StateReply,
     "counters": CountersReply,

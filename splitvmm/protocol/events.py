@@ -10,7 +10,7 @@ A channel is request/reply from the monitor's side; a device may also speak firs
     stall    it holds a request it cannot serve until the host has room again (one line
              of text: why): its model's descriptor lets it ask, and the operator's config
              chose so (ModelDescriptor.pause_option). The monitor pauses the VM; its next
-             resume hands the device a "resume", and the device tries the request again;
+             resume asks the device to "retry" (control.py), and it tries the request again;
     route    asks for an interrupt route (id, gsi); the monitor checks it against what
              the device's descriptor allows and answers with route_done (id, ok, reason);
     msi      asks that an MSI-X vector send a message (id, vector, address, data): what the

@@ -423,6 +423,29 @@ def vm_status(vm: VmProcess) -> dict[str, object]:
     return json.loads(status.stdout)
 
 
+def filled_up(frozen_fs: Path) -> tuple[Path, Path]:
+    """A sparse 32 MiB image on `frozen_fs`, and a file filling all but ~10 MiB of it: the
+    blk loop guest's first 16 MiB pass fills the file system. (image, filler)"""
+    disk = make_disk(frozen_fs / "disk.img", 32 << 20)
+    filler = frozen_fs / "filler"
+    fs = os.statvfs(frozen_fs)
+    with filler.open("wb") as f:
+        os.posix_fallocate(f.fileno(), 0, fs.f_bfree * fs.f_frsize - (10 << 20))
+    return disk, filler
+
+
+def paused_for_blk0(vm: VmProcess) -> dict[str, object]:
+    """Once the VM paused for blk0's stall (the guest's first progress line first): blk0."""
+    written(vm)  # up, and writing
+    deadline = time.monotonic() + 60
+    while (status := vm_status(vm))["state"] != "paused":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    (blk,) = (d for d in status["devices"] if d["name"] == "blk0")  # type: ignore[attr-defined]
+    assert "No space left on device" in blk["stalled"], blk
+    return dict(blk)
+
+
 @DIRECT
 def test_virtio_blk_full_host_file_system_pauses_the_vm_until_room_is_made(
     guests, tmp_path, frozen_fs, direct
@@ -430,20 +453,10 @@ def test_virtio_blk_full_host_file_system_pauses_the_vm_until_room_is_made(
     """The image is sparse and its file system fills up under the guest's writes: the VM
     pauses (on_full's default), the operator deletes a file and resumes it, and the guest
     goes on, never told of an error: every block written is read back as written."""
-    disk = make_disk(frozen_fs / "disk.img", 32 << 20)
-    filler = frozen_fs / "filler"
-    fs = os.statvfs(frozen_fs)
-    with filler.open("wb") as f:  # leaves ~10 MiB: the guest's first 16 MiB pass fills it
-        os.posix_fallocate(f.fileno(), 0, fs.f_bfree * fs.f_frsize - (10 << 20))
+    disk, filler = filled_up(frozen_fs)
     vm = loop_vm(tmp_path, guests, blk_extra=direct_table(direct), disk=disk)
     try:
-        written(vm)  # up, and writing
-        deadline = time.monotonic() + 60
-        while (status := vm_status(vm))["state"] != "paused":
-            assert time.monotonic() < deadline, status
-            time.sleep(0.2)
-        (blk,) = (d for d in status["devices"] if d["name"] == "blk0")  # type: ignore[attr-defined]
-        assert "No space left on device" in blk["stalled"], blk
+        paused_for_blk0(vm)
         filler.unlink()
         resumed = vm.ctl("resume")
         assert resumed.returncode == 0, resumed.stderr
@@ -459,6 +472,38 @@ def test_virtio_blk_full_host_file_system_pauses_the_vm_until_room_is_made(
     assert (state, blk["stalled"], blk["restarts"]) == ("running", "", 0), blk
     assert "mismatch" not in text and ": status " not in text, text[-1500:]
     assert mib >= 4 and "the VM is paused; make room on the host" in err, err[-1500:]
+
+
+def test_virtio_blk_suspended_while_paused_for_a_full_disk_restores_and_goes_on(
+    guests, tmp_path, frozen_fs
+):
+    """`ctl suspend` of a VM paused for a full disk: the snapshot holds the request not yet
+    taken, so the restored VM, given room, does it, and the guest verifies every block."""
+    disk, filler = filled_up(frozen_fs)
+    vm = loop_vm(tmp_path, guests, disk=disk)
+    try:
+        paused_for_blk0(vm)
+        snap = tmp_path / "s1"
+        result = vm.ctl("suspend", str(snap))
+        assert result.returncode == 0, result.stderr
+        code, err = vm.finish()
+    finally:
+        vm.kill_if_running()
+    assert code == 0, err[-1500:]
+    filler.unlink()
+
+    vm2 = VmProcess(
+        tmp_path, ["restore", str(snap), "--set", f"blk0.path={disk}"], tmp_path / "serial2.log",
+        stdio=True,
+    )  # fmt: skip
+    try:
+        _, end = written(vm2)
+        written(vm2, end)
+        blk = blk_device(vm2)
+    finally:
+        text = stop_loop(vm2)
+    assert (blk["stalled"], blk["restarts"]) == ("", 0), blk
+    assert "mismatch" not in text and ": status " not in text, text[-1500:]
 
 
 def hang_blk(vm: VmProcess) -> None:

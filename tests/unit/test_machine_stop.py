@@ -7,6 +7,7 @@ import threading
 from types import SimpleNamespace
 
 from splitvmm.monitor import machine as machine_module
+from splitvmm.monitor.control import ControlBusy
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
 
@@ -48,3 +49,51 @@ def test_a_stop_signal_during_the_build_returns_at_once():
     m.stop(Outcome(130, "stopped by SIGINT"))
 
     assert m.run().status == 130
+
+
+class FlakyCoordinator:
+    """pause_for() refused as busy `busy` times (a vCPU waits for a device's restart)."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.paused = False
+
+    def pause_for(self, wanted):
+        if not wanted():
+            return False
+        if self.busy:
+            self.busy -= 1
+            raise ControlBusy("vcpu0 did not stop within 10 s: waiting for device serial0")
+        self.paused = True
+        return True
+
+
+def stalled_machine(coordinator: FlakyCoordinator) -> tuple[Machine, SimpleNamespace]:
+    m = bare_machine()
+    m.coordinator = coordinator
+    m._device_cfg = {"blk0": SimpleNamespace(options={"path": "/images/disk.img"})}
+    slot = SimpleNamespace(name="blk0", stalled="the disk's file system is full")
+    return m, slot
+
+
+def test_a_stall_whose_pause_is_refused_for_now_is_paused_later(monkeypatch, caplog):
+    """A pause refused (busy) used to drop the stall: the device held its request for
+    ever and the VM ran on, `ctl resume` answering 'not paused'."""
+    monkeypatch.setattr(machine_module, "STALL_PAUSE_RETRY_S", 0)
+    coordinator = FlakyCoordinator(busy=3)
+    m, slot = stalled_machine(coordinator)
+
+    m._pause_for(machine_module.Stalled(slot, slot.stalled))
+
+    assert coordinator.paused and coordinator.busy == 0
+    assert "device blk0 (/images/disk.img)" in caplog.text and "the VM is paused" in caplog.text
+
+
+def test_a_stall_retried_meanwhile_pauses_nothing():
+    coordinator = FlakyCoordinator(busy=0)
+    m, slot = stalled_machine(coordinator)
+    slot.stalled = None  # the operator's resume had it retry, and the retry was done
+
+    m._pause_for(machine_module.Stalled(slot, "the disk's file system is full"))
+
+    assert not coordinator.paused

@@ -187,10 +187,34 @@ def stall_slot(
     return slot, stalls
 
 
-def test_slot_stall_is_passed_on_once_until_resumed(tmp_path, zctx, failures, monkeypatch):
+class RetryChannel:
+    """A live device's channel for control requests: the events it read before each reply
+    (the device sent them before it took the request) reach the slot first."""
+
+    def __init__(self, slot: DeviceSlot) -> None:
+        self.slot = slot
+        self.asked: list[str] = []
+        self.before_reply: list[events.Event] = []
+        self.mirror = RegisterMirror(())
+
+    def control(self, op: str, timeout_ms: int, args: object = None) -> dict[str, object]:
+        self.asked.append(op)
+        for event in self.before_reply:
+            self.slot._on_event(event)
+        return {"op": "retrying", "seq": 1}
+
+
+def live_stall_slot(
+    tmp_path: Path, zctx: zmq.Context, failures: Failures
+) -> tuple[DeviceSlot, list[str], RetryChannel]:
     slot, stalls = stall_slot(tmp_path, zctx, failures)
-    asked: list[str] = []
-    monkeypatch.setattr(slot, "control", lambda op, *a, **k: asked.append(op) or {})
+    channel = RetryChannel(slot)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    return slot, stalls, channel
+
+
+def test_slot_stall_is_passed_on_once_until_the_device_retries(tmp_path, zctx, failures):
+    slot, stalls, channel = live_stall_slot(tmp_path, zctx, failures)
 
     slot._on_event(events.Stall("full \u202e"))
     slot._on_event(events.Stall("full again"))  # the pause is under way: nothing new
@@ -198,12 +222,28 @@ def test_slot_stall_is_passed_on_once_until_resumed(tmp_path, zctx, failures, mo
     slot.resume_stalled()
     slot.resume_stalled()  # not stalled now: the device is asked nothing
 
-    assert (stalls, stalled, asked, slot.stalled) == (
+    assert (stalls, stalled, channel.asked, slot.stalled) == (
         ["full \\u202e"],
         "full \\u202e",
-        ["resume"],
+        ["retry"],
         None,
     )
+
+
+def test_slot_stall_sent_before_the_retry_is_old_news(tmp_path, zctx, failures):
+    """A second stall event the device sent before it took the retry (after a snapshot, a
+    restart) is read with the retry's reply: it must not pause the VM the operator just
+    resumed. One read after the reply is the retry's own: a new stall."""
+    slot, stalls, channel = live_stall_slot(tmp_path, zctx, failures)
+    slot._on_event(events.Stall("full"))
+    channel.before_reply.append(events.Stall("full, said again"))
+
+    slot.resume_stalled()
+    after_retry = (list(stalls), slot.stalled)
+    slot._on_event(events.Stall("still full"))
+
+    assert after_retry == (["full"], None)
+    assert (stalls, slot.stalled) == (["full", "still full"], "still full")
 
 
 @pytest.mark.parametrize(

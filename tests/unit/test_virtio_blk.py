@@ -797,7 +797,9 @@ def connected(dev: VirtioBlk) -> Channel:
     return channel
 
 
-def test_virtio_blk_write_to_a_full_host_stalls_until_resumed_then_is_done(blk, disk, host_full):
+def test_virtio_blk_write_to_a_full_host_stalls_until_told_to_retry_then_is_done(
+    blk, disk, host_full
+):
     """ENOSPC is the host's to fix, not the guest's: the write and the chains after it go
     back to the ring unused (no IOERR for the guest to see), the device asks the monitor,
     once, to pause the VM, and serves nothing more until resumed; then it does them all."""
@@ -813,8 +815,8 @@ def test_virtio_blk_write_to_a_full_host_stalls_until_resumed_then_is_done(blk, 
     host_full[0] = False  # the operator makes room
     assert ring.take_used() == [] and blk.stalled is not None
 
-    blk.resume()
-    serve_ready(blk)  # the event loop's next step: the notify resume() signalled
+    blk.retry()
+    serve_ready(blk)  # the event loop's next step: the notify retry() signalled
 
     assert used_while_full == [(0, 513)] and status_of(blk, first) == OK
     assert [head for head, _ in ring.take_used()] == [3, 6]
@@ -826,13 +828,32 @@ def test_virtio_blk_write_to_a_full_host_stalls_until_resumed_then_is_done(blk, 
     assert blk.stalled is None
 
 
-def test_virtio_blk_write_still_full_after_resume_stalls_again(blk, host_full):
+def test_virtio_blk_stalled_stays_so_through_a_snapshot_until_told_to_retry(blk, host_full):
+    """A snapshot's quiesce and resume are no retry: only the VM's resume is (the monitor's
+    "retry"), so the device and its slot agree on the stall."""
+    driver, ring = started(blk)
+    request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    driver.kick()
+    host_full[0] = False
+    blk.quiesce()
+    blk.save()
+    blk.resume()
+    serve_ready(blk)
+    held = (ring.take_used(), blk.stalled is not None)
+
+    blk.retry()
+    serve_ready(blk)
+
+    assert held == ([], True) and ring.take_used() == [(0, 1)]
+
+
+def test_virtio_blk_write_still_full_at_its_retry_stalls_again(blk, host_full):
     channel = connected(blk)
     driver, ring = started(blk)
     request(ring, OUT, 1, [(b"\xab" * 512, False)])
     driver.kick()
 
-    blk.resume()
+    blk.retry()
     serve_ready(blk)
 
     assert ring.take_used() == [] and blk.stalled is not None
@@ -1339,7 +1360,7 @@ def test_virtio_blk_direct_write_completing_with_enospc_stalls_with_the_chains_a
     driver.kick()
     used_while_full = ring.take_used()
     full[0] = False
-    dev.resume()
+    dev.retry()
     serve_ready(dev)
 
     assert used_while_full == [(before[0], 4097)] and dev.stalled is None

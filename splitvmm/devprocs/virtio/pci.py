@@ -43,8 +43,8 @@ file system), stalls the device (stall()): the chain and every one taken after i
 to the ring unused (SplitQueue.unpop; those after it are done again later, as a restart
 would), the queues serve nothing more, and the monitor is asked to pause the VM (a "stall"
 event). The driver sees requests that take long, never an error. The monitor's resume of
-the VM resumes the device, which takes the chain up again: done, or stalled anew. A
-snapshot meanwhile saves the queue with the chain not taken, so a restore tries it too.
+the VM asks the device to retry(), and it takes the chain up again: done, or stalled anew.
+A snapshot meanwhile saves the queue with the chain not taken, so a restore tries it too.
 """
 
 from __future__ import annotations
@@ -570,7 +570,7 @@ class VirtioPciDevice(RegisterDevice):
                 done = self._drain(q, ring, deadline)
                 if done:
                     self.signal_used(q, ring)
-                if self.stalled is not None:  # kicks stay off: resume() looks again
+                if self.stalled is not None:  # kicks stay off: retry() looks again
                     return
                 left = deadline - self.clock_ns()
                 if done and left <= 0:
@@ -790,8 +790,13 @@ class VirtioPciDevice(RegisterDevice):
         queue's notify is signalled. The monitor's vCPUs wait for that reply, and nothing else
         reaches the loop meanwhile (ctx.waiting() would let a drain run to the ring's end)."""
         self.quiesced = False
-        self.stalled = None  # what stalled is tried again
         self._kick_live_queues()
+
+    def retry(self) -> None:
+        """The VM resumes after the stall: the chain that stalled is tried again."""
+        self.stalled = None
+        if not self.quiesced:
+            self._kick_live_queues()
 
     def _kick_live_queues(self) -> None:
         """Signal each open ring's notify: the event loop serves what waits there."""
