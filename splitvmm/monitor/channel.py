@@ -203,7 +203,8 @@ class DeviceChannel:
     def control(
         self, op: str, timeout_ms: int, args: dict[str, object] | None = None
     ) -> dict[str, object]:
-        """A control request (quiesce, save, resume, fault with `args`), its checked reply."""
+        """A control request (quiesce, save, resume, retry, fault with `args`), its checked
+        reply."""
         seq = self._next_seq()
         reply = self._request(control.encode({"op": op, "seq": seq, **(args or {})}), timeout_ms)
         try:

@@ -96,7 +96,7 @@ class Coordinator:
         pause, resume or snapshot is under way (a device's stall: the operator's resume may
         have had it retry meanwhile); whether it did. ControlError as pause()."""
         with self._lock:
-            if not wanted():
+            if not wanted() or self.machine.stopping:  # (a suspend's end: nothing to say)
                 return False
             self.pause(missing_ok=True)
             return True
@@ -129,15 +129,20 @@ class Coordinator:
 
     def resume(self) -> None:
         """Run the vCPUs again; a device that stalled meanwhile tries its request again
-        first (DeviceSlot.resume_stalled)."""
+        first (DeviceSlot.resume_stalled). A VM that could not be paused for a device's
+        stall (Machine._pause_for) runs already: its stalled devices retry, and that is all."""
         with self._lock:
-            self._resume()
+            stalled = [slot for slot in self.machine.slots if slot.stalled is not None]
+            if not self.paused and not stalled:
+                raise ControlError(f"VM {self.machine.cfg.vm.name!r} is not paused")
+            for slot in stalled:
+                slot.resume_stalled()
+            if self.paused:
+                self._resume()
 
     def _resume(self) -> None:
         if not self.paused:
             raise ControlError(f"VM {self.machine.cfg.vm.name!r} is not paused")
-        for slot in self.machine.slots:
-            slot.resume_stalled()
         for fd in self.machine.vcpu_fds:
             vmstate.tell_stopped(fd)  # parked: out of KVM_RUN, as an ioctl from here needs
         for v in self.machine.vcpus:

@@ -448,34 +448,50 @@ class Machine:
         which crash restarts must not wait behind. Started once the vCPUs exist (a stall read
         while the devices got READY, a restored device's retry, waits for them)."""
         while (stalled := self._stalls.get()) is not None:
-            self._pause_for(stalled)
+            try:
+                self._pause_for(stalled.slot)
+            except Exception as e:  # a monitor bug: stop the VM, never leave a device stalled
+                log.exception("pausing the VM for device %s", stalled.slot.name)
+                self.stop(Outcome.fault(
+                    f"device {stalled.slot.name}: internal error pausing the VM for it: {e!r}"
+                ))  # fmt: skip
 
-    def _pause_for(self, stalled: Stalled) -> None:
+    def _pause_for(self, slot: DeviceSlot) -> None:
         """Pause the VM for a device that holds a request until the host has room (its
         model's pause_option is "pause"), unless the operator's resume had it retry
-        meanwhile; `ctl resume` has it try again (Coordinator). A pause that cannot be made
-        now (a vCPU waits for a device's restart) is tried again: the device waits anyway."""
-        slot = stalled.slot
+        meanwhile; `ctl resume` has it try again (Coordinator). A pause refused while a vCPU
+        waits for a device's restart (ControlBusy: bounded) is tried again; one that cannot
+        be made (a vCPU that will not park) is given up, said, and the VM runs on: the
+        device holds its requests until `ctl resume`, which has it retry all the same."""
         path = self._device_cfg[slot.name].options.get("path")
         where = f"device {slot.name}" + (f" ({path})" if path else "")
         said = False
         while not self.stopping:
+            why = slot.stalled  # the newest: it may have retried and stalled anew
             try:
                 if self.coordinator.pause_for(lambda: slot.stalled is not None):
                     log.error(
                         "%s: %s: the VM is paused; make room on the host, then `splitvmm ctl "
                         "resume` (its request is tried again)",
                         where,
-                        stalled.why,
+                        slot.stalled or why,
                     )
                 return
-            except ControlError as e:
-                if self.stopping:
-                    return
+            except ControlBusy as e:
                 if not said:
                     log.warning("%s: %s; the VM cannot pause yet (%s): trying again", where,
-                                stalled.why, e)  # fmt: skip
+                                why, e)  # fmt: skip
                     said = True
+            except ControlError as e:
+                if not self.stopping:
+                    log.error(
+                        "%s: %s; the VM could not be paused (%s) and runs on, that device's "
+                        "requests held: make room on the host, then `splitvmm ctl resume`",
+                        where,
+                        why,
+                        e,
+                    )
+                return
             time.sleep(STALL_PAUSE_RETRY_S)
 
     def _start_spare(self, slot: DeviceSlot) -> None:

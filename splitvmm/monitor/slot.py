@@ -248,6 +248,7 @@ class DeviceSlot:
         # Why the device waits for the VM's resume to take a request up again (its stall
         # event), until that resume tells it to (resume_stalled()); None: it does not
         self.stalled: str | None = None
+        self._ended_events = False  # the events being handled are an ended process's
         self.last_state = spawn.state  # what a new process starts from (the last snapshot's)
         self._fault = spawn.fault  # taken by the first process: a restarted one gets none
         self.generation = 0  # processes started into the slot so far
@@ -862,11 +863,13 @@ class DeviceSlot:
         and a new process takes the request up from the used ring anyway."""
         if self.stalled is None:
             return
+        generation = self.generation
         try:
             self.control("retry")
         except DeviceFailure as e:
             with self._lock:  # that process is gone; a new one stalls anew if it must
-                self.stalled = None
+                if self.generation == generation:  # (one that did already is stalled)
+                    self.stalled = None
             log.warning("device %s: not told to retry after its stall: %s", self.name, e)
 
     def heartbeat(self, timeout_ms: int) -> None:
@@ -965,6 +968,8 @@ class DeviceSlot:
                 if not option or self._options.get(option) != "pause":
                     allowed = f"its {option} is not 'pause'" if option else "its model may not"
                     raise ChannelError(f"asked to pause the VM, which {allowed}")
+                if self._ended_events:
+                    return  # the last words of a process that ended: its successor retries
                 if self.stalled is None:
                     self.stalled = escaped(message)
                     if self._on_stall is not None:
@@ -1026,10 +1031,13 @@ class DeviceSlot:
     def _drain_events_locked(self, channel: DeviceChannel) -> None:
         """What a process that ended sent (its last checkpoint): all of it, as it sends no
         more (at most RCVHWM frames), and charged to nothing."""
+        self._ended_events = True
         try:
             channel.drain_events(limited=False)
         except ChannelError as e:  # the device is failing anyway; say what else it did
             log.warning("device %s: %s", self.name, e)
+        finally:
+            self._ended_events = False
 
     # -- failure and teardown -------------------------------------------------------------------
     def fail(self, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""Control messages on a device channel: quiesce, save, resume, stats (JSON, never pickle).
+"""Control messages on a device channel: quiesce, save, resume, retry, ping, stats, fault
+(JSON, never pickle).
 
 A control frame is one byte CONTROL_TAG then a JSON object; access frames are
 fixed-size binary (wire.py) and never start with that byte. Requests carry a

@@ -360,3 +360,38 @@ def test_crash_device_on_a_device_away_is_busy_while_it_restarts(restarting, ref
     with pytest.raises(refusal, match="device con0 is away: no process") as e:
         Machine._crash_device(machine, {"name": "con0", "signal": "KILL"})  # type: ignore[arg-type]
     assert isinstance(e.value, ControlBusy) is restarting
+
+
+class StalledSlot:
+    """A device holding a request for room on the host (DeviceSlot.stalled)."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.stalled: str | None = "the disk's file system is full"
+
+    def resume_stalled(self) -> None:
+        self.events.append("retry")
+        self.stalled = None
+
+
+def test_coordinator_resume_has_stalled_devices_retry_before_the_vcpus_run(tmp_path, monkeypatch):
+    coord, events = coordinator(tmp_path, monkeypatch)
+    coord.machine.slots = [StalledSlot(events)]
+    coord.pause()
+
+    coord.resume()
+
+    assert (events, coord.paused) == (["pause", "retry", "kvmclock stopped", "resume"], False)
+
+
+def test_coordinator_resume_of_a_running_vm_retries_its_stalled_devices(tmp_path, monkeypatch):
+    """A stall the VM could not be paused for (a vCPU that would not park): `ctl resume`
+    still has the device retry, where 'not paused' would leave its requests held."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    coord.machine.slots = [StalledSlot(events)]
+
+    coord.resume()
+    with pytest.raises(ControlError, match="is not paused"):
+        coord.resume()  # nothing stalled now: the usual answer
+
+    assert events == ["retry"]

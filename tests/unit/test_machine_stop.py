@@ -7,7 +7,7 @@ import threading
 from types import SimpleNamespace
 
 from splitvmm.monitor import machine as machine_module
-from splitvmm.monitor.control import ControlBusy
+from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
 
@@ -52,18 +52,23 @@ def test_a_stop_signal_during_the_build_returns_at_once():
 
 
 class FlakyCoordinator:
-    """pause_for() refused as busy `busy` times (a vCPU waits for a device's restart)."""
+    """pause_for() refused as busy `busy` times (a vCPU waits for a device's restart), or
+    failing with `error` (a vCPU that will not park)."""
 
-    def __init__(self, busy: int) -> None:
-        self.busy = busy
+    def __init__(self, busy: int, error: ControlError | None = None) -> None:
+        self.busy, self.error = busy, error
         self.paused = False
+        self.tries = 0
 
     def pause_for(self, wanted):
+        self.tries += 1
         if not wanted():
             return False
         if self.busy:
             self.busy -= 1
             raise ControlBusy("vcpu0 did not stop within 10 s: waiting for device serial0")
+        if self.error is not None:
+            raise self.error
         self.paused = True
         return True
 
@@ -83,7 +88,7 @@ def test_a_stall_whose_pause_is_refused_for_now_is_paused_later(monkeypatch, cap
     coordinator = FlakyCoordinator(busy=3)
     m, slot = stalled_machine(coordinator)
 
-    m._pause_for(machine_module.Stalled(slot, slot.stalled))
+    m._pause_for(slot)
 
     assert coordinator.paused and coordinator.busy == 0
     assert "device blk0 (/images/disk.img)" in caplog.text and "the VM is paused" in caplog.text
@@ -94,6 +99,21 @@ def test_a_stall_retried_meanwhile_pauses_nothing():
     m, slot = stalled_machine(coordinator)
     slot.stalled = None  # the operator's resume had it retry, and the retry was done
 
-    m._pause_for(machine_module.Stalled(slot, "the disk's file system is full"))
+    m._pause_for(slot)
 
     assert not coordinator.paused
+
+
+def test_a_stall_whose_pause_cannot_be_made_is_given_up_and_said(monkeypatch, caplog):
+    """A vCPU that will not park (not a restart: nothing to wait for) would freeze the guest
+    in 10 s pulses if the pause were tried for ever: given up once, the VM runs on, and the
+    operator is told to resume it (which has the device retry all the same)."""
+    monkeypatch.setattr(machine_module, "STALL_PAUSE_RETRY_S", 0)
+    coordinator = FlakyCoordinator(busy=0, error=ControlError("vcpu1 did not stop within 10 s"))
+    m, slot = stalled_machine(coordinator)
+
+    m._pause_for(slot)
+
+    assert (coordinator.tries, coordinator.paused) == (1, False)
+    assert "could not be paused (vcpu1 did not stop within 10 s)" in caplog.text
+    assert "`splitvmm ctl resume`" in caplog.text

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -244,6 +245,38 @@ def test_slot_stall_sent_before_the_retry_is_old_news(tmp_path, zctx, failures):
 
     assert after_retry == (["full"], None)
     assert (stalls, slot.stalled) == (["full", "still full"], "still full")
+
+
+def test_slot_failed_retry_keeps_the_stall_of_the_process_that_replaced_it(
+    tmp_path, zctx, failures, monkeypatch
+):
+    """The retry meets a dead process; its restart (a warm spare: a few ms) is back and
+    stalled anew before resume_stalled() takes the lock again: that stall is kept, or the
+    VM would run on with the device's requests held for ever."""
+    slot, stalls, _ = live_stall_slot(tmp_path, zctx, failures)
+    slot._on_event(events.Stall("full"))
+
+    def retry_meets_a_restart(op: str, *args: object, **kw: object) -> dict[str, object]:
+        slot.generation += 1  # the new process, READY and stalled meanwhile
+        slot.stalled = None
+        slot._on_event(events.Stall("full, the new process"))
+        raise DeviceFailure("device blk0: its process ended")
+
+    monkeypatch.setattr(slot, "control", retry_meets_a_restart)
+    slot.resume_stalled()
+
+    assert (slot.stalled, stalls) == ("full, the new process", ["full", "full, the new process"])
+
+
+def test_slot_stall_in_an_ended_process_last_words_is_not_passed_on(tmp_path, zctx, failures):
+    """Drained from a process that ended (its restart's checkpoint): its successor retries,
+    and stalls itself if it must; the VM is not paused for the dead one."""
+    slot, stalls = stall_slot(tmp_path, zctx, failures)
+    dead = SimpleNamespace(drain_events=lambda limited: slot._on_event(events.Stall("full")))
+
+    slot._drain_events_locked(dead)  # type: ignore[arg-type]
+
+    assert (stalls, slot.stalled) == ([], None)
 
 
 @pytest.mark.parametrize(
