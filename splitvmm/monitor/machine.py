@@ -465,16 +465,18 @@ class Machine:
         device holds its requests until `ctl resume`, which has it retry all the same."""
         path = self._device_cfg[slot.name].options.get("path")
         where = f"device {slot.name}" + (f" ({path})" if path else "")
+        resume = f"splitvmm ctl --vm {self.cfg.vm.name} resume"
         said = False
         while not self.stopping:
             why = slot.stalled  # the newest: it may have retried and stalled anew
             try:
                 if self.coordinator.pause_for(lambda: slot.stalled is not None):
                     log.error(
-                        "%s: %s: the VM is paused; make room on the host, then `splitvmm ctl "
-                        "resume` (its request is tried again)",
+                        "%s: %s: the VM is paused; make room on the host, then `%s` (its "
+                        "request is tried again)",
                         where,
                         slot.stalled or why,
+                        resume,
                     )
                 return
             except ControlBusy as e:
@@ -486,10 +488,11 @@ class Machine:
                 if not self.stopping:
                     log.error(
                         "%s: %s; the VM could not be paused (%s) and runs on, that device's "
-                        "requests held: make room on the host, then `splitvmm ctl resume`",
+                        "requests held: make room on the host, then `%s`",
                         where,
                         why,
                         e,
+                        resume,
                     )
                 return
             time.sleep(STALL_PAUSE_RETRY_S)

@@ -77,6 +77,7 @@ def stalled_machine(coordinator: FlakyCoordinator) -> tuple[Machine, SimpleNames
     m = bare_machine()
     m.coordinator = coordinator
     m._device_cfg = {"blk0": SimpleNamespace(options={"path": "/images/disk.img"})}
+    m.cfg = SimpleNamespace(vm=SimpleNamespace(name="web"))
     slot = SimpleNamespace(name="blk0", stalled="the disk's file system is full")
     return m, slot
 
@@ -92,6 +93,7 @@ def test_a_stall_whose_pause_is_refused_for_now_is_paused_later(monkeypatch, cap
 
     assert coordinator.paused and coordinator.busy == 0
     assert "device blk0 (/images/disk.img)" in caplog.text and "the VM is paused" in caplog.text
+    assert "`splitvmm ctl --vm web resume`" in caplog.text
 
 
 def test_a_stall_retried_meanwhile_pauses_nothing():
@@ -116,4 +118,4 @@ def test_a_stall_whose_pause_cannot_be_made_is_given_up_and_said(monkeypatch, ca
 
     assert (coordinator.tries, coordinator.paused) == (1, False)
     assert "could not be paused (vcpu1 did not stop within 10 s)" in caplog.text
-    assert "`splitvmm ctl resume`" in caplog.text
+    assert "`splitvmm ctl --vm web resume`" in caplog.text

@@ -14,6 +14,8 @@ def _device_lines(devices: list[dict[str, object]]) -> str:
     for d in devices:
         reason = f" ({d['reason']})" if d.get("reason") else ""
         line = f"  {d['name']:<12} {d['model']:<10} pid {d['pid']:<8} {d['state']}{reason}"
+        if d.get("stalled"):  # what the VM is paused for (README: on_full)
+            line += f", stalled: {d['stalled']}"
         if d.get("crashes"):
             line += f", {d['restarts']} restart(s), last failure: {d['last_failure']}"
             if d.get("recover_ms") is not None:
@@ -50,7 +52,8 @@ def pause(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def resume(ctx: click.Context, as_json: bool) -> None:
-    """Let a paused VM run again."""
+    """Let a paused VM run again; a device that stalled for room on the host tries its
+    requests again first (and pauses the VM again if there is still none)."""
     common.emit(common.call(ctx, "resume"), as_json, lambda r: "running")
 
 
