@@ -126,10 +126,11 @@ def _serve_control(
     injector: FaultInjector,
     mirrors: MirrorPublisher | None = None,
 ) -> None:
-    """quiesce / save / resume / retry / ping / stats, in the device's own order. Every access sent before the
-    request was applied already: the channel is ordered. While quiesced the output buffer
-    is held: what it holds is part of the state a snapshot saves. `mirrors`: the model's
-    register mirror, published anew after a resume or a fault armed (MirrorPublisher)."""
+    """quiesce / save / resume / retry / ping / stats, in the device's own order. Every
+    access sent before the request was applied already: the channel is ordered. While
+    quiesced the output buffer is held: what it holds is part of the state a snapshot saves.
+    `mirrors`: the model's register mirror, published anew after a resume or a fault armed
+    (MirrorPublisher)."""
     msg = control.decode(buf)
     if msg["op"] == "route_done":  # the monitor's answer to a route request: no reply
         device.ctx.events.route_done(*events.decode_route_done(msg))

@@ -85,11 +85,10 @@ class Coordinator:
         self.snapshotting = False
 
     # -- pause / resume -----------------------------------------------------------------------
-    def pause(self, missing_ok: bool = False) -> None:
-        """Park every vCPU; with `missing_ok`, a VM paused already is no error."""
+    def pause(self) -> None:
+        """Park every vCPU."""
         with self._lock:
-            if not (self.paused and missing_ok):
-                self._pause()
+            self._pause()
 
     def pause_for(self, wanted: Callable[[], bool]) -> bool:
         """Pause the VM, paused already or not, if `wanted()` still says so once no other
@@ -98,7 +97,8 @@ class Coordinator:
         with self._lock:
             if not wanted() or self.machine.stopping:  # (a suspend's end: nothing to say)
                 return False
-            self.pause(missing_ok=True)
+            if not self.paused:
+                self._pause()
             return True
 
     def _pause(self) -> None:
@@ -141,8 +141,6 @@ class Coordinator:
                 self._resume()
 
     def _resume(self) -> None:
-        if not self.paused:
-            raise ControlError(f"VM {self.machine.cfg.vm.name!r} is not paused")
         for fd in self.machine.vcpu_fds:
             vmstate.tell_stopped(fd)  # parked: out of KVM_RUN, as an ioctl from here needs
         for v in self.machine.vcpus:

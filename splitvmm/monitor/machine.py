@@ -118,7 +118,7 @@ class Machine:
         # The restarter's work: a crashed device, a device whose warm spare ended, or None
         self._restarts: queue.SimpleQueue[DeviceSlot | SpareLost | None] = queue.SimpleQueue()
         # The pauser's: a device that stalled (the VM to pause for it), or None
-        self._stalls: queue.SimpleQueue[Stalled | None] = queue.SimpleQueue()
+        self._stalls: queue.SimpleQueue[DeviceSlot | None] = queue.SimpleQueue()
         self._supervisor: Supervisor | None = None
         self._spawned_at: dict[str, float] = {}  # device -> when its process was asked for
         self.functions: dict[str, PciFunctionHost] = {}  # PCI devices, by name
@@ -336,7 +336,7 @@ class Machine:
                 self.zctx,
                 self._device_failed,
                 resumer=self.launcher.resume if restarts else None,
-                on_stall=lambda slot, why: self._stalls.put(Stalled(slot, why)),
+                on_stall=lambda slot, why: self._stalls.put(slot),
             )
             self.slots.append(slot)  # closed by close() from now on, whatever launch() does
             transport = MODELS[spawn.model].transport
@@ -447,13 +447,13 @@ class Machine:
         pause waits for every vCPU to park (PARK_TIMEOUT_S) and for a snapshot under way,
         which crash restarts must not wait behind. Started once the vCPUs exist (a stall read
         while the devices got READY, a restored device's retry, waits for them)."""
-        while (stalled := self._stalls.get()) is not None:
+        while (slot := self._stalls.get()) is not None:
             try:
-                self._pause_for(stalled.slot)
+                self._pause_for(slot)
             except Exception as e:  # a monitor bug: stop the VM, never leave a device stalled
-                log.exception("pausing the VM for device %s", stalled.slot.name)
+                log.exception("pausing the VM for device %s", slot.name)
                 self.stop(Outcome.fault(
-                    f"device {stalled.slot.name}: internal error pausing the VM for it: {e!r}"
+                    f"device {slot.name}: internal error pausing the VM for it: {e!r}"
                 ))  # fmt: skip
 
     def _pause_for(self, slot: DeviceSlot) -> None:
@@ -804,13 +804,6 @@ def _is_open(fd: int) -> bool:
 
 class _Closable(Protocol):
     def close(self) -> None: ...
-
-
-class Stalled(NamedTuple):
-    """For the pauser: `slot`'s device stalled (`why`): pause the VM."""
-
-    slot: DeviceSlot
-    why: str
 
 
 class SpareLost(NamedTuple):

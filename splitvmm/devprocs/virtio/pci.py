@@ -669,13 +669,7 @@ class VirtioPciDevice(RegisterDevice):
         ring unused, once those still on the host are done: the device takes them up again
         on resume (the module docstring). Their effects so far (a write done, a status byte
         written) are done again then, as a restart would."""
-        unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
-        while unfinished:
-            self.wait_pending()
-            before = unfinished
-            unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
-            if unfinished == before:  # the model lost them (an error of its own): no spin
-                break
+        self._wait_in_flight(in_flight)
         ring.unpop(len(in_flight))
         in_flight.clear()
 
@@ -690,13 +684,16 @@ class VirtioPciDevice(RegisterDevice):
         return Stalled(why)
 
     def _wait_in_flight(self, in_flight: Sequence[tuple[int, Pending]]) -> None:
-        """A hostile chain ends the drain (NEEDS_RESET follows): wait for what is in flight,
-        which still writes into guest RAM, so that it can be used as the chains before the
-        bad one are (ring_failed: their notification is due)."""
-        unfinished = sum(p.written is None for _, p in in_flight)
+        """Wait for what is in flight on the host, which still writes into guest RAM: a
+        hostile chain ends the drain (NEEDS_RESET follows), and those before it are used as
+        the chains before the bad one are (ring_failed: their notification is due); a stall
+        gives them back (_give_back). A stalled chain is waited for no more: nothing of it
+        is on the host."""
+        unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
         while unfinished:
             self.wait_pending()
-            before, unfinished = unfinished, sum(p.written is None for _, p in in_flight)
+            before = unfinished
+            unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
             if unfinished == before:  # the model lost them (an error of its own): no spin
                 return
 
