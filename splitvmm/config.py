@@ -27,9 +27,10 @@ from splitvmm.protocol.models import (
 )
 from splitvmm.record import Struct, field
 
-# xAPIC IDs are 8 bits, 0xFF is broadcast, and the IOAPIC takes ID vcpus in the MADT and the
-# MP table, whose IDs must all differ (MP spec 1.4; cloud-hypervisor's limit too). The one
-# limit: monitor/cpuid.py and monitor/mptable.py check against it.
+# xAPIC IDs are 8 bits and 0xFF is broadcast; cloud-hypervisor's limit too. (It once left an
+# ID after the vCPUs' for the IOAPIC, which now has ID 0, the one its register holds:
+# monitor/layout.py IOAPIC_ID.) The one limit: monitor/cpuid.py and monitor/mptable.py check
+# against it.
 MAX_VCPUS = 254
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 1 << 40

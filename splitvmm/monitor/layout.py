@@ -42,6 +42,12 @@ PCIE_ECAM_BASE = 0xE0000000
 PCIE_ECAM_BUSES = 1
 PCIE_ECAM_SIZE = PCIE_ECAM_BUSES * MIB
 IOAPIC_BASE = 0xFEC00000
+# The IOAPIC's ID in the MP table and the MADT: the one its ID register holds. KVM's in-kernel
+# IOAPIC resets that register to 0 and keeps 4 bits of it, as the 82093AA does, so an ID
+# after the vCPUs' APIC IDs (from 16 vCPUs on) could not even be written there. QEMU's MADT
+# says 0 too. Linux wants I/O APIC IDs unique among I/O APICs only (io_apic_unique_id), but
+# on a 32-bit kernel with a pre-xAPIC local APIC; ours report version 0x14, an xAPIC.
+IOAPIC_ID = 0
 LAPIC_BASE = 0xFEE00000
 # KVM needs three pages for the TSS and one for the identity map, in no slot (QEMU's choice).
 KVM_IDENTITY_MAP = 0xFEFFC000

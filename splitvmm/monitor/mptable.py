@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from splitvmm.config import MAX_VCPUS
 from splitvmm.errors import ConfigError
-from splitvmm.monitor.layout import HIMEM_START, IOAPIC_BASE, LAPIC_BASE, MPTABLE
+from splitvmm.monitor.layout import HIMEM_START, IOAPIC_BASE, IOAPIC_ID, LAPIC_BASE, MPTABLE
 
 if TYPE_CHECKING:
     from splitvmm.monitor.loader import GuestRam
@@ -75,9 +75,8 @@ def _entries(nvcpus: int, signature: int, features: int) -> list[bytes]:
         )
         for i in range(nvcpus)
     ]  # fmt: skip
-    ioapic_id = nvcpus
     irqs = [
-        MPC_INTSRC.pack(MP_INTSRC, MP_INT, IRQ_FLAGS_CONFORM, ISA_BUS_ID, irq, ioapic_id, irq)
+        MPC_INTSRC.pack(MP_INTSRC, MP_INT, IRQ_FLAGS_CONFORM, ISA_BUS_ID, irq, IOAPIC_ID, irq)
         for irq in range(ISA_IRQS)
     ]
     lints = [
@@ -90,7 +89,7 @@ def _entries(nvcpus: int, signature: int, features: int) -> list[bytes]:
     return [
         *cpus,
         MPC_BUS.pack(MP_BUS, ISA_BUS_ID, BUS_ISA),
-        MPC_IOAPIC.pack(MP_IOAPIC, ioapic_id, IOAPIC_VERSION, MPC_APIC_USABLE, IOAPIC_BASE),
+        MPC_IOAPIC.pack(MP_IOAPIC, IOAPIC_ID, IOAPIC_VERSION, MPC_APIC_USABLE, IOAPIC_BASE),
         *irqs,
         *lints,
     ]

@@ -143,6 +143,7 @@ struct kvm_clock_data { __u64 clock; __u32 flags; __u64 realtime; __u64 host_tsc
 struct kvm_irqchip { __u32 chip_id; ...; };
 static const unsigned long SV_IRQCHIP_CHIP_OFFSET;
 static const unsigned long SV_PIC_IRR_OFFSET;
+static const unsigned long SV_IOAPIC_ID_OFFSET;
 static const unsigned long SV_IOAPIC_IRR_OFFSET;
 static const unsigned long SV_IOAPIC_REDIRTBL_OFFSET;
 static const unsigned long SV_IRQCHIP_CHIP_SIZE;
@@ -193,6 +194,7 @@ SOURCE = """
 #define SV_IRQCHIP_CHIP_OFFSET offsetof(struct kvm_irqchip, chip)
 #define SV_IRQCHIP_CHIP_SIZE sizeof(((struct kvm_irqchip *)0)->chip)
 #define SV_PIC_IRR_OFFSET offsetof(struct kvm_pic_state, irr)
+#define SV_IOAPIC_ID_OFFSET offsetof(struct kvm_ioapic_state, id)
 #define SV_IOAPIC_IRR_OFFSET offsetof(struct kvm_ioapic_state, irr)
 #define SV_IOAPIC_REDIRTBL_OFFSET offsetof(struct kvm_ioapic_state, redirtbl)
 #define SV_COALESCED_ZONE_SIZE sizeof(struct kvm_coalesced_mmio_zone)

@@ -85,6 +85,8 @@ MAX_XCRS: int = lib.KVM_MAX_XCRS
 # Where the IOAPIC's redirection table starts in KVM_GET_IRQCHIP's bytes (8 bytes a pin, laid
 # out as the IOAPIC's own 64-bit redirection entries).
 IOAPIC_REDIRTBL_OFFSET: int = lib.SV_IOAPIC_REDIRTBL_OFFSET
+# Where its ID (the ID register's bits 27:24, as a number) sits in the same bytes.
+IOAPIC_ID_OFFSET: int = lib.SV_IOAPIC_ID_OFFSET
 # Where each PIT channel's count_load_time (host CLOCK_MONOTONIC ns) sits in kvm_pit_state2.
 PIT_LOAD_TIME_OFFSETS = tuple(
     ffi.offsetof("struct kvm_pit_state2", "channels")

@@ -37,6 +37,9 @@ def kit(tmp_path_factory):
 # over the MP table (arch/x86/kernel/acpi/boot.c), printed long before the int3 self-test.
 ACPI_TABLE_LINES = ("RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG")
 ACPI_SMP_LINE = "ACPI: Using ACPI (MADT) for SMP configuration information"
+# The MADT's IOAPIC as Linux registered it (arch/x86/kernel/apic/io_apic.c mp_register_ioapic):
+# the ID its register holds (monitor/layout.py IOAPIC_ID), KVM's version, every GSI it has.
+IOAPIC_LINE = "IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23"
 
 
 def test_linux_prints_banner_e820_and_acpi_tables_then_boots_or_stops_clearly(kit, tmp_path):
@@ -55,6 +58,7 @@ def test_linux_prints_banner_e820_and_acpi_tables_then_boots_or_stops_clearly(ki
     missing = [t for t in ACPI_TABLE_LINES if f"ACPI: {t} 0x" not in run.serial]
     assert missing == [], run.serial
     assert ACPI_SMP_LINE in run.serial
+    assert IOAPIC_LINE in run.serial
     if run.status == 0:  # hardware KVM: the kernel reached our /init and reset the VM
         assert "splitvmm demo guest: init running" in run.serial
         return

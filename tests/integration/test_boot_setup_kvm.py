@@ -8,6 +8,7 @@ sees the host's CPUID whatever we set (KVM-HERE.md).
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +24,18 @@ from splitvmm.monitor.boot64 import (
     write_boot_tables,
 )
 from splitvmm.monitor.cpuid import CpuidMask, setup_cpuid
-from splitvmm.monitor.layout import CMDLINE, KVM_TSS, ZERO_PAGE
+from splitvmm.monitor.layout import CMDLINE, IOAPIC_ID, KVM_TSS, ZERO_PAGE
 from splitvmm.monitor.loader import load_linux
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.native.exits import PioOut
-from splitvmm.native.kvm import X86_CR4_PAE, Kvm, VcpuFd, VmFd
+from splitvmm.native.kvm import (
+    IOAPIC_ID_OFFSET,
+    IRQCHIP_IOAPIC,
+    X86_CR4_PAE,
+    Kvm,
+    VcpuFd,
+    VmFd,
+)
 from tests.unit.images import Seg, make_elf
 
 pytestmark = pytest.mark.kvm
@@ -58,6 +66,14 @@ def vcpu(kvm: Kvm, vm: VmFd) -> Iterator[VcpuFd]:
     cpu = vm.create_vcpu(0, kvm.vcpu_mmap_size())
     yield cpu
     cpu.close()
+
+
+def test_the_ioapic_id_the_mp_table_and_madt_give_is_the_one_kvms_ioapic_holds(vm: VmFd) -> None:
+    """What a guest reads from the IOAPIC's ID register is what the tables told it
+    (monitor/layout.py IOAPIC_ID; tests/unit/test_acpi.py checks both tables use it)."""
+    (held,) = struct.unpack_from("<I", vm.get_irqchip(IRQCHIP_IOAPIC), IOAPIC_ID_OFFSET)
+
+    assert held == IOAPIC_ID
 
 
 def test_boot64_sregs_are_accepted_by_kvm(vcpu: VcpuFd) -> None:

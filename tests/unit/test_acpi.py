@@ -10,6 +10,7 @@ from splitvmm.devprocs import rtc
 from splitvmm.monitor import acpi, layout
 from splitvmm.monitor.acpi import aml, tables
 from splitvmm.monitor.acpi.dsdt import pci_root_bridge, prt_entry
+from splitvmm.monitor.mptable import build_mptable
 from splitvmm.monitor.platform import I8042, I8042_STATUS_IDLE, AcpiPm
 from splitvmm.protocol.models import RTC, SERIAL
 
@@ -196,7 +197,21 @@ def test_madt_has_one_enabled_lapic_per_vcpu_then_the_ioapic(built: acpi.AcpiTab
     madt = xsdt_entries(built)[b"APIC"]
     assert madt[44:52] == bytes.fromhex("0008000001000000")  # vCPU 0: uid 0, APIC id 0
     assert madt[52:60] == bytes.fromhex("0008010101000000")  # vCPU 1
-    assert madt[60:72] == struct.pack("<BBBBII", 1, 12, 2, 0, 0xFEC0_0000, 0)
+    # the IOAPIC: id 0 (what KVM's IOAPIC holds: layout.IOAPIC_ID), GSIs from 0
+    assert madt[60:72] == struct.pack("<BBBBII", 1, 12, 0, 0, 0xFEC0_0000, 0)
+
+
+@pytest.mark.parametrize("nvcpus", [1, 16, 254])
+def test_madt_and_mp_table_give_the_ioapic_one_id_that_fits_its_register(nvcpus: int) -> None:
+    """The 82093AA's ID register (and KVM's) holds 4 bits: an ID after the vCPUs' APIC IDs
+    would not fit from 16 vCPUs on, and the guest would read another ID from the IOAPIC."""
+    madt = xsdt_entries(acpi.build(nvcpus, [SERIAL.transport]))[b"APIC"]
+    ioapic = 44 + nvcpus * 8  # after the local APICs
+    assert madt[ioapic : ioapic + 3] == bytes([tables.MADT_TYPE_IOAPIC, 12, layout.IOAPIC_ID])
+    mp = build_mptable(nvcpus)
+    mp_ioapic = 16 + 44 + nvcpus * 20 + 8  # floating pointer, header, processors, the bus
+    assert mp[mp_ioapic : mp_ioapic + 2] == bytes([2, layout.IOAPIC_ID])
+    assert layout.IOAPIC_ID < 16
 
 
 def test_madt_has_no_interrupt_source_override(built: acpi.AcpiTables) -> None:

@@ -75,11 +75,13 @@ def test_mptable_only_vcpu0_is_bsp() -> None:
     assert (table[HEADER_SIZE + 3], table[HEADER_SIZE + 20 + 3]) == (0x3, 0x1)
 
 
-def test_mptable_ioapic_id_is_vcpu_count() -> None:
+def test_mptable_ioapic_has_the_id_kvms_ioapic_holds() -> None:
     table = config_table(build_mptable(2))
     ioapic = HEADER_SIZE + 2 * 20 + 8
 
-    assert struct.unpack_from("<BBBBI", table, ioapic) == (2, 2, 0x11, 1, 0xFEC00000)
+    assert struct.unpack_from("<BBBBI", table, ioapic) == (2, 0, 0x11, 1, 0xFEC00000)
+    intsrc = ioapic + 8  # the ISA IRQs' entries name it as their destination
+    assert {table[intsrc + 8 * irq + 6] for irq in range(16)} == {0}
 
 
 def test_mptable_cpu_entries_take_signature_and_features_from_cpuid() -> None:

@@ -65,8 +65,8 @@ def build(
     legacy = any(w.acpi_hid not in (None, RTC_HID) for w in windows)  # the clock is no user's
     fadt_gpa = place(tables.fadt(dsdt_gpa, PM_PORTS, rtc, legacy))
     madt_gpa = place(
-        tables.madt(nvcpus, layout.LAPIC_BASE, nvcpus, layout.IOAPIC_BASE, OVERRIDES)
-    )  # the IOAPIC's id follows the vCPUs' APIC ids, as in the MP table
+        tables.madt(nvcpus, layout.LAPIC_BASE, layout.IOAPIC_ID, layout.IOAPIC_BASE, OVERRIDES)
+    )
     mcfg_gpa = place(tables.mcfg(layout.PCIE_ECAM_BASE, 0, layout.PCIE_ECAM_BUSES - 1))
     xsdt_gpa = place(tables.xsdt([fadt_gpa, madt_gpa, mcfg_gpa]))
     data = tables.rsdp(xsdt_gpa).ljust(rsdp_len, b"\x00") + bytes(blob)
