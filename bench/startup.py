@@ -211,6 +211,26 @@ warden fork, pivot and Landlock ~1.8). On the monitor's side the PIT's re-inject
 longer waits for its spawns waits for instead. A restore of an idle 512 MiB guest (~110 ms to
 the vCPUs): the monitor's imports end at ~86 ms; then the snapshot's decode, RAM, the two
 spawns (~10 ms), the PIT's grace period, confinement (~3 ms) and the devices' READY.
+
+2026-12-03, a fast host (`python -c pass` 7.9 ms), quiet: --runs 11, 105.7 ms against QEMU's
+52.2 (2.02x; CPU 163 against 27 ms); --runs 15 with the change below, 114.6 against 55.0
+(2.08x) while other work ran beside it. Tried and dropped: the snapshot writer (with digest,
+format, ram, state and signing) imported by the confined monitor at its first snapshot instead
+of before confinement (blake3, their one C extension, left in PRELOAD): ~2-4 ms of the
+monitor's imports and ~0.2 MiB of its private memory, but farm-bench -n 40 A/B wall 0.992,
+CPU 0.993: nothing that shows. And a review saw the cost: a monitor that imports code days
+after its start imports whatever an upgrade put there meanwhile, next to its old modules. The
+phases say why the wall clock did not move: "device launch requests" went from 13 to 18 ms,
+the monitor waiting for its devices where it had waited for its imports. A timeline across
+the processes (stderr marks, not committed) has the zygote's main() start 22-24 ms after the
+launcher's fork (its interpreter, while the monitor imports on the other core) and its imports
+end at 67-74 ms, when the monitor's end at 60-85; its devices then reach their connect ~7-9 ms
+after their fork and wait there for the monitor's channels (attach, after confinement). So the
+monitor's imports and the zygote's are two paths of one length now, and only what shortens
+both (an interpreter's start, zmq, msgspec, logging) shortens a start-up. Measured and left:
+loading only the models a VM names into the zygote (every model but the UART and the clock is
+~1 ms of its ~45 ms of imports: theirs are the runtime's), and `-c` for the zygote's command
+instead of `-m` (runpy ~2 ms by -X importtime, most of it modules the zygote imports anyway).
 """
 
 from __future__ import annotations
