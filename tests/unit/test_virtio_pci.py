@@ -209,6 +209,15 @@ def test_virtio_pci_queue_select_past_the_queues_reads_size_zero(driver):
     assert driver.common(0x18, 2) == 0
 
 
+def test_virtio_pci_queue_select_past_the_queues_maps_no_vector(driver):
+    """A queue that does not exist has no vector: 0 would be a mapped one (4.1.5.1.2)."""
+    driver.set_common(0x16, 5, 2)
+    driver.set_common(0x1A, 0, 2)
+
+    assert driver.common(0x1A, 2) == 0xFFFF
+    assert driver.common(0x1C, 2) == 0  # nor is it enabled
+
+
 def test_virtio_pci_queue_addresses_read_back_64_bit(driver):
     driver.set_common(0x20, 0x1234_5678_9ABC_DEF0, 8)
     driver.set_common(0x28 + 4, 0x1, 4)

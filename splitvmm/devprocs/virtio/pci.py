@@ -392,7 +392,10 @@ class VirtioPciDevice(RegisterDevice):
                 return self.config_generation
             case Common.QUEUE_SELECT:
                 return self.queue_select
-        return 0 if queue is None else self._queue_get(field, queue)
+        if queue is None:  # queue_select past num_queues: a queue of size 0 (4.1.4.3.1), whose
+            # vector is mapped to nothing (NO_VECTOR, 4.1.5.1.2), never to vector 0
+            return NO_VECTOR if field is Common.QUEUE_MSIX_VECTOR else 0
+        return self._queue_get(field, queue)
 
     def _queue_get(self, field: Common, queue: QueueState) -> int:
         return {
