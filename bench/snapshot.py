@@ -101,6 +101,17 @@ after a while costs 0.3-0.5 s here, on any write) moving single runs by more tha
 (1.11), restore 0.202 s (QEMU 0.453). Of the idle restore's 116 ms to the vCPUs: interpreter
 10, launcher fork 10, cli 16, command line 10, monitor imports 29, config 3, then the VM and
 its devices (bench/startup.py has the timeline). No change to the path.
+
+2026-12-03, a fast host (`python -c pass` 7.9 ms), --sizes 512, --runs 3 then 5: idle guest,
+restore 0.104 s both times (QEMU 0.482, 0.348); 256 MiB dirty, restore 0.196 and 0.191 s (QEMU
+0.368, 0.353), save write 162 and 170 ms against a write+fsync floor of 0.14 s (1.16, 1.19),
+live pause 77 and 72 ms. Tried and dropped: a restore that,
+as a boot does, asks for its devices before it loads RAM (no device reads guest RAM, or does
+anything, before its channel is attached, after confinement), with the PIT's saved state set
+first so that its re-injection switch (an SRCU grace period, holding the PIT's lock) starts as
+early as a boot's: 16 paired restores of the idle guest, to the vCPUs by `up --timings`,
+109.3 ms against 108.6, median paired difference -0.6 ms, inside a spread of +-10. The
+monitor's decode and apply (~5 ms) were overlapping the wait for the zygote already.
 """
 
 from __future__ import annotations
