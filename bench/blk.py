@@ -225,6 +225,16 @@ Python ~3x slower: bench/blk_request.py 4 KiB IN 20.1 us, 1 MiB IN 239.6 of whic
 seq-write 2806 / 3554 / 4151, rand-read-4k 58888 / 78371 IOPS (0.75 of QEMU). Alternating with
 708f918, --runs 3, two rounds: seq-read 2938 and 2994 (before) against 2844 and 2999 (after):
 no change. QEMU reaches 0.67 of dd here: the per-request Python weighs more on a slow host.
+
+2026-12-03, a fast host (`python -c pass` 7.9 ms; bench/blk_request.py 1 MiB IN 95.1 us of
+which preadv 77.1, 4 KiB IN 8.2 of which 0.8), splitvmm / QEMU / floor: page cache, --runs 3
+then 5: seq-read 7202 / 8935 / 11388 and 7620 / 8132 / 10730 MiB/s (0.63 and 0.71 of the
+floor, 0.81 and 0.94 of QEMU, which gets 0.78 and 0.76 of it), seq-write 0.84 and 1.01 of
+QEMU, rand-read-4k 157860 and 159241 IOPS (3.92x, 3.97x QEMU); --cache direct, --runs 3:
+seq-read 2010 / 2327 / 1667 (1.21 of the floor, 0.86 of QEMU), seq-write 2708 / 2481 / 1887
+(1.09 of QEMU), rand-read-4k 29441 / 22497 / 13441 IOPS (1.31x QEMU). A 1 MiB preadv from the
+page cache into one reused buffer (dd's pattern) costs 52-54 us here, into 8 rotating slots of
+a memfd 75, of THP-backed anonymous memory (QEMU's RAM) 72. No change to the path.
 """
 
 from __future__ import annotations

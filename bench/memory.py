@@ -54,6 +54,15 @@ the monitor once its devices were ready, in the launcher when its zygote rests a
 device after READY. The monitor's Private_Dirty went 15.95 -> 14.72 MiB in smaps_rollup a few
 seconds in, but this bench, --runs 3, read serial 45.3 (monitor 17.9, launcher 8.2, devices
 19.2) and 5 devices 60.4: the heap grows back before the VM has settled.
+
+2026-12-03, a fast host, --runs 3, twice: serial 46.2 and 45.9 MiB PSS (monitor 18.5/18.4,
+launcher 8.0, devices 19.6/19.5; 1.40x and 1.41x QEMU's RSS of 31.2/31.0), 5 devices 61.6 and
+61.4 (1.79x). Where a device's ~9 MiB of PSS is (smaps of a settled serial device): ~5 MiB
+private dirty, of which ~4.3 in the pymalloc arenas and the heap (pages copied from the zygote
+on write: CPython 3.11 writes a reference count on every object it touches) and ~0.5 the
+interpreter's own data; ~6 MiB more of dirty anonymous memory still shared with its sibling,
+half of it counted in each; ~1 MiB of files. The launcher: 6.3 MiB private dirty, ~3.4 of it
+pymalloc arenas. No change to the path.
 """
 
 from __future__ import annotations
