@@ -25,6 +25,7 @@ from splitvmm.protocol.models import (
     PortWindow,
     unix_output_path,
 )
+from splitvmm.protocol.spec import NAME_RE
 from splitvmm.record import Struct, field
 
 # xAPIC IDs are 8 bits and 0xFF is broadcast; cloud-hypervisor's limit too. (It once left an
@@ -42,9 +43,7 @@ MAX_RESTARTS = 1_000_000
 MAX_RESTART_WINDOW_S = 86400.0
 DURATION_RE = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m)?$")
 DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-# Validate with fullmatch(): `$` also matches before a trailing newline, so match() would take
-# "vm\n" (the anchors stay so that a stray match() cannot take a prefix either).
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# A VM's or a device's name: NAME_RE, from protocol/spec.py (the launcher checks it too).
 # A snapshot's chunks are named by device name, beside the monitor's own and its manifest: no
 # device may take one of theirs (the writer would refuse it only once guest RAM is copied).
 RESERVED_NAME_RE = re.compile(r"ram|vm|pci|vcpu[0-9]+|manifest")

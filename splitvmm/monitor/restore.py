@@ -22,7 +22,6 @@ from splitvmm.config import (
     DEFAULT_DEVICES,
     HOST_RESOURCES,
     MODEL_OPTIONS,
-    NAME_RE,
     ON_CRASH,
     VmConfig,
     parse_config,
@@ -32,6 +31,7 @@ from splitvmm.monitor import cpuid, vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.protocol.models import MODELS, PciFunction
+from splitvmm.protocol.spec import NAME_RE
 from splitvmm.record import Struct
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size

@@ -4,6 +4,7 @@ write-only description of an fd shared read-write (a device's output and its std
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -25,8 +26,16 @@ def reopen_write_only(fd: int, flags: int = 0) -> OSError | None:
     """Replace `fd` by a write-only open of the same pipe, terminal or device (through
     /proc/self/fd), with `flags` and the O_APPEND it had: a description of our own, through
     which nothing can be read. The error where that cannot be done (a socket), `fd` as it was.
-    O_NOCTTY: a device leads its own session, and opening a terminal would make it ours."""
-    want = os.O_WRONLY | os.O_NOCTTY | flags | (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+    O_NOCTTY: a device leads its own session, and opening a terminal would make it ours.
+
+    Only an fd open for writing already is reopened: the open through /proc/self/fd checks
+    the file's permissions against this process, not how `fd` was opened, so a read-only or
+    O_PATH fd (which its sender may open where it could not write: Landlock does not check
+    O_PATH) would come back writable. EBADF for those, as a write to them would say."""
+    now = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if now & os.O_PATH or now & os.O_ACCMODE == os.O_RDONLY:
+        return OSError(errno.EBADF, f"fd {fd} is not open for writing")
+    want = os.O_WRONLY | os.O_NOCTTY | flags | (now & os.O_APPEND)
     try:
         own = os.open(f"/proc/self/fd/{fd}", want)
     except OSError as e:

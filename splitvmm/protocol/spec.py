@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import cast
 
 from splitvmm.errors import ProtocolError
 from splitvmm.protocol import schema
 from splitvmm.record import Struct, asdict, field, replace
+
+# A VM's or a device's name (config.py), which a device's channel, its sockets, its snapshot
+# chunk and its process name are made of: a file name, printable, not hidden. Validate with
+# fullmatch(): `$` also matches before a trailing newline, so match() would take "vm\n" (the
+# anchors stay so that a stray match() cannot take a prefix either).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
 # -I (isolated): `-m` would put the working directory first on sys.path, so a json.py there

@@ -57,8 +57,9 @@ What a compromised monitor can ask of it, and no more:
   rest of its spec, once: its socket, `<name>.sock.spare`, gets its channel's path as a
   second name (sandbox/spawn.py resume_child), and the rest goes down its stdin, checked
   as a spawn's spec is.
-A request is at most MAX_SPEC bytes of spec and MAX_FDS fds; at most MAX_DEVICES
-devices live at once, spares included.
+A request is at most MAX_SPEC bytes of spec and MAX_FDS fds, none of them an O_PATH one; at
+most MAX_DEVICES devices live at once, spares included, and sockets are made for at most
+MAX_DEVICES device names (each a config's: protocol/spec.py NAME_RE).
 
 Its own confinement: it keeps the privileges the monitor had when it forked it --
 a root launcher must keep CAP_SETFCAP (a device maps uid 0 into its user

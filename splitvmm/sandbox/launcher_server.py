@@ -5,6 +5,7 @@ starts the zygote) before the monitor has imported what only the launcher needs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import signal
@@ -14,7 +15,7 @@ import time
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults, schema
 from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
+from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, NAME_RE, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox.launcher import (
     CHUNK,
@@ -49,6 +50,10 @@ class _Server:
         self._configured = False  # a configure request came (the first is the only one)
         self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
         self.spares: dict[int, tuple[ChildProcess, DeviceSpec]] = {}  # pid -> spare, its spec
+        # Every device name a socket was made for in the runtime dir (they stay there: a
+        # restart's process binds the same ones): at most MAX_DEVICES, so that a monitor
+        # cannot fill the runtime dir's file system with sockets under new names.
+        self._names: set[str] = set()
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
         # SIGCHLD wakes the loop: orphans of our devices are ours to reap (the docstring).
@@ -209,8 +214,15 @@ class _Server:
                 raise Refused("launcher: no runtime dir yet (configure comes first)")
             spec = _decode_spec(payload)
             _check_spec(spec, self.channel_dir, len(fds))
+            _check_fds(spec.name, fds)
             if len(self.children) >= MAX_DEVICES:
                 raise Refused(f"device {spec.name}: {MAX_DEVICES} devices run already")
+            if spec.name not in self._names and len(self._names) >= MAX_DEVICES:
+                raise Refused(
+                    f"device {spec.name}: sockets for {MAX_DEVICES} device names were made "
+                    "already, the most a VM has"
+                )
+            self._names.add(spec.name)
             process, listener = self._spawn(
                 replace(spec, fds=dict(zip(spec.fds, fds, strict=True)))
             )
@@ -409,10 +421,20 @@ def _checked_spec(spec: DeviceSpec) -> DeviceSpec:
     return spec
 
 
+def _check_fds(name: str, fds: list[int]) -> None:
+    """No O_PATH fd reaches a device. The monitor may open any path with O_PATH, which
+    Landlock does not check (ABI 1-6 govern opens for reading, writing and executing); a
+    device may reopen an fd it was given through /proc/self/fd before its sandbox
+    (devprocs/output.py, for an output of its own), where the monitor's Landlock is not."""
+    for fd in fds:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+            raise Refused(f"device {name}: an fd it was sent is an O_PATH one, not an open file")
+
+
 def _check_spec(spec: DeviceSpec, channel_dir: str, nfds: int) -> None:
     """Only a known model, enforcing, without a hook, on its own channel, with its fds."""
     name = spec.name
-    if not name or "/" in name or "\0" in name or len(name) > 63:
+    if not NAME_RE.fullmatch(name):  # the config's rule: what its sockets are named after
         raise Refused(f"launcher: device name {name[:63]!r} is not a plain file name")
     model = MODELS.get(spec.model)
     if model is None:

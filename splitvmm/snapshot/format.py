@@ -26,10 +26,11 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from splitvmm.config import MAX_MEMORY, NAME_RE
+from splitvmm.config import MAX_MEMORY
 from splitvmm.errors import SplitvmmError, shown
 from splitvmm.protocol import schema
 from splitvmm.protocol.schema import OPTIONAL_KEY, Invalid, Len, MaxLen, Multiple, Pattern, Range
+from splitvmm.protocol.spec import NAME_RE
 from splitvmm.record import Struct, replace
 from splitvmm.snapshot.digest import Algorithm
 

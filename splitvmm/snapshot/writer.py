@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from splitvmm import __version__
-from splitvmm.config import NAME_RE
 from splitvmm.hostpath import Access, HostFileError, open_host_file
+from splitvmm.protocol.spec import NAME_RE
 from splitvmm.snapshot import digest, ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,

@@ -90,15 +90,70 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
         ({"model": "nonesuch"}, "device serial0: unknown model 'nonesuch'"),
         ({"channel": "ipc:///tmp/serial0.sock"}, "its channel must be serial0.sock in"),
         ({"name": "../serial0"}, "is not a plain file name"),
+        ({"name": ".serial0"}, "is not a plain file name"),
+        ({"name": "serial\ud800"}, "is not a plain file name"),  # no socket path encodes it
         ({"fds": {}}, "model serial takes fds ['irq', 'out'], the request names []"),
         ({"transport": ["pci", 1]}, "the spec's transport is not an object"),
     ],
-    ids=["seccomp-log", "seccomp-trace", "hook", "model", "channel", "name", "fds", "transport"],
+    ids=[
+        "seccomp-log",
+        "seccomp-trace",
+        "hook",
+        "model",
+        "channel",
+        "name",
+        "hidden-name",
+        "surrogate-name",
+        "fds",
+        "transport",
+    ],  # fmt: skip
 )
 def test_launcher_spec_outside_what_it_starts_is_refused(launcher, rundir, fds, changes, why):
     with pytest.raises(DeviceFailure, match="launcher|device") as e:
         launcher.spawn(replace(serial_spec(rundir, fds), **changes))
     assert why in str(e.value)
+
+
+def test_launcher_refuses_an_o_path_fd_and_serves_the_next_request(launcher, rundir, fds, tmp_path):
+    """A monitor may open any path with O_PATH (Landlock does not check it); a device given
+    one as its output could reopen it writable before its sandbox. The launcher passes none."""
+    fifo = tmp_path / "victim"
+    os.mkfifo(fifo, 0o600)
+    path_only = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with pytest.raises(DeviceFailure, match="an fd it was sent is an O_PATH one"):
+            launcher.spawn(serial_spec(rundir, {**fds, "out": path_only}))
+    finally:
+        os.close(path_only)
+    process, listener = launcher.spawn(serial_spec(rundir, fds))
+    os.close(listener)
+    process.kill()
+    assert process.wait(10) == -signal.SIGKILL
+    process.close()
+
+
+def test_launcher_makes_sockets_for_so_many_device_names_and_no_more(rundir, fds, monkeypatch):
+    """Each device name leaves its socket in the runtime dir until the monitor removes it: a
+    monitor spawning and killing devices under new names must not fill its file system."""
+    monkeypatch.setattr(launcher_module, "MAX_DEVICES", 2)  # read by the forked launcher
+    launcher = Launcher.start(rundir)
+
+    def spawn(name: str) -> None:
+        spec = serial_spec(rundir, fds, name=name, channel=f"ipc://{rundir}/{name}.sock")
+        process, listener = launcher.spawn(spec)
+        os.close(listener)
+        process.kill()
+        process.wait(10)
+        process.close()
+        (rundir / f"{name}.sock").unlink()  # as the slot does: the next process binds it anew
+
+    try:
+        for name in ("a", "b", "a"):  # a name used before takes no new place
+            spawn(name)
+        with pytest.raises(DeviceFailure, match="sockets for 2 device names were made already"):
+            spawn("c")
+    finally:
+        launcher.close()
 
 
 def test_launcher_request_over_fd_cap_is_refused_and_next_request_served(launcher, rundir, fds):

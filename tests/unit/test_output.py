@@ -1,6 +1,7 @@
 """A device's bounded output (devprocs/output.py): buffer logic with a fake line, and the
 non-blocking fd line on a real pipe and socket pair (no process, no thread)."""
 
+import errno
 import fcntl
 import os
 import socket
@@ -9,6 +10,7 @@ import pytest
 
 from splitvmm.devprocs.output import FLUSH_TIMEOUT_MS, BoundedOutput, FdLine
 from splitvmm.monitor.channel import READ_TIMEOUT_MS
+from splitvmm.native import files
 from tests.fakes import FakeLine
 
 
@@ -137,3 +139,49 @@ def test_output_to_regular_file_or_none_is_counted_held_or_not(tmp_path):
 
 def test_output_to_pipe_is_not_counted(pipe):
     assert BoundedOutput(FdLine(pipe[1])).counted() is False
+
+
+@pytest.mark.parametrize("how", [os.O_RDONLY, os.O_PATH], ids=["read-only", "O_PATH"])
+def test_fd_line_never_reopens_a_fifo_it_could_not_write_for_writing(tmp_path, how):
+    """The reopen goes through /proc/self/fd, which checks the file, not how the fd was
+    opened: a read-only or O_PATH fd (the monitor may open any path with O_PATH, which its
+    Landlock does not check) must not come back writable in a device, before its sandbox."""
+    fifo = tmp_path / "victim"
+    os.mkfifo(fifo, 0o600)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    given = os.open(fifo, how | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            line = FdLine(given)
+        except OSError:
+            line = None  # refused at once (O_PATH: not even its flags can be set)
+        if line is not None:
+            with pytest.raises(OSError):
+                line.send(memoryview(b"from the device"))
+        assert fcntl.fcntl(given, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        try:
+            got = os.read(reader, 100)  # b"": no writer is left; nothing reached the FIFO
+        except BlockingIOError:
+            got = b""  # a writer is open still, and wrote nothing
+        assert got == b""
+    finally:
+        os.close(given)
+        os.close(reader)
+
+
+def test_reopen_write_only_refuses_what_is_not_open_for_writing(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    read_write = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+    path_only = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
+    try:
+        refused = files.reopen_write_only(path_only)
+        taken = files.reopen_write_only(read_write)
+        modes = {fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE for fd in (read_write, reader)}
+        assert (refused is not None and refused.errno, taken) == (errno.EBADF, None)
+        assert modes == {os.O_WRONLY, os.O_RDONLY}  # the read-write one is write-only now
+        assert files.reopen_write_only(reader) is not None  # read-only: refused too
+    finally:
+        for fd in (reader, read_write, path_only):
+            os.close(fd)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, ClassVar
 
-from splitvmm.config import NAME_RE
 from splitvmm.errors import StateError
 from splitvmm.monitor.irqroutes import GsiRoutes
 from splitvmm.monitor.pci.function import PciFunctionHost
@@ -25,6 +24,7 @@ from splitvmm.monitor.pci.root import DEVICES
 from splitvmm.protocol import schema
 from splitvmm.protocol.control import MAX_GSI
 from splitvmm.protocol.schema import U32, U64, Len, MaxLen, Pattern, Range
+from splitvmm.protocol.spec import NAME_RE
 from splitvmm.record import Struct
 
 CHUNK = "pci"  # a reserved device name (config.py), like "vm" and "ram"
