@@ -47,6 +47,9 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 # A snapshot's chunks are named by device name, beside the monitor's own and its manifest: no
 # device may take one of theirs (the writer would refuse it only once guest RAM is copied).
 RESERVED_NAME_RE = re.compile(r"ram|vm|pci|vcpu[0-9]+|manifest")
+# A device's channel is <name>.sock in the VM's runtime dir, beside the monitor's control.sock
+# (monitor/control.py SOCKET_NAME): one named "control" would take the other's place.
+RUNTIME_DIR_NAMES = ("control",)
 # At most 16 digits: 1T in bytes has 13, and int() of a 5000-digit string raises ValueError.
 SIZE_RE = re.compile(r"^(\d{1,16})\s*([KMGT]i?B?)?$", re.IGNORECASE)
 # A config is a few hundred bytes; the cap keeps a huge or stack-deep file from reaching tomllib.
@@ -259,6 +262,8 @@ def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -
         raise ConfigError(f"{where}: name must be 1-63 letters, digits, '_', '.' or '-'")
     if RESERVED_NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: the name is reserved (a snapshot names its own chunks so)")
+    if name in RUNTIME_DIR_NAMES:
+        raise ConfigError(f"{where}: the name is reserved (the VM's control socket is {name}.sock)")
     model = _get(table, "model", where, str)
     if model not in MODEL_OPTIONS:
         raise ConfigError(

@@ -29,11 +29,12 @@ def reopen_write_only(fd: int, flags: int = 0) -> OSError | None:
     O_NOCTTY: a device leads its own session, and opening a terminal would make it ours.
 
     Only an fd open for writing already is reopened: the open through /proc/self/fd checks
-    the file's permissions against this process, not how `fd` was opened, so a read-only or
-    O_PATH fd (which its sender may open where it could not write: Landlock does not check
-    O_PATH) would come back writable. EBADF for those, as a write to them would say."""
+    the file's permissions against this process, not how `fd` was opened, so an fd its
+    sender could open where it may not write would come back writable: O_PATH, and access
+    mode 3 (O_WRONLY|O_RDWR: ioctls only, for a terminal or a device node), both of which
+    Landlock lets through, and O_RDONLY. EBADF for those, as a write to them would say."""
     now = fcntl.fcntl(fd, fcntl.F_GETFL)
-    if now & os.O_PATH or now & os.O_ACCMODE == os.O_RDONLY:
+    if now & os.O_PATH or now & os.O_ACCMODE not in (os.O_WRONLY, os.O_RDWR):
         return OSError(errno.EBADF, f"fd {fd} is not open for writing")
     want = os.O_WRONLY | os.O_NOCTTY | flags | (now & os.O_APPEND)
     try:

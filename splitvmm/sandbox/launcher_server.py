@@ -422,13 +422,18 @@ def _checked_spec(spec: DeviceSpec) -> DeviceSpec:
 
 
 def _check_fds(name: str, fds: list[int]) -> None:
-    """No O_PATH fd reaches a device. The monitor may open any path with O_PATH, which
-    Landlock does not check (ABI 1-6 govern opens for reading, writing and executing); a
-    device may reopen an fd it was given through /proc/self/fd before its sandbox
-    (devprocs/output.py, for an output of its own), where the monitor's Landlock is not."""
+    """Every fd that reaches a device is open for reading or writing. The monitor may open
+    any path with O_PATH or with access mode 3 (O_WRONLY|O_RDWR: ioctls only), neither of
+    which Landlock checks, and a device may reopen an fd it was given through /proc/self/fd
+    before its sandbox (devprocs/output.py, for an output of its own), where the monitor's
+    Landlock is not. No device role uses either."""
     for fd in fds:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
-            raise Refused(f"device {name}: an fd it was sent is an O_PATH one, not an open file")
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & os.O_PATH or flags & os.O_ACCMODE == os.O_ACCMODE:
+            raise Refused(
+                f"device {name}: an fd it was sent is an O_PATH or ioctl-only one, not a file "
+                "open for reading or writing"
+            )
 
 
 def _check_spec(spec: DeviceSpec, channel_dir: str, nfds: int) -> None:

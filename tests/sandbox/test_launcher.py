@@ -90,8 +90,9 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
         ({"model": "nonesuch"}, "device serial0: unknown model 'nonesuch'"),
         ({"channel": "ipc:///tmp/serial0.sock"}, "its channel must be serial0.sock in"),
         ({"name": "../serial0"}, "is not a plain file name"),
-        ({"name": ".serial0"}, "is not a plain file name"),
-        ({"name": "serial\ud800"}, "is not a plain file name"),  # no socket path encodes it
+        ({"name": ".s", "channel": "ipc://{rundir}/.s.sock"}, "is not a plain file name"),
+        # no socket path encodes it: bind() raised UnicodeEncodeError in the launcher
+        ({"name": "s\ud800", "channel": "ipc://{rundir}/s\ud800.sock"}, "not a plain file name"),
         ({"fds": {}}, "model serial takes fds ['irq', 'out'], the request names []"),
         ({"transport": ["pci", 1]}, "the spec's transport is not an object"),
     ],
@@ -109,22 +110,27 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
     ],  # fmt: skip
 )
 def test_launcher_spec_outside_what_it_starts_is_refused(launcher, rundir, fds, changes, why):
+    changes = {k: v.format(rundir=rundir) if k == "channel" else v for k, v in changes.items()}
     with pytest.raises(DeviceFailure, match="launcher|device") as e:
         launcher.spawn(replace(serial_spec(rundir, fds), **changes))
     assert why in str(e.value)
 
 
-def test_launcher_refuses_an_o_path_fd_and_serves_the_next_request(launcher, rundir, fds, tmp_path):
-    """A monitor may open any path with O_PATH (Landlock does not check it); a device given
-    one as its output could reopen it writable before its sandbox. The launcher passes none."""
-    fifo = tmp_path / "victim"
-    os.mkfifo(fifo, 0o600)
-    path_only = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
+@pytest.mark.parametrize("how", [os.O_PATH, os.O_ACCMODE], ids=["O_PATH", "ioctl-only"])
+def test_launcher_refuses_an_fd_not_open_for_io_and_serves_the_next_request(
+    launcher, rundir, fds, how
+):
+    """A monitor may open any path with O_PATH, or a terminal with access mode 3 (ioctls
+    only): Landlock checks neither. A device given one as its output could reopen it writable
+    before its sandbox. The launcher passes none."""
+    master, terminal = os.openpty()
+    given = os.open(os.ttyname(terminal), how | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        with pytest.raises(DeviceFailure, match="an fd it was sent is an O_PATH one"):
-            launcher.spawn(serial_spec(rundir, {**fds, "out": path_only}))
+        with pytest.raises(DeviceFailure, match="an fd it was sent is an O_PATH or ioctl-only"):
+            launcher.spawn(serial_spec(rundir, {**fds, "out": given}))
     finally:
-        os.close(path_only)
+        for fd in (given, master, terminal):
+            os.close(fd)
     process, listener = launcher.spawn(serial_spec(rundir, fds))
     os.close(listener)
     process.kill()
@@ -136,6 +142,8 @@ def test_launcher_makes_sockets_for_so_many_device_names_and_no_more(rundir, fds
     """Each device name leaves its socket in the runtime dir until the monitor removes it: a
     monitor spawning and killing devices under new names must not fill its file system."""
     monkeypatch.setattr(launcher_module, "MAX_DEVICES", 2)  # read by the forked launcher
+    if "splitvmm.sandbox.launcher_server" in sys.modules:  # imported by an earlier test
+        monkeypatch.setattr(sys.modules["splitvmm.sandbox.launcher_server"], "MAX_DEVICES", 2)
     launcher = Launcher.start(rundir)
 
     def spawn(name: str) -> None:

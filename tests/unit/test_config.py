@@ -300,3 +300,8 @@ def test_config_bad_restart_budget_raises_error_naming_key(extra, message):
 def test_config_device_named_like_a_snapshot_chunk_is_refused(name: str) -> None:
     with pytest.raises(ConfigError, match=f"device '{name}': the name is reserved"):
         _cfg(devices=f'[[device]]\nname = "{name}"\nmodel = "serial"\n')
+
+
+def test_config_device_named_like_the_control_socket_is_refused() -> None:
+    with pytest.raises(ConfigError, match="the name is reserved .the VM's control socket is"):
+        _cfg(devices='[[device]]\nname = "control"\nmodel = "serial"\n')

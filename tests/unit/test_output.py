@@ -169,6 +169,24 @@ def test_fd_line_never_reopens_a_fifo_it_could_not_write_for_writing(tmp_path, h
         os.close(reader)
 
 
+def test_reopen_write_only_refuses_an_ioctl_only_terminal_fd():
+    """Access mode 3 (O_WRONLY|O_RDWR) opens a terminal for ioctls only, and Landlock lets it
+    through: reopened, it came back writable."""
+    master, terminal = os.openpty()
+    ioctl_only = os.open(os.ttyname(terminal), os.O_ACCMODE | os.O_NOCTTY | os.O_CLOEXEC)
+    os.set_blocking(master, False)
+    try:
+        refused = files.reopen_write_only(ioctl_only)
+        with pytest.raises(OSError):
+            os.write(ioctl_only, b"from the device")
+        assert (refused is not None and refused.errno) == errno.EBADF
+        with pytest.raises(BlockingIOError):
+            os.read(master, 100)  # nothing reached the terminal
+    finally:
+        for fd in (ioctl_only, master, terminal):
+            os.close(fd)
+
+
 def test_reopen_write_only_refuses_what_is_not_open_for_writing(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
