@@ -266,6 +266,10 @@ PROBE = textwrap.dedent(
         socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
     if step == "exec":
         os.execv("/bin/true", ["true"])
+    if step == "o-path":  # Landlock checks no O_PATH open: the filter refuses it
+        os.open(outside, os.O_PATH | os.O_CLOEXEC)
+    if step == "ioctl-only":  # nor one in access mode 3 (O_WRONLY|O_RDWR)
+        os.open(outside, os.O_ACCMODE | os.O_CLOEXEC)
     if step == "threads":  # more threads allocate than glibc has arenas: it counts the CPUs
         barrier = threading.Barrier(17)
         def allocate():
@@ -396,8 +400,10 @@ def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(t
     )
 
 
-@pytest.mark.parametrize("step", ["socket", "exec"])
-def test_confinement_seccomp_kills_monitor_that_makes_a_socket_or_execs(tmp_path, step):
+@pytest.mark.parametrize("step", ["socket", "exec", "o-path", "ioctl-only"])
+def test_confinement_seccomp_kills_monitor_that_makes_a_socket_execs_or_opens_for_no_io(
+    tmp_path, step
+):
     r = run_probe(tmp_path, step)
     assert r.returncode == -signal.SIGSYS, r.stderr
 
