@@ -18,6 +18,7 @@ import zmq
 
 from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS, READ_TIMEOUT_MS
 from splitvmm.protocol import control, events, wire
+from splitvmm.protocol.models import MODELS
 
 BEHAVIOURS = (
     "garbage",  # replies with random bytes
@@ -30,11 +31,12 @@ BEHAVIOURS = (
     "slow",  # answers every read and sync correctly, DELAY_MS late
     "slow-control",  # answers every control request correctly, DELAY_MS late; reads at once
     # -- events (protocol/events.py): frames a device may send unasked, checked by the monitor
-    "publish",  # publishes its state (version = the read's seq) before each read reply
+    "publish",  # publishes its state (fields: the read's seq) before each read reply
     "report",  # reports an error with bidi and invisible characters, then answers the read
     "route",  # asks for routes to GSI 4 (its own) and 9; the read returns what it was told
     "event-flood",  # publishes MAX_EVENTS_PER_REQUEST + 1 times before a read reply
     "bad-event",  # publishes a state for another model before its read reply
+    "bad-version",  # publishes a state of a version its model does not save, then replies
     "huge-event",  # publishes a state of 96 KiB (under MAX_CONTROL) before its read reply
     "endless-events",  # from READY on, publishes slow-to-check states without end
     "ping-flood",  # sends 200 slow-to-check states before each pong (heartbeat)
@@ -58,8 +60,10 @@ ROGUE_MIRRORS = {
 SLOW_DATA = 0x5A  # what a slow device's reads return
 
 
+# The version of the state it poses as (a serial device's: the monitor takes no other).
+VERSION = MODELS["serial"].state_version
 # A state under MAX_DEVICE_FRAME that takes the monitor ~20-30 ms to check (nested JSON).
-SLOW_STATE = {"model": "serial", "version": 1, "fields": {"pad": [{}] * 15000}}
+SLOW_STATE = {"model": "serial", "version": VERSION, "fields": {"pad": [{}] * 15000}}
 # A serial mirror with every register valid: LSR (offset 5) reads 0x60, THR empty.
 VALID_MIRROR = (0b111111, 0, b"\x60" * 6 + b"\x00\x00")
 
@@ -72,7 +76,7 @@ def answer_control(sock: zmq.Socket, buf: bytes, delay_s: float | None) -> None:
     time.sleep(delay_s)
     reply = {"op": control.REPLY_TO[msg["op"]], "seq": msg["seq"]}
     if msg["op"] == "save":
-        reply.update(model="serial", version=1, fields={})
+        reply.update(model="serial", version=VERSION, fields={})
     if msg["op"] == "stats":
         reply.update(counters={"late": 1})
     sock.send(control.encode(reply))
@@ -93,6 +97,7 @@ EVENT_BEHAVIOURS = (
     "route",
     "event-flood",
     "bad-event",
+    "bad-version",
     "huge-event",
     "checkpoint",
     "checkpoint-first",
@@ -106,7 +111,7 @@ def answer_with_events(
 ) -> None:
     """Events first, then the reply to a read (or sync) -- as a real device may order them."""
     op, size, _, seq, _, _ = wire.FRAME.unpack(buf)
-    state = {"model": "serial", "version": max(seq, 1), "fields": {"seq": seq}}
+    state = {"model": "serial", "version": VERSION, "fields": {"seq": seq}}
     if behaviour == "publish":
         sock.send(events.encode_publish(state))
     elif behaviour == "report":
@@ -117,6 +122,8 @@ def answer_with_events(
             sock.send(events.encode_publish(state))
     elif behaviour == "bad-event":
         sock.send(events.encode_publish({**state, "model": "rtc"}))
+    elif behaviour == "bad-version":
+        sock.send(events.encode_publish({**state, "version": VERSION + 1}))
     elif behaviour == "huge-event":
         sock.send(events.encode_publish({**state, "fields": {"pad": "x" * (96 << 10)}}))
     elif behaviour == "checkpoint" and seq <= 2:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -81,7 +81,13 @@ class ChannelError(SplitvmmError):
 
 
 class _InHostIo(Exception):
-    """Past a request's deadline, the device is inside a host I/O call (ping())."""
+    """Past a request's deadline, the device is inside a host I/O call (ping(), stats()):
+    `sent` says whether the request left (then its answer may still come), or waited in a
+    full queue (then none will)."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__()
+        self.sent = sent
 
 
 class DeviceChannel:
@@ -208,9 +214,12 @@ class DeviceChannel:
         seq = self._next_seq()
         reply = self._request(control.encode({"op": op, "seq": seq, **(args or {})}), timeout_ms)
         try:
-            return control.check_reply(control.decode(reply), op, seq, self._model)
+            checked = control.check_reply(control.decode(reply), op, seq, self._model)
         except ProtocolError as e:
             raise ChannelError(str(e)) from None
+        if op == "save":
+            self._check_state_version(checked)
+        return checked
 
     def ping(self, timeout_ms: int) -> bool:
         """The heartbeat: True once the device answered within `timeout_ms`; False if it is
@@ -224,8 +233,9 @@ class DeviceChannel:
         seq = self._next_seq()
         try:
             reply = self._request(control.encode({"op": "ping", "seq": seq}), timeout_ms, False)
-        except _InHostIo:
-            self._late[seq] = "pong"
+        except _InHostIo as e:
+            if e.sent:
+                self._late[seq] = "pong"
             return False
         try:
             control.check_reply(control.decode(reply), "ping", seq, self._model)
@@ -246,7 +256,8 @@ class DeviceChannel:
         except (ChannelError, _InHostIo) as e:
             if isinstance(e, ChannelError) and self._pidfd is not None and readable(self._pidfd, 0):
                 raise  # it ended: its supervisor says how
-            self._late[seq] = "counters"
+            if not isinstance(e, _InHostIo) or e.sent:
+                self._late[seq] = "counters"
             return None
         try:
             msg = control.check_reply(control.decode(reply), "stats", seq, self._model)
@@ -271,11 +282,14 @@ class DeviceChannel:
         self._send(frames[-1], "a posted write")
         self._posted += len(frames)
 
-    def _send(self, frame: bytes, what: str, more: int = 0) -> None:
+    def _send(self, frame: bytes, what: str, more: int = 0, wait_host_io: bool = True) -> None:
         """Send `frame` (`what` it is, for messages), waiting only while the device's queue
         is full, at most WRITE_TIMEOUT_MS, and not at all once its process has ended. With
         no peer connected a PAIR socket takes nothing, so a frame to a device that has just
-        died would otherwise wait out the whole timeout, holding the slot's lock."""
+        died would otherwise wait out the whole timeout, holding the slot's lock. A device
+        inside a host I/O call is waited for past that, as by _request, or, without
+        `wait_host_io`, _InHostIo(sent=False) is raised: the supervisor's ping must not wait
+        on one device's disk (or on a device that says it is in one and never drains)."""
         try:
             self.sock.send(frame, _NOBLOCK | more)
             return
@@ -294,6 +308,8 @@ class DeviceChannel:
         poller.register(self._pidfd, zmq.POLLIN)
         ready = dict(poller.poll(WRITE_TIMEOUT_MS))
         while not ready and self._still_in_host_io():  # its queue waits on its disk
+            if not wait_host_io:
+                raise _InHostIo(sent=False)
             ready = dict(poller.poll(WRITE_TIMEOUT_MS))
         if ready.get(self._pidfd):
             raise ChannelError(f"its process ended with {what} unsent")
@@ -334,7 +350,7 @@ class DeviceChannel:
         module docstring), or, without `wait_host_io`, _InHostIo is raised."""
         self._waited_on_host_io = False
         try:
-            self._send(frame, "a request")
+            self._send(frame, "a request", wait_host_io=wait_host_io)
             deadline = time.monotonic() + timeout_ms / 1000
             allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
             for _ in range(allowed + 1):
@@ -346,7 +362,7 @@ class DeviceChannel:
                         if not self._still_in_host_io():
                             raise
                         if not wait_host_io:
-                            raise _InHostIo() from None
+                            raise _InHostIo(sent=True) from None
                     deadline = time.monotonic() + timeout_ms / 1000  # wait on, a slice more
                 if not self._handled_event(buf):  # replies are binary, or control of another op
                     self.mirror.news_taken()  # everything the device sent before its reply
@@ -452,9 +468,22 @@ class DeviceChannel:
         if self._on_event is None:
             raise ChannelError(NO_EVENTS)
         if type(event) is events.Published:
+            self._check_state_version(event.state)
             self._published = event
         self._on_event(event)
         return True
+
+    def _check_state_version(self, state: Mapping[str, object]) -> None:
+        """A state document (a save's, a publish's) in the version its model saves: a device
+        of this release writes no other (devprocs/base.py checks each State against its
+        descriptor), and a snapshot holding another would pass `snapshot verify`, then fail
+        its restore, or a restart would hand it to the next process."""
+        expected = MODELS[self._model].state_version
+        if state["version"] != expected:
+            raise ChannelError(
+                f"sent a state of version {state['version']}, where a {self._model} device "
+                f"saves version {expected}"
+            )
 
     def _checkpoint_event(self, buf: bytes) -> events.Published:
         """A CHECKPOINT: the state this process published last, at a later point."""

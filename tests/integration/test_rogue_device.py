@@ -20,7 +20,7 @@ from splitvmm.monitor.slot import Checkpoint, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import HEARTBEAT_TIMEOUT_MS
 from splitvmm.native.eventfd import EventFd
 from splitvmm.sandbox.spawn import spawn_child
-from tests.rogue_device import BEHAVIOURS, CHECKPOINT_EMITTED, SLOW_DATA
+from tests.rogue_device import BEHAVIOURS, CHECKPOINT_EMITTED, SLOW_DATA, VERSION
 
 SCR = 7  # a read the real serial would answer at once
 LSR = 5  # a read the serial's register mirror answers
@@ -61,6 +61,8 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         ("wide-reply", "reply has data past its size"),
         ("event-flood", "sent more than 256 events around one request"),
         ("bad-event", "bad event: state is for model 'rtc', expected 'serial'"),
+        # a snapshot holding it would pass `snapshot verify`, then fail its restore
+        ("bad-version", f"sent a state of version {VERSION + 1}, where a serial device saves"),
         # over MAX_DEVICE_FRAME: ZeroMQ drops the peer, the read times out
         ("huge-event", "no reply within"),
         # the read (and each drain before a request) no longer waits out a flood: it fails
@@ -120,6 +122,7 @@ def test_all_rogue_behaviours_are_tested():
         "route",
         "event-flood",
         "bad-event",
+        "bad-version",
         "huge-event",
         "endless-events",
         "ping-flood",
@@ -277,7 +280,7 @@ def test_device_published_state_becomes_its_last_known_state(zctx, tmp_path):
     finally:
         slot.close()
     assert failures == []
-    assert last == {"model": "serial", "version": 2, "fields": {"seq": 2}}
+    assert last == {"model": "serial", "version": VERSION, "fields": {"seq": 2}}
 
 
 def test_device_checkpoint_holds_its_last_published_state_at_a_later_frame(zctx, tmp_path):
@@ -292,7 +295,7 @@ def test_device_checkpoint_holds_its_last_published_state_at_a_later_frame(zctx,
     finally:
         slot.close()
     assert failures == []
-    state = {"model": "serial", "version": 2, "fields": {"seq": 2}}
+    state = {"model": "serial", "version": VERSION, "fields": {"seq": 2}}
     assert checkpoint == Checkpoint(state, applied=2, emitted=CHECKPOINT_EMITTED)
     assert journal == [3]  # a restart would replay the third read only
 

@@ -5,11 +5,14 @@ answers late, its flag a variable."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -129,3 +132,46 @@ def test_a_posted_write_starts_its_own_host_io_wait(pair):
     ch.post(control.encode({"op": "ping", "seq": ch._next_seq()}))
 
     assert ch._waited_on_host_io is False
+
+
+def test_a_ping_to_a_device_in_host_io_that_never_drains_its_queue_returns(tmp_path, monkeypatch):
+    """The heartbeat pings every device from one thread. A device whose queue is full and
+    whose flag says it is in a host I/O call (its disk's, or a compromised device's lie) held
+    that thread in the ping's send for as long as the flag stayed set, and with it every
+    other device's heartbeat. The ping gives up on it, as on a late answer, and leaves no
+    late answer to wait for: it was never sent."""
+    monkeypatch.setattr(channel_module, "WRITE_TIMEOUT_MS", 100)
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    path = tmp_path / "dev0.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(1)
+    in_host_io = [False]
+    ch = DeviceChannel(
+        "serial", f"ipc://{path}", listening.detach(), zctx, host_io=lambda: in_host_io[0]
+    )
+    device = zctx.socket(zmq.PAIR)  # connected, reading nothing
+    device.setsockopt(zmq.LINGER, 0)
+    device.setsockopt(zmq.RCVHWM, 1)
+    device.connect(f"ipc://{path}")
+    alive = subprocess.Popen(["sleep", "60"])  # its process: alive, so its pidfd stays quiet
+    pidfd = os.pidfd_open(alive.pid)
+    ch.watch_process(SimpleNamespace(pidfd=pidfd))  # type: ignore[arg-type]
+    try:
+        frame = control.encode({"op": "ping", "seq": 0})
+        while ch.sock.poll(500, zmq.POLLOUT):  # fill every queue on the way to the device
+            ch.sock.send(frame, zmq.NOBLOCK)
+        in_host_io[0] = True
+        answered: list[bool] = []
+        beat = threading.Thread(target=lambda: answered.append(ch.ping(DEADLINE_MS)))
+        beat.start()
+        beat.join(5.0)
+        assert (beat.is_alive(), answered, ch._late) == (False, [False], {})
+    finally:
+        alive.kill()
+        alive.wait()
+        beat.join(5.0)
+        os.close(pidfd)
+        device.close()
+        ch.close()
+        zctx.term()
