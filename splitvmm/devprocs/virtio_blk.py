@@ -73,7 +73,7 @@ from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import aio, files
 from splitvmm.protocol import schema
-from splitvmm.protocol.models import DIRECT_IO_ALIGN
+from splitvmm.protocol.models import DIRECT_IO_ALIGN, VIRTIO_BLK
 from splitvmm.protocol.schema import Upgrade
 
 VIRTIO_ID_BLOCK = 2
@@ -222,7 +222,9 @@ class VirtioBlk(VirtioPciDevice):
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
         readonly, serial = _guest_options(options)
-        return cls(ctx, readonly=readonly, serial=serial, pause_when_full=_pauses(options))
+        return cls(
+            ctx, readonly=readonly, serial=serial, pause_when_full=VIRTIO_BLK.pauses(options)
+        )
 
     def check_options(self, options: Mapping[str, object]) -> None:
         readonly, serial = _guest_options(options)
@@ -243,7 +245,10 @@ class VirtioBlk(VirtioPciDevice):
             raise StateError("virtio-blk state: serial is not ASCII")
         # on_full is the host's policy, not the guest's: from this start's options
         device = cls(
-            ctx, readonly=state.readonly, serial=state.serial, pause_when_full=_pauses(ctx.options)
+            ctx,
+            readonly=state.readonly,
+            serial=state.serial,
+            pause_when_full=VIRTIO_BLK.pauses(ctx.options),
         )
         if device.capacity < state.capacity and not ctx.restarted:
             raise StateError(
@@ -639,11 +644,6 @@ def _guest_options(options: Mapping[str, object]) -> tuple[bool, bytes]:
     if len(serial) > ID_BYTES:
         raise ConfigError(f"virtio-blk: serial is {len(serial)} bytes, at most {ID_BYTES}")
     return bool(options.get("readonly", False)), serial
-
-
-def _pauses(options: Mapping[str, object]) -> bool:
-    """Whether on_full says "pause" (its default: protocol/models.py)."""
-    return options.get("on_full", "pause") == "pause"
 
 
 def _merged(bufs: list[tuple[int, int]]) -> list[tuple[int, int]]:

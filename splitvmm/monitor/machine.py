@@ -336,7 +336,7 @@ class Machine:
                 self.zctx,
                 self._device_failed,
                 resumer=self.launcher.resume if restarts else None,
-                on_stall=lambda slot, why: self._stalls.put(slot),
+                on_stall=self._stalls.put,
             )
             self.slots.append(slot)  # closed by close() from now on, whatever launch() does
             transport = MODELS[spawn.model].transport

@@ -216,13 +216,14 @@ class DeviceSlot:
         zctx: zmq.Context[zmq.Socket[bytes]],
         on_failure: Callable[[DeviceSlot, str], bool],
         resumer: Resumer | None = None,
-        on_stall: Callable[[DeviceSlot, str], None] | None = None,
+        on_stall: Callable[[DeviceSlot], None] | None = None,
     ) -> None:
         """`on_failure(slot, why)` applies the device's on_crash policy; True: a restart
         follows (restart() from another thread), and accesses wait for it. With a `resumer`
         the slot keeps a warm spare for its restarts (start_spare(), the module docstring).
-        `on_stall(slot, why)`: the device holds a request until the VM's next resume and
-        asks for a pause (protocol/events.py stall), with the slot's lock held."""
+        `on_stall(slot)`: the device holds a request until the VM's next resume (why: the
+        slot's `stalled`) and asks for a pause (protocol/events.py stall), with the slot's
+        lock held."""
         self.name = spawn.name
         self.model = spawn.model
         self.window = spawn.window
@@ -964,8 +965,9 @@ class DeviceSlot:
                 shown = escaped(message)
                 self._reports.warning("report", "device %s reports: %s", self.name, shown)
             case events.Stall(message):
-                option = MODELS[self.model].pause_option
-                if not option or self._options.get(option) != "pause":
+                model = MODELS[self.model]
+                if not model.pauses(self._options):
+                    option = model.pause_option
                     allowed = f"its {option} is not 'pause'" if option else "its model may not"
                     raise ChannelError(f"asked to pause the VM, which {allowed}")
                 if self._ended_events:
@@ -973,7 +975,7 @@ class DeviceSlot:
                 if self.stalled is None:
                     self.stalled = escaped(message)
                     if self._on_stall is not None:
-                        self._on_stall(self, self.stalled)
+                        self._on_stall(self)
             case events.RouteRequest(route_id, gsi):
                 ok, reason = self._route_allowed(gsi)
                 if self.channel is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from splitvmm.protocol.wire import ACCESS_SIZES, MAX_MIRRORED, MIRROR_BYTES
 from splitvmm.record import Struct
@@ -285,6 +285,15 @@ class ModelDescriptor(Struct, frozen=True):
 
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
+
+    def pauses(self, options: Mapping[str, object]) -> bool:
+        """Whether a device with these options may stall and pause the VM: its model has a
+        pause_option, and `options` (the option's default where they leave it out) say
+        "pause". The device decides with this whether to stall, the monitor whether to take
+        its stall event."""
+        if not self.pause_option:
+            return False
+        return options.get(self.pause_option, self.option(self.pause_option).default) == "pause"
 
 
 def check_mirrored(model: str, registers: tuple[tuple[int, int], ...], window: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from splitvmm.devprocs.base import REGISTRY, load_all_models, load_model, register
 from splitvmm.errors import StateError
-from splitvmm.protocol.models import MODELS, FdKind, ModelDescriptor
+from splitvmm.protocol.models import MODELS, SERIAL, VIRTIO_BLK, FdKind, ModelDescriptor
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -111,3 +111,12 @@ def test_quiet_while_not_valid_is_refused(conditions, why):
 def test_write_behind_while_with_a_mask_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="write_behind_while has mask 0x100"):
         _serial_with(write_behind_while=(1, 0x100, 0))
+
+
+def test_pauses_follows_the_pause_option_and_its_default():
+    """The one rule the device (whether to stall) and the monitor (whether to take its stall
+    event) share."""
+    assert VIRTIO_BLK.pauses({"on_full": "pause"}) is True
+    assert VIRTIO_BLK.pauses({"on_full": "error"}) is False
+    assert VIRTIO_BLK.pauses({}) is True  # the option's default
+    assert SERIAL.pauses({"on_full": "pause"}) is False  # its model has no pause_option

@@ -183,7 +183,7 @@ def stall_slot(
     stalls: list[str] = []
     spawn = Spawn("blk0", "virtio-blk", 8, options={"path": "disk.img", "on_full": on_full})
     slot = DeviceSlot(
-        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s, why: stalls.append(why)
+        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s: stalls.append(s.stalled)
     )
     return slot, stalls
 
@@ -295,7 +295,7 @@ def test_slot_stall_from_a_device_not_allowed_to_is_a_broken_channel(
     options = {} if on_full is None else {"on_full": on_full}
     spawn = Spawn("dev0", model, 8, options=options)
     slot = DeviceSlot(
-        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s, why: stalls.append(why)
+        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s: stalls.append(s.stalled)
     )
     with pytest.raises(ChannelError, match=re.escape(error)):
         slot._on_event(events.Stall("full"))

@@ -692,11 +692,14 @@ class VirtioPciDevice(RegisterDevice):
         the chains before the bad one are (ring_failed: their notification is due); a stall
         gives them back (_give_back). A stalled chain is waited for no more: nothing of it
         is on the host."""
-        unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
+
+        def on_host() -> int:
+            return sum(p.written is None and not p.stalled for _, p in in_flight)
+
+        unfinished = on_host()
         while unfinished:
             self.wait_pending()
-            before = unfinished
-            unfinished = sum(p.written is None and not p.stalled for _, p in in_flight)
+            before, unfinished = unfinished, on_host()
             if unfinished == before:  # the model lost them (an error of its own): no spin
                 return
 
