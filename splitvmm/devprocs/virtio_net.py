@@ -209,10 +209,12 @@ class VirtioNet(VirtioPciDevice):
     @classmethod
     def restore(cls, ctx: DeviceContext, state: Any) -> Self:
         device = super().restore(ctx, state)
-        if state.driver_features & OFFLOAD_FEATURES and not device.takes_offloads:
-            raise StateError("virtio-net state: the driver took offloads this TAP lacks")
-        if device.status & Status.FEATURES_OK:  # the TAP gets the driver's offloads again
-            device.features_ok()
+        # Only features the device accepted (FEATURES_OK) bind it: before that, or where it
+        # refused them, driver_features is whatever a driver wrote, offered or not.
+        if device.status & Status.FEATURES_OK:
+            if state.driver_features & OFFLOAD_FEATURES and not device.takes_offloads:
+                raise StateError("virtio-net state: the driver took offloads this TAP lacks")
+            device.features_ok()  # the TAP gets the driver's offloads again
         return device
 
     def model_fields(self) -> dict[str, Any]:

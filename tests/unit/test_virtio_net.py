@@ -18,7 +18,7 @@ from splitvmm.devprocs import virtio_net
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE
 from splitvmm.devprocs.virtio.queue import SplitQueue
 from splitvmm.devprocs.virtio_net import VirtioNet
-from splitvmm.errors import ConfigError
+from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import tun
 from splitvmm.protocol.models import default_mac
 from tests.virtio.support import (
@@ -127,6 +127,17 @@ def test_virtio_net_features_without_tap_offloads_offer_mac_status_mrg_rxbuf(net
 
 def test_virtio_net_offload_feature_not_offered_refused_at_features_ok(net):
     assert not Driver(net).negotiate(F_VERSION_1 | F_GUEST_CSUM) & FEATURES_OK
+
+
+def test_virtio_net_offloads_a_driver_wrote_but_never_got_restore(net, fds):
+    """driver_features holds whatever a driver wrote until the device accepts it: offloads
+    this TAP lacks, written and refused at FEATURES_OK, bind nothing, and the device's state
+    restores (a guest must not make its own snapshot, or its device's crash restart, fail)."""
+    assert not Driver(net).negotiate(F_VERSION_1 | F_GUEST_CSUM) & FEATURES_OK
+
+    restored = VirtioNet.restore(prepared("virtio-net", fds), net.save())
+
+    assert restored.save() == net.save()
 
 
 def test_virtio_net_guest_offloads_set_on_tap_at_features_ok_and_cleared_at_reset(fds, monkeypatch):
@@ -261,6 +272,15 @@ def offloading(fds: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> VirtioNe
     ctx = prepared("virtio-net", fds)
     ctx.transport = {**ctx.transport, "tap_offloads": True}
     return VirtioNet.from_options(ctx, {})
+
+
+def test_virtio_net_restore_refuses_offloads_the_driver_took_on_a_tap_without(offloading, fds):
+    """Offloads the device accepted (FEATURES_OK) bind it: a TAP that lacks them (the
+    snapshot restored on a host whose kernel refused them) cannot carry the guest's frames."""
+    assert Driver(offloading).negotiate(F_VERSION_1 | F_GUEST_CSUM) & FEATURES_OK
+
+    with pytest.raises(StateError, match="the driver took offloads this TAP lacks"):
+        VirtioNet.restore(prepared("virtio-net", fds), offloading.save())
 
 
 @pytest.mark.parametrize(
