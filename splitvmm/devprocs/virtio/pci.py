@@ -870,13 +870,18 @@ class VirtioPciDevice(RegisterDevice):
                 self.rings[q] = self._saved_ring(q)
                 self._notify[q].trigger()  # a kick the snapshot missed
 
-    def _saved_ring(self, q: int) -> SplitQueue:
+    def _saved_ring(self, q: int) -> SplitQueue | None:
         """A snapshot's live queue q, or StateError where its state contradicts itself or the
         guest RAM saved with it (before any vCPU runs: a guest left to meet it at its first
         kick hung, or read an I/O error). A snapshot is taken quiesced: no request is in
-        flight, so the device has taken what it completed (last_avail = used_idx), and its
-        used ring in guest RAM says so; the rings were in guest RAM, or the device would
-        have needed a reset (its status says NEEDS_RESET then, and none is opened)."""
+        flight, so the device has taken what it completed (last_avail = used_idx); the rings
+        were in guest RAM, or the device would have needed a reset (its status says
+        NEEDS_RESET then, and none is opened).
+
+        Its used ring in guest RAM says so too, unless the guest wrote there: the ring is the
+        device's, but it lies in the guest's RAM, and a hostile or broken driver that wrote
+        its index must not make its VM's snapshot one that cannot be restored. The device
+        then needs a reset (None: no ring), as it would had it met the write running."""
         queue, where = self.queues[q], f"{self.NAME} state: queue {q}"
         if queue.last_avail != queue.used_idx:
             raise StateError(f"{where}: last_avail {queue.last_avail} is not used_idx "
@@ -887,8 +892,9 @@ class VirtioPciDevice(RegisterDevice):
         except (QueueError, GuestRamError) as e:
             raise StateError(f"{where}: {e}") from None
         if in_ram != queue.used_idx:
-            raise StateError(f"{where}: its used ring in guest RAM is at index {in_ram}, the "
-                             f"state says {queue.used_idx}")  # fmt: skip
+            self.needs_reset(f"queue {q}: the used ring's index in guest RAM is {in_ram}, the "
+                             f"device's {queue.used_idx}: the driver wrote it")  # fmt: skip
+            return None
         return ring
 
     def after_restart(self) -> None:
