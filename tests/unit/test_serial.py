@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.output import BoundedOutput
@@ -672,3 +674,97 @@ def test_uart_replay_sends_no_edge_the_dead_process_sent_and_restart_sends_one_i
     replayed = irq.count
     back.after_restart()
     assert (replayed, irq.count) == (0, 1)
+
+
+# -- the register mirror's contract, whatever the guest and the host do (hypothesis) ---------
+# The monitor answers reads of the mirrored registers from the last MIRROR this device sent,
+# and after posted THR writes within its credit, without asking the device (monitor/mirror.py).
+# That is only right if, after any sequence of guest accesses and host events: each value the
+# mirror gives is what a read returns then, and that read changes nothing (no state, no
+# interrupt edge: the device never sees it); and THR writes within the credit leave every
+# value as it was, whatever the host's line takes between them (it only makes room).
+def uart_step() -> st.SearchStrategy[tuple[str, int, bytes]]:
+    """A guest access ((offset, data) inside the 8-port window; a read is data's length) or
+    a host event, as (kind, offset, data)."""
+    access = st.integers(0, 7).flatmap(
+        lambda at: st.tuples(
+            st.sampled_from(["read", "write"]),
+            st.just(at),
+            st.binary(min_size=1, max_size=min(4, 8 - at)),
+        )
+    )
+    host = st.tuples(
+        st.sampled_from(["input", "drain", "hold", "release"]),
+        st.integers(0, 40),
+        st.binary(max_size=40),
+    )
+    thr = st.tuples(st.just("thr"), st.integers(1, 40), st.just(b""))
+    return st.one_of(access, host, thr)
+
+
+def apply_step(uart: Uart8250, line: FakeLine, step: tuple[str, int, bytes]) -> None:
+    kind, n, data = step
+    match kind:
+        case "read":
+            uart.read(n, len(data))
+        case "write":
+            uart.write(n, data)
+        case "input":
+            uart.host_input(data)
+        case "drain":  # the host's line takes n more bytes, as the runtime flushes on POLLOUT
+            line.accept += n
+            uart.ctx.out.flush()
+            uart.output_room()
+        case "hold" | "release":  # a snapshot holds the output (runtime.py quiesce)
+            uart.ctx.out.held = kind == "hold"
+            uart.output_room()
+        case "thr":
+            transmit(uart, bytes(n))
+
+
+def assert_mirror_answers_reads(uart: Uart8250, irq: FakeIrq) -> None:
+    mirror = uart.mirror()
+    for reg, value in zip(MIRRORED, mirror.values, strict=True):
+        if value is None:
+            continue
+        before, edges = uart.save(), irq.count
+        assert uart.read(reg, 1) == value, f"{reg.name}: the mirror says {value.hex()}"
+        assert (uart.save(), irq.count) == (before, edges), f"reading {reg.name} changed the UART"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(uart_step(), max_size=30),
+    capacity=st.sampled_from([SMALL, BIG, 4096]),
+    accept=st.integers(0, 64),
+    credit_writes=st.integers(0, 300),
+    drains=st.lists(st.integers(0, 8), max_size=8),
+)
+def test_uart_mirror_answers_every_read_and_keeps_its_credit_after_any_history(
+    steps, capacity, accept, credit_writes, drains
+):
+    uart, line, irq = slow_uart(accept, capacity)
+    for step in steps:
+        apply_step(uart, line, step)
+        assert_mirror_answers_reads(uart, irq)
+
+    mirror = uart.mirror()
+    lsr = MIRRORED.index(Reg.LSR)
+    for i in range(min(mirror.credit, credit_writes)):  # posted writes, the host draining
+        uart.write(mirror.credit_offset, bytes([i & 0xFF]))
+        if drains:
+            apply_step(uart, line, ("drain", drains[i % len(drains)], b""))
+    after = uart.mirror().values
+    for i, (was, now) in enumerate(zip(mirror.values, after, strict=True)):
+        if was is None or i == lsr and drains:
+            continue
+        assert now == was, f"{MIRRORED[i].name} moved within the credit"
+    if drains and mirror.values[lsr] is not None and after[lsr] is not None:
+        # room only grows with the host's drains: what THRE and TEMT said stays said
+        kept = mirror.values[lsr][0] & (Lsr.THRE | Lsr.TEMT)
+        assert after[lsr][0] & kept == kept
+
+    document = json.loads(json.dumps(codec.state_document("serial", uart.save())))
+    fresh = DeviceContext(irq=FakeIrq(), out=BoundedOutput(FakeLine(0), capacity))
+    restored = Uart8250.restore(fresh, codec.state_from_document("serial", UartState, document))
+    assert restored.save() == uart.save()
