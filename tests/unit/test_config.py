@@ -2,8 +2,11 @@
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitvmm import config
 from splitvmm.config import VmConfig, config_to_dict, load_config, parse_config, parse_size
@@ -305,3 +308,110 @@ def test_config_device_named_like_a_snapshot_chunk_is_refused(name: str) -> None
 def test_config_device_named_like_the_control_socket_is_refused() -> None:
     with pytest.raises(ConfigError, match="the name is reserved .the VM's control socket is"):
         _cfg(devices='[[device]]\nname = "control"\nmodel = "serial"\n')
+
+
+# -- any mutation of a whole config (hypothesis) ----------------------------------------------
+# Every key a config may have, on every model: what a mutation starts from.
+RICH = {
+    "vm": {
+        "name": "fuzz",
+        "memory": "128M",
+        "vcpus": 2,
+        "cpuid_mask": ["1.ecx:0x80000000"],
+        "snapshot_dirs": ["/tmp"],
+        "rtc": True,
+    },
+    "boot": {"firmware": "fw.bin"},
+    "device": [
+        {"name": "serial0", "model": "serial", "output": "out.log", "on_crash": "restart",
+         "max_restarts": 3, "restart_window": "60s"},
+        {"name": "blk0", "model": "virtio-blk", "path": "disk.img", "readonly": False,
+         "direct": False, "serial": "disk-1", "on_full": "pause", "on_crash": "stop"},
+        {"name": "rng0", "model": "virtio-rng"},
+        {"name": "con0", "model": "virtio-console", "output": "con.log"},
+        {"name": "net0", "model": "virtio-net", "tap": "tap0", "mac": "52:54:00:12:34:56"},
+        {"name": "clock", "model": "rtc", "base": "localtime"},
+    ],
+}  # fmt: skip
+TOML_SCALARS = (
+    st.text(max_size=30)
+    | st.sampled_from(["", "0", "64M", "1T", "16M", "restart", "stop", "pause", "utc", "-1", "."])
+    | st.integers()
+    | st.sampled_from([0, -1, 1 << 63, 2**64, 10**400])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.booleans()
+    | st.datetimes()
+)
+TOML_VALUES = st.recursive(
+    TOML_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+def _mutations(doc: Any) -> st.SearchStrategy[Any]:
+    """`doc` with one place replaced by any TOML value, removed, or given an unknown key."""
+    paths = _config_paths(doc)
+
+    def apply(path: tuple[Any, ...], how: str, value: Any) -> Any:
+        return _changed(doc, path, how, value)
+
+    return st.builds(
+        apply, st.sampled_from(paths), st.sampled_from(["replace", "remove", "add"]), TOML_VALUES
+    )
+
+
+def _config_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    items = (
+        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    )
+    for key, value in items:
+        out += _config_paths(value, (*prefix, key))
+    return out
+
+
+def _changed(doc: Any, path: tuple[Any, ...], how: str, value: Any, root: bool = True) -> Any:
+    """`doc` with the place at `path` replaced by `value`, removed, or (a table) given an
+    unknown key; the document itself stays a table, as TOML's top level is."""
+    if not path:
+        if how == "add" and isinstance(doc, dict):
+            return {**doc, "unknown_key": value}
+        return doc if root else value
+    copy = dict(doc) if isinstance(doc, dict) else list(doc)
+    if len(path) == 1 and how == "remove":
+        del copy[path[0]]
+    else:
+        copy[path[0]] = _changed(doc[path[0]], path[1:], how, value, root=False)
+    return copy
+
+
+@settings(max_examples=400, deadline=None)
+@given(doc=st.integers(1, 3).flatmap(lambda n: _stacked(RICH, n)))
+def test_config_any_mutation_parses_or_raises_one_line_config_error(doc):
+    """Whatever is where in the config (a value of any TOML type at any key, a key gone, a key
+    nobody knows): it parses, or fails with a one-line ConfigError; and what parses comes
+    back the same from its snapshot form (config_to_dict), as a restore reads it."""
+    try:
+        cfg = parse_config(doc, Path("/vm"), check_files=False)
+    except ConfigError as e:
+        assert "\n" not in str(e) and len(str(e)) < 300, str(e)
+        return
+    again = parse_config(config_to_dict(cfg), Path("/elsewhere"), check_files=False, restored=True)
+    assert (again.vm.name, again.vm.memory, again.vm.vcpus) == (
+        cfg.vm.name,
+        cfg.vm.memory,
+        cfg.vm.vcpus,
+    )
+    assert [(d.name, d.model, d.on_crash, d.options) for d in again.devices] == [
+        (d.name, d.model, d.on_crash, d.options) for d in cfg.devices
+    ]
+
+
+def _stacked(doc: Any, n: int) -> st.SearchStrategy[Any]:
+    """`n` mutations, one after the other."""
+    if n == 0:
+        return st.just(doc)
+    return _mutations(doc).flatmap(lambda changed: _stacked(changed, n - 1))
