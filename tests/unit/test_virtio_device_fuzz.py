@@ -7,6 +7,9 @@ What must hold (issue 9: "a hostile guest puts the device in NEEDS_RESET, never 
 or anything else"): no step raises -- an exception out of a window access or a kick ends the
 device process, and with it the guest's device, whatever its on_crash says -- and whatever
 the driver did, the device still answers, quiesces, saves a state and restores from it.
+Crashes come in the middle too (the device's process dies, its successor takes over from
+its last checkpoint and the journal of frames since): the successor must show the guest
+the registers the dead process did.
 test_virtio_queue_fuzz.py fuzzes the ring walker alone; this is the whole device around it.
 
 The suite runs FUZZ's examples per model; a longer campaign sets SPLITVMM_FUZZ_EXAMPLES
@@ -18,8 +21,8 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,9 @@ from hypothesis import strategies as st
 
 from splitvmm.devprocs.base import load_model
 from splitvmm.devprocs.virtio.pci import VirtioPciDevice
+from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.protocol.models import MODELS, PciFunction
+from splitvmm.record import replace
 from tests.virtio.support import (
     BAR0,
     BAR1,
@@ -44,6 +49,7 @@ from tests.virtio.support import (
     close_fds,
     host_fds,
     prepared,
+    replaying,
     serve_ready,
 )
 
@@ -87,6 +93,11 @@ GPAS = st.integers(HEAP, RAM - 0x100) | st.sampled_from(
 LENGTHS = st.integers(0, 0x200) | st.sampled_from([0x1000, 0x10_0000, 0xFFFF_FFFF])
 PART = st.tuples(GPAS, LENGTHS, st.booleans())
 KICK = st.integers(0, 3).map(bool)  # a chain kicked at once, mostly
+# MSI-X vectors a driver gives msix_config and its queues: none (INTx), or table entries, or
+# NO_VECTOR, or past the table
+VECTORS = st.just([]) | st.lists(
+    st.sampled_from([0, 1, 2, 0xFFFF]) | st.integers(0, 0xFFFF), min_size=1, max_size=4
+)
 
 
 @dataclass
@@ -109,15 +120,31 @@ class Scene:
     peers: dict[str, int]
     queues: dict[int, Queue]
     heap: int = HEAP
+    # The device's last checkpoint (a state it published) and the window's frames since:
+    # what a crash restart starts from (runtime.run: restore, replay, after_restart).
+    checkpoint: Any = None
+    journal: list[tuple[int, int | bytes]] = field(default_factory=list)
 
     def rd(self, offset: int, size: int) -> int:
+        self.journal.append((offset, size))
         return int.from_bytes(self.dev.read(offset, size), "little")
 
     def wr(self, offset: int, value: int, size: int) -> None:
-        self.dev.write(offset, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+        data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+        self.journal.append((offset, data))
+        self.dev.write(offset, data)
 
     def common(self, field: int, value: int, size: int) -> None:
         self.wr(BAR0 + field, value, size)
+
+    def capability(self, cap_id: int) -> int | None:
+        """Where the capability list has `cap_id`, walked from 0x34 as a driver does."""
+        at, seen = self.rd(0x34, 1), 0
+        while at and seen < 48:
+            if self.rd(at, 1) == cap_id:
+                return at
+            at, seen = self.rd(at + 1, 1), seen + 1
+        return None
 
     def alloc(self, size: int) -> int:
         if self.heap + size > RAM:
@@ -126,10 +153,27 @@ class Scene:
         return at
 
 
-def start(scene: Scene, mask: int, sizes: list[int], bases: list[int], ok: bool) -> None:
+def start(
+    scene: Scene,
+    mask: int,
+    sizes: list[int],
+    bases: list[int],
+    ok: bool,
+    vectors: Sequence[int] = (),
+) -> None:
     """A driver's initialisation (3.1.1): the features it read, under `mask` (all of them,
-    some, or bits nobody offered), and the rings it chose."""
+    some, or bits nobody offered), and the rings it chose. With `vectors`, MSI-X first (as
+    Linux does): the table's entries programmed and unmasked, the function's MSI-X enabled,
+    msix_config and each queue's vector from the list (ones past the table included)."""
     scene.wr(0x04, scene.rd(0x04, 2) | 0x4, 2)  # Bus Master Enable
+    if vectors:
+        for entry in range(4):
+            scene.wr(BAR1 + 16 * entry, 0xFEE0_0000, 4)
+            scene.wr(BAR1 + 16 * entry + 8, 0x40 + entry, 4)
+            scene.wr(BAR1 + 16 * entry + 12, 0, 4)  # unmasked
+        at = scene.capability(0x11)
+        if at is not None:
+            scene.wr(at + 2, scene.rd(at + 2, 2) | 0x8000, 2)
     scene.common(0x14, 0, 1)  # reset
     for status in (1, 3):
         scene.common(0x14, status, 1)
@@ -142,13 +186,17 @@ def start(scene: Scene, mask: int, sizes: list[int], bases: list[int], ok: bool)
         scene.common(0x08, select, 4)
         scene.common(0x0C, features >> (32 * select), 4)
     scene.common(0x14, 11, 1)  # FEATURES_OK
+    if vectors:
+        scene.common(0x10, vectors[0], 2)  # msix_config
     scene.queues.clear()
     for q, (size, base) in enumerate(zip(sizes, bases, strict=False)):
         scene.common(0x16, q, 2)
         scene.common(0x18, size, 2)
-        for field, gpa in ((0x20, base), (0x28, base + 0x1000), (0x30, base + 0x2000)):
-            scene.common(field, gpa, 4)
-            scene.common(field + 4, gpa >> 32, 4)
+        if len(vectors) > q + 1:
+            scene.common(0x1A, vectors[q + 1], 2)
+        for at, gpa in ((0x20, base), (0x28, base + 0x1000), (0x30, base + 0x2000)):
+            scene.common(at, gpa, 4)
+            scene.common(at + 4, gpa >> 32, 4)
         scene.common(0x1C, 1, 2)
         scene.queues[q] = Queue(size, base)
     if ok:
@@ -203,6 +251,46 @@ def kick(scene: Scene, q: int) -> None:
     serve_ready(scene.dev)
 
 
+def checkpoint(scene: Scene) -> None:
+    """The device publishes its state (checkpoints come every few frames): a restart
+    starts from here, and replays what the window saw since."""
+    scene.checkpoint, scene.journal = scene.dev.save(), []
+
+
+def crash(scene: Scene) -> None:
+    """The device process dies and its successor takes over: restored from the checkpoint
+    (restarted), the journal's frames re-applied to the registers only, then each live
+    queue taken up from its used ring in guest RAM (runtime.run)."""
+    if scene.checkpoint is None:
+        checkpoint(scene)
+    before = scene.dev.save()
+    model = load_model(scene.name)
+    new = model.restore(prepared(scene.name, scene.fds, restarted=True), scene.checkpoint)
+    assert isinstance(new, VirtioPciDevice)
+    with replaying(new):
+        for offset, access in scene.journal:
+            if isinstance(access, bytes):
+                new.write(offset, access)
+            else:
+                new.read(offset, access)
+    # the guest may read any register next: the successor must show what the dead one did
+    assert registers(new.save()) == registers(before)
+    scene.dev = configured(new)
+
+
+def registers(state: VirtioPciState) -> VirtioPciState:
+    """The transport's registers as a driver reads them, but for what a restart changes by
+    design: the interrupt it raises once (ISR, a pending MSI-X vector), NEEDS_RESET (found
+    again as the successor walks the ring that set it) and the queues' positions (taken up
+    from the used rings in guest RAM)."""
+    queues = tuple(replace(q, last_avail=0, used_idx=0) for q in state.queues)
+    transport = {f: getattr(state, f) for f in VirtioPciState.__struct_fields__}
+    return VirtioPciState(**{
+        **transport, "isr": 0, "msix_pending": 0, "status": state.status & ~NEEDS_RESET,
+        "queues": queues,
+    })  # fmt: skip
+
+
 def host_side(scene: Scene, data: bytes) -> None:
     """What the host sends the device: a frame on the TAP (virtio-net), input on the console."""
     for role in ("tap", "input"):
@@ -237,8 +325,8 @@ def steps(function: PciFunction, num_queues: int) -> st.SearchStrategy[Step]:
     def read(offset: int, size: int) -> Step:
         return lambda s: s.rd(offset, size) and None
 
-    def init(mask: int, sizes: list[int], bases: list[int], ok: bool) -> Step:
-        return lambda s: start(s, mask, sizes, bases, ok)
+    def init(mask: int, sizes: list[int], bases: list[int], ok: bool, vectors: list[int]) -> Step:
+        return lambda s: start(s, mask, sizes, bases, ok, vectors)
 
     def chain(
         q: int, parts: list[tuple[int, int, bool]], indirect: bool, head: bytes, then_kick: bool
@@ -290,18 +378,20 @@ def steps(function: PciFunction, num_queues: int) -> st.SearchStrategy[Step]:
     hostile = st.one_of(
         st.builds(write, window_offsets(function), VALUES, SIZES),
         st.builds(read, window_offsets(function), SIZES),
-        st.builds(init, masks, sane_sizes, sane_bases, st.just(True)),
+        st.builds(init, masks, sane_sizes, sane_bases, st.just(True), VECTORS),
         st.builds(
             init,
             masks,
             st.lists(st.sampled_from([1, 2, 4, 16, 256]) | st.integers(0, 0xFFFF), max_size=4),
             st.lists(st.sampled_from(RING_BASES) | st.integers(0, RAM), max_size=4),
             st.booleans(),
+            VECTORS,
         ),
         st.builds(scribble, queues, st.integers(0, 0x2100), st.binary(min_size=1, max_size=16)),
         st.builds(lambda q: lambda s: kick(s, q), queues),
         st.builds(lambda d: lambda s: host_side(s, d), st.binary(max_size=200)),
         st.sampled_from(["quiesce", "resume", "retry"]).map(lifecycle),
+        st.sampled_from([checkpoint, crash]),
     )
     # Requests two times in three: a driver's register writes mostly end in a reset, and a
     # request meets the model's own code only on a device still started.
@@ -328,10 +418,16 @@ def make(name: str, disk: Path) -> Scene:
     fds = host_fds(name, disk if name == "virtio-blk" else None, peers)
     dev = load_model(name).from_options(prepared(name, fds), options_of(name))
     assert isinstance(dev, VirtioPciDevice)
+    return Scene(name, configured(dev), fds, peers, {})
+
+
+def configured(dev: VirtioPciDevice) -> VirtioPciDevice:
+    """As the tests' devices are: its process() never waits for the host's clock, and the
+    monitor's end of its events takes every one."""
     dev.ctx.waiting = lambda: False
     dev.clock_ns = SteppingClock(step=1_000)  # type: ignore[method-assign]
-    dev.ctx.events.connect(lambda frame: True)  # the monitor's end takes every event
-    return Scene(name, dev, fds, peers, {})
+    dev.ctx.events.connect(lambda frame: True)
+    return dev
 
 
 def num_queues(name: str) -> int:
@@ -340,8 +436,9 @@ def num_queues(name: str) -> int:
     return function.notify.queues
 
 
-def fuzz(name: str, disk: Path, started: bool, moves: list[Step]) -> None:
-    """`moves` on a device reset, or (`started`) after a driver's sane initialisation."""
+def fuzz(name: str, disk: Path, started: bool, vectors: list[int], moves: list[Step]) -> None:
+    """`moves` on a device reset, or (`started`) after a driver's sane initialisation (with
+    MSI-X `vectors`)."""
     scene = make(name, disk)
     try:
         if started:
@@ -352,6 +449,7 @@ def fuzz(name: str, disk: Path, started: bool, moves: list[Step]) -> None:
                 [16] * queues,
                 [0x1000 + 0x4000 * q for q in range(queues)],
                 ok=True,
+                vectors=vectors,
             )
         for move in moves:
             move(scene)
@@ -388,10 +486,11 @@ def test_virtio_device_survives_a_hostile_driver(name: str, disk: Path) -> None:
     @FUZZ
     @given(
         started=st.booleans(),
+        vectors=VECTORS,
         moves=st.lists(steps(transport(name), num_queues(name)), max_size=MAX_STEPS),
     )
-    def run(started: bool, moves: list[Step]) -> None:
-        fuzz(name, disk, started, moves)
+    def run(started: bool, vectors: list[int], moves: list[Step]) -> None:
+        fuzz(name, disk, started, vectors, moves)
 
     run()
 
