@@ -510,7 +510,17 @@ class Uart8250(RegisterDevice):
 
     def after_restart(self) -> None:
         """The journal replayed (registers only: no edge went out for it): one edge if an
-        interrupt is pending now, for the one the dead process may have died before sending."""
+        interrupt is pending now, for the one the dead process may have died before sending.
+
+        THRE set now is a THRE interrupt event again. The host's line may have taken bytes
+        after the checkpoint: the dead process saw THRE rise then (an interrupt, maybe sent),
+        at a moment no frame records, and this process starts with that room already there,
+        with no rise to see. A driver that enabled THRI and waits for it to send more (Linux's
+        tty path) would wait for ever; the worst a THRE interrupt too many does is make it
+        look for bytes to send."""
+        if self._holding_empty():
+            self.thr_interrupt = True
+        self._irq_pending = self._irq_asserted()
         if self._irq_pending:
             self.ctx.irq.trigger()
 
