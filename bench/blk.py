@@ -235,6 +235,18 @@ seq-read 2010 / 2327 / 1667 (1.21 of the floor, 0.86 of QEMU), seq-write 2708 / 
 (1.09 of QEMU), rand-read-4k 29441 / 22497 / 13441 IOPS (1.31x QEMU). A 1 MiB preadv from the
 page cache into one reused buffer (dd's pattern) costs 52-54 us here, into 8 rotating slots of
 a memfd 75, of THP-backed anonymous memory (QEMU's RAM) 72. No change to the path.
+
+2026-12-03, a later session, same kind of host, splitvmm / QEMU / floor, page cache: --runs 3
+seq-read 7237 / 7883 / 10388 MiB/s (0.70 of the floor, 0.92 of QEMU, which gets 0.76 of it),
+seq-write 0.99 of QEMU, rand-read-4k 140558 IOPS (4.30x QEMU); --runs 5 seq-read 6657 / 7489
+/ 9895 (0.67, 0.89). bench/blk_request.py: 1 MiB IN 90.7 us of which preadv 73.7, 4 KiB IN
+8.5 of which 0.7. Looked at and dropped, a second floor for the polling guest's CPU: a dd
+with another process spinning (the guest's vCPU polls the used ring beside the device). Pinned
+(dd on one CPU, the spinner on the other, both ways round, two rounds of nine dd each): 12.2-
+14.4 GB/s with the spinner against 13.1-14.4 without, inside the spread; unpinned, 8.3-9.1
+against 13.4-14.6, a dd the scheduler now and then put on the spinner's CPU; in this bench,
+unpinned and taken with the other floor in each run, --runs 5: 10323 MiB/s against 9895. No
+floor that stands still enough to print. No change to the path.
 """
 
 from __future__ import annotations
