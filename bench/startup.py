@@ -231,6 +231,21 @@ both (an interpreter's start, zmq, msgspec, logging) shortens a start-up. Measur
 loading only the models a VM names into the zygote (every model but the UART and the clock is
 ~1 ms of its ~45 ms of imports: theirs are the runtime's), and `-c` for the zygote's command
 instead of `-m` (runpy ~2 ms by -X importtime, most of it modules the zygote imports anyway).
+
+2026-12-03, a later session, same kind of host: --runs 11, 125.0 ms against QEMU's 58.0
+(2.15x; CPU 195 against 28). A timeline (stderr marks in the launcher, the zygote and the
+devices, six runs, not committed), ms from the monitor's first mark: launcher fork 11, the
+zygote's exec 13-16 and its main() 30-34 (an interpreter, runpy, and typing through
+splitvmm.errors: `python -I -c "import typing"` is ~7 ms over a bare interpreter here), the
+zygote ready 69-72, the monitor's imports done 71-73. Then the launcher imports its server
+(msgspec and the protocol: ~9-11 ms, msgspec ~8 by -X importtime, most of it datetime, uuid
+and platform that msgspec's C module imports), from the zygote's ready to 79-81: the first
+spawn, sent at ~74, waits for it. Each spawn then takes the launcher 2-6 ms (the zygote's
+double fork ~2), the devices 10-14 ms from their fork to READY, and the guest runs at 101-111.
+Tried and dropped: the launcher importing its server at once, while the zygote starts: the
+zygote's exec and imports then shared a core with it and were ready at 81-88 instead of 69-72,
+and the guest ran at 104-113: no gain. Both cores are busy from the launcher's fork to the
+devices' READY (CPU 195 ms in a 110-125 ms run); what is left is less work, not another order.
 """
 
 from __future__ import annotations
