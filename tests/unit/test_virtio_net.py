@@ -516,6 +516,25 @@ def test_virtio_net_state_restore_keeps_mac_and_queues(net, fds):
     assert restored.save() == state
 
 
+def test_virtio_net_restore_checks_every_queue_before_a_written_used_ring_needs_a_reset(net, fds):
+    """A used ring the guest wrote makes the restored device need a reset, and opens no ring
+    of any queue; a state that contradicts itself is refused whichever queue comes first."""
+    from splitvmm.record import replace
+
+    driver, rx, tx = started(net)
+    net.quiesce()
+    state = net.save()
+    net.ram.write(rx.used + 2, struct.pack("<H", 5))  # queue 0's used idx: the guest's write
+
+    restored = VirtioNet.restore(prepared("virtio-net", fds), state)
+    assert restored.rings == [None, None] and Driver(restored).status() & NEEDS_RESET
+
+    in_flight = replace(state.queues[1], last_avail=9, used_idx=8)
+    broken = replace(state, queues=(state.queues[0], in_flight))
+    with pytest.raises(StateError, match="queue 1: last_avail 9 is not used_idx 8"):
+        VirtioNet.restore(prepared("virtio-net", fds), broken)
+
+
 def test_virtio_net_restored_refuses_another_mac_in_the_config(net, fds):
     restored = VirtioNet.restore(prepared("virtio-net", fds), net.save())
 

@@ -865,12 +865,22 @@ class VirtioPciDevice(RegisterDevice):
         self.msix.set_control(s.msix_enabled, s.msix_function_mask)  # asks for the routes again
         if self.ctx.restarted:
             return  # after_restart() opens the queues, once the journal is replayed
-        for q, queue in enumerate(self.queues):
-            if queue.enabled and not self.status & Status.NEEDS_RESET:
-                self.rings[q] = self._saved_ring(q)
-                self._notify[q].trigger()  # a kick the snapshot missed
+        if self.status & Status.NEEDS_RESET:
+            return  # no ring is opened: the driver resets the device first
+        live = [q for q, queue in enumerate(self.queues) if queue.enabled]
+        rings = {q: self._saved_ring(q) for q in live}  # every queue checked before any opens
+        broken = [q for q in live if self._used_index_in_ram(q) != self.queues[q].used_idx]
+        if broken:
+            q = broken[0]
+            self.needs_reset(f"queue {q}: the used ring's index in guest RAM is "
+                             f"{self._used_index_in_ram(q)}, the device's "
+                             f"{self.queues[q].used_idx}: the driver wrote it")  # fmt: skip
+            return
+        for q in live:
+            self.rings[q] = rings[q]
+            self._notify[q].trigger()  # a kick the snapshot missed
 
-    def _saved_ring(self, q: int) -> SplitQueue | None:
+    def _saved_ring(self, q: int) -> SplitQueue:
         """A snapshot's live queue q, or StateError where its state contradicts itself or the
         guest RAM saved with it (before any vCPU runs: a guest left to meet it at its first
         kick hung, or read an I/O error). A snapshot is taken quiesced: no request is in
@@ -878,24 +888,25 @@ class VirtioPciDevice(RegisterDevice):
         were in guest RAM, or the device would have needed a reset (its status says
         NEEDS_RESET then, and none is opened).
 
-        Its used ring in guest RAM says so too, unless the guest wrote there: the ring is the
-        device's, but it lies in the guest's RAM, and a hostile or broken driver that wrote
-        its index must not make its VM's snapshot one that cannot be restored. The device
-        then needs a reset (None: no ring), as it would had it met the write running."""
+        Its used ring's index in guest RAM says so too (_load checks it), unless the guest
+        wrote there: the ring is the device's, but it lies in the guest's RAM, and a hostile
+        or broken driver that wrote its index (or put two queues on one ring) must not make
+        its VM's snapshot one that cannot be restored. The device then needs a reset and
+        opens no ring, as it would had it met the write running."""
         queue, where = self.queues[q], f"{self.NAME} state: queue {q}"
         if queue.last_avail != queue.used_idx:
             raise StateError(f"{where}: last_avail {queue.last_avail} is not used_idx "
                              f"{queue.used_idx}, but a snapshot has no request in flight")  # fmt: skip
         try:
             ring = self._new_ring(q)
-            in_ram = self.ram.u16(queue.device + 2)
+            self.ram.u16(queue.device + 2)
         except (QueueError, GuestRamError) as e:
             raise StateError(f"{where}: {e}") from None
-        if in_ram != queue.used_idx:
-            self.needs_reset(f"queue {q}: the used ring's index in guest RAM is {in_ram}, the "
-                             f"device's {queue.used_idx}: the driver wrote it")  # fmt: skip
-            return None
         return ring
+
+    def _used_index_in_ram(self, q: int) -> int:
+        """Queue q's used idx as guest RAM holds it (_saved_ring checked that it is in RAM)."""
+        return self.ram.u16(self.queues[q].device + 2)
 
     def after_restart(self) -> None:
         """Each queue the dead process left enabled, from where the used ring in guest RAM
