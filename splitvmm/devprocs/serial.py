@@ -195,12 +195,19 @@ class Uart8250(RegisterDevice):
         self.msr, self.scr, self.dll, self.dlm, self.fcr = s.msr, s.scr, s.dll, s.dlm, s.fcr
         self.rx = bytearray(s.rx)
         self.line_in = bytearray(s.line_in)
-        ctx.out.put(s.tx)  # restore() checked that it fits
+        ctx.out.put(s.tx)  # restore() checked that it fits; the line may take it at once
         ctx.counters.tx_dropped = s.tx_dropped
-        self._thre = self._holding_empty()  # THRE as the guest last saw it
+        # THRE as the guest last saw it: the saved LSR's (a new UART's: the buffer's).
+        self._thre = bool(s.lsr & Lsr.THRE) if state is not None else self._holding_empty()
         self.thr_interrupt = s.thr_interrupt and self._thre
         self._warn = RateLimitedLog(log)
-        self._irq_pending = self._irq_asserted()
+        self._irq_pending = self._irq_asserted()  # the saved one's edge went out before
+        # A line that took the buffered bytes made THRE rise: a THRE interrupt event, with
+        # its edge, as it would have been had the VM run on (after a crash, after_restart()
+        # sends the one edge, once the journal is replayed).
+        self._check_thre()
+        if not ctx.restarted:
+            self._update_irq()
 
     # -- guest accesses -------------------------------------------------------
     # A wider access is byte cycles at consecutive ports, as an ISA bus splits it for an
@@ -518,7 +525,8 @@ class Uart8250(RegisterDevice):
         with no rise to see. A driver that enabled THRI and waits for it to send more (Linux's
         tty path) would wait for ever; the worst a THRE interrupt too many does is make it
         look for bytes to send."""
-        if self._holding_empty():
+        self._check_thre()
+        if self._thre:
             self.thr_interrupt = True
         self._irq_pending = self._irq_asserted()
         if self._irq_pending:

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from splitvmm.devprocs.base import DeviceContext
@@ -816,6 +816,8 @@ def as_frame(kind: str, offset: int, data: bytes) -> bytes | None:
     capacity=st.sampled_from([SMALL, BIG]),
     accept=st.integers(0, 64),
 )
+# the line takes bytes between the checkpoint and the crash: THRE rose for the dead process
+@example([("thr", 40, b""), ("checkpoint", 0, b""), ("drain", 5, b""), ("crash", 0, b"")], SMALL, 0)
 def test_uart_crash_restart_is_invisible_to_the_guest_and_the_line(steps, capacity, accept):
     from splitvmm.devprocs import runtime
     from splitvmm.protocol import wire
@@ -887,3 +889,21 @@ def test_uart_restart_after_the_line_took_bytes_raises_the_thre_interrupt_it_mis
     successor.after_restart()
 
     assert (irq.count, successor.read(Reg.IIR_FCR, 1)[0] & 0x0F) == (1, Iir.THRI)
+
+
+def test_uart_restored_with_a_line_that_takes_its_buffer_raises_the_thre_interrupt():
+    """Saved with its buffer full (THRE clear, a driver waiting for the THRE interrupt), and
+    restored where the output takes the buffered bytes at once: THRE rises, as it would have
+    had the VM run on, and that is a THRE interrupt, with its edge."""
+    uart, _, _ = slow_uart(0, SMALL)
+    uart.write(Reg.MCR, bytes([Mcr.OUT2]))
+    uart.write(Reg.IER, bytes([Ier.THRI]))
+    uart.read(Reg.IIR_FCR, 1)  # the driver takes the THRE interrupt enabling THRI raised
+    transmit(uart, bytes(SMALL))  # the line takes nothing: THRE clear
+    state = uart.save()
+    assert not state.lsr & Lsr.THRE
+
+    irq = FakeIrq()
+    restored = Uart8250.restore(DeviceContext(irq=irq, out=BoundedOutput(FakeLine(), SMALL)), state)
+
+    assert (irq.count, restored.read(Reg.IIR_FCR, 1)[0] & 0x0F) == (1, Iir.THRI)
