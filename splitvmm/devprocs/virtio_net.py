@@ -210,7 +210,10 @@ class VirtioNet(VirtioPciDevice):
     def restore(cls, ctx: DeviceContext, state: Any) -> Self:
         device = super().restore(ctx, state)
         # Only features the device accepted (FEATURES_OK) bind it: before that, or where it
-        # refused them, driver_features is whatever a driver wrote, offered or not.
+        # refused them, driver_features is whatever a driver wrote, offered or not. (The
+        # state does not say what was offered, so a snapshot taken in the middle of a
+        # negotiation that asked for offloads restores on a TAP without them, and the
+        # driver's FEATURES_OK is refused then, as on a device that never offered them.)
         if device.status & Status.FEATURES_OK:
             if state.driver_features & OFFLOAD_FEATURES and not device.takes_offloads:
                 raise StateError("virtio-net state: the driver took offloads this TAP lacks")
