@@ -163,18 +163,28 @@ def _raw_set(fd: int, ctype: str, data: bytes, request: int, what: str) -> None:
     _ioctl_ptr(fd, request, buf, what)
 
 
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        raise KvmError(ffi.errno, what)
-    return ret
+def _retried(call: Callable[[], int], what: str) -> int:
+    """An ioctl's result, made again where a signal interrupted it (EINTR), as Python makes
+    its own system calls again (PEP 475): the signal's handler has run by then (a stop
+    signal while the monitor builds a VM sets a flag its build looks at next), and an
+    interrupted ioctl did nothing (the kernel asks for a restart: Python installs no handler
+    with SA_RESTART). A SIGTERM during KVM_CREATE_VM ended `up` with "Interrupted system
+    call" and status 1, not a clean stop. KVM_RUN is none of these: interrupted, it is a
+    kick (VcpuFd.run)."""
+    while True:
+        ret = call()
+        if ret >= 0:
+            return ret
+        if ffi.errno != errno.EINTR:
+            raise KvmError(ffi.errno, what)
 
 
 def _ioctl_ptr(fd: int, request: int, arg: Any, what: str) -> int:
-    return _check(lib.sv_ioctl_ptr(fd, request, arg), what)
+    return _retried(lambda: lib.sv_ioctl_ptr(fd, request, arg), what)
 
 
 def _ioctl_val(fd: int, request: int, arg: int, what: str) -> int:
-    return _check(lib.sv_ioctl_val(fd, request, arg), what)
+    return _retried(lambda: lib.sv_ioctl_val(fd, request, arg), what)
 
 
 def _ioeventfd(eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None) -> Any:
