@@ -12,6 +12,7 @@ from splitvmm import config
 from splitvmm.config import VmConfig, config_to_dict, load_config, parse_config, parse_size
 from splitvmm.errors import ConfigError
 from splitvmm.protocol.models import MODELS, VIRTIO_BLK
+from tests.documents import places
 
 GOOD = """
 [vm]
@@ -353,7 +354,7 @@ TOML_VALUES = st.recursive(
 
 def _mutations(doc: Any) -> st.SearchStrategy[Any]:
     """`doc` with one place replaced by any TOML value, removed, or given an unknown key."""
-    paths = _config_paths(doc)
+    paths = places(doc)
 
     def apply(path: tuple[Any, ...], how: str, value: Any) -> Any:
         return _changed(doc, path, how, value)
@@ -361,16 +362,6 @@ def _mutations(doc: Any) -> st.SearchStrategy[Any]:
     return st.builds(
         apply, st.sampled_from(paths), st.sampled_from(["replace", "remove", "add"]), TOML_VALUES
     )
-
-
-def _config_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    items = (
-        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
-    )
-    for key, value in items:
-        out += _config_paths(value, (*prefix, key))
-    return out
 
 
 def _changed(doc: Any, path: tuple[Any, ...], how: str, value: Any, root: bool = True) -> Any:

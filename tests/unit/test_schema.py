@@ -42,6 +42,7 @@ from splitvmm.snapshot.format import (
     RegionEntry,
     SnapshotError,
 )
+from tests.documents import places
 
 
 class Part(Struct, frozen=True):
@@ -525,17 +526,6 @@ def test_schema_random_json_raises_only_the_chosen_error(cls, doc):
         assert schema.decode(cls, schema.encode(record), where="again", error=StateError) == record
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every place in a JSON document: keys of objects, indices of arrays."""
-    out = [prefix]
-    items = (
-        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
-    )
-    for key, value in items:
-        out += _paths(value, (*prefix, key))
-    return out
-
-
 def _replaced(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
     if not path:
         return value
@@ -548,7 +538,7 @@ def _replaced(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
 @given(data=st.data(), value=JSON)
 def test_schema_mutated_valid_document_raises_only_the_chosen_error(data, value):
     doc = json.loads(json.dumps(schema.encode(SAMPLE)))
-    path = data.draw(st.sampled_from(_paths(doc)))
+    path = data.draw(st.sampled_from(places(doc)))
 
     with contextlib.suppress(SnapshotError):
         record = schema.decode(Sample, _replaced(doc, path, value), where="m", error=SnapshotError)
