@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs import runtime
@@ -20,7 +24,7 @@ from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE
 from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, VirtioConsoleState
 from splitvmm.errors import StateError
-from splitvmm.protocol import codec, wire
+from splitvmm.protocol import codec, control, wire
 from splitvmm.protocol.models import MODELS, FdKind
 from tests.virtio.support import (
     ACK,
@@ -767,3 +771,87 @@ def test_virtio_console_restart_after_a_driver_reset_loses_none_of_the_new_sessi
         host.close()
     assert taken.endswith(b"world\n"), taken
     assert tx2.take_used() == [(0, 0)]
+
+
+# -- crash restarts anywhere, to a file: every byte once (hypothesis) -------------------------
+class Checkpointed:
+    """The monitor's end of the device's events: the last state it published, with the output
+    count (`emitted`) when it did, as the runtime's progress carries it."""
+
+    def __init__(self, dev: VirtioConsole) -> None:
+        self.dev = dev
+        self.state = dev.save()
+        self.emitted = dev.ctx.out.emitted
+        dev.ctx.events.connect(self.send)
+
+    def send(self, frame: bytes) -> bool:
+        msg = control.decode(frame)
+        if msg["op"] == "publish":
+            doc = {k: msg[k] for k in ("model", "version", "fields")}
+            self.state = codec.state_from_document("virtio-console", VirtioConsoleState, doc)
+            self.emitted = self.dev.ctx.out.emitted
+        return True
+
+
+CONSOLE_STEP = st.one_of(
+    st.tuples(
+        st.just("transmit"), st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=3)
+    ),
+    st.tuples(st.just("line"), st.integers(0, 600)),  # the line takes that many more bytes
+    st.tuples(st.just("kick"), st.just(None)),
+    st.tuples(st.just("crash"), st.just(None)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(steps=st.lists(CONSOLE_STEP, max_size=30))
+@example([("line", 1), ("transmit", [b"a", b"b"]), ("crash", None)])  # a chain half sent
+def test_virtio_console_crash_restarts_anywhere_send_each_byte_once_to_a_file(steps):
+    """What the guest transmits reaches a regular file once and in order, however many times
+    the device dies and at whatever moment: its successor starts from the last checkpoint the
+    monitor read (published at most once each CHECKPOINT_INTERVAL_S, so mostly older than the
+    last completion), takes the transmit queue up at its used ring, and drops what the file's
+    growth says went out already, going by the progress page (the module docstring)."""
+    with tempfile.TemporaryDirectory() as where:
+        out = os.open(Path(where) / "hvc.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        host = Host(out)  # a regular file: the device goes by its progress page
+        try:
+            console_crashes(host, steps)
+        finally:
+            host.close()
+
+
+def console_crashes(host: Host, steps: list[tuple[str, Any]]) -> None:
+    """The steps on the device, crashing where they say; then the file takes the rest."""
+    line = Line(budget=0)  # the file: everything it took, across processes
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    monitor = Checkpointed(dev)
+    sent, descriptors = bytearray(), {}  # head -> descriptors, of each chain in flight
+    for kind, arg in steps:
+        if kind == "transmit" and sum(descriptors.values()) + len(arg) <= tx.size:
+            descriptors[transmit(tx, *arg)] = len(arg)  # a driver reuses none in flight
+            sent += b"".join(arg)
+            Driver(dev).kick(1)
+        elif kind == "line":
+            line.budget = (line.budget or 0) + arg
+            dev.ctx.out.flush()
+            dev.output_room()
+        elif kind == "kick":
+            Driver(dev).kick(1)
+        elif kind == "crash":
+            ctx = host.context(line, restarted=True)
+            ctx.out.emitted = monitor.emitted  # runtime.prepare_resume, from the slot
+            ctx.out.skip = max(0, len(line.taken) - monitor.emitted)  # the file's growth
+            dev = VirtioConsole.restore(ctx, monitor.state)
+            dev.after_restart()
+            monitor = Checkpointed(dev)  # the journal is empty: only kicks came since
+            Driver(dev).kick(1)
+        for head, _ in tx.take_used():
+            del descriptors[head]
+        assert bytes(line.taken) == bytes(sent[: len(line.taken)])  # in order, none twice
+    line.budget = None  # the file takes the rest
+    dev.ctx.out.flush()
+    dev.output_room()
+    Driver(dev).kick(1)
+    assert bytes(line.taken) == bytes(sent)
