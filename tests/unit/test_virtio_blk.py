@@ -11,6 +11,8 @@ from pathlib import Path
 
 import cffi
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from splitvmm.devprocs import virtio_blk
 from splitvmm.devprocs.progress import Progress
@@ -1367,3 +1369,88 @@ def test_virtio_blk_direct_write_completing_with_enospc_stalls_with_the_chains_a
     assert ring.take_used() == [(write[0], 1), (after[0], 4097)]
     assert dev.ram.read(after[1], 4096) == b"\x5a" * 4096
     assert disk.read_bytes()[8 * 512 : 16 * 512] == b"\x5a" * 4096 and len(dev.aio) == 0
+
+
+# -- crash restarts anywhere under I/O (hypothesis) ---------------------------------------------
+BLK_STEP = st.one_of(
+    st.tuples(
+        st.just("write"), st.integers(0, SECTORS - 4), st.integers(1, 4), st.integers(0, 255)
+    ),
+    st.tuples(st.just("read"), st.integers(0, SECTORS - 4), st.integers(1, 4), st.just(0)),
+    st.tuples(
+        st.sampled_from(["flush", "kick", "checkpoint", "crash"]),
+        st.just(0),
+        st.just(0),
+        st.just(0),
+    ),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=st.lists(BLK_STEP, max_size=40))
+def test_virtio_blk_crash_restarts_anywhere_lose_and_repeat_no_request(steps, tmp_path):
+    """Requests made available, kicked or not, with the device dying between any two steps
+    and its successor taking up from the used ring (from whichever checkpoint the monitor
+    last read): every request completes once and OK, each read returns what the writes
+    before it left, and the disk ends as the writes in order make it."""
+    disk = tmp_path / "disk.img"  # one per test, written afresh for each example
+    disk.write_bytes(bytes(range(256)) * 2 * SECTORS)
+    model = bytearray(disk.read_bytes())
+    fds = host_fds("virtio-blk", disk)
+    try:
+        dev = make(fds, serial="disk-0001")
+        driver, ring = started(dev, F_VERSION_1 | F_FLUSH)
+        checkpoint = dev.save()
+        requests: list[tuple[int, tuple[int, bytes] | None]] = []  # status gpa, read's data
+        in_flight: list[tuple[int, int]] = []  # (head, request), oldest first
+        done: list[int] = []
+
+        def completed(used: list[tuple[int, int]]) -> None:
+            """Used entries, in order: each the oldest request in flight (heads are reused)."""
+            for head, _ in used:
+                assert in_flight and in_flight[0][0] == head, f"{head} used out of order"
+                done.append(in_flight.pop(0)[1])
+
+        for kind, sector, count, byte in steps:
+            if kind in ("write", "read", "flush") and len(in_flight) < ring.size // 3:
+                code = {"write": OUT, "read": IN, "flush": FLUSH}[kind]
+                status = ring.buffer(1)[0]
+                parts = [(*ring.buffer(struct.pack("<IIQ", code, 0, sector)), False)]
+                span = slice(sector * 512, (sector + count) * 512)
+                read = None
+                if kind == "write":
+                    data = bytes([byte]) * 512 * count
+                    parts.append((*ring.buffer(data), False))
+                    model[span] = data
+                elif kind == "read":
+                    buf = ring.buffer(512 * count)
+                    parts.append((*buf, True))
+                    read = (buf[0], bytes(model[span]))
+                head = ring.add([*parts, (status, 1, True)])
+                in_flight.append((head, len(requests)))
+                requests.append((status, read))
+            elif kind == "kick":
+                Driver(dev).kick()
+            elif kind == "checkpoint":
+                checkpoint = dev.save()
+            elif kind == "crash":
+                dev = VirtioBlk.restore(prepared("virtio-blk", fds, restarted=True), checkpoint)
+                dev.ctx.waiting = lambda: False
+                dev.clock_ns = SteppingClock(step=1_000)  # type: ignore[method-assign]
+                dev.after_restart()
+                serve_ready(dev)  # the kick after_restart() gave its queue
+            completed(ring.take_used())
+        Driver(dev).kick()
+        completed(ring.take_used())
+
+        assert done == list(range(len(requests))) and not in_flight  # each once, in order
+        for i, (status, read) in enumerate(requests):
+            assert dev.ram.read(status, 1) == b"\x00", f"request {i} did not complete OK"
+            if read is not None:
+                gpa, data = read
+                assert dev.ram.read(gpa, len(data)) == data, f"request {i} read other data"
+        assert disk.read_bytes() == bytes(model)
+    finally:
+        close_fds(fds)
