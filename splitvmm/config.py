@@ -164,7 +164,7 @@ def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> Non
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+            f"{where}: unknown key {shown(unknown[0])} (allowed: {', '.join(sorted(allowed))})"
         )
 
 
@@ -267,12 +267,12 @@ def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -
     model = _get(table, "model", where, str)
     if model not in MODEL_OPTIONS:
         raise ConfigError(
-            f"{where}.model: unknown model {model!r} (known: {', '.join(MODEL_OPTIONS)})"
+            f"{where}.model: unknown model {shown(model)} (known: {', '.join(MODEL_OPTIONS)})"
         )
     on_crash = _get(table, "on_crash", where, str, "stop")
     if on_crash not in ON_CRASH:
         raise ConfigError(
-            f"{where}.on_crash: expected one of {', '.join(ON_CRASH)}, got {on_crash!r}"
+            f"{where}.on_crash: expected one of {', '.join(ON_CRASH)}, got {shown(on_crash)}"
         )
     spec = MODEL_OPTIONS[model]
     _reject_unknown(table, ALWAYS_ALLOWED | set(spec), where)

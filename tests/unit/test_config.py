@@ -311,6 +311,25 @@ def test_config_device_named_like_the_control_socket_is_refused() -> None:
         _cfg(devices='[[device]]\nname = "control"\nmodel = "serial"\n')
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ({"model": "\U000e0001" * 40}, "unknown model"),
+        ({"model": "serial", "on_crash": "\U000e0001" * 40}, "on_crash: expected one of"),
+        ({"model": "serial", "\U000e0001" * 40: 1}, "unknown key"),
+    ],
+    ids=["model", "on_crash", "key"],
+)
+def test_config_long_unprintable_values_stay_a_one_line_error(device, message):
+    """Found by the mutation fuzz's review: these were shown whole, so 40 unprintable
+    characters (10 each in a repr) made a 400-character error."""
+    doc = {"boot": {"firmware": "fw.bin"}, "device": [{"name": "d0", **device}]}
+
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_config(doc, Path("/"), check_files=False)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
+
+
 # -- any mutation of a whole config (hypothesis) ----------------------------------------------
 # Every key a config may have, on every model: what a mutation starts from.
 RICH = {

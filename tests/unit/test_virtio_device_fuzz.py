@@ -13,7 +13,9 @@ the registers the dead process did.
 test_virtio_queue_fuzz.py fuzzes the ring walker alone; this is the whole device around it.
 
 The suite runs FUZZ's examples per model; a longer campaign sets SPLITVMM_FUZZ_EXAMPLES
-(4000 per model pass in ~70 s here).
+(4000 per model pass in ~70 s here). Each virtio-blk example leaves its host-I/O flag page
+mapped (progress.py maps it for the device's life): ~2 mappings an example, so past ~30000
+examples in one process the host's vm.max_map_count (65530) ends the run with ENOMEM.
 """
 
 from __future__ import annotations
