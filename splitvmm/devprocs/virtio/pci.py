@@ -868,27 +868,25 @@ class VirtioPciDevice(RegisterDevice):
         if self.status & Status.NEEDS_RESET:
             return  # no ring is opened: the driver resets the device first
         live = [q for q, queue in enumerate(self.queues) if queue.enabled]
-        rings = {q: self._saved_ring(q) for q in live}  # every queue checked before any opens
-        broken = [q for q in live if self._used_index_in_ram(q) != self.queues[q].used_idx]
-        if broken:
-            q = broken[0]
-            self.needs_reset(f"queue {q}: the used ring's index in guest RAM is "
-                             f"{self._used_index_in_ram(q)}, the device's "
-                             f"{self.queues[q].used_idx}: the driver wrote it")  # fmt: skip
-            return
-        for q in live:
-            self.rings[q] = rings[q]
+        checked = {q: self._saved_ring(q) for q in live}  # every queue before any opens
+        for q, (_, in_ram) in checked.items():
+            if in_ram != self.queues[q].used_idx:
+                self.needs_reset(f"queue {q}: the used ring's index in guest RAM is {in_ram}, "
+                                 f"the device's {self.queues[q].used_idx}: the driver wrote it")  # fmt: skip
+                return
+        for q, (ring, _) in checked.items():
+            self.rings[q] = ring
             self._notify[q].trigger()  # a kick the snapshot missed
 
-    def _saved_ring(self, q: int) -> SplitQueue:
-        """A snapshot's live queue q, or StateError where its state contradicts itself or the
+    def _saved_ring(self, q: int) -> tuple[SplitQueue, int]:
+        """A snapshot's live queue q and its used ring's index in guest RAM, or StateError where its state contradicts itself or the
         guest RAM saved with it (before any vCPU runs: a guest left to meet it at its first
         kick hung, or read an I/O error). A snapshot is taken quiesced: no request is in
         flight, so the device has taken what it completed (last_avail = used_idx); the rings
         were in guest RAM, or the device would have needed a reset (its status says
         NEEDS_RESET then, and none is opened).
 
-        Its used ring's index in guest RAM says so too (_load checks it), unless the guest
+        Its used ring's index in guest RAM says so too (_load compares it), unless the guest
         wrote there: the ring is the device's, but it lies in the guest's RAM, and a hostile
         or broken driver that wrote its index (or put two queues on one ring) must not make
         its VM's snapshot one that cannot be restored. The device then needs a reset and
@@ -898,15 +896,9 @@ class VirtioPciDevice(RegisterDevice):
             raise StateError(f"{where}: last_avail {queue.last_avail} is not used_idx "
                              f"{queue.used_idx}, but a snapshot has no request in flight")  # fmt: skip
         try:
-            ring = self._new_ring(q)
-            self.ram.u16(queue.device + 2)
+            return self._new_ring(q), self.ram.u16(queue.device + 2)
         except (QueueError, GuestRamError) as e:
             raise StateError(f"{where}: {e}") from None
-        return ring
-
-    def _used_index_in_ram(self, q: int) -> int:
-        """Queue q's used idx as guest RAM holds it (_saved_ring checked that it is in RAM)."""
-        return self.ram.u16(self.queues[q].device + 2)
 
     def after_restart(self) -> None:
         """Each queue the dead process left enabled, from where the used ring in guest RAM
