@@ -50,6 +50,7 @@ from tests.virtio.support import (
     SteppingClock,
     close_fds,
     host_fds,
+    iter_caps,
     prepared,
     replaying,
     serve_ready,
@@ -141,12 +142,7 @@ class Scene:
 
     def capability(self, cap_id: int) -> int | None:
         """Where the capability list has `cap_id`, walked from 0x34 as a driver does."""
-        at, seen = self.rd(0x34, 1), 0
-        while at and seen < 48:
-            if self.rd(at, 1) == cap_id:
-                return at
-            at, seen = self.rd(at + 1, 1), seen + 1
-        return None
+        return next((at for at, found in iter_caps(self.rd) if found == cap_id), None)
 
     def alloc(self, size: int) -> int:
         if self.heap + size > RAM:
