@@ -24,7 +24,7 @@ from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE
 from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, VirtioConsoleState
 from splitvmm.errors import StateError
-from splitvmm.protocol import codec, control, wire
+from splitvmm.protocol import codec, wire
 from splitvmm.protocol.models import MODELS, FdKind
 from tests.virtio.support import (
     ACK,
@@ -510,23 +510,37 @@ class Process:
     def __init__(self, ctx: DeviceContext, state: VirtioConsoleState | None = None) -> None:
         assert isinstance(ctx.out.line, Line)
         self.line, self.channel = ctx.out.line, Channel()
-        ctx.events.connect(self.channel.send)
+        self.published: tuple[VirtioConsoleState, int] | None = None
+        ctx.events.connect(lambda frame: self._sent(frame, ctx))
         self.dev = VirtioConsole(ctx) if state is None else VirtioConsole.restore(ctx, state)
         if ctx.restarted:
             self.dev.after_restart()  # runtime.run's, once the (here empty) journal is replayed
 
+    def _sent(self, frame: bytes, ctx: DeviceContext) -> bool:
+        """A checkpoint comes with the output count when it was taken (runtime.Checkpoints
+        gives the publish its progress)."""
+        self.channel.send(frame)
+        if self.channel.frames[-1]["op"] == "publish":
+            self.published = published(self.channel), ctx.out.emitted
+        return True
+
     def checkpoint(self) -> tuple[VirtioConsoleState, int]:
-        """The last checkpoint it published, and its output count (runtime.Checkpoints)."""
-        return published(self.channel), self.dev.ctx.out.emitted
+        """The last checkpoint it published, and its output count then."""
+        assert self.published is not None, "no checkpoint published"
+        return self.published
 
 
 def after_crash(
-    host: Host, checkpoint: tuple[VirtioConsoleState, int], lines: list[Line]
+    host: Host,
+    checkpoint: tuple[VirtioConsoleState, int],
+    lines: list[Line],
+    reopened: Line | None = None,
 ) -> Process:
     """The next process, from `checkpoint` as the monitor hands it over (slot._resume_locked,
-    runtime.prepare_resume): the file grew by what every line so far took."""
+    runtime.prepare_resume): the file grew by what every line so far took. Its own line:
+    `reopened` (the last one, the same file again), or a new one that takes everything."""
     state, emitted = checkpoint
-    ctx = host.context(Line(), restarted=True)
+    ctx = host.context(reopened or Line(), restarted=True)
     ctx.out.emitted = emitted
     ctx.out.skip = max(0, sum(len(line.taken) for line in lines) - emitted)
     return Process(ctx, state)
@@ -774,25 +788,6 @@ def test_virtio_console_restart_after_a_driver_reset_loses_none_of_the_new_sessi
 
 
 # -- crash restarts anywhere, to a file: every byte once (hypothesis) -------------------------
-class Checkpointed:
-    """The monitor's end of the device's events: the last state it published, with the output
-    count (`emitted`) when it did, as the runtime's progress carries it."""
-
-    def __init__(self, dev: VirtioConsole) -> None:
-        self.dev = dev
-        self.state = dev.save()
-        self.emitted = dev.ctx.out.emitted
-        dev.ctx.events.connect(self.send)
-
-    def send(self, frame: bytes) -> bool:
-        msg = control.decode(frame)
-        if msg["op"] == "publish":
-            doc = {k: msg[k] for k in ("model", "version", "fields")}
-            self.state = codec.state_from_document("virtio-console", VirtioConsoleState, doc)
-            self.emitted = self.dev.ctx.out.emitted
-        return True
-
-
 CONSOLE_STEP = st.one_of(
     st.tuples(
         st.just("transmit"), st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=3)
@@ -824,11 +819,12 @@ def test_virtio_console_crash_restarts_anywhere_send_each_byte_once_to_a_file(st
 def console_crashes(host: Host, steps: list[tuple[str, Any]]) -> None:
     """The steps on the device, crashing where they say; then the file takes the rest."""
     line = Line(budget=0)  # the file: everything it took, across processes
-    dev = VirtioConsole(host.context(line))
-    driver, _, tx = started(dev)
-    monitor = Checkpointed(dev)
+    process = Process(host.context(line))
+    _, _, tx = started(process.dev)
+    checkpoint = process.dev.save(), process.dev.ctx.out.emitted  # none published yet
     sent, descriptors = bytearray(), {}  # head -> descriptors, of each chain in flight
     for kind, arg in steps:
+        dev = process.dev
         if kind == "transmit" and sum(descriptors.values()) + len(arg) <= tx.size:
             descriptors[transmit(tx, *arg)] = len(arg)  # a driver reuses none in flight
             sent += b"".join(arg)
@@ -839,19 +835,15 @@ def console_crashes(host: Host, steps: list[tuple[str, Any]]) -> None:
             dev.output_room()
         elif kind == "kick":
             Driver(dev).kick(1)
-        elif kind == "crash":
-            ctx = host.context(line, restarted=True)
-            ctx.out.emitted = monitor.emitted  # runtime.prepare_resume, from the slot
-            ctx.out.skip = max(0, len(line.taken) - monitor.emitted)  # the file's growth
-            dev = VirtioConsole.restore(ctx, monitor.state)
-            dev.after_restart()
-            monitor = Checkpointed(dev)  # the journal is empty: only kicks came since
-            Driver(dev).kick(1)
+        elif kind == "crash":  # the journal is empty: only kicks came since the checkpoint
+            process = after_crash(host, checkpoint, [line], line)
+            Driver(process.dev).kick(1)
+        checkpoint = process.published or checkpoint  # the last one the monitor read
         for head, _ in tx.take_used():
             del descriptors[head]
         assert bytes(line.taken) == bytes(sent[: len(line.taken)])  # in order, none twice
     line.budget = None  # the file takes the rest
-    dev.ctx.out.flush()
-    dev.output_room()
-    Driver(dev).kick(1)
+    process.dev.ctx.out.flush()
+    process.dev.output_room()
+    Driver(process.dev).kick(1)
     assert bytes(line.taken) == bytes(sent)
