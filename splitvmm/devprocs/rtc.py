@@ -17,10 +17,14 @@ registers hold raw bytes: the guest reads back what it wrote, and when updates r
 bytes become the new offset, keeping the sub-second phase after SET (the divider ran on),
 or half a second before the next update when the divider leaves reset (datasheet: "the
 first update cycle begins one-half second later"). Out-of-range fields carry over (31
-February is 3 March; a month outside 1-12 is taken as the nearest one) and years stay within
-0001-9999: a hostile value never raises. Leap years are the Gregorian calendar's, century byte
-included (2100 has no 29 February), as the PC's firmware and Linux read the clock; the bare
-chip, which knows no century, takes every fourth year.
+February is 3 March; a month outside 1-12 is taken as the nearest one): a hostile value never
+raises. The century byte and the year make a four-digit year that counts 9999 -> 0000 as the
+two bytes wrap (a datasheet driver that uses 0x32 as RAM may leave 0x00 or 0x99 there; both run
+on); 10000 years are a whole number of the Gregorian calendar's 400-year cycles (and weeks), so
+the calendar and the day of the week run on across the wrap. Leap years are the Gregorian
+calendar's, century byte included (2100 has no 29 February; 0000 and 2000 have one), as the
+PC's firmware and Linux read the clock; the bare chip, which knows no century, takes every
+fourth year.
 DSE is kept but the 1980s US daylight-saving jumps it asks for are not made (QEMU does not
 either; PC firmware and Linux keep DSE at 0).
 
@@ -62,9 +66,17 @@ UPDATE_CYCLE_NS = 1_984_000  # and stays up for the update cycle (tUC at 32.768 
 HALF_SECOND_NS = NS // 2
 DAY_S = 86400
 EPOCH = date(1970, 1, 1).toordinal()
-FIRST_S = (date(1, 1, 1).toordinal() - EPOCH) * DAY_S  # the clock's range: years 0001-9999
-LAST_S = (date(9999, 12, 31).toordinal() - EPOCH + 1) * DAY_S - 1
-MAX_OFFSET_NS = (LAST_S - FIRST_S) * NS  # any offset that keeps a guest clock in that range
+# The Gregorian calendar repeats every 400 years (146097 days, a whole number of weeks). Dates
+# are worked out with `date` inside the cycle that starts in 2000, then moved by whole cycles:
+# `date` knows no year 0000 and no year after 9999, and the registers show both.
+CYCLE_YEARS, CYCLE_DAYS = 400, 146097
+CYCLE_START = 2000
+CYCLE_START_DAY = date(CYCLE_START, 1, 1).toordinal() - EPOCH
+CALENDAR_YEARS = 10000  # what the century byte and the year show: 0000-9999, then 0000 again
+PERIOD_S = CALENDAR_YEARS // CYCLE_YEARS * CYCLE_DAYS * DAY_S
+# Any offset a set clock can have: the held registers decode to a time within a period of
+# year 0000 (fields out of range carry a little past it), the host's clock is after 1970.
+MAX_OFFSET_NS = PERIOD_S * NS
 MAX_GUEST_NS = (1 << 63) + MAX_OFFSET_NS  # a guest time: CLOCK_REALTIME ns plus an offset
 ALARM_DONT_CARE = 0xC0  # an alarm byte with both top bits set matches any value
 BASES = ("utc", "localtime")
@@ -383,16 +395,19 @@ class Mc146818(RegisterDevice):
         cmos, dec = self._cmos, self._decode
         year = (dec(cmos[Reg.CENTURY]) % 100) * 100 + dec(cmos[Reg.YEAR])
         month = min(max(dec(cmos[Reg.MONTH]), 1), 12)
-        first = date(min(max(year, 1), 9999), month, 1).toordinal() - EPOCH
-        days = first + dec(cmos[Reg.DAY_OF_MONTH]) - 1
+        cycles, year_in_cycle = divmod(year, CYCLE_YEARS)
+        first = date(CYCLE_START + year_in_cycle, month, 1).toordinal() - EPOCH
+        days = first + (cycles - CYCLE_START // CYCLE_YEARS) * CYCLE_DAYS
+        days += dec(cmos[Reg.DAY_OF_MONTH]) - 1
         clock = self._decode_hour(cmos[Reg.HOURS]) * 3600 + dec(cmos[Reg.MINUTES]) * 60
-        return min(max(days * DAY_S + clock + dec(cmos[Reg.SECONDS]), FIRST_S), LAST_S)
+        return days * DAY_S + clock + dec(cmos[Reg.SECONDS])
 
     def _encoded(self, seconds: int) -> dict[int, int]:
         """The time registers for a second of guest time, in the mode register B says."""
-        seconds = min(max(seconds, FIRST_S), LAST_S)
         days, clock = divmod(seconds, DAY_S)
-        day = date.fromordinal(EPOCH + days)
+        cycles, day_in_cycle = divmod(days - CYCLE_START_DAY, CYCLE_DAYS)
+        day = date.fromordinal(EPOCH + CYCLE_START_DAY + day_in_cycle)
+        year = (day.year + cycles * CYCLE_YEARS) % CALENDAR_YEARS
         enc = self._encode
         return {
             Reg.SECONDS: enc(clock % 60),
@@ -401,8 +416,8 @@ class Mc146818(RegisterDevice):
             Reg.DAY_OF_WEEK: enc((_weekday(seconds) + self._weekday_shift) % 7 + 1),
             Reg.DAY_OF_MONTH: enc(day.day),
             Reg.MONTH: enc(day.month),
-            Reg.YEAR: enc(day.year % 100),
-            Reg.CENTURY: enc(day.year // 100),
+            Reg.YEAR: enc(year % 100),
+            Reg.CENTURY: enc(year // 100),
         }
 
     def _binary(self) -> bool:
@@ -546,11 +561,11 @@ class Mc146818(RegisterDevice):
             raise StateError("rtc: register C holds bits other than PF, AF and UF")
         if state.cmos[Reg.VALID] != RTC_VRT:
             raise StateError(f"rtc: register D is {state.cmos[Reg.VALID]:#04x}, not VRT")
+        # Guest times: the host's wall clock plus an offset (they run on past year 9999, where
+        # the registers wrap to 0000).
         if state.aborted_s is not None:
-            _check_int("aborted_s", state.aborted_s, FIRST_S, LAST_S)
+            _check_int("aborted_s", state.aborted_s, -MAX_OFFSET_NS // NS, MAX_GUEST_NS // NS)
         if state.synced_ns is not None:
-            # a guest time: the host's wall clock plus an offset (it runs on past year 9999,
-            # where the registers stop)
             _check_int("synced_ns", state.synced_ns, -MAX_OFFSET_NS, MAX_GUEST_NS)
         return cls(ctx, state, clock)
 

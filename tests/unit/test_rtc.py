@@ -162,6 +162,58 @@ def test_rtc_guest_set_time_runs_from_the_written_value_with_century_rollover():
     assert regs(rtc) == (0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x00, 0x20)  # Saturday
 
 
+def test_rtc_year_0000_reads_back_and_is_a_leap_year():
+    """A driver that cleared CMOS RAM (the century byte 0x32 with it) and set year 00: the
+    clock shows 0000, which `date` cannot hold, and 0000 has a 29 February (a Tuesday, as
+    2000's: 2000 years are whole 400-year cycles, whole weeks)."""
+    rtc, clock, _ = make_rtc()
+    set_time(rtc, {Reg.CENTURY: 0x00, Reg.YEAR: 0x00, Reg.MONTH: 0x02, Reg.DAY_OF_MONTH: 0x28,
+                   Reg.HOURS: 0x23, Reg.MINUTES: 0x59, Reg.SECONDS: 0x59,
+                   Reg.DAY_OF_WEEK: 0x02})  # fmt: skip
+    assert (regs(rtc)[-2:], rtc.save().weekday_shift) == ((0x00, 0x00), 0)  # Monday's its own
+    clock.advance(NS)
+    assert regs(rtc) == (0x00, 0x00, 0x00, 0x03, 0x29, 0x02, 0x00, 0x00)
+
+
+def test_rtc_clock_wraps_from_year_9999_to_0000_and_runs_on():
+    """The century byte and the year wrap as two-digit counters; the clock does not stop."""
+    rtc, clock, _ = make_rtc()
+    set_time(rtc, {Reg.CENTURY: 0x99, Reg.YEAR: 0x99, Reg.MONTH: 0x12, Reg.DAY_OF_MONTH: 0x31,
+                   Reg.HOURS: 0x23, Reg.MINUTES: 0x59, Reg.SECONDS: 0x59,
+                   Reg.DAY_OF_WEEK: 0x06})  # fmt: skip
+    assert rtc.save().weekday_shift == 0  # 9999-12-31 is a Friday
+    clock.advance(NS)
+    assert regs(rtc) == (0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x00, 0x00)  # Saturday
+    clock.advance(5 * NS)
+    assert rd(rtc, Reg.SECONDS) == 0x05
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    year=st.integers(0, 9999),
+    month=st.integers(1, 12),
+    day=st.integers(1, 28),
+    clock_s=st.integers(0, 86399),
+    binary=st.booleans(),
+)
+def test_rtc_any_date_the_guest_sets_reads_back_as_set(year, month, day, clock_s, binary):
+    """Every date of the four-digit years the registers show, in either data mode; the day
+    of the week set as the date's own is the clock's (no shift kept: year 0000's as 2000's,
+    2000 years later)."""
+    control = RegB.H24 | (RegB.DM_BINARY if binary else 0)
+    rtc, _, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, control)
+
+    def enc(value: int) -> int:
+        return value if binary else (value // 10) << 4 | value % 10
+
+    weekday = datetime(year or 2000, month, day).isoweekday() % 7 + 1  # Sunday is 1
+    fields = (clock_s % 60, clock_s // 60 % 60, clock_s // 3600, weekday, day, month)
+    written = (*map(enc, fields), enc(year % 100), enc(year // 100))
+    set_time(rtc, dict(zip(TIME_AND_YEAR, written, strict=True)))
+    assert (regs(rtc), rtc.save().weekday_shift) == (written, 0)
+
+
 def test_rtc_guest_set_time_is_an_offset_from_the_host_clock():
     rtc, _, _ = make_rtc()
     set_time(rtc, {Reg.YEAR: 0x24})  # one year back: 2024-03-14, after 29 February
@@ -707,7 +759,7 @@ def test_rtc_restarted_with_an_event_in_the_gap_pulses_once():
 
 
 def test_rtc_clock_run_past_year_9999_restores_without_flags_the_guest_read():
-    """The guest clock runs on past 9999-12-31 (the registers stop there): its state
+    """The guest clock runs on past 9999-12-31 (the registers wrap to 0000): its state
     restores, and the flags the guest acknowledged stay clear."""
     rtc, clock, _ = make_rtc()
     wr(rtc, Reg.CONTROL, RegB.PIE | RegB.UIE | RegB.H24)
