@@ -336,7 +336,7 @@ class Coordinator:
             for i, state in enumerate(vcpu_states):
                 w.add_json_chunk("vcpu", f"vcpu{i}", vmstate.VcpuState.VERSION, state)
             w.add_json_chunk("vm", "vm", vmstate.VmState.VERSION, vm_state)
-            pci = pcistate.save(m.functions, m.routes)
+            pci = pcistate.save(m.functions, m.routes, m.config_ports)
             w.add_json_chunk("vm", pcistate.CHUNK, pcistate.PciState.VERSION, pci)
             for slot in m.slots:
                 doc = device_states[slot.name][1]

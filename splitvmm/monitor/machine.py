@@ -240,7 +240,8 @@ class Machine:
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
         self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
         self.pci = PciRoot()  # every boot kind: firmware may enumerate PCI too
-        self.pio.insert(layout.PCI_CONFIG_PORT, layout.PCI_CONFIG_WINDOW, ConfigPorts(self.pci))
+        self.config_ports = ConfigPorts(self.pci)  # its latch is saved (monitor/pci/state.py)
+        self.pio.insert(layout.PCI_CONFIG_PORT, layout.PCI_CONFIG_WINDOW, self.config_ports)
         self.mmio.insert(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE, Ecam(self.pci))
         pm = AcpiPm(
             acpi.S5_SLEEP_TYPE, acpi.PM_PORTS.reset_value, lambda why: self.stop(Outcome(0, why))

@@ -379,7 +379,7 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
         vmstate.tell_stopped(fd)  # the guest was stopped since it was saved
     if states.pci is not None:  # None: a snapshot from before the PCI platform (_read_pci)
         try:
-            pcistate.apply(states.pci, machine.functions, machine.routes)
+            pcistate.apply(states.pci, machine.functions, machine.routes, machine.config_ports)
         except (OSError, StateError) as e:
             raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
     # Said, not refused, as QEMU does without `enforce`: a guest that never uses them runs

@@ -1,6 +1,6 @@
 """The monitor's PCI platform in a snapshot (monitor/pci/state.py): moved BARs, decode
-enables and MSI routes saved, and put back into a VM built from the same config; a hostile
-chunk refused naming the field, never applied half."""
+enables, MSI routes, 0xCF8's latch and the host bridge saved, and put back into a VM built
+from the same config; a hostile chunk refused naming the field, never applied half."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.irqroutes import GsiRoutes
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.pci.function import SharedDecode
+from splitvmm.monitor.pci.root import ConfigPorts, PciRoot
 from splitvmm.native.routing import MsiRoute
 from tests.unit.test_irqroutes import RoutingVm
 from tests.unit.test_pci_function import BAR0_BASE, BAR1_BASE, Function
 
 MSI_ADDRESS = 0xFEE0_0000
 MOVED = 0xD000_0000
+VERSION = pcistate.PciState.VERSION
+LATCHED = 0x8000_0004  # enabled, 00:00.0, the command register's dword
 
 
 def platform() -> tuple[Function, GsiRoutes, RoutingVm]:
@@ -26,18 +29,22 @@ def platform() -> tuple[Function, GsiRoutes, RoutingVm]:
     return Function(), routes, vm
 
 
+def ports() -> ConfigPorts:
+    return ConfigPorts(PciRoot())
+
+
 def saved() -> dict[str, object]:
     f, routes, _ = platform()
     f.move_bar(0, MOVED)
     f.config_write(0x04, b"\x04")  # bus master only: memory decode off
     routes.set_msi(25, MSI_ADDRESS, 0x4041)
-    return pcistate.save({"blk0": f.host}, routes)
+    return pcistate.save({"blk0": f.host}, routes, ports())
 
 
 def test_pci_state_round_trip_puts_moved_bar_enables_and_routes_back() -> None:
     data = saved()
     f, routes, vm = platform()
-    pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+    pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
     assert (f.host.bars.base(0), f.host.command, f.host.decoding()) == (MOVED, 0, {})
     assert routes.routes() == {25: MsiRoute(25, MSI_ADDRESS, 0x4041)}
     f.config_write(0x04, b"\x02")  # memory decode on: the BAR decodes where it was moved to
@@ -50,9 +57,9 @@ def test_pci_state_bar_moved_into_a_range_its_sibling_left_decodes_after_restore
     f, routes, _ = platform()
     f.move_bar(1, MOVED)
     f.move_bar(0, BAR1_BASE)
-    data = pcistate.save({"blk0": f.host}, routes)
+    data = pcistate.save({"blk0": f.host}, routes, ports())
     g, routes2, _ = platform()
-    pcistate.apply(pcistate.decode(data, 1), {"blk0": g.host}, routes2)
+    pcistate.apply(pcistate.decode(data, VERSION), {"blk0": g.host}, routes2, ports())
     assert g.host.decoding() == f.host.decoding() == {0: BAR1_BASE, 1: MOVED}
 
 
@@ -66,9 +73,11 @@ def test_pci_state_bar_moved_into_a_range_another_function_left_decodes_after_re
     a, b, routes = two()
     b.move_bar(0, MOVED)
     a.move_bar(0, 0xC001_0000)  # into the range b's BAR 0 left
-    data = pcistate.save({"blk1": a.host, "blk2": b.host}, routes)
+    data = pcistate.save({"blk1": a.host, "blk2": b.host}, routes, ports())
     a2, b2, routes2 = two()
-    pcistate.apply(pcistate.decode(data, 1), {"blk1": a2.host, "blk2": b2.host}, routes2)
+    pcistate.apply(
+        pcistate.decode(data, VERSION), {"blk1": a2.host, "blk2": b2.host}, routes2, ports()
+    )
     assert (a2.host.decoding(), b2.host.decoding()) == (
         {0: 0xC001_0000, 1: BAR1_BASE},
         {0: MOVED, 1: 0xC001_4000},
@@ -81,7 +90,7 @@ def test_pci_state_bar_value_keeps_only_what_the_bar_allows() -> None:
     assert isinstance(functions, list)
     functions[0]["bars"][0] = 0xFFFF_FFFF  # not aligned to its 16 KiB, flag bits set
     f, routes, _ = platform()
-    pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+    pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
     assert f.host.bars.registers()[0] == 0xFFFF_C000
 
 
@@ -97,7 +106,7 @@ def test_pci_state_function_not_in_this_vm_is_refused(field: str, value: object,
     data["functions"][0][field] = value  # type: ignore[index]
     f, routes, _ = platform()
     with pytest.raises(StateError, match=message):
-        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
     assert f.host.bars.base(0) == BAR0_BASE
 
 
@@ -107,7 +116,7 @@ def test_pci_state_without_a_function_of_this_vm_is_refused_naming_it():
     data["functions"] = []
     f, routes, _ = platform()
     with pytest.raises(StateError, match="functions: none saved for blk0"):
-        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
 
 
 def test_pci_state_with_a_function_twice_is_refused():
@@ -117,7 +126,7 @@ def test_pci_state_with_a_function_twice_is_refused():
     data["functions"] = [functions[0], functions[0]]
     f, routes, _ = platform()
     with pytest.raises(StateError, match="a device is saved twice"):
-        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
     assert f.host.bars.base(0) == BAR0_BASE  # nothing applied
 
 
@@ -137,7 +146,7 @@ def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
     data["msi_routes"] = [route]
     f, routes, vm = platform()
     with pytest.raises(StateError, match=message):
-        pcistate.apply(pcistate.decode(data, 1), {"blk0": f.host}, routes)
+        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
     assert vm.tables == []
 
 
@@ -148,15 +157,59 @@ def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
         (lambda d: d["functions"][0].update(command=-1), "command"),
         (lambda d: d.update(extra=1), "extra"),
         (lambda d: d["msi_routes"].append({"gsi": 24}), "msi_routes"),
+        (lambda d: d.update(config_address=1 << 32), "config_address"),
+        (lambda d: d["host_bridge"].update(command=0x10000), "command"),
+        (lambda d: d.pop("host_bridge"), "host_bridge"),
     ],
 )
 def test_pci_state_malformed_chunk_names_the_field(mutate, message: str) -> None:
     data = saved()
     mutate(data)
     with pytest.raises(StateError, match=message):
-        pcistate.decode(data, 1)
+        pcistate.decode(data, VERSION)
 
 
 def test_pci_state_from_a_newer_release_is_refused() -> None:
     with pytest.raises(StateError, match="newer"):
-        pcistate.decode(saved(), 2)
+        pcistate.decode(saved(), VERSION + 1)
+
+
+def test_pci_state_keeps_the_config_address_latch_and_the_host_bridge() -> None:
+    """A vCPU paused between its `out 0xCF8` and its `in 0xCFC`: restored, its read reaches
+    the register it latched (a fresh latch reads all-ones, a device gone), and what the
+    guest wrote to the host bridge reads back."""
+    f, routes, _ = platform()
+    before = ports()
+    before.root.config_write(0, 0, 0, 0x04, b"\x06\x00")  # memory space and bus master
+    before.root.config_write(0, 0, 0, 0x3C, b"\x0b")  # the interrupt line, a scratch byte
+    before.write(0, LATCHED.to_bytes(4, "little"))
+    data = pcistate.save({"blk0": f.host}, routes, before)
+    g, routes2, _ = platform()
+    after = ports()
+    pcistate.apply(pcistate.decode(data, VERSION), {"blk0": g.host}, routes2, after)
+    assert after.address == LATCHED
+    assert after.read(4, 2) == b"\x06\x00"  # 0xCFC: the host bridge's command register
+    assert after.root.config_read(0, 0, 0, 0x3C, 1) == b"\x0b"
+
+
+def test_pci_state_v1_restores_with_nothing_latched_and_the_host_bridge_as_booted() -> None:
+    data = saved()
+    del data["config_address"], data["host_bridge"]
+    state = pcistate.decode(data, 1)
+    assert (state.config_address, state.host_bridge) == (
+        0,
+        pcistate.HostBridgeState(command=0, interrupt_line=0),
+    )
+
+
+def test_pci_state_latch_and_host_bridge_keep_only_what_their_registers_allow() -> None:
+    """The chunk is untrusted: reserved latch bits and read-only host bridge bits are
+    dropped as the guest's own writes would be."""
+    data = saved()
+    data["config_address"] = 0xFFFF_FFFF
+    data["host_bridge"] = {"command": 0xFFFF, "interrupt_line": 0xFF}
+    f, routes, _ = platform()
+    after = ports()
+    pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, after)
+    assert after.address == 0x80FF_FFFC
+    assert after.root.host_bridge.saved() == (0x0147, 0xFF)

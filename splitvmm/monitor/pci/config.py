@@ -85,3 +85,14 @@ class HostBridge:
                 mask = self._writable[offset + i]
                 old = self._regs[offset + i]
                 self._regs[offset + i] = (old & ~mask) | (byte & mask)
+
+    def saved(self) -> tuple[int, int]:
+        """What the guest may have written: (command, interrupt line), for a snapshot."""
+        with self._lock:
+            command = int.from_bytes(self._regs[COMMAND : COMMAND + 2], "little")
+            return command, self._regs[INTERRUPT_LINE]
+
+    def restore(self, command: int, interrupt_line: int) -> None:
+        """Put saved registers back as the guest's writes would (read-only bits stay)."""
+        self.config_write(COMMAND, command.to_bytes(2, "little"))
+        self.config_write(INTERRUPT_LINE, bytes([interrupt_line]))

@@ -39,7 +39,8 @@ class PciRoot:
 
     def __init__(self) -> None:
         self._functions: dict[tuple[int, int], ConfigSpace] = {}
-        self.add(HOST_BRIDGE_DEVICE, 0, HostBridge())
+        self.host_bridge = HostBridge()
+        self.add(HOST_BRIDGE_DEVICE, 0, self.host_bridge)
 
     def add(self, device: int, function: int, space: ConfigSpace) -> None:
         if not (0 <= device < DEVICES and 0 <= function < FUNCTIONS):
@@ -80,14 +81,25 @@ def _in_one_dword(offset: int, size: int) -> bool:
 
 
 class ConfigPorts:
-    """Mechanism #1: the port bus's window at 0xCF8-0xCFF."""
+    """Mechanism #1: the port bus's window at 0xCF8-0xCFF. The address latch is VM state: a
+    vCPU paused between its `out 0xCF8` and its `in 0xCFC` for a snapshot reads, once
+    restored, the register it chose (monitor/pci/state.py)."""
 
     name = "pci-config-ports"
 
     def __init__(self, root: PciRoot) -> None:
-        self._root = root
+        self.root = root
         self._address = 0
         self._lock = threading.Lock()  # latch and use the address as one step, per access
+
+    @property
+    def address(self) -> int:
+        with self._lock:
+            return self._address
+
+    def restore_address(self, value: int) -> None:
+        """Latch a saved address as a dword write to 0xCF8 would (reserved bits dropped)."""
+        self.write(0, (value & 0xFFFF_FFFF).to_bytes(4, "little"))
 
     def read(self, offset: int, size: int) -> bytes:
         if offset == 0 and size == 4:
@@ -95,7 +107,7 @@ class ConfigPorts:
         target = self._target(offset, size)
         if target is None:
             return _absent(size)
-        return self._root.config_read(*target, size)
+        return self.root.config_read(*target, size)
 
     def write(self, offset: int, data: bytes) -> None:
         if offset == 0 and len(data) == 4:
@@ -104,7 +116,7 @@ class ConfigPorts:
             return
         target = self._target(offset, len(data))
         if target is not None:
-            self._root.config_write(*target, data)
+            self.root.config_write(*target, data)
 
     def _target(self, offset: int, size: int) -> tuple[int, int, int, int] | None:
         """(bus, device, function, register offset) of a data-port access, or None when

@@ -2,8 +2,11 @@
 
 A device process saves its own function's state (configuration space, MSI-X table, queues);
 what the monitor owns is saved here: each function's BAR registers and decode enables (a
-guest may have moved a BAR, or turned decode off), and the MSI routes devices asked for (so
-an interrupt a restored device raises before it could ask again still arrives).
+guest may have moved a BAR, or turned decode off), the MSI routes devices asked for (so
+an interrupt a restored device raises before it could ask again still arrives), mechanism
+#1's address latch (a vCPU may be paused between its `out 0xCF8` and its `in 0xCFC`: once
+restored it must reach the register it chose, not read all-ones) and the host bridge's
+writable registers (v2; a v1 chunk restores them as a boot leaves them).
 
 A restore builds the VM from the same config, so the same functions sit at the same device
 numbers with the same GSIs. The chunk is untrusted: each function is matched by name and
@@ -20,7 +23,7 @@ from typing import Annotated, ClassVar
 from splitvmm.errors import StateError
 from splitvmm.monitor.irqroutes import GsiRoutes
 from splitvmm.monitor.pci.function import PciFunctionHost
-from splitvmm.monitor.pci.root import DEVICES
+from splitvmm.monitor.pci.root import DEVICES, ConfigPorts
 from splitvmm.protocol import schema
 from splitvmm.protocol.control import MAX_GSI
 from splitvmm.protocol.schema import U32, U64, Len, MaxLen, Pattern, Range
@@ -46,16 +49,29 @@ class MsiRouteState(Struct, frozen=True, kw_only=True):
     data: Annotated[int, U32]
 
 
+class HostBridgeState(Struct, frozen=True, kw_only=True):
+    command: Annotated[int, Range(0, 0xFFFF)]
+    interrupt_line: Annotated[int, Range(0, 0xFF)]
+
+
 class PciState(Struct, frozen=True, kw_only=True):
-    VERSION: ClassVar[int] = 1
-    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
+    VERSION: ClassVar[int] = 2
+    # v1 had neither the latch nor the host bridge: a boot's values (nothing latched).
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {
+        1: lambda f: {**f, "config_address": 0, "host_bridge": {"command": 0, "interrupt_line": 0}}
+    }
 
     functions: Annotated[tuple[FunctionState, ...], MaxLen(DEVICES)]
     msi_routes: Annotated[tuple[MsiRouteState, ...], MaxLen(MAX_MSI_ROUTES)]
+    config_address: Annotated[int, U32]  # 0xCF8's latch
+    host_bridge: HostBridgeState
 
 
-def save(functions: Mapping[str, PciFunctionHost], routes: GsiRoutes) -> dict[str, object]:
+def save(
+    functions: Mapping[str, PciFunctionHost], routes: GsiRoutes, ports: ConfigPorts
+) -> dict[str, object]:
     """The chunk's JSON fields, from a paused VM."""
+    command, interrupt_line = ports.root.host_bridge.saved()
     state = PciState(
         functions=tuple(
             FunctionState(
@@ -67,6 +83,8 @@ def save(functions: Mapping[str, PciFunctionHost], routes: GsiRoutes) -> dict[st
             MsiRouteState(gsi=r.gsi, address=r.address, data=r.data)
             for r in routes.routes().values()
         ),
+        config_address=ports.address,
+        host_bridge=HostBridgeState(command=command, interrupt_line=interrupt_line),
     )
     encoded: dict[str, object] = schema.encode(state)
     return encoded
@@ -82,10 +100,15 @@ def decode(data: object, version: int) -> PciState:
     return state
 
 
-def apply(state: PciState, functions: Mapping[str, PciFunctionHost], routes: GsiRoutes) -> None:
-    """Put the saved BARs, enables and routes into a VM built from the same config: every
-    function of it, each once (one left out would sit where the boot put it, not where the
-    guest moved it, and its driver would hang)."""
+def apply(
+    state: PciState,
+    functions: Mapping[str, PciFunctionHost],
+    routes: GsiRoutes,
+    ports: ConfigPorts,
+) -> None:
+    """Put the saved BARs, enables, routes, latch and host bridge into a VM built from the
+    same config: every function of it, each once (one left out would sit where the boot put
+    it, not where the guest moved it, and its driver would hang)."""
     for saved in state.functions:
         host = functions.get(saved.name)
         if host is None or host.device != saved.device:
@@ -106,3 +129,5 @@ def apply(state: PciState, functions: Mapping[str, PciFunctionHost], routes: Gsi
         if why:
             raise StateError(f"PciState: msi_routes[gsi {route.gsi}]: {why}")
         routes.set_msi(route.gsi, route.address, route.data)
+    ports.restore_address(state.config_address)
+    ports.root.host_bridge.restore(state.host_bridge.command, state.host_bridge.interrupt_line)
