@@ -4,7 +4,8 @@
 it with exit status 0 and neither its output nor the .dsl mentions an error, a warning or a
 bad checksum; the .dsl recompiles with "0 Errors, 0 Warnings, 0 Remarks"; the recompiled
 table equals ours but for the checksum and creator fields iasl writes itself. Then acpiexec
-loads all of them into one namespace and evaluates the objects Linux will read.
+loads all of them into one namespace and evaluates the objects Linux will read, and runs the
+root bridge's _OSC method with the buffers an OS passes it.
 The RSDP is not an SDT (iasl cannot disassemble it alone): its checks are in tests/unit.
 """
 
@@ -15,10 +16,12 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 
 from splitvmm.monitor import acpi
+from splitvmm.monitor.acpi.dsdt import PCI_OSC_UUID
 from splitvmm.protocol.models import RTC, SERIAL
 
 pytestmark = pytest.mark.skipif(
@@ -95,3 +98,56 @@ def test_acpiexec_loads_namespace_and_evaluates_root_bridge_and_s5(
     assert "[Integer] = 000000000105D041" in out  # EISAID("PNP0501"): the UART's _HID
     assert "Evaluation of \\_SB.PCI0._PRT returned" in out
     assert "[Integer] = 000000000002FFFF" in out  # 00:02.0's _PRT address
+
+
+def _osc(table_files: dict[str, Path], uuid: str, revision: int, dwords: list[int]) -> list[int]:
+    """What \\_SB.PCI0._OSC returns for a capabilities buffer of `dwords`, as acpiexec
+    evaluates it (a buffer argument is written as its bytes in parentheses)."""
+
+    def hex_bytes(data: bytes) -> str:
+        return "(" + " ".join(f"{b:02x}" for b in data) + ")"
+
+    buffer = struct.pack(f"<{len(dwords)}I", *dwords)
+    args = f"{hex_bytes(UUID(uuid).bytes_le)} {revision} {len(dwords)} {hex_bytes(buffer)}"
+    out = _run(["acpiexec", "-b", f"Evaluate \\_SB.PCI0._OSC {args}", "dsdt.dat"],
+               table_files["DSDT"].parent)  # fmt: skip
+    assert [line for line in out.splitlines() if COMPLAINT.search(line)] == []
+    dumped = re.search(r"\[Buffer\] Length [0-9A-F]+ =\s+0000: ((?:[0-9A-F]{2} )+)", out)
+    assert dumped is not None, out
+    returned = bytes.fromhex(dumped.group(1))
+    return list(struct.unpack(f"<{len(returned) // 4}I", returned))
+
+
+@pytest.mark.parametrize(
+    ("revision", "dwords", "expected"),
+    [
+        # Linux's request: support, then the controls it wants (no LTR): all granted
+        (1, [0, 0x1F, 0x1D], [0, 0x1F, 0x1D]),
+        # a query (dword 1 bit 0) for everything: the later bits masked, and said so (bit 4)
+        (1, [1, 0x1F, 0xFF], [0x11, 0x1F, 0x1F]),
+        (2, [0, 0x1F, 0x1D], [0x08, 0x1F, 0x1D]),  # a revision it does not know: bit 3
+        (1, [0, 0x1F], [0x02, 0x1F]),  # no control dword: _OSC failure (bit 1), nothing read
+    ],
+    ids=["linux", "query-masked", "unknown-revision", "short-buffer"],
+)
+def test_acpiexec_root_bridge_osc_grants_what_the_pci_firmware_spec_says(
+    table_files: dict[str, Path], revision: int, dwords: list[int], expected: list[int]
+) -> None:
+    assert _osc(table_files, PCI_OSC_UUID, revision, dwords) == expected
+
+
+def test_acpiexec_root_bridge_osc_flags_an_unknown_uuid(table_files: dict[str, Path]) -> None:
+    other = "0811b06e-4a27-44f9-8d60-3cbbc22e7b48"  # the platform-wide _OSC's, not PCI's
+    assert _osc(table_files, other, 1, [0, 0, 0]) == [0x04, 0, 0]
+
+
+def test_acpiexec_finds_a_processor_device_for_each_madt_lapic(
+    table_files: dict[str, Path],
+) -> None:
+    """ACPI 6.5 5.2.12.2: each MADT processor UID (vCPU i has i) names a processor device."""
+    script = "; ".join(f"Evaluate \\_SB.C00{i}._HID; Evaluate \\_SB.C00{i}._UID" for i in (0, 1))
+    out = _run(["acpiexec", "-b", script, "dsdt.dat"], table_files["DSDT"].parent)
+    assert [line for line in out.splitlines() if COMPLAINT.search(line)] == []
+    assert out.count('[String] Length 08 = "ACPI0007"') == 2
+    assert "[Integer] = 0000000000000001" in out
+    assert "AE_NOT_FOUND" not in out

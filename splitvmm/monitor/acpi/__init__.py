@@ -60,7 +60,7 @@ def build(
         blob.extend(table.ljust(_align(len(table)), b"\x00"))
         return gpa
 
-    dsdt_gpa = place(dsdt(windows, pci_intx))
+    dsdt_gpa = place(dsdt(nvcpus, windows, pci_intx))
     rtc = any(w.acpi_hid == RTC_HID for w in windows)
     legacy = any(w.acpi_hid not in (None, RTC_HID) for w in windows)  # the clock is no user's
     fadt_gpa = place(tables.fadt(dsdt_gpa, PM_PORTS, rtc, legacy))

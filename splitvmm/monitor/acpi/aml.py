@@ -1,4 +1,5 @@
-"""A small AML encoder: the named objects and resource descriptors our DSDT needs, no methods.
+"""A small AML encoder: the named objects, resource descriptors and the few method terms our
+DSDT needs (the root bridge's _OSC).
 
 Each function returns the bytes of one term, encoded as ACPI 6.5 chapter 20 ("ACPI Machine
 Language Specification") and 6.4 ("Resource Data Types for ACPI") say; unit tests pin them
@@ -8,6 +9,7 @@ against what iasl compiles from the equivalent ASL.
 from __future__ import annotations
 
 import struct
+import uuid as uuid_module
 
 # 20.2.5 opcodes and prefixes
 ZERO_OP, ONE_OP, ONES_OP = 0x00, 0x01, 0xFF
@@ -16,6 +18,12 @@ NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
 EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82
 ROOT_CHAR, DUAL_NAME_PREFIX, MULTI_NAME_PREFIX = ord("\\"), 0x2E, 0x2F
 ONES = (1 << 64) - 1
+# 20.2.5.2-4: methods and the terms inside them
+METHOD_OP, RETURN_OP, IF_OP, ELSE_OP = 0x14, 0xA4, 0xA0, 0xA1
+STORE_OP, AND_OP, OR_OP, CREATE_DWORD_FIELD_OP = 0x70, 0x7B, 0x7D, 0x8A
+LNOT_OP, LEQUAL_OP, LLESS_OP = 0x92, 0x93, 0x95
+LOCAL0_OP, ARG0_OP = 0x60, 0x68
+MAX_METHOD_ARGS = 7
 
 # 6.4 resource descriptors: small items (tag byte = type << 3 | length) and large items.
 SMALL_IRQ_NO_FLAGS = 0x22  # IRQ descriptor, 2 bytes: the mask alone (edge, active high)
@@ -114,6 +122,77 @@ def buffer(data: bytes) -> bytes:
 def package(*elements: bytes) -> bytes:
     body = bytes([len(elements)]) + b"".join(elements)
     return bytes([PACKAGE_OP]) + pkg_length(len(body)) + body
+
+
+def uuid(text: str) -> bytes:
+    """ToUUID ("..."): a 16-byte Buffer, the first three fields little-endian (19.6.142)."""
+    return buffer(uuid_module.UUID(text).bytes_le)
+
+
+# -- methods (20.2.5.2) -----------------------------------------------------------------------
+
+
+def method(path: str, args: int, *terms: bytes) -> bytes:
+    """Method (path, args, NotSerialized): flags are the argument count, sync level 0."""
+    if not 0 <= args <= MAX_METHOD_ARGS:
+        raise ValueError(f"an AML method takes 0 to {MAX_METHOD_ARGS} arguments, not {args}")
+    body = name_string(path) + bytes([args]) + b"".join(terms)
+    return bytes([METHOD_OP]) + pkg_length(len(body)) + body
+
+
+def arg(n: int) -> bytes:
+    return bytes([ARG0_OP + n])
+
+
+def local(n: int) -> bytes:
+    return bytes([LOCAL0_OP + n])
+
+
+def ref(path: str) -> bytes:
+    """A named object used as an operand or a target."""
+    return name_string(path)
+
+
+def if_(predicate: bytes, *terms: bytes) -> bytes:
+    body = predicate + b"".join(terms)
+    return bytes([IF_OP]) + pkg_length(len(body)) + body
+
+
+def else_(*terms: bytes) -> bytes:
+    body = b"".join(terms)
+    return bytes([ELSE_OP]) + pkg_length(len(body)) + body
+
+
+def create_dword_field(source: bytes, byte_index: int, path: str) -> bytes:
+    return bytes([CREATE_DWORD_FIELD_OP]) + source + integer(byte_index) + name_string(path)
+
+
+def store(source: bytes, target: bytes) -> bytes:
+    return bytes([STORE_OP]) + source + target
+
+
+def and_(a: bytes, b: bytes, target: bytes) -> bytes:
+    return bytes([AND_OP]) + a + b + target
+
+
+def or_(a: bytes, b: bytes, target: bytes) -> bytes:
+    return bytes([OR_OP]) + a + b + target
+
+
+def lequal(a: bytes, b: bytes) -> bytes:
+    return bytes([LEQUAL_OP]) + a + b
+
+
+def lless(a: bytes, b: bytes) -> bytes:
+    return bytes([LLESS_OP]) + a + b
+
+
+def lnot(a: bytes) -> bytes:
+    return bytes([LNOT_OP]) + a
+
+
+def return_(value: bytes) -> bytes:
+    return bytes([RETURN_OP]) + value
 
 
 # -- resource descriptors (6.4) ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The DSDT: the PCI root bridge, the legacy devices the config has, and the S5 sleep state.
+"""The DSDT: a processor device per vCPU, the PCI root bridge, the legacy devices the config
+has, and the S5 sleep state.
 
 The root bridge's _CRS hands out what layout.py gives PCI: bus 0 (what ECAM covers), all
 of port space but the config ports, and the BAR window of the PCI hole. Its _PRT says which
@@ -26,6 +27,17 @@ S5_SLEEP_TYPE = 5
 PRT_ALL_FUNCTIONS = 0xFFFF  # a _PRT address: device << 16, any function
 PRT_PIN_INTA = 0
 PRT_GSI_SOURCE = 0  # no link device: the source index is the GSI itself
+PROCESSOR_HID = "ACPI0007"  # a processor device (ACPI 6.5 8.4): _UID = its MADT processor UID
+
+# _OSC of a PCI host bridge (PCI Firmware 3.3 4.5): the UUID, and what its buffer's dwords say.
+PCI_OSC_UUID = "33db4d5b-1ff7-401c-9657-7441c03dd766"
+PCI_OSC_REVISION = 1
+OSC_DWORDS = 3  # status, support, control
+OSC_FAILURE, OSC_BAD_UUID, OSC_BAD_REVISION, OSC_MASKED = 0x02, 0x04, 0x08, 0x10  # in dword 1
+# Control (dword 3) the OS may take: native PCIe hot plug, SHPC hot plug, PME, AER and the PCIe
+# capability structure (4.5.1 table 4-5), as QEMU's q35 grants. Firmware here does none of
+# them, so the OS loses nothing by owning them; the later bits (LTR, DPC, ...) are masked.
+OSC_GRANTED = 0x1F
 
 
 def prt_entry(device: int, gsi: int) -> bytes:
@@ -59,7 +71,59 @@ def pci_root_bridge(intx: Sequence[tuple[int, int]] = ()) -> bytes:
         aml.name("_UID", aml.integer(0)),
         aml.name("_CRS", crs),
         *routing,
+        pci_osc(),
     )
+
+
+def pci_osc() -> bytes:
+    """_OSC (UUID, revision, count, buffer): a host bridge that originates a PCI Express
+    hierarchy must have one (PCI Firmware 3.3 4.5.1; ACPI 6.5 6.2.11.3); without it Linux
+    logs the failure and turns ASPM off, and Windows takes no native control. It grants what
+    the OS asks for within OSC_GRANTED, says so (dword 1 bit 4) when it masked a request, and
+    flags an unknown UUID or revision, or a buffer too short for the control dword."""
+    cdw1, cdw3 = aml.ref("CDW1"), aml.ref("CDW3")
+    granted = aml.local(0)
+    return aml.method(
+        "_OSC",
+        4,
+        aml.create_dword_field(aml.arg(3), 0, "CDW1"),
+        aml.if_(
+            aml.lequal(aml.arg(0), aml.uuid(PCI_OSC_UUID)),
+            aml.if_(
+                aml.lnot(aml.lequal(aml.arg(1), aml.integer(PCI_OSC_REVISION))),
+                aml.or_(cdw1, aml.integer(OSC_BAD_REVISION), cdw1),
+            ),
+            aml.if_(
+                aml.lless(aml.arg(2), aml.integer(OSC_DWORDS)),
+                aml.or_(cdw1, aml.integer(OSC_FAILURE), cdw1),
+                aml.return_(aml.arg(3)),
+            ),
+            aml.create_dword_field(aml.arg(3), 8, "CDW3"),
+            aml.store(cdw3, granted),
+            aml.and_(granted, aml.integer(OSC_GRANTED), granted),
+            aml.if_(
+                aml.lnot(aml.lequal(cdw3, granted)),
+                aml.or_(cdw1, aml.integer(OSC_MASKED), cdw1),
+            ),
+            aml.store(granted, cdw3),
+        ),
+        aml.else_(aml.or_(cdw1, aml.integer(OSC_BAD_UUID), cdw1)),
+        aml.return_(aml.arg(3)),
+    )
+
+
+def processors(nvcpus: int) -> list[bytes]:
+    """A processor device per vCPU (ACPI 6.5 5.2.12.2: each Local APIC entry of the MADT has
+    a processor object in the namespace, matched by its UID; 8.4): what an OS binds its
+    per-CPU drivers to (Linux's acpi_processor). The MADT gives vCPU i UID i."""
+    return [
+        aml.device(
+            f"C{i:03X}",
+            aml.name("_HID", aml.string(PROCESSOR_HID)),
+            aml.name("_UID", aml.integer(i)),
+        )
+        for i in range(nvcpus)
+    ]
 
 
 def legacy_device(index: int, window: PortWindow) -> bytes:
@@ -93,12 +157,15 @@ def motherboard_resources() -> bytes:
     )
 
 
-def dsdt(windows: Sequence[PortWindow], pci_intx: Sequence[tuple[int, int]] = ()) -> bytes:
+def dsdt(
+    nvcpus: int, windows: Sequence[PortWindow], pci_intx: Sequence[tuple[int, int]] = ()
+) -> bytes:
     """`windows`: the configured devices' port windows that have an ACPI id; `pci_intx`:
     (PCI device, GSI) of each PCI device's INTA#."""
     devices = [legacy_device(i, w) for i, w in enumerate(windows)]
     board = motherboard_resources()
-    body = aml.scope("_SB", pci_root_bridge(pci_intx), board, *devices) + aml.name(
+    namespace = (*processors(nvcpus), pci_root_bridge(pci_intx), board, *devices)
+    body = aml.scope("_SB", *namespace) + aml.name(
         "_S5", aml.package(aml.integer(S5_SLEEP_TYPE), aml.integer(0))
     )
     return sdt(b"DSDT", DSDT_REVISION, body)
