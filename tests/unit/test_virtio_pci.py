@@ -143,6 +143,29 @@ def test_virtio_pci_cfg_access_cap_writes_bar0_through_config_space(driver):
     assert driver.status() == ACK
 
 
+@pytest.mark.parametrize("width", [1, 2], ids=["four-bytes", "two-halves"])
+def test_virtio_pci_cfg_access_cap_writes_a_dword_in_parts(driver, width):
+    """pci_cfg_data is read-write (4.1.4.9): a driver that writes a 32-bit register through
+    it a part at a time ends with the whole value there, not the last part padded with
+    zeros (nor the first part alone)."""
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 8, 0x20, 4)  # queue_desc, low dword
+    driver.wr(at + 12, 4, 4)
+    value = 0x1234_5678
+    for part in range(0, 4, width):
+        driver.wr(at + 16 + part, value >> (8 * part) & ((1 << (8 * width)) - 1), width)
+    assert driver.common(0x20, 4) == value
+
+
+def test_virtio_pci_cfg_access_cap_write_past_its_length_writes_nothing(driver):
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 8, 0x14, 4)  # device_status, one byte
+    driver.wr(at + 12, 1, 4)
+    driver.wr(at + 16, ACK, 1)
+    driver.wr(at + 18, 0, 1)  # not in the first cap.length bytes: no write of status 0
+    assert driver.status() == ACK
+
+
 def test_virtio_pci_cfg_access_cap_past_the_bar_reads_zero(driver):
     at = pci_cfg_cap(driver)
     driver.wr(at + 4, 3, 1)  # no BAR 3

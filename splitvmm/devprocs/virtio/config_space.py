@@ -105,6 +105,24 @@ class CfgAccess(Struct):
         return region.start + self.offset
 
 
+def _cfg_data_write(dev: VirtioPciDevice, target: int, start: int, data: bytes) -> None:
+    """A write to pci_cfg_data (byte `start` of it on): the device writes the first
+    cap.length bytes of pci_cfg_data at the target (4.1.4.9.1). pci_cfg_data is read-write,
+    so a write of part of it keeps the rest: here the rest is the target as it reads now,
+    which is what pci_cfg_data holds after the driver's read of it (a read loads it), and
+    a 32-bit register written as two halves or four bytes ends up whole. A write past the
+    first cap.length bytes changes none of them and writes nothing."""
+    length = dev.cfg_access.length
+    if start >= length:
+        return
+    if start == 0 and len(data) >= length:
+        dev.write(target, data[:length])
+        return
+    value = bytearray((dev._read(target, length) or b"").ljust(length, b"\0"))
+    value[start : start + len(data)] = data
+    dev.write(target, bytes(value[:length]))
+
+
 def _cfg_data_read(dev: VirtioPciDevice) -> bytes:
     at = dev.cfg_access.target(dev)
     value = None if at is None else dev._read(at, dev.cfg_access.length)
@@ -151,8 +169,8 @@ def write(dev: VirtioPciDevice, offset: int, data: bytes) -> bool:
         return False
     if PCI_CFG_DATA <= offset < PCI_CFG_DATA + 4:
         target = dev.cfg_access.target(dev)
-        if target is not None and offset == PCI_CFG_DATA:
-            dev.write(target, data.ljust(4, b"\0")[: dev.cfg_access.length])
+        if target is not None:
+            _cfg_data_write(dev, target, offset - PCI_CFG_DATA, data)
         return target is not None
     control = msix_cap_offset(dev) + 2
     for at, byte in enumerate(data, offset):
