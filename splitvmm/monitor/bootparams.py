@@ -131,6 +131,12 @@ def _fill_bzimage_header(bp: ZeroPage, raw: bytes) -> None:
     # every loader with protocol >= 2.01 to declare a heap; QEMU and GRUB do the same.
     hdr.loadflags |= zero_page.CAN_USE_HEAP
     hdr.heap_end_ptr = HEAP_END_PTR
+    # The loader's fields, whatever the file holds there: no setup_data chain (a value from
+    # the file would send the kernel walking one at a guest address of the file's choosing;
+    # "write (special)"), and the default PC subarchitecture ("write (optional)").
+    hdr.setup_data = 0
+    hdr.hardware_subarch = 0
+    hdr.hardware_subarch_data = 0
     # cmdline_size stays the kernel's own limit: the field is read-only for loaders.
 
 

@@ -20,7 +20,7 @@ from typing import BinaryIO, Protocol
 from splitvmm.errors import BootError
 from splitvmm.hostpath import HostFileError, open_host_file
 from splitvmm.monitor import bootparams, layout
-from splitvmm.native.bootparams import XLF_KERNEL_64
+from splitvmm.native.bootparams import LOADED_HIGH, XLF_KERNEL_64
 from splitvmm.record import Struct, replace
 
 
@@ -224,6 +224,8 @@ def _elf_segments(path: Path, f: BinaryIO, size: int, ram_size: int) -> tuple[in
     """e_entry and the PT_LOAD segments, each one checked."""
     entry, phoff, phnum = _elf_header(path, f, size)
     table = _pread(f, phoff, phnum * ELF64_PHDR.size)
+    if len(table) != phnum * ELF64_PHDR.size:
+        raise BootError(f"{path}: file shrank while it was being loaded")
     segments: list[_Segment] = []
     for i in range(phnum):
         p_type, _, *fields, _ = ELF64_PHDR.unpack_from(table, i * ELF64_PHDR.size)
@@ -301,6 +303,11 @@ def _bz_header(path: Path, data: bytes) -> tuple[bytes, bootparams.SetupHeader]:
         )
     if not hdr.xloadflags & XLF_KERNEL_64:
         raise BootError(f"{path}: bzImage has no 64-bit entry point (XLF_KERNEL_64 is not set)")
+    if not hdr.loadflags & LOADED_HIGH:
+        raise BootError(
+            f"{path}: bzImage loadflags has LOADED_HIGH clear: its protected-mode code is "
+            "meant for 0x10000 (a zImage), and splitvmm loads it at 1 MiB"
+        )
     return raw, hdr
 
 
@@ -327,9 +334,29 @@ def _load_bzimage(mem: GuestRam, path: Path, f: BinaryIO, size: int) -> LoadedKe
         raise BootError(f"{path}: file shrank while it was being loaded")
     raw, hdr = _bz_header(path, head)
     setup_size = ((hdr.setup_sects or 4) + 1) * SECTOR  # boot.rst: setup_sects 0 means 4
-    kernel_size = max(size - setup_size, 0)
-    if kernel_size == 0 or hdr.syssize * 16 > kernel_size:
-        raise BootError(f"{path}: truncated bzImage ({kernel_size} bytes after the setup code)")
+    if setup_size >= size:
+        raise BootError(
+            f"{path}: bzImage setup_sects {hdr.setup_sects} puts its protected-mode code at "
+            f"{setup_size:#x}, at or past the end of the {size:#x}-byte file"
+        )
+    kernel_size = size - setup_size
+    if hdr.syssize * 16 > kernel_size:
+        raise BootError(
+            f"{path}: truncated bzImage: syssize says {hdr.syssize * 16:#x} bytes of "
+            f"protected-mode code, the file has {kernel_size:#x} after the setup code"
+        )
+    if kernel_size <= ENTRY_64_OFFSET:
+        raise BootError(
+            f"{path}: bzImage's 64-bit entry point (+{ENTRY_64_OFFSET:#x}) lies past its "
+            f"{kernel_size:#x} bytes of protected-mode code"
+        )
+    # The decompressor copies the compressed kernel to the end of its init_size buffer
+    # (head_64.S): a smaller one is no kernel's, and the guest would crash where it ran.
+    if hdr.init_size < hdr.syssize * 16:
+        raise BootError(
+            f"{path}: bzImage init_size {hdr.init_size:#x} is smaller than its own "
+            f"{hdr.syssize * 16:#x} bytes of protected-mode code"
+        )
     load = layout.HIMEM_START
     run = _bz_run_address(path, hdr, load)
     end = max(load + kernel_size, run + max(hdr.init_size, kernel_size))

@@ -16,6 +16,7 @@ SETUP_HEADER_SIZE: int = ffi.sizeof("struct setup_header")
 SETUP_HEADER_OFFSET = ffi.offsetof("struct boot_params", "hdr")
 E820_MAX_ENTRIES_ZEROPAGE: int = lib.E820_MAX_ENTRIES_ZEROPAGE
 CAN_USE_HEAP: int = lib.CAN_USE_HEAP  # setup_header.loadflags
+LOADED_HIGH: int = lib.LOADED_HIGH  # setup_header.loadflags: protected mode at 1 MiB
 XLF_KERNEL_64: int = lib.XLF_KERNEL_64  # setup_header.xloadflags
 
 

@@ -64,6 +64,9 @@ BZ_FIELDS = {
     "relocatable_kernel": (0x234, "<B"),
     "xloadflags": (0x236, "<H"),
     "cmdline_size": (0x238, "<I"),
+    "hardware_subarch": (0x23C, "<I"),
+    "hardware_subarch_data": (0x240, "<Q"),
+    "setup_data": (0x250, "<Q"),
     "pref_address": (0x258, "<Q"),
     "init_size": (0x260, "<I"),
 }

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from splitvmm.errors import BootError
+from splitvmm.monitor import loader
 from splitvmm.monitor.layout import CMDLINE, HIMEM_START, ZERO_PAGE
 from splitvmm.monitor.loader import (
     LoadedKernel,
@@ -207,8 +208,28 @@ def test_load_kernel_bzimage_setup_sects_zero_means_four(tmp_path: Path) -> None
         (make_bzimage(jump=0xEB), r"header ends at 0x202 \(the jump at 0x200\), before its ver"),
         # before 2.12 nothing says whether the entry is 64-bit
         (make_bzimage(version=0x020B), r"protocol 2\.11 predates xloadflags \(2\.12"),
+        (make_bzimage(loadflags=0), "loadflags has LOADED_HIGH clear"),
+        (
+            make_bzimage(payload=b""),
+            r"setup_sects 4 puts its protected-mode code at 0xa00, at "
+            r"or past the end of the 0xa00-byte file",
+        ),  # fmt: skip
+        # the 64-bit entry, +0x200, would run zeroed RAM past what was loaded
+        (make_bzimage(payload=b"\x90" * 0x200), r"64-bit entry point \(\+0x200\) lies past"),
+        (make_bzimage(init_size=0), r"init_size 0x0 is smaller than its own 0x1000 bytes"),
     ],
-    ids=["old-protocol", "boot-flag", "truncated-header", "short-header", "no-version", "2.11"],
+    ids=[
+        "old-protocol",
+        "boot-flag",
+        "truncated-header",
+        "short-header",
+        "no-version",
+        "2.11",
+        "zimage",
+        "no-payload",
+        "entry-past-payload",
+        "init-size",
+    ],  # fmt: skip
 )
 def test_load_kernel_bad_bzimage_header_is_refused(tmp_path: Path, image: bytes, match: str):
     path = write(tmp_path, "bad", image)
@@ -345,6 +366,33 @@ def test_load_linux_bzimage_writes_zero_page_with_initrd_and_cmdline(tmp_path: P
     assert struct.unpack_from("<II", zero_page, 0x218) == (loaded.initrd_gpa, 4096)
     assert zero_page[0x210] == 0xFF  # type_of_loader
     assert struct.unpack_from("<I", zero_page, 0x238)[0] == 2047  # kernel's cmdline_size kept
+
+
+def test_load_linux_bzimage_zero_page_takes_no_loader_field_from_the_file(tmp_path: Path):
+    """setup_data ("write (special)") and hardware_subarch ("write (optional)") are the
+    loader's: a file's values would send the kernel down a setup_data chain at an address
+    the file chose, or boot it as another subarchitecture."""
+    mem = FakeGuestMemory(64 * MIB)
+    image = make_bzimage(setup_data=0x200000, hardware_subarch=3, hardware_subarch_data=0x1000)
+    load_linux(mem, write(tmp_path, "bzImage", image), None, "")
+    zero_page = mem.read(ZERO_PAGE, 4096)
+    assert struct.unpack_from("<IQ", zero_page, 0x23C) == (0, 0)
+    assert struct.unpack_from("<Q", zero_page, 0x250)[0] == 0
+
+
+def test_load_kernel_elf_shrinking_under_its_program_headers_is_a_boot_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is read a piece at a time: one truncated meanwhile is named, no traceback."""
+    path = write(tmp_path, "vmlinux", make_elf([Seg(0x200000, CODE)], 0x200000))
+    real = loader._pread
+
+    def short(f, offset: int, size: int) -> bytes:
+        return real(f, offset, size)[: size // 2] if offset else real(f, offset, size)
+
+    monkeypatch.setattr(loader, "_pread", short)
+    with pytest.raises(BootError, match="vmlinux: file shrank while it was being loaded"):
+        load_kernel(FakeGuestMemory(64 * MIB), path)
 
 
 # --- firmware ----------------------------------------------------------------------------
