@@ -188,11 +188,12 @@ class Snapshot:
         self, entry: ChunkEntry, progress: ram.Progress | None, done: int, total: int
     ) -> None:
         with self._open_chunk(entry) as f:
-            hexdigest, size = _hash_file(f, entry.digest.alg, progress, (done, total))
+            # The structure first: a walk of the extents' headers, reading no data, refuses
+            # a chunk whose layout is wrong before hours of hashing a sparse file's zeros.
+            ram.check_ram(f.fileno(), entry.size, self.manifest.memory.size, entry.label)
+            hexdigest, size = _hash_file(f, entry.digest.alg, progress, (done, total), entry.size)
             _check_size(entry, size)
             _check_digest(entry, hexdigest)
-            f.seek(0)
-            ram.check_ram(f.fileno(), entry.size, self.manifest.memory.size, entry.label)
 
     def load_ram(self, mem: ram.RamLike, progress: ram.Progress | None = None) -> None:
         """Load guest RAM into `mem` (a fresh or stopped VM's). On error, do not run the VM:
@@ -235,14 +236,17 @@ def _hash_file(
     algorithm: digest.Algorithm,
     progress: ram.Progress | None,
     done_total: tuple[int, int],
+    expected: int,
 ) -> tuple[str, int]:
-    """(checksum, size) of the file's contents: one buffer is hashed on the helper thread
-    while the other is read into (digest.Overlapped waits for a piece before the next)."""
+    """(checksum, size) of the file's contents, up to one byte past the `expected` size (a
+    file that grows meanwhile is found too long, not read for ever): one buffer is hashed on
+    the helper thread while the other is read into (digest.Overlapped waits for a piece
+    before the next)."""
     done, total = done_total
     buffers = (memoryview(bytearray(HASH_PIECE)), memoryview(bytearray(HASH_PIECE)))
     size, which = 0, 0
     with digest.Overlapped(algorithm) as checksum:
-        while n := f.readinto(buffers[which]):
+        while n := f.readinto(buffers[which][: min(HASH_PIECE, expected + 1 - size)]):
             checksum.update(buffers[which][:n])
             size, which = size + n, 1 - which
             if progress:

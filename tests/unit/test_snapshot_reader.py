@@ -28,6 +28,7 @@ from tests.unit.snapshot_support import (
 )
 
 NAMES = list(CHUNK_FILES)
+RAM_DATA = 32 + 16  # a RAM chunk's header, then its first extent's (offset, length)
 
 
 @pytest.fixture
@@ -55,7 +56,9 @@ def test_reader_intact_snapshot_verifies(snap):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reader_flipped_byte_fails_checksum(snap, name):
-    flip_byte(snap / CHUNK_FILES[name], 5)
+    # RAM's first extent's data starts after its 32-byte header and 16-byte record: a byte
+    # there leaves the structure sound, so the checksum is what finds it
+    flip_byte(snap / CHUNK_FILES[name], RAM_DATA + 5 if name == "ram" else 5)
 
     with pytest.raises(SnapshotError, match=f"{_label(name)}: checksum mismatch"):
         Snapshot.open(snap).verify()
@@ -333,6 +336,31 @@ def test_reader_ram_extent_beyond_memory_refused_by_verify(snap):
 
     with pytest.raises(SnapshotError, match=f"{_label('ram')}: extent {MEM_SIZE:#x}\\+0x1000 lies"):
         Snapshot.open(snap).verify()
+
+
+def test_reader_verify_walks_ram_structure_before_hashing_its_data(snap, monkeypatch):
+    """A RAM chunk whose layout is wrong is refused by the walk of its extents' headers,
+    before its data is hashed: a sparse file claiming terabytes would take hours of hashing
+    zeros to find a checksum mismatch."""
+    _write_ram(snap, [(MEM_SIZE, PAGE)], PAGE)
+    flip_byte(snap / "ram.bin", RAM_DATA + 5)  # in the data: the checksum disagrees too
+
+    def no_hashing(*args: object) -> None:
+        raise AssertionError("RAM data hashed before its structure was checked")
+
+    monkeypatch.setattr(reader, "_hash_file", no_hashing)
+    with pytest.raises(SnapshotError, match=f"{_label('ram')}: extent {MEM_SIZE:#x}\\+0x1000 lies"):
+        Snapshot.open(snap).verify()
+
+
+def test_reader_verify_reads_no_further_than_one_byte_past_the_manifest_size(snap):
+    """A chunk that grows while it is hashed is found too long after one byte more, not
+    read to its new end."""
+    path = snap / "ram.bin"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        hexdigest, read = reader._hash_file(f, "blake3", None, (0, size), size - 10)
+    assert read == size - 9
 
 
 def test_reader_ram_extent_beyond_memory_refused_by_load(snap, fresh):
