@@ -102,7 +102,9 @@ def firmware_booted(snap: Snapshot) -> bool:
 
 
 def _split_key(key: str) -> tuple[str, str]:
-    name, _, option = key.partition(".")
+    """(device or "boot", option): split at the last dot, since a device's name may hold
+    dots (protocol/spec.py NAME_RE: "disk.0") and no option's does."""
+    name, _, option = key.rpartition(".")
     if not name or not option:
         raise ConfigError(f"--set {shown(key)}: expected DEVICE.OPTION=VALUE or boot.firmware=PATH")
     return name, option

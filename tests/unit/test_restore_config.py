@@ -63,6 +63,18 @@ def test_config_of_set_output_is_the_only_output(tmp_path):
     assert cfg.devices[0].options["output"] == "unix:/run/op.sock"
 
 
+def test_config_of_set_reaches_a_device_whose_name_holds_dots(tmp_path):
+    """A device name may hold dots ("com.1", NAME_RE): --set splits at the last one."""
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"][0].update(name="com.1"))
+
+    cfg = restore.config_of(snap, {"com.1.output": "unix:/run/op.sock"})
+
+    assert (cfg.devices[0].name, cfg.devices[0].options["output"]) == (
+        "com.1",
+        "unix:/run/op.sock",
+    )
+
+
 @pytest.mark.parametrize(
     "planted", ["/etc/cron.d/evil", "unix:/run/docker.sock", "stdio", "", 7, None]
 )
