@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from splitvmm.cli import cli
+from splitvmm.cli.ctl.snapshot import target
 from splitvmm.monitor import control
 
 SNAPSHOT_REPLY = b'{"ok": true, "path": "/x", "pause_ms": 1.0, "write_ms": 1.0, "bytes": 0}\n'
@@ -146,6 +147,26 @@ def test_ctl_snapshot_relative_dir_is_sent_absolute(monitor, tmp_path, monkeypat
         == b'{"op": "snapshot", "path": "%s"}\n'
         % str((tmp_path / "snaps" / "one").resolve()).encode()
     )
+
+
+@pytest.mark.parametrize("link", ["dangling", "loop", "to-a-snapshot"])
+def test_ctl_snapshot_sends_a_symlinked_target_as_named(tmp_path, link):
+    """The last component is the monitor's to judge (it refuses a symlink there, dangling or
+    not): resolved here, a dangling link sent the snapshot where it pointed and an existing
+    one was named by its target in the error, and a loop of links was a traceback."""
+    snaps = tmp_path / "snaps"
+    (snaps / "s1").mkdir(parents=True)
+    path = snaps / "link"
+    destination = {"dangling": snaps / "elsewhere", "loop": path, "to-a-snapshot": snaps / "s1"}
+    path.symlink_to(destination[link])
+    assert target(path) == str(snaps.resolve() / "link")
+
+
+def test_ctl_snapshot_target_follows_links_and_dotdot_above_its_last_component(tmp_path):
+    (tmp_path / "real" / "snaps").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    named = tmp_path / "alias" / "snaps" / ".." / "snaps" / "new"
+    assert target(named) == str((tmp_path / "real" / "snaps").resolve() / "new")
 
 
 def test_ctl_without_vm_skips_stale_sockets(tmp_path, monkeypatch):

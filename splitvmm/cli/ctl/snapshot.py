@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -20,9 +21,18 @@ sign_option = click.option(
 )
 
 
+def target(directory: Path) -> str:
+    """DIRECTORY as the monitor takes it: absolute, its parent as the kernel walks it here
+    (symlinks and '..' followed, as a shell's cd would), its last component as typed. A
+    symlink there is the monitor's to refuse (it would send the snapshot wherever it points,
+    and a dangling one would be followed to a path nobody named), not ours to follow; and a
+    loop of them is the kernel's ELOOP at the monitor, not a traceback here."""
+    return os.path.join(os.path.realpath(directory.parent), directory.name)
+
+
 def _request(directory: Path, key_file: Path | None) -> dict[str, object]:
     """The request's arguments: the target, and the key (hex) when signing."""
-    args: dict[str, object] = {"path": str(directory.resolve())}
+    args: dict[str, object] = {"path": target(directory)}
     if key_file is not None:
         from splitvmm.snapshot import SnapshotError, signing
 
