@@ -42,6 +42,8 @@ MAX_CLIENTS = 32
 # client dribbling a byte at a time gets no more than a silent one).
 REQUEST_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 600  # a multi-GiB snapshot takes seconds; a monitor that hangs gets reported
+CONNECT_WAIT_S = 2.0  # a client waits this long for room in a busy monitor's listen backlog
+CONNECT_RETRY_S = 0.01
 MAX_REPLY = 1 << 20  # a status of every device fits many times over; more is not our monitor
 SOCKET_NAME = "control.sock"
 
@@ -249,9 +251,7 @@ def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[
     one sentence saying why there was no usable reply."""
     line = json.dumps({"op": op, **(args or {})}).encode() + b"\n"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(CLIENT_TIMEOUT_S)
-            s.connect(str(path))
+        with _connected(path) as s:
             buf = _exchange(s, line, path)
     except FileNotFoundError:
         raise ControlError(f"no VM is listening at {path}") from None
@@ -262,6 +262,30 @@ def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[
     except OSError as e:
         raise ControlError(f"cannot talk to the VM at {path}: {e.strerror or e}") from None
     return _decode_reply(buf, path)
+
+
+def _connected(path: Path) -> socket.socket:
+    """A socket connected to `path`. A UNIX socket with a timeout set does not wait for room
+    in a listener's backlog: connect() fails with EAGAIN at once when the monitor has as
+    many connections not yet accepted as it listens for. That is a busy monitor
+    (ControlBusy, ctl's exit 75), tried again for CONNECT_WAIT_S first, not a failed one."""
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(CLIENT_TIMEOUT_S)
+        try:
+            s.connect(str(path))
+            return s
+        except BlockingIOError:
+            s.close()
+            if time.monotonic() >= deadline:
+                raise ControlBusy(
+                    f"the VM at {path} has its connection backlog full; try again"
+                ) from None
+            time.sleep(CONNECT_RETRY_S)
+        except BaseException:
+            s.close()
+            raise
 
 
 def _exchange(s: socket.socket, line: bytes, path: Path) -> bytes:

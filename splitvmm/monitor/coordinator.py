@@ -227,6 +227,9 @@ class Coordinator:
             raise ControlError(
                 f"snapshot target {target} is a snapshot dir itself: name a new directory in it"
             )
+        rundir = self.machine.rundir.path.resolve()
+        if path == rundir or rundir in path.parents:  # the VM's end removes it, and all in it
+            raise ControlError(f"snapshot target {target} is inside the VM's runtime dir {rundir}")
         if not any(path.parent == d or d in path.parent.parents for d in allowed):
             where = ", ".join(map(str, allowed)) or "nowhere: the config sets no vm.snapshot_dirs"
             raise ControlError(

@@ -593,10 +593,7 @@ class Machine:
 
     # -- control socket ---------------------------------------------------------------------
     def _control_handlers(self) -> dict[str, Handler]:
-        return {
-            # {"counters": true}: each device's own counters too (a round trip to each)
-            "status": lambda req: self._status(req.get("counters") is True),
-            "devices": lambda req: {"devices": self._devices(req.get("counters") is True)},
+        steering: dict[str, Handler] = {
             "pause": lambda req: self._pause(),
             "resume": lambda req: self._resume(),
             "snapshot": lambda req: self._snapshot(req, suspend=False),
@@ -604,6 +601,27 @@ class Machine:
             "crash-device": self._crash_device,
             "inject-fault": self._inject_fault,
         }
+        return {
+            # {"counters": true}: each device's own counters too (a round trip to each)
+            "status": lambda req: self._status(req.get("counters") is True),
+            "devices": lambda req: {"devices": self._devices(req.get("counters") is True)},
+            **{op: self._unless_stopping(handler) for op, handler in steering.items()},
+        }
+
+    def _unless_stopping(self, handler: Handler) -> Handler:
+        """A request that changes the VM, refused once it is stopping: after a suspend (whose
+        devices must stay quiesced, the snapshot being the VM's last state), a stop signal
+        or a fault, the socket stays open until the teardown closes it, and a resume, a
+        snapshot or a device's crash then would act on a VM that is going away. One
+        operation runs at a time (control.py), so none comes between a suspend and its
+        stop."""
+
+        def guarded(req: dict[str, object]) -> dict[str, object]:
+            if self.stopping:
+                raise ControlError(f"VM {self.cfg.vm.name!r} is stopping")
+            return handler(req)
+
+        return guarded
 
     def _inject_fault(self, req: dict[str, object]) -> dict[str, object]:
         """Arm a fault (protocol/faults.py) in a device's running process: a control message."""

@@ -29,10 +29,25 @@ def runtime_root() -> Path:
 def _check_ours(path: Path) -> None:
     """A directory we own (not a symlink), private to us: the fallback root lives in a
     shared temp dir, where another user could have made it first to hijack our sockets."""
+    _check_owned(path)
+    os.chmod(path, 0o700)
+
+
+def check_private(path: Path) -> None:
+    """What a client (`splitvmm ctl`) checks before it trusts a socket under `path`: a
+    directory we own, that no other user may write to (as `up` leaves it). Else another
+    local user could have put a socket there first and be sent our requests, a snapshot's
+    signing key among them."""
+    st = _check_owned(path)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SplitvmmError(f"{path} may be written by other users: refusing to use it")
+
+
+def _check_owned(path: Path) -> os.stat_result:
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise SplitvmmError(f"{path} is not a directory owned by this user: refusing to use it")
-    os.chmod(path, 0o700)
+    return st
 
 
 class RuntimeDir:

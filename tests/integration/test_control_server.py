@@ -155,3 +155,33 @@ def test_control_handler_that_says_not_now_gets_a_retry_reply(tmp_path, snapshot
     finally:
         server.close()
     assert reply == {"ok": False, "error": "device rng0 is restarting", "retry": True}
+
+
+def test_control_request_to_a_full_listen_backlog_is_busy_not_failed(tmp_path, monkeypatch):
+    """A UNIX connect with a timeout set fails with EAGAIN at once when the listener's
+    backlog is full: ctl said "Resource temporarily unavailable" and exit 1 for a monitor
+    that was only busy. It waits CONNECT_WAIT_S, then says busy (exit 75)."""
+    from splitvmm.cli.ctl.common import _listening
+    from splitvmm.monitor import control
+
+    monkeypatch.setattr(control, "CONNECT_WAIT_S", 0.05)
+    path = tmp_path / "busy.sock"
+    waiting: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(0)  # never accepts
+        try:
+            while True:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                waiting.append(s)
+                s.connect(str(path))
+        except BlockingIOError:
+            pass
+        try:
+            with pytest.raises(ControlBusy, match="connection backlog full; try again"):
+                request(path, "status")
+            assert _listening(path)  # busy, not a stale socket
+        finally:
+            for s in waiting:
+                s.close()

@@ -169,6 +169,31 @@ def test_ctl_snapshot_target_follows_links_and_dotdot_above_its_last_component(t
     assert target(named) == str((tmp_path / "real" / "snaps").resolve() / "new")
 
 
+@pytest.mark.parametrize("planted", ["writable-root", "foreign-vm-dir"])
+def test_ctl_refuses_a_socket_another_user_could_have_planted(tmp_path, monkeypatch, planted):
+    """The runtime root may lie in the shared temp dir: a socket another local user put
+    there first was sent our requests (a snapshot's signing key among them) and its
+    answers believed. ctl checks the directories as `up` makes them: ours, private."""
+    import os
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    vm_dir = tmp_path / "splitvmm" / "vm"
+    vm_dir.mkdir(parents=True, mode=0o700)
+    (tmp_path / "splitvmm").chmod(0o777 if planted == "writable-root" else 0o700)
+    if planted == "foreign-vm-dir":
+        os.chown(vm_dir, 65534, 65534)  # the tests run as root (README): nobody's now
+    fake = FakeMonitor(vm_dir / "control.sock", None)
+    try:
+        result = CliRunner().invoke(cli, ["ctl", "--vm", "vm", "status"])
+        words = "may be written by other users" if planted == "writable-root" else "not a dir"
+        assert_one_line_error(result, words)
+    finally:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unblock:
+            unblock.connect(str(vm_dir / "control.sock"))  # its accept() returns; it closes
+        fake.close()
+    assert fake.request == b""  # nothing was sent to it
+
+
 def test_ctl_without_vm_skips_stale_sockets(tmp_path, monkeypatch):
     """A monitor killed outright leaves its socket: `ctl` without --vm must not count it as
     a running VM (two were "running", so it asked for --vm)."""

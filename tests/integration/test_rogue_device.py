@@ -224,7 +224,9 @@ def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(zctx, tmp
     # quiesce is answered after 1 s, inside the 1.6 s the devices get in all; save may then
     # wait only for what is left, far below the per-request CONTROL_TIMEOUT_MS (10 s).
     vm = SimpleNamespace(name="test", snapshot_dirs=(tmp_path,))
-    machine = SimpleNamespace(cfg=SimpleNamespace(vm=vm))
+    machine = SimpleNamespace(
+        cfg=SimpleNamespace(vm=vm), rundir=SimpleNamespace(path=tmp_path / "r")
+    )
     machine.stopping, machine.vcpus, machine.vcpu_fds = False, [], []
     coordinator = Coordinator(machine, device_deadline_s=1.6)  # type: ignore[arg-type]
     failures: list[str] = []

@@ -71,8 +71,9 @@ def coordinator(
     events: list[str] = []
     cfg = SimpleNamespace(vm=SimpleNamespace(name="t", snapshot_dirs=[tmp_path]))
     machine = SimpleNamespace(
-        cfg=cfg, stopping=False, vcpus=[FakeVcpu(events)], vcpu_fds=[FakeVcpuFd(events)], slots=[]
-    )
+        cfg=cfg, stopping=False, vcpus=[FakeVcpu(events)], vcpu_fds=[FakeVcpuFd(events)], slots=[],
+        rundir=SimpleNamespace(path=tmp_path / "run"),
+    )  # fmt: skip
     coord = Coordinator(machine)  # type: ignore[arg-type]
     writer = FakeWriter(events, tmp_path / "snap", fail, archived=archived)
     monkeypatch.setattr(coord, "_write", lambda target, deadline, quiesced: writer)
@@ -85,6 +86,19 @@ def test_coordinator_snapshot_resumes_vcpus_before_the_commit(tmp_path, monkeypa
     coord.snapshot(tmp_path / "snap")
 
     assert (events, coord.paused) == (["pause", "kvmclock stopped", "resume", "commit"], False)
+
+
+def test_coordinator_snapshot_inside_the_runtime_dir_is_refused_before_any_pause(
+    tmp_path, monkeypatch
+):
+    """The VM's end removes its runtime dir and all in it: a suspend there reported success,
+    then the snapshot was gone (vm.snapshot_dirs may well cover it: /tmp, say)."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    (tmp_path / "run").mkdir()
+
+    with pytest.raises(ControlError, match="is inside the VM's runtime dir"):
+        coord.snapshot(tmp_path / "run" / "snap", keep_paused=True)
+    assert (events, coord.paused) == ([], False)
 
 
 def test_coordinator_suspend_commits_with_the_vcpus_stopped(tmp_path, monkeypatch):

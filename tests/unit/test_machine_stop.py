@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
+import pytest
+
 from splitvmm.monitor import machine as machine_module
 from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.exits import Outcome
@@ -119,3 +121,23 @@ def test_a_stall_whose_pause_cannot_be_made_is_given_up_and_said(monkeypatch, ca
     assert (coordinator.tries, coordinator.paused) == (1, False)
     assert "could not be paused (vcpu1 did not stop within 10 s)" in caplog.text
     assert "`splitvmm ctl --vm web resume`" in caplog.text
+
+
+def test_requests_that_change_the_vm_are_refused_once_it_stops():
+    """After a suspend (or a stop signal, or a fault) the control socket is open until the
+    teardown: a resume answered "running" for a VM on its way out, a snapshot after it
+    resumed the devices the suspend had quiesced, a crash-device killed one."""
+    m = bare_machine()
+    m.cfg = SimpleNamespace(vm=SimpleNamespace(name="t"))
+    called: list[str] = []
+    m.coordinator = SimpleNamespace(
+        pause=lambda: called.append("pause"), resume=lambda: called.append("resume")
+    )
+    handlers = m._control_handlers()
+    m.stop(Outcome(0, "suspended to /snaps/s"))
+    steering = ("pause", "resume", "snapshot", "suspend", "crash-device", "inject-fault")
+    for op in steering:
+        with pytest.raises(ControlError, match="VM 't' is stopping"):
+            handlers[op]({"op": op, "path": "/snaps/s2", "name": "serial0"})
+    assert called == []
+    assert set(handlers) - set(steering) == set(machine_module.READ_ONLY_REQUESTS)

@@ -9,16 +9,20 @@ from pathlib import Path
 
 import click
 
-from splitvmm.errors import escaped
+from splitvmm.errors import SplitvmmError, escaped
 
 
 def socket_path(vm: str | None, socket: Path | None) -> Path:
+    """--socket as given, or the socket of the VM named (or the one running) in this user's
+    runtime root, whose directories are checked to be private first (rundir.check_private):
+    the fallback root lies in the shared temp dir."""
     if socket is not None:
         return socket
     from splitvmm.monitor.control import SOCKET_NAME
     from splitvmm.monitor.rundir import runtime_root
 
     root = runtime_root()
+    _private(root)
     if vm is None:
         # A monitor killed outright leaves its socket behind: only a listening one counts.
         running = sorted(p.parent.name for p in root.glob(f"*/{SOCKET_NAME}") if _listening(p))
@@ -26,17 +30,34 @@ def socket_path(vm: str | None, socket: Path | None) -> Path:
             found = ", ".join(running) if running else "none"
             raise click.ClickException(f"name the VM with --vm (running VMs: {found})")
         vm = running[0]
+    _private(root / vm)
     return root / vm / SOCKET_NAME
 
 
+def _private(directory: Path) -> None:
+    """rundir.check_private, as a one-line error; a directory that is not there holds no
+    socket (the request says no VM is listening)."""
+    from splitvmm.monitor.rundir import check_private
+
+    try:
+        check_private(directory)
+    except FileNotFoundError:
+        pass
+    except (OSError, SplitvmmError) as e:
+        raise click.ClickException(escaped(str(e))) from None
+
+
 def _listening(path: Path) -> bool:
-    """Whether a monitor accepts connections on `path` (a stale socket refuses them)."""
+    """Whether a monitor accepts connections on `path` (a stale socket refuses them; one
+    whose backlog is full, EAGAIN, is listening, only busy)."""
     import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
+        except BlockingIOError:
+            return True
         except OSError:
             return False
     return True
