@@ -14,6 +14,7 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from typing import Protocol
 
@@ -259,6 +260,7 @@ def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
     character device, each opened through hostpath: no symlink, and no hang."""
     output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
     if output == "stdio":
+        _appending_if_file(STDOUT)
         return STDOUT
     path = unix_output_path(output)
     if path is not None:
@@ -268,6 +270,20 @@ def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
     fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)
     owned.append(FdCloser(fd))
     return fd
+
+
+def _appending_if_file(fd: int) -> None:
+    """A regular file behind `fd` (a shell's `> log`) made O_APPEND, for every writer of its
+    description: the device is handed this description, and pwrite(2) through one without
+    O_APPEND writes anywhere in the file, so a compromised device could rewrite the
+    operator's log, or extend it sparsely to a terabyte. With O_APPEND, Linux appends
+    whatever offset pwrite names (pwrite(2) BUGS), and every write lands at the end, as the
+    shell's sequential writes did. (A file named as the output is opened O_APPEND already.)"""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_APPEND:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
 
 
 def dirty_log_size(ram_bytes: int) -> int:

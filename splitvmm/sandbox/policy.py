@@ -5,6 +5,8 @@ A policy file holds one rule per line (blank lines and `# comments` ignored):
     read: 1                                  allow
     fcntl: arg1 == F_GETFL || arg1 == F_SETFL    allow when one comparison holds
     mmap: arg2 & PROT_EXEC == 0              allow when the masked argument equals
+    sendto: arg3 & MSG_OOB == 0 && arg4 == 0    allow when both hold (&& binds before ||;
+                                             each argument once per alternative)
     openat: return ENOENT                    fail with that errno, do not kill
     @include common_device.policy            another file of the same directory
 
@@ -31,6 +33,7 @@ import mmap
 import os
 import re
 import signal
+import socket
 import stat
 import termios
 from collections.abc import Mapping
@@ -74,6 +77,7 @@ CONSTANTS: dict[str, int] = {
     "F_DUPFD_CLOEXEC": fcntl.F_DUPFD_CLOEXEC,
     "FD_CLOEXEC": fcntl.FD_CLOEXEC,
     "O_NONBLOCK": os.O_NONBLOCK,
+    "MSG_OOB": socket.MSG_OOB,
     "O_RDONLY": os.O_RDONLY,
     "O_WRONLY": os.O_WRONLY,
     "O_RDWR": os.O_RDWR,
@@ -119,7 +123,8 @@ class Rule(Struct, frozen=True):
     syscall: str
     where: str  # "file:line", for error messages and `policy check`
     errno: int = 0  # non-zero: `return ERRNO`
-    any_of: tuple[Cmp, ...] = ()  # empty: allowed whatever the arguments
+    # Each a conjunction (`a && b`); empty: allowed whatever the arguments
+    any_of: tuple[tuple[Cmp, ...], ...] = ()
 
 
 class Policy(Struct):
@@ -150,18 +155,30 @@ def _value(text: str, where: str, constants: Mapping[str, int]) -> int:
     return total
 
 
-def _comparisons(body: str, where: str, constants: Mapping[str, int]) -> tuple[Cmp, ...]:
-    cmps = []
-    for part in (p.strip() for p in body.split("||")):
-        m = _CMP.fullmatch(part)
-        if not m:
-            raise PolicyError(f"{where}: expected `argN == VALUE` or `argN & MASK == VALUE`")
-        mask = _value(m["mask"], where, constants) if m["mask"] else _U64
-        value = _value(m["value"], where, constants)
-        if value & ~mask:
-            raise PolicyError(f"{where}: {part!r} can never hold (value has bits outside mask)")
-        cmps.append(Cmp(int(m["arg"]), mask, value))
-    return tuple(cmps)
+def _comparisons(
+    body: str, where: str, constants: Mapping[str, int]
+) -> tuple[tuple[Cmp, ...], ...]:
+    """`a && b || c`: alternatives (||), each every one of its comparisons (&&), as seccomp
+    compiles them: one rule per alternative, on distinct arguments."""
+    alternatives = []
+    for alternative in (p.strip() for p in body.split("||")):
+        cmps = [_comparison(part.strip(), where, constants) for part in alternative.split("&&")]
+        args = [cmp.arg for cmp in cmps]
+        if len(set(args)) != len(args):
+            raise PolicyError(f"{where}: {alternative!r} compares one argument twice")
+        alternatives.append(tuple(cmps))
+    return tuple(alternatives)
+
+
+def _comparison(part: str, where: str, constants: Mapping[str, int]) -> Cmp:
+    m = _CMP.fullmatch(part)
+    if not m:
+        raise PolicyError(f"{where}: expected `argN == VALUE` or `argN & MASK == VALUE`")
+    mask = _value(m["mask"], where, constants) if m["mask"] else _U64
+    value = _value(m["value"], where, constants)
+    if value & ~mask:
+        raise PolicyError(f"{where}: {part!r} can never hold (value has bits outside mask)")
+    return Cmp(int(m["arg"]), mask, value)
 
 
 def parse_rule(line: str, where: str, constants: Mapping[str, int] = CONSTANTS) -> Rule:
@@ -291,8 +308,8 @@ def _add_rule(filt: seccomp.SyscallFilter, rule: Rule) -> None:
     elif not rule.any_of:
         filt.add_rule(seccomp.ALLOW, rule.syscall)
     else:
-        for cmp in rule.any_of:
-            filt.add_rule(seccomp.ALLOW, rule.syscall, _arg(cmp))
+        for conjunction in rule.any_of:
+            filt.add_rule(seccomp.ALLOW, rule.syscall, *map(_arg, conjunction))
 
 
 def _arg(cmp: Cmp) -> seccomp.Arg:

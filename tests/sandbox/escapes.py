@@ -110,6 +110,30 @@ def bind_held_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return _check(_libc().bind(3, addr, len(addr)))
 
 
+# An abstract UNIX socket of the host's that the escape suite binds (test_escape.py
+# handed_fds): one the device could reach through a socket made outside its namespaces.
+HOST_ABSTRACT_SOCKET = b"\0splitvmm-escape-victim"
+
+
+def sendto_abstract_address(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """A datagram to a host abstract UNIX socket through a socket made outside the device's
+    network namespace (as an inherited stdout may be): no file-system rule covers abstract
+    names, and the device's own network namespace does not cover that socket."""
+    addr = struct.pack("=H", socket.AF_UNIX) + HOST_ABSTRACT_SOCKET
+    return _check(_libc().sendto(fds["dgram"], b"out", 3, 0, addr, len(addr)))
+
+
+def send_out_of_band(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """AF_UNIX out-of-band data, the way in of a sandbox escape (CVE-2025-38236)."""
+    return _check(_libc().sendto(fds["stream"], b"!", 1, socket.MSG_OOB, None, 0))
+
+
+def receive_out_of_band(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """The other half of it: the handed stream socket has an out-of-band byte waiting."""
+    buf = ctypes.create_string_buffer(1)
+    return _check(_libc().recvfrom(fds["stream"], buf, 1, socket.MSG_OOB, None, None))
+
+
 def execve_shell(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return os.execv("/bin/sh", ["sh", "-c", "true"])
 
@@ -261,6 +285,9 @@ ATTEMPTS: dict[str, Attempt] = {
         connect_held_fd_to_loopback,
         connect_held_fd_to_unix_path,
         bind_held_fd,
+        sendto_abstract_address,
+        send_out_of_band,
+        receive_out_of_band,
         execve_shell,
         fork_process,
         clone_thread,

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,7 +73,14 @@ def _escapes_by_value() -> Iterator[None]:
 
 @pytest.fixture
 def handed_fds(tmp_path: Path) -> Iterator[dict[str, int]]:
-    """Extra fds the device holds: a sealed memfd, a read-only file, /dev/kvm where it exists."""
+    """Extra fds the device holds: a sealed memfd, a read-only file, /dev/kvm where it exists,
+    and sockets made here, outside its namespaces: an unbound datagram socket (a host
+    abstract socket listens for it), one end of a stream pair with out-of-band data waiting."""
+    victim_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    victim_socket.bind(escapes.HOST_ABSTRACT_SOCKET)
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stream, peer = socket.socketpair()
+    peer.send(b"!", socket.MSG_OOB)
     memfd = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(memfd, 4096)
     import fcntl
@@ -85,9 +93,11 @@ def handed_fds(tmp_path: Path) -> Iterator[dict[str, int]]:
         fds["kvm"] = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         pass  # no KVM here: the ioctl attempt still sweeps fds 0..64
-    yield fds
+    yield {**fds, "dgram": dgram.fileno(), "stream": stream.fileno()}
     for fd in fds.values():
         os.close(fd)
+    for sock in (victim_socket, dgram, stream, peer):
+        sock.close()
     assert victim.read_bytes() == b"original"
 
 

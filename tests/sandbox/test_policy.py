@@ -34,13 +34,20 @@ def test_parse_rule_when_return_gives_the_errno() -> None:
 def test_parse_rule_when_or_of_equalities_gives_each_comparison() -> None:
     rule = policy.parse_rule("fcntl: arg1 == F_GETFL || arg1 == 4", "f:1")
 
-    assert rule.any_of == (Cmp(1, ALL_ONES, policy.CONSTANTS["F_GETFL"]), Cmp(1, ALL_ONES, 4))
+    assert rule.any_of == ((Cmp(1, ALL_ONES, policy.CONSTANTS["F_GETFL"]),), (Cmp(1, ALL_ONES, 4),))
+
+
+def test_parse_rule_when_and_of_comparisons_gives_one_conjunction_per_alternative() -> None:
+    rule = policy.parse_rule("sendto: arg3 & MSG_OOB == 0 && arg4 == 0 || arg0 == 7", "f:1")
+
+    oob = policy.CONSTANTS["MSG_OOB"]
+    assert rule.any_of == ((Cmp(3, oob, 0), Cmp(4, ALL_ONES, 0)), (Cmp(0, ALL_ONES, 7),))
 
 
 def test_parse_rule_when_masked_gives_mask_and_value() -> None:
     rule = policy.parse_rule("mmap: arg2 & PROT_EXEC|PROT_WRITE == 0", "f:1")
 
-    assert rule.any_of == (Cmp(2, mmap.PROT_EXEC | mmap.PROT_WRITE, 0),)
+    assert rule.any_of == ((Cmp(2, mmap.PROT_EXEC | mmap.PROT_WRITE, 0),),)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +62,8 @@ def test_parse_rule_when_masked_gives_mask_and_value() -> None:
         ("ioctl: arg1 > 1", "expected `argN == VALUE`"),
         ("mmap: arg2 & 4 == 5", "can never hold"),
         ("mmap: arg2 == 0x10000000000000000", "does not fit in 64 bits"),
+        ("sendto: arg3 == 0 && arg3 == 1", "compares one argument twice"),
+        ("sendto: arg3 == 0 &&", "expected `argN == VALUE`"),
     ],
 )
 def test_parse_rule_when_malformed_names_file_and_line(line: str, message: str) -> None:
@@ -126,7 +135,7 @@ def test_parse_file_when_given_run_time_constants_uses_them(tmp_path: Path) -> N
 
     parsed = policy.parse_file(path, {**policy.CONSTANTS, "SELF_PID": 42})
 
-    assert parsed.rules["kill"].any_of == (Cmp(0, ALL_ONES, 42),)
+    assert parsed.rules["kill"].any_of == ((Cmp(0, ALL_ONES, 42),),)
 
 
 def test_compile_filter_when_policy_parses_exports_bpf(tmp_path: Path) -> None:
@@ -154,7 +163,7 @@ def test_parse_file_takes_a_str_path_as_well(tmp_path: Path) -> None:
 def test_warden_policy_names_the_given_pid_as_self_pid() -> None:
     parsed = policy.load_warden_policy(4242)
 
-    assert parsed.rules["kill"].any_of == (Cmp(0, ALL_ONES, 4242),)
+    assert parsed.rules["kill"].any_of == ((Cmp(0, ALL_ONES, 4242),),)
     assert parsed.files[0] == f"{policy.default_policy_dir()}/warden.policy"
 
 
@@ -175,7 +184,7 @@ def test_compile_filter_defaults_to_kill_process_and_tsync() -> None:
 
 # The one ioctl a device may make: virtio-net sets its TAP's offloads when the guest's
 # features are accepted (the request number means nothing to any other fd it holds).
-DEVICE_IOCTLS = {"virtio-net": (Cmp(1, (1 << 64) - 1, policy.CONSTANTS["TUNSETOFFLOAD"]),)}
+DEVICE_IOCTLS = {"virtio-net": ((Cmp(1, (1 << 64) - 1, policy.CONSTANTS["TUNSETOFFLOAD"]),),)}
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

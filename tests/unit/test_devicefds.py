@@ -13,6 +13,7 @@ import pytest
 from splitvmm.config import DeviceSection
 from splitvmm.errors import ConfigError
 from splitvmm.hostpath import HostFileError
+from splitvmm.monitor import devicefds
 from splitvmm.monitor.devicefds import (
     Closable,
     DeviceFds,
@@ -286,3 +287,23 @@ def test_a_disk_images_lock_ends_with_its_vm(tmp_path):
         lock_disk(second, str(image), "device 'disk0'.path", False)
     finally:
         os.close(second)
+
+
+def test_stdio_output_on_a_regular_file_is_made_appending(tmp_path, monkeypatch):
+    """`splitvmm up vm.toml > log`: the device holds the shell's description of `log`, and
+    through one without O_APPEND its pwrite(2) lands anywhere: a compromised device could
+    rewrite what the operator's log already holds, or make it a sparse terabyte. Appending,
+    Linux puts every pwrite at the end."""
+    log = tmp_path / "log"
+    log.write_bytes(b"kept\n")
+    fd = os.open(log, os.O_WRONLY)
+    monkeypatch.setattr(devicefds, "STDOUT", fd)
+    try:
+        dev = DeviceSection("serial0", "serial", "stop", {"output": "stdio"})
+        assert devicefds.open_output(dev, "output", []) == fd
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+        os.pwrite(fd, b"forged", 0)
+        os.pwrite(fd, b"!", 1 << 40)
+    finally:
+        os.close(fd)
+    assert log.read_bytes() == b"kept\nforged!"
