@@ -23,6 +23,7 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -207,7 +208,9 @@ class ControlServer(threading.Thread):
             request = json.loads(line)
         except (ValueError, RecursionError):
             return "request is not JSON"
-        op = request.get("op") if isinstance(request, dict) else None
+        if not isinstance(request, dict):
+            return "request is not a JSON object"
+        op = request.get("op")
         if not isinstance(op, str) or op not in self.handlers:
             return f"unknown operation {op!r}"
         return op, request
@@ -256,12 +259,21 @@ def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[
     except FileNotFoundError:
         raise ControlError(f"no VM is listening at {path}") from None
     except ConnectionRefusedError:
+        if not _is_socket(path):  # a file or FIFO refuses a connect too
+            raise ControlError(f"{path} is not a socket") from None
         raise ControlError(f"the VM at {path} is not running (stale socket)") from None
     except TimeoutError:
         raise ControlError(f"the VM at {path} did not answer within {CLIENT_TIMEOUT_S} s") from None
     except OSError as e:
         raise ControlError(f"cannot talk to the VM at {path}: {e.strerror or e}") from None
     return _decode_reply(buf, path)
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _connected(path: Path) -> socket.socket:

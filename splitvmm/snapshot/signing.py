@@ -60,9 +60,13 @@ MAX_KEY_BYTES = 4096  # a key file, not a disk image (its derivation takes any l
 
 
 def _check_length(size: int, what: str) -> None:
+    """`size` is what was read, at most MAX_KEY_BYTES + 1: past that, the key's own size is
+    not known, only that it is too long."""
     if not MIN_KEY_BYTES <= size <= MAX_KEY_BYTES:
+        shown_size = f"more than {MAX_KEY_BYTES}" if size > MAX_KEY_BYTES else str(size)
         raise SnapshotError(
-            f"{what}: a key of {size} bytes; it must be {MIN_KEY_BYTES}..{MAX_KEY_BYTES} bytes"
+            f"{what}: a key of {shown_size} bytes; it must be {MIN_KEY_BYTES}..{MAX_KEY_BYTES} "
+            "bytes"
         )
 
 

@@ -116,7 +116,9 @@ def test_control_operation_after_snapshot_finishes_runs(server, snapshot_op):
     [
         (b"not json\n", "request is not JSON"),
         (b'{"op": "reboot"}\n', "unknown operation 'reboot'"),
-        (b"[1]\n", "unknown operation None"),
+        (b"[1]\n", "request is not a JSON object"),
+        (b'"status"\n', "request is not a JSON object"),
+        (b'{"op": null}\n', "unknown operation None"),
         (b"x" * (65 * 1024), "request longer than 65536 bytes"),
     ],
 )

@@ -5,6 +5,7 @@ A fake monitor (a UNIX socket served by a thread) plays each part; no /dev/kvm n
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -174,8 +175,6 @@ def test_ctl_refuses_a_socket_another_user_could_have_planted(tmp_path, monkeypa
     """The runtime root may lie in the shared temp dir: a socket another local user put
     there first was sent our requests (a snapshot's signing key among them) and its
     answers believed. ctl checks the directories as `up` makes them: ours, private."""
-    import os
-
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     vm_dir = tmp_path / "splitvmm" / "vm"
     vm_dir.mkdir(parents=True, mode=0o700)
@@ -192,6 +191,17 @@ def test_ctl_refuses_a_socket_another_user_could_have_planted(tmp_path, monkeypa
             unblock.connect(str(vm_dir / "control.sock"))  # its accept() returns; it closes
         fake.close()
     assert fake.request == b""  # nothing was sent to it
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_ctl_socket_that_is_no_socket_says_so(tmp_path, kind):
+    """A file or a FIFO refuses a connect as a stale socket does: named for what it is."""
+    path = tmp_path / "control.sock"
+    if kind == "file":
+        path.write_bytes(b"")
+    else:
+        os.mkfifo(path)
+    assert_one_line_error(ctl(path, "status"), f"{path} is not a socket")
 
 
 def test_ctl_without_vm_skips_stale_sockets(tmp_path, monkeypatch):

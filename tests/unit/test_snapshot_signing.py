@@ -192,6 +192,12 @@ def test_signing_load_key_short_key_refused(tmp_path):
         signing.load_key(key_file(tmp_path / "key", b"k" * 15))
 
 
+def test_signing_load_key_too_long_says_more_than_the_limit_not_the_bytes_read(tmp_path):
+    """Only MAX_KEY_BYTES + 1 bytes are read: a 10000-byte file was "a key of 4097 bytes"."""
+    with pytest.raises(SnapshotError, match="a key of more than 4096 bytes; it must be 16..4096"):
+        signing.load_key(key_file(tmp_path / "key", b"k" * 10000))
+
+
 def test_signing_load_key_symlink_refused(tmp_path):
     key_file(tmp_path / "real", KEY)
     (tmp_path / "key").symlink_to(tmp_path / "real")
