@@ -43,6 +43,9 @@ MAX_CLIENTS = 32
 # client dribbling a byte at a time gets no more than a silent one).
 REQUEST_TIMEOUT_S = 5.0
 CLIENT_TIMEOUT_S = 600  # a multi-GiB snapshot takes seconds; a monitor that hangs gets reported
+# status and devices, which the monitor answers from its loop (counters: a round trip to each
+# device, each within its own timeout): a client waits this long for them
+READ_ONLY_TIMEOUT_S = 30
 CONNECT_WAIT_S = 2.0  # a client waits this long for room in a busy monitor's listen backlog
 CONNECT_RETRY_S = 0.01
 MAX_REPLY = 1 << 20  # a status of every device fits many times over; more is not our monitor
@@ -249,13 +252,18 @@ def _reply(conn: socket.socket, reply: dict[str, object]) -> None:
         conn.close()
 
 
-def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[str, object]:
-    """Client side: one request, one reply. Raises ControlError with the monitor's words, or
-    one sentence saying why there was no usable reply."""
+def request(
+    path: Path, op: str, args: dict[str, object] | None = None, timeout_s: float | None = None
+) -> dict[str, object]:
+    """Client side: one request, one reply, within `timeout_s` in all (CLIENT_TIMEOUT_S if
+    None). Raises ControlError with the monitor's words, or one sentence saying why there was
+    no usable reply."""
+    timeout_s = CLIENT_TIMEOUT_S if timeout_s is None else timeout_s
     line = json.dumps({"op": op, **(args or {})}).encode() + b"\n"
+    deadline = time.monotonic() + timeout_s
     try:
-        with _connected(path) as s:
-            buf = _exchange(s, line, path)
+        with _connected(path, timeout_s) as s:
+            buf = _exchange(s, line, path, deadline)
     except FileNotFoundError:
         raise ControlError(f"no VM is listening at {path}") from None
     except ConnectionRefusedError:
@@ -263,7 +271,7 @@ def request(path: Path, op: str, args: dict[str, object] | None = None) -> dict[
             raise ControlError(f"{path} is not a socket") from None
         raise ControlError(f"the VM at {path} is not running (stale socket)") from None
     except TimeoutError:
-        raise ControlError(f"the VM at {path} did not answer within {CLIENT_TIMEOUT_S} s") from None
+        raise ControlError(f"the VM at {path} did not answer within {timeout_s:g} s") from None
     except OSError as e:
         raise ControlError(f"cannot talk to the VM at {path}: {e.strerror or e}") from None
     return _decode_reply(buf, path)
@@ -276,7 +284,7 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
-def _connected(path: Path) -> socket.socket:
+def _connected(path: Path, timeout_s: float) -> socket.socket:
     """A socket connected to `path`. A UNIX socket with a timeout set does not wait for room
     in a listener's backlog: connect() fails with EAGAIN at once when the monitor has as
     many connections not yet accepted as it listens for. That is a busy monitor
@@ -284,7 +292,7 @@ def _connected(path: Path) -> socket.socket:
     deadline = time.monotonic() + CONNECT_WAIT_S
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(CLIENT_TIMEOUT_S)
+        s.settimeout(timeout_s)
         try:
             s.connect(str(path))
             return s
@@ -300,15 +308,21 @@ def _connected(path: Path) -> socket.socket:
             raise
 
 
-def _exchange(s: socket.socket, line: bytes, path: Path) -> bytes:
-    """Send the request, read the reply line. A monitor that refuses us (too many clients)
-    may close before reading the request: its reply is still there to read."""
+def _exchange(s: socket.socket, line: bytes, path: Path, deadline: float) -> bytes:
+    """Send the request, read the reply line, by `deadline` (one for the whole reply: a peer
+    that sends a byte at a time gets no longer than a silent one; TimeoutError). A monitor
+    that refuses us (too many clients) may close before reading the request: its reply is
+    still there to read."""
     try:
         s.sendall(line)
     except (BrokenPipeError, ConnectionResetError):
         pass
     buf = b""
     while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        s.settimeout(left)
         try:
             chunk = s.recv(65536)
         except ConnectionResetError:

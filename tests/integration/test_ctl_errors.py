@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,8 +122,45 @@ def test_ctl_devices_reply_devices_not_objects_is_one_line_error(monitor):
 
 @pytest.mark.parametrize("monitor", [b""], indirect=True)
 def test_ctl_status_hung_monitor_is_one_line_error(monitor, monkeypatch):
-    monkeypatch.setattr(control, "CLIENT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(control, "READ_ONLY_TIMEOUT_S", 0.2)
     assert_one_line_error(ctl(monitor.sock.getsockname(), "status"), "did not answer within 0.2 s")
+
+
+@pytest.mark.parametrize("monitor", [b""], indirect=True)
+def test_ctl_pause_hung_monitor_waits_the_long_timeout(monitor, monkeypatch):
+    """A pause or a snapshot may take long (a multi-GiB snapshot): not status's timeout."""
+    monkeypatch.setattr(control, "READ_ONLY_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(control, "CLIENT_TIMEOUT_S", 0.3)
+    assert_one_line_error(ctl(monitor.sock.getsockname(), "pause"), "did not answer within 0.3 s")
+
+
+def test_ctl_reply_trickled_a_byte_at_a_time_gets_one_deadline(tmp_path, monkeypatch):
+    """The timeout was per recv: a peer sending a byte every so often held ctl for ever."""
+    monkeypatch.setattr(control, "READ_ONLY_TIMEOUT_S", 0.5)
+    path = tmp_path / "control.sock"
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(path))
+            listener.listen(1)
+            ready.set()
+            conn, _ = listener.accept()
+            with conn:
+                while not stop.wait(0.05):
+                    conn.send(b" ")
+
+    ready = threading.Event()
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        ready.wait(5)
+        start = time.monotonic()
+        assert_one_line_error(ctl(path, "status"), "did not answer within 0.5 s")
+        assert time.monotonic() - start < 5
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_ctl_status_missing_socket_is_one_line_error(tmp_path):

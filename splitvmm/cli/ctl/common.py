@@ -71,13 +71,27 @@ class TryAgain(click.ClickException):
 
 
 def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
-    """One request to the VM named by the group options; errors end the command: exit 1, or
+    """One request to the VM named by the group options, answered within the client's
+    timeout (CLIENT_TIMEOUT_S: a snapshot may take long); errors end the command: exit 1, or
     EXIT_TRY_AGAIN where the monitor refused it for now (busy), so a script may retry."""
+    return _call(ctx, op, args, read_only=False)
+
+
+def query(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
+    """call() for what the monitor answers at once (status, devices): READ_ONLY_TIMEOUT_S."""
+    return _call(ctx, op, args, read_only=True)
+
+
+def _call(
+    ctx: click.Context, op: str, args: dict[str, object], read_only: bool
+) -> dict[str, object]:
+    from splitvmm.monitor import control
     from splitvmm.monitor.control import ControlBusy, ControlError, request
 
     opts = ctx.obj
+    timeout_s = control.READ_ONLY_TIMEOUT_S if read_only else None
     try:
-        return request(socket_path(opts["vm"], opts["socket"]), op, args)
+        return request(socket_path(opts["vm"], opts["socket"]), op, args, timeout_s)
     except ControlBusy as e:
         raise TryAgain(escaped(str(e))) from None
     except ControlError as e:  # its text may quote a device's words: never raw on a terminal

@@ -37,7 +37,7 @@ def _status_text(r: dict[str, object]) -> str:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """The VM's state, size, uptime and devices (with --json, each device's counters)."""
-    common.emit(common.call(ctx, "status", counters=as_json), as_json, _status_text)
+    common.emit(common.query(ctx, "status", counters=as_json), as_json, _status_text)
 
 
 @click.command("pause")
@@ -63,7 +63,7 @@ def resume(ctx: click.Context, as_json: bool) -> None:
 def devices(ctx: click.Context, as_json: bool) -> None:
     """The VM's device processes (with --json, each one's counters: Device.stats())."""
     common.emit(
-        common.call(ctx, "devices", counters=as_json),
+        common.query(ctx, "devices", counters=as_json),
         as_json,
         lambda r: _device_lines(common.reply_objects(r, "devices")),
     )
