@@ -8,6 +8,7 @@ launcher starts the zygote, whose imports (~100 ms) then overlap click's and the
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import Any, NoReturn
 
@@ -18,6 +19,7 @@ def main() -> NoReturn:
     from splitvmm.cli import early
 
     _stdio_open()
+    _unencodable_escaped()
     early.start_launcher(sys.argv[1:])
     from splitvmm.cli.root import main as run
 
@@ -42,6 +44,16 @@ def _stdio_open() -> None:
                 os.close(null)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
+def _unencodable_escaped() -> None:
+    """What the terminal's encoding cannot show is printed as a backslash escape, not a
+    UnicodeEncodeError: a snapshot's producer or a device's name may hold any character
+    (`snapshot inspect` keeps printable ones), and stdout may be ASCII (PYTHONIOENCODING, a
+    C locale where Python's UTF-8 coercion is off)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: root.py loads on first use

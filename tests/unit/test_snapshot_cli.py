@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -182,6 +184,21 @@ def test_cli_inspect_prints_producer_as_data(snap):
     assert result.exit_code == 0, result.output
     assert "[/][bold red]x\\x1b[2J\\x1b]0;pwned\\x07\\u202e, created" in result.stdout
     assert not {"\x1b", "\x07", "\u202e"} & set(result.stdout)
+
+
+def test_cli_inspect_on_an_ascii_stdout_escapes_what_it_cannot_encode(snap):
+    """A printable non-ASCII producer is kept (escaped() keeps printable characters); an
+    ASCII stdout then ended `inspect` in a UnicodeEncodeError traceback."""
+    edit_manifest(snap, lambda m: m.update(producer="spl\u20acitvmm"))
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", "snapshot", "inspect", str(snap)],
+        capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+
+    assert (proc.returncode, proc.stderr) == (0, b"")
+    assert b"spl\\u20acitvmm" in proc.stdout
 
 
 def test_cli_inspect_prints_stored_config_as_data(snap):
