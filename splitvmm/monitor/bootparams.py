@@ -15,6 +15,8 @@ from splitvmm.monitor.layout import (
     EBDA_START,
     FOUR_GIB,
     HIMEM_START,
+    KVM_IDENTITY_MAP,
+    KVM_PAGES_END,
     MMIO32_START,
     PCIE_ECAM_BASE,
     PCIE_ECAM_SIZE,
@@ -83,7 +85,9 @@ def e820_map(ram_size: int) -> list[E820Entry]:
     Base memory up to the EBDA is RAM; the EBDA, VGA hole and BIOS area up to 1 MiB
     are reserved (our MP table and ACPI tables live there); RAM resumes at 1 MiB up
     to the 32-bit PCI hole and continues above 4 GiB. The ECAM window in the hole is
-    reserved too: Linux uses an MCFG region only if the firmware reserved it.
+    reserved too: Linux uses an MCFG region only if the firmware reserved it. So are the
+    pages KVM keeps for itself in the hole (its identity map and TSS, layout.py), as QEMU
+    says: nothing the guest places there (a BAR it moves) would be what it reads back.
     """
     if ram_size <= HIMEM_START:
         raise BootError(
@@ -95,6 +99,7 @@ def e820_map(ram_size: int) -> list[E820Entry]:
         E820Entry(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
         E820Entry(HIMEM_START, low_end - HIMEM_START, E820_RAM),
         E820Entry(PCIE_ECAM_BASE, PCIE_ECAM_SIZE, E820_RESERVED),
+        E820Entry(KVM_IDENTITY_MAP, KVM_PAGES_END - KVM_IDENTITY_MAP, E820_RESERVED),
     ]
     if ram_size > low_end:
         table.append(E820Entry(FOUR_GIB, ram_size - low_end, E820_RAM))

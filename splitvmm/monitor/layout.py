@@ -52,6 +52,7 @@ LAPIC_BASE = 0xFEE00000
 # KVM needs three pages for the TSS and one for the identity map, in no slot (QEMU's choice).
 KVM_IDENTITY_MAP = 0xFEFFC000
 KVM_TSS = 0xFEFFD000
+KVM_PAGES_END = KVM_TSS + 3 * PAGE_SIZE  # 0xFF000000
 
 # Firmware (flat binary, like QEMU -bios): mapped so it ends at 4 GiB, and its last
 # 128 KiB aliased just below 1 MiB so the reset vector (F000:FFF0) sees it in real mode.

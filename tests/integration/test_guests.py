@@ -25,7 +25,7 @@ def test_hello_greets_over_serial_and_resets_with_status_0(guests, tmp_path):
     assert "guest reset through the i8042 controller" in run.stderr
 
 
-def test_hello_sees_e820_map_with_ebda_and_ecam_reserved(guests, tmp_path):
+def test_hello_sees_e820_map_with_ebda_ecam_and_kvm_pages_reserved(guests, tmp_path):
     run = run_up(tmp_path, kernel(guests, "hello"), memory="64M")
     entries = re.findall(r"e820: (0x[0-9a-f]+)-(0x[0-9a-f]+) (\d+)", run.serial)
     assert entries == [
@@ -33,6 +33,7 @@ def test_hello_sees_e820_map_with_ebda_and_ecam_reserved(guests, tmp_path):
         ("0x000000000009fc00", "0x0000000000100000", "2"),
         ("0x0000000000100000", "0x0000000004000000", "1"),
         ("0x00000000e0000000", "0x00000000e0100000", "2"),
+        ("0x00000000feffc000", "0x00000000ff000000", "2"),  # KVM's identity map and TSS
     ]
 
 

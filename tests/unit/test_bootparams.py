@@ -45,6 +45,7 @@ def test_e820_map_64mib_has_low_ram_reserved_bios_area_high_ram_and_ecam() -> No
         E820Entry(0x9FC00, 0x100000 - 0x9FC00, E820_RESERVED),
         E820Entry(0x100000, 63 * MIB, E820_RAM),
         E820Entry(0xE0000000, 1 * MIB, E820_RESERVED),
+        E820Entry(0xFEFFC000, 0x4000, E820_RESERVED),  # KVM's identity map and TSS
     ]
 
 
@@ -54,6 +55,7 @@ def test_e820_map_4gib_splits_around_pci_hole() -> None:
     assert table[2:] == [
         E820Entry(0x100000, 3 * GIB - 0x100000, E820_RAM),
         E820Entry(0xE0000000, 1 * MIB, E820_RESERVED),
+        E820Entry(0xFEFFC000, 0x4000, E820_RESERVED),
         E820Entry(4 * GIB, 1 * GIB, E820_RAM),
     ]
 
@@ -78,13 +80,13 @@ def test_zero_page_cmd_line_ptr_is_at_0x228() -> None:
 def test_zero_page_e820_entries_count_is_at_0x1e8() -> None:
     page = build_zero_page(BootSetup(ram_size=4 * GIB, cmdline_size=1))
 
-    assert u8(page, 0x1E8) == 5
+    assert u8(page, 0x1E8) == 6
 
 
 def test_zero_page_e820_table_is_at_0x2d0() -> None:
     page = build_zero_page(BootSetup(ram_size=4 * GIB, cmdline_size=1))
 
-    assert e820_at(page, 4) == (4 * GIB, 1 * GIB, E820_RAM)
+    assert e820_at(page, 5) == (4 * GIB, 1 * GIB, E820_RAM)
 
 
 def test_zero_page_acpi_rsdp_addr_is_at_0x070() -> None:
