@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -111,6 +112,8 @@ class DeviceChannel:
         docstring); None: it never is."""
         self.endpoint = endpoint
         self._host_io = host_io
+        # Set once the VM stops (give_up_host_io): no more waiting on a host I/O call.
+        self._gave_up_host_io = threading.Event()
         self._waited_on_host_io = False  # by the last request, past its deadline
         self._host_io_since = self._host_io_logged = 0.0  # that wait's start, its last log
         self._on_event = on_event
@@ -377,10 +380,18 @@ class DeviceChannel:
         except zmq.ZMQError as e:
             raise ChannelError(str(e)) from None
 
+    def give_up_host_io(self) -> None:
+        """The VM is stopping: a request past its deadline is no longer waited for because
+        the device says it is inside a host I/O call. The flag is the device's to write, so
+        a device that sets it and never answers held a vCPU's read, a quiesce and the
+        teardown's sync for ever, and the monitor never exited. Safe from any thread (a
+        waiting request holds the slot's lock); the wait in progress ends with its slice."""
+        self._gave_up_host_io.set()
+
     def _still_in_host_io(self) -> bool:
         """Whether the device, past a deadline, says it is inside a host I/O call: then it
         is waited for (the module docstring), and the wait logged every HOST_IO_LOG_S."""
-        if self._host_io is None or not self._host_io():
+        if self._host_io is None or self._gave_up_host_io.is_set() or not self._host_io():
             return False
         now = time.monotonic()
         if not self._waited_on_host_io:

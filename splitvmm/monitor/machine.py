@@ -360,6 +360,11 @@ class Machine:
             if self._outcome is not None:
                 return
             self._outcome = outcome
+        # A device that says it is in host I/O is no longer waited for: a vCPU's read from
+        # it, a snapshot's quiesce, the teardown's sync end at their deadlines (the flag is
+        # the device's to set, and one that never cleared it kept the monitor from exiting).
+        for slot in self.slots:
+            slot.give_up_host_io()
         for v in self.vcpus:
             v.request_stop()
         self._wake.trigger()

@@ -283,6 +283,7 @@ class DeviceSlot:
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
         self._uncounted = self._out_fd is None and _output_fd(spawn) is not None
         self._host_io = _host_io_flag(spawn)
+        self._gave_up_host_io = False  # give_up_host_io(): the VM is stopping
         # A process failed through its channel, whose end the supervisor has not reported
         # yet: process_ended says how it ended even once a restart replaced it.
         self._failed_process: DeviceProcess | None = None
@@ -377,6 +378,8 @@ class DeviceSlot:
         channel.watch_process(process)
         with self._lock:
             self.channel = channel
+            if self._gave_up_host_io:  # a restart while the VM stops
+                channel.give_up_host_io()
             self._input_sent, self._input_room = 0, None  # its process says its room anew
 
     def wait_ready(self) -> None:
@@ -822,6 +825,15 @@ class DeviceSlot:
                 self._fail_locked(str(e))
                 return False
             return True
+
+    def give_up_host_io(self) -> None:
+        """The VM is stopping: no request to this device waits past its deadline for a host
+        I/O call any more (DeviceChannel.give_up_host_io), this process's or a restart's.
+        Without the slot's lock, which a waiting request holds; from any thread."""
+        self._gave_up_host_io = True
+        channel = self.channel
+        if channel is not None:
+            channel.give_up_host_io()
 
     def control(
         self, op: str, timeout_ms: int = CONTROL_TIMEOUT_MS, args: dict[str, object] | None = None

@@ -175,3 +175,40 @@ def test_a_ping_to_a_device_in_host_io_that_never_drains_its_queue_returns(tmp_p
         device.close()
         ch.close()
         zctx.term()
+
+
+def test_a_stopping_vm_gives_up_waiting_on_a_device_that_says_it_is_in_host_io(tmp_path):
+    """The flag is the device's to write: one that set it and never answered held a vCPU's
+    read, a snapshot's quiesce and the teardown's sync for ever, and the monitor never
+    exited. Once the VM stops (Machine.stop -> DeviceSlot.give_up_host_io), the request
+    in progress ends at the end of its slice, failing the device, as any late answer."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    path = tmp_path / "dev0.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(1)
+    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx, host_io=lambda: True)
+    silent = zctx.socket(zmq.PAIR)  # connected, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.connect(f"ipc://{path}")
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            ch.control("ping", DEADLINE_MS)
+        except ChannelError as e:
+            outcome.append(e)
+
+    waiting = threading.Thread(target=ask, daemon=True)
+    try:
+        waiting.start()
+        waiting.join(3 * DEADLINE_MS / 1000)
+        assert waiting.is_alive()  # waited for past its deadline: the device's disk
+        ch.give_up_host_io()
+        waiting.join(5)
+        assert not waiting.is_alive()
+        assert len(outcome) == 1 and f"no reply within {DEADLINE_MS} ms" in str(outcome[0])
+    finally:
+        silent.close()
+        ch.close()
+        zctx.term()

@@ -20,6 +20,7 @@ def bare_machine() -> Machine:
     m._outcome = None
     m._outcome_lock = threading.Lock()
     m.vcpus = []
+    m.slots = []
     m._wake = SimpleNamespace(trigger=lambda: None)
     m._spawned_at = {"serial0": 0.0}
     return m
@@ -30,7 +31,11 @@ def test_a_stop_signal_while_the_devices_get_ready_runs_no_vcpu(monkeypatch):
     vCPU (none existed yet), and run() used to create and start them all the same."""
     m = bare_machine()
     stopped = Outcome(143, "stopped by SIGTERM")
-    m.slots = [SimpleNamespace(name="serial0", wait_ready=lambda: m.stop(stopped))]
+    m.slots = [
+        SimpleNamespace(
+            name="serial0", wait_ready=lambda: m.stop(stopped), give_up_host_io=lambda: None
+        )
+    ]
     monkeypatch.setattr(
         machine_module,
         "Supervisor",
@@ -45,6 +50,7 @@ def test_a_stop_signal_during_the_build_returns_at_once():
     m.slots = [
         SimpleNamespace(
             name="serial0",
+            give_up_host_io=lambda: None,
             wait_ready=lambda: (_ for _ in ()).throw(AssertionError("waited for devices")),
         )
     ]
@@ -141,3 +147,15 @@ def test_requests_that_change_the_vm_are_refused_once_it_stops():
             handlers[op]({"op": op, "path": "/snaps/s2", "name": "serial0"})
     assert called == []
     assert set(handlers) - set(steering) == set(machine_module.READ_ONLY_REQUESTS)
+
+
+def test_stop_gives_up_waiting_on_devices_in_host_io():
+    """Machine.stop tells every slot that a device's host-I/O flag no longer holds a wait
+    past its deadline (tests/unit/test_channel_host_io.py shows the channel's side)."""
+    m = bare_machine()
+    told: list[str] = []
+    m.slots = [
+        SimpleNamespace(name=n, give_up_host_io=lambda n=n: told.append(n)) for n in ("a", "b")
+    ]
+    m.stop(Outcome(143, "stopped by SIGTERM"))
+    assert told == ["a", "b"]
