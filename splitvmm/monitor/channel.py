@@ -275,6 +275,20 @@ class DeviceChannel:
         every vCPU's access behind it, for the whole timeout (seen as 2 s restart stalls)."""
         self.post_many((frame,))
 
+    def answer(self, frame: bytes) -> None:
+        """A frame that answers one of the device's events (a route request's route_done).
+        Not a guest's frame: no MIRROR follows it, so it does not widen the next request's
+        allowance of events (_posted: a device asking for routes grew it by one an answer,
+        without bound). And no wait past WRITE_TIMEOUT_MS on a device that says it is in
+        host I/O: the request its events came with may be the supervisor's ping, which must
+        never wait on one device; a device that asks must take its answers."""
+        try:
+            self._send(frame, "an answer to its event", wait_host_io=False)
+        except _InHostIo:
+            raise ChannelError(
+                f"took no answer to its event within {WRITE_TIMEOUT_MS} ms"
+            ) from None
+
     def post_many(self, frames: Sequence[bytes]) -> None:
         """Posted frames, in order, as the parts of one ZeroMQ message: one wake-up of its
         I/O threads for all (each part is a frame to the device). ZeroMQ delivers a

@@ -991,7 +991,7 @@ class DeviceSlot:
             case events.RouteRequest(route_id, gsi):
                 ok, reason = self._route_allowed(gsi)
                 if self.channel is not None:
-                    self.channel.post(events.encode_route_done(route_id, ok, reason))
+                    self.channel.answer(events.encode_route_done(route_id, ok, reason))
             case events.InputRoom(received, _):
                 if received > self._input_sent:
                     raise ChannelError(
@@ -1002,7 +1002,7 @@ class DeviceSlot:
             case events.MsiRequest(route_id, vector, address, data):
                 reason = self._msi_route(vector, address, data)
                 if self.channel is not None:
-                    self.channel.post(events.encode_route_done(route_id, not reason, reason))
+                    self.channel.answer(events.encode_route_done(route_id, not reason, reason))
 
     def _route_allowed(self, gsi: int) -> tuple[bool, str]:
         """A device may be routed only the interrupt line its descriptor gives it (the

@@ -19,7 +19,7 @@ import zmq
 
 from splitvmm.monitor import channel as channel_module
 from splitvmm.monitor.channel import ChannelError, DeviceChannel
-from splitvmm.protocol import control
+from splitvmm.protocol import control, events
 
 LATE_S = 0.6  # the device's answer, past the requests' 200 ms deadlines
 DEADLINE_MS = 200
@@ -210,5 +210,50 @@ def test_a_stopping_vm_gives_up_waiting_on_a_device_that_says_it_is_in_host_io(t
         assert len(outcome) == 1 and f"no reply within {DEADLINE_MS} ms" in str(outcome[0])
     finally:
         silent.close()
+        ch.close()
+        zctx.term()
+
+
+def test_answers_to_a_devices_route_requests_do_not_widen_its_allowance_of_events(tmp_path):
+    """MAX_EVENTS_PER_REQUEST bounds the events around a request, plus one MIRROR per guest
+    frame posted since the last. The slot's answers to route requests were posts too, so a
+    device asking for routes grew the next request's allowance by one an answer, without
+    bound (the review counted 3060 events accepted around one ping)."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    path = tmp_path / "dev0.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(1)
+    holder: list[DeviceChannel] = []
+
+    def on_event(event: events.Event) -> None:  # as DeviceSlot answers a route request
+        assert isinstance(event, events.RouteRequest)
+        holder[0].answer(events.encode_route_done(event.id, True, ""))
+
+    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx, on_event=on_event)
+    holder.append(ch)
+    device = zctx.socket(zmq.PAIR)
+    device.setsockopt(zmq.LINGER, 0)
+    device.connect(f"ipc://{path}")
+    per_ping = [events.MAX_EVENTS_PER_REQUEST - 1, events.MAX_EVENTS_PER_REQUEST + 1]
+
+    def serve() -> None:
+        for count in per_ping:
+            msg = control.decode(device.recv())
+            while msg["op"] != "ping":  # the answers to its last requests
+                msg = control.decode(device.recv())
+            for i in range(count):
+                device.send(events.encode_route(i, 4))
+            device.send(control.encode({"op": "pong", "seq": msg["seq"]}))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert ch.ping(5000) is True  # 255 events, each answered
+        with pytest.raises(ChannelError, match="sent more than 256 events around one request"):
+            ch.ping(5000)  # 257: over the allowance, which the answers did not widen
+    finally:
+        thread.join(5)
+        device.close()
         ch.close()
         zctx.term()
