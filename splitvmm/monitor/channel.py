@@ -81,6 +81,11 @@ class ChannelError(SplitvmmError):
     """The device broke its channel (str() says how); the device has failed."""
 
 
+class _ReplyLate(ChannelError):
+    """No reply by the request's deadline (and no host I/O call to wait on): the one
+    ChannelError a stats request takes for a late answer rather than a broken device."""
+
+
 class _InHostIo(Exception):
     """Past a request's deadline, the device is inside a host I/O call (ping(), stats()):
     `sent` says whether the request left (then its answer may still come), or waited in a
@@ -256,8 +261,12 @@ class DeviceChannel:
         seq = self._next_seq()
         try:
             reply = self._request(control.encode({"op": "stats", "seq": seq}), timeout_ms, False)
-        except (ChannelError, _InHostIo) as e:
-            if isinstance(e, ChannelError) and self._pidfd is not None and readable(self._pidfd, 0):
+        except (_ReplyLate, _InHostIo) as e:
+            # Only lateness is no failure: a frame around the request that breaks the
+            # protocol (a bad publish or MIRROR, a stall it may not ask for) fails the device
+            # here as around any other request, else a device could time its garbage to
+            # the stats requests it sees come.
+            if isinstance(e, _ReplyLate) and self._pidfd is not None and readable(self._pidfd, 0):
                 raise  # it ended: its supervisor says how
             if not isinstance(e, _InHostIo) or e.sent:
                 self._late[seq] = "counters"
@@ -390,7 +399,7 @@ class DeviceChannel:
                     raise ChannelError(f"kept sending events past its {timeout_ms} ms deadline")
             raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
-            raise ChannelError(f"no reply within {timeout_ms} ms") from None
+            raise _ReplyLate(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
             raise ChannelError(str(e)) from None
 

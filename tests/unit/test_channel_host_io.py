@@ -19,7 +19,7 @@ import zmq
 
 from splitvmm.monitor import channel as channel_module
 from splitvmm.monitor.channel import ChannelError, DeviceChannel
-from splitvmm.protocol import control, events
+from splitvmm.protocol import control, events, wire
 
 LATE_S = 0.6  # the device's answer, past the requests' 200 ms deadlines
 DEADLINE_MS = 200
@@ -252,6 +252,37 @@ def test_answers_to_a_devices_route_requests_do_not_widen_its_allowance_of_event
         assert ch.ping(5000) is True  # 255 events, each answered
         with pytest.raises(ChannelError, match="sent more than 256 events around one request"):
             ch.ping(5000)  # 257: over the allowance, which the answers did not widen
+    finally:
+        thread.join(5)
+        device.close()
+        ch.close()
+        zctx.term()
+
+
+def test_a_stats_request_met_with_a_broken_frame_fails_the_device(tmp_path):
+    """stats() takes a late answer for no failure, and took every ChannelError for one: a
+    frame that breaks the protocol around it (here a MIRROR of registers the model does not
+    mirror) was dropped in silence, where around any other request it fails the device."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    path = tmp_path / "dev0.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(1)
+    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx)
+    device = zctx.socket(zmq.PAIR)
+    device.setsockopt(zmq.LINGER, 0)
+    device.connect(f"ipc://{path}")
+
+    def serve() -> None:
+        msg = control.decode(device.recv())
+        device.send(wire.FRAME.pack(wire.Op.MIRROR, 0xFF, 0, 0, 0, b"\x01" * 8))
+        device.send(control.encode({"op": "counters", "seq": msg["seq"], "counters": {}}))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ChannelError, match="bad register mirror"):
+            ch.stats(5000)
     finally:
         thread.join(5)
         device.close()
