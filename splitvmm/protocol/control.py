@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from splitvmm.errors import ProtocolError, shown
 from splitvmm.protocol import schema
-from splitvmm.protocol.codec import StateDocument
+from splitvmm.protocol.codec import StateDocument, check_fields_depth
 from splitvmm.protocol.faults import Fault
 from splitvmm.protocol.wire import MAX_COUNT
 from splitvmm.record import Struct
@@ -214,6 +214,8 @@ def decode(buf: bytes) -> dict[str, Any]:
     if record is None:
         raise ProtocolError(f"control frame has an unknown op {shown(msg['op'])}")
     schema.decode(record, msg, where=f"control {msg['op']}", error=ProtocolError)
+    if issubclass(record, StateDocument):  # a state the monitor may hand a new process
+        check_fields_depth(msg["fields"], f"control {msg['op']}", ProtocolError)
     return msg
 
 

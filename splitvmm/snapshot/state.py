@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from splitvmm.errors import shown
 from splitvmm.protocol import schema
+from splitvmm.protocol.codec import check_fields_depth
 from splitvmm.record import Struct
 from splitvmm.snapshot.format import (
     MAX_JSON_CHUNK_BYTES,
@@ -50,6 +51,7 @@ def decode(entry: ChunkEntry, data: bytes) -> Any:
     if entry.kind != "device":
         return doc
     chunk = schema.decode(DeviceChunk, doc, where=entry.label, error=SnapshotError)
+    check_fields_depth(chunk.state, entry.label, SnapshotError)  # a restore's spec holds them
     if chunk.model != entry.model or chunk.version != entry.state_version:
         raise SnapshotError(
             f"{entry.label}: file says model {shown(chunk.model)} v{chunk.version}, "

@@ -13,7 +13,10 @@ from splitvmm.devprocs.runtime import Checkpoints
 from splitvmm.devprocs.serial import Uart8250
 from splitvmm.errors import ProtocolError
 from splitvmm.protocol import control, events, wire
+from splitvmm.protocol.codec import MAX_FIELDS_DEPTH
 from splitvmm.protocol.events import PUBLISH_EVERY, PUBLISH_EVERY_COUNTED
+from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox.launcher_server import _decode_spec
 from tests.fakes import FakeIrq, FakeLine
 
 STATE = {"model": "serial", "version": 2, "fields": {"ier": 1}}
@@ -334,3 +337,30 @@ def test_device_events_stall_is_never_dropped_behind_a_full_queue():
     queue.connect(lambda frame: sent.append(frame) is None)
 
     assert events.Stall("full") in [events.decode_event(f, "virtio-blk") for f in sent]
+
+
+def _nested(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", ["publish", "save reply"])
+def test_a_state_whose_fields_no_spawn_spec_could_hold_is_refused_at_the_channel(kind):
+    """A spec holds the document two levels down: fields the channel took one level deeper
+    than a spec allows made a snapshot the monitor wrote as sound, and no process could be
+    started from it (the launcher said only "the request holds no device spec")."""
+
+    def frame(levels: int) -> bytes:
+        doc = {"model": "serial", "version": 2, "fields": _nested(levels)}
+        if kind == "publish":
+            return events.encode_publish(doc)
+        return control.encode({"op": "state", "seq": 1, **doc})
+
+    deepest = control.decode(frame(MAX_FIELDS_DEPTH))
+    doc = {key: deepest[key] for key in ("model", "version", "fields")}
+    spec = DeviceSpec("serial0", "serial", "ipc:///x", state=doc)
+    assert _decode_spec(spec.to_json().encode()).state is not None  # a spec holds it
+    with pytest.raises(ProtocolError, match=f"fields nest deeper than {MAX_FIELDS_DEPTH} levels"):
+        control.decode(frame(MAX_FIELDS_DEPTH + 1))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from splitvmm.monitor.memory import GuestMemory
+from splitvmm.protocol.codec import MAX_FIELDS_DEPTH
 from splitvmm.snapshot import Snapshot, SnapshotError, reader
 from tests.unit.snapshot_support import (
     CHUNK_FILES,
@@ -401,6 +402,21 @@ def test_reader_device_file_with_another_model_refused(snap):
     rehash(snap, "serial0")
 
     with pytest.raises(SnapshotError, match=f"{_label('serial0')}: file says model 'net' v1"):
+        Snapshot.open(snap).read_json("serial0")
+
+
+def test_reader_device_state_too_deep_for_a_spawn_spec_refused(snap):
+    """A device's fields a restore's spawn spec could not hold (codec.MAX_FIELDS_DEPTH):
+    refused naming the chunk, not by the launcher naming nothing."""
+    doc = json.loads((snap / "serial0.json").read_text())
+    deep: dict[str, object] = {}
+    for _ in range(MAX_FIELDS_DEPTH):  # the fields object, and this many levels under it
+        deep = {"a": deep}
+    doc["state"] = deep
+    (snap / "serial0.json").write_text(json.dumps(doc))
+    rehash(snap, "serial0")
+
+    with pytest.raises(SnapshotError, match=f"{_label('serial0')}: fields nest deeper than"):
         Snapshot.open(snap).read_json("serial0")
 
 
