@@ -121,9 +121,9 @@ def test_slot_counts_forwarded_reads_and_writes(slot, monkeypatch):
 
 
 class PostedFrames(list[bytes]):
-    """A channel that keeps what the slot posts (its answers to events)."""
+    """A channel that keeps the slot's answers to events (DeviceChannel.answer)."""
 
-    def post(self, frame: bytes) -> None:
+    def answer(self, frame: bytes) -> None:
         self.append(frame)
 
 
