@@ -82,8 +82,9 @@ class ChannelError(SplitvmmError):
 
 
 class _ReplyLate(ChannelError):
-    """No reply by the request's deadline (and no host I/O call to wait on): the one
-    ChannelError a stats request takes for a late answer rather than a broken device."""
+    """No reply by the request's deadline (and no host I/O call to wait on), or events
+    around it whose handling ran past it: the one ChannelError a stats request takes for a
+    late answer rather than a broken device."""
 
 
 class _InHostIo(Exception):
@@ -395,8 +396,8 @@ class DeviceChannel:
                     return buf
                 # The deadline bounds the events too: _recv returns a frame already there
                 # however late, and checking each one (up to MAX_DEVICE_FRAME) takes time.
-                if time.monotonic() > deadline:
-                    raise ChannelError(f"kept sending events past its {timeout_ms} ms deadline")
+                if time.monotonic() > deadline:  # late: handling its events took the time
+                    raise _ReplyLate(f"kept sending events past its {timeout_ms} ms deadline")
             raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
             raise _ReplyLate(f"no reply within {timeout_ms} ms") from None

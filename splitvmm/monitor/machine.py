@@ -754,6 +754,10 @@ class Machine:
         event during its sync, an MSI-X route, may still use the VM), the VM's fds close on a
         thread of their own: the kernel's teardown of a VM waits out grace periods
         (bench/startup.py) that the devices' ends fill."""
+        # A teardown after a failed build or run, where stop() never came: no sync or
+        # snapshot waits past its deadline on a device that says it is in host I/O either.
+        for slot in self.slots:
+            slot.give_up_host_io()
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
         if self._pit_mode is not None:  # a build that failed may have left it running

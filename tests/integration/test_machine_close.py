@@ -45,6 +45,9 @@ class FakeSlot:
     def __init__(self, name: str, steps: Steps, last: bool) -> None:
         self.name, self.steps, self.last = name, steps, last
 
+    def give_up_host_io(self) -> None:
+        self.steps.note("give up host I/O", self.name)
+
     def sync(self) -> bool:
         self.steps.note("sync", self.name)
         self.steps.all_syncing.wait()  # every device's sync is in flight at once
@@ -106,8 +109,11 @@ def test_devices_end_together_while_the_vm_closes_on_its_own_thread(tmp_path, de
     syncs = [i for i, k in enumerate(kinds) if k == "sync"]
     kills = [i for i, k in enumerate(kinds) if k == "kill"]
     closes = [i for i, k in enumerate(kinds) if k == "close"]
-    assert len(syncs) == len(kills) == len(closes) == devices
+    gave_up = [i for i, k in enumerate(kinds) if k == "give up host I/O"]
+    assert len(syncs) == len(kills) == len(closes) == len(gave_up) == devices
     assert max(syncs) < min(kills) and max(kills) < min(closes)
+    # A device that says it is in host I/O holds no sync past its deadline, stop() or not.
+    assert max(gave_up) < min(syncs)
     # The vCPUs' fds before the VM's, each once, all on the closing thread.
     assert [who for step, who in steps.log if step == "fd" and who.startswith("v")] == [
         "vcpu1",
