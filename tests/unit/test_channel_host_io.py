@@ -5,14 +5,16 @@ answers late, its flag a variable."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import zmq
@@ -177,30 +179,49 @@ def test_a_ping_to_a_device_in_host_io_that_never_drains_its_queue_returns(tmp_p
         zctx.term()
 
 
-def test_a_stopping_vm_gives_up_waiting_on_a_device_that_says_it_is_in_host_io(tmp_path):
-    """The flag is the device's to write: one that set it and never answered held a vCPU's
-    read, a snapshot's quiesce and the teardown's sync for ever, and the monitor never
-    exited. Once the VM stops (Machine.stop -> DeviceSlot.give_up_host_io), the request
-    in progress ends at the end of its slice, failing the device, as any late answer."""
+@contextlib.contextmanager
+def channel_to_a_device(
+    tmp_path: Path, serve: Callable[[zmq.Socket[bytes]], None] | None = None, **options: Any
+) -> Iterator[DeviceChannel]:
+    """A serial channel whose device end is a PAIR socket the test drives: `serve(socket)`
+    on a thread, joined on leaving (None: a device that never answers)."""
     zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     path = tmp_path / "dev0.sock"
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening.bind(str(path))
     listening.listen(1)
-    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx, host_io=lambda: True)
-    silent = zctx.socket(zmq.PAIR)  # connected, never answers
-    silent.setsockopt(zmq.LINGER, 0)
-    silent.connect(f"ipc://{path}")
-    outcome: list[BaseException] = []
-
-    def ask() -> None:
-        try:
-            ch.control("ping", DEADLINE_MS)
-        except ChannelError as e:
-            outcome.append(e)
-
-    waiting = threading.Thread(target=ask, daemon=True)
+    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx, **options)
+    device = zctx.socket(zmq.PAIR)
+    device.setsockopt(zmq.LINGER, 0)
+    device.connect(f"ipc://{path}")
+    thread = None if serve is None else threading.Thread(target=serve, args=(device,), daemon=True)
+    if thread is not None:
+        thread.start()
     try:
+        yield ch
+    finally:
+        if thread is not None:
+            thread.join(5)
+        device.close()
+        ch.close()
+        zctx.term()
+
+
+def test_a_stopping_vm_gives_up_waiting_on_a_device_that_says_it_is_in_host_io(tmp_path):
+    """The flag is the device's to write: one that set it and never answered held a vCPU's
+    read, a snapshot's quiesce and the teardown's sync for ever, and the monitor never
+    exited. Once the VM stops (Machine.stop -> DeviceSlot.give_up_host_io), the request
+    in progress ends at the end of its slice, failing the device, as any late answer."""
+    outcome: list[BaseException] = []
+    with channel_to_a_device(tmp_path, host_io=lambda: True) as ch:  # it never answers
+
+        def ask() -> None:
+            try:
+                ch.control("ping", DEADLINE_MS)
+            except ChannelError as e:
+                outcome.append(e)
+
+        waiting = threading.Thread(target=ask, daemon=True)
         waiting.start()
         waiting.join(3 * DEADLINE_MS / 1000)
         assert waiting.is_alive()  # waited for past its deadline: the device's disk
@@ -208,10 +229,6 @@ def test_a_stopping_vm_gives_up_waiting_on_a_device_that_says_it_is_in_host_io(t
         waiting.join(5)
         assert not waiting.is_alive()
         assert len(outcome) == 1 and f"no reply within {DEADLINE_MS} ms" in str(outcome[0])
-    finally:
-        silent.close()
-        ch.close()
-        zctx.term()
 
 
 def test_answers_to_a_devices_route_requests_do_not_widen_its_allowance_of_events(tmp_path):
@@ -219,26 +236,14 @@ def test_answers_to_a_devices_route_requests_do_not_widen_its_allowance_of_event
     frame posted since the last. The slot's answers to route requests were posts too, so a
     device asking for routes grew the next request's allowance by one an answer, without
     bound (the review counted 3060 events accepted around one ping)."""
-    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    path = tmp_path / "dev0.sock"
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listening.bind(str(path))
-    listening.listen(1)
     holder: list[DeviceChannel] = []
 
     def on_event(event: events.Event) -> None:  # as DeviceSlot answers a route request
         assert isinstance(event, events.RouteRequest)
         holder[0].answer(events.encode_route_done(event.id, True, ""))
 
-    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx, on_event=on_event)
-    holder.append(ch)
-    device = zctx.socket(zmq.PAIR)
-    device.setsockopt(zmq.LINGER, 0)
-    device.connect(f"ipc://{path}")
-    per_ping = [events.MAX_EVENTS_PER_REQUEST - 1, events.MAX_EVENTS_PER_REQUEST + 1]
-
-    def serve() -> None:
-        for count in per_ping:
+    def serve(device: zmq.Socket[bytes]) -> None:
+        for count in (events.MAX_EVENTS_PER_REQUEST - 1, events.MAX_EVENTS_PER_REQUEST + 1):
             msg = control.decode(device.recv())
             while msg["op"] != "ping":  # the answers to its last requests
                 msg = control.decode(device.recv())
@@ -246,78 +251,38 @@ def test_answers_to_a_devices_route_requests_do_not_widen_its_allowance_of_event
                 device.send(events.encode_route(i, 4))
             device.send(control.encode({"op": "pong", "seq": msg["seq"]}))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with channel_to_a_device(tmp_path, serve, on_event=on_event) as ch:
+        holder.append(ch)
         assert ch.ping(5000) is True  # 255 events, each answered
         with pytest.raises(ChannelError, match="sent more than 256 events around one request"):
             ch.ping(5000)  # 257: over the allowance, which the answers did not widen
-    finally:
-        thread.join(5)
-        device.close()
-        ch.close()
-        zctx.term()
 
 
 def test_a_stats_request_met_with_a_broken_frame_fails_the_device(tmp_path):
     """stats() takes a late answer for no failure, and took every ChannelError for one: a
     frame that breaks the protocol around it (here a MIRROR of registers the model does not
     mirror) was dropped in silence, where around any other request it fails the device."""
-    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    path = tmp_path / "dev0.sock"
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listening.bind(str(path))
-    listening.listen(1)
-    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx)
-    device = zctx.socket(zmq.PAIR)
-    device.setsockopt(zmq.LINGER, 0)
-    device.connect(f"ipc://{path}")
 
-    def serve() -> None:
+    def serve(device: zmq.Socket[bytes]) -> None:
         msg = control.decode(device.recv())
         device.send(wire.FRAME.pack(wire.Op.MIRROR, 0xFF, 0, 0, 0, b"\x01" * 8))
         device.send(control.encode({"op": "counters", "seq": msg["seq"], "counters": {}}))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with channel_to_a_device(tmp_path, serve) as ch:
         with pytest.raises(ChannelError, match="bad register mirror"):
             ch.stats(5000)
-    finally:
-        thread.join(5)
-        device.close()
-        ch.close()
-        zctx.term()
 
 
 def test_a_stats_request_whose_events_run_past_its_deadline_is_late_not_failed(tmp_path):
     """The device answers stats in time, but an event it sent first takes the monitor past
     the 200 ms deadline to handle (a routing ioctl, a loaded host): late, as before, not a
     device to fail (its on_crash would stop the VM over a `ctl status --json`)."""
-    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    path = tmp_path / "dev0.sock"
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listening.bind(str(path))
-    listening.listen(1)
-    ch = DeviceChannel(
-        "serial", f"ipc://{path}", listening.detach(), zctx, on_event=lambda e: time.sleep(0.05)
-    )
-    device = zctx.socket(zmq.PAIR)
-    device.setsockopt(zmq.LINGER, 0)
-    device.connect(f"ipc://{path}")
 
-    def serve() -> None:
+    def serve(device: zmq.Socket[bytes]) -> None:
         msg = control.decode(device.recv())
         time.sleep(channel_module.STATS_TIMEOUT_MS / 1000 - 0.03)
         device.send(events.encode_report("busy"))
         device.send(control.encode({"op": "counters", "seq": msg["seq"], "counters": {}}))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with channel_to_a_device(tmp_path, serve, on_event=lambda e: time.sleep(0.05)) as ch:
         assert ch.stats() is None
-    finally:
-        thread.join(5)
-        device.close()
-        ch.close()
-        zctx.term()
