@@ -360,14 +360,18 @@ class Machine:
             if self._outcome is not None:
                 return
             self._outcome = outcome
-        # A device that says it is in host I/O is no longer waited for: a vCPU's read from
-        # it, a snapshot's quiesce, the teardown's sync end at their deadlines (the flag is
-        # the device's to set, and one that never cleared it kept the monitor from exiting).
-        for slot in self.slots:
-            slot.give_up_host_io()
+        self._give_up_host_io()
         for v in self.vcpus:
             v.request_stop()
         self._wake.trigger()
+
+    def _give_up_host_io(self) -> None:
+        """The VM is ending: a device that says it is in host I/O is no longer waited for. A
+        vCPU's read from it, a snapshot's quiesce and the teardown's sync end at their
+        deadlines (the flag is the device's to set, and one that never cleared it kept the
+        monitor from exiting). From stop(), on any thread, and from close()."""
+        for slot in self.slots:
+            slot.give_up_host_io()
 
     def _debug_exit(self, status: int, message: str) -> None:
         self.stop(Outcome(status, message))
@@ -754,10 +758,7 @@ class Machine:
         event during its sync, an MSI-X route, may still use the VM), the VM's fds close on a
         thread of their own: the kernel's teardown of a VM waits out grace periods
         (bench/startup.py) that the devices' ends fill."""
-        # A teardown after a failed build or run, where stop() never came: no sync or
-        # snapshot waits past its deadline on a device that says it is in host I/O either.
-        for slot in self.slots:
-            slot.give_up_host_io()
+        self._give_up_host_io()  # a teardown after a failed build or run has had no stop()
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
         if self._pit_mode is not None:  # a build that failed may have left it running

@@ -879,12 +879,12 @@ class VirtioPciDevice(RegisterDevice):
             self._notify[q].trigger()  # a kick the snapshot missed
 
     def _saved_ring(self, q: int) -> tuple[SplitQueue, int]:
-        """A snapshot's live queue q and its used ring's index in guest RAM, or StateError where its state contradicts itself or the
-        guest RAM saved with it (before any vCPU runs: a guest left to meet it at its first
-        kick hung, or read an I/O error). A snapshot is taken quiesced: no request is in
-        flight, so the device has taken what it completed (last_avail = used_idx); the rings
-        were in guest RAM, or the device would have needed a reset (its status says
-        NEEDS_RESET then, and none is opened).
+        """A snapshot's live queue q and its used ring's index in guest RAM, or StateError
+        where its state contradicts itself or the guest RAM saved with it (before any vCPU
+        runs: a guest left to meet it at its first kick hung, or read an I/O error). A
+        snapshot is taken quiesced: no request is in flight, so the device has taken what it
+        completed (last_avail = used_idx); the rings were in guest RAM, or the device would
+        have needed a reset (its status says NEEDS_RESET then, and none is opened).
 
         Its used ring's index in guest RAM says so too (_load compares it), unless the guest
         wrote there: the ring is the device's, but it lies in the guest's RAM, and a hostile

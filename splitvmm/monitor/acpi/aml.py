@@ -53,6 +53,12 @@ def pkg_length(content_len: int) -> bytes:
     raise ValueError(f"AML package of {content_len} bytes is too long for a PkgLength")
 
 
+def _packaged(*opcode: int, body: bytes) -> bytes:
+    """A term whose opcode is followed by the PkgLength of `body`, then `body` (Scope,
+    Device, Buffer, Package, Method, If, Else: 20.2.5)."""
+    return bytes(opcode) + pkg_length(len(body)) + body
+
+
 def name_seg(seg: str) -> bytes:
     if not 1 <= len(seg) <= 4 or not (seg[0].isupper() or seg[0] == "_"):
         raise ValueError(f"AML name segment {seg!r} is not 1-4 characters from A-Z or _")
@@ -106,22 +112,22 @@ def name(path: str, value: bytes) -> bytes:
 
 def scope(path: str, *terms: bytes) -> bytes:
     body = name_string(path) + b"".join(terms)
-    return bytes([SCOPE_OP]) + pkg_length(len(body)) + body
+    return _packaged(SCOPE_OP, body=body)
 
 
 def device(path: str, *terms: bytes) -> bytes:
     body = name_string(path) + b"".join(terms)
-    return bytes([EXT_OP_PREFIX, DEVICE_OP]) + pkg_length(len(body)) + body
+    return _packaged(EXT_OP_PREFIX, DEVICE_OP, body=body)
 
 
 def buffer(data: bytes) -> bytes:
     body = integer(len(data)) + data
-    return bytes([BUFFER_OP]) + pkg_length(len(body)) + body
+    return _packaged(BUFFER_OP, body=body)
 
 
 def package(*elements: bytes) -> bytes:
     body = bytes([len(elements)]) + b"".join(elements)
-    return bytes([PACKAGE_OP]) + pkg_length(len(body)) + body
+    return _packaged(PACKAGE_OP, body=body)
 
 
 def uuid(text: str) -> bytes:
@@ -137,7 +143,7 @@ def method(path: str, args: int, *terms: bytes) -> bytes:
     if not 0 <= args <= MAX_METHOD_ARGS:
         raise ValueError(f"an AML method takes 0 to {MAX_METHOD_ARGS} arguments, not {args}")
     body = name_string(path) + bytes([args]) + b"".join(terms)
-    return bytes([METHOD_OP]) + pkg_length(len(body)) + body
+    return _packaged(METHOD_OP, body=body)
 
 
 def arg(n: int) -> bytes:
@@ -155,12 +161,12 @@ def ref(path: str) -> bytes:
 
 def if_(predicate: bytes, *terms: bytes) -> bytes:
     body = predicate + b"".join(terms)
-    return bytes([IF_OP]) + pkg_length(len(body)) + body
+    return _packaged(IF_OP, body=body)
 
 
 def else_(*terms: bytes) -> bytes:
     body = b"".join(terms)
-    return bytes([ELSE_OP]) + pkg_length(len(body)) + body
+    return _packaged(ELSE_OP, body=body)
 
 
 def create_dword_field(source: bytes, byte_index: int, path: str) -> bytes:
