@@ -9,7 +9,7 @@ import pytest
 from splitvmm.devprocs import rtc
 from splitvmm.monitor import acpi, layout
 from splitvmm.monitor.acpi import aml, tables
-from splitvmm.monitor.acpi.dsdt import pci_root_bridge, prt_entry
+from splitvmm.monitor.acpi.dsdt import pci_osc, pci_root_bridge, prt_entry
 from splitvmm.monitor.mptable import build_mptable
 from splitvmm.monitor.platform import I8042, I8042_STATUS_IDLE, AcpiPm
 from splitvmm.protocol.models import RTC, SERIAL
@@ -78,7 +78,7 @@ def test_dsdt_prt_entries_match_iasl() -> None:
 
 def test_dsdt_root_bridge_has_prt_with_each_pci_intx() -> None:
     bridge = pci_root_bridge([(1, 17), (2, 18)])
-    assert IASL_PRT in bridge
+    assert bridge.endswith(IASL_PRT + pci_osc())  # the _PRT, then the _OSC, last
 
 
 def test_dsdt_root_bridge_without_pci_intx_has_no_prt() -> None:
