@@ -11,15 +11,23 @@ Transmit: each chain is one frame (header, then data), written with one writev; 
 entry follows the write (a frame the guest saw completed was handed to the TAP). A header
 asking for an offload the driver did not negotiate is refused and counted.
 
+Transmit frames are bounded: one longer than any a driver can build (TX_MAX_FRAME: 64 KiB,
+an Ethernet header, a VLAN tag) is dropped and counted, never handed to the host's stack.
+
 Receive: only while the driver has buffers posted does the device read the TAP: without
 any it stops watching the TAP's fd (the frames wait in the TAP's queue: back-pressure), and
 a notify on the receive queue starts it again. A frame is read into the buffers it may fill
--- one chain, or with MRG_RXBUF as many chains as the largest expected frame needs -- plus
-a scratch tail, so that a frame longer than them is seen, never cut: with MRG_RXBUF more
-chains take its tail, else (or when no more are posted) it is dropped and counted
-(rx_dropped). Chains it did not need go back unused (SplitQueue.unpop): between events,
-chains taken = chains completed, as the transport's crash restart needs. Each event reads
-at most RX_BATCH frames, then interrupts once.
+-- one chain, or with MRG_RXBUF as many as an Ethernet frame needs -- plus a scratch tail,
+so that a frame longer than them is seen, never cut. Without MRG_RXBUF such a frame is
+dropped and counted (rx_dropped): the driver posts buffers for the largest frame it takes
+(5.1.6.3.1). With it, more chains take the tail; when too few are posted (a TSO frame of
+64 KiB needs ~43 of Linux's), the frame is held in the device, not dropped, and the TAP is
+not read again until the driver has posted enough for it, as QEMU and Firecracker hold one.
+Only a frame that even a ring full of posted buffers cannot hold is dropped. A held frame
+is lost at a reset, at a crash and to a restored snapshot (a frame in flight, as one the
+dead process had read). Chains the device did not need go back unused (SplitQueue.unpop):
+between events, chains taken = chains completed, as the transport's crash restart needs.
+Each event reads at most RX_BATCH frames, then interrupts once.
 
 Crash restart: the new process takes each queue up at its used ring in guest RAM, as a NIC
 that lost power would: a frame the dead process read from the TAP and had not completed is
@@ -71,6 +79,17 @@ OFFLOAD_FEATURES = (
     | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_GUEST_ECN
     | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6 | VIRTIO_NET_F_HOST_ECN
 )  # fmt: skip
+# 5.1.3.1: a feature -> those it requires (any one of them). A driver's set that takes one
+# without is refused at FEATURES_OK (features_consistent); tun would refuse the offloads
+# anyway (TUN_F_TSO_ECN without a TSO is EINVAL).
+REQUIRES = {
+    VIRTIO_NET_F_GUEST_TSO4: VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO6: VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN: VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4: VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_TSO6: VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_HOST_ECN: VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6,
+}
 # The driver's receive features -> the TAP offloads they allow (TUN_F_*; TSO needs CSUM).
 GUEST_OFFLOADS = (
     (VIRTIO_NET_F_GUEST_TSO4, tun.TUN_F_TSO4),
@@ -111,6 +130,10 @@ RX_OFFLOADS = Offloads(VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, GUEST_GS
 CONFIG = struct.Struct("<6sH")  # struct virtio_net_config: mac, status (5.1.4)
 ETH_MAX_FRAME = 1518  # 1500 bytes of payload, Ethernet header, one VLAN tag
 GSO_MAX_FRAME = 65550  # a TSO segment the TAP may hand us: 64 KiB, Ethernet header
+# The longest frame a driver may send: a GSO frame of 64 KiB (Linux's GSO_MAX_SIZE) or a
+# 65535-byte MTU's frame, with an Ethernet header and a VLAN tag. Firecracker and crosvm
+# bound a transmit buffer the same way (65562 bytes, the 12-byte header included).
+TX_MAX_FRAME = (1 << 16) + 18
 RX_SCRATCH = 1 << 17  # more than any frame a TAP delivers: the tail of a frame too long
 RX_BATCH = 64  # frames read per event, then an interrupt and the channel's turn
 # After a failed TAP read (not EAGAIN): how long before the TAP is watched again. A failing
@@ -142,6 +165,8 @@ def parse_mac(text: str) -> bytes:
     mac = bytes.fromhex(text.replace(":", ""))
     if mac[0] & 1:
         raise ConfigError(f"virtio-net: mac {text} is a multicast address")
+    if not any(mac):  # a driver cannot bring its interface up with it (eth_validate_addr)
+        raise ConfigError(f"virtio-net: mac {text} is the all-zero address")
     return mac
 
 
@@ -170,6 +195,9 @@ class VirtioNet(VirtioPciDevice):
         self.counts = dict.fromkeys(("rx_frames", "rx_bytes", "rx_dropped", "tx_frames",
                                      "tx_bytes", "tx_dropped"), 0)  # fmt: skip
         self._scratch = bytearray(RX_SCRATCH)
+        # A frame read from the TAP that the buffers posted could not take (MRG_RXBUF), its
+        # header first: delivered before the TAP is read again.
+        self._held: bytes | None = None
         self._tap_source = Source(self.tap, lambda: self.process(RX))
         super().__init__(ctx)
 
@@ -202,23 +230,27 @@ class VirtioNet(VirtioPciDevice):
 
     @classmethod
     def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
-        if state.mac[0] & 1:
-            raise StateError("virtio-net state: mac is a multicast address")
+        if state.mac[0] & 1 or not any(state.mac):
+            raise StateError("virtio-net state: mac is a multicast or the all-zero address")
         return cls(ctx, state.mac)
 
     @classmethod
     def restore(cls, ctx: DeviceContext, state: Any) -> Self:
         device = super().restore(ctx, state)
+        if device.status & Status.FEATURES_OK:
+            device.features_ok()  # the TAP gets the driver's offloads again
+        return device
+
+    def _check_state(self, s: VirtioPciState) -> None:
         # Only features the device accepted (FEATURES_OK) bind it: before that, or where it
         # refused them, driver_features is whatever a driver wrote, offered or not. (The
         # state does not say what was offered, so a snapshot taken in the middle of a
         # negotiation that asked for offloads restores on a TAP without them, and the
         # driver's FEATURES_OK is refused then, as on a device that never offered them.)
-        if device.status & Status.FEATURES_OK:
-            if state.driver_features & OFFLOAD_FEATURES and not device.takes_offloads:
-                raise StateError("virtio-net state: the driver took offloads this TAP lacks")
-            device.features_ok()  # the TAP gets the driver's offloads again
-        return device
+        taken = s.driver_features if s.status & Status.FEATURES_OK else 0
+        if taken & OFFLOAD_FEATURES and not self.takes_offloads:
+            raise StateError("virtio-net state: the driver took offloads this TAP lacks")
+        super()._check_state(s)  # the rest of what was accepted: offered, consistent
 
     def model_fields(self) -> dict[str, Any]:
         return {"mac": self.mac}
@@ -230,6 +262,9 @@ class VirtioNet(VirtioPciDevice):
     def device_features(self) -> int:
         features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF
         return features | (OFFLOAD_FEATURES if self.takes_offloads else 0)
+
+    def features_consistent(self, features: int) -> bool:
+        return all(features & needs for f, needs in REQUIRES.items() if features & f)
 
     def config_bytes(self) -> bytes:
         return CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP)
@@ -246,6 +281,9 @@ class VirtioNet(VirtioPciDevice):
         self._set_offloads(0)
         self.rx_watch = False
         self.rx_retry_at = None
+        if self._held is not None:  # the driver's buffers are gone with the reset
+            self._held = None
+            self.counts["rx_dropped"] += 1
 
     def _set_offloads(self, offloads: int) -> None:
         if offloads == self.offloads:
@@ -303,7 +341,7 @@ class VirtioNet(VirtioPciDevice):
         with 0 tun works out what it needs from csum_start and csum_offset. A copy also means
         the guest cannot change the header between the check and the TAP's read of it."""
         size = sum(length for _, length in chain.readable)
-        if size < HDR.size or len(chain.readable) > IOV_MAX:
+        if not HDR.size <= size <= HDR.size + TX_MAX_FRAME or len(chain.readable) > IOV_MAX:
             self.counts["tx_dropped"] += 1
             return 0
         header = bytearray(self._header_of(chain.readable))
@@ -348,9 +386,19 @@ class VirtioNet(VirtioPciDevice):
 
     # -- receive ------------------------------------------------------------------------------
     def _receive(self, ring: SplitQueue) -> int:
-        """Frames from the TAP into posted buffers, at most RX_BATCH; how many."""
-        delivered = 0
-        for _ in range(RX_BATCH):
+        """Frames from the TAP into posted buffers, at most RX_BATCH read; how many were
+        delivered (a held frame first)."""
+        delivered = read = 0
+        while True:
+            if self._held is not None:
+                held = self._deliver_held(ring)
+                if held is None:
+                    self.rx_watch = False  # still too few buffers: a notify starts us again
+                    return delivered
+                delivered += held
+            if read == RX_BATCH:
+                break
+            read += 1
             chains = self._take(ring)
             if not chains:
                 self.rx_watch = False  # back-pressure: a notify starts us again
@@ -367,13 +415,14 @@ class VirtioNet(VirtioPciDevice):
         return bool(self.driver_features & VIRTIO_NET_F_MRG_RXBUF)
 
     def _take(self, ring: SplitQueue) -> list[Chain]:
-        """The chains to read a frame into: one, or with MRG_RXBUF enough for the largest
-        frame expected (of those posted); [] when none is (notifications asked for)."""
-        guest_tso = VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6
-        target = GSO_MAX_FRAME if self.driver_features & guest_tso else ETH_MAX_FRAME
+        """The chains to read a frame into: one, or with MRG_RXBUF enough for an Ethernet
+        frame (of those posted): a longer one, a TSO frame, takes more chains only as it
+        needs them (_tail), where taking enough for 64 KiB up front walked ~43 of Linux's
+        chains for every frame, and gave all but one or two back; [] when none is posted
+        (notifications asked for)."""
         chains: list[Chain] = []
         room = buffers = 0
-        while room < HDR.size + target and buffers < IOV_MAX // 2:
+        while room < HDR.size + ETH_MAX_FRAME and buffers < IOV_MAX // 2:
             chain = ring.pop()
             if chain is None and not chains and ring.enable_notifications():
                 chain = ring.pop()  # posted while we looked: no kick will come for it
@@ -414,12 +463,20 @@ class VirtioNet(VirtioPciDevice):
         room = sum(_room(c) for c in chains)
         if (
             n < HDR.size
-            or n > room and not (self._merge() and self._tail(ring, chains, n - room))
+            or n > room and not self._merge()
             or not self._negotiated(self._header_of(chains[0].writable, 2), RX_OFFLOADS)
         ):  # fmt: skip
             ring.unpop(len(chains))
             self.counts["rx_dropped"] += 1
             return 0
+        if n > room and not self._tail(ring, chains, n - room):
+            self._hold(ring, chains, room, n)
+            return 0
+        return self._used_by_frame(ring, chains, n)
+
+    def _used_by_frame(self, ring: SplitQueue, chains: list[Chain], n: int) -> int:
+        """The frame of n bytes, in the chains' buffers, goes to the driver: the chains it
+        fills are used, together, the rest given back; 1."""
         used: list[tuple[int, int]] = []
         left = n
         for chain in chains:
@@ -448,12 +505,63 @@ class VirtioNet(VirtioPciDevice):
             if chain is None:
                 return False
             chains.append(chain)
+            if _room(chain) < HDR.size:  # 5.1.6.3.1, as for the chains _take took
+                raise QueueError(f"a receive buffer of less than the {HDR.size}-byte header")
             tail = tail[self.ram.scatter(chain.writable, 0, tail) :]
         return True
+
+    def _hold(self, ring: SplitQueue, chains: list[Chain], room: int, n: int) -> None:
+        """Keep the frame of n bytes (`room` of them in the chains' buffers, the rest in the
+        scratch) until the driver posts enough buffers; the chains go back unused."""
+        head = b"".join(self.ram.iovecs(_first_bytes(chains, room), writable=False))
+        self._held = head + bytes(self._scratch[: n - room])
+        ring.unpop(len(chains))
+
+    def _deliver_held(self, ring: SplitQueue) -> int | None:
+        """The held frame into buffers posted since: 1 once it is delivered, 0 if dropped
+        (a ring full of posted buffers cannot take it), None while too few are posted (a
+        notify asked for)."""
+        held = self._held
+        assert held is not None
+        while True:
+            chains: list[Chain] = []
+            room = 0
+            while room < len(held) and (chain := ring.pop()) is not None:
+                chains.append(chain)
+                room += _room(chain)
+            if room >= len(held):
+                break
+            ring.unpop(len(chains))
+            if len(chains) >= ring.size:  # every entry posted: no more can come
+                self._held = None
+                self.counts["rx_dropped"] += 1
+                return 0
+            if not ring.enable_notifications(beyond=len(chains)):
+                return None
+        if any(_room(c) < HDR.size for c in chains):  # 5.1.6.3.1: MUST
+            ring.unpop(len(chains))
+            raise QueueError(f"a receive buffer of less than the {HDR.size}-byte header")
+        self._held = None
+        rest = memoryview(held)
+        for chain in chains:
+            rest = rest[self.ram.scatter(chain.writable, 0, rest) :]
+        return self._used_by_frame(ring, chains, len(held))
 
 
 def _room(chain: Chain) -> int:
     return sum(length for _, length in chain.writable)
+
+
+def _first_bytes(chains: Sequence[Chain], size: int) -> list[tuple[int, int]]:
+    """The (gpa, len) buffers holding the first `size` bytes of the chains' writable ones."""
+    parts: list[tuple[int, int]] = []
+    for chain in chains:
+        for gpa, length in chain.writable:
+            if size <= 0:
+                return parts
+            parts.append((gpa, min(length, size)))
+            size -= length
+    return parts
 
 
 def _past_header(chain: Chain) -> Sequence[tuple[int, int]]:

@@ -39,6 +39,7 @@ from tests.virtio.support import (
 )
 
 F_CSUM, F_GUEST_CSUM, F_MAC, F_GUEST_TSO4 = 1 << 0, 1 << 1, 1 << 5, 1 << 7
+F_GUEST_ECN, F_HOST_TSO4, F_HOST_ECN = 1 << 9, 1 << 11, 1 << 13
 F_MRG_RXBUF, F_STATUS = 1 << 15, 1 << 16
 OFFLOAD_BITS = 0b11_1011_1000_0011  # CSUM, GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN, HOST_TSO4/6/ECN
 HDR = bytes(12)  # struct virtio_net_hdr, VERSION_1: no offload
@@ -185,7 +186,9 @@ def test_virtio_net_config_derives_mac_from_vm_and_device_names(tmp_path: Path):
     assert dev.options == {"tap": "tap0", "mac": default_mac("web1", "net0")}
 
 
-@pytest.mark.parametrize("mac", ["01:00:5e:00:00:01", "52:54:00:12:34", "52-54-00-12-34-56"])
+@pytest.mark.parametrize(
+    "mac", ["01:00:5e:00:00:01", "00:00:00:00:00:00", "52:54:00:12:34", "52-54-00-12-34-56"]
+)
 def test_virtio_net_bad_mac_option_rejected_naming_it(fds, mac):
     with pytest.raises(ConfigError, match="virtio-net: mac"):
         VirtioNet.from_options(prepared("virtio-net", fds), {"mac": mac})
@@ -217,6 +220,56 @@ def test_virtio_net_tx_header_goes_to_tap_with_hdr_len_0_whatever_the_driver_gav
 
     assert os.read(peer, 1 << 16) == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 0) + FRAME
     assert (net.counts["tx_frames"], net.counts["tx_dropped"]) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("size", "sent"), [(virtio_net.TX_MAX_FRAME, True), (virtio_net.TX_MAX_FRAME + 1, False)]
+)
+def test_virtio_net_tx_frame_longer_than_any_driver_builds_is_dropped(net, peer, size, sent):
+    """A frame past 64 KiB + an Ethernet header + a VLAN tag never reaches the host's
+    stack (tun takes ~8 MB): nothing the spec allows needs it (Firecracker's bound too)."""
+    driver, _, tx = started(net)
+    frame = bytes(size)
+    tx.add([(*tx.buffer(HDR + frame), False)])
+    driver.kick(1)
+
+    assert tx.take_used() == [(0, 0)]
+    assert (net.counts["tx_frames"], net.counts["tx_dropped"]) == (int(sent), int(not sent))
+    if sent:
+        assert len(os.read(peer, 1 << 17)) == 12 + size
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        F_GUEST_TSO4,  # without GUEST_CSUM
+        F_GUEST_CSUM | F_GUEST_ECN,  # ECN without a TSO (tun: EINVAL)
+        F_HOST_TSO4,  # without CSUM
+        F_CSUM | F_HOST_ECN,  # HOST_ECN without a HOST_TSO
+    ],
+    ids=["guest-tso4", "guest-ecn", "host-tso4", "host-ecn"],
+)
+def test_virtio_net_features_taking_one_without_what_it_requires_are_refused(offloading, features):
+    """5.1.3.1: the driver MUST NOT accept a feature without the ones it requires; the
+    device refuses such a set at FEATURES_OK (2.2.1), as it may, rather than set offloads
+    the TAP refuses."""
+    assert not Driver(offloading).negotiate(F_VERSION_1 | features) & FEATURES_OK
+    assert Driver(offloading).negotiate(F_VERSION_1 | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4
+                                        | F_GUEST_ECN | F_HOST_TSO4 | F_HOST_ECN) & FEATURES_OK  # fmt: skip
+
+
+def test_virtio_net_restore_refuses_accepted_features_it_does_not_offer(net, fds):
+    """Accepted features bind the restored device: one this device never offers (a damaged
+    or crafted state) is refused, naming them, before it could change what the device does."""
+    from splitvmm.record import replace
+
+    started(net)
+    net.quiesce()
+    state = net.save()
+    hostile = replace(state, driver_features=state.driver_features | 1 << 22)
+
+    with pytest.raises(StateError, match="the driver took features 0x400000, which this"):
+        VirtioNet.restore(prepared("virtio-net", fds), hostile)
 
 
 def test_virtio_net_tx_header_asking_unnegotiated_checksum_dropped_and_counted(net, peer):
@@ -402,16 +455,115 @@ def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_expected_takes_more_buffers(n
     assert net.counts["rx_frames"] == 1
 
 
-def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_all_buffers_dropped_buffers_kept(net, peer):
-    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
-    post(rx, 100, 100)
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event-idx"])
+def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_the_posted_buffers_waits_for_more(
+    net, peer, fds, event_idx
+):
+    """With MRG_RXBUF a frame that needs more buffers than are posted is held, not dropped
+    (a 64 KiB TSO frame needs ~43 of Linux's, which refills only half a ring at a time): the
+    TAP is not read again, and the driver's next buffers, past those it saw, take it first,
+    then the frame behind it. The kick is asked for past the buffers already posted: with
+    EVENT_IDX an avail_event at those would let the driver post more without a kick."""
+    features = F_VERSION_1 | F_MRG_RXBUF | (F_EVENT_IDX if event_idx else 0)
+    driver, rx, _ = started(net, features)
+    first, _ = post(rx, 100, 100)
     driver.kick(0)
-    os.write(peer, HDR + bytes(300))
+    big = bytes(range(256)) + bytes(44)  # 300 bytes: 312 with the header, 200 posted
+    os.write(peer, HDR + big)
     os.write(peer, HDR + FRAME[:60])
     tap_readable(net)
 
+    assert (rx.take_used(), net.counts["rx_dropped"], watched(net)) == ([], 0, False)
+    assert pending_in_tap(fds) == 72  # the frame behind waits in the TAP
+
+    old = rx.avail_idx
+    post(rx, 100, 100, 100)
+    assert driver.kick_if_needed(rx, old, event_idx=event_idx)
+    assert rx.take_used() == [(0, 100), (1, 100), (2, 100), (3, 12), (4, 72)]
+    assert net.ram.read(first + 10, 2) == b"\x04\x00"  # num_buffers
+    assert net.ram.read(first + 12, 88) == big[:88]
+    assert net.counts == {**net.counts, "rx_frames": 2, "rx_dropped": 0}
+
+
+def test_virtio_net_rx_mrg_rxbuf_frame_no_ring_of_buffers_can_take_is_dropped(fds, peer):
+    """Held while the driver may still post buffers; dropped once every entry of the ring
+    is posted and they cannot take it, and the device goes on with the next frame."""
+    dev = VirtioNet.from_options(prepared("virtio-net", fds), {"mac": MAC})
+    driver, rx, tx = Driver(dev), Ring(dev.ram, size=4, base=0x1000), Ring(dev.ram, base=0x4000)
+    tx.heap = 0x80000
+    assert driver.negotiate(F_VERSION_1 | F_MRG_RXBUF) & FEATURES_OK
+    driver.setup_queue(0, rx)
+    driver.setup_queue(1, tx)
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    post(rx, 100, 100)
+    driver.kick(0)
+    os.write(peer, HDR + bytes(600))  # 612 bytes: more than 4 buffers of 100
+    os.write(peer, HDR + FRAME[:60])
+    tap_readable(dev)
+    assert (rx.take_used(), dev.counts["rx_dropped"]) == ([], 0)
+
+    post(rx, 100, 100)  # the ring is full of posted buffers now
+    driver.kick(0)
     assert rx.take_used() == [(0, 72)]
+    assert dev.counts["rx_dropped"] == 1
+
+
+def test_virtio_net_rx_held_frame_goes_with_a_reset(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 100)
+    driver.kick(0)
+    os.write(peer, HDR + bytes(300))
+    tap_readable(net)
+    driver.set_status(0)
+
     assert net.counts["rx_dropped"] == 1
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 1526)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+    assert rx.take_used() == [(0, 12 + len(FRAME))]
+
+
+def test_virtio_net_rx_mrg_rxbuf_takes_chains_for_an_ethernet_frame_even_with_guest_tso(
+    offloading, peer, monkeypatch
+):
+    """A frame takes the chains an Ethernet frame needs and more only for a longer one:
+    taking enough for 64 KiB up front walked ~43 of Linux's chains a frame, all but one
+    given back (and one more such walk whenever the TAP was empty)."""
+    features = F_VERSION_1 | F_MRG_RXBUF | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4
+    driver, rx, _ = started(offloading, features)
+    popped: list[int] = []
+    pop = SplitQueue.pop
+
+    def counted(ring: SplitQueue) -> object:
+        chain = pop(ring)
+        popped.append(chain is not None)
+        return chain
+
+    monkeypatch.setattr(SplitQueue, "pop", counted)
+    post(rx, *[1526] * 15)
+    driver.kick(0)
+    assert sum(popped) <= 2
+    popped.clear()
+    os.write(peer, HDR + FRAME)
+    big = bytes(range(256)) * 16  # a 4096-byte frame: three chains
+    os.write(peer, HDR + big)
+    tap_readable(offloading)
+
+    assert rx.take_used() == [(0, 12 + len(FRAME)), (1, 1526), (2, 1526), (3, 12 + 4096 - 3052)]
+    assert sum(popped) <= 8
+
+
+def test_virtio_net_rx_mrg_rxbuf_tail_chain_smaller_than_the_header_needs_a_reset(net, peer):
+    """5.1.6.3.1 (a MUST with MRG_RXBUF) holds for the chains a long frame's tail takes too."""
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 1530, 1, 4096)
+    driver.kick(0)
+    os.write(peer, HDR + bytes(2000))
+    tap_readable(net)
+
+    assert driver.status() & NEEDS_RESET
 
 
 def test_virtio_net_rx_without_buffers_stops_watching_tap_and_leaves_frame(net, peer, fds):

@@ -209,6 +209,38 @@ def test_virtio_pci_features_ok_refused_for_unoffered_bit(driver):
     assert not driver.negotiate(F_VERSION_1 | 1 << 5) & FEATURES_OK
 
 
+def test_virtio_pci_status_bit_cleared_without_a_reset_stays_set(rng, driver):
+    """2.1.2: the driver MUST NOT clear a status bit; only a reset (0) does. FEATURES_OK
+    cleared would let it write other features under the queues set up with the accepted
+    ones (they are read-only from FEATURES_OK on)."""
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    driver.set_status(ACK | DRIVER)
+    driver.set_common(0x08, 0, 4)  # driver_feature_select
+    driver.set_common(0x0C, F_EVENT_IDX, 4)  # driver_feature: EVENT_IDX now
+
+    assert driver.status() == ACK | DRIVER | FEATURES_OK
+    assert rng.driver_features == F_VERSION_1
+    driver.set_status(0)
+    assert driver.status() == 0
+
+
+def test_virtio_pci_restore_refuses_accepted_features_the_device_does_not_offer(rng, driver, fds):
+    from splitvmm.record import replace
+
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    rng.quiesce()
+    state = rng.save()
+    hostile = replace(state, driver_features=F_VERSION_1 | 1 << 5)
+
+    with pytest.raises(StateError, match="the driver took features 0x20, which this device"):
+        VirtioRng.restore(prepared("virtio-rng", fds), hostile)
+    # Features written but never accepted bind nothing: any a driver wrote restore.
+    unaccepted = replace(hostile, status=ACK | DRIVER)
+    assert VirtioRng.restore(prepared("virtio-rng", fds), unaccepted).driver_features == (
+        F_VERSION_1 | 1 << 5
+    )
+
+
 def test_virtio_pci_common_access_of_wrong_width_reads_zero_and_counts(rng, driver):
     value = driver.rd(0x1000 + 0x12, 4)  # num_queues is 16-bit
 

@@ -186,6 +186,12 @@ class VirtioPciDevice(RegisterDevice):
         """The model's own feature bits (the transport adds VERSION_1, EVENT_IDX, INDIRECT)."""
         return 0
 
+    def features_consistent(self, features: int) -> bool:
+        """Whether the driver's offered features hang together: a model whose features
+        depend on one another (virtio-net, 5.1.3.1) refuses a set that takes one without
+        what it requires, at FEATURES_OK (2.2.1: the device MUST fail to set it then)."""
+        return True
+
     def config_bytes(self) -> bytes:
         """The device-specific configuration as the driver reads it (little-endian)."""
         return b""
@@ -509,9 +515,17 @@ class VirtioPciDevice(RegisterDevice):
         if value == 0:
             self._reset()
             return
+        # 2.1.2: the driver MUST NOT clear a bit; only a reset does. A bit cleared anyway
+        # stays set: FEATURES_OK cleared would let the driver write other features under
+        # queues already set up with the accepted ones.
+        value |= self.status & ~Status.NEEDS_RESET
         if value & Status.FEATURES_OK and not self.status & Status.FEATURES_OK:
             accepted = self.driver_features
-            if accepted & ~self._offered() or not accepted & VIRTIO_F_VERSION_1:
+            if (
+                accepted & ~self._offered()
+                or not accepted & VIRTIO_F_VERSION_1
+                or not self.features_consistent(accepted)
+            ):
                 value &= ~Status.FEATURES_OK  # refused: the driver reads it back clear
         accepted_now = value & ~self.status & Status.FEATURES_OK
         started_now = value & ~self.status & Status.DRIVER_OK
@@ -848,6 +862,13 @@ class VirtioPciDevice(RegisterDevice):
         for q, queue in enumerate(s.queues):
             if not 0 < queue.size <= self.QUEUE_SIZE or queue.size & (queue.size - 1):
                 raise StateError(f"{where}: queue {q} size {queue.size} is not one offered")
+        if s.status & Status.FEATURES_OK:  # accepted features bind the device (restore())
+            if extra := s.driver_features & ~self._offered():
+                raise StateError(f"{where}: the driver took features {extra:#x}, which this "
+                                 "device does not offer")  # fmt: skip
+            if not self.features_consistent(s.driver_features):
+                raise StateError(f"{where}: the driver's features {s.driver_features:#x} "
+                                 "take one without a feature it requires")  # fmt: skip
 
     def _load(self, s: VirtioPciState) -> None:
         self.command, self.interrupt_line = s.command, s.interrupt_line

@@ -301,20 +301,23 @@ class SplitQueue:
         if not self.event_idx:
             self._used.write(0, U16.pack(VIRTQ_USED_F_NO_NOTIFY))
 
-    def enable_notifications(self) -> bool:
+    def enable_notifications(self, beyond: int = 0) -> bool:
         """Ask the driver to kick for the next chain; True if chains arrived meanwhile (pop
-        them: a kick for them may have been skipped before the request was seen)."""
+        them: a kick for them may have been skipped before the request was seen). `beyond`:
+        that many chains are available and left there (a device that needs more than they
+        hold): the kick is asked for the next one after them, and True means more came."""
         self._notify = True
         if self.event_idx:
-            self._write_avail_event()
+            self._write_avail_event((self.last_avail + beyond) & U16_MASK)
         else:
             self._used.write(0, U16.pack(0))
         full_fence()  # the request is visible before avail idx is read again
-        return self.avail_idx() != self.last_avail
+        return (self.avail_idx() - self.last_avail) & U16_MASK > beyond
 
-    def _write_avail_event(self) -> None:
-        """Kick when the driver makes entry last_avail available (2.7.10)."""
-        self._used.write(RING_HEADER + USED_ELEM.size * self.size, U16.pack(self.last_avail))
+    def _write_avail_event(self, event: int | None = None) -> None:
+        """Kick when the driver makes entry `event` (last_avail) available (2.7.10)."""
+        event = self.last_avail if event is None else event
+        self._used.write(RING_HEADER + USED_ELEM.size * self.size, U16.pack(event))
 
     # -- restarts and snapshots ----------------------------------------------------------
     def fresh(self) -> None:
