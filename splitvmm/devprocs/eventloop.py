@@ -29,6 +29,12 @@ import zmq
 
 from splitvmm.devprocs.base import Device, EventSources, OutputProducer, Source, TimedEvents
 
+# What a poll result means for the line and for a source (zmq reports POLLHUP as POLLERR): an
+# fd that is both (a `unix:` console's socket) is flushed only when writable, read only when
+# readable; an error goes to both, whose own calls then find it.
+WRITABLE = zmq.POLLOUT | zmq.POLLERR
+READABLE = zmq.POLLIN | zmq.POLLERR
+
 
 class EventLoop:
     def __init__(
@@ -70,12 +76,12 @@ class EventLoop:
         ready = self._poll(line, sources, timeout)
         host_event = False
         # the line polled writable (or in error): flush what waits for it
-        if line is not None and ready.get(line) and self.device.ctx.out.flush():
+        if line is not None and ready.get(line, 0) & WRITABLE and self.device.ctx.out.flush():
             host_event = True
             if self._room is not None:
                 self._room()
         for fd, source in sources.items():
-            if ready.get(fd):
+            if ready.get(fd, 0) & READABLE:
                 host_event = True
                 source.on_readable()
         if self._timed is not None and deadline is not None and self.clock() >= deadline:
@@ -110,8 +116,9 @@ class EventLoop:
     ) -> dict[object, int]:
         poller = zmq.Poller()
         poller.register(self.channel, zmq.POLLIN)
-        if line is not None:
-            poller.register(line, zmq.POLLOUT)
         for fd in sources:
             poller.register(fd, zmq.POLLIN)
+        if line is not None:  # last: registering an fd again replaces its events, and the
+            # line may be a source too (a `unix:` peer writes the console's input on it)
+            poller.register(line, zmq.POLLOUT | (zmq.POLLIN if line in sources else 0))
         return dict(poller.poll(timeout_ms))

@@ -151,7 +151,9 @@ class VirtioConsole(VirtioPciDevice):
         self.resets = 0
         self._socket_input = bool(ctx.prepared.get("input_socket"))
         self._input_fd = ctx.fds["out"] if self._socket_input else None
+        self._built = False  # reset_model() from the constructor: the output's skip stays
         super().__init__(ctx)  # resets the transport, which calls reset_model()
+        self._built = True
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
@@ -176,8 +178,14 @@ class VirtioConsole(VirtioPciDevice):
 
     def reset_model(self) -> None:
         """The chains in flight are the driver's no more; their buffered bytes still go out
-        (tx_held in a snapshot), and new chains start after them."""
+        (tx_held in a snapshot), and new chains start after them. A restore's or a restart's
+        skip (bytes of those chains the line took already, dropped as they run again) now
+        covers only what of them is buffered: they will not run again, and a skip past that
+        ate the new session's first bytes. Not the constructor's reset, nor one replayed
+        from the journal: the skip is set for what follows them."""
         out = self.ctx.out
+        if self._built and not self.ctx.replaying:
+            out.skip = min(out.skip, out.pending())
         self._tx = deque()
         self._tx_done = out.emitted + out.pending()
         self.resets = min(self.resets + 1, MAX_COUNTER)
@@ -286,23 +294,35 @@ class VirtioConsole(VirtioPciDevice):
             return
         out = self.ctx.out
         completed = self._complete_sent(ring)
+        deadline = self.clock_ns() + self.BUDGET_NS
         while out.room():
+            # A line that takes all at once (a file) would let one chain of up to 4 GiB, or
+            # a ring of them, hold the event loop past the heartbeat: every BUDGET_NS the
+            # rest waits for a later call if anything else waits (as process() does).
+            if self.clock_ns() >= deadline:
+                if self.ctx.waiting():
+                    self.budget_yields += 1
+                    self._notify[TX].trigger()  # back after the frames and fds that wait
+                    break
+                self.budget_renewals += 1
+                deadline = self.clock_ns() + self.BUDGET_NS
             if not self._tx or self._tx[-1].end is not None:
                 chain = self._take(ring)
                 if chain is None:
                     break
                 total = sum(length for _, length in chain.readable)
                 self._tx.append(_TxChain(chain, list(chain.readable), total))
-            self._put(self._tx[-1])
+            self._put(self._tx[-1], deadline)
         completed += self._complete_sent(ring)
         if completed:
             self.signal_used(TX, ring)
             self._checkpoint()
 
-    def _put(self, tx: _TxChain) -> None:
-        """As much of the chain's bytes as the buffer takes (a slice of guest RAM each)."""
+    def _put(self, tx: _TxChain, deadline: int) -> None:
+        """As much of the chain's bytes as the buffer takes (a slice of guest RAM each), until
+        `deadline` (clock_ns)."""
         out = self.ctx.out
-        while tx.left and out.room():
+        while tx.left and out.room() and self.clock_ns() < deadline:
             gpa, length = tx.left[0]
             n = min(length, out.room())
             out.put(self.ram.read(gpa, n))

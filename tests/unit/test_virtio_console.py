@@ -4,6 +4,7 @@ output line that takes what a test lets it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.eventloop import EventLoop
 from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE
@@ -171,6 +174,98 @@ def test_virtio_console_transmit_to_socket_reaches_peer(host):
     assert peer.recv(100) == b"over a unix: socket\n"
     peer.close()
     h.close()
+
+
+def test_virtio_console_unix_peer_slower_than_the_guest_still_gets_every_byte():
+    """A `unix:` output's socket is the line and the input's source at once: the event loop
+    watched it for input only (an fd registered again replaced its events), so once the
+    peer's buffer had filled, output stopped for good unless the peer wrote."""
+    peer, ours = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer.setblocking(False)
+    h = Host(ours.detach())
+    zctx = zmq.Context()
+    monitor, device = zctx.socket(zmq.PAIR), zctx.socket(zmq.PAIR)
+    monitor.bind("inproc://console-unix")
+    device.connect("inproc://console-unix")
+    line = FdLine(h.fds["out"])  # on `out` itself, as a device process builds it
+    try:
+        dev = VirtioConsole(h.context(line))
+        driver, _, tx = started(dev)
+        data = b"".join(bytes([65 + i]) * 4000 for i in range(8))
+        for i in range(8):
+            transmit(tx, data[4000 * i : 4000 * (i + 1)])
+        driver.kick(1)
+        loop = EventLoop(dev, device, lambda frame: None)
+        got = bytearray()
+        for _ in range(200):  # the peer reads after the guest filled its buffer, slowly
+            with contextlib.suppress(BlockingIOError):
+                got += peer.recv(2000)
+            if len(got) == len(data):
+                break
+            if loop.waiting():  # no waiting on an empty poll: the test ends, not hangs
+                loop.step()
+        assert bytes(got) == data
+        assert len(tx.take_used()) == 8
+    finally:
+        monitor.close(linger=0)
+        device.close(linger=0)
+        zctx.term()
+        peer.close()
+        if line._sock is not None:  # `out` is h's to close, not the line's (socket_line)
+            line._sock.detach()
+        h.close()
+
+
+def test_virtio_console_transmit_hands_the_loop_back_within_its_budget(host, monkeypatch):
+    """A line that takes all at once (a file) let one chain of up to 4 GiB, or a ring of
+    them, hold the event loop for seconds, past the heartbeat: after BUDGET_NS the rest
+    waits for a later call if anything else waits, as process() does."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, _, tx = started(dev)
+    now = [0]
+
+    def clock_ns() -> int:
+        now[0] += 100_000  # 0.1 ms each look
+        return now[0]
+
+    monkeypatch.setattr(dev, "clock_ns", clock_ns)
+    dev.ctx.waiting = lambda: True
+    head = transmit(tx, bytes(1 << 20))  # 1 MiB: 256 pieces of the output buffer
+    driver.kick(1)
+
+    assert tx.take_used() == [] and signalled(host.fds["notify1"]) == 1
+    assert dev.budget_yields == 1
+    dev.ctx.waiting = lambda: False  # nothing else waits: one call sends the rest
+    dev.process(1)
+    assert tx.take_used() == [(head, 0)] and dev.budget_renewals > 0
+
+
+def test_virtio_console_driver_reset_after_a_restore_drops_none_of_the_new_sessions_bytes(host):
+    """A restore skips the bytes of the chains in flight the line took already, as they
+    run again; a driver that resets first (the device needed a reset when saved) never runs
+    them again, and the skip ate the first bytes of its new session's output."""
+    line = Line(budget=30)
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = started(dev)
+    transmit(tx, bytes(range(100)))
+    driver.kick(1)  # the line took 30 bytes of the chain
+    state = saved(dev)
+
+    line2 = Line()
+    restored = VirtioConsole.restore(host.context(line2), state)
+    driver = Driver(restored)
+    driver.set_status(0)
+    rx, tx = Ring(restored.ram, base=0x20000), Ring(restored.ram, base=0x28000)  # new rings
+    tx.heap = 0x90000
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    driver.setup_queue(0, rx)
+    driver.setup_queue(1, tx)
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    transmit(tx, b"login: the new session's first line\n")
+    driver.kick(1)
+
+    assert bytes(line2.taken) == b"login: the new session's first line\n"
 
 
 def test_virtio_console_output_full_chain_not_completed_until_line_takes_it(host):
