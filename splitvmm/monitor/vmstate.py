@@ -117,6 +117,21 @@ MTRR_MSRS = (
     *MSR_MTRR_FIX4K,
     MSR_MTRR_DEF_TYPE,
 )
+# Machine-check banks (MCi_CTL, _STATUS, _ADDR, _MISC): KVM emulates KVM_MAX_MCE_BANKS (32)
+# for a vCPU set up without KVM_X86_SETUP_MCE but does not list them either. Linux writes each
+# MCi_CTL all ones at boot, and KVM drops an uncorrected error injected into a bank whose CTL
+# is not: lost in a restore, machine checks went nowhere. QEMU and Firecracker save them; a
+# bank the vCPU lacks is not readable and is skipped (read_msrs).
+MSR_IA32_MC0_CTL = 0x400
+KVM_MAX_MCE_BANKS = 32
+MCE_BANK_MSRS = tuple(range(MSR_IA32_MC0_CTL, MSR_IA32_MC0_CTL + 4 * KVM_MAX_MCE_BANKS))
+# IA32_PERF_CAPABILITIES: a capability KVM reports to a host read whatever the guest's CPUID
+# says (before Linux 6.12: its default, nonzero on Intel), and refuses back unless CPUID has
+# PDCM and a PMU (vmx_set_msr). Our guests have neither (cpuid.py), so a snapshot that held it
+# could never be restored; it is saved only where the saved CPUID has PDCM (QEMU's rule), and
+# dropped on restore from snapshots that hold it without (Firecracker never saves it).
+MSR_IA32_PERF_CAPABILITIES = 0x345
+CPUID_LEAF1_ECX_PDCM = 1 << 15
 
 TSC_KHZ_TOLERANCE_PPM = 250  # Firecracker and QEMU (Red Hat bz 1839095)
 # Bounds on untrusted snapshots. KVM_MAX_CPUID_ENTRIES (kvm_host.h, not UAPI) is 256; KVM lists
@@ -163,7 +178,7 @@ Cpuid = Annotated[CpuidEntry, FieldTypes({name: u32 for name in CpuidEntry.__str
 class VcpuHost(Struct, frozen=True):
     """What save and restore need to know about this host's KVM; probe it once per VM."""
 
-    msr_indices: tuple[int, ...]  # KVM_GET_MSR_INDEX_LIST plus the MTRRs
+    msr_indices: tuple[int, ...]  # KVM_GET_MSR_INDEX_LIST plus the MTRRs and MCE banks
     xsave_size: int  # KVM_CAP_XSAVE2's size; 0 when the host has no XSAVE (FPU instead)
 
     @classmethod
@@ -171,7 +186,8 @@ class VcpuHost(Struct, frozen=True):
         """The VM fd is where the KVM API says to ask KVM_CAP_XSAVE2; /dev/kvm answers the
         same for this process (the size depends on its arch_prctl permissions only)."""
         size = vm.xsave_size() if vm is not None else kvm.xsave_size()
-        indices = dict.fromkeys([*kvm.msr_index_list(), *MTRR_MSRS])  # ordered, no duplicates
+        listed = [*kvm.msr_index_list(), *MTRR_MSRS, *MCE_BANK_MSRS]
+        indices = dict.fromkeys(listed)  # ordered, no duplicates
         return cls(tuple(indices), size)
 
 
@@ -199,6 +215,9 @@ class VcpuState(Struct, frozen=True, kw_only=True):
     def validate(self) -> None:
         if (self.fpu is None) == (self.xsave is None):
             raise schema.Invalid("exactly one of fpu and xsave must be set")
+        leaves = {entry.function for entry in self.cpuid}
+        if not {0, 1} <= leaves:  # KVM takes any table; the vCPU's MSRs then fail to restore
+            raise schema.Invalid("cpuid: a table without leaf 0 and leaf 1 is no vCPU's")
 
 
 class VmState(Struct, frozen=True, kw_only=True):
@@ -250,7 +269,8 @@ def save_vcpu(vcpu: VcpuFd, host: VcpuHost | None = None) -> VcpuState:
     lapic = bytes(vcpu.get_lapic())
     tsc_khz = _tsc_khz(vcpu)
     cpuid = save_cpuid(vcpu)
-    msrs = read_msrs(vcpu, host.msr_indices)
+    pdcm = _has_pdcm(cpuid)
+    msrs = read_msrs(vcpu, [i for i in host.msr_indices if pdcm or i != MSR_IA32_PERF_CAPABILITIES])
     events = vcpu.get_vcpu_events()
     return VcpuState(
         cpuid=cpuid,
@@ -272,6 +292,7 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
     """Puts `state` into a vCPU that has not run yet, in the order the docstring explains."""
     host = host if host is not None else _probe_default()
     xsave = _fit_xsave(state, host)
+    msrs = _restorable_msrs(state, host)
     vcpu.set_cpuid(list(state.cpuid))
     _restore_tsc_khz(vcpu, state.tsc_khz)
     vcpu.set_mp_state(state.mp_state)
@@ -284,7 +305,7 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
         vcpu.set_fpu_bytes(state.fpu)
     vcpu.set_debugregs(state.debugregs)
     vcpu.set_lapic(state.lapic)
-    vcpu.set_msrs(msr_restore_order(state.msrs))
+    vcpu.set_msrs(msrs)
     vcpu.set_vcpu_events(state.events)
 
 
@@ -353,6 +374,32 @@ def msr_restore_order(msrs: Mapping[int, int]) -> dict[int, int]:
     last = [MSR_IA32_TSC_DEADLINE] if MSR_IA32_TSC_DEADLINE in msrs else []
     middle = sorted(set(msrs) - set(first) - set(last))
     return {i: msrs[i] for i in [*first, *middle, *last]}
+
+
+def _has_pdcm(cpuid: Sequence[CpuidEntry]) -> bool:
+    return any(e.function == 1 and e.ecx & CPUID_LEAF1_ECX_PDCM for e in cpuid)
+
+
+def _restorable_msrs(state: VcpuState, host: VcpuHost) -> dict[int, int]:
+    """The saved MSRs this host's KVM takes, in restore order. One it does not list (a
+    snapshot from a newer kernel, or a crafted one) is left out when 0, the reset value
+    whatever the MSR is, and refused, naming it, when not: KVM would take some silently and
+    fail on others, blaming the batch. IA32_PERF_CAPABILITIES without PDCM is left out."""
+    known = set(host.msr_indices)
+    kept: dict[int, int] = {}
+    for index, value in state.msrs.items():
+        if index == MSR_IA32_PERF_CAPABILITIES and not _has_pdcm(state.cpuid):
+            continue  # saved by releases before this rule; never writable back
+        if index not in known:
+            if value:
+                raise StateError(
+                    f"msrs: MSR {index:#x} = {value:#x} is not one this host's KVM saves "
+                    "and restores (KVM_GET_MSR_INDEX_LIST)"
+                )
+            log.debug("MSR %#x is not listed by this host's KVM and is 0: not restored", index)
+            continue
+        kept[index] = value
+    return msr_restore_order(kept)
 
 
 def _probe_default() -> VcpuHost:

@@ -53,7 +53,12 @@ LOOP = (CODE[0] + len(PREAMBLE[0]), CODE[1])
 JMP_OFFSET = 12  # the loop's `jmp`, right after its `out`
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_KERNEL_GS_BASE = 0xC0000102
-HOST_MSRS = {MSR_IA32_SYSENTER_CS: 0x10, MSR_KERNEL_GS_BASE: 0xFFFF_8880_DEAD_0000}
+MSR_IA32_MC1_CTL = 0x404  # a machine-check bank's control: Linux sets every one all ones
+HOST_MSRS = {
+    MSR_IA32_SYSENTER_CS: 0x10,
+    MSR_KERNEL_GS_BASE: 0xFFFF_8880_DEAD_0000,
+    MSR_IA32_MC1_CTL: (1 << 64) - 1,
+}
 MTRR_DEF_TYPE = 0x806  # MTRRs enabled, default write-back (as boot64 sets it)
 FIRST_VM_CPUID_MASK = CpuidMask.parse(["1.ecx:0x80000000"])  # no hypervisor bit
 LEAF1_ECX_HYPERVISOR = 1 << 31

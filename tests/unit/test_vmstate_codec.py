@@ -14,6 +14,8 @@ import pytest
 
 from splitvmm.errors import StateError
 from splitvmm.monitor.vmstate import (
+    CPUID_LEAF1_ECX_PDCM,
+    MSR_IA32_PERF_CAPABILITIES,
     MSR_IA32_TSC,
     MSR_IA32_TSC_ADJUST,
     MSR_IA32_TSC_DEADLINE,
@@ -345,6 +347,80 @@ def read_until_ucode_rev(indices: list[int]) -> dict[int, int]:
     before it."""
     readable = indices[: indices.index(0x8B)] if 0x8B in indices else indices
     return {i: i for i in readable}
+
+
+def leaf1(ecx: int) -> list[CpuidEntry]:
+    return [CpuidEntry(0, 0, 0, 0xD, 0, 0, 0), CpuidEntry(1, 0, 0, 0, 0, ecx, 0)]
+
+
+@pytest.mark.parametrize("pdcm", [False, True], ids=["no-pdcm", "pdcm"])
+def test_vmstate_save_vcpu_keeps_perf_capabilities_only_with_pdcm(pdcm: bool) -> None:
+    """KVM (before Linux 6.12, on Intel) reads IA32_PERF_CAPABILITIES back nonzero to the host
+    whatever CPUID says, and refuses it back without PDCM and a PMU: a snapshot holding it
+    could never be restored (QEMU saves it only with PDCM; Firecracker never)."""
+    host = replace(HOST, msr_indices=(*HOST.msr_indices, MSR_IA32_PERF_CAPABILITIES))
+    answers = {**SAVE_ANSWERS, "get_cpuid": leaf1(CPUID_LEAF1_ECX_PDCM if pdcm else 0)}
+    vcpu = FakeVcpu(get_msrs=lambda indices: {i: 0x2000 for i in indices}, **answers)
+
+    state = save_vcpu(vcpu, host)  # type: ignore[arg-type]
+
+    assert (MSR_IA32_PERF_CAPABILITIES in state.msrs) is pdcm
+
+
+@pytest.mark.parametrize("pdcm", [False, True], ids=["no-pdcm", "pdcm"])
+def test_vmstate_restore_vcpu_leaves_out_perf_capabilities_without_pdcm(pdcm: bool) -> None:
+    """A snapshot of an earlier release holds it without PDCM: it restores all the same."""
+    host = replace(HOST, msr_indices=(*HOST.msr_indices, MSR_IA32_PERF_CAPABILITIES))
+    cpuid = tuple(leaf1(CPUID_LEAF1_ECX_PDCM if pdcm else 0))
+    state = vcpu_state(cpuid=cpuid, msrs={MSR_IA32_TSC: 1, MSR_IA32_PERF_CAPABILITIES: 0x2000})
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+
+    restore_vcpu(vcpu, state, host)  # type: ignore[arg-type]
+
+    (msrs,) = [args[0] for name, args in vcpu.calls if name == "set_msrs"]
+    assert (MSR_IA32_PERF_CAPABILITIES in msrs) is pdcm
+
+
+def test_vmstate_restore_vcpu_refuses_a_nonzero_msr_this_kvm_does_not_list() -> None:
+    """KVM takes some MSRs it does not list and refuses others, blaming the batch: one this
+    host's KVM does not list is refused by name, before any ioctl, unless it is 0 (the reset
+    value: a snapshot from a newer kernel listing one more MSR), which is left out."""
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+    zero = vcpu_state(msrs={MSR_IA32_TSC: 1, 0x400: 0})
+
+    restore_vcpu(vcpu, zero, HOST)  # type: ignore[arg-type]
+    (msrs,) = [args[0] for name, args in vcpu.calls if name == "set_msrs"]
+    assert msrs == {MSR_IA32_TSC: 1}
+
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+    with pytest.raises(StateError, match="msrs: MSR 0x400 = 0x1 is not one this host's KVM"):
+        restore_vcpu(vcpu, vcpu_state(msrs={0x400: 1}), HOST)  # type: ignore[arg-type]
+    assert vcpu.calls == []
+
+
+def test_vmstate_probe_lists_the_machine_check_banks() -> None:
+    """KVM emulates 32 banks per vCPU but does not list their MSRs: lost in a restore, an
+    MCi_CTL Linux set all ones at boot went back to 0, and KVM then drops machine checks."""
+
+    class FakeKvm:
+        def xsave_size(self) -> int:
+            return XSAVE_MIN_SIZE
+
+        def msr_index_list(self) -> list[int]:
+            return [MSR_IA32_TSC]
+
+    host = VcpuHost.probe(FakeKvm())  # type: ignore[arg-type]
+
+    assert set(range(0x400, 0x480)) <= set(host.msr_indices)
+
+
+def test_vmstate_vcpu_from_dict_refuses_a_cpuid_without_leaf_0_and_1() -> None:
+    """KVM takes an empty CPUID table; the restore then failed on an MSR, blaming it."""
+    data = to_dict(vcpu_state())
+    data["cpuid"] = data["cpuid"][:1]
+
+    with pytest.raises(StateError, match="cpuid: a table without leaf 0 and leaf 1"):
+        from_dict(VcpuState, data)
 
 
 def test_vmstate_save_vcpu_skips_msrs_kvm_cannot_read() -> None:
