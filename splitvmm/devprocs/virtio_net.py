@@ -132,7 +132,7 @@ ETH_MAX_FRAME = 1518  # 1500 bytes of payload, Ethernet header, one VLAN tag
 GSO_MAX_FRAME = 65550  # a TSO segment the TAP may hand us: 64 KiB, Ethernet header
 # The longest frame a driver may send: a GSO frame of 64 KiB (Linux's GSO_MAX_SIZE) or a
 # 65535-byte MTU's frame, with an Ethernet header and a VLAN tag. Firecracker and crosvm
-# bound a transmit buffer the same way (65562 bytes, the 12-byte header included).
+# bound a transmit buffer alike (65562 bytes with the 12-byte header; ours 65566: the tag).
 TX_MAX_FRAME = (1 << 16) + 18
 RX_SCRATCH = 1 << 17  # more than any frame a TAP delivers: the tail of a frame too long
 RX_BATCH = 64  # frames read per event, then an interrupt and the channel's turn
@@ -532,7 +532,8 @@ class VirtioNet(VirtioPciDevice):
             if room >= len(held):
                 break
             ring.unpop(len(chains))
-            if len(chains) >= ring.size:  # every entry posted: no more can come
+            held_descriptors = sum(ring.ring_descriptors(c.head) for c in chains)
+            if held_descriptors >= ring.size:  # every descriptor posted: no more can come
                 self._held = None
                 self.counts["rx_dropped"] += 1
                 return 0

@@ -382,9 +382,10 @@ def _has_pdcm(cpuid: Sequence[CpuidEntry]) -> bool:
 
 def _restorable_msrs(state: VcpuState, host: VcpuHost) -> dict[int, int]:
     """The saved MSRs this host's KVM takes, in restore order. One it does not list (a
-    snapshot from a newer kernel, or a crafted one) is left out when 0, the reset value
-    whatever the MSR is, and refused, naming it, when not: KVM would take some silently and
-    fail on others, blaming the batch. IA32_PERF_CAPABILITIES without PDCM is left out."""
+    snapshot from a newer kernel, or a crafted one) is left out when 0, what most such MSRs
+    hold until a guest sets them, and refused, naming it, when not: KVM would take some
+    silently and fail on others, blaming the batch. IA32_PERF_CAPABILITIES without PDCM is
+    left out."""
     known = set(host.msr_indices)
     kept: dict[int, int] = {}
     for index, value in state.msrs.items():

@@ -306,6 +306,12 @@ class Kvm(OwnedFd):
         return VmFd(_ioctl_val(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM"), self)
 
 
+# KVM_GET_MSRS / KVM_SET_MSRS refuse a call of MAX_IO_MSRS (256, arch/x86/kvm/x86.c, not UAPI)
+# MSRs or more with E2BIG; a host listing ~100 MSRs plus the MTRRs and machine-check banks
+# passes that (Firecracker splits its calls the same way).
+MSRS_PER_CALL = 255
+
+
 class CpuidEntry(Struct, frozen=True):
     function: int
     index: int
@@ -578,21 +584,33 @@ class VcpuFd(OwnedFd):
         return [CpuidEntry.from_c(buf.entries[i]) for i in range(buf.nent)]
 
     def set_msrs(self, msrs: dict[int, int]) -> None:
-        buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(msrs), "entries": len(msrs)})
-        for i, (index, value) in enumerate(msrs.items()):
-            buf.entries[i].index = index
-            buf.entries[i].data = value
-        done = _ioctl_ptr(self.fd, lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
-        if done != len(msrs):
-            bad = list(msrs)[done]
-            raise KvmError(22, f"KVM_SET_MSRS (MSR {bad:#x} refused)")
+        """KVM_SET_MSRS in `msrs`' order, MSRS_PER_CALL at a time; KvmError naming the
+        first MSR KVM refused."""
+        items = list(msrs.items())
+        for start in range(0, len(items), MSRS_PER_CALL):
+            part = items[start : start + MSRS_PER_CALL]
+            buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(part), "entries": len(part)})
+            for i, (index, value) in enumerate(part):
+                buf.entries[i].index = index
+                buf.entries[i].data = value
+            done = _ioctl_ptr(self.fd, lib.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+            if done != len(part):
+                raise KvmError(22, f"KVM_SET_MSRS (MSR {part[done][0]:#x} refused)")
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
-        buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
-        for i, index in enumerate(indices):
-            buf.entries[i].index = index
-        done = _ioctl_ptr(self.fd, lib.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
-        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+        """KVM_GET_MSRS, MSRS_PER_CALL at a time: the MSRs read, in order, up to the first
+        one KVM could not read (as one call returns them)."""
+        values: dict[int, int] = {}
+        for start in range(0, len(indices), MSRS_PER_CALL):
+            part = indices[start : start + MSRS_PER_CALL]
+            buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(part), "entries": len(part)})
+            for i, index in enumerate(part):
+                buf.entries[i].index = index
+            done = _ioctl_ptr(self.fd, lib.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+            values.update((buf.entries[i].index, buf.entries[i].data) for i in range(done))
+            if done < len(part):
+                break
+        return values
 
     def get_lapic(self) -> bytearray:
         lapic = ffi.new("struct kvm_lapic_state *")

@@ -19,6 +19,7 @@ import pytest
 
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.monitor import layout
+from splitvmm.native import kvm as kvm_module
 from splitvmm.native.coalesced import CoalescedRing
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.exits import HLT, INTERRUPTED, MmioRead, MmioWrite, PioIn, PioOut
@@ -225,6 +226,30 @@ def test_set_lapic_of_wrong_length_raises_value_error(make_guest: MakeGuest) -> 
 
     with pytest.raises(ValueError, match=f"KVM_SET_LAPIC: 16 bytes given, .* is {LAPIC_SIZE}"):
         g.vcpu.set_lapic(bytes(16))
+
+
+MCE_BANKS = [0x400 + i for i in range(4 * 32)]  # KVM emulates 32 banks, listed or not
+MTRRS = [*range(0x200, 0x210), 0x250, 0x258, 0x259, *range(0x268, 0x270), 0x2FF]
+
+
+def test_msrs_more_than_one_kvm_call_takes_are_read_and_written_in_order(
+    make_guest: MakeGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KVM refuses a KVM_GET/SET_MSRS of 256 MSRs or more (E2BIG): a host listing ~100 MSRs
+    plus the MTRRs and machine-check banks passes that, and every snapshot failed. The
+    calls are split; an MSR KVM cannot read ends the read there, as one call does."""
+    g = make_guest(b"")
+    many = {i: 0 for i in MCE_BANKS + MTRRS} | {0x404: (1 << 64) - 1, 0x2FF: 0x806}
+
+    g.vcpu.set_msrs(many)  # 155 MSRs: one call; then the same 3 at a time
+    assert g.vcpu.get_msrs(list(many) * 2) == many  # 310 MSRs: E2BIG in one call
+    monkeypatch.setattr(kvm_module, "MSRS_PER_CALL", 3)
+    g.vcpu.set_msrs({**many, 0x404: 0})
+    assert g.vcpu.get_msrs([0x404, 0x2FF, 0x400, 0x401, 0xDEAD0000, 0x402]) == {
+        0x404: 0, 0x2FF: 0x806, 0x400: 0, 0x401: 0
+    }  # fmt: skip
+    with pytest.raises(KvmError, match="KVM_SET_MSRS \\(MSR 0xdead0000 refused\\)"):
+        g.vcpu.set_msrs({0x400: 0, 0x401: 0, 0x402: 0, 0x403: 0, 0xDEAD0000: 1})
 
 
 # -- ioeventfd -----------------------------------------------------------------------------

@@ -508,6 +508,27 @@ def test_virtio_net_rx_mrg_rxbuf_frame_no_ring_of_buffers_can_take_is_dropped(fd
     assert dev.counts["rx_dropped"] == 1
 
 
+def test_virtio_net_rx_held_frame_dropped_when_two_descriptor_chains_fill_the_ring(fds, peer):
+    """A ring is full when its descriptors are: with two-descriptor chains (header and
+    data, as Windows' netkvm posts them) a ring of 4 holds 2 chains, and no more can come."""
+    dev = VirtioNet.from_options(prepared("virtio-net", fds), {"mac": MAC})
+    driver, rx, tx = Driver(dev), Ring(dev.ram, size=4, base=0x1000), Ring(dev.ram, base=0x4000)
+    tx.heap = 0x80000
+    assert driver.negotiate(F_VERSION_1 | F_MRG_RXBUF) & FEATURES_OK
+    driver.setup_queue(0, rx)
+    driver.setup_queue(1, tx)
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    for _ in range(2):
+        rx.add([(*rx.buffer(12), True), (*rx.buffer(100), True)])
+    driver.kick(0)
+    os.write(peer, HDR + bytes(600))  # 612 bytes: more than 2 chains of 112
+    os.write(peer, HDR + FRAME[:60])
+    tap_readable(dev)
+
+    assert rx.take_used() == [(0, 72)]
+    assert dev.counts["rx_dropped"] == 1
+
+
 def test_virtio_net_rx_held_frame_goes_with_a_reset(net, peer):
     driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
     post(rx, 100)

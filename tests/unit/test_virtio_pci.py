@@ -209,11 +209,13 @@ def test_virtio_pci_features_ok_refused_for_unoffered_bit(driver):
     assert not driver.negotiate(F_VERSION_1 | 1 << 5) & FEATURES_OK
 
 
-def test_virtio_pci_status_bit_cleared_without_a_reset_stays_set(rng, driver):
+def test_virtio_pci_features_ok_cleared_without_a_reset_stays_set(rng, driver):
     """2.1.2: the driver MUST NOT clear a status bit; only a reset (0) does. FEATURES_OK
     cleared would let it write other features under the queues set up with the accepted
-    ones (they are read-only from FEATURES_OK on)."""
+    ones (they are read-only from FEATURES_OK on). DRIVER_OK may go: Windows' drivers clear
+    it to stop the device before a power-off, and the device then serves no queue."""
     assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
     driver.set_status(ACK | DRIVER)
     driver.set_common(0x08, 0, 4)  # driver_feature_select
     driver.set_common(0x0C, F_EVENT_IDX, 4)  # driver_feature: EVENT_IDX now
@@ -222,6 +224,18 @@ def test_virtio_pci_status_bit_cleared_without_a_reset_stays_set(rng, driver):
     assert rng.driver_features == F_VERSION_1
     driver.set_status(0)
     assert driver.status() == 0
+
+
+def test_virtio_pci_driver_ok_cleared_stops_the_queues(rng, driver):
+    """virtio-win's power-off clears DRIVER_OK and hands its buffers back to Windows: the
+    device must not serve a chain after it (QEMU stops too)."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    driver.set_status(ACK | DRIVER | FEATURES_OK)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+
+    assert ring.take_used() == [] and driver.status() == ACK | DRIVER | FEATURES_OK
 
 
 def test_virtio_pci_restore_refuses_accepted_features_the_device_does_not_offer(rng, driver, fds):

@@ -315,6 +315,33 @@ def test_queue_enable_notifications_with_event_idx_reports_chains_that_arrived(e
     assert (pending, evdriver.avail_event()) == (True, 0)
 
 
+def test_queue_enable_notifications_beyond_chains_left_available_asks_past_them(evdriver):
+    """A device that needs more than the chains available (and left them there) asks the
+    kick for the next one after them: avail_event at last_avail would let the driver post
+    more without one (2.7.10: it kicks when its new idx passes avail_event)."""
+    queue = evdriver.device()
+    for i in range(2):
+        evdriver.publish(evdriver.add([(DATA_GPA + i, 1, True)]))
+
+    assert queue.enable_notifications(beyond=2) is False
+    assert evdriver.avail_event() == 2
+    evdriver.publish(evdriver.add([(DATA_GPA + 2, 1, True)]))
+    assert queue.enable_notifications(beyond=2) is True
+
+
+def test_queue_ring_descriptors_counts_a_chain_and_one_for_an_indirect_table(driver):
+    driver.set_desc(0, DATA_GPA, 8, NEXT, 5)
+    driver.set_desc(5, DATA_GPA + 8, 8, NEXT | WRITE, 2)
+    driver.set_desc(2, DATA_GPA + 16, 8, WRITE, 0)
+    driver.set_desc(3, DATA_GPA, 8, NEXT, 4)
+    driver.set_desc(4, TABLE_GPA, 32, INDIRECT, 0)
+    driver.set_desc(6, DATA_GPA, 8, NEXT, 7)
+    driver.set_desc(7, DATA_GPA, 8, NEXT, 6)  # a loop: bounded by the queue's size
+    queue = driver.device(indirect=True)
+
+    assert [queue.ring_descriptors(h) for h in (0, 3, 6)] == [3, 2, 8]
+
+
 # -- restarts and snapshots ----------------------------------------------------------------------
 def test_queue_resume_from_used_reruns_chains_not_returned(driver):
     heads = [driver.add([(DATA_GPA + i, 1, True)]) for i in range(3)]

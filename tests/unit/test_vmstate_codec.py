@@ -385,16 +385,17 @@ def test_vmstate_restore_vcpu_refuses_a_nonzero_msr_this_kvm_does_not_list() -> 
     """KVM takes some MSRs it does not list and refuses others, blaming the batch: one this
     host's KVM does not list is refused by name, before any ioctl, unless it is 0 (the reset
     value: a snapshot from a newer kernel listing one more MSR), which is left out."""
+    u_cet = 0x6A0  # IA32_U_CET: listed by kernels with CET virtualization (6.x) only
     vcpu = FakeVcpu(tsc_khz=2_596_134)
-    zero = vcpu_state(msrs={MSR_IA32_TSC: 1, 0x400: 0})
+    zero = vcpu_state(msrs={MSR_IA32_TSC: 1, u_cet: 0})
 
     restore_vcpu(vcpu, zero, HOST)  # type: ignore[arg-type]
     (msrs,) = [args[0] for name, args in vcpu.calls if name == "set_msrs"]
     assert msrs == {MSR_IA32_TSC: 1}
 
     vcpu = FakeVcpu(tsc_khz=2_596_134)
-    with pytest.raises(StateError, match="msrs: MSR 0x400 = 0x1 is not one this host's KVM"):
-        restore_vcpu(vcpu, vcpu_state(msrs={0x400: 1}), HOST)  # type: ignore[arg-type]
+    with pytest.raises(StateError, match="msrs: MSR 0x6a0 = 0x1 is not one this host's KVM"):
+        restore_vcpu(vcpu, vcpu_state(msrs={u_cet: 1}), HOST)  # type: ignore[arg-type]
     assert vcpu.calls == []
 
 

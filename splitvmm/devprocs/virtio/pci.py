@@ -187,7 +187,7 @@ class VirtioPciDevice(RegisterDevice):
         return 0
 
     def features_consistent(self, features: int) -> bool:
-        """Whether the driver's offered features hang together: a model whose features
+        """Whether the features the driver took hang together: a model whose features
         depend on one another (virtio-net, 5.1.3.1) refuses a set that takes one without
         what it requires, at FEATURES_OK (2.2.1: the device MUST fail to set it then)."""
         return True
@@ -515,10 +515,11 @@ class VirtioPciDevice(RegisterDevice):
         if value == 0:
             self._reset()
             return
-        # 2.1.2: the driver MUST NOT clear a bit; only a reset does. A bit cleared anyway
-        # stays set: FEATURES_OK cleared would let the driver write other features under
-        # queues already set up with the accepted ones.
-        value |= self.status & ~Status.NEEDS_RESET
+        # 2.1.2: the driver MUST NOT clear a bit; only a reset does. FEATURES_OK cleared
+        # anyway stays set: else the driver could write other features under queues set up
+        # with the accepted ones. DRIVER_OK may go: Windows' virtio drivers clear it to stop
+        # the device before a power-off (ParaNdis_PowerOff), and the queues then stop.
+        value |= self.status & Status.FEATURES_OK
         if value & Status.FEATURES_OK and not self.status & Status.FEATURES_OK:
             accepted = self.driver_features
             if (

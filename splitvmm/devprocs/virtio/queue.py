@@ -167,6 +167,20 @@ class SplitQueue:
             self._write_avail_event()
         return chain
 
+    def ring_descriptors(self, head: int) -> int:
+        """How many of the ring's descriptors the chain at `head` holds (an indirect table
+        counts one): for a device waiting for more chains, whether the driver has any left
+        to post. At most the queue's size, whatever the table holds now."""
+        view, size, unpack_from = self._desc.view, self.size, DESC.unpack_from
+        index, count = head, 0
+        while count < size:
+            _, _, flags, nxt = unpack_from(view, DESC.size * index)
+            count += 1
+            if flags & VIRTQ_DESC_F_INDIRECT or not flags & VIRTQ_DESC_F_NEXT or nxt >= size:
+                break
+            index = nxt
+        return count
+
     def unpop(self, count: int) -> None:
         """Give back the last `count` chains pop() took, unserved: pop() takes them again.
         For a device that took more buffers than it used (a frame shorter than the receive
