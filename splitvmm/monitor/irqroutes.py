@@ -28,6 +28,19 @@ FIRST_MSI_GSI = IOAPIC_NUM_PINS  # 24: GSIs 0-23 are the IOAPIC's pins
 MSI_ADDRESS_START = 0xFEE00000
 MSI_ADDRESS_END = 0xFEF00000
 MSI_DATA_LIMIT = 1 << 16
+# What a driver programs, and all a device may ask for (the MSI-X table is the device
+# process's, so its request is untrusted whatever the guest wrote; QEMU, Firecracker and
+# Cloud Hypervisor keep the table in the VMM). SDM vol. 3 11.11.1-2: address bits 11:4
+# reserved (bit 4 is the interrupt-remapping format, which nothing here decodes) and 1:0
+# zero; data bits 13:11 reserved; delivery mode (10:8) fixed or lowest priority only: SMI,
+# NMI, INIT and ExtINT reach past the vectors (an INIT resets the vCPU, and the reserved 110
+# is KVM's StartUp, which starts an AP at a page the device picks); and no vector below 16
+# (11.5.3: illegal, a LAPIC never sets their IRR bit; KVM does).
+MSI_ADDRESS_RESERVED = 0xFF3
+MSI_DATA_RESERVED = 0x3800
+MSI_DELIVERY_SHIFT = 8
+MSI_DELIVERY_FIXED, MSI_DELIVERY_LOWEST = 0, 1
+MSI_FIRST_VECTOR = 16
 # The first IOAPIC pin of PCI INTx (16-23: what no ISA device uses); INTA of device d is
 # pin 16 + d % 8.
 PCI_INTX_FIRST_PIN = 16
@@ -56,7 +69,9 @@ class GsiRoutes:
         """`count` fresh GSIs for `what`'s MSI-X vectors (at build time)."""
         with self._lock:
             first = self._next_gsi
-            if first + count > MAX_GSI + 1:
+            # The table holds MAX_GSI + 1 entries, the PC's wiring among them: past that,
+            # KVM_SET_GSI_ROUTING fails (EINVAL) once the last vectors are routed.
+            if first - FIRST_MSI_GSI + count > MAX_GSI + 1 - len(pc_default_routes()):
                 raise ConfigError(f"{what}: no GSIs left for {count} MSI-X vectors")
             self._next_gsi += count
         return tuple(range(first, first + count))
@@ -87,11 +102,21 @@ class GsiRoutes:
 
 
 def msi_message_refused(address: int, data: int) -> str:
-    """'' for a message an x86 MSI may carry; else what is wrong with it."""
+    """'' for a message a driver programs for an x86 MSI (the constants above say which);
+    else what is wrong with it."""
     if not MSI_ADDRESS_START <= address < MSI_ADDRESS_END:
         return f"address {address:#x} is not an x86 MSI address (0xfee00000-0xfeefffff)"
+    if address & MSI_ADDRESS_RESERVED:
+        return f"address {address:#x} sets reserved bits (11:4 or 1:0)"
     if not 0 <= data < MSI_DATA_LIMIT:
         return f"data {data:#x} does not fit the 16 bits of an x86 MSI message"
+    if data & MSI_DATA_RESERVED:
+        return f"data {data:#x} sets reserved bits (13:11)"
+    mode = data >> MSI_DELIVERY_SHIFT & 0x7
+    if mode not in (MSI_DELIVERY_FIXED, MSI_DELIVERY_LOWEST):
+        return f"data {data:#x}: delivery mode {mode:03b} is not fixed or lowest priority"
+    if data & 0xFF < MSI_FIRST_VECTOR:
+        return f"data {data:#x}: vector {data & 0xFF} is below 16 (reserved)"
     return ""
 
 

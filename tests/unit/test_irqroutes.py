@@ -33,6 +33,15 @@ def test_gsi_routes_allocate_starts_after_the_ioapic_pins() -> None:
     assert (routes.allocate(2, "a"), routes.allocate(1, "b")) == ((24, 25), (26,))
 
 
+def test_gsi_routes_allocate_no_more_than_the_table_holds_beside_the_pcs_wiring() -> None:
+    """KVM's table holds 4096 routes, the PC's 40 among them (40 + 4057 is EINVAL)."""
+    routes = GsiRoutes(RoutingVm())
+    routes.allocate(4096 - 40 - 1, "a")
+    routes.allocate(1, "b")
+    with pytest.raises(ConfigError, match="device c: no GSIs left for 1"):
+        routes.allocate(1, "device c")
+
+
 def test_gsi_routes_allocate_past_the_table_raises_naming_device() -> None:
     routes = GsiRoutes(RoutingVm())
     with pytest.raises(ConfigError, match="device x: no GSIs left for 5000"):
@@ -85,3 +94,36 @@ def test_msi_route_outside_what_x86_allows_is_refused_and_nothing_set(
 
 def test_intx_gsi_is_ioapic_pin_16_plus_device_mod_8() -> None:
     assert [intx_gsi(d) for d in (1, 7, 8, 9)] == [17, 23, 16, 17]
+
+
+@pytest.mark.parametrize(
+    ("address", "data", "why"),
+    [
+        (MSI_ADDRESS, 0x0441, "delivery mode 100"),  # NMI
+        (MSI_ADDRESS, 0x0241, "delivery mode 010"),  # SMI
+        (MSI_ADDRESS, 0x0541, "delivery mode 101"),  # INIT: resets the target vCPU
+        (MSI_ADDRESS, 0x06AB, "delivery mode 110"),  # reserved: KVM's StartUp, at page 0xAB
+        (MSI_ADDRESS, 0x0741, "delivery mode 111"),  # ExtINT
+        (MSI_ADDRESS, 0x0002, "vector 2 is below 16"),  # SDM 11.5.3: an illegal vector
+        (MSI_ADDRESS, 0x0841, "reserved bits (13:11)"),
+        (MSI_ADDRESS | 0x10, 0x41, "reserved bits (11:4 or 1:0)"),  # remappable format
+        (MSI_ADDRESS | 0x2, 0x41, "reserved bits (11:4 or 1:0)"),
+    ],
+)
+def test_msi_route_a_driver_never_programs_is_refused(address: int, data: int, why: str) -> None:
+    """The MSI-X table is the device process's: what it asks for is untrusted whatever the
+    guest wrote. A route past fixed and lowest-priority delivery of vectors 16-255 would let
+    a compromised device send NMIs, SMIs, INITs (a vCPU reset) or start an AP at a page of
+    its choosing (confirmed against KVM by the review that found it)."""
+    msi, vm = vectors()
+    assert why in msi.route(0, address, data)
+    assert vm.tables == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [0x0030, 0x0141, 0x4041, 0xC0FF],  # fixed; lowest priority; level, asserted; level, vector 255
+)
+def test_msi_route_a_driver_programs_is_installed(data: int) -> None:
+    msi, vm = vectors()
+    assert (msi.route(0, MSI_ADDRESS | 0xFF00C, data), len(vm.tables)) == ("", 1)

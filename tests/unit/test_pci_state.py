@@ -133,10 +133,11 @@ def test_pci_state_with_a_function_twice_is_refused():
 @pytest.mark.parametrize(
     ("route", "message"),
     [
-        ({"gsi": 4, "address": MSI_ADDRESS, "data": 0}, "GSI 4 is no MSI GSI"),
-        ({"gsi": 26, "address": MSI_ADDRESS, "data": 0}, "GSI 26 is no MSI GSI"),
-        ({"gsi": 24, "address": 0x1000, "data": 0}, "not an x86 MSI address"),
+        ({"gsi": 4, "address": MSI_ADDRESS, "data": 0x30}, "GSI 4 is no MSI GSI"),
+        ({"gsi": 26, "address": MSI_ADDRESS, "data": 0x30}, "GSI 26 is no MSI GSI"),
+        ({"gsi": 24, "address": 0x1000, "data": 0x30}, "not an x86 MSI address"),
         ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x10000}, "16 bits"),
+        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x400}, "delivery mode 100"),
     ],
 )
 def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
@@ -146,6 +147,16 @@ def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
     data["msi_routes"] = [route]
     f, routes, vm = platform()
     with pytest.raises(StateError, match=message):
+        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
+    assert vm.tables == []
+
+
+def test_pci_state_msi_route_saved_twice_for_one_gsi_is_refused() -> None:
+    data = saved()
+    route = {"gsi": 24, "address": MSI_ADDRESS, "data": 0x30}
+    data["msi_routes"] = [route, route]
+    f, routes, vm = platform()
+    with pytest.raises(StateError, match="a GSI is routed twice"):
         pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
     assert vm.tables == []
 
