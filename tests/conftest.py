@@ -1,11 +1,21 @@
-"""Shared fixtures: the `kvm` marker skips with a reason where /dev/kvm cannot make a VM."""
+"""Shared fixtures: the `kvm` marker skips with a reason where /dev/kvm cannot make a VM.
+
+The probe asks the kernel directly (two ioctls), not through splitvmm: a regression in the
+native layer must fail the tests, not turn them into a green skip. And CI sets
+SPLITVMM_NO_SKIPS=1 (.ci/run): its hosts have /dev/kvm, namespaces and /dev/net/tun, so any
+skip there is a failure that names its reason."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
+from collections.abc import Iterator
 
 import pytest
+
+NO_SKIPS = "SPLITVMM_NO_SKIPS"
+KVM_GET_API_VERSION, KVM_CREATE_VM, KVM_API_VERSION = 0xAE00, 0xAE01, 12  # <linux/kvm.h>
 
 
 @functools.cache
@@ -15,11 +25,15 @@ def kvm_unusable_reason() -> str | None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is not readable and writable by this user"
     try:
-        from splitvmm.native.kvm import Kvm
-
-        with Kvm() as kvm:
-            kvm.create_vm().close()
-    except Exception as e:  # any failure to make a VM is the skip reason, stated
+        kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            version = fcntl.ioctl(kvm, KVM_GET_API_VERSION)
+            if version != KVM_API_VERSION:
+                return f"/dev/kvm speaks KVM API {version}, not {KVM_API_VERSION}"
+            os.close(fcntl.ioctl(kvm, KVM_CREATE_VM, 0))
+        finally:
+            os.close(kvm)
+    except OSError as e:  # any failure to make a VM is the skip reason, stated
         return f"/dev/kvm cannot create a VM: {e}"
     return None
 
@@ -30,3 +44,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reason = kvm_unusable_reason()
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under SPLITVMM_NO_SKIPS a skipped test is a failed one, with the skip's reason."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if os.environ.get(NO_SKIPS) == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, where {NO_SKIPS}=1 wants every test run: {reason}"

@@ -155,14 +155,18 @@ def test_rtc_device_restarted_an_hour_after_its_time_was_set_keeps_the_guest_tim
             rtc.write(reg, 0x01 if reg == Reg.HOURS else 0)
         rtc.write(Reg.CONTROL, RegB.H24)
         time.sleep(3)
+        start = time.monotonic()
         before = guest_seconds(rtc)
         rtc.host.fail("killed by the test")
         rtc.host.restart()
         after = guest_seconds(rtc)
+        took = time.monotonic() - start
     finally:
         rtc.close()
 
-    assert 3600 + 3 <= before <= after <= before + 1, (before, after)
+    # The clock ran on through the restart, no faster than the host's (however long the
+    # restart took on a loaded host), and never back to the time as set.
+    assert 3600 + 3 <= before <= after <= before + int(took) + 1, (before, after, took)
     assert rtc.failures == ["killed by the test"]
 
 

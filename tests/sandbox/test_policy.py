@@ -180,6 +180,8 @@ def test_compile_filter_defaults_to_kill_process_and_tsync() -> None:
 
     assert filt.get_attr(seccomp.Attr.ACT_DEFAULT) == seccomp.KILL_PROCESS
     assert filt.get_attr(seccomp.Attr.CTL_TSYNC) == 1
+    # A syscall of another ABI (i386's int 0x80, x32) kills the process too, not the thread
+    assert filt.get_attr(seccomp.Attr.ACT_BADARCH) == seccomp.KILL_PROCESS
 
 
 # The one ioctl a device may make: virtio-net sets its TAP's offloads when the guest's

@@ -56,6 +56,11 @@ def test_config_good_file_parses(kernel_dir):
     [
         ("[vm\n", "not valid TOML"),
         (GOOD.replace('memory = "64M"', 'memory = "lots"'), "vm.memory: expected a size"),
+        # RAM is mapped in pages; past 1 TiB a typo, not a VM (MAX_MEMORY); below 16 MiB no
+        # room for a kernel and its tables.
+        (GOOD.replace('"64M"', "16777217"), "vm.memory: expected a multiple of 4 KiB .* 16777217"),
+        (GOOD.replace('"64M"', '"2T"'), r"vm.memory: expected a multiple of 4 KiB from 16M to 1T"),
+        (GOOD.replace('"64M"', '"15M"'), r"vm.memory: expected a multiple of 4 KiB from 16M to 1T"),
         (GOOD.replace("vcpus = 2", "vcpus = 0"), "vm.vcpus: 0 is outside"),
         (GOOD.replace("vcpus = 2", 'vcpus = "2"'), "vm.vcpus: expected int"),
         (
@@ -73,6 +78,9 @@ def test_config_good_file_parses(kernel_dir):
     ids=[
         "bad-toml",
         "bad-size",
+        "memory-not-whole-pages",
+        "memory-past-1t",
+        "memory-below-16m",
         "zero-vcpus",
         "vcpus-string",
         "missing-kernel",

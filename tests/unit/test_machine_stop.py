@@ -159,3 +159,31 @@ def test_stop_gives_up_waiting_on_devices_in_host_io():
     ]
     m.stop(Outcome(143, "stopped by SIGTERM"))
     assert told == ["a", "b"]
+
+
+def test_a_device_left_dead_raises_each_of_its_interrupts_once():
+    """on_crash = "leave": every MSI-X vector and the INTx line of the dead device fire, so
+    that a driver waiting for an interrupt looks, and finds it failed (status all-ones); a
+    polling guest notices only at its own timeout, so no guest test can pin this."""
+    import os
+
+    from splitvmm.protocol.models import MODELS, FdKind
+
+    model = MODELS["virtio-blk"]
+    irq_roles = [r.name for r in model.fds if r.kind in (FdKind.MSIX, FdKind.INTX)]
+    fds = {name: os.eventfd(0, os.EFD_NONBLOCK) for name in irq_roles}
+    try:
+        m = bare_machine()
+        m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
+        m.launcher = SimpleNamespace(exited=lambda: False)
+        m._spawns = [SimpleNamespace(name="blk0", fds=fds)]
+        slot = SimpleNamespace(name="blk0", model="virtio-blk")
+
+        assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
+        assert irq_roles and {n: os.eventfd_read(fd) for n, fd in fds.items()} == dict.fromkeys(
+            irq_roles, 1
+        )
+        assert m._outcome is None  # the VM runs on
+    finally:
+        for fd in fds.values():
+            os.close(fd)

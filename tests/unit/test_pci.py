@@ -258,6 +258,37 @@ def test_bar_mem64_in_bar5_is_refused() -> None:
         BarDecoder("fake", (PciBar(5, 0x1000, BarKind.MEM64),), {5: 0xC000_0000}, Moves())
 
 
+@pytest.mark.parametrize(
+    ("bars", "why"),
+    [
+        ((PciBar(0, 8),), "BAR 0 size 0x8 is not"),  # a memory BAR's 4 flag bits need 16 bytes
+        ((PciBar(0, 2, BarKind.IO),), "BAR 0 size 0x2 is not"),  # an I/O BAR: 4 ports
+        ((PciBar(0, 512, BarKind.IO),), "BAR 0 size 0x200 is not"),  # PCI 6.2.5.1: <= 256
+        ((PciBar(0, 1 << 32),), "32-bit BAR 0 is larger than 2 GiB"),
+        ((PciBar(0, 0x1000, BarKind.MEM64), PciBar(1, 0x1000)), "BAR 1 overlaps another"),
+        ((PciBar(2, 0x1000), PciBar(2, 0x2000)), "BAR 2 overlaps another"),
+    ],
+    ids=[
+        "mem-under-16",
+        "io-under-4",
+        "io-over-256",
+        "mem32-over-2g",
+        "mem64-upper-taken",
+        "same-index",
+    ],  # fmt: skip
+)
+def test_bar_descriptors_a_guest_could_not_size_are_refused(bars, why) -> None:
+    """A model's descriptor is checked once (its author's mistake, not the guest's): every
+    BAR sizable by the PCI rules, in BAR registers of its own."""
+    with pytest.raises(ConfigError, match=why):
+        BarDecoder("fake", bars, dict.fromkeys(range(6), 0xC000_0000), Moves())
+
+
+def test_bar_base_not_aligned_to_its_size_is_refused() -> None:
+    with pytest.raises(ConfigError, match="BAR 0 base 0xc0000800 is not aligned to its size"):
+        BarDecoder("fake", (PciBar(0, 0x1000),), {0: 0xC000_0800}, Moves())
+
+
 def test_bar_allocator_aligns_each_bar_to_its_size() -> None:
     alloc = BarAllocator(0xC000_0000, 0xE000_0000, "mmio32")
     alloc.allocate(0x1000)

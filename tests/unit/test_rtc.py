@@ -324,6 +324,29 @@ def test_rtc_time_register_write_while_running_sets_that_field_only():
     assert regs(rtc) == (0x26, 0x45, *PI_DAY_BCD[2:])
 
 
+def test_rtc_divider_in_reset_sets_no_periodic_or_update_flag():
+    """MC146818A register A: with the divider chain in reset (DV 11x) the time base does
+    not reach the divider: no periodic (PF) and no update (UF) event, whatever RS says."""
+    rtc, clock, _ = make_rtc(phase=0)
+    wr(rtc, Reg.FREQ_SELECT, 0x70 | 0x06)  # divider chain in reset, RS 1024 Hz
+    rd(rtc, Reg.INTR_FLAGS)  # whatever was pending before
+    clock.advance(3 * NS)
+
+    assert rd(rtc, Reg.INTR_FLAGS) & (RegC.PF | RegC.UF) == 0
+
+
+@pytest.mark.parametrize(("written", "hour"), [(0x12, 0), (0x92, 12), (0x01, 1), (0x81, 13)])
+def test_rtc_12_hour_value_the_guest_sets_is_that_hour(written, hour):
+    """12-hour mode: 12 AM is midnight, 12 PM is noon (MC146818A table 3: hours 1-12 with
+    bit 7 for PM); the clock then shows it again in 24-hour mode."""
+    rtc, _, _ = make_rtc()
+    wr(rtc, Reg.CONTROL, 0)  # BCD, 12-hour
+    set_time(rtc, {Reg.HOURS: written})
+    wr(rtc, Reg.CONTROL, RegB.H24)
+
+    assert rd(rtc, Reg.HOURS) == int(str(hour), 16)  # BCD
+
+
 def test_rtc_divider_leaving_reset_updates_half_a_second_later():
     rtc, clock, _ = make_rtc(phase=123_456_789)
     wr(rtc, Reg.FREQ_SELECT, 0x70 | 0x06)  # divider chain in reset

@@ -237,6 +237,19 @@ def test_uart_rx_overflow_sets_overrun_and_counts():
     )
 
 
+def test_uart_receiver_line_status_outranks_data_ready_then_data_shows():
+    """PC16550D table IV: receiver line status (priority 1, IIR 0x06) before received data
+    (priority 2, 0x04); reading LSR clears it, and the data's interrupt is next."""
+    uart, _, _ = make_uart()
+    uart.write(Reg.IER, bytes([Ier.RDI | Ier.RLSI]))
+    uart.host_input(b"x" * (RX_BUFFER_MAX + 1))  # data ready, and an overrun
+    first = uart.read(Reg.IIR_FCR, 1)[0] & 0x0F
+    uart.read(Reg.LSR, 1)
+    second = uart.read(Reg.IIR_FCR, 1)[0] & 0x0F
+
+    assert (first, second) == (Iir.RLSI, Iir.RDI)
+
+
 def test_uart_fcr_clear_receiver_drops_pending_input():
     uart, _, _ = make_uart()
     uart.host_input(b"abc")

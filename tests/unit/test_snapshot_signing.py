@@ -115,6 +115,19 @@ def test_signing_other_key_refused(signed):
         Snapshot.open(signed, b"x" * 32)
 
 
+@pytest.mark.parametrize("where", [0, 63], ids=["first-digit", "last-digit"])
+def test_signing_signature_with_one_digit_changed_refused(signed, where):
+    """Every digit of the signature counts: a compare that looked at a prefix passed a
+    forgery that differed only at its end."""
+    sig = signed / "manifest.sig"
+    text = sig.read_text()
+    i = len(text.rstrip("\n")) - 64 + where  # in the 64 hex digits after the kind's prefix
+    sig.write_text(text[:i] + ("0" if text[i] != "0" else "1") + text[i + 1 :])
+
+    with pytest.raises(SnapshotError, match="manifest.sig: the signature does not match"):
+        Snapshot.open(signed, KEY)
+
+
 def test_signing_edited_manifest_refused(signed):
     edit_manifest(signed, lambda m: m["vm_config"]["vm"].update(name="evil"))
 
