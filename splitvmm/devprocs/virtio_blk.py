@@ -201,7 +201,8 @@ class VirtioBlk(VirtioPciDevice):
         with O_DIRECT (the fd says so), a page-aligned bounce buffer, before the sandbox."""
         super().setup(ctx)
         disk = ctx.fds["disk"]
-        ctx.prepared["capacity"] = os.fstat(disk).st_size // SECTOR
+        size = ctx.prepared["image_size"] = os.fstat(disk).st_size
+        ctx.prepared["capacity"] = size // SECTOR
         progress = ctx.prepared["progress"] = Progress(ctx.fds["progress"])
         ctx.prepared["host_io"] = progress.host_io_flag()
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
@@ -222,6 +223,13 @@ class VirtioBlk(VirtioPciDevice):
     @classmethod
     def from_options(cls, ctx: DeviceContext, options: Mapping[str, object]) -> Self:
         readonly, serial = _guest_options(options)
+        size = ctx.made("image_size", int, "virtio-blk: the image's size is unknown")
+        if size < SECTOR:  # a guest would see a disk of no sectors, and say nothing
+            raise ConfigError(f"virtio-blk: the image is {size} bytes, less than one "
+                              f"{SECTOR}-byte sector")  # fmt: skip
+        if size % SECTOR:  # as Firecracker and Cloud Hypervisor say; QEMU rounds up instead
+            log.warning("virtio-blk: the image's last %d bytes are no whole %d-byte sector: "
+                        "the guest does not see them", size % SECTOR, SECTOR)  # fmt: skip
         return cls(
             ctx, readonly=readonly, serial=serial, pause_when_full=VIRTIO_BLK.pauses(options)
         )

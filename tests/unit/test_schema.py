@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from splitvmm.devprocs.serial import UartState
 from splitvmm.errors import ProtocolError, StateError
 from splitvmm.monitor.vmstate import VcpuState, VmState
+from splitvmm.native.kvm import CpuidEntry
 from splitvmm.protocol import codec, control, schema
 from splitvmm.protocol.schema import (
     OPTIONAL_KEY,
@@ -501,9 +502,18 @@ def _fitted_chunk(c: ChunkEntry) -> ChunkEntry:
     )
 
 
+def _fitted_vcpu(v: VcpuState) -> VcpuState:
+    """A vCPU with the CPUID leaves 0 and 1 validate() asks for, which random tables lack."""
+    leaves = (CpuidEntry(0, 0, 0, 1, 2, 3, 4), CpuidEntry(1, 0, 0, 5, 6, 7, 8))
+    return replace(v, cpuid=(*leaves, *v.cpuid)[: len(v.cpuid) + 2])
+
+
 RECORDS = [Sample, Versioned, Spans, VmState, VcpuState, UartState, codec.StateDocument]
 RECORDS += [control.Request, control.StateReply, control.Failed, ChunkEntry, RegionEntry]
-STRATEGIES = {ChunkEntry: _record(ChunkEntry, (), checked=False).map(_fitted_chunk)}
+STRATEGIES = {
+    ChunkEntry: _record(ChunkEntry, (), checked=False).map(_fitted_chunk),
+    VcpuState: _record(VcpuState, (), checked=False).map(_fitted_vcpu).filter(_valid),
+}
 
 
 @pytest.mark.parametrize("cls", RECORDS, ids=lambda c: c.__name__)

@@ -153,6 +153,31 @@ def test_virtio_blk_out_writes_sectors_to_the_disk(blk, disk):
     assert disk.read_bytes()[3 * 512 : 4 * 512] == b"\xab" * 512
 
 
+def test_virtio_blk_image_of_less_than_a_sector_is_refused_naming_its_size(tmp_path):
+    """A guest would see a disk of no sectors and say nothing of it."""
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(511))
+    fds = host_fds("virtio-blk", small)
+    try:
+        with pytest.raises(ConfigError, match="the image is 511 bytes, less than one 512-byte"):
+            VirtioBlk.from_options(prepared("virtio-blk", fds), {})
+    finally:
+        close_fds(fds)
+
+
+def test_virtio_blk_image_past_its_last_whole_sector_says_what_the_guest_misses(tmp_path, caplog):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(4096 + 300))
+    fds = host_fds("virtio-blk", odd)
+    try:
+        dev = VirtioBlk.from_options(prepared("virtio-blk", fds), {})
+    finally:
+        close_fds(fds)
+
+    assert dev.capacity == 8
+    assert "the image's last 300 bytes are no whole 512-byte sector" in caplog.text
+
+
 def test_virtio_blk_out_on_readonly_disk_is_ioerr(fds, disk):
     dev = make(fds, readonly=True)
     driver, ring = started(dev)
