@@ -268,11 +268,6 @@ class Device(abc.ABC):
         """After a snapshot: take work from the guest's queues again."""
         return None  # deliberately empty: optional for devices without queues
 
-    def write_back(self) -> None:
-        """The monitor is about to end this process (the VM stops: its SYNC request): make
-        durable on the host what the guest was told is written (a disk's page cache)."""
-        return None  # deliberately empty: most devices keep nothing the host must sync
-
     def retry(self) -> None:
         """The VM resumes after this device's stall (protocol/events.py): take the request
         that stalled up again."""

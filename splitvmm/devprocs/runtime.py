@@ -344,9 +344,8 @@ def _serve_frame(
         raise ProtocolError(f"{type(device).__name__} takes no port accesses")
     access = wire.decode_access(buf, device.WINDOW)
     if access.op == wire.Op.SYNC:
-        # The monitor's last request before it ends us: the host's copy of what the guest
-        # wrote made durable, and the line given what it takes in time.
-        device.write_back()
+        # Everything sent before it is applied (after a write the vCPU must see done, and as
+        # the monitor's last request before it ends us): give the line what it takes in time.
         if device.ctx.out.drain() and isinstance(device, OutputProducer):
             device.output_room()
             mirrors.changed()

@@ -279,29 +279,6 @@ class VirtioBlk(VirtioPciDevice):
             self.flush_error = min(latched, MAX_ERRNO)
         super().after_restart()
 
-    def quiesce(self) -> None:
-        """Snapshot step 2, and then what the guest wrote reaches the disk: the snapshot is
-        made durable (fsynced) before it is reported, and a guest restored from it counts on
-        every write it saw completed, FLUSHed or not. A host crash that lost them in the
-        page cache would leave it running on a disk that dropped writes it never lost power
-        for (QEMU flushes every drive when the VM stops: vm_stop, bdrv_flush_all)."""
-        super().quiesce()
-        self.write_back()
-
-    def write_back(self) -> None:
-        """fdatasync, unless nothing of ours can be dirty (read-only) or a write-back already
-        failed; a failure on a page-cache image is latched (the module docstring), so that
-        the saved state and the guest's next FLUSH carry it. Not _flush(): ENOSPC from an
-        O_DIRECT image would stall the device in the middle of a quiesce."""
-        if self.readonly or self.flush_error:
-            return
-        try:
-            self._host_call(os.fdatasync, self.disk)
-        except OSError as e:
-            if self.bounce is None:
-                self._latch_flush_error(e.errno or errno.EIO)
-            self._warn.warning("io", "%s: write-back failed: %s", self.NAME, e)
-
     def model_fields(self) -> dict[str, Any]:
         return {
             "capacity": self.capacity,

@@ -48,8 +48,8 @@ Restore order (Firecracker restore_state, with QEMU's MSR ordering), each step a
  7. debug registers.
  8. LAPIC: after sregs (APIC base), before the MSRs: KVM accepts IA32_TSC_DEADLINE only while
     the LAPIC timer is in TSC-deadline mode.
- 9. MSRs in one KVM_SET_MSRS, ordered: IA32_TSC_ADJUST, IA32_TSC, the rest by index,
-    IA32_TSC_DEADLINE last. Host-initiated writes of TSC_ADJUST only store the value and a
+ 9. MSRs in KVM_SET_MSRS calls of at most 255 (KVM's limit), in order: IA32_TSC_ADJUST,
+    IA32_TSC, the rest by index, IA32_TSC_DEADLINE last. Host-initiated writes of TSC_ADJUST only store the value and a
     host write of IA32_TSC sets the TSC offset (kvm_set_msr_common), so that pair is
     order-free today; QEMU writes TSC_ADJUST before TSC and the deadline after all other MSRs
     (kvm_put_tscdeadline_msr), because the deadline is a TSC value and must come after it.

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from splitvmm.devprocs.serial import UartState
 from splitvmm.errors import ProtocolError, StateError
-from splitvmm.monitor.vmstate import VcpuState, VmState
+from splitvmm.monitor.vmstate import MAX_CPUID_ENTRIES, VcpuState, VmState
 from splitvmm.native.kvm import CpuidEntry
 from splitvmm.protocol import codec, control, schema
 from splitvmm.protocol.schema import (
@@ -505,7 +505,7 @@ def _fitted_chunk(c: ChunkEntry) -> ChunkEntry:
 def _fitted_vcpu(v: VcpuState) -> VcpuState:
     """A vCPU with the CPUID leaves 0 and 1 validate() asks for, which random tables lack."""
     leaves = (CpuidEntry(0, 0, 0, 1, 2, 3, 4), CpuidEntry(1, 0, 0, 5, 6, 7, 8))
-    return replace(v, cpuid=(*leaves, *v.cpuid)[: len(v.cpuid) + 2])
+    return replace(v, cpuid=(*leaves, *v.cpuid)[:MAX_CPUID_ENTRIES])
 
 
 RECORDS = [Sample, Versioned, Spans, VmState, VcpuState, UartState, codec.StateDocument]

@@ -291,36 +291,6 @@ def test_virtio_blk_writes_wait_for_flush_when_the_driver_took_it(blk, monkeypat
     assert status_of(blk, status) == OK and seen == [1]
 
 
-def test_virtio_blk_quiesce_for_a_snapshot_writes_back_what_the_guest_wrote(blk, monkeypatch):
-    """A guest restored from a snapshot counts on every write it saw completed: the
-    snapshot is durable once reported, so these must be too (QEMU flushes at vm_stop)."""
-    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
-    seen = synced(monkeypatch, ring)
-    request(ring, OUT, 1, [(b"\xab" * 512, False)])
-    driver.kick()
-    assert seen == []
-
-    blk.quiesce()
-    assert seen == [1]
-    blk.write_back()  # the VM stops (the monitor's SYNC): again
-    assert seen == [1, 1]
-
-
-def test_virtio_blk_failed_write_back_at_quiesce_is_saved_and_fails_the_next_flush(
-    blk, write_back_fails
-):
-    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
-    request(ring, OUT, 1, [(b"\xab" * 512, False)])
-    driver.kick()
-
-    blk.quiesce()
-    assert blk.save().flush_error == errno.EIO
-    blk.resume()
-    status = request(ring, FLUSH, 0, [])
-    driver.kick()
-    assert status_of(blk, status) == IOERR
-
-
 def test_virtio_blk_flush_on_a_readonly_disk_is_ok_without_a_sync(fds, write_back_fails):
     """Nothing of ours can be dirty: an fdatasync could only report a failure some earlier
     writer of the file left, and latch IOERR for every later FLUSH (QEMU: OK at once)."""
@@ -328,7 +298,6 @@ def test_virtio_blk_flush_on_a_readonly_disk_is_ok_without_a_sync(fds, write_bac
     driver, ring = started(dev, F_VERSION_1 | F_FLUSH)
     statuses = [request(ring, FLUSH, 0, []) for _ in range(2)]
     driver.kick()
-    dev.quiesce()
 
     assert [status_of(dev, s) for s in statuses] == [OK, OK] and write_back_fails == []
 
