@@ -9,9 +9,10 @@
    and VM state;
 4. write guest RAM and the chunks (a copy into the page cache);
 5. resume devices and vCPUs (or leave them stopped for `suspend`);
-6. commit: fsync the chunks, write the manifest last and rename the directory
-   into place, so a half-written snapshot never looks valid. It reads nothing
-   of the VM, so `ctl snapshot` pauses for the copy, not for the disk's flush.
+6. commit: write back the VM's disk images (Machine.write_back_images), fsync
+   the chunks, write the manifest last and rename the directory into place, so
+   a half-written snapshot never looks valid. It reads nothing of the VM, so
+   `ctl snapshot` pauses for the copy, not for the disk's flush.
 
 The devices share one deadline for their quiesce, save and resume (time spent writing RAM
 is not theirs); each request waits only for what is left of it, and a device that does not
@@ -186,6 +187,7 @@ class Coordinator:
             with self._write(target, deadline, quiesced) as writer:
                 if not keep_paused:
                     let_go()  # the VM's data is copied: commit reads none of it
+                self._write_back_images()
                 writer.commit(sign_key)
             t2 = time.monotonic()
             ok = True
@@ -198,6 +200,15 @@ class Coordinator:
         size = _bytes_in(target)
         paused_until = t2 if resumed_at is None else resumed_at
         return SnapshotReport(target, (paused_until - t0) * 1e3, (t2 - t1) * 1e3, size)
+
+    def _write_back_images(self) -> None:
+        """Before the commit, with the VM running again: the guest's disk writes up to the
+        snapshot reach the disk (and any since), or there is no snapshot, as a restored
+        guest would count on writes its disk lost (Machine.write_back_images)."""
+        try:
+            self.machine.write_back_images()
+        except OSError as e:
+            raise ControlError(f"{e.strerror}: the snapshot is not written") from None
 
     def _check_target(self, target: Path) -> Path:
         """The path to write: `target` where the config's vm.snapshot_dirs allow it (the

@@ -70,6 +70,10 @@ class DeviceFds(Struct):
     notify: dict[int, int] = field(default_factory=dict)  # queue -> its ioeventfd's eventfd
     _intx: tuple[EventFd, EventFd] | None = None  # (irqfd, resample fd), made together
     tap_offloads: bool | None = None  # whether its TAP takes offloads (tun.open_tap), if any
+    # A writable disk image opened again, read-only, for the monitor's own write-back of it
+    # (Machine.write_back_images): a new open file description, whose write-back errors are
+    # its own (errseq), so that syncing it leaves the device's to report to the guest.
+    write_back_fd: int | None = None
 
     def make(self, dev: DeviceSection, model: ModelDescriptor) -> dict[str, int]:
         """Role name -> fd, for every role of the model."""
@@ -176,6 +180,10 @@ class DeviceFds(Struct):
         lock_disk(fd, path, key, readonly)
         if direct:
             check_direct_io(fd, path, f"device {dev.name!r}.{role.direct_option}")
+        if not readonly:  # the very file, whatever its path names now
+            self.write_back_fd = self._own(
+                os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            )
         return fd
 
     def _tap(self, dev: DeviceSection, role: FdRole) -> int:

@@ -106,6 +106,7 @@ class Machine:
         self._pit_mode: OnThread | None = None  # the PIT's re-injection going off (build())
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
+        self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
         self.vcpus: list[VcpuThread] = []
         self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
@@ -265,6 +266,8 @@ class Machine:
         irqs = None if placed is None else placed.irqs
         maker = DeviceFds(self.vm, self.mem, self._closables, irqs)
         fds = maker.make(dev, model)
+        if maker.write_back_fd is not None:
+            self._images.append((dev.name, maker.write_back_fd))
         state = None
         if self.snapshot is not None:
             from splitvmm.monitor import restore
@@ -773,6 +776,10 @@ class Machine:
         finally:
             try:
                 self._end_devices()
+                try:
+                    self.write_back_images()  # after the devices: they wrote their last
+                except OSError as e:
+                    log.error("%s", e)
             finally:
                 # The VM's fds here only if a vCPU thread still runs (it may be in KVM_RUN) or
                 # the syncs failed first: before the rest, as before the closing thread.
@@ -784,6 +791,21 @@ class Machine:
                 for s, handler in self._previous_handlers.items():
                     signal.signal(s, handler)
                 self._previous_handlers = {}
+
+    def write_back_images(self) -> None:
+        """fdatasync every writable disk image: what the guest wrote (and saw completed,
+        FLUSHed or not) reaches the disk, as QEMU flushes every drive when its VM stops. A
+        snapshot's commit calls it once the VM runs again (a restored guest counts on those
+        writes; the pause is not the disk's), and the teardown once the devices are gone.
+        On the monitor's own open file description of each (DeviceFds.write_back_fd).
+        OSError naming the device."""
+        for name, fd in self._images:
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                raise OSError(
+                    e.errno, f"device {name}: its image could not be written back: {e.strerror}"
+                ) from None
 
     def _sync_devices(self) -> None:
         """Let every device finish the guest's posted writes (and flush its output line)

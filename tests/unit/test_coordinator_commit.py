@@ -66,13 +66,20 @@ class FakeWriter(Struct):
 
 
 def coordinator(
-    tmp_path: Path, monkeypatch, fail: bool = False, archived: bool = False
-) -> tuple[Coordinator, list[str]]:
+    tmp_path: Path, monkeypatch, fail: bool = False, archived: bool = False,
+    write_back_fails: bool = False,
+) -> tuple[Coordinator, list[str]]:  # fmt: skip
     events: list[str] = []
     cfg = SimpleNamespace(vm=SimpleNamespace(name="t", snapshot_dirs=[tmp_path]))
+
+    def write_back_images() -> None:
+        events.append("write back")
+        if write_back_fails:
+            raise OSError(errno.EIO, "device disk0: its image could not be written back: EIO")
+
     machine = SimpleNamespace(
         cfg=cfg, stopping=False, vcpus=[FakeVcpu(events)], vcpu_fds=[FakeVcpuFd(events)], slots=[],
-        rundir=SimpleNamespace(path=tmp_path / "run"),
+        rundir=SimpleNamespace(path=tmp_path / "run"), write_back_images=write_back_images,
     )  # fmt: skip
     coord = Coordinator(machine)  # type: ignore[arg-type]
     writer = FakeWriter(events, tmp_path / "snap", fail, archived=archived)
@@ -85,7 +92,25 @@ def test_coordinator_snapshot_resumes_vcpus_before_the_commit(tmp_path, monkeypa
 
     coord.snapshot(tmp_path / "snap")
 
-    assert (events, coord.paused) == (["pause", "kvmclock stopped", "resume", "commit"], False)
+    assert (events, coord.paused) == (
+        ["pause", "kvmclock stopped", "resume", "write back", "commit"],
+        False,
+    )
+
+
+@pytest.mark.parametrize("keep_paused", [False, True], ids=["snapshot", "suspend"])
+def test_coordinator_image_that_cannot_be_written_back_leaves_no_snapshot(
+    tmp_path, monkeypatch, keep_paused
+):
+    """A restored guest counts on every disk write it saw completed: an image whose write-
+    back failed may have lost some, and a snapshot of that guest is no snapshot. The VM
+    runs on (a suspend's too)."""
+    coord, events = coordinator(tmp_path, monkeypatch, write_back_fails=True)
+
+    with pytest.raises(ControlError, match="device disk0: its image could not be written back"):
+        coord.snapshot(tmp_path / "snap", keep_paused=keep_paused)
+    assert "commit" not in events and coord.paused is False
+    assert not (tmp_path / "snap").exists()
 
 
 def test_coordinator_snapshot_inside_the_runtime_dir_is_refused_before_any_pause(
@@ -106,7 +131,7 @@ def test_coordinator_suspend_commits_with_the_vcpus_stopped(tmp_path, monkeypatc
 
     coord.snapshot(tmp_path / "snap", keep_paused=True)
 
-    assert (events, coord.paused) == (["pause", "commit"], True)
+    assert (events, coord.paused) == (["pause", "write back", "commit"], True)
 
 
 def test_coordinator_failed_suspend_commit_resumes_the_vcpus(tmp_path, monkeypatch):
@@ -115,7 +140,10 @@ def test_coordinator_failed_suspend_commit_resumes_the_vcpus(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         coord.snapshot(tmp_path / "snap", keep_paused=True)
 
-    assert (events, coord.paused) == (["pause", "commit", "kvmclock stopped", "resume"], False)
+    assert (events, coord.paused) == (
+        ["pause", "write back", "commit", "kvmclock stopped", "resume"],
+        False,
+    )
 
 
 def test_coordinator_failed_live_commit_resumes_once(tmp_path, monkeypatch):
@@ -124,7 +152,10 @@ def test_coordinator_failed_live_commit_resumes_once(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         coord.snapshot(tmp_path / "snap")
 
-    assert (events, coord.paused) == (["pause", "kvmclock stopped", "resume", "commit"], False)
+    assert (events, coord.paused) == (
+        ["pause", "kvmclock stopped", "resume", "write back", "commit"],
+        False,
+    )
 
 
 class FakeSlot(Struct):
@@ -220,7 +251,7 @@ def test_coordinator_suspend_whose_snapshot_is_moved_at_once_still_returns(tmp_p
 
     report = coord.snapshot(tmp_path / "snap", keep_paused=True)
 
-    assert (events, coord.paused, report.bytes) == (["pause", "commit"], True, 0)
+    assert (events, coord.paused, report.bytes) == (["pause", "write back", "commit"], True, 0)
 
 
 @pytest.mark.parametrize(

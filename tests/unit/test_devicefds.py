@@ -121,6 +121,28 @@ def test_device_fds_guest_ram_is_the_memfd_with_its_own_file_offset(mem, owned, 
     assert (same, os.lseek(mem.fd, 0, os.SEEK_CUR)) == (True, 0)
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+def test_device_fds_writable_disk_gets_the_monitors_own_description_for_its_write_back(
+    mem, owned, disk, readonly
+) -> None:
+    """The monitor syncs a writable image itself (a snapshot's commit, the teardown), on an
+    open file description of its own: an fdatasync on the device's would take the write-back
+    error (errseq) that the device must report at the guest's next FLUSH."""
+    fds, _, maker = make(mem, owned, blk(disk, readonly))
+
+    if readonly:
+        assert maker.write_back_fd is None
+        return
+    assert maker.write_back_fd is not None
+    ours, theirs = os.fstat(maker.write_back_fd), os.fstat(fds["disk"])
+    assert (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+    flags = fcntl.fcntl(maker.write_back_fd, fcntl.F_GETFL)
+    assert flags & os.O_ACCMODE == os.O_RDONLY
+    os.lseek(fds["disk"], 4096, os.SEEK_SET)  # another description: its own offset
+    assert os.lseek(maker.write_back_fd, 0, os.SEEK_CUR) == 0
+    os.fdatasync(maker.write_back_fd)
+
+
 @pytest.mark.parametrize(("readonly", "mode"), [(True, os.O_RDONLY), (False, os.O_RDWR)])
 def test_device_fds_disk_opens_as_readonly_option_says(mem, owned, disk, readonly, mode) -> None:
     fds, _, _ = make(mem, owned, blk(disk, readonly))
