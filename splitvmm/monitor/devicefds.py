@@ -181,9 +181,12 @@ class DeviceFds(Struct):
         if direct:
             check_direct_io(fd, path, f"device {dev.name!r}.{role.direct_option}")
         if not readonly:  # the very file, whatever its path names now
-            self.write_back_fd = self._own(
-                os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            )
+            try:
+                again = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                reason = f"cannot be opened again to be written back: {e.strerror}"
+                raise hostpath.HostFileError(key, path, reason) from None
+            self.write_back_fd = self._own(again)
         return fd
 
     def _tap(self, dev: DeviceSection, role: FdRole) -> int:

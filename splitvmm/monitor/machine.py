@@ -15,6 +15,7 @@ way; vCPUs start only when every device said READY.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -73,6 +74,9 @@ STOP_SIGNALS_BEFORE_DEFAULT = 2  # the operator's and `timeout`'s to its process
 # and a zygote being started (~100 ms of imports) holds up the launcher for every request
 # meanwhile, a warm restart's included. So a burst of crashes is served by one zygote.
 ZYGOTE_IDLE_S = 2.0
+# How long the teardown waits for the disk images' write-back (write_back_images) before it
+# exits without: a healthy disk syncs in well under that, a hung one never would.
+WRITE_BACK_TIMEOUT_S = 30.0
 # A device stalled and the VM could not pause (a vCPU waits for a device's restart): how
 # long before the pause is tried again
 STALL_PAUSE_RETRY_S = 0.5
@@ -107,6 +111,7 @@ class Machine:
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
+        self._write_back_failed: dict[str, str] = {}  # device -> why its image's sync failed
         self.vcpus: list[VcpuThread] = []
         self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
@@ -776,10 +781,7 @@ class Machine:
         finally:
             try:
                 self._end_devices()
-                try:
-                    self.write_back_images()  # after the devices: they wrote their last
-                except OSError as e:
-                    log.error("%s", e)
+                self._write_back_at_exit()
             finally:
                 # The VM's fds here only if a vCPU thread still runs (it may be in KVM_RUN) or
                 # the syncs failed first: before the rest, as before the closing thread.
@@ -799,13 +801,43 @@ class Machine:
         writes; the pause is not the disk's), and the teardown once the devices are gone.
         On the monitor's own open file description of each (DeviceFds.write_back_fd).
         OSError naming the device."""
+        first: OSError | None = None
         for name, fd in self._images:
-            try:
-                os.fdatasync(fd)
-            except OSError as e:
-                raise OSError(
-                    e.errno, f"device {name}: its image could not be written back: {e.strerror}"
-                ) from None
+            if name not in self._write_back_failed:
+                try:
+                    os.fdatasync(fd)
+                except OSError as e:
+                    # The kernel reports a failed write-back once per open file description
+                    # (errseq): kept, so a retried snapshot is refused too (QEMU keeps its
+                    # page_cache_inconsistent the same way).
+                    self._write_back_failed[name] = e.strerror or str(e)
+            if name in self._write_back_failed:
+                why = self._write_back_failed[name]
+                error = OSError(errno.EIO, f"device {name}: its image could not be written "
+                                f"back ({why}): the host's page cache lost writes the guest "
+                                "saw completed")  # fmt: skip
+                first = first or error
+                log.error("%s", error.strerror)
+        if first is not None:  # every image tried, each failure logged: raise the first
+            raise first
+
+    def _write_back_at_exit(self) -> None:
+        """write_back_images() once the devices are gone (they wrote their last), on a thread
+        waited for WRITE_BACK_TIMEOUT_S: hung storage (a hard NFS mount) must not keep the
+        monitor from exiting; a failure is logged (there)."""
+        if not self._images:
+            return
+        done = threading.Event()
+
+        def write_back() -> None:
+            with contextlib.suppress(OSError):
+                self.write_back_images()
+            done.set()
+
+        threading.Thread(target=write_back, name="write-back", daemon=True).start()
+        if not done.wait(WRITE_BACK_TIMEOUT_S):
+            log.error("the disk images were not written back within %g s; exiting without",
+                      WRITE_BACK_TIMEOUT_S)  # fmt: skip
 
     def _sync_devices(self) -> None:
         """Let every device finish the guest's posted writes (and flush its output line)

@@ -187,3 +187,34 @@ def test_a_device_left_dead_raises_each_of_its_interrupts_once():
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_an_image_whose_write_back_failed_fails_every_later_one_and_the_others_are_synced(
+    tmp_path, monkeypatch
+):
+    """The kernel reports a failed write-back once per open file description (errseq): a
+    retried snapshot found the sync clean and committed a guest that had lost writes. The
+    failure is kept; and one image's failure does not keep the others from being synced."""
+    import errno
+    import os
+
+    fds = {name: os.open(tmp_path / name, os.O_RDWR | os.O_CREAT) for name in ("d0", "d1")}
+    synced: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        if fd == fds["d0"] and synced.count(fd) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    m = bare_machine()
+    m._images = [("disk0", fds["d0"]), ("disk1", fds["d1"])]
+    m._write_back_failed = {}
+    try:
+        for _ in range(2):
+            with pytest.raises(OSError, match="device disk0: its image could not be written back"):
+                m.write_back_images()
+        assert synced == [fds["d0"], fds["d1"], fds["d1"]]  # disk0's failure kept, not retried
+    finally:
+        for fd in fds.values():
+            os.close(fd)
