@@ -513,7 +513,7 @@ class VirtioNet(VirtioPciDevice):
     def _hold(self, ring: SplitQueue, chains: list[Chain], room: int, n: int) -> None:
         """Keep the frame of n bytes (`room` of them in the chains' buffers, the rest in the
         scratch) until the driver posts enough buffers; the chains go back unused."""
-        head = b"".join(self.ram.iovecs(_first_bytes(chains, room), writable=False))
+        head = self.ram.gather([part for chain in chains for part in chain.writable], room)
         self._held = head + bytes(self._scratch[: n - room])
         ring.unpop(len(chains))
 
@@ -551,18 +551,6 @@ class VirtioNet(VirtioPciDevice):
 
 def _room(chain: Chain) -> int:
     return sum(length for _, length in chain.writable)
-
-
-def _first_bytes(chains: Sequence[Chain], size: int) -> list[tuple[int, int]]:
-    """The (gpa, len) buffers holding the first `size` bytes of the chains' writable ones."""
-    parts: list[tuple[int, int]] = []
-    for chain in chains:
-        for gpa, length in chain.writable:
-            if size <= 0:
-                return parts
-            parts.append((gpa, min(length, size)))
-            size -= length
-    return parts
 
 
 def _past_header(chain: Chain) -> Sequence[tuple[int, int]]:

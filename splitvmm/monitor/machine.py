@@ -801,41 +801,32 @@ class Machine:
         writes; the pause is not the disk's), and the teardown once the devices are gone.
         On the monitor's own open file description of each (DeviceFds.write_back_fd).
         OSError naming the device."""
-        first: OSError | None = None
         for name, fd in self._images:
-            if name not in self._write_back_failed:
-                try:
-                    os.fdatasync(fd)
-                except OSError as e:
-                    # The kernel reports a failed write-back once per open file description
-                    # (errseq): kept, so a retried snapshot is refused too (QEMU keeps its
-                    # page_cache_inconsistent the same way).
-                    self._write_back_failed[name] = e.strerror or str(e)
             if name in self._write_back_failed:
-                why = self._write_back_failed[name]
-                error = OSError(errno.EIO, f"device {name}: its image could not be written "
-                                f"back ({why}): the host's page cache lost writes the guest "
-                                "saw completed")  # fmt: skip
-                first = first or error
-                log.error("%s", error.strerror)
-        if first is not None:  # every image tried, each failure logged: raise the first
-            raise first
+                continue  # the kernel reports a failed write-back once per open file
+                # description (errseq): kept, so that a retried snapshot is refused too (QEMU
+                # keeps its page_cache_inconsistent the same way)
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                self._write_back_failed[name] = e.strerror or str(e)
+        failures = [
+            f"device {name}: its image could not be written back ({why}): the host's page "
+            "cache lost writes the guest saw completed"
+            for name, why in self._write_back_failed.items()
+        ]
+        for failure in failures:
+            log.error("%s", failure)
+        if failures:  # every image tried, each failure logged: raise the first
+            raise OSError(errno.EIO, failures[0])
 
     def _write_back_at_exit(self) -> None:
         """write_back_images() once the devices are gone (they wrote their last), on a thread
         waited for WRITE_BACK_TIMEOUT_S: hung storage (a hard NFS mount) must not keep the
         monitor from exiting; a failure is logged (there)."""
-        if not self._images:
-            return
-        done = threading.Event()
-
-        def write_back() -> None:
-            with contextlib.suppress(OSError):
-                self.write_back_images()
-            done.set()
-
-        threading.Thread(target=write_back, name="write-back", daemon=True).start()
-        if not done.wait(WRITE_BACK_TIMEOUT_S):
+        if self._images and not OnThread("write-back", self.write_back_images).ended_within(
+            WRITE_BACK_TIMEOUT_S
+        ):
             log.error("the disk images were not written back within %g s; exiting without",
                       WRITE_BACK_TIMEOUT_S)  # fmt: skip
 

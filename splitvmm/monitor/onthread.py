@@ -21,6 +21,11 @@ class OnThread:
         except BaseException as e:  # handed over by wait() or result()
             self._error = e
 
+    def ended_within(self, timeout_s: float) -> bool:
+        """Whether the call ended within `timeout_s` (what it raised is left for wait())."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     def wait(self) -> BaseException | None:
         """Wait for the call; what it raised (once), or None."""
         self._thread.join()

@@ -42,3 +42,19 @@ def test_on_thread_runs_the_call_aside_and_wait_returns_its_error():
     assert isinstance(error, OSError)
     assert str(error) == "handed to wait()"
     assert aside.wait() is None
+
+
+def test_onthread_ended_within_says_whether_the_call_is_done_and_keeps_its_error():
+    """The teardown waits a bounded time for the disks' write-back (hung storage), then
+    goes on; what the call raised is still wait()'s."""
+    release = threading.Event()
+
+    def blocked() -> None:
+        release.wait()
+        raise OSError("late")
+
+    call = OnThread("blocked", blocked)
+    assert call.ended_within(0.05) is False
+    release.set()
+    assert call.ended_within(10) is True
+    assert str(call.wait()) == "late"

@@ -71,9 +71,13 @@ def net(fds: dict[str, int]) -> VirtioNet:
     return VirtioNet.from_options(prepared("virtio-net", fds), {"mac": MAC})
 
 
-def started(dev: VirtioNet, features: int = F_VERSION_1) -> tuple[Driver, Ring, Ring]:
-    """The driver's initialisation (3.1.1) with receiveq0 and transmitq0 set up."""
-    driver, rx, tx = Driver(dev), Ring(dev.ram, base=0x1000), Ring(dev.ram, base=0x4000)
+def started(
+    dev: VirtioNet, features: int = F_VERSION_1, rx_size: int = 16
+) -> tuple[Driver, Ring, Ring]:
+    """The driver's initialisation (3.1.1) with receiveq0 (of `rx_size` entries) and
+    transmitq0 set up."""
+    driver = Driver(dev)
+    rx, tx = Ring(dev.ram, size=rx_size, base=0x1000), Ring(dev.ram, base=0x4000)
     tx.heap = 0x80000  # the transmit ring's buffers apart from the receive ring's
     assert driver.negotiate(features) & FEATURES_OK
     driver.setup_queue(0, rx)
@@ -485,48 +489,36 @@ def test_virtio_net_rx_mrg_rxbuf_frame_longer_than_the_posted_buffers_waits_for_
     assert net.counts == {**net.counts, "rx_frames": 2, "rx_dropped": 0}
 
 
-def test_virtio_net_rx_mrg_rxbuf_frame_no_ring_of_buffers_can_take_is_dropped(fds, peer):
+def test_virtio_net_rx_mrg_rxbuf_frame_no_ring_of_buffers_can_take_is_dropped(net, peer):
     """Held while the driver may still post buffers; dropped once every entry of the ring
     is posted and they cannot take it, and the device goes on with the next frame."""
-    dev = VirtioNet.from_options(prepared("virtio-net", fds), {"mac": MAC})
-    driver, rx, tx = Driver(dev), Ring(dev.ram, size=4, base=0x1000), Ring(dev.ram, base=0x4000)
-    tx.heap = 0x80000
-    assert driver.negotiate(F_VERSION_1 | F_MRG_RXBUF) & FEATURES_OK
-    driver.setup_queue(0, rx)
-    driver.setup_queue(1, tx)
-    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF, rx_size=4)
     post(rx, 100, 100)
     driver.kick(0)
     os.write(peer, HDR + bytes(600))  # 612 bytes: more than 4 buffers of 100
     os.write(peer, HDR + FRAME[:60])
-    tap_readable(dev)
-    assert (rx.take_used(), dev.counts["rx_dropped"]) == ([], 0)
+    tap_readable(net)
+    assert (rx.take_used(), net.counts["rx_dropped"]) == ([], 0)
 
     post(rx, 100, 100)  # the ring is full of posted buffers now
     driver.kick(0)
     assert rx.take_used() == [(0, 72)]
-    assert dev.counts["rx_dropped"] == 1
+    assert net.counts["rx_dropped"] == 1
 
 
-def test_virtio_net_rx_held_frame_dropped_when_two_descriptor_chains_fill_the_ring(fds, peer):
+def test_virtio_net_rx_held_frame_dropped_when_two_descriptor_chains_fill_the_ring(net, peer):
     """A ring is full when its descriptors are: with two-descriptor chains (header and
     data, as Windows' netkvm posts them) a ring of 4 holds 2 chains, and no more can come."""
-    dev = VirtioNet.from_options(prepared("virtio-net", fds), {"mac": MAC})
-    driver, rx, tx = Driver(dev), Ring(dev.ram, size=4, base=0x1000), Ring(dev.ram, base=0x4000)
-    tx.heap = 0x80000
-    assert driver.negotiate(F_VERSION_1 | F_MRG_RXBUF) & FEATURES_OK
-    driver.setup_queue(0, rx)
-    driver.setup_queue(1, tx)
-    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF, rx_size=4)
     for _ in range(2):
         rx.add([(*rx.buffer(12), True), (*rx.buffer(100), True)])
     driver.kick(0)
     os.write(peer, HDR + bytes(600))  # 612 bytes: more than 2 chains of 112
     os.write(peer, HDR + FRAME[:60])
-    tap_readable(dev)
+    tap_readable(net)
 
     assert rx.take_used() == [(0, 72)]
-    assert dev.counts["rx_dropped"] == 1
+    assert net.counts["rx_dropped"] == 1
 
 
 def test_virtio_net_rx_held_frame_goes_with_a_reset(net, peer):
