@@ -8,8 +8,8 @@ on views of guest memory (GuestRam.buffer), never through a copy.
 A request is a header (type, reserved, sector: 16 bytes the driver wrote), data buffers,
 then a status byte the device writes last (5.2.6): the last byte of the device-writable
 part, however the driver split it into descriptors (2.7.4). The device serves IN, OUT,
-FLUSH, GET_ID, DISCARD and WRITE_ZEROES; other types (and flags it does not know) get
-UNSUPP, a request past the end of the disk or a write to a read-only one IOERR. A failed
+FLUSH, GET_ID, DISCARD and WRITE_ZEROES (the last two once the driver accepted their
+features); other types (and flags it does not know) get UNSUPP, a request past the end of the disk or a write to a read-only one IOERR. A failed
 request's data buffers are zeroed, so that the used len (data + status) is true. A
 malformed request (no room for the status byte, a header cut short) is the driver's to
 fix: IOERR when there is a status byte to write, else the queue is hostile (NEEDS_RESET).
@@ -439,12 +439,23 @@ class VirtioBlk(VirtioPciDevice):
             case 8:  # VIRTIO_BLK_T_GET_ID
                 return self._get_id(into)
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
+                self._negotiated(kind)
                 self._writable()
                 self._segments(kind, skip_bytes(readable, HEADER.size))
                 self._stable()
             case _:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)
         return 0
+
+    def _negotiated(self, kind: int) -> None:
+        """A DISCARD or WRITE_ZEROES from a driver that did not accept its feature is UNSUPP,
+        as from a device that never had it: the driver turned the command down (and a
+        read-only disk offers neither), so nothing on the disk changes for it."""
+        feature = (
+            VIRTIO_BLK_F_DISCARD if kind == VIRTIO_BLK_T_DISCARD else VIRTIO_BLK_F_WRITE_ZEROES
+        )
+        if not self.driver_features & feature:
+            raise RequestError(VIRTIO_BLK_S_UNSUPP)
 
     def _writable(self) -> None:
         if self.readonly:

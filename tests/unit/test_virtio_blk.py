@@ -79,8 +79,13 @@ def blk(fds: dict[str, int]) -> VirtioBlk:
     return make(fds, serial="disk-0001")
 
 
-def started(dev: VirtioBlk, features: int = F_VERSION_1) -> tuple[Driver, Ring]:
+def started(dev: VirtioBlk, features: int | None = None) -> tuple[Driver, Ring]:
+    """The device started with `features`; by default VERSION_1 and the DISCARD and
+    WRITE_ZEROES commands where it offers them (a driver sends those only once it took
+    them), but not FLUSH: writes are stable."""
     driver, ring = Driver(dev), Ring(dev.ram)
+    if features is None:
+        features = F_VERSION_1 | dev.device_features() & (F_DISCARD | F_WRITE_ZEROES)
     driver.start(ring, features)
     return driver, ring
 
@@ -416,6 +421,21 @@ def test_virtio_blk_empty_segment_is_ok(blk, disk, kind):
     driver.kick()
 
     assert status_of(blk, status) == OK and disk.read_bytes()[8 * 512 : 8 * 512 + 2] == b"\0\1"
+
+
+@pytest.mark.parametrize(
+    "kind, took", [(DISCARD, F_WRITE_ZEROES), (WRITE_ZEROES, F_DISCARD)], ids=["discard", "zeroes"]
+)
+def test_virtio_blk_command_whose_feature_the_driver_declined_is_unsupp(blk, disk, kind, took):
+    """A driver that did not take VIRTIO_BLK_F_DISCARD (WRITE_ZEROES) turned the command
+    down: the device answers it as one that never had it, and the disk keeps its data."""
+    driver, ring = started(blk, F_VERSION_1 | took)
+    status = request(ring, kind, 0, [(struct.pack("<QII", 8, 8, 0), False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == UNSUPP and ring.used_idx() == 1
+    assert disk.read_bytes()[8 * 512 : 16 * 512] == bytes(range(256)) * 2 * 8
 
 
 @pytest.mark.parametrize(
