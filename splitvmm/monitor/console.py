@@ -107,8 +107,12 @@ def pump(
             _say_dropped(dropped)
             return False
         if fd is not None and fd in ready:
+            # A pipe's or a file's input is read up to PENDING_MAX and no further, so that
+            # what waits for the guest waits in the pipe, none of it dropped; a terminal's
+            # is read whole (the escape), and what passes PENDING_MAX dropped below.
+            size = READ_SIZE if escape or discard else min(READ_SIZE, PENDING_MAX - len(pending))
             try:
-                data = os.read(fd, READ_SIZE)
+                data = os.read(fd, size)
             except OSError as e:  # EBADF (nohup's write-only /dev/null), EIO (a lost terminal)
                 log.warning("the console's input failed (%s): no more input to the VM", e.strerror)
                 data = b""

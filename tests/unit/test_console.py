@@ -11,7 +11,7 @@ import termios
 import pytest
 
 from splitvmm.monitor import console
-from splitvmm.monitor.console import OFFER_MAX, READ_SIZE, EscapeParser, pump, raw_terminal
+from splitvmm.monitor.console import OFFER_MAX, EscapeParser, pump, raw_terminal
 
 
 def test_escape_plain_bytes_pass_through():
@@ -167,8 +167,25 @@ def test_pump_reads_no_further_than_pending_max_while_the_device_takes_nothing(s
     finally:
         for fd in (stdin, writer, wake_r, wake_w):
             os.close(fd)
-    assert PENDING_MAX <= written - left < PENDING_MAX + READ_SIZE
-    assert max(offers) == min(written - left, OFFER_MAX)
+    assert written - left == PENDING_MAX  # read up to it and no further: none dropped
+    assert max(offers) == min(PENDING_MAX, OFFER_MAX)
+
+
+def test_pump_loses_nothing_of_a_pipe_past_pending_max_to_a_device_that_takes_a_little(
+    small_pending,
+):
+    """A pipe holding more than PENDING_MAX, a guest that reads a little at a time: every
+    byte reaches the device once, in order. Reads of READ_SIZE past PENDING_MAX dropped the
+    excess, and each later offer that freed less than READ_SIZE dropped more."""
+    wake_r, wake_w = os.pipe()
+    paste = bytes((i * 7 + i // 251) % 256 for i in range(4 * small_pending))
+    device = Device(room=1000, expect=len(paste), wake_w=wake_w)
+    try:
+        assert run_pump(paste, device, wake_r) is False
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+    assert bytes(device.got) == paste
 
 
 def test_pump_for_a_terminal_always_reads_so_the_escape_quits_a_guest_that_reads_none(
