@@ -1,7 +1,7 @@
 """What a device's processes keep for each other, where one's death does not take it (fd
 role `progress`, FdKind.PROGRESS: a memfd page the monitor makes once per device; each
-process of the device gets the same one): a queue's progress (virtio-console) and a latched
-error (virtio-blk).
+process of the device gets the same one): its queues' progress (virtio-console, each way)
+and a latched error (virtio-blk).
 
 The monitor learns a device's checkpoints only when it reads the device's channel (around
 its own requests, and the heartbeat's ping once a second), and what the device had queued
@@ -12,8 +12,15 @@ the device writes it here, (used idx, output count), before the used idx says so
 process started after its crash reads it (the record of the used idx it finds in guest
 RAM).
 
-Two slots: the record of used idx u lives in slot u % 2, so writing the next idx's record
-never overwrites the current one's. Each record is (used idx, count, crc32 of both): one
+The same holds for input: a restart must drop from the input it replays what the dead
+process had delivered, and the receive used entries since the checkpoint say how much only
+while fewer than a ring's worth completed (bulk input through 8-byte INPUT frames completes
+hundreds between two checkpoints the monitor reads). So the receive queue has records of its
+own, (used idx, input count: the bytes delivered so far), in a second pair of slots (stream
+RECEIVE, past the host-I/O flag); transmit's are stream TRANSMIT.
+
+Two slots a stream: the record of used idx u lives in slot u % 2, so writing the next idx's
+record never overwrites the current one's. Each record is (used idx, count, crc32 of both): one
 pwrite(2), which SIGKILL does not cut short, and the crc turns away a page that holds no
 record yet or that a compromised process scribbled on. pwrite, not a mapping: CPython's
 mmap keeps a dup of the fd, which the sandbox closes and ZeroMQ then reuses, and the
@@ -45,12 +52,14 @@ from splitvmm.errors import StateError
 from splitvmm.native.mem import map_shared_page
 from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 
-RECORD = struct.Struct("<QQ")  # used idx, output count
+RECORD = struct.Struct("<QQ")  # used idx, output (or input) count
 CRC = struct.Struct("<I")
 SLOT = RECORD.size + CRC.size
 LATCH = RECORD.size  # the latched error's slot: (code, 0) in a record of its own
 HOST_IO = PROGRESS_HOST_IO_BYTE  # the host-I/O flag, past two progress slots and the latch
-SIZE = HOST_IO + 1  # what the page must hold
+TRANSMIT, RECEIVE = 0, 1  # the streams: where each pair of slots starts
+STREAM_AT = (0, HOST_IO + 8)  # receive's pair was added past the flag, where the page had room
+SIZE = STREAM_AT[RECEIVE] + 2 * SLOT  # what the page must hold
 
 
 class Progress:
@@ -65,10 +74,11 @@ class Progress:
             raise StateError(f"progress memfd: {size} bytes, {SIZE} needed")
         self.fd = fd
 
-    def write(self, used_idx: int, count: int) -> None:
-        """Record that the chain at `used_idx` starts at output count `count`."""
+    def write(self, used_idx: int, count: int, stream: int = TRANSMIT) -> None:
+        """Record that the chain at `used_idx` starts at output count `count` (TRANSMIT), or
+        that `count` input bytes were delivered before it (RECEIVE)."""
         record = RECORD.pack(used_idx, count)
-        os.pwrite(self.fd, _sealed(record), (used_idx % 2) * SLOT)
+        os.pwrite(self.fd, _sealed(record), STREAM_AT[stream] + (used_idx % 2) * SLOT)
 
     def latch(self, code: int) -> None:
         """Latch a nonzero error `code`: every later process of the device reads it back."""
@@ -92,12 +102,12 @@ class Progress:
         to close)."""
         return map_shared_page(self.fd, SIZE)[HOST_IO : HOST_IO + 1]
 
-    def records(self) -> dict[int, int]:
-        """used idx -> output count, of the slots whose crc holds (pread64 on this fd: the
+    def records(self, stream: int = TRANSMIT) -> dict[int, int]:
+        """used idx -> count, of the stream's slots whose crc holds (pread64 on this fd: the
         device's policy allows it, as it allows pwrite64)."""
         page = os.pread(self.fd, SIZE, 0)
         found: dict[int, int] = {}
-        for at in (0, SLOT):
+        for at in (STREAM_AT[stream], STREAM_AT[stream] + SLOT):
             record = page[at : at + RECORD.size]
             (crc,) = CRC.unpack_from(page, at + RECORD.size)
             if len(record) == RECORD.size and zlib.crc32(record) == crc:
@@ -111,4 +121,4 @@ def _sealed(record: bytes) -> bytes:
     return record + CRC.pack(zlib.crc32(record))
 
 
-assert 3 * SLOT <= HOST_IO, "the host-I/O flag lies past the records"
+assert 3 * SLOT <= HOST_IO < STREAM_AT[RECEIVE], "the host-I/O flag lies between the records"

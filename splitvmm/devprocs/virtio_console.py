@@ -31,12 +31,17 @@ Crash restart. The new process starts from the last checkpoint the monitor read 
 by the runtime every few frames, and by this device after a batch of completed transmit
 chains, at most one each CHECKPOINT_INTERVAL_S), and takes each queue up at its used ring
 in guest RAM:
-* receive: the used entries since the checkpoint's position say how many input bytes the
-  dead process delivered (their len); the new process drops that many from the front of
-  the checkpoint's pending input and the journalled input frames it re-applies: no byte lost
-  or repeated (past a queue size of completions since the checkpoint it cannot count them:
-  input may then repeat, never be lost). Bytes the dead process read from a `unix:` peer
-  and had not delivered are lost (they were never a frame).
+* receive: before each completion the device writes to its progress page how many input
+  bytes it had delivered before the used idx that completion makes (progress.py, stream
+  RECEIVE); the new process takes the record of the used idx it finds in guest RAM, less the
+  checkpoint's count, as what the dead process delivered since, and drops that many from the
+  front of the checkpoint's pending input and the journalled input frames it re-applies: no
+  byte lost or repeated, however many chains completed since (bulk input through the
+  monitor comes in 8-byte frames and completes hundreds between two checkpoints it reads).
+  Without a record, the used entries since the checkpoint's position say it (their len),
+  while fewer than a queue size completed; past that input may repeat, never be lost.
+  Bytes the dead process read from a `unix:` peer and had not delivered are lost (they were
+  never a frame).
 * transmit: the chains from the used ring's idx run again, and the bytes of them the line
   took already must be dropped. The checkpoint cannot say how many: the monitor reads a
   device's events only around its own requests (a ping a second, while the guest's kicks
@@ -78,7 +83,7 @@ from typing import Annotated, Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, Source, register
 from splitvmm.devprocs.output import CAPACITY
-from splitvmm.devprocs.progress import Progress
+from splitvmm.devprocs.progress import RECEIVE, TRANSMIT, Progress
 from splitvmm.devprocs.virtio.guestram import GuestRamError
 from splitvmm.devprocs.virtio.pci import VirtioPciDevice
 from splitvmm.devprocs.virtio.queue import RING_HEADER, USED_ELEM, Chain, QueueError, SplitQueue
@@ -241,7 +246,10 @@ class VirtioConsole(VirtioPciDevice):
             chain = self._take(ring)
             if chain is None:
                 break
-            ring.push(chain.head, self._fill(chain))
+            written = self._fill(chain)
+            # before used idx says so: what a restart drops of the input it replays
+            self._progress.write((ring.used_idx + 1) & 0xFFFF, self.bytes_in, RECEIVE)
+            ring.push(chain.head, written)
             done += 1
         if done:
             self.signal_used(RX, ring)
@@ -357,16 +365,18 @@ class VirtioConsole(VirtioPciDevice):
         self._published = now
         self.ctx.events.publish_state(self.NAME, self.save())
 
-    def _note_progress(self) -> None:
-        """The progress page says where the chain at the used idx starts (progress.py)."""
-        ring = self.rings[TX]
-        if ring is not None:
-            self._progress.write(ring.used_idx, self._tx_done)
+    def _note_progress(self, queues: tuple[int, ...] = (RX, TX)) -> None:
+        """The progress page says, for the used idx of each queue, where the transmit chain
+        there starts and how much input was delivered before it (progress.py)."""
+        for q in queues:
+            ring = self.rings[q]
+            if ring is not None:
+                count, stream = (self._tx_done, TRANSMIT) if q == TX else (self.bytes_in, RECEIVE)
+                self._progress.write(ring.used_idx, count, stream)
 
     def _enable_queue(self, q: int) -> None:
         super()._enable_queue(q)
-        if q == TX:
-            self._note_progress()
+        self._note_progress((q,))
 
     # -- counters -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -438,7 +448,10 @@ class VirtioConsole(VirtioPciDevice):
         out = self.ctx.out
         file_skip, out.skip = out.skip, 0
         out.skip, held = self._resend(then, file_skip)
-        del self._rx[: self._delivered_since(then)]
+        delivered = self._delivered_since(then)
+        del self._rx[:delivered]
+        # the dead process's count: the progress page's next records go on from it
+        self.bytes_in = min(self.bytes_in + delivered, MAX_COUNTER)
         if len(self._rx) > RX_BUFFER_MAX:  # more than a live process would have held
             self.rx_dropped = min(self.rx_dropped + len(self._rx) - RX_BUFFER_MAX, MAX_COUNTER)
             del self._rx[RX_BUFFER_MAX:]
@@ -473,13 +486,19 @@ class VirtioConsole(VirtioPciDevice):
         return 0, state.tx_held
 
     def _delivered_since(self, state: VirtioConsoleState | None) -> int:
-        """The input bytes receive chains got between the checkpoint and the crash: the
-        len of each used entry since the checkpoint's position (device-written, still in
+        """The input bytes receive chains got between the checkpoint and the crash: what
+        the progress page says was delivered before the used idx in guest RAM, less the
+        checkpoint's count. Without such a record (a page from before the device wrote them),
+        the len of each used entry since the checkpoint's position (device-written, still in
         the used ring unless more than a ring's worth completed); from 0 where the ring was
         enabled since (an enable starts the used ring at 0)."""
         ring = self.rings[RX]
         if ring is None:
             return 0
+        delivered = self._progress.records(RECEIVE).get(ring.used_idx)
+        since = 0 if state is None else state.bytes_in
+        if delivered is not None and delivered >= since:
+            return delivered - since
         saved, now = None if state is None else state.queues[RX], self.queues[RX]
         reset = state is not None and state.resets != self.resets  # another session's ring
         if reset:

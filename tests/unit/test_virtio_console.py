@@ -577,6 +577,42 @@ def test_virtio_console_crash_restart_input_delivered_since_checkpoint_not_repea
     assert rx.take_used()[-1] == (head, 2) and restarted.ram.read(gpa, 2) == b"de"
 
 
+def test_virtio_console_restart_drops_input_delivered_in_more_completions_than_the_ring_holds(
+    host, caplog
+):
+    """Bulk input through the monitor comes as 8-byte frames and completes hundreds of
+    receive chains between two checkpoints the monitor reads: past a ring's worth the used
+    entries no longer say what was delivered. The progress page does, so the successor
+    drops exactly that from what it replays, whatever the count; it repeated it all."""
+    channel = Channel()
+    ctx = host.context(Line())
+    ctx.events.connect(channel.send)
+    dev = VirtioConsole(ctx)
+    driver, rx, tx = started(dev)
+    data = bytes(range(64))
+    dev.host_input(data[:10])  # pending at the checkpoint
+    transmit(tx, b"!")
+    driver.kick(1)  # a checkpoint after the completion: the last one the monitor read
+    checkpoint = published(channel)
+    dev.host_input(data[10:])  # the input frames after it: the journal
+    for _ in range(3 * rx.size):  # one byte a chain, three rings' worth
+        post(rx, 1)
+        driver.kick(0)
+        rx.take_used()
+
+    restarted = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    with replaying(restarted):
+        restarted.host_input(data[10:])
+    head, gpa = post(rx, 64)
+    Driver(restarted).kick(0)
+
+    left = len(data) - 3 * rx.size
+    assert rx.take_used()[-1] == (head, left)
+    assert restarted.ram.read(gpa, left) == data[3 * rx.size :]
+    assert restarted.stats()["bytes_in"] == len(data)
+    assert "input may repeat" not in caplog.text
+
+
 def test_virtio_console_input_frame_from_monitor_reaches_guest(host):
     """The monitor's INPUT frames (slot.input) as the device runtime applies them."""
     dev = VirtioConsole(host.context(Line()))
