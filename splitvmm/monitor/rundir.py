@@ -1,13 +1,17 @@
 """The VM's private runtime directory: device channels (and later the control socket).
 
 `$XDG_RUNTIME_DIR/splitvmm/<name>/`, else `/run/splitvmm/<name>/` for root, else
-a directory under the system temp dir; mode 0700. A lock file held for the
-VM's lifetime tells a second `up` with the same name that the first still runs.
+a directory under the system temp dir; mode 0700. A relative XDG_RUNTIME_DIR is
+ignored, as the XDG Base Directory spec asks (it would make the directory under
+whatever the cwd is, and the launcher refuses a relative path anyway). A lock file
+held for the VM's lifetime tells a second `up` with the same name that the first
+still runs.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import stat
@@ -16,11 +20,15 @@ from pathlib import Path
 
 from splitvmm.errors import SplitvmmError
 
+log = logging.getLogger("splitvmm.rundir")
+
 
 def runtime_root() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
+    if xdg and os.path.isabs(xdg):
         return Path(xdg) / "splitvmm"
+    if xdg:
+        log.warning("XDG_RUNTIME_DIR=%r is not an absolute path: ignored", xdg)
     if os.geteuid() == 0:
         return Path("/run/splitvmm")
     return Path(tempfile.gettempdir()) / f"splitvmm-{os.geteuid()}"
@@ -50,13 +58,26 @@ def _check_owned(path: Path) -> os.stat_result:
     return st
 
 
+def _make_dir(path: Path, parents: bool) -> None:
+    """mkdir, its failure one SplitvmmError naming the path (`up` prints it as one line): a
+    read-only XDG_RUNTIME_DIR, one we may not write to, a file where the directory goes."""
+    try:
+        path.mkdir(mode=0o700, parents=parents, exist_ok=True)
+    except FileExistsError:  # (exist_ok: only at `path`, by something not a directory)
+        raise SplitvmmError(
+            f"cannot make the runtime directory {path}: something that is not a directory is there"
+        ) from None
+    except OSError as e:
+        raise SplitvmmError(f"cannot make the runtime directory {path}: {e.strerror}") from None
+
+
 class RuntimeDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
         root = root or runtime_root()
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_dir(root, parents=True)
         _check_ours(root)
         self.path = root / name
-        self.path.mkdir(mode=0o700, exist_ok=True)
+        _make_dir(self.path, parents=False)
         _check_ours(self.path)
         self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

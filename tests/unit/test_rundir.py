@@ -5,7 +5,7 @@ import stat
 import pytest
 
 from splitvmm.errors import SplitvmmError
-from splitvmm.monitor.rundir import RuntimeDir
+from splitvmm.monitor.rundir import RuntimeDir, runtime_root
 
 
 def test_rundir_is_private_to_the_user(tmp_path):
@@ -40,3 +40,30 @@ def test_rundir_left_by_a_killed_vm_has_its_channels_and_spare_sockets_removed(t
     remaining = sorted(p.name for p in rundir.path.iterdir())
     rundir.close()
     assert remaining == ["lock"]
+
+
+def test_rundir_where_a_file_is_in_the_way_is_an_error_naming_it(tmp_path):
+    """Was a FileExistsError, which `up` printed as a traceback."""
+    (tmp_path / "vm1").touch()
+    with pytest.raises(
+        SplitvmmError, match=f"{tmp_path / 'vm1'}: something that is not a directory"
+    ):
+        RuntimeDir("vm1", tmp_path)
+
+
+def test_rundir_whose_root_cannot_be_made_is_an_error_naming_it(tmp_path):
+    """Any OSError of mkdir (EROFS, EACCES; ENOTDIR here, which root can provoke too)."""
+    (tmp_path / "file").touch()
+    root = tmp_path / "file" / "splitvmm"
+    with pytest.raises(SplitvmmError, match=f"runtime directory {root}: Not a directory"):
+        RuntimeDir("vm1", root)
+
+
+def test_runtime_root_relative_xdg_runtime_dir_is_ignored_with_a_warning(monkeypatch, caplog):
+    """The XDG Base Directory spec: a relative path is invalid and must be ignored. It used to
+    make relative/dir/splitvmm/ in the cwd before the launcher refused the path."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    unset = runtime_root()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")
+    assert runtime_root() == unset
+    assert "XDG_RUNTIME_DIR='relative/dir' is not an absolute path" in caplog.text
