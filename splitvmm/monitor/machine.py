@@ -34,7 +34,7 @@ from splitvmm.errors import DeviceFailure, KvmUnavailable, SplitvmmError
 from splitvmm.monitor import acpi, boot, confinement, layout, loader
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
-from splitvmm.monitor.control import ControlBusy, ControlError, ControlServer, Handler
+from splitvmm.monitor.control import SOCKET_NAME, ControlBusy, ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts, raise_interrupts
 from splitvmm.monitor.exits import Outcome
@@ -45,7 +45,7 @@ from splitvmm.monitor.pci.bars import BarAllocator
 from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_bars
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
 from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
-from splitvmm.monitor.rundir import RuntimeDir
+from splitvmm.monitor.rundir import RuntimeDir, check_socket_path
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
@@ -156,6 +156,8 @@ class Machine:
         cfg = self.cfg
         self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
         self._closables.append(self.rundir)
+        # Now, not when ControlServer binds it: by then the devices have started.
+        check_socket_path(self.rundir.path / SOCKET_NAME, "control socket")
         # First, single-threaded, before /dev/kvm or guest RAM: the launcher holds nothing of
         # the VM (`up` starts it earlier still: cli/up.py). Closed after the devices
         # (_closables go in reverse).

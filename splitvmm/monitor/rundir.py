@@ -22,6 +22,8 @@ from splitvmm.errors import SplitvmmError
 
 log = logging.getLogger("splitvmm.rundir")
 
+MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
+
 
 def runtime_root() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -56,6 +58,19 @@ def _check_owned(path: Path) -> os.stat_result:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise SplitvmmError(f"{path} is not a directory owned by this user: refusing to use it")
     return st
+
+
+def check_socket_path(path: Path, what: str, device_named: bool = False) -> None:
+    """The one check of a socket path in the runtime dir (a device's channel, the control
+    socket): past sun_path's size, bind() fails with a bare OSError, after devices started.
+    `device_named`: a device's name is part of the path, and shortening it helps too."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return
+    names = "vm.name, device name" if device_named else "vm.name"
+    raise SplitvmmError(
+        f"{what} {path} is longer than a UNIX socket allows ({MAX_SOCKET_PATH} bytes): "
+        f"use a shorter {names} or XDG_RUNTIME_DIR"
+    )
 
 
 def _make_dir(path: Path, parents: bool) -> None:

@@ -105,6 +105,7 @@ from splitvmm.monitor.channel import (
     DeviceChannel,
 )
 from splitvmm.monitor.irqroutes import MsiVectors
+from splitvmm.monitor.rundir import check_socket_path
 from splitvmm.protocol import events, wire
 from splitvmm.protocol.models import (
     MODELS,
@@ -120,7 +121,6 @@ from splitvmm.sandbox.spawn import DeviceProcess
 
 log = logging.getLogger("splitvmm.slot")
 
-MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 # An access to a device that is away waits no longer than one to a device that is there may
 # (its read deadline): a pause waits for every vCPU to finish its access (coordinator.py).
 AWAY_WAIT_MS = READ_TIMEOUT_MS
@@ -231,13 +231,9 @@ class DeviceSlot:
         self._fds = spawn.fds  # the machine owns them; each process gets them again
         self._transport = spawn.transport
         self._msi = spawn.msi
-        self.endpoint = f"ipc://{runtime_dir}/{spawn.name}.sock"
-        if len(self.endpoint.removeprefix("ipc://").encode()) > MAX_SOCKET_PATH:
-            raise DeviceFailure(
-                f"device {spawn.name}: channel path {self.endpoint} is longer than a UNIX "
-                f"socket allows ({MAX_SOCKET_PATH} bytes): use a shorter vm.name, device name "
-                "or XDG_RUNTIME_DIR"
-            )
+        channel_path = runtime_dir / f"{spawn.name}.sock"
+        check_socket_path(channel_path, f"device {spawn.name}: channel path", device_named=True)
+        self.endpoint = f"ipc://{channel_path}"
         self._spawner = spawner
         self._zctx = zctx
         self._resumer = resumer

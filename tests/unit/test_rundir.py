@@ -5,7 +5,7 @@ import stat
 import pytest
 
 from splitvmm.errors import SplitvmmError
-from splitvmm.monitor.rundir import RuntimeDir, runtime_root
+from splitvmm.monitor.rundir import MAX_SOCKET_PATH, RuntimeDir, check_socket_path, runtime_root
 
 
 def test_rundir_is_private_to_the_user(tmp_path):
@@ -67,3 +67,17 @@ def test_runtime_root_relative_xdg_runtime_dir_is_ignored_with_a_warning(monkeyp
     monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")
     assert runtime_root() == unset
     assert "XDG_RUNTIME_DIR='relative/dir' is not an absolute path" in caplog.text
+
+
+def test_socket_path_of_sun_path_size_is_accepted(tmp_path):
+    path = tmp_path / ("s" * (MAX_SOCKET_PATH - len(str(tmp_path)) - 1))
+    check_socket_path(path, "control socket")
+
+
+def test_socket_path_a_byte_too_long_is_refused_naming_it_and_what_to_shorten(tmp_path):
+    path = tmp_path / ("s" * (MAX_SOCKET_PATH - len(str(tmp_path))))
+    with pytest.raises(
+        SplitvmmError, match=f"control socket {path} is longer than a UNIX socket allows"
+    ) as e:
+        check_socket_path(path, "control socket")
+    assert str(e.value).endswith("use a shorter vm.name or XDG_RUNTIME_DIR")
