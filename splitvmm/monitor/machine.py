@@ -702,7 +702,7 @@ class Machine:
             "on_crash": self._device_cfg[s.name].on_crash,
             "generation": s.generation,
             "crashes": s.crashes,
-            "restarts": max(0, s.generation - 1),
+            "restarts": s.restarts,
             "last_failure": s.last_failure,
             "recover_ms": None if s.recover_ms is None else round(s.recover_ms, 1),
             "warm_restarts": s.warm_restarts,  # restarts a warm spare took over

@@ -249,7 +249,10 @@ class DeviceSlot:
         self.last_state = spawn.state  # what a new process starts from (the last snapshot's)
         self._fault = spawn.fault  # taken by the first process: a restarted one gets none
         self.generation = 0  # processes started into the slot so far
-        self.restarts = RestartBudget()
+        # Restarts done, one per crash the policy restarted: not generation - 1, which counts
+        # a warm spare that failed to take over (it was put in the slot) and the cold process
+        # started after it as two.
+        self.restarts = 0
         self.process: DeviceProcess | None = None
         self.channel: DeviceChannel | None = None
         self._listener: int | None = None  # launched, not attached yet: ours to close
@@ -437,6 +440,7 @@ class DeviceSlot:
                     f"more than {MAX_JOURNAL} frames since its last checkpoint"
                 )
             resume = self._resume_locked()
+            self.restarts += 1
         try:
             if self._take_over(resume):
                 return

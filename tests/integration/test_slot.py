@@ -26,6 +26,7 @@ from splitvmm.monitor import console
 from splitvmm.monitor import mirror as mirror_module
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import ChannelError
+from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.mirror import NEWS_EVERY
 from splitvmm.monitor.slot import MAX_AHEAD, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
@@ -266,6 +267,20 @@ def test_slot_restart_gives_up_a_hung_spare_for_a_cold_start_in_time(spared):
     assert (spared.slot.state, spared.slot.warm_restarts) == (SlotState.LIVE, 0)
     assert took < slot_module.RESTART_WAIT_MS / 1000 / 2, took
     assert spared.slot.read(Reg.SCR, 1) == b"\x00"
+
+
+def test_slot_restart_past_a_hung_spare_counts_one_restart_for_its_two_processes(
+    spared, monkeypatch
+):
+    """The spare was put in the slot before it failed to get READY, and the cold process
+    after it too: `ctl devices` said 2 restarts (generation - 1) for the one crash."""
+    monkeypatch.setattr(slot_module, "SPARE_READY_TIMEOUT_MS", 200)  # (only the spare waits)
+    machine = Machine.__new__(Machine)  # what `ctl devices` reports of a slot: _device()
+    machine._device_cfg = {"serial0": SimpleNamespace(on_crash="restart")}  # type: ignore[dict-item]
+    os.kill(spared.slot.spare_pid, signal.SIGSTOP)
+    crash_and_restart(spared)
+    shown = machine._device(spared.slot)
+    assert (shown["restarts"], shown["generation"], shown["crashes"]) == (1, 3, 1)
 
 
 def test_slot_wait_back_waits_out_a_restart_and_counts_no_stall(tmp_path):
