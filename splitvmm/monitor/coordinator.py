@@ -84,6 +84,9 @@ class Coordinator:
         # A snapshot is under way: its devices may be quiesced, and nobody else asks them
         # anything (`ctl devices` shows no counters meanwhile).
         self.snapshotting = False
+        # vm.snapshot_dirs as the monitor's Landlock rules hold them: the directories there
+        # when it confined itself ((st_dev, st_ino), bind_snapshot_dirs), not their paths
+        self._snapshot_dir_ids: dict[Path, tuple[int, int]] = {}
 
     # -- pause / resume -----------------------------------------------------------------------
     def pause(self) -> None:
@@ -210,6 +213,12 @@ class Coordinator:
         except OSError as e:
             raise ControlError(f"{e.strerror}: the snapshot is not written") from None
 
+    def bind_snapshot_dirs(self) -> None:
+        """Note which directories vm.snapshot_dirs are now, as Landlock is about to bind its
+        rules to them: one removed and made again later is another, and the monitor's writes
+        there fail with EACCES (_checked_target says so before any pause)."""
+        self._snapshot_dir_ids = {d: _identity(d) for d in self.machine.cfg.vm.snapshot_dirs}
+
     def _check_target(self, target: Path) -> Path:
         """The path to write: `target` where the config's vm.snapshot_dirs allow it (the
         monitor's Landlock rules would refuse anything else half-way), normalised, as it
@@ -241,10 +250,19 @@ class Coordinator:
         rundir = self.machine.rundir.path.resolve()
         if path == rundir or rundir in path.parents:  # the VM's end removes it, and all in it
             raise ControlError(f"snapshot target {target} is inside the VM's runtime dir {rundir}")
-        if not any(path.parent == d or d in path.parent.parents for d in allowed):
+        within = [d for d in allowed if path.parent == d or d in path.parent.parents]
+        if not within:
             where = ", ".join(map(str, allowed)) or "nowhere: the config sets no vm.snapshot_dirs"
             raise ControlError(
                 f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
+            )
+        ids = self._snapshot_dir_ids
+        if all(d in ids and _identity(d) != ids[d] for d in within):  # (nested: one will do)
+            nearest = max(within, key=lambda d: len(d.parts))
+            raise ControlError(
+                f"snapshot target {target}: {nearest} was replaced (removed or moved, and made "
+                "again) since the VM started, and the VM may write only into the directory that "
+                "was there then"
             )
         # What the writer would fail on after every vCPU and device was stopped.
         if len(os.fsencode(staging_path(path).name)) > NAME_MAX:  # the longer of its names
@@ -366,6 +384,11 @@ class Coordinator:
 def _refuse_failed(slot: DeviceSlot) -> None:
     if slot.failed:
         raise ControlError(f"device {slot.name} has failed; the VM cannot be saved")
+
+
+def _identity(directory: Path) -> tuple[int, int]:
+    st = os.stat(directory)
+    return st.st_dev, st.st_ino
 
 
 def _bytes_in(target: Path) -> int:

@@ -372,6 +372,24 @@ def test_coordinator_snapshot_target_behind_or_at_a_symlink_is_refused_before_th
     assert (events, coord.paused) == ([], False)
 
 
+def test_coordinator_snapshot_dir_replaced_since_the_start_is_refused_saying_so(
+    tmp_path, monkeypatch
+):
+    """The monitor's Landlock rule holds the directory that was there when it confined
+    itself: into one removed and made again since, the writer failed with a bare
+    "Permission denied", after the pause."""
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    coord, events = coordinator(snaps, monkeypatch)
+    coord.bind_snapshot_dirs()
+    snaps.rename(tmp_path / "old")  # (renamed, not removed: its inode number stays taken)
+    snaps.mkdir()
+
+    with pytest.raises(ControlError, match=f"{snaps} was replaced .* since the VM started"):
+        coord.snapshot(snaps / "s")
+    assert (events, coord.paused) == ([], False)
+
+
 @pytest.mark.parametrize("kvmclock", [True, False])
 def test_coordinator_resume_tells_a_kvmclock_guest_it_was_stopped(tmp_path, monkeypatch, kvmclock):
     """KVM_KVMCLOCK_CTRL before the vCPUs run again: a Linux guest stopped for a snapshot's
