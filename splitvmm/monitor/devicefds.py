@@ -9,6 +9,7 @@ across a crash), and the machine closes them at tear-down.
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import logging
@@ -23,7 +24,7 @@ from splitvmm.config import DeviceSection
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.layout import PAGE_SIZE
 from splitvmm.monitor.memory import SEALS, GuestMemory
-from splitvmm.native import tun
+from splitvmm.native import files, tun
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol.models import (
     DIRECT_IO_ALIGN,
@@ -211,9 +212,13 @@ def lock_disk(fd: int, path: str, key: str, readonly: bool) -> None:
     """Lock the image for this VM's life, as QEMU and crosvm do: a read-write VM alone, or
     any number of read-only ones, so two VMs never write one image (each through its own
     page cache view, journal and allocator: a corrupt file system) and none reads an image
-    another writes. flock(2), on the open file description: the device processes share it,
-    and it ends with the last fd, when the VM does. A file system without locks (ENOLCK,
-    EOPNOTSUPP: some network file systems) is used unlocked, with a warning."""
+    another writes. Two locks, both on the open file description, which the device processes
+    share and which ends with the last fd of it, when the VM does (a crashed device's
+    restart keeps it; the monitor's own write-back description holds none and closing it
+    drops nothing): flock(2), which keeps other splitvmm VMs off, and QEMU's lock bytes
+    (lock_as_qemu), which flock does not conflict with on Linux. A refused fd keeps what it
+    took until its caller closes it. A file system without locks (ENOLCK, EOPNOTSUPP: some
+    network file systems) is used unlocked, with a warning."""
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -221,13 +226,91 @@ def lock_disk(fd: int, path: str, key: str, readonly: bool) -> None:
         raise ConfigError(
             f"{key}: {path} is {use} in another VM (it holds the image's lock; or another "
             "device of this VM, by another path; or a process of a VM that has just ended): "
-            "a disk image is written by one VM at a time, and read by none while one writes it"
+            f"{ONE_WRITER}"
         ) from None
     except OSError as e:
         if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
             raise ConfigError(f"{key}: cannot lock {path}: {e.strerror or e}") from None
         log.warning("%s: %s cannot be locked (%s): nothing keeps another VM off it", key, path,
                     e.strerror)  # fmt: skip
+    lock_as_qemu(fd, path, key, readonly)
+
+
+ONE_WRITER = "a disk image is written by one VM at a time, and read by none while one writes it"
+
+
+class BlkPerm(enum.IntFlag):
+    """QEMU's block permissions (include/block/block-common.h BLK_PERM_*). QEMU's file-posix
+    driver holds permission bit n on an image by a shared OFD lock on byte
+    RAW_LOCK_PERM_BASE + n, and denies it to others (does not share it) by one on byte
+    RAW_LOCK_SHARED_BASE + n (block/file-posix.c); each user then tests the bytes the others'
+    locks would put in its way."""
+
+    CONSISTENT_READ = 0x01
+    WRITE = 0x02
+    WRITE_UNCHANGED = 0x04
+    RESIZE = 0x08
+
+
+RAW_LOCK_PERM_BASE = 100  # libvirt's lock is byte 0; QEMU keeps clear of it
+RAW_LOCK_SHARED_BASE = 200
+# What we deny others, read-write or not: a QEMU virtio-blk drive denies WRITE alone
+# (hw/block/block.c blkconf_apply_backend_options; /proc/locks shows bytes 100-101 and 201
+# for `-drive if=virtio`, 100 and 201 with readonly=on), and shares RESIZE, as its device
+# tells the guest of a new size; ours takes the image's size once, at start, and cannot.
+QEMU_UNSHARED = BlkPerm.WRITE | BlkPerm.RESIZE
+
+
+def _lock_byte(base: int, perm: BlkPerm) -> int:
+    return base + perm.bit_length() - 1
+
+
+def lock_as_qemu(fd: int, path: str, key: str, readonly: bool) -> None:
+    """Take the lock bytes a QEMU VM takes for a virtio-blk drive on the image (BlkPerm),
+    then refuse the image if another program's bytes are in the way: taken first and tested
+    after, as QEMU does, so that two starting at once see each other (and both stop) rather
+    than neither. ConfigError naming the byte; no OFD locks here (EINVAL: a kernel before
+    3.15), or none on the file system: unlocked, with a warning."""
+    held = BlkPerm.CONSISTENT_READ if readonly else BlkPerm.CONSISTENT_READ | BlkPerm.WRITE
+    try:
+        for perm in held:
+            files.ofd_read_lock(fd, _lock_byte(RAW_LOCK_PERM_BASE, perm), 1)
+        for perm in QEMU_UNSHARED:
+            files.ofd_read_lock(fd, _lock_byte(RAW_LOCK_SHARED_BASE, perm), 1)
+        conflict = _qemu_conflict(fd, held)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):  # a write lock on a byte: not QEMU's way
+            conflict = "holds a write lock on QEMU's lock bytes"
+        elif e.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+            log.warning("%s: %s cannot be locked as QEMU locks it (%s): nothing keeps a QEMU "
+                        "off it", key, path, e.strerror)  # fmt: skip
+            return
+        else:
+            raise ConfigError(f"{key}: cannot lock {path}: {e.strerror or e}") from None
+    if conflict is not None:
+        raise ConfigError(
+            f"{key}: {path} is open in another program, which {conflict}: {ONE_WRITER}"
+        )
+
+
+def _qemu_conflict(fd: int, held: BlkPerm) -> str | None:
+    """What another program's QEMU lock bytes deny us, as QEMU's raw_check_lock_bytes looks:
+    a permission we hold that another does not share, or one we do not share that another
+    holds. None: nothing."""
+    for perm in held:
+        byte = _lock_byte(RAW_LOCK_SHARED_BASE, perm)
+        if files.ofd_locked_by_another(fd, byte, 1):
+            return f'shares no "{_perm_name(perm)}" of it (QEMU\'s lock byte {byte})'
+    for perm in QEMU_UNSHARED:
+        byte = _lock_byte(RAW_LOCK_PERM_BASE, perm)
+        if files.ofd_locked_by_another(fd, byte, 1):
+            return f'holds it with "{_perm_name(perm)}" permission (QEMU\'s lock byte {byte})'
+    return None
+
+
+def _perm_name(perm: BlkPerm) -> str:
+    """QEMU's name of a permission (bdrv_perm_names), as its own refusals say it."""
+    return str(perm.name).lower().replace("_", " ")
 
 
 def check_direct_io(fd: int, path: str, key: str) -> None:

@@ -4,8 +4,9 @@ One section per header (INCLUDES/TYPES/FUNCTIONS, combined below, as cryptograph
 does): namespaces and mounts (<sched.h>, <sys/mount.h>), capabilities and
 securebits (<linux/capability.h>, <linux/securebits.h>), prctl, Landlock
 (<linux/landlock.h>) and seccomp user notification (<linux/seccomp.h>, read by
-`splitvmm policy audit`), fallocate(2) with a mode (<linux/falloc.h>), and the TUN/TAP driver's ioctls
-(<linux/if_tun.h>: the monitor opens a virtio-net device's TAP, the device sets its
+`splitvmm policy audit`), fallocate(2) with a mode (<linux/falloc.h>), open file
+description locks (<fcntl.h>: a disk image's lock as QEMU takes it), the TUN/TAP driver's
+ioctls (<linux/if_tun.h>: the monitor opens a virtio-net device's TAP, the device sets its
 offloads), and Linux's native AIO (<linux/aio_abi.h>: a virtio-blk device's requests on an
 O_DIRECT image). Every constant, struct layout and syscall number
 comes from the headers; syscalls that glibc does not wrap (pivot_root, capset,
@@ -164,6 +165,28 @@ static int sv_fallocate(int fd, int mode, long long offset, long long len)
 { return fallocate(fd, mode, (off_t)offset, (off_t)len); }
 """
 
+# -- <fcntl.h>: open file description locks on a disk image (the monitor's QEMU-style lock) ---
+# fcntl(2) takes a struct flock, whose layout the header gives: the C wrappers fill it. l_pid
+# stays 0, as F_OFD_* requires. sv_ofd_getlk gives the type of a lock another description
+# holds in the way of `type` on the range (F_UNLCK where none is), -1 with errno on error.
+OFD_INCLUDES = "#include <fcntl.h>\n"
+OFD_FUNCTIONS = """
+int sv_ofd_setlk(int fd, int type, long long start, long long len);
+int sv_ofd_getlk(int fd, int type, long long start, long long len);
+"""
+OFD_SOURCE = """
+static int sv_ofd_setlk(int fd, int type, long long start, long long len)
+{
+    struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len };
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}
+static int sv_ofd_getlk(int fd, int type, long long start, long long len)
+{
+    struct flock fl = { .l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len };
+    return fcntl(fd, F_OFD_GETLK, &fl) < 0 ? -1 : fl.l_type;
+}
+"""
+
 # -- <linux/if.h>, <linux/if_tun.h>: a virtio-net device's TAP -----------------------------------
 # The monitor opens /dev/net/tun and attaches it to a TAP by name (TUNSETIFF takes a struct
 # ifreq, whose ifr_name/ifr_flags are macros cffi cannot reach: a C wrapper fills it); the
@@ -239,6 +262,7 @@ SECTIONS = (
     (SECCOMP_INCLUDES, SECCOMP_TYPES + SECCOMP_FUNCTIONS, SECCOMP_SOURCE),
     (FUTEX_INCLUDES, FUTEX_TYPES, ""),
     (FALLOC_INCLUDES, FALLOC_TYPES + FALLOC_FUNCTIONS, FALLOC_SOURCE),
+    (OFD_INCLUDES, OFD_FUNCTIONS, OFD_SOURCE),
     (TUN_INCLUDES, TUN_TYPES + TUN_FUNCTIONS, TUN_SOURCE),
     (AIO_INCLUDES, AIO_TYPES + AIO_FUNCTIONS, AIO_SOURCE),
 )

@@ -1,6 +1,8 @@
 """File operations the standard library lacks: fallocate(2) with a mode (a virtio-blk
-device's discard and write-zeroes punch holes in, or zero ranges of, its disk image), and a
-write-only description of an fd shared read-write (a device's output and its stderr)."""
+device's discard and write-zeroes punch holes in, or zero ranges of, its disk image),
+byte-range locks of an open file description (a disk image's lock as QEMU takes it: the
+standard library's fcntl would need struct flock packed by hand), and a write-only
+description of an fd shared read-write (a device's output and its stderr)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,29 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if lib.sv_fallocate(fd, mode, offset, length) < 0:
         err = ffi.errno
         raise OSError(err, f"fallocate(mode={mode:#x}, {offset}, {length})")
+
+
+def ofd_read_lock(fd: int, start: int, length: int) -> None:
+    """A shared (F_RDLCK) lock of `fd`'s open file description on `length` bytes at `start`
+    (F_OFD_SETLK): it lasts until that description's last fd closes, whichever process
+    holds it, and no close of another description of the file ends it (as one would end a
+    process's F_SETLK lock). OSError: EAGAIN or EACCES where another holds a write lock
+    there; EINVAL where the kernel has no OFD locks; ENOLCK or EOPNOTSUPP where the file
+    system has none."""
+    if lib.sv_ofd_setlk(fd, fcntl.F_RDLCK, start, length) < 0:
+        err = ffi.errno
+        raise OSError(err, f"F_OFD_SETLK(F_RDLCK, {start}, {length}): {os.strerror(err)}")
+
+
+def ofd_locked_by_another(fd: int, start: int, length: int) -> bool:
+    """Whether another open file description (or a process's F_SETLK lock) holds any lock
+    on `length` bytes at `start`: F_OFD_GETLK asked for a write lock there, as QEMU asks.
+    `fd`'s own locks do not count. OSError as ofd_read_lock says."""
+    held = lib.sv_ofd_getlk(fd, fcntl.F_WRLCK, start, length)
+    if held < 0:
+        err = ffi.errno
+        raise OSError(err, f"F_OFD_GETLK(F_WRLCK, {start}, {length}): {os.strerror(err)}")
+    return bool(held != fcntl.F_UNLCK)
 
 
 def reopen_write_only(fd: int, flags: int = 0) -> OSError | None:
