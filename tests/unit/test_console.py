@@ -128,17 +128,22 @@ def run_pump(data: bytes, device: Device, wake_r: int) -> bool:
         os.close(stdin)
 
 
-def test_pump_offers_what_the_device_did_not_take_again_until_it_took_it_all():
-    """A paste many times the device's room: nothing dropped, nothing twice, in order."""
+def delivered(paste: bytes, room: int) -> bytes:
+    """What a device with `room` bytes at every other offer got of `paste`, piped to pump()."""
     wake_r, wake_w = os.pipe()
-    paste = bytes(i % 253 for i in range(300_000))
-    device = Device(room=8000, expect=len(paste), wake_w=wake_w)
+    device = Device(room=room, expect=len(paste), wake_w=wake_w)
     try:
         assert run_pump(paste, device, wake_r) is False
     finally:
         os.close(wake_r)
         os.close(wake_w)
-    assert bytes(device.got) == paste
+    return bytes(device.got)
+
+
+def test_pump_offers_what_the_device_did_not_take_again_until_it_took_it_all():
+    """A paste many times the device's room: nothing dropped, nothing twice, in order."""
+    paste = bytes(i % 253 for i in range(300_000))
+    assert delivered(paste, room=8000) == paste
 
 
 @pytest.fixture
@@ -177,15 +182,8 @@ def test_pump_loses_nothing_of_a_pipe_past_pending_max_to_a_device_that_takes_a_
     """A pipe holding more than PENDING_MAX, a guest that reads a little at a time: every
     byte reaches the device once, in order. Reads of READ_SIZE past PENDING_MAX dropped the
     excess, and each later offer that freed less than READ_SIZE dropped more."""
-    wake_r, wake_w = os.pipe()
     paste = bytes((i * 7 + i // 251) % 256 for i in range(4 * small_pending))
-    device = Device(room=1000, expect=len(paste), wake_w=wake_w)
-    try:
-        assert run_pump(paste, device, wake_r) is False
-    finally:
-        os.close(wake_r)
-        os.close(wake_w)
-    assert bytes(device.got) == paste
+    assert delivered(paste, room=1000) == paste
 
 
 def test_pump_for_a_terminal_always_reads_so_the_escape_quits_a_guest_that_reads_none(
