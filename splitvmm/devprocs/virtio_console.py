@@ -64,9 +64,11 @@ in guest RAM:
 * a driver that reset the device since the checkpoint (the state counts resets): its
   queues are another session's, so the checkpoint's position says nothing of them. The new
   session's transmit chains go out whole (their bytes the line took come out twice), and
-  its receive count starts at the new ring's 0: input the dead process delivered to the
-  old session's ring after the checkpoint may repeat, and bytes of the old session's
-  chains the line had not taken are lost with the memory its driver gave up.
+  bytes of the old session's chains the line had not taken are lost with the memory its
+  driver gave up. Receive goes by the progress page across a reset: the enable of the new
+  ring records the count so far, and a reset records it too (under NO_RING) for a crash
+  before the driver enables receiveq0 again, so input the old session's ring got does not
+  repeat.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ CONFIG = struct.Struct("<HHII")  # struct virtio_console_config: cols, rows, max
 # Host input waiting for receive buffers: a paste's worth, as the serial device holds.
 RX_BUFFER_MAX = 4096
 MAX_COUNTER = (1 << 64) - 1
+NO_RING = 1 << 16  # the receive record's idx while no ring is enabled (no used idx is it)
 # A checkpoint after a completion batch at most this often: the monitor reads them only
 # around its requests (a heartbeat's ping a second, when the guest's transmit goes through
 # ioeventfds), and one per batch would queue more than a request may find ahead of its
@@ -194,6 +197,8 @@ class VirtioConsole(VirtioPciDevice):
         self._tx = deque()
         self._tx_done = out.emitted + out.pending()
         self.resets = min(self.resets + 1, MAX_COUNTER)
+        if self._built and not self.ctx.replaying:  # the receive ring is gone: its count
+            self._progress.write(NO_RING, self.bytes_in, RECEIVE)
 
     def process(self, q: int) -> None:
         """A notify: receive buffers posted (pending input goes into them), or chains to
@@ -488,15 +493,25 @@ class VirtioConsole(VirtioPciDevice):
     def _delivered_since(self, state: VirtioConsoleState | None) -> int:
         """The input bytes receive chains got between the checkpoint and the crash: what
         the progress page says was delivered before the used idx in guest RAM, less the
-        checkpoint's count. Without such a record (a page from before the device wrote them),
-        the len of each used entry since the checkpoint's position (device-written, still in
-        the used ring unless more than a ring's worth completed); from 0 where the ring was
-        enabled since (an enable starts the used ring at 0)."""
+        checkpoint's count; with no receive ring (a reset since), the count the reset
+        recorded. Without such a record (a page from before the device wrote them), the len
+        of each used entry since the checkpoint's position (device-written, still in the used
+        ring unless more than a ring's worth completed); from 0 where the ring was enabled
+        since (an enable starts the used ring at 0)."""
         ring = self.rings[RX]
-        if ring is None:
-            return 0
-        delivered = self._progress.records(RECEIVE).get(ring.used_idx)
+        records = self._progress.records(RECEIVE)
         since = 0 if state is None else state.bytes_in
+        if ring is None:
+            # No receive ring now (the driver reset since): nothing was filled after the
+            # older of the last two records but the chain the newer one was for, so the
+            # older is what was delivered, less at most that chain (may repeat, never lost)
+            if self.queues[RX].enabled:
+                return 0  # a ring the successor could not open: as before
+            if (at_reset := records.get(NO_RING)) is not None and at_reset >= since:
+                return at_reset - since  # the count the dead process had at the reset
+            counts = [c for c in records.values() if c >= since]
+            return min(counts) - since if counts else 0
+        delivered = records.get(ring.used_idx)
         if delivered is not None and delivered >= since:
             return delivered - since
         saved, now = None if state is None else state.queues[RX], self.queues[RX]

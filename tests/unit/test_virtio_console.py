@@ -613,6 +613,32 @@ def test_virtio_console_restart_drops_input_delivered_in_more_completions_than_t
     assert "input may repeat" not in caplog.text
 
 
+def test_virtio_console_restart_after_a_reset_before_the_rx_enable_repeats_no_input(host):
+    """A driver that reset (a guest's reboot, a module reload) after the checkpoint, and a
+    crash before it enabled receiveq0 again: no ring says what the old session got, but the
+    progress page kept the count at the reset, so none of it is delivered again."""
+    channel = Channel()
+    ctx = host.context(Line())
+    ctx.events.connect(channel.send)
+    dev = VirtioConsole(ctx)
+    driver, rx, tx = started(dev)
+    transmit(tx, b"!")
+    driver.kick(1)
+    checkpoint = published(channel)
+    dev.host_input(b"AAAAA")
+    for _ in range(5):
+        post(rx, 1)
+        driver.kick(0)
+    driver.set_status(0)  # the reset, then the process died
+
+    restarted = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    with replaying(restarted):  # the journal: the input frame, then the reset
+        restarted.host_input(b"AAAAA")
+        Driver(restarted).set_status(0)
+
+    assert (restarted.stats()["rx_pending"], restarted.stats()["bytes_in"]) == (0, 5)
+
+
 def test_virtio_console_input_frame_from_monitor_reaches_guest(host):
     """The monitor's INPUT frames (slot.input) as the device runtime applies them."""
     dev = VirtioConsole(host.context(Line()))
