@@ -26,9 +26,13 @@ from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.record import replace
 from tests.virtio.support import (
+    ACK,
     DEVICE_CFG,
+    DRIVER,
+    DRIVER_OK,
     F_EVENT_IDX,
     F_VERSION_1,
+    FEATURES_OK,
     NEEDS_RESET,
     Channel,
     Driver,
@@ -435,6 +439,21 @@ def test_virtio_blk_command_whose_feature_the_driver_declined_is_unsupp(blk, dis
     driver.kick()
 
     assert status_of(blk, status) == UNSUPP and ring.used_idx() == 1
+    assert disk.read_bytes()[8 * 512 : 16 * 512] == bytes(range(256)) * 2 * 8
+
+
+def test_virtio_blk_discard_from_a_driver_whose_features_were_refused_is_unsupp(blk, disk):
+    """A driver whose feature set FEATURES_OK refused (here: a bit the device never offered)
+    and that runs the device anyway has taken no feature, DISCARD's neither."""
+    driver, ring = Driver(blk), Ring(blk.ram)
+    assert not driver.negotiate(F_VERSION_1 | F_DISCARD | 1 << 50) & FEATURES_OK
+    driver.setup_queue(0, ring)
+    driver.set_status(ACK | DRIVER | DRIVER_OK)
+    status = request(ring, DISCARD, 0, [(struct.pack("<QII", 8, 8, 0), False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == UNSUPP
     assert disk.read_bytes()[8 * 512 : 16 * 512] == bytes(range(256)) * 2 * 8
 
 
