@@ -351,7 +351,10 @@ class SpawnedDevice:
         from splitvmm.protocol import wire
 
         ram = GuestRing(self.fds["ram"])
-        for offset, value, size in ram.driver_setup(sorted({r.queue for r in recipes})):
+        features = 0  # what each queue's chains need the driver to have taken
+        for recipe in recipes:
+            features |= recipe.features
+        for offset, value, size in ram.driver_setup(sorted({r.queue for r in recipes}), features):
             self._request_write(offset, value, size)
         for recipe in recipes:
             for readable, writable in recipe.chains:
@@ -556,13 +559,14 @@ class GuestRing:
         self.avail_idx: dict[int, int] = {}
 
     @staticmethod
-    def driver_setup(queues: list[int]) -> list[tuple[int, int, int]]:
-        """(window offset, value, size) writes: reset, features (VERSION_1), each queue,
-        DRIVER_OK."""
+    def driver_setup(queues: list[int], features: int = 0) -> list[tuple[int, int, int]]:
+        """(window offset, value, size) writes: reset, features (`features`, bits 0-31, and
+        VERSION_1), each queue, DRIVER_OK."""
         c = VIRTIO_COMMON
         writes = [
             (0x04, 0x0006, 2),  # command: memory space and bus master on, INTx not disabled
             (c + 0x14, 0, 1), (c + 0x14, 1, 1), (c + 0x14, 3, 1),  # reset, ACK, DRIVER
+            (c + 0x08, 0, 4), (c + 0x0C, features, 4),  # driver features 0-31
             (c + 0x08, 1, 4), (c + 0x0C, 1, 4),  # driver features 32-63: VERSION_1
             (c + 0x14, 0xB, 1),  # FEATURES_OK
         ]  # fmt: skip

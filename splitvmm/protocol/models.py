@@ -235,6 +235,9 @@ class QueueRecipe(Struct, frozen=True):
     queue: int = 0
     backend_input: bytes = b""
     host_input: bytes = b""
+    # Device features (bits 0-31) the driver takes, beside VERSION_1, for these chains: a
+    # device serves a command only to a driver that took its feature
+    features: int = 0
 
 
 class ModelDescriptor(Struct, frozen=True):
@@ -482,7 +485,8 @@ VIRTIO_BLK = ModelDescriptor(
                 (_blk_request(13, 0, struct.pack("<QII", 16, 8, 0)), 1),
                 (_blk_request(13, 0, struct.pack("<QII", 24, 8, 1)), 1),
                 (_blk_request(99), 1),
-            )
+            ),
+            features=1 << 13 | 1 << 14,  # VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES
         ),
     ),
 )
