@@ -39,8 +39,8 @@ def runtime_root() -> Path:
 def _check_ours(path: Path) -> None:
     """A directory we own (not a symlink), private to us: the fallback root lives in a
     shared temp dir, where another user could have made it first to hijack our sockets."""
-    _check_owned(path)
-    os.chmod(path, 0o700)
+    if stat.S_IMODE(_check_owned(path).st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 def check_private(path: Path) -> None:
@@ -89,9 +89,20 @@ def _make_dir(path: Path, parents: bool) -> None:
 class RuntimeDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
         root = root or runtime_root()
+        self.path = root / name
+        self._lock_fd = -1
+        try:
+            self._take(root, name)
+        except OSError as e:  # what _make_dir does not name: a chmod, the lock file, a stale
+            # socket on a file system that turned read-only under an existing directory
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+            where = e.filename if e.filename is not None else self.path
+            raise SplitvmmError(f"cannot use the runtime directory {where}: {e.strerror}") from None
+
+    def _take(self, root: Path, name: str) -> None:
         _make_dir(root, parents=True)
         _check_ours(root)
-        self.path = root / name
         _make_dir(self.path, parents=False)
         _check_ours(self.path)
         self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -99,6 +110,7 @@ class RuntimeDir:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
+            self._lock_fd = -1
             raise SplitvmmError(f"a VM named {name!r} is already running ({self.path})") from None
         # Left over from a VM that died without cleaning up: channels are per run, and so
         # are warm spares' sockets (a stale one made every spare of the next run fail to bind).

@@ -59,6 +59,18 @@ def test_rundir_whose_root_cannot_be_made_is_an_error_naming_it(tmp_path):
         RuntimeDir("vm1", root)
 
 
+def test_rundir_that_exists_but_cannot_be_used_is_an_error_naming_it(tmp_path):
+    """Past the mkdirs (a directory already there on a file system that turned read-only:
+    its lock file cannot be made; here a directory in the lock file's place, which root
+    cannot get past either): one error naming the path, not an OSError's traceback."""
+    (tmp_path / "vm1" / "lock").mkdir(parents=True, mode=0o700)
+    (tmp_path / "vm1").chmod(0o700)
+    with pytest.raises(
+        SplitvmmError, match=f"runtime directory {tmp_path / 'vm1' / 'lock'}: Is a directory"
+    ):
+        RuntimeDir("vm1", tmp_path)
+
+
 def test_runtime_root_relative_xdg_runtime_dir_is_ignored_with_a_warning(monkeypatch, caplog):
     """The XDG Base Directory spec: a relative path is invalid and must be ignored. It used to
     make relative/dir/splitvmm/ in the cwd before the launcher refused the path."""
