@@ -114,8 +114,10 @@ class Confinement:
         self._vcpu = _compile(VCPU_POLICY, policy_dir, constants, action, tsync=False)
         self._vcpu_lock = threading.Lock()  # libseccomp regenerates the BPF on each load
 
-    def confine_process(self, runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> None:
-        """Step 2: capabilities, no_new_privs, Landlock -- on the only thread there is."""
+    def confine_process(self, runtime_dir: Path, snapshot_dirs: Iterable[Path]) -> bool:
+        """Step 2: capabilities, no_new_privs, Landlock -- on the only thread there is.
+        Whether Landlock now holds the file system (False: this kernel has none, and the
+        operator said it is optional)."""
         if not single_threaded():
             raise ConfinementError("the monitor must confine itself before it starts a thread")
         for name in PRELOAD:
@@ -139,10 +141,11 @@ class Confinement:
                     f"so the VM does not start; {LANDLOCK_ENV}=optional runs it anyway"
                 ) from None
             log.warning("no Landlock on this kernel: the monitor's file system stays open")
-            return
+            return False
         except OSError as e:
             raise ConfinementError(f"cannot confine the monitor with Landlock: {e}") from None
         log.debug("Landlock ABI %d: the monitor may reach %s", abi, ", ".join(sorted(rules)))
+        return True
 
     def load_monitor_filter(self) -> None:
         """Step 3: the monitor's allow-list, for every thread it has (TSYNC)."""

@@ -214,9 +214,11 @@ class Coordinator:
             raise ControlError(f"{e.strerror}: the snapshot is not written") from None
 
     def bind_snapshot_dirs(self) -> None:
-        """Note which directories vm.snapshot_dirs are now, as Landlock is about to bind its
+        """Note which directories vm.snapshot_dirs are now, as Landlock has just bound its
         rules to them: one removed and made again later is another, and the monitor's writes
-        there fail with EACCES (_checked_target says so before any pause)."""
+        there fail with EACCES (_checked_target says so before any pause). Not called where
+        the monitor runs without Landlock (optional, and none on the kernel): any directory
+        at those paths is writable then."""
         self._snapshot_dir_ids = {d: _identity(d) for d in self.machine.cfg.vm.snapshot_dirs}
 
     def _check_target(self, target: Path) -> Path:

@@ -223,8 +223,8 @@ class Machine:
         )
         # Everything is open: from here on the monitor holds no capability and can reach
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
-        self.coordinator.bind_snapshot_dirs()  # what Landlock's rules for them will hold
-        self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs)
+        if self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs):
+            self.coordinator.bind_snapshot_dirs()  # what Landlock's rules for them hold
         self.confinement.load_monitor_filter()
         for slot in self.slots:  # ZeroMQ's threads start here, born confined and filtered
             slot.attach()

@@ -234,13 +234,14 @@ PROBE = textwrap.dedent(
             raise landlock.LandlockUnavailable(errno.EOPNOTSUPP, "Landlock is not enabled")
         landlock.restrict_self = unavailable
         try:
-            c.confine_process(run, [snaps])
+            landlocked = c.confine_process(run, [snaps])
         except Exception as e:
             print(repr({"refused": str(e)}))
             sys.exit(0)
-        print(repr({"refused": None, "created_outside": open(outside + ".new", "w") is not None}))
+        created = open(outside + ".new", "w") is not None
+        print(repr({"refused": None, "created_outside": created, "landlocked": landlocked}))
         sys.exit(0)
-    c.confine_process(run, [snaps])
+    assert c.confine_process(run, [snaps]) is True
     def refused(fn):
         try:
             fn()
@@ -383,7 +384,7 @@ def test_confinement_without_landlock_refuses_to_run_naming_the_way_out(tmp_path
 def test_confinement_without_landlock_runs_when_the_operator_says_optional(tmp_path):
     r = run_probe(tmp_path, "no-landlock", {"SPLITVMM_MONITOR_LANDLOCK": "optional"})
     assert r.returncode == 0, r.stderr
-    assert eval(r.stdout) == {"refused": None, "created_outside": True}
+    assert eval(r.stdout) == {"refused": None, "created_outside": True, "landlocked": False}
     assert "no Landlock on this kernel" in r.stderr
 
 
