@@ -236,6 +236,13 @@ class DeviceSlot:
         self.endpoint = f"ipc://{channel_path}"
         self._spawner = spawner
         self._zctx = zctx
+        if resumer is not None:  # its spares bind a longer path: past sun_path, none binds
+            try:
+                spare = Path(spare_path(self.endpoint))
+                check_socket_path(spare, f"device {spawn.name}: warm spare path", device_named=True)
+            except SplitvmmError as e:  # said once here, not at each restart; the VM runs on
+                log.warning("%s; its restarts start cold", e)
+                resumer = None
         self._resumer = resumer
         self._spare: tuple[DeviceProcess, int] | None = None  # a warm spare, its listener
         self._spare_losses = 0  # spares that ended waiting, since one last took over

@@ -28,6 +28,7 @@ from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.mirror import NEWS_EVERY
+from splitvmm.monitor.rundir import MAX_SOCKET_PATH
 from splitvmm.monitor.slot import MAX_AHEAD, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.eventfd import EventFd
@@ -168,6 +169,25 @@ def test_slot_channel_path_too_long_fails_cleanly(tmp_path):
         DeviceSlot(spawn, deep, spawn_child, zctx, lambda slot, reason: None)
     zctx.term()  # nothing left open: term() would block forever on a leaked socket
     irq.close()
+
+
+def test_slot_whose_spare_path_is_too_long_says_so_once_and_restarts_cold(tmp_path, caplog):
+    """A channel path of exactly sun_path's size passes its check, but a spare's is 6 bytes
+    longer and cannot bind: it was tried (and refused, logged) at every restart. Said once,
+    at the start, with why; no spare is tried, and a crash restarts the device cold."""
+    pad = MAX_SOCKET_PATH - len(str(tmp_path)) - len("/serial0.sock") - 1
+    rundir = tmp_path / ("r" * pad)
+    rundir.mkdir()
+    h = Harness(rundir, resumer=resume_spare, restarts=True)
+    try:
+        assert h.slot.start_spare() is None
+        crash_and_restart(h)
+        assert h.slot.state is SlotState.LIVE and h.slot.warm_restarts == 0
+    finally:
+        h.close()
+    said = [r.getMessage() for r in caplog.records if "warm spare path" in r.getMessage()]
+    assert len(said) == 1 and "longer than a UNIX socket allows" in said[0]
+    assert "its restarts start cold" in said[0]
 
 
 def test_device_spec_over_cap_exits_with_one_line_not_a_traceback():
