@@ -1193,7 +1193,13 @@ def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None
             process.wait(END_TIMEOUT_S)
             gone = not process.lingered()
         except (SplitvmmError, TimeoutError) as e:
-            log.error("device %s (pid %d) did not end: %s", name, process.pid, e)
+            if isinstance(e, SplitvmmError) and process.ended():  # the launcher is gone (e):
+                # its pidfd says it ended, but only the launcher could say whether its device
+                # proper did too (a stalled disk's I/O), so it still counts as not gone
+                log.warning("device %s (pid %d) ended, but %s: whether its sandboxed process "
+                            "did is not known", name, process.pid, e)  # fmt: skip
+            else:
+                log.error("device %s (pid %d) did not end: %s", name, process.pid, e)
             gone = False
         process.close()
     if channel is not None:

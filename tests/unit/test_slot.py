@@ -21,6 +21,7 @@ from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.native.routing import MsiRoute
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox.launcher_start import LauncherError
 
 
 def test_restart_budget_within_burst_allows_each_restart():
@@ -522,6 +523,27 @@ def test_slot_restarts_no_disk_device_while_the_old_process_may_still_do_io(
     else:
         assert "cannot be restarted: its process did not end" in str(raised.value)
         assert slot.state is SlotState.FAILED and "did not end" in str(slot.failed)
+
+
+class Unreaped(Outlived):
+    """A process that ended (its pidfd polls readable) after its launcher was gone: nobody
+    reaps it or says whether its device proper ended."""
+
+    def wait(self, timeout_s: float) -> int:
+        raise LauncherError("the launcher has exited")
+
+    def ended(self) -> bool:
+        return True
+
+
+def test_end_of_a_process_whose_launcher_is_gone_says_it_ended_not_that_it_did_not(caplog):
+    """A teardown after the launcher died (SIGKILLed, or a unit's stop signalling every
+    process) logged "did not end" as an error for each device that had ended."""
+    gone = slot_module._end("blk0", Unreaped(lingered=False), None)  # type: ignore[arg-type]
+
+    assert gone is False  # its device proper may still run: no successor on its disk
+    assert "did not end" not in caplog.text
+    assert "device blk0 (pid 4242) ended, but the launcher has exited" in caplog.text
 
 
 # -- writes KVM held (monitor/writebehind.py) --------------------------------------------------
