@@ -76,6 +76,8 @@ CONSTANTS: dict[str, int] = {
     "F_SETFL": fcntl.F_SETFL,
     "F_DUPFD_CLOEXEC": fcntl.F_DUPFD_CLOEXEC,
     "FD_CLOEXEC": fcntl.FD_CLOEXEC,
+    "LOCK_EX": fcntl.LOCK_EX,
+    "LOCK_NB": fcntl.LOCK_NB,
     "O_NONBLOCK": os.O_NONBLOCK,
     "MSG_OOB": socket.MSG_OOB,
     "O_RDONLY": os.O_RDONLY,

@@ -20,8 +20,12 @@ the writer removes it. The files hold guest memory, so the directory is 0700 and
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +52,11 @@ T = TypeVar("T")
 RAM_NAME, RAM_FILE = "ram", "ram.bin"
 JSON_KINDS = ("vcpu", "vm", "device")
 WRITE_BUFFER = 1 << 20
+# A temporary directory younger than this is left alone even when no writer holds it: its
+# writer may be between its mkdir and its flock.
+STALE_AFTER_S = 2.0
+
+log = logging.getLogger("splitvmm.snapshot")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -72,6 +81,36 @@ def staging_path(target: Path) -> Path:
     """Where a snapshot for `target` is written before its rename: a private temporary
     directory beside it (the module docstring)."""
     return target.parent / f".{target.name}.tmp-{os.getpid()}"
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the temporary directories of writers for `target` that died before their
+    rename (no flock held, older than STALE_AFTER_S); the paths removed. A directory we
+    cannot open or lock is left as it is: it is not ours to judge."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-[0-9]+")
+    try:
+        names = [n for n in os.listdir(target.parent) if pattern.fullmatch(n)]
+    except OSError:
+        return []  # the parent's own problem is reported by the mkdir that follows
+    removed = []
+    for name in names:
+        path = target.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_ctime < STALE_AFTER_S:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
+        except OSError:  # BlockingIOError: a live writer holds it
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by a snapshot writer that died before it finished", path)
+        removed.append(path)
+    return removed
 
 
 class SnapshotWriter:
@@ -99,6 +138,7 @@ class SnapshotWriter:
         self._unsynced: list[int] = []  # fds of the files written, until they are fsynced
         self._state = "open"  # -> "committed" | "aborted"
         _refuse_existing(self.target)
+        remove_stale_staging(self.target)
         self.tmp = staging_path(self.target)
         try:
             os.mkdir(self.tmp, 0o700)
@@ -109,6 +149,10 @@ class SnapshotWriter:
         except OSError as e:
             raise SnapshotError(f"cannot create {self.tmp}: {e.strerror}") from None
         self._dirfd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Held until the directory is renamed or removed: it marks the directory as being
+        # written (remove_stale_staging). Never contended: the directory is new, and no
+        # sweep takes a directory this young.
+        fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def __enter__(self) -> SnapshotWriter:
         return self

@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
 
+from splitvmm.snapshot.writer import STALE_AFTER_S
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import VmProcess, splitvmm
 
@@ -108,6 +110,29 @@ def test_snapshot_restore_counter_continues_from_saved_count_twice(guests, tmp_p
     vm3.proc.terminate()
     vm3.finish()
     assert_counts_continue(vm3.text(), saved_count(tmp_path / "s2", before2))
+
+
+def test_snapshot_removes_what_a_killed_writer_left(guests, tmp_path):
+    """A monitor killed while it wrote a snapshot leaves its temporary directory, a copy of
+    guest RAM: the confined monitor's next snapshot of that name removes it."""
+    left = tmp_path / ".s1.tmp-1"
+    left.mkdir()
+    (left / "ram.bin").write_bytes(b"guest memory")
+    made = time.monotonic()
+    serial = tmp_path / "serial.log"
+    vm = VmProcess(tmp_path, ["up", str(counter_config(tmp_path, guests, serial))], serial)
+    vm.wait_for(r"^count=\d+ sum=")
+    time.sleep(max(0.0, made + STALE_AFTER_S + 0.2 - time.monotonic()))
+
+    snapshot_running(vm, tmp_path / "s1")
+    status, err = vm.stop()
+
+    assert (status, left.exists(), (tmp_path / "s1" / "manifest.json").exists()) == (
+        128 + 15,
+        False,
+        True,
+    ), err
+    assert f"removed {left}, left by a snapshot writer that died" in err
 
 
 def test_suspend_restores_serial_registers_and_unread_input(guests, tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
 import stat
 from collections.abc import Iterator
 
@@ -295,3 +297,61 @@ def test_writer_abort_closes_the_unsynced_chunk_files(tmp_path, mem):
     w.abort()
 
     assert (len(os.listdir("/proc/self/fd")), os.path.exists(w.tmp)) == (before, False)
+
+
+def _killed_writer(target, mem) -> str:
+    """The temporary directory's name of a writer SIGKILLed in a child after its RAM chunk."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            w = SnapshotWriter(target, VM_CONFIG, CPUID, mem)
+            w.add_ram(mem)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    return f".{target.name}.tmp-{pid}"
+
+
+def test_writer_removes_what_a_killed_writer_left(tmp_path, mem, monkeypatch, caplog):
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    left = _killed_writer(tmp_path / "s", mem)
+    assert sorted(os.listdir(tmp_path / left)) == ["ram.bin"]  # a copy of guest RAM
+
+    write_snapshot(tmp_path / "s", mem)
+
+    assert os.listdir(tmp_path) == ["s"]
+    assert f"removed {tmp_path / left}, left by a snapshot writer that died" in caplog.text
+
+
+def test_writer_leaves_a_live_writers_directory(tmp_path, mem, monkeypatch):
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    live = tmp_path / ".s.tmp-1"  # as a writer in another process holds it
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+        write_snapshot(tmp_path / "s", mem)
+    finally:
+        os.close(fd)
+
+    assert sorted(os.listdir(tmp_path)) == [".s.tmp-1", "s"]
+
+
+def test_writer_leaves_a_young_directory_nobody_holds(tmp_path, mem):
+    (tmp_path / ".s.tmp-1").mkdir()  # its writer may be between its mkdir and its flock
+
+    write_snapshot(tmp_path / "s", mem)
+
+    assert sorted(os.listdir(tmp_path)) == [".s.tmp-1", "s"]
+
+
+def test_writer_leaves_another_targets_directory(tmp_path, mem, monkeypatch):
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    left = _killed_writer(tmp_path / "other", mem)
+
+    write_snapshot(tmp_path / "s", mem)
+
+    assert sorted(os.listdir(tmp_path)) == sorted([left, "s"])
