@@ -83,7 +83,9 @@ def _make_dir(path: Path, parents: bool) -> None:
             f"cannot make the runtime directory {path}: something that is not a directory is there"
         ) from None
     except OSError as e:
-        raise SplitvmmError(f"cannot make the runtime directory {path}: {e.strerror}") from None
+        raise SplitvmmError(
+            f"cannot make the runtime directory {path}: {e.strerror or e}"
+        ) from None
 
 
 class RuntimeDir:
@@ -98,7 +100,9 @@ class RuntimeDir:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
             where = e.filename if e.filename is not None else self.path
-            raise SplitvmmError(f"cannot use the runtime directory {where}: {e.strerror}") from None
+            raise SplitvmmError(
+                f"cannot use the runtime directory {where}: {e.strerror or e}"
+            ) from None
 
     def _take(self, root: Path, name: str) -> None:
         _make_dir(root, parents=True)

@@ -1193,9 +1193,9 @@ def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None
             process.wait(END_TIMEOUT_S)
             gone = not process.lingered()
         except (SplitvmmError, TimeoutError) as e:
-            if isinstance(e, SplitvmmError) and process.ended():  # the launcher is gone (e):
-                # its pidfd says it ended, but only the launcher could say whether its device
-                # proper did too (a stalled disk's I/O), so it still counts as not gone
+            if isinstance(e, SplitvmmError):  # the launcher is gone (e), and wait() asked it
+                # only once the pidfd said the process ended; but only the launcher could say
+                # whether its device proper did too (a stalled disk's I/O): still not gone
                 log.warning("device %s (pid %d) ended, but %s: whether its sandboxed process "
                             "did is not known", name, process.pid, e)  # fmt: skip
             else:
