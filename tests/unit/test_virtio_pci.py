@@ -945,6 +945,26 @@ def test_virtio_pci_restore_refuses_queue_size_not_offered(rng):
         VirtioRng.restore(rng.ctx, bad)
 
 
+def test_virtio_pci_restore_drops_a_pending_vector_no_event_maps_to(rng, fds):
+    """4.1.5.3, 4.1.5.4: no interrupt for an event mapped to NO_VECTOR. A running device
+    drops such a pending bit when the last event maps away from it; a snapshot's, restored,
+    must not go out when its vector is unmasked and routed."""
+    from splitvmm.devprocs.virtio.state import MsixEntryState
+    from splitvmm.record import replace
+
+    masked, unmasked = MsixEntryState(0, 0, True), MsixEntryState(MSI_ADDRESS, 0x41, False)
+    state = replace(rng.save(), command=0x0006, msix_enabled=True,
+                    msix_table=(masked, unmasked), msix_pending=0b10)  # fmt: skip
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), state)
+    channel = Channel()
+    restored.ctx.events.connect(channel.send)
+
+    (msi,) = channel.ops("msi")
+    restored.ctx.events.route_done(int(msi["id"]), True, "")
+
+    assert (signalled(fds["msix1"]), Driver(restored).rd(BAR1 + 0x800, 8)) == (0, 0)
+
+
 def saved_with_used_chains(rng: VirtioRng, driver: Driver) -> tuple[VirtioPciState, Ring]:
     ring = used_with_msix(rng, driver)
     rng.quiesce()

@@ -883,6 +883,7 @@ class VirtioPciDevice(RegisterDevice):
         for entry, saved in zip(self.msix.entries, s.msix_table, strict=True):
             entry.address, entry.data, entry.control = saved.address, saved.data, int(saved.masked)
         self.msix.pending = s.msix_pending
+        self._drop_unmapped_pending()  # as a running device would have (untrusted input)
         self.msix.bus_master = bool(s.command & config_space.COMMAND_MASTER)
         self.msix.set_control(s.msix_enabled, s.msix_function_mask)  # asks for the routes again
         if self.ctx.restarted:
