@@ -945,6 +945,15 @@ def test_virtio_pci_restore_refuses_queue_size_not_offered(rng):
         VirtioRng.restore(rng.ctx, bad)
 
 
+def test_virtio_pci_restore_keeps_only_the_command_bits_a_driver_can_write(rng, fds):
+    """PCI 3.0 6.2.2: reserved and unimplemented command bits read 0, after a restore too."""
+    from splitvmm.record import replace
+
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), replace(rng.save(), command=0xFFFF))
+
+    assert cfg(Driver(restored), 0x04, 2) == 0x0546
+
+
 def test_virtio_pci_restore_drops_a_pending_vector_no_event_maps_to(rng, fds):
     """4.1.5.3, 4.1.5.4: no interrupt for an event mapped to NO_VECTOR. A running device
     drops such a pending bit when the last event maps away from it; a snapshot's, restored,

@@ -872,7 +872,9 @@ class VirtioPciDevice(RegisterDevice):
                                  "take one without a feature it requires")  # fmt: skip
 
     def _load(self, s: VirtioPciState) -> None:
-        self.command, self.interrupt_line = s.command, s.interrupt_line
+        # Only the bits a driver can write, as its write would leave them (untrusted input)
+        self.command = s.command & config_space.COMMAND_WRITABLE
+        self.interrupt_line = s.interrupt_line
         self.cfg_access = config_space.CfgAccess(s.pci_cfg_bar, s.pci_cfg_offset, s.pci_cfg_length)
         self.status, self.isr = s.status, s.isr
         self.device_feature_select = s.device_feature_select
