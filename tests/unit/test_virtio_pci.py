@@ -479,6 +479,31 @@ def test_virtio_pci_hostile_chain_made_available_while_polling_needs_reset(
     assert driver.status() & NEEDS_RESET
 
 
+def test_virtio_pci_used_flags_on_avail_idx_needs_reset_not_a_loop(rng, driver, monkeypatch):
+    """A used ring at avail + 2 (both aligned as 2.7 asks) puts used flags on avail idx: each
+    VIRTQ_USED_F_NO_NOTIFY the device wrote made a chain available, each clear took it back
+    (avail idx 0, 65535 entries "ahead"). process() asked for kicks, was told more came,
+    found none, and asked again, forever: the device never answered its channel again. An
+    avail idx more than the queue's size ahead is an error (2.7): NEEDS_RESET."""
+    ring = Ring(rng.ram, size=4)
+    ring.avail += 2  # 2-aligned, the least 2.7 asks of it
+    ring.used = ring.avail + 2  # 4-aligned: its flags are avail idx
+    clock = SteppingClock()
+
+    def bounded() -> int:  # a loop ends the test rather than hang it
+        if clock.now > 1_000_000_000:
+            raise AssertionError("process() never handed the event loop back")
+        return clock()
+
+    monkeypatch.setattr(rng, "clock_ns", bounded)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.kick()
+
+    assert driver.status() & NEEDS_RESET
+
+
 def test_virtio_pci_process_returns_to_the_event_loop_when_its_budget_is_spent(
     rng, driver, fds, monkeypatch
 ):

@@ -450,6 +450,18 @@ def test_queue_avail_idx_more_than_size_ahead_raises(driver):
         driver.device().pop()
 
 
+def test_queue_enable_notifications_with_avail_idx_more_than_size_ahead_raises(driver):
+    """2.7: avail idx is never more than a queue size past the chains taken. Answered
+    "more came" instead, a device looked again, pop() found none once avail idx read back
+    in range, and it asked again: a driver whose avail idx changes between the two reads
+    (a used ring whose flags lie on avail idx) kept the device in that loop forever."""
+    queue = driver.device()
+    driver.ram.write_u16(AVAIL_GPA + 2, 0xFFFF)  # 65535 entries "ahead" of last_avail 0
+
+    with pytest.raises(QueueError, match="avail idx 65535 is 65535 entries past last_avail 0"):
+        queue.enable_notifications()
+
+
 def test_queue_more_chains_in_flight_than_the_queue_holds_raises(driver):
     """2.7: a driver has `size` descriptors, so at most `size` chains are ever in flight.
     One that publishes a head the device still holds made pop() go on for as long as the

@@ -139,15 +139,8 @@ class SplitQueue:
     def pop(self) -> Chain | None:
         """The next available chain with every value checked, or None if there is none."""
         last, size = self.last_avail, self.size
-        avail_idx: int = U16.unpack_from(self._avail.view, 2)[0]
-        pending = (avail_idx - last) & U16_MASK
-        if pending == 0:
+        if self._available(U16.unpack_from(self._avail.view, 2)[0]) == 0:
             return None
-        if pending > size:
-            raise QueueError(
-                f"avail idx {avail_idx} is {pending} entries past last_avail {last}, more "
-                f"than queue size {size}"
-            )
         if (last - self.used_idx) & U16_MASK >= size:  # its `size` descriptors all held here
             raise QueueError(f"a chain made available with {size} chains in flight, the "
                              "queue's size: a head the device has not returned")  # fmt: skip
@@ -180,6 +173,17 @@ class SplitQueue:
                 break
             index = nxt
         return count
+
+    def _available(self, avail_idx: int) -> int:
+        """The chains avail idx makes available past last_avail; QueueError if more than the
+        queue holds (2.7: a driver has `size` descriptors), whichever way avail idx moved."""
+        pending = (avail_idx - self.last_avail) & U16_MASK
+        if pending > self.size:
+            raise QueueError(
+                f"avail idx {avail_idx} is {pending} entries past last_avail "
+                f"{self.last_avail}, more than queue size {self.size}"
+            )
+        return pending
 
     def unpop(self, count: int) -> None:
         """Give back the last `count` chains pop() took, unserved: pop() takes them again.
@@ -326,7 +330,7 @@ class SplitQueue:
         else:
             self._used.write(0, U16.pack(0))
         full_fence()  # the request is visible before avail idx is read again
-        return (self.avail_idx() - self.last_avail) & U16_MASK > beyond
+        return self._available(self.avail_idx()) > beyond
 
     def _write_avail_event(self, event: int | None = None) -> None:
         """Kick when the driver makes entry `event` (last_avail) available (2.7.10)."""
