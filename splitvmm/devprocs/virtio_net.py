@@ -523,6 +523,7 @@ class VirtioNet(VirtioPciDevice):
         notify asked for)."""
         held = self._held
         assert held is not None
+        told_beyond = -1  # more than this many were posted, enable_notifications() said
         while True:
             chains: list[Chain] = []
             room = 0
@@ -532,6 +533,10 @@ class VirtioNet(VirtioPciDevice):
             if room >= len(held):
                 break
             ring.unpop(len(chains))
+            if len(chains) <= told_beyond:  # else a driver's other vCPU, moving avail idx
+                # forth and back, kept this loop going for as long as it liked
+                raise QueueError(f"avail idx went back: {told_beyond + 1} receive buffers "
+                                 f"were posted, then {len(chains)}")  # fmt: skip
             held_descriptors = sum(ring.ring_descriptors(c.head) for c in chains)
             if held_descriptors >= ring.size:  # every descriptor posted: no more can come
                 self._held = None
@@ -539,6 +544,7 @@ class VirtioNet(VirtioPciDevice):
                 return 0
             if not ring.enable_notifications(beyond=len(chains)):
                 return None
+            told_beyond = len(chains)
         if any(_room(c) < HDR.size for c in chains):  # 5.1.6.3.1: MUST
             ring.unpop(len(chains))
             raise QueueError(f"a receive buffer of less than the {HDR.size}-byte header")

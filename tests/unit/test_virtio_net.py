@@ -521,6 +521,34 @@ def test_virtio_net_rx_held_frame_dropped_when_two_descriptor_chains_fill_the_ri
     assert net.counts["rx_dropped"] == 1
 
 
+def test_virtio_net_rx_held_frame_with_avail_idx_moved_back_needs_reset(net, peer, monkeypatch):
+    """A frame held for more buffers, and a driver whose other vCPU moves avail idx one
+    ahead and back (2.7: it never goes back): each ask for a notify was told one more was
+    posted, the next look found as many as before, and the device asked again, for as long
+    as the driver liked, serving nothing else. Fewer posted than it was told: NEEDS_RESET."""
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 100)
+    driver.kick(0)
+    ring = net.rings[0]
+    asking, asked = ring.enable_notifications, []
+
+    def racing(beyond: int = 0) -> bool:
+        if len(asked) > 100:  # a loop ends the test rather than hang it
+            raise AssertionError("the held frame's loop never ended")
+        asked.append(beyond)
+        net.ram.write(rx.avail + 2, struct.pack("<H", rx.avail_idx + 1))
+        more = asking(beyond)
+        net.ram.write(rx.avail + 2, struct.pack("<H", rx.avail_idx))
+        return more
+
+    monkeypatch.setattr(ring, "enable_notifications", racing)
+    os.write(peer, HDR + bytes(300))  # 312 bytes: more than the one buffer of 100
+
+    tap_readable(net)
+
+    assert (asked, driver.status() & NEEDS_RESET) == ([1], NEEDS_RESET)
+
+
 def test_virtio_net_rx_held_frame_goes_with_a_reset(net, peer):
     driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
     post(rx, 100)

@@ -576,6 +576,42 @@ def test_virtio_pci_process_hands_the_loop_back_once_something_waits(rng, driver
     assert (rng.stats()["budget_renewals"], rng.stats()["budget_yields"]) == (1, 1)
 
 
+def test_virtio_pci_process_hands_the_loop_back_from_a_driver_racing_avail_idx(
+    rng, driver, fds, monkeypatch
+):
+    """Another vCPU of the driver moves avail idx one ahead and back again (2.7: it never
+    goes back): each time the device asks for kicks it is told more came, and finds none.
+    Rounds that serve nothing are held to the budget too: once anything else waits (its
+    channel), the event loop gets the device back, kicks off and its own notify signalled.
+    They were not: process() asked for kicks again and again, and never returned."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    device_ring = rng.rings[0]
+    asking = device_ring.enable_notifications
+
+    def racing() -> bool:
+        rng.ram.write(ring.avail + 2, struct.pack("<H", ring.avail_idx + 1))
+        more = asking()
+        rng.ram.write(ring.avail + 2, struct.pack("<H", ring.avail_idx))
+        return more
+
+    monkeypatch.setattr(device_ring, "enable_notifications", racing)
+    clock = SteppingClock()
+
+    def bounded() -> int:  # a loop ends the test rather than hang it
+        if clock.now > 1_000_000_000:
+            raise AssertionError("process() never handed the event loop back")
+        return clock()
+
+    monkeypatch.setattr(rng, "clock_ns", bounded)
+    rng.ctx.waiting = lambda: True
+
+    driver.kick()
+
+    assert (signalled(fds["notify0"]), rng.stats()["budget_yields"]) == (1, 1)
+    assert not driver.status() & NEEDS_RESET  # racing is no ring error: nothing broke
+
+
 def test_virtio_pci_no_processing_before_driver_ok(rng, driver):
     ring = Ring(rng.ram)
     assert driver.negotiate(F_VERSION_1) & FEATURES_OK

@@ -582,6 +582,7 @@ class VirtioPciDevice(RegisterDevice):
         if ring is None or not self._ready() or self.stalled is not None:
             return
         deadline = self.clock_ns() + self.BUDGET_NS
+        told_more = False  # enable_notifications() said a chain came after the last drain
         try:
             ring.disable_notifications()
             while True:
@@ -591,7 +592,9 @@ class VirtioPciDevice(RegisterDevice):
                 if self.stalled is not None:  # kicks stay off: retry() looks again
                     return
                 left = deadline - self.clock_ns()
-                if done and left <= 0:
+                # A round that served nothing after being told more came counts too: a driver
+                # whose other vCPU moves avail idx forth and back is told so at every ask.
+                if (done or told_more) and left <= 0:
                     if self.ctx.waiting():  # kicks stay off: our own notify brings us back
                         self.budget_yields += 1
                         self._notify[q].trigger()
@@ -605,6 +608,7 @@ class VirtioPciDevice(RegisterDevice):
                 if not ring.enable_notifications():  # kick me at the next one...
                     return
                 ring.disable_notifications()  # ...unless it came meanwhile
+                told_more = True
         except (QueueError, GuestRamError) as e:
             self.ring_failed(q, e)
 
