@@ -67,7 +67,7 @@ from typing import Annotated, Any, ClassVar, NoReturn, Self, TypeVar
 from splitvmm.devprocs.base import DeviceContext, register
 from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import skip_bytes
-from splitvmm.devprocs.virtio.pci import Pending, Stalled, Status, VirtioPciDevice, log
+from splitvmm.devprocs.virtio.pci import Pending, Stalled, VirtioPciDevice, log
 from splitvmm.devprocs.virtio.queue import Chain, QueueError
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
@@ -454,10 +454,8 @@ class VirtioBlk(VirtioPciDevice):
         feature = (
             VIRTIO_BLK_F_DISCARD if kind == VIRTIO_BLK_T_DISCARD else VIRTIO_BLK_F_WRITE_ZEROES
         )
-        # Taken only once FEATURES_OK held them: a driver whose set was refused and that
-        # runs anyway (DRIVER_OK without it) has taken nothing.
-        accepted = self.driver_features if self.status & Status.FEATURES_OK else 0
-        if not accepted & feature:
+        # (Accepted: a device whose driver runs it without FEATURES_OK serves nothing.)
+        if not self.driver_features & feature:
             raise RequestError(VIRTIO_BLK_S_UNSUPP)
 
     def _writable(self) -> None:

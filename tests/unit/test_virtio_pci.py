@@ -714,6 +714,29 @@ def test_virtio_pci_needs_reset_from_set_up_is_told_when_the_driver_starts(rng, 
     assert (signalled(fds["intx"]), driver.rd(ISR, 1)) == (1, 2)
 
 
+@pytest.mark.parametrize("refused", [False, True])
+def test_virtio_pci_driver_ok_without_features_ok_needs_reset(rng, driver, fds, refused):
+    """3.1.1: features accepted (FEATURES_OK) before DRIVER_OK. A driver that skips that, or
+    runs the device after its set was refused, negotiated nothing, and the models read
+    driver_features as they serve: NEEDS_RESET, told at once, and nothing is served."""
+    ring = Ring(rng.ram)
+    if refused:
+        assert not driver.negotiate(F_VERSION_1 | 1 << 50) & FEATURES_OK  # never offered
+    else:
+        driver.enable_bus_master()
+        driver.set_status(ACK | DRIVER)
+        driver.set_common(0x08, 0, 4)  # driver_feature_select 0...
+        driver.set_common(0x0C, F_EVENT_IDX, 4)  # ...EVENT_IDX, then no FEATURES_OK
+    driver.setup_queue(0, ring)
+    ring.add([(*ring.buffer(8), True)])
+
+    driver.set_status(ACK | DRIVER | DRIVER_OK)
+    driver.kick()
+
+    assert (driver.status() & NEEDS_RESET, ring.take_used()) == (NEEDS_RESET, [])
+    assert (signalled(fds["intx"]), driver.rd(ISR, 1)) == (1, 2)
+
+
 def test_virtio_pci_event_idx_suppresses_interrupt_until_used_event(rng, driver, fds):
     ring = Ring(rng.ram)
     driver.start(ring, features=F_VERSION_1 | F_EVENT_IDX)

@@ -533,7 +533,12 @@ class VirtioPciDevice(RegisterDevice):
         self.status = value & ~Status.NEEDS_RESET | self.status & Status.NEEDS_RESET
         if accepted_now:
             self.features_ok()
-        if started_now and self.status & Status.NEEDS_RESET:
+        if started_now and not self.status & Status.FEATURES_OK:
+            # 3.1.1: a driver MUST have its features accepted first. Without that nothing
+            # was negotiated, and the models read driver_features as they serve: an error
+            # state (2.1.2), where the device would otherwise run on unchecked features.
+            self.needs_reset("DRIVER_OK without FEATURES_OK: no features were accepted")
+        elif started_now and self.status & Status.NEEDS_RESET:
             # Set during set-up (a ring refused at queue_enable), when 2.1.2 asks for no
             # notification: a driver that reads status only when told would run a dead
             # device. Told now, as the driver starts it.
@@ -561,9 +566,11 @@ class VirtioPciDevice(RegisterDevice):
         return self._driver_ok() and bool(master) and live
 
     def _driver_ok(self) -> bool:
-        """DRIVER_OK, and neither NEEDS_RESET nor FAILED: the driver runs the device."""
-        bad = Status.NEEDS_RESET | Status.FAILED
-        return bool(self.status & Status.DRIVER_OK) and not self.status & bad
+        """DRIVER_OK on accepted features (FEATURES_OK), and neither NEEDS_RESET nor FAILED:
+        the driver runs the device, and driver_features is what was negotiated."""
+        status = self.status
+        good, bad = Status.DRIVER_OK | Status.FEATURES_OK, Status.NEEDS_RESET | Status.FAILED
+        return status & (good | bad) == good
 
     def process_all(self) -> None:
         for q in range(self.queue_count):
