@@ -790,6 +790,9 @@ class Machine:
                 # the syncs failed first: before the rest, as before the closing thread.
                 _close_all(vm_fds)
                 _close_all(self._closables)
+                if self._early_launcher is not None:  # a build that failed before it took
+                    # the launcher among its closables (the runtime dir): a no-op after them
+                    _close_all([self._early_launcher])
                 if vm_closer is not None:
                     _log_failure("closing the VM", vm_closer.wait())
                 self._wake.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from splitvmm.config import parse_config
-from splitvmm.errors import KvmError
+from splitvmm.errors import KvmError, SplitvmmError
 from splitvmm.monitor import machine as machine_module
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.onthread import OnThread
@@ -204,3 +204,30 @@ def test_a_failed_pit_switch_left_by_a_failed_build_is_logged_and_the_rest_close
     assert "turning the PIT's re-injection off failed" in caplog.text
     assert "KVM_REINJECT_CONTROL" in caplog.text
     assert [who for step, who in steps.log if step == "fd"][-2:] == ["ram", "launcher"]
+
+
+class FakeLauncher:
+    closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def configure(self, path: Path) -> None:
+        raise AssertionError("configured without a runtime dir")
+
+
+def test_the_launcher_up_started_is_closed_when_the_build_fails_before_taking_it(tmp_path):
+    """`up` starts the launcher before the monitor's imports; a build that failed at the
+    runtime dir (something not a directory where it goes) had not taken it among its
+    closables, and the launcher was never closed (nor reaped)."""
+    (tmp_path / "vm").write_text("in the way")
+    cfg = parse_config({"vm": {"name": "vm"}, "boot": {"kernel": "bzImage"}}, tmp_path,
+                       check_files=False)  # fmt: skip
+    launcher = FakeLauncher()
+    m = Machine(cfg, runtime_root=tmp_path, launcher=launcher)  # type: ignore[arg-type]
+
+    with pytest.raises(SplitvmmError, match="runtime directory"):
+        m.build()
+    m.close()
+
+    assert launcher.closed == 1
