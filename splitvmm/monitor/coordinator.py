@@ -39,7 +39,7 @@ from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.slot import DeviceSlot
 from splitvmm.record import Struct
-from splitvmm.snapshot.writer import SnapshotWriter, staging_path
+from splitvmm.snapshot.writer import SnapshotWriter, remove_stale_staging, staging_path
 
 if TYPE_CHECKING:
     from splitvmm.monitor.machine import Machine
@@ -164,6 +164,7 @@ class Coordinator:
         target = self._check_target(target)
         if os.path.lexists(target):  # a symlink too, dangling or not: the rename would replace it
             raise ControlError(f"snapshot target {target} already exists")
+        remove_stale_staging(target)  # now, not in the pause: removing GiBs takes a while
         self._devices_back()
         was_paused = self.paused
         deadline = Deadline(self.device_deadline_s)

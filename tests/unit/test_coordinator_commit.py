@@ -16,6 +16,7 @@ from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.machine import Machine
 from splitvmm.record import Struct, field
+from splitvmm.snapshot import writer as writer_module
 
 
 class FakeVcpu(Struct):
@@ -96,6 +97,26 @@ def test_coordinator_snapshot_resumes_vcpus_before_the_commit(tmp_path, monkeypa
         ["pause", "kvmclock stopped", "resume", "write back", "commit"],
         False,
     )
+
+
+def test_coordinator_removes_a_killed_writers_leftover_before_the_pause(tmp_path, monkeypatch):
+    """A leftover of a killed writer may be GiBs of guest RAM: removing it takes a while, and
+    the guest must not stand still for it (the writer would remove it too, in the pause)."""
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    left = tmp_path / ".snap.tmp-1"
+    left.mkdir()
+    coord, events = coordinator(tmp_path, monkeypatch)
+    real_pause = coord.pause
+
+    def pause() -> None:
+        events.append(f"pause with the leftover there: {left.exists()}")
+        real_pause()
+
+    monkeypatch.setattr(coord, "pause", pause)
+
+    coord.snapshot(tmp_path / "snap")
+
+    assert events[0] == "pause with the leftover there: False"
 
 
 @pytest.mark.parametrize("keep_paused", [False, True], ids=["snapshot", "suspend"])
