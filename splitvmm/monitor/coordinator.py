@@ -164,7 +164,7 @@ class Coordinator:
         target = self._check_target(target)
         if os.path.lexists(target):  # a symlink too, dangling or not: the rename would replace it
             raise ControlError(f"snapshot target {target} already exists")
-        remove_stale_staging(target)  # now, not in the pause: removing GiBs takes a while
+        remove_stale_staging(target.parent)  # now, not in the pause: GiBs take a while
         self._devices_back()
         was_paused = self.paused
         deadline = Deadline(self.device_deadline_s)

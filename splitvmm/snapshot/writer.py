@@ -6,9 +6,13 @@ written last and fsynced, then the directory, then it is renamed into place and 
 fsynced. The chunk files are fsynced together, by commit(): add_ram() and add_json_chunk()
 only copy the data (into the page cache), and commit() reads nothing of the VM, so a caller
 may let the VM run again before commit() (the coordinator does, for `ctl snapshot`): the
-pause is the copy, the disk's flush comes after. A crash before the rename leaves only the hidden temporary directory; any error inside
-the writer removes it. The files hold guest memory, so the directory is 0700 and files 0600
-(created through hostpath, O_EXCL: nothing already there is ever written into).
+pause is the copy, the disk's flush comes after. Any error inside the writer removes the
+temporary directory. A writer killed before the rename (SIGKILL, OOM, power) leaves only that
+hidden directory, never a snapshot; it holds a copy of guest RAM, so the next writer into the
+same directory removes it (remove_stale_staging): a writer holds a flock on its directory
+while it writes, and one nobody holds is stale. The files hold guest memory, so the directory
+is 0700 and files 0600 (created through hostpath, O_EXCL: nothing already there is ever
+written into).
 
     with SnapshotWriter(path, vm_config, cpuid, mem) as w:
         w.add_ram(mem, progress=cb)
@@ -25,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -83,24 +88,28 @@ def staging_path(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{os.getpid()}"
 
 
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Remove the temporary directories of writers for `target` that died before their
-    rename (no flock held, older than STALE_AFTER_S); the paths removed. A directory we
-    cannot open or lock is left as it is: it is not ours to judge."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-[0-9]+")
+STAGING_NAME = re.compile(r"\..+\.tmp-[0-9]+")  # what staging_path() names, for any target
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Remove, in `directory`, the temporary directories of writers that died before their
+    rename: named as staging_path() names them, holding only files a writer makes, no flock
+    held, older than STALE_AFTER_S. The paths removed. Anything else is left as it is: a
+    directory we cannot open, list or lock, or one that holds what no writer makes, is not
+    ours to judge."""
     try:
-        names = [n for n in os.listdir(target.parent) if pattern.fullmatch(n)]
+        names = [n for n in os.listdir(directory) if STAGING_NAME.fullmatch(n)]
     except OSError:
-        return []  # the parent's own problem is reported by the mkdir that follows
+        return []  # the directory's own problem is reported by the writer's mkdir
     removed = []
     for name in names:
-        path = target.parent / name
+        path = directory / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            if time.time() - os.fstat(fd).st_ctime < STALE_AFTER_S:
+            if time.time() - os.fstat(fd).st_ctime < STALE_AFTER_S or not _writers_files(fd):
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
         except OSError:  # BlockingIOError: a live writer holds it
@@ -111,6 +120,17 @@ def remove_stale_staging(target: Path) -> list[Path]:
         log.warning("removed %s, left by a snapshot writer that died before it finished", path)
         removed.append(path)
     return removed
+
+
+def _writers_files(dirfd: int) -> bool:
+    """Whether the directory holds nothing but regular files a writer makes."""
+    for name in os.listdir(dirfd):
+        chunk = name.endswith(".json") and NAME_RE.fullmatch(name.removesuffix(".json"))
+        if not (chunk or name in (RAM_FILE, MANIFEST, signing.SIG_FILE)):
+            return False
+        if not stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+            return False
+    return True
 
 
 class SnapshotWriter:
@@ -138,7 +158,7 @@ class SnapshotWriter:
         self._unsynced: list[int] = []  # fds of the files written, until they are fsynced
         self._state = "open"  # -> "committed" | "aborted"
         _refuse_existing(self.target)
-        remove_stale_staging(self.target)
+        remove_stale_staging(self.target.parent)
         self.tmp = staging_path(self.target)
         try:
             os.mkdir(self.tmp, 0o700)

@@ -114,8 +114,8 @@ def test_snapshot_restore_counter_continues_from_saved_count_twice(guests, tmp_p
 
 def test_snapshot_removes_what_a_killed_writer_left(guests, tmp_path):
     """A monitor killed while it wrote a snapshot leaves its temporary directory, a copy of
-    guest RAM: the confined monitor's next snapshot of that name removes it."""
-    left = tmp_path / ".s1.tmp-1"
+    guest RAM: the confined monitor's next snapshot into that directory removes it."""
+    left = tmp_path / ".s0.tmp-1"
     left.mkdir()
     (left / "ram.bin").write_bytes(b"guest memory")
     made = time.monotonic()

@@ -103,7 +103,7 @@ def test_coordinator_removes_a_killed_writers_leftover_before_the_pause(tmp_path
     """A leftover of a killed writer may be GiBs of guest RAM: removing it takes a while, and
     the guest must not stand still for it (the writer would remove it too, in the pause)."""
     monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
-    left = tmp_path / ".snap.tmp-1"
+    left = tmp_path / ".earlier.tmp-1"  # a killed writer of another snapshot
     left.mkdir()
     coord, events = coordinator(tmp_path, monkeypatch)
     real_pause = coord.pause

@@ -348,10 +348,35 @@ def test_writer_leaves_a_young_directory_nobody_holds(tmp_path, mem):
     assert sorted(os.listdir(tmp_path)) == [".s.tmp-1", "s"]
 
 
-def test_writer_leaves_another_targets_directory(tmp_path, mem, monkeypatch):
+def test_writer_removes_another_targets_leftover_in_its_directory(tmp_path, mem, monkeypatch):
+    """Snapshots are mostly named anew each time: the leftover of a killed writer for another
+    name is removed by the next writer into the same directory."""
     monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
-    left = _killed_writer(tmp_path / "other", mem)
+    _killed_writer(tmp_path / "other", mem)
 
     write_snapshot(tmp_path / "s", mem)
 
-    assert sorted(os.listdir(tmp_path)) == sorted([left, "s"])
+    assert os.listdir(tmp_path) == ["s"]
+
+
+@pytest.mark.parametrize(
+    "content", ["notes.txt", "link.json", "sub.json"], ids=["foreign file", "symlink", "directory"]
+)
+def test_writer_leaves_a_directory_holding_what_no_writer_makes(
+    tmp_path, mem, monkeypatch, content
+):
+    """Named like a writer's, unlocked and old, but not a writer's: left alone."""
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    foreign = tmp_path / ".backup.tmp-7"
+    foreign.mkdir()
+    (foreign / "ram.bin").write_bytes(b"?")
+    if content == "link.json":
+        (foreign / content).symlink_to("/etc/hostname")
+    elif content == "sub.json":
+        (foreign / content).mkdir()
+    else:
+        (foreign / content).write_text("someone else's")
+
+    write_snapshot(tmp_path / "s", mem)
+
+    assert sorted(os.listdir(tmp_path)) == [".backup.tmp-7", "s"]
