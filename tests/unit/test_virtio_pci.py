@@ -4,7 +4,7 @@ driver does (virtio 1.2 4.1), with virtio-rng as the model (it has no state of i
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -479,6 +479,19 @@ def test_virtio_pci_hostile_chain_made_available_while_polling_needs_reset(
     assert driver.status() & NEEDS_RESET
 
 
+def bounded_clock() -> Callable[[], int]:
+    """A device's clock_ns (SteppingClock) past whose first simulated second a process()
+    still running fails the test: a loop ends it rather than hang it."""
+    clock = SteppingClock()
+
+    def bounded() -> int:
+        if clock.now > 1_000_000_000:
+            raise AssertionError("process() never handed the event loop back")
+        return clock()
+
+    return bounded
+
+
 def test_virtio_pci_used_flags_on_avail_idx_needs_reset_not_a_loop(rng, driver, monkeypatch):
     """A used ring at avail + 2 (both aligned as 2.7 asks) puts used flags on avail idx: each
     VIRTQ_USED_F_NO_NOTIFY the device wrote made a chain available, each clear took it back
@@ -488,14 +501,7 @@ def test_virtio_pci_used_flags_on_avail_idx_needs_reset_not_a_loop(rng, driver, 
     ring = Ring(rng.ram, size=4)
     ring.avail += 2  # 2-aligned, the least 2.7 asks of it
     ring.used = ring.avail + 2  # 4-aligned: its flags are avail idx
-    clock = SteppingClock()
-
-    def bounded() -> int:  # a loop ends the test rather than hang it
-        if clock.now > 1_000_000_000:
-            raise AssertionError("process() never handed the event loop back")
-        return clock()
-
-    monkeypatch.setattr(rng, "clock_ns", bounded)
+    monkeypatch.setattr(rng, "clock_ns", bounded_clock())
     driver.start(ring)
     ring.add([(*ring.buffer(8), True)])
 
@@ -596,14 +602,7 @@ def test_virtio_pci_process_hands_the_loop_back_from_a_driver_racing_avail_idx(
         return more
 
     monkeypatch.setattr(device_ring, "enable_notifications", racing)
-    clock = SteppingClock()
-
-    def bounded() -> int:  # a loop ends the test rather than hang it
-        if clock.now > 1_000_000_000:
-            raise AssertionError("process() never handed the event loop back")
-        return clock()
-
-    monkeypatch.setattr(rng, "clock_ns", bounded)
+    monkeypatch.setattr(rng, "clock_ns", bounded_clock())
     rng.ctx.waiting = lambda: True
 
     driver.kick()
