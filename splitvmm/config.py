@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from splitvmm import hostpath
 from splitvmm.errors import ConfigError, escaped
 from splitvmm.protocol import faults
 from splitvmm.protocol.models import (
@@ -398,12 +401,22 @@ def _default_devices(
     return tuple(added)
 
 
-def load_config(path: Path, check_files: bool = True) -> VmConfig:
+def _read_config(path: Path) -> bytes:
+    """The file's first MAX_CONFIG_BYTES + 1 bytes. Opened without blocking, then refused
+    unless a regular file: open() of a FIFO waits for a writer, for ever if none comes."""
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"{path}: cannot read the config: {hostpath.not_regular(mode)}")
+            return f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror}") from None
+
+
+def load_config(path: Path, check_files: bool = True) -> VmConfig:
+    raw = _read_config(path)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, too large for a VM config")
     if raw.startswith(b"\xef\xbb\xbf"):  # tomllib reads it as a stray character at 1:1

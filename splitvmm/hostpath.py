@@ -77,7 +77,7 @@ def _kind(mode: int) -> str:
     return "a file of unknown type"
 
 
-def _not_regular(mode: int) -> str:
+def not_regular(mode: int) -> str:
     return f"is {_kind(mode)}, not a regular file"
 
 
@@ -96,7 +96,7 @@ def _precheck(path: str, dir_fd: int | None, access: Access) -> str | None:
         return None if access.value & os.O_CREAT else "does not exist"
     except OSError as e:
         return f"cannot be opened: {e.strerror}"
-    return None if _usable(st.st_mode, access) else _not_regular(st.st_mode)
+    return None if _usable(st.st_mode, access) else not_regular(st.st_mode)
 
 
 def _open_error(e: OSError, access: Access) -> str:
@@ -138,7 +138,7 @@ def open_host_file(
     try:
         mode = os.fstat(fd).st_mode
         if not _usable(mode, access):
-            raise HostFileError(key, name, _not_regular(mode))
+            raise HostFileError(key, name, not_regular(mode))
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)

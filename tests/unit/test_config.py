@@ -1,5 +1,6 @@
 """Config errors name the key and what was expected; good configs parse to records."""
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,14 @@ def test_config_mistake_raises_error_naming_key(kernel_dir, text, message):
 def test_config_missing_file_raises_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.timeout(10)
+def test_config_fifo_refused_without_waiting_for_a_writer(tmp_path):
+    """A FIFO nobody writes to once hung `up` in open(); it is no regular file, so refused."""
+    os.mkfifo(tmp_path / "vm.toml")
+    with pytest.raises(ConfigError, match=r"vm\.toml: cannot read the config: is a FIFO, not a"):
+        load_config(tmp_path / "vm.toml")
 
 
 @pytest.mark.parametrize(
