@@ -406,10 +406,11 @@ def _read_config(path: Path) -> bytes:
     unless a regular file: open() of a FIFO waits for a writer, for ever if none comes."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # checked before open(fd): it has its own, for a directory
+            os.close(fd)
+            raise ConfigError(f"{path}: cannot read the config: {hostpath.not_regular(mode)}")
         with open(fd, "rb") as f:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                raise ConfigError(f"{path}: cannot read the config: {hostpath.not_regular(mode)}")
             return f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror}") from None

@@ -131,7 +131,7 @@ timings_option = click.option(
 
 
 @click.command("up", epilog=EXIT_HELP)
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path))  # load_config says what is wrong
 @click.option(
     "--restore",
     "snapshot_dir",

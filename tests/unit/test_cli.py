@@ -29,6 +29,16 @@ def test_cli_up_missing_config_exits_1_naming_file(tmp_path):
     assert "absent.toml: cannot read the config" in result.output
 
 
+def test_cli_up_directory_as_config_exits_1_in_one_line(tmp_path, monkeypatch):
+    """click's own check said it in a usage text, exit 2: a bad file, not a bad command line."""
+    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: NoLauncher()))
+    result = CliRunner().invoke(cli, ["up", str(tmp_path)])
+    assert (result.exit_code, result.output.count("\n")) == (1, 1)
+    assert result.output == (
+        f"splitvmm: error: {tmp_path}: cannot read the config: is a directory, not a regular file\n"
+    )
+
+
 @pytest.mark.parametrize(
     "config",
     [
