@@ -202,8 +202,8 @@ def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
             f"vm.snapshot_dirs: expected a list of at most {MAX_SNAPSHOT_DIRS} directory paths"
         )
     dirs = tuple(_host_path(base, d, "vm.snapshot_dirs", resolve=True) for d in raw)
-    for d in dirs:
-        if not d.is_dir():  # checked even for a restore: the monitor's Landlock names them
+    for d in dirs:  # checked even for a restore: the monitor's Landlock names them
+        if not stat.S_ISDIR(_mode(d, "vm.snapshot_dirs")):
             raise ConfigError(f"vm.snapshot_dirs: {d} does not exist or is not a directory")
     return dirs
 
@@ -218,6 +218,18 @@ def _host_path(base: Path, value: str, where: str, resolve: bool = False) -> Pat
         return path.resolve() if resolve else path
     except (ValueError, RuntimeError, OSError) as e:  # NUL; ~nobody, symlink loop; ELOOP
         raise ConfigError(f"{where}: {shown(value)} is no usable path: {e}") from None
+
+
+def _mode(path: Path, where: str) -> int:
+    """path's st_mode (symlinks followed), 0 if nothing is there. A ConfigError naming `where`
+    where stat() fails otherwise (a name too long, a directory on the way not searchable),
+    which Path.is_file() and is_dir() raise as a bare OSError."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    except OSError as e:
+        raise ConfigError(f"{where}: {shown(str(path))} cannot be used: {e.strerror}") from None
 
 
 def _option_path(base: Path, value: str, key: str) -> str:
@@ -236,7 +248,7 @@ def _path(table: dict[str, Any], key: str, base: Path, check: bool) -> Path | No
         return None
     value = _get(table, key, "boot", str)
     path = _host_path(base, value, f"boot.{key}")
-    if check and not path.is_file():
+    if check and not stat.S_ISREG(_mode(path, f"boot.{key}")):
         raise ConfigError(f"boot.{key}: {escaped(str(path))} does not exist or is not a file")
     return path
 

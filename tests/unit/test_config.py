@@ -150,6 +150,12 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
             GOOD.replace('"kernel.elf"', '"k\\u0000.elf"'),
             r"boot\.kernel: 'k\\x00\.elf' is no usable path: it holds a NUL byte",
         ),
+        # stat() of these fails with ENAMETOOLONG, which Path.is_file() and is_dir() raise
+        (GOOD.replace('"kernel.elf"', '"' + "k" * 300 + '"'), "boot.kernel: .* File name too long"),
+        (
+            GOOD.replace("[boot]", 'snapshot_dirs = ["' + "s" * 300 + '"]\n[boot]'),
+            "vm.snapshot_dirs: .* File name too long",
+        ),
     ],
     ids=[
         "vm-name-trailing-newline",
@@ -167,6 +173,8 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         "snapshot-dir-nul",
         "byte-order-mark",
         "kernel-nul",
+        "kernel-name-too-long",
+        "snapshot-dir-name-too-long",
     ],
 )
 def test_config_hostile_input_raises_one_line_error(kernel_dir, text, message):
