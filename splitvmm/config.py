@@ -303,6 +303,9 @@ def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -
         if option.path and option.name in table:
             key = f"{where}.{option.name}"
             options[option.name] = _option_path(base, str(options[option.name]), key)
+        problem = option.check(options[option.name]) if option.check is not None else None
+        if problem is not None:
+            raise ConfigError(f"{where}.{option.name}: {shown(options[option.name])} {problem}")
         if option.choices and options[option.name] not in option.choices:
             allowed = ", ".join(map(str, option.choices))
             raise ConfigError(

@@ -73,12 +73,12 @@ from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import aio, files
 from splitvmm.protocol import schema
-from splitvmm.protocol.models import DIRECT_IO_ALIGN, VIRTIO_BLK
+from splitvmm.protocol.models import BLK_ID_BYTES, DIRECT_IO_ALIGN, VIRTIO_BLK, blk_serial_problem
 from splitvmm.protocol.schema import Upgrade
 
 VIRTIO_ID_BLOCK = 2
 SECTOR = 512
-ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
+ID_BYTES = BLK_ID_BYTES  # VIRTIO_BLK_ID_BYTES
 
 # feature bits (5.2.3)
 VIRTIO_BLK_F_SEG_MAX = 1 << 2
@@ -660,12 +660,11 @@ class VirtioBlk(VirtioPciDevice):
 
 def _guest_options(options: Mapping[str, object]) -> tuple[bool, bytes]:
     """readonly and serial, the options the guest sees (F_RO, GET_ID); ConfigError if bad."""
-    serial = str(options.get("serial", "")).encode()
-    if not serial.isascii():  # 5.2.6: the answer to GET_ID is an ASCII string
-        raise ConfigError("virtio-blk: serial must be ASCII")
-    if len(serial) > ID_BYTES:
-        raise ConfigError(f"virtio-blk: serial is {len(serial)} bytes, at most {ID_BYTES}")
-    return bool(options.get("readonly", False)), serial
+    serial = str(options.get("serial", ""))
+    problem = blk_serial_problem(serial)  # as config.py checked it
+    if problem is not None:
+        raise ConfigError(f"virtio-blk: serial {problem}")
+    return bool(options.get("readonly", False)), serial.encode()
 
 
 def _merged(bufs: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -41,7 +41,6 @@ the duplicate.
 from __future__ import annotations
 
 import os
-import re
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -55,6 +54,7 @@ from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import tun
 from splitvmm.protocol import schema
+from splitvmm.protocol.models import mac_problem
 from splitvmm.record import Struct
 
 VIRTIO_ID_NET = 1
@@ -142,7 +142,6 @@ RX_BATCH = 64  # frames read per event, then an interrupt and the channel's turn
 # full ring only as buffers are used), so the device comes back to it by itself.
 RX_RETRY_S = 0.1
 IOV_MAX = 1024  # buffers one readv/writev takes
-MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 # The MAC of a device spawned bare (the policy audit, a test): models.default_mac("",
 # "virtio-net"), written out, as this process can import no hashlib once it is sandboxed
 # (tests/unit/test_virtio_net.py checks that the two agree).
@@ -159,15 +158,12 @@ def _mac_option(options: Mapping[str, object]) -> bytes:
 
 
 def parse_mac(text: str) -> bytes:
-    """ "52:54:00:12:34:56" -> its 6 bytes; ConfigError unless a unicast address."""
-    if not MAC_RE.fullmatch(text):
-        raise ConfigError(f"virtio-net: mac {text[:40]!r} is not six hex bytes, ':'-separated")
-    mac = bytes.fromhex(text.replace(":", ""))
-    if mac[0] & 1:
-        raise ConfigError(f"virtio-net: mac {text} is a multicast address")
-    if not any(mac):  # a driver cannot bring its interface up with it (eth_validate_addr)
-        raise ConfigError(f"virtio-net: mac {text} is the all-zero address")
-    return mac
+    """ "52:54:00:12:34:56" -> its 6 bytes; ConfigError unless a unicast address (the check
+    config.py makes first)."""
+    problem = mac_problem(text) if text else "is empty"
+    if problem is not None:
+        raise ConfigError(f"virtio-net: mac {text[:40]!r} {problem}")
+    return bytes.fromhex(text.replace(":", ""))
 
 
 @register

@@ -16,6 +16,7 @@ policy in policies/<arch>/, its tests, and one entry in MODELS below.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Callable, Mapping
 
@@ -201,6 +202,9 @@ class Option(Struct, frozen=True):
     # The value when the table leaves the option out, from (VM name, device name), when no
     # constant will do (a MAC address: each NIC its own, the same at every start).
     derive: Callable[[str, str], object] | None = None
+    # What is wrong with a value (of `kind`), or None: the config names the option with it,
+    # before any process starts; the model's process, given options, asks the same.
+    check: Callable[[object], str | None] | None = None
 
 
 class OutputRecipe(Struct, frozen=True):
@@ -445,6 +449,19 @@ def virtio_fds(queues: int, *backend: FdRole) -> tuple[FdRole, ...]:
     )
 
 
+BLK_ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES: the longest answer to VIRTIO_BLK_T_GET_ID
+
+
+def blk_serial_problem(value: object) -> str | None:
+    """Why `value` cannot be a virtio-blk serial (GET_ID's answer), or None."""
+    text = str(value)
+    if not text.isascii():  # virtio 1.2 5.2.6: an ASCII string
+        return "must be ASCII"
+    if len(text) > BLK_ID_BYTES:
+        return f"is {len(text)} bytes, at most {BLK_ID_BYTES}"
+    return None
+
+
 def _blk_request(kind: int, sector: int = 0, data: bytes = b"") -> bytes:
     return struct.pack("<IIQ", kind, 0, sector) + data
 
@@ -457,7 +474,7 @@ VIRTIO_BLK = ModelDescriptor(
         Option("path", str, None, host_resource=True, path=True),
         Option("readonly", bool, False),
         Option("direct", bool, False),  # O_DIRECT: the host's page cache left out
-        Option("serial", str, ""),  # VIRTIO_BLK_T_GET_ID's answer, at most 20 bytes
+        Option("serial", str, "", check=blk_serial_problem),  # VIRTIO_BLK_T_GET_ID's answer
         # A write the host's file system has no room for (ENOSPC, EDQUOT): "pause" the VM
         # until the operator makes room and resumes it, the write then done (QEMU's default,
         # werror=enospc), or fail it ("error": the guest reads IOERR).
@@ -533,6 +550,25 @@ def default_mac(vm: str, device: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x52, 0x54, 0x00, *digest[:3]))
 
 
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+def mac_problem(value: object) -> str | None:
+    """Why `value` cannot be a NIC's MAC address ("52:54:00:12:34:56": unicast, not all
+    zeroes), or None. Empty: none given, the device's own default."""
+    text = str(value)
+    if not text:
+        return None
+    if not MAC_RE.fullmatch(text):
+        return "is not six hex bytes, ':'-separated"
+    mac = bytes.fromhex(text.replace(":", ""))
+    if mac[0] & 1:
+        return "is a multicast address"
+    if not any(mac):  # a driver cannot bring its interface up with it (eth_validate_addr)
+        return "is the all-zero address"
+    return None
+
+
 VNET_HDR = bytes(12)  # struct virtio_net_hdr with VERSION_1: no offload, num_buffers 0
 ETH_FRAME = bytes.fromhex("ffffffffffff5254000000010806") + bytes(46)  # a broadcast frame
 
@@ -542,7 +578,7 @@ VIRTIO_NET = ModelDescriptor(
     options=(
         # default None: required; restore takes it from the operator, never the snapshot
         Option("tap", str, None, host_resource=True),
-        Option("mac", str, "", derive=default_mac),  # "52:54:00:12:34:56"
+        Option("mac", str, "", derive=default_mac, check=mac_problem),  # "52:54:00:12:34:56"
     ),
     fds=virtio_fds(2, FdRole("tap", FdKind.TAP, option="tap")),
     # a frame received into a buffer the driver posted, then one transmitted

@@ -213,6 +213,36 @@ def test_config_option_outside_its_choices_names_the_key():
         _cfg(devices='[[device]]\nname = "clock"\nmodel = "rtc"\nbase = "mars"\n')
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (
+            'model = "virtio-blk"\npath = "d.img"\nserial = "' + "x" * 21 + '"',
+            r"\.serial: .* is 21 ",
+        ),
+        (
+            'model = "virtio-blk"\npath = "d.img"\nserial = "\u00e9"',
+            r"\.serial: '\u00e9' must be ASCII",
+        ),
+        ('model = "virtio-net"\ntap = "t0"\nmac = "zz"', r"\.mac: 'zz' is not six hex bytes"),
+        (
+            'model = "virtio-net"\ntap = "t0"\nmac = "01:00:00:00:00:01"',
+            r"\.mac: .* is a multicast",
+        ),
+        (
+            'model = "virtio-net"\ntap = "t0"\nmac = "00:00:00:00:00:00"',
+            r"\.mac: .* is the all-zero",
+        ),
+    ],
+    ids=["serial-too-long", "serial-not-ascii", "mac-not-hex", "mac-multicast", "mac-zero"],
+)
+def test_config_option_its_model_refuses_names_the_key(option, message):
+    """These were the device process's to refuse, as it started: two lines (its crash logged,
+    then the error) naming no key, and a launcher and device process started for nothing."""
+    with pytest.raises(ConfigError, match=r"^device 'd0'" + message):
+        _cfg(devices=f'[[device]]\nname = "d0"\n{option}\n')
+
+
 def test_config_second_device_at_fixed_ports_refused():
     two = '[[device]]\nname = "a"\nmodel = "rtc"\n[[device]]\nname = "b"\nmodel = "rtc"\n'
 
