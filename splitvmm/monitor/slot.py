@@ -397,7 +397,9 @@ class DeviceSlot:
         try:
             channel.wait_ready(process)
         except ChannelError as e:
-            self.fail(str(e))
+            # The VM's first process of it: the DeviceFailure is the VM's error, which `up`
+            # prints; logged too, it came out twice. A restart's is logged (the VM runs on).
+            self.fail(str(e), logged=self.generation > 1 or self.restarting)
             raise DeviceFailure(f"device {self.name}: {self.failed}") from None
         self._now_live(process)
 
@@ -1061,19 +1063,20 @@ class DeviceSlot:
             self._ended_events = False
 
     # -- failure and teardown -------------------------------------------------------------------
-    def fail(self, reason: str) -> None:
-        """The device failed; a restart that fails is the end of it."""
+    def fail(self, reason: str, logged: bool = True) -> None:
+        """The device failed; a restart that fails is the end of it. Not `logged` where the
+        caller's error says it."""
         with self._lock:
             if self.restarting:
                 self._fail_for_good_locked(reason)
                 return
-            self._fail_locked(reason)
+            self._fail_locked(reason, logged)
 
-    def _fail_locked(self, reason: str) -> None:
+    def _fail_locked(self, reason: str, logged: bool = True) -> None:
         """The device failed: its on_crash policy restarts it (accesses wait) or not."""
         if self.state is SlotState.FAILED or self.restarting:
             return
-        self._count_crash_locked(reason, "failed")
+        self._count_crash_locked(reason, "failed", logged)
         # The policy restarts only a device that was serving (state LIVE when it is asked).
         if self._on_failure(self, reason) and self.state is SlotState.LIVE:
             self.state, self.restarting = SlotState.AWAY, True
@@ -1081,12 +1084,13 @@ class DeviceSlot:
             return
         self._fail_for_good_locked(reason)
 
-    def _count_crash_locked(self, reason: str, how: str) -> None:
+    def _count_crash_locked(self, reason: str, how: str, logged: bool = True) -> None:
         """Its process is killed (if it is not dead yet), and the crash logged and counted."""
         if self.process is not None:
             self.process.kill()
             self._failed_process = self.process  # process_ended says how it ended, later
-        log.error("device %s (pid %d) %s: %s", self.name, self.pid, how, reason)
+        if logged:
+            log.error("device %s (pid %d) %s: %s", self.name, self.pid, how, reason)
         self.crashes += 1
         self.last_failure, self._crashed_at = reason, time.monotonic()
 

@@ -171,6 +171,27 @@ def test_slot_channel_path_too_long_fails_cleanly(tmp_path):
     irq.close()
 
 
+def test_slot_device_refusing_its_first_start_is_one_error_not_two(tmp_path, caplog):
+    """The VM's first process of a device refuses its options: the DeviceFailure says so,
+    and is the VM's error (`up` prints it). The slot logged it too, as for a crash of a
+    running device, and the operator read the same line twice."""
+    zctx = zmq.Context()
+    irq = EventFd()
+    spawn = Spawn("rtc0", "rtc", 2, {"base": "mars"}, {"irq": irq.fd})
+    slot = DeviceSlot(spawn, tmp_path, spawn_child, zctx, lambda slot, reason: True)
+    try:
+        slot.start()
+        with pytest.raises(DeviceFailure, match="rtc: base must be one of"):
+            slot.wait_ready()
+    finally:
+        slot.close()
+        zctx.term()
+        irq.close()
+
+    assert "base must be one of" not in caplog.text
+    assert slot.state is SlotState.FAILED
+
+
 def test_slot_whose_spare_path_is_too_long_says_so_once_and_restarts_cold(tmp_path, caplog):
     """A channel path of exactly sun_path's size passes its check, but a spare's is 6 bytes
     longer and cannot bind: it was tried (and refused, logged) at every restart. Said once,
