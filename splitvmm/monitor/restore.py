@@ -266,6 +266,14 @@ def device_state(snap: Snapshot, name: str) -> dict[str, object]:
         raise SnapshotError(
             f"{entry.label}: device state of {entry.size} bytes, over the {MAX_DEVICE_STATE} cap"
         )
+    # Refused here, naming the chunk, as _read_state refuses a newer vCPU chunk: left to the
+    # device process, `snapshot verify` said OK to what every restore then refuses.
+    model = MODELS.get(entry.model or "")
+    if model is not None and entry.state_version > model.state_version:
+        raise SnapshotError(
+            f"{entry.label}: state version {entry.state_version} is newer than this splitvmm "
+            f"reads for model {entry.model!r} ({model.state_version}): upgrade splitvmm"
+        )
     fields = snap.read_json(name)
     if not isinstance(fields, dict):
         raise SnapshotError(f"chunk {name}: device state is not an object")

@@ -3,6 +3,7 @@ resource (output, socket, kernel, firmware) from the operator, never from the ma
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,9 @@ from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
 from splitvmm.errors import ConfigError
 from splitvmm.monitor import restore, vmstate
 from splitvmm.native.kvm import CpuidEntry
+from splitvmm.protocol.models import MODELS
 from splitvmm.snapshot import Snapshot, SnapshotError
-from tests.unit.snapshot_support import edit_manifest
+from tests.unit.snapshot_support import checksum_keys, edit_manifest
 
 GOLDEN = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "vm" / "v1"
 
@@ -250,6 +252,25 @@ def test_device_state_over_the_cap_refused_naming_chunk(tmp_path, monkeypatch):
 
     with pytest.raises(SnapshotError, match=r"chunk serial0 \(serial0.json\): device state of 145"):
         restore.device_state(golden(tmp_path), "serial0")
+
+
+def test_device_state_newer_than_its_model_refused_naming_chunk(tmp_path):
+    """Refused by the monitor, so `snapshot verify` (check_states) says so too."""
+    path = golden(tmp_path).path
+    doc = json.loads((path / "serial0.json").read_text())
+    doc["version"] = MODELS["serial"].state_version + 1
+    data = json.dumps(doc).encode()
+    (path / "serial0.json").write_bytes(data)
+
+    def newer(m: dict[str, Any]) -> None:
+        entry = next(c for c in m["chunks"] if c["name"] == "serial0")
+        entry.update(state_version=doc["version"], **checksum_keys(entry, data))
+
+    edit_manifest(path, newer)
+
+    newer_than = rf"chunk serial0 \(serial0.json\): state version {doc['version']} is newer"
+    with pytest.raises(SnapshotError, match=newer_than):
+        restore.check_states(Snapshot.open(path))
 
 
 def test_config_of_set_value_of_the_wrong_choice_names_set_not_the_manifest(tmp_path):
