@@ -47,7 +47,12 @@ MANIFEST_SIG = "manifest.sig"  # optional: signing.py
 # Caps on untrusted input (Firecracker caps snapshot loads "to prevent DOS attacks").
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_CHUNKS = 4096
-MAX_JSON_CHUNK_BYTES = 16 << 20
+# A JSON chunk is parsed whole, at ~50x its size in memory and ~0.4 s a MiB here for a hostile
+# one (a long list of empty objects): one of 16 MiB took 6 s and 850 MB, and 4096 of them the
+# better part of a day, before a restore or `snapshot verify` could refuse anything. A real
+# chunk is a few KiB (a vCPU's, XSAVE included), a device state at most MAX_CONTROL (1 MiB).
+MAX_JSON_CHUNK_BYTES = 2 << 20
+MAX_JSON_TOTAL_BYTES = 64 << 20  # every JSON chunk of a snapshot together
 MAX_REGIONS = 16  # GuestMemory makes at most two (below the PCI hole and above 4 GiB)
 MAX_PRODUCER_CHARS = 200
 MAX_GPA = 1 << 52  # x86_64 physical address width
@@ -180,6 +185,10 @@ class Manifest(Struct, frozen=True):
                 raise Invalid("name or file used twice", at=f"chunks[{c.name!r}]")
             names.add(c.name)
             files.add(c.file)
+        json_bytes = sum(c.size for c in self.chunks if c.kind != "ram")
+        if json_bytes > MAX_JSON_TOTAL_BYTES:
+            raise Invalid(f"JSON chunks of {json_bytes} bytes in all, over the "
+                          f"{MAX_JSON_TOTAL_BYTES} byte cap", at="chunks")  # fmt: skip
         rams = [c for c in self.chunks if c.kind == "ram"]
         if len(rams) != 1:
             raise Invalid(f"needs exactly one ram chunk, has {len(rams)}")

@@ -9,6 +9,8 @@ import pytest
 from splitvmm.record import replace
 from splitvmm.snapshot.format import (
     FORMAT_VERSION,
+    MAX_JSON_CHUNK_BYTES,
+    MAX_JSON_TOTAL_BYTES,
     ChunkEntry,
     Digest,
     Manifest,
@@ -108,6 +110,29 @@ def test_format_manifest_keys_in_writing_order():
         ["kind", "name", "state_version", "file", "size", "digest", "encoding"],
         ["kind", "name", "state_version", "file", "size", "digest", "model"],
     )
+
+
+def test_format_json_chunks_over_their_cap_in_all_refused():
+    """Each under its own cap, together over theirs: parsing them all was hours of a
+    restore's or a verify's time before anything could be refused."""
+    big = MAX_JSON_CHUNK_BYTES
+    many = tuple(
+        ChunkEntry("vm", f"extra{i}", 1, f"extra{i}.json", big, SHA)
+        for i in range(MAX_JSON_TOTAL_BYTES // big + 1)
+    )
+    bad = replace(MANIFEST, chunks=MANIFEST.chunks + many)
+
+    with pytest.raises(SnapshotError, match="chunks: JSON chunks of .* bytes in all, over the"):
+        parse_manifest(bad.encode())
+
+
+def test_format_json_chunk_over_its_cap_refused():
+    bad = replace(
+        MANIFEST, chunks=(MANIFEST.chunks[0], replace(MANIFEST.chunks[1], size=(2 << 20) + 1))
+    )
+
+    with pytest.raises(SnapshotError, match=r"size: 2097153 is outside 0\.\.2097152"):
+        parse_manifest(bad.encode())
 
 
 def test_format_regions_must_tile_the_memory():

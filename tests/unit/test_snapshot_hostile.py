@@ -471,7 +471,7 @@ CASES: dict[str, Case] = {
         "state: expected an object, got an array",
     ),
     "device-state-over-cap": Case(
-        rewrite_chunk("serial0", "serial0.json", serial_state(rx="A" * (2 << 20))),
+        rewrite_chunk("serial0", "serial0.json", serial_state(rx="A" * (3 << 19))),  # 1.5 MiB
         "over the 1048576 cap",
     ),
     "device-state-version-newer": Case(

@@ -212,7 +212,7 @@ def _pop_chunk_key(chunk: str, key: str):
         (_set_chunk("vcpu0", size=True), "chunks\\['vcpu0'\\].size: expected an integer, got a"),
         (
             _set_chunk("vcpu0", size=1 << 30),
-            "chunks\\['vcpu0'\\].size: 1073741824 is outside 0..16777216",
+            "chunks\\['vcpu0'\\].size: 1073741824 is outside 0..2097152",
         ),
         (
             _set_chunk("vcpu0", state_version=0),
