@@ -52,7 +52,9 @@ MAX_CHUNKS = 4096
 # better part of a day, before a restore or `snapshot verify` could refuse anything. A real
 # chunk is a few KiB (a vCPU's, XSAVE included), a device state at most MAX_CONTROL (1 MiB).
 MAX_JSON_CHUNK_BYTES = 2 << 20
-MAX_JSON_TOTAL_BYTES = 64 << 20  # every JSON chunk of a snapshot together
+# Every JSON chunk of a snapshot together: room for the most a VM can have, 64 devices
+# (sandbox/launcher.py MAX_DEVICES) each at the device state's cap and 254 vCPUs of ~15 KiB.
+MAX_JSON_TOTAL_BYTES = 96 << 20
 MAX_REGIONS = 16  # GuestMemory makes at most two (below the PCI hole and above 4 GiB)
 MAX_PRODUCER_CHARS = 200
 MAX_GPA = 1 << 52  # x86_64 physical address width
