@@ -79,9 +79,9 @@ def _parse_int(text: str, what: str, spec: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
-        raise ConfigError(f"CPUID mask {spec!r}: {what} {text!r} is not a number") from None
+        raise ConfigError(f"vm.cpuid_mask: {spec!r}: {what} {text!r} is not a number") from None
     if not 0 <= value <= U32:
-        raise ConfigError(f"CPUID mask {spec!r}: {what} {text} does not fit in 32 bits")
+        raise ConfigError(f"vm.cpuid_mask: {spec!r}: {what} {text} does not fit in 32 bits")
     return value
 
 
@@ -98,14 +98,14 @@ class CpuidMask(Struct, frozen=True):
             m = MASK_SYNTAX.fullmatch(spec.strip())
             if m is None:
                 raise ConfigError(
-                    f"CPUID mask {spec!r} is not LEAF[.SUBLEAF].REGISTER:BITS "
+                    f"vm.cpuid_mask: {spec!r} is not LEAF[.SUBLEAF].REGISTER:BITS "
                     "(for example 1.ecx:0x80000000)"
                 )
             leaf = _parse_int(m["leaf"], "leaf", spec)
             subleaf = _parse_int(m["subleaf"] or "0", "subleaf", spec)
             bits = _parse_int(m["bits"], "bits", spec)
             if bits == 0:
-                raise ConfigError(f"CPUID mask {spec!r} clears no bits")
+                raise ConfigError(f"vm.cpuid_mask: {spec!r} clears no bits")
             key = (leaf, subleaf, m["reg"].lower())
             clear[key] = clear.get(key, 0) | bits
         return cls(clear)

@@ -192,7 +192,9 @@ def test_cpuid_mask_parse_merges_repeated_keys() -> None:
 
 
 def test_cpuid_mask_parse_bad_syntax_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"'1-ecx=4' is not LEAF\[\.SUBLEAF\]\.REGISTER:BITS"):
+    with pytest.raises(
+        ConfigError, match=r"vm.cpuid_mask: '1-ecx=4' is not LEAF\[\.SUBLEAF\]\.REGISTER:BITS"
+    ):
         CpuidMask.parse(["1-ecx=4"])
 
 
