@@ -124,10 +124,8 @@ def test_pci_state_with_a_function_twice_is_refused():
     functions = data["functions"]
     assert isinstance(functions, list)
     data["functions"] = [functions[0], functions[0]]
-    f, routes, _ = platform()
     with pytest.raises(StateError, match="a device is saved twice"):
-        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
-    assert f.host.bars.base(0) == BAR0_BASE  # nothing applied
+        pcistate.decode(data, VERSION)  # needing no VM: `snapshot verify` refuses it too
 
 
 @pytest.mark.parametrize(
@@ -155,10 +153,8 @@ def test_pci_state_msi_route_saved_twice_for_one_gsi_is_refused() -> None:
     data = saved()
     route = {"gsi": 24, "address": MSI_ADDRESS, "data": 0x30}
     data["msi_routes"] = [route, route]
-    f, routes, vm = platform()
     with pytest.raises(StateError, match="a GSI is routed twice"):
-        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
-    assert vm.tables == []
+        pcistate.decode(data, VERSION)  # needing no VM: `snapshot verify` refuses it too
 
 
 @pytest.mark.parametrize(
