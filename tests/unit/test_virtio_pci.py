@@ -18,8 +18,6 @@ from splitvmm.errors import StateError
 from tests.virtio.support import (
     ACK,
     BAR1,
-    COMMAND,
-    COMMAND_MASTER,
     DRIVER,
     DRIVER_OK,
     F_EVENT_IDX,
@@ -679,31 +677,6 @@ def test_virtio_pci_hostile_ring_sets_needs_reset_and_interrupts(rng, driver, fd
     assert driver.rd(ISR, 1) & 2  # configuration change
     assert signalled(fds["intx"]) == 1
     assert "needs a reset" in str(channel.ops("report")[0]["message"])
-
-
-@pytest.mark.parametrize("event_idx", [False, True])
-def test_virtio_pci_queue_enabled_without_bus_master_is_written_once_it_is_set(
-    rng, driver, event_idx
-):
-    """Every ring access is a DMA (PCI 3.0 6.2.2): a queue enabled with Bus Master Enable
-    clear had its used ring's header written at once all the same."""
-    ring = Ring(rng.ram)
-    stale = b"\xff\xff\x07\x00"  # flags and idx as the driver left the memory
-    rng.ram.write(ring.used, stale)
-    rng.ram.write(ring.used + 4 + 8 * ring.size, b"\x09\x00")  # avail_event
-    driver.negotiate(F_VERSION_1 | (F_EVENT_IDX if event_idx else 0))
-    driver.wr(COMMAND, driver.rd(COMMAND, 2) & ~COMMAND_MASTER, 2)
-    driver.setup_queue(0, ring)
-    untouched = rng.ram.read(ring.used, 4), rng.ram.read(ring.used + 4 + 8 * ring.size, 2)
-
-    driver.enable_bus_master()
-
-    assert untouched == (stale, b"\x09\x00")
-    avail_event = b"\x00\x00" if event_idx else b"\x09\x00"
-    assert (rng.ram.read(ring.used, 4), rng.ram.read(ring.used + 4 + 8 * ring.size, 2)) == (
-        bytes(4),
-        avail_event,
-    )
 
 
 def test_virtio_pci_needs_reset_stops_processing_until_reset(rng, driver):

@@ -311,10 +311,6 @@ class VirtioPciDevice(RegisterDevice):
         mastered = value & ~self.command & config_space.COMMAND_MASTER
         self.command = value
         self.msix.set_bus_master(bool(value & config_space.COMMAND_MASTER))
-        if mastered and not self.ctx.replaying:
-            for ring in self.rings:  # enabled without it: their used ring is written now
-                if ring is not None and ring.last_avail == ring.used_idx == 0:
-                    ring.fresh()  # (one that ran and used nothing already reads so)
         if mastered and not self.quiesced:
             self._kick_live_queues()
 
@@ -489,8 +485,8 @@ class VirtioPciDevice(RegisterDevice):
             return  # after_restart() opens it where the dead process left it
         self._open_ring(q)
         ring = self.rings[q]
-        if ring is not None and self.command & config_space.COMMAND_MASTER:
-            ring.fresh()  # a DMA: without Bus Master Enable, once it is set (set_command)
+        if ring is not None:
+            ring.fresh()
 
     def _open_ring(self, q: int) -> None:
         try:
