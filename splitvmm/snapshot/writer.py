@@ -282,12 +282,14 @@ class SnapshotWriter:
                 sig = signing.mac(data, sign_key)
                 self._write_file(signing.SIG_FILE, lambda f: f.write(sig), sync=True)
             os.fsync(self._dirfd)
-            self._close_dir()
             # os.rename would replace an empty directory at the target; check right before.
             # (Two writers racing for one path is the only way past this; renameat2's
             # RENAME_NOREPLACE would close it, but os has no binding for it.)
             _refuse_existing(self.target)
             os.rename(self.tmp, self.target)
+            # The flock goes only now: released before the rename, another writer's sweep
+            # could take the directory for a dead writer's and remove it as it is published.
+            self._close_dir()
             self._state = "committed"
             _fsync_dir(self.target.parent)
         return self.target

@@ -380,3 +380,22 @@ def test_writer_leaves_a_directory_holding_what_no_writer_makes(
     write_snapshot(tmp_path / "s", mem)
 
     assert sorted(os.listdir(tmp_path)) == [".backup.tmp-7", "s"]
+
+
+def test_writer_holds_its_flock_until_the_rename(tmp_path, mem, monkeypatch):
+    """The flock marks a directory as being written until it is renamed: released before
+    the rename, another monitor's sweep into the same directory (its commit's fsyncs took
+    longer than STALE_AFTER_S since the manifest was made) found it unlocked and removed it,
+    files and all, while it was published."""
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    rename, swept = os.rename, []
+
+    def rename_after_another_sweep(src, dst):  # another writer's sweep, just before ours
+        swept.extend(writer_module.remove_stale_staging(tmp_path))
+        rename(src, dst)
+
+    monkeypatch.setattr(writer_module.os, "rename", rename_after_another_sweep)
+
+    Snapshot.open(write_snapshot(tmp_path / "s", mem))
+
+    assert swept == []
