@@ -39,7 +39,12 @@ from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.slot import DeviceSlot
 from splitvmm.record import Struct
-from splitvmm.snapshot.writer import SnapshotWriter, remove_stale_staging, staging_path
+from splitvmm.snapshot.writer import (
+    SnapshotWriter,
+    remove_stale_staging,
+    staging_name_problem,
+    staging_path,
+)
 
 if TYPE_CHECKING:
     from splitvmm.monitor.machine import Machine
@@ -250,6 +255,8 @@ class Coordinator:
             raise ControlError(
                 f"snapshot target {target} is a snapshot dir itself: name a new directory in it"
             )
+        if problem := staging_name_problem(path):  # before the pause, as the writer's own
+            raise ControlError(f"snapshot target {target}: {problem}")
         rundir = self.machine.rundir.path.resolve()
         if path == rundir or rundir in path.parents:  # the VM's end removes it, and all in it
             raise ControlError(f"snapshot target {target} is inside the VM's runtime dir {rundir}")

@@ -77,6 +77,14 @@ def _refuse_existing(target: Path) -> None:
         raise SnapshotError(f"snapshot target {target} already exists")
 
 
+def staging_name_problem(target: Path) -> str | None:
+    """Why `target` cannot be a snapshot's name, or None: one named as staging_path() names
+    a temporary directory would be removed, once published, by the next writer's sweep."""
+    if STAGING_NAME.fullmatch(target.name):
+        return "the name of a writer's temporary directory (.NAME.tmp-PID)"
+    return None
+
+
 def _layout(memory: ram.MemoryLayoutLike) -> MemoryEntry:
     regions = tuple(RegionEntry(r.gpa, r.size, r.offset) for r in memory.regions)
     return MemoryEntry(memory.size, regions)
@@ -158,6 +166,8 @@ class SnapshotWriter:
         self._unsynced: list[int] = []  # fds of the files written, until they are fsynced
         self._state = "open"  # -> "committed" | "aborted"
         _refuse_existing(self.target)
+        if problem := staging_name_problem(self.target):
+            raise SnapshotError(f"snapshot target {self.target}: {problem}")
         remove_stale_staging(self.target.parent)
         self.tmp = staging_path(self.target)
         try:

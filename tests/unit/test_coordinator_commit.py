@@ -286,6 +286,7 @@ def test_coordinator_suspend_whose_snapshot_is_moved_at_once_still_returns(tmp_p
         ("{d}/" + "a/" * 2100 + "k", "File name too long"),
         ("{d}/\udc80\ud800", "surrogates not allowed"),
         ("{d}/sub/../snap", "holds a '..' component"),
+        ("{d}/.keep.tmp-1", "the name of a writer's temporary directory"),
     ],
     ids=[
         "the-dir-itself",
@@ -296,6 +297,7 @@ def test_coordinator_suspend_whose_snapshot_is_moved_at_once_still_returns(tmp_p
         "path-too-long",
         "lone-surrogate",
         "dot-dot",
+        "staging-name",  # the next writer's sweep would remove it, published
     ],
 )
 def test_coordinator_snapshot_target_the_writer_would_refuse_is_refused_before_the_pause(

@@ -399,3 +399,12 @@ def test_writer_holds_its_flock_until_the_rename(tmp_path, mem, monkeypatch):
     Snapshot.open(write_snapshot(tmp_path / "s", mem))
 
     assert swept == []
+
+
+def test_writer_refuses_a_target_named_like_a_temporary_directory(tmp_path, mem):
+    """A snapshot published as `.NAME.tmp-PID` holds only a writer's files and no flock: the
+    next writer into its directory took it for a dead writer's leftover and removed it."""
+    with pytest.raises(SnapshotError, match=r"\.keep\.tmp-1: the name of a writer's temporary"):
+        write_snapshot(tmp_path / ".keep.tmp-1", mem)
+
+    assert os.listdir(tmp_path) == []
