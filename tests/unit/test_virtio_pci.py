@@ -1147,3 +1147,19 @@ def test_virtio_pci_batch_publishes_nothing(rng, driver, channel):
     driver.kick()
 
     assert (ring.used_idx(), channel.ops("publish")) == (1, [])
+
+
+def test_virtio_pci_restore_of_driver_ok_without_features_ok_needs_reset(rng, driver, fds):
+    """A state the last release saved from a driver that skipped FEATURES_OK (its queues
+    were served): restored, nothing was served and its status said nothing (DRIVER_OK only),
+    where the running device says NEEDS_RESET (_set_status)."""
+    from splitvmm.record import replace
+
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    rng.quiesce()
+    old = replace(rng.save(), status=ACK | DRIVER | DRIVER_OK)
+
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), old)
+
+    assert (restored.rings[0], Driver(restored).status() & NEEDS_RESET) == (None, NEEDS_RESET)

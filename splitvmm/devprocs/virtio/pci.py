@@ -903,6 +903,11 @@ class VirtioPciDevice(RegisterDevice):
             return  # after_restart() opens the queues, once the journal is replayed
         if self.status & Status.NEEDS_RESET:
             return  # no ring is opened: the driver resets the device first
+        if self.status & Status.DRIVER_OK and not self.status & Status.FEATURES_OK:
+            # Saved by a release that served such a driver: _driver_ok() now never runs its
+            # queues, and the driver, told nothing, would wait for ever (_set_status).
+            self.needs_reset("DRIVER_OK without FEATURES_OK: no features were accepted")
+            return
         live = [q for q, queue in enumerate(self.queues) if queue.enabled]
         checked = {q: self._saved_ring(q) for q in live}  # every queue before any opens
         for q, (_, in_ram) in checked.items():
