@@ -419,14 +419,15 @@ def _default_devices(
 def _read_config(path: Path) -> bytes:
     """The file's first MAX_CONFIG_BYTES + 1 bytes: a regular file's, or a pipe's up to its
     end (`make-config | splitvmm up /dev/stdin`; not `<(make-config)`, whose fd `up` closed
-    as inherited: cli/early.py). Opened without blocking, as open() of a FIFO
-    waits for a writer, for ever if none comes: a FIFO nobody has open for writing then
-    reads as empty at once, and is refused as such."""
+    as inherited: cli/early.py). Opened without blocking, as open() of a FIFO waits for a
+    writer, for ever if none comes: a FIFO nobody has open for writing then reads as empty
+    at once, and is refused as such."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):  # (before open(fd): it has its
-            os.close(fd)  # own error for a directory)
+        # Checked before open(fd), which has an error of its own for a directory
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            os.close(fd)
             raise ConfigError(f"{path}: cannot read the config: {hostpath.not_regular(mode)}")
         os.set_blocking(fd, True)  # a pipe's writer may not have written yet
         with open(fd, "rb") as f:

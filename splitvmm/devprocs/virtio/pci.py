@@ -87,6 +87,8 @@ TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX | VIRTIO_F_INDIRECT
 ISR_QUEUE = 0x1
 ISR_CONFIG = 0x2
 MAX_QUEUE_SIZE = 32768  # virtio 1.2 2.7: a split queue's size, a power of 2
+# Why a device needs a reset whose driver set DRIVER_OK with no features accepted (3.1.1)
+NOT_NEGOTIATED = "DRIVER_OK without FEATURES_OK: no features were accepted"
 
 
 class Status(enum.IntFlag):
@@ -537,7 +539,7 @@ class VirtioPciDevice(RegisterDevice):
             # 3.1.1: a driver MUST have its features accepted first. Without that nothing
             # was negotiated, and the models read driver_features as they serve: an error
             # state (2.1.2), where the device would otherwise run on unchecked features.
-            self.needs_reset("DRIVER_OK without FEATURES_OK: no features were accepted")
+            self.needs_reset(NOT_NEGOTIATED)
         elif started_now and self.status & Status.NEEDS_RESET:
             # Set during set-up (a ring refused at queue_enable), when 2.1.2 asks for no
             # notification: a driver that reads status only when told would run a dead
@@ -906,7 +908,7 @@ class VirtioPciDevice(RegisterDevice):
         if self.status & Status.DRIVER_OK and not self.status & Status.FEATURES_OK:
             # Saved by a release that served such a driver: _driver_ok() now never runs its
             # queues, and the driver, told nothing, would wait for ever (_set_status).
-            self.needs_reset("DRIVER_OK without FEATURES_OK: no features were accepted")
+            self.needs_reset(NOT_NEGOTIATED)
             return
         live = [q for q, queue in enumerate(self.queues) if queue.enabled]
         checked = {q: self._saved_ring(q) for q in live}  # every queue before any opens
