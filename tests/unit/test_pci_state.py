@@ -126,6 +126,10 @@ def test_pci_state_with_a_function_twice_is_refused():
     data["functions"] = [functions[0], functions[0]]
     with pytest.raises(StateError, match="a device is saved twice"):
         pcistate.decode(data, VERSION)  # needing no VM: `snapshot verify` refuses it too
+    f, routes, _ = platform()
+    with pytest.raises(StateError, match="a device is saved twice"):
+        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
+    assert f.host.bars.base(0) == BAR0_BASE  # nothing applied
 
 
 @pytest.mark.parametrize(
@@ -155,6 +159,10 @@ def test_pci_state_msi_route_saved_twice_for_one_gsi_is_refused() -> None:
     data["msi_routes"] = [route, route]
     with pytest.raises(StateError, match="a GSI is routed twice"):
         pcistate.decode(data, VERSION)  # needing no VM: `snapshot verify` refuses it too
+    f, routes, vm = platform()
+    with pytest.raises(StateError, match="a GSI is routed twice"):
+        pcistate.apply(pcistate.decode(data, VERSION), {"blk0": f.host}, routes, ports())
+    assert vm.tables == []
 
 
 @pytest.mark.parametrize(
