@@ -170,7 +170,8 @@ class DeviceFds(Struct):
 
     def _disk(self, dev: DeviceSection, role: FdRole) -> int:
         """The regular file the option names, read-only if the readonly option says so, and
-        with O_DIRECT if the direct option does (checked here: see check_direct_io)."""
+        with O_DIRECT if the direct option does (checked here: see check_direct_io), holding
+        at least the role's min_size bytes."""
         readonly = bool(dev.options.get(role.readonly_option, False))
         direct = bool(role.direct_option and dev.options.get(role.direct_option, False))
         access = hostpath.Access.READ if readonly else hostpath.Access.READ_WRITE
@@ -178,6 +179,11 @@ class DeviceFds(Struct):
         fd = self._own(
             hostpath.open_host_file(path, key, access, flags=os.O_DIRECT if direct else 0)
         )
+        size = os.fstat(fd).st_size
+        if size < role.min_size:  # the device refuses it too, but cannot name the key
+            raise hostpath.HostFileError(
+                key, path, f"is {size} bytes: a {dev.model} disk needs at least {role.min_size}"
+            )
         lock_disk(fd, path, key, readonly)
         if direct:
             check_direct_io(fd, path, f"device {dev.name!r}.{role.direct_option}")

@@ -74,6 +74,7 @@ class FdRole(Struct, frozen=True):
     index: int = 0  # NOTIFY: the queue; MSIX: the vector
     readonly_option: str = ""  # DISK: the bool option that opens it read-only
     direct_option: str = ""  # DISK: the bool option that opens it with O_DIRECT
+    min_size: int = 0  # DISK: the fewest bytes the file may hold (the model's smallest disk)
 
 
 def indexed_roles(prefix: str, kind: FdKind, count: int) -> tuple[FdRole, ...]:
@@ -483,7 +484,12 @@ VIRTIO_BLK = ModelDescriptor(
     fds=virtio_fds(
         1,
         FdRole(
-            "disk", FdKind.DISK, option="path", readonly_option="readonly", direct_option="direct"
+            "disk",
+            FdKind.DISK,
+            option="path",
+            readonly_option="readonly",
+            direct_option="direct",
+            min_size=512,  # one sector (virtio 5.2.4: capacity counts 512-byte sectors)
         ),
         FdRole("progress", FdKind.PROGRESS),  # a failed write-back, latched across restarts
     ),

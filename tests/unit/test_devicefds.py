@@ -223,6 +223,17 @@ def test_device_fds_disk_symlink_is_refused_naming_device_and_option(mem, owned,
         make(mem, owned, blk(link))
 
 
+def test_device_fds_disk_of_less_than_a_sector_is_refused_naming_device_and_option(
+    mem, owned, disk
+) -> None:
+    """Before the device starts (which refuses it too, but knows no config key)."""
+    disk.write_bytes(bytes(511))
+    with pytest.raises(
+        HostFileError, match=r"device 'blk0'.path: .*disk.img is 511 bytes: a virtio-blk disk"
+    ):
+        make(mem, owned, blk(disk))
+
+
 def test_device_fds_pci_role_on_a_port_window_model_is_refused(mem, owned) -> None:
     model = ModelDescriptor("odd", SERIAL.transport, fds=(FdRole("notify0", FdKind.NOTIFY),))
     maker = DeviceFds(IrqVm(), mem, owned)
