@@ -71,6 +71,9 @@ class DeviceFds(Struct):
     notify: dict[int, int] = field(default_factory=dict)  # queue -> its ioeventfd's eventfd
     _intx: tuple[EventFd, EventFd] | None = None  # (irqfd, resample fd), made together
     tap_offloads: bool | None = None  # whether its TAP takes offloads (tun.open_tap), if any
+    # The interface its TAP is: the option's name, or the one the kernel chose for a pattern
+    # such as "tap%d", which the operator learns from `ctl devices` (Machine._device)
+    tap_name: str | None = None
     # A writable disk image opened again, read-only, for the monitor's own write-back of it
     # (Machine.write_back_images): a new open file description, whose write-back errors are
     # its own (errseq), so that syncing it leaves the device's to report to the guest.
@@ -202,7 +205,7 @@ class DeviceFds(Struct):
         monitor confines itself. Only a TAP the monitor made goes away with the fd."""
         name, key = str(dev.options[role.option]), f"device {dev.name!r}.{role.option}"
         try:
-            fd, _, self.tap_offloads = tun.open_tap(name)
+            fd, self.tap_name, self.tap_offloads = tun.open_tap(name)
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
         except OSError as e:

@@ -118,6 +118,7 @@ class Machine:
         self.zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._console: str | None = None  # the device that takes the operator's keyboard
         self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
+        self._taps: dict[str, str] = {}  # device -> the interface its TAP is
         self._budgets = {
             d.name: RestartBudget(d.max_restarts, d.restart_window_s) for d in cfg.devices
         }
@@ -276,6 +277,9 @@ class Machine:
         fds = maker.make(dev, model)
         if maker.write_back_fd is not None:
             self._images.append((dev.name, maker.write_back_fd))
+        if maker.tap_name is not None:
+            self._taps[dev.name] = maker.tap_name
+            log.info("%s: TAP %s", dev.name, maker.tap_name)
         state = None
         if self.snapshot is not None:
             from splitvmm.monitor import restore
@@ -716,7 +720,7 @@ class Machine:
             "exits": {"reads": s.reads, "writes": s.writes},
             # writes to its write-behind registers that KVM held: delivered with no exit
             "held_writes": s.held_writes,
-        }
+        } | ({"tap": self._taps[s.name]} if s.name in self._taps else {})
 
     def _pause(self) -> dict[str, object]:
         self.coordinator.pause()

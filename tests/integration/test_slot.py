@@ -318,6 +318,7 @@ def test_slot_restart_past_a_hung_spare_counts_one_restart_for_its_two_processes
     monkeypatch.setattr(slot_module, "SPARE_READY_TIMEOUT_MS", 200)  # (only the spare waits)
     machine = Machine.__new__(Machine)  # what `ctl devices` reports of a slot: _device()
     machine._device_cfg = {"serial0": SimpleNamespace(on_crash="restart")}  # type: ignore[dict-item]
+    machine._taps = {}
     os.kill(spared.slot.spare_pid, signal.SIGSTOP)
     crash_and_restart(spared)
     shown = machine._device(spared.slot)

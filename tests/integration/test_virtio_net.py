@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -105,16 +106,25 @@ def test_virtio_net_tap_name_too_long_names_the_key(guests, tmp_path, netns):
     assert "Traceback" not in result.stderr
 
 
-def test_virtio_net_ctl_devices_shows_each_devices_counters(guests, tmp_path, netns):
-    config = net_config(tmp_path, f'kernel = "{guests["counter"]}"', "svtap2")
+def test_virtio_net_ctl_devices_shows_each_devices_counters_and_its_taps_name(
+    guests, tmp_path, netns
+):
+    """A TAP named by a pattern gets a name the kernel chooses: `ctl devices` says which."""
+    config = net_config(tmp_path, f'kernel = "{guests["counter"]}"', "svtap%d")
     serial = tmp_path / "serial.log"
     prefix = ["ip", "netns", "exec", netns, sys.executable, "-m", "splitvmm"]
     vm = VmProcess(tmp_path, ["up", str(config)], serial, argv=prefix)
     try:
         vm.wait_for(r"count=\d+")
         devices = {d["name"]: d for d in json.loads(vm.ctl("devices", "--json").stdout)["devices"]}
+        text = vm.ctl("devices").stdout
+        tap = str(devices["net0"]["tap"])
+        made = link(netns, tap)
     finally:
         vm.stop()
+
+    assert re.fullmatch(r"svtap\d+", tap) and made is not None and made["ifname"] == tap
+    assert f", TAP {tap}" in text and "tap" not in devices["serial0"]
 
     net = devices["net0"]["counters"]
     assert {"rx_frames", "rx_bytes", "rx_dropped", "tx_frames", "tx_bytes", "tx_dropped"} <= set(
@@ -122,7 +132,7 @@ def test_virtio_net_ctl_devices_shows_each_devices_counters(guests, tmp_path, ne
     )
     assert {"notifications", "interrupts", "bad_access"} <= set(net)
     assert "bad_access" in devices["serial0"]["counters"]
-    assert link(netns, "svtap2") is None
+    assert link(netns, tap) is None
 
 
 # -- the net guest (tests/guests/virtio_net.c, from the virtio spec) exchanging frames --------
