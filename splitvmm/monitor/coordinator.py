@@ -280,6 +280,21 @@ class Coordinator:
                 f"snapshot target {target}: its name is too long (with the writer's "
                 f"temporary name for it, .<name>.tmp-<pid>, over {NAME_MAX} bytes)"
             )
+        # A directory the monitor may not write in (its modes, a read-only mount): the
+        # writer's mkdir would say so only in the pause, naming its temporary directory. Its
+        # own mkdir, undone at once (access(2) is not in the monitor's filter, and knows
+        # nothing of Landlock); one that is there already is the writer's to judge.
+        staging = staging_path(path)
+        try:
+            os.mkdir(staging, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ControlError(
+                f"snapshot target {target}: cannot write in {path.parent}: {e.strerror}"
+            ) from None
+        else:
+            os.rmdir(staging)
         return path
 
     def _devices_back(self) -> None:

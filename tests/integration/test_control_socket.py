@@ -1,9 +1,11 @@
-"""The control socket of a running VM: idle or silent clients delay no one, and the raw
-protocol refuses what the CLI would never send (a relative snapshot path)."""
+"""The control socket of a running VM: idle or silent clients delay no one, the raw
+protocol refuses what the CLI would never send (a relative snapshot path), and a snapshot the
+monitor could not write is refused before the VM stops for it."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,3 +52,18 @@ def test_control_socket_relative_snapshot_path_is_refused(vm):
         request(control_socket(vm), "snapshot", {"path": "snaps/one"})
     status = vm.ctl("status", "--json")
     assert json.loads(status.stdout)["state"] == "running"  # refused before the pause
+
+
+def test_control_socket_snapshot_into_a_directory_the_monitor_cannot_write_is_refused(vm):
+    """Mode 0555: no write even for a root monitor (it drops CAP_DAC_OVERRIDE). Said before
+    the pause, naming the target, not the writer's temporary name once the VM had stopped."""
+    locked = vm.tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    r = vm.ctl("snapshot", str(locked / "one"))
+    status = vm.ctl("status", "--json")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == (
+        f"Error: snapshot target {locked / 'one'}: cannot write in {locked}: Permission denied"
+    )
+    assert os.listdir(locked) == []
+    assert json.loads(status.stdout)["state"] == "running"
