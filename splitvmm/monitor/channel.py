@@ -140,8 +140,11 @@ class DeviceChannel:
             raise
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
-        # A hostile device cannot make us buffer much: ZeroMQ drops the connection on a
-        # frame over MAXMSGSIZE, and holds at most RCVHWM unread frames.
+        # ZeroMQ drops the connection on a frame over MAXMSGSIZE, and holds at most RCVHWM
+        # unread messages. Not bounded: the parts of one multipart message, which ZeroMQ keeps
+        # until its last part comes (MAXMSGSIZE is per part, the HWM counts whole messages):
+        # a device writing raw ZMTP can grow the monitor without end
+        # (tests/unit/test_channel_multipart.py).
         sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_DEVICE_FRAME)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.USE_FD, listener)
