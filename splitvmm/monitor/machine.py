@@ -657,8 +657,8 @@ class Machine:
         faults.decode(fault, "inject-fault", ControlError)
         try:
             slot.control("fault", args=fault)
-        except DeviceFailure as e:
-            raise ControlError(str(e)) from None
+        except DeviceFailure as e:  # as crash-device: restarting, it will take it then (75)
+            raise (ControlBusy if slot.restarting else ControlError)(str(e)) from None
         return {"name": slot.name, "pid": slot.pid, **fault}
 
     def _crash_device(self, req: dict[str, object]) -> dict[str, object]:

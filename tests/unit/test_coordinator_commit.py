@@ -448,6 +448,27 @@ def test_crash_device_on_a_device_away_is_busy_while_it_restarts(restarting, ref
     assert isinstance(e.value, ControlBusy) is restarting
 
 
+@pytest.mark.parametrize(("restarting", "refusal"), [(True, ControlBusy), (False, ControlError)])
+def test_inject_fault_on_a_device_away_is_busy_while_it_restarts(restarting, refusal):
+    """The same answer as crash-device's: a device that will be back takes the fault then."""
+
+    class AwaySlot:
+        name, pid = "blk0", 0
+
+        def __init__(self) -> None:
+            self.restarting = restarting
+
+        def control(self, op: str, args: dict[str, object]) -> dict[str, object]:
+            raise DeviceFailure("device blk0 is away")
+
+    machine = SimpleNamespace(slots=[AwaySlot()])
+    fault = {"name": "blk0", "kind": "crash", "after": 1, "delay_ms": 0, "signal": "SEGV"}
+
+    with pytest.raises(refusal, match="device blk0 is away") as e:
+        Machine._inject_fault(machine, fault)  # type: ignore[arg-type]
+    assert isinstance(e.value, ControlBusy) is restarting
+
+
 class StalledSlot:
     """A device holding a request for room on the host (DeviceSlot.stalled)."""
 
