@@ -403,9 +403,21 @@ class DeviceChannel:
                     raise _ReplyLate(f"kept sending events past its {timeout_ms} ms deadline")
             raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
+            if self._dropped():
+                raise ChannelError(
+                    f"ZeroMQ dropped its connection: it sent a frame over "
+                    f"{control.MAX_DEVICE_FRAME} bytes, or bytes that are not ZMTP"
+                ) from None
             raise _ReplyLate(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
             raise ChannelError(str(e)) from None
+
+    def _dropped(self) -> bool:
+        """Whether ZeroMQ reported the device's connection closed. Its process is alive
+        (_recv answers for one that ended), so ZeroMQ hung up on it: what a frame over
+        MAXMSGSIZE or a protocol error gets, and what the device's request then waited out.
+        Looked at past a deadline only: the hot path polls no third socket for it."""
+        return self._gone is not None and bool(self._gone.poll(0))
 
     def give_up_host_io(self) -> None:
         """The VM is stopping: a request past its deadline is no longer waited for because
