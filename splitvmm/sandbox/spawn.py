@@ -187,7 +187,11 @@ class DeviceProcess(abc.ABC):
         return self.wait(0) if self.returncode is not None or self.ended() else None
 
     def wait(self, timeout_s: float) -> int:
-        """Its exit status; TimeoutError if it runs on for `timeout_s`."""
+        """Its exit status; TimeoutError if it runs on for `timeout_s`; DeviceFailure if it
+        was closed before its status was known (a wait that failed first: the launcher gone),
+        as the supervisor, on its own copy of the pidfd, may still ask how it ended."""
+        if self.returncode is None and self.pidfd < 0:
+            raise DeviceFailure(f"process {self.pid} was closed before its status was known")
         if self.returncode is None and not readable(self.pidfd, timeout_s):
             raise TimeoutError(f"process {self.pid} still runs after {timeout_s:g} s")
         with self._reaping:

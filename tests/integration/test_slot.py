@@ -276,6 +276,34 @@ def test_supervisor_watching_a_restarted_device_fails_it_on_the_new_process_end_
     assert (harness.failures, harness.slot.generation) == (["process was killed by signal 9"], 2)
 
 
+def test_slot_process_a_restart_could_not_reap_is_reported_later_without_its_status(
+    tmp_path, caplog
+):
+    """A restart ended the failed process but could not learn its status (the launcher gone:
+    its wait raised), and closed its pidfd; the supervisor, on its own copy of that pidfd,
+    reported its end afterwards. Waiting on the closed pidfd raised ValueError (poll of fd
+    -1) in the supervisor's thread, which died: no device's end was seen again, and no
+    hung device failed its heartbeat."""
+    h = Harness(tmp_path, restarts=True)
+    first = h.slot.process
+    assert isinstance(first, ChildProcess)
+
+    def launcher_gone() -> int:
+        raise SplitvmmError("the launcher is gone")
+
+    first._reap = launcher_gone  # type: ignore[method-assign]
+    try:
+        h.slot.fail("missed its heartbeat")  # through its channel: no pidfd said it yet
+        h.slot.restart()
+        h.slot.process_ended(first)  # what the supervisor's poll does next
+        state = h.slot.state
+    finally:
+        os.waitpid(first.pid, 0)  # our child, that nobody reaped
+        h.close()
+    assert state is SlotState.LIVE
+    assert f"device serial0 (pid {first.pid}) ended; its exit status is unknown" in caplog.text
+
+
 # -- the warm spare (monitor/slot.py): started, taken over, replaced, ended ----------------------
 def resume_spare(process: ChildProcess, spec: DeviceSpec) -> None:
     """The launcher's resume for our own children: the spare's deferred spec is `spec`'s."""
