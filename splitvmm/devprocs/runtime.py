@@ -550,6 +550,7 @@ def run(
         channel=f"ipc://{spare_path(spec.channel)}" if spec.deferred else spec.channel,
         connect=connect,
         address_space=address_space_limit(spec),
+        private_memory=RUNTIME_ADDRESS_SPACE,
         fixed_size=frozenset(
             spec.fds[role.name] for role in MODELS[spec.model].fds if role.kind in FIXED_SIZE
         ),

@@ -8,7 +8,8 @@ securebits (<linux/capability.h>, <linux/securebits.h>), prctl, Landlock
 description locks (<fcntl.h>: a disk image's lock as QEMU takes it), the TUN/TAP driver's
 ioctls (<linux/if_tun.h>: the monitor opens a virtio-net device's TAP, the device sets its
 offloads), and Linux's native AIO (<linux/aio_abi.h>: a virtio-blk device's requests on an
-O_DIRECT image). Every constant, struct layout and syscall number
+O_DIRECT image), and the one mmap(2) flag Python's mmap module lacks (<sys/mman.h>: a
+device's policy refuses stack mappings). Every constant, struct layout and syscall number
 comes from the headers; syscalls that glibc does not wrap (pivot_root, capset,
 landlock_*, pidfd_getfd) get a fixed-signature C wrapper so nobody calls the
 variadic syscall(2) from Python.
@@ -255,6 +256,10 @@ static int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_ev
 }
 """
 
+# -- <sys/mman.h>: a mapping that grows down as a stack does, which RLIMIT_DATA does not count --
+MMAN_INCLUDES = "#include <sys/mman.h>\n"
+MMAN_TYPES = "static const int MAP_GROWSDOWN;\n"
+
 SECTIONS = (
     (NS_INCLUDES, NS_TYPES + NS_FUNCTIONS, NS_SOURCE),
     (CAPS_INCLUDES, CAPS_TYPES + CAPS_FUNCTIONS, CAPS_SOURCE),
@@ -265,6 +270,7 @@ SECTIONS = (
     (OFD_INCLUDES, OFD_FUNCTIONS, OFD_SOURCE),
     (TUN_INCLUDES, TUN_TYPES + TUN_FUNCTIONS, TUN_SOURCE),
     (AIO_INCLUDES, AIO_TYPES + AIO_FUNCTIONS, AIO_SOURCE),
+    (MMAN_INCLUDES, MMAN_TYPES, ""),
 )
 
 ffibuilder = FFI()

@@ -6,8 +6,9 @@ Layers, each with an escape test in tests/sandbox/:
     tmpfs holding only the device's channel socket;
 (b) rlimits: no new processes, no fd above those it holds, no core file, no
     file growth (unless it holds a writable regular file, e.g. a log), and an
-    address-space limit (RLIMIT_AS) that the caller sizes: a runaway or hostile
-    device gets MemoryError instead of making the host swap;
+    address-space limit (RLIMIT_AS) and a private-memory limit (RLIMIT_DATA) that
+    the caller sizes: a runaway or hostile device gets MemoryError instead of making
+    the host swap;
 (c) no_new_privs, locked securebits, no capabilities (bounding and ambient sets
     emptied too), not dumpable;
 (d) Landlock: every file-system right the kernel's ABI knows handled, none granted
@@ -133,12 +134,14 @@ def enter_sandbox(
     channel: str,
     connect: Callable[[str], T],
     address_space: int,
+    private_memory: int,
     fixed_size: frozenset[int] = frozenset(),
 ) -> T:
     """Confine this device process; returns what `connect(endpoint)` returned.
 
     `audit`: False (enforce), True (SeccompMode.LOG) or a SeccompMode value.
     `address_space`: RLIMIT_AS in bytes, from the time the channel is connected.
+    `private_memory`: RLIMIT_DATA in bytes, the device's own memory (_set_rlimits).
     `fixed_size`: fds of `keep_fds` whose files must not grow (a disk image): what the
     file-size limit is made of (_file_size_limit).
 
@@ -164,7 +167,7 @@ def enter_sandbox(
     conn = connect(endpoint)
     held = {int(name) for name in os.listdir(fd_dir)} - {fd_dir}
     os.close(fd_dir)
-    _set_rlimits(held, address_space, fixed_size)
+    _set_rlimits(held, address_space, private_memory, fixed_size)
     _load_seccomp(device_policy, mode)
     return conn
 
@@ -318,7 +321,14 @@ def _restrict_landlock() -> None:
 
 
 # -- (b) rlimits and (e) seccomp --------------------------------------------------------------
-def _set_rlimits(held: set[int], address_space: int, fixed_size: frozenset[int]) -> None:
+def _set_rlimits(
+    held: set[int], address_space: int, private_memory: int, fixed_size: frozenset[int]
+) -> None:
+    """RLIMIT_AS counts what the device maps of its fds (a virtio device's guest RAM), which
+    it may unmap: alone, it would let a hostile device take as much memory of its own as
+    the guest has. RLIMIT_DATA bounds private memory (malloc, brk, a private mapping
+    written), mapped fds aside; the policy refuses the mappings it does not count, shared
+    anonymous ones and stacks (policies/<arch>/common_device.policy)."""
     fsize = _file_size_limit(held, fixed_size)
     limits = {
         resource.RLIMIT_NPROC: 0,  # no fork, no thread (ZeroMQ's exist already)
@@ -326,6 +336,7 @@ def _set_rlimits(held: set[int], address_space: int, fixed_size: frozenset[int])
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_FSIZE: fsize,  # no file we write grows, but a log (_file_size_limit)
         resource.RLIMIT_AS: address_space,  # MemoryError, not the host's memory
+        resource.RLIMIT_DATA: private_memory,  # ... also with guest RAM unmapped
     }
     try:
         for which, value in limits.items():

@@ -9,6 +9,7 @@ errno); a forbidden syscall never returns (SIGSYS kills the process).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -248,11 +249,12 @@ def allocate_past_end_of_disk(fds: dict[str, int], ctx: dict[str, int]) -> objec
 
 
 def mmap_exec(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    return len(mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_EXEC))
+    prot = mmap.PROT_READ | mmap.PROT_EXEC
+    return len(mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE, prot=prot))
 
 
 def mprotect_exec(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    buf = mmap.mmap(-1, mmap.PAGESIZE)
+    buf = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     return _check(_libc().mprotect(ctypes.c_void_p(addr), mmap.PAGESIZE, mmap.PROT_EXEC))
 
@@ -268,6 +270,22 @@ def allocate_past_address_space(fds: dict[str, int], ctx: dict[str, int]) -> obj
         return len(bytearray(ALLOCATION))
     except MemoryError:
         raise OSError(errno.ENOMEM, "MemoryError") from None
+
+
+def allocate_in_place_of_guest_ram(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """Unmap every shared mapping the device made before its sandbox (a virtio device's guest
+    RAM and dirty log: munmap is allowed), then allocate 1 GiB in the address space freed:
+    RLIMIT_AS counts guest RAM, so it must not be what bounds the device's own memory."""
+    import gc
+
+    libc = _libc()
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    for obj in gc.get_objects():
+        if isinstance(obj, mmap.mmap) and not obj.closed and len(obj) >= 1 << 20:
+            with contextlib.suppress(TypeError):  # a read-only mapping: not guest RAM
+                address = ctypes.addressof(ctypes.c_char.from_buffer(obj))
+                _check(libc.munmap(address, len(obj)))
+    return allocate_past_address_space(fds, ctx)
 
 
 ATTEMPTS: dict[str, Attempt] = {
@@ -309,6 +327,7 @@ ATTEMPTS: dict[str, Attempt] = {
         mprotect_exec,
         setuid_root,
         allocate_past_address_space,
+        allocate_in_place_of_guest_ram,
     )
 }
 
@@ -324,13 +343,13 @@ def _futex(op: int) -> object:
 
 
 def _madvise(advice: int) -> object:
-    buf = mmap.mmap(-1, mmap.PAGESIZE)
+    buf = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     return _check(_libc().madvise(ctypes.c_void_p(addr), mmap.PAGESIZE, advice))
 
 
 PROBES: dict[str, Callable[[dict[str, int]], object]] = {
-    "mmap_read_write": lambda ctx: len(mmap.mmap(-1, 1 << 20)),
+    "mmap_read_write": lambda ctx: len(mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)),
     "madvise_dontneed": lambda ctx: _madvise(mmap.MADV_DONTNEED),
     "futex_wake_private": lambda ctx: _futex(ctx["FUTEX_WAKE_PRIVATE"]),
     "clock_gettime_syscall": lambda ctx: _syscall(
@@ -351,6 +370,7 @@ PROBES: dict[str, Callable[[dict[str, int]], object]] = {
     ),
     "prctl_set_dumpable": lambda ctx: _check(_libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)),
     "madvise_free": lambda ctx: _madvise(mmap.MADV_FREE),
+    "mmap_shared_anonymous": lambda ctx: len(mmap.mmap(-1, 1 << 20)),
     "futex_requeue": lambda ctx: _futex(FUTEX_REQUEUE_PRIVATE),
     "getppid": lambda ctx: os.getppid(),
 }

@@ -15,6 +15,7 @@ last test (pytest -s, or the file under the session's tmp dir).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import signal
@@ -27,6 +28,8 @@ import cloudpickle  # type: ignore[import-untyped]
 import pytest
 
 from splitvmm.cli.policy import Trace, traced
+from splitvmm.monitor.devicefds import dirty_log_size
+from splitvmm.monitor.memory import SEALS
 from splitvmm.native.kvm import IOCTL_NUMBERS
 from splitvmm.protocol.models import MODELS as DESCRIPTORS
 from tests.sandbox import escapes
@@ -171,6 +174,36 @@ def test_sandbox_escape_attempt_without_seccomp_meets_the_other_layers(
     if attempt in STOPPED_WITHOUT_SECCOMP:
         assert outcome.startswith("E"), outcome
     assert sleeper.poll() is None
+
+
+# Guest RAM larger than the 1 GiB the attempt allocates, as a VM's is: sparse, nothing touched.
+LARGE_RAM = 2 << 30
+VIRTIO_MODELS = sorted(m for m, d in DESCRIPTORS.items() if any(r.name == "ram" for r in d.fds))
+
+
+@pytest.mark.parametrize("model", VIRTIO_MODELS)
+def test_sandbox_memory_of_a_device_is_bounded_without_its_guest_ram_mapping(
+    model: str,
+    spawn: Callable[..., SandboxedDevice],
+    sleeper: subprocess.Popen[bytes],
+    handed_fds: dict[str, int],
+) -> None:
+    """RLIMIT_AS includes the guest RAM a virtio device maps: a device that unmaps it must
+    not get that much memory of its own (the host's, past what the guest was given)."""
+    large = {}
+    for role, size in (("ram", LARGE_RAM), ("dirty", dirty_log_size(LARGE_RAM))):
+        large[role] = os.memfd_create(role, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(large[role], size)
+        fcntl.fcntl(large[role], fcntl.F_ADD_SEALS, SEALS)
+    try:
+        ctx = {"monitor_pid": sleeper.pid}
+        attempt = "allocate_in_place_of_guest_ram"
+        outcome = _attempt(spawn, model, attempt, ctx, extra_fds={**handed_fds, **large})
+    finally:
+        for fd in large.values():
+            os.close(fd)
+
+    assert outcome == "killed (SIGSYS)" or outcome.startswith("E"), outcome
 
 
 def test_sandbox_escape_summary_prints_table(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -29,6 +29,7 @@ ALLOWED = [
 ]
 KILLED = [
     "madvise_free",
+    "mmap_shared_anonymous",
     "futex_requeue",
     "getppid",
     "sched_setscheduler_fifo",
