@@ -3,8 +3,9 @@
 Kernel (bzImage or ELF): loader.py places kernel, initrd, command line and zero
 page; the MP table lists every vCPU; the BSP starts at the 64-bit entry and
 the APs wait for INIT/SIPI in the in-kernel LAPIC, as on a PC. Firmware: a
-flat image mapped read-only at the top of 4 GiB and below 1 MiB; every vCPU
-keeps KVM's reset state, so the BSP starts at the reset vector in real mode.
+flat image mapped read-only at the top of 4 GiB, its tail copied into RAM below
+1 MiB (layout.FIRMWARE_SHADOW); every vCPU keeps KVM's reset state, so the BSP
+starts at the reset vector in real mode.
 """
 
 from __future__ import annotations
@@ -24,16 +25,9 @@ from splitvmm.protocol.models import MODELS, PortWindow
 FIRMWARE_SLOT_BASE = 16  # memslots after RAM's (RAM uses at most a few)
 
 
-def memory_holes(image: loader.FirmwareImage | None) -> list[tuple[int, int]]:
-    """Guest-physical ranges where RAM must not be mapped: the firmware slots that lie in
-    RAM's space (its alias below 1 MiB), straight from the loader's plan."""
-    if image is None:
-        return []
-    return [(s.gpa, s.size) for s in image.slots if s.gpa < layout.MMIO32_START]
-
-
 class Firmware:
-    """The firmware image in its own (unsealed, read-only to the guest) memfd mapping."""
+    """The firmware's ROM: the image in its own (unsealed, read-only to the guest) memfd
+    mapping."""
 
     def __init__(self, vm: VmFd, image: loader.FirmwareImage) -> None:
         fd = os.memfd_create("firmware", os.MFD_CLOEXEC)
@@ -43,14 +37,18 @@ class Firmware:
         finally:
             os.close(fd)
         self.map[:] = image.data
-        for i, slot in enumerate(image.slots):
-            hva = mapping_address(self.map, slot.offset)
-            vm.set_user_memory_region(
-                FIRMWARE_SLOT_BASE + i, slot.gpa, slot.size, hva, readonly=True
-            )
+        rom = image.rom
+        hva = mapping_address(self.map, rom.offset)
+        vm.set_user_memory_region(FIRMWARE_SLOT_BASE, rom.gpa, rom.size, hva, readonly=True)
 
     def close(self) -> None:
         self.map.close()
+
+
+def write_shadow(mem: GuestMemory, image: loader.FirmwareImage) -> None:
+    """The firmware's tail into RAM below 1 MiB, as it is in the image: what a boot's first
+    instruction reads (layout.FIRMWARE_SHADOW)."""
+    mem.write(image.shadow.gpa, image.shadow_bytes())
 
 
 def acpi_windows(cfg: VmConfig) -> list[PortWindow]:
@@ -79,16 +77,20 @@ def prepare(
     mem: GuestMemory,
     vcpus: list[VcpuFd],
     pci_intx: Sequence[tuple[int, int]] = (),
+    firmware: loader.FirmwareImage | None = None,
 ) -> None:
-    """A fresh boot: every vCPU's CPUID and LAPIC, and the kernel's memory and entry state.
-    `pci_intx`: (PCI device, GSI) of each PCI device's INTA#, for the ACPI tables."""
+    """A fresh boot: every vCPU's CPUID and LAPIC, and the kernel's memory and entry state,
+    or the firmware's shadow. `pci_intx`: (PCI device, GSI) of each PCI device's INTA#, for
+    the ACPI tables."""
     mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
     tables = [cpuid.setup_cpuid(kvm, v, len(vcpus), mask) for v in vcpus]
     check_physical_bits(mem.size, cpuid.physical_address_bits(tables[0]))
     for v in vcpus:
         boot64.setup_lapic_lints(v)
     if cfg.boot.kernel is None:
-        return  # firmware: vCPUs keep KVM's reset state (the BSP at the reset vector)
+        assert firmware is not None  # config.py: a boot names a kernel or a firmware
+        write_shadow(mem, firmware)
+        return  # vCPUs keep KVM's reset state (the BSP at the reset vector)
     acpi_tables = acpi.build(len(vcpus), acpi_windows(cfg), pci_intx)
     mem.write(acpi_tables.base, acpi_tables.data)
     kernel = loader.load_linux(

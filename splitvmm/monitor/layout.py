@@ -54,11 +54,14 @@ KVM_IDENTITY_MAP = 0xFEFFC000
 KVM_TSS = 0xFEFFD000
 KVM_PAGES_END = KVM_TSS + 3 * PAGE_SIZE  # 0xFF000000
 
-# Firmware (flat binary, like QEMU -bios): mapped so it ends at 4 GiB, and its last
-# 128 KiB aliased just below 1 MiB so the reset vector (F000:FFF0) sees it in real mode.
+# Firmware (flat binary, like QEMU -bios): its ROM, mapped read-only so that it ends at 4 GiB,
+# and its shadow: its last 128 KiB (all of a smaller image) copied at boot into guest RAM just
+# below 1 MiB, where the reset vector (F000:FFF0) reads it in real mode. A PC's firmware makes
+# that range writable RAM before it runs from it (SeaBIOS keeps its variables there; without
+# the i440FX's PAM registers, which we do not have, it finds it writable already, as on
+# QEMU's isapc machine, whose BIOS is RAM), and as guest RAM it is in every snapshot.
 FIRMWARE_MAX = 16 * MIB
-FIRMWARE_LOW_ALIAS = 128 * KIB
-FIRMWARE_LOW_START = HIMEM_START - FIRMWARE_LOW_ALIAS  # 0xE0000
+FIRMWARE_SHADOW = 128 * KIB
 
 # Legacy PC I/O ports.
 I8042_DATA_PORT = 0x60

@@ -91,17 +91,22 @@ class LoadedKernel(Struct, frozen=True):
 
 
 class FirmwareSlot(Struct, frozen=True):
-    gpa: int  # where to map it
+    gpa: int  # where it goes: mapped (the ROM) or copied into RAM (the shadow)
     size: int
     offset: int  # offset of this window in the image
 
 
 class FirmwareImage(Struct, frozen=True):
-    """A flat firmware image and the read-only memslots the monitor maps it with."""
+    """A flat firmware image: its ROM (a read-only memslot) and its shadow (the window of it
+    a boot copies into guest RAM below 1 MiB: layout.FIRMWARE_SHADOW)."""
 
     path: str
     data: bytes
-    slots: tuple[FirmwareSlot, ...]
+    rom: FirmwareSlot
+    shadow: FirmwareSlot
+
+    def shadow_bytes(self) -> bytes:
+        return self.data[self.shadow.offset : self.shadow.offset + self.shadow.size]
 
 
 def _open(path: Path, what: str) -> tuple[BinaryIO, int]:
@@ -438,7 +443,8 @@ def load_linux(
 
 
 def load_firmware(path: Path) -> FirmwareImage:
-    """A flat image ending at 4 GiB, its last 128 KiB also below 1 MiB (QEMU -bios)."""
+    """A flat image ending at 4 GiB, its last 128 KiB also below 1 MiB (QEMU -bios): there in
+    guest RAM, the shadow a boot copies (layout.FIRMWARE_SHADOW)."""
     f, size = _open(path, "firmware")
     with f:
         if size == 0 or size % FIRMWARE_GRANULE or size > layout.FIRMWARE_MAX:
@@ -449,11 +455,12 @@ def load_firmware(path: Path) -> FirmwareImage:
         data = _pread(f, 0, size)
     if len(data) != size:
         raise BootError(f"{path}: firmware changed size while it was being read")
-    # QEMU x86_isa_bios_init: the alias is MIN(bios_size, 128 KiB), ending at 1 MiB,
+    # QEMU x86_isa_bios_init: the ISA BIOS is MIN(bios_size, 128 KiB), ending at 1 MiB,
     # so the reset vector at 0xFFFF0 (F000:FFF0 in real mode) sees the image's tail.
-    alias = min(size, layout.FIRMWARE_LOW_ALIAS)
-    slots = (
-        FirmwareSlot(gpa=layout.FOUR_GIB - size, size=size, offset=0),
-        FirmwareSlot(gpa=layout.HIMEM_START - alias, size=alias, offset=size - alias),
+    shadow = min(size, layout.FIRMWARE_SHADOW)
+    return FirmwareImage(
+        path=str(path),
+        data=data,
+        rom=FirmwareSlot(gpa=layout.FOUR_GIB - size, size=size, offset=0),
+        shadow=FirmwareSlot(gpa=layout.HIMEM_START - shadow, size=shadow, offset=size - shadow),
     )
-    return FirmwareImage(path=str(path), data=data, slots=slots)

@@ -131,6 +131,7 @@ class Machine:
         self.functions: dict[str, PciFunctionHost] = {}  # PCI devices, by name
         self._bar_decode = SharedDecode()  # theirs: their BARs share self.mmio
         self._pci_intx: list[tuple[int, int]] = []  # (PCI device, GSI) of each INTA#: _PRT
+        self.firmware: loader.FirmwareImage | None = None  # build(): a firmware boot's image
 
     def _install_stop_handlers(self) -> None:
         """SIGINT, SIGTERM and SIGHUP stop the VM (_on_signal), from the start of build() to
@@ -183,9 +184,9 @@ class Machine:
         self._closables.append(self.mem)
         self.vm = self.kvm.create_vm()
         self._vm_fds.append(self.vm)
-        # Read once: its plan gives both RAM's holes and the firmware's own slots.
         image = loader.load_firmware(cfg.boot.firmware) if cfg.boot.firmware else None
-        self._create_platform(image)
+        self.firmware = image  # a restore from before its shadow was RAM copies it (restore.py)
+        self._create_platform()
         if self.stopping:
             return
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
@@ -210,7 +211,7 @@ class Machine:
             self._pit_reinject_off()  # after apply() set the PIT's state, under the same lock
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
-            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, self._pci_intx)
+            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, self._pci_intx, image)
         timings.mark("kvm, vm, ram, boot")
         if self._pit_mode is not None:
             self._pit_mode.result()  # its thread ends before the monitor confines itself
@@ -232,12 +233,12 @@ class Machine:
         timings.mark("confinement, channels")
 
     # -- construction ---------------------------------------------------------------
-    def _create_platform(self, firmware: loader.FirmwareImage | None) -> None:
+    def _create_platform(self) -> None:
         self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP)
         self.vm.set_tss_addr(layout.KVM_TSS)
         # Guest RAM before the irqchip and the PIT, whose creation leaves an SRCU grace period
         # under way for a few ms: a memslot made meanwhile waits for it (~7 ms here).
-        self._ram_slots = self.mem.slots(boot.memory_holes(firmware))
+        self._ram_slots = list(self.mem.regions)
         for slot, region in enumerate(self._ram_slots):
             hva = mapping_address(self.mem.map, region.offset)
             self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)

@@ -38,23 +38,6 @@ class GuestMemory(GuestMemoryView):
             offset += length
         super().__init__(mapping, regions)
 
-    def slots(self, holes: list[tuple[int, int]]) -> list[Region]:
-        """RAM regions with (gpa, size) holes cut out, for KVM memory slots (which cannot overlap)."""
-        out = list(self.regions)
-        for hole_gpa, hole_size in holes:
-            cut = []
-            for r in out:
-                lo, hi = max(r.gpa, hole_gpa), min(r.gpa + r.size, hole_gpa + hole_size)
-                if lo >= hi:
-                    cut.append(r)
-                    continue
-                if r.gpa < lo:
-                    cut.append(Region(r.gpa, lo - r.gpa, r.offset))
-                if hi < r.gpa + r.size:
-                    cut.append(Region(hi, r.gpa + r.size - hi, r.offset + hi - r.gpa))
-            out = cut
-        return out
-
     def close(self) -> None:
         super().close()
         os.close(self.fd)

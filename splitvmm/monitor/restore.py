@@ -27,7 +27,7 @@ from splitvmm.config import (
     parse_config,
 )
 from splitvmm.errors import ConfigError, StateError, clip, shown
-from splitvmm.monitor import cpuid, vmstate
+from splitvmm.monitor import boot, cpuid, vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.protocol.models import MODELS, PciFunction
@@ -370,6 +370,10 @@ def _read_pci(snap: Snapshot) -> pcistate.PciState | None:
 def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
     """Load RAM, vCPU and VM state into a freshly built (not yet running) machine."""
     snap.load_ram(machine.mem)
+    if machine.firmware is not None and not states.vm.firmware_shadow:
+        # Saved by a release that mapped the image's tail there read-only: RAM holds nothing
+        # of it, and the image's bytes are what the guest saw.
+        boot.write_shadow(machine.mem, machine.firmware)
     host = vmstate.VcpuHost.probe(machine.kvm, machine.vm)
     booted_here = _boot_cpuid(machine)
     # The VM's first (vmstate's docstring): its kvmclock must be back before the vCPUs' MSRs,

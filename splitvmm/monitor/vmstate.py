@@ -228,11 +228,17 @@ class VmState(Struct, frozen=True, kw_only=True):
     valid: the host's CLOCK_REALTIME and TSC at that kvmclock). This release puts the clock
     back as saved (restore_vm); kept so that a restore which lets the saved time pass
     (KVM_SET_CLOCK with KVM_CLOCK_REALTIME, Firecracker's clock_realtime) can be offered for
-    the snapshots taken now. v1 states have none of them: 0."""
+    the snapshots taken now. v1 states have none of them: 0.
 
-    VERSION: ClassVar[int] = 2
+    firmware_shadow (v3): guest RAM holds a firmware boot's shadow (layout.FIRMWARE_SHADOW),
+    as the firmware left it. Before v3 that range was a read-only mapping of the image, never
+    RAM, so a restore of such a state copies the image's tail there (restore.apply). Always
+    true when saved now; a kernel boot's restore does not look at it."""
+
+    VERSION: ClassVar[int] = 3
     UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {
         1: lambda f: {**f, "clock_flags": 0, "clock_realtime": 0, "clock_host_tsc": 0},
+        2: lambda f: {**f, "firmware_shadow": False},
     }
 
     pic_master: Annotated[bytes, Size(IRQCHIP_SIZE)]
@@ -243,6 +249,7 @@ class VmState(Struct, frozen=True, kw_only=True):
     clock_flags: u32
     clock_realtime: u64
     clock_host_tsc: u64
+    firmware_shadow: bool
 
 
 # -- capture and restore ----------------------------------------------------------------------
@@ -317,6 +324,7 @@ def save_vm(vm: VmFd) -> VmState:
         ioapic=vm.get_irqchip(IRQCHIP_IOAPIC),
         pit2=vm.get_pit2(),
         **_clock(vm),
+        firmware_shadow=True,
     )
 
 

@@ -398,23 +398,25 @@ def test_load_kernel_elf_shrinking_under_its_program_headers_is_a_boot_error(
 # --- firmware ----------------------------------------------------------------------------
 
 
-def test_load_firmware_maps_image_below_4g_and_tail_below_1mib(tmp_path: Path) -> None:
-    path = write(tmp_path, "bios.bin", bytes(256 * 1024))
+def test_load_firmware_maps_image_below_4g_and_shadows_its_tail_below_1mib(
+    tmp_path: Path,
+) -> None:
+    image = bytes(range(256)) * 1024  # 256 KiB, each offset telling where it came from
+    path = write(tmp_path, "bios.bin", image)
 
     fw = load_firmware(path)
 
-    assert [(s.gpa, s.size, s.offset) for s in fw.slots] == [
-        (0xFFFC0000, 0x40000, 0),
-        (0xE0000, 0x20000, 0x20000),
-    ]
+    assert (fw.rom.gpa, fw.rom.size, fw.rom.offset) == (0xFFFC0000, 0x40000, 0)
+    assert (fw.shadow.gpa, fw.shadow.size, fw.shadow.offset) == (0xE0000, 0x20000, 0x20000)
+    assert fw.shadow_bytes() == image[0x20000:]
 
 
-def test_load_firmware_of_64k_aliases_only_64k(tmp_path: Path) -> None:
+def test_load_firmware_of_64k_shadows_only_64k(tmp_path: Path) -> None:
     path = write(tmp_path, "flat.bin", bytes(64 * 1024))
 
     fw = load_firmware(path)
 
-    assert (fw.slots[1].gpa, fw.slots[1].size) == (0xF0000, 0x10000)
+    assert (fw.shadow.gpa, fw.shadow.size, fw.shadow.offset) == (0xF0000, 0x10000, 0)
 
 
 def test_load_firmware_size_not_multiple_of_64k_is_refused(tmp_path: Path) -> None:

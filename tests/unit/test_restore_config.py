@@ -15,7 +15,7 @@ import pytest
 from splitvmm import config
 from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
 from splitvmm.errors import ConfigError
-from splitvmm.monitor import restore, vmstate
+from splitvmm.monitor import loader, restore, vmstate
 from splitvmm.native.kvm import CpuidEntry
 from splitvmm.protocol.models import MODELS
 from splitvmm.snapshot import Snapshot, SnapshotError
@@ -310,7 +310,7 @@ def test_apply_restores_the_vm_before_its_vcpus_and_tells_them_they_stopped(monk
     monkeypatch.setattr(vmstate, "tell_stopped", lambda fd: calls.append(f"told{fd.vcpu_id}"))
     monkeypatch.setattr(restore, "_boot_cpuid", lambda machine: [])
     fds = [SimpleNamespace(vcpu_id=0), SimpleNamespace(vcpu_id=1)]
-    machine = SimpleNamespace(mem=None, kvm=None, vm=None, vcpu_fds=fds)
+    machine = SimpleNamespace(mem=None, kvm=None, vm=None, vcpu_fds=fds, firmware=None)
     snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
     vcpu = SimpleNamespace(cpuid=())
     states = SimpleNamespace(vcpus=[vcpu, vcpu], vm=None, pci=None)
@@ -318,6 +318,36 @@ def test_apply_restores_the_vm_before_its_vcpus_and_tells_them_they_stopped(monk
     restore.apply(snap, states, machine)  # type: ignore[arg-type]
 
     assert calls == ["ram", "vm", "vcpu0", "vcpu1", "told0", "told1"]
+
+
+@pytest.mark.parametrize(("in_ram", "copied"), [(False, True), (True, False)])
+def test_apply_copies_a_firmwares_shadow_only_into_a_snapshot_that_lacks_it(
+    monkeypatch, tmp_path, in_ram, copied
+):
+    """A firmware VM saved before its shadow was RAM (a v2 vm chunk) had the image's tail
+    mapped read-only below 1 MiB: its RAM holds nothing there, and the image is what the
+    guest saw. One saved since holds what the firmware made of it, which stays."""
+    calls: list[object] = []
+    monkeypatch.setattr(vmstate.VcpuHost, "probe", staticmethod(lambda kvm, vm: "host"))
+    monkeypatch.setattr(vmstate, "restore_vm", lambda vm, state: calls.append("vm"))
+    monkeypatch.setattr(vmstate, "restore_vcpu", lambda fd, state, host: None)
+    monkeypatch.setattr(vmstate, "tell_stopped", lambda fd: None)
+    monkeypatch.setattr(restore, "_boot_cpuid", lambda machine: [])
+    image = tmp_path / "bios.bin"
+    image.write_bytes(bytes(64 * 1024 - 1) + b"\xea")
+    mem = SimpleNamespace(write=lambda gpa, data: calls.append((gpa, len(data), data[-1])))
+    machine = SimpleNamespace(
+        mem=mem, kvm=None, vm=None, vcpu_fds=[SimpleNamespace(vcpu_id=0)],
+        firmware=loader.load_firmware(image),
+    )  # fmt: skip
+    snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
+    vm = SimpleNamespace(firmware_shadow=in_ram)
+    states = SimpleNamespace(vcpus=[SimpleNamespace(cpuid=())], vm=vm, pci=None)
+
+    restore.apply(snap, states, machine)  # type: ignore[arg-type]
+
+    shadow = [(0xF0000, 0x10000, 0xEA)] if copied else []
+    assert calls == ["ram", *shadow, "vm"]
 
 
 class BootedVcpu:
@@ -356,7 +386,9 @@ def test_apply_says_which_cpu_features_this_host_lacks(monkeypatch, caplog, read
     monkeypatch.setattr(vmstate, "tell_stopped", lambda fd: None)
     avx512 = CpuidEntry(7, 0, 1, eax=0, ebx=1 << 16, ecx=0, edx=0)
     kvm = SimpleNamespace(supported_cpuid=lambda: [], check_extension=lambda cap: 1)
-    machine = SimpleNamespace(mem=None, kvm=kvm, vm=None, vcpu_fds=[BootedVcpu(read_back)])
+    machine = SimpleNamespace(
+        mem=None, kvm=kvm, vm=None, vcpu_fds=[BootedVcpu(read_back)], firmware=None
+    )
     states = SimpleNamespace(vcpus=[SimpleNamespace(cpuid=(avx512,))], vm=None, pci=None)
 
     restore.apply(SimpleNamespace(load_ram=lambda mem: None), states, machine)  # type: ignore[arg-type]

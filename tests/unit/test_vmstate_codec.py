@@ -91,6 +91,7 @@ def vm_state() -> VmState:
         clock_flags=0x7,  # TSC_STABLE | REALTIME | HOST_TSC
         clock_realtime=1_796_300_000_000_000_000,
         clock_host_tsc=U64_MAX,
+        firmware_shadow=True,
     )
 
 
@@ -251,6 +252,16 @@ def test_vmstate_vm_state_v1_reads_with_no_clock_data_past_the_clock() -> None:
     state = from_dict(VmState, v1, version=1)
 
     assert (state.clock, state.clock_flags, state.clock_realtime) == (123_456_789, 0, 0)
+
+
+def test_vmstate_vm_state_v2_says_a_firmwares_shadow_is_not_in_its_ram() -> None:
+    """Before v3 the firmware's tail below 1 MiB was a read-only mapping of the image: a
+    restore copies it into RAM (restore.apply)."""
+    v2 = {k: v for k, v in to_dict(vm_state()).items() if k != "firmware_shadow"}
+
+    state = from_dict(VmState, v2, version=2)
+
+    assert state.firmware_shadow is False and state.clock_flags == 0x7
 
 
 def test_vmstate_from_dict_of_current_version_needs_no_upgrade() -> None:
