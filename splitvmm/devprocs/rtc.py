@@ -48,11 +48,13 @@ import enum
 import time
 from collections.abc import Mapping
 from datetime import date
-from typing import ClassVar, Protocol, Self
+from typing import Annotated, ClassVar, Protocol, Self
 
 from splitvmm.devprocs.base import DeviceContext, DeviceState, RegisterDevice, register
 from splitvmm.errors import ConfigError, StateError
+from splitvmm.protocol import schema
 from splitvmm.protocol.schema import Upgrade
+from splitvmm.record import Struct
 
 CMOS_SIZE = 128
 INDEX_PORT, DATA_PORT = 0, 1  # offsets in the window: 0x70, 0x71
@@ -140,11 +142,59 @@ RTC_VRT = 0x80  # register D: valid RAM and time (the battery is good)
 POWER_ON = {Reg.FREQ_SELECT: 0x26, Reg.CONTROL: int(RegB.H24), Reg.VALID: RTC_VRT}
 
 
-def _power_on_cmos() -> bytes:
+# The NVRAM bytes through which a PC's CMOS tells firmware how much RAM and how many CPUs it
+# has (the IBM AT's layout, and the extensions SeaBIOS reads where it has no fw_cfg; QEMU's
+# pc_cmos_init sets the same): base memory in KiB; memory above 1 MiB in KiB (at most
+# 0xFFFF), twice, as an AT BIOS copies it at POST; memory from 16 MiB to the PCI hole and
+# above 4 GiB in 64 KiB units; the CPUs less one. Words are little-endian.
+NVRAM_BASE_KIB = 0x15  # and 0x16
+NVRAM_EXT_KIB = (0x17, 0x30)  # and 0x18, 0x31
+NVRAM_EXT_16M = 0x34  # and 0x35
+NVRAM_HIGH = 0x5B  # 0x5B-0x5D: 24 bits
+NVRAM_CPUS = 0x5F
+NVRAM_CHECKSUM = 0x2E  # big-endian sum of 0x10-0x2D (the AT's checksummed range)
+BASE_MEMORY_KIB = 640
+
+
+class Machine(Struct, frozen=True):
+    """The machine the monitor says the clock sits in (DeviceSpec.transport["machine"])."""
+
+    ram_below_4g: Annotated[int, schema.Range(0, 1 << 32)]
+    ram_above_4g: Annotated[int, schema.Range(0, 1 << 52)]
+    vcpus: Annotated[int, schema.Range(1, 1024)]
+
+
+def _power_on_cmos(machine: Machine | None = None) -> bytes:
     cmos = bytearray(CMOS_SIZE)
     for reg, value in POWER_ON.items():
         cmos[reg] = value
+    if machine is not None:
+        _write_nvram(cmos, machine)
     return bytes(cmos)
+
+
+def _write_nvram(cmos: bytearray, m: Machine) -> None:
+    kib, chunk = 1 << 10, 64 << 10
+    extended = min(0xFFFF, max(0, (m.ram_below_4g + m.ram_above_4g) // kib - 1024))
+    above_16m = min(0xFFFF, max(0, (m.ram_below_4g - (16 << 20)) // chunk))
+    cmos[NVRAM_BASE_KIB : NVRAM_BASE_KIB + 2] = BASE_MEMORY_KIB.to_bytes(2, "little")
+    for at in NVRAM_EXT_KIB:
+        cmos[at : at + 2] = extended.to_bytes(2, "little")
+    cmos[NVRAM_EXT_16M : NVRAM_EXT_16M + 2] = above_16m.to_bytes(2, "little")
+    high = min(0xFFFFFF, m.ram_above_4g // chunk)
+    cmos[NVRAM_HIGH : NVRAM_HIGH + 3] = high.to_bytes(3, "little")
+    cmos[NVRAM_CPUS] = min(0xFF, m.vcpus - 1)
+    checksum = sum(cmos[0x10:NVRAM_CHECKSUM])
+    cmos[NVRAM_CHECKSUM : NVRAM_CHECKSUM + 2] = checksum.to_bytes(2, "big")
+
+
+def _machine(ctx: DeviceContext) -> Machine | None:
+    """What the monitor says of the machine (it always does for this model; None where a
+    test's context says nothing)."""
+    given = ctx.transport.get("machine")
+    if given is None:
+        return None
+    return schema.decode(Machine, given, where="rtc transport", error=ConfigError)
 
 
 class Clock(Protocol):
@@ -232,7 +282,7 @@ class Mc146818(RegisterDevice):
         base = _base_option(options)
         clock = clock or HostClock()
         offset = clock.utc_offset(clock.wall_ns() // NS) * NS if base == "localtime" else 0
-        return cls(ctx, RtcState(offset_ns=offset), clock)
+        return cls(ctx, RtcState(offset_ns=offset, cmos=_power_on_cmos(_machine(ctx))), clock)
 
     def check_options(self, options: Mapping[str, object]) -> None:
         """`base` says what the clock shows at start only: a restored clock runs on from its

@@ -293,6 +293,8 @@ class Machine:
         spawn = Spawn(
             dev.name, dev.model, model.transport.size, dict(dev.options), fds, state, dev.fault
         )
+        if model.machine_facts:
+            spawn.transport = {"machine": self._machine_facts()}
         if placed is not None:
             self._plug_function(spawn, placed, maker.notify)
             if maker.tap_offloads is not None:  # what the device may offer (virtio_net.py)
@@ -321,6 +323,15 @@ class Machine:
         irqs = PciInterrupts(intx_gsi(device) if function.intx else None, gsis)
         return _Placed(function, device, bases, irqs)
 
+    def _machine_facts(self) -> dict[str, object]:
+        """The machine as a model with machine_facts is told it (DeviceSpec.transport)."""
+        below = sum(size for gpa, size in layout.ram_ranges(self.mem.size) if gpa < layout.FOUR_GIB)
+        return {
+            "ram_below_4g": below,
+            "ram_above_4g": self.mem.size - below,
+            "vcpus": self.cfg.vm.vcpus,
+        }
+
     def _plug_function(self, spawn: Spawn, placed: _Placed, notify: dict[int, int]) -> None:
         """Put the function on bus 0, its BARs on the MMIO bus (with their ioeventfds)."""
         queue_fds = tuple(fd for _, fd in sorted(notify.items()))
@@ -331,6 +342,7 @@ class Machine:
         host.plug(self.pci)
         self.functions[spawn.name] = host
         spawn.transport = {  # DeviceSpec.transport (protocol/spec.py)
+            **(spawn.transport or {}),
             "pci": [placed.device, 0],
             "intx_gsi": placed.irqs.intx_gsi,
             "ram": [[r.gpa, r.size, r.offset] for r in self._ram_slots],

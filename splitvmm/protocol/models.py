@@ -281,6 +281,9 @@ class ModelDescriptor(Struct, frozen=True):
     # VM when the host runs out of what a request needs (a full file system): its "stall"
     # event (protocol/events.py), which the monitor takes only where this option is "pause".
     pause_option: str = ""
+    # Told the machine's RAM and vCPUs (DeviceSpec.transport["machine"]): what a PC's CMOS
+    # NVRAM says of them to firmware, which the RTC holds.
+    machine_facts: bool = False
 
     def __post_init__(self) -> None:
         if self.pause_option and self.option(self.pause_option).choices != PAUSE_CHOICES:
@@ -396,6 +399,7 @@ RTC = ModelDescriptor(
     fds=(FdRole("irq", FdKind.IRQ),),
     state_version=3,
     default_device="rtc",
+    machine_facts=True,
     # register A = 32.768 kHz time base at rate 3 (8192 Hz), B = periodic interrupt on,
     # 24 h; each interrupt acknowledged by reading register C
     interrupt_recipe=InterruptRecipe(

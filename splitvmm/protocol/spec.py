@@ -63,8 +63,10 @@ class DeviceSpec(Struct, frozen=True):
     fault: dict[str, object] | None = None
     # Where the device sits, for transports that need more than their descriptor says: a PCI
     # function gets {"pci": [device, function], "intx_gsi": GSI, "ram": [[gpa, size,
-    # memfd offset], ...]} (the guest-physical ranges its GUEST_RAM fd backs), and one with
-    # a TAP "tap_offloads": whether the TAP takes offloads (the monitor tried them).
+    # memfd offset], ...]} (the guest-physical ranges its GUEST_RAM fd backs), one with
+    # a TAP "tap_offloads": whether the TAP takes offloads (the monitor tried them), and a
+    # model with machine_facts "machine": {"ram_below_4g": bytes, "ram_above_4g": bytes,
+    # "vcpus": count}.
     transport: dict[str, object] | None = None
     # A warm spare: it gets this spec (DEFERRED all None) at its start, runs up to its
     # sandbox and waits for a JSON object of the DEFERRED keys on its stdin

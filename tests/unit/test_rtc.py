@@ -101,6 +101,49 @@ def test_rtc_power_on_status_registers_are_the_pc_defaults():
     )
 
 
+def nvram(below: int, above: int = 0, vcpus: int = 1) -> bytes:
+    """CMOS bytes 0x00-0x7F of a clock told this machine, as the guest reads them."""
+    machine = {"ram_below_4g": below, "ram_above_4g": above, "vcpus": vcpus}
+    ctx = DeviceContext(irq=FakeIrq(), transport={"machine": machine})
+    rtc = Mc146818.from_options(ctx, {}, FakeClock(ns_of(PI_DAY) + HALF))
+    return bytes(rd(rtc, reg) for reg in range(0x80))
+
+
+def test_rtc_nvram_tells_firmware_its_memory_and_cpus_as_a_pc_cmos_does():
+    """64 MiB, 2 vCPUs: 640 KiB base; 63 MiB = 0xFC00 KiB above 1 MiB (0x17 and 0x30, as an AT
+    BIOS copies it); 48 MiB = 0x300 chunks of 64 KiB above 16 MiB; none above 4 GiB; 1."""
+    cmos = nvram(64 << 20, vcpus=2)
+    assert cmos[0x15:0x19] == bytes([0x80, 0x02, 0x00, 0xFC])
+    assert cmos[0x30:0x32] == bytes([0x00, 0xFC])
+    assert cmos[0x34:0x36] == bytes([0x00, 0x03])
+    assert cmos[0x5B:0x60] == bytes([0, 0, 0, 0, 1])
+    assert int.from_bytes(cmos[0x2E:0x30], "big") == sum(cmos[0x10:0x2E])
+
+
+def test_rtc_nvram_of_ram_past_the_pci_hole_caps_the_words_and_counts_high_memory():
+    """3.5 GiB below the hole (0xDF00 chunks above 16 MiB), 4.5 GiB above 4 GiB (0x12000 chunks,
+    24 bits); the KiB above 1 MiB stop at 0xFFFF."""
+    cmos = nvram(0xE0000000, 0x120000000, vcpus=8)
+    assert cmos[0x17:0x19] == cmos[0x30:0x32] == bytes([0xFF, 0xFF])
+    assert cmos[0x34:0x36] == bytes([0x00, 0xDF])
+    assert cmos[0x5B:0x5E] == bytes([0x00, 0x20, 0x01]) and cmos[0x5F] == 7
+
+
+def test_rtc_nvram_is_state_a_restore_keeps():
+    """A guest that rewrites the NVRAM reads back its own bytes after a restore, not the
+    machine's: the bytes are the CMOS's, saved with it."""
+    machine = {"ram_below_4g": 64 << 20, "ram_above_4g": 0, "vcpus": 1}
+    clock = FakeClock(ns_of(PI_DAY) + HALF)
+    rtc = Mc146818.from_options(
+        DeviceContext(irq=FakeIrq(), transport={"machine": machine}), {}, clock
+    )
+    wr(rtc, 0x34, 0x12)
+
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), rtc.save(), clock)
+
+    assert (rd(restored, 0x34), rd(restored, 0x35)) == (0x12, 0x03)
+
+
 def test_rtc_bcd_mode_reads_host_utc_time():
     rtc, _, _ = make_rtc()
     assert regs(rtc) == PI_DAY_BCD
