@@ -50,6 +50,7 @@ OUTPUTS = {
     "firmware-virtio-rng": "firmware-virtio-rng.bin",
     "firmware-virtio-net": "firmware-virtio-net.bin",
     "firmware-virtio-console": "firmware-virtio-console.bin",
+    "mbr-sum": "mbr-sum.bin",
 }
 TOOLS = ("make", "gcc", "ld", "objcopy", "objdump", "nm")
 BUILD_TIMEOUT_S = 120

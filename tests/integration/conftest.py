@@ -52,11 +52,13 @@ def run_up(
     timeout: float = 120,
     extra_args: tuple[str, ...] = (),
     vm_extra: str = "",
+    devices: str = "",
 ) -> Run:
-    """Run `splitvmm up` on a fresh config; the serial output goes to a file we read back."""
+    """Run `splitvmm up` on a fresh config; the serial output goes to a file we read back.
+    devices: more [[device]] tables, after serial0."""
     serial = tmp_path / "serial.log"
     config = tmp_path / "vm.toml"
-    config.write_text(vm_toml(boot, memory, vcpus, serial, vm_extra))
+    config.write_text(vm_toml(boot, memory, vcpus, serial, vm_extra) + devices)
     proc = subprocess.run(
         [sys.executable, "-m", "splitvmm", *extra_args, "up", str(config)],
         stdin=subprocess.DEVNULL,
