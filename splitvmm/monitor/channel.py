@@ -179,7 +179,13 @@ class DeviceChannel:
         waited = 0
         while not self.sock.poll(READY_POLL_MS):
             waited += READY_POLL_MS
-            status = process.poll()
+            try:
+                status = process.poll()
+            except SplitvmmError as e:  # it ended, and its launcher is gone: as slot.py _how
+                raise ChannelError(
+                    f"ended within {waited} ms, before it was ready; its exit status is "
+                    f"unknown ({e})"
+                ) from None
             # A device that refuses to start sends why, then exits: the frame may reach our
             # socket just after the poll gave up, so it is looked for once more.
             if status is not None and self.sock.poll(EXITED_GRACE_MS):

@@ -3,7 +3,9 @@ access gets while no device serves the slot. tests/integration/test_slot.py has 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from splitvmm.native.routing import MsiRoute
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.launcher_start import LauncherError
+from splitvmm.sandbox.spawn import DeviceProcess, listen_channel
 
 
 def test_restart_budget_within_burst_allows_each_restart():
@@ -544,6 +547,40 @@ def test_end_of_a_process_whose_launcher_is_gone_says_it_ended_not_that_it_did_n
     assert gone is False  # its device proper may still run: no successor on its disk
     assert "did not end" not in caplog.text
     assert "device blk0 (pid 4242) ended, but the launcher has exited" in caplog.text
+
+
+class OrphanedByLauncher(DeviceProcess):
+    """A process that ended before READY after its launcher died (SIGKILLed while a restart
+    started it cold): the launcher is the one that reaps it, and it is gone."""
+
+    def _reap(self) -> int:
+        raise LauncherError("the launcher has exited")
+
+
+def test_slot_restart_whose_process_ends_with_its_launcher_fails_the_device_naming_it(
+    tmp_path, zctx, failures
+):
+    """Before READY, the restart asked how the new process ended, and the launcher's error
+    escaped the restart: the restarter logged a monitor bug with its traceback ("internal
+    error in its restart") and the slot stayed away, restarting, for good."""
+    ended = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(ended.pid)
+    ended.wait()  # reaped: its pidfd polls readable as the ended device's does
+    process = OrphanedByLauncher(ended.pid, pidfd)
+
+    def spawner(spec: DeviceSpec) -> tuple[DeviceProcess, int]:
+        return process, listen_channel(spec.channel.removeprefix("ipc://")).detach()
+
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, spawner, zctx, failures)
+    slot.restarting = True  # a crash the policy restarts: away until restart() is done
+
+    try:
+        with pytest.raises(DeviceFailure, match="device serial0: its restart failed: .*launcher"):
+            slot.restart()
+        assert slot.state is SlotState.FAILED
+    finally:
+        slot.close()  # its channel: the context ends only once its sockets are closed
+    assert len(failures) == 1 and "the launcher has exited" in failures[0]
 
 
 # -- writes KVM held (monitor/writebehind.py) --------------------------------------------------
