@@ -51,6 +51,7 @@ OUTPUTS = {
     "firmware-virtio-net": "firmware-virtio-net.bin",
     "firmware-virtio-console": "firmware-virtio-console.bin",
     "mbr-sum": "mbr-sum.bin",
+    "mbr-sum-loop": "mbr-sum-loop.bin",
 }
 TOOLS = ("make", "gcc", "ld", "objcopy", "objdump", "nm")
 BUILD_TIMEOUT_S = 120

@@ -3,13 +3,14 @@
  * Specification (EDD 3.0: AH=41h installation check, AH=42h extended read with a 16-byte disk
  * address packet), not from any VMM.
  *
- * It reads SECTORS sectors from LBA 1 on (the disk after itself), CHUNK at a time, to 1000:0000,
- * folds every little-endian dword of them, in order, into a checksum (sum = rol(sum, 1) + dword,
- * so that bytes out of place change it), and prints on COM1
+ * Each pass reads SECTORS sectors from LBA 1 on (the disk after itself), CHUNK at a time, to
+ * 1000:0000, folds every little-endian dword of them, in order, into a checksum (sum =
+ * rol(sum, 1) + dword, so that bytes out of place change it), and prints on COM1
  *
- *   mbr-sum: sectors=<SECTORS> sum=<8 hex digits>
+ *   mbr-sum: pass <8 hex digits> sectors=<SECTORS> sum=<8 hex digits>
  *
- * then writes 31h to the debug-exit port F4h (host status (31h << 1) | 1 = 99). A BIOS without
+ * After PASSES passes (mbr-sum: 1) it writes 31h to the debug-exit port F4h (host status
+ * (31h << 1) | 1 = 99); with PASSES 0 (mbr-sum-loop) it reads on for ever. A BIOS without
  * the extensions, or a read it fails, prints "mbr-sum: no EDD" or "mbr-sum: read failed at lba
  * <8 hex digits>, status <8 hex digits>" (AH holds the BIOS's status) and writes 33h.
  *
@@ -20,6 +21,9 @@
 
 #include "lib/rm_uart.inc"
 
+#ifndef PASSES
+#define PASSES 1		/* 0: for ever */
+#endif
 #define SECTORS 2048		/* 1 MiB after the boot sector */
 #define CHUNK 64		/* 32 KiB a read: within one segment */
 #define BUF_SEG 0x1000
@@ -51,6 +55,8 @@ start:
 	cmp	$0xaa55, %bx
 	jne	no_edd
 
+	xor	%ebp, %ebp		/* passes done */
+pass:
 	xor	%ebx, %ebx		/* the checksum */
 	mov	$1, %edi		/* the next LBA */
 read:
@@ -75,12 +81,25 @@ read:
 	cmp	$(1 + SECTORS), %edi
 	jb	read
 
+	inc	%ebp
 	mov	$done, %si
+	call	puts
+	mov	%ebp, %eax
+	call	print_hex
+	mov	$sum, %si
 	call	puts
 	mov	%ebx, %eax
 	call	print_hex
-	mov	$EXIT_OK, %bl
-	jmp	end
+	mov	$'\n', %al
+	call	putc
+#if PASSES
+	cmp	$PASSES, %ebp
+	jb	pass
+	mov	$EXIT_OK, %al
+	jmp	exit
+#else
+	jmp	pass
+#endif
 
 no_edd:
 	mov	$edd_missing, %si
@@ -103,7 +122,7 @@ read_failed:
 end:	mov	$'\n', %al
 	call	putc
 	mov	%bl, %al
-	out	%al, $DEBUG_EXIT_PORT
+exit:	out	%al, $DEBUG_EXIT_PORT
 2:	hlt				/* no debug-exit device */
 	jmp	2b
 
@@ -135,7 +154,8 @@ dap_count:
 dap_lba:
 	.long	0, 0			/* 64-bit LBA */
 drive:	.byte	0
-done:	.asciz	"mbr-sum: sectors=" XSTR(SECTORS) " sum="
+done:	.asciz	"mbr-sum: pass "
+sum:	.asciz	" sectors=" XSTR(SECTORS) " sum="
 edd_missing:
 	.asciz	"mbr-sum: no EDD"
 failed:	.asciz	"mbr-sum: read failed at lba "
