@@ -26,6 +26,7 @@ BEHAVIOURS = (
     "wrong-seq",  # replies with another sequence number
     "unsolicited",  # sends replies nobody asked for, right after READY
     "silent",  # never answers a read
+    "hang-up",  # closes its end of the channel at the first read, and lives on
     "bad-ready",  # garbage instead of READY
     "wide-reply",  # replies with more data than was asked for
     "slow",  # answers every read and sync correctly, DELAY_MS late
@@ -194,6 +195,10 @@ def main() -> None:
         op, size, _, seq, _, _ = wire.FRAME.unpack(buf)
         if op != wire.Op.READ:
             continue
+        if behaviour == "hang-up":
+            sock.close(linger=0)
+            time.sleep(30)
+            return
         if behaviour == "garbage":
             sock.send(bytes(range(7, 31)))
         elif behaviour == "oversized":

@@ -412,7 +412,8 @@ class DeviceChannel:
             if self._dropped():
                 raise ChannelError(
                     f"ZeroMQ dropped its connection: it sent a frame over "
-                    f"{control.MAX_DEVICE_FRAME} bytes, or bytes that are not ZMTP"
+                    f"{control.MAX_DEVICE_FRAME} bytes, or bytes that are not ZMTP, or "
+                    "closed its end of it"
                 ) from None
             raise _ReplyLate(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
@@ -420,8 +421,9 @@ class DeviceChannel:
 
     def _dropped(self) -> bool:
         """Whether ZeroMQ reported the device's connection closed. Its process is alive
-        (_recv answers for one that ended), so ZeroMQ hung up on it: what a frame over
-        MAXMSGSIZE or a protocol error gets, and what the device's request then waited out.
+        (_recv answers for one that ended), so ZeroMQ hung up on it (what a frame over
+        MAXMSGSIZE or a protocol error gets) or it closed its own end (the same event: ZeroMQ
+        does not say which), and the device's request then waited out its deadline.
         Looked at past a deadline only: the hot path polls no third socket for it."""
         return self._gone is not None and bool(self._gone.poll(0))
 

@@ -59,6 +59,8 @@ def spawn_rogue(behaviour: str, zctx, tmp_path, failures: list[str], *args: str)
         ("wrong-seq", "unexpected reply"),
         ("unsolicited", "sent a frame nobody asked for"),
         ("silent", "no reply within"),
+        # alive, it closed its end: the reason says it may have, not only what ZeroMQ drops
+        ("hang-up", "bytes that are not ZMTP, or closed its end of it"),
         ("wide-reply", "reply has data past its size"),
         ("event-flood", "sent more than 256 events around one request"),
         ("bad-event", "bad event: state is for model 'rtc', expected 'serial'"),
@@ -114,6 +116,7 @@ def test_all_rogue_behaviours_are_tested():
         "wrong-seq",
         "unsolicited",
         "silent",
+        "hang-up",
         "wide-reply",
         "bad-ready",
         "slow",
