@@ -27,7 +27,8 @@ HIMEM_START = 0x100000  # 1 MiB: bzImage protected-mode kernel loads here
 
 # ACPI tables (kernel boot only): in the BIOS area, reserved in the e820 map, where an OS
 # that ignores the zero page's acpi_rsdp_addr still finds the RSDP (ACPI 6.5 5.2.5.1: a
-# 16-byte aligned scan of 0xE0000-0xFFFFF). A firmware boot maps its image here instead.
+# 16-byte aligned scan of 0xE0000-0xFFFFF). A firmware boot copies its image's tail here instead
+# (FIRMWARE_SHADOW).
 ACPI_TABLES = 0xE0000
 ACPI_TABLES_END = HIMEM_START
 
