@@ -7,8 +7,8 @@ Layers, each with an escape test in tests/sandbox/:
 (b) rlimits: no new processes, no fd above those it holds, no core file, no
     file growth (unless it holds a writable regular file, e.g. a log), and an
     address-space limit (RLIMIT_AS) and a private-memory limit (RLIMIT_DATA) that
-    the caller sizes: a runaway or hostile device gets MemoryError instead of making
-    the host swap;
+    the caller sizes, and a stack of at most 8 MiB: a runaway or hostile device gets
+    MemoryError instead of making the host swap;
 (c) no_new_privs, locked securebits, no capabilities (bounding and ambient sets
     emptied too), not dumpable;
 (d) Landlock: every file-system right the kernel's ABI knows handled, none granted
@@ -106,6 +106,7 @@ NAMESPACES = (
 )
 CHANNEL_NAME = "channel"  # the channel socket's name in the empty root
 STD_FDS = frozenset({0, 1, 2})
+MAX_STACK = 8 << 20  # RLIMIT_STACK at most (_stack_limit): Linux's default
 _READ_ONLY = (
     confine.MS_REMOUNT
     | confine.MS_BIND
@@ -337,12 +338,22 @@ def _set_rlimits(
         resource.RLIMIT_FSIZE: fsize,  # no file we write grows, but a log (_file_size_limit)
         resource.RLIMIT_AS: address_space,  # MemoryError, not the host's memory
         resource.RLIMIT_DATA: private_memory,  # ... also with guest RAM unmapped
+        resource.RLIMIT_STACK: _stack_limit(),  # ... and the stack, which it does not count
     }
     try:
         for which, value in limits.items():
             resource.setrlimit(which, (value, value))
     except (OSError, ValueError) as e:
         raise SandboxError(f"cannot set rlimits: {e}") from None
+
+
+def _stack_limit() -> int:
+    """RLIMIT_STACK: the main thread's stack, which RLIMIT_DATA does not count and which
+    grows wherever there is room below it (RLIMIT_AS aside, room a device makes by unmapping
+    guest RAM). What the device inherited, and never above Linux's default 8 MiB: under
+    `ulimit -s unlimited` it would have no bound but RLIMIT_AS."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_STACK)
+    return MAX_STACK if soft == resource.RLIM_INFINITY else min(soft, MAX_STACK)
 
 
 def _file_size_limit(held: set[int], fixed_size: frozenset[int]) -> int:

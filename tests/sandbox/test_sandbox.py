@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import pytest
 
 from splitvmm.devprocs.runtime import RUNTIME_ADDRESS_SPACE
 from splitvmm.devprocs.serial import Lsr, Reg
+from splitvmm.sandbox.device import MAX_STACK
 from tests.sandbox.harness import SandboxedDevice
 
 pytestmark = pytest.mark.sandbox
@@ -103,6 +105,23 @@ def test_device_rlimits_when_serving_forbid_processes_fds_cores_files(
     assert limits["Max open files"] == [str(held + 1)] * 2
     assert limits["Max core file size"] == ["0", "0"]
     assert limits["Max file size"] == ["0", "0"]
+
+
+@needs_ptrace_read
+def test_device_stack_when_spawned_without_a_stack_limit_is_capped(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """`ulimit -s unlimited`: the stack, which RLIMIT_DATA does not count, would have no
+    bound but RLIMIT_AS, and a device may unmap guest RAM to make room under that."""
+    before = resource.getrlimit(resource.RLIMIT_STACK)
+    resource.setrlimit(resource.RLIMIT_STACK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    try:
+        dev = spawn()  # inherits ours
+    finally:
+        resource.setrlimit(resource.RLIMIT_STACK, before)
+    dev.wait_ready()
+
+    assert _limits(dev.device_pid())["Max stack size"] == [str(MAX_STACK)] * 2
 
 
 def test_device_rlimits_when_stderr_is_a_file_let_it_grow(
