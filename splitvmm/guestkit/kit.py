@@ -137,17 +137,19 @@ def build_kit(
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GuestKitError(f"cannot create the cache directory {cache_dir}: {e.strerror}") from e
-    with _locked(cache_dir):
-        kit = None if force else load_cached_kit(cache_dir, progress)
-        try:
+    # The lock is the first file written, and the cached kit the first read: a directory
+    # this user cannot write or read fails there.
+    try:
+        with _locked(cache_dir):
+            kit = None if force else load_cached_kit(cache_dir, progress)
             if kit is None:
                 earlier = _recorded_files(cache_dir)
                 kit = _build(cache_dir, progress, run)
                 _remove_stale(earlier, kit)
             _write_config(kit)
-        except OSError as e:  # the host's trouble (disk full, permissions), not a bug of ours
-            raise GuestKitError(f"writing the kit in {cache_dir} failed: {e}") from e
-        return kit
+            return kit
+    except OSError as e:  # the host's trouble (disk full, permissions), not a bug of ours
+        raise GuestKitError(f"writing the kit in {cache_dir} failed: {e}") from e
 
 
 def _recorded_files(cache_dir: Path) -> set[Path]:

@@ -575,3 +575,13 @@ def test_guest_build_cli_kit_error_exits_1_with_message(
     result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "apt-get download busybox-static failed: 404" in result.output
+
+
+def test_guest_build_cli_unwritable_cache_dir_exits_1_with_message(tmp_path: Path):
+    """The lock is the first file a build writes: a cache it cannot write there (read-only,
+    another user's; here .lock is a directory, which root cannot open either) is the host's
+    trouble, told in one line, not a traceback."""
+    (tmp_path / ".lock").mkdir()
+    result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", str(tmp_path)])
+    assert (result.exit_code, type(result.exception)) == (1, SystemExit)
+    assert f"writing the kit in {tmp_path} failed" in result.output
