@@ -123,7 +123,11 @@ def audit(model: str, accesses: int) -> None:
 
     if model not in MODELS:
         raise click.BadParameter(f"unknown model {model!r}", param_hint="MODEL")
-    current = policy.load_model_policy(model)
+    try:
+        current = policy.load_model_policy(model)
+    except policy.PolicyError as e:  # the policy audited against: told as `check` tells it
+        click.echo(f"splitvmm: policy error: {e}", err=True)
+        sys.exit(1)
     trace = trace_device(model, accesses, current)
     for line in format_trace(trace, current):
         click.echo(line)

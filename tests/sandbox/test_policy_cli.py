@@ -41,6 +41,23 @@ def test_policy_check_when_a_model_has_no_policy_exits_1(tmp_path: Path) -> None
     assert "serial_device.policy: missing" in result.output
 
 
+def test_policy_audit_when_the_models_policy_is_bad_exits_1_naming_file_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy an audit compares with is read before any device starts: an error in it
+    is the operator's to fix, told as `check` tells it, not a traceback."""
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    with (tmp_path / "serial_device.policy").open("a") as f:
+        f.write("not a rule\n")
+    lines = (tmp_path / "serial_device.policy").read_text().count("\n")
+    monkeypatch.setenv("SPLITVMM_POLICY_DIR", str(tmp_path))
+
+    result = CliRunner().invoke(cli, ["policy", "audit", "serial"])
+
+    assert (result.exit_code, type(result.exception)) == (1, SystemExit)
+    assert f"policy error: {tmp_path / 'serial_device.policy'}:{lines}: expected" in result.output
+
+
 @pytest.mark.sandbox
 def test_policy_audit_when_serial_prints_sorted_syscalls_all_in_policy() -> None:
     result = CliRunner().invoke(cli, ["policy", "audit", "serial", "--accesses", "200"])
