@@ -7,8 +7,9 @@ Layout of the cache:
     disk.img                          the demo VM's virtio-blk disk (raw, sparse); the guest's
                                       data: made once, never rebuilt or overwritten
     manifest.json                     written last: what was built, with sha256 of each file
-    .build-XXXXXXXX/                  scratch while building (the unpacked packages), a new
-                                      directory each build, removed
+    .splitvmm-build-XXXXXXXX/         scratch while building (the unpacked packages), a new
+                                      directory each build, removed (a killed build's by the
+                                      next build)
 
 The cache directory is the user's to choose (`--cache-dir`), and may hold other files: the kit
 removes only what it made, its scratch directory and the kernel and initramfs an earlier
@@ -26,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -65,6 +67,10 @@ DISK_SIZE = 64 << 20
 DISK_LABEL = b"splitvmm demo disk: raw, 64 MiB, yours to write\n"
 BUSYBOX_IN_PACKAGE = "bin/busybox"
 HASH_CHUNK = 1 << 20
+SCRATCH_PREFIX = ".splitvmm-build-"
+# The names tempfile.mkdtemp gives scratch directories (8 of its characters after a prefix
+# that names us): only those are ours to sweep, in a directory that may hold the user's.
+SCRATCH_NAME = re.compile(re.escape(SCRATCH_PREFIX) + r"[a-z0-9_]{8}")
 
 
 class Kit(Struct, frozen=True):
@@ -141,6 +147,7 @@ def build_kit(
     # this user cannot write or read fails there.
     try:
         with _locked(cache_dir):
+            _remove_killed_scratch(cache_dir)
             kit = None if force else load_cached_kit(cache_dir, progress)
             if kit is None:
                 earlier = _recorded_files(cache_dir)
@@ -150,6 +157,14 @@ def build_kit(
             return kit
     except OSError as e:  # the host's trouble (disk full, permissions), not a bug of ours
         raise GuestKitError(f"writing the kit in {cache_dir} failed: {e}") from e
+
+
+def _remove_killed_scratch(cache_dir: Path) -> None:
+    """The scratch of builds killed by a signal, which ran no `finally` (timeout's SIGTERM,
+    SIGKILL): with the lock held no other build is using one."""
+    for path in cache_dir.iterdir():
+        if SCRATCH_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _recorded_files(cache_dir: Path) -> set[Path]:
@@ -187,7 +202,7 @@ def _write_config(kit: Kit) -> None:
 
 
 def _build(cache_dir: Path, progress: Progress, run: Runner) -> Kit:
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))  # ours alone
+    work = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=cache_dir))  # ours alone
     try:
         kernel_pkg, busybox_pkg = fetch_packages(run, work / "debs", progress)
         progress(f"unpacking {kernel_pkg.name} and {busybox_pkg.name}")

@@ -485,7 +485,25 @@ def test_build_kit_manifest_records_sha256_of_kernel_and_initrd(tmp_path: Path):
 
 def test_build_kit_leaves_no_build_directory(tmp_path: Path):
     kit.build_kit(tmp_path, run=FakeHost())
-    assert not list(tmp_path.glob(".build-*"))
+    assert not list(tmp_path.glob(".splitvmm-build-*"))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_build_kit_removes_the_scratch_of_a_killed_build(tmp_path: Path, force: bool):
+    """A build killed by a signal (timeout's SIGTERM, SIGKILL) runs no finally: its scratch,
+    tens of MiB of unpacked packages, was left for good, one more each time."""
+    kit.build_kit(tmp_path, run=FakeHost())
+    killed = tmp_path / ".splitvmm-build-k1ll3d_x"  # as tempfile.mkdtemp names it
+    (killed / "debs").mkdir(parents=True)
+    (killed / "debs" / "busybox-static_1.0_amd64.deb").write_bytes(b"!<arch>\n")
+    (tmp_path / ".splitvmm-build-notes").write_text("mine")  # not a name mkdtemp gives
+    (tmp_path / ".build-k1ll3d_x").mkdir()  # another tool's scratch: not ours
+
+    kit.build_kit(tmp_path, force=force, run=FakeHost())
+
+    assert not killed.exists()
+    assert (tmp_path / ".splitvmm-build-notes").read_text() == "mine"
+    assert (tmp_path / ".build-k1ll3d_x").is_dir()
 
 
 def test_build_kit_removes_only_what_it_made(tmp_path: Path):
