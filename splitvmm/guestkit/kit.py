@@ -195,10 +195,11 @@ def _make_disk(path: Path) -> None:
 def _write_config(kit: Kit) -> None:
     disk = kit.config.with_name(DISK)
     _make_disk(disk)
-    text = render_vm_config(kit.kernel, kit.initrd, disk)
-    if not kit.config.is_file() or kit.config.read_text() != text:
+    data = render_vm_config(kit.kernel, kit.initrd, disk).encode()
+    # Bytes, not text: a config edited in another encoding is a change like any other.
+    if not kit.config.is_file() or kit.config.read_bytes() != data:
         with _atomic_output(kit.config) as f:
-            f.write(text.encode())
+            f.write(data)
 
 
 def _build(cache_dir: Path, progress: Progress, run: Runner) -> Kit:

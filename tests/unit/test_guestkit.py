@@ -555,6 +555,16 @@ def test_build_kit_moved_cache_rewrites_config_paths(tmp_path: Path):
     )
 
 
+def test_build_kit_config_that_is_not_utf8_is_rewritten(tmp_path: Path):
+    """debian.toml is re-rendered every run: one edited in another encoding (a Latin-1 é) is
+    replaced like any other change, not a UnicodeDecodeError traceback."""
+    built = kit.build_kit(tmp_path, run=FakeHost())
+    good = built.config.read_bytes()
+    built.config.write_bytes(good + b"# caf\xe9\n")
+    again = kit.build_kit(tmp_path, run=FakeHost())
+    assert (again.reused, again.config.read_bytes()) == (True, good)
+
+
 def test_build_kit_manifest_of_another_recipe_rebuilds(tmp_path: Path):
     kit.build_kit(tmp_path, run=FakeHost())
     manifest = json.loads((tmp_path / "manifest.json").read_text())
