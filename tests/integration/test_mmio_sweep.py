@@ -32,9 +32,11 @@ def test_mmio_sweep_of_pci_hole_keeps_monitor_rss_flat(guests, tmp_path):
     # second, which the assertion below shows should the guest's count be off
     vm = boot_guest(tmp_path, guests["mmio-sweep"], f"stride={STRIDE:#x}", ("--log-level", "info"))
     try:
-        vm.wait_for(r"^mmio-sweep: 1/8$", timeout=60)
+        vm.wait_for(r"^mmio-sweep: 1/8\n", timeout=60)
         early = rss_kib(vm.proc.pid)
-        done = vm.wait_for(r"^mmio-sweep: done reads=(\d+) all-ones=(\d+)$", timeout=180)
+        # \n, not $: $ also matches at the end of the text, so a line the guest was still
+        # printing matched with its last count cut short ("all-ones=25804" of 258046)
+        done = vm.wait_for(r"^mmio-sweep: done reads=(\d+) all-ones=(\d+)\n", timeout=180)
         late = rss_kib(vm.proc.pid)
     finally:
         vm.proc.terminate()
