@@ -325,7 +325,7 @@ class Machine:
 
     def _machine_facts(self) -> dict[str, object]:
         """The machine as a model with machine_facts is told it (DeviceSpec.transport)."""
-        below = sum(size for gpa, size in layout.ram_ranges(self.mem.size) if gpa < layout.FOUR_GIB)
+        below = sum(r.size for r in self.mem.regions if r.gpa < layout.FOUR_GIB)
         return {
             "ram_below_4g": below,
             "ram_above_4g": self.mem.size - below,
