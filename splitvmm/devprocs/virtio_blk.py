@@ -73,11 +73,17 @@ from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import aio, files
 from splitvmm.protocol import schema
-from splitvmm.protocol.models import BLK_ID_BYTES, DIRECT_IO_ALIGN, VIRTIO_BLK, blk_serial_problem
+from splitvmm.protocol.models import (
+    BLK_ID_BYTES,
+    BLK_SECTOR,
+    DIRECT_IO_ALIGN,
+    VIRTIO_BLK,
+    blk_serial_problem,
+)
 from splitvmm.protocol.schema import Upgrade
 
 VIRTIO_ID_BLOCK = 2
-SECTOR = 512
+SECTOR = BLK_SECTOR
 ID_BYTES = BLK_ID_BYTES  # VIRTIO_BLK_ID_BYTES
 
 # feature bits (5.2.3)

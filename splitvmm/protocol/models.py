@@ -455,6 +455,7 @@ def virtio_fds(queues: int, *backend: FdRole) -> tuple[FdRole, ...]:
 
 
 BLK_ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES: the longest answer to VIRTIO_BLK_T_GET_ID
+BLK_SECTOR = 512  # virtio 1.2 5.2.4: capacity, and every request's sector, count these
 
 
 def blk_serial_problem(value: object) -> str | None:
@@ -493,7 +494,7 @@ VIRTIO_BLK = ModelDescriptor(
             option="path",
             readonly_option="readonly",
             direct_option="direct",
-            min_size=512,  # one sector (virtio 5.2.4: capacity counts 512-byte sectors)
+            min_size=BLK_SECTOR,  # a disk of no sector is none
         ),
         FdRole("progress", FdKind.PROGRESS),  # a failed write-back, latched across restarts
     ),
