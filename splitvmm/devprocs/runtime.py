@@ -447,15 +447,23 @@ CONNECT_TIMEOUT_MS = 10000  # the monitor binds before it spawns us: this is a s
 
 
 def _connect(endpoint: str) -> zmq.Socket[bytes]:
-    """Connect the channel; return once connected (seccomp forbids connecting afterwards)."""
+    """Connect the channel; return once connected (seccomp forbids connecting afterwards).
+    Connected, not handshaken: the monitor sends its ZMTP greeting when it first reads the
+    channel (monitor/zmtp.py), and our first send (READY) waits for it, while this process
+    goes on into its sandbox."""
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost monitor is fatal, never a new socket()
-    sock.setsockopt(zmq.IMMEDIATE, 1)  # so POLLOUT means "connected", not just "queued"
-    sock.connect(endpoint)
-    if not sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
-        raise sandbox.SandboxError(f"channel not connected within {CONNECT_TIMEOUT_MS} ms")
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a connection not yet handshaken
+    connected = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        sock.connect(endpoint)
+        if not connected.poll(CONNECT_TIMEOUT_MS):
+            raise sandbox.SandboxError(f"channel not connected within {CONNECT_TIMEOUT_MS} ms")
+    finally:
+        sock.disable_monitor()
+        connected.close()
     return sock
 
 

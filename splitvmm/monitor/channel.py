@@ -31,6 +31,7 @@ from typing import cast
 import zmq
 
 from splitvmm.errors import ProtocolError, SplitvmmError
+from splitvmm.monitor import zmtp
 from splitvmm.monitor.budget import LatencyBudget
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.protocol import control, events, wire
@@ -64,7 +65,8 @@ MAX_LATE_STATS = 8
 # A process seen dead (pidfd) may have answered just before: its frames are in the kernel's
 # socket buffer, and ZeroMQ's I/O thread hands them over before it reports the disconnect.
 GONE_WAIT_MS = 100
-RCVHWM = 64  # frames ZeroMQ holds unread from a device (its sends wait beyond that)
+RCVHWM = 64  # chunks (up to 8 KiB) ZeroMQ holds unread from a device (its sends wait beyond)
+SEND_RETRY_MS = 5  # a send to a device whose queue is full is tried again this often
 # How long (this thread's CPU) one drain_events() call may take: the rest waits for the next
 # call. Each frame is checked whole (up to control.MAX_DEVICE_FRAME, ~30 ms for a hostile
 # 64 KiB publish), so a count alone let a device hold a vCPU's mirrored read for seconds.
@@ -134,18 +136,14 @@ class DeviceChannel:
         self._seq = 0
         self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
         try:
-            sock = zctx.socket(zmq.PAIR)
+            sock = zctx.socket(zmq.STREAM)  # ZMTP is ours to speak (monitor/zmtp.py)
         except BaseException:
             os.close(listener)
             raise
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDTIMEO, WRITE_TIMEOUT_MS)
-        # ZeroMQ drops the connection on a frame over MAXMSGSIZE, and holds at most RCVHWM
-        # unread messages. Not bounded: the parts of one multipart message, which ZeroMQ keeps
-        # until its last part comes (MAXMSGSIZE is per part, the HWM counts whole messages):
-        # a device writing raw ZMTP can grow the monitor without end
-        # (tests/unit/test_channel_multipart.py).
-        sock.setsockopt(zmq.MAXMSGSIZE, control.MAX_DEVICE_FRAME)
+        # ZeroMQ holds at most RCVHWM unread chunks (of at most 8 KiB) from a device, and we
+        # parse them as they come: a frame over MAX_DEVICE_FRAME or a multipart message is
+        # refused on its header (monitor/zmtp.py), so a device makes us hold little.
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.USE_FD, listener)
         try:
@@ -155,10 +153,10 @@ class DeviceChannel:
             os.close(listener)
             raise
         self.sock = sock
+        self._link = zmtp.StreamLink(sock, control.MAX_DEVICE_FRAME)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._pidfd: int | None = None
-        self._gone: zmq.Socket[bytes] | None = None  # ZeroMQ's disconnect events, once watched
         # Requests given up on without a failure, whose answers are dropped when they come:
         # seq -> the reply's op ("counters": stats; "pong": a ping to a device in host I/O)
         self._late: dict[int, str] = {}
@@ -171,13 +169,12 @@ class DeviceChannel:
         if self._pidfd is None and process.pidfd >= 0:
             self._pidfd = process.pidfd
             self._poller.register(process.pidfd, zmq.POLLIN)
-            self._gone = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
     def wait_ready(self, process: DeviceProcess, timeout_ms: int = READY_TIMEOUT_MS) -> None:
         """READY within `timeout_ms`, or ChannelError saying why not (the device's own words,
         truncated)."""
         waited = 0
-        while not self.sock.poll(READY_POLL_MS):
+        while not self._frame_within(READY_POLL_MS):
             waited += READY_POLL_MS
             try:
                 status = process.poll()
@@ -188,12 +185,13 @@ class DeviceChannel:
                 ) from None
             # A device that refuses to start sends why, then exits: the frame may reach our
             # socket just after the poll gave up, so it is looked for once more.
-            if status is not None and self.sock.poll(EXITED_GRACE_MS):
+            if status is not None and self._frame_within(EXITED_GRACE_MS):
                 break
             if status is not None or waited >= timeout_ms:
                 why = f"exited with status {status}" if status is not None else "did not start"
                 raise ChannelError(f"{why} within {waited} ms, before it was ready")
-        buf = self.sock.recv()
+        buf = self._link.take()
+        assert buf is not None  # _frame_within said so
         try:
             if control.is_control(buf):
                 msg = control.decode(buf)
@@ -302,7 +300,7 @@ class DeviceChannel:
         host I/O: the request its events came with may be the supervisor's ping, which must
         never wait on one device; a device that asks must take its answers."""
         try:
-            self._send(frame, "an answer to its event", wait_host_io=False)
+            self._send(zmtp.encode((frame,)), "an answer to its event", wait_host_io=False)
         except _InHostIo:
             raise ChannelError(
                 f"took no answer to its event within {WRITE_TIMEOUT_MS} ms"
@@ -313,46 +311,53 @@ class DeviceChannel:
         I/O threads for all (each part is a frame to the device). ZeroMQ delivers a
         message whole or not at all."""
         self._waited_on_host_io = False  # a wait on its disk here is this post's own
-        for frame in frames[:-1]:
-            self._send(frame, "a posted write", _SNDMORE)
-        self._send(frames[-1], "a posted write")
+        self._send(zmtp.encode(frames), "a posted write")
         self._posted += len(frames)
 
-    def _send(self, frame: bytes, what: str, more: int = 0, wait_host_io: bool = True) -> None:
-        """Send `frame` (`what` it is, for messages), waiting only while the device's queue
-        is full, at most WRITE_TIMEOUT_MS, and not at all once its process has ended. With
-        no peer connected a PAIR socket takes nothing, so a frame to a device that has just
-        died would otherwise wait out the whole timeout, holding the slot's lock. A device
-        inside a host I/O call is waited for past that, as by _request, or, without
-        `wait_host_io`, _InHostIo(sent=False) is raised: the supervisor's ping must not wait
-        on one device's disk (or on a device that says it is in one and never drains)."""
+    def _send(self, data: bytes, what: str, wait_host_io: bool = True) -> None:
+        """Send `data`, a ZMTP message (zmtp.encode; `what` it is, for messages), waiting only
+        while the device has not connected yet or its queue is full, at most WRITE_TIMEOUT_MS,
+        and not at all once its process has ended (its pidfd) or its connection has: a frame
+        to a device that has just died would otherwise wait out the whole timeout, holding
+        the slot's lock. A device inside a host I/O call is waited for past that, as by
+        _request, or, without `wait_host_io`, _InHostIo(sent=False) is raised: the
+        supervisor's ping must not wait on one device's disk (or on a device that says it is
+        in one and never drains)."""
+        link = self._link
         try:
-            self.sock.send(frame, _NOBLOCK | more)
+            link.send(data, _NOBLOCK)
             return
         except zmq.Again:
             pass
         except zmq.ZMQError as e:
             raise ChannelError(f"stopped taking frames ({e})") from None
-        if self._pidfd is None:  # no pidfd to watch: a blocking send with its timeout
+        # ZMQ_STREAM has no POLLOUT to wait on (it takes a message for any peer, then says
+        # EAGAIN for a full one), so we try again every SEND_RETRY_MS, reading meanwhile what
+        # the device sends (its connection's notice among it: then we can send at all).
+        deadline = time.monotonic() + WRITE_TIMEOUT_MS / 1000
+        while True:
+            if self._pidfd is not None and readable(self._pidfd, 0):
+                raise ChannelError(f"its process ended with {what} unsent")
+            self._frame_ready()
             try:
-                self.sock.send(frame, more)
-            except zmq.ZMQError as e:  # EAGAIN after SNDTIMEO: the device stopped draining
+                link.send(data, _NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as e:
                 raise ChannelError(f"stopped taking frames ({e})") from None
-            return
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLOUT)
-        poller.register(self._pidfd, zmq.POLLIN)
-        ready = dict(poller.poll(WRITE_TIMEOUT_MS))
-        while not ready and self._still_in_host_io():  # its queue waits on its disk
-            if not wait_host_io:
-                raise _InHostIo(sent=False)
-            ready = dict(poller.poll(WRITE_TIMEOUT_MS))
-        if ready.get(self._pidfd):
-            raise ChannelError(f"its process ended with {what} unsent")
-        try:
-            self.sock.send(frame, _NOBLOCK | more)
-        except zmq.ZMQError as e:
-            raise ChannelError(f"stopped taking frames ({e})") from None
+            if link.closed:
+                raise ChannelError(f"closed its channel with {what} unsent")
+            if time.monotonic() >= deadline:
+                if not self._still_in_host_io():  # its queue may wait on its disk
+                    raise ChannelError(f"stopped taking frames (none within {WRITE_TIMEOUT_MS} ms)")
+                if not wait_host_io:
+                    raise _InHostIo(sent=False)
+                deadline = time.monotonic() + WRITE_TIMEOUT_MS / 1000
+            if self._pidfd is None:
+                time.sleep(SEND_RETRY_MS / 1000)
+            else:
+                readable(self._pidfd, SEND_RETRY_MS / 1000)
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -386,7 +391,7 @@ class DeviceChannel:
         module docstring), or, without `wait_host_io`, _InHostIo is raised."""
         self._waited_on_host_io = False
         try:
-            self._send(frame, "a request", wait_host_io=wait_host_io)
+            self._send(zmtp.encode((frame,)), "a request", wait_host_io=wait_host_io)
             deadline = time.monotonic() + timeout_ms / 1000
             allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
             for _ in range(allowed + 1):
@@ -410,22 +415,16 @@ class DeviceChannel:
             raise ChannelError(f"sent more than {allowed} events around one request")
         except zmq.Again:
             if self._dropped():
-                raise ChannelError(
-                    f"ZeroMQ dropped its connection: it sent a frame over "
-                    f"{control.MAX_DEVICE_FRAME} bytes, or bytes that are not ZMTP, or "
-                    "closed its end of it"
-                ) from None
+                raise ChannelError("closed its end of the channel") from None
             raise _ReplyLate(f"no reply within {timeout_ms} ms") from None
         except zmq.ZMQError as e:
             raise ChannelError(str(e)) from None
 
     def _dropped(self) -> bool:
-        """Whether ZeroMQ reported the device's connection closed. Its process is alive
-        (_recv answers for one that ended), so ZeroMQ hung up on it (what a frame over
-        MAXMSGSIZE or a protocol error gets) or it closed its own end (the same event: ZeroMQ
-        does not say which), and the device's request then waited out its deadline.
-        Looked at past a deadline only: the hot path polls no third socket for it."""
-        return self._gone is not None and bool(self._gone.poll(0))
+        """Whether the device's connection has ended (its process is alive: _recv answers
+        for one that ended). Looked at past a deadline only."""
+        self._frame_ready()  # ZeroMQ's notice of the end comes after the device's last bytes
+        return self._link.closed
 
     def give_up_host_io(self) -> None:
         """The VM is stopping: a request past its deadline is no longer waited for because
@@ -453,49 +452,66 @@ class DeviceChannel:
             )
         return True
 
+    def _frame_ready(self) -> bool:
+        """Whether a whole frame from the device waits (read from ZeroMQ, never waiting, until
+        one is whole); ChannelError, and its connection ended, if it broke ZMTP."""
+        try:
+            return self._link.frame_ready()
+        except ProtocolError as e:
+            self._link.close_peer()
+            raise ChannelError(str(e)) from None
+
+    def _frame_within(self, timeout_ms: int) -> bool:
+        """Whether a whole frame comes within `timeout_ms` (then _link.take() has it)."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while not self._frame_ready():
+            left_ms = round((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or self._link.closed:
+                return False
+            self.sock.poll(left_ms)
+        return True
+
     def _recv(self, deadline: float) -> bytes:
         """The next frame by `deadline`; ChannelError if the process ended first."""
-        if self._pidfd is None:  # a blocking recv with a deadline: one wait fewer than poll
-            left_ms = max(0, round((deadline - time.monotonic()) * 1000))
-            self.sock.setsockopt(zmq.RCVTIMEO, left_ms)
-            buf: bytes = self.sock.recv()
-            return buf
+        link = self._link
         while True:
+            buf = link.take()  # already parsed: no system call
+            if buf is not None:
+                return buf
             left_ms = max(0, round((deadline - time.monotonic()) * 1000))
             ready = dict(self._poller.poll(left_ms))
-            if ready.get(self.sock):
-                buf = self.sock.recv(zmq.NOBLOCK)
-                return buf
+            if ready.get(self.sock) and self._frame_ready():
+                continue
             if ready.get(self._pidfd):
                 return self._last_words()
             if left_ms == 0:
                 raise zmq.Again()
 
     def _last_words(self) -> bytes:
-        """What a process that ended during a request sent before it ended, if anything."""
-        if self._gone is not None:
-            self._gone.poll(GONE_WAIT_MS)
-        if _readable(self.sock):
-            buf: bytes = self.sock.recv(zmq.NOBLOCK)
+        """What a process that ended during a request sent before it ended, if anything: its
+        bytes are in the kernel's socket buffer, and ZeroMQ's notice of the connection's end
+        comes after them."""
+        if self._frame_within(GONE_WAIT_MS):
+            buf = self._link.take()
+            assert buf is not None
             return buf
         raise ChannelError("its process ended during a request")
 
     def drain_events(self, limited: bool = True) -> None:
         """Handle what the device sent while nobody asked: events only; any other frame
-        breaks the channel. At most RCVHWM frames a call (what ZeroMQ holds unread), and no
-        more once DRAIN_LIMIT_S has passed: a device that keeps sending cannot hold the
-        caller here (a vCPU, or the supervisor, which watches every device); what it sends
-        meanwhile waits for the next call. The CPU time the drain took (this thread's: the
-        host's preemptions and the GIL's waits are not the device's doing) is charged to its
-        budget as a slow reply's wait is. `limited`=False: a process that ended, whose last
-        frames are all wanted."""
-        # ZMQ_EVENTS is an int option (zmq_getsockopt(3)); pyzmq's get() types them all.
+        breaks the channel. At most RCVHWM frames a call, and no more once DRAIN_LIMIT_S has
+        passed: a device that keeps sending cannot hold the caller here (a vCPU, or the
+        supervisor, which watches every device); what it sends meanwhile waits for the next
+        call. The CPU time the drain took (this thread's: the host's preemptions and the
+        GIL's waits are not the device's doing) is charged to its budget as a slow reply's
+        wait is. `limited`=False: a process that ended, whose last frames are all wanted."""
         self.mirror.news_taken()
         start = time.thread_time()  # this thread's CPU: not the host's or the GIL's stalls
         for _ in range(RCVHWM):
-            if not _readable(self.sock) or limited and time.thread_time() - start > DRAIN_LIMIT_S:
+            if limited and time.thread_time() - start > DRAIN_LIMIT_S or not self._frame_ready():
                 break
-            buf = self.sock.recv(zmq.NOBLOCK)
+            buf = self._link.take()
+            assert buf is not None
             if not self._handled_event(buf):
                 raise ChannelError("sent a frame nobody asked for")
         if limited:  # what its events cost us, as a slow reply would: a device that keeps
@@ -562,19 +578,10 @@ class DeviceChannel:
             raise ChannelError(f"bad register mirror: {e}") from None
 
     def close(self) -> None:
-        if self._gone is not None:
-            self.sock.disable_monitor()
-            self._gone.close()
         self.sock.close()
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
-# zmq's flags are IntFlags, whose `&` and `|` build a member (~0.6-1 us each): a read from
-# the register mirror asks _POLLIN once per access, and every frame sent takes _NOBLOCK.
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
-
-
-def _readable(sock: zmq.Socket[bytes]) -> bool:
-    """A frame waits unread (pyzmq types every option as int | bytes; ZMQ_EVENTS is an int)."""
-    return bool(cast(int, sock.get(zmq.EVENTS)) & _POLLIN)
+# zmq's flags are IntFlags, whose `&` and `|` build a member (~0.6-1 us each): every frame
+# sent takes _NOBLOCK.
+_NOBLOCK = int(zmq.NOBLOCK)

@@ -160,7 +160,7 @@ def listen_channel(path: str) -> socket.socket:
     old_umask = os.umask(0o177)
     try:
         sock.bind(path)
-        sock.listen(1)  # one peer: the device (PAIR)
+        sock.listen(1)  # one peer: the device
     except OSError:
         sock.close()
         raise

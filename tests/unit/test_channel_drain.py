@@ -1,7 +1,7 @@
 """DeviceChannel.drain_events' charge (monitor/channel.py): the CPU a device's events cost the
 monitor is charged to its latency budget; the host's stalls are not the device's doing.
 
-A channel without ZeroMQ: its socket a queue, its event handling a stand-in that either
+A channel without ZeroMQ: its link (monitor/zmtp.py StreamLink) a queue of frames, its event handling a stand-in that either
 burns CPU (checking a hostile 64 KiB publish whole takes ~25-30 ms) or sleeps (standing in
 for a monitor thread the host preempted)."""
 
@@ -11,7 +11,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import zmq
 
 from splitvmm.monitor import channel
 from splitvmm.monitor.budget import LatencyBudget
@@ -19,15 +18,15 @@ from splitvmm.monitor.budget import LatencyBudget
 EVENT_S = 0.030
 
 
-class QueueSocket:
+class QueueLink:
     def __init__(self) -> None:
         self.queue: list[bytes] = []
 
-    def get(self, option: int) -> int:
-        return int(zmq.POLLIN) if self.queue else 0
+    def frame_ready(self) -> bool:
+        return bool(self.queue)
 
-    def recv(self, flags: int = 0) -> bytes:
-        return self.queue.pop(0)
+    def take(self) -> bytes | None:
+        return self.queue.pop(0) if self.queue else None
 
 
 def burn(seconds: float) -> None:
@@ -38,7 +37,7 @@ def burn(seconds: float) -> None:
 
 def drained_channel(handle) -> channel.DeviceChannel:
     ch = channel.DeviceChannel.__new__(channel.DeviceChannel)
-    ch.sock = QueueSocket()  # type: ignore[assignment]
+    ch._link = QueueLink()  # type: ignore[assignment]
     ch.mirror = SimpleNamespace(news_taken=lambda: None)  # type: ignore[assignment]
     ch._budget = LatencyBudget(
         channel.LATENCY_BUDGET_MS, channel.LATENCY_WINDOW_S, channel.SLOW_REPLY_MS
@@ -55,7 +54,7 @@ def test_a_device_pacing_costly_events_to_each_drain_spends_its_budget():
     with pytest.raises(channel.ChannelError, match="over the budget"):
         while drains < 200:
             drains += 1
-            ch.sock.queue[:] = [b"e", b"e"]  # type: ignore[attr-defined]
+            ch._link.queue[:] = [b"e", b"e"]  # type: ignore[attr-defined]
             ch.drain_events()
     assert drains * 2 * EVENT_S * 1e3 <= 2 * channel.LATENCY_BUDGET_MS
 
@@ -63,13 +62,13 @@ def test_a_device_pacing_costly_events_to_each_drain_spends_its_budget():
 def test_a_drain_the_host_stalled_is_not_the_devices_doing():
     ch = drained_channel(lambda buf: time.sleep(EVENT_S) or True)
     for _ in range(channel.LATENCY_BUDGET_MS // int(2 * EVENT_S * 1e3) + 5):  # over, if charged
-        ch.sock.queue[:] = [b"e", b"e"]  # type: ignore[attr-defined]
+        ch._link.queue[:] = [b"e", b"e"]  # type: ignore[attr-defined]
         ch.drain_events()
 
 
 def test_a_drain_stops_at_its_cpu_limit_and_leaves_the_rest_for_the_next():
     ch = drained_channel(lambda buf: burn(EVENT_S) or True)
-    ch.sock.queue[:] = [b"e"] * 10  # type: ignore[attr-defined]
+    ch._link.queue[:] = [b"e"] * 10  # type: ignore[attr-defined]
     ch.drain_events()
-    left = len(ch.sock.queue)  # type: ignore[attr-defined]
+    left = len(ch._link.queue)  # type: ignore[attr-defined]
     assert 10 - left == int(channel.DRAIN_LIMIT_S / EVENT_S) + 1  # one more past the limit

@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from splitvmm.monitor import channel as channel_module
+from splitvmm.monitor import zmtp
 from splitvmm.monitor.channel import ChannelError, DeviceChannel
 from splitvmm.protocol import control, events, wire
 
@@ -160,9 +161,19 @@ def test_a_ping_to_a_device_in_host_io_that_never_drains_its_queue_returns(tmp_p
     pidfd = os.pidfd_open(alive.pid)
     ch.watch_process(SimpleNamespace(pidfd=pidfd))  # type: ignore[arg-type]
     try:
-        frame = control.encode({"op": "ping", "seq": 0})
-        while ch.sock.poll(500, zmq.POLLOUT):  # fill every queue on the way to the device
-            ch.sock.send(frame, zmq.NOBLOCK)
+        ping = zmtp.encode((control.encode({"op": "ping", "seq": 0}),))
+        deadline = time.monotonic() + 10
+        while not ch._link.reader.ready and time.monotonic() < deadline:  # its handshake
+            ch.drain_events()
+            time.sleep(0.01)
+        full_since = None  # fill every queue on the way to the device, until it stays full
+        while full_since is None or time.monotonic() - full_since < 0.5:
+            try:
+                ch._link.send(ping, zmq.NOBLOCK)
+                full_since = None
+            except zmq.Again:
+                full_since = full_since or time.monotonic()
+                time.sleep(0.01)
         in_host_io[0] = True
         answered: list[bool] = []
         beat = threading.Thread(target=lambda: answered.append(ch.ping(DEADLINE_MS)))

@@ -1,30 +1,35 @@
-"""What a hostile device can make the monitor's end of its channel buffer (monitor/channel.py).
+"""What a hostile device can make the monitor's end of its channel buffer (monitor/channel.py,
+monitor/zmtp.py).
 
 A compromised device holds its channel's socket and may write any bytes to it (its seccomp
 policy allows write() on any fd), so the device end here is a raw ZMTP 3.0 peer, not a
-ZeroMQ socket. ZMQ_MAXMSGSIZE bounds each frame (part) of a message and ZMQ_RCVHWM counts
-whole messages, but ZeroMQ hands over a multipart message only once its last part came:
-until then its I/O thread keeps every part, and nothing limits how many there are.
+ZeroMQ socket. A libzmq PAIR socket kept every part of a multipart message until its last
+part came, without limit (96 MiB in this test, ~450 MiB/s in a scratch run); the monitor's
+end now reads ZMTP itself, refuses a multipart message on its first part's header, ends the
+connection, and holds at most RCVHWM chunks meanwhile.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import zmq
 
-from splitvmm.monitor.channel import RCVHWM, DeviceChannel
-from splitvmm.protocol import control
+from splitvmm.monitor.channel import RCVHWM, ChannelError, DeviceChannel
+from splitvmm.protocol import control, wire
 
-PART = 60 << 10  # under MAX_DEVICE_FRAME: ZeroMQ keeps the peer
+PART = 60 << 10  # under MAX_DEVICE_FRAME, so a per-frame limit alone lets it through
 SENT = 96 << 20  # of parts of one message that never ends
-# What the channel's docstring says a device can make it hold: RCVHWM frames of at most
-# MAX_DEVICE_FRAME each, and slack for the allocator.
-BOUND = RCVHWM * control.MAX_DEVICE_FRAME + (16 << 20)
+# What a device can make the channel hold: RCVHWM chunks of at most 8 KiB in ZeroMQ, one
+# frame and a chunk in the parser, and slack for the allocator.
+BOUND = RCVHWM * (8 << 10) + control.MAX_DEVICE_FRAME + (16 << 20)
+GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32)
+READY = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 4) + b"PAIR"
 
 
 def _rss() -> int:
@@ -32,47 +37,157 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def _zmtp_peer(path: Path) -> socket.socket:
-    """A ZMTP 3.0 PAIR peer with the NULL mechanism, handshake done (RFC 23)."""
+def _raw_peer(path: Path) -> socket.socket:
+    """A ZMTP 3.0 PAIR peer with the NULL mechanism (RFC 23), its greeting and READY sent; it
+    never reads ours (the kernel's buffer takes it)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(path))
-    s.sendall(b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32))
-    greeting = b""
-    while len(greeting) < 64:
-        greeting += s.recv(64 - len(greeting))
-    ready = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 4) + b"PAIR"
-    s.sendall(b"\x04" + bytes([len(ready)]) + ready)
+    s.sendall(GREETING + b"\x04" + bytes([len(READY)]) + READY)
     return s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ZeroMQ buffers an unfinished multipart message without limit; no socket option "
-    "bounds the parts (not fixed: needs the channel's own framing)",
-)
-def test_a_device_cannot_make_the_monitor_buffer_an_endless_multipart_message(
-    tmp_path: Path,
-) -> None:
-    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+def _channel(tmp_path: Path, zctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[DeviceChannel, Path]:
     path = tmp_path / "dev0.sock"
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening.bind(str(path))
     listening.listen(1)
-    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx)
-    peer = _zmtp_peer(path)
+    return DeviceChannel("serial", f"ipc://{path}", listening.detach(), zctx), path
+
+
+def _flood(peer: socket.socket, data: bytes, count: int) -> threading.Thread:
+    def send() -> None:
+        peer.settimeout(5)
+        for _ in range(count):
+            try:
+                peer.sendall(data)
+            except OSError:  # the monitor hung up on it
+                return
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_device_cannot_make_the_monitor_buffer_an_endless_multipart_message(
+    tmp_path: Path,
+) -> None:
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    peer = _raw_peer(path)
     try:
         before = _rss()
         part = b"\x03" + struct.pack(">Q", PART) + bytes(PART)  # MORE | LONG
-        peer.settimeout(5)
-        for _ in range(SENT // PART):
-            try:
-                peer.sendall(part)
-            except OSError:  # the monitor hung up on it: what a fix may do
-                break
-        time.sleep(0.5)  # for ZeroMQ's I/O thread to take what is in the socket
+        sender = _flood(peer, part, SENT // PART)
+        time.sleep(0.3)  # ZeroMQ's I/O thread takes what it may of it meanwhile
+        with pytest.raises(ChannelError, match="sent a multipart message"):
+            ch.drain_events()
+        sender.join(10)
+        assert not sender.is_alive(), "the monitor still took the device's bytes"
         grown = _rss() - before
     finally:
         peer.close()
         ch.close()
         zctx.term()
     assert grown < BOUND, f"the monitor grew by {grown >> 20} MiB for one unfinished message"
+
+
+def test_a_device_that_sends_nothing_whole_is_held_to_its_chunks(tmp_path: Path) -> None:
+    """No frame ends and nobody reads: ZeroMQ stops taking the device's bytes at RCVHWM
+    chunks, so the device's sends block rather than grow us."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    peer = _raw_peer(path)
+    try:
+        before = _rss()
+        sender = _flood(peer, bytes(64 << 10), SENT // (64 << 10))  # zeros: short frames
+        sender.join(1.5)
+        grown = _rss() - before
+        assert sender.is_alive(), "the device wrote 96 MiB that nobody read"
+    finally:
+        peer.close()
+        ch.close()
+        zctx.term()
+    assert grown < BOUND, f"the monitor grew by {grown >> 20} MiB for unread bytes"
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (b"\x02" + struct.pack(">Q", 1 << 40), "a frame of 1099511627776 bytes, over the 65536"),
+        (b"\x04\x05\x04PING", "a command after its handshake"),
+        (b"\x10\x00", "frame flags 0x10 after its handshake"),
+    ],
+)
+def test_a_frame_header_the_channel_refuses_ends_the_device(
+    tmp_path: Path, frame: bytes, why: str
+) -> None:
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    peer = _raw_peer(path)
+    try:
+        peer.sendall(frame)
+        time.sleep(0.1)
+        with pytest.raises(ChannelError, match=why):
+            ch.drain_events()
+    finally:
+        peer.close()
+        ch.close()
+        zctx.term()
+
+
+def test_bytes_that_are_not_zmtp_end_the_device(tmp_path: Path) -> None:
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(str(path))
+    try:
+        peer.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        time.sleep(0.1)
+        with pytest.raises(ChannelError, match="not a ZMTP greeting"):
+            ch.drain_events()
+    finally:
+        peer.close()
+        ch.close()
+        zctx.term()
+
+
+def test_a_libzmq_pair_socket_talks_to_the_channel(tmp_path: Path) -> None:
+    """The device's real end: READY, a read answered, posted writes as one multipart
+    message, a frame over 255 bytes both ways (ZMTP's long form)."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    dev = zctx.socket(zmq.PAIR)
+    dev.setsockopt(zmq.LINGER, 0)
+    dev.setsockopt(zmq.IMMEDIATE, 1)  # as devprocs/runtime.py: POLLOUT once the handshake is done
+    dev.connect(f"ipc://{path}")
+    try:
+        # Its send waits for our greeting, which the channel sends once it reads (wait_ready).
+        ready = threading.Thread(target=dev.send, args=(wire.encode_ready(),))
+        ready.start()
+        ch.wait_ready(_Alive(), timeout_ms=2000)  # type: ignore[arg-type]
+        ready.join()
+        ch.post_many([b"a" * 300, b"b", b"c" * 70000])
+        assert dev.poll(2000)
+        assert dev.recv_multipart() == [b"a" * 300, b"b", b"c" * 70000]
+
+        def answer() -> None:
+            seq = wire.FRAME.unpack(dev.recv())[3]  # op, size, flags, seq, offset, data
+            dev.send(wire.encode_read_done(seq, b"\x5a", None))
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert ch.read(5, 1) == b"\x5a"
+        thread.join()
+    finally:
+        dev.close()
+        ch.close()
+        zctx.term()
+
+
+class _Alive:
+    """A DeviceProcess stand-in that has not ended (wait_ready asks)."""
+
+    pidfd = -1
+
+    def poll(self) -> int | None:
+        return None
