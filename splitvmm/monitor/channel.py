@@ -452,11 +452,12 @@ class DeviceChannel:
             )
         return True
 
-    def _frame_ready(self) -> bool:
+    def _frame_ready(self, readable: bool = False) -> bool:
         """Whether a whole frame from the device waits (read from ZeroMQ, never waiting, until
-        one is whole); ChannelError, and its connection ended, if it broke ZMTP."""
+        one is whole; `readable`: a poll just said something waits); ChannelError, and its
+        connection ended, if it broke ZMTP."""
         try:
-            return self._link.frame_ready()
+            return self._link.frame_ready(readable)
         except ProtocolError as e:
             self._link.close_peer()
             raise ChannelError(str(e)) from None
@@ -480,7 +481,7 @@ class DeviceChannel:
                 return buf
             left_ms = max(0, round((deadline - time.monotonic()) * 1000))
             ready = dict(self._poller.poll(left_ms))
-            if ready.get(self.sock) and self._frame_ready():
+            if ready.get(self.sock) and self._frame_ready(readable=True):
                 continue
             if ready.get(self._pidfd):
                 return self._last_words()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import cast
 
 import zmq
 
@@ -53,7 +54,7 @@ HANDSHAKE = GREETING + b"\x04" + bytes([len(_READY_BODY)]) + _READY_BODY  # what
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
 MAX_READY = 1024  # the device's READY command: a socket type and, at most, a routing id
 PUMP_CHUNKS = 64  # chunks one frame_ready() reads at most (a whole 64 KiB frame is ~9)
-_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # not IntFlag: each | builds one
+_NOBLOCK, _SNDMORE, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN)  # not IntFlag
 
 
 def encode(frames: Sequence[bytes]) -> bytes:
@@ -195,20 +196,26 @@ class StreamLink:
         frame, self._frame = self._frame, None
         return frame if frame is not None else self.reader.next()
 
-    def frame_ready(self) -> bool:
+    def frame_ready(self, readable: bool = False) -> bool:
         """Whether a whole frame waits (take() has it): reads what ZeroMQ holds, never
         waiting, until one is whole, at most PUMP_CHUNKS chunks a call (a chunk from a
-        connection we closed makes no progress). ProtocolError if the device broke ZMTP."""
+        connection we closed makes no progress). `readable`: the caller's poll just said a
+        chunk waits, so the first is read without asking ZeroMQ (ZMQ_EVENTS: ~2 us; a recv
+        that finds nothing raises, ~7 us). ProtocolError if the device broke ZMTP."""
         if self._frame is None:
             self._frame = self.reader.next()
+        sock = self.sock
         for _ in range(PUMP_CHUNKS):
             if self._frame is not None:
                 return True
+            if not readable and not cast(int, sock.get(zmq.EVENTS)) & _POLLIN:
+                return False
+            readable = False
             try:
-                who = self.sock.recv(_NOBLOCK)
+                who = sock.recv(_NOBLOCK)
             except zmq.Again:
                 return False
-            data = self.sock.recv()  # a STREAM message is always [routing id, data]
+            data = sock.recv()  # a STREAM message is always [routing id, data]
             if not data:
                 self._notice(who)
             elif who == self.peer and not self.closed:

@@ -22,7 +22,7 @@ class QueueLink:
     def __init__(self) -> None:
         self.queue: list[bytes] = []
 
-    def frame_ready(self) -> bool:
+    def frame_ready(self, readable: bool = False) -> bool:
         return bool(self.queue)
 
     def take(self) -> bytes | None:
