@@ -151,3 +151,12 @@ def test_up_interrupted_while_reading_its_config_exits_130_not_click_abort(monke
 
     assert ended.value.code == 130 and closed == [True]
     assert "splitvmm: stopped by SIGINT" in capsys.readouterr().err
+
+
+def test_guest_build_refuses_an_empty_cache_dir(tmp_path, monkeypatch):
+    """An unset variable in `--cache-dir "$DIR"`: not a kit built in the current directory."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["guest", "build", "--cache-dir", ""])
+    assert result.exit_code == 2
+    assert "Invalid value for '--cache-dir': an empty path" in result.output
+    assert list(tmp_path.iterdir()) == []
