@@ -108,6 +108,18 @@ waiting for the device, 28-39 the monitor's own Python. The one enum operation o
 read 249.8 us (p99 507), mirrored SCR read 73.3, inline in 69.5, raw zmq floor 87.5, pipe
 round trip 2.5 us on one CPU and 64.4 across two; ratio per round 1.60, 1.62, 1.55 (median
 1.60). No change to the path.
+
+2026-12-04, a slow hour (`python -c pass` 17-18 ms; the raw zmq floor 169-335 us): the
+monitor's end of the channel became a ZMQ_STREAM socket that speaks ZMTP itself
+(monitor/zmtp.py: a hostile device could grow a PAIR socket without limit). A forwarded read
+now sends two parts (the peer's routing id, then the frame) and parses the reply in Python,
+~3-5 us more on the monitor's side. --rounds 2, alternating with the tree before it
+(65f42b8), three pairs: ratio per round 1.72/1.47, 1.15/1.79, 1.57/1.63 against 2.33/2.16,
+1.72/1.50, 1.75/1.83; forwarded IIR read 408, 607, 444 us against 653, 429, 472: inside this
+hour's noise. What it opens: the monitor now parses the device's ZMTP itself, so its end could
+read the UNIX socket directly and drop its ZeroMQ I/O thread, two of the round trip's six
+wake-ups (the device keeps its libzmq PAIR socket and the wire stays ZMTP). Not done: it
+would move the monitor's side off ZeroMQ, a design decision of its own.
 """
 
 from __future__ import annotations
