@@ -175,6 +175,8 @@ class DeviceChannel:
         truncated)."""
         waited = 0
         while not self._frame_within(READY_POLL_MS):
+            if self._link.closed:  # nothing more comes: _frame_within returned at once
+                time.sleep(READY_POLL_MS / 1000)
             waited += READY_POLL_MS
             try:
                 status = process.poll()
@@ -187,8 +189,14 @@ class DeviceChannel:
             # socket just after the poll gave up, so it is looked for once more.
             if status is not None and self._frame_within(EXITED_GRACE_MS):
                 break
-            if status is not None or waited >= timeout_ms:
-                why = f"exited with status {status}" if status is not None else "did not start"
+            if status is not None or waited >= timeout_ms or self._link.closed:
+                why = (
+                    f"exited with status {status}"
+                    if status is not None
+                    else "closed its channel"
+                    if self._link.closed
+                    else "did not start"
+                )
                 raise ChannelError(f"{why} within {waited} ms, before it was ready")
         buf = self._link.take()
         assert buf is not None  # _frame_within said so

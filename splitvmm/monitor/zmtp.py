@@ -25,6 +25,7 @@ StreamLink is the ZMQ_STREAM socket with the one peer it serves.
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Sequence
 from typing import cast
@@ -236,11 +237,18 @@ class StreamLink:
     def send(self, data: bytes, flags: int) -> None:
         """ZMTP bytes (encode()) to the device; zmq.Again (nothing sent) while its queue is
         full, or until its greeting and READY are in: a libzmq peer takes a frame that comes
-        before it has sent its own READY for a handshake command, and hangs up."""
+        before it has sent its own READY for a handshake command, and hangs up. A
+        connection ZeroMQ has ended, its notice not yet read, is closed here too."""
         peer = self.peer
         if peer is None or not self.reader.ready or self.closed:
             raise zmq.Again()
-        self.sock.send(peer, flags | _SNDMORE)
+        try:
+            self.sock.send(peer, flags | _SNDMORE)
+        except zmq.ZMQError as e:
+            if e.errno != errno.EHOSTUNREACH:  # ZMQ_STREAM: no such peer (any longer)
+                raise
+            self.closed = True
+            raise zmq.Again() from None
         self.sock.send(data, flags)
 
     def close_peer(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from splitvmm.monitor import zmtp
 from splitvmm.monitor.channel import RCVHWM, ChannelError, DeviceChannel
 from splitvmm.protocol import control, wire
 
@@ -191,3 +192,39 @@ class _Alive:
 
     def poll(self) -> int | None:
         return None
+
+
+def test_a_device_that_closes_its_channel_before_ready_fails_at_once(tmp_path: Path) -> None:
+    """Its process alive, its connection gone: nothing more can come, so wait_ready says so
+    within a poll, not after READY_TIMEOUT_MS of nothing."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    _raw_peer(path).close()
+    try:
+        start = time.monotonic()
+        with pytest.raises(ChannelError, match="closed its channel within .* before it was ready"):
+            ch.wait_ready(_Alive())  # type: ignore[arg-type]
+        assert time.monotonic() - start < 2
+    finally:
+        ch.close()
+        zctx.term()
+
+
+def test_a_send_to_a_connection_zeromq_has_ended_is_no_error_of_the_monitor(
+    tmp_path: Path,
+) -> None:
+    """ZMQ_STREAM says EHOSTUNREACH for a peer whose end it has seen, before we read its
+    notice: the link is closed, and the channel's send says so as for a notice read."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = zctx.socket(zmq.STREAM)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(f"ipc://{tmp_path}/s.sock")
+    link = zmtp.StreamLink(sock, control.MAX_DEVICE_FRAME)
+    link.peer, link.reader.ready = b"\x00gone", True
+    try:
+        with pytest.raises(zmq.Again):
+            link.send(zmtp.encode([b"x"]), zmq.NOBLOCK)
+        assert link.closed
+    finally:
+        sock.close()
+        zctx.term()
