@@ -470,6 +470,16 @@ class DeviceChannel:
             self._link.close_peer()
             raise ChannelError(str(e)) from None
 
+    def _take(self) -> bytes | None:
+        """The next whole frame already read (_link.take()), or None. Taking it may parse
+        what is left of a chunk: a header there that breaks ZMTP fails the device here as in
+        _frame_ready (a ProtocolError out of the channel is a monitor bug to a vCPU)."""
+        try:
+            return self._link.take()
+        except ProtocolError as e:
+            self._link.close_peer()
+            raise ChannelError(str(e)) from None
+
     def _frame_within(self, timeout_ms: int) -> bool:
         """Whether a whole frame comes within `timeout_ms` (then _link.take() has it)."""
         deadline = time.monotonic() + timeout_ms / 1000
@@ -482,9 +492,8 @@ class DeviceChannel:
 
     def _recv(self, deadline: float) -> bytes:
         """The next frame by `deadline`; ChannelError if the process ended first."""
-        link = self._link
         while True:
-            buf = link.take()  # already parsed: no system call
+            buf = self._take()  # already parsed: no system call
             if buf is not None:
                 return buf
             left_ms = max(0, round((deadline - time.monotonic()) * 1000))

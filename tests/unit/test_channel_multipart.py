@@ -228,3 +228,55 @@ def test_a_send_to_a_connection_zeromq_has_ended_is_no_error_of_the_monitor(
     finally:
         sock.close()
         zctx.term()
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = s.recv(n - len(data))
+        assert more, "the channel hung up"
+        data += more
+    return data
+
+
+def _recv_frame(s: socket.socket) -> bytes:
+    """One short ZMTP frame from the monitor (a request: under 256 bytes)."""
+    flags, size = _recv_exact(s, 2)
+    assert flags == 0, f"flags {flags:#x}"
+    return _recv_exact(s, size)
+
+
+def test_a_bad_header_behind_a_good_frame_fails_the_device_as_a_channel_error(
+    tmp_path: Path,
+) -> None:
+    """A device writes its reply and, in the same write, the header of a multipart message.
+    The reply is taken; the header waits in the parser, and the next request's wait
+    (_recv) parses it: that must fail the device (ChannelError, what the slot catches),
+    not raise the parser's ProtocolError out of the channel, which a vCPU takes for a
+    monitor bug and stops the whole VM for (monitor/vcpu.py), whatever the device's
+    on_crash says."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    peer = _raw_peer(path)
+    try:
+        ready = wire.encode_ready()
+        peer.sendall(bytes((0, len(ready))) + ready)
+        ch.wait_ready(_Alive(), timeout_ms=2000)  # type: ignore[arg-type]
+        ours = _recv_exact(peer, 64 + 2)  # the monitor's greeting, its READY's header
+        _recv_exact(peer, ours[-1])
+
+        def answer() -> None:
+            seq = wire.FRAME.unpack(_recv_frame(peer))[3]
+            reply = wire.encode_read_done(seq, b"\x5a", None)
+            peer.sendall(bytes((0, len(reply))) + reply + b"\x01\x00")  # then MORE
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert ch.read(5, 1) == b"\x5a"
+        thread.join()
+        with pytest.raises(ChannelError, match="sent a multipart message"):
+            ch.read(5, 1)
+    finally:
+        peer.close()
+        ch.close()
+        zctx.term()
