@@ -225,14 +225,23 @@ class StreamLink:
         return self._frame is not None
 
     def _notice(self, who: bytes) -> None:
-        """An empty chunk: a connection (ZMQ_STREAM_NOTIFY) or its end."""
+        """An empty chunk: a connection (ZMQ_STREAM_NOTIFY) or its end. Nothing here waits
+        for room: a connection that has ended by the time its notice is read has a pipe
+        ZeroMQ holds, unwritable, until its end's notice is read, by our caller (a blocking
+        send waited for ever); what cannot be sent at once is a connection that is gone."""
         if self.peer is None:
             self.peer = who
-            self.sock.send_multipart([who, HANDSHAKE])  # the greeting and READY, at once
+            try:  # the greeting and READY, at once
+                self.sock.send_multipart([who, HANDSHAKE], _NOBLOCK)
+            except zmq.ZMQError:  # zmq.Again (ending), EHOSTUNREACH (ended): never greeted
+                self.closed = True
         elif who == self.peer:
             self.closed = True
-        else:  # another connection: closed (an empty message to it does that)
-            self.sock.send_multipart([who, b""])
+        else:  # another connection: closed (an empty message to it does that), if still there
+            try:
+                self.sock.send_multipart([who, b""], _NOBLOCK)
+            except zmq.ZMQError:
+                pass
 
     def send(self, data: bytes, flags: int) -> None:
         """ZMTP bytes (encode()) to the device; zmq.Again (nothing sent) while its queue is

@@ -675,6 +675,76 @@ def test_slot_restart_whose_process_dies_before_ready_is_a_crash_the_policy_rest
     assert h.failures[0] == "killed by the test" and "before it was ready" in h.failures[1]
 
 
+def _exit_3_in_sandbox(fds: dict[str, int]) -> dict[str, object]:
+    os._exit(3)  # connected, sandboxed, no READY and no word: a crash in the device's start
+
+
+def _exiting_after_connect(spec: DeviceSpec) -> tuple[ChildProcess, int]:
+    """spawn_child, the process exiting with status 3 once connected, before READY."""
+    import base64
+
+    import cloudpickle  # type: ignore[import-untyped]
+
+    from splitvmm.record import replace
+
+    hook = base64.b64encode(cloudpickle.dumps(_exit_3_in_sandbox)).decode()
+    return spawn_child(replace(spec, hook=hook))
+
+
+class _BareSlot:
+    """A serial slot without the Harness's wait_ready: what a test does before it."""
+
+    def __init__(self, tmp_path, spawner) -> None:
+        self.irq = EventFd()
+        self.out_r, self.out_w = os.pipe()
+        self.zctx = zmq.Context()
+        self.failures: list[str] = []
+        spawn = Spawn(
+            "serial0", "serial", 8, {"output": "stdio"}, {"irq": self.irq.fd, "out": self.out_w}
+        )
+        self.slot = DeviceSlot(spawn, tmp_path, spawner, self.zctx, self._failed)
+
+    def _failed(self, slot: DeviceSlot, reason: str) -> bool:
+        self.failures.append(reason)
+        return False
+
+    def close(self) -> None:
+        self.slot.close()
+        self.zctx.term()
+        self.irq.close()
+        os.close(self.out_r)
+        os.close(self.out_w)
+
+
+def test_slot_device_that_ended_before_the_monitor_read_its_channel_does_not_hang_it(tmp_path):
+    """At a VM's start the monitor reads each device's channel in turn (Machine.run): one
+    that crashed after connecting, before the monitor got to it, must be reported, not hang
+    the monitor in the greeting it sends on that connection's notice."""
+    b = _BareSlot(tmp_path, _exiting_after_connect)
+    b.slot.start()
+    process = b.slot.process
+    assert process is not None
+    assert readable(process.pidfd, 10), "the device did not exit"
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            b.slot.wait_ready()
+        except BaseException as e:
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    if waiter.is_alive():  # stuck in ZeroMQ: the slot cannot be closed under it
+        pytest.fail("wait_ready hung on a device that had ended")
+    try:
+        assert len(errors) == 1 and isinstance(errors[0], DeviceFailure), errors
+        assert "exited with status 3" in str(errors[0])
+    finally:
+        b.close()
+
+
 def test_slot_restart_whose_process_dies_before_ready_fails_for_good_past_the_policy(tmp_path):
     calls: list[ChildProcess] = []
     h = Harness(tmp_path, spawner=killing_in_start(calls), restarts=True)

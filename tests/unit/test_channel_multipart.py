@@ -280,3 +280,37 @@ def test_a_bad_header_behind_a_good_frame_fails_the_device_as_a_channel_error(
         peer.close()
         ch.close()
         zctx.term()
+
+
+def test_a_device_gone_before_the_channel_reads_its_connection_does_not_hang_it(
+    tmp_path: Path,
+) -> None:
+    """The device connects and its connection ends before the monitor first reads the
+    channel (a device that crashes at start while the monitor waits on another's READY).
+    ZeroMQ holds that connection's pipe, unwritable, until its end's notice is read: the
+    greeting sent on its connection's notice must not wait for room, for the one read that
+    would make any is the caller's own (it waited for ever in a blocking send)."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    peer.connect(str(path))
+    peer.close()
+    time.sleep(0.2)  # ZeroMQ has seen both: the connection and its end
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            ch.wait_ready(_Alive(), timeout_ms=1000)  # type: ignore[arg-type]
+        except BaseException as e:
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(5)
+    if waiter.is_alive():  # stuck in ZeroMQ: the socket cannot be closed under it
+        pytest.fail("wait_ready hung on a device whose connection had ended")
+    try:
+        assert len(errors) == 1 and isinstance(errors[0], ChannelError), errors
+    finally:
+        ch.close()
+        zctx.term()
