@@ -173,11 +173,15 @@ class DeviceChannel:
     def wait_ready(self, process: DeviceProcess, timeout_ms: int = READY_TIMEOUT_MS) -> None:
         """READY within `timeout_ms`, or ChannelError saying why not (the device's own words,
         truncated)."""
-        waited = 0
+        start = time.monotonic()
         while not self._frame_within(READY_POLL_MS):
-            if self._link.closed:  # nothing more comes: _frame_within returned at once
-                time.sleep(READY_POLL_MS / 1000)
-            waited += READY_POLL_MS
+            # Its connection ended (_frame_within returns at once from then on): no frame
+            # can come. Its process is ending, most likely: its warden, whose pidfd we hold,
+            # ends a moment after the device proper, whose exit closed the connection.
+            closed = self._link.closed
+            if closed and process.pidfd >= 0:
+                readable(process.pidfd, GONE_WAIT_MS / 1000)
+            waited = round((time.monotonic() - start) * 1000)
             try:
                 status = process.poll()
             except SplitvmmError as e:  # it ended, and its launcher is gone: as slot.py _how
@@ -189,14 +193,11 @@ class DeviceChannel:
             # socket just after the poll gave up, so it is looked for once more.
             if status is not None and self._frame_within(EXITED_GRACE_MS):
                 break
-            if status is not None or waited >= timeout_ms or self._link.closed:
-                why = (
-                    f"exited with status {status}"
-                    if status is not None
-                    else "closed its channel"
-                    if self._link.closed
-                    else "did not start"
-                )
+            if status is not None or closed or waited >= timeout_ms:
+                if status is not None:
+                    why = f"exited with status {status}"
+                else:
+                    why = "closed its end of the channel" if closed else "did not start"
                 raise ChannelError(f"{why} within {waited} ms, before it was ready")
         buf = self._link.take()
         assert buf is not None  # _frame_within said so

@@ -745,6 +745,25 @@ def test_slot_device_that_ended_before_the_monitor_read_its_channel_does_not_han
         b.close()
 
 
+@pytest.mark.parametrize("attempt", range(5))
+def test_slot_device_that_exits_after_connecting_is_reported_with_its_status(tmp_path, attempt):
+    """The device proper exits before READY, the monitor reading its channel: its
+    connection ends at once, its warden (whose pidfd the monitor holds) a moment later. The
+    failure must say how it ended, after the time it waited, not 'did not start within
+    15000 ms' ~0.1 s after its spawn (wait_ready spun on the ended connection)."""
+    b = _BareSlot(tmp_path, _exiting_after_connect)
+    try:
+        b.slot.start()
+        start = time.monotonic()
+        with pytest.raises(DeviceFailure, match="exited with status 3 within"):
+            b.slot.wait_ready()
+        took_ms = (time.monotonic() - start) * 1000
+        said_ms = int(b.failures[0].split(" within ")[1].split(" ms")[0])
+        assert said_ms <= took_ms + 1, (b.failures, took_ms)
+    finally:
+        b.close()
+
+
 def test_slot_restart_whose_process_dies_before_ready_fails_for_good_past_the_policy(tmp_path):
     calls: list[ChildProcess] = []
     h = Harness(tmp_path, spawner=killing_in_start(calls), restarts=True)
