@@ -300,6 +300,44 @@ def test_a_device_gone_before_the_channel_reads_its_connection_does_not_hang_it(
         zctx.term()
 
 
+def test_a_libzmq_device_whose_handshake_timed_out_is_failed_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    """The device's libzmq starts its handshake timer (ZMQ_HANDSHAKE_IVL, 30 s by default)
+    when it connects, and the monitor greets only when it first reads the channel: one
+    read later than that (Machine.run reads each device's channel in turn) finds the
+    connection ended by the device's own ZeroMQ, never to come back (RECONNECT_IVL -1).
+    Here the timer is 200 ms. The channel hung for ever in its greeting's send."""
+    zctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ch, path = _channel(tmp_path, zctx)
+    dev = zctx.socket(zmq.PAIR)
+    dev.setsockopt(zmq.LINGER, 0)
+    dev.setsockopt(zmq.RECONNECT_IVL, -1)  # as devprocs/runtime.py _connect
+    dev.setsockopt(zmq.IMMEDIATE, 1)
+    dev.setsockopt(zmq.HANDSHAKE_IVL, 200)
+    dev.connect(f"ipc://{path}")
+    time.sleep(0.6)  # the monitor reads no channel meanwhile
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            ch.wait_ready(_Alive(), timeout_ms=2000)  # type: ignore[arg-type]
+        except BaseException as e:
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(5)
+    if waiter.is_alive():  # stuck in ZeroMQ: the socket cannot be closed under it
+        pytest.fail("wait_ready hung on a device whose handshake had timed out")
+    try:
+        assert len(errors) == 1 and isinstance(errors[0], ChannelError), errors
+    finally:
+        dev.close()
+        ch.close()
+        zctx.term()
+
+
 def test_a_device_that_hangs_up_before_ready_is_told_so_not_timed_out(tmp_path: Path) -> None:
     """Its connection's end is ZMQ_STREAM's notice: from then on no frame can come, and
     wait_ready must say that it closed its channel, after the time it really waited. It
