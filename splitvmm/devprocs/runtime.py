@@ -456,6 +456,10 @@ def _connect(endpoint: str) -> zmq.Socket[bytes]:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost monitor is fatal, never a new socket()
     sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a connection not yet handshaken
+    # No handshake timer (libzmq's default is 30 s, then a dropped connection, for good here):
+    # the monitor greets when it first reads this channel, which may be later than that (a
+    # VM's start reads each device's channel in turn), and its own deadlines bound the wait.
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 0)
     connected = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
     try:
         sock.connect(endpoint)

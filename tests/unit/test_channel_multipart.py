@@ -358,3 +358,23 @@ def test_a_device_that_hangs_up_before_ready_is_told_so_not_timed_out(tmp_path: 
     finally:
         ch.close()
         zctx.term()
+
+
+def test_a_devices_connection_waits_for_a_late_greeting(tmp_path: Path) -> None:
+    """The device's own end (devprocs/runtime.py _connect) has no handshake timer: one that
+    the monitor first reads later than libzmq's default 30 s would otherwise find its
+    connection dropped for good (the test above, with the timer at 200 ms)."""
+    from splitvmm.devprocs.runtime import _connect
+
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(tmp_path / "dev0.sock"))
+    listening.listen(1)
+    sock = _connect(f"ipc://{tmp_path}/dev0.sock")
+    try:
+        assert sock.getsockopt(zmq.HANDSHAKE_IVL) == 0
+        assert sock.getsockopt(zmq.RECONNECT_IVL) == -1
+    finally:
+        ctx = sock.context
+        sock.close()
+        ctx.term()
+        listening.close()
