@@ -175,8 +175,11 @@ def _check_ready(body: bytes) -> None:
         if len(value) != size:
             raise ProtocolError("sent a READY command with a truncated property")
         props[name.lower()] = value
-    if props.get(b"socket-type") != SOCKET_TYPE:
-        raise ProtocolError(f"is not a ZeroMQ PAIR socket ({props.get(b'socket-type')!r})")
+    kind = props.get(b"socket-type")
+    if kind != SOCKET_TYPE:  # its words in our log: a few bytes of them
+        raise ProtocolError(
+            f"is not a ZeroMQ PAIR socket ({kind if kind is None else kind[:16]!r})"
+        )
 
 
 class StreamLink:

@@ -150,3 +150,10 @@ def test_any_bytes_at_all_are_frames_or_a_protocol_error(stream):
         frames_of(stream, 5)
     except ProtocolError:
         pass
+
+
+def test_a_refused_socket_type_is_quoted_short():
+    """The device's words go into the monitor's log: a few bytes of them."""
+    with pytest.raises(ProtocolError) as e:
+        frames_of(LIBZMQ_GREETING + ready((b"Socket-Type", b"D" * 200)))
+    assert "not a ZeroMQ PAIR socket (b'DDDDDDDDDDDDDDDD')" in str(e.value)
