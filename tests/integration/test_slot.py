@@ -47,9 +47,11 @@ class Harness:
         resumer=None,
         restarts=False,
         output_file: bool = False,
+        started: bool = True,
     ) -> None:
         """The device's output is a pipe, or with `output_file` a regular file (out_r reads
-        it from its start)."""
+        it from its start). Without `started`, the slot is made and nothing more: the test
+        starts it and waits for READY."""
         self.irq = EventFd()
         if output_file:
             self.out_w = os.open(tmp_path / "serial.log", os.O_WRONLY | os.O_CREAT, 0o600)
@@ -66,8 +68,9 @@ class Harness:
         self.slot = DeviceSlot(
             spawn, tmp_path, spawner, self.zctx, self._on_failure, resumer=resumer
         )
-        self.slot.start()
-        self.slot.wait_ready()
+        if started:
+            self.slot.start()
+            self.slot.wait_ready()
 
     def _on_failure(self, slot: DeviceSlot, reason: str) -> bool:
         self.failures.append(reason)
@@ -691,36 +694,11 @@ def _exiting_after_connect(spec: DeviceSpec) -> tuple[ChildProcess, int]:
     return spawn_child(replace(spec, hook=hook))
 
 
-class _BareSlot:
-    """A serial slot without the Harness's wait_ready: what a test does before it."""
-
-    def __init__(self, tmp_path, spawner) -> None:
-        self.irq = EventFd()
-        self.out_r, self.out_w = os.pipe()
-        self.zctx = zmq.Context()
-        self.failures: list[str] = []
-        spawn = Spawn(
-            "serial0", "serial", 8, {"output": "stdio"}, {"irq": self.irq.fd, "out": self.out_w}
-        )
-        self.slot = DeviceSlot(spawn, tmp_path, spawner, self.zctx, self._failed)
-
-    def _failed(self, slot: DeviceSlot, reason: str) -> bool:
-        self.failures.append(reason)
-        return False
-
-    def close(self) -> None:
-        self.slot.close()
-        self.zctx.term()
-        self.irq.close()
-        os.close(self.out_r)
-        os.close(self.out_w)
-
-
 def test_slot_device_that_ended_before_the_monitor_read_its_channel_does_not_hang_it(tmp_path):
     """At a VM's start the monitor reads each device's channel in turn (Machine.run): one
     that crashed after connecting, before the monitor got to it, must be reported, not hang
     the monitor in the greeting it sends on that connection's notice."""
-    b = _BareSlot(tmp_path, _exiting_after_connect)
+    b = Harness(tmp_path, _exiting_after_connect, started=False)
     b.slot.start()
     process = b.slot.process
     assert process is not None
@@ -751,7 +729,7 @@ def test_slot_device_that_exits_after_connecting_is_reported_with_its_status(tmp
     connection ends at once, its warden (whose pidfd the monitor holds) a moment later. The
     failure must say how it ended, after the time it waited, not 'did not start within
     15000 ms' ~0.1 s after its spawn (wait_ready spun on the ended connection)."""
-    b = _BareSlot(tmp_path, _exiting_after_connect)
+    b = Harness(tmp_path, _exiting_after_connect, started=False)
     try:
         b.slot.start()
         start = time.monotonic()

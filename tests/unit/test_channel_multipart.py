@@ -194,6 +194,25 @@ class _Alive:
         return None
 
 
+def _wait_ready_unless_hung(ch: DeviceChannel, timeout_ms: int, device: str) -> list[BaseException]:
+    """What wait_ready raised, run on a thread: a wait stuck in ZeroMQ fails the test (the
+    socket cannot be closed under it)."""
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            ch.wait_ready(_Alive(), timeout_ms=timeout_ms)  # type: ignore[arg-type]
+        except BaseException as e:
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(5)
+    if waiter.is_alive():
+        pytest.fail(f"wait_ready hung on a device {device}")
+    return errors
+
+
 def test_a_send_to_a_connection_zeromq_has_ended_is_no_error_of_the_monitor(
     tmp_path: Path,
 ) -> None:
@@ -280,20 +299,8 @@ def test_a_device_gone_before_the_channel_reads_its_connection_does_not_hang_it(
     peer.connect(str(path))
     peer.close()
     time.sleep(0.2)  # ZeroMQ has seen both: the connection and its end
-    errors: list[BaseException] = []
-
-    def wait() -> None:
-        try:
-            ch.wait_ready(_Alive(), timeout_ms=1000)  # type: ignore[arg-type]
-        except BaseException as e:
-            errors.append(e)
-
-    waiter = threading.Thread(target=wait, daemon=True)
-    waiter.start()
-    waiter.join(5)
-    if waiter.is_alive():  # stuck in ZeroMQ: the socket cannot be closed under it
-        pytest.fail("wait_ready hung on a device whose connection had ended")
     try:
+        errors = _wait_ready_unless_hung(ch, 1000, "whose connection had ended")
         assert len(errors) == 1 and isinstance(errors[0], ChannelError), errors
     finally:
         ch.close()
@@ -317,20 +324,8 @@ def test_a_libzmq_device_whose_handshake_timed_out_is_failed_not_waited_on(
     dev.setsockopt(zmq.HANDSHAKE_IVL, 200)
     dev.connect(f"ipc://{path}")
     time.sleep(0.6)  # the monitor reads no channel meanwhile
-    errors: list[BaseException] = []
-
-    def wait() -> None:
-        try:
-            ch.wait_ready(_Alive(), timeout_ms=2000)  # type: ignore[arg-type]
-        except BaseException as e:
-            errors.append(e)
-
-    waiter = threading.Thread(target=wait, daemon=True)
-    waiter.start()
-    waiter.join(5)
-    if waiter.is_alive():  # stuck in ZeroMQ: the socket cannot be closed under it
-        pytest.fail("wait_ready hung on a device whose handshake had timed out")
     try:
+        errors = _wait_ready_unless_hung(ch, 2000, "whose handshake had timed out")
         assert len(errors) == 1 and isinstance(errors[0], ChannelError), errors
     finally:
         dev.close()
