@@ -200,7 +200,6 @@ class DeviceChannel:
                     why = "closed its end of the channel" if closed else "did not start"
                 raise ChannelError(f"{why} within {waited} ms, before it was ready")
         buf = self._link.take()
-        assert buf is not None  # _frame_within said so
         try:
             if control.is_control(buf):
                 msg = control.decode(buf)
@@ -461,28 +460,18 @@ class DeviceChannel:
             )
         return True
 
-    def _frame_ready(self, readable: bool = False) -> bool:
-        """Whether a whole frame from the device waits (read from ZeroMQ, never waiting, until
-        one is whole; `readable`: a poll just said something waits); ChannelError, and its
-        connection ended, if it broke ZMTP."""
+    def _frame_ready(self, readable: bool = False, chunks: int = zmtp.PUMP_CHUNKS) -> bool:
+        """Whether a whole frame from the device waits (StreamLink.frame_ready: `readable`, a
+        poll just said something waits; `chunks`, how many ZeroMQ may be asked for, 0 for
+        none); ChannelError, and its connection ended, if it broke ZMTP."""
         try:
-            return self._link.frame_ready(readable)
-        except ProtocolError as e:
-            self._link.close_peer()
-            raise ChannelError(str(e)) from None
-
-    def _take(self) -> bytes | None:
-        """The next whole frame already read (_link.take()), or None. Taking it may parse
-        what is left of a chunk: a header there that breaks ZMTP fails the device here as in
-        _frame_ready (a ProtocolError out of the channel is a monitor bug to a vCPU)."""
-        try:
-            return self._link.take()
+            return self._link.frame_ready(readable, chunks)
         except ProtocolError as e:
             self._link.close_peer()
             raise ChannelError(str(e)) from None
 
     def _frame_within(self, timeout_ms: int) -> bool:
-        """Whether a whole frame comes within `timeout_ms` (then _link.take() has it)."""
+        """Whether a whole frame comes within `timeout_ms` (then _link.take() gives it)."""
         deadline = time.monotonic() + timeout_ms / 1000
         while not self._frame_ready():
             left_ms = round((deadline - time.monotonic()) * 1000)
@@ -494,9 +483,8 @@ class DeviceChannel:
     def _recv(self, deadline: float) -> bytes:
         """The next frame by `deadline`; ChannelError if the process ended first."""
         while True:
-            buf = self._take()  # already parsed: no system call
-            if buf is not None:
-                return buf
+            if self._frame_ready(chunks=0):  # in what was read: no system call
+                return self._link.take()
             left_ms = max(0, round((deadline - time.monotonic()) * 1000))
             ready = dict(self._poller.poll(left_ms))
             if ready.get(self.sock) and self._frame_ready(readable=True):
@@ -511,9 +499,7 @@ class DeviceChannel:
         bytes are in the kernel's socket buffer, and ZeroMQ's notice of the connection's end
         comes after them."""
         if self._frame_within(GONE_WAIT_MS):
-            buf = self._link.take()
-            assert buf is not None
-            return buf
+            return self._link.take()
         raise ChannelError("its process ended during a request")
 
     def drain_events(self, limited: bool = True) -> None:
@@ -529,9 +515,7 @@ class DeviceChannel:
         for _ in range(RCVHWM):
             if limited and time.thread_time() - start > DRAIN_LIMIT_S or not self._frame_ready():
                 break
-            buf = self._link.take()
-            assert buf is not None
-            if not self._handled_event(buf):
+            if not self._handled_event(self._link.take()):
                 raise ChannelError("sent a frame nobody asked for")
         if limited:  # what its events cost us, as a slow reply would: a device that keeps
             self._charge((time.thread_time() - start) * 1e3)  # sending costly ones has failed

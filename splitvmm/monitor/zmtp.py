@@ -195,21 +195,23 @@ class StreamLink:
         self.closed = False  # the device's connection ended (or we ended it)
         self._frame: bytes | None = None  # a whole frame read, not yet taken
 
-    def take(self) -> bytes | None:
-        """The next whole frame already read, without asking ZeroMQ; None if there is none."""
+    def take(self) -> bytes:
+        """The frame frame_ready() said waits."""
         frame, self._frame = self._frame, None
-        return frame if frame is not None else self.reader.next()
+        assert frame is not None, "take() without a frame_ready()"
+        return frame
 
-    def frame_ready(self, readable: bool = False) -> bool:
-        """Whether a whole frame waits (take() has it): reads what ZeroMQ holds, never
-        waiting, until one is whole, at most PUMP_CHUNKS chunks a call (a chunk from a
-        connection we closed makes no progress). `readable`: the caller's poll just said a
-        chunk waits, so the first is read without asking ZeroMQ (ZMQ_EVENTS: ~2 us; a recv
-        that finds nothing raises, ~7 us). ProtocolError if the device broke ZMTP."""
+    def frame_ready(self, readable: bool = False, chunks: int = PUMP_CHUNKS) -> bool:
+        """Whether a whole frame waits (take() has it), parsed from what was read, else from
+        what ZeroMQ holds, never waiting, until one is whole: at most `chunks` chunks (0: no
+        call to ZeroMQ at all; a chunk from a connection we closed makes no progress).
+        `readable`: the caller's poll just said a chunk waits, so the first is read without
+        asking ZeroMQ (ZMQ_EVENTS: ~2 us; a recv that finds nothing raises, ~7 us). The one
+        place that parses: ProtocolError if the device broke ZMTP."""
         if self._frame is None:
             self._frame = self.reader.next()
         sock = self.sock
-        for _ in range(PUMP_CHUNKS):
+        for _ in range(chunks):
             if self._frame is not None:
                 return True
             if not readable and not cast(int, sock.get(zmq.EVENTS)) & _POLLIN:

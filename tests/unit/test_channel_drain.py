@@ -22,11 +22,11 @@ class QueueLink:
     def __init__(self) -> None:
         self.queue: list[bytes] = []
 
-    def frame_ready(self, readable: bool = False) -> bool:
+    def frame_ready(self, readable: bool = False, chunks: int = 64) -> bool:
         return bool(self.queue)
 
-    def take(self) -> bytes | None:
-        return self.queue.pop(0) if self.queue else None
+    def take(self) -> bytes:
+        return self.queue.pop(0)
 
 
 def burn(seconds: float) -> None:
