@@ -5,7 +5,9 @@
 - the same loop running the firmware-serial guest (bench/serial.py): every UART access
   answered inline, with or without KVM holding the THR writes in its coalesced ring (what
   write-behind costs at the least: monitor/writebehind.py);
-- a raw pyzmq PAIR round trip over ipc:// between two processes;
+- a raw pyzmq PAIR round trip over ipc:// between two processes, and the same with the
+  monitor's end a UNIX socket read and written directly in ZMTP (the device channel's
+  transport: monitor/zmtp.py);
 - a pipe round trip between two processes, one byte each way, nothing but two wake-ups:
   with both on one CPU, and on two. What a wake-up costs here depends on whether the woken
   process runs on another CPU (an idle CPU of this VM must be woken by the hypervisor) or on
@@ -18,12 +20,14 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import os
+import socket
 import statistics
 import tempfile
 import time
 
 import zmq
 
+from splitvmm.monitor import zmtp
 from splitvmm.native.exits import PioIn, PioOut
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
@@ -209,6 +213,51 @@ def zmq_pair_floor(round_trips: int) -> list[float]:
         peer.join()
         sock.close()
         ctx.term()
+    return samples
+
+
+def zmtp_socket_floor(round_trips: int) -> list[float]:
+    """Seconds per 24-byte round trip between a UNIX socket read and written directly, in
+    ZMTP (monitor/zmtp.py), and a ZeroMQ PAIR in another process: the device channel's
+    transport since the monitor speaks ZMTP itself, with nothing of the channel on top."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/floor.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        peer = multiprocessing.get_context("spawn").Process(
+            target=_echo, args=(f"ipc://{path}", round_trips + 1)
+        )
+        peer.start()
+        conn, _ = listener.accept()
+        listener.close()
+        fd, reader = conn.fileno(), zmtp.ZmtpReader(1 << 16)
+        os.write(fd, zmtp.HANDSHAKE)
+        message = zmtp.encode((bytes(24),))
+
+        def read_frame() -> None:
+            while reader.next() is None:
+                data = os.read(fd, zmtp.CHUNK)
+                if not data:
+                    raise RuntimeError("the floor's peer hung up")
+                reader.feed(data)
+
+        while not reader.ready:  # nothing may go before its READY (monitor/zmtp.py)
+            reader.feed(os.read(fd, zmtp.CHUNK))
+            reader.next()
+
+        def round_trip() -> None:
+            os.write(fd, message)
+            read_frame()
+
+        round_trip()  # connected and warm
+        samples = []
+        for _ in range(round_trips):
+            t0 = time.perf_counter()
+            round_trip()
+            samples.append(time.perf_counter() - t0)
+        peer.join()
+        conn.close()
     return samples
 
 

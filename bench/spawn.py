@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import zmq
 from rich.console import Console
 from rich.table import Table
 
@@ -36,12 +35,12 @@ from splitvmm.sandbox.spawn import DeviceProcess, spawn_child  # noqa: E402
 Spawner = Callable[[DeviceSpec], tuple[DeviceProcess, int]]
 
 
-def once(spawner: Spawner, spec: DeviceSpec, zctx: zmq.Context) -> tuple[float, float]:
+def once(spawner: Spawner, spec: DeviceSpec) -> tuple[float, float]:
     """(ms in the spawn call, ms from spawn to READY) of one device, ended afterwards."""
     start = time.perf_counter()
     process, listener = spawner(spec)
     called = time.perf_counter()
-    channel = DeviceChannel(spec.model, spec.channel, listener, zctx)
+    channel = DeviceChannel(spec.model, spec.channel, listener)
     channel.wait_ready(process)
     ready = time.perf_counter()
     process.kill()
@@ -58,9 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     rundir = Path(tempfile.mkdtemp(prefix="splitvmm-bench-"))
     t0 = time.perf_counter()
-    launcher = Launcher.start(rundir)  # first: we are single-threaded only until zmq starts
+    launcher = Launcher.start(rundir)
     launcher_ms = (time.perf_counter() - t0) * 1e3
-    zctx = zmq.Context()
     irq = os.eventfd(0, os.EFD_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     spec = DeviceSpec(
@@ -71,10 +69,9 @@ def main() -> None:
     try:
         for _ in range(args.runs):
             for name, spawner in ways.items():
-                samples[name].append(once(spawner, spec, zctx))
+                samples[name].append(once(spawner, spec))
     finally:
         launcher.close()
-        zctx.term()
         for fd in (irq, out_r, out_w):
             os.close(fd)
         os.rmdir(rundir)

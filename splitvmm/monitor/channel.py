@@ -1,4 +1,5 @@
-"""DeviceChannel: the monitor's end of one device process's ZeroMQ channel.
+"""DeviceChannel: the monitor's end of one device process's ZeroMQ channel (ZMTP, spoken by
+the monitor itself over a UNIX socket: monitor/zmtp.py).
 
 It forwards guest accesses and control requests as frames, numbers each request,
 gives it a deadline, charges slow replies to a latency budget, and checks every
@@ -21,14 +22,12 @@ HOST_IO_LOG_S.
 from __future__ import annotations
 
 import logging
-import os
+import select
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import cast
-
-import zmq
 
 from splitvmm.errors import ProtocolError, SplitvmmError
 from splitvmm.monitor import zmtp
@@ -63,15 +62,16 @@ EXITED_GRACE_MS = 50  # for the last frame of a device that exited (its I/O thre
 STATS_TIMEOUT_MS = 200
 MAX_LATE_STATS = 8
 # A process seen dead (pidfd) may have answered just before: its frames are in the kernel's
-# socket buffer, and ZeroMQ's I/O thread hands them over before it reports the disconnect.
+# socket buffer (the connection's end after them), or still in its libzmq's I/O thread.
 GONE_WAIT_MS = 100
-RCVHWM = 64  # chunks (up to 8 KiB) ZeroMQ holds unread from a device (its sends wait beyond)
-SEND_RETRY_MS = 5  # a send to a device whose queue is full is tried again this often
+MAX_DRAINED = 64  # frames one drain_events() call handles at most
 # How long (this thread's CPU) one drain_events() call may take: the rest waits for the next
 # call. Each frame is checked whole (up to control.MAX_DEVICE_FRAME, ~30 ms for a hostile
 # 64 KiB publish), so a count alone let a device hold a vCPU's mirrored read for seconds.
 DRAIN_LIMIT_S = SLOW_REPLY_MS / 1000
 
+
+_POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 
 NO_EVENTS = "sent an event, which this channel takes none of"
 HOST_IO_LOG_S = 10  # a wait past a deadline on a device in a host I/O call: logged this often
@@ -107,13 +107,12 @@ class DeviceChannel:
         model: str,
         endpoint: str,
         listener: int,
-        zctx: zmq.Context[zmq.Socket[bytes]],
         on_event: Callable[[events.Event], None] | None = None,
         host_io: Callable[[], bool] | None = None,
     ) -> None:
-        """Serve the channel with ZeroMQ, which adopts `listener`, the device's listening
-        socket (made before the device started: it may have connected already, and the
-        kernel queued its connection in the backlog). We own `listener` from now on.
+        """Serve the channel on `listener`, the device's listening socket (made before the
+        device started: it may have connected already, and the kernel queued its connection
+        in the backlog). We own `listener` from now on.
         `on_event` gets each event the device sends unasked (protocol/events.py), checked;
         without one, an event breaks the channel like any frame nobody asked for.
         `host_io` says whether the device is inside a host I/O call now (the module
@@ -135,27 +134,11 @@ class DeviceChannel:
         self._posted = 0
         self._seq = 0
         self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
-        try:
-            sock = zctx.socket(zmq.STREAM)  # ZMTP is ours to speak (monitor/zmtp.py)
-        except BaseException:
-            os.close(listener)
-            raise
-        sock.setsockopt(zmq.LINGER, 0)
-        # ZeroMQ holds at most RCVHWM unread chunks (of at most 8 KiB) from a device, and we
-        # parse them as they come: a frame over MAX_DEVICE_FRAME or a multipart message is
-        # refused on its header (monitor/zmtp.py), so a device makes us hold little.
-        sock.setsockopt(zmq.RCVHWM, RCVHWM)
-        sock.setsockopt(zmq.USE_FD, listener)
-        try:
-            sock.bind(endpoint)  # ZeroMQ owns (and closes) the listener from now on
-        except zmq.ZMQError:
-            sock.close()
-            os.close(listener)
-            raise
-        self.sock = sock
-        self._link = zmtp.StreamLink(sock, control.MAX_DEVICE_FRAME)
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
+        self._link = zmtp.ZmtpLink(listener, control.MAX_DEVICE_FRAME)
+        # A request's wait: the link's fd (for reading) and the process's pidfd
+        self._poller = select.poll()
+        self._polled = self._link.fd
+        self._poller.register(self._polled, _POLLIN)
         self._pidfd: int | None = None
         # Requests given up on without a failure, whose answers are dropped when they come:
         # seq -> the reply's op ("counters": stats; "pong": a ping to a device in host I/O)
@@ -168,7 +151,7 @@ class DeviceChannel:
         deadline: a vCPU waiting on a device that died is told at once."""
         if self._pidfd is None and process.pidfd >= 0:
             self._pidfd = process.pidfd
-            self._poller.register(process.pidfd, zmq.POLLIN)
+            self._poller.register(process.pidfd, _POLLIN)
 
     def wait_ready(self, process: DeviceProcess, timeout_ms: int = READY_TIMEOUT_MS) -> None:
         """READY within `timeout_ms`, or ChannelError saying why not (the device's own words,
@@ -315,57 +298,52 @@ class DeviceChannel:
             ) from None
 
     def post_many(self, frames: Sequence[bytes]) -> None:
-        """Posted frames, in order, as the parts of one ZeroMQ message: one wake-up of its
-        I/O threads for all (each part is a frame to the device). ZeroMQ delivers a
-        message whole or not at all."""
+        """Posted frames, in order, as the parts of one ZeroMQ message: one write, and one
+        wake-up of the device's I/O thread, for all (each part is a frame to the device).
+        Its libzmq delivers a message whole or not at all."""
         self._waited_on_host_io = False  # a wait on its disk here is this post's own
         self._send(zmtp.encode(frames), "a posted write")
         self._posted += len(frames)
 
     def _send(self, data: bytes, what: str, wait_host_io: bool = True) -> None:
         """Send `data`, a ZMTP message (zmtp.encode; `what` it is, for messages), waiting only
-        while the device has not connected yet or its queue is full, at most WRITE_TIMEOUT_MS,
-        and not at all once its process has ended (its pidfd) or its connection has: a frame
-        to a device that has just died would otherwise wait out the whole timeout, holding
-        the slot's lock. A device inside a host I/O call is waited for past that, as by
-        _request, or, without `wait_host_io`, _InHostIo(sent=False) is raised: the
-        supervisor's ping must not wait on one device's disk (or on a device that says it is
-        in one and never drains)."""
+        while the device has not connected or greeted yet, or its socket buffer is full, at
+        most WRITE_TIMEOUT_MS, and not at all once its process has ended (its pidfd) or its
+        connection has: a frame to a device that has just died would otherwise wait out the
+        whole timeout, holding the slot's lock. A device inside a host I/O call is waited for
+        past that, as by _request, or, without `wait_host_io`, _InHostIo is raised (`sent`:
+        whether the message was taken, to go out before anything else): the supervisor's
+        ping must not wait on one device's disk (or on a device that says it is in one and
+        never drains)."""
         link = self._link
-        try:
-            link.send(data, _NOBLOCK)
+        taken = link.send(data)
+        if taken and link.flush():
             return
-        except zmq.Again:
-            pass
-        except zmq.ZMQError as e:
-            raise ChannelError(f"stopped taking frames ({e})") from None
-        # ZMQ_STREAM has no POLLOUT to wait on (it takes a message for any peer, then says
-        # EAGAIN for a full one), so we try again every SEND_RETRY_MS, reading meanwhile what
-        # the device sends (its connection's notice among it: then we can send at all).
         deadline = time.monotonic() + WRITE_TIMEOUT_MS / 1000
         while True:
             if self._pidfd is not None and readable(self._pidfd, 0):
                 raise ChannelError(f"its process ended with {what} unsent")
-            self._frame_ready()
-            try:
-                link.send(data, _NOBLOCK)
-                return
-            except zmq.Again:
-                pass
-            except zmq.ZMQError as e:
-                raise ChannelError(f"stopped taking frames ({e})") from None
             if link.closed:
                 raise ChannelError(f"closed its channel with {what} unsent")
-            if time.monotonic() >= deadline:
+            left_ms = round((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
                 if not self._still_in_host_io():  # its queue may wait on its disk
                     raise ChannelError(f"stopped taking frames (none within {WRITE_TIMEOUT_MS} ms)")
                 if not wait_host_io:
-                    raise _InHostIo(sent=False)
+                    raise _InHostIo(sent=taken)
                 deadline = time.monotonic() + WRITE_TIMEOUT_MS / 1000
-            if self._pidfd is None:
-                time.sleep(SEND_RETRY_MS / 1000)
-            else:
-                readable(self._pidfd, SEND_RETRY_MS / 1000)
+                continue
+            # Its greeting and READY first (then we may send); then room in its buffer, and
+            # meanwhile what it sends, a frame at most (its connection's end among it).
+            if not link.reader.ready:
+                self._poll(left_ms, _POLLIN)
+            else:  # a frame held: what follows it waits until it is taken
+                self._poll(left_ms, _POLLOUT if self._frame_ready() else _POLLOUT | _POLLIN)
+            self._frame_ready()
+            if not taken:
+                taken = link.send(data)
+            if taken and link.flush():
+                return
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -392,11 +370,11 @@ class DeviceChannel:
     def _request(self, frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
         """Send a frame and wait for its one reply, within `timeout_ms`; the device's events
         before it (sent unasked, or while it worked on this request) are handled first, in
-        the order sent, those waiting unread included (at most RCVHWM, within the same
-        allowance). Not drained before the send: that would ask ZeroMQ once more
-        (ZMQ_EVENTS, a system call; ~8 us in a vCPU's loop on a PVM host) for what the loop
-        reads anyway. Past the deadline, a device inside a host I/O call is waited for (the
-        module docstring), or, without `wait_host_io`, _InHostIo is raised."""
+        the order sent, those waiting unread included (within the same allowance). Not
+        drained before the send: that would read the socket once more (a read(2) that finds
+        nothing, ~2 us) for what the loop reads anyway. Past the deadline, a device inside a
+        host I/O call is waited for (the module docstring), or, without `wait_host_io`,
+        _InHostIo is raised."""
         self._waited_on_host_io = False
         try:
             self._send(zmtp.encode((frame,)), "a request", wait_host_io=wait_host_io)
@@ -407,8 +385,8 @@ class DeviceChannel:
                     try:
                         buf = self._recv(deadline)
                         break
-                    except zmq.Again:
-                        if not self._still_in_host_io():
+                    except _NoFrame:
+                        if self._link.closed or not self._still_in_host_io():
                             raise
                         if not wait_host_io:
                             raise _InHostIo(sent=True) from None
@@ -421,17 +399,15 @@ class DeviceChannel:
                 if time.monotonic() > deadline:  # late: handling its events took the time
                     raise _ReplyLate(f"kept sending events past its {timeout_ms} ms deadline")
             raise ChannelError(f"sent more than {allowed} events around one request")
-        except zmq.Again:
+        except _NoFrame:
             if self._dropped():
                 raise ChannelError("closed its end of the channel") from None
             raise _ReplyLate(f"no reply within {timeout_ms} ms") from None
-        except zmq.ZMQError as e:
-            raise ChannelError(str(e)) from None
 
     def _dropped(self) -> bool:
         """Whether the device's connection has ended (its process is alive: _recv answers
         for one that ended). Looked at past a deadline only."""
-        self._frame_ready()  # ZeroMQ's notice of the end comes after the device's last bytes
+        self._frame_ready()  # the connection's end comes after the device's last bytes
         return self._link.closed
 
     def give_up_host_io(self) -> None:
@@ -460,15 +436,32 @@ class DeviceChannel:
             )
         return True
 
-    def _frame_ready(self, readable: bool = False, chunks: int = zmtp.PUMP_CHUNKS) -> bool:
-        """Whether a whole frame from the device waits (StreamLink.frame_ready: `readable`, a
-        poll just said something waits; `chunks`, how many ZeroMQ may be asked for, 0 for
-        none); ChannelError, and its connection ended, if it broke ZMTP."""
+    def _frame_ready(self, chunks: int = zmtp.PUMP_CHUNKS) -> bool:
+        """Whether a whole frame from the device waits (ZmtpLink.frame_ready: `chunks`, how
+        many reads it may make, 0 for none); ChannelError, and its connection ended, if it
+        broke ZMTP."""
         try:
-            return self._link.frame_ready(readable, chunks)
+            return self._link.frame_ready(chunks)
         except ProtocolError as e:
             self._link.close_peer()
             raise ChannelError(str(e)) from None
+
+    def _poll(self, timeout_ms: int, events: int = _POLLIN, pid: bool = True) -> dict[int, int]:
+        """Wait up to `timeout_ms` for the link's fd (`events`) or, with `pid`, the process's
+        end: the fds ready. The request's wait (for reading, and the end) keeps its poller."""
+        fd = self._link.fd
+        if pid and events == _POLLIN:
+            poller = self._poller
+            if fd != self._polled:  # the device's connection, accepted on the listener
+                self._poller.unregister(self._polled)
+                self._poller.register(fd, _POLLIN)
+                self._polled = fd
+        else:
+            poller = select.poll()
+            poller.register(fd, events)
+            if pid and self._pidfd is not None:
+                poller.register(self._pidfd, _POLLIN)
+        return dict(poller.poll(timeout_ms))
 
     def _frame_within(self, timeout_ms: int) -> bool:
         """Whether a whole frame comes within `timeout_ms` (then _link.take() gives it)."""
@@ -477,34 +470,40 @@ class DeviceChannel:
             left_ms = round((deadline - time.monotonic()) * 1000)
             if left_ms <= 0 or self._link.closed:
                 return False
-            self.sock.poll(left_ms)
+            self._poll(left_ms, pid=False)
         return True
 
     def _recv(self, deadline: float) -> bytes:
-        """The next frame by `deadline`; ChannelError if the process ended first."""
+        """The next frame by `deadline` (_NoFrame if none came, at once once the connection
+        has ended); ChannelError if the process ended first."""
+        link = self._link
         while True:
             if self._frame_ready(chunks=0):  # in what was read: no system call
-                return self._link.take()
+                return link.take()
+            if link.closed:  # no frame can come; the process may be ending
+                if self._pidfd is not None and readable(self._pidfd, GONE_WAIT_MS / 1000):
+                    raise ChannelError("its process ended during a request")
+                raise _NoFrame()
             left_ms = max(0, round((deadline - time.monotonic()) * 1000))
-            ready = dict(self._poller.poll(left_ms))
-            if ready.get(self.sock) and self._frame_ready(readable=True):
+            fd = link.fd
+            ready = self._poll(left_ms)
+            if ready.get(fd) and self._frame_ready():
                 continue
-            if ready.get(self._pidfd):
+            if self._pidfd is not None and ready.get(self._pidfd):
                 return self._last_words()
             if left_ms == 0:
-                raise zmq.Again()
+                raise _NoFrame()
 
     def _last_words(self) -> bytes:
         """What a process that ended during a request sent before it ended, if anything: its
-        bytes are in the kernel's socket buffer, and ZeroMQ's notice of the connection's end
-        comes after them."""
+        bytes are in the kernel's socket buffer, before the connection's end."""
         if self._frame_within(GONE_WAIT_MS):
             return self._link.take()
         raise ChannelError("its process ended during a request")
 
     def drain_events(self, limited: bool = True) -> None:
         """Handle what the device sent while nobody asked: events only; any other frame
-        breaks the channel. At most RCVHWM frames a call, and no more once DRAIN_LIMIT_S has
+        breaks the channel. At most MAX_DRAINED frames a call, and no more once DRAIN_LIMIT_S has
         passed: a device that keeps sending cannot hold the caller here (a vCPU, or the
         supervisor, which watches every device); what it sends meanwhile waits for the next
         call. The CPU time the drain took (this thread's: the host's preemptions and the
@@ -512,7 +511,7 @@ class DeviceChannel:
         wait is. `limited`=False: a process that ended, whose last frames are all wanted."""
         self.mirror.news_taken()
         start = time.thread_time()  # this thread's CPU: not the host's or the GIL's stalls
-        for _ in range(RCVHWM):
+        for _ in range(MAX_DRAINED):
             if limited and time.thread_time() - start > DRAIN_LIMIT_S or not self._frame_ready():
                 break
             if not self._handled_event(self._link.take()):
@@ -581,10 +580,9 @@ class DeviceChannel:
             raise ChannelError(f"bad register mirror: {e}") from None
 
     def close(self) -> None:
-        self.sock.close()
+        self._link.close()
         Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
-# zmq's flags are IntFlags, whose `&` and `|` build a member (~0.6-1 us each): every frame
-# sent takes _NOBLOCK.
-_NOBLOCK = int(zmq.NOBLOCK)
+class _NoFrame(Exception):
+    """No frame came by the deadline (or can come: the connection ended)."""

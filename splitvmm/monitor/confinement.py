@@ -15,9 +15,8 @@ in this order (Machine.build calls the steps; the reasons are the order):
    only talk to it, over the socket the policy names (LAUNCHER_FD).
 2. Confinement.confine_process(): capabilities, no_new_privs and Landlock belong to a
    thread and are inherited by the threads it makes later, so they are
-   applied while there is still one thread. ZeroMQ's I/O threads, the vCPU,
-   control and supervisor threads are all made afterwards and are born
-   confined. Capabilities: all dropped, bounding and ambient sets emptied and
+   applied while there is still one thread. The vCPU, control and supervisor
+   threads are all made afterwards and are born confined. Capabilities: all dropped, bounding and ambient sets emptied and
    the securebits locked, when there are any (a root monitor); an unprivileged
    monitor has none to drop. Not dumpable, and no core file: a crash writes no
    guest RAM to disk, and no process of the same user may ptrace the monitor or
@@ -33,8 +32,8 @@ in this order (Machine.build calls the steps; the reasons are the order):
    open, unlink and rename), so a kernel without Landlock fails the start,
    unless the operator says SPLITVMM_MONITOR_LANDLOCK=optional.
 3. load_monitor_filter(): the seccomp allow-list (policies/<arch>/monitor.policy,
-   TSYNC), before the devices' channels are served: ZeroMQ's threads, which
-   read what a device sends, are born filtered.
+   TSYNC), before the devices' channels are served: nothing a device sends is
+   read before the filter holds.
 4. confine_vcpu_thread(): each vCPU thread, the one that runs guest exits,
    stacks vcpu.policy on itself when it starts: a syscall must pass both.
 

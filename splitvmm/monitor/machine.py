@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-import zmq
-
 from splitvmm import timings
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import DeviceFailure, KvmUnavailable, SplitvmmError
@@ -115,7 +113,6 @@ class Machine:
         self.vcpus: list[VcpuThread] = []
         self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
-        self.zctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._console: str | None = None  # the device that takes the operator's keyboard
         self._device_cfg = {d.name: d for d in cfg.devices}  # config.py: names are unique
         self._taps: dict[str, str] = {}  # device -> the interface its TAP is
@@ -191,10 +188,6 @@ class Machine:
             return
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
             self._spawns.append(self._prepare_device(dev))
-        # No thread until its first socket, made once the monitor is confined (attach below;
-        # confine_process refuses to run while a thread exists: the pit-mode one is joined
-        # before).
-        self.zctx = zmq.Context(io_threads=1)
         if restoring is None:  # a boot's devices start now, while the rest is built
             self._pit_reinject_off()
             self._launch_devices()
@@ -228,7 +221,7 @@ class Machine:
         if self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs):
             self.coordinator.bind_snapshot_dirs()  # what Landlock's rules for them hold
         self.confinement.load_monitor_filter()
-        for slot in self.slots:  # ZeroMQ's threads start here, born confined and filtered
+        for slot in self.slots:  # nothing a device sends is read before this point
             slot.attach()
         timings.mark("confinement, channels")
 
@@ -354,7 +347,6 @@ class Machine:
     def _launch_devices(self) -> None:
         """Ask the launcher for every device process; their channels are served later, once
         the monitor is confined (DeviceSlot.attach)."""
-        assert self.zctx is not None
         for spawn in self._spawns:
             # A device restarted after a crash keeps a warm spare (monitor/slot.py).
             restarts = self._device_cfg[spawn.name].on_crash == "restart"
@@ -362,7 +354,6 @@ class Machine:
                 spawn,
                 self.rundir.path,
                 self.launcher.spawn,
-                self.zctx,
                 self._device_failed,
                 resumer=self.launcher.resume if restarts else None,
                 on_stall=self._stalls.put,
@@ -872,8 +863,6 @@ class Machine:
             slot.kill()
         for slot in self.slots:
             slot.close()
-        if self.zctx is not None:
-            self.zctx.term()
 
 
 def _log_failure(what: str, error: BaseException | None) -> None:

@@ -40,8 +40,8 @@ device would have given at that point of the guest's accesses.
   device's new MIRROR arrives the mirror answers with the values from before it, which is
   what the device answered a read that came before the drain.
 
-News: each read asks ZeroMQ whether the device sent anything (ZMQ_EVENTS: a system call, ~2
-us, ~8 in a vCPU's loop on a PVM host, a tenth of a polled byte's time) and takes it first,
+News: each read looks whether the device sent anything (a read(2) of its socket: a system
+call, ~2 us, more in a vCPU's loop on a PVM host, a tenth of a polled byte's time) and takes it first,
 except while the latest MIRROR says the device is quiet (ModelDescriptor.quiet_while: the
 8250 with THRI off), fewer than NEWS_EVERY reads went without, and the news was taken less
 than NEWS_MAX_AGE_NS ago (by any read or request: a driver that sleeps between polls, as
@@ -55,7 +55,7 @@ comes after its news. Without a THRE interrupt to say the line drained, a guest 
 for it would be the one to tell (hence THRI off). What no rule here can see: a host that
 feeds a device's output back to the guest some other way (a relay into another device) lets
 it learn of the drain sooner, and read THRE and TEMT clear (its line full) after seeing its
-byte come back, for up to NEWS_MAX_AGE_NS (before, for ZeroMQ's own delivery time).
+byte come back, for up to NEWS_MAX_AGE_NS (before, for the socket's own delivery time).
 
 Held writes (monitor/writebehind.py): writes KVM kept without an exit are frames the slot
 has not sent yet; a read answered meanwhile counts them as sent after the mirror's stamp, as

@@ -93,8 +93,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import zmq
-
 from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError, escaped
 from splitvmm.monitor.channel import (
     CONTROL_TIMEOUT_MS,
@@ -213,7 +211,6 @@ class DeviceSlot:
         spawn: Spawn,
         runtime_dir: Path,
         spawner: Spawner,
-        zctx: zmq.Context[zmq.Socket[bytes]],
         on_failure: Callable[[DeviceSlot, str], bool],
         resumer: Resumer | None = None,
         on_stall: Callable[[DeviceSlot], None] | None = None,
@@ -235,7 +232,6 @@ class DeviceSlot:
         check_socket_path(channel_path, f"device {spawn.name}: channel path", device_named=True)
         self.endpoint = f"ipc://{channel_path}"
         self._spawner = spawner
-        self._zctx = zctx
         if resumer is not None:  # its spares bind a longer path: past sun_path, none binds
             try:
                 spare = Path(spare_path(self.endpoint))
@@ -333,8 +329,8 @@ class DeviceSlot:
         """The first half of start(): ask for the device's next process, from its last known
         state (or its last checkpoint and `resume`), and keep its channel's listening socket
         unserved. The process starts and may connect at once (the kernel queues it); a
-        machine launches its devices before its ZeroMQ sockets may exist
-        (monitor/confinement.py), and attaches them afterwards."""
+        machine launches its devices before it is confined, and serves their channels
+        only afterwards (monitor/confinement.py)."""
         with self._lock:
             self._check_empty_locked()
             spec = self._spec_locked(resume)
@@ -373,7 +369,7 @@ class DeviceSlot:
             raise DeviceFailure(f"device {self.name}: no process of it was launched")
         try:
             channel = DeviceChannel(
-                self.model, self.endpoint, listener, self._zctx, self._on_event, self._host_io
+                self.model, self.endpoint, listener, self._on_event, self._host_io
             )
         except BaseException:
             with self._lock:

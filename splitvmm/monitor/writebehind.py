@@ -4,7 +4,7 @@
 
 Why. A polled 8250 driver makes two exits a byte: an LSR read, which the device's register
 mirror answers in the monitor (monitor/mirror.py), and a THR write, posted to the device,
-whose ZeroMQ send wakes the I/O threads of both sides. Held, the write costs neither: the
+whose send wakes the device's I/O thread and then its own. Held, the write costs neither: the
 next LSR read counts it against the device's THR credit, and up to HELD_BATCH writes go to
 the device as the parts of one message.
 

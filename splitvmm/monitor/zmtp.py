@@ -1,36 +1,44 @@
-"""The monitor's end of a device's ZeroMQ channel, speaking ZMTP 3.0 itself (RFC 23).
+"""The monitor's end of a device's ZeroMQ channel: ZMTP 3.0 (RFC 23), spoken by the monitor
+itself over the UNIX socket the device connects to. The device keeps its libzmq PAIR socket;
+the wire is ZeroMQ's.
 
-Why not a libzmq PAIR socket, as the device has: a compromised device writes any bytes it
-likes to its end, and libzmq keeps every part of a multipart message until its last part
-comes. ZMQ_MAXMSGSIZE bounds a part and ZMQ_RCVHWM counts whole messages, so one message
-that never ends grew the monitor without limit (tests/unit/test_channel_multipart.py; no
-libzmq 4.3 option bounds it, and the draft sockets that refuse multipart are not built into
-pyzmq). So the monitor's socket is a ZMQ_STREAM one: libzmq's I/O thread still does the
-socket work and the wake-ups, but hands over raw chunks of at most 8 KiB, at most RCVHWM of
-them unread, and this module parses them:
+Why not libzmq here too:
+
+- A compromised device writes any bytes it likes to its end, and a libzmq socket keeps
+  every part of a multipart message until its last part comes. ZMQ_MAXMSGSIZE bounds a
+  part and ZMQ_RCVHWM counts whole messages, so one message that never ends grew the
+  monitor without limit (tests/unit/test_channel_multipart.py; no libzmq 4.3 option bounds
+  it, and the draft sockets that refuse multipart are not built into pyzmq).
+- libzmq's I/O thread stands between every socket and its user: a forwarded access woke
+  it twice on the monitor's side (the request out, the reply in), on top of the device's
+  own. Here the thread that forwards the access writes the request and reads the reply
+  itself (bench/exit_rtt.py has the figures); and the monitor starts without importing
+  pyzmq or starting that thread (bench/startup.py), and without its memory
+  (bench/memory.py).
+
+What this module takes from a device:
 
 - the greeting with the NULL mechanism, then the device's READY command, which must name a
   PAIR socket (its libzmq sends both as soon as it sees ours);
 - then frames, each a whole message: the MORE flag, a command, reserved flag bits and a
   frame over the channel's maximum are protocol errors, seen in the frame's header, before
   its body has come. What the monitor holds of a device is one unfinished frame and one
-  chunk at most.
+  read's chunk at most; the rest waits in the kernel's socket buffer, and a device that
+  fills it waits in its send.
 
 Towards the device it writes ZMTP frames; a multipart message (posted frames, as one
 wake-up: monitor/channel.py post_many) carries MORE on all its parts but the last.
 
 ZmtpReader is the parser alone (no I/O: the unit tests and the fuzzer feed it bytes);
-StreamLink is the ZMQ_STREAM socket with the one peer it serves.
+ZmtpLink is the socket with the one peer it serves.
 """
 
 from __future__ import annotations
 
-import errno
+import os
+import socket
 import struct
 from collections.abc import Sequence
-from typing import cast
-
-import zmq
 
 from splitvmm.errors import ProtocolError
 
@@ -54,8 +62,8 @@ HANDSHAKE = GREETING + b"\x04" + bytes([len(_READY_BODY)]) + _READY_BODY  # what
 
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
 MAX_READY = 1024  # the device's READY command: a socket type and, at most, a routing id
-PUMP_CHUNKS = 64  # chunks one frame_ready() reads at most (a whole 64 KiB frame is ~9)
-_NOBLOCK, _SNDMORE, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN)  # not IntFlag
+CHUNK = 64 * 1024  # bytes one read takes at most
+PUMP_CHUNKS = 4  # reads one frame_ready() makes at most: a whole 64 KiB frame and its header
 
 
 def encode(frames: Sequence[bytes]) -> bytes:
@@ -182,18 +190,38 @@ def _check_ready(body: bytes) -> None:
         )
 
 
-class StreamLink:
-    """A ZMQ_STREAM socket serving one peer, the device's PAIR socket, in ZMTP: the first
-    connection is the device's; a second is closed as it comes (only the device and the
-    monitor can reach the channel's path). Its end is final: the device's socket never
-    reconnects (devprocs/runtime.py)."""
+class ZmtpLink:
+    """The monitor's end of one device's channel: the listening UNIX socket made before the
+    device started, then the one connection accepted on it (the listener is closed then: a
+    second connection is refused; only the device and the monitor can reach its path). The
+    connection's end is final: the device's socket never reconnects (devprocs/runtime.py).
 
-    def __init__(self, sock: zmq.Socket[bytes], max_frame: int) -> None:
-        self.sock = sock
+    Non-blocking throughout: nothing here waits. `fd` is what to poll (for reading: the
+    listener until the device has connected; for writing: the connection, while a message
+    is still going out). Only read(2), write(2) and accept4(2): a vCPU thread's seccomp
+    filter allows the first two (policies/<arch>/vcpu.policy), and accepts happen before
+    READY, on the thread that starts the device."""
+
+    def __init__(self, listener: int, max_frame: int) -> None:
+        """`listener`: a listening UNIX stream socket; ours (closed by close())."""
         self.reader = ZmtpReader(max_frame)
-        self.peer: bytes | None = None
+        self._listener: socket.socket | None = socket.socket(fileno=listener)
+        self._conn: socket.socket | None = None
+        self.fd = listener
         self.closed = False  # the device's connection ended (or we ended it)
         self._frame: bytes | None = None  # a whole frame read, not yet taken
+        self._out: bytes | memoryview = b""  # what the kernel has not taken yet of a message
+        try:
+            self._listener.setblocking(False)
+        except BaseException:
+            self._listener.close()
+            raise
+
+    @property
+    def sending(self) -> bool:
+        """A message is still going out (the device's socket buffer was full): what follows
+        it waits, and `fd` polls writable once there is room."""
+        return bool(self._out)
 
     def take(self) -> bytes:
         """The frame frame_ready() said waits."""
@@ -201,75 +229,90 @@ class StreamLink:
         assert frame is not None, "take() without a frame_ready()"
         return frame
 
-    def frame_ready(self, readable: bool = False, chunks: int = PUMP_CHUNKS) -> bool:
-        """Whether a whole frame waits (take() has it), parsed from what was read, else from
-        what ZeroMQ holds, never waiting, until one is whole: at most `chunks` chunks (0: no
-        call to ZeroMQ at all; a chunk from a connection we closed makes no progress).
-        `readable`: the caller's poll just said a chunk waits, so the first is read without
-        asking ZeroMQ (ZMQ_EVENTS: ~2 us; a recv that finds nothing raises, ~7 us). The one
-        place that parses: ProtocolError if the device broke ZMTP."""
+    def frame_ready(self, chunks: int = PUMP_CHUNKS) -> bool:
+        """Whether a whole frame waits (take() has it), parsed from what was read, else read
+        from the connection, never waiting, until one is whole: at most `chunks` reads (0: no
+        system call at all). The one place that parses: ProtocolError if the device broke
+        ZMTP."""
         if self._frame is None:
             self._frame = self.reader.next()
-        sock = self.sock
         for _ in range(chunks):
             if self._frame is not None:
                 return True
-            if not readable and not cast(int, sock.get(zmq.EVENTS)) & _POLLIN:
+            if self.closed or (self._conn is None and not self._accept()):
                 return False
-            readable = False
             try:
-                who = sock.recv(_NOBLOCK)
-            except zmq.Again:
+                data = os.read(self.fd, CHUNK)
+            except BlockingIOError:
                 return False
-            data = sock.recv()  # a STREAM message is always [routing id, data]
+            except OSError:  # ECONNRESET: it ended with our bytes unread
+                data = b""
             if not data:
-                self._notice(who)
-            elif who == self.peer and not self.closed:
-                self.reader.feed(data)
-                self._frame = self.reader.next()
+                self._ended()
+                return False
+            self.reader.feed(data)
+            self._frame = self.reader.next()
         return self._frame is not None
 
-    def _notice(self, who: bytes) -> None:
-        """An empty chunk: a connection (ZMQ_STREAM_NOTIFY) or its end. Nothing here waits
-        for room: a connection that has ended by the time its notice is read has a pipe
-        ZeroMQ holds, unwritable, until its end's notice is read, by our caller (a blocking
-        send waited for ever); what cannot be sent at once is a connection that is gone."""
-        if self.peer is None:
-            self.peer = who
-            try:  # the greeting and READY, at once
-                self.sock.send_multipart([who, HANDSHAKE], _NOBLOCK)
-            except zmq.ZMQError:  # zmq.Again (ending), EHOSTUNREACH (ended): never greeted
-                self.closed = True
-        elif who == self.peer:
-            self.closed = True
-        else:  # another connection: closed (an empty message to it does that), if still there
-            try:
-                self.sock.send_multipart([who, b""], _NOBLOCK)
-            except zmq.ZMQError:
-                pass
-
-    def send(self, data: bytes, flags: int) -> None:
-        """ZMTP bytes (encode()) to the device; zmq.Again (nothing sent) while its queue is
-        full, or until its greeting and READY are in: a libzmq peer takes a frame that comes
-        before it has sent its own READY for a handshake command, and hangs up. A
-        connection ZeroMQ has ended, its notice not yet read, is closed here too."""
-        peer = self.peer
-        if peer is None or not self.reader.ready or self.closed:
-            raise zmq.Again()
+    def _accept(self) -> bool:
+        """The device's connection, if it has come: taken, the listener closed, our greeting
+        and READY sent (they fit in any empty socket buffer: no partial write)."""
+        assert self._listener is not None
         try:
-            self.sock.send(peer, flags | _SNDMORE)
-        except zmq.ZMQError as e:
-            if e.errno != errno.EHOSTUNREACH:  # ZMQ_STREAM: no such peer (any longer)
-                raise
-            self.closed = True
-            raise zmq.Again() from None
-        self.sock.send(data, flags)
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return False
+        self._listener.close()
+        self._listener = None
+        conn.setblocking(False)
+        self._conn, self.fd = conn, conn.fileno()
+        self._out = self._write(HANDSHAKE)
+        return not self.closed
+
+    def send(self, data: bytes) -> bool:
+        """Start sending `data`, ZMTP bytes (encode()): True once it is ours to send (what the
+        kernel did not take at once goes out before anything else: flush()). False, nothing
+        taken, until the device's greeting and READY are in (a libzmq peer takes a frame that
+        comes before it has sent its own READY for a handshake command, and hangs up), while
+        a message before it is still going out, or once the connection has ended."""
+        if not self.reader.ready or self.closed or not self.flush():
+            return False
+        self._out = self._write(data)
+        return not self.closed
+
+    def flush(self) -> bool:
+        """Whether every message taken by send() has gone to the kernel (it writes what is
+        left of the last, as far as there is room)."""
+        if self._out:
+            self._out = self._write(self._out)
+        return not self._out and not self.closed
+
+    def _write(self, data: bytes | memoryview) -> bytes | memoryview:
+        """What of `data` did not fit (the connection's end: nothing, and closed)."""
+        try:
+            done = os.write(self.fd, data)
+        except BlockingIOError:
+            return data
+        except OSError:  # EPIPE, ECONNRESET: its end (Python ignores SIGPIPE)
+            self._ended()
+            return b""
+        return memoryview(data)[done:] if done < len(data) else b""
+
+    def _ended(self) -> None:
+        self.closed = True
+        self._out = b""
 
     def close_peer(self) -> None:
-        """End the device's connection (after a protocol error: it reads no more from us)."""
-        if self.peer is not None and not self.closed:
-            self.closed = True
-            try:
-                self.sock.send_multipart([self.peer, b""], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        """End the device's connection (after a protocol error): it can send us nothing more,
+        and what it sent is dropped, by the kernel. `fd` is closed; nothing polls it again
+        (a closed link is looked at first)."""
+        self._ended()
+        if self._conn is not None:
+            self._conn.close()
+
+    def close(self) -> None:
+        for sock in (self._listener, self._conn):
+            if sock is not None:
+                sock.close()
+        self._listener = self._conn = None
+        self._ended()

@@ -201,7 +201,6 @@ PROBE = textwrap.dedent(
     """
     import ctypes, errno, os, resource, shutil, socket, sys, threading
     from pathlib import Path
-    import zmq
     from splitvmm.monitor.confinement import Confinement
     from splitvmm.monitor.slot import DeviceSlot, Spawn
     from splitvmm.native.eventfd import EventFd
@@ -261,7 +260,6 @@ PROBE = textwrap.dedent(
             "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),
             "core_limit": resource.getrlimit(resource.RLIMIT_CORE),
         }
-    zctx = zmq.Context(io_threads=1)
     c.load_monitor_filter()
     if step == "socket":
         socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
@@ -286,7 +284,7 @@ PROBE = textwrap.dedent(
     if step == "device":  # spawned by the launcher for a monitor confined in every way
         fds = {"irq": irq.fd, "out": out_w}
         spawn = Spawn("serial0", "serial", 8, {"output": "stdio"}, fds)
-        slot = DeviceSlot(spawn, run, launcher.spawn, zctx, lambda slot, why: print(why))
+        slot = DeviceSlot(spawn, run, launcher.spawn, lambda slot, why: print(why))
         slot.start()
         slot.wait_ready()
         slot.write(7, b"Z")  # the UART's scratch register

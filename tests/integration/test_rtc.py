@@ -19,7 +19,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import zmq
 
 from splitvmm.devprocs.rtc import Reg, RegB, RegC
 from splitvmm.errors import DeviceFailure
@@ -77,14 +76,9 @@ class RtcHost:
         """restarts: a failure asks for a restart (on_crash = "restart")."""
         self.failures: list[str] = []
         self.restarts = restarts
-        self.zctx = zmq.Context()
         spawn = Spawn("rtc", "rtc", 2, options, {"irq": irq})
-        try:
-            self.host = DeviceSlot(spawn, tmp_path, spawn_child, self.zctx, self._on_failure)
-            self.host.start()
-        except BaseException:
-            self.zctx.term()
-            raise
+        self.host = DeviceSlot(spawn, tmp_path, spawn_child, self._on_failure)
+        self.host.start()
 
     def _on_failure(self, host: DeviceSlot, reason: str) -> bool:
         self.failures.append(reason)
@@ -100,7 +94,6 @@ class RtcHost:
 
     def close(self) -> None:
         self.host.close()
-        self.zctx.term()
 
 
 @pytest.fixture

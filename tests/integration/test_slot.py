@@ -16,7 +16,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import zmq
 
 from splitvmm.cli.policy import stand_in_transport
 from splitvmm.devprocs.serial import RX_BUFFER_MAX, Ier, Lcr, Lsr, Reg
@@ -60,14 +59,11 @@ class Harness:
             self.out_r, self.out_w = os.pipe()
         self.failures: list[str] = []
         self.failed = threading.Event()
-        self.zctx = zmq.Context()
         spawn = Spawn(
             "serial0", "serial", 8, {"output": "stdio"}, {"irq": self.irq.fd, "out": self.out_w}
         )
         self.restarts = restarts  # the on_crash policy: restart (True) or not
-        self.slot = DeviceSlot(
-            spawn, tmp_path, spawner, self.zctx, self._on_failure, resumer=resumer
-        )
+        self.slot = DeviceSlot(spawn, tmp_path, spawner, self._on_failure, resumer=resumer)
         if started:
             self.slot.start()
             self.slot.wait_ready()
@@ -79,7 +75,6 @@ class Harness:
 
     def close(self) -> None:
         self.slot.close()
-        self.zctx.term()
         self.irq.close()
         os.close(self.out_r)
         os.close(self.out_w)
@@ -171,12 +166,10 @@ def test_slot_control_to_a_device_dead_and_disconnected_fails_at_once_saying_so(
 def test_slot_channel_path_too_long_fails_cleanly(tmp_path):
     deep = tmp_path / ("d" * 100)
     deep.mkdir()
-    zctx = zmq.Context()
     irq = EventFd()
     spawn = Spawn("serial0", "serial", 8, {}, {"irq": irq.fd})
     with pytest.raises(SplitvmmError, match="channel path .* longer than a UNIX socket allows"):
-        DeviceSlot(spawn, deep, spawn_child, zctx, lambda slot, reason: None)
-    zctx.term()  # nothing left open: term() would block forever on a leaked socket
+        DeviceSlot(spawn, deep, spawn_child, lambda slot, reason: None)
     irq.close()
 
 
@@ -184,17 +177,15 @@ def test_slot_device_refusing_its_first_start_is_one_error_not_two(tmp_path, cap
     """The VM's first process of a device refuses its options: the DeviceFailure says so,
     and is the VM's error (`up` prints it). The slot logged it too, as for a crash of a
     running device, and the operator read the same line twice."""
-    zctx = zmq.Context()
     irq = EventFd()
     spawn = Spawn("rtc0", "rtc", 2, {"base": "mars"}, {"irq": irq.fd})
-    slot = DeviceSlot(spawn, tmp_path, spawn_child, zctx, lambda slot, reason: True)
+    slot = DeviceSlot(spawn, tmp_path, spawn_child, lambda slot, reason: True)
     try:
         slot.start()
         with pytest.raises(DeviceFailure, match="rtc: base must be one of"):
             slot.wait_ready()
     finally:
         slot.close()
-        zctx.term()
         irq.close()
 
     assert "base must be one of" not in caplog.text
@@ -1008,12 +999,12 @@ def test_virtio_restarted_with_msix_on_interrupts_at_once_not_at_the_next_heartb
     fds = host_fds("virtio-rng")
     transport = stand_in_transport()
     ram = GuestRam.map(fds["ram"], fds["dirty"], [tuple(r) for r in transport["ram"]])
-    zctx, msi = zmq.Context(), FakeMsi()
+    msi = FakeMsi()
     spawn = Spawn(
         "rng0", "virtio-rng", MODELS["virtio-rng"].transport.size, {}, fds,
         transport=transport, msi=msi,
     )  # fmt: skip
-    slot = DeviceSlot(spawn, tmp_path, spawn_child, zctx, lambda slot, reason: True)
+    slot = DeviceSlot(spawn, tmp_path, spawn_child, lambda slot, reason: True)
     try:
         slot.start()
         slot.wait_ready()
@@ -1037,7 +1028,6 @@ def test_virtio_restarted_with_msix_on_interrupts_at_once_not_at_the_next_heartb
         used = ring.used_idx()
     finally:
         slot.close()
-        zctx.term()
         ram.close()
         close_fds(fds)
     assert used == 2 and msi.routed == [0, 0]

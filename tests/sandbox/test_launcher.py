@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-import zmq
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
@@ -67,8 +66,7 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
 ):
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec)
-    zctx = zmq.Context()
-    channel = DeviceChannel("serial", spec.channel, listener, zctx)
+    channel = DeviceChannel("serial", spec.channel, listener)
     try:
         channel.wait_ready(process)
         parent = parent_of(process.pid)
@@ -76,7 +74,6 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
         status = process.wait(10)
     finally:
         channel.close()
-        zctx.term()
         process.close()
     assert (parent, status) == (launcher.pid, -signal.SIGKILL)
 
@@ -477,8 +474,7 @@ def serve_one(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> tuple[in
     children meanwhile (its zygote)."""
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec)
-    zctx = zmq.Context()
-    channel = DeviceChannel("serial", spec.channel, listener, zctx)
+    channel = DeviceChannel("serial", spec.channel, listener)
     try:
         channel.wait_ready(process)  # forked by a zygote, and serving
         others = children_of(launcher.pid) - {process.pid}
@@ -488,7 +484,6 @@ def serve_one(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> tuple[in
         process.kill()
         process.wait(10)
         channel.close()
-        zctx.term()
         process.close()
 
 
@@ -546,11 +541,10 @@ def test_launcher_spare_resumed_says_ready_on_its_channel(launcher, rundir, fds)
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec.spare())
     resume = {"applied": 0, "emitted": 0, "skip": 0, "replay": [], "replay_wall_ns": []}
-    zctx = zmq.Context()
     channel = None
     try:
         launcher.resume(process, replace(spec, resume=resume))
-        channel = DeviceChannel("serial", spec.channel, listener, zctx)
+        channel = DeviceChannel("serial", spec.channel, listener)
         channel.wait_ready(process)  # ChannelError, failing the test, if it is not READY
         parent = parent_of(process.pid)
     finally:
@@ -559,7 +553,6 @@ def test_launcher_spare_resumed_says_ready_on_its_channel(launcher, rundir, fds)
         process.kill()
         process.wait(10)
         process.close()
-        zctx.term()
     assert parent == launcher.pid
 
 

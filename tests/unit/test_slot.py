@@ -7,12 +7,10 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import zmq
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
@@ -56,20 +54,13 @@ def refuse(spec: DeviceSpec) -> tuple[object, int]:
 
 
 @pytest.fixture
-def zctx() -> Iterator[zmq.Context]:
-    ctx = zmq.Context()  # no socket is made: no ZeroMQ thread starts
-    yield ctx
-    ctx.term()
-
-
-@pytest.fixture
 def failures() -> Failures:
     return Failures()
 
 
 @pytest.fixture
-def slot(tmp_path: Path, zctx: zmq.Context, failures: Failures) -> DeviceSlot:
-    return DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, zctx, failures)
+def slot(tmp_path: Path, failures: Failures) -> DeviceSlot:
+    return DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, failures)
 
 
 def test_slot_read_while_away_past_wait_reads_all_ones(slot, monkeypatch):
@@ -139,21 +130,19 @@ class RoutingVm:
         self.tables.append(list(routes))
 
 
-def msi_slot(
-    tmp_path: Path, zctx: zmq.Context, failures: Failures
-) -> tuple[DeviceSlot, PostedFrames, RoutingVm]:
+def msi_slot(tmp_path: Path, failures: Failures) -> tuple[DeviceSlot, PostedFrames, RoutingVm]:
     vm = RoutingVm()
     routes = GsiRoutes(vm)
     msi = MsiVectors("blk0", routes, routes.allocate(2, "blk0"))
     spawn = Spawn("blk0", "serial", 8, msi=msi)
-    slot = DeviceSlot(spawn, tmp_path, refuse, zctx, failures)
+    slot = DeviceSlot(spawn, tmp_path, refuse, failures)
     posted = PostedFrames()
     slot.channel = posted
     return slot, posted, vm
 
 
-def test_slot_msi_event_in_range_is_routed_and_answered_ok(tmp_path, zctx, failures):
-    slot, posted, vm = msi_slot(tmp_path, zctx, failures)
+def test_slot_msi_event_in_range_is_routed_and_answered_ok(tmp_path, failures):
+    slot, posted, vm = msi_slot(tmp_path, failures)
     slot._on_event(events.MsiRequest(9, 1, 0xFEE0_0000, 0x41))
     answer = control.decode(posted[0])
     assert ((answer["id"], answer["ok"]), vm.tables[-1][-1]) == (
@@ -162,8 +151,8 @@ def test_slot_msi_event_in_range_is_routed_and_answered_ok(tmp_path, zctx, failu
     )
 
 
-def test_slot_msi_event_out_of_range_is_refused_with_a_reason(tmp_path, zctx, failures):
-    slot, posted, vm = msi_slot(tmp_path, zctx, failures)
+def test_slot_msi_event_out_of_range_is_refused_with_a_reason(tmp_path, failures):
+    slot, posted, vm = msi_slot(tmp_path, failures)
     slot._on_event(events.MsiRequest(9, 5, 0xFEE0_0000, 0x41))
     answer = control.decode(posted[0])
     assert (answer["ok"], answer["reason"], vm.tables) == (
@@ -182,12 +171,12 @@ def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
 
 # -- a stall: the device asks for the VM's pause (protocol/events.py) -------------------------
 def stall_slot(
-    tmp_path: Path, zctx: zmq.Context, failures: Failures, on_full: str = "pause"
+    tmp_path: Path, failures: Failures, on_full: str = "pause"
 ) -> tuple[DeviceSlot, list[str]]:
     stalls: list[str] = []
     spawn = Spawn("blk0", "virtio-blk", 8, options={"path": "disk.img", "on_full": on_full})
     slot = DeviceSlot(
-        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s: stalls.append(s.stalled)
+        spawn, tmp_path, refuse, failures, on_stall=lambda s: stalls.append(s.stalled)
     )
     return slot, stalls
 
@@ -210,16 +199,16 @@ class RetryChannel:
 
 
 def live_stall_slot(
-    tmp_path: Path, zctx: zmq.Context, failures: Failures
+    tmp_path: Path, failures: Failures
 ) -> tuple[DeviceSlot, list[str], RetryChannel]:
-    slot, stalls = stall_slot(tmp_path, zctx, failures)
+    slot, stalls = stall_slot(tmp_path, failures)
     channel = RetryChannel(slot)
     slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
     return slot, stalls, channel
 
 
-def test_slot_stall_is_passed_on_once_until_the_device_retries(tmp_path, zctx, failures):
-    slot, stalls, channel = live_stall_slot(tmp_path, zctx, failures)
+def test_slot_stall_is_passed_on_once_until_the_device_retries(tmp_path, failures):
+    slot, stalls, channel = live_stall_slot(tmp_path, failures)
 
     slot._on_event(events.Stall("full \u202e"))
     slot._on_event(events.Stall("full again"))  # the pause is under way: nothing new
@@ -235,11 +224,11 @@ def test_slot_stall_is_passed_on_once_until_the_device_retries(tmp_path, zctx, f
     )
 
 
-def test_slot_stall_sent_before_the_retry_is_old_news(tmp_path, zctx, failures):
+def test_slot_stall_sent_before_the_retry_is_old_news(tmp_path, failures):
     """A second stall event the device sent before it took the retry (after a snapshot, a
     restart) is read with the retry's reply: it must not pause the VM the operator just
     resumed. One read after the reply is the retry's own: a new stall."""
-    slot, stalls, channel = live_stall_slot(tmp_path, zctx, failures)
+    slot, stalls, channel = live_stall_slot(tmp_path, failures)
     slot._on_event(events.Stall("full"))
     channel.before_reply.append(events.Stall("full, said again"))
 
@@ -252,12 +241,12 @@ def test_slot_stall_sent_before_the_retry_is_old_news(tmp_path, zctx, failures):
 
 
 def test_slot_failed_retry_keeps_the_stall_of_the_process_that_replaced_it(
-    tmp_path, zctx, failures, monkeypatch
+    tmp_path, failures, monkeypatch
 ):
     """The retry meets a dead process; its restart (a warm spare: a few ms) is back and
     stalled anew before resume_stalled() takes the lock again: that stall is kept, or the
     VM would run on with the device's requests held for ever."""
-    slot, stalls, _ = live_stall_slot(tmp_path, zctx, failures)
+    slot, stalls, _ = live_stall_slot(tmp_path, failures)
     slot._on_event(events.Stall("full"))
 
     def retry_meets_a_restart(op: str, *args: object, **kw: object) -> dict[str, object]:
@@ -272,10 +261,10 @@ def test_slot_failed_retry_keeps_the_stall_of_the_process_that_replaced_it(
     assert (slot.stalled, stalls) == ("full, the new process", ["full", "full, the new process"])
 
 
-def test_slot_stall_in_an_ended_process_last_words_is_not_passed_on(tmp_path, zctx, failures):
+def test_slot_stall_in_an_ended_process_last_words_is_not_passed_on(tmp_path, failures):
     """Drained from a process that ended (its restart's checkpoint): its successor retries,
     and stalls itself if it must; the VM is not paused for the dead one."""
-    slot, stalls = stall_slot(tmp_path, zctx, failures)
+    slot, stalls = stall_slot(tmp_path, failures)
     dead = SimpleNamespace(drain_events=lambda limited: slot._on_event(events.Stall("full")))
 
     slot._drain_events_locked(dead)  # type: ignore[arg-type]
@@ -291,7 +280,7 @@ def test_slot_stall_in_an_ended_process_last_words_is_not_passed_on(tmp_path, zc
     ],
 )
 def test_slot_stall_from_a_device_not_allowed_to_is_a_broken_channel(
-    tmp_path, zctx, failures, model, on_full, error
+    tmp_path, failures, model, on_full, error
 ):
     """A stall pauses the VM: only a model that declares it (pause_option), and only where
     the operator chose "pause". Anything else is a device gone wrong."""
@@ -299,7 +288,7 @@ def test_slot_stall_from_a_device_not_allowed_to_is_a_broken_channel(
     options = {} if on_full is None else {"on_full": on_full}
     spawn = Spawn("dev0", model, 8, options=options)
     slot = DeviceSlot(
-        spawn, tmp_path, refuse, zctx, failures, on_stall=lambda s: stalls.append(s.stalled)
+        spawn, tmp_path, refuse, failures, on_stall=lambda s: stalls.append(s.stalled)
     )
     with pytest.raises(ChannelError, match=re.escape(error)):
         slot._on_event(events.Stall("full"))
@@ -409,7 +398,7 @@ def test_slot_input_failing_while_a_restart_replaces_the_process_leaves_the_new_
 
 
 # -- the warm spare: what it is given, and a spawner refusing it -------------------------------
-def test_slot_spare_spec_holds_no_state_resume_or_fault(tmp_path, zctx, failures):
+def test_slot_spare_spec_holds_no_state_resume_or_fault(tmp_path, failures):
     """The slot's last known state and an armed fault stay with the slot: a spare gets
     them only when it takes over (a deferred spec)."""
     specs: list[DeviceSpec] = []
@@ -420,24 +409,24 @@ def test_slot_spare_spec_holds_no_state_resume_or_fault(tmp_path, zctx, failures
 
     state = {"model": "serial", "version": 1, "fields": {}}
     spawn = Spawn("serial0", "serial", 8, state=state, fault={"kind": "crash", "after": 3})
-    slot = DeviceSlot(spawn, tmp_path, record, zctx, failures, resumer=lambda p, s: None)
+    slot = DeviceSlot(spawn, tmp_path, record, failures, resumer=lambda p, s: None)
     slot.start_spare()
     (spec,) = specs
     assert (spec.deferred, spec.rest()) == (True, dict.fromkeys(("state", "resume", "fault")))
 
 
-def test_slot_spare_refused_is_logged_and_fails_nothing(tmp_path, zctx, failures, caplog):
+def test_slot_spare_refused_is_logged_and_fails_nothing(tmp_path, failures, caplog):
     slot = DeviceSlot(
-        Spawn("serial0", "serial", 8), tmp_path, refuse, zctx, failures, resumer=lambda p, s: None
+        Spawn("serial0", "serial", 8), tmp_path, refuse, failures, resumer=lambda p, s: None
     )
     slot.start_spare()
     assert (slot.spare_pid, slot.state, failures) == (0, SlotState.AWAY, [])
     assert "serial0: no warm spare (device serial0: the launcher refused it)" in caplog.text
 
 
-def test_slot_without_resumer_starts_no_spare(tmp_path, zctx, failures):
+def test_slot_without_resumer_starts_no_spare(tmp_path, failures):
     asked: list[DeviceSpec] = []
-    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, asked.append, zctx, failures)
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, asked.append, failures)
     slot.start_spare()
     assert asked == []
 
@@ -508,14 +497,14 @@ class Outlived:
     ids=["writer-lingering", "writer-never-ended", "writer-gone", "reader-lingering", "reader"],
 )
 def test_slot_restarts_no_disk_device_while_the_old_process_may_still_do_io(
-    tmp_path, zctx, failures, readonly, lingered, ends, restarted
+    tmp_path, failures, readonly, lingered, ends, restarted
 ):
     """A successor on the same image while the old process may still do I/O there would
     have its writes overtaken by the old one's, and guest buffers it reused written by the
     old one's reads: the device fails for good instead."""
     options = {"path": "disk.img", "readonly": readonly}
     slot = DeviceSlot(Spawn("blk0", "virtio-blk", 0x6000, options=options), tmp_path, refuse,
-                      zctx, failures)  # fmt: skip
+                      failures)  # fmt: skip
     slot.process, slot.restarting = Outlived(lingered, ends), True  # type: ignore[assignment]
 
     with pytest.raises(DeviceFailure) as raised:
@@ -558,7 +547,7 @@ class OrphanedByLauncher(DeviceProcess):
 
 
 def test_slot_restart_whose_process_ends_with_its_launcher_fails_the_device_naming_it(
-    tmp_path, zctx, failures
+    tmp_path, failures
 ):
     """Before READY, the restart asked how the new process ended, and the launcher's error
     escaped the restart: the restarter logged a monitor bug with its traceback ("internal
@@ -571,7 +560,7 @@ def test_slot_restart_whose_process_ends_with_its_launcher_fails_the_device_nami
     def spawner(spec: DeviceSpec) -> tuple[DeviceProcess, int]:
         return process, listen_channel(spec.channel.removeprefix("ipc://")).detach()
 
-    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, spawner, zctx, failures)
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, spawner, failures)
     slot.restarting = True  # a crash the policy restarts: away until restart() is done
 
     try:

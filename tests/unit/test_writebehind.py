@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-import zmq
 
 from splitvmm.errors import KvmError
 from splitvmm.monitor.bus import Bus
@@ -515,25 +514,21 @@ def test_with_a_real_slot_reads_within_credit_are_answered_and_past_it_the_write
     kernel, ring, tmp_path
 ):
     """WriteBehind, DeviceSlot and RegisterMirror together: the 8250's THR credit decides."""
-    zctx = zmq.Context()
-    try:
-        slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, None, zctx, None)  # type: ignore[arg-type]
-        channel = SerialChannel(credit=2)
-        slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
-        zone = Zone(COM1, 1, slot, COM1, 8, MODELS["serial"].write_behind_while)
-        held = WriteBehind(Vm(), ring, [zone], [].append)  # type: ignore[arg-type]
-        held.written(COM1)  # IER 0 in the mirror: the model wants it
-        kernel.write(COM1, b"a")
-        kernel.write(COM1, b"b")
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, None, None)  # type: ignore[arg-type]
+    channel = SerialChannel(credit=2)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    zone = Zone(COM1, 1, slot, COM1, 8, MODELS["serial"].write_behind_while)
+    held = WriteBehind(Vm(), ring, [zone], [].append)  # type: ignore[arg-type]
+    held.written(COM1)  # IER 0 in the mirror: the model wants it
+    kernel.write(COM1, b"a")
+    kernel.write(COM1, b"b")
 
-        assert (held.armed, held.read(COM1 + LSR, 1), channel.messages) == (True, b"\x60", [])
+    assert (held.armed, held.read(COM1 + LSR, 1), channel.messages) == (True, b"\x60", [])
 
-        kernel.write(COM1, b"c")  # three held, credit for two: the device must see them
-        assert held.read(COM1 + LSR, 1) is None
-        sent = [wire.decode_access(f, 8).data for f in channel.messages[0]]
-        assert (sent, slot.held_writes, slot.mirrored_reads) == ([b"a", b"b", b"c"], 3, 1)
-    finally:
-        zctx.term()
+    kernel.write(COM1, b"c")  # three held, credit for two: the device must see them
+    assert held.read(COM1 + LSR, 1) is None
+    sent = [wire.decode_access(f, 8).data for f in channel.messages[0]]
+    assert (sent, slot.held_writes, slot.mirrored_reads) == ([b"a", b"b", b"c"], 3, 1)
 
 
 @pytest.mark.parametrize(
