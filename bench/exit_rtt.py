@@ -64,9 +64,9 @@ raw zmq round trip 105 us, the forwarded IIR read ~265 us; in another hour of th
 session the zmq floor was 373 us. A ZeroMQ round trip is several such wake-ups (each side's
 application and I/O threads), so this floor, and the ratio against it, move with the host.
 
-Not tried yet: a socketpair instead of ZeroMQ for the channel (22 µs floor, but
-reads and posted writes must stay on one ordered stream); a cheaper serial
-mirror() (a third of the device's Python per read).
+Not tried yet (2026-12-02): a socketpair instead of ZeroMQ for the channel (22 µs floor,
+but reads and posted writes must stay on one ordered stream; half of it done since, below);
+a cheaper serial mirror() (a third of the device's Python per read).
 
 End of 2026-12-02's session, --count 2000 --rounds 3, against its first tree (1aa1705, .venv
 from pyenv's 3.11.7): median ratio 1.89 (rounds 1.89, 1.63, 1.90) against 1.94 (1.94, 1.69,
@@ -120,6 +120,23 @@ hour's noise. What it opens: the monitor now parses the device's ZMTP itself, so
 read the UNIX socket directly and drop its ZeroMQ I/O thread, two of the round trip's six
 wake-ups (the device keeps its libzmq PAIR socket and the wire stays ZMTP). Not done: it
 would move the monitor's side off ZeroMQ, a design decision of its own.
+
+2026-12-04, the next session, done (55a0a33): the monitor's end is a plain UNIX socket that
+the thread serving the channel writes and reads itself (monitor/zmtp.py ZmtpLink): no
+ZeroMQ I/O thread on the monitor's side, four wake-ups a round trip where there were six.
+The device keeps its libzmq PAIR socket, and the wire is ZMTP as before. A new floor row
+measures that transport alone (a raw socket in ZMTP against a pyzmq PAIR echo): 142-157 us
+against the PAIR/PAIR floor's 186-189 in the same runs of a slow hour, and the table prints
+both ratios (the goal's stays against the PAIR floor). Alternating with b498c6a, four pairs,
+--rounds 2 --count 5000 (raw zmq floor 174-272 us): forwarded IIR read 380, 388, 319, 310 us
+against 433, 428, 667, 649; the goal's ratio per round 1.23 1.42 1.50 1.35 1.14 1.26 1.21
+1.15 (median 1.25) against 1.73 1.64 1.47 1.69 2.05 2.01 2.00 1.85 (median 1.79). Against
+the transport's own floor the ratio is 1.5-1.9: what is left is the Python on both sides
+(~25 us of the monitor's in a profile of a Harness loop, 216 us a read in that hour) and
+the device's two threads (its libzmq I/O thread, then its event loop). The next wake-ups to
+go would be the device's: a device reading its socket itself would leave two of the four,
+and pyzmq out of the devices (~25 ms of the zygote's imports), but then no end of the
+channel would be ZeroMQ's; not done.
 """
 
 from __future__ import annotations

@@ -63,6 +63,13 @@ on write: CPython 3.11 writes a reference count on every object it touches) and 
 interpreter's own data; ~6 MiB more of dirty anonymous memory still shared with its sibling,
 half of it counted in each; ~1 MiB of files. The launcher: 6.3 MiB private dirty, ~3.4 of it
 pymalloc arenas. No change to the path.
+
+2026-12-04, the monitor without pyzmq (its end of each channel a plain socket:
+monitor/zmtp.py), this bench's defaults, back to back with the tree before (b498c6a): serial
+45.3 MiB PSS against 46.6 (1.38x against 1.42x QEMU's RSS of 31.2), the monitor 16.8 against
+18.7 (RSS 23.5 against 27.0: libzmq's context, its I/O thread and pyzmq's modules); 5 devices
+61.2 against 62.6 (1.79x against 1.84x). Goal (QEMU's RSS or less) not met: the devices, two
+processes each, are most of what is left.
 """
 
 from __future__ import annotations

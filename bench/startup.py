@@ -246,6 +246,15 @@ Tried and dropped: the launcher importing its server at once, while the zygote s
 zygote's exec and imports then shared a core with it and were ready at 81-88 instead of 69-72,
 and the guest ran at 104-113: no gain. Both cores are busy from the launcher's fork to the
 devices' READY (CPU 195 ms in a 110-125 ms run); what is left is less work, not another order.
+
+2026-12-04, a slow hour (`python -c pass` 15-17 ms): the monitor no longer imports pyzmq (its
+end of each channel is a plain socket: monitor/zmtp.py). --runs 9, alternating with the tree
+before it (b498c6a), two pairs: 217.3 and 186.8 ms (QEMU 83.1, 81.4: 2.61x, 2.30x) against
+210.0 and 201.0 (QEMU 73.5, 80.0: 2.86x, 2.51x); CPU 333 and 298 against 337 and 330. "import
+monitor" 46.1 and 43.6 ms against 63.4 and 54.1, but "device launch requests" 44.8 and 30.1
+against 20.0 and 30.6: the monitor now waits that much longer for the zygote, whose imports
+(~83 ms by -X importtime: pyzmq 27, the models' protocol and msgspec 21, logging 11, re 9)
+are the one long path left. Goal (2x) not met.
 """
 
 from __future__ import annotations
