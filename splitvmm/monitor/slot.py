@@ -1049,7 +1049,7 @@ class DeviceSlot:
 
     def _drain_events_locked(self, channel: DeviceChannel) -> None:
         """What a process that ended sent (its last checkpoint): all of it, as it sends no
-        more (at most RCVHWM frames), and charged to nothing."""
+        more (at most MAX_DRAINED frames), and charged to nothing."""
         self._ended_events = True
         try:
             channel.drain_events(limited=False)

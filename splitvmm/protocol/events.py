@@ -43,12 +43,13 @@ from splitvmm.protocol import control
 from splitvmm.record import Struct
 
 EVENT_OPS = ("publish", "report", "stall", "route", "msi", "input_room")
-# Events a device may send around one request of the monitor's; ZeroMQ's RCVHWM already
+# Events a device may send around one request of the monitor's; the socket's buffer already
 # bounds what waits unread, this bounds the work one vCPU's access can be made to do (each
 # event is checked: ~20 us). A healthy device may send many: the serial device publishes a
 # checkpoint at least every 32 frames it applies, and a read can wait behind ~1000 posted
-# writes (ZeroMQ's send queue): ~34 publishes, and those already waiting unread count too (at
-# most the channel's RCVHWM, 64). Found by a snapshot under forwarded reads.
+# writes (ZeroMQ's send queue): ~34 publishes, and those already waiting unread count too (a
+# drain takes at most the channel's MAX_DRAINED, 64). Found by a snapshot under forwarded
+# reads.
 MAX_EVENTS_PER_REQUEST = 256
 
 # Frames between two checkpoints: what the monitor keeps to re-send after a crash, what a new

@@ -1,7 +1,7 @@
 """DeviceChannel.drain_events' charge (monitor/channel.py): the CPU a device's events cost the
 monitor is charged to its latency budget; the host's stalls are not the device's doing.
 
-A channel without ZeroMQ: its link (monitor/zmtp.py StreamLink) a queue of frames, its event handling a stand-in that either
+A channel without a socket: its link (monitor/zmtp.py ZmtpLink) a queue of frames, its event handling a stand-in that either
 burns CPU (checking a hostile 64 KiB publish whole takes ~25-30 ms) or sleeps (standing in
 for a monitor thread the host preempted)."""
 
@@ -22,7 +22,7 @@ class QueueLink:
     def __init__(self) -> None:
         self.queue: list[bytes] = []
 
-    def frame_ready(self, readable: bool = False, chunks: int = 64) -> bool:
+    def frame_ready(self, chunks: int = 4) -> bool:
         return bool(self.queue)
 
     def take(self) -> bytes:

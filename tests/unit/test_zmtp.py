@@ -1,7 +1,7 @@
 """ZmtpReader and encode (monitor/zmtp.py): the monitor's ZMTP 3.0 parser of a device's bytes,
 against RFC 23 and against what libzmq 4.3 sends, and fuzzed with hostile streams.
 
-The socket end (StreamLink, with a real libzmq PAIR peer and raw hostile peers) is tested in
+The socket end (ZmtpLink, with a real libzmq PAIR peer and raw hostile peers) is tested in
 test_channel_multipart.py."""
 
 from __future__ import annotations
