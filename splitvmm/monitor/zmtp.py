@@ -209,6 +209,9 @@ class ZmtpLink:
         self._conn: socket.socket | None = None
         self.fd = listener
         self.closed = False  # the device's connection ended (or we ended it)
+        # Nothing more to read: its end read, or its socket closed by us. A write that finds
+        # its end (EPIPE) closes the link, but what it sent before is still read.
+        self._eof = False
         self._frame: bytes | None = None  # a whole frame read, not yet taken
         self._out: bytes | memoryview = b""  # what the kernel has not taken yet of a message
         try:
@@ -239,7 +242,7 @@ class ZmtpLink:
         for _ in range(chunks):
             if self._frame is not None:
                 return True
-            if self.closed or (self._conn is None and not self._accept()):
+            if self._eof or (self._conn is None and not self._accept()):
                 return False
             try:
                 data = os.read(self.fd, CHUNK)
@@ -293,13 +296,13 @@ class ZmtpLink:
             done = os.write(self.fd, data)
         except BlockingIOError:
             return data
-        except OSError:  # EPIPE, ECONNRESET: its end (Python ignores SIGPIPE)
-            self._ended()
+        except OSError:  # EPIPE, ECONNRESET: its end (Python ignores SIGPIPE); the bytes
+            self.closed, self._out = True, b""  # it sent before it are still read
             return b""
         return memoryview(data)[done:] if done < len(data) else b""
 
     def _ended(self) -> None:
-        self.closed = True
+        self.closed = self._eof = True
         self._out = b""
 
     def close_peer(self) -> None:

@@ -22,7 +22,7 @@ import zmq
 
 from splitvmm.monitor import zmtp
 from splitvmm.monitor.channel import ChannelError, DeviceChannel
-from splitvmm.protocol import control, wire
+from splitvmm.protocol import control, events, wire
 
 PART = 60 << 10  # under MAX_DEVICE_FRAME, so a per-frame limit alone lets it through
 SENT = 96 << 20  # of parts of one message that never ends
@@ -395,3 +395,32 @@ def test_a_devices_connection_waits_for_a_late_greeting(tmp_path: Path) -> None:
         sock.close()
         ctx.term()
         listening.close()
+
+
+def test_what_a_device_sent_before_its_end_is_read_after_a_send_to_it_failed(
+    tmp_path: Path,
+) -> None:
+    """The device sends an event (its last checkpoint, say) and its process ends; the next
+    thing the monitor does with its channel is a posted write, which fails (EPIPE) before
+    anything read the event. The event is still in the kernel's socket buffer, ahead of the
+    connection's end: the slot drains it (slot.py _drain_events_locked), as it would have
+    had the connection's end been read first. A failed write ended the link for reading
+    too, and the device's last frames were dropped unread."""
+    path = tmp_path / "dev0.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(1)
+    got: list[events.Event] = []
+    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), on_event=got.append)
+    peer = _raw_peer(path)
+    try:
+        assert not ch._frame_within(200)  # its greeting and READY, read: no frame
+        report = events.encode_report("last words")
+        peer.sendall(bytes((0, len(report))) + report)
+        peer.close()
+        with pytest.raises(ChannelError, match="closed its channel with a posted write unsent"):
+            ch.post(b"x")
+        ch.drain_events(limited=False)
+        assert got == [events.Report("last words")]
+    finally:
+        ch.close()
