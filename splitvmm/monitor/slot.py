@@ -995,7 +995,7 @@ class DeviceSlot:
                         self._on_stall(self)
             case events.RouteRequest(route_id, gsi):
                 ok, reason = self._route_allowed(gsi)
-                if self.channel is not None:
+                if self.channel is not None and not self._ended_events:  # none to answer
                     self.channel.answer(events.encode_route_done(route_id, ok, reason))
             case events.InputRoom(received, _):
                 if received > self._input_sent:
@@ -1006,7 +1006,7 @@ class DeviceSlot:
                 self._input_room = event
             case events.MsiRequest(route_id, vector, address, data):
                 reason = self._msi_route(vector, address, data)
-                if self.channel is not None:
+                if self.channel is not None and not self._ended_events:
                     self.channel.answer(events.encode_route_done(route_id, not reason, reason))
 
     def _route_allowed(self, gsi: int) -> tuple[bool, str]:

@@ -20,6 +20,7 @@ from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.native.routing import MsiRoute
 from splitvmm.protocol import control, events, wire
+from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.launcher_start import LauncherError
 from splitvmm.sandbox.spawn import DeviceProcess, listen_channel
@@ -167,6 +168,22 @@ def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
     slot.channel = posted
     slot._on_event(events.MsiRequest(1, 0, 0xFEE0_0000, 0x41))
     assert control.decode(posted[0])["reason"] == "serial devices have no MSI-X vectors"
+
+
+def test_slot_msi_request_in_an_ended_process_last_words_is_not_answered(tmp_path, failures):
+    """Drained from a process that ended (process_ended: its last checkpoint): the answer
+    could not go, and its send failing ended the drain, losing whatever the dead process
+    published after the request (a restart then replays from an older checkpoint)."""
+    slot, posted, _ = msi_slot(tmp_path, failures)
+    state = {"version": MODELS["serial"].state_version}
+
+    def last_words(limited: bool) -> None:
+        slot._on_event(events.MsiRequest(9, 1, 0xFEE0_0000, 0x41))
+        slot._on_event(events.Published(state, None, None))
+
+    slot._drain_events_locked(SimpleNamespace(drain_events=last_words))  # type: ignore[arg-type]
+
+    assert (list(posted), slot.last_state) == ([], state)
 
 
 # -- a stall: the device asks for the VM's pause (protocol/events.py) -------------------------
