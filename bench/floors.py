@@ -235,16 +235,18 @@ def zmtp_socket_floor(round_trips: int) -> list[float]:
         os.write(fd, zmtp.HANDSHAKE)
         message = zmtp.encode((bytes(24),))
 
+        def read_more() -> None:
+            data = os.read(fd, zmtp.CHUNK)
+            if not data:
+                raise RuntimeError("the floor's peer hung up")
+            reader.feed(data)
+
         def read_frame() -> None:
             while reader.next() is None:
-                data = os.read(fd, zmtp.CHUNK)
-                if not data:
-                    raise RuntimeError("the floor's peer hung up")
-                reader.feed(data)
+                read_more()
 
-        while not reader.ready:  # nothing may go before its READY (monitor/zmtp.py)
-            reader.feed(os.read(fd, zmtp.CHUNK))
-            reader.next()
+        while reader.next() is None and not reader.ready:  # nothing goes before its READY
+            read_more()
 
         def round_trip() -> None:
             os.write(fd, message)

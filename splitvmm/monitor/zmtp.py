@@ -22,9 +22,9 @@ What this module takes from a device:
   PAIR socket (its libzmq sends both as soon as it sees ours);
 - then frames, each a whole message: the MORE flag, a command, reserved flag bits and a
   frame over the channel's maximum are protocol errors, seen in the frame's header, before
-  its body has come. What the monitor holds of a device is one unfinished frame and one
-  read's chunk at most; the rest waits in the kernel's socket buffer, and a device that
-  fills it waits in its send.
+  its body has come. What the monitor holds of a device is a whole frame not yet taken, one
+  unfinished frame and one read's chunk at most; the rest waits in the kernel's socket
+  buffer, and a device that fills it waits in its send.
 
 Towards the device it writes ZMTP frames; a multipart message (posted frames, as one
 wake-up: monitor/channel.py post_many) carries MORE on all its parts but the last.
@@ -205,7 +205,11 @@ class ZmtpLink:
     def __init__(self, listener: int, max_frame: int) -> None:
         """`listener`: a listening UNIX stream socket; ours (closed by close())."""
         self.reader = ZmtpReader(max_frame)
-        self._listener: socket.socket | None = socket.socket(fileno=listener)
+        try:
+            self._listener: socket.socket | None = socket.socket(fileno=listener)
+        except BaseException:
+            os.close(listener)
+            raise
         self._conn: socket.socket | None = None
         self.fd = listener
         self.closed = False  # the device's connection ended (or we ended it)
@@ -219,12 +223,6 @@ class ZmtpLink:
         except BaseException:
             self._listener.close()
             raise
-
-    @property
-    def sending(self) -> bool:
-        """A message is still going out (the device's socket buffer was full): what follows
-        it waits, and `fd` polls writable once there is room."""
-        return bool(self._out)
 
     def take(self) -> bytes:
         """The frame frame_ready() said waits."""
@@ -270,7 +268,7 @@ class ZmtpLink:
         conn.setblocking(False)
         self._conn, self.fd = conn, conn.fileno()
         self._out = self._write(HANDSHAKE)
-        return not self.closed
+        return True  # read on, even if the greeting found its end: what it sent before
 
     def send(self, data: bytes) -> bool:
         """Start sending `data`, ZMTP bytes (encode()): True once it is ours to send (what the
