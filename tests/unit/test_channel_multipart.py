@@ -223,6 +223,34 @@ def test_a_send_to_a_connection_that_has_ended_is_no_error_of_the_monitor(
         ch.close()
 
 
+def test_a_post_before_the_devices_ready_waits_for_it_then_goes(tmp_path: Path) -> None:
+    """Nothing goes to a libzmq peer before its READY (it takes a frame that comes earlier
+    for a handshake command, and hangs up): a post made before the device has even
+    connected accepts its connection, greets it, waits for its READY, then goes."""
+    ch, path = _channel(tmp_path)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    before_ready: list[bytes] = []
+
+    def connect_late() -> None:
+        time.sleep(0.2)
+        peer.connect(str(path))
+        time.sleep(0.2)
+        before_ready.append(peer.recv(1 << 16, socket.MSG_DONTWAIT))
+        peer.sendall(GREETING + b"\x04" + bytes([len(READY)]) + READY)
+
+    late = threading.Thread(target=connect_late)
+    late.start()
+    try:
+        ch.post(b"hello")
+        late.join()
+        assert before_ready == [zmtp.HANDSHAKE]  # greeted, and nothing more until its READY
+        assert _recv_frame(peer) == b"hello"
+    finally:
+        late.join()
+        peer.close()
+        ch.close()
+
+
 def test_a_message_larger_than_the_socket_buffer_goes_out_whole_and_in_order(
     tmp_path: Path,
 ) -> None:
