@@ -112,6 +112,12 @@ first so that its re-injection switch (an SRCU grace period, holding the PIT's l
 early as a boot's: 16 paired restores of the idle guest, to the vCPUs by `up --timings`,
 109.3 ms against 108.6, median paired difference -0.6 ms, inside a spread of +-10. The
 monitor's decode and apply (~5 ms) were overlapping the wait for the zygote already.
+
+2026-12-04, a slow hour, the monitor without pyzmq (its channels a plain socket: monitor/zmtp.py;
+"import monitor" 39-43 ms against 62-70), --sizes 512 --runs 3, back to back with b498c6a:
+restore, idle, 0.191 s against 0.212 (QEMU 0.73-0.78); 256 MiB dirty 0.378 against 0.391; save
+write/floor 1.37 against 1.40. A restore now waits on the zygote's imports as a boot does
+("device launch requests" 34 ms idle). Goals (0.1 s, 0.25 s, 1.2) not met in this hour.
 """
 
 from __future__ import annotations
