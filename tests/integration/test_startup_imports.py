@@ -47,6 +47,13 @@ def test_the_monitor_of_a_boot_loads_no_openssl():
     assert imported(MONITOR_IMPORTS, ("hashlib", "_hashlib", "hmac")) == []
 
 
+def test_the_monitor_loads_no_zeromq():
+    """Its end of each device channel speaks ZMTP itself over a plain socket (monitor/zmtp.py):
+    pyzmq, its libzmq and their I/O thread were ~15-20 ms of its start-up and ~2 MiB of its
+    memory (bench/startup.py, bench/memory.py), for a socket's bytes it already parsed."""
+    assert imported(MONITOR_IMPORTS, ("zmq",)) == []
+
+
 # What runs before the launcher's fork (cli/early.py) and in the launcher before its zygote's
 # exec (sandbox/launcher_start.py): each import there delays the zygote, whose own imports
 # are the longest path to a VM's first device (bench/startup.py).
