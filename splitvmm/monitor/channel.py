@@ -488,7 +488,7 @@ class DeviceChannel:
             fd = link.fd
             ready = self._poll(left_ms)
             if ready.get(fd) and self._frame_ready():
-                continue
+                return link.take()
             if self._pidfd is not None and ready.get(self._pidfd):
                 return self._last_words()
             if left_ms == 0:
