@@ -24,6 +24,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -190,6 +191,17 @@ def _echo(endpoint: str, n: int) -> None:
     ctx.term()
 
 
+def _timed(round_trip: Callable[[], None], count: int) -> list[float]:
+    """Seconds each of `count` round trips took, after one untimed (connected and warm)."""
+    round_trip()
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        round_trip()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
 def zmq_pair_floor(round_trips: int) -> list[float]:
     """Seconds per 24-byte round trip on a ZeroMQ PAIR over ipc:// to another process."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,14 +214,12 @@ def zmq_pair_floor(round_trips: int) -> list[float]:
         )
         peer.start()
         frame = bytes(24)
-        sock.send(frame)
-        sock.recv()  # connected and warm
-        samples = []
-        for _ in range(round_trips):
-            t0 = time.perf_counter()
+
+        def round_trip() -> None:
             sock.send(frame)
             sock.recv()
-            samples.append(time.perf_counter() - t0)
+
+        samples = _timed(round_trip, round_trips)
         peer.join()
         sock.close()
         ctx.term()
@@ -252,12 +262,7 @@ def zmtp_socket_floor(round_trips: int) -> list[float]:
             os.write(fd, message)
             read_frame()
 
-        round_trip()  # connected and warm
-        samples = []
-        for _ in range(round_trips):
-            t0 = time.perf_counter()
-            round_trip()
-            samples.append(time.perf_counter() - t0)
+        samples = _timed(round_trip, round_trips)
         peer.join()
         conn.close()
     return samples
