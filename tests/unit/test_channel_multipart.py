@@ -31,6 +31,7 @@ SENT = 96 << 20  # of parts of one message that never ends
 BOUND = zmtp.CHUNK + control.MAX_DEVICE_FRAME + (16 << 20)
 GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32)
 READY = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 4) + b"PAIR"
+PEER_HANDSHAKE = GREETING + b"\x04" + bytes([len(READY)]) + READY  # what a raw peer sends first
 
 
 def _rss() -> int:
@@ -43,7 +44,7 @@ def _raw_peer(path: Path) -> socket.socket:
     never reads ours (the kernel's buffer takes it)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(path))
-    s.sendall(GREETING + b"\x04" + bytes([len(READY)]) + READY)
+    s.sendall(PEER_HANDSHAKE)
     return s
 
 
@@ -236,7 +237,7 @@ def test_a_post_before_the_devices_ready_waits_for_it_then_goes(tmp_path: Path) 
         peer.connect(str(path))
         time.sleep(0.2)
         before_ready.append(peer.recv(1 << 16, socket.MSG_DONTWAIT))
-        peer.sendall(GREETING + b"\x04" + bytes([len(READY)]) + READY)
+        peer.sendall(PEER_HANDSHAKE)
 
     late = threading.Thread(target=connect_late)
     late.start()
