@@ -29,9 +29,9 @@ Why this order, and not "connect the channel, then sandbox":
 * The channel is an ipc:// path in the monitor's runtime directory, which the
   empty root hides. Before pivoting, the channel socket is bind-mounted (read
   only) into the new root as /channel, so the device connects after the file
-  system is gone. Connecting to it is all it allows: the monitor's end serves
-  one peer and closes any other (monitor/zmtp.py), and seccomp forbids socket()
-  and connect() from then on anyway.
+  system is gone. Connecting to it is all it allows: the monitor accepts one
+  peer and closes its listener then, so any other is refused (monitor/zmtp.py),
+  and seccomp forbids socket() and connect() from then on anyway.
 * rlimits come after the connect: threads count against RLIMIT_NPROC, and
   RLIMIT_NOFILE must sit just above the fds ZeroMQ opened.
 * seccomp is last, with TSYNC: one filter for every thread, ZeroMQ's included.
