@@ -200,7 +200,9 @@ ROWS = {  # row -> (run, kind): the pio-loop runs of one round, and the line of 
     "guest rdtsc pair (measurement floor)": ("forwarded", "rdtsc"),
 }
 ZMQ_ROW = "floor: raw pyzmq PAIR round trip (ipc://)"
-ZMTP_ROW = "floor: raw socket in ZMTP <-> pyzmq PAIR round trip (the channel's transport)"
+ZMTP_ROW = (
+    "floor: raw socket in ZMTP <-> a device's channel end round trip (the channel's transport)"
+)
 PIPE_ONE_CPU = "floor: pipe round trip, two processes on one CPU"
 PIPE_TWO_CPUS = "floor: pipe round trip, two processes on two CPUs"
 KVM_ROW = "floor: bare Python KVM_RUN loop exit (CPL0, inline)"

@@ -5,9 +5,9 @@
 - the same loop running the firmware-serial guest (bench/serial.py): every UART access
   answered inline, with or without KVM holding the THR writes in its coalesced ring (what
   write-behind costs at the least: monitor/writebehind.py);
-- a raw pyzmq PAIR round trip over ipc:// between two processes, and the same with the
-  monitor's end a UNIX socket read and written directly in ZMTP (the device channel's
-  transport: monitor/zmtp.py);
+- a raw pyzmq PAIR round trip over ipc:// between two processes, and the same with both
+  ends UNIX sockets read and written directly in ZMTP (the device channel's transport:
+  protocol/zmtp.py; the echo is the device's own end, devprocs/channel.py);
 - a pipe round trip between two processes, one byte each way, nothing but two wake-ups:
   with both on one CPU, and on two. What a wake-up costs here depends on whether the woken
   process runs on another CPU (an idle CPU of this VM must be woken by the hypervisor) or on
@@ -28,10 +28,11 @@ from collections.abc import Callable
 
 import zmq
 
-from splitvmm.monitor import zmtp
+from splitvmm.devprocs.channel import Channel
 from splitvmm.native.exits import PioIn, PioOut
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
+from splitvmm.protocol import zmtp
 
 # Real mode at 0x1000 (CS base 0): 1: in $0x80,%al; out %al,$0x81; jmp 1b
 LOOP_CODE = bytes([0xE4, 0x80, 0xE6, 0x81, 0xEB, 0xFA])
@@ -191,6 +192,13 @@ def _echo(endpoint: str, n: int) -> None:
     ctx.term()
 
 
+def _channel_echo(endpoint: str, n: int) -> None:
+    channel = Channel.connect(endpoint, 1 << 16, timeout_s=10)
+    for _ in range(n):
+        channel.send(channel.recv())
+    channel.close()
+
+
 def _timed(round_trip: Callable[[], None], count: int) -> list[float]:
     """Seconds each of `count` round trips took, after one untimed (connected and warm)."""
     round_trip()
@@ -228,22 +236,23 @@ def zmq_pair_floor(round_trips: int) -> list[float]:
 
 def zmtp_socket_floor(round_trips: int) -> list[float]:
     """Seconds per 24-byte round trip between a UNIX socket read and written directly, in
-    ZMTP (monitor/zmtp.py), and a ZeroMQ PAIR in another process: the device channel's
-    transport since the monitor speaks ZMTP itself, with nothing of the channel on top."""
+    ZMTP (protocol/zmtp.py), and a device's end of its channel (devprocs/channel.py) in
+    another process echoing each frame: the device channel's transport, with nothing of the
+    channel on top."""
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/floor.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1)
         peer = multiprocessing.get_context("spawn").Process(
-            target=_echo, args=(f"ipc://{path}", round_trips + 1)
+            target=_channel_echo, args=(f"ipc://{path}", round_trips + 1)
         )
         peer.start()
         conn, _ = listener.accept()
         listener.close()
         fd, reader = conn.fileno(), zmtp.ZmtpReader(1 << 16)
         os.write(fd, zmtp.HANDSHAKE)
-        message = zmtp.encode((bytes(24),))
+        message = zmtp.encode(bytes(24))
 
         def read_more() -> None:
             data = os.read(fd, zmtp.CHUNK)

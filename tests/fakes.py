@@ -1,6 +1,12 @@
-"""Fakes for unit tests: guest memory in a bytearray, an irq that counts, a channel in a list."""
+"""Fakes for unit tests: guest memory in a bytearray, an irq that counts, a channel in a list,
+a monitor's end of a device's channel."""
 
 from __future__ import annotations
+
+import socket
+
+from splitvmm.devprocs.channel import Channel
+from splitvmm.protocol import zmtp
 
 
 class FakeGuestMemory:
@@ -70,3 +76,39 @@ class FakeClock:
 
     def utc_offset(self, wall_s: int) -> int:
         return self.offset
+
+
+class MonitorEnd:
+    """The monitor's end of a device's channel for tests of the device side: a socket of a
+    socketpair spoken to in raw ZMTP (protocol/zmtp.py), the other socket a device's Channel
+    (devprocs/channel.py). channel_pair() makes both."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = zmtp.ZmtpReader(1 << 20)
+        sock.sendall(zmtp.HANDSHAKE)
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(zmtp.encode(frame))
+
+    def recv(self, timeout_s: float | None = 5.0) -> bytes:
+        """The device's next frame; TimeoutError if none comes by then (0: only one that
+        came already)."""
+        self.sock.settimeout(timeout_s)
+        while (frame := self.reader.next()) is None:
+            try:
+                data = self.sock.recv(zmtp.CHUNK)
+            except BlockingIOError:  # timeout 0
+                raise TimeoutError("no frame from the device") from None
+            if not data:
+                raise EOFError("the device's end closed")
+            self.reader.feed(data)
+        return frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def channel_pair(max_frame: int = 1 << 20) -> tuple[MonitorEnd, Channel]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return MonitorEnd(ours), Channel(theirs, max_frame)

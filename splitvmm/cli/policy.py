@@ -429,15 +429,17 @@ class SpawnedDevice:
             control.decode(self._reply(f"the device did not answer {op}"))
 
     def _reply(self, silence: str) -> bytes:
-        """The next frame that is not an event nor a MIRROR (a device publishes its state and
-        its register mirror unasked)."""
+        """The next frame that is not an event, a CHECKPOINT nor a MIRROR (a device publishes
+        its state and its register mirror unasked). A CHECKPOINT taken for the reply put every
+        later request one reply behind, unseen while the device's libzmq queued whatever we
+        left unread; the device's own end queues nothing, and waited on us for good."""
         from splitvmm.protocol import events, wire
 
         while True:
             if not self.sock.poll(2000):
                 raise click.ClickException(silence)
             buf: bytes = self.sock.recv()
-            if not events.is_event(buf) and not wire.is_mirror(buf):
+            if not (events.is_event(buf) or wire.is_checkpoint(buf) or wire.is_mirror(buf)):
                 return buf
 
     def _next(self) -> int:

@@ -1,8 +1,9 @@
 """The device process's event loop: one poll over the channel and every fd the model watches.
 
 What it waits on, each only while it matters:
-- the channel (ZeroMQ PAIR): frames from the monitor, served one at a time in the order
-  they were sent, so a posted write is applied before a later read;
+- the channel (channel.py): frames from the monitor, served one at a time in the order
+  they were sent, so a posted write is applied before a later read; and room in it while
+  an event sent unasked is still going out;
 - the output line, while the model's output buffer holds bytes (POLLOUT): a slow reader
   slows the guest's output, never the channel (output.py);
 - the model's own fds (base.EventSources: an ioeventfd the guest kicks, a disk or TAP
@@ -15,32 +16,33 @@ waiting() -- its context's `waiting` -- whether any of these is ready, and hands
 only then: the same poll, without the wait.
 
 With only the channel to watch (most of a register device's life), the loop blocks in
-recv(): no poll, and no extra system call, per frame. Everything runs on one thread: the
+its read: no poll, and no extra system call, per frame. Everything runs on one thread: the
 sandbox allows no new one, and a model never needs a lock.
 """
 
 from __future__ import annotations
 
 import math
+import select
 import time
 from collections.abc import Callable, Iterable
 
-import zmq
-
 from splitvmm.devprocs.base import Device, EventSources, OutputProducer, Source, TimedEvents
+from splitvmm.devprocs.channel import Channel
 
-# What a poll result means for the line and for a source (zmq reports POLLHUP as POLLERR): an
-# fd that is both (a `unix:` console's socket) is flushed only when writable, read only when
-# readable; an error goes to both, whose own calls then find it.
-WRITABLE = zmq.POLLOUT | zmq.POLLERR
-READABLE = zmq.POLLIN | zmq.POLLERR
+# What a poll result means for the line and for a source: an fd that is both (a `unix:`
+# console's socket) is flushed only when writable, read only when readable; an error or a
+# hang-up goes to both, whose own calls then find it.
+_ERROR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+WRITABLE = select.POLLOUT | _ERROR
+READABLE = select.POLLIN | _ERROR
 
 
 class EventLoop:
     def __init__(
         self,
         device: Device,
-        channel: zmq.Socket[bytes],
+        channel: Channel,
         serve_frame: Callable[[bytes], None],
         clock: Callable[[], float] = time.monotonic,
         after_host_event: Callable[[], None] | None = None,
@@ -68,11 +70,17 @@ class EventLoop:
     def step(self) -> None:
         """One wait and whatever became ready."""
         deadline, line, sources = self._watched()
-        if deadline is None and line is None and not sources:
-            self.serve_frame(self.channel.recv(copy=True))
+        channel = self.channel
+        if deadline is None and line is None and not sources and not channel.sending:
+            self.serve_frame(channel.recv())
             self.device.ctx.events.flush()
             return
-        timeout = None if deadline is None else max(0, math.ceil((deadline - self.clock()) * 1e3))
+        if channel.frame_ready():  # read already: look at the rest without waiting
+            timeout: int | None = 0
+        elif deadline is None:
+            timeout = None
+        else:
+            timeout = max(0, math.ceil((deadline - self.clock()) * 1e3))
         ready = self._poll(line, sources, timeout)
         host_event = False
         # the line polled writable (or in error): flush what waits for it
@@ -89,8 +97,10 @@ class EventLoop:
             self._timed.tick(self.clock())
         if host_event and self.after_host_event is not None:
             self.after_host_event()
-        if ready.get(self.channel):
-            self.serve_frame(self.channel.recv(copy=True))
+        if channel.sending:
+            channel.flush()  # the rest of an event, as far as there is room
+        if channel.frame_ready():
+            self.serve_frame(channel.recv())
         self.device.ctx.events.flush()  # what the channel could not take before
 
     def waiting(self) -> bool:
@@ -100,7 +110,7 @@ class EventLoop:
         deadline, line, sources = self._watched()
         if deadline is not None and self.clock() >= deadline:
             return True
-        return bool(self._poll(line, sources, 0))
+        return self.channel.frame_ready() or bool(self._poll(line, sources, 0))
 
     def _watched(self) -> tuple[float | None, int | None, dict[int, Source]]:
         """What a step waits on now: the model's deadline, its output line while it holds
@@ -113,12 +123,14 @@ class EventLoop:
 
     def _poll(
         self, line: int | None, sources: Iterable[int], timeout_ms: int | None
-    ) -> dict[object, int]:
-        poller = zmq.Poller()
-        poller.register(self.channel, zmq.POLLIN)
+    ) -> dict[int, int]:
+        """What is ready among the channel, `sources` and the line: {fd: poll events}."""
+        poller = select.poll()
+        channel = self.channel
+        poller.register(channel, select.POLLIN | (select.POLLOUT if channel.sending else 0))
         for fd in sources:
-            poller.register(fd, zmq.POLLIN)
+            poller.register(fd, select.POLLIN)
         if line is not None:  # last: registering an fd again replaces its events, and the
             # line may be a source too (a `unix:` peer writes the console's input on it)
-            poller.register(line, zmq.POLLOUT | (zmq.POLLIN if line in sources else 0))
+            poller.register(line, select.POLLOUT | (select.POLLIN if line in sources else 0))
         return dict(poller.poll(timeout_ms))

@@ -23,8 +23,8 @@ Two slots a stream: the record of used idx u lives in slot u % 2, so writing the
 record never overwrites the current one's. Each record is (used idx, count, crc32 of both): one
 pwrite(2), which SIGKILL does not cut short, and the crc turns away a page that holds no
 record yet or that a compromised process scribbled on. pwrite, not a mapping: CPython's
-mmap keeps a dup of the fd, which the sandbox closes and ZeroMQ then reuses, and the
-mapping's finalizer would close ZeroMQ's fd.
+mmap keeps a dup of the fd, which the sandbox closes and the channel's socket then reuses,
+and the mapping's finalizer would close the channel.
 
 A host-I/O flag, byte PROGRESS_HOST_IO_BYTE (protocol/models.py), past the slots: 1 while the device is inside a host I/O call
 that may block for long (a disk's read, write or sync: virtio-blk), 0 otherwise. The

@@ -32,8 +32,6 @@ import os
 import signal
 from collections.abc import Callable
 
-import zmq
-
 from splitvmm.devprocs.base import (
     ConsoleInput,
     Device,
@@ -44,6 +42,7 @@ from splitvmm.devprocs.base import (
     RegisterDevice,
     load_model,
 )
+from splitvmm.devprocs.channel import Channel, ChannelClosed
 from splitvmm.devprocs.eventloop import EventLoop
 from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.output import BoundedOutput, FdLine
@@ -60,9 +59,10 @@ log = logging.getLogger("splitvmm.dev")
 
 
 # The address space (RLIMIT_AS) of a device process beyond what it maps of its fds. The
-# serial device measured VmPeak 170 MiB, VmSize 106 MiB and RSS 18 MiB while serving:
-# CPython and its modules ~26 MiB, libzmq's two threads an 8 MiB stack each and a 64 MiB
-# malloc arena (glibc maps 128 MiB to align a new arena, then gives half back).
+# serial device measured VmPeak 170 MiB, VmSize 106 MiB and RSS 18 MiB while serving, when
+# libzmq's two threads were in it (an 8 MiB stack each and a 64 MiB malloc arena); CPython and
+# its modules are ~26 MiB. A device has one thread now: the bound is kept, for a model's
+# buffers.
 RUNTIME_ADDRESS_SPACE = 256 << 20
 MAX_REPLAY = 4096  # the monitor's journal holds no more (monitor/slot.py MAX_JOURNAL)
 MAX_WALL_NS = 1 << 63  # a replayed frame's send time: CLOCK_REALTIME ns, as a signed 64-bit
@@ -106,22 +106,18 @@ def build_device(spec: DeviceSpec, ctx: DeviceContext) -> Device:
 REFUSAL_WAIT_MS = 2000  # at most this long for the monitor to take why we cannot start
 
 
-def _refuse(sock: zmq.Socket[bytes], message: str) -> None:
+def _refuse(sock: Channel, message: str) -> None:
     """Tell the monitor why we cannot start (instead of READY), then exit."""
     sock.send(control.encode({"op": "error", "seq": 0, "message": message[:200]}))
-    # Let the frame leave before the process does: os._exit right after the send took
-    # ZeroMQ's I/O thread down with the frame still queued now and then, and the monitor saw
-    # a device that exited without its reason. The monitor ends us once it has read it (it
-    # ends a device that failed); one that is gone leaves us to exit after REFUSAL_WAIT_MS.
-    # Not context.term(): ending ZeroMQ's threads takes the thread `exit` and a shared futex
-    # wait, which the device's seccomp filter refuses (a SIGSYS after every refusal).
-    sock.poll(REFUSAL_WAIT_MS, zmq.POLLIN)
+    # Then the monitor ends us (it ends a device that failed), having read the reason before
+    # it learns of any exit; one that is gone leaves us to exit after REFUSAL_WAIT_MS.
+    sock.wait(REFUSAL_WAIT_MS)
     os._exit(2)
 
 
 def _serve_control(
     device: Device,
-    sock: zmq.Socket[bytes],
+    sock: Channel,
     buf: bytes,
     injector: FaultInjector,
     mirrors: MirrorPublisher | None = None,
@@ -302,7 +298,7 @@ class InputRoomReporter:
 
 def serve(
     device: Device,
-    sock: zmq.Socket[bytes],
+    sock: Channel,
     checkpoints: Checkpoints,
     injector: FaultInjector | None = None,
 ) -> None:
@@ -326,7 +322,7 @@ def serve(
 
 def _serve_frame(
     device: Device,
-    sock: zmq.Socket[bytes],
+    sock: Channel,
     buf: bytes,
     checkpoints: Checkpoints,
     injector: FaultInjector,
@@ -446,29 +442,14 @@ FIXED_SIZE = (FdKind.DISK, FdKind.PROGRESS)
 CONNECT_TIMEOUT_MS = 10000  # the monitor binds before it spawns us: this is a stuck monitor
 
 
-def _connect(endpoint: str) -> zmq.Socket[bytes]:
-    """Connect the channel; return once connected (seccomp forbids connecting afterwards).
-    Connected, not handshaken: the monitor sends its ZMTP greeting when it first reads the
-    channel (monitor/zmtp.py), and our first send (READY) waits for it, while this process
-    goes on into its sandbox."""
-    ctx = zmq.Context(io_threads=1)
-    sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost monitor is fatal, never a new socket()
-    sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a connection not yet handshaken
-    # No handshake timer (libzmq's default is 30 s, then a dropped connection, for good here):
-    # the monitor greets when it first reads this channel, which may be later than that (a
-    # VM's start reads each device's channel in turn), and its own deadlines bound the wait.
-    sock.setsockopt(zmq.HANDSHAKE_IVL, 0)
-    connected = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+def _connect(endpoint: str) -> Channel:
+    """Connect the channel (seccomp forbids connecting afterwards); our greeting goes at once.
+    The monitor sends its own when it first reads the channel (monitor/zmtp.py): our first
+    send (READY) waits for it, while this process goes on into its sandbox."""
     try:
-        sock.connect(endpoint)
-        if not connected.poll(CONNECT_TIMEOUT_MS):
-            raise sandbox.SandboxError(f"channel not connected within {CONNECT_TIMEOUT_MS} ms")
-    finally:
-        sock.disable_monitor()
-        connected.close()
-    return sock
+        return Channel.connect(endpoint, control.MAX_CONTROL, CONNECT_TIMEOUT_MS / 1000)
+    except OSError as e:
+        raise sandbox.SandboxError(f"channel not connected: {e}") from None
 
 
 # -- test hook (issue 3): trusted direction only -------------------------------------------------
@@ -515,9 +496,8 @@ def run(
     just before it connects its channel (the sandbox's `connect` step, below). Its root holds
     its own listening socket, made at protocol/spec.py spare_path() and linked to the
     channel's path when it takes over (it binds the socket in by its first name, however
-    soon it is taken). Connecting, rlimits and seccomp come after the wait, as for any device: ZeroMQ's threads must not
-    exist before the namespaces, and a spare must not connect to a monitor that serves no
-    channel of it. So its state, guest data, is read only once it is sandboxed, later than a
+    soon it is taken). Connecting, rlimits and seccomp come after the wait, as for any
+    device: a spare must not connect to a monitor that serves no channel of it. So its state, guest data, is read only once it is sandboxed, later than a
     cold process reads its own (pre-sandbox, in its spec).
 
     Measured for the serial device exec'd (tests, `policy audit`; ~120 ms to READY):
@@ -543,7 +523,7 @@ def run(
     model.setup(ctx)  # before the sandbox: map, open, start threads
     hook = _load_hook(spec)
 
-    def connect(endpoint: str) -> tuple[DeviceSpec, zmq.Socket[bytes]]:
+    def connect(endpoint: str) -> tuple[DeviceSpec, Channel]:
         """Sandboxed but for rlimits and seccomp: a warm spare waits here for its spec."""
         model.setup_sandboxed(ctx)  # in the process that serves: after the sandbox's fork
         if not spec.deferred:
@@ -584,14 +564,10 @@ def run(
     if frames:
         checkpoints.publish()  # sent once connected: the monitor's journal empties at once
     sock.send(wire.encode_ready())
-    device.ctx.events.connect(lambda frame: _send_now(sock, frame))
-    serve(device, sock, checkpoints, FaultInjector(fault))
-
-
-def _send_now(sock: zmq.Socket[bytes], frame: bytes) -> bool:
-    """Send an event if the channel takes it now; False if it would block."""
+    device.ctx.events.connect(sock.send_now)
     try:
-        sock.send(frame, zmq.NOBLOCK)
-    except zmq.Again:
-        return False
-    return True
+        serve(device, sock, checkpoints, FaultInjector(fault))
+    except ChannelClosed as e:  # the monitor failed us, or is gone: it ends us anyway
+        raise SystemExit(f"device {spec.name}: {e}") from None
+    finally:  # not left to the interpreter's exit: an unclosed socket's warning asks the
+        sock.close()  # kernel for its addresses (getsockname), which the filter refuses

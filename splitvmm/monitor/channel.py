@@ -1,5 +1,5 @@
 """DeviceChannel: the monitor's end of one device process's ZeroMQ channel (ZMTP, spoken by
-the monitor itself over a UNIX socket: monitor/zmtp.py).
+the monitor itself over a UNIX socket: monitor/zmtp.py, protocol/zmtp.py).
 
 It forwards guest accesses and control requests as frames, numbers each request,
 gives it a deadline, charges slow replies to a latency budget, and checks every
@@ -35,6 +35,7 @@ from splitvmm.monitor.budget import LatencyBudget
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.zmtp import encode
 from splitvmm.sandbox.spawn import DeviceProcess, readable
 
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
@@ -291,22 +292,21 @@ class DeviceChannel:
         host I/O: the request its events came with may be the supervisor's ping, which must
         never wait on one device; a device that asks must take its answers."""
         try:
-            self._send(zmtp.encode((frame,)), "an answer to its event", wait_host_io=False)
+            self._send(encode(frame), "an answer to its event", wait_host_io=False)
         except _InHostIo:
             raise ChannelError(
                 f"took no answer to its event within {WRITE_TIMEOUT_MS} ms"
             ) from None
 
     def post_many(self, frames: Sequence[bytes]) -> None:
-        """Posted frames, in order, as the parts of one ZeroMQ message: one write, and one
-        wake-up of the device's I/O thread, for all (each part is a frame to the device).
-        Its libzmq delivers a message whole or not at all."""
+        """Posted frames, in order, each a ZMTP message, in one write: one wake-up of the
+        device for all."""
         self._waited_on_host_io = False  # a wait on its disk here is this post's own
-        self._send(zmtp.encode(frames), "a posted write")
+        self._send(b"".join(map(encode, frames)), "a posted write")
         self._posted += len(frames)
 
     def _send(self, data: bytes, what: str, wait_host_io: bool = True) -> None:
-        """Send `data`, a ZMTP message (zmtp.encode; `what` it is, for messages), waiting only
+        """Send `data`, ZMTP messages (protocol/zmtp.py encode; `what` they are, for messages), waiting only
         while the device has not connected or greeted yet, or its socket buffer is full, at
         most WRITE_TIMEOUT_MS, and not at all once its process has ended (its pidfd) or its
         connection has: a frame to a device that has just died would otherwise wait out the
@@ -377,7 +377,7 @@ class DeviceChannel:
         _InHostIo is raised."""
         self._waited_on_host_io = False
         try:
-            self._send(zmtp.encode((frame,)), "a request", wait_host_io=wait_host_io)
+            self._send(encode(frame), "a request", wait_host_io=wait_host_io)
             deadline = time.monotonic() + timeout_ms / 1000
             allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
             for _ in range(allowed + 1):

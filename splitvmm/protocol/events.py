@@ -47,7 +47,7 @@ EVENT_OPS = ("publish", "report", "stall", "route", "msi", "input_room")
 # bounds what waits unread, this bounds the work one vCPU's access can be made to do (each
 # event is checked: ~20 us). A healthy device may send many: the serial device publishes a
 # checkpoint at least every 32 frames it applies, and a read can wait behind ~1000 posted
-# writes (ZeroMQ's send queue): ~34 publishes, and those already waiting unread count too (a
+# writes (the channel's socket buffer): ~34 publishes, and those already waiting unread count too (a
 # drain takes at most the channel's MAX_DRAINED, 64). Found by a snapshot under forwarded
 # reads.
 MAX_EVENTS_PER_REQUEST = 256
@@ -55,8 +55,9 @@ MAX_EVENTS_PER_REQUEST = 256
 # Frames between two checkpoints: what the monitor keeps to re-send after a crash, what a new
 # process re-applies (~10-20 us a frame here) and, for an output line the monitor cannot
 # count (a pipe, socket or terminal), how far back a restart may send bytes twice. Each
-# checkpoint is a message of its own, and its wake-ups (both sides' ZeroMQ I/O threads, on a
-# core a vCPU shares) cost a polled serial byte ~7% at 32 frames (bench/serial.py).
+# checkpoint is a message of its own, and its wake-ups (measured when both sides' ZeroMQ I/O
+# threads woke for it, on a core a vCPU shares) cost a polled serial byte ~7% at 32 frames
+# (bench/serial.py).
 # The device's runtime takes them (devprocs/runtime.py Checkpoints); the monitor's slot
 # keeps to them (monitor/slot.py MAX_AHEAD).
 PUBLISH_EVERY = 32

@@ -18,26 +18,25 @@ Layers, each with an escape test in tests/sandbox/:
 
 Why this order, and not "connect the channel, then sandbox":
 
-* unshare(CLONE_NEWUSER) fails with EINVAL in a multithreaded process, and
-  ZeroMQ starts its I/O and reaper threads when the first socket is made. So
-  the namespaces come first, while the process has one thread.
+* unshare(CLONE_NEWUSER) fails with EINVAL in a multithreaded process. A device
+  process has one thread for its whole life (its channel is read and written by
+  that thread: devprocs/channel.py), but the namespaces come first all the same.
+  Once in them, the device's own user namespace is limited to no nested one
+  (user.max_user_namespaces 0, set while it holds CAP_SYS_RESOURCE there).
 * Capabilities, Landlock domains and no_new_privs belong to a thread, not to
-  the process: a thread keeps what it had when it was made. Were ZeroMQ's
-  threads started before (c) and (d), they would keep CAP_SYS_ADMIN in the new
-  user namespace and escape Landlock. So (c) and (d) also come before the
-  channel is connected; the threads ZeroMQ makes afterwards inherit them.
+  the process: a thread keeps what it had when it was made. So (c) and (d) come
+  before anything could make a thread (a model's set-up runs earlier, and makes
+  none: every model serves from the one thread).
 * The channel is an ipc:// path in the monitor's runtime directory, which the
   empty root hides. Before pivoting, the channel socket is bind-mounted (read
   only) into the new root as /channel, so the device connects after the file
   system is gone. Connecting to it is all it allows: the monitor accepts one
   peer and closes its listener then, so any other is refused (monitor/zmtp.py),
   and seccomp forbids socket() and connect() from then on anyway.
-* rlimits come after the connect: threads count against RLIMIT_NPROC, and
-  RLIMIT_NOFILE must sit just above the fds ZeroMQ opened.
-* seccomp is last, with TSYNC: one filter for every thread, ZeroMQ's included.
-  pthread_create returns before the new thread runs, so a ZeroMQ thread may
-  run its start-up calls (rseq, its signal mask, its name) under the filter:
-  the common policy allows those, narrowed.
+* rlimits come after the connect: RLIMIT_NOFILE must sit just above the
+  channel's socket.
+* seccomp is last, with TSYNC (one filter for every thread, were there
+  another); the common policy allows nothing that only threads need.
 * CLONE_NEWPID only moves the children of the caller into the new namespace.
   So the process forks once (still single-threaded, so safe, gh-100228): the
   child is pid 1 of the new namespace and becomes the device; the parent
@@ -226,6 +225,12 @@ def _unshare_namespaces() -> None:
         _write_proc("/proc/self/setgroups", "deny")
         _write_proc("/proc/self/uid_map", f"0 {uid} 1")
         _write_proc("/proc/self/gid_map", f"0 {gid} 1")
+        # No user namespace inside ours, whatever the filter allows (seccomp refuses unshare
+        # and clone's namespace flags too): this limit is our user namespace's own, set while
+        # we hold CAP_SYS_RESOURCE in it, and none is left to raise it (bubblewrap's
+        # --disable-userns). A nested user namespace would give back every capability
+        # inside it, with the kernel code that only a namespace's root reaches.
+        _write_proc("/proc/sys/user/max_user_namespaces", "0")
     except OSError as e:
         raise SandboxError(f"cannot create the device's namespaces: {e}") from None
 
@@ -332,7 +337,7 @@ def _set_rlimits(
     anonymous ones and stacks (policies/<arch>/common_device.policy)."""
     fsize = _file_size_limit(held, fixed_size)
     limits = {
-        resource.RLIMIT_NPROC: 0,  # no fork, no thread (ZeroMQ's exist already)
+        resource.RLIMIT_NPROC: 0,  # no fork, no thread
         resource.RLIMIT_NOFILE: max(held) + 1,  # no fd above those we hold
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_FSIZE: fsize,  # no file we write grows, but a log (_file_size_limit)

@@ -235,7 +235,7 @@ class _Server:
             reply = {"op": "spawned", "id": request, "pid": process.pid}
             send(self.sock, reply, [process.pidfd, listener])
         finally:
-            os.close(listener)  # the monitor's copy is the one ZeroMQ adopts
+            os.close(listener)  # the monitor's copy is the one it accepts on
         self.children[process.pidfd] = process
         self.poller.register(process.pidfd, select.POLLIN)
         if spec.deferred:

@@ -290,7 +290,7 @@ def load_warden_policy(self_pid: int, policy_dir: str | os.PathLike[str] | None 
 def compile_filter(
     policy: Policy, default_action: int = seccomp.KILL_PROCESS, tsync: bool = True
 ) -> seccomp.SyscallFilter:
-    """A filter for every thread of the process (TSYNC: zmq's I/O threads already exist),
+    """A filter for every thread of the process (TSYNC: the monitor's, or any a device had),
     or with tsync=False for the calling thread alone (and the threads it makes later)."""
     filt = seccomp.SyscallFilter(defaction=default_action)
     # A syscall of another ABI (x32, i386 through int 0x80) kills too, never just the thread.

@@ -155,7 +155,7 @@ def _fds_above_stdio(spec: DeviceSpec) -> tuple[DeviceSpec, list[int]]:
 def listen_channel(path: str) -> socket.socket:
     """A device channel's listening UNIX socket, 0600 (inside the 0700 runtime dir), made
     before the device starts: the device connects once, and a refused connection is fatal
-    to it. The monitor's ZeroMQ socket adopts it (ZMQ_USE_FD) with its backlog."""
+    to it. The monitor's end of the channel accepts on it (monitor/zmtp.py ZmtpLink)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)
     try:

@@ -1,4 +1,4 @@
-"""The device process's event loop (devprocs/eventloop.py) with a real ZeroMQ channel and
+"""The device process's event loop (devprocs/eventloop.py) with a real channel (a socketpair) and
 real eventfds, and a model that watches fds and has timed events, or a virtio device whose
 driver never lets its ring run dry. No device process, no KVM."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import zmq
 
 from splitvmm.devprocs.base import DeviceContext, Source
 from splitvmm.devprocs.eventloop import EventLoop
@@ -16,7 +15,7 @@ from splitvmm.devprocs.runtime import Checkpoints, _serve_frame
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.protocol import control
 from splitvmm.record import Struct, field
-from tests.fakes import FakeIrq
+from tests.fakes import FakeIrq, channel_pair
 from tests.virtio.support import Driver, Ring, close_fds, host_fds, prepared
 
 
@@ -46,14 +45,10 @@ class Recorder(Struct):
 
 @pytest.fixture
 def channel():
-    ctx = zmq.Context()
-    monitor, device = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    monitor.bind("inproc://loop")
-    device.connect("inproc://loop")
+    monitor, device = channel_pair()
     yield monitor, device
-    monitor.close(linger=0)
-    device.close(linger=0)
-    ctx.term()
+    monitor.close()
+    device.close()
 
 
 @pytest.fixture
@@ -201,9 +196,12 @@ def test_eventloop_lets_a_drain_run_on_while_nothing_else_waits(rng_under_loop):
     assert (rng.stats()["budget_renewals"], rng.stats()["budget_yields"]) == (20, 0)
 
 
-def test_eventloop_serves_a_frame_that_comes_mid_drain_within_two_budgets(rng_under_loop, channel):
-    """The frame is seen at the next spent budget (the drain yields), and served in the next
-    step, after one more budget of the notify the drain signalled for itself."""
+def test_eventloop_serves_a_frame_that_comes_mid_drain_at_the_end_of_that_budget(
+    rng_under_loop, channel
+):
+    """The drain yields at its next spent budget (waiting() sees the frame), and the step
+    serves the frame before it ends: the notify the drain signalled for itself runs the
+    next budget, in the next step."""
     monitor, _ = channel
     rng, fds, loop, _ = rng_under_loop
 
@@ -217,9 +215,9 @@ def test_eventloop_serves_a_frame_that_comes_mid_drain_within_two_budgets(rng_un
 
     loop.step()
     assert log.count("chain") == 5 and rng.stats()["budget_yields"] == 1
+    assert log[-1] == "frame"
     loop.step()
-
-    assert log.index("frame") == 6  # after chain 6: the notify's one budget came first
+    assert log.count("chain") > 5 and log.count("frame") == 1
 
 
 def test_eventloop_resume_replies_before_the_quiesced_queue_is_served(rng_under_loop, channel):
@@ -240,7 +238,7 @@ def test_eventloop_resume_replies_before_the_quiesced_queue_is_served(rng_under_
     monitor.send(control.encode({"op": "resume", "seq": 2}))
     loop.step()
 
-    assert control.decode(monitor.recv(zmq.NOBLOCK))["seq"] == 2
+    assert control.decode(monitor.recv(0))["seq"] == 2
     assert ring.take_used() == []
     loop.step()
     assert len(ring.take_used()) == 1

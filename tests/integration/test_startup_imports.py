@@ -103,3 +103,10 @@ NOT_IN_THE_ZYGOTE = (
 
 def test_the_zygote_and_the_launcher_import_no_typing_extensions_ctypes_util_pathlib_nor_openssl():
     assert imported(ZYGOTE_AND_LAUNCHER, NOT_IN_THE_ZYGOTE, "-I") == []
+
+
+def test_device_processes_load_no_zeromq():
+    """A device's end of its channel speaks ZMTP itself (devprocs/channel.py): pyzmq was ~25
+    ms of the zygote's imports, on the path to every VM's first device (bench/startup.py), and
+    libzmq's two threads were in every device process (bench/memory.py, its seccomp policy)."""
+    assert imported(ZYGOTE_AND_LAUNCHER, ("zmq",), "-I") == []

@@ -202,38 +202,37 @@ def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open(model: str
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_a_device_that_refuses_to_start_exits_2_under_its_own_filter(tmp_path, model) -> None:
-    """runtime._refuse inside the device's seccomp filter: its words reach the monitor and
-    the process exits 2. Ending ZeroMQ's threads (context.term(), tried once so that the
-    words would leave) takes the thread `exit` and a shared futex wait, which the filters
-    refuse: every refusal then ended in SIGSYS."""
+    """runtime._refuse inside the device's seccomp filter: its words reach the monitor (a
+    libzmq PAIR socket here, as `policy audit`'s) and the process exits 2."""
     import signal
     import time
 
     import zmq
 
     from splitvmm.devprocs import runtime
+    from splitvmm.devprocs.channel import Channel
     from splitvmm.native import confine
+    from splitvmm.protocol import control
 
     endpoint = f"ipc://{tmp_path}/refuse.sock"
     filt = policy.compile_filter(policy.load_model_policy(model))
-    pid = os.fork()  # before this process has ZeroMQ's threads: nothing held across the fork
-    if pid == 0:  # the device: connected, then sandboxed, then refusing
+    ctx = zmq.Context()
+    monitor = ctx.socket(zmq.PAIR)
+    monitor.bind(endpoint)  # before the fork: the device connects at once
+    pid = os.fork()
+    if pid == 0:  # the device: connected, then sandboxed, then refusing (no ZeroMQ of its own)
         try:
-            sock = zmq.Context().socket(zmq.PAIR)
-            sock.connect(endpoint)  # ZeroMQ connects once the monitor's end is bound
+            sock = Channel.connect(endpoint, control.MAX_CONTROL, timeout_s=10)
             sock.send(b"connected")
-            sock.recv()  # the monitor's "go": connected for sure, as a device is before seccomp
+            sock.recv()  # the monitor's "go"
             confine.set_no_new_privs()
             filt.load()
             runtime.REFUSAL_WAIT_MS = 200  # nobody ends us here, as a monitor would
             runtime._refuse(sock, "options rejected: a test")
         finally:
             os._exit(99)
-    ctx = zmq.Context()
-    monitor = ctx.socket(zmq.PAIR)
     ended = (0, 0)
     try:
-        monitor.bind(endpoint)
         hello = monitor.recv() if monitor.poll(10_000) else None
         monitor.send(b"go")
         words = monitor.recv() if monitor.poll(10_000) else None

@@ -1,9 +1,11 @@
-"""ZeroMQ's threads may run their first instructions after the filter is loaded.
+"""Device start-up under CPU load never dies of its filter.
 
-pthread_create returns before the new thread runs; with every CPU busy, libzmq's
-reaper thread sometimes started (rseq, sched_setscheduler, prctl(PR_SET_NAME)...)
-after the device loaded its filter, and died of SIGSYS (2 devices in 60, before
-common_device.policy allowed those calls). This spawns devices under CPU load.
+When a device process held libzmq's threads, pthread_create returned before the new thread
+ran; with every CPU busy, libzmq's reaper thread sometimes started (rseq,
+sched_setscheduler, prctl(PR_SET_NAME)...) after the device loaded its filter, and died of
+SIGSYS (2 devices in 60). A device has one thread now (devprocs/channel.py), and its filter
+allows none of those calls; this still spawns devices under CPU load, where any call that
+timing alone brings (a clock without vDSO, a signal's restart) would show.
 """
 
 from __future__ import annotations

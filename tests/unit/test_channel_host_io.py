@@ -20,9 +20,8 @@ import pytest
 import zmq
 
 from splitvmm.monitor import channel as channel_module
-from splitvmm.monitor import zmtp
 from splitvmm.monitor.channel import ChannelError, DeviceChannel
-from splitvmm.protocol import control, events, wire
+from splitvmm.protocol import control, events, wire, zmtp
 
 LATE_S = 0.6  # the device's answer, past the requests' 200 ms deadlines
 DEADLINE_MS = 200
@@ -159,7 +158,7 @@ def test_a_ping_to_a_device_in_host_io_that_never_drains_its_queue_returns(tmp_p
     pidfd = os.pidfd_open(alive.pid)
     ch.watch_process(SimpleNamespace(pidfd=pidfd))  # type: ignore[arg-type]
     try:
-        ping = zmtp.encode((control.encode({"op": "ping", "seq": 0}),))
+        ping = zmtp.encode(control.encode({"op": "ping", "seq": 0}))
         deadline = time.monotonic() + 10
         while not ch._link.reader.ready and time.monotonic() < deadline:  # its handshake
             ch.drain_events()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +28,7 @@ from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, Virti
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec, wire
 from splitvmm.protocol.models import MODELS, FdKind
+from tests.fakes import channel_pair
 from tests.virtio.support import (
     ACK,
     DEVICE_CFG,
@@ -184,10 +184,7 @@ def test_virtio_console_unix_peer_slower_than_the_guest_still_gets_every_byte():
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.setblocking(False)
     h = Host(ours.detach())
-    zctx = zmq.Context()
-    monitor, device = zctx.socket(zmq.PAIR), zctx.socket(zmq.PAIR)
-    monitor.bind("inproc://console-unix")
-    device.connect("inproc://console-unix")
+    monitor, device = channel_pair()
     line = FdLine(h.fds["out"])  # on `out` itself, as a device process builds it
     try:
         dev = VirtioConsole(h.context(line))
@@ -208,9 +205,8 @@ def test_virtio_console_unix_peer_slower_than_the_guest_still_gets_every_byte():
         assert bytes(got) == data
         assert len(tx.take_used()) == 8
     finally:
-        monitor.close(linger=0)
-        device.close(linger=0)
-        zctx.term()
+        monitor.close()
+        device.close()
         peer.close()
         if line._sock is not None:  # `out` is h's to close, not the line's (socket_line)
             line._sock.detach()

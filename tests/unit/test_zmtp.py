@@ -1,8 +1,9 @@
-"""ZmtpReader and encode (monitor/zmtp.py): the monitor's ZMTP 3.0 parser of a device's bytes,
-against RFC 23 and against what libzmq 4.3 sends, and fuzzed with hostile streams.
+"""ZmtpReader and encode (protocol/zmtp.py): the ZMTP 3.0 parser of a peer's bytes (a device's,
+at the monitor's end; the monitor's, at a device's), against RFC 23 and against what libzmq
+4.3 sends, and fuzzed with hostile streams.
 
-The socket end (ZmtpLink, with a real libzmq PAIR peer and raw hostile peers) is tested in
-test_channel_multipart.py."""
+The monitor's socket end (ZmtpLink, with a real libzmq PAIR peer and raw hostile peers) is
+tested in test_channel_multipart.py, a device's (devprocs/channel.py) in test_device_channel.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitvmm.errors import ProtocolError
-from splitvmm.monitor import zmtp
+from splitvmm.protocol import zmtp
 
 MAX = 64 << 10
 # What libzmq 4.3.5's PAIR socket sends (captured): its signature's padding holds a length, it
@@ -108,10 +109,13 @@ def test_a_frames_size_is_refused_on_its_header_before_its_body():
         reader.next()
 
 
-def test_encode_marks_every_part_but_the_last_more_and_uses_the_long_form_past_255():
-    data = zmtp.encode([b"a", b"b" * 256, b""])
-    assert data == (b"\x01\x01a" + b"\x03" + struct.pack(">Q", 256) + b"b" * 256 + b"\x00\x00")
-    assert zmtp.encode([b"z" * 255]) == b"\x00\xff" + b"z" * 255
+def test_encode_makes_one_part_messages_in_the_long_form_past_255_bytes():
+    assert zmtp.encode(b"a") == b"\x00\x01a"
+    assert zmtp.encode(b"z" * 255) == b"\x00\xff" + b"z" * 255
+    assert zmtp.encode(b"b" * 256) == b"\x02" + struct.pack(">Q", 256) + b"b" * 256
+    assert zmtp.encode(b"") == b"\x00\x00"
+    stream = zmtp.HANDSHAKE + b"".join(map(zmtp.encode, (b"a", b"b" * 256, b"")))
+    assert frames_of(stream) == [b"a", b"b" * 256, b""]
 
 
 def test_our_handshake_is_what_rfc_23_asks_of_a_null_pair_peer():
