@@ -56,11 +56,16 @@ class Channel:
         return self._sock.fileno()
 
     # -- in --------------------------------------------------------------------------------
+    def buffered(self) -> bool:
+        """Whether a whole frame waits among what was read already (no system call)."""
+        if self._frame is None:
+            self._frame = self._reader.next()
+        return self._frame is not None
+
     def frame_ready(self) -> bool:
         """Whether a whole frame waits, among what was read or in the socket now (no wait)."""
-        while self._frame is None:
-            self._frame = self._reader.next()
-            if self._frame is None and not self._read(socket.MSG_DONTWAIT):
+        while not self.buffered():
+            if not self._read(socket.MSG_DONTWAIT):
                 return False
         return True
 

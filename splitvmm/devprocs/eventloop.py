@@ -75,7 +75,7 @@ class EventLoop:
             self.serve_frame(channel.recv())
             self.device.ctx.events.flush()
             return
-        if channel.frame_ready():  # read already: look at the rest without waiting
+        if channel.buffered():  # read already: look at the rest without waiting
             timeout: int | None = 0
         elif deadline is None:
             timeout = None
@@ -99,7 +99,11 @@ class EventLoop:
             self.after_host_event()
         if channel.sending:
             channel.flush()  # the rest of an event, as far as there is room
-        if channel.frame_ready():
+        if (
+            channel.buffered()
+            or ready.get(channel.fileno(), 0) & READABLE
+            and channel.frame_ready()
+        ):
             self.serve_frame(channel.recv())
         self.device.ctx.events.flush()  # what the channel could not take before
 
@@ -110,7 +114,14 @@ class EventLoop:
         deadline, line, sources = self._watched()
         if deadline is not None and self.clock() >= deadline:
             return True
-        return self.channel.frame_ready() or bool(self._poll(line, sources, 0))
+        channel = self.channel
+        if channel.buffered():
+            return True
+        ready = self._poll(line, sources, 0)
+        # readable: a frame, or only the start of one (or the monitor's greeting), which the
+        # read takes; writable (room for an event's rest) is not work that waits
+        polled = ready.pop(channel.fileno(), 0)
+        return bool(ready) or bool(polled & READABLE) and channel.frame_ready()
 
     def _watched(self) -> tuple[float | None, int | None, dict[int, Source]]:
         """What a step waits on now: the model's deadline, its output line while it holds

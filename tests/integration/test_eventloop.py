@@ -199,9 +199,9 @@ def test_eventloop_lets_a_drain_run_on_while_nothing_else_waits(rng_under_loop):
 def test_eventloop_serves_a_frame_that_comes_mid_drain_at_the_end_of_that_budget(
     rng_under_loop, channel
 ):
-    """The drain yields at its next spent budget (waiting() sees the frame), and the step
-    serves the frame before it ends: the notify the drain signalled for itself runs the
-    next budget, in the next step."""
+    """The drain yields at its next spent budget (waiting() has read the frame), and the
+    step serves the frame before it ends; the notify the drain signalled for itself runs
+    the next budget, in the next step."""
     monitor, _ = channel
     rng, fds, loop, _ = rng_under_loop
 
