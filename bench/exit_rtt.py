@@ -137,6 +137,22 @@ the device's two threads (its libzmq I/O thread, then its event loop). The next 
 go would be the device's: a device reading its socket itself would leave two of the four,
 and pyzmq out of the devices (~25 ms of the zygote's imports), but then no end of the
 channel would be ZeroMQ's; not done.
+
+2026-12-04, the next session, done: STYLE 3 asks for figures before the transport changes,
+and they were these rows: the raw pyzmq PAIR floor 154 us, a raw socket to a pyzmq PAIR echo
+124, a raw socket to a raw socket (the device's new end, devprocs/channel.py) 25.5, in one
+run. Both ends now speak ZMTP themselves; the device reads and answers on its one thread.
+Alternating with 7ffbb48, three pairs, --rounds 2 --count 5000, in a noisy hour (p99s of
+1-2 ms): forwarded IIR read 427, 321, 329 us against 382, 406, 336; the goal's ratio, median
+of each run's two rounds, 1.38, 1.16, 1.41 against 1.38, 1.16, 1.36. No change that shows:
+the two wake-ups that went were the device's own, its I/O thread waking its main thread and
+back, on one CPU (~3 us each: the pipe floor on one CPU). What a forwarded read costs the
+device now, from outside (perf stat and perf record on the serial device while the guest
+loops, ~3200 reads a second): 86 us of CPU a read, two context switches; ~36% of it in the
+kernel's wake-up paths (sock_def_readable's unlock, finish_task_switch: where this VM's
+host delivers the IPIs that wake the other CPU), most of the rest CPython, scattered (a read
+is ~12 us of Python in a warm loop in one process; here every read starts on cold caches).
+The ratio that is left is this host's cross-CPU wake-ups and the interpreter on both sides.
 """
 
 from __future__ import annotations

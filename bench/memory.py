@@ -70,6 +70,15 @@ monitor/zmtp.py), this bench's defaults, back to back with the tree before (b498
 18.7 (RSS 23.5 against 27.0: libzmq's context, its I/O thread and pyzmq's modules); 5 devices
 61.2 against 62.6 (1.79x against 1.84x). Goal (QEMU's RSS or less) not met: the devices, two
 processes each, are most of what is left.
+
+2026-12-04, the next session, devices without pyzmq (their end of the channel a plain socket
+too, read by the device's one thread: devprocs/channel.py), back to back with the tree before
+(7ffbb48): serial 42.1 MiB PSS against 45.4 (1.28x against 1.39x QEMU's RSS of 31.2), the
+devices 17.3 against 20.6 (RSS 32.6 against 38.4); 5 devices 56.7 against 61.2 (1.66x against
+1.78x), the devices 32.6 against 37.0. Per device 0.9-1.7 MiB of PSS: pyzmq's modules,
+libzmq's context and its I/O and reaper threads (their stacks and malloc arenas). Goal not met: each
+device is still an interpreter of its own (~8 MiB, most of it pages copied from the zygote as
+CPython writes reference counts), the launcher ~8.
 """
 
 from __future__ import annotations

@@ -255,6 +255,16 @@ monitor" 46.1 and 43.6 ms against 63.4 and 54.1, but "device launch requests" 44
 against 20.0 and 30.6: the monitor now waits that much longer for the zygote, whose imports
 (~83 ms by -X importtime: pyzmq 27, the models' protocol and msgspec 21, logging 11, re 9)
 are the one long path left. Goal (2x) not met.
+
+2026-12-04, the next session: the devices no longer import pyzmq either (each device's end of
+its channel is a plain socket too: devprocs/channel.py), so neither does the zygote, and no
+device starts libzmq's two threads. farm-bench, 30 alternating pairs of `splitvmm up` on this
+guest against the tree before it (7ffbb48): wall 191 ms against 204 (paired ratio 0.938), CPU
+0.300 s against 0.325 (0.922). This bench, --runs 7, alternating, two pairs: 207.9 and 213.9
+ms (QEMU 83.0, 92.2: 2.50x, 2.32x) against 211.6 and 208.9 (QEMU 86.2, 87.4: 2.46x, 2.39x),
+"device launch requests" 27.0 and 24.4 ms against 38.5 and 29.6, the serial device's span
+(request to READY) 34.1 and 27.8 against 42.2 and 35.3; this hour's noise (QEMU itself moved
+83-92 ms) hides the rest of the gain from a median of 7. Goal (2x) not met.
 """
 
 from __future__ import annotations
