@@ -26,6 +26,7 @@ on quiesce).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -108,10 +109,12 @@ REFUSAL_WAIT_MS = 2000  # at most this long for the monitor to take why we canno
 
 def _refuse(sock: Channel, message: str) -> None:
     """Tell the monitor why we cannot start (instead of READY), then exit."""
-    sock.send(control.encode({"op": "error", "seq": 0, "message": message[:200]}))
-    # Then the monitor ends us (it ends a device that failed), having read the reason before
-    # it learns of any exit; one that is gone leaves us to exit after REFUSAL_WAIT_MS.
-    sock.wait(REFUSAL_WAIT_MS)
+    with contextlib.suppress(ChannelClosed):  # a monitor that is gone takes no reason
+        sock.send(control.encode({"op": "error", "seq": 0, "message": message[:200]}))
+        # Then the monitor ends us (it ends a device that failed), having read the reason
+        # before it learns of any exit; one that is gone leaves us to exit after
+        # REFUSAL_WAIT_MS.
+        sock.wait(REFUSAL_WAIT_MS)
     os._exit(2)
 
 
@@ -563,9 +566,9 @@ def run(
         _refuse(sock, f"options rejected: {e}")
     if frames:
         checkpoints.publish()  # sent once connected: the monitor's journal empties at once
-    sock.send(wire.encode_ready())
-    device.ctx.events.connect(sock.send_now)
     try:
+        sock.send(wire.encode_ready())
+        device.ctx.events.connect(sock.send_now)
         serve(device, sock, checkpoints, FaultInjector(fault))
     except ChannelClosed as e:  # the monitor failed us, or is gone: it ends us anyway
         raise SystemExit(f"device {spec.name}: {e}") from None

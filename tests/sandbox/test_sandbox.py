@@ -286,3 +286,17 @@ def test_device_when_warden_is_signalled_dies(
     while Path(f"/proc/{device}").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not Path(f"/proc/{device}").exists()
+
+
+def test_device_whose_monitor_end_closes_exits_at_once_saying_so(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """Its monitor failed it or is gone: the device reads its channel's end and exits, status 1,
+    under its own filter (devprocs/channel.py ChannelClosed), where with libzmq it waited to be
+    killed."""
+    dev = spawn()
+    dev.wait_ready()
+    dev.sock.close(linger=0)
+
+    assert dev.wait_exit(10) == 1
+    assert "device serial0: the monitor closed the channel" in dev.stderr()
