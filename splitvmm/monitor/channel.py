@@ -55,7 +55,7 @@ READY_TIMEOUT_MS = 15000  # interpreter start + imports + sandbox entry
 # access stops waiting for the restart (slot.py RESTART_WAIT_MS, READY_TIMEOUT_MS).
 SPARE_READY_TIMEOUT_MS = 2000
 READY_POLL_MS = 100  # how often we look whether it died before READY
-EXITED_GRACE_MS = 50  # for the last frame of a device that exited (its I/O thread sent it)
+EXITED_GRACE_MS = 50  # for the last frame of a device that exited (a libzmq peer's I/O thread)
 # `ctl devices` asks each device for its counters (stats) and waits this long: a device busy
 # serving a long queue answers later, and its late answer is dropped when it comes (at most
 # MAX_LATE_STATS of them waiting, with the heartbeat's pings to a device in host I/O; a
@@ -63,7 +63,8 @@ EXITED_GRACE_MS = 50  # for the last frame of a device that exited (its I/O thre
 STATS_TIMEOUT_MS = 200
 MAX_LATE_STATS = 8
 # A process seen dead (pidfd) may have answered just before: its frames are in the kernel's
-# socket buffer (the connection's end after them), or still in its libzmq's I/O thread.
+# socket buffer (the connection's end after them), or, from a libzmq peer (any ZeroMQ PAIR
+# socket may be a device's end), still in its I/O thread.
 GONE_WAIT_MS = 100
 MAX_DRAINED = 64  # frames one drain_events() call handles at most
 # How long (this thread's CPU) one drain_events() call may take: the rest waits for the next

@@ -91,11 +91,15 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
         wardens = [d["pid"] for d in status["devices"]]
         parents = {parent_of(pid) for pid in wardens}
         launcher = min(parents)
-        # Once every device has started, the monitor lets the launcher end its zygote (rest).
+        # Once every device has started, the monitor lets the launcher end its zygote (rest);
+        # the launcher then closes the zygote's socket and reaps (reading its children from
+        # /proc for a moment): its fds are looked at once that is done.
         deadline = time.monotonic() + 10
         while set(map(int, children_of(launcher))) != set(wardens):
             assert time.monotonic() < deadline, "the zygote did not end once the VM ran"
             time.sleep(0.02)
+        while _busy(launcher, wardens) and time.monotonic() < deadline:
+            time.sleep(0.02)  # (one that stays busy fails on its fds below)
         launcher_status = status_fields(Path(f"/proc/{launcher}/status"))
         launcher_fds = fds_of(launcher)
         names = {
@@ -109,14 +113,27 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
     assert launcher_status["PPid"] == str(status["pid"])
     # no_new_privs, no filter of its own (its devices would inherit it)
     assert (launcher_status["NoNewPrivs"], launcher_status["Seccomp"]) == ("1", "0")
-    # /dev/null, stderr, its socket to the monitor (its zygote's went with the zygote), its
-    # SIGCHLD wake-up pipe, and a pidfd and a stderr pipe (sandbox/relay.py) per device:
-    # nothing of the VM
-    assert kinds_of(launcher_fds) == sorted(
-        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * (2 + len(wardens)) + ["socket"]
-    )
+    # nothing of the VM: what it keeps, and only that (_launcher_fd_kinds)
+    assert kinds_of(launcher_fds) == _launcher_fd_kinds(wardens)
     # Each warden is the small warden program; each device is named after itself in ps.
     assert names == {name: ("warden", f"sv-{name}") for name in names}
+
+
+def _launcher_fd_kinds(wardens: list[int]) -> list[str]:
+    """/dev/null, stderr, its socket to the monitor (its zygote's went with the zygote), its
+    SIGCHLD wake-up pipe, and a pidfd and a stderr pipe (sandbox/relay.py) per device."""
+    return sorted(
+        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * (2 + len(wardens)) + ["socket"]
+    )
+
+
+def _busy(launcher: int, wardens: list[int]) -> bool:
+    """Whether the launcher holds more than it keeps (the zygote's socket not closed yet, its
+    children's /proc file open while it reaps)."""
+    try:
+        return len(kinds_of(fds_of(launcher))) > len(_launcher_fd_kinds(wardens))
+    except FileNotFoundError:  # an fd closed while we read them
+        return True
 
 
 def children_of(pid: int) -> list[str]:
