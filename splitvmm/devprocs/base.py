@@ -232,8 +232,10 @@ class Device(abc.ABC):
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
         """Runs before the sandbox, once per process: what the model can only do then (map
-        guest RAM from ctx.fds, start the threads it will ever need) goes into ctx.prepared.
-        No guest data is read here: a saved state arrives only after the sandbox is up."""
+        guest RAM from ctx.fds) goes into ctx.prepared. It starts no thread: unshare() of the
+        sandbox's user namespace fails in a process with two, and the device's filter allows
+        none of the calls a thread makes. No guest data is read here: a saved state arrives
+        only after the sandbox is up."""
         return None  # deliberately empty: most models need nothing before the sandbox
 
     @classmethod

@@ -1,7 +1,8 @@
 """A device process: adopt fds, run the model's set-up, enter the sandbox, serve.
 
 In this order: the spec's fds become the device's context; the model's setup() runs
-(before the sandbox: it may map guest RAM or start the threads it will ever need);
+(before the sandbox: it may map guest RAM or open what it needs; it starts no thread: a
+device process has one, which the sandbox's namespaces need and its filter keeps);
 the sandbox is entered (the model's setup_sandboxed() runs inside it, before seccomp);
 only then is any guest data read (a saved state, which the model's restore()
 validates); READY; then the event loop (eventloop.py) serves the channel and whatever the
@@ -523,7 +524,7 @@ def run(
     )
     ctx = build_context(spec)
     model = load_model(spec.model)
-    model.setup(ctx)  # before the sandbox: map, open, start threads
+    model.setup(ctx)  # before the sandbox: map, open
     hook = _load_hook(spec)
 
     def connect(endpoint: str) -> tuple[DeviceSpec, Channel]:
@@ -550,6 +551,19 @@ def run(
             spec.fds[role.name] for role in MODELS[spec.model].fds if role.kind in FIXED_SIZE
         ),
     )
+    try:
+        _serve_sandboxed(spec, ctx, sock, hook)
+    except ChannelClosed as e:  # the monitor failed us, or is gone: it ends us anyway
+        raise SystemExit(f"device {spec.name}: {e}") from None
+    finally:  # whatever ends us, not left to the interpreter's exit: an unclosed socket's
+        sock.close()  # warning asks the kernel for its addresses, which the filter refuses
+
+
+def _serve_sandboxed(
+    spec: DeviceSpec, ctx: DeviceContext, sock: Channel, hook: Hook | None
+) -> None:
+    """From the sandbox to the end: the test hook, the saved state (guest data), READY, the
+    event loop."""
     if hook is not None:
         _run_hook(hook, spec)
     try:
@@ -566,11 +580,6 @@ def run(
         _refuse(sock, f"options rejected: {e}")
     if frames:
         checkpoints.publish()  # sent once connected: the monitor's journal empties at once
-    try:
-        sock.send(wire.encode_ready())
-        device.ctx.events.connect(sock.send_now)
-        serve(device, sock, checkpoints, FaultInjector(fault))
-    except ChannelClosed as e:  # the monitor failed us, or is gone: it ends us anyway
-        raise SystemExit(f"device {spec.name}: {e}") from None
-    finally:  # not left to the interpreter's exit: an unclosed socket's warning asks the
-        sock.close()  # kernel for its addresses (getsockname), which the filter refuses
+    sock.send(wire.encode_ready())
+    device.ctx.events.connect(sock.send_now)
+    serve(device, sock, checkpoints, FaultInjector(fault))

@@ -729,7 +729,7 @@ class DeviceSlot:
 
     def write_many(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """Guest writes, (offset, data) in the order made, that KVM held without an exit
-        (monitor/writebehind.py): posted as one message, each a frame of its own (journaled,
+        (monitor/writebehind.py): posted in one write, each a frame of its own (journaled,
         counted and replayed like any posted write)."""
         with self._lock:
             self.held_writes += len(writes)
@@ -806,7 +806,7 @@ class DeviceSlot:
 
     def _post_frames_locked(self, frames: Sequence[tuple[bytes, int | None]]) -> None:
         """Post (frame, the offset of the one-byte write it is or None: _credited) in order,
-        as one message, to the live device (waiting while it is away); each journaled and
+        in one write, to the live device (waiting while it is away); each journaled and
         counted first."""
         channel = self._await_live()
         if channel is None:

@@ -4,9 +4,9 @@
 
 Why. A polled 8250 driver makes two exits a byte: an LSR read, which the device's register
 mirror answers in the monitor (monitor/mirror.py), and a THR write, posted to the device,
-whose send wakes the device's I/O thread and then its own. Held, the write costs neither: the
-next LSR read counts it against the device's THR credit, and up to HELD_BATCH writes go to
-the device as the parts of one message.
+whose send wakes the device. Held, the write costs neither: the next LSR read counts it
+against the device's THR credit, and up to HELD_BATCH writes go to the device in one write
+(one wake-up).
 
 The ring is the VM's; the monitor moves what it holds into one queue per device (collect)
 and hands each queue to its device under that device's own lock (deliver), so a device that

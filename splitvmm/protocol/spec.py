@@ -43,7 +43,7 @@ def spare_path(channel: str) -> str:
 class DeviceSpec(Struct, frozen=True):
     name: str  # the configured device name, e.g. "serial0"
     model: str  # a key of protocol.models.MODELS
-    channel: str  # ZeroMQ endpoint to connect to (ipc://...)
+    channel: str  # the channel's socket, as a ZeroMQ endpoint (ipc://PATH)
     fds: dict[str, int] = field(default_factory=dict)  # role -> inherited fd number
     options: dict[str, object] = field(default_factory=dict)
     # -- sandbox (issue 3) --

@@ -225,14 +225,25 @@ def _unshare_namespaces() -> None:
         _write_proc("/proc/self/setgroups", "deny")
         _write_proc("/proc/self/uid_map", f"0 {uid} 1")
         _write_proc("/proc/self/gid_map", f"0 {gid} 1")
-        # No user namespace inside ours, whatever the filter allows (seccomp refuses unshare
-        # and clone's namespace flags too): this limit is our user namespace's own, set while
-        # we hold CAP_SYS_RESOURCE in it, and none is left to raise it (bubblewrap's
-        # --disable-userns). A nested user namespace would give back every capability
-        # inside it, with the kernel code that only a namespace's root reaches.
-        _write_proc("/proc/sys/user/max_user_namespaces", "0")
     except OSError as e:
         raise SandboxError(f"cannot create the device's namespaces: {e}") from None
+    _no_nested_user_namespace()
+
+
+def _no_nested_user_namespace() -> None:
+    """No user namespace inside ours, as a layer under seccomp (whose filter already kills on
+    unshare, clone's namespace flags, clone3 and setns): a nested one would give back every
+    capability inside it, and the kernel code that only a namespace's root reaches. The limit
+    is our user namespace's own (the sysctl's table is the writer's namespace's), set while
+    we hold CAP_SYS_RESOURCE in it; _drop_privileges then leaves nothing that could raise it
+    (bubblewrap's --disable-userns sets it in an outer namespace instead, as its sandboxed
+    process may keep capabilities). Best effort: where /proc/sys is read-only (a container,
+    systemd's ProtectKernelTunables) or has no user table, the device starts without it."""
+    try:
+        _write_proc("/proc/sys/user/max_user_namespaces", "0")
+    except OSError as e:
+        log.warning("nested user namespaces not limited in the device (%s): seccomp alone "
+                    "refuses them", e.strerror or e)  # fmt: skip
 
 
 def _write_proc(path: str, text: str) -> None:

@@ -286,9 +286,10 @@ def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain
     except KeyboardInterrupt:
         code = -signal.SIGINT
     except BaseException:
-        import traceback  # imported by the device already (its runtime): no cost here
-
-        traceback.print_exc()
+        # The interpreter's own printing (C in 3.11), as an exec'd device's: the traceback
+        # module stat()s each source file through linecache, and a sandboxed device's filter
+        # kills on stat (SIGSYS, and no traceback); this only tries to open them (ENOENT).
+        sys.__excepthook__(*sys.exc_info())
     finally:
         exit_now(code)
 

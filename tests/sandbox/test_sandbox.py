@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -300,3 +301,14 @@ def test_device_whose_monitor_end_closes_exits_at_once_saying_so(
 
     assert dev.wait_exit(10) == 1
     assert "device serial0: the monitor closed the channel" in dev.stderr()
+
+
+def test_device_that_ends_between_its_sandbox_and_ready_exits_with_its_own_status(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """Its channel's socket is closed on every way out (devprocs/runtime.py run()), not left to
+    the interpreter's exit, whose unclosed-socket warning asks getsockname: the filter killed
+    such a device with SIGSYS instead of the status it ended with."""
+    dev = spawn(hook=lambda fds: sys.exit(3))
+
+    assert dev.wait_exit(10) == 3

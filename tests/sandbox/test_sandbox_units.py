@@ -94,3 +94,23 @@ def test_file_size_limit_is_none_with_a_file_that_grows(tmp_path, append: bool) 
     finally:
         for fd in fds:
             os.close(fd)
+
+
+@pytest.mark.parametrize("error", [errno.EROFS, errno.EACCES, errno.ENOENT])
+def test_no_nested_user_namespace_where_proc_sys_refuses_warns_and_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: int
+) -> None:
+    """A read-only /proc/sys (a container, systemd's ProtectKernelTunables), or none with a
+    user table: the device starts, its filter alone refusing nested user namespaces."""
+    written = []
+
+    def refuse(path: str, text: str) -> None:
+        written.append(path)
+        raise OSError(error, os.strerror(error), path)
+
+    monkeypatch.setattr(sandbox, "_write_proc", refuse)
+    with caplog.at_level(logging.WARNING, logger="splitvmm.dev.sandbox"):
+        sandbox._no_nested_user_namespace()
+
+    assert written == ["/proc/sys/user/max_user_namespaces"]
+    assert "seccomp alone refuses them" in caplog.text

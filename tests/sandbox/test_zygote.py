@@ -60,7 +60,13 @@ def fork_and_report(line: bytes) -> dict[str, object]:
         with os.fdopen(report_r, "rb") as f:
             facts = json.loads(f.readline())
         _, status = os.waitpid(pid, 0)  # ours to reap: reparented to us
+        os.set_blocking(stderr_r, False)
+        try:
+            stderr_text = os.read(stderr_r, 65536).decode(errors="replace")
+        except BlockingIOError:
+            stderr_text = ""
         return {
+            "stderr_text": stderr_text,
             **facts,
             "event": [os.fstat(event).st_dev, os.fstat(event).st_ino],
             "stderr": [os.fstat(stderr_r).st_dev, os.fstat(stderr_r).st_ino],
@@ -102,6 +108,15 @@ def test_zygote_device_ends_with_the_status_an_interpreter_would_give(line, stat
     facts = as_launcher(lambda: fork_and_report(line))
     assert isinstance(facts, dict), facts
     assert facts["status"] == status
+
+
+def test_zygote_device_that_raises_under_its_filter_prints_its_traceback_and_exits_1():
+    """As an exec'd device would; the traceback module's printing stat()s source files, which
+    a device's filter kills: the device died of SIGSYS with nothing said."""
+    facts = as_launcher(lambda: fork_and_report(b"raise-filtered\n"))
+    assert isinstance(facts, dict), facts
+    assert facts["status"] == 1
+    assert "ValueError: a bug in the device" in facts["stderr_text"]
 
 
 def test_zygote_that_exited_raises_zygote_error_naming_its_status():
