@@ -405,6 +405,12 @@ class DeviceChannel:
                 raise ChannelError("closed its end of the channel") from None
             raise _ReplyLate(f"no reply within {timeout_ms} ms") from None
 
+    @property
+    def connection_ended(self) -> bool:
+        """Whether the device's connection has ended, as far as read or written: what it sent
+        before may still wait unread."""
+        return self._link.closed
+
     def _dropped(self) -> bool:
         """Whether the device's connection has ended (its process is alive: _recv answers
         for one that ended). Looked at past a deadline only."""

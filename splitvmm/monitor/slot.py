@@ -96,6 +96,7 @@ from typing import NoReturn
 from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError, escaped
 from splitvmm.monitor.channel import (
     CONTROL_TIMEOUT_MS,
+    GONE_WAIT_MS,
     READ_TIMEOUT_MS,
     READY_TIMEOUT_MS,
     SPARE_READY_TIMEOUT_MS,
@@ -1092,8 +1093,15 @@ class DeviceSlot:
 
     def _channel_failed_locked(self, reason: str) -> None:
         """The channel broke. If the process is dead and a supervisor watches it, let the
-        supervisor fail the device (process_ended: it says how the process ended)."""
-        process = self.process
+        supervisor fail the device (process_ended: it says how the process ended).
+
+        A device that died closed its connection as it went, and its warden, whose pidfd we
+        hold, ends a moment later, the way the device did: a connection seen ended gets that
+        moment (GONE_WAIT_MS) before the process is taken for alive and killed, which would
+        report SIGKILL instead of the device's own end (seen for a crash fault's SIGSEGV)."""
+        process, channel = self.process, self.channel
+        if process is not None and channel is not None and channel.connection_ended:
+            process.ended(GONE_WAIT_MS / 1000)
         if self.supervised and process is not None and process.ended():
             deadline = time.monotonic() + END_TIMEOUT_S
             while self.process is process and self.state is SlotState.LIVE:

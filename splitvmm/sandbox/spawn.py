@@ -178,9 +178,10 @@ class DeviceProcess(abc.ABC):
         self.returncode: int | None = None  # as os.waitstatus_to_exitcode: -N for signal N
         self._reaping = threading.Lock()  # the supervisor and a tear-down may both wait
 
-    def ended(self) -> bool:
-        """Whether it has exited (its pidfd polls readable), without reaping it."""
-        return self.pidfd >= 0 and readable(self.pidfd, 0)
+    def ended(self, within_s: float = 0) -> bool:
+        """Whether it has exited (its pidfd polls readable), waiting at most `within_s`,
+        without reaping it."""
+        return self.pidfd >= 0 and readable(self.pidfd, within_s)
 
     def poll(self) -> int | None:
         """Its exit status if it has exited, else None."""

@@ -14,7 +14,7 @@ import pytest
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
-from splitvmm.monitor.channel import ChannelError
+from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
@@ -316,6 +316,8 @@ def test_slot_stall_from_a_device_not_allowed_to_is_a_broken_channel(
 class InputChannel(list[bytes]):
     """A live device's channel: keeps the frames posted to it; drain_events() hands the slot
     the events the test queued (as the channel does with the device's)."""
+
+    connection_ended = False  # a post that fails finds the process dead, not the connection
 
     def __init__(self, slot: DeviceSlot) -> None:
         super().__init__()
@@ -652,3 +654,61 @@ def test_slot_mirrored_value_takes_the_devices_news_first(slot, held):
 
 def test_slot_mirrored_value_of_a_device_not_live_is_none(slot):
     assert slot.mirrored_value(LSR) is None
+
+
+# -- a channel broken by the device's death ------------------------------------------------------
+class EndsSoon:
+    """A device proper that died: its connection ended with it, and its warden (the process
+    the monitor holds) ends a moment later, within any wait for it."""
+
+    pid = 7
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.killed = False
+
+    def ended(self, within_s: float = 0) -> bool:
+        self.asked.append(within_s)
+        return within_s > 0 or len(self.asked) > 1
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+class Connection:
+    def __init__(self, ended: bool) -> None:
+        self.connection_ended = ended
+
+
+def test_slot_channel_whose_connection_ended_lets_the_process_end_before_killing_it(
+    slot, monkeypatch, failures
+):
+    """The supervisor then says how it ended (a crash fault's SIGSEGV); killed at once, it
+    was reported as SIGKILL (1 CI run in 3, once devices started sooner)."""
+    process = EndsSoon()
+    slot.state, slot.process, slot.supervised = SlotState.LIVE, process, True
+    slot.channel = Connection(ended=True)  # type: ignore[assignment]
+    handed_over: list[float | None] = []
+
+    def supervisor_takes_it(timeout: float | None = None) -> bool:
+        handed_over.append(timeout)
+        slot.state = SlotState.AWAY  # process_ended, with the way the process ended
+        return True
+
+    monkeypatch.setattr(slot._back, "wait", supervisor_takes_it)
+    with slot._lock:
+        slot._channel_failed_locked("closed its channel with a posted write unsent")
+
+    assert process.asked[0] == GONE_WAIT_MS / 1000
+    assert handed_over and not process.killed and failures == []
+
+
+def test_slot_channel_broken_with_its_connection_up_fails_the_device_at_once(slot, failures):
+    """A protocol error, a missed deadline: the process is alive, and no wait is made."""
+    process = EndsSoon()
+    slot.state, slot.process, slot.supervised = SlotState.LIVE, process, True
+    slot.channel = Connection(ended=False)  # type: ignore[assignment]
+    with slot._lock:
+        slot._channel_failed_locked("sent a frame of 3 bytes")
+
+    assert process.asked == [0] and process.killed and failures == ["sent a frame of 3 bytes"]
