@@ -72,11 +72,10 @@ class Channel:
     def recv(self) -> bytes:
         """The next frame, waiting for it as long as it takes (the monitor's heartbeat ends a
         device that stops serving; its death ends ours)."""
-        while self._frame is None:
-            self._frame = self._reader.next()
-            if self._frame is None:
-                self._read(0)
+        while not self.buffered():
+            self._read(0)
         frame, self._frame = self._frame, None
+        assert frame is not None
         return frame
 
     def _read(self, flags: int) -> bool:
@@ -120,8 +119,7 @@ class Channel:
         only what came). No frame goes before them: a libzmq end takes an earlier frame for
         a handshake command, and hangs up."""
         while not self._reader.ready:
-            if self._frame is None:
-                self._frame = self._reader.next()  # the handshake, and a frame after it
+            self.buffered()  # parses the handshake, and keeps a frame that came after it
             if not self._reader.ready and not self._read(flags):
                 return False
         return True

@@ -501,8 +501,9 @@ def run(
     its own listening socket, made at protocol/spec.py spare_path() and linked to the
     channel's path when it takes over (it binds the socket in by its first name, however
     soon it is taken). Connecting, rlimits and seccomp come after the wait, as for any
-    device: a spare must not connect to a monitor that serves no channel of it. So its state, guest data, is read only once it is sandboxed, later than a
-    cold process reads its own (pre-sandbox, in its spec).
+    device: a spare must not connect to a monitor that serves no channel of it. So its
+    state, guest data, is read only once it is sandboxed, later than a cold process reads
+    its own (pre-sandbox, in its spec).
 
     Measured for the serial device exec'd (tests, `policy audit`; ~120 ms to READY):
     interpreter start ~23 ms, imports ~85 ms, setup() <1 ms, sandbox and connect ~9 ms,

@@ -164,8 +164,8 @@ class DeviceChannel:
             # can come. Its process is ending, most likely: its warden, whose pidfd we hold,
             # ends a moment after the device proper, whose exit closed the connection.
             closed = self._link.closed
-            if closed and process.pidfd >= 0:
-                readable(process.pidfd, GONE_WAIT_MS / 1000)
+            if closed:
+                process.ended(GONE_WAIT_MS / 1000)
             waited = round((time.monotonic() - start) * 1000)
             try:
                 status = process.poll()
@@ -307,9 +307,9 @@ class DeviceChannel:
         self._posted += len(frames)
 
     def _send(self, data: bytes, what: str, wait_host_io: bool = True) -> None:
-        """Send `data`, ZMTP messages (protocol/zmtp.py encode; `what` they are, for messages), waiting only
-        while the device has not connected or greeted yet, or its socket buffer is full, at
-        most WRITE_TIMEOUT_MS, and not at all once its process has ended (its pidfd) or its
+        """Send `data`, ZMTP messages (protocol/zmtp.py encode; `what` they are, for
+        messages), waiting only while the device has not connected or greeted yet, or its
+        socket buffer is full, at most WRITE_TIMEOUT_MS, and not at all once its process has ended (its pidfd) or its
         connection has: a frame to a device that has just died would otherwise wait out the
         whole timeout, holding the slot's lock. A device inside a host I/O call is waited for
         past that, as by _request, or, without `wait_host_io`, _InHostIo is raised (`sent`:

@@ -184,6 +184,9 @@ class _Alive:
 
     pidfd = -1
 
+    def ended(self, within_s: float = 0) -> bool:
+        return False
+
     def poll(self) -> int | None:
         return None
 
