@@ -257,6 +257,8 @@ class Launcher:
                 self._await(lambda: self._ready or None, READY_TIMEOUT_S)
             except LauncherError as e:
                 raise LauncherError(f"the launcher did not start: {e}") from None
+        if self._broken:
+            raise LauncherError(self._broken)
         self._pending = next(self._ids)
         header = {**header, "id": self._pending, "size": len(data)}
         try:
@@ -264,7 +266,12 @@ class Launcher:
             for i in range(0, len(data), CHUNK):
                 send(self._sock, data[i : i + CHUNK])
         except OSError as e:
-            raise LauncherError(f"the launcher takes no request: {e}") from None
+            # For good: a request cut off (a send timed out after its header or some of its
+            # chunks) leaves the launcher reading the next request's bytes as this one's.
+            why = f"the launcher takes no request: {e}"
+            with self._cond:
+                self._broken = why
+            raise LauncherError(why) from None
 
     def _take_unanswered(self) -> None:
         """Take the reply to a configure sent earlier, if any (the spawn lock held)."""

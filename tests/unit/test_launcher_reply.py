@@ -1,13 +1,14 @@
 """The monitor's decoder of launcher messages (sandbox/launcher.py): anything else is a
 ValueError, which marks the launcher broken, never another exception."""
 
+import select
 import socket
 import subprocess
 
 import pytest
 
 from splitvmm.sandbox.launcher import LaunchedProcess, Launcher, _decode_reply
-from splitvmm.sandbox.launcher_start import send
+from splitvmm.sandbox.launcher_start import LauncherError, send
 
 
 @pytest.mark.parametrize(
@@ -46,3 +47,29 @@ def test_launched_process_says_whether_an_orphan_still_ran_at_its_end(lingering:
 def test_decode_reply_exited_without_lingering_is_malformed() -> None:
     with pytest.raises(ValueError, match="malformed exited"):
         _decode_reply(b'{"op": "exited", "pid": 1, "status": 0}', [])
+
+
+def test_a_request_cut_off_by_a_send_timeout_breaks_the_handle_for_good(monkeypatch) -> None:
+    """A launcher that stops reading mid-request (stopped, or hung) times the send out after
+    part of the request went: its next bytes would be read as that request's rest. So no
+    request is sent after it; each says why the launcher is unusable."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sleeper = subprocess.Popen(["sleep", "30"])  # a pid to hold a pidfd on (the "launcher")
+    try:
+        launcher = Launcher(ours, sleeper.pid)
+        ours.settimeout(0.2)  # SEND_TIMEOUT_S, shortened
+        send(theirs, {"op": "ready"})
+        launcher._await(lambda: launcher._ready or None, 5)
+        spec_bytes = b"x" * (4 << 20)  # more chunks than the socket's buffer holds unread
+        with pytest.raises(LauncherError, match="takes no request"):
+            launcher._request({"op": "spawn"}, spec_bytes, [])
+        while select.select([theirs], [], [], 0)[0]:  # what came: a header, then chunks
+            theirs.recv(1 << 20)
+        with pytest.raises(LauncherError, match="takes no request"):
+            launcher.rest()
+        assert not select.select([theirs], [], [], 0.1)[0]  # nothing more was sent
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        ours.close()
+        theirs.close()
