@@ -456,6 +456,9 @@ class Machine:
                 if not self.stopping:
                     self._start_spare(slot.slot)
                 continue
+            if self.stopping:  # queued before the stop: no process for a VM that is going;
+                slot.fail("the VM is stopping", logged=False)  # its waiters read all-ones
+                continue
             try:
                 slot.restart()
             except DeviceFailure as e:
@@ -528,6 +531,8 @@ class Machine:
 
     def _start_spare(self, slot: DeviceSlot) -> None:
         """A warm spare for `slot` (if it keeps one), watched while it waits."""
+        if self.stopping:
+            return
         spare = slot.start_spare()
         if spare is not None and self._supervisor is not None:
             try:

@@ -3,6 +3,7 @@ stops there, its vCPUs never created, and close() tears down what build() made."
 
 from __future__ import annotations
 
+import queue
 import threading
 from types import SimpleNamespace
 
@@ -218,3 +219,25 @@ def test_an_image_whose_write_back_failed_fails_every_later_one_and_the_others_a
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_a_restart_queued_when_the_vm_stops_starts_no_process_and_no_spare():
+    """The restarter ran every restart queued before run()'s None, after the stop: a new
+    device process (and then a warm spare) spawned for a VM being torn down, which waited
+    for them (a cold start: up to READY_TIMEOUT_MS)."""
+    m = bare_machine()
+    m._restarts, m._supervisor = queue.Queue(), None
+    done: list[str] = []
+    slot = SimpleNamespace(
+        name="serial0",
+        process=None,
+        restart=lambda: done.append("restart"),
+        start_spare=lambda: done.append("spare"),
+        fail=lambda why, logged=True: done.append(f"fail: {why}"),
+    )
+    m._restarts.put(slot)  # a crash the policy restarts, behind another restart
+    m.stop(Outcome(0, "guest reset through the i8042 controller"))
+    m._restarts.put(None)  # run()'s teardown
+    m._restarter()
+
+    assert done == ["fail: the VM is stopping"]
