@@ -282,6 +282,7 @@ class DeviceSlot:
         # (number, frame, host wall-clock ns when it was sent) past the checkpoint
         self._journal: deque[tuple[int, bytes, int]] = deque()
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
+        self._resumed_at = 0  # the last frame the restart under way was given to replay
         self._out_fd, self._out_base = _regular_output(spawn)
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
         self._uncounted = self._out_fd is None and _output_fd(spawn) is not None
@@ -417,11 +418,24 @@ class DeviceSlot:
                         "device %s is back (pid %d, process %d) %.0f ms after its crash",
                         self.name, process.pid, self.generation, self.recover_ms,
                     )  # fmt: skip
+                    self._send_late_locked()
                 self._back.notify_all()
                 self._quiesced = False  # a new process is never quiesced
                 self.stalled = None  # nor stalled: it retries what its predecessor held
         if restored and isinstance(MODELS[self.model].transport, PciFunction):
             self.heartbeat(READ_TIMEOUT_MS)  # a vCPU's access under way reads them instead
+
+    def _send_late_locked(self) -> None:
+        """Posted writes journaled while a restart was away past RESTART_WAIT_MS, after it
+        took its replay (_post_frames_locked): its process, now READY, gets them first."""
+        late = [frame for n, frame, _ in self._journal if n > self._resumed_at]
+        if self._lost > self._resumed_at:  # some went out of the journal: not transparent
+            self._fail_locked(f"more than {MAX_JOURNAL} writes came while it restarted")
+        elif late and self.channel is not None:
+            try:
+                self.channel.post_many(late)
+            except ChannelError as e:
+                self._channel_failed_locked(str(e))
 
     def restart(self) -> None:
         """After a crash the policy restarts: a new process from the last checkpoint, which
@@ -618,6 +632,7 @@ class DeviceSlot:
             skip = max(0, grown - cp.emitted)
         replay = [base64.b64encode(frame).decode() for _, frame, _ in self._journal]
         replay_wall_ns = [sent for _, _, sent in self._journal]
+        self._resumed_at = self._frames
         return {
             "applied": cp.applied,
             "emitted": cp.emitted,
@@ -666,16 +681,21 @@ class DeviceSlot:
                 return
             if self.channel is not None:  # what it published last is its last known state
                 self._drain_events_locked(self.channel)
-            # The lock is held while the launcher says how it ended: a few ms, or until the
-            # device proper, which may outlive its warden in a system call, is gone (at most
-            # launcher.ORPHAN_WAIT_S). An access meanwhile waits here, not on a dead device
-            # until its deadline.
-            how = _how(process)
-            if self.restarting:  # its channel said so first: say how it ended
-                self._failed_process = None
-                log.warning("device %s (pid %d) %s", self.name, process.pid, how)
+        # Without the lock: the launcher says how it ended in a few ms, or once the device
+        # proper, which may outlive its warden in a system call, is gone (ORPHAN_WAIT_S), or
+        # once it is done with a spawn (a new zygote's imports), or never (stopped: its
+        # REPLY_TIMEOUT_S). An access meanwhile meets the dead channel, and waits for this
+        # verdict at most END_TIMEOUT_S (_channel_failed_locked), not on the lock.
+        how = _how(process)
+        with self._lock:
+            if process is self.process and not self.restarting:
+                self._fail_locked(f"process {how}")
                 return
-            self._fail_locked(f"process {how}")
+            said = process is self.process or process is self._failed_process
+            if process is self._failed_process:
+                self._failed_process = None
+        if said:  # its channel said so first (a restart may have replaced it since)
+            log.warning("device %s (pid %d) %s", self.name, process.pid, how)
 
     # -- accesses (from vCPU threads, the console, the coordinator) -----------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -811,6 +831,9 @@ class DeviceSlot:
         counted first."""
         channel = self._await_live()
         if channel is None:
+            if self.restarting:  # still away past RESTART_WAIT_MS: the restart re-applies
+                for frame, _ in frames:  # it, or its process gets it once READY (_now_live)
+                    self._journal_locked(frame)
             return
         for frame, write_at in frames:
             self._journal_locked(frame)  # re-sent to the next process if this one died

@@ -3,9 +3,11 @@ access gets while no device serves the slot. tests/integration/test_slot.py has 
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -712,3 +714,84 @@ def test_slot_channel_broken_with_its_connection_up_fails_the_device_at_once(slo
         slot._channel_failed_locked("sent a frame of 3 bytes")
 
     assert process.asked == [0] and process.killed and failures == ["sent a frame of 3 bytes"]
+
+
+# -- posted writes across a restart slower than RESTART_WAIT_MS --------------------------------
+class RestartChannel(InputChannel):
+    """A channel a restart drains (the dead process's last words) and closes."""
+
+    def drain_events(self, limited: bool = True) -> None:
+        super().drain_events()
+
+    def close(self) -> None:
+        pass
+
+
+def test_slot_posted_write_that_outwaits_a_slow_restart_still_reaches_the_device(
+    tmp_path, monkeypatch
+):
+    """A posted write waits for a restarting device at most RESTART_WAIT_MS; one that gave up
+    was dropped, unjournaled: the device came back without it (a lost THR byte, a lost IER
+    or virtio status write), the guest told nothing. Before the restart takes its journal,
+    it is replayed; after, it is the new process's first frame once READY."""
+    monkeypatch.setattr(slot_module, "RESTART_WAIT_MS", 20)
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, lambda s, why: True)
+    slot.channel, slot.state = RestartChannel(slot), SlotState.LIVE  # type: ignore[assignment]
+    slot.fail("crashed")  # the policy restarts it: away, restarting
+    slot.write(0, b"A")  # gives up waiting before the restarter's turn
+    new, resumes = RestartChannel(slot), []
+
+    def slow_start(resume: dict[str, object]) -> None:  # a cold start on a loaded host
+        resumes.append(resume)
+        slot.write(0, b"B")  # gives up waiting while the new process starts
+        slot.process, slot.channel = Dead(), new  # type: ignore[assignment]
+
+    monkeypatch.setattr(slot, "start", slow_start)
+    monkeypatch.setattr(slot, "_wait_restarted", lambda: slot._now_live(slot.process))
+    slot.restart()
+
+    (resume,) = resumes
+    replayed = [wire.decode_access(base64.b64decode(f), 8).data for f in resume["replay"]]
+    assert (replayed, new.typed(), slot.state) == ([b"A"], b"B", SlotState.LIVE)
+
+
+# -- the supervisor asking the launcher how a process ended ------------------------------------
+class SlowReport(DeviceProcess):
+    """An ended process whose end the launcher reports only once `released` (a launcher
+    SIGSTOPped, or busy with a new zygote's imports: launcher.REPLY_TIMEOUT_S at most)."""
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        super().__init__(pid, pidfd)
+        self.asked, self.released = threading.Event(), threading.Event()
+
+    def _reap(self) -> int:
+        self.asked.set()
+        self.released.wait(3)  # the lock held past this: the test fails, not hangs
+        return -11
+
+
+def test_slot_process_ended_does_not_hold_accesses_while_the_launcher_is_silent(tmp_path, failures):
+    """process_ended held the slot's lock while the launcher said how the process ended:
+    up to the launcher's 60 s reply timeout, with each vCPU access to the device stuck on
+    the lock. The verdict still names how it ended."""
+    ended = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(ended.pid)
+    ended.wait()
+    process = SlowReport(ended.pid, pidfd)
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, failures)
+    channel = RestartChannel(slot)
+    slot.process, slot.channel, slot.state = process, channel, SlotState.LIVE  # type: ignore[assignment]
+    supervisor = threading.Thread(target=slot.process_ended, args=(process,))
+    supervisor.start()
+    written = threading.Event()
+    try:
+        assert process.asked.wait(5)
+        vcpu = threading.Thread(target=lambda: (slot.write(0, b"A"), written.set()))
+        vcpu.start()  # a vCPU's access while the launcher has not answered
+        assert written.wait(2), "the access waited for the launcher's answer"
+        assert not process.released.is_set()
+    finally:
+        process.released.set()
+        supervisor.join(5)
+        process.close()
+    assert failures == ["process was killed by signal 11"]
