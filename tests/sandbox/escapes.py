@@ -348,6 +348,29 @@ def _madvise(advice: int) -> object:
     return _check(_libc().madvise(ctypes.c_void_p(addr), mmap.PAGESIZE, advice))
 
 
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2  # <linux/mman.h>
+
+
+def _mremap(flags: int) -> object:
+    """Grow a private anonymous page to two, as glibc's realloc does (MREMAP_MAYMOVE), or onto
+    an address of our choosing (MREMAP_FIXED: it would replace whatever is mapped there)."""
+    libc = _libc()
+    libc.mmap.restype = libc.mremap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long]
+    libc.mremap.argtypes = [ctypes.c_void_p, *[ctypes.c_size_t] * 2, ctypes.c_int]
+    page = mmap.PAGESIZE
+    rw, private = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    old, target = (libc.mmap(None, 2 * page, rw, private, -1, 0) for _ in range(2))
+    if flags & MREMAP_FIXED:
+        libc.mremap.argtypes.append(ctypes.c_void_p)
+        new = libc.mremap(old, page, 2 * page, flags, target)
+    else:
+        new = libc.mremap(old, page, 2 * page, flags)
+    if new is None or new == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), "mremap failed")
+    return 2 * page
+
+
 PROBES: dict[str, Callable[[dict[str, int]], object]] = {
     "mmap_read_write": lambda ctx: len(mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)),
     "madvise_dontneed": lambda ctx: _madvise(mmap.MADV_DONTNEED),
@@ -356,6 +379,8 @@ PROBES: dict[str, Callable[[dict[str, int]], object]] = {
         "clock_gettime", time.CLOCK_MONOTONIC, ctypes.create_string_buffer(16)
     ),
     "getpid": lambda ctx: os.getpid(),
+    "mremap_maymove": lambda ctx: _mremap(MREMAP_MAYMOVE),
+    "mremap_fixed": lambda ctx: _mremap(MREMAP_MAYMOVE | MREMAP_FIXED),
     "poll_nothing": lambda ctx: _syscall("poll", None, 0, 0),
     # what a ZeroMQ thread does when it starts (it may start after the filter is loaded)
     "sigmask_block_nothing": lambda ctx: signal.pthread_sigmask(signal.SIG_BLOCK, []),

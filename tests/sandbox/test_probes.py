@@ -21,6 +21,7 @@ ALLOWED = [
     "clock_gettime_syscall",
     "getpid",
     "poll_nothing",
+    "mremap_maymove",  # glibc's realloc of a block past its mmap threshold
 ]
 # A device process has one thread (devprocs/channel.py): what only threads call (a futex, a
 # new thread's signal mask, scheduling policy and name, as libzmq's threads did when a device
@@ -37,6 +38,7 @@ KILLED = [
     "sched_setscheduler_fifo",
     "prctl_set_name",
     "prctl_set_dumpable",
+    "mremap_fixed",  # onto an address of the device's choosing, over what is mapped there
 ]
 
 
