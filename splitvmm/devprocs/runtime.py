@@ -382,13 +382,13 @@ def _apply(device: RegisterDevice, access: wire.Access) -> bytes | None:
 Replay = list[tuple[bytes, int]]  # (frame, host wall-clock ns when the monitor sent it)
 
 
-def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay]:
+def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, int]:
     """A restart's (frames applied at its checkpoint, frames to re-apply with when each was
-    sent); the output's counters set before the model's restore() puts its buffered bytes
-    back."""
+    sent, how many of those first the dead process is known to have applied); the output's
+    counters set before the model's restore() puts its buffered bytes back."""
     resume = spec.resume
     if resume is None:
-        return 0, []
+        return 0, [], 0
     counts = [_count(resume, k) for k in ("applied", "emitted", "skip")]
     replay, sent = resume.get("replay"), resume.get("replay_wall_ns")
     if not isinstance(replay, list) or len(replay) > MAX_REPLAY:
@@ -401,8 +401,11 @@ def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay]:
         frames = [base64.b64decode(f, validate=True) for f in replay]
     except (TypeError, ValueError):
         raise StateError("resume: a replayed frame is not base64") from None
+    confirmed = resume.get("confirmed", len(frames))  # absent: all (a monitor before it)
+    if type(confirmed) is not int or not 0 <= confirmed <= len(frames):
+        raise StateError("resume: confirmed must count frames of the replay")
     applied, ctx.out.emitted, ctx.out.skip = counts
-    return applied, list(zip(frames, sent, strict=True))
+    return applied, list(zip(frames, sent, strict=True)), confirmed
 
 
 def _count(resume: dict[str, object], key: str) -> int:
@@ -412,19 +415,23 @@ def _count(resume: dict[str, object], key: str) -> int:
     return n
 
 
-def replay(device: Device, frames: Replay, checkpoints: Checkpoints) -> None:
+def replay(
+    device: Device, frames: Replay, checkpoints: Checkpoints, confirmed: int | None = None
+) -> None:
     """Re-apply what the dead process got after its checkpoint (read replies go nowhere), to
     its registers only (ctx.replaying): the guest's queues as they were at some frame of the
     journal may be memory the driver has given up since; after_restart() takes up the ones
     the last frame leaves. Each frame as of when it was sent (ctx.replay_wall_ns): a clock
-    set an hour before the crash was set then, not at the restart."""
+    set an hour before the crash was set then, not at the restart. Past the first
+    `confirmed` (None: all), a frame may never have reached the dead process
+    (ctx.replay_unconfirmed): what it did to guest RAM applied live may not have been done."""
     if not frames:
         return
     if not isinstance(device, RegisterDevice):
         raise StateError(f"resume: {type(device).__name__} takes no port accesses")
     device.ctx.replaying = True
     try:
-        for frame, sent in frames:
+        for n, (frame, sent) in enumerate(frames):
             try:
                 access = wire.decode_access(frame, device.WINDOW)
             except ProtocolError as e:
@@ -432,10 +439,11 @@ def replay(device: Device, frames: Replay, checkpoints: Checkpoints) -> None:
             if access.op == wire.Op.SYNC:
                 raise StateError("resume: a SYNC frame is never replayed")
             device.ctx.replay_wall_ns = sent
+            device.ctx.replay_unconfirmed = confirmed is not None and n >= confirmed
             _apply(device, access)
             checkpoints.applied += 1
     finally:
-        device.ctx.replaying = False
+        device.ctx.replaying = device.ctx.replay_unconfirmed = False
         device.ctx.replay_wall_ns = None
 
 
@@ -569,10 +577,10 @@ def _serve_sandboxed(
         _run_hook(hook, spec)
     try:
         fault = None if spec.fault is None else faults.decode(spec.fault, "fault", ConfigError)
-        applied, frames = prepare_resume(spec, ctx)
+        applied, frames, confirmed = prepare_resume(spec, ctx)
         device = build_device(spec, ctx)
         checkpoints = Checkpoints(device, applied)
-        replay(device, frames, checkpoints)
+        replay(device, frames, checkpoints, confirmed)
         if ctx.restarted:
             device.after_restart()
     except StateError as e:

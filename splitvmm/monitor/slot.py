@@ -283,6 +283,10 @@ class DeviceSlot:
         self._journal: deque[tuple[int, bytes, int]] = deque()
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
         self._resumed_at = 0  # the last frame the restart under way was given to replay
+        # The highest frame number a process is known to have applied: a sync answered (all
+        # sent before it), or a READY (a restart's replay). Past it, a frame may have been
+        # lost with a dead process unread: its restart is told which (resume "confirmed").
+        self._confirmed = 0
         self._out_fd, self._out_base = _regular_output(spawn)
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
         self._uncounted = self._out_fd is None and _output_fd(spawn) is not None
@@ -411,6 +415,8 @@ class DeviceSlot:
         with self._lock:
             if self.process is process and self.state is SlotState.AWAY:
                 self.state = SlotState.LIVE
+                # its replay applied the journal it was given (late writes go after this)
+                self._confirmed = self._resumed_at if self.restarting else self._frames
                 if self.restarting:  # back: a spare may be kept again (MAX_SPARE_LOSSES)
                     self.restarting, self._failed_starts, self._spare_losses = False, 0, 0
                     self.recover_ms = (time.monotonic() - self._crashed_at) * 1e3
@@ -633,12 +639,14 @@ class DeviceSlot:
         replay = [base64.b64encode(frame).decode() for _, frame, _ in self._journal]
         replay_wall_ns = [sent for _, _, sent in self._journal]
         self._resumed_at = self._frames
+        confirmed = sum(1 for n, _, _ in self._journal if n <= self._confirmed)
         return {
             "applied": cp.applied,
             "emitted": cp.emitted,
             "skip": skip,
             "replay": replay,
             "replay_wall_ns": replay_wall_ns,
+            "confirmed": confirmed,  # the replay's first frames the dead process applied
         }
 
     def crash(self, signum: int) -> int:
@@ -853,6 +861,7 @@ class DeviceSlot:
             except ChannelError as e:
                 self._fail_locked(str(e))
                 return False
+            self._confirmed = self._frames
             return True
 
     def give_up_host_io(self) -> None:

@@ -55,7 +55,8 @@ class DeviceSpec(Struct, frozen=True):
     state: dict[str, object] | None = None
     # Crash restart: where the state above stands, and what to re-apply on top of it,
     # {"applied": frames, "emitted": output bytes, "skip": output bytes already sent,
-    #  "replay": [base64 frames], "replay_wall_ns": [CLOCK_REALTIME ns each was sent]}
+    #  "replay": [base64 frames], "replay_wall_ns": [CLOCK_REALTIME ns each was sent],
+    #  "confirmed": how many replay frames, from the first, the dead process applied}
     # (monitor/slot.py Resume; checked by devprocs/runtime.py).
     resume: dict[str, object] | None = None
     # Crash testing: a fault document (protocol/faults.py) this process arms at start; plain

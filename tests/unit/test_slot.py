@@ -753,6 +753,9 @@ def test_slot_posted_write_that_outwaits_a_slow_restart_still_reaches_the_device
     (resume,) = resumes
     replayed = [wire.decode_access(base64.b64decode(f), 8).data for f in resume["replay"]]
     assert (replayed, new.typed(), slot.state) == ([b"A"], b"B", SlotState.LIVE)
+    with slot._lock:  # its READY says it applied its replay, not B, posted after it
+        again = slot._resume_locked()
+    assert (len(again["replay"]), again["confirmed"]) == (2, 1)
 
 
 # -- the supervisor asking the launcher how a process ended ------------------------------------
@@ -795,3 +798,31 @@ def test_slot_process_ended_does_not_hold_accesses_while_the_launcher_is_silent(
         supervisor.join(5)
         process.close()
     assert failures == ["process was killed by signal 11"]
+
+
+# -- which replayed frames the dead process is known to have applied -----------------------------
+class SyncChannel(InputChannel):
+    """A live device's channel whose sync is answered until its process dies."""
+
+    dead = False
+
+    def sync(self) -> None:
+        if self.dead:
+            raise ChannelError("its process ended before it answered the sync")
+
+
+def test_slot_resume_counts_the_frames_an_answered_sync_confirmed(slot, failures):
+    """A virtio queue enable is a synced write: applied if its sync was answered; if not, the
+    process may have died before it read it, and the restart must not take its used ring as
+    what the enable left there (devprocs/virtio/pci.py after_restart)."""
+    channel = SyncChannel(slot)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    slot.write(0, b"\x01")
+    assert slot.sync()
+    slot.write(1, b"\x02")
+    channel.dead = True
+    assert not slot.sync()
+    with slot._lock:
+        resume = slot._resume_locked()
+
+    assert (len(resume["replay"]), resume["confirmed"]) == (2, 1)

@@ -34,12 +34,18 @@ RUNNING = ACK | DRIVER | FEATURES_OK | DRIVER_OK
 Frame = Callable[[VirtioRng], object]
 
 
-def restart(fds: dict[str, int], checkpoint: object, journal: list[Frame]) -> VirtioRng:
-    """runtime.run's steps for a restarted process: restore, replay, after_restart."""
+def restart(
+    fds: dict[str, int], checkpoint: object, journal: list[Frame], confirmed: int | None = None
+) -> VirtioRng:
+    """runtime.run's steps for a restarted process: restore, replay, after_restart. Past the
+    first `confirmed` frames (None: all), the monitor does not know the dead process applied
+    them (runtime.replay: ctx.replay_unconfirmed)."""
     new = VirtioRng.restore(prepared("virtio-rng", fds, restarted=True), checkpoint)
     with replaying(new):
-        for frame in journal:
+        for n, frame in enumerate(journal):
+            new.ctx.replay_unconfirmed = confirmed is not None and n >= confirmed
             frame(new)
+        new.ctx.replay_unconfirmed = False
     return new
 
 
@@ -202,3 +208,50 @@ def test_restart_after_a_queue_enabled_on_a_stale_used_ring_serves_every_request
         serve_ready(new)
 
     assert ring.take_used() == [(head, 16) for head in heads]
+
+
+def test_restart_after_an_enable_the_dead_process_never_read_starts_the_queue_at_0() -> None:
+    """The driver enabled the queue on a used ring it did not zero, and the process died
+    before it read the enable: its sync failed, so the frame is past the last the monitor
+    knows was applied. Replayed to the registers only, it zeroed nothing: the restart took
+    the stale idx (1) up, skipped the first request, and the driver took the old entry in
+    that slot for its completion."""
+    fds = host_fds("virtio-rng")
+    dev = VirtioRng(prepared("virtio-rng", fds))
+    ring = Ring(dev.ram)
+    dev.ram.write(ring.used, struct.pack("<HHII", 0, 1, 9, 7))  # a previous life's idx, entry
+    assert Driver(dev).negotiate(F_VERSION_1) & FEATURES_OK
+    checkpoint = dev.save()
+    journal: list[Frame] = [lambda d: Driver(d).setup_queue(0, ring)]  # dev never applies it
+
+    new = restart(fds, checkpoint, journal, confirmed=0)
+    Driver(new).set_status(RUNNING)  # the driver goes on once the device is back
+    heads = [ring.add([(*ring.buffer(16), True)]) for _ in range(3)]
+    for _ in range(3):
+        serve_ready(new)
+
+    assert ring.take_used() == [(head, 16) for head in heads]
+
+
+def test_restart_after_a_confirmed_enable_keeps_what_the_dead_process_completed() -> None:
+    """The other side: an enable whose sync was answered was applied (its zeroing done), and
+    the chains completed since are in the used ring: started at 0 again, the restart would do
+    them twice and move the driver's used idx back."""
+    fds = host_fds("virtio-rng")
+    dev = VirtioRng(prepared("virtio-rng", fds))
+    ring = Ring(dev.ram)
+    assert Driver(dev).negotiate(F_VERSION_1) & FEATURES_OK
+    checkpoint = dev.save()
+    journal: list[Frame] = [
+        lambda d: Driver(d).setup_queue(0, ring),
+        lambda d: Driver(d).set_status(RUNNING),
+    ]
+    for frame in journal:
+        frame(dev)
+    heads = [ring.add([(*ring.buffer(16), True)]) for _ in range(2)]
+    die_after_push(dev)
+
+    new = restart(fds, checkpoint, journal, confirmed=2)
+    serve_ready(new)
+
+    assert (ring.take_used(), ring.used_idx()) == ([(head, 16) for head in heads], 2)

@@ -286,6 +286,9 @@ class VirtioPciDevice(RegisterDevice):
         self.isr = 0
         self.queues = [self._fresh_queue() for _ in range(self.queue_count)]
         self.rings: list[SplitQueue | None] = [None] * self.queue_count
+        # Queues whose enable a restart re-applied unconfirmed (ctx.replay_unconfirmed): the
+        # dead process may never have applied it, so the used ring may hold a stale idx
+        self._enabled_unconfirmed: set[int] = set()
         self.stalled = None  # the chains it waited to serve are the driver's to forget
         self._drop_unmapped_pending()  # every event is unmapped now: nothing may fire (2.4.1)
         self.reset_model()
@@ -484,6 +487,8 @@ class VirtioPciDevice(RegisterDevice):
     def _enable_queue(self, q: int) -> None:
         self.queues[q] = replace(self.queues[q], enabled=True, last_avail=0, used_idx=0)
         if self.ctx.replaying:
+            if self.ctx.replay_unconfirmed:
+                self._enabled_unconfirmed.add(q)  # after_restart() applies it as a live one
             return  # after_restart() opens it where the dead process left it
         self._open_ring(q)
         ring = self.rings[q]
@@ -946,12 +951,22 @@ class VirtioPciDevice(RegisterDevice):
     def after_restart(self) -> None:
         """Each queue the dead process left enabled, from where the used ring in guest RAM
         says it is (what it completed after its last checkpoint is done, once), with a kick
-        it may have missed and an interrupt it may not have sent (the module docstring)."""
+        it may have missed and an interrupt it may not have sent (the module docstring). A
+        queue whose enable the replay re-applied past what the monitor knows the dead process
+        applied starts at 0 as a live enable does: that ring may hold a stale idx."""
         for q, queue in enumerate(self.queues):
             if not queue.enabled or self.status & Status.NEEDS_RESET:
                 continue
-            self._position_from_used_ring(q)
+            fresh = q in self._enabled_unconfirmed
+            if not fresh:
+                self._position_from_used_ring(q)
             self._open_ring(q)
+            ring = self.rings[q]
+            if fresh and ring is not None:
+                # Its enable may never have reached the dead process, which then zeroed
+                # nothing; if it did, its sync was never answered, so the driver had not
+                # gone on to DRIVER_OK and no chain was taken: at 0 either way, as live.
+                ring.fresh()
             self._notify[q].trigger()
             # Not _ready(): with Bus Master Enable clear the interrupt pends (the ISR, the
             # PBA) until the guest sets it, as one raised meanwhile would.
