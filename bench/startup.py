@@ -82,7 +82,9 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   idiom in errors.py and cli/): the exec came ~5 ms sooner, farm-bench A/B 0.999 (tried
   again 2026-12-03 with json and subprocess kept off that path too, the zygote spawned by
   os.posix_spawn: "launcher fork" 23.5 -> 11.0 ms, device launch requests 28-32 ms both,
-  whole `up` 251/247 against 270/239 ms, --runs 7 twice: reverted, cebd2b7);
+  whole `up` 251/247 against 270/239 ms, --runs 7 twice: reverted, cebd2b7; and once more
+  2026-12-05, with the zygote now the one long path: the imports before the fork 22.9 ->
+  11.9 ms, farm-bench -n 30 wall 1.005, CPU 1.025: the zygote only shares the cores sooner);
   gc.disable() during the zygote's imports (41 collections): no difference; importing
   hashlib lazily in protocol/models.py (~4 ms of the zygote's): a sandboxed virtio-net
   device calls default_mac(), and a device cannot import once it is confined.

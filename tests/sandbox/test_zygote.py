@@ -132,6 +132,24 @@ def test_zygote_that_exited_raises_zygote_error_naming_its_status():
     assert as_launcher(body) == {"error": "ZygoteError: the zygote exited (status 3)"}
 
 
+def test_zygote_that_failed_a_fork_is_seen_ended_so_the_launcher_starts_another():
+    """fork() reaps a zygote that failed it; ended() must say so from then on, or the
+    launcher's retry (launcher_server.py _spawn) gives the device up instead."""
+
+    def body() -> object:
+        zygote = Zygote.start({}, (sys.executable, "-c", "import sys; sys.exit(3)"))
+        stdin_r, stdin_w = os.pipe()
+        try:
+            zygote.fork(stdin_r, 2, [])
+        except OSError:
+            return [zygote.ended(), zygote.process.returncode, zygote.process.poll()]
+        finally:
+            zygote.close()
+        return "forked"
+
+    assert as_launcher(body) == [True, 3, 3]
+
+
 # A zygote that reports, as its first message, which fds below 64 it has and whether its
 # stdin and stdout are /dev/null.
 FD_PROBE = (
