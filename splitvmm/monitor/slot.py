@@ -440,8 +440,14 @@ class DeviceSlot:
         elif late and self.channel is not None:
             try:
                 self.channel.post_many(late)
+                # Answered, they are applied: a later restart replays them as confirmed (the
+                # guest may never sync again: a late queue enable and DRIVER_OK, then only
+                # ioeventfds), never zeroing a ring this process took up.
+                self.channel.sync()
             except ChannelError as e:
                 self._channel_failed_locked(str(e))
+            else:
+                self._confirmed = self._frames
 
     def restart(self) -> None:
         """After a crash the policy restarts: a new process from the last checkpoint, which
@@ -680,14 +686,12 @@ class DeviceSlot:
     def process_ended(self, process: DeviceProcess) -> None:
         """The supervisor saw `process` end: the device failed, if it still serves it."""
         with self._lock:
-            if process is not self.process:
-                # An earlier process: ended on purpose (vacate), or it failed through its
-                # channel first and a restart (a warm spare's: a few ms) already replaced it.
-                if process is self._failed_process:
-                    self._failed_process = None
-                    log.warning("device %s (pid %d) %s", self.name, process.pid, _how(process))
+            current = process is self.process
+            # An earlier process ended on purpose (vacate), or failed through its channel
+            # first, and a restart (a warm spare's: a few ms) may have replaced it already.
+            if not current and process is not self._failed_process:
                 return
-            if self.channel is not None:  # what it published last is its last known state
+            if current and self.channel is not None:  # its last words: its last known state
                 self._drain_events_locked(self.channel)
         # Without the lock: the launcher says how it ended in a few ms, or once the device
         # proper, which may outlive its warden in a system call, is gone (ORPHAN_WAIT_S), or
@@ -727,6 +731,7 @@ class DeviceSlot:
                     self._channel_failed_locked(str(e))
                     continue  # restarting: wait for the new process
                 self._journal_locked(wire.encode_read(0, offset, size), sent)
+                self._confirmed = self._frames  # an ordered channel: it applied all before it
                 channel.mirror.sent(None)
                 return data
             return b"\xff" * size

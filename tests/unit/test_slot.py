@@ -718,10 +718,14 @@ def test_slot_channel_broken_with_its_connection_up_fails_the_device_at_once(slo
 
 # -- posted writes across a restart slower than RESTART_WAIT_MS --------------------------------
 class RestartChannel(InputChannel):
-    """A channel a restart drains (the dead process's last words) and closes."""
+    """A channel a restart drains (the dead process's last words) and closes; its syncs are
+    answered."""
 
     def drain_events(self, limited: bool = True) -> None:
         super().drain_events()
+
+    def sync(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -753,9 +757,9 @@ def test_slot_posted_write_that_outwaits_a_slow_restart_still_reaches_the_device
     (resume,) = resumes
     replayed = [wire.decode_access(base64.b64decode(f), 8).data for f in resume["replay"]]
     assert (replayed, new.typed(), slot.state) == ([b"A"], b"B", SlotState.LIVE)
-    with slot._lock:  # its READY says it applied its replay, not B, posted after it
+    with slot._lock:  # its READY confirmed its replay, and the sync after B confirmed B
         again = slot._resume_locked()
-    assert (len(again["replay"]), again["confirmed"]) == (2, 1)
+    assert (len(again["replay"]), again["confirmed"]) == (2, 2)
 
 
 # -- the supervisor asking the launcher how a process ended ------------------------------------
@@ -771,6 +775,44 @@ class SlowReport(DeviceProcess):
         self.asked.set()
         self.released.wait(3)  # the lock held past this: the test fails, not hangs
         return -11
+
+
+def test_slot_process_ended_of_a_process_a_restart_took_holds_no_lock_on_the_launcher(
+    tmp_path,
+):
+    """A process the slot failed itself (a missed deadline) and a restart took out: the
+    restart waits for its status from the launcher (_end), and the supervisor's
+    process_ended, behind that wait, held the slot's lock, so every access and control
+    request (a snapshot's, bounded by its timeout) waited on the launcher too."""
+    ended = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(ended.pid)
+    ended.wait()
+    process = SlowReport(ended.pid, pidfd)
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, lambda s, why: True)
+    slot.state, slot.restarting, slot._failed_process = SlotState.AWAY, True, process
+    restart_end = threading.Thread(target=process.wait, args=(5,))
+    restart_end.start()  # the restart's _end, waiting for the launcher
+    supervisor = threading.Thread(target=slot.process_ended, args=(process,))
+    refused = threading.Event()
+
+    def snapshot_request() -> None:
+        with pytest.raises(DeviceFailure, match="is away"):
+            slot.control("quiesce", timeout_ms=50)
+        refused.set()
+
+    try:
+        assert process.asked.wait(5)
+        supervisor.start()
+        time.sleep(0.2)  # it meets the restart's wait (a test that ran early would pass)
+        request = threading.Thread(target=snapshot_request)
+        request.start()
+        assert refused.wait(2), "the request waited for the launcher's answer"
+        assert not process.released.is_set()
+    finally:
+        process.released.set()
+        for thread in (restart_end, supervisor):
+            thread.join(5)
+        process.close()
 
 
 def test_slot_process_ended_does_not_hold_accesses_while_the_launcher_is_silent(tmp_path, failures):
@@ -802,13 +844,17 @@ def test_slot_process_ended_does_not_hold_accesses_while_the_launcher_is_silent(
 
 # -- which replayed frames the dead process is known to have applied -----------------------------
 class SyncChannel(InputChannel):
-    """A live device's channel whose sync is answered until its process dies."""
+    """A live device's channel whose syncs and reads are answered until its process dies."""
 
     dead = False
 
     def sync(self) -> None:
         if self.dead:
             raise ChannelError("its process ended before it answered the sync")
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.sync()
+        return bytes(size)
 
 
 def test_slot_resume_counts_the_frames_an_answered_sync_confirmed(slot, failures):
@@ -826,3 +872,19 @@ def test_slot_resume_counts_the_frames_an_answered_sync_confirmed(slot, failures
         resume = slot._resume_locked()
 
     assert (len(resume["replay"]), resume["confirmed"]) == (2, 1)
+
+
+def test_slot_resume_counts_the_frames_before_an_answered_read_confirmed(slot, failures):
+    """The channel is ordered: a read's reply comes after the device applied every frame
+    sent before it, the read included."""
+    channel = SyncChannel(slot)  # its mirror mirrors nothing: every read goes to the device
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    slot.write(0, b"\x01")
+    assert slot.read(1, 1) == b"\x00"
+    slot.write(1, b"\x02")
+    channel.dead = True
+    assert not slot.sync()
+    with slot._lock:
+        resume = slot._resume_locked()
+
+    assert (len(resume["replay"]), resume["confirmed"]) == (3, 2)

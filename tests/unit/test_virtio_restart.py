@@ -6,13 +6,21 @@ test is a crash at a moment the dead process could die in, driven in-process wit
 
 from __future__ import annotations
 
+import base64
 import struct
 from collections.abc import Callable
 
+from splitvmm.devprocs import runtime
 from splitvmm.devprocs.virtio_rng import VirtioRng
+from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.mirror import RegisterMirror
+from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
+from splitvmm.protocol import wire
+from tests.unit.test_slot import Dead, refuse
 from tests.unit.test_virtio_pci import msix_on
 from tests.virtio.support import (
     ACK,
+    BAR0,
     BAR1,
     COMMAND,
     DRIVER,
@@ -255,3 +263,106 @@ def test_restart_after_a_confirmed_enable_keeps_what_the_dead_process_completed(
     serve_ready(new)
 
     assert (ring.take_used(), ring.used_idx()) == ([(head, 16) for head in heads], 2)
+
+
+# -- the monitor's side of it: which replayed frames the dead process applied ----------------
+class Gone(Dead):
+    def kill(self) -> None:
+        pass
+
+
+class AppliedChannel:
+    """A device process's channel: each posted frame applied to a real VirtioRng at once."""
+
+    connection_ended = False
+
+    def __init__(self, dev: VirtioRng) -> None:
+        self.dev, self.mirror = dev, RegisterMirror(())
+
+    def post_many(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            runtime._apply(self.dev, wire.decode_access(frame, VirtioRng.WINDOW))
+
+    def sync(self) -> None:
+        pass
+
+    def drain_events(self, limited: bool = True) -> None:
+        pass
+
+    def ping(self, timeout_ms: int) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class SlotBus:
+    """What the Bus does with a driver's writes: posted, common configuration synced
+    (monitor/pci/function.py)."""
+
+    def __init__(self, slot: DeviceSlot, dev: VirtioRng) -> None:
+        self.slot, self.ctx, self.syncs = slot, dev.ctx, list[bool]()
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.slot.write(offset, data)
+        if BAR0 <= offset < BAR0 + 0x40:
+            self.syncs.append(self.slot.sync())
+
+
+def restarted_from(fds: dict[str, int], checkpoint: object, resume: dict) -> VirtioRng:
+    """runtime.run's steps, from a resume the slot made: restore, replay, after_restart."""
+    dev = VirtioRng.restore(prepared("virtio-rng", fds, restarted=True), checkpoint)
+    sent = zip(resume["replay"], resume["replay_wall_ns"], strict=True)
+    frames = [(base64.b64decode(frame), wall_ns) for frame, wall_ns in sent]
+    runtime.replay(dev, frames, runtime.Checkpoints(dev, resume["applied"]), resume["confirmed"])
+    dev.after_restart()
+    return dev
+
+
+def test_a_restart_after_late_set_up_writes_keeps_what_their_process_completed(
+    tmp_path, monkeypatch
+) -> None:
+    """A restart outlasts RESTART_WAIT_MS while the driver sets the queue up: each write is
+    kept and goes to the new process right after its READY; each sync said False, and the
+    driver went on (DRIVER_OK). The new process serves the queue from the ioeventfd alone, so
+    no sync confirms the late enable. At its crash the next restart took that enable for one
+    the dead process may never have applied, zeroed the used ring under the driver, and did
+    the completed chains again, into buffers the guest had reused."""
+    monkeypatch.setattr(slot_module, "RESTART_WAIT_MS", 1)
+    fds = host_fds("virtio-rng")
+    first = VirtioRng(prepared("virtio-rng", fds))
+    ring = Ring(first.ram)
+    assert Driver(first).negotiate(F_VERSION_1) & FEATURES_OK
+    checkpoint = first.save()  # the journal is empty from here
+    slot = DeviceSlot(
+        Spawn("rng0", "virtio-rng", VirtioRng.WINDOW), tmp_path, refuse, lambda s, why: True
+    )
+    slot.channel, slot.state = AppliedChannel(first), SlotState.LIVE  # type: ignore[assignment]
+    slot.fail("crashed")  # restarting
+    started: list[VirtioRng] = []
+    bus = SlotBus(slot, first)
+
+    def slow_start(resume: dict[str, object]) -> None:
+        Driver(bus).setup_queue(0, ring)  # each write journaled late
+        Driver(bus).set_status(RUNNING)
+        started.append(restarted_from(fds, checkpoint, resume))
+        slot.process, slot.channel = Gone(), AppliedChannel(started[0])  # type: ignore[assignment]
+
+    monkeypatch.setattr(slot, "start", slow_start)
+    monkeypatch.setattr(slot, "_wait_restarted", lambda: slot._now_live(slot.process))
+    slot.restart()
+    (second,) = started
+    heads = [ring.add([(*ring.buffer(16), True)]) for _ in range(2)]
+    Driver(second).kick()
+    serve_ready(second)
+    assert (not any(bus.syncs), ring.take_used()) == (True, [(h, 16) for h in heads])
+    first.ram.write(ring.heap - 32, b"\x5a" * 32)  # the guest reuses those buffers
+
+    slot.fail("crashed again")  # before any checkpoint or sync
+    with slot._lock:
+        third = restarted_from(fds, checkpoint, slot._resume_locked())
+    idx = ring.used_idx()
+    for _ in range(3):
+        serve_ready(third)
+
+    assert (idx, first.ram.read(ring.heap - 32, 32)) == (2, b"\x5a" * 32)
