@@ -62,7 +62,8 @@ class DeviceEvents:
     for the operator, a request for an interrupt route, its room for host input. Queued
     until the runtime connects it to the channel after READY, then sent as they come, never
     blocking the device: a newer state (or MIRROR, or room) supersedes one the channel could
-    not take yet, and reports past MAX_PENDING are dropped and counted.
+    not take yet, as a vector's newer route request supersedes its older one, and reports
+    past MAX_PENDING are dropped and counted.
 
     A state the monitor has already (publish_state) goes as a CHECKPOINT frame (wire.py), 24
     bytes instead of a JSON document (~20 us to encode here, ~45 to check in the monitor,
@@ -87,6 +88,11 @@ class DeviceEvents:
         self._document_queued = False
         self._pending: list[bytes] = []
         self.dropped = 0
+        # vector -> its newest route request not sent yet: the one the model waits for (an
+        # older one's answer is no use to it: virtio/msix.py). One per vector, so a guest
+        # rewriting an unmasked MSI-X entry in a loop while the channel is full loses no
+        # vector its route (a request dropped past MAX_PENDING left it unrouted for good).
+        self._routes: dict[int, bytes] = {}
         self._next_route = 0
         # (frames applied, output bytes emitted): set by the runtime, which counts them; each
         # publish then is a checkpoint a restart can start from (protocol/events.py).
@@ -136,10 +142,12 @@ class DeviceEvents:
 
     def request_msi(self, vector: int, address: int, data: int) -> int:
         """Ask for MSI-X `vector`'s route to (address, data); its answer goes to
-        on_route_done. Nothing of it is kept here: a guest rewriting a table entry in a loop
-        makes a request and an answer each time."""
+        on_route_done. Nothing of it is kept here once sent (a guest rewriting a table entry
+        in a loop makes a request and an answer each time), and only the newest of a vector
+        until then."""
         self._next_route += 1
-        self._queue(events.encode_msi(self._next_route, vector, address, data))
+        self._routes[vector] = events.encode_msi(self._next_route, vector, address, data)
+        self.flush()
         return self._next_route
 
     def route_done(self, route_id: int, ok: bool, reason: str) -> None:
@@ -160,6 +168,10 @@ class DeviceEvents:
                 del self._latest[kind]
                 if kind == "state" and self._document_queued:
                     self._state_sent = self._state_queued
+        for vector, frame in list(self._routes.items()):
+            if not self._send(frame):
+                break
+            del self._routes[vector]
         while self._pending and self._send(self._pending[0]):
             self._pending.pop(0)
 

@@ -162,6 +162,29 @@ def test_device_events_reports_past_the_cap_are_dropped_and_counted():
     assert queue.dropped == 3
 
 
+def test_device_events_newer_route_request_of_a_vector_supersedes_one_not_sent():
+    """A guest rewriting an unmasked MSI-X entry in a loop while the monitor reads nothing:
+    past MAX_PENDING the newest request was dropped, the one the model waits for (its older
+    ones' answers it ignores), and the vector stayed unrouted for good."""
+    sent: list[bytes] = []
+    accept = False
+    queue = DeviceEvents()
+    queue.connect(lambda frame: accept and sent.append(frame) is None)
+    for i in range(DeviceEvents.MAX_PENDING + 3):
+        queue.request_msi(0, 0xFEE0_0000, i)
+    newest = queue.request_msi(1, 0xFEE0_0000, 0x99)
+    last = queue.request_msi(0, 0xFEE0_0000, 0x41)
+
+    accept = True
+    queue.flush()
+
+    assert queue.dropped == 0
+    assert [events.decode_event(f, "virtio-rng") for f in sent] == [
+        events.MsiRequest(last, 0, 0xFEE0_0000, 0x41),
+        events.MsiRequest(newest, 1, 0xFEE0_0000, 0x99),
+    ]
+
+
 def test_device_events_route_answer_goes_to_the_model():
     queue, answers = DeviceEvents(), []
     queue.on_route_done = lambda *answer: answers.append(answer)

@@ -997,6 +997,25 @@ def test_virtio_pci_msix_new_message_needs_a_new_route(rng, driver, fds, channel
     assert [m["data"] for m in channel.ops("msi")] == [0x41, 0x42]
 
 
+def test_virtio_pci_msix_entry_rewritten_while_the_monitor_reads_nothing_still_fires(
+    rng, driver, fds, channel
+):
+    """An unmasked entry rewritten many times while the channel takes nothing: the device's
+    newest request, the only one it waits for, reaches the monitor, and its answer lets the
+    vector fire (the newest was dropped past the event queue's cap, and the vector pended
+    for good)."""
+    used_with_msix(rng, driver)  # vector 1 pending, its first route asked for
+    rng.ctx.events.connect(lambda frame: False)  # the socket's buffer is full
+    for data in range(0x50, 0x80):
+        driver.wr(BAR1 + 16 + 8, data, 4)
+    reading = type(channel)()
+    rng.ctx.events.connect(reading.send)  # the monitor reads again
+    (msi,) = reading.ops("msi")
+    rng.ctx.events.route_done(int(msi["id"]), True, "")
+
+    assert (msi["data"], signalled(fds["msix1"])) == (0x7F, 1)
+
+
 # -- state --------------------------------------------------------------------------------------------
 def test_virtio_pci_restore_keeps_queue_position_and_msix_table(rng, driver, fds, channel):
     ring = used_with_msix(rng, driver)
