@@ -179,6 +179,9 @@ class Launcher:
         self._exits: dict[int, tuple[int, bool]] = {}
         self._running: set[int] = set()  # pids spawned whose end was not reported yet
         self._broken: str | None = None
+        # Why no request can be sent any more (a request cut off: _send), while replies and
+        # exit reports are still read: the devices it started still end, and are reaped.
+        self._unsendable: str | None = None
 
     @classmethod
     def start(cls, channel_dir: Path | None = None) -> Launcher:
@@ -257,8 +260,8 @@ class Launcher:
                 self._await(lambda: self._ready or None, READY_TIMEOUT_S)
             except LauncherError as e:
                 raise LauncherError(f"the launcher did not start: {e}") from None
-        if self._broken:
-            raise LauncherError(self._broken)
+        if self._broken or self._unsendable:
+            raise LauncherError(self._broken or self._unsendable)
         self._pending = next(self._ids)
         header = {**header, "id": self._pending, "size": len(data)}
         try:
@@ -268,10 +271,8 @@ class Launcher:
         except OSError as e:
             # For good: a request cut off (a send timed out after its header or some of its
             # chunks) leaves the launcher reading the next request's bytes as this one's.
-            why = f"the launcher takes no request: {e}"
-            with self._cond:
-                self._broken = why
-            raise LauncherError(why) from None
+            self._unsendable = f"the launcher takes no request: {e}"
+            raise LauncherError(self._unsendable) from None
 
     def _take_unanswered(self) -> None:
         """Take the reply to a configure sent earlier, if any (the spawn lock held)."""

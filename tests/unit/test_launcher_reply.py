@@ -49,10 +49,11 @@ def test_decode_reply_exited_without_lingering_is_malformed() -> None:
         _decode_reply(b'{"op": "exited", "pid": 1, "status": 0}', [])
 
 
-def test_a_request_cut_off_by_a_send_timeout_breaks_the_handle_for_good(monkeypatch) -> None:
+def test_a_request_cut_off_by_a_send_timeout_ends_requests_for_good(monkeypatch) -> None:
     """A launcher that stops reading mid-request (stopped, or hung) times the send out after
     part of the request went: its next bytes would be read as that request's rest. So no
-    request is sent after it; each says why the launcher is unusable."""
+    request is sent after it; each says why. What the launcher still says is read: the end
+    of a device it started is still reported and reaped."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sleeper = subprocess.Popen(["sleep", "30"])  # a pid to hold a pidfd on (the "launcher")
     try:
@@ -68,6 +69,11 @@ def test_a_request_cut_off_by_a_send_timeout_breaks_the_handle_for_good(monkeypa
         with pytest.raises(LauncherError, match="takes no request"):
             launcher.rest()
         assert not select.select([theirs], [], [], 0.1)[0]  # nothing more was sent
+        device = subprocess.Popen(["true"])
+        device.wait()
+        launcher._running.add(device.pid)  # as a "spawned" reply would
+        send(theirs, {"op": "exited", "pid": device.pid, "status": 0, "lingering": False})
+        assert launcher.wait_exit(device.pid, 5) == (0, False)
     finally:
         sleeper.kill()
         sleeper.wait()
