@@ -256,10 +256,9 @@ static int sv_io_getevents(aio_context_t ctx, long min_nr, long nr, struct io_ev
 }
 """
 
-# -- <sys/mman.h>: a mapping that grows down as a stack does, which RLIMIT_DATA does not count;
-# mremap's one flag glibc's realloc passes (the device policies allow no other) --
+# -- <sys/mman.h>: a mapping that grows down as a stack does, which RLIMIT_DATA does not count --
 MMAN_INCLUDES = "#include <sys/mman.h>\n"
-MMAN_TYPES = "static const int MAP_GROWSDOWN;\nstatic const int MREMAP_MAYMOVE;\n"
+MMAN_TYPES = "static const int MAP_GROWSDOWN;\n"
 
 SECTIONS = (
     (NS_INCLUDES, NS_TYPES + NS_FUNCTIONS, NS_SOURCE),

@@ -34,10 +34,9 @@ MNT_DETACH: int = lib.MNT_DETACH
 # prctl(2) options by name, for the policy parser's constant table (<linux/prctl.h>).
 PRCTL_OPTIONS: dict[str, int] = {"PR_SET_NAME": lib.PR_SET_NAME}
 
-# mmap(2) and mremap(2) flags (<sys/mman.h>) for the policy parser's constant table: Python's
-# mmap module has MAP_SHARED and MAP_ANONYMOUS, not these.
+# mmap(2) flag (<sys/mman.h>) for the policy parser's constant table: Python's mmap module
+# has MAP_SHARED and MAP_ANONYMOUS, not this one.
 MAP_GROWSDOWN: int = lib.MAP_GROWSDOWN
-MREMAP_MAYMOVE: int = lib.MREMAP_MAYMOVE
 
 # Futex operations by name, for the policy parser's constant table (<linux/futex.h>).
 FUTEX_OPS: dict[str, int] = {

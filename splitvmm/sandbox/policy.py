@@ -40,13 +40,7 @@ from collections.abc import Mapping
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import files, tun
-from splitvmm.native.confine import (
-    CLONE_THREAD,
-    FUTEX_OPS,
-    MAP_GROWSDOWN,
-    MREMAP_MAYMOVE,
-    PRCTL_OPTIONS,
-)
+from splitvmm.native.confine import CLONE_THREAD, FUTEX_OPS, MAP_GROWSDOWN, PRCTL_OPTIONS
 from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.protocol.models import module_name
 from splitvmm.record import Struct
@@ -79,7 +73,6 @@ CONSTANTS: dict[str, int] = {
     "MAP_SHARED": mmap.MAP_SHARED,
     "MAP_ANONYMOUS": mmap.MAP_ANONYMOUS,
     "MAP_GROWSDOWN": MAP_GROWSDOWN,
-    "MREMAP_MAYMOVE": MREMAP_MAYMOVE,
     "F_GETFD": fcntl.F_GETFD,
     "F_SETFD": fcntl.F_SETFD,
     "F_GETFL": fcntl.F_GETFL,

@@ -352,8 +352,9 @@ MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2  # <linux/mman.h>
 
 
 def _mremap(flags: int) -> object:
-    """Grow a private anonymous page to two, as glibc's realloc does (MREMAP_MAYMOVE), or onto
-    an address of our choosing (MREMAP_FIXED: it would replace whatever is mapped there)."""
+    """Grow a private anonymous page to two, as glibc's realloc tries to (MREMAP_MAYMOVE), or
+    onto an address of our choosing (MREMAP_FIXED: it would replace whatever is mapped there);
+    any page so grown, one of the [stack] included (which RLIMIT_DATA does not count)."""
     libc = _libc()
     libc.mmap.restype = libc.mremap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long]
@@ -371,6 +372,23 @@ def _mremap(flags: int) -> object:
     return 2 * page
 
 
+def _realloc_mmapped() -> object:
+    """What a buffer grown past glibc's mmap threshold gets: realloc of a block malloc
+    mmapped (the threshold fixed at its start value, 128 KiB, so this block is one), which
+    glibc tries with mremap first."""
+    libc = _libc()
+    libc.malloc.restype = libc.realloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    block = libc.malloc(256 << 10)
+    ctypes.memset(block, 0x5A, 256 << 10)
+    grown = libc.realloc(block, 1 << 20)
+    if grown is None or ctypes.string_at(grown + (256 << 10) - 1, 1) != b"\x5a":
+        raise OSError(errno.ENOMEM, "realloc failed")
+    return 1 << 20
+
+
 PROBES: dict[str, Callable[[dict[str, int]], object]] = {
     "mmap_read_write": lambda ctx: len(mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)),
     "madvise_dontneed": lambda ctx: _madvise(mmap.MADV_DONTNEED),
@@ -379,6 +397,7 @@ PROBES: dict[str, Callable[[dict[str, int]], object]] = {
         "clock_gettime", time.CLOCK_MONOTONIC, ctypes.create_string_buffer(16)
     ),
     "getpid": lambda ctx: os.getpid(),
+    "realloc_mmapped": lambda ctx: _realloc_mmapped(),
     "mremap_maymove": lambda ctx: _mremap(MREMAP_MAYMOVE),
     "mremap_fixed": lambda ctx: _mremap(MREMAP_MAYMOVE | MREMAP_FIXED),
     "poll_nothing": lambda ctx: _syscall("poll", None, 0, 0),

@@ -280,9 +280,11 @@ def test_a_device_takes_the_largest_frame_its_channel_accepts_under_its_own_filt
     tmp_path, model
 ) -> None:
     """The channel's reader grows its buffer as a frame comes (protocol/zmtp.py); past
-    glibc's mmap threshold that growth is an mremap, which the filter once killed (SIGSYS)
-    for a frame over ~200 KiB. The threshold is set to glibc's starting 128 KiB: earlier
-    frees in this process would raise it, and a device's history is not the test's."""
+    glibc's mmap threshold that growth tries an mremap, which the filter once killed
+    (SIGSYS) for a frame over ~200 KiB, and now refuses (glibc copies instead). The
+    threshold is set to glibc's starting 128 KiB: earlier frees in this process would raise
+    it, and a device's history is not the test's. Whether the block is mmapped still depends
+    on the forked heap: the realloc_mmapped probe (test_probes.py) is the exact check."""
     import ctypes
 
     from splitvmm.protocol import control
