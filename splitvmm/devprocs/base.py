@@ -211,8 +211,9 @@ class DeviceContext(Struct):
     # frame being re-applied. A model that keeps time reads its clock as of then (rtc.py).
     replay_wall_ns: int | None = None
     # While replaying: the frame is past the last one the monitor knows the dead process
-    # applied (a sync answered): it may have died before reading it (a virtio queue enable
-    # whose zeroing of the used ring was then never done: pci.py after_restart)
+    # applied (a sync or a read it answered, its READY): it may have died before reading it
+    # (a virtio queue enable whose zeroing of the used ring was then never done: pci.py
+    # after_restart)
     replay_unconfirmed: bool = False
     # Whether the event loop has work ready besides what the model is doing (a frame on the
     # channel, another fd of the model's, a deadline passed): a model busy for long asks

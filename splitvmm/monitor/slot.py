@@ -283,9 +283,9 @@ class DeviceSlot:
         self._journal: deque[tuple[int, bytes, int]] = deque()
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
         self._resumed_at = 0  # the last frame the restart under way was given to replay
-        # The highest frame number a process is known to have applied: a sync answered (all
-        # sent before it), or a READY (a restart's replay). Past it, a frame may have been
-        # lost with a dead process unread: its restart is told which (resume "confirmed").
+        # The highest frame number a process is known to have applied: a sync or a read it
+        # answered (all sent before it), or a READY (a restart's replay). Past it, a frame may
+        # have been lost with a dead process unread: its restart is told which ("confirmed").
         self._confirmed = 0
         self._out_fd, self._out_base = _regular_output(spawn)
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
