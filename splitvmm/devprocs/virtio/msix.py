@@ -158,12 +158,6 @@ class Msix:
         self.routed[vector] = (address, data)
         self.update()
 
-    def forget_routes(self) -> None:
-        """A restored device asks again: the routes were the old monitor's."""
-        self.routed = [None] * self.vectors
-        self._refused = [None] * self.vectors
-        self._asked.clear()
-
 
 class Intx:
     """INTA# through a level irqfd and its resample fd (see the module docstring)."""
