@@ -221,7 +221,8 @@ class DeviceChannel:
         """A control request (quiesce, save, resume, retry, fault with `args`), its checked
         reply."""
         seq = self._next_seq()
-        reply = self._request(control.encode({"op": op, "seq": seq, **(args or {})}), timeout_ms)
+        frame = control.encode({"op": op, "seq": seq, **(args or {})})
+        reply = self._request_charged(frame, timeout_ms)
         try:
             checked = control.check_reply(control.decode(reply), op, seq, self._model)
         except ProtocolError as e:
@@ -241,7 +242,9 @@ class DeviceChannel:
             raise ChannelError(f"left {MAX_LATE_STATS} requests unanswered")
         seq = self._next_seq()
         try:
-            reply = self._request(control.encode({"op": "ping", "seq": seq}), timeout_ms, False)
+            reply = self._request_charged(
+                control.encode({"op": "ping", "seq": seq}), timeout_ms, False
+            )
         except _InHostIo as e:
             if e.sent:
                 self._late[seq] = "pong"
@@ -261,7 +264,9 @@ class DeviceChannel:
             raise ChannelError(f"left {MAX_LATE_STATS} requests unanswered")
         seq = self._next_seq()
         try:
-            reply = self._request(control.encode({"op": "stats", "seq": seq}), timeout_ms, False)
+            reply = self._request_charged(
+                control.encode({"op": "stats", "seq": seq}), timeout_ms, False
+            )
         except (_ReplyLate, _InHostIo) as e:
             # Only lateness is no failure: a frame around the request that breaks the
             # protocol (a bad publish or MIRROR, a stall it may not ask for) fails the device
@@ -357,6 +362,18 @@ class DeviceChannel:
         if not self._waited_on_host_io:  # the disk's slowness is not the device's
             self._charge((time.monotonic() - start) * 1e3)
         return reply
+
+    def _request_charged(self, frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
+        """_request for a ping, stats or control request, whose waits no vCPU makes and none
+        is charged: the CPU this thread spent on it, which is the device's events before its
+        reply, is charged as a drain's is. Uncharged, a device that sent ~1 s of costly
+        events before each pong (within the ping's deadline) held the supervisor, and the
+        GIL every vCPU needs, for that long each heartbeat."""
+        start = time.thread_time()  # this thread's CPU: not the host's or the GIL's stalls
+        try:
+            return self._request(frame, timeout_ms, wait_host_io)
+        finally:
+            self._charge((time.thread_time() - start) * 1e3)
 
     def _charge(self, waited_ms: float) -> None:
         """Charge a wait on the device (or the time its events took) to its latency budget;

@@ -14,6 +14,7 @@ import pytest
 
 from splitvmm.monitor import channel
 from splitvmm.monitor.budget import LatencyBudget
+from splitvmm.protocol import control
 
 EVENT_S = 0.030
 
@@ -72,3 +73,45 @@ def test_a_drain_stops_at_its_cpu_limit_and_leaves_the_rest_for_the_next():
     ch.drain_events()
     left = len(ch._link.queue)  # type: ignore[attr-defined]
     assert 10 - left == int(channel.DRAIN_LIMIT_S / EVENT_S) + 1  # one more past the limit
+
+
+@pytest.mark.parametrize("request_kind", ["ping", "stats", "control"])
+def test_a_device_sending_costly_events_before_each_answer_spends_its_budget(request_kind):
+    """The events around a ping, a stats or a control request were never charged: a device
+    that sent ~1 s of costly-to-check publishes before each pong held the supervisor (and
+    the GIL) that long every heartbeat, for ever, where the same CPU in a drain fails it."""
+    ch = drained_channel(lambda buf: True)
+    ch._seq, ch._late, ch._host_io, ch._model = 0, {}, None, "serial"
+    ch._pidfd = None
+
+    def answer(frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
+        burn(2 * EVENT_S)  # checking the events it sent before its answer
+        msg = control.decode(frame)
+        reply = {"ping": {"op": "pong"}, "stats": {"op": "counters", "counters": {}}}
+        return control.encode({"seq": msg["seq"], **reply.get(msg["op"], {"op": "quiesced"})})
+
+    ch._request = answer  # type: ignore[method-assign]
+    ask = {
+        "ping": lambda: ch.ping(2000),
+        "stats": lambda: ch.stats(2000),
+        "control": lambda: ch.control("quiesce", 2000),
+    }[request_kind]
+    answered = 0
+    with pytest.raises(channel.ChannelError, match="over the budget"):
+        while answered < 200:
+            ask()
+            answered += 1
+    assert answered * 2 * EVENT_S * 1e3 <= 2 * channel.LATENCY_BUDGET_MS
+
+
+def test_a_ping_the_host_stalled_is_not_the_devices_doing():
+    ch = drained_channel(lambda buf: True)
+    ch._seq, ch._late, ch._host_io, ch._model = 0, {}, None, "serial"
+
+    def answer(frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
+        time.sleep(2 * EVENT_S)
+        return control.encode({"op": "pong", "seq": control.decode(frame)["seq"]})
+
+    ch._request = answer  # type: ignore[method-assign]
+    for _ in range(channel.LATENCY_BUDGET_MS // int(2 * EVENT_S * 1e3) + 5):  # over, if charged
+        assert ch.ping(2000)
