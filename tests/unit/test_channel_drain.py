@@ -43,6 +43,7 @@ def drained_channel(handle) -> channel.DeviceChannel:
     ch._budget = LatencyBudget(
         channel.LATENCY_BUDGET_MS, channel.LATENCY_WINDOW_S, channel.SLOW_REPLY_MS
     )
+    ch._checked_ms = 0.0
     ch._handled_event = handle  # type: ignore[method-assign]
     return ch
 
@@ -58,6 +59,29 @@ def test_a_device_pacing_costly_events_to_each_drain_spends_its_budget():
             ch._link.queue[:] = [b"e", b"e"]  # type: ignore[attr-defined]
             ch.drain_events()
     assert drains * 2 * EVENT_S * 1e3 <= 2 * channel.LATENCY_BUDGET_MS
+
+
+def test_a_device_pacing_costly_events_under_the_threshold_spends_its_budget():
+    """One event a drain, each costing a little under SLOW_REPLY_MS: no drain was ever
+    charged, however many came (they run on vCPU threads, with the GIL held)."""
+    under_s = 0.8 * channel.SLOW_REPLY_MS / 1000
+    ch = drained_channel(lambda buf: burn(under_s) or True)
+    drains = 0
+    with pytest.raises(channel.ChannelError, match="over the budget"):
+        while drains < 300:
+            drains += 1
+            ch._link.queue[:] = [b"e"]  # type: ignore[attr-defined]
+            ch.drain_events()
+    assert drains * under_s * 1e3 <= 2 * channel.LATENCY_BUDGET_MS
+
+
+def test_cheap_events_and_empty_drains_add_up_to_nothing_to_speak_of():
+    """What an honest device's drains cost: most find nothing; an event's check is cheap."""
+    ch = drained_channel(lambda buf: True)
+    for i in range(20000):
+        ch._link.queue[:] = [b"e"] if i % 30 == 0 else []  # type: ignore[attr-defined]
+        ch.drain_events()
+    assert sum(ch._budget._spent) == 0  # nothing charged
 
 
 def test_a_drain_the_host_stalled_is_not_the_devices_doing():
