@@ -315,13 +315,13 @@ class DeviceChannel:
     def _send(self, data: bytes, what: str, wait_host_io: bool = True) -> None:
         """Send `data`, ZMTP messages (protocol/zmtp.py encode; `what` they are, for
         messages), waiting only while the device has not connected or greeted yet, or its
-        socket buffer is full, at most WRITE_TIMEOUT_MS, and not at all once its process has ended (its pidfd) or its
-        connection has: a frame to a device that has just died would otherwise wait out the
-        whole timeout, holding the slot's lock. A device inside a host I/O call is waited for
-        past that, as by _request, or, without `wait_host_io`, _InHostIo is raised (`sent`:
-        whether the message was taken, to go out before anything else): the supervisor's
-        ping must not wait on one device's disk (or on a device that says it is in one and
-        never drains)."""
+        socket buffer is full, at most WRITE_TIMEOUT_MS, and not at all once its process has
+        ended (its pidfd) or its connection has: a frame to a device that has just died would
+        otherwise wait out the whole timeout, holding the slot's lock. A device inside a host
+        I/O call is waited for past that, as by _request, or, without `wait_host_io`,
+        _InHostIo is raised (`sent`: whether the message was taken, to go out before anything
+        else): the supervisor's ping must not wait on one device's disk (or on a device that
+        says it is in one and never drains)."""
         link = self._link
         taken = link.send(data)
         if taken and link.flush():

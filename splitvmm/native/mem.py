@@ -18,10 +18,10 @@ def map_shared_page(fd: int, size: int) -> memoryview:
     (never unmapped), as unsigned bytes.
 
     Not CPython's mmap.mmap: it keeps a dup of the fd, which a device's sandbox closes and
-    its channel's socket then reuses, and its finalizer (at the interpreter's exit) closes that number
-    and unmaps the pages: with the progress page so mapped, a virtio-blk device that ended
-    through Python's own teardown (its policy audit's malformed frame) died of SIGSEGV,
-    one run in three under load. A plain mmap(2) keeps no fd."""
+    its channel's socket then reuses, and its finalizer (at the interpreter's exit) closes
+    that number and unmaps the pages: with the progress page so mapped, a virtio-blk device
+    that ended through Python's own teardown (its policy audit's malformed frame) died of
+    SIGSEGV, one run in three under load. A plain mmap(2) keeps no fd."""
     there = os.fstat(fd).st_size
     if not 0 < size <= there:
         raise ValueError(f"fd {fd}: {size} bytes to map, {there} there")

@@ -825,7 +825,8 @@ def test_slot_process_ended_does_not_hold_accesses_while_the_launcher_is_silent(
     process = SlowReport(ended.pid, pidfd)
     slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, failures)
     channel = RestartChannel(slot)
-    slot.process, slot.channel, slot.state = process, channel, SlotState.LIVE  # type: ignore[assignment]
+    slot.channel = channel  # type: ignore[assignment]
+    slot.process, slot.state = process, SlotState.LIVE
     supervisor = threading.Thread(target=slot.process_ended, args=(process,))
     supervisor.start()
     written = threading.Event()
