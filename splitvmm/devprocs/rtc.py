@@ -329,9 +329,17 @@ class Mc146818(RegisterDevice):
 
     def _begin(self) -> None:
         """Every entry point: read the clock once, account for the time that passed. A frame
-        a restart re-applies is served as of when it was first sent (runtime.replay)."""
+        a restart re-applies is served as of when it was first sent (runtime.replay), but
+        no earlier than the instant the state already accounts for (synced_ns, less the
+        offset: the checkpoint's, or the frame replayed before it). A write posted as the
+        dead process saved its checkpoint was sent before it and applied after it: served
+        as of its sending, it took the clock back, and the events in between (in register
+        C already, maybe read and cleared by the next replayed frame) came a second time."""
         replayed = self.ctx.replay_wall_ns
-        self._now = self._clock.wall_ns() if replayed is None else replayed
+        if replayed is None:
+            self._now = self._clock.wall_ns()
+        else:
+            self._now = max(replayed, self._synced_ns - self._offset_ns)
         self._sync()
         self._update_irq()
 
@@ -518,7 +526,9 @@ class Mc146818(RegisterDevice):
         rate = self._cmos[Reg.FREQ_SELECT] & RegA.RATE_SELECT
         if rate == 0:
             return 0
-        return 1 << (rate + 6 if rate <= 2 else rate - 1)  # 1, 2: 256 and 128 Hz at 32 kHz
+        if rate <= 2 and self._cmos[Reg.FREQ_SELECT] & RegA.DIV_CTL == REF_CLCK_32KHZ:
+            return 1 << (rate + 6)  # 1, 2: 256 and 128 Hz with the 32.768 kHz time base
+        return 1 << (rate - 1)  # 1, 2: 32768 and 16384 Hz at 4.194304 and 1.048576 MHz
 
     def _next_alarm(self, start: int) -> int | None:
         """The first second from `start` on whose update matches the alarm registers."""
@@ -584,7 +594,12 @@ class Mc146818(RegisterDevice):
 
     # -- state ----------------------------------------------------------------------------------
     def save(self) -> RtcState:
-        self._begin()
+        # Quiesced (a snapshot's step 3), the state is as of the last access: syncing now
+        # would raise IRQ 8 while the irqchip's state is being saved, and a state saved
+        # with the line high gives a restored VM no edge for it. What came since lies
+        # after synced_ns: the first tick after resume(), or after a restore, raises it.
+        if not self._quiesced:
+            self._begin()
         cmos = bytearray(self._cmos)
         if not self._held():
             for reg, value in self._encoded(self._guest_ns() // NS).items():
