@@ -255,6 +255,34 @@ def test_virtio_pci_restore_refuses_accepted_features_the_device_does_not_offer(
     )
 
 
+def test_virtio_pci_queue_enabled_before_features_ok_is_ignored(rng, driver, fds):
+    """3.1.1: queues are set up after FEATURES_OK. Taken before, the ring was laid out by
+    the features written so far (no EVENT_IDX here), and the running device's snapshot
+    laid it out by the accepted ones: its used ring no longer fit at the end of RAM, and
+    the VM's own snapshot did not restore. Ignored (and counted), the driver that then
+    enables it in order gets a ring laid out by what it negotiated."""
+    ring = Ring(rng.ram, size=16)
+    ram_end = max(r.gpa + r.size for r in rng.ram.ranges)
+    ring.used = ram_end - (4 + 8 * 16)  # fits only without EVENT_IDX's avail_event
+    driver.enable_bus_master()
+    driver.set_status(ACK | DRIVER)
+    driver.set_common(0x08, 1, 4)
+    driver.set_common(0x0C, F_VERSION_1 >> 32, 4)
+    bad = rng.ctx.counters.bad_access
+    driver.setup_queue(0, ring)
+    early = (driver.common(0x1C, 2), rng.ctx.counters.bad_access - bad)
+    driver.set_common(0x08, 0, 4)
+    driver.set_common(0x0C, F_EVENT_IDX, 4)
+    driver.set_status(ACK | DRIVER | FEATURES_OK)
+    driver.set_common(0x1C, 1, 2)  # enabled in order now: EVENT_IDX's ring is past RAM
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    assert early == (0, 1)
+    assert driver.status() & NEEDS_RESET
+    rng.quiesce()
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), rng.save())
+    assert restored.status & NEEDS_RESET and restored.rings == [None]
+
+
 def test_virtio_pci_common_access_of_wrong_width_reads_zero_and_counts(rng, driver):
     value = driver.rd(0x1000 + 0x12, 4)  # num_queues is 16-bit
 

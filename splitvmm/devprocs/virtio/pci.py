@@ -472,7 +472,11 @@ class VirtioPciDevice(RegisterDevice):
                 vector = value if value < self.msix.vectors else NO_VECTOR
                 self.queues[q] = replace(queue, msix_vector=vector)
                 self._drop_unmapped_pending()
-            case Common.QUEUE_ENABLE if value == 1:
+            case Common.QUEUE_ENABLE if value == 1 and self.status & Status.FEATURES_OK:
+                # 3.1.1: a driver sets its queues up after FEATURES_OK. One enabled before
+                # would be laid out (EVENT_IDX's fields) by features it may still change,
+                # and a snapshot's or a restart's ring, laid out by the accepted ones,
+                # would not be the ring the device ran (or would not fit in RAM at all).
                 self._enable_queue(q)
             case Common.QUEUE_DESC:
                 self.queues[q] = replace(queue, desc=value)
