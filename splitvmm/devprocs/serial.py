@@ -375,6 +375,14 @@ class Uart8250(RegisterDevice):
         delta bit (TERI: RI falling) as the modem's would (PC16550D: MCR bit 4)."""
         before = self._modem_lines()
         leaving_loopback = self.mcr & ~value & Mcr.LOOP
+        if value & ~self.mcr & Mcr.LOOP:
+            # The receiver keeps what the chip's holds (_loop_back); the host input behind
+            # that is the line's, which loopback disconnects: it waits in line_in, first in
+            # line, until loopback ends. Left in rx, a looped-back byte went in behind it,
+            # and a 16450-mode test read a typed byte back instead of its own.
+            held = RX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1
+            self.line_in[:0] = self.rx[held:]
+            del self.rx[held:]
         self.mcr = value & 0x1F
         if leaving_loopback and self.line_in:
             self._receive(bytes(self.line_in))  # the line is the receiver's again
