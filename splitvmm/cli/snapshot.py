@@ -22,7 +22,7 @@ DIGEST_PREFIX = 12  # hex digits of a chunk's checksum shown by inspect
 
 
 def _fail(path: Path, error: SnapshotError) -> NoReturn:
-    click.echo(f"splitvmm: error: snapshot {path}: {error}", err=True)
+    click.echo(f"splitvmm: error: snapshot {escaped(str(path))}: {error}", err=True)
     sys.exit(1)
 
 
@@ -120,4 +120,5 @@ def verify(directory: Path, key_file: Path | None) -> None:
     count, mib = len(snap.chunks), snap.total_bytes / (1 << 20)
     chunks = "chunk" if count == 1 else "chunks"
     signed = ", signature good" if key_file is not None else ""
-    click.echo(f"snapshot {directory}: OK ({count} {chunks}, {mib:.2f} MiB{signed})")
+    shown_dir = escaped(str(directory))
+    click.echo(f"snapshot {shown_dir}: OK ({count} {chunks}, {mib:.2f} MiB{signed})")

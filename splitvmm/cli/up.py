@@ -97,12 +97,13 @@ def run_and_exit(
 def _naming_snapshot(snapshot_dir: Path) -> Iterator[None]:
     """A snapshot's error (opening it, its stored config, its checks) names which snapshot,
     as `snapshot inspect` does."""
+    from splitvmm.errors import escaped
     from splitvmm.snapshot.format import SnapshotError
 
     try:
         yield
     except SnapshotError as e:
-        raise SnapshotError(f"snapshot {snapshot_dir}: {e}") from None
+        raise SnapshotError(f"snapshot {escaped(str(snapshot_dir))}: {e}") from None
 
 
 def _open_snapshot(snapshot_dir: Path, key_file: Path | None) -> Snapshot:

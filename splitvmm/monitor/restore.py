@@ -13,6 +13,7 @@ BOOT_RESOURCES with what the operator --set, or the model's restore default.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from splitvmm.config import (
     parse_config,
 )
 from splitvmm.errors import ConfigError, StateError, clip, shown
-from splitvmm.monitor import boot, cpuid, vmstate
+from splitvmm.monitor import boot, cpuid, layout, vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.protocol.models import MODELS, PciFunction
@@ -47,8 +48,23 @@ if TYPE_CHECKING:
     from splitvmm.native.kvm import CpuidEntry
 
 
+def check_ram_layout(snap: Snapshot) -> None:
+    """The snapshot's RAM regions must be those a VM of its RAM size has (layout.ram_ranges,
+    which GuestMemory makes): else load_ram refuses them, after the VM is built."""
+    size = snap.manifest.memory.size
+    regions = [(r.gpa, r.size) for r in snap.manifest.memory.regions]
+    if regions != layout.ram_ranges(size):
+        listed = ", ".join(f"({gpa:#x}, {length:#x})" for gpa, length in regions[:4])
+        more = ", ..." if len(regions) > 4 else ""
+        raise SnapshotError(
+            f"chunk ram: RAM regions [{listed}{more}] (guest address, size) are not those "
+            f"of a VM with {format_size(size)} of RAM"
+        )
+
+
 def check_compatible(snap: Snapshot, cfg: VmConfig) -> None:
     """The config must describe the machine the snapshot was taken of (host paths may differ)."""
+    check_ram_layout(snap)
     size = snap.manifest.memory.size
     if size != cfg.vm.memory:
         raise SnapshotError(
@@ -277,6 +293,15 @@ def device_state(snap: Snapshot, name: str) -> dict[str, object]:
     fields = snap.read_json(name)
     if not isinstance(fields, dict):
         raise SnapshotError(f"chunk {name}: device state is not an object")
+    # Also measured as a device's state reply carries it (control.encode: compact, \u
+    # escapes), which is how its spec carries it too: a file of raw UTF-8 under the cap
+    # takes up to 3x that there, past MAX_SPEC, and was refused only at the spawn.
+    sent = len(json.dumps(fields, separators=(",", ":")))
+    if sent > MAX_DEVICE_STATE:
+        raise SnapshotError(
+            f"{entry.label}: device state of {sent} bytes as a device is sent it (JSON, "
+            f"non-ASCII escaped), over the {MAX_DEVICE_STATE} cap"
+        )
     return {"model": entry.model, "version": entry.state_version, "fields": fields}
 
 
@@ -315,6 +340,7 @@ def check_states(snap: Snapshot) -> None:
     bounded size, and the stored config as `splitvmm restore` parses it. A device's fields
     are its model's to judge, in its sandboxed process."""
     decode_states(snap)
+    check_ram_layout(snap)
     for chunk in snap.chunks:
         if chunk.kind == "device":
             device_state(snap, chunk.name)

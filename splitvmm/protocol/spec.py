@@ -91,7 +91,9 @@ class DeviceSpec(Struct, frozen=True):
         return replace(self, deferred=False, state=state, resume=resume, fault=fault)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        # Compact, as a device's state reply is (control.encode): a state no larger than
+        # MAX_CONTROL there (monitor/restore.py device_state) fits a spec's MAX_SPEC here.
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> DeviceSpec:

@@ -37,11 +37,12 @@ from splitvmm.monitor import devicefds, loader, machine, restore
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.protocol.models import MODELS, FdKind
-from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.sandbox.launcher import Launcher
+from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot
 from tests.fakes import FakeIrq
-from tests.unit.snapshot_support import edit_manifest
+from tests.unit.snapshot_support import checksum_keys, edit_manifest
 
 NEWER = UartState.VERSION + 1  # a serial state from a release after this one
 
@@ -634,3 +635,74 @@ def test_restore_of_a_bad_stored_config_names_the_snapshot(tmp_path, monkeypatch
     result, _ = invoke(monkeypatch, ["restore", str(snap)])
 
     assert_refused_cleanly(result, f"snapshot {snap}: manifest vm_config: device 'serial0' arms")
+
+
+# -- refused by `snapshot verify` and before anything is built, not at a later step ----------
+def _golden_copy(tmp_path: Path, name: str = "snap") -> Path:
+    snap = tmp_path / name
+    shutil.copytree(GOLDEN, snap)
+    return snap
+
+
+def _wide_serial_state(snap: Path) -> None:
+    """A device chunk of 0.8 MiB, under the 1 MiB cap, of raw UTF-8: a spec carries it with
+    \\u escapes, 2.4 MiB, over MAX_SPEC."""
+    doc = json.loads((snap / "serial0.json").read_text())
+    doc["state"]["\U0001f600" * 200_000] = 0
+    data = json.dumps(doc, ensure_ascii=False).encode()
+    (snap / "serial0.json").write_bytes(data)
+
+    def rechecksum(m: dict[str, Any]) -> None:
+        entry = next(c for c in m["chunks"] if c["name"] == "serial0")
+        entry.update(checksum_keys(entry, data))
+
+    edit_manifest(snap, rechecksum)
+
+
+def test_device_state_no_spec_can_carry_is_refused_naming_its_chunk(tmp_path):
+    snap = _golden_copy(tmp_path)
+    _wide_serial_state(snap)
+    with pytest.raises(SnapshotError, match=r"chunk serial0 \(serial0.json\): device state of"):
+        restore.device_state(Snapshot.open(snap), "serial0")
+    verified = CliRunner().invoke(cli, ["snapshot", "verify", str(snap)])
+    assert verified.exit_code == 1 and "over the 1048576 cap" in verified.output
+
+
+def test_a_state_at_the_cap_fits_the_spec_a_device_reads():
+    """The cap is a device's own reply's (MAX_CONTROL, compact JSON): a state that large,
+    of the widest JSON per byte of state (small numbers in a list), fits a spec."""
+    fields = {"state": [0] * ((restore.MAX_DEVICE_STATE - 16) // 2)}
+    assert len(json.dumps(fields, separators=(",", ":"))) <= restore.MAX_DEVICE_STATE
+    spec = DeviceSpec("serial0", "serial", "ipc:///x", state={"fields": fields})
+    assert len(spec.to_json().encode()) < MAX_SPEC
+
+
+def test_ram_regions_no_vm_of_its_size_has_are_refused_before_anything_is_built(
+    tmp_path, monkeypatch
+):
+    """`verify` said OK, and every restore refused it in load_ram, the VM built."""
+    snap = _golden_copy(tmp_path)
+    edit_manifest(
+        snap,
+        lambda m: m["memory"].update(regions=[{"gpa": 0x100000, "size": 16 << 20, "offset": 0}]),
+    )
+    verified = CliRunner().invoke(cli, ["snapshot", "verify", str(snap)])
+    assert verified.exit_code == 1 and "are not those of a VM with" in verified.output
+    assert "CONFIG's instead" not in verified.output  # the snapshot's own, whatever the config
+    monkeypatch.setattr(restore, "decode_states", lambda s: pytest.fail("went on to build"))
+    result, _ = invoke(monkeypatch, ["restore", str(snap)])
+    assert_refused_cleanly(result, "chunk ram: RAM regions [(0x100000, 0x1000000)]")
+
+
+@pytest.mark.parametrize("command", ["restore", "verify"])
+def test_error_naming_a_snapshot_directory_escapes_its_control_characters(
+    tmp_path, monkeypatch, command
+):
+    snap = _golden_copy(tmp_path, "snap\x1b]0;title\x07")
+    (snap / "manifest.json").unlink()
+    if command == "restore":
+        result, _ = invoke(monkeypatch, ["restore", str(snap)])
+    else:
+        result = CliRunner().invoke(cli, ["snapshot", "verify", str(snap)])
+    assert result.exit_code == 1
+    assert "\\x1b]0;title\\x07" in result.output and "\x1b" not in result.output
