@@ -411,17 +411,22 @@ def _default_devices(
     added = []
     for model, name in DEFAULT_DEVICES.items():
         if _get(vm, model, "vm", bool, True) and not any(d.model == model for d in devices):
+            if any(d.name == name for d in devices):
+                raise ConfigError(
+                    f"device {shown(name)}: the name is the built-in {model} device's; "
+                    f"rename it, or turn that device off with [vm] {model} = false (vm.{model})"
+                )
             options = {key: default for key, (_, default) in MODEL_OPTIONS[model].items()}
             added.append(DeviceSection(name, model, "stop", options))
     return tuple(added)
 
 
-def _read_config(path: Path) -> bytes:
+def _read_config(path: Path) -> tuple[bytes, int]:
     """The file's first MAX_CONFIG_BYTES + 1 bytes: a regular file's, or a pipe's up to its
     end (`make-config | splitvmm up /dev/stdin`; not `<(make-config)`, whose fd `up` closed
     as inherited: cli/early.py). Opened without blocking, as open() of a FIFO waits for a
     writer, for ever if none comes: a FIFO nobody has open for writing then reads as empty
-    at once, and is refused as such."""
+    at once, and is refused as such. Also the file's st_mode."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         mode = os.fstat(fd).st_mode
@@ -436,11 +441,11 @@ def _read_config(path: Path) -> bytes:
         raise ConfigError(f"{path}: cannot read the config: {e.strerror}") from None
     if not raw and stat.S_ISFIFO(mode):
         raise ConfigError(f"{path}: cannot read the config: a FIFO or pipe nobody writes to")
-    return raw
+    return raw, mode
 
 
 def load_config(path: Path, check_files: bool = True) -> VmConfig:
-    raw = _read_config(path)
+    raw, mode = _read_config(path)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, too large for a VM config")
     if raw.startswith(b"\xef\xbb\xbf"):  # tomllib reads it as a stray character at 1:1
@@ -455,7 +460,10 @@ def load_config(path: Path, check_files: bool = True) -> VmConfig:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except ValueError:  # int() refuses an integer of over 4300 digits (CVE-2020-10735)
         raise ConfigError(f"{path}: not valid TOML: an integer has too many digits") from None
-    cfg = parse_config(data, path.parent, check_files)
+    # A pipe (`make-config | splitvmm up /dev/stdin`) has no directory of its own: its
+    # relative paths are the shell's, from the working directory, not from /dev.
+    base = path.parent if stat.S_ISREG(mode) else Path.cwd()
+    cfg = parse_config(data, base, check_files)
     return VmConfig(cfg.vm, cfg.boot, cfg.devices, source=path)
 
 

@@ -71,31 +71,40 @@ def check_physical_bits(ram_size: int, bits: int) -> None:
         )
 
 
+def load_kernel(
+    cfg: VmConfig, mem: GuestMemory, vcpus: int, pci_intx: Sequence[tuple[int, int]] = ()
+) -> loader.LoadedKernel:
+    """A kernel boot's ACPI tables, kernel, initrd, command line and zero page in guest RAM:
+    all of a boot that a bad file or setting makes fail, so machine.py does it before any
+    device process starts. After, a refused kernel also ended devices on their way up, and
+    their words (a channel refused, a traceback) followed the error. `pci_intx`: (PCI
+    device, GSI) of each PCI device's INTA#, for the ACPI tables."""
+    assert cfg.boot.kernel is not None
+    acpi_tables = acpi.build(vcpus, acpi_windows(cfg), pci_intx)
+    mem.write(acpi_tables.base, acpi_tables.data)
+    return loader.load_linux(
+        mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline, acpi_rsdp_addr=acpi_tables.base
+    )
+
+
 def prepare(
     cfg: VmConfig,
     kvm: Kvm,
     mem: GuestMemory,
     vcpus: list[VcpuFd],
-    pci_intx: Sequence[tuple[int, int]] = (),
-    firmware: loader.FirmwareImage | None = None,
+    boots: loader.LoadedKernel | loader.FirmwareImage,
 ) -> None:
-    """A fresh boot: every vCPU's CPUID and LAPIC, and the kernel's memory and entry state,
-    or the firmware's shadow. `pci_intx`: (PCI device, GSI) of each PCI device's INTA#, for
-    the ACPI tables."""
+    """A fresh boot: every vCPU's CPUID and LAPIC, and the entry state of the kernel
+    load_kernel() put in memory, or the firmware's shadow."""
     mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
     tables = [cpuid.setup_cpuid(kvm, v, len(vcpus), mask) for v in vcpus]
     check_physical_bits(mem.size, cpuid.physical_address_bits(tables[0]))
     for v in vcpus:
         boot64.setup_lapic_lints(v)
-    if cfg.boot.kernel is None:
-        assert firmware is not None  # config.py: a boot names a kernel or a firmware
-        write_shadow(mem, firmware)
+    if isinstance(boots, loader.FirmwareImage):
+        write_shadow(mem, boots)
         return  # vCPUs keep KVM's reset state (the BSP at the reset vector)
-    acpi_tables = acpi.build(len(vcpus), acpi_windows(cfg), pci_intx)
-    mem.write(acpi_tables.base, acpi_tables.data)
-    kernel = loader.load_linux(
-        mem, cfg.boot.kernel, cfg.boot.initrd, cfg.boot.cmdline, acpi_rsdp_addr=acpi_tables.base
-    )
+    kernel = boots
     leaf1 = next((e for e in tables[0] if e.function == 1), None)
     mptable.write_mptable(mem, len(vcpus), leaf1)
     boot64.write_boot_tables(mem)

@@ -316,15 +316,25 @@ def _bz_header(path: Path, data: bytes) -> tuple[bytes, bootparams.SetupHeader]:
     return raw, hdr
 
 
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
 def _bz_run_address(path: Path, hdr: bootparams.SetupHeader, load: int) -> int:
-    """Where the decompressor will run (arch/x86/boot/compressed/head_64.S, startup_64)."""
+    """Where the decompressor will run: its init_size window starts there. For a
+    relocatable kernel, arch/x86/boot/compressed/head_64.S (startup_64) aligns the load
+    address up, then raises it to pref_address; boot.rst (init_size) raises it first, then
+    aligns. They differ only for a pref_address that is not a multiple of
+    kernel_alignment (never so in a kernel's build), and the window is kept clear for the
+    later of the two."""
     if not hdr.relocatable_kernel:
         run = hdr.pref_address or load  # a fixed kernel moves itself to pref_address
     else:
         align = hdr.kernel_alignment
         if align < layout.PAGE_SIZE or align & (align - 1) or align > layout.FOUR_GIB:
             raise BootError(f"{path}: kernel_alignment {align:#x} is not a sane power of two")
-        run = max((load + align - 1) & ~(align - 1), hdr.pref_address)
+        head_64 = max(_align_up(load, align), hdr.pref_address)
+        run = max(head_64, _align_up(max(load, hdr.pref_address), align))
     if run < layout.HIMEM_START:
         raise BootError(f"{path}: kernel wants to run at {run:#x}, below 1 MiB")
     return run

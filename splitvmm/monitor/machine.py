@@ -188,6 +188,9 @@ class Machine:
             return
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
             self._spawns.append(self._prepare_device(dev))
+        boots: loader.LoadedKernel | loader.FirmwareImage | None = image
+        if restoring is None and cfg.boot.kernel is not None:  # refused before any device runs
+            boots = boot.load_kernel(cfg, self.mem, cfg.vm.vcpus, self._pci_intx)
         if restoring is None:  # a boot's devices start now, while the rest is built
             self._pit_reinject_off()
             self._launch_devices()
@@ -204,7 +207,8 @@ class Machine:
             self._pit_reinject_off()  # after apply() set the PIT's state, under the same lock
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
-            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, self._pci_intx, image)
+            assert boots is not None  # config.py: a boot names a kernel or a firmware
+            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, boots)
         timings.mark("kvm, vm, ram, boot")
         if self._pit_mode is not None:
             self._pit_mode.result()  # its thread ends before the monitor confines itself

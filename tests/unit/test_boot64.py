@@ -186,7 +186,9 @@ def test_prepare_linux_sets_the_boot_msrs_on_every_vcpu(tmp_path) -> None:
     )
     vcpus = [FakeVcpu(i) for i in range(3)]
 
-    boot.prepare(cfg, kvm, FakeGuestMemory(256 * MIB), vcpus)  # type: ignore[arg-type]
+    mem = FakeGuestMemory(256 * MIB)
+    kernel = boot.load_kernel(cfg, mem, len(vcpus))  # type: ignore[arg-type]
+    boot.prepare(cfg, kvm, mem, vcpus, kernel)  # type: ignore[arg-type]
 
     assert [v.msrs for v in vcpus] == [boot_msrs()] * 3
 

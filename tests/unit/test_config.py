@@ -137,6 +137,34 @@ def test_config_from_a_pipe_is_read_to_its_end(tmp_path):
     assert cfg.boot.kernel == tmp_path / "bzImage"
 
 
+@pytest.mark.timeout(10)
+def test_config_from_a_pipe_takes_relative_paths_from_the_working_directory(tmp_path, monkeypatch):
+    """A pipe has no directory: its relative paths were taken from /proc/self/fd (or /dev,
+    for /dev/stdin), where no file the operator meant can be."""
+    (tmp_path / "bzImage").write_bytes(b"k")
+    monkeypatch.chdir(tmp_path)
+    r, w = os.pipe()
+    os.write(w, b'[boot]\nkernel = "bzImage"\n')
+    os.close(w)
+    try:
+        cfg = load_config(Path(f"/proc/self/fd/{r}"))
+    finally:
+        os.close(r)
+    assert cfg.boot.kernel == tmp_path / "bzImage"
+
+
+def test_config_device_named_as_a_built_in_one_says_so(tmp_path):
+    """A device of the operator's named "rtc" was refused as a name "used twice"."""
+    (tmp_path / "k").write_bytes(b"k")
+    data = {"boot": {"kernel": "k"}, "device": [{"name": "rtc", "model": "serial"}]}
+    with pytest.raises(
+        ConfigError, match=r"device 'rtc': the name is the built-in rtc device's.*vm\.rtc"
+    ):
+        parse_config(data, tmp_path)
+    data["vm"] = {"rtc": False}
+    assert [d.name for d in parse_config(data, tmp_path).devices] == ["rtc"]
+
+
 @pytest.mark.parametrize(
     "text,size", [("64M", 64 << 20), ("2G", 2 << 30), ("512MiB", 512 << 20), ("4096", 4096)]
 )

@@ -177,6 +177,24 @@ def test_load_kernel_bzimage_loads_at_1mib_with_64bit_entry(tmp_path: Path) -> N
     assert kernel.kernel_end == 0x1000000 + 8 * MIB  # pref_address + init_size
 
 
+@pytest.mark.parametrize(
+    "pref_address,run",
+    [(0x1000000, 0x1000000), (0x1100000, 0x1200000), (0x100000, 0x200000)],
+    ids=["aligned", "unaligned-pref", "below-alignment"],
+)
+def test_load_kernel_bzimage_init_size_window_starts_where_boot_rst_says(
+    tmp_path: Path, pref_address: int, run: int
+) -> None:
+    """boot.rst (init_size): a relocatable kernel's load address raised to pref_address,
+    then aligned up to kernel_alignment (head_64.S aligns first: the same for any aligned
+    pref_address). The initrd goes above the window's end."""
+    path = write(
+        tmp_path, "bzImage",
+        make_bzimage(kernel_alignment=0x200000, pref_address=pref_address, init_size=8 * MIB),
+    )  # fmt: skip
+    assert load_kernel(FakeGuestMemory(64 * MIB), path).kernel_end == run + 8 * MIB
+
+
 def test_load_kernel_bzimage_keeps_its_setup_header_bytes(tmp_path: Path) -> None:
     image = make_bzimage()
     path = write(tmp_path, "bzImage", image)

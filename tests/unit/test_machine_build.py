@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.config import parse_config
-from splitvmm.errors import SplitvmmError
+from splitvmm.errors import BootError, SplitvmmError
 from splitvmm.monitor.control import SOCKET_NAME
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.rundir import MAX_SOCKET_PATH
+from tests.unit.images import make_bzimage
 
 
 class UnusedLauncher:
@@ -34,3 +35,30 @@ def test_build_control_socket_path_too_long_fails_before_the_launcher_is_used(tm
     finally:
         machine.close()
     assert list(root.iterdir()) == []  # the runtime dir is gone
+
+
+class IdleLauncher(UnusedLauncher):
+    def configure(self, rundir: object) -> None:
+        pass
+
+
+@pytest.mark.kvm
+def test_build_refuses_a_kernel_before_any_device_starts(tmp_path, monkeypatch):
+    """A kernel the loader refuses ends the build before a device process is launched.
+    Loaded after, it ended devices on their way up, and their words (a channel the monitor
+    closed, a traceback of a refused connection) followed the error, now and then."""
+    (tmp_path / "bzImage").write_bytes(make_bzimage(init_size=200 << 20))
+    cfg = parse_config(
+        {"vm": {"name": "vm1", "memory": "64M"}, "boot": {"kernel": "bzImage"},
+         "device": [{"name": "serial0", "model": "serial", "output": "out.log"}]},
+        tmp_path,
+    )  # fmt: skip
+    launched = []
+    monkeypatch.setattr(Machine, "_launch_devices", lambda self: launched.append(True))
+    machine = Machine(cfg, runtime_root=tmp_path / "run", launcher=IdleLauncher())  # type: ignore[arg-type]
+    try:
+        with pytest.raises(BootError, match="kernel needs RAM up to"):
+            machine.build()
+    finally:
+        machine.close()
+    assert launched == []
