@@ -329,17 +329,10 @@ class Mc146818(RegisterDevice):
 
     def _begin(self) -> None:
         """Every entry point: read the clock once, account for the time that passed. A frame
-        a restart re-applies is served as of when it was first sent (runtime.replay), but
-        no earlier than the instant the state already accounts for (synced_ns, less the
-        offset: the checkpoint's, or the frame replayed before it). A write posted as the
-        dead process saved its checkpoint was sent before it and applied after it: served
-        as of its sending, it took the clock back, and the events in between (in register
-        C already, maybe read and cleared by the next replayed frame) came a second time."""
+        a restart re-applies is served as of when it was first sent (runtime.replay); what
+        its sync accounts for never goes back (_sync, _write_control)."""
         replayed = self.ctx.replay_wall_ns
-        if replayed is None:
-            self._now = self._clock.wall_ns()
-        else:
-            self._now = max(replayed, self._synced_ns - self._offset_ns)
+        self._now = self._clock.wall_ns() if replayed is None else replayed
         self._sync()
         self._update_irq()
 
@@ -394,12 +387,17 @@ class Mc146818(RegisterDevice):
         if not was_held and _holds(a, b):
             self._latch()  # in the mode the registers were in, as a chip keeps its bytes
         self._cmos[reg] = value
-        if self._running() and not was_running:
+        rebased = self._running() and not was_running
+        if rebased:
             # Out of reset, the first update comes half a second later.
             self._offset_ns = self._latched_s() * NS + HALF_SECOND_NS - self._now
         if was_held and not self._held():
             self._unset(self._guest_ns() % NS)
-        self._synced_ns = self._guest_ns()
+            rebased = True
+        if rebased or not self.ctx.replaying:
+            self._synced_ns = self._guest_ns()
+        else:  # the same clock, at a replayed frame's sending: flags are not taken back
+            self._synced_ns = max(self._synced_ns, self._guest_ns())
 
     # -- the clock ----------------------------------------------------------------------
     def _guest_ns(self) -> int:
@@ -501,6 +499,12 @@ class Mc146818(RegisterDevice):
     def _sync(self) -> None:
         """Set the flags of every event between the last sync and now."""
         g0, g = self._synced_ns, self._guest_ns()
+        if g < g0 and self.ctx.replaying:
+            # A write posted as the dead process saved its checkpoint was sent before it
+            # and applied after it: at its sending, before what the flags account for.
+            # Taken back to it, the events in between (in register C already, maybe read
+            # and cleared by the next replayed frame) came a second time.
+            return
         self._synced_ns = g
         if g <= g0 or not self._running():
             return

@@ -905,6 +905,46 @@ def test_rtc_frame_sent_before_its_checkpoint_does_not_bring_an_alarm_back(contr
     assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (0, rd(rtc, Reg.INTR_FLAGS))
 
 
+def _time_set_frames(values: tuple[tuple[int, int], ...]) -> list[bytes]:
+    """The guest's SET, the registers, SET cleared: as frames on the ports."""
+    frames = []
+    for reg, value in ((Reg.CONTROL, RegB.SET | RegB.H24), *values, (Reg.CONTROL, RegB.H24)):
+        frames += [wire.encode_write(0, bytes([reg])), wire.encode_write(1, bytes([value]))]
+    return frames
+
+
+def _applied(rtc: Mc146818, clock: FakeClock, frames: list[bytes]) -> list[tuple[bytes, int]]:
+    """Each frame written, and journaled with the time it went at (the monitor's slot)."""
+    journal = []
+    for frame in frames:
+        journal.append((frame, clock.wall_ns()))
+        access = wire.decode_access(frame, 2)
+        rtc.write(access.offset, access.data)
+    return journal
+
+
+def test_rtc_crash_before_its_first_checkpoint_replays_a_time_set_as_of_then():
+    """No checkpoint yet (the slot restarts it from its options): what the flags account
+    for starts at the restart, and the replayed time set must still be the hour-old one."""
+    rtc, clock, _ = make_rtc()
+    journal = _applied(rtc, clock, _time_set_frames(((Reg.HOURS, 0x07),)))
+    clock.advance(3600 * NS)
+    back = Mc146818.from_options(DeviceContext(irq=FakeIrq(), restarted=True), {}, clock)
+    runtime.replay(back, journal, runtime.Checkpoints(back))
+    assert regs(back) == regs(rtc)
+
+
+def test_rtc_host_clock_stepped_back_after_the_checkpoint_replays_a_time_set_as_of_then():
+    rtc, clock, _ = make_rtc()
+    checkpoint = rtc.save()
+    clock.wall -= 60 * NS  # NTP steps the host's wall clock back a minute
+    values = ((Reg.SECONDS, 0x00), (Reg.MINUTES, 0x00), (Reg.HOURS, 0x07))
+    journal = _applied(rtc, clock, _time_set_frames(values))
+    clock.advance(10 * NS)
+    back = restarted(checkpoint, clock, journal)
+    assert regs(back) == regs(rtc)
+
+
 def test_rtc_clock_run_past_year_9999_restores_without_flags_the_guest_read():
     """The guest clock runs on past 9999-12-31 (the registers wrap to 0000): its state
     restores, and the flags the guest acknowledged stay clear."""
