@@ -904,6 +904,11 @@ class VirtioPciDevice(RegisterDevice):
         self.driver_features, self.msix_config = s.driver_features, s.msix_config
         self.config_generation, self.queue_select = s.config_generation, s.queue_select
         self.queues = list(s.queues)
+        if not s.status & Status.FEATURES_OK:
+            # Saved by a release that took a queue enable before FEATURES_OK: not enabled,
+            # as this one leaves it live (_queue_set), or the ring runs laid out by features
+            # the driver may still change, and the VM's next snapshot may not restore.
+            self.queues = [replace(q, enabled=False) for q in self.queues]
         for entry, saved in zip(self.msix.entries, s.msix_table, strict=True):
             entry.address, entry.data, entry.control = saved.address, saved.data, int(saved.masked)
         self.msix.pending = s.msix_pending
