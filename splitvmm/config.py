@@ -444,6 +444,23 @@ def _read_config(path: Path) -> tuple[bytes, int]:
     return raw, mode
 
 
+# Where a path names an open file rather than where it lies: /dev/stdin, /dev/fd/N,
+# /proc/self/fd/N
+_FD_ALIAS_DIR = re.compile(r"/dev|/dev/fd|/proc/(self|thread-self|\d+)/fd")
+
+
+def _config_dir(path: Path, mode: int) -> Path:
+    """Where the config's relative paths are taken from: the directory of the file. A pipe
+    (`make-config | splitvmm up /dev/stdin`) has none, so the working directory, as the
+    shell's paths are; a file given as an open fd (`/dev/stdin < conf/vm.toml`) is the
+    file's own, not /dev's."""
+    if not stat.S_ISREG(mode):
+        return Path.cwd()
+    if _FD_ALIAS_DIR.fullmatch(str(path.absolute().parent)):
+        return Path(os.path.realpath(path)).parent
+    return path.parent
+
+
 def load_config(path: Path, check_files: bool = True) -> VmConfig:
     raw, mode = _read_config(path)
     if len(raw) > MAX_CONFIG_BYTES:
@@ -460,10 +477,7 @@ def load_config(path: Path, check_files: bool = True) -> VmConfig:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except ValueError:  # int() refuses an integer of over 4300 digits (CVE-2020-10735)
         raise ConfigError(f"{path}: not valid TOML: an integer has too many digits") from None
-    # A pipe (`make-config | splitvmm up /dev/stdin`) has no directory of its own: its
-    # relative paths are the shell's, from the working directory, not from /dev.
-    base = path.parent if stat.S_ISREG(mode) else Path.cwd()
-    cfg = parse_config(data, base, check_files)
+    cfg = parse_config(data, _config_dir(path, mode), check_files)
     return VmConfig(cfg.vm, cfg.boot, cfg.devices, source=path)
 
 

@@ -153,6 +153,24 @@ def test_config_from_a_pipe_takes_relative_paths_from_the_working_directory(tmp_
     assert cfg.boot.kernel == tmp_path / "bzImage"
 
 
+def test_config_from_a_file_given_as_an_open_fd_takes_relative_paths_from_its_directory(
+    tmp_path, monkeypatch
+):
+    """`splitvmm up /dev/stdin < conf/vm.toml`: a regular file, named by /dev or
+    /proc/self/fd, whose relative paths were taken from there."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "bzImage").write_bytes(b"k")
+    (conf / "vm.toml").write_bytes(b'[boot]\nkernel = "bzImage"\n')
+    monkeypatch.chdir(tmp_path)
+    fd = os.open(conf / "vm.toml", os.O_RDONLY)
+    try:
+        cfg = load_config(Path(f"/proc/self/fd/{fd}"))
+    finally:
+        os.close(fd)
+    assert cfg.boot.kernel == conf / "bzImage"
+
+
 def test_config_device_named_as_a_built_in_one_says_so(tmp_path):
     """A device of the operator's named "rtc" was refused as a name "used twice"."""
     (tmp_path / "k").write_bytes(b"k")
