@@ -344,7 +344,8 @@ class Coordinator:
                 what = "crashed and was restarted while the snapshot was taken"
             else:
                 what = "crashed while the snapshot was taken"
-            raise ControlError(
+            refused = ControlError if slot.failed else ControlBusy  # back later: ctl's 75
+            raise refused(
                 f"snapshot aborted: device {slot.name} {what}: its saved state may not match "
                 "guest memory" + ("" if slot.failed else "; take it again once it is back")
             )

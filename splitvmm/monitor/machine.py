@@ -670,8 +670,8 @@ class Machine:
         faults.decode(fault, "inject-fault", ControlError)
         try:
             slot.control("fault", args=fault)
-        except DeviceFailure as e:  # as crash-device: restarting, it will take it then (75)
-            raise (ControlBusy if slot.restarting else ControlError)(str(e)) from None
+        except DeviceFailure as e:  # as crash-device: unless it failed for good, 75
+            raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
         return {"name": slot.name, "pid": slot.pid, **fault}
 
     def _crash_device(self, req: dict[str, object]) -> dict[str, object]:
@@ -684,8 +684,10 @@ class Machine:
         try:
             pid = slot.crash(signal.Signals[f"SIG{sig}"])
         except DeviceFailure as e:
-            # restarting: it will be back, and the same request work then (ctl's 75)
-            raise (ControlBusy if slot.restarting else ControlError)(str(e)) from None
+            # Unless it failed for good (its on_crash policy), the same request may work
+            # later (ctl's 75): it is restarting, or back already (a warm spare's restart
+            # takes ms, so `restarting` may be clear again by now), or its end is not seen yet.
+            raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
         return {"name": slot.name, "pid": pid, "signal": sig}
 
     def _status(self, counters: bool) -> dict[str, object]:

@@ -258,6 +258,7 @@ class DeviceSlot:
         # started after it as two.
         self.restarts = 0
         self.process: DeviceProcess | None = None
+        self._crashed: DeviceProcess | None = None  # the process crash() sent its signal
         self.channel: DeviceChannel | None = None
         self._listener: int | None = None  # launched, not attached yet: ours to close
         self.state = SlotState.AWAY
@@ -664,7 +665,15 @@ class DeviceSlot:
             process = self.process
             if process is None or self.state is not SlotState.LIVE:
                 raise DeviceFailure(f"device {self.name} is {self.state.value}: no process")
+            if process is self._crashed:
+                # Its end not heard of yet (the supervisor applies on_crash then): signalled
+                # again, it said so of a process that dies of the first signal, for one crash.
+                raise DeviceFailure(
+                    f"device {self.name}: process {process.pid} was sent its crash already; "
+                    "its on_crash policy applies once its end is seen"
+                )
             process.send_signal(signum)
+            self._crashed = process  # every signal crash() sends ends a process
             return process.pid
 
     def vacate(self) -> None:

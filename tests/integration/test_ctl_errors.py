@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -206,6 +207,19 @@ def test_ctl_snapshot_target_follows_links_and_dotdot_above_its_last_component(t
     (tmp_path / "alias").symlink_to(tmp_path / "real")
     named = tmp_path / "alias" / "snaps" / ".." / "snaps" / "new"
     assert target(named) == str((tmp_path / "real" / "snaps").resolve() / "new")
+
+
+def test_ctl_snapshot_relative_target_in_a_removed_working_directory_is_one_line(
+    tmp_path, monkeypatch
+):
+    """realpath() of a relative path asks getcwd(), which fails once the working directory
+    is removed: that was a traceback."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    with pytest.raises(click.ClickException, match="snapshot target snap1: cannot make it abs"):
+        target(Path("snap1"))
 
 
 @pytest.mark.parametrize("planted", ["writable-root", "foreign-vm-dir"])

@@ -139,6 +139,16 @@ def test_slot_killed_device_is_reported_and_reads_all_ones(harness):
     assert harness.slot.read(Reg.SCR, 1) == b"\xff"
 
 
+def test_slot_crash_of_a_process_already_sent_its_crash_is_refused(harness):
+    """ctl crash-device twice before the first one's end is seen (no supervisor here): the
+    second signalled a process dying of the first and answered with its pid, a crash that
+    did not happen (four "sent" for one crash, back to back)."""
+    pid = harness.slot.crash(signal.SIGKILL)
+    with pytest.raises(DeviceFailure, match=f"process {pid} was sent its crash already"):
+        harness.slot.crash(signal.SIGKILL)
+    assert (harness.slot.state, pid) == (SlotState.LIVE, harness.slot.pid)
+
+
 def test_slot_control_to_a_device_dead_and_disconnected_fails_at_once_saying_so(harness):
     """Once the dead device's connection has ended, the channel can send it nothing: the
     request must fail on the pidfd, not wait out the send timeout and be reported as a reply

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from splitvmm.cli.ctl import common
+from splitvmm.errors import escaped
 
 target_arg = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -27,7 +28,13 @@ def target(directory: Path) -> str:
     symlink there is the monitor's to refuse (it would send the snapshot wherever it points,
     and a dangling one would be followed to a path nobody named), not ours to follow; and a
     loop of them is the kernel's ELOOP at the monitor, not a traceback here."""
-    return os.path.join(os.path.realpath(directory.parent), directory.name)
+    try:
+        return os.path.join(os.path.realpath(directory.parent), directory.name)
+    except OSError as e:  # relative, in a working directory removed since (getcwd fails)
+        raise click.ClickException(
+            f"snapshot target {escaped(str(directory))}: cannot make it absolute: "
+            f"{e.strerror or e} (was the working directory removed?)"
+        ) from None
 
 
 def _request(directory: Path, key_file: Path | None) -> dict[str, object]:
