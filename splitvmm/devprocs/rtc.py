@@ -271,6 +271,7 @@ class Mc146818(RegisterDevice):
         self._aborted_s = s.aborted_s  # the second whose update SET aborted (_unset)
         self._line = self._irqf()  # the IRQ line as last driven (an edge was sent if high)
         self._quiesced = False
+        self._floor_ns: int | None = None  # while replaying: see _begin
         self._deadline: float | None = None
         self._schedule()
 
@@ -330,10 +331,13 @@ class Mc146818(RegisterDevice):
     def _begin(self) -> None:
         """Every entry point: read the clock once, account for the time that passed. A frame
         a restart re-applies is served as of when it was first sent (runtime.replay); what
-        its sync accounts for never goes back (_sync, _write_control)."""
+        what the flags account for never goes back (_sync, _accounted_ns)."""
         replayed = self.ctx.replay_wall_ns
         self._now = self._clock.wall_ns() if replayed is None else replayed
         self._sync()
+        # The host instant the flags account for: a replayed frame that moves the offset
+        # (a time write, SET cleared, the divider out of reset) must not take it back either.
+        self._floor_ns = None if replayed is None else self._synced_ns - self._offset_ns
         self._update_irq()
 
     def _end(self) -> None:
@@ -387,19 +391,23 @@ class Mc146818(RegisterDevice):
         if not was_held and _holds(a, b):
             self._latch()  # in the mode the registers were in, as a chip keeps its bytes
         self._cmos[reg] = value
-        rebased = self._running() and not was_running
-        if rebased:
+        if self._running() and not was_running:
             # Out of reset, the first update comes half a second later.
             self._offset_ns = self._latched_s() * NS + HALF_SECOND_NS - self._now
         if was_held and not self._held():
             self._unset(self._guest_ns() % NS)
-            rebased = True
-        if rebased or not self.ctx.replaying:
-            self._synced_ns = self._guest_ns()
-        else:  # the same clock, at a replayed frame's sending: flags are not taken back
-            self._synced_ns = max(self._synced_ns, self._guest_ns())
+        self._synced_ns = self._accounted_ns()
 
     # -- the clock ----------------------------------------------------------------------
+    def _accounted_ns(self) -> int:
+        """What the flags account for once a write moved the clock: now; in a replay, never
+        a host instant before the one they accounted for already (a frame posted as the dead
+        process saved its checkpoint was applied after it, in the new offset too)."""
+        g = self._guest_ns()
+        if self.ctx.replaying and self._floor_ns is not None:
+            return max(g, self._floor_ns + self._offset_ns)
+        return g
+
     def _guest_ns(self) -> int:
         return self._now + self._offset_ns
 
@@ -432,7 +440,7 @@ class Mc146818(RegisterDevice):
         self._offset_ns = seconds * NS + phase_ns - self._now
         weekday = self._decode(self._cmos[Reg.DAY_OF_WEEK]) - 1
         self._weekday_shift = (weekday - _weekday(seconds)) % 7
-        self._synced_ns = self._guest_ns()
+        self._synced_ns = self._accounted_ns()
         self._aborted_s = None
 
     def _unset(self, phase_ns: int) -> None:

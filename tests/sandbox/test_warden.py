@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.sandbox.device import WARDEN
 from tests.sandbox.harness import REPO
 
@@ -79,6 +80,22 @@ def test_warden_started_with_the_death_signal_blocked_still_dies_alike() -> None
         "os.kill(os.getpid(), signal.SIGTERM)"
     )
     assert _run(device, first=blocked).returncode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("name", [n for n in CRASH_SIGNALS if n != "KILL"])
+def test_warden_started_with_a_crash_signal_ignored_still_dies_of_it(name: str) -> None:
+    """`ctl crash-device` signals the warden; an ignored disposition survives exec (`trap ''
+    ABRT` in the script that started the VM), and the warden outlived its crash, while the
+    monitor refuses to send a second one to a process it sent its crash."""
+    sig = int(signal.Signals[f"SIG{name}"])
+    ignored = f"signal.signal({sig}, signal.SIG_IGN)"
+    device = (  # once the warden runs (and has had time to set its signals), signals it
+        "import time\n"
+        "while os.readlink(f'/proc/{os.getppid()}/exe') != device.WARDEN: time.sleep(0.01)\n"
+        f"time.sleep(0.2); os.kill(os.getppid(), {sig})\n"
+        "os.close(1); os.close(2); time.sleep(10); os._exit(0)"  # the test waits for EOF
+    )
+    assert _run(device, first=ignored).returncode == -sig
 
 
 # The Python side of a warden whose exec fails (sandbox/device.py _warden), its stderr a

@@ -905,6 +905,49 @@ def test_rtc_frame_sent_before_its_checkpoint_does_not_bring_an_alarm_back(contr
     assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (0, rd(rtc, Reg.INTR_FLAGS))
 
 
+def _reg(reg: int, value: int) -> list[bytes]:
+    return [wire.encode_write(0, bytes([reg])), wire.encode_write(1, bytes([value]))]
+
+
+@pytest.mark.parametrize(
+    "frames,lead_us",
+    [
+        (_reg(Reg.MINUTES, 0x10), 40),
+        (_reg(Reg.CONTROL, RegB.SET | RegB.UIE | RegB.H24) + _reg(Reg.MINUTES, 0x10)
+         + _reg(Reg.CONTROL, RegB.UIE | RegB.H24), 2500),
+    ],
+    ids=["time-write-while-running", "set-then-cleared"],
+)  # fmt: skip
+def test_rtc_posted_write_that_moves_the_clock_does_not_bring_an_update_back(frames, lead_us):
+    """As above, with frames that move the offset (a time write while the clock runs, SET
+    cleared): each sets what the flags account for afresh, at the new offset, and served at
+    their sending that was before the checkpoint's, the update the guest then acknowledged
+    (the read of C, replayed next) came again with an IRQ edge after the restart."""
+    us = 1000
+    rtc, clock, _ = make_rtc(phase=HALF)  # an update ends at E
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    rd(rtc, Reg.INTR_FLAGS)
+    clock.advance(HALF + UPDATE_CYCLE_NS - lead_us * us)
+    frames = [*frames, wire.encode_write(0, bytes([Reg.INTR_FLAGS])), wire.encode_read(0, 1, 1)]
+    journal = [(frame, clock.wall_ns() + i * us) for i, frame in enumerate(frames)]
+    clock.advance((lead_us + 10) * us)
+    checkpoint = rtc.save()
+    assert checkpoint.cmos[Reg.INTR_FLAGS] & RegC.UF
+    clock.advance(10 * us)
+    for frame in frames:  # applied after the checkpoint, as the live process did
+        access = wire.decode_access(frame, 2)
+        if access.op == wire.Op.WRITE:
+            rtc.write(access.offset, access.data)
+        else:
+            rtc.read(access.offset, 1)
+    clock.advance(HALF - 100 * us)
+    irq = FakeIrq()
+    back = Mc146818.restore(DeviceContext(irq=irq, restarted=True), checkpoint, clock)
+    runtime.replay(back, journal, runtime.Checkpoints(back))
+    back.after_restart()
+    assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (0, rd(rtc, Reg.INTR_FLAGS))
+
+
 def _time_set_frames(values: tuple[tuple[int, int], ...]) -> list[bytes]:
     """The guest's SET, the registers, SET cleared: as frames on the ports."""
     frames = []
