@@ -788,23 +788,25 @@ class DeviceSlot:
         if self.state is not SlotState.LIVE or channel is None or not channel.mirror.covers(offset):
             return None  # the read goes to the device, whose channel reads the device's news
         mirror = channel.mirror
-        ahead = self._too_far_ahead_locked()
+        ahead = self._too_far_ahead_locked(held)
         if ahead or mirror.news_due():
             try:
                 channel.drain_events()  # the device's newest MIRROR, and whatever else it said
             except ChannelError as e:
                 self._channel_failed_locked(str(e))
                 return None
-            if ahead and self._too_far_ahead_locked():
+            if ahead and self._too_far_ahead_locked(held):
                 return None  # the device's reply comes after its checkpoints
         data = mirror.answer(offset, size, self._frames, held, held_at)
         if data is not None:
             self.mirrored_reads += 1
         return data
 
-    def _too_far_ahead_locked(self) -> bool:
-        """MAX_AHEAD frames sent past the last checkpoint received, on an uncounted output."""
-        return self._uncounted and self._frames - self._checkpoint.applied >= MAX_AHEAD
+    def _too_far_ahead_locked(self, held: int = 0) -> bool:
+        """MAX_AHEAD frames sent past the last checkpoint received, on an uncounted output,
+        counting `held` writes KVM holds (they are sent before anything the read lets the
+        guest do next)."""
+        return self._uncounted and self._frames + held - self._checkpoint.applied >= MAX_AHEAD
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:

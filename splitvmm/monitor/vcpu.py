@@ -166,30 +166,21 @@ class VcpuThread(threading.Thread):
         held = self.write_behind
         if type(ex) is PioOut:
             port, size, data = ex
-            here = held if held is not None and port in held.ports else None
-            if here is not None:
-                here.deliver(port)
-            if len(data) == size:
-                self.pio.write(port, data)
-            else:  # rep outs: len(data) // size accesses, back to back
-                for i in range(0, len(data), size):
-                    self.pio.write(port, data[i : i + size])
-            if here is not None:
-                here.written(port)  # at a write-behind register: the next ones cost no exit
+            if held is not None and port in held.ports:
+                with held.serving(port):  # no held write overtakes this one
+                    self._pio_write(port, size, data)
+                held.written(port)  # at a write-behind register: the next ones cost no exit
+            else:
+                self._pio_write(port, size, data)
         elif type(ex) is PioIn:
             port, size, count = ex
             if held is not None and port in held.ports:
-                if count == 1:
-                    answer = held.read(port, size)
-                    if answer is not None:
-                        self.vcpu.complete_read(answer)
-                        return None
-                else:
-                    held.deliver(port)
-            if count == 1:
-                self.vcpu.complete_read(self.pio.read(port, size))
-            else:  # rep ins: `count` reads, back to back
-                self.vcpu.complete_read(b"".join(self.pio.read(port, size) for _ in range(count)))
+                with held.serving(port, size if count == 1 else None) as answer:
+                    self.vcpu.complete_read(
+                        answer if answer is not None else self._pio_read(port, size, count)
+                    )
+            else:
+                self.vcpu.complete_read(self._pio_read(port, size, count))
         elif type(ex) is MmioWrite:
             gpa, data = ex
             self.mmio.write(gpa, data)
@@ -199,6 +190,18 @@ class VcpuThread(threading.Thread):
         else:
             return self._fatal_exit(ex)
         return None
+
+    def _pio_write(self, port: int, size: int, data: bytes) -> None:
+        if len(data) == size:
+            self.pio.write(port, data)
+        else:  # rep outs: len(data) // size accesses, back to back
+            for i in range(0, len(data), size):
+                self.pio.write(port, data[i : i + size])
+
+    def _pio_read(self, port: int, size: int, count: int) -> bytes:
+        if count == 1:
+            return self.pio.read(port, size)
+        return b"".join(self.pio.read(port, size) for _ in range(count))  # rep ins
 
     def _fatal_exit(self, ex: Exit) -> Outcome:
         vid = self.vcpu.vcpu_id

@@ -59,7 +59,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 from splitvmm.errors import KvmError
@@ -175,28 +176,43 @@ class WriteBehind:
         """A read exit at `port`, of a device's window (in `ports`): its mirror's answer if
         exact with its held writes counted; None: they are delivered now, and the read goes
         its usual way."""
-        held, sole = self._window[port], self._sole
-        with held.lock:
-            at: int | None
-            with self._ring_lock:
-                if sole is not None and sole[0] is held:
-                    count, at = len(held.writes) + self._ring.pending(), sole[1]
-                else:
-                    self._collect_locked()
-                    count, at = len(held.writes), held.offset
-            if 0 < count < HELD_BATCH and at is not None:
-                data = held.zone.device.read_held(port - held.zone.base, size, count, at)
-                if data is not None:
-                    return data
-            self._deliver_locked(held)
-        return None
+        with self.serving(port, size) as answer:
+            return answer
 
     def deliver(self, port: int) -> None:
         """An exit at `port`, of a device's window (in `ports`), other than a read(): the
         device's held writes first."""
+        with self.serving(port):
+            pass
+
+    @contextmanager
+    def serving(self, port: int, size: int | None = None) -> Iterator[bytes | None]:
+        """An exit at `port`, of a device's window (in `ports`), served inside: the device's
+        held writes go first, and no held write goes to it until the access is served (one
+        another vCPU made meanwhile, which a read answered from the mirror counted as coming
+        before this access, must not come after it). With `size`, a read of `size` bytes:
+        the mirror's answer if exact with the held writes counted (then nothing is
+        delivered), else None."""
         held = self._window[port]
         with held.lock:
-            self._deliver_locked(held)
+            answer = self._answer_locked(held, port, size) if size is not None else None
+            if answer is None:
+                self._deliver_locked(held)
+            yield answer
+
+    def _answer_locked(self, held: _Held, port: int, size: int) -> bytes | None:
+        """read()'s answer from the mirror, `held`'s lock held."""
+        sole = self._sole
+        at: int | None
+        with self._ring_lock:
+            if sole is not None and sole[0] is held:
+                count, at = len(held.writes) + self._ring.pending(), sole[1]
+            else:
+                self._collect_locked()
+                count, at = len(held.writes), held.offset
+        if 0 < count < HELD_BATCH and at is not None:
+            return held.zone.device.read_held(port - held.zone.base, size, count, at)
+        return None
 
     def flush(self) -> None:
         """Deliver every device's held writes (a vCPU about to park, the VM's end)."""

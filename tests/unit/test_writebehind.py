@@ -5,7 +5,9 @@ filled by KVM itself; tests/integration/test_guests.py a guest through `splitvmm
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +17,7 @@ import pytest
 from splitvmm.errors import KvmError
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.mirror import RegisterMirror
-from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
+from splitvmm.monitor.slot import MAX_AHEAD, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.monitor.writebehind import HELD_BATCH, WriteBehind, Zone, kernel_holds_rep_outs_once
 from splitvmm.native.coalesced import (
@@ -594,6 +596,10 @@ class FakeWriteBehind:
     def deliver(self, port: int) -> None:
         self.log.append("deliver")
 
+    @contextlib.contextmanager
+    def serving(self, port: int, size: int | None = None):  # type: ignore[no-untyped-def]
+        yield self.read(port, size) if size is not None else self.deliver(port)
+
     def flush(self) -> None:
         self.log.append("flush")
 
@@ -677,3 +683,108 @@ def test_vcpu_delivers_the_held_writes_before_it_parks():
     finally:
         thread.request_stop()
         thread.join(DEADLINE_S)
+
+
+class PreemptedAt:
+    """A slot behind the bus whose vCPU thread loses the CPU (the GIL) as it serves a write
+    at `offset`: `entered` once there, it goes on at `go`."""
+
+    def __init__(self, slot: DeviceSlot, offset: int) -> None:
+        self.slot, self.name, self.offset = slot, slot.name, offset
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.slot.read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == self.offset:
+            self.entered.set()
+            assert self.go.wait(5)
+        self.slot.write(offset, data)
+
+
+def test_write_exit_and_a_write_held_meanwhile_reach_the_device_in_the_order_a_read_saw(
+    kernel, ring, tmp_path
+):
+    """vCPU 2's write exit (MCR: loopback on) delivered the held writes, then let the lock go
+    before its own write went out. vCPU 1 wrote THR meanwhile (held, no exit) and polled LSR:
+    answered from the mirror with that write counted next (THRE|TEMT, no DR: 'A' went out
+    before loopback), while the device got MCR first and looped 'A' back into RBR. The read
+    now waits until the exit's write is out, and is then served with it counted."""
+    mcr, loop_out2 = 4, b"\x18"
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, None, None)  # type: ignore[arg-type]
+    channel = SerialChannel(credit=16)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    zone = Zone(COM1, 1, slot, COM1, 8, MODELS["serial"].write_behind_while)
+    held = WriteBehind(Vm(), ring, [zone], [].append)  # type: ignore[arg-type]
+    held.written(COM1)
+    assert held.armed
+    device = PreemptedAt(slot, mcr)
+    pio = Bus("pio")
+    pio.insert(COM1, 8, device)
+    vcpu2 = VcpuThread(
+        FakeVcpu([]),  # type: ignore[arg-type]
+        pio,
+        Bus("mmio"),
+        None,  # type: ignore[arg-type]
+        lambda outcome: None,
+        NoConfinement(),  # type: ignore[arg-type]
+        held,
+    )
+    exiting = threading.Thread(target=vcpu2._handle_exit, args=(PioOut(COM1 + mcr, 1, loop_out2),))
+    exiting.start()
+    assert device.entered.wait(5)
+    kernel.write(COM1, b"A")  # vCPU 1's THR write: held
+    answers: list[bytes | None] = []
+    reader = threading.Thread(target=lambda: answers.append(held.read(COM1 + LSR, 1)))
+    reader.start()
+    reader.join(0.2)
+    device.go.set()
+    exiting.join(5)
+    reader.join(5)
+    held.flush()
+    order = [(a.offset, a.data) for m in channel.messages for a in map(decode8, m)]
+    assert answers == [None] and order == [(mcr, loop_out2), (0, b"A")]
+
+
+def decode8(frame: bytes) -> wire.Access:
+    return wire.decode_access(frame, 8)
+
+
+def test_reads_answered_with_held_writes_counted_keep_within_max_ahead(kernel, ring, tmp_path):
+    """On an output the slot cannot count (a pipe), no read is answered from the mirror once
+    MAX_AHEAD frames went past the last checkpoint, so that a crash repeats at most that
+    many frames' output. The writes held were not counted: 80 went before a read reached
+    the device (up to MAX_AHEAD - 1 + HELD_BATCH)."""
+
+    class CaughtUp(SerialChannel):
+        forwarded = 0
+
+        def read(self, offset: int, size: int) -> bytes:
+            self.forwarded += 1
+            return b"\x20"
+
+    r, w = os.pipe()
+    try:
+        spawn = Spawn("serial0", "serial", 8, fds={"out": w})
+        slot = DeviceSlot(spawn, tmp_path, None, None)  # type: ignore[arg-type]
+        channel = CaughtUp(credit=0xFFFF)
+        slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+        zone = Zone(COM1, 1, slot, COM1, 8, MODELS["serial"].write_behind_while)
+        held = WriteBehind(Vm(), ring, [zone], [].append)  # type: ignore[arg-type]
+        for _ in range(MAX_AHEAD - HELD_BATCH // 2):  # THR writes that exited before it armed
+            slot.write(0, b"x")
+        held.written(COM1)
+        most = 0
+        for _ in range(4 * MAX_AHEAD):  # a polled driver: a THR write, an LSR read
+            kernel.write(COM1, b"x")
+            answer = held.read(COM1 + LSR, 1)
+            most = max(most, slot._frames - slot._checkpoint.applied)
+            if answer is None:
+                slot.read(LSR, 1)
+            if channel.forwarded:
+                break
+        assert (channel.forwarded, most) == (1, MAX_AHEAD)
+    finally:
+        os.close(r)
+        os.close(w)
