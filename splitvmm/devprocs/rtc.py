@@ -66,6 +66,10 @@ TIME_BASE_HZ = 32768  # the PC's crystal: DV = 010
 UIP_LEAD_NS = 8 * NS // TIME_BASE_HZ  # UIP rises 244 us before an update (tBUC)
 UPDATE_CYCLE_NS = 1_984_000  # and stays up for the update cycle (tUC at 32.768 kHz)
 HALF_SECOND_NS = NS // 2
+# A crash restart's replayed frame sent at most this long before the checkpoint's instant
+# was on its way as the dead process saved it (posted writes: a device takes a frame within
+# ms of its sending); one sent longer before is from another time line (_begin).
+POSTED_WINDOW_NS = NS
 DAY_S = 86400
 EPOCH = date(1970, 1, 1).toordinal()
 # The Gregorian calendar repeats every 400 years (146097 days, a whole number of weeks). Dates
@@ -271,7 +275,8 @@ class Mc146818(RegisterDevice):
         self._aborted_s = s.aborted_s  # the second whose update SET aborted (_unset)
         self._line = self._irqf()  # the IRQ line as last driven (an edge was sent if high)
         self._quiesced = False
-        self._floor_ns: int | None = None  # while replaying: see _begin
+        # The host instant a restart's checkpoint accounts for (its last sync): _begin
+        self._checkpoint_ns = None if s.synced_ns is None else s.synced_ns - s.offset_ns
         self._deadline: float | None = None
         self._schedule()
 
@@ -330,14 +335,22 @@ class Mc146818(RegisterDevice):
 
     def _begin(self) -> None:
         """Every entry point: read the clock once, account for the time that passed. A frame
-        a restart re-applies is served as of when it was first sent (runtime.replay); what
-        what the flags account for never goes back (_sync, _accounted_ns)."""
-        replayed = self.ctx.replay_wall_ns
-        self._now = self._clock.wall_ns() if replayed is None else replayed
+        a restart re-applies is served as of when it was first sent (runtime.replay), or
+        of the checkpoint's instant for one sent up to POSTED_WINDOW_NS before it: such a
+        write was on its way as the dead process saved its checkpoint, and applied after.
+        Served at its sending, it took the clock back behind the checkpoint's flags: the
+        events in between (in register C already, read and cleared by the next replayed
+        frame) came again, or, after a write that moved the clock, an alarm of the new
+        clock in between never came. A frame sent longer before is from another time line
+        (the host's clock stepped back since, or a state restored from another host) and
+        is served at its sending, as the live device served it."""
+        replayed, checkpoint = self.ctx.replay_wall_ns, self._checkpoint_ns
+        if replayed is None:
+            replayed = self._clock.wall_ns()
+        elif checkpoint is not None and 0 < checkpoint - replayed <= POSTED_WINDOW_NS:
+            replayed = checkpoint
+        self._now = replayed
         self._sync()
-        # The host instant the flags account for: a replayed frame that moves the offset
-        # (a time write, SET cleared, the divider out of reset) must not take it back either.
-        self._floor_ns = None if replayed is None else self._synced_ns - self._offset_ns
         self._update_irq()
 
     def _end(self) -> None:
@@ -396,18 +409,9 @@ class Mc146818(RegisterDevice):
             self._offset_ns = self._latched_s() * NS + HALF_SECOND_NS - self._now
         if was_held and not self._held():
             self._unset(self._guest_ns() % NS)
-        self._synced_ns = self._accounted_ns()
+        self._synced_ns = self._guest_ns()
 
     # -- the clock ----------------------------------------------------------------------
-    def _accounted_ns(self) -> int:
-        """What the flags account for once a write moved the clock: now; in a replay, never
-        a host instant before the one they accounted for already (a frame posted as the dead
-        process saved its checkpoint was applied after it, in the new offset too)."""
-        g = self._guest_ns()
-        if self.ctx.replaying and self._floor_ns is not None:
-            return max(g, self._floor_ns + self._offset_ns)
-        return g
-
     def _guest_ns(self) -> int:
         return self._now + self._offset_ns
 
@@ -440,7 +444,7 @@ class Mc146818(RegisterDevice):
         self._offset_ns = seconds * NS + phase_ns - self._now
         weekday = self._decode(self._cmos[Reg.DAY_OF_WEEK]) - 1
         self._weekday_shift = (weekday - _weekday(seconds)) % 7
-        self._synced_ns = self._accounted_ns()
+        self._synced_ns = self._guest_ns()
         self._aborted_s = None
 
     def _unset(self, phase_ns: int) -> None:
@@ -507,12 +511,6 @@ class Mc146818(RegisterDevice):
     def _sync(self) -> None:
         """Set the flags of every event between the last sync and now."""
         g0, g = self._synced_ns, self._guest_ns()
-        if g < g0 and self.ctx.replaying:
-            # A write posted as the dead process saved its checkpoint was sent before it
-            # and applied after it: at its sending, before what the flags account for.
-            # Taken back to it, the events in between (in register C already, maybe read
-            # and cleared by the next replayed frame) came a second time.
-            return
         self._synced_ns = g
         if g <= g0 or not self._running():
             return

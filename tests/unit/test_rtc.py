@@ -948,6 +948,61 @@ def test_rtc_posted_write_that_moves_the_clock_does_not_bring_an_update_back(fra
     assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (0, rd(rtc, Reg.INTR_FLAGS))
 
 
+def _applied_after(rtc: Mc146818, frames: list[bytes]) -> None:
+    for frame in frames:
+        access = wire.decode_access(frame, 2)
+        if access.op == wire.Op.WRITE:
+            rtc.write(access.offset, access.data)
+        else:
+            rtc.read(access.offset, 1)
+
+
+@pytest.mark.parametrize("alarm_last", [False, True], ids=["alarm-then-unset", "unset-then-alarm"])
+def test_rtc_posted_time_set_across_a_checkpoint_keeps_the_new_clocks_alarm(alarm_last):
+    """SET, 07:00:00, an alarm at 07:00:01 and SET cleared, sent 0.5 ms before a second
+    boundary and applied after the checkpoint that followed it: the live clock went through
+    07:00:01 and its alarm went off; the restarted one must too. (Keeping the flags at the
+    checkpoint's instant in the new clock's time, 52ad6bb lost it.)"""
+    us = 1000
+    rtc, clock, _ = make_rtc(phase=HALF)
+    wr(rtc, Reg.CONTROL, RegB.AIE | RegB.H24)
+    rd(rtc, Reg.INTR_FLAGS)
+    clock.advance(HALF + UPDATE_CYCLE_NS - 2500 * us)
+    alarm = _reg(Reg.HOURS_ALARM, 0x07) + _reg(Reg.MINUTES_ALARM, 0) + _reg(Reg.SECONDS_ALARM, 1)
+    unset = _reg(Reg.CONTROL, RegB.AIE | RegB.H24)
+    frames = [*_reg(Reg.CONTROL, RegB.SET | RegB.AIE | RegB.H24), *_reg(Reg.HOURS, 0x07),
+              *_reg(Reg.MINUTES, 0), *_reg(Reg.SECONDS, 0),
+              *(unset + alarm if alarm_last else alarm + unset)]  # fmt: skip
+    journal = [(frame, clock.wall_ns() + i * 10) for i, frame in enumerate(frames)]
+    clock.advance(2510 * us)
+    checkpoint = rtc.save()
+    clock.advance(10 * us)
+    _applied_after(rtc, frames)
+    clock.advance(NS + HALF)
+    back = restarted(checkpoint, clock, journal)
+    back.after_restart()
+    assert rd(rtc, Reg.INTR_FLAGS) & RegC.AF and rd(back, Reg.INTR_FLAGS) & RegC.AF
+
+
+def test_rtc_host_clock_stepped_back_after_the_checkpoint_replays_the_updates_it_repeats():
+    """The host's wall clock steps back 10 s after a checkpoint, and the guest reads C: the
+    live clock then counts the updates of the repeated seconds again, and so must the
+    restarted one (a frame sent that long before the checkpoint's instant is served at its
+    sending, as the live device served it)."""
+    rtc, clock, _ = make_rtc(phase=HALF)
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    rd(rtc, Reg.INTR_FLAGS)
+    checkpoint = rtc.save()
+    clock.wall -= 10 * NS
+    frames = [wire.encode_write(0, bytes([Reg.INTR_FLAGS])), wire.encode_read(0, 1, 1)]
+    journal = [(frame, clock.wall_ns()) for frame in frames]
+    _applied_after(rtc, frames)
+    clock.advance(3 * NS)
+    back = restarted(checkpoint, clock, journal)
+    back.after_restart()
+    assert back.save() == rtc.save()
+
+
 def _time_set_frames(values: tuple[tuple[int, int], ...]) -> list[bytes]:
     """The guest's SET, the registers, SET cleared: as frames on the ports."""
     frames = []
