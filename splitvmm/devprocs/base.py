@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
-from splitvmm.protocol import codec, events, schema, wire
+from splitvmm.protocol import codec, control, events, schema, wire
 from splitvmm.protocol.models import MODELS, module_name
 from splitvmm.record import Struct, asdict, field
 
@@ -144,8 +144,11 @@ class DeviceEvents:
         """Ask for MSI-X `vector`'s route to (address, data); its answer goes to
         on_route_done. Nothing of it is kept here once sent (a guest rewriting a table entry
         in a loop makes a request and an answer each time), and only the newest of a vector
-        until then."""
-        self._next_route += 1
+        until then. Ids wrap within what the monitor takes (control.MAX_ROUTE_ID): past it,
+        a guest that had rewritten an entry 2**31 times had the device failed for a frame
+        the monitor refuses. A wrapped id meets no older one still asked for (msix.py keeps
+        one a vector, and the monitor answers each)."""
+        self._next_route = self._next_route % control.MAX_ROUTE_ID + 1
         self._routes[vector] = events.encode_msi(self._next_route, vector, address, data)
         self.flush()
         return self._next_route

@@ -367,14 +367,17 @@ class DeviceChannel:
     def _request_charged(self, frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
         """_request for a ping, stats or control request, whose waits no vCPU makes and none
         is charged: the CPU this thread spent on it, which is the device's events before its
-        reply, is charged as a drain's is. Uncharged, a device that sent ~1 s of costly
-        events before each pong (within the ping's deadline) held the supervisor, and the
-        GIL every vCPU needs, for that long each heartbeat."""
+        reply, is charged as a drain's is, summed under SLOW_REPLY_MS too. Uncharged, a
+        device that sent ~1 s of costly events before each pong (within the ping's deadline)
+        held the supervisor, and the GIL every vCPU needs, for that long each heartbeat;
+        charged from SLOW_REPLY_MS up only, one that paced them to ~40 ms a request (a
+        route request is a whole KVM_SET_GSI_ROUTING) was never charged."""
         start = time.thread_time()  # this thread's CPU: not the host's or the GIL's stalls
         try:
             return self._request(frame, timeout_ms, wait_host_io)
         finally:
-            self._charge((time.thread_time() - start) * 1e3)
+            spent_ms = (time.thread_time() - start) * 1e3
+            self._charge_drain(spent_ms, spent_ms)
 
     def _charge(self, waited_ms: float) -> None:
         """Charge a wait on the device (or the time its events took) to its latency budget;

@@ -185,6 +185,20 @@ def test_device_events_newer_route_request_of_a_vector_supersedes_one_not_sent()
     ]
 
 
+def test_device_events_route_ids_wrap_within_what_the_monitor_takes():
+    """A guest rewriting an MSI-X entry 2**31 times took the ids past MAX_ROUTE_ID, and the
+    monitor refused the request as a bad event: the device failed (the VM stopped, under
+    on_crash = "stop")."""
+    sent: list[bytes] = []
+    queue = DeviceEvents()
+    queue.connect(lambda frame: sent.append(frame) is None)
+    queue._next_route = control.MAX_ROUTE_ID - 1
+    ids = [queue.request_msi(0, 0xFEE0_0000, 0x41) for _ in range(3)]
+    decoded = [events.event_in(frame, "virtio-rng") for frame in sent]
+    assert ids == [control.MAX_ROUTE_ID, 1, 2]
+    assert [e.id for e in decoded if isinstance(e, events.MsiRequest)] == ids
+
+
 def test_device_events_route_answer_goes_to_the_model():
     queue, answers = DeviceEvents(), []
     queue.on_route_done = lambda *answer: answers.append(answer)
