@@ -218,6 +218,10 @@ class DeviceContext(Struct):
     # (a virtio queue enable whose zeroing of the used ring was then never done: pci.py
     # after_restart)
     replay_unconfirmed: bool = False
+    # While replaying: the monitor sent this frame before it received the checkpoint the
+    # restart starts from, so the dead process applied it after saving that checkpoint
+    # (slot.py "posted"). None: not known (a monitor before it).
+    replay_posted: bool | None = None
     # Whether the event loop has work ready besides what the model is doing (a frame on the
     # channel, another fd of the model's, a deadline passed): a model busy for long asks
     # before it goes on (virtio's BUDGET_NS). The event loop sets it (EventLoop.waiting).

@@ -66,9 +66,9 @@ TIME_BASE_HZ = 32768  # the PC's crystal: DV = 010
 UIP_LEAD_NS = 8 * NS // TIME_BASE_HZ  # UIP rises 244 us before an update (tBUC)
 UPDATE_CYCLE_NS = 1_984_000  # and stays up for the update cycle (tUC at 32.768 kHz)
 HALF_SECOND_NS = NS // 2
-# A crash restart's replayed frame sent at most this long before the checkpoint's instant
-# was on its way as the dead process saved it (posted writes: a device takes a frame within
-# ms of its sending); one sent longer before is from another time line (_begin).
+# Where the monitor does not say which replayed frames were on their way as the dead process
+# saved its checkpoint: one sent at most this long before its instant (a device takes a
+# posted frame within ms of its sending); one sent longer before is of another time line
 POSTED_WINDOW_NS = NS
 DAY_S = 86400
 EPOCH = date(1970, 1, 1).toordinal()
@@ -336,19 +336,23 @@ class Mc146818(RegisterDevice):
     def _begin(self) -> None:
         """Every entry point: read the clock once, account for the time that passed. A frame
         a restart re-applies is served as of when it was first sent (runtime.replay), or
-        of the checkpoint's instant for one sent up to POSTED_WINDOW_NS before it: such a
-        write was on its way as the dead process saved its checkpoint, and applied after.
-        Served at its sending, it took the clock back behind the checkpoint's flags: the
-        events in between (in register C already, read and cleared by the next replayed
-        frame) came again, or, after a write that moved the clock, an alarm of the new
-        clock in between never came. A frame sent longer before is from another time line
-        (the host's clock stepped back since, or a state restored from another host) and
-        is served at its sending, as the live device served it."""
+        of the checkpoint's instant for one sent before it that was on its way as the dead
+        process saved its checkpoint, and applied after: the monitor sent it before it had
+        that checkpoint (ctx.replay_posted). Served at its sending, it took the clock back
+        behind the checkpoint's flags: the events in between (in register C already, read
+        and cleared by the next replayed frame) came again, or, after a write that moved
+        the clock, an alarm of the new clock in between never came. A frame sent after the
+        monitor had the checkpoint, though its time is before the checkpoint's instant (the
+        host's clock stepped back since), was served at its sending by the live device, and
+        is again. Where the monitor does not say (None), one sent up to POSTED_WINDOW_NS
+        before the instant counts as on its way."""
         replayed, checkpoint = self.ctx.replay_wall_ns, self._checkpoint_ns
         if replayed is None:
             replayed = self._clock.wall_ns()
-        elif checkpoint is not None and 0 < checkpoint - replayed <= POSTED_WINDOW_NS:
-            replayed = checkpoint
+        elif checkpoint is not None and 0 < checkpoint - replayed:
+            posted = self.ctx.replay_posted
+            if posted or (posted is None and checkpoint - replayed <= POSTED_WINDOW_NS):
+                replayed = checkpoint
         self._now = replayed
         self._sync()
         self._update_irq()

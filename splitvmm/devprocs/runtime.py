@@ -382,13 +382,13 @@ def _apply(device: RegisterDevice, access: wire.Access) -> bytes | None:
 Replay = list[tuple[bytes, int]]  # (frame, host wall-clock ns when the monitor sent it)
 
 
-def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, int]:
+def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, int, int | None]:
     """A restart's (frames applied at its checkpoint, frames to re-apply with when each was
     sent, how many of those first the dead process is known to have applied); the output's
     counters set before the model's restore() puts its buffered bytes back."""
     resume = spec.resume
     if resume is None:
-        return 0, [], 0
+        return 0, [], 0, None
     counts = [_count(resume, k) for k in ("applied", "emitted", "skip")]
     replay, sent = resume.get("replay"), resume.get("replay_wall_ns")
     if not isinstance(replay, list) or len(replay) > MAX_REPLAY:
@@ -404,8 +404,11 @@ def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, i
     confirmed = resume.get("confirmed", len(frames))  # absent: all (a monitor before it)
     if type(confirmed) is not int or not 0 <= confirmed <= len(frames):
         raise StateError("resume: confirmed must count frames of the replay")
+    posted = resume.get("posted")  # absent: not known (a monitor before it)
+    if posted is not None and (type(posted) is not int or not 0 <= posted <= len(frames)):
+        raise StateError("resume: posted must count frames of the replay")
     applied, ctx.out.emitted, ctx.out.skip = counts
-    return applied, list(zip(frames, sent, strict=True)), confirmed
+    return applied, list(zip(frames, sent, strict=True)), confirmed, posted
 
 
 def _count(resume: dict[str, object], key: str) -> int:
@@ -416,7 +419,11 @@ def _count(resume: dict[str, object], key: str) -> int:
 
 
 def replay(
-    device: Device, frames: Replay, checkpoints: Checkpoints, confirmed: int | None = None
+    device: Device,
+    frames: Replay,
+    checkpoints: Checkpoints,
+    confirmed: int | None = None,
+    posted: int | None = None,
 ) -> None:
     """Re-apply what the dead process got after its checkpoint (read replies go nowhere), to
     its registers only (ctx.replaying): the guest's queues as they were at some frame of the
@@ -440,11 +447,12 @@ def replay(
                 raise StateError("resume: a SYNC frame is never replayed")
             device.ctx.replay_wall_ns = sent
             device.ctx.replay_unconfirmed = confirmed is not None and n >= confirmed
+            device.ctx.replay_posted = None if posted is None else n < posted
             _apply(device, access)
             checkpoints.applied += 1
     finally:
         device.ctx.replaying = device.ctx.replay_unconfirmed = False
-        device.ctx.replay_wall_ns = None
+        device.ctx.replay_wall_ns = device.ctx.replay_posted = None
 
 
 # -- sandbox (issue 3) ------------------------------------------------------------------------
@@ -577,10 +585,10 @@ def _serve_sandboxed(
         _run_hook(hook, spec)
     try:
         fault = None if spec.fault is None else faults.decode(spec.fault, "fault", ConfigError)
-        applied, frames, confirmed = prepare_resume(spec, ctx)
+        applied, frames, confirmed, posted = prepare_resume(spec, ctx)
         device = build_device(spec, ctx)
         checkpoints = Checkpoints(device, applied)
-        replay(device, frames, checkpoints, confirmed)
+        replay(device, frames, checkpoints, confirmed, posted)
         if ctx.restarted:
             device.after_restart()
     except StateError as e:

@@ -279,6 +279,10 @@ class DeviceSlot:
         self.held_writes = 0  # writes KVM held, which cost no exit (monitor/writebehind.py)
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
+        # The frames sent when the monitor received that checkpoint: those of them past it
+        # were on their way as the device saved it, and applied after ("posted", rtc.py).
+        # A snapshot's state is received before any frame.
+        self._checkpoint_at = 0
         self._frames = 0  # reads, writes and input the device got, over the slot's life
         # (number, frame, host wall-clock ns when it was sent) past the checkpoint
         self._journal: deque[tuple[int, bytes, int]] = deque()
@@ -647,6 +651,7 @@ class DeviceSlot:
         replay_wall_ns = [sent for _, _, sent in self._journal]
         self._resumed_at = self._frames
         confirmed = sum(1 for n, _, _ in self._journal if n <= self._confirmed)
+        posted = sum(1 for n, _, _ in self._journal if n <= self._checkpoint_at)
         return {
             "applied": cp.applied,
             "emitted": cp.emitted,
@@ -654,6 +659,7 @@ class DeviceSlot:
             "replay": replay,
             "replay_wall_ns": replay_wall_ns,
             "confirmed": confirmed,  # the replay's first frames the dead process applied
+            "posted": posted,  # of them, the first ones sent before its checkpoint came
         }
 
     def crash(self, signum: int) -> int:
@@ -1092,7 +1098,7 @@ class DeviceSlot:
                 f"published a checkpoint at frame {cp.applied}, but it was sent "
                 f"{self._frames} and its last checkpoint was at {self._checkpoint.applied}"
             )
-        self._checkpoint = cp
+        self._checkpoint, self._checkpoint_at = cp, self._frames
         while self._journal and self._journal[0][0] <= cp.applied:
             self._journal.popleft()
 

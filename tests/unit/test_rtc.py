@@ -1003,6 +1003,46 @@ def test_rtc_host_clock_stepped_back_after_the_checkpoint_replays_the_updates_it
     assert back.save() == rtc.save()
 
 
+@pytest.mark.parametrize("step_ms", [600, 1100])
+def test_rtc_time_set_sent_after_the_checkpoint_came_is_served_at_its_sending(step_ms):
+    """The host's clock stepped back under a second after a checkpoint (ntpd steps from
+    128 ms): a time set sent after the monitor had the checkpoint was served by the dead
+    process at its sending, and must be again, though its time is before the checkpoint's
+    instant. Moved to that instant (the 1 s window alone), the clock came back 1 s slow."""
+    rtc, clock, _ = make_rtc(phase=HALF)
+    checkpoint = rtc.save()
+    clock.wall -= step_ms * 1_000_000
+    frames = _time_set_frames(((Reg.HOURS, 0x07), (Reg.MINUTES, 0), (Reg.SECONDS, 0)))
+    journal = [(frame, clock.wall_ns()) for frame in frames]
+    _applied_after(rtc, frames)
+    clock.advance(3 * NS)
+    back = Mc146818.restore(DeviceContext(irq=FakeIrq(), restarted=True), checkpoint, clock)
+    runtime.replay(back, journal, runtime.Checkpoints(back), posted=0)
+    assert regs(back) == regs(rtc)
+
+
+def test_rtc_frames_posted_long_before_the_checkpoint_are_served_at_its_instant():
+    """Writes a long restart journaled (RESTART_WAIT_MS) go out after the new process's
+    checkpoint, sent over a second before its instant: the monitor says they were on their
+    way (posted), so they are served at it, and the update the replayed read of C
+    acknowledged does not come again."""
+    rtc, clock, _ = make_rtc(phase=HALF)
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    rd(rtc, Reg.INTR_FLAGS)
+    frames = [*_reg(Reg.MINUTES, 0x10), wire.encode_write(0, bytes([Reg.INTR_FLAGS])),
+              wire.encode_read(0, 1, 1)]  # fmt: skip
+    journal = [(frame, clock.wall_ns()) for frame in frames]
+    clock.advance(1300 * 1_000_000)
+    checkpoint = rtc.save()
+    clock.advance(10_000)
+    _applied_after(rtc, frames)
+    clock.advance(50 * 1_000_000)
+    back = Mc146818.restore(DeviceContext(irq=FakeIrq(), restarted=True), checkpoint, clock)
+    runtime.replay(back, journal, runtime.Checkpoints(back), posted=len(frames))
+    back.after_restart()
+    assert back.save() == rtc.save()
+
+
 def _time_set_frames(values: tuple[tuple[int, int], ...]) -> list[bytes]:
     """The guest's SET, the registers, SET cleared: as frames on the ports."""
     frames = []
@@ -1055,6 +1095,17 @@ def test_rtc_clock_run_past_year_9999_restores_without_flags_the_guest_read():
     state = rtc.save()
     restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
     assert (restored.save(), rd(restored, Reg.INTR_FLAGS)) == (state, 0)
+
+
+@pytest.mark.parametrize("key", ["confirmed", "posted"])
+@pytest.mark.parametrize("count", [-1, 2, "1", 1.0, True])
+def test_resume_refuses_a_count_of_replayed_frames_that_is_none(key, count):
+    frame = base64.b64encode(wire.encode_write(0, b"\x0b")).decode()
+    resume = {"applied": 0, "emitted": 0, "skip": 0, "replay": [frame], "replay_wall_ns": [1],
+              key: count}  # fmt: skip
+    spec = DeviceSpec(name="rtc", model="rtc", channel="ipc:///x", resume=resume)
+    with pytest.raises(StateError, match=f"resume: {key} must count frames of the replay"):
+        runtime.prepare_resume(spec, DeviceContext())
 
 
 @pytest.mark.parametrize(

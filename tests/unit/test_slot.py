@@ -19,7 +19,7 @@ from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
 from splitvmm.monitor.mirror import RegisterMirror
-from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
+from splitvmm.monitor.slot import Checkpoint, DeviceSlot, RestartBudget, SlotState, Spawn
 from splitvmm.native.routing import MsiRoute
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
@@ -876,3 +876,17 @@ def test_slot_resume_counts_the_frames_an_answer_confirmed(slot, failures, answe
 
     confirmed = {"sync": 1, "read": 2}[answered]  # the read is a frame of the journal too
     assert (len(resume["replay"]), resume["confirmed"]) == (confirmed + 1, confirmed)
+
+
+def test_slot_resume_says_which_replayed_frames_were_sent_before_the_checkpoint_came(tmp_path):
+    """Those were on their way as the device saved it, and applied after (rtc.py serves
+    them at its instant); one sent after it came was sent after it, whatever the wall
+    clock says (a step back)."""
+    slot = DeviceSlot(Spawn("rtc", "rtc", 2), tmp_path, refuse, lambda s, why: True)
+    with slot._lock:
+        for _ in range(3):
+            slot._journal_locked(wire.encode_write(0, b"\x0c"))
+        slot._checkpoint_locked(Checkpoint({}, 1, 0))  # covers frame 1; 2 and 3 on their way
+        slot._journal_locked(wire.encode_write(0, b"\x0c"))
+        resume = slot._resume_locked()
+    assert (len(resume["replay"]), resume["posted"]) == (3, 2)
