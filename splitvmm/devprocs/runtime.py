@@ -595,8 +595,10 @@ def _serve_sandboxed(
         _refuse(sock, f"saved state rejected: {e}")
     except ConfigError as e:
         _refuse(sock, f"options rejected: {e}")
-    if frames:
-        checkpoints.publish()  # sent once connected: the monitor's journal empties at once
+    if frames or ctx.restarted:
+        # sent once connected: the monitor's journal empties at once, and the writes it
+        # journaled late (sent after READY) count as applied after this checkpoint
+        checkpoints.publish()
     sock.send(wire.encode_ready())
     device.ctx.events.connect(sock.send_now)
     serve(device, sock, checkpoints, FaultInjector(fault))

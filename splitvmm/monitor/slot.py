@@ -284,6 +284,7 @@ class DeviceSlot:
         # A snapshot's state is received before any frame.
         self._checkpoint_at = 0
         self._frames = 0  # reads, writes and input the device got, over the slot's life
+        self._reading = 0  # 1 while a read waits for its reply (journaled after it)
         # (number, frame, host wall-clock ns when it was sent) past the checkpoint
         self._journal: deque[tuple[int, bytes, int]] = deque()
         self._lost = 0  # the highest frame number the journal dropped (MAX_JOURNAL)
@@ -740,11 +741,17 @@ class DeviceSlot:
                 if channel is None:
                     break  # away past the wait, or failed: all-ones
                 sent = time.time_ns()
+                # A checkpoint the channel takes before the reply came after this read was
+                # sent: the read (journaled once answered) is one of the frames on its way.
+                self._reading = 1
                 try:
                     data = channel.read(offset, size)
                 except ChannelError as e:
+                    self._reading = 0  # unanswered: in no journal, its number not used
+                    self._checkpoint_at = min(self._checkpoint_at, self._frames)
                     self._channel_failed_locked(str(e))
                     continue  # restarting: wait for the new process
+                self._reading = 0
                 self._journal_locked(wire.encode_read(0, offset, size), sent)
                 self._confirmed = self._frames  # an ordered channel: it applied all before it
                 channel.mirror.sent(None)
@@ -1098,7 +1105,7 @@ class DeviceSlot:
                 f"published a checkpoint at frame {cp.applied}, but it was sent "
                 f"{self._frames} and its last checkpoint was at {self._checkpoint.applied}"
             )
-        self._checkpoint, self._checkpoint_at = cp, self._frames
+        self._checkpoint, self._checkpoint_at = cp, self._frames + self._reading
         while self._journal and self._journal[0][0] <= cp.applied:
             self._journal.popleft()
 

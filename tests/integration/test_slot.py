@@ -149,6 +149,22 @@ def test_slot_crash_of_a_process_already_sent_its_crash_is_refused(harness):
     assert (harness.slot.state, pid) == (SlotState.LIVE, harness.slot.pid)
 
 
+def test_slot_restarted_device_publishes_a_checkpoint_with_nothing_to_replay(tmp_path):
+    """With an empty journal (its last checkpoint covered every frame) the new process
+    published none, so writes the slot journaled late (a restart past RESTART_WAIT_MS,
+    sent once READY) came after no checkpoint: replayed at a second crash as sent before
+    the first, though the process applied them after its READY."""
+    h = Harness(tmp_path, restarts=True)
+    try:
+        h.slot.fail("killed by the test")
+        h.slot.restart()
+        h.slot.read(Reg.SCR, 1)  # its events come with the reply
+        checkpoint = h.slot._checkpoint
+    finally:
+        h.close()
+    assert checkpoint.state is not None and checkpoint.applied == 0
+
+
 def test_slot_control_to_a_device_dead_and_disconnected_fails_at_once_saying_so(harness):
     """Once the dead device's connection has ended, the channel can send it nothing: the
     request must fail on the pidfd, not wait out the send timeout and be reported as a reply

@@ -890,3 +890,24 @@ def test_slot_resume_says_which_replayed_frames_were_sent_before_the_checkpoint_
         slot._journal_locked(wire.encode_write(0, b"\x0c"))
         resume = slot._resume_locked()
     assert (len(resume["replay"]), resume["posted"]) == (3, 2)
+
+
+def test_slot_read_waiting_for_its_reply_as_a_checkpoint_comes_counts_as_posted(tmp_path):
+    """A device's events come before its reply (DeviceChannel._request), and the read is
+    journaled once answered: a checkpoint taken in between counted the read as sent after
+    it, and the rtc served it at its sending, bringing back an alarm the guest had read."""
+
+    class ReadChannel(InputChannel):
+        def read(self, offset: int, size: int) -> bytes:
+            self.drain_events()
+            return bytes(size)
+
+    slot = DeviceSlot(Spawn("rtc", "rtc", 2), tmp_path, refuse, lambda s, why: True)
+    channel = ReadChannel(slot)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    slot.write(0, b"\x0c")
+    channel.events.append(events.Published({"model": "rtc"}, 0, 0))
+    slot.read(1, 1)
+    with slot._lock:
+        resume = slot._resume_locked()
+    assert (len(resume["replay"]), resume["posted"]) == (2, 2)
