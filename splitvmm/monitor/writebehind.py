@@ -9,7 +9,7 @@ against the device's THR credit, and up to HELD_BATCH writes go to the device in
 (one wake-up).
 
 The ring is the VM's; the monitor moves what it holds into one queue per device (collect)
-and hands each queue to its device under that device's own lock (deliver), so a device that
+and hands each queue to its device under that device's own lock (serving, flush), so a device that
 is slow to take its writes (restarting, or hostile) holds up only accesses to itself.
 
 When held writes reach the device; each rule keeps the device's view what it would be had
@@ -146,7 +146,7 @@ class WriteBehind:
         }
         # With one port registered in all (an 8250's THR), every write in the ring is that
         # queue's, at that offset: a read counts them where they are, and they are taken from
-        # the ring when delivered or at the flusher's tick, not at each read (read()).
+        # the ring when delivered or at the flusher's tick, not at each read (serving()).
         self._sole = next(iter(self._queue_of.values())) if len(self._queue_of) == 1 else None
         # every port of every such device's window: an access there waits for its writes
         self._window = {
@@ -172,19 +172,6 @@ class WriteBehind:
         self._thread.start()
 
     # -- the vCPUs' side ---------------------------------------------------------------------
-    def read(self, port: int, size: int) -> bytes | None:
-        """A read exit at `port`, of a device's window (in `ports`): its mirror's answer if
-        exact with its held writes counted; None: they are delivered now, and the read goes
-        its usual way."""
-        with self.serving(port, size) as answer:
-            return answer
-
-    def deliver(self, port: int) -> None:
-        """An exit at `port`, of a device's window (in `ports`), other than a read(): the
-        device's held writes first."""
-        with self.serving(port):
-            pass
-
     @contextmanager
     def serving(self, port: int, size: int | None = None) -> Iterator[bytes | None]:
         """An exit at `port`, of a device's window (in `ports`), served inside: the device's
@@ -201,7 +188,7 @@ class WriteBehind:
             yield answer
 
     def _answer_locked(self, held: _Held, port: int, size: int) -> bytes | None:
-        """read()'s answer from the mirror, `held`'s lock held."""
+        """A read's answer from the mirror (serving()), `held`'s lock held."""
         sole = self._sole
         at: int | None
         with self._ring_lock:
@@ -244,7 +231,7 @@ class WriteBehind:
 
     def _deliver_locked(self, held: _Held) -> None:
         """Hand `held`'s queue to its device (its lock held: an access waits for this), with
-        what the ring holds for it (a read may have counted them there: read())."""
+        what the ring holds for it (a read may have counted them there: serving())."""
         with self._ring_lock:
             self._collect_locked()
             writes, held.writes = held.writes, []
