@@ -351,6 +351,41 @@ class VirtioConsole(VirtioPciDevice):
         if not tx.left:
             tx.end = out.emitted + out.pending()
 
+    def quiesce(self) -> None:
+        """Quiesced with bytes still to drop (out.skip: a restore's or a restart's, not run
+        yet), the state saved next would count none of them sent (tx_sent counts what left
+        the buffer), and its restore sent them again. They are dropped first: a snapshot
+        right after a restore, before the transmit queue ran, repeated them."""
+        ring = self.rings[TX]
+        if self.ctx.out.skip and ring is not None and self._ready():
+            try:
+                self._drop_skip(ring)
+            except (QueueError, GuestRamError) as e:
+                self.ring_failed(TX, e)
+        super().quiesce()
+
+    def _drop_skip(self, ring: SplitQueue) -> None:
+        """Drop out.skip bytes from the chains in flight, as _put would, without sending or
+        buffering any other: the chains stay in flight (a state saved now counts them in
+        tx_sent, and a restore takes them again)."""
+        out = self.ctx.out
+        while out.skip and not out.pending():
+            if not self._tx or self._tx[-1].end is not None:
+                chain = self._take(ring)
+                if chain is None:
+                    return
+                total = sum(length for _, length in chain.readable)
+                self._tx.append(_TxChain(chain, list(chain.readable), total))
+            tx = self._tx[-1]
+            while tx.left and out.skip:
+                gpa, length = tx.left[0]
+                n = out.skipped(length)
+                tx.left[0] = (gpa + n, length - n)
+                if n == length:
+                    tx.left.pop(0)
+            if not tx.left:
+                tx.end = out.emitted + out.pending()
+
     def _complete_sent(self, ring: SplitQueue) -> int:
         """Complete, in order, the chains whose every byte the line took."""
         done = 0
