@@ -323,13 +323,10 @@ class VirtioConsole(VirtioPciDevice):
                     break
                 self.budget_renewals += 1
                 deadline = self.clock_ns() + self.BUDGET_NS
-            if not self._tx or self._tx[-1].end is not None:
-                chain = self._take(ring)
-                if chain is None:
-                    break
-                total = sum(length for _, length in chain.readable)
-                self._tx.append(_TxChain(chain, list(chain.readable), total))
-            self._put(self._tx[-1], deadline)
+            tx = self._current_tx(ring)
+            if tx is None:
+                break
+            self._put(tx, deadline)
         completed += self._complete_sent(ring)
         if completed:
             self.signal_used(TX, ring)
@@ -364,19 +361,27 @@ class VirtioConsole(VirtioPciDevice):
                 self.ring_failed(TX, e)
         super().quiesce()
 
+    def _current_tx(self, ring: SplitQueue) -> _TxChain | None:
+        """The chain whose bytes go out next: the last taken if some of it is left, else the
+        next from the ring (None: none is available)."""
+        if self._tx and self._tx[-1].end is None:
+            return self._tx[-1]
+        chain = self._take(ring)
+        if chain is None:
+            return None
+        total = sum(length for _, length in chain.readable)
+        self._tx.append(_TxChain(chain, list(chain.readable), total))
+        return self._tx[-1]
+
     def _drop_skip(self, ring: SplitQueue) -> None:
         """Drop out.skip bytes from the chains in flight, as _put would, without sending or
         buffering any other: the chains stay in flight (a state saved now counts them in
         tx_sent, and a restore takes them again)."""
         out = self.ctx.out
         while out.skip and not out.pending():
-            if not self._tx or self._tx[-1].end is not None:
-                chain = self._take(ring)
-                if chain is None:
-                    return
-                total = sum(length for _, length in chain.readable)
-                self._tx.append(_TxChain(chain, list(chain.readable), total))
-            tx = self._tx[-1]
+            tx = self._current_tx(ring)
+            if tx is None:
+                return
             while tx.left and out.skip:
                 gpa, length = tx.left[0]
                 n = out.skipped(length)

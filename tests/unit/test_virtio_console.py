@@ -483,19 +483,24 @@ def test_virtio_console_snapshot_mid_transmit_restore_sends_rest_once(host):
     assert bytes(line.taken) + bytes(line2.taken) == data and tx.take_used() == [(head, 0)]
 
 
-def test_virtio_console_snapshot_taken_while_a_restore_drops_sent_bytes_sends_none_twice(host):
-    """A restore drops the bytes of in-flight chains the old line took (out.skip), as the
-    chains run again. Its loop handed the event loop back every BUDGET_NS when a frame
-    waited, and that frame may be the next snapshot's quiesce: the skip not yet dropped is
-    in no saved field, and a restore of that snapshot sent those bytes again (8 KiB of 64
-    here)."""
+def snapshot_of_a_chain_half_sent(host: Host) -> tuple[bytes, Line, VirtioConsoleState]:
+    """A 64 KiB chain whose line took 40 KiB, snapshotted: the bytes, that line, the state."""
     data = bytes(i & 0xFF for i in range(64 * 1024))
     line = Line(budget=40 * 1024)
     dev = VirtioConsole(host.context(line))
     driver, _, tx = started(dev)
     transmit(tx, data)
     driver.kick(1)
-    first = saved(dev)
+    return data, line, saved(dev)
+
+
+def test_virtio_console_snapshot_taken_while_a_restore_drops_sent_bytes_sends_none_twice(host):
+    """A restore drops the bytes of in-flight chains the old line took (out.skip), as the
+    chains run again. Its loop handed the event loop back every BUDGET_NS when a frame
+    waited, and that frame may be the next snapshot's quiesce: the skip not yet dropped is
+    in no saved field, and a restore of that snapshot sent those bytes again (8 KiB of 64
+    here)."""
+    data, line, first = snapshot_of_a_chain_half_sent(host)
     line2 = Line(budget=0)
     restored = VirtioConsole.restore(host.context(line2), first)
     now = [0]
@@ -518,13 +523,8 @@ def test_virtio_console_snapshot_right_after_a_restore_sends_no_byte_twice(host)
     """Snapshotted again before the restored transmit queue ran at all, the bytes its
     first line took were still to drop (out.skip), counted in no field, and that
     snapshot's restore sent them again (40 KiB of 64 here). The quiesce drops them."""
-    data = bytes(i & 0xFF for i in range(64 * 1024))
-    line = Line(budget=40 * 1024)
-    dev = VirtioConsole(host.context(line))
-    driver, _, tx = started(dev)
-    transmit(tx, data)
-    driver.kick(1)
-    restored = VirtioConsole.restore(host.context(Line(budget=0)), saved(dev))
+    data, line, first = snapshot_of_a_chain_half_sent(host)
+    restored = VirtioConsole.restore(host.context(Line(budget=0)), first)
     again = saved(restored)  # no transmit in between
     line3 = Line()
     Driver(VirtioConsole.restore(host.context(line3), again)).kick(1)
