@@ -220,8 +220,8 @@ class DeviceContext(Struct):
     replay_unconfirmed: bool = False
     # While replaying: the monitor sent this frame before it received the checkpoint the
     # restart starts from, so the dead process applied it after saving that checkpoint
-    # (slot.py "posted"). None: not known (a monitor before it).
-    replay_posted: bool | None = None
+    # (slot.py "posted")
+    replay_posted: bool = False
     # Whether the event loop has work ready besides what the model is doing (a frame on the
     # channel, another fd of the model's, a deadline passed): a model busy for long asks
     # before it goes on (virtio's BUDGET_NS). The event loop sets it (EventLoop.waiting).

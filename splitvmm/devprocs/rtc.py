@@ -66,10 +66,6 @@ TIME_BASE_HZ = 32768  # the PC's crystal: DV = 010
 UIP_LEAD_NS = 8 * NS // TIME_BASE_HZ  # UIP rises 244 us before an update (tBUC)
 UPDATE_CYCLE_NS = 1_984_000  # and stays up for the update cycle (tUC at 32.768 kHz)
 HALF_SECOND_NS = NS // 2
-# Where the monitor does not say which replayed frames were on their way as the dead process
-# saved its checkpoint: one sent at most this long before its instant (a device takes a
-# posted frame within ms of its sending); one sent longer before is of another time line
-POSTED_WINDOW_NS = NS
 DAY_S = 86400
 EPOCH = date(1970, 1, 1).toordinal()
 # The Gregorian calendar repeats every 400 years (146097 days, a whole number of weeks). Dates
@@ -344,15 +340,12 @@ class Mc146818(RegisterDevice):
         the clock, an alarm of the new clock in between never came. A frame sent after the
         monitor had the checkpoint, though its time is before the checkpoint's instant (the
         host's clock stepped back since), was served at its sending by the live device, and
-        is again. Where the monitor does not say (None), one sent up to POSTED_WINDOW_NS
-        before the instant counts as on its way."""
+        is again."""
         replayed, checkpoint = self.ctx.replay_wall_ns, self._checkpoint_ns
         if replayed is None:
             replayed = self._clock.wall_ns()
-        elif checkpoint is not None and 0 < checkpoint - replayed:
-            posted = self.ctx.replay_posted
-            if posted or (posted is None and checkpoint - replayed <= POSTED_WINDOW_NS):
-                replayed = checkpoint
+        elif self.ctx.replay_posted and checkpoint is not None and replayed < checkpoint:
+            replayed = checkpoint
         self._now = replayed
         self._sync()
         self._update_irq()

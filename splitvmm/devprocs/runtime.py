@@ -389,13 +389,13 @@ def _apply(device: RegisterDevice, access: wire.Access) -> bytes | None:
 Replay = list[tuple[bytes, int]]  # (frame, host wall-clock ns when the monitor sent it)
 
 
-def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, int, int | None]:
+def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, int, int]:
     """A restart's (frames applied at its checkpoint, frames to re-apply with when each was
     sent, how many of those first the dead process is known to have applied); the output's
     counters set before the model's restore() puts its buffered bytes back."""
     resume = spec.resume
     if resume is None:
-        return 0, [], 0, None
+        return 0, [], 0, 0
     counts = [_count(resume, k) for k in ("applied", "emitted", "skip")]
     replay, sent = resume.get("replay"), resume.get("replay_wall_ns")
     if not isinstance(replay, list) or len(replay) > MAX_REPLAY:
@@ -411,8 +411,8 @@ def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, i
     confirmed = resume.get("confirmed", len(frames))  # absent: all (a monitor before it)
     if type(confirmed) is not int or not 0 <= confirmed <= len(frames):
         raise StateError("resume: confirmed must count frames of the replay")
-    posted = resume.get("posted")  # absent: not known (a monitor before it)
-    if posted is not None and (type(posted) is not int or not 0 <= posted <= len(frames)):
+    posted = resume.get("posted", 0)  # absent: none known on its way (a monitor before it)
+    if type(posted) is not int or not 0 <= posted <= len(frames):
         raise StateError("resume: posted must count frames of the replay")
     applied, ctx.out.emitted, ctx.out.skip = counts
     return applied, list(zip(frames, sent, strict=True)), confirmed, posted
@@ -430,7 +430,7 @@ def replay(
     frames: Replay,
     checkpoints: Checkpoints,
     confirmed: int | None = None,
-    posted: int | None = None,
+    posted: int = 0,
 ) -> None:
     """Re-apply what the dead process got after its checkpoint (read replies go nowhere), to
     its registers only (ctx.replaying): the guest's queues as they were at some frame of the
@@ -454,12 +454,12 @@ def replay(
                 raise StateError("resume: a SYNC frame is never replayed")
             device.ctx.replay_wall_ns = sent
             device.ctx.replay_unconfirmed = confirmed is not None and n >= confirmed
-            device.ctx.replay_posted = None if posted is None else n < posted
+            device.ctx.replay_posted = n < posted
             _apply(device, access)
             checkpoints.applied += 1
     finally:
-        device.ctx.replaying = device.ctx.replay_unconfirmed = False
-        device.ctx.replay_wall_ns = device.ctx.replay_posted = None
+        device.ctx.replaying = device.ctx.replay_unconfirmed = device.ctx.replay_posted = False
+        device.ctx.replay_wall_ns = None
 
 
 # -- sandbox (issue 3) ------------------------------------------------------------------------

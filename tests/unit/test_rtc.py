@@ -780,11 +780,14 @@ def test_rtc_v2_state_upgrades_to_flags_accounted_from_the_restore():
 
 
 # -- a crash restart: checkpoint, then the journal re-applied (devprocs/runtime.py replay) ----
-def restarted(state: RtcState, clock: FakeClock, journal: list[tuple[bytes, int]]) -> Mc146818:
-    """A new process's rtc: restored from the checkpoint `state`, the journal re-applied."""
+def restarted(
+    state: RtcState, clock: FakeClock, journal: list[tuple[bytes, int]], posted: int = 0
+) -> Mc146818:
+    """A new process's rtc: restored from the checkpoint `state`, the journal re-applied
+    (its first `posted` frames sent before the monitor had that checkpoint: slot.py)."""
     irq = FakeIrq()
     rtc = Mc146818.restore(DeviceContext(irq=irq), state, clock)
-    runtime.replay(rtc, journal, runtime.Checkpoints(rtc))
+    runtime.replay(rtc, journal, runtime.Checkpoints(rtc), posted=posted)
     return rtc
 
 
@@ -900,7 +903,7 @@ def test_rtc_frame_sent_before_its_checkpoint_does_not_bring_an_alarm_back(contr
     clock.advance(HALF - 100 * us)  # it dies; back before the next update
     irq = FakeIrq()
     back = Mc146818.restore(DeviceContext(irq=irq, restarted=True), checkpoint, clock)
-    runtime.replay(back, journal, runtime.Checkpoints(back))
+    runtime.replay(back, journal, runtime.Checkpoints(back), posted=len(journal))
     back.after_restart()
     assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (0, rd(rtc, Reg.INTR_FLAGS))
 
@@ -943,7 +946,7 @@ def test_rtc_posted_write_that_moves_the_clock_does_not_bring_an_update_back(fra
     clock.advance(HALF - 100 * us)
     irq = FakeIrq()
     back = Mc146818.restore(DeviceContext(irq=irq, restarted=True), checkpoint, clock)
-    runtime.replay(back, journal, runtime.Checkpoints(back))
+    runtime.replay(back, journal, runtime.Checkpoints(back), posted=len(journal))
     back.after_restart()
     assert (irq.count, rd(back, Reg.INTR_FLAGS)) == (0, rd(rtc, Reg.INTR_FLAGS))
 
@@ -979,7 +982,7 @@ def test_rtc_posted_time_set_across_a_checkpoint_keeps_the_new_clocks_alarm(alar
     clock.advance(10 * us)
     _applied_after(rtc, frames)
     clock.advance(NS + HALF)
-    back = restarted(checkpoint, clock, journal)
+    back = restarted(checkpoint, clock, journal, posted=len(journal))
     back.after_restart()
     assert rd(rtc, Reg.INTR_FLAGS) & RegC.AF and rd(back, Reg.INTR_FLAGS) & RegC.AF
 
