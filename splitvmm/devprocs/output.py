@@ -151,16 +151,6 @@ class BoundedOutput:
             self.flush()
         return len(taken)
 
-    def skipped(self, length: int) -> int:
-        """Of the next `length` bytes a producer has, those to drop unsent (`skip`), dropped
-        without a copy while nothing waits in the buffer ahead of them; how many."""
-        if self._buf or not self.skip:
-            return 0
-        n = min(length, self.skip)
-        self.skip -= n
-        self.emitted += n
-        return n
-
     def wants_flush(self) -> bool:
         return bool(self._buf) and self.line is not None and not self.held
 

@@ -58,6 +58,9 @@ SLOT = RECORD.size + CRC.size
 LATCH = RECORD.size  # the latched error's slot: (code, 0) in a record of its own
 HOST_IO = PROGRESS_HOST_IO_BYTE  # the host-I/O flag, past two progress slots and the latch
 TRANSMIT, RECEIVE = 0, 1  # the streams: where each pair of slots starts
+# A transmit record's count is signed, stored modulo 2**64: after a restore, the chain at the
+# used idx may start before the new line's count 0 (the snapshotted VM's line took part of it)
+COUNT_MOD, SIGNED_FROM = 1 << 64, 1 << 63
 STREAM_AT = (0, HOST_IO + 8)  # receive's pair was added past the flag, where the page had room
 SIZE = STREAM_AT[RECEIVE] + 2 * SLOT  # what the page must hold
 
@@ -77,7 +80,7 @@ class Progress:
     def write(self, used_idx: int, count: int, stream: int = TRANSMIT) -> None:
         """Record that the chain at `used_idx` starts at output count `count` (TRANSMIT), or
         that `count` input bytes were delivered before it (RECEIVE)."""
-        record = RECORD.pack(used_idx, count)
+        record = RECORD.pack(used_idx, count % COUNT_MOD)
         os.pwrite(self.fd, _sealed(record), STREAM_AT[stream] + (used_idx % 2) * SLOT)
 
     def latch(self, code: int) -> None:
@@ -112,7 +115,8 @@ class Progress:
             (crc,) = CRC.unpack_from(page, at + RECORD.size)
             if len(record) == RECORD.size and zlib.crc32(record) == crc:
                 used_idx, count = RECORD.unpack(record)
-                found[used_idx] = count
+                signed = stream == TRANSMIT and count >= SIGNED_FROM
+                found[used_idx] = count - COUNT_MOD if signed else count
         return found
 
 

@@ -191,13 +191,6 @@ class Checkpoints:
             self.publish()
 
     def publish(self) -> None:
-        """Not while bytes to drop wait (out.skip) on a line the monitor cannot count: they
-        are in no state (virtio_console.py: tx_sent counts what left the buffer), and no
-        file's growth gives them back, so a restart from a state saved now sent them again.
-        The last checkpoint stands; the next frame tries again."""
-        out = self.device.ctx.out
-        if out.skip and not out.counted():
-            return
         self._published = self.applied
         self.device.ctx.events.publish_state(type(self.device).NAME, self.device.save())
 

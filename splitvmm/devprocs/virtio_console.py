@@ -25,7 +25,11 @@ pending input, and for transmit: the queue position at the oldest chain not comp
 restore takes the chains in flight again from guest RAM), `tx_sent`, the bytes of those
 chains the line took already (a restore drops them unsent), and `tx_held`, bytes a device
 reset left in the buffer that belong to no chain. So a snapshot during traffic loses no byte
-and repeats none, each way.
+and repeats none, each way. The bytes to drop (after a restore or a crash restart) are
+dropped from the chains as they run again, never counted in the output's `emitted`, which
+stays the count of this VM's line (a regular file's growth, what a restart goes by): the
+chain at the used idx starts `tx_sent` before that count, below 0 after a restore, and
+tx_sent is right whether the drop has run yet or not.
 
 Crash restart. The new process starts from the last checkpoint the monitor read (published
 by the runtime every few frames, and by this device after a batch of completed transmit
@@ -136,7 +140,7 @@ class _TxChain(Struct):
     chain: Chain
     left: list[tuple[int, int]]  # (gpa, len) of its bytes not in the output buffer yet
     total: int
-    end: int | None = None  # the output's count (emitted + pending) past its last byte
+    end: int  # the output's count past its last byte: where the next chain starts
 
 
 @register
@@ -152,14 +156,20 @@ class VirtioConsole(VirtioPciDevice):
         # A crash restart's checkpoint (None: there was none), until after_restart()
         self._checkpoint_taken: VirtioConsoleState | None = None
         self._tx: deque[_TxChain] = deque()
-        self._tx_done = 0  # the output's count at the start of the oldest chain in flight
+        # The output's count at the start of the oldest chain in flight (the used idx's). Below
+        # `emitted` by what the line took of it, below 0 by what another VM's line took of it:
+        # a restore's chain the old line took part of (the module docstring)
+        self._tx_done = 0
+        # Bytes of the chains in flight that a line took already (a dead process's, or the
+        # snapshotted VM's), dropped as they run again; not counted in `emitted` again
+        self._drop = 0
         self._progress = ctx.made("progress", Progress, f"{self.NAME}: no progress page")
         self._published = 0.0  # time.monotonic() of the last checkpoint _checkpoint() sent
         self.bytes_in = self.bytes_out = self.rx_dropped = 0
         self.resets = 0
         self._socket_input = bool(ctx.prepared.get("input_socket"))
         self._input_fd = ctx.fds["out"] if self._socket_input else None
-        self._built = False  # reset_model() from the constructor: the output's skip stays
+        self._built = False  # reset_model() from the constructor records no reset
         super().__init__(ctx)  # resets the transport, which calls reset_model()
         self._built = True
 
@@ -186,16 +196,13 @@ class VirtioConsole(VirtioPciDevice):
 
     def reset_model(self) -> None:
         """The chains in flight are the driver's no more; their buffered bytes still go out
-        (tx_held in a snapshot), and new chains start after them. A restore's or a restart's
-        skip (bytes of those chains the line took already, dropped as they run again) now
-        covers only what of them is buffered: they will not run again, and a skip past that
-        ate the new session's first bytes. Not the constructor's reset, nor one replayed
-        from the journal: the skip is set for what follows them."""
+        (tx_held in a snapshot), and new chains start after them. Bytes of those chains the
+        line took already were to be dropped as they ran again: they will not, and the new
+        session's first bytes are not theirs."""
         out = self.ctx.out
-        if self._built and not self.ctx.replaying:
-            out.skip = min(out.skip, out.pending())
         self._tx = deque()
         self._tx_done = out.emitted + out.pending()
+        self._drop = 0
         self.resets = min(self.resets + 1, MAX_COUNTER)
         if self._built and not self.ctx.replaying:  # the receive ring is gone: its count
             self._progress.write(NO_RING, self.bytes_in, RECEIVE)
@@ -313,11 +320,7 @@ class VirtioConsole(VirtioPciDevice):
             # a ring of them, hold the event loop past the heartbeat: every BUDGET_NS the
             # rest waits for a later call if anything else waits (as process() does).
             if self.clock_ns() >= deadline:
-                # Not while bytes the line took already wait to be dropped (out.skip, after
-                # a restore or restart): that count is in no state a snapshot or checkpoint
-                # saves (tx_sent counts what left the buffer), and one saved now sent them
-                # again. Dropped without a copy (_put), they take little of the loop.
-                if self.ctx.waiting() and not out.skip:
+                if self.ctx.waiting():
                     self.budget_yields += 1
                     self._notify[TX].trigger()  # back after the frames and fds that wait
                     break
@@ -334,69 +337,39 @@ class VirtioConsole(VirtioPciDevice):
 
     def _put(self, tx: _TxChain, deadline: int) -> None:
         """As much of the chain's bytes as the buffer takes (a slice of guest RAM each), until
-        `deadline` (clock_ns)."""
+        `deadline` (clock_ns); those a line took already (_drop) dropped without a copy."""
         out = self.ctx.out
         while tx.left and out.room() and self.clock_ns() < deadline:
             gpa, length = tx.left[0]
-            n = out.skipped(length)  # the line has them: not copied out of guest RAM
-            if not n:
+            if self._drop:
+                n = min(length, self._drop)
+                self._drop -= n
+            else:
                 n = min(length, out.room())
                 out.put(self.ram.read(gpa, n))
             tx.left[0] = (gpa + n, length - n)
             if n == length:
                 tx.left.pop(0)
-        if not tx.left:
-            tx.end = out.emitted + out.pending()
-
-    def quiesce(self) -> None:
-        """Quiesced with bytes still to drop (out.skip: a restore's or a restart's, not run
-        yet), the state saved next would count none of them sent (tx_sent counts what left
-        the buffer), and its restore sent them again. They are dropped first: a snapshot
-        right after a restore, before the transmit queue ran, repeated them."""
-        ring = self.rings[TX]
-        if self.ctx.out.skip and ring is not None and self._ready():
-            try:
-                self._drop_skip(ring)
-            except (QueueError, GuestRamError) as e:
-                self.ring_failed(TX, e)
-        super().quiesce()
 
     def _current_tx(self, ring: SplitQueue) -> _TxChain | None:
         """The chain whose bytes go out next: the last taken if some of it is left, else the
         next from the ring (None: none is available)."""
-        if self._tx and self._tx[-1].end is None:
+        if self._tx and self._tx[-1].left:
             return self._tx[-1]
         chain = self._take(ring)
         if chain is None:
             return None
         total = sum(length for _, length in chain.readable)
-        self._tx.append(_TxChain(chain, list(chain.readable), total))
+        start = self._tx[-1].end if self._tx else self._tx_done
+        self._tx.append(_TxChain(chain, list(chain.readable), total, start + total))
         return self._tx[-1]
-
-    def _drop_skip(self, ring: SplitQueue) -> None:
-        """Drop out.skip bytes from the chains in flight, as _put would, without sending or
-        buffering any other: the chains stay in flight (a state saved now counts them in
-        tx_sent, and a restore takes them again)."""
-        out = self.ctx.out
-        while out.skip and not out.pending():
-            tx = self._current_tx(ring)
-            if tx is None:
-                return
-            while tx.left and out.skip:
-                gpa, length = tx.left[0]
-                n = out.skipped(length)
-                tx.left[0] = (gpa + n, length - n)
-                if n == length:
-                    tx.left.pop(0)
-            if not tx.left:
-                tx.end = out.emitted + out.pending()
 
     def _complete_sent(self, ring: SplitQueue) -> int:
         """Complete, in order, the chains whose every byte the line took."""
         done = 0
         while self._tx:
             end = self._tx[0].end
-            if end is None or end > self.ctx.out.emitted:
+            if self._tx[0].left or end > self.ctx.out.emitted:
                 break
             tx = self._tx.popleft()
             self._progress.write((ring.used_idx + 1) & 0xFFFF, end)  # before used idx says so
@@ -481,15 +454,15 @@ class VirtioConsole(VirtioPciDevice):
         if ctx.restarted:
             device._checkpoint_taken = state  # taken up once the journal is replayed
             return device
-        out = ctx.out
-        out.skip = state.tx_sent
-        out.put(state.tx_held)
-        device._tx_done = out.emitted + out.pending()
+        # The chain at the used idx starts tx_sent back: the snapshotted VM's line took that
+        # much of it, this one nothing (none of it is in this output's count)
+        taken = ctx.out.emitted
+        device._carry_on(taken, taken + len(state.tx_held) - state.tx_sent, state.tx_held)
         device._note_progress()
         return device
 
     def after_restart(self) -> None:
-        """The queues (the transport's), then the output's skip and held bytes, and the
+        """The queues (the transport's), then the bytes to drop and the held bytes, and the
         input the dead process delivered since its checkpoint, dropped from the front of
         what is pending now: the checkpoint's, then the replayed INPUT frames' (a `unix:`
         peer's bytes it read since were never frames: those it delivered are in no buffer
@@ -497,8 +470,8 @@ class VirtioConsole(VirtioPciDevice):
         super().after_restart()
         then, self._checkpoint_taken = self._checkpoint_taken, None
         out = self.ctx.out
-        file_skip, out.skip = out.skip, 0
-        out.skip, held = self._resend(then, file_skip)
+        file_skip, out.skip = out.skip, 0  # dropped from the chains as they run (_drop)
+        self._resend(then, out.emitted + file_skip)
         delivered = self._delivered_since(then)
         del self._rx[:delivered]
         # the dead process's count: the progress page's next records go on from it
@@ -506,35 +479,43 @@ class VirtioConsole(VirtioPciDevice):
         if len(self._rx) > RX_BUFFER_MAX:  # more than a live process would have held
             self.rx_dropped = min(self.rx_dropped + len(self._rx) - RX_BUFFER_MAX, MAX_COUNTER)
             del self._rx[RX_BUFFER_MAX:]
-        out.put(held)
-        self._tx_done = out.emitted + out.pending()
         self._note_progress()
 
-    def _resend(self, state: VirtioConsoleState | None, file_skip: int) -> tuple[int, bytes]:
-        """After a crash: the bytes to drop of what goes out again (the held bytes, then the
-        chains from the used ring's idx), and the held bytes. The output's count is set to
-        where those start, so that once the dropped ones are counted it is the line's own
-        count again (a regular file's growth: what the next restart compares with)."""
-        out = self.ctx.out
-        taken = out.emitted + file_skip  # what the line took: exact for a regular file
+    def _resend(self, state: VirtioConsoleState | None, taken: int) -> None:
+        """After a crash, the line having taken `taken` bytes (exact for a regular file: the
+        checkpoint's count and the file's growth since): where the chain at the used ring's
+        idx starts in that count, and the held bytes that go out before it (_carry_on)."""
         queue = self.queues[TX]
         start = self._progress.records().get(queue.used_idx) if queue.enabled else None
         if self.ctx.prepared["output_file"] and start is not None and start <= taken:
-            out.emitted = start  # the chain at the used idx starts there; held bytes before
-            return taken - start, b""
+            return self._carry_on(taken, start)  # held bytes before it: the line took them
         if state is None:
-            out.emitted = taken  # no checkpoint: every chain from the used idx, whole
-            return 0, b""
+            return self._carry_on(taken, taken)  # no checkpoint: every chain, whole
         then = state.queues[TX]
         same = state.resets == self.resets and _layout(then) == _layout(queue)
         if same and queue.enabled and then.enabled and queue.used_idx == then.used_idx:
             # no completion since the checkpoint: its chains in flight start tx_sent back
-            out.emitted = max(0, out.emitted - state.tx_sent)
-            return state.tx_sent + file_skip, state.tx_held
+            # from its count, after its held bytes
+            emitted = self.ctx.out.emitted  # the checkpoint's
+            return self._carry_on(taken, emitted + len(state.tx_held) - state.tx_sent,
+                                  state.tx_held)  # fmt: skip
         # Chains completed since an older checkpoint, or a driver that reset since (its
         # chain at the same used idx is another): sent again whole, none lost
+        return self._carry_on(taken, taken + len(state.tx_held), state.tx_held)
+
+    def _carry_on(self, taken: int, start: int, held: bytes = b"") -> None:
+        """Go on from a line that took `taken` bytes, with the chain at the used idx starting
+        at `start` in that count, after `held` (bytes of no chain, ending at `start`): the
+        bytes of those chains the line took are dropped as they run again (_drop), those of
+        `held` it did not take are buffered again. The output's count stays the line's own
+        (a regular file's growth: what the next restart goes by); `start` may be below 0,
+        where the line before a restore took part of that chain."""
+        out = self.ctx.out
         out.emitted = taken
-        return 0, state.tx_held
+        self._drop = max(0, taken - start)
+        if start > taken:
+            out.put(held[max(0, len(held) - (start - taken)) :])
+        self._tx_done = start
 
     def _delivered_since(self, state: VirtioConsoleState | None) -> int:
         """The input bytes receive chains got between the checkpoint and the crash: what

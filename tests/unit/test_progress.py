@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitvmm.devprocs.progress import SIZE, SLOT, Progress
+from splitvmm.devprocs.progress import RECEIVE, SIZE, SLOT, Progress
 from splitvmm.errors import StateError
 
 
@@ -58,3 +58,14 @@ def test_progress_page_too_small_is_refused(page):
 
     with pytest.raises(StateError, match="progress memfd"):
         Progress(page)
+
+
+def test_progress_transmit_start_before_the_lines_count_reads_back_below_zero(page):
+    """After a restore the chain at the used idx may start before the new line's count 0
+    (the snapshotted VM's line took part of it); input counts stay unsigned."""
+    progress = Progress(page)
+    progress.write(3, -40960)
+    progress.write(9, (1 << 64) - 1, RECEIVE)
+
+    assert progress.records() == {3: -40960}
+    assert progress.records(RECEIVE) == {9: (1 << 64) - 1}
