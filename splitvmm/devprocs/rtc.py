@@ -639,7 +639,12 @@ class Mc146818(RegisterDevice):
             _check_int("aborted_s", state.aborted_s, -MAX_OFFSET_NS // NS, MAX_GUEST_NS // NS)
         if state.synced_ns is not None:
             _check_int("synced_ns", state.synced_ns, -MAX_OFFSET_NS, MAX_GUEST_NS)
-        return cls(ctx, state, clock)
+        rtc = cls(ctx, state, clock)
+        if rtc._line and not ctx.restarted:
+            # Its edge went out before the save, but KVM injects it from a worker, maybe
+            # after the snapshot read the irqchip: sent again (a restart's: after_restart)
+            ctx.irq.trigger()
+        return rtc
 
 
 def _divider_runs(a: int) -> bool:

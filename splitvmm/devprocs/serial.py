@@ -201,7 +201,11 @@ class Uart8250(RegisterDevice):
         self._thre = bool(s.lsr & Lsr.THRE) if state is not None else self._holding_empty()
         self.thr_interrupt = s.thr_interrupt and self._thre
         self._warn = RateLimitedLog(log)
-        self._irq_pending = self._irq_asserted()  # the saved one's edge went out before
+        # The saved one's edge went out before, but KVM injects it from a worker, maybe after
+        # the snapshot read the irqchip: a restore sends it again (a spurious edge costs the
+        # driver an IIR read; a lost one leaves it waiting for ever). A restart's goes out
+        # in after_restart().
+        self._irq_pending = self._irq_asserted() and (state is None or ctx.restarted)
         # A line that took the buffered bytes made THRE rise: a THRE interrupt event, with
         # its edge, as it would have been had the VM run on (after a crash, after_restart()
         # sends the one edge, once the journal is replayed).

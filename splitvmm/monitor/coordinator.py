@@ -384,9 +384,13 @@ class Coordinator:
         leaving its `with`)."""
         m = self.machine
         device_states = self._quiesce_devices(deadline, quiesced)
+        # The irqchip before the LAPICs: an interrupt a device raised before it quiesced
+        # reaches the IOAPIC from a kernel worker, at any moment. Landing between the two
+        # reads, it is then in the saved LAPIC; the other way round the saved IOAPIC pin
+        # waited for an EOI of a vector no saved LAPIC held, and stayed dead once restored.
+        vm_state = vmstate.to_dict(vmstate.save_vm(m.vm))
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
-        vm_state = vmstate.to_dict(vmstate.save_vm(m.vm))
         w = SnapshotWriter(target, config_to_dict(m.cfg), vcpu_states[0]["cpuid"], m.mem)
         with contextlib.ExitStack() as on_error:
             on_error.callback(w.abort)

@@ -1220,3 +1220,23 @@ def test_rtc_crash_restart_is_the_rtc_that_never_crashed(steps, control, freq):
             replies = [runtime._apply(device, access) for device in (rtc, twin)]
             assert replies[0] == replies[1]
         assert rtc.save() == twin.save()
+
+
+def test_rtc_restored_with_its_line_high_sends_its_edge():
+    """IRQ 8's edge went out before the snapshot, but KVM injects an irqfd from a kernel
+    worker, maybe after the coordinator read the irqchip. With no edge sent again, the
+    interrupt was lost for good: no new edge comes until the driver reads register C, which
+    it does from the interrupt handler it never ran."""
+    rtc, clock, irq = make_rtc()
+    wr(rtc, Reg.CONTROL, RegB.UIE | RegB.H24)
+    rd(rtc, Reg.INTR_FLAGS)
+    clock.advance(NS)
+    rtc.tick(clock.mono)  # the update's edge: the guest has not read C yet
+    assert irq.count == 1
+    rtc.quiesce()
+    state = rtc.save()
+
+    restored_irq = FakeIrq()
+    Mc146818.restore(DeviceContext(irq=restored_irq), state, clock)
+
+    assert restored_irq.count == 1

@@ -957,3 +957,28 @@ def test_uart_restored_with_a_line_that_takes_its_buffer_raises_the_thre_interru
     restored = Uart8250.restore(DeviceContext(irq=irq, out=BoundedOutput(FakeLine(), SMALL)), state)
 
     assert (irq.count, restored.read(Reg.IIR_FCR, 1)[0] & 0x0F) == (1, Iir.THRI)
+
+
+def test_uart_restored_with_an_interrupt_pending_sends_its_edge():
+    """The saved UART's edge went out before the snapshot, but KVM injects an irqfd from a
+    kernel worker, maybe after the coordinator read the irqchip. With no edge sent again, the
+    interrupt was lost for good: no new edge comes until the driver reads IIR, which it does
+    from the interrupt handler it never ran."""
+    line, irq = FakeLine(), FakeIrq()
+    state = UartState(ier=int(Ier.RDI), mcr=int(Mcr.OUT2), rx=b"x")  # RDI pending, unread
+
+    uart = Uart8250.restore(DeviceContext(irq=irq, out=BoundedOutput(line)), state)
+
+    assert (irq.count, uart.read(Reg.IIR_FCR, 1)[0] & 0x0F) == (1, Iir.RDI)
+
+
+def test_uart_restarted_with_an_interrupt_pending_leaves_the_edge_to_after_restart():
+    line, irq = FakeLine(), FakeIrq()
+    state = UartState(ier=int(Ier.RDI), mcr=int(Mcr.OUT2), rx=b"x")
+    ctx = DeviceContext(irq=irq, out=BoundedOutput(line), restarted=True)
+
+    uart = Uart8250.restore(ctx, state)
+    before = irq.count
+    uart.after_restart()
+
+    assert (before, irq.count) == (0, 1)

@@ -917,6 +917,10 @@ class VirtioPciDevice(RegisterDevice):
         self.msix.set_control(s.msix_enabled, s.msix_function_mask)  # asks for the routes again
         if self.ctx.restarted:
             return  # after_restart() opens the queues, once the journal is replayed
+        # INTA# is a level: up while the ISR is set (4.1.4.5.1). The saved IOAPIC may lack it
+        # (KVM injects an irqfd from a worker, maybe after the irqchip was read); raised
+        # again, a level already up changes nothing.
+        self.intx.update()
         if self.status & Status.NEEDS_RESET:
             return  # no ring is opened: the driver resets the device first
         if self.status & Status.DRIVER_OK and not self.status & Status.FEATURES_OK:
