@@ -440,20 +440,27 @@ class DeviceSlot:
     def _send_late_locked(self) -> None:
         """Posted writes journaled while a restart was away past RESTART_WAIT_MS, after it
         took its replay (_post_frames_locked): its process, now READY, gets them first."""
-        late = [frame for n, frame, _ in self._journal if n > self._resumed_at]
+        late = [(n, frame) for n, frame, _ in self._journal if n > self._resumed_at]
         if self._lost > self._resumed_at:  # some went out of the journal: not transparent
             self._fail_locked(f"more than {MAX_JOURNAL} writes came while it restarted")
-        elif late and self.channel is not None:
+            return
+        # One at a time, each answered before the next goes, as the guest's own synced
+        # writes are: answered, a frame is applied, and a later restart replays it as
+        # confirmed (the guest may never sync again: a late queue enable and DRIVER_OK, then
+        # only ioeventfds), never zeroing a ring this process took up. Sent together, a
+        # DRIVER_OK the process applied ran the queue before the one sync was answered: a
+        # death then left the enable unconfirmed, and the next restart zeroed the used ring
+        # under chains the guest had seen done.
+        for n, frame in late:
+            if self.channel is None:
+                return
             try:
-                self.channel.post_many(late)
-                # Answered, they are applied: a later restart replays them as confirmed (the
-                # guest may never sync again: a late queue enable and DRIVER_OK, then only
-                # ioeventfds), never zeroing a ring this process took up.
+                self.channel.post_many([frame])
                 self.channel.sync()
             except ChannelError as e:
                 self._channel_failed_locked(str(e))
-            else:
-                self._confirmed = self._frames
+                return
+            self._confirmed = n
 
     def restart(self) -> None:
         """After a crash the policy restarts: a new process from the last checkpoint, which
@@ -610,7 +617,15 @@ class DeviceSlot:
             )
             with self._lock:
                 self.process = self.channel = None
-            _end(self.name, process, channel)
+            # It had its state: READY may have come just after the deadline, and its disk
+            # I/O with it. No cold successor on that image while it may still run (restart())
+            if not _end(self.name, process, channel) and self._holds_disk():
+                with self._lock:
+                    self._refuse_restart_locked(
+                        "its warm spare, given up before READY, did not end (disk I/O that "
+                        "does not finish?): its writes could overtake a new one's on the same "
+                        "image, its reads land in guest RAM the guest has reused"
+                    )
             return False
         finally:  # its first name: free for the next spare's socket
             Path(spare_path(self.endpoint)).unlink(missing_ok=True)

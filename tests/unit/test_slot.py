@@ -911,3 +911,42 @@ def test_slot_read_waiting_for_its_reply_as_a_checkpoint_comes_counts_as_posted(
     with slot._lock:
         resume = slot._resume_locked()
     assert (len(resume["replay"]), resume["posted"]) == (2, 2)
+
+
+class LateChannel:
+    """The spare's channel: no READY within SPARE_READY_TIMEOUT_MS."""
+
+    connection_ended = False
+
+    def wait_ready(self, process: object, timeout_ms: int = 0) -> None:
+        raise ChannelError("did not start within 2000 ms, before it was ready")
+
+    def close(self) -> None:
+        pass
+
+
+def test_slot_restart_starts_no_cold_process_on_the_image_a_lingering_spare_still_uses(
+    tmp_path, monkeypatch
+):
+    """The spare took the restart's state and missed its READY deadline (a loaded host): it
+    may be serving already, its disk I/O in flight, and once killed its device proper still
+    runs (a stalled disk). restart() refuses a successor on the same image while the dead
+    process may still do I/O there; the spare's cold successor was started all the same."""
+    failures = Failures()
+    slot = DeviceSlot(
+        Spawn("blk0", "virtio-blk", 0x6000, options={"path": "disk.img"}),
+        tmp_path, refuse, failures, resumer=lambda process, spec: None,
+    )  # fmt: skip
+    slot.restarting = True  # a crash the policy restarts
+    slot._spare = (Outlived(lingered=True), os.open(os.devnull, os.O_RDONLY))  # type: ignore[assignment]
+
+    def attach() -> None:
+        slot.channel = LateChannel()  # type: ignore[assignment]
+
+    monkeypatch.setattr(slot, "attach", attach)
+
+    with pytest.raises(DeviceFailure) as raised:
+        slot.restart()
+
+    assert "cannot be restarted" in str(raised.value) and "did not end" in str(raised.value)
+    assert slot.state is SlotState.FAILED

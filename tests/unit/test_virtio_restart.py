@@ -13,6 +13,7 @@ from collections.abc import Callable
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.protocol import wire
@@ -366,3 +367,60 @@ def test_a_restart_after_late_set_up_writes_keeps_what_their_process_completed(
         serve_ready(third)
 
     assert (idx, first.ram.read(ring.heap - 32, 32)) == (2, b"\x5a" * 32)
+
+
+class DiesBeforeItsSync(AppliedChannel):
+    """The restarted process: it applies the late frames it is posted (its DRIVER_OK runs
+    the queue at once), then dies before it answers the sync after them."""
+
+    def sync(self) -> None:
+        ring = self.dev.rings[0]
+        if ring is not None and ring.used_idx:  # it served requests, then died
+            raise ChannelError("closed its end of the channel")
+
+
+def test_a_late_set_up_whose_sync_dies_keeps_what_its_process_completed(
+    tmp_path, monkeypatch
+) -> None:
+    """A restart outlasts RESTART_WAIT_MS while the driver sets the queue up and makes two
+    requests available: its enable and DRIVER_OK go to the new process after its READY, in
+    one post, and one sync. The process applies them, serves the two requests on DRIVER_OK
+    (the driver sees them done and reuses their buffers), and dies before it answers the
+    sync. The next restart took the enable for one the dead process may never have applied,
+    zeroed the used ring under the driver, and served the two requests again, into buffers
+    the guest had reused."""
+    monkeypatch.setattr(slot_module, "RESTART_WAIT_MS", 1)
+    fds = host_fds("virtio-rng")
+    first = VirtioRng(prepared("virtio-rng", fds))
+    ring = Ring(first.ram)
+    assert Driver(first).negotiate(F_VERSION_1) & FEATURES_OK
+    checkpoint = first.save()
+    slot = DeviceSlot(
+        Spawn("rng0", "virtio-rng", VirtioRng.WINDOW), tmp_path, refuse, lambda s, why: True
+    )
+    slot.channel, slot.state = AppliedChannel(first), SlotState.LIVE  # type: ignore[assignment]
+    slot.fail("crashed")  # restarting
+    bus = SlotBus(slot, first)
+    started: list[VirtioRng] = []
+
+    def slow_start(resume: dict[str, object]) -> None:
+        Driver(bus).setup_queue(0, ring)  # each write journaled late
+        Driver(bus).set_status(RUNNING)
+        for _ in range(2):  # the driver goes on: two requests (their kicks wait in notify0)
+            ring.add([(*ring.buffer(16), True)])
+        started.append(restarted_from(fds, checkpoint, resume))
+        slot.process, slot.channel = Gone(), DiesBeforeItsSync(started[0])  # type: ignore[assignment]
+
+    monkeypatch.setattr(slot, "start", slow_start)
+    monkeypatch.setattr(slot, "_wait_restarted", lambda: slot._now_live(slot.process))
+    slot.restart()  # READY; the late frames posted, applied, served; the sync dies
+    done = ring.take_used()
+    assert (len(done), slot.restarting) == (2, True)
+    first.ram.write(ring.heap - 32, b"\x5a" * 32)  # the guest reuses those buffers
+
+    with slot._lock:
+        third = restarted_from(fds, checkpoint, slot._resume_locked())
+    for _ in range(3):
+        serve_ready(third)
+
+    assert (ring.used_idx(), first.ram.read(ring.heap - 32, 32)) == (2, b"\x5a" * 32)
