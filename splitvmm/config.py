@@ -28,7 +28,7 @@ from splitvmm.protocol.models import (
     PortWindow,
     unix_output_path,
 )
-from splitvmm.protocol.spec import NAME_RE
+from splitvmm.protocol.spec import MAX_DEVICES, NAME_RE
 from splitvmm.record import Struct, field
 
 # xAPIC IDs are 8 bits and 0xFF is broadcast; cloud-hypervisor's limit too. (It once left an
@@ -381,15 +381,19 @@ def parse_config(
     _reject_unknown(data, {"vm", "boot", "device"}, "config")
     vm = _parse_vm(_get(data, "vm", "config", dict, {}), base)
     boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files, restored)
+    tables = _get(data, "device", "config", list, [])
+    if len(tables) > MAX_DEVICES:  # before any is parsed: a stored config may list thousands
+        raise ConfigError(f"device: {len(tables)} devices; a VM has at most {MAX_DEVICES}")
     devices = tuple(
         _parse_device(_table(d, f"device[{i}]"), f"device[{i}]", vm.name, base)
-        for i, d in enumerate(_get(data, "device", "config", list, []))
+        for i, d in enumerate(tables)
     )
     devices += _default_devices(_get(data, "vm", "config", dict, {}), devices)
-    names = [d.name for d in devices]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"device {shown(name)}: the name is used twice")
+    names: set[str] = set()
+    for d in devices:
+        if d.name in names:
+            raise ConfigError(f"device {shown(d.name)}: the name is used twice")
+        names.add(d.name)
     _check_shared_disks(devices)
     for model in MODELS.values():  # a PCI function takes a free slot: any number of them
         if (

@@ -13,6 +13,7 @@ BOOT_RESOURCES with what the operator --set, or the model's restore default.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -220,6 +221,7 @@ def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
         for d in data["device"]
         if isinstance(d, dict) and isinstance(d.get("name"), str)
     }
+    set_keys = set(overrides)  # once: a stored config may list thousands of devices
     for device in data["device"]:
         if isinstance(device, dict):
             if "fault" in device:  # the writer never stores it (config_to_dict)
@@ -227,7 +229,7 @@ def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
                     f"manifest vm_config: device {shown(device.get('name'), 40)} arms a "
                     "crash-testing fault, which no snapshot carries"
                 )
-            _own_resources(device, set(overrides))
+            _own_resources(device, set_keys)
     for key, value in overrides.items():
         name, option = _split_key(key)
         if not value:
@@ -357,6 +359,7 @@ def _stand_ins(snap: Snapshot) -> dict[str, str]:
     """`--set` values for what a restore needs the operator to name (a firmware, a disk
     image, a TAP): stand-ins, never opened (config_of checks no file)."""
     stand_ins = {"boot.firmware": "stand-in"} if firmware_booted(snap) else {}
+    numbers = itertools.count()
     devices = snap.manifest.vm_config.get("device")
     for device in devices if isinstance(devices, list) else []:
         if not isinstance(device, dict):
@@ -364,8 +367,8 @@ def _stand_ins(snap: Snapshot) -> dict[str, str]:
         model, name = device.get("model"), device.get("name")
         if isinstance(name, str) and isinstance(model, str) and model in HOST_RESOURCES:
             for option, default in HOST_RESOURCES[model].items():
-                if default is None:
-                    stand_ins[f"{name}.{option}"] = "stand-in"
+                if default is None:  # one each: two writable disks may not share an image
+                    stand_ins[f"{name}.{option}"] = f"stand-in-{next(numbers)}"
     return stand_ins
 
 

@@ -26,6 +26,10 @@ DEVICE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs")
 # pidfd only): the ways a process dies that crash testing wants to see.
 CRASH_SIGNALS = ("KILL", "SEGV", "ABRT", "TERM", "BUS", "ILL", "FPE")
 
+# Live devices of one VM, warm spares included: a compromised monitor gets no fork bomb from
+# the launcher, and a config (or a snapshot's stored one) with more is refused as it is read.
+MAX_DEVICES = 64
+
 # The most a device reads of its spec: options plus a saved state (restore). The monitor
 # refuses a larger one before it spawns anything (sandbox/spawn.py).
 MAX_SPEC = 2 << 20

@@ -58,7 +58,7 @@ What a compromised monitor can ask of it, and no more:
   second name (sandbox/spawn.py resume_child), and the rest goes down its stdin, checked
   as a spawn's spec is.
 A request is at most MAX_SPEC bytes of spec and MAX_FDS fds, none of them an O_PATH one; at
-most MAX_DEVICES devices live at once, spares included, and sockets are made for at most
+most MAX_DEVICES (protocol/spec.py) devices live at once, spares included, and sockets are made for at most
 MAX_DEVICES device names (each a config's: protocol/spec.py NAME_RE).
 
 Its own confinement: it keeps the privileges the monitor had when it forked it --
@@ -101,7 +101,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-MAX_DEVICES = 64  # live devices of one VM: a compromised monitor gets no fork bomb
 MAX_MESSAGE = 4096  # a request header or a reply; the spec comes in chunks after its header
 CHUNK = 64 << 10  # a SOCK_SEQPACKET message must fit the socket's send buffer (~208 KiB)
 CHUNK_TIMEOUT_S = 5.0  # the rest of a request, once its header came

@@ -15,12 +15,11 @@ import time
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults, schema
 from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, NAME_RE, DeviceSpec
+from splitvmm.protocol.spec import DEFERRED, MAX_DEVICES, MAX_SPEC, NAME_RE, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox.launcher import (
     CHUNK,
     CHUNK_TIMEOUT_S,
-    MAX_DEVICES,
     MAX_MESSAGE,
     ORPHAN_WAIT_S,
     STOP_TIMEOUT_S,

@@ -297,11 +297,19 @@ class SnapshotWriter:
             # RENAME_NOREPLACE would close it, but os has no binding for it.)
             _refuse_existing(self.target)
             os.rename(self.tmp, self.target)
+            try:
+                _fsync_dir(self.target.parent)
+            except OSError:
+                # Not durable, and the caller is told the snapshot failed (a suspend then
+                # resumes the VM, which goes on writing its disk): take the rename back, so
+                # that nothing is left looking valid at the target; abort() removes the rest.
+                with contextlib.suppress(OSError):
+                    os.rename(self.target, self.tmp)
+                raise
             # The flock goes only now: released before the rename, another writer's sweep
             # could take the directory for a dead writer's and remove it as it is published.
             self._close_dir()
             self._state = "committed"
-            _fsync_dir(self.target.parent)
         return self.target
 
     def _close_dir(self) -> None:

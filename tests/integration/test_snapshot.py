@@ -201,3 +201,26 @@ def test_ctl_errors_are_one_sentence_and_nonzero(guests, tmp_path):
     assert existing.returncode == 1 and "already exists" in existing.stderr
     assert json.loads(status.stdout)["state"] == "running"
     assert missing.returncode == 1 and "no VM is listening" in missing.stderr
+
+
+def test_snapshot_verify_of_a_vm_with_two_writable_disks_is_ok(guests, tmp_path):
+    """verify parses the stored config with a stand-in path for each disk: one for all made
+    two writable disks share an image, and verify failed on a valid snapshot."""
+    serial = tmp_path / "serial.log"
+    disks = ""
+    for name in ("disk0", "disk1"):
+        image = tmp_path / f"{name}.img"
+        image.write_bytes(bytes(1 << 20))
+        disks += f'[[device]]\nname = "{name}"\nmodel = "virtio-blk"\npath = "{image}"\n'
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=1000000"'
+    config.write_text(vm_toml(boot, "64M", 1, serial) + disks)
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm.wait_for(r"^count=\d+$")
+    assert vm.ctl("suspend", str(tmp_path / "snap")).returncode == 0
+    assert vm.finish()[0] == 0
+
+    r = splitvmm(tmp_path, "snapshot", "verify", str(tmp_path / "snap"))
+
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert "OK" in r.stdout

@@ -22,6 +22,7 @@ import pytest
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
+from splitvmm.protocol import spec as spec_module
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox import launcher as launcher_module
@@ -138,7 +139,7 @@ def test_launcher_refuses_an_fd_not_open_for_io_and_serves_the_next_request(
 def test_launcher_makes_sockets_for_so_many_device_names_and_no_more(rundir, fds, monkeypatch):
     """Each device name leaves its socket in the runtime dir until the monitor removes it: a
     monitor spawning and killing devices under new names must not fill its file system."""
-    monkeypatch.setattr(launcher_module, "MAX_DEVICES", 2)  # read by the forked launcher
+    monkeypatch.setattr(spec_module, "MAX_DEVICES", 2)  # read by the forked launcher
     if "splitvmm.sandbox.launcher_server" in sys.modules:  # imported by an earlier test
         monkeypatch.setattr(sys.modules["splitvmm.sandbox.launcher_server"], "MAX_DEVICES", 2)
     launcher = Launcher.start(rundir)

@@ -551,3 +551,9 @@ def _stacked(doc: Any, n: int) -> st.SearchStrategy[Any]:
     if n == 0:
         return st.just(doc)
     return _mutations(doc).flatmap(lambda changed: _stacked(changed, n - 1))
+
+
+def test_config_with_more_devices_than_a_vm_has_is_refused_before_they_are_parsed():
+    devices = "".join(f'[[device]]\nname = "d{i}"\nmodel = "virtio-rng"\n' for i in range(65))
+    with pytest.raises(ConfigError, match="65 devices; a VM has at most 64"):
+        _cfg(devices=devices)

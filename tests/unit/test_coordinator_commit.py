@@ -5,6 +5,7 @@ failed one resumes it. The machine, its vCPUs and the writer are fakes."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,8 +16,11 @@ from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.machine import Machine
+from splitvmm.monitor.memory import GuestMemory
 from splitvmm.record import Struct, field
+from splitvmm.snapshot import SnapshotError, SnapshotWriter
 from splitvmm.snapshot import writer as writer_module
+from tests.unit.snapshot_support import CPUID, VCPU, VM_CONFIG, memory
 
 
 class FakeVcpu(Struct):
@@ -514,3 +518,38 @@ def test_coordinator_resume_of_a_running_vm_retries_its_stalled_devices(tmp_path
         coord.resume()  # nothing stalled now: the usual answer
 
     assert events == ["retry"]
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = memory()
+    yield m
+    m.close()
+
+
+def test_coordinator_failed_suspend_leaves_no_snapshot_of_the_vm_it_resumed(
+    tmp_path, mem, monkeypatch
+):
+    """`ctl suspend` whose commit fails once the directory is renamed into place: the VM
+    runs on (a failed suspend resumes everything), so the snapshot must not stay behind."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+
+    def write(target, deadline, quiesced):
+        w = SnapshotWriter(target, VM_CONFIG, CPUID, mem)
+        w.add_ram(mem)
+        w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+        return w
+
+    monkeypatch.setattr(coord, "_write", write)
+    real = writer_module._fsync_dir
+    monkeypatch.setattr(
+        writer_module,
+        "_fsync_dir",
+        lambda p: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")) if p == tmp_path else real(p),
+    )
+
+    with pytest.raises(SnapshotError):
+        coord.snapshot(tmp_path / "snap", keep_paused=True)
+
+    assert (coord.paused, events[-1]) == (False, "resume")  # the VM runs on...
+    assert not (tmp_path / "snap").exists()  # ...so no snapshot of it may be left published

@@ -11,14 +11,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from splitvmm import config
+from splitvmm.cli import cli
 from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
 from splitvmm.errors import ConfigError
 from splitvmm.monitor import loader, restore, vmstate
 from splitvmm.native.kvm import CpuidEntry
 from splitvmm.protocol.models import MODELS
 from splitvmm.snapshot import Snapshot, SnapshotError
+from splitvmm.snapshot.format import MAX_MANIFEST_BYTES
 from tests.unit.snapshot_support import checksum_keys, edit_manifest
 
 GOLDEN = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "vm" / "v1"
@@ -395,3 +398,32 @@ def test_apply_says_which_cpu_features_this_host_lacks(monkeypatch, caplog, read
 
     said = "CPU features this host's KVM does not offer (leaf 0x7.0 ebx bits 0x10000)"
     assert (said in caplog.text) is warned
+
+
+def test_verify_takes_a_stored_config_with_two_writable_disks(tmp_path):
+    """`snapshot verify` parses the stored config as a restore would, with a stand-in for each
+    host resource the operator names at a restore: one path for every disk made two writable
+    disks share an image, and a valid snapshot failed, blaming a --set nobody gave."""
+    disks = [{"name": f"disk{i}", "model": "virtio-blk", "path": f"/img/{i}"} for i in (0, 1)]
+    snap = golden(tmp_path, lambda m: m["vm_config"]["device"].extend(disks))
+
+    cfg = restore.config_of(snap, restore._stand_ins(snap))  # what verify parses
+
+    assert [d.name for d in cfg.devices] == ["serial0", "disk0", "disk1", "rtc"]
+
+
+def test_verify_refuses_a_stored_config_of_thousands_of_devices_before_parsing_them(tmp_path):
+    """A 1 MiB manifest (under its cap) holds ~27000 devices: verify took ~30 s on loops
+    quadratic in them before it refused anything. The count is refused first."""
+    path = tmp_path / "snap"
+    shutil.copytree(GOLDEN, path)
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["vm_config"]["device"] = [{"name": f"d{i}", "model": "virtio-blk"} for i in range(26000)]
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    assert len(data) <= MAX_MANIFEST_BYTES  # what any snapshot may hold
+    (path / "manifest.json").write_bytes(data)
+
+    result = CliRunner().invoke(cli, ["snapshot", "verify", str(path)])
+
+    assert result.exit_code == 1 and "26000 devices; a VM has at most 64" in result.output
+    assert len(result.output.splitlines()) == 1, result.output

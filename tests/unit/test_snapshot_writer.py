@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -408,3 +409,35 @@ def test_writer_refuses_a_target_named_like_a_temporary_directory(tmp_path, mem)
         write_snapshot(tmp_path / ".keep.tmp-1", mem)
 
     assert os.listdir(tmp_path) == []
+
+
+def test_writer_commit_whose_parent_fsync_fails_publishes_nothing(tmp_path, mem, monkeypatch):
+    real = writer_module._fsync_dir
+
+    def fsync_dir(path):
+        if path == tmp_path:  # the parent, after the rename: the storage reports EIO
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(path)
+
+    monkeypatch.setattr(writer_module, "_fsync_dir", fsync_dir)
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+    w.add_ram(mem)
+    w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+    w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
+
+    with pytest.raises(SnapshotError, match="Input/output error"):
+        w.commit()
+
+    # The caller is told the snapshot failed (a suspend then resumes the VM, whose disk moves
+    # on): nothing that verifies may be left at the target
+    published = (tmp_path / "s").exists()
+    verifies = published and _verifies(tmp_path / "s")
+    assert (published, verifies, os.listdir(tmp_path)) == (False, False, [])
+
+
+def _verifies(path) -> bool:
+    try:
+        Snapshot.open(path).verify()
+    except SnapshotError:
+        return False
+    return True
