@@ -486,22 +486,27 @@ class VirtioConsole(VirtioPciDevice):
         checkpoint's count and the file's growth since): where the chain at the used ring's
         idx starts in that count, and the held bytes that go out before it (_carry_on)."""
         queue = self.queues[TX]
-        start = self._progress.records().get(queue.used_idx) if queue.enabled else None
+        # A ring whose enable the dead process may never have applied took no chain from it
+        # (virtio/pci.py after_restart): a record of its idx is an older ring's
+        fresh = TX in self._enabled_unconfirmed
+        records = self._progress.records() if queue.enabled and not fresh else {}
+        start = records.get(queue.used_idx)
         if self.ctx.prepared["output_file"] and start is not None and start <= taken:
             return self._carry_on(taken, start)  # held bytes before it: the line took them
         if state is None:
             return self._carry_on(taken, taken)  # no checkpoint: every chain, whole
         then = state.queues[TX]
         same = state.resets == self.resets and _layout(then) == _layout(queue)
+        emitted = self.ctx.out.emitted  # the checkpoint's: its held bytes went out first
         if same and queue.enabled and then.enabled and queue.used_idx == then.used_idx:
             # no completion since the checkpoint: its chains in flight start tx_sent back
             # from its count, after its held bytes
-            emitted = self.ctx.out.emitted  # the checkpoint's
             return self._carry_on(taken, emitted + len(state.tx_held) - state.tx_sent,
                                   state.tx_held)  # fmt: skip
         # Chains completed since an older checkpoint, or a driver that reset since (its
-        # chain at the same used idx is another): sent again whole, none lost
-        return self._carry_on(taken, taken + len(state.tx_held), state.tx_held)
+        # chain at the same used idx is another): sent again whole, none lost; of the held
+        # bytes, those the line took since the checkpoint (a file's growth) are not
+        return self._carry_on(taken, max(taken, emitted + len(state.tx_held)), state.tx_held)
 
     def _carry_on(self, taken: int, start: int, held: bytes = b"") -> None:
         """Go on from a line that took `taken` bytes, with the chain at the used idx starting
