@@ -333,7 +333,10 @@ def decode_states(snap: Snapshot) -> SavedStates:
     if snap.vcpu_count == 0:
         raise SnapshotError("no vCPU chunk: a VM has at least one vCPU")
     vcpus = tuple(_read_state(snap, f"vcpu{i}", vmstate.VcpuState) for i in range(snap.vcpu_count))
-    return SavedStates(vcpus, _read_state(snap, "vm", vmstate.VmState), _read_pci(snap))
+    # A release that read the LAPICs before the IOAPIC may have saved a pin waiting for an
+    # EOI none of them will send: released, or it never delivers again once restored.
+    vm = vmstate.release_orphaned_eois(_read_state(snap, "vm", vmstate.VmState), vcpus)
+    return SavedStates(vcpus, vm, _read_pci(snap))
 
 
 def check_states(snap: Snapshot) -> None:

@@ -74,6 +74,7 @@ from splitvmm.errors import KvmError, StateError
 from splitvmm.native.kvm import (
     DEBUGREGS_SIZE,
     FPU_SIZE,
+    IOAPIC_REDIRTBL_OFFSET,
     IRQCHIP_IOAPIC,
     IRQCHIP_PIC_MASTER,
     IRQCHIP_PIC_SLAVE,
@@ -93,7 +94,7 @@ from splitvmm.native.kvm import (
 )
 from splitvmm.protocol import schema
 from splitvmm.protocol.schema import U32, U64, FieldTypes, Len, MaxLen, Size
-from splitvmm.record import Struct
+from splitvmm.record import Struct, replace
 
 log = logging.getLogger("splitvmm.vmstate")
 
@@ -336,6 +337,36 @@ def _clock(vm: VmFd) -> dict[str, int]:
         "clock_realtime": clock.realtime,
         "clock_host_tsc": clock.host_tsc,
     }
+
+
+# struct kvm_ioapic_state's redirection entries (82093AA datasheet 3.2.4) and the LAPIC's
+# ISR and IRR (SDM Vol. 3A 11.8.4: eight 32-bit registers, 16 bytes apart)
+RTE_VECTOR, RTE_DELIVERY, RTE_REMOTE_IRR, RTE_LEVEL = 0xFF, 0x700, 1 << 14, 1 << 15
+IOAPIC_PINS = 24
+APIC_ISR, APIC_IRR = 0x100, 0x200
+
+
+def release_orphaned_eois(vm: VmState, vcpus: Sequence[VcpuState]) -> VmState:
+    """`vm` with Remote IRR cleared on each level-triggered IOAPIC pin (fixed or lowest-
+    priority delivery) whose vector no vCPU's LAPIC holds in its IRR or ISR: the EOI it
+    waits for will never come, and a pin left so never delivers again, whatever its
+    devices assert. A release that read the LAPICs before the IOAPIC could save that (an
+    INTx landing between the two reads: coordinator._write); cleared, the pin delivers
+    again if it is still asserted, as the device that asserts it expects."""
+    chip = bytearray(vm.ioapic)
+    held = 0
+    for vcpu in vcpus:
+        for base in (APIC_ISR, APIC_IRR):
+            for i in range(8):
+                at = base + 0x10 * i
+                held |= int.from_bytes(vcpu.lapic[at : at + 4], "little") << (32 * i)
+    for pin in range(IOAPIC_PINS):
+        at = IOAPIC_REDIRTBL_OFFSET + 8 * pin
+        rte = int.from_bytes(chip[at : at + 8], "little")
+        waiting = rte & RTE_LEVEL and rte & RTE_REMOTE_IRR and (rte & RTE_DELIVERY) <= 0x100
+        if waiting and not (held >> (rte & RTE_VECTOR)) & 1:
+            chip[at : at + 8] = (rte & ~RTE_REMOTE_IRR).to_bytes(8, "little")
+    return vm if chip == vm.ioapic else replace(vm, ioapic=bytes(chip))
 
 
 def restore_vm(vm: VmFd, state: VmState) -> None:

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import pytest
 
 from splitvmm.monitor import coordinator as coordinator_module
-from splitvmm.monitor import vmstate
+from splitvmm.monitor import cpuid, restore, vmstate
 from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.irqroutes import intx_gsi
 from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import IOAPIC_REDIRTBL_OFFSET, IRQCHIP_IOAPIC
+from splitvmm.record import replace
 from tests.integration import test_native_kvm as native
 from tests.integration.test_native_kvm import APIC_IRR
 
@@ -108,3 +109,106 @@ def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw
     lapic = saved["vcpu"].lapic
     held = vector_in(lapic, APIC_IRR) or vector_in(lapic, APIC_ISR)
     assert not waiting or held, "IOAPIC pin saved waiting for an EOI of a vector no LAPIC holds"
+
+
+IOAPIC_IRR = IOAPIC_REDIRTBL_OFFSET - 8  # struct kvm_ioapic_state: u32 irr, u32 pad, redirtbl
+
+
+class OlderSnapshot:
+    """What restore.decode_states and restore.apply read of a snapshot: its vCPU and VM
+    chunks (no PCI chunk, no device), and RAM this test does not look at."""
+
+    chunks: list[object] = []
+
+    def __init__(self, vcpus: list[vmstate.VcpuState], vm: vmstate.VmState) -> None:
+        self.vcpu_count = len(vcpus)
+        self._docs = {"vm": vmstate.to_dict(vm)}
+        self._docs.update({f"vcpu{i}": vmstate.to_dict(v) for i, v in enumerate(vcpus)})
+
+    def chunk(self, name: str) -> SimpleNamespace:
+        cls = vmstate.VmState if name == "vm" else vmstate.VcpuState
+        return SimpleNamespace(state_version=cls.VERSION)
+
+    def read_json(self, name: str) -> object:
+        return self._docs[name]
+
+    def load_ram(self, mem: object) -> None:
+        pass
+
+
+def stuck(ioapic: bytes, pin: int) -> bytes:
+    """As an older release could save it: the pin asserted, delivered, waiting for its EOI."""
+    chip = bytearray(ioapic)
+    at = IOAPIC_REDIRTBL_OFFSET + 8 * pin
+    chip[at : at + 8] = (VECTOR | LEVEL | REMOTE_IRR).to_bytes(8, "little")
+    irr = int.from_bytes(chip[IOAPIC_IRR : IOAPIC_IRR + 4], "little") | 1 << pin
+    chip[IOAPIC_IRR : IOAPIC_IRR + 4] = irr.to_bytes(4, "little")
+    return bytes(chip)
+
+
+def test_restore_of_a_pin_waiting_for_an_eoi_no_saved_lapic_holds_delivers_again(make_guest, kvm):
+    old = make_guest(native.loop(b""))
+    old.vm.create_pit2()  # save_vm reads it
+    cpuid.setup_cpuid(kvm, old.vcpu, 1)  # a vCPU a snapshot can hold
+    native.enable_lapic(old.vcpu)
+    host = vmstate.VcpuHost.probe(kvm, old.vm)
+    pin = intx_gsi(1)
+    vcpus = [vmstate.save_vcpu(old.vcpu, host)]  # VECTOR in neither IRR nor ISR
+    saved = vmstate.save_vm(old.vm)
+    saved = replace(saved, ioapic=stuck(saved.ioapic, pin))
+
+    new = make_guest(native.loop(b""))
+    new.vm.create_pit2()
+    intx, resample = EventFd(), EventFd()
+    new.vm.register_irqfd(intx.fd, pin, resample_fd=resample.fd)  # as devicefds.py does
+    try:
+        machine = SimpleNamespace(
+            kvm=kvm, vm=new.vm, vcpu_fds=[new.vcpu], mem=None, firmware=None
+        )  # what restore.apply uses of a Machine
+        snap = OlderSnapshot(vcpus, saved)
+        restore.apply(snap, restore.decode_states(snap), machine)  # type: ignore[arg-type]
+        intx.trigger()  # the restored device's INTA#: its ISR is set
+        deadline = time.monotonic() + 0.5
+        while not native.lapic_irr_has(new.vcpu, VECTOR) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert native.lapic_irr_has(new.vcpu, VECTOR), "the pin never delivers again"
+    finally:
+        new.vm.unregister_irqfd(intx.fd, pin)
+        intx.close()
+        resample.close()
+
+
+def test_restore_asserting_a_pin_already_in_service_delivers_nothing_more(make_guest, kvm):
+    """Q2 of the review: the device's INTA# at its restore, on a pin whose saved IOAPIC entry
+    waits for the EOI of a vector the saved LAPIC has in service: nothing more is delivered
+    (passes with or without the proposed change: evidence, not a reproducer)."""
+    old = make_guest(native.loop(b""))
+    old.vm.create_pit2()
+    cpuid.setup_cpuid(kvm, old.vcpu, 1)
+    native.enable_lapic(old.vcpu)
+    lapic = bytearray(old.vcpu.get_lapic())
+    for base in (0x100, 0x180):  # ISR, TMR: in its handler, level-triggered
+        at = base + (VECTOR // 32) * 0x10
+        lapic[at : at + 4] = (1 << VECTOR % 32).to_bytes(4, "little")
+    old.vcpu.set_lapic(bytes(lapic))
+    host = vmstate.VcpuHost.probe(kvm, old.vm)
+    pin = intx_gsi(1)
+    vcpus = [vmstate.save_vcpu(old.vcpu, host)]
+    saved = vmstate.save_vm(old.vm)
+    saved = replace(saved, ioapic=stuck(saved.ioapic, pin))
+
+    new = make_guest(native.loop(b""))
+    new.vm.create_pit2()
+    intx, resample = EventFd(), EventFd()
+    new.vm.register_irqfd(intx.fd, pin, resample_fd=resample.fd)
+    try:
+        machine = SimpleNamespace(kvm=kvm, vm=new.vm, vcpu_fds=[new.vcpu], mem=None, firmware=None)
+        snap = OlderSnapshot(vcpus, saved)
+        restore.apply(snap, restore.decode_states(snap), machine)  # type: ignore[arg-type]
+        intx.trigger()
+        time.sleep(0.05)
+        assert not native.lapic_irr_has(new.vcpu, VECTOR)
+    finally:
+        new.vm.unregister_irqfd(intx.fd, pin)
+        intx.close()
+        resample.close()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from splitvmm.errors import StateError
+from splitvmm.monitor import vmstate
 from splitvmm.monitor.vmstate import (
     CPUID_LEAF1_ECX_PDCM,
     MSR_IA32_PERF_CAPABILITIES,
@@ -31,6 +32,7 @@ from splitvmm.monitor.vmstate import (
 from splitvmm.native.kvm import (
     DEBUGREGS_SIZE,
     FPU_SIZE,
+    IOAPIC_REDIRTBL_OFFSET,
     IRQCHIP_SIZE,
     LAPIC_SIZE,
     PIT_STATE2_SIZE,
@@ -441,3 +443,50 @@ def test_vmstate_save_vcpu_skips_msrs_kvm_cannot_read() -> None:
     state = save_vcpu(vcpu, HOST)  # type: ignore[arg-type]
 
     assert state.msrs == {MSR_IA32_TSC: MSR_IA32_TSC, MSR_EFER: MSR_EFER}
+
+
+# -- a pin waiting for an EOI no saved LAPIC will send (vmstate.release_orphaned_eois) -----
+EOI_VECTOR, EOI_PIN = 0x51, 17
+LEVEL, REMOTE_IRR, MASKED = 1 << 15, 1 << 14, 1 << 16
+
+
+def ioapic_with(rte: int) -> bytes:
+    chip = bytearray(vm_state().ioapic)
+    at = IOAPIC_REDIRTBL_OFFSET + 8 * EOI_PIN
+    chip[at : at + 8] = rte.to_bytes(8, "little")
+    return bytes(chip)
+
+
+def rte_of(state: vmstate.VmState) -> int:
+    at = IOAPIC_REDIRTBL_OFFSET + 8 * EOI_PIN
+    return int.from_bytes(state.ioapic[at : at + 8], "little")
+
+
+def lapic_holding(base: int | None) -> bytes:
+    regs = bytearray(LAPIC_SIZE)
+    if base is not None:
+        at = base + (EOI_VECTOR // 32) * 0x10
+        regs[at : at + 4] = (1 << EOI_VECTOR % 32).to_bytes(4, "little")
+    return bytes(regs)
+
+
+@pytest.mark.parametrize(
+    ("rte", "held_in", "released"),
+    [
+        (EOI_VECTOR | LEVEL | REMOTE_IRR, None, True),
+        (EOI_VECTOR | LEVEL | REMOTE_IRR | MASKED, None, True),  # stuck once unmasked too
+        (EOI_VECTOR | LEVEL | REMOTE_IRR, vmstate.APIC_IRR, False),  # the guest takes it, EOIs
+        (EOI_VECTOR | LEVEL | REMOTE_IRR, vmstate.APIC_ISR, False),  # in its handler
+        (EOI_VECTOR | REMOTE_IRR, None, False),  # edge: no EOI awaited
+        (EOI_VECTOR | LEVEL | REMOTE_IRR | 0x400, None, False),  # NMI delivery: not ours to judge
+    ],
+    ids=["orphaned", "orphaned-masked", "in-irr", "in-isr", "edge", "nmi"],
+)
+def test_orphaned_eoi_is_released_only_where_no_lapic_will_send_it(rte, held_in, released):
+    vm = replace(vm_state(), ioapic=ioapic_with(rte))
+    vcpus = [vcpu_state(lapic=lapic_holding(None)), vcpu_state(lapic=lapic_holding(held_in))]
+
+    out = vmstate.release_orphaned_eois(vm, vcpus)
+
+    assert rte_of(out) == (rte & ~REMOTE_IRR if released else rte)
+    assert out.ioapic[:IOAPIC_REDIRTBL_OFFSET] == vm.ioapic[:IOAPIC_REDIRTBL_OFFSET]  # irr kept
