@@ -12,7 +12,9 @@ class OnThread:
 
     def __init__(self, name: str, call: Callable[[], object]) -> None:
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(call,), name=name)
+        # A daemon: one waited for a bounded time and given up (the teardown's write-back on
+        # hung storage) must not keep the process from exiting, which joins every other thread.
+        self._thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, call: Callable[[], object]) -> None:

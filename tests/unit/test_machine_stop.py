@@ -4,7 +4,10 @@ stops there, its vCPUs never created, and close() tears down what build() made."
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -241,3 +244,38 @@ def test_a_restart_queued_when_the_vm_stops_starts_no_process_and_no_spare():
     m._restarter()
 
     assert done == ["fail: the VM is stopping"]
+
+
+HUNG_WRITE_BACK = """
+import os, threading
+from splitvmm.monitor import machine as machine_module
+from splitvmm.monitor.machine import Machine
+
+machine_module.WRITE_BACK_TIMEOUT_S = 0.1
+os.fdatasync = lambda fd: threading.Event().wait()  # a hard NFS mount that never answers
+m = Machine.__new__(Machine)
+m._images, m._write_back_failed = [("disk0", 0)], {}
+m._write_back_at_exit()
+print("gave up", flush=True)
+"""
+
+
+def test_monitor_exits_after_giving_up_on_a_hung_write_back():
+    """The teardown waits WRITE_BACK_TIMEOUT_S for the disk images' write-back and then exits
+    without it (hung storage: a hard NFS mount). Its thread was not a daemon, so the
+    interpreter's exit joined it, behind an fdatasync that never returns: the monitor said
+    it was exiting and never did. Its own process, so that interpreter shutdown is seen."""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUNG_WRITE_BACK],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"did not exit after giving up: {out!r} {err!r}") from None
+    assert b"gave up" in out and b"were not written back within" in err
