@@ -44,12 +44,18 @@ def _check(ret: int) -> int:
 
 
 def _syscall(name: str, *args: object) -> int:
+    """syscall(2) with every int argument as a C long: libc's syscall() is variadic, and a
+    plain Python int goes as a 32-bit int, whose upper half is garbage where it goes on the
+    stack (the sixth argument: process_vm_readv's flags would be refused, EINVAL)."""
     nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
-    return _check(_libc().syscall(nr, *args))
+    longs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    return _check(_libc().syscall(ctypes.c_long(nr), *longs))
 
 
 def _sockaddr_in(host: str, port: int) -> bytes:
-    return struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) + socket.inet_aton(host)
+    """struct sockaddr_in, whole: 16 bytes (a shorter one is refused, EINVAL)."""
+    addr = struct.pack("=H", socket.AF_INET) + struct.pack(">H", port) + socket.inet_aton(host)
+    return addr.ljust(16, b"\0")
 
 
 def _sockaddr_un(path: str) -> bytes:
@@ -96,24 +102,37 @@ def connect_unix_path(fds: dict[str, int], ctx: dict[str, int]) -> object:
         return "connected to /channel"
 
 
+# The sockets below were made by the suite in the host's network namespace (test_escape.py
+# handed_fds), as a device's inherited output socket is: only seccomp keeps the device from
+# reaching the host's network with them.
 def connect_held_fd_to_loopback(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """The host's loopback (a UDP connect needs no listener)."""
     addr = _sockaddr_in("127.0.0.1", 22)
-    return _check(_libc().connect(3, addr, len(addr)))  # 3: the lowest fd it may hold
+    return _check(_libc().connect(fds["inet"], addr, len(addr)))
 
 
 def connect_held_fd_to_unix_path(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """The channel's socket, by its path in the empty root: the device's one named socket."""
     addr = _sockaddr_un("/channel")
-    return _check(_libc().connect(3, addr, len(addr)))
+    return _check(_libc().connect(fds["unix"], addr, len(addr)))
+
+
+def connect_held_fd_to_abstract_address(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """A host abstract UNIX socket (then send() needs no address: sendto's rule lets it go)."""
+    addr = struct.pack("=H", socket.AF_UNIX) + HOST_ABSTRACT_SOCKET
+    return _check(_libc().connect(fds["dgram"], addr, len(addr)))
 
 
 def bind_held_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    addr = _sockaddr_in("0.0.0.0", 0)
-    return _check(_libc().bind(3, addr, len(addr)))
+    """A name in the host's abstract UNIX namespace, which a host service may be about to take."""
+    addr = struct.pack("=H", socket.AF_UNIX) + SQUATTED_ABSTRACT_SOCKET % ctx["monitor_pid"]
+    return _check(_libc().bind(fds["dgram"], addr, len(addr)))
 
 
 # An abstract UNIX socket of the host's that the escape suite binds (test_escape.py
 # handed_fds): one the device could reach through a socket made outside its namespaces.
 HOST_ABSTRACT_SOCKET = b"\0splitvmm-escape-victim"
+SQUATTED_ABSTRACT_SOCKET = b"\0splitvmm-escape-squat-%d"  # one per test: the sleeper's pid
 
 
 def sendto_abstract_address(fds: dict[str, int], ctx: dict[str, int]) -> object:
@@ -168,7 +187,7 @@ def kill_monitor(fds: dict[str, int], ctx: dict[str, int]) -> object:
 def process_vm_readv_monitor(fds: dict[str, int], ctx: dict[str, int]) -> object:
     buf = ctypes.create_string_buffer(8)
     local = (ctypes.c_size_t * 2)(ctypes.addressof(buf), 8)  # struct iovec {base, len}
-    remote = (ctypes.c_size_t * 2)(0x400000, 8)  # anywhere: the pid check comes first
+    remote = (ctypes.c_size_t * 2)(ctx["monitor_address"], 8)  # mapped in the monitor
     pid = ctx["monitor_pid"]
     return _syscall("process_vm_readv", pid, local, 1, remote, 1, 0)
 
@@ -183,11 +202,23 @@ def unshare_userns(fds: dict[str, int], ctx: dict[str, int]) -> object:
 
 
 def setns_any(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    return _check(_libc().setns(fds["irq"], SETNS_ANY))
+    """The host's network namespace, through an fd of it the suite hands over."""
+    return _check(_libc().setns(fds["netns"], SETNS_ANY))
+
+
+BPF_PROG_TYPE_SOCKET_FILTER = 1  # <linux/bpf.h>: what an unprivileged process may load
+BPF_ATTR_SIZE = 128  # the fields of union bpf_attr a load names, and zeroes after them
 
 
 def bpf_prog_load(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    return _syscall("bpf", BPF_PROG_LOAD, None, 0)
+    """A socket filter of two instructions (r0 = 0; exit): the verifier takes it."""
+    insns = (ctypes.c_uint64 * 2)(0xB7, 0x95)  # BPF_ALU64|BPF_MOV|BPF_K r0, 0; BPF_JMP|BPF_EXIT
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = struct.pack(
+        "=IIQQ", BPF_PROG_TYPE_SOCKET_FILTER, 2, ctypes.addressof(insns), ctypes.addressof(license)
+    )
+    buf = ctypes.create_string_buffer(attr, BPF_ATTR_SIZE)
+    return _syscall("bpf", BPF_PROG_LOAD, buf, BPF_ATTR_SIZE)
 
 
 def io_uring_setup(fds: dict[str, int], ctx: dict[str, int]) -> object:
@@ -302,6 +333,7 @@ ATTEMPTS: dict[str, Attempt] = {
         connect_unix_path,
         connect_held_fd_to_loopback,
         connect_held_fd_to_unix_path,
+        connect_held_fd_to_abstract_address,
         bind_held_fd,
         sendto_abstract_address,
         send_out_of_band,

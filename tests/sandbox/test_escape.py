@@ -55,12 +55,16 @@ STOPPED_WITHOUT_SECCOMP = {
     "mount_tmpfs",
     "unshare_userns",
     "setns_any",
-    "bpf_prog_load",
     "ftruncate_sealed_memfd",
     "write_readonly_fd",
     "write_past_end_of_disk",
     "allocate_past_address_space",
 }
+
+# A socket filter is the kernel's to refuse an unprivileged process (the sysctl), not the
+# sandbox's: where the host allows it, only seccomp stops a device's BPF.
+if Path("/proc/sys/kernel/unprivileged_bpf_disabled").read_text().strip() != "0":
+    STOPPED_WITHOUT_SECCOMP.add("bpf_prog_load")
 
 # Outcomes of this session's attempts: (model, attempt, seccomp) -> outcome.
 RESULTS: dict[tuple[str, str, str], str] = {}
@@ -77,11 +81,14 @@ def _escapes_by_value() -> Iterator[None]:
 @pytest.fixture
 def handed_fds(tmp_path: Path) -> Iterator[dict[str, int]]:
     """Extra fds the device holds: a sealed memfd, a read-only file, /dev/kvm where it exists,
-    and sockets made here, outside its namespaces: an unbound datagram socket (a host
-    abstract socket listens for it), one end of a stream pair with out-of-band data waiting."""
+    our network namespace, and sockets made here, outside its namespaces: an unbound datagram
+    socket (a host abstract socket listens for it), an unconnected stream and UDP socket, one
+    end of a stream pair with out-of-band data waiting."""
     victim_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     victim_socket.bind(escapes.HOST_ABSTRACT_SOCKET)
     dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    inet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     stream, peer = socket.socketpair()
     peer.send(b"!", socket.MSG_OOB)
     memfd = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -92,16 +99,29 @@ def handed_fds(tmp_path: Path) -> Iterator[dict[str, int]]:
     victim = tmp_path / "readonly.txt"
     victim.write_bytes(b"original")
     fds = {"memfd": memfd, "readonly": os.open(victim, os.O_RDONLY | os.O_CLOEXEC)}
+    fds["netns"] = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         fds["kvm"] = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         pass  # no KVM here: the ioctl attempt still sweeps fds 0..64
-    yield {**fds, "dgram": dgram.fileno(), "stream": stream.fileno()}
+    sockets = {"dgram": dgram, "unix": unix, "inet": inet, "stream": stream}
+    yield {**fds, **{name: sock.fileno() for name, sock in sockets.items()}}
     for fd in fds.values():
         os.close(fd)
-    for sock in (victim_socket, dgram, stream, peer):
+    for sock in (victim_socket, *sockets.values(), peer):
         sock.close()
     assert victim.read_bytes() == b"original"
+
+
+def attempt_context(sleeper: subprocess.Popen[bytes]) -> dict[str, int]:
+    """What an attempt knows of the stand-in monitor: its pid, an address mapped in it."""
+    with open(f"/proc/{sleeper.pid}/maps") as maps:
+        first = int(maps.readline().split("-")[0], 16)
+    return {
+        "monitor_pid": sleeper.pid,
+        "monitor_address": first,
+        "KVM_GET_API_VERSION": IOCTL_NUMBERS["KVM_GET_API_VERSION"],
+    }
 
 
 def _outcome(dev: SandboxedDevice) -> str:
@@ -148,7 +168,7 @@ def test_sandbox_escape_attempt_fails_or_kills(
     sleeper: subprocess.Popen[bytes],
     handed_fds: dict[str, int],
 ) -> None:
-    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": IOCTL_NUMBERS["KVM_GET_API_VERSION"]}
+    ctx = attempt_context(sleeper)
 
     outcome = _attempt(spawn, model, attempt, ctx, extra_fds=handed_fds)
     RESULTS[model, attempt, "enforced"] = outcome
@@ -166,7 +186,7 @@ def test_sandbox_escape_attempt_without_seccomp_meets_the_other_layers(
     sleeper: subprocess.Popen[bytes],
     handed_fds: dict[str, int],
 ) -> None:
-    ctx = {"monitor_pid": sleeper.pid, "KVM_GET_API_VERSION": IOCTL_NUMBERS["KVM_GET_API_VERSION"]}
+    ctx = attempt_context(sleeper)
 
     outcome = _attempt(spawn, model, attempt, ctx, extra_fds=handed_fds, seccomp="trace")
     RESULTS[model, attempt, "without seccomp"] = outcome

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,6 +203,31 @@ def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open(model: str
     assert {"socket", "connect", "execve", "clone", "clone3", "fork"}.isdisjoint(parsed.rules)
 
 
+# Never allowed to a device, in any form: each reaches past the fds it holds (a socket, a
+# process, another process, a namespace), makes memory its rlimits do not count or code the
+# filter cannot see, or undoes an argument rule of common_device.policy (sendmsg and recvmsg
+# take the address and MSG_OOB that sendto's and recvfrom's rules refuse; personality's
+# READ_IMPLIES_EXEC makes every readable mapping executable, past mmap's PROT_EXEC rule). Most
+# of them fail beneath seccomp too (the PID namespace, no capabilities), which is why the
+# escape attempts alone would not notice one let through; a `return ERRNO` rule is fine.
+NEVER_ALLOWED_TO_A_DEVICE = frozenset(
+    """socket socketpair connect bind listen accept accept4 sendmsg recvmsg sendmmsg recvmmsg
+    execve execveat clone clone3 fork vfork ptrace process_vm_readv process_vm_writev kill tkill
+    tgkill pidfd_open pidfd_getfd pidfd_send_signal unshare setns mount pivot_root
+    open_by_handle_at memfd_create userfaultfd io_uring_setup io_setup bpf perf_event_open
+    keyctl add_key request_key personality prctl seccomp""".split()
+)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_shipped_device_policies_allow_nothing_that_reaches_out(model: str) -> None:
+    parsed = policy.load_model_policy(model)
+
+    allowed = {name for name, rule in parsed.rules.items() if not rule.errno}
+
+    assert sorted(allowed & NEVER_ALLOWED_TO_A_DEVICE) == []
+
+
 def _device_under_its_own_filter(tmp_path, model, serve, frames=(), setup=lambda: None):
     """Fork a "device" that calls setup(), connects its channel (devprocs/channel.py) to a
     libzmq PAIR socket (the monitor's end here, as `policy audit`'s), says "connected", waits
@@ -304,3 +332,42 @@ def test_a_device_takes_the_largest_frame_its_channel_accepts_under_its_own_filt
     )
 
     assert (said, ended) == ([b"connected", b"got %d" % control.MAX_CONTROL], 0)
+
+
+# A process under the monitor's own filter (monitor.policy, as Confinement compiles it), with
+# a connected UNIX stream pair made beforehand, as the monitor's channels and control clients
+# are; it runs `statement` and exits 5.
+UNDER_MONITOR_FILTER = """
+import os, socket, sys
+from splitvmm.monitor.confinement import MONITOR_POLICY, policy_constants
+from splitvmm.native import confine
+from splitvmm.sandbox import policy
+ours, theirs = socket.socketpair()
+rules = policy.parse_file(policy.policy_file(MONITOR_POLICY), policy_constants(ours.fileno()))
+filt = policy.compile_filter(rules)
+confine.set_no_new_privs()
+filt.load()
+exec(sys.argv[1])
+os._exit(5)
+"""
+
+
+def _under_monitor_filter(statement: str) -> int:
+    argv = [sys.executable, "-c", UNDER_MONITOR_FILTER, statement]
+    return subprocess.run(
+        argv, cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=30
+    ).returncode
+
+
+def test_monitor_filter_control_plain_send_and_receive_are_allowed() -> None:
+    assert _under_monitor_filter("ours.send(b'x'); theirs.recv(1)") == 5
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["ours.send(b'!', socket.MSG_OOB)", "theirs.send(b'!'); ours.recv(1, socket.MSG_OOB)"],
+)
+def test_monitor_filter_refuses_out_of_band_data_as_a_devices_does(statement: str) -> None:
+    """AF_UNIX MSG_OOB is the kernel code a sandbox escape went through (CVE-2025-38236:
+    common_device.policy); the monitor never uses it either."""
+    assert _under_monitor_filter(statement) == -signal.SIGSYS
