@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -56,4 +57,4 @@ def build(cache_dir: Path | None, force: bool) -> None:
         raise click.ClickException(str(e)) from e
     verb = "reused" if kit.reused else f"built in {time.monotonic() - start:.1f} s"
     console.print(f"guest kit {verb}: {describe(kit)}", highlight=False, soft_wrap=True)
-    click.echo(kit.config)
+    click.echo(os.fsencode(kit.config))  # the path's own bytes, UTF-8 or not

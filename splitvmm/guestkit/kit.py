@@ -3,7 +3,8 @@
 Layout of the cache:
     vmlinuz-<release>                 the bzImage, copied out of the kernel package
     initramfs-<release>.cpio.gz       busybox + virtio modules + /init
-    debian.toml                       the VM config (absolute paths into this directory)
+    debian.toml                       the VM config (file names, which `splitvmm up` takes
+                                      from the config's directory: a copied kit boots its own)
     disk.img                          the demo VM's virtio-blk disk (raw, sparse); the guest's
                                       data: made once, never rebuilt or overwritten
     manifest.json                     written last: what was built, with sha256 of each file
@@ -16,8 +17,7 @@ removes only what it made, its scratch directory and the kernel and initramfs an
 manifest.json names, never files it merely finds there.
 
 A kit is reused when manifest.json names files that exist with the recorded sha256. The config
-is not in the manifest: it is re-rendered on every run (cheap), so it follows the directory if
-the cache is moved.
+is not in the manifest: it is re-rendered on every run (cheap).
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ DISK = "disk.img"
 DISK_SIZE = 64 << 20
 # The first sector, so that `head -n1 /dev/vda` in the guest shows the disk is this one.
 DISK_LABEL = b"splitvmm demo disk: raw, 64 MiB, yours to write\n"
-BUSYBOX_IN_PACKAGE = "bin/busybox"
+# Debian 12's busybox-static ships /bin/busybox; merged-/usr releases (Debian 13) ship nothing
+# under /bin, and have /usr/bin/busybox (as kernel.py MODULE_ROOTS for the modules).
+BUSYBOX_IN_PACKAGE = ("bin/busybox", "usr/bin/busybox")
 HASH_CHUNK = 1 << 20
 SCRATCH_PREFIX = ".splitvmm-build-"
 # The names tempfile.mkdtemp gives scratch directories (8 of its characters after a prefix
@@ -195,7 +197,10 @@ def _make_disk(path: Path) -> None:
 def _write_config(kit: Kit) -> None:
     disk = kit.config.with_name(DISK)
     _make_disk(disk)
-    data = render_vm_config(kit.kernel, kit.initrd, disk).encode()
+    # Names, not absolute paths: relative paths are taken from the config's directory, so a
+    # copy of the kit (cp -r) boots its own kernel and writes its own disk, not the original's.
+    names = (Path(kit.kernel.name), Path(kit.initrd.name), Path(disk.name))
+    data = render_vm_config(*names).encode()
     # Bytes, not text: a config edited in another encoding is a change like any other.
     if not kit.config.is_file() or kit.config.read_bytes() != data:
         with _atomic_output(kit.config) as f:
@@ -208,9 +213,11 @@ def _build(cache_dir: Path, progress: Progress, run: Runner) -> Kit:
         kernel_pkg, busybox_pkg = fetch_packages(run, work / "debs", progress)
         progress(f"unpacking {kernel_pkg.name} and {busybox_pkg.name}")
         kernel = find_kernel(extract(run, kernel_pkg, work / "kernel"))
-        busybox = extract(run, busybox_pkg, work / "busybox") / BUSYBOX_IN_PACKAGE
-        if not busybox.is_file():
-            raise GuestKitError(f"{busybox_pkg.name} has no {BUSYBOX_IN_PACKAGE}")
+        unpacked = extract(run, busybox_pkg, work / "busybox")
+        found = [unpacked / p for p in BUSYBOX_IN_PACKAGE if (unpacked / p).is_file()]
+        if not found:
+            raise GuestKitError(f"{busybox_pkg.name} has no {' or '.join(BUSYBOX_IN_PACKAGE)}")
+        busybox = found[0]
         return _assemble(cache_dir, kernel, busybox, (kernel_pkg, busybox_pkg), progress, run)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -83,7 +83,9 @@ done
 echo "{MARKER}: $loaded of {len(module_paths)} modules loaded"
 echo "{MARKER}: block devices:"
 cat /proc/partitions
-[ -b /dev/vda ] && head -n1 /dev/vda
+# At most its first sector: a disk the guest zeroed or filled has no newline, and all of
+# it would go to the serial console.
+[ -b /dev/vda ] && head -c 512 /dev/vda | head -n1
 case " $(cat /proc/cmdline) " in
 *" {SHELL_FLAG} "*)
     echo "{MARKER}: shell (exit it to power off)"

@@ -34,8 +34,8 @@ DISK_SERIAL = "splitvmm-demo"  # what the guest reads as /sys/block/vda/serial
 
 
 def render_vm_config(kernel: Path, initrd: Path, disk: Path, cmdline: str = KERNEL_CMDLINE) -> str:
-    """The config text; `kernel`, `initrd` and `disk` must be absolute (the config may be
-    used from any directory)."""
+    """The config text; a relative `kernel`, `initrd` or `disk` is taken from the config's own
+    directory by `splitvmm up` (config.py), whatever the working directory."""
     return f"""# The splitvmm demo guest, written by `splitvmm guest build`.
 # Boot it with `splitvmm up` and the path of this file.
 # Add splitvmm.shell to the command line for a busybox shell on the serial console.

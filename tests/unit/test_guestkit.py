@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
+import shutil
 import struct
 import subprocess
 import tomllib
@@ -20,6 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm.cli import guest as guest_cli
+from splitvmm.config import load_config
 from splitvmm.guestkit import debian, kit
 from splitvmm.guestkit.errors import (
     GuestKitError,
@@ -445,18 +448,18 @@ def test_default_cache_dir_relative_xdg_cache_home_is_ignored():
 
 def test_build_kit_fresh_cache_writes_config_that_names_the_kit(tmp_path: Path):
     built = kit.build_kit(tmp_path, run=FakeHost())
-    config = tomllib.loads(built.config.read_text())
-    assert (config["boot"]["kernel"], config["boot"]["initrd"]) == (
-        str(tmp_path / f"vmlinuz-{RELEASE}"),
-        str(tmp_path / f"initramfs-{RELEASE}.cpio.gz"),
+    config = load_config(built.config)  # as `splitvmm up` reads it
+    assert (config.boot.kernel, config.boot.initrd) == (
+        tmp_path / f"vmlinuz-{RELEASE}",
+        tmp_path / f"initramfs-{RELEASE}.cpio.gz",
     )
-    assert config["boot"]["cmdline"] == KERNEL_CMDLINE
+    assert config.boot.cmdline == KERNEL_CMDLINE
 
 
 def test_build_kit_makes_the_disk_once_and_never_overwrites_it(tmp_path: Path):
     built = kit.build_kit(tmp_path, run=FakeHost())
     disk = tmp_path / kit.DISK
-    assert tomllib.loads(built.config.read_text())["device"][1]["path"] == str(disk)
+    assert load_config(built.config).devices[1].options["path"] == str(disk)
     assert disk.stat().st_size == kit.DISK_SIZE
     assert disk.read_bytes()[: len(kit.DISK_LABEL)] == kit.DISK_LABEL
     with disk.open("r+b") as f:  # the guest wrote to it
@@ -544,14 +547,13 @@ def test_build_kit_changed_initrd_rebuilds(tmp_path: Path):
     assert (again.reused, again.initrd.read_bytes() == good) == (False, True)
 
 
-def test_build_kit_moved_cache_rewrites_config_paths(tmp_path: Path):
+def test_build_kit_moved_cache_config_names_the_moved_kit(tmp_path: Path):
     kit.build_kit(tmp_path / "a", run=FakeHost())
     (tmp_path / "a").rename(tmp_path / "b")
     moved = kit.build_kit(tmp_path / "b", run=FakeHost())
-    config = tomllib.loads(moved.config.read_text())
-    assert (moved.reused, config["boot"]["kernel"]) == (
+    assert (moved.reused, load_config(moved.config).boot.kernel) == (
         True,
-        str(tmp_path / f"b/vmlinuz-{RELEASE}"),
+        tmp_path / f"b/vmlinuz-{RELEASE}",
     )
 
 
@@ -613,3 +615,79 @@ def test_guest_build_cli_unwritable_cache_dir_exits_1_with_message(tmp_path: Pat
     result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", str(tmp_path)])
     assert (result.exit_code, type(result.exception)) == (1, SystemExit)
     assert f"writing the kit in {tmp_path} failed" in result.output
+
+
+class MergedUsrHost(FakeHost):
+    """A Debian 13 (trixie) host: merged-/usr packages ship nothing under /bin or /lib.
+    busybox-static 1:1.37.0-6+b9 (`dpkg-deb -c`) has ./usr/bin/busybox and no ./bin; the
+    kernel's modules are in ./usr/lib/modules (which kernel.py MODULE_ROOTS already knows)."""
+
+    @staticmethod
+    def _unpack(deb: str, dest: Path) -> None:
+        if deb.startswith("busybox-static_"):
+            (dest / "usr/bin").mkdir(parents=True)
+            (dest / "usr/bin/busybox").write_bytes(b"\x7fELF busybox 1.37")
+            return
+        (dest / "boot").mkdir(parents=True)
+        (dest / f"boot/vmlinuz-{RELEASE}").write_bytes(make_bzimage())
+        moddir = dest / "usr/lib/modules" / RELEASE
+        write_module_tree(moddir, MODULES_DEP)
+        (moddir / "modules.dep").write_text(MODULES_DEP)
+
+
+def test_build_kit_merged_usr_busybox_static_is_found(tmp_path: Path):
+    built = kit.build_kit(tmp_path, run=MergedUsrHost())
+    archive = parse_newc(gzip.decompress(built.initrd.read_bytes()))
+    busybox = [m.data for m in archive if m.raw_name == b"bin/busybox\0"]
+    assert busybox == [b"\x7fELF busybox 1.37"]
+
+
+def test_build_kit_copied_kit_boots_its_own_kernel_and_disk(tmp_path: Path):
+    """`cp -r` of a kit (to try something on a copy of the disk) must not boot the original's
+    files: the copy's debian.toml wrote to the original's disk.img."""
+    kit.build_kit(tmp_path / "a", run=FakeHost())
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    config = load_config(tmp_path / "b" / kit.CONFIG)
+    disk = next(d for d in config.devices if d.name == "disk0").options["path"]
+    copy = tmp_path / "b"
+    assert (config.boot.kernel, config.boot.initrd, Path(disk)) == (
+        copy / f"vmlinuz-{RELEASE}",
+        copy / f"initramfs-{RELEASE}.cpio.gz",
+        copy / kit.DISK,
+    )
+
+
+def test_guest_build_cli_cache_dir_not_utf8_is_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A --cache-dir whose name is not UTF-8 (os.fsdecode gives a surrogate): the kit was
+    downloaded and built, then debian.toml's encode() raised UnicodeEncodeError, every run."""
+    host = FakeHost()
+    monkeypatch.setattr(
+        guest_cli,
+        "build_kit",
+        lambda cache, force, progress: kit.build_kit(cache, run=host),
+    )
+    cache = os.fsdecode(bytes(tmp_path) + b"/kit-\xff")
+    result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", cache])
+    assert not isinstance(result.exception, UnicodeError), result.exception
+    if result.exit_code == 0:  # the kit works from there
+        load_config(Path(os.fsdecode(result.stdout_bytes.rstrip(b"\n"))))
+    else:  # or it is refused in one line, before anything is downloaded
+        assert (result.exit_code, type(result.exception), host.calls) == (
+            1,
+            SystemExit,
+            [],
+        )
+
+
+def test_render_init_prints_at_most_a_sector_of_the_disk(tmp_path: Path):
+    """/init shows the disk's first line; a disk the guest zeroed has no newline, and
+    `head -n1 /dev/vda` copied all 64 MiB of it to the serial console at every boot."""
+    disk = tmp_path / "vda"
+    with disk.open("wb") as f:
+        f.truncate(kit.DISK_SIZE)
+    [line] = [x for x in render_init(RELEASE, []).splitlines() if "/dev/vda" in x]
+    script = line.replace("-b /dev/vda", f"-f {disk}").replace("/dev/vda", str(disk))
+    out = subprocess.run(["sh", "-c", script], capture_output=True, check=False).stdout
+    assert 0 < len(out) <= 512
