@@ -226,7 +226,9 @@ class _Server:
                 replace(spec, fds=dict(zip(spec.fds, fds, strict=True)))
             )
         except (Refused, DeviceFailure, OSError) as e:
-            send(self.sock, {"op": "refused", "id": request, "message": str(e)})
+            # clipped: a refusal may quote what the request held (its fd roles), and a reply
+            # is at most MAX_MESSAGE bytes (one past the socket's buffer fails: EMSGSIZE)
+            send(self.sock, {"op": "refused", "id": request, "message": clip(str(e))})
             return True
         finally:
             close_all(fds)  # the device has its own copies now

@@ -26,6 +26,7 @@ MAX_LINE = 1000  # characters of one line shown; a longer line is cut, and says 
 MAX_RAW = MAX_LINE * 4  # bytes of a line kept (UTF-8: at most 4 a character)
 WINDOW_S = 1.0
 BURST_BYTES = 16 * 1024  # a device's stderr shown in any WINDOW_S: a traceback fits
+MIN_LINE = 63  # what a line costs at least: its name and prefix are printed whatever it holds
 READ_SIZE = 4096
 
 Clock = Callable[[], float]
@@ -71,18 +72,23 @@ class StderrRelay:
         return out
 
     def _line(self, raw: bytes, cut: bool = False) -> list[str]:
-        """The line to print for one line of the device's (none if the rate says drop it)."""
+        """The line to print for one line of the device's (none if the rate says drop it).
+        A line costs what it shows, escapes included, and at least MIN_LINE + 1 bytes: an
+        empty line still prints the device's name (BURST_BYTES / 64 lines a window at most)."""
         now = self._clock()
         if now - self._window_start >= WINDOW_S:
             self._window_start, self._window_bytes = now, 0
-        if self._window_bytes + len(raw) + 1 > BURST_BYTES:
+        text = ""
+        if self._window_bytes + max(len(raw), MIN_LINE) + 1 <= BURST_BYTES:  # escaped only then
+            text = escaped(raw.decode("utf-8", "replace"), keep="\t")
+            if len(text) > MAX_LINE or cut:
+                text = text[:MAX_LINE] + " [cut]"
+        cost = max(len(raw), len(text.encode(errors="replace")), MIN_LINE) + 1
+        if self._window_bytes + cost > BURST_BYTES:
             self.dropped += len(raw) + 1
             return []
-        self._window_bytes += len(raw) + 1
+        self._window_bytes += cost
         out = [self._dropped_note()] if self.dropped else []
-        text = escaped(raw.decode("utf-8", "replace"), keep="\t")
-        if len(text) > MAX_LINE or cut:
-            text = text[:MAX_LINE] + " [cut]"
         out.append(f"splitvmm: device {self.name}: {text}")
         return out
 

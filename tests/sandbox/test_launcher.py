@@ -27,7 +27,7 @@ from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox import launcher as launcher_module
 from splitvmm.sandbox import launcher_start
-from splitvmm.sandbox.launcher import Launcher
+from splitvmm.sandbox.launcher import CHUNK, MAX_MESSAGE, Launcher
 from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
 from splitvmm.sandbox.spawn import readable
 from tests.sandbox.harness import REPO
@@ -575,3 +575,43 @@ def test_launcher_resume_of_a_process_not_a_waiting_spare_is_refused(launcher, r
         process.kill()
         process.wait(10)
         process.close()
+
+
+def request(launcher: Launcher, header: dict[str, object], data: bytes, fds=()) -> dict:
+    """One raw request (its header with `fds`, then `data` in chunks) and its reply, read
+    with room for more than MAX_MESSAGE: what a reply holds."""
+    sock = launcher._sock
+    launcher_start.send(sock, {**header, "size": len(data)}, list(fds))
+    for i in range(0, len(data), CHUNK):
+        launcher_start.send(sock, data[i : i + CHUNK])
+    assert readable(sock.fileno(), 30), "no reply within 30 s"
+    reply, got, cut = launcher_start.receive(sock, 1 << 20)
+    launcher_start.close_all(got)
+    assert reply, "the launcher closed its socket: it has exited"
+    return {"reply": json.loads(reply), "size": len(reply)}
+
+
+def serves_a_device(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> None:
+    spec = DeviceSpec("serial0", "serial", f"ipc://{rundir}/serial0.sock", fds)
+    process, listener = launcher.spawn(spec)
+    os.close(listener)
+    process.kill()
+    assert process.wait(10) == -signal.SIGKILL
+    process.close()
+
+
+@pytest.mark.parametrize("role_bytes", [2000, 300_000], ids=["over-MAX_MESSAGE", "over-sndbuf"])
+def test_launcher_refusal_quoting_role_names_fits_a_reply(launcher, rundir, fds, role_bytes):
+    """A spec naming fds the model does not take is refused with the names it gave: the
+    reply must still fit MAX_MESSAGE (the monitor's handle breaks for good on a longer one),
+    and one past the socket's send buffer must not end the launcher (EMSGSIZE)."""
+    launcher.check_configured()  # ready and configured: what follows speaks raw
+    roles = {f"{i}{'r' * role_bytes}": 0 for i in range(2)}
+    spec = {"name": "serial0", "model": "serial", "channel": f"ipc://{rundir}/serial0.sock",
+            "fds": roles}  # fmt: skip
+    got = request(launcher, {"op": "spawn", "id": 7}, json.dumps(spec).encode(),
+                  [fds["irq"], fds["out"]])  # fmt: skip
+    assert got["reply"]["op"] == "refused" and "model serial takes fds" in got["reply"]["message"]
+    assert got["size"] <= MAX_MESSAGE
+    # the legitimate client, on the same socket, still served
+    serves_a_device(launcher, rundir, fds)

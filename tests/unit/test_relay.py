@@ -3,7 +3,11 @@ and at most BURST_BYTES a window."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from splitvmm.sandbox.relay import BURST_BYTES, MAX_LINE, MAX_RAW, WINDOW_S, StderrRelay
+from tests.sandbox.harness import REPO
 
 
 class Clock:
@@ -75,3 +79,58 @@ def test_relay_says_what_it_dropped_at_eof():
     assert relay.end() == [
         f"splitvmm: device x: [500 bytes of its stderr not shown: over {BURST_BYTES} in 1 s]"
     ]
+
+
+# What one window may print: BURST_BYTES of the device's text, and the "splitvmm: device
+# NAME: " before each line (at most 85 bytes), of lines that cost at least 64 bytes each.
+BOUND = BURST_BYTES + BURST_BYTES // 64 * 85
+
+
+def printed(lines: list[str]) -> int:
+    """Bytes the launcher writes for `lines` (launcher_server.py _relay)."""
+    return len("".join(f"{line}\n" for line in lines).encode(errors="replace"))
+
+
+def test_relay_of_empty_lines_prints_within_its_rate():
+    """1 byte a line (b"\\n") costs the device 1 byte of its BURST_BYTES, and the operator a
+    whole "splitvmm: device NAME: " line: 16384 lines in one window."""
+    relay = StderrRelay("n" * 63, Clock())  # the longest name NAME_RE takes
+    out = relay.feed(b"\n" * BURST_BYTES)
+    assert printed(out) <= BOUND, f"{len(out)} lines, {printed(out)} bytes in one window"
+
+
+def test_relay_of_control_characters_prints_within_its_rate():
+    """Each escaped control byte prints as 4 characters (\\x01)."""
+    relay = StderrRelay("x", Clock())
+    out = relay.feed((b"\x01" * 249 + b"\n") * (BURST_BYTES // 250))
+    assert printed(out) <= BOUND, f"{len(out)} lines, {printed(out)} bytes in one window"
+
+
+# The launcher's server with one device's stderr pipe, as _spawn registers it; the "device"
+# writes 64 KiB of newlines; what the launcher writes to its fd 2 (a file here) is counted.
+FLOOD = """
+import json, os, socket, sys
+from splitvmm.sandbox import launcher_server
+from splitvmm.sandbox.relay import StderrRelay
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+server = launcher_server._Server(theirs, None)
+r, w = os.pipe2(os.O_CLOEXEC)
+os.set_blocking(r, False)
+server.relays[r] = StderrRelay("serial0")
+server.poller.register(r)
+os.write(w, b"\\n" * 65536)
+os.close(w)
+while r in server.relays:  # the launcher's loop, for this pipe: to its EOF
+    server._relay(r)
+"""
+
+
+def test_launcher_relays_a_device_writing_newlines_within_its_rate(tmp_path):
+    log = tmp_path / "stderr"
+    with open(log, "wb") as err:
+        subprocess.run([sys.executable, "-c", FLOOD], cwd=REPO, stderr=err, timeout=30,
+                       check=True)  # fmt: skip
+    lines = log.read_bytes().splitlines()
+    # One window (the script takes well under WINDOW_S): at most BOUND shown, and a line
+    # saying what was not.
+    assert len(log.read_bytes()) <= BOUND + 200, f"{len(lines)} lines printed"
