@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from splitvmm.snapshot.reader import Snapshot
 
 EXIT_HELP = """Exit status: the guest's debug-exit status ((value << 1) | 1), 0 for a guest
-reset, power-off or `ctl suspend`, 4 when the VM stopped on a fault (triple fault, an
-instruction KVM could not run, a failed device), 1 when it could not start."""
+reset, power-off, `ctl suspend` or Ctrl-A x, 4 when the VM stopped on a fault (triple fault,
+an instruction KVM could not run, a failed device), 1 when it could not start, 128 + N when
+signal N stopped it."""
 
 ConfigLoader = Callable[["Snapshot | None"], "VmConfig"]
 

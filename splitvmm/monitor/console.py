@@ -13,9 +13,15 @@ import errno
 import logging
 import os
 import select
+import signal
 import termios
+import threading
 import tty
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from signal import _HANDLER
 
 log = logging.getLogger("splitvmm.console")
 
@@ -61,10 +67,29 @@ def raw_terminal(fd: int) -> Iterator[bool]:
         return
     saved = termios.tcgetattr(fd)
     tty.setraw(fd)
+    previous = _raw_again_on_continue(fd)
     try:
         yield True
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGCONT, previous)
         _restore(fd, saved)
+
+
+def _raw_again_on_continue(fd: int) -> _HANDLER:
+    """A shell puts its own terminal modes back when its foreground job stops (`kill -STOP`,
+    `kill -TSTP`: Ctrl-Z is the guest's key in raw mode) and does not put the job's back on
+    `fg`: raw mode is set again on SIGCONT, as QEMU's stdio does, or the console after `fg`
+    echoes, waits for Enter, and turns the guest's Ctrl-C into the VM's SIGINT. Input typed
+    meanwhile is kept (TCSANOW). The previous handler; None off the main thread (none set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def again(signum: int, frame: object) -> None:
+        with contextlib.suppress(termios.error):  # a terminal that hung up meanwhile
+            tty.setraw(fd, termios.TCSANOW)
+
+    return signal.signal(signal.SIGCONT, again)
 
 
 def _restore(fd: int, saved: list[int | list[bytes | int]]) -> None:
@@ -81,9 +106,19 @@ def _restore(fd: int, saved: list[int | list[bytes | int]]) -> None:
 
 
 def pump(
-    fd: int | None, wake_fd: int, deliver: Callable[[bytes], int | None], escape: bool
+    fd: int | None,
+    wake_fd: int,
+    deliver: Callable[[bytes], int | None],
+    escape: bool,
+    signal_fd: int | None = None,
 ) -> bool:
     """Forward input from `fd` until `wake_fd` fires. Returns True if the user asked to quit.
+
+    `signal_fd`: the read end of the signal wake-up pipe (signal.set_wakeup_fd). The kernel
+    may hand a process-directed signal to any thread (to whichever runs first when a stopped
+    process continues: a shell's `kill %1` of a stopped job sends SIGTERM, then SIGCONT), and
+    Python runs its handler on this thread only once it runs Python again: watched, it ends
+    this wait, so the handler runs now, not when the VM ends.
 
     `deliver(data)` sends what the console device has room for, from the front of `data`,
     and says how many bytes that was (monitor/slot.py input()): 0 while it has no room,
@@ -99,13 +134,15 @@ def pump(
     dropped = 0  # typed while PENDING_MAX bytes waited (a terminal's input only)
     reading = fd is not None
     while True:
-        watched = [wake_fd]
+        watched = [wake_fd] if signal_fd is None else [wake_fd, signal_fd]
         if fd is not None and reading and (escape or discard or len(pending) < PENDING_MAX):
             watched.append(fd)
         ready, _, _ = select.select(watched, [], [], RETRY_S if pending else None)
         if wake_fd in ready:
             _say_dropped(dropped)
             return False
+        if signal_fd is not None and signal_fd in ready:
+            _drain(signal_fd)  # the handler has run: a stop signal's fires wake_fd
         if fd is not None and fd in ready:
             # A pipe's or a file's input is read up to PENDING_MAX and no further, so that
             # what waits for the guest waits in the pipe, none of it dropped; a terminal's
@@ -147,6 +184,12 @@ def pump(
                 if not pending:
                     _say_dropped(dropped)
                     dropped = 0
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
 
 
 def _say_dropped(dropped: int) -> None:

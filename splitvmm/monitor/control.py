@@ -95,6 +95,12 @@ class ControlServer(threading.Thread):
         try:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.bind(str(self.path))
+        except OSError as e:  # a runtime dir with no room (ENOSPC, EDQUOT): `up` says so
+            self.sock.close()
+            self._wake.close()
+            raise SplitvmmError(
+                f"cannot make the control socket {self.path}: {e.strerror or e}"
+            ) from None
         finally:
             os.umask(old_umask)
         self.sock.listen(max_clients)

@@ -98,10 +98,15 @@ class Machine:
         self.control: ControlServer | None = None
         self.started = time.monotonic()
         self._outcome: Outcome | None = None
-        self._outcome_lock = threading.Lock()
+        # Re-entrant: a stop signal's handler (_on_signal) runs on the main thread, between
+        # any two of its bytecodes, stop()'s own included (a second signal during the first's)
+        self._outcome_lock = threading.RLock()
         self._wake = EventFd()  # wakes the main thread when the VM ends
         # The stop signals' handlers before run() put ours in; close() puts them back
         self._previous_handlers: dict[signal.Signals, _HANDLER] = {}
+        # The signal wake-up pipe (console.pump) and the wake-up fd before it: set with them
+        self._signal_fds: tuple[int, int] | None = None
+        self._previous_wakeup_fd = -1
         self._stop_signals = 0  # stop signals received
         self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self._vm_fds: list[_Closable] = []  # the VM's, then its vCPUs': closed apart (close())
@@ -147,6 +152,10 @@ class Machine:
             if signal.getsignal(s) is not signal.SIG_IGN
         ]
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals}
+        self._signal_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(
+            self._signal_fds[1], warn_on_full_buffer=False
+        )
 
     def build(self) -> None:
         """Everything but running: a stop signal meanwhile ends the build at its next step
@@ -774,12 +783,13 @@ class Machine:
 
     def _serve_console(self) -> None:
         slot = next((s for s in self.slots if s.name == self._console), None)
+        signals = None if self._signal_fds is None else self._signal_fds[0]
         if slot is None:
-            pump(None, self._wake.fd, lambda data: None, escape=False)
+            pump(None, self._wake.fd, lambda data: None, escape=False, signal_fd=signals)
             return
         stdin = 0 if _is_open(0) else None
         with raw_terminal(0) if stdin is not None else contextlib.nullcontext(False) as is_tty:
-            if pump(stdin, self._wake.fd, slot.input, escape=is_tty):
+            if pump(stdin, self._wake.fd, slot.input, escape=is_tty, signal_fd=signals):
                 self.stop(Outcome(0, "quit from the console (Ctrl-A x)"))
 
     def close(self) -> None:
@@ -818,6 +828,10 @@ class Machine:
                 for s, handler in self._previous_handlers.items():
                     signal.signal(s, handler)
                 self._previous_handlers = {}
+                if self._signal_fds is not None:
+                    signal.set_wakeup_fd(self._previous_wakeup_fd)
+                    _close_fds(self._signal_fds)
+                    self._signal_fds = None
 
     def write_back_images(self) -> None:
         """fdatasync every writable disk image: what the guest wrote (and saw completed,
@@ -889,6 +903,11 @@ def _close_all(closables: list[_Closable]) -> None:
             c.close()
         except Exception:
             log.exception("closing %r failed", c)
+
+
+def _close_fds(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _is_open(fd: int) -> bool:

@@ -11,6 +11,7 @@ import fcntl
 import mmap
 import os
 
+from splitvmm.errors import SplitvmmError
 from splitvmm.monitor.layout import ram_ranges
 from splitvmm.native.mem import GuestMemoryError, GuestMemoryView, Region
 
@@ -29,8 +30,12 @@ class GuestMemory(GuestMemoryView):
             os.ftruncate(self.fd, size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
             mapping = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
+        except BaseException as e:
             os.close(self.fd)
+            if isinstance(e, OSError):  # ENOMEM: `ulimit -v` below vm.memory, ...
+                raise SplitvmmError(
+                    f"cannot map {size >> 20} MiB of guest RAM: {e.strerror or e}"
+                ) from None
             raise
         regions, offset = [], 0
         for gpa, length in ram_ranges(size):

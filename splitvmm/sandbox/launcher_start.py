@@ -76,6 +76,7 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)  # a monitor's (machine.py), forked after its build began: not ours
     _keep_only_fds(sock_fd)
     confine.set_no_new_privs()
     confine.set_child_subreaper()  # before the zygote: its grandchildren are ours

@@ -161,9 +161,9 @@ def listen_channel(path: str) -> socket.socket:
     try:
         sock.bind(path)
         sock.listen(1)  # one peer: the device
-    except OSError:
+    except OSError as e:  # a runtime dir with no room (ENOSPC, EDQUOT): the refusal names it
         sock.close()
-        raise
+        raise DeviceFailure(f"cannot make the device channel {path}: {e.strerror or e}") from None
     finally:
         os.umask(old_umask)
     return sock
