@@ -11,8 +11,19 @@ process of the VM from /proc: splitvmm's monitor and all its descendants (launch
 and per device its warden and its sandboxed process), QEMU's one process. For each it sums
 PSS (a page shared by N processes counts 1/N in each: the honest sum over a process tree)
 and RSS from smaps, leaving out guest RAM: the mapping of the RAM memfd (splitvmm's
-`<vm>-ram`; QEMU gets `-object memory-backend-memfd` so its RAM is a named memfd too).
+`<vm>-ram`; QEMU gets `-object memory-backend-memfd` so its RAM is a named memfd too, which
+QEMU names after the backend's type: `memory-backend-memfd`, whatever its id).
 A VM is measured after SETTLE_S, RUNS times; medians.
+
+What the goal compares is "resident": the distinct physical pages the VM's processes keep
+resident (from /proc/PID/pagemap, which shows frame numbers to root only), guest RAM left
+out, each page once however many of the VM's processes map it. For QEMU's one process that
+is its RSS. A sum of PSS is not that: a page shared with a process outside the VM (this
+bench's own interpreter, which maps the same python binary and imports the same modules,
+or any other Python on the host) counts only in part, so the figure falls as unrelated
+processes start (one VM: 40.5 MiB, 38.5 with six idle interpreters beside it, against 45.1
+resident either way) and PSS against QEMU's RSS counts shared libraries two ways. Without
+root the ratio is PSS against QEMU's PSS, the same measure on both sides.
 
 The zygote (sandbox/zygote.py) ends once the VM's devices and their spares have started and
 no restart came for ZYGOTE_IDLE_S (the monitor's rest request to the launcher), so a settled
@@ -89,6 +100,7 @@ import os
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -117,13 +129,15 @@ KIB = 1024
 
 
 class Usage(Struct, frozen=True):
-    """One process (or a sum): kiB of PSS and RSS, guest RAM left out."""
+    """One process (or a sum): kiB of PSS and RSS, guest RAM left out; `resident`, where
+    set, the kiB of distinct pages of a whole VM (resident_kib), 0 where not known."""
 
     pss: int = 0
     rss: int = 0
+    resident: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(self.pss + other.pss, self.rss + other.rss)
+        return Usage(self.pss + other.pss, self.rss + other.rss, self.resident + other.resident)
 
 
 def usage_beyond(pid: int, ram_name: str) -> Usage:
@@ -140,6 +154,31 @@ def usage_beyond(pid: int, ram_name: str) -> Usage:
         elif not in_ram and field == "Rss:":
             rss += int(line.split()[1])
     return Usage(pss, rss)
+
+
+def resident_kib(pids: list[int], ram_name: str) -> int:
+    """kiB of the distinct physical pages mapped and present in `pids`, leaving out every
+    mapping of the memfd `ram_name`: a page shared by several of them counts once, one they
+    share with processes elsewhere counts whole (as a single process's RSS counts it). 0 when
+    the kernel hides frame numbers (pagemap gives them to CAP_SYS_ADMIN only)."""
+    frames: set[int] = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                fields = line.split(None, 5)
+                name = fields[5] if len(fields) > 5 else ""
+                if f"/memfd:{ram_name} " in name + " " or name == "[vsyscall]":
+                    continue
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                pagemap.seek((start >> 12) * 8)
+                entries = pagemap.read(((end - start) >> 12) * 8)
+                for (entry,) in struct.iter_unpack("<Q", entries):
+                    if entry >> 63:  # present
+                        pfn = entry & ((1 << 55) - 1)
+                        if pfn == 0:
+                            return 0
+                        frames.add(pfn)
+    return len(frames) * 4
 
 
 def descendants(pid: int) -> list[int]:
@@ -229,12 +268,17 @@ def splitvmm_roles(monitor: int) -> dict[str, Usage]:
         role = "devices" if exe == "warden" else "zygote"
         for pid in descendants(child):
             roles[role] += usage_beyond(pid, ram)
-    roles["total"] = sum(roles.values(), Usage())
-    roles["processes"] = Usage(len(descendants(monitor)), 0)
+    total = sum(roles.values(), Usage())
+    tree = descendants(monitor)
+    roles["total"] = Usage(total.pss, total.rss, resident_kib(tree, ram))
+    roles["processes"] = Usage(len(tree), 0)
     return roles
 
 
 # -- QEMU -------------------------------------------------------------------------------------
+QEMU_RAM = "memory-backend-memfd"  # QEMU's name for the memfd of any memory-backend-memfd
+
+
 def measure_qemu(qemu: str, work: Path, image: Path, disk: Path | None) -> Usage:
     serial = work / "qemu-serial.log"
     serial.unlink(missing_ok=True)
@@ -250,7 +294,8 @@ def measure_qemu(qemu: str, work: Path, image: Path, disk: Path | None) -> Usage
     try:
         wait_for_text(serial, GREETING, proc, START_TIMEOUT_S, "QEMU")
         time.sleep(SETTLE_S)
-        return usage_beyond(proc.pid, "ram")
+        use = usage_beyond(proc.pid, QEMU_RAM)
+        return Usage(use.pss, use.rss, resident_kib([proc.pid], QEMU_RAM))
     finally:
         stop(proc)
 
@@ -260,6 +305,7 @@ def median(samples: list[Usage]) -> Usage:
     return Usage(
         round(statistics.median(u.pss for u in samples)),
         round(statistics.median(u.rss for u in samples)),
+        round(statistics.median(u.resident for u in samples)),
     )
 
 
@@ -300,16 +346,22 @@ def main() -> None:
 def show(results: dict[str, dict[str, Usage]]) -> None:
     console = Console()
     for label, roles in results.items():
+        qemu = roles.get("QEMU")
+        # the same measure on both sides: distinct resident pages (root), else PSS
+        by_pages = qemu is not None and qemu.resident > 0 and roles["total"].resident > 0
+        measure = "resident" if by_pages else "PSS"
         table = Table(title=f"beyond guest RAM, {label} (MiB, median)")
-        for column in ("what", "PSS", "RSS", "PSS / QEMU's RSS"):
+        for column in ("what", "PSS", "RSS", "resident", f"{measure} / QEMU's"):
             table.add_column(column, justify="left" if column == "what" else "right")
-        qemu_rss = roles["QEMU"].rss if "QEMU" in roles else 0
         for role, use in roles.items():
             if role == "processes":
                 continue
-            ratio = f"{use.pss / qemu_rss:.2f}" if qemu_rss and role in ("total", "QEMU") else ""
+            ratio = ""
+            if qemu is not None and role in ("total", "QEMU"):
+                ratio = f"{use.resident / qemu.resident if by_pages else use.pss / qemu.pss:.2f}"
             name = {"total": f"splitvmm ({roles['processes'].pss} processes)"}.get(role, role)
-            table.add_row(name, mib(use.pss), mib(use.rss), ratio)
+            resident = mib(use.resident) if use.resident else ""
+            table.add_row(name, mib(use.pss), mib(use.rss), resident, ratio)
         console.print(table)
 
 
