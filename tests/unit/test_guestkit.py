@@ -150,17 +150,20 @@ class FakeHost:
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(argv, rc, out, err)
 
-    @staticmethod
-    def _unpack(deb: str, dest: Path) -> None:
+    USR = ""  # where the packages put /bin and /lib: "usr/" on a merged-/usr release
+
+    def _unpack(self, deb: str, dest: Path) -> None:
         if deb.startswith("busybox-static_"):
-            (dest / "bin").mkdir(parents=True)
-            (dest / "bin/busybox").write_bytes(b"\x7fELF busybox")
+            (dest / self.USR / "bin").mkdir(parents=True)
+            (dest / self.USR / "bin/busybox").write_bytes(self.BUSYBOX)
             return
         (dest / "boot").mkdir(parents=True)
         (dest / f"boot/vmlinuz-{RELEASE}").write_bytes(make_bzimage())
-        moddir = dest / "lib/modules" / RELEASE
+        moddir = dest / self.USR / "lib/modules" / RELEASE
         write_module_tree(moddir, MODULES_DEP)
         (moddir / "modules.dep").write_text(MODULES_DEP)
+
+    BUSYBOX = b"\x7fELF busybox"
 
 
 # --- module names and dependencies -------------------------------------------------------
@@ -622,17 +625,8 @@ class MergedUsrHost(FakeHost):
     busybox-static 1:1.37.0-6+b9 (`dpkg-deb -c`) has ./usr/bin/busybox and no ./bin; the
     kernel's modules are in ./usr/lib/modules (which kernel.py MODULE_ROOTS already knows)."""
 
-    @staticmethod
-    def _unpack(deb: str, dest: Path) -> None:
-        if deb.startswith("busybox-static_"):
-            (dest / "usr/bin").mkdir(parents=True)
-            (dest / "usr/bin/busybox").write_bytes(b"\x7fELF busybox 1.37")
-            return
-        (dest / "boot").mkdir(parents=True)
-        (dest / f"boot/vmlinuz-{RELEASE}").write_bytes(make_bzimage())
-        moddir = dest / "usr/lib/modules" / RELEASE
-        write_module_tree(moddir, MODULES_DEP)
-        (moddir / "modules.dep").write_text(MODULES_DEP)
+    USR = "usr/"
+    BUSYBOX = b"\x7fELF busybox 1.37"
 
 
 def test_build_kit_merged_usr_busybox_static_is_found(tmp_path: Path):
