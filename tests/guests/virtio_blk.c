@@ -13,7 +13,8 @@
  *   seg=S      bytes per data descriptor (default 0: one descriptor per request)
  *   ro=1       the disk is expected to be read-only (mode=test only)
  *   every=S    loop: a progress line after every S bytes (default 16M); passes=N: stop after
- *              N passes (default 0: until a byte arrives on COM1)
+ *              N passes (default 0: until a byte arrives on COM1; a digit N, 1-9: after
+ *              N * S more bytes)
  *   ios=N      bench: random 4 KiB reads (default 4096); passes=N: each phase N times
  *              (default 1; the firmware flavour's default is 7)
  * README.md describes each mode's output, the data pattern and the exit statuses. */
@@ -431,11 +432,13 @@ static void mode_verify(u64 seed, u64 size)
 
 /* Pass p writes every block with seed + p; before overwriting a block it reads it and checks it
  * holds pass p - 1's data (or already pass p's: a VM restored from a snapshot may find blocks
- * its first life wrote after the snapshot); after writing, it reads the block back. */
+ * its first life wrote after the snapshot); after writing, it reads the block back. A byte on
+ * COM1 stops it after the block it is in; a digit N (1-9) after N times `every` more, so that a
+ * host can bound what a VM writes after a snapshot whatever its own latency. */
 static void mode_loop(const char *cmdline, u64 seed, u64 size)
 {
 	u64 every = cmdline_size(cmdline, "every", 16 * MIB), passes = cmdline_u64(cmdline, "passes", 0);
-	u64 blocks = size / MAX_REQ, total = 0, newer = 0;
+	u64 blocks = size / MAX_REQ, total = 0, newer = 0, stop_at = 0; /* 0: no digit typed */
 
 	if (every < MIB)
 		every = MIB;
@@ -458,7 +461,10 @@ static void mode_loop(const char *cmdline, u64 seed, u64 size)
 			if (total % every == 0)
 				print(TAG ": loop pass=%lu block=%lu written=%lu MiB ok\n", p, b,
 				      total / MIB);
-			if (serial_poll_byte() >= 0) {
+			int c = serial_poll_byte();
+			if (c >= '1' && c <= '9' && !stop_at)
+				stop_at = total + (u64)(c - '0') * every;
+			else if (c >= 0 || (stop_at && total >= stop_at)) {
 				print(TAG ": loop stopped by input after %lu MiB (pass %lu, %lu "
 				      "newer sectors seen)\n", total / MIB, p, newer);
 				return;
