@@ -460,7 +460,9 @@ def _config_dir(path: Path, mode: int) -> Path:
     file's own, not /dev's."""
     if not stat.S_ISREG(mode):
         return Path.cwd()
-    if _FD_ALIAS_DIR.fullmatch(str(path.absolute().parent)):
+    # a link to a config (`ln -s ~/.cache/splitvmm/guest/debian.toml`) is the target's: the
+    # files it names lie beside it
+    if path.is_symlink() or _FD_ALIAS_DIR.fullmatch(str(path.absolute().parent)):
         return Path(os.path.realpath(path)).parent
     return path.parent
 

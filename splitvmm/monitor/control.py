@@ -92,11 +92,13 @@ class ControlServer(threading.Thread):
         self._wake = EventFd()
         self._closing = False
         old_umask = os.umask(0o177)  # the socket is created 0600: only our user may steer the VM
+        sock = None
         try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.bind(str(self.path))
         except OSError as e:  # a runtime dir with no room (ENOSPC, EDQUOT): `up` says so
-            self.sock.close()
+            if sock is not None:  # (none made: no fd left, EMFILE)
+                sock.close()
             self._wake.close()
             raise SplitvmmError(
                 f"cannot make the control socket {self.path}: {e.strerror or e}"

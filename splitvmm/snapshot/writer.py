@@ -299,12 +299,18 @@ class SnapshotWriter:
             os.rename(self.tmp, self.target)
             try:
                 _fsync_dir(self.target.parent)
-            except OSError:
+            except OSError as e:
                 # Not durable, and the caller is told the snapshot failed (a suspend then
                 # resumes the VM, which goes on writing its disk): take the rename back, so
                 # that nothing is left looking valid at the target; abort() removes the rest.
-                with contextlib.suppress(OSError):
+                try:
                     os.rename(self.target, self.tmp)
+                except OSError as back:  # (a file system gone read-only on that EIO: EROFS)
+                    raise SnapshotError(
+                        f"snapshot {self.target}: commit: {e.strerror or e}; the directory was "
+                        f"left there ({back.strerror or back}), not durable and no longer the "
+                        "VM's state: remove it, do not restore it"
+                    ) from None
                 raise
             # The flock goes only now: released before the rename, another writer's sweep
             # could take the directory for a dead writer's and remove it as it is published.

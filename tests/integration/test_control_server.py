@@ -6,6 +6,7 @@ No /dev/kvm needed; real UNIX sockets and threads.
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from splitvmm.errors import SplitvmmError
+from splitvmm.monitor import control
 from splitvmm.monitor.control import ControlBusy, ControlError, ControlServer, request
 from tests.integration.rawclient import connect, reply_of, unanswered
 
@@ -187,3 +190,15 @@ def test_control_request_to_a_full_listen_backlog_is_busy_not_failed(tmp_path, m
         finally:
             for s in waiting:
                 s.close()
+
+
+def test_control_server_whose_socket_cannot_be_made_says_so_in_one_line(tmp_path, monkeypatch):
+    """No fd left for the socket (EMFILE): one line naming it, not an AttributeError over it."""
+
+    def no_fd_left(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(control.socket, "socket", no_fd_left)
+
+    with pytest.raises(SplitvmmError, match="cannot make the control socket .*Too many open"):
+        ControlServer(tmp_path, {})

@@ -213,7 +213,8 @@ def test_shipped_device_policies_hold_no_ioctl_and_no_successful_open(model: str
 NEVER_ALLOWED_TO_A_DEVICE = frozenset(
     """socket socketpair connect bind listen accept accept4 sendmsg recvmsg sendmmsg recvmmsg
     execve execveat clone clone3 fork vfork ptrace process_vm_readv process_vm_writev kill tkill
-    tgkill pidfd_open pidfd_getfd pidfd_send_signal unshare setns mount pivot_root
+    tgkill rt_sigqueueinfo rt_tgsigqueueinfo pidfd_open pidfd_getfd pidfd_send_signal unshare
+    setns mount pivot_root fsopen fsconfig fsmount fspick move_mount open_tree mount_setattr
     open_by_handle_at memfd_create userfaultfd io_uring_setup io_setup bpf perf_event_open
     keyctl add_key request_key personality prctl seccomp""".split()
 )

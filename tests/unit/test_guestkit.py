@@ -685,3 +685,20 @@ def test_render_init_prints_at_most_a_sector_of_the_disk(tmp_path: Path):
     script = line.replace("-b /dev/vda", f"-f {disk}").replace("/dev/vda", str(disk))
     out = subprocess.run(["sh", "-c", script], capture_output=True, check=False).stdout
     assert 0 < len(out) <= 512
+
+
+def test_build_kit_config_reached_through_a_symlink_boots_the_kit(tmp_path: Path):
+    kit.build_kit(tmp_path / "cache", run=FakeHost())
+    (tmp_path / "vms").mkdir()
+    link = tmp_path / "vms" / "demo.toml"
+    link.symlink_to(tmp_path / "cache" / kit.CONFIG)
+
+    config = load_config(link)  # as `splitvmm up vms/demo.toml` reads it
+
+    disk = next(d for d in config.devices if d.name == "disk0").options["path"]
+    cache = tmp_path / "cache"
+    assert (config.boot.kernel, config.boot.initrd, Path(disk)) == (
+        cache / f"vmlinuz-{RELEASE}",
+        cache / f"initramfs-{RELEASE}.cpio.gz",
+        cache / kit.DISK,
+    )

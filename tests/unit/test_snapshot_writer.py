@@ -441,3 +441,35 @@ def _verifies(path) -> bool:
     except SnapshotError:
         return False
     return True
+
+
+def test_writer_commit_that_cannot_take_its_rename_back_says_what_it_left(
+    tmp_path, mem, monkeypatch
+):
+    """The parent's fsync fails (EIO) and the file system went read-only with it (ext4's
+    errors=remount-ro): the rename cannot be taken back, and the error says what is left."""
+    real_fsync_dir, real_rename = writer_module._fsync_dir, os.rename
+
+    def fsync_dir(path):
+        if path == tmp_path:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync_dir(path)
+
+    def rename(src, dst):
+        if src == tmp_path / "s":  # the rename back: the file system went read-only
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(writer_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(writer_module.os, "rename", rename)
+    w = SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+    w.add_ram(mem)
+    w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
+    w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
+
+    with pytest.raises(SnapshotError) as failed:
+        w.commit()
+
+    Snapshot.open(tmp_path / "s").verify()  # left, and it verifies (nothing can remove it)...
+    # ...so the error must say so: the operator must not restore it after the VM ran on
+    assert f"{tmp_path / 's'}" in str(failed.value) and "left" in str(failed.value), failed.value
