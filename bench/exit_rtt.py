@@ -159,6 +159,13 @@ The ratio that is left is this host's cross-CPU wake-ups and the interpreter on 
 fall further (raw pyzmq 69 against 186, the transport's 26 against 53), so the goal's ratio
 is 1.50 against 1.42, and a posted write costs 204 us against 93 (the device must run before
 the vCPU's next access, on the same CPU). Still no default to take.
+
+2026-12-05, later: the goal's ratio divided by inline + the pyzmq PAIR floor, a round trip
+through two libzmq I/O threads that the forwarded exit no longer pays since both ends speak
+ZMTP on plain sockets. It now divides by the transport's own floor (the raw socket row); the
+pyzmq one is printed beside it. Every ratio above is the pyzmq one. A quiet run, --rounds 3:
+forwarded IIR read 226.8 us, inline 54.6, transport floor 33.3, pyzmq floor 121.1: the goal's
+ratio 2.51 (rounds 2.16, 2.85, 2.51), the pyzmq one 1.26.
 """
 
 from __future__ import annotations

@@ -90,6 +90,11 @@ devices 17.3 against 20.6 (RSS 32.6 against 38.4); 5 devices 56.7 against 61.2 (
 libzmq's context and its I/O and reaper threads (their stacks and malloc arenas). Goal not met: each
 device is still an interpreter of its own (~8 MiB, most of it pages copied from the zygote as
 CPython writes reference counts), the launcher ~8.
+
+2026-12-05: the ratios above set splitvmm's summed PSS against QEMU's RSS; the goal's ratio is
+now resident against resident (see the top). --runs 1, quiet: serial 42.1 MiB PSS, 45.0
+resident against QEMU's 32.5 (1.39x; the old measure read 1.30x); 5 devices 56.8 PSS, 59.4
+resident against 34.1 (1.74x; old 1.67x).
 """
 
 from __future__ import annotations
