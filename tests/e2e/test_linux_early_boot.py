@@ -30,7 +30,10 @@ def kit(tmp_path_factory):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    return tomllib.loads((cache / "debian.toml").read_text())
+    config = tomllib.loads((cache / "debian.toml").read_text())
+    for key in ("kernel", "initrd"):  # named in the kit's directory, the config's own
+        config["boot"][key] = str(cache / config["boot"][key])
+    return config
 
 
 # Linux's early ACPI table list (drivers/acpi/acpica/tbprint.c) and its choice of the MADT

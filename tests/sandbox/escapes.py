@@ -119,7 +119,7 @@ def connect_held_fd_to_unix_path(fds: dict[str, int], ctx: dict[str, int]) -> ob
 
 def connect_held_fd_to_abstract_address(fds: dict[str, int], ctx: dict[str, int]) -> object:
     """A host abstract UNIX socket (then send() needs no address: sendto's rule lets it go)."""
-    addr = struct.pack("=H", socket.AF_UNIX) + HOST_ABSTRACT_SOCKET
+    addr = struct.pack("=H", socket.AF_UNIX) + HOST_ABSTRACT_SOCKET % ctx["suite_pid"]
     return _check(_libc().connect(fds["dgram"], addr, len(addr)))
 
 
@@ -130,8 +130,10 @@ def bind_held_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
 
 
 # An abstract UNIX socket of the host's that the escape suite binds (test_escape.py
-# handed_fds): one the device could reach through a socket made outside its namespaces.
-HOST_ABSTRACT_SOCKET = b"\0splitvmm-escape-victim"
+# handed_fds): one the device could reach through a socket made outside its namespaces. One
+# per pytest process (its pid): abstract names are the host's, and two runs of the suite at
+# once (two checkouts) met EADDRINUSE.
+HOST_ABSTRACT_SOCKET = b"\0splitvmm-escape-victim-%d"
 SQUATTED_ABSTRACT_SOCKET = b"\0splitvmm-escape-squat-%d"  # one per test: the sleeper's pid
 
 
@@ -139,7 +141,7 @@ def sendto_abstract_address(fds: dict[str, int], ctx: dict[str, int]) -> object:
     """A datagram to a host abstract UNIX socket through a socket made outside the device's
     network namespace (as an inherited stdout may be): no file-system rule covers abstract
     names, and the device's own network namespace does not cover that socket."""
-    addr = struct.pack("=H", socket.AF_UNIX) + HOST_ABSTRACT_SOCKET
+    addr = struct.pack("=H", socket.AF_UNIX) + HOST_ABSTRACT_SOCKET % ctx["suite_pid"]
     return _check(_libc().sendto(fds["dgram"], b"out", 3, 0, addr, len(addr)))
 
 

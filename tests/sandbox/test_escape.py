@@ -85,7 +85,7 @@ def handed_fds(tmp_path: Path) -> Iterator[dict[str, int]]:
     socket (a host abstract socket listens for it), an unconnected stream and UDP socket, one
     end of a stream pair with out-of-band data waiting."""
     victim_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    victim_socket.bind(escapes.HOST_ABSTRACT_SOCKET)
+    victim_socket.bind(escapes.HOST_ABSTRACT_SOCKET % os.getpid())
     dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     inet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -120,6 +120,7 @@ def attempt_context(sleeper: subprocess.Popen[bytes]) -> dict[str, int]:
     return {
         "monitor_pid": sleeper.pid,
         "monitor_address": first,
+        "suite_pid": os.getpid(),  # the host abstract socket's name (handed_fds)
         "KVM_GET_API_VERSION": IOCTL_NUMBERS["KVM_GET_API_VERSION"],
     }
 
