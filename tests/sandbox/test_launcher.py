@@ -615,3 +615,16 @@ def test_launcher_refusal_quoting_role_names_fits_a_reply(launcher, rundir, fds,
     assert got["size"] <= MAX_MESSAGE
     # the legitimate client, on the same socket, still served
     serves_a_device(launcher, rundir, fds)
+
+
+def test_launcher_request_carrying_fewer_fds_than_its_roles_is_refused(launcher, rundir, fds):
+    """The spec names the model's roles, the message carries one fd for two: refused, and
+    the next request served (zip(..., strict=True) raises ValueError, which no refusal
+    catches: the launcher would end)."""
+    launcher.check_configured()  # ready and configured: what follows speaks raw
+    spec = {"name": "serial0", "model": "serial", "channel": f"ipc://{rundir}/serial0.sock",
+            "fds": {"irq": 0, "out": 0}}  # fmt: skip
+    got = request(launcher, {"op": "spawn", "id": 7}, json.dumps(spec).encode(), [fds["irq"]])
+    assert got["reply"]["op"] == "refused"
+    assert "the request names ['irq', 'out'] and carries 1" in got["reply"]["message"]
+    serves_a_device(launcher, rundir, fds)

@@ -14,6 +14,7 @@ import pytest
 
 from splitvmm.devprocs.runtime import RUNTIME_ADDRESS_SPACE
 from splitvmm.devprocs.serial import Lsr, Reg
+from splitvmm.native import confine
 from splitvmm.sandbox.device import MAX_STACK
 from tests.sandbox.harness import SandboxedDevice
 
@@ -312,3 +313,21 @@ def test_device_that_ends_between_its_sandbox_and_ready_exits_with_its_own_statu
     dev = spawn(hook=lambda fds: sys.exit(3))
 
     assert dev.wait_exit(10) == 3
+
+
+PR_GET_SECUREBITS = 27  # <linux/prctl.h>
+
+
+def test_device_securebits_when_serving_are_set_and_locked(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """uid 0 of its user namespace gains no capability on exec, keeps none through a setuid
+    and raises no ambient one, for good: /proc status shows no securebits, so the device
+    reads them itself (seccomp in audit mode lets its prctl through, logged)."""
+
+    def securebits(fds: dict[str, int]) -> dict[str, object]:  # pickled by value
+        return {"securebits": confine.prctl(PR_GET_SECUREBITS)}
+
+    dev = spawn(hook=securebits, seccomp="log")
+
+    assert dev.hook_result() == {"securebits": confine.SECUREBITS_LOCKED}

@@ -11,7 +11,9 @@ import resource
 import pytest
 
 from splitvmm.native import landlock
+from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.sandbox import device as sandbox
+from splitvmm.sandbox import policy
 from splitvmm.sandbox.device import SandboxError, SeccompMode
 
 
@@ -114,3 +116,32 @@ def test_no_nested_user_namespace_where_proc_sys_refuses_warns_and_goes_on(
 
     assert written == ["/proc/sys/user/max_user_namespaces"]
     assert "seccomp alone refuses them" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("mode", "action"),
+    [(SeccompMode.KILL, seccomp.KILL_PROCESS), (SeccompMode.LOG, seccomp.LOG)],
+    ids=["kill", "log"],
+)
+def test_load_seccomp_when_enforcing_kills_the_whole_process(
+    monkeypatch: pytest.MonkeyPatch, mode: SeccompMode, action: int
+) -> None:
+    """DESIGN.md: anything outside the policy kills the process (SECCOMP_RET_KILL_PROCESS),
+    not only the thread that made the call: a device left running without that thread is
+    an oracle for which syscalls its filter allows. A device runs one thread today, so no
+    escape attempt tells the two apart: the filter's default action is checked here."""
+    compiled: list[int] = []
+
+    class Loaded:
+        def load(self) -> None:
+            pass
+
+    def compile_filter(device_policy: policy.Policy, default_action: int) -> Loaded:
+        compiled.append(default_action)
+        return Loaded()
+
+    monkeypatch.setattr(policy, "compile_filter", compile_filter)
+
+    sandbox._load_seccomp(policy.Policy({}, []), mode)
+
+    assert compiled == [action]

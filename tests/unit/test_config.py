@@ -557,3 +557,30 @@ def test_config_with_more_devices_than_a_vm_has_is_refused_before_they_are_parse
     devices = "".join(f'[[device]]\nname = "d{i}"\nmodel = "virtio-rng"\n' for i in range(65))
     with pytest.raises(ConfigError, match="65 devices; a VM has at most 64"):
         _cfg(devices=devices)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            GOOD.replace('kernel = "kernel.elf"', 'kernel = "adir"'),
+            r"boot\.kernel: .*adir does not exist or is not a file",
+        ),
+        (
+            GOOD.replace("[boot]", 'snapshot_dirs = ["kernel.elf"]\n[boot]'),
+            r"vm\.snapshot_dirs: .*kernel\.elf does not exist or is not a directory",
+        ),
+        (
+            GOOD.replace("[boot]", 'snapshot_dirs = ["nope"]\n[boot]'),
+            r"vm\.snapshot_dirs: .*nope does not exist or is not a directory",
+        ),
+    ],
+    ids=["kernel-is-a-directory", "snapshot-dir-is-a-file", "snapshot-dir-missing"],
+)
+def test_config_path_of_the_wrong_kind_is_refused_naming_the_key(kernel_dir, text, message):
+    """A kernel must be a regular file and a snapshot dir a directory: existing is not
+    enough (a directory given as the kernel, a file as the directory the monitor's Landlock
+    opens for snapshots)."""
+    (kernel_dir / "adir").mkdir()
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(kernel_dir, text))

@@ -127,3 +127,16 @@ def test_msi_route_a_driver_never_programs_is_refused(address: int, data: int, w
 def test_msi_route_a_driver_programs_is_installed(data: int) -> None:
     msi, vm = vectors()
     assert (msi.route(0, MSI_ADDRESS | 0xFF00C, data), len(vm.tables)) == ("", 1)
+
+
+@pytest.mark.parametrize("gsi", [4, 23, 26], ids=["ioapic-pin", "last-pin", "not-allocated"])
+def test_gsi_routes_set_msi_on_a_gsi_not_allocated_raises_and_sets_nothing(gsi: int) -> None:
+    """set_msi's own check, behind check_msi (a snapshot's routes) and MsiVectors (a
+    device's): an MSI on an IOAPIC pin's GSI would replace the PC's wiring of it."""
+    vm = RoutingVm()
+    routes = GsiRoutes(vm)
+    routes.allocate(2, "blk0")  # GSIs 24 and 25
+
+    with pytest.raises(ValueError, match=f"GSI {gsi} is no MSI GSI of this VM"):
+        routes.set_msi(gsi, MSI_ADDRESS, 0x30)
+    assert (vm.tables, routes.routes()) == ([], {})

@@ -108,6 +108,17 @@ def test_config_of_manifest_kernel_and_initrd_dropped(tmp_path):
     assert (cfg.boot.kernel, cfg.boot.initrd) == (None, None)
 
 
+@pytest.mark.parametrize("planted", ["{tmp}", "/nonexistent/snapshots"], ids=["here", "absent"])
+def test_config_of_manifest_snapshot_dirs_dropped(tmp_path, planted):
+    """Where the monitor may write (its Landlock rules, `ctl snapshot`'s targets) is the
+    operator's to say (`restore --snapshot-dir`), never the snapshot's: and a directory the
+    saving host had does not stop a restore on another."""
+    where = planted.format(tmp=tmp_path)
+    snap = golden(tmp_path, lambda m: m["vm_config"]["vm"].update(snapshot_dirs=[where]))
+
+    assert restore.config_of(snap, {}).vm.snapshot_dirs == ()
+
+
 def test_config_of_firmware_snapshot_without_set_refused_in_one_line(tmp_path):
     snap = golden(tmp_path, as_firmware)
 

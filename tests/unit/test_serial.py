@@ -982,3 +982,18 @@ def test_uart_restarted_with_an_interrupt_pending_leaves_the_edge_to_after_resta
     uart.after_restart()
 
     assert (before, irq.count) == (0, 1)
+
+
+@pytest.mark.parametrize("loopback", [False, True], ids=["rx", "line_in"])
+def test_uart_input_past_the_buffer_is_dropped_and_its_state_restores(loopback):
+    """More host input than RX_BUFFER_MAX (the monitor's mistake: it sends into the room it
+    was told of) is counted as an overrun and dropped, never held: the receive buffer stays
+    bounded, and the state a snapshot takes of it is one a restore accepts."""
+    uart, _, _ = make_uart()
+    if loopback:
+        uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    uart.host_input(b"x" * (RX_BUFFER_MAX + 3))
+
+    assert (uart.input_buffer()[0], uart.ctx.counters.rx_overrun) == (RX_BUFFER_MAX, 3)
+    restored = Uart8250.restore(DeviceContext(irq=FakeIrq()), uart.save())
+    assert restored.input_buffer()[0] == RX_BUFFER_MAX

@@ -706,3 +706,19 @@ def test_error_naming_a_snapshot_directory_escapes_its_control_characters(
         result = CliRunner().invoke(cli, ["snapshot", "verify", str(snap)])
     assert result.exit_code == 1
     assert "\\x1b]0;title\\x07" in result.output and "\x1b" not in result.output
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["none-given", "operator-given"])
+def test_restore_writes_only_where_the_operator_says(tmp_path, env, monkeypatch, given):
+    """A stored config's vm.snapshot_dirs (env.etc here: a directory that exists) never
+    reaches the VM the restore runs: only --snapshot-dir does."""
+    snap = _golden_copy(tmp_path)
+    edit_manifest(snap, lambda m: m["vm_config"]["vm"].update(snapshot_dirs=[str(env.etc)]))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+
+    args = ["restore", str(snap)] + (["--snapshot-dir", str(mine)] if given else [])
+    result, ran = invoke(monkeypatch, args)
+
+    assert result.exit_code == 0, result.output
+    assert ran.cfg is not None and ran.cfg.vm.snapshot_dirs == ((mine,) if given else ())

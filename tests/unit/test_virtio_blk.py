@@ -1530,3 +1530,53 @@ def test_virtio_blk_crash_restarts_anywhere_lose_and_repeat_no_request(steps, tm
         assert disk.read_bytes() == bytes(model)
     finally:
         close_fds(fds)
+
+
+def test_virtio_blk_segment_over_max_discard_sectors_is_ioerr_inside_the_disk(tmp_path):
+    """5.2.6.2: a segment over max_discard_sectors is a driver's MUST NOT; the device refuses
+    it even inside the disk (the same check bounds write zeroes, whose fallback writes zeros:
+    DISCARD here, so that a regression punches a hole rather than allocate 2 GiB)."""
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate((virtio_blk.MAX_DISCARD_SECTORS + 8) * 512)  # sparse: room for the segment
+    fds = host_fds("virtio-blk", big)
+    try:
+        dev = make(fds)
+        driver, ring = started(dev)
+        segment = struct.pack("<QII", 0, virtio_blk.MAX_DISCARD_SECTORS + 1, 0)
+        status = request(ring, DISCARD, 0, [(segment, False)])
+
+        driver.kick()
+
+        assert status_of(dev, status) == IOERR
+    finally:
+        close_fds(fds)
+
+
+@pytest.mark.parametrize("kind", [DISCARD, WRITE_ZEROES])
+def test_virtio_blk_more_segments_than_max_discard_seg_is_ioerr(blk, disk, kind):
+    """5.2.6.2: max_discard_seg (max_write_zeroes_seg) is 1: a request of two valid segments
+    is refused whole, and the disk keeps both ranges."""
+    driver, ring = started(blk)
+    data = struct.pack("<QII", 0, 1, 0) + struct.pack("<QII", 8, 1, 0)
+    status = request(ring, kind, 0, [(data, False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == IOERR
+    assert disk.read_bytes()[8 * 512 : 9 * 512] == sector_bytes(8)
+
+
+def test_virtio_blk_direct_out_on_readonly_disk_is_ioerr_and_starts_nothing(direct_fds, disk):
+    """An aligned write on a direct image would go to the disk through AIO (_start), not
+    through _serve: the readonly check must stand on that path too."""
+    dev = make(direct_fds, readonly=True)
+    driver, ring = started(dev)
+    header = ring.buffer(struct.pack("<IIQ", OUT, 0, 8))
+    buf, status = aligned(ring, b"\x5a" * 4096), ring.buffer(b"\xff")
+    ring.add([(*header, False), (*buf, False), (*status, True)])
+
+    driver.kick()
+
+    assert (status_of(dev, status[0]), dev.counts["aio_requests"]) == (IOERR, 0)
+    assert disk.read_bytes()[8 * 512 : 16 * 512] == sector_bytes(8) * 8

@@ -742,3 +742,17 @@ def test_queue_push_together_writes_every_entry_then_used_idx_once(driver):
     assert driver.used_idx() == 2 == queue.used_idx
     with pytest.raises(ValueError, match="push of 2 chains, more than are in flight"):
         queue.push_together([(heads[2], 1), (heads[2], 1)])
+
+
+def test_queue_direct_and_indirect_buffers_over_4gib_together_raise():
+    # 2048 direct buffers of 1 MiB (2^31 bytes), then an indirect table of 2048 more (2^31):
+    # each part alone is under 4 GiB, the chain is 2^32 bytes, more than a used len can say
+    driver = DriverQueue(fake_ram(), size=8192)
+    head = driver.add([(0, RAM_SIZE, True)] * 2048)
+    driver.set_desc(2047, 0, RAM_SIZE, WRITE | NEXT, 2048)
+    driver.ram.write(TABLE_GPA, b"".join(chain([(0, RAM_SIZE, True)] * 2048)))
+    driver.set_desc(2048, TABLE_GPA, 2048 * 16, INDIRECT)
+    driver.publish(head)
+
+    with pytest.raises(QueueError, match="over 4 GiB at descriptor 2048 indirect descriptor 2047"):
+        driver.device(indirect=True).pop()
