@@ -384,7 +384,8 @@ Replay = list[tuple[bytes, int]]  # (frame, host wall-clock ns when the monitor 
 
 def prepare_resume(spec: DeviceSpec, ctx: DeviceContext) -> tuple[int, Replay, int, int]:
     """A restart's (frames applied at its checkpoint, frames to re-apply with when each was
-    sent, how many of those first the dead process is known to have applied); the output's
+    sent, how many of those first the dead process is known to have applied, how many of
+    those first were on their way as it saved the checkpoint: `posted`); the output's
     counters set before the model's restore() puts its buffered bytes back."""
     resume = spec.resume
     if resume is None:

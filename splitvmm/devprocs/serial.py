@@ -205,7 +205,7 @@ class Uart8250(RegisterDevice):
         # the snapshot read the irqchip: a restore sends it again (a spurious edge costs the
         # driver an IIR read; a lost one leaves it waiting for ever). A restart's goes out
         # in after_restart().
-        self._irq_pending = self._irq_asserted() and (state is None or ctx.restarted)
+        self._irq_pending = ctx.restarted and self._irq_asserted()
         # A line that took the buffered bytes made THRE rise: a THRE interrupt event, with
         # its edge, as it would have been had the VM run on (after a crash, after_restart()
         # sends the one edge, once the journal is replayed).

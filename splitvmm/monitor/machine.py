@@ -56,6 +56,7 @@ from splitvmm.protocol.models import MODELS, FdKind, PciFunction, PortWindow
 from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.record import Struct
 from splitvmm.sandbox.launcher import Launcher
+from splitvmm.sandbox.launcher_start import close_all
 from splitvmm.snapshot import signing
 
 if TYPE_CHECKING:
@@ -830,7 +831,7 @@ class Machine:
                 self._previous_handlers = {}
                 if self._signal_fds is not None:
                     signal.set_wakeup_fd(self._previous_wakeup_fd)
-                    _close_fds(self._signal_fds)
+                    close_all(self._signal_fds)
                     self._signal_fds = None
 
     def write_back_images(self) -> None:
@@ -903,11 +904,6 @@ def _close_all(closables: list[_Closable]) -> None:
             c.close()
         except Exception:
             log.exception("closing %r failed", c)
-
-
-def _close_fds(fds: tuple[int, ...]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 def _is_open(fd: int) -> bool:

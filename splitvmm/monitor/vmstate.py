@@ -92,6 +92,7 @@ from splitvmm.native.kvm import (
     VcpuFd,
     VmFd,
 )
+from splitvmm.native.routing import IOAPIC_NUM_PINS
 from splitvmm.protocol import schema
 from splitvmm.protocol.schema import U32, U64, FieldTypes, Len, MaxLen, Size
 from splitvmm.record import Struct, replace
@@ -342,7 +343,6 @@ def _clock(vm: VmFd) -> dict[str, int]:
 # struct kvm_ioapic_state's redirection entries (82093AA datasheet 3.2.4) and the LAPIC's
 # ISR and IRR (SDM Vol. 3A 11.8.4: eight 32-bit registers, 16 bytes apart)
 RTE_VECTOR, RTE_DELIVERY, RTE_REMOTE_IRR, RTE_LEVEL = 0xFF, 0x700, 1 << 14, 1 << 15
-IOAPIC_PINS = 24
 APIC_ISR, APIC_IRR = 0x100, 0x200
 
 
@@ -360,7 +360,7 @@ def release_orphaned_eois(vm: VmState, vcpus: Sequence[VcpuState]) -> VmState:
             for i in range(8):
                 at = base + 0x10 * i
                 held |= int.from_bytes(vcpu.lapic[at : at + 4], "little") << (32 * i)
-    for pin in range(IOAPIC_PINS):
+    for pin in range(IOAPIC_NUM_PINS):
         at = IOAPIC_REDIRTBL_OFFSET + 8 * pin
         rte = int.from_bytes(chip[at : at + 8], "little")
         waiting = rte & RTE_LEVEL and rte & RTE_REMOTE_IRR and (rte & RTE_DELIVERY) <= 0x100
