@@ -165,7 +165,8 @@ class Machine:
         cfg = self.cfg
         self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
         self._closables.append(self.rundir)
-        # Now, not when ControlServer binds it: by then the devices have started.
+        # Now, before the launcher and /dev/kvm: ControlServer binds it only as the devices
+        # are about to start (_launch_devices).
         check_socket_path(self.rundir.path / SOCKET_NAME, "control socket")
         # First, single-threaded, before /dev/kvm or guest RAM: the launcher holds nothing of
         # the VM (`up` starts it earlier still: cli/up.py). Closed after the devices
@@ -227,9 +228,6 @@ class Machine:
         self.launcher.check_configured()  # the spawns took its reply, or this does
         # Reads its policies (files, now); its rules name the launcher's socket.
         self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
-        self.control = ControlServer(
-            self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
-        )
         # Everything is open: from here on the monitor holds no capability and can reach
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
         if self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs):
@@ -360,7 +358,13 @@ class Machine:
 
     def _launch_devices(self) -> None:
         """Ask the launcher for every device process; their channels are served later, once
-        the monitor is confined (DeviceSlot.attach)."""
+        the monitor is confined (DeviceSlot.attach). The control socket first, the last the
+        monitor makes in its runtime dir: one it cannot make (a runtime dir with no room)
+        then ends no device on its way up, which printed "the monitor closed the channel"
+        before the error's one line."""
+        self.control = ControlServer(
+            self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
+        )
         for spawn in self._spawns:
             # A device restarted after a crash keeps a warm spare (monitor/slot.py).
             restarts = self._device_cfg[spawn.name].on_crash == "restart"
