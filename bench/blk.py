@@ -272,7 +272,6 @@ copy alone. No change to the path.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import mmap
 import os
@@ -292,8 +291,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.vmrun import run_to_end  # noqa: E402
-from splitvmm.native.kvm import Kvm  # noqa: E402
+from bench.vmrun import host_tsc_khz, run_to_end  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
@@ -308,13 +306,6 @@ RATE = re.compile(r"^virtio-blk: bench (seq-write-1m|seq-read-1m|rand-read-4k) t
 PHASES = ("seq-write-1m", "seq-read-1m", "rand-read-4k")
 COPY = "seq-read-1m-copy"  # the host floor's second figure for seq-read (copy_mib_s)
 DEPTH = 8  # the guest's requests in flight, each with a 1 MiB buffer of its own
-
-
-@functools.cache
-def host_tsc_khz() -> int:
-    """The vCPUs' TSC rate: KVM's default, which neither VMM changes (no TSC scaling here)."""
-    with Kvm() as kvm:
-        return kvm.default_tsc_khz()
 
 
 def parse(text: str, who: str) -> dict[str, list[float]]:

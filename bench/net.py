@@ -36,6 +36,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.vmrun import host_tsc_khz  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 NS = f"svbench{os.getpid()}"
@@ -58,14 +59,6 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
-
-
-def host_tsc_khz() -> int:
-    """The vCPU's TSC rate: KVM's default (this KVM has no TSC scaling)."""
-    from splitvmm.native.kvm import Kvm
-
-    with Kvm() as kvm:
-        return kvm.default_tsc_khz()
 
 
 def in_ns(ns: str, *argv: str) -> list[str]:

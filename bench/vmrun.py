@@ -1,14 +1,27 @@
-"""What the benchmarks share: a VM config for a test guest, and a run through `splitvmm up`."""
+"""What the benchmarks share: a VM config for a test guest, a run through `splitvmm up`, and
+the vCPUs' TSC rate."""
 
 from __future__ import annotations
 
 import compileall
+import functools
 import importlib.util
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+
+@functools.cache
+def host_tsc_khz() -> int:
+    """The vCPUs' TSC rate: KVM's default, which neither VMM changes (no TSC scaling here).
+    A guest's ticks become seconds with it, not with the rate the guest measures against the
+    PIT, which a vCPU preempted in that window leaves too high (bench/blk.py)."""
+    from splitvmm.native.kvm import Kvm
+
+    with Kvm() as kvm:
+        return kvm.default_tsc_khz()
 
 
 def compile_package() -> None:
