@@ -45,6 +45,13 @@ def _up(
     )
 
 
+def _default_stop_signals() -> None:
+    """In the child before `up` execs: the stop signals at their defaults, as a shell leaves
+    them (pytest's may be ignored or handled), so that `up` installs its own handlers."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _raw(fd: int) -> bool:
     return not termios.tcgetattr(fd)[3] & termios.ICANON
 
@@ -62,8 +69,7 @@ def test_console_terminal_is_raw_again_after_the_monitor_is_stopped_and_continue
     def session() -> None:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+        _default_stop_signals()
 
     proc = _up(
         tmp_path,
@@ -247,10 +253,6 @@ def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_p
         work.mkdir()
         serial = work / "serial.log"
 
-        def defaults() -> None:
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(s, signal.SIG_DFL)
-
         proc = _up(
             work,
             guests["counter"],
@@ -258,7 +260,7 @@ def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_p
             serial,
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=defaults,
+            preexec_fn=_default_stop_signals,
         )
         try:
             deadline = time.monotonic() + 30

@@ -636,19 +636,23 @@ def test_build_kit_merged_usr_busybox_static_is_found(tmp_path: Path):
     assert busybox == [b"\x7fELF busybox 1.37"]
 
 
+def booted_files(config_path: Path) -> tuple[Path, Path | None, Path]:
+    """The kernel, initrd and disk image `splitvmm up` takes from a kit's config."""
+    config = load_config(config_path)
+    disk = next(d for d in config.devices if d.name == "disk0").options["path"]
+    return config.boot.kernel, config.boot.initrd, Path(disk)
+
+
+def kit_files(where: Path) -> tuple[Path, Path, Path]:
+    return where / f"vmlinuz-{RELEASE}", where / f"initramfs-{RELEASE}.cpio.gz", where / kit.DISK
+
+
 def test_build_kit_copied_kit_boots_its_own_kernel_and_disk(tmp_path: Path):
     """`cp -r` of a kit (to try something on a copy of the disk) must not boot the original's
     files: the copy's debian.toml wrote to the original's disk.img."""
     kit.build_kit(tmp_path / "a", run=FakeHost())
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    config = load_config(tmp_path / "b" / kit.CONFIG)
-    disk = next(d for d in config.devices if d.name == "disk0").options["path"]
-    copy = tmp_path / "b"
-    assert (config.boot.kernel, config.boot.initrd, Path(disk)) == (
-        copy / f"vmlinuz-{RELEASE}",
-        copy / f"initramfs-{RELEASE}.cpio.gz",
-        copy / kit.DISK,
-    )
+    assert booted_files(tmp_path / "b" / kit.CONFIG) == kit_files(tmp_path / "b")
 
 
 def test_guest_build_cli_cache_dir_not_utf8_is_no_traceback(
@@ -693,12 +697,5 @@ def test_build_kit_config_reached_through_a_symlink_boots_the_kit(tmp_path: Path
     link = tmp_path / "vms" / "demo.toml"
     link.symlink_to(tmp_path / "cache" / kit.CONFIG)
 
-    config = load_config(link)  # as `splitvmm up vms/demo.toml` reads it
-
-    disk = next(d for d in config.devices if d.name == "disk0").options["path"]
-    cache = tmp_path / "cache"
-    assert (config.boot.kernel, config.boot.initrd, Path(disk)) == (
-        cache / f"vmlinuz-{RELEASE}",
-        cache / f"initramfs-{RELEASE}.cpio.gz",
-        cache / kit.DISK,
-    )
+    # as `splitvmm up vms/demo.toml` reads it
+    assert booted_files(link) == kit_files(tmp_path / "cache")

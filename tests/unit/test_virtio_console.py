@@ -112,13 +112,19 @@ def host() -> Iterator[Host]:
 
 def started(dev: VirtioConsole) -> tuple[Driver, Ring, Ring]:
     """The driver's initialisation (3.1.1) with both queues."""
-    driver, rx, tx = Driver(dev), Ring(dev.ram), Ring(dev.ram, base=TX_BASE)
+    rx, tx = Ring(dev.ram), Ring(dev.ram, base=TX_BASE)
     tx.heap = TX_HEAP
+    return set_up(dev, rx, tx), rx, tx
+
+
+def set_up(dev: VirtioConsole, rx: Ring, tx: Ring) -> Driver:
+    """The driver's initialisation (3.1.1) with receiveq0 on `rx` and transmitq0 on `tx`."""
+    driver = Driver(dev)
     assert driver.negotiate(F_VERSION_1) & FEATURES_OK
     driver.setup_queue(0, rx)
     driver.setup_queue(1, tx)
     driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
-    return driver, rx, tx
+    return driver
 
 
 def transmit(tx: Ring, *parts: bytes) -> int:
@@ -963,12 +969,8 @@ def test_virtio_console_restart_after_a_driver_reset_loses_none_of_the_new_sessi
     tx2.heap = 0x90000
 
     def set_up_again(device: VirtioConsole) -> None:
-        again = Driver(device)
-        again.set_status(0)  # the reset
-        assert again.negotiate(F_VERSION_1) & FEATURES_OK
-        again.setup_queue(0, rx2)
-        again.setup_queue(1, tx2)
-        again.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+        Driver(device).set_status(0)  # the reset
+        set_up(device, rx2, tx2)
 
     set_up_again(dev)
     transmit(tx2, b"world\n")
@@ -1102,11 +1104,7 @@ def test_virtio_console_restored_then_reset_crash_before_the_enable_loses_no_new
     Driver(dev).set_status(0)  # the reset: applied; then the process dies
 
     def set_up_again(device: VirtioConsole) -> None:
-        again = Driver(device)
-        assert again.negotiate(F_VERSION_1) & FEATURES_OK
-        again.setup_queue(0, rx2)
-        again.setup_queue(1, tx2)
-        again.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+        set_up(device, rx2, tx2)
 
     line = Line()
     ctx = file_host.context(line, restarted=True)
@@ -1155,14 +1153,10 @@ def test_virtio_console_restart_before_a_new_rings_enable_sends_held_bytes_once(
         sessions.append(Ring(dev.ram, base=0x24000 + 0x8000 * n))
         sessions[n].heap = 0x100000 + 0x30000 * n
 
-    def set_up(device: VirtioConsole, n: int) -> None:
-        again = Driver(device)
-        assert again.negotiate(F_VERSION_1) & FEATURES_OK
-        again.setup_queue(0, Ring(device.ram, base=0x20000 + 0x8000 * n))
-        again.setup_queue(1, sessions[n])
-        again.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    def session(device: VirtioConsole, n: int) -> None:
+        set_up(device, Ring(device.ram, base=0x20000 + 0x8000 * n), sessions[n])
 
-    set_up(dev, 0)
+    session(dev, 0)
     for chain in chains:
         transmit(sessions[0], chain)
     Driver(dev).kick(1)
@@ -1177,7 +1171,7 @@ def test_virtio_console_restart_before_a_new_rings_enable_sends_held_bytes_once(
     try:
         Driver(new).set_status(0)
         ctx.replay_unconfirmed = True  # the rest: past what the dead process applied
-        set_up(new, 1)
+        session(new, 1)
     finally:
         ctx.replaying = ctx.replay_unconfirmed = False
     new.after_restart()
@@ -1254,24 +1248,20 @@ class ConsoleWorld:
             if reset:
                 Driver(device).set_status(0)
 
-        def set_up(device: VirtioConsole) -> None:
-            driver = Driver(device)
-            assert driver.negotiate(F_VERSION_1) & FEATURES_OK
-            driver.setup_queue(0, rx)
-            driver.setup_queue(1, tx)
-            driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+        def set_up_both(device: VirtioConsole) -> None:
+            set_up(device, rx, tx)
 
         self.tx = tx
         if applied == 3:
             do_reset(dev)
-            set_up(dev)
-            self.journal += [(do_reset, False), (set_up, False)]
+            set_up_both(dev)
+            self.journal += [(do_reset, False), (set_up_both, False)]
             return
         # The process dies with `applied` of them applied: the rest reach only its successor,
         # past what the monitor knows was applied
         if applied:
             do_reset(dev)
-        self.journal += [(do_reset, not applied), (set_up, True)]
+        self.journal += [(do_reset, not applied), (set_up_both, True)]
         self.crash()
 
     def crash(self) -> None:
