@@ -33,6 +33,7 @@ from splitvmm.native.exits import PioIn, PioOut
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 from splitvmm.protocol import zmtp
+from splitvmm.protocol.polling import PollWindow
 
 # Real mode at 0x1000 (CS base 0): 1: in $0x80,%al; out %al,$0x81; jmp 1b
 LOOP_CODE = bytes([0xE4, 0x80, 0xE6, 0x81, 0xEB, 0xFA])
@@ -192,8 +193,8 @@ def _echo(endpoint: str, n: int) -> None:
     ctx.term()
 
 
-def _channel_echo(endpoint: str, n: int) -> None:
-    channel = Channel.connect(endpoint, 1 << 16, timeout_s=10)
+def _channel_echo(endpoint: str, n: int, poll_ns: int) -> None:
+    channel = Channel.connect(endpoint, 1 << 16, timeout_s=10, poll_ns=poll_ns)
     for _ in range(n):
         channel.send(channel.recv())
     channel.close()
@@ -234,18 +235,19 @@ def zmq_pair_floor(round_trips: int) -> list[float]:
     return samples
 
 
-def zmtp_socket_floor(round_trips: int) -> list[float]:
+def zmtp_socket_floor(round_trips: int, poll_ns: int = 0) -> list[float]:
     """Seconds per 24-byte round trip between a UNIX socket read and written directly, in
     ZMTP (protocol/zmtp.py), and a device's end of its channel (devprocs/channel.py) in
     another process echoing each frame: the device channel's transport, with nothing of the
-    channel on top."""
+    channel on top. With `poll_ns`, each end waits as the channel's do (protocol/polling.py):
+    looking for the frame through a window of up to that long before it sleeps."""
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/floor.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1)
         peer = multiprocessing.get_context("spawn").Process(
-            target=_channel_echo, args=(f"ipc://{path}", round_trips + 1)
+            target=_channel_echo, args=(f"ipc://{path}", round_trips + 1, poll_ns)
         )
         peer.start()
         conn, _ = listener.accept()
@@ -260,9 +262,23 @@ def zmtp_socket_floor(round_trips: int) -> list[float]:
                 raise RuntimeError("the floor's peer hung up")
             reader.feed(data)
 
+        window = PollWindow(poll_ns)
+
+        def whole() -> bool:  # a frame read, reading what came (never waiting)
+            if reader.next() is not None:
+                return True
+            try:
+                reader.feed(conn.recv(zmtp.CHUNK, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return False
+            return reader.next() is not None
+
         def read_frame() -> None:
+            if window.poll(whole):
+                return
             while reader.next() is None:
                 read_more()
+            window.woke()
 
         while reader.next() is None and not reader.ready:  # nothing goes before its READY
             read_more()

@@ -17,6 +17,7 @@ import select
 import socket
 
 from splitvmm.errors import ProtocolError
+from splitvmm.protocol.polling import PollWindow
 from splitvmm.protocol.zmtp import CHUNK, HANDSHAKE, ZmtpReader, encode
 
 
@@ -27,11 +28,13 @@ class ChannelClosed(ProtocolError):
 class Channel:
     """One connected channel; not thread-safe (a device process has one thread)."""
 
-    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int, poll_ns: int = 0) -> None:
         """`sock`: connected to the monitor's end, ours from now on. Our greeting and READY
         go at once (they fit in any empty socket buffer); the monitor's are read with its
-        first frames."""
+        first frames. `poll_ns`: the longest that recv() looks for the next frame before it
+        sleeps (protocol/polling.py), 0 for never."""
         self._sock = sock
+        self.window = PollWindow(poll_ns)
         self._reader = ZmtpReader(max_frame)
         self._frame: bytes | None = None  # a whole frame read, not yet taken
         self._out = memoryview(b"")  # what the kernel has not taken yet of a message
@@ -39,7 +42,7 @@ class Channel:
         sock.sendall(HANDSHAKE)
 
     @classmethod
-    def connect(cls, endpoint: str, max_frame: int, timeout_s: float) -> Channel:
+    def connect(cls, endpoint: str, max_frame: int, timeout_s: float, poll_ns: int = 0) -> Channel:
         """Connect to the monitor's end at `endpoint` (ipc://PATH, ZeroMQ's spelling), waiting
         at most `timeout_s` for it to take the connection."""
         path = endpoint.removeprefix("ipc://")
@@ -47,7 +50,7 @@ class Channel:
         try:
             sock.settimeout(timeout_s)
             sock.connect(path)
-            return cls(sock, max_frame)
+            return cls(sock, max_frame, poll_ns)
         except BaseException:
             sock.close()
             raise
@@ -71,9 +74,12 @@ class Channel:
 
     def recv(self) -> bytes:
         """The next frame, waiting for it as long as it takes (the monitor's heartbeat ends a
-        device that stops serving; its death ends ours)."""
-        while not self.buffered():
-            self._read(0)
+        device that stops serving; its death ends ours): looking for it through the poll
+        window first, then asleep in the read."""
+        if not self.buffered() and not self.window.poll(self.frame_ready):
+            while not self.buffered():
+                self._read(0)
+            self.window.woke()
         frame, self._frame = self._frame, None
         assert frame is not None
         return frame

@@ -35,6 +35,7 @@ from splitvmm.monitor.budget import LatencyBudget
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
+from splitvmm.protocol.polling import MAX_POLL_NS, PollWindow
 from splitvmm.protocol.zmtp import encode
 from splitvmm.sandbox.spawn import DeviceProcess, readable
 
@@ -138,6 +139,9 @@ class DeviceChannel:
         self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
         self._checked_ms = 0.0  # drains' event checking not charged yet (_charge_drain)
         self._link = zmtp.ZmtpLink(listener, control.MAX_DEVICE_FRAME)
+        # A vCPU's wait for its access's reply looks before it sleeps (protocol/polling.py):
+        # the reply of a device that is running comes within tens of microseconds.
+        self.access_poll = PollWindow(MAX_POLL_NS)
         # A request's wait: the link's fd (for reading) and the process's pidfd
         self._poller = select.poll()
         self._polled = self._link.fd
@@ -359,7 +363,7 @@ class DeviceChannel:
     def _access(self, frame: bytes) -> bytes:
         """A read or sync, which a vCPU waits for: its deadline, then the latency budget."""
         start = time.monotonic()
-        reply = self._request(frame, READ_TIMEOUT_MS)
+        reply = self._request(frame, READ_TIMEOUT_MS, poll=self.access_poll)
         if not self._waited_on_host_io:  # the disk's slowness is not the device's
             self._charge((time.monotonic() - start) * 1e3)
         return reply
@@ -389,7 +393,13 @@ class DeviceChannel:
                 f"the budget of {LATENCY_BUDGET_MS} ms"
             )
 
-    def _request(self, frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
+    def _request(
+        self,
+        frame: bytes,
+        timeout_ms: int,
+        wait_host_io: bool = True,
+        poll: PollWindow | None = None,
+    ) -> bytes:
         """Send a frame and wait for its one reply, within `timeout_ms`; the device's events
         before it (sent unasked, or while it worked on this request) are handled first, in
         the order sent, those waiting unread included (within the same allowance). Not
@@ -405,7 +415,7 @@ class DeviceChannel:
             for _ in range(allowed + 1):
                 while True:
                     try:
-                        buf = self._recv(deadline)
+                        buf = self._recv(deadline, poll)
                         break
                     except _NoFrame:
                         if self._link.closed or not self._still_in_host_io():
@@ -501,9 +511,20 @@ class DeviceChannel:
             self._poll(left_ms, pid=False)
         return True
 
-    def _recv(self, deadline: float) -> bytes:
+    def _recv(self, deadline: float, poll: PollWindow | None = None) -> bytes:
         """The next frame by `deadline` (_NoFrame if none came, at once once the connection
-        has ended); ChannelError if the process ended first."""
+        has ended); ChannelError if the process ended first. With `poll`, looked for through
+        its window before the wait sleeps (protocol/polling.py)."""
+        link = self._link
+        if poll is not None and poll.poll(lambda: self._frame_ready() or link.closed):
+            return self._recv_waiting(deadline)  # caught: a frame, or the connection's end
+        frame = self._recv_waiting(deadline)
+        if poll is not None:
+            poll.woke()
+        return frame
+
+    def _recv_waiting(self, deadline: float) -> bytes:
+        """_recv, asleep in poll(2) until a frame or the process's end comes."""
         link = self._link
         while True:
             if self._frame_ready(chunks=0):  # in what was read: no system call
