@@ -166,7 +166,9 @@ def _serve_control(
             **codec.state_document(type(device).NAME, device.save()),
         }
     elif op == "stats":  # also while quiesced: counting changes nothing
-        reply = {"op": "counters", "seq": seq, "counters": device.stats()}
+        window = sock.window  # the channel's, looking for the guest's next access
+        channel = {"channel_polls": window.polls, "channel_polls_caught": window.caught}
+        reply = {"op": "counters", "seq": seq, "counters": device.stats() | channel}
     elif op in control.REPLY_TO:
         reply = {"op": control.REPLY_TO[op], "seq": seq}
     else:

@@ -112,10 +112,13 @@ class DeviceChannel:
         listener: int,
         on_event: Callable[[events.Event], None] | None = None,
         host_io: Callable[[], bool] | None = None,
+        access_poll: PollWindow | None = None,
     ) -> None:
         """Serve the channel on `listener`, the device's listening socket (made before the
         device started: it may have connected already, and the kernel queued its connection
-        in the backlog). We own `listener` from now on.
+        in the backlog). We own `listener` from now on. `access_poll`: the window a vCPU's
+        wait for its access's reply looks through first (the slot's, kept across its
+        device's processes); a new one of MAX_POLL_NS without.
         `on_event` gets each event the device sends unasked (protocol/events.py), checked;
         without one, an event breaks the channel like any frame nobody asked for.
         `host_io` says whether the device is inside a host I/O call now (the module
@@ -141,7 +144,7 @@ class DeviceChannel:
         self._link = zmtp.ZmtpLink(listener, control.MAX_DEVICE_FRAME)
         # A vCPU's wait for its access's reply looks before it sleeps (protocol/polling.py):
         # the reply of a device that is running comes within tens of microseconds.
-        self.access_poll = PollWindow(MAX_POLL_NS)
+        self.access_poll = PollWindow(MAX_POLL_NS) if access_poll is None else access_poll
         # A request's wait: the link's fd (for reading) and the process's pidfd
         self._poller = select.poll()
         self._polled = self._link.fd

@@ -747,6 +747,9 @@ class Machine:
             # guest accesses forwarded to the device: what its register traffic costs
             # the monitor (queue notifies and interrupts never count here)
             "exits": {"reads": s.reads, "writes": s.writes},
+            # of the reads that waited for a reply, those that looked for it before they
+            # slept, and those the look caught (protocol/polling.py)
+            "reply_polls": {"looked": s.reply_poll.polls, "caught": s.reply_poll.caught},
             # writes to its write-behind registers that KVM held: delivered with no exit
             "held_writes": s.held_writes,
         } | ({"tap": self._taps[s.name]} if s.name in self._taps else {})

@@ -113,6 +113,7 @@ from splitvmm.protocol.models import (
     PciFunction,
     PortWindow,
 )
+from splitvmm.protocol.polling import MAX_POLL_NS, PollWindow
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import Struct, field
@@ -277,6 +278,9 @@ class DeviceSlot:
         self.writes = 0
         self.mirrored_reads = 0  # of those reads, the ones its register mirror answered
         self.held_writes = 0  # writes KVM held, which cost no exit (monitor/writebehind.py)
+        # How vCPUs wait for the device's replies (protocol/polling.py): one window for every
+        # process of the slot's, so that its counters are the slot's
+        self.reply_poll = PollWindow(MAX_POLL_NS)
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
         # The frames sent when the monitor received that checkpoint: those of them past it
@@ -381,7 +385,12 @@ class DeviceSlot:
             raise DeviceFailure(f"device {self.name}: no process of it was launched")
         try:
             channel = DeviceChannel(
-                self.model, self.endpoint, listener, self._on_event, self._host_io
+                self.model,
+                self.endpoint,
+                listener,
+                self._on_event,
+                self._host_io,
+                access_poll=self.reply_poll,
             )
         except BaseException:
             with self._lock:

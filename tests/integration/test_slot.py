@@ -1057,3 +1057,25 @@ def test_virtio_restarted_with_msix_on_interrupts_at_once_not_at_the_next_heartb
         ram.close()
         close_fds(fds)
     assert used == 2 and msi.routed == [0, 0]
+
+
+def test_a_slots_window_waits_for_every_process_of_its_device_and_both_ends_count(tmp_path):
+    """The window a vCPU's wait looks through is the slot's, handed to each process's channel:
+    a restart learns nothing anew, and the counters `ctl devices` shows are the slot's. The
+    device's own end counts its looks among its counters."""
+    machine = Machine.__new__(Machine)  # what `ctl devices` reports of a slot: _device()
+    machine._device_cfg = {"serial0": SimpleNamespace(on_crash="restart")}  # type: ignore[dict-item]
+    machine._taps = {}
+    h = Harness(tmp_path, restarts=True)
+    try:
+        window = h.slot.reply_poll
+        window.polls, window.caught = 7, 5
+        assert h.slot.channel is not None and h.slot.channel.access_poll is window
+        crash_and_restart(h)
+        assert h.slot.generation == 2 and h.slot.channel.access_poll is window
+        assert machine._device(h.slot)["reply_polls"] == {"looked": 7, "caught": 5}
+        assert h.slot.read(Reg.SCR, 1) == b"\x00"
+        counters = h.slot.stats()
+        assert counters is not None and {"channel_polls", "channel_polls_caught"} <= set(counters)
+    finally:
+        h.close()
