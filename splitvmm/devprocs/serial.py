@@ -35,10 +35,13 @@ bursts, and nothing here keeps a timer for it).
 Register mirror (monitor/mirror.py): the monitor answers reads of IER/DLM, LCR, MCR, LSR,
 MSR and SCR from the values this device publishes. LSR is published as not valid while OE
 is set, MSR while a delta bit is set (in loopback too): reading them clears those bits, so
-such a read comes here, clears them once, and the next mirror is valid again. The credit is
-for one-byte THR writes (offset 0; a wider write reaches IER too), while a write changes
-none of those registers: with DLAB set
-(it writes DLL); with THRE clear (the byte is buffered or dropped: THRE and TEMT stay
+such a read comes here, clears them once, and the next mirror is valid again. LSR is not
+valid either while THRE is clear with THRI on: the line draining then raises the THRE
+interrupt (its edge goes from output_room(), before the runtime publishes the MIRROR that
+says THRE rose), and a handler that reads LSR first must see THRE set, not the monitor's
+copy from before the drain. The credit is for one-byte THR writes (offset 0; a wider
+write reaches IER too), while a write changes none of those registers: with DLAB set (it
+writes DLL); with THRE clear (the byte is buffered or dropped: THRE and TEMT stay
 clear); with nothing buffered and an output that takes every byte at once (no line, or a
 regular file: THRE and TEMT stay set); else for the writes that leave THRE's and TEMT's
 room as it was, however few bytes the host takes meanwhile. None in loopback (a THR write
@@ -236,11 +239,15 @@ class Uart8250(RegisterDevice):
         """The registers its descriptor mirrors (IER, LCR, MCR, LSR, MSR, SCR), as reads
         return them now, and the THR writes that leave them so (the module docstring)."""
         side_effect_msr = self.msr & MSR_DELTAS
+        # THRE clear with THRI on: the line draining raises the THRE interrupt before the
+        # MIRROR that says so can reach the monitor, whose copy would answer the handler's
+        # LSR read with THRE clear still (the module docstring)
+        thre_due = self.ier & Ier.THRI and not self._holding_empty()
         values = (
             bytes([self.dlm if self._dlab() else self.ier]),
             bytes([self.lcr]),
             bytes([self.mcr]),
-            None if self.lsr & Lsr.OE else bytes([self._lsr_value()]),
+            None if self.lsr & Lsr.OE or thre_due else bytes([self._lsr_value()]),
             None if side_effect_msr else bytes([self._modem_status()]),
             bytes([self.scr]),
         )

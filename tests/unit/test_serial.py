@@ -1,14 +1,19 @@
-"""The 8250 register model against a fake irq and an output buffer (no process, no channel)."""
+"""The 8250 register model against a fake irq and an output buffer (no process, no channel);
+last, its mirror and the THRE interrupt of a draining line, over a real channel socket."""
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
-from splitvmm.devprocs.output import BoundedOutput
+from splitvmm.devprocs.eventloop import EventLoop
+from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.devprocs.serial import (
     RX_BUFFER_MAX,
     TEMT_ROOM,
@@ -26,11 +31,12 @@ from splitvmm.devprocs.serial import (
 )
 from splitvmm.errors import StateError
 from splitvmm.monitor.mirror import RegisterMirror
-from splitvmm.protocol import codec
+from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
+from splitvmm.protocol import codec, events, wire
 from splitvmm.protocol.models import SERIAL
 from splitvmm.protocol.wire import MAX_CREDIT
 from splitvmm.record import replace
-from tests.fakes import FakeIrq, FakeLine
+from tests.fakes import FakeIrq, FakeLine, MonitorEnd, channel_pair
 
 GOLDENS = Path(__file__).resolve().parents[1] / "conformance" / "goldens"
 
@@ -997,3 +1003,134 @@ def test_uart_input_past_the_buffer_is_dropped_and_its_state_restores(loopback):
     assert (uart.input_buffer()[0], uart.ctx.counters.rx_overrun) == (RX_BUFFER_MAX, 3)
     restored = Uart8250.restore(DeviceContext(irq=FakeIrq()), uart.save())
     assert restored.input_buffer()[0] == RX_BUFFER_MAX
+
+
+# -- the THRE interrupt of a draining line, and the mirror ---------------------------------------
+class MonitorChannel:
+    """The monitor's DeviceChannel as the slot uses it: its news is what the device sent on
+    the socket by then; a read goes to the device, its events and MIRROR before its reply."""
+
+    def __init__(self, slot: DeviceSlot, end: MonitorEnd, *forwarded: threading.Event) -> None:
+        self.slot, self.end, self.forwarded = slot, end, forwarded
+        self.mirror = RegisterMirror(SERIAL.mirrored, SERIAL.quiet_while)
+        self.seq = 0
+
+    def _handled(self, buf: bytes) -> bool:
+        if wire.is_mirror(buf):
+            self.mirror.take(wire.decode_mirror(buf, SERIAL.mirrored, Uart8250.WINDOW))
+            return True
+        if wire.is_checkpoint(buf):
+            return True
+        event = events.event_in(buf, "serial")
+        if event is not None and not isinstance(event, events.Published):
+            self.slot._on_event(event)
+        return event is not None
+
+    def drain_events(self, limited: bool = True) -> None:
+        self.mirror.news_taken()
+        while True:
+            try:
+                buf = self.end.recv(0)
+            except TimeoutError:
+                return
+            assert self._handled(buf)
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.seq += 1
+        self.end.send(wire.encode_read(self.seq, offset, size))
+        for event in self.forwarded:  # the read is on its way to the device
+            event.set()
+        while self._handled(buf := self.end.recv()):
+            pass
+        self.mirror.news_taken()
+        data, stamp = wire.decode_read_reply(buf, self.seq, size)
+        if stamp is not None:
+            self.mirror.restamp(stamp)
+        return data
+
+
+class GuestIsr:
+    """The UART's interrupt line: its edge runs the guest's handler on a vCPU (a thread),
+    which reads LSR first, through the slot. The edge returns once that read has its answer
+    from the mirror, or has gone to the device: a vCPU that is quicker than the device."""
+
+    def __init__(self) -> None:
+        self.slot: DeviceSlot | None = None
+        self.uart: Uart8250 | None = None
+        self.decided = threading.Event()
+        self.handler: threading.Thread | None = None
+        self.read: list[int] = []
+        self.held: list[int] = []  # what the 8250 itself held at the edge
+
+    def trigger(self) -> None:
+        if self.slot is None or self.uart is None:
+            return  # an edge of the set-up, before the guest looks
+        self.held.append(self.uart._lsr_value())
+        self.handler = threading.Thread(target=self._handle)
+        self.handler.start()
+        assert self.decided.wait(5)
+
+    def _handle(self) -> None:
+        assert self.slot is not None
+        self.read.append(self.slot.read(Reg.LSR, 1)[0])
+        self.decided.set()
+
+
+def full_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"\0" * 512)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    return r, w
+
+
+def test_lsr_read_on_the_thre_interrupt_of_a_draining_line_sees_thre(tmp_path: Path, monkeypatch):
+    """An interrupt-driven driver (THRI on) filled the line; the host's reader catches up:
+    THRE rises, and with it the THRE interrupt. A handler that reads LSR first must see THRE
+    set (the 8250 holds it set: that is what the interrupt says), not the mirror's value
+    from before the line drained."""
+    r, w = full_pipe()
+    isr = GuestIsr()
+    uart = Uart8250(DeviceContext(irq=isr, out=BoundedOutput(FdLine(w), 32)))
+    uart.write(Reg.MCR, bytes([Mcr.OUT2]))
+    uart.write(Reg.IER, bytes([Ier.THRI]))
+    uart.read(Reg.IIR_FCR, 1)  # the THRE interrupt enabling THRI raised, taken
+    for byte in bytes(32):  # the driver fills the line: THRE clear
+        uart.write(Reg.RX_TX, bytes([byte]))
+    assert not uart._lsr_value() & Lsr.THRE
+
+    monitor_end, device_end = channel_pair()
+    uart.ctx.events.connect(device_end.send_now)  # as _serve_sandboxed() does
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, None, None)  # type: ignore[arg-type]
+    forwarded = threading.Event()
+    slot.channel = MonitorChannel(slot, monitor_end, forwarded, isr.decided)  # type: ignore[assignment]
+    slot.state = SlotState.LIVE
+    isr.slot, isr.uart = slot, uart
+
+    def steps(loop: EventLoop) -> None:
+        os.set_blocking(r, False)
+        try:
+            while os.read(r, 65536):
+                pass
+        except BlockingIOError:
+            pass  # the host's reader took everything: the line polls writable
+        loop.step()  # the line drains: THRE rises, its edge, then the new MIRROR
+        if forwarded.is_set():
+            loop.step()  # the handler's read, which came to the device
+
+    monkeypatch.setattr(EventLoop, "run", steps)
+    try:
+        runtime.serve(uart, device_end, runtime.Checkpoints(uart))
+        assert isr.handler is not None
+        isr.handler.join(5)
+        assert isr.held == [Lsr.THRE | Lsr.TEMT]  # the 8250 at the interrupt
+        assert isr.read == isr.held  # what the guest's read got
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        monitor_end.close()
+        device_end.close()
