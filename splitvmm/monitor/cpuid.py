@@ -36,9 +36,9 @@ U32 = 0xFFFFFFFF
 # Leaf 1 (SDM Vol. 2A table 3-8, 3-10, 3-11).
 LEAF1_EBX_LOGICAL_COUNT_SHIFT = 16
 LEAF1_EBX_APIC_ID_SHIFT = 24
-LEAF1_ECX_VMX = 1 << 5  # nested virtualization: see _leaf1
+LEAF1_ECX_VMX = 1 << 5  # nested virtualization: see NEVER_OFFERED_ECX
 LEAF1_ECX_PDCM = 1 << 15  # IA32_PERF_CAPABILITIES: no PMU is virtualized for the guest
-EXT1_ECX_SVM = 1 << 2  # leaf 0x80000001: AMD's nested virtualization (see _leaf1)
+EXT1_ECX_SVM = 1 << 2  # leaf 0x80000001: AMD's nested virtualization
 LEAF1_ECX_TSC_DEADLINE = 1 << 24
 LEAF1_ECX_HYPERVISOR = 1 << 31
 LEAF1_EDX_HTT = 1 << 28  # EBX[23:16] is valid
@@ -124,13 +124,35 @@ class CpuidMask(Struct, frozen=True):
         return replace(e, **changes) if changes else e
 
 
+# ECX bits no vCPU is given, whatever the host offers, by (function, index): cleared from a
+# boot's table (the normalizers below) and from a snapshot's (never_offered()).
+# - VMX, SVM: a snapshot cannot hold a nested hypervisor's state (KVM_GET_NESTED_STATE is
+#   not saved), and a Linux guest that loads kvm_intel runs VMXON at once (6.12 and later),
+#   so every restore would take its VMX operation away from under it.
+# - WAITPKG: UMWAIT/TPAUSE would idle the physical CPU (Firecracker clears it).
+NEVER_OFFERED_ECX: dict[tuple[int, int], int] = {
+    (1, 0): LEAF1_ECX_VMX,
+    (7, 0): LEAF7_ECX_WAITPKG,
+    (0x80000001, 0): EXT1_ECX_SVM,
+}
+
+
+def never_offered(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
+    """`entries` without NEVER_OFFERED_ECX's bits: a snapshot's table is untrusted input, and
+    KVM_SET_CPUID2 takes what it is given, so a crafted one switched nested virtualization on
+    wherever KVM offers it (nested=1), which no boot does."""
+    return [
+        replace(e, ecx=e.ecx & ~hidden)
+        if e.ecx & (hidden := NEVER_OFFERED_ECX.get((e.function, e.index), 0))
+        else e
+        for e in entries
+    ]
+
+
 def _leaf1(e: CpuidEntry, t: Topology) -> CpuidEntry:
     ebx = (e.ebx & 0xFFFF) | t.nvcpus << LEAF1_EBX_LOGICAL_COUNT_SHIFT
     ebx |= t.vcpu_id << LEAF1_EBX_APIC_ID_SHIFT
-    # No VMX: a snapshot cannot hold a nested hypervisor's state (KVM_GET_NESTED_STATE is
-    # not saved), and a Linux guest that loads kvm_intel runs VMXON at once (6.12 and later),
-    # so every restore would take its VMX operation away from under it.
-    ecx = (e.ecx | LEAF1_ECX_HYPERVISOR) & ~(LEAF1_ECX_PDCM | LEAF1_ECX_VMX)
+    ecx = (e.ecx | LEAF1_ECX_HYPERVISOR) & ~(LEAF1_ECX_PDCM | NEVER_OFFERED_ECX[1, 0])
     # KVM emulates the TSC deadline timer only where KVM_CAP_TSC_DEADLINE_TIMER says so.
     ecx = ecx | LEAF1_ECX_TSC_DEADLINE if t.tsc_deadline else ecx & ~LEAF1_ECX_TSC_DEADLINE
     edx = e.edx | LEAF1_EDX_HTT if t.nvcpus > 1 else e.edx & ~LEAF1_EDX_HTT
@@ -156,12 +178,12 @@ def _leaf6(e: CpuidEntry, t: Topology) -> CpuidEntry:
 
 
 def _leaf7(e: CpuidEntry, t: Topology) -> CpuidEntry:
-    return replace(e, ecx=e.ecx & ~LEAF7_ECX_WAITPKG) if e.index == 0 else e
+    return replace(e, ecx=e.ecx & ~NEVER_OFFERED_ECX[7, 0]) if e.index == 0 else e
 
 
 def _ext1(e: CpuidEntry, t: Topology) -> CpuidEntry:
-    """0x80000001: no SVM, for the reason _leaf1 clears VMX."""
-    return replace(e, ecx=e.ecx & ~EXT1_ECX_SVM)
+    """0x80000001: no SVM (NEVER_OFFERED_ECX)."""
+    return replace(e, ecx=e.ecx & ~NEVER_OFFERED_ECX[0x80000001, 0])
 
 
 def _no_pmu(e: CpuidEntry, t: Topology) -> CpuidEntry:

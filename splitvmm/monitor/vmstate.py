@@ -71,6 +71,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypedDict, TypeVar
 
 from splitvmm.errors import KvmError, StateError
+from splitvmm.monitor.cpuid import never_offered
 from splitvmm.native.kvm import (
     DEBUGREGS_SIZE,
     FPU_SIZE,
@@ -302,7 +303,7 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
     host = host if host is not None else _probe_default()
     xsave = _fit_xsave(state, host)
     msrs = _restorable_msrs(state, host)
-    vcpu.set_cpuid(list(state.cpuid))
+    vcpu.set_cpuid(never_offered(state.cpuid))  # what no boot gives, nor may a snapshot
     _restore_tsc_khz(vcpu, state.tsc_khz)
     vcpu.set_mp_state(state.mp_state)
     vcpu.set_regs_dict(state.regs)

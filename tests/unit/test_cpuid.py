@@ -9,6 +9,7 @@ from splitvmm.monitor.boot import check_physical_bits
 from splitvmm.monitor.cpuid import (
     CpuidMask,
     missing_on_host,
+    never_offered,
     physical_address_bits,
     vcpu_cpuid,
 )
@@ -84,6 +85,21 @@ def test_cpuid_hides_nested_virtualization() -> None:
     table[1] = CpuidEntry(1, 0, 0, eax=0x906EA, ebx=0x00100800, ecx=0x81A0B223, edx=0x1F8BFBFF)
     entries = vcpu_cpuid(table, 0, 1, tsc_deadline=True)
     assert ((find(entries, 1).ecx >> 5) & 1, find(entries, 0x80000001).ecx) == (0, 0x121)
+
+
+def test_cpuid_a_snapshots_table_loses_what_no_boot_offers_and_a_boots_loses_nothing() -> None:
+    """never_offered() is what a restore gives KVM_SET_CPUID2 of a snapshot's table, which is
+    untrusted: VMX, SVM and WAITPKG go, as from every boot's table (which it leaves as it
+    is), and nothing else does."""
+    nested = [*INTEL, CpuidEntry(0x80000001, 0, 0, eax=0, ebx=0, ecx=0x121 | 1 << 2, edx=0)]
+    nested[1] = CpuidEntry(1, 0, 0, eax=0x906EA, ebx=0x00100800, ecx=0x81A0B223, edx=0x1F8BFBFF)
+    crafted = never_offered(nested)
+    assert [find(crafted, f).ecx for f in (1, 7, 0x80000001)] == [0x81A0B203, 0x40000000, 0x121]
+    assert [e for e in crafted if e.function not in (1, 7, 0x80000001)] == [
+        e for e in nested if e.function not in (1, 7, 0x80000001)
+    ]
+    booted = vcpu_cpuid(nested, 0, 2, tsc_deadline=True)
+    assert never_offered(booted) == booted
 
 
 def test_cpuid_leaf4_counts_cores_and_l3_sharing() -> None:

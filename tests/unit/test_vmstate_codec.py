@@ -14,6 +14,7 @@ import pytest
 
 from splitvmm.errors import StateError
 from splitvmm.monitor import vmstate
+from splitvmm.monitor.cpuid import EXT1_ECX_SVM, LEAF1_ECX_VMX
 from splitvmm.monitor.vmstate import (
     CPUID_LEAF1_ECX_PDCM,
     MSR_IA32_PERF_CAPABILITIES,
@@ -309,6 +310,28 @@ def test_vmstate_restore_vcpu_sets_state_in_documented_order() -> None:
         "set_cpuid", "tsc_khz", "set_mp_state", "set_regs_dict", "set_sregs_dict", "set_xsave",
         "set_xcrs", "set_debugregs", "set_lapic", "set_msrs", "set_vcpu_events",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("leaf", "bit"), [(1, LEAF1_ECX_VMX), (0x80000001, EXT1_ECX_SVM)], ids=["vmx", "svm"]
+)
+def test_vmstate_restore_vcpu_gives_kvm_no_nested_virtualization_from_a_snapshot(
+    leaf: int, bit: int
+) -> None:
+    """Every boot hides VMX and SVM (a snapshot holds no nested state); a snapshot's table is
+    untrusted and must not switch them on through KVM_SET_CPUID2 (cpuid.never_offered)."""
+    table = (
+        CpuidEntry(0, 0, 0, 0x80000001, 0x68747541, 0x444D4163, 0x69746E65),
+        CpuidEntry(1, 0, 0, 0, 0, LEAF1_ECX_VMX, 0),
+        CpuidEntry(0x80000001, 0, 0, 0, 0, EXT1_ECX_SVM, 0),
+    )
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+
+    restore_vcpu(vcpu, vcpu_state(cpuid=table), HOST)  # type: ignore[arg-type]
+
+    (given,) = [args[0] for name, args in vcpu.calls if name == "set_cpuid"]
+    assert [e.function for e in given] == [0, 1, 0x80000001]
+    assert not [e for e in given if e.function == leaf and e.ecx & bit]
 
 
 def test_vmstate_restore_vcpu_scales_tsc_beyond_tolerance() -> None:
