@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,16 +202,28 @@ def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
         raise ConfigError(
             f"vm.snapshot_dirs: expected a list of at most {MAX_SNAPSHOT_DIRS} directory paths"
         )
-    dirs = tuple(_host_path(base, d, "vm.snapshot_dirs", resolve=True) for d in raw)
-    for d in dirs:  # checked even for a restore: the monitor's Landlock names them
-        if not stat.S_ISDIR(_mode(d, "vm.snapshot_dirs")):
-            raise ConfigError(f"vm.snapshot_dirs: {d} does not exist or is not a directory")
+    return snapshot_dirs(raw, base)
+
+
+def snapshot_dirs(
+    paths: Sequence[str], base: Path, where: str = "vm.snapshot_dirs"
+) -> tuple[Path, ...]:
+    """The directories `ctl snapshot` may write to, resolved against `base`, as the monitor's
+    Landlock rules will name them: each must be a directory (a FIFO, a socket or a device
+    made landlock_add_rule fail once the devices were on their way up), for a restore's
+    --snapshot-dir too. ConfigError naming `where`."""
+    dirs = tuple(_host_path(base, d, where, resolve=True) for d in paths)
+    for d in dirs:
+        if not stat.S_ISDIR(_mode(d, where)):
+            raise ConfigError(f"{where}: {d} does not exist or is not a directory")
     return dirs
 
 
 def _host_path(base: Path, value: str, where: str, resolve: bool = False) -> Path:
     """`value` (~ expanded) relative to the config's directory; a ConfigError naming `where`
     for what no path can be (a NUL byte, an unknown ~user, a symlink loop)."""
+    if not value:  # pathlib takes it as ".": the config's directory, named as the culprit
+        raise ConfigError(f"{where}: an empty path")
     if "\0" in value:  # pathlib takes it; every system call would refuse it
         raise ConfigError(f"{where}: {shown(value)} is no usable path: it holds a NUL byte")
     try:
@@ -238,8 +251,6 @@ def _option_path(base: Path, value: str, key: str) -> str:
         return value
     unix = unix_output_path(value)
     rest = value if unix is None else unix
-    if not rest:
-        return value  # nothing to resolve: refused where it is opened, naming the option
     return ("" if unix is None else UNIX_OUTPUT) + str(_host_path(base, rest, key))
 
 
@@ -270,7 +281,9 @@ def _parse_boot(table: dict[str, Any], base: Path, check: bool, restored: bool) 
     )
 
 
-def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -> DeviceSection:
+def _parse_device(
+    table: dict[str, Any], where: str, vm_name: str, base: Path, restored: bool = False
+) -> DeviceSection:
     name = _get(table, "name", where, str)
     where = f"device {shown(name)}"
     if not NAME_RE.fullmatch(name):
@@ -298,7 +311,9 @@ def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -
             )
     options = {key: _get(table, key, where, kind, default) for key, (kind, default) in spec.items()}
     for option in MODELS[model].options:
-        if option.derive is not None and option.name not in table:
+        given = option.name in table and (restored or options[option.name] != option.default)
+        if option.derive is not None and not given:  # an operator's "" too: none given (a
+            # stored config's stays: the saved device took the model's own from it)
             options[option.name] = option.derive(vm_name, name)
         if option.path and option.name in table:
             key = f"{where}.{option.name}"
@@ -315,9 +330,10 @@ def _parse_device(table: dict[str, Any], where: str, vm_name: str, base: Path) -
         table, "max_restarts", where, range(0, MAX_RESTARTS + 1), DEFAULT_MAX_RESTARTS
     )
     window = _duration(table, "restart_window", where, DEFAULT_RESTART_WINDOW_S)
-    if on_crash != "restart" and ("max_restarts" in table or "restart_window" in table):
+    budget = [key for key in ("max_restarts", "restart_window") if key in table]
+    if on_crash != "restart" and budget:
         raise ConfigError(
-            f'{where}.max_restarts: a restart budget needs on_crash = "restart", not {on_crash!r}'
+            f'{where}.{budget[0]}: a restart budget needs on_crash = "restart", not {on_crash!r}'
         )
     fault = faults.parse(table["fault"], f"{where}.fault") if "fault" in table else None
     return DeviceSection(name, model, on_crash, options, max_restarts, window, fault)
@@ -385,7 +401,7 @@ def parse_config(
     if len(tables) > MAX_DEVICES:  # before any is parsed: a stored config may list thousands
         raise ConfigError(f"device: {len(tables)} devices; a VM has at most {MAX_DEVICES}")
     devices = tuple(
-        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]", vm.name, base)
+        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]", vm.name, base, restored)
         for i, d in enumerate(tables)
     )
     devices += _default_devices(_get(data, "vm", "config", dict, {}), devices)

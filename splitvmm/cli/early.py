@@ -25,6 +25,9 @@ VM_COMMANDS = ("up", "restore")
 VALUED_OPTIONS = ("--log-level",)  # the root command's options that take a value (root.py)
 
 _forked: tuple[socket.socket, int] | None = None  # launcher_start.fork()'s socket and pid
+_closed_inherited = False  # close_inherited_fds() ran: no fd past 2 is the operator's
+# Where a path names an open fd of this process (a shell's `<(make-config)` is /dev/fd/63)
+FD_DIRS = ("/dev/fd", "/proc/self/fd", "/proc/thread-self/fd")
 
 
 def start_launcher(args: list[str]) -> None:
@@ -51,7 +54,19 @@ def close_inherited_fds() -> None:
     the devices' launcher would have inherited it too. Firecracker's jailer closes them
     the same way. Here, at the process's start (main()), not in run_and_exit: a test runs
     `up` in its own process through click, whose fds are not ours to close."""
+    global _closed_inherited
     os.closerange(3, 2**31 - 1)  # past any limit: one close_range(2), fds above the soft one too
+    _closed_inherited = True
+
+
+def closed_fd(path: str | os.PathLike[str]) -> int | None:
+    """The fd past 2 that `path` names (/dev/fd/N, /proc/self/fd/N), if close_inherited_fds()
+    closed it: the operator's file is gone, and its number may be one of ours by now (the
+    launcher's socket, its pidfd)."""
+    parent, _, number = os.path.abspath(path).rpartition("/")
+    if _closed_inherited and parent in FD_DIRS and number.isdigit() and int(number) > 2:
+        return int(number)
+    return None
 
 
 def take() -> Launcher | None:

@@ -56,13 +56,15 @@ def command(
     from splitvmm.record import replace
 
     overrides = _overrides(settings)
-    dirs = tuple(d.resolve() for d in snapshot_dirs)
 
     def config(snap: Snapshot | None) -> VmConfig:
-        from splitvmm.monitor import restore  # here: after run_and_exit started the launcher
+        from splitvmm import config as config_module  # here: after run_and_exit started the
+        from splitvmm.monitor import restore  # launcher
 
         if snap is None:  # run_and_exit opens DIRECTORY first: a restore always has one
             raise click.UsageError("restore needs the snapshot in DIRECTORY")
+        given = [str(d) for d in snapshot_dirs]
+        dirs = config_module.snapshot_dirs(given, Path.cwd(), "--snapshot-dir")
         cfg = restore.config_of(snap, overrides)
         # What the monitor may write to is never the snapshot's to say.
         return replace(cfg, vm=replace(cfg.vm, snapshot_dirs=dirs))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from splitvmm import timings
-from splitvmm.errors import SplitvmmError
+from splitvmm.errors import ConfigError, SplitvmmError
 
 if TYPE_CHECKING:
     from splitvmm.config import VmConfig
@@ -151,8 +151,15 @@ def command(
         raise click.UsageError("--require-signature goes with --restore")
 
     def load(snap: Snapshot | None) -> VmConfig:
+        from splitvmm.cli import early
         from splitvmm.config import load_config  # here: after run_and_exit started the launcher
 
+        fd = early.closed_fd(config)
+        if fd is not None:
+            raise ConfigError(
+                f"{config}: cannot read the config: `splitvmm up` closes every fd it inherits "
+                f"but 0-2, fd {fd} among them; give it on stdin (`... | splitvmm up /dev/stdin`)"
+            )
         return load_config(config, check_files=snap is None)
 
     run_and_exit(load, snapshot_dir, key_file, show_timings)

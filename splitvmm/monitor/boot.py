@@ -63,12 +63,26 @@ def check_physical_bits(ram_size: int, bits: int) -> None:
     would take the e820 map's RAM and fault on reserved address bits there."""
     top = max(gpa + size for gpa, size in layout.ram_ranges(ram_size))
     if top > 1 << bits:
-        fits = (1 << bits) - (layout.FOUR_GIB - layout.MMIO32_START)
+        limit = 1 << bits  # below 4 GiB, the RAM under the PCI hole is all that may fit
+        fits = (
+            min(limit, layout.MMIO32_START)
+            if limit <= layout.FOUR_GIB
+            else limit - (layout.FOUR_GIB - layout.MMIO32_START)
+        )
         raise ConfigError(
             f"vm.memory: {ram_size >> 20} MiB puts RAM up to {top:#x}, past the {bits}-bit "
             f"physical addresses this VM's CPUs have (CPUID 0x80000008, the host's or "
             f"vm.cpuid_mask's): at most {fits >> 20} MiB fits"
         )
+
+
+def check_cpu(cfg: VmConfig, kvm: Kvm) -> None:
+    """What a boot's vm.cpuid_mask and vm.memory make prepare() refuse, checked before any
+    device process starts, as load_kernel's files are: the mask's syntax, and RAM within the
+    physical-address width the masked CPUID gives (the normalizers leave 0x80000008 EAX)."""
+    mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
+    bits = cpuid.physical_address_bits(mask.apply(kvm.supported_cpuid()))
+    check_physical_bits(cfg.vm.memory, bits)
 
 
 def load_kernel(

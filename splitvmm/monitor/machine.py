@@ -188,6 +188,8 @@ class Machine:
         self.kvm.require_caps()
         if cfg.vm.vcpus > self.kvm.max_vcpus():
             raise KvmUnavailable(f"vm.vcpus: this host's KVM allows at most {self.kvm.max_vcpus()}")
+        if restoring is None:  # a boot's CPU settings: refused before any device starts
+            boot.check_cpu(cfg, self.kvm)
         self.mem = GuestMemory(cfg.vm.memory, f"{cfg.vm.name}-ram")
         self._closables.append(self.mem)
         self.vm = self.kvm.create_vm()

@@ -160,3 +160,21 @@ def test_guest_build_refuses_an_empty_cache_dir(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "Invalid value for '--cache-dir': an empty path" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fd", [3, 4, 63])
+def test_up_config_on_an_inherited_fd_says_that_up_closed_it(tmp_path, fd):
+    """`up` closes every fd past 2 it inherits (cli/early.py), the config's too, and its own
+    then take the low numbers: the error read "No such device or address" (fd 3: the
+    launcher's socket), "is a file of unknown type, not a regular file" (fd 4: its pidfd),
+    or "No such file or directory" (fd 63), of a config file that is there and readable."""
+    config = tmp_path / "vm.toml"
+    config.write_text('[vm]\nname = "fd"\n[boot]\nkernel = "k.elf"\n')
+    proc = subprocess.run(
+        ["bash", "-c", f'exec "$0" -m splitvmm up /dev/fd/{fd} {fd}<"$1"', sys.executable, config],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"/dev/fd/{fd}: cannot read the config: `splitvmm up` closes" in proc.stderr
+    assert f"fd {fd} among them" in proc.stderr

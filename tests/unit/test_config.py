@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from splitvmm import config
 from splitvmm.config import VmConfig, config_to_dict, load_config, parse_config, parse_size
 from splitvmm.errors import ConfigError
-from splitvmm.protocol.models import MODELS, VIRTIO_BLK
+from splitvmm.protocol.models import MODELS, VIRTIO_BLK, default_mac
 from tests.documents import places
 
 GOOD = """
@@ -584,3 +584,71 @@ def test_config_path_of_the_wrong_kind_is_refused_naming_the_key(kernel_dir, tex
     (kernel_dir / "adir").mkdir()
     with pytest.raises(ConfigError, match=message):
         load_config(write(kernel_dir, text))
+
+
+def test_config_empty_mac_is_derived_per_nic_like_a_missing_one():
+    """`mac = ""` (a template's unset variable) kept "" and every such NIC, in every VM,
+    got the device's bare MAC 52:54:00:62:42:ff: two VMs on one bridge then shared a MAC."""
+    text = '[vm]\nname = "t"\n[boot]\nfirmware = "fw.bin"\n' + "".join(
+        f'[[device]]\nname = "{n}"\nmodel = "virtio-net"\ntap = "tap{i}"\n{mac}'
+        for i, (n, mac) in enumerate([("net0", 'mac = ""\n'), ("net1", 'mac = ""\n'), ("net2", "")])
+    )
+    cfg = parse_config(tomllib.loads(text), Path("/"), check_files=False)
+    macs = [d.options["mac"] for d in cfg.devices if d.model == "virtio-net"]
+    assert macs == [default_mac("t", n) for n in ("net0", "net1", "net2")]
+
+
+def test_config_empty_mac_of_a_stored_config_stays_the_saved_devices():
+    """A snapshot taken before: its stored mac "" gave the device the bare MAC, which its
+    saved state holds; a restore (restored=True) keeps "" so that the two still agree."""
+    text = (
+        '[vm]\nname = "t"\n[boot]\n'
+        '[[device]]\nname = "net0"\nmodel = "virtio-net"\ntap = "tap0"\nmac = ""\n'
+    )
+    cfg = parse_config(tomllib.loads(text), Path("/"), check_files=False, restored=True)
+    assert [d.options["mac"] for d in cfg.devices if d.model == "virtio-net"] == [""]
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        (GOOD.replace('"kernel.elf"', '""'), "boot.kernel"),
+        (GOOD.replace('cmdline = "console=ttyS0"', 'initrd = ""'), "boot.initrd"),
+        (
+            GOOD.replace('kernel = "kernel.elf"\ncmdline = "console=ttyS0"', 'firmware = ""'),
+            "boot.firmware",
+        ),
+        (GOOD.replace('output = "out.log"', 'output = ""'), "device 'serial0'.output"),
+        (GOOD.replace('output = "out.log"', 'output = "unix:"'), "device 'serial0'.output"),
+    ],
+    ids=["kernel", "initrd", "firmware", "output", "unix-output"],
+)
+def test_config_empty_path_is_refused_as_empty(kernel_dir, text, key):  # noqa: F811
+    """`kernel = ""` (a template's unset variable) is Path(""), ".": the error named the
+    config's directory ("boot.kernel: /home/me/vms does not exist or is not a file", of a
+    directory that is there), and an empty output failed only as the device's fds were made
+    ("'' cannot be created: its directory does not exist"). cli/guest.py's --cache-dir and
+    restore's --set refuse an empty path so too."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(kernel_dir, text))
+    assert str(err.value) == f"{key}: an empty path"
+
+
+DEVICE = {"name": "serial0", "model": "serial"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"restart_window": "5s"}, "device 'serial0'.restart_window: a restart budget needs"),
+        ({"on_crash": "leave", "restart_window": 2}, "'serial0'.restart_window: a restart budget"),
+        ({"max_restarts": 2, "restart_window": 2}, "'serial0'.max_restarts: a restart budget"),
+    ],
+)
+def test_config_restart_budget_without_restart_names_the_key_given(extra, message):
+    """restart_window alone was refused as "device 'serial0'.max_restarts: ...": a key the
+    config does not have."""
+    from splitvmm.config import _parse_device
+
+    with pytest.raises(ConfigError, match=message):
+        _parse_device({**DEVICE, **extra}, "device", "vm", Path("/"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.errors import ConfigError
+from splitvmm.monitor import boot
 from splitvmm.monitor.boot import check_physical_bits
 from splitvmm.monitor.cpuid import (
     CpuidMask,
@@ -305,3 +306,19 @@ def test_ram_past_the_guests_physical_address_width_is_refused_naming_the_key(
             check_physical_bits(memory_gib << 30, bits)
     else:
         check_physical_bits(memory_gib << 30, bits)
+
+
+@pytest.mark.parametrize(
+    ("ram", "bits", "fits"),
+    [
+        (64 << 20, 16, "at most 0 MiB fits"),  # was "at most -1024 MiB fits"
+        (512 << 20, 28, "at most 256 MiB fits"),  # was "at most -768 MiB fits"
+        (4 << 30, 32, "at most 3072 MiB fits"),
+        (1 << 40, 36, "at most 64512 MiB fits"),
+    ],
+)
+def test_physical_bits_too_few_says_how_much_ram_fits(ram, bits, fits):
+    """A vm.cpuid_mask that clears 0x80000008 EAX bits (MAXPHYADDR) below 32: the RAM that
+    fits lies below the PCI hole, not 1 GiB less than the width."""
+    with pytest.raises(ConfigError, match=f"past the {bits}-bit physical addresses .*: {fits}$"):
+        boot.check_physical_bits(ram, bits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitvmm.config import parse_config
-from splitvmm.errors import BootError, SplitvmmError
+from splitvmm.errors import BootError, ConfigError, SplitvmmError
 from splitvmm.monitor.control import SOCKET_NAME
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.rundir import MAX_SOCKET_PATH
@@ -58,6 +58,42 @@ def test_build_refuses_a_kernel_before_any_device_starts(tmp_path, monkeypatch):
     machine = Machine(cfg, runtime_root=tmp_path / "run", launcher=IdleLauncher())  # type: ignore[arg-type]
     try:
         with pytest.raises(BootError, match="kernel needs RAM up to"):
+            machine.build()
+    finally:
+        machine.close()
+    assert launched == []
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    "mask,memory,message",
+    [
+        ("garbage", "64M", r"vm\.cpuid_mask: 'garbage' is not LEAF"),
+        ("1.ecx:0x1ffffffff", "64M", r"vm\.cpuid_mask: .* does not fit in 32 bits"),
+        ("1.ecx:0", "64M", r"vm\.cpuid_mask: .* clears no bits"),
+        # MAXPHYADDR 32..63 keeps only bit 5: 32 bits, and 4 GiB of RAM ends past 4 GiB
+        ("0x80000008.eax:0xdf", "4G", r"vm\.memory: .* past the 32-bit physical addresses"),
+    ],
+    ids=["syntax", "bits-too-wide", "clears-nothing", "physical-bits"],
+)
+def test_build_refuses_a_bad_cpuid_mask_before_any_device_starts(
+    tmp_path, monkeypatch, mask, memory, message
+):
+    """Checked only in boot.prepare, after _launch_devices, these ended devices on their
+    way up: `up` printed "device serial0: the monitor closed the channel" or a device's
+    "Traceback (most recent call last):" beside its one-line error, now and then."""
+    (tmp_path / "bzImage").write_bytes(make_bzimage())
+    cfg = parse_config(
+        {"vm": {"name": "vm1", "memory": memory, "cpuid_mask": [mask]},
+         "boot": {"kernel": "bzImage"},
+         "device": [{"name": "serial0", "model": "serial", "output": "out.log"}]},
+        tmp_path,
+    )  # fmt: skip
+    launched = []
+    monkeypatch.setattr(Machine, "_launch_devices", lambda self: launched.append(True))
+    machine = Machine(cfg, runtime_root=tmp_path / "run", launcher=IdleLauncher())  # type: ignore[arg-type]
+    try:
+        with pytest.raises(ConfigError, match=message):
             machine.build()
     finally:
         machine.close()

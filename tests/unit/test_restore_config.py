@@ -4,7 +4,11 @@ resource (output, socket, kernel, firmware) from the operator, never from the ma
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -438,3 +442,32 @@ def test_verify_refuses_a_stored_config_of_thousands_of_devices_before_parsing_t
 
     assert result.exit_code == 1 and "26000 devices; a VM has at most 64" in result.output
     assert len(result.output.splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "char-device"])
+def test_restore_snapshot_dir_that_is_no_directory_is_refused_naming_the_option(tmp_path, kind):
+    """Checked as a config's vm.snapshot_dirs is (config.snapshot_dirs), before anything is
+    built: click's file_okay=False refused only a regular file, and a FIFO, a socket or
+    /dev/null went on to the monitor, whose Landlock refused it after the devices were
+    launched ("cannot confine the monitor with Landlock: [Errno 22] landlock_add_rule(
+    '/dev/null'): Invalid argument", a device's traceback now and then), naming no option."""
+    path = os.devnull
+    if kind == "fifo":
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    elif kind == "socket":
+        path = str(tmp_path / "sock")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+    argv = ["restore", str(GOLDEN), "--set", f"serial0.output={tmp_path / 'out'}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", *argv, "--snapshot-dir", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (
+        f"splitvmm: error: --snapshot-dir: {path} does not exist or is not a directory\n"
+    )
