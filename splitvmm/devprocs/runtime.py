@@ -53,7 +53,7 @@ from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, wire
 from splitvmm.protocol.models import MODELS, FdKind
-from splitvmm.protocol.polling import MAX_POLL_NS
+from splitvmm.protocol.polling import max_poll_ns
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.record import replace
 from splitvmm.sandbox import device as sandbox
@@ -472,7 +472,7 @@ def _connect(endpoint: str) -> Channel:
     send (READY) waits for it, while this process goes on into its sandbox."""
     try:
         return Channel.connect(
-            endpoint, control.MAX_CONTROL, CONNECT_TIMEOUT_MS / 1000, poll_ns=MAX_POLL_NS
+            endpoint, control.MAX_CONTROL, CONNECT_TIMEOUT_MS / 1000, poll_ns=max_poll_ns()
         )
     except OSError as e:
         raise sandbox.SandboxError(f"channel not connected: {e}") from None

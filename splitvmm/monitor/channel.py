@@ -35,7 +35,7 @@ from splitvmm.monitor.budget import LatencyBudget
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.polling import MAX_POLL_NS, PollWindow
+from splitvmm.protocol.polling import PollWindow, max_poll_ns
 from splitvmm.protocol.zmtp import encode
 from splitvmm.sandbox.spawn import DeviceProcess, readable
 
@@ -118,7 +118,7 @@ class DeviceChannel:
         device started: it may have connected already, and the kernel queued its connection
         in the backlog). We own `listener` from now on. `access_poll`: the window a vCPU's
         wait for its access's reply looks through first (the slot's, kept across its
-        device's processes); a new one of MAX_POLL_NS without.
+        device's processes); a new one of max_poll_ns() without.
         `on_event` gets each event the device sends unasked (protocol/events.py), checked;
         without one, an event breaks the channel like any frame nobody asked for.
         `host_io` says whether the device is inside a host I/O call now (the module
@@ -144,7 +144,7 @@ class DeviceChannel:
         self._link = zmtp.ZmtpLink(listener, control.MAX_DEVICE_FRAME)
         # A vCPU's wait for its access's reply looks before it sleeps (protocol/polling.py):
         # the reply of a device that is running comes within tens of microseconds.
-        self.access_poll = PollWindow(MAX_POLL_NS) if access_poll is None else access_poll
+        self.access_poll = PollWindow(max_poll_ns()) if access_poll is None else access_poll
         # A request's wait: the link's fd (for reading) and the process's pidfd
         self._poller = select.poll()
         self._polled = self._link.fd
@@ -415,10 +415,10 @@ class DeviceChannel:
             self._send(encode(frame), "a request", wait_host_io=wait_host_io)
             deadline = time.monotonic() + timeout_ms / 1000
             allowed, self._posted = events.MAX_EVENTS_PER_REQUEST + self._posted, 0
-            for _ in range(allowed + 1):
+            for taken in range(allowed + 1):
                 while True:
                     try:
-                        buf = self._recv(deadline, poll)
+                        buf = self._recv(deadline, poll, again=taken > 0)
                         break
                     except _NoFrame:
                         if self._link.closed or not self._still_in_host_io():
@@ -514,12 +514,13 @@ class DeviceChannel:
             self._poll(left_ms, pid=False)
         return True
 
-    def _recv(self, deadline: float, poll: PollWindow | None = None) -> bytes:
+    def _recv(self, deadline: float, poll: PollWindow | None = None, again: bool = False) -> bytes:
         """The next frame by `deadline` (_NoFrame if none came, at once once the connection
         has ended); ChannelError if the process ended first. With `poll`, looked for through
-        its window before the wait sleeps (protocol/polling.py)."""
+        its window before the wait sleeps (protocol/polling.py); `again`, through what is left
+        of the window the request's first frame was looked for in (PollWindow.poll)."""
         link = self._link
-        if poll is not None and poll.poll(lambda: self._frame_ready() or link.closed):
+        if poll is not None and poll.poll(lambda: self._frame_ready() or link.closed, again):
             return self._recv_waiting(deadline)  # caught: a frame, or the connection's end
         frame = self._recv_waiting(deadline)
         if poll is not None:

@@ -113,7 +113,7 @@ from splitvmm.protocol.models import (
     PciFunction,
     PortWindow,
 )
-from splitvmm.protocol.polling import MAX_POLL_NS, PollWindow
+from splitvmm.protocol.polling import PollWindow, max_poll_ns
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import Struct, field
@@ -280,7 +280,7 @@ class DeviceSlot:
         self.held_writes = 0  # writes KVM held, which cost no exit (monitor/writebehind.py)
         # How vCPUs wait for the device's replies (protocol/polling.py): one window for every
         # process of the slot's, so that its counters are the slot's
-        self.reply_poll = PollWindow(MAX_POLL_NS)
+        self.reply_poll = PollWindow(max_poll_ns())
         self._crashed_at = 0.0
         self._checkpoint = Checkpoint(spawn.state)
         # The frames sent when the monitor received that checkpoint: those of them past it

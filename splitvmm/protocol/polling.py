@@ -13,11 +13,15 @@ Looking costs a CPU, so the window adapts as KVM's halt_poll_ns does (virt/kvm/k
 it grows (from GROW_START_NS, doubling) while the waits that slept ended soon enough for a
 window of MAX to have caught them, and shrinks (halving, to 0 below GROW_START_NS) after a
 wait that outlasted it. A peer that answers late, or a guest that touches the device seldom,
-costs one window's looking at most, then none: an idle VM's devices sleep.
+costs one window's looking at most, then none: an idle VM's devices sleep. One wait looks
+through one window, however many frames come before the one it waits for (a device's events
+before its reply). And a process that may run on one CPU only never looks (max_poll_ns()):
+its peer needs the CPU a look would hold.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -26,6 +30,14 @@ from collections.abc import Callable
 # the next of a guest's accesses back to back, and no longer.
 MAX_POLL_NS = 200_000
 GROW_START_NS = 10_000  # the first window after one that was 0 (KVM's halt_poll_ns_grow_start)
+
+
+def max_poll_ns() -> int:
+    """The longest window for an end in this process: MAX_POLL_NS, or 0 where the process
+    may run on one CPU only (a one-CPU host, a VM under taskset or in a cpuset). There its
+    peer needs the CPU that a look holds: KVM polls only while no other task is runnable on
+    its CPU (single_task_running()), which a process confined to one never knows."""
+    return MAX_POLL_NS if len(os.sched_getaffinity(0)) > 1 else 0
 
 
 class PollWindow:
@@ -40,17 +52,23 @@ class PollWindow:
         self.ns = 0  # the window now: it grows once a wait shows that looking would pay
         self._clock_ns = clock_ns
         self._since: int | None = None  # when the wait that poll() gave up on started
+        self._began = 0  # when the wait the last poll() looked for started
         self.polls = self.caught = 0  # counters: windows looked through, frames they caught
 
-    def poll(self, ready: Callable[[], bool]) -> bool:
+    def poll(self, ready: Callable[[], bool], again: bool = False) -> bool:
         """Call `ready` until it says yes or the window has passed: whether it did. After a
         False, the caller sleeps until its frame comes, then calls woke(), which adapts the
-        window to how long the whole wait took."""
+        window to how long the whole wait took. `again`: the wait of the last poll() goes on
+        (the frame it ended with was not the one waited for: a device's event before its
+        reply), so the window counts from that wait's start: one wait looks through one
+        window at most, however many frames come first."""
         start = self._clock_ns()
-        self._since = start
-        if self.ns:
+        if not again:
+            self._began = start
+        self._since = self._began
+        deadline = self._began + self.ns
+        if start < deadline:
             self.polls += 1
-            deadline = start + self.ns
             while True:
                 if ready():
                     self.caught += 1

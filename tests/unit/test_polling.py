@@ -4,16 +4,20 @@ vCPU's wait for a reply (monitor/channel.py), over real sockets."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from splitvmm.devprocs import runtime
 from splitvmm.devprocs.channel import Channel, ChannelClosed
 from splitvmm.monitor.channel import ChannelError, DeviceChannel
-from splitvmm.protocol import wire
+from splitvmm.protocol import events, wire
 from splitvmm.protocol.polling import GROW_START_NS, MAX_POLL_NS, PollWindow
 from tests.fakes import MonitorEnd
 from tests.unit.test_channel_multipart import (
@@ -110,6 +114,32 @@ def test_a_window_that_passes_gives_up_at_its_end() -> None:
 
     assert not window.poll(never)
     assert looks == 40 and window.caught == 0
+
+
+def test_a_wait_that_goes_on_looks_only_through_what_is_left_of_its_window() -> None:
+    """Frames that come before the one waited for (a device's events before its reply) do
+    not each open a window: one wait looks through one window at most, and woke() measures
+    the whole wait, so a device that paces its events shrinks the window too."""
+    clock = Clock()
+    window = PollWindow(MAX, clock)
+    window.ns = 40_000
+
+    def event_after(ns: int) -> Callable[[], bool]:
+        def ready() -> bool:
+            clock.ns += 1_000
+            return clock.ns >= due
+
+        due = clock.ns + ns
+        return ready
+
+    assert window.poll(event_after(25_000))  # an event, 25 us into the wait
+    assert window.poll(event_after(10_000), again=True)  # another, 35 us in
+    start = clock.ns
+    assert not window.poll(event_after(50_000), again=True)  # the reply: past the window
+    assert clock.ns - start <= 6_000  # it looked through the 5 us left, no more
+    clock.ns += 500_000  # asleep until the reply, past MAX
+    window.woke()
+    assert window.ns == 20_000  # a wait that long shrinks the window
 
 
 def test_a_window_of_no_maximum_never_looks_and_a_negative_one_is_refused() -> None:
@@ -251,3 +281,109 @@ def test_a_device_that_hangs_up_or_breaks_zmtp_while_the_vcpu_looks_fails_at_onc
     finally:
         peer.close()
         ch.close()
+
+
+# -- a device that paces its events before its reply -----------------------------------------------
+EVENTS = 200  # under MAX_EVENTS_PER_REQUEST
+GAP_S = 150e-6  # each event a little inside a full window of MAX_POLL_NS
+
+
+def _paced_device(path: str) -> None:
+    """Its own process (no GIL shared with the vCPU): READY, then for each of two reads,
+    EVENTS reports GAP_S apart, then the reply."""
+    peer = _raw_peer(Path(path))
+    ready = wire.encode_ready()
+    peer.sendall(bytes((0, len(ready))) + ready)
+    ours = _recv_exact(peer, 64 + 2)
+    _recv_exact(peer, ours[-1])
+    report = events.encode_report("busy")
+    for _ in range(2):
+        seq = wire.FRAME.unpack(_recv_frame(peer))[3]
+        for _ in range(EVENTS):
+            until = time.perf_counter() + GAP_S
+            while time.perf_counter() < until:
+                pass
+            peer.sendall(bytes((0, len(report))) + report)
+        reply = wire.encode_read_done(seq, b"\x5a", None)
+        peer.sendall(bytes((0, len(reply))) + reply)
+    time.sleep(1)
+    peer.close()
+
+
+def test_a_device_pacing_events_inside_the_window_costs_the_vcpu_one_window(
+    tmp_path: Path,
+) -> None:
+    """Each event before the reply opened a new window: a device that spaced 200 of them just
+    inside one kept the vCPU spinning ~25 ms of one access (events.py's MAX_EVENTS_PER_REQUEST
+    bounds the events' checking, ~20 us each, not windows of 200 us), under SLOW_REPLY_MS, so
+    never charged."""
+    path = tmp_path / "dev0.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(path))
+    listening.listen(1)
+    ch = DeviceChannel("serial", f"ipc://{path}", listening.detach(), on_event=lambda e: None)
+    device = multiprocessing.get_context("fork").Process(target=_paced_device, args=(str(path),))
+    device.start()
+    try:
+        ch.wait_ready(_Alive(), timeout_ms=5000)  # type: ignore[arg-type]
+        ch.access_poll.ns = MAX_POLL_NS  # grown by the back-to-back reads before
+        looking_ns = 0
+        poll = ch.access_poll.poll
+
+        def timed(*args: object, **kwargs: object) -> bool:
+            nonlocal looking_ns
+            start = time.monotonic_ns()
+            try:
+                return poll(*args, **kwargs)  # type: ignore[arg-type]
+            finally:
+                looking_ns += time.monotonic_ns() - start
+
+        ch.access_poll.poll = timed  # type: ignore[method-assign]
+        assert ch.read(5, 1) == b"\x5a"  # warm-up
+        looking_ns = 0
+        assert ch.read(5, 1) == b"\x5a"
+        assert looking_ns < 10 * MAX_POLL_NS, (
+            f"one access looked for {looking_ns / 1e6:.1f} ms, {EVENTS} events"
+            f" {GAP_S * 1e6:.0f} us apart: a window each"
+        )
+    finally:
+        device.join(5)
+        ch.close()
+
+
+# -- a process confined to one CPU -----------------------------------------------------------------
+def _window_max_ns(tmp_path: Path, cpus: set[int]) -> int:
+    path = tmp_path / f"dev{len(cpus)}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)  # the backlog takes the connection
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        channel = runtime._connect(f"ipc://{path}")
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        return channel.window.max_ns
+    finally:
+        channel.close()
+        listener.close()
+
+
+def test_a_device_confined_to_one_cpu_never_looks_for_the_next_access(tmp_path: Path) -> None:
+    """A device process confined to one CPU (a one-CPU host, a VM run under taskset or in a
+    cpuset) shares it with the vCPU thread whose next access it looks for: its look holds the
+    CPU the guest needs to make that access. Measured (bench/exit_rtt.py's forwarded IIR read,
+    pio-loop at CPL3, taskset -c 1, 3000 reads): 169-173 us before 120f214, 248-257 us after;
+    the device's window alone (the vCPU's off) 228-249, the vCPU's alone (the device's off)
+    167-172. The window does not adapt it away: each wait is the window plus the guest's time,
+    so it swings between 100 and 200 us and never reaches 0. KVM polls only while no other task
+    is runnable on its CPU (single_task_running()); a process confined to one CPU never knows
+    that, so it must not look at all."""
+    one = {min(os.sched_getaffinity(0))}
+    assert _window_max_ns(tmp_path, one) == 0
+
+
+def test_a_device_with_cpus_to_spare_looks_through_the_window(tmp_path: Path) -> None:
+    allowed = os.sched_getaffinity(0)
+    assert _window_max_ns(tmp_path, allowed) == (MAX_POLL_NS if len(allowed) > 1 else 0)
