@@ -182,6 +182,17 @@ transport's floor, both ends polling, is 11.1 us, against 50.9 asleep. The goal'
 What is left is the Python on both sides (~49 us of the 114). bench/serial.py (posted writes,
 coalesced by KVM, and mirrored reads; no forwarded read) --runs 3 before and after: 56.8 and
 54.3 us a byte, QEMU 53.4 and 44.9 in the same runs: no change outside the noise.
+- Fixed after a review (cfab483): a process confined to one CPU no longer looks at all
+  (max_poll_ns()). Pinned with taskset to one CPU, the forwarded IIR read had gone from
+  168-173 us to 248-257 (the device's look held the CPU the guest needed, and the window
+  never adapted it away); with the fix, 168. And one wait looks through one window however
+  many events come before the reply. Then, --rounds 3 twice: 113.3 us, the goal's ratio
+  1.74 and 1.78.
+- Tried and dropped: the device's event loop looking through the same window before its
+  poll(2) too (a register device whose output line or unsent event keeps it off the read):
+  exit_rtt, two alternating pairs, posted SCR write 73.1 and 74.0 us against 85.3 and 77.8,
+  the IIR read 122.4 and 122.7 against 118.2 and 113.2; bench/serial.py, two alternating
+  pairs, 49.9 and 61.0 us a byte against 56.5 and 53.7 (QEMU 44-51): nothing that shows.
 """
 
 from __future__ import annotations
