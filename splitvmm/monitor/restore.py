@@ -401,6 +401,11 @@ def _read_pci(snap: Snapshot) -> pcistate.PciState | None:
 
 def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
     """Load RAM, vCPU and VM state into a freshly built (not yet running) machine."""
+    if states.pci is not None:  # the PCI devices where the guest's drivers know them, first
+        try:
+            pcistate.check(states.pci, machine.functions, machine.routes)
+        except StateError as e:
+            raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
     snap.load_ram(machine.mem)
     if machine.firmware is not None and not states.vm.firmware_shadow:
         # Saved by a release that mapped the image's tail there read-only: RAM holds nothing

@@ -153,6 +153,25 @@ def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
     assert vm.tables == []
 
 
+@pytest.mark.parametrize(
+    ("route", "message"),
+    [
+        ({"gsi": 24, "address": 0x1000, "data": 0x30}, "not an x86 MSI address"),
+        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x10000}, "16 bits"),
+        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x400}, "delivery mode 100"),
+    ],
+)
+def test_pci_state_msi_message_no_driver_programs_is_refused_needing_no_vm(
+    route: dict[str, int], message: str
+) -> None:
+    """decode() refuses it, so `snapshot verify` does too: only apply() did, once the
+    restore had built the VM and loaded guest RAM."""
+    data = saved()
+    data["msi_routes"] = [route]
+    with pytest.raises(StateError, match=rf"msi_routes\[gsi 24\]: .*{message}"):
+        pcistate.decode(data, VERSION)
+
+
 def test_pci_state_msi_route_saved_twice_for_one_gsi_is_refused() -> None:
     data = saved()
     route = {"gsi": 24, "address": MSI_ADDRESS, "data": 0x30}

@@ -20,13 +20,17 @@ from click.testing import CliRunner
 from splitvmm import config
 from splitvmm.cli import cli
 from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
+from splitvmm.devprocs.base import load_model
 from splitvmm.errors import ConfigError
 from splitvmm.monitor import loader, restore, vmstate
+from splitvmm.monitor.pci import state as pcistate
 from splitvmm.native.kvm import CpuidEntry
+from splitvmm.protocol import codec
 from splitvmm.protocol.models import MODELS
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot.format import MAX_MANIFEST_BYTES
 from tests.unit.snapshot_support import checksum_keys, edit_manifest
+from tests.virtio.support import close_fds, host_fds, prepared
 
 GOLDEN = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "vm" / "v1"
 
@@ -471,3 +475,73 @@ def test_restore_snapshot_dir_that_is_no_directory_is_refused_naming_the_option(
     assert proc.stderr == (
         f"splitvmm: error: --snapshot-dir: {path} does not exist or is not a directory\n"
     )
+
+
+def _add_chunk(snap: Path, kind: str, name: str, doc: Any, model: str | None = None) -> None:
+    data = json.dumps(doc).encode()
+    (snap / f"{name}.json").write_bytes(data)
+
+    def add(m: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {"kind": kind, "name": name, "state_version": 1,
+                                 "file": f"{name}.json", "sha256": ""}  # fmt: skip
+        if model is not None:
+            entry["model"] = model
+        entry["state_version"] = 2 if name == pcistate.CHUNK else 1
+        entry.update(checksum_keys(entry, data))
+        m["chunks"].append(entry)
+
+    edit_manifest(snap, add)
+
+
+def _pci(*functions: tuple[str, int]) -> dict[str, Any]:
+    return {
+        "functions": [
+            {"name": n, "device": d, "bars": [0] * 6, "command": 0} for n, d in functions
+        ],
+        "msi_routes": [],
+        "config_address": 0,
+        "host_bridge": {"command": 0, "interrupt_line": 0},
+    }
+
+
+def _with_two_rngs(snap: Path) -> None:
+    """The golden VM with two virtio-rng functions, rng0 at 00:01.0 and rng1 at 00:02.0, as
+    a VM whose config lists them in that order has them."""
+    fds = host_fds("virtio-rng")
+    try:
+        device = load_model("virtio-rng").from_options(prepared("virtio-rng", fds), {})
+        device.quiesce()
+        state = codec.state_document("virtio-rng", device.save())  # a fresh function's
+    finally:
+        close_fds(fds)
+    for name in ("rng0", "rng1"):
+        doc = {"model": "virtio-rng", "version": 1, "state": state["fields"]}
+        _add_chunk(snap, "device", name, doc, model="virtio-rng")
+    _add_chunk(snap, "vm", pcistate.CHUNK, _pci(("rng0", 1), ("rng1", 2)))
+    edit_manifest(
+        snap,
+        lambda m: m["vm_config"]["device"].extend(
+            [{"name": "rng0", "model": "virtio-rng"}, {"name": "rng1", "model": "virtio-rng"}]
+        ),
+    )
+
+
+def test_restore_of_pci_devices_listed_in_another_order_is_refused_before_guest_ram(
+    tmp_path, monkeypatch
+):
+    """An operator's config listing the snapshot's PCI devices in another order puts each
+    at another device number than the guest's drivers know: pcistate refused it once guest
+    RAM was loaded and the vCPUs set; restore.apply now asks pcistate.check() first."""
+    path = tmp_path / "snap"
+    shutil.copytree(GOLDEN, path)
+    _with_two_rngs(path)
+    snap = Snapshot.open(path)
+    states = restore.decode_states(snap)
+    loaded: list[object] = []
+    monkeypatch.setattr(Snapshot, "load_ram", lambda self, mem: loaded.append(mem))
+    placed = {"rng1": SimpleNamespace(device=1), "rng0": SimpleNamespace(device=2)}
+    machine = SimpleNamespace(functions=placed, routes=SimpleNamespace(), mem=object())
+
+    with pytest.raises(SnapshotError, match=r"chunk pci: .*no PCI device rng0 at 00:01\.0"):
+        restore.apply(snap, states, machine)  # type: ignore[arg-type]
+    assert loaded == []

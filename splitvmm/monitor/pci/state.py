@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Annotated, ClassVar
 
 from splitvmm.errors import StateError
-from splitvmm.monitor.irqroutes import GsiRoutes
+from splitvmm.monitor.irqroutes import GsiRoutes, msi_message_refused
 from splitvmm.monitor.pci.function import PciFunctionHost
 from splitvmm.monitor.pci.root import DEVICES, ConfigPorts
 from splitvmm.protocol import schema
@@ -104,7 +104,31 @@ def decode(data: object, version: int) -> PciState:
     gsis = [route.gsi for route in state.msi_routes]
     if len(set(gsis)) != len(gsis):  # each a whole table rebuild: 4096 of them took ~0.7 s
         raise StateError("PciState: msi_routes: a GSI is routed twice")
+    for route in state.msi_routes:  # needing no VM: refused by `snapshot verify` too
+        why = msi_message_refused(route.address, route.data)
+        if why:
+            raise StateError(f"PciState: msi_routes[gsi {route.gsi}]: {why}")
     return state
+
+
+def check(state: PciState, functions: Mapping[str, PciFunctionHost], routes: GsiRoutes) -> None:
+    """What apply() refuses, before anything is applied: restore.apply asks before it loads
+    guest RAM (a config that lists the same PCI devices in another order puts each at
+    another number than the guest's drivers know, and was refused only once RAM was in)."""
+    for saved in state.functions:
+        host = functions.get(saved.name)
+        if host is None or host.device != saved.device:
+            raise StateError(
+                f"PciState: functions[{saved.name!r}]: no PCI device {saved.name} at "
+                f"00:{saved.device:02x}.0 in this VM"
+            )
+    missing = sorted(set(functions) - {saved.name for saved in state.functions})
+    if missing:
+        raise StateError(f"PciState: functions: none saved for {', '.join(missing)}")
+    for route in state.msi_routes:
+        why = routes.check_msi(route.gsi, route.address, route.data)
+        if why:
+            raise StateError(f"PciState: msi_routes[gsi {route.gsi}]: {why}")
 
 
 def apply(
@@ -116,22 +140,10 @@ def apply(
     """Put the saved BARs, enables, routes, latch and host bridge into a VM built from the
     same config: every function of it, each once (one left out would sit where the boot put
     it, not where the guest moved it, and its driver would hang)."""
-    for saved in state.functions:
-        host = functions.get(saved.name)
-        if host is None or host.device != saved.device:
-            raise StateError(
-                f"PciState: functions[{saved.name!r}]: no PCI device {saved.name} at "
-                f"00:{saved.device:02x}.0 in this VM"
-            )
-    missing = sorted(set(functions) - {saved.name for saved in state.functions})
-    if missing:
-        raise StateError(f"PciState: functions: none saved for {', '.join(missing)}")
+    check(state, functions, routes)
     for saved in state.functions:  # (decode() refused a function saved twice)
         functions[saved.name].restore(saved.bars, saved.command)
     for route in state.msi_routes:  # (and a GSI routed twice)
-        why = routes.check_msi(route.gsi, route.address, route.data)
-        if why:
-            raise StateError(f"PciState: msi_routes[gsi {route.gsi}]: {why}")
         routes.set_msi(route.gsi, route.address, route.data)
     ports.restore_address(state.config_address)
     ports.root.host_bridge.restore(state.host_bridge.command, state.host_bridge.interrupt_line)
