@@ -8,8 +8,9 @@ What it waits on, each only while it matters:
   slows the guest's output, never the channel (output.py);
 - the model's own fds (base.EventSources: an ioeventfd the guest kicks, a disk or TAP
   backend): readable -> the model's callback;
-- the model's next deadline (base.TimedEvents: a clock's interrupts): the poll's timeout,
-  rounded up so the wake-up is never early.
+- the model's next deadline (base.TimedEvents: a clock's interrupts): the poll's timeout in
+  whole milliseconds, the last one in pselect6's microseconds, so the wake-up is never early
+  and never a millisecond late.
 
 A model busy for long in one callback (a virtio queue the driver never lets run dry) asks
 waiting() -- its context's `waiting` -- whether any of these is ready, and hands the loop back
@@ -80,7 +81,12 @@ class EventLoop:
         elif deadline is None:
             timeout = None
         else:
-            timeout = max(0, math.ceil((deadline - self.clock()) * 1e3))
+            left = deadline - self.clock()
+            timeout = max(0, math.floor(left * 1e3))
+            if timeout == 0 and left > 0:
+                # under a millisecond: poll(2) counts whole ones, so wait in pselect6(2)'s
+                # microseconds (a 1024 Hz clock's interrupt is due every 976.5625 us)
+                self._wait(line, sources, left)
         ready = self._poll(line, sources, timeout)
         host_event = False
         # the line polled writable (or in error): flush what waits for it
@@ -131,6 +137,14 @@ class EventLoop:
         line = out.line.fileno() if out.wants_flush() and out.line is not None else None
         sources = {s.fd: s for s in self._sources.event_sources()} if self._sources else {}
         return deadline, line, sources
+
+    def _wait(self, line: int | None, sources: Iterable[int], seconds: float) -> None:
+        """Until one of the fds _poll watches is ready or `seconds` pass, whichever is first."""
+        channel = self.channel
+        writers = [line] if line is not None else []
+        if channel.sending:
+            writers.append(channel.fileno())
+        select.select([channel.fileno(), *sources], writers, [], seconds)
 
     def _poll(
         self, line: int | None, sources: Iterable[int], timeout_ms: int | None

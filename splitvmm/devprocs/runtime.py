@@ -601,10 +601,11 @@ def _serve_sandboxed(
         _refuse(sock, f"saved state rejected: {e}")
     except ConfigError as e:
         _refuse(sock, f"options rejected: {e}")
-    if frames or ctx.restarted:
-        # sent once connected: the monitor's journal empties at once, and the writes it
-        # journaled late (sent after READY) count as applied after this checkpoint
-        checkpoints.publish()
+    # Sent once connected: the monitor's journal empties at once, and the writes it journaled
+    # late (sent after READY) count as applied after this checkpoint. A first start's too: a
+    # restart before the 32nd frame starts from it, not from the options again (the rtc's
+    # base = "localtime" is the host zone's offset then, an hour off across a DST change).
+    checkpoints.publish()
     sock.send(wire.encode_ready())
     device.ctx.events.connect(sock.send_now)
     serve(device, sock, checkpoints, FaultInjector(fault))

@@ -209,3 +209,20 @@ def test_rtc_periodic_interrupt_raises_irq_8_in_the_in_kernel_irqchip(tmp_path, 
 
     assert (before & PIC_IRQ8, after & PIC_IRQ8) == (0, PIC_IRQ8)
     assert rtc.failures == []
+
+
+def test_rtc_device_restarted_before_a_checkpoint_starts_from_its_boot_state(tmp_path, irq):
+    """base = "localtime" is the host zone's offset when the clock starts. A restart before
+    the device's first checkpoint (one every 32 frames: a guest that read the clock once,
+    ~26 frames, has none) built it from its options again, at the zone's offset at the
+    restart: across a DST change the guest's clock jumped an hour (back, in autumn). The
+    process publishes the state it started with."""
+    rtc = rtc_host(tmp_path, irq.fd, {"base": "localtime"}, restarts=True)
+    try:
+        rtc.host.wait_ready()
+        rtc.read(Reg.SECONDS)  # its events come with the reply
+        checkpoint = rtc.host._checkpoint
+    finally:
+        rtc.close()
+
+    assert checkpoint.state is not None and checkpoint.applied == 0
