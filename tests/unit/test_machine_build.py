@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from splitvmm.config import parse_config
@@ -48,20 +50,32 @@ def test_build_refuses_a_kernel_before_any_device_starts(tmp_path, monkeypatch):
     Loaded after, it ended devices on their way up, and their words (a channel the monitor
     closed, a traceback of a refused connection) followed the error, now and then."""
     (tmp_path / "bzImage").write_bytes(make_bzimage(init_size=200 << 20))
+    vm = {"name": "vm1", "memory": "64M"}
+    assert (
+        _launched_before_refusal(tmp_path, monkeypatch, vm, BootError, "kernel needs RAM up to")
+        == []
+    )
+
+
+def _launched_before_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm: dict[str, object], error: type, match: str
+) -> list[bool]:
+    """Build a VM of `vm` with the bzImage in tmp_path and a serial device, which must fail
+    with `error` matching `match`: whether a device was launched first."""
     cfg = parse_config(
-        {"vm": {"name": "vm1", "memory": "64M"}, "boot": {"kernel": "bzImage"},
+        {"vm": vm, "boot": {"kernel": "bzImage"},
          "device": [{"name": "serial0", "model": "serial", "output": "out.log"}]},
         tmp_path,
     )  # fmt: skip
-    launched = []
+    launched: list[bool] = []
     monkeypatch.setattr(Machine, "_launch_devices", lambda self: launched.append(True))
     machine = Machine(cfg, runtime_root=tmp_path / "run", launcher=IdleLauncher())  # type: ignore[arg-type]
     try:
-        with pytest.raises(BootError, match="kernel needs RAM up to"):
+        with pytest.raises(error, match=match):
             machine.build()
     finally:
         machine.close()
-    assert launched == []
+    return launched
 
 
 @pytest.mark.kvm
@@ -83,18 +97,5 @@ def test_build_refuses_a_bad_cpuid_mask_before_any_device_starts(
     way up: `up` printed "device serial0: the monitor closed the channel" or a device's
     "Traceback (most recent call last):" beside its one-line error, now and then."""
     (tmp_path / "bzImage").write_bytes(make_bzimage())
-    cfg = parse_config(
-        {"vm": {"name": "vm1", "memory": memory, "cpuid_mask": [mask]},
-         "boot": {"kernel": "bzImage"},
-         "device": [{"name": "serial0", "model": "serial", "output": "out.log"}]},
-        tmp_path,
-    )  # fmt: skip
-    launched = []
-    monkeypatch.setattr(Machine, "_launch_devices", lambda self: launched.append(True))
-    machine = Machine(cfg, runtime_root=tmp_path / "run", launcher=IdleLauncher())  # type: ignore[arg-type]
-    try:
-        with pytest.raises(ConfigError, match=message):
-            machine.build()
-    finally:
-        machine.close()
-    assert launched == []
+    vm = {"name": "vm1", "memory": memory, "cpuid_mask": [mask]}
+    assert _launched_before_refusal(tmp_path, monkeypatch, vm, ConfigError, message) == []
