@@ -15,7 +15,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -388,12 +388,18 @@ def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
 
 
 def parse_config(
-    data: dict[str, Any], base: Path, check_files: bool = True, restored: bool = False
+    data: dict[str, Any],
+    base: Path,
+    check_files: bool = True,
+    restored: bool = False,
+    kept_empty: Collection[str] = (),
 ) -> VmConfig:
     """The config from its TOML tables; check_files=False for a restore, whose RAM
     already holds the kernel (only firmware is read again, when the VM maps it).
     restored=True: the config monitor/restore.py rebuilt from a snapshot, whose [boot]
-    names no kernel (none is loaded) and a firmware only if the VM booted one."""
+    names no kernel (none is loaded) and a firmware only if the VM booted one.
+    kept_empty: the devices whose "" (mac) stays "", as a stored config's does: `up
+    --restore` of a snapshot whose stored config has it so (restore.stored_empty)."""
     _reject_unknown(data, {"vm", "boot", "device"}, "config")
     vm = _parse_vm(_get(data, "vm", "config", dict, {}), base)
     boot = _parse_boot(_get(data, "boot", "config", dict), base, check_files, restored)
@@ -401,7 +407,13 @@ def parse_config(
     if len(tables) > MAX_DEVICES:  # before any is parsed: a stored config may list thousands
         raise ConfigError(f"device: {len(tables)} devices; a VM has at most {MAX_DEVICES}")
     devices = tuple(
-        _parse_device(_table(d, f"device[{i}]"), f"device[{i}]", vm.name, base, restored)
+        _parse_device(
+            table := _table(d, f"device[{i}]"),
+            f"device[{i}]",
+            vm.name,
+            base,
+            restored or table.get("name") in kept_empty,
+        )
         for i, d in enumerate(tables)
     )
     devices += _default_devices(_get(data, "vm", "config", dict, {}), devices)
@@ -483,7 +495,7 @@ def _config_dir(path: Path, mode: int) -> Path:
     return path.parent
 
 
-def load_config(path: Path, check_files: bool = True) -> VmConfig:
+def load_config(path: Path, check_files: bool = True, kept_empty: Collection[str] = ()) -> VmConfig:
     raw, mode = _read_config(path)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, too large for a VM config")
@@ -499,7 +511,7 @@ def load_config(path: Path, check_files: bool = True) -> VmConfig:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except ValueError:  # int() refuses an integer of over 4300 digits (CVE-2020-10735)
         raise ConfigError(f"{path}: not valid TOML: an integer has too many digits") from None
-    cfg = parse_config(data, _config_dir(path, mode), check_files)
+    cfg = parse_config(data, _config_dir(path, mode), check_files, kept_empty=kept_empty)
     return VmConfig(cfg.vm, cfg.boot, cfg.devices, source=path)
 
 

@@ -64,7 +64,9 @@ def closed_fd(path: str | os.PathLike[str]) -> int | None:
     closed it: the operator's file is gone, and its number may be one of ours by now (the
     launcher's socket, its pidfd)."""
     parent, _, number = os.path.abspath(path).rpartition("/")
-    if _closed_inherited and parent in FD_DIRS and number.isdigit() and int(number) > 2:
+    digits = number.isascii() and number.isdigit()  # isdigit() alone: "²" too, int() refuses it
+    fd_dir = parent in FD_DIRS or parent == f"/proc/{os.getpid()}/fd"  # /proc/$$/fd of an exec
+    if _closed_inherited and fd_dir and digits and int(number) > 2:
         return int(number)
     return None
 

@@ -160,6 +160,10 @@ def command(
                 f"{config}: cannot read the config: `splitvmm up` closes every fd it inherits "
                 f"but 0-2, fd {fd} among them; give it on stdin (`... | splitvmm up /dev/stdin`)"
             )
-        return load_config(config, check_files=snap is None)
+        if snap is None:
+            return load_config(config)
+        from splitvmm.monitor import restore
+
+        return load_config(config, check_files=False, kept_empty=restore.stored_empty(snap))
 
     run_and_exit(load, snapshot_dir, key_file, show_timings)

@@ -115,7 +115,7 @@ class CpuidMask(Struct, frozen=True):
         return [self._apply_one(e) for e in entries]
 
     def _apply_one(self, e: CpuidEntry) -> CpuidEntry:
-        subleaf = e.index if e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX else 0
+        subleaf = _subleaf(e)
         changes = {
             reg: getattr(e, reg) & ~self.clear[(e.function, subleaf, reg)] & U32
             for reg in REGISTERS
@@ -140,13 +140,20 @@ NEVER_OFFERED_ECX: dict[tuple[int, int], int] = {
 def never_offered(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
     """`entries` without NEVER_OFFERED_ECX's bits: a snapshot's table is untrusted input, and
     KVM_SET_CPUID2 takes what it is given, so a crafted one switched nested virtualization on
-    wherever KVM offers it (nested=1), which no boot does."""
+    wherever KVM offers it (nested=1), which no boot does. An entry whose index is not
+    significant is the one KVM answers for every subleaf of its function (cpuid_entry2_find),
+    subleaf 0 too, whatever index it names: keyed as subleaf 0, as CpuidMask keys it."""
     return [
         replace(e, ecx=e.ecx & ~hidden)
-        if e.ecx & (hidden := NEVER_OFFERED_ECX.get((e.function, e.index), 0))
+        if e.ecx & (hidden := NEVER_OFFERED_ECX.get((e.function, _subleaf(e)), 0))
         else e
         for e in entries
     ]
+
+
+def _subleaf(e: CpuidEntry) -> int:
+    """The subleaf KVM matches `e` to: its index where the index is significant, else any (0)."""
+    return e.index if e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX else 0
 
 
 def _leaf1(e: CpuidEntry, t: Topology) -> CpuidEntry:

@@ -111,6 +111,21 @@ def saved_device_state(snap: Snapshot, name: str) -> dict[str, object] | None:
     return device_state(snap, name)
 
 
+def stored_empty(snap: Snapshot) -> frozenset[str]:
+    """The devices whose stored config says mac = "": saved by a release that gave such a
+    NIC the model's own MAC (now "" is derived, as a mac not given is), which their saved
+    state holds; `up --restore`'s config keeps its "" for them (config.parse_config). Only
+    a "" is kept so: the saved device still checks the MAC it is given."""
+    devices = snap.manifest.vm_config.get("device")
+    if not isinstance(devices, list):
+        return frozenset()
+    return frozenset(
+        d["name"]
+        for d in devices
+        if isinstance(d, dict) and isinstance(d.get("name"), str) and d.get("mac") == ""
+    )
+
+
 def firmware_booted(snap: Snapshot) -> bool:
     """Whether the stored config says the VM booted firmware. Untrusted like all of it: used
     only to ask the operator for a firmware path, or to refuse a config that has none."""

@@ -178,3 +178,30 @@ def test_up_config_on_an_inherited_fd_says_that_up_closed_it(tmp_path, fd):
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert f"/dev/fd/{fd}: cannot read the config: `splitvmm up` closes" in proc.stderr
     assert f"fd {fd} among them" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["²", "1²", "٣"])
+def test_up_config_path_of_non_ascii_digits_under_dev_fd_is_a_one_line_error(name):
+    proc = subprocess.run(
+        [sys.executable, "-m", "splitvmm", "up", f"/dev/fd/{name}"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "closes every fd" not in proc.stderr  # /dev/fd/٣ is no fd 3: no such file
+
+
+def test_up_config_on_an_inherited_fd_named_by_the_processs_own_pid_says_that_up_closed_it(
+    tmp_path,
+):
+    """/proc/<pid>/fd/N is /proc/self/fd/N where pid is `up`'s own (`exec splitvmm up
+    /proc/$$/fd/3 3<vm.toml`): config.py's _FD_ALIAS_DIR knows it, early.FD_DIRS does not,
+    and the error said "No such device or address" (fd 3 is the launcher's socket by then)."""
+    config = tmp_path / "vm.toml"
+    config.write_text('[vm]\nname = "fd"\n[boot]\nkernel = "k.elf"\n')
+    proc = subprocess.run(
+        ["bash", "-c", 'exec "$0" -m splitvmm up /proc/$$/fd/3 3<"$1"', sys.executable, config],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "cannot read the config: `splitvmm up` closes" in proc.stderr, proc.stderr

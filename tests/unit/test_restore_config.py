@@ -21,12 +21,14 @@ from splitvmm import config
 from splitvmm.cli import cli
 from splitvmm.config import HOST_RESOURCES, MODEL_OPTIONS, config_to_dict
 from splitvmm.devprocs.base import load_model
+from splitvmm.devprocs.virtio_net import BARE_MAC, VirtioNet
 from splitvmm.errors import ConfigError
-from splitvmm.monitor import loader, restore, vmstate
+from splitvmm.monitor import loader, machine, restore, vmstate
 from splitvmm.monitor.pci import state as pcistate
 from splitvmm.native.kvm import CpuidEntry
 from splitvmm.protocol import codec
 from splitvmm.protocol.models import MODELS
+from splitvmm.sandbox.launcher import Launcher
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot.format import MAX_MANIFEST_BYTES
 from tests.unit.snapshot_support import checksum_keys, edit_manifest
@@ -545,3 +547,71 @@ def test_restore_of_pci_devices_listed_in_another_order_is_refused_before_guest_
     with pytest.raises(SnapshotError, match=r"chunk pci: .*no PCI device rng0 at 00:01\.0"):
         restore.apply(snap, states, machine)  # type: ignore[arg-type]
     assert loaded == []
+
+
+VM_TOML = """
+[vm]
+name = "golden"
+memory = "16M"
+[boot]
+kernel = "{kernel}"
+[[device]]
+name = "serial0"
+model = "serial"
+output = "{out}"
+[[device]]
+name = "net0"
+model = "virtio-net"
+tap = "tap0"
+mac = ""
+"""
+
+
+def test_up_restore_of_a_snapshot_taken_before_with_mac_empty_keeps_the_saved_mac(
+    tmp_path, monkeypatch
+):
+    """`mac = ""` is derived for an operator's config now, and was the model's bare MAC
+    before: `up vm.toml --restore` of a snapshot taken then, with the vm.toml that made it,
+    must give its device the MAC its saved state holds, as `splitvmm restore` does (a stored
+    "" stays ""), or the device refuses the config ("mac is ... in the config")."""
+    fds = host_fds("virtio-net")
+    try:  # the device a release before bcc0fe9 started for mac = "": the bare MAC
+        old = VirtioNet.from_options(prepared("virtio-net", fds), {"tap": "tap0", "mac": ""})
+        old.quiesce()
+        state = old.save()
+        doc = codec.state_document("virtio-net", state)
+        assert old.mac.hex(":") == BARE_MAC
+        snap = tmp_path / "snap"
+        shutil.copytree(GOLDEN, snap)
+        assert doc["version"] == 1  # _add_chunk's
+        chunk = {"model": "virtio-net", "version": 1, "state": doc["fields"]}
+        _add_chunk(snap, "device", "net0", chunk, model="virtio-net")
+        _add_chunk(snap, "vm", "pci", _pci(("net0", 1)))
+        edit_manifest(  # its stored config: config_to_dict kept the operator's ""
+            snap,
+            lambda m: m["vm_config"]["device"].append(
+                {"name": "net0", "model": "virtio-net", "on_crash": "stop", "tap": "tap0",
+                 "mac": ""}
+            ),
+        )  # fmt: skip
+        config = tmp_path / "vm.toml"
+        config.write_text(VM_TOML.format(kernel=tmp_path / "k.elf", out=tmp_path / "out.log"))
+
+        seen = []
+        monkeypatch.setattr(
+            Launcher, "start", staticmethod(lambda: SimpleNamespace(close=lambda: None))
+        )
+        monkeypatch.setattr(
+            machine, "run_vm",
+            lambda cfg, snap, launcher: seen.append(cfg) or SimpleNamespace(status=0, message="ok"),
+        )  # fmt: skip
+        result = CliRunner().invoke(cli, ["up", str(config), "--restore", str(snap)])
+        assert result.exit_code == 0, result.output
+        (cfg,) = seen
+        (net0,) = [d for d in cfg.devices if d.name == "net0"]
+
+        # what the restored device process does with the config's options (runtime.py)
+        restored = VirtioNet.restore(prepared("virtio-net", fds), state)
+        restored.check_options(net0.options)  # ConfigError: "mac is 52:54:00:.. in the config"
+    finally:
+        close_fds(fds)

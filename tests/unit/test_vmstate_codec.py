@@ -14,7 +14,7 @@ import pytest
 
 from splitvmm.errors import StateError
 from splitvmm.monitor import vmstate
-from splitvmm.monitor.cpuid import EXT1_ECX_SVM, LEAF1_ECX_VMX
+from splitvmm.monitor.cpuid import EXT1_ECX_SVM, LEAF1_ECX_VMX, LEAF7_ECX_WAITPKG, never_offered
 from splitvmm.monitor.vmstate import (
     CPUID_LEAF1_ECX_PDCM,
     MSR_IA32_PERF_CAPABILITIES,
@@ -35,6 +35,7 @@ from splitvmm.native.kvm import (
     FPU_SIZE,
     IOAPIC_REDIRTBL_OFFSET,
     IRQCHIP_SIZE,
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
     LAPIC_SIZE,
     PIT_STATE2_SIZE,
     REGS_LAYOUT,
@@ -513,3 +514,41 @@ def test_orphaned_eoi_is_released_only_where_no_lapic_will_send_it(rte, held_in,
 
     assert rte_of(out) == (rte & ~REMOTE_IRR if released else rte)
     assert out.ioapic[:IOAPIC_REDIRTBL_OFFSET] == vm.ioapic[:IOAPIC_REDIRTBL_OFFSET]  # irr kept
+
+
+def kvm_finds(entries: list[CpuidEntry], function: int, index: int) -> CpuidEntry | None:
+    """The entry KVM's CPUID lookup returns (cpuid_entry2_find, Linux 5.17+ and earlier)."""
+    for e in entries:
+        if e.function == function and (
+            not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX or e.index == index
+        ):
+            return e
+    return None
+
+
+@pytest.mark.parametrize(
+    ("function", "bit"),
+    [(1, LEAF1_ECX_VMX), (7, LEAF7_ECX_WAITPKG), (0x80000001, EXT1_ECX_SVM)],
+    ids=["vmx", "waitpkg", "svm"],
+)
+def test_vmstate_restore_vcpu_hides_a_bit_in_an_entry_kvm_takes_for_any_index(function, bit):
+    table = (
+        CpuidEntry(0, 0, 0, 0x80000001, 0x68747541, 0x444D4163, 0x69746E65),
+        CpuidEntry(function, 1, 0, 0, 0, bit, 0),  # index 1, index not significant: any index
+        CpuidEntry(1, 0, 0, 0, 0, 0, 0),
+        CpuidEntry(7, 0, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 0, 0, 0, 0),
+        CpuidEntry(0x80000001, 0, 0, 0, 0, 0, 0),
+    )
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+
+    restore_vcpu(vcpu, vcpu_state(cpuid=table), HOST)  # type: ignore[arg-type]
+
+    (given,) = [args[0] for name, args in vcpu.calls if name == "set_cpuid"]
+    used = kvm_finds(given, function, 0)  # what the guest's CPUID (function, 0) answers
+    assert used is not None and not used.ecx & bit
+
+
+def test_never_offered_keeps_a_subleaf_with_a_significant_index():
+    """Leaf 7 subleaf 1 (index significant) is not subleaf 0: its ECX bit 5 is no WAITPKG."""
+    sub1 = CpuidEntry(7, 1, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, 0, 0, LEAF7_ECX_WAITPKG, 0)
+    assert never_offered([sub1]) == [sub1]
