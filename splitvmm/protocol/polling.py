@@ -53,6 +53,7 @@ class PollWindow:
         self._clock_ns = clock_ns
         self._since: int | None = None  # when the wait that poll() gave up on started
         self._began = 0  # when the wait the last poll() looked for started
+        self._adapted = False  # woke() has adapted the window to that wait already
         self.polls = self.caught = 0  # counters: windows looked through, frames they caught
 
     def poll(self, ready: Callable[[], bool], again: bool = False) -> bool:
@@ -64,8 +65,9 @@ class PollWindow:
         window at most, however many frames come first."""
         start = self._clock_ns()
         if not again:
-            self._began = start
-        self._since = self._began
+            self._began, self._adapted = start, False
+        # one wait adapts the window once (woke()), whatever frames come before the last one
+        self._since = None if self._adapted else self._began
         deadline = self._began + self.ns
         if start < deadline:
             self.polls += 1
@@ -84,7 +86,7 @@ class PollWindow:
         if self._since is None:
             return
         waited = self._clock_ns() - self._since
-        self._since = None
+        self._since, self._adapted = None, True
         if waited <= self.max_ns:
             self.ns = min(self.max_ns, max(self.ns * 2, GROW_START_NS))
         elif self.ns:

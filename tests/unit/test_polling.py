@@ -283,6 +283,40 @@ def test_a_device_that_hangs_up_or_breaks_zmtp_while_the_vcpu_looks_fails_at_onc
         ch.close()
 
 
+def test_one_wait_with_events_before_its_reply_adapts_the_window_once(tmp_path: Path) -> None:
+    """Frames read after the one the wait slept for were each taken for a wait of their own:
+    three events in front of a reply took the window from 0 to 80 us in one wait (and a slow
+    one halved it once per event). KVM adapts halt_poll_ns once per halt."""
+    ch, peer = _ready_device(tmp_path)
+    ch._on_event = lambda e: None
+    now = [0]
+
+    def clock() -> int:  # each reading 15 us on: the whole wait well inside MAX_POLL_NS
+        now[0] += 15_000
+        return now[0]
+
+    ch.access_poll = PollWindow(MAX_POLL_NS, clock_ns=clock)  # ns = 0: straight to sleep
+
+    def answer() -> None:
+        seq = wire.FRAME.unpack(_recv_frame(peer))[3]
+        time.sleep(0.00002)
+        report = events.encode_report("x")
+        reply = wire.encode_read_done(seq, b"\x5a", None)
+        data = b"".join(bytes((0, len(f))) + f for f in [report, report, report, reply])
+        peer.sendall(data)  # all at once: the vCPU sleeps once, for the first of them
+
+    try:
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert ch.read(5, 1) == b"\x5a"
+        thread.join()
+        # one wait that a window of MAX would have caught: one step up, as KVM grows
+        assert ch.access_poll.ns == GROW_START_NS, ch.access_poll.ns
+    finally:
+        peer.close()
+        ch.close()
+
+
 # -- a device that paces its events before its reply -----------------------------------------------
 EVENTS = 200  # under MAX_EVENTS_PER_REQUEST
 GAP_S = 150e-6  # each event a little inside a full window of MAX_POLL_NS
