@@ -41,7 +41,7 @@ from splitvmm.monitor.memory import GuestMemory
 from splitvmm.monitor.onthread import OnThread
 from splitvmm.monitor.pci.bars import BarAllocator
 from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_bars
-from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
+from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot, device_numbers
 from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir, check_socket_path
 from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
@@ -258,6 +258,9 @@ class Machine:
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
         self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
         self.pci = PciRoot()  # every boot kind: firmware may enumerate PCI too
+        self._pci_numbers = device_numbers(
+            d.name for d in self.cfg.devices if isinstance(MODELS[d.model].transport, PciFunction)
+        )
         self.config_ports = ConfigPorts(self.pci)  # its latch is saved (monitor/pci/state.py)
         self.pio.insert(layout.PCI_CONFIG_PORT, layout.PCI_CONFIG_WINDOW, self.config_ports)
         self.mmio.insert(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE, Ecam(self.pci))
@@ -324,7 +327,7 @@ class Machine:
 
     def _place_function(self, name: str, function: PciFunction) -> _Placed:
         """A PCI device's number on bus 0, its BARs' bases, and its interrupts' GSIs."""
-        device = self.pci.free_device()
+        device = self._pci_numbers[name]
         bases = place_bars(name, function, self._bar_window)
         gsis = self.routes.allocate(function.msix_vectors, f"device {name}")
         irqs = PciInterrupts(intx_gsi(device) if function.intx else None, gsis)

@@ -31,6 +31,7 @@ from splitvmm.config import (
 from splitvmm.errors import ConfigError, StateError, clip, shown
 from splitvmm.monitor import boot, cpuid, layout, vmstate
 from splitvmm.monitor.pci import state as pcistate
+from splitvmm.monitor.pci.root import device_numbers
 from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.protocol.models import MODELS, PciFunction
 from splitvmm.protocol.spec import NAME_RE
@@ -90,6 +91,36 @@ def check_compatible(snap: Snapshot, cfg: VmConfig) -> None:
             raise SnapshotError(
                 f"chunk {name}: saved model {saved[name]!r}, the config says {model!r}"
             )
+    _check_pci_numbers(snap, cfg)
+
+
+def _check_pci_numbers(snap: Snapshot, cfg: VmConfig) -> None:
+    """Each PCI device the snapshot saved at the number a VM of `cfg` gives it: a config
+    that lists them in another order puts each at another number than the guest's drivers
+    know. pcistate.check() refuses that too, once the VM is built; here `snapshot verify`
+    and a restore refuse it before anything is."""
+    state = _read_pci(snap)
+    if state is None:
+        return
+    try:
+        numbers = device_numbers(
+            d.name for d in cfg.devices if isinstance(MODELS[d.model].transport, PciFunction)
+        )
+    except ConfigError as e:
+        raise SnapshotError(f"the config: {e}") from None
+    for saved in state.functions:
+        now = numbers.get(saved.name)
+        if now != saved.device:
+            where = "has no such PCI device" if now is None else f"puts it at 00:{now:02x}.0"
+            raise SnapshotError(
+                f"chunk {pcistate.CHUNK}: PCI device {saved.name!r} was at "
+                f"00:{saved.device:02x}.0; the config {where}"
+            )
+    missing = sorted(numbers.keys() - {saved.name for saved in state.functions})
+    if missing:
+        raise SnapshotError(
+            f"chunk {pcistate.CHUNK}: no state for PCI device(s) {', '.join(missing)}"
+        )
 
 
 def added_defaults(snap: Snapshot, cfg: VmConfig) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.pci.bars import BarAllocator, BarDecoder, FunctionWithBars
 from splitvmm.monitor.pci.config import HostBridge
-from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot
+from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot, device_numbers
 from splitvmm.protocol.models import BarKind, PciBar
 
 ENABLE = 1 << 31
@@ -163,8 +163,13 @@ def test_root_add_taken_slot_is_refused() -> None:
         root.add(0, 0, FakeFunction())
 
 
-def test_root_free_device_skips_the_host_bridge() -> None:
-    assert PciRoot().free_device() == 1
+def test_device_numbers_follow_the_host_bridge_in_config_order_to_a_full_bus() -> None:
+    """Where Machine plugs a config's PCI devices, and where a restore's saved PCI chunk must
+    have them (restore.check_compatible)."""
+    assert device_numbers(["blk0", "rng0", "net0"]) == {"blk0": 1, "rng0": 2, "net0": 3}
+    assert max(device_numbers(f"d{i}" for i in range(31)).values()) == 31
+    with pytest.raises(ConfigError, match="PCI bus 0 is full: 32 devices"):
+        device_numbers(f"d{i}" for i in range(32))
 
 
 # -- BARs ---------------------------------------------------------------------------------

@@ -615,3 +615,45 @@ def test_up_restore_of_a_snapshot_taken_before_with_mac_empty_keeps_the_saved_ma
         restored.check_options(net0.options)  # ConfigError: "mac is 52:54:00:.. in the config"
     finally:
         close_fds(fds)
+
+
+def test_verify_refuses_a_pci_chunk_the_stored_configs_vm_cannot_take(tmp_path):
+    """verify said OK; `splitvmm restore` built KVM, loaded all of guest RAM, set the vCPUs,
+    and only then refused it (pcistate.apply), as 5ecc5c6 fixed for the RAM regions."""
+    snap = tmp_path / "snap"
+    shutil.copytree(GOLDEN, snap)
+    _add_chunk(snap, "vm", pcistate.CHUNK, _pci(("serial0", 3)))  # no PCI device at all
+
+    verified = CliRunner().invoke(cli, ["snapshot", "verify", str(snap)])
+
+    assert verified.exit_code == 1, verified.output
+    assert (
+        "chunk pci: PCI device 'serial0' was at 00:03.0; the config has no such" in verified.output
+    )
+
+
+def test_up_restore_with_pci_devices_in_another_order_is_refused_before_anything_is_built(
+    tmp_path,
+):
+    """An operator's config listing the same PCI devices in another order: each would sit at
+    another device number than the guest's drivers know. check_compatible (before KVM and
+    RAM) let it through; pcistate.apply refused it once RAM was loaded."""
+    snap = tmp_path / "snap"
+    shutil.copytree(GOLDEN, snap)
+    _with_two_rngs(snap)
+    assert CliRunner().invoke(cli, ["snapshot", "verify", str(snap)]).exit_code == 0
+    data = {
+        "vm": {"name": "golden", "memory": "16M", "vcpus": 1},
+        "boot": {"kernel": "/nonexistent/counter.elf"},
+        "device": [
+            {"name": "serial0", "model": "serial"},
+            {"name": "rng1", "model": "virtio-rng"},
+            {"name": "rng0", "model": "virtio-rng"},
+        ],
+    }
+    cfg = config.parse_config(data, tmp_path, check_files=False)
+
+    with pytest.raises(
+        SnapshotError, match=r"'rng0' was at 00:01\.0; the config puts it at 00:02\.0"
+    ):
+        restore.check_compatible(Snapshot.open(snap), cfg)

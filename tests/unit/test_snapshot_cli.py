@@ -111,7 +111,11 @@ def test_cli_verify_of_a_vm_with_a_disk_and_a_tap_says_ok(tmp_path):
             w.add_ram(mem)
             w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
             w.add_json_chunk("vm", "vm", 1, VM)
-            w.add_json_chunk("vm", "pci", 1, {"functions": [], "msi_routes": []})
+            functions = [  # where a VM of this config has them (pci.root.device_numbers)
+                {"name": name, "device": number, "bars": [0] * 6, "command": 0}
+                for number, name in enumerate(("blk0", "net0"), start=1)
+            ]
+            w.add_json_chunk("vm", "pci", 1, {"functions": functions, "msi_routes": []})
             w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
             w.add_json_chunk("device", "blk0", 1, {}, model="virtio-blk")
             w.add_json_chunk("device", "net0", 1, {}, model="virtio-net")

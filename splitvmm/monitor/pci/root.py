@@ -10,6 +10,7 @@ the enable bit clear the data ports are ordinary (absent) I/O. ECAM (PCI Express
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.pci.config import (
@@ -34,6 +35,18 @@ def _absent(size: int) -> bytes:
     return b"\xff" * size
 
 
+def device_numbers(names: Iterable[str]) -> dict[str, int]:
+    """Each of a config's PCI devices' device number on bus 0, `names` in config order: one
+    after another past the host bridge's. Machine plugs them there, and a restore's saved PCI
+    chunk must find each at its number (restore.check_compatible: `snapshot verify` too)."""
+    numbers: dict[str, int] = {}
+    for device, name in enumerate(names, HOST_BRIDGE_DEVICE + 1):
+        if device >= DEVICES:
+            raise ConfigError(f"PCI bus 0 is full: {DEVICES} devices")
+        numbers[name] = device
+    return numbers
+
+
 class PciRoot:
     """The function registry of bus 0; absent functions read all-ones, right here."""
 
@@ -48,14 +61,6 @@ class PciRoot:
         if (device, function) in self._functions:
             raise ConfigError(f"PCI function {space.name}: 00:{device:02x}.{function} is taken")
         self._functions[(device, function)] = space
-
-    def free_device(self) -> int:
-        """The lowest device number with no function, for the next device to plug in."""
-        used = {device for device, _ in self._functions}
-        free = next((d for d in range(DEVICES) if d not in used), None)
-        if free is None:
-            raise ConfigError("PCI bus 0 is full: 32 devices")
-        return free
 
     def config_read(self, bus: int, device: int, function: int, offset: int, size: int) -> bytes:
         space = self._functions.get((device, function)) if bus == BUS0 else None
