@@ -282,8 +282,10 @@ def _parse_boot(table: dict[str, Any], base: Path, check: bool, restored: bool) 
 
 
 def _parse_device(
-    table: dict[str, Any], where: str, vm_name: str, base: Path, restored: bool = False
+    table: dict[str, Any], where: str, vm_name: str, base: Path, keep_empty: bool = False
 ) -> DeviceSection:
+    """`keep_empty`: an option that is derived when not given (a NIC's mac) keeps a "" given
+    (a stored config's: its saved device took the model's own from it), else "" is derived."""
     name = _get(table, "name", where, str)
     where = f"device {shown(name)}"
     if not NAME_RE.fullmatch(name):
@@ -311,9 +313,8 @@ def _parse_device(
             )
     options = {key: _get(table, key, where, kind, default) for key, (kind, default) in spec.items()}
     for option in MODELS[model].options:
-        given = option.name in table and (restored or options[option.name] != option.default)
-        if option.derive is not None and not given:  # an operator's "" too: none given (a
-            # stored config's stays: the saved device took the model's own from it)
+        given = option.name in table and (keep_empty or options[option.name] != option.default)
+        if option.derive is not None and not given:
             options[option.name] = option.derive(vm_name, name)
         if option.path and option.name in table:
             key = f"{where}.{option.name}"

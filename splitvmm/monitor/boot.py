@@ -76,13 +76,14 @@ def check_physical_bits(ram_size: int, bits: int) -> None:
         )
 
 
-def check_cpu(cfg: VmConfig, kvm: Kvm) -> None:
-    """What a boot's vm.cpuid_mask and vm.memory make prepare() refuse, checked before any
-    device process starts, as load_kernel's files are: the mask's syntax, and RAM within the
-    physical-address width the masked CPUID gives (the normalizers leave 0x80000008 EAX)."""
+def check_cpu(cfg: VmConfig, kvm: Kvm) -> cpuid.CpuidMask:
+    """A boot's vm.cpuid_mask, parsed, for prepare(): checked before any device process
+    starts, as load_kernel's files are, with vm.memory within the physical-address width the
+    masked CPUID gives (the normalizers leave 0x80000008 EAX)."""
     mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
     bits = cpuid.physical_address_bits(mask.apply(kvm.supported_cpuid()))
     check_physical_bits(cfg.vm.memory, bits)
+    return mask
 
 
 def load_kernel(
@@ -102,17 +103,15 @@ def load_kernel(
 
 
 def prepare(
-    cfg: VmConfig,
     kvm: Kvm,
     mem: GuestMemory,
     vcpus: list[VcpuFd],
     boots: loader.LoadedKernel | loader.FirmwareImage,
+    mask: cpuid.CpuidMask,
 ) -> None:
-    """A fresh boot: every vCPU's CPUID and LAPIC, and the entry state of the kernel
-    load_kernel() put in memory, or the firmware's shadow."""
-    mask = cpuid.CpuidMask.parse(cfg.vm.cpuid_mask)
+    """A fresh boot: every vCPU's CPUID (`mask`: what check_cpu() checked) and LAPIC, and the
+    entry state of the kernel load_kernel() put in memory, or the firmware's shadow."""
     tables = [cpuid.setup_cpuid(kvm, v, len(vcpus), mask) for v in vcpus]
-    check_physical_bits(mem.size, cpuid.physical_address_bits(tables[0]))
     for v in vcpus:
         boot64.setup_lapic_lints(v)
     if isinstance(boots, loader.FirmwareImage):

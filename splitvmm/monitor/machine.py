@@ -188,8 +188,8 @@ class Machine:
         self.kvm.require_caps()
         if cfg.vm.vcpus > self.kvm.max_vcpus():
             raise KvmUnavailable(f"vm.vcpus: this host's KVM allows at most {self.kvm.max_vcpus()}")
-        if restoring is None:  # a boot's CPU settings: refused before any device starts
-            boot.check_cpu(cfg, self.kvm)
+        # A boot's CPU settings: refused before any device starts (a restore's are saved)
+        mask = boot.check_cpu(cfg, self.kvm) if restoring is None else None
         self.mem = GuestMemory(cfg.vm.memory, f"{cfg.vm.name}-ram")
         self._closables.append(self.mem)
         self.vm = self.kvm.create_vm()
@@ -220,8 +220,8 @@ class Machine:
             self._pit_reinject_off()  # after apply() set the PIT's state, under the same lock
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
-            assert boots is not None  # config.py: a boot names a kernel or a firmware
-            boot.prepare(cfg, self.kvm, self.mem, self.vcpu_fds, boots)
+            assert boots is not None and mask is not None  # config.py: a kernel or a firmware
+            boot.prepare(self.kvm, self.mem, self.vcpu_fds, boots, mask)
         timings.mark("kvm, vm, ram, boot")
         if self._pit_mode is not None:
             self._pit_mode.result()  # its thread ends before the monitor confines itself
@@ -258,9 +258,7 @@ class Machine:
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
         self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
         self.pci = PciRoot()  # every boot kind: firmware may enumerate PCI too
-        self._pci_numbers = device_numbers(
-            d.name for d in self.cfg.devices if isinstance(MODELS[d.model].transport, PciFunction)
-        )
+        self._pci_numbers = device_numbers(self.cfg.devices)
         self.config_ports = ConfigPorts(self.pci)  # its latch is saved (monitor/pci/state.py)
         self.pio.insert(layout.PCI_CONFIG_PORT, layout.PCI_CONFIG_WINDOW, self.config_ports)
         self.mmio.insert(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE, Ecam(self.pci))

@@ -103,9 +103,7 @@ def _check_pci_numbers(snap: Snapshot, cfg: VmConfig) -> None:
     if state is None:
         return
     try:
-        numbers = device_numbers(
-            d.name for d in cfg.devices if isinstance(MODELS[d.model].transport, PciFunction)
-        )
+        numbers = device_numbers(cfg.devices)
     except ConfigError as e:
         raise SnapshotError(f"the config: {e}") from None
     for saved in state.functions:

@@ -16,6 +16,7 @@ from splitvmm.monitor.boot64 import (
     gdt_entry,
     write_boot_tables,
 )
+from splitvmm.monitor.cpuid import CpuidMask
 from splitvmm.monitor.layout import BOOT_GDT, BOOT_STACK_TOP, PML4, ZERO_PAGE
 from splitvmm.native._kvm import ffi
 from splitvmm.native.kvm import CpuidEntry
@@ -188,7 +189,7 @@ def test_prepare_linux_sets_the_boot_msrs_on_every_vcpu(tmp_path) -> None:
 
     mem = FakeGuestMemory(256 * MIB)
     kernel = boot.load_kernel(cfg, mem, len(vcpus))  # type: ignore[arg-type]
-    boot.prepare(cfg, kvm, mem, vcpus, kernel)  # type: ignore[arg-type]
+    boot.prepare(kvm, mem, vcpus, kernel, CpuidMask.parse(()))  # type: ignore[arg-type]
 
     assert [v.msrs for v in vcpus] == [boot_msrs()] * 3
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 import pytest
 
@@ -166,10 +167,13 @@ def test_root_add_taken_slot_is_refused() -> None:
 def test_device_numbers_follow_the_host_bridge_in_config_order_to_a_full_bus() -> None:
     """Where Machine plugs a config's PCI devices, and where a restore's saved PCI chunk must
     have them (restore.check_compatible)."""
-    assert device_numbers(["blk0", "rng0", "net0"]) == {"blk0": 1, "rng0": 2, "net0": 3}
-    assert max(device_numbers(f"d{i}" for i in range(31)).values()) == 31
+    config = [("serial0", "serial"), ("blk0", "virtio-blk"), ("rng0", "virtio-rng")]
+    devices = [SimpleNamespace(name=name, model=model) for name, model in config]
+    assert device_numbers(devices) == {"blk0": 1, "rng0": 2}  # the 8250 is on ports
+    rngs = [SimpleNamespace(name=f"d{i}", model="virtio-rng") for i in range(32)]
+    assert max(device_numbers(rngs[:31]).values()) == 31
     with pytest.raises(ConfigError, match="PCI bus 0 is full: 32 devices"):
-        device_numbers(f"d{i}" for i in range(32))
+        device_numbers(rngs)
 
 
 # -- BARs ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from splitvmm.errors import ConfigError
 from splitvmm.monitor.pci.config import (
@@ -19,6 +20,10 @@ from splitvmm.monitor.pci.config import (
     ConfigSpace,
     HostBridge,
 )
+from splitvmm.protocol.models import MODELS, PciFunction
+
+if TYPE_CHECKING:
+    from splitvmm.config import DeviceSection
 
 DEVICES = 32
 FUNCTIONS = 8
@@ -35,10 +40,11 @@ def _absent(size: int) -> bytes:
     return b"\xff" * size
 
 
-def device_numbers(names: Iterable[str]) -> dict[str, int]:
-    """Each of a config's PCI devices' device number on bus 0, `names` in config order: one
+def device_numbers(devices: Iterable[DeviceSection]) -> dict[str, int]:
+    """Each PCI device's number on bus 0, by name, of a config's `devices` (in its order): one
     after another past the host bridge's. Machine plugs them there, and a restore's saved PCI
     chunk must find each at its number (restore.check_compatible: `snapshot verify` too)."""
+    names = (d.name for d in devices if isinstance(MODELS[d.model].transport, PciFunction))
     numbers: dict[str, int] = {}
     for device, name in enumerate(names, HOST_BRIDGE_DEVICE + 1):
         if device >= DEVICES:
