@@ -776,10 +776,14 @@ class VirtioPciDevice(RegisterDevice):
     # -- interrupts ---------------------------------------------------------------------------------
     def _interrupt(self, cause: int, vector: int) -> None:
         self.interrupts += 1
-        self.isr |= cause
         if self.msix.enabled:
+            # 4.1.4.5.2: the queue bit is set only while MSI-X is off (the ISR is unused with
+            # it on, 4.1.5.1); the configuration bit always. Left set, it would raise INTx
+            # once MSI-X goes off, for interrupts already delivered as messages.
+            self.isr |= cause & ISR_CONFIG
             self.msix.signal(vector)
         else:
+            self.isr |= cause
             self.intx.update()
 
     def interrupt_status(self) -> bool:
