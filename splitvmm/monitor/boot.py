@@ -108,6 +108,7 @@ def prepare(
     vcpus: list[VcpuFd],
     boots: loader.LoadedKernel | loader.FirmwareImage,
     mask: cpuid.CpuidMask,
+    pci_intx: Sequence[tuple[int, int]] = (),
 ) -> None:
     """A fresh boot: every vCPU's CPUID (`mask`: what check_cpu() checked) and LAPIC, and the
     entry state of the kernel load_kernel() put in memory, or the firmware's shadow."""
@@ -119,7 +120,7 @@ def prepare(
         return  # vCPUs keep KVM's reset state (the BSP at the reset vector)
     kernel = boots
     leaf1 = next((e for e in tables[0] if e.function == 1), None)
-    mptable.write_mptable(mem, len(vcpus), leaf1)
+    mptable.write_mptable(mem, len(vcpus), leaf1, pci_intx)
     boot64.write_boot_tables(mem)
     boot64.setup_vcpu_64(vcpus[0], kernel.entry)
     for ap in vcpus[1:]:

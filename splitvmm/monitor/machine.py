@@ -221,7 +221,7 @@ class Machine:
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
             assert boots is not None and mask is not None  # config.py: a kernel or a firmware
-            boot.prepare(self.kvm, self.mem, self.vcpu_fds, boots, mask)
+            boot.prepare(self.kvm, self.mem, self.vcpu_fds, boots, mask, self._pci_intx)
         timings.mark("kvm, vm, ram, boot")
         if self._pit_mode is not None:
             self._pit_mode.result()  # its thread ends before the monitor confines itself

@@ -9,12 +9,16 @@ struct of the size the spec gives.
 
 Wiring described here is the PC's (MP spec 5.1 "virtual wire" default, as
 Firecracker and crosvm do): ISA IRQ n -> IOAPIC pin n (KVM's default GSI routing),
-the 8259 on the BSP's LINT0 (ExtINT) and NMI on LINT1 of every local APIC.
+the 8259 on the BSP's LINT0 (ExtINT) and NMI on LINT1 of every local APIC. Each PCI
+device's INTA# has its own entry too (4.3.4: one per connected IOAPIC input), from the
+PCI bus, whose ID is its bus number (0, as Linux's IO_APIC_get_PCI_irq_vector matches
+it); the ISA bus then takes ID 1, as SeaBIOS numbers them.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from splitvmm.config import MAX_VCPUS
@@ -45,7 +49,10 @@ IRQ_FLAGS_CONFORM = 0  # polarity and trigger "conform to the bus" (table 4-11)
 APIC_VERSION = 0x14  # what KVM's local APIC reports in its version register
 IOAPIC_VERSION = 0x11  # 82093AA, the version KVM's IOAPIC reports
 BUS_ISA = b"ISA   "  # table 4-9 bus type strings are blank-padded
-ISA_BUS_ID = 0
+BUS_PCI = b"PCI   "
+ISA_BUS_ID = 0  # with no PCI interrupt; else PCI is bus 0 and ISA bus 1
+PCI_BUS_ID = 0
+PCI_INTA = 0  # source bus IRQ of a PCI interrupt: device << 2 | pin (INTA# = 0)
 ISA_IRQS = 16
 LINT0, LINT1 = 0, 1
 ALL_LAPICS = 0xFF
@@ -67,7 +74,12 @@ def _with_checksum(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([_checksum(data)]) + data[at + 1 :]
 
 
-def _entries(nvcpus: int, signature: int, features: int) -> list[bytes]:
+def _entries(
+    nvcpus: int, signature: int, features: int, pci_intx: Sequence[tuple[int, int]] = ()
+) -> list[bytes]:
+    isa = ISA_BUS_ID + 1 if pci_intx else ISA_BUS_ID
+    buses = [MPC_BUS.pack(MP_BUS, PCI_BUS_ID, BUS_PCI)] if pci_intx else []
+    buses.append(MPC_BUS.pack(MP_BUS, isa, BUS_ISA))
     cpus = [
         MPC_CPU.pack(
             MP_PROCESSOR, i, APIC_VERSION, CPU_ENABLED | (CPU_BSP if i == 0 else 0),
@@ -76,37 +88,48 @@ def _entries(nvcpus: int, signature: int, features: int) -> list[bytes]:
         for i in range(nvcpus)
     ]  # fmt: skip
     irqs = [
-        MPC_INTSRC.pack(MP_INTSRC, MP_INT, IRQ_FLAGS_CONFORM, ISA_BUS_ID, irq, IOAPIC_ID, irq)
+        MPC_INTSRC.pack(MP_INTSRC, MP_INT, IRQ_FLAGS_CONFORM, isa, irq, IOAPIC_ID, irq)
         for irq in range(ISA_IRQS)
     ]
+    irqs += [
+        MPC_INTSRC.pack(
+            MP_INTSRC, MP_INT, IRQ_FLAGS_CONFORM, PCI_BUS_ID, device << 2 | PCI_INTA,
+            IOAPIC_ID, gsi,
+        )
+        for device, gsi in pci_intx
+    ]  # fmt: skip
     lints = [
         # The 8259's INTR reaches only the BSP (SeaBIOS and Firecracker say APIC 0 too).
-        MPC_INTSRC.pack(
-            MP_LINTSRC, MP_EXTINT, IRQ_FLAGS_CONFORM, ISA_BUS_ID, 0, BSP_APIC_ID, LINT0
-        ),
-        MPC_INTSRC.pack(MP_LINTSRC, MP_NMI, IRQ_FLAGS_CONFORM, ISA_BUS_ID, 0, ALL_LAPICS, LINT1),
+        MPC_INTSRC.pack(MP_LINTSRC, MP_EXTINT, IRQ_FLAGS_CONFORM, isa, 0, BSP_APIC_ID, LINT0),
+        MPC_INTSRC.pack(MP_LINTSRC, MP_NMI, IRQ_FLAGS_CONFORM, isa, 0, ALL_LAPICS, LINT1),
     ]
     return [
         *cpus,
-        MPC_BUS.pack(MP_BUS, ISA_BUS_ID, BUS_ISA),
+        *buses,
         MPC_IOAPIC.pack(MP_IOAPIC, IOAPIC_ID, IOAPIC_VERSION, MPC_APIC_USABLE, IOAPIC_BASE),
         *irqs,
         *lints,
     ]
 
 
-def build_mptable(nvcpus: int, leaf1: CpuidEntry | None = None, base: int = MPTABLE) -> bytes:
+def build_mptable(
+    nvcpus: int,
+    leaf1: CpuidEntry | None = None,
+    base: int = MPTABLE,
+    pci_intx: Sequence[tuple[int, int]] = (),
+) -> bytes:
     """Floating pointer then configuration table, to be written at `base`.
 
     `leaf1` is the vCPUs' CPUID leaf 1; its signature and feature flags go into each
-    processor entry (table 4-5, 4-6).
+    processor entry (table 4-5, 4-6). `pci_intx`: (PCI device, GSI) of each INTA# on bus 0,
+    as the DSDT's _PRT says.
     """
     if not 1 <= nvcpus <= MAX_VCPUS:
         raise ConfigError(f"an MP table describes 1 to {MAX_VCPUS} vCPUs, not {nvcpus}")
     signature, features = DEFAULT_CPU_SIGNATURE, DEFAULT_FEATURE_FLAGS
     if leaf1 is not None:
         signature, features = leaf1.eax & CPU_SIGNATURE_MASK, leaf1.edx
-    entries = _entries(nvcpus, signature, features)
+    entries = _entries(nvcpus, signature, features, pci_intx)
     body = b"".join(entries)
     length = MPC_TABLE.size + len(body)
     header = MPC_TABLE.pack(
@@ -121,8 +144,13 @@ def build_mptable(nvcpus: int, leaf1: CpuidEntry | None = None, base: int = MPTA
     return out
 
 
-def write_mptable(mem: GuestRam, nvcpus: int, leaf1: CpuidEntry | None = None) -> int:
+def write_mptable(
+    mem: GuestRam,
+    nvcpus: int,
+    leaf1: CpuidEntry | None = None,
+    pci_intx: Sequence[tuple[int, int]] = (),
+) -> int:
     """Write the MP table at MPTABLE; returns its size in bytes."""
-    data = build_mptable(nvcpus, leaf1)
+    data = build_mptable(nvcpus, leaf1, pci_intx=pci_intx)
     mem.write(MPTABLE, data)
     return len(data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from types import SimpleNamespace
 
 from splitvmm.monitor import boot
@@ -17,11 +18,12 @@ from splitvmm.monitor.boot64 import (
     write_boot_tables,
 )
 from splitvmm.monitor.cpuid import CpuidMask
-from splitvmm.monitor.layout import BOOT_GDT, BOOT_STACK_TOP, PML4, ZERO_PAGE
+from splitvmm.monitor.layout import BOOT_GDT, BOOT_STACK_TOP, MPTABLE, PML4, ZERO_PAGE
 from splitvmm.native._kvm import ffi
 from splitvmm.native.kvm import CpuidEntry
 from tests.fakes import FakeGuestMemory
 from tests.unit.images import MIB, make_bzimage
+from tests.unit.test_mptable import mp_pci_irq
 
 ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
 
@@ -171,9 +173,11 @@ class FakeVcpu:
         self.msrs = msrs
 
 
-def test_prepare_linux_sets_the_boot_msrs_on_every_vcpu(tmp_path) -> None:
-    """Firmware sets up every CPU alike: APs left at KVM's reset values had fast strings off
-    (Linux then clears ERMS for all CPUs) and MTRRs unlike the BSP's (Linux warns)."""
+def prepared_linux(
+    tmp_path: Path, nvcpus: int, pci_intx: list[tuple[int, int]] | None = None
+) -> tuple[FakeGuestMemory, list[FakeVcpu]]:
+    """A Linux boot made ready by load_kernel() and prepare() on fakes; `pci_intx`: the
+    (PCI device, GSI) of each INTA#, as the machine passes both."""
     kernel = tmp_path / "bzImage"
     kernel.write_bytes(make_bzimage())
     cfg = SimpleNamespace(
@@ -185,13 +189,28 @@ def test_prepare_linux_sets_the_boot_msrs_on_every_vcpu(tmp_path) -> None:
         supported_cpuid=lambda: [CpuidEntry(1, 0, 0, 0x906EA, 0, 0, 0)],
         check_extension=lambda cap: 1,
     )
-    vcpus = [FakeVcpu(i) for i in range(3)]
-
+    vcpus = [FakeVcpu(i) for i in range(nvcpus)]
     mem = FakeGuestMemory(256 * MIB)
-    kernel = boot.load_kernel(cfg, mem, len(vcpus))  # type: ignore[arg-type]
-    boot.prepare(kvm, mem, vcpus, kernel, CpuidMask.parse(()))  # type: ignore[arg-type]
+    loaded = boot.load_kernel(cfg, mem, nvcpus, pci_intx or ())  # type: ignore[arg-type]
+    mask = CpuidMask.parse(())
+    boot.prepare(kvm, mem, vcpus, loaded, mask, pci_intx or ())  # type: ignore[arg-type]
+    return mem, vcpus
+
+
+def test_prepare_linux_sets_the_boot_msrs_on_every_vcpu(tmp_path) -> None:
+    """Firmware sets up every CPU alike: APs left at KVM's reset values had fast strings off
+    (Linux then clears ERMS for all CPUs) and MTRRs unlike the BSP's (Linux warns)."""
+    _, vcpus = prepared_linux(tmp_path, 3)
 
     assert [v.msrs for v in vcpus] == [boot_msrs()] * 3
+
+
+def test_prepare_linux_routes_in_the_mp_table_the_pci_intx_the_dsdt_routes(tmp_path) -> None:
+    """The INTA# pins the DSDT's _PRT gets (load_kernel) reach the MP table too (a guest with
+    acpi=off or acpi=noirq reads that one)."""
+    mem, _ = prepared_linux(tmp_path, 2, pci_intx=[(1, 17)])
+
+    assert mp_pci_irq(mem.read(MPTABLE, 4096), bus=0, device=1) == 17
 
 
 def test_boot_msrs_enable_mtrrs_with_write_back_default() -> None:

@@ -57,6 +57,28 @@ def test_mptable_header_names_oem_and_lapic() -> None:
     assert struct.unpack_from("<I", table, 36)[0] == 0xFEE00000
 
 
+def entries(table: bytes) -> list[bytes]:
+    """The entries of a configuration table, each whole (same sizes as entry_types)."""
+    out, offset = [], HEADER_SIZE
+    while offset < len(table):
+        size = 20 if table[offset] == 0 else 8
+        out.append(table[offset : offset + size])
+        offset += size
+    return out
+
+
+def mp_pci_irq(data: bytes, bus: int, device: int, pin: int = 0) -> int | None:
+    """The IOAPIC pin of a PCI interrupt, found as Linux's IO_APIC_get_PCI_irq_vector finds
+    it (an I/O interrupt entry of type INT whose source bus is the PCI bus numbered `bus`
+    and whose source IRQ is device << 2 | pin), or None."""
+    found = entries(config_table(data))
+    pci_buses = {e[1] for e in found if e[0] == 1 and e[2:8] == b"PCI   "}
+    for e in found:
+        if e[0] == 3 and e[1] == 0 and e[4] == bus in pci_buses and e[5] == device << 2 | pin:
+            return e[7]
+    return None
+
+
 def test_mptable_entry_count_matches_vcpus_bus_ioapic_and_interrupts() -> None:
     table = config_table(build_mptable(3))
 
@@ -103,3 +125,25 @@ def test_write_mptable_puts_it_at_mptable_address() -> None:
     size = write_mptable(mem, 1)
 
     assert mem.read(MPTABLE, size) == build_mptable(1)
+
+
+def test_mptable_routes_each_pci_inta_to_its_ioapic_pin() -> None:
+    """4.3.4: one I/O interrupt entry per connected IOAPIC input, PCI INTA# included. With
+    none, a guest booted with acpi=off printed "can't find IRQ for PCI INT A; probably buggy
+    MP table" and its INTx fallback never fired."""
+    data = build_mptable(2, pci_intx=[(1, 17), (2, 18)])
+
+    assert (mp_pci_irq(data, 0, 1), mp_pci_irq(data, 0, 2), mp_pci_irq(data, 0, 3)) == (
+        17,
+        18,
+        None,
+    )
+
+
+def test_mptable_with_pci_keeps_the_isa_irqs_on_an_isa_bus_of_its_own() -> None:
+    found = entries(config_table(build_mptable(1, pci_intx=[(1, 17)])))
+    isa = {e[1] for e in found if e[0] == 1 and e[2:8] == b"ISA   "}
+
+    assert len(isa) == 1 and 0 not in isa  # bus 0 is the PCI bus: Linux matches its number
+    assert sorted(e[5] for e in found if e[0] == 3 and e[4] in isa) == list(range(16))
+    assert {e[4] for e in found if e[0] == 4} == isa  # LINT0/1 name the ISA bus too
