@@ -256,10 +256,15 @@ class Machine:
             layout.PCI_MMIO32_START, layout.PCI_MMIO32_END, "32-bit PCI memory"
         )
         self.pio.insert(layout.DEBUG_EXIT_PORT, DEBUG_EXIT_WINDOW, DebugExit(self._debug_exit))
-        self.pio.insert(layout.I8042_DATA_PORT, I8042.WINDOW, I8042(self._reset))
+        self.pio.insert(
+            layout.I8042_DATA_PORT, I8042.WINDOW, I8042(lambda: self._reset("the i8042 controller"))
+        )
         self.pci = PciRoot()  # every boot kind: firmware may enumerate PCI too
         self._pci_numbers = device_numbers(self.cfg.devices)
-        self.config_ports = ConfigPorts(self.pci)  # its latch is saved (monitor/pci/state.py)
+        # its latch is saved (monitor/pci/state.py)
+        self.config_ports = ConfigPorts(
+            self.pci, lambda: self._reset("the reset control register (0xCF9)")
+        )
         self.pio.insert(layout.PCI_CONFIG_PORT, layout.PCI_CONFIG_WINDOW, self.config_ports)
         self.mmio.insert(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE, Ecam(self.pci))
         pm = AcpiPm(
@@ -416,8 +421,8 @@ class Machine:
     def _debug_exit(self, status: int, message: str) -> None:
         self.stop(Outcome(status, message))
 
-    def _reset(self) -> None:
-        self.stop(Outcome(0, "guest reset through the i8042 controller"))
+    def _reset(self, through: str) -> None:
+        self.stop(Outcome(0, f"guest reset through {through}"))
 
     def _device_failed(self, slot: DeviceSlot, reason: str) -> bool:
         """A device's on_crash policy (called with its slot's lock held); True: restart it."""

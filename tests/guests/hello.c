@@ -1,6 +1,8 @@
 /* hello: the first guest to boot.  Prints a greeting, the command line and the e820 map from
- * struct boot_params, then ends through the i8042 reset (host exit status 0). */
+ * struct boot_params, then ends through the i8042 reset (host exit status 0), or with
+ * reset=cf9 through the reset control register at 0xCF9. */
 #include "bootparams.h"
+#include "cmdline.h"
 #include "exit.h"
 #include "print.h"
 #include "serial.h"
@@ -24,5 +26,7 @@ NORETURN void guest_main(const void *boot_params)
 		/* end is exclusive: addr + size */
 		print("e820: %#018lx-%#018lx %u\n", e.addr, e.addr + e.size, e.type);
 	}
+	if (cmdline_is(cmdline, "reset", "cf9"))
+		cf9_reset();
 	i8042_reset();
 }

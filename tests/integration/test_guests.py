@@ -25,6 +25,15 @@ def test_hello_greets_over_serial_and_resets_with_status_0(guests, tmp_path):
     assert "guest reset through the i8042 controller" in run.stderr
 
 
+def test_hello_resets_through_0xcf9_with_status_0(guests, tmp_path):
+    """Linux's reboot=pci: the chipset's reset control register ends the VM as a reset. It
+    was absent I/O, and a guest went on to its next way out (Linux's: a triple fault, which
+    ends the VM as a fault)."""
+    run = run_up(tmp_path, kernel(guests, "hello", "reset=cf9"))
+    assert run.status == 0, run.stderr
+    assert "guest reset through the reset control register (0xCF9)" in run.stderr
+
+
 def test_hello_sees_e820_map_with_ebda_ecam_and_kvm_pages_reserved(guests, tmp_path):
     run = run_up(tmp_path, kernel(guests, "hello"), memory="64M")
     entries = re.findall(r"e820: (0x[0-9a-f]+)-(0x[0-9a-f]+) (\d+)", run.serial)

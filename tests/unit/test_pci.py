@@ -90,6 +90,38 @@ def test_config_ports_byte_write_to_0xcfb_does_not_latch(ports: ConfigPorts) -> 
     assert u32(ports.read(0, 4)) == ENABLE
 
 
+def test_config_ports_0xcf9_rst_cpu_resets_as_linux_reboot_pci_writes_it() -> None:
+    """0xCF9 is the chipset's reset control register: Linux's reboot=pci reads it, writes
+    SYS_RST (no reset yet), then SYS_RST | RST_CPU. It was absent I/O: the guest went on to
+    a triple fault, which ends the VM as a fault, not a reset."""
+    resets: list[None] = []
+    ports = ConfigPorts(PciRoot(), lambda: resets.append(None))
+    ports.write(0, cf8(0, 0, 0, 0))
+
+    cf9 = ports.read(1, 1)[0]
+    ports.write(1, bytes([cf9 | 0x02]))
+    before = len(resets)
+    ports.write(1, bytes([cf9 | 0x06]))
+
+    assert (cf9, before, len(resets)) == (0, 0, 1)
+    assert u32(ports.read(0, 4)) == ENABLE  # the address register is left as it was
+    assert ports.read(0, 2) == b"\xff\x00" and ports.read(2, 2) == b"\xff\xff"
+
+
+def test_config_ports_word_write_over_0xcf9_resets_too() -> None:
+    resets: list[None] = []
+    ports = ConfigPorts(PciRoot(), lambda: resets.append(None))
+
+    ports.write(0, b"\x00\x06")  # a word at 0xCF8: its second byte is 0xCF9's
+
+    assert len(resets) == 1
+
+
+def test_config_ports_without_a_reset_0xcf9_is_absent(ports: ConfigPorts) -> None:
+    ports.write(1, b"\x06")
+    assert ports.read(1, 1) == b"\xff"
+
+
 def test_config_ports_absent_function_reads_all_ones(ports: ConfigPorts) -> None:
     ports.write(0, cf8(0, 3, 0, 0))
     assert ports.read(DATA, 4) == b"\xff" * 4

@@ -5,12 +5,15 @@ Mechanism #1 (PCI Local Bus 3.0 3.2.2.3.2): a dword write to 0xCF8 latches an ad
 that dword, byte k of it at 0xCFC + k. Only a dword access is the address register; with
 the enable bit clear the data ports are ordinary (absent) I/O. ECAM (PCI Express Base 4.0
 7.2.2): one 4 KiB page per function, at bus << 20 | device << 15 | function << 12.
+
+The byte at 0xCF9, inside mechanism #1's window but no part of it, is the chipset's reset
+control register (Intel's RST_CNT, PIIX's RCR): Linux's reboot=pci writes RST_CPU there.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from splitvmm.errors import ConfigError
@@ -34,6 +37,10 @@ CONFIG_ADDRESS_ENABLE = 1 << 31
 # 3.2.2.3.2: bits 30:24 are reserved and bits 1:0 read as zero.
 CONFIG_ADDRESS_MASK = CONFIG_ADDRESS_ENABLE | 0x00FF_FFFC
 CONFIG_DATA_OFFSET = 4  # 0xCFC within the 0xCF8 window
+RESET_CONTROL_OFFSET = 1  # 0xCF9 within it
+# Writing RST_CPU resets; bits 1 (SYS_RST) and 3 (FULL_RST) choose how hard, which makes no
+# difference here (a reset ends the VM), so none is kept: the register reads 0.
+RST_CPU = 1 << 2
 
 
 def _absent(size: int) -> bytes:
@@ -98,8 +105,10 @@ class ConfigPorts:
 
     name = "pci-config-ports"
 
-    def __init__(self, root: PciRoot) -> None:
+    def __init__(self, root: PciRoot, reset: Callable[[], None] | None = None) -> None:
+        """`reset`: what a write of RST_CPU to 0xCF9 does (None: 0xCF9 is absent I/O)."""
         self.root = root
+        self._reset = reset
         self._address = 0
         self._lock = threading.Lock()  # latch and use the address as one step, per access
 
@@ -115,6 +124,9 @@ class ConfigPorts:
     def read(self, offset: int, size: int) -> bytes:
         if offset == 0 and size == 4:
             return self._address.to_bytes(4, "little")
+        if offset < CONFIG_DATA_OFFSET:  # 0xCF8-0xCFB but not the address register
+            control = RESET_CONTROL_OFFSET if self._reset is not None else None
+            return bytes(0 if at == control else 0xFF for at in range(offset, offset + size))
         target = self._target(offset, size)
         if target is None:
             return _absent(size)
@@ -124,6 +136,12 @@ class ConfigPorts:
         if offset == 0 and len(data) == 4:
             with self._lock:
                 self._address = int.from_bytes(data, "little") & CONFIG_ADDRESS_MASK
+            return
+        if offset < CONFIG_DATA_OFFSET:  # 0xCF8-0xCFB but not the address register
+            reset = self._reset
+            for at, value in enumerate(data, offset):
+                if reset is not None and at == RESET_CONTROL_OFFSET and value & RST_CPU:
+                    reset()
             return
         target = self._target(offset, len(data))
         if target is not None:

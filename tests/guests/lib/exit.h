@@ -12,5 +12,6 @@ NORETURN void debug_exit(u8 value);
 NORETURN void debug_exit32(u32 value);
 /* Pulses the CPU reset line through the keyboard controller: the VM ends with status 0. */
 NORETURN void i8042_reset(void);
+NORETURN void cf9_reset(void); /* through the reset control register at 0xCF9 */
 /* Prints "<why>" and ends through the debug-exit port with EXIT_STUCK. */
 NORETURN void guest_stuck(const char *why);
