@@ -157,10 +157,10 @@ MSR_DELTAS = Msr.DCTS | Msr.DDSR | Msr.TERI | Msr.DDCD  # cleared by reading MSR
 
 
 class UartState(DeviceState, frozen=True, kw_only=True):
-    """v2 added tx and tx_dropped, v3 line_in. lsr: OE is state; THRE and TEMT are saved as
-    the guest would have read them, and derived again from tx on restore."""
+    """v2 added tx and tx_dropped, v3 line_in, v4 rx_cleared. lsr: OE is state; THRE and TEMT
+    are saved as the guest would have read them, and derived again from tx on restore."""
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4
     ier: int = 0
     lcr: int = int(Lcr.WLEN8)
     mcr: int = int(Mcr.OUT2)
@@ -175,12 +175,15 @@ class UartState(DeviceState, frozen=True, kw_only=True):
     tx: bytes = b""  # written by the guest, not yet taken by the host's output
     tx_dropped: int = 0  # bytes written to THR with no room for them
     line_in: bytes = b""  # host input that came in loopback: rx's once loopback ends
+    # the receiver was cleared and has taken no byte since: all of rx is the host's backlog
+    rx_cleared: bool = False
 
     # v1 transmitted at once: nothing was ever buffered or dropped. v2 dropped what came in
     # loopback.
     UPGRADES: ClassVar[Mapping[int, Upgrade]] = {
         1: lambda f: {**f, "tx": "", "tx_dropped": 0},
         2: lambda f: {**f, "line_in": ""},
+        3: lambda f: {**f, "rx_cleared": False},
     }
 
 
@@ -198,6 +201,7 @@ class Uart8250(RegisterDevice):
         self.msr, self.scr, self.dll, self.dlm, self.fcr = s.msr, s.scr, s.dll, s.dlm, s.fcr
         self.rx = bytearray(s.rx)
         self.line_in = bytearray(s.line_in)
+        self.rx_cleared = s.rx_cleared and bool(self.rx) and not s.mcr & Mcr.LOOP
         ctx.out.put(s.tx)  # restore() checked that it fits; the line may take it at once
         ctx.counters.tx_dropped = s.tx_dropped
         # THRE as the guest last saw it: the saved LSR's (a new UART's: the buffer's).
@@ -345,6 +349,7 @@ class Uart8250(RegisterDevice):
             return 0
         value = self.rx[0]
         del self.rx[0]
+        self.rx_cleared = False  # the byte went through the receiver
         if self.rx and self.ier & Ier.RDI:
             # The next byte takes the one read: a new receive event, hence a new edge on the
             # (edge-triggered) ISA line, as when a 16450's holding register fills again or a
@@ -391,13 +396,17 @@ class Uart8250(RegisterDevice):
             # that is the line's, which loopback disconnects: it waits in line_in, first in
             # line, until loopback ends. Left in rx, a looped-back byte went in behind it,
             # and a 16450-mode test read a typed byte back instead of its own.
-            held = RX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1
+            # Just after a clear the receiver holds none of it (Linux's size_fifo).
+            held = 0 if self.rx_cleared else RX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1
             self.line_in[:0] = self.rx[held:]
             del self.rx[held:]
+            self.rx_cleared = False
         self.mcr = value & 0x1F
         if leaving_loopback and self.line_in:
+            self.rx_cleared = not self.rx  # an empty receiver: the line's bytes are behind it
             self._receive(bytes(self.line_in))  # the line is the receiver's again
             self.line_in.clear()
+        self._check_thre()  # the transmitter is the line's again, or the receiver's
         changed = before ^ self._modem_lines()
         self.msr |= (
             (Msr.DCTS if changed & Msr.CTS else 0)
@@ -413,10 +422,13 @@ class Uart8250(RegisterDevice):
         after changing FCR0 will be immediate, if it is enabled"."""
         toggled = (value ^ self.fcr) & Fcr.ENABLE_FIFO
         if toggled or value & Fcr.ENABLE_FIFO and value & Fcr.CLEAR_RCVR:
-            # All of `rx`, the host's input behind the FIFO included: `rx` is one buffer for
-            # both, and what stayed of it would be read back in the loopback test that follows
-            # a clear (Linux's size_fifo: a backlog made it count 64 bytes of FIFO).
-            self.rx.clear()
+            # What the receiver holds, a FIFO's worth: the host's input behind it in `rx` is
+            # the line's, and has not reached the receiver yet (rx_cleared), so a clear that
+            # follows drops none of it and a loopback test right after it reads back its own
+            # bytes only (Linux's size_fifo: a backlog made it count 64 bytes of FIFO).
+            if not self.rx_cleared:
+                del self.rx[:RX_FIFO_LEN]
+            self.rx_cleared = bool(self.rx) and not self.mcr & Mcr.LOOP
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.
         # FCR is write-only: with bit 0 clear the trigger level is unused until it is set.
@@ -431,8 +443,9 @@ class Uart8250(RegisterDevice):
         return TX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1
 
     def _holding_empty(self) -> bool:
-        """THRE: room for what a driver writes on THRE."""
-        return self.ctx.out.room() >= self._fifo_load()
+        """THRE: room for what a driver writes on THRE. In loopback the transmitter's bytes
+        go to the receiver at once, not to the line (PC16550D MCR bit 4)."""
+        return bool(self.mcr & Mcr.LOOP) or self.ctx.out.room() >= self._fifo_load()
 
     def _temt_room(self) -> int:
         """The room TEMT needs: TEMT_ROOM (the whole buffer, if it is smaller), and never
@@ -446,7 +459,8 @@ class Uart8250(RegisterDevice):
         """THRE and TEMT (the module docstring): both are room in the buffer."""
         if not self._holding_empty():
             return self.lsr
-        temt = Lsr.TEMT if self.ctx.out.room() >= self._temt_room() else 0
+        looped = self.mcr & Mcr.LOOP
+        temt = Lsr.TEMT if looped or self.ctx.out.room() >= self._temt_room() else 0
         return self.lsr | Lsr.THRE | temt
 
     def _check_thre(self) -> None:
@@ -557,6 +571,7 @@ class Uart8250(RegisterDevice):
             ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=int(self._line_status()), msr=self.msr,
             scr=self.scr, dll=self.dll, dlm=self.dlm, fcr=self.fcr,
             thr_interrupt=self.thr_interrupt, rx=bytes(self.rx), line_in=bytes(self.line_in),
+            rx_cleared=self.rx_cleared,
             tx=self.ctx.out.buffered(), tx_dropped=self.ctx.counters.tx_dropped,
         )  # fmt: skip
 

@@ -372,7 +372,7 @@ SERIAL = ModelDescriptor(
         Option("output", str, "stdio", host_resource=True, restore_default="stdio", path=True),
     ),
     fds=(FdRole("irq", FdKind.IRQ), FdRole("out", FdKind.OUTPUT, option="output")),
-    state_version=3,
+    state_version=4,
     console=True,
     # LCR = 8 data bits with DLAB clear (offset 0 is THR), MCR = OUT2 without loopback
     output_recipe=OutputRecipe(setup=((3, 0x03), (4, 0x08)), emit_offset=0),

@@ -16,6 +16,7 @@ from splitvmm.devprocs.eventloop import EventLoop
 from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.devprocs.serial import (
     RX_BUFFER_MAX,
+    RX_FIFO_LEN,
     TEMT_ROOM,
     TX_FIFO_LEN,
     Fcr,
@@ -1134,3 +1135,75 @@ def test_lsr_read_on_the_thre_interrupt_of_a_draining_line_sees_thre(tmp_path: P
             os.close(fd)
         monitor_end.close()
         device_end.close()
+
+
+def drain_rx(uart: Uart8250) -> bytes:
+    got = bytearray()
+    while uart.read(Reg.LSR, 1)[0] & Lsr.DR and len(got) <= RX_BUFFER_MAX:
+        got += uart.read(Reg.RX_TX, 1)
+    return bytes(got)
+
+
+def clear_fifos(uart: Uart8250) -> None:
+    """Linux's serial8250_clear_fifos (autoconfig, and serial8250_do_startup at each first
+    open of the tty): FIFOs on, both cleared, FIFOs off."""
+    for fcr in (Fcr.ENABLE_FIFO, Fcr.ENABLE_FIFO | Fcr.CLEAR_RCVR | Fcr.CLEAR_XMIT, 0):
+        uart.write(Reg.IIR_FCR, bytes([fcr]))
+
+
+def test_uart_fifo_clear_keeps_the_input_the_host_buffered_behind_the_receiver():
+    """PC16550D FCR bit 1 clears "all bytes in the RCVR FIFO": 16 at most. The host input
+    `rx` holds past that is the line's (RX_BUFFER_MAX: "so that pasted input is not lost
+    while the guest is slow"); the monitor stops reading stdin only once it is full. A
+    paste, or commands piped into `splitvmm up`, that arrived before the guest's driver
+    opened the port was dropped whole (up to 4 KiB) by Linux's clear_fifos."""
+    uart = make_uart()[0]
+    typed = bytes(range(256)) * 4  # 1 KiB, waiting before the driver starts
+    uart.host_input(typed)
+
+    clear_fifos(uart)
+    got = drain_rx(uart)
+
+    assert typed.endswith(got)
+    assert len(typed) - len(got) <= RX_FIFO_LEN, f"{len(typed) - len(got)} bytes dropped"
+
+
+def test_uart_size_fifo_after_a_clear_still_reads_back_only_its_own_bytes_and_keeps_input():
+    """The clear keeps the host's backlog, and a loopback test right after it still reads
+    back its own bytes only (Linux's size_fifo counts 16); the backlog comes after it."""
+    uart = make_uart()[0]
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))
+    typed = b"h" * 100
+    uart.host_input(typed)
+    uart.write(Reg.IIR_FCR, b"\x07")
+    uart.write(Reg.MCR, bytes([Mcr.LOOP]))
+    for i in range(256):
+        uart.write(Reg.RX_TX, bytes([i]))
+    looped = drain_rx(uart)
+    uart.write(Reg.MCR, bytes([Mcr.OUT2]))
+    after = drain_rx(uart)
+
+    assert looped == bytes(range(RX_FIFO_LEN))
+    assert typed.endswith(after) and len(typed) - len(after) <= RX_FIFO_LEN
+
+
+def test_uart_loopback_transmitter_empties_whatever_the_hosts_line_does():
+    """PC16550D MCR bit 4: in loopback "the output of the Transmitter Shift Register is
+    looped back into the Receiver Shift Register input" and SOUT is held marking: "data
+    that is transmitted is immediately received". THRE and TEMT stood for the host's line,
+    which loopback disconnects: with it full (a terminal stopped with Ctrl-S, a `unix:`
+    listener or a pipe that does not read yet) they stayed clear, and a loopback FIFO
+    probe that waits for TEMT after each byte (FreeBSD uart(4) ns8250_bus_probe) gave up."""
+    line = FakeLine(0)  # takes nothing
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(line, 32)))
+    for _ in range(32):  # boot messages the host has not read yet: the line is full
+        uart.write(Reg.RX_TX, b".")
+    uart.write(Reg.MCR, bytes([Mcr.LOOP | Mcr.OUT2 | Mcr.DTR | Mcr.RTS]))
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO | Fcr.CLEAR_RCVR | Fcr.CLEAR_XMIT]))
+    count, lsr = 0, 0
+    while not lsr & Lsr.OE and count < 130:
+        uart.write(Reg.RX_TX, b"\x00")
+        count += 1
+        lsr = uart.read(Reg.LSR, 1)[0]
+        assert lsr & Lsr.TEMT, f"TEMT clear after looped byte {count}"
+    assert count - 1 == RX_FIFO_LEN
