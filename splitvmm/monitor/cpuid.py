@@ -137,18 +137,34 @@ NEVER_OFFERED_ECX: dict[tuple[int, int], int] = {
 }
 
 
+# KVM turns its Hyper-V emulation on for a vCPU whose leaf 0x40000001 EAX reads "Hv#1"
+# (arch/x86/kvm/cpuid.c kvm_cpuid_has_hyperv): hypercalls, the Hyper-V MSRs, KVM_EXIT_HYPERV.
+# In a boot's table that leaf is KVM's own, its paravirtual feature bits, never that value.
+HYPERV_CPUID_INTERFACE = 0x40000001
+HYPERV_CPUID_SIGNATURE_EAX = 0x31237648  # "Hv#1"
+PMU_LEAF = 0xA  # a version there makes KVM give the guest a vPMU: host perf events
+
+
 def never_offered(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
-    """`entries` without NEVER_OFFERED_ECX's bits: a snapshot's table is untrusted input, and
-    KVM_SET_CPUID2 takes what it is given, so a crafted one switched nested virtualization on
-    wherever KVM offers it (nested=1), which no boot does. An entry whose index is not
-    significant is the one KVM answers for every subleaf of its function (cpuid_entry2_find),
-    subleaf 0 too, whatever index it names: keyed as subleaf 0, as CpuidMask keys it."""
-    return [
-        replace(e, ecx=e.ecx & ~hidden)
-        if e.ecx & (hidden := NEVER_OFFERED_ECX.get((e.function, _subleaf(e)), 0))
-        else e
-        for e in entries
-    ]
+    """`entries` without what no boot offers: a snapshot's table is untrusted input, and
+    KVM_SET_CPUID2 takes what it is given. A crafted one switched on nested virtualization
+    wherever KVM offers it (nested=1: NEVER_OFFERED_ECX's bits), KVM's Hyper-V emulation
+    (its signature) or a vPMU (leaf 0xA, which every boot zeroes: _no_pmu), each more of
+    the host kernel for the guest to reach. An entry whose index is not significant is the
+    one KVM answers for every subleaf of its function (cpuid_entry2_find), subleaf 0 too,
+    whatever index it names: keyed as subleaf 0, as CpuidMask keys it."""
+    return [_as_booted(e) for e in entries]
+
+
+def _as_booted(e: CpuidEntry) -> CpuidEntry:
+    hidden = NEVER_OFFERED_ECX.get((e.function, _subleaf(e)), 0)
+    if e.ecx & hidden:
+        e = replace(e, ecx=e.ecx & ~hidden)
+    if e.function == HYPERV_CPUID_INTERFACE and e.eax == HYPERV_CPUID_SIGNATURE_EAX:
+        e = replace(e, eax=0)
+    if e.function == PMU_LEAF and (e.eax, e.ebx, e.ecx, e.edx) != (0, 0, 0, 0):
+        e = replace(e, eax=0, ebx=0, ecx=0, edx=0)
+    return e
 
 
 def _subleaf(e: CpuidEntry) -> int:
@@ -234,7 +250,7 @@ NORMALIZERS = {
     0x4: _cache,
     0x6: _leaf6,
     0x7: _leaf7,
-    0xA: _no_pmu,
+    PMU_LEAF: _no_pmu,
     0xB: _topology,
     0x1F: _topology,
     0x80000001: _ext1,

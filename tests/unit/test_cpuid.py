@@ -91,13 +91,19 @@ def test_cpuid_hides_nested_virtualization() -> None:
 def test_cpuid_a_snapshots_table_loses_what_no_boot_offers_and_a_boots_loses_nothing() -> None:
     """never_offered() is what a restore gives KVM_SET_CPUID2 of a snapshot's table, which is
     untrusted: VMX, SVM and WAITPKG go, as from every boot's table (which it leaves as it
-    is), and nothing else does."""
+    is), and so do Hyper-V's signature (KVM's Hyper-V emulation: kvm_cpuid_has_hyperv) and
+    the PMU leaf (a vPMU: host perf events), and nothing else does."""
     nested = [*INTEL, CpuidEntry(0x80000001, 0, 0, eax=0, ebx=0, ecx=0x121 | 1 << 2, edx=0)]
     nested[1] = CpuidEntry(1, 0, 0, eax=0x906EA, ebx=0x00100800, ecx=0x81A0B223, edx=0x1F8BFBFF)
-    crafted = never_offered(nested)
+    hyperv = CpuidEntry(0x40000001, 0, 0, eax=0x31237648, ebx=0, ecx=0, edx=0)  # "Hv#1"
+    assert any(e.function == 0xA and e.eax for e in nested)  # the host's PMU, version and all
+    crafted = never_offered([*nested, hyperv])
     assert [find(crafted, f).ecx for f in (1, 7, 0x80000001)] == [0x81A0B203, 0x40000000, 0x121]
-    assert [e for e in crafted if e.function not in (1, 7, 0x80000001)] == [
-        e for e in nested if e.function not in (1, 7, 0x80000001)
+    assert find(crafted, 0x40000001).eax == 0
+    assert [e for e in crafted if e.function == 0xA] == [CpuidEntry(0xA, 0, 0, 0, 0, 0, 0)]
+    changed = (1, 7, 0xA, 0x40000001, 0x80000001)
+    assert [e for e in crafted if e.function not in changed] == [
+        e for e in nested if e.function not in changed
     ]
     booted = vcpu_cpuid(nested, 0, 2, tsc_deadline=True)
     assert never_offered(booted) == booted
