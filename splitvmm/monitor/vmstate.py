@@ -312,6 +312,8 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
         vcpu.set_xsave(xsave)
         vcpu.set_xcrs(state.xcrs)
     elif state.fpu is not None:
+        if host.xsave_size:  # saved where there was no XSAVE: KVM_SET_FPU alone is not enough
+            _mark_fpu_in_use(vcpu, host.xsave_size)
         vcpu.set_fpu_bytes(state.fpu)
     vcpu.set_debugregs(state.debugregs)
     vcpu.set_lapic(state.lapic)
@@ -469,6 +471,21 @@ def _restore_tsc_khz(vcpu: VcpuFd, khz: int | None) -> None:
             f"tsc_khz: the snapshot's TSC runs at {khz} kHz, this host's at {here} kHz, "
             f"and KVM cannot scale it ({e})"
         ) from None
+
+
+# The XSAVE header's XSTATE_BV (SDM Vol. 1, 13.4.2): the components the area holds; x87 and SSE
+XSAVE_XSTATE_BV = 512
+XFEATURE_X87_SSE = 0x3
+
+
+def _mark_fpu_in_use(vcpu: VcpuFd, size: int) -> None:
+    """KVM_SET_FPU writes the legacy area of KVM's XSAVE buffer but not its header: on a fresh
+    vCPU XSTATE_BV says x87 and SSE are in their init state, so KVM's XRSTOR (and KVM_GET_XSAVE)
+    would give the guest an initialised FPU and zeroed XMM registers instead of the values
+    set. Marked in use first, the values KVM_SET_FPU writes next are the ones loaded."""
+    area = bytearray(vcpu.get_xsave(size))
+    area[XSAVE_XSTATE_BV] |= XFEATURE_X87_SSE
+    vcpu.set_xsave(bytes(area))
 
 
 def _fit_xsave(state: VcpuState, host: VcpuHost) -> bytes | None:

@@ -68,6 +68,10 @@ XCR0_X87_SSE = 0x3
 FXSAVE_XMM0 = 160
 XSAVE_XSTATE_BV = 512
 XFEATURE_SSE = 1 << 1
+XFEATURE_X87 = 1 << 0
+FXSAVE_FCW = 0  # the x87 control word; its reset value is 0x37F
+FCW = 0x27F  # double precision, as a guest may set it
+FPU_XMM0 = ffi.offsetof("struct kvm_fpu", "xmm")
 APIC_TASKPRI = 0x80  # the LAPIC's TPR (SDM Vol. 3, table 11-1); CR8 mirrors it
 TPR = 0x20
 APIC_LVTT = 0x320  # LVT timer; only KVM_SET_LAPIC restores it
@@ -337,3 +341,41 @@ def test_vmstate_kvmclock_guests_boot_time_survives_the_restore_order_apply_uses
     finally:
         second.close()
     assert abs(again - booted) < MAX_DRIFT_NS / 1e9  # not FIRST_VM_CLOCK_NS (1000 s) later
+
+
+def test_vmstate_fpu_state_restored_on_an_xsave_host_keeps_its_xmm_registers(kvm) -> None:
+    """A state saved where there was no XSAVE (fpu, no xsave) and restored on a host with it:
+    KVM_SET_FPU alone writes the legacy area of KVM's XSAVE buffer but leaves its header's
+    xstate_bv as a fresh vCPU has it (x87 and SSE in their init state), so the XRSTOR KVM does
+    before it enters the guest gave zeros for its XMM registers and a reset FCW, and a
+    snapshot of the restored VM saved the zeros."""
+    first = make_guest(kvm)
+    v0 = first.vcpus[0]
+    xsave = bytearray(v0.get_xsave())
+    xsave[FXSAVE_XMM0 : FXSAVE_XMM0 + 16] = XMM0
+    xsave[FXSAVE_FCW : FXSAVE_FCW + 2] = FCW.to_bytes(2, "little")
+    xsave[XSAVE_XSTATE_BV] |= XFEATURE_X87 | XFEATURE_SSE
+    v0.set_xsave(bytes(xsave))
+    # What VcpuHost.probe says on a host without XSAVE (KVM_CAP_XSAVE 0): save_vcpu keeps FPU
+    no_xsave = replace(VcpuHost.probe(kvm, first.vm), xsave_size=0)
+    states = [save_vcpu(v, no_xsave) for v in first.vcpus]
+    vm, ram = save_vm(first.vm), bytes(first.ram)
+    first.close()
+    assert states[0].xsave is None and states[0].fpu is not None
+    assert states[0].fpu[FPU_XMM0 : FPU_XMM0 + 16] == XMM0
+
+    second = make_guest(kvm, ram)
+    try:
+        host = VcpuHost.probe(kvm, second.vm)
+        assert host.xsave_size  # this host has XSAVE
+        restore_vm(second.vm, vm)
+        for v, state in zip(second.vcpus, states, strict=True):
+            restore_vcpu(v, state, host)
+        area = second.vcpus[0].get_xsave(host.xsave_size)  # what KVM loads into the CPU
+        resaved = save_vcpu(second.vcpus[0], host)  # a snapshot of the restored VM
+    finally:
+        second.close()
+    assert area[FXSAVE_XMM0 : FXSAVE_XMM0 + 16] == XMM0
+    assert int.from_bytes(area[FXSAVE_FCW : FXSAVE_FCW + 2], "little") == FCW
+    assert resaved.xsave is not None
+    assert resaved.xsave[FXSAVE_XMM0 : FXSAVE_XMM0 + 16] == XMM0
