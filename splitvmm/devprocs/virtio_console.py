@@ -544,6 +544,11 @@ class VirtioConsole(VirtioPciDevice):
             counts = [c for c in records.values() if c >= since]
             return min(counts) - since if counts else 0
         delivered = records.get(ring.used_idx)
+        if delivered is None and RX in self._enabled_unconfirmed:
+            # A ring whose enable the dead process may never have applied (virtio/pci.py
+            # after_restart): it completed nothing there, and the reset before that enable
+            # recorded its count (an enable it applied records its own, of idx 0)
+            delivered = records.get(NO_RING)
         if delivered is not None and delivered >= since:
             return delivered - since
         saved, now = None if state is None else state.queues[RX], self.queues[RX]
