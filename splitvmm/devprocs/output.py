@@ -63,13 +63,16 @@ class Line(Protocol):
 class FdLine:
     """A non-blocking writer on an inherited fd. Built before the sandbox: it may reopen."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, shared: bool = False) -> None:
+        """`shared`: a regular file another device writes too, whose growth the monitor
+        does not count (protocol/models.py OUTPUT_SHARED)."""
         self.fd = fd
         self._sock: socket.socket | None = None
         mode = os.fstat(fd).st_mode
         # A regular file takes each write whole, at once (BoundedOutput.immediate): a device
         # may promise what its status registers read after a write (monitor/mirror.py).
         self.whole_writes = stat.S_ISREG(mode)
+        self.counted = self.whole_writes and not shared  # BoundedOutput.counted
         if stat.S_ISSOCK(mode):
             self._sock = socket.socket(fileno=fd)  # for send(MSG_DONTWAIT); kept for our life
         elif not stat.S_ISREG(mode):
@@ -134,13 +137,14 @@ class BoundedOutput:
     def immediate(self) -> bool:
         """Whether a byte put() while nothing is buffered leaves at once, whole: there is no
         line, or it is a regular file (FdLine.whole_writes), and the buffer is not held."""
-        return not self.held and self.counted()
+        whole = self.line is None or isinstance(self.line, FdLine) and self.line.whole_writes
+        return not self.held and whole
 
     def counted(self) -> bool:
         """Whether the monitor can count what the line took: there is no line, or it is a
         regular file, whose growth the monitor reads (monitor/slot.py). A restart then sends
         no byte twice, however far back its checkpoint is."""
-        return self.line is None or (isinstance(self.line, FdLine) and self.line.whole_writes)
+        return self.line is None or (isinstance(self.line, FdLine) and self.line.counted)
 
     def put(self, data: bytes) -> int:
         """Take as much of `data` as fits; the number of bytes taken."""

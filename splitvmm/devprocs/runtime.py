@@ -52,7 +52,7 @@ from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, wire
-from splitvmm.protocol.models import MODELS, FdKind
+from splitvmm.protocol.models import MODELS, OUTPUT_SHARED, FdKind
 from splitvmm.protocol.polling import max_poll_ns
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.record import replace
@@ -91,7 +91,8 @@ def build_context(spec: DeviceSpec) -> DeviceContext:
     if "irq" in spec.fds:
         ctx.irq = EventFd(spec.fds["irq"])
     if "out" in spec.fds:
-        ctx.out = BoundedOutput(FdLine(spec.fds["out"]))
+        shared = ctx.transport.get(OUTPUT_SHARED) is True
+        ctx.out = BoundedOutput(FdLine(spec.fds["out"], shared=shared))
     return ctx
 
 

@@ -44,7 +44,7 @@ from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_b
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot, device_numbers
 from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir, check_socket_path
-from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn
+from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn, mark_shared_outputs
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.monitor.writebehind import WriteBehind, Zone, kernel_holds_rep_outs_once
@@ -373,6 +373,9 @@ class Machine:
         self.control = ControlServer(
             self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
         )
+        for names in mark_shared_outputs(self._spawns):
+            log.info("%s write to one file: a crash restart of a device may repeat its "
+                     "last output there", ", ".join(names))  # fmt: skip
         for spawn in self._spawns:
             # A device restarted after a crash keeps a warm spare (monitor/slot.py).
             restarts = self._device_cfg[spawn.name].on_crash == "restart"

@@ -45,7 +45,9 @@ dead one was when it died, not where the last snapshot was. The design:
   output that is a regular file (a log, or stdio redirected to a file) the slot
   knows exactly how many did: the file grew by that much since the slot was made
   (fstat), so the new process drops `skip = grown - checkpoint.emitted` bytes
-  unsent: every byte once, none lost. For a pipe, socket or terminal no such
+  unsent: every byte once, none lost. Unless another writes the file too (another
+  device, the monitor's own log: mark_shared_outputs): its output is then counted as a
+  pipe's, since the growth is theirs too. For a pipe, socket or terminal no such
   count exists: bytes sent after the last checkpoint received (at most MAX_AHEAD
   frames' worth, for a driver that polls: no read is answered from the register
   mirror further ahead than that) may come out twice, never lost (a relay through
@@ -108,6 +110,7 @@ from splitvmm.monitor.rundir import check_socket_path
 from splitvmm.protocol import events, wire
 from splitvmm.protocol.models import (
     MODELS,
+    OUTPUT_SHARED,
     PROGRESS_HOST_IO_BYTE,
     FdKind,
     PciFunction,
@@ -297,7 +300,9 @@ class DeviceSlot:
         # answered (all sent before it), or a READY (a restart's replay). Past it, a frame may
         # have been lost with a dead process unread: its restart is told which ("confirmed").
         self._confirmed = 0
-        self._out_fd, self._out_base = _regular_output(spawn)
+        # A file another device writes too grows by its bytes as well: not counted either
+        shared = (spawn.transport or {}).get(OUTPUT_SHARED) is True
+        self._out_fd, self._out_base = (None, 0) if shared else _regular_output(spawn)
         # An output whose growth cannot be read (a pipe, socket or terminal): MAX_AHEAD holds.
         self._uncounted = self._out_fd is None and _output_fd(spawn) is not None
         self._host_io = _host_io_flag(spawn)
@@ -1273,6 +1278,40 @@ def _regular_output(spawn: Spawn) -> tuple[int | None, int]:
         return None, 0
     st = os.fstat(fd)
     return (fd, st.st_size) if stat.S_ISREG(st.st_mode) else (None, 0)
+
+
+def mark_shared_outputs(spawns: Sequence[Spawn], log_fd: int | None = 2) -> list[list[str]]:
+    """Mark each device whose output is a regular file that someone else writes too: another
+    device (an 8250 and a console both on stdio redirected to a file, their default; one
+    path named twice) or the monitor's own log, `log_fd` (`up vm.toml > vm.log 2>&1`):
+    transport[OUTPUT_SHARED]. The file's growth then counts every writer's bytes and says
+    none of them what its own line took, so its slot counts nothing (the output is as a
+    pipe's: a restart may repeat bytes, never drop its own for another's), and its device
+    publishes as on an uncounted output (devprocs/output.py). The groups of writers' names,
+    two or more each."""
+    files: dict[tuple[int, int], list[str]] = {}
+    if log_fd is not None and (key := _file_key(log_fd)) is not None:
+        files[key] = ["the monitor's log"]
+    for spawn in spawns:
+        fd = _output_fd(spawn)
+        key = None if fd is None else _file_key(fd)
+        if key is not None:
+            files.setdefault(key, []).append(spawn.name)
+    groups = [names for names in files.values() if len(names) > 1]
+    shared = {name for names in groups for name in names}
+    for spawn in spawns:
+        if spawn.name in shared:
+            spawn.transport = {**(spawn.transport or {}), OUTPUT_SHARED: True}
+    return groups
+
+
+def _file_key(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the regular file behind `fd`; None for anything else, or no fd."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def _end(name: str, process: DeviceProcess | None, channel: DeviceChannel | None) -> bool:

@@ -24,6 +24,9 @@ from splitvmm.protocol.wire import ACCESS_SIZES, MAX_MIRRORED, MIRROR_BYTES
 from splitvmm.record import Struct
 
 UNIX_OUTPUT = "unix:"  # an output option's prefix for a UNIX socket: "unix:PATH"
+# DeviceSpec.transport key, True where the device's output is a regular file another device
+# writes too: its growth says what neither line took (monitor/slot.py mark_shared_outputs)
+OUTPUT_SHARED = "output_shared"
 # O_DIRECT moves whole blocks between a disk image and memory: its file offsets, lengths and
 # buffer addresses aligned to the file system's block (statx's STATX_DIOALIGN, 512 on most
 # disks). 4 KiB is the largest logical block in common use, so the monitor refuses a direct

@@ -14,18 +14,29 @@ from types import SimpleNamespace
 
 import pytest
 
+from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.virtio_console import VirtioConsole
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
 from splitvmm.monitor.mirror import RegisterMirror
-from splitvmm.monitor.slot import Checkpoint, DeviceSlot, RestartBudget, SlotState, Spawn
+from splitvmm.monitor.slot import (
+    Checkpoint,
+    DeviceSlot,
+    RestartBudget,
+    SlotState,
+    Spawn,
+    mark_shared_outputs,
+)
 from splitvmm.native.routing import MsiRoute
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.launcher_start import LauncherError
 from splitvmm.sandbox.spawn import DeviceProcess, listen_channel
+from tests.unit.test_virtio_console import Host, started, transmit
+from tests.virtio.support import Driver
 
 
 def test_restart_budget_within_burst_allows_each_restart():
@@ -950,3 +961,86 @@ def test_slot_restart_starts_no_cold_process_on_the_image_a_lingering_spare_stil
 
     assert "cannot be restarted" in str(raised.value) and "did not end" in str(raised.value)
     assert slot.state is SlotState.FAILED
+
+
+def slots_on_one_file(tmp_path: Path, out: int) -> DeviceSlot:
+    """The slot of a virtio-console whose output `out` a serial device writes too (both on
+    stdio, their default, with stdout redirected to a file), marked as Machine marks it."""
+    window = MODELS["virtio-console"].transport.size
+    spawns = [
+        Spawn("serial0", "serial", 8, fds={"out": out}),
+        Spawn("con0", "virtio-console", window, fds={"out": out}),
+    ]
+    assert mark_shared_outputs(spawns, log_fd=None) == [["serial0", "con0"]]
+    return DeviceSlot(spawns[1], tmp_path, refuse, lambda *a: None)
+
+
+def test_slot_console_restart_on_a_file_the_serial_writes_too_loses_no_byte(tmp_path):
+    """The slot's skip is the file's growth since it was made less what the device had
+    emitted at its checkpoint: the growth counted the serial's bytes too, and the restarted
+    console dropped as many of its own (`splitvmm up vm.toml > vm.log`, or one console with
+    `2>&1`: the monitor's log line about the crash). A file someone else writes is counted
+    as a pipe is: a restart may repeat bytes, never drop them."""
+    log = tmp_path / "vm.log"  # the operator's `> vm.log`
+    stdout = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    host = Host(os.dup(stdout))
+    try:
+        con_slot = slots_on_one_file(tmp_path, stdout)
+        ctx = host.context(FdLine(os.dup(stdout)))
+        dev = VirtioConsole(ctx)
+        driver, _, tx = started(dev)
+        transmit(tx, b"login: ")
+        driver.kick(1)
+        checkpoint = dev.save()  # the last checkpoint the monitor read
+        con_slot._checkpoint = Checkpoint(None, 0, ctx.out.emitted)
+        os.write(stdout, b"[serial0] the 8250 prints a line\n")  # the serial, same file
+        # the console process dies here, nothing of its own in flight
+        resume = con_slot._resume_locked()
+        ctx2 = host.context(FdLine(os.dup(stdout)), restarted=True)
+        ctx2.out.emitted, ctx2.out.skip = resume["emitted"], resume["skip"]
+        new = VirtioConsole.restore(ctx2, checkpoint)
+        new.after_restart()
+        transmit(tx, b"root\n")
+        Driver(new).kick(1)
+        transmit(tx, b"# uname -a\n")
+        Driver(new).kick(1)
+    finally:
+        host.close()
+        os.close(stdout)
+
+    text = log.read_bytes()
+    assert text.replace(b"[serial0] the 8250 prints a line\n", b"") == b"login: root\n# uname -a\n"
+
+
+def test_mark_shared_outputs_groups_devices_and_the_monitors_log_by_file(tmp_path):
+    """A file two devices write, or one device and the monitor's log (`2>&1`), is shared;
+    one device alone on a file, or on a pipe, is not."""
+    shared = os.open(tmp_path / "vm.log", os.O_WRONLY | os.O_CREAT, 0o600)
+    alone = os.open(tmp_path / "alone.log", os.O_WRONLY | os.O_CREAT, 0o600)
+    again = os.open(tmp_path / "vm.log", os.O_WRONLY)  # the same file, opened twice
+    r, w = os.pipe()
+    try:
+        spawns = [
+            Spawn("a", "serial", 8, fds={"out": shared}),
+            Spawn("b", "serial", 8, fds={"out": alone}),
+            Spawn("c", "serial", 8, fds={"out": w}),
+            Spawn("d", "serial", 8, fds={"out": w}),
+        ]
+        groups = mark_shared_outputs(spawns, log_fd=again)
+        marked = [bool((s.transport or {}).get("output_shared")) for s in spawns]
+    finally:
+        for fd in (shared, alone, again, r, w):
+            os.close(fd)
+
+    assert (groups, marked) == ([["the monitor's log", "a"]], [True, False, False, False])
+
+
+def test_output_on_a_shared_file_is_not_counted_but_takes_each_write_whole(tmp_path):
+    """The device's side: on a shared file it publishes as on an uncounted output, while its
+    writes still leave whole and at once (the 8250's mirror promises: immediate())."""
+    fd = os.open(tmp_path / "vm.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        out = BoundedOutput(FdLine(fd, shared=True))
+        assert (out.counted(), out.immediate()) == (False, True)
+    finally:
+        os.close(fd)
