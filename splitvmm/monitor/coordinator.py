@@ -351,16 +351,23 @@ class Coordinator:
             )
 
     def _ask(self, slot: DeviceSlot, op: str, deadline: Deadline) -> dict[str, object]:
-        """One control request in the time the snapshot's deadline has left."""
-        timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
+        """One control request in the time the snapshot's deadline has left. A process that
+        died before it answered its quiesce (its end not seen yet when it was asked) saved
+        nothing: the process that replaces it is asked, as one away when asked would be."""
         limit = f"the devices get {self.device_deadline_s:g} s in all to quiesce, save and resume"
-        if timeout_ms <= 0:
-            raise ControlError(f"snapshot aborted before {slot.name} could {op}: {limit}")
-        try:
-            with deadline.counting():
-                return slot.control(op, timeout_ms)
-        except DeviceFailure as e:
-            raise ControlError(f"snapshot aborted at {op}: {e} ({limit})") from None
+        for attempt in (1, 2):
+            timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
+            if timeout_ms <= 0:
+                raise ControlError(f"snapshot aborted before {slot.name} could {op}: {limit}")
+            try:
+                with deadline.counting():
+                    return slot.control(op, timeout_ms)
+            except DeviceFailure as e:
+                if op == "quiesce" and attempt == 1 and not slot.failed:
+                    continue  # restarting (on_crash = restart): its next process answers
+                refused = ControlError if slot.failed else ControlBusy  # back later: ctl's 75
+                raise refused(f"snapshot aborted at {op}: {e} ({limit})") from None
+        raise AssertionError("unreachable")
 
     def _resume_devices(self, quiesced: dict[str, tuple[int, int]], deadline: Deadline) -> None:
         """Resume each device quiesced that is still that process. One never asked (an

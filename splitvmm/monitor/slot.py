@@ -950,7 +950,7 @@ class DeviceSlot:
             try:
                 reply = channel.control(op, timeout_ms, args)
             except ChannelError as e:
-                self._fail_locked(str(e))
+                self._channel_failed_locked(str(e))  # a dead process: how it ended, as a read
                 raise DeviceFailure(f"device {self.name}: {e}") from None
             if op == "quiesce":
                 self._quiesced = True

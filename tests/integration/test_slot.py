@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -25,6 +26,7 @@ from splitvmm.monitor import channel as channel_module
 from splitvmm.monitor import console
 from splitvmm.monitor import mirror as mirror_module
 from splitvmm.monitor import slot as slot_module
+from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.channel import ChannelError
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.mirror import NEWS_EVERY
@@ -36,6 +38,7 @@ from splitvmm.protocol import wire
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
 from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
+from tests.unit.test_coordinator_commit import coordinator
 
 
 class Harness:
@@ -1077,5 +1080,87 @@ def test_a_slots_window_waits_for_every_process_of_its_device_and_both_ends_coun
         assert h.slot.read(Reg.SCR, 1) == b"\x00"
         counters = h.slot.stats()
         assert counters is not None and {"channel_polls", "channel_polls_caught"} <= set(counters)
+    finally:
+        h.close()
+
+
+class RestartingHarness(Harness):
+    """on_crash = restart, with a restarter thread as the machine's (Machine._restarter): it
+    lives on, as a device process started from a thread dies with that thread (PDEATHSIG)."""
+
+    def __init__(self, tmp_path) -> None:
+        self.restarts_asked: queue.SimpleQueue = queue.SimpleQueue()
+        self.restarter = threading.Thread(target=self._restarter, daemon=True)
+        self.restarter.start()
+        super().__init__(tmp_path, restarts=True)
+
+    def _restarter(self) -> None:
+        while (slot := self.restarts_asked.get()) is not None:
+            slot.restart()
+
+    def _on_failure(self, slot, reason):
+        super()._on_failure(slot, reason)
+        self.restarts_asked.put(slot)
+        return True
+
+    def close(self) -> None:
+        self.restarts_asked.put(None)
+        self.restarter.join(10)
+        super().close()
+
+
+def test_snapshot_quiesce_of_a_device_dead_but_not_yet_seen_goes_to_its_restart(
+    tmp_path, monkeypatch
+):
+    h = RestartingHarness(tmp_path)
+    try:
+        coord, _ = coordinator(tmp_path, monkeypatch)
+        coord.machine.slots = [h.slot]
+        pid = h.slot.crash(signal.SIGKILL)  # what `ctl crash-device` does
+        h.slot.process.wait(10)  # dead; no supervisor has said so yet: the slot is still LIVE
+        assert h.slot.state is SlotState.LIVE
+        quiesced: dict[str, tuple[int, int]] = {}
+
+        states = coord._quiesce_devices(Deadline(5.0), quiesced)  # raised: snapshot aborted
+
+        coord._check_generations(states)  # the process that answered is the one saved
+        assert (h.slot.pid != pid, quiesced) == (True, {"serial0": (1, 2)})
+        coord._resume_devices(quiesced, Deadline(5.0))
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("op", ["quiesce", "save"])
+def test_control_to_a_dead_supervised_device_fails_it_with_how_its_process_ended(
+    tmp_path, monkeypatch, op
+):
+    h = Harness(tmp_path)  # on_crash: the device is not restarted
+    try:
+        process, channel = h.slot.process, h.slot.channel
+        h.slot.supervised = True  # as Supervisor.watch() marks it; its poll is played below
+        process.send_signal(signal.SIGSEGV)
+        assert process.ended(10)  # dead, its end not reported yet
+        asked = threading.Event()
+        real_control = channel.control
+
+        def control(*args, **kwargs):  # the request is on its way, the slot's lock held
+            asked.set()
+            return real_control(*args, **kwargs)
+
+        monkeypatch.setattr(channel, "control", control)
+
+        def supervisor_reports_the_end() -> None:  # what the supervisor's poll does next
+            asked.wait(10)
+            h.slot.process_ended(process)
+
+        supervisor = threading.Thread(target=supervisor_reports_the_end)
+        supervisor.start()
+        with pytest.raises(DeviceFailure):
+            h.slot.control(op)
+        supervisor.join(10)
+        assert (h.failures, h.slot.last_failure) == (
+            ["process was killed by signal 11"],
+            "process was killed by signal 11",
+        )
     finally:
         h.close()
