@@ -426,8 +426,9 @@ class Uart8250(RegisterDevice):
             # the line's, and has not reached the receiver yet (rx_cleared), so a clear that
             # follows drops none of it and a loopback test right after it reads back its own
             # bytes only (Linux's size_fifo: a backlog made it count 64 bytes of FIFO).
+            # In 16450 mode (FIFOs off until this write) the receiver holds one byte, RBR.
             if not self.rx_cleared:
-                del self.rx[:RX_FIFO_LEN]
+                del self.rx[: RX_FIFO_LEN if self.fcr & Fcr.ENABLE_FIFO else 1]
             self.rx_cleared = bool(self.rx) and not self.mcr & Mcr.LOOP
         # CLEAR_XMIT keeps the buffered output: it stands for the host's line, not for the
         # FIFO, and dropping it would cut the last lines a firmware or boot stage printed.

@@ -259,6 +259,7 @@ def test_uart_receiver_line_status_outranks_data_ready_then_data_shows():
 
 def test_uart_fcr_clear_receiver_drops_pending_input():
     uart, _, _ = make_uart()
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))  # in 16450 mode the receiver holds one
     uart.host_input(b"abc")
     uart.write(Reg.IIR_FCR, b"\x03")
     assert uart.read(Reg.LSR, 1)[0] & Lsr.DR == 0
@@ -1207,3 +1208,67 @@ def test_uart_loopback_transmitter_empties_whatever_the_hosts_line_does():
         lsr = uart.read(Reg.LSR, 1)[0]
         assert lsr & Lsr.TEMT, f"TEMT clear after looped byte {count}"
     assert count - 1 == RX_FIFO_LEN
+
+
+def test_uart_fifo_enable_from_16450_mode_clears_the_one_byte_the_receiver_holds():
+    """PC16550D FCR0: "When changing from the FIFO Mode to the 16450 Mode and vice versa,
+    data is automatically cleared from the FIFOs". In 16450 mode (FCR0 clear, a UART's reset
+    state, where Linux's autoconfig starts with `serial_out(UART_FCR, UART_FCR_ENABLE_FIFO)`)
+    the receiver holds one byte, RBR (the model's own _write_mcr: `held = ... 1` with FIFOs
+    off); the host's backlog behind it is the line's. Turning FIFOs on dropped 16 bytes of
+    `rx`, 15 of them typed input that had never reached the receiver."""
+    uart = make_uart()[0]
+    typed = bytes(range(100))
+    uart.host_input(typed)  # FCR is 0: 16450 mode
+
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))
+    got = drain_rx(uart)
+
+    assert typed.endswith(got)
+    assert len(typed) - len(got) <= 1, f"{len(typed) - len(got)} bytes dropped"
+
+
+def test_uart_linux_clear_fifos_from_16450_mode_drops_at_most_the_receivers_byte():
+    """serial8250_clear_fifos as autoconfig and the first open run it on a port whose FIFOs
+    are off: ENABLE_FIFO, ENABLE_FIFO | CLEAR_RCVR | CLEAR_XMIT, 0."""
+    uart = make_uart()[0]
+    typed = b"echo pasted before getty opened the port\n" * 8
+    uart.host_input(typed)
+
+    for fcr in (Fcr.ENABLE_FIFO, Fcr.ENABLE_FIFO | Fcr.CLEAR_RCVR | Fcr.CLEAR_XMIT, 0):
+        uart.write(Reg.IIR_FCR, bytes([fcr]))
+    got = drain_rx(uart)
+
+    assert typed.endswith(got)
+    assert len(typed) - len(got) <= 1, f"{len(typed) - len(got)} bytes dropped"
+
+
+def test_uart_linux_probe_open_and_termios_lose_a_byte_per_fifo_enable_not_16():
+    """Linux's own sequence, FIFOs off at each FCR0 0 -> 1: autoconfig's probe
+    (FCR=ENABLE_FIFO), its closing clear_fifos and RBR read; the first open's clear_fifos
+    and the reads that clear the interrupt registers; set_termios's two-step FCR write
+    (ENABLE_FIFO, then ENABLE_FIFO | trigger 8). The commit counted 51 bytes of a 1 KiB
+    paste lost here: 16 at each of the three FIFO enables, each from 16450 mode, where the
+    receiver holds one byte."""
+    uart = make_uart()[0]
+    typed = bytes(range(256)) * 4
+    uart.host_input(typed)
+    read_on_purpose = 0
+
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))  # autoconfig: is there a FIFO?
+    uart.read(Reg.IIR_FCR, 1)
+    for fcr in (Fcr.ENABLE_FIFO, Fcr.ENABLE_FIFO | Fcr.CLEAR_RCVR | Fcr.CLEAR_XMIT, 0):
+        uart.write(Reg.IIR_FCR, bytes([fcr]))  # autoconfig's reset: clear_fifos
+    uart.read(Reg.RX_TX, 1)  # ...and serial_in(UART_RX)
+    read_on_purpose += 1
+    for fcr in (Fcr.ENABLE_FIFO, Fcr.ENABLE_FIFO | Fcr.CLEAR_RCVR | Fcr.CLEAR_XMIT, 0):
+        uart.write(Reg.IIR_FCR, bytes([fcr]))  # serial8250_do_startup: clear_fifos
+    for reg in (Reg.LSR, Reg.RX_TX, Reg.IIR_FCR, Reg.MSR):  # "clear the interrupt registers"
+        uart.read(reg, 1)
+    read_on_purpose += 1
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO]))  # set_termios, two steps
+    uart.write(Reg.IIR_FCR, bytes([Fcr.ENABLE_FIFO | 0x80]))
+    got = drain_rx(uart)
+
+    assert typed.endswith(got)
+    assert len(typed) - len(got) - read_on_purpose <= 3, f"{len(typed) - len(got)} bytes lost"
