@@ -663,10 +663,9 @@ def test_virtio_console_restart_drops_input_delivered_in_more_completions_than_t
     assert "input may repeat" not in caplog.text
 
 
-def test_virtio_console_restart_after_a_reset_before_the_rx_enable_repeats_no_input(host):
-    """A driver that reset (a guest's reboot, a module reload) after the checkpoint, and a
-    crash before it enabled receiveq0 again: no ring says what the old session got, but the
-    progress page kept the count at the reset, so none of it is delivered again."""
+def checkpointed(host: Host) -> tuple[VirtioConsole, Driver, Ring, Any]:
+    """A started console, its driver, its receive ring and the checkpoint the monitor last
+    read (published after a transmit completed)."""
     channel = Channel()
     ctx = host.context(Line())
     ctx.events.connect(channel.send)
@@ -674,7 +673,14 @@ def test_virtio_console_restart_after_a_reset_before_the_rx_enable_repeats_no_in
     driver, rx, tx = started(dev)
     transmit(tx, b"!")
     driver.kick(1)
-    checkpoint = published(channel)
+    return dev, driver, rx, published(channel)
+
+
+def test_virtio_console_restart_after_a_reset_before_the_rx_enable_repeats_no_input(host):
+    """A driver that reset (a guest's reboot, a module reload) after the checkpoint, and a
+    crash before it enabled receiveq0 again: no ring says what the old session got, but the
+    progress page kept the count at the reset, so none of it is delivered again."""
+    dev, driver, rx, checkpoint = checkpointed(host)
     dev.host_input(b"AAAAA")
     for _ in range(5):
         post(rx, 1)
@@ -1439,14 +1445,7 @@ def test_virtio_console_restart_before_a_new_rx_rings_enable_is_confirmed_repeat
     sync write): its successor opens that ring fresh, found no progress record of its used
     idx 0 and counted none delivered, so the input the old session got since the checkpoint
     came again, to the new session (the transmit side had the same fix in 490963a)."""
-    channel = Channel()
-    ctx = host.context(Line())
-    ctx.events.connect(channel.send)
-    dev = VirtioConsole(ctx)
-    driver, rx, tx = started(dev)
-    transmit(tx, b"!")
-    driver.kick(1)
-    checkpoint = published(channel)  # bytes_in 0: the last checkpoint the monitor read
+    dev, driver, rx, checkpoint = checkpointed(host)  # bytes_in 0
     dev.host_input(b"secret\n")  # the journal's INPUT frame
     post(rx, 64)
     driver.kick(0)  # delivered to the old session's ring
