@@ -212,7 +212,8 @@ class VcpuThread(threading.Thread):
                 )
             case FailEntry(hw):
                 return Outcome.fault(
-                    f"vcpu{vid}: KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {hw:#x})"
+                    f"vcpu{vid}: KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware "
+                    f"reason {hw:#x}) {self._where()}"
                 )
             case InternalError():
                 return Outcome.fault(self._internal_error(ex))
@@ -238,7 +239,11 @@ class VcpuThread(threading.Thread):
     def _internal_error(self, ex: InternalError) -> str:
         vid = self.vcpu.vcpu_id
         if not ex.emulation_failure:
-            return f"vcpu{vid}: KVM internal error (suberror {ex.suberror}) {self._where()}"
+            data = " ".join(f"{word:#x}" for word in ex.data) or "none"
+            return (
+                f"vcpu{vid}: KVM internal error (suberror {ex.suberror}, data [{data}]) "
+                f"{self._where()}"
+            )
         insn = ex.insn if ex.insn is not None else self._instruction_bytes()
         shown = insn.hex(" ") if insn else "unreadable"
         return (

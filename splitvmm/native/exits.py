@@ -98,10 +98,13 @@ class FailEntry(Struct, frozen=True):
 
 class InternalError(Struct, frozen=True):
     """KVM_EXIT_INTERNAL_ERROR. For an emulation failure, `insn` holds the instruction
-    bytes when KVM reported them (Linux 5.14+), else None."""
+    bytes when KVM reported them (Linux 5.14+), else None. For any other suberror, `data`
+    holds internal.data[0..ndata): what KVM says of the error (its meaning is the
+    suberror's)."""
 
     suberror: int
     insn: bytes | None = None
+    data: tuple[int, ...] = ()
 
     @property
     def emulation_failure(self) -> bool:
@@ -258,7 +261,11 @@ class RunPage:
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             return FailEntry(run.fail_entry.hardware_entry_failure_reason)
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
-            return InternalError(run.internal.suberror, self._insn_bytes())
+            internal = run.internal
+            if internal.suberror == lib.KVM_INTERNAL_ERROR_EMULATION:
+                return InternalError(internal.suberror, self._insn_bytes())
+            ndata = min(internal.ndata, len(internal.data))
+            return InternalError(internal.suberror, None, tuple(internal.data[0:ndata]))
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
             kind = run.system_event.type
             return SystemEvent(_SYSTEM_EVENT_KINDS.get(kind, SystemEventKind.OTHER), kind)
