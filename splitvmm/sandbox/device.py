@@ -376,11 +376,15 @@ def _file_size_limit(held: set[int], fixed_size: frozenset[int]) -> int:
     """RLIMIT_FSIZE. It bounds the end of every write(2) to any file, so: no limit if we
     hold a writable regular file that may grow (an output or log file, the operator's
     stdout or stderr redirected to a file). Else the size of the largest of `fixed_size`
-    (a disk image; the progress page, written in place): no write can make a disk image
-    larger than the guest was told (a compromised virtio-blk could fill the host's file
-    system with writes past its end). 0 when we write to no file. A file we only map (guest
-    RAM) is in neither set and does not count: a mapping's stores are no write(2)."""
-    sizes = []
+    that could grow (a disk image): no write can make a disk image larger than the guest was
+    told (a compromised virtio-blk could fill the host's file system with writes past its
+    end). One of `fixed_size` sealed against growing (the progress page, written in place)
+    sets the limit only where no such file does: it cannot grow whatever the limit, and its
+    writes end far below the smallest disk image (protocol/models.py min_size), which a
+    page-sized limit let grow to a page. 0 when we write to no file. A file we only map
+    (guest RAM) is in neither set and does not count: a mapping's stores are no write(2)."""
+    sizes: list[int] = []
+    sealed: list[int] = []
     for fd in held:
         try:
             st = os.fstat(fd)
@@ -390,10 +394,10 @@ def _file_size_limit(held: set[int], fixed_size: frozenset[int]) -> int:
         if not stat.S_ISREG(st.st_mode) or flags & os.O_ACCMODE == os.O_RDONLY:
             continue
         if fd in fixed_size:
-            sizes.append(st.st_size)
+            (sealed if _sealed_against_growing(fd) else sizes).append(st.st_size)
         elif not _sealed_against_growing(fd):
             return resource.RLIM_INFINITY
-    return max(sizes, default=0)
+    return max(sizes) if sizes else max(sealed, default=0)
 
 
 def _sealed_against_growing(fd: int) -> bool:

@@ -202,6 +202,32 @@ LARGE_RAM = 2 << 30
 VIRTIO_MODELS = sorted(m for m, d in DESCRIPTORS.items() if any(r.name == "ram" for r in d.fds))
 
 
+SMALL_IMAGE = 512  # the least a virtio-blk image may be (protocol/models.py min_size)
+
+
+@pytest.mark.parametrize("attempt", sorted(escapes.SMALL_DISK_ATTEMPTS))
+def test_sandbox_virtio_blk_image_smaller_than_a_page_does_not_grow(
+    attempt: str, spawn: Callable[..., SandboxedDevice], tmp_path: Path
+) -> None:
+    """The file-size limit is the disk image's size: no write makes it larger than the
+    guest was told. It was the largest of the image and the progress page (a sealed memfd,
+    a page long, which cannot grow anyway), so an image under a page could grow to one."""
+    image = tmp_path / "small.img"
+    image.write_bytes(bytes(SMALL_IMAGE))
+    disk = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    r, w = os.pipe2(os.O_CLOEXEC)  # stderr a pipe: no writable file lifts the limit
+    try:
+        hook = functools.partial(escapes.run_attempt, attempt, {})
+        dev = spawn(model="virtio-blk", hook=hook, extra_fds={"disk": disk}, stderr_fd=w)
+        outcome = _outcome(dev)
+    finally:
+        for fd in (disk, r, w):
+            os.close(fd)
+
+    assert outcome in ("EFBIG", "killed (SIGKILL)", "killed (SIGSYS)"), outcome
+    assert image.stat().st_size == SMALL_IMAGE
+
+
 @pytest.mark.parametrize("model", VIRTIO_MODELS)
 def test_sandbox_memory_of_a_device_is_bounded_without_its_guest_ram_mapping(
     model: str,
