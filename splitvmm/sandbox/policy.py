@@ -109,6 +109,7 @@ _RETURN = re.compile(r"^return\s+(?P<errno>E[A-Z0-9]+)$")
 _CMP = re.compile(r"^arg(?P<arg>[0-5])\s*(?:&\s*(?P<mask>[^=]+?)\s*)?==\s*(?P<value>.+)$")
 _INCLUDE = re.compile(r"^@include\s+(?P<file>[a-z0-9_]+\.policy)$")
 _INT = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
+_OCTAL = re.compile(r"^0[0-9]+$")
 _U64 = (1 << 64) - 1
 
 
@@ -149,6 +150,8 @@ def default_policy_dir() -> str:
 def _value(text: str, where: str, constants: Mapping[str, int]) -> int:
     total = 0
     for term in (t.strip() for t in text.split("|")):
+        if _OCTAL.fullmatch(term):  # C reads 010 as 8, Python's int() refuses it
+            raise PolicyError(f"{where}: {term!r} has a leading zero: write it in decimal or 0x")
         if _INT.fullmatch(term):
             total |= int(term, 0)
         elif term in constants:

@@ -67,6 +67,10 @@ def test_parse_rule_when_masked_gives_mask_and_value() -> None:
         ("mmap: arg2 == 0x10000000000000000", "does not fit in 64 bits"),
         ("sendto: arg3 == 0 && arg3 == 1", "compares one argument twice"),
         ("sendto: arg3 == 0 &&", "expected `argN == VALUE`"),
+        # C reads 010 as 8, Python's int() refuses it: it raised ValueError, no file or line
+        ("madvise: arg2 == 04", "has a leading zero"),
+        ("mmap: arg2 & 04 == 0", "has a leading zero"),
+        ("fcntl: arg1 == 010", "has a leading zero"),
     ],
 )
 def test_parse_rule_when_malformed_names_file_and_line(line: str, message: str) -> None:
