@@ -32,6 +32,24 @@ def map_shared_page(fd: int, size: int) -> memoryview:
     return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
 
+def map_shared_fd(fd: int, size: int) -> mmap.mmap:
+    """The first `size` bytes of `fd`, mapped shared and writable, as a CPython mmap that
+    keeps no fd (as map_shared_page, but one that close() unmaps, and that refuses to while a
+    view of it is held): a mapping of no file is made, then its pages replaced in place by
+    the fd's (MAP_FIXED). Guest RAM in a device process: its sandbox closes every fd it was
+    not handed, and the dup a plain mmap.mmap(fd) keeps would be closed a second time, under
+    whatever took its number since (its channel's socket), when the mapping goes at the exit."""
+    mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | _MAP_NORESERVE)
+    address = mapping_address(mapping)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if _libc_mmap(address, size, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) != address:
+        err = ctypes.get_errno()
+        mapping.close()
+        raise OSError(err, f"mmap of fd {fd}: {os.strerror(err)}")
+    return mapping
+
+
+_MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # <linux/mman.h> (CPython's mmap lacks them)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_mmap = _libc.mmap
 _libc_mmap.restype = ctypes.c_void_p

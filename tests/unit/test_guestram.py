@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 
@@ -289,3 +290,55 @@ def test_guestram_close_with_a_view_held_raises_buffererror(memfd):
         ram.close()
     view.release()
     ram.close()
+
+
+def open_fds() -> set[int]:
+    """The fds open now (fcntl on each: no fd of its own, as listing /proc/self/fd has)."""
+    found = set()
+    for fd in range(1024):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        found.add(fd)
+    return found
+
+
+def test_guestram_map_holds_no_fd_of_its_own(memfd):
+    ram_fd, dirty_fd = memfd(3 * PAGE), memfd(PAGE)
+    before = open_fds()
+
+    ram = GuestRam.map(ram_fd, dirty_fd, RANGES)
+    try:
+        assert open_fds() == before
+    finally:
+        ram.close()
+
+
+def test_guestram_going_closes_no_fd_that_took_a_number_the_sandbox_freed(memfd):
+    """The sandbox closes what the device was not handed; the fds the device opens after it
+    take the lowest numbers free. A mapping that kept a dup of the fd closed that number
+    again when it went (close(), or the interpreter's teardown at the device's exit):
+    another's fd, as the progress page's mapping did before 9beeba8 (a libzmq then aborted
+    on it)."""
+    ram_fd, dirty_fd = memfd(3 * PAGE), memfd(PAGE)
+    before = open_fds()
+    ram = GuestRam.map(ram_fd, dirty_fd, RANGES)
+    for fd in sorted(open_fds() - before):  # the sandbox's _close_fds_except
+        os.close(fd)
+    pipes = [os.pipe() for _ in range(2)]  # later fds: the numbers just freed
+    try:
+        ram.write(8 * PAGE, b"still mapped")
+        assert os.pread(ram_fd, 12, 2 * PAGE) == b"still mapped"
+
+        ram.close()
+
+        for fd in (fd for pipe in pipes for fd in pipe):
+            fcntl.fcntl(fd, fcntl.F_GETFD)  # EBADF if GuestRam closed another's fd
+    finally:
+        for pipe in pipes:
+            for fd in pipe:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from splitvmm.native.mem import GuestMemoryError, Region
+from splitvmm.native.mem import GuestMemoryError, Region, map_shared_fd
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -132,8 +132,7 @@ class GuestRam:
                 size = os.fstat(fd).st_size
                 if size == 0:
                     raise GuestRamError(f"fd {fd} (guest RAM or dirty bitmap) is empty")
-                prot = mmap.PROT_READ | mmap.PROT_WRITE
-                maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, prot))
+                maps.append(map_shared_fd(fd, size))  # keeps no fd for the sandbox to close
                 maps[-1].madvise(mmap.MADV_DONTDUMP)  # before its sandbox, a device may dump
             return cls(maps[0], maps[1], ranges)
         except BaseException:
