@@ -355,15 +355,20 @@ class Coordinator:
         died before it answered its quiesce (its end not seen yet when it was asked) saved
         nothing: the process that replaces it is asked, as one away when asked would be."""
         limit = f"the devices get {self.device_deadline_s:g} s in all to quiesce, save and resume"
+        failure: DeviceFailure | None = None  # the first attempt's, where it is retried
         for attempt in (1, 2):
             timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
             if timeout_ms <= 0:
+                if failure is not None:  # its crash took the time its restart needed
+                    refused = ControlError if slot.failed else ControlBusy
+                    raise refused(f"snapshot aborted at {op}: {failure} ({limit})")
                 raise ControlError(f"snapshot aborted before {slot.name} could {op}: {limit}")
             try:
                 with deadline.counting():
                     return slot.control(op, timeout_ms)
             except DeviceFailure as e:
                 if op == "quiesce" and attempt == 1 and not slot.failed:
+                    failure = e
                     continue  # restarting (on_crash = restart): its next process answers
                 refused = ControlError if slot.failed else ControlBusy  # back later: ctl's 75
                 raise refused(f"snapshot aborted at {op}: {e} ({limit})") from None

@@ -553,3 +553,43 @@ def test_coordinator_failed_suspend_leaves_no_snapshot_of_the_vm_it_resumed(
 
     assert (coord.paused, events[-1]) == (False, "resume")  # the VM runs on...
     assert not (tmp_path / "snap").exists()  # ...so no snapshot of it may be left published
+
+
+class HungSlot:
+    """A device that does not answer `hang_at` within the time it was given: its slot fails
+    it (the request's timeout), and on_crash = restart has it restarting, not failed."""
+
+    name, model = "blk0", "virtio-blk"
+
+    def __init__(self, clock: list[float], hang_at: str) -> None:
+        self.clock, self.hang_at = clock, hang_at
+        self.failed: str | None = None
+        self.crashes = self.generation = 0
+        self.quiesced_lives: tuple[int, int] | None = None
+
+    @property
+    def lives(self) -> tuple[int, int]:
+        return self.crashes, self.generation
+
+    def control(self, op: str, timeout_ms: int) -> dict[str, object]:
+        if op == "quiesce":
+            self.quiesced_lives = self.lives
+        if op == self.hang_at:
+            self.clock[0] += timeout_ms / 1000  # waited it all out
+            self.crashes += 1  # killed, a restart asked for: not failed for good
+            raise DeviceFailure(f"device blk0: no reply within {timeout_ms} ms")
+        return {"version": 1, "fields": {}}
+
+
+@pytest.mark.parametrize("op", ["quiesce", "save"])
+def test_device_hung_at_a_snapshot_request_and_restarted_is_busy(tmp_path, monkeypatch, op):
+    """Killed at its request's timeout and restarting (on_crash = restart), not failed for
+    good: a snapshot its crash aborted, ctl's 75, at quiesce as at save. At quiesce the
+    retry on its restart found no time left and said ControlError (exit 1), dropping why."""
+    coord, _ = coordinator(tmp_path, monkeypatch)
+    clock = [0.0]
+    coord.machine.slots = [HungSlot(clock, op)]
+
+    with pytest.raises(Exception) as e:
+        coord._quiesce_devices(Deadline(5.0, clock=lambda: clock[0]), {})
+    assert isinstance(e.value, ControlBusy), f"{type(e.value).__name__}: {e.value}"
