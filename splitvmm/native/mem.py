@@ -39,7 +39,9 @@ def map_shared_fd(fd: int, size: int) -> mmap.mmap:
     the fd's (MAP_FIXED). Guest RAM in a device process: its sandbox closes every fd it was
     not handed, and the dup a plain mmap.mmap(fd) keeps would be closed a second time, under
     whatever took its number since (its channel's socket), when the mapping goes at the exit."""
-    mapping = mmap.mmap(-1, size, mmap.MAP_PRIVATE | _MAP_NORESERVE)
+    # Shared, as the pages that replace it: a private writable placeholder is private memory
+    # to RLIMIT_DATA, which then refused a guest's RAM larger than the limit
+    mapping = mmap.mmap(-1, size, mmap.MAP_SHARED | _MAP_NORESERVE)
     address = mapping_address(mapping)
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     if _libc_mmap(address, size, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) != address:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -342,3 +345,24 @@ def test_guestram_going_closes_no_fd_that_took_a_number_the_sandbox_freed(memfd)
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def test_guestram_map_is_not_counted_as_private_memory():
+    """Guest RAM is a shared mapping of the monitor's memfd: RLIMIT_DATA (`ulimit -d`,
+    systemd's LimitDATA=) never counted it, and a device under a limit smaller than its
+    guest's RAM mapped it as before e2ff35a. Its placeholder, private and writable, is
+    counted (and committed whole under vm.overcommit_memory = 2, which ignores
+    MAP_NORESERVE): the device's set-up then fails with ENOMEM."""
+    code = textwrap.dedent(
+        f"""
+        import os, resource
+        from splitvmm.devprocs.virtio.guestram import GuestRam
+        ram, dirty = (os.memfd_create("r11") for _ in range(2))
+        os.ftruncate(ram, {1 << 30}); os.ftruncate(dirty, 32768)
+        resource.setrlimit(resource.RLIMIT_DATA, (512 << 20, resource.RLIM_INFINITY))
+        GuestRam.map(ram, dirty, [[0, {1 << 30}, 0]]).close()
+        print("mapped")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "mapped"), done.stderr[-600:]
