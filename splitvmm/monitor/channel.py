@@ -186,11 +186,16 @@ class DeviceChannel:
             # socket just after the poll gave up, so it is looked for once more.
             if status is not None and self._frame_within(EXITED_GRACE_MS):
                 break
-            if status is not None or closed or waited >= timeout_ms:
+            # The VM is stopping (give_up_host_io: a stop signal while devices start): its
+            # READY is waited for no longer, nor is the stop held up to READY_TIMEOUT_MS
+            stopping = self._gave_up_host_io.is_set()
+            if status is not None or closed or stopping or waited >= timeout_ms:
                 if status is not None:
                     why = f"exited with status {status}"
-                else:
+                elif closed or not stopping:
                     why = "closed its end of the channel" if closed else "did not start"
+                else:
+                    why = "was given up as the VM stopped"
                 raise ChannelError(f"{why} within {waited} ms, before it was ready")
         buf = self._link.take()
         try:

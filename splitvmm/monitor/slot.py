@@ -411,7 +411,9 @@ class DeviceSlot:
             self._input_sent, self._input_room = 0, None  # its process says its room anew
 
     def wait_ready(self) -> None:
-        """The process started last is READY: the device is back. DeviceFailure otherwise."""
+        """The process started last is READY: the device is back. DeviceFailure otherwise,
+        unless the VM is stopping (give_up_host_io): the device is then failed quietly, and
+        the VM's outcome says why it ends."""
         with self._lock:
             process, channel = self.process, self.channel
         if process is None or channel is None:
@@ -419,6 +421,9 @@ class DeviceSlot:
         try:
             channel.wait_ready(process)
         except ChannelError as e:
+            if self._gave_up_host_io:
+                self.fail(str(e), logged=False)
+                return
             # The VM's first process of it: the DeviceFailure is the VM's error, which `up`
             # prints; logged too, it came out twice. A restart's is logged (the VM runs on).
             self.fail(str(e), logged=self.generation > 1 or self.restarting)
@@ -523,6 +528,9 @@ class DeviceSlot:
         try:
             channel.wait_ready(process)
         except ChannelError as e:
+            if self._gave_up_host_io:  # the VM is stopping: no crash of the device's, no log
+                self.fail(str(e), logged=False)
+                raise DeviceFailure(f"device {self.name}: {self.failed}") from None
             with self._lock:
                 again = self._crashed_in_restart_locked(process, str(e))
             if not again:

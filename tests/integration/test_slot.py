@@ -7,6 +7,7 @@ rule out forking a launcher; tests/sandbox/test_launcher.py covers the launcher'
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import queue
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from splitvmm.cli.policy import stand_in_transport
+from splitvmm.config import parse_config
 from splitvmm.devprocs.serial import RX_BUFFER_MAX, Ier, Lcr, Lsr, Reg
 from splitvmm.devprocs.virtio.guestram import GuestRam
 from splitvmm.errors import DeviceFailure, SplitvmmError
@@ -28,6 +30,7 @@ from splitvmm.monitor import mirror as mirror_module
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.channel import ChannelError
+from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.mirror import NEWS_EVERY
 from splitvmm.monitor.rundir import MAX_SOCKET_PATH
@@ -37,6 +40,7 @@ from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import wire
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
+from splitvmm.record import replace
 from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
 from tests.unit.test_coordinator_commit import coordinator
 
@@ -1164,3 +1168,74 @@ def test_control_to_a_dead_supervised_device_fails_it_with_how_its_process_ended
         )
     finally:
         h.close()
+
+
+def _hang_before_ready(fds: dict[str, int]) -> dict[str, object]:
+    import select
+
+    # connected, sandboxed, no READY: a device slow to start (a loaded host); its irq
+    # eventfd never becomes readable (poll: what a device's filter allows)
+    waiting = select.poll()
+    waiting.register(fds["irq"], select.POLLIN)
+    waiting.poll(60_000)
+    return {}
+
+
+def _hanging_in_start(spec: DeviceSpec) -> tuple[ChildProcess, int]:
+    import sys
+
+    import cloudpickle  # type: ignore[import-untyped]
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # outside the device's path
+    hook = base64.b64encode(cloudpickle.dumps(_hang_before_ready)).decode()
+    return spawn_child(replace(spec, hook=hook))
+
+
+def test_machine_stopped_while_a_device_starts_returns_the_stop_at_once(tmp_path):
+    """A stop signal while a device starts (before its READY): the VM stops at once with
+    the signal's outcome, not READY_TIMEOUT_MS later with the device's "did not start"
+    (exit 1, the operator's signal lost)."""
+    cfg = parse_config({"boot": {"kernel": "bzImage"}}, tmp_path, check_files=False)
+    m = Machine(cfg, runtime_root=tmp_path)
+    h = Harness(tmp_path, _hanging_in_start, started=False)
+    h.slot.start()
+    m.slots = [h.slot]
+    m._spawned_at[h.slot.name] = time.perf_counter()
+    stopper = threading.Timer(0.3, m.stop, [Outcome(143, "stopped by SIGTERM")])
+    stopper.start()
+    start = time.monotonic()
+    try:
+        outcome = m.run()  # DeviceFailure "did not start within 15000 ms" before the fix
+    finally:
+        took = time.monotonic() - start
+        stopper.cancel()
+        h.close()
+    assert (outcome.status, outcome.message) == (143, "stopped by SIGTERM")
+    assert took < 2, took
+
+
+def test_slot_restart_whose_process_hangs_before_ready_ends_when_the_vm_stops(tmp_path):
+    """The VM stops (Machine.stop: give_up_host_io) while a crash restart waits for its new
+    process's READY: the restart ends then, the device failed for good (a vCPU's access
+    waiting for it reads all-ones), not READY_TIMEOUT_MS later (the vCPUs' join waited)."""
+    calls: list[DeviceSpec] = []
+
+    def first_then_hanging(spec: DeviceSpec) -> tuple[ChildProcess, int]:
+        calls.append(spec)
+        return spawn_child(spec) if len(calls) == 1 else _hanging_in_start(spec)
+
+    h = Harness(tmp_path, spawner=first_then_hanging, restarts=True)
+    stopper = threading.Timer(0.3, h.slot.give_up_host_io)
+    try:
+        h.slot.fail("killed by the test")
+        stopper.start()
+        start = time.monotonic()
+        with pytest.raises(DeviceFailure):
+            h.slot.restart()  # waited 15 s, then left the device away for another restart
+        took = time.monotonic() - start
+        state = h.slot.state
+    finally:
+        stopper.cancel()
+        h.close()
+    assert state is SlotState.FAILED
+    assert took < 2, took
