@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
@@ -46,14 +46,16 @@ def run_and_exit(
 
     The launcher comes first, before the monitor's imports: it starts the zygote, which
     imports every device model on another core meanwhile (sandbox/launcher.py)."""
-    from splitvmm.cli import early
-    from splitvmm.sandbox.launcher import Launcher
-
     try:
+        from splitvmm.cli import early
+        from splitvmm.sandbox.launcher import Launcher
+
         launcher = early.take() or Launcher.start()  # main() may have started it already
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # as below: nothing was built (a launcher dies with us)
+        _stopped_by_sigint()
     timings.mark("command line")
     try:
         from splitvmm.monitor.machine import run_vm
@@ -81,9 +83,7 @@ def run_and_exit(
         sys.exit(1)
     except KeyboardInterrupt:  # SIGINT before the VM's own handlers (Machine.build): the
         # config or the snapshot was being read, and nothing was built; not click's Abort
-        with contextlib.suppress(OSError):
-            click.echo("splitvmm: stopped by SIGINT", err=True)
-        sys.exit(128 + signal.SIGINT)
+        _stopped_by_sigint()
     timings.mark("teardown")
     # The VM's status is the exit status, whatever becomes of these lines: a terminal that
     # hung up (EIO) or a stderr pipe nobody reads (EPIPE) must not turn it into 1 or 120.
@@ -92,6 +92,12 @@ def run_and_exit(
             timings.print_report()
         click.echo(f"\r\nsplitvmm: {outcome.message}", err=True)
     sys.exit(outcome.status)
+
+
+def _stopped_by_sigint() -> NoReturn:
+    with contextlib.suppress(OSError):
+        click.echo("splitvmm: stopped by SIGINT", err=True)
+    sys.exit(128 + signal.SIGINT)
 
 
 @contextlib.contextmanager

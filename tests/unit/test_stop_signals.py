@@ -8,9 +8,12 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+from click.testing import CliRunner
 
+from splitvmm.cli import cli, up
 from splitvmm.monitor import machine
 from splitvmm.monitor.machine import Machine
+from splitvmm.sandbox import launcher
 
 
 @pytest.fixture
@@ -33,3 +36,28 @@ def test_stop_signals_first_stops_second_waits_third_is_the_default(raised):
 
     assert [getattr(o, "message", o) for o in stops] == ["stopped by SIGTERM"] * 2
     assert (after_two, raised) == ([], [("handler", signal.SIG_DFL), ("raise", signal.SIGTERM)])
+
+
+def _interrupted() -> object:
+    raise KeyboardInterrupt  # Ctrl-C during the fork of the launcher or the imports before it
+
+
+def test_up_interrupted_while_it_starts_its_launcher_exits_130_not_click_abort(monkeypatch, capsys):
+    """SIGINT while `up` imports and starts its launcher, before the VM's handlers are in:
+    a stop by SIGINT (130), as anywhere else then, not click's 'Aborted!' (1, "could not
+    start")."""
+    monkeypatch.setattr(launcher.Launcher, "start", staticmethod(_interrupted))
+    try:
+        up.run_and_exit(lambda snapshot: None, None, None)  # type: ignore[arg-type,return-value]
+    except KeyboardInterrupt:  # click turns it into 'Aborted!' and status 1
+        pytest.fail("the KeyboardInterrupt escaped run_and_exit")
+    except SystemExit as ended:
+        assert ended.code == 130
+    assert "splitvmm: stopped by SIGINT" in capsys.readouterr().err
+
+
+def test_up_command_interrupted_while_it_starts_its_launcher_is_no_abort(monkeypatch, tmp_path):
+    monkeypatch.setattr(launcher.Launcher, "start", staticmethod(_interrupted))
+    result = CliRunner().invoke(cli, ["up", str(tmp_path / "vm.toml")])
+    assert result.exit_code == 130, result.output
+    assert "Aborted" not in result.output
