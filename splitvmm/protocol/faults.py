@@ -60,7 +60,9 @@ def parse(text: object, where: str) -> dict[str, object]:
     document; ConfigError naming `where` otherwise."""
     if not isinstance(text, str):
         raise ConfigError(f'{where}: expected a string like "crash:after=200", got {shown(text)}')
-    kind, _, rest = text.partition(":")
+    # KIND, then its parts: after ':' as written in full, or after ',' when `after` (the
+    # first) is left out, as the grammar allows: "delay,delay_ms=300"
+    kind, _, rest = text.partition(":") if ":" in text else text.partition(",")
     doc = make(kind.strip())
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")

@@ -72,13 +72,25 @@ def test_fault_bad_document_raises_error_naming_field(doc: object, message: str)
         faults.decode(doc, "test", ProtocolError)
 
 
-def test_fault_config_string_parses_to_a_document(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("delay:after=7,delay_ms=300", faults.make("delay", after=7, delay_ms=300)),
+        ("delay,delay_ms=300", faults.make("delay", delay_ms=300)),
+        ("crash,signal=SEGV", faults.make("crash")),
+        ("exit", faults.make("exit")),
+    ],
+    ids=["after-given", "after-left-out", "signal-only", "kind-only"],
+)
+def test_fault_config_string_parses_to_a_document(
+    tmp_path: Path, text: str, expected: dict[str, object]
+) -> None:
+    """The README's `KIND[:after=N][,delay_ms=D][,signal=SEGV]`: with `after` left out the
+    first part follows a comma ("delay,delay_ms=300"), which was refused as a kind."""
     (tmp_path / "kernel.elf").write_bytes(b"\x7fELF")
-    text = GOOD.replace(
-        'model = "serial"\n', 'model = "serial"\nfault = "delay:after=7,delay_ms=300"\n'
-    )
+    text = GOOD.replace('model = "serial"\n', f'model = "serial"\nfault = "{text}"\n')
     cfg = load_config(write(tmp_path, text))
-    assert cfg.devices[0].fault == faults.make("delay", after=7, delay_ms=300)
+    assert cfg.devices[0].fault == expected
 
 
 @pytest.mark.parametrize(
