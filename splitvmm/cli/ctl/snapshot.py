@@ -18,7 +18,7 @@ sign_option = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="KEYFILE",
     help="Sign the manifest (keyed BLAKE3, in manifest.sig) with the key in KEYFILE (mode 0600, "
-    "16+ bytes); it goes to the VM over its private control socket.",
+    "16-4096 bytes); it goes to the VM over its private control socket.",
 )
 
 
