@@ -508,6 +508,8 @@ class DeviceSlot:
         try:
             if self._take_over(resume):
                 return
+            if self._gave_up_host_io:  # the VM stopped while its spare started: no cold one
+                raise DeviceFailure(f"device {self.name}: the VM is stopping")
             self.start(resume)
         except DeviceFailure as e:
             self.fail(f"its restart failed: {e}")
@@ -634,9 +636,10 @@ class DeviceSlot:
         try:
             channel.wait_ready(process, SPARE_READY_TIMEOUT_MS)
         except ChannelError as e:
-            log.warning(
-                "device %s: its spare failed before READY (%s): starting cold", self.name, e
-            )
+            if not self._gave_up_host_io:  # not the VM's stop: the spare's own failure
+                log.warning(
+                    "device %s: its spare failed before READY (%s): starting cold", self.name, e
+                )
             with self._lock:
                 self.process = self.channel = None
             # It had its state: READY may have come just after the deadline, and its disk

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import queue
 import signal
@@ -1238,4 +1239,38 @@ def test_slot_restart_whose_process_hangs_before_ready_ends_when_the_vm_stops(tm
         stopper.cancel()
         h.close()
     assert state is SlotState.FAILED
+    assert took < 2, took
+
+
+def test_slot_restart_through_a_spare_ends_when_the_vm_stops_without_a_cold_start(tmp_path, caplog):
+    """The VM stops (give_up_host_io) while a crash restart waits for its warm spare's
+    READY (a loaded host: the spare is stopped here): the restart ends as a cold one's wait
+    does (8d8fda5), the device failed for good, quietly; no cold process is spawned for a
+    VM that is going (its spawn may wait on the launcher's zygote), and no "its spare failed
+    before READY ... starting cold" warning for a stop that was no failure."""
+    spawned: list[DeviceSpec] = []
+
+    def counting(spec: DeviceSpec) -> tuple[ChildProcess, int]:
+        spawned.append(spec)
+        return spawn_child(spec)
+
+    h = Harness(tmp_path, spawner=counting, resumer=resume_spare, restarts=True)
+    stopper = threading.Timer(0.3, h.slot.give_up_host_io)
+    try:
+        h.slot.start_spare()
+        assert len(spawned) == 2  # the first process and its spare
+        os.kill(h.slot.spare_pid, signal.SIGSTOP)
+        h.slot.fail("killed by the test")
+        caplog.clear()  # the crash's own line: what comes after it is the restart's
+        stopper.start()
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING), pytest.raises(DeviceFailure):
+            h.slot.restart()  # the spare given up at the stop, then a cold process spawned
+        took = time.monotonic() - start
+        state = h.slot.state
+    finally:
+        stopper.cancel()
+        h.close()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (state, len(spawned), said) == (SlotState.FAILED, 2, [])
     assert took < 2, took
