@@ -355,24 +355,24 @@ class Coordinator:
         died before it answered its quiesce (its end not seen yet when it was asked) saved
         nothing: the process that replaces it is asked, as one away when asked would be."""
         limit = f"the devices get {self.device_deadline_s:g} s in all to quiesce, save and resume"
-        failure: DeviceFailure | None = None  # the first attempt's, where it is retried
+        failure: DeviceFailure | None = None
         for attempt in (1, 2):
             timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
             if timeout_ms <= 0:
-                if failure is not None:  # its crash took the time its restart needed
-                    refused = ControlError if slot.failed else ControlBusy
-                    raise refused(f"snapshot aborted at {op}: {failure} ({limit})")
-                raise ControlError(f"snapshot aborted before {slot.name} could {op}: {limit}")
+                if failure is None:
+                    raise ControlError(f"snapshot aborted before {slot.name} could {op}: {limit}")
+                break  # its crash took the time its restart needed
             try:
                 with deadline.counting():
                     return slot.control(op, timeout_ms)
             except DeviceFailure as e:
-                if op == "quiesce" and attempt == 1 and not slot.failed:
-                    failure = e
-                    continue  # restarting (on_crash = restart): its next process answers
-                refused = ControlError if slot.failed else ControlBusy  # back later: ctl's 75
-                raise refused(f"snapshot aborted at {op}: {e} ({limit})") from None
-        raise AssertionError("unreachable")
+                failure = e
+                if op != "quiesce" or attempt == 2 or slot.failed:
+                    break
+                # restarting (on_crash = restart): its next process answers
+        assert failure is not None  # every way out of the loop but a reply sets it
+        refused = ControlError if slot.failed else ControlBusy  # back later: ctl's 75
+        raise refused(f"snapshot aborted at {op}: {failure} ({limit})")
 
     def _resume_devices(self, quiesced: dict[str, tuple[int, int]], deadline: Deadline) -> None:
         """Resume each device quiesced that is still that process. One never asked (an
