@@ -132,14 +132,20 @@ def test_pci_state_with_a_function_twice_is_refused():
     assert f.host.bars.base(0) == BAR0_BASE  # nothing applied
 
 
+# Messages no driver programs (a routable GSI): what decode() refuses, with its words
+BAD_MSI_MESSAGES = [
+    ({"gsi": 24, "address": 0x1000, "data": 0x30}, "not an x86 MSI address"),
+    ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x10000}, "16 bits"),
+    ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x400}, "delivery mode 100"),
+]
+
+
 @pytest.mark.parametrize(
     ("route", "message"),
     [
         ({"gsi": 4, "address": MSI_ADDRESS, "data": 0x30}, "GSI 4 is no MSI GSI"),
         ({"gsi": 26, "address": MSI_ADDRESS, "data": 0x30}, "GSI 26 is no MSI GSI"),
-        ({"gsi": 24, "address": 0x1000, "data": 0x30}, "not an x86 MSI address"),
-        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x10000}, "16 bits"),
-        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x400}, "delivery mode 100"),
+        *BAD_MSI_MESSAGES,
     ],
 )
 def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
@@ -153,14 +159,7 @@ def test_pci_state_msi_route_a_device_could_not_ask_for_is_refused(
     assert vm.tables == []
 
 
-@pytest.mark.parametrize(
-    ("route", "message"),
-    [
-        ({"gsi": 24, "address": 0x1000, "data": 0x30}, "not an x86 MSI address"),
-        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x10000}, "16 bits"),
-        ({"gsi": 24, "address": MSI_ADDRESS, "data": 0x400}, "delivery mode 100"),
-    ],
-)
+@pytest.mark.parametrize(("route", "message"), BAD_MSI_MESSAGES)
 def test_pci_state_msi_message_no_driver_programs_is_refused_needing_no_vm(
     route: dict[str, int], message: str
 ) -> None:
