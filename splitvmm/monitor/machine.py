@@ -93,6 +93,7 @@ class Machine:
     ) -> None:
         self.cfg = cfg
         self._early_launcher = launcher  # started by `up` before its imports (ours to close)
+        self._launcher = launcher  # the launcher once there is one: stop() abandons requests
         self.snapshot = snapshot  # restore from it instead of booting
         self._runtime_root = runtime_root
         self.coordinator = Coordinator(self)
@@ -171,7 +172,7 @@ class Machine:
         # First, single-threaded, before /dev/kvm or guest RAM: the launcher holds nothing of
         # the VM (`up` starts it earlier still: cli/up.py). Closed after the devices
         # (_closables go in reverse).
-        self.launcher = self._early_launcher or Launcher.start()
+        self.launcher = self._launcher = self._early_launcher or Launcher.start()
         self._closables.append(self.launcher)
         self.launcher.configure(self.rundir.path)
         timings.mark("launcher configure sent")
@@ -409,6 +410,10 @@ class Machine:
                 return
             self._outcome = outcome
         self._give_up_host_io()
+        # A spawn or resume the launcher has not answered (a restart, a spare, the devices
+        # of a VM still being built) ends now: it may wait for a new zygote's imports.
+        if self._launcher is not None:
+            self._launcher.abandon("the VM is stopping")
         for v in self.vcpus:
             v.request_stop()
         self._wake.trigger()
@@ -957,7 +962,13 @@ def run_vm(
     """Build and run the VM; `launcher`, if given, is the VM's (closed with it)."""
     machine = Machine(cfg, snapshot=snapshot, launcher=launcher)
     try:
-        machine.build()
+        try:
+            machine.build()
+        except SplitvmmError:
+            if not machine.stopping:
+                raise
+            # A stop cut the build short (its launch requests were given up: abandon()):
+            # the stop is the outcome, and run() runs nothing.
         return machine.run()
     finally:
         machine.close()

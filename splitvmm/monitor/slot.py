@@ -574,7 +574,10 @@ class DeviceSlot:
         try:
             spare: tuple[DeviceProcess, int] | None = self._spawner(spec)
         except (SplitvmmError, OSError) as e:
-            log.warning("device %s: no warm spare (%s): its next restart starts cold", self.name, e)
+            if not self._gave_up_host_io:  # not the VM's stop, which gave up the spawn
+                log.warning(
+                    "device %s: no warm spare (%s): its next restart starts cold", self.name, e
+                )
             return None
         assert spare is not None
         process = spare[0]
@@ -625,7 +628,10 @@ class DeviceSlot:
         try:
             self._resumer(process, spec)
         except (SplitvmmError, OSError) as e:
-            log.warning("device %s: its spare cannot take over (%s): starting cold", self.name, e)
+            if not self._gave_up_host_io:  # not the VM's stop, which gave up the request
+                log.warning(
+                    "device %s: its spare cannot take over (%s): starting cold", self.name, e
+                )
             self._end_spare(process, listener)
             return False
         self._fill(process, listener)

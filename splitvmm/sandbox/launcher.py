@@ -181,6 +181,10 @@ class Launcher:
         # Why no request can be sent any more (a request cut off: _send), while replies and
         # exit reports are still read: the devices it started still end, and are reaped.
         self._unsendable: str | None = None
+        # abandon(): why a request's wait ends unanswered (the VM is stopping); its eventfd
+        # wakes the thread that waits for the reply in poll.
+        self._abandoned: str | None = None
+        self._abandon_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     @classmethod
     def start(cls, channel_dir: Path | None = None) -> Launcher:
@@ -244,23 +248,39 @@ class Launcher:
         and starts a new one for the next spawn, which then waits for its imports."""
         self._request({"op": "rest"}, b"", [])
 
+    def abandon(self, reason: str) -> None:
+        """The VM is stopping: a request waiting for its reply ends now with LauncherError
+        (`reason`), and none is sent any more. A spawn may wait long for it (a new zygote's
+        imports on a loaded host, or a zygote that hangs: up to REPLY_TIMEOUT_S), and a stop
+        must not. Exit reports are still read: the devices end and are reaped as before, and
+        the launcher ends when close() closes its socket, whatever its zygote is doing
+        (launcher_server.py). Safe from any thread and from a signal handler."""
+        with self._cond:
+            if self._abandoned is not None:
+                return
+            self._abandoned = reason
+            self._cond.notify_all()
+        os.eventfd_write(self._abandon_fd, 1)
+
     def _request(self, header: dict[str, object], data: bytes, fds: list[int]) -> _Reply:
         """Send a request (`header`, then `data` in chunks) and take its reply; DeviceFailure
         with the launcher's words if it refused."""
         with self._spawn_lock:
             self._take_unanswered()
             self._send(header, data, fds)
-            return _accepted(self._await(self._take_reply, REPLY_TIMEOUT_S))
+            return _accepted(self._await(self._take_reply, REPLY_TIMEOUT_S, request=True))
 
     def _send(self, header: dict[str, object], data: bytes, fds: list[int]) -> None:
         """Send a request, once the launcher is ready (the spawn lock held)."""
         if not self._ready:
             try:
-                self._await(lambda: self._ready or None, READY_TIMEOUT_S)
+                self._await(lambda: self._ready or None, READY_TIMEOUT_S, request=True)
             except LauncherError as e:
+                if self._abandoned is not None:
+                    raise
                 raise LauncherError(f"the launcher did not start: {e}") from None
-        if self._broken or self._unsendable:
-            raise LauncherError(self._broken or self._unsendable)
+        if why := self._broken or self._unsendable or self._abandoned:
+            raise LauncherError(why)
         self._pending = next(self._ids)
         header = {**header, "id": self._pending, "size": len(data)}
         try:
@@ -276,7 +296,7 @@ class Launcher:
     def _take_unanswered(self) -> None:
         """Take the reply to a configure sent earlier, if any (the spawn lock held)."""
         if self._unanswered:
-            reply = self._await(self._take_reply, REPLY_TIMEOUT_S)
+            reply = self._await(self._take_reply, REPLY_TIMEOUT_S, request=True)
             self._unanswered = False
             _accepted(reply)
 
@@ -289,10 +309,11 @@ class Launcher:
         reply, self._reply = self._reply, None
         return reply
 
-    def _await(self, take: Callable[[], T | None], timeout_s: float) -> T:
+    def _await(self, take: Callable[[], T | None], timeout_s: float, request: bool = False) -> T:
         """What `take` finds among the messages filed so far, receiving more (one thread at
         a time) until it does; LauncherError if the launcher is gone, broken or silent --
-        for good: a reply that comes late would answer the wrong request."""
+        for good: a reply that comes late would answer the wrong request -- or, for a
+        `request`'s reply, once abandon() gave it up."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while (found := take()) is None:
@@ -301,13 +322,16 @@ class Launcher:
                     self._broken = f"the launcher did not answer within {timeout_s:g} s"
                 if self._broken:
                     raise LauncherError(self._broken)
+                if request and self._abandoned is not None:
+                    raise LauncherError(self._abandoned)
                 if self._reading:
                     self._cond.wait(left)
                     continue
                 self._reading = True
                 self._cond.release()
                 try:
-                    received = self._receive(left)
+                    # A request's wait also ends at abandon(); an exit report's does not.
+                    received = self._receive(left, self._abandon_fd if request else None)
                 finally:
                     self._cond.acquire()
                     self._reading = False
@@ -316,10 +340,11 @@ class Launcher:
                     self._file(*received)
             return found
 
-    def _receive(self, timeout_s: float) -> tuple[bytes, list[int]] | None:
-        """One message within `timeout_s`, or None (and why it broke in `_broken`)."""
+    def _receive(self, timeout_s: float, wake: int | None) -> tuple[bytes, list[int]] | None:
+        """One message within `timeout_s`, or None (and why it broke in `_broken`); None too
+        as soon as `wake` polls readable."""
         try:
-            if not readable(self._sock.fileno(), timeout_s):
+            if not readable(self._sock.fileno(), timeout_s, wake):
                 return None
             data, fds, cut = receive(self._sock, MAX_MESSAGE)
         except OSError as e:
@@ -341,6 +366,10 @@ class Launcher:
             return
         if reply.op == "ready":
             self._ready = True
+        elif self._abandoned is not None and reply.id == self._pending and reply.op != "exited":
+            close_all(fds)  # the reply to a request given up at the stop (abandon)
+            if reply.op == "spawned":  # a device nobody takes: the launcher ends it at close
+                self._running.add(reply.pid)
         elif reply.op == "exited":
             if reply.pid not in self._running:
                 self._broken = f"the launcher reported the end of pid {reply.pid}, not ours"
@@ -360,6 +389,7 @@ class Launcher:
         if self._pidfd < 0:
             return
         self._sock.close()
+        os.close(self._abandon_fd)
         if not readable(self._pidfd, STOP_TIMEOUT_S):
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         os.waitpid(self.pid, 0)

@@ -45,6 +45,8 @@ class _Server:
         # None while it rests (a rest request: the monitor expects no spawn for now); the
         # next spawn starts a new one (_live_zygote).
         self.zygote: Zygote | None = zygote
+        if zygote is not None:  # (a test's server may have none)
+            zygote.hangup_fd = sock.fileno()
         self.channel_dir: str | None = None  # set by the first configure request
         self._configured = False  # a configure request came (the first is the only one)
         self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
@@ -131,8 +133,8 @@ class _Server:
             try:
                 spawned = spawn_child(spec, stderr=relay_w, zygote=zygote)
             except DeviceFailure:
-                if not zygote.ended() or zygote.timed_out:
-                    raise  # the device's own failure, or a zygote that never answered
+                if not zygote.ended() or zygote.timed_out or self._monitor_left():
+                    raise  # the device's own failure, a zygote that never answered, or nobody waits
                 spawned = spawn_child(spec, stderr=relay_w, zygote=self._live_zygote())
         except BaseException:
             os.close(relay_r)
@@ -152,7 +154,14 @@ class _Server:
             self._end_zygote()
         if self.zygote is None:
             self.zygote = Zygote.start(device_env())
+            self.zygote.hangup_fd = self.sock.fileno()
         return self.zygote
+
+    def _monitor_left(self) -> bool:
+        """Whether the monitor has closed its end (no request can be waiting for us)."""
+        poller = select.poll()
+        poller.register(self.sock, 0)
+        return bool(poller.poll(0))
 
     def _end_zygote(self) -> None:
         """End the zygote (it holds nothing to save), if there is one."""

@@ -270,12 +270,15 @@ class ChildProcess(DeviceProcess):
         super().close()
 
 
-def readable(fd: int, timeout_s: float) -> bool:
+def readable(fd: int, timeout_s: float, wake: int | None = None) -> bool:
     """Whether `fd` polls readable within `timeout_s` (poll(2): what the confined monitor and
-    its vCPU threads may call)."""
+    its vCPU threads may call); False at once if `wake` polls readable first."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, round(timeout_s * 1000))))
+    if wake is not None:
+        poller.register(wake, select.POLLIN)
+    events = poller.poll(max(0, round(timeout_s * 1000)))
+    return any(ready == fd for ready, _ in events)
 
 
 def spawn_child(

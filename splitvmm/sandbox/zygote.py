@@ -56,6 +56,7 @@ import fcntl
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -104,6 +105,10 @@ class Zygote:
         self.process = process
         self._ready = False
         self._timed_out = False
+        # An fd whose hang-up ends any wait for the zygote: the monitor's socket, set by the
+        # launcher (launcher_server.py). A monitor that stops while a spawn waits here (the
+        # zygote's imports on a loaded host, or a zygote that hangs) is not made to wait.
+        self.hangup_fd: int | None = None
 
     @classmethod
     def start(cls, env: dict[str, str], command: Sequence[str] = ZYGOTE_COMMAND) -> Zygote:
@@ -163,12 +168,20 @@ class Zygote:
         return pid
 
     def _expect(self, timeout_s: float, what: str) -> dict[str, object]:
-        self._sock.settimeout(timeout_s)
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        if self.hangup_fd is not None:
+            poller.register(self.hangup_fd, 0)  # POLLHUP is reported whatever is asked
         try:
+            events = dict(poller.poll(round(timeout_s * 1000)))
+            if self.hangup_fd in events:
+                raise ZygoteError(f"the monitor left while the zygote's {what} was awaited")
+            if not events:
+                self._timed_out = True
+                raise ZygoteError(f"the zygote sent no {what} within {timeout_s:g} s")
             data = self._sock.recv(MESSAGE)
-        except TimeoutError:
-            self._timed_out = True
-            raise ZygoteError(f"the zygote sent no {what} within {timeout_s:g} s") from None
+        except ZygoteError:
+            raise
         except OSError as e:
             raise ZygoteError(f"the zygote's socket failed: {e}") from None
         if not data:

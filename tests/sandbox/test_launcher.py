@@ -628,3 +628,75 @@ def test_launcher_request_carrying_fewer_fds_than_its_roles_is_refused(launcher,
     assert got["reply"]["op"] == "refused"
     assert "the request names ['irq', 'out'] and carries 1" in got["reply"]["message"]
     serves_a_device(launcher, rundir, fds)
+
+
+def spawn_on_thread(launcher: Launcher, spec: DeviceSpec) -> tuple[threading.Thread, list]:
+    """A spawn on a thread of its own (as a restart's): the thread, and what it came to."""
+    outcome: list = []
+
+    def spawn() -> None:
+        try:
+            outcome.append(launcher.spawn(spec))
+        except Exception as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=spawn)
+    thread.start()
+    wait_for(lambda: launcher._reading)  # sent, and waiting for the reply
+    return thread, outcome
+
+
+def test_launcher_abandon_ends_a_spawn_its_hung_zygote_holds_and_the_launcher_then_ends(
+    launcher, rundir, fds, monkeypatch
+):
+    """A stop while a spawn waits for the zygote (its imports on a loaded host, or a zygote
+    that hangs: here, a stopped one) gives the spawn up at once, not after the zygote's fork
+    timeout; and the launcher, whose monitor then closes its socket, ends of itself (its
+    devices and zygote killed, their last words relayed), not SIGKILLed after STOP_TIMEOUT_S."""
+    _, (zygote,) = serve_one(launcher, rundir, fds)  # ready and idle
+    os.kill(zygote, signal.SIGSTOP)
+    thread, outcome = spawn_on_thread(launcher, serial_spec(rundir, fds))
+    launcher.abandon("the VM is stopping")
+    thread.join(5)  # the zygote's fork timeout is 10 s
+    assert not thread.is_alive()
+    (error,) = outcome
+    assert isinstance(error, LauncherError) and str(error) == "the VM is stopping"
+    with pytest.raises(LauncherError, match="the VM is stopping"):
+        launcher.spawn(serial_spec(rundir, fds))  # nothing is sent any more
+    sent: list[int] = []
+    real_send_signal = signal.pidfd_send_signal
+
+    def send_signal(pidfd: int, sig: int, *args: object) -> None:
+        sent.append(sig)
+        real_send_signal(pidfd, sig, *args)
+
+    monkeypatch.setattr(launcher_module.signal, "pidfd_send_signal", send_signal)
+    launcher.close()
+    assert sent == []
+
+
+def test_launcher_reply_to_an_abandoned_spawn_leaves_the_other_devices_reports_whole(
+    launcher, rundir, fds
+):
+    """The zygote answers after all: the spawned reply comes to nobody (the stop gave the
+    request up), and must not break the handle, whose exit reports the teardown still reads
+    to reap every other device."""
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec)
+    channel = DeviceChannel("serial", spec.channel, listener)
+    try:
+        channel.wait_ready(process)
+        (zygote,) = children_of(launcher.pid) - {process.pid}
+        os.kill(zygote, signal.SIGSTOP)
+        thread, outcome = spawn_on_thread(launcher, serial_spec(rundir, fds, name="serial1",
+                                          channel=f"ipc://{rundir}/serial1.sock"))  # fmt: skip
+        launcher.abandon("the VM is stopping")
+        thread.join(5)
+        os.kill(zygote, signal.SIGCONT)  # it forks serial1 now, and the launcher replies
+        wait_for(lambda: len(children_of(launcher.pid) - {process.pid, zygote}) > 0)
+        process.kill()
+        assert process.wait(10) == -signal.SIGKILL  # reported, the late reply filed on the way
+    finally:
+        channel.close()
+        process.close()
+    assert isinstance(outcome[0], LauncherError)

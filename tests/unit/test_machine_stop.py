@@ -16,6 +16,7 @@ from splitvmm.monitor import machine as machine_module
 from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
+from splitvmm.sandbox.launcher_start import LauncherError
 
 
 def bare_machine() -> Machine:
@@ -23,6 +24,7 @@ def bare_machine() -> Machine:
     m = Machine.__new__(Machine)
     m._outcome = None
     m._outcome_lock = threading.Lock()
+    m._launcher = None
     m.vcpus = []
     m.slots = []
     m._wake = SimpleNamespace(trigger=lambda: None)
@@ -163,6 +165,57 @@ def test_stop_gives_up_waiting_on_devices_in_host_io():
     ]
     m.stop(Outcome(143, "stopped by SIGTERM"))
     assert told == ["a", "b"]
+
+
+def test_stop_gives_up_the_launchers_unanswered_requests():
+    """A restart's spawn may wait for a new zygote's imports (a loaded host: up to the
+    launcher's reply timeout, 60 s): the stop ends that wait (sandbox/launcher.py abandon)."""
+    m = bare_machine()
+    abandoned: list[str] = []
+    m._launcher = SimpleNamespace(abandon=abandoned.append)
+    m.stop(Outcome(143, "stopped by SIGTERM"))
+    m.stop(Outcome(130, "stopped by SIGINT"))  # the first outcome wins; asked once
+    assert abandoned == ["the VM is stopping"]
+
+
+def test_a_build_cut_short_by_a_stop_ends_with_the_stops_outcome(monkeypatch):
+    """The devices' spawns given up by a stop during the build raise LauncherError there:
+    the stop is what `up` says and exits with (130 for SIGINT), not "error: the VM is
+    stopping" and 1."""
+    stopped = Outcome(130, "stopped by SIGINT")
+    closed: list[bool] = []
+
+    class Built(Machine):
+        def __init__(self, cfg, snapshot=None, launcher=None):
+            bare = bare_machine()
+            self.__dict__.update(bare.__dict__)
+
+        def build(self):
+            self.stop(stopped)
+            raise LauncherError("the VM is stopping")
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(machine_module, "Machine", Built)
+    assert machine_module.run_vm(SimpleNamespace()) is stopped
+    assert closed == [True]
+
+
+def test_a_build_that_fails_without_a_stop_still_raises(monkeypatch):
+    class Failing(Machine):
+        def __init__(self, cfg, snapshot=None, launcher=None):
+            self.__dict__.update(bare_machine().__dict__)
+
+        def build(self):
+            raise LauncherError("the launcher did not start: it exited")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(machine_module, "Machine", Failing)
+    with pytest.raises(LauncherError, match="did not start"):
+        machine_module.run_vm(SimpleNamespace())
 
 
 def test_a_device_left_dead_raises_each_of_its_interrupts_once():
