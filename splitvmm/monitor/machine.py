@@ -52,7 +52,7 @@ from splitvmm.native.eventfd import EventFd
 from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 from splitvmm.protocol import faults
-from splitvmm.protocol.models import MODELS, FdKind, PciFunction, PortWindow
+from splitvmm.protocol.models import MODELS, FdKind, ModelDescriptor, PciFunction, PortWindow
 from splitvmm.protocol.spec import CRASH_SIGNALS
 from splitvmm.record import Struct
 from splitvmm.sandbox.launcher import Launcher
@@ -303,7 +303,7 @@ class Machine:
         if model.console and any(
             r.kind is FdKind.OUTPUT and dev.options[r.option] == "stdio" for r in model.fds
         ):
-            self._take_console(dev.name)
+            self._take_console(dev.name, model)
         spawn = Spawn(
             dev.name, dev.model, model.transport.size, dict(dev.options), fds, state, dev.fault
         )
@@ -316,17 +316,24 @@ class Machine:
                 spawn.transport["tap_offloads"] = maker.tap_offloads
         return spawn
 
-    def _take_console(self, name: str) -> None:
+    def _take_console(self, name: str, model: ModelDescriptor) -> None:
         """The operator's keyboard goes to one device: the first configured console device
-        whose output is stdio. Another one there shares the screen, not the keyboard."""
+        whose output is stdio. Another one there shares the screen, not the keyboard; the
+        warning says how to type into it, which depends on where its model takes input."""
         if self._console is None:
             self._console = name
             return
+        how = (
+            "give it a unix:PATH output, whose peer types into it"
+            if model.peer_input
+            else "it takes input from the keyboard only: configure it first to type into it"
+        )
         log.warning(
             "device %s: its output is stdio too, but the keyboard goes to device %s (the "
-            "first console on stdio); give it a file or unix:PATH output to type into it",
+            "first console on stdio); %s",
             name,
             self._console,
+            how,
         )
 
     def _place_function(self, name: str, function: PciFunction) -> _Placed:

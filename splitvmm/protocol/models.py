@@ -258,6 +258,9 @@ class ModelDescriptor(Struct, frozen=True):
     default_device: str | None = None
     # Host input (the operator's keyboard when its output is stdio) goes to this device.
     console: bool = False
+    # ...and, with a `unix:` output, what the socket's peer writes (virtio-console; the
+    # 8250 takes its input from the keyboard only).
+    peer_input: bool = False
     output_recipe: OutputRecipe | None = None  # a model with an OUTPUT fd role has one
     interrupt_recipe: InterruptRecipe | None = None  # a model with timed interrupts has one
     queue_recipes: tuple[QueueRecipe, ...] = ()  # a virtio model has one per queue it audits
@@ -539,6 +542,7 @@ VIRTIO_CONSOLE = ModelDescriptor(
         2, FdRole("out", FdKind.OUTPUT, option="output"), FdRole("progress", FdKind.PROGRESS)
     ),
     console=True,
+    peer_input=True,
     state_version=2,
     # receive: two buffers, filled from the host input sent before each; transmit: a line,
     # then more than the audit's pipe and the device's buffer hold (its output stalls until

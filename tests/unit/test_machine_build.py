@@ -11,6 +11,7 @@ from splitvmm.errors import BootError, ConfigError, SplitvmmError
 from splitvmm.monitor.control import SOCKET_NAME
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.rundir import MAX_SOCKET_PATH
+from splitvmm.protocol.models import MODELS
 from tests.unit.images import make_bzimage
 
 
@@ -99,3 +100,26 @@ def test_build_refuses_a_bad_cpuid_mask_before_any_device_starts(
     (tmp_path / "bzImage").write_bytes(make_bzimage())
     vm = {"name": "vm1", "memory": memory, "cpuid_mask": [mask]}
     assert _launched_before_refusal(tmp_path, monkeypatch, vm, ConfigError, message) == []
+
+
+@pytest.mark.parametrize(
+    ("second", "hint", "not_hint"),
+    [
+        ("serial", "it takes input from the keyboard only: configure it first", "unix:PATH"),
+        ("virtio-console", "give it a unix:PATH output, whose peer types into it", "only"),
+    ],
+)
+def test_second_console_on_stdio_is_told_how_its_model_takes_input(caplog, second, hint, not_hint):
+    """The keyboard goes to the first console on stdio. The hint for another used to send an
+    8250 to a unix: output, which its model reads nothing from (only virtio-console's peer
+    types into it)."""
+    machine = Machine.__new__(Machine)
+    machine._console = None
+    machine._take_console("serial0", MODELS["serial"])
+    machine._take_console("tty1", MODELS[second])
+    assert machine._console == "serial0"
+    (record,) = caplog.records
+    assert "device tty1: its output is stdio too, but the keyboard goes to device serial0" in (
+        record.getMessage()
+    )
+    assert hint in record.getMessage() and not_hint not in record.getMessage()
