@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,7 @@ from splitvmm.record import Struct, field
 if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
     from splitvmm.native.seccomp_notify import SeccompListener
     from splitvmm.protocol.models import FdKind, ModelDescriptor
-    from splitvmm.sandbox.policy import Policy
+    from splitvmm.sandbox.policy import Policy, Rule
 
 SPAWN_TIMEOUT_S = 15.0
 PIPE_SIZE = 4096  # the device's output pipe: one page, the least Linux gives
@@ -99,10 +99,16 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     # SELF_PID: the warden's and the monitor's run-time constant. Only the monitor's own
     # policies may name KVM ioctls (a device holds no KVM fd) and the launcher's socket (any
     # fd number will do here: the rules compare with it).
-    constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}
+    # A device's policy gets neither: it is parsed with policy.CONSTANTS alone
+    # (policy.load_model_policy), as is every file a device policy may include.
+    warden_constants = {**policy.CONSTANTS, "SELF_PID": os.getpid()}
     monitor_constants = policy_constants(launcher_fd=3)
     for path in sorted(policy_dir.glob("*.policy")):
-        own = monitor_constants if path.name in (MONITOR_POLICY, VCPU_POLICY) else constants
+        own = policy.CONSTANTS
+        if path.name in (MONITOR_POLICY, VCPU_POLICY):
+            own = monitor_constants
+        elif path.name == "warden.policy":
+            own = warden_constants
         try:
             parsed = policy.parse_file(path, own)
             if path.name in loadable:
@@ -140,12 +146,19 @@ def audit(model: str, accesses: int) -> None:
         where = policy.device_policy_name(model)
         click.echo(f"splitvmm: missing from {where}: {' '.join(missing)}", err=True)
         sys.exit(1)
+    if trace.refused:  # named by the policy, but with arguments its rule kills for
+        for name in sorted(trace.refused):
+            rule = current.rules[name]
+            click.echo(f"splitvmm: {name} refused by its rule at {rule.where}", err=True)
+        sys.exit(1)
 
 
 # -- tracing ------------------------------------------------------------------------------------
 class Trace(Struct):
     calls: Counter[str] = field(default_factory=Counter)
     args: dict[str, set[int]] = field(default_factory=dict)  # the argument a rule would check
+    # calls whose arguments the policy's rule for them does not allow: the filter kills there
+    refused: Counter[str] = field(default_factory=Counter)
     device_status: int | None = None
 
 
@@ -156,7 +169,7 @@ ARG_OF_INTEREST = {"ioctl": 1, "fcntl": 1, "mmap": 2, "mprotect": 2, "madvise": 
 def trace_device(model: str, accesses: int, current: Policy) -> Trace:
     trace = Trace()
     errnos = {name: rule.errno for name, rule in current.rules.items() if rule.errno}
-    with _spawned(model) as dev, traced(dev.proc.pid, trace, errnos):
+    with _spawned(model) as dev, traced(dev.proc.pid, trace, errnos, current.rules):
         try:
             dev.wait_ready()
             dev.run_workload(accesses)
@@ -166,15 +179,19 @@ def trace_device(model: str, accesses: int, current: Policy) -> Trace:
 
 
 @contextlib.contextmanager
-def traced(warden_pid: int, trace: Trace, errnos: dict[str, int]) -> Iterator[None]:
+def traced(
+    warden_pid: int, trace: Trace, errnos: dict[str, int], rules: Mapping[str, Rule] | None = None
+) -> Iterator[None]:
     """Record (into `trace`) and let run every syscall of a device spawned in "trace" mode.
 
     A syscall named in `errnos` fails with that errno instead, as the policy's
-    `return` rule would make it.
+    `return` rule would make it. One whose arguments its rule in `rules` does not allow is
+    counted in trace.refused (and runs: the audit goes on).
     """
     listener = take_listener(warden_pid)
     stop = threading.Event()
-    thread = threading.Thread(target=_serve, args=(listener, trace, errnos, stop), daemon=True)
+    args = (listener, trace, errnos, stop, rules or {})
+    thread = threading.Thread(target=_serve, args=args, daemon=True)
     thread.start()
     try:
         yield
@@ -185,7 +202,11 @@ def traced(warden_pid: int, trace: Trace, errnos: dict[str, int]) -> Iterator[No
 
 
 def _serve(
-    listener: SeccompListener, trace: Trace, errnos: dict[str, int], stop: threading.Event
+    listener: SeccompListener,
+    trace: Trace,
+    errnos: dict[str, int],
+    stop: threading.Event,
+    rules: Mapping[str, Rule],
 ) -> None:
     from splitvmm.native.seccomp import pyseccomp as seccomp
 
@@ -202,6 +223,9 @@ def _serve(
         trace.calls[name] += 1
         if name in ARG_OF_INTEREST:
             trace.args.setdefault(name, set()).add(event.args[ARG_OF_INTEREST[name]])
+        rule = rules.get(name)
+        if rule is not None and not rule.allows(event.args):
+            trace.refused[name] += 1
         with contextlib.suppress(OSError):  # the caller may have been killed meanwhile
             if name in errnos:
                 listener.fail(event, errnos[name])
@@ -213,6 +237,8 @@ def format_trace(trace: Trace, current: Policy) -> Iterator[str]:
     for name in sorted(trace.calls):
         rule = current.rules.get(name)
         verdict = "MISSING from the policy" if rule is None else Path(rule.where).name
+        if name in trace.refused:
+            verdict += f" (refused {trace.refused[name]} times: arguments)"
         extra = ""
         if name in trace.args:
             values = ",".join(hex(a) for a in sorted(trace.args[name]))

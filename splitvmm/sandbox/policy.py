@@ -36,7 +36,7 @@ import signal
 import socket
 import stat
 import termios
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import files, tun
@@ -131,6 +131,16 @@ class Rule(Struct, frozen=True):
     errno: int = 0  # non-zero: `return ERRNO`
     # Each a conjunction (`a && b`); empty: allowed whatever the arguments
     any_of: tuple[tuple[Cmp, ...], ...] = ()
+
+    def allows(self, args: Sequence[int]) -> bool:
+        """Whether the filter compiled from this rule lets a call with `args` through (or
+        fails it with the rule's errno) rather than killing the process (`policy audit`)."""
+        if self.errno or not self.any_of:
+            return True
+        return any(
+            all(args[cmp.arg] & cmp.mask == cmp.value for cmp in conjunction)
+            for conjunction in self.any_of
+        )
 
 
 class Policy(Struct):
@@ -230,15 +240,17 @@ def parse_file(
     file: str | os.PathLike[str],
     constants: Mapping[str, int] = CONSTANTS,
     _stack: tuple[str, ...] = (),
+    _at: str = "",
 ) -> Policy:
     """Parse one file and what it includes (depth first, in order).
 
     `constants` may add names known only at run time (the warden's own pid).
+    `_at`: the "file:line" of the @include that names this file, if one does.
     """
     path = os.fspath(file)
     if path in _stack:
-        raise PolicyError(f"{_stack[-1]}: @include cycle through {os.path.basename(path)}")
-    where = f"{_stack[-1]}" if _stack else str(path)
+        raise PolicyError(f"{_at}: @include cycle through {os.path.basename(path)}")
+    where = _at or str(path)
     text = _read_text(path, where)
     policy = Policy({}, [path])
     own: set[str] = set()
@@ -250,7 +262,7 @@ def parse_file(
         inc = _INCLUDE.fullmatch(line)
         if inc:
             sub = parse_file(
-                os.path.join(os.path.dirname(path), inc["file"]), constants, (*_stack, path)
+                os.path.join(os.path.dirname(path), inc["file"]), constants, (*_stack, path), where
             )
             policy.rules.update(sub.rules)
             policy.files.extend(sub.files)

@@ -102,7 +102,7 @@ def test_parse_file_when_a_rule_repeats_in_one_file_fails_at_the_repeat(tmp_path
 def test_parse_file_when_include_is_missing_names_the_including_file(tmp_path: Path) -> None:
     path = _file(tmp_path, "x.policy", "@include nowhere.policy\n")
 
-    with pytest.raises(PolicyError, match=rf"^{path}: cannot read .*nowhere.policy"):
+    with pytest.raises(PolicyError, match=rf"^{path}:1: cannot read .*nowhere.policy"):
         policy.parse_file(path)
 
 
@@ -376,3 +376,11 @@ def test_monitor_filter_refuses_out_of_band_data_as_a_devices_does(statement: st
     """AF_UNIX MSG_OOB is the kernel code a sandbox escape went through (CVE-2025-38236:
     common_device.policy); the monitor never uses it either."""
     assert _under_monitor_filter(statement) == -signal.SIGSYS
+
+
+def test_parse_file_when_includes_cycle_names_the_including_line(tmp_path: Path) -> None:
+    (tmp_path / "a.policy").write_text("read: 1\n@include b.policy\n")
+    (tmp_path / "b.policy").write_text("# b\n\n@include a.policy\n")
+
+    with pytest.raises(policy.PolicyError, match=rf"^{tmp_path / 'b.policy'}:3: @include cycle"):
+        policy.parse_file(tmp_path / "a.policy")

@@ -94,3 +94,50 @@ def test_policy_audit_when_virtio_serves_its_queue_all_in_policy(model: str, own
     assert result.exit_code == 0, result.output
     names = {line.split()[0] for line in result.output.splitlines()[:-1]}
     assert own <= names  # its requests were served, each through its own calls
+
+
+@pytest.mark.sandbox
+def test_policy_audit_when_a_call_fails_its_rules_argument_check_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serial.policy narrows `write` to stderr (overriding common_device.policy's `write: 1`):
+    the device's first write to its output or irq eventfd fails that rule, so the enforcing
+    filter kills it (SIGSYS). The audit saw those very calls and must say so, not pass."""
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    with (tmp_path / "serial.policy").open("a") as f:
+        f.write("write: arg0 == STDERR_FILENO\n")
+    lines = (tmp_path / "serial.policy").read_text().count("\n")
+    monkeypatch.setenv("SPLITVMM_POLICY_DIR", str(tmp_path))
+
+    result = CliRunner().invoke(cli, ["policy", "audit", "serial", "--accesses", "200"])
+
+    assert result.exit_code == 1, result.output
+    assert f"serial.policy:{lines}" in result.output and "refused" in result.output
+
+
+def test_policy_check_when_a_device_policy_names_self_pid_exits_1(tmp_path: Path) -> None:
+    """SELF_PID is the warden's and the monitor's run-time constant: a device loads its policy
+    without it (policy.load_model_policy), so every serial device would fail to start."""
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    with (tmp_path / "serial.policy").open("a") as f:
+        f.write("kill: arg0 == SELF_PID\n")
+    lines = (tmp_path / "serial.policy").read_text().count("\n")
+    with pytest.raises(policy.PolicyError, match="unknown constant 'SELF_PID'"):
+        policy.load_model_policy("serial", tmp_path)  # what the device does at start
+
+    result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)])
+
+    assert result.exit_code == 1, result.output
+    assert f"{tmp_path / 'serial.policy'}:{lines}: unknown constant 'SELF_PID'" in result.output
+
+
+def test_policy_check_when_an_include_is_missing_names_file_and_line(tmp_path: Path) -> None:
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    with (tmp_path / "serial.policy").open("a") as f:
+        f.write("@include serial_extra.policy\n")
+    lines = (tmp_path / "serial.policy").read_text().count("\n")
+
+    result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'serial.policy'}:{lines}: cannot read" in result.output
