@@ -255,12 +255,12 @@ class Launcher:
         must not. Exit reports are still read: the devices end and are reaped as before, and
         the launcher ends when close() closes its socket, whatever its zygote is doing
         (launcher_server.py). Safe from any thread and from a signal handler."""
-        with self._cond:
+        with self._cond:  # close() closes the eventfd under it: a signal may come after
             if self._abandoned is not None:
                 return
             self._abandoned = reason
             self._cond.notify_all()
-        os.eventfd_write(self._abandon_fd, 1)
+            os.eventfd_write(self._abandon_fd, 1)
 
     def _request(self, header: dict[str, object], data: bytes, fds: list[int]) -> _Reply:
         """Send a request (`header`, then `data` in chunks) and take its reply; DeviceFailure
@@ -389,7 +389,9 @@ class Launcher:
         if self._pidfd < 0:
             return
         self._sock.close()
-        os.close(self._abandon_fd)
+        with self._cond:  # a stop signal in the teardown abandons nothing now
+            self._abandoned = self._abandoned or "the launcher is closed"
+            os.close(self._abandon_fd)
         if not readable(self._pidfd, STOP_TIMEOUT_S):
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         os.waitpid(self.pid, 0)

@@ -700,3 +700,17 @@ def test_launcher_reply_to_an_abandoned_spawn_leaves_the_other_devices_reports_w
         channel.close()
         process.close()
     assert isinstance(outcome[0], LauncherError)
+
+
+def test_launcher_abandon_after_close_writes_to_no_fd(rundir):
+    """A stop signal may come during the teardown, after the launcher's handle closed: its
+    eventfd is gone, and its number may be another file's by then."""
+    launcher = Launcher.start(rundir)
+    launcher.close()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # likely the eventfd's number, reused
+    try:
+        launcher.abandon("the VM is stopping")
+        assert not readable(r, 0)
+    finally:
+        os.close(r)
+        os.close(w)
