@@ -96,7 +96,8 @@ def staging_path(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{os.getpid()}"
 
 
-STAGING_NAME = re.compile(r"\..+\.tmp-[0-9]+")  # what staging_path() names, for any target
+# What staging_path() names, for any target (DOTALL: a name may hold a newline).
+STAGING_NAME = re.compile(r"\..+\.tmp-[0-9]+", re.DOTALL)
 
 
 def remove_stale_staging(directory: Path) -> list[Path]:
@@ -178,11 +179,18 @@ class SnapshotWriter:
             ) from None
         except OSError as e:
             raise SnapshotError(f"cannot create {self.tmp}: {e.strerror}") from None
-        self._dirfd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        # Held until the directory is renamed or removed: it marks the directory as being
-        # written (remove_stale_staging). Never contended: the directory is new, and no
-        # sweep takes a directory this young.
-        fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._dirfd = -1
+        try:
+            self._dirfd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # Held until the directory is renamed or removed: it marks the directory as being
+            # written (remove_stale_staging). Never contended: the directory is new, and no
+            # sweep takes a directory this young.
+            fcntl.flock(self._dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._close_dir()
+            with contextlib.suppress(OSError):
+                os.rmdir(self.tmp)
+            raise SnapshotError(f"cannot open and lock {self.tmp}: {e.strerror or e}") from None
 
     def __enter__(self) -> SnapshotWriter:
         return self

@@ -473,3 +473,62 @@ def test_writer_commit_that_cannot_take_its_rename_back_says_what_it_left(
     Snapshot.open(tmp_path / "s").verify()  # left, and it verifies (nothing can remove it)...
     # ...so the error must say so: the operator must not restore it after the VM ran on
     assert f"{tmp_path / 's'}" in str(failed.value) and "left" in str(failed.value), failed.value
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.parametrize("fails", ["open", "flock"])
+def test_writer_start_that_cannot_open_or_lock_its_directory_is_a_snapshot_error(
+    tmp_path, monkeypatch, fails
+):
+    """Between its mkdir and its flock: no fd left (EMFILE), or no lock record (ENOLCK)."""
+    mem = memory()
+    real_open = os.open
+
+    def no_fd_left(path, flags, *args, **kwargs):
+        if fails == "open" and flags & os.O_DIRECTORY and ".s.tmp-" in str(path):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, flags, *args, **kwargs)
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(writer_module.os, "open", no_fd_left)
+    if fails == "flock":
+        monkeypatch.setattr(writer_module.fcntl, "flock", no_locks)
+    before = open_fds()
+
+    with pytest.raises(SnapshotError, match="Too many open files|No locks available"):
+        SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem)
+
+    leaked = open_fds() - before
+    monkeypatch.undo()
+    mem.close()
+    assert (os.listdir(tmp_path), leaked) == ([], set())
+
+
+def test_writer_removes_a_killed_writers_leftover_whose_name_holds_a_newline(tmp_path, monkeypatch):
+    """A snapshot's name may hold any byte but '/' and NUL (`ctl snapshot $'/s/a\\nb'`): the
+    copy of guest RAM its killed writer left is a leftover like any other."""
+
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    mem = memory()
+    target = tmp_path / "a\nb"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            w = SnapshotWriter(target, VM_CONFIG, CPUID, mem)
+            w.add_ram(mem)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    os.waitpid(pid, 0)
+    left = f".a\nb.tmp-{pid}"
+    assert sorted(os.listdir(tmp_path / left)) == ["ram.bin"]  # a copy of guest RAM
+
+    removed = writer_module.remove_stale_staging(tmp_path)
+
+    mem.close()
+    assert (removed, os.listdir(tmp_path)) == ([tmp_path / left], [])
