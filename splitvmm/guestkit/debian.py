@@ -52,10 +52,15 @@ def run_tool(argv: Sequence[str], cwd: Path | None = None) -> subprocess.Complet
 
 
 def tool_error(result: subprocess.CompletedProcess[str]) -> str:
-    """apt's or dpkg's own error lines, else the last line it printed, shortened."""
+    """apt's own error lines, else the last line printed, shortened. dpkg-deb -x ends with
+    only "tar subprocess returned error exit status 2": tar's first "Cannot ..." line, which
+    says why (a full disk, a permission), goes first."""
     lines = (result.stderr + "\n" + result.stdout).strip().splitlines()
     errors = [line.removeprefix("E: ") for line in lines if line.startswith("E: ")]
-    text = "; ".join(errors) or (lines[-1] if lines else f"exit status {result.returncode}")
+    if not errors and lines:
+        causes = [line for line in lines if line.startswith("tar: ") and ": Cannot " in line]
+        errors = causes[:1] + lines[-1:]
+    text = "; ".join(errors) or f"exit status {result.returncode}"
     return text[:APT_ERROR_MAX]
 
 
@@ -135,6 +140,10 @@ def fetch_packages(run: Runner, dest: Path, progress: Progress) -> tuple[Package
     try:
         return _fetch(run, dest, progress)
     except PackageError as e:
+        first = e
         progress(f"{e}; refreshing the package lists (apt-get update) and retrying")
-    update_lists(run)
+    try:
+        update_lists(run)
+    except PackageError as e:  # the first failure is the one to fix; the update's comes after
+        raise PackageError(f"{first}; then {e}") from e
     return _fetch(run, dest, progress)

@@ -53,7 +53,7 @@ from splitvmm.guestkit.rootfs import (
     render_init,
     rootfs_entries,
 )
-from splitvmm.guestkit.vmconfig import render_vm_config
+from splitvmm.guestkit.vmconfig import CONFIG_HEADER, render_vm_config
 from splitvmm.record import Struct
 
 # Bump when the manifest's shape changes. Changes to what goes in the kit (/init, applets,
@@ -140,7 +140,10 @@ def build_kit(
     run: Runner = run_tool,
 ) -> Kit:
     """The kit in `cache_dir`: reused if complete and intact (unless `force`), else built."""
-    cache_dir = cache_dir.expanduser().resolve()  # the config holds absolute paths
+    try:
+        cache_dir = cache_dir.expanduser().resolve()  # the config holds absolute paths
+    except (RuntimeError, OSError) as e:  # a symlink loop, ~user of no such user
+        raise GuestKitError(f"cannot use {cache_dir} as the cache directory: {e}") from e
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -150,6 +153,7 @@ def build_kit(
     try:
         with _locked(cache_dir):
             _remove_killed_scratch(cache_dir)
+            _refuse_foreign_files(cache_dir)
             kit = None if force else load_cached_kit(cache_dir, progress)
             if kit is None:
                 earlier = _recorded_files(cache_dir)
@@ -167,6 +171,23 @@ def _remove_killed_scratch(cache_dir: Path) -> None:
     for path in cache_dir.iterdir():
         if SCRATCH_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _refuse_foreign_files(cache_dir: Path) -> None:
+    """A build overwrites debian.toml and manifest.json: in a directory that holds no kit of
+    ours (neither our config nor a manifest naming our files), those names are the user's."""
+    with contextlib.suppress(OSError), (cache_dir / CONFIG).open("rb") as f:
+        if f.readline().rstrip(b"\n") == CONFIG_HEADER.encode():
+            return
+    if _recorded_files(cache_dir):
+        return
+    for name in (CONFIG, MANIFEST):
+        path = cache_dir / name
+        if path.exists() or path.is_symlink():
+            raise GuestKitError(
+                f"{path} was not written by `splitvmm guest build`, which would overwrite it;"
+                " move it, or choose another --cache-dir"
+            )
 
 
 def _recorded_files(cache_dir: Path) -> set[Path]:
@@ -234,7 +255,7 @@ def _assemble(
     """Write vmlinuz and the initramfs from the unpacked packages, then the manifest."""
     with kernel.vmlinuz.open("rb") as f:
         boot = bzimage_info(f.read(SETUP_HEADER_END))
-    check_applets(busybox, run)
+    check_applets(busybox, run, progress)
     progress(f"collecting the virtio modules of {kernel.release}")
     modules = collect_modules(KernelModules(kernel.moddir), VIRTIO_MODULES)
     kit = Kit(
@@ -258,8 +279,11 @@ def _assemble(
     return kit
 
 
-def check_applets(busybox: Path, run: Runner) -> None:
+def check_applets(busybox: Path, run: Runner, progress: Progress = _quiet) -> None:
     """Fail at build time, not at boot, if this busybox lacks an applet the kit links."""
+    if os.statvfs(busybox).f_flag & os.ST_NOEXEC:  # the kit itself runs nothing it unpacks
+        progress(f"not checking busybox's applets: {busybox.parent} is on a noexec file system")
+        return
     result = run([str(busybox), "--list"])
     if result.returncode != 0:
         raise GuestKitError(f"{busybox} --list failed with exit status {result.returncode}")

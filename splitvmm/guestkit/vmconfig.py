@@ -31,12 +31,14 @@ def toml_string(text: str) -> str:
 
 
 DISK_SERIAL = "splitvmm-demo"  # what the guest reads as /sys/block/vda/serial
+# The config's first line: how a build tells its own debian.toml from a user's.
+CONFIG_HEADER = "# The splitvmm demo guest, written by `splitvmm guest build`."
 
 
 def render_vm_config(kernel: Path, initrd: Path, disk: Path, cmdline: str = KERNEL_CMDLINE) -> str:
     """The config text; a relative `kernel`, `initrd` or `disk` is taken from the config's own
     directory by `splitvmm up` (config.py), whatever the working directory."""
-    return f"""# The splitvmm demo guest, written by `splitvmm guest build`.
+    return f"""{CONFIG_HEADER}
 # Boot it with `splitvmm up` and the path of this file.
 # Add splitvmm.shell to the command line for a busybox shell on the serial console.
 [vm]

@@ -699,3 +699,117 @@ def test_build_kit_config_reached_through_a_symlink_boots_the_kit(tmp_path: Path
 
     # as `splitvmm up vms/demo.toml` reads it
     assert booted_files(link) == kit_files(tmp_path / "cache")
+
+
+# What dpkg-deb -x printed when the cache's file system filled up while it unpacked the
+# kernel (a 45 MiB tmpfs, linux-image-6.1.0-53-cloud-amd64 6.1.187-1), first and last lines.
+DPKG_DEB_DISK_FULL = """\
+tar: ./lib/modules/6.1.0-53-cloud-amd64/kernel/drivers/net/ethernet/mellanox/mlx5/core/\
+mlx5_core.ko: Wrote only 5632 of 10240 bytes
+tar: ./lib/modules/6.1.0-53-cloud-amd64/kernel/drivers/net/ethernet/mellanox/mlxfw/mlxfw.ko: \
+Cannot write: No space left on device
+tar: ./usr/share/lintian/overrides/linux-image-6.1.0-53-cloud-amd64: Cannot write: No space \
+left on device
+tar: Exiting with failure status due to previous errors
+dpkg-deb: error: tar subprocess returned error exit status 2
+"""
+
+
+class DiskFullHost(FakeHost):
+    def __call__(self, argv: Sequence[str], cwd: Path | None = None):
+        if list(argv[:2]) == ["dpkg-deb", "-x"]:
+            return subprocess.CompletedProcess(list(argv), 2, "", DPKG_DEB_DISK_FULL)
+        return super().__call__(argv, cwd)
+
+
+def test_build_kit_disk_full_while_unpacking_says_so(tmp_path: Path):
+    """A full disk while dpkg-deb unpacks: the error said only "tar subprocess returned
+    error exit status 2", dropping the line that names the cause."""
+    with pytest.raises(PackageError, match="No space left on device"):
+        kit.build_kit(tmp_path, run=DiskFullHost())
+
+
+APT_LOCKED = (
+    "E: Could not open lock file /var/lib/apt/lists/lock - open (13: Permission denied)\n"
+    "E: Unable to lock directory /var/lib/apt/lists/\n"
+)
+
+
+def test_fetch_packages_missing_package_not_root_error_names_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An archive without linux-image-cloud-amd64 (an Ubuntu host, an arm64 one), a user who
+    is not root: the one-line error was apt-get update's lock error alone, sending the user to
+    sudo; what was missing was only in a progress line."""
+
+    def no_such_package(argv: Sequence[str], cwd: Path | None = None):
+        err = APT_LOCKED if list(argv[:2]) == ["apt-get", "update"] else "E: No packages found\n"
+        return subprocess.CompletedProcess(list(argv), 100, "", err)
+
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
+    with pytest.raises(PackageError, match="linux-image-cloud-amd64: No packages found"):
+        debian.fetch_packages(no_such_package, tmp_path, kit._quiet)
+
+
+@pytest.mark.parametrize("name", [kit.CONFIG, kit.MANIFEST])
+def test_build_kit_keeps_a_file_it_finds_under_its_own_name(tmp_path: Path, name: str):
+    """--cache-dir ~/vms, where the user keeps their own debian.toml (or a manifest.json of
+    something else): the kit replaced it without a word. A directory that holds no kit of
+    ours is refused, naming the file; the file is kept."""
+    mine = b"[vm]\nname = 'my-debian'\nmemory = '4G'\n" if name == kit.CONFIG else b'{"v": 1}\n'
+    (tmp_path / name).write_bytes(mine)
+    with pytest.raises(GuestKitError, match=name):
+        kit.build_kit(tmp_path, run=FakeHost())
+    assert (tmp_path / name).read_bytes() == mine
+
+
+def test_guest_build_cli_symlink_loop_cache_dir_exits_1_with_message(tmp_path: Path):
+    """A --cache-dir that is a symlink loop: a RuntimeError traceback from Path.resolve()."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", str(tmp_path / "loop")])
+    assert (result.exit_code, type(result.exception)) == (1, SystemExit), result.exception
+    assert str(tmp_path / "loop") in result.output
+
+
+def test_guest_build_cli_unknown_user_home_exits_1_with_message():
+    """--cache-dir '~nosuchuser/kit' (quoted, so the shell left the ~): a RuntimeError
+    traceback from Path.expanduser()."""
+    result = CliRunner().invoke(guest_cli.command, ["build", "--cache-dir", "~nosuchuser/kit"])
+    assert (result.exit_code, type(result.exception)) == (1, SystemExit), result.exception
+    assert "~nosuchuser/kit" in result.output
+
+
+class NoexecHost(FakeHost):
+    """The cache on a noexec mount (/tmp, /dev/shm, removable media on hardened hosts): the
+    unpacked busybox cannot be run, as run_tool reports it."""
+
+    def __call__(self, argv: Sequence[str], cwd: Path | None = None):
+        if list(argv[1:]) == ["--list"]:
+            raise GuestKitError(f"cannot run {argv[0]}: Permission denied")
+        return super().__call__(argv, cwd)
+
+
+def test_build_kit_cache_on_noexec_file_system_builds_or_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The kit needs to run nothing it unpacks; the applet check did, and a cache on a noexec
+    file system failed with "cannot run <scratch>/busybox/bin/busybox: Permission denied",
+    a path already removed, which named neither noexec nor the cache directory."""
+    real_statvfs = kit.os.statvfs
+
+    class Noexec:
+        def __init__(self, path: object) -> None:
+            self._st = real_statvfs(path)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._st, name)
+
+        @property
+        def f_flag(self) -> int:
+            return self._st.f_flag | kit.os.ST_NOEXEC
+
+    monkeypatch.setattr(kit.os, "statvfs", Noexec)
+    messages: list[str] = []
+    built = kit.build_kit(tmp_path, run=NoexecHost(), progress=messages.append)
+    assert built.initrd.is_file()
+    assert any("noexec" in m for m in messages), messages
