@@ -510,6 +510,12 @@ class DeviceSlot:
                 return
             if self._gave_up_host_io:  # the VM stopped while its spare started: no cold one
                 raise DeviceFailure(f"device {self.name}: the VM is stopping")
+            with self._lock:  # anew: a spare given up may have written to the output since
+                if self._lost > self._checkpoint.applied:
+                    self._refuse_restart_locked(
+                        f"more than {MAX_JOURNAL} frames since its last checkpoint"
+                    )
+                resume = self._resume_locked()
             self.start(resume)
         except DeviceFailure as e:
             self.fail(f"its restart failed: {e}")
@@ -934,7 +940,7 @@ class DeviceSlot:
             try:
                 self.channel.sync()
             except ChannelError as e:
-                self._fail_locked(str(e))
+                self._channel_failed_locked(str(e))  # a dead process: how it ended, as a read
                 return False
             self._confirmed = self._frames
             return True

@@ -610,3 +610,25 @@ def test_virtio_rng_killed_5_times_entropy_keeps_coming(guests, tmp_path):
         vm.stop(timeout=30)
     text = vm.text()
     assert "failed" not in text and "in time" not in text and "came back" not in text, text[-800:]
+
+
+@pytest.mark.parametrize("after", [5, 6])
+def test_virtio_rng_crash_fault_is_reported_as_its_sigsegv(guests, tmp_path, after):
+    """Frames 5 and 6 are answered just before a synced write (a common-config or MSI-X
+    one): the sync meets the dying device, which must still be reported as its SIGSEGV,
+    not SIGKILLed by the monitor first."""
+    cfg = config(
+        tmp_path,
+        guests["virtio-rng"],
+        "count=64 len=4096 depth=16 rounds=100000",
+        rng_table() + f'on_crash = "restart"\nmax_restarts = 20\nfault = "crash:after={after}"\n',
+    )
+    vm = VmProcess(tmp_path, ["up", str(cfg)], tmp_path / "serial.log")
+    try:
+        vm.wait_for(r"virtio-rng: round \d+ ok")
+        vm.wait_running("rng0", 2)
+        dev = vm.device("rng0")
+    finally:
+        _, err = vm.stop(timeout=30)
+    assert dev["crashes"] == 1
+    assert "signal 11" in str(dev["last_failure"]), (dev["last_failure"], err[-1500:])

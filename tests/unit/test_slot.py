@@ -16,6 +16,7 @@ import pytest
 
 from splitvmm.devprocs.output import BoundedOutput, FdLine
 from splitvmm.devprocs.virtio_console import VirtioConsole
+from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
@@ -1044,3 +1045,90 @@ def test_output_on_a_shared_file_is_not_counted_but_takes_each_write_whole(tmp_p
         assert (out.counted(), out.immediate()) == (False, True)
     finally:
         os.close(fd)
+
+
+class LateSpareChannel:
+    """The spare's channel: the spare wrote to the output file (the bytes of the chains it
+    served, or of the frames it replayed), then its READY came after SPARE_READY_TIMEOUT_MS."""
+
+    connection_ended = False
+
+    def __init__(self, out: int, written: bytes) -> None:
+        self.out, self.written = out, written
+
+    def wait_ready(self, process: object, timeout_ms: int = 0) -> None:
+        os.write(self.out, self.written)
+        raise ChannelError("did not start within 2000 ms, before it was ready")
+
+    def close(self) -> None:
+        pass
+
+
+def test_slot_cold_start_after_a_late_spare_skips_what_the_spare_wrote_to_the_file(
+    tmp_path, monkeypatch
+):
+    """The slot's skip is the output file's growth less the checkpoint's count: it is what
+    the next process drops unsent (slot.py: "every byte once, none lost"). A spare that
+    wrote to the file and then missed its READY deadline is killed and a cold process
+    started, with the skip measured before the spare wrote: the cold process sends those
+    bytes again."""
+    out = os.open(tmp_path / "hvc.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        window = MODELS["virtio-console"].transport.size
+        resumed: list[dict[str, object]] = []
+        slot = DeviceSlot(
+            Spawn("con0", "virtio-console", window, fds={"out": out}),
+            tmp_path, refuse, Failures(), resumer=lambda process, spec: None,
+        )  # fmt: skip
+        os.write(out, b"first\n")  # the dead process's output, its checkpoint counts it
+        slot._checkpoint = Checkpoint(None, 0, 6)
+        os.write(out, b"sec")  # and after its checkpoint: the line took this, then the crash
+        slot.restarting = True  # a crash the policy restarts
+        slot._spare = (Outlived(lingered=False), os.open(os.devnull, os.O_RDONLY))  # type: ignore[assignment]
+        monkeypatch.setattr(
+            slot, "attach", lambda: setattr(slot, "channel", LateSpareChannel(out, b"ond\n"))
+        )
+        monkeypatch.setattr(slot, "start", resumed.append)  # the cold process's resume
+        monkeypatch.setattr(slot, "_wait_restarted", lambda: None)
+
+        slot.restart()
+        grown = os.fstat(out).st_size
+    finally:
+        os.close(out)
+
+    (resume,) = resumed
+    assert resume["emitted"] + resume["skip"] == grown == len(b"first\nsecond\n")
+
+
+class SyncMeetsDeath(Connection):
+    """A device proper that died (a crash fault's SIGSEGV right after it applied a queue
+    enable): its connection ended with it; the sync after the write finds it gone."""
+
+    def sync(self) -> None:
+        raise ChannelError("the device closed its end of the channel")
+
+
+def test_slot_sync_that_meets_a_dead_device_lets_the_process_end_before_killing_it(
+    tmp_path, monkeypatch
+):
+    """As a read or a posted write that meets a dead device (_channel_failed_locked): the
+    warden gets GONE_WAIT_MS to end the way the device did, and the supervisor says how
+    (process_ended). The sync killed it at once: its end was reported as SIGKILL, and the
+    device's last failure as the channel's words, for a crash the README says is SIGSEGV."""
+    failures = Failures()
+    slot = DeviceSlot(Spawn("rng0", "virtio-rng", VirtioRng.WINDOW), tmp_path, refuse, failures)
+    process = EndsSoon()
+    slot.state, slot.process, slot.supervised = SlotState.LIVE, process, True  # type: ignore[assignment]
+    slot.channel = SyncMeetsDeath(ended=True)  # type: ignore[assignment]
+    handed_over: list[float | None] = []
+
+    def supervisor_takes_it(timeout: float | None = None) -> bool:
+        handed_over.append(timeout)
+        slot.state = SlotState.AWAY  # process_ended, with the way the process ended
+        return True
+
+    monkeypatch.setattr(slot._back, "wait", supervisor_takes_it)
+
+    assert slot.sync() is False
+    assert process.asked[0] == GONE_WAIT_MS / 1000
+    assert handed_over and not process.killed and failures == []
