@@ -17,8 +17,9 @@ in this order (Machine.build calls the steps; the reasons are the order):
    thread and are inherited by the threads it makes later, so they are
    applied while there is still one thread. The vCPU, control and supervisor
    threads are all made afterwards and are born confined. Capabilities: all dropped, bounding and ambient sets emptied and
-   the securebits locked, when there are any (a root monitor); an unprivileged
-   monitor has none to drop. Not dumpable, and no core file: a crash writes no
+   the securebits locked, when there are any (a root monitor); the bounding set and
+   securebits stay where it lacks CAP_SETPCAP to change them (they act only at an
+   execve, which it cannot make); an unprivileged monitor has none to drop. Not dumpable, and no core file: a crash writes no
    guest RAM to disk, and no process of the same user may ptrace the monitor or
    read its memory through /proc (as each device). Landlock, only what the
    running monitor does:
@@ -70,6 +71,7 @@ SECCOMP_ENV = "SPLITVMM_MONITOR_SECCOMP"
 # "required" (the default), or "optional": a kernel without Landlock then runs the monitor
 # without it, with a warning (an operator's environment, trusted, as SECCOMP_ENV).
 LANDLOCK_ENV = "SPLITVMM_MONITOR_LANDLOCK"
+CAP_SETPCAP = 8  # <linux/capability.h>
 # A thread that Python has joined may still be listed in /proc/self/task for a moment: join()
 # returns once the thread's Python state is gone, just before its OS thread exits (seen once
 # in a full test run with the build's pit-mode thread, monitor/machine.py).
@@ -123,7 +125,12 @@ class Confinement:
             importlib.import_module(name)
         try:
             if held_capabilities():
-                confine.drop_capabilities()
+                # Locking the securebits and emptying the bounding set need CAP_SETPCAP, which
+                # a monitor holding other capabilities may lack (root under a bounding set
+                # without it, a user given CAP_NET_ADMIN for its TAPs). Both act only at an
+                # execve, which no_new_privs and the monitor's filter rule out.
+                setpcap = bool(held_capabilities("CapEff") & 1 << CAP_SETPCAP)
+                confine.drop_capabilities(bounding=setpcap)
             confine.set_no_new_privs()
             confine.set_dumpable(False)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -211,11 +218,12 @@ def policy_constants(launcher_fd: int) -> dict[str, int]:
     }
 
 
-def held_capabilities() -> int:
-    """The permitted capability set of this thread (0 for an unprivileged process)."""
+def held_capabilities(field: str = "CapPrm") -> int:
+    """The permitted capability set of this thread (0 for an unprivileged process), or the
+    set `field` of /proc/thread-self/status names."""
     with open("/proc/thread-self/status") as f:
         for line in f:
-            if line.startswith("CapPrm:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1], 16)
     return 0
 

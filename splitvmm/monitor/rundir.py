@@ -88,11 +88,28 @@ def _make_dir(path: Path, parents: bool) -> None:
         ) from None
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` names the file open as `fd` (not a file made there since)."""
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
+
 class RuntimeDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
         root = root or runtime_root()
         self.path = root / name
         self._lock_fd = -1
+        try:  # the launcher takes it as UTF-8 (sandbox/launcher_server.py), the devices too
+            os.fsencode(self.path).decode()
+        except UnicodeDecodeError:
+            raise SplitvmmError(
+                f"the runtime directory {os.fsencode(self.path)!r} is not UTF-8: "
+                "set XDG_RUNTIME_DIR to a UTF-8 path"
+            ) from None
         try:
             self._take(root, name)
         except OSError as e:  # what _make_dir does not name: a chmod, the lock file, a stale
@@ -107,20 +124,32 @@ class RuntimeDir:
     def _take(self, root: Path, name: str) -> None:
         _make_dir(root, parents=True)
         _check_ours(root)
-        _make_dir(self.path, parents=False)
-        _check_ours(self.path)
-        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            _make_dir(self.path, parents=False)
+            _check_ours(self.path)
+            lock = self.path / "lock"
+            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+                raise SplitvmmError(
+                    f"a VM named {name!r} is already running ({self.path})"
+                ) from None
+            if _same_file(self._lock_fd, lock):
+                break
+            # The VM of this name that held it ended between our open and our flock: its
+            # close() removed the file (and the directory) before it let the lock go, so ours
+            # is a lock on a file no other `up` can see. Take the one there now.
             os.close(self._lock_fd)
             self._lock_fd = -1
-            raise SplitvmmError(f"a VM named {name!r} is already running ({self.path})") from None
         # Left over from a VM that died without cleaning up: channels are per run, and so
         # are warm spares' sockets (a stale one made every spare of the next run fail to bind).
+        # (A VM that has just ended may be removing them too.)
         for pattern in ("*.sock", "*.sock.spare"):
             for stale in self.path.glob(pattern):
-                stale.unlink()
+                stale.unlink(missing_ok=True)
         os.ftruncate(self._lock_fd, 0)
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
 

@@ -124,17 +124,19 @@ def set_dumpable(dumpable: bool) -> None:
     prctl(lib.PR_SET_DUMPABLE, int(dumpable))
 
 
-def drop_capabilities() -> None:
+def drop_capabilities(bounding: bool = True) -> None:
     """Lock the securebits, empty the bounding and ambient sets, then all capability sets.
 
     Capabilities are per thread: only the calling thread loses them, so call
-    this before any other thread exists.
+    this before any other thread exists. bounding=False: leave the securebits and the
+    bounding set, which only a holder of CAP_SETPCAP may change.
     """
-    prctl(lib.PR_SET_SECUREBITS, SECUREBITS_LOCKED)
-    cap = 0
-    while lib.sv_prctl(lib.PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last cap
-        prctl(lib.PR_CAPBSET_DROP, cap)
-        cap += 1
+    if bounding:
+        prctl(lib.PR_SET_SECUREBITS, SECUREBITS_LOCKED)
+        cap = 0
+        while lib.sv_prctl(lib.PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last cap
+            prctl(lib.PR_CAPBSET_DROP, cap)
+            cap += 1
     prctl(lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_CLEAR_ALL)
     header = ffi.new("struct __user_cap_header_struct *")
     header.version = lib._LINUX_CAPABILITY_VERSION_3

@@ -534,3 +534,72 @@ def test_confine_process_waits_out_a_joined_thread_not_a_running_one():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True"]
+
+
+# Confined with some capabilities but not CAP_SETPCAP: root under a bounding set without it (a
+# hardened service, a container), or a user given CAP_NET_ADMIN for its TAPs (README: "made if
+# missing (needs CAP_NET_ADMIN)"). Locking the securebits and emptying the bounding set need
+# CAP_SETPCAP; the monitor used to refuse to start there ("cannot drop the monitor's
+# privileges: prctl(28)"). It must end holding no capability all the same.
+CAPS_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from splitvmm.monitor.confinement import Confinement
+    status = open("/proc/self/status")  # read once confined (Landlock hides /proc then)
+    c = Confinement(launcher_fd=3)  # only a constant of its policies here
+    c.confine_process(Path(sys.argv[1]), [])
+    fields = dict(l.split(":", 1) for l in status.read().splitlines())
+    print(json.dumps({k: int(fields[k], 16) for k in ("CapEff", "CapPrm", "CapAmb", "CapInh")}))
+    """
+)
+
+
+def confined_caps(setpriv: list[str], uid: int = 0) -> dict[str, int]:
+    """The capability sets of a process confined as the monitor is, run under `setpriv`."""
+    work = Path(tempfile.mkdtemp(prefix="splitvmm-caps-"))
+    try:
+        os.chmod(work, 0o755)
+        run = work / "run" / "vm"
+        run.mkdir(parents=True)
+        for d in (run.parent, run):
+            os.chown(d, uid, uid)
+            d.chmod(0o700)
+        result = subprocess.run(
+            ["setpriv", *setpriv, sys.executable, "-c", CAPS_PROBE, str(run)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(work)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="taking capabilities away with setpriv needs root",
+)
+
+
+@needs_root
+def test_root_monitor_without_cap_setpcap_confines_itself_and_holds_no_capability():
+    caps = confined_caps(["--bounding-set", "-setpcap"])
+    assert caps == {"CapEff": 0, "CapPrm": 0, "CapAmb": 0, "CapInh": 0}
+
+
+@needs_root
+def test_user_monitor_given_cap_net_admin_confines_itself_and_holds_no_capability():
+    caps = confined_caps(
+        [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=+net_admin",
+            "--ambient-caps=+net_admin",
+        ],  # fmt: skip
+        uid=65534,
+    )
+    assert (caps["CapEff"], caps["CapPrm"], caps["CapAmb"]) == (0, 0, 0)

@@ -1,10 +1,13 @@
 """The VM's runtime directory: private, and held by one running VM at a time."""
 
+import fcntl
+import os
 import stat
 
 import pytest
 
 from splitvmm.errors import SplitvmmError
+from splitvmm.monitor import rundir
 from splitvmm.monitor.rundir import MAX_SOCKET_PATH, RuntimeDir, check_socket_path, runtime_root
 
 
@@ -93,3 +96,34 @@ def test_socket_path_a_byte_too_long_is_refused_naming_it_and_what_to_shorten(tm
     ) as e:
         check_socket_path(path, "control socket")
     assert str(e.value).endswith("use a shorter vm.name or XDG_RUNTIME_DIR")
+
+
+def test_rundir_whose_path_is_not_utf8_is_an_error_naming_it(tmp_path):
+    """A non-UTF-8 XDG_RUNTIME_DIR (or TMPDIR) ended `up` in a UnicodeEncodeError traceback from
+    Launcher.configure, after the runtime dir was made: the launcher takes it as UTF-8."""
+    root = tmp_path / os.fsdecode(b"run-\xe9")
+    with pytest.raises(SplitvmmError, match="is not UTF-8"):
+        RuntimeDir("vm1", root)
+
+
+def test_rundir_taken_as_the_previous_vm_of_that_name_ends_is_held_by_one_vm(tmp_path, monkeypatch):
+    """The second `up` opens the lock file, the first VM ends (its close removes the directory,
+    lock file included, then lets the lock go), the second's flock then succeeds -- on a file
+    no longer in any directory. A third `up` of that name then makes the directory and a lock
+    file again, and runs beside the second: two live VMs with one name, one runtime dir."""
+    first = RuntimeDir("vm1", tmp_path)
+    real_flock = fcntl.flock
+
+    def first_ends_meanwhile(fd, op):
+        monkeypatch.setattr(rundir.fcntl, "flock", real_flock)
+        first.close()
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", first_ends_meanwhile)
+    second = RuntimeDir("vm1", tmp_path)
+    try:
+        assert (second.path / "lock").exists()  # it holds the lock file that is there
+        with pytest.raises(SplitvmmError, match="a VM named 'vm1' is already running"):
+            RuntimeDir("vm1", tmp_path).close()
+    finally:
+        second.close()
