@@ -109,6 +109,10 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
             own = monitor_constants
         elif path.name == "warden.policy":
             own = warden_constants
+        elif path.name not in loadable:
+            # A file only included: what names it may use depends on who includes it, and
+            # each loadable file above is parsed, with what it includes, with its own.
+            own = {**warden_constants, **monitor_constants}
         try:
             parsed = policy.parse_file(path, own)
             if path.name in loadable:

@@ -128,7 +128,7 @@ def _atomic_output(path: Path) -> Iterator[IO[bytes]]:
 @contextlib.contextmanager
 def _locked(cache_dir: Path) -> Iterator[None]:
     """One build at a time per cache: two would share (and delete) the same build/ dir."""
-    with (cache_dir / ".lock").open("w") as lock:
+    with (cache_dir / ".lock").open("a") as lock:  # "a": a .lock found there keeps its bytes
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -281,15 +281,44 @@ def _assemble(
 
 def check_applets(busybox: Path, run: Runner, progress: Progress = _quiet) -> None:
     """Fail at build time, not at boot, if this busybox lacks an applet the kit links."""
-    if os.statvfs(busybox).f_flag & os.ST_NOEXEC:  # the kit itself runs nothing it unpacks
-        progress(f"not checking busybox's applets: {busybox.parent} is on a noexec file system")
-        return
-    result = run([str(busybox), "--list"])
-    if result.returncode != 0:
-        raise GuestKitError(f"{busybox} --list failed with exit status {result.returncode}")
-    missing = sorted(set(APPLETS) - set(result.stdout.split()))
+    if os.statvfs(busybox).f_flag & os.ST_NOEXEC:  # it cannot run: read its applet table
+        progress(f"reading busybox's applets from the binary: {busybox.parent} is noexec")
+        have = busybox_applets(busybox.read_bytes())
+        if not have:
+            raise GuestKitError(
+                f"busybox-static holds no applet table to check, and it cannot be run:"
+                f" {busybox.parent} is on a noexec file system; choose another --cache-dir"
+            )
+    else:
+        result = run([str(busybox), "--list"])
+        if result.returncode != 0:
+            raise GuestKitError(f"{busybox} --list failed with exit status {result.returncode}")
+        have = set(result.stdout.split())
+    missing = sorted(set(APPLETS) - have)
     if missing:
         raise GuestKitError(f"busybox-static lacks the applets {', '.join(missing)}")
+
+
+_APPLET_NAME = re.compile(rb"[\x21-\x7e]+")
+
+
+def busybox_applets(image: bytes) -> set[str]:
+    """The applets of a busybox binary, read without running it: busybox keeps their names in
+    one table (applet_names), each NUL-terminated, in strcmp order, "[" (test) first. The
+    longest such run in the binary; empty if there is none."""
+    best: list[bytes] = []
+    start = image.find(b"\0[\0")
+    while start != -1:
+        names, at = [b"["], start + 3
+        while (end := image.find(b"\0", at)) != -1:
+            name = image[at:end]
+            if name <= names[-1] or not _APPLET_NAME.fullmatch(name):
+                break
+            names.append(name)
+            at = end + 1
+        best = max(best, names, key=len)
+        start = image.find(b"\0[\0", start + 1)
+    return {name.decode() for name in best}
 
 
 def collect_modules(kernel_modules: KernelModules, wanted: tuple[str, ...]) -> list[Module]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,25 @@ def test_policy_check_when_an_include_is_missing_names_file_and_line(tmp_path: P
 
     assert result.exit_code == 1
     assert f"{tmp_path / 'serial.policy'}:{lines}: cannot read" in result.output
+
+
+def test_policy_check_when_warden_policy_includes_a_file_naming_self_pid_exits_0(
+    tmp_path: Path,
+) -> None:
+    """warden.policy may @include a file beside it (policy.py: "another file of the same
+    directory"); the warden parses both with SELF_PID (load_warden_policy), so the policy
+    loads. check parsed every file but the four top-level ones with policy.CONSTANTS alone,
+    and reported the included file's SELF_PID as an unknown constant (before 6c43f4d it
+    passed)."""
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    warden = (tmp_path / "warden.policy").read_text()
+    assert "kill: arg0 == SELF_PID\n" in warden
+    (tmp_path / "warden.policy").write_text(
+        warden.replace("kill: arg0 == SELF_PID\n", "@include warden_signals.policy\n")
+    )
+    (tmp_path / "warden_signals.policy").write_text("kill: arg0 == SELF_PID\n")
+    assert "kill" in policy.load_warden_policy(os.getpid(), tmp_path).rules  # what it loads
+
+    result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)])
+
+    assert result.exit_code == 0, result.output

@@ -779,6 +779,11 @@ def test_guest_build_cli_unknown_user_home_exits_1_with_message():
     assert "~nosuchuser/kit" in result.output
 
 
+def busybox_image(applets: Sequence[str]) -> bytes:
+    """What a real busybox holds: its applet names, NUL-terminated, in strcmp order."""
+    return b"\x7fELF\0" + b"".join(name.encode() + b"\0" for name in sorted(applets)) + b"\0"
+
+
 class NoexecHost(FakeHost):
     """The cache on a noexec mount (/tmp, /dev/shm, removable media on hardened hosts): the
     unpacked busybox cannot be run, as run_tool reports it."""
@@ -788,13 +793,11 @@ class NoexecHost(FakeHost):
             raise GuestKitError(f"cannot run {argv[0]}: Permission denied")
         return super().__call__(argv, cwd)
 
+    BUSYBOX = busybox_image(APPLETS)
 
-def test_build_kit_cache_on_noexec_file_system_builds_or_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """The kit needs to run nothing it unpacks; the applet check did, and a cache on a noexec
-    file system failed with "cannot run <scratch>/busybox/bin/busybox: Permission denied",
-    a path already removed, which named neither noexec nor the cache directory."""
+
+def on_noexec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file system noexec, as statvfs tells the kit."""
     real_statvfs = kit.os.statvfs
 
     class Noexec:
@@ -809,7 +812,46 @@ def test_build_kit_cache_on_noexec_file_system_builds_or_says_so(
             return self._st.f_flag | kit.os.ST_NOEXEC
 
     monkeypatch.setattr(kit.os, "statvfs", Noexec)
+
+
+def test_build_kit_cache_on_noexec_file_system_builds_or_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The kit needs to run nothing it unpacks; the applet check did, and a cache on a noexec
+    file system failed with "cannot run <scratch>/busybox/bin/busybox: Permission denied",
+    a path already removed, which named neither noexec nor the cache directory. The applets
+    are read from the binary's own table there."""
+    on_noexec(monkeypatch)
     messages: list[str] = []
     built = kit.build_kit(tmp_path, run=NoexecHost(), progress=messages.append)
     assert built.initrd.is_file()
     assert any("noexec" in m for m in messages), messages
+
+
+class NoexecPoweroffLessHost(NoexecHost):
+    """A busybox-static built without poweroff (which /init runs last), in a noexec cache."""
+
+    BUSYBOX = busybox_image(sorted(set(APPLETS) - {"poweroff"}))
+
+
+def test_build_kit_cache_on_noexec_file_system_refuses_a_busybox_lacking_applets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """check_applets exists so that a busybox lacking an applet /init needs fails the build,
+    not the boot. Skipped on a noexec cache, the kit was built and its manifest written (every
+    later build reused it), and /init's last `poweroff` was "applet not found"."""
+    on_noexec(monkeypatch)
+    with pytest.raises(GuestKitError, match="poweroff"):
+        kit.build_kit(tmp_path, run=NoexecPoweroffLessHost())
+    assert not (tmp_path / kit.MANIFEST).exists()
+
+
+def test_build_kit_refusing_a_foreign_directory_keeps_its_lock_file(tmp_path: Path):
+    """The refusal keeps the user's debian.toml, but the build had opened --cache-dir/.lock
+    with "w" by then: a .lock of the user's (another tool's, with its pid) was emptied, in a
+    directory the kit then says is not its own."""
+    (tmp_path / kit.CONFIG).write_bytes(b"[vm]\nname = 'my-debian'\n")
+    (tmp_path / ".lock").write_bytes(b"12345\n")
+    with pytest.raises(GuestKitError, match=kit.CONFIG):
+        kit.build_kit(tmp_path, run=FakeHost())
+    assert (tmp_path / ".lock").read_bytes() == b"12345\n"
