@@ -79,6 +79,7 @@ init, once its warden has died -- on SIGCHLD.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -185,6 +186,7 @@ class Launcher:
         # wakes the thread that waits for the reply in poll.
         self._abandoned: str | None = None
         self._abandon_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._shut = False  # our sending side, once abandoned and receiving (_await)
 
     @classmethod
     def start(cls, channel_dir: Path | None = None) -> Launcher:
@@ -327,11 +329,21 @@ class Launcher:
                 if self._reading:
                     self._cond.wait(left)
                     continue
+                if self._abandoned is not None and not self._shut:
+                    # The launcher may be waiting for its zygote for a request given up (a
+                    # spawn), and reports no device's end meanwhile: our sending side shut
+                    # ends that wait (launcher_server.py), and it goes on reporting. Here, on
+                    # a thread that receives, not in abandon(): a vCPU's filter has neither.
+                    self._shut = True
+                    with contextlib.suppress(OSError):  # closed: close()
+                        self._sock.shutdown(socket.SHUT_WR)
                 self._reading = True
                 self._cond.release()
                 try:
-                    # A request's wait also ends at abandon(); an exit report's does not.
-                    received = self._receive(left, self._abandon_fd if request else None)
+                    # A request's wait also ends at abandon(); an exit report's does not, but
+                    # goes on once our sending side is shut (above).
+                    wake = self._abandon_fd if request or not self._shut else None
+                    received = self._receive(left, wake)
                 finally:
                     self._cond.acquire()
                     self._reading = False

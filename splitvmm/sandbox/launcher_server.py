@@ -158,10 +158,20 @@ class _Server:
         return self.zygote
 
     def _monitor_left(self) -> bool:
-        """Whether the monitor has closed its end (no request can be waiting for us)."""
+        """Whether the monitor has closed its end, or shut its sending side (no request can be
+        waiting for us)."""
         poller = select.poll()
-        poller.register(self.sock, 0)
+        poller.register(self.sock, select.POLLRDHUP)
         return bool(poller.poll(0))
+
+    def _monitor_only_reads(self) -> bool:
+        """Whether the monitor shut its sending side only (Launcher abandon), and reads still."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP)
+        events = 0
+        for _, each in poller.poll(0):
+            events |= each
+        return bool(events & select.POLLRDHUP) and not events & (select.POLLHUP | select.POLLERR)
 
     def _end_zygote(self) -> None:
         """End the zygote (it holds nothing to save), if there is one."""
@@ -194,7 +204,13 @@ class _Server:
         """One request, and its one reply; False once the monitor has closed its end."""
         data, fds, cut = receive(self.sock, MAX_MESSAGE)
         if not data and not fds:
-            return False
+            if not self._monitor_only_reads():
+                return False
+            # The monitor shut only its sending side (a stop gave up its request: Launcher
+            # abandon): no request comes any more, but it still reads the ends of the devices
+            # its teardown kills. Served until it closes the socket (POLLHUP).
+            self.poller.modify(self.sock, 0)
+            return True
         request = 0
         try:
             op, request, size, spare = _decode_header(data)

@@ -171,7 +171,9 @@ class Zygote:
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         if self.hangup_fd is not None:
-            poller.register(self.hangup_fd, 0)  # POLLHUP is reported whatever is asked
+            # POLLRDHUP: the monitor shut its sending side (a stop gave its request up) or
+            # closed its end (POLLHUP too)
+            poller.register(self.hangup_fd, select.POLLRDHUP)
         try:
             events = dict(poller.poll(round(timeout_s * 1000)))
             if self.hangup_fd in events:

@@ -714,3 +714,34 @@ def test_launcher_abandon_after_close_writes_to_no_fd(rundir):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_launcher_abandon_lets_the_teardown_reap_a_running_device_before_the_zygote_answers(
+    launcher, rundir, fds, monkeypatch
+):
+    """A restart's spawn waits for a hung zygote while another device runs, and the VM stops.
+    The teardown kills that device and waits for the launcher's report of its end before it
+    closes the launcher's socket (machine.py close: _end_devices, then the closables). The
+    launcher, single-threaded, sat in the zygote's fork timeout (10 s; 30 s for a new zygote's
+    imports) and reported nothing meanwhile. The abandoning handle shuts its sending side as it
+    goes on receiving: that ends the launcher's wait, and it reports ends as before. The handle
+    here gives the launcher less than the zygote's timeout to report the end."""
+    monkeypatch.setattr(launcher_module, "REPLY_TIMEOUT_S", 4.0)
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec)
+    channel = DeviceChannel("serial", spec.channel, listener)
+    try:
+        channel.wait_ready(process)
+        (zygote,) = children_of(launcher.pid) - {process.pid}
+        os.kill(zygote, signal.SIGSTOP)
+        thread, outcome = spawn_on_thread(launcher, serial_spec(rundir, fds, name="serial1",
+                                          channel=f"ipc://{rundir}/serial1.sock"))  # fmt: skip
+        launcher.abandon("the VM is stopping")
+        thread.join(5)
+        process.kill()  # the teardown's _end_devices
+        assert process.wait(10) == -signal.SIGKILL  # reported, not "did not answer within 4 s"
+        assert zygote not in children_of(launcher.pid)  # the wait for it ended: killed, reaped
+    finally:
+        channel.close()
+        process.close()
+    assert isinstance(outcome[0], LauncherError)
