@@ -128,7 +128,10 @@ class RuntimeDir:
             _make_dir(self.path, parents=False)
             _check_ours(self.path)
             lock = self.path / "lock"
-            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: _same_file compares the path itself; through a symlink the two
+            # never agree, and this loop would retry for ever
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._lock_fd = os.open(lock, flags, 0o600)
             try:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

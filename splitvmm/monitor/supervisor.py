@@ -114,15 +114,22 @@ class Supervisor(threading.Thread):
             poller.register(pidfd, select.POLLIN)
 
     def close(self) -> None:
-        """Stop watching (before the monitor ends the devices on purpose)."""
+        """Stop watching (before the monitor ends the devices on purpose). Its slots are
+        supervised no more: no process_ended() comes now, so a channel found broken (the
+        teardown's syncs) fails its device at once, not after END_TIMEOUT_S waiting for one
+        (DeviceSlot._channel_failed_locked)."""
         self._closing = True
         self._wake.trigger()
         if self.is_alive():
             self.join(timeout=5)
         with self._lock:
+            watched = [*self._watched.values(), *((s, p, sp) for _, s, p, sp in self._added)]
             pidfds = [*self._watched, *(fd for fd, _, _, _ in self._added)]
             self._watched.clear()
             self._added.clear()
+        for slot, _, spare in watched:
+            if not spare:
+                slot.supervised = False
         for fd in pidfds:
             os.close(fd)
         self._wake.close()

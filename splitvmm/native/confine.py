@@ -124,6 +124,21 @@ def set_dumpable(dumpable: bool) -> None:
     prctl(lib.PR_SET_DUMPABLE, int(dumpable))
 
 
+PR_GET_SECUREBITS = 27  # <linux/prctl.h>
+
+
+def _securebits_to_lock() -> int:
+    """SECUREBITS_LOCKED, but a bit that is locked already (systemd's SecureBits=, setpriv)
+    keeps the value it was locked at: changing it is EPERM. Each securebit acts only at an
+    execve or a setuid, which the caller rules out anyway (no_new_privs, no capability)."""
+    now = prctl(PR_GET_SECUREBITS)
+    bits = int(SECUREBITS_LOCKED)
+    for base in range(0, 32, 2):  # each bit, then its lock
+        if now & (2 << base):
+            bits = (bits & ~(3 << base)) | (now & (3 << base))
+    return bits
+
+
 def drop_capabilities(bounding: bool = True) -> None:
     """Lock the securebits, empty the bounding and ambient sets, then all capability sets.
 
@@ -132,7 +147,7 @@ def drop_capabilities(bounding: bool = True) -> None:
     bounding set, which only a holder of CAP_SETPCAP may change.
     """
     if bounding:
-        prctl(lib.PR_SET_SECUREBITS, SECUREBITS_LOCKED)
+        prctl(lib.PR_SET_SECUREBITS, _securebits_to_lock())
         cap = 0
         while lib.sv_prctl(lib.PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last cap
             prctl(lib.PR_CAPBSET_DROP, cap)

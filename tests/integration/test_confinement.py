@@ -603,3 +603,13 @@ def test_user_monitor_given_cap_net_admin_confines_itself_and_holds_no_capabilit
         uid=65534,
     )
     assert (caps["CapEff"], caps["CapPrm"], caps["CapAmb"]) == (0, 0, 0)
+
+
+@needs_root
+@pytest.mark.parametrize("bits", ["+noroot_locked", "+no_setuid_fixup_locked"])
+def test_root_monitor_under_a_securebit_locked_already_confines_itself(bits):
+    """systemd's SecureBits=noroot-locked, a container runtime: a securebit locked by the
+    parent cannot be changed (EPERM), and locking all of them refused to start the VM. It
+    keeps the value it was locked at; every capability still goes."""
+    caps = confined_caps(["--securebits", bits])
+    assert caps == {"CapEff": 0, "CapPrm": 0, "CapAmb": 0, "CapInh": 0}

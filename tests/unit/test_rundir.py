@@ -2,6 +2,7 @@
 
 import fcntl
 import os
+import signal
 import stat
 
 import pytest
@@ -127,3 +128,36 @@ def test_rundir_taken_as_the_previous_vm_of_that_name_ends_is_held_by_one_vm(tmp
             RuntimeDir("vm1", tmp_path).close()
     finally:
         second.close()
+
+
+class Expired(BaseException):
+    """Not an OSError (RuntimeDir turns those into SplitvmmError)."""
+
+
+@pytest.fixture
+def hang_guard():
+    """A loop that never ends fails the test instead of hanging the suite."""
+
+    def expired(signum, frame):
+        raise Expired("still looping after 10 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, 10.0)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("target", ["elsewhere", "dangling"])
+def test_rundir_whose_lock_is_a_symlink_is_refused_naming_it(tmp_path, hang_guard, target):
+    """The lock opened through a symlink is never "the file at its path" (_same_file looks at
+    the link): the check that the lock is still there made `up` retry for ever at full CPU."""
+    vm = tmp_path / "root" / "vm1"
+    vm.mkdir(parents=True, mode=0o700)
+    (tmp_path / "root").chmod(0o700)
+    real = tmp_path / "real-lock"
+    if target == "elsewhere":
+        real.touch()
+    (vm / "lock").symlink_to(real)
+    with pytest.raises(SplitvmmError, match=str(vm / "lock")):
+        RuntimeDir("vm1", tmp_path / "root")

@@ -30,6 +30,7 @@ from splitvmm.monitor.slot import (
     Spawn,
     mark_shared_outputs,
 )
+from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.routing import MsiRoute
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
@@ -1132,3 +1133,39 @@ def test_slot_sync_that_meets_a_dead_device_lets_the_process_end_before_killing_
     assert slot.sync() is False
     assert process.asked[0] == GONE_WAIT_MS / 1000
     assert handed_over and not process.killed and failures == []
+
+
+class ChildProcess(DeviceProcess):
+    """A child of this test, reaped here."""
+
+    def _reap(self) -> int:
+        return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+
+def test_slot_teardown_sync_meeting_a_dead_device_waits_for_no_closed_supervisor(tmp_path):
+    """Machine.run() closes the supervisor, then Machine.close() syncs every live device. A
+    device that died meanwhile has its sync fail through _channel_failed_locked, which, the
+    slot still `supervised`, waited END_TIMEOUT_S (5 s) for a process_ended() that no closed
+    supervisor calls: every `up` ending that way took 5 s longer. A closed supervisor's slots
+    are supervised no more, and the sync fails the device at once."""
+    failures = Failures()
+    slot = DeviceSlot(Spawn("rng0", "virtio-rng", VirtioRng.WINDOW), tmp_path, refuse, failures)
+    child = subprocess.Popen(["sleep", "60"])
+    process = ChildProcess(child.pid, os.pidfd_open(child.pid))
+    slot.state, slot.process = SlotState.LIVE, process
+    slot.channel = SyncMeetsDeath(ended=True)  # type: ignore[assignment]
+    supervisor = Supervisor(heartbeat_s=3600)
+    supervisor.watch(slot)
+    supervisor.start()
+    try:
+        supervisor.close()  # Machine.run()'s finally
+        assert not slot.supervised
+        process.kill()  # the device dies after that
+        while not process.ended(0.1):
+            pass
+        assert slot.sync() is False  # Machine._sync_devices
+    finally:
+        process.kill()
+        child.wait()
+        process.close()
+    assert failures == ["the device closed its end of the channel"]
