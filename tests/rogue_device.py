@@ -28,6 +28,7 @@ BEHAVIOURS = (
     "silent",  # never answers a read
     "hang-up",  # closes its end of the channel at the first read, and lives on
     "bad-ready",  # garbage instead of READY
+    "event-ready",  # an event (a publish) instead of READY
     "wide-reply",  # replies with more data than was asked for
     "slow",  # answers every read and sync correctly, DELAY_MS late
     "slow-control",  # answers every control request correctly, DELAY_MS late; reads at once
@@ -148,8 +149,9 @@ def main() -> None:
     sock = zmq.Context().socket(zmq.PAIR)
     sock.setsockopt(zmq.RECONNECT_IVL, -1)  # as a device's (devprocs/runtime.py _connect)
     sock.connect(spec["channel"])
-    if behaviour == "bad-ready":
-        sock.send(b"\x00" * 24)
+    if behaviour in ("bad-ready", "event-ready"):
+        state = {"model": "serial", "version": VERSION, "fields": {}}
+        sock.send(b"\x00" * 24 if behaviour == "bad-ready" else events.encode_publish(state))
         time.sleep(30)
         return
     sock.send(wire.encode_ready())

@@ -201,7 +201,9 @@ class DeviceChannel:
         try:
             if control.is_control(buf):
                 msg = control.decode(buf)
-                text = str(msg.get("message", ""))[: control.MAX_ERROR_TEXT]
+                if msg["op"] != "error":  # only a Failed frame says why it cannot start
+                    raise ProtocolError(f"sent {msg['op']!r} where READY was expected")
+                text = msg["message"][: control.MAX_ERROR_TEXT]
                 raise ProtocolError(f"refused to start: {text!r}")
             wire.decode_ready(buf)
         except ProtocolError as e:

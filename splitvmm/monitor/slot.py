@@ -146,6 +146,9 @@ MAX_AHEAD = 2 * events.PUBLISH_EVERY
 # `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
 STATS_LOCK_WAIT_S = 0.05
+# `ctl crash-device` waits this long for an access or request that holds the slot (each has
+# its deadline) before it gives up the slot's wait on the device's host-I/O flag (none).
+CRASH_LOCK_WAIT_S = READ_TIMEOUT_MS / 1000
 
 # A read whose device died before answering goes once more, to its next process; if that one
 # dies too, the read is all-ones. A read that kills every process it reaches would otherwise
@@ -719,8 +722,18 @@ class DeviceSlot:
         """Send `signum` to the device's process (ctl crash-device); its pid. That is the
         process the launcher started, the device's warden (sandbox/device.py): it dies of
         `signum`, and the device proper, its child, dies with it by SIGKILL (its parent-death
-        signal), a moment later."""
-        with self._lock:
+        signal), a moment later.
+
+        A request waiting past its deadline on the device's host-I/O flag (channel.py) holds
+        the lock for as long as the flag stays set, which a compromised device decides: that
+        wait is given up (the request fails within a slice, and the device with it) rather
+        than waited for; this call hung with it, and the control worker too."""
+        if not self._lock.acquire(timeout=CRASH_LOCK_WAIT_S):
+            channel = self.channel
+            if channel is not None:
+                channel.give_up_host_io()
+            self._lock.acquire()
+        try:
             process = self.process
             if process is None or self.state is not SlotState.LIVE:
                 raise DeviceFailure(f"device {self.name} is {self.state.value}: no process")
@@ -734,6 +747,8 @@ class DeviceSlot:
             process.send_signal(signum)
             self._crashed = process  # every signal crash() sends ends a process
             return process.pid
+        finally:
+            self._lock.release()
 
     def vacate(self) -> None:
         """End the device's process and close its channel: the device is away, and accesses
@@ -1272,9 +1287,11 @@ def _how(process: DeviceProcess) -> str:
 def _host_io_flag(spawn: Spawn) -> Callable[[], bool] | None:
     """How the monitor reads whether a device is inside a host I/O call: the flag in its
     progress page (protocol/models.py PROGRESS_HOST_IO_BYTE), read with pread (the monitor
-    maps nothing a device writes); None for a device without a progress page."""
+    maps nothing a device writes); None for a device without a progress page, or without a
+    disk: the flag is untrusted, and only a disk's call is waited for past a deadline (a
+    compromised virtio-console that set it held a vCPU, and its heartbeat, for ever)."""
     fd = _fd_of_kind(spawn, FdKind.PROGRESS)
-    if fd is None:
+    if fd is None or _fd_of_kind(spawn, FdKind.DISK) is None:
         return None
     return lambda: os.pread(fd, 1, PROGRESS_HOST_IO_BYTE) == b"\x01"
 

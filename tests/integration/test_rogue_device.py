@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import select
+import signal
 import sys
 import threading
 import time
@@ -19,6 +21,7 @@ from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.slot import Checkpoint, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import HEARTBEAT_TIMEOUT_MS
 from splitvmm.native.eventfd import EventFd
+from splitvmm.protocol.models import MODELS, PROGRESS_HOST_IO_BYTE
 from splitvmm.sandbox.spawn import spawn_child
 from tests.rogue_device import BEHAVIOURS, CHECKPOINT_EMITTED, SLOW_DATA, VERSION
 
@@ -91,11 +94,20 @@ def test_rogue_reply_kills_device_and_monitor_goes_on(behaviour, reason, tmp_pat
     assert process.returncode is not None  # killed, not left running
 
 
-def test_rogue_ready_garbage_refuses_start(tmp_path):
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        ("bad-ready", "device rogue0: expected READY"),
+        # only an `error` frame says why a device cannot start; quoting this one's (absent)
+        # message said "refused to start: ''", which points at the device's options
+        ("event-ready", "device rogue0: sent 'publish' where READY was expected"),
+    ],
+)
+def test_rogue_ready_garbage_refuses_start(tmp_path, behaviour, reason):
     failures: list[str] = []
-    slot = spawn_rogue("bad-ready", tmp_path, failures)
+    slot = spawn_rogue(behaviour, tmp_path, failures)
     try:
-        with pytest.raises(DeviceFailure, match="device rogue0: expected READY"):
+        with pytest.raises(DeviceFailure, match=reason):
             slot.wait_ready()
     finally:
         slot.close()
@@ -111,6 +123,7 @@ def test_all_rogue_behaviours_are_tested():
         "hang-up",
         "wide-reply",
         "bad-ready",
+        "event-ready",
         "slow",
         "slow-control",
         "publish",
@@ -323,3 +336,101 @@ def test_device_route_request_granted_only_for_its_own_line(tmp_path):
         slot.close()
     assert failures == []
     assert told == bytes([0b01])  # GSI 4 (the serial's line) granted, GSI 9 refused
+
+
+# -- the host-I/O flag (monitor/channel.py): a device "waiting on its host's disk" is waited
+# for past its deadlines. The flag is the device's to set, in its progress page.
+def spawn_posing_as(model: str, fds: dict[str, int], tmp_path, failures: list[str]) -> DeviceSlot:
+    """A silent rogue device posing as `model`, its progress page's host-I/O flag set (the
+    lie a compromised device tells in the page it maps), READY."""
+    command = (sys.executable, "-m", "tests.rogue_device", "silent")
+    window = MODELS[model].transport.size
+    slot = DeviceSlot(
+        Spawn("rogue0", model, window, {}, fds),
+        tmp_path,
+        lambda spec: spawn_child(spec, command),
+        lambda slot, reason: failures.append(reason),
+    )
+    slot.start()
+    slot.wait_ready()
+    os.pwrite(fds["progress"], b"\x01", PROGRESS_HOST_IO_BYTE)
+    return slot
+
+
+@pytest.fixture
+def progress_page():
+    fd = os.memfd_create("progress", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)
+    yield fd
+    os.close(fd)
+
+
+def test_console_claiming_host_io_holds_no_vcpu_past_its_deadline(tmp_path, progress_page):
+    """Only virtio-blk has a disk to wait on. A compromised virtio-console (which has a
+    progress page too) that set the flag and went silent held a vCPU's access, the slot's
+    lock and its heartbeat for ever; it fails at its deadline as any silent device does."""
+    failures: list[str] = []
+    slot = spawn_posing_as("virtio-console", {"progress": progress_page}, tmp_path, failures)
+    result: list[bytes] = []
+    try:
+        reader = threading.Thread(target=lambda: result.append(slot.read(0, 4)), daemon=True)
+        reader.start()
+        reader.join(3 * READ_TIMEOUT_MS / 1000)
+        held = reader.is_alive()
+    finally:
+        slot.give_up_host_io()  # (what a VM's stop does) lets a held read go
+        slot.close()
+    assert not held, "a vCPU's read still waits on a console device that claims host I/O"
+    assert result == [b"\xff" * 4]
+    assert len(failures) == 1 and "no reply within" in failures[0], failures
+
+
+def test_console_claiming_host_io_misses_its_heartbeat(tmp_path, progress_page):
+    failures: list[str] = []
+    slot = spawn_posing_as("virtio-console", {"progress": progress_page}, tmp_path, failures)
+    try:
+        for _ in range(3):  # three beats of the supervisor's
+            slot.heartbeat(HEARTBEAT_MS)
+    finally:
+        slot.close()
+    assert len(failures) == 1 and "missed its heartbeat" in failures[0], failures
+
+
+def test_crash_device_ends_a_blk_device_that_holds_a_vcpu_on_its_host_io_flag(
+    tmp_path, progress_page
+):
+    """virtio-blk's flag is waited on past every deadline, by design: a compromised one holds
+    a vCPU's access, and the slot's lock, until the VM stops. `ctl crash-device` is the
+    operator's way to end it (its death ends that access at once), but it waited for the same
+    lock: it hung, and the control worker with it (every later request refused as busy)."""
+    disk = os.open(tmp_path / "disk.img", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.ftruncate(disk, 1 << 20)
+    failures: list[str] = []
+    slot = spawn_posing_as(
+        "virtio-blk", {"progress": progress_page, "disk": disk}, tmp_path, failures
+    )
+    crashed: list[object] = []
+
+    def crash() -> None:
+        try:
+            crashed.append(slot.crash(signal.SIGKILL))
+        except DeviceFailure as e:  # the held access failed the device first: said, returned
+            crashed.append(e)
+
+    try:
+        reader = threading.Thread(target=slot.read, args=(0, 4), daemon=True)
+        reader.start()
+        reader.join(READ_TIMEOUT_MS / 1000 + 0.5)  # past the read's deadline: held
+        assert reader.is_alive()
+        operator = threading.Thread(target=crash, daemon=True)
+        operator.start()
+        operator.join(2 * READ_TIMEOUT_MS / 1000)
+        hung = operator.is_alive()
+        reader.join(2 * READ_TIMEOUT_MS / 1000)
+        read_held = reader.is_alive()
+    finally:
+        slot.give_up_host_io()
+        slot.close()
+        os.close(disk)
+    assert not hung, "ctl crash-device hangs on a device that holds a vCPU on its host-I/O flag"
+    assert not read_held and len(failures) == 1, failures
