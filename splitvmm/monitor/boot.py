@@ -5,7 +5,8 @@ page; the MP table lists every vCPU; the BSP starts at the 64-bit entry and
 the APs wait for INIT/SIPI in the in-kernel LAPIC, as on a PC. Firmware: a
 flat image mapped read-only at the top of 4 GiB, its tail copied into RAM below
 1 MiB (layout.FIRMWARE_SHADOW); every vCPU keeps KVM's reset state, so the BSP
-starts at the reset vector in real mode.
+starts at the reset vector in real mode, with what KVM's reset leaves out of the SDM's
+power-up state added (boot64.setup_power_on).
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def prepare(
         boot64.setup_lapic_lints(v)
     if isinstance(boots, loader.FirmwareImage):
         write_shadow(mem, boots)
-        return  # vCPUs keep KVM's reset state (the BSP at the reset vector)
+        for v, table in zip(vcpus, tables, strict=True):
+            boot64.setup_power_on(v, table)
+        return  # otherwise KVM's reset state (the BSP at the reset vector)
     kernel = boots
     leaf1 = next((e for e in tables[0] if e.function == 1), None)
     mptable.write_mptable(mem, len(vcpus), leaf1, pci_intx)

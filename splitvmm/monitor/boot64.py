@@ -10,6 +10,7 @@ SDM Vol. 3A 4.5, "4-Level Paging"), as Firecracker and crosvm do.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from splitvmm.monitor.layout import (
@@ -35,7 +36,7 @@ from splitvmm.record import Struct
 
 if TYPE_CHECKING:
     from splitvmm.monitor.loader import GuestRam
-    from splitvmm.native.kvm import VcpuFd
+    from splitvmm.native.kvm import CpuidEntry, VcpuFd
 
 # Page-table entry bits (SDM Vol. 3A 4.5, tables 4-15 to 4-18).
 PTE_PRESENT = 1 << 0
@@ -257,6 +258,21 @@ def setup_lapic_lints(vcpu: VcpuFd) -> None:
         lvt = int.from_bytes(regs[offset : offset + 4], "little")
         regs[offset : offset + 4] = _with_delivery_mode(lvt, mode).to_bytes(4, "little")
     vcpu.set_lapic(bytes(regs))
+
+
+def setup_power_on(vcpu: VcpuFd, cpuid_table: Sequence[CpuidEntry]) -> None:
+    """What KVM's RESET leaves out of the SDM's power-up state (Vol. 3A, "Processor State
+    After Reset"), for a firmware boot: EDX holds the processor signature, CPUID.01H:EAX (KVM
+    resets a vCPU before it has a CPUID table, and puts its default 0x600 there), and
+    IA32_MISC_ENABLE has fast strings on (Vol. 4 table 2-2: the default; KVM resets it off).
+    QEMU's x86_cpu_reset_hold sets both."""
+    leaf1 = next((e for e in cpuid_table if (e.function, e.index) == (1, 0)), None)
+    if leaf1 is not None:
+        regs = vcpu.get_regs()
+        regs.rdx = leaf1.eax
+        vcpu.set_regs(regs)
+    unavailable = MISC_ENABLE_BTS_UNAVAIL | MISC_ENABLE_PEBS_UNAVAIL
+    vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING | unavailable})
 
 
 def setup_fpu(vcpu: VcpuFd) -> None:

@@ -19,6 +19,7 @@ from splitvmm.monitor.boot64 import (
 )
 from splitvmm.monitor.cpuid import CpuidMask
 from splitvmm.monitor.layout import BOOT_GDT, BOOT_STACK_TOP, MPTABLE, PML4, ZERO_PAGE
+from splitvmm.monitor.loader import load_firmware
 from splitvmm.native._kvm import ffi
 from splitvmm.native.kvm import CpuidEntry
 from tests.fakes import FakeGuestMemory
@@ -217,3 +218,42 @@ def test_boot_msrs_enable_mtrrs_with_write_back_default() -> None:
     msrs = boot_msrs()
 
     assert msrs[0x2FF] == 0x806
+
+
+class RecordingVcpu(FakeVcpu):
+    """A FakeVcpu that keeps the registers set."""
+
+    def __init__(self, vcpu_id: int) -> None:
+        super().__init__(vcpu_id)
+        self.regs = ffi.new("struct kvm_regs *")
+        self.regs.rdx = 0x600  # KVM's RESET value before any CPUID table
+
+    def get_regs(self) -> object:
+        regs = ffi.new("struct kvm_regs *")
+        regs[0] = self.regs[0]
+        return regs
+
+    def set_regs(self, regs: object) -> None:
+        self.regs[0] = regs[0]  # type: ignore[index]
+
+
+def test_prepare_firmware_gives_every_vcpu_the_sdms_power_on_edx_and_fast_strings(
+    tmp_path,
+) -> None:
+    """SDM Vol. 3A "Processor State After Reset": EDX holds CPUID.01H:EAX, the processor
+    signature (KVM puts 0x600 there, as it resets a vCPU before it has a CPUID table); Vol. 4
+    table 2-2: IA32_MISC_ENABLE's fast strings default to on (KVM resets them off). QEMU's
+    x86_cpu_reset_hold sets both."""
+    image = tmp_path / "fw.bin"
+    image.write_bytes(bytes(64 * 1024))
+    kvm = SimpleNamespace(
+        supported_cpuid=lambda: [CpuidEntry(1, 0, 0, 0x906EA, 0, 0, 0)],
+        check_extension=lambda cap: 1,
+    )
+    vcpus = [RecordingVcpu(i) for i in range(2)]
+
+    firmware, mask = load_firmware(image), CpuidMask.parse(())
+    boot.prepare(kvm, FakeGuestMemory(16 * MIB), vcpus, firmware, mask)  # type: ignore[arg-type]
+
+    assert [v.regs.rdx for v in vcpus] == [0x906EA, 0x906EA]
+    assert [v.msrs and v.msrs[MSR_IA32_MISC_ENABLE] & 1 for v in vcpus] == [1, 1]
