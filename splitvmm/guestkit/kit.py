@@ -305,11 +305,12 @@ _APPLET_NAME = re.compile(rb"[\x21-\x7e]+")
 def busybox_applets(image: bytes) -> set[str]:
     """The applets of a busybox binary, read without running it: busybox keeps their names in
     one table (applet_names), each NUL-terminated, in strcmp order, "[" (test) first. The
-    longest such run in the binary; empty if there is none."""
+    longest such run in the binary; empty if there is none. What precedes the table is
+    another object's last byte (applet_flags, in a static build), not always a NUL."""
     best: list[bytes] = []
-    start = image.find(b"\0[\0")
+    start = image.find(b"[\0")
     while start != -1:
-        names, at = [b"["], start + 3
+        names, at = [b"["], start + 2
         while (end := image.find(b"\0", at)) != -1:
             name = image[at:end]
             if name <= names[-1] or not _APPLET_NAME.fullmatch(name):
@@ -317,7 +318,7 @@ def busybox_applets(image: bytes) -> set[str]:
             names.append(name)
             at = end + 1
         best = max(best, names, key=len)
-        start = image.find(b"\0[\0", start + 1)
+        start = image.find(b"[\0", start + 1)
     return {name.decode() for name in best}
 
 

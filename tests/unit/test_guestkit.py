@@ -855,3 +855,47 @@ def test_build_kit_refusing_a_foreign_directory_keeps_its_lock_file(tmp_path: Pa
     with pytest.raises(GuestKitError, match=kit.CONFIG):
         kit.build_kit(tmp_path, run=FakeHost())
     assert (tmp_path / ".lock").read_bytes() == b"12345\n"
+
+
+# Debian 13 (trixie) busybox-static 1:1.37.0-6+b9, usr/bin/busybox: the 16 bytes before its
+# applet table are the end of applet_flags (2 bits an applet: nofork, noexec), which the
+# linker put right before applet_names; the last byte, 0x20, packs xz, xzcat, yes (NOEXEC)
+# and zcat. Elsewhere in the binary lies b"\0[\0y\0\x98\0" (the first "\0[\0" that is
+# followed by a name), which is all busybox_applets found.
+APPLET_FLAGS_TAIL = b'\xc0"\x080\xc0\xc0\xb3\x008\xe0\x00\x0e"\xc0\xae '
+STRAY = b"\0[\0y\0\x98\0"
+TRIXIE_TAIL = ["xz", "xzcat", "yes", "zcat"]
+
+
+def trixie_busybox_image(applets: Sequence[str]) -> bytes:
+    """busybox-static's applet table as it lies in Debian 13's binary."""
+    names = b"".join(name.encode() + b"\0" for name in sorted(applets)) + b"\0"
+    return b"\x7fELF\0" + STRAY + APPLET_FLAGS_TAIL + names
+
+
+def test_busybox_applets_reads_a_table_that_follows_applet_flags():
+    """busybox_applets looked for b"\\0[\\0": a table whose preceding byte is another object's
+    (applet_flags' last byte, non-zero whenever one of the last applets is NOFORK or NOEXEC:
+    Debian 13's `yes`) was not found, and the stray "[", "y" was taken for it."""
+    applets = sorted({*APPLETS, "[[", *TRIXIE_TAIL})
+    assert kit.busybox_applets(trixie_busybox_image(applets)) == set(applets)
+
+
+class NoexecTrixieHost(NoexecHost):
+    """Debian 13's busybox-static (every applet the kit links) in a noexec cache."""
+
+    BUSYBOX = trixie_busybox_image(sorted({*APPLETS, "[[", *TRIXIE_TAIL}))
+
+
+def test_build_kit_cache_on_noexec_file_system_with_debian_13s_busybox_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """On a Debian 13 host with a noexec cache the build failed with "busybox-static lacks the
+    applets ash, cat, chmod, ..." for a busybox that holds every one of them (`busybox --list`
+    lists all 272), and no kit could be built there."""
+    on_noexec(monkeypatch)
+    try:
+        built = kit.build_kit(tmp_path, run=NoexecTrixieHost())
+    except GuestKitError as e:
+        pytest.fail(f"refused: {e}")
+    assert built.initrd.is_file()
