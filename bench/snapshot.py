@@ -22,13 +22,18 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
   of system time more than the next ones, whoever makes it (this host's page
   allocation: a plain write+fsync made first took 571 ms, the save after it
   218 ms; made second, 138 ms), so an untimed write of the same size comes
-  before the save.
+  before the save, and one before the floor's timed write (disk_floor): the floor
+  comes after a restored VM ended, and its single try paid the same (252-434 ms
+  against 85-122 for the same write right after, in 4 of 6 runs of 256/128).
 - restore s: from our clock reading before the spawn of `up --restore` to the
-  monitor's "devices ready" mark, right before the vCPU threads start (its
-  --timings marks use the same CLOCK_MONOTONIC). The restore phases table says
-  where that time went (the phases of splitvmm/timings.py, from the last run).
-- ctl s: the old figure, until `splitvmm ctl status` first answers, which is asked once
-  the control socket exists (a ctl client per poll took CPU from the restore).
+  monitor's "vcpus started" mark, taken once its vCPU threads are started (its
+  --timings marks use the same CLOCK_MONOTONIC), as QEMU's figure runs until its
+  vCPUs run (`cont`). The restore phases table says where that time went (the
+  phases of splitvmm/timings.py, from the last run).
+- ctl s: until the control socket first answers a status request. This bench asks it
+  from its own process, as it asks QEMU through QMP: the socket exists from the devices'
+  launch on, before the vCPUs run, so a `splitvmm ctl` client (an interpreter's start and
+  imports) started when it appeared ran beside the restore it was waiting for.
 - QEMU (when qemu-system-x86_64 is installed), on the same RAM: QEMU's KVM
   cannot run the `dirty` guest (an ELF with a 64-bit Linux-style entry), so it
   runs the firmware-hello guest (prints, then halts) with the same number of
@@ -145,11 +150,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.qmp import Qmp  # noqa: E402
 from bench.vmrun import compile_package, wait_for_text, write_config  # noqa: E402
+from splitvmm.monitor.control import READ_ONLY_TIMEOUT_S, ControlError, request  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 FIRST = re.compile(r"timings: first mark at monotonic ([\d.]+) s")
 PHASE = re.compile(r"timings: phase (.+?)\s+([\d.]+) ms$", re.MULTILINE)
-VCPUS_START = "devices ready (wait)"  # the last phase before the vCPU threads start
+VCPUS_START = "vcpus started"  # the mark right after the vCPU threads start (Machine.run)
 QEMU = "qemu-system-x86_64"
 DIRTY_START_MIB = 16  # where the `dirty` guest starts writing (tests/guests/dirty.c)
 WAIT_TIMEOUT_S = 120  # a guest's line, a loaded host included
@@ -172,8 +178,17 @@ def settle() -> None:
 
 
 def disk_floor(work: Path, size: int) -> float:
-    """Seconds to write `size` bytes and fsync them, in 1 MiB pieces."""
+    """Seconds to write `size` bytes and fsync them, in 1 MiB pieces, after an untimed write
+    of the same, as the save comes after one (one()): the first large write after the
+    host's memory churned (a guest dirtied its RAM, a VM ended) pays more, whoever makes it."""
     piece = os.urandom(1 << 20)
+    write_fsync(work, size, piece)
+    return write_fsync(work, size, piece)
+
+
+def write_fsync(work: Path, size: int, piece: bytes) -> float:
+    """Seconds to write `size` bytes (whole pieces) to a new file in `work` and fsync it,
+    from a settled disk; the file is removed afterwards."""
     settle()
     t0 = time.perf_counter()
     with open(work / "floor.bin", "wb") as f:
@@ -200,6 +215,17 @@ def restore_phases(stderr: str, spawned_at: float) -> dict[str, float]:
     return phases
 
 
+def answers(control: Path) -> bool:
+    """Whether the VM's control socket answers a status request, asked from this process."""
+    if not control.exists():
+        return False
+    try:
+        request(control, "status", timeout_s=READ_ONLY_TIMEOUT_S)
+    except ControlError:
+        return False
+    return True
+
+
 def restore(env: dict[str, str], config: Path, snap: Path, work: Path) -> dict[str, object]:
     argv = [sys.executable, "-m", "splitvmm", "up", str(config), "--restore", str(snap)]
     settle()
@@ -207,15 +233,16 @@ def restore(env: dict[str, str], config: Path, snap: Path, work: Path) -> dict[s
     restored = subprocess.Popen(
         [*argv, "--timings"], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    # Its control socket first, by stat: a `ctl` client per poll is an interpreter start
-    # (~100 ms of CPU) on this 2-core host, which slowed the restore it was waiting for.
+    # Asked from this process, as QEMU is through QMP: the control socket exists from the
+    # devices' launch on, and a `ctl` client (an interpreter's start and imports) started
+    # then took the CPU of this 2-core host from the restore it was waiting for.
     control = Path(env["XDG_RUNTIME_DIR"]) / "splitvmm" / "bench-snap" / "control.sock"
-    while not control.exists() or run(env, "ctl", "--vm", "bench-snap", "status").returncode:
+    while not answers(control):
         if restored.poll() is not None:
             raise SystemExit(f"restore failed: {restored.stderr.read() if restored.stderr else ''}")
         time.sleep(0.002)
     ctl_s = time.perf_counter() - t0
-    run(env, "ctl", "--vm", "bench-snap", "suspend", str(work / "again"))
+    request(control, "suspend", {"path": os.path.join(os.path.realpath(work), "again")})
     _, err = restored.communicate(timeout=60)
     shutil.rmtree(work / "again", ignore_errors=True)
     phases = restore_phases(err, t0)

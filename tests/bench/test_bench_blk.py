@@ -52,3 +52,21 @@ def test_the_direct_floor_has_the_guests_requests_in_flight(monkeypatch, tmp_pat
     assert set(floor) >= set(blk.PHASES)
     assert not dd_argv, f"a one-request-at-a-time dd stands for the floor: {dd_argv}"
     assert peak[0] == blk.DEPTH, f"at most {peak[0]} O_DIRECT requests in flight"
+
+
+def test_the_image_is_on_the_disk_before_any_vmm_runs(monkeypatch, tmp_path):
+    """Left dirty in the page cache (on ext4 not even allocated yet: delayed allocation), the
+    first O_DIRECT write to the image waited for its writeback, and with --cache direct that
+    was the first pass of the VMM that runs first in each pair (splitvmm): 659-1114 MiB/s of
+    seq-write against ~2500 for its later passes. The image is fsynced whole, once written."""
+    monkeypatch.setattr(blk, "DISK_SIZE", 16 << 20)
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(blk.os, "fsync", fsync)
+    disk = blk.make_disk(tmp_path / "disk.img")
+    assert synced == [(str(disk), 16 << 20)]
