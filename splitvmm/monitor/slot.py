@@ -147,7 +147,7 @@ MAX_AHEAD = 2 * events.PUBLISH_EVERY
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
 STATS_LOCK_WAIT_S = 0.05
 # `ctl crash-device` waits this long for an access or request that holds the slot (each has
-# its deadline) before it gives up the slot's wait on the device's host-I/O flag (none).
+# its deadline), then signals the device without the lock (one held on its host-I/O flag).
 CRASH_LOCK_WAIT_S = READ_TIMEOUT_MS / 1000
 
 # A read whose device died before answering goes once more, to its next process; if that one
@@ -725,30 +725,33 @@ class DeviceSlot:
         signal), a moment later.
 
         A request waiting past its deadline on the device's host-I/O flag (channel.py) holds
-        the lock for as long as the flag stays set, which a compromised device decides: that
-        wait is given up (the request fails within a slice, and the device with it) rather
-        than waited for; this call hung with it, and the control worker too."""
+        the lock for as long as the flag stays set, which a compromised device decides: the
+        process is then signalled without the lock (its end, which that request polls for,
+        ends the request at once) rather than waited for; this call hung with it, and the
+        control worker too. Giving up the request's wait instead failed the device as
+        "no reply" (SIGKILL, not `signum`) and answered "no process" (ctl's 75: try again)."""
         if not self._lock.acquire(timeout=CRASH_LOCK_WAIT_S):
-            channel = self.channel
-            if channel is not None:
-                channel.give_up_host_io()
-            self._lock.acquire()
+            return self._signal(signum)  # only crash() reads _crashed, one request at a time
         try:
-            process = self.process
-            if process is None or self.state is not SlotState.LIVE:
-                raise DeviceFailure(f"device {self.name} is {self.state.value}: no process")
-            if process is self._crashed:
-                # Its end not heard of yet (the supervisor applies on_crash then): signalled
-                # again, it said so of a process that dies of the first signal, for one crash.
-                raise DeviceFailure(
-                    f"device {self.name}: process {process.pid} was sent its crash already; "
-                    "its on_crash policy applies once its end is seen"
-                )
-            process.send_signal(signum)
-            self._crashed = process  # every signal crash() sends ends a process
-            return process.pid
+            return self._signal(signum)
         finally:
             self._lock.release()
+
+    def _signal(self, signum: int) -> int:
+        """crash(): `signum` to the process in the slot, once; its pid."""
+        process = self.process
+        if process is None or self.state is not SlotState.LIVE:
+            raise DeviceFailure(f"device {self.name} is {self.state.value}: no process")
+        if process is self._crashed:
+            # Its end not heard of yet (the supervisor applies on_crash then): signalled
+            # again, it said so of a process that dies of the first signal, for one crash.
+            raise DeviceFailure(
+                f"device {self.name}: process {process.pid} was sent its crash already; "
+                "its on_crash policy applies once its end is seen"
+            )
+        process.send_signal(signum)
+        self._crashed = process  # every signal crash() sends ends a process
+        return process.pid
 
     def vacate(self) -> None:
         """End the device's process and close its channel: the device is away, and accesses

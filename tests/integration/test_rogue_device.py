@@ -399,22 +399,26 @@ def test_console_claiming_host_io_misses_its_heartbeat(tmp_path, progress_page):
 def test_crash_device_ends_a_blk_device_that_holds_a_vcpu_on_its_host_io_flag(
     tmp_path, progress_page
 ):
-    """virtio-blk's flag is waited on past every deadline, by design: a compromised one holds
-    a vCPU's access, and the slot's lock, until the VM stops. `ctl crash-device` is the
-    operator's way to end it (its death ends that access at once), but it waited for the same
-    lock: it hung, and the control worker with it (every later request refused as busy)."""
+    """virtio-blk's flag is waited on past every deadline, by design: a compromised one (or a
+    disk that hangs) holds a vCPU's access, and the slot's lock, until the VM stops. `ctl
+    crash-device` is the operator's way to end it, but it waited for the same lock: it hung,
+    and the control worker with it (every later request refused as busy). It signals the
+    process without the lock then: the operator's signal, its pid returned, and the held
+    access ends with the process, not as a device that gave "no reply"."""
     disk = os.open(tmp_path / "disk.img", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.ftruncate(disk, 1 << 20)
     failures: list[str] = []
     slot = spawn_posing_as(
         "virtio-blk", {"progress": progress_page, "disk": disk}, tmp_path, failures
     )
+    process = slot.process
+    assert process is not None
     crashed: list[object] = []
 
     def crash() -> None:
         try:
-            crashed.append(slot.crash(signal.SIGKILL))
-        except DeviceFailure as e:  # the held access failed the device first: said, returned
+            crashed.append(slot.crash(signal.SIGTERM))
+        except DeviceFailure as e:
             crashed.append(e)
 
     try:
@@ -424,13 +428,17 @@ def test_crash_device_ends_a_blk_device_that_holds_a_vcpu_on_its_host_io_flag(
         assert reader.is_alive()
         operator = threading.Thread(target=crash, daemon=True)
         operator.start()
-        operator.join(2 * READ_TIMEOUT_MS / 1000)
+        operator.join(3 * READ_TIMEOUT_MS / 1000)
         hung = operator.is_alive()
         reader.join(2 * READ_TIMEOUT_MS / 1000)
         read_held = reader.is_alive()
+        process.wait(5)
     finally:
         slot.give_up_host_io()
         slot.close()
         os.close(disk)
     assert not hung, "ctl crash-device hangs on a device that holds a vCPU on its host-I/O flag"
-    assert not read_held and len(failures) == 1, failures
+    assert not read_held
+    assert crashed == [process.pid], crashed
+    assert process.returncode == -signal.SIGTERM
+    assert len(failures) == 1 and "no reply within" not in failures[0], failures
