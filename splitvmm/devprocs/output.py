@@ -45,10 +45,13 @@ from splitvmm.native import files
 
 log = logging.getLogger("splitvmm.dev.output")
 
+# A write that found the file's file system (or quota, or size limit) full: the bytes are
+# lost, the line is not; it takes output again once the operator makes room.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 CAPACITY = 4096  # a few KiB: a burst of console output, not a log file's worth
-# On SYNC (the monitor's last request before it ends a device) the device waits this long
-# at most for a slow line to take its buffered bytes: below the monitor's read deadline
-# (monitor/channel.py READ_TIMEOUT_MS), which a device must never miss.
+# On the last SYNC (wire.DRAIN: the monitor's request before it ends a device) the device
+# waits this long at most for a slow line to take its buffered bytes: below the monitor's read
+# deadline (monitor/channel.py READ_TIMEOUT_MS), which a device must never miss.
 FLUSH_TIMEOUT_MS = 1000
 
 
@@ -124,6 +127,7 @@ class BoundedOutput:
         self.emitted = 0  # bytes that left the buffer, over the device's life (restarts too)
         self.skip = 0  # bytes to drop unsent: a dead process of the device sent them already
         self._buf = bytearray()
+        self._full = False  # the line's file system was full at the last write (_FULL)
 
     def room(self) -> int:
         return self.capacity - len(self._buf)
@@ -169,10 +173,18 @@ class BoundedOutput:
             try:
                 with memoryview(self._buf) as view:
                     n = self.line.send(view)
-            except OSError as e:  # the reader went away: output goes nowhere from now on
+            except OSError as e:
+                if e.errno in _FULL:  # no room on the file's file system now: not gone
+                    if not self._full:
+                        log.warning("output file: %s; discarding output until it has room",
+                                    e.strerror)  # fmt: skip
+                    self._full = True
+                    return sent + self._discard()
+                # the reader went away: output goes nowhere from now on
                 log.warning("output line closed (%s); discarding output", e.strerror)
                 self.line = None
                 return sent + self._discard()
+            self._full = False
             if n == 0:
                 break
             del self._buf[:n]

@@ -349,8 +349,11 @@ def _serve_frame(
     access = wire.decode_access(buf, device.WINDOW)
     if access.op == wire.Op.SYNC:
         # Everything sent before it is applied (after a write the vCPU must see done, and as
-        # the monitor's last request before it ends us): give the line what it takes in time.
-        if device.ctx.out.drain() and isinstance(device, OutputProducer):
+        # the monitor's last request before it ends us): give the line what it takes now, and
+        # only before our end (DRAIN) wait for a slow one: a stalled line must not hold each
+        # synced write's vCPU (and this loop) for FLUSH_TIMEOUT_MS.
+        out = device.ctx.out
+        if (out.drain() if access.drain else out.flush()) and isinstance(device, OutputProducer):
             device.output_room()
             mirrors.changed()
         sock.send(wire.encode_sync_done(access.seq))

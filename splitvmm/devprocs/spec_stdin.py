@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from splitvmm.errors import ProtocolError
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 
 
@@ -17,7 +18,10 @@ def read_spec() -> DeviceSpec:
         sys.exit(0)
     if len(data) > MAX_SPEC:
         sys.exit(f"splitvmm: device: the spec is over {MAX_SPEC} bytes")
-    spec = DeviceSpec.from_json(data.decode())
+    try:
+        spec = DeviceSpec.from_json(data.decode())
+    except (ProtocolError, TypeError, ValueError) as e:  # not JSON, or not the spec's keys
+        sys.exit(f"splitvmm: device: bad spec on stdin: {str(e)[:200]}")
     if not spec.deferred:
         _close_stdin()
     return spec
@@ -34,7 +38,13 @@ def read_rest(spec: DeviceSpec) -> DeviceSpec:
         sys.exit(0)
     if len(data) > MAX_SPEC:
         sys.exit(f"splitvmm: device: the spec is over {MAX_SPEC} bytes")
-    return spec.completed(json.loads(data))
+    try:
+        rest = json.loads(data)
+        if not isinstance(rest, dict):
+            raise TypeError("not an object")
+        return spec.completed(rest)
+    except (TypeError, ValueError) as e:
+        sys.exit(f"splitvmm: device: bad spec on stdin: {str(e)[:200]}")
 
 
 def _close_stdin() -> None:

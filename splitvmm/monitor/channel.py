@@ -221,10 +221,11 @@ class DeviceChannel:
             self.mirror.restamp(stamp)
         return data
 
-    def sync(self) -> None:
-        """Wait until the device applied everything sent so far (posted writes included)."""
+    def sync(self, drain: bool = False) -> None:
+        """Wait until the device applied everything sent so far (posted writes included);
+        `drain`: the last request before it ends, its slow output line given time too."""
         seq = self._next_seq()
-        reply = self._access(wire.encode_sync(seq))
+        reply = self._access(wire.encode_sync(seq, drain))
         try:
             wire.decode_sync_done(reply, seq)
         except ProtocolError as e:

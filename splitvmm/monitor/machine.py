@@ -909,7 +909,8 @@ class Machine:
         try:
             for slot in self.slots:
                 if slot.ready:
-                    syncs.append((slot.name, OnThread(f"sync-{slot.name}", slot.sync)))
+                    last = functools.partial(slot.sync, drain=True)  # its line drained too
+                    syncs.append((slot.name, OnThread(f"sync-{slot.name}", last)))
         finally:
             for name, sync in syncs:
                 _log_failure(f"syncing device {name}", sync.wait())

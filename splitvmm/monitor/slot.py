@@ -950,13 +950,14 @@ class DeviceSlot:
         except ChannelError as e:
             self._channel_failed_locked(str(e))
 
-    def sync(self) -> bool:
-        """Wait until a live device applied everything sent so far (posted writes included)."""
+    def sync(self, drain: bool = False) -> bool:
+        """Wait until a live device applied everything sent so far (posted writes included);
+        `drain`: before its end (DeviceChannel.sync)."""
         with self._lock:
             if self.state is not SlotState.LIVE or self.channel is None:
                 return False
             try:
-                self.channel.sync()
+                self.channel.sync(drain)
             except ChannelError as e:
                 self._channel_failed_locked(str(e))  # a dead process: how it ended, as a read
                 return False

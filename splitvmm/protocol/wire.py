@@ -36,6 +36,10 @@ STAMP_MASK = 0xFFFFFFFF
 # READ_DONE flag: the values, credit offset and credit of the device's last MIRROR hold after
 # this read too; the frame's offset is their new stamp (monitor/mirror.py RegisterMirror.restamp).
 RESTAMPED = 1
+# SYNC flag: the monitor's last request before it ends the device (monitor/machine.py
+# _sync_devices): the device gives a slow output line up to FLUSH_TIMEOUT_MS to take what it
+# holds. Any other SYNC (a synced write's, a restart's late write's) is answered at once.
+DRAIN = 1
 # A CHECKPOINT frame: offset = the frames the device had applied, data = the output bytes its
 # line had taken (u64); size, flags and seq are 0.
 EMITTED = struct.Struct("<Q")
@@ -62,6 +66,7 @@ class Access(Struct, frozen=True):
     seq: int
     offset: int
     data: bytes  # the written bytes (WRITE), the input bytes (INPUT), b"" for READ
+    drain: bool = False  # SYNC only: wire.DRAIN, the teardown's
 
 
 class Mirror(Struct, frozen=True):
@@ -94,8 +99,8 @@ def encode_input(data: bytes) -> bytes:
     return FRAME.pack(Op.INPUT, len(data), 0, 0, 0, data)
 
 
-def encode_sync(seq: int) -> bytes:
-    return FRAME.pack(Op.SYNC, 0, 0, seq, 0, b"")
+def encode_sync(seq: int, drain: bool = False) -> bytes:
+    return FRAME.pack(Op.SYNC, 0, DRAIN if drain else 0, seq, 0, b"")
 
 
 def encode_sync_done(seq: int) -> bytes:
@@ -191,7 +196,7 @@ def _unpack(buf: bytes) -> tuple[int, int, int, int, int, bytes]:
 
 def decode_access(buf: bytes, window: int) -> Access:
     """Device side: a frame from the monitor (trusted, but checked: bugs happen)."""
-    op, size, _flags, seq, offset, data = _unpack(buf)
+    op, size, flags, seq, offset, data = _unpack(buf)
     if op in (Op.READ, Op.WRITE):
         if size not in ACCESS_SIZES or offset + size > window:
             raise ProtocolError(
@@ -199,7 +204,7 @@ def decode_access(buf: bytes, window: int) -> Access:
             )
         return Access(Op(op), size, seq, offset, data[:size] if op == Op.WRITE else b"")
     if op == Op.SYNC:
-        return Access(Op.SYNC, 0, seq, 0, b"")
+        return Access(Op.SYNC, 0, seq, 0, b"", drain=bool(flags & DRAIN))
     if op == Op.INPUT:
         if not 0 < size <= MAX_INPUT_CHUNK:
             raise ProtocolError(f"input chunk of {size} bytes")

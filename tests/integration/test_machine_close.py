@@ -48,7 +48,7 @@ class FakeSlot:
     def give_up_host_io(self) -> None:
         self.steps.note("give up host I/O", self.name)
 
-    def sync(self) -> bool:
+    def sync(self, drain: bool = False) -> bool:
         self.steps.note("sync", self.name)
         self.steps.all_syncing.wait()  # every device's sync is in flight at once
         # A device's event during its sync may still use the VM (an MSI-X route).
@@ -140,7 +140,7 @@ def test_with_a_vcpu_thread_still_running_the_vm_closes_first_on_the_callers_thr
 
 
 class BrokenSlot(FakeSlot):
-    def sync(self) -> bool:
+    def sync(self, drain: bool = False) -> bool:
         raise RuntimeError("a bug in a device's sync")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import logging
 import os
 import queue
@@ -1274,3 +1275,20 @@ def test_slot_restart_through_a_spare_ends_when_the_vm_stops_without_a_cold_star
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert (state, len(spawned), said) == (SlotState.FAILED, 2, [])
     assert took < 2, took
+
+
+def test_slot_syncs_with_the_output_stalled_neither_wait_nor_fail_the_device(tmp_path):
+    """The slot's sync -- the one pci/function.py makes after every synced write of a virtio function
+    (config space, MSI-X table, common configuration) and slot.py after each late write of a
+    restart -- is answered at once. Each one waited FLUSH_TIMEOUT_MS (1 s) for the stalled line,
+    and the third within 10 s took the device over the slot's latency budget (2.5 s): a healthy
+    device failed, and with on_crash = "stop" (the default) the VM with it."""
+    h = Harness(tmp_path)
+    try:
+        fcntl.fcntl(h.out_w, fcntl.F_SETPIPE_SZ, 4096)
+        for _ in range(3 * 4096):  # the pipe's 4 KiB, the device's 4 KiB, then dropped
+            h.slot.write(Reg.RX_TX, b"x")
+        synced = [h.slot.sync() for _ in range(4)]  # four synced writes of a driver's
+        assert (synced, h.failures) == ([True] * 4, [])
+    finally:
+        h.close()

@@ -1,17 +1,25 @@
 """A device's bounded output (devprocs/output.py): buffer logic with a fake line, and the
 non-blocking fd line on a real pipe and socket pair (no process, no thread)."""
 
+import contextlib
 import errno
 import fcntl
+import logging
 import os
+import resource
 import socket
 
 import pytest
 
+from splitvmm.devprocs.base import DeviceContext
+from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.output import FLUSH_TIMEOUT_MS, BoundedOutput, FdLine
+from splitvmm.devprocs.runtime import Checkpoints, _serve_frame
+from splitvmm.devprocs.serial import Uart8250
 from splitvmm.monitor.channel import READ_TIMEOUT_MS
 from splitvmm.native import files
-from tests.fakes import FakeLine
+from splitvmm.protocol import wire
+from tests.fakes import FakeIrq, FakeLine
 
 
 def test_output_put_on_a_writable_line_sends_at_once():
@@ -203,3 +211,128 @@ def test_reopen_write_only_refuses_what_is_not_open_for_writing(tmp_path):
     finally:
         for fd in (reader, read_write, path_only):
             os.close(fd)
+
+
+# A regular file's line on a file system that fills up, then has room again: the bytes that
+# did not fit are lost (and counted), the line is not; the operator is told once.
+class FillingDisk:
+    """A regular file's line (FdLine.whole_writes) whose file system is full while `full`."""
+
+    whole_writes, counted = True, True
+
+    def __init__(self) -> None:
+        self.full = False
+        self.data = bytearray()
+
+    def send(self, data: memoryview) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.data += data
+        return len(data)
+
+    def fileno(self) -> int:
+        return -1
+
+
+def test_output_file_system_full_for_a_while_loses_only_what_came_meanwhile(caplog):
+    line = FillingDisk()
+    out = BoundedOutput(line, 64)  # type: ignore[arg-type]
+    out.put(b"before\n")
+    line.full = True
+    with caplog.at_level(logging.WARNING, "splitvmm.dev.output"):
+        for _ in range(5):
+            out.put(b"lost\n")
+    line.full = False  # the operator made room
+    out.put(b"after\n")
+
+    assert bytes(line.data) == b"before\nafter\n"
+    assert out.emitted == len(b"before\n" + 5 * b"lost\n" + b"after\n")  # the model's count
+    assert len([r for r in caplog.records if "No space" in r.getMessage()]) == 1
+
+
+def test_output_real_file_over_its_size_limit_then_under_it_takes_output_again(tmp_path):
+    """The same through FdLine on a real file: a short write (the file system's last bytes, or
+    RLIMIT_FSIZE here) fails the line's write, ENOSPC; with room again, output goes on. In a
+    child: RLIMIT_FSIZE is the process's."""
+    path = tmp_path / "serial.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            out = BoundedOutput(FdLine(fd), 64)
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4, hard))  # SIGXFSZ: ignored by Python
+            out.put(b"hello\n")  # 4 bytes fit: a short write
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            out.put(b"world\n")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(fd)
+    assert path.read_bytes() == b"hellworld\n"
+
+
+# SYNC with the output line stalled. A SYNC comes in the middle of a run after every write to
+# a virtio function's configuration space, MSI-X table or common configuration (protocol/
+# models.py sync_writes) and after each late write a restart sends (monitor/slot.py): it is
+# answered at once. Only the teardown's last SYNC (wire.DRAIN) waits, up to FLUSH_TIMEOUT_MS,
+# for a slow line to take what the device holds. Each used to wait, and three within 10 s
+# took a healthy device over the monitor's latency budget.
+class SentFrames:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        self.sent.append(frame)
+
+
+def stalled_uart() -> tuple[socket.socket, FdLine, Uart8250]:
+    """A UART whose `unix:` peer stopped reading: the socket and the device's buffer full."""
+    peer, ours = socket.socketpair()
+    line = FdLine(ours.detach())
+    uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(line)))
+    while uart.ctx.out.room():
+        uart.write(0, b"x")  # THR
+    return peer, line, uart
+
+
+def close_line(line: FdLine) -> None:
+    """Close the line's fd now, and leave no socket object to close its number again later."""
+    if line._sock is not None:
+        line._sock.detach()
+    os.close(line.fd)
+
+
+def test_runtime_sync_mid_run_answers_without_waiting_for_a_stalled_line(monkeypatch) -> None:
+    peer, line, uart = stalled_uart()
+    sock, checkpoints, injector = SentFrames(), Checkpoints(uart), FaultInjector()
+
+    def drain(self: BoundedOutput) -> bool:
+        raise AssertionError("a mid-run SYNC waited for the line")
+
+    monkeypatch.setattr(BoundedOutput, "drain", drain)
+    try:
+        for seq in (1, 2, 3):  # three synced config writes of the guest's
+            _serve_frame(uart, sock, wire.encode_sync(seq), checkpoints, injector)  # type: ignore[arg-type]
+        replies = [f for f in sock.sent if wire.FRAME.unpack(f)[0] == wire.Op.SYNC_DONE]
+        assert len(replies) == 3
+        assert uart.ctx.out.pending()  # still held: the line takes it when it can
+    finally:
+        peer.close()
+        close_line(line)
+
+
+def test_runtime_last_sync_still_gives_a_slow_line_its_bytes() -> None:
+    """The teardown's SYNC (DRAIN): the line gets what the device held once the peer reads."""
+    peer, line, uart = stalled_uart()
+    sock, checkpoints, injector = SentFrames(), Checkpoints(uart), FaultInjector()
+    peer.setblocking(False)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while peer.recv(1 << 20):  # the peer reads what the socket holds
+                pass
+        _serve_frame(uart, sock, wire.encode_sync(1, drain=True), checkpoints, injector)  # type: ignore[arg-type]
+        assert uart.ctx.out.pending() == 0
+    finally:
+        peer.close()
+        close_line(line)

@@ -737,7 +737,7 @@ class RestartChannel(InputChannel):
     def drain_events(self, limited: bool = True) -> None:
         super().drain_events()
 
-    def sync(self) -> None:
+    def sync(self, drain: bool = False) -> None:
         pass
 
     def close(self) -> None:
@@ -862,7 +862,7 @@ class SyncChannel(InputChannel):
 
     dead = False
 
-    def sync(self) -> None:
+    def sync(self, drain: bool = False) -> None:
         if self.dead:
             raise ChannelError("its process ended before it answered the sync")
 
@@ -1105,7 +1105,7 @@ class SyncMeetsDeath(Connection):
     """A device proper that died (a crash fault's SIGSEGV right after it applied a queue
     enable): its connection ended with it; the sync after the write finds it gone."""
 
-    def sync(self) -> None:
+    def sync(self, drain: bool = False) -> None:
         raise ChannelError("the device closed its end of the channel")
 
 

@@ -284,7 +284,7 @@ class AppliedChannel:
         for frame in frames:
             runtime._apply(self.dev, wire.decode_access(frame, VirtioRng.WINDOW))
 
-    def sync(self) -> None:
+    def sync(self, drain: bool = False) -> None:
         pass
 
     def drain_events(self, limited: bool = True) -> None:
@@ -373,7 +373,7 @@ class DiesBeforeItsSync(AppliedChannel):
     """The restarted process: it applies the late frames it is posted (its DRIVER_OK runs
     the queue at once), then dies before it answers the sync after them."""
 
-    def sync(self) -> None:
+    def sync(self, drain: bool = False) -> None:
         ring = self.dev.rings[0]
         if ring is not None and ring.used_idx:  # it served requests, then died
             raise ChannelError("closed its end of the channel")
