@@ -97,10 +97,9 @@ class FdLine:
                 self._sock.detach()
                 self._sock = None
             raise
-        if self.whole_writes and n < len(data):
-            # A regular file is full (or at its size limit): the next write fails anyway.
-            # Failing this one keeps the promise that nothing stays buffered.
-            raise OSError(errno.ENOSPC, f"a write of {len(data)} bytes took {n}")
+        # A short write to a regular file (full, or at its size limit): the bytes it took are in
+        # the file and counted so (BoundedOutput.lost); the next write, at once, fails
+        # (ENOSPC, EFBIG), and nothing stays buffered.
         return n
 
     def fileno(self) -> int:
@@ -126,6 +125,7 @@ class BoundedOutput:
         self.held = False  # quiesced: keep every byte (see the module docstring)
         self.emitted = 0  # bytes that left the buffer, over the device's life (restarts too)
         self.skip = 0  # bytes to drop unsent: a dead process of the device sent them already
+        self.lost = 0  # of `emitted`, bytes a full file system did not take (_FULL)
         self._buf = bytearray()
         self._full = False  # the line's file system was full at the last write (_FULL)
 
@@ -179,6 +179,7 @@ class BoundedOutput:
                         log.warning("output file: %s; discarding output until it has room",
                                     e.strerror)  # fmt: skip
                     self._full = True
+                    self.lost += len(self._buf)
                     return sent + self._discard()
                 # the reader went away: output goes nowhere from now on
                 log.warning("output line closed (%s); discarding output", e.strerror)
@@ -191,6 +192,11 @@ class BoundedOutput:
             sent += n
             self.emitted += n
         return sent
+
+    def taken(self) -> int:
+        """The bytes the line took (a counted file's growth, what a restart's skip is measured
+        against: monitor/slot.py): `emitted` less what a full file system lost."""
+        return self.emitted - self.lost
 
     def _skip(self) -> int:
         n = min(self.skip, len(self._buf))

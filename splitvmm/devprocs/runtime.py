@@ -187,7 +187,7 @@ class Checkpoints:
         self._published = applied
         counted = device.ctx.out.counted()
         self.every = events.PUBLISH_EVERY_COUNTED if counted else events.PUBLISH_EVERY
-        device.ctx.events.progress = lambda: (self.applied, device.ctx.out.emitted)
+        device.ctx.events.progress = lambda: (self.applied, device.ctx.out.taken())
 
     def applied_one(self) -> None:
         self.applied += 1

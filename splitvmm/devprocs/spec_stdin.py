@@ -6,6 +6,7 @@ import os
 import sys
 
 from splitvmm.errors import ProtocolError
+from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 
 
@@ -19,11 +20,24 @@ def read_spec() -> DeviceSpec:
     if len(data) > MAX_SPEC:
         sys.exit(f"splitvmm: device: the spec is over {MAX_SPEC} bytes")
     try:
-        spec = DeviceSpec.from_json(data.decode())
+        spec = _checked(DeviceSpec.from_json(data.decode()))
     except (ProtocolError, TypeError, ValueError) as e:  # not JSON, or not the spec's keys
         sys.exit(f"splitvmm: device: bad spec on stdin: {str(e)[:200]}")
     if not spec.deferred:
         _close_stdin()
+    return spec
+
+
+def _checked(spec: DeviceSpec) -> DeviceSpec:
+    """What the launcher checks of a spec before it forks (launcher_server.py _checked_spec,
+    _check_spec), for a device started by hand: the fields run() reads first, a known model."""
+    for key, kind in (("name", str), ("model", str), ("channel", str), ("fds", dict)):
+        if type(getattr(spec, key)) is not kind:
+            raise TypeError(f"its {key} is not a {kind.__name__}")
+    if not all(type(role) is str and type(fd) is int for role, fd in spec.fds.items()):
+        raise TypeError("its fds are not role: fd number")
+    if spec.model not in MODELS:
+        raise ValueError(f"unknown device model {spec.model[:63]!r}")
     return spec
 
 

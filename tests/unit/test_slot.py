@@ -4,8 +4,10 @@ access gets while no device serves the slot. tests/integration/test_slot.py has 
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import re
+import resource
 import subprocess
 import threading
 import time
@@ -14,7 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from splitvmm.devprocs import runtime
+from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.serial import Reg, Uart8250
 from splitvmm.devprocs.virtio_console import VirtioConsole
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import DeviceFailure
@@ -37,6 +42,7 @@ from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.launcher_start import LauncherError
 from splitvmm.sandbox.spawn import DeviceProcess, listen_channel
+from tests.fakes import FakeIrq
 from tests.unit.test_virtio_console import Host, started, transmit
 from tests.virtio.support import Driver
 
@@ -1169,3 +1175,85 @@ def test_slot_teardown_sync_meeting_a_dead_device_waits_for_no_closed_supervisor
         child.wait()
         process.close()
     assert failures == ["the device closed its end of the channel"]
+
+
+# A crash restart after a full disk: output.py keeps a file's line after ENOSPC, and the bytes
+# it lost are in `emitted` (a chain's completion needs them counted), never in the file's
+# growth. The checkpoint reports what the line took (BoundedOutput.taken), which a restart's
+# skip is measured against: "every byte once, none lost" (the module docstring).
+class FillingFile(FdLine):
+    """A regular file's line on a file system that is full while `full`."""
+
+    full = False
+
+    def send(self, data: memoryview) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().send(data)
+
+
+def test_slot_restart_after_the_disk_was_full_for_a_while_writes_no_byte_twice(tmp_path: Path):
+    log = tmp_path / "serial.log"
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        slot = DeviceSlot(Spawn("serial0", "serial", 8, fds={"out": out}), tmp_path, refuse,
+                          Failures())  # fmt: skip
+        line = FillingFile(os.dup(out))
+        uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(line)))
+        runtime.Checkpoints(uart)  # what the runtime publishes with each state: its progress
+        for byte in b"boot\n":
+            uart.write(Reg.RX_TX, bytes([byte]))
+        line.full = True  # the disk fills up: these are lost (and said once)
+        for byte in b"lost while full\n":
+            uart.write(Reg.RX_TX, bytes([byte]))
+        line.full = False  # the operator made room
+        checkpoint = uart.save()  # a checkpoint the monitor reads, after the episode
+        progress = uart.ctx.events.progress
+        assert progress is not None
+        slot._checkpoint = Checkpoint(None, *progress())
+        journal = [wire.encode_write(Reg.RX_TX, bytes([b])) for b in b"login: "]
+        for frame in journal:  # the guest goes on; then the process crashes
+            runtime._apply(uart, wire.decode_access(frame, 8))
+
+        resume = slot._resume_locked()
+        out2 = BoundedOutput(FdLine(os.dup(out)))
+        out2.emitted, out2.skip = resume["emitted"], resume["skip"]  # type: ignore[assignment]
+        new = Uart8250.restore(DeviceContext(irq=FakeIrq(), out=out2, restarted=True), checkpoint)
+        runtime.replay(new, [(f, 0) for f in journal], runtime.Checkpoints(new))
+        new.after_restart()
+        for byte in b"root\n":
+            new.write(Reg.RX_TX, bytes([byte]))
+    finally:
+        os.close(out)
+
+    assert log.read_bytes() == b"boot\nlogin: root\n"
+
+
+def test_checkpoint_counts_what_the_file_took_of_a_short_write_before_a_full_disk(tmp_path):
+    """The checkpoint's count is what a restart's skip is measured against (the file's growth
+    less it): after a short write (the file system's last bytes; RLIMIT_FSIZE here) it must
+    be the bytes the file took, neither the bytes lost with them nor less. In a child:
+    RLIMIT_FSIZE is the process's."""
+    path = tmp_path / "serial.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            uart = Uart8250(DeviceContext(irq=FakeIrq(), out=BoundedOutput(FdLine(fd), 64)))
+            runtime.Checkpoints(uart)
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4, hard))  # SIGXFSZ: ignored by Python
+            uart.ctx.out.put(b"hello\n")  # 4 bytes fit: a short write, then EFBIG
+            for byte in b"more\n":  # the file system still full
+                uart.write(Reg.RX_TX, bytes([byte]))
+            progress = uart.ctx.events.progress
+            os.write(w, str(progress()[1] if progress else -1).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    counted = int(os.read(r, 64))
+    os.close(r)
+    os.close(fd)
+    assert (path.read_bytes(), counted) == (b"hell", 4)

@@ -20,8 +20,15 @@ def test_start_device_state_over_spec_cap_raises_device_failure_naming_device():
 # the launcher checks what it forks) with a spec it cannot use: one line, not a traceback.
 @pytest.mark.parametrize(
     "stdin",
-    [b"garbage\n", b'{"name":"x","model":"ser', b"[1]\n", b'{"name":"x","model":"serial"}\n'],
-    ids=["not-json", "truncated", "not-an-object", "no-channel"],
+    [
+        b"garbage\n",
+        b'{"name":"x","model":"ser',
+        b"[1]\n",
+        b'{"name":"x","model":"serial"}\n',
+        b'{"name":"x","model":"nosuch","channel":"ipc:///nowhere/x.sock"}\n',
+        b'{"name":"x","model":"serial","channel":"ipc:///nowhere/x.sock","fds":"out"}\n',
+    ],
+    ids=["not-json", "truncated", "not-an-object", "no-channel", "unknown-model", "fds-not-object"],
 )
 def test_device_spec_on_stdin_that_is_no_spec_is_refused_in_one_line(stdin: bytes) -> None:
     done = subprocess.run(list(DEVICE_COMMAND), input=stdin, capture_output=True, timeout=60)
