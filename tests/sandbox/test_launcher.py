@@ -27,7 +27,7 @@ from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox import launcher as launcher_module
 from splitvmm.sandbox import launcher_start
-from splitvmm.sandbox.launcher import CHUNK, MAX_MESSAGE, Launcher
+from splitvmm.sandbox.launcher import CHUNK, MAX_MESSAGE, LaunchedProcess, Launcher
 from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
 from splitvmm.sandbox.spawn import readable
 from tests.sandbox.harness import REPO
@@ -675,12 +675,12 @@ def test_launcher_abandon_ends_a_spawn_its_hung_zygote_holds_and_the_launcher_th
     assert sent == []
 
 
-def test_launcher_reply_to_an_abandoned_spawn_leaves_the_other_devices_reports_whole(
-    launcher, rundir, fds
-):
-    """The zygote answers after all: the spawned reply comes to nobody (the stop gave the
-    request up), and must not break the handle, whose exit reports the teardown still reads
-    to reap every other device."""
+@contextlib.contextmanager
+def spawn_abandoned_behind_a_hung_zygote(
+    launcher: Launcher, rundir: Path, fds: dict[str, int]
+) -> Iterator[tuple[LaunchedProcess, int, list]]:
+    """A serial device serving, then a second spawn that its stopped zygote holds, given up by
+    a stop (abandon): the serving device's process, the zygote's pid, what the spawn came to."""
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec)
     channel = DeviceChannel("serial", spec.channel, listener)
@@ -692,14 +692,24 @@ def test_launcher_reply_to_an_abandoned_spawn_leaves_the_other_devices_reports_w
                                           channel=f"ipc://{rundir}/serial1.sock"))  # fmt: skip
         launcher.abandon("the VM is stopping")
         thread.join(5)
+        assert isinstance(outcome[0], LauncherError)
+        yield process, zygote, outcome
+    finally:
+        channel.close()
+        process.close()
+
+
+def test_launcher_reply_to_an_abandoned_spawn_leaves_the_other_devices_reports_whole(
+    launcher, rundir, fds
+):
+    """The zygote answers after all: the spawned reply comes to nobody (the stop gave the
+    request up), and must not break the handle, whose exit reports the teardown still reads
+    to reap every other device."""
+    with spawn_abandoned_behind_a_hung_zygote(launcher, rundir, fds) as (process, zygote, _):
         os.kill(zygote, signal.SIGCONT)  # it forks serial1 now, and the launcher replies
         wait_for(lambda: len(children_of(launcher.pid) - {process.pid, zygote}) > 0)
         process.kill()
         assert process.wait(10) == -signal.SIGKILL  # reported, the late reply filed on the way
-    finally:
-        channel.close()
-        process.close()
-    assert isinstance(outcome[0], LauncherError)
 
 
 def test_launcher_abandon_after_close_writes_to_no_fd(rundir):
@@ -727,21 +737,7 @@ def test_launcher_abandon_lets_the_teardown_reap_a_running_device_before_the_zyg
     goes on receiving: that ends the launcher's wait, and it reports ends as before. The handle
     here gives the launcher less than the zygote's timeout to report the end."""
     monkeypatch.setattr(launcher_module, "REPLY_TIMEOUT_S", 4.0)
-    spec = serial_spec(rundir, fds)
-    process, listener = launcher.spawn(spec)
-    channel = DeviceChannel("serial", spec.channel, listener)
-    try:
-        channel.wait_ready(process)
-        (zygote,) = children_of(launcher.pid) - {process.pid}
-        os.kill(zygote, signal.SIGSTOP)
-        thread, outcome = spawn_on_thread(launcher, serial_spec(rundir, fds, name="serial1",
-                                          channel=f"ipc://{rundir}/serial1.sock"))  # fmt: skip
-        launcher.abandon("the VM is stopping")
-        thread.join(5)
+    with spawn_abandoned_behind_a_hung_zygote(launcher, rundir, fds) as (process, zygote, _):
         process.kill()  # the teardown's _end_devices
         assert process.wait(10) == -signal.SIGKILL  # reported, not "did not answer within 4 s"
         assert zygote not in children_of(launcher.pid)  # the wait for it ended: killed, reaped
-    finally:
-        channel.close()
-        process.close()
-    assert isinstance(outcome[0], LauncherError)

@@ -701,14 +701,14 @@ class Connection:
         self.connection_ended = ended
 
 
-def test_slot_channel_whose_connection_ended_lets_the_process_end_before_killing_it(
-    slot, monkeypatch, failures
-):
-    """The supervisor then says how it ended (a crash fault's SIGSEGV); killed at once, it
-    was reported as SIGKILL (1 CI run in 3, once devices started sooner)."""
+def ending_under_supervision(
+    slot: DeviceSlot, channel: object, monkeypatch: pytest.MonkeyPatch
+) -> tuple[EndsSoon, list[float | None]]:
+    """A live, supervised process that is ending, on `channel`; the supervisor's verdict
+    (process_ended) comes when the slot waits for it: the process, and the waits made."""
     process = EndsSoon()
-    slot.state, slot.process, slot.supervised = SlotState.LIVE, process, True
-    slot.channel = Connection(ended=True)  # type: ignore[assignment]
+    slot.state, slot.process, slot.supervised = SlotState.LIVE, process, True  # type: ignore[assignment]
+    slot.channel = channel  # type: ignore[assignment]
     handed_over: list[float | None] = []
 
     def supervisor_takes_it(timeout: float | None = None) -> bool:
@@ -717,6 +717,15 @@ def test_slot_channel_whose_connection_ended_lets_the_process_end_before_killing
         return True
 
     monkeypatch.setattr(slot._back, "wait", supervisor_takes_it)
+    return process, handed_over
+
+
+def test_slot_channel_whose_connection_ended_lets_the_process_end_before_killing_it(
+    slot, monkeypatch, failures
+):
+    """The supervisor then says how it ended (a crash fault's SIGSEGV); killed at once, it
+    was reported as SIGKILL (1 CI run in 3, once devices started sooner)."""
+    process, handed_over = ending_under_supervision(slot, Connection(ended=True), monkeypatch)
     with slot._lock:
         slot._channel_failed_locked("closed its channel with a posted write unsent")
 
@@ -1124,17 +1133,7 @@ def test_slot_sync_that_meets_a_dead_device_lets_the_process_end_before_killing_
     device's last failure as the channel's words, for a crash the README says is SIGSEGV."""
     failures = Failures()
     slot = DeviceSlot(Spawn("rng0", "virtio-rng", VirtioRng.WINDOW), tmp_path, refuse, failures)
-    process = EndsSoon()
-    slot.state, slot.process, slot.supervised = SlotState.LIVE, process, True  # type: ignore[assignment]
-    slot.channel = SyncMeetsDeath(ended=True)  # type: ignore[assignment]
-    handed_over: list[float | None] = []
-
-    def supervisor_takes_it(timeout: float | None = None) -> bool:
-        handed_over.append(timeout)
-        slot.state = SlotState.AWAY  # process_ended, with the way the process ended
-        return True
-
-    monkeypatch.setattr(slot._back, "wait", supervisor_takes_it)
+    process, handed_over = ending_under_supervision(slot, SyncMeetsDeath(ended=True), monkeypatch)
 
     assert slot.sync() is False
     assert process.asked[0] == GONE_WAIT_MS / 1000

@@ -509,26 +509,15 @@ def test_writer_start_that_cannot_open_or_lock_its_directory_is_a_snapshot_error
     assert (os.listdir(tmp_path), leaked) == ([], set())
 
 
-def test_writer_removes_a_killed_writers_leftover_whose_name_holds_a_newline(tmp_path, monkeypatch):
+def test_writer_removes_a_killed_writers_leftover_whose_name_holds_a_newline(
+    tmp_path, mem, monkeypatch
+):
     """A snapshot's name may hold any byte but '/' and NUL (`ctl snapshot $'/s/a\\nb'`): the
     copy of guest RAM its killed writer left is a leftover like any other."""
-
     monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
-    mem = memory()
-    target = tmp_path / "a\nb"
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        try:
-            w = SnapshotWriter(target, VM_CONFIG, CPUID, mem)
-            w.add_ram(mem)
-            os.kill(os.getpid(), signal.SIGKILL)
-        finally:
-            os._exit(1)
-    os.waitpid(pid, 0)
-    left = f".a\nb.tmp-{pid}"
+    left = _killed_writer(tmp_path / "a\nb", mem)
     assert sorted(os.listdir(tmp_path / left)) == ["ram.bin"]  # a copy of guest RAM
 
     removed = writer_module.remove_stale_staging(tmp_path)
 
-    mem.close()
     assert (removed, os.listdir(tmp_path)) == ([tmp_path / left], [])
