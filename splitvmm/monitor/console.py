@@ -60,14 +60,15 @@ class EscapeParser:
 
 
 @contextlib.contextmanager
-def raw_terminal(fd: int) -> Iterator[bool]:
-    """Put a TTY in raw mode for the VM's lifetime; yields whether it is a TTY."""
+def raw_terminal(fd: int, ending: Callable[[], bool] = lambda: False) -> Iterator[bool]:
+    """Put a TTY in raw mode for the VM's lifetime; yields whether it is a TTY. `ending`:
+    whether the VM is stopping (no raw mode set again on SIGCONT then)."""
     if not os.isatty(fd):
         yield False
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    previous = _raw_again_on_continue(fd)
+    tty.setraw(fd, termios.TCSANOW)  # what was typed while the VM started is the guest's
+    previous = _raw_again_on_continue(fd, ending)
     try:
         yield True
     finally:
@@ -76,7 +77,7 @@ def raw_terminal(fd: int) -> Iterator[bool]:
         _restore(fd, saved)
 
 
-def _raw_again_on_continue(fd: int) -> _HANDLER:
+def _raw_again_on_continue(fd: int, ending: Callable[[], bool]) -> _HANDLER:
     """A shell puts its own terminal modes back when its foreground job stops (`kill -STOP`,
     `kill -TSTP`: Ctrl-Z is the guest's key in raw mode) and does not put the job's back on
     `fg`: raw mode is set again on SIGCONT, as QEMU's stdio does, or the console after `fg`
@@ -86,14 +87,28 @@ def _raw_again_on_continue(fd: int) -> _HANDLER:
         return None
 
     def again(signum: int, frame: object) -> None:
+        if ending():  # a stopped job's `kill %1` (SIGTERM, then SIGCONT): the shell has the
+            return  # terminal; a tcsetattr() from the background would stop us (SIGTTOU)
         with contextlib.suppress(termios.error):  # a terminal that hung up meanwhile
             tty.setraw(fd, termios.TCSANOW)
 
     return signal.signal(signal.SIGCONT, again)
 
 
+def _in_background(fd: int) -> bool:
+    """Whether another process group has our controlling terminal: a job-control shell took
+    it back, and put its own modes back, when we stopped. False for a terminal that is not
+    our controlling one (no job control there), or one that hung up."""
+    try:
+        return os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:
+        return False
+
+
 def _restore(fd: int, saved: list[int | list[bytes | int]]) -> None:
     """`saved` is tcgetattr's [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]."""
+    if _in_background(fd):  # the shell's modes are on it, and what is typed is the shell's:
+        return  # a tcsetattr() would stop the VM's end (SIGTTOU) until the operator's `fg`
     try:
         # TCSAFLUSH: input not read by now (keys typed at the end, a terminal's answer to
         # a query the guest wrote) is dropped, not handed to the shell as commands.

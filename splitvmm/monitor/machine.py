@@ -820,7 +820,8 @@ class Machine:
             pump(None, self._wake.fd, lambda data: None, escape=False, signal_fd=signals)
             return
         stdin = 0 if _is_open(0) else None
-        with raw_terminal(0) if stdin is not None else contextlib.nullcontext(False) as is_tty:
+        terminal = raw_terminal(0, lambda: self.stopping) if stdin is not None else None
+        with terminal if terminal is not None else contextlib.nullcontext(False) as is_tty:
             if pump(stdin, self._wake.fd, slot.input, escape=is_tty, signal_fd=signals):
                 self.stop(Outcome(0, "quit from the console (Ctrl-A x)"))
 

@@ -58,6 +58,7 @@ CONSTANTS: dict[str, int] = {
     "TCSETSW": termios.TCSETSW,
     "TCSETSF": termios.TCSETSF,
     "TIOCGWINSZ": termios.TIOCGWINSZ,
+    "TIOCGPGRP": termios.TIOCGPGRP,
     "SIGKILL": signal.SIGKILL,
     "SIGSEGV": signal.SIGSEGV,
     "SIGABRT": signal.SIGABRT,

@@ -281,3 +281,109 @@ def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_p
                 proc.communicate()
         assert proc.returncode == 128 + sig, err.decode()
         assert f"stopped by {sig.name}" in err.decode()
+
+
+# A job-control shell in a few lines, as bash does it: session leader of the terminal, runs
+# `up` as a job in its own process group in the foreground; when the job stops it takes the
+# terminal back and puts its own (cooked) modes back; then `kill %1` (SIGTERM, SIGCONT to
+# the job's process group) and it reports what became of the job on fd REPORT.
+# A job-control shell in miniature: `up` runs as its foreground job; stopped, the shell takes
+# the terminal back and puts its own modes on it, then does `kill %1` (SIGTERM, SIGCONT).
+JOB_SHELL = textwrap.dedent(
+    """
+    import fcntl, os, signal, sys, termios, time
+    report = int(sys.argv[1])
+    argv = sys.argv[2:]
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    JOB_SIGNALS = (signal.SIGTTOU, signal.SIGTTIN, signal.SIGTSTP)
+    for s in JOB_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    cooked = termios.tcgetattr(0)
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.tcsetpgrp(0, os.getpgrp())
+        for s in (*JOB_SIGNALS, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+        os.execv(sys.executable, [sys.executable, *argv])
+    os.setpgid(pid, pid)
+    os.tcsetpgrp(0, pid)
+    os.write(report, f"pid {pid}\\n".encode())
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+    os.tcsetpgrp(0, os.getpgrp())
+    termios.tcsetattr(0, termios.TCSADRAIN, cooked)
+    os.write(report, b"stopped\\n")
+    os.killpg(pid, signal.SIGTERM)  # kill %1
+    os.killpg(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        if done and os.WIFSTOPPED(status):
+            os.write(report, f"stopped again by {signal.Signals(os.WSTOPSIG(status)).name}\\n".encode())
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+            os.waitpid(pid, 0)
+            break
+        if done:
+            os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
+            break
+        time.sleep(0.05)
+    else:
+        os.write(report, b"still running\\n")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    os.write(report, f"raw {not termios.tcgetattr(0)[3] & termios.ICANON}\\n".encode())
+    """
+)
+
+
+def test_stopped_up_on_a_terminal_killed_by_its_shell_ends_with_sigterms_status(tmp_path, guests):
+    """`up` with its console on the operator's terminal, run as a job of a job-control shell: stopped (`kill -STOP`, `kill -TSTP`), then `kill %1`, which sends SIGTERM and SIGCONT to the stopped job while the shell holds the terminal. The VM must end with 143, as it does with its console on a file (test_up_lifecycle.py: test_a_stopped_vm_sent_a_stop_signal_then_sigcont_...). It stayed stopped: its SIGCONT handler (and its terminal restore at the end) set the terminal's modes from the background, and SIGTTOU stopped it again."""
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', "64M", 1, "stdio"))
+    master, terminal = os.openpty()
+    report_r, report_w = os.pipe()
+    shell = subprocess.Popen(
+        [sys.executable, "-c", JOB_SHELL, str(report_w), "-m", "splitvmm", "up", str(config)],
+        cwd=REPO,
+        env=env_for(tmp_path),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    out, report = bytearray(), bytearray()
+
+    def pump(until: bytes, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while until not in report and until not in out and time.monotonic() < deadline:
+            ready = select.select([master, report_r], [], [], 0.05)[0]
+            if master in ready:
+                try:
+                    out.extend(os.read(master, 65536))
+                except OSError:
+                    break
+            if report_r in ready:
+                chunk = os.read(report_r, 4096)
+                if not chunk:
+                    break
+                report.extend(chunk)
+
+    try:
+        pump(b"count=", 30)
+        assert b"count=" in out, bytes(out[-300:])
+        pid = int(report.split(b"pid ")[1].split(b"\n")[0])
+        os.kill(pid, signal.SIGSTOP)
+        pump(b"raw ", 40)
+    finally:
+        shell.kill()
+        shell.wait()
+        for fd in (master, terminal, report_r):
+            os.close(fd)
+    lines = report.decode().splitlines()
+    assert "stopped" in lines, lines
+    assert "exited 143" in lines, lines  # not "stopped again by SIGTTOU"
+    assert "raw False" in lines, lines  # the shell's modes stay

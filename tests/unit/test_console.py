@@ -222,3 +222,17 @@ def test_pump_for_a_device_that_takes_no_more_input_still_sees_the_escape(small_
         for fd in (stdin, writer, wake_r, wake_w):
             os.close(fd)
     assert quit_ is True and len(offers) == 1
+
+
+def test_raw_terminal_keeps_input_typed_before_it_for_the_guest():
+    """raw_terminal at the start of a VM: what the operator typed while `up` started (the terminal still cooked) is the guest's, as QEMU's stdio keeps it (TCSANOW); only what is left unread at the end is dropped (test_console.py)."""
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"root\n")  # typed ahead while the VM starts: a whole line, cooked
+        assert select.select([slave], [], [], 5)[0]  # the line discipline holds it
+        with raw_terminal(slave):
+            assert select.select([slave], [], [], 1)[0], "typed-ahead input was flushed"
+            assert os.read(slave, 100) == b"root\n"
+    finally:
+        os.close(master)
+        os.close(slave)
