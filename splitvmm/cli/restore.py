@@ -64,7 +64,7 @@ def command(
         if snap is None:  # run_and_exit opens DIRECTORY first: a restore always has one
             raise click.UsageError("restore needs the snapshot in DIRECTORY")
         given = [str(d) for d in snapshot_dirs]
-        dirs = config_module.snapshot_dirs(given, Path.cwd(), "--snapshot-dir")
+        dirs = config_module.snapshot_dirs(given, restore.working_dir(), "--snapshot-dir")
         cfg = restore.config_of(snap, overrides)
         # What the monitor may write to is never the snapshot's to say.
         return replace(cfg, vm=replace(cfg.vm, snapshot_dirs=dirs))

@@ -3,6 +3,8 @@ module; cli/__init__.py main() loads this module once a VM's launcher is on its 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import logging
 import sys
@@ -12,6 +14,8 @@ import click
 
 from splitvmm import __version__, timings
 from splitvmm.errors import exit_now, system_exit_status
+
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 # name -> module under splitvmm.cli that defines `command`
 SUBCOMMANDS = {
@@ -64,4 +68,12 @@ def main() -> NoReturn:
         status = 0
     except SystemExit as e:
         status = system_exit_status(e.code)
+    except OSError as e:
+        # Output that could not be written: stdout on a full file system (`inspect --json >
+        # out.json`), over a quota, or a terminal gone. click handles EPIPE alone.
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        with contextlib.suppress(OSError):
+            print(f"splitvmm: error: cannot write the output: {e.strerror}", file=sys.stderr)
+        status = 1
     exit_now(status)

@@ -240,8 +240,9 @@ def _own_resources(device: dict[str, Any], set_keys: set[str]) -> None:
         if f"{name}.{option}" in set_keys:
             continue
         if default is None:
-            hint = name if isinstance(name, str) and NAME_RE.fullmatch(name) else "DEVICE"
-            raise ConfigError(f"device {shown(name)}: a restore needs --set {hint}.{option}=...")
+            if not (isinstance(name, str) and NAME_RE.fullmatch(name)):
+                continue  # no --set names it: parse_config refuses the name, naming the manifest
+            raise ConfigError(f"device {shown(name)}: a restore needs --set {name}.{option}=...")
         device[option] = default
 
 
@@ -293,16 +294,29 @@ def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
     return data
 
 
-def config_of(snap: Snapshot, overrides: dict[str, str]) -> VmConfig:
+def working_dir() -> Path:
+    """Where a restore takes its relative --set and --snapshot-dir paths from."""
+    try:
+        return Path.cwd()
+    except OSError as e:  # getcwd() fails once the working directory is removed
+        raise ConfigError(
+            f"cannot find the working directory, which relative --set paths are taken from: "
+            f"{e.strerror} (was it removed?)"
+        ) from None
+
+
+def config_of(snap: Snapshot, overrides: dict[str, str], base: Path | None = None) -> VmConfig:
     """The VM config to restore snap with (`splitvmm restore`): the stored config's guest
     settings, with host resources only from `overrides` (`--set DEVICE.OPTION=VALUE`,
     `--set boot.firmware=PATH`) or each model's restore default (serial output: stdio).
+    Relative paths among them are taken from `base`, by default the working directory.
 
     The stored config is untrusted like the rest of the snapshot: parse_config checks its
     shape and every value, and any mistake names the manifest's vm_config."""
     data = _restore_data(snap, overrides)
+    base = working_dir() if base is None else base
     try:
-        return parse_config(data, Path.cwd(), check_files=False, restored=True)
+        return parse_config(data, base, check_files=False, restored=True)
     except ConfigError as e:
         key = _overridden(str(e), overrides)
         if key is not None:  # the operator's value, not the snapshot's, is at fault
@@ -396,7 +410,8 @@ def check_states(snap: Snapshot) -> None:
     # The stored config, as `splitvmm restore DIR` takes it. `up CONFIG --restore` takes
     # CONFIG instead.
     try:
-        check_compatible(snap, config_of(snap, _stand_ins(snap)))
+        # stand-ins are never opened: no working directory is needed (it may be gone)
+        check_compatible(snap, config_of(snap, _stand_ins(snap), base=Path("/")))
     except (SnapshotError, ConfigError) as e:
         raise SnapshotError(f"{e} (`splitvmm restore` refuses it; `up CONFIG --restore` "
                             "would take CONFIG's instead)") from None  # fmt: skip

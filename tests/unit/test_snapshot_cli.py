@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from splitvmm.cli import cli
-from tests.unit.snapshot_support import edit_manifest, flip_byte, make_snapshot, rehash
+from splitvmm.snapshot.writer import SnapshotWriter
+from tests.unit.snapshot_support import (
+    CPUID,
+    SERIAL,
+    VCPU,
+    VM,
+    VM_CONFIG,
+    edit_manifest,
+    flip_byte,
+    make_snapshot,
+    memory,
+    rehash,
+)
+from tests.unit.test_snapshot_hostile import GOLDEN, assert_refused_cleanly, invoke
 
 
 @pytest.fixture
@@ -91,37 +106,40 @@ def test_cli_verify_parses_the_stored_config_as_restore_would(snap, edit, messag
     assert message in result.stderr and "`splitvmm restore` refuses it" in result.stderr
 
 
-def test_cli_verify_of_a_vm_with_a_disk_and_a_tap_says_ok(tmp_path):
-    """Their image and TAP are the operator's to name at a restore (--set): verify stands in
-    for them (it crashed with a traceback on every such VM)."""
-    from splitvmm.snapshot.writer import SnapshotWriter
-    from tests.unit.snapshot_support import CPUID, SERIAL, VCPU, VM, VM_CONFIG, memory
-
-    config = {
-        **VM_CONFIG,
-        "device": [
-            *VM_CONFIG["device"],
-            {"name": "blk0", "model": "virtio-blk", "path": "/nowhere/disk.img"},
-            {"name": "net0", "model": "virtio-net", "tap": "tap9"},
-        ],
-    }
+def snapshot_of_pci_devices(target: Path, devices: list[dict[str, object]]) -> Path:
+    """A snapshot of a VM with serial0 and the PCI `devices` (config entries), each where a
+    VM of that config has it (pci.root.device_numbers), its state empty."""
+    config = {**VM_CONFIG, "device": [*VM_CONFIG["device"], *devices]}
+    names = [str(d["name"]) for d in devices]
     mem = memory()
     try:
-        with SnapshotWriter(tmp_path / "s", config, CPUID, mem) as w:
+        with SnapshotWriter(target, config, CPUID, mem) as w:
             w.add_ram(mem)
             w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)
             w.add_json_chunk("vm", "vm", 1, VM)
-            functions = [  # where a VM of this config has them (pci.root.device_numbers)
+            functions = [
                 {"name": name, "device": number, "bars": [0] * 6, "command": 0}
-                for number, name in enumerate(("blk0", "net0"), start=1)
+                for number, name in enumerate(names, start=1)
             ]
             w.add_json_chunk("vm", "pci", 1, {"functions": functions, "msi_routes": []})
             w.add_json_chunk("device", "serial0", 1, SERIAL, model="serial")
-            w.add_json_chunk("device", "blk0", 1, {}, model="virtio-blk")
-            w.add_json_chunk("device", "net0", 1, {}, model="virtio-net")
-            snap = w.commit(None)
+            for device in devices:
+                w.add_json_chunk("device", str(device["name"]), 1, {}, model=str(device["model"]))
+            return w.commit(None)
     finally:
         mem.close()
+
+
+def test_cli_verify_of_a_vm_with_a_disk_and_a_tap_says_ok(tmp_path):
+    """Their image and TAP are the operator's to name at a restore (--set): verify stands in
+    for them (it crashed with a traceback on every such VM)."""
+    snap = snapshot_of_pci_devices(
+        tmp_path / "s",
+        [
+            {"name": "blk0", "model": "virtio-blk", "path": "/nowhere/disk.img"},
+            {"name": "net0", "model": "virtio-net", "tap": "tap9"},
+        ],
+    )
 
     result = run("verify", str(snap))
 
@@ -221,3 +239,108 @@ def test_cli_inspect_json_keeps_hostile_text_exact_and_escaped(snap):
 
     assert json.loads(result.stdout)["producer"] == HOSTILE_PRODUCER
     assert result.stdout.isascii() and "\x1b" not in result.stdout
+
+
+def disk_named(name: str) -> dict[str, object]:
+    return {"name": name, "model": "virtio-blk", "path": "/d.img"}
+
+
+# --- 1. inspect's chunk table at 80 columns (a pipe's width) -------------------------------------
+
+
+@pytest.mark.parametrize("disk", ["scratch-disk0", "d" * 63])
+def test_cli_inspect_table_loses_nothing_of_a_long_device_name_at_80_columns(tmp_path, disk):
+    """A device name may have up to 63 characters. At 80 columns (a pipe, a log file, an
+    80-column terminal) the chunk table cut names, kinds and checksums short with '…', and
+    with a long name dropped the kind, state version and size columns of every row."""
+    snap = snapshot_of_pci_devices(tmp_path / "s", [disk_named(disk)])
+
+    result = CliRunner().invoke(cli, ["snapshot", "inspect", str(snap)], env={"COLUMNS": "80"})
+
+    assert result.exit_code == 0, result.output
+    header = result.stdout.index("┃")  # the table's header line (its "kind" was dropped too)
+    table = result.stdout[result.stdout.rindex("\n", 0, header) + 1 :]
+    assert "…" not in table, table
+    for row in json.loads((snap / "manifest.json").read_text())["chunks"]:
+        assert f"blake3:{row['digest']['hex'][:12]}" in table, table  # every checksum whole
+    assert table.count("device") == 2 and "14.9 KiB" in table, table  # kinds, sizes kept
+    # the name whole, if folded over lines of its column
+    name_cells = [line.split("│")[1].strip() for line in table.splitlines() if "│" in line]
+    assert disk in "".join(name_cells[-(len(disk) // 8 + 2) :]), table
+
+
+# --- 2. a stored config's invalid device name blamed on a missing --set --------------------------
+
+
+@pytest.mark.parametrize("name", ["disk 0", 7])
+def test_restore_of_a_stored_disk_with_an_invalid_name_names_the_snapshot(
+    tmp_path, monkeypatch, name
+):
+    """The stored config's device has a name no config may have: the snapshot is at fault,
+    and says so. It said "device 'disk 0': a restore needs --set DEVICE.path=..." (naming
+    no snapshot), which no --set can satisfy."""
+    snap = tmp_path / "snap"
+    shutil.copytree(GOLDEN, snap)
+    disk = {"name": name, "model": "virtio-blk", "path": "/x.img"}
+    edit_manifest(snap, lambda m: m["vm_config"]["device"].append(disk))
+
+    result, _ = invoke(monkeypatch, ["restore", str(snap)])
+
+    assert_refused_cleanly(result, f"snapshot {snap}: manifest vm_config: device")
+    assert "--set" not in result.stderr, result.stderr
+
+
+# --- 4. output to a full disk -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["inspect", "--json"], ["inspect"], ["verify"]])
+def test_cli_snapshot_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path, args):
+    """`splitvmm snapshot inspect --json DIR > file` on a full file system (ENOSPC; here
+    /dev/full): exit 1 with one line saying so, not an OSError traceback."""
+    snap = snapshot_of_pci_devices(tmp_path / "s", [disk_named("blk0")])
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "splitvmm", "snapshot", *args, str(snap)],
+            stdout=full, stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+
+    assert proc.returncode == 1, proc.stderr
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()[-600:]
+    lines = proc.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("splitvmm: error: "), lines
+    assert "No space left on device" in lines[0]
+
+
+# --- 3. a working directory that was removed ----------------------------------------------------
+
+
+@pytest.fixture
+def removed_cwd(tmp_path, monkeypatch):
+    """The working directory is removed under us (getcwd() then fails: ENOENT)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+
+
+def test_cli_verify_by_absolute_path_in_a_removed_working_directory_says_ok(tmp_path, removed_cwd):
+    """verify's stand-in --set values are never opened: it needs no working directory, and
+    ended in a FileNotFoundError traceback from Path.cwd() (restore.config_of)."""
+    snap = snapshot_of_pci_devices(tmp_path / "s", [disk_named("blk0")])
+
+    result = run("verify", str(snap))
+
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+
+
+def test_restore_in_a_removed_working_directory_is_one_line(tmp_path, monkeypatch, removed_cwd):
+    """As `ctl snapshot` says it (test_ctl_errors.py): one line, not a traceback."""
+    snap = tmp_path / "snap"
+    shutil.copytree(GOLDEN, snap)
+
+    result, _ = invoke(monkeypatch, ["restore", str(snap)])
+
+    assert_refused_cleanly(result, "working directory")
