@@ -72,10 +72,10 @@ def inspect(directory: Path, as_json: bool) -> None:
 def _chunk_table(snap: Snapshot) -> Table:
     table = Table(show_edge=False)
     for title in ("kind", "name", "model", "state v", "size", "checksum"):
-        # A name of up to 63 characters folds onto more lines: cut short (or its column
-        # dropped to fit 80 columns, a pipe's width), it hid the end of the name, and of
-        # the rows' kinds, sizes and checksums.
-        wrap = {"overflow": "fold"} if title == "name" else {"no_wrap": True}
+        # A name or model of up to 63 characters folds onto more lines: cut short (or its
+        # column dropped to fit 80 columns, a pipe's width), it hid the end of the name, and
+        # of the rows' kinds, sizes and checksums.
+        wrap = {"overflow": "fold"} if title in ("name", "model") else {"no_wrap": True}
         table.add_column(title, justify="right" if title == "size" else "left", **wrap)
     for c in snap.chunks:
         size, checksum = format_size(c.size), f"{c.digest.alg}:{c.digest.hex[:DIGEST_PREFIX]}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -119,6 +121,16 @@ def _open(path: Path, what: str) -> tuple[BinaryIO, int]:
     return f, os.fstat(fd).st_size
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """An I/O error reading a boot file (EIO or ESTALE from its storage) is a BootError naming
+    it, as a snapshot's file's is (snapshot/reader.py): never a bare OSError."""
+    try:
+        yield
+    except OSError as e:
+        raise BootError(f"{path}: cannot read it: {e.strerror or e}") from None
+
+
 def _pread(f: BinaryIO, offset: int, length: int) -> bytes:
     return os.pread(f.fileno(), length, offset)
 
@@ -158,7 +170,7 @@ def _check_placement(path: Path, what: str, start: int, end: int, ram_size: int)
 def load_kernel(mem: GuestRam, path: Path) -> LoadedKernel:
     """Load an ELF64 vmlinux/test guest or a bzImage, chosen by content, not by name."""
     f, size = _open(path, "kernel")
-    with f:
+    with f, _reading(path):
         if size == 0:
             raise BootError(f"{path}: the kernel file is empty")
         head = _pread(f, 0, BZ_MAGIC_OFFSET + 4)
@@ -397,7 +409,7 @@ def _load_bzimage(mem: GuestRam, path: Path, f: BinaryIO, size: int) -> LoadedKe
 def load_initrd(mem: GuestRam, path: Path, kernel: LoadedKernel) -> LoadedKernel:
     """Put the initrd page-aligned as high as the kernel allows, clear of the kernel."""
     f, size = _open(path, "initrd")
-    with f:
+    with f, _reading(path):
         if size == 0:
             raise BootError(f"{path}: the initrd is empty")
         limit = min(kernel.initrd_addr_max + 1, _low_ram_end(mem))
@@ -456,7 +468,7 @@ def load_firmware(path: Path) -> FirmwareImage:
     """A flat image ending at 4 GiB, its last 128 KiB also below 1 MiB (QEMU -bios): there in
     guest RAM, the shadow a boot copies (layout.FIRMWARE_SHADOW)."""
     f, size = _open(path, "firmware")
-    with f:
+    with f, _reading(path):
         if size == 0 or size % FIRMWARE_GRANULE or size > layout.FIRMWARE_MAX:
             raise BootError(
                 f"{path}: firmware is {size:#x} bytes; it must be a non-zero multiple of "

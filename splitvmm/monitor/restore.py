@@ -25,6 +25,8 @@ from splitvmm.config import (
     HOST_RESOURCES,
     MODEL_OPTIONS,
     ON_CRASH,
+    RESERVED_NAME_RE,
+    RUNTIME_DIR_NAMES,
     VmConfig,
     parse_config,
 )
@@ -240,7 +242,9 @@ def _own_resources(device: dict[str, Any], set_keys: set[str]) -> None:
         if f"{name}.{option}" in set_keys:
             continue
         if default is None:
-            if not (isinstance(name, str) and NAME_RE.fullmatch(name)):
+            if not (isinstance(name, str) and NAME_RE.fullmatch(name)) or (
+                RESERVED_NAME_RE.fullmatch(name) or name in RUNTIME_DIR_NAMES
+            ):
                 continue  # no --set names it: parse_config refuses the name, naming the manifest
             raise ConfigError(f"device {shown(name)}: a restore needs --set {name}.{option}=...")
         device[option] = default
@@ -261,11 +265,14 @@ def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
     if isinstance(vm, dict):  # where the monitor may write: `restore --snapshot-dir` says
         data["vm"] = {k: v for k, v in vm.items() if k != "snapshot_dirs"}
     data["device"] = [dict(d) if isinstance(d, dict) else d for d in devices]
-    by_name = {
-        d["name"]: d
-        for d in data["device"]
-        if isinstance(d, dict) and isinstance(d.get("name"), str)
-    }
+    by_name: dict[str, dict[str, Any]] = {}
+    for d in data["device"]:
+        if isinstance(d, dict) and isinstance(d.get("name"), str):
+            if d["name"] in by_name:  # a --set would name the last alone: refused as the
+                raise SnapshotError(  # config's check would (config.parse_config)
+                    f"manifest vm_config: device {shown(d['name'])}: the name is used twice"
+                )
+            by_name[d["name"]] = d
     set_keys = set(overrides)  # once: a stored config may list thousands of devices
     for device in data["device"]:
         if isinstance(device, dict):

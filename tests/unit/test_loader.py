@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from pathlib import Path
 
@@ -456,3 +458,24 @@ def test_load_firmware_empty_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(BootError, match="non-zero multiple of 64 KiB"):
         load_firmware(path)
+
+
+@pytest.mark.parametrize("what", ["kernel", "firmware"])
+def test_boot_file_that_cannot_be_read_is_a_boot_error_naming_it(tmp_path, monkeypatch, what):
+    """A read error from the file's storage (EIO, ESTALE on NFS) was a bare OSError: `up`
+    printed a traceback, or, once main() turned output errors into one line, "cannot write
+    the output". It names the file."""
+    path = tmp_path / what
+    path.write_bytes(
+        make_elf([Seg(0x200000, b"\xf4")], 0x200000) if what == "kernel" else bytes(64 << 10)
+    )
+
+    def eio(*args: object) -> bytes:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(loader.os, "pread", eio)
+    with pytest.raises(BootError, match=f"{what}: cannot read it: Input/output error"):
+        if what == "kernel":
+            loader.load_kernel(FakeGuestMemory(32 * MIB), path)
+        else:
+            loader.load_firmware(path)

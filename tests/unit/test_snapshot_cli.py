@@ -248,12 +248,23 @@ def disk_named(name: str) -> dict[str, object]:
 # --- 1. inspect's chunk table at 80 columns (a pipe's width) -------------------------------------
 
 
-@pytest.mark.parametrize("disk", ["scratch-disk0", "d" * 63])
-def test_cli_inspect_table_loses_nothing_of_a_long_device_name_at_80_columns(tmp_path, disk):
-    """A device name may have up to 63 characters. At 80 columns (a pipe, a log file, an
-    80-column terminal) the chunk table cut names, kinds and checksums short with '…', and
-    with a long name dropped the kind, state version and size columns of every row."""
-    snap = snapshot_of_pci_devices(tmp_path / "s", [disk_named(disk)])
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("name", "scratch-disk0"), ("name", "d" * 63), ("model", "m" * 55 + "ABCDEFGH")],
+    ids=["name", "longest-name", "longest-model"],
+)
+def test_cli_inspect_table_loses_nothing_of_a_long_name_at_80_columns(tmp_path, column, value):
+    """A device name, and a chunk's model in a hostile manifest, may have up to 63
+    characters. At 80 columns (a pipe, a log file, an 80-column terminal) the chunk table cut
+    names, kinds and checksums short with '…', and a long one dropped the kind, state version
+    and size columns of every row: two names differing at their end looked the same."""
+    if column == "name":
+        snap = snapshot_of_pci_devices(tmp_path / "s", [disk_named(value)])
+    else:
+        snap = snapshot_of_pci_devices(tmp_path / "s", [disk_named("blk0")])
+        edit_manifest(
+            snap, lambda m: [c.update(model=value) for c in m["chunks"] if c["name"] == "blk0"]
+        )
 
     result = CliRunner().invoke(cli, ["snapshot", "inspect", str(snap)], env={"COLUMNS": "80"})
 
@@ -264,27 +275,35 @@ def test_cli_inspect_table_loses_nothing_of_a_long_device_name_at_80_columns(tmp
     for row in json.loads((snap / "manifest.json").read_text())["chunks"]:
         assert f"blake3:{row['digest']['hex'][:12]}" in table, table  # every checksum whole
     assert table.count("device") == 2 and "14.9 KiB" in table, table  # kinds, sizes kept
-    # the name whole, if folded over lines of its column
-    name_cells = [line.split("│")[1].strip() for line in table.splitlines() if "│" in line]
-    assert disk in "".join(name_cells[-(len(disk) // 8 + 2) :]), table
+    # the value whole, if folded over lines of its column
+    at = 1 if column == "name" else 2
+    cells = [line.split("│")[at].strip() for line in table.splitlines() if "│" in line]
+    assert value in "".join(cells), table
 
 
 # --- 2. a stored config's invalid device name blamed on a missing --set --------------------------
 
 
-@pytest.mark.parametrize("name", ["disk 0", 7])
+def restore_with_stored_devices(tmp_path, monkeypatch, devices, *args):
+    """`splitvmm restore` of the golden VM's snapshot, `devices` added to its stored config:
+    the snapshot, and what the command came to."""
+    snap = tmp_path / "snap"
+    shutil.copytree(GOLDEN, snap)
+    edit_manifest(snap, lambda m: m["vm_config"]["device"].extend(devices))
+    result, _ = invoke(monkeypatch, ["restore", str(snap), *args])
+    return snap, result
+
+
+@pytest.mark.parametrize("name", ["disk 0", 7, "ram", "vcpu1", "manifest", "control"])
 def test_restore_of_a_stored_disk_with_an_invalid_name_names_the_snapshot(
     tmp_path, monkeypatch, name
 ):
-    """The stored config's device has a name no config may have: the snapshot is at fault,
-    and says so. It said "device 'disk 0': a restore needs --set DEVICE.path=..." (naming
-    no snapshot), which no --set can satisfy."""
-    snap = tmp_path / "snap"
-    shutil.copytree(GOLDEN, snap)
+    """The stored config's device has a name no config may have (not a NAME_RE name, or a
+    reserved one: config.RESERVED_NAME_RE, RUNTIME_DIR_NAMES): the snapshot is at fault, and
+    says so. It said "device 'disk 0': a restore needs --set DEVICE.path=..." (naming no
+    snapshot), which no --set can satisfy."""
     disk = {"name": name, "model": "virtio-blk", "path": "/x.img"}
-    edit_manifest(snap, lambda m: m["vm_config"]["device"].append(disk))
-
-    result, _ = invoke(monkeypatch, ["restore", str(snap)])
+    snap, result = restore_with_stored_devices(tmp_path, monkeypatch, [disk])
 
     assert_refused_cleanly(result, f"snapshot {snap}: manifest vm_config: device")
     assert "--set" not in result.stderr, result.stderr
@@ -344,3 +363,32 @@ def test_restore_in_a_removed_working_directory_is_one_line(tmp_path, monkeypatc
     result, _ = invoke(monkeypatch, ["restore", str(snap)])
 
     assert_refused_cleanly(result, "working directory")
+
+
+# --- 4. a stored device listed twice is blamed on the operator's --set -----------------------------
+
+
+@pytest.mark.parametrize("sets", [[], ["--set", "blk9.path=/tmp/disk.img"]])
+def test_restore_of_a_stored_config_listing_a_disk_twice_names_the_snapshot(
+    tmp_path, monkeypatch, sets
+):
+    """Two stored devices of one name: the snapshot is at fault. The --set applied to the
+    last only, and the first's dropped path was blamed on that --set ("--set 'blk9.path':
+    device 'blk9'.path: missing"), or on one missing, naming no snapshot."""
+    disk = {"name": "blk9", "model": "virtio-blk", "path": "/x.img"}
+    snap, result = restore_with_stored_devices(tmp_path, monkeypatch, [disk, dict(disk)], *sets)
+
+    assert_refused_cleanly(result, f"snapshot {snap}: manifest vm_config: device 'blk9'")
+    assert "--set" not in result.stderr, result.stderr
+
+
+def test_cli_verify_of_a_stored_config_listing_a_disk_twice_blames_no_set(tmp_path):
+    """verify gives no --set, and said "--set 'blk9.path': device 'blk9'.path: missing"."""
+    snap = snapshot_of_pci_devices(tmp_path / "s", [disk_named("blk9")])
+    edit_manifest(snap, lambda m: m["vm_config"]["device"].append(disk_named("blk9")))
+
+    result = CliRunner().invoke(cli, ["snapshot", "verify", str(snap)])
+
+    assert result.exit_code == 1, result.output
+    assert "manifest vm_config: device 'blk9': the name is used twice" in result.stderr
+    assert "--set" not in result.stderr, result.stderr
