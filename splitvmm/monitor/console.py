@@ -87,8 +87,13 @@ def _raw_again_on_continue(fd: int, ending: Callable[[], bool]) -> _HANDLER:
         return None
 
     def again(signum: int, frame: object) -> None:
-        if ending():  # a stopped job's `kill %1` (SIGTERM, then SIGCONT): the shell has the
-            return  # terminal; a tcsetattr() from the background would stop us (SIGTTOU)
+        # Only on `fg`, which gives us the terminal first. Not once the VM is stopping, nor
+        # while the shell has the terminal: `bg`, or a stopped job's `kill %1` (SIGTERM, then
+        # SIGCONT) whose SIGCONT is handled first (another thread may take the SIGTERM, and
+        # its C handler may not have run yet); a tcsetattr() from the background would stop
+        # us again (SIGTTOU), and the shell's modes are on the terminal.
+        if ending() or _in_background(fd):
+            return
         with contextlib.suppress(termios.error):  # a terminal that hung up meanwhile
             tty.setraw(fd, termios.TCSANOW)
 

@@ -287,8 +287,6 @@ def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_p
 # `up` as a job in its own process group in the foreground; when the job stops it takes the
 # terminal back and puts its own (cooked) modes back; then `kill %1` (SIGTERM, SIGCONT to
 # the job's process group) and it reports what became of the job on fd REPORT.
-# A job-control shell in miniature: `up` runs as its foreground job; stopped, the shell takes
-# the terminal back and puts its own modes on it, then does `kill %1` (SIGTERM, SIGCONT).
 JOB_SHELL = textwrap.dedent(
     """
     import fcntl, os, signal, sys, termios, time

@@ -6,7 +6,11 @@ import os
 import pty
 import select
 import signal
+import subprocess
+import sys
 import termios
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +240,107 @@ def test_raw_terminal_keeps_input_typed_before_it_for_the_guest():
     finally:
         os.close(master)
         os.close(slave)
+
+
+# A job-control shell in miniature (as test_up_lifecycle.py's JOB_SHELL): the job holds the
+# console in raw_terminal() with the VM not stopping; it is stopped, the shell takes the
+# terminal back and puts its modes on it, then the job gets SIGCONT while the shell keeps the
+# terminal: `bg`, or `kill %1` whose SIGCONT's Python handler ran before its SIGTERM's had
+# (the kernel hands the two to different threads of a stopped process, and the SIGTERM's C
+# handler may not have run when the main thread runs the SIGCONT's).
+REPO = Path(__file__).resolve().parents[2]
+
+CONTINUED_SHELL = textwrap.dedent(
+    """
+    import fcntl, os, signal, sys, termios, time
+    report = int(sys.argv[1])
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    JOB_SIGNALS = (signal.SIGTTOU, signal.SIGTTIN, signal.SIGTSTP)
+    for s in JOB_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    cooked = termios.tcgetattr(0)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.tcsetpgrp(0, os.getpgrp())
+        for s in JOB_SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        os.close(ready_r)
+        os.close(go_w)
+        from splitvmm.monitor.console import raw_terminal
+        with raw_terminal(0, lambda: False):  # the VM is not stopping
+            os.write(ready_w, b"x")
+            select_ = __import__("select").select
+            select_([go_r], [], [])  # pump()'s wait: the SIGCONT handler runs in it
+        os._exit(0)
+    os.setpgid(pid, pid)
+    os.tcsetpgrp(0, pid)
+    os.close(ready_w)
+    os.close(go_r)
+    os.read(ready_r, 1)
+    os.kill(pid, signal.SIGSTOP)
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+    os.tcsetpgrp(0, os.getpgrp())  # the shell takes its terminal back
+    termios.tcsetattr(0, termios.TCSADRAIN, cooked)  # and puts its own modes on it
+    os.killpg(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 2
+    state = "running"
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        if done and os.WIFSTOPPED(status):
+            state = f"stopped again by {signal.Signals(os.WSTOPSIG(status)).name}"
+            break
+        time.sleep(0.02)
+    os.write(report, f"{state}\\n".encode())
+    os.write(report, f"raw {not termios.tcgetattr(0)[3] & termios.ICANON}\\n".encode())
+    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGCONT)
+    os.waitpid(pid, 0)
+    """
+)
+
+
+def test_raw_terminal_continued_in_the_background_leaves_the_shells_terminal_alone():
+    """SIGCONT while the shell holds the terminal and the VM is not stopping: raw mode must
+    not be set from the background. tcsetattr() there stops the job again (SIGTTOU): the
+    `kill %1` of test_up_lifecycle.py's test_stopped_up_on_a_terminal_killed_by_its_shell_...
+    leaves the VM stopped whenever its SIGCONT is handled first (seen 2 times in 140 runs)."""
+    master, terminal = pty.openpty()
+    report_r, report_w = os.pipe()
+    shell = subprocess.Popen(
+        [sys.executable, "-c", CONTINUED_SHELL, str(report_w)],
+        cwd=REPO,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    report = bytearray()
+    try:
+        while b"raw " not in report:
+            ready = select.select([master, report_r], [], [], 10)[0]
+            assert ready, report
+            if master in ready:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    pass
+            if report_r in ready:
+                chunk = os.read(report_r, 4096)
+                if not chunk:
+                    break
+                report.extend(chunk)
+        shell.wait(10)
+    finally:
+        shell.kill()
+        shell.wait()
+        for fd in (master, terminal, report_r):
+            os.close(fd)
+    lines = report.decode().splitlines()
+    assert "running" in lines, lines  # not "stopped again by SIGTTOU"
+    assert "raw False" in lines, lines  # the shell's modes stay
