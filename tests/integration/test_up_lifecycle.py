@@ -23,6 +23,7 @@ import pytest
 
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import REPO, env_for
+from tests.jobshell import SHELL_START, ending, pump_pty
 
 pytestmark = pytest.mark.kvm
 
@@ -287,17 +288,9 @@ def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_p
 # `up` as a job in its own process group in the foreground; when the job stops it takes the
 # terminal back and puts its own (cooked) modes back; then `kill %1` (SIGTERM, SIGCONT to
 # the job's process group) and it reports what became of the job on fd REPORT.
-JOB_SHELL = textwrap.dedent(
+JOB_SHELL = SHELL_START + textwrap.dedent(
     """
-    import fcntl, os, signal, sys, termios, time
-    report = int(sys.argv[1])
     argv = sys.argv[2:]
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    JOB_SIGNALS = (signal.SIGTTOU, signal.SIGTTIN, signal.SIGTSTP)
-    for s in JOB_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    cooked = termios.tcgetattr(0)
     pid = os.fork()
     if pid == 0:
         os.setpgid(0, 0)
@@ -354,33 +347,12 @@ def test_stopped_up_on_a_terminal_killed_by_its_shell_ends_with_sigterms_status(
     )
     os.close(report_w)
     out, report = bytearray(), bytearray()
-
-    def pump(until: bytes, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while until not in report and until not in out and time.monotonic() < deadline:
-            ready = select.select([master, report_r], [], [], 0.05)[0]
-            if master in ready:
-                try:
-                    out.extend(os.read(master, 65536))
-                except OSError:
-                    break
-            if report_r in ready:
-                chunk = os.read(report_r, 4096)
-                if not chunk:
-                    break
-                report.extend(chunk)
-
-    try:
-        pump(b"count=", 30)
+    with ending(shell, master, terminal, report_r):
+        pump_pty(master, report_r, out, report, b"count=", 30)
         assert b"count=" in out, bytes(out[-300:])
         pid = int(report.split(b"pid ")[1].split(b"\n")[0])
         os.kill(pid, signal.SIGSTOP)
-        pump(b"raw ", 40)
-    finally:
-        shell.kill()
-        shell.wait()
-        for fd in (master, terminal, report_r):
-            os.close(fd)
+        pump_pty(master, report_r, out, report, b"raw ", 40)
     lines = report.decode().splitlines()
     assert "stopped" in lines, lines
     assert "exited 143" in lines, lines  # not "stopped again by SIGTTOU"

@@ -16,6 +16,7 @@ import pytest
 
 from splitvmm.monitor import console
 from splitvmm.monitor.console import OFFER_MAX, EscapeParser, pump, raw_terminal
+from tests.jobshell import SHELL_START, ending, pump_pty
 
 
 def test_escape_plain_bytes_pass_through():
@@ -250,16 +251,8 @@ def test_raw_terminal_keeps_input_typed_before_it_for_the_guest():
 # handler may not have run when the main thread runs the SIGCONT's).
 REPO = Path(__file__).resolve().parents[2]
 
-CONTINUED_SHELL = textwrap.dedent(
+CONTINUED_SHELL = SHELL_START + textwrap.dedent(
     """
-    import fcntl, os, signal, sys, termios, time
-    report = int(sys.argv[1])
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-    JOB_SIGNALS = (signal.SIGTTOU, signal.SIGTTIN, signal.SIGTSTP)
-    for s in JOB_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    cooked = termios.tcgetattr(0)
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -321,26 +314,9 @@ def test_raw_terminal_continued_in_the_background_leaves_the_shells_terminal_alo
     )
     os.close(report_w)
     report = bytearray()
-    try:
-        while b"raw " not in report:
-            ready = select.select([master, report_r], [], [], 10)[0]
-            assert ready, report
-            if master in ready:
-                try:
-                    os.read(master, 65536)
-                except OSError:
-                    pass
-            if report_r in ready:
-                chunk = os.read(report_r, 4096)
-                if not chunk:
-                    break
-                report.extend(chunk)
+    with ending(shell, master, terminal, report_r):
+        pump_pty(master, report_r, bytearray(), report, b"raw ", 30)
         shell.wait(10)
-    finally:
-        shell.kill()
-        shell.wait()
-        for fd in (master, terminal, report_r):
-            os.close(fd)
     lines = report.decode().splitlines()
     assert "running" in lines, lines  # not "stopped again by SIGTTOU"
     assert "raw False" in lines, lines  # the shell's modes stay
