@@ -30,10 +30,10 @@ def read_spec() -> DeviceSpec:
 
 def _checked(spec: DeviceSpec) -> DeviceSpec:
     """What the launcher checks of a spec before it forks (launcher_server.py _checked_spec,
-    _check_spec), for a device started by hand: the fields run() reads first, a known model."""
-    for key, kind in (("name", str), ("model", str), ("channel", str), ("fds", dict)):
-        if type(getattr(spec, key)) is not kind:
-            raise TypeError(f"its {key} is not a {kind.__name__}")
+    _check_spec), for a device started by hand: its fields' types (the launcher's own check),
+    its fds' entries and a known model."""
+    if (problem := spec.field_problem()) is not None:
+        raise TypeError(f"its {problem}")
     if not all(type(role) is str and type(fd) is int for role, fd in spec.fds.items()):
         raise TypeError("its fds are not role: fd number")
     if spec.model not in MODELS:

@@ -94,6 +94,18 @@ class DeviceSpec(Struct, frozen=True):
         state, resume, fault = (cast(dict[str, object] | None, parts[k]) for k in DEFERRED)
         return replace(self, deferred=False, state=state, resume=resume, fault=fault)
 
+    def field_problem(self) -> str | None:
+        """Which field does not have its type ("fds is not a dict"), or None: from_json takes
+        any JSON value for each. What the launcher refuses of a request, and a device started
+        by hand of its stdin."""
+        for key, kind in _FIELD_TYPES.items():
+            if type(getattr(self, key)) is not kind:
+                return f"{key} is not a {kind.__name__}"
+        for key in ("state", "resume", "fault", "transport"):  # an object, or none
+            if getattr(self, key) is not None and type(getattr(self, key)) is not dict:
+                return f"{key} is not an object"
+        return None
+
     def to_json(self) -> str:
         # Compact, as a device's state reply is (control.encode): a state no larger than
         # MAX_CONTROL there (monitor/restore.py device_state) fits a spec's MAX_SPEC here.
@@ -104,3 +116,8 @@ class DeviceSpec(Struct, frozen=True):
         """ProtocolError if `text` is no JSON object (or nests deeper than schema.MAX_DEPTH);
         TypeError if its keys are not the spec's."""
         return cls(**schema.loads(text.encode(), what="a device spec", error=ProtocolError))
+
+
+# The type of each field of a spec that must be there (DeviceSpec.field_problem).
+_FIELD_TYPES: dict[str, type] = {"name": str, "model": str, "channel": str, "fds": dict,
+                                 "options": dict, "seccomp": str, "hook": str, "deferred": bool}  # fmt: skip

@@ -157,20 +157,24 @@ class _Server:
             self.zygote.hangup_fd = self.sock.fileno()
         return self.zygote
 
-    def _monitor_left(self) -> bool:
-        """Whether the monitor has closed its end, or shut its sending side (no request can be
-        waiting for us)."""
-        poller = select.poll()
-        poller.register(self.sock, select.POLLRDHUP)
-        return bool(poller.poll(0))
-
-    def _monitor_only_reads(self) -> bool:
-        """Whether the monitor shut its sending side only (Launcher abandon), and reads still."""
+    def _monitor_hangup(self) -> int:
+        """How the monitor's end stands, from poll(2): 0 while it may send requests;
+        POLLRDHUP once it shut its sending side (Launcher abandon), and POLLHUP or POLLERR
+        with it once it closed the socket."""
         poller = select.poll()
         poller.register(self.sock, select.POLLRDHUP)
         events = 0
         for _, each in poller.poll(0):
             events |= each
+        return events
+
+    def _monitor_left(self) -> bool:
+        """Whether the monitor closed its end or shut its sending side (nobody waits for us)."""
+        return self._monitor_hangup() != 0
+
+    def _monitor_only_reads(self) -> bool:
+        """Whether the monitor shut its sending side only (Launcher abandon), and reads still."""
+        events = self._monitor_hangup()
         return bool(events & select.POLLRDHUP) and not events & (select.POLLHUP | select.POLLERR)
 
     def _end_zygote(self) -> None:
@@ -431,14 +435,8 @@ def _decode_spec(data: bytes) -> DeviceSpec:
 
 def _checked_spec(spec: DeviceSpec) -> DeviceSpec:
     """`spec`, if each of its fields has its type and its fault is one."""
-    types: dict[str, type] = {"name": str, "model": str, "channel": str, "fds": dict}
-    types |= {"options": dict, "seccomp": str, "hook": str, "deferred": bool}
-    for key, kind in types.items():
-        if type(getattr(spec, key)) is not kind:
-            raise Refused(f"launcher: the spec's {key} is not a {kind.__name__}")
-    for key in ("state", "resume", "fault", "transport"):
-        if getattr(spec, key) is not None and type(getattr(spec, key)) is not dict:
-            raise Refused(f"launcher: the spec's {key} is not an object")
+    if (problem := spec.field_problem()) is not None:
+        raise Refused(f"launcher: the spec's {problem}")
     if spec.fault is not None:
         try:
             faults.decode(spec.fault, f"device {spec.name[:63]!r}: fault", ProtocolError)
