@@ -281,6 +281,18 @@ def _parse_boot(table: dict[str, Any], base: Path, check: bool, restored: bool) 
     )
 
 
+def device_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a device, or None: the rule a config's device names follow
+    (a restore's stored config too: monitor/restore.py)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        return "name must be 1-63 letters, digits, '_', '.' or '-'"
+    if RESERVED_NAME_RE.fullmatch(name):
+        return "the name is reserved (a snapshot names its own chunks so)"
+    if name in RUNTIME_DIR_NAMES:
+        return f"the name is reserved (the VM's control socket is {name}.sock)"
+    return None
+
+
 def _parse_device(
     table: dict[str, Any], where: str, vm_name: str, base: Path, keep_empty: bool = False
 ) -> DeviceSection:
@@ -288,12 +300,8 @@ def _parse_device(
     (a stored config's: its saved device took the model's own from it), else "" is derived."""
     name = _get(table, "name", where, str)
     where = f"device {shown(name)}"
-    if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: name must be 1-63 letters, digits, '_', '.' or '-'")
-    if RESERVED_NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: the name is reserved (a snapshot names its own chunks so)")
-    if name in RUNTIME_DIR_NAMES:
-        raise ConfigError(f"{where}: the name is reserved (the VM's control socket is {name}.sock)")
+    if (problem := device_name_problem(name)) is not None:
+        raise ConfigError(f"{where}: {problem}")
     model = _get(table, "model", where, str)
     if model not in MODEL_OPTIONS:
         raise ConfigError(

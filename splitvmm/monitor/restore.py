@@ -25,9 +25,8 @@ from splitvmm.config import (
     HOST_RESOURCES,
     MODEL_OPTIONS,
     ON_CRASH,
-    RESERVED_NAME_RE,
-    RUNTIME_DIR_NAMES,
     VmConfig,
+    device_name_problem,
     parse_config,
 )
 from splitvmm.errors import ConfigError, StateError, clip, shown
@@ -36,7 +35,6 @@ from splitvmm.monitor.pci import state as pcistate
 from splitvmm.monitor.pci.root import device_numbers
 from splitvmm.protocol.control import MAX_CONTROL
 from splitvmm.protocol.models import MODELS, PciFunction
-from splitvmm.protocol.spec import NAME_RE
 from splitvmm.record import Struct
 from splitvmm.snapshot.format import SnapshotError
 from splitvmm.snapshot.reader import Snapshot, format_size
@@ -242,9 +240,7 @@ def _own_resources(device: dict[str, Any], set_keys: set[str]) -> None:
         if f"{name}.{option}" in set_keys:
             continue
         if default is None:
-            if not (isinstance(name, str) and NAME_RE.fullmatch(name)) or (
-                RESERVED_NAME_RE.fullmatch(name) or name in RUNTIME_DIR_NAMES
-            ):
+            if device_name_problem(name) is not None:
                 continue  # no --set names it: parse_config refuses the name, naming the manifest
             raise ConfigError(f"device {shown(name)}: a restore needs --set {name}.{option}=...")
         device[option] = default
