@@ -461,6 +461,21 @@ def _read_pci(snap: Snapshot) -> pcistate.PciState | None:
         raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
 
 
+def _check_firmware(saved: vmstate.VmState, machine: Machine) -> None:
+    """The operator's firmware must be the image the VM was saved with: its ROM stays mapped
+    at the top of 4 GiB, where the guest may be running it, and its size says where it starts.
+    A state from before v4 does not say which image it was: any is taken, as before."""
+    if machine.firmware is None or saved.firmware is None:
+        return  # (a kernel boot; check_compatible refused a config of the other boot kind)
+    given = vmstate.FirmwareId.of(machine.firmware.data)
+    if given != saved.firmware:
+        raise SnapshotError(
+            f"chunk vm: the VM was saved running firmware of {saved.firmware}; "
+            f"boot.firmware {machine.firmware.path} is {given}: a restore runs the image "
+            f"it was saved with"
+        )
+
+
 def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
     """Load RAM, vCPU and VM state into a freshly built (not yet running) machine."""
     if states.pci is not None:  # the PCI devices where the guest's drivers know them, first
@@ -468,6 +483,7 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
             pcistate.check(states.pci, machine.functions, machine.routes)
         except StateError as e:
             raise SnapshotError(f"chunk {pcistate.CHUNK}: {e}") from None
+    _check_firmware(states.vm, machine)
     snap.load_ram(machine.mem)
     if machine.firmware is not None and not states.vm.firmware_shadow:
         # Saved by a release that mapped the image's tail there read-only: RAM holds nothing

@@ -70,6 +70,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypedDict, TypeVar
 
+import blake3
+
 from splitvmm.errors import KvmError, StateError
 from splitvmm.monitor.cpuid import never_offered
 from splitvmm.native.kvm import (
@@ -223,6 +225,20 @@ class VcpuState(Struct, frozen=True, kw_only=True):
             raise schema.Invalid("cpuid: a table without leaf 0 and leaf 1 is no vCPU's")
 
 
+class FirmwareId(Struct, frozen=True):
+    """A firmware image as a snapshot names it: its size and the BLAKE3 of its bytes."""
+
+    size: u64
+    blake3: Annotated[bytes, Size(32)]
+
+    @classmethod
+    def of(cls, data: bytes) -> FirmwareId:
+        return cls(len(data), blake3.blake3(data).digest())
+
+    def __str__(self) -> str:
+        return f"{self.size} bytes, BLAKE3 {self.blake3.hex()[:16]}"
+
+
 class VmState(Struct, frozen=True, kw_only=True):
     """The in-kernel devices and clock: the `chip` union of struct kvm_irqchip for each of the
     two PICs and the IOAPIC, struct kvm_pit_state2, and kvmclock in ns with the rest of what
@@ -236,12 +252,19 @@ class VmState(Struct, frozen=True, kw_only=True):
     firmware_shadow (v3): guest RAM holds a firmware boot's shadow (layout.FIRMWARE_SHADOW),
     as the firmware left it. Before v3 that range was a read-only mapping of the image, never
     RAM, so a restore of such a state copies the image's tail there (restore.apply). Always
-    true when saved now; a kernel boot's restore does not look at it."""
+    true when saved now; a kernel boot's restore does not look at it.
 
-    VERSION: ClassVar[int] = 3
+    firmware (v4): which image a firmware boot's ROM held. The guest may be running code of
+    it (the ROM stays mapped at the top of 4 GiB, and its size says where), so a restore
+    refuses another image (restore.apply), as QEMU refuses a "pc.bios" of another size and
+    carries its bytes. None for a kernel boot, and for a state saved before v4, which did not
+    say."""
+
+    VERSION: ClassVar[int] = 4
     UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {
         1: lambda f: {**f, "clock_flags": 0, "clock_realtime": 0, "clock_host_tsc": 0},
         2: lambda f: {**f, "firmware_shadow": False},
+        3: lambda f: {**f, "firmware": None},
     }
 
     pic_master: Annotated[bytes, Size(IRQCHIP_SIZE)]
@@ -253,6 +276,7 @@ class VmState(Struct, frozen=True, kw_only=True):
     clock_realtime: u64
     clock_host_tsc: u64
     firmware_shadow: bool
+    firmware: FirmwareId | None
 
 
 # -- capture and restore ----------------------------------------------------------------------
@@ -321,8 +345,9 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
     vcpu.set_vcpu_events(state.events)
 
 
-def save_vm(vm: VmFd) -> VmState:
-    """Reads the in-kernel PICs, IOAPIC, PIT and kvmclock of a paused VM."""
+def save_vm(vm: VmFd, firmware: bytes | None = None) -> VmState:
+    """Reads the in-kernel PICs, IOAPIC, PIT and kvmclock of a paused VM; `firmware`, a
+    firmware boot's image, is named by its FirmwareId."""
     return VmState(
         pic_master=vm.get_irqchip(IRQCHIP_PIC_MASTER),
         pic_slave=vm.get_irqchip(IRQCHIP_PIC_SLAVE),
@@ -330,6 +355,7 @@ def save_vm(vm: VmFd) -> VmState:
         pit2=vm.get_pit2(),
         **_clock(vm),
         firmware_shadow=True,
+        firmware=None if firmware is None else FirmwareId.of(firmware),
     )
 
 

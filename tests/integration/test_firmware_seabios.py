@@ -16,13 +16,14 @@ from __future__ import annotations
 import random
 import re
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import run_up, vm_toml
 from tests.integration.test_snapshot import snapshot_running
-from tests.integration.vmproc import VmProcess
+from tests.integration.vmproc import VmProcess, splitvmm
 
 SEABIOS = Path("/usr/share/seabios/bios.bin")
 SECTORS = 2048  # mbr_sum.S reads these after itself
@@ -58,6 +59,20 @@ def passes(text: str) -> list[tuple[int, str]]:
     return [(int(n, 16), total) for n, total in found]
 
 
+def refused_with_another_bios(
+    tmp_path: Path, config: Path, snapshot: Path
+) -> subprocess.CompletedProcess[str]:
+    """`up --restore` of `snapshot` with SeaBIOS one byte off: the snapshot names the image
+    its ROM held (vm chunk v4), where the guest may still run it."""
+    other = tmp_path / "other-bios.bin"
+    data = bytearray(SEABIOS.read_bytes())
+    data[0] ^= 0xFF
+    other.write_bytes(data)
+    other_config = tmp_path / "other.toml"
+    other_config.write_text(config.read_text().replace(str(SEABIOS), str(other)))
+    return splitvmm(tmp_path, "up", str(other_config), "--restore", str(snapshot))
+
+
 def test_seabios_boots_from_virtio_blk_and_reads_the_disk_back(guests, tmp_path):
     device, data = disk_device(tmp_path, guests["mbr-sum"])
 
@@ -79,12 +94,15 @@ def test_seabios_suspended_while_it_reads_restores_and_reads_on(guests, tmp_path
     before, _ = snapshot_running(vm, tmp_path / "s1", "suspend")
     assert vm.finish()[0] == 0
     done = passes(before)[-1][0]
+    refused = refused_with_another_bios(tmp_path, config, tmp_path / "s1")
     vm2 = VmProcess(tmp_path, ["up", str(config), "--restore", str(tmp_path / "s1")], serial)
     try:
         vm2.wait_for(rf"^mbr-sum: pass {done + 2:08x} .*\n", timeout=60, after=len(before))
     finally:
         vm2.stop()
 
+    assert "the VM was saved running firmware of" in refused.stderr, refused.stderr
+    assert (refused.returncode, "Traceback" in refused.stderr) == (1, False), refused.stderr
     assert passes(before) == [(n, expected) for n in range(1, done + 1)]
     after = passes(vm2.text()[len(before) :])
     assert after[:2] == [(done + 1, expected), (done + 2, expected)], vm2.text()[-600:]

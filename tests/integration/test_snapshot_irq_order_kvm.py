@@ -84,9 +84,9 @@ def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw
         saved["vcpu"] = state = real_vcpu(fd, host)
         return state
 
-    def save_vm(vm):
+    def save_vm(vm, firmware=None):
         worker_runs_now()
-        saved["vm"] = state = real_vm(vm)
+        saved["vm"] = state = real_vm(vm, firmware)
         return state
 
     def writer(*args, **kwargs):
@@ -96,7 +96,9 @@ def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw
     monkeypatch.setattr(vmstate, "save_vm", save_vm)
     monkeypatch.setattr(coordinator_module, "SnapshotWriter", writer)
     monkeypatch.setattr(coordinator_module, "config_to_dict", lambda cfg: {})
-    machine = SimpleNamespace(kvm=kvm, vm=g.vm, vcpu_fds=[g.vcpu], slots=[], cfg=None, mem=None)
+    machine = SimpleNamespace(
+        kvm=kvm, vm=g.vm, vcpu_fds=[g.vcpu], slots=[], cfg=None, mem=None, firmware=None
+    )
     try:
         with pytest.raises(Stop):
             Coordinator(machine)._write(None, Deadline(10), {})  # type: ignore[arg-type]

@@ -345,12 +345,14 @@ def test_apply_restores_the_vm_before_its_vcpus_and_tells_them_they_stopped(monk
 
 
 @pytest.mark.parametrize(("in_ram", "copied"), [(False, True), (True, False)])
+@pytest.mark.parametrize("named", [False, True])
 def test_apply_copies_a_firmwares_shadow_only_into_a_snapshot_that_lacks_it(
-    monkeypatch, tmp_path, in_ram, copied
+    monkeypatch, tmp_path, in_ram, copied, named
 ):
     """A firmware VM saved before its shadow was RAM (a v2 vm chunk) had the image's tail
     mapped read-only below 1 MiB: its RAM holds nothing there, and the image is what the
-    guest saw. One saved since holds what the firmware made of it, which stays."""
+    guest saw. One saved since holds what the firmware made of it, which stays. The image
+    is taken when it is the one the state names (v4), or the state names none (before v4)."""
     calls: list[object] = []
     monkeypatch.setattr(vmstate.VcpuHost, "probe", staticmethod(lambda kvm, vm: "host"))
     monkeypatch.setattr(vmstate, "restore_vm", lambda vm, state: calls.append("vm"))
@@ -365,13 +367,47 @@ def test_apply_copies_a_firmwares_shadow_only_into_a_snapshot_that_lacks_it(
         firmware=loader.load_firmware(image),
     )  # fmt: skip
     snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
-    vm = SimpleNamespace(firmware_shadow=in_ram)
+    firmware = vmstate.FirmwareId.of(image.read_bytes()) if named else None
+    vm = SimpleNamespace(firmware_shadow=in_ram, firmware=firmware)
     states = SimpleNamespace(vcpus=[SimpleNamespace(cpuid=())], vm=vm, pci=None)
 
     restore.apply(snap, states, machine)  # type: ignore[arg-type]
 
     shadow = [(0xF0000, 0x10000, 0xEA)] if copied else []
     assert calls == ["ram", *shadow, "vm"]
+
+
+def firmware_machine(tmp_path: Path, data: bytes) -> SimpleNamespace:
+    image = tmp_path / "bios.bin"
+    image.write_bytes(data)
+    return SimpleNamespace(firmware=loader.load_firmware(image), mem=None)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        bytes(64 * 1024 - 1) + b"\xeb",  # the same size, another byte
+        bytes(128 * 1024 - 1) + b"\xea",  # another size: its ROM would start elsewhere
+    ],
+)
+def test_restore_apply_refuses_another_firmware_before_loading_ram(tmp_path, given):
+    saved = bytes(64 * 1024 - 1) + b"\xea"
+    machine = firmware_machine(tmp_path, given)
+    loaded: list[object] = []
+    snap = SimpleNamespace(load_ram=loaded.append)
+    vm = SimpleNamespace(firmware_shadow=True, firmware=vmstate.FirmwareId.of(saved))
+    states = SimpleNamespace(vm=vm, pci=None)
+
+    with pytest.raises(SnapshotError) as e:
+        restore.apply(snap, states, machine)  # type: ignore[arg-type]
+
+    assert str(e.value) == (
+        f"chunk vm: the VM was saved running firmware of 65536 bytes, BLAKE3 "
+        f"{vmstate.FirmwareId.of(saved).blake3.hex()[:16]}; boot.firmware "
+        f"{tmp_path / 'bios.bin'} is {vmstate.FirmwareId.of(given)}: a restore runs the "
+        f"image it was saved with"
+    )
+    assert loaded == []
 
 
 class BootedVcpu:

@@ -5,6 +5,7 @@ No /dev/kvm: struct sizes and field widths come from the header through the buil
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from splitvmm.monitor.vmstate import (
     MSR_IA32_TSC,
     MSR_IA32_TSC_ADJUST,
     MSR_IA32_TSC_DEADLINE,
+    FirmwareId,
     VcpuHost,
     VcpuState,
     VmState,
@@ -96,6 +98,7 @@ def vm_state() -> VmState:
         clock_realtime=1_796_300_000_000_000_000,
         clock_host_tsc=U64_MAX,
         firmware_shadow=True,
+        firmware=FirmwareId(U64_MAX, bytes(range(32))),
     )
 
 
@@ -266,6 +269,31 @@ def test_vmstate_vm_state_v2_says_a_firmwares_shadow_is_not_in_its_ram() -> None
     state = from_dict(VmState, v2, version=2)
 
     assert state.firmware_shadow is False and state.clock_flags == 0x7
+
+
+def test_vmstate_vm_state_v3_names_no_firmware() -> None:
+    """Before v4 a snapshot did not say which firmware image it ran: a restore takes any."""
+    v3 = {k: v for k, v in to_dict(vm_state()).items() if k != "firmware"}
+
+    state = from_dict(VmState, v3, version=3)
+
+    assert state.firmware is None and state.firmware_shadow is True
+
+
+@pytest.mark.parametrize(
+    ("firmware", "named"),
+    [
+        ({"size": 65536, "blake3": "AAAA"}, "firmware.blake3"),
+        ({"size": -1, "blake3": base64.b64encode(bytes(32)).decode()}, "firmware.size"),
+        ({"size": 65536}, "firmware"),
+        ("bios.bin", "firmware"),
+    ],
+)
+def test_vmstate_vm_state_hostile_firmware_names_the_field(firmware: object, named: str) -> None:
+    data = {**to_dict(vm_state()), "firmware": firmware}
+
+    with pytest.raises(StateError, match=re.escape(named)):
+        from_dict(VmState, data, version=VmState.VERSION)
 
 
 def test_vmstate_from_dict_of_current_version_needs_no_upgrade() -> None:
