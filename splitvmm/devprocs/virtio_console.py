@@ -372,7 +372,11 @@ class VirtioConsole(VirtioPciDevice):
             if self._tx[0].left or end > self.ctx.out.emitted:
                 break
             tx = self._tx.popleft()
-            self._progress.write((ring.used_idx + 1) & 0xFFFF, end)  # before used idx says so
+            # Before used idx says so, in what the file took, as a checkpoint counts it
+            # (BoundedOutput.taken): a restart measures the file's growth against both. In
+            # `emitted`, a full disk's lost bytes put each record past the file, and a
+            # restart sent the chain in flight again whole.
+            self._progress.write((ring.used_idx + 1) & 0xFFFF, end - self.ctx.out.lost)
             ring.push(tx.chain.head, 0)  # transmit buffers are read only: nothing written
             self._tx_done = end
             self.bytes_out = min(self.bytes_out + tx.total, MAX_COUNTER)
@@ -395,7 +399,8 @@ class VirtioConsole(VirtioPciDevice):
         for q in queues:
             ring = self.rings[q]
             if ring is not None:
-                count, stream = (self._tx_done, TRANSMIT) if q == TX else (self.bytes_in, RECEIVE)
+                tx = self._tx_done - self.ctx.out.lost  # what the file took (_complete_sent)
+                count, stream = (tx, TRANSMIT) if q == TX else (self.bytes_in, RECEIVE)
                 self._progress.write(ring.used_idx, count, stream)
 
     def _enable_queue(self, q: int) -> None:

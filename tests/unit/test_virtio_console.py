@@ -5,6 +5,7 @@ output line that takes what a test lets it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -1622,3 +1623,44 @@ def test_virtio_console_rx_crashes_snapshots_and_resets_anywhere_deliver_each_by
     snapshots and driver resets, some with their set-up unconfirmed. What the guest
     receives, over all its sessions in order, is the input stream: none lost, none twice."""
     rx_world(steps)
+
+
+class FillingLine(Line):
+    """A regular file's line on a file system that is full while `full` (output.py _FULL)."""
+
+    full = False
+
+    def send(self, data: memoryview) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().send(data)
+
+
+def test_virtio_console_restart_after_the_disk_was_full_for_a_while_sends_no_byte_twice(
+    file_host,
+):
+    """The checkpoint counts what the file took (BoundedOutput.taken: emitted less what a
+    full file system lost), and the restart measures the file's growth against it; the
+    progress page's records must count the same, or after a full-disk episode the chain in
+    flight at the crash came out again from its start ("thi" twice)."""
+    line = FillingLine()
+    first = Process(file_host.context(line))
+    driver, _, tx = started(first.dev)
+    transmit(tx, b"boot\n")
+    driver.kick(1)
+    line.full = True  # the disk fills up: this chain's bytes are lost
+    transmit(tx, b"lost\n")
+    driver.kick(1)
+    line.full = False  # the operator made room
+    out = first.dev.ctx.out
+    checkpoint = first.dev.save(), out.taken()  # what runtime.Checkpoints publishes
+    transmit(tx, b"second\n")
+    driver.kick(1)  # completed after the checkpoint the monitor holds
+    line.budget = 3
+    transmit(tx, b"third\n")
+    driver.kick(1)  # the file took "thi", then the process died
+
+    after = after_crash(file_host, checkpoint, [line])
+    Driver(after.dev).kick(1)
+
+    assert bytes(line.taken + after.line.taken) == b"boot\nsecond\nthird\n"
