@@ -8,6 +8,7 @@ import sys
 from splitvmm.errors import ProtocolError
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
+from splitvmm.sandbox.device import SeccompMode
 
 
 def read_spec() -> DeviceSpec:
@@ -31,13 +32,15 @@ def read_spec() -> DeviceSpec:
 def _checked(spec: DeviceSpec) -> DeviceSpec:
     """What the launcher checks of a spec before it forks (launcher_server.py _checked_spec,
     _check_spec), for a device started by hand: its fields' types (the launcher's own check),
-    its fds' entries and a known model."""
+    its fds' entries, a known model and a known seccomp mode."""
     if (problem := spec.field_problem()) is not None:
         raise TypeError(f"its {problem}")
     if not all(type(role) is str and type(fd) is int for role, fd in spec.fds.items()):
         raise TypeError("its fds are not role: fd number")
     if spec.model not in MODELS:
         raise ValueError(f"unknown device model {spec.model[:63]!r}")
+    # ValueError for a mode enter_sandbox does not know (the launcher takes "kill" alone)
+    SeccompMode(spec.seccomp)
     return spec
 
 

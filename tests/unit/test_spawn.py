@@ -27,8 +27,17 @@ def test_start_device_state_over_spec_cap_raises_device_failure_naming_device():
         b'{"name":"x","model":"serial"}\n',
         b'{"name":"x","model":"nosuch","channel":"ipc:///nowhere/x.sock"}\n',
         b'{"name":"x","model":"serial","channel":"ipc:///nowhere/x.sock","fds":"out"}\n',
+        b'{"name":"x","model":"serial","channel":"ipc:///nowhere/x.sock","seccomp":"enforce"}\n',
     ],
-    ids=["not-json", "truncated", "not-an-object", "no-channel", "unknown-model", "fds-not-object"],
+    ids=[
+        "not-json",
+        "truncated",
+        "not-an-object",
+        "no-channel",
+        "unknown-model",
+        "fds-not-object",
+        "unknown-seccomp-mode",
+    ],
 )
 def test_device_spec_on_stdin_that_is_no_spec_is_refused_in_one_line(stdin: bytes) -> None:
     done = subprocess.run(list(DEVICE_COMMAND), input=stdin, capture_output=True, timeout=60)
