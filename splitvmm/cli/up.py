@@ -57,6 +57,9 @@ def run_and_exit(
     except KeyboardInterrupt:  # as below: nothing was built (a launcher dies with us)
         _stopped_by_sigint()
     timings.mark("command line")
+    from splitvmm import stderrlog
+
+    stderrlog.install()  # no thread of the VM waits on a stderr nobody reads
     try:
         from splitvmm.monitor.machine import run_vm
 

@@ -6,7 +6,7 @@ listener that stops reading, a full pipe or a terminal stopped with Ctrl-S would
 stop the device's one event loop, the device would miss the monitor's read
 deadline and the VM would end. So:
 
-* the line never blocks (FdLine): a socket is written with MSG_DONTWAIT; a
+* the line never blocks (FdLine, fdline.py): a socket is written with MSG_DONTWAIT; a
   pipe, terminal or character device gets a file description of its own, opened
   non-blocking through /proc/self/fd, because O_NONBLOCK on the description we
   were handed would make the monitor's stdout non-blocking too (and the
@@ -32,16 +32,12 @@ suspended to disk sends them once, after its restore.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
-import os
 import select
-import socket
-import stat
 import time
 from typing import Protocol
 
-from splitvmm.native import files
+from splitvmm.fdline import FdLine
 
 log = logging.getLogger("splitvmm.dev.output")
 
@@ -61,59 +57,6 @@ class Line(Protocol):
         ...
 
     def fileno(self) -> int: ...
-
-
-class FdLine:
-    """A non-blocking writer on an inherited fd. Built before the sandbox: it may reopen."""
-
-    def __init__(self, fd: int, shared: bool = False) -> None:
-        """`shared`: a regular file another device writes too, whose growth the monitor
-        does not count (protocol/models.py OUTPUT_SHARED)."""
-        self.fd = fd
-        self._sock: socket.socket | None = None
-        mode = os.fstat(fd).st_mode
-        # A regular file takes each write whole, at once (BoundedOutput.immediate): a device
-        # may promise what its status registers read after a write (monitor/mirror.py).
-        self.whole_writes = stat.S_ISREG(mode)
-        self.counted = self.whole_writes and not shared  # BoundedOutput.counted
-        if stat.S_ISSOCK(mode):
-            self._sock = socket.socket(fileno=fd)  # for send(MSG_DONTWAIT); kept for our life
-        elif not stat.S_ISREG(mode):
-            _own_nonblocking_description(fd)
-
-    def send(self, data: memoryview) -> int:
-        try:
-            if self._sock is not None:
-                return self._sock.send(data, socket.MSG_DONTWAIT)
-            n = os.write(self.fd, data)
-        except BlockingIOError:
-            return 0
-        except OSError:
-            # The reader went away, and BoundedOutput drops this line. A socket object that
-            # is finalized unclosed warns, naming itself through getsockname, which a
-            # device's filter forbids (SIGSYS): the fd stays open, as a pipe's does, and no
-            # object is left to finalize.
-            if self._sock is not None:
-                self._sock.detach()
-                self._sock = None
-            raise
-        # A short write to a regular file (full, or at its size limit): the bytes it took are in
-        # the file and counted so (BoundedOutput.lost); the next write, at once, fails
-        # (ENOSPC, EFBIG), and nothing stays buffered.
-        return n
-
-    def fileno(self) -> int:
-        return self.fd
-
-
-def _own_nonblocking_description(fd: int) -> None:
-    """Replace `fd` by a non-blocking open of the same pipe, terminal or device."""
-    error = files.reopen_write_only(fd, os.O_NONBLOCK | os.O_CLOEXEC)
-    if error is not None:
-        log.warning(
-            "output: cannot reopen it (%s); making it non-blocking as shared", error.strerror
-        )
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
 class BoundedOutput:

@@ -47,8 +47,9 @@ from splitvmm.devprocs.base import (
 from splitvmm.devprocs.channel import Channel, ChannelClosed
 from splitvmm.devprocs.eventloop import EventLoop
 from splitvmm.devprocs.faults import FaultInjector
-from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import ConfigError, ProtocolError, StateError
+from splitvmm.fdline import FdLine
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, wire

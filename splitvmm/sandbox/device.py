@@ -374,8 +374,9 @@ def _stack_limit() -> int:
 
 def _file_size_limit(held: set[int], fixed_size: frozenset[int]) -> int:
     """RLIMIT_FSIZE. It bounds the end of every write(2) to any file, so: no limit if we
-    hold a writable regular file that may grow (an output or log file, the operator's
-    stdout or stderr redirected to a file). Else the size of the largest of `fixed_size`
+    hold a writable regular file that may grow (an output file; a stderr redirected to a
+    file, which only a device started by hand has: the launcher gives each a pipe it relays,
+    launcher_server.py). Else the size of the largest of `fixed_size`
     that could grow (a disk image): no write can make a disk image larger than the guest was
     told (a compromised virtio-blk could fill the host's file system with writes past its
     end). One of `fixed_size` sealed against growing (the progress page, written in place)

@@ -84,6 +84,7 @@ CONSTANTS: dict[str, int] = {
     "LOCK_NB": fcntl.LOCK_NB,
     "O_NONBLOCK": os.O_NONBLOCK,
     "MSG_OOB": socket.MSG_OOB,
+    "MSG_DONTWAIT": socket.MSG_DONTWAIT,
     "O_RDONLY": os.O_RDONLY,
     "O_WRONLY": os.O_WRONLY,
     "O_RDWR": os.O_RDWR,

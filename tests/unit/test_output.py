@@ -13,9 +13,10 @@ import pytest
 
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.faults import FaultInjector
-from splitvmm.devprocs.output import FLUSH_TIMEOUT_MS, BoundedOutput, FdLine
+from splitvmm.devprocs.output import FLUSH_TIMEOUT_MS, BoundedOutput
 from splitvmm.devprocs.runtime import Checkpoints, _serve_frame
 from splitvmm.devprocs.serial import Uart8250
+from splitvmm.fdline import FdLine
 from splitvmm.monitor.channel import READ_TIMEOUT_MS
 from splitvmm.native import files
 from splitvmm.protocol import wire

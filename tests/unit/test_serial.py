@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.eventloop import EventLoop
-from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.serial import (
     RX_BUFFER_MAX,
     RX_FIFO_LEN,
@@ -31,6 +31,7 @@ from splitvmm.devprocs.serial import (
     UartState,
 )
 from splitvmm.errors import StateError
+from splitvmm.fdline import FdLine
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.protocol import codec, events, wire

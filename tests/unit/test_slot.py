@@ -18,11 +18,12 @@ import pytest
 
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
-from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.serial import Reg, Uart8250
 from splitvmm.devprocs.virtio_console import VirtioConsole
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import DeviceFailure
+from splitvmm.fdline import FdLine
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors

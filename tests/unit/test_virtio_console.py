@@ -22,11 +22,12 @@ from splitvmm.cli.policy import stand_in_fds, stand_in_transport
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.eventloop import EventLoop
-from splitvmm.devprocs.output import BoundedOutput, FdLine
+from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.pci import ISR_QUEUE
 from splitvmm.devprocs.virtio_console import RX_BUFFER_MAX, VirtioConsole, VirtioConsoleState
 from splitvmm.errors import StateError
+from splitvmm.fdline import FdLine
 from splitvmm.protocol import codec, wire
 from splitvmm.protocol.models import MODELS, FdKind
 from tests.fakes import channel_pair

@@ -1,0 +1,123 @@
+"""The running monitor's log lines to the operator's stderr, which no thread of the VM waits on.
+
+logging's StreamHandler writes each line under the handler's lock, blocking. With a stderr
+nobody reads (a pipe into a reader that stalls, `2>&1 | slow`) or a terminal stopped with
+Ctrl-S, the first line a vCPU thread logs (an unclaimed access, a guest's refused BAR, what a
+device reports) stops that vCPU in write(2), and every other thread that logs (the supervisor,
+the control worker, the coordinator) then waits for the lock. Firecracker's logger drops such
+lines and counts them (its missed_log_count); crosvm writes its log from a thread of its own.
+Here, as Firecracker does:
+
+* lines go to a non-blocking line on a copy of fd 2 (devprocs/output.py FdLine: a pipe or a
+  terminal gets a description of its own, so the operator's shell and our own fd 2 stay
+  blocking; a socket, journald's, is sent MSG_DONTWAIT; a regular file never waits);
+* a line stderr takes none of now is dropped and counted; the next line that gets through
+  says first how many were dropped, and so does the handler's close (logging.shutdown, as the
+  monitor exits) if it can;
+* the rest of a line stderr took only part of (a terminal's short write) goes first next
+  time, so that no line is cut by another;
+* a stderr whose reader is gone (EPIPE, a terminal hung up) takes nothing more.
+
+What is printed once the VM has ended (its outcome, an error) goes to fd 2 as before, and
+waits for room: nothing runs then that a wait could stall.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+
+from splitvmm.fdline import FdLine
+
+# Errors after which stderr may take lines again: a full file system or quota, a file at the
+# process's size limit. Any other error means the reader has gone.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class StderrLog(logging.Handler):
+    """A logging handler whose emit never blocks (the module docstring)."""
+
+    def __init__(self, fd: int = 2) -> None:
+        """Before the monitor confines itself: a pipe's or terminal's own description is
+        opened through /proc/self/fd, which its Landlock domain does not grant."""
+        super().__init__()
+        own = os.dup(fd)
+        self._line: FdLine | None = FdLine(own)
+        os.set_inheritable(own, False)  # FdLine's reopen dup2()ed over it: no child's
+        self._rest = b""  # of a line stderr took part of: what it has not taken yet
+        self.dropped = 0  # lines stderr took none of, not yet said
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # logging's contract: a record that cannot be formatted is reported
+            self.handleError(record)
+            return
+        if not self._send_rest():
+            self.dropped += 1
+            return
+        dropped, self.dropped = self.dropped, 0
+        if not self._send((_dropped_line(dropped) + line).encode(errors="replace")):
+            self.dropped = dropped + 1
+
+    def close(self) -> None:
+        """As the monitor exits (logging.shutdown): what was dropped is said, if it can be."""
+        self.acquire()
+        try:
+            if self._send_rest() and self.dropped:
+                self._send(_dropped_line(self.dropped).encode())
+            if self._line is not None:
+                self._line.close()
+                self._line = None
+        finally:
+            self.release()
+        super().close()
+
+    def _send_rest(self) -> bool:
+        """Whether nothing is left of an earlier line (what was left went now)."""
+        if self._rest:
+            n = self._write(self._rest)
+            self._rest = self._rest[n:]
+        return not self._rest
+
+    def _send(self, data: bytes) -> bool:
+        """Whether stderr took `data`, or a part of it (the rest goes first next time)."""
+        n = self._write(data)
+        self._rest = data[n:] if n else b""
+        return n > 0
+
+    def _write(self, data: bytes) -> int:
+        """The bytes stderr took now, without waiting; 0 when it took none or is gone."""
+        if self._line is None:
+            return 0
+        try:
+            return self._line.send(memoryview(data))
+        except OSError as e:
+            if e.errno not in _FULL:
+                self._line.close()
+                self._line = None  # the reader has gone: nothing reaches it again
+            return 0
+
+
+def _dropped_line(dropped: int) -> str:
+    if not dropped:
+        return ""
+    lines = "line" if dropped == 1 else "lines"
+    return f"splitvmm: {dropped} log {lines} dropped: stderr was not taking them\n"
+
+
+def install(fd: int = 2) -> StderrLog | None:
+    """Put a StderrLog, with the same format and level, in place of the root logger's handler
+    on sys.stderr (cli/root.py); None where there is none (a test's logging, in process)."""
+    root = logging.getLogger()
+    for old in root.handlers:
+        if type(old) is logging.StreamHandler and old.stream is sys.stderr:
+            new = StderrLog(fd)
+            new.setFormatter(old.formatter)
+            new.setLevel(old.level)
+            root.removeHandler(old)
+            root.addHandler(new)
+            return new
+    return None

@@ -1,0 +1,132 @@
+"""StderrLog: the monitor's log lines never wait for a stderr that does not take them."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from splitvmm import stderrlog
+from splitvmm.stderrlog import StderrLog
+
+PIPE_SIZE = 1 << 16  # fills with one write
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """A small pipe whose write end blocks, as an operator's stderr does."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    yield r, w
+    for fd in (r, w):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def record(msg: str) -> logging.LogRecord:
+    return logging.LogRecord("splitvmm.test", logging.WARNING, __file__, 1, msg, None, None)
+
+
+def fill(w: int, leave: int = 0) -> None:
+    """Fill the pipe but for `leave` bytes, through a non-blocking description of our own."""
+    own = os.open(f"/proc/self/fd/{w}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    os.write(own, b"x" * (PIPE_SIZE - leave))
+    os.close(own)
+
+
+def drain(r: int) -> bytes:
+    own = os.open(f"/proc/self/fd/{r}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.read(own, 1 << 20)
+    finally:
+        os.close(own)
+
+
+def test_stderr_log_full_pipe_drops_the_line_instead_of_blocking(pipe):
+    r, w = pipe
+    log = StderrLog(w)
+    fill(w)
+
+    log.emit(record("lost"))
+
+    assert log.dropped == 1
+    assert os.get_blocking(w)  # our fd, and the operator's shell's, still block
+    log.close()
+
+
+def test_stderr_log_with_room_again_says_what_it_dropped_before_the_next_line(pipe):
+    r, w = pipe
+    log = StderrLog(w)
+    fill(w)
+    log.emit(record("lost"))
+    log.emit(record("lost too"))
+    drain(r)
+
+    log.emit(record("back"))
+
+    assert drain(r) == (b"splitvmm: 2 log lines dropped: stderr was not taking them\nback\n")
+    log.close()
+
+
+def test_stderr_log_short_write_sends_the_rest_before_the_next_line(pipe):
+    r, w = pipe
+    log = StderrLog(w)
+    fill(w, leave=1024)
+    long = "y" * 8192  # over PIPE_BUF: the pipe takes what fits
+    log.emit(record(long))
+    taken = drain(r)[PIPE_SIZE - 1024 :]
+
+    log.emit(record("next"))
+
+    assert 0 < len(taken) < len(long)  # Linux merges into the last page what fits there
+    assert taken + drain(r) == f"{long}\nnext\n".encode()
+    log.close()
+
+
+def test_stderr_log_reader_gone_drops_lines_without_raising(pipe):
+    r, w = pipe
+    log = StderrLog(w)
+    os.close(r)
+
+    log.emit(record("nobody reads"))
+    log.emit(record("nobody at all"))
+
+    assert log.dropped == 2
+    log.close()
+
+
+def test_stderr_log_close_says_what_it_dropped(pipe):
+    r, w = pipe
+    log = StderrLog(w)
+    fill(w)
+    log.emit(record("lost"))
+    drain(r)
+
+    log.close()
+
+    assert drain(r) == b"splitvmm: 1 log line dropped: stderr was not taking them\n"
+
+
+def test_stderr_log_install_replaces_only_the_handler_on_stderr(pipe):
+    r, w = pipe
+    root = logging.getLogger()
+    kept = list(root.handlers)
+    old = logging.StreamHandler(sys.stderr)
+    old.setFormatter(logging.Formatter("splitvmm: %(message)s"))
+    root.addHandler(old)
+    try:
+        new = stderrlog.install(w)
+        handlers = list(root.handlers)
+    finally:
+        root.handlers[:] = kept
+    assert new is not None
+    new.emit(record("formatted"))
+    new.close()
+
+    assert handlers == [*kept, new]
+    assert drain(r) == b"splitvmm: formatted\n"
