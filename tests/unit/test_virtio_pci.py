@@ -19,6 +19,8 @@ from splitvmm.record import replace
 from tests.virtio.support import (
     ACK,
     BAR1,
+    COMMAND,
+    COMMAND_MASTER,
     DRIVER,
     DRIVER_OK,
     F_EVENT_IDX,
@@ -987,6 +989,57 @@ def test_virtio_pci_bus_master_off_holds_msix_messages_pending(rng, driver, fds,
     driver.wr(0x04, 0x0006, 2)
 
     assert (held, signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == ((0, 0b10), 1, 0)
+
+
+STALE_USED = struct.pack("<HHII", 1, 7, 9, 16)  # flags, idx, an entry: a previous life's
+
+
+def enabled_before_bus_master(rng: VirtioRng, driver: Driver, features: int = F_VERSION_1) -> Ring:
+    """A driver that sets queue 0 up and DRIVER_OK before Bus Master Enable, on a used ring
+    it did not zero (with EVENT_IDX's avail_event 9), then makes a chain available."""
+    ring = Ring(rng.ram)
+    rng.ram.write(ring.used, STALE_USED)
+    rng.ram.write(ring.used + 4 + 8 * ring.size, b"\x09\x00")
+    assert driver.negotiate(features) & FEATURES_OK
+    driver.wr(COMMAND, driver.rd(COMMAND, 2) & ~COMMAND_MASTER, 2)
+    driver.setup_queue(0, ring)
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    return ring
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_virtio_pci_queue_enabled_without_bus_master_writes_its_used_ring_once_it_is_set(
+    rng, driver, event_idx
+):
+    """Every ring access is a DMA (PCI 3.0 6.2.2): a queue enabled with Bus Master Enable
+    clear had its used ring's header (flags, idx, avail_event) written at once all the same.
+    It is written when the bit is set, before the chain that waited is served."""
+    ring = enabled_before_bus_master(rng, driver, F_VERSION_1 | (F_EVENT_IDX if event_idx else 0))
+    untouched = rng.ram.read(ring.used, 12), rng.ram.read(ring.used + 4 + 8 * ring.size, 2)
+
+    driver.enable_bus_master()
+    serve_ready(rng)
+
+    assert untouched == (STALE_USED, b"\x09\x00")
+    assert ring.take_used() == [(0, 8)]
+
+
+def test_virtio_pci_snapshot_of_a_queue_enabled_without_bus_master_restores_and_serves(
+    rng, driver, fds
+):
+    """A snapshot while the used ring waits for Bus Master Enable: the stale idx in guest RAM
+    is not the device's (which is 0), so the restore does not take it for a driver's write
+    (NEEDS_RESET), and the restored device writes the ring and serves once the bit is set."""
+    ring = enabled_before_bus_master(rng, driver)
+    rng.quiesce()
+
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), rng.save())
+    Driver(restored).enable_bus_master()
+    serve_ready(restored)
+
+    assert (restored.status & NEEDS_RESET, ring.take_used()) == (0, [(0, 8)])
 
 
 def pending_behind_mask(rng: VirtioRng, driver: Driver, fds, channel) -> None:

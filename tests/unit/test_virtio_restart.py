@@ -242,6 +242,124 @@ def test_restart_after_an_enable_the_dead_process_never_read_starts_the_queue_at
     assert ring.take_used() == [(head, 16) for head in heads]
 
 
+STALE_USED = struct.pack("<HHII", 1, 7, 9, 7)  # flags, idx, an entry: a previous life's
+MASTER_OFF, MASTER_ON = 0x0002, 0x0006  # the command register: memory on, bus master off/on
+
+
+def set_up_before_bus_master(ring: Ring) -> list[Frame]:
+    """A driver that enables its queue and DRIVER_OK with Bus Master Enable clear."""
+    return [
+        lambda d: Driver(d).wr(COMMAND, MASTER_OFF, 2),
+        lambda d: Driver(d).setup_queue(0, ring),
+        lambda d: Driver(d).set_status(RUNNING),
+    ]
+
+
+def negotiated_on_a_stale_ring() -> tuple[dict[str, int], VirtioRng, Ring]:
+    fds = host_fds("virtio-rng")
+    dev = VirtioRng(prepared("virtio-rng", fds))
+    ring = Ring(dev.ram)
+    dev.ram.write(ring.used, STALE_USED)
+    assert Driver(dev).negotiate(F_VERSION_1) & FEATURES_OK
+    return fds, dev, ring
+
+
+def test_restart_after_an_enable_without_bus_master_starts_the_queue_at_0() -> None:
+    """Enabled with Bus Master Enable clear, the used ring is not written (a DMA) until the
+    bit is set: a crash before that left the driver's stale idx (7) in guest RAM, which the
+    restart must not take the queue up from (requests skipped, old entries taken for
+    completions). Set after the restart, the bit writes the ring and the chain is served."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    checkpoint = dev.save()
+    journal = set_up_before_bus_master(ring)
+    for frame in journal:
+        frame(dev)
+    head = ring.add([(*ring.buffer(16), True)])
+
+    new = restart(fds, checkpoint, journal)
+    serve_ready(new)
+    untouched = dev.ram.read(ring.used, 12)
+    Driver(new).wr(COMMAND, MASTER_ON, 2)
+    serve_ready(new)
+
+    assert (untouched, ring.take_used()) == (STALE_USED, [(head, 16)])
+
+
+def test_restart_after_an_unconfirmed_enable_without_bus_master_writes_no_used_ring() -> None:
+    """An enable past what the monitor knows was applied starts the queue at 0 and writes
+    its used ring's header (as a live enable does): with Bus Master Enable clear that write
+    is a DMA the function may not make, and waits for the bit, as a live enable's does."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    Driver(dev).wr(COMMAND, MASTER_OFF, 2)
+    checkpoint = dev.save()
+    journal: list[Frame] = [lambda d: Driver(d).setup_queue(0, ring)]  # dev never applies it
+
+    new = restart(fds, checkpoint, journal, confirmed=0)
+    untouched = dev.ram.read(ring.used, 12)
+    Driver(new).set_status(RUNNING)
+    head = ring.add([(*ring.buffer(16), True)])
+    Driver(new).wr(COMMAND, MASTER_ON, 2)
+    serve_ready(new)
+
+    assert (untouched, ring.take_used()) == (STALE_USED, [(head, 16)])
+
+
+def test_restart_from_a_checkpoint_of_a_queue_waiting_for_bus_master_starts_it_at_0() -> None:
+    """The checkpoint itself holds the queue enabled without Bus Master Enable (at 0, its
+    used ring unwritten): the restart does not take it up from the stale idx either."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    for frame in set_up_before_bus_master(ring):
+        frame(dev)
+    checkpoint = dev.save()
+    head = ring.add([(*ring.buffer(16), True)])
+
+    new = restart(fds, checkpoint, [])
+    Driver(new).wr(COMMAND, MASTER_ON, 2)
+    serve_ready(new)
+
+    assert ring.take_used() == [(head, 16)]
+
+
+def test_restart_after_bus_master_set_keeps_what_the_dead_process_completed() -> None:
+    """The checkpoint holds the queue waiting for Bus Master Enable; the journal sets it, so
+    the dead process wrote the used ring then and completed a chain: the restart takes the
+    queue up from guest RAM (1), not from 0 (that chain done twice, the used idx moved back)."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    for frame in set_up_before_bus_master(ring):
+        frame(dev)
+    checkpoint = dev.save()
+    gpa, size = ring.buffer(16)
+    first = ring.add([(gpa, size, True)])
+    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, MASTER_ON, 2)]
+    journal[0](dev)
+    serve_ready(dev)
+    filled = dev.ram.read(gpa, size)
+    second = ring.add([(*ring.buffer(16), True)])
+
+    new = restart(fds, checkpoint, journal)
+    serve_ready(new)
+
+    assert ring.take_used() == [(first, 16), (second, 16)]
+    assert dev.ram.read(gpa, size) == filled  # not served again
+
+
+def test_restart_after_an_unconfirmed_bus_master_set_writes_the_used_ring_it_was_to() -> None:
+    """The Bus Master Enable that was to write the waiting used ring is past what the monitor
+    knows was applied: the dead process may never have written it, so the restart does (at
+    0, not at the stale idx 7) and serves the chain."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    for frame in set_up_before_bus_master(ring):
+        frame(dev)
+    checkpoint = dev.save()
+    head = ring.add([(*ring.buffer(16), True)])
+    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, MASTER_ON, 2)]  # never applied
+
+    new = restart(fds, checkpoint, journal, confirmed=0)
+    serve_ready(new)
+
+    assert ring.take_used() == [(head, 16)]
+
+
 def test_restart_after_a_confirmed_enable_keeps_what_the_dead_process_completed() -> None:
     """The other side: an enable whose sync was answered was applied (its zeroing done), and
     the chains completed since are in the used ring: started at 0 again, the restart would do

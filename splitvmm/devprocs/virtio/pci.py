@@ -289,6 +289,9 @@ class VirtioPciDevice(RegisterDevice):
         # Queues whose enable a restart re-applied unconfirmed (ctx.replay_unconfirmed): the
         # dead process may never have applied it, so the used ring may hold a stale idx
         self._enabled_unconfirmed: set[int] = set()
+        # Queues enabled while Bus Master Enable was clear: their used ring's header is not
+        # written yet (_start_ring), and nothing was taken from them
+        self._unwritten: set[int] = set()
         self.stalled = None  # the chains it waited to serve are the driver's to forget
         self._drop_unmapped_pending()  # every event is unmapped now: nothing may fire (2.4.1)
         self.reset_model()
@@ -312,12 +315,27 @@ class VirtioPciDevice(RegisterDevice):
         Enable gates every DMA (_ready) and MSI-X message: a guest clears it to stop a
         device it hands over (Linux's pci_device_shutdown before a kexec). Set again, the
         queues are looked at, as after resume: what the driver made available meanwhile
-        came with kicks that found the device unable to serve them."""
+        came with kicks that found the device unable to serve them, and the used rings
+        enabled meanwhile are written first (_start_ring)."""
         mastered = value & ~self.command & config_space.COMMAND_MASTER
         self.command = value
         self.msix.set_bus_master(bool(value & config_space.COMMAND_MASTER))
+        if mastered:
+            self._write_unwritten()
         if mastered and not self.quiesced:
             self._kick_live_queues()
+
+    def _write_unwritten(self) -> None:
+        """Bus Master Enable is set: each ring enabled without it gets its used ring's
+        header now. In a restart's replay the dead process wrote them, where the monitor
+        knows it applied the frame; where it does not, after_restart() writes them."""
+        unwritten, self._unwritten = self._unwritten, set()
+        if self.ctx.replaying:
+            if self.ctx.replay_unconfirmed:
+                self._enabled_unconfirmed |= unwritten
+            return
+        for q in sorted(unwritten):
+            self._start_ring(q)
 
     # -- the window --------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
@@ -491,13 +509,27 @@ class VirtioPciDevice(RegisterDevice):
     def _enable_queue(self, q: int) -> None:
         self.queues[q] = replace(self.queues[q], enabled=True, last_avail=0, used_idx=0)
         if self.ctx.replaying:
-            if self.ctx.replay_unconfirmed:
+            if not self.command & config_space.COMMAND_MASTER:
+                self._unwritten.add(q)  # the dead process wrote nothing: nor did it run it
+            elif self.ctx.replay_unconfirmed:
                 self._enabled_unconfirmed.add(q)  # after_restart() applies it as a live one
             return  # after_restart() opens it where the dead process left it
         self._open_ring(q)
+        self._start_ring(q)
+
+    def _start_ring(self, q: int) -> None:
+        """Queue q's ring was just enabled: nothing is used yet, and its used ring in guest
+        RAM is to say so (SplitQueue.fresh). That write is a DMA (PCI 3.0 6.2.2): without
+        Bus Master Enable it waits for the bit (set_command), and the queue, which cannot
+        run meanwhile, stays at 0. A snapshot or a restart meanwhile finds a used ring the
+        device has not written (_load, after_restart)."""
         ring = self.rings[q]
-        if ring is not None:
+        if ring is None:
+            return
+        if self.command & config_space.COMMAND_MASTER:
             ring.fresh()
+        else:
+            self._unwritten.add(q)
 
     def _open_ring(self, q: int) -> None:
         try:
@@ -913,6 +945,13 @@ class VirtioPciDevice(RegisterDevice):
             # as this one leaves it live (_queue_set), or the ring runs laid out by features
             # the driver may still change, and the VM's next snapshot may not restore.
             self.queues = [replace(q, enabled=False) for q in self.queues]
+        if not s.command & config_space.COMMAND_MASTER:
+            # Enabled without Bus Master Enable, a queue took nothing and its used ring may
+            # not be written yet (_start_ring). The state cannot tell it from one that used
+            # none (or 65536) before the bit went: the write when it is set again leaves
+            # that one's used ring as it was (at rest: flags, idx and avail_event 0).
+            self._unwritten = {q for q, queue in enumerate(self.queues)
+                               if queue.enabled and queue.last_avail == queue.used_idx == 0}  # fmt: skip
         for entry, saved in zip(self.msix.entries, s.msix_table, strict=True):
             entry.address, entry.data, entry.control = saved.address, saved.data, int(saved.masked)
         self.msix.pending = s.msix_pending
@@ -935,7 +974,7 @@ class VirtioPciDevice(RegisterDevice):
         live = [q for q, queue in enumerate(self.queues) if queue.enabled]
         checked = {q: self._saved_ring(q) for q in live}  # every queue before any opens
         for q, (_, in_ram) in checked.items():
-            if in_ram != self.queues[q].used_idx:
+            if in_ram is not None and in_ram != self.queues[q].used_idx:
                 self.needs_reset(f"queue {q}: the used ring's index in guest RAM is {in_ram}, "
                                  f"the device's {self.queues[q].used_idx}: the driver wrote it")  # fmt: skip
                 return
@@ -943,8 +982,9 @@ class VirtioPciDevice(RegisterDevice):
             self.rings[q] = ring
             self._notify[q].trigger()  # a kick the snapshot missed
 
-    def _saved_ring(self, q: int) -> tuple[SplitQueue, int]:
-        """A snapshot's live queue q and its used ring's index in guest RAM, or StateError
+    def _saved_ring(self, q: int) -> tuple[SplitQueue, int | None]:
+        """A snapshot's live queue q and its used ring's index in guest RAM (None for one
+        the device has not written: _unwritten, not read either), or StateError
         where its state contradicts itself or the guest RAM saved with it (before any vCPU
         runs: a guest left to meet it at its first kick hung, or read an I/O error). A
         snapshot is taken quiesced: no request is in flight, so the device has taken what it
@@ -961,7 +1001,8 @@ class VirtioPciDevice(RegisterDevice):
             raise StateError(f"{where}: last_avail {queue.last_avail} is not used_idx "
                              f"{queue.used_idx}, but a snapshot has no request in flight")  # fmt: skip
         try:
-            return self._new_ring(q), self.ram.u16(queue.device + 2)
+            ring = self._new_ring(q)
+            return ring, None if q in self._unwritten else self.ram.u16(queue.device + 2)
         except (QueueError, GuestRamError) as e:
             raise StateError(f"{where}: {e}") from None
 
@@ -970,20 +1011,25 @@ class VirtioPciDevice(RegisterDevice):
         says it is (what it completed after its last checkpoint is done, once), with a kick
         it may have missed and an interrupt it may not have sent (the module docstring). A
         queue whose enable the replay re-applied past what the monitor knows the dead process
-        applied starts at 0 as a live enable does: that ring may hold a stale idx."""
+        applied starts at 0 as a live enable does: that ring may hold a stale idx. So does
+        one enabled without Bus Master Enable, whose used ring the device has not written."""
         for q, queue in enumerate(self.queues):
             if not queue.enabled or self.status & Status.NEEDS_RESET:
                 continue
             fresh = q in self._enabled_unconfirmed
-            if not fresh:
+            if not fresh and q not in self._unwritten:
                 self._position_from_used_ring(q)
             self._open_ring(q)
-            ring = self.rings[q]
-            if fresh and ring is not None:
+            if fresh:
                 # Its enable may never have reached the dead process, which then zeroed
                 # nothing; if it did, its sync was never answered, so the driver had not
                 # gone on to DRIVER_OK and no chain was taken: at 0 either way, as live.
-                ring.fresh()
+                # A ring enabled without Bus Master Enable whose set of the bit is past
+                # what the monitor knows was applied (_write_unwritten) starts at 0 too: a
+                # dead process that applied it wrote the header and may have served chains
+                # before its sync was answered (served again, as chains in flight are), one
+                # that did not left a stale idx there (requests skipped).
+                self._start_ring(q)
             self._notify[q].trigger()
             # Not _ready(): with Bus Master Enable clear the interrupt pends (the ISR, the
             # PBA) until the guest sets it, as one raised meanwhile would.
