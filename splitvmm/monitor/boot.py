@@ -58,6 +58,15 @@ def acpi_windows(cfg: VmConfig) -> list[PortWindow]:
     return [w for w in windows if isinstance(w, PortWindow) and w.acpi_hid is not None]
 
 
+def firmware_without_clock(cfg: VmConfig) -> bool:
+    """A firmware boot with no CMOS clock (`vm.rtc = false`): every CMOS register then reads
+    0xFF, and a PC firmware that finds no fw_cfg (none here) takes its RAM size and boot
+    settings from them: SeaBIOS sees ~4 GiB of RAM that is not there."""
+    return cfg.boot.firmware is not None and not any(
+        w.acpi_hid == acpi.RTC_HID for w in acpi_windows(cfg)
+    )
+
+
 def check_physical_bits(ram_size: int, bits: int) -> None:
     """Refuse RAM the guest's CPUs cannot address: its top (past 4 GiB, once RAM passes the
     PCI hole) within the physical-address width CPUID tells them, as QEMU refuses it. An OS

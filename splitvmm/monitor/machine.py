@@ -197,6 +197,11 @@ class Machine:
         self._vm_fds.append(self.vm)
         image = loader.load_firmware(cfg.boot.firmware) if cfg.boot.firmware else None
         self.firmware = image  # a restore from before its shadow was RAM copies it (restore.py)
+        if restoring is None and boot.firmware_without_clock(cfg):
+            log.warning(
+                "vm.rtc = false: the firmware finds no CMOS clock, and every CMOS register "
+                "it reads (RAM size, boot settings) reads 0xff"
+            )
         self._create_platform()
         if self.stopping:
             return

@@ -66,6 +66,19 @@ def test_rtc_false_leaves_the_clock_out(guests, tmp_path):
     assert (run.status, run.serial) == (7, "rtc: register D 0xff\n")  # nothing at port 0x71
 
 
+@pytest.mark.kvm
+@pytest.mark.parametrize("rtc", [True, False])
+def test_firmware_without_the_clock_is_warned_of(guests, tmp_path, rtc):
+    """A PC firmware reads its RAM size from the CMOS when it finds no fw_cfg (none here):
+    without the clock every register reads 0xff, so the operator is told."""
+    run = run_up(
+        tmp_path, f'firmware = "{guests["firmware-hello"]}"', vm_extra=f"rtc = {str(rtc).lower()}"
+    )
+
+    assert (run.status, run.serial) == (99, "Hello from splitvmm firmware!\n"), run.stderr
+    assert ("finds no CMOS clock" in run.stderr) is not rtc, run.stderr
+
+
 # -- the device process and its irq ------------------------------------------------------------
 class RtcHost:
     """An rtc device process with `irq` as its irq fd, driven as the monitor drives it."""
