@@ -1,4 +1,5 @@
-"""The running monitor's log lines to the operator's stderr, which no thread of the VM waits on.
+"""The running VM's lines to the operator's stderr, which no thread of the VM waits on: the
+monitor's log, and the launcher's lines (sandbox/launcher_server.py).
 
 logging's StreamHandler writes each line under the handler's lock, blocking. With a stderr
 nobody reads (a pipe into a reader that stalls, `2>&1 | slow`) or a terminal stopped with
@@ -8,15 +9,20 @@ the control worker, the coordinator) then waits for the lock. Firecracker's logg
 lines and counts them (its missed_log_count); crosvm writes its log from a thread of its own.
 Here, as Firecracker does:
 
-* lines go to a non-blocking line on a copy of fd 2 (devprocs/output.py FdLine: a pipe or a
+* lines go to a non-blocking line on a copy of fd 2 (fdline.py FdLine: a pipe or a
   terminal gets a description of its own, so the operator's shell and our own fd 2 stay
   blocking; a socket, journald's, is sent MSG_DONTWAIT; a regular file never waits);
 * a line stderr takes none of now is dropped and counted; the next line that gets through
-  says first how many were dropped, and so does the handler's close (logging.shutdown, as the
-  monitor exits) if it can;
+  says first how many were dropped, and so does close (logging.shutdown, as the monitor
+  exits; the launcher's end) if it can;
 * the rest of a line stderr took only part of (a terminal's short write) goes first next
   time, so that no line is cut by another;
 * a stderr whose reader is gone (EPIPE, a terminal hung up) takes nothing more.
+
+The launcher writes there what each device writes to its stderr (sandbox/relay.py) and what it
+says itself. A line it waited to write would stop it, and every spawn and restart the monitor
+asks of it, every device's end it reports; each device's stderr pipe would fill, and a device
+writing to it would stop and miss the monitor's deadline. So its lines go the same way.
 
 What is printed once the VM has ended (its outcome, an error) goes to fd 2 as before, and
 waits for room: nothing runs then that a wait could stall.
@@ -28,6 +34,7 @@ import errno
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 from splitvmm.fdline import FdLine
 
@@ -36,47 +43,42 @@ from splitvmm.fdline import FdLine
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class StderrLog(logging.Handler):
-    """A logging handler whose emit never blocks (the module docstring)."""
+class StderrLines:
+    """Whole lines to stderr, which never wait for it (the module docstring): the monitor's log
+    (StderrLog) and the launcher's lines, its own and those it relays from the devices
+    (sandbox/launcher_server.py)."""
 
-    def __init__(self, fd: int = 2) -> None:
-        """Before the monitor confines itself: a pipe's or terminal's own description is
-        opened through /proc/self/fd, which its Landlock domain does not grant."""
-        super().__init__()
+    def __init__(self, fd: int = 2, kind: str = "log") -> None:
+        """Where a pipe's or terminal's own description may be opened through /proc/self/fd:
+        in the monitor before it confines itself (its Landlock domain does not grant it).
+        `kind` names these lines where the dropped ones are said."""
         own = os.dup(fd)
         self._line: FdLine | None = FdLine(own)
         os.set_inheritable(own, False)  # FdLine's reopen dup2()ed over it: no child's
-        self._rest = b""  # of a line stderr took part of: what it has not taken yet
+        self._kind = kind
+        self._rest = b""  # of lines stderr took part of: what it has not taken yet
         self.dropped = 0  # lines stderr took none of, not yet said
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record) + "\n"
-        except Exception:  # logging's contract: a record that cannot be formatted is reported
-            self.handleError(record)
-            return
+    def write(self, lines: Sequence[str]) -> None:
+        """`lines` (each without its newline) together, or none of them, dropped and counted."""
         if not self._send_rest():
-            self.dropped += 1
+            self.dropped += len(lines)
             return
         dropped, self.dropped = self.dropped, 0
-        if not self._send((_dropped_line(dropped) + line).encode(errors="replace")):
-            self.dropped = dropped + 1
+        text = self._dropped_line(dropped) + "".join(f"{line}\n" for line in lines)
+        if not self._send(text.encode(errors="replace")):
+            self.dropped = dropped + len(lines)
 
     def close(self) -> None:
-        """As the monitor exits (logging.shutdown): what was dropped is said, if it can be."""
-        self.acquire()
-        try:
-            if self._send_rest() and self.dropped:
-                self._send(_dropped_line(self.dropped).encode())
-            if self._line is not None:
-                self._line.close()
-                self._line = None
-        finally:
-            self.release()
-        super().close()
+        """What was dropped is said, if it can be (the process is ending)."""
+        if self._send_rest() and self.dropped:
+            self._send(self._dropped_line(self.dropped).encode())
+        if self._line is not None:
+            self._line.close()
+            self._line = None
 
     def _send_rest(self) -> bool:
-        """Whether nothing is left of an earlier line (what was left went now)."""
+        """Whether nothing is left of earlier lines (what was left went now)."""
         if self._rest:
             n = self._write(self._rest)
             self._rest = self._rest[n:]
@@ -100,12 +102,36 @@ class StderrLog(logging.Handler):
                 self._line = None  # the reader has gone: nothing reaches it again
             return 0
 
+    def _dropped_line(self, dropped: int) -> str:
+        if not dropped:
+            return ""
+        lines = "line" if dropped == 1 else "lines"
+        return f"splitvmm: {dropped} {self._kind} {lines} dropped: stderr was not taking them\n"
 
-def _dropped_line(dropped: int) -> str:
-    if not dropped:
-        return ""
-    lines = "line" if dropped == 1 else "lines"
-    return f"splitvmm: {dropped} log {lines} dropped: stderr was not taking them\n"
+
+class StderrLog(logging.Handler):
+    """A logging handler whose emit never blocks (the module docstring)."""
+
+    def __init__(self, fd: int = 2) -> None:
+        super().__init__()
+        self.lines = StderrLines(fd)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # logging's contract: a record that cannot be formatted is reported
+            self.handleError(record)
+            return
+        self.lines.write([line])
+
+    def close(self) -> None:
+        """As the monitor exits (logging.shutdown): what was dropped is said, if it can be."""
+        self.acquire()
+        try:
+            self.lines.close()
+        finally:
+            self.release()
+        super().close()
 
 
 def install(fd: int = 2) -> StderrLog | None:

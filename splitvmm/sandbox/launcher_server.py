@@ -11,6 +11,7 @@ import select
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults, schema
@@ -28,6 +29,9 @@ from splitvmm.sandbox.launcher_start import MAX_FDS, close_all, receive, send
 from splitvmm.sandbox.relay import READ_SIZE, StderrRelay
 from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
 from splitvmm.sandbox.zygote import Zygote, device_env
+
+if TYPE_CHECKING:
+    from splitvmm.stderrlog import StderrLines
 
 
 class Refused(Exception):
@@ -65,6 +69,7 @@ class _Server:
         signal.set_wakeup_fd(sigchld_w, warn_on_full_buffer=False)
         self.poller.register(self._sigchld_r, select.POLLIN)
         self.relays: dict[int, StderrRelay] = {}  # the read end of a device's stderr pipe
+        self._stderr_lines: StderrLines | None = None  # made for the first line (_stderr)
 
     def serve(self) -> None:
         """Requests and ends of devices, until the monitor closes its end."""
@@ -96,6 +101,8 @@ class _Server:
             with contextlib.suppress(TimeoutError):
                 process.wait(max(0.0, deadline - time.monotonic()))
         self._relay_what_is_there()
+        if self._stderr_lines is not None:
+            self._stderr_lines.close()  # says what it dropped, if it can
 
     def _relay_what_is_there(self) -> None:
         """The devices' last words (a traceback): what their pipes hold now."""
@@ -113,12 +120,26 @@ class _Server:
             return
         lines = relay.feed(data) if data else relay.end()
         if lines:
-            with contextlib.suppress(OSError):  # as _say: a stderr nobody reads loses lines
-                os.write(2, "".join(f"{line}\n" for line in lines).encode(errors="replace"))
+            self._stderr().write(lines)
         if not data:
             self.poller.unregister(fd)
             del self.relays[fd]
             os.close(fd)
+
+    def _say(self, what: str) -> None:
+        """One line of ours on the operator's stderr."""
+        self._stderr().write([f"splitvmm: launcher: {what}"])
+
+    def _stderr(self) -> StderrLines:
+        """The operator's stderr (fd 2: sys.stderr is the monitor's object, which may write to
+        an fd _keep_only_fds closed), which we never wait for (splitvmm/stderrlog.py: we
+        would serve no request meanwhile). Made for the first line: its imports (logging,
+        ~5 ms) would come before the first device's spawn."""
+        if self._stderr_lines is None:
+            from splitvmm.stderrlog import StderrLines
+
+            self._stderr_lines = StderrLines(2, "launcher")
+        return self._stderr_lines
 
     def _spawn(self, spec: DeviceSpec) -> tuple[ChildProcess, int]:
         """spawn_child by the zygote; once more by a new zygote if that one had died (its
@@ -150,7 +171,7 @@ class _Server:
         us after it failed a fork): otherwise every restart that follows would fail too."""
         if self.zygote is not None and self.zygote.ended():
             status = self.zygote.process.returncode
-            _say(f"the zygote ended ({status}); starting a new one")
+            self._say(f"the zygote ended ({status}); starting a new one")
             self._end_zygote()
         if self.zygote is None:
             self.zygote = Zygote.start(device_env())
@@ -341,7 +362,7 @@ class _Server:
         while fresh:
             left = deadline - time.monotonic()
             if left <= 0:
-                _say(
+                self._say(
                     f"pids {sorted(fresh)} still run {ORPHAN_WAIT_S:g} s after their "
                     "device's warden ended; reporting its end anyway"
                 )
@@ -400,14 +421,6 @@ def _decode_header(data: bytes) -> tuple[str, int, int, int | None]:
     if msg["op"] == "resume" and type(pid) is not int:
         raise Refused("launcher: a resume request's pid is not an int")
     return msg["op"], request, size, pid
-
-
-def _say(what: str) -> None:
-    """One line on the operator's stderr (fd 2: sys.stderr is the monitor's object, which may
-    write to an fd _keep_only_fds closed). A stderr nobody reads (EPIPE) or a terminal that
-    hung up (EIO) loses the line, never the launcher and its devices."""
-    with contextlib.suppress(OSError):
-        os.write(2, f"splitvmm: launcher: {what}\n".encode(errors="replace"))
 
 
 def _children() -> set[int]:

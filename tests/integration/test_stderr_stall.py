@@ -1,9 +1,12 @@
-"""A monitor whose stderr nobody reads: its log lines are dropped and counted, the VM runs on.
+"""A VM whose stderr nobody reads: the monitor's log lines and the launcher's are dropped and
+counted, the VM runs on.
 
 The operator's stderr is a pipe that is full before the VM starts (`splitvmm up ... 2>&1 |
 slow`, a terminal stopped with Ctrl-S). With --log-level info the vCPU thread logs the guest's
 unclaimed MMIO reads (monitor/bus.py), from the first one on: a log line that waited for room
-in the pipe would stop that vCPU, and the guest would never finish its sweep.
+in the pipe would stop that vCPU, and the guest would never finish its sweep. The launcher
+writes there too, what a device writes to its stderr and what it says itself: a line that
+waited would stop it, and with it every restart of a device.
 """
 
 from __future__ import annotations
@@ -11,14 +14,24 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import vm_toml
+from tests.integration.test_crash import (
+    parent_of,
+    serial_device,
+    start_counter,
+    wait_back,
+    wait_spare,
+    zygotes_of,
+)
 from tests.integration.vmproc import REPO, env_for
 
 pytestmark = pytest.mark.kvm
@@ -79,3 +92,53 @@ def test_monitor_log_when_stderr_is_full_drops_lines_and_the_guest_runs(guests, 
         proc.wait()
     assert done is not None, f"the guest did not finish its sweep; monitor: {err[-800:]!r}"
     assert re.search(r"^splitvmm: \d+ log lines? dropped", err, re.M), err[-800:]
+
+
+def a_device_writes_a_line(tmp_path: Path) -> None:
+    """The serial device writes a line to its stderr (a warning, a traceback), which the
+    launcher relays (sandbox/relay.py): written into that pipe as the device would
+    (test_confinement.py)."""
+    warden = int(serial_device(tmp_path)["pid"])  # type: ignore[call-overload]
+    fd = os.open(f"/proc/{warden}/fd/2", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"WARNING what a device has to say\n")
+    finally:
+        os.close(fd)
+
+
+def the_zygote_dies(tmp_path: Path) -> None:
+    """The zygote is killed: the launcher says so when the next spawn (the warm spare that
+    follows a restart) starts a new one."""
+    launcher = parent_of(int(serial_device(tmp_path)["pid"]))  # type: ignore[call-overload]
+    wait_spare(tmp_path)  # forked: the zygote is idle from here on
+    (zygote,) = zygotes_of(launcher, tmp_path)
+    os.kill(zygote, signal.SIGKILL)
+
+
+def fill(r: int) -> None:
+    """Fill the pipe whose read end is `r`, through a non-blocking write end of our own."""
+    w = os.open(f"/proc/self/fd/{r}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 4096)
+    os.close(w)
+
+
+@pytest.mark.parametrize("line", [a_device_writes_a_line, the_zygote_dies], ids=["relay", "say"])
+def test_launcher_line_when_stderr_is_full_is_dropped_and_devices_restart(guests, tmp_path, line):
+    """The monitor asks the launcher for every restart (sandbox/launcher.py). A line it waited
+    to write would keep it from serving them: a killed serial device would not come back, and
+    the guest would stop at its next access to it."""
+    vm = start_counter(tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 5\n')
+    try:
+        assert vm.proc.stderr is not None
+        fill(vm.proc.stderr.fileno())  # nobody reads it from here on, until stop()
+        line(tmp_path)
+        for generation in (2, 3):  # the spare takes over; the next needs a spawn
+            os.kill(int(serial_device(tmp_path)["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+            wait_back(tmp_path, generation)
+        vm.wait_for(r"^count=\d+$", after=len(vm.text()))
+    finally:
+        _, err = vm.stop()
+    err = err.lstrip("x")
+    assert re.search(r"^splitvmm: \d+ launcher lines? dropped", err, re.M), err[-800:]

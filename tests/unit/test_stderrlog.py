@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from splitvmm import stderrlog
-from splitvmm.stderrlog import StderrLog
+from splitvmm.stderrlog import StderrLines, StderrLog
 
 PIPE_SIZE = 1 << 16  # fills with one write
 
@@ -54,7 +54,7 @@ def test_stderr_log_full_pipe_drops_the_line_instead_of_blocking(pipe):
 
     log.emit(record("lost"))
 
-    assert log.dropped == 1
+    assert log.lines.dropped == 1
     assert os.get_blocking(w)  # our fd, and the operator's shell's, still block
     log.close()
 
@@ -71,6 +71,24 @@ def test_stderr_log_with_room_again_says_what_it_dropped_before_the_next_line(pi
 
     assert drain(r) == (b"splitvmm: 2 log lines dropped: stderr was not taking them\nback\n")
     log.close()
+
+
+def test_stderr_lines_full_pipe_drops_each_line_of_a_write_and_says_how_many(pipe):
+    """The launcher's lines (sandbox/launcher_server.py): what it relays of a device's stderr
+    comes several lines to a write, and each is counted."""
+    r, w = pipe
+    lines = StderrLines(w, "launcher")
+    fill(w)
+    lines.write(["splitvmm: device rng0: one", "splitvmm: device rng0: two"])
+    drain(r)
+
+    lines.write(["splitvmm: launcher: back"])
+
+    assert drain(r) == (
+        b"splitvmm: 2 launcher lines dropped: stderr was not taking them\n"
+        b"splitvmm: launcher: back\n"
+    )
+    lines.close()
 
 
 def test_stderr_log_short_write_sends_the_rest_before_the_next_line(pipe):
@@ -96,7 +114,7 @@ def test_stderr_log_reader_gone_drops_lines_without_raising(pipe):
     log.emit(record("nobody reads"))
     log.emit(record("nobody at all"))
 
-    assert log.dropped == 2
+    assert log.lines.dropped == 2
     log.close()
 
 
