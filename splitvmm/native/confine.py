@@ -124,14 +124,11 @@ def set_dumpable(dumpable: bool) -> None:
     prctl(lib.PR_SET_DUMPABLE, int(dumpable))
 
 
-PR_GET_SECUREBITS = 27  # <linux/prctl.h>
-
-
 def _securebits_to_lock() -> int:
     """SECUREBITS_LOCKED, but a bit that is locked already (systemd's SecureBits=, setpriv)
     keeps the value it was locked at: changing it is EPERM. Each securebit acts only at an
     execve or a setuid, which the caller rules out anyway (no_new_privs, no capability)."""
-    now = prctl(PR_GET_SECUREBITS)
+    now = prctl(lib.PR_GET_SECUREBITS)
     bits = int(SECUREBITS_LOCKED)
     for base in range(0, 32, 2):  # each bit, then its lock
         if now & (2 << base):
