@@ -42,9 +42,10 @@ MAX_CLIENTS = 32
 # A client has this long to send its whole request line (one deadline, not one per recv: a
 # client dribbling a byte at a time gets no more than a silent one).
 REQUEST_TIMEOUT_S = 5.0
-CLIENT_TIMEOUT_S = 600  # a multi-GiB snapshot takes seconds; a monitor that hangs gets reported
 # status and devices, which the monitor answers from its loop (counters: a round trip to each
-# device, each within its own timeout): a client waits this long for them
+# device, each within its own timeout): a client waits this long for them. Any other request
+# is waited for without a limit: a suspend of a large VM to slow storage takes what it takes,
+# and a monitor that dies closes the socket (ctl's --timeout is a script's own limit).
 READ_ONLY_TIMEOUT_S = 30
 CONNECT_WAIT_S = 2.0  # a client waits this long for room in a busy monitor's listen backlog
 CONNECT_RETRY_S = 0.01
@@ -263,14 +264,13 @@ def _reply(conn: socket.socket, reply: dict[str, object]) -> None:
 def request(
     path: Path, op: str, args: dict[str, object] | None = None, timeout_s: float | None = None
 ) -> dict[str, object]:
-    """Client side: one request, one reply, within `timeout_s` in all (CLIENT_TIMEOUT_S if
-    None). Raises ControlError with the monitor's words, or one sentence saying why there was
-    no usable reply."""
-    timeout_s = CLIENT_TIMEOUT_S if timeout_s is None else timeout_s
+    """Client side: one request, one reply, within `timeout_s` in all (None: until the reply
+    comes or the monitor closes the connection). Raises ControlError with the monitor's
+    words, or one sentence saying why there was no usable reply."""
     line = json.dumps({"op": op, **(args or {})}).encode() + b"\n"
-    deadline = time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        with _connected(path, timeout_s) as s:
+        with _connected(path) as s:
             buf = _exchange(s, line, path, deadline)
     except FileNotFoundError:
         raise ControlError(f"no VM is listening at {path}") from None
@@ -292,7 +292,7 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
-def _connected(path: Path, timeout_s: float) -> socket.socket:
+def _connected(path: Path) -> socket.socket:
     """A socket connected to `path`. A UNIX socket with a timeout set does not wait for room
     in a listener's backlog: connect() fails with EAGAIN at once when the monitor has as
     many connections not yet accepted as it listens for. That is a busy monitor
@@ -300,7 +300,7 @@ def _connected(path: Path, timeout_s: float) -> socket.socket:
     deadline = time.monotonic() + CONNECT_WAIT_S
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout_s)
+        s.settimeout(CONNECT_WAIT_S)
         try:
             s.connect(str(path))
             return s
@@ -316,21 +316,19 @@ def _connected(path: Path, timeout_s: float) -> socket.socket:
             raise
 
 
-def _exchange(s: socket.socket, line: bytes, path: Path, deadline: float) -> bytes:
-    """Send the request, read the reply line, by `deadline` (one for the whole reply: a peer
-    that sends a byte at a time gets no longer than a silent one; TimeoutError). A monitor
-    that refuses us (too many clients) may close before reading the request: its reply is
-    still there to read."""
+def _exchange(s: socket.socket, line: bytes, path: Path, deadline: float | None) -> bytes:
+    """Send the request, read the reply line, by `deadline` if any (one for the whole reply:
+    a peer that sends a byte at a time gets no longer than a silent one; TimeoutError). A
+    monitor that refuses us (too many clients) may close before reading the request: its
+    reply is still there to read."""
     try:
+        s.settimeout(_left(deadline))
         s.sendall(line)
     except (BrokenPipeError, ConnectionResetError):
         pass
     buf = b""
     while not buf.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        s.settimeout(left)
+        s.settimeout(_left(deadline))
         try:
             chunk = s.recv(65536)
         except ConnectionResetError:
@@ -341,6 +339,17 @@ def _exchange(s: socket.socket, line: bytes, path: Path, deadline: float) -> byt
         if len(buf) > MAX_REPLY:
             raise ControlError(f"the VM at {path} sent a reply longer than {MAX_REPLY} bytes")
     return buf
+
+
+def _left(deadline: float | None) -> float | None:
+    """The socket timeout that ends at `deadline` (None: no timeout); TimeoutError once it
+    has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
 def _decode_reply(buf: bytes, path: Path) -> dict[str, object]:

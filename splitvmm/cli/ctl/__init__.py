@@ -16,11 +16,20 @@ from splitvmm.cli.ctl import crash, snapshot, state
     type=click.Path(dir_okay=False, path_type=Path),
     help="The control socket's path, instead of --vm.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    metavar="SECONDS",
+    help="Give up waiting for the VM's answer after SECONDS (it may still carry the request "
+    "out). Without it, status and devices wait 30 s, and any other request as long as the VM "
+    "works on it: a suspend to slow storage may take longer than any fixed limit, and a VM "
+    "that dies ends the wait.",
+)
 @click.pass_context
-def command(ctx: click.Context, vm: str | None, socket: Path | None) -> None:
+def command(ctx: click.Context, vm: str | None, socket: Path | None, timeout: float | None) -> None:
     """Control a running VM: status, pause, resume, snapshot, suspend, devices, crash-device,
     inject-fault."""
-    ctx.obj = {"vm": vm, "socket": socket}
+    ctx.obj = {"vm": vm, "socket": socket, "timeout": timeout}
 
 
 for sub in (*state.COMMANDS, *snapshot.COMMANDS, *crash.COMMANDS):

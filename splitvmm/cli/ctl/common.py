@@ -71,14 +71,15 @@ class TryAgain(click.ClickException):
 
 
 def call(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
-    """One request to the VM named by the group options, answered within the client's
-    timeout (CLIENT_TIMEOUT_S: a snapshot may take long); errors end the command: exit 1, or
+    """One request to the VM named by the group options, waited for as long as the monitor
+    works on it (a snapshot may take long), or --timeout; errors end the command: exit 1, or
     EXIT_TRY_AGAIN where the monitor refused it for now (busy), so a script may retry."""
     return _call(ctx, op, args, read_only=False)
 
 
 def query(ctx: click.Context, op: str, **args: object) -> dict[str, object]:
-    """call() for what the monitor answers at once (status, devices): READ_ONLY_TIMEOUT_S."""
+    """call() for what the monitor answers at once (status, devices): within
+    READ_ONLY_TIMEOUT_S, or --timeout."""
     return _call(ctx, op, args, read_only=True)
 
 
@@ -89,7 +90,9 @@ def _call(
     from splitvmm.monitor.control import ControlBusy, ControlError, request
 
     opts = ctx.obj
-    timeout_s = control.READ_ONLY_TIMEOUT_S if read_only else None
+    timeout_s = opts["timeout"]
+    if timeout_s is None and read_only:
+        timeout_s = control.READ_ONLY_TIMEOUT_S
     try:
         return request(socket_path(opts["vm"], opts["socket"]), op, args, timeout_s)
     except ControlBusy as e:
