@@ -31,6 +31,7 @@ from pathlib import Path
 
 from splitvmm.errors import SplitvmmError
 from splitvmm.native.eventfd import EventFd
+from splitvmm.protocol import schema
 from splitvmm.record import Struct, field
 
 log = logging.getLogger("splitvmm.control")
@@ -353,9 +354,9 @@ def _left(deadline: float | None) -> float | None:
 
 
 def _decode_reply(buf: bytes, path: Path) -> dict[str, object]:
-    try:
-        reply = json.loads(buf)
-    except (ValueError, RecursionError):
+    try:  # strict: no NaN or Infinity, which json.loads takes and `ctl --json` would print
+        reply = schema.loads(buf, what="reply", error=ControlError)
+    except ControlError:
         reply = None
     if not isinstance(reply, dict):
         raise ControlError(f"the VM at {path} replied with something that is not a JSON object")

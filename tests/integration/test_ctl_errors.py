@@ -94,6 +94,23 @@ def test_ctl_status_bad_reply_is_one_line_error(monitor, words):
 
 
 @pytest.mark.parametrize(
+    "monitor",
+    [
+        b'{"ok": true, "state": NaN}\n',
+        b'{"ok": true, "devices": [{"pid": -Infinity}]}\n',
+        b'{"ok": true, "state": 1e999}\n',
+    ],
+    indirect=True,
+)
+def test_ctl_reply_with_a_number_json_has_not_is_one_line_error(monitor):
+    """NaN, Infinity and 1e999 (past a float: infinity) are no JSON (RFC 8259). Python's
+    parser took them, and --json printed them back, exit 0, to a script whose parser
+    refuses them."""
+    result = ctl(monitor.sock.getsockname(), "pause", "--json")
+    assert_one_line_error(result, "replied with something that is not a JSON object")
+
+
+@pytest.mark.parametrize(
     "monitor", [b'{"ok": false, "error": "\\u001b]0;pwned\\u0007 failed\\nfake"}\n'], indirect=True
 )
 def test_ctl_error_text_reaches_the_terminal_escaped(monitor):
