@@ -33,6 +33,8 @@ from splitvmm.protocol.models import MODELS, FdKind
 from tests.fakes import channel_pair
 from tests.virtio.support import (
     ACK,
+    COMMAND,
+    COMMAND_MASTER,
     DEVICE_CFG,
     DRIVER,
     DRIVER_OK,
@@ -48,6 +50,7 @@ from tests.virtio.support import (
     signalled,
 )
 
+MASTER_OFF = 0x0002  # the command register: memory on, bus master off
 TX_BASE, TX_HEAP = 0x8000, 0x80000  # transmitq0's rings and buffers, clear of receiveq0's
 
 
@@ -119,10 +122,13 @@ def started(dev: VirtioConsole) -> tuple[Driver, Ring, Ring]:
     return set_up(dev, rx, tx), rx, tx
 
 
-def set_up(dev: VirtioConsole, rx: Ring, tx: Ring) -> Driver:
-    """The driver's initialisation (3.1.1) with receiveq0 on `rx` and transmitq0 on `tx`."""
+def set_up(dev: VirtioConsole, rx: Ring, tx: Ring, bus_master: bool = True) -> Driver:
+    """The driver's initialisation (3.1.1) with receiveq0 on `rx` and transmitq0 on `tx`;
+    without `bus_master`, its queues are enabled with Bus Master Enable clear."""
     driver = Driver(dev)
     assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    if not bus_master:
+        driver.wr(COMMAND, driver.rd(COMMAND, 2) & ~COMMAND_MASTER, 2)
     driver.setup_queue(0, rx)
     driver.setup_queue(1, tx)
     driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
@@ -1130,6 +1136,66 @@ def test_virtio_console_restored_then_reset_crash_before_the_enable_loses_no_new
     Driver(new).kick(1)
 
     assert bytes(line.taken) == b"login: the new session's first line\n"
+
+
+def test_virtio_console_reset_then_crash_before_an_enable_without_bus_master_loses_no_output(
+    file_host,
+):
+    """As above, with the new session's queues enabled while Bus Master Enable is clear: its
+    unconfirmed transmitq0 enable is a ring the dead process took nothing from all the same,
+    and the record of idx 0 (the restore's, of the old ring) is not its; the restart dropped
+    40 KiB of the new session's output."""
+    _, _, state = snapshot_of_a_chain_half_sent(file_host)
+    restored = Process(file_host.context(Line(budget=0)), state)
+    Driver(restored.dev).set_status(0)  # the reset: applied; then the process dies
+    rx2, tx2 = Ring(restored.dev.ram, base=0x20000), Ring(restored.dev.ram, base=0x28000)
+    tx2.heap = 0x90000
+
+    line = Line()
+    ctx = file_host.context(line, restarted=True)
+    ctx.out.emitted, ctx.out.skip = 0, 0  # the restore's state; the file did not grow
+    new = VirtioConsole.restore(ctx, state)
+    ctx.replaying = True
+    try:
+        Driver(new).set_status(0)  # confirmed: the dead process applied it
+        ctx.replay_unconfirmed = True  # past what the monitor knows it applied
+        Driver(new).wr(COMMAND, MASTER_OFF, 2)
+        set_up(new, rx2, tx2, bus_master=False)
+    finally:
+        ctx.replaying = ctx.replay_unconfirmed = False
+    new.after_restart()
+    Driver(new).enable_bus_master()
+    transmit(tx2, b"login: the new session's first line\n")
+    Driver(new).kick(1)
+
+    assert bytes(line.taken) == b"login: the new session's first line\n"
+
+
+def test_virtio_console_reset_then_crash_before_an_rx_enable_without_bus_master_repeats_no_input(
+    host,
+):
+    """A reset after the checkpoint recorded the input count (NO_RING); the driver then set
+    receiveq0 up with Bus Master Enable clear, and the process died before it applied that
+    enable. The ring the restart starts at 0 completed nothing: the input the old session's
+    ring got is not delivered again (it was, to the new session)."""
+    dev, driver, rx, checkpoint = checkpointed(host)
+    dev.host_input(b"AAAAA")
+    for _ in range(5):
+        post(rx, 1)
+        driver.kick(0)
+    driver.set_status(0)  # the reset, then the process died
+    rx2, tx2 = Ring(dev.ram, base=0x20000), Ring(dev.ram, base=0x28000)
+
+    restarted = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    with replaying(restarted):  # the journal: the input frame, the reset, the set-up
+        restarted.host_input(b"AAAAA")
+        Driver(restarted).set_status(0)
+        restarted.ctx.replay_unconfirmed = True  # past what the monitor knows it applied
+        Driver(restarted).wr(COMMAND, MASTER_OFF, 2)
+        set_up(restarted, rx2, tx2, bus_master=False)
+        restarted.ctx.replay_unconfirmed = False
+
+    assert (restarted.stats()["rx_pending"], restarted.stats()["bytes_in"]) == (0, 5)
 
 
 @pytest.mark.parametrize(

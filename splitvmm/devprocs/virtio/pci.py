@@ -509,10 +509,13 @@ class VirtioPciDevice(RegisterDevice):
     def _enable_queue(self, q: int) -> None:
         self.queues[q] = replace(self.queues[q], enabled=True, last_avail=0, used_idx=0)
         if self.ctx.replaying:
+            # Unconfirmed, it may be an enable the dead process never applied, with Bus
+            # Master Enable or without: a model that goes by records of the old ring's used
+            # idx (virtio_console.py) must know either way
+            if self.ctx.replay_unconfirmed:
+                self._enabled_unconfirmed.add(q)  # after_restart() applies it as a live one
             if not self.command & config_space.COMMAND_MASTER:
                 self._unwritten.add(q)  # the dead process wrote nothing: nor did it run it
-            elif self.ctx.replay_unconfirmed:
-                self._enabled_unconfirmed.add(q)  # after_restart() applies it as a live one
             return  # after_restart() opens it where the dead process left it
         self._open_ring(q)
         self._start_ring(q)
