@@ -24,9 +24,10 @@ log = logging.getLogger("splitvmm.fdline")
 class FdLine:
     """A non-blocking writer on an inherited fd. Built before the sandbox: it may reopen."""
 
-    def __init__(self, fd: int, shared: bool = False) -> None:
+    def __init__(self, fd: int, shared: bool = False, own_only: bool = False) -> None:
         """`shared`: a regular file another device writes too, whose growth the monitor
-        does not count (protocol/models.py OUTPUT_SHARED)."""
+        does not count (protocol/models.py OUTPUT_SHARED). `own_only`: a pipe, terminal or
+        device that cannot be reopened is an OSError, not made non-blocking as shared."""
         self.fd = fd
         self._sock: socket.socket | None = None
         mode = os.fstat(fd).st_mode
@@ -37,7 +38,7 @@ class FdLine:
         if stat.S_ISSOCK(mode):
             self._sock = socket.socket(fileno=fd)  # for send(MSG_DONTWAIT); kept for our life
         elif not stat.S_ISREG(mode):
-            _own_nonblocking_description(fd)
+            _own_nonblocking_description(fd, own_only)
 
     def send(self, data: memoryview) -> int:
         try:
@@ -71,9 +72,11 @@ class FdLine:
             os.close(self.fd)
 
 
-def _own_nonblocking_description(fd: int) -> None:
+def _own_nonblocking_description(fd: int, own_only: bool) -> None:
     """Replace `fd` by a non-blocking open of the same pipe, terminal or device."""
     error = files.reopen_write_only(fd, os.O_NONBLOCK | os.O_CLOEXEC)
+    if error is not None and own_only:
+        raise error
     if error is not None:
         log.warning(
             "fd %d: cannot reopen it (%s); making it non-blocking as shared", fd, error.strerror

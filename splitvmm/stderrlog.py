@@ -25,11 +25,21 @@ asks of it, every device's end it reports; each device's stderr pipe would fill,
 writing to it would stop and miss the monitor's deadline. So its lines go the same way.
 
 What is printed once the VM has ended (its outcome, an error) goes to fd 2 as before, and
-waits for room: nothing runs then that a wait could stall.
+waits for room: nothing runs then that a wait could stall. So does, just before it, what the
+log left unsaid (finish()): the rest of a line stderr took part of, and how many lines were
+dropped; said after it (logging.shutdown), they cut into the outcome's line or came after it.
+
+Two kinds of stderr keep the old way, lines that wait for room: one that cannot have a
+description of its own (a terminal of another user's, after `su` in it, refuses the open
+through /proc/self/fd), as O_NONBLOCK on the description it shares with the operator's shell
+would leave the shell's terminal non-blocking after us; and, after finish(), any. A terminal
+gets "\r\n": the console puts it in raw mode for the VM's life (no OPOST), where a newline
+returns no carriage and each line began where the one before it ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -37,6 +47,8 @@ import sys
 from collections.abc import Sequence
 
 from splitvmm.fdline import FdLine
+
+log = logging.getLogger("splitvmm.stderrlog")
 
 # Errors after which stderr may take lines again: a full file system or quota, a file at the
 # process's size limit. Any other error means the reader has gone.
@@ -52,12 +64,28 @@ class StderrLines:
         """Where a pipe's or terminal's own description may be opened through /proc/self/fd:
         in the monitor before it confines itself (its Landlock domain does not grant it).
         `kind` names these lines where the dropped ones are said."""
-        own = os.dup(fd)
-        self._line: FdLine | None = FdLine(own)
-        os.set_inheritable(own, False)  # FdLine's reopen dup2()ed over it: no child's
         self._kind = kind
         self._rest = b""  # of lines stderr took part of: what it has not taken yet
         self.dropped = 0  # lines stderr took none of, not yet said
+        self._line: FdLine | None = None
+        self._newline = "\n"
+        # Lines wait for room (the module docstring): why, while they do
+        self.waits: str | None = None
+        try:  # the description fd 2 has now, blocking: for what waits (fd 2 may be another later)
+            self._shared: int | None = os.dup(fd)
+        except OSError:  # no stderr (closed): nothing is written
+            self._shared = None
+            return
+        if os.isatty(fd):
+            self._newline = "\r\n"
+        own = os.dup(fd)
+        try:
+            self._line = FdLine(own, own_only=True)
+        except OSError as e:
+            os.close(own)
+            self.waits = f"it has no description of its own ({e.strerror})"
+        else:
+            os.set_inheritable(own, False)  # FdLine's reopen dup2()ed over it: no child's
 
     def write(self, lines: Sequence[str]) -> None:
         """`lines` (each without its newline) together, or none of them, dropped and counted."""
@@ -66,16 +94,34 @@ class StderrLines:
             return
         dropped, self.dropped = self.dropped, 0
         text = self._dropped_line(dropped) + "".join(f"{line}\n" for line in lines)
-        if not self._send(text.encode(errors="replace")):
+        if not self._send(self._encoded(text)):
             self.dropped = dropped + len(lines)
+
+    def finish(self) -> None:
+        """The VM has ended (`up`, before its outcome or error): the rest of a line and how
+        many were dropped are said, and every line from now on, waiting for room as the
+        outcome does."""
+        if self._line is not None:
+            self._line.close()
+            self._line = None
+        self.waits = self.waits or "the VM has ended"
+        unsaid, self._rest = self._rest + self._encoded(self._dropped_line(self.dropped)), b""
+        self.dropped = 0
+        self._write(unsaid)
 
     def close(self) -> None:
         """What was dropped is said, if it can be (the process is ending)."""
         if self._send_rest() and self.dropped:
-            self._send(self._dropped_line(self.dropped).encode())
+            self._send(self._encoded(self._dropped_line(self.dropped)))
         if self._line is not None:
             self._line.close()
             self._line = None
+        if self._shared is not None:
+            os.close(self._shared)
+            self._shared = None
+
+    def _encoded(self, text: str) -> bytes:
+        return text.replace("\n", self._newline).encode(errors="replace")
 
     def _send_rest(self) -> bool:
         """Whether nothing is left of earlier lines (what was left went now)."""
@@ -91,7 +137,10 @@ class StderrLines:
         return n > 0
 
     def _write(self, data: bytes) -> int:
-        """The bytes stderr took now, without waiting; 0 when it took none or is gone."""
+        """The bytes stderr took now, without waiting (unless lines wait); 0 when it took
+        none or is gone."""
+        if self.waits is not None:
+            return self._write_waiting(data)
         if self._line is None:
             return 0
         try:
@@ -101,6 +150,14 @@ class StderrLines:
                 self._line.close()
                 self._line = None  # the reader has gone: nothing reaches it again
             return 0
+
+    def _write_waiting(self, data: bytes) -> int:
+        """All of `data`, however long stderr takes; a reader gone loses it."""
+        done = 0
+        with contextlib.suppress(OSError):
+            while self._shared is not None and done < len(data):
+                done += os.write(self._shared, data[done:])
+        return len(data)
 
     def _dropped_line(self, dropped: int) -> str:
         if not dropped:
@@ -124,6 +181,14 @@ class StderrLog(logging.Handler):
             return
         self.lines.write([line])
 
+    def finish(self) -> None:
+        """StderrLines.finish, between other threads' lines."""
+        self.acquire()
+        try:
+            self.lines.finish()
+        finally:
+            self.release()
+
     def close(self) -> None:
         """As the monitor exits (logging.shutdown): what was dropped is said, if it can be."""
         self.acquire()
@@ -145,5 +210,7 @@ def install(fd: int = 2) -> StderrLog | None:
             new.setLevel(old.level)
             root.removeHandler(old)
             root.addHandler(new)
+            if new.lines.waits is not None:
+                log.warning("stderr: %s: log lines wait for it to take them", new.lines.waits)
             return new
     return None

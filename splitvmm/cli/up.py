@@ -17,6 +17,8 @@ from splitvmm.errors import ConfigError, SplitvmmError
 
 if TYPE_CHECKING:
     from splitvmm.config import VmConfig
+    from splitvmm.monitor.exits import Outcome
+    from splitvmm.sandbox.launcher import Launcher
     from splitvmm.snapshot.reader import Snapshot
 
 EXIT_HELP = """Exit status: the guest's debug-exit status ((value << 1) | 1), 0 for a guest
@@ -59,28 +61,13 @@ def run_and_exit(
     timings.mark("command line")
     from splitvmm import stderrlog
 
-    stderrlog.install()  # no thread of the VM waits on a stderr nobody reads
+    log = stderrlog.install()  # no thread of the VM waits on a stderr nobody reads
     try:
-        from splitvmm.monitor.machine import run_vm
-
-        timings.mark("import monitor")
         try:
-            if snapshot_dir is None:
-                snap, cfg = None, cfg_loader(None)
-            else:
-                with _naming_snapshot(snapshot_dir):
-                    snap = _open_snapshot(snapshot_dir, key_file)
-                    cfg = cfg_loader(snap)
-                    _check_snapshot(snap, cfg)
-        except BaseException:
-            launcher.close()
-            raise
-        timings.mark("config")
-        if snapshot_dir is None:
-            outcome = run_vm(cfg, snap, launcher)
-        else:  # what the restore finds wrong as it loads (RAM's checksum, a state) names it too
-            with _naming_snapshot(snapshot_dir):
-                outcome = run_vm(cfg, snap, launcher)
+            outcome = _run(cfg_loader, snapshot_dir, key_file, launcher)
+        finally:  # the VM has ended: what its log left unsaid goes before what follows
+            if log is not None:
+                log.finish()
     except SplitvmmError as e:
         click.echo(f"splitvmm: error: {e}", err=True)
         sys.exit(1)
@@ -95,6 +82,31 @@ def run_and_exit(
             timings.print_report()
         click.echo(f"\r\nsplitvmm: {outcome.message}", err=True)
     sys.exit(outcome.status)
+
+
+def _run(
+    cfg_loader: ConfigLoader, snapshot_dir: Path | None, key_file: Path | None, launcher: Launcher
+) -> Outcome:
+    """The VM, from its config (and snapshot) to its end."""
+    from splitvmm.monitor.machine import run_vm
+
+    timings.mark("import monitor")
+    try:
+        if snapshot_dir is None:
+            snap, cfg = None, cfg_loader(None)
+        else:
+            with _naming_snapshot(snapshot_dir):
+                snap = _open_snapshot(snapshot_dir, key_file)
+                cfg = cfg_loader(snap)
+                _check_snapshot(snap, cfg)
+    except BaseException:
+        launcher.close()
+        raise
+    timings.mark("config")
+    if snapshot_dir is None:
+        return run_vm(cfg, snap, launcher)
+    with _naming_snapshot(snapshot_dir):  # what the restore finds wrong as it loads names it too
+        return run_vm(cfg, snap, launcher)
 
 
 def _stopped_by_sigint() -> NoReturn:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import pty
 import sys
+import tty
 from collections.abc import Iterator
 
 import pytest
 
 from splitvmm import stderrlog
+from splitvmm.native import files
 from splitvmm.stderrlog import StderrLines, StderrLog
 
 PIPE_SIZE = 1 << 16  # fills with one write
@@ -148,3 +152,84 @@ def test_stderr_log_install_replaces_only_the_handler_on_stderr(pipe):
 
     assert handlers == [*kept, new]
     assert drain(r) == b"splitvmm: formatted\n"
+
+
+def test_up_outcome_comes_after_the_log_lines_stderr_had_not_taken(pipe, monkeypatch):
+    """The VM ended while stderr held the start of a long log line and had dropped another
+    (its reader catching up only then): the outcome went out in the middle of that line, and
+    the rest of it and the dropped-lines notice came after the outcome (logging.shutdown's
+    close, as `up` exits)."""
+    r, w = pipe
+    from splitvmm.cli import up
+    from splitvmm.monitor import machine
+    from splitvmm.monitor.exits import Outcome
+    from splitvmm.sandbox import launcher
+
+    installed: list[StderrLog] = []
+    fake = type("FakeLauncher", (), {"close": lambda self: None})()
+    monkeypatch.setattr(launcher.Launcher, "start", staticmethod(lambda: fake))
+    monkeypatch.setattr(
+        stderrlog, "install", lambda: installed.append(StderrLog(w)) or installed[-1]
+    )
+    monkeypatch.setattr(sys, "stderr", os.fdopen(os.dup(w), "w"))
+    long = "y" * 8192  # over PIPE_BUF: the pipe takes what fits
+    said = []
+
+    def run_vm(cfg: object, snap: object, launcher: object) -> Outcome:
+        fill(w, leave=1024)
+        installed[0].emit(record(long))  # taken in part
+        installed[0].emit(record("dropped"))
+        said.append(drain(r)[PIPE_SIZE - 1024 :])  # the reader catches up as the VM ends
+        return Outcome(0, "the guest powered off")
+
+    monkeypatch.setattr(machine, "run_vm", run_vm)
+    with pytest.raises(SystemExit):
+        up.run_and_exit(lambda snapshot: None, None, None)  # type: ignore[arg-type, return-value]
+    installed[0].close()  # logging.shutdown's, as `up` exits
+    said.append(drain(r))
+
+    notice = "splitvmm: 1 log line dropped: stderr was not taking them\n"
+    outcome = "\r\nsplitvmm: the guest powered off\n"
+    assert b"".join(said) == f"{long}\n{notice}{outcome}".encode()
+
+
+def test_stderr_log_install_on_a_stderr_it_cannot_reopen_leaves_it_blocking(pipe, monkeypatch):
+    """A terminal of another user's (`su` in it) refuses the open through /proc/self/fd
+    (EACCES). O_NONBLOCK on the description fd 2 shares with the operator's shell made that
+    terminal non-blocking, for the shell after us too, and the outcome's write could fail
+    (EAGAIN): its lines wait for it instead, as they did, and it stays blocking."""
+    r, w = pipe
+    refused = OSError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr(files, "reopen_write_only", lambda fd, flags=0: refused)
+    root = logging.getLogger()
+    kept = list(root.handlers)
+    old = logging.StreamHandler(sys.stderr)
+    root.addHandler(old)
+    try:
+        new = stderrlog.install(w)
+        assert new is not None
+        new.setFormatter(logging.Formatter("%(message)s"))
+        new.emit(record("a line"))
+        new.close()
+    finally:
+        root.handlers[:] = kept
+
+    assert new.lines.waits == "it has no description of its own (Permission denied)"
+    said = b"stderr: it has no description of its own (Permission denied): log lines wait"
+    assert (drain(r), os.get_blocking(w)) == (said + b" for it to take them\na line\n", True)
+
+
+def test_stderr_log_on_a_raw_terminal_starts_each_line_at_its_left_edge():
+    """The console puts the operator's terminal in raw mode for the VM's life (no OPOST: a
+    newline is no carriage return): each log line began where the one before it ended."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    log = StderrLog(slave)
+
+    log.emit(record("one"))
+    log.emit(record("two"))
+    log.close()
+
+    assert os.read(master, 1024) == b"one\r\ntwo\r\n"
+    os.close(master)
+    os.close(slave)
