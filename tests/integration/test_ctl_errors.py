@@ -173,6 +173,16 @@ def test_ctl_timeout_option_bounds_a_pause_that_hangs(monitor):
 
 
 @pytest.mark.parametrize("monitor", [b""], indirect=True)
+@pytest.mark.parametrize("seconds", ["nan", "inf", "1e300"])
+def test_ctl_timeout_option_past_what_a_socket_waits_is_a_usage_error(monitor, seconds):
+    """NaN passes a range check (every comparison with it is false), and a socket's timeout
+    holds no more than ~292 years: each reached settimeout() and ended ctl in a traceback."""
+    result = ctl(monitor.sock.getsockname(), "--timeout", seconds, "pause")
+    assert result.exit_code == 2, result.output  # click's usage error, not a traceback
+    assert "Invalid value for '--timeout'" in result.output
+
+
+@pytest.mark.parametrize("monitor", [b""], indirect=True)
 def test_ctl_timeout_option_overrides_status_default(monitor, monkeypatch):
     monkeypatch.setattr(control, "READ_ONLY_TIMEOUT_S", 600)
     result = ctl(monitor.sock.getsockname(), "--timeout", "0.2", "status")

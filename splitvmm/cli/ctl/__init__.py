@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
 from splitvmm.cli.ctl import crash, snapshot, state
+
+MAX_TIMEOUT_S = 10**9  # ~31 years: a socket's timeout holds ~292 (nanoseconds in an int64)
+
+
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """NaN passes FloatRange's bounds (every comparison with it is false)."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("nan is not a number of seconds")
+    return value
 
 
 @click.group("ctl")
@@ -18,7 +28,8 @@ from splitvmm.cli.ctl import crash, snapshot, state
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(0, min_open=True),
+    type=click.FloatRange(0, MAX_TIMEOUT_S, min_open=True),
+    callback=_not_nan,
     metavar="SECONDS",
     help="Give up waiting for the VM's answer after SECONDS (it may still carry the request "
     "out). Without it, status and devices wait 30 s, and any other request as long as the VM "
