@@ -43,6 +43,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -152,11 +153,18 @@ class StderrLines:
             return 0
 
     def _write_waiting(self, data: bytes) -> int:
-        """All of `data`, however long stderr takes; a reader gone loses it."""
+        """All of `data`, however long stderr takes; a reader gone loses it. The description
+        may be non-blocking all the same: a device's output on stdio that could not be
+        reopened either (FdLine's fallback) made it so, and EAGAIN is waited out, not lost."""
         done = 0
         with contextlib.suppress(OSError):
             while self._shared is not None and done < len(data):
-                done += os.write(self._shared, data[done:])
+                try:
+                    done += os.write(self._shared, data[done:])
+                except BlockingIOError:
+                    room = select.poll()
+                    room.register(self._shared, select.POLLOUT)
+                    room.poll()
         return len(data)
 
     def _dropped_line(self, dropped: int) -> str:

@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import pty
+import select
 import sys
 import tty
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from splitvmm import stderrlog
+from splitvmm.fdline import FdLine
 from splitvmm.native import files
 from splitvmm.stderrlog import StderrLines, StderrLog
 
@@ -233,3 +235,38 @@ def test_stderr_log_on_a_raw_terminal_starts_each_line_at_its_left_edge():
     assert os.read(master, 1024) == b"one\r\ntwo\r\n"
     os.close(master)
     os.close(slave)
+
+
+def test_stderr_log_waiting_on_a_description_another_made_non_blocking_loses_no_line(
+    pipe, monkeypatch
+):
+    """`sudo -u someone splitvmm up vm.toml 2>&1 | tee log` (a root-owned pipe): neither the
+    monitor's stderr nor the serial device's stdio output (the same description) can be
+    reopened. The device's FdLine makes that description non-blocking (its fallback), so the
+    log's lines, which wait for room, got EAGAIN and were lost: neither written nor counted."""
+    r, w = pipe
+    refused = OSError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr(files, "reopen_write_only", lambda fd, flags=0: refused)
+    log = StderrLog(w)
+    FdLine(os.dup(w)).close()  # the device's output line: O_NONBLOCK on the description
+    fill(w)
+    caught_up = []
+    real_poll = select.poll
+
+    class CatchingUp:  # the reader catches up while the log waits for room
+        def __init__(self) -> None:
+            self.poller = real_poll()
+
+        def register(self, fd: int, events: int) -> None:
+            self.poller.register(fd, events)
+
+        def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+            caught_up.append(drain(r))
+            return self.poller.poll(timeout)
+
+    monkeypatch.setattr(select, "poll", CatchingUp)
+
+    log.emit(record("a line"))
+
+    assert (b"".join(caught_up) + drain(r))[PIPE_SIZE:] == b"a line\n"
+    log.close()
