@@ -50,7 +50,6 @@ from tests.virtio.support import (
     signalled,
 )
 
-MASTER_OFF = 0x0002  # the command register: memory on, bus master off
 TX_BASE, TX_HEAP = 0x8000, 0x80000  # transmitq0's rings and buffers, clear of receiveq0's
 
 
