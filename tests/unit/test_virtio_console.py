@@ -46,6 +46,7 @@ from tests.virtio.support import (
     Driver,
     Ring,
     close_fds,
+    nothing_waits,
     replaying,
     signalled,
 )
@@ -85,7 +86,11 @@ class Host:
 
     def context(self, line: object, restarted: bool = False) -> DeviceContext:
         ctx = DeviceContext(
-            fds=self.fds, transport=stand_in_transport(), options=self.options, restarted=restarted
+            fds=self.fds,
+            transport=stand_in_transport(),
+            options=self.options,
+            restarted=restarted,
+            waiting=nothing_waits,
         )
         ctx.out = BoundedOutput(line)  # type: ignore[arg-type]
         VirtioConsole.setup(ctx)

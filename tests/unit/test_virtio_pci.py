@@ -572,6 +572,7 @@ def test_virtio_pci_process_returns_to_the_event_loop_when_its_budget_is_spent(
     driver.start(ring)
     heads = [ring.add([(*ring.buffer(8), True)]) for _ in range(3)]
     monkeypatch.setattr(rng, "BUDGET_NS", 0)  # spent after the first chain
+    rng.ctx.waiting = lambda: True  # the channel's frame
 
     driver.kick()
 

@@ -41,8 +41,18 @@ def host_fds(
     return stand_in_fds(MODELS[name], where, given, peers)
 
 
+def nothing_waits() -> bool:
+    """A unit test's event loop, which is none: nothing else waits for the device. With the
+    model's default (work may wait), a process() that a loaded host's real clock let run past
+    BUDGET_NS handed its work back to a loop that never runs, and a kick was left half done
+    (a test flaked under load). A test of the budget says what waits, on a SteppingClock."""
+    return False
+
+
 def context(fds: dict[str, int], restarted: bool = False) -> DeviceContext:
-    return DeviceContext(fds=fds, transport=stand_in_transport(), restarted=restarted)
+    return DeviceContext(
+        fds=fds, transport=stand_in_transport(), restarted=restarted, waiting=nothing_waits
+    )
 
 
 def prepared(name: str, fds: dict[str, int], restarted: bool = False) -> DeviceContext:
