@@ -143,6 +143,11 @@ MAX_JOURNAL = 4096  # frames kept past the last checkpoint (one comes every 32 o
 # the read goes to the device, whose reply comes after its checkpoints. A crash then repeats at
 # most this many frames' output, however far a device lags its posted writes.
 MAX_AHEAD = 2 * events.PUBLISH_EVERY
+# On any output, no read is answered from the mirror while the slot has sent this many frames
+# past the last checkpoint it received: a device that lags its posted writes (a process just
+# restarted, a busy host) let a guest that polls LSR run up to the mirror's credit (65535
+# writes) ahead, past what the journal keeps, and its crash then stopped the VM.
+MAX_AHEAD_COUNTED = MAX_JOURNAL // 2
 # `ctl devices` asks each device for its counters: it does not queue behind a vCPU's access
 # or a control request that holds the slot (counters are not worth a stall; it shows none).
 STATS_LOCK_WAIT_S = 0.05
@@ -886,10 +891,11 @@ class DeviceSlot:
         return data
 
     def _too_far_ahead_locked(self, held: int = 0) -> bool:
-        """MAX_AHEAD frames sent past the last checkpoint received, on an uncounted output,
-        counting `held` writes KVM holds (they are sent before anything the read lets the
-        guest do next)."""
-        return self._uncounted and self._frames + held - self._checkpoint.applied >= MAX_AHEAD
+        """MAX_AHEAD frames sent past the last checkpoint received, on an uncounted output
+        (MAX_AHEAD_COUNTED on any other), counting `held` writes KVM holds (they are sent
+        before anything the read lets the guest do next)."""
+        limit = MAX_AHEAD if self._uncounted else MAX_AHEAD_COUNTED
+        return self._frames + held - self._checkpoint.applied >= limit
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:

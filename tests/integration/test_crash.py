@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from splitvmm.monitor.control import request
+from splitvmm.monitor.control import ControlError, request
 from tests.integration.conftest import vm_toml
+from tests.integration.test_virtio import loop_vm, stop_loop, written
 from tests.integration.vmproc import VmProcess, comm
 
 pytestmark = pytest.mark.kvm
@@ -23,10 +24,12 @@ KILLS = 20
 COUNT_RE = re.compile(r"^count=(\d+)$")
 
 
-def start_counter(tmp_path: Path, guests: dict[str, Path], device_extra: str) -> VmProcess:
+def start_counter(
+    tmp_path: Path, guests: dict[str, Path], device_extra: str, cmdline: str = ""
+) -> VmProcess:
     serial = tmp_path / "serial.log"
     config = tmp_path / "vm.toml"
-    boot = f'kernel = "{guests["counter"]}"\ncmdline = ""'
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "{cmdline}"'
     config.write_text(vm_toml(boot, "64M", 1, serial) + device_extra)
     vm = VmProcess(tmp_path, ["up", str(config)], serial)
     vm.wait_for(r"^count=\d+$")
@@ -48,6 +51,17 @@ def wait_back(tmp_path: Path, generation: int) -> dict[str, object]:
             return dev
         time.sleep(0.02)
     raise AssertionError(f"serial0 not back as process {generation}: {dev}")
+
+
+def wait_restarted(tmp_path: Path, restarts: int) -> dict[str, object]:
+    """The serial device once it serves after `restarts` restarts (a warm spare that failed
+    to take over counts a process more, not a restart)."""
+    for _ in range(600):
+        dev = serial_device(tmp_path)
+        if dev["restarts"] == restarts and dev["state"] == "running":
+            return dev
+        time.sleep(0.02)
+    raise AssertionError(f"serial0 not back after restart {restarts}: {dev}")
 
 
 def assert_each_count_once(text: str) -> None:
@@ -83,6 +97,40 @@ def test_serial_killed_20_times_loses_repeats_and_garbles_no_line(
         vm.kill_if_running()
     assert_each_count_once(vm.text())
     assert err.count("killed by signal 9") == KILLS, err[-2000:]
+
+
+def test_serial_sandboxed_process_killed_while_the_guest_prints_flat_out_is_always_restarted(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """The serial device's sandboxed process (its warden's child) SIGKILLed 80 times while
+    the guest prints as fast as the register mirror answers its LSR polls (period=1000), to
+    a file, with another VM busy on the host. Each crash restarts the device, and no line is
+    lost or repeated. A device lagging its posted writes let the journal pass MAX_JOURNAL
+    frames past the last checkpoint the monitor had, and a crash then stopped the VM
+    (status 4): "cannot be restarted: more than 4096 frames since its last checkpoint"."""
+    neighbour_dir = tmp_path / "neighbour"
+    neighbour_dir.mkdir()
+    neighbour = loop_vm(neighbour_dir, guests)  # another VM busy on the host: CPU is short
+    written(neighbour)
+    vm = start_counter(
+        tmp_path, guests, 'on_crash = "restart"\nmax_restarts = 1000\n', "period=1000"
+    )
+    rng = random.Random(3)
+    kills = 0
+    try:
+        while kills < 80:
+            time.sleep(rng.uniform(0.05, 0.4))  # back by then: a warm restart takes ms
+            warden = int(wait_restarted(tmp_path, kills)["pid"])  # type: ignore[call-overload]
+            (device,) = children_of(warden)
+            os.kill(device, signal.SIGKILL)
+            kills += 1
+    except ControlError:
+        pass  # the VM ended: its stderr says why
+    finally:
+        status, err = vm.stop()
+        stop_loop(neighbour)
+    assert kills == 80 and status == 128 + signal.SIGTERM, err[-2000:]
+    assert_each_count_once(vm.text())
 
 
 def wait_spare(tmp_path: Path, other_than: int = 0) -> int:
