@@ -253,8 +253,15 @@ def ftruncate_sealed_memfd(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return "grown"
 
 
-def write_readonly_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    return os.write(fds["readonly"], b"pwned")
+def reopen_readonly_fd_for_writing(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """The file behind a read-only fd (a read-only disk image), opened again for writing
+    through /proc/self/fd, as its owner may. A write on the fd itself is the kernel's to
+    refuse (EBADF) with no sandbox at all, so it tested nothing of ours."""
+    fd = os.open(f"/proc/self/fd/{fds['readonly']}", os.O_WRONLY)
+    try:
+        return os.write(fd, b"pwned")
+    finally:
+        os.close(fd)
 
 
 # <linux/falloc.h>
@@ -372,7 +379,7 @@ ATTEMPTS: dict[str, Attempt] = {
         io_setup_context,
         ioctl_kvm_on_every_fd,
         ftruncate_sealed_memfd,
-        write_readonly_fd,
+        reopen_readonly_fd_for_writing,
         write_past_end_of_disk,
         allocate_past_end_of_disk,
         mmap_exec,

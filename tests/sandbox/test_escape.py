@@ -56,7 +56,7 @@ STOPPED_WITHOUT_SECCOMP = {
     "unshare_userns",
     "setns_any",
     "ftruncate_sealed_memfd",
-    "write_readonly_fd",
+    "reopen_readonly_fd_for_writing",
     "write_past_end_of_disk",
     "allocate_past_address_space",
 }

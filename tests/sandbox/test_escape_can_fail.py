@@ -77,6 +77,19 @@ def test_attempt_run_with_no_sandbox_at_all_gets_through(attempt, sleeper) -> No
     assert not str(got).startswith("failed"), got
 
 
+def test_reopen_attempt_run_with_no_sandbox_at_all_gets_through(tmp_path) -> None:
+    """A read-only fd is no barrier of its own: its file's owner reopens it for writing."""
+    victim = tmp_path / "readonly.txt"
+    victim.write_bytes(b"original")
+    readonly = os.open(victim, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        got = escapes.ATTEMPTS["reopen_readonly_fd_for_writing"]({"readonly": readonly}, {})
+    finally:
+        os.close(readonly)
+
+    assert (got, victim.read_bytes()) == (5, b"pwnednal")
+
+
 @pytest.mark.parametrize(
     ("attempt", "layer_says"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -86,6 +87,24 @@ def test_guest_ram_mapping_is_left_out_of_core_files():
         ram.map.close()
         os.close(ram.fd)
     assert " dd" in flags, flags
+
+
+# Spelled out here, not taken from memory.SEALS: the constant is what is under test.
+RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def test_guest_ram_memfd_is_sealed_so_no_device_can_resize_it():
+    """Every virtio device holds this memfd: shrunk, the monitor's own mapping would SIGBUS.
+    The escape suite's ftruncate attempt runs on a memfd the suite sealed itself, so this is
+    the one test that sees the monitor's seals."""
+    ram = GuestMemory(1 << 20)
+
+    seals = fcntl.fcntl(ram.fd, fcntl.F_GET_SEALS)
+    with pytest.raises(PermissionError):
+        os.ftruncate(ram.fd, 4096)
+    ram.close()
+
+    assert seals & RAM_SEALS == RAM_SEALS
 
 
 def test_shared_page_needs_no_fd_once_mapped():

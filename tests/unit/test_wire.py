@@ -12,18 +12,21 @@ def test_read_done_matching_reply_returns_data():
     assert wire.decode_read_done(wire.encode_read_done(7, b"\xab"), 7, 1) == b"\xab"
 
 
+# Each frame is a good reply to READ 7 of 1 byte but for the one field its id names, and the
+# error must name that field: a frame wrong in two ways passed on the other check alone (a
+# READY frame has seq 0 and size 0 too, so the opcode check went untested).
 @pytest.mark.parametrize(
-    "frame,seq,size",
+    "frame,problem",
     [
-        (wire.encode_read_done(6, b"\xab"), 7, 1),  # stale sequence number
-        (wire.encode_read_done(7, b"\xab\xcd"), 7, 1),  # wrong size
-        (wire.encode_ready(), 7, 1),  # wrong opcode
-        (wire.encode_read_done(7, b"\xab")[:-1], 7, 1),  # short frame
-        (wire.encode_read_done(7, b"\xab") + b"\x00", 7, 1),  # long frame
-        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 0, 7, 0, b"\xab\x01"), 7, 1),  # data past size
-        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 2, 7, 0, b"\xab"), 7, 1),  # an unknown flag
-        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 0, 7, 9, b"\xab"), 7, 1),  # offset, no flag
-        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 1, 7, 1 << 32, b"\xab"), 7, 1),  # stamp too big
+        (wire.encode_read_done(6, b"\xab"), "seq=6 \\(want 7\\)"),
+        (wire.FRAME.pack(wire.Op.READ_DONE, 2, 0, 7, 0, b"\xab"), "size=2 \\(want 1\\)"),
+        (wire.FRAME.pack(wire.Op.SYNC_DONE, 1, 0, 7, 0, b"\xab"), "op=7 "),
+        (wire.encode_read_done(7, b"\xab")[:-1], "frame is 23 bytes"),
+        (wire.encode_read_done(7, b"\xab") + b"\x00", "frame is 25 bytes"),
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 0, 7, 0, b"\xab\x01"), "data past its size"),
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 2, 7, 0, b"\xab"), "flags 0x2 "),
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 0, 7, 9, b"\xab"), "flags 0x0 and offset 0x9"),
+        (wire.FRAME.pack(wire.Op.READ_DONE, 1, 1, 7, 1 << 32, b"\xab"), "offset 0x100000000"),
     ],
     ids=[
         "stale-seq",
@@ -37,9 +40,9 @@ def test_read_done_matching_reply_returns_data():
         "stamp-too-big",
     ],
 )
-def test_read_done_bad_reply_raises_protocol_error(frame, seq, size):
-    with pytest.raises(ProtocolError):
-        wire.decode_read_done(frame, seq, size)
+def test_read_done_bad_reply_raises_protocol_error(frame, problem):
+    with pytest.raises(ProtocolError, match=problem):
+        wire.decode_read_done(frame, 7, 1)
 
 
 def test_read_done_restamped_reply_decodes_its_data_and_stamp():
