@@ -29,6 +29,8 @@ from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import (
+    MAX_AHEAD_COUNTED,
+    MAX_JOURNAL,
     Checkpoint,
     DeviceSlot,
     RestartBudget,
@@ -635,6 +637,42 @@ class HeldChannel(InputChannel):
     def post_many(self, frames: list[bytes]) -> None:
         self.messages.append(list(frames))
         self.extend(frames)
+
+
+def test_slot_on_a_file_answers_no_read_from_the_mirror_past_half_a_journal(tmp_path, failures):
+    """A polled driver on an output the slot counts (a regular file): the mirror's credit
+    (65535 THR writes) let it run that far past the last checkpoint received while the
+    device lagged, past the MAX_JOURNAL frames a restart replays, and a crash then stopped
+    the VM. Past MAX_AHEAD_COUNTED frames the read goes to the device, whose reply comes
+    after its checkpoints."""
+
+    class Lagging(HeldChannel):
+        forwarded = 0
+
+        def read(self, offset: int, size: int) -> bytes:
+            self.forwarded += 1  # applied all before it: its checkpoint comes first
+            self.mirror.restamp(self.slot._frames + 1)
+            applied = self.slot._frames - self.slot._frames % 256  # (PUBLISH_EVERY_COUNTED)
+            self.slot._on_event(events.Published({}, applied, 0))
+            return b"\x60"
+
+    out = os.open(tmp_path / "serial.log", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        slot = DeviceSlot(
+            Spawn("serial0", "serial", 8, fds={"out": out}), tmp_path, refuse, failures
+        )
+        channel = Lagging(slot, credit=0xFFFF)
+        slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+        most = 0
+        for _ in range(3 * MAX_AHEAD_COUNTED):  # a THR write, an LSR read
+            slot.write(THR, b"x")
+            assert slot.read(LSR, 1) == b"\x60"
+            most = max(most, slot._frames - slot._checkpoint.applied)
+    finally:
+        os.close(out)
+
+    assert most <= MAX_AHEAD_COUNTED < MAX_JOURNAL
+    assert 0 < channel.forwarded < 10  # the mirror answered the rest
 
 
 @pytest.fixture
