@@ -43,25 +43,16 @@ def serial_device(tmp_path: Path) -> dict[str, object]:
     return next(d for d in devices if d["name"] == "serial0")
 
 
-def wait_back(tmp_path: Path, generation: int) -> dict[str, object]:
-    """The serial device once its process number `generation` serves (polls the socket)."""
+def wait_back(tmp_path: Path, value: int, key: str = "generation") -> dict[str, object]:
+    """The serial device once it serves with `key` at `value` (polls the socket): its
+    process number (generation), or its restarts (a warm spare that failed to take over
+    counts a process more, not a restart)."""
     for _ in range(600):
         dev = serial_device(tmp_path)
-        if dev["generation"] == generation and dev["state"] == "running":
+        if dev[key] == value and dev["state"] == "running":
             return dev
         time.sleep(0.02)
-    raise AssertionError(f"serial0 not back as process {generation}: {dev}")
-
-
-def wait_restarted(tmp_path: Path, restarts: int) -> dict[str, object]:
-    """The serial device once it serves after `restarts` restarts (a warm spare that failed
-    to take over counts a process more, not a restart)."""
-    for _ in range(600):
-        dev = serial_device(tmp_path)
-        if dev["restarts"] == restarts and dev["state"] == "running":
-            return dev
-        time.sleep(0.02)
-    raise AssertionError(f"serial0 not back after restart {restarts}: {dev}")
+    raise AssertionError(f"serial0 not back with {key} {value}: {dev}")
 
 
 def assert_each_count_once(text: str) -> None:
@@ -120,7 +111,7 @@ def test_serial_sandboxed_process_killed_while_the_guest_prints_flat_out_is_alwa
     try:
         while kills < 80:
             time.sleep(rng.uniform(0.05, 0.4))  # back by then: a warm restart takes ms
-            warden = int(wait_restarted(tmp_path, kills)["pid"])  # type: ignore[call-overload]
+            warden = int(wait_back(tmp_path, kills, "restarts")["pid"])  # type: ignore[call-overload]
             (device,) = children_of(warden)
             os.kill(device, signal.SIGKILL)
             kills += 1
