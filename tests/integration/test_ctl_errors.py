@@ -183,6 +183,16 @@ def test_ctl_timeout_option_past_what_a_socket_waits_is_a_usage_error(monitor, s
 
 
 @pytest.mark.parametrize("monitor", [b""], indirect=True)
+def test_ctl_timeout_option_past_what_poll_waits_is_a_usage_error(monitor):
+    """A socket's timeout is waited out in poll(2), in an int of milliseconds (~24.8 days):
+    past it the count wrapped, and 2**32 ms + 0.3 s gave up after 0.3 s, saying it had
+    waited ~50 days."""
+    result = ctl(monitor.sock.getsockname(), "--timeout", "4294967.6", "pause")
+    assert result.exit_code == 2, result.output  # click's usage error, not a wrong wait
+    assert "Invalid value for '--timeout'" in result.output
+
+
+@pytest.mark.parametrize("monitor", [b""], indirect=True)
 def test_ctl_timeout_option_overrides_status_default(monitor, monkeypatch):
     monkeypatch.setattr(control, "READ_ONLY_TIMEOUT_S", 600)
     result = ctl(monitor.sock.getsockname(), "--timeout", "0.2", "status")

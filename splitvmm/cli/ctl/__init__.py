@@ -9,7 +9,9 @@ import click
 
 from splitvmm.cli.ctl import crash, snapshot, state
 
-MAX_TIMEOUT_S = 10**9  # ~31 years: a socket's timeout holds ~292 (nanoseconds in an int64)
+# ~24.8 days: a socket's timeout is waited out in poll(2), an int of milliseconds; past it
+# the count wraps (2**32 ms + 0.3 s gave up after 0.3 s)
+MAX_TIMEOUT_S = (2**31 - 1) // 1000
 
 
 def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
