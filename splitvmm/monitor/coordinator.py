@@ -400,8 +400,7 @@ class Coordinator:
         # reaches the IOAPIC from a kernel worker, at any moment. Landing between the two
         # reads, it is then in the saved LAPIC; the other way round the saved IOAPIC pin
         # waited for an EOI of a vector no saved LAPIC held, and stayed dead once restored.
-        firmware = m.firmware.data if m.firmware is not None else None
-        vm_state = vmstate.to_dict(vmstate.save_vm(m.vm, firmware))
+        vm_state = vmstate.to_dict(vmstate.save_vm(m.vm, m.firmware_id))
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
         w = SnapshotWriter(target, config_to_dict(m.cfg), vcpu_states[0]["cpuid"], m.mem)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from splitvmm import timings
 from splitvmm.config import DeviceSection, VmConfig
 from splitvmm.errors import DeviceFailure, KvmUnavailable, SplitvmmError
-from splitvmm.monitor import acpi, boot, confinement, layout, loader
+from splitvmm.monitor import acpi, boot, confinement, layout, loader, vmstate
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import SOCKET_NAME, ControlBusy, ControlError, ControlServer, Handler
@@ -136,6 +136,13 @@ class Machine:
         self._bar_decode = SharedDecode()  # theirs: their BARs share self.mmio
         self._pci_intx: list[tuple[int, int]] = []  # (PCI device, GSI) of each INTA#: _PRT
         self.firmware: loader.FirmwareImage | None = None  # build(): a firmware boot's image
+
+    @functools.cached_property
+    def firmware_id(self) -> vmstate.FirmwareId | None:
+        """The firmware image as a snapshot names it (vm chunk v4), hashed once: at the
+        restore that checks it or the first snapshot, not in every snapshot's pause (the
+        image does not change). After build()."""
+        return None if self.firmware is None else vmstate.FirmwareId.of(self.firmware.data)
 
     def _install_stop_handlers(self) -> None:
         """SIGINT, SIGTERM and SIGHUP stop the VM (_on_signal), from the start of build() to

@@ -467,7 +467,7 @@ def _check_firmware(saved: vmstate.VmState, machine: Machine) -> None:
     A state from before v4 does not say which image it was: any is taken, as before."""
     if machine.firmware is None or saved.firmware is None:
         return  # (a kernel boot; check_compatible refused a config of the other boot kind)
-    given = vmstate.FirmwareId.of(machine.firmware.data)
+    given = machine.firmware_id
     if given != saved.firmware:
         raise SnapshotError(
             f"chunk vm: the VM was saved running firmware of {saved.firmware}; "

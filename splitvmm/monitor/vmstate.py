@@ -345,9 +345,9 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
     vcpu.set_vcpu_events(state.events)
 
 
-def save_vm(vm: VmFd, firmware: bytes | None = None) -> VmState:
-    """Reads the in-kernel PICs, IOAPIC, PIT and kvmclock of a paused VM; `firmware`, a
-    firmware boot's image, is named by its FirmwareId."""
+def save_vm(vm: VmFd, firmware: FirmwareId | None = None) -> VmState:
+    """Reads the in-kernel PICs, IOAPIC, PIT and kvmclock of a paused VM; `firmware` names a
+    firmware boot's image."""
     return VmState(
         pic_master=vm.get_irqchip(IRQCHIP_PIC_MASTER),
         pic_slave=vm.get_irqchip(IRQCHIP_PIC_SLAVE),
@@ -355,7 +355,7 @@ def save_vm(vm: VmFd, firmware: bytes | None = None) -> VmState:
         pit2=vm.get_pit2(),
         **_clock(vm),
         firmware_shadow=True,
-        firmware=None if firmware is None else FirmwareId.of(firmware),
+        firmware=firmware,
     )
 
 

@@ -97,7 +97,7 @@ def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw
     monkeypatch.setattr(coordinator_module, "SnapshotWriter", writer)
     monkeypatch.setattr(coordinator_module, "config_to_dict", lambda cfg: {})
     machine = SimpleNamespace(
-        kvm=kvm, vm=g.vm, vcpu_fds=[g.vcpu], slots=[], cfg=None, mem=None, firmware=None
+        kvm=kvm, vm=g.vm, vcpu_fds=[g.vcpu], slots=[], cfg=None, mem=None, firmware_id=None
     )
     try:
         with pytest.raises(Stop):

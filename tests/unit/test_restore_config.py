@@ -364,7 +364,7 @@ def test_apply_copies_a_firmwares_shadow_only_into_a_snapshot_that_lacks_it(
     mem = SimpleNamespace(write=lambda gpa, data: calls.append((gpa, len(data), data[-1])))
     machine = SimpleNamespace(
         mem=mem, kvm=None, vm=None, vcpu_fds=[SimpleNamespace(vcpu_id=0)],
-        firmware=loader.load_firmware(image),
+        firmware=loader.load_firmware(image), firmware_id=vmstate.FirmwareId.of(image.read_bytes()),
     )  # fmt: skip
     snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
     firmware = vmstate.FirmwareId.of(image.read_bytes()) if named else None
@@ -380,7 +380,10 @@ def test_apply_copies_a_firmwares_shadow_only_into_a_snapshot_that_lacks_it(
 def firmware_machine(tmp_path: Path, data: bytes) -> SimpleNamespace:
     image = tmp_path / "bios.bin"
     image.write_bytes(data)
-    return SimpleNamespace(firmware=loader.load_firmware(image), mem=None)
+    firmware = loader.load_firmware(image)
+    return SimpleNamespace(
+        firmware=firmware, firmware_id=vmstate.FirmwareId.of(firmware.data), mem=None
+    )
 
 
 @pytest.mark.parametrize(
