@@ -6,14 +6,17 @@ on one line (`{"ok": true, ...}` or `{"ok": false, "error": "..."}`), and then
 the monitor closes the connection.
 
 Clients are served side by side, so a silent or slow one delays nobody: one
-selector loop reads every request without blocking; each connection has one
-deadline (REQUEST_TIMEOUT_S) to send its whole line; at most MAX_CLIENTS are
-open at once, and one more is refused with a JSON error rather than left to
-hang. Read-only operations (`status`, `devices`) are answered by the loop at
-once, even while a snapshot runs: they read a few fields and change nothing.
-Every other operation runs on a worker thread, one at a time, so pause,
+selector loop reads every request and writes every reply without blocking; each
+connection has one deadline (REQUEST_TIMEOUT_S) to send its whole line, and as
+long again to take its whole reply (one larger than the socket's send buffer, a
+status of many devices, leaves in parts as the client reads it); at most
+MAX_CLIENTS are open at once, and one more is refused with a JSON error rather
+than left to hang. Read-only operations (`status`, `devices`) are answered by
+the loop at once, even while a snapshot runs: they read a few fields and change
+nothing. Every other operation runs on a worker thread, one at a time, so pause,
 snapshot and resume never interleave; one that arrives while another runs is
-refused as busy, not queued behind it.
+refused as busy, not queued behind it; its reply is handed back to the loop,
+which sends it as it sends any other.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ MAX_REQUEST = 64 * 1024
 # process opening connections by the thousand cannot exhaust the monitor's fds or memory.
 MAX_CLIENTS = 32
 # A client has this long to send its whole request line (one deadline, not one per recv: a
-# client dribbling a byte at a time gets no more than a silent one).
+# client dribbling a byte at a time gets no more than a silent one), and as long again to
+# take its whole reply (a client that does not read holds a reply's memory no longer).
 REQUEST_TIMEOUT_S = 5.0
 # status and devices, which the monitor answers from its loop (counters: a round trip to each
 # device, each within its own timeout): a client waits this long for them. Any other request
@@ -71,6 +75,12 @@ class _Client(Struct):
     buf: bytearray = field(default_factory=bytearray)
 
 
+class _Reply(Struct):
+    conn: socket.socket
+    deadline: float  # time.monotonic() by which the client must have taken all of it
+    rest: memoryview  # what the socket has not taken yet
+
+
 class ControlServer(threading.Thread):
     def __init__(
         self,
@@ -87,7 +97,12 @@ class ControlServer(threading.Thread):
         self.read_only = frozenset(read_only)
         self.request_timeout_s = request_timeout_s
         self.max_clients = max_clients
-        self._clients: dict[socket.socket, _Client] = {}
+        # Connections the loop reads a request from or writes a reply to (the cap counts both:
+        # a reply waiting for its client holds memory as a request does).
+        self._clients: dict[socket.socket, _Client | _Reply] = {}
+        # Replies of the operations the worker has finished, for the loop to send (under
+        # _busy_lock; the wake fd says one is there).
+        self._done: list[tuple[socket.socket, dict[str, object]]] = []
         self._worker: threading.Thread | None = None  # the operation in progress, if any
         self._worker_op = ""  # the operation in progress ("": none), under _busy_lock
         self._busy_lock = threading.Lock()
@@ -116,16 +131,28 @@ class ControlServer(threading.Thread):
             sel.register(self.sock, selectors.EVENT_READ)
             sel.register(self._wake.fd, selectors.EVENT_READ)
             while not self._closing:
-                for key, _ in sel.select(self._next_timeout()):
-                    if key.fileobj is self.sock and not self._closing:
-                        self._accept(sel)
-                    elif isinstance(key.data, _Client):
-                        self._read(sel, key.data)
-                self._expire(sel)
-            for client in list(self._clients.values()):
+                self._serve(sel)
+            sel.unregister(self.sock)
+            for client in [c for c in self._clients.values() if isinstance(c, _Client)]:
                 self._drop(sel, client)
-        if self._worker is not None:
-            self._worker.join()  # a snapshot in progress finishes before the machine goes
+            if self._worker is not None:
+                self._worker.join()  # a snapshot in progress finishes before the machine goes
+            self._send_done(sel)
+            while self._clients:  # replies given (a suspend's) still leave, each by its deadline
+                self._serve(sel)
+
+    def _serve(self, sel: selectors.BaseSelector) -> None:
+        for key, _ in sel.select(self._next_timeout()):
+            if key.fileobj is self.sock and not self._closing:
+                self._accept(sel)
+            elif key.fileobj is self._wake.fd:
+                self._wake.drain()
+                self._send_done(sel)
+            elif isinstance(key.data, _Client):
+                self._read(sel, key.data)
+            elif isinstance(key.data, _Reply):
+                self._write(sel, key.data)
+        self._expire(sel)
 
     def _next_timeout(self) -> float | None:
         if not self._clients:
@@ -141,7 +168,7 @@ class ControlServer(threading.Thread):
         conn.setblocking(False)
         if len(self._clients) >= self.max_clients:
             error = f"the monitor already serves {self.max_clients} control connections; try again"
-            _reply(conn, {"ok": False, "error": error, "retry": True})
+            self._reply(sel, conn, {"ok": False, "error": error, "retry": True})
             return
         client = _Client(conn, time.monotonic() + self.request_timeout_s)
         self._clients[conn] = client
@@ -164,33 +191,66 @@ class ControlServer(threading.Thread):
         line, newline, _ = client.buf.partition(b"\n")
         if newline or len(client.buf) > MAX_REQUEST:
             self._forget(sel, client)
-            self._handle(client.conn, bytes(line))
+            self._handle(sel, client.conn, bytes(line))
+
+    def _reply(
+        self, sel: selectors.BaseSelector, conn: socket.socket, reply: dict[str, object]
+    ) -> None:
+        """Send one reply line, then close; what the socket does not take at once is sent
+        from the loop as the client reads it, until the client's deadline."""
+        data = memoryview(json.dumps(reply).encode() + b"\n")
+        pending = _Reply(conn, time.monotonic() + self.request_timeout_s, data)
+        self._clients[conn] = pending
+        sel.register(conn, selectors.EVENT_WRITE, pending)
+        self._write(sel, pending)
+
+    def _write(self, sel: selectors.BaseSelector, pending: _Reply) -> None:
+        try:
+            pending.rest = pending.rest[pending.conn.send(pending.rest) :]
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.info("control client went away: %s", e)
+            pending.rest = pending.rest[:0]
+        if not pending.rest:
+            self._drop(sel, pending)
+
+    def _send_done(self, sel: selectors.BaseSelector) -> None:
+        """Send the replies of the operations the worker has finished."""
+        with self._busy_lock:
+            done, self._done = self._done, []
+        for conn, reply in done:
+            self._reply(sel, conn, reply)
 
     def _expire(self, sel: selectors.BaseSelector) -> None:
         now = time.monotonic()
         for client in [c for c in self._clients.values() if c.deadline <= now]:
-            self._forget(sel, client)
-            error = f"no complete request line within {self.request_timeout_s:g} s"
-            _reply(client.conn, {"ok": False, "error": error})
+            if isinstance(client, _Reply):
+                log.info("control client did not take its reply in time; dropped it")
+                self._drop(sel, client)
+            else:
+                self._forget(sel, client)
+                error = f"no complete request line within {self.request_timeout_s:g} s"
+                self._reply(sel, client.conn, {"ok": False, "error": error})
 
-    def _forget(self, sel: selectors.BaseSelector, client: _Client) -> None:
+    def _forget(self, sel: selectors.BaseSelector, client: _Client | _Reply) -> None:
         sel.unregister(client.conn)
         del self._clients[client.conn]
 
-    def _drop(self, sel: selectors.BaseSelector, client: _Client) -> None:
+    def _drop(self, sel: selectors.BaseSelector, client: _Client | _Reply) -> None:
         self._forget(sel, client)
         client.conn.close()
 
     # -- requests ------------------------------------------------------------------------
-    def _handle(self, conn: socket.socket, line: bytes) -> None:
+    def _handle(self, sel: selectors.BaseSelector, conn: socket.socket, line: bytes) -> None:
         """Answer a read-only request now, start any other on the worker, or refuse it."""
         parsed = self._parse(line)
         if isinstance(parsed, str):
-            _reply(conn, {"ok": False, "error": parsed})
+            self._reply(sel, conn, {"ok": False, "error": parsed})
             return
         op, request = parsed
         if op in self.read_only:
-            _reply(conn, self._call(op, request))
+            self._reply(sel, conn, self._call(op, request))
             return
         with self._busy_lock:
             busy = self._worker_op
@@ -198,7 +258,7 @@ class ControlServer(threading.Thread):
                 self._worker_op = op
         if busy:
             error = f"the monitor is busy with {busy}; try again when it is done"
-            _reply(conn, {"ok": False, "error": error, "retry": True})
+            self._reply(sel, conn, {"ok": False, "error": error, "retry": True})
             return
         self._worker = threading.Thread(
             target=self._work, args=(conn, op, request), name=f"control-{op}", daemon=True
@@ -207,11 +267,13 @@ class ControlServer(threading.Thread):
 
     def _work(self, conn: socket.socket, op: str, request: dict[str, object]) -> None:
         """Run one operation; it is done (not busy) before its reply leaves, so a client
-        that sends its next request on the reply finds the monitor free."""
+        that sends its next request on the reply finds the monitor free. The loop sends the
+        reply: this thread never waits on a client."""
         reply = self._call(op, request)
         with self._busy_lock:
             self._worker_op = ""
-        _reply(conn, reply)
+            self._done.append((conn, reply))
+        self._wake.trigger()
 
     def _parse(self, line: bytes) -> tuple[str, dict[str, object]] | str:
         """(op, request), or the error to answer."""
@@ -247,19 +309,6 @@ class ControlServer(threading.Thread):
         self.sock.close()
         self.path.unlink(missing_ok=True)
         self._wake.close()
-
-
-def _reply(conn: socket.socket, reply: dict[str, object]) -> None:
-    """Send one reply line and close. Never blocks: a reply fits the socket buffer of any
-    client that reads, and one that does not read gets nothing."""
-    data = json.dumps(reply).encode() + b"\n"
-    try:
-        if conn.send(data) < len(data):
-            log.info("control client does not read its reply; dropped it")
-    except OSError as e:
-        log.info("control client went away: %s", e)
-    finally:
-        conn.close()
 
 
 def request(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def unanswered(s: socket.socket) -> bool:
     except BlockingIOError:
         return True
     return False
+
+
+def hung_up(s: socket.socket) -> bool:
+    """Whether the monitor closes this connection within 30 s, read or not (POLLRDHUP: a
+    UNIX peer's close shows while its data still waits to be read)."""
+    poller = select.poll()
+    poller.register(s, select.POLLRDHUP)
+    return bool(poller.poll(30_000))
 
 
 def reply_of(s: socket.socket) -> dict[str, object]:

@@ -17,9 +17,12 @@ import pytest
 from splitvmm.errors import SplitvmmError
 from splitvmm.monitor import control
 from splitvmm.monitor.control import ControlBusy, ControlError, ControlServer, request
-from tests.integration.rawclient import connect, reply_of, unanswered
+from tests.integration.rawclient import connect, hung_up, reply_of, unanswered
 
-READ_ONLY = ("status",)
+READ_ONLY = ("status", "big")
+# A reply far past a socket's send buffer (net.core.wmem_default, ~208 KiB), yet one a
+# client takes (MAX_REPLY): a status of many devices with long failure texts.
+BIG = "x" * (control.MAX_REPLY - 64)
 
 
 class Operation:
@@ -47,6 +50,8 @@ def serve(tmp_path: Path, snapshot_op: Operation, **kwargs: object) -> ControlSe
         "status": lambda req: {"state": "running"},
         "pause": lambda req: {"state": "paused"},
         "snapshot": snapshot_op,
+        "big": lambda req: {"blob": BIG},
+        "big_work": lambda req: {"blob": BIG},  # the same, answered from the worker
     }
     server = ControlServer(tmp_path, handlers, read_only=READ_ONLY, **kwargs)  # type: ignore[arg-type]
     server.start()
@@ -202,3 +207,37 @@ def test_control_server_whose_socket_cannot_be_made_says_so_in_one_line(tmp_path
 
     with pytest.raises(SplitvmmError, match="cannot make the control socket .*Too many open"):
         ControlServer(tmp_path, {})
+
+
+@pytest.mark.parametrize("op", ["big", "big_work"])
+def test_control_reply_past_the_socket_buffer_arrives_whole(server, op):
+    """A reply larger than the socket's send buffer was cut to what one send() took, and
+    the client, which read it at once, said the VM closed the connection without a reply."""
+    assert request(server.path, op)["blob"] == BIG
+
+
+def test_control_client_that_does_not_read_its_reply_delays_nobody_then_is_dropped(
+    tmp_path, snapshot_op
+):
+    """The rest of a big reply waits for a client that does not read it, while the monitor
+    serves the others, until the client's deadline; then the connection is closed."""
+    server = serve(tmp_path, snapshot_op, request_timeout_s=2.0)
+    try:
+        with connect(server.path, b'{"op": "big"}\n') as ignoring:
+            reply = request(server.path, "big")
+            assert (reply["blob"], hung_up(ignoring)) == (BIG, True)
+    finally:
+        server.close()
+
+
+def test_control_reply_of_an_operation_ending_the_monitor_still_leaves(tmp_path, snapshot_op):
+    """A suspend stops the machine, which closes the server while the operation runs: the
+    loop sends the worker's reply, so it must still send it once the worker is done."""
+    server = serve(tmp_path, snapshot_op)
+    snap = connect(server.path, b'{"op": "snapshot"}\n')
+    assert snapshot_op.started.wait(30)
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    snapshot_op.release.set()
+    closer.join()
+    assert reply_of(snap) == {"ok": True, "done": True}
