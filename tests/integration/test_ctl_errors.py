@@ -338,6 +338,14 @@ def test_ctl_without_vm_skips_stale_sockets(tmp_path, monkeypatch):
         assert socket_path(None, None) == tmp_path / "splitvmm" / "live" / "control.sock"
 
 
+def test_ctl_without_vm_when_none_runs_says_so_in_a_sentence(tmp_path, monkeypatch):
+    """It said "name the VM with --vm (running VMs: none)": no VM to name is no VM running."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "splitvmm").mkdir(mode=0o700)
+    result = CliRunner().invoke(cli, ["ctl", "status"])
+    assert_one_line_error(result, f"Error: no VM is running (none listens in {tmp_path}/splitvmm)")
+
+
 @pytest.mark.parametrize(
     "monitor",
     [b'{"ok": false, "error": "the monitor is busy with snapshot; try again", "retry": true}\n'],

@@ -26,9 +26,10 @@ def socket_path(vm: str | None, socket: Path | None) -> Path:
     if vm is None:
         # A monitor killed outright leaves its socket behind: only a listening one counts.
         running = sorted(p.parent.name for p in root.glob(f"*/{SOCKET_NAME}") if _listening(p))
-        if len(running) != 1:
-            found = ", ".join(running) if running else "none"
-            raise click.ClickException(f"name the VM with --vm (running VMs: {found})")
+        if not running:
+            raise click.ClickException(f"no VM is running (none listens in {escaped(str(root))})")
+        if len(running) > 1:
+            raise click.ClickException(f"name the VM with --vm (running VMs: {', '.join(running)})")
         vm = running[0]
     _private(root / vm)
     return root / vm / SOCKET_NAME
