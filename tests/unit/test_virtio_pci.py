@@ -256,6 +256,19 @@ def test_virtio_pci_restore_refuses_accepted_features_the_device_does_not_offer(
     )
 
 
+def test_virtio_pci_restore_refuses_accepted_features_without_version_1(rng, driver, fds):
+    """virtio 1.2 6.1: a device MAY fail to operate without VERSION_1, and this one refuses
+    FEATURES_OK without it (test_virtio_pci_features_ok_refused_without_version_1). A state
+    that says such a set was accepted ran its queues on features no driver could negotiate."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    rng.quiesce()
+    hostile = replace(rng.save(), driver_features=0)
+
+    with pytest.raises(StateError, match="virtio-rng state: .* lack VIRTIO_F_VERSION_1"):
+        VirtioRng.restore(prepared("virtio-rng", fds), hostile)
+
+
 def test_virtio_pci_queue_enabled_before_features_ok_is_ignored(rng, driver, fds):
     """3.1.1: queues are set up after FEATURES_OK. Taken before, the ring was laid out by
     the features written so far (no EVENT_IDX here), and the running device's snapshot

@@ -557,6 +557,17 @@ class VirtioPciDevice(RegisterDevice):
     def _offered(self) -> int:
         return TRANSPORT_FEATURES | self.device_features()
 
+    def _refusal(self, features: int) -> str | None:
+        """Why the device refuses these features at FEATURES_OK (2.2.1), or None: one rule
+        for a driver's FEATURES_OK and a restored state's (untrusted) accepted set."""
+        if extra := features & ~self._offered():
+            return f"the driver took features {extra:#x}, which this device does not offer"
+        if not features & VIRTIO_F_VERSION_1:  # 6.1: a device MAY fail without it; this one does
+            return f"the driver's features {features:#x} lack VIRTIO_F_VERSION_1, which it requires"
+        if not self.features_consistent(features):
+            return f"the driver's features {features:#x} take one without a feature it requires"
+        return None
+
     def _set_status(self, value: int) -> None:
         if value == 0:
             self._reset()
@@ -567,12 +578,7 @@ class VirtioPciDevice(RegisterDevice):
         # the device before a power-off (ParaNdis_PowerOff), and the queues then stop.
         value |= self.status & Status.FEATURES_OK
         if value & Status.FEATURES_OK and not self.status & Status.FEATURES_OK:
-            accepted = self.driver_features
-            if (
-                accepted & ~self._offered()
-                or not accepted & VIRTIO_F_VERSION_1
-                or not self.features_consistent(accepted)
-            ):
+            if self._refusal(self.driver_features) is not None:
                 value &= ~Status.FEATURES_OK  # refused: the driver reads it back clear
         accepted_now = value & ~self.status & Status.FEATURES_OK
         started_now = value & ~self.status & Status.DRIVER_OK
@@ -924,13 +930,10 @@ class VirtioPciDevice(RegisterDevice):
         for q, queue in enumerate(s.queues):
             if not 0 < queue.size <= self.QUEUE_SIZE or queue.size & (queue.size - 1):
                 raise StateError(f"{where}: queue {q} size {queue.size} is not one offered")
-        if s.status & Status.FEATURES_OK:  # accepted features bind the device (restore())
-            if extra := s.driver_features & ~self._offered():
-                raise StateError(f"{where}: the driver took features {extra:#x}, which this "
-                                 "device does not offer")  # fmt: skip
-            if not self.features_consistent(s.driver_features):
-                raise StateError(f"{where}: the driver's features {s.driver_features:#x} "
-                                 "take one without a feature it requires")  # fmt: skip
+        # accepted features bind the device (restore()): those it would have accepted only
+        refusal = self._refusal(s.driver_features) if s.status & Status.FEATURES_OK else None
+        if refusal is not None:
+            raise StateError(f"{where}: {refusal}")
 
     def _load(self, s: VirtioPciState) -> None:
         # Only the bits a driver can write, as its write would leave them (untrusted input)
