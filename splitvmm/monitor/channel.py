@@ -37,7 +37,7 @@ from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.polling import PollWindow, max_poll_ns
 from splitvmm.protocol.zmtp import encode
-from splitvmm.sandbox.spawn import DeviceProcess, readable
+from splitvmm.sandbox.spawn import DeviceProcess, how_ended, readable
 
 READ_TIMEOUT_MS = 2000  # a device that does not answer a read by then has failed
 # ... and one that answers every read just under that deadline stalls the vCPUs (and any
@@ -179,20 +179,21 @@ class DeviceChannel:
                 status = process.poll()
             except SplitvmmError as e:  # it ended, and its launcher is gone: as slot.py _how
                 raise ChannelError(
-                    f"ended within {waited} ms, before it was ready; its exit status is "
-                    f"unknown ({e})"
+                    f"ended before it was ready; its exit status is unknown ({e})"
                 ) from None
             # A device that refuses to start sends why, then exits: the frame may reach our
             # socket just after the poll gave up, so it is looked for once more.
             if status is not None and self._frame_within(EXITED_GRACE_MS):
                 break
+            # How it ended, with no "within N ms": the wait began after its start, and the
+            # end of a process dead by then read "exited with status 3 within 0 ms".
+            if status is not None:
+                raise ChannelError(f"{how_ended(status)} before it was ready")
             # The VM is stopping (give_up_host_io: a stop signal while devices start): its
             # READY is waited for no longer, nor is the stop held up to READY_TIMEOUT_MS
             stopping = self._gave_up_host_io.is_set()
-            if status is not None or closed or stopping or waited >= timeout_ms:
-                if status is not None:
-                    why = f"exited with status {status}"
-                elif closed or not stopping:
+            if closed or stopping or waited >= timeout_ms:
+                if closed or not stopping:
                     why = "closed its end of the channel" if closed else "did not start"
                 else:
                     why = "was given up as the VM stopped"

@@ -523,7 +523,10 @@ class Machine:
                     Outcome.fault(f"device {slot.name}: internal error in its restart: {e!r}")
                 )
                 continue
-            if self._supervisor is not None and slot.process is not None:
+            # Only a process that serves: one that died before READY, which stays in the
+            # slot until the next restart ends it, has had its death logged (and counted)
+            # already; watched, the supervisor logged it again.
+            if self._supervisor is not None and slot.ready:
                 self._supervisor.watch(slot)
             self._start_spare(slot)
 
@@ -763,10 +766,10 @@ class Machine:
         return {} if counters is None else {"counters": counters}
 
     def _device(self, s: DeviceSlot) -> dict[str, object]:
-        return {
+        device: dict[str, object] = {
             "name": s.name,
             "model": s.model,
-            "pid": s.pid,
+            "pid": s.pid,  # the process that serves it, or None: none does (away, or failed)
             "state": s.state.value,
             "reason": s.failed or "",
             "on_crash": self._device_cfg[s.name].on_crash,
@@ -788,7 +791,8 @@ class Machine:
             "reply_polls": {"looked": s.reply_poll.polls, "caught": s.reply_poll.caught},
             # writes to its write-behind registers that KVM held: delivered with no exit
             "held_writes": s.held_writes,
-        } | ({"tap": self._taps[s.name]} if s.name in self._taps else {})
+        }
+        return device | ({"tap": self._taps[s.name]} if s.name in self._taps else {})
 
     def _pause(self) -> dict[str, object]:
         self.coordinator.pause()

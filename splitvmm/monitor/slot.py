@@ -120,7 +120,7 @@ from splitvmm.protocol.polling import PollWindow, max_poll_ns
 from splitvmm.protocol.spec import DeviceSpec, spare_path
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import Struct, field
-from splitvmm.sandbox.spawn import DeviceProcess
+from splitvmm.sandbox.spawn import DeviceProcess, how_ended
 
 log = logging.getLogger("splitvmm.slot")
 
@@ -331,9 +331,13 @@ class DeviceSlot:
         self._reports = RateLimitedLog(log)  # a device's reports: one line a second at most
 
     @property
-    def pid(self) -> int:
+    def pid(self) -> int | None:
+        """The pid of the process that serves the device; None while none does. A process
+        that failed stays in the slot until a restart replaces it (for ever, if the device
+        is left dead), but it is dead: its pid, freed once the launcher reaps it, may be
+        another process's by now, which whoever reads `ctl status` would signal."""
         process = self.process
-        return process.pid if process is not None else 0
+        return process.pid if process is not None and self.state is SlotState.LIVE else None
 
     @property
     def ready(self) -> bool:
@@ -1221,11 +1225,13 @@ class DeviceSlot:
 
     def _count_crash_locked(self, reason: str, how: str, logged: bool = True) -> None:
         """Its process is killed (if it is not dead yet), and the crash logged and counted."""
-        if self.process is not None:
-            self.process.kill()
-            self._failed_process = self.process  # process_ended says how it ended, later
+        process = self.process
+        if process is not None:
+            process.kill()
+            self._failed_process = process  # process_ended says how it ended, later
         if logged:
-            log.error("device %s (pid %d) %s: %s", self.name, self.pid, how, reason)
+            pid = 0 if process is None else process.pid
+            log.error("device %s (pid %d) %s: %s", self.name, pid, how, reason)
         self.crashes += 1
         self.last_failure, self._crashed_at = reason, time.monotonic()
 
@@ -1291,7 +1297,7 @@ def _how(process: DeviceProcess) -> str:
         status = process.wait(END_TIMEOUT_S)
     except (SplitvmmError, TimeoutError) as e:  # the launcher is gone
         return f"ended; its exit status is unknown ({e})"
-    return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    return how_ended(status)
 
 
 def _host_io_flag(spawn: Spawn) -> Callable[[], bool] | None:

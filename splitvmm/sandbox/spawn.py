@@ -169,6 +169,11 @@ def listen_channel(path: str) -> socket.socket:
     return sock
 
 
+def how_ended(status: int) -> str:
+    """A DeviceProcess's exit status (returncode) in words: a negative one is a signal's."""
+    return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+
+
 class DeviceProcess(abc.ABC):
     """A started device process: signalled and watched through its pidfd, which it owns."""
 

@@ -223,6 +223,28 @@ def test_on_crash_leave_keeps_the_vm_running_reading_all_ones(
     assert "stays dead (on_crash = leave)" in err
 
 
+def test_on_crash_leave_failed_device_shows_no_pid_of_its_dead_process(
+    tmp_path: Path, guests: dict[str, Path]
+) -> None:
+    """A device left dead has no process: status showed its dead warden's pid, which the
+    kernel may since have given to another process, for an operator to signal."""
+    vm = start_counter(tmp_path, guests, 'on_crash = "leave"\n')
+    try:
+        dead = int(serial_device(tmp_path)["pid"])  # type: ignore[call-overload]
+        vm.ctl("crash-device", "serial0")
+        for _ in range(500):
+            dev = serial_device(tmp_path)
+            if dev["state"] == "failed":
+                break
+            time.sleep(0.02)
+        table = vm.ctl("status").stdout
+    finally:
+        vm.stop()
+    assert dev["state"] == "failed" and dev["pid"] is None, dev
+    line = next(line for line in table.splitlines() if "serial0" in line)
+    assert str(dead) not in line and " pid - " in line, table
+
+
 def test_device_crashing_in_a_loop_hits_the_budget_and_stops_the_vm(
     tmp_path: Path, guests: dict[str, Path]
 ) -> None:

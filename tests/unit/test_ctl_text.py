@@ -18,3 +18,10 @@ def test_ctl_device_line_says_why_the_device_stalled():
 
 def test_ctl_device_line_of_a_device_that_did_not_stall_says_nothing_of_it():
     assert "stalled" not in _device_lines([device(stalled="")])
+
+
+def test_ctl_device_line_of_a_device_without_a_process_shows_no_pid():
+    """A device no process serves (away, or failed: its process is dead) has no pid."""
+    line = _device_lines([device(pid=None, state="failed", reason="process exited")])
+
+    assert line == "  blk0         virtio-blk pid -        failed (process exited)"

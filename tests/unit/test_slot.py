@@ -783,6 +783,19 @@ def test_slot_channel_broken_with_its_connection_up_fails_the_device_at_once(slo
     assert process.asked == [0] and process.killed and failures == ["sent a frame of 3 bytes"]
 
 
+def test_slot_failed_for_good_shows_no_pid_of_its_dead_process(slot, failures):
+    """on_crash = leave: the dead process stays in the slot, and `ctl status` showed its
+    pid, which the kernel may since have given to another process."""
+    slot.state, slot.process = SlotState.LIVE, EndsSoon()  # type: ignore[assignment]
+    slot.fail("process was killed by signal 11")
+
+    assert (slot.state, slot.pid, failures) == (
+        SlotState.FAILED,
+        None,
+        ["process was killed by signal 11"],
+    )
+
+
 # -- posted writes across a restart slower than RESTART_WAIT_MS --------------------------------
 class RestartChannel(InputChannel):
     """A channel a restart drains (the dead process's last words) and closes; its syncs are

@@ -13,7 +13,8 @@ def _device_lines(devices: list[dict[str, object]]) -> str:
     lines = []
     for d in devices:
         reason = f" ({d['reason']})" if d.get("reason") else ""
-        line = f"  {d['name']:<12} {d['model']:<10} pid {d['pid']:<8} {d['state']}{reason}"
+        pid = "-" if d.get("pid") is None else d["pid"]  # none serves it: away, or failed
+        line = f"  {d['name']:<12} {d['model']:<10} pid {pid:<8} {d['state']}{reason}"
         if d.get("tap"):
             line += f", TAP {d['tap']}"
         if d.get("stalled"):  # what the VM is paused for (README: on_full)
