@@ -248,9 +248,28 @@ def ioctl_kvm_on_every_fd(fds: dict[str, int], ctx: dict[str, int]) -> object:
     return answers
 
 
+# The fd role (DeviceSpec.fds) each attempt on a held file attacks: what the model really holds,
+# as the monitor makes it. A model that holds none skips the attempt (test_escape.py): on a file
+# the suite made instead (a memfd it sealed itself), the kernel refuses it with no sandbox.
+HELD = {
+    "ftruncate_sealed_memfd": "ram",
+    "write_past_end_of_disk": "disk",
+    "allocate_past_end_of_disk": "disk",
+    "truncate_output_file": "out",
+    "allocate_past_end_of_output": "out",
+}
+
+
 def ftruncate_sealed_memfd(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    os.ftruncate(fds["memfd"], 1 << 20)
-    return "grown"
+    """Guest RAM shrunk under the monitor's mapping, which would SIGBUS: its seals refuse it."""
+    os.ftruncate(fds["ram"], 0)
+    return "shrunk"
+
+
+def truncate_output_file(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """The operator's log emptied (O_APPEND, which bounds every write, does not bound this)."""
+    os.ftruncate(fds["out"], 0)
+    return "emptied"
 
 
 def reopen_readonly_fd_for_writing(fds: dict[str, int], ctx: dict[str, int]) -> object:
@@ -271,21 +290,27 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE = 0x01, 0x10
 PAST_THE_END = 1 << 30  # past any stand-in file (fstat is no device's to call)
 
 
-def _file_to_grow(fds: dict[str, int]) -> int:
-    """The disk image a virtio-blk device writes (else the handed sealed memfd)."""
-    return fds.get("disk", fds["memfd"])
-
-
 def write_past_end_of_disk(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    """Grow the image, filling the host's file system: the file-size rlimit is its size."""
-    return os.pwrite(_file_to_grow(fds), b"x", PAST_THE_END)
+    """Grow the image, filling the host's file system: the file-size rlimit is its size. (No
+    other file a device holds grows so: its memfds are sealed, an output appends.)"""
+    return os.pwrite(fds["disk"], b"x", PAST_THE_END)
+
+
+def _allocate_past_end(fd: int, mode: int) -> object:
+    """Blocks past the end that no listing shows (KEEP_SIZE is not bound by the rlimit)."""
+    at, length = ctypes.c_longlong(PAST_THE_END), ctypes.c_longlong(1 << 28)
+    return _check(_libc().fallocate(fd, mode, at, length))
 
 
 def allocate_past_end_of_disk(fds: dict[str, int], ctx: dict[str, int]) -> object:
-    """Blocks past the end that no listing shows (KEEP_SIZE is not bound by the rlimit)."""
-    mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-    at, length = ctypes.c_longlong(PAST_THE_END), ctypes.c_longlong(1 << 28)
-    return _check(_libc().fallocate(_file_to_grow(fds), mode, at, length))
+    """ZERO_RANGE, which virtio-blk's policy allows without KEEP_SIZE only."""
+    return _allocate_past_end(fds["disk"], FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+
+
+def allocate_past_end_of_output(fds: dict[str, int], ctx: dict[str, int]) -> object:
+    """The same past the end of a log, which no file-size limit bounds (a plain allocation:
+    every file system that allocates takes it, tmpfs too)."""
+    return _allocate_past_end(fds["out"], FALLOC_FL_KEEP_SIZE)
 
 
 def write_within_a_page_of_a_small_disk(fds: dict[str, int], ctx: dict[str, int]) -> object:
@@ -379,9 +404,11 @@ ATTEMPTS: dict[str, Attempt] = {
         io_setup_context,
         ioctl_kvm_on_every_fd,
         ftruncate_sealed_memfd,
+        truncate_output_file,
         reopen_readonly_fd_for_writing,
         write_past_end_of_disk,
         allocate_past_end_of_disk,
+        allocate_past_end_of_output,
         mmap_exec,
         mprotect_exec,
         setuid_root,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from splitvmm.cli.policy import STAND_IN_RAM
 from splitvmm.sandbox import policy
 from tests.sandbox import escapes
 from tests.sandbox.test_escape import _attempt, attempt_context, handed_fds  # noqa: F401
@@ -56,6 +57,39 @@ def test_socket_attempt_gets_through_once_the_filter_lets_its_call_through(
     _loosen(tmp_path, monkeypatch, f"{syscall}: 1")
 
     outcome = _attempt(spawn, "serial", attempt, attempt_context(sleeper), extra_fds=handed_fds)
+
+    assert outcome == "succeeded"
+
+
+@pytest.mark.parametrize("model", ["serial", "virtio-console"])
+@pytest.mark.parametrize(
+    ("attempt", "syscall"),
+    [("truncate_output_file", "ftruncate"), ("allocate_past_end_of_output", "fallocate")],
+)
+def test_output_attempt_gets_through_once_the_filter_lets_its_call_through(
+    attempt, syscall, model, tmp_path, monkeypatch, spawn, sleeper
+) -> None:
+    """Only seccomp keeps a device from its log's length: O_APPEND bounds its writes only."""
+    _loosen(tmp_path, monkeypatch, f"{syscall}: 1")
+
+    outcome = _attempt(spawn, model, attempt, attempt_context(sleeper))
+
+    assert outcome == "succeeded"
+
+
+def test_ram_attempt_gets_through_once_the_filter_and_the_seals_let_it(
+    tmp_path, monkeypatch, spawn, sleeper
+) -> None:
+    """Beneath seccomp, the monitor's seals keep guest RAM its size: the attempt's own call
+    shrinks an unsealed one."""
+    _loosen(tmp_path, monkeypatch, "ftruncate: 1")
+    ram = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, STAND_IN_RAM)
+    try:
+        ctx = attempt_context(sleeper)
+        outcome = _attempt(spawn, "virtio-rng", "ftruncate_sealed_memfd", ctx, {"ram": ram})
+    finally:
+        os.close(ram)
 
     assert outcome == "succeeded"
 

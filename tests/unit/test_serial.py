@@ -591,6 +591,24 @@ def test_uart_restore_input_over_the_buffer_raises_state_error(field):
         )
 
 
+# A counter's range as the monitor's stats take it (protocol/control.py), spelled out here:
+# serial.MAX_COUNTER is what the check under test compares with
+TX_DROPPED_MAX = (1 << 63) - 1
+
+
+@pytest.mark.parametrize(
+    "tx_dropped", [-1, TX_DROPPED_MAX + 1, "3"], ids=["negative", "too-big", "not-an-int"]
+)
+def test_uart_restore_tx_dropped_out_of_range_raises_state_error(tx_dropped):
+    with pytest.raises(StateError, match="tx_dropped=.* is not a counter"):
+        Uart8250.restore(DeviceContext(irq=FakeIrq()), UartState(tx_dropped=tx_dropped))
+
+
+def test_uart_restore_keeps_the_largest_tx_dropped():
+    uart = Uart8250.restore(DeviceContext(irq=FakeIrq()), UartState(tx_dropped=TX_DROPPED_MAX))
+    assert uart.save().tx_dropped == TX_DROPPED_MAX
+
+
 def test_uart_restore_refuses_held_input_outside_loopback():
     """line_in reaches rx when loopback ends: with loopback off it never would."""
     with pytest.raises(StateError, match="line_in holds input, and loopback is off"):

@@ -69,6 +69,46 @@ def test_sync_done_wrong_seq_raises_protocol_error():
         wire.decode_sync_done(wire.encode_sync_done(2), 3)
 
 
+def test_ready_frame_decodes():
+    wire.decode_ready(wire.encode_ready())
+
+
+# As for READ_DONE above: each frame is a READY but for the one field its id names.
+@pytest.mark.parametrize(
+    "frame",
+    [
+        wire.FRAME.pack(wire.Op.SYNC_DONE, 0, 0, 0, 0, b""),
+        wire.FRAME.pack(wire.Op.READY, 1, 0, 0, 0, b""),
+        wire.FRAME.pack(wire.Op.READY, 0, 1, 0, 0, b""),
+        wire.FRAME.pack(wire.Op.READY, 0, 0, 1, 0, b""),
+        wire.FRAME.pack(wire.Op.READY, 0, 0, 0, 1, b""),
+        wire.FRAME.pack(wire.Op.READY, 0, 0, 0, 0, b"\x00" * 7 + b"\x01"),
+    ],
+    ids=["op", "size", "flags", "seq", "offset", "data"],
+)
+def test_ready_with_a_field_set_raises_protocol_error(frame):
+    with pytest.raises(ProtocolError, match="expected READY"):
+        wire.decode_ready(frame)
+
+
+# Each frame is SYNC_DONE 7 but for the one field its id names (test_sync_done_wrong_seq_...
+# above has the sequence number).
+@pytest.mark.parametrize(
+    "frame",
+    [
+        wire.FRAME.pack(wire.Op.READY, 0, 0, 7, 0, b""),
+        wire.FRAME.pack(wire.Op.SYNC_DONE, 1, 0, 7, 0, b""),
+        wire.FRAME.pack(wire.Op.SYNC_DONE, 0, 1, 7, 0, b""),
+        wire.FRAME.pack(wire.Op.SYNC_DONE, 0, 0, 7, 1, b""),
+        wire.FRAME.pack(wire.Op.SYNC_DONE, 0, 0, 7, 0, b"\x00" * 7 + b"\x01"),
+    ],
+    ids=["op", "size", "flags", "offset", "data"],
+)
+def test_sync_done_with_a_field_set_raises_protocol_error(frame):
+    with pytest.raises(ProtocolError, match="to SYNC 7"):
+        wire.decode_sync_done(frame, 7)
+
+
 @settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=64), st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 4, 8]))
 def test_read_done_random_bytes_never_crash_the_decoder(buf, seq, size):
