@@ -1,7 +1,7 @@
 """What a device's processes keep for each other, where one's death does not take it (fd
 role `progress`, FdKind.PROGRESS: a memfd page the monitor makes once per device; each
-process of the device gets the same one): its queues' progress (virtio-console, each way)
-and a latched error (virtio-blk).
+process of the device gets the same one): its queues' progress (virtio-console, each way),
+a latched error (virtio-blk), and which used rings the device wrote (every virtio device).
 
 The monitor learns a device's checkpoints only when it reads the device's channel (around
 its own requests, and the heartbeat's ping once a second), and what the device had queued
@@ -40,6 +40,17 @@ records once, before the guest can see its effect, and that every later process 
 device reads back. virtio-blk latches a failed write-back there (its fdatasync's errno):
 the kernel reports such a failure once per open file, and the restarted process shares the
 dead one's, so it would otherwise answer the next FLUSH with OK.
+
+Past the receive records, a byte per virtqueue (RINGS_AT, MAX_QUEUES of them): 1 once the
+device wrote the used ring header of the queue's ring (virtio/pci.py _start_ring), 0 while
+the ring it was enabled on has none of the device's yet (Bus Master Enable was clear). A
+restart cannot tell from guest RAM whether the dead process applied a set of the bit whose
+sync it never answered: the stale idx a driver left in a ring the device never wrote reads
+like the idx of one it wrote and served chains from. The byte tells. It is stored after the
+header and before any chain is served, so a byte of 1 means every used idx in that ring is
+the device's. Byte stores in a mapping, as the host-I/O flag (no syscall, which virtio-rng's
+and virtio-net's policies lack): a store is whole once made, and a process that dies leaves
+those it made in the page.
 """
 
 from __future__ import annotations
@@ -62,7 +73,9 @@ TRANSMIT, RECEIVE = 0, 1  # the streams: where each pair of slots starts
 # used idx may start before the new line's count 0 (the snapshotted VM's line took part of it)
 COUNT_MOD, SIGNED_FROM = 1 << 64, 1 << 63
 STREAM_AT = (0, HOST_IO + 8)  # receive's pair was added past the flag, where the page had room
-SIZE = STREAM_AT[RECEIVE] + 2 * SLOT  # what the page must hold
+RINGS_AT = STREAM_AT[RECEIVE] + 2 * SLOT  # a byte per virtqueue: its used ring was written
+MAX_QUEUES = 64  # virtqueues the page has a byte for
+SIZE = RINGS_AT + MAX_QUEUES  # what the page must hold
 
 
 class Progress:
@@ -76,6 +89,7 @@ class Progress:
         if size < SIZE:
             raise StateError(f"progress memfd: {size} bytes, {SIZE} needed")
         self.fd = fd
+        self._page: memoryview | None = None  # mapped once, for the process's life
 
     def write(self, used_idx: int, count: int, stream: int = TRANSMIT) -> None:
         """Record that the chain at `used_idx` starts at output count `count` (TRANSMIT), or
@@ -103,7 +117,17 @@ class Progress:
         """The page's host-I/O flag, writable: map it before the sandbox; it stays mapped for
         the process's life (native/mem.py map_shared_page: no dup of the fd for the sandbox
         to close)."""
-        return map_shared_page(self.fd, SIZE)[HOST_IO : HOST_IO + 1]
+        return self._mapped()[HOST_IO : HOST_IO + 1]
+
+    def rings_written(self) -> memoryview:
+        """The page's byte per virtqueue (the module docstring), writable; mapped as the
+        host-I/O flag is."""
+        return self._mapped()[RINGS_AT : RINGS_AT + MAX_QUEUES]
+
+    def _mapped(self) -> memoryview:
+        if self._page is None:
+            self._page = map_shared_page(self.fd, SIZE)
+        return self._page
 
     def records(self, stream: int = TRANSMIT) -> dict[int, int]:
         """used idx -> count, of the stream's slots whose crc holds (pread64 on this fd: the

@@ -209,7 +209,7 @@ class VirtioBlk(VirtioPciDevice):
         disk = ctx.fds["disk"]
         size = ctx.prepared["image_size"] = os.fstat(disk).st_size
         ctx.prepared["capacity"] = size // SECTOR
-        progress = ctx.prepared["progress"] = Progress(ctx.fds["progress"])
+        progress = ctx.made("progress", Progress, f"{cls.NAME}: no progress page")
         ctx.prepared["host_io"] = progress.host_io_flag()
         if fcntl.fcntl(disk, fcntl.F_GETFL) & os.O_DIRECT:
             ctx.prepared["bounce"] = mmap.mmap(-1, BOUNCE_BYTES, flags=mmap.MAP_PRIVATE)

@@ -185,7 +185,6 @@ class VirtioConsole(VirtioPciDevice):
         unix = unix_output_path(ctx.options.get("output", ""))
         ctx.prepared["input_socket"] = unix is not None and stat.S_ISSOCK(mode)
         ctx.prepared["output_file"] = stat.S_ISREG(mode)
-        ctx.prepared["progress"] = Progress(ctx.fds["progress"])
 
     # -- what the driver sees -------------------------------------------------------------------
     def config_bytes(self) -> bytes:

@@ -55,8 +55,9 @@ class FdKind(enum.Enum):
     # that the device sets for every page it writes: KVM's dirty log sees vCPU writes only.
     DIRTY_LOG = "dirty-log"
     # A memfd page that outlives each process of the device: what one writes there (its
-    # transmit progress, a latched error, devprocs/progress.py), the one started after its
-    # crash reads; and its host-I/O flag (PROGRESS_HOST_IO_BYTE), which the monitor reads.
+    # transmit progress, a latched error, which used rings it wrote: devprocs/progress.py),
+    # the one started after its crash reads; and its host-I/O flag (PROGRESS_HOST_IO_BYTE),
+    # which the monitor reads.
     PROGRESS = "progress"
     NOTIFY = "notify"  # an ioeventfd on the notify address of queue `index`
     MSIX = "msix"  # an irqfd for MSI-X vector `index`: its route is asked for (protocol/events)
@@ -456,6 +457,8 @@ def virtio_fds(queues: int, *backend: FdRole) -> tuple[FdRole, ...]:
         *indexed_roles("msix", FdKind.MSIX, queues + 1),
         FdRole("intx", FdKind.INTX),
         FdRole("intx_resample", FdKind.INTX_RESAMPLE),
+        # which used rings it wrote, across restarts; a model's own records too
+        FdRole("progress", FdKind.PROGRESS),
         *backend,
     )
 
@@ -502,7 +505,6 @@ VIRTIO_BLK = ModelDescriptor(
             direct_option="direct",
             min_size=BLK_SECTOR,  # a disk of no sector is none
         ),
-        FdRole("progress", FdKind.PROGRESS),  # a failed write-back, latched across restarts
     ),
     state_version=2,
     pause_option="on_full",
@@ -538,9 +540,7 @@ VIRTIO_CONSOLE = ModelDescriptor(
     options=(
         Option("output", str, "stdio", host_resource=True, restore_default="stdio", path=True),
     ),
-    fds=virtio_fds(
-        2, FdRole("out", FdKind.OUTPUT, option="output"), FdRole("progress", FdKind.PROGRESS)
-    ),
+    fds=virtio_fds(2, FdRole("out", FdKind.OUTPUT, option="output")),
     console=True,
     peer_input=True,
     state_version=2,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitvmm.devprocs.progress import RECEIVE, SIZE, SLOT, Progress
+from splitvmm.devprocs.progress import MAX_QUEUES, RECEIVE, SIZE, SLOT, Progress
 from splitvmm.errors import StateError
 
 
@@ -69,3 +69,21 @@ def test_progress_transmit_start_before_the_lines_count_reads_back_below_zero(pa
 
     assert progress.records() == {3: -40960}
     assert progress.records(RECEIVE) == {9: (1 << 64) - 1}
+
+
+def test_progress_rings_written_are_read_back_by_a_later_process(page):
+    Progress(page).rings_written()[1] = 1
+
+    assert bytes(Progress(page).rings_written()[:3]) == b"\x00\x01\x00"
+
+
+def test_progress_rings_written_leave_the_records_the_latch_and_the_host_io_flag_alone(page):
+    progress = Progress(page)
+    progress.write(7, 100)
+    progress.write(8, 5, RECEIVE)
+    progress.latch(28)
+
+    progress.rings_written()[:] = b"\x01" * MAX_QUEUES
+
+    assert (progress.records(), progress.records(RECEIVE)) == ({7: 100}, {8: 5})
+    assert (progress.latched(), progress.host_io_flag()[0]) == (28, 0)

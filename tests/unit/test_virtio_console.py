@@ -1152,6 +1152,38 @@ def test_virtio_console_restored_then_reset_crash_before_the_enable_loses_no_new
     assert bytes(line.taken) == b"login: the new session's first line\n"
 
 
+def test_virtio_console_crash_after_an_unanswered_bus_master_set_keeps_its_used_idx(file_host):
+    """Queues enabled and DRIVER_OK before Bus Master Enable; the process applied the set of
+    the bit, sent a line and completed its chain, and died before it answered the set's
+    sync. The restart took the ring for one the dead process may never have written: it
+    moved the used idx back to 0 under the driver and ran the chain again (its bytes dropped
+    only because the file's growth said the line took them)."""
+    first = Process(file_host.context(Line()))
+    rx, tx = Ring(first.dev.ram), Ring(first.dev.ram, base=TX_BASE)
+    tx.heap = TX_HEAP
+    set_up(first.dev, rx, tx, bus_master=False)
+    state = first.dev.save()  # the checkpoint: nothing sent yet
+    transmit(tx, b"login: \n")
+    Driver(first.dev).enable_bus_master()  # applied, and the chain it kicked served:
+    Driver(first.dev).kick(1)
+    assert (bytes(first.line.taken), tx.take_used()) == (b"login: \n", [(0, 0)])
+
+    line = Line()
+    ctx = file_host.context(line, restarted=True)
+    ctx.out.skip = len(first.line.taken)  # the file's growth since the checkpoint
+    second = VirtioConsole.restore(ctx, state)
+    ctx.replaying = ctx.replay_unconfirmed = True  # past what the monitor knows it applied
+    try:
+        Driver(second).enable_bus_master()
+    finally:
+        ctx.replaying = ctx.replay_unconfirmed = False
+    second.after_restart()
+    seen = tx.used_idx()  # what another vCPU reads meanwhile
+    Driver(second).kick(1)
+
+    assert (seen, bytes(first.line.taken + line.taken)) == (1, b"login: \n")
+
+
 @pytest.mark.parametrize(
     "chains",
     [[b"login: "], [b"login: ", b"root\n"]],

@@ -360,6 +360,83 @@ def test_restart_after_an_unconfirmed_bus_master_set_writes_the_used_ring_it_was
     assert ring.take_used() == [(head, 16)]
 
 
+def test_restart_after_an_unconfirmed_bus_master_set_it_applied_keeps_what_it_completed() -> None:
+    """The other side: the dead process applied the Bus Master Enable whose sync it never
+    answered, wrote the used ring and completed a chain (another vCPU saw it done and reused
+    its buffer). Started at 0 as one that may never have written it, the restart moved the
+    used idx back and served the chain again, into the reused buffer."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    for frame in set_up_before_bus_master(ring):
+        frame(dev)
+    checkpoint = dev.save()
+    gpa, size = ring.buffer(16)
+    first = ring.add([(gpa, size, True)])
+    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, MASTER_ON, 2)]
+    journal[0](dev)
+    serve_ready(dev)
+    done = ring.take_used()
+    dev.ram.write(gpa, b"\x5a" * size)  # the guest reuses the buffer
+    second = ring.add([(*ring.buffer(16), True)])
+
+    new = restart(fds, checkpoint, journal, confirmed=0)
+    seen = ring.used_idx()  # what another vCPU reads meanwhile
+    serve_ready(new)
+
+    assert (done, seen, ring.take_used()) == ([(first, 16)], 1, [(second, 16)])
+    assert dev.ram.read(gpa, size) == b"\x5a" * size  # not served again
+
+
+def wrote_an_older_ring(dev: VirtioRng) -> None:
+    """A session before the driver's reset: queue 0 on another ring, with Bus Master Enable,
+    so the device wrote that ring's used ring (and said so in its progress page); then the
+    reset, and the features again with the bit clear."""
+    Driver(dev).setup_queue(0, Ring(dev.ram, base=0x20000))
+    Driver(dev).set_status(0)
+    assert Driver(dev).negotiate(F_VERSION_1) & FEATURES_OK
+    Driver(dev).wr(COMMAND, MASTER_OFF, 2)
+
+
+def test_restart_after_an_unconfirmed_bus_master_set_goes_by_this_ring_not_an_older_one() -> None:
+    """The device wrote an older ring of queue 0's; the new one it enabled with Bus Master
+    Enable clear, and it died before it applied the set of the bit. What its progress page
+    said of the older ring is not this one's: the restart starts it at 0, not at the stale 7."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    wrote_an_older_ring(dev)
+    for frame in set_up_before_bus_master(ring):
+        frame(dev)
+    checkpoint = dev.save()
+    head = ring.add([(*ring.buffer(16), True)])
+    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, MASTER_ON, 2)]  # never applied
+
+    new = restart(fds, checkpoint, journal, confirmed=0)
+    serve_ready(new)
+
+    assert ring.take_used() == [(head, 16)]
+
+
+def test_restart_of_a_restart_that_never_set_bus_master_starts_the_queue_at_0() -> None:
+    """The enable of the new ring never reached the dead process, so nothing of it said the
+    older ring's header was not this one's; its restart took the enable up (without Bus
+    Master Enable: nothing written) and died in turn before it applied the set of the bit.
+    The next restart starts the queue at 0, not at the stale 7."""
+    fds, dev, ring = negotiated_on_a_stale_ring()
+    wrote_an_older_ring(dev)
+    checkpoint = dev.save()
+    journal: list[Frame] = [
+        lambda d: Driver(d).setup_queue(0, ring),  # dev never applies it
+        lambda d: Driver(d).set_status(RUNNING),
+        lambda d: Driver(d).wr(COMMAND, MASTER_ON, 2),
+    ]
+    first = restart(fds, checkpoint, journal[:1], confirmed=0)
+    journal[1](first)  # its sync answered; the next frame's is not, and first dies
+    head = ring.add([(*ring.buffer(16), True)])
+
+    second = restart(fds, checkpoint, journal, confirmed=2)
+    serve_ready(second)
+
+    assert ring.take_used() == [(head, 16)]
+
+
 def test_restart_after_a_confirmed_enable_keeps_what_the_dead_process_completed() -> None:
     """The other side: an enable whose sync was answered was applied (its zeroing done), and
     the chains completed since are in the used ring: started at 0 again, the restart would do
@@ -495,6 +572,45 @@ class DiesBeforeItsSync(AppliedChannel):
         ring = self.dev.rings[0]
         if ring is not None and ring.used_idx:  # it served requests, then died
             raise ChannelError("closed its end of the channel")
+
+
+class ServesThenDiesBeforeItsSync(AppliedChannel):
+    """A device process that applies what it is posted, serves what those frames kicked (its
+    event loop runs the notify fds before the sync frame behind them), and dies before it
+    answers the sync."""
+
+    def sync(self, drain: bool = False) -> None:
+        serve_ready(self.dev)
+        raise ChannelError("closed its end of the channel")
+
+
+def test_a_bus_master_set_whose_sync_dies_keeps_what_its_process_completed(tmp_path) -> None:
+    """A driver that enables its queue and DRIVER_OK before Bus Master Enable, then sets
+    it (a config space write: synced). The process writes the used ring, serves the chain
+    the set kicked, and dies before it answers the sync; another vCPU saw the chain done
+    and reused its buffer. The restart took the set for one the dead process may never
+    have applied, zeroed the used ring under the driver and served the chain again."""
+    fds, first, ring = negotiated_on_a_stale_ring()
+    for frame in set_up_before_bus_master(ring):
+        frame(first)
+    checkpoint = first.save()  # the journal is empty from here
+    slot = DeviceSlot(
+        Spawn("rng0", "virtio-rng", VirtioRng.WINDOW), tmp_path, refuse, lambda s, why: True
+    )
+    channel = ServesThenDiesBeforeItsSync(first)
+    slot.channel, slot.state = channel, SlotState.LIVE  # type: ignore[assignment]
+    gpa, size = ring.buffer(16)
+    ring.add([(gpa, size, True)])
+    slot.write(COMMAND, MASTER_ON.to_bytes(2, "little"))
+    assert (slot.sync(), len(ring.take_used())) == (False, 1)
+    first.ram.write(gpa, b"\x5a" * size)  # the guest reuses the buffer
+
+    with slot._lock:
+        second = restarted_from(fds, checkpoint, slot._resume_locked())
+    for _ in range(3):
+        serve_ready(second)
+
+    assert (ring.used_idx(), first.ram.read(gpa, size)) == (1, b"\x5a" * size)
 
 
 def test_a_late_set_up_whose_sync_dies_keeps_what_its_process_completed(

@@ -60,6 +60,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Self
 
 from splitvmm.devprocs.base import DeviceContext, RegisterDevice, Source
+from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio import config_space
 from splitvmm.devprocs.virtio.config_space import (
     COMMON_SIZE,
@@ -235,8 +236,11 @@ class VirtioPciDevice(RegisterDevice):
     # -- set-up ------------------------------------------------------------------------------
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
-        """Map guest RAM (fd roles ram and dirty, placed by transport["ram"])."""
+        """Map guest RAM (fd roles ram and dirty, placed by transport["ram"]) and the
+        progress page's byte per queue (fd role progress: which used rings it wrote)."""
         ctx.prepared["ram"] = GuestRam.map(ctx.fds["ram"], ctx.fds["dirty"], ram_ranges(ctx))
+        progress = ctx.prepared["progress"] = Progress(ctx.fds["progress"])
+        ctx.prepared["rings_written"] = progress.rings_written()
 
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
@@ -246,6 +250,12 @@ class VirtioPciDevice(RegisterDevice):
         self.function = function
         self.ram = ctx.made("ram", GuestRam, f"{self.NAME}: guest RAM is not mapped")
         self.queue_count = function.notify.queues
+        # Whether the device wrote each queue's used ring header (_start_ring): the process
+        # after a crash reads what this one stored (_write_unwritten)
+        self._written = ctx.made("rings_written", memoryview, f"{self.NAME}: no progress page")
+        if self.queue_count > len(self._written):
+            raise TypeError(f"{self.NAME}: {self.queue_count} queues, the progress page has "
+                            f"a byte for {len(self._written)}")  # fmt: skip
         self._bar0 = function.region_of_bar(0)
         self._bar1 = function.region_of_bar(1)
         self.msix = Msix([EventFd(ctx.fds[f"msix{k}"]) for k in range(function.msix_vectors)],
@@ -328,11 +338,14 @@ class VirtioPciDevice(RegisterDevice):
     def _write_unwritten(self) -> None:
         """Bus Master Enable is set: each ring enabled without it gets its used ring's
         header now. In a restart's replay the dead process wrote them, where the monitor
-        knows it applied the frame; where it does not, after_restart() writes them."""
+        knows it applied the frame. Where it does not, the dead process may have written
+        them and served chains before its sync was answered (its other vCPUs saw them done),
+        or never applied it (a stale idx in guest RAM): the progress page says which
+        (_start_ring), and after_restart() writes those it did not."""
         unwritten, self._unwritten = self._unwritten, set()
         if self.ctx.replaying:
             if self.ctx.replay_unconfirmed:
-                self._enabled_unconfirmed |= unwritten
+                self._enabled_unconfirmed |= {q for q in unwritten if not self._written[q]}
             return
         for q in sorted(unwritten):
             self._start_ring(q)
@@ -525,14 +538,15 @@ class VirtioPciDevice(RegisterDevice):
         RAM is to say so (SplitQueue.fresh). That write is a DMA (PCI 3.0 6.2.2): without
         Bus Master Enable it waits for the bit (set_command), and the queue, which cannot
         run meanwhile, stays at 0. A snapshot or a restart meanwhile finds a used ring the
-        device has not written (_load, after_restart)."""
+        device has not written (_load, after_restart). The progress page is told which,
+        after the write and before any chain is served from the ring (_write_unwritten)."""
         ring = self.rings[q]
-        if ring is None:
-            return
-        if self.command & config_space.COMMAND_MASTER:
+        master = bool(self.command & config_space.COMMAND_MASTER)
+        if ring is not None and master:
             ring.fresh()
-        else:
+        elif ring is not None:
             self._unwritten.add(q)
+        self._written[q] = ring is not None and master
 
     def _open_ring(self, q: int) -> None:
         try:
@@ -1031,10 +1045,9 @@ class VirtioPciDevice(RegisterDevice):
                 # nothing; if it did, its sync was never answered, so the driver had not
                 # gone on to DRIVER_OK and no chain was taken: at 0 either way, as live.
                 # A ring enabled without Bus Master Enable whose set of the bit is past
-                # what the monitor knows was applied (_write_unwritten) starts at 0 too: a
-                # dead process that applied it wrote the header and may have served chains
-                # before its sync was answered (served again, as chains in flight are), one
-                # that did not left a stale idx there (requests skipped).
+                # what the monitor knows was applied, and whose header the dead process
+                # did not record writing (_write_unwritten), starts at 0 too: it left a
+                # stale idx there (requests skipped), or died before it served any.
                 self._start_ring(q)
             self._notify[q].trigger()
             # Not _ready(): with Bus Master Enable clear the interrupt pends (the ISR, the
