@@ -10,6 +10,8 @@ import base64
 import struct
 from collections.abc import Callable
 
+import pytest
+
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.monitor import slot as slot_module
@@ -320,51 +322,15 @@ def test_restart_from_a_checkpoint_of_a_queue_waiting_for_bus_master_starts_it_a
     assert ring.take_used() == [(head, 16)]
 
 
-def test_restart_after_bus_master_set_keeps_what_the_dead_process_completed() -> None:
+@pytest.mark.parametrize("confirmed", [None, 0], ids=["confirmed", "unconfirmed"])
+def test_restart_after_bus_master_set_keeps_what_the_dead_process_completed(
+    confirmed: int | None,
+) -> None:
     """The checkpoint holds the queue waiting for Bus Master Enable; the journal sets it, so
-    the dead process wrote the used ring then and completed a chain: the restart takes the
-    queue up from guest RAM (1), not from 0 (that chain done twice, the used idx moved back)."""
-    fds, dev, ring = negotiated_on_a_stale_ring()
-    for frame in set_up_before_bus_master(ring):
-        frame(dev)
-    checkpoint = dev.save()
-    gpa, size = ring.buffer(16)
-    first = ring.add([(gpa, size, True)])
-    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, MASTER_ON, 2)]
-    journal[0](dev)
-    serve_ready(dev)
-    filled = dev.ram.read(gpa, size)
-    second = ring.add([(*ring.buffer(16), True)])
-
-    new = restart(fds, checkpoint, journal)
-    serve_ready(new)
-
-    assert ring.take_used() == [(first, 16), (second, 16)]
-    assert dev.ram.read(gpa, size) == filled  # not served again
-
-
-def test_restart_after_an_unconfirmed_bus_master_set_writes_the_used_ring_it_was_to() -> None:
-    """The Bus Master Enable that was to write the waiting used ring is past what the monitor
-    knows was applied: the dead process may never have written it, so the restart does (at
-    0, not at the stale idx 7) and serves the chain."""
-    fds, dev, ring = negotiated_on_a_stale_ring()
-    for frame in set_up_before_bus_master(ring):
-        frame(dev)
-    checkpoint = dev.save()
-    head = ring.add([(*ring.buffer(16), True)])
-    journal: list[Frame] = [lambda d: Driver(d).wr(COMMAND, MASTER_ON, 2)]  # never applied
-
-    new = restart(fds, checkpoint, journal, confirmed=0)
-    serve_ready(new)
-
-    assert ring.take_used() == [(head, 16)]
-
-
-def test_restart_after_an_unconfirmed_bus_master_set_it_applied_keeps_what_it_completed() -> None:
-    """The other side: the dead process applied the Bus Master Enable whose sync it never
-    answered, wrote the used ring and completed a chain (another vCPU saw it done and reused
-    its buffer). Started at 0 as one that may never have written it, the restart moved the
-    used idx back and served the chain again, into the reused buffer."""
+    the dead process wrote the used ring then and completed a chain (another vCPU saw it done
+    and reused its buffer): the restart takes the queue up from guest RAM (1), not from 0
+    (the used idx moved back, the chain served again into the reused buffer). Also where the
+    dead process never answered the set's sync: its progress page says it wrote the ring."""
     fds, dev, ring = negotiated_on_a_stale_ring()
     for frame in set_up_before_bus_master(ring):
         frame(dev)
@@ -378,7 +344,7 @@ def test_restart_after_an_unconfirmed_bus_master_set_it_applied_keeps_what_it_co
     dev.ram.write(gpa, b"\x5a" * size)  # the guest reuses the buffer
     second = ring.add([(*ring.buffer(16), True)])
 
-    new = restart(fds, checkpoint, journal, confirmed=0)
+    new = restart(fds, checkpoint, journal, confirmed)
     seen = ring.used_idx()  # what another vCPU reads meanwhile
     serve_ready(new)
 
@@ -396,12 +362,18 @@ def wrote_an_older_ring(dev: VirtioRng) -> None:
     Driver(dev).wr(COMMAND, MASTER_OFF, 2)
 
 
-def test_restart_after_an_unconfirmed_bus_master_set_goes_by_this_ring_not_an_older_one() -> None:
-    """The device wrote an older ring of queue 0's; the new one it enabled with Bus Master
-    Enable clear, and it died before it applied the set of the bit. What its progress page
-    said of the older ring is not this one's: the restart starts it at 0, not at the stale 7."""
+@pytest.mark.parametrize("history", [None, wrote_an_older_ring], ids=["new", "older-ring"])
+def test_restart_after_an_unconfirmed_bus_master_set_writes_the_used_ring_it_was_to(
+    history: Callable[[VirtioRng], None] | None,
+) -> None:
+    """The Bus Master Enable that was to write the waiting used ring is past what the monitor
+    knows was applied: the dead process may never have written it, so the restart does (at
+    0, not at the stale idx 7) and serves the chain. Also where the device wrote an older
+    ring of queue 0's before the driver's reset: what its progress page said of that ring is
+    not this one's."""
     fds, dev, ring = negotiated_on_a_stale_ring()
-    wrote_an_older_ring(dev)
+    if history is not None:
+        history(dev)
     for frame in set_up_before_bus_master(ring):
         frame(dev)
     checkpoint = dev.save()
