@@ -3,6 +3,11 @@
 One bus for port I/O, one for MMIO. A device gets the offset into its window,
 and the bus guarantees offset + size <= window. Accesses nobody claims read
 as all-ones (what an empty ISA/PCI bus returns) and are counted, never fatal.
+An access that runs past the end of a window is split at the window's edge, as
+the CPU and the chipset split it into one cycle per device (byte enables): each
+device gets its part, and a part nobody claims reads as all-ones (QEMU's
+address_space_rw splits by region the same way). `inw 0x3ff` reads COM1's
+scratch register and an empty byte, not two empty ones.
 The guest picks those addresses, so what the bus keeps about them has a fixed
 size: one count per bus and the last few addresses, for the log.
 
@@ -109,19 +114,48 @@ class Bus:
 
     def read(self, addr: int, size: int) -> bytes:
         hit = self.find(addr, size)
-        if hit is None:
-            self._count_unclaimed(addr)
-            return b"\xff" * size
-        device, offset = hit
-        return device.read(offset, size)
+        if hit is not None:
+            device, offset = hit
+            return device.read(offset, size)
+        out = bytearray()
+        for _at, length, part in self._parts(addr, size):
+            out += b"\xff" * length if part is None else part[0].read(part[1], length)
+        return bytes(out)
 
     def write(self, addr: int, data: bytes) -> None:
         hit = self.find(addr, len(data))
-        if hit is None:
-            self._count_unclaimed(addr)
+        if hit is not None:
+            device, offset = hit
+            device.write(offset, data)
             return
-        device, offset = hit
-        device.write(offset, data)
+        for at, length, part in self._parts(addr, len(data)):
+            if part is not None:
+                part[0].write(part[1], data[at - addr : at - addr + length])
+
+    def _parts(self, addr: int, size: int) -> list[tuple[int, int, tuple[BusDevice, int] | None]]:
+        """An access no one window holds whole, cut where windows begin and end: (address,
+        length, (device, offset) or None where no window is), in order. Counted unclaimed
+        once if any part is."""
+        current = self._map  # one map for every part, whatever a writer swaps in meanwhile
+        parts: list[tuple[int, int, tuple[BusDevice, int] | None]] = []
+        at, end = addr, addr + size
+        i = bisect.bisect_right(current.bases, at) - 1
+        while at < end:
+            r = current.ranges[i] if i >= 0 else None
+            if r is not None and at < r.base + r.size:  # inside window i
+                length = min(end, r.base + r.size) - at
+                for offset, piece in _access_sizes(at - r.base, length):
+                    parts.append((r.base + offset, piece, (r.device, offset)))
+            else:  # a gap, up to the next window's start
+                next_base = current.bases[i + 1] if i + 1 < len(current.bases) else end
+                length = min(end, next_base) - at
+                parts.append((at, length, None))
+            at += length
+            if i + 1 < len(current.bases) and at >= current.bases[i + 1]:
+                i += 1
+        if any(part is None for _, _, part in parts):
+            self._count_unclaimed(addr)
+        return parts
 
     def _count_unclaimed(self, addr: int) -> None:
         with self._log_lock:
@@ -137,3 +171,17 @@ class Bus:
                     self.kind,
                     recent,
                 )
+
+
+def _access_sizes(offset: int, length: int) -> list[tuple[int, int]]:
+    """`length` bytes from `offset` as accesses a device takes (wire.ACCESS_SIZES, each
+    aligned to its size): the part of a 4-byte access left in a window may be 3 bytes, which
+    no device is ever sent (its frame decoder refuses one, and the device would fail)."""
+    pieces = []
+    while length:
+        size = 8
+        while size > length or offset % size:
+            size //= 2
+        pieces.append((offset, size))
+        offset, length = offset + size, length - size
+    return pieces

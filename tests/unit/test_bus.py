@@ -48,12 +48,35 @@ def test_bus_unclaimed_read_is_all_ones_and_counted():
     )
 
 
-def test_bus_access_straddling_window_end_is_unclaimed():
+def test_bus_access_straddling_window_end_gives_the_device_its_part():
+    """`outw 0x3ff`: the chipset gives COM1 its byte (the scratch register) and no one the
+    other; the access was dropped whole."""
     bus = Bus("pio")
     dev = Recorder("uart")
     bus.insert(0x3F8, 8, dev)
-    bus.write(0x3FF, b"\x00\x00")
-    assert (dev.writes, bus.unclaimed) == ([], 1)
+    bus.write(0x3FF, b"\x5a\xa5")
+    assert (dev.writes, bus.read(0x3FF, 2), bus.unclaimed) == ([(7, b"\x5a")], b"\x07\xff", 2)
+
+
+def test_bus_access_across_two_windows_and_a_gap_is_split_at_their_edges():
+    bus = Bus("mmio")
+    low, high = Recorder("low"), Recorder("high")
+    bus.insert(0x1000, 4, low)
+    bus.insert(0x1004, 2, high)  # adjacent; then a gap of two bytes
+    bus.write(0x1002, bytes(range(8)))
+    assert (low.writes, high.writes, bus.unclaimed) == ([(2, b"\x00\x01")], [(0, b"\x02\x03")], 1)
+    assert bus.read(0x0FFE, 4) == b"\xff\xff\x00\x00"  # a gap, then low from its start
+    assert bus.read(0x1002, 6) == b"\x02\x02\x00\x00\xff\xff"  # low, high, a gap
+
+
+def test_bus_part_of_an_access_in_a_window_reaches_it_in_sizes_a_device_takes():
+    """`outl 0x3fd`: three bytes are COM1's, sent as a byte and an aligned word (a 3-byte
+    access frame is one a device refuses, and fails on)."""
+    bus = Bus("pio")
+    dev = Recorder("uart")
+    bus.insert(0x3F8, 8, dev)
+    bus.write(0x3FD, b"\x01\x02\x03\x04")
+    assert dev.writes == [(5, b"\x01"), (6, b"\x02\x03")]
 
 
 def test_bus_million_distinct_unclaimed_addresses_keep_state_size_constant():
