@@ -722,10 +722,10 @@ class Machine:
         fault = {k: req.get(k) for k in faults.Fault.__struct_fields__}
         faults.decode(fault, "inject-fault", ControlError)
         try:
-            slot.control("fault", args=fault)
+            pid = slot.arm_fault(fault)
         except DeviceFailure as e:  # as crash-device: unless it failed for good, 75
             raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
-        return {"name": slot.name, "pid": slot.pid, **fault}
+        return {"name": slot.name, "pid": pid, **fault}
 
     def _crash_device(self, req: dict[str, object]) -> dict[str, object]:
         name, sig = req.get("name"), req.get("signal", "KILL")

@@ -990,33 +990,49 @@ class DeviceSlot:
         reply, or DeviceFailure. A saved state becomes the device's last known state; a
         retry's reply ends the stall (resume_stalled)."""
         with self._lock:
-            if op == "resume":
-                self._quiesced = False  # whatever comes of it: input goes again after it
-            channel = self._await_live(timeout_ms)  # a snapshot's pause is bounded by it
-            if channel is None:
-                why = f"has failed: {self.failed}" if self.failed else "is away"
-                raise DeviceFailure(f"device {self.name} {why}")
-            if op == "quiesce":  # a snapshot: reads go to the device until it resumes
-                channel.mirror.paused = True
-                channel.mirror.invalidate()
-            try:
-                reply = channel.control(op, timeout_ms, args)
-            except ChannelError as e:
-                self._channel_failed_locked(str(e))  # a dead process: how it ended, as a read
-                raise DeviceFailure(f"device {self.name}: {e}") from None
-            if op == "quiesce":
-                self._quiesced = True
-                self.quiesced_lives = self.lives
-            elif op == "save":
-                self.last_state = reply
-            elif op == "resume":  # its new MIRROR came before the reply
-                channel.mirror.paused = False
-            elif op == "retry":
-                # Under the lock that took the reply: a stall event read with it (sent
-                # before the device retried) is the old one, ignored as the slot was still
-                # stalled; one read after it is the retry's, and a new stall
-                self.stalled = None
-            return reply
+            return self._control_locked(op, timeout_ms, args)
+
+    def arm_fault(self, fault: dict[str, object]) -> int:
+        """Arm `fault` in the process that serves the device (ctl inject-fault): its pid, read
+        under the lock its reply came under. A fault that fires at the next access may end
+        that process as soon as the lock goes, and `pid` read then named none (the device
+        away) or the process a restart put in its place."""
+        with self._lock:
+            self._control_locked("fault", CONTROL_TIMEOUT_MS, fault)
+            process = self.process
+        assert process is not None  # the process _await_live found serving answered
+        return process.pid
+
+    def _control_locked(
+        self, op: str, timeout_ms: int, args: dict[str, object] | None
+    ) -> dict[str, object]:
+        if op == "resume":
+            self._quiesced = False  # whatever comes of it: input goes again after it
+        channel = self._await_live(timeout_ms)  # a snapshot's pause is bounded by it
+        if channel is None:
+            why = f"has failed: {self.failed}" if self.failed else "is away"
+            raise DeviceFailure(f"device {self.name} {why}")
+        if op == "quiesce":  # a snapshot: reads go to the device until it resumes
+            channel.mirror.paused = True
+            channel.mirror.invalidate()
+        try:
+            reply = channel.control(op, timeout_ms, args)
+        except ChannelError as e:
+            self._channel_failed_locked(str(e))  # a dead process: how it ended, as a read
+            raise DeviceFailure(f"device {self.name}: {e}") from None
+        if op == "quiesce":
+            self._quiesced = True
+            self.quiesced_lives = self.lives
+        elif op == "save":
+            self.last_state = reply
+        elif op == "resume":  # its new MIRROR came before the reply
+            channel.mirror.paused = False
+        elif op == "retry":
+            # Under the lock that took the reply: a stall event read with it (sent
+            # before the device retried) is the old one, ignored as the slot was still
+            # stalled; one read after it is the retry's, and a new stall
+            self.stalled = None
+        return reply
 
     def resume_stalled(self) -> None:
         """The VM resumes: a device that stalled takes its request up again (its control

@@ -17,10 +17,13 @@ from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.memory import GuestMemory
+from splitvmm.monitor.mirror import RegisterMirror
+from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.record import Struct, field
 from splitvmm.snapshot import SnapshotError, SnapshotWriter
 from splitvmm.snapshot import writer as writer_module
 from tests.unit.snapshot_support import CPUID, VCPU, VM_CONFIG, memory
+from tests.unit.test_slot import refuse
 
 
 class FakeVcpu(Struct):
@@ -474,7 +477,7 @@ def test_inject_fault_on_a_device_away_is_busy_unless_it_failed_for_good(
         def __init__(self) -> None:
             self.restarting, self.failed = restarting, failed
 
-        def control(self, op: str, args: dict[str, object]) -> dict[str, object]:
+        def arm_fault(self, fault: dict[str, object]) -> int:
             raise DeviceFailure("device blk0 is away")
 
     machine = SimpleNamespace(slots=[AwaySlot()])
@@ -483,6 +486,59 @@ def test_inject_fault_on_a_device_away_is_busy_unless_it_failed_for_good(
     with pytest.raises(refusal, match="device blk0 is away") as e:
         Machine._inject_fault(machine, fault)  # type: ignore[arg-type]
     assert isinstance(e.value, ControlBusy) is (failed is None)
+
+
+class FiresAtTheNextAccess:
+    """A slot's lock as a vCPU waits on it: a fault armed to fire at the next frame, while
+    the guest runs, ends its process at that vCPU's access, the first to take the lock
+    once the request that armed it lets go."""
+
+    def __init__(self, slot: DeviceSlot) -> None:
+        self.slot, self.lock, self.armed = slot, slot._lock, False
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+        if self.armed:
+            self.armed = False
+            self.slot.fail("process was killed by signal 11")
+
+
+class ArmingChannel:
+    """A live device's channel: a fault request is answered, and the fault armed."""
+
+    mirror = RegisterMirror(())
+
+    def __init__(self, lock: FiresAtTheNextAccess) -> None:
+        self.lock = lock
+
+    def control(self, op: str, timeout_ms: int, args: object = None) -> dict[str, object]:
+        self.lock.armed = op == "fault"
+        return {"op": "armed", "seq": 1}
+
+
+class Warden:
+    pid = 4242
+
+    def kill(self) -> None:
+        pass
+
+
+def test_inject_fault_names_the_process_it_armed_when_the_fault_fires_at_once(tmp_path):
+    """`ctl inject-fault serial0 exit --after 1` while the guest prints: the fault may end
+    its process before the handler read the slot's pid, which names no process then (no
+    process serves a device that is away): the reply said "pid None"."""
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, lambda s, why: True)
+    lock = FiresAtTheNextAccess(slot)
+    slot._lock, slot.channel = lock, ArmingChannel(lock)  # type: ignore[assignment]
+    slot.state, slot.process = SlotState.LIVE, Warden()  # type: ignore[assignment]
+    fault = {"name": "serial0", "kind": "exit", "after": 1, "delay_ms": 0, "signal": "SEGV"}
+
+    reply = Machine._inject_fault(SimpleNamespace(slots=[slot]), fault)  # type: ignore[arg-type]
+
+    assert (reply["pid"], slot.state, slot.restarting) == (4242, SlotState.AWAY, True)
 
 
 class StalledSlot:
