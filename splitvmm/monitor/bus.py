@@ -5,9 +5,10 @@ and the bus guarantees offset + size <= window. Accesses nobody claims read
 as all-ones (what an empty ISA/PCI bus returns) and are counted, never fatal.
 An access that runs past the end of a window is split at the window's edge, as
 the CPU and the chipset split it into one cycle per device (byte enables): each
-device gets its part, and a part nobody claims reads as all-ones (QEMU's
-address_space_rw splits by region the same way). `inw 0x3ff` reads COM1's
-scratch register and an empty byte, not two empty ones.
+device gets its part, and a part nobody claims reads as all-ones. `inw 0x3ff`
+reads COM1's scratch register and an empty byte, not two empty ones. (QEMU
+gives such an access whole to the region where it starts, for chipsets whose
+registers overlap; here windows never overlap, so each part has one owner.)
 The guest picks those addresses, so what the bus keeps about them has a fixed
 size: one count per bus and the last few addresses, for the log.
 

@@ -80,6 +80,7 @@ IDLE_TICKS = 50  # looks that found nothing new before it disarms (50 ms without
 HELD_BATCH = 32
 WISH_TICKS = 16  # how often the flusher asks whether the models still want write-behind
 MIN_KERNEL = (6, 0)  # a `rep outs` that fills the ring is not also sent to user space
+MAX_PIO_SIZE = 4  # bytes of the widest port access (`outl`)
 
 
 class HeldWriter(Protocol):
@@ -148,9 +149,13 @@ class WriteBehind:
         # queue's, at that offset: a read counts them where they are, and they are taken from
         # the ring when delivered or at the flusher's tick, not at each read (serving()).
         self._sole = next(iter(self._queue_of.values())) if len(self._queue_of) == 1 else None
-        # every port of every such device's window: an access there waits for its writes
+        # every port of every such device's window, and the ports below it from which a port
+        # access (4 bytes at most) runs into it, whose part there the bus gives the device
+        # (monitor/bus.py): an access at one of them waits for its writes
         self._window = {
-            z.base + i: self._held[id(z.device)] for z in self._zones for i in range(z.window)
+            port: self._held[id(z.device)]
+            for z in self._zones
+            for port in range(z.base - MAX_PIO_SIZE + 1, z.base + z.window)
         }
         self.ports = frozenset(self._window)
         self.write_ports = frozenset(self._by_port)  # a write exit here may arm
@@ -197,7 +202,7 @@ class WriteBehind:
             else:
                 self._collect_locked()
                 count, at = len(held.writes), held.offset
-        if 0 < count < HELD_BATCH and at is not None:
+        if 0 < count < HELD_BATCH and at is not None and port >= held.zone.base:
             return held.zone.device.read_held(port - held.zone.base, size, count, at)
         return None
 

@@ -692,6 +692,45 @@ def test_vcpu_delivers_the_held_writes_before_it_parks():
         thread.join(DEADLINE_S)
 
 
+class UartOnTheBus(Device):
+    """A Device that the port bus serves too: each access it serves is a run of its own."""
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.runs.append([(offset, b"")])
+        return b"\x00" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.runs.append([(offset, data)])
+
+
+@pytest.mark.parametrize(
+    "exit, served_as",
+    [(PioOut(COM1 - 1, 2, b"\xffb"), (0, b"b")), (PioIn(COM1 - 3, 4, 1), (0, b""))],
+    ids=["outw-0x3f7", "inl-0x3f5"],
+)
+def test_vcpu_access_that_runs_into_the_device_from_below_comes_after_its_held_writes(
+    kernel, ring, exit, served_as
+):
+    """The bus gives the device its part of an access that begins below its window (`outw
+    0x3f7` writes THR, monitor/bus.py): that part, too, reaches it after the held writes."""
+    com1 = UartOnTheBus("com1")
+    held = make(ring, Vm(), com1)
+    pio = Bus("pio")
+    pio.insert(COM1, 8, com1)
+    thread = VcpuThread(
+        FakeVcpu([]),  # type: ignore[arg-type]
+        pio,
+        Bus("mmio"),
+        None,  # type: ignore[arg-type]
+        lambda outcome: None,
+        NoConfinement(),  # type: ignore[arg-type]
+        held,
+    )
+    kernel.write(COM1, b"a")
+    thread._handle_exit(exit)
+    assert (com1.runs, com1.reads) == ([[(0, b"a")], [served_as]], [])
+
+
 class PreemptedAt:
     """A slot behind the bus whose vCPU thread loses the CPU (the GIL) as it serves a write
     at `offset`: `entered` once there, it goes on at `go`."""
