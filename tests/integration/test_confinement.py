@@ -218,6 +218,7 @@ PROBE = textwrap.dedent(
     """
     import ctypes, errno, os, resource, shutil, socket, sys, threading
     from pathlib import Path
+    import splitvmm
     from splitvmm.monitor.confinement import Confinement
     from splitvmm.monitor.slot import DeviceSlot, Spawn
     from splitvmm.native.eventfd import EventFd
@@ -244,6 +245,19 @@ PROBE = textwrap.dedent(
     progress = os.memfd_create("progress")  # a device's progress page (FdKind.PROGRESS)
     os.ftruncate(progress, 4096)
     c = Confinement(launcher_fd=launcher.fileno())
+    if step == "thread-first":  # a thread made before confinement would stay unconfined
+        release = threading.Event()
+        early = threading.Thread(target=release.wait)
+        early.start()
+        try:
+            c.confine_process(run, [snaps])
+            outcome = None
+        except Exception as e:
+            outcome = str(e)
+        release.set()
+        early.join()
+        print(repr({"refused": outcome}))
+        sys.exit(0)
     if step == "no-landlock":  # a kernel without it
         from splitvmm.native import landlock
         def unavailable(rules):
@@ -266,6 +280,8 @@ PROBE = textwrap.dedent(
         return False
     results = {}
     if step == "files":
+        from splitvmm.native import landlock
+        abi = landlock.abi_version()
         results = {
             "read_outside": refused(lambda: open(outside).read()),
             "create_outside": refused(lambda: open(Path(outside).parent / "new", "w")),
@@ -273,11 +289,31 @@ PROBE = textwrap.dedent(
             "read_in_snapshot_dir": refused(lambda: (snaps / "other-vm" / "ram.bin").read_bytes()),
             "symlink_in_snapshot_dir": refused(lambda: (snaps / "s" / "l").symlink_to("/")),
             "create_in_runtime_dir": refused(lambda: (run / "f").write_text("x")),
+            "remove_in_another_vms_runtime_dir": refused(
+                lambda: (run.parent / "other-vm" / "control.sock").unlink()
+            ),
+            # (Landlock has a truncate right to withhold from ABI 3 on)
+            "truncate_in_snapshot_dir": abi < 3
+            or refused(lambda: os.truncate(snaps / "other-vm" / "ram.bin", 0)),
+            "write_own_code": refused(
+                lambda: os.close(os.open(splitvmm.__file__, os.O_WRONLY | os.O_APPEND))
+            ),
+            "read_own_code": not refused(lambda: Path(splitvmm.__file__).read_bytes()),
             # no core file of guest RAM, no ptrace: prctl(PR_GET_DUMPABLE), RLIMIT_CORE
             "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),
             "core_limit": resource.getrlimit(resource.RLIMIT_CORE),
         }
+    if step == "tsync":  # a thread made before the filter is loaded is held by it too
+        go = threading.Event()
+        def late_socket():
+            go.wait()
+            socket.socket(socket.AF_UNIX)
+        early = threading.Thread(target=late_socket)
+        early.start()
     c.load_monitor_filter()
+    if step == "tsync":
+        go.set()
+        early.join()
     if step == "socket":
         socket.socket(socket.AF_UNIX)  # seccomp: the process dies here
     if step == "exec":
@@ -348,9 +384,10 @@ def run_probe(
     """The probe confines itself with runtime dir root/vm (as RuntimeDir makes it) and one
     snapshot dir, which already holds another VM's snapshot."""
     run, snaps, other = tmp_path / "root" / "vm", tmp_path / "snaps", tmp_path / "other"
-    for d in (run, snaps / "other-vm", other):
+    for d in (run, snaps / "other-vm", other, run.parent / "other-vm"):
         d.mkdir(parents=True)
     run.chmod(0o700)  # as RuntimeDir makes it, which the launcher checks
+    (run.parent / "other-vm" / "control.sock").touch()  # another VM's, beside ours
     (other / "secret").write_text("secret\n")
     (snaps / "other-vm" / "ram.bin").write_bytes(b"guest RAM")
     (run / "control.sock").touch()
@@ -375,6 +412,10 @@ def test_confinement_landlock_allows_only_what_the_running_monitor_does(tmp_path
             "read_in_snapshot_dir": True,  # refused: another VM's snapshot stays private
             "symlink_in_snapshot_dir": True,
             "create_in_runtime_dir": True,  # refused: the runtime dir is only torn down
+            "remove_in_another_vms_runtime_dir": True,  # its parent: only ours is removed
+            "truncate_in_snapshot_dir": True,  # refused: another VM's snapshot stays whole
+            "write_own_code": True,  # refused: Python's and splitvmm's code are read only
+            "read_own_code": True,  # lazy imports, a traceback's source lines
             "dumpable": 0,
             "core_limit": (0, 0),
             "vcpu_open": True,
@@ -406,6 +447,27 @@ def test_confinement_without_landlock_runs_when_the_operator_says_optional(tmp_p
 def test_confinement_landlock_mode_not_known_is_refused(tmp_path):
     r = run_probe(tmp_path, "no-landlock", {"SPLITVMM_MONITOR_LANDLOCK": "off"})
     assert "SPLITVMM_MONITOR_LANDLOCK='off': expected required or optional" in r.stderr
+
+
+def test_confinement_seccomp_mode_not_known_is_refused(tmp_path):
+    """A mistyped mode is not taken as "log": the filter would kill nothing."""
+    r = run_probe(tmp_path, "no-landlock", {"SPLITVMM_MONITOR_SECCOMP": "kil"})
+    assert "SPLITVMM_MONITOR_SECCOMP='kil': expected kill or log" in r.stderr
+
+
+def test_confinement_with_a_thread_running_is_refused(tmp_path):
+    """Capabilities and Landlock hold the calling thread and those it makes later: a thread
+    already running would keep what the monitor gave up."""
+    r = run_probe(tmp_path, "thread-first")
+    assert r.returncode == 0, r.stderr
+    assert eval(r.stdout) == {
+        "refused": "the monitor must confine itself before it starts a thread"
+    }
+
+
+def test_confinement_seccomp_holds_a_thread_made_before_the_filter_loaded(tmp_path):
+    r = run_probe(tmp_path, "tsync")
+    assert r.returncode == -signal.SIGSYS, r.stderr
 
 
 def test_confinement_seccomp_lets_many_threads_allocate_and_vcpu_grow_a_buffer(tmp_path):
@@ -528,6 +590,17 @@ print(single_threaded())
 """
 
 
+def test_confine_process_waits_out_an_os_thread_python_does_not_know_of():
+    """A C library's own thread (libzmq's I/O thread was one) is in /proc, not in threading."""
+    probe = (
+        "from splitvmm.monitor import confinement\n"
+        "confinement.thread_count = lambda: 2\n"
+        "print(confinement.single_threaded(grace_s=0.01))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert (result.returncode, result.stdout.split()) == (0, ["False"]), result.stderr
+
+
 def test_confine_process_waits_out_a_joined_thread_not_a_running_one():
     result = subprocess.run(
         [sys.executable, "-c", SINGLE_THREADED_PROBE], capture_output=True, text=True, cwd=REPO
@@ -555,7 +628,19 @@ CAPS_PROBE = textwrap.dedent(
 )
 
 
-def confined_caps(setpriv: list[str], uid: int = 0) -> dict[str, int]:
+# The securebits of a monitor confined as root with every capability (PR_GET_SECUREBITS).
+SECUREBITS_PROBE = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    from pathlib import Path
+    from splitvmm.monitor.confinement import Confinement
+    Confinement(launcher_fd=3).confine_process(Path(sys.argv[1]), [])
+    print(json.dumps({"Securebits": ctypes.CDLL(None).prctl(27, 0, 0, 0, 0)}))
+    """
+)
+
+
+def confined_caps(setpriv: list[str], uid: int = 0, probe: str = CAPS_PROBE) -> dict[str, int]:
     """The capability sets of a process confined as the monitor is, run under `setpriv`."""
     work = Path(tempfile.mkdtemp(prefix="splitvmm-caps-"))
     try:
@@ -566,7 +651,7 @@ def confined_caps(setpriv: list[str], uid: int = 0) -> dict[str, int]:
             os.chown(d, uid, uid)
             d.chmod(0o700)
         result = subprocess.run(
-            ["setpriv", *setpriv, sys.executable, "-c", CAPS_PROBE, str(run)],
+            ["setpriv", *setpriv, sys.executable, "-c", probe, str(run)],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -613,3 +698,12 @@ def test_root_monitor_under_a_securebit_locked_already_confines_itself(bits):
     keeps the value it was locked at; every capability still goes."""
     caps = confined_caps(["--securebits", bits])
     assert caps == {"CapEff": 0, "CapPrm": 0, "CapAmb": 0, "CapInh": 0}
+
+
+@needs_root
+def test_root_monitor_confines_itself_with_every_securebit_set_and_locked():
+    """PR_GET_SECUREBITS: NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE and every lock
+    (KEEP_CAPS stays clear, locked): nothing the monitor could exec or setuid to regains a
+    capability."""
+    bits = confined_caps(["--reuid=0"], probe=SECUREBITS_PROBE)
+    assert bits == {"Securebits": 0xEF}

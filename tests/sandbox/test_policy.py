@@ -343,8 +343,10 @@ def test_a_device_takes_the_largest_frame_its_channel_accepts_under_its_own_filt
 # a connected UNIX stream pair made beforehand, as the monitor's channels and control clients
 # are; it runs `statement` and exits 5.
 UNDER_MONITOR_FILTER = """
-import os, socket, sys
+import ctypes, fcntl, mmap, os, socket, sys
 from splitvmm.monitor.confinement import MONITOR_POLICY, policy_constants
+from splitvmm.native.kvm import IOCTL_NUMBERS
+libc = ctypes.CDLL(None)
 from splitvmm.native import confine
 from splitvmm.sandbox import policy
 ours, theirs = socket.socketpair()
@@ -376,6 +378,69 @@ def test_monitor_filter_refuses_out_of_band_data_as_a_devices_does(statement: st
     """AF_UNIX MSG_OOB is the kernel code a sandbox escape went through (CVE-2025-38236:
     common_device.policy); the monitor never uses it either."""
     assert _under_monitor_filter(statement) == -signal.SIGSYS
+
+
+def test_monitor_filter_launcher_socket_alone_carries_fds() -> None:
+    assert _under_monitor_filter("ours.sendmsg([b'x']); theirs.recv(1)") == 5
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "theirs.sendmsg([b'x'])",  # fds to a control client
+        "ours.send(b'x'); theirs.recvmsg(1)",  # or from one
+        "os.fork()",  # clone without CLONE_THREAD
+        "mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)",
+        "m = mmap.mmap(-1, 4096); "
+        "libc.mprotect(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(m))), 4096, 5)",
+        "libc.syscall(234, 1, 1, 0)",  # tgkill of another process's thread (signal 0)
+        "os.kill(1, 0)",
+        "libc.ptrace(3, 1, 0, 0)",  # PTRACE_PEEKUSER
+        "libc.prctl(4, 1, 0, 0, 0)",  # PR_SET_DUMPABLE: ptrace by the same user again
+        "ours.connect(b'\\0splitvmm-test')",
+        "os.memfd_create('x')",
+        "os.sched_getaffinity(1)",
+        "fcntl.ioctl(ours.fileno(), IOCTL_NUMBERS['KVM_SET_USER_MEMORY_REGION'], bytes(32))",
+        "fcntl.ioctl(ours.fileno(), IOCTL_NUMBERS['KVM_SET_REGS'], bytes(144))",
+        "fcntl.ioctl(ours.fileno(), IOCTL_NUMBERS['KVM_CREATE_VCPU'], 0)",
+        "fcntl.ioctl(ours.fileno(), IOCTL_NUMBERS['KVM_IRQFD'], bytes(32))",
+        "fcntl.ioctl(ours.fileno(), IOCTL_NUMBERS['KVM_SIGNAL_MSI'], bytes(32))",
+    ],
+    ids=[
+        "sendmsg-elsewhere",
+        "recvmsg-elsewhere",
+        "fork",
+        "mmap-exec",
+        "mprotect-exec",
+        "tgkill-elsewhere",
+        "kill",
+        "ptrace",
+        "prctl",
+        "connect",
+        "memfd_create",
+        "sched_getaffinity-elsewhere",
+        "set-user-memory-region",
+        "set-regs",
+        "create-vcpu",
+        "irqfd",
+        "signal-msi",
+    ],  # fmt: skip
+)
+def test_monitor_filter_kills_what_the_running_monitor_never_does(statement: str) -> None:
+    """monitor.policy's header: no socket, exec, mount, ptrace or new process; fds only
+    to and from the launcher; no executable memory; signals only to its own threads; no
+    VM or memory-slot set-up once the VM is built."""
+    assert _under_monitor_filter(statement) == -signal.SIGSYS
+
+
+def test_monitor_filter_clone3_fails_with_enosys_for_glibc_to_fall_back_on_clone() -> None:
+    """clone3's flags sit in memory, out of seccomp's sight: refused, so that glibc's
+    threads come through clone, whose flags the filter checks."""
+    statement = (
+        "c = ctypes.CDLL(None, use_errno=True); "
+        "os._exit(7 if c.syscall(435, 0, 0) == -1 and ctypes.get_errno() == 38 else 8)"
+    )
+    assert _under_monitor_filter(statement) == 7
 
 
 def test_parse_file_when_includes_cycle_names_the_including_line(tmp_path: Path) -> None:

@@ -77,6 +77,11 @@ def test_config_good_file_parses(kernel_dir):
         (GOOD.replace("[vm]", "[vm]\ncolour = 1"), "vm: unknown key 'colour'"),
         (GOOD.replace('name = "serial0"\n', 'name = "serial0"\non_crash = "panic"\n'), "on_crash"),
         (GOOD.replace('name = "t"', 'name = "a/b"'), "vm.name"),
+        (
+            GOOD.replace('[boot]\nkernel = "kernel.elf"\ncmdline = "console=ttyS0"\n', ""),
+            r"config\.boot: missing \(expected dict\)",
+        ),
+        (GOOD.replace('name = "serial0"\n', ""), r"device\[0\]\.name: missing \(expected str\)"),
     ],
     ids=[
         "bad-toml",
@@ -94,11 +99,59 @@ def test_config_good_file_parses(kernel_dir):
         "unknown-vm-key",
         "bad-on-crash",
         "bad-vm-name",
+        "no-boot-table",
+        "device-without-name",
     ],
 )
 def test_config_mistake_raises_error_naming_key(kernel_dir, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(kernel_dir, text))
+
+
+def test_config_of_a_character_device_is_refused_before_it_is_read():
+    """/dev/zero would be read to the cap, a terminal waited on for its input."""
+    with pytest.raises(ConfigError, match="/dev/null: cannot read the config: is a character"):
+        load_config(Path("/dev/null"))
+
+
+def test_config_through_a_symlink_takes_relative_paths_from_the_target_directory(tmp_path):
+    """`ln -s ~/.cache/splitvmm/guest/debian.toml`: the files it names lie beside it."""
+    kit, here = tmp_path / "kit", tmp_path / "here"
+    kit.mkdir()
+    here.mkdir()
+    (kit / "kernel.elf").write_bytes(b"\x7fELF")
+    (kit / "vm.toml").write_text('[boot]\nkernel = "kernel.elf"\n')
+    (here / "vm.toml").symlink_to(kit / "vm.toml")
+    assert load_config(here / "vm.toml").boot.kernel == kit / "kernel.elf"
+
+
+def test_config_snapshot_dir_through_a_symlink_is_the_directory_it_names(kernel_dir):
+    """As the monitor's Landlock rule and `ctl snapshot`'s check (the target's parent
+    resolved) see it: both compare resolved paths."""
+    (kernel_dir / "snaps").mkdir()
+    (kernel_dir / "link").symlink_to(kernel_dir / "snaps")
+    text = GOOD.replace("[boot]", 'snapshot_dirs = ["link"]\n[boot]')
+    assert load_config(write(kernel_dir, text)).vm.snapshot_dirs == (kernel_dir / "snaps",)
+
+
+def test_config_to_dict_leaves_out_the_snapshot_dirs(kernel_dir):
+    """What the monitor may write to is the operator's to say at each start, never what a
+    snapshot's stored config says."""
+    (kernel_dir / "snaps").mkdir()
+    text = GOOD.replace("[boot]", 'snapshot_dirs = ["snaps"]\n[boot]')
+    assert "snapshot_dirs" not in config_to_dict(load_config(write(kernel_dir, text)))["vm"]
+
+
+def test_config_restored_with_a_kernel_is_refused(tmp_path):
+    data = {"boot": {"kernel": "k"}}
+    with pytest.raises(ConfigError, match="boot: a restore loads no kernel or initrd"):
+        parse_config(data, tmp_path, check_files=False, restored=True)
+
+
+@pytest.mark.parametrize("name", ["ramdisk", "vmx", "pci0", "vcpu0x", "manifests", "controls"])
+def test_config_device_named_like_a_chunk_only_in_part_is_accepted(name: str) -> None:
+    cfg = _cfg(devices=f'[[device]]\nname = "{name}"\nmodel = "serial"\n')
+    assert cfg.devices[0].name == name
 
 
 def test_config_missing_file_raises_config_error(tmp_path):
@@ -208,6 +261,8 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         (GOOD.replace("vcpus = 2", "vcpus = " + "9" * 4000), "vm.vcpus: an integer of"),
         (GOOD.replace("vcpus = 2", "vcpus = 255"), r"vm\.vcpus: 255 is outside 1\.\.254"),
         (GOOD.replace("[vm]", f"[vm]\ncpuid_mask = {['1.ecx:1'] * 65}"), "vm.cpuid_mask"),
+        (GOOD.replace("[vm]", f"[vm]\ncpuid_mask = {['1.ecx:' + '1' * 60]}"), "vm.cpuid_mask"),
+        (GOOD.replace("[boot]", f"snapshot_dirs = {['.'] * 17}\n[boot]"), "vm.snapshot_dirs"),
         ("x = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         (GOOD + "#" * (1 << 20), "over 1 MiB"),
         (
@@ -237,6 +292,8 @@ def test_config_firmware_with_cmdline_raises(tmp_path):
         "vcpus-4000-digit-int",
         "vcpus-above-bound",
         "cpuid-mask-too-many",
+        "cpuid-mask-too-long",
+        "snapshot-dirs-too-many",
         "nested-arrays",
         "file-over-cap",
         "restart-window-400-digit-int",
@@ -416,6 +473,12 @@ def test_config_restart_budget_parses_counts_and_durations(extra, budget):
         ({"on_crash": "restart", "max_restarts": -1}, "max_restarts: -1 is outside"),
         ({"on_crash": "restart", "restart_window": "soon"}, "restart_window: 'soon' is not a"),
         ({"on_crash": "restart", "restart_window": 0}, "restart_window: 0 is outside"),
+        # no window: no limit to the restarts of a device that crashes at once, every time
+        ({"on_crash": "restart", "restart_window": "0s"}, "restart_window: '0s' is outside"),
+        ({"on_crash": "restart", "restart_window": 0.0}, "restart_window: 0.0 is outside"),
+        ({"on_crash": "restart", "restart_window": 86400.5}, "restart_window: 86400.5 is outside"),
+        ({"on_crash": "restart", "restart_window": "1441m"}, "restart_window: '1441m' is outside"),
+        ({"on_crash": "restart", "max_restarts": 1_000_001}, "max_restarts: 1000001 is outside"),
         ({"on_crash": "stop", "max_restarts": 2}, "max_restarts: a restart budget needs on_crash"),
     ],
 )

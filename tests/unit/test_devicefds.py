@@ -24,7 +24,7 @@ from splitvmm.monitor.devicefds import (
     dirty_log_size,
     lock_disk,
 )
-from splitvmm.monitor.memory import GuestMemory
+from splitvmm.monitor.memory import SEALS, GuestMemory
 from splitvmm.protocol.models import (
     SERIAL,
     VIRTIO_BLK,
@@ -115,6 +115,30 @@ def test_device_fds_dirty_log_is_sized_and_sealed(mem, owned, disk) -> None:
         fcntl.F_SEAL_SHRINK,
         fcntl.F_SEAL_GROW,
     )
+
+
+@pytest.mark.parametrize("role", ["dirty", "progress"])
+def test_device_fds_shared_pages_are_sealed_as_guest_ram_is(mem, owned, disk, role) -> None:
+    """The dirty bitmap and the progress page: a device's processes map them (a restarted
+    one too), so no process may resize them, nor add or drop a seal (F_SEAL_SEAL)."""
+    fds, _, _ = make(mem, owned, blk(disk))
+    seals = fcntl.fcntl(fds[role], fcntl.F_GET_SEALS)
+    assert (os.fstat(fds[role]).st_size, seals & SEALS) == (4096, SEALS)
+
+
+def test_device_fds_every_fd_made_is_close_on_exec(mem, owned, disk) -> None:
+    """The monitor's fds reach a device only as it hands them over, never by inheritance."""
+    fds, _, maker = make(mem, owned, blk(disk))
+    made = {**fds, "write_back": maker.write_back_fd}
+    inherited = {name for name, fd in made.items() if not fcntl.fcntl(fd, fcntl.F_GETFD)}
+    assert inherited == set()
+
+
+def test_device_fds_serial_irq_is_an_irqfd_on_its_isa_line(mem, owned, tmp_path) -> None:
+    vm = IrqVm()
+    dev = DeviceSection("serial0", "serial", options={"output": str(tmp_path / "out")})
+    fds = DeviceFds(vm, mem, owned).make(dev, SERIAL)
+    assert vm.irqfds == [(fds["irq"], 4, None)]
 
 
 def test_device_fds_guest_ram_is_the_memfd_with_its_own_file_offset(mem, owned, disk) -> None:
@@ -231,6 +255,41 @@ def test_device_fds_disk_of_less_than_a_sector_is_refused_naming_device_and_opti
     with pytest.raises(
         HostFileError, match=r"device 'blk0'.path: .*disk.img is 511 bytes: a virtio-blk disk"
     ):
+        make(mem, owned, blk(disk))
+
+
+def test_device_fds_pci_model_without_its_interrupts_is_refused(mem, owned, disk) -> None:
+    maker = DeviceFds(IrqVm(), mem, owned)  # no PciInterrupts given
+    with pytest.raises(ConfigError, match="model virtio-blk: fd role notify0 needs a PCI function"):
+        maker.make(blk(disk), VIRTIO_BLK)
+
+
+@pytest.mark.parametrize(
+    ("role", "why"),
+    [
+        (FdRole("notify1", FdKind.NOTIFY, index=1), "fd role notify1 names no queue"),
+        (FdRole("msix2", FdKind.MSIX, index=2), "fd role msix2 names no MSI-X vector"),
+    ],
+)
+def test_device_fds_role_past_the_functions_queues_or_vectors_is_refused(
+    mem, owned, role, why
+) -> None:
+    model = ModelDescriptor("odd", VIRTIO_BLK.transport, fds=(role,))
+    maker = DeviceFds(IrqVm(), mem, owned, PciInterrupts(intx_gsi=17, msix_gsis=(24, 25)))
+    with pytest.raises(ConfigError, match=f"model odd: {why}"):
+        maker.make(DeviceSection("odd0", "virtio-blk"), model)
+
+
+def test_device_fds_intx_of_a_function_without_intx_is_refused(mem, owned, disk) -> None:
+    maker = DeviceFds(IrqVm(), mem, owned, PciInterrupts(intx_gsi=None, msix_gsis=(24, 25)))
+    with pytest.raises(ConfigError, match="model virtio-blk: fd role intx needs INTx"):
+        maker.make(blk(disk), VIRTIO_BLK)
+
+
+def test_device_fds_disk_a_vm_writes_is_refused_to_a_second_vm(mem, owned, disk) -> None:
+    """Through DeviceFds, as Machine opens it: the image locked for the first VM's life."""
+    make(mem, owned, blk(disk))
+    with pytest.raises(ConfigError, match=r"device 'blk0'.path: .*disk.img is open in another VM"):
         make(mem, owned, blk(disk))
 
 
@@ -440,6 +499,39 @@ def test_lock_disk_qemu_bytes_outlive_other_descriptions_and_go_with_their_own(t
     while_the_device_lives = set(lock_bytes_seen_by_another(image))
     os.close(device_copy)
     assert (while_the_device_lives, lock_bytes_seen_by_another(image)) == ({100, 101, 201, 203}, {})
+
+
+def test_lock_disk_refuses_an_image_another_program_write_locks_a_qemu_byte_of(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    other, ours = os.open(image, os.O_RDWR), open_image(image)
+    fcntl.fcntl(other, fcntl.F_OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 100, 1, 0))
+    try:
+        with pytest.raises(ConfigError, match="which holds a write lock on QEMU's lock bytes"):
+            lock_disk(ours, str(image), "device 'disk0'.path", False)
+    finally:
+        os.close(other)
+        os.close(ours)
+
+
+@pytest.mark.parametrize(
+    ("module", "call"), [("fcntl", "flock"), ("files", "ofd_read_lock")], ids=["flock", "ofd"]
+)
+def test_lock_disk_lock_failing_for_another_reason_is_refused(tmp_path, monkeypatch, module, call):
+    """Only a file system without locks is used unlocked; any other failure fails closed."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+
+    def broken(*args: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(getattr(devicefds, module), call, broken)
+    fd = open_image(image)
+    try:
+        with pytest.raises(ConfigError, match=r"cannot lock .*: Input/output error"):
+            lock_disk(fd, str(image), "device 'disk0'.path", False)
+    finally:
+        os.close(fd)
 
 
 def test_lock_disk_without_ofd_locks_warns_and_runs_unlocked(tmp_path, monkeypatch, caplog):

@@ -97,6 +97,19 @@ def test_open_host_file_fifo_swapped_in_after_lstat_refused_by_fstat(tmp_path, m
         open_host_file(tmp_path / "fifo", "boot.initrd")
 
 
+@pytest.mark.parametrize("access", [Access.READ, Access.APPEND])
+def test_open_host_file_symlink_swapped_in_after_lstat_refused(tmp_path, monkeypatch, access):
+    """A link planted between the lstat and the open (/tmp/serial.log -> /etc/shadow): the
+    open itself refuses to follow it (O_NOFOLLOW)."""
+    (tmp_path / "secret").write_bytes(b"key")
+    os.symlink(tmp_path / "secret", tmp_path / "serial.log")
+    monkeypatch.setattr(hostpath, "_precheck", lambda *args: None)  # lose the race
+
+    with pytest.raises(HostFileError, match="is a symlink, not a regular file"):
+        open_host_file(tmp_path / "serial.log", "device 'serial0'.output", access)
+    assert (tmp_path / "secret").read_bytes() == b"key"
+
+
 def test_open_host_file_fifo_swapped_in_for_append_refused(tmp_path, monkeypatch):
     os.mkfifo(tmp_path / "fifo")  # no reader: a blocking open would wait for ever
     monkeypatch.setattr(hostpath, "_precheck", lambda *args: None)

@@ -83,6 +83,11 @@ def test_msi_route_asked_twice_sets_the_table_once() -> None:
         (0, 0x1_FEE0_0000, 0x30, "address 0x1fee00000 is not an x86 MSI address"),
         (0, 0xC000_0000, 0x30, "address 0xc0000000 is not an x86 MSI address"),
         (0, MSI_ADDRESS, 0x10000, "data 0x10000 does not fit the 16 bits"),
+        (0, 0xFEDF_F000, 0x30, "address 0xfedff000 is not an x86 MSI address"),  # just below
+        # Past the schema's U32 and Range(0, ...) (protocol/control.py MsiEvent) these cannot
+        # arrive; the route is checked as if they could: gsis[-1] is the last vector's GSI.
+        (0, MSI_ADDRESS, -0xFFBF, "data -0xffbf does not fit the 16 bits"),
+        (-1, MSI_ADDRESS, 0x30, "vector -1 is past the 2 MSI-X vectors of blk0"),
     ],
 )
 def test_msi_route_outside_what_x86_allows_is_refused_and_nothing_set(
@@ -105,8 +110,12 @@ def test_intx_gsi_is_ioapic_pin_16_plus_device_mod_8() -> None:
         (MSI_ADDRESS, 0x06AB, "delivery mode 110"),  # reserved: KVM's StartUp, at page 0xAB
         (MSI_ADDRESS, 0x0741, "delivery mode 111"),  # ExtINT
         (MSI_ADDRESS, 0x0002, "vector 2 is below 16"),  # SDM 11.5.3: an illegal vector
+        (MSI_ADDRESS, 0x000F, "vector 15 is below 16"),  # the last of them
         (MSI_ADDRESS, 0x0841, "reserved bits (13:11)"),
+        (MSI_ADDRESS, 0x2041, "reserved bits (13:11)"),
         (MSI_ADDRESS | 0x10, 0x41, "reserved bits (11:4 or 1:0)"),  # remappable format
+        (MSI_ADDRESS | 0x20, 0x41, "reserved bits (11:4 or 1:0)"),  # KVM's extended dest ID
+        (MSI_ADDRESS | 0x800, 0x41, "reserved bits (11:4 or 1:0)"),
         (MSI_ADDRESS | 0x2, 0x41, "reserved bits (11:4 or 1:0)"),
     ],
 )
@@ -122,7 +131,8 @@ def test_msi_route_a_driver_never_programs_is_refused(address: int, data: int, w
 
 @pytest.mark.parametrize(
     "data",
-    [0x0030, 0x0141, 0x4041, 0xC0FF],  # fixed; lowest priority; level, asserted; level, vector 255
+    # fixed; lowest priority; level, asserted; level, vector 255; the first legal vector; 128
+    [0x0030, 0x0141, 0x4041, 0xC0FF, 0x0010, 0x0080],
 )
 def test_msi_route_a_driver_programs_is_installed(data: int) -> None:
     msi, vm = vectors()
@@ -140,3 +150,11 @@ def test_gsi_routes_set_msi_on_a_gsi_not_allocated_raises_and_sets_nothing(gsi: 
     with pytest.raises(ValueError, match=f"GSI {gsi} is no MSI GSI of this VM"):
         routes.set_msi(gsi, MSI_ADDRESS, 0x30)
     assert (vm.tables, routes.routes()) == ([], {})
+
+
+def test_gsi_routes_check_msi_of_a_message_no_driver_programs_says_why() -> None:
+    """check_msi stands alone (pci/state.py check: a snapshot's routes, untrusted): it checks
+    the message as a device's request is checked, not only the GSI."""
+    routes = GsiRoutes(RoutingVm())
+    routes.allocate(1, "blk0")  # GSI 24
+    assert "delivery mode 101" in routes.check_msi(24, MSI_ADDRESS, 0x0541)

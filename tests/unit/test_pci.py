@@ -154,6 +154,41 @@ def test_config_ports_unaligned_word_is_split_into_bytes() -> None:
     assert fake.accesses == [("r", 1, 1), ("r", 2, 1)]
 
 
+def test_config_ports_unaligned_word_write_is_split_into_bytes() -> None:
+    ports, fake = ports_with_fake_at(2)
+    ports.write(0, cf8(0, 2, 0, 0))
+    ports.write(DATA + 1, b"\xab\xcd")
+    assert fake.accesses == [("w", 1, 1), ("w", 2, 1)]
+
+
+def test_config_ports_decode_every_bit_of_device_function_and_register() -> None:
+    """Device 31, function 7, register 0xFC: the top bit of each field (a field cut short
+    would reach device 15, function 3, or take the function's bits into the register)."""
+    root, fake = PciRoot(), FakeFunction()
+    root.add(31, 7, fake)
+    ports = ConfigPorts(root)
+    ports.write(0, cf8(0, 31, 7, 0xFC))
+    ports.read(DATA, 4)
+    assert fake.accesses == [("r", 0xFC, 4)]
+
+
+def test_config_ports_write_to_bus_128_is_ignored() -> None:
+    """Only bus 0 exists: a write to the same device on another bus (bus 0x80: the top bit
+    of the field) reaches nothing, as a read of it reads all-ones."""
+    ports, fake = ports_with_fake_at(2)
+    ports.write(0, cf8(0x80, 2, 0, 0x10))
+    ports.write(DATA, b"\xff" * 4)
+    assert (ports.read(DATA, 4), fake.accesses) == (b"\xff" * 4, [])
+
+
+@pytest.mark.parametrize("offset", [0, 2, 3], ids=["0xcf8", "0xcfa", "0xcfb"])
+def test_config_ports_rst_cpu_byte_beside_0xcf9_does_not_reset(offset: int) -> None:
+    resets: list[None] = []
+    ports = ConfigPorts(PciRoot(), lambda: resets.append(None))
+    ports.write(offset, b"\x06")
+    assert resets == []
+
+
 def test_config_ports_host_bridge_command_is_writable_ids_are_not(ports: ConfigPorts) -> None:
     ports.write(0, cf8(0, 0, 0, 0))
     ports.write(DATA, b"\x00\x00\x00\x00")
@@ -186,8 +221,63 @@ def test_ecam_access_crossing_a_dword_reads_all_ones() -> None:
     assert Ecam(PciRoot()).read(2, 4) == b"\xff" * 4
 
 
+@pytest.mark.parametrize(("offset", "size"), [(2, 4), (1, 4), (3, 2)])
+def test_ecam_access_crossing_a_dword_never_reaches_the_function(offset: int, size: int) -> None:
+    root, fake = PciRoot(), FakeFunction()
+    root.add(1, 0, fake)
+    ecam = Ecam(root)
+    ecam.write(1 << 15 | offset, b"\x11" * size)
+    assert (ecam.read(1 << 15 | offset, size), fake.accesses) == (b"\xff" * size, [])
+
+
+def test_ecam_bus_1_reads_all_ones() -> None:
+    """Bus 0 only: the same device a bus further on is absent, not an alias of it."""
+    root, fake = PciRoot(), FakeFunction()
+    root.add(1, 0, fake)
+    assert (Ecam(root).read(1 << 20 | 1 << 15, 4), fake.accesses) == (b"\xff" * 4, [])
+
+
+def test_ecam_three_byte_access_never_reaches_the_function() -> None:
+    """KVM hands over MMIO of any length up to 8: a 3-byte access inside one dword is no
+    config access (PCIe 7.2.2: 1, 2 or 4 bytes), and a 3-byte frame kills a device process."""
+    root, fake = PciRoot(), FakeFunction()
+    root.add(1, 0, fake)
+    ecam = Ecam(root)
+    ecam.write(1 << 15, b"\x11\x22\x33")
+    assert (ecam.read(1 << 15, 3), fake.accesses) == (b"\xff" * 3, [])
+
+
+def test_ecam_offset_decodes_device_31_function_7_register_0xffc() -> None:
+    root, fake = PciRoot(), FakeFunction()
+    root.add(31, 7, fake)
+    Ecam(root).write(31 << 15 | 7 << 12 | 0xFFC, b"\x55")
+    assert fake.accesses == [("w", 0xFFC, 1)]
+
+
 def test_host_bridge_extended_space_reads_zero() -> None:
     assert HostBridge().config_read(0x100, 4) == bytes(4)
+
+
+def test_host_bridge_extended_space_write_through_ecam_is_ignored() -> None:
+    """ECAM reaches 4 KiB of each function; the host bridge has 256 bytes (without its bound,
+    a write past them raises IndexError in the vCPU thread that serves it)."""
+    ecam = Ecam(PciRoot())
+    ecam.write(0x100, b"\xff" * 4)
+    ecam.write(0xFFC, b"\xff" * 4)
+    assert ecam.read(0x100, 4) == bytes(4)
+
+
+def test_host_bridge_command_bits_set_then_cleared_read_zero() -> None:
+    bridge = HostBridge()
+    bridge.config_write(0x04, b"\x47\x01")
+    bridge.config_write(0x04, b"\x00\x00")
+    assert bridge.config_read(0x04, 2) == b"\x00\x00"
+
+
+@pytest.mark.parametrize(("device", "function"), [(32, 0), (-1, 0), (1, 8)])
+def test_root_add_off_bus_0_is_refused(device: int, function: int) -> None:
+    with pytest.raises(ConfigError, match=f"{device}.{function} is not on bus 0"):
+        PciRoot().add(device, function, FakeFunction())
 
 
 def test_root_add_taken_slot_is_refused() -> None:
@@ -287,6 +377,30 @@ def test_bar_accesses_never_reach_the_function() -> None:
     Ecam(root).write(DEV1 | 0x10, b"\xff" * 4)
     Ecam(root).read(DEV1 | 0x00, 4)
     assert fake.accesses == [("r", 0, 4)]
+
+
+def test_bar_registers_are_0x10_to_0x27_and_0x28_is_the_functions() -> None:
+    """The monitor owns all six BAR registers, BAR 5's too (a function's own BAR 5 would
+    move without the monitor seeing it); the next register is the function's again."""
+    root, fake = PciRoot(), FakeFunction()
+    decoder = BarDecoder("fake", (PciBar(5, 0x1000),), {5: 0xC000_0000}, Moves())
+    root.add(1, 0, FunctionWithBars(fake, decoder))
+    Ecam(root).write(DEV1 | 0x24, b"\xff" * 4)
+    value = Ecam(root).read(DEV1 | 0x28, 4)
+    assert (value, fake.accesses) == (bytes(4), [("r", 0x28, 4)])
+
+
+def test_bar_load_keeps_address_bits_and_flags_unimplemented_bars_read_zero() -> None:
+    """A snapshot's BAR dwords (untrusted) are taken as a guest's writes would be."""
+    decoder = BarDecoder("fake", (PciBar(0, 0x4000, prefetchable=True),), {0: 0xC000_0000}, Moves())
+    decoder.load((0xD000_0000, 0xFFFF_FFFF, 0xE000_0000, 0, 0, 0))
+    assert decoder.registers() == (0xD000_0008, 0, 0, 0, 0, 0)
+
+
+def test_bar_smallest_and_largest_sizes_a_guest_can_size_are_accepted() -> None:
+    bars = (PciBar(0, 16), PciBar(1, 4, BarKind.IO), PciBar(2, 256, BarKind.IO))
+    decoder = BarDecoder("fake", bars, {0: 0xC000_0000, 1: 0xC000, 2: 0xC100}, Moves())
+    assert decoder.registers()[:3] == (0xC000_0000, 0xC001, 0xC101)
 
 
 def test_bar_sizes_not_power_of_two_are_refused() -> None:

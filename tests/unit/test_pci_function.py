@@ -47,15 +47,17 @@ class FakeSlot:
 class FakeVm:
     """Records ioeventfd registrations as a set of live (fd, addr, length) and every call."""
 
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, room: int | None = None) -> None:
+        """`refuse`: every registration fails; `room`: those past `room` live ones do."""
         self.live: set[tuple[int, int, int]] = set()
         self.calls: list[tuple[str, int, int]] = []
         self.refuse = refuse
+        self.room = room
 
     def register_ioeventfd(
         self, eventfd: int, addr: int, length: int, pio: bool, datamatch: int | None = None
     ) -> None:
-        if self.refuse:
+        if self.refuse or (self.room is not None and len(self.live) >= self.room):
             raise KvmError(17, "KVM_IOEVENTFD")
         self.calls.append(("assign", eventfd, addr))
         self.live.add((eventfd, addr, length))
@@ -258,6 +260,16 @@ def test_function_bar_still_in_conflict_after_a_retry_is_not_logged_again(
 def test_function_ioeventfd_refused_leaves_bar_undecoded_without_bus_range() -> None:
     f = Function(vm=FakeVm(refuse=True))
     assert (f.host.decoding(), f.mmio.find(BAR0_BASE, 4) is None) == ({1: BAR1_BASE}, True)
+
+
+def test_function_ioeventfd_refused_for_a_later_queue_unregisters_the_earlier_ones() -> None:
+    """An undecoded BAR keeps no ioeventfd: one left at its notify address would signal the
+    queue for writes to whatever decodes there later, and block the BAR's next decode."""
+    vm = FakeVm(room=1)
+    host = PciFunctionHost(
+        "blk0", virtio_function(2), (1, {0: BAR0_BASE, 1: BAR1_BASE}), Bus("mmio"), vm, (41, 42)
+    )
+    assert (host.decoding(), vm.live) == ({1: BAR1_BASE}, set())
 
 
 def test_function_write_to_common_cfg_is_followed_by_sync() -> None:

@@ -188,6 +188,8 @@ def test_pci_state_msi_route_saved_twice_for_one_gsi_is_refused() -> None:
     [
         (lambda d: d["functions"][0].update(bars=[0] * 5), "bars"),
         (lambda d: d["functions"][0].update(command=-1), "command"),
+        (lambda d: d["functions"][0].update(device=32), "device"),  # past bus 0's devices
+        (lambda d: d["msi_routes"][0].update(gsi=4096), "gsi"),  # past KVM's table
         (lambda d: d.update(extra=1), "extra"),
         (lambda d: d["msi_routes"].append({"gsi": 24}), "msi_routes"),
         (lambda d: d.update(config_address=1 << 32), "config_address"),

@@ -703,6 +703,19 @@ class UartOnTheBus(Device):
         self.runs.append([(offset, data)])
 
 
+def vcpu_on(pio: Bus, held: WriteBehind) -> VcpuThread:
+    """A vCPU thread serving exits on `pio`, with `held` write-behind (and no KVM)."""
+    return VcpuThread(
+        FakeVcpu([]),  # type: ignore[arg-type]
+        pio,
+        Bus("mmio"),
+        None,  # type: ignore[arg-type]
+        lambda outcome: None,
+        NoConfinement(),  # type: ignore[arg-type]
+        held,
+    )
+
+
 @pytest.mark.parametrize(
     "exit, served_as",
     [(PioOut(COM1 - 1, 2, b"\xffb"), (0, b"b")), (PioIn(COM1 - 3, 4, 1), (0, b""))],
@@ -717,15 +730,7 @@ def test_vcpu_access_that_runs_into_the_device_from_below_comes_after_its_held_w
     held = make(ring, Vm(), com1)
     pio = Bus("pio")
     pio.insert(COM1, 8, com1)
-    thread = VcpuThread(
-        FakeVcpu([]),  # type: ignore[arg-type]
-        pio,
-        Bus("mmio"),
-        None,  # type: ignore[arg-type]
-        lambda outcome: None,
-        NoConfinement(),  # type: ignore[arg-type]
-        held,
-    )
+    thread = vcpu_on(pio, held)
     kernel.write(COM1, b"a")
     thread._handle_exit(exit)
     assert (com1.runs, com1.reads) == ([[(0, b"a")], [served_as]], [])
@@ -768,15 +773,7 @@ def test_write_exit_and_a_write_held_meanwhile_reach_the_device_in_the_order_a_r
     device = PreemptedAt(slot, mcr)
     pio = Bus("pio")
     pio.insert(COM1, 8, device)
-    vcpu2 = VcpuThread(
-        FakeVcpu([]),  # type: ignore[arg-type]
-        pio,
-        Bus("mmio"),
-        None,  # type: ignore[arg-type]
-        lambda outcome: None,
-        NoConfinement(),  # type: ignore[arg-type]
-        held,
-    )
+    vcpu2 = vcpu_on(pio, held)
     exiting = threading.Thread(target=vcpu2._handle_exit, args=(PioOut(COM1 + mcr, 1, loop_out2),))
     exiting.start()
     assert device.entered.wait(5)
