@@ -807,7 +807,16 @@ class Machine:
         if not isinstance(path, str) or not path:
             raise ControlError("snapshot needs a target directory path")
         key = signing.key_from_hex(req["sign_key"]) if "sign_key" in req else None
-        report = self.coordinator.snapshot(Path(path), keep_paused=suspend, sign_key=key)
+        try:
+            report = self.coordinator.snapshot(Path(path), keep_paused=suspend, sign_key=key)
+        except SplitvmmError as e:
+            if not suspend or self.stopping:  # (stopping: a signal or a fault ends it anyway)
+                raise
+            # A failed suspend leaves the VM as it was (coordinator.py): the operator asked
+            # for it to end, and must not take it for gone.
+            state = "stays paused" if self.coordinator.paused else "runs on"
+            refused = ControlBusy if isinstance(e, ControlBusy) else ControlError
+            raise refused(f"{e}; the VM was not suspended and {state}") from None
         if suspend:
             self.stop(Outcome(0, f"suspended to {report.path}"))
         return {

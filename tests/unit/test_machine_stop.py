@@ -17,6 +17,7 @@ from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
 from splitvmm.sandbox.launcher_start import LauncherError
+from splitvmm.snapshot import SnapshotError
 
 
 def bare_machine() -> Machine:
@@ -332,3 +333,28 @@ def test_monitor_exits_after_giving_up_on_a_hung_write_back():
         out, err = proc.communicate()
         raise AssertionError(f"did not exit after giving up: {out!r} {err!r}") from None
     assert b"gave up" in out and b"were not written back within" in err
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_a_failed_suspend_says_the_vm_was_not_suspended(paused):
+    """`ctl suspend` whose snapshot fails (a full disk in the middle of guest RAM) resumes
+    the VM (coordinator.py), and the VM must not end: the reply said only what failed, and
+    an operator who asked for the VM to end could not tell that it runs on."""
+    m = bare_machine()
+    m.cfg = SimpleNamespace(vm=SimpleNamespace(name="t"))
+
+    def snapshot(target, keep_paused, sign_key):
+        raise SnapshotError(f"snapshot {target}: chunk ram: No space left on device")
+
+    m.coordinator = SimpleNamespace(snapshot=snapshot, paused=paused)
+    handlers = m._control_handlers()
+
+    with pytest.raises(ControlError) as failed:
+        handlers["suspend"]({"op": "suspend", "path": "/snaps/s"})
+
+    state = "stays paused" if paused else "runs on"
+    assert str(failed.value) == (
+        f"snapshot /snaps/s: chunk ram: No space left on device; the VM was not suspended "
+        f"and {state}"
+    )
+    assert not m.stopping
