@@ -47,6 +47,10 @@ MAX_CLIENTS = 32
 # client dribbling a byte at a time gets no more than a silent one), and as long again to
 # take its whole reply (a client that does not read holds a reply's memory no longer).
 REQUEST_TIMEOUT_S = 5.0
+# accept() that fails for want of an fd or of memory (EMFILE, ENFILE, ENOBUFS): the loop
+# stops accepting for this long, then tries again; the connection waits in the backlog. It
+# ended the control thread, and ctl with it, for the VM's life.
+ACCEPT_BACKOFF_S = 0.1
 # status and devices, which the monitor answers from its loop (counters: a round trip to each
 # device, each within its own timeout): a client waits this long for them. Any other request
 # is waited for without a limit: a suspend of a large VM to slow storage takes what it takes,
@@ -103,6 +107,7 @@ class ControlServer(threading.Thread):
         # Replies of the operations the worker has finished, for the loop to send (under
         # _busy_lock; the wake fd says one is there).
         self._done: list[tuple[socket.socket, dict[str, object]]] = []
+        self._accept_again: float | None = None  # accepting paused until then (EMFILE)
         self._worker: threading.Thread | None = None  # the operation in progress, if any
         self._worker_op = ""  # the operation in progress ("": none), under _busy_lock
         self._busy_lock = threading.Lock()
@@ -132,7 +137,8 @@ class ControlServer(threading.Thread):
             sel.register(self._wake.fd, selectors.EVENT_READ)
             while not self._closing:
                 self._serve(sel)
-            sel.unregister(self.sock)
+            if self._accept_again is None:
+                sel.unregister(self.sock)
             for client in [c for c in self._clients.values() if isinstance(c, _Client)]:
                 self._drop(sel, client)
             if self._worker is not None:
@@ -153,18 +159,30 @@ class ControlServer(threading.Thread):
             elif isinstance(key.data, _Reply):
                 self._write(sel, key.data)
         self._expire(sel)
+        if self._accept_again is not None and time.monotonic() >= self._accept_again:
+            self._accept_again = None
+            if not self._closing:
+                sel.register(self.sock, selectors.EVENT_READ)
 
     def _next_timeout(self) -> float | None:
-        if not self._clients:
+        deadlines = [c.deadline for c in self._clients.values()]
+        if self._accept_again is not None:
+            deadlines.append(self._accept_again)
+        if not deadlines:
             return None
-        first = min(c.deadline for c in self._clients.values())
-        return max(0.0, first - time.monotonic())
+        return max(0.0, min(deadlines) - time.monotonic())
 
     def _accept(self, sel: selectors.BaseSelector) -> None:
         try:
             conn, _ = self.sock.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # the client gave up between poll and accept
+        except OSError as e:  # no fd or no memory for it: the listening socket stays readable
+            log.warning("control socket: cannot accept a connection: %s; trying again in "
+                        "%g s", e.strerror or e, ACCEPT_BACKOFF_S)  # fmt: skip
+            sel.unregister(self.sock)
+            self._accept_again = time.monotonic() + ACCEPT_BACKOFF_S
+            return
         conn.setblocking(False)
         if len(self._clients) >= self.max_clients:
             error = f"the monitor already serves {self.max_clients} control connections; try again"

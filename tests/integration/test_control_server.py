@@ -241,3 +241,35 @@ def test_control_reply_of_an_operation_ending_the_monitor_still_leaves(tmp_path,
     snapshot_op.release.set()
     closer.join()
     assert reply_of(snap) == {"ok": True, "done": True}
+
+
+class FailingAccept:
+    """The control socket, whose first accept() fails as a process out of fds sees it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.failures = sock, 1
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def test_control_accept_out_of_fds_pauses_accepting_and_serves_the_client_after(
+    tmp_path, snapshot_op, caplog
+):
+    """accept() failing with EMFILE ended the control thread: ctl went unanswered for the
+    VM's life. The loop stops accepting for a moment; the connection waits in the backlog."""
+    server = ControlServer(tmp_path, {"status": lambda req: {"state": "running"}}, ("status",))
+    server.sock = FailingAccept(server.sock)  # type: ignore[assignment]
+    server.start()
+    try:
+        reply = request(server.path, "status", timeout_s=30)
+    finally:
+        server.close()
+    assert (reply, server.sock.failures) == ({"ok": True, "state": "running"}, 0)  # type: ignore[attr-defined]
+    assert "cannot accept a connection: Too many open files" in caplog.text
