@@ -27,6 +27,7 @@ import time
 from collections import deque
 from typing import Protocol
 
+from splitvmm.protocol.wire import ACCESS_SIZES
 from splitvmm.record import Struct
 
 log = logging.getLogger("splitvmm.bus")
@@ -179,10 +180,11 @@ def _access_sizes(offset: int, length: int) -> list[tuple[int, int]]:
     aligned to its size): the part of a 4-byte access left in a window may be 3 bytes, which
     no device is ever sent (its frame decoder refuses one, and the device would fail)."""
     pieces = []
-    while length:
-        size = 8
-        while size > length or offset % size:
-            size //= 2
+    while length:  # 1 is always one: each step takes the largest that fits and is aligned
+        size = next(n for n in _LARGEST_FIRST if n <= length and offset % n == 0)
         pieces.append((offset, size))
         offset, length = offset + size, length - size
     return pieces
+
+
+_LARGEST_FIRST = sorted(ACCESS_SIZES, reverse=True)
