@@ -39,6 +39,8 @@ from pathlib import Path
 from splitvmm.errors import SplitvmmError, shown
 
 CONNECT_TIMEOUT_S = 2.0  # a local listener accepts at once; a full or stuck one is an error
+# O_NOCTTY: a terminal swapped in after the lstat, opened readable by a monitor that leads
+# its session, would be its controlling terminal from then on, refused by fstat or not
 BASE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 NEW_FILE_MODE = 0o600
 

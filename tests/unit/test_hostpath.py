@@ -235,3 +235,39 @@ def test_connect_unix_full_backlog_refused_without_hanging(listener):
 def test_connect_unix_missing_path_refused(tmp_path):
     with pytest.raises(HostFileError, match="nowhere.sock does not exist"):
         connect_unix(tmp_path / "nowhere.sock", "device 'serial0'.output")
+
+
+@pytest.mark.parametrize("access", [Access.READ, Access.READ_WRITE])
+def test_open_host_file_terminal_swapped_in_does_not_become_the_controlling_one(
+    monkeypatch, access
+):
+    """A terminal swapped in between the lstat and the open (a disk image path, say) is
+    refused by fstat, but a monitor leading its own session (setsid, as under a service
+    manager) that opened it readable without O_NOCTTY would have taken it as its
+    controlling terminal by then, and kept it after the close: that terminal's hang-up and
+    job control signals would reach the VM. Run in a child that leads a session and has no
+    terminal yet. (An output is opened write-only, which Linux never makes controlling.)"""
+    monkeypatch.setattr(hostpath, "_precheck", lambda *args: None)  # lose the race
+    leader, follower = os.openpty()
+    try:
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child's status is the result)
+            code = 1
+            try:
+                os.setsid()
+                try:
+                    os.close(open_host_file(os.ttyname(follower), "disk", access))
+                    code = 2  # a terminal accepted as a regular file
+                except HostFileError:
+                    try:
+                        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+                        code = 3  # /dev/tty opened: the refused file became our terminal
+                    except OSError:
+                        code = 0  # ENXIO: no controlling terminal
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert os.waitstatus_to_exitcode(status) == 0
