@@ -92,8 +92,9 @@ class Machine:
         launcher: Launcher | None = None,
     ) -> None:
         self.cfg = cfg
-        self._early_launcher = launcher  # started by `up` before its imports (ours to close)
-        self._launcher = launcher  # the launcher once there is one: stop() abandons requests
+        # The VM's launcher, ours to close: `up` starts it before its imports, or build() does.
+        # stop() abandons what it has not answered.
+        self._launcher = launcher
         self.snapshot = snapshot  # restore from it instead of booting
         self._runtime_root = runtime_root
         self.coordinator = Coordinator(self)
@@ -179,7 +180,8 @@ class Machine:
         # First, single-threaded, before /dev/kvm or guest RAM: the launcher holds nothing of
         # the VM (`up` starts it earlier still: cli/up.py). Closed after the devices
         # (_closables go in reverse).
-        self.launcher = self._launcher = self._early_launcher or Launcher.start()
+        if self._launcher is None:
+            self._launcher = Launcher.start()
         self._closables.append(self.launcher)
         self.launcher.configure(self.rundir.path)
         timings.mark("launcher configure sent")
@@ -416,6 +418,13 @@ class Machine:
             self._spawned_at[slot.name] = time.perf_counter()
             slot.launch()
         timings.mark("device launch requests")
+
+    @property
+    def launcher(self) -> Launcher:
+        """The VM's launcher: build() has one from its first steps on."""
+        if self._launcher is None:
+            raise RuntimeError("the machine has no launcher before build()")
+        return self._launcher
 
     # -- outcomes ---------------------------------------------------------------------
     @property
@@ -877,9 +886,9 @@ class Machine:
                 # the syncs failed first: before the rest, as before the closing thread.
                 _close_all(vm_fds)
                 _close_all(self._closables)
-                if self._early_launcher is not None:  # a build that failed before it took
-                    # the launcher among its closables (the runtime dir): a no-op after them
-                    _close_all([self._early_launcher])
+                if self._launcher is not None:  # a build that failed before it took the
+                    # launcher among its closables (the runtime dir): a no-op after them
+                    _close_all([self._launcher])
                 if vm_closer is not None:
                     _log_failure("closing the VM", vm_closer.wait())
                 self._wake.close()

@@ -233,7 +233,7 @@ def test_a_device_left_dead_raises_each_of_its_interrupts_once():
     try:
         m = bare_machine()
         m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
-        m.launcher = SimpleNamespace(exited=lambda: False)
+        m._launcher = SimpleNamespace(exited=lambda: False)
         m._spawns = [SimpleNamespace(name="blk0", fds=fds)]
         slot = SimpleNamespace(name="blk0", model="virtio-blk")
 
