@@ -181,6 +181,30 @@ def test_config_ports_write_to_bus_128_is_ignored() -> None:
     assert (ports.read(DATA, 4), fake.accesses) == (b"\xff" * 4, [])
 
 
+@pytest.mark.parametrize(
+    ("offset", "size", "want"),
+    [(3, 2, b"\xff\x86"), (2, 4, b"\xff\xff\x86\x80"), (3, 4, b"\xff\x86\x80\x37")],
+    ids=["word-0xcfb", "dword-0xcfa", "dword-0xcfb"],
+)
+def test_config_ports_read_from_0xcfb_into_0xcfc_reads_the_data_bytes(
+    ports: ConfigPorts, offset: int, size: int, want: bytes
+) -> None:
+    """The CPU splits a misaligned I/O access at the dword boundary (Intel SDM vol. 1, "I/O
+    Address Space"): the bytes from 0xCFC on are a cycle on CONFIG_DATA, no part of the
+    address register's dword. They read all-ones, though a function was latched."""
+    ports.write(0, cf8(0, 0, 0, 0))
+    assert ports.read(offset, size) == want
+
+
+def test_config_ports_write_from_0xcfb_into_0xcfc_reaches_the_function() -> None:
+    ports, fake = ports_with_fake_at(2)
+    ports.write(0, cf8(0, 2, 0, 0x44))
+    ports.write(2, b"\x00\x00\xab\xcd")  # 0xCFA-0xCFD: its last two bytes are data bytes 0-1
+    assert fake.accesses == [("w", 0x44, 2)]
+    assert fake.space[0x44:0x46] == b"\xab\xcd"
+    assert u32(ports.read(0, 4)) == ENABLE | 2 << 11 | 0x44  # the latch is left as it was
+
+
 @pytest.mark.parametrize("offset", [0, 2, 3], ids=["0xcf8", "0xcfa", "0xcfb"])
 def test_config_ports_rst_cpu_byte_beside_0xcf9_does_not_reset(offset: int) -> None:
     resets: list[None] = []

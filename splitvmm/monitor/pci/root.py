@@ -122,6 +122,8 @@ class ConfigPorts:
         self.write(0, (value & 0xFFFF_FFFF).to_bytes(4, "little"))
 
     def read(self, offset: int, size: int) -> bytes:
+        if offset < CONFIG_DATA_OFFSET < offset + size:
+            return b"".join(self.read(at, n) for at, n in _cycles(offset, size))
         if offset == 0 and size == 4:
             return self._address.to_bytes(4, "little")
         if offset < CONFIG_DATA_OFFSET:  # 0xCF8-0xCFB but not the address register
@@ -133,6 +135,10 @@ class ConfigPorts:
         return self.root.config_read(*target, size)
 
     def write(self, offset: int, data: bytes) -> None:
+        if offset < CONFIG_DATA_OFFSET < offset + len(data):
+            for at, n in _cycles(offset, len(data)):
+                self.write(at, data[at - offset : at - offset + n])
+            return
         if offset == 0 and len(data) == 4:
             with self._lock:
                 self._address = int.from_bytes(data, "little") & CONFIG_ADDRESS_MASK
@@ -158,6 +164,19 @@ class ConfigPorts:
         bus, device = (address >> 16) & 0xFF, (address >> 11) & 0x1F
         function, register = (address >> 8) & 0x7, address & (CONFIG_SPACE_SIZE - 4)
         return bus, device, function, register + byte
+
+
+def _cycles(offset: int, size: int) -> list[tuple[int, int]]:
+    """(offset, size) of each cycle of an access that runs from 0xCF8-0xCFB into 0xCFC: the
+    CPU splits a misaligned I/O access at the dword boundary (Intel SDM vol. 1, "I/O Address
+    Space"), so the bytes from 0xCFC on are a data-port access, as a byte enable pattern a
+    function takes (1 or 2 bytes, aligned: 3 go as 2 and 1)."""
+    below = CONFIG_DATA_OFFSET - offset
+    above = size - below  # 1 to 3 bytes of the data port
+    cycles = [(offset, below), (CONFIG_DATA_OFFSET, min(above, 2))]
+    if above == 3:
+        cycles.append((CONFIG_DATA_OFFSET + 2, 1))
+    return cycles
 
 
 class Ecam:
