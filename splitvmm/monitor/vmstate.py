@@ -28,8 +28,12 @@ Preconditions (the coordinator's job, DESIGN.md "Snapshot"):
 
 Save order (Firecracker vstate/vcpu/x86_64.rs save_state): MP state first, because
 KVM_GET_MP_STATE runs kvm_apic_accept_events(), which may change LAPIC and vCPU state; then
-regs, sregs, XSAVE (or FPU), XCRs, debug registers, LAPIC, TSC rate, CPUID, MSRs; vCPU events
-last, since the GETs before it may change what is pending.
+regs, sregs, XSAVE, XCRs, debug registers, LAPIC, TSC rate, CPUID, MSRs; vCPU events last,
+since the GETs before it may change what is pending. The x87/SSE state goes through the XSAVE
+area on a host without XSAVE too (KVM gives its FXSAVE image there, x87 and SSE in XSTATE_BV,
+so that it restores on any host): KVM_GET_FPU and KVM_SET_FPU carry no MXCSR (KVM reads the
+field as 0 and ignores it when set), and a guest's rounding mode, FTZ/DAZ and exception masks
+came back as the reset 0x1F80. Only snapshots of releases before that hold an FPU instead.
 
 Restore order (Firecracker restore_state, with QEMU's MSR ordering), each step and why:
  1. CPUID (KVM_SET_CPUID2) first: KVM checks most of what follows against it (XSAVE's
@@ -44,7 +48,8 @@ Restore order (Firecracker restore_state, with QEMU's MSR ordering), each step a
  5. sregs: CR0/CR4/EFER and the APIC base MSR. Before the LAPIC (whose register meaning
     depends on xAPIC/x2APIC mode in the APIC base) and before the MSRs (MSR writes are
     checked against EFER and the paging mode).
- 6. XSAVE (or FPU), then XCRs, as Firecracker and QEMU do.
+ 6. XSAVE (or an older snapshot's FPU), then XCRs, as Firecracker and QEMU do; none where
+    the host had no XSAVE: KVM saves none there and refuses KVM_SET_XCRS, even an empty one.
  7. debug registers.
  8. LAPIC: after sregs (APIC base), before the MSRs: KVM accepts IA32_TSC_DEADLINE only while
     the LAPIC timer is in TSC-deadline mode.
@@ -184,7 +189,9 @@ class VcpuHost(Struct, frozen=True):
     """What save and restore need to know about this host's KVM; probe it once per VM."""
 
     msr_indices: tuple[int, ...]  # KVM_GET_MSR_INDEX_LIST plus the MTRRs and MCE banks
-    xsave_size: int  # KVM_CAP_XSAVE2's size; 0 when the host has no XSAVE (FPU instead)
+    # KVM_CAP_XSAVE2's size (4 KiB or more since Linux 5.17, with XSAVE or without), else
+    # 4 KiB with KVM_CAP_XSAVE; 0 on an older kernel on a host without XSAVE
+    xsave_size: int
 
     @classmethod
     def probe(cls, kvm: Kvm, vm: VmFd | None = None) -> VcpuHost:
@@ -198,7 +205,8 @@ class VcpuHost(Struct, frozen=True):
 
 class VcpuState(Struct, frozen=True, kw_only=True):
     """One vCPU's architectural state. Exactly one of fpu/xsave is set: the XSAVE area holds
-    the legacy FPU/SSE state too, so FPU is kept only on a host without XSAVE."""
+    the legacy FPU/SSE state too, MXCSR included, which struct kvm_fpu does not; fpu is in
+    snapshots of releases that saved it on a host without XSAVE, and restored as they were."""
 
     VERSION: ClassVar[int] = 1
     UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
@@ -296,8 +304,7 @@ def save_vcpu(vcpu: VcpuFd, host: VcpuHost | None = None) -> VcpuState:
     mp_state = vcpu.get_mp_state()
     regs = vcpu.get_regs_dict()
     sregs = vcpu.get_sregs_dict()
-    xsave = vcpu.get_xsave(host.xsave_size) if host.xsave_size else None
-    fpu = None if xsave is not None else vcpu.get_fpu_bytes()
+    xsave = vcpu.get_xsave(host.xsave_size or XSAVE_MIN_SIZE)  # module docstring: not the FPU
     xcrs = vcpu.get_xcrs() if host.xsave_size else {}
     debugregs = vcpu.get_debugregs()
     lapic = bytes(vcpu.get_lapic())
@@ -310,7 +317,7 @@ def save_vcpu(vcpu: VcpuFd, host: VcpuHost | None = None) -> VcpuState:
         cpuid=cpuid,
         regs=regs,
         sregs=sregs,
-        fpu=fpu,
+        fpu=None,
         xsave=xsave,
         xcrs=xcrs,
         lapic=lapic,
@@ -334,7 +341,8 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
     vcpu.set_sregs_dict(state.sregs)
     if xsave is not None:
         vcpu.set_xsave(xsave)
-        vcpu.set_xcrs(state.xcrs)
+        if state.xcrs:  # none where the host had no XSAVE, and KVM refuses KVM_SET_XCRS there
+            vcpu.set_xcrs(state.xcrs)
     elif state.fpu is not None:
         if host.xsave_size:  # saved where there was no XSAVE: KVM_SET_FPU alone is not enough
             _mark_fpu_in_use(vcpu, host.xsave_size)
@@ -515,18 +523,21 @@ def _mark_fpu_in_use(vcpu: VcpuFd, size: int) -> None:
 
 
 def _fit_xsave(state: VcpuState, host: VcpuHost) -> bytes | None:
-    """The XSAVE bytes KVM_SET_XSAVE wants: it reads KVM_CAP_XSAVE2 bytes, so a smaller saved
-    area is padded with zeros (its xstate_bv does not name the extra components); a larger one
-    holds state this host cannot take."""
+    """The XSAVE bytes KVM_SET_XSAVE wants: it reads KVM_CAP_XSAVE2 bytes (the 4 KiB struct
+    kvm_xsave on a host without XSAVE, where it takes x87 and SSE state alone), so a smaller
+    saved area is padded with zeros (its xstate_bv does not name the extra components); a
+    larger one holds state this host cannot take. XCRs are saved only where the host had XSAVE:
+    a guest that ran with it cannot run here."""
     if state.xsave is None:
         if state.fpu is None:
             raise StateError("VcpuState: neither xsave nor fpu is set")
         return None
-    if not host.xsave_size:
+    if not host.xsave_size and state.xcrs:
         raise StateError("xsave: this host's KVM has no XSAVE (KVM_CAP_XSAVE)")
-    if len(state.xsave) > host.xsave_size:
-        raise StateError(f"xsave: {len(state.xsave)} bytes > this host's {host.xsave_size}")
-    return state.xsave.ljust(host.xsave_size, b"\0")
+    size = host.xsave_size or XSAVE_MIN_SIZE
+    if len(state.xsave) > size:
+        raise StateError(f"xsave: {len(state.xsave)} bytes > this host's {size}")
+    return state.xsave.ljust(size, b"\0")
 
 
 # -- codec ------------------------------------------------------------------------------------

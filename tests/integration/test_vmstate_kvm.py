@@ -71,6 +71,8 @@ XFEATURE_SSE = 1 << 1
 XFEATURE_X87 = 1 << 0
 FXSAVE_FCW = 0  # the x87 control word; its reset value is 0x37F
 FCW = 0x27F  # double precision, as a guest may set it
+FXSAVE_MXCSR = 24  # the SSE control and status register; its reset value is 0x1F80
+MXCSR = 0x7FC0  # round toward zero, denormals are zero, every exception masked
 FPU_XMM0 = ffi.offsetof("struct kvm_fpu", "xmm")
 APIC_TASKPRI = 0x80  # the LAPIC's TPR (SDM Vol. 3, table 11-1); CR8 mirrors it
 TPR = 0x20
@@ -356,9 +358,11 @@ def test_vmstate_fpu_state_restored_on_an_xsave_host_keeps_its_xmm_registers(kvm
     xsave[FXSAVE_FCW : FXSAVE_FCW + 2] = FCW.to_bytes(2, "little")
     xsave[XSAVE_XSTATE_BV] |= XFEATURE_X87 | XFEATURE_SSE
     v0.set_xsave(bytes(xsave))
-    # What VcpuHost.probe says on a host without XSAVE (KVM_CAP_XSAVE 0): save_vcpu keeps FPU
-    no_xsave = replace(VcpuHost.probe(kvm, first.vm), xsave_size=0)
-    states = [save_vcpu(v, no_xsave) for v in first.vcpus]
+    # A state of a release that saved KVM_GET_FPU where the host had no XSAVE (fpu, no xsave)
+    host = VcpuHost.probe(kvm, first.vm)
+    states = [
+        replace(save_vcpu(v, host), fpu=v.get_fpu_bytes(), xsave=None, xcrs={}) for v in first.vcpus
+    ]
     vm, ram = save_vm(first.vm), bytes(first.ram)
     first.close()
     assert states[0].xsave is None and states[0].fpu is not None
@@ -379,3 +383,33 @@ def test_vmstate_fpu_state_restored_on_an_xsave_host_keeps_its_xmm_registers(kvm
     assert int.from_bytes(area[FXSAVE_FCW : FXSAVE_FCW + 2], "little") == FCW
     assert resaved.xsave is not None
     assert resaved.xsave[FXSAVE_XMM0 : FXSAVE_XMM0 + 16] == XMM0
+
+
+def test_vmstate_mxcsr_survives_a_restore_on_a_host_without_xsave(kvm: Kvm) -> None:
+    """Where the host has no XSAVE (KVM_CAP_XSAVE 0: an old CPU, a host booted `noxsave`),
+    the legacy FPU/SSE state went through KVM_GET_FPU and KVM_SET_FPU, and KVM carries no
+    MXCSR in either (struct kvm_fpu has the field; KVM reads 0 and writes nothing): the
+    guest's rounding mode, FTZ/DAZ and exception masks came back as the reset 0x1F80.
+    KVM_GET_XSAVE and KVM_SET_XSAVE work without XSAVE too (the FXSAVE image, x87 and SSE
+    in XSTATE_BV), MXCSR included."""
+    first = make_guest(kvm)
+    v0 = first.vcpus[0]
+    xsave = bytearray(v0.get_xsave())
+    xsave[FXSAVE_MXCSR : FXSAVE_MXCSR + 4] = MXCSR.to_bytes(4, "little")
+    xsave[XSAVE_XSTATE_BV] |= XFEATURE_X87 | XFEATURE_SSE
+    v0.set_xsave(bytes(xsave))
+    # What VcpuHost.probe says on a host without XSAVE (KVM_CAP_XSAVE 0)
+    no_xsave = replace(VcpuHost.probe(kvm, first.vm), xsave_size=0)
+    states = [save_vcpu(v, no_xsave) for v in first.vcpus]
+    vm, ram = save_vm(first.vm), bytes(first.ram)
+    first.close()
+
+    second = make_guest(kvm, ram)
+    try:
+        restore_vm(second.vm, vm)
+        for v, state in zip(second.vcpus, states, strict=True):
+            restore_vcpu(v, state, no_xsave)
+        area = second.vcpus[0].get_xsave()  # what KVM loads into the CPU
+    finally:
+        second.close()
+    assert hex(int.from_bytes(area[FXSAVE_MXCSR : FXSAVE_MXCSR + 4], "little")) == hex(MXCSR)

@@ -6,6 +6,7 @@ No /dev/kvm: struct sizes and field widths come from the header through the buil
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import re
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from splitvmm.errors import StateError
+from splitvmm.errors import KvmError, StateError
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.cpuid import EXT1_ECX_SVM, LEAF1_ECX_VMX, LEAF7_ECX_WAITPKG, never_offered
 from splitvmm.monitor.vmstate import (
@@ -388,6 +389,53 @@ def test_vmstate_restore_vcpu_refuses_xsave_larger_than_host_before_any_ioctl() 
 
     with pytest.raises(StateError, match="xsave: 8192 bytes > this host's 4096"):
         restore_vcpu(vcpu, state, HOST)  # type: ignore[arg-type]
+    assert vcpu.calls == []
+
+
+NO_XSAVE = replace(HOST, xsave_size=0)  # what VcpuHost.probe says where KVM_CAP_XSAVE is 0
+
+
+def test_vmstate_save_vcpu_without_xsave_reads_the_xsave_area_not_kvm_fpu() -> None:
+    """KVM_GET_FPU carries no MXCSR (KVM leaves its field 0, and KVM_SET_FPU ignores it);
+    KVM_GET_XSAVE gives the FXSAVE image, MXCSR included, on a host without XSAVE too."""
+    answers = {**SAVE_ANSWERS, "get_xsave": bytes(XSAVE_MIN_SIZE)}
+    vcpu = FakeVcpu(get_msrs=lambda indices: {i: 0 for i in indices}, **answers)
+
+    state = save_vcpu(vcpu, NO_XSAVE)  # type: ignore[arg-type]
+
+    assert (len(state.xsave or b""), state.fpu, state.xcrs) == (XSAVE_MIN_SIZE, None, {})
+    assert [n for n in vcpu.names if "xcrs" in n or "fpu" in n] == []  # EINVAL there
+
+
+def test_vmstate_restore_vcpu_without_xsave_sets_the_xsave_area_and_no_xcrs() -> None:
+    """KVM takes x87/SSE state through KVM_SET_XSAVE without XSAVE, and refuses KVM_SET_XCRS."""
+    vcpu = FakeVcpu(tsc_khz=2_596_134)
+
+    restore_vcpu(vcpu, vcpu_state(xcrs={}), NO_XSAVE)  # type: ignore[arg-type]
+
+    assert [n for n in vcpu.names if "xsave" in n or "xcrs" in n] == ["set_xsave"]
+
+
+def refuse_without_xsave(xcrs: dict[int, int]) -> None:
+    raise KvmError(errno.EINVAL, "KVM_SET_XCRS")  # any KVM on a host without XSAVE
+
+
+def test_vmstate_restore_vcpu_gives_no_xcrs_to_a_kvm_with_xsave2_but_no_xsave() -> None:
+    """Since Linux 5.17 KVM_CAP_XSAVE2 says 4 KiB on a host without XSAVE too, where
+    KVM_GET_XCRS gives none and KVM_SET_XCRS fails, even with none: every restore failed."""
+    vcpu = FakeVcpu(tsc_khz=2_596_134, set_xcrs=refuse_without_xsave)
+
+    restore_vcpu(vcpu, vcpu_state(xcrs={}), HOST)  # type: ignore[arg-type]
+
+    assert "set_vcpu_events" in vcpu.names
+
+
+def test_vmstate_restore_vcpu_without_xsave_refuses_a_state_with_xcrs() -> None:
+    """XCRs are saved only where the host had XSAVE: its guest ran with XSAVE enabled."""
+    vcpu = FakeVcpu()
+
+    with pytest.raises(StateError, match="xsave: this host's KVM has no XSAVE"):
+        restore_vcpu(vcpu, vcpu_state(), NO_XSAVE)  # type: ignore[arg-type]
     assert vcpu.calls == []
 
 
