@@ -29,9 +29,9 @@ DSE is kept but the 1980s US daylight-saving jumps it asks for are not made (QEM
 either; PC firmware and Linux keep DSE at 0).
 
 Update cycle. Each second of guest time the registers advance; UIP (register A bit 7) is 1
-from 244 us before that instant to the end of the 1984 us update cycle, so a driver that
-waits for UIP to clear and then reads sees one consistent time (or re-reads, as Linux's
-mc146818_get_time does when the seconds moved).
+from 244 us before that instant to the end of the update cycle (1984 us at 32.768 kHz, 248 us
+at the MHz time bases), so a driver that waits for UIP to clear and then reads sees one
+consistent time (or re-reads, as Linux's mc146818_get_time does when the seconds moved).
 
 Interrupts. PF, AF and UF (register C) are set when their events pass whether or not they
 are enabled, worked out from the time that passed whenever the guest looks; IRQF is a flag
@@ -65,6 +65,7 @@ NS = 1_000_000_000
 TIME_BASE_HZ = 32768  # the PC's crystal: DV = 010
 UIP_LEAD_NS = 8 * NS // TIME_BASE_HZ  # UIP rises 244 us before an update (tBUC)
 UPDATE_CYCLE_NS = 1_984_000  # and stays up for the update cycle (tUC at 32.768 kHz)
+UPDATE_CYCLE_MHZ_NS = 248_000  # tUC at 4.194304 and 1.048576 MHz (DV 000, 001)
 HALF_SECOND_NS = NS // 2
 DAY_S = 86400
 EPOCH = date(1970, 1, 1).toordinal()
@@ -424,11 +425,18 @@ class Mc146818(RegisterDevice):
         phase = self._guest_ns() % NS
         if phase >= NS - UIP_LEAD_NS:
             return True
-        return phase < UPDATE_CYCLE_NS and not self._in_aborted_cycle()
+        return phase < self._cycle_ns() and not self._in_aborted_cycle()
+
+    def _cycle_ns(self) -> int:
+        """tUC, how long an update cycle lasts: the datasheet's table of update-cycle times
+        gives 1984 us with the 32.768 kHz time base, 248 us with the two MHz ones."""
+        if self._cmos[Reg.FREQ_SELECT] & RegA.DIV_CTL < REF_CLCK_32KHZ:
+            return UPDATE_CYCLE_MHZ_NS
+        return UPDATE_CYCLE_NS
 
     def _in_aborted_cycle(self) -> bool:
         g = self._guest_ns()
-        return g // NS == self._aborted_s and g % NS < UPDATE_CYCLE_NS
+        return g // NS == self._aborted_s and g % NS < self._cycle_ns()
 
     def _latch(self) -> None:
         """The time registers take the current time: from now on they hold raw bytes."""
@@ -452,7 +460,7 @@ class Mc146818(RegisterDevice):
         UIP stays low and no UF (nor AF) comes at its end; the next update is a second
         after that tick, with the divider's phase kept."""
         self._unlatch(phase_ns)
-        if phase_ns < UPDATE_CYCLE_NS:
+        if phase_ns < self._cycle_ns():
             self._aborted_s = self._guest_ns() // NS
 
     def _latched_s(self) -> int:
@@ -516,7 +524,7 @@ class Mc146818(RegisterDevice):
             self._cmos[Reg.INTR_FLAGS] |= RegC.PF
         if self._cmos[Reg.CONTROL] & RegB.SET:
             return  # no update cycles while the time is being set
-        first, last = self._updates_from(g0), (g - UPDATE_CYCLE_NS) // NS
+        first, last = self._updates_from(g0), (g - self._cycle_ns()) // NS
         if first <= last:
             self._cmos[Reg.INTR_FLAGS] |= RegC.UF
             alarm = self._next_alarm(first)
@@ -525,7 +533,7 @@ class Mc146818(RegisterDevice):
 
     def _updates_from(self, g: int) -> int:
         """The first second whose update cycle ends after guest ns `g` (not the aborted one)."""
-        first = (g - UPDATE_CYCLE_NS) // NS + 1
+        first = (g - self._cycle_ns()) // NS + 1
         return first + 1 if first == self._aborted_s else first
 
     def _period_ticks(self) -> int:
@@ -593,10 +601,10 @@ class Mc146818(RegisterDevice):
         if not control & RegB.SET:
             next_update = self._updates_from(g)
             if control & RegB.UIE:
-                events.append(next_update * NS + UPDATE_CYCLE_NS)
+                events.append(next_update * NS + self._cycle_ns())
             alarm = self._next_alarm(next_update) if control & RegB.AIE else None
             if alarm is not None:
-                events.append(alarm * NS + UPDATE_CYCLE_NS)
+                events.append(alarm * NS + self._cycle_ns())
         return min(events, default=None)
 
     # -- state ----------------------------------------------------------------------------------

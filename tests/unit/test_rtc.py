@@ -455,6 +455,24 @@ def test_rtc_uip_rises_244us_before_an_update_and_falls_after_the_cycle(phase, u
     assert rd(rtc, Reg.FREQ_SELECT) == 0x26 | uip
 
 
+@pytest.mark.parametrize("time_base", [0x00, 0x10], ids=["4.194304MHz", "1.048576MHz"])
+def test_rtc_update_cycle_at_the_mhz_time_bases_lasts_248us(time_base):
+    """MC146818A table 5 (update-cycle times): tUC is 248 us with the 4.194304 and 1.048576
+    MHz time bases, 1984 us only with 32.768 kHz (tBUC is 244 us with all three). UIP falls,
+    and UF is set, at the end of that cycle."""
+    rtc, clock, _ = make_rtc(phase=HALF)
+    wr(rtc, Reg.FREQ_SELECT, time_base)  # RS 0: no periodic flag in the way
+    rd(rtc, Reg.INTR_FLAGS)
+    clock.advance(HALF + 248_000 - 1)
+    during = (rd(rtc, Reg.FREQ_SELECT) & RegA.UIP, rd(rtc, Reg.INTR_FLAGS))
+    clock.advance(1)
+    assert (during, rd(rtc, Reg.FREQ_SELECT) & RegA.UIP, rd(rtc, Reg.INTR_FLAGS)) == (
+        (RegA.UIP, 0),
+        0,
+        RegC.UF,
+    )
+
+
 def test_rtc_uip_is_clear_while_set():
     rtc, _, _ = make_rtc(phase=0)
     wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24)
