@@ -25,8 +25,12 @@ the calendar and the day of the week run on across the wrap. Leap years are the 
 calendar's, century byte included (2100 has no 29 February; 0000 and 2000 have one), as the
 PC's firmware and Linux read the clock; the bare chip, which knows no century, takes every
 fourth year.
-DSE is kept but the 1980s US daylight-saving jumps it asks for are not made (QEMU does not
-either; PC firmware and Linux keep DSE at 0).
+DSE (register B bit 0) makes the datasheet's two special updates: on the last Sunday in April
+1:59:59 AM goes to 3:00:00 AM; on the last Sunday in October, the first time 1:59:59 AM comes,
+to 1:00:00 AM. Both move the offset by an hour at that update; the day of the week is the
+register's (a chip knows no other), and which October update fell back is state, so that the
+repeated hour runs into 2:00:00 AM after a restore too. (QEMU makes no jump; PC firmware and
+Linux keep DSE at 0.)
 
 Update cycle. Each second of guest time the registers advance; UIP (register A bit 7) is 1
 from 244 us before that instant to the end of the update cycle (1984 us at 32.768 kHz, 248 us
@@ -46,7 +50,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import date
 from typing import Annotated, ClassVar, Protocol, Self
 
@@ -81,6 +85,10 @@ PERIOD_S = CALENDAR_YEARS // CYCLE_YEARS * CYCLE_DAYS * DAY_S
 # year 0000 (fields out of range carry a little past it), the host's clock is after 1970.
 MAX_OFFSET_NS = PERIOD_S * NS
 MAX_GUEST_NS = (1 << 63) + MAX_OFFSET_NS  # a guest time: CLOCK_REALTIME ns plus an offset
+# DSE's special updates: the one that would show 2:00:00 AM on the last Sunday of April or
+# October (its month, and that month's last day) moves the clock by that many seconds.
+DSE_UPDATE_S = 2 * 3600
+DSE_JUMPS = ((4, 30, 3600), (10, 31, -3600))
 ALARM_DONT_CARE = 0xC0  # an alarm byte with both top bits set matches any value
 BASES = ("utc", "localtime")
 
@@ -126,7 +134,7 @@ class RegB(enum.IntFlag):
     SQWE = 0x08  # square wave (no pin here: kept only)
     DM_BINARY = 0x04  # binary, not BCD
     H24 = 0x02  # 24-hour mode
-    DST_EN = 0x01  # daylight saving (kept only)
+    DST_EN = 0x01  # daylight saving (DSE): the April and October jumps
 
 
 class RegC(enum.IntFlag):
@@ -228,11 +236,11 @@ class RtcState(DeviceState, frozen=True, kw_only=True):
     """cmos: the 128 bytes as the guest would read them, with register A's UIP clear and
     register C's IRQF left out (both derived); the time registers are restored from it
     only while they are held (SET, or the divider not running), else from offset_ns.
-    v2 added aborted_s, v3 synced_ns. Releases before DV 000 and 001 ran the clock held
-    them as a reset does: such a v3 state restores running from offset_ns, the time the
-    clock would show had it run all along."""
+    v2 added aborted_s, v3 synced_ns, v4 fell_back_s. Releases before DV 000 and 001 ran
+    the clock held them as a reset does: such a v3 state restores running from offset_ns,
+    the time the clock would show had it run all along."""
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4
     offset_ns: int = 0  # guest clock minus the host's wall clock: survives a restore
     index: int = 0  # the last byte written to port 0x70 (bit 7: NMI disabled)
     cmos: bytes = _power_on_cmos()
@@ -244,9 +252,13 @@ class RtcState(DeviceState, frozen=True, kw_only=True):
     # clock sets those that came since (a restart's gap: an alarm in it still goes off). None
     # (states before v3): from the restore on.
     synced_ns: int | None = None
+    # The guest second of the update DSE turned from 2:00:00 back to 1:00:00 AM (the last one
+    # it did): when the clock reaches it again, it runs on. None: no fall back made (or v3).
+    fell_back_s: int | None = None
     UPGRADES: ClassVar[Mapping[int, Upgrade]] = {
         1: lambda f: {**f, "aborted_s": None},
         2: lambda f: {**f, "synced_ns": None},
+        3: lambda f: {**f, "fell_back_s": None},
     }
 
 
@@ -270,6 +282,7 @@ class Mc146818(RegisterDevice):
         # flags in C account for the events up to this guest time
         self._synced_ns = self._guest_ns() if s.synced_ns is None else s.synced_ns
         self._aborted_s = s.aborted_s  # the second whose update SET aborted (_unset)
+        self._fell_back_s = s.fell_back_s  # the October update DSE turned back (_daylight_saving)
         self._line = self._irqf()  # the IRQ line as last driven (an edge was sent if high)
         self._quiesced = False
         # The host instant a restart's checkpoint accounts for (its last sync): _begin
@@ -478,8 +491,7 @@ class Mc146818(RegisterDevice):
     def _encoded(self, seconds: int) -> dict[int, int]:
         """The time registers for a second of guest time, in the mode register B says."""
         days, clock = divmod(seconds, DAY_S)
-        cycles, day_in_cycle = divmod(days - CYCLE_START_DAY, CYCLE_DAYS)
-        day = date.fromordinal(EPOCH + CYCLE_START_DAY + day_in_cycle)
+        cycles, day = _calendar(days)
         year = (day.year + cycles * CYCLE_YEARS) % CALENDAR_YEARS
         enc = self._encode
         return {
@@ -514,22 +526,65 @@ class Mc146818(RegisterDevice):
 
     # -- events and the interrupt line ------------------------------------------------------
     def _sync(self) -> None:
-        """Set the flags of every event between the last sync and now."""
+        """Set the flags of every event between the last sync and now (making DSE's jumps)."""
         g0, g = self._synced_ns, self._guest_ns()
         self._synced_ns = g
         if g <= g0 or not self._running():
             return
-        period = self._period_ticks()
+        period = self._period_ticks()  # a jump is whole periods: PF is the same either side
         if period and _ticks(g) // period > _ticks(g0) // period:
             self._cmos[Reg.INTR_FLAGS] |= RegC.PF
         if self._cmos[Reg.CONTROL] & RegB.SET:
             return  # no update cycles while the time is being set
         first, last = self._updates_from(g0), (g - self._cycle_ns()) // NS
-        if first <= last:
+        runs = [(first, last)]  # the seconds the updates showed (none where last < first)
+        if self._cmos[Reg.CONTROL] & RegB.DST_EN:
+            runs = self._daylight_saving(g0, first)  # before, between and after its jumps
+            self._synced_ns = self._guest_ns()
+        for first, last in runs:
+            if first > last:
+                continue
             self._cmos[Reg.INTR_FLAGS] |= RegC.UF
             alarm = self._next_alarm(first)
-            if alarm is not None and alarm <= last:
+            if alarm is None:
+                break  # a value the clock never shows: no run matches it
+            if alarm <= last:
                 self._cmos[Reg.INTR_FLAGS] |= RegC.AF
+                break
+
+    def _daylight_saving(self, g0: int, first: int) -> list[tuple[int, int]]:
+        """Make DSE's jumps whose updates began after guest ns `g0` and by now; the runs of
+        updates (first to last second) before, between and after them. A jump's update
+        starts the run after it: its UF and its alarm match are those of the time it shows."""
+        runs = []
+        for update, shift in self._dse_jumps(g0 // NS + 1):
+            if update * NS > self._guest_ns():
+                break
+            runs.append((first, update - 1))
+            self._offset_ns += shift * NS
+            self._aborted_s = None  # a fall back may come to the second of an aborted cycle
+            if shift < 0:
+                self._fell_back_s = update
+            first = update + shift
+        return [*runs, (first, (self._guest_ns() - self._cycle_ns()) // NS)]
+
+    def _dse_jumps(self, start: int) -> Iterator[tuple[int, int]]:
+        """DSE's special updates from guest second `start` on, in order, each as the second
+        it would show without DSE (2:00:00 AM) and the seconds it moves the clock by. The last
+        Sunday of a month is the last day of it whose day of the week register shows 1; an
+        October update that fell back already is not one again."""
+        cycles, day = _calendar(-((DSE_UPDATE_S - start) // DAY_S))  # first 2 AM from start
+        year = day.year
+        while True:
+            for month, last, shift in DSE_JUMPS:
+                end = date(year, month, last).toordinal() - EPOCH + cycles * CYCLE_DAYS
+                sunday = end - (_weekday(end * DAY_S) + self._weekday_shift) % 7
+                update = sunday * DAY_S + DSE_UPDATE_S
+                if update >= start and not (shift < 0 and update == self._fell_back_s):
+                    yield update, shift
+            year += 1
+            if year == CYCLE_START + CYCLE_YEARS:  # `date` holds one cycle: on to the next
+                year, cycles = CYCLE_START, cycles + 1
 
     def _updates_from(self, g: int) -> int:
         """The first second whose update cycle ends after guest ns `g` (not the aborted one)."""
@@ -605,6 +660,9 @@ class Mc146818(RegisterDevice):
             alarm = self._next_alarm(next_update) if control & RegB.AIE else None
             if alarm is not None:
                 events.append(alarm * NS + self._cycle_ns())
+            if alarm is not None and control & RegB.DST_EN:
+                # The next jump moves the alarm's instant: it is reckoned again from there.
+                events.append(next(self._dse_jumps(g // NS + 1))[0] * NS)
         return min(events, default=None)
 
     # -- state ----------------------------------------------------------------------------------
@@ -626,6 +684,7 @@ class Mc146818(RegisterDevice):
             weekday_shift=self._weekday_shift,
             aborted_s=self._aborted_s if self._in_aborted_cycle() else None,
             synced_ns=self._synced_ns,
+            fell_back_s=self._fell_back_s,
         )
 
     @classmethod
@@ -647,6 +706,8 @@ class Mc146818(RegisterDevice):
             _check_int("aborted_s", state.aborted_s, -MAX_OFFSET_NS // NS, MAX_GUEST_NS // NS)
         if state.synced_ns is not None:
             _check_int("synced_ns", state.synced_ns, -MAX_OFFSET_NS, MAX_GUEST_NS)
+        if state.fell_back_s is not None:
+            _check_int("fell_back_s", state.fell_back_s, -MAX_OFFSET_NS // NS, MAX_GUEST_NS // NS)
         rtc = cls(ctx, state, clock)
         if rtc._line and not ctx.restarted:
             # Its edge went out before the save, but KVM injects it from a worker, maybe
@@ -666,6 +727,13 @@ def _divider_runs(a: int) -> bool:
 def _holds(a: int, b: int) -> bool:
     """Whether registers A and B hold the time registers still (SET, or no running divider)."""
     return bool(b & RegB.SET) or not _divider_runs(a)
+
+
+def _calendar(day: int) -> tuple[int, date]:
+    """A day since the epoch as its date in the 400-year cycle from 2000, and how many whole
+    cycles that date is from its own."""
+    cycles, day_in_cycle = divmod(day - CYCLE_START_DAY, CYCLE_DAYS)
+    return cycles, date.fromordinal(EPOCH + CYCLE_START_DAY + day_in_cycle)
 
 
 def _weekday(seconds: int) -> int:

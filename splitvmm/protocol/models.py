@@ -404,7 +404,7 @@ RTC = ModelDescriptor(
     transport=PortWindow(base=0x70, size=2, irq=8, acpi_hid="PNP0B00"),
     options=(Option("base", str, "utc", choices=("utc", "localtime")),),
     fds=(FdRole("irq", FdKind.IRQ),),
-    state_version=3,
+    state_version=4,
     default_device="rtc",
     machine_facts=True,
     # register A = 32.768 kHz time base at rate 3 (8192 Hz), B = periodic interrupt on,

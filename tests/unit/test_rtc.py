@@ -1143,8 +1143,8 @@ def test_resume_refuses_replay_times_that_do_not_give_one_time_per_frame(times):
 
 
 def test_rtc_state_from_a_newer_version_is_refused():
-    doc = {**codec.state_document("rtc", RtcState()), "version": 4}
-    with pytest.raises(StateError, match="version 4 is newer than this splitvmm reads"):
+    doc = {**codec.state_document("rtc", RtcState()), "version": 5}
+    with pytest.raises(StateError, match="version 5 is newer than this splitvmm reads"):
         codec.state_from_document("rtc", RtcState, doc)
 
 
@@ -1258,3 +1258,220 @@ def test_rtc_restored_with_its_line_high_sends_its_edge():
     Mc146818.restore(DeviceContext(irq=restored_irq), state, clock)
 
     assert restored_irq.count == 1
+
+
+# -- daylight saving (register B's DSE) -------------------------------------------------------
+# MC146818A register B, DSE: "On the last Sunday in April the time increments from 1:59:59 AM
+# to 3:00:00 AM. On the last Sunday in October when the time first reaches 1:59:59 AM it
+# changes to 1:00:00 AM." In 2025 those Sundays are 27 April and 26 October.
+SPRING = datetime(2025, 4, 27, 1, 59, 59, tzinfo=UTC)
+FALL = datetime(2025, 10, 26, 1, 59, 59, tzinfo=UTC)
+HMS_DATE = (Reg.HOURS, Reg.MINUTES, Reg.SECONDS, Reg.DAY_OF_WEEK, Reg.DAY_OF_MONTH)
+DSE_MODE_IDS = ["bcd-24h", "binary-24h", "bcd-12h", "binary-12h"]
+
+
+@pytest.mark.parametrize(
+    "control,before,after",
+    [
+        (RegB.H24, (0x01, 0x59, 0x59, 0x01, 0x27), (0x03, 0x00, 0x00, 0x01, 0x27)),
+        (RegB.H24 | RegB.DM_BINARY, (1, 59, 59, 1, 27), (3, 0, 0, 1, 27)),
+        (0, (0x01, 0x59, 0x59, 0x01, 0x27), (0x03, 0x00, 0x00, 0x01, 0x27)),  # AM: no bit 7
+        (RegB.DM_BINARY, (1, 59, 59, 1, 27), (3, 0, 0, 1, 27)),
+    ],
+    ids=DSE_MODE_IDS,
+)
+def test_rtc_dse_springs_from_1_59_59_am_to_3_00_00_on_the_last_sunday_of_april(
+    control, before, after
+):
+    rtc, clock, _ = make_rtc(SPRING, phase=HALF)
+    wr(rtc, Reg.CONTROL, control | RegB.DST_EN)
+    first = regs(rtc, HMS_DATE)
+    clock.advance(HALF)
+    assert (first, regs(rtc, HMS_DATE)) == (before, after)
+
+
+@pytest.mark.parametrize(
+    "control,fell_back,second_pass",
+    [
+        (RegB.H24, (0x01, 0x00, 0x00, 0x01, 0x26), (0x02, 0x00, 0x00, 0x01, 0x26)),
+        (RegB.H24 | RegB.DM_BINARY, (1, 0, 0, 1, 26), (2, 0, 0, 1, 26)),
+        (0, (0x01, 0x00, 0x00, 0x01, 0x26), (0x02, 0x00, 0x00, 0x01, 0x26)),
+        (RegB.DM_BINARY, (1, 0, 0, 1, 26), (2, 0, 0, 1, 26)),
+    ],
+    ids=DSE_MODE_IDS,
+)
+def test_rtc_dse_falls_back_to_1_00_00_am_once_on_the_last_sunday_of_october(
+    control, fell_back, second_pass
+):
+    """The hour from 1:00:00 to 1:59:59 AM runs twice; the second time 1:59:59 reaches
+    2:00:00, as on any other day."""
+    rtc, clock, _ = make_rtc(FALL, phase=HALF)
+    wr(rtc, Reg.CONTROL, control | RegB.DST_EN)
+    clock.advance(HALF)
+    first = regs(rtc, HMS_DATE)
+    clock.advance(3600 * NS)
+    assert (first, regs(rtc, HMS_DATE)) == (fell_back, second_pass)
+
+
+@pytest.mark.parametrize("day", [SPRING, FALL], ids=["april", "october"])
+@pytest.mark.parametrize(
+    "control,after", [(RegB.H24, 0x14), (RegB.H24 | RegB.DM_BINARY, 14), (0, 0x82),
+                      (RegB.DM_BINARY, 0x82)], ids=DSE_MODE_IDS,
+)  # fmt: skip
+def test_rtc_dse_leaves_1_59_59_pm_alone(day, control, after):
+    """The jumps are at 1:59:59 AM: the same time in the afternoon (13:59:59, or 1:59:59
+    PM with bit 7 in 12-hour mode) runs into 2 PM."""
+    rtc, clock, _ = make_rtc(day.replace(hour=13), phase=HALF)
+    wr(rtc, Reg.CONTROL, control | RegB.DST_EN)
+    clock.advance(HALF)
+    assert rd(rtc, Reg.HOURS) == after
+
+
+@pytest.mark.parametrize(
+    "day,control",
+    [
+        (SPRING.replace(day=20), RegB.H24 | RegB.DST_EN),  # a Sunday, not the last of April
+        (FALL.replace(day=19), RegB.H24 | RegB.DST_EN),
+        (SPRING.replace(day=30), RegB.H24 | RegB.DST_EN),  # the last day, a Wednesday
+        (SPRING, RegB.H24),  # DSE clear: no jump ("these special updates do not occur")
+        (FALL, RegB.H24),
+    ],
+    ids=["april-20", "october-19", "april-30", "april-dse-clear", "october-dse-clear"],
+)
+def test_rtc_dse_makes_no_jump_on_other_days_or_when_clear(day, control):
+    rtc, clock, _ = make_rtc(day, phase=HALF)
+    wr(rtc, Reg.CONTROL, control)
+    clock.advance(HALF)
+    assert regs(rtc, (Reg.HOURS, Reg.MINUTES, Reg.SECONDS)) == (0x02, 0x00, 0x00)
+
+
+def test_rtc_dse_sunday_is_the_day_of_week_register_s():
+    """The chip counts the day of the week in its own register (1 is Sunday) and knows no
+    other: a guest that set Saturday 26 April 2025 as day 1 springs forward that night, and
+    not on the 27th, which its register shows as day 2."""
+    rtc, clock, _ = make_rtc(SPRING.replace(day=26), phase=HALF)
+    set_time(rtc, {Reg.DAY_OF_WEEK: 0x01})
+    wr(rtc, Reg.CONTROL, RegB.H24 | RegB.DST_EN)
+    clock.advance(HALF)
+    saturday = rd(rtc, Reg.HOURS)
+    clock.advance(86400 * NS - 3600 * NS)  # 1:59:59.5 + 0.5 s on the 27th
+    assert (saturday, regs(rtc, (Reg.HOURS, Reg.DAY_OF_WEEK, Reg.DAY_OF_MONTH))) == (
+        0x03,
+        (0x02, 0x02, 0x27),
+    )
+
+
+def test_rtc_dse_alarm_after_the_spring_jump_comes_an_hour_sooner():
+    """An alarm at 3:00:05 AM on that Sunday goes off 5.5 s after 1:59:59.5, not an hour
+    and 5.5 s later."""
+    rtc, clock, irq = make_rtc(SPRING, phase=HALF)
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, Reg.SECONDS_ALARM, 0x05)
+    wr(rtc, Reg.MINUTES_ALARM, 0x00)
+    wr(rtc, Reg.HOURS_ALARM, 0x03)
+    wr(rtc, Reg.CONTROL, RegB.AIE | RegB.H24 | RegB.DST_EN)
+    rd(rtc, Reg.INTR_FLAGS)
+    waited = run_to_deadline(rtc, clock)  # the jump: the alarm is reckoned again from 3 AM
+    waited += run_to_deadline(rtc, clock)
+    assert (waited, irq.count, rd(rtc, Reg.INTR_FLAGS) & RegC.AF) == (
+        pytest.approx(5.5 + UPDATE_CYCLE_NS / NS, abs=1e-9),
+        1,
+        RegC.AF,
+    )
+
+
+def test_rtc_dse_alarm_in_the_repeated_hour_goes_off_twice():
+    """An alarm at 1:30:00 AM on the last Sunday of October matches in both passes of
+    the hour, an hour apart."""
+    rtc, clock, irq = make_rtc(FALL.replace(minute=29), phase=HALF)
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, Reg.SECONDS_ALARM, 0x00)
+    wr(rtc, Reg.MINUTES_ALARM, 0x30)
+    wr(rtc, Reg.HOURS_ALARM, 0x01)
+    wr(rtc, Reg.CONTROL, RegB.AIE | RegB.H24 | RegB.DST_EN)
+    rd(rtc, Reg.INTR_FLAGS)
+    run_to_deadline(rtc, clock)  # 1:30:00, the first time
+    rd(rtc, Reg.INTR_FLAGS)
+    waited = run_to_deadline(rtc, clock)  # the fall back at what would be 2:00:00
+    waited += run_to_deadline(rtc, clock)
+    assert (waited, irq.count, regs(rtc, (Reg.HOURS, Reg.MINUTES, Reg.SECONDS))) == (
+        pytest.approx(3600, abs=1e-9),
+        2,
+        (0x01, 0x30, 0x00),
+    )
+
+
+def test_rtc_dse_fall_back_into_a_cycle_set_had_aborted_is_an_update():
+    """SET released 0.5 ms into the 1:00:00 AM update aborted it (no UIP, no UF); an hour
+    later the clock falls back to that same second, by an update that runs: UIP is 1 in
+    its 1984 us, and UF comes at its end."""
+    rtc, clock, _ = make_rtc(FALL.replace(minute=0, second=0), phase=500_000)
+    wr(rtc, Reg.FREQ_SELECT, 0x20)
+    wr(rtc, Reg.CONTROL, RegB.SET | RegB.H24 | RegB.DST_EN)
+    wr(rtc, Reg.CONTROL, RegB.H24 | RegB.DST_EN)
+    clock.advance(3600 * NS)  # 1:00:00.0005, the second time
+    rd(rtc, Reg.INTR_FLAGS)
+    uip = rd(rtc, Reg.FREQ_SELECT) & RegA.UIP
+    clock.advance(UPDATE_CYCLE_NS)
+    assert (rd(rtc, Reg.HOURS), uip, rd(rtc, Reg.INTR_FLAGS) & RegC.UF) == (
+        0x01,
+        RegA.UIP,
+        RegC.UF,
+    )
+
+
+def test_rtc_dse_time_set_in_the_repeated_hour_does_not_fall_back_again():
+    """A driver that writes the time during the second pass (hwclock --systohc, SET held
+    around it) leaves the fall back made: 1:59:59 AM runs into 2:00:00."""
+    rtc, clock, _ = make_rtc(FALL, phase=HALF)
+    wr(rtc, Reg.CONTROL, RegB.H24 | RegB.DST_EN)
+    clock.advance(HALF + 1800 * NS)  # 1:30:00, the second time
+    set_time(rtc, {Reg.HOURS: 0x01, Reg.MINUTES: 0x30, Reg.SECONDS: 0x00})
+    clock.advance(1800 * NS)
+    assert regs(rtc, (Reg.HOURS, Reg.MINUTES, Reg.SECONDS)) == (0x02, 0x00, 0x00)
+
+
+def test_rtc_dse_restored_in_the_repeated_hour_does_not_fall_back_again():
+    """A snapshot (or a crash restart's checkpoint) taken after the fall back carries it:
+    the restored clock runs through 2:00:00 AM."""
+    rtc, clock, _ = make_rtc(FALL, phase=HALF)
+    wr(rtc, Reg.CONTROL, RegB.H24 | RegB.DST_EN)
+    clock.advance(HALF + 1800 * NS)  # 1:30:00, the second time
+    state = rtc.save()
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    clock.advance(1800 * NS)
+    assert regs(restored, (Reg.HOURS, Reg.MINUTES, Reg.SECONDS)) == (0x02, 0x00, 0x00)
+
+
+def test_rtc_dse_fall_back_in_a_restart_gap_is_made_once():
+    """The device died before 1:59:59 AM and is back at what the guest's clock shows as
+    2:29:59.5, an hour and a half later: the restored clock fell back once in the gap."""
+    rtc, clock, _ = make_rtc(FALL, phase=HALF)
+    wr(rtc, Reg.CONTROL, RegB.H24 | RegB.DST_EN)
+    checkpoint = rtc.save()
+    clock.advance(5400 * NS)
+    assert regs(restarted(checkpoint, clock, []), (Reg.HOURS, Reg.MINUTES, Reg.SECONDS)) == (
+        0x02,
+        0x29,
+        0x59,
+    )
+
+
+def test_rtc_dse_clock_restored_a_year_later_made_every_jump_in_between():
+    """From 1:59:59.5 AM on 26 October 2025 a year passes: the clock fell back that night,
+    sprang forward on 26 April 2026 and fell back again on 25 October 2026, so it shows
+    0:59:59.5 AM on Monday 26 October 2026."""
+    rtc, clock, _ = make_rtc(FALL, phase=HALF)
+    wr(rtc, Reg.CONTROL, RegB.H24 | RegB.DST_EN)
+    state = rtc.save()
+    clock.advance(365 * 86400 * NS)
+    restored = Mc146818.restore(DeviceContext(irq=FakeIrq()), state, clock)
+    assert regs(restored) == (0x59, 0x59, 0x00, 0x02, 0x26, 0x10, 0x26, 0x20)
+
+
+def test_rtc_v3_state_upgrades_to_no_fall_back_made():
+    rtc, _ = busy_rtc()
+    doc = codec.state_document("rtc", rtc.save())
+    fields = {k: v for k, v in doc["fields"].items() if k != "fell_back_s"}
+    state = codec.state_from_document("rtc", RtcState, {**doc, "version": 3, "fields": fields})
+    assert state.fell_back_s is None
