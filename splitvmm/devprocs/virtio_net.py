@@ -378,7 +378,11 @@ class VirtioNet(VirtioPciDevice):
         if gso_type & VIRTIO_NET_HDR_GSO_ECN and not features & need.ecn:
             return False
         gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-        return gso == VIRTIO_NET_HDR_GSO_NONE or bool(features & need.gso.get(gso, 0))
+        if gso == VIRTIO_NET_HDR_GSO_NONE:
+            return True
+        # A GSO type comes with NEEDS_CSUM, each way (5.1.6.2.1, 5.1.6.4.1): tun hands a GSO
+        # skb whose checksum is not partial (a NIC's LRO frame) with DATA_VALID or no flag
+        return bool(flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and features & need.gso.get(gso, 0))
 
     # -- receive ------------------------------------------------------------------------------
     def _receive(self, ring: SplitQueue) -> int:

@@ -290,6 +290,32 @@ def test_virtio_net_tx_header_asking_unnegotiated_checksum_dropped_and_counted(n
     assert net.counts["tx_dropped"] == 1
 
 
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOBUFS, errno.EAGAIN], ids=errno.errorcode.get)
+def test_virtio_net_tx_tap_write_failure_drops_the_frame_and_serves_the_next(
+    net, peer, monkeypatch, err
+):
+    """A TAP that fails a write (EIO: its interface is down; ENOBUFS, EAGAIN: the host has
+    no room) loses that frame, as a NIC's full or dead link does: the chain is used (len 0)
+    and counted, the queue goes on and the device stays out of NEEDS_RESET. Holding the chain
+    for a retry would wedge the guest's transmit on a TAP that may stay down."""
+    driver, _, tx = started(net)
+    real_writev, failures = os.writev, [OSError(err, os.strerror(err))]
+
+    def writev(fd: int, buffers: list) -> int:
+        if fd == net.tap and failures:
+            raise failures.pop()
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", writev)
+    tx.add([(*tx.buffer(HDR + FRAME), False)])
+    tx.add([(*tx.buffer(HDR + FRAME[:60]), False)])
+    driver.kick(1)
+
+    assert tx.take_used() == [(0, 0), (1, 0)] and not driver.status() & NEEDS_RESET
+    assert os.read(peer, 1 << 16) == HDR + FRAME[:60]
+    assert (net.counts["tx_frames"], net.counts["tx_dropped"]) == (1, 1)
+
+
 # -- receive --------------------------------------------------------------------------------------
 def test_virtio_net_rx_frame_lands_in_posted_buffer_with_num_buffers_one(net, peer):
     driver, rx, _ = started(net)
@@ -365,6 +391,32 @@ def test_virtio_net_rx_frame_asking_an_offload_not_negotiated_is_dropped(
     tap_readable(offloading)
 
     assert (rx.take_used(), offloading.counts["rx_dropped"]) == ([], 1)
+
+
+@pytest.mark.parametrize("flags", [0, 2], ids=["no-flags", "data-valid"])
+def test_virtio_net_rx_gso_frame_without_needs_csum_is_dropped(offloading, peer, flags):
+    """5.1.6.4.1: a gso_type other than NONE MUST come with NEEDS_CSUM. tun hands a GSO skb
+    whose checksum is not partial as gso_type with DATA_VALID or no flag (virtio_net_hdr_from
+    _skb): a NIC's hardware LRO frame (CHECKSUM_UNNECESSARY) that tc redirects to the TAP."""
+    driver, rx, _ = started(offloading, F_VERSION_1 | F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4)
+    post(rx, 1526)
+    driver.kick(0)
+    os.write(peer, struct.pack("<BBHHHHH", flags, 1, 54, 1448, 0, 0, 0) + FRAME)
+    tap_readable(offloading)
+
+    assert (rx.take_used(), offloading.counts["rx_dropped"]) == ([], 1)
+
+
+def test_virtio_net_tx_gso_frame_without_needs_csum_dropped_and_counted(offloading, peer):
+    """5.1.6.2.1: a driver MUST set NEEDS_CSUM with a gso_type; the TAP never gets one
+    without (the rule the receive side keeps, one check for both)."""
+    driver, _, tx = started(offloading, F_VERSION_1 | F_CSUM | F_HOST_TSO4)
+    tx.add([(*tx.buffer(struct.pack("<BBHHHHH", 0, 1, 54, 1448, 0, 0, 0) + FRAME), False)])
+    driver.kick(1)
+
+    with pytest.raises(BlockingIOError):
+        os.read(peer, 1 << 16)
+    assert (tx.take_used(), offloading.counts["tx_dropped"]) == ([(0, 0)], 1)
 
 
 def test_virtio_net_rx_frame_with_negotiated_offloads_keeps_its_header(offloading, peer):
