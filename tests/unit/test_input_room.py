@@ -7,13 +7,13 @@ from __future__ import annotations
 from splitvmm.devprocs.base import DeviceContext, load_model
 from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.runtime import InputRoomReporter, _serve_frame
-from splitvmm.devprocs.serial import RX_BUFFER_MAX, Mcr, Reg
+from splitvmm.devprocs.serial import RX_HOST_ROOM, Mcr, Reg
 from splitvmm.protocol import control, events, wire
 from splitvmm.protocol.models import MODELS
 from tests.fakes import FakeIrq
 from tests.unit.test_mirror_publisher import Channel
 
-QUARTER = RX_BUFFER_MAX // 4
+QUARTER = RX_HOST_ROOM // 4
 
 
 class Console(Channel):
@@ -61,24 +61,24 @@ class Console(Channel):
 
 
 def test_room_reported_once_at_start():
-    assert Console().rooms() == [(0, RX_BUFFER_MAX)]
+    assert Console().rooms() == [(0, RX_HOST_ROOM)]
 
 
 def test_room_not_reported_again_while_input_fills_it_as_the_monitor_counts():
     console = Console()
-    console.type(b"x" * RX_BUFFER_MAX)
-    assert (console.rooms(), console.room_now()) == ([(0, RX_BUFFER_MAX)], 0)
+    console.type(b"x" * RX_HOST_ROOM)
+    assert (console.rooms(), console.room_now()) == ([(0, RX_HOST_ROOM)], 0)
 
 
 def test_room_reported_after_the_guest_read_a_quarter_of_the_buffer_not_before():
     console = Console()
-    console.type(b"x" * RX_BUFFER_MAX)
+    console.type(b"x" * RX_HOST_ROOM)
     console.read_rbr(QUARTER - 1)
     before = len(console.rooms())
     console.read_rbr(1)
     assert (before, console.rooms()[-1], console.room_now()) == (
         1,
-        (RX_BUFFER_MAX, QUARTER),
+        (RX_HOST_ROOM, QUARTER),
         QUARTER,
     )
 
@@ -87,7 +87,7 @@ def test_room_reported_when_the_guest_emptied_the_buffer_whatever_it_read():
     console = Console()
     console.type(b"abc")
     console.read_rbr(3)
-    assert (console.rooms()[-1], console.room_now()) == ((3, RX_BUFFER_MAX), RX_BUFFER_MAX)
+    assert (console.rooms()[-1], console.room_now()) == ((3, RX_HOST_ROOM), RX_HOST_ROOM)
 
 
 def test_room_that_shrank_without_input_is_reported_at_once():
@@ -103,7 +103,7 @@ def test_room_a_monitor_keeps_to_lets_no_byte_of_a_long_paste_drop():
     """The monitor's side of the arithmetic against the model: send what the last report
     allows, the guest reads in bursts; 5x the buffer arrives, none dropped, in order."""
     console = Console()
-    paste = bytes(i % 251 for i in range(5 * RX_BUFFER_MAX))
+    paste = bytes(i % 251 for i in range(5 * RX_HOST_ROOM))
     got = bytearray()
     while len(got) < len(paste):
         room = console.room_now()
@@ -124,7 +124,7 @@ def test_room_is_none_in_loopback_and_the_input_waits_for_its_end():
     console.frame(wire.encode_write(Reg.MCR, bytes([Mcr.LOOP])))
     in_loopback = console.room_now()
     console.frame(wire.encode_write(Reg.MCR, b"\x00"))
-    assert (in_loopback, console.room_now()) == (0, RX_BUFFER_MAX)
+    assert (in_loopback, console.room_now()) == (0, RX_HOST_ROOM)
 
 
 def test_room_reported_by_every_console_model():
