@@ -113,6 +113,9 @@ _INCLUDE = re.compile(r"^@include\s+(?P<file>[a-z0-9_]+\.policy)$")
 _INT = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
 _OCTAL = re.compile(r"^0[0-9]+$")
 _U64 = (1 << 64) - 1
+# @include nesting: the shipped files nest 2 deep; a long enough chain of distinct files (no
+# cycle) would end in RecursionError
+MAX_INCLUDE_DEPTH = 16
 
 
 class PolicyError(SplitvmmError):
@@ -165,7 +168,10 @@ def _value(text: str, where: str, constants: Mapping[str, int]) -> int:
         if _OCTAL.fullmatch(term):  # C reads 010 as 8, Python's int() refuses it
             raise PolicyError(f"{where}: {term!r} has a leading zero: write it in decimal or 0x")
         if _INT.fullmatch(term):
-            total |= int(term, 0)
+            try:
+                total |= int(term, 0)
+            except ValueError:  # a decimal of over 4300 digits (CVE-2020-10735): no u64 either
+                raise PolicyError(f"{where}: value {text!r} does not fit in 64 bits") from None
         elif term in constants:
             total |= constants[term]
         else:
@@ -263,6 +269,8 @@ def parse_file(
             continue
         inc = _INCLUDE.fullmatch(line)
         if inc:
+            if len(_stack) >= MAX_INCLUDE_DEPTH:
+                raise PolicyError(f"{where}: @include nested more than {MAX_INCLUDE_DEPTH} deep")
             sub = parse_file(
                 os.path.join(os.path.dirname(path), inc["file"]), constants, (*_stack, path), where
             )

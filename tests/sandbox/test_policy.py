@@ -71,6 +71,8 @@ def test_parse_rule_when_masked_gives_mask_and_value() -> None:
         ("madvise: arg2 == 04", "has a leading zero"),
         ("mmap: arg2 & 04 == 0", "has a leading zero"),
         ("fcntl: arg1 == 010", "has a leading zero"),
+        # int() refuses a decimal of over 4300 digits: ValueError, no file or line either
+        ("mmap: arg2 == 1" + "0" * 5000, "does not fit in 64 bits"),
     ],
 )
 def test_parse_rule_when_malformed_names_file_and_line(line: str, message: str) -> None:
@@ -449,3 +451,14 @@ def test_parse_file_when_includes_cycle_names_the_including_line(tmp_path: Path)
 
     with pytest.raises(policy.PolicyError, match=rf"^{tmp_path / 'b.policy'}:3: @include cycle"):
         policy.parse_file(tmp_path / "a.policy")
+
+
+def test_parse_file_when_includes_nest_too_deep_fails_naming_the_line(tmp_path: Path) -> None:
+    """A chain of distinct files, each including the next, is no cycle: 1000 of them raised
+    RecursionError, a traceback from `policy check --dir`."""
+    for i in range(1000):
+        (tmp_path / f"p{i}.policy").write_text(f"@include p{i + 1}.policy\n")
+    (tmp_path / "p1000.policy").write_text("read: 1\n")
+
+    with pytest.raises(PolicyError, match=r"p\d+\.policy:1: @include nested more than"):
+        policy.parse_file(tmp_path / "p0.policy")
