@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from splitvmm.errors import SplitvmmError
+from splitvmm.errors import SplitvmmError, escaped
 from splitvmm.guestkit.kit import build_kit, default_cache_dir, describe
 
 
@@ -53,8 +53,8 @@ def build(cache_dir: Path | None, force: bool) -> None:
                 status.update(message)
 
             kit = build_kit(cache_dir or default_cache_dir(), force=force, progress=progress)
-    except SplitvmmError as e:
-        raise click.ClickException(str(e)) from e
+    except SplitvmmError as e:  # a path in it is data, and apt-get's words too
+        raise click.ClickException(escaped(str(e))) from e
     verb = "reused" if kit.reused else f"built in {time.monotonic() - start:.1f} s"
     console.print(f"guest kit {verb}: {describe(kit)}", highlight=False, soft_wrap=True)
     click.echo(os.fsencode(kit.config))  # the path's own bytes, UTF-8 or not

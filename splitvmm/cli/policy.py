@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from splitvmm.errors import escaped
 from splitvmm.record import Struct, field
 
 if TYPE_CHECKING:  # imported lazily: `splitvmm --help` loads no cffi module
@@ -73,8 +74,8 @@ def check(policy_dir: Path | None) -> None:
     from splitvmm.sandbox import policy
 
     errors, compiled = check_policies(policy_dir or Path(policy.default_policy_dir()))
-    for error in errors:
-        click.echo(f"splitvmm: policy error: {error}", err=True)
+    for error in errors:  # a path in it is data: a file name may hold any character
+        click.echo(f"splitvmm: policy error: {escaped(error)}", err=True)
     if errors:
         sys.exit(1)
     for name, count in compiled:
@@ -136,7 +137,7 @@ def audit(model: str, accesses: int) -> None:
     try:
         current = policy.load_model_policy(model)
     except policy.PolicyError as e:  # the policy audited against: told as `check` tells it
-        click.echo(f"splitvmm: policy error: {e}", err=True)
+        click.echo(f"splitvmm: policy error: {escaped(str(e))}", err=True)
         sys.exit(1)
     trace = trace_device(model, accesses, current)
     for line in format_trace(trace, current):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from splitvmm import timings
-from splitvmm.errors import ConfigError, SplitvmmError
+from splitvmm.errors import ConfigError, SplitvmmError, escaped
 
 if TYPE_CHECKING:
     from splitvmm.config import VmConfig
@@ -54,8 +54,7 @@ def run_and_exit(
 
         launcher = early.take() or Launcher.start()  # main() may have started it already
     except SplitvmmError as e:
-        click.echo(f"splitvmm: error: {e}", err=True)
-        sys.exit(1)
+        _fail(e)
     except KeyboardInterrupt:  # as below: nothing was built (a launcher dies with us)
         _stopped_by_sigint()
     timings.mark("command line")
@@ -69,8 +68,7 @@ def run_and_exit(
             if log is not None:
                 log.finish()
     except SplitvmmError as e:
-        click.echo(f"splitvmm: error: {e}", err=True)
-        sys.exit(1)
+        _fail(e)
     except KeyboardInterrupt:  # SIGINT before the VM's own handlers (Machine.build): the
         # config or the snapshot was being read, and nothing was built; not click's Abort
         _stopped_by_sigint()
@@ -107,6 +105,15 @@ def _run(
         return run_vm(cfg, snap, launcher)
     with _naming_snapshot(snapshot_dir):  # what the restore finds wrong as it loads names it too
         return run_vm(cfg, snap, launcher)
+
+
+def _fail(error: SplitvmmError) -> NoReturn:
+    """The error as one line, exit 1. Escaped here, once for every message: many quote a path
+    as given (the config's, a kernel's, a snapshot dir's), and a newline or an escape sequence
+    in one split the line or reached the terminal raw. (escaped() leaves what an error already
+    escaped as it is: a backslash is printable.)"""
+    click.echo(f"splitvmm: error: {escaped(str(error))}", err=True)
+    sys.exit(1)
 
 
 def _stopped_by_sigint() -> NoReturn:

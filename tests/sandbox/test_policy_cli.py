@@ -163,3 +163,18 @@ def test_policy_check_when_warden_policy_includes_a_file_naming_self_pid_exits_0
     result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)])
 
     assert result.exit_code == 0, result.output
+
+
+def test_policy_check_when_a_file_name_holds_control_characters_prints_it_escaped(
+    tmp_path: Path,
+) -> None:
+    """A name in the policy directory is data: its newline split the error's line, and an
+    escape sequence in it reached the terminal raw (color=True: click strips one only off
+    a terminal)."""
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    (tmp_path / "x\n\x1b[31m.policy").write_text("nonsense\n")
+
+    result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)], color=True)
+
+    assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
+    assert "x\\n\\x1b[31m.policy:1: expected" in result.output

@@ -162,6 +162,16 @@ def test_guest_build_refuses_an_empty_cache_dir(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_guest_build_error_quoting_the_cache_dir_prints_its_control_characters_escaped(tmp_path):
+    """The path is data: a newline in it split the one-line error, and an escape sequence
+    reached the terminal raw (color=True: click strips one only off a terminal)."""
+    (tmp_path / "file").write_text("")
+    cache_dir = tmp_path / "file" / "kit\n\x1b[31m"
+    result = CliRunner().invoke(cli, ["guest", "build", "--cache-dir", str(cache_dir)], color=True)
+    assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
+    assert "file/kit\\n\\x1b[31m: Not a directory" in result.output
+
+
 @pytest.mark.parametrize("fd", [3, 4, 63])
 def test_up_config_on_an_inherited_fd_says_that_up_closed_it(tmp_path, fd):
     """`up` closes every fd past 2 it inherits (cli/early.py), the config's too, and its own
@@ -205,3 +215,26 @@ def test_up_config_on_an_inherited_fd_named_by_the_processs_own_pid_says_that_up
     )  # fmt: skip
     assert proc.returncode == 1
     assert "cannot read the config: `splitvmm up` closes" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "shown"),
+    [
+        ("vm\n\x1b[31m.toml", None, "vm\\n\\x1b[31m.toml: cannot read the config"),
+        ("vm.toml", '[vm]\nsnapshot_dirs = ["a\\n\\u001b[31m"]\n', "a\\n\\x1b[31m does not exist"),
+    ],
+    ids=["config-path", "snapshot-dir"],
+)
+def test_cli_up_error_quoting_a_path_prints_its_control_characters_escaped(
+    tmp_path, monkeypatch, name, text, shown
+):
+    """A path in `up`'s error is data, as a snapshot's name is in `snapshot inspect`'s: a
+    newline in it split the one-line error, and an escape sequence (colours, the terminal's
+    title...) reached the terminal raw (color=True: click strips one only off a terminal)."""
+    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: NoLauncher()))
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    result = CliRunner().invoke(cli, ["up", str(path)], color=True)
+    assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
+    assert "\x1b" not in result.output and shown in result.output
