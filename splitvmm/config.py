@@ -380,10 +380,16 @@ def _duration(table: dict[str, Any], key: str, where: str, default: float) -> fl
 def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
     """Two devices may share a disk image only read-only: two writers (two guest drivers,
     each caching what it wrote) corrupt it. Named here, by its path; the image's lock
-    (monitor/devicefds.py lock_disk) catches one reached by two paths, and other VMs."""
+    (monitor/devicefds.py lock_disk) catches one reached by two paths, and other VMs. No
+    device's output may be a disk image of the VM either: the guest's console would be
+    appended to the disk (`output = "disk.img"` for `path = "disk.img"`), and no lock keeps
+    an output off it."""
     seen: dict[str, tuple[str, bool]] = {}  # path -> (first device, writable)
+    outputs: list[tuple[str, str, str]] = []  # (device, option, path)
     for dev in devices:
         for role in MODELS[dev.model].fds:
+            if role.kind is FdKind.OUTPUT:
+                outputs.append((dev.name, role.option, str(dev.options[role.option])))
             if role.kind is not FdKind.DISK:
                 continue
             path = str(dev.options[role.option])
@@ -394,6 +400,12 @@ def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
                     f"device {shown(seen[path][0])}; two devices may share an image only read-only"
                 )
             seen.setdefault(path, (dev.name, writable))
+    for name, option, path in outputs:
+        if path in seen:
+            raise ConfigError(
+                f"device {shown(name)}.{option}: {shown(path)} is the disk image of device "
+                f"{shown(seen[path][0])}; the device's output would be appended to it"
+            )
 
 
 def parse_config(

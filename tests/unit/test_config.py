@@ -437,6 +437,32 @@ def test_config_one_image_on_two_devices_only_read_only(with_virtio_blk, first, 
         assert len(_cfg(devices=two).devices) == 3  # and the default rtc
 
 
+@pytest.mark.parametrize("readonly", ["false", "true"])
+def test_config_output_that_is_a_disk_image_of_the_vm_is_refused(with_virtio_blk, readonly):
+    """A serial output naming the disk (a slip: `output = "d.img"` for `path = "d.img"`) had
+    the guest's console appended to the image, which no lock stopped: outputs take none."""
+    devices = (
+        BLK.format("blk0") + f'path = "d.img"\nreadonly = {readonly}\n'
+        + '[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "./d.img"\n'
+    )  # fmt: skip
+
+    with pytest.raises(
+        ConfigError,
+        match=r"device 'serial0'\.output: '/d\.img' is the disk image of device 'blk0'; the "
+        "device's output would be appended to it",
+    ):
+        _cfg(devices=devices)
+
+
+def test_config_outputs_beside_a_disk_image_are_fine(with_virtio_blk):
+    devices = (
+        BLK.format("blk0") + 'path = "d.img"\n'
+        + '[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "d.log"\n'
+    )  # fmt: skip
+
+    assert [d.name for d in _cfg(devices=devices).devices] == ["blk0", "serial0", "rtc"]
+
+
 def test_config_pci_model_may_appear_twice(with_virtio_blk):
     two = BLK.format("a") + 'path = "a.img"\n' + BLK.format("b") + 'path = "b.img"\n'
 
