@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-# i8042 (PS/2 controller) command 0xFE pulses the CPU reset line; Linux uses it for reboot=k.
-I8042_CMD_RESET = 0xFE
+# i8042 (PS/2 controller) commands 0xF0-0xFF pulse low the output port bits whose bits 3:0 in
+# the command are clear (IBM PC AT Technical Reference); output bit 0 is the CPU reset line, so
+# every even one resets. Linux's reboot=k writes 0xFE.
+I8042_CMD_PULSE_OUTPUT = 0xF0
+I8042_OUTPUT_RESET = 1 << 0
 I8042_STATUS_IDLE = 0x00  # output buffer empty, input buffer empty
 
 
@@ -30,7 +33,8 @@ class DebugExit:
 
 
 class I8042:
-    """Just enough of the PS/2 controller for a reset: status reads idle, 0xFE resets."""
+    """Just enough of the PS/2 controller for a reset: status reads idle, a pulse of the
+    reset line (0xFE, or any pulse command with bit 0 clear) resets."""
 
     name = "i8042"
     WINDOW = 5  # ports 0x60..0x64; only the first (data) and last (command/status) decode
@@ -43,8 +47,12 @@ class I8042:
         return bytes(I8042_STATUS_IDLE if at == 4 else 0 for at in range(offset, offset + size))
 
     def write(self, offset: int, data: bytes) -> None:
-        if 0 <= 4 - offset < len(data) and data[4 - offset] == I8042_CMD_RESET:
-            self._reset()  # the command byte, wherever in the access it lands
+        if not 0 <= 4 - offset < len(data):
+            return
+        command = data[4 - offset]  # the command byte, wherever in the access it lands
+        pulse = command & I8042_CMD_PULSE_OUTPUT == I8042_CMD_PULSE_OUTPUT
+        if pulse and not command & I8042_OUTPUT_RESET:
+            self._reset()
 
 
 # Hardware-reduced ACPI registers (ACPI 6.3 4.8.3.7 sleep control, 4.8.3.8 sleep status).

@@ -290,3 +290,25 @@ def test_i8042_word_access_reaches_the_command_port_in_its_high_byte() -> None:
     assert i8042.read(3, 2) == bytes([0, I8042_STATUS_IDLE])
     i8042.write(3, b"\x00\xfe")  # outw 0x63: 0xFE lands on 0x64, the reset command
     assert resets == [1]
+
+
+@pytest.mark.parametrize("command", [0xF0, 0xF2, 0xFA, 0xFC, 0xFE])
+def test_i8042_pulse_command_with_output_bit_0_clear_resets(command: int) -> None:
+    """Commands 0xF0-0xFF pulse low the output port bits whose bits 3:0 in the command are 0
+    (IBM PC AT Technical Reference, 8042 commands; QEMU's pckbd too): output bit 0 is the CPU
+    reset line, so every even one resets, not only the 0xFE that Linux writes. 0xF0 went
+    unheard, and a guest that used it went on to its next way out (a triple fault, status 4)."""
+    resets: list[int] = []
+
+    I8042(lambda: resets.append(1)).write(4, bytes([command]))
+
+    assert resets == [1]
+
+
+@pytest.mark.parametrize("command", [0xF1, 0xFD, 0xFF, 0xEE])
+def test_i8042_command_that_leaves_output_bit_0_alone_does_not_reset(command: int) -> None:
+    resets: list[int] = []
+
+    I8042(lambda: resets.append(1)).write(4, bytes([command]))
+
+    assert resets == []
