@@ -194,7 +194,7 @@ def _recorded_files(cache_dir: Path) -> set[Path]:
     """The kernel and initramfs an earlier build's manifest names (a stale kit's included):
     the only files a new build may remove."""
     try:
-        files = json.loads((cache_dir / MANIFEST).read_text())["files"]
+        files = _read_manifest(cache_dir)["files"]
         return {cache_dir / _file_name(files[role]) for role in ("kernel", "initrd")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()  # no manifest, or one we cannot read: nothing of ours to remove
@@ -369,11 +369,11 @@ def load_cached_kit(cache_dir: Path, progress: Progress = _quiet) -> Kit | None:
     if not path.is_file():
         return None
     try:
-        kit, hashes = _parse_manifest(cache_dir, json.loads(path.read_text()))
+        kit, hashes = _parse_manifest(cache_dir, _read_manifest(cache_dir))
     except KeyError as e:
         progress(f"the cached kit's {MANIFEST} has no {e.args[0]!r} field; rebuilding")
         return None
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
         progress(f"the cached kit's {MANIFEST} is unusable: {e}; rebuilding")
         return None
     for file, want in hashes.items():
@@ -384,15 +384,28 @@ def load_cached_kit(cache_dir: Path, progress: Progress = _quiet) -> Kit | None:
     return kit
 
 
+def _read_manifest(cache_dir: Path) -> Any:
+    """What manifest.json holds; ValueError for JSON nested past the decoder's depth (a
+    RecursionError), which no manifest of ours is."""
+    try:
+        return json.loads((cache_dir / MANIFEST).read_text())
+    except RecursionError:
+        raise ValueError("it is nested too deep") from None
+
+
 def _file_name(entry: Any) -> str:
+    """A name in the cache directory; ValueError for one no file can have (a NUL, a lone
+    surrogate: unlink() and open() would raise that, later)."""
     name = entry["name"]
-    if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+    if not isinstance(name, str) or "/" in name or "\0" in name or name in ("", ".", ".."):
         raise ValueError(f"bad file name {name!r}")
+    os.fsencode(name)  # UnicodeEncodeError, a ValueError, for a lone surrogate
     return name
 
 
 def _parse_manifest(cache_dir: Path, data: Any) -> tuple[Kit, dict[Path, str]]:
-    """Raises ValueError, KeyError, TypeError or AttributeError on anything unexpected."""
+    """Raises ValueError, KeyError, TypeError, AttributeError or OverflowError (an infinite
+    float where an int goes) on anything unexpected."""
     if data["format"] != MANIFEST_FORMAT:
         raise ValueError(f"format {data['format']!r}, this splitvmm writes {MANIFEST_FORMAT}")
     if data["recipe"] != recipe_fingerprint():

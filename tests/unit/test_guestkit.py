@@ -585,6 +585,30 @@ def test_build_kit_garbage_manifest_rebuilds(tmp_path: Path):
     assert again.reused is False
 
 
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("boot_protocol", "Infinity"),  # json.loads gives a float that int() cannot take
+        ("files", '{"kernel": {"name": "v\\u0000x", "sha256": ""}, "initrd": {"name": "i"}}'),
+        ("files", '{"kernel": {"name": "v\\ud800", "sha256": ""}, "initrd": {"name": "i"}}'),
+        ("modules", "[" * 100_000 + "]" * 100_000),  # deeper than the decoder recurses
+    ],
+    ids=["infinity", "nul-in-name", "lone-surrogate-name", "deep"],
+)
+def test_build_kit_manifest_with_values_of_no_use_rebuilds(tmp_path: Path, field: str, value: str):
+    """A manifest.json that JSON reads but no kit of ours wrote (a value no int, a file name
+    no file can have, nesting past the decoder's depth) is unusable, as garbage is: it was
+    an OverflowError, a ValueError from unlink() or a RecursionError, as a traceback."""
+    kit.build_kit(tmp_path, run=FakeHost())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    text = json.dumps({**manifest, field: "@"}).replace('"@"', value)
+    (tmp_path / "manifest.json").write_text(text)
+
+    again = kit.build_kit(tmp_path, run=FakeHost())
+
+    assert again.reused is False
+
+
 # --- the CLI -------------------------------------------------------------------------------
 
 
