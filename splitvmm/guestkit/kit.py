@@ -8,7 +8,8 @@ Layout of the cache:
     disk.img                          the demo VM's virtio-blk disk (raw, sparse); the guest's
                                       data: made once, never rebuilt or overwritten
     manifest.json                     written last: what was built, with sha256 of each file
-    .splitvmm-build-XXXXXXXX/         scratch while building (the unpacked packages), a new
+    .splitvmm-build-XXXXXXXX/         scratch while building (the unpacked packages, and the
+                                      kernel and initramfs until both are whole), a new
                                       directory each build, removed (a killed build's by the
                                       next build)
 
@@ -239,23 +240,27 @@ def _build(cache_dir: Path, progress: Progress, run: Runner) -> Kit:
         if not found:
             raise GuestKitError(f"{busybox_pkg.name} has no {' or '.join(BUSYBOX_IN_PACKAGE)}")
         busybox = found[0]
-        return _assemble(cache_dir, kernel, busybox, (kernel_pkg, busybox_pkg), progress, run)
+        check_applets(busybox, run, progress)
+        kit = _assemble(work, cache_dir, kernel, busybox, (kernel_pkg, busybox_pkg), progress)
+        _write_manifest(kit)
+        return kit
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _assemble(
+    work: Path,
     cache_dir: Path,
     kernel: UnpackedKernel,
     busybox: Path,
     packages: tuple[Package, ...],
     progress: Progress,
-    run: Runner,
 ) -> Kit:
-    """Write vmlinuz and the initramfs from the unpacked packages, then the manifest."""
+    """Write vmlinuz and the initramfs from the unpacked packages in the scratch `work`, then
+    move both into the cache: a build that fails (or is killed) before then leaves the cache
+    as it was, with no kernel of a kit never finished and no earlier kit half replaced."""
     with kernel.vmlinuz.open("rb") as f:
         boot = bzimage_info(f.read(SETUP_HEADER_END))
-    check_applets(busybox, run, progress)
     progress(f"collecting the virtio modules of {kernel.release}")
     modules = collect_modules(KernelModules(kernel.moddir), VIRTIO_MODULES)
     kit = Kit(
@@ -269,13 +274,15 @@ def _assemble(
         modules=tuple(m.path for m in modules),
         reused=False,
     )
-    with _atomic_output(kit.kernel) as f, kernel.vmlinuz.open("rb") as src:
+    staged_kernel, staged_initrd = work / kit.kernel.name, work / kit.initrd.name
+    with staged_kernel.open("wb") as f, kernel.vmlinuz.open("rb") as src:
         shutil.copyfileobj(src, f)
     progress(f"writing {kit.initrd.name}")
     entries = rootfs_entries(busybox.read_bytes(), kernel.release, modules)
-    with _atomic_output(kit.initrd) as f:
+    with staged_initrd.open("wb") as f:
         write_initramfs(entries, f)
-    _write_manifest(kit)
+    staged_kernel.replace(kit.kernel)
+    staged_initrd.replace(kit.initrd)
     return kit
 
 

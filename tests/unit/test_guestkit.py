@@ -7,6 +7,7 @@ lib/modules/<rel>/...).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import lzma
@@ -42,6 +43,7 @@ from splitvmm.guestkit.modules import (
 )
 from splitvmm.guestkit.rootfs import APPLETS, VIRTIO_MODULES, Module, render_init, rootfs_entries
 from splitvmm.guestkit.vmconfig import DISK_SERIAL, KERNEL_CMDLINE, render_vm_config
+from splitvmm.record import replace
 from tests.unit.test_initramfs import parse_newc
 
 RELEASE = "6.1.0-50-cloud-amd64"
@@ -607,6 +609,42 @@ def test_build_kit_manifest_with_values_of_no_use_rebuilds(tmp_path: Path, field
     again = kit.build_kit(tmp_path, run=FakeHost())
 
     assert again.reused is False
+
+
+class RespunKernelHost(FakeHost):
+    """A newer upload of the same kernel ABI: the same release (uname -r), another bzImage."""
+
+    def _unpack(self, deb: str, dest: Path) -> None:
+        super()._unpack(deb, dest)
+        if not deb.startswith("busybox-static_"):
+            (dest / f"boot/vmlinuz-{RELEASE}").write_bytes(make_bzimage(protocol=0x020E))
+
+
+def disk_full(entries: object, out: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_build_kit_failing_first_build_leaves_only_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A disk full while the initramfs was written: the kernel was in the cache already, named
+    by no manifest, so no later build removed it (one of another release never will)."""
+    monkeypatch.setattr(kit, "write_initramfs", disk_full)
+    with pytest.raises(GuestKitError, match="No space left on device"):
+        kit.build_kit(tmp_path, run=FakeHost())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_build_kit_failing_rebuild_leaves_the_earlier_kit_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A rebuild that failed half-way had replaced the kernel already: debian.toml then
+    booted the new kernel with the old initramfs, and the earlier kit was lost."""
+    first = kit.build_kit(tmp_path, run=FakeHost())
+    monkeypatch.setattr(kit, "write_initramfs", disk_full)
+    with pytest.raises(GuestKitError, match="No space left on device"):
+        kit.build_kit(tmp_path, force=True, run=RespunKernelHost())
+    assert kit.load_cached_kit(tmp_path) == replace(first, reused=True)
 
 
 # --- the CLI -------------------------------------------------------------------------------
