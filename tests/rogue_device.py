@@ -11,13 +11,14 @@ deadline for that request, so no single reply misses it).
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 
 import zmq
 
 from splitvmm.monitor.channel import CONTROL_TIMEOUT_MS, READ_TIMEOUT_MS
-from splitvmm.protocol import control, events, wire
+from splitvmm.protocol import control, events, wire, zmtp
 from splitvmm.protocol.models import MODELS
 
 BEHAVIOURS = (
@@ -32,6 +33,7 @@ BEHAVIOURS = (
     "wide-reply",  # replies with more data than was asked for
     "slow",  # answers every read and sync correctly, DELAY_MS late
     "slow-control",  # answers every control request correctly, DELAY_MS late; reads at once
+    "slow-drain",  # ZMTP by hand: READY, then every DELAY_MS reads what waits; answers nothing
     # -- events (protocol/events.py): frames a device may send unasked, checked by the monitor
     "publish",  # publishes its state (fields: the read's seq) before each read reply
     "report",  # reports an error with bidi and invisible characters, then answers the read
@@ -48,6 +50,7 @@ BEHAVIOURS = (
     "checkpoint",  # publishes states at reads 1 and 2, then says the last holds (applied)
     "checkpoint-first",  # says its state holds without having published one
     "bad-checkpoint",  # publishes its state, then a CHECKPOINT with a flag set
+    "checkpoint-backwards",  # a checkpoint with output bytes, then one with fewer (none)
     # -- register mirrors (monitor/mirror.py), each sent before its read reply
     "mirror-undeclared",  # a value for a register past the six the serial model mirrors
     "mirror-oversized",  # data past the six bytes the serial model's registers take
@@ -104,6 +107,7 @@ EVENT_BEHAVIOURS = (
     "checkpoint",
     "checkpoint-first",
     "bad-checkpoint",
+    "checkpoint-backwards",
 )
 CHECKPOINT_EMITTED = 7  # the output bytes the "checkpoint" behaviour says its line took
 
@@ -132,6 +136,10 @@ def answer_with_events(
         sock.send(events.encode_publish(state))
     elif behaviour in ("checkpoint", "checkpoint-first"):
         sock.send(wire.encode_checkpoint(seq - 1, CHECKPOINT_EMITTED))
+    elif behaviour == "checkpoint-backwards" and seq == 1:
+        sock.send(events.encode_publish(state, (0, CHECKPOINT_EMITTED)))
+    elif behaviour == "checkpoint-backwards":  # its line took fewer bytes than it said
+        sock.send(wire.encode_checkpoint(seq - 1, 0))
     elif behaviour == "bad-checkpoint":
         sock.send(events.encode_publish(state))
         sock.send(wire.FRAME.pack(wire.Op.CHECKPOINT, 0, 1, 0, seq, bytes(8)))
@@ -142,10 +150,30 @@ def answer_with_events(
         sock.send(wire.encode_sync_done(seq))
 
 
+def drain_slowly(endpoint: str, delay_s: float) -> None:
+    """slow-drain: its end of the channel spoken by hand (libzmq would read whatever comes
+    into a queue of its own at once): READY, then every delay_s whatever waits in its socket
+    is read and dropped. The monitor's posted writes fill the socket, and each one after
+    that waits for the next read, just under the WRITE_TIMEOUT_MS that would fail it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(endpoint.removeprefix("ipc://"))
+    sock.sendall(zmtp.HANDSHAKE + zmtp.encode(wire.encode_ready()))
+    sock.setblocking(False)
+    while True:
+        time.sleep(delay_s)
+        try:
+            while sock.recv(zmtp.CHUNK):
+                pass
+        except BlockingIOError:
+            pass
+
+
 def main() -> None:
     behaviour, spec = sys.argv[1], json.loads(sys.stdin.read())
     default_ms = CONTROL_TIMEOUT_MS if behaviour == "slow-control" else READ_TIMEOUT_MS
     delay_s = (int(sys.argv[2]) if len(sys.argv) > 2 else default_ms * 3 // 4) / 1000
+    if behaviour == "slow-drain":
+        drain_slowly(spec["channel"], delay_s)
     sock = zmq.Context().socket(zmq.PAIR)
     sock.setsockopt(zmq.RECONNECT_IVL, -1)  # as a device's (devprocs/runtime.py _connect)
     sock.connect(spec["channel"])

@@ -1202,6 +1202,14 @@ class DeviceSlot:
                 f"published a checkpoint at frame {cp.applied}, but it was sent "
                 f"{self._frames} and its last checkpoint was at {self._checkpoint.applied}"
             )
+        # Its line's count only grows (a restart carries it over): one that went back made
+        # the next process, an honest one, drop that many more of the guest's output bytes
+        # unsent (_resume_locked: skip is the file's growth less it)
+        if cp.emitted < self._checkpoint.emitted:
+            raise ChannelError(
+                f"published a checkpoint of {cp.emitted} output bytes, but its last had "
+                f"{self._checkpoint.emitted}"
+            )
         self._checkpoint, self._checkpoint_at = cp, self._frames + self._reading
         while self._journal and self._journal[0][0] <= cp.applied:
             self._journal.popleft()

@@ -126,6 +126,7 @@ def test_all_rogue_behaviours_are_tested():
         "event-ready",
         "slow",
         "slow-control",
+        "slow-drain",
         "publish",
         "report",
         "route",
@@ -140,6 +141,7 @@ def test_all_rogue_behaviours_are_tested():
         "checkpoint",
         "checkpoint-first",
         "bad-checkpoint",
+        "checkpoint-backwards",
         "mirror-undeclared",
         "mirror-oversized",
         "mirror-credit-outside",
@@ -175,6 +177,25 @@ def test_rogue_slow_just_under_read_deadline_fails_on_latency_budget(tmp_path):
         slot.close()
     assert reads == [bytes([SLOW_DATA]), b"\xff", b"\xff"]
     assert len(failures) == 1 and f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
+
+
+def test_rogue_slow_to_take_posted_writes_fails_on_latency_budget(tmp_path):
+    """Once its socket is full, each guest write to the device waits for room, up to
+    WRITE_TIMEOUT_MS. A device that makes room just under that, every time, held the vCPU
+    that wrote ~1.5 s a write, for good, and was never failed: a slow reply to a read is
+    charged to its latency budget, a slow take of a posted write was not."""
+    failures: list[str] = []
+    slot = spawn_rogue("slow-drain", tmp_path, failures)
+    writes, start = 0, time.monotonic()
+    try:
+        slot.wait_ready()
+        while not failures and time.monotonic() - start < 30:
+            slot.write(SCR, b"\x5a")  # a vCPU's posted write
+            writes += 1
+    finally:
+        slot.close()
+    assert len(failures) == 1, f"not failed after {writes} writes"
+    assert f"over the budget of {LATENCY_BUDGET_MS} ms" in failures[0]
 
 
 def test_rogue_flooding_events_before_each_pong_fails_its_heartbeat_at_the_deadline(tmp_path):
@@ -309,6 +330,27 @@ def test_device_checkpoint_holds_its_last_published_state_at_a_later_frame(tmp_p
     state = {"model": "serial", "version": VERSION, "fields": {"seq": 2}}
     assert checkpoint == Checkpoint(state, applied=2, emitted=CHECKPOINT_EMITTED)
     assert journal == [3]  # a restart would replay the third read only
+
+
+def test_rogue_checkpoint_whose_output_count_goes_back_fails_the_device(tmp_path):
+    """A checkpoint's `emitted` is what a restart measures its output file's growth against
+    (DeviceSlot._resume_locked: skip = grown - emitted): one that went back to 0 was taken,
+    and the next process, an honest one, would drop unsent as many of the guest's output
+    bytes as the file ever grew by, the dead process's lie outliving it. A device's line
+    only takes bytes (a restart carries its count over), as it only applies frames."""
+    failures: list[str] = []
+    slot = spawn_rogue("checkpoint-backwards", tmp_path, failures)
+    try:
+        slot.wait_ready()
+        first = slot.read(SCR, 1)  # a checkpoint of CHECKPOINT_EMITTED bytes comes before it
+        second = slot.read(SCR, 1)  # and one of 0 bytes before this one
+        checkpoint = slot._checkpoint
+    finally:
+        slot.close()
+    assert (first, second) == (b"\x00", b"\xff")
+    assert checkpoint.emitted == CHECKPOINT_EMITTED  # the last one that held
+    reason = f"published a checkpoint of 0 output bytes, but its last had {CHECKPOINT_EMITTED}"
+    assert len(failures) == 1 and reason in failures[0], failures
 
 
 def test_device_report_is_logged_and_device_serves_on(tmp_path, caplog):
