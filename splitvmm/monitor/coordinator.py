@@ -6,7 +6,8 @@
    flight, and answers "quiesced" (its posted writes are applied by then: the
    channel is ordered);
 3. collect device states (opaque `{model, version, fields}` documents), vCPU
-   and VM state;
+   and VM state; a device that crashes once it saved its state is restarted only
+   when the VM runs again (hold_restart), never by a suspend;
 4. write guest RAM and the chunks (a copy into the page cache);
 5. resume devices and vCPUs (or leave them stopped for `suspend`);
 6. commit: write back the VM's disk images (Machine.write_back_images), fsync
@@ -92,6 +93,11 @@ class Coordinator:
         # vm.snapshot_dirs as the monitor's Landlock rules hold them: the directories there
         # when it confined itself ((st_dev, st_ino), bind_snapshot_dirs), not their paths
         self._snapshot_dir_ids: dict[Path, tuple[int, int]] = {}
+        # The devices the snapshot under way has saved, and the slots of those that crashed
+        # since, whose restarts wait for its end (hold_restart)
+        self._held_lock = threading.Lock()
+        self._saved: set[str] = set()
+        self._held: list[DeviceSlot] = []
 
     # -- pause / resume -----------------------------------------------------------------------
     def pause(self) -> None:
@@ -183,7 +189,10 @@ class Coordinator:
         def let_go() -> None:
             nonlocal resumed_at
             resumed_at = time.monotonic()  # set first: a failing resume is not retried
-            self._resume_devices(quiesced, deadline)
+            try:
+                self._resume_devices(quiesced, deadline)
+            finally:
+                self._release_restarts()  # the VM runs again: crashed devices restart
             self.snapshotting = False  # the devices take work again: they may be asked
             if not was_paused:
                 self.resume()
@@ -209,6 +218,26 @@ class Coordinator:
         size = _bytes_in(target)
         paused_until = t2 if resumed_at is None else resumed_at
         return SnapshotReport(target, (paused_until - t0) * 1e3, (t2 - t1) * 1e3, size)
+
+    def hold_restart(self, slot: DeviceSlot) -> bool:
+        """Whether the restart of `slot`, crashed, waits for the snapshot under way to end
+        (Machine._device_failed, its slot's lock held, any thread): it does once the device
+        saved its state. Its new process is never quiesced: it would serve what the guest
+        queued before the snapshot, which a suspend's restore serves again (a frame sent
+        twice, output written twice) while the suspended VM was to stay stopped, devices
+        included. A snapshot that lets the VM run again restarts it then (let_go); a suspend
+        never does: its VM stops."""
+        with self._held_lock:
+            if slot.name not in self._saved:
+                return False
+            self._held.append(slot)
+            return True
+
+    def _release_restarts(self) -> None:
+        with self._held_lock:
+            held, self._held, self._saved = self._held, [], set()
+        for slot in held:
+            self.machine.restart_later(slot)
 
     def _write_back_images(self) -> None:
         """Before the commit, with the VM running again: the guest's disk writes up to the
@@ -327,6 +356,8 @@ class Coordinator:
             assert lives is not None  # set under the slot's lock with the answer
             quiesced[slot.name] = lives
             states[slot.name] = lives, self._ask(slot, "save", deadline)
+            with self._held_lock:
+                self._saved.add(slot.name)
         return states
 
     def _check_generations(self, states: dict[str, _Saved]) -> None:
@@ -418,7 +449,7 @@ class Coordinator:
                 if not isinstance(version, int):  # control.check_reply passes no other
                     raise ControlError(f"device {slot.name} saved a state with no version")
                 w.add_json_chunk("device", slot.name, version, doc["fields"], model=slot.model)
-            self._check_generations(device_states)  # RAM is copied: later restarts are harmless
+            self._check_generations(device_states)  # RAM is copied: later crashes are held
             on_error.pop_all()
         return w
 

@@ -484,7 +484,8 @@ class Machine:
         # A device that was serving, or whose restart met a crash before it was READY
         if cfg.on_crash == "restart" and (slot.state is SlotState.LIVE or slot.restarting):
             if self._budgets[slot.name].take(time.monotonic()):
-                self._restarts.put(slot)
+                if not self.coordinator.hold_restart(slot):  # (a snapshot has saved it)
+                    self.restart_later(slot)
                 return True
             reason = (
                 f"{reason}; it crashed more than max_restarts = {cfg.max_restarts} times "
@@ -492,6 +493,10 @@ class Machine:
             )
         self.stop(Outcome.fault(f"device {slot.name} failed: {reason}"))
         return False
+
+    def restart_later(self, slot: DeviceSlot) -> None:
+        """Have the restarter restart `slot`, crashed (its on_crash policy said so)."""
+        self._restarts.put(slot)
 
     def _restarter(self) -> None:
         """Restarts crashed devices, one at a time, off the vCPU threads (a vCPU's access

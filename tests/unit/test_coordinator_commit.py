@@ -203,6 +203,7 @@ class FakeSlot(Struct):
     quiesced_lives: tuple[int, int] | None = None
     back: bool = True  # False: away, a restart under way past any wait for it
     waiting: int = 0  # vCPUs waiting for it to come back
+    stalled: str | None = None
     ops: list[str] = field(default_factory=list)
 
     @property
@@ -264,6 +265,28 @@ def test_coordinator_device_restarted_before_it_answered_its_quiesce_is_saved(
     coord.machine.slots = [FakeSlot("serial0", restart_at="quiesce"), FakeSlot("blk0")]
 
     coord._check_generations(coord._quiesce_devices(Deadline(5.0), {}))
+
+
+def test_coordinator_restarts_a_device_that_crashed_after_its_save_once_the_vm_runs_again(
+    tmp_path, monkeypatch
+):
+    """A device that crashes once it saved its state waits for the snapshot's end to be
+    restarted (Machine._device_failed asks hold_restart): a live snapshot asks for its
+    restart as it lets the VM go, before the vCPUs run; one not saved yet is not held."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    saved, late = FakeSlot("blk0"), FakeSlot("net0")
+    coord.machine.slots = [saved]
+    coord.machine.restart_later = lambda slot: events.append(f"restart {slot.name}")
+
+    def write(target, deadline, quiesced):
+        coord._quiesce_devices(deadline, quiesced)
+        events.append(f"held {coord.hold_restart(saved)} {coord.hold_restart(late)}")
+        return FakeWriter(events, target)
+
+    monkeypatch.setattr(coord, "_write", write)
+    coord.snapshot(tmp_path / "snap")
+
+    assert events[:4] == ["pause", "held True False", "restart blk0", "kvmclock stopped"]
 
 
 def test_coordinator_devices_unchanged_since_they_saved_pass_the_check(tmp_path, monkeypatch):
