@@ -87,6 +87,7 @@ from splitvmm.native.kvm import (
     IRQCHIP_PIC_MASTER,
     IRQCHIP_PIC_SLAVE,
     IRQCHIP_SIZE,
+    KVM_CAP_XCRS,
     LAPIC_SIZE,
     MAX_XCRS,
     PIT_STATE2_SIZE,
@@ -190,8 +191,11 @@ class VcpuHost(Struct, frozen=True):
 
     msr_indices: tuple[int, ...]  # KVM_GET_MSR_INDEX_LIST plus the MTRRs and MCE banks
     # KVM_CAP_XSAVE2's size (4 KiB or more since Linux 5.17, with XSAVE or without), else
-    # 4 KiB with KVM_CAP_XSAVE; 0 on an older kernel on a host without XSAVE
+    # 4 KiB with KVM_CAP_XSAVE (which KVM says on any host); 0 on a KVM without either
     xsave_size: int
+    # KVM_CAP_XCRS: whether the host has XSAVE, which only this cap says (KVM gives no XCRs
+    # without it, and refuses KVM_SET_XCRS and any XSAVE component past x87 and SSE)
+    has_xsave: bool
 
     @classmethod
     def probe(cls, kvm: Kvm, vm: VmFd | None = None) -> VcpuHost:
@@ -200,7 +204,7 @@ class VcpuHost(Struct, frozen=True):
         size = vm.xsave_size() if vm is not None else kvm.xsave_size()
         listed = [*kvm.msr_index_list(), *MTRR_MSRS, *MCE_BANK_MSRS]
         indices = dict.fromkeys(listed)  # ordered, no duplicates
-        return cls(tuple(indices), size)
+        return cls(tuple(indices), size, kvm.check_extension(KVM_CAP_XCRS) > 0)
 
 
 class VcpuState(Struct, frozen=True, kw_only=True):
@@ -305,7 +309,7 @@ def save_vcpu(vcpu: VcpuFd, host: VcpuHost | None = None) -> VcpuState:
     regs = vcpu.get_regs_dict()
     sregs = vcpu.get_sregs_dict()
     xsave = vcpu.get_xsave(host.xsave_size or XSAVE_MIN_SIZE)  # module docstring: not the FPU
-    xcrs = vcpu.get_xcrs() if host.xsave_size else {}
+    xcrs = vcpu.get_xcrs() if host.has_xsave else {}
     debugregs = vcpu.get_debugregs()
     lapic = bytes(vcpu.get_lapic())
     tsc_khz = _tsc_khz(vcpu)
@@ -532,8 +536,10 @@ def _fit_xsave(state: VcpuState, host: VcpuHost) -> bytes | None:
         if state.fpu is None:
             raise StateError("VcpuState: neither xsave nor fpu is set")
         return None
-    if not host.xsave_size and state.xcrs:
-        raise StateError("xsave: this host's KVM has no XSAVE (KVM_CAP_XSAVE)")
+    if state.xcrs and not host.has_xsave:
+        raise StateError(
+            "xsave: this host's KVM has no XSAVE (KVM_CAP_XCRS); the guest ran with it"
+        )
     size = host.xsave_size or XSAVE_MIN_SIZE
     if len(state.xsave) > size:
         raise StateError(f"xsave: {len(state.xsave)} bytes > this host's {size}")

@@ -44,6 +44,7 @@ _KICKED = (errno.EINTR, errno.EAGAIN)  # KVM_RUN stopped by a signal or immediat
 # Header constants the monitor's vCPU setup needs, by their header names (<linux/kvm.h>,
 # <asm/processor-flags.h>): code outside native/ never imports the cffi module itself.
 KVM_CAP_TSC_DEADLINE_TIMER: int = lib.KVM_CAP_TSC_DEADLINE_TIMER
+KVM_CAP_XCRS: int = lib.KVM_CAP_XCRS  # 1 where the host has XSAVE; KVM_CAP_XSAVE is 1 on any
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX: int = lib.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 KVM_MP_STATE_RUNNABLE: int = lib.KVM_MP_STATE_RUNNABLE
 X86_CR0_PE: int = lib.X86_CR0_PE

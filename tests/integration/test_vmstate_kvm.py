@@ -386,7 +386,7 @@ def test_vmstate_fpu_state_restored_on_an_xsave_host_keeps_its_xmm_registers(kvm
 
 
 def test_vmstate_mxcsr_survives_a_restore_on_a_host_without_xsave(kvm: Kvm) -> None:
-    """Where the host has no XSAVE (KVM_CAP_XSAVE 0: an old CPU, a host booted `noxsave`),
+    """Where the host has no XSAVE (KVM_CAP_XCRS 0: an old CPU, a host booted `noxsave`),
     the legacy FPU/SSE state went through KVM_GET_FPU and KVM_SET_FPU, and KVM carries no
     MXCSR in either (struct kvm_fpu has the field; KVM reads 0 and writes nothing): the
     guest's rounding mode, FTZ/DAZ and exception masks came back as the reset 0x1F80.
@@ -398,8 +398,8 @@ def test_vmstate_mxcsr_survives_a_restore_on_a_host_without_xsave(kvm: Kvm) -> N
     xsave[FXSAVE_MXCSR : FXSAVE_MXCSR + 4] = MXCSR.to_bytes(4, "little")
     xsave[XSAVE_XSTATE_BV] |= XFEATURE_X87 | XFEATURE_SSE
     v0.set_xsave(bytes(xsave))
-    # What VcpuHost.probe says on a host without XSAVE (KVM_CAP_XSAVE 0)
-    no_xsave = replace(VcpuHost.probe(kvm, first.vm), xsave_size=0)
+    # What VcpuHost.probe says without XSAVE (KVM_CAP_XCRS 0), and with no KVM_CAP_XSAVE
+    no_xsave = replace(VcpuHost.probe(kvm, first.vm), xsave_size=0, has_xsave=False)
     states = [save_vcpu(v, no_xsave) for v in first.vcpus]
     vm, ram = save_vm(first.vm), bytes(first.ram)
     first.close()

@@ -328,7 +328,9 @@ class FakeVcpu:
 
 
 SAVE_ANSWERS: dict[str, Any] = {"get_lapic": bytearray(LAPIC_SIZE), "get_cpuid": []}
-HOST = VcpuHost(msr_indices=(MSR_IA32_TSC, 0x8B, MSR_EFER), xsave_size=XSAVE_MIN_SIZE)
+HOST = VcpuHost(
+    msr_indices=(MSR_IA32_TSC, 0x8B, MSR_EFER), xsave_size=XSAVE_MIN_SIZE, has_xsave=True
+)
 
 
 def test_vmstate_restore_vcpu_sets_state_in_documented_order() -> None:
@@ -392,7 +394,7 @@ def test_vmstate_restore_vcpu_refuses_xsave_larger_than_host_before_any_ioctl() 
     assert vcpu.calls == []
 
 
-NO_XSAVE = replace(HOST, xsave_size=0)  # what VcpuHost.probe says where KVM_CAP_XSAVE is 0
+NO_XSAVE = replace(HOST, has_xsave=False)  # what VcpuHost.probe says where KVM_CAP_XCRS is 0
 
 
 def test_vmstate_save_vcpu_without_xsave_reads_the_xsave_area_not_kvm_fpu() -> None:
@@ -436,6 +438,34 @@ def test_vmstate_restore_vcpu_without_xsave_refuses_a_state_with_xcrs() -> None:
 
     with pytest.raises(StateError, match="xsave: this host's KVM has no XSAVE"):
         restore_vcpu(vcpu, vcpu_state(), NO_XSAVE)  # type: ignore[arg-type]
+    assert vcpu.calls == []
+
+
+class NoXsaveKvm:
+    """What KVM answers on a host without XSAVE (an old CPU, a host booted `noxsave`), on any
+    Linux: KVM_CAP_XSAVE is 1 on every host, KVM_CAP_XSAVE2 says 4 KiB or more; only
+    KVM_CAP_XCRS is 0 (kvm_vm_ioctl_check_extension: boot_cpu_has(X86_FEATURE_XSAVE))."""
+
+    def xsave_size(self) -> int:
+        return XSAVE_MIN_SIZE
+
+    def msr_index_list(self) -> list[int]:
+        return [MSR_IA32_TSC, 0x8B, MSR_EFER]
+
+    def check_extension(self, cap: int) -> int:
+        return 0  # KVM_CAP_XCRS, the one cap VcpuHost.probe asks
+
+
+def test_vmstate_probed_host_without_xsave_refuses_a_state_with_xcrs_by_name() -> None:
+    """The refusal above must be reached on a real host without XSAVE: there VcpuHost.probe
+    gets 4 KiB for xsave_size, and a state saved with XSAVE went on to KVM, which refused one
+    of its ioctls with a bare EINVAL (KVM_SET_SREGS for CR4.OSXSAVE, KVM_SET_XSAVE for an
+    AVX component, or KVM_SET_XCRS)."""
+    host = VcpuHost.probe(NoXsaveKvm())  # type: ignore[arg-type]
+    vcpu = FakeVcpu(tsc_khz=2_596_134, set_xcrs=refuse_without_xsave)
+
+    with pytest.raises(StateError, match="xsave: this host's KVM has no XSAVE"):
+        restore_vcpu(vcpu, vcpu_state(), host)  # type: ignore[arg-type]
     assert vcpu.calls == []
 
 
@@ -522,6 +552,9 @@ def test_vmstate_probe_lists_the_machine_check_banks() -> None:
 
         def msr_index_list(self) -> list[int]:
             return [MSR_IA32_TSC]
+
+        def check_extension(self, cap: int) -> int:
+            return 1
 
     host = VcpuHost.probe(FakeKvm())  # type: ignore[arg-type]
 
