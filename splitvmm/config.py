@@ -245,8 +245,11 @@ def _mode(path: Path, where: str) -> int:
         raise ConfigError(f"{where}: {shown(str(path))} cannot be used: {e.strerror}") from None
 
 
-def _option_path(base: Path, value: str, key: str) -> str:
-    """A device's path option from the config's directory (an output's after "unix:")."""
+def _option_path(base: Path, value: str, key: str, output: bool) -> str:
+    """A device's path option from the config's directory (an output's after "unix:"). Only
+    an output's "stdio" and "unix:" are not file names: a disk image named so is a file."""
+    if not output:
+        return str(_host_path(base, value, key))
     if value == "stdio":
         return value
     unix = unix_output_path(value)
@@ -320,13 +323,15 @@ def _parse_device(
                 f"{where}.{key}: missing; a {model} device needs it (expected {kind.__name__})"
             )
     options = {key: _get(table, key, where, kind, default) for key, (kind, default) in spec.items()}
+    fds = MODELS[model].fds
     for option in MODELS[model].options:
         given = option.name in table and (keep_empty or options[option.name] != option.default)
         if option.derive is not None and not given:
             options[option.name] = option.derive(vm_name, name)
         if option.path and option.name in table:
             key = f"{where}.{option.name}"
-            options[option.name] = _option_path(base, str(options[option.name]), key)
+            output = any(r.kind is FdKind.OUTPUT and r.option == option.name for r in fds)
+            options[option.name] = _option_path(base, str(options[option.name]), key, output)
         problem = option.check(options[option.name]) if option.check is not None else None
         if problem is not None:
             raise ConfigError(f"{where}.{option.name}: {shown(options[option.name])} {problem}")

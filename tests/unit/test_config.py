@@ -463,6 +463,18 @@ def test_config_outputs_beside_a_disk_image_are_fine(with_virtio_blk):
     assert [d.name for d in _cfg(devices=devices).devices] == ["blk0", "serial0", "rtc"]
 
 
+@pytest.mark.parametrize("image", ["stdio", "unix:d.img"])
+def test_config_disk_image_named_like_an_output_stream_is_a_file(with_virtio_blk, image):
+    """A disk image named "stdio" or "unix:PATH" is a file in the config's directory: those
+    are an output's streams, not a disk's. Kept as given, "stdio" was also taken for the
+    serial's default output and refused as its disk image."""
+    devices = BLK.format("blk0") + f'path = "{image}"\n[[device]]\nname = "s"\nmodel = "serial"\n'
+
+    cfg = _cfg(devices=devices)
+
+    assert cfg.devices[0].options["path"] == f"/{image}"
+
+
 def test_config_pci_model_may_appear_twice(with_virtio_blk):
     two = BLK.format("a") + 'path = "a.img"\n' + BLK.format("b") + 'path = "b.img"\n'
 
