@@ -1416,3 +1416,24 @@ def test_suspend_holds_the_restart_of_a_device_that_crashed_after_its_save(tmp_p
         close_fds(fds | peers)
     assert (m.stopping, saved["fields"]["queues"][1]["last_avail"]) == (True, 0)  # type: ignore[index]
     assert sent == [], "a frame the suspended VM's restore sends was sent already"
+
+
+def test_slot_held_writes_faster_than_the_device_applies_them_do_not_fail_it(tmp_path, monkeypatch):
+    """A guest that writes THR blind (a loop that never reads LSR, or `rep outsb`) with
+    write-behind armed hands the device KVM's ring, 169 writes, in one post each time it
+    fills, far faster than the device applies them (~11 us a frame here): the monitor's send
+    buffer fills with thousands of frames, and each post waits for room while the device
+    works through them (~80 ms here, every few batches). That is the device's work, not a
+    stall: charged to its latency budget as a slow reply, it failed in ~3 s of such output
+    (with on_crash = "stop", the default, the VM). The budget is cut to 500 ms here, so that
+    a few hundred thousand writes spend it."""
+    monkeypatch.setattr(channel_module, "LATENCY_BUDGET_MS", 500)
+    h = Harness(tmp_path, output_file=True)
+    ring = [(Reg.RX_TX, b"A")] * 169  # KVM_COALESCED_MMIO_MAX on 4 KiB pages
+    try:
+        for _ in range(1500):
+            h.slot.write_many(ring)
+        synced = h.slot.sync()
+    finally:
+        h.close()
+    assert (synced, h.failures) == (True, [])
