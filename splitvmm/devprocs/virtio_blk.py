@@ -490,8 +490,10 @@ class VirtioBlk(VirtioPciDevice):
             # The page cache lost the failed writes: IOERR now and later, never a stall (the
             # module docstring)
             self._latch_flush_error(e.errno or errno.EIO)
+            # A kind of its own: said once (later FLUSHes fail without a word), it must not
+            # be lost to a read's or a write's failure logged within the same second
             self._warn.warning(
-                "io", "%s: write-back failed (%s): every later FLUSH fails", self.NAME, e
+                "write-back", "%s: write-back failed (%s): every later FLUSH fails", self.NAME, e
             )
             raise RequestError(VIRTIO_BLK_S_IOERR) from None
 

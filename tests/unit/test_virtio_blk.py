@@ -24,6 +24,7 @@ from splitvmm.native.aio import AioContext
 from splitvmm.protocol import codec
 from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import replace
 from tests.virtio.support import (
     ACK,
@@ -692,6 +693,29 @@ def test_virtio_blk_failed_write_back_fails_later_stable_writes(blk, write_back_
     driver.kick()
 
     assert (status_of(blk, first), status_of(blk, second)) == (IOERR, IOERR)
+
+
+def test_virtio_blk_failed_write_back_is_logged_though_a_failed_read_was_just_before(
+    blk, monkeypatch, write_back_fails, caplog
+):
+    """A failing disk fails reads and write-back together. The write-back failure is said
+    once (every later FLUSH fails without a word, for the VM's life): a read's failure
+    logged within the same second must not silence it."""
+    monkeypatch.setattr(RateLimitedLog, "INTERVAL_S", 3600.0)  # both within one interval
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    read = request(ring, IN, 0, [(512, True)])
+    flush = request(ring, FLUSH, 0, [])
+
+    driver.kick()
+
+    assert (status_of(blk, read), status_of(blk, flush)) == (IOERR, IOERR)
+    assert "disk I/O failed" in caplog.text
+    assert "write-back failed (" in caplog.text and "every later FLUSH fails" in caplog.text
 
 
 def test_virtio_blk_failed_write_back_fails_flushes_after_a_crash_restart(
