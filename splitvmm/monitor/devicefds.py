@@ -364,6 +364,7 @@ def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
     output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
     if output == "stdio":
         _appending_if_file(STDOUT)
+        owned.append(BlockingAsItWas(STDOUT))
         return STDOUT
     path = unix_output_path(output)
     if path is not None:
@@ -393,6 +394,22 @@ def dirty_log_size(ram_bytes: int) -> int:
     """Bytes of a dirty bitmap for `ram_bytes` of RAM memfd: ceil(pages / 8), in whole pages."""
     pages = -(-ram_bytes // PAGE_SIZE)
     return -(-pages // (8 * PAGE_SIZE)) * PAGE_SIZE
+
+
+class BlockingAsItWas:
+    """Puts O_NONBLOCK back as it was on a description the operator's shell shares (stdout),
+    at tear-down, once the devices have ended: a device that cannot open that terminal or
+    pipe anew for a description of its own (another user's terminal, after `su` in it) makes
+    this one non-blocking instead (fdline.py), and the shell's commands after the VM then
+    got EAGAIN writing to their terminal."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._nonblocking = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+
+    def close(self) -> None:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK | self._nonblocking)
 
 
 class FdCloser:

@@ -3,7 +3,10 @@ stdio closed at start, a stderr nobody reads at the end."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,3 +188,51 @@ def test_up_whose_stderr_nobody_reads_exits_with_the_vms_status(tmp_path, guests
     finally:
         os.close(w)
     assert proc.wait(60) == 0
+
+
+# setpriv(1) runs `up` as root without the capabilities that let root open any file: an
+# operator after `su` in another user's terminal, which the devices cannot open anew.
+NOT_THE_TERMINALS_OWNER = [
+    "setpriv",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--inh-caps=-dac_override,-dac_read_search",
+]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs `up` as root without CAP_DAC_OVERRIDE (setpriv)",
+)
+def test_up_on_a_terminal_it_cannot_reopen_leaves_it_blocking_at_the_end(tmp_path, guests):
+    """`su other` in a terminal, then `up` with the serial on stdio: the device cannot open
+    the first user's terminal for a description of its own, and makes the one it shares with
+    the operator's shell non-blocking instead (fdline.py). It stayed so once the VM had
+    ended: the shell's next commands got EAGAIN writing to their terminal (`seq: write error:
+    Resource temporarily unavailable`)."""
+    master, terminal = os.openpty()
+    os.fchown(terminal, 65534, 65534)
+    os.fchmod(terminal, 0o600)
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["hello"]}"', serial_out="stdio"))
+    proc = subprocess.Popen(
+        [*NOT_THE_TERMINALS_OWNER, sys.executable, "-m", "splitvmm", "up", str(config)],
+        cwd=REPO,
+        env=env_for(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    _started.append(proc)
+    shown = bytearray()
+    try:
+        while proc.poll() is None or select.select([master], [], [], 0.5)[0]:
+            if select.select([master], [], [], 0.1)[0]:
+                shown += os.read(master, 65536)
+        flags = fcntl.fcntl(terminal, fcntl.F_GETFL)
+    finally:
+        os.close(master)
+        os.close(terminal)
+
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    assert b"making it non-blocking as shared" in shown  # the fallback this is about
+    assert not flags & os.O_NONBLOCK
