@@ -48,7 +48,7 @@ from splitvmm.devprocs.channel import Channel, ChannelClosed
 from splitvmm.devprocs.eventloop import EventLoop
 from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.output import BoundedOutput
-from splitvmm.errors import ConfigError, ProtocolError, StateError
+from splitvmm.errors import ConfigError, ProtocolError, SplitvmmError, StateError
 from splitvmm.fdline import FdLine
 from splitvmm.native import confine
 from splitvmm.native.eventfd import EventFd
@@ -567,18 +567,22 @@ def run(
         return whole, _connect(endpoint)
 
     # -- sandbox (issue 3): after imports and fds, before any guest data --
-    spec, sock = sandbox.enter_sandbox(
-        spec.model,
-        set(spec.fds.values()),
-        spec.seccomp,
-        channel=f"ipc://{spare_path(spec.channel)}" if spec.deferred else spec.channel,
-        connect=connect,
-        address_space=address_space_limit(spec),
-        private_memory=RUNTIME_ADDRESS_SPACE,
-        fixed_size=frozenset(
-            spec.fds[role.name] for role in MODELS[spec.model].fds if role.kind in FIXED_SIZE
-        ),
-    )
+    try:
+        spec, sock = sandbox.enter_sandbox(
+            spec.model,
+            set(spec.fds.values()),
+            spec.seccomp,
+            channel=f"ipc://{spare_path(spec.channel)}" if spec.deferred else spec.channel,
+            connect=connect,
+            address_space=address_space_limit(spec),
+            private_memory=RUNTIME_ADDRESS_SPACE,
+            fixed_size=frozenset(
+                spec.fds[role.name] for role in MODELS[spec.model].fds if role.kind in FIXED_SIZE
+            ),
+        )
+    except SplitvmmError as e:  # a layer the host refuses, a policy that does not load: the
+        # operator's to fix, said in one line (the launcher relays it, named), no traceback
+        raise SystemExit(f"device {spec.name}: {e}") from None
     try:
         _serve_sandboxed(spec, ctx, sock, hook)
     except ChannelClosed as e:  # the monitor failed us, or is gone: it ends us anyway

@@ -266,7 +266,10 @@ def _fork_warden(warden_policy: policy.Policy, address_space: int) -> None:
             f"the device warden {WARDEN} cannot be opened ({e.strerror}): it is built with "
             "splitvmm's native modules (scripts/bootstrap.sh)"
         ) from None
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError as e:  # EAGAIN: a limit on processes (a cgroup's pids.max)
+        raise SandboxError(f"cannot fork the device's warden: {e}") from None
     if pid:
         os.close(alive_r)
         _warden(pid, alive_w, program, warden_policy, address_space)
@@ -358,9 +361,20 @@ def _set_rlimits(
     }
     try:
         for which, value in limits.items():
-            resource.setrlimit(which, (value, value))
+            _set_limit(which, value)
     except (OSError, ValueError) as e:
         raise SandboxError(f"cannot set rlimits: {e}") from None
+
+
+def _set_limit(which: int, value: int) -> None:
+    """Both limits of `which` at `value`, or at the hard limit inherited where that is lower:
+    no process in the device's user namespace may raise it (root's CAP_SYS_RESOURCE counts in
+    the host's only), and the operator's lower one (`ulimit -f`, systemd's LimitDATA=)
+    confines more."""
+    _, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
+        value = hard
+    resource.setrlimit(which, (value, value))
 
 
 def _stack_limit() -> int:
@@ -477,5 +491,5 @@ def _confine_warden(
         (resource.RLIMIT_FSIZE, _file_size_limit({2}, frozenset())),
         (resource.RLIMIT_AS, address_space),  # the device's: the warden needs far less
     ):
-        resource.setrlimit(which, (value, value))
+        _set_limit(which, value)
     return filter_fd

@@ -6,6 +6,7 @@ import os
 import resource
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from splitvmm.devprocs.runtime import RUNTIME_ADDRESS_SPACE
 from splitvmm.devprocs.serial import Lsr, Reg
 from splitvmm.native import confine
 from splitvmm.sandbox.device import MAX_STACK
+from tests.sandbox import harness
 from tests.sandbox.harness import SandboxedDevice
 
 pytestmark = pytest.mark.sandbox
@@ -133,6 +135,41 @@ def test_device_rlimits_when_stderr_is_a_file_let_it_grow(
     dev.wait_ready()
 
     assert _limits(dev.device_pid())["Max file size"] == ["unlimited"] * 2
+
+
+# The device run under a hard limit of the operator's (`ulimit -f`, `ulimit -d`; systemd's
+# LimitFSIZE=, LimitDATA=): argv[1] names it, argv[2] is its value.
+UNDER_LIMIT = (
+    "import resource, runpy, sys; "
+    "limit = getattr(resource, sys.argv[1]); value = int(sys.argv[2]); "
+    "resource.setrlimit(limit, (value, value)); "
+    "sys.argv[1:] = []; runpy.run_module('splitvmm.devprocs', run_name='__main__')"
+)
+
+
+@pytest.mark.parametrize(
+    ("limit", "value", "shown"),
+    [("RLIMIT_FSIZE", 1 << 30, "Max file size"), ("RLIMIT_DATA", 200 << 20, "Max data size")],
+    ids=["ulimit-f", "ulimit-d"],
+)
+def test_device_under_a_lower_hard_limit_starts_and_keeps_it(
+    spawn: Callable[..., SandboxedDevice],
+    monkeypatch: pytest.MonkeyPatch,
+    limit: str,
+    value: int,
+    shown: str,
+) -> None:
+    """A hard limit below what the sandbox sets (unlimited file size with a file that grows,
+    here its stderr; RUNTIME_ADDRESS_SPACE of data) cannot be raised from the device's user
+    namespace, root or not: the device and its warden failed ("cannot set rlimits: not
+    allowed to raise maximum limit"), and so did every VM under that limit. The lower one is
+    kept: it confines the device more."""
+    command = (sys.executable, "-c", UNDER_LIMIT, limit, str(value))
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", command)
+    dev = spawn(stderr_to_file=True)
+    dev.wait_ready()
+
+    assert _limits(dev.device_pid())[shown] == [str(value)] * 2
 
 
 @needs_ptrace_read
@@ -313,6 +350,45 @@ def test_device_that_ends_between_its_sandbox_and_ready_exits_with_its_own_statu
     dev = spawn(hook=lambda fds: sys.exit(3))
 
     assert dev.wait_exit(10) == 3
+
+
+# The device on a host that refuses one of its layers: argv[1] names the call, which fails
+# with EPERM (user namespaces off for unprivileged users: Ubuntu's AppArmor restriction,
+# Debian's kernel.unprivileged_userns_clone = 0).
+REFUSED_LAYER = textwrap.dedent(
+    """
+    import errno, importlib, os, runpy, sys
+    module, name = sys.argv[1].rsplit(".", 1)
+    def refuse(*args):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    setattr(importlib.import_module(module), name, refuse)
+    sys.argv[1:] = []
+    runpy.run_module("splitvmm.devprocs", run_name="__main__")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("call", "why"),
+    [
+        ("splitvmm.native.confine.unshare", "cannot create the device's namespaces"),
+        ("os.fork", "cannot fork the device's warden"),
+        ("splitvmm.native.landlock.restrict_self_deny_all", "cannot enter Landlock"),
+    ],
+    ids=["namespaces", "warden", "landlock"],
+)
+def test_device_whose_sandbox_the_host_refuses_says_why_in_one_line(
+    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch, call: str, why: str
+) -> None:
+    """Before its warden's fork (namespaces), at it (a limit on processes) and after it
+    (Landlock): the reason, named, in one line that the launcher relays as the device's, and
+    exit status 1 (the monitor's "exited with status 1 before it was ready"); not a traceback
+    of the device's code."""
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", (sys.executable, "-c", REFUSED_LAYER, call))
+    dev = spawn(stderr_to_file=True)
+
+    assert dev.wait_exit(10) == 1
+    assert dev.stderr() == f"device serial0: {why}: [Errno 1] Operation not permitted\n"
 
 
 PR_GET_SECUREBITS = 27  # <linux/prctl.h>
