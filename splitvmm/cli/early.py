@@ -12,6 +12,7 @@ here, and an unused one ends with the process (it dies with its parent).
 from __future__ import annotations
 
 import os
+import signal
 from typing import TYPE_CHECKING
 
 from splitvmm import timings
@@ -26,6 +27,7 @@ VALUED_OPTIONS = ("--log-level",)  # the root command's options that take a valu
 
 _forked: tuple[socket.socket, int] | None = None  # launcher_start.fork()'s socket and pid
 _closed_inherited = False  # close_inherited_fds() ran: no fd past 2 is the operator's
+_interrupted = False  # a SIGINT came while _hold_interrupt() held it, for take() to raise
 # Where a path names an open fd of this process (a shell's `<(make-config)` is /dev/fd/63)
 FD_DIRS = ("/dev/fd", "/proc/self/fd", "/proc/thread-self/fd")
 
@@ -40,11 +42,27 @@ def start_launcher(args: list[str]) -> None:
     # zygote twice (here and in the launcher before its exec), and the client imports msgspec.
     from splitvmm.sandbox import launcher_start
 
+    _hold_interrupt()
     try:
         _forked = launcher_start.fork()
     except launcher_start.LauncherError:
         return  # run_and_exit tries again, and says why it failed
     timings.mark("launcher fork")
+
+
+def _hold_interrupt() -> None:
+    """From the launcher's fork to take() (click's imports and its parsing of the command
+    line, while the zygote imports), a SIGINT is held and take() raises it: run_and_exit then
+    stops as by SIGINT (130), as anywhere before the VM's own handlers. Raised where it came,
+    it was click's "Aborted!" (1: could not start), or a traceback in an import. A SIGINT
+    ignored (nohup, a shell's `cmd &`) stays so."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _held)
+
+
+def _held(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
 
 
 def close_inherited_fds() -> None:
@@ -72,8 +90,13 @@ def closed_fd(path: str | os.PathLike[str]) -> int | None:
 
 
 def take() -> Launcher | None:
-    """The launcher started here, once (None if none was)."""
+    """The launcher started here, once (None if none was); KeyboardInterrupt if a SIGINT
+    came since its fork (_hold_interrupt)."""
     global _forked
+    if signal.getsignal(signal.SIGINT) is _held:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if _interrupted:
+            raise KeyboardInterrupt
     if _forked is None:
         return None
     from splitvmm.sandbox.launcher import Launcher

@@ -68,6 +68,10 @@ def run_and_exit(
             if log is not None:
                 log.finish()
     except SplitvmmError as e:
+        if show_timings:  # where a start that failed spent its time: the error's phase too
+            timings.mark("until the error")
+            with contextlib.suppress(OSError):
+                timings.print_report()
         _fail(e)
     except KeyboardInterrupt:  # SIGINT before the VM's own handlers (Machine.build): the
         # config or the snapshot was being read, and nothing was built; not click's Abort

@@ -150,13 +150,13 @@ class _Server:
         relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(relay_r, False)
         try:
-            zygote = self._live_zygote()
+            zygote = self._live_zygote(spec.name)
             try:
                 spawned = spawn_child(spec, stderr=relay_w, zygote=zygote)
             except DeviceFailure:
                 if not zygote.ended() or zygote.timed_out or self._monitor_left():
                     raise  # the device's own failure, a zygote that never answered, or nobody waits
-                spawned = spawn_child(spec, stderr=relay_w, zygote=self._live_zygote())
+                spawned = spawn_child(spec, stderr=relay_w, zygote=self._live_zygote(spec.name))
         except BaseException:
             os.close(relay_r)
             raise
@@ -166,15 +166,21 @@ class _Server:
         self.poller.register(relay_r, select.POLLIN)
         return spawned
 
-    def _live_zygote(self) -> Zygote:
+    def _live_zygote(self, name: str) -> Zygote:
         """The zygote, or a new one if it rests or has ended (killed, crashed, or killed by
-        us after it failed a fork): otherwise every restart that follows would fail too."""
+        us after it failed a fork): otherwise every restart that follows would fail too.
+        DeviceFailure naming device `name` if none can be started."""
         if self.zygote is not None and self.zygote.ended():
             status = self.zygote.process.returncode
             self._say(f"the zygote ended ({status}); starting a new one")
             self._end_zygote()
         if self.zygote is None:
-            self.zygote = Zygote.start(device_env())
+            try:
+                self.zygote = Zygote.start(device_env())
+            except OSError as e:  # EAGAIN: a limit on processes (a cgroup's pids.max)
+                raise DeviceFailure(
+                    f"device {name}: no zygote could be started to fork it: {e}"
+                ) from None
             self.zygote.hangup_fd = self.sock.fileno()
         return self.zygote
 

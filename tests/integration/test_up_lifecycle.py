@@ -240,6 +240,46 @@ def test_a_second_stop_signal_during_the_first_ones_handler_does_not_hang_the_mo
     assert run.stdout.split() == ["143", "stopped", "by", "SIGTERM", "2"], run.stdout
 
 
+# -- 4b. SIGINT once the launcher is forked, before `up` runs: its zygote imports meanwhile -----
+INTERRUPTED_IN_CLICK = textwrap.dedent(
+    """
+    import signal, sys
+    from splitvmm.cli import main, root
+
+    get_command = root.LazyGroup.get_command
+
+
+    def interrupted(self, ctx, name):
+        # Ctrl-C as click loads the subcommand: main() forked the launcher (cli/early.py),
+        # whose zygote imports every device model meanwhile (~100 ms)
+        signal.raise_signal(signal.SIGINT)
+        return get_command(self, ctx, name)
+
+
+    root.LazyGroup.get_command = interrupted
+    sys.argv = ["splitvmm", "up", sys.argv[1]]
+    main()
+    """
+)
+
+
+def test_up_interrupted_after_its_launcher_forked_is_a_stop_by_sigint_not_click_abort(tmp_path):
+    """Between the early launcher's fork and run_and_exit (click's imports and parsing, ~40 ms
+    of the zygote's ~100 ms of imports), SIGINT was click's "Aborted!" (status 1: could not
+    start) or, in the imports, a KeyboardInterrupt traceback; anywhere else before the VM's
+    own handlers it is a stop by SIGINT (130: tests/unit/test_stop_signals.py)."""
+    run = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_IN_CLICK, str(tmp_path / "vm.toml")],
+        cwd=REPO,
+        env=env_for(tmp_path),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (run.returncode, run.stderr) == (130, "splitvmm: stopped by SIGINT\n")
+
+
 # -- 5. a stop signal the kernel hands to another thread than the main one ---------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_path, guests, sig):

@@ -7,6 +7,7 @@ must have a single thread then (as the monitor has when it forks it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox import launcher as launcher_module
 from splitvmm.sandbox import launcher_start
+from splitvmm.sandbox import zygote as zygote_module
 from splitvmm.sandbox.launcher import CHUNK, MAX_MESSAGE, LaunchedProcess, Launcher
 from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
 from splitvmm.sandbox.spawn import readable
@@ -398,6 +400,39 @@ def test_launcher_with_its_zygote_killed_starts_a_new_one_for_the_next_device(
     parent, others = serve_one(launcher, rundir, fds)
     assert parent == launcher.pid
     assert len(others) == 1 and zygote not in others  # a new zygote, the old one reaped
+
+
+def test_launcher_that_cannot_start_a_new_zygote_refuses_naming_the_device_and_why(
+    rundir, fds, monkeypatch
+):
+    """Its zygote gone (killed here; or rested), a spawn starts a new one. One the host
+    refuses (fork's EAGAIN under a cgroup's pids.max, systemd's TasksMax=) was refused with the
+    bare OSError, which `up` printed as its one line: "[Errno 11] Resource temporarily
+    unavailable", naming neither the device nor what failed."""
+    start = zygote_module.Zygote.start
+    started: list[bool] = []
+
+    def first_only(cls, env, command=zygote_module.ZYGOTE_COMMAND):  # the launcher's own
+        if started:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        started.append(True)
+        return start(env, command)
+
+    monkeypatch.setattr(zygote_module.Zygote, "start", classmethod(first_only))
+    launcher = Launcher.start(rundir)  # forked: the launcher starts its zygotes so
+    try:
+        (zygote,) = wait_for(lambda: children_of(launcher.pid))
+        os.kill(zygote, signal.SIGKILL)
+        with pytest.raises(DeviceFailure) as refused:
+            launcher.spawn(serial_spec(rundir, fds))
+        ended = launcher.exited()
+    finally:
+        launcher.close()
+    assert str(refused.value) == (
+        "device serial0: no zygote could be started to fork it: [Errno 11] Resource "
+        "temporarily unavailable"
+    )
+    assert not ended  # the launcher goes on: the next spawn tries anew
 
 
 def test_launcher_asked_only_after_its_zygote_is_ready_serves_from_that_zygote(rundir, fds):

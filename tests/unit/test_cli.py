@@ -1,14 +1,16 @@
 """The root command: version, help, lazy subcommands, and a clear error for a bad config."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
 
-from splitvmm import __version__
+from splitvmm import __version__, timings
 from splitvmm.cli import SUBCOMMANDS, cli, early, up
-from splitvmm.errors import system_exit_status
+from splitvmm.errors import DeviceFailure, system_exit_status
+from splitvmm.monitor import machine
 from splitvmm.sandbox import launcher, launcher_start
 from splitvmm.sandbox.launcher import Launcher
 
@@ -67,6 +69,34 @@ class NoLauncher:
 
     def close(self) -> None:
         pass
+
+
+def test_cli_up_timings_of_a_failed_start_come_before_its_error(tmp_path, monkeypatch):
+    """`up --timings` says where start-up time went at exit (README), a start that failed
+    included: one whose device never got READY (READY_TIMEOUT_MS, 10 s) is when the operator
+    wants it most, and it printed the error only. The phase the error ended is shown too."""
+    monkeypatch.setattr(timings, "_marks", [])
+    monkeypatch.setattr(timings, "_spans", [])
+    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: NoLauncher()))
+
+    def failed_start(cfg, snapshot, launcher):
+        timings.mark("device launch requests")
+        raise DeviceFailure("device serial0: exited with status 1 before it was ready")
+
+    monkeypatch.setattr(machine, "run_vm", failed_start)
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[vm]\nname = "t"\n[boot]\nkernel = "{kernel}"\n')
+
+    result = CliRunner().invoke(cli, ["up", "--timings", str(config)])
+
+    phases = re.findall(r"^splitvmm: timings: phase (.+?)\s+[\d.]+ ms$", result.output, re.M)
+    assert result.exit_code == 1
+    assert phases[-3:] == ["device launch requests", "until the error", "total"], result.output
+    assert result.output.splitlines()[-1] == (
+        "splitvmm: error: device serial0: exited with status 1 before it was ready"
+    )
 
 
 @pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (4, 4), (99, 99), (256, 0)])
