@@ -53,7 +53,7 @@ from splitvmm.native.kvm import Kvm
 from splitvmm.native.mem import mapping_address
 from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS, FdKind, ModelDescriptor, PciFunction, PortWindow
-from splitvmm.protocol.spec import CRASH_SIGNALS
+from splitvmm.protocol.spec import CRASH_SIGNALS, MAX_DEVICES
 from splitvmm.record import Struct
 from splitvmm.sandbox.launcher import Launcher
 from splitvmm.sandbox.launcher_start import close_all
@@ -473,7 +473,9 @@ class Machine:
                 f"failed: {reason}); no device can be restarted without it"
             ))  # fmt: skip
             return False
-        if cfg.on_crash == "leave":
+        # A device that was serving: one that failed its first start ends the VM's start
+        # (DeviceSlot.wait_ready), whatever its on_crash
+        if cfg.on_crash == "leave" and slot.state is SlotState.LIVE:
             log.warning(
                 "device %s stays dead (on_crash = leave); its registers read as all-ones",
                 slot.name,
@@ -600,8 +602,13 @@ class Machine:
             time.sleep(STALL_PAUSE_RETRY_S)
 
     def _start_spare(self, slot: DeviceSlot) -> None:
-        """A warm spare for `slot` (if it keeps one), watched while it waits."""
+        """A warm spare for `slot` (if it keeps one), watched while it waits; none past the
+        launcher's MAX_DEVICES less one place for each device's own process: a spare started in
+        the place a crashed device's process freed took it from that device's restart, which
+        was refused, and the VM stopped (two devices without spares that crashed together)."""
         if self.stopping:
+            return
+        if sum(1 for each in self.slots if each.spare_pid) >= MAX_DEVICES - len(self.slots):
             return
         spare = slot.start_spare()
         if spare is not None and self._supervisor is not None:
@@ -627,7 +634,8 @@ class Machine:
         install_kick_handler()
         for slot in self.slots:
             slot.wait_ready()
-            timings.span(f"device {slot.name} ready", self._spawned_at[slot.name])
+            if slot.ready:  # not one a stop gave up meanwhile (wait_ready returns then too)
+                timings.span(f"device {slot.name} ready", self._spawned_at[slot.name])
         timings.mark("devices ready (wait)")
         if self._outcome is not None:  # stopped while the devices got ready: still none runs
             return self._outcome

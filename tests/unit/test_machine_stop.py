@@ -3,6 +3,7 @@ stops there, its vCPUs never created, and close() tears down what build() made."
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import subprocess
 import sys
@@ -12,11 +13,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from splitvmm import timings
+from splitvmm.errors import DeviceFailure
 from splitvmm.monitor import machine as machine_module
 from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
+from splitvmm.monitor.slot import SlotState
+from splitvmm.protocol.spec import MAX_DEVICES
 from splitvmm.sandbox.launcher_start import LauncherError
+from splitvmm.sandbox.spawn import readable
 from splitvmm.snapshot import SnapshotError
 
 
@@ -40,7 +46,10 @@ def test_a_stop_signal_while_the_devices_get_ready_runs_no_vcpu(monkeypatch):
     stopped = Outcome(143, "stopped by SIGTERM")
     m.slots = [
         SimpleNamespace(
-            name="serial0", wait_ready=lambda: m.stop(stopped), give_up_host_io=lambda: None
+            name="serial0",
+            ready=False,
+            wait_ready=lambda: m.stop(stopped),
+            give_up_host_io=lambda: None,
         )
     ]
     monkeypatch.setattr(
@@ -50,6 +59,26 @@ def test_a_stop_signal_while_the_devices_get_ready_runs_no_vcpu(monkeypatch):
     )
 
     assert m.run() is stopped and m.vcpus == []
+
+
+def test_a_device_given_up_by_a_stop_before_its_ready_is_not_timed_as_ready(monkeypatch):
+    """`up --timings` shows a span "device NAME ready" from its launch to its READY. A stop
+    signal while the device starts gives it up (wait_ready returns, the slot failed quietly):
+    it was shown as ready all the same, after as long as the stop took to come."""
+    monkeypatch.setattr(timings, "_spans", [])
+    m = bare_machine()
+    stopped = Outcome(143, "stopped by SIGTERM")
+    m.slots = [
+        SimpleNamespace(
+            name="serial0",
+            ready=False,
+            wait_ready=lambda: m.stop(stopped),
+            give_up_host_io=lambda: None,
+        )
+    ]
+
+    assert m.run() is stopped
+    assert timings._spans == []
 
 
 def test_a_stop_signal_during_the_build_returns_at_once():
@@ -235,7 +264,7 @@ def test_a_device_left_dead_raises_each_of_its_interrupts_once():
         m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
         m._launcher = SimpleNamespace(exited=lambda: False)
         m._spawns = [SimpleNamespace(name="blk0", fds=fds)]
-        slot = SimpleNamespace(name="blk0", model="virtio-blk")
+        slot = SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.LIVE)
 
         assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
         assert irq_roles and {n: os.eventfd_read(fd) for n, fd in fds.items()} == dict.fromkeys(
@@ -245,6 +274,38 @@ def test_a_device_left_dead_raises_each_of_its_interrupts_once():
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_a_device_that_fails_its_first_start_is_not_left_dead_by_on_crash_leave(caplog):
+    """A device that fails before its first READY ends the VM's start (wait_ready raises:
+    `up` prints the error, exit 1), whatever its on_crash: "leave", as "restart", is for a
+    device that served. It logged "stays dead (on_crash = leave); its registers read as
+    all-ones" of a VM that never ran, a line before the error that ended it, and raised the
+    dead device's interrupts into it."""
+    import os
+
+    from splitvmm.protocol.models import MODELS, FdKind
+
+    model = MODELS["virtio-blk"]
+    irq_roles = [r.name for r in model.fds if r.kind in (FdKind.MSIX, FdKind.INTX)]
+    fds = {name: os.eventfd(0, os.EFD_NONBLOCK) for name in irq_roles}
+    try:
+        m = bare_machine()
+        m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
+        m._launcher = SimpleNamespace(exited=lambda: False, abandon=lambda why: None)
+        m._spawns = [SimpleNamespace(name="blk0", fds=fds)]
+        slot = SimpleNamespace(
+            name="blk0", model="virtio-blk", state=SlotState.AWAY, restarting=False
+        )
+
+        why = "exited with status 1 before it was ready"
+        failed = m._device_failed(slot, why)  # type: ignore[arg-type]
+        raised = [n for n, fd in fds.items() if readable(fd, 0)]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert (failed, raised, "stays dead" in caplog.text) == (False, [], False)
+    assert m._outcome is not None and m._outcome.message == f"device blk0 failed: {why}"
 
 
 def test_an_image_whose_write_back_failed_fails_every_later_one_and_the_others_are_synced(
@@ -298,6 +359,80 @@ def test_a_restart_queued_when_the_vm_stops_starts_no_process_and_no_spare():
     m._restarter()
 
     assert done == ["fail: the VM is stopping"]
+
+
+class Places:
+    """The launcher's MAX_DEVICES places: each device process and each warm spare takes one;
+    a spawn past them is refused, as the launcher refuses it."""
+
+    def __init__(self, taken: int) -> None:
+        self.taken = taken
+
+    def take(self, name: str) -> None:
+        if self.taken >= MAX_DEVICES:
+            raise DeviceFailure(f"device {name}: {MAX_DEVICES} devices run already")
+        self.taken += 1
+
+
+class RestartedSlot:
+    """A device with on_crash = "restart", as the restarter sees its slot."""
+
+    ready = True
+
+    def __init__(self, name: str, places: Places, spare: bool) -> None:
+        self.name, self.places, self.spare_pid = name, places, int(spare)
+
+    def give_up_host_io(self) -> None:
+        pass
+
+    def start_spare(self) -> None:
+        """None whatever comes of it: nobody watches a spare here (no supervisor)."""
+        if not self.spare_pid:
+            with contextlib.suppress(DeviceFailure):  # logged: its next restart starts cold
+                self.places.take(self.name)
+                self.spare_pid = 1
+
+    def restart(self) -> None:
+        if self.spare_pid:
+            self.spare_pid = 0  # its spare takes over, in the place it holds
+        else:
+            self.places.take(self.name)  # a cold process: DeviceFailure stops the VM
+
+
+class CrashTogether:
+    """The restarter's queue: `slots` crash together once the restarter has started its
+    spares (their processes ended and reaped: their places are free), then the VM stops."""
+
+    def __init__(self, slots: list[RestartedSlot], places: Places) -> None:
+        self.slots, self.places = slots, places
+        self.queued: list[RestartedSlot | None] | None = None
+
+    def get(self, timeout: float | None = None) -> object:
+        if self.queued is None:
+            self.places.taken -= len(self.slots)
+            self.queued = [*self.slots, None]
+        return self.queued.pop(0)
+
+    def put(self, item: object) -> None:
+        assert self.queued is not None
+        self.queued.insert(-1, item)  # type: ignore[arg-type]
+
+
+def test_devices_crashing_together_are_restarted_though_spares_could_fill_the_launcher():
+    """33 devices restarted on a crash: their processes and 31 warm spares fill the launcher's
+    MAX_DEVICES (64). Two without a spare crash together: the first one's new spare took the
+    place its process had freed, which the second one's cold restart needed ("64 devices run
+    already"), and the VM stopped, for a spare's sake."""
+    m = bare_machine()
+    m._supervisor = None
+    m._launcher = SimpleNamespace(abandon=lambda why: None)
+    places = Places(taken=MAX_DEVICES)
+    m.slots = [RestartedSlot(f"dev{i}", places, spare=i < 31) for i in range(33)]
+    m._restarts = CrashTogether(m.slots[31:], places)  # type: ignore[assignment]
+
+    m._restarter()
+
+    assert m._outcome is None, m._outcome.message
 
 
 HUNG_WRITE_BACK = """
