@@ -52,7 +52,7 @@ def crash_device(ctx: click.Context, name: str, sig: str, as_json: bool) -> None
     "--delay-ms",
     type=click.IntRange(0, MAX_DELAY_MS),
     default=0,
-    help="delay: how long the reply waits.",
+    help="delay: how long the reply waits (1 or more: a delay fault needs it).",
 )
 @signal_option(FAULT_SIGNALS, "crash: how the process dies.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
