@@ -146,7 +146,7 @@ class Bus:
             r = current.ranges[i] if i >= 0 else None
             if r is not None and at < r.base + r.size:  # inside window i
                 length = min(end, r.base + r.size) - at
-                for offset, piece in _access_sizes(at - r.base, length):
+                for offset, piece in aligned_pieces(at - r.base, length):
                     parts.append((r.base + offset, piece, (r.device, offset)))
             else:  # a gap, up to the next window's start
                 next_base = current.bases[i + 1] if i + 1 < len(current.bases) else end
@@ -175,7 +175,7 @@ class Bus:
                 )
 
 
-def _access_sizes(offset: int, length: int) -> list[tuple[int, int]]:
+def aligned_pieces(offset: int, length: int) -> list[tuple[int, int]]:
     """`length` bytes from `offset` as accesses a device takes (wire.ACCESS_SIZES, each
     aligned to its size): the part of a 4-byte access left in a window may be 3 bytes, which
     no device is ever sent (its frame decoder refuses one, and the device would fail)."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from splitvmm.errors import ConfigError
+from splitvmm.monitor.bus import aligned_pieces
 from splitvmm.monitor.pci.config import (
     CONFIG_SPACE_SIZE,
     ECAM_FUNCTION_SIZE,
@@ -169,14 +170,10 @@ class ConfigPorts:
 def _cycles(offset: int, size: int) -> list[tuple[int, int]]:
     """(offset, size) of each cycle of an access that runs from 0xCF8-0xCFB into 0xCFC: the
     CPU splits a misaligned I/O access at the dword boundary (Intel SDM vol. 1, "I/O Address
-    Space"), so the bytes from 0xCFC on are a data-port access, as a byte enable pattern a
-    function takes (1 or 2 bytes, aligned: 3 go as 2 and 1)."""
+    Space"), so the bytes from 0xCFC on are a data-port access, in the aligned pieces a
+    function takes (3 bytes go as 2 and 1), as the bus splits an access at a window's edge."""
     below = CONFIG_DATA_OFFSET - offset
-    above = size - below  # 1 to 3 bytes of the data port
-    cycles = [(offset, below), (CONFIG_DATA_OFFSET, min(above, 2))]
-    if above == 3:
-        cycles.append((CONFIG_DATA_OFFSET + 2, 1))
-    return cycles
+    return [(offset, below), *aligned_pieces(CONFIG_DATA_OFFSET, size - below)]
 
 
 class Ecam:
