@@ -599,7 +599,7 @@ class Mc146818(RegisterDevice):
         rate = self._cmos[Reg.FREQ_SELECT] & RegA.RATE_SELECT
         if rate == 0:
             return 0
-        if rate <= 2 and self._cmos[Reg.FREQ_SELECT] & RegA.DIV_CTL == REF_CLCK_32KHZ:
+        if rate <= 2 and self._cmos[Reg.FREQ_SELECT] & DIV_CTL == REF_CLCK_32KHZ:
             return 1 << (rate + 6)  # 1, 2: 256 and 128 Hz with the 32.768 kHz time base
         return 1 << (rate - 1)  # 1, 2: 32768 and 16384 Hz at 4.194304 and 1.048576 MHz
 
@@ -736,7 +736,7 @@ def _divider_runs(a: int) -> bool:
     runs the divider chain. A PC's crystal is 32.768 kHz, and the clock keeps the host's time
     whichever a driver names, as QEMU's does (a driver written from the datasheet may write
     000). 011 to 101 are test settings: stopped, as 11x (reset) is."""
-    return a & RegA.DIV_CTL <= REF_CLCK_32KHZ
+    return a & DIV_CTL <= REF_CLCK_32KHZ
 
 
 def _holds(a: int, b: int) -> bool:
