@@ -29,11 +29,12 @@ Preconditions (the coordinator's job, DESIGN.md "Snapshot"):
 Save order (Firecracker vstate/vcpu/x86_64.rs save_state): MP state first, because
 KVM_GET_MP_STATE runs kvm_apic_accept_events(), which may change LAPIC and vCPU state; then
 regs, sregs, XSAVE, XCRs, debug registers, LAPIC, TSC rate, CPUID, MSRs; vCPU events last,
-since the GETs before it may change what is pending. The x87/SSE state goes through the XSAVE
-area on a host without XSAVE too (KVM gives its FXSAVE image there, x87 and SSE in XSTATE_BV,
-so that it restores on any host): KVM_GET_FPU and KVM_SET_FPU carry no MXCSR (KVM reads the
-field as 0 and ignores it when set), and a guest's rounding mode, FTZ/DAZ and exception masks
-came back as the reset 0x1F80. Only snapshots of releases before that hold an FPU instead.
+since the GETs before it may change what is pending. The x87/SSE state always goes through
+the XSAVE area, on a host without XSAVE too (KVM gives its FXSAVE image there, x87 and SSE in
+XSTATE_BV, so that it restores on any host), never KVM_GET_FPU/KVM_SET_FPU: those carry no
+MXCSR (KVM reads the field as 0 and ignores it when set), so a guest's rounding mode, FTZ/DAZ
+and exception masks would come back as the reset 0x1F80. A state's fpu is read for snapshots
+of earlier releases only, which saved it where they took a host's xsave_size to be 0.
 
 Restore order (Firecracker restore_state, with QEMU's MSR ordering), each step and why:
  1. CPUID (KVM_SET_CPUID2) first: KVM checks most of what follows against it (XSAVE's
@@ -209,8 +210,9 @@ class VcpuHost(Struct, frozen=True):
 
 class VcpuState(Struct, frozen=True, kw_only=True):
     """One vCPU's architectural state. Exactly one of fpu/xsave is set: the XSAVE area holds
-    the legacy FPU/SSE state too, MXCSR included, which struct kvm_fpu does not; fpu is in
-    snapshots of releases that saved it on a host without XSAVE, and restored as they were."""
+    the legacy FPU/SSE state too, MXCSR included, which struct kvm_fpu does not; fpu is only
+    in states of earlier releases (their save read it where xsave_size was 0), restored as they
+    were."""
 
     VERSION: ClassVar[int] = 1
     UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {}
