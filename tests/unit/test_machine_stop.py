@@ -4,10 +4,12 @@ stops there, its vCPUs never created, and close() tears down what build() made."
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +22,7 @@ from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.slot import SlotState
+from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.protocol.spec import MAX_DEVICES
 from splitvmm.sandbox.launcher_start import LauncherError
 from splitvmm.sandbox.spawn import readable
@@ -232,62 +235,54 @@ def test_a_build_that_fails_without_a_stop_still_raises(monkeypatch):
         machine_module.run_vm(SimpleNamespace())
 
 
-def test_a_device_left_dead_raises_each_of_its_interrupts_once():
-    """on_crash = "leave": every MSI-X vector and the INTx line of the dead device fire, so
-    that a driver waiting for an interrupt looks, and finds it failed (status all-ones); a
-    polling guest notices only at its own timeout, so no guest test can pin this."""
-    import os
-
-    from splitvmm.protocol.models import MODELS, FdKind
-
+@pytest.fixture
+def blk_irq_fds() -> Iterator[dict[str, int]]:
+    """An eventfd for each interrupt role (MSI-X vectors, INTx) of a virtio-blk device."""
     model = MODELS["virtio-blk"]
-    irq_roles = [r.name for r in model.fds if r.kind in (FdKind.MSIX, FdKind.INTX)]
-    fds = {name: os.eventfd(0, os.EFD_NONBLOCK) for name in irq_roles}
+    roles = [r.name for r in model.fds if r.kind in (FdKind.MSIX, FdKind.INTX)]
+    fds = {name: os.eventfd(0, os.EFD_NONBLOCK) for name in roles}
     try:
-        m = bare_machine()
-        m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
-        m._launcher = SimpleNamespace(exited=lambda: False)
-        m._spawns = [SimpleNamespace(name="blk0", fds=fds)]
-        slot = SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.LIVE)
-
-        assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
-        assert irq_roles and {n: os.eventfd_read(fd) for n, fd in fds.items()} == dict.fromkeys(
-            irq_roles, 1
-        )
-        assert m._outcome is None  # the VM runs on
+        yield fds
     finally:
         for fd in fds.values():
             os.close(fd)
 
 
-def test_a_device_that_fails_its_first_start_is_not_left_dead_by_on_crash_leave(caplog):
+def test_a_device_left_dead_raises_each_of_its_interrupts_once(blk_irq_fds):
+    """on_crash = "leave": every MSI-X vector and the INTx line of the dead device fire, so
+    that a driver waiting for an interrupt looks, and finds it failed (status all-ones); a
+    polling guest notices only at its own timeout, so no guest test can pin this."""
+    m = bare_machine()
+    m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
+    m._launcher = SimpleNamespace(exited=lambda: False)
+    m._spawns = [SimpleNamespace(name="blk0", fds=blk_irq_fds)]
+    slot = SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.LIVE)
+
+    assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
+    assert blk_irq_fds and {
+        n: os.eventfd_read(fd) for n, fd in blk_irq_fds.items()
+    } == dict.fromkeys(blk_irq_fds, 1)
+    assert m._outcome is None  # the VM runs on
+
+
+def test_a_device_that_fails_its_first_start_is_not_left_dead_by_on_crash_leave(
+    caplog, blk_irq_fds
+):
     """A device that fails before its first READY ends the VM's start (wait_ready raises:
     `up` prints the error, exit 1), whatever its on_crash: "leave", as "restart", is for a
     device that served. It logged "stays dead (on_crash = leave); its registers read as
     all-ones" of a VM that never ran, a line before the error that ended it, and raised the
     dead device's interrupts into it."""
-    import os
+    m = bare_machine()
+    m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
+    m._launcher = SimpleNamespace(exited=lambda: False, abandon=lambda why: None)
+    m._spawns = [SimpleNamespace(name="blk0", fds=blk_irq_fds)]
+    slot = SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.AWAY, restarting=False)
 
-    from splitvmm.protocol.models import MODELS, FdKind
+    why = "exited with status 1 before it was ready"
+    failed = m._device_failed(slot, why)  # type: ignore[arg-type]
+    raised = [n for n, fd in blk_irq_fds.items() if readable(fd, 0)]
 
-    model = MODELS["virtio-blk"]
-    irq_roles = [r.name for r in model.fds if r.kind in (FdKind.MSIX, FdKind.INTX)]
-    fds = {name: os.eventfd(0, os.EFD_NONBLOCK) for name in irq_roles}
-    try:
-        m = bare_machine()
-        m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
-        m._launcher = SimpleNamespace(exited=lambda: False, abandon=lambda why: None)
-        m._spawns = [SimpleNamespace(name="blk0", fds=fds)]
-        slot = SimpleNamespace(
-            name="blk0", model="virtio-blk", state=SlotState.AWAY, restarting=False
-        )
-
-        why = "exited with status 1 before it was ready"
-        failed = m._device_failed(slot, why)  # type: ignore[arg-type]
-        raised = [n for n, fd in fds.items() if readable(fd, 0)]
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     assert (failed, raised, "stays dead" in caplog.text) == (False, [], False)
     assert m._outcome is not None and m._outcome.message == f"device blk0 failed: {why}"
 
