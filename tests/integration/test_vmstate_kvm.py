@@ -9,10 +9,11 @@ interrupts at CPL0) is set through KVM before the run: an XMM register, MSRs, an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -125,6 +126,28 @@ def make_guest(kvm: Kvm, ram: bytes | None = None, mask: CpuidMask | None = None
     return Guest(vm, mem, vcpus)
 
 
+@contextlib.contextmanager
+def restored_guest(
+    kvm: Kvm,
+    ram: bytes,
+    vm: VmState,
+    states: Sequence[VcpuState],
+    host: VcpuHost | None = None,
+) -> Iterator[Guest]:
+    """A fresh VM built as for a boot (CPUID set by setup_cpuid) on `ram`, with the VM's
+    state put back, then each vCPU's, as restore.apply orders them (`host`: as probed on the
+    new VM by default); closed after the block."""
+    guest = make_guest(kvm, ram)
+    try:
+        host = host if host is not None else VcpuHost.probe(kvm, guest.vm)
+        restore_vm(guest.vm, vm)
+        for v, state in zip(guest.vcpus, states, strict=True):
+            restore_vcpu(v, state, host)
+        yield guest
+    finally:
+        guest.close()
+
+
 def start_programs(guest: Guest) -> None:
     """Real mode, CS base 0, each vCPU at its program; the AP made runnable (no INIT/SIPI)."""
     for i, v in enumerate(guest.vcpus):
@@ -228,15 +251,10 @@ def snapshot(kvm: Kvm) -> tuple[Saved, list[list[int]]]:
 
 @pytest.fixture
 def restored(kvm: Kvm, snapshot: tuple[Saved, list[list[int]]]) -> Iterator[Guest]:
-    """A fresh VM built as for a boot (CPUID set by setup_cpuid), then restored."""
+    """The snapshot's VM restored (restored_guest)."""
     saved, _ = snapshot
-    guest = make_guest(kvm, saved.ram)
-    host = VcpuHost.probe(kvm, guest.vm)
-    restore_vm(guest.vm, saved.vm)
-    for v, state in zip(guest.vcpus, saved.vcpus, strict=True):
-        restore_vcpu(v, state, host)
-    yield guest
-    guest.close()
+    with restored_guest(kvm, saved.ram, saved.vm, saved.vcpus) as guest:
+        yield guest
 
 
 def test_vmstate_first_vm_stops_after_completed_out(
@@ -334,14 +352,8 @@ def test_vmstate_kvmclock_guests_boot_time_survives_the_restore_order_apply_uses
     ram = bytes(first.ram)
     first.close()
 
-    second = make_guest(kvm, ram)
-    try:
-        restore_vm(second.vm, vm)
-        for v, state in zip(second.vcpus, vcpus, strict=True):
-            restore_vcpu(v, state, host)
+    with restored_guest(kvm, ram, vm, vcpus, host) as second:
         again = boot_wall_clock_s(second.ram)
-    finally:
-        second.close()
     assert abs(again - booted) < MAX_DRIFT_NS / 1e9  # not FIRST_VM_CLOCK_NS (1000 s) later
 
 
@@ -387,9 +399,9 @@ def test_vmstate_fpu_state_restored_on_an_xsave_host_keeps_its_xmm_registers(kvm
 
 def test_vmstate_mxcsr_survives_a_restore_on_a_host_without_xsave(kvm: Kvm) -> None:
     """Where the host has no XSAVE (KVM_CAP_XCRS 0: an old CPU, a host booted `noxsave`),
-    the legacy FPU/SSE state went through KVM_GET_FPU and KVM_SET_FPU, and KVM carries no
-    MXCSR in either (struct kvm_fpu has the field; KVM reads 0 and writes nothing): the
-    guest's rounding mode, FTZ/DAZ and exception masks came back as the reset 0x1F80.
+    the legacy FPU/SSE state must not go through KVM_GET_FPU and KVM_SET_FPU: KVM carries no
+    MXCSR in either (struct kvm_fpu has the field; KVM reads 0 and writes nothing), and the
+    guest's rounding mode, FTZ/DAZ and exception masks would come back as the reset 0x1F80.
     KVM_GET_XSAVE and KVM_SET_XSAVE work without XSAVE too (the FXSAVE image, x87 and SSE
     in XSTATE_BV), MXCSR included."""
     first = make_guest(kvm)
@@ -404,12 +416,6 @@ def test_vmstate_mxcsr_survives_a_restore_on_a_host_without_xsave(kvm: Kvm) -> N
     vm, ram = save_vm(first.vm), bytes(first.ram)
     first.close()
 
-    second = make_guest(kvm, ram)
-    try:
-        restore_vm(second.vm, vm)
-        for v, state in zip(second.vcpus, states, strict=True):
-            restore_vcpu(v, state, no_xsave)
+    with restored_guest(kvm, ram, vm, states, no_xsave) as second:
         area = second.vcpus[0].get_xsave()  # what KVM loads into the CPU
-    finally:
-        second.close()
     assert hex(int.from_bytes(area[FXSAVE_MXCSR : FXSAVE_MXCSR + 4], "little")) == hex(MXCSR)
