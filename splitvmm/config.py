@@ -388,7 +388,7 @@ def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
     (monitor/devicefds.py lock_disk) catches one reached by two paths, and other VMs. No
     device's output may be a disk image of the VM either: the guest's console would be
     appended to the disk (`output = "disk.img"` for `path = "disk.img"`), and no lock keeps
-    an output off it."""
+    an output off it; monitor/slot.py refuse_outputs_on_disks catches one by another path."""
     seen: dict[str, tuple[str, bool]] = {}  # path -> (first device, writable)
     outputs: list[tuple[str, str, str]] = []  # (device, option, path)
     for dev in devices:

@@ -44,7 +44,14 @@ from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_b
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot, device_numbers
 from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir, check_socket_path
-from splitvmm.monitor.slot import DeviceSlot, RestartBudget, SlotState, Spawn, mark_shared_outputs
+from splitvmm.monitor.slot import (
+    DeviceSlot,
+    RestartBudget,
+    SlotState,
+    Spawn,
+    mark_shared_outputs,
+    refuse_outputs_on_disks,
+)
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.monitor.vcpu import VcpuThread, install_kick_handler
 from splitvmm.monitor.writebehind import WriteBehind, Zone, kernel_holds_rep_outs_once
@@ -216,6 +223,7 @@ class Machine:
             return
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
             self._spawns.append(self._prepare_device(dev))
+        refuse_outputs_on_disks(self._spawns)
         boots: loader.LoadedKernel | loader.FirmwareImage | None = image
         if restoring is None and cfg.boot.kernel is not None:  # refused before any device runs
             boots = boot.load_kernel(cfg, self.mem, cfg.vm.vcpus, self._pci_intx)

@@ -95,7 +95,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from splitvmm.errors import DeviceFailure, KvmError, SplitvmmError, escaped
+from splitvmm.errors import ConfigError, DeviceFailure, KvmError, SplitvmmError, escaped, shown
 from splitvmm.monitor.channel import (
     CONTROL_TIMEOUT_MS,
     GONE_WAIT_MS,
@@ -1383,6 +1383,33 @@ def mark_shared_outputs(spawns: Sequence[Spawn], log_fd: int | None = 2) -> list
         if spawn.name in shared:
             spawn.transport = {**(spawn.transport or {}), OUTPUT_SHARED: True}
     return groups
+
+
+def refuse_outputs_on_disks(spawns: Sequence[Spawn]) -> None:
+    """ConfigError if a device's output is a disk image of the VM. config.py refuses one
+    that names the image's path; this, the same file by another path (a symlinked directory,
+    a hard link, a bind mount), whose guest console would be appended to the disk: the files
+    the monitor opened, by (st_dev, st_ino), with no window for a path to change after."""
+    disks = {key: spawn.name for spawn in spawns for _, key in _files(spawn, FdKind.DISK)}
+    for spawn in spawns:
+        for option, key in _files(spawn, FdKind.OUTPUT):
+            if key in disks:
+                raise ConfigError(
+                    f"device {shown(spawn.name)}.{option}: {shown(str(spawn.options[option]))} "
+                    f"is the disk image of device {shown(disks[key])}; the device's output "
+                    "would be appended to it"
+                )
+
+
+def _files(spawn: Spawn, kind: FdKind) -> list[tuple[str, tuple[int, int]]]:
+    """(option, _file_key) of each of the device's fds of `kind` that is a regular file."""
+    files = []
+    for role in MODELS[spawn.model].fds:
+        fd = spawn.fds.get(role.name)
+        key = None if role.kind is not kind or fd is None else _file_key(fd)
+        if key is not None:
+            files.append((role.option, key))
+    return files
 
 
 def _file_key(fd: int) -> tuple[int, int] | None:

@@ -222,6 +222,29 @@ def test_virtio_blk_image_in_use_by_a_running_vm_is_refused_naming_the_key(guest
     assert status == 1 and "device 'disk1'.path: " in err and "is open in another VM" in err, err
 
 
+@pytest.mark.parametrize("via", ["symlinked-dir", "hard-link"])
+def test_virtio_blk_image_by_another_path_as_serial_output_is_refused(guests, tmp_path, via):
+    """config.py refuses an output that names a disk image of the VM by its path; the same
+    image reached by another path (a directory's symlink, a hard link) had the guest's
+    console appended to it. The monitor compares the files it opened, not their names."""
+    disk = make_disk(tmp_path / "disk.img", 1 << 20)
+    if via == "symlinked-dir":
+        (tmp_path / "via").symlink_to(tmp_path)
+        output = tmp_path / "via" / "disk.img"
+    else:
+        output = tmp_path / "console.log"
+        os.link(disk, output)
+    cfg = config(tmp_path, guests["hello"], "", blk_table("blk0", disk), serial=output)
+
+    status, _, err = up(tmp_path, cfg)
+
+    assert (status, err.count("\n"), disk.stat().st_size) == (1, 1, 1 << 20), err
+    assert (
+        f"device 'serial0'.output: '{output}' is the disk image of device 'blk0'; the "
+        "device's output would be appended to it" in err
+    ), err
+
+
 def test_virtio_blk_missing_image_names_the_key(tmp_path, guests):
     cfg = config(tmp_path, guests["virtio-blk"], "", blk_table("blk0", tmp_path / "nope.img"))
     status, _, err = up(tmp_path, cfg)

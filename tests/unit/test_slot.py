@@ -22,7 +22,7 @@ from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.serial import Reg, Uart8250
 from splitvmm.devprocs.virtio_console import VirtioConsole
 from splitvmm.devprocs.virtio_rng import VirtioRng
-from splitvmm.errors import DeviceFailure
+from splitvmm.errors import ConfigError, DeviceFailure
 from splitvmm.fdline import FdLine
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
@@ -37,6 +37,7 @@ from splitvmm.monitor.slot import (
     SlotState,
     Spawn,
     mark_shared_outputs,
+    refuse_outputs_on_disks,
 )
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.routing import MsiRoute
@@ -1102,6 +1103,56 @@ def test_mark_shared_outputs_groups_devices_and_the_monitors_log_by_file(tmp_pat
             os.close(fd)
 
     assert (groups, marked) == ([["the monitor's log", "a"]], [True, False, False, False])
+
+
+def symlinked_dir(disk: Path) -> Path:
+    (disk.parent / "via").symlink_to(disk.parent)
+    return disk.parent / "via" / disk.name
+
+
+def hard_link(disk: Path) -> Path:
+    os.link(disk, disk.parent / "console.log")
+    return disk.parent / "console.log"
+
+
+@pytest.mark.parametrize("alias", [symlinked_dir, hard_link], ids=lambda f: f.__name__)
+def test_refuse_outputs_on_disks_output_on_the_image_by_another_path_is_refused(tmp_path, alias):
+    """config.py compares paths; the files the monitor opened are the same one."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    output = alias(disk)
+    image = os.open(disk, os.O_RDWR)
+    out = os.open(output, os.O_WRONLY | os.O_APPEND)
+    spawns = [
+        Spawn("blk0", "virtio-blk", 0, options={"path": str(disk)}, fds={"disk": image}),
+        Spawn("serial0", "serial", 8, options={"output": str(output)}, fds={"out": out}),
+    ]
+    try:
+        with pytest.raises(ConfigError) as refused:
+            refuse_outputs_on_disks(spawns)
+    finally:
+        os.close(image)
+        os.close(out)
+
+    assert str(refused.value) == (
+        f"device 'serial0'.output: '{output}' is the disk image of device 'blk0'; the "
+        "device's output would be appended to it"
+    )
+
+
+def test_refuse_outputs_on_disks_output_beside_the_image_is_fine(tmp_path):
+    (tmp_path / "disk.img").write_bytes(bytes(4096))
+    image = os.open(tmp_path / "disk.img", os.O_RDWR)
+    out = os.open(tmp_path / "disk.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    spawns = [
+        Spawn("blk0", "virtio-blk", 0, fds={"disk": image}),
+        Spawn("serial0", "serial", 8, fds={"out": out}),
+    ]
+    try:
+        refuse_outputs_on_disks(spawns)  # raises nothing
+    finally:
+        os.close(image)
+        os.close(out)
 
 
 def test_output_on_a_shared_file_is_not_counted_but_takes_each_write_whole(tmp_path):
