@@ -199,7 +199,11 @@ class VirtioBlk(VirtioPciDevice):
         self.pause_when_full = pause_when_full
         self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
         self._token = 0
-        self.counts = {"aio_requests": 0, "bounced_requests": 0}
+        # ctl devices --json. The failures: io_errors, the host's disk calls that failed
+        # (QEMU's failed_*_operations); failed_requests and unsupported_requests, what the
+        # guest was answered IOERR (for the host's failure or its own request's) and UNSUPP
+        self.counts = dict.fromkeys(("aio_requests", "bounced_requests", "io_errors",
+                                     "failed_requests", "unsupported_requests"), 0)  # fmt: skip
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
@@ -337,8 +341,14 @@ class VirtioBlk(VirtioPciDevice):
             written = self._serve(kind, sector, chain.readable, data_in)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
-            written, status = 0, e.status
+            written, status = 0, self._failed(e)
         return self._complete(data_in, written, status_gpa, status)
+
+    def _failed(self, e: RequestError) -> int:
+        """The status a request answered with `e` gets, counted."""
+        unsupported = e.status == VIRTIO_BLK_S_UNSUPP
+        self.counts["unsupported_requests" if unsupported else "failed_requests"] += 1
+        return e.status
 
     def _complete(
         self, data_in: list[tuple[int, int]], written: int, status_gpa: int, status: int
@@ -406,7 +416,7 @@ class VirtioBlk(VirtioPciDevice):
                 else:
                     written = request.total
             except RequestError as e:
-                written, status = 0, e.status
+                written, status = 0, self._failed(e)
             except Stalled:  # it goes back to the ring (the transport's stall())
                 request.views, request.stalled = [], True
                 continue
@@ -487,6 +497,7 @@ class VirtioBlk(VirtioPciDevice):
         except OSError as e:
             if self.bounce is not None:  # O_DIRECT: nothing lost in a page cache
                 self._io_failed(e)
+            self.counts["io_errors"] += 1
             # The page cache lost the failed writes: IOERR now and later, never a stall (the
             # module docstring)
             self._latch_flush_error(e.errno or errno.EIO)
@@ -662,6 +673,7 @@ class VirtioBlk(VirtioPciDevice):
         """The request's IOERR; a stall (Stalled) where the host only lacks room for it."""
         if e.errno in HOST_FULL and self.pause_when_full:
             raise self.stall(f"the disk's file system is full ({os.strerror(e.errno)})") from None
+        self.counts["io_errors"] += 1
         self._warn.warning("io", "%s: disk I/O failed: %s", self.NAME, e)
         raise RequestError(VIRTIO_BLK_S_IOERR) from None
 

@@ -216,6 +216,55 @@ def test_virtio_blk_failed_request_has_its_buffers_zeroed_and_counted(blk, kind,
     assert blk.ram.read(status - 1024, 1024) == bytes(1024)
 
 
+def failures(dev: VirtioBlk) -> tuple[int, int, int]:
+    """The stats() counters of failure: the host's, and the guest's answers."""
+    stats = dev.stats()
+    return stats["io_errors"], stats["failed_requests"], stats["unsupported_requests"]
+
+
+def test_virtio_blk_stats_count_the_host_failures_apart_from_the_guest_answers(
+    blk, monkeypatch, write_back_fails
+):
+    """ctl devices --json: a read the disk failed and a failed write-back are the host's
+    (io_errors); every IOERR the guest read, the later FLUSH included, and every UNSUPP is
+    counted as its answer."""
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    statuses = [
+        request(ring, IN, 0, [(512, True)]),  # the disk fails it
+        request(ring, IN, SECTORS, [(512, True)]),  # past the end: the guest's mistake
+        request(ring, 99, 0, [(512, True)]),  # an unknown type
+        request(ring, FLUSH, 0, []),  # the write-back fails
+        request(ring, FLUSH, 0, []),  # failed for good, without asking the disk
+        request(ring, GET_ID, 0, [(20, True)]),
+    ]
+
+    driver.kick()
+
+    assert [status_of(blk, s) for s in statuses] == [IOERR, IOERR, UNSUPP, IOERR, IOERR, OK]
+    assert failures(blk) == (2, 4, 1)
+
+
+def test_virtio_blk_stats_count_a_full_disk_only_when_it_fails_the_write(fds, host_full):
+    """A write the host has no room for stalls (no failure: the guest sees none); with
+    on_full = "error" it is the host's failure and the guest's IOERR."""
+    stalling = make(fds)
+    driver, ring = started(stalling)
+    request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    driver.kick()
+    failing = make(fds, on_full="error")
+    driver, ring = started(failing)
+    request(ring, OUT, 1, [(b"\xab" * 512, False)])
+    driver.kick()
+
+    assert (stalling.stalled is not None, failures(stalling)) == (True, (0, 0, 0))
+    assert failures(failing) == (1, 1, 0)
+
+
 def test_virtio_blk_get_id_into_a_larger_buffer_zeroes_and_counts_the_rest(blk):
     driver, ring = started(blk)
     status = request(ring, GET_ID, 0, [(32, True)])
@@ -1104,6 +1153,7 @@ def test_virtio_blk_direct_failed_flush_is_not_latched(direct_fds, write_back_fa
 
     assert (status_of(dev, first), status_of(dev, second)) == (IOERR, OK)
     assert len(write_back_fails) == 2 and dev.save().flush_error == 0
+    assert failures(dev) == (1, 1, 0)  # counted once, by _io_failed
 
 
 def test_virtio_blk_direct_unaligned_read_goes_through_the_bounce_buffer(direct_fds, bounces):
@@ -1285,10 +1335,10 @@ def test_virtio_blk_direct_failed_or_short_completion(direct_fds, monkeypatch, r
     status = dev.ram.read(gpa + 4096, 1)[0]
     if result < 0:
         assert (used, written, status) == (head, 4097, IOERR)
-        assert dev.ram.read(gpa, 4096) == bytes(4096)
+        assert dev.ram.read(gpa, 4096) == bytes(4096) and failures(dev) == (1, 1, 0)
     else:
         assert (used, written, status) == (head, 4097, OK)
-        assert dev.ram.read(gpa, 4096) == sector_bytes(8) * 8
+        assert dev.ram.read(gpa, 4096) == sector_bytes(8) * 8 and failures(dev) == (0, 0, 0)
 
 
 def test_virtio_blk_direct_completions_out_of_order_are_used_in_order(
