@@ -12,6 +12,10 @@ from collections.abc import Callable
 # the command are clear (IBM PC AT Technical Reference); output bit 0 is the CPU reset line, so
 # every even one resets. Linux's reboot=k writes 0xFE.
 I8042_CMD_PULSE_OUTPUT = 0xF0
+# Command 0xD1 writes the output port: the next byte on the data port is its new value (same
+# reference), so a 0 in its bit 0 resets as well. Its bit 1, the A20 gate, is ignored: KVM has
+# no A20 gate (addresses never wrap).
+I8042_CMD_WRITE_OUTPUT = 0xD1
 I8042_OUTPUT_RESET = 1 << 0
 I8042_STATUS_IDLE = 0x00  # output buffer empty, input buffer empty
 
@@ -34,22 +38,30 @@ class DebugExit:
 
 class I8042:
     """Just enough of the PS/2 controller for a reset: status reads idle, a pulse of the
-    reset line (0xFE, or any pulse command with bit 0 clear) resets."""
+    reset line (0xFE, or any pulse command with bit 0 clear) resets, and so does an output
+    port written (0xD1) with bit 0 clear. A 0xD1 still waiting for its data byte is not in a
+    snapshot: once restored, that byte goes to the keyboard, which is absent."""
 
     name = "i8042"
     WINDOW = 5  # ports 0x60..0x64; only the first (data) and last (command/status) decode
 
     def __init__(self, reset: Callable[[], None]) -> None:
         self._reset = reset
+        self._write_output = False  # the last command was 0xD1: the next data byte is the port
 
     def read(self, offset: int, size: int) -> bytes:
         # byte by byte, as an ISA bus splits a wider access: 0x64 reads idle, the rest 0
         return bytes(I8042_STATUS_IDLE if at == 4 else 0 for at in range(offset, offset + size))
 
     def write(self, offset: int, data: bytes) -> None:
+        if offset == 0:  # the data port: the output port after 0xD1, else the absent keyboard's
+            write_output, self._write_output = self._write_output, False
+            if write_output and not data[0] & I8042_OUTPUT_RESET:
+                self._reset()
         if not 0 <= 4 - offset < len(data):
             return
         command = data[4 - offset]  # the command byte, wherever in the access it lands
+        self._write_output = command == I8042_CMD_WRITE_OUTPUT  # a new command drops a pending one
         pulse = command & I8042_CMD_PULSE_OUTPUT == I8042_CMD_PULSE_OUTPUT
         if pulse and not command & I8042_OUTPUT_RESET:
             self._reset()

@@ -312,3 +312,40 @@ def test_i8042_command_that_leaves_output_bit_0_alone_does_not_reset(command: in
     I8042(lambda: resets.append(1)).write(4, bytes([command]))
 
     assert resets == []
+
+
+@pytest.mark.parametrize("output", [0x00, 0xFC, 0xFE])
+def test_i8042_output_port_written_with_bit_0_clear_resets(output: int) -> None:
+    """Command 0xD1 makes the next data byte the output port (IBM PC AT Technical Reference,
+    8042 commands; QEMU's pckbd outport_write): bit 0 is the CPU reset line, active low, so a
+    byte with it clear resets as the pulse commands do. The byte went unheard."""
+    resets: list[int] = []
+    i8042 = I8042(lambda: resets.append(1))
+
+    i8042.write(4, bytes([0xD1]))
+    i8042.write(0, bytes([output]))
+
+    assert resets == [1]
+
+
+def test_i8042_output_port_written_with_bit_0_set_does_not_reset() -> None:
+    """Linux's A20 enabling (arch/x86/boot/a20.c) writes 0xD1 then 0xDF: A20 on, reset line
+    high."""
+    resets: list[int] = []
+    i8042 = I8042(lambda: resets.append(1))
+
+    i8042.write(4, bytes([0xD1]))
+    i8042.write(0, bytes([0xDF]))
+
+    assert resets == []
+
+
+def test_i8042_data_byte_after_the_output_port_byte_does_not_reset() -> None:
+    resets: list[int] = []
+    i8042 = I8042(lambda: resets.append(1))
+
+    i8042.write(4, bytes([0xD1]))
+    i8042.write(0, bytes([0xDF]))
+    i8042.write(0, bytes([0x00]))  # the keyboard's: 0xD1 takes one data byte
+
+    assert resets == []
