@@ -72,7 +72,7 @@ class BootSetup(Struct, frozen=True):
     """What the zero page says about this boot, all already placed in guest memory."""
 
     ram_size: int
-    cmdline_size: int  # bytes at CMDLINE including the NUL
+    cmdline_size: int  # the longest command line the kernel takes, NUL excluded (ELF only)
     setup_header: bytes | None = None  # bzImage header bytes from file offset 0x1f1
     initrd_gpa: int = 0
     initrd_size: int = 0
@@ -153,6 +153,8 @@ def _fill_elf_header(bp: ZeroPage, cmdline_size: int) -> None:
     hdr.version = MIN_PROTOCOL_ELF
     hdr.type_of_loader = TYPE_OF_LOADER_UNDEFINED
     hdr.kernel_alignment = ELF_KERNEL_ALIGNMENT
+    # boot.rst: "the maximum size of the command line without the terminating zero", as a
+    # bzImage's own header holds it (COMMAND_LINE_SIZE - 1), not this line's length
     hdr.cmdline_size = cmdline_size
 
 

@@ -89,7 +89,6 @@ class LoadedKernel(Struct, frozen=True):
     initrd_addr_max: int = layout.FOUR_GIB - 1  # highest byte the initrd may occupy
     initrd_gpa: int = 0
     initrd_size: int = 0
-    cmdline_size: int = 0  # bytes written at CMDLINE, NUL included
 
 
 class FirmwareSlot(Struct, frozen=True):
@@ -424,7 +423,7 @@ def load_initrd(mem: GuestRam, path: Path, kernel: LoadedKernel) -> LoadedKernel
     return replace(kernel, initrd_gpa=gpa, initrd_size=size)
 
 
-def load_cmdline(mem: GuestRam, cmdline: str, kernel: LoadedKernel) -> LoadedKernel:
+def load_cmdline(mem: GuestRam, cmdline: str, kernel: LoadedKernel) -> None:
     """Write the NUL-terminated command line at CMDLINE."""
     raw = cmdline.encode()
     if b"\0" in raw:
@@ -436,7 +435,6 @@ def load_cmdline(mem: GuestRam, cmdline: str, kernel: LoadedKernel) -> LoadedKer
             f"{layout.CMDLINE_MAX - 1} splitvmm has room for)"
         )
     mem.write(layout.CMDLINE, raw + b"\0")
-    return replace(kernel, cmdline_size=len(raw) + 1)
 
 
 def load_linux(
@@ -451,10 +449,10 @@ def load_linux(
     kernel = load_kernel(mem, kernel_path)
     if initrd_path is not None:
         kernel = load_initrd(mem, initrd_path, kernel)
-    kernel = load_cmdline(mem, cmdline, kernel)
+    load_cmdline(mem, cmdline, kernel)
     setup = bootparams.BootSetup(
         ram_size=mem.size,
-        cmdline_size=kernel.cmdline_size,
+        cmdline_size=kernel.cmdline_max,
         setup_header=kernel.setup_header,
         initrd_gpa=kernel.initrd_gpa,
         initrd_size=kernel.initrd_size,

@@ -350,10 +350,9 @@ def test_load_cmdline_writes_nul_terminated_string(tmp_path: Path) -> None:
     mem = FakeGuestMemory(1 * MIB + 4096)
     kernel = LoadedKernel(entry=0x200000, kind="elf", kernel_end=0x300000, kernel_start=0x200000)
 
-    loaded = load_cmdline(mem, "console=ttyS0", kernel)
+    load_cmdline(mem, "console=ttyS0", kernel)
 
     assert mem.read(CMDLINE, 14) == b"console=ttyS0\0"
-    assert loaded.cmdline_size == 14
 
 
 def test_load_cmdline_longer_than_kernel_limit_is_refused() -> None:
@@ -386,6 +385,20 @@ def test_load_linux_bzimage_writes_zero_page_with_initrd_and_cmdline(tmp_path: P
     assert struct.unpack_from("<II", zero_page, 0x218) == (loaded.initrd_gpa, 4096)
     assert zero_page[0x210] == 0xFF  # type_of_loader
     assert struct.unpack_from("<I", zero_page, 0x238)[0] == 2047  # kernel's cmdline_size kept
+
+
+def test_load_linux_elf_zero_page_cmdline_size_is_the_kernel_limit(tmp_path: Path) -> None:
+    """boot.rst: cmdline_size is "the maximum size of the command line without the
+    terminating zero", what the same kernel's bzImage header says (COMMAND_LINE_SIZE - 1).
+    A vmlinux has no header, so the loader writes it: it wrote this line's length with its
+    NUL, 6 here."""
+    mem = FakeGuestMemory(64 * MIB)
+    kernel_path = write(tmp_path, "vmlinux", make_elf([Seg(0x200000, CODE)], 0x200000))
+
+    load_linux(mem, kernel_path, None, "quiet")
+
+    zero_page = mem.read(ZERO_PAGE, 4096)
+    assert struct.unpack_from("<I", zero_page, 0x238)[0] == 2047
 
 
 def test_load_linux_bzimage_zero_page_takes_no_loader_field_from_the_file(tmp_path: Path):
