@@ -54,6 +54,10 @@ PIPE_SIZE = 4096  # the device's output pipe: one page, the least Linux gives
 OUTPUT_OVERRUN = 16 << 10  # more than any device buffers: the rest is dropped (and logged)
 EXPECTED_EXIT = 1  # the workload ends with a malformed frame: ProtocolError, exit status 1
 NOTIFY_LINK = "anon_inode:seccomp notify"
+# --accesses: the workload's mixed part cycles through a read, a write, host input and a sync
+# (_mixed), so fewer than 4 leave a kind untraced. Half of them take a sequence number, a u32
+# on the wire (wire.FRAME): up to 2**32 - 1 leave the rest of the workload room for its own.
+MIN_ACCESSES, MAX_ACCESSES = 4, 0xFFFF_FFFF
 
 
 @click.group("policy")
@@ -126,7 +130,13 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 @command.command("audit")
 @click.argument("model")
-@click.option("--accesses", default=400, show_default=True, help="Accesses in the workload.")
+@click.option(
+    "--accesses",
+    type=click.IntRange(MIN_ACCESSES, MAX_ACCESSES),
+    default=400,
+    show_default=True,
+    help="Accesses in the workload.",
+)
 def audit(model: str, accesses: int) -> None:
     """Run a MODEL device under a tracing filter through a workload; print its syscalls."""
     from splitvmm.protocol.models import MODELS

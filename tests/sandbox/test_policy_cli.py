@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from splitvmm.cli import cli
+from splitvmm.cli import policy as policy_cli
 from splitvmm.sandbox import policy
 
 
@@ -68,6 +69,23 @@ def test_policy_audit_when_the_models_policy_is_bad_exits_1_naming_file_and_line
 
     assert (result.exit_code, type(result.exception)) == (1, SystemExit)
     assert f"policy error: {tmp_path / 'serial_device.policy'}:{lines}: expected" in result.output
+
+
+@pytest.mark.parametrize("accesses", ["-5", "0", "3", "4294967296"])
+def test_policy_audit_when_accesses_is_out_of_range_exits_2_naming_the_option(
+    accesses: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer than 4 leave out a kind of access (the workload cycles read, write, input,
+    sync); 0 or a negative count skipped that part and the burst of writes, and the audit
+    went on without them. Past 2**32 - 1 its sequence numbers (u32) could run out. Refused
+    before any device starts, naming the option."""
+    traced: list[str] = []
+    monkeypatch.setattr(policy_cli, "trace_device", lambda model, *_: traced.append(model))
+
+    result = CliRunner().invoke(cli, ["policy", "audit", "serial", "--accesses", accesses])
+
+    assert (result.exit_code, traced) == (2, [])
+    assert "Invalid value for '--accesses'" in result.output
 
 
 @pytest.mark.sandbox
