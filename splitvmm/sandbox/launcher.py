@@ -61,11 +61,13 @@ A request is at most MAX_SPEC bytes of spec and MAX_FDS fds, none of them an O_P
 most MAX_DEVICES (protocol/spec.py) devices live at once, spares included, and sockets are made for at most
 MAX_DEVICES device names (each a config's: protocol/spec.py NAME_RE).
 
-Its own confinement: it keeps the privileges the monitor had when it forked it --
-a root launcher must keep CAP_SETFCAP (a device maps uid 0 into its user
-namespace) and may not be landlocked or filtered (every device inherits both
+Its own confinement: a root launcher keeps the privileges the monitor had when it
+forked it -- it must keep CAP_SETFCAP (a device maps uid 0 into its user
+namespace) -- and no launcher may be landlocked or filtered (every device inherits both
 before entering its own sandbox, which unshares and mounts) -- so the narrow
-request above is the barrier. It has no_new_privs, its own session (the
+request above is the barrier. Any other launcher drops every capability it was given
+before its zygote starts (a user's CAP_NET_ADMIN: the monitor opens its TAPs itself,
+and a device maps a uid other than 0 without one). It has no_new_privs, its own session (the
 terminal's Ctrl-C is the monitor's to handle), PR_SET_PDEATHSIG on the monitor,
 and ends when the monitor's end of the socket closes, killing the devices it
 started (each would die with it anyway: PR_SET_PDEATHSIG). It holds the socket,

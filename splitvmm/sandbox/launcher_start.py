@@ -79,6 +79,12 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     signal.set_wakeup_fd(-1)  # a monitor's (machine.py), forked after its build began: not ours
     _keep_only_fds(sock_fd)
     confine.set_no_new_privs()
+    if os.geteuid() != 0:
+        # A user's capabilities (CAP_NET_ADMIN for its TAPs, which the monitor opens itself)
+        # stayed here for the VM's life, and went on to every zygote (ambient ones, or the
+        # interpreter's file capabilities): none needs any (sandbox/launcher.py). The
+        # bounding set: no_new_privs makes it moot, and emptying it needs CAP_SETPCAP.
+        confine.drop_capabilities(bounding=False)
     confine.set_child_subreaper()  # before the zygote: its grandchildren are ours
     zygote = Zygote.start(device_env())
     sock = socket.socket(fileno=sock_fd)

@@ -10,9 +10,11 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -317,6 +319,75 @@ def test_launcher_reports_a_device_ended_only_once_it_outlived_its_warden():
 def test_launcher_has_no_new_privs_and_its_own_session(launcher):
     status = Path(f"/proc/{launcher.pid}/status").read_text()
     assert ("NoNewPrivs:\t1" in status, os.getsid(launcher.pid)) == (True, launcher.pid)
+
+
+# A launcher started by a user given CAP_NET_ADMIN for its TAPs (README: "made if missing
+# (needs CAP_NET_ADMIN)"; tests/integration/test_confinement.py runs the monitor so): the
+# capability sets of the launcher, its zygote, a device's warden and the device proper.
+USER_CAPS_PROBE = """
+import json, os, sys
+from pathlib import Path
+from splitvmm.monitor.channel import DeviceChannel
+from splitvmm.protocol.spec import DeviceSpec
+from splitvmm.sandbox.launcher import Launcher
+def caps(pid):
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines)
+    return {k: int(fields[k], 16) for k in ("CapEff", "CapPrm", "CapInh", "CapAmb")}
+def children(pid):
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+rundir = sys.argv[1]
+launcher = Launcher.start(Path(rundir))
+fds = {"irq": os.eventfd(0, os.EFD_CLOEXEC), "out": os.pipe2(os.O_CLOEXEC)[1]}
+spec = DeviceSpec("serial0", "serial", f"ipc://{rundir}/serial0.sock", fds)
+process, listener = launcher.spawn(spec)
+channel = DeviceChannel("serial", spec.channel, listener)
+try:
+    channel.wait_ready(process)
+    (zygote,) = children(launcher.pid) - {process.pid}
+    (device,) = children(process.pid)
+    print(json.dumps({name: caps(pid) for name, pid in (("launcher", launcher.pid),
+        ("zygote", zygote), ("warden", process.pid), ("device", device))}))
+finally:
+    process.kill()
+    process.wait(10)
+    channel.close()
+    launcher.close()
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="running the launcher as a user given CAP_NET_ADMIN needs root (setpriv)",
+)
+def test_launcher_of_a_user_given_cap_net_admin_and_its_zygote_hold_no_capability():
+    """The monitor opens the TAPs itself (monitor/devicefds.py) and drops the capability once
+    the VM is built (monitor/confinement.py); the launcher it forked first thing kept it in
+    every set for the VM's whole life, and passed it on to every zygote through the ambient
+    set: neither needs it, nor any other (a device maps a uid other than 0 into its user
+    namespace without one)."""
+    work = Path(tempfile.mkdtemp(prefix="splitvmm-launcher-caps-"))
+    try:
+        os.chmod(work, 0o755)
+        rundir = work / "run"
+        rundir.mkdir(mode=0o700)
+        os.chown(rundir, 65534, 65534)
+        setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                   "--inh-caps=+net_admin", "--ambient-caps=+net_admin"]  # fmt: skip
+        result = subprocess.run(
+            [*setpriv, sys.executable, "-c", USER_CAPS_PROBE, str(rundir)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(work)
+    assert result.returncode == 0, result.stderr
+    none = {"CapEff": 0, "CapPrm": 0, "CapInh": 0, "CapAmb": 0}
+    assert json.loads(result.stdout) == dict.fromkeys(
+        ("launcher", "zygote", "warden", "device"), none
+    )
 
 
 def test_launcher_closed_by_monitor_ends_with_the_devices_it_started(launcher, rundir, fds):
