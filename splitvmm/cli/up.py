@@ -47,7 +47,7 @@ def run_and_exit(
     imports no snapshot reading code (nor rich, which its progress bar uses).
 
     The launcher comes first, before the monitor's imports: it starts the zygote, which
-    imports every device model on another core meanwhile (sandbox/launcher.py)."""
+    imports what every device runs on, on another core meanwhile (sandbox/launcher.py)."""
     try:
         from splitvmm.cli import early
         from splitvmm.sandbox.launcher import Launcher

@@ -1,7 +1,8 @@
 """`python -I -m splitvmm.devprocs.zygote FD`: the launcher's zygote (sandbox/zygote.py).
 
-Imports what every device process imports, then forks one per request on the socket FD;
-each child runs what `python -m splitvmm.devprocs` runs, from the spec on its stdin.
+Imports what every device process imports, then forks one per request on the socket FD,
+each request's model imported first (once); each child runs what `python -m
+splitvmm.devprocs` runs, from the spec on its stdin.
 """
 
 import os
@@ -30,11 +31,10 @@ def main() -> None:
     if os.getppid() != launcher:
         os._exit(1)
     from splitvmm.devprocs import runtime, spec_stdin  # noqa: F401 (what device_main runs)
-    from splitvmm.devprocs.base import load_all_models
+    from splitvmm.devprocs.base import load_model
     from splitvmm.sandbox import zygote
 
-    load_all_models()
-    exit_now(zygote.serve(int(sys.argv[1]), device_main, launcher))  # the launcher waits
+    exit_now(zygote.serve(int(sys.argv[1]), device_main, launcher, load_model))  # it waits
 
 
 if __name__ == "__main__":

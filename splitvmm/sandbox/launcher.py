@@ -33,7 +33,7 @@ Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
 
 Why it starts before the monitor knows its VM. `up` forks it first thing, while the
 monitor has imported little and has one thread (sandbox/launcher_start.py), and it execs
-the zygote at once (sandbox/zygote.py): the zygote imports every device model on the
+the zygote at once (sandbox/zygote.py): the zygote imports what every device runs on, on the
 second core while the monitor imports its own modules and reads the config. The runtime
 dir comes after, in the first request (configure), which the monitor sends before it is
 confined, without waiting for the reply (the next request takes it); it is fixed from

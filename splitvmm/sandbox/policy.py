@@ -20,7 +20,7 @@ definition wins). Anything else is a PolicyError naming file:line.
 Policies are read by the device process before it enters the sandbox (it has
 no file system afterwards) and compiled into a filter whose default action
 kills the whole process. Paths are strings (os.path; any os.PathLike is taken):
-this module is imported by the zygote, which imports every device's modules
+this module is imported by the zygote, which imports what every device runs on
 before it forks one (sandbox/zygote.py), and pathlib with what it imports costs
 ~4 ms there.
 """

@@ -99,7 +99,7 @@ def fork_device(zygote: Zygote, spec: DeviceSpec, stderr: int = 2) -> ChildProce
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     stdin = os.fdopen(stdin_w, "wb")
     try:
-        pid = zygote.fork(stdin_r, stderr, list(spec.fds.values()))
+        pid = zygote.fork(spec.model, stdin_r, stderr, list(spec.fds.values()))
     except OSError as e:
         stdin.close()
         raise DeviceFailure(f"device {spec.name}: the zygote failed: {e}") from None

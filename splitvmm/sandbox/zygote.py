@@ -3,9 +3,13 @@
 Why. A device exec'd from scratch spends ~110 of its ~120 ms to READY starting an
 interpreter and importing its modules (devprocs/runtime.py run()), and each holds
 its own ~20 MiB copy of them. The zygote starts with the VM, as early as `up` can
-start it (the launcher execs it while the monitor still imports), imports every
-device model, freezes what it imported (gc.freeze: a collection in a child never
-writes to those pages, so they stay shared) and then forks one child per device.
+start it (the launcher execs it while the monitor still imports), imports what every
+device runs on, freezes what it imported (gc.freeze: a collection in a child never
+writes to those pages, so they stay shared) and then forks one child per device. A
+model's own module it imports at the first request for that model, and freezes it too,
+so that the next device of the model (a spare, a restart) shares it: a VM pays for the
+models it has, not every one (a serial VM's start-up ~1-3 ms less on the zygote's way
+to its first device, and ~0.7 MiB less resident: bench/startup.py, bench/memory.py).
 
 Its life. Once a VM's devices and their warm spares have started and no restart came for a
 while (monitor/machine.py ZYGOTE_IDLE_S), the monitor lets the launcher end it (the rest
@@ -34,8 +38,11 @@ checks that its parent is the launcher (devprocs/runtime.py run()).
 Over a SOCK_SEQPACKET socketpair with the launcher:
 
     zygote -> launcher   ready                          once, after its imports
-    launcher -> zygote   fork + fds [stdin, stderr, fd 3, fd 4, ...]
+    launcher -> zygote   fork MODEL + fds [stdin, stderr, fd 3, fd 4, ...]
     zygote -> launcher   {"pid": N} | {"error": "..."}  one of the two per fork
+
+MODEL is the device's model (protocol/models.py), checked by the launcher with its spec;
+the zygote imports it (and refuses a name it has no model of) before it forks.
 
 In the device the first fd becomes stdin, the second fd 2 (the launcher's pipe that relays
 a device's stderr to the operator's: sandbox/relay.py) and the others fds 3, 4, ... in the
@@ -66,7 +73,7 @@ from collections.abc import Callable, Sequence
 from splitvmm.errors import exit_now, system_exit_status
 
 # How the zygote is started: this interpreter, isolated (-I, as a device: protocol/spec.py
-# DEVICE_COMMAND), every device model imported, forking a device per request; its argument
+# DEVICE_COMMAND), the device runtime imported, forking a device per request; its argument
 # is its socket's fd. This module is on the launcher's path to that exec
 # (sandbox/launcher_start.py): it imports no protocol module.
 ZYGOTE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs.zygote")
@@ -128,13 +135,13 @@ class Zygote:
             theirs.close()
         return cls(ours, process)
 
-    def fork(self, stdin: int, stderr: int, fds: Sequence[int]) -> int:
-        """A device process with `stdin` as fd 0, `stderr` as fd 2 and `fds` as fds 3, 4, ...
-        (fd 1 is /dev/null, the zygote's): its pid, ours to
+    def fork(self, model: str, stdin: int, stderr: int, fds: Sequence[int]) -> int:
+        """A device process of `model` with `stdin` as fd 0, `stderr` as fd 2 and `fds` as
+        fds 3, 4, ... (fd 1 is /dev/null, the zygote's): its pid, ours to
         reap (the module docstring). ZygoteError if the zygote failed; it is killed then (a
         reply that comes late would answer the next request), and ended() says so."""
         try:
-            return self._fork([stdin, stderr, *fds])
+            return self._fork(model, [stdin, stderr, *fds])
         except ZygoteError:
             self.process.kill()
             self.process.wait()
@@ -153,12 +160,12 @@ class Zygote:
         """Whether it failed by saying nothing in time (a second try would wait as long)."""
         return self._timed_out
 
-    def _fork(self, fds: Sequence[int]) -> int:
+    def _fork(self, model: str, fds: Sequence[int]) -> int:
         if not self._ready:
             self._expect(READY_TIMEOUT_S, "ready")
             self._ready = True
         try:
-            socket.send_fds(self._sock, [b"fork"], fds)
+            socket.send_fds(self._sock, [b"fork " + model.encode()], fds)
         except OSError as e:
             raise ZygoteError(f"the zygote takes no request: {e}") from None
         reply = self._expect(FORK_TIMEOUT_S, "pid")
@@ -213,24 +220,28 @@ class Zygote:
 
 # -- the zygote's side ------------------------------------------------------------------------
 DeviceMain = Callable[[int], None]  # run a device whose parent must be this pid
+LoadModel = Callable[[str], object]  # import a model's module; an Exception if there is none
 
 
-def serve(sock_fd: int, device_main: DeviceMain, launcher: int) -> int:
-    """The zygote's loop, once everything a device needs is imported: fork a device per
-    request until the launcher closes its end. Returns the zygote's exit status. `launcher`:
-    our parent, read (and its death made ours, PR_SET_PDEATHSIG) before the imports."""
+def serve(sock_fd: int, device_main: DeviceMain, launcher: int, load_model: LoadModel) -> int:
+    """The zygote's loop, once what every device runs on is imported: fork a device per
+    request, its model loaded first by `load_model`, until the launcher closes its end.
+    Returns the zygote's exit status. `launcher`: our parent, read (and its death made ours,
+    PR_SET_PDEATHSIG) before the imports."""
     if os.getppid() != launcher:
         return 1
     sock = socket.socket(fileno=sock_fd)
     gc.freeze()  # from here on, what the children share is never written by a collection
     try:
-        _serve_requests(sock, launcher, device_main)
+        _serve_requests(sock, launcher, device_main, load_model)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the launcher is gone (a VM that failed while we imported): nobody to serve
     return 0
 
 
-def _serve_requests(sock: socket.socket, launcher: int, device_main: DeviceMain) -> None:
+def _serve_requests(
+    sock: socket.socket, launcher: int, device_main: DeviceMain, load_model: LoadModel
+) -> None:
     sock.sendall(json.dumps({"op": "ready"}).encode())
     while True:
         data, fds, flags, _ = socket.recv_fds(sock, MESSAGE, MAX_FDS)
@@ -238,8 +249,11 @@ def _serve_requests(sock: socket.socket, launcher: int, device_main: DeviceMain)
             return  # the launcher has closed its end
         try:
             cut = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-            if data != b"fork" or cut or len(fds) < 2:
-                reply: dict[str, object] = {"error": "a request is not fork with its fds"}
+            verb, _, model = data.partition(b" ")
+            if verb != b"fork" or not model.isascii() or cut or len(fds) < 2:
+                reply: dict[str, object] = {"error": "a request is not fork MODEL with its fds"}
+            elif (problem := _loaded(load_model, model.decode())) is not None:
+                reply = {"error": problem}
             else:
                 reply = {"pid": _fork_device(sock, fds, launcher, device_main)}
         except OSError as e:
@@ -248,6 +262,17 @@ def _serve_requests(sock: socket.socket, launcher: int, device_main: DeviceMain)
             for fd in fds:
                 os.close(fd)
         sock.sendall(json.dumps(reply).encode())
+
+
+def _loaded(load_model: LoadModel, model: str) -> str | None:
+    """Import `model`'s module (once: later calls find it loaded) and freeze what that made,
+    as the imports before the first request were; what went wrong, or None."""
+    try:
+        load_model(model)
+    except Exception as e:  # an unknown model, a broken install: this request's error only
+        return f"model {model!r}: {e}"
+    gc.freeze()
+    return None
 
 
 def _fork_device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain) -> int:

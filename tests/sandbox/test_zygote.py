@@ -51,7 +51,7 @@ def fork_and_report(line: bytes) -> dict[str, object]:
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)  # the launcher's relay pipe
     try:
-        pid = zygote.fork(stdin_r, stderr_w, [report_w, event])
+        pid = zygote.fork("serial", stdin_r, stderr_w, [report_w, event])
         os.close(stderr_w)
         os.close(stdin_r)
         os.close(report_w)
@@ -119,12 +119,51 @@ def test_zygote_device_that_raises_under_its_filter_prints_its_traceback_and_exi
     assert "ValueError: a bug in the device" in facts["stderr_text"]
 
 
+def test_zygote_loads_each_model_before_it_forks_a_device_of_it():
+    """The zygote imports a model's module at the first request for it, not before (a VM
+    pays for the models it has); the device, forked after, finds it imported."""
+
+    def body() -> object:
+        zygote = Zygote.start({}, PROBE)
+        seen = []
+        try:
+            for model in ("serial", "rtc"):
+                report_r, report_w = os.pipe2(os.O_CLOEXEC)
+                stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+                pid = zygote.fork(model, stdin_r, 2, [report_w])
+                for fd in (stdin_r, report_w, stdin_w):
+                    os.close(fd)  # an empty line: the probe reports and exits 0
+                with os.fdopen(report_r, "rb") as f:
+                    seen.append(json.loads(f.readline())["loaded"])
+                os.waitpid(pid, 0)
+        finally:
+            zygote.close()
+        return seen
+
+    assert as_launcher(body) == [["serial"], ["serial", "rtc"]]
+
+
+def test_zygote_refuses_a_model_it_cannot_load_naming_it():
+    def body() -> object:
+        zygote = Zygote.start({}, PROBE)
+        stdin_r, stdin_w = os.pipe()
+        try:
+            zygote.fork("no-such-model", stdin_r, 2, [])
+        finally:
+            zygote.close()
+        return "forked"
+
+    assert as_launcher(body) == {
+        "error": "ZygoteError: the zygote could not fork: model 'no-such-model': no such model"
+    }
+
+
 def test_zygote_that_exited_raises_zygote_error_naming_its_status():
     def body() -> object:
         zygote = Zygote.start({}, (sys.executable, "-c", "import sys; sys.exit(3)"))
         stdin_r, stdin_w = os.pipe()
         try:
-            zygote.fork(stdin_r, 2, [])
+            zygote.fork("serial", stdin_r, 2, [])
         finally:
             zygote.close()
         return "forked"
@@ -140,7 +179,7 @@ def test_zygote_that_failed_a_fork_is_seen_ended_so_the_launcher_starts_another(
         zygote = Zygote.start({}, (sys.executable, "-c", "import sys; sys.exit(3)"))
         stdin_r, stdin_w = os.pipe()
         try:
-            zygote.fork(stdin_r, 2, [])
+            zygote.fork("serial", stdin_r, 2, [])
         except OSError:
             return [zygote.ended(), zygote.process.returncode, zygote.process.poll()]
         finally:

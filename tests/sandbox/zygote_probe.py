@@ -1,12 +1,21 @@
 """A zygote whose 'device' reports what it was born with (tests/sandbox/test_zygote.py):
 `python -m tests.sandbox.zygote_probe FD`. It runs sandbox/zygote.py serve() as the real
-zygote does; its device main writes one JSON line to its fd 3 and ends."""
+zygote does; its device main writes one JSON line to its fd 3 and ends. Its models: any
+name but "no-such-model", each noted in `loaded` (which the device reports) on its load."""
 
 import json
 import os
 import sys
 
 from splitvmm.sandbox import zygote
+
+loaded: list[str] = []  # the models load() was asked for, in order, as the zygote holds them
+
+
+def load(model: str) -> None:
+    if model == "no-such-model":
+        raise ValueError("no such model")
+    loaded.append(model)
 
 
 def report(launcher: int) -> None:
@@ -25,6 +34,7 @@ def report(launcher: int) -> None:
         "launcher": launcher,
         "sid": os.getsid(0),
         "pid": os.getpid(),
+        "loaded": loaded,
     }
     os.write(3, json.dumps(facts).encode() + b"\n")
     words = line.split()
@@ -44,4 +54,4 @@ def report(launcher: int) -> None:
 
 
 if __name__ == "__main__":
-    os._exit(zygote.serve(int(sys.argv[1]), report, os.getppid()))
+    os._exit(zygote.serve(int(sys.argv[1]), report, os.getppid(), load))
