@@ -345,14 +345,15 @@ def check_direct_io(fd: int, path: str, key: str) -> None:
 
 
 def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:
-    """Signal every interrupt a device's fds can raise (its MSI-X vectors, INTx): for a
-    device left dead (on_crash = "leave"), so that a driver waiting for an interrupt looks
-    at the device and finds it failed (virtio: its status reads all-ones, NEEDS_RESET among
-    them; the ISR's configuration-change bit set). A vector without a route raises nothing;
-    a spurious interrupt costs a driver one look. The number of fds signalled."""
+    """Signal every MSI-X vector of a device left dead (on_crash = "leave"), so that a driver
+    waiting for an interrupt looks at the device and finds it failed (virtio: its status
+    reads all-ones, NEEDS_RESET among them; the ISR's configuration-change bit set). A
+    vector without a route raises nothing; a spurious interrupt costs a driver one look.
+    Its INTx, a level, is held by the monitor instead (pci/intx.py). The number of fds
+    signalled."""
     signalled = 0
     for role in model.fds:
-        if role.kind in (FdKind.MSIX, FdKind.INTX) and role.name in fds:
+        if role.kind is FdKind.MSIX and role.name in fds:
             os.eventfd_write(fds[role.name], 1)
             signalled += 1
     return signalled

@@ -41,6 +41,7 @@ from splitvmm.monitor.memory import GuestMemory
 from splitvmm.monitor.onthread import OnThread
 from splitvmm.monitor.pci.bars import BarAllocator
 from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_bars
+from splitvmm.monitor.pci.intx import LeftIntx
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot, device_numbers
 from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir, check_socket_path
@@ -490,6 +491,7 @@ class Machine:
             )
             spawn = next(sp for sp in self._spawns if sp.name == slot.name)
             raise_interrupts(MODELS[slot.model], spawn.fds)
+            self._leave_intx(slot.name, MODELS[slot.model], spawn.fds)
             return False
         # A device that was serving, or whose restart met a crash before it was READY
         if cfg.on_crash == "restart" and (slot.state is SlotState.LIVE or slot.restarting):
@@ -503,6 +505,20 @@ class Machine:
             )
         self.stop(Outcome.fault(f"device {slot.name} failed: {reason}"))
         return False
+
+    def _leave_intx(self, name: str, model: ModelDescriptor, fds: dict[str, int]) -> None:
+        """The INTx line of a PCI function left dead, raised and held by the monitor from
+        now on (pci/intx.py), its resample fd watched by the supervisor (started before
+        anything can find a serving device dead: its pidfd watch, a vCPU, a ctl request)."""
+        kinds = (FdKind.INTX, FdKind.INTX_RESAMPLE)
+        lines = {r.kind: fds[r.name] for r in model.fds if r.kind in kinds and r.name in fds}
+        host = self.functions.get(name)
+        if host is None or len(lines) != len(kinds):
+            return
+        intx = LeftIntx(lines[FdKind.INTX], lines[FdKind.INTX_RESAMPLE])
+        if self._supervisor is not None:
+            self._supervisor.watch_resample(intx.resample_fd, intx.resampled)
+        host.leave(intx)
 
     def restart_later(self, slot: DeviceSlot) -> None:
         """Have the restarter restart `slot`, crashed (its on_crash policy said so)."""

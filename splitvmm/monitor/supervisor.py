@@ -13,6 +13,10 @@ status comes from whoever reaps the process (the launcher, for the machine's).
 It watches a slot's warm spare too (watch_spare()): a spare that ends while it waits is
 the slot's to end (DeviceSlot.spare_ended), and `on_spare_lost` has another started, off
 this thread (a spawn waits on the launcher).
+
+And the INTx resample fd of a device left dead (watch_resample(), pci/intx.py): the line is
+the monitor's to raise again from then on. That fd is the machine's (DeviceFds), open until
+after close(): polled as it is, never closed here.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class Supervisor(threading.Thread):
         # Our pidfd -> whose process, and whether it is the slot's warm spare
         self._added: list[tuple[int, DeviceSlot, DeviceProcess, bool]] = []  # not polled yet
         self._watched: dict[int, tuple[DeviceSlot, DeviceProcess, bool]] = {}
+        self._resamples: dict[int, Callable[[], None]] = {}  # resample fd -> its line's
+        self._resamples_added: list[tuple[int, Callable[[], None]]] = []  # not polled yet
 
     def watch(self, slot: DeviceSlot) -> None:
         """Watch the process now in `slot`; its end fails the slot (if still its process)."""
@@ -67,6 +73,13 @@ class Supervisor(threading.Thread):
     def watch_spare(self, slot: DeviceSlot, spare: DeviceProcess) -> None:
         """Watch `slot`'s warm spare `spare`; its end while it waits is the slot's to end."""
         self._add(slot, spare, spare=True)
+
+    def watch_resample(self, fd: int, resampled: Callable[[], None]) -> None:
+        """Call `resampled` whenever KVM signals the INTx resample fd `fd` of a device left
+        dead. From any thread, a vCPU's among them (no new fd: its policy forbids fcntl)."""
+        with self._lock:
+            self._resamples_added.append((fd, resampled))
+        self._wake.trigger()
 
     def _add(self, slot: DeviceSlot, process: DeviceProcess, spare: bool) -> None:
         # F_DUPFD_CLOEXEC, not dup(): the one the monitor's seccomp policy allows.
@@ -89,6 +102,8 @@ class Supervisor(threading.Thread):
                 if fd == self._wake.fd:
                     self._wake.drain()
                     self._take_added(poller)
+                elif fd in self._resamples:
+                    self._resamples[fd]()
                 elif not self._closing:
                     poller.unregister(fd)
                     os.close(fd)
@@ -109,9 +124,13 @@ class Supervisor(threading.Thread):
     def _take_added(self, poller: select.poll) -> None:
         with self._lock:
             added, self._added = self._added, []
+            resamples, self._resamples_added = self._resamples_added, []
         for pidfd, slot, process, spare in added:
             self._watched[pidfd] = (slot, process, spare)
             poller.register(pidfd, select.POLLIN)
+        for fd, resampled in resamples:
+            self._resamples[fd] = resampled
+            poller.register(fd, select.POLLIN)
 
     def close(self) -> None:
         """Stop watching (before the monitor ends the devices on purpose). Its slots are

@@ -22,6 +22,7 @@ DEVICE = 1
 ECAM_DEV = DEVICE << 15  # ECAM offset of 00:01.0
 NOTIFY_FDS = (41,)
 COMMAND_MEMORY = 0x0006  # memory space + bus master
+COMMAND_INTX_DISABLE = 0x0400
 
 
 class FakeSlot:
@@ -408,3 +409,12 @@ def test_function_decode_follows_any_sequence_of_bar_and_command_writes(writes) 
         assert vm.live == notify
         ranges = sorted(decoding.values())
         assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # no overlap
+
+
+def test_function_command_keeps_interrupt_disable_through_a_snapshot() -> None:
+    """The bits a snapshot saves (pci/state.py): a restored VM's device left dead must not
+    raise an INTx its guest had disabled (pci/intx.py)."""
+    f, restored = Function(), Function()
+    f.config_write(4, (COMMAND_MEMORY | COMMAND_INTX_DISABLE).to_bytes(2, "little"))
+    restored.host.restore(f.host.bars.registers(), f.host.command)
+    assert restored.host.command == 0x2 | COMMAND_INTX_DISABLE  # memory space, no I/O

@@ -11,7 +11,8 @@ and what the guest may not be trusted with:
   its space is enabled. Functions start enabled with their BARs pre-assigned (crosvm and
   Firecracker do the same): a guest without firmware (a direct Linux boot, our test
   guests) finds the BARs usable at once; Linux turns decode off while it sizes a BAR and
-  back on after, which this follows;
+  back on after, which this follows. Its Interrupt Disable too, and the reads of its BARs,
+  for the INTx of a device left dead (intx.py);
 - the ioeventfds: a guest write to a queue's notify address signals the device's eventfd
   inside KVM and costs the monitor nothing;
 - the writes a vCPU must wait for (PciFunction.sync_writes): a sync follows them, during
@@ -37,17 +38,20 @@ from splitvmm.errors import ConfigError, KvmError
 from splitvmm.monitor.bus import Bus, BusError
 from splitvmm.monitor.pci.bars import BarAllocator, BarDecoder, FunctionWithBars
 from splitvmm.monitor.pci.config import COMMAND
+from splitvmm.monitor.pci.intx import LeftIntx
 from splitvmm.monitor.pci.root import PciRoot
-from splitvmm.protocol.models import BarKind, PciBar, PciFunction
+from splitvmm.protocol.models import CONFIG_REGION_SIZE, BarKind, PciBar, PciFunction
 from splitvmm.protocol.wire import ACCESS_SIZES
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import Struct
 
 log = logging.getLogger("splitvmm.pci")
 
-# Command register (PCI Local Bus 3.0 6.2.2): the decode enables the monitor keeps.
+# Command register (PCI Local Bus 3.0 6.2.2): the bits the monitor keeps.
 COMMAND_IO_SPACE = 0x1
 COMMAND_MEMORY_SPACE = 0x2
+COMMAND_INTX_DISABLE = 0x400
+COMMAND_KEPT = COMMAND_IO_SPACE | COMMAND_MEMORY_SPACE | COMMAND_INTX_DISABLE
 FUNCTION = 0  # every device is single-function
 # An ioeventfd of length 0 matches a write of any size (KVM_CAP_IOEVENTFD_ANY_LENGTH).
 ANY_LENGTH = 0
@@ -135,6 +139,7 @@ class PciFunctionHost:
                 f"{function.notify.queues} queues"
             )
         self._target: FunctionTarget | None = None
+        self._left: LeftIntx | None = None  # its INTx, once its device is left dead
         self._sync = function.sync_ranges()
         self._bars = {bar.index: bar for bar in function.bars}
         self._windows = {
@@ -161,6 +166,13 @@ class PciFunctionHost:
         """The slot that serves the function from now on (before any vCPU runs)."""
         self._target = target
 
+    def leave(self, intx: LeftIntx) -> None:
+        """Its device is left dead: `intx` drives its INTx line from now on (intx.py)."""
+        with self._lock:
+            self._left = intx
+            enabled = not self._command & COMMAND_INTX_DISABLE
+        intx.set_enabled(enabled)
+
     def decoding(self) -> dict[int, int]:
         """BAR index -> the base it decodes at now (BARs that decode nothing are left out)."""
         with self._lock:
@@ -169,7 +181,9 @@ class PciFunctionHost:
     # -- forwarding ---------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
         """A read at `offset` of the flat window."""
-        target = self._target
+        target, left = self._target, self._left
+        if left is not None and offset >= CONFIG_REGION_SIZE:
+            left.looked()  # a BAR's register: the driver sees its device failed
         return b"\xff" * size if target is None else target.read(offset, size)
 
     def write(self, offset: int, data: bytes) -> None:
@@ -183,7 +197,7 @@ class PciFunctionHost:
 
     @property
     def command(self) -> int:
-        """The decode enables the monitor keeps (a snapshot's record of them)."""
+        """The command bits the monitor keeps (a snapshot's record of them)."""
         with self._lock:
             return self._command
 
@@ -192,12 +206,16 @@ class PciFunctionHost:
         self.bars.load(bars)
         self.command_written(command)
 
-    def command_written(self, value: int) -> None:
-        """The guest wrote the command register's low byte: follow its decode enables."""
+    def command_written(self, value: int, written: int = 0xFFFF) -> None:
+        """The guest wrote the command register's bits in `written` (a byte of it may be
+        written alone): follow its decode enables and Interrupt Disable."""
         with self._lock:
-            self._command = value & (COMMAND_MEMORY_SPACE | COMMAND_IO_SPACE)
+            self._command = (self._command & ~written | value & written) & COMMAND_KEPT
             for index in self._bars:
                 self._update_locked(index)
+            left, enabled = self._left, not self._command & COMMAND_INTX_DISABLE
+        if left is not None:
+            left.set_enabled(enabled)
 
     # -- decode -------------------------------------------------------------------------------
     def _on_move(self, index: int, old: int, new: int) -> None:
@@ -322,5 +340,9 @@ class _ConfigProxy:
 
     def config_write(self, offset: int, data: bytes) -> None:
         self._host.write(offset, data)  # the device serves the register's readback
-        if offset <= COMMAND < offset + len(data):
-            self._host.command_written(data[COMMAND - offset])
+        # The bytes of the 16-bit register this write covers (either may be written alone)
+        start, end = max(offset, COMMAND), min(offset + len(data), COMMAND + 2)
+        if start < end:
+            shift = 8 * (start - COMMAND)
+            value = int.from_bytes(data[start - offset : end - offset], "little") << shift
+            self._host.command_written(value, ((1 << 8 * (end - start)) - 1) << shift)

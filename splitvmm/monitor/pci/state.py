@@ -1,9 +1,10 @@
 """What the monitor keeps of the PCI platform, saved in a snapshot (chunk `pci`, kind vm).
 
 A device process saves its own function's state (configuration space, MSI-X table, queues);
-what the monitor owns is saved here: each function's BAR registers and decode enables (a
-guest may have moved a BAR, or turned decode off), the MSI routes devices asked for (so
-an interrupt a restored device raises before it could ask again still arrives), mechanism
+what the monitor owns is saved here: each function's BAR registers, decode enables and
+Interrupt Disable (a guest may have moved a BAR, or turned decode off; a device left dead
+raises no INTx its guest disabled: intx.py), the MSI routes devices asked for (so an
+interrupt a restored device raises before it could ask again still arrives), mechanism
 #1's address latch (a vCPU may be paused between its `out 0xCF8` and its `in 0xCFC`: once
 restored it must reach the register it chose, not read all-ones) and the host bridge's
 writable registers (v2; a v1 chunk restores them as a boot leaves them).
@@ -40,7 +41,7 @@ class FunctionState(Struct, frozen=True, kw_only=True):
     name: Annotated[str, Pattern(NAME_RE.pattern, "a device name")]
     device: Annotated[int, Range(0, DEVICES - 1)]
     bars: Annotated[tuple[Annotated[int, U32], ...], Len(6, 6)]  # the six BAR dwords
-    command: Annotated[int, Range(0, 0xFFFF)]  # the decode enables the monitor keeps
+    command: Annotated[int, Range(0, 0xFFFF)]  # the bits the monitor keeps (function.py)
 
 
 class MsiRouteState(Struct, frozen=True, kw_only=True):
