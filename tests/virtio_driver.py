@@ -16,7 +16,7 @@ from splitvmm.devprocs.virtio.queue import (
 
 DESC = struct.Struct("<QIHH")
 RAM_SIZE = 0x10_0000  # 1 MiB of fake guest RAM at gpa 0
-DESC_GPA, AVAIL_GPA, USED_GPA = 0x0, 0x8_0000, 0x9_0000  # rings for queues up to 32768
+DESC_GPA, AVAIL_GPA, USED_GPA = 0x0, 0x8_0000, 0x9_0000  # rings for queues up to 16384
 DATA_GPA = 0xC_0000  # where tests put buffers and indirect tables
 
 

@@ -30,6 +30,7 @@ from splitvmm.errors import StateError
 from splitvmm.fdline import FdLine
 from splitvmm.protocol import codec, wire
 from splitvmm.protocol.models import MODELS, FdKind
+from splitvmm.record import replace
 from tests.fakes import channel_pair
 from tests.virtio.support import (
     ACK,
@@ -639,18 +640,40 @@ def test_virtio_console_crash_restart_input_delivered_since_checkpoint_not_repea
     assert rx.take_used()[-1] == (head, 2) and restarted.ram.read(gpa, 2) == b"de"
 
 
+def console_at(host: Host, ctx: Any, start: int) -> tuple[VirtioConsole, Driver, Ring, Ring]:
+    """A started console whose receive ring's indices are at `start` (a VM restored there)."""
+    if not start:
+        dev = VirtioConsole(ctx)
+        return (dev, *started(dev))
+    fresh = VirtioConsole(host.context(Line()))
+    _, rx, _ = started(fresh)
+    fresh.quiesce()
+    rx.ram.write(rx.avail + 2, struct.pack("<H", start))  # type: ignore[attr-defined]
+    rx.ram.write(rx.used + 2, struct.pack("<H", start))  # type: ignore[attr-defined]
+    rx.avail_idx = rx.seen_used = start
+    saved = fresh.save()
+    queues = (replace(saved.queues[0], last_avail=start, used_idx=start), saved.queues[1])
+    dev = VirtioConsole.restore(ctx, replace(saved, queues=queues))
+    tx = Ring(dev.ram, base=TX_BASE)
+    tx.heap = TX_HEAP
+    return dev, Driver(dev), rx, tx
+
+
+@pytest.mark.parametrize("start", [0, 0xFFD0], ids=["", "across-the-used-idx-wrap"])
 def test_virtio_console_restart_drops_input_delivered_in_more_completions_than_the_ring_holds(
-    host, caplog
+    host, caplog, start
 ):
     """Bulk input through the monitor comes as 8-byte frames and completes hundreds of
     receive chains between two checkpoints the monitor reads: past a ring's worth the used
     entries no longer say what was delivered. The progress page does, so the successor
-    drops exactly that from what it replays, whatever the count; it repeated it all."""
+    drops exactly that from what it replays, whatever the count; it repeated it all. Also
+    with the used idx passing 65535 meanwhile: the page's record is for the used idx modulo
+    2^16, the one the successor finds in the used ring (a record of 65536 would match none,
+    and the input would be delivered twice)."""
     channel = Channel()
     ctx = host.context(Line())
     ctx.events.connect(channel.send)
-    dev = VirtioConsole(ctx)
-    driver, rx, tx = started(dev)
+    dev, driver, rx, tx = console_at(host, ctx, start)
     data = bytes(range(64))
     dev.host_input(data[:10])  # pending at the checkpoint
     transmit(tx, b"!")
@@ -796,6 +819,36 @@ def test_virtio_console_restart_from_checkpoint_older_than_last_completion_sends
     driver.kick(1)  # the line took "thir", then the process died
 
     second = after_crash(file_host, stale, [first.line])
+    Driver(second.dev).kick(1)
+
+    assert bytes(first.line.taken + second.line.taken) == b"first\nsecond\nthird\n"
+    assert tx.take_used()[-1] == (third, 0)
+
+
+def test_virtio_console_restart_across_the_used_idx_wrap_sends_each_byte_once(file_host):
+    """The progress page's record is for the chain at the next used idx, modulo 2^16: the
+    chain in flight at used idx 0 (just past the wrap), whose start a record of "65536"
+    would not give, is sent from where the line stopped, not again whole."""
+    fresh = Process(file_host.context(Line()))
+    _, _, tx = started(fresh.dev)
+    fresh.dev.quiesce()
+    tx.ram.write(tx.avail + 2, struct.pack("<H", 0xFFFE))  # type: ignore[attr-defined]
+    tx.ram.write(tx.used + 2, struct.pack("<H", 0xFFFE))  # type: ignore[attr-defined]
+    tx.avail_idx = tx.seen_used = 0xFFFE
+    saved = fresh.dev.save()
+    queues = (saved.queues[0], replace(saved.queues[1], last_avail=0xFFFE, used_idx=0xFFFE))
+    first = Process(file_host.context(Line()), replace(saved, queues=queues))  # a VM restored
+    driver = Driver(first.dev)
+    transmit(tx, b"first\n")
+    driver.kick(1)  # used idx 0xFFFF
+    stale = first.checkpoint()
+    transmit(tx, b"second\n")
+    driver.kick(1)  # used idx 0: its checkpoint died with the process
+    first.line.budget = 4
+    third = transmit(tx, b"third\n")
+    driver.kick(1)  # the line took "thir", then the process died
+
+    second = after_crash(file_host, stale, [fresh.line, first.line])
     Driver(second.dev).kick(1)
 
     assert bytes(first.line.taken + second.line.taken) == b"first\nsecond\nthird\n"

@@ -38,6 +38,7 @@ from tests.virtio.support import (
     host_fds,
     iter_caps,
     prepared,
+    replaying,
     serve_ready,
     signalled,
 )
@@ -855,6 +856,78 @@ def test_virtio_pci_a_driver_that_kicks_only_when_asked_never_stalls(event_idx, 
         assert used == made
     finally:
         close_fds(fds)
+
+
+def near_the_wrap(dev: VirtioRng, ring: Ring, idx: int) -> VirtioRng:
+    """`dev`, quiesced, restored from its snapshot as after `idx` chains made available,
+    served and seen (mod 2^16), its used ring and the driver's rings saying so: a queue
+    near 65536, which no driver gets to in a unit test's time."""
+    dev.quiesce()
+    for gpa in (ring.avail + 2, ring.used + 2, ring.used + 4 + 8 * ring.size):  # avail_event
+        ring.ram.write(gpa, struct.pack("<H", idx))  # type: ignore[attr-defined]
+    ring.avail_idx = ring.seen_used = idx
+    state = dev.save()
+    state = replace(state, queues=(replace(state.queues[0], last_avail=idx, used_idx=idx),))
+    restored = VirtioRng.restore(prepared("virtio-rng", dev.ctx.fds), state)
+    restored.clock_ns = SteppingClock(step=1_000)  # type: ignore[method-assign]
+    return restored
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    event_idx=st.booleans(),
+    start=st.integers(0x10000 - 24, 0xFFFF),
+    batches=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 5)), min_size=1, max_size=12),
+)
+def test_virtio_pci_a_driver_that_sleeps_until_interrupted_is_woken_across_the_wrap(
+    event_idx, start, batches
+):
+    """2.7.7.2, 2.7.10 modulo 2^16: from just before avail idx and used idx wrap, a driver
+    that kicks only when avail_event or VIRTQ_USED_F_NO_NOTIFY asks, and asks for its
+    interrupt only once `later` more of its batch are used (used_event ahead of the used
+    idx, as Linux's virtqueue_enable_cb_delayed sets it), gets each batch served and is
+    interrupted for it. A device that compared the indices as plain ints would skip an
+    interrupt whose used_event is past 65535 while the used idx before the batch is not."""
+    fds = host_fds("virtio-rng")
+    try:
+        dev = VirtioRng(prepared("virtio-rng", fds))
+        ring = Ring(dev.ram)
+        Driver(dev).start(ring, F_VERSION_1 | (F_EVENT_IDX if event_idx else 0))
+        driver = Driver(near_the_wrap(dev, ring, start))
+        for count, later in batches:
+            ring.set_used_event((ring.seen_used + min(later, max(count - 1, 0))) & 0xFFFF)
+            old = ring.avail_idx
+            heads = [ring.add([(*ring.buffer(8), True)]) for _ in range(count)]
+            driver.kick_if_needed(ring, old, event_idx=event_idx)
+
+            assert signalled(fds["intx"]) == (1 if count else 0)
+            driver.rd(ISR, 1)  # the line goes down
+            assert [head for head, _ in ring.take_used()] == heads
+    finally:
+        close_fds(fds)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_virtio_pci_restart_across_the_wrap_serves_what_the_dead_process_had_not(fds, event_idx):
+    """A crash restart takes the queue up at the used ring's idx in guest RAM (after the
+    checkpoint, the dead process completed chains up to 0xFFFF), and serves the chains made
+    available past it, across the wrap, once each."""
+    dev = VirtioRng(prepared("virtio-rng", fds))
+    ring = Ring(dev.ram)
+    Driver(dev).start(ring, F_VERSION_1 | (F_EVENT_IDX if event_idx else 0))
+    checkpoint = dev.save()
+    dead = near_the_wrap(dev, ring, 0xFFFE)
+    first = ring.add([(*ring.buffer(8), True)])
+    Driver(dead).kick()  # used idx 0xFFFF
+    heads = [ring.add([(*ring.buffer(8), True)]) for _ in range(2)]  # avail idx 1: the crash
+
+    restarted = VirtioRng.restore(prepared("virtio-rng", fds, restarted=True), checkpoint)
+    with replaying(restarted):
+        pass  # no frame since the checkpoint
+    Driver(restarted).kick()  # the notify after_restart() signalled
+
+    assert ring.take_used() == [(first, 8), (heads[0], 8), (heads[1], 8)]
+    assert restarted.rings[0] is not None and restarted.rings[0].last_avail == 1
 
 
 # -- MSI-X ----------------------------------------------------------------------------------------

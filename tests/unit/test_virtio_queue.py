@@ -157,6 +157,64 @@ def test_queue_pop_across_avail_idx_wrap(driver):
     assert driver.ram.u16(AVAIL_GPA + 4 + 2 * 7) == first
 
 
+def near_the_wrap(driver: DriverQueue, idx: int) -> SplitQueue:
+    """The device's queue and the driver's rings as after `idx` chains made available,
+    taken and returned (mod 2^16): every index starts near 65536, where a device that
+    compared them as plain ints misbehaves."""
+    queue = driver.device()
+    queue.last_avail = queue.used_idx = idx
+    driver.avail_idx = idx
+    driver.ram.write_u16(AVAIL_GPA + 2, idx)
+    driver.ram.write_u16(USED_GPA + 2, idx)
+    return queue
+
+
+def test_queue_unpop_across_avail_idx_wrap_gives_the_chains_back(driver):
+    queue = near_the_wrap(driver, 0xFFFF)
+    heads = [driver.add([(DATA_GPA + i, 1, True)]) for i in range(2)]
+    driver.publish(*heads)  # avail idx 0xFFFF -> 1
+    queue.pop(), queue.pop()
+
+    queue.unpop(2)
+
+    assert queue.last_avail == 0xFFFF
+    assert [queue.pop().head, queue.pop().head] == heads
+
+
+def test_queue_more_chains_in_flight_than_the_queue_holds_across_the_wrap_raises(driver):
+    """The in-flight count is last_avail - used_idx mod 2^16: compared as plain ints, it
+    is negative once last_avail has wrapped and used_idx has not, and a head the device
+    still holds would be taken again."""
+    queue = near_the_wrap(driver, 0xFFFC)
+    heads = [driver.add([(DATA_GPA + i, 1, False)]) for i in range(8)]
+    driver.publish(*heads)
+    assert all(queue.pop() for _ in range(8))  # last_avail 4, used_idx 0xFFFC
+    driver.publish(heads[0])  # again, none of the 8 returned
+
+    with pytest.raises(QueueError, match="8 chains in flight, the queue's size"):
+        queue.pop()
+
+
+def test_queue_of_the_largest_size_takes_a_full_ring_across_the_wrap_then_refuses_more():
+    """2.7: 32768, the largest split queue: a ring of it full of chains made available
+    across the wrap, then one more, past the descriptors the driver has."""
+    ram, size = fake_ram(4 << 20), 32768
+    desc, avail, used, data = 0x0, 0x8_0000, 0x10_0000, 0x20_0000  # 512 KiB, 64 KiB, 256 KiB
+    ram.write(desc, b"".join(descriptor(data + i, 1, WRITE) for i in range(size)))
+    ram.write(avail + 4, b"".join(i.to_bytes(2, "little") for i in range(size)))  # slot i: i
+    ram.write_u16(avail + 2, 0x4000)  # from last_avail 0xC000 (slot 16384), 32768 on
+    queue = SplitQueue(ram, size, desc, avail, used, True, False)
+    queue.last_avail = queue.used_idx = 0xC000
+
+    heads = [queue.pop().head for _ in range(size)]
+
+    assert heads[:2] == [16384, 16385] and heads[-1] == 16383  # ring slot 16384 on, round
+    assert (queue.last_avail, queue.pop()) == (0x4000, None)
+    ram.write_u16(avail + 2, 0x4001)
+    with pytest.raises(QueueError, match="32768 chains in flight"):
+        queue.pop()
+
+
 # -- returning chains ----------------------------------------------------------------------------
 def test_queue_push_writes_used_entry_then_used_idx(driver):
     driver.publish(driver.add([(DATA_GPA, 4, True)]))
@@ -177,6 +235,18 @@ def test_queue_push_across_used_idx_wrap(driver):
 
     assert driver.used_elem(7) == (6, 0xFFFF_FFFF)
     assert driver.used_idx() == 0 == queue.used_idx
+
+
+def test_queue_push_together_across_used_idx_wrap(driver):
+    queue = near_the_wrap(driver, 0xFFFF)
+    heads = [driver.add([(DATA_GPA + 64 * i, 64, True)]) for i in range(2)]
+    driver.publish(*heads)
+    queue.pop(), queue.pop()
+
+    queue.push_together([(heads[0], 64), (heads[1], 10)])
+
+    assert [driver.used_elem(7), driver.used_elem(0)] == [(heads[0], 64), (heads[1], 10)]
+    assert driver.used_idx() == 1 == queue.used_idx
 
 
 def test_queue_push_marks_used_ring_dirty():
@@ -269,6 +339,28 @@ def test_queue_needs_notification_after_more_pushes(
     assert queue.needs_notification() is expected
 
 
+@pytest.mark.parametrize(
+    ("used_event", "expected"),
+    [
+        (0xFFFE, True),  # the first pushed of used idx 0xFFFE -> 1
+        (0xFFFF, True),
+        (0, True),  # past the wrap, old before it
+        (1, False),  # not pushed yet
+        (0xFFFD, False),  # before old: notified for it already
+    ],
+)
+def test_queue_needs_notification_across_used_idx_wrap(evdriver, used_event, expected):
+    """2.7.7.2: used_event is compared with the used idx modulo 2^16 (vring_need_event)."""
+    queue = near_the_wrap(evdriver, 0xFFFD)
+    serve(evdriver, queue, 1)
+    queue.needs_notification()  # the first: told whatever used_event says
+    evdriver.set_used_event(used_event)
+
+    serve(evdriver, queue, 3)  # used idx 0xFFFE -> 1
+
+    assert queue.needs_notification() is expected
+
+
 def test_queue_pop_with_event_idx_sets_avail_event_to_last_avail(evdriver):
     evdriver.publish(evdriver.add([(DATA_GPA, 1, False)]))
     queue = evdriver.device()
@@ -329,6 +421,19 @@ def test_queue_enable_notifications_beyond_chains_left_available_asks_past_them(
     assert queue.enable_notifications(beyond=2) is True
 
 
+def test_queue_avail_event_and_chains_that_arrived_across_avail_idx_wrap(evdriver):
+    """2.7.10 modulo 2^16: avail_event past 0xFFFF is 0, and the chains made available
+    past last_avail are counted across the wrap (a device told "none came" slept on them)."""
+    queue = near_the_wrap(evdriver, 0xFFFE)
+    evdriver.publish(*[evdriver.add([(DATA_GPA + i, 1, True)]) for i in range(3)])  # idx 1
+    queue.pop()
+    at_pop = evdriver.avail_event()
+
+    more = queue.enable_notifications(beyond=1)  # one left there: the kick for the next
+
+    assert (at_pop, more, evdriver.avail_event()) == (0xFFFF, True, 0)
+
+
 def test_queue_ring_descriptors_counts_a_chain_and_one_for_an_indirect_table(driver):
     driver.set_desc(0, DATA_GPA, 8, NEXT, 5)
     driver.set_desc(5, DATA_GPA + 8, 8, NEXT | WRITE, 2)
@@ -355,6 +460,21 @@ def test_queue_resume_from_used_reruns_chains_not_returned(driver):
 
     assert (after.last_avail, after.used_idx) == (1, 1)
     assert after.pop().head == heads[1]
+
+
+def test_queue_resume_from_used_across_the_wrap_reruns_chains_not_returned(driver):
+    before = near_the_wrap(driver, 0xFFFE)
+    heads = [driver.add([(DATA_GPA + i, 1, True)]) for i in range(4)]
+    driver.publish(*heads)  # avail idx 0xFFFE -> 2
+    for _ in range(3):
+        before.push(before.pop().head, 1)  # used idx 0xFFFE -> 1, then the crash
+    after = driver.device()
+
+    after.resume_from_used()
+
+    assert (after.last_avail, after.used_idx) == (1, 1)
+    assert after.pop().head == heads[3]
+    assert after.pop() is None
 
 
 def test_queue_state_round_trips(evdriver):
