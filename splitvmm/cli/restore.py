@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from splitvmm.cli.up import EXIT_HELP, require_signature_option, run_and_exit, timings_option
+from splitvmm.cli.up import (
+    EXIT_HELP,
+    SNAPSHOT_DIR,
+    require_signature_option,
+    run_and_exit,
+    timings_option,
+)
 
 if TYPE_CHECKING:
     from splitvmm.config import VmConfig
@@ -26,7 +32,7 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command("restore", epilog=EXIT_HELP)
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=SNAPSHOT_DIR)
 @click.option(
     "--set",
     "settings",

@@ -13,11 +13,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 from rich.text import Text
 
+from splitvmm.cli.up import SNAPSHOT_DIR
 from splitvmm.errors import escaped
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot.reader import format_size
 
-DIR = click.Path(path_type=Path)  # existence is the reader's to judge, with its own message
 DIGEST_PREFIX = 12  # hex digits of a chunk's checksum shown by inspect
 
 
@@ -39,7 +39,7 @@ def command() -> None:
 
 
 @command.command("inspect")
-@click.argument("directory", type=DIR)
+@click.argument("directory", type=SNAPSHOT_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def inspect(directory: Path, as_json: bool) -> None:
     """Show a snapshot's header, stored config and chunks (reads only the manifest; see
@@ -96,7 +96,7 @@ def verify_with_progress(snap: Snapshot) -> None:
 
 
 @command.command("verify")
-@click.argument("directory", type=DIR)
+@click.argument("directory", type=SNAPSHOT_DIR)
 @click.option(
     "--require-signature",
     "key_file",

@@ -28,6 +28,12 @@ signal N stopped it."""
 
 ConfigLoader = Callable[["Snapshot | None"], "VmConfig"]
 
+# A snapshot directory, as `up --restore`, `restore` and `snapshot inspect|verify` take it:
+# the reader judges whether it exists, is a directory and can be read, in one line naming the
+# snapshot (exit 1). click's own checks (file_okay=False; readable, on by default) refused a
+# file or an unreadable directory first, with a usage error and exit 2.
+SNAPSHOT_DIR = click.Path(readable=False, path_type=Path)
+
 require_signature_option = click.option(
     "--require-signature",
     "key_file",
@@ -169,7 +175,7 @@ timings_option = click.option(
 @click.option(
     "--restore",
     "snapshot_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SNAPSHOT_DIR,
     help="Start from this snapshot instead of booting (the config must match it; every host "
     "resource comes from the config, none from the snapshot).",
 )

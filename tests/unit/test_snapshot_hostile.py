@@ -626,6 +626,26 @@ def test_restore_of_a_missing_directory_names_it(tmp_path, env, monkeypatch, com
     assert_refused_cleanly(result, f"snapshot {missing}: does not exist")
 
 
+@pytest.mark.parametrize("command", ["up", "restore"])
+def test_restore_of_a_file_not_a_directory_names_it(tmp_path, env, monkeypatch, command):
+    """Judged by the reader, as a missing one is: click's usage error exited 2, which `up`
+    does not document, and named no snapshot (a non-root user's unreadable snapshot
+    directory was refused the same way, by click's own readability check)."""
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(OPERATOR_CONFIG.format(output=env.oplog))
+    not_dir = tmp_path / "snap.tar"
+    not_dir.write_bytes(b"")
+    args = (
+        ["up", str(cfg), "--restore", str(not_dir)]
+        if command == "up"
+        else ["restore", str(not_dir)]
+    )
+
+    result, _ = invoke(monkeypatch, args)
+
+    assert_refused_cleanly(result, f"snapshot {not_dir}: not a directory")
+
+
 def test_restore_of_a_bad_stored_config_names_the_snapshot(tmp_path, monkeypatch):
     """Its stored config's errors name which snapshot, as opening and checking it do."""
     snap = tmp_path / "snap"
