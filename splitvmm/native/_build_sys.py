@@ -11,7 +11,7 @@ offloads), and Linux's native AIO (<linux/aio_abi.h>: a virtio-blk device's requ
 O_DIRECT image), and the one mmap(2) flag Python's mmap module lacks (<sys/mman.h>: a
 device's policy refuses stack mappings). Every constant, struct layout and syscall number
 comes from the headers; syscalls that glibc does not wrap (pivot_root, capset,
-landlock_*, pidfd_getfd) get a fixed-signature C wrapper so nobody calls the
+capget, landlock_*, pidfd_getfd) get a fixed-signature C wrapper so nobody calls the
 variadic syscall(2) from Python.
 """
 
@@ -57,17 +57,20 @@ static const int _LINUX_CAPABILITY_U32S_3;
     for name in """
     PR_SET_NO_NEW_PRIVS PR_CAPBSET_DROP PR_CAPBSET_READ PR_CAP_AMBIENT PR_CAP_AMBIENT_CLEAR_ALL
     PR_SET_DUMPABLE PR_SET_SECUREBITS PR_GET_SECUREBITS PR_SET_PDEATHSIG PR_SET_NAME
-    PR_SET_CHILD_SUBREAPER
+    PR_SET_CHILD_SUBREAPER CAP_SETPCAP CAP_SETFCAP CAP_SYS_ADMIN
     SECBIT_NOROOT SECBIT_NOROOT_LOCKED SECBIT_NO_SETUID_FIXUP SECBIT_NO_SETUID_FIXUP_LOCKED
     SECBIT_KEEP_CAPS_LOCKED SECBIT_NO_CAP_AMBIENT_RAISE SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
     """.split()
 )
 CAPS_FUNCTIONS = """
+int sv_capget(cap_user_header_t header, cap_user_data_t data);
 int sv_capset(cap_user_header_t header, cap_user_data_t data);
 int sv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
              unsigned long arg5);
 """
 CAPS_SOURCE = """
+static int sv_capget(cap_user_header_t header, cap_user_data_t data)
+{ return (int)syscall(SYS_capget, header, data); }
 static int sv_capset(cap_user_header_t header, cap_user_data_t data)
 { return (int)syscall(SYS_capset, header, data); }
 static int sv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,

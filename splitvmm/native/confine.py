@@ -10,6 +10,7 @@ nothing but the cffi module.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from splitvmm.native._sys import ffi, lib
 
@@ -51,6 +52,9 @@ FUTEX_OPS: dict[str, int] = {
         "FUTEX_WAKE",
     )
 }
+
+CAP_SETFCAP: int = lib.CAP_SETFCAP  # all a root launcher keeps (sandbox/launcher.py) ...
+CAP_SYS_ADMIN: int = lib.CAP_SYS_ADMIN  # ... but where only it may make a user namespace
 
 # Every securebit with its lock: root gets no capabilities from uid 0, setuid keeps
 # none, ambient capabilities cannot be raised -- and none of it can be undone.
@@ -145,17 +149,63 @@ def drop_capabilities(bounding: bool = True) -> None:
     """
     if bounding:
         prctl(lib.PR_SET_SECUREBITS, _securebits_to_lock())
-        cap = 0
-        while lib.sv_prctl(lib.PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last cap
-            prctl(lib.PR_CAPBSET_DROP, cap)
-            cap += 1
+        _limit_bounding_set(frozenset())
     prctl(lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_CLEAR_ALL)
+    _capset(0, 0, 0)
+
+
+def keep_only_capabilities(keep: frozenset[int]) -> None:
+    """Hold no capability but those of `keep` held now, effective and permitted, and pass
+    on no other through an exec. The bounding set loses every other first (it needs
+    CAP_SETPCAP, which goes next), where CAP_SETPCAP is held: else it stays, which
+    no_new_privs makes moot (an exec then gains nothing the caller lacks). The inheritable
+    set keeps those of `keep` it has, and the ambient set with it (capset clears an ambient
+    capability that is not both permitted and inheritable): under SECBIT_NOROOT they are
+    what an exec passes on. The securebits stay: SECBIT_NOROOT would take `keep` from a
+    root exec. Per thread, as drop_capabilities."""
+    effective, permitted, inheritable = _capget()
+    if effective >> lib.CAP_SETPCAP & 1:
+        _limit_bounding_set(keep)
+    mask = sum(1 << cap for cap in keep)
+    _capset(permitted & mask, permitted & mask, inheritable & mask)
+
+
+def _limit_bounding_set(keep: frozenset[int]) -> None:
+    cap = 0
+    while lib.sv_prctl(lib.PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last cap
+        if cap not in keep:
+            prctl(lib.PR_CAPBSET_DROP, cap)
+        cap += 1
+
+
+def _capget() -> tuple[int, int, int]:
+    """This thread's (effective, permitted, inheritable) capability sets, as bit masks."""
+    header, data = _cap_buffers()
+    check(lib.sv_capget(header, data), "capget(0)")
+
+    def mask(field: str) -> int:
+        return sum(getattr(data[i], field) << 32 * i for i in range(len(data)))
+
+    return mask("effective"), mask("permitted"), mask("inheritable")
+
+
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set this thread's capability sets, as bit masks."""
+    header, data = _cap_buffers()
+    for i in range(len(data)):
+        data[i].effective = effective >> 32 * i & 0xFFFFFFFF
+        data[i].permitted = permitted >> 32 * i & 0xFFFFFFFF
+        data[i].inheritable = inheritable >> 32 * i & 0xFFFFFFFF
+    check(lib.sv_capset(header, data), f"capset({permitted:#x})")
+
+
+def _cap_buffers() -> tuple[Any, Any]:
+    """capget/capset's header (this thread) and data (zeroed), as VERSION_3 takes them."""
     header = ffi.new("struct __user_cap_header_struct *")
     header.version = lib._LINUX_CAPABILITY_VERSION_3
     header.pid = 0
-    # SAFETY: both cffi-owned buffers outlive the call; VERSION_3 takes two data structs.
-    data = ffi.new("struct __user_cap_data_struct[]", lib._LINUX_CAPABILITY_U32S_3)
-    check(lib.sv_capset(header, data), "capset(0)")
+    # SAFETY: cffi-owned; the caller keeps both alive across its call (VERSION_3: two structs).
+    return header, ffi.new("struct __user_cap_data_struct[]", lib._LINUX_CAPABILITY_U32S_3)
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:

@@ -61,14 +61,25 @@ A request is at most MAX_SPEC bytes of spec and MAX_FDS fds, none of them an O_P
 most MAX_DEVICES (protocol/spec.py) devices live at once, spares included, and sockets are made for at most
 MAX_DEVICES device names (each a config's: protocol/spec.py NAME_RE).
 
-Its own confinement: a root launcher keeps the privileges the monitor had when it
-forked it -- it must keep CAP_SETFCAP (a device maps uid 0 into its user
-namespace) -- and no launcher may be landlocked or filtered (every device inherits both
-before entering its own sandbox, which unshares and mounts) -- so the narrow
-request above is the barrier. Any other launcher drops every capability it was given
-before its zygote starts (a user's CAP_NET_ADMIN: the monitor opens its TAPs itself,
-and a device maps a uid other than 0 without one). It has no_new_privs, its own session (the
-terminal's Ctrl-C is the monitor's to handle), PR_SET_PDEATHSIG on the monitor,
+Its own confinement: no launcher may be landlocked or filtered (every device inherits both
+before entering its own sandbox, which unshares and mounts), so the narrow request above is
+the barrier; but before its zygote starts it gives up every capability that neither it, nor
+the zygote, nor a device before its sandbox needs, and they hold no more. A root launcher
+keeps CAP_SETFCAP alone, effective, permitted and in its bounding set: a device writes uid 0
+into its user namespace's uid_map (Linux 5.12+), which fails without it even holding every
+other capability; it needs none for the rest (the monitor opens every device's files and
+TAPs; the runtime dir, its sockets, the zygote and the devices are root's by uid; rlimits
+only go down). uid 0 still owns root's files (and CAP_SETFCAP may give them file
+capabilities), so this takes the kernel's powers away (mounts, modules, ptrace, raw I/O,
+other users' files), not those files. Without
+CAP_DAC_READ_SEARCH root reads by the modes as anyone: a checkout or interpreter in another
+user's private home fails the start, saying so in one line. On a host that lets only
+CAP_SYS_ADMIN make user namespaces (Debian's kernel.unprivileged_userns_clone=0, Ubuntu's
+kernel.apparmor_restrict_unprivileged_userns=1: launcher_start.py USERNS_RESTRICTED) it
+keeps CAP_SYS_ADMIN too, or no device could make its sandbox. Any other
+launcher drops every capability it was given (a user's CAP_NET_ADMIN: the monitor opens its
+TAPs itself, and a device maps a uid other than 0 without one). It has no_new_privs, its own
+session (the terminal's Ctrl-C is the monitor's to handle), PR_SET_PDEATHSIG on the monitor,
 and ends when the monitor's end of the socket closes, killing the devices it
 started (each would die with it anyway: PR_SET_PDEATHSIG). It holds the socket,
 /dev/null as stdin and stdout, and the operator's stderr, which devices inherit; then

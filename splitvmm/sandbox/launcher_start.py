@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import sys
 from collections.abc import Iterable, Sequence
 
 from splitvmm.errors import SplitvmmError
@@ -79,12 +80,11 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     signal.set_wakeup_fd(-1)  # a monitor's (machine.py), forked after its build began: not ours
     _keep_only_fds(sock_fd)
     confine.set_no_new_privs()
-    if os.geteuid() != 0:
-        # A user's capabilities (CAP_NET_ADMIN for its TAPs, which the monitor opens itself)
-        # stayed here for the VM's life, and went on to every zygote (ambient ones, or the
-        # interpreter's file capabilities): none needs any (sandbox/launcher.py). The
-        # bounding set: no_new_privs makes it moot, and emptying it needs CAP_SETPCAP.
-        confine.drop_capabilities(bounding=False)
+    try:
+        _narrow_capabilities()
+    except LauncherError as e:  # one line, not a traceback
+        os.write(2, f"splitvmm: launcher: {e}\n".encode(errors="replace"))
+        return 1
     confine.set_child_subreaper()  # before the zygote: its grandchildren are ours
     zygote = Zygote.start(device_env())
     sock = socket.socket(fileno=sock_fd)
@@ -106,6 +106,64 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
 
     launcher_server.serve(sock, zygote)
     return 0
+
+
+def _narrow_capabilities() -> None:
+    """Give up what neither the launcher nor its zygote nor a device before its sandbox needs
+    (sandbox/launcher.py): a user's every capability, root's all but CAP_SETFCAP.
+    LauncherError, saying why, if that fails or leaves the zygote unable to start."""
+    from splitvmm.native import confine
+
+    try:
+        if os.geteuid() != 0:
+            # A user's capabilities (CAP_NET_ADMIN for its TAPs, which the monitor opens
+            # itself) stayed here for the VM's life, and went on to every zygote (ambient
+            # ones, or the interpreter's file capabilities): none needs any. The bounding set:
+            # no_new_privs makes it moot, and emptying it needs CAP_SETPCAP.
+            confine.drop_capabilities(bounding=False)
+            return
+        # Root's every capability stayed here, in the zygote and in each device until its
+        # sandbox, for the VM's life. A device needs CAP_SETFCAP alone: to write uid 0 into
+        # its user namespace's uid_map (and CAP_SYS_ADMIN to make that namespace, on a host
+        # that lets nothing else make one). The zygote, exec'd as root, gets the bounding
+        # set, and under no_new_privs no more than we hold.
+        keep = {confine.CAP_SETFCAP}
+        if userns_needs_sys_admin():
+            keep.add(confine.CAP_SYS_ADMIN)
+        confine.keep_only_capabilities(frozenset(keep))
+    except OSError as e:
+        raise LauncherError(f"cannot give up its capabilities: {e}") from None
+    # Without CAP_DAC_READ_SEARCH root reads by the modes, as anyone: a checkout or an
+    # interpreter in another user's private home (sudo from it) would fail the zygote's exec
+    # or its imports, and then every device, each with a traceback.
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path, mode in ((sys.executable, os.X_OK), (package, os.R_OK | os.X_OK)):
+        if not os.access(path, mode, effective_ids=True):
+            raise LauncherError(
+                f"{path} cannot be read without CAP_DAC_READ_SEARCH, which a root launcher "
+                "gives up: run splitvmm from where root may read it by its modes"
+            )
+
+
+# Sysctls of distribution kernels under which only CAP_SYS_ADMIN may make a user namespace
+# (a device's first step, sandbox/device.py), with the value that says so: Debian's patch
+# (0: unprivileged ones refused), Ubuntu's AppArmor (1: they lose every capability in it).
+USERNS_RESTRICTED = (
+    ("kernel/unprivileged_userns_clone", "0"),
+    ("kernel/apparmor_restrict_unprivileged_userns", "1"),
+)
+
+
+def userns_needs_sys_admin(proc_sys: str = "/proc/sys") -> bool:
+    """Whether this host makes a user namespace only for CAP_SYS_ADMIN (USERNS_RESTRICTED)."""
+    for name, restricted in USERNS_RESTRICTED:
+        try:
+            with open(os.path.join(proc_sys, name)) as f:
+                if f.read().strip() == restricted:
+                    return True
+        except OSError:  # a mainline kernel has neither
+            continue
+    return False
 
 
 def _keep_only_fds(sock_fd: int) -> None:

@@ -321,9 +321,10 @@ def test_launcher_has_no_new_privs_and_its_own_session(launcher):
     assert ("NoNewPrivs:\t1" in status, os.getsid(launcher.pid)) == (True, launcher.pid)
 
 
-# A launcher started by a user given CAP_NET_ADMIN for its TAPs (README: "made if missing
-# (needs CAP_NET_ADMIN)"; tests/integration/test_confinement.py runs the monitor so): the
-# capability sets of the launcher, its zygote, a device's warden and the device proper.
+# A launcher started with the capabilities setpriv gives it (a user given CAP_NET_ADMIN for its
+# TAPs: README "made if missing (needs CAP_NET_ADMIN)"; tests/integration/test_confinement.py
+# runs the monitor so): the capability sets of the launcher, its zygote, a device's warden and
+# the device proper.
 USER_CAPS_PROBE = """
 import json, os, sys
 from pathlib import Path
@@ -356,26 +357,16 @@ finally:
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="running the launcher as a user given CAP_NET_ADMIN needs root (setpriv)",
-)
-def test_launcher_of_a_user_given_cap_net_admin_and_its_zygote_hold_no_capability():
-    """The monitor opens the TAPs itself (monitor/devicefds.py) and drops the capability once
-    the VM is built (monitor/confinement.py); the launcher it forked first thing kept it in
-    every set for the VM's whole life, and passed it on to every zygote through the ambient
-    set: neither needs it, nor any other (a device maps a uid other than 0 into its user
-    namespace without one)."""
+def caps_under_setpriv(setpriv: list[str], uid: int) -> dict[str, dict[str, int]]:
+    """USER_CAPS_PROBE's answer, run under `setpriv` with a runtime dir of `uid`'s."""
     work = Path(tempfile.mkdtemp(prefix="splitvmm-launcher-caps-"))
     try:
         os.chmod(work, 0o755)
         rundir = work / "run"
         rundir.mkdir(mode=0o700)
-        os.chown(rundir, 65534, 65534)
-        setpriv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                   "--inh-caps=+net_admin", "--ambient-caps=+net_admin"]  # fmt: skip
+        os.chown(rundir, uid, uid)
         result = subprocess.run(
-            [*setpriv, sys.executable, "-c", USER_CAPS_PROBE, str(rundir)],
+            ["setpriv", *setpriv, sys.executable, "-c", USER_CAPS_PROBE, str(rundir)],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -384,9 +375,135 @@ def test_launcher_of_a_user_given_cap_net_admin_and_its_zygote_hold_no_capabilit
     finally:
         shutil.rmtree(work)
     assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+needs_setpriv = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="running the launcher under setpriv with other capabilities needs root",
+)
+
+
+@needs_setpriv
+def test_launcher_of_a_user_given_cap_net_admin_and_its_zygote_hold_no_capability():
+    """The monitor opens the TAPs itself (monitor/devicefds.py) and drops the capability once
+    the VM is built (monitor/confinement.py); the launcher it forked first thing kept it in
+    every set for the VM's whole life, and passed it on to every zygote through the ambient
+    set: neither needs it, nor any other (a device maps a uid other than 0 into its user
+    namespace without one)."""
+    setpriv = ["--reuid=65534", "--regid=65534", "--clear-groups",
+               "--inh-caps=+net_admin", "--ambient-caps=+net_admin"]  # fmt: skip
+    caps = caps_under_setpriv(setpriv, 65534)
     none = {"CapEff": 0, "CapPrm": 0, "CapInh": 0, "CapAmb": 0}
-    assert json.loads(result.stdout) == dict.fromkeys(
-        ("launcher", "zygote", "warden", "device"), none
+    assert caps == dict.fromkeys(("launcher", "zygote", "warden", "device"), none)
+
+
+CAP_SETFCAP = 31  # <linux/capability.h>
+
+
+def capabilities(pid: int) -> dict[str, int]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines)
+    return {k: int(fields[k], 16) for k in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb")}
+
+
+@pytest.mark.parametrize(
+    ("sysctls", "needed"),
+    [
+        ({}, False),  # a mainline kernel: any user may make one
+        ({"kernel/unprivileged_userns_clone": "1\n"}, False),
+        ({"kernel/unprivileged_userns_clone": "0\n"}, True),  # Debian's, switched off
+        ({"kernel/apparmor_restrict_unprivileged_userns": "0\n"}, False),
+        ({"kernel/apparmor_restrict_unprivileged_userns": "1\n"}, True),  # Ubuntu 23.10+
+    ],
+    ids=["mainline", "debian-on", "debian-off", "ubuntu-free", "ubuntu-restricted"],
+)
+def test_root_launcher_keeps_cap_sys_admin_where_only_it_makes_a_user_namespace(
+    tmp_path, sysctls, needed
+):
+    """A root launcher keeps CAP_SETFCAP alone; on a host whose kernel makes user namespaces
+    only for CAP_SYS_ADMIN, its devices could not make theirs without it."""
+    for name, value in sysctls.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(value)
+
+    assert launcher_start.userns_needs_sys_admin(str(tmp_path)) is needed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root launcher's capabilities need root")
+def test_root_launcher_and_its_zygote_hold_cap_setfcap_alone(launcher, rundir, fds):
+    """A root launcher kept every capability of root's (CapEff 0x1fffeffffff) for the VM's
+    whole life, serving a monitor that parses guest data, and so did its zygote and each
+    device until its sandbox. A device needs CAP_SETFCAP alone there (to write uid 0 into
+    its user namespace's uid_map), and still gets ready with nothing else."""
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec)
+    channel = DeviceChannel("serial", spec.channel, listener)
+    try:
+        channel.wait_ready(process)
+        (zygote,) = children_of(launcher.pid) - {process.pid}
+        held = {"launcher": capabilities(launcher.pid), "zygote": capabilities(zygote)}
+    finally:
+        process.kill()
+        process.wait(10)
+        channel.close()
+    setfcap = 1 << CAP_SETFCAP
+    only = {"CapEff": setfcap, "CapPrm": setfcap, "CapBnd": setfcap, "CapInh": 0, "CapAmb": 0}
+    assert held == {"launcher": only, "zygote": only}
+
+
+@needs_setpriv
+def test_root_launcher_under_securebit_noroot_passes_an_ambient_cap_setfcap_on_alone():
+    """systemd's SecureBits=noroot with AmbientCapabilities=CAP_SETFCAP: root's exec of the
+    zygote gains nothing from uid 0, so the ambient set is what carries CAP_SETFCAP to it (a
+    zygote without it starts no device); every other capability still goes."""
+    setpriv = ["--securebits=+noroot", "--inh-caps=+setfcap,+net_admin",
+               "--ambient-caps=+setfcap,+net_admin"]  # fmt: skip
+    caps = caps_under_setpriv(setpriv, 0)
+    setfcap = dict.fromkeys(("CapEff", "CapPrm", "CapInh", "CapAmb"), 1 << CAP_SETFCAP)
+    none = dict.fromkeys(setfcap, 0)
+    assert caps == {"launcher": setfcap, "zygote": setfcap, "warden": none, "device": none}
+
+
+# A monitor whose launcher fails to start: what it is told.
+LAUNCHER_START_PROBE = """
+import sys
+from pathlib import Path
+from splitvmm.sandbox.launcher import Launcher
+from splitvmm.sandbox.launcher_start import LauncherError
+launcher = Launcher.start()
+try:
+    launcher.configure(Path(sys.argv[1]))
+except LauncherError as e:
+    print(e)
+finally:
+    launcher.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root launcher's capabilities need root")
+def test_root_launcher_whose_interpreter_only_cap_dac_read_search_reaches_says_so_in_a_line(
+    tmp_path, rundir
+):
+    """`sudo` with splitvmm in another user's private home: root reads by the modes once it
+    has given up CAP_DAC_READ_SEARCH, and the zygote's exec failed with a traceback (or its
+    imports, and then every device's start)."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, 65534, 65534)
+    (home / "venv").symlink_to(sys.prefix)
+    python = home / "venv" / "bin" / "python"
+    result = subprocess.run(
+        [python, "-c", LAUNCHER_START_PROBE, str(rundir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.stdout, result.stderr) == (
+        "the launcher did not start: the launcher has exited\n",
+        f"splitvmm: launcher: {python} cannot be read without CAP_DAC_READ_SEARCH, which a "
+        "root launcher gives up: run splitvmm from where root may read it by its modes\n",
     )
 
 
