@@ -127,6 +127,10 @@ def test_control_operation_after_snapshot_finishes_runs(server, snapshot_op):
         (b"[1]\n", "request is not a JSON object"),
         (b'"status"\n', "request is not a JSON object"),
         (b'{"op": null}\n', "unknown operation None"),
+        (  # clipped: the error is one short line, whatever the client sent
+            b'{"op": "%s"}\n' % (b"x" * 60000),
+            f"unknown operation '{'x' * 99}... (60002 characters)",
+        ),
         (b"x" * (65 * 1024), "request longer than 65536 bytes"),
     ],
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from splitvmm.monitor.control import ControlError, request
-from tests.integration.rawclient import connect, unanswered
+from tests.integration.rawclient import connect, reply_of, unanswered
 from tests.integration.vmproc import VmProcess, boot_guest
 
 pytestmark = pytest.mark.kvm
@@ -67,3 +67,18 @@ def test_control_socket_snapshot_into_a_directory_the_monitor_cannot_write_is_re
     )
     assert os.listdir(locked) == []
     assert json.loads(status.stdout)["state"] == "running"
+
+
+def test_control_socket_request_nested_near_the_parser_limit_gets_a_plain_error(vm):
+    """json.loads takes a request nested almost as deep as the recursion limit (Python's
+    default, 1000), counted on the control loop's stack; inject-fault quoting the kind in its
+    error (repr, on the worker's stack under the schema's frames) went past the limit at some
+    of those depths: a traceback in the monitor's log and "inject-fault failed:
+    RecursionError(...)" as the reply. Which depths break depends on both stacks: all near
+    the limit are tried."""
+    lines = [
+        b'{"op": "inject-fault", "name": "serial0", "kind": %s}\n' % (b"[" * n + b"]" * n)
+        for n in range(900, 1000)
+    ]
+    errors = {str(reply_of(connect(control_socket(vm), line))["error"]) for line in lines}
+    assert [e for e in errors if "failed:" in e] == []

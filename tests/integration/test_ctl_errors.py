@@ -145,6 +145,16 @@ def test_ctl_devices_reply_devices_not_objects_is_one_line_error(monitor):
     assert_one_line_error(result, "lacks what this command shows (TypeError('devices is not")
 
 
+@pytest.mark.parametrize(
+    "monitor", [SNAPSHOT_REPLY.replace(b'"bytes": 0', b'"bytes": 1' + b"0" * 400)], indirect=True
+)
+def test_ctl_snapshot_reply_of_more_bytes_than_a_float_holds_is_one_line_error(monitor):
+    """JSON's integers have no bound: the size in MiB (bytes / 2**20) of one past a float's
+    range raised OverflowError, a traceback."""
+    result = ctl(monitor.sock.getsockname(), "snapshot", "snap1")
+    assert_one_line_error(result, "lacks what this command shows (OverflowError(")
+
+
 @pytest.mark.parametrize("monitor", [b""], indirect=True)
 def test_ctl_status_hung_monitor_is_one_line_error(monitor, monkeypatch):
     monkeypatch.setattr(control, "READ_ONLY_TIMEOUT_S", 0.2)

@@ -128,7 +128,7 @@ def emit(
     else:
         try:
             text = human(reply)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # (an int past a float)
             raise click.ClickException(
                 f"the VM's reply lacks what this command shows ({e!r})"
             ) from None
