@@ -90,7 +90,7 @@ FIRST_FD = 3  # a device's first fd after stdio
 # Within the monitor's REPLY_TIMEOUT_S for a spawn (sandbox/launcher.py): ready + fork, and
 # after a zygote that died (never one that timed out) a new one's (launcher_server.py _spawn).
 READY_TIMEOUT_S = 30.0  # the zygote's imports, on a loaded host
-FORK_TIMEOUT_S = 10.0  # two forks
+FORK_TIMEOUT_S = 10.0  # the model's import (its first fork: ~5-20 ms) and two forks
 EXIT_TIMEOUT_S = 1.0  # a zygote that closed its socket is ending
 MESSAGE = 256
 

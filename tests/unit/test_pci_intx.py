@@ -4,6 +4,7 @@ the function's host (a BAR read, a command write), with the eventfds KVM would s
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -70,3 +71,51 @@ def test_left_intx_waits_while_interrupt_disable_is_set_and_rises_once_cleared(
     disabled = raised(left_intx)
     f.config_write(5, b"\x00")
     assert (disabled, raised(left_intx)) == (0, 1)
+
+
+class NoticingLock:
+    """The functions' shared decode lock, which sets `waited` when a thread must wait for it."""
+
+    def __init__(self, waited: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self.waited = waited
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.waited.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_left_intx_stays_disabled_when_interrupt_disable_is_written_as_its_device_is_left(
+    left_intx, monkeypatch
+) -> None:
+    """A vCPU sets Interrupt Disable (Linux enabling MSI-X) while the supervisor leaves the
+    device dead: whichever goes first, the line ends disabled. leave() read the command
+    register under the lock and told the line after it, so the vCPU's newer value could be
+    overwritten by the one leave() read: INTx raised at every EOI while the guest had it
+    disabled, on a pin another device may share."""
+    f = Function()
+    went_on = threading.Event()  # the vCPU's write told the line, or waits for leave()
+    f.host._lock = f.host._shared.lock = NoticingLock(went_on)  # type: ignore[assignment]
+    disable = (COMMAND_MEMORY | COMMAND_INTX_DISABLE).to_bytes(2, "little")
+    vcpu = threading.Thread(target=f.config_write, args=(4, disable))
+    told = []
+    set_enabled = left_intx.set_enabled
+
+    def leave_paused(enabled: bool) -> None:
+        told.append(enabled)
+        if len(told) == 1:  # leave()'s: the vCPU writes the command register now
+            vcpu.start()
+            went_on.wait()
+        set_enabled(enabled)
+        went_on.set()
+
+    monkeypatch.setattr(left_intx, "set_enabled", leave_paused)
+    f.host.leave(left_intx)
+    vcpu.join()
+    raised(left_intx)  # at the failure, if it came before the write
+    resample(left_intx)  # an EOI of the pin's other device
+    assert raised(left_intx) == 0

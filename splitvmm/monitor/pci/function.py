@@ -168,10 +168,9 @@ class PciFunctionHost:
 
     def leave(self, intx: LeftIntx) -> None:
         """Its device is left dead: `intx` drives its INTx line from now on (intx.py)."""
-        with self._lock:
+        with self._lock:  # told under the lock: a command write meanwhile comes after it
             self._left = intx
-            enabled = not self._command & COMMAND_INTX_DISABLE
-        intx.set_enabled(enabled)
+            intx.set_enabled(not self._command & COMMAND_INTX_DISABLE)
 
     def decoding(self) -> dict[int, int]:
         """BAR index -> the base it decodes at now (BARs that decode nothing are left out)."""
@@ -213,9 +212,8 @@ class PciFunctionHost:
             self._command = (self._command & ~written | value & written) & COMMAND_KEPT
             for index in self._bars:
                 self._update_locked(index)
-            left, enabled = self._left, not self._command & COMMAND_INTX_DISABLE
-        if left is not None:
-            left.set_enabled(enabled)
+            if self._left is not None:  # in the order of the writes, as leave() (intx.py)
+                self._left.set_enabled(not self._command & COMMAND_INTX_DISABLE)
 
     # -- decode -------------------------------------------------------------------------------
     def _on_move(self, index: int, old: int, new: int) -> None:
