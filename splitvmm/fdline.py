@@ -77,8 +77,10 @@ def _own_nonblocking_description(fd: int, own_only: bool) -> None:
     error = files.reopen_write_only(fd, os.O_NONBLOCK | os.O_CLOEXEC)
     if error is not None and own_only:
         raise error
-    if error is not None:
-        log.warning(
-            "fd %d: cannot reopen it (%s); making it non-blocking as shared", fd, error.strerror
-        )
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if error is None or flags & os.O_NONBLOCK:
+        return  # ours; or non-blocking already: the monitor's own of its stdout (devicefds.py)
+    log.warning(
+        "fd %d: cannot reopen it (%s); making it non-blocking as shared", fd, error.strerror
+    )
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -964,3 +965,41 @@ def test_launcher_abandon_lets_the_teardown_reap_a_running_device_before_the_zyg
         process.kill()  # the teardown's _end_devices
         assert process.wait(10) == -signal.SIGKILL  # reported, not "did not answer within 4 s"
         assert zygote not in children_of(launcher.pid)  # the wait for it ended: killed, reaped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root launcher's capabilities need root")
+def test_root_launchers_device_on_a_users_terminal_leaves_the_shells_description_blocking(
+    launcher, rundir, fds, monkeypatch
+):
+    """`sudo splitvmm up` in a user's terminal (sudo without use_pty, su): stdout is the
+    user's terminal, which a root device holding CAP_SETFCAP alone cannot open anew for a
+    description of its own. It made the one it shares with the operator's shell non-blocking
+    for the VM's life instead (fdline.py), and said so at every start."""
+    from splitvmm.config import DeviceSection
+    from splitvmm.monitor import devicefds
+
+    master, terminal = os.openpty()
+    os.fchown(terminal, 65534, 65534)
+    os.fchmod(terminal, 0o620)
+    monkeypatch.setattr(devicefds, "STDOUT", terminal)
+    owned: list[devicefds.Closable] = []
+    dev = DeviceSection("serial0", "serial", "stop", {"output": "stdio"})
+    out = devicefds.open_output(dev, "output", owned)  # the monitor, before its confinement
+    spec = serial_spec(rundir, {**fds, "out": out})
+    try:
+        process, listener = launcher.spawn(spec)
+        channel = DeviceChannel("serial", spec.channel, listener)
+        try:
+            channel.wait_ready(process)
+            flags = fcntl.fcntl(terminal, fcntl.F_GETFL)
+            process.kill()
+            process.wait(10)
+        finally:
+            channel.close()
+            process.close()
+    finally:
+        for each in owned:
+            each.close()
+        os.close(master)
+        os.close(terminal)
+    assert not flags & os.O_NONBLOCK
