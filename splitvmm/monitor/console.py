@@ -63,11 +63,10 @@ class EscapeParser:
 def raw_terminal(fd: int, ending: Callable[[], bool] = lambda: False) -> Iterator[bool]:
     """Put a TTY in raw mode for the VM's lifetime; yields whether it is a TTY. `ending`:
     whether the VM is stopping (no raw mode set again on SIGCONT then)."""
-    if not os.isatty(fd):
+    saved = _set_raw(fd) if os.isatty(fd) else None
+    if saved is None:
         yield False
         return
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd, termios.TCSANOW)  # what was typed while the VM started is the guest's
     previous = _raw_again_on_continue(fd, ending)
     try:
         yield True
@@ -75,6 +74,22 @@ def raw_terminal(fd: int, ending: Callable[[], bool] = lambda: False) -> Iterato
         if previous is not None:
             signal.signal(signal.SIGCONT, previous)
         _restore(fd, saved)
+
+
+def _set_raw(fd: int) -> list[int | list[bytes | int]] | None:
+    """Raw mode set on a TTY: its modes before; None where the kernel refuses it (EIO). A
+    background job whose parent has gone (orphaned: `(up <&0 &)`, a script that started it
+    and exited) may neither set its terminal's modes nor read it: it is not stopped (SIGTTOU)
+    until `fg`, as there is no one to `fg` it; its input is at an end (pump()), as a pipe's
+    at EOF. So is a terminal's that hung up (SIGHUP ends the VM)."""
+    try:
+        saved = termios.tcgetattr(fd)
+        tty.setraw(fd, termios.TCSANOW)  # what was typed while the VM started is the guest's
+    except termios.error as e:
+        if e.args[0] != errno.EIO:
+            raise
+        return None
+    return saved
 
 
 def _raw_again_on_continue(fd: int, ending: Callable[[], bool]) -> _HANDLER:
@@ -169,6 +184,14 @@ def pump(
             # is read whole (the escape), and what passes PENDING_MAX dropped below.
             size = READ_SIZE if escape or discard else min(READ_SIZE, PENDING_MAX - len(pending))
             try:
+                if escape and _in_background(fd):
+                    # `bg`: the shell has the terminal. A read stops us (SIGTTIN) until `fg`
+                    # and then waits for a key: the shell has read what was typed, and the
+                    # main thread, in read(2), missed the VM's end and the SIGCONT that sets
+                    # raw mode again. A read of nothing stops us the same way (the kernel's
+                    # job control; EIO for an orphaned job), then select() looks again.
+                    os.read(fd, 0)
+                    continue
                 data = os.read(fd, size)
             except OSError as e:  # EBADF (nohup's write-only /dev/null), EIO (a lost terminal)
                 log.warning("the console's input failed (%s): no more input to the VM", e.strerror)

@@ -397,3 +397,152 @@ def test_stopped_up_on_a_terminal_killed_by_its_shell_ends_with_sigterms_status(
     assert "stopped" in lines, lines
     assert "exited 143" in lines, lines  # not "stopped again by SIGTTOU"
     assert "raw False" in lines, lines  # the shell's modes stay
+
+
+# The same shell, for `bg` and then `fg`: the stopped job is continued in the background; a key
+# typed at the shell's prompt (its own non-canonical mode, as readline's) stops it again
+# (SIGTTIN: the VM reads its terminal), and the shell reads the key, as it would; then `fg`
+# (the terminal to the job, SIGCONT), and a `kill` from elsewhere ends the VM.
+BG_FG_SHELL = SHELL_START + textwrap.dedent(
+    """
+    argv = sys.argv[2:]
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        os.tcsetpgrp(0, os.getpgrp())
+        for s in (*JOB_SIGNALS, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+        os.execv(sys.executable, [sys.executable, *argv])
+    os.setpgid(pid, pid)
+    os.tcsetpgrp(0, pid)
+    os.write(report, f"pid {pid}\\n".encode())
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+    os.tcsetpgrp(0, os.getpgrp())
+    prompt = termios.tcgetattr(0)
+    prompt[3] &= ~(termios.ICANON | termios.ECHO)
+    termios.tcsetattr(0, termios.TCSADRAIN, prompt)
+    os.killpg(pid, signal.SIGCONT)  # bg
+    os.write(report, b"bg\\n")
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    os.write(report, f"stopped by {signal.Signals(os.WSTOPSIG(status)).name}\\n".encode())
+    os.write(report, f"shell read {os.read(0, 1)!r}\\n".encode())
+    termios.tcsetattr(0, termios.TCSADRAIN, cooked)
+    os.tcsetpgrp(0, pid)  # fg
+    os.killpg(pid, signal.SIGCONT)
+    os.write(report, b"fg\\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
+            break
+        time.sleep(0.05)
+    else:
+        os.write(report, b"still running\\n")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    os.tcsetpgrp(0, os.getpgrp())
+    os.write(report, f"modes back {termios.tcgetattr(0) == cooked}\\n".encode())
+    """
+)
+
+
+def test_up_put_in_the_background_then_foreground_still_ends_on_sigterm(tmp_path, guests):
+    """`bg` then `fg` of `up` with its console on the operator's terminal. In the background
+    the VM reads its terminal and the first key typed at the shell stops it (SIGTTIN, as any
+    program reading its terminal, QEMU included); the shell reads that key. After `fg` the VM
+    waited in read(2) for the next key: SIGTERM, a guest's power-off or `ctl suspend` did not
+    end it until a key was typed (a line, where the console stayed cooked: the SIGCONT that
+    sets raw mode again is handled on the main thread, which waited in that read)."""
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', "64M", 1, "stdio"))
+    master, terminal = os.openpty()
+    report_r, report_w = os.pipe()
+    shell = subprocess.Popen(
+        [sys.executable, "-c", BG_FG_SHELL, str(report_w), "-m", "splitvmm", "up", str(config)],
+        cwd=REPO,
+        env=env_for(tmp_path),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    out, report = bytearray(), bytearray()
+    with ending(shell, master, terminal, report_r):
+        pump_pty(master, report_r, out, report, b"count=", 30)
+        assert b"count=" in out, bytes(out[-300:])
+        pid = int(report.split(b"pid ")[1].split(b"\n")[0])
+        os.kill(pid, signal.SIGTSTP)  # `kill -TSTP` (Ctrl-Z is the guest's key in raw mode)
+        pump_pty(master, report_r, out, report, b"bg\n", 30)
+        os.write(master, b"l")  # typed at the shell's prompt
+        pump_pty(master, report_r, out, report, b"fg\n", 30)
+        os.kill(pid, signal.SIGTERM)
+        pump_pty(master, report_r, out, report, b"modes back", 60)
+    lines = report.decode().splitlines()
+    assert "stopped by SIGTTIN" in lines and "shell read b'l'" in lines, lines
+    assert "exited 143" in lines, lines  # not "still running"
+    assert "modes back True" in lines, lines
+
+
+# `(splitvmm up vm.toml <&0 &)`, or a script that starts `up` in the background with its
+# console on the terminal and exits: `up` runs in a background process group whose parent has
+# gone (orphaned, POSIX 3.266), where the kernel answers EIO to its tcsetattr() and read() of
+# the terminal instead of stopping it with SIGTTOU or SIGTTIN. The shell lives on.
+ORPHANED_SHELL = SHELL_START + textwrap.dedent(
+    """
+    argv = sys.argv[2:]
+    gone_r, gone_w = os.pipe()
+    sub = os.fork()
+    if sub == 0:
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)
+            os.close(gone_w)
+            os.read(gone_r, 1)  # EOF once the subshell has exited: the job is orphaned
+            for s in (*JOB_SIGNALS, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, signal.SIG_DFL)
+            os.execv(sys.executable, [sys.executable, *argv])
+        os.write(report, f"pid {pid}\\n".encode())
+        os._exit(0)
+    os.close(gone_r)
+    os.close(gone_w)
+    os.waitpid(sub, 0)
+    time.sleep(120)
+    """
+)
+
+
+def test_up_in_an_orphaned_background_job_runs_without_the_terminals_input(tmp_path, guests):
+    """An orphaned background job may neither set its terminal's modes nor read it (EIO):
+    `up` ended at once with a traceback (termios.error from raw mode), its guest killed. It
+    must run as with input at its end: the guest's output on the terminal, the shell's modes
+    untouched, until it is stopped."""
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', "64M", 1, "stdio"))
+    master, terminal = os.openpty()
+    modes = termios.tcgetattr(terminal)
+    report_r, report_w = os.pipe()
+    shell = subprocess.Popen(
+        [sys.executable, "-c", ORPHANED_SHELL, str(report_w), "-m", "splitvmm", "up", str(config)],
+        cwd=REPO,
+        env=env_for(tmp_path),
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        pass_fds=(report_w,),
+    )
+    os.close(report_w)
+    out, report = bytearray(), bytearray()
+    with ending(shell, master, terminal, report_r):
+        pump_pty(master, report_r, out, report, b"pid ", 30)
+        pid = int(report.split(b"pid ")[1].split(b"\n")[0])
+        pump_pty(master, report_r, out, report, b"count=", 30)
+        with contextlib.suppress(ProcessLookupError):  # (not our child: init reaps it)
+            os.kill(pid, signal.SIGTERM)
+        pump_pty(master, report_r, out, report, b"stopped by SIGTERM", 60)
+        modes_after = termios.tcgetattr(terminal)
+    assert b"Traceback" not in out, bytes(out[-1500:])
+    assert b"count=" in out and b"stopped by SIGTERM" in out, bytes(out[-300:])
+    assert modes_after == modes
