@@ -71,7 +71,6 @@ SECCOMP_ENV = "SPLITVMM_MONITOR_SECCOMP"
 # "required" (the default), or "optional": a kernel without Landlock then runs the monitor
 # without it, with a warning (an operator's environment, trusted, as SECCOMP_ENV).
 LANDLOCK_ENV = "SPLITVMM_MONITOR_LANDLOCK"
-CAP_SETPCAP = 8  # <linux/capability.h>
 # A thread that Python has joined may still be listed in /proc/self/task for a moment: join()
 # returns once the thread's Python state is gone, just before its OS thread exits (seen once
 # in a full test run with the build's pit-mode thread, monitor/machine.py).
@@ -124,12 +123,13 @@ class Confinement:
         for name in PRELOAD:
             importlib.import_module(name)
         try:
-            if held_capabilities():
+            effective, permitted, _ = confine.capabilities()
+            if permitted:
                 # Locking the securebits and emptying the bounding set need CAP_SETPCAP, which
                 # a monitor holding other capabilities may lack (root under a bounding set
                 # without it, a user given CAP_NET_ADMIN for its TAPs). Both act only at an
                 # execve, which no_new_privs and the monitor's filter rule out.
-                setpcap = bool(held_capabilities("CapEff") & 1 << CAP_SETPCAP)
+                setpcap = bool(effective >> confine.CAP_SETPCAP & 1)
                 confine.drop_capabilities(bounding=setpcap)
             confine.set_no_new_privs()
             confine.set_dumpable(False)
@@ -216,16 +216,6 @@ def policy_constants(launcher_fd: int) -> dict[str, int]:
         "SELF_PID": os.getpid(),
         "LAUNCHER_FD": launcher_fd,
     }
-
-
-def held_capabilities(field: str = "CapPrm") -> int:
-    """The permitted capability set of this thread (0 for an unprivileged process), or the
-    set `field` of /proc/thread-self/status names."""
-    with open("/proc/thread-self/status") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1], 16)
-    return 0
 
 
 def python_dirs() -> list[str]:

@@ -53,6 +53,7 @@ FUTEX_OPS: dict[str, int] = {
     )
 }
 
+CAP_SETPCAP: int = lib.CAP_SETPCAP  # what the bounding set and securebits take to change
 CAP_SETFCAP: int = lib.CAP_SETFCAP  # all a root launcher keeps (sandbox/launcher.py) ...
 CAP_SYS_ADMIN: int = lib.CAP_SYS_ADMIN  # ... but where only it may make a user namespace
 
@@ -163,7 +164,7 @@ def keep_only_capabilities(keep: frozenset[int]) -> None:
     capability that is not both permitted and inheritable): under SECBIT_NOROOT they are
     what an exec passes on. The securebits stay: SECBIT_NOROOT would take `keep` from a
     root exec. Per thread, as drop_capabilities."""
-    effective, permitted, inheritable = _capget()
+    effective, permitted, inheritable = capabilities()
     if effective >> lib.CAP_SETPCAP & 1:
         _limit_bounding_set(keep)
     mask = sum(1 << cap for cap in keep)
@@ -178,7 +179,7 @@ def _limit_bounding_set(keep: frozenset[int]) -> None:
         cap += 1
 
 
-def _capget() -> tuple[int, int, int]:
+def capabilities() -> tuple[int, int, int]:
     """This thread's (effective, permitted, inheritable) capability sets, as bit masks."""
     header, data = _cap_buffers()
     check(lib.sv_capget(header, data), "capget(0)")
