@@ -419,5 +419,6 @@ def load_model(name: str) -> type[Device]:
 
 
 def load_all_models() -> dict[str, type[Device]]:
-    """Every model with a descriptor (the policy checker, the conformance tests)."""
+    """Every model with a descriptor, each one's module imported (tests: what a zygote holds
+    once it has forked a device of every model; it imports none before: sandbox/zygote.py)."""
     return {name: load_model(name) for name in MODELS}

@@ -535,7 +535,8 @@ def run(
     Measured for the serial device exec'd (tests, `policy audit`; ~120 ms to READY):
     interpreter start ~23 ms, imports ~85 ms, setup() <1 ms, sandbox and connect ~9 ms,
     restore and READY <1 ms. Forked by the launcher's zygote (sandbox/zygote.py), the first
-    two are done before the request: ~20-30 ms from the request to READY (bench/startup.py),
+    two are done before the request (the model's own module at the first request for that
+    model, by the zygote): ~20-30 ms from the request to READY (bench/startup.py),
     ~100 ms more where the zygote rested and a new one imports first.
     The spare has done all but connecting, rlimits, seccomp and what follows."""
     # The monitor's death must take us with it (no orphan holding guest RAM).

@@ -360,8 +360,9 @@ def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:
 
 
 def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
-    """An output stream's fd: stdout, a UNIX socket, or a file (created 0600), FIFO or
-    character device, each opened through hostpath: no symlink, and no hang."""
+    """An output stream's fd: stdout (a description of our own of it where it may be opened
+    anew: _own_description), a UNIX socket, or a file (created 0600), FIFO or character
+    device, each opened through hostpath: no symlink, and no hang."""
     output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
     if output == "stdio":
         _appending_if_file(STDOUT)
