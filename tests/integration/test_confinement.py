@@ -22,6 +22,7 @@ import pytest
 
 from tests.integration.conftest import REPO, vm_toml
 from tests.integration.vmproc import VmProcess, boot_guest, comm
+from tests.setpriv import needs_setpriv, under_setpriv
 
 pytestmark = pytest.mark.kvm
 
@@ -642,40 +643,17 @@ SECUREBITS_PROBE = textwrap.dedent(
 
 def confined_caps(setpriv: list[str], uid: int = 0, probe: str = CAPS_PROBE) -> dict[str, int]:
     """The capability sets of a process confined as the monitor is, run under `setpriv`."""
-    work = Path(tempfile.mkdtemp(prefix="splitvmm-caps-"))
-    try:
-        os.chmod(work, 0o755)
-        run = work / "run" / "vm"
-        run.mkdir(parents=True)
-        for d in (run.parent, run):
-            os.chown(d, uid, uid)
-            d.chmod(0o700)
-        result = subprocess.run(
-            ["setpriv", *setpriv, sys.executable, "-c", probe, str(run)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
-    finally:
-        shutil.rmtree(work)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    caps: dict[str, int] = under_setpriv(setpriv, probe, uid, "run/vm")
+    return caps
 
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="taking capabilities away with setpriv needs root",
-)
-
-
-@needs_root
+@needs_setpriv
 def test_root_monitor_without_cap_setpcap_confines_itself_and_holds_no_capability():
     caps = confined_caps(["--bounding-set", "-setpcap"])
     assert caps == {"CapEff": 0, "CapPrm": 0, "CapAmb": 0, "CapInh": 0}
 
 
-@needs_root
+@needs_setpriv
 def test_user_monitor_given_cap_net_admin_confines_itself_and_holds_no_capability():
     caps = confined_caps(
         [
@@ -690,7 +668,7 @@ def test_user_monitor_given_cap_net_admin_confines_itself_and_holds_no_capabilit
     assert (caps["CapEff"], caps["CapPrm"], caps["CapAmb"]) == (0, 0, 0)
 
 
-@needs_root
+@needs_setpriv
 @pytest.mark.parametrize("bits", ["+noroot_locked", "+no_setuid_fixup_locked"])
 def test_root_monitor_under_a_securebit_locked_already_confines_itself(bits):
     """systemd's SecureBits=noroot-locked, a container runtime: a securebit locked by the
@@ -700,7 +678,7 @@ def test_root_monitor_under_a_securebit_locked_already_confines_itself(bits):
     assert caps == {"CapEff": 0, "CapPrm": 0, "CapAmb": 0, "CapInh": 0}
 
 
-@needs_root
+@needs_setpriv
 def test_root_monitor_confines_itself_with_every_securebit_set_and_locked():
     """PR_GET_SECUREBITS: NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE and every lock
     (KEEP_CAPS stays clear, locked): nothing the monitor could exec or setuid to regains a

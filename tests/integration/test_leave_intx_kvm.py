@@ -8,20 +8,15 @@ DS limit (unreal mode, set through KVM_SET_SREGS) to reach the IOAPIC at 0xFEC00
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from types import SimpleNamespace
-
 import pytest
 
 from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.irqroutes import intx_gsi
 from splitvmm.monitor.pci.function import PciFunctionHost
-from splitvmm.monitor.slot import SlotState
 from splitvmm.monitor.supervisor import Supervisor
 from splitvmm.native.exits import PioOut
 from splitvmm.native.kvm import IOAPIC_REDIRTBL_OFFSET, IRQCHIP_IOAPIC, VcpuFd, VmFd
-from splitvmm.protocol.models import MODELS, FdKind, PciFunction
+from splitvmm.protocol.models import PciFunction
 from tests.integration import test_native_kvm as native
 from tests.integration.test_native_kvm import (
     DEBUG_PORT,
@@ -31,9 +26,11 @@ from tests.integration.test_native_kvm import (
     loop,
     wait_until,
 )
-from tests.unit.test_machine_stop import bare_machine
+from tests.unit import test_machine_stop as machine_stop
+from tests.unit.test_machine_stop import leaving_blk0
 
 kvm, make_guest = native.kvm, native.make_guest
+blk_irq_fds = machine_stop.blk_irq_fds
 pytestmark = pytest.mark.kvm
 
 DEVICE = 1  # the dead function's PCI device number
@@ -71,35 +68,18 @@ def set_entry(vm: VmFd, pin: int, entry: int) -> None:
     vm.set_irqchip(IRQCHIP_IOAPIC, bytes(chip))
 
 
-@pytest.fixture
-def blk_fds() -> Iterator[dict[str, int]]:
-    """An eventfd for each interrupt role of a virtio-blk device (MSI-X vectors, INTx and
-    its resample fd), as devicefds.py makes them."""
-    model = MODELS["virtio-blk"]
-    kinds = (FdKind.MSIX, FdKind.INTX, FdKind.INTX_RESAMPLE)
-    fds = {r.name: os.eventfd(0, os.EFD_NONBLOCK) for r in model.fds if r.kind in kinds}
-    yield fds
-    for fd in fds.values():
-        os.close(fd)
-
-
 def test_left_device_intx_raised_while_its_pin_is_masked_is_delivered_at_unmask(
-    make_guest: MakeGuest, blk_fds: dict[str, int]
+    make_guest: MakeGuest, blk_irq_fds: dict[str, int]
 ) -> None:
     g = make_guest(loop(unmask(PIN, VECTOR | LEVEL)))
     unreal_mode(g.vcpu)
     enable_lapic(g.vcpu)
     set_entry(g.vm, PIN, VECTOR | LEVEL | MASKED)  # as Linux leaves a pin whose IRQ is disabled
-    g.vm.register_irqfd(blk_fds["intx"], PIN, resample_fd=blk_fds["intx_resample"])
+    g.vm.register_irqfd(blk_irq_fds["intx"], PIN, resample_fd=blk_irq_fds["intx_resample"])
     host = PciFunctionHost("blk0", PciFunction(bars=(), intx=True), (DEVICE, {}), Bus("mmio"), g.vm)
-    m = bare_machine()
-    m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
-    m._launcher = SimpleNamespace(exited=lambda: False)
-    m._spawns = [SimpleNamespace(name="blk0", fds=blk_fds)]
-    m.functions = {"blk0": host}
+    m, slot = leaving_blk0(blk_irq_fds, host)
     m._supervisor = supervisor = Supervisor()
     supervisor.start()
-    slot = SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.LIVE)
     try:
         assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
         wait_until(lambda: bool(g.vm.ioapic_irr() >> PIN & 1), "the dead device's INTx raised")
@@ -109,5 +89,5 @@ def test_left_device_intx_raised_while_its_pin_is_masked_is_delivered_at_unmask(
         wait_until(lambda: lapic_irr_has(g.vcpu, VECTOR), "its delivery at the unmask")
     finally:
         supervisor.close()
-        g.vm.unregister_irqfd(blk_fds["intx"], PIN)
+        g.vm.unregister_irqfd(blk_irq_fds["intx"], PIN)
     assert ex == PioOut(DEBUG_PORT, 1, b"\0")  # the guest unmasked the pin (%al is 0)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from splitvmm.protocol.models import MODELS, module_name
+
 
 def imported(code: str, names: tuple[str, ...], *flags: str) -> list[str]:
     """Which of `names` a fresh interpreter (with `flags`) has imported after running `code`."""
@@ -77,8 +79,9 @@ def test_up_imports_nothing_heavy_before_the_zygote_execs():
     assert imported(BEFORE_THE_ZYGOTE, NOT_BEFORE_THE_ZYGOTE) == []
 
 
-# What the zygote imports before it forks devices (devprocs/zygote.py main()) and what the
-# launcher serves requests with: msgspec is imported without typing_extensions, which would
+# What the zygote imports (devprocs/zygote.py main(): the device runtime before it forks
+# devices, a model's module at its first device: here every model's) and what the launcher
+# serves requests with: msgspec is imported without typing_extensions, which would
 # bring inspect, ast and dis (~12 ms of each interpreter's start: splitvmm/record.py),
 # pyseccomp without ctypes.util, which would bring shutil, bz2 and lzma (~4 ms:
 # native/seccomp.py), no pathlib, which would bring urllib.parse and ipaddress (~4 ms:
@@ -112,10 +115,10 @@ ZYGOTE_READY = (
     "import splitvmm.sandbox.zygote as z; z.serve = lambda *args: 0; "
     "import splitvmm.devprocs.zygote as m; m.exit_now = lambda code: None; m.main()"
 )
-MODEL_MODULES = tuple(
-    f"splitvmm.devprocs.{name}"
-    for name in ("serial", "rtc", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng")
-) + ("splitvmm.devprocs.virtio.pci", "splitvmm.devprocs.virtio.queue")
+MODEL_MODULES = tuple(f"splitvmm.devprocs.{module_name(model)}" for model in MODELS) + (
+    "splitvmm.devprocs.virtio.pci",
+    "splitvmm.devprocs.virtio.queue",
+)
 
 
 def test_the_zygote_imports_no_model_before_a_device_of_it_is_asked_for():

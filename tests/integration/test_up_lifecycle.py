@@ -251,7 +251,7 @@ INTERRUPTED_IN_CLICK = textwrap.dedent(
 
     def interrupted(self, ctx, name):
         # Ctrl-C as click loads the subcommand: main() forked the launcher (cli/early.py),
-        # whose zygote imports every device model meanwhile (~100 ms)
+        # whose zygote imports the device runtime meanwhile (~100 ms)
         signal.raise_signal(signal.SIGINT)
         return get_command(self, ctx, name)
 
@@ -325,10 +325,9 @@ def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_p
 
 
 # A job-control shell in a few lines, as bash does it: session leader of the terminal, runs
-# `up` as a job in its own process group in the foreground; when the job stops it takes the
-# terminal back and puts its own (cooked) modes back; then `kill %1` (SIGTERM, SIGCONT to
-# the job's process group) and it reports what became of the job on fd REPORT.
-JOB_SHELL = SHELL_START + textwrap.dedent(
+# `up` (its arguments after REPORT) as a job in its own process group in the foreground,
+# reports the job's pid, and when the job stops takes the terminal back.
+UP_STOPPED_IN_A_SHELL = SHELL_START + textwrap.dedent(
     """
     argv = sys.argv[2:]
     pid = os.fork()
@@ -344,6 +343,12 @@ JOB_SHELL = SHELL_START + textwrap.dedent(
     _, status = os.waitpid(pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status), status
     os.tcsetpgrp(0, os.getpgrp())
+    """
+)
+# The same shell then puts its own (cooked) modes back; then `kill %1` (SIGTERM, SIGCONT to
+# the job's process group) and it reports what became of the job on fd REPORT.
+JOB_SHELL = UP_STOPPED_IN_A_SHELL + textwrap.dedent(
+    """
     termios.tcsetattr(0, termios.TCSADRAIN, cooked)
     os.write(report, b"stopped\\n")
     os.killpg(pid, signal.SIGTERM)  # kill %1
@@ -370,14 +375,16 @@ JOB_SHELL = SHELL_START + textwrap.dedent(
 )
 
 
-def test_stopped_up_on_a_terminal_killed_by_its_shell_ends_with_sigterms_status(tmp_path, guests):
-    """`up` with its console on the operator's terminal, run as a job of a job-control shell: stopped (`kill -STOP`, `kill -TSTP`), then `kill %1`, which sends SIGTERM and SIGCONT to the stopped job while the shell holds the terminal. The VM must end with 143, as it does with its console on a file (test_up_lifecycle.py: test_a_stopped_vm_sent_a_stop_signal_then_sigcont_...). It stayed stopped: its SIGCONT handler (and its terminal restore at the end) set the terminal's modes from the background, and SIGTTOU stopped it again."""
+def _shell_running_up(
+    tmp_path: Path, guests: dict[str, Path], shell: str, terminal: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`shell` on `terminal`, running `up` with a counter guest whose console is stdio, the
+    terminal: the shell's process, and the read end of the pipe it reports on."""
     config = tmp_path / "vm.toml"
     config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', "64M", 1, "stdio"))
-    master, terminal = os.openpty()
     report_r, report_w = os.pipe()
     shell = subprocess.Popen(
-        [sys.executable, "-c", JOB_SHELL, str(report_w), "-m", "splitvmm", "up", str(config)],
+        [sys.executable, "-c", shell, str(report_w), "-m", "splitvmm", "up", str(config)],
         cwd=REPO,
         env=env_for(tmp_path),
         stdin=terminal,
@@ -386,11 +393,23 @@ def test_stopped_up_on_a_terminal_killed_by_its_shell_ends_with_sigterms_status(
         pass_fds=(report_w,),
     )
     os.close(report_w)
+    return shell, report_r
+
+
+def _job_pid(report: bytearray) -> int:
+    """The job's pid, as the shell reported it ("pid N")."""
+    return int(report.split(b"pid ")[1].split(b"\n")[0])
+
+
+def test_stopped_up_on_a_terminal_killed_by_its_shell_ends_with_sigterms_status(tmp_path, guests):
+    """`up` with its console on the operator's terminal, run as a job of a job-control shell: stopped (`kill -STOP`, `kill -TSTP`), then `kill %1`, which sends SIGTERM and SIGCONT to the stopped job while the shell holds the terminal. The VM must end with 143, as it does with its console on a file (test_up_lifecycle.py: test_a_stopped_vm_sent_a_stop_signal_then_sigcont_...). It stayed stopped: its SIGCONT handler (and its terminal restore at the end) set the terminal's modes from the background, and SIGTTOU stopped it again."""
+    master, terminal = os.openpty()
+    shell, report_r = _shell_running_up(tmp_path, guests, JOB_SHELL, terminal)
     out, report = bytearray(), bytearray()
     with ending(shell, master, terminal, report_r):
         pump_pty(master, report_r, out, report, b"count=", 30)
         assert b"count=" in out, bytes(out[-300:])
-        pid = int(report.split(b"pid ")[1].split(b"\n")[0])
+        pid = _job_pid(report)
         os.kill(pid, signal.SIGSTOP)
         pump_pty(master, report_r, out, report, b"raw ", 40)
     lines = report.decode().splitlines()
@@ -403,22 +422,8 @@ def test_stopped_up_on_a_terminal_killed_by_its_shell_ends_with_sigterms_status(
 # typed at the shell's prompt (its own non-canonical mode, as readline's) stops it again
 # (SIGTTIN: the VM reads its terminal), and the shell reads the key, as it would; then `fg`
 # (the terminal to the job, SIGCONT), and a `kill` from elsewhere ends the VM.
-BG_FG_SHELL = SHELL_START + textwrap.dedent(
+BG_FG_SHELL = UP_STOPPED_IN_A_SHELL + textwrap.dedent(
     """
-    argv = sys.argv[2:]
-    pid = os.fork()
-    if pid == 0:
-        os.setpgid(0, 0)
-        os.tcsetpgrp(0, os.getpgrp())
-        for s in (*JOB_SIGNALS, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_DFL)
-        os.execv(sys.executable, [sys.executable, *argv])
-    os.setpgid(pid, pid)
-    os.tcsetpgrp(0, pid)
-    os.write(report, f"pid {pid}\\n".encode())
-    _, status = os.waitpid(pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(status), status
-    os.tcsetpgrp(0, os.getpgrp())
     prompt = termios.tcgetattr(0)
     prompt[3] &= ~(termios.ICANON | termios.ECHO)
     termios.tcsetattr(0, termios.TCSADRAIN, prompt)
@@ -455,25 +460,13 @@ def test_up_put_in_the_background_then_foreground_still_ends_on_sigterm(tmp_path
     waited in read(2) for the next key: SIGTERM, a guest's power-off or `ctl suspend` did not
     end it until a key was typed (a line, where the console stayed cooked: the SIGCONT that
     sets raw mode again is handled on the main thread, which waited in that read)."""
-    config = tmp_path / "vm.toml"
-    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', "64M", 1, "stdio"))
     master, terminal = os.openpty()
-    report_r, report_w = os.pipe()
-    shell = subprocess.Popen(
-        [sys.executable, "-c", BG_FG_SHELL, str(report_w), "-m", "splitvmm", "up", str(config)],
-        cwd=REPO,
-        env=env_for(tmp_path),
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        pass_fds=(report_w,),
-    )
-    os.close(report_w)
+    shell, report_r = _shell_running_up(tmp_path, guests, BG_FG_SHELL, terminal)
     out, report = bytearray(), bytearray()
     with ending(shell, master, terminal, report_r):
         pump_pty(master, report_r, out, report, b"count=", 30)
         assert b"count=" in out, bytes(out[-300:])
-        pid = int(report.split(b"pid ")[1].split(b"\n")[0])
+        pid = _job_pid(report)
         os.kill(pid, signal.SIGTSTP)  # `kill -TSTP` (Ctrl-Z is the guest's key in raw mode)
         pump_pty(master, report_r, out, report, b"bg\n", 30)
         os.write(master, b"l")  # typed at the shell's prompt
@@ -519,25 +512,13 @@ def test_up_in_an_orphaned_background_job_runs_without_the_terminals_input(tmp_p
     `up` ended at once with a traceback (termios.error from raw mode), its guest killed. It
     must run as with input at its end: the guest's output on the terminal, the shell's modes
     untouched, until it is stopped."""
-    config = tmp_path / "vm.toml"
-    config.write_text(vm_toml(f'kernel = "{guests["counter"]}"', "64M", 1, "stdio"))
     master, terminal = os.openpty()
     modes = termios.tcgetattr(terminal)
-    report_r, report_w = os.pipe()
-    shell = subprocess.Popen(
-        [sys.executable, "-c", ORPHANED_SHELL, str(report_w), "-m", "splitvmm", "up", str(config)],
-        cwd=REPO,
-        env=env_for(tmp_path),
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        pass_fds=(report_w,),
-    )
-    os.close(report_w)
+    shell, report_r = _shell_running_up(tmp_path, guests, ORPHANED_SHELL, terminal)
     out, report = bytearray(), bytearray()
     with ending(shell, master, terminal, report_r):
         pump_pty(master, report_r, out, report, b"pid ", 30)
-        pid = int(report.split(b"pid ")[1].split(b"\n")[0])
+        pid = _job_pid(report)
         pump_pty(master, report_r, out, report, b"count=", 30)
         with contextlib.suppress(ProcessLookupError):  # (not our child: init reaps it)
             os.kill(pid, signal.SIGTERM)

@@ -11,11 +11,9 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ import pytest
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
+from splitvmm.native.confine import CAP_SETFCAP
 from splitvmm.protocol import spec as spec_module
 from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
@@ -36,6 +35,7 @@ from splitvmm.sandbox.launcher import CHUNK, MAX_MESSAGE, LaunchedProcess, Launc
 from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
 from splitvmm.sandbox.spawn import readable
 from tests.sandbox.harness import REPO
+from tests.setpriv import needs_setpriv, under_setpriv
 
 pytestmark = pytest.mark.sandbox
 T = TypeVar("T")
@@ -332,12 +332,9 @@ from pathlib import Path
 from splitvmm.monitor.channel import DeviceChannel
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.launcher import Launcher
+from tests.sandbox.test_launcher import capabilities, children_of
 def caps(pid):
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    fields = dict(line.split(":", 1) for line in lines)
-    return {k: int(fields[k], 16) for k in ("CapEff", "CapPrm", "CapInh", "CapAmb")}
-def children(pid):
-    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    return capabilities(pid, ("CapEff", "CapPrm", "CapInh", "CapAmb"))
 rundir = sys.argv[1]
 launcher = Launcher.start(Path(rundir))
 fds = {"irq": os.eventfd(0, os.EFD_CLOEXEC), "out": os.pipe2(os.O_CLOEXEC)[1]}
@@ -346,8 +343,8 @@ process, listener = launcher.spawn(spec)
 channel = DeviceChannel("serial", spec.channel, listener)
 try:
     channel.wait_ready(process)
-    (zygote,) = children(launcher.pid) - {process.pid}
-    (device,) = children(process.pid)
+    (zygote,) = children_of(launcher.pid) - {process.pid}
+    (device,) = children_of(process.pid)
     print(json.dumps({name: caps(pid) for name, pid in (("launcher", launcher.pid),
         ("zygote", zygote), ("warden", process.pid), ("device", device))}))
 finally:
@@ -358,31 +355,14 @@ finally:
 """
 
 
-def caps_under_setpriv(setpriv: list[str], uid: int) -> dict[str, dict[str, int]]:
-    """USER_CAPS_PROBE's answer, run under `setpriv` with a runtime dir of `uid`'s."""
-    work = Path(tempfile.mkdtemp(prefix="splitvmm-launcher-caps-"))
-    try:
-        os.chmod(work, 0o755)
-        rundir = work / "run"
-        rundir.mkdir(mode=0o700)
-        os.chown(rundir, uid, uid)
-        result = subprocess.run(
-            ["setpriv", *setpriv, sys.executable, "-c", USER_CAPS_PROBE, str(rundir)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        shutil.rmtree(work)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+CAP_SETS = ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb")
 
 
-needs_setpriv = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="running the launcher under setpriv with other capabilities needs root",
-)
+def capabilities(pid: int, sets: tuple[str, ...] = CAP_SETS) -> dict[str, int]:
+    """The capability `sets` of process `pid`, from its /proc status."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines)
+    return {k: int(fields[k], 16) for k in sets}
 
 
 @needs_setpriv
@@ -394,18 +374,9 @@ def test_launcher_of_a_user_given_cap_net_admin_and_its_zygote_hold_no_capabilit
     namespace without one)."""
     setpriv = ["--reuid=65534", "--regid=65534", "--clear-groups",
                "--inh-caps=+net_admin", "--ambient-caps=+net_admin"]  # fmt: skip
-    caps = caps_under_setpriv(setpriv, 65534)
+    caps = under_setpriv(setpriv, USER_CAPS_PROBE, 65534, "run")
     none = {"CapEff": 0, "CapPrm": 0, "CapInh": 0, "CapAmb": 0}
     assert caps == dict.fromkeys(("launcher", "zygote", "warden", "device"), none)
-
-
-CAP_SETFCAP = 31  # <linux/capability.h>
-
-
-def capabilities(pid: int) -> dict[str, int]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    fields = dict(line.split(":", 1) for line in lines)
-    return {k: int(fields[k], 16) for k in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb")}
 
 
 @pytest.mark.parametrize(
@@ -460,7 +431,7 @@ def test_root_launcher_under_securebit_noroot_passes_an_ambient_cap_setfcap_on_a
     zygote without it starts no device); every other capability still goes."""
     setpriv = ["--securebits=+noroot", "--inh-caps=+setfcap,+net_admin",
                "--ambient-caps=+setfcap,+net_admin"]  # fmt: skip
-    caps = caps_under_setpriv(setpriv, 0)
+    caps = under_setpriv(setpriv, USER_CAPS_PROBE, 0, "run")
     setfcap = dict.fromkeys(("CapEff", "CapPrm", "CapInh", "CapAmb"), 1 << CAP_SETFCAP)
     none = dict.fromkeys(setfcap, 0)
     assert caps == {"launcher": setfcap, "zygote": setfcap, "warden": none, "device": none}

@@ -21,13 +21,14 @@ from splitvmm.monitor import machine as machine_module
 from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
+from splitvmm.monitor.pci.function import PciFunctionHost
 from splitvmm.monitor.slot import SlotState
 from splitvmm.protocol.models import MODELS, FdKind
 from splitvmm.protocol.spec import MAX_DEVICES
 from splitvmm.sandbox.launcher_start import LauncherError
 from splitvmm.sandbox.spawn import readable
 from splitvmm.snapshot import SnapshotError
-from tests.unit.test_pci_function import Function
+from tests.unit.test_pci_function import COMMAND_INTX_DISABLE, COMMAND_MEMORY, Function
 
 
 def bare_machine() -> Machine:
@@ -253,16 +254,22 @@ def blk_irq_fds() -> Iterator[dict[str, int]]:
             os.close(fd)
 
 
+def leaving_blk0(fds: dict[str, int], host: PciFunctionHost) -> tuple[Machine, SimpleNamespace]:
+    """A machine whose device blk0 (on_crash = "leave"), its function's host `host`, holds
+    `fds`; and blk0's slot, serving: what _device_failed() is given when blk0 dies."""
+    m = bare_machine()
+    m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
+    m._launcher = SimpleNamespace(exited=lambda: False)
+    m._spawns = [SimpleNamespace(name="blk0", fds=fds)]
+    m.functions = {"blk0": host}
+    return m, SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.LIVE)
+
+
 def test_a_device_left_dead_raises_each_of_its_interrupts_once(blk_irq_fds):
     """on_crash = "leave": every MSI-X vector and the INTx line of the dead device fire, so
     that a driver waiting for an interrupt looks, and finds it failed (status all-ones); a
     polling guest notices only at its own timeout, so no guest test can pin this."""
-    m = bare_machine()
-    m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
-    m._launcher = SimpleNamespace(exited=lambda: False)
-    m._spawns = [SimpleNamespace(name="blk0", fds=blk_irq_fds)]
-    m.functions = {"blk0": Function().host}
-    slot = SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.LIVE)
+    m, slot = leaving_blk0(blk_irq_fds, Function().host)
 
     assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
     lines = {n: fd for n, fd in blk_irq_fds.items() if n != "intx_resample"}
@@ -275,14 +282,9 @@ def test_a_device_left_dead_raises_no_intx_while_its_guest_has_it_disabled(blk_i
     Linux sets whenever it uses MSI-X. Its pin (16 + device % 8) may be another device's,
     whose driver took the dead one's interrupt, and now would again at every EOI until
     the dead one is read (the monitor holds the line: pci/intx.py)."""
-    m = bare_machine()
-    m._device_cfg = {"blk0": SimpleNamespace(on_crash="leave")}
-    m._launcher = SimpleNamespace(exited=lambda: False)
-    m._spawns = [SimpleNamespace(name="blk0", fds=blk_irq_fds)]
     f = Function()
-    f.config_write(4, (0x0406).to_bytes(2, "little"))  # memory, bus master, INTx disabled
-    m.functions = {"blk0": f.host}
-    slot = SimpleNamespace(name="blk0", model="virtio-blk", state=SlotState.LIVE)
+    f.config_write(4, (COMMAND_MEMORY | COMMAND_INTX_DISABLE).to_bytes(2, "little"))
+    m, slot = leaving_blk0(blk_irq_fds, f.host)
 
     assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
     assert (readable(blk_irq_fds["msix0"], 0), readable(blk_irq_fds["intx"], 0)) == (True, False)

@@ -610,18 +610,23 @@ def test_hostile_suite_has_fifty_distinct_attacks():
     assert len(CASES) >= 50
 
 
-@pytest.mark.parametrize("command", ["up", "restore"])
-def test_restore_of_a_missing_directory_names_it(tmp_path, env, monkeypatch, command):
+def restoring(command: str, snapshot: Path, tmp_path: Path, env: Env) -> list[str]:
+    """The arguments of `up vm.toml --restore SNAPSHOT`, an operator's config written in
+    `tmp_path`, or of `restore SNAPSHOT`."""
     cfg = tmp_path / "vm.toml"
     cfg.write_text(OPERATOR_CONFIG.format(output=env.oplog))
-    missing = tmp_path / "no-such-snapshot"
-    args = (
-        ["up", str(cfg), "--restore", str(missing)]
+    return (
+        ["up", str(cfg), "--restore", str(snapshot)]
         if command == "up"
-        else ["restore", str(missing)]
+        else ["restore", str(snapshot)]
     )
 
-    result, _ = invoke(monkeypatch, args)
+
+@pytest.mark.parametrize("command", ["up", "restore"])
+def test_restore_of_a_missing_directory_names_it(tmp_path, env, monkeypatch, command):
+    missing = tmp_path / "no-such-snapshot"
+
+    result, _ = invoke(monkeypatch, restoring(command, missing, tmp_path, env))
 
     assert_refused_cleanly(result, f"snapshot {missing}: does not exist")
 
@@ -631,17 +636,10 @@ def test_restore_of_a_file_not_a_directory_names_it(tmp_path, env, monkeypatch, 
     """Judged by the reader, as a missing one is: click's usage error exited 2, which `up`
     does not document, and named no snapshot (a non-root user's unreadable snapshot
     directory was refused the same way, by click's own readability check)."""
-    cfg = tmp_path / "vm.toml"
-    cfg.write_text(OPERATOR_CONFIG.format(output=env.oplog))
     not_dir = tmp_path / "snap.tar"
     not_dir.write_bytes(b"")
-    args = (
-        ["up", str(cfg), "--restore", str(not_dir)]
-        if command == "up"
-        else ["restore", str(not_dir)]
-    )
 
-    result, _ = invoke(monkeypatch, args)
+    result, _ = invoke(monkeypatch, restoring(command, not_dir, tmp_path, env))
 
     assert_refused_cleanly(result, f"snapshot {not_dir}: not a directory")
 

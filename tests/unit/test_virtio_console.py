@@ -30,7 +30,6 @@ from splitvmm.errors import StateError
 from splitvmm.fdline import FdLine
 from splitvmm.protocol import codec, wire
 from splitvmm.protocol.models import MODELS, FdKind
-from splitvmm.record import replace
 from tests.fakes import channel_pair
 from tests.virtio.support import (
     ACK,
@@ -48,6 +47,7 @@ from tests.virtio.support import (
     Ring,
     close_fds,
     nothing_waits,
+    queue_at,
     replaying,
     signalled,
 )
@@ -648,12 +648,8 @@ def console_at(host: Host, ctx: Any, start: int) -> tuple[VirtioConsole, Driver,
     fresh = VirtioConsole(host.context(Line()))
     _, rx, _ = started(fresh)
     fresh.quiesce()
-    rx.ram.write(rx.avail + 2, struct.pack("<H", start))  # type: ignore[attr-defined]
-    rx.ram.write(rx.used + 2, struct.pack("<H", start))  # type: ignore[attr-defined]
-    rx.avail_idx = rx.seen_used = start
-    saved = fresh.save()
-    queues = (replace(saved.queues[0], last_avail=start, used_idx=start), saved.queues[1])
-    dev = VirtioConsole.restore(ctx, replace(saved, queues=queues))
+    rx.skip_to(start)
+    dev = VirtioConsole.restore(ctx, queue_at(fresh.save(), 0, start))
     tx = Ring(dev.ram, base=TX_BASE)
     tx.heap = TX_HEAP
     return dev, Driver(dev), rx, tx
@@ -832,12 +828,8 @@ def test_virtio_console_restart_across_the_used_idx_wrap_sends_each_byte_once(fi
     fresh = Process(file_host.context(Line()))
     _, _, tx = started(fresh.dev)
     fresh.dev.quiesce()
-    tx.ram.write(tx.avail + 2, struct.pack("<H", 0xFFFE))  # type: ignore[attr-defined]
-    tx.ram.write(tx.used + 2, struct.pack("<H", 0xFFFE))  # type: ignore[attr-defined]
-    tx.avail_idx = tx.seen_used = 0xFFFE
-    saved = fresh.dev.save()
-    queues = (saved.queues[0], replace(saved.queues[1], last_avail=0xFFFE, used_idx=0xFFFE))
-    first = Process(file_host.context(Line()), replace(saved, queues=queues))  # a VM restored
+    tx.skip_to(0xFFFE)
+    first = Process(file_host.context(Line()), queue_at(fresh.dev.save(), 1, 0xFFFE))  # restored
     driver = Driver(first.dev)
     transmit(tx, b"first\n")
     driver.kick(1)  # used idx 0xFFFF

@@ -38,6 +38,7 @@ from tests.virtio.support import (
     host_fds,
     iter_caps,
     prepared,
+    queue_at,
     replaying,
     serve_ready,
     signalled,
@@ -863,12 +864,10 @@ def near_the_wrap(dev: VirtioRng, ring: Ring, idx: int) -> VirtioRng:
     served and seen (mod 2^16), its used ring and the driver's rings saying so: a queue
     near 65536, which no driver gets to in a unit test's time."""
     dev.quiesce()
-    for gpa in (ring.avail + 2, ring.used + 2, ring.used + 4 + 8 * ring.size):  # avail_event
-        ring.ram.write(gpa, struct.pack("<H", idx))  # type: ignore[attr-defined]
-    ring.avail_idx = ring.seen_used = idx
-    state = dev.save()
-    state = replace(state, queues=(replace(state.queues[0], last_avail=idx, used_idx=idx),))
-    restored = VirtioRng.restore(prepared("virtio-rng", dev.ctx.fds), state)
+    ring.skip_to(idx)
+    avail_event = ring.used + 4 + 8 * ring.size
+    ring.ram.write(avail_event, struct.pack("<H", idx))  # type: ignore[attr-defined]
+    restored = VirtioRng.restore(prepared("virtio-rng", dev.ctx.fds), queue_at(dev.save(), 0, idx))
     restored.clock_ns = SteppingClock(step=1_000)  # type: ignore[method-assign]
     return restored
 
