@@ -95,6 +95,13 @@ CPython writes reference counts), the launcher ~8.
 now resident against resident (see the top). --runs 1, quiet: serial 42.1 MiB PSS, 45.0
 resident against QEMU's 32.5 (1.39x; the old measure read 1.30x); 5 devices 56.8 PSS, 59.4
 resident against 34.1 (1.74x; old 1.67x).
+
+2026-12-06: the zygote imports the models the VM has (the launcher's configure names them),
+before its first fork. --runs 1, same session: serial 45.8 -> 44.9 MiB resident (1.40x ->
+1.37x QEMU's RSS), 5 devices 60.9 -> 60.8 (1.79x). A first version imported each model at
+its first fork instead: 5 devices then read 62.5 (1.83x), the devices' PSS 35.3 against 34.0,
+as a later model's import wrote the zygote's heap between forks and the devices forked
+before and after it shared fewer pages.
 """
 
 from __future__ import annotations

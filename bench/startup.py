@@ -267,6 +267,13 @@ ms (QEMU 83.0, 92.2: 2.50x, 2.32x) against 211.6 and 208.9 (QEMU 86.2, 87.4: 2.4
 "device launch requests" 27.0 and 24.4 ms against 38.5 and 29.6, the serial device's span
 (request to READY) 34.1 and 27.8 against 42.2 and 35.3; this hour's noise (QEMU itself moved
 83-92 ms) hides the rest of the gain from a median of 7. Goal (2x) not met.
+
+2026-12-06: the zygote imports the models the VM has, not every one (the launcher's configure
+names them; sandbox/zygote.py). 30 alternating pairs of `up --timings` on this guest (serial
++ rtc) against the tree before, to the vCPUs: paired median -2.6 ms, and -1.3 ms in a second
+round, in a noisy hour. This bench, --runs 9, quiet, same session: 115.1 ms against QEMU's
+60.6 (1.90x; CPU 177.5 ms), and 120.8 / 63.0 (1.92x) in an earlier run. Within 2x in quiet
+runs; the host's load moves it by more than this change did.
 """
 
 from __future__ import annotations

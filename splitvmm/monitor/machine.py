@@ -191,7 +191,7 @@ class Machine:
         if self._launcher is None:
             self._launcher = Launcher.start()
         self._closables.append(self.launcher)
-        self.launcher.configure(self.rundir.path)
+        self.launcher.configure(self.rundir.path, [dev.model for dev in cfg.devices])
         timings.mark("launcher configure sent")
         if self.stopping:
             return

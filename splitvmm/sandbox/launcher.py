@@ -100,7 +100,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from splitvmm.errors import DeviceFailure, clip
@@ -213,8 +213,10 @@ class Launcher:
             launcher.configure(channel_dir)
         return launcher
 
-    def configure(self, channel_dir: Path) -> None:
-        """Fix the runtime dir where the devices' channels are made (once). This sends the
+    def configure(self, channel_dir: Path, models: Sequence[str] = ()) -> None:
+        """Fix the runtime dir where the devices' channels are made (once), and say which
+        device `models` the VM has: its zygotes import those before their first fork
+        (sandbox/zygote.py), and no other. This sends the
         request and returns: its reply is taken by the next request, which fails with the
         launcher's words (DeviceFailure) if it was refused. The launcher imports what it
         serves requests with (~15-30 ms: sandbox/launcher_start.py) once its zygote is ready
@@ -222,7 +224,8 @@ class Launcher:
         VM meanwhile (a restore: its RAM too)."""
         with self._spawn_lock:
             self._take_unanswered()
-            self._send({"op": "configure"}, str(channel_dir).encode(), [])
+            header: dict[str, object] = {"op": "configure", "models": sorted(set(models))}
+            self._send(header, str(channel_dir).encode(), [])
             self._unanswered = True
 
     def check_configured(self) -> None:

@@ -5,11 +5,11 @@ interpreter and importing its modules (devprocs/runtime.py run()), and each hold
 its own ~20 MiB copy of them. The zygote starts with the VM, as early as `up` can
 start it (the launcher execs it while the monitor still imports), imports what every
 device runs on, freezes what it imported (gc.freeze: a collection in a child never
-writes to those pages, so they stay shared) and then forks one child per device. A
-model's own module it imports at the first request for that model, and freezes it too,
-so that the next device of the model (a spare, a restart) shares it: a VM pays for the
-models it has, not every one (a serial VM's start-up ~1-3 ms less on the zygote's way
-to its first device, and ~0.7 MiB less resident: bench/startup.py, bench/memory.py).
+writes to those pages, so they stay shared) and then forks one child per device. The
+models' own modules it imports as the launcher names the VM's (before its first fork, so
+that every device of the VM shares the same pages) and freezes them too: a VM pays for the
+models it has, not every one (a serial VM's start-up ~1-3 ms less on the zygote's way to
+its first device, and ~0.9 MiB less resident: bench/startup.py, bench/memory.py).
 
 Its life. Once a VM's devices and their warm spares have started and no restart came for a
 while (monitor/machine.py ZYGOTE_IDLE_S), the monitor lets the launcher end it (the rest
@@ -38,11 +38,15 @@ checks that its parent is the launcher (devprocs/runtime.py run()).
 Over a SOCK_SEQPACKET socketpair with the launcher:
 
     zygote -> launcher   ready                          once, after its imports
+    launcher -> zygote   load MODEL...                  the VM's models, no reply
     launcher -> zygote   fork MODEL + fds [stdin, stderr, fd 3, fd 4, ...]
     zygote -> launcher   {"pid": N} | {"error": "..."}  one of the two per fork
 
-MODEL is the device's model (protocol/models.py), checked by the launcher with its spec;
-the zygote imports it (and refuses a name it has no model of) before it forks.
+MODEL is a device model (protocol/models.py), checked by the launcher (the VM's, from the
+monitor's configure request; a device's, with its spec). The zygote imports the VM's models
+as it is told them, before its first fork, so that all its devices share the same pages; a
+fork imports its own model if that was not among them (and refuses a name it has no model
+of).
 
 In the device the first fd becomes stdin, the second fd 2 (the launcher's pipe that relays
 a device's stderr to the operator's: sandbox/relay.py) and the others fds 3, 4, ... in the
@@ -134,6 +138,17 @@ class Zygote:
         finally:
             theirs.close()
         return cls(ours, process)
+
+    def load(self, models: Sequence[str]) -> None:
+        """Have it import `models` (the VM's) before the next fork; no reply (a model it cannot
+        import is the error of a fork of it). Sent while it may still be importing its own
+        modules: it reads its requests in order once it is ready."""
+        if not models:
+            return
+        try:
+            self._sock.send(b"load " + " ".join(models).encode())
+        except OSError:
+            pass  # it has ended: the next fork says so, and the launcher starts another
 
     def fork(self, model: str, stdin: int, stderr: int, fds: Sequence[int]) -> int:
         """A device process of `model` with `stdin` as fd 0, `stderr` as fd 2 and `fds` as
@@ -250,6 +265,10 @@ def _serve_requests(
         try:
             cut = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
             verb, _, model = data.partition(b" ")
+            if verb == b"load" and model.isascii() and not fds and not cut:
+                for name in model.decode().split():
+                    _loaded(load_model, name)  # a failure is the fork's of that model
+                continue  # no reply
             if verb != b"fork" or not model.isascii() or cut or len(fds) < 2:
                 reply: dict[str, object] = {"error": "a request is not fork MODEL with its fds"}
             elif (problem := _loaded(load_model, model.decode())) is not None:

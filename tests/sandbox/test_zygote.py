@@ -143,6 +143,30 @@ def test_zygote_loads_each_model_before_it_forks_a_device_of_it():
     assert as_launcher(body) == [["serial"], ["serial", "rtc"]]
 
 
+def test_zygote_loads_the_vms_models_before_its_first_fork():
+    """The launcher tells a zygote the VM's models (its configure request): imported before
+    the first fork, so that every device of the VM shares the same pages; one it cannot
+    import is the error of a fork of it, not of the others."""
+
+    def body() -> object:
+        zygote = Zygote.start({}, PROBE)
+        try:
+            zygote.load(["serial", "no-such-model", "virtio-blk"])
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+            stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+            pid = zygote.fork("serial", stdin_r, 2, [report_w])
+            for fd in (stdin_r, report_w, stdin_w):
+                os.close(fd)
+            with os.fdopen(report_r, "rb") as f:
+                loaded = json.loads(f.readline())["loaded"]
+            os.waitpid(pid, 0)
+        finally:
+            zygote.close()
+        return loaded
+
+    assert as_launcher(body) == ["serial", "virtio-blk"]
+
+
 def test_zygote_refuses_a_model_it_cannot_load_naming_it():
     def body() -> object:
         zygote = Zygote.start({}, PROBE)

@@ -14,7 +14,22 @@ def header(**msg: object) -> bytes:
 
 
 def test_rest_request_carries_nothing():
-    assert _decode_header(header(op="rest", id=3, size=0)) == ("rest", 3, 0, None)
+    assert _decode_header(header(op="rest", id=3, size=0)) == ("rest", 3, 0, None, [])
+
+
+def test_configure_request_names_the_vms_models_each_once():
+    data = header(op="configure", id=1, size=9, models=["serial", "virtio-blk", "serial"])
+
+    assert _decode_header(data) == ("configure", 1, 9, None, ["serial", "virtio-blk"])
+
+
+@pytest.mark.parametrize(
+    "models", [["serial", "no-such-model"], "serial", [["serial"]], None], ids=repr
+)
+def test_configure_request_with_models_the_launcher_has_not_is_refused(models):
+    """The names go to the zygote, which imports each: only models the launcher starts."""
+    with pytest.raises(Refused, match="a configure request's models must be among"):
+        _decode_header(header(op="configure", id=1, size=9, models=models))
 
 
 @pytest.mark.parametrize("size", [1, MAX_SPEC])
@@ -26,8 +41,9 @@ def test_rest_request_with_a_payload_is_refused(size):
 @pytest.mark.parametrize("op", ["spawn", "configure"])
 @pytest.mark.parametrize("size", [0, MAX_SPEC + 1])
 def test_a_request_with_a_spec_outside_its_bounds_is_refused(op, size):
+    models = {"models": []} if op == "configure" else {}
     with pytest.raises(Refused, match=f"spec must be 1 to {MAX_SPEC} bytes"):
-        _decode_header(header(op=op, id=1, size=size))
+        _decode_header(header(op=op, id=1, size=size, **models))
 
 
 @pytest.mark.parametrize(
