@@ -24,10 +24,14 @@ log = logging.getLogger("splitvmm.fdline")
 class FdLine:
     """A non-blocking writer on an inherited fd. Built before the sandbox: it may reopen."""
 
-    def __init__(self, fd: int, shared: bool = False, own_only: bool = False) -> None:
+    def __init__(
+        self, fd: int, shared: bool = False, own_only: bool = False, reopened: bool = False
+    ) -> None:
         """`shared`: a regular file another device writes too, whose growth the monitor
         does not count (protocol/models.py OUTPUT_SHARED). `own_only`: a pipe, terminal or
-        device that cannot be reopened is an OSError, not made non-blocking as shared."""
+        device that cannot be reopened is an OSError, not made non-blocking as shared.
+        `reopened`: `fd` is such a description of our own already, opened non-blocking while
+        we could (sandbox/launcher_start.py)."""
         self.fd = fd
         self._sock: socket.socket | None = None
         mode = os.fstat(fd).st_mode
@@ -37,7 +41,7 @@ class FdLine:
         self.counted = self.whole_writes and not shared  # BoundedOutput.counted
         if stat.S_ISSOCK(mode):
             self._sock = socket.socket(fileno=fd)  # for send(MSG_DONTWAIT); kept for our life
-        elif not stat.S_ISREG(mode):
+        elif not stat.S_ISREG(mode) and not reopened:
             _own_nonblocking_description(fd, own_only)
 
     def send(self, data: memoryview) -> int:

@@ -61,10 +61,11 @@ class StderrLines:
     (StderrLog) and the launcher's lines, its own and those it relays from the devices
     (sandbox/launcher_server.py)."""
 
-    def __init__(self, fd: int = 2, kind: str = "log") -> None:
+    def __init__(self, fd: int = 2, kind: str = "log", own: int | None = None) -> None:
         """Where a pipe's or terminal's own description may be opened through /proc/self/fd:
         in the monitor before it confines itself (its Landlock domain does not grant it).
-        `kind` names these lines where the dropped ones are said."""
+        `kind` names these lines where the dropped ones are said. `own`: such a description
+        of `fd`'s file, non-blocking, opened earlier by a process that could (ours now)."""
         self._kind = kind
         self._rest = b""  # of lines stderr took part of: what it has not taken yet
         self.dropped = 0  # lines stderr took none of, not yet said
@@ -79,6 +80,9 @@ class StderrLines:
             return
         if os.isatty(fd):
             self._newline = "\r\n"
+        if own is not None:
+            self._line = FdLine(own, reopened=True)
+            return
         own = os.dup(fd)
         try:
             self._line = FdLine(own, own_only=True)

@@ -38,14 +38,17 @@ class Refused(Exception):
     """A request the launcher does not carry out; str() says why, naming the device."""
 
 
-def serve(sock: socket.socket, zygote: Zygote) -> None:
-    """The launcher's loop (sandbox/launcher_start.py _launcher_main set the process up)."""
-    _Server(sock, zygote).serve()
+def serve(sock: socket.socket, zygote: Zygote, stderr: int | None = None) -> None:
+    """The launcher's loop (sandbox/launcher_start.py _launcher_main set the process up).
+    `stderr`: a non-blocking description of our own of fd 2's terminal or pipe, if one was
+    made (stderrlog.py StderrLines: own)."""
+    _Server(sock, zygote, stderr).serve()
 
 
 class _Server:
-    def __init__(self, sock: socket.socket, zygote: Zygote) -> None:
+    def __init__(self, sock: socket.socket, zygote: Zygote, stderr: int | None = None) -> None:
         self.sock = sock
+        self._own_stderr = stderr
         # None while it rests (a rest request: the monitor expects no spawn for now); the
         # next spawn starts a new one (_live_zygote).
         self.zygote: Zygote | None = zygote
@@ -139,7 +142,7 @@ class _Server:
         if self._stderr_lines is None:
             from splitvmm.stderrlog import StderrLines
 
-            self._stderr_lines = StderrLines(2, "launcher")
+            self._stderr_lines = StderrLines(2, "launcher", own=self._own_stderr)
         return self._stderr_lines
 
     def _spawn(self, spec: DeviceSpec) -> tuple[ChildProcess, int]:

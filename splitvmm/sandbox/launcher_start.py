@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -80,6 +81,7 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     signal.set_wakeup_fd(-1)  # a monitor's (machine.py), forked after its build began: not ours
     _keep_only_fds(sock_fd)
     confine.set_no_new_privs()
+    stderr = _own_stderr()  # while we may still open it
     try:
         _narrow_capabilities()
     except LauncherError as e:  # one line, not a traceback
@@ -104,8 +106,31 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     waiting.poll()
     from splitvmm.sandbox import launcher_server
 
-    launcher_server.serve(sock, zygote)
+    launcher_server.serve(sock, zygote, stderr)
     return 0
+
+
+def _own_stderr() -> int | None:
+    """A non-blocking description of our own of the terminal or pipe behind stderr, for our
+    lines and those we relay from the devices, which must never wait for it (stderrlog.py).
+    Opened here, before a root launcher gives up CAP_DAC_OVERRIDE: the terminal of a user
+    who ran `sudo splitvmm up` in it (0620, theirs) is one it could not open anew later, and
+    its lines then waited on the description it shares with the operator's shell. None for
+    a regular file or a socket (written without one), no stderr, or one we cannot open."""
+    from splitvmm.native import files
+
+    try:
+        mode = os.fstat(2).st_mode
+    except OSError:
+        return None
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return None
+    own = os.dup(2)
+    if files.reopen_write_only(own, os.O_NONBLOCK | os.O_CLOEXEC) is not None:
+        os.close(own)
+        return None
+    os.set_inheritable(own, False)  # reopen_write_only's dup2 made it inheritable
+    return own
 
 
 def _narrow_capabilities() -> None:

@@ -974,3 +974,54 @@ def test_root_launchers_device_on_a_users_terminal_leaves_the_shells_description
         os.close(master)
         os.close(terminal)
     assert not flags & os.O_NONBLOCK
+
+
+# A launcher started with the pty given as its stderr (its fd 2, as the monitor's): prints its
+# pid, then holds it until its stdin ends.
+STDERR_PROBE = """
+import sys
+from pathlib import Path
+from splitvmm.sandbox.launcher import Launcher
+launcher = Launcher.start(Path(sys.argv[1]))
+launcher.check_configured()
+print(launcher.pid, flush=True)
+sys.stdin.read()
+launcher.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root launcher's capabilities need root")
+def test_root_launcher_on_a_users_terminal_has_a_description_of_its_own_to_write_to(rundir):
+    """`sudo splitvmm up` in a user's terminal: the launcher's lines (its own, the devices'
+    it relays) must never wait for the terminal (stderrlog.py), so they go through a
+    non-blocking description of its own. It made that at its first line, once it held
+    CAP_SETFCAP alone and could no longer open the user's 0620 pty: its lines then waited on
+    the description it shares with the operator's shell. It is made before it narrows."""
+    master, terminal = os.openpty()
+    os.fchown(terminal, 65534, 65534)
+    os.fchmod(terminal, 0o620)
+    pty = os.ttyname(terminal)
+    probe = subprocess.Popen(
+        [sys.executable, "-c", STDERR_PROBE, str(rundir)],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    )
+    try:
+        assert probe.stdout is not None
+        pid = int(probe.stdout.readline())
+        held = {}
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == pty:
+                    info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+                    flags = next(int(line.split()[1], 8) for line in info if "flags:" in line)
+                    held[int(fd)] = bool(flags & os.O_NONBLOCK)
+    finally:
+        probe.communicate(timeout=30)
+        os.close(master)
+        os.close(terminal)
+    own = [fd for fd, nonblocking in held.items() if fd != 2 and nonblocking]
+    assert (held.get(2), len(own)) == (False, 1), held

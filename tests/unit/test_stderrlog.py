@@ -97,6 +97,26 @@ def test_stderr_lines_full_pipe_drops_each_line_of_a_write_and_says_how_many(pip
     lines.close()
 
 
+def test_stderr_lines_given_a_description_of_their_own_write_through_it_and_never_wait(pipe):
+    """A root launcher opens its own before it gives up what may open the operator's
+    terminal (sandbox/launcher_start.py): the lines go through it, never blocking, and the
+    description it shares with the operator's shell stays blocking."""
+    r, w = pipe
+    own = os.open(f"/proc/self/fd/{w}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    lines = StderrLines(w, "launcher", own=own)
+    fill(w)
+    lines.write(["splitvmm: launcher: dropped"])  # returns at once: the pipe is full
+    drain(r)
+
+    lines.write(["splitvmm: launcher: back"])
+
+    assert drain(r) == (
+        b"splitvmm: 1 launcher line dropped: stderr was not taking them\nsplitvmm: launcher: back\n"
+    )
+    assert not fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK
+    lines.close()
+
+
 def test_stderr_log_short_write_sends_the_rest_before_the_next_line(pipe):
     r, w = pipe
     log = StderrLog(w)
