@@ -121,10 +121,12 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
 
 
 def _launcher_fd_kinds(wardens: list[int]) -> list[str]:
-    """/dev/null, stderr, its socket to the monitor (its zygote's went with the zygote), its
-    SIGCHLD wake-up pipe, and a pidfd and a stderr pipe (sandbox/relay.py) per device."""
+    """/dev/null, stderr (a pipe here: vmproc.py) and its own description of that pipe for
+    its lines (sandbox/launcher_start.py _own_stderr), its socket to the monitor (its
+    zygote's went with the zygote), its SIGCHLD wake-up pipe, and a pidfd and a stderr pipe
+    (sandbox/relay.py) per device."""
     return sorted(
-        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * (2 + len(wardens)) + ["socket"]
+        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * (3 + len(wardens)) + ["socket"]
     )
 
 

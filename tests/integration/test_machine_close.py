@@ -212,7 +212,7 @@ class FakeLauncher:
     def close(self) -> None:
         self.closed += 1
 
-    def configure(self, path: Path) -> None:
+    def configure(self, path: Path, models: object = ()) -> None:
         raise AssertionError("configured without a runtime dir")
 
 

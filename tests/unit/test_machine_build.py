@@ -16,7 +16,7 @@ from tests.unit.images import make_bzimage
 
 
 class UnusedLauncher:
-    def configure(self, rundir: object) -> None:
+    def configure(self, rundir: object, models: object = ()) -> None:
         raise AssertionError("the launcher was asked for the VM")
 
     def close(self) -> None:
@@ -41,7 +41,7 @@ def test_build_control_socket_path_too_long_fails_before_the_launcher_is_used(tm
 
 
 class IdleLauncher(UnusedLauncher):
-    def configure(self, rundir: object) -> None:
+    def configure(self, rundir: object, models: object = ()) -> None:
         pass
 
 
