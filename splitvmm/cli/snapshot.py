@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 from rich.text import Text
 
-from splitvmm.cli.up import SNAPSHOT_DIR
+from splitvmm.cli.up import KEY_FILE, SNAPSHOT_DIR
 from splitvmm.errors import escaped
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot.reader import format_size
@@ -100,7 +100,7 @@ def verify_with_progress(snap: Snapshot) -> None:
 @click.option(
     "--require-signature",
     "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=KEY_FILE,
     metavar="KEYFILE",
     help="Also require manifest.sig to be the manifest's MAC under the key in KEYFILE.",
 )

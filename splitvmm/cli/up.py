@@ -33,11 +33,13 @@ ConfigLoader = Callable[["Snapshot | None"], "VmConfig"]
 # snapshot (exit 1). click's own checks (file_okay=False; readable, on by default) refused a
 # file or an unreadable directory first, with a usage error and exit 2.
 SNAPSHOT_DIR = click.Path(readable=False, path_type=Path)
+# A signing key file, as `--require-signature` takes it: signing.load_key judges it in one line.
+KEY_FILE = click.Path(readable=False, path_type=Path)
 
 require_signature_option = click.option(
     "--require-signature",
     "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=KEY_FILE,
     metavar="KEYFILE",
     help="Refuse a snapshot whose manifest.sig is missing or not made with this key.",
 )
@@ -88,7 +90,9 @@ def run_and_exit(
     with contextlib.suppress(OSError):
         if show_timings:
             timings.print_report()
-        click.echo(f"\r\nsplitvmm: {outcome.message}", err=True)
+        # Escaped as the errors are (_fail): a snapshot directory's name, a device's failure
+        # may hold a newline or an escape sequence.
+        click.echo(f"\r\nsplitvmm: {escaped(outcome.message)}", err=True)
     sys.exit(outcome.status)
 
 
@@ -171,7 +175,7 @@ timings_option = click.option(
 
 
 @click.command("up", epilog=EXIT_HELP)
-@click.argument("config", type=click.Path(path_type=Path))  # load_config says what is wrong
+@click.argument("config", type=click.Path(readable=False, path_type=Path))  # as load_config says
 @click.option(
     "--restore",
     "snapshot_dir",

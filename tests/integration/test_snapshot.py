@@ -224,3 +224,17 @@ def test_snapshot_verify_of_a_vm_with_two_writable_disks_is_ok(guests, tmp_path)
 
     assert (r.returncode, r.stderr) == (0, ""), r.stderr
     assert "OK" in r.stdout
+
+
+def test_suspend_to_a_directory_named_with_a_newline_ends_in_one_escaped_line(guests, tmp_path):
+    """A snapshot directory may be named with any character but NUL and '/': `up`'s last
+    line quoted it raw, so a newline split it and an escape sequence reached the terminal,
+    as its errors did before they were escaped (b04b7e5)."""
+    serial = tmp_path / "serial.log"
+    vm = VmProcess(tmp_path, ["up", str(counter_config(tmp_path, guests, serial))], serial)
+    vm.wait_for(r"^count=\d+ sum=")
+    snapshot_running(vm, tmp_path / "s\n\x1b[2Jx", "suspend")
+    status, stderr = vm.finish()
+
+    assert status == 0, stderr
+    assert stderr.rstrip().splitlines()[-1] == f"splitvmm: suspended to {tmp_path}/s\\n\\x1b[2Jx"

@@ -644,6 +644,18 @@ def test_restore_of_a_file_not_a_directory_names_it(tmp_path, env, monkeypatch, 
     assert_refused_cleanly(result, f"snapshot {not_dir}: not a directory")
 
 
+@pytest.mark.parametrize("command", [["restore"], ["snapshot", "verify"]])
+def test_requiring_a_signature_with_a_directory_as_the_key_names_it(tmp_path, monkeypatch, command):
+    """The key file is the signing code's to judge, as the snapshot directory is the
+    reader's: click's dir_okay=False refused a directory with a usage error, exit 2."""
+    snap = tmp_path / "snap"
+    shutil.copytree(GOLDEN, snap)
+
+    result, _ = invoke(monkeypatch, [*command, str(snap), "--require-signature", str(tmp_path)])
+
+    assert_refused_cleanly(result, f"signing key: {tmp_path}")
+
+
 def test_restore_of_a_bad_stored_config_names_the_snapshot(tmp_path, monkeypatch):
     """Its stored config's errors name which snapshot, as opening and checking it do."""
     snap = tmp_path / "snap"
