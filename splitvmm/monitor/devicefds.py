@@ -361,12 +361,14 @@ def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:
 
 def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
     """An output stream's fd: stdout (a description of our own of it where it may be opened
-    anew: _own_description), a UNIX socket, or a file (created 0600), FIFO or character
-    device, each opened through hostpath: no symlink, and no hang."""
+    anew: a root launcher's devices could not, for the terminal of a user who ran `sudo` in
+    it, and made the one the operator's shell shares non-blocking; BlockingAsItWas
+    otherwise), a UNIX socket, or a file (created 0600), FIFO or character device, each
+    opened through hostpath: no symlink, and no hang."""
     output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
     if output == "stdio":
         _appending_if_file(STDOUT)
-        own = _own_description(STDOUT)
+        own = files.nonblocking_description(STDOUT)
         if own is not None:
             owned.append(FdCloser(own))
             return own
@@ -380,22 +382,6 @@ def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
     fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)
     owned.append(FdCloser(fd))
     return fd
-
-
-def _own_description(fd: int) -> int | None:
-    """A non-blocking description of our own of the terminal or pipe behind `fd`, for a device
-    to write to: a root launcher's devices hold CAP_SETFCAP alone (sandbox/launcher.py), so
-    the terminal of the user who ran `sudo` in it is one they cannot open anew (fdline.py),
-    and they made the description the operator's shell shares non-blocking instead. None for
-    a regular file or a socket, or where we may not open it either (`su` in another user's
-    terminal): the device is handed `fd` then (BlockingAsItWas)."""
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        return None
-    own = os.dup(fd)
-    if files.reopen_write_only(own, os.O_NONBLOCK | os.O_CLOEXEC) is not None:
-        os.close(own)
-        return None
-    return own
 
 
 def _appending_if_file(fd: int) -> None:

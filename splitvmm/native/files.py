@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 
 from splitvmm.native._sys import ffi, lib
 
@@ -45,6 +46,22 @@ def ofd_locked_by_another(fd: int, start: int, length: int) -> bool:
         err = ffi.errno
         raise OSError(err, f"F_OFD_GETLK(F_WRLCK, {start}, {length}): {os.strerror(err)}")
     return bool(held != fcntl.F_UNLCK)
+
+
+def nonblocking_description(fd: int) -> int | None:
+    """A new fd, close-on-exec, on a non-blocking write-only description of our own of the
+    pipe, terminal or device behind `fd` (reopen_write_only), which stays as it is: for
+    writes that never wait, made while this process may open the file (a root launcher, a
+    monitor before it confines itself). None for a regular file (written whole; it needs
+    none) or what cannot be opened anew (a socket; a terminal of another user's we may not)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return None
+    own = os.dup(fd)
+    if reopen_write_only(own, os.O_NONBLOCK | os.O_CLOEXEC) is not None:
+        os.close(own)
+        return None
+    os.set_inheritable(own, False)  # reopen_write_only's dup2 made it inheritable
+    return own
 
 
 def reopen_write_only(fd: int, flags: int = 0) -> OSError | None:

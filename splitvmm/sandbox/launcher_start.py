@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -120,17 +119,9 @@ def _own_stderr() -> int | None:
     from splitvmm.native import files
 
     try:
-        mode = os.fstat(2).st_mode
-    except OSError:
+        return files.nonblocking_description(2)
+    except OSError:  # no stderr (2>&-)
         return None
-    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        return None
-    own = os.dup(2)
-    if files.reopen_write_only(own, os.O_NONBLOCK | os.O_CLOEXEC) is not None:
-        os.close(own)
-        return None
-    os.set_inheritable(own, False)  # reopen_write_only's dup2 made it inheritable
-    return own
 
 
 def _narrow_capabilities() -> None:
