@@ -1,7 +1,9 @@
 """The VM config file (TOML) -> frozen records (msgspec Structs), with an error naming the key for every mistake.
 
 [vm]      name, memory ("64M", "2G"), vcpus, cpuid_mask (list of "leaf[.sub].reg:bits"),
-          snapshot_dirs (where `ctl snapshot` may write: the monitor can reach nothing else)
+          snapshot_dirs (where `ctl snapshot` may write: the monitor can reach nothing else),
+          track_dirty_pages (KVM logs the guest's writes, so that `ctl snapshot` pauses only
+          for what it wrote while its RAM was copied: monitor/dirtylog.py)
 [boot]    kernel (bzImage or ELF) [+ initrd, cmdline], or firmware (flat binary)
 [[device]] name, model, on_crash ("stop", "restart" or "leave"), max_restarts and
           restart_window (the restart budget: at most max_restarts restarts within any
@@ -93,6 +95,8 @@ class VmSection(Struct, frozen=True):
     cpuid_mask: tuple[str, ...] = ()
     # Host directories `ctl snapshot`/`suspend` may write into (Landlock grants only these).
     snapshot_dirs: tuple[Path, ...] = ()
+    # KVM logs the vCPUs' writes to RAM for the VM's life (monitor/dirtylog.py)
+    track_dirty_pages: bool = False
 
 
 class BootSection(Struct, frozen=True):
@@ -172,7 +176,10 @@ def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> Non
         )
 
 
-VM_KEYS = {"name", "memory", "vcpus", "cpuid_mask", "snapshot_dirs", *DEFAULT_DEVICES}
+VM_KEYS = {
+    "name", "memory", "vcpus", "cpuid_mask", "snapshot_dirs", "track_dirty_pages",
+    *DEFAULT_DEVICES,
+}  # fmt: skip
 
 
 def _parse_vm(table: dict[str, Any], base: Path) -> VmSection:
@@ -193,7 +200,8 @@ def _parse_vm(table: dict[str, Any], base: Path) -> VmSection:
         raise ConfigError(
             f'vm.cpuid_mask: expected at most {MAX_CPUID_MASKS} strings like "1.ecx:0x80000000"'
         )
-    return VmSection(name, memory, vcpus, tuple(mask), _snapshot_dirs(table, base))
+    tracked = _get(table, "track_dirty_pages", "vm", bool, False)
+    return VmSection(name, memory, vcpus, tuple(mask), _snapshot_dirs(table, base), tracked)
 
 
 def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
@@ -556,6 +564,8 @@ def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
     vm = {"name": cfg.vm.name, "memory": cfg.vm.memory, "vcpus": cfg.vm.vcpus}
     if cfg.vm.cpuid_mask:
         vm["cpuid_mask"] = list(cfg.vm.cpuid_mask)
+    if cfg.vm.track_dirty_pages:
+        vm["track_dirty_pages"] = True
     for model in DEFAULT_DEVICES:  # left out on purpose: it stays out when read back
         if not any(d.model == model for d in cfg.devices):
             vm[model] = False

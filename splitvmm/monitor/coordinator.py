@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from splitvmm.config import config_to_dict
 from splitvmm.errors import DeviceFailure
@@ -48,6 +48,7 @@ from splitvmm.snapshot.writer import (
 )
 
 if TYPE_CHECKING:
+    from splitvmm.monitor.dirtylog import DirtyTracker
     from splitvmm.monitor.machine import Machine
 
 NAME_MAX = 255  # bytes of one file name (<limits.h>)
@@ -179,10 +180,22 @@ class Coordinator:
         self._devices_back()
         was_paused = self.paused
         deadline = Deadline(self.device_deadline_s)
-        t0 = time.monotonic()
-        if not was_paused:
-            self.pause()
+        # A VM that runs on after its snapshot has its RAM copied while it runs, and only
+        # what it writes meanwhile copied in the pause (pre-copy: monitor/dirtylog.py). A
+        # suspend's pause lasts until the end anyway, and a paused VM writes nothing.
+        tracker = None if was_paused or keep_paused else self.machine.dirty_tracker()
+        # (a VM that does not track its dirty pages, vm.track_dirty_pages, copies all of it
+        # in the pause)
+        t0 = t1 = time.monotonic()
         resumed_at = None
+
+        def stop() -> None:
+            nonlocal t0
+            t0 = time.monotonic()
+            self.pause()
+
+        if tracker is None and not was_paused:
+            stop()
 
         quiesced: dict[str, tuple[int, int]] = {}  # the devices quiesced: their lives then
 
@@ -194,15 +207,14 @@ class Coordinator:
             finally:
                 self._release_restarts()  # the VM runs again: crashed devices restart
             self.snapshotting = False  # the devices take work again: they may be asked
-            if not was_paused:
+            if not was_paused and self.paused:  # (a pre-copy that failed first paused nothing)
                 self.resume()
             resumed_at = time.monotonic()
 
         ok = False
         self.snapshotting = True
         try:
-            t1 = time.monotonic()
-            with self._write(target, deadline, quiesced) as writer:
+            with self._write(target, deadline, quiesced, tracker, stop) as writer:
                 if not keep_paused:
                     let_go()  # the VM's data is copied: commit reads none of it
                 self._write_back_images()
@@ -421,10 +433,57 @@ class Coordinator:
                     log.error("%s", e)  # the device's on_crash policy has been applied
 
     def _write(
-        self, target: Path, deadline: Deadline, quiesced: dict[str, tuple[int, int]]
+        self,
+        target: Path,
+        deadline: Deadline,
+        quiesced: dict[str, tuple[int, int]],
+        tracker: DirtyTracker | None,
+        stop: Callable[[], None],
     ) -> SnapshotWriter:
         """Every chunk written, not yet committed: the caller commits it (or it aborts on
-        leaving its `with`)."""
+        leaving its `with`). The VM is stopped (`stop`) when it returns. With `tracker`, it
+        runs at first: its RAM is copied while it runs (the first pass), then stopped, then
+        what it wrote meanwhile is copied again (snapshot/ram.py sparse-v2)."""
+        m = self.machine
+        if tracker is None:
+            states = self._stop_and_save(deadline, quiesced)
+            w = SnapshotWriter(target, config_to_dict(m.cfg), states.cpuid, m.mem)
+        else:
+            w = SnapshotWriter(target, config_to_dict(m.cfg), None, m.mem)  # cpuid: below
+        with contextlib.ExitStack() as on_error:
+            on_error.callback(w.abort)
+            if tracker is None:
+                w.add_ram(m.mem)
+            else:
+                saved: list[_States] = []
+
+                def stopped() -> list[tuple[int, int]]:
+                    stop()
+                    saved.append(self._stop_and_save(deadline, quiesced))
+                    return tracker.take()
+
+                tracker.start()
+                w.add_ram_precopy(m.mem, stopped)
+                states = saved[0]
+                w.set_cpuid(states.cpuid)
+            for i, vcpu in enumerate(states.vcpus):
+                w.add_json_chunk("vcpu", f"vcpu{i}", vmstate.VcpuState.VERSION, vcpu)
+            w.add_json_chunk("vm", "vm", vmstate.VmState.VERSION, states.vm)
+            pci = pcistate.save(m.functions, m.routes, m.config_ports)
+            w.add_json_chunk("vm", pcistate.CHUNK, pcistate.PciState.VERSION, pci)
+            for slot in m.slots:
+                doc = states.devices[slot.name][1]
+                version = doc["version"]
+                if not isinstance(version, int):  # control.check_reply passes no other
+                    raise ControlError(f"device {slot.name} saved a state with no version")
+                w.add_json_chunk("device", slot.name, version, doc["fields"], model=slot.model)
+            self._check_generations(states.devices)  # RAM is copied: later crashes are held
+            on_error.pop_all()
+        return w
+
+    def _stop_and_save(self, deadline: Deadline, quiesced: dict[str, tuple[int, int]]) -> _States:
+        """The devices quiesced and their states, then the VM's and the vCPUs' (the vCPUs
+        parked already)."""
         m = self.machine
         device_states = self._quiesce_devices(deadline, quiesced)
         # The irqchip before the LAPICs: an interrupt a device raised before it quiesced
@@ -434,24 +493,16 @@ class Coordinator:
         vm_state = vmstate.to_dict(vmstate.save_vm(m.vm, m.firmware_id))
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
-        w = SnapshotWriter(target, config_to_dict(m.cfg), vcpu_states[0]["cpuid"], m.mem)
-        with contextlib.ExitStack() as on_error:
-            on_error.callback(w.abort)
-            w.add_ram(m.mem)
-            for i, state in enumerate(vcpu_states):
-                w.add_json_chunk("vcpu", f"vcpu{i}", vmstate.VcpuState.VERSION, state)
-            w.add_json_chunk("vm", "vm", vmstate.VmState.VERSION, vm_state)
-            pci = pcistate.save(m.functions, m.routes, m.config_ports)
-            w.add_json_chunk("vm", pcistate.CHUNK, pcistate.PciState.VERSION, pci)
-            for slot in m.slots:
-                doc = device_states[slot.name][1]
-                version = doc["version"]
-                if not isinstance(version, int):  # control.check_reply passes no other
-                    raise ControlError(f"device {slot.name} saved a state with no version")
-                w.add_json_chunk("device", slot.name, version, doc["fields"], model=slot.model)
-            self._check_generations(device_states)  # RAM is copied: later crashes are held
-            on_error.pop_all()
-        return w
+        return _States(device_states, vm_state, vcpu_states, vcpu_states[0]["cpuid"])
+
+
+class _States(NamedTuple):
+    """What a snapshot saves of a stopped VM besides its RAM."""
+
+    devices: dict[str, _Saved]
+    vm: dict[str, object]
+    vcpus: list[dict[str, object]]
+    cpuid: object
 
 
 def _refuse_failed(slot: DeviceSlot) -> None:

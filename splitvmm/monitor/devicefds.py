@@ -78,6 +78,8 @@ class DeviceFds(Struct):
     # (Machine.write_back_images): a new open file description, whose write-back errors are
     # its own (errseq), so that syncing it leaves the device's to report to the guest.
     write_back_fd: int | None = None
+    # Its dirty bitmap, mapped: a live snapshot reads and clears it (monitor/dirtylog.py)
+    dirty_log: mmap.mmap | None = None
 
     def make(self, dev: DeviceSection, model: ModelDescriptor) -> dict[str, int]:
         """Role name -> fd, for every role of the model."""
@@ -125,7 +127,11 @@ class DeviceFds(Struct):
     def _dirty_log(self, name: str) -> int:
         """A memfd bitmap, one bit per 4 KiB page of the RAM memfd, in whole pages; sealed
         like guest RAM: the monitor reads it while the device writes it."""
-        return self._sealed_memfd(f"{name}-dirty", dirty_log_size(self.mem.size))
+        size = dirty_log_size(self.mem.size)
+        fd = self._sealed_memfd(f"{name}-dirty", size)
+        self.dirty_log = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.owned.append(self.dirty_log)
+        return fd
 
     def _sealed_memfd(self, name: str, size: int) -> int:
         """A zeroed memfd of `size` bytes that no process can resize (a device's processes

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import logging
+import mmap
 import os
 import queue
 import signal
@@ -35,6 +36,7 @@ from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import SOCKET_NAME, ControlBusy, ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts, raise_interrupts
+from splitvmm.monitor.dirtylog import DirtyTracker
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
 from splitvmm.monitor.memory import GuestMemory
@@ -125,6 +127,7 @@ class Machine:
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
+        self._dirty_logs: list[mmap.mmap] = []  # each device's dirty bitmap: DeviceFds
         self._write_back_failed: dict[str, str] = {}  # device -> why its image's sync failed
         self.vcpus: list[VcpuThread] = []
         self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
@@ -272,7 +275,9 @@ class Machine:
         self._ram_slots = list(self.mem.regions)
         for slot, region in enumerate(self._ram_slots):
             hva = mapping_address(self.mem.map, region.offset)
-            self.vm.set_user_memory_region(slot, region.gpa, region.size, hva)
+            self.vm.set_user_memory_region(
+                slot, region.gpa, region.size, hva, log_dirty=self.cfg.vm.track_dirty_pages
+            )
         self.vm.create_irqchip()  # PIC + IOAPIC + LAPICs in the kernel
         self.vm.create_pit2()
         self.routes = GsiRoutes(self.vm)  # the one owner of the VM's GSI routing table
@@ -315,6 +320,8 @@ class Machine:
         fds = maker.make(dev, model)
         if maker.write_back_fd is not None:
             self._images.append((dev.name, maker.write_back_fd))
+        if maker.dirty_log is not None:
+            self._dirty_logs.append(maker.dirty_log)
         if maker.tap_name is not None:
             self._taps[dev.name] = maker.tap_name
             log.info("%s: TAP %s", dev.name, maker.tap_name)
@@ -936,6 +943,14 @@ class Machine:
                     signal.set_wakeup_fd(self._previous_wakeup_fd)
                     close_all(self._signal_fds)
                     self._signal_fds = None
+
+    def dirty_tracker(self) -> DirtyTracker | None:
+        """What a live snapshot asks which pages of guest RAM were written while it copied
+        them, where the VM tracks them (vm.track_dirty_pages): KVM's log of its RAM slots and
+        the devices' bitmaps (monitor/dirtylog.py)."""
+        if not self.cfg.vm.track_dirty_pages:
+            return None
+        return DirtyTracker(self.vm, self._ram_slots, self._dirty_logs, self.mem.size)
 
     def write_back_images(self) -> None:
         """fdatasync every writable disk image: what the guest wrote (and saw completed,

@@ -39,6 +39,7 @@ IOCTL_NUMBERS: Mapping[str, int] = {
 }
 
 KVM_PATH = "/dev/kvm"
+DIRTY_PAGE = 4096  # what one bit of a KVM dirty log stands for: a page of x86 guest memory
 _KICKED = (errno.EINTR, errno.EAGAIN)  # KVM_RUN stopped by a signal or immediate_exit
 
 # Header constants the monitor's vCPU setup needs, by their header names (<linux/kvm.h>,
@@ -347,15 +348,37 @@ class VmFd(OwnedFd):
         return _ioctl_val(self.fd, lib.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
     def set_user_memory_region(
-        self, slot: int, gpa: int, size: int, hva: int, readonly: bool = False
+        self,
+        slot: int,
+        gpa: int,
+        size: int,
+        hva: int,
+        readonly: bool = False,
+        log_dirty: bool = False,
     ) -> None:
+        """Make (or, same slot, gpa, size and hva, change the flags of) a memory slot.
+        `log_dirty`: KVM logs the pages the vCPUs write to it (get_dirty_log)."""
         region = ffi.new("struct kvm_userspace_memory_region *")
         region.slot = slot
-        region.flags = lib.KVM_MEM_READONLY if readonly else 0
+        region.flags = (lib.KVM_MEM_READONLY if readonly else 0) | (
+            lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
+        )
         region.guest_phys_addr = gpa
         region.memory_size = size
         region.userspace_addr = hva
         _ioctl_ptr(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        """The pages of the `size`-byte memory slot `slot` the vCPUs wrote since logging began
+        or since the last call (KVM clears the log and write-protects them again): bit n % 8
+        of byte n // 8 for its page n. KVM writes whole longs: the buffer is rounded up."""
+        pages = -(-size // DIRTY_PAGE)
+        bitmap = ffi.new("uint64_t[]", max(1, -(-pages // 64)))
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = bitmap
+        _ioctl_ptr(self.fd, lib.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+        return bytes(ffi.buffer(bitmap))[: -(-pages // 8)]
 
     def set_tss_addr(self, gpa: int) -> None:
         _ioctl_val(self.fd, lib.KVM_SET_TSS_ADDR, gpa, "KVM_SET_TSS_ADDR")

@@ -1,4 +1,5 @@
-"""Guest RAM chunk, encoding sparse-v1: only the pages that hold data, each with its offset.
+"""Guest RAM chunk, encodings sparse-v1 and sparse-v2: only the pages that hold data, each
+with its offset.
 
 Why a self-describing extent stream rather than a sparse file restored with SEEK_DATA: holes
 belong to the file system, not to the file's bytes. cp, tar, scp and object stores fill them
@@ -7,16 +8,23 @@ zeros for an idle 64 GiB guest). The stream's size and checksum cost what the da
 survives any copy, and the reader bound-checks every extent before it touches guest memory.
 
 Layout, little endian:
-  header   magic b"SVMMRAM\\0", version u32 (1), page_size u32 (4096), memory_size u64,
-           reserved u64 (0)
+  header   magic b"SVMMRAM\\0", version u32 (1: sparse-v1, 2: sparse-v2), page_size u32
+           (4096), memory_size u64, reserved u64 (0)
   records  offset u64, length u64, then `length` bytes of data. Offsets ascend, extents are
            page aligned, non-empty, do not overlap and lie inside memory_size.
+  pass     sparse-v2 only, at most once: offset u64 = 2^64 - 2, length u64 = 0. The records
+           after it ascend again from 0 and replace what the ones before it said of their
+           pages (they may hold zeros).
   end      offset u64 = 2^64 - 1, length u64 = total data bytes; nothing may follow.
+
+sparse-v2 is a live snapshot's (monitor/dirtylog.py): the first pass is copied while the VM
+runs, the second once it is paused, holding the pages written meanwhile. A paused VM's RAM is
+written in one pass, as sparse-v1, which every release reads.
 
 Each record carries its own data (no table up front), so the writer makes one pass over the
 memory and neither side ever allocates a table whose size the file chooses. The count needs
 no separate cap: ascending, non-overlapping, page-aligned extents inside memory_size number at
-most memory_size / 8 KiB.
+most memory_size / 8 KiB a pass.
 
 The data comes from the memfd's data extents (lseek SEEK_DATA/SEEK_HOLE): pages the guest
 never touched are holes and cost nothing. All-zero pages among the data (touched, or freed and
@@ -38,14 +46,18 @@ from typing import BinaryIO, Final, Protocol
 
 from splitvmm.record import Struct
 from splitvmm.snapshot import digest
-from splitvmm.snapshot.format import PAGE_SIZE, SnapshotError
+from splitvmm.snapshot.format import PAGE_SIZE, RamEncoding, SnapshotError
 
 MAGIC = b"SVMMRAM\0"
 VERSION = 1
-ENCODING: Final = "sparse-v1"
+ENCODING: Final[RamEncoding] = "sparse-v1"
+PRECOPY_VERSION = 2
+PRECOPY_ENCODING: Final[RamEncoding] = "sparse-v2"
+VERSIONS: Final[dict[str, int]] = {ENCODING: VERSION, PRECOPY_ENCODING: PRECOPY_VERSION}
 HEADER = struct.Struct("<8sIIQQ")  # magic, version, page_size, memory_size, reserved
 RECORD = struct.Struct("<QQ")  # offset, length
 END_OFFSET = (1 << 64) - 1
+PASS_OFFSET = (1 << 64) - 2  # sparse-v2: the first pass ends, the second replaces its pages
 ZERO_PAGE = bytes(PAGE_SIZE)
 PIECE = 8 << 20  # bytes per write/read/progress step: big syscalls, a responsive progress bar
 
@@ -140,15 +152,25 @@ def nonzero_runs(mm: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int
 
 
 class _RamWriter:
-    """Writes records and data, hashing and counting them; progress is memfd data scanned."""
+    """Writes records and data, hashing and counting them; progress is memfd data scanned.
+    `running`: the VM runs, and may change a piece of its memory between the write and the
+    hash, so each piece is copied first and both are of the copy."""
 
     def __init__(
-        self, out: BinaryIO, total: int, progress: Progress | None, checksum: digest.Overlapped
+        self,
+        out: BinaryIO,
+        total: int,
+        progress: Progress | None,
+        checksum: digest.Overlapped,
+        running: bool = False,
     ) -> None:
         self.out, self.total, self.progress, self.hash = out, total, progress, checksum
+        self.running = running
         self.size = self.scanned = self.extents = self.data = 0
 
     def put(self, data: bytes | memoryview) -> None:
+        if self.running and isinstance(data, memoryview):
+            data = data.tobytes()
         self.hash.update(data)  # hashed on a helper thread while it is written
         self.out.write(data)
         self.size += len(data)
@@ -169,6 +191,13 @@ class _RamWriter:
         self.scanned += end - start
         self.report(self.scanned)
 
+    def extent(self, view: memoryview, offset: int, length: int) -> None:
+        """One record of `length` bytes at `offset`, whatever they hold (zeros too)."""
+        self.put(RECORD.pack(offset, length))
+        for piece in range(offset, offset + length, PIECE):
+            self.put(view[piece : min(piece + PIECE, offset + length)])
+        self.extents, self.data = self.extents + 1, self.data + length
+
 
 def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> RamStats:
     """Encode `mem` into `out` (a buffered file); the VM must be paused and devices quiesced."""
@@ -182,6 +211,41 @@ def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> 
         w.put(HEADER.pack(MAGIC, VERSION, PAGE_SIZE, mem.size, 0))
         for start, end in extents:
             w.data_extent(mem.map, view, start, end)
+        w.put(RECORD.pack(END_OFFSET, w.data))
+        return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
+
+
+def write_ram_precopy(
+    out: BinaryIO,
+    mem: RamLike,
+    stop: Callable[[], Sequence[tuple[int, int]]],
+    progress: Progress | None = None,
+) -> RamStats:
+    """Encode `mem` into `out` as sparse-v2, its VM running: a first pass over its data, then
+    stop(), which stops the VM (vCPUs parked, devices quiesced) and returns (offset, length)
+    of the page-aligned extents written since the first pass began, in order
+    (monitor/dirtylog.py); those extents again are the second pass. On return the VM is
+    still stopped; if stop() raises, nothing more is written."""
+    if mem.size % PAGE_SIZE:
+        raise SnapshotError(f"guest memory size {mem.size} is not a multiple of {PAGE_SIZE}")
+    extents = data_extents(mem.fd, mem.size)
+    total = sum(end - start for start, end in extents)
+    with memoryview(mem.map) as view, digest.Overlapped(digest.WRITE_ALGORITHM) as checksum:
+        w = _RamWriter(out, total, progress, checksum, running=True)
+        w.put(HEADER.pack(MAGIC, PRECOPY_VERSION, PAGE_SIZE, mem.size, 0))
+        for start, end in extents:
+            w.data_extent(mem.map, view, start, end)
+        written = stop()
+        w.running = False  # stopped: what is written now stays as it is until it is hashed
+        w.put(RECORD.pack(PASS_OFFSET, 0))
+        last = 0
+        for offset, length in written:
+            if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset < last:
+                raise SnapshotError(f"written extent {offset:#x}+{length:#x} is out of order")
+            if offset + length > mem.size:
+                raise SnapshotError(f"written extent {offset:#x}+{length:#x} lies beyond RAM")
+            w.extent(view, offset, length)
+            last = offset + length
         w.put(RECORD.pack(END_OFFSET, w.data))
         return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
 
@@ -250,26 +314,36 @@ def _copy(fd: int, pos: int, mem: RamLike, offset: int, n: int, view: memoryview
     return os.preadv(fd, [view[offset : offset + n]], pos)
 
 
-def _check_header(s: _Stream, memory_size: int) -> None:
+def _check_header(s: _Stream, memory_size: int, encoding: str) -> int:
+    """The stream's version, as the manifest's `encoding` says it must be."""
     magic, version, page_size, size, reserved = HEADER.unpack(s.read_exact(HEADER.size))
     if magic != MAGIC:
-        raise s.fail("not a sparse-v1 RAM chunk (bad magic)")
-    if version != VERSION:
-        raise s.fail(f"RAM encoding version {version} is unknown (this splitvmm reads {VERSION})")
+        raise s.fail(f"not a {encoding} RAM chunk (bad magic)")
+    if version not in VERSIONS.values():
+        known = ", ".join(map(str, VERSIONS.values()))
+        raise s.fail(f"RAM encoding version {version} is unknown (this splitvmm reads {known})")
+    if version != VERSIONS.get(encoding):
+        raise s.fail(f"holds RAM encoding version {version}, the manifest says {encoding}")
     if page_size != PAGE_SIZE or reserved != 0:
         raise s.fail(f"page size {page_size} / reserved {reserved} must be {PAGE_SIZE} / 0")
     if size != memory_size:
         raise s.fail(f"holds {size} bytes of RAM, the manifest says {memory_size}")
+    return VERSIONS[encoding]
 
 
-def _records(s: _Stream, memory_size: int) -> Iterator[tuple[int, int]]:
-    """Validated (offset, length) extents; the caller reads or skips each one's data."""
-    _check_header(s, memory_size)
+def _records(s: _Stream, memory_size: int, encoding: str) -> Iterator[tuple[int, int]]:
+    """Validated (offset, length) extents; the caller reads or skips each one's data. A
+    sparse-v2 stream's second pass begins with (PASS_OFFSET, 0)."""
+    second_pass_due = _check_header(s, memory_size, encoding) == PRECOPY_VERSION
     prev_end = data = 0
     while True:
         offset, length = RECORD.unpack(s.read_exact(RECORD.size))
         if offset == END_OFFSET:
             break
+        if offset == PASS_OFFSET and second_pass_due and not length:
+            second_pass_due, prev_end = False, 0
+            yield offset, length
+            continue
         if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset < prev_end:
             raise s.fail(f"extent {offset:#x}+{length:#x} is unaligned, empty or out of order")
         if offset + length > memory_size:
@@ -286,11 +360,15 @@ def _records(s: _Stream, memory_size: int) -> Iterator[tuple[int, int]]:
         raise s.fail(f"{s.file_size - s.pos} bytes after the end record")
 
 
-def check_ram(fd: int, file_size: int, memory_size: int, where: str) -> tuple[int, int]:
+def check_ram(
+    fd: int, file_size: int, memory_size: int, where: str, encoding: str = ENCODING
+) -> tuple[int, int]:
     """Walk the structure without reading the data: (extent count, data bytes)."""
     s = _Stream(fd, file_size, where)
     count = data = 0
-    for _, length in _records(s, memory_size):
+    for offset, length in _records(s, memory_size, encoding):
+        if offset == PASS_OFFSET:
+            continue
         s.skip(length)
         count, data = count + 1, data + length
     return count, data
@@ -314,6 +392,7 @@ def load_ram(
     where: str,
     algorithm: digest.Algorithm,
     progress: Progress | None = None,
+    encoding: str = ENCODING,
 ) -> str:
     """Read the chunk into `mem`, each extent bounds-checked before it is copied; returns the
     checksum (hex, of `algorithm`) of what was read, for the caller to compare. On error `mem`
@@ -321,6 +400,11 @@ def load_ram(
     clear(mem)
     with memoryview(mem.map) as view, digest.Overlapped(algorithm) as checksum:
         s = _Stream(fd, file_size, where, checksum)
-        for offset, length in _records(s, mem.size):
+        for offset, length in _records(s, mem.size, encoding):
+            if offset == PASS_OFFSET:
+                # The first pass is hashed where it landed: all of it before the second
+                # overwrites any (the helper may still be at its last piece).
+                checksum.wait()
+                continue
             s.load_extent(mem, view, offset, length, progress)
         return checksum.hexdigest()

@@ -190,7 +190,9 @@ class Snapshot:
         with self._open_chunk(entry) as f:
             # The structure first: a walk of the extents' headers, reading no data, refuses
             # a chunk whose layout is wrong before hours of hashing a sparse file's zeros.
-            ram.check_ram(f.fileno(), entry.size, self.manifest.memory.size, entry.label)
+            ram.check_ram(
+                f.fileno(), entry.size, self.manifest.memory.size, entry.label, _encoding(entry)
+            )
             hexdigest, size = _hash_file(f, entry.digest.alg, progress, (done, total), entry.size)
             _check_size(entry, size)
             _check_digest(entry, hexdigest)
@@ -214,9 +216,20 @@ class Snapshot:
         entry = self.ram_chunk
         with self._open_chunk(entry) as f:
             hexdigest = ram.load_ram(
-                f.fileno(), entry.size, mem, entry.label, entry.digest.alg, progress
+                f.fileno(),
+                entry.size,
+                mem,
+                entry.label,
+                entry.digest.alg,
+                progress,
+                _encoding(entry),
             )
         _check_digest(entry, hexdigest)
+
+
+def _encoding(entry: ChunkEntry) -> str:
+    assert entry.encoding is not None  # ChunkEntry.validate: a RAM chunk names its encoding
+    return entry.encoding
 
 
 def _check_size(entry: ChunkEntry, size: int) -> None:

@@ -15,7 +15,7 @@ is 0700 and files 0600 (created through hostpath, O_EXCL: nothing already there 
 written into).
 
     with SnapshotWriter(path, vm_config, cpuid, mem) as w:
-        w.add_ram(mem, progress=cb)
+        w.add_ram(mem, progress=cb)  # or, the VM running: w.add_ram_precopy(mem, stop)
         w.add_json_chunk("vcpu", "vcpu0", 1, regs)
         w.add_json_chunk("device", "serial0", 1, state, model="serial")
         w.commit(sign_key=None)  # or a key: manifest.sig holds the manifest's MAC
@@ -47,6 +47,7 @@ from splitvmm.snapshot.format import (
     Kind,
     Manifest,
     MemoryEntry,
+    RamEncoding,
     RegionEntry,
     SnapshotError,
     dump_json,
@@ -261,22 +262,46 @@ class SnapshotWriter:
 
     def add_ram(self, mem: ram.RamLike, progress: ram.Progress | None = None) -> ChunkEntry:
         """Write guest RAM (the VM paused, devices quiesced); progress(done, total) in bytes."""
+        return self._add_ram(mem, lambda f: ram.write_ram(f, mem, progress), ram.ENCODING)
+
+    def _add_ram(
+        self, mem: ram.RamLike, fill: Callable[[BinaryIO], ram.RamStats], encoding: RamEncoding
+    ) -> ChunkEntry:
         with self._guarded("chunk ram"):
             self._check_name(RAM_NAME)
             if _layout(mem) != self._memory:
                 raise SnapshotError("chunk ram: the memory differs from the one given at start")
-            stats = self._write_file(RAM_FILE, lambda f: ram.write_ram(f, mem, progress))
+            stats = self._write_file(RAM_FILE, fill)
             entry = ChunkEntry(
                 kind="ram",
                 name=RAM_NAME,
-                state_version=ram.VERSION,
+                state_version=ram.VERSIONS[encoding],
                 file=RAM_FILE,
                 size=stats.file_bytes,
                 digest=Digest(digest.WRITE_ALGORITHM, stats.digest),
-                encoding=ram.ENCODING,
+                encoding=encoding,
             )
             self._chunks.append(entry)
             return entry
+
+    def add_ram_precopy(
+        self,
+        mem: ram.RamLike,
+        stop: Callable[[], list[tuple[int, int]]],
+        progress: ram.Progress | None = None,
+    ) -> ChunkEntry:
+        """Write guest RAM while its VM runs, then call stop(), which stops it and says what
+        was written meanwhile (ram.write_ram_precopy), then that: sparse-v2."""
+        return self._add_ram(
+            mem, lambda f: ram.write_ram_precopy(f, mem, stop, progress), ram.PRECOPY_ENCODING
+        )
+
+    def set_cpuid(self, cpuid: object) -> None:
+        """The vCPUs' CPUID, for a writer made before they were stopped (a live snapshot's,
+        which copies RAM first): the manifest records what the saved vCPUs hold."""
+        with self._guarded("cpuid"):
+            dump_json(cpuid, "cpuid")
+            self._cpuid = cpuid
 
     def commit(self, sign_key: bytes | None = None) -> Path:
         """Write the manifest (and with sign_key, its MAC in manifest.sig: signing.py), then

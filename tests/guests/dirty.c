@@ -2,7 +2,11 @@
  * fills [start, start + mib MiB) of RAM with a non-zero pattern (every 8-byte word, so every
  * 4 KiB page is dirty and none is all zeros), prints "dirty: <N> MiB written", then spins for
  * ever on `pause` at CPL3, printing nothing more, for a host to snapshot it.  Command line:
- * mib=N (default 0), start=ADDR (default 16 MiB, above the image and the boot structures).
+ * mib=N (default 0), start=ADDR (default 16 MiB, above the image and the boot structures),
+ * sweep=S (instead of spinning, prints "dirty: sweeping" and then, for g = 1, 2, 3, ... for
+ * ever, stores g into the first word of the range's last page, then into the first word of each
+ * page of its first S MiB, lowest first: a copy taken at one instant holds g in the last page,
+ * g in the first pages and g - 1 in the rest; S below mib, 0 to spin).
  * The range must be 4 KiB-aligned, start at or above 4 MiB, end at or below 3 GiB (the PCI
  * hole; the CPL3 page tables map RAM below it with write-back caching), and lie inside one RAM
  * entry of the e820 map; else the guest ends with debug-exit value 2 (host status 5).
@@ -63,6 +67,20 @@ static NORETURN void dirty(void *boot_params)
 	u64 t1 = rdtsc();
 	print("dirty: took %lu tsc ticks\n", t1 - t0);
 	print("dirty: %lu MiB written\n", mib);
+	u64 sweep = cmdline_u64(cmdline, "sweep", 0);
+	if (sweep && sweep >= mib) {
+		print("dirty: need sweep < mib\n");
+		debug_exit(EXIT_BAD_ARGS);
+	}
+	if (sweep) {
+		volatile u64 *generation = phys_ptr(end - PAGE_SIZE);
+		print("dirty: sweeping\n");
+		for (u64 g = 1;; g++) {
+			*generation = g;
+			for (u64 a = start; a < start + sweep * MIB; a += PAGE_SIZE)
+				*(volatile u64 *)phys_ptr(a) = g;
+		}
+	}
 	for (;;)
 		asm volatile("pause" ::: "memory");
 }

@@ -89,7 +89,7 @@ def make_guest(kvm: Kvm) -> Iterator[MakeGuest]:
     """Builds real-mode guests running `code` at CODE; closes them after the test."""
     made: list[Guest] = []
 
-    def make(code: bytes, irqchip: bool = True) -> Guest:
+    def make(code: bytes, irqchip: bool = True, log_dirty: bool = False) -> Guest:
         vm = kvm.create_vm()
         vm.set_tss_addr(layout.KVM_TSS)
         if irqchip:
@@ -97,7 +97,7 @@ def make_guest(kvm: Kvm) -> Iterator[MakeGuest]:
         ram = mmap.mmap(-1, RAM_SIZE)
         ram[CODE : CODE + len(code)] = code
         # SAFETY (test only): `ram` stays mapped until after the VM fd is closed below.
-        vm.set_user_memory_region(0, 0, RAM_SIZE, mapping_address(ram))
+        vm.set_user_memory_region(0, 0, RAM_SIZE, mapping_address(ram), log_dirty=log_dirty)
         vcpu = vm.create_vcpu(0, kvm.vcpu_mmap_size())
         sregs = vcpu.get_sregs()
         sregs.cs.base, sregs.cs.selector = 0, 0
@@ -153,6 +153,24 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{what} did not happen within {DEADLINE_S} s")
         os.sched_yield()
+
+
+# -- dirty log ------------------------------------------------------------------------------
+
+
+def test_dirty_log_holds_the_pages_the_guest_wrote_once(make_guest):
+    """A logged slot: KVM_GET_DIRTY_LOG gives the pages written since the last call, one bit
+    each (monitor/dirtylog.py), and begins again."""
+    # mov $VALUE,%al; mov %al,DATA; mov %al,0x5000; out %al,$DEBUG_PORT
+    code = bytes([0xB0, VALUE, 0xA2, *DATA.to_bytes(2, "little"), 0xA2, 0x00, 0x50, 0xE6, 0xF4])
+    g = make_guest(code, log_dirty=True)
+
+    before = g.vm.get_dirty_log(0, RAM_SIZE)
+    assert g.vcpu.run() == PioOut(DEBUG_PORT, 1, bytes([VALUE]))
+    after = g.vm.get_dirty_log(0, RAM_SIZE)
+
+    assert (before, after) == (bytes(1), bytes([1 << (DATA // 4096) | 1 << 5]))
+    assert g.vm.get_dirty_log(0, RAM_SIZE) == bytes(1)
 
 
 # -- typed exits ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import signal
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,12 +41,17 @@ def rng_table(name: str = "rng0") -> str:
 
 
 def config(
-    tmp_path: Path, kernel: Path, cmdline: str, devices: str, serial: Path | str | None = None
+    tmp_path: Path,
+    kernel: Path,
+    cmdline: str,
+    devices: str,
+    serial: Path | str | None = None,
+    vm_extra: str = "",
 ) -> Path:
     path = tmp_path / "vm.toml"
     boot = f'kernel = "{kernel}"\ncmdline = "{cmdline}"'
     serial_out = tmp_path / "serial.log" if serial is None else serial
-    path.write_text(vm_toml(boot, MEMORY, 1, serial_out) + devices)
+    path.write_text(vm_toml(boot, MEMORY, 1, serial_out, vm_extra) + devices)
     return path
 
 
@@ -260,6 +265,7 @@ def loop_vm(
     cmdline: str = "",
     size_mib: int = 16,
     disk: Path | None = None,
+    vm_extra: str = "",
 ) -> VmProcess:
     """The blk guest in mode=loop (write, read back, verify 1 MiB blocks for ever, passes of
     `size_mib`), serial on stdio so a byte typed stops it; progress every 4 MiB. The image is
@@ -273,6 +279,7 @@ def loop_vm(
         f"mode=loop size={size_mib}M every=4M {cmdline}",
         blk_table("blk0", disk, blk_extra) + devices_extra,
         serial="stdio",
+        vm_extra=vm_extra,
     )
     return VmProcess(tmp_path, ["up", str(cfg)], tmp_path / "serial.log", stdio=True)
 
@@ -339,6 +346,24 @@ def test_virtio_blk_steady_state_io_costs_the_monitor_no_exits(guests, tmp_path,
     assert isinstance(counters, dict) and (counters["aio_requests"] > 0) is direct, counters
 
 
+def restored_loop(tmp_path: Path, snap: Path, until: Callable[[int], int]) -> str:
+    """The loop guest restored from `snap` on tmp_path/disk.img, stopped once it wrote
+    until(MiB of its first progress line) MiB: its serial output."""
+    serial2 = tmp_path / "serial2.log"
+    vm2 = VmProcess(
+        tmp_path, ["restore", str(snap), "--set", "blk0.path=" + str(tmp_path / "disk.img")],
+        serial2, stdio=True,
+    )  # fmt: skip
+    try:
+        mib, end = written(vm2)
+        target = until(mib)
+        while mib < target:
+            mib, end = written(vm2, end)
+    finally:
+        text = stop_loop(vm2)
+    return text
+
+
 @DIRECT
 def test_virtio_blk_snapshot_under_io_restores_and_verifies(guests, tmp_path, direct):
     """A snapshot taken while the guest writes and verifies blocks, in its second pass or
@@ -362,22 +387,37 @@ def test_virtio_blk_snapshot_under_io_restores_and_verifies(guests, tmp_path, di
     stopped = re.search(r"loop stopped by input after (\d+) MiB", loop_ended(vm))
     assert stopped
     until = int(stopped[1]) + 64 + 4  # a whole pass past where the first life stopped
-
-    serial2 = tmp_path / "serial2.log"
-    vm2 = VmProcess(
-        tmp_path, ["restore", str(snap), "--set", "blk0.path=" + str(tmp_path / "disk.img")],
-        serial2, stdio=True,
-    )  # fmt: skip
-    try:
-        mib, end = written(vm2)
-        while mib < until:
-            mib, end = written(vm2, end)
-    finally:
-        text = stop_loop(vm2)
+    text = restored_loop(tmp_path, snap, lambda first: until)
     assert "mismatch" not in text, text[-1500:]
     newer = re.search(r"loop stopped by input after \d+ MiB \(pass \d+, (\d+) newer", text)
     # the 16 blocks after the one the snapshot was in, and that one if it was read after it
     assert newer and 16 * 2048 <= int(newer[1]) <= 17 * 2048, text[-500:]
+
+
+def test_virtio_blk_live_snapshot_of_a_tracked_vm_under_io_restores_and_verifies(guests, tmp_path):
+    """vm.track_dirty_pages: `ctl snapshot` of the running loop guest copies its RAM while it
+    writes and verifies blocks, then, in the pause, what changed meanwhile: the vCPU's writes
+    (KVM's dirty log) and the device's (read data and used ring entries, in its dirty bitmap).
+    A block read into a buffer the first pass had copied, or a completion it had not seen,
+    missing from the second, is a mismatch or a hang in the restored guest, which verifies a
+    whole pass (when the pause falls between a completion and its check: with the devices'
+    bitmaps left out of the second pass, 1 run in 3 failed here; tests/unit/test_dirtylog.py
+    pins the merge itself). The first life is stopped by input right after the snapshot, well
+    within its pass of 256 MiB (the guest accepts a block one pass ahead, not two)."""
+    vm = loop_vm(tmp_path, guests, size_mib=256, vm_extra="track_dirty_pages = true")
+    vm.wait_for(r"virtio-blk: loop pass=[1-9]\d* ", timeout=60)  # blocks to read before rewriting
+    snap = tmp_path / "s1"
+    result = vm.ctl("snapshot", str(snap), "--json")
+    assert result.returncode == 0, result.stderr
+    vm.send(b"1")
+    stopped = re.search(r"loop stopped by input after (\d+) MiB", loop_ended(vm))
+    assert stopped
+    manifest = json.loads((snap / "manifest.json").read_text())
+    assert [c["encoding"] for c in manifest["chunks"] if c["kind"] == "ram"] == ["sparse-v2"]
+
+    # a whole pass: every block read back and verified
+    text = restored_loop(tmp_path, snap, lambda first: first + 256 + 4)
+    assert "mismatch" not in text and ": status " not in text, text[-1500:]
 
 
 @pytest.mark.parametrize(

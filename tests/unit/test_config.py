@@ -753,3 +753,17 @@ def test_config_restart_budget_without_restart_names_the_key_given(extra, messag
 
     with pytest.raises(ConfigError, match=message):
         _parse_device({**DEVICE, **extra}, "device", "vm", Path("/"))
+
+
+def test_config_track_dirty_pages_is_kept_when_read_back_and_off_by_default():
+    """A restored VM tracks its dirty pages as the one saved did (its config is the snapshot's)."""
+    cfg = _cfg("track_dirty_pages = true\n")
+    again = parse_config(config_to_dict(cfg), Path("/"), check_files=False)
+
+    assert (cfg.vm.track_dirty_pages, again.vm.track_dirty_pages) == (True, True)
+    assert _cfg("").vm.track_dirty_pages is False
+
+
+def test_config_track_dirty_pages_not_a_bool_names_the_key():
+    with pytest.raises(ConfigError, match="vm.track_dirty_pages"):
+        _cfg('track_dirty_pages = "yes"\n')

@@ -88,10 +88,11 @@ def coordinator(
     machine = SimpleNamespace(
         cfg=cfg, stopping=False, vcpus=[FakeVcpu(events)], vcpu_fds=[FakeVcpuFd(events)], slots=[],
         rundir=SimpleNamespace(path=tmp_path / "run"), write_back_images=write_back_images,
+        dirty_tracker=lambda: None,
     )  # fmt: skip
     coord = Coordinator(machine)  # type: ignore[arg-type]
     writer = FakeWriter(events, tmp_path / "snap", fail, archived=archived)
-    monkeypatch.setattr(coord, "_write", lambda target, deadline, quiesced: writer)
+    monkeypatch.setattr(coord, "_write", lambda target, deadline, quiesced, tracker, stop: writer)
     return coord, events
 
 
@@ -278,7 +279,7 @@ def test_coordinator_restarts_a_device_that_crashed_after_its_save_once_the_vm_r
     coord.machine.slots = [saved]
     coord.machine.restart_later = lambda slot: events.append(f"restart {slot.name}")
 
-    def write(target, deadline, quiesced):
+    def write(target, deadline, quiesced, tracker, stop):
         coord._quiesce_devices(deadline, quiesced)
         events.append(f"held {coord.hold_restart(saved)} {coord.hold_restart(late)}")
         return FakeWriter(events, target)
@@ -613,7 +614,7 @@ def test_coordinator_failed_suspend_leaves_no_snapshot_of_the_vm_it_resumed(
     runs on (a failed suspend resumes everything), so the snapshot must not stay behind."""
     coord, events = coordinator(tmp_path, monkeypatch)
 
-    def write(target, deadline, quiesced):
+    def write(target, deadline, quiesced, tracker, stop):
         w = SnapshotWriter(target, VM_CONFIG, CPUID, mem)
         w.add_ram(mem)
         w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)

@@ -1,4 +1,5 @@
-"""The sparse-v1 RAM encoding: finds only the data, and its decoder rejects every malformed file."""
+"""The sparse-v1 and sparse-v2 RAM encodings: finds only the data, a live snapshot's second pass
+holds what the guest wrote during the first, and the decoder rejects every malformed file."""
 
 from __future__ import annotations
 
@@ -11,8 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitvmm.snapshot import SnapshotError
-from splitvmm.snapshot.ram import check_ram, data_extents, nonzero_runs, write_ram
+from splitvmm.monitor.memory import GuestMemory
+from splitvmm.snapshot import SnapshotError, digest, ram
+from splitvmm.snapshot.ram import (
+    check_ram,
+    data_extents,
+    load_ram,
+    nonzero_runs,
+    write_ram,
+    write_ram_precopy,
+)
 from tests.unit.snapshot_support import MEM_SIZE, PAGE, memory
 
 END = (1 << 64) - 1
@@ -198,3 +207,154 @@ def test_ram_fd_offset_is_not_used_for_reads():
         result = check_ram(f.fileno(), len(body), MEM_SIZE, "chunk ram (ram.bin)")
 
     assert result == (1, PAGE)
+
+
+# --- sparse-v2: a live snapshot's two passes -----------------------------------------------------
+
+PASS = (1 << 64) - 2
+HEADER_V2 = struct.pack("<8sIIQQ", b"SVMMRAM\0", 2, PAGE, MEM_SIZE, 0)
+
+
+def _check_v2(body: bytes) -> tuple[int, int]:
+    with tempfile.TemporaryFile() as f:
+        f.write(body)
+        f.flush()
+        return check_ram(f.fileno(), len(body), MEM_SIZE, "chunk ram (ram.bin)", "sparse-v2")
+
+
+def _load(stream: bytes, encoding: str) -> GuestMemory:
+    fresh = memory(pages={})
+    with tempfile.TemporaryFile() as f:
+        f.write(stream)
+        f.flush()
+        alg = digest.WRITE_ALGORITHM
+        got = load_ram(f.fileno(), len(stream), fresh, "chunk ram", alg, None, encoding)
+    assert got == digest.of(alg, stream)  # the stream as written is what is hashed
+    return fresh
+
+
+def test_ram_precopy_holds_memory_as_it_was_when_stopped():
+    """The guest writes pages after the first pass copied them (one it had, one new, one it
+    zeroed): the second pass holds them as they are once the VM is stopped."""
+    mem = memory(pages={0x0: b"\x01", 0x5000: b"\x02", 0x9000: b"\x03"})
+
+    def stop() -> list[tuple[int, int]]:
+        mem.map[0x5000:0x6000] = b"\x07" * PAGE  # written after the first pass took it
+        mem.map[0xC000:0xE000] = b"\x08" * (2 * PAGE)  # a hole then
+        mem.map[0x9000:0xA000] = bytes(PAGE)  # zeroed
+        return [(0x5000, PAGE), (0x9000, PAGE), (0xC000, 2 * PAGE)]
+
+    out = io.BytesIO()
+    stats = write_ram_precopy(out, mem, stop)
+    fresh = _load(out.getvalue(), "sparse-v2")
+
+    assert fresh.map[:] == mem.map[:]
+    assert stats.digest == digest.of(digest.WRITE_ALGORITHM, out.getvalue())
+    mem.close()
+    fresh.close()
+
+
+class LateChecksum:
+    """digest.Overlapped whose helper thread fell behind: every piece is hashed at the end."""
+
+    def __init__(self, algorithm: str) -> None:
+        self.algorithm, self.pieces = algorithm, []
+
+    def __enter__(self) -> LateChecksum:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, piece: bytes | memoryview) -> None:
+        self.pieces.append(piece)
+
+    def wait(self) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return digest.of(self.algorithm, b"".join(bytes(p) for p in self.pieces))
+
+
+def test_ram_precopy_hashes_what_it_wrote_while_the_guest_changes_it(monkeypatch):
+    """The first pass runs beside the guest: a page changed between its write and its hash
+    (the helper thread hashes behind the writes) would make a snapshot that fails its own
+    checksum. Each piece is copied, then written and hashed."""
+    monkeypatch.setattr(ram.digest, "Overlapped", LateChecksum)
+    mem = memory(pages={0x0: b"\x01"})
+    out = io.BytesIO()
+    real_write = out.write
+    running = [True]
+
+    def write_then_change(data: bytes) -> int:
+        n = real_write(data)
+        if running[0]:  # the guest, just after each write, until it is stopped
+            mem.map[0:PAGE] = bytes([mem.map[0] + 1]) * PAGE
+        return n
+
+    def stop() -> list[tuple[int, int]]:
+        running[0] = False
+        return [(0x0, PAGE)]
+
+    out.write = write_then_change  # type: ignore[method-assign]
+    stats = write_ram_precopy(out, mem, stop)
+
+    assert stats.digest == digest.of(digest.WRITE_ALGORITHM, out.getvalue())
+    mem.close()
+
+
+def test_ram_precopy_refuses_what_stop_says_out_of_order():
+    mem = memory(pages={0x0: b"\x01"})
+
+    with pytest.raises(SnapshotError, match="out of order"):
+        write_ram_precopy(io.BytesIO(), mem, lambda: [(0x2000, PAGE), (0x0, PAGE)])
+    with pytest.raises(SnapshotError, match="beyond RAM"):
+        write_ram_precopy(io.BytesIO(), mem, lambda: [(MEM_SIZE, PAGE)])
+    mem.close()
+
+
+def test_ram_v2_stream_second_pass_counts_and_ascends_again():
+    body = (
+        HEADER_V2 + _record(0x2000, PAGE) + _record(0x9000, PAGE)
+        + struct.pack("<QQ", PASS, 0) + _record(0x0, PAGE) + _record(0x2000, PAGE)
+        + _end(4 * PAGE)
+    )  # fmt: skip
+
+    assert _check_v2(body) == (4, 4 * PAGE)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (HEADER + struct.pack("<QQ", PASS, 0) + _end(0), "unaligned, empty or out of order"),
+        (
+            HEADER_V2 + struct.pack("<QQ", PASS, 0) + struct.pack("<QQ", PASS, 0) + _end(0),
+            "unaligned, empty or out of order",
+        ),
+        (HEADER_V2 + struct.pack("<QQ", PASS, PAGE) + _end(0), "unaligned, empty or out of order"),
+        (
+            HEADER_V2 + _record(0x2000, PAGE) + _record(0x0, PAGE) + _end(2 * PAGE),
+            "unaligned, empty or out of order",
+        ),
+    ],
+    ids=["pass-in-v1", "two-passes", "pass-with-length", "descending-without-pass"],
+)
+def test_ram_v2_stream_refuses_a_malformed_pass(body, message):
+    encoding = "sparse-v1" if body.startswith(HEADER) else "sparse-v2"
+    with tempfile.TemporaryFile() as f:
+        f.write(body)
+        f.flush()
+        with pytest.raises(SnapshotError, match=message):
+            check_ram(f.fileno(), len(body), MEM_SIZE, "chunk ram (ram.bin)", encoding)
+
+
+@pytest.mark.parametrize(
+    ("header", "encoding"), [(HEADER, "sparse-v2"), (HEADER_V2, "sparse-v1")], ids=["v1", "v2"]
+)
+def test_ram_stream_whose_version_is_not_the_manifests_encoding_is_refused(header, encoding):
+    body = header + _end(0)
+    with tempfile.TemporaryFile() as f:
+        f.write(body)
+        f.flush()
+        with pytest.raises(SnapshotError, match="the manifest says sparse-v"):
+            check_ram(f.fileno(), len(body), MEM_SIZE, "chunk ram (ram.bin)", encoding)

@@ -1,0 +1,116 @@
+"""Which pages of guest RAM were written while a live snapshot copied them (pre-copy).
+
+`ctl snapshot` copies guest RAM while the VM runs (snapshot/ram.py RamPrecopy), then pauses
+it and copies again only what was written meanwhile: the pause is that second pass, not the
+whole RAM. Two kinds of writer, two logs:
+
+- the vCPUs: KVM's dirty log of each RAM memory slot. A VM has one where its config says
+  vm.track_dirty_pages, for its whole life: the slots are made logged (Machine._build_vm), as
+  Firecracker's track_dirty_pages does. Turning logging on for the copy alone, as QEMU does
+  for a migration, would take KVM_SET_USER_MEMORY_REGION after the monitor confined itself,
+  whose filter allows no memory-slot set-up once the VM is built (monitor.policy). Logging
+  costs the guest a write fault per page after each read of the log, and on hardware KVM
+  maps its RAM with 4 KiB pages only: so it is the operator's choice, off by default, and
+  a VM without it copies all its RAM in the pause, as before;
+- the device processes: each marks the pages it writes in its dirty bitmap memfd
+  (devprocs/virtio/guestram.py, DESIGN "Device writes to guest memory"), before the data
+  lands. The monitor clears a bitmap only while every device is quiesced (take(), in the
+  pause): a device marks with a plain read-modify-write, and a clear racing a mark could
+  lose it, or lose a page whose request marked before the clear and landed after the copy
+  read it. So a bitmap holds every page its device wrote since the last snapshot's pause (or
+  since the VM started): more than the pre-copy's own window, never less.
+
+The monitor itself writes no guest RAM once the VM runs (loaders and restore come before).
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+from splitvmm.native.mem import Region
+
+PAGE_SIZE = 4096
+
+
+class DirtyLogVm(Protocol):
+    """The VM's dirty log (native/kvm.py VmFd)."""
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes: ...
+
+
+class DirtyTracker:
+    """Pages of the RAM memfd written since start(), by the vCPUs and the devices, as runs of
+    (offset, length)."""
+
+    def __init__(
+        self,
+        vm: DirtyLogVm,
+        slots: Sequence[Region],
+        device_logs: Sequence[mmap.mmap],
+        ram_size: int,
+    ) -> None:
+        """`slots`: the RAM memory slots, made logged, slot number = index (Machine._build_vm);
+        `device_logs`: each device's dirty bitmap, mapped shared and writable."""
+        self._vm, self._slots, self._devices = vm, list(slots), device_logs
+        self._pages = ram_size // PAGE_SIZE
+
+    def start(self) -> None:
+        """KVM's logs begin again: the vCPUs' writes count from now. (The devices' bitmaps
+        are left as they are: the module docstring.)"""
+        for number, region in enumerate(self._slots):
+            self._vm.get_dirty_log(number, region.size)
+
+    def take(self) -> list[tuple[int, int]]:
+        """(offset, length) in the RAM memfd of each run of pages written since start() (the
+        vCPUs) and since the last take() (the devices), in order; KVM's logs begin again, and
+        the devices' bitmaps are cleared. Only with every vCPU parked and every device
+        quiesced (the module docstring)."""
+        dirty = 0
+        for number, region in enumerate(self._slots):
+            log = self._vm.get_dirty_log(number, region.size)
+            dirty |= int.from_bytes(log, "little") << (region.offset // PAGE_SIZE)
+        for device_log in self._devices:
+            dirty |= int.from_bytes(device_log, "little")
+            device_log[:] = bytes(len(device_log))
+        dirty &= (1 << self._pages) - 1  # a device bitmap's whole last page maps no RAM
+        bitmap = dirty.to_bytes(-(-self._pages // 8), "little")
+        return [(page * PAGE_SIZE, pages * PAGE_SIZE) for page, pages in dirty_runs(bitmap)]
+
+
+def _byte_runs(byte: int) -> tuple[tuple[int, int], ...]:
+    """(first bit, bits) of each run of set bits in one byte, lowest first."""
+    runs: list[tuple[int, int]] = []
+    for bit in range(8):
+        if byte >> bit & 1:
+            if runs and sum(runs[-1]) == bit:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((bit, 1))
+    return tuple(runs)
+
+
+BYTE_RUNS = tuple(_byte_runs(b) for b in range(256))
+# A stretch of full bytes, or any other byte with a bit set: zero bytes are never visited.
+_SET = re.compile(rb"\xff+|[^\x00]")
+
+
+def dirty_runs(bitmap: bytes) -> list[tuple[int, int]]:
+    """(first page, pages) of each run of set bits in `bitmap`, in order."""
+    runs: list[tuple[int, int]] = []
+    start = end = -1  # the run under way: pages [start, end)
+    for match in _SET.finditer(bitmap):
+        base, found = match.start() * 8, match.group()
+        parts = ((0, len(found) * 8),) if found[0] == 0xFF else BYTE_RUNS[found[0]]
+        for bit, count in parts:
+            if base + bit == end:
+                end += count
+                continue
+            if end > 0:
+                runs.append((start, end - start))
+            start, end = base + bit, base + bit + count
+    if end > 0:
+        runs.append((start, end - start))
+    return runs
