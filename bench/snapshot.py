@@ -10,6 +10,10 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
 - live pause ms: the same for a `ctl snapshot` taken just before, after which
   the VM runs on: its vCPUs run again once the data is copied, before the
   fsyncs (monitor/coordinator.py).
+- tracked: the live pause of the same guest in a VM with vm.track_dirty_pages (booted
+  for it in each run): its RAM is copied while it runs and only what it wrote meanwhile
+  in the pause (monitor/dirtylog.py); "tracked write ms" is that snapshot's whole write,
+  both passes (what the save costs the host, not the guest).
 - floor s: writing the same number of bytes to a file in the same directory
   and fsyncing it, once in each run, as the save is: write/floor is the goal's ratio,
   the median of one against the median of the other. (The floor was the best of three
@@ -249,12 +253,16 @@ def restore(env: dict[str, str], config: Path, snap: Path, work: Path) -> dict[s
     return {"restore_s": phases["to vCPUs"] / 1e3, "ctl_s": ctl_s, "phases_ms": phases}
 
 
-def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
+def dirty_vm(
+    work: Path, guest: Path, mib: int, dirty_mib: int, name: str, vm_extra: str = ""
+) -> tuple[dict[str, str], subprocess.Popen[str], Path]:
+    """The `dirty` guest booted (its environment, its process, its config), once it has
+    written its data."""
     env = {**os.environ, "XDG_RUNTIME_DIR": str(work / "run")}
-    serial, config, snap = work / f"serial-{mib}-{dirty_mib}.log", work / "vm.toml", work / "snap"
+    serial, config = work / f"serial-{name}-{mib}-{dirty_mib}.log", work / f"{name}.toml"
     serial.unlink(missing_ok=True)
     boot = f'kernel = "{guest}"\ncmdline = "mib={dirty_mib}"'
-    write_config(config, "bench-snap", boot, f"{mib}M", serial)
+    write_config(config, "bench-snap", boot, f"{mib}M", serial, vm_extra)
     vm = subprocess.Popen(
         [sys.executable, "-m", "splitvmm", "up", str(config)],
         env=env,
@@ -263,6 +271,29 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
         text=True,
     )
     wait_for_text(serial, f"dirty: {dirty_mib} MiB written", vm, WAIT_TIMEOUT_S)
+    return env, vm, config
+
+
+def tracked_live(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
+    """A `ctl snapshot` of the same guest in a VM with vm.track_dirty_pages: pause and write."""
+    snap = work / "tracked"
+    env, vm, _ = dirty_vm(work, guest, mib, dirty_mib, "tracked", "track_dirty_pages = true\n")
+    try:
+        settle()
+        reply = run(env, "ctl", "--vm", "bench-snap", "snapshot", str(snap), "--json")
+        if reply.returncode != 0:
+            raise SystemExit(f"tracked snapshot failed: {reply.stderr}")
+    finally:
+        vm.terminate()
+        vm.communicate(timeout=60)
+    shutil.rmtree(snap, ignore_errors=True)
+    live = json.loads(reply.stdout)
+    return {"tracked_pause_ms": live["pause_ms"], "tracked_write_ms": live["write_ms"]}
+
+
+def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
+    snap = work / "snap"
+    env, vm, config = dirty_vm(work, guest, mib, dirty_mib, "vm")
     disk_floor(work, (dirty_mib + 1) << 20)  # untimed: the first large write pays more
     settle()
     live = json.loads(run(env, "ctl", "--vm", "bench-snap", "snapshot", str(snap), "--json").stdout)
@@ -288,6 +319,7 @@ def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
         "size_mib": size / (1 << 20),
         **restored,
         "floor_write_fsync_s": floor_s,
+        **tracked_live(work, guest, mib, dirty_mib),
     }
 
 
@@ -413,7 +445,7 @@ def print_tables(rows: list[dict[str, object]], runs: int) -> None:
         "floor = write+fsync of the same bytes"
     )
     columns = ["RAM MiB", "dirty MiB", "save s", "write ms", "pause ms", "live pause ms"]
-    columns += ["size MiB", "floor s"]
+    columns += ["tracked live pause ms", "tracked write ms", "size MiB", "floor s"]
     qemu_columns = ("QEMU save s", "QEMU restore s", "restore / QEMU")
     for col in (*columns, "write/floor", "restore s", "ctl s", *qemu_columns):
         table.add_column(col, justify="right")
@@ -426,6 +458,8 @@ def print_tables(rows: list[dict[str, object]], runs: int) -> None:
             f"{r['write_ms']:.0f}",
             f"{r['pause_ms']:.0f}",
             f"{r['live_pause_ms']:.0f}",
+            f"{r['tracked_pause_ms']:.0f}",
+            f"{r['tracked_write_ms']:.0f}",
             f"{r['size_mib']:.1f}",
             f"{floor:.2f}",
             f"{write_s / floor:.2f}" if floor >= 0.01 else "—",

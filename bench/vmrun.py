@@ -37,12 +37,15 @@ def compile_package() -> None:
         raise SystemExit(f"could not compile {package}")
 
 
-def write_config(path: Path, name: str, boot: str, memory: str, serial: Path | None) -> Path:
+def write_config(
+    path: Path, name: str, boot: str, memory: str, serial: Path | None, vm_extra: str = ""
+) -> Path:
     """A one-serial-device VM config whose guest output goes to `serial` (None: stdout);
-    snapshots may be written next to it."""
+    snapshots may be written next to it. vm_extra: more [vm] lines."""
     output = "stdio" if serial is None else serial
     path.write_text(
-        f'[vm]\nname = "{name}"\nmemory = "{memory}"\nsnapshot_dirs = ["."]\n[boot]\n{boot}\n'
+        f'[vm]\nname = "{name}"\nmemory = "{memory}"\nsnapshot_dirs = ["."]\n{vm_extra}'
+        f"[boot]\n{boot}\n"
         f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{output}"\n'
     )
     return path

@@ -15,6 +15,11 @@
    a half-written snapshot never looks valid. It reads nothing of the VM, so
    `ctl snapshot` pauses for the copy, not for the disk's flush.
 
+A VM with vm.track_dirty_pages that runs on after its snapshot (`ctl snapshot` of a running
+VM) has its RAM copied first, while it runs; steps 1-3 come after that copy, and step 4
+copies again only the pages written meanwhile (pre-copy: monitor/dirtylog.py, snapshot/ram.py
+sparse-v2), so the pause is that second copy.
+
 The devices share one deadline for their quiesce, save and resume (time spent writing RAM
 is not theirs); each request waits only for what is left of it, and a device that does not
 answer in that time has failed like any other (its on_crash policy applies).
@@ -458,12 +463,22 @@ class Coordinator:
                 saved: list[_States] = []
 
                 def stopped() -> list[tuple[int, int]]:
-                    stop()
-                    saved.append(self._stop_and_save(deadline, quiesced))
+                    try:
+                        stop()
+                        saved.append(self._stop_and_save(deadline, quiesced))
+                    except OSError as e:  # (KvmError) not the RAM chunk's: the writer would say so
+                        raise _NotRam(e) from e
                     return tracker.take()
 
+                def on(done: int, total: int) -> None:
+                    if m.stopping:  # the copy is of no use now: let the VM's end go on
+                        raise ControlError(f"VM {m.cfg.vm.name!r} stopped while it was saved")
+
                 tracker.start()
-                w.add_ram_precopy(m.mem, stopped)
+                try:
+                    w.add_ram_precopy(m.mem, stopped, on)
+                except _NotRam as e:
+                    raise e.error from None
                 states = saved[0]
                 w.set_cpuid(states.cpuid)
             for i, vcpu in enumerate(states.vcpus):
@@ -494,6 +509,15 @@ class Coordinator:
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
         return _States(device_states, vm_state, vcpu_states, vcpu_states[0]["cpuid"])
+
+
+class _NotRam(Exception):
+    """An OSError of stopping and saving the VM inside a live snapshot's RAM copy, carried
+    past the RAM writer, which would name the RAM chunk in it."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _States(NamedTuple):

@@ -258,6 +258,7 @@ def test_snapshot_with_device_slow_on_control_fails_at_shared_deadline(tmp_path)
         cfg=SimpleNamespace(vm=vm), rundir=SimpleNamespace(path=tmp_path / "r")
     )
     machine.stopping, machine.vcpus, machine.vcpu_fds = False, [], []
+    machine.dirty_tracker = lambda: None  # its RAM is copied in the pause
     coordinator = Coordinator(machine, device_deadline_s=1.6)  # type: ignore[arg-type]
     failures: list[str] = []
     slot = spawn_rogue("slow-control", tmp_path, failures, "1000")

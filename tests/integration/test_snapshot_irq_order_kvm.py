@@ -101,7 +101,8 @@ def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw
     )
     try:
         with pytest.raises(Stop):
-            Coordinator(machine)._write(None, Deadline(10), {})  # type: ignore[arg-type]
+            coordinator = Coordinator(machine)  # type: ignore[arg-type]
+            coordinator._write(None, Deadline(10), {}, None, lambda: None)  # type: ignore[arg-type]
     finally:
         g.vm.unregister_irqfd(intx.fd, pin)
         intx.close()

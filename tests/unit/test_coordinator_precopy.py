@@ -1,0 +1,126 @@
+"""A live snapshot of a VM that tracks its dirty pages, through the coordinator's real _write and
+the real writer: RAM copied first while the VM runs, the VM stopped inside the copy, then what
+was written meanwhile (monitor/dirtylog.py, snapshot/ram.py sparse-v2). The VM and its state
+saves are fakes (tests/unit/test_coordinator_commit.py)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import pytest
+
+from splitvmm.errors import KvmError
+from splitvmm.monitor import coordinator as coordinator_module
+from splitvmm.monitor import vmstate
+from splitvmm.monitor.control import ControlError
+from splitvmm.monitor.memory import GuestMemory
+from splitvmm.snapshot import Snapshot, SnapshotError
+from splitvmm.snapshot import ram as ram_module
+from tests.unit.snapshot_support import CPUID, PAGE, VCPU, VM, VM_CONFIG, memory
+from tests.unit.test_coordinator_commit import coordinator
+
+
+class FakeTracker:
+    """Says the guest wrote page `page` while the first pass ran (written at take(), which
+    comes once the VM is stopped: as if just before)."""
+
+    def __init__(self, events: list[str], mem: GuestMemory, page: int = 0x5000) -> None:
+        self.events, self.mem, self.page = events, mem, page
+
+    def start(self) -> None:
+        self.events.append("log start")
+
+    def take(self) -> list[tuple[int, int]]:
+        self.events.append("take")
+        self.mem.map[self.page : self.page + PAGE] = b"\x77" * PAGE
+        return [(self.page, PAGE)]
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    m = memory()
+    yield m
+    m.close()
+
+
+def live(tmp_path, monkeypatch, mem):
+    """A coordinator whose VM tracks its dirty pages; its events."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    monkeypatch.undo()  # the real _write
+    m = coord.machine
+    m.mem, m.vm, m.kvm, m.firmware_id = mem, None, None, None
+    m.functions, m.routes, m.config_ports = [], None, None
+    m.dirty_tracker = lambda: FakeTracker(events, mem)
+    monkeypatch.setattr(coordinator_module, "config_to_dict", lambda cfg: VM_CONFIG)
+    monkeypatch.setattr(vmstate, "save_vm", lambda vm, firmware: "vm")
+    monkeypatch.setattr(vmstate.VcpuHost, "probe", staticmethod(lambda kvm, vm: None))
+    monkeypatch.setattr(vmstate, "save_vcpu", lambda fd, host: "vcpu")
+    monkeypatch.setattr(
+        vmstate, "to_dict", lambda s: dict(VM) if s == "vm" else dict(VCPU, cpuid=CPUID)
+    )
+    monkeypatch.setattr(coordinator_module.pcistate, "save", lambda *args: {})
+    return coord, events
+
+
+def test_live_snapshot_copies_first_then_stops_and_holds_memory_as_it_was_stopped(
+    tmp_path, monkeypatch, mem
+):
+    coord, events = live(tmp_path, monkeypatch, mem)
+
+    coord.snapshot(tmp_path / "snap")
+
+    assert events[:3] == ["log start", "pause", "take"] and not coord.paused
+    snap = Snapshot.open(tmp_path / "snap")
+    snap.verify()
+    fresh = memory(pages={})
+    snap.load_ram(fresh)
+    assert (snap.ram_chunk.encoding, fresh.map[:] == mem.map[:]) == ("sparse-v2", True)
+    assert snap.manifest.cpuid == CPUID
+    fresh.close()
+
+
+def test_live_snapshot_failing_in_its_first_pass_never_paused_and_leaves_nothing(
+    tmp_path, monkeypatch, mem
+):
+    coord, events = live(tmp_path, monkeypatch, mem)
+
+    def full(fd: int, size: int) -> list[tuple[int, int]]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ram_module, "data_extents", full)
+    with pytest.raises(SnapshotError, match="chunk ram: No space left on device"):
+        coord.snapshot(tmp_path / "snap")
+
+    assert ("pause" in events, coord.paused) == (False, False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_live_snapshot_whose_vcpu_save_fails_says_so_not_the_ram_chunk(tmp_path, monkeypatch, mem):
+    """The vCPUs are saved inside the RAM copy's stop(): the RAM writer, which names its
+    chunk in an OSError, must not take a KVM ioctl's failure for its own."""
+    coord, events = live(tmp_path, monkeypatch, mem)
+
+    def fails(fd: object, host: object) -> None:
+        raise KvmError(errno.EINVAL, "KVM_GET_XSAVE")
+
+    monkeypatch.setattr(vmstate, "save_vcpu", fails)
+    with pytest.raises(KvmError) as raised:
+        coord.snapshot(tmp_path / "snap")
+
+    assert "chunk ram" not in str(raised.value) and "KVM_GET_XSAVE" in str(raised.value)
+    assert (events.count("pause"), events.count("resume"), coord.paused) == (1, 1, False)
+
+
+def test_live_snapshot_of_a_vm_that_stops_during_its_first_pass_ends_there(
+    tmp_path, monkeypatch, mem
+):
+    """The first pass of a large guest takes seconds: a VM that stops meanwhile (a power-off,
+    a failed device) does not wait for the rest of a copy nobody will use."""
+    coord, events = live(tmp_path, monkeypatch, mem)
+    coord.machine.stopping = True  # as it comes while the copy runs
+
+    with pytest.raises(ControlError, match="stopped while it was saved"):
+        coord.snapshot(tmp_path / "snap")
+
+    assert ("pause" in events, coord.paused) == (False, False)
