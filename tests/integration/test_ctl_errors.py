@@ -368,3 +368,14 @@ def test_ctl_refused_as_busy_exits_75_to_say_try_again(monitor):
         75,
         "Error: the monitor is busy with snapshot; try again",
     )
+
+
+@pytest.mark.parametrize("monitor", [SNAPSHOT_REPLY], indirect=True)
+@pytest.mark.parametrize("verb", ["snapshot", "suspend"])
+def test_ctl_snapshot_signing_key_that_is_a_directory_is_one_line_error(monitor, tmp_path, verb):
+    """As `up --require-signature`: the signing code says what is wrong (exit 1), not click's
+    usage error (exit 2)."""
+    result = ctl(tmp_path / "control.sock", verb, str(tmp_path / "snap"), "--sign", str(tmp_path))
+
+    assert_one_line_error(result, str(tmp_path))
+    assert monitor.request == b""  # nothing was asked of the VM

@@ -8,14 +8,17 @@ from pathlib import Path
 import click
 
 from splitvmm.cli.ctl import common
+from splitvmm.cli.up import KEY_FILE
 from splitvmm.errors import escaped
 
-target_arg = click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+# Judged by our code, in one line (exit 1), not by click's usage error (exit 2): the target by
+# the monitor (a file there is "already exists", as any name taken), the key by signing.load_key.
+target_arg = click.argument("directory", type=click.Path(path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 sign_option = click.option(
     "--sign",
     "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=KEY_FILE,
     metavar="KEYFILE",
     help="Sign the manifest (keyed BLAKE3, in manifest.sig) with the key in KEYFILE (mode 0600, "
     "16-4096 bytes); it goes to the VM over its private control socket.",
