@@ -299,6 +299,12 @@ class Device(abc.ABC):
         that stalled up again."""
         return None  # deliberately empty: only a model that stalls has a request to retry
 
+    def clear_dirty(self) -> None:
+        """A live snapshot's copy begins (monitor/dirtylog.py): clear the dirty bitmap of the
+        guest RAM it writes, if it has one. Called between requests, when none is in flight:
+        every write from now on is marked anew."""
+        return None  # deliberately empty: a model without guest RAM marks nothing
+
     def after_restart(self) -> None:
         """A crash restart's last step, once the dead process's journal is replayed (which
         reaches the registers only: ctx.replaying): take up the guest's queues from where

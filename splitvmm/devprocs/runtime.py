@@ -129,9 +129,10 @@ def _serve_control(
     injector: FaultInjector,
     mirrors: MirrorPublisher | None = None,
 ) -> None:
-    """quiesce / save / resume / retry / ping / stats, in the device's own order. Every
-    access sent before the request was applied already: the channel is ordered. While
-    quiesced the output buffer is held: what it holds is part of the state a snapshot saves.
+    """quiesce / save / resume / retry / ping / stats / clear_dirty, in the device's own
+    order. Every access sent before the request was applied already: the channel is
+    ordered. While quiesced the output buffer is held: what it holds is part of the state a
+    snapshot saves.
     `mirrors`: the model's register mirror, published anew after a resume or a fault armed
     (MirrorPublisher)."""
     msg = control.decode(buf)
@@ -159,6 +160,8 @@ def _serve_control(
             mirrors.republish()
     elif op == "retry":
         device.retry()
+    elif op == "clear_dirty":
+        device.clear_dirty()
     elif op == "ping":  # an event the channel could not take when it came goes now
         device.ctx.events.flush()
     if op == "save":

@@ -474,6 +474,7 @@ class Coordinator:
                     if m.stopping:  # the copy is of no use now: let the VM's end go on
                         raise ControlError(f"VM {m.cfg.vm.name!r} stopped while it was saved")
 
+                self._clear_device_marks(deadline)
                 tracker.start()
                 try:
                     w.add_ram_precopy(m.mem, stopped, on)
@@ -495,6 +496,22 @@ class Coordinator:
             self._check_generations(states.devices)  # RAM is copied: later crashes are held
             on_error.pop_all()
         return w
+
+    def _clear_device_marks(self, deadline: Deadline) -> None:
+        """Before a live snapshot's first pass: each device clears its dirty bitmap, on its
+        own thread, between requests (protocol/control.py clear_dirty), so that the pause
+        copies what it writes from now on, not all it wrote since the VM started. A device
+        that does not answer keeps its marks, which only adds to the pause: its crash is its
+        on_crash policy's, and the snapshot's pause finds out the rest."""
+        for slot in self.machine.slots:
+            timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
+            if timeout_ms <= 0:
+                return
+            try:
+                with deadline.counting():
+                    slot.control("clear_dirty", timeout_ms)
+            except DeviceFailure as e:
+                log.warning("device %s keeps its dirty marks: %s", slot.name, e)
 
     def _stop_and_save(self, deadline: Deadline, quiesced: dict[str, tuple[int, int]]) -> _States:
         """The devices quiesced and their states, then the VM's and the vCPUs' (the vCPUs

@@ -14,11 +14,12 @@ whole RAM. Two kinds of writer, two logs:
   a VM without it copies all its RAM in the pause, as before;
 - the device processes: each marks the pages it writes in its dirty bitmap memfd
   (devprocs/virtio/guestram.py, DESIGN "Device writes to guest memory"), before the data
-  lands. The monitor clears a bitmap only while every device is quiesced (take(), in the
-  pause): a device marks with a plain read-modify-write, and a clear racing a mark could
-  lose it, or lose a page whose request marked before the clear and landed after the copy
-  read it. So a bitmap holds every page its device wrote since the last snapshot's pause (or
-  since the VM started): more than the pre-copy's own window, never less.
+  lands. A bitmap is cleared only where no mark can race the clear: by the device itself,
+  on its thread, between requests, as the first pass begins (the coordinator's clear_dirty
+  request), and by the monitor while every device is quiesced (take(), in the pause). The
+  monitor's clear racing a device's read-modify-write could lose a mark, or a page whose
+  request marked before the clear and landed after the copy read it. A device that does not
+  clear keeps every page it wrote since the last clear: more to copy, never less.
 
 The monitor itself writes no guest RAM once the VM runs (loaders and restore come before).
 """

@@ -1,5 +1,5 @@
-"""Control messages on a device channel: quiesce, save, resume, retry, ping, stats, fault
-(JSON, never pickle).
+"""Control messages on a device channel: quiesce, save, resume, retry, ping, stats,
+clear_dirty, fault (JSON, never pickle).
 
 A control frame is one byte CONTROL_TAG then a JSON object; access frames are
 fixed-size binary (wire.py) and never start with that byte. Requests carry a
@@ -28,7 +28,9 @@ MAX_DEVICE_FRAME = 64 << 10
 # ping: the monitor's heartbeat (monitor/supervisor.py): a device that cannot answer it in
 # time is hung, whether or not the guest is touching it. stats: the device's counters.
 # retry: the VM resumes after the device's stall (events.py): it tries its request again.
-REQUESTS = ("quiesce", "save", "resume", "retry", "ping", "stats")
+# clear_dirty: a live snapshot's copy begins (monitor/dirtylog.py): the device clears its dirty
+# bitmap on its own thread, between requests, when none of its writes is in flight.
+REQUESTS = ("quiesce", "save", "resume", "retry", "ping", "stats", "clear_dirty")
 REPLY_TO = {
     "quiesce": "quiesced",
     "save": "state",
@@ -37,6 +39,7 @@ REPLY_TO = {
     "fault": "fault_armed",
     "ping": "pong",
     "stats": "counters",
+    "clear_dirty": "dirty_cleared",
 }
 MAX_ERROR_TEXT = 200
 # A device's counters (Device.stats()): a few names it chooses, each a count.
@@ -49,14 +52,14 @@ Seq = Annotated[int, schema.U32]
 class Request(Struct, frozen=True):
     """Monitor -> device."""
 
-    op: Literal["quiesce", "save", "resume", "retry", "ping", "stats"]
+    op: Literal["quiesce", "save", "resume", "retry", "ping", "stats", "clear_dirty"]
     seq: Seq
 
 
 class Done(Struct, frozen=True):
     """Device -> monitor: the request is done."""
 
-    op: Literal["quiesced", "resumed", "retrying", "fault_armed", "pong"]
+    op: Literal["quiesced", "resumed", "retrying", "fault_armed", "pong", "dirty_cleared"]
     seq: Seq
 
 
@@ -178,7 +181,9 @@ class RouteDone(Struct, frozen=True):
 
 MESSAGES: dict[str, type] = {
     **dict.fromkeys(REQUESTS, Request),
-    **dict.fromkeys(("quiesced", "resumed", "retrying", "fault_armed", "pong"), Done),
+    **dict.fromkeys(
+        ("quiesced", "resumed", "retrying", "fault_armed", "pong", "dirty_cleared"), Done
+    ),
     "fault": FaultRequest,
     "state": StateReply,
     "counters": CountersReply,

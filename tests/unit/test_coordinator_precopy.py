@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitvmm.errors import KvmError
+from splitvmm.errors import DeviceFailure, KvmError
 from splitvmm.monitor import coordinator as coordinator_module
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.control import ControlError
@@ -18,7 +18,7 @@ from splitvmm.monitor.memory import GuestMemory
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot import ram as ram_module
 from tests.unit.snapshot_support import CPUID, PAGE, VCPU, VM, VM_CONFIG, memory
-from tests.unit.test_coordinator_commit import coordinator
+from tests.unit.test_coordinator_commit import FakeSlot, coordinator
 
 
 class FakeTracker:
@@ -78,6 +78,48 @@ def test_live_snapshot_copies_first_then_stops_and_holds_memory_as_it_was_stoppe
     assert (snap.ram_chunk.encoding, fresh.map[:] == mem.map[:]) == ("sparse-v2", True)
     assert snap.manifest.cpuid == CPUID
     fresh.close()
+
+
+def test_live_snapshot_has_each_device_clear_its_marks_before_the_first_pass(
+    tmp_path, monkeypatch, mem, caplog
+):
+    """What a device wrote before the first pass is in it: its marks since the VM started
+    would only lengthen the pause. One that cannot clear them keeps them (more to copy in the
+    pause, nothing lost), and the snapshot goes on."""
+    coord, events = live(tmp_path, monkeypatch, mem)
+    blk, net = Unclearing("blk0"), Slot("net0")
+    coord.machine.slots = [blk, net]
+    started: list[list[str]] = []
+    coord.machine.dirty_tracker = lambda: Started(events, mem, started, [blk, net])
+
+    coord.snapshot(tmp_path / "snap")
+
+    assert started == [["clear_dirty"], ["clear_dirty"]]  # both asked before the log began
+    assert "device blk0 keeps its dirty marks" in caplog.text
+
+
+class Slot(FakeSlot):
+    model: str = "serial"  # what the writer files its (empty) state under
+
+
+class Unclearing(Slot):
+    def control(self, op: str, timeout_ms: int) -> dict[str, object]:
+        result = super().control(op, timeout_ms)
+        if op == "clear_dirty":
+            raise DeviceFailure(f"device {self.name}: did not answer clear_dirty")
+        return result
+
+
+class Started(FakeTracker):
+    """Notes what each slot was asked when the tracker starts."""
+
+    def __init__(self, events, mem, started, slots) -> None:
+        super().__init__(events, mem)
+        self.started, self.slots = started, slots
+
+    def start(self) -> None:
+        self.started.extend(list(slot.ops) for slot in self.slots)
+        super().start()
 
 
 def test_live_snapshot_failing_in_its_first_pass_never_paused_and_leaves_nothing(

@@ -15,17 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitvmm.devprocs import virtio_blk
+from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.progress import Progress
-from splitvmm.devprocs.runtime import build_device
+from splitvmm.devprocs.runtime import _serve_control, build_device
 from splitvmm.devprocs.virtio_blk import VirtioBlk
 from splitvmm.errors import ConfigError, StateError
 from splitvmm.native import files
 from splitvmm.native.aio import AioContext
-from splitvmm.protocol import codec
+from splitvmm.protocol import codec, control
 from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.ratelimit import RateLimitedLog
 from splitvmm.record import replace
+from tests.unit.test_stats import FakeSocket
 from tests.virtio.support import (
     ACK,
     DEVICE_CFG,
@@ -598,6 +600,23 @@ def test_virtio_blk_in_marks_the_written_pages_dirty(blk, fds):
 
     driver.kick()
 
+    assert os.pread(fds["dirty"], 4096, 0) != bytes(4096)
+
+
+def test_virtio_blk_clears_its_dirty_marks_when_asked_and_marks_what_it_writes_after(blk, fds):
+    """A live snapshot's first pass begins (monitor/coordinator.py _clear_device_marks): the
+    device clears its bitmap between requests and answers; its next write is marked anew."""
+    driver, ring = started(blk)
+    request(ring, IN, 0, [(512, True)])
+    driver.kick()
+    sock = FakeSocket()
+
+    _serve_control(blk, sock, control.encode({"op": "clear_dirty", "seq": 3}), FaultInjector())
+
+    assert control.check_reply(control.decode(sock.sent[0]), "clear_dirty", 3, "virtio-blk")
+    assert os.pread(fds["dirty"], 4096, 0) == bytes(4096)
+    request(ring, IN, 0, [(512, True)])
+    driver.kick()
     assert os.pread(fds["dirty"], 4096, 0) != bytes(4096)
 
 

@@ -263,6 +263,11 @@ class GuestRam:
     def write_u32(self, gpa: int, value: int) -> None:
         self.write(gpa, U32.pack(value))
 
+    def clear_dirty(self) -> None:
+        """Every page clean again (a live snapshot's copy begins: monitor/dirtylog.py). On the
+        thread that marks, with no buffer() view being written: none of its marks is lost."""
+        self._dirty[:] = bytes(len(self._dirty))
+
     def _mark_dirty(self, off: int, size: int) -> None:
         """Set the bits of memfd pages [off, off + size): whole bytes by slice, so a 1 MiB
         buffer costs a few byte operations, not one per page."""
