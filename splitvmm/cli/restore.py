@@ -40,7 +40,8 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
     metavar="DEVICE.OPTION=VALUE",
     help="Name a host resource, e.g. serial0.output=/tmp/log or boot.firmware=fw.bin "
     "(repeatable). None is taken from the snapshot: serial output is stdio unless set, and "
-    "a firmware-booted VM needs boot.firmware.",
+    "a firmware-booted VM needs boot.firmware. vm.track_dirty_pages=true|false overrides "
+    "the saved VM's.",
 )
 @require_signature_option
 @click.option(

@@ -167,7 +167,10 @@ def _split_key(key: str) -> tuple[str, str]:
     dots (protocol/spec.py NAME_RE: "disk.0") and no option's does."""
     name, _, option = key.rpartition(".")
     if not name or not option:
-        raise ConfigError(f"--set {shown(key)}: expected DEVICE.OPTION=VALUE or boot.firmware=PATH")
+        raise ConfigError(
+            f"--set {shown(key)}: expected DEVICE.OPTION=VALUE, boot.firmware=PATH or "
+            "vm.track_dirty_pages=true|false"
+        )
     return name, option
 
 
@@ -181,6 +184,19 @@ def _set_boot(boot: dict[str, Any], option: str, value: str, firmware: bool) -> 
     if not firmware:
         raise ConfigError("--set boot.firmware: the snapshot's VM booted a kernel, not firmware")
     boot["firmware"] = value
+
+
+def _set_vm(data: dict[str, Any], option: str, value: str) -> None:
+    """vm.track_dirty_pages: what logging the guest's writes costs the host (a fault per
+    page after each snapshot, 4 KiB pages on hardware KVM) is the operator's to choose, as
+    `up --restore` takes it from the operator's config; nothing else of [vm] is settable (it
+    is the saved machine's)."""
+    if option != "track_dirty_pages":
+        raise ConfigError(f"--set vm.{shown(option)}: only vm.track_dirty_pages can be set")
+    vm = data.get("vm")
+    if not isinstance(vm, dict):  # the stored config's own fault, named when it is parsed
+        return
+    data["vm"] = {**vm, option: _typed(value, bool, f"--set vm.{option}")}
 
 
 def _set_device(device: dict[str, Any], name: str, option: str, value: str) -> None:
@@ -284,6 +300,8 @@ def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
             raise ConfigError(f"--set {shown(key)}: the value is empty")
         if name == "boot":
             _set_boot(data["boot"], option, value, firmware)
+        elif name == "vm":  # a reserved device name (config.RESERVED_NAME_RE)
+            _set_vm(data, option, value)
         elif name in by_name:
             _set_device(by_name[name], name, option, value)
         else:
@@ -332,7 +350,7 @@ def _overridden(message: str, overrides: dict[str, str]) -> str | None:
     "device 'NAME'.OPTION: ..." or "boot.OPTION: ..."), or None."""
     for key in overrides:
         name, option = _split_key(key)
-        named = f"boot.{option}:" if name == "boot" else f"device {name!r}.{option}:"
+        named = f"{name}.{option}:" if name in ("boot", "vm") else f"device {name!r}.{option}:"
         if message.startswith(named):
             return key
     return None

@@ -161,11 +161,22 @@ def test_config_of_firmware_from_set_relative_to_cwd(tmp_path, monkeypatch):
         ("serial0.path", "--set serial0.'path': not an option of device 'serial0'"),
         ("serial0.name", "--set serial0.'name': not an option"),
         ("serial0", "--set 'serial0': expected DEVICE.OPTION=VALUE"),
+        ("vm.memory", "--set vm.'memory': only vm.track_dirty_pages can be set"),
+        ("vm.track_dirty_pages", "--set vm.track_dirty_pages: expected true or false"),
     ],
 )
 def test_config_of_bad_set_refused_naming_it(tmp_path, key, message):
     with pytest.raises(ConfigError, match=message):
         restore.config_of(golden(tmp_path), {key: "/tmp/x"})
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_config_of_set_track_dirty_pages_overrides_the_saved_vms(tmp_path, value):
+    """What logging the guest's writes costs the host is the operator's to choose at a
+    restore, as `up --restore` takes it from the operator's config."""
+    cfg = restore.config_of(golden(tmp_path), {"vm.track_dirty_pages": value})
+
+    assert cfg.vm.track_dirty_pages is (value == "true")
 
 
 def test_config_of_empty_set_value_refused(tmp_path):
