@@ -129,6 +129,17 @@ monitor's decode and apply (~5 ms) were overlapping the wait for the zygote alre
 restore, idle, 0.191 s against 0.212 (QEMU 0.73-0.78); 256 MiB dirty 0.378 against 0.391; save
 write/floor 1.37 against 1.40. A restore now waits on the zygote's imports as a boot does
 ("device launch requests" 34 ms idle). Goals (0.1 s, 0.25 s, 1.2) not met in this hour.
+
+2026-12-06, pre-copy (vm.track_dirty_pages: monitor/dirtylog.py, snapshot/ram.py sparse-v2), the
+"tracked" columns new, --sizes 512 --runs 3, two runs an hour apart, splitvmm's figures (live
+pause untracked / tracked, ms): idle 8 / 8 and 10 / 6; 256 MiB dirty 165 / 9 and 81 / 9. The
+tracked snapshot's whole write (both passes, the copy made while the guest runs included, its
+fsyncs) is 413 and 449 ms against the suspend's 304 and 317: the host pays for the first pass,
+the guest no longer waits for it. Its guest writes nothing after its fill, so the second pass
+holds only what the devices and the spinning vCPU touched. Same runs: save write/floor 1.06 and
+1.05, restore idle 0.120 and 0.163 s (QEMU 0.303 and 0.308; a slower hour for the second:
+bench/startup.py's `python -c pass` floor read 10.6 ms then, 8.9 at the session's start), 256 MiB
+dirty 0.227 and 0.223 s.
 """
 
 from __future__ import annotations
