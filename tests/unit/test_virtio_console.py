@@ -457,6 +457,29 @@ def test_virtio_console_offers_no_size_or_multiport(host):
     assert Driver(dev).device_features() == F_VERSION_1 | 1 << 29 | 1 << 28
 
 
+def test_virtio_console_driver_taking_multiport_it_was_not_offered_is_refused(host):
+    """5.3.3: MULTIPORT (bit 1) is not offered; a driver that accepts it anyway gets no
+    FEATURES_OK (2.2.1: a device refuses features it did not offer), so it never waits for
+    control-queue messages the device does not send."""
+    dev = VirtioConsole(host.context(Line()))
+
+    assert not Driver(dev).negotiate(F_VERSION_1 | 1 << 1) & FEATURES_OK
+
+
+def test_virtio_console_emerg_wr_without_the_feature_writes_nothing_and_counts_it(host):
+    """5.3.5.1 requires an emerg_wr write to be taken only where F_EMERG_WRITE (bit 2) is
+    offered, which it is not here: a driver writing it anyway gets nothing out, and the
+    operator sees it counted."""
+    line = Line()
+    dev = VirtioConsole(host.context(line))
+    started(dev)
+
+    dev.write(DEVICE_CFG + 8, b"!\0\0\0")
+    flushed(dev)
+
+    assert (bytes(line.taken), dev.stats()["bad_access"]) == (b"", 1)
+
+
 def test_virtio_console_config_has_one_port(host):
     dev = VirtioConsole(host.context(Line()))
     cols, rows, ports = struct.unpack("<HHI", dev.read(DEVICE_CFG, 8))
