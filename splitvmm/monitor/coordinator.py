@@ -71,6 +71,10 @@ PARK_TIMEOUT_S = 10.0
 # answering each control request just under CONTROL_TIMEOUT_MS kept the VM paused for 31 s.
 # A healthy one needs a few ms (more when it finishes in-flight I/O on quiesce).
 SNAPSHOT_DEVICE_DEADLINE_S = 10.0
+# A live snapshot of a VM that tracks its dirty pages copies again, still running, what the VM
+# wrote during a pass, until that is at most this (or stops shrinking): what the pause copies.
+# ~2-4 ms of copying here.
+PAUSE_COPY_BYTES = 4 << 20
 # Once that time is spent a device still gets this long to resume: one that was quiesced must
 # be let go even when another device used the time up (a healthy resume takes ~1 ms).
 RESUME_FLOOR_MS = 500
@@ -474,10 +478,25 @@ class Coordinator:
                     if m.stopping:  # the copy is of no use now: let the VM's end go on
                         raise ControlError(f"VM {m.cfg.vm.name!r} stopped while it was saved")
 
-                self._clear_device_marks(deadline)
+                def again(held: int) -> list[tuple[int, int]] | None:
+                    """Another pass while the VM runs, of what it wrote during the pass
+                    before (`held` bytes), where that is too much for the pause and less
+                    than half of it: each pass is shorter, and what the next must copy
+                    shrinks with it (as a live migration converges). Else the pause copies
+                    it, with what comes after."""
+                    written = tracker.written()
+                    size = sum(length for _, length in written)
+                    if size <= PAUSE_COPY_BYTES or size > held // 2 or m.stopping:
+                        return None
+                    tracker.copying()
+                    return written
+
+                # A deadline of their own: the VM runs meanwhile, and a device slow to answer
+                # here must not leave its quiesce, save and resume less time in the pause.
+                self._clear_device_marks(Deadline(self.device_deadline_s))
                 tracker.start()
                 try:
-                    w.add_ram_precopy(m.mem, stopped, on)
+                    w.add_ram_precopy(m.mem, stopped, on, again)
                 except _NotRam as e:
                     raise e.error from None
                 states = saved[0]

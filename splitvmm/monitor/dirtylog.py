@@ -1,8 +1,9 @@
 """Which pages of guest RAM were written while a live snapshot copied them (pre-copy).
 
-`ctl snapshot` copies guest RAM while the VM runs (snapshot/ram.py RamPrecopy), then pauses
-it and copies again only what was written meanwhile: the pause is that second pass, not the
-whole RAM. Two kinds of writer, two logs:
+`ctl snapshot` copies guest RAM while the VM runs (snapshot/ram.py write_ram_precopy), then,
+while what was written meanwhile shrinks, copies that again, still running, then pauses it and
+copies what was written since: the pause is that last pass, not the whole RAM. Two kinds of
+writer, two logs:
 
 - the vCPUs: KVM's dirty log of each RAM memory slot. A VM has one where its config says
   vm.track_dirty_pages, for its whole life: the slots are made logged (Machine._build_vm), as
@@ -57,25 +58,51 @@ class DirtyTracker:
         `device_logs`: each device's dirty bitmap, mapped shared and writable."""
         self._vm, self._slots, self._devices = vm, list(slots), device_logs
         self._pages = ram_size // PAGE_SIZE
+        self._pending = 0  # pages the vCPUs wrote that no pass has copied since: a bitmap
 
     def start(self) -> None:
         """KVM's logs begin again: the vCPUs' writes count from now. (The devices' bitmaps
         are left as they are: the module docstring.)"""
         for number, region in enumerate(self._slots):
             self._vm.get_dirty_log(number, region.size)
+        self._pending = 0
+
+    def written(self) -> list[tuple[int, int]]:
+        """The VM running, between two passes of a copy: the runs of pages written since
+        start() or copying(), by the vCPUs (KVM's logs, read, so begun again) and the devices
+        (their bitmaps read, not cleared: only they, or a pause, may clear them)."""
+        self._pending |= self._vcpu_log()
+        return self._runs(self._pending | self._device_logs(clear=False))
+
+    def copying(self) -> None:
+        """What written() said is being copied now: the vCPUs' writes count from its read."""
+        self._pending = 0
 
     def take(self) -> list[tuple[int, int]]:
-        """(offset, length) in the RAM memfd of each run of pages written since start() (the
-        vCPUs) and since the last take() (the devices), in order; KVM's logs begin again, and
-        the devices' bitmaps are cleared. Only with every vCPU parked and every device
-        quiesced (the module docstring)."""
+        """(offset, length) in the RAM memfd of each run of pages written since start() or
+        copying() (the vCPUs) and since the last take() or their clear_dirty (the devices),
+        in order; KVM's logs begin again, and the devices' bitmaps are cleared. Only with
+        every vCPU parked and every device quiesced (the module docstring)."""
+        dirty = self._pending | self._vcpu_log() | self._device_logs(clear=True)
+        self._pending = 0
+        return self._runs(dirty)
+
+    def _vcpu_log(self) -> int:
         dirty = 0
         for number, region in enumerate(self._slots):
             log = self._vm.get_dirty_log(number, region.size)
             dirty |= int.from_bytes(log, "little") << (region.offset // PAGE_SIZE)
+        return dirty
+
+    def _device_logs(self, clear: bool) -> int:
+        dirty = 0
         for device_log in self._devices:
             dirty |= int.from_bytes(device_log, "little")
-            device_log[:] = bytes(len(device_log))
+            if clear:
+                device_log[:] = bytes(len(device_log))
+        return dirty
+
+    def _runs(self, dirty: int) -> list[tuple[int, int]]:
         dirty &= (1 << self._pages) - 1  # a device bitmap's whole last page maps no RAM
         bitmap = dirty.to_bytes(-(-self._pages // 8), "little")
         return [(page * PAGE_SIZE, pages * PAGE_SIZE) for page, pages in dirty_runs(bitmap)]

@@ -12,14 +12,15 @@ Layout, little endian:
            (4096), memory_size u64, reserved u64 (0)
   records  offset u64, length u64, then `length` bytes of data. Offsets ascend, extents are
            page aligned, non-empty, do not overlap and lie inside memory_size.
-  pass     sparse-v2 only, at most once: offset u64 = 2^64 - 2, length u64 = 0. The records
-           after it ascend again from 0 and replace what the ones before it said of their
-           pages (they may hold zeros).
+  pass     sparse-v2 only, at most MAX_PASSES - 1 times: offset u64 = 2^64 - 2, length u64 = 0.
+           The records after it ascend again from 0 and replace what the ones before it said
+           of their pages (they may hold zeros).
   end      offset u64 = 2^64 - 1, length u64 = total data bytes; nothing may follow.
 
 sparse-v2 is a live snapshot's (monitor/dirtylog.py): the first pass is copied while the VM
-runs, the second once it is paused, holding the pages written meanwhile. A paused VM's RAM is
-written in one pass, as sparse-v1, which every release reads.
+runs, then, while what it wrote meanwhile shrinks, a pass or two more of just that, still
+running; the last pass once it is paused, holding the pages written since the pass before. A
+paused VM's RAM is written in one pass, as sparse-v1, which every release reads.
 
 Each record carries its own data (no table up front), so the writer makes one pass over the
 memory and neither side ever allocates a table whose size the file chooses. The count needs
@@ -57,7 +58,9 @@ VERSIONS: Final[dict[str, int]] = {ENCODING: VERSION, PRECOPY_ENCODING: PRECOPY_
 HEADER = struct.Struct("<8sIIQQ")  # magic, version, page_size, memory_size, reserved
 RECORD = struct.Struct("<QQ")  # offset, length
 END_OFFSET = (1 << 64) - 1
-PASS_OFFSET = (1 << 64) - 2  # sparse-v2: the first pass ends, the second replaces its pages
+PASS_OFFSET = (1 << 64) - 2  # sparse-v2: a pass ends, the next replaces its pages
+# sparse-v2: the first pass, up to two more made while the VM runs, the last once it is stopped
+MAX_PASSES = 4
 ZERO_PAGE = bytes(PAGE_SIZE)
 PIECE = 8 << 20  # bytes per write/read/progress step: big syscalls, a responsive progress bar
 
@@ -215,17 +218,22 @@ def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> 
         return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
 
 
+Written = Sequence[tuple[int, int]]  # (offset, length) of page-aligned extents, in order
+
+
 def write_ram_precopy(
     out: BinaryIO,
     mem: RamLike,
-    stop: Callable[[], Sequence[tuple[int, int]]],
+    stop: Callable[[], Written],
     progress: Progress | None = None,
+    again: Callable[[int], Written | None] | None = None,
 ) -> RamStats:
-    """Encode `mem` into `out` as sparse-v2, its VM running: a first pass over its data, then
-    stop(), which stops the VM (vCPUs parked, devices quiesced) and returns (offset, length)
-    of the page-aligned extents written since the first pass began, in order
-    (monitor/dirtylog.py); those extents again are the second pass. On return the VM is
-    still stopped; if stop() raises, nothing more is written."""
+    """Encode `mem` into `out` as sparse-v2, its VM running: a first pass over its data;
+    then, up to MAX_PASSES - 2 times, again(bytes the pass before held), which returns the
+    extents written since that pass began, to copy now, the VM still running, or None; then
+    stop(), which stops the VM (vCPUs parked, devices quiesced) and returns the extents
+    written since the pass before began (monitor/dirtylog.py): the last pass. On return
+    the VM is still stopped; if stop() raises, nothing more is written."""
     if mem.size % PAGE_SIZE:
         raise SnapshotError(f"guest memory size {mem.size} is not a multiple of {PAGE_SIZE}")
     extents = data_extents(mem.fd, mem.size)
@@ -235,19 +243,32 @@ def write_ram_precopy(
         w.put(HEADER.pack(MAGIC, PRECOPY_VERSION, PAGE_SIZE, mem.size, 0))
         for start, end in extents:
             w.data_extent(mem.map, view, start, end)
+        held = w.data
+        for _ in range(MAX_PASSES - 2):
+            written = again(held) if again is not None else None
+            if written is None:
+                break
+            before = w.data
+            _pass(w, view, written, mem.size)
+            held = w.data - before
         written = stop()
         w.running = False  # stopped: what is written now stays as it is until it is hashed
-        w.put(RECORD.pack(PASS_OFFSET, 0))
-        last = 0
-        for offset, length in written:
-            if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset < last:
-                raise SnapshotError(f"written extent {offset:#x}+{length:#x} is out of order")
-            if offset + length > mem.size:
-                raise SnapshotError(f"written extent {offset:#x}+{length:#x} lies beyond RAM")
-            w.extent(view, offset, length)
-            last = offset + length
+        _pass(w, view, written, mem.size)
         w.put(RECORD.pack(END_OFFSET, w.data))
         return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
+
+
+def _pass(w: _RamWriter, view: memoryview, written: Written, memory_size: int) -> None:
+    """A pass marker, then each written extent, checked, whatever it holds now."""
+    w.put(RECORD.pack(PASS_OFFSET, 0))
+    last = 0
+    for offset, length in written:
+        if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset < last:
+            raise SnapshotError(f"written extent {offset:#x}+{length:#x} is out of order")
+        if offset + length > memory_size:
+            raise SnapshotError(f"written extent {offset:#x}+{length:#x} lies beyond RAM")
+        w.extent(view, offset, length)
+        last = offset + length
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -333,15 +354,16 @@ def _check_header(s: _Stream, memory_size: int, encoding: str) -> int:
 
 def _records(s: _Stream, memory_size: int, encoding: str) -> Iterator[tuple[int, int]]:
     """Validated (offset, length) extents; the caller reads or skips each one's data. A
-    sparse-v2 stream's second pass begins with (PASS_OFFSET, 0)."""
-    second_pass_due = _check_header(s, memory_size, encoding) == PRECOPY_VERSION
+    sparse-v2 stream's later passes each begin with (PASS_OFFSET, 0)."""
+    precopy = _check_header(s, memory_size, encoding) == PRECOPY_VERSION
+    passes_due = MAX_PASSES - 1 if precopy else 0
     prev_end = data = 0
     while True:
         offset, length = RECORD.unpack(s.read_exact(RECORD.size))
         if offset == END_OFFSET:
             break
-        if offset == PASS_OFFSET and second_pass_due and not length:
-            second_pass_due, prev_end = False, 0
+        if offset == PASS_OFFSET and passes_due and not length:
+            passes_due, prev_end = passes_due - 1, 0
             yield offset, length
             continue
         if offset % PAGE_SIZE or length % PAGE_SIZE or not length or offset < prev_end:
@@ -402,8 +424,8 @@ def load_ram(
         s = _Stream(fd, file_size, where, checksum)
         for offset, length in _records(s, mem.size, encoding):
             if offset == PASS_OFFSET:
-                # The first pass is hashed where it landed: all of it before the second
-                # overwrites any (the helper may still be at its last piece).
+                # A pass is hashed where it landed: all of it before the next overwrites
+                # any (the helper may still be at its last piece).
                 checksum.wait()
                 continue
             s.load_extent(mem, view, offset, length, progress)

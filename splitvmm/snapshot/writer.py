@@ -287,13 +287,17 @@ class SnapshotWriter:
     def add_ram_precopy(
         self,
         mem: ram.RamLike,
-        stop: Callable[[], list[tuple[int, int]]],
+        stop: Callable[[], ram.Written],
         progress: ram.Progress | None = None,
+        again: Callable[[int], ram.Written | None] | None = None,
     ) -> ChunkEntry:
-        """Write guest RAM while its VM runs, then call stop(), which stops it and says what
-        was written meanwhile (ram.write_ram_precopy), then that: sparse-v2."""
+        """Write guest RAM while its VM runs, and what it wrote meanwhile as long as again()
+        says so, then call stop(), which stops it and says what was written since, then that
+        (ram.write_ram_precopy): sparse-v2."""
         return self._add_ram(
-            mem, lambda f: ram.write_ram_precopy(f, mem, stop, progress), ram.PRECOPY_ENCODING
+            mem,
+            lambda f: ram.write_ram_precopy(f, mem, stop, progress, again),
+            ram.PRECOPY_ENCODING,
         )
 
     def set_cpuid(self, cpuid: object) -> None:

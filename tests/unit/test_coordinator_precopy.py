@@ -6,6 +6,7 @@ saves are fakes (tests/unit/test_coordinator_commit.py)."""
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -35,6 +36,25 @@ class FakeTracker:
         self.events.append("take")
         self.mem.map[self.page : self.page + PAGE] = b"\x77" * PAGE
         return [(self.page, PAGE)]
+
+    def written(self) -> list[tuple[int, int]]:
+        self.events.append("written")
+        return []
+
+    def copying(self) -> None:
+        self.events.append("copying")
+
+
+class Busy(FakeTracker):
+    """A guest that writes `sizes[i]` bytes during pass i + 1 (from page 0x100 on)."""
+
+    def __init__(self, events: list[str], mem: GuestMemory, sizes: list[int]) -> None:
+        super().__init__(events, mem)
+        self.sizes = sizes
+
+    def written(self) -> list[tuple[int, int]]:
+        self.events.append("written")
+        return [(0x100 * PAGE, self.sizes.pop(0))]
 
 
 @pytest.fixture
@@ -70,7 +90,7 @@ def test_live_snapshot_copies_first_then_stops_and_holds_memory_as_it_was_stoppe
 
     coord.snapshot(tmp_path / "snap")
 
-    assert events[:3] == ["log start", "pause", "take"] and not coord.paused
+    assert events[:4] == ["log start", "written", "pause", "take"] and not coord.paused
     snap = Snapshot.open(tmp_path / "snap")
     snap.verify()
     fresh = memory(pages={})
@@ -98,6 +118,29 @@ def test_live_snapshot_has_each_device_clear_its_marks_before_the_first_pass(
     assert "device blk0 keeps its dirty marks" in caplog.text
 
 
+def test_live_snapshot_clearing_marks_leaves_the_pause_its_whole_device_deadline(
+    tmp_path, monkeypatch, mem
+):
+    """The devices' clears come while the VM runs: one slow to answer there (a host I/O
+    call) must not leave the quiesce, save and resume in the pause less of their deadline."""
+    coord, events = live(tmp_path, monkeypatch, mem)
+    coord.device_deadline_s = 0.2
+    coord.machine.slots = [SlowToClear("blk0")]
+
+    coord.snapshot(tmp_path / "snap")
+
+    assert coord.machine.slots[0].ops == ["clear_dirty", "quiesce", "save", "resume"]
+
+
+class SlowToClear(FakeSlot):
+    model: str = "serial"
+
+    def control(self, op: str, timeout_ms: int) -> dict[str, object]:
+        if op == "clear_dirty":
+            time.sleep(0.3)  # past the whole deadline of 0.2 s
+        return super().control(op, timeout_ms)
+
+
 class Slot(FakeSlot):
     model: str = "serial"  # what the writer files its (empty) state under
 
@@ -120,6 +163,36 @@ class Started(FakeTracker):
     def start(self) -> None:
         self.started.extend(list(slot.ops) for slot in self.slots)
         super().start()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "passes_running"),
+    [
+        ([1 << 20], 1),  # little enough for the pause at once
+        ([6 << 20, 2 << 20], 2),  # too much, then little enough: one more pass
+        ([6 << 20, 5 << 20], 2),  # not shrinking by half: the pause takes it
+        ([12 << 20, 5 << 20], 3),  # the most passes the format takes, then the pause
+    ],
+    ids=["small", "converges", "not-shrinking", "at-most"],
+)
+def test_live_snapshot_copies_again_while_running_as_long_as_what_comes_shrinks(
+    tmp_path, monkeypatch, sizes, passes_running
+):
+    """A pass is made again, the VM running, of what the guest wrote during the one before
+    while that is more than the pause should copy (PAUSE_COPY_BYTES) and under half of it;
+    the pause copies the rest. The first pass here held 40 MiB."""
+    mem = memory(64 << 20, {offset: b"\x01" for offset in range(0, 40 << 20, PAGE)})
+    coord, events = live(tmp_path, monkeypatch, mem)
+    coord.machine.dirty_tracker = lambda: Busy(events, mem, sizes)
+
+    coord.snapshot(tmp_path / "snap")
+
+    assert events.count("copying") == passes_running - 1
+    assert events.count("written") == min(passes_running, ram_module.MAX_PASSES - 2)
+    assert events.index("pause") > len(events) - 1 - events[::-1].index("written")
+    snap = Snapshot.open(tmp_path / "snap")
+    snap.verify()
+    mem.close()
 
 
 def test_live_snapshot_failing_in_its_first_pass_never_paused_and_leaves_nothing(

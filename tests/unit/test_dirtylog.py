@@ -79,3 +79,21 @@ def test_dirty_runs_are_the_runs_of_set_bits(bitmap: bytes) -> None:
             start = None
 
     assert dirty_runs(bitmap) == expected
+
+
+def test_tracker_between_passes_keeps_what_was_not_copied_for_the_pause():
+    """written() reads KVM's logs (which begin again) and the devices' bitmaps without
+    clearing them; what the vCPUs wrote stays owed until copying() says it is copied now,
+    and the pause's take() gives it with the rest."""
+    vm = FakeVm({0: bytes([0b100])})  # the vCPUs wrote page 2
+    log = device_log([20])
+    tracker = DirtyTracker(vm, SLOTS, [log], 24 * PAGE)
+
+    assert tracker.written() == [(2 * PAGE, PAGE), (20 * PAGE, PAGE)]  # not copied: owed
+    vm.logs[0] = bytes([0b1000])  # then page 3
+    assert tracker.written() == [(2 * PAGE, 2 * PAGE), (20 * PAGE, PAGE)]
+    tracker.copying()  # pages 2, 3 and 20 copied now, the VM running
+    assert log[:] != bytes(PAGE)  # the device's marks stay until it or the pause clears them
+    vm.logs[1] = bytes([0b1])  # page 16, during that pass
+
+    assert tracker.take() == [(16 * PAGE, PAGE), (20 * PAGE, PAGE)]
