@@ -16,9 +16,10 @@
    `ctl snapshot` pauses for the copy, not for the disk's flush.
 
 A VM with vm.track_dirty_pages that runs on after its snapshot (`ctl snapshot` of a running
-VM) has its RAM copied first, while it runs; steps 1-3 come after that copy, and step 4
-copies again only the pages written meanwhile (pre-copy: monitor/dirtylog.py, snapshot/ram.py
-sparse-v2), so the pause is that second copy.
+VM) has its RAM copied first, while it runs, then again, still running, what it wrote
+meanwhile as long as that shrinks; steps 1-3 come after those copies, and step 4 copies again
+only the pages written since the last (pre-copy: monitor/dirtylog.py, snapshot/ram.py
+sparse-v2), so the pause is that last copy.
 
 The devices share one deadline for their quiesce, save and resume (time spent writing RAM
 is not theirs); each request waits only for what is left of it, and a device that does not
@@ -451,8 +452,9 @@ class Coordinator:
     ) -> SnapshotWriter:
         """Every chunk written, not yet committed: the caller commits it (or it aborts on
         leaving its `with`). The VM is stopped (`stop`) when it returns. With `tracker`, it
-        runs at first: its RAM is copied while it runs (the first pass), then stopped, then
-        what it wrote meanwhile is copied again (snapshot/ram.py sparse-v2)."""
+        runs at first: its RAM is copied while it runs (the first pass), and what it wrote
+        meanwhile as long as that shrinks (again()), then stopped, then what it wrote since
+        the last pass is copied again (snapshot/ram.py sparse-v2)."""
         m = self.machine
         if tracker is None:
             states = self._stop_and_save(deadline, quiesced)
@@ -470,9 +472,9 @@ class Coordinator:
                     try:
                         stop()
                         saved.append(self._stop_and_save(deadline, quiesced))
+                        return tracker.take()
                     except OSError as e:  # (KvmError) not the RAM chunk's: the writer would say so
                         raise _NotRam(e) from e
-                    return tracker.take()
 
                 def on(done: int, total: int) -> None:
                     if m.stopping:  # the copy is of no use now: let the VM's end go on
@@ -480,11 +482,14 @@ class Coordinator:
 
                 def again(held: int) -> list[tuple[int, int]] | None:
                     """Another pass while the VM runs, of what it wrote during the pass
-                    before (`held` bytes), where that is too much for the pause and less
-                    than half of it: each pass is shorter, and what the next must copy
+                    before (`held` bytes), where that is too much for the pause and at most
+                    half of it: each pass is shorter, and what the next must copy
                     shrinks with it (as a live migration converges). Else the pause copies
                     it, with what comes after."""
-                    written = tracker.written()
+                    try:
+                        written = tracker.written()
+                    except OSError as e:  # (KvmError) as in stopped()
+                        raise _NotRam(e) from e
                     size = sum(length for _, length in written)
                     if size <= PAUSE_COPY_BYTES or size > held // 2 or m.stopping:
                         return None

@@ -195,8 +195,9 @@ class Manifest(Struct, frozen=True):
         if len(rams) != 1:
             raise Invalid(f"needs exactly one ram chunk, has {len(rams)}")
         # A RAM chunk holds at most the memory plus its record headers in each of its passes,
-        # two at most (ram.py checks the exact bound); three times the memory is a loose cap
-        # that needs no knowledge of the encoding.
+        # up to ram.MAX_PASSES: a live snapshot's writer (the coordinator) keeps the passes
+        # made while the VM runs to half the one before, so 1 + 1/2 + 1/4 + 1 of the memory
+        # plus headers; three times the memory caps that without knowledge of the encoding.
         if rams[0].size > 3 * self.memory.size:
             at = f"chunks[{rams[0].name!r}].size"
             raise Invalid(f"{rams[0].size} is outside 0..{3 * self.memory.size}", at=at)

@@ -195,10 +195,13 @@ class _RamWriter:
         self.report(self.scanned)
 
     def extent(self, view: memoryview, offset: int, length: int) -> None:
-        """One record of `length` bytes at `offset`, whatever they hold (zeros too)."""
+        """One record of `length` bytes at `offset`, whatever they hold (zeros too). Each
+        piece is reported, though it scans nothing new: a pass made again while the VM runs
+        holds up to half of its RAM, and progress() may end it (a VM that stops)."""
         self.put(RECORD.pack(offset, length))
         for piece in range(offset, offset + length, PIECE):
             self.put(view[piece : min(piece + PIECE, offset + length)])
+            self.report(self.scanned)
         self.extents, self.data = self.extents + 1, self.data + length
 
 

@@ -239,3 +239,71 @@ def test_live_snapshot_of_a_vm_that_stops_during_its_first_pass_ends_there(
         coord.snapshot(tmp_path / "snap")
 
     assert ("pause" in events, coord.paused) == (False, False)
+
+
+class StopsDuringPass(Busy):
+    """A busy guest whose VM stops (a power-off, a failed device) as a pass made while it
+    runs begins."""
+
+    def __init__(self, events, mem, sizes, machine) -> None:
+        super().__init__(events, mem, sizes)
+        self.machine = machine
+
+    def copying(self) -> None:
+        super().copying()
+        self.machine.stopping = True
+
+
+def test_live_snapshot_of_a_vm_that_stops_during_a_later_pass_ends_there(tmp_path, monkeypatch):
+    """A pass made again while the VM runs holds up to half of its RAM: a VM that stops
+    meanwhile does not wait for the rest of it, as in the first pass."""
+    mem = memory(64 << 20, {offset: b"\x01" for offset in range(0, 40 << 20, PAGE)})
+    coord, events = live(tmp_path, monkeypatch, mem)
+    coord.machine.dirty_tracker = lambda: StopsDuringPass(
+        events, mem, [12 << 20, 1 << 20], coord.machine
+    )
+
+    with pytest.raises(ControlError) as raised:
+        coord.snapshot(tmp_path / "snap")
+
+    # not the rest of its 12 MiB, then another look at the log, then a pause refused
+    assert events.count("written") == 1
+    assert "stopped while it was saved" in str(raised.value) and not coord.paused
+    mem.close()
+
+
+class DirtyLogFails(FakeTracker):
+    """KVM_GET_DIRTY_LOG fails at `read`: between the passes, or in the pause."""
+
+    def __init__(self, events: list[str], mem: GuestMemory, read: str) -> None:
+        super().__init__(events, mem)
+        self.read = read
+
+    def written(self) -> list[tuple[int, int]]:
+        self._fails("written")
+        return super().written()
+
+    def take(self) -> list[tuple[int, int]]:
+        self._fails("take")
+        return super().take()
+
+    def _fails(self, read: str) -> None:
+        if read == self.read:
+            raise KvmError(errno.EINVAL, "KVM_GET_DIRTY_LOG")
+
+
+@pytest.mark.parametrize("read", ["written", "take"])
+def test_live_snapshot_whose_dirty_log_read_fails_says_so_not_the_ram_chunk(
+    tmp_path, monkeypatch, mem, read
+):
+    """KVM's dirty log is read inside the RAM copy, between its passes and in the pause: the
+    RAM writer, which names its chunk in an OSError, must not take that ioctl's failure for
+    its own."""
+    coord, events = live(tmp_path, monkeypatch, mem)
+    coord.machine.dirty_tracker = lambda: DirtyLogFails(events, mem, read)
+
+    with pytest.raises(KvmError) as raised:
+        coord.snapshot(tmp_path / "snap")
+
+    assert "chunk ram" not in str(raised.value) and "KVM_GET_DIRTY_LOG" in str(raised.value)
+    assert coord.paused is False
