@@ -13,7 +13,10 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
 - tracked: the live pause of the same guest in a VM with vm.track_dirty_pages (booted
   for it in each run): its RAM is copied while it runs and only what it wrote meanwhile
   in the pause (monitor/dirtylog.py); "tracked write ms" is that snapshot's whole write,
-  both passes (what the save costs the host, not the guest).
+  every pass (what the save costs the host, not the guest).
+- busy (a table of its own, rows with data): the live pause of the guest rewriting its data
+  at each rate of STREAM_MIB_S, a MiB at a time (its rate=; tests/guests/README.md), in a VM
+  with and without vm.track_dirty_pages: what the passes made while it runs must chase.
 - floor s: writing the same number of bytes to a file in the same directory
   and fsyncing it, once in each run, as the save is: write/floor is the goal's ratio,
   the median of one against the median of the other. (The floor was the best of three
@@ -140,6 +143,12 @@ holds only what the devices and the spinning vCPU touched. Same runs: save write
 1.05, restore idle 0.120 and 0.163 s (QEMU 0.303 and 0.308; a slower hour for the second:
 bench/startup.py's `python -c pass` floor read 10.6 ms then, 8.9 at the session's start), 256 MiB
 dirty 0.227 and 0.223 s.
+Later the same session, with the passes made again while the guest runs (89dede3) and the busy
+table new, --runs 3: live pause untracked / tracked, idle 8 / 6, 256 MiB dirty 79 / 8; the
+guest rewriting its 256 MiB at 256 MiB/s 82 / 11 ms, at 1024 MiB/s 249 / 52 ms. In one-off runs
+of the busy guest (the tracked snapshot kept, its passes counted): at 64 MiB/s one pass made
+again, at 256 two, at 1024 none (what it wrote during the first was over half of it), and then
+the pause copied the 181 MiB written meanwhile (183-189 ms in those runs, against 261 untracked).
 """
 
 from __future__ import annotations
@@ -164,7 +173,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.qmp import Qmp  # noqa: E402
-from bench.vmrun import compile_package, wait_for_text, write_config  # noqa: E402
+from bench.vmrun import (  # noqa: E402
+    compile_package,
+    host_tsc_khz,
+    wait_for_text,
+    write_config,
+)
 from splitvmm.monitor.control import READ_ONLY_TIMEOUT_S, ControlError, request  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
@@ -174,6 +188,11 @@ VCPUS_START = "vcpus started"  # the mark right after the vCPU threads start (Ma
 QEMU = "qemu-system-x86_64"
 DIRTY_START_MIB = 16  # where the `dirty` guest starts writing (tests/guests/dirty.c)
 WAIT_TIMEOUT_S = 120  # a guest's line, a loaded host included
+# The busy guest rewrites its data at these rates (MiB/s), a MiB at a time, moving across it:
+# what a live snapshot's passes chase (the first converges here, the second is faster than half
+# the copy runs, so no pass is made again). It has run this long when the snapshot is asked.
+STREAM_MIB_S = (256, 1024)
+STREAM_SETTLE_S = 0.3
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -265,14 +284,21 @@ def restore(env: dict[str, str], config: Path, snap: Path, work: Path) -> dict[s
 
 
 def dirty_vm(
-    work: Path, guest: Path, mib: int, dirty_mib: int, name: str, vm_extra: str = ""
+    work: Path,
+    guest: Path,
+    mib: int,
+    dirty_mib: int,
+    name: str,
+    vm_extra: str = "",
+    rate: int = 0,
 ) -> tuple[dict[str, str], subprocess.Popen[str], Path]:
     """The `dirty` guest booted (its environment, its process, its config), once it has
-    written its data."""
+    written its data; with `rate`, once it rewrites it at `rate` MiB/s (tests/guests/README.md)."""
     env = {**os.environ, "XDG_RUNTIME_DIR": str(work / "run")}
     serial, config = work / f"serial-{name}-{mib}-{dirty_mib}.log", work / f"{name}.toml"
     serial.unlink(missing_ok=True)
-    boot = f'kernel = "{guest}"\ncmdline = "mib={dirty_mib}"'
+    streaming = f" rate={rate} tsc_khz={host_tsc_khz()}" if rate else ""
+    boot = f'kernel = "{guest}"\ncmdline = "mib={dirty_mib}{streaming}"'
     write_config(config, "bench-snap", boot, f"{mib}M", serial, vm_extra)
     vm = subprocess.Popen(
         [sys.executable, "-m", "splitvmm", "up", str(config)],
@@ -282,24 +308,43 @@ def dirty_vm(
         text=True,
     )
     wait_for_text(serial, f"dirty: {dirty_mib} MiB written", vm, WAIT_TIMEOUT_S)
+    if rate:
+        wait_for_text(serial, "dirty: streaming", vm, WAIT_TIMEOUT_S)
+        time.sleep(STREAM_SETTLE_S)
     return env, vm, config
 
 
-def tracked_live(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
-    """A `ctl snapshot` of the same guest in a VM with vm.track_dirty_pages: pause and write."""
-    snap = work / "tracked"
-    env, vm, _ = dirty_vm(work, guest, mib, dirty_mib, "tracked", "track_dirty_pages = true\n")
+def live_snapshot(
+    work: Path, guest: Path, mib: int, dirty_mib: int, tracked: bool, rate: int = 0
+) -> dict[str, float]:
+    """A `ctl snapshot` of the guest in a VM of its own, with vm.track_dirty_pages or not, the
+    guest idle after its fill or rewriting it at `rate` MiB/s: its reply (pause_ms, write_ms)."""
+    snap = work / "live-own"
+    extra = "track_dirty_pages = true\n" if tracked else ""
+    env, vm, _ = dirty_vm(work, guest, mib, dirty_mib, "live", extra, rate)
     try:
         settle()
         reply = run(env, "ctl", "--vm", "bench-snap", "snapshot", str(snap), "--json")
         if reply.returncode != 0:
-            raise SystemExit(f"tracked snapshot failed: {reply.stderr}")
+            raise SystemExit(f"live snapshot failed: {reply.stderr}")
     finally:
         vm.terminate()
         vm.communicate(timeout=60)
     shutil.rmtree(snap, ignore_errors=True)
-    live = json.loads(reply.stdout)
-    return {"tracked_pause_ms": live["pause_ms"], "tracked_write_ms": live["write_ms"]}
+    return json.loads(reply.stdout)  # type: ignore[no-any-return]
+
+
+def tracked_live(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, float]:
+    """The live snapshots of VMs with vm.track_dirty_pages: of the guest idle after its fill
+    (pause and write), and, with data to rewrite, the pause of it rewriting it at each of
+    STREAM_MIB_S, and the same without tracking."""
+    idle = live_snapshot(work, guest, mib, dirty_mib, tracked=True)
+    figures = {"tracked_pause_ms": idle["pause_ms"], "tracked_write_ms": idle["write_ms"]}
+    for rate in STREAM_MIB_S if dirty_mib else ():
+        for tracked, key in ((False, "busy_pause_ms"), (True, "busy_tracked_pause_ms")):
+            busy = live_snapshot(work, guest, mib, dirty_mib, tracked, rate)
+            figures[f"{key}_{rate}"] = busy["pause_ms"]
+    return figures
 
 
 def one(work: Path, guest: Path, mib: int, dirty_mib: int) -> dict[str, object]:
@@ -479,6 +524,20 @@ def print_tables(rows: list[dict[str, object]], runs: int) -> None:
             *qemu_cells(r),
         )
     console.print(table)
+    busy = [r for r in rows if f"busy_pause_ms_{STREAM_MIB_S[0]}" in r]
+    if busy:
+        t = Table(title="live pause ms, the guest rewriting its data (median)")
+        for col in ("RAM MiB", "data MiB", "rewritten MiB/s", "untracked", "tracked"):
+            t.add_column(col, justify="right")
+        for r in busy:
+            for rate in STREAM_MIB_S:
+                t.add_row(
+                    *(str(r[k]) for k in ("memory_mib", "dirty_mib")),
+                    str(rate),
+                    f"{r[f'busy_pause_ms_{rate}']:.0f}",
+                    f"{r[f'busy_tracked_pause_ms_{rate}']:.0f}",
+                )
+        console.print(t)
     if "qemu_save_s" not in rows[0]:
         console.print(f"QEMU: {QEMU} not found (apt-get install qemu-system-x86)")
     phases = Table(title="restore phases, ms (last run; up --timings)")

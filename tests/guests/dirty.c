@@ -6,7 +6,10 @@
  * sweep=S (instead of spinning, prints "dirty: sweeping" and then, for g = 1, 2, 3, ... for
  * ever, stores g into the first word of the range's last page, then into the first word of each
  * page of its first S MiB, lowest first: a copy taken at one instant holds g in the last page,
- * g in the first pages and g - 1 in the rest; S below mib, 0 to spin).
+ * g in the first pages and g - 1 in the rest; S below mib, 0 to spin), rate=R with tsc_khz=K
+ * (instead, prints "dirty: streaming" and rewrites the range a MiB at a time, the first word of
+ * each of its pages, at most R MiB a second by the TSC at K kHz, for ever: a guest whose
+ * writes move across its memory, for a live snapshot's passes to chase).
  * The range must be 4 KiB-aligned, start at or above 4 MiB, end at or below 3 GiB (the PCI
  * hole; the CPL3 page tables map RAM below it with write-back caching), and lie inside one RAM
  * entry of the e820 map; else the guest ends with debug-exit value 2 (host status 5).
@@ -71,6 +74,27 @@ static NORETURN void dirty(void *boot_params)
 	if (sweep && sweep >= mib) {
 		print("dirty: need sweep < mib\n");
 		debug_exit(EXIT_BAD_ARGS);
+	}
+	u64 rate = cmdline_u64(cmdline, "rate", 0);
+	u64 tsc_khz = cmdline_u64(cmdline, "tsc_khz", 0);
+	if (rate && (sweep || !mib || !tsc_khz)) {
+		print("dirty: rate needs mib, tsc_khz and no sweep\n");
+		debug_exit(EXIT_BAD_ARGS);
+	}
+	if (rate) {
+		u64 per_mib = tsc_khz * 1000 / rate; /* TSC ticks between two MiB */
+		u64 next = rdtsc();
+		print("dirty: streaming\n");
+		for (u64 g = 1;; g++) {
+			for (u64 a = start; a < end; a += MIB) {
+				u64 now;
+				while ((now = rdtsc()) < next)
+					asm volatile("pause" ::: "memory");
+				for (u64 p = a; p < a + MIB; p += PAGE_SIZE)
+					*(volatile u64 *)phys_ptr(p) = g;
+				next = now + per_mib; /* late: no catching up in a burst */
+			}
+		}
 	}
 	if (sweep) {
 		volatile u64 *generation = phys_ptr(end - PAGE_SIZE);
