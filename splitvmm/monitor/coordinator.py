@@ -192,10 +192,10 @@ class Coordinator:
         deadline = Deadline(self.device_deadline_s)
         # A VM that runs on after its snapshot has its RAM copied while it runs, and only
         # what it writes meanwhile copied in the pause (pre-copy: monitor/dirtylog.py). A
-        # suspend's pause lasts until the end anyway, and a paused VM writes nothing.
+        # suspend's pause lasts until the end anyway, and a paused VM writes nothing. (A VM
+        # that does not track its dirty pages, vm.track_dirty_pages, copies all of it in the
+        # pause: no tracker.)
         tracker = None if was_paused or keep_paused else self.machine.dirty_tracker()
-        # (a VM that does not track its dirty pages, vm.track_dirty_pages, copies all of it
-        # in the pause)
         t0 = t1 = time.monotonic()
         resumed_at = None
 
@@ -476,7 +476,7 @@ class Coordinator:
                     except OSError as e:  # (KvmError) not the RAM chunk's: the writer would say so
                         raise _NotRam(e) from e
 
-                def on(done: int, total: int) -> None:
+                def end_if_stopping(done: int, total: int) -> None:
                     if m.stopping:  # the copy is of no use now: let the VM's end go on
                         raise ControlError(f"VM {m.cfg.vm.name!r} stopped while it was saved")
 
@@ -501,7 +501,7 @@ class Coordinator:
                 self._clear_device_marks(Deadline(self.device_deadline_s))
                 tracker.start()
                 try:
-                    w.add_ram_precopy(m.mem, stopped, on, again)
+                    w.add_ram_precopy(m.mem, stopped, end_if_stopping, again)
                 except _NotRam as e:
                     raise e.error from None
                 states = saved[0]

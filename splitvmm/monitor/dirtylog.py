@@ -32,9 +32,8 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
+from splitvmm.monitor.layout import PAGE_SIZE
 from splitvmm.native.mem import Region
-
-PAGE_SIZE = 4096
 
 
 class DirtyLogVm(Protocol):

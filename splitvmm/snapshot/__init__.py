@@ -1,7 +1,7 @@
 """Snapshots on disk: a directory with a versioned JSON manifest and one file per chunk.
 
 format.py (manifest schema, versions, upgrades), digest.py (chunk checksums), ram.py (guest
-RAM, sparse-v1), state.py (vCPU/VM/device JSON chunks), writer.py (SnapshotWriter), reader.py
+RAM, sparse-v1 and sparse-v2), state.py (vCPU/VM/device JSON chunks), writer.py (SnapshotWriter), reader.py
 (Snapshot). The
 coordinator that pauses the VM and collects the states lives in monitor/snapshot.py.
 """

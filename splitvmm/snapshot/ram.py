@@ -23,7 +23,8 @@ running; the last pass once it is paused, holding the pages written since the pa
 paused VM's RAM is written in one pass, as sparse-v1, which every release reads.
 
 Each record carries its own data (no table up front), so the writer makes one pass over the
-memory and neither side ever allocates a table whose size the file chooses. The count needs
+memory (each pass of sparse-v2 is one such) and neither side ever allocates a table whose size
+the file chooses. The count needs
 no separate cap: ascending, non-overlapping, page-aligned extents inside memory_size number at
 most memory_size / 8 KiB a pass.
 

@@ -379,3 +379,28 @@ def test_ctl_snapshot_signing_key_that_is_a_directory_is_one_line_error(monitor,
 
     assert_one_line_error(result, str(tmp_path))
     assert monitor.request == b""  # nothing was asked of the VM
+
+
+@pytest.mark.parametrize("verb", ["snapshot", "suspend"])
+def test_ctl_snapshot_target_this_user_cannot_read_is_not_clicks_usage_error(
+    tmp_path, monkeypatch, verb
+):
+    """A name already taken by a directory this user may not read (another user's, 0700) is
+    the monitor's "already exists" (exit 1), as a file there is: click's readable check would
+    refuse it first with a usage error (exit 2). Tests run as root, whom access() never
+    refuses: it is made to refuse here."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda p, mode, **kw: False if str(p) == str(taken) else real_access(p, mode, **kw),
+    )
+
+    result = CliRunner().invoke(
+        cli, ["ctl", "--socket", str(tmp_path / "absent.sock"), verb, str(taken)]
+    )
+
+    assert result.exit_code == 1, result.output
+    assert "not readable" not in result.output

@@ -396,12 +396,12 @@ def test_virtio_blk_snapshot_under_io_restores_and_verifies(guests, tmp_path, di
 
 def test_virtio_blk_live_snapshot_of_a_tracked_vm_under_io_restores_and_verifies(guests, tmp_path):
     """vm.track_dirty_pages: `ctl snapshot` of the running loop guest copies its RAM while it
-    writes and verifies blocks, then, in the pause, what changed meanwhile: the vCPU's writes
-    (KVM's dirty log) and the device's (read data and used ring entries, in its dirty bitmap).
-    A block read into a buffer the first pass had copied, or a completion it had not seen,
-    missing from the second, is a mismatch or a hang in the restored guest, which verifies a
-    whole pass (when the pause falls between a completion and its check: with the devices'
-    bitmaps left out of the second pass, 1 run in 3 failed here; tests/unit/test_dirtylog.py
+    writes and verifies blocks, then, in later passes, what changed meanwhile: the vCPU's
+    writes (KVM's dirty log) and the device's (read data and used ring entries, in its dirty
+    bitmap). A block read into a buffer a pass had copied, or a completion it had not seen,
+    missing from the later ones, is a mismatch or a hang in the restored guest, which verifies
+    a whole pass (when the pause falls between a completion and its check: with the devices'
+    bitmaps left out of the pause's pass, 1 run in 3 failed here; tests/unit/test_dirtylog.py
     pins the merge itself). The first life is stopped by input right after the snapshot, well
     within its pass of 256 MiB (the guest accepts a block one pass ahead, not two)."""
     vm = loop_vm(tmp_path, guests, size_mib=256, vm_extra="track_dirty_pages = true")

@@ -170,11 +170,16 @@ def test_config_of_bad_set_refused_naming_it(tmp_path, key, message):
         restore.config_of(golden(tmp_path), {key: "/tmp/x"})
 
 
-@pytest.mark.parametrize("value", ["true", "false"])
-def test_config_of_set_track_dirty_pages_overrides_the_saved_vms(tmp_path, value):
+def tracked(m: dict[str, Any]) -> None:
+    m["vm_config"]["vm"]["track_dirty_pages"] = True
+
+
+@pytest.mark.parametrize(("edit", "value"), [(None, "true"), (tracked, "false")])
+def test_config_of_set_track_dirty_pages_overrides_the_saved_vms(tmp_path, edit, value):
     """What logging the guest's writes costs the host is the operator's to choose at a
-    restore, as `up --restore` takes it from the operator's config."""
-    cfg = restore.config_of(golden(tmp_path), {"vm.track_dirty_pages": value})
+    restore, as `up --restore` takes it from the operator's config: each value against a
+    saved VM that had the other."""
+    cfg = restore.config_of(golden(tmp_path, edit), {"vm.track_dirty_pages": value})
 
     assert cfg.vm.track_dirty_pages is (value == "true")
 

@@ -1,5 +1,5 @@
-"""The sparse-v1 and sparse-v2 RAM encodings: finds only the data, a live snapshot's second pass
-holds what the guest wrote during the first, and the decoder rejects every malformed file."""
+"""The sparse-v1 and sparse-v2 RAM encodings: finds only the data, a live snapshot's later passes
+hold what the guest wrote during the one before, and the decoder rejects every malformed file."""
 
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def test_ram_fd_offset_is_not_used_for_reads():
     assert result == (1, PAGE)
 
 
-# --- sparse-v2: a live snapshot's two passes -----------------------------------------------------
+# --- sparse-v2: a live snapshot's passes ---------------------------------------------------------
 
 PASS = (1 << 64) - 2
 HEADER_V2 = struct.pack("<8sIIQQ", b"SVMMRAM\0", 2, PAGE, MEM_SIZE, 0)
