@@ -326,9 +326,30 @@ def test_a_stopped_vm_sent_a_stop_signal_then_sigcont_ends_with_its_status(tmp_p
 
 # A job-control shell in a few lines, as bash does it: session leader of the terminal, runs
 # `up` (its arguments after REPORT) as a job in its own process group in the foreground,
-# reports the job's pid, and when the job stops takes the terminal back.
+# reports the job's pid, and when the job stops takes the terminal back. job_ends() reports
+# how the job ends, once the test has let it go on.
 UP_STOPPED_IN_A_SHELL = SHELL_START + textwrap.dedent(
     """
+    def job_ends(seconds, stops):
+        # "exited N", "still running" past `seconds` (killed), or with `stops` "stopped again
+        # by SIG" (killed)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG | (os.WUNTRACED if stops else 0))
+            if done and os.WIFSTOPPED(status):
+                os.write(report, f"stopped again by {signal.Signals(os.WSTOPSIG(status)).name}\\n".encode())
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+                os.waitpid(pid, 0)
+                return
+            if done:
+                os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
+                return
+            time.sleep(0.05)
+        os.write(report, b"still running\\n")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
     argv = sys.argv[2:]
     pid = os.fork()
     if pid == 0:
@@ -353,23 +374,7 @@ JOB_SHELL = UP_STOPPED_IN_A_SHELL + textwrap.dedent(
     os.write(report, b"stopped\\n")
     os.killpg(pid, signal.SIGTERM)  # kill %1
     os.killpg(pid, signal.SIGCONT)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
-        if done and os.WIFSTOPPED(status):
-            os.write(report, f"stopped again by {signal.Signals(os.WSTOPSIG(status)).name}\\n".encode())
-            os.kill(pid, signal.SIGKILL)
-            os.kill(pid, signal.SIGCONT)
-            os.waitpid(pid, 0)
-            break
-        if done:
-            os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
-            break
-        time.sleep(0.05)
-    else:
-        os.write(report, b"still running\\n")
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    job_ends(20, stops=True)
     os.write(report, f"raw {not termios.tcgetattr(0)[3] & termios.ICANON}\\n".encode())
     """
 )
@@ -436,17 +441,7 @@ BG_FG_SHELL = UP_STOPPED_IN_A_SHELL + textwrap.dedent(
     os.tcsetpgrp(0, pid)  # fg
     os.killpg(pid, signal.SIGCONT)
     os.write(report, b"fg\\n")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
-            break
-        time.sleep(0.05)
-    else:
-        os.write(report, b"still running\\n")
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    job_ends(30, stops=False)
     os.tcsetpgrp(0, os.getpgrp())
     os.write(report, f"modes back {termios.tcgetattr(0) == cooked}\\n".encode())
     """
