@@ -458,7 +458,7 @@ class Coordinator:
         m = self.machine
         if tracker is None:
             states = self._stop_and_save(deadline, quiesced)
-            w = SnapshotWriter(target, config_to_dict(m.cfg), states.cpuid, m.mem)
+            w = SnapshotWriter(target, config_to_dict(m.cfg), states.cpuid(), m.mem)
         else:
             w = SnapshotWriter(target, config_to_dict(m.cfg), None, m.mem)  # cpuid: below
         with contextlib.ExitStack() as on_error:
@@ -505,7 +505,7 @@ class Coordinator:
                 except _NotRam as e:
                     raise e.error from None
                 states = saved[0]
-                w.set_cpuid(states.cpuid)
+                w.set_cpuid(states.cpuid())
             for i, vcpu in enumerate(states.vcpus):
                 w.add_json_chunk("vcpu", f"vcpu{i}", vmstate.VcpuState.VERSION, vcpu)
             w.add_json_chunk("vm", "vm", vmstate.VmState.VERSION, states.vm)
@@ -549,7 +549,7 @@ class Coordinator:
         vm_state = vmstate.to_dict(vmstate.save_vm(m.vm, m.firmware_id))
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
-        return _States(device_states, vm_state, vcpu_states, vcpu_states[0]["cpuid"])
+        return _States(device_states, vm_state, vcpu_states)
 
 
 class _NotRam(Exception):
@@ -567,7 +567,10 @@ class _States(NamedTuple):
     devices: dict[str, _Saved]
     vm: dict[str, object]
     vcpus: list[dict[str, object]]
-    cpuid: object
+
+    def cpuid(self) -> object:
+        """What the manifest records: the first vCPU's."""
+        return self.vcpus[0]["cpuid"]
 
 
 def _refuse_failed(slot: DeviceSlot) -> None:

@@ -186,40 +186,29 @@ class _RamWriter:
     def data_extent(self, mm: mmap.mmap, view: memoryview, start: int, end: int) -> None:
         """One memfd data extent: its non-zero runs become records."""
         for offset, length in nonzero_runs(mm, start, end):
-            self.put(RECORD.pack(offset, length))
-            for piece in range(offset, offset + length, PIECE):
-                piece_end = min(piece + PIECE, offset + length)
-                self.put(view[piece:piece_end])
-                self.report(self.scanned + piece_end - start)
-            self.extents, self.data = self.extents + 1, self.data + length
+            self.extent(view, offset, length, start)
         self.scanned += end - start
         self.report(self.scanned)
 
-    def extent(self, view: memoryview, offset: int, length: int) -> None:
+    def extent(
+        self, view: memoryview, offset: int, length: int, scanning: int | None = None
+    ) -> None:
         """One record of `length` bytes at `offset`, whatever they hold (zeros too). Each
-        piece is reported, though it scans nothing new: a pass made again while the VM runs
-        holds up to half of its RAM, and progress() may end it (a VM that stops)."""
+        piece is reported: as scanned up to its end, within the data extent that began at
+        `scanning`; or, in a pass made again (`scanning` None), at what was scanned already,
+        as it scans nothing new: such a pass holds up to half of the RAM, and progress() may
+        end it (a VM that stops)."""
         self.put(RECORD.pack(offset, length))
         for piece in range(offset, offset + length, PIECE):
-            self.put(view[piece : min(piece + PIECE, offset + length)])
-            self.report(self.scanned)
+            piece_end = min(piece + PIECE, offset + length)
+            self.put(view[piece:piece_end])
+            self.report(self.scanned + (0 if scanning is None else piece_end - scanning))
         self.extents, self.data = self.extents + 1, self.data + length
 
 
 def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> RamStats:
     """Encode `mem` into `out` (a buffered file); the VM must be paused and devices quiesced."""
-    if mem.size % PAGE_SIZE:
-        raise SnapshotError(f"guest memory size {mem.size} is not a multiple of {PAGE_SIZE}")
-    extents = data_extents(mem.fd, mem.size)
-    total = sum(end - start for start, end in extents)
-    # The helper is joined before the view goes (a `with` leaves its last item first).
-    with memoryview(mem.map) as view, digest.Overlapped(digest.WRITE_ALGORITHM) as checksum:
-        w = _RamWriter(out, total, progress, checksum)
-        w.put(HEADER.pack(MAGIC, VERSION, PAGE_SIZE, mem.size, 0))
-        for start, end in extents:
-            w.data_extent(mem.map, view, start, end)
-        w.put(RECORD.pack(END_OFFSET, w.data))
-        return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
+    return _write(out, mem, progress, VERSION, None)
 
 
 Written = Sequence[tuple[int, int]]  # (offset, length) of page-aligned extents, in order
@@ -238,15 +227,8 @@ def write_ram_precopy(
     stop(), which stops the VM (vCPUs parked, devices quiesced) and returns the extents
     written since the pass before began (monitor/dirtylog.py): the last pass. On return
     the VM is still stopped; if stop() raises, nothing more is written."""
-    if mem.size % PAGE_SIZE:
-        raise SnapshotError(f"guest memory size {mem.size} is not a multiple of {PAGE_SIZE}")
-    extents = data_extents(mem.fd, mem.size)
-    total = sum(end - start for start, end in extents)
-    with memoryview(mem.map) as view, digest.Overlapped(digest.WRITE_ALGORITHM) as checksum:
-        w = _RamWriter(out, total, progress, checksum, running=True)
-        w.put(HEADER.pack(MAGIC, PRECOPY_VERSION, PAGE_SIZE, mem.size, 0))
-        for start, end in extents:
-            w.data_extent(mem.map, view, start, end)
+
+    def later_passes(w: _RamWriter, view: memoryview) -> None:
         held = w.data
         for _ in range(MAX_PASSES - 2):
             written = again(held) if again is not None else None
@@ -258,6 +240,31 @@ def write_ram_precopy(
         written = stop()
         w.running = False  # stopped: what is written now stays as it is until it is hashed
         _pass(w, view, written, mem.size)
+
+    return _write(out, mem, progress, PRECOPY_VERSION, later_passes)
+
+
+def _write(
+    out: BinaryIO,
+    mem: RamLike,
+    progress: Progress | None,
+    version: int,
+    later_passes: Callable[[_RamWriter, memoryview], None] | None,
+) -> RamStats:
+    """The header, the first pass over the memfd's data (made while the VM runs where there
+    are later passes: sparse-v2), the later passes, the end record."""
+    if mem.size % PAGE_SIZE:
+        raise SnapshotError(f"guest memory size {mem.size} is not a multiple of {PAGE_SIZE}")
+    extents = data_extents(mem.fd, mem.size)
+    total = sum(end - start for start, end in extents)
+    # The helper is joined before the view goes (a `with` leaves its last item first).
+    with memoryview(mem.map) as view, digest.Overlapped(digest.WRITE_ALGORITHM) as checksum:
+        w = _RamWriter(out, total, progress, checksum, running=later_passes is not None)
+        w.put(HEADER.pack(MAGIC, version, PAGE_SIZE, mem.size, 0))
+        for start, end in extents:
+            w.data_extent(mem.map, view, start, end)
+        if later_passes is not None:
+            later_passes(w, view)
         w.put(RECORD.pack(END_OFFSET, w.data))
         return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
 
