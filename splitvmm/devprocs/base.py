@@ -178,6 +178,22 @@ class DeviceEvents:
         while self._pending and self._send(self._pending[0]):
             self._pending.pop(0)
 
+    def flush_waiting(self, send: Callable[[bytes], None]) -> None:
+        """Everything queued, through `send`, which waits for room: what must be with the
+        monitor before the frame the caller sends next (a checkpoint before its reply)."""
+        if self._send is None:
+            return  # not connected yet: nothing has been sent, the order holds as it is
+
+        def sent(frame: bytes) -> bool:
+            send(frame)
+            return True
+
+        waiting, self._send = self._send, sent
+        try:
+            self.flush()
+        finally:
+            self._send = waiting
+
     def _queue(self, frame: bytes) -> None:
         if len(self._pending) >= self.MAX_PENDING:
             self.dropped += 1
@@ -304,6 +320,11 @@ class Device(abc.ABC):
         guest RAM it writes, if it has one. Called between requests, when none is in flight:
         every write from now on is marked anew."""
         return None  # deliberately empty: a model without guest RAM marks nothing
+
+    def link(self, up: bool | None) -> bool | None:
+        """`ctl link` (ModelDescriptor.link): take the device's network link up or down (None:
+        leave it as it is); whether it is up now. None: the model has no link."""
+        return None  # deliberately empty: only a network model has a link
 
     def after_restart(self) -> None:
         """A crash restart's last step, once the dead process's journal is replayed (which

@@ -128,13 +128,15 @@ def _serve_control(
     buf: bytes,
     injector: FaultInjector,
     mirrors: MirrorPublisher | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> None:
-    """quiesce / save / resume / retry / ping / stats / clear_dirty, in the device's own
-    order. Every access sent before the request was applied already: the channel is
-    ordered. While quiesced the output buffer is held: what it holds is part of the state a
-    snapshot saves.
+    """quiesce / save / resume / retry / ping / stats / clear_dirty / fault / link, in the
+    device's own order. Every access sent before the request was applied already: the
+    channel is ordered. While quiesced the output buffer is held: what it holds is part of
+    the state a snapshot saves.
     `mirrors`: the model's register mirror, published anew after a resume or a fault armed
-    (MirrorPublisher)."""
+    (MirrorPublisher). `checkpoints`: what publishes a link's change before its reply, so
+    that a crash restart after the operator was told keeps the link as told."""
     msg = control.decode(buf)
     if msg["op"] == "route_done":  # the monitor's answer to a route request: no reply
         device.ctx.events.route_done(*events.decode_route_done(msg))
@@ -162,6 +164,9 @@ def _serve_control(
         device.retry()
     elif op == "clear_dirty":
         device.clear_dirty()
+    elif op == "link":
+        sock.send(control.encode(_link(device, sock, seq, msg["up"], checkpoints)))
+        return
     elif op == "ping":  # an event the channel could not take when it came goes now
         device.ctx.events.flush()
     if op == "save":
@@ -179,6 +184,23 @@ def _serve_control(
     else:
         reply = {"op": "error", "seq": seq, "message": f"unknown control op {op!r}"}
     sock.send(control.encode(reply))
+
+
+def _link(
+    device: Device, sock: Channel, seq: int, up: bool | None, checkpoints: Checkpoints | None
+) -> dict[str, object]:
+    """The reply to a `link` request (ModelDescriptor.link). A change is published as a
+    checkpoint and sent ahead of the reply, waiting for room if need be (the events' own
+    flush gives up on a full channel, and the reply would overtake it): a process that dies
+    once the operator has been told its link is down comes back down."""
+    before = device.link(None)
+    now = device.link(up)
+    if before is None or now is None:
+        return {"op": "error", "seq": seq, "message": f"model {type(device).NAME} has no link"}
+    if now != before and checkpoints is not None:
+        checkpoints.publish()
+        device.ctx.events.flush_waiting(sock.send)
+    return {"op": "link_state", "seq": seq, "up": now, "changed": now != before}
 
 
 class Checkpoints:
@@ -346,7 +368,7 @@ def _serve_frame(
     if mirrors is None:
         mirrors = MirrorPublisher(device, checkpoints, injector)
     if control.is_control(buf):
-        _serve_control(device, sock, buf, injector, mirrors)
+        _serve_control(device, sock, buf, injector, mirrors, checkpoints)
         return
     if not isinstance(device, RegisterDevice):
         raise ProtocolError(f"{type(device).__name__} takes no port accesses")

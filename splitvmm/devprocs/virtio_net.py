@@ -29,6 +29,17 @@ dead process had read). Chains the device did not need go back unused (SplitQueu
 between events, chains taken = chains completed, as the transport's crash restart needs.
 Each event reads at most RX_BATCH frames, then interrupts once.
 
+The link (VIRTIO_NET_F_STATUS, 5.1.4): up unless the operator takes it down (`splitvmm ctl
+link NAME down`, the control op `link`), as QEMU's set_link does. The status field's
+VIRTIO_NET_S_LINK_UP then clears, and the driver is told with a configuration-change
+interrupt (config_generation moves first: 4.1.4.3). While it is down the device drops every
+frame both ways, as a pulled cable loses them: each transmit chain is completed unsent
+(tx_dropped), and the TAP is read and what it holds dropped (rx_dropped) whether or not
+buffers are posted, so that no stale frames reach the guest when the link comes back (the
+driver's buffers stay posted, and a frame the device held for more of them is dropped too).
+The link is part of the device's state: a snapshot and a crash restart keep it (its change
+is checkpointed before the operator is told, devprocs/runtime.py).
+
 Crash restart: the new process takes each queue up at its used ring in guest RAM, as a NIC
 that lost power would: a frame the dead process read from the TAP and had not completed is
 lost (its buffers are posted again, whole; nothing half-written is ever completed), and a
@@ -149,8 +160,11 @@ BARE_MAC = "52:54:00:62:42:ff"
 
 
 class VirtioNetState(VirtioPciState, frozen=True, kw_only=True):
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     mac: Annotated[bytes, schema.Len(6, 6)] = bytes(6)
+    link_up: bool = True  # the operator's `ctl link`
+    # v1 had no link to take down: it was up
+    UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {1: lambda f: {**f, "link_up": True}}
 
 
 def _mac_option(options: Mapping[str, object]) -> bytes:
@@ -174,7 +188,7 @@ class VirtioNet(VirtioPciDevice):
     DEVICE_ID = VIRTIO_ID_NET
     CLASS_CODE = 0x020000  # network controller, Ethernet
 
-    def __init__(self, ctx: DeviceContext, mac: bytes) -> None:
+    def __init__(self, ctx: DeviceContext, mac: bytes, link_up: bool = True) -> None:
         self.tap = ctx.fds["tap"]
         # The monitor tried the TAP's offloads when it opened it (tun.open_tap), before any
         # process of ours: offloads are the TAP's, so a warm spare's own try would have
@@ -184,8 +198,10 @@ class VirtioNet(VirtioPciDevice):
             raise TypeError("virtio-net: transport['tap_offloads'] is not a bool")
         self.takes_offloads = takes_offloads
         self.mac = mac
+        self.link_up = link_up  # the operator's `ctl link`: frames go both ways only while up
         self.offloads = -1  # TUN_F_* set on the TAP now; -1: not known (a restart's TAP)
-        self.rx_watch = False  # buffers are posted: read the TAP when it is readable
+        # Read the TAP when it is readable: buffers are posted, or the link is down
+        self.rx_watch = not link_up
         self.rx_retry_at: float | None = None  # a TAP read failed: watch it again then
         self.backend_gone = False  # the TAP stand-in's peer closed (a TAP never ends)
         self.counts = dict.fromkeys(("rx_frames", "rx_bytes", "rx_dropped", "tx_frames",
@@ -228,7 +244,7 @@ class VirtioNet(VirtioPciDevice):
     def from_state(cls, ctx: DeviceContext, state: Any) -> Self:
         if state.mac[0] & 1 or not any(state.mac):
             raise StateError("virtio-net state: mac is a multicast or the all-zero address")
-        return cls(ctx, state.mac)
+        return cls(ctx, state.mac, state.link_up)
 
     @classmethod
     def restore(cls, ctx: DeviceContext, state: Any) -> Self:
@@ -249,7 +265,7 @@ class VirtioNet(VirtioPciDevice):
         super()._check_state(s)  # the rest of what was accepted: offered, consistent
 
     def model_fields(self) -> dict[str, Any]:
-        return {"mac": self.mac}
+        return {"mac": self.mac, "link_up": self.link_up}
 
     def stats(self) -> dict[str, int]:
         return {**super().stats(), **self.counts}
@@ -263,7 +279,16 @@ class VirtioNet(VirtioPciDevice):
         return all(features & needs for f, needs in REQUIRES.items() if features & f)
 
     def config_bytes(self) -> bytes:
-        return CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP)
+        return CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP if self.link_up else 0)
+
+    def link(self, up: bool | None) -> bool | None:
+        if up is not None and up != self.link_up:
+            self.link_up = up
+            if not up:
+                self._drop_held()  # lost with the cable, as what the TAP holds will be
+            self.rx_watch = True  # down: drain the TAP; up: deliver again where posted
+            self.config_changed()
+        return self.link_up
 
     def features_ok(self) -> None:
         offloads = 0
@@ -275,9 +300,12 @@ class VirtioNet(VirtioPciDevice):
 
     def reset_model(self) -> None:
         self._set_offloads(0)
-        self.rx_watch = False
+        self.rx_watch = not self.link_up  # a down link's TAP is drained, posted or not
         self.rx_retry_at = None
-        if self._held is not None:  # the driver's buffers are gone with the reset
+        self._drop_held()  # the driver's buffers are gone with the reset
+
+    def _drop_held(self) -> None:
+        if self._held is not None:
             self._held = None
             self.counts["rx_dropped"] += 1
 
@@ -314,6 +342,9 @@ class VirtioNet(VirtioPciDevice):
         if q != RX:
             super().process(q)
             return
+        if not self.link_up:
+            self._discard()
+            return
         ring = self.rings[RX]
         if ring is None or not self._ready():
             self.rx_watch = False
@@ -337,6 +368,9 @@ class VirtioNet(VirtioPciDevice):
         with 0 tun works out what it needs from csum_start and csum_offset. A copy also means
         the guest cannot change the header between the check and the TAP's read of it."""
         size = sum(length for _, length in chain.readable)
+        if not self.link_up:  # sent into a pulled cable: done, and lost
+            self.counts["tx_dropped"] += 1
+            return 0
         if not HDR.size <= size <= HDR.size + TX_MAX_FRAME or len(chain.readable) > IOV_MAX:
             self.counts["tx_dropped"] += 1
             return 0
@@ -385,6 +419,26 @@ class VirtioNet(VirtioPciDevice):
         return bool(flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and features & need.gso.get(gso, 0))
 
     # -- receive ------------------------------------------------------------------------------
+    def _discard(self) -> None:
+        """The link is down: up to RX_BATCH frames read from the TAP and dropped; the TAP is
+        watched as long as it may hold more (rx_watch)."""
+        for _ in range(RX_BATCH):
+            try:
+                n = os.readv(self.tap, [self._scratch])
+            except BlockingIOError:
+                self.rx_watch = True  # drained: the next frame to come wakes us
+                return
+            except OSError as e:
+                self.rx_watch = False  # no spinning on a failing TAP: again at RX_RETRY_S
+                self.rx_retry_at = self.monotonic() + RX_RETRY_S
+                self._warn.warning("rx", "%s: reading the TAP failed: %s", self.NAME, e)
+                return
+            if n == 0:
+                self.backend_gone = True
+                return
+            self.counts["rx_dropped"] += 1
+        self.rx_watch = True
+
     def _receive(self, ring: SplitQueue) -> int:
         """Frames from the TAP into posted buffers, at most RX_BATCH read; how many were
         delivered (a held frame first)."""

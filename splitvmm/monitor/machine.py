@@ -743,6 +743,7 @@ class Machine:
             "suspend": lambda req: self._snapshot(req, suspend=True),
             "crash-device": self._crash_device,
             "inject-fault": self._inject_fault,
+            "link": self._link,
         }
         return {
             # {"counters": true}: each device's own counters too (a round trip to each)
@@ -779,6 +780,26 @@ class Machine:
         except DeviceFailure as e:  # as crash-device: unless it failed for good, 75
             raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
         return {"name": slot.name, "pid": pid, **fault}
+
+    def _link(self, req: dict[str, object]) -> dict[str, object]:
+        """`ctl link NAME [up|down]`: a network device's link taken up or down (`state`), or
+        only told (no state), by its process (the control op `link`); a crash restart and a
+        snapshot keep it, as they keep the rest of the device's state."""
+        name, state = req.get("name"), req.get("state")
+        slot = next((s for s in self.slots if s.name == name), None)
+        if slot is None:
+            raise ControlError(f"link: no device named {str(name)[:63]!r}")
+        if not MODELS[slot.model].link:
+            raise ControlError(f"link: device {slot.name} (model {slot.model}) has no link")
+        if state not in (None, "up", "down"):
+            raise ControlError("link: state must be up or down")
+        args: dict[str, object] = {"up": None if state is None else state == "up"}
+        try:
+            reply = slot.control("link", args=args)
+        except DeviceFailure as e:  # as crash-device: unless it failed for good, 75
+            raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
+        link = "up" if reply["up"] else "down"
+        return {"name": slot.name, "link": link, "changed": reply["changed"]}
 
     def _crash_device(self, req: dict[str, object]) -> dict[str, object]:
         name, sig = req.get("name"), req.get("signal", "KILL")

@@ -986,8 +986,8 @@ class DeviceSlot:
     def control(
         self, op: str, timeout_ms: int = CONTROL_TIMEOUT_MS, args: dict[str, object] | None = None
     ) -> dict[str, object]:
-        """A control request (quiesce, save, resume, retry, fault with `args`); the checked
-        reply, or DeviceFailure. A saved state becomes the device's last known state; a
+        """A control request (quiesce, save, resume, retry, fault or link with `args`); the
+        checked reply, or DeviceFailure. A saved state becomes the device's last known state; a
         retry's reply ends the stall (resume_stalled)."""
         with self._lock:
             return self._control_locked(op, timeout_ms, args)

@@ -1,5 +1,5 @@
 """Control messages on a device channel: quiesce, save, resume, retry, ping, stats,
-clear_dirty, fault (JSON, never pickle).
+clear_dirty, fault, link (JSON, never pickle).
 
 A control frame is one byte CONTROL_TAG then a JSON object; access frames are
 fixed-size binary (wire.py) and never start with that byte. Requests carry a
@@ -40,6 +40,7 @@ REPLY_TO = {
     "ping": "pong",
     "stats": "counters",
     "clear_dirty": "dirty_cleared",
+    "link": "link_state",
 }
 MAX_ERROR_TEXT = 200
 # A device's counters (Device.stats()): a few names it chooses, each a count.
@@ -69,6 +70,25 @@ class FaultRequest(Fault, frozen=True):
 
     op: Literal["fault"]
     seq: Seq
+
+
+class LinkRequest(Struct, frozen=True):
+    """Monitor -> device: take its network link up (true) or down (false), or (null) only say
+    how it is (`splitvmm ctl link`; a model with ModelDescriptor.link). The device answers
+    with a LinkReply once a checkpoint holding the new state is on its way before it."""
+
+    op: Literal["link"]
+    seq: Seq
+    up: bool | None
+
+
+class LinkReply(Struct, frozen=True):
+    """Device -> monitor: its link now, and whether the request changed it."""
+
+    op: Literal["link_state"]
+    seq: Seq
+    up: bool
+    changed: bool
 
 
 class StateReply(StateDocument, frozen=True):
@@ -185,6 +205,8 @@ MESSAGES: dict[str, type] = {
         ("quiesced", "resumed", "retrying", "fault_armed", "pong", "dirty_cleared"), Done
     ),
     "fault": FaultRequest,
+    "link": LinkRequest,
+    "link_state": LinkReply,
     "state": StateReply,
     "counters": CountersReply,
     "error": Failed,

@@ -291,6 +291,9 @@ class ModelDescriptor(Struct, frozen=True):
     # Told the machine's RAM and vCPUs (DeviceSpec.transport["machine"]): what a PC's CMOS
     # NVRAM says of them to firmware, which the RTC holds.
     machine_facts: bool = False
+    # A network link the operator takes down and up (`ctl link`, the control op `link`):
+    # while it is down the device drops every frame both ways, as a cable pulled out would.
+    link: bool = False
 
     def __post_init__(self) -> None:
         if self.pause_option and self.option(self.pause_option).choices != PAUSE_CHOICES:
@@ -604,6 +607,8 @@ VIRTIO_NET = ModelDescriptor(
         QueueRecipe(chains=((b"", 1526),), queue=0, backend_input=VNET_HDR + ETH_FRAME),
         QueueRecipe(chains=((VNET_HDR + ETH_FRAME, 0),), queue=1),
     ),
+    state_version=2,  # 2: the link
+    link=True,
 )
 
 MODELS: dict[str, ModelDescriptor] = {

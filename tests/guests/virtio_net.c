@@ -5,7 +5,7 @@
  *
  * Command line (besides lib/virtio_guest.h's assign= ecam= caps= move= indirect= event_idx=
  * qsize=):
- *   mode=ping|udp-echo|burst|sink   (default ping)
+ *   mode=ping|udp-echo|burst|sink|link   (default ping)
  *   ip=A.B.C.D        this guest's address (default 10.0.2.15)
  *   peer_ip=A.B.C.D   the host side (default 10.0.2.2)
  *   port=P            UDP port: udp-echo and sink listen on it, burst sends to it (default 7)
@@ -28,7 +28,11 @@
  *   hold_ms=M         sink: after the first datagram, take nothing from the receive ring for
  *                     M ms, so that a burst larger than the ring must wait in the device
  *   idle_ms=M         sink: end when no datagram came for M ms once one has (default 3000)
- *   wait_s=W          udp-echo/sink: give up when nothing arrives in W s (default 60, 0: never)
+ *   wait_s=W          udp-echo/sink: give up when nothing arrives in W s (default 60, 0: never);
+ *                     link: when the link does not change in W s
+ * mode=link follows the link the host takes down and up (5.1.4 VIRTIO_NET_S_LINK_UP): count=N
+ * changes (default 2), each with its configuration interrupt's ISR bit (4.1.4.5); while it is
+ * down an ARP request's buffer comes back and no reply does, once it is up again a ping works.
  * README.md gives each mode's output, the payload patterns and the exit statuses. */
 #include "bootparams.h"
 #include "cmdline.h"
@@ -55,6 +59,8 @@
 #define NET_CFG_MAC 0
 #define NET_CFG_STATUS 6
 #define VIRTIO_NET_S_LINK_UP 1
+/* 4.1.4.5 ISR status: a device configuration change */
+#define VIRTIO_ISR_CONFIG 2
 /* 5.1.6 struct virtio_net_hdr */
 #define VIRTIO_NET_HDR_F_NEEDS_CSUM 1
 #define VIRTIO_NET_HDR_F_DATA_VALID 2
@@ -88,6 +94,7 @@
 #define ARP_WAIT_US 1000000ull
 #define PING_WAIT_US 2000000ull
 #define TX_WAIT_US 5000000ull
+#define LINK_QUIET_US 300000ull /* link down: how long no ARP reply must come */
 #define INPUT_POLL_US 10000ull
 #define REPOST_BATCH 32
 #define MS 1000ul
@@ -716,6 +723,50 @@ static void mode_ping(u64 count, u64 size)
 		fail(VEXIT_TIMEOUT);
 }
 
+static u16 link_status(void)
+{
+	return (u16)virtio_config_read(&dev, NET_CFG_STATUS, 2);
+}
+
+static void mode_link(u64 count, u64 wait_us)
+{
+	bool up = link_status() & VIRTIO_NET_S_LINK_UP;
+	print(TAG ": link ready, %s\n", up ? "up" : "down");
+	for (u64 n = 0; n < count; n++) {
+		u64 deadline = tsc_deadline(wait_us);
+		u16 status;
+		while (!!((status = link_status()) & VIRTIO_NET_S_LINK_UP) == up) {
+			net_poll();
+			if (wait_us && tsc_passed(deadline)) {
+				print(TAG ": the link stayed %s\n", up ? "up" : "down");
+				fail(VEXIT_TIMEOUT);
+			}
+		}
+		up = !up;
+		u8 isr = virtio_isr(&dev);
+		print(TAG ": link %s (status %#x isr %#x)\n", up ? "up" : "down", status, isr);
+		if (!(isr & VIRTIO_ISR_CONFIG)) {
+			print(TAG ": no configuration change interrupt came with it (4.1.4.5)\n");
+			fail(VEXIT_IO);
+		}
+		if (up) {
+			mode_ping(1, 56);
+			continue;
+		}
+		cfg.peer_known = false;
+		send_arp(1, NULL, NULL, cfg.peer_ip);
+		tx_drain(); /* its buffer comes back: the frame went nowhere */
+		u64 quiet = tsc_deadline(LINK_QUIET_US);
+		while (!tsc_passed(quiet))
+			net_poll();
+		if (cfg.peer_known) {
+			print(TAG ": an ARP reply came while the link was down\n");
+			fail(VEXIT_DATA);
+		}
+		print(TAG ": link down: the ARP request's buffer came back, no reply\n");
+	}
+}
+
 /* Waits for the next UDP datagram to cfg.ip:port (handling ARP and pings meanwhile); false
  * when a byte arrived on COM1 or `wait_us` (0: never) passed with nothing. */
 static bool next_udp(u16 port, u64 wait_us, bool *input)
@@ -892,13 +943,13 @@ static NORETURN void net_main(void *bp)
 	bool ping = !cmdline_find(cmdline, "mode", &(const char *){ 0 }, &(size_t){ 0 }) ||
 		    cmdline_is(cmdline, "mode", "ping");
 	bool echo = cmdline_is(cmdline, "mode", "udp-echo"), burst = cmdline_is(cmdline, "mode", "burst");
-	bool sink = cmdline_is(cmdline, "mode", "sink");
-	if (!ping && !echo && !burst && !sink) {
-		print(TAG ": mode= must be ping, udp-echo, burst or sink\n");
+	bool sink = cmdline_is(cmdline, "mode", "sink"), linkmode = cmdline_is(cmdline, "mode", "link");
+	if (!ping && !echo && !burst && !sink && !linkmode) {
+		print(TAG ": mode= must be ping, udp-echo, burst, sink or link\n");
 		debug_exit(VEXIT_ARGS);
 	}
 	bool mrg = cmdline_u64(cmdline, "mrg_rxbuf", 0);
-	u64 count = cmdline_u64(cmdline, "count", ping ? 4 : echo ? 0 : 1000);
+	u64 count = cmdline_u64(cmdline, "count", ping ? 4 : echo ? 0 : linkmode ? 2 : 1000);
 	u64 size = cmdline_u64(cmdline, "size", ping ? 56 : PAYLOAD_MAX);
 	u64 port = cmdline_u64(cmdline, "port", 7), batch = cmdline_u64(cmdline, "batch", 32);
 	u64 rxbuf = cmdline_u64(cmdline, "rxbuf", mrg ? 128 : NET_HDR_LEN + ETH_FRAME_MAX);
@@ -951,6 +1002,8 @@ static NORETURN void net_main(void *bp)
 		mode_ping(count, size);
 	else if (echo)
 		mode_udp_echo((u16)port, count, wait_us);
+	else if (linkmode)
+		mode_link(count, wait_us);
 	else if (burst)
 		mode_burst((u16)port, count ? count : 1, size, batch);
 	else

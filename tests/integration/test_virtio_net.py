@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,14 +150,32 @@ def tap_with_host_ip(ns: str, tap: str) -> None:
     ip("link", "set", tap, "up", ns=ns)
 
 
-def net_guest(tmp_path: Path, guests, ns: str, cmdline: str, tap: str = "svtap9") -> VmProcess:
+def net_guest(
+    tmp_path: Path, guests, ns: str, cmdline: str, tap: str = "svtap9", extra: str = ""
+) -> VmProcess:
     tap_with_host_ip(ns, tap)
     boot = (
         f'kernel = "{guests["virtio-net"]}"\ncmdline = "ip={GUEST_IP} peer_ip={HOST_IP} {cmdline}"'
     )
-    config = net_config(tmp_path, boot, tap)
+    config = net_config(tmp_path, boot, tap, extra)
     prefix = ["ip", "netns", "exec", ns, sys.executable, "-m", "splitvmm"]
     return VmProcess(tmp_path, ["up", str(config)], tmp_path / "serial.log", argv=prefix)
+
+
+def suspended_and_restored(vm: VmProcess, tmp_path: Path, ns: str) -> VmProcess:
+    """`ctl suspend` of the net guest's VM, then `splitvmm restore` of it on the same TAP, its
+    serial output in serial2.log."""
+    result = vm.ctl("suspend", str(tmp_path / "snap"))
+    assert result.returncode == 0, result.stderr
+    vm.finish()
+    prefix = ["ip", "netns", "exec", ns, sys.executable, "-m", "splitvmm"]
+    serial2 = tmp_path / "serial2.log"
+    return VmProcess(
+        tmp_path,
+        ["restore", str(tmp_path / "snap"), "--set", "net0.tap=svtap9",
+         "--set", f"serial0.output={serial2}"],
+        serial2, argv=prefix,
+    )  # fmt: skip
 
 
 def payload(seq: int, size: int = SIZE) -> bytes:
@@ -279,17 +298,7 @@ def test_virtio_net_guest_suspended_mid_ping_restores_and_every_ping_is_answered
     keep flowing and every echo request gets its reply (the guest fails on a missing one)."""
     vm = net_guest(tmp_path, guests, netns, "mode=ping count=400 size=200")
     vm.wait_for(r"rtt_us=")
-    result = vm.ctl("suspend", str(tmp_path / "snap"))
-    assert result.returncode == 0, result.stderr
-    vm.finish()
-    prefix = ["ip", "netns", "exec", netns, sys.executable, "-m", "splitvmm"]
-    serial2 = tmp_path / "serial2.log"
-    restored = VmProcess(
-        tmp_path,
-        ["restore", str(tmp_path / "snap"), "--set", "net0.tap=svtap9",
-         "--set", f"serial0.output={serial2}"],
-        serial2, argv=prefix,
-    )  # fmt: skip
+    restored = suspended_and_restored(vm, tmp_path, netns)
     status, err = restored.finish(timeout=120)
     assert status == 33, restored.text()[-2000:] + err
     # one stream: a line the guest was printing at the suspend goes on in the second file
@@ -348,3 +357,47 @@ print("echoed", echoed, flush=True)
     vm.stop(timeout=30)
     assert line.strip() == "echoed 150", line
     assert (kills, net["restarts"], net["state"]) == (5, 5, "running"), net
+
+
+def test_virtio_net_ctl_link_down_and_up_through_a_crash_restart_and_a_snapshot(
+    guests, tmp_path, netns
+):
+    """`ctl link net0 down`, then `up` (QEMU's set_link): the guest's driver, from the spec,
+    sees VIRTIO_NET_S_LINK_UP clear and set, each with its configuration interrupt; while it
+    is down an ARP request's buffer comes back and no reply does, once up a ping works. The
+    link stays down through a crash restart and through a suspend and restore."""
+    vm = net_guest(
+        tmp_path, guests, netns, "mode=link count=2 wait_s=90", extra='on_crash = "restart"\n'
+    )
+    vm.wait_for("link ready, up")
+    refused = vm.ctl("link", "serial0", "down")
+    assert refused.returncode == 1 and "serial0 (model serial) has no link" in refused.stderr
+    assert "no device named 'nic'" in vm.ctl("link", "nic", "down").stderr
+
+    down = vm.ctl("link", "net0", "down")
+    assert (down.returncode, down.stdout) == (0, "net0: link down\n"), down.stderr
+    vm.wait_for("link down: the ARP request's buffer came back, no reply")
+    assert vm.device("net0")["counters"]["tx_dropped"] >= 1  # type: ignore[index]
+
+    assert vm.ctl("crash-device", "net0").returncode == 0
+    vm.wait_running("net0", generation=2)
+    after_crash = vm.ctl("link", "net0", "--json")
+    assert json.loads(after_crash.stdout) == {"name": "net0", "link": "down", "changed": False}
+
+    restored = suspended_and_restored(vm, tmp_path, netns)
+    try:
+        deadline = time.monotonic() + 30
+        while (told := restored.ctl("link", "net0")).returncode != 0:
+            assert time.monotonic() < deadline, told.stderr
+            time.sleep(0.1)
+        assert told.stdout == "net0: link down (unchanged)\n"
+        assert restored.ctl("link", "net0", "up").stdout == "net0: link up\n"
+        status, err = restored.finish(timeout=60)
+    finally:
+        restored.kill_if_running()
+    text = vm.text() + restored.text()
+    assert status == 33, text[-2000:] + err
+    # once each, the configuration change's ISR bit with it (the guest checks it)
+    assert len(re.findall(r"link down \(status 0x0 isr 0x[23]\)", text)) == 1, text[-2000:]
+    assert len(re.findall(r"link up \(status 0x1 isr 0x[23]\)", text)) == 1, text[-2000:]
+    assert "ping sent=1 received=1 lost=0 bad=0" in text

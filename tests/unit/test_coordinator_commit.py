@@ -5,6 +5,7 @@ failed one resumes it. The machine, its vCPUs and the writer are fakes."""
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -510,6 +511,65 @@ def test_inject_fault_on_a_device_away_is_busy_unless_it_failed_for_good(
     with pytest.raises(refusal, match="device blk0 is away") as e:
         Machine._inject_fault(machine, fault)  # type: ignore[arg-type]
     assert isinstance(e.value, ControlBusy) is (failed is None)
+
+
+@pytest.mark.parametrize(("restarting", "failed", "refusal"), AWAY)
+def test_link_on_a_device_away_is_busy_unless_it_failed_for_good(restarting, failed, refusal):
+    """ctl link: as crash-device and inject-fault, a device that will be back takes it then."""
+
+    class AwaySlot:
+        name, model = "net0", "virtio-net"
+
+        def __init__(self) -> None:
+            self.restarting, self.failed = restarting, failed
+
+        def control(self, op: str, args: dict[str, object]) -> dict[str, object]:
+            raise DeviceFailure("device net0 is away")
+
+    machine = SimpleNamespace(slots=[AwaySlot()])
+
+    with pytest.raises(refusal, match="device net0 is away") as e:
+        Machine._link(machine, {"name": "net0", "state": "down"})  # type: ignore[arg-type]
+    assert isinstance(e.value, ControlBusy) is (failed is None)
+
+
+@pytest.mark.parametrize(
+    ("req", "refusal"),
+    [
+        ({"name": "serial0", "state": "down"}, "device serial0 (model serial) has no link"),
+        ({"name": "net1", "state": "down"}, "no device named 'net1'"),
+        ({"name": "net0", "state": "sideways"}, "state must be up or down"),
+        ({"name": "net0", "state": True}, "state must be up or down"),
+    ],
+)
+def test_link_refuses_a_device_without_one_and_a_state_but_up_or_down(req, refusal):
+    asked: list[dict[str, object]] = []
+    slots = [
+        SimpleNamespace(name="serial0", model="serial"),
+        SimpleNamespace(
+            name="net0", model="virtio-net", control=lambda op, args: asked.append(args)
+        ),
+    ]
+
+    with pytest.raises(ControlError, match=re.escape(refusal)):
+        Machine._link(SimpleNamespace(slots=slots), req)  # type: ignore[arg-type]
+    assert asked == []
+
+
+def test_link_asks_the_device_and_says_what_it_answered():
+    asked: list[tuple[str, dict[str, object]]] = []
+
+    def control(op: str, args: dict[str, object]) -> dict[str, object]:
+        asked.append((op, args))
+        return {"op": "link_state", "seq": 1, "up": False, "changed": True}
+
+    slot = SimpleNamespace(name="net0", model="virtio-net", control=control)
+    machine = SimpleNamespace(slots=[slot])
+
+    reply = Machine._link(machine, {"name": "net0", "state": "down"})  # type: ignore[arg-type]
+    assert reply == {"name": "net0", "link": "down", "changed": True}
+    Machine._link(machine, {"name": "net0"})  # type: ignore[arg-type]
+    assert asked == [("link", {"up": False}), ("link", {"up": None})]
 
 
 class FiresAtTheNextAccess:

@@ -31,6 +31,7 @@ from tests.virtio.support import (
     F_EVENT_IDX,
     F_VERSION_1,
     FEATURES_OK,
+    ISR,
     NEEDS_RESET,
     Driver,
     Ring,
@@ -820,6 +821,188 @@ def test_virtio_net_setup_never_touches_the_taps_offloads(fds, monkeypatch):
     monkeypatch.setattr(tun, "set_offload", lambda fd, flags: calls.append((fd, flags)))
     prepared("virtio-net", fds)
     assert calls == []
+
+
+# -- the link (`ctl link`) ------------------------------------------------------------------------
+CONFIG_GENERATION = 0x15  # in the common configuration (4.1.4.3)
+ISR_CONFIG = 0x2
+
+
+def test_virtio_net_link_down_clears_link_up_moves_generation_then_interrupts(net):
+    """5.1.4: the status field's LINK_UP; 4.1.4.3: the generation moves with any change of
+    the device configuration; 4.1.4.5: a configuration change sets ISR bit 1 (INTx here)."""
+    driver, _, _ = started(net)
+    generation = driver.common(CONFIG_GENERATION, 1)
+
+    assert net.link(False) is False
+
+    assert net.read(DEVICE_CFG + 6, 2) == b"\x00\x00"
+    assert driver.common(CONFIG_GENERATION, 1) == (generation + 1) & 0xFF
+    assert driver.rd(ISR, 1) & ISR_CONFIG
+    assert net.link(True) is True
+    assert net.read(DEVICE_CFG + 6, 2) == b"\x01\x00"
+    assert driver.common(CONFIG_GENERATION, 1) == (generation + 2) & 0xFF
+
+
+def test_virtio_net_link_asked_as_it_is_changes_nothing_the_driver_sees(net):
+    driver, _, _ = started(net)
+    generation = driver.common(CONFIG_GENERATION, 1)
+
+    assert net.link(None) is True and net.link(True) is True
+
+    assert driver.common(CONFIG_GENERATION, 1) == generation
+    assert driver.rd(ISR, 1) == 0
+
+
+def test_virtio_net_link_down_before_driver_ok_sends_no_interrupt(net):
+    """4.1.4.5 / 3.1.1: no configuration interrupt before DRIVER_OK; the driver reads the
+    status when it sets up."""
+    driver = Driver(net)
+
+    net.link(False)
+
+    assert driver.rd(ISR, 1) == 0
+    assert net.read(DEVICE_CFG + 6, 2) == b"\x00\x00"
+
+
+def test_virtio_net_link_down_completes_tx_chains_unsent_and_up_sends_again(net, peer):
+    driver, _, tx = started(net)
+    net.link(False)
+    tx.add([(*tx.buffer(HDR + FRAME), False)])
+    driver.kick(1)
+
+    assert tx.take_used() == [(0, 0)]
+    assert net.counts["tx_dropped"] == 1 and net.counts["tx_frames"] == 0
+    with pytest.raises(BlockingIOError):
+        os.read(peer, 2048)
+    net.link(True)
+    tx.add([(*tx.buffer(HDR + FRAME), False)])
+    driver.kick(1)
+    assert os.read(peer, 2048) == HDR + FRAME
+
+
+def test_virtio_net_link_down_drains_the_tap_posted_or_not_and_up_delivers_what_comes(net, peer):
+    """While down the TAP is read and its frames dropped, with no buffer posted too: nothing
+    stale reaches the guest once the link is back, and the posted buffers stay posted."""
+    driver, rx, _ = started(net)
+    net.link(False)
+    os.write(peer, HDR + FRAME)
+    os.write(peer, HDR + FRAME)
+
+    assert watched(net)  # no buffer is posted: only the link's being down watches the TAP
+    tap_readable(net)
+    assert net.counts["rx_dropped"] == 2 and pending_in_tap(net.ctx.fds) == 0
+    post(rx, 1526)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+    assert rx.take_used() == [] and net.counts["rx_dropped"] == 3
+
+    net.link(True)
+    newer = FRAME[:-1] + b"\xff"
+    os.write(peer, HDR + newer)
+    tap_readable(net)
+    (used,) = rx.take_used()
+    assert used == (0, 12 + len(newer)) and net.counts["rx_frames"] == 1
+
+
+def test_virtio_net_link_down_drops_a_frame_held_for_more_buffers(net, peer):
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 100)
+    driver.kick(0)
+    os.write(peer, HDR + bytes(300))
+    tap_readable(net)  # held: too few buffers posted
+
+    net.link(False)
+    net.link(True)
+    post(rx, 1526)
+    driver.kick(0)
+
+    assert rx.take_used() == [] and net.counts["rx_dropped"] == 1
+
+
+def test_virtio_net_link_down_survives_a_reset_and_a_restore(net, fds, peer):
+    driver, _, _ = started(net)
+    net.link(False)
+    driver.set_status(0)  # a reset: the link is the operator's, not the driver's
+    assert net.read(DEVICE_CFG + 6, 2) == b"\x00\x00" and watched(net)
+
+    net.quiesce()
+    restored = VirtioNet.restore(prepared("virtio-net", fds), net.save())
+
+    assert restored.link(None) is False and restored.read(DEVICE_CFG + 6, 2) == b"\x00\x00"
+    os.write(peer, HDR + FRAME)
+    tap_readable(restored)  # a restored device that is down drains its TAP at once
+    assert restored.counts["rx_dropped"] == 1
+
+
+def test_virtio_net_state_v1_document_restores_with_the_link_up(net):
+    """A snapshot of a release before the link: its v1 state upgrades with the link up."""
+    from splitvmm.protocol.codec import state_document, state_from_document
+
+    document = state_document("virtio-net", net.save())
+    fields = {k: v for k, v in document["fields"].items() if k != "link_up"}
+
+    state = state_from_document(
+        "virtio-net", virtio_net.VirtioNetState, {**document, "version": 1, "fields": fields}
+    )
+    assert state.link_up is True and state == net.save()
+
+
+def test_virtio_net_link_request_answered_after_its_checkpoint_even_on_a_full_channel(net):
+    """The runtime publishes the change as a checkpoint and sends it before the reply, waiting
+    for room (the events' own send gives up on a full channel, and the reply overtook it): a
+    process that dies once the operator is told comes back as told."""
+    from splitvmm.devprocs.faults import FaultInjector
+    from splitvmm.devprocs.runtime import Checkpoints, _serve_control
+    from splitvmm.protocol import control
+    from tests.unit.test_stats import FakeSocket
+
+    net.ctx.events.connect(lambda frame: False)  # a channel with no room now
+    checkpoints = Checkpoints(net)
+    sock = FakeSocket()
+    request = control.encode({"op": "link", "seq": 4, "up": False})
+
+    _serve_control(net, sock, request, FaultInjector(), checkpoints=checkpoints)
+
+    published, reply = (control.decode(frame) for frame in sock.sent)
+    assert published["op"] == "publish" and published["fields"]["link_up"] is False
+    assert control.check_reply(reply, "link", 4, "virtio-net") == {
+        "op": "link_state", "seq": 4, "up": False, "changed": True
+    }  # fmt: skip
+    sock.sent.clear()
+    _serve_control(net, sock, request, FaultInjector(), checkpoints=checkpoints)
+    (reply,) = (control.decode(frame) for frame in sock.sent)  # unchanged: nothing to publish
+    assert (reply["up"], reply["changed"]) == (False, False)
+
+
+def test_link_request_to_a_model_without_a_link_is_an_error_reply():
+    from splitvmm.devprocs.base import DeviceContext
+    from splitvmm.devprocs.faults import FaultInjector
+    from splitvmm.devprocs.runtime import _serve_control
+    from splitvmm.devprocs.serial import Uart8250
+    from splitvmm.errors import ProtocolError
+    from splitvmm.protocol import control
+    from tests.fakes import FakeIrq
+    from tests.unit.test_stats import FakeSocket
+
+    sock = FakeSocket()
+    uart = Uart8250(DeviceContext(irq=FakeIrq()))
+    _serve_control(
+        uart, sock, control.encode({"op": "link", "seq": 2, "up": None}), FaultInjector()
+    )
+
+    with pytest.raises(ProtocolError, match="model serial has no link"):
+        control.check_reply(control.decode(sock.sent[0]), "link", 2, "serial")
+
+
+@pytest.mark.parametrize("up", [1, "down", [True]])
+def test_link_request_with_anything_but_a_bool_or_null_refused(up):
+    from splitvmm.errors import ProtocolError
+    from splitvmm.protocol import control
+
+    with pytest.raises(ProtocolError, match="control link"):
+        control.decode(control.encode({"op": "link", "seq": 1, "up": up}))
 
 
 RX_STEP = st.one_of(

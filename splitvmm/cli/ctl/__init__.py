@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from splitvmm.cli.ctl import crash, snapshot, state
+from splitvmm.cli.ctl import crash, link, snapshot, state
 
 # ~24.8 days: a socket's timeout is waited out in poll(2), an int of milliseconds; past it
 # the count wraps (2**32 ms + 0.3 s gave up after 0.3 s)
@@ -40,10 +40,10 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
 )
 @click.pass_context
 def command(ctx: click.Context, vm: str | None, socket: Path | None, timeout: float | None) -> None:
-    """Control a running VM: status, pause, resume, snapshot, suspend, devices, crash-device,
-    inject-fault."""
+    """Control a running VM: status, pause, resume, snapshot, suspend, devices, link,
+    crash-device, inject-fault."""
     ctx.obj = {"vm": vm, "socket": socket, "timeout": timeout}
 
 
-for sub in (*state.COMMANDS, *snapshot.COMMANDS, *crash.COMMANDS):
+for sub in (*state.COMMANDS, *snapshot.COMMANDS, *link.COMMANDS, *crash.COMMANDS):
     command.add_command(sub)
