@@ -12,6 +12,7 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
+from splitvmm.devprocs.faults import RequestFaults
 from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.errors import StateError
 from splitvmm.protocol import codec, control, events, schema, wire
@@ -265,6 +266,9 @@ class Device(abc.ABC):
     # fd roles whose whole file the model maps (guest RAM, for a virtio device): their sizes
     # add to the address space its process may use (runtime.address_space_limit).
     MAPPED_FDS: ClassVar[tuple[str, ...]] = ()
+    # The io-error fault of a model that serves requests (ModelDescriptor.request_faults),
+    # which it asks of each request; None: it serves none (devprocs/faults.py)
+    request_faults: RequestFaults | None = None
 
     def __init__(self, ctx: DeviceContext) -> None:
         self.ctx = ctx

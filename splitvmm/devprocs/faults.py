@@ -1,4 +1,5 @@
-"""The device side of fault injection (protocol/faults.py): count frames, fire once."""
+"""The device side of fault injection (protocol/faults.py): count frames, fire once; an
+io-error goes to the model's requests (RequestFaults)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,61 @@ import ctypes
 import os
 import select
 
-__all__ = ["FaultInjector", "crash", "os", "select"]  # tests patch os and select
+__all__ = ["FaultInjector", "RequestFaults", "crash", "os", "select"]  # tests patch os, select
 
+from splitvmm.errors import ProtocolError
 from splitvmm.protocol.faults import EXIT_STATUS, Fault
 
 
-class FaultInjector:
-    """The fault armed in this process, if any, and the access frames received since."""
+class RequestFaults:
+    """The io-error fault armed in a model that serves requests (virtio-blk), if any: which
+    of its next requests fail (protocol/faults.py). One at a time: arming replaces it."""
 
-    def __init__(self, fault: Fault | None = None) -> None:
-        self.fault = fault
-        self.frames = 0
+    def __init__(self) -> None:
+        self.armed = False  # checked first on every request: the rest costs nothing then
+        self._fault: Fault | None = None
+        self._seen = self._left = 0
+        self.injected = 0  # requests failed so far
 
     def arm(self, fault: Fault) -> None:
-        """Arm `fault` (replacing any), counting frames from now."""
-        self.fault, self.frames = fault, 0
+        self._fault, self._seen, self._left, self.armed = fault, 0, fault.count, True
+
+    def fails(self, kind: str | None) -> bool:
+        """Whether a request of `kind` (read, write, flush; None: one no fault counts, such
+        as GET_ID) fails now. Call it once per request, as it is served."""
+        fault = self._fault
+        if fault is None or kind is None or fault.on not in ("any", kind):
+            return False
+        self._seen += 1
+        if self._seen < fault.after:
+            return False
+        self._left -= 1
+        if not self._left:
+            self._fault, self.armed = None, False
+        self.injected += 1
+        return True
+
+
+class FaultInjector:
+    """The fault armed in this process, if any, and the access frames received since;
+    `requests`: the model's RequestFaults, which an io-error arms (None: it has none)."""
+
+    def __init__(self, fault: Fault | None = None, requests: RequestFaults | None = None) -> None:
+        self.fault: Fault | None = None
+        self.frames = 0
+        self.requests = requests
+        if fault is not None:
+            self.arm(fault)
+
+    def arm(self, fault: Fault) -> None:
+        """Arm `fault` (replacing any of its sort), counting frames, or requests, from now;
+        ProtocolError for an io-error where the model serves no requests."""
+        if fault.kind != "io-error":
+            self.fault, self.frames = fault, 0
+        elif self.requests is None:
+            raise ProtocolError("an io-error fault needs a model that serves requests")
+        else:
+            self.requests.arm(fault)
 
     def received(self) -> None:
         """An access frame came in, before it is applied: `exit` fires here."""

@@ -143,13 +143,16 @@ def _serve_control(
         return
     op, seq = msg["op"], msg["seq"]
     if op == "fault":  # crash testing: checked by decode() against its record
-        injector.arm(
-            faults.decode(
-                {k: msg[k] for k in faults.Fault.__struct_fields__},
-                "control fault",
-                ProtocolError,
-            )
+        fault = faults.decode(
+            {k: msg[k] for k in faults.Fault.__struct_fields__},
+            "control fault",
+            ProtocolError,
         )
+        try:
+            injector.arm(fault)
+        except ProtocolError as e:  # an io-error for a model without requests
+            sock.send(control.encode({"op": "error", "seq": seq, "message": str(e)}))
+            return
         if mirrors is not None:
             mirrors.republish()
     elif op == "quiesce":
@@ -628,6 +631,7 @@ def _serve_sandboxed(
         fault = None if spec.fault is None else faults.decode(spec.fault, "fault", ConfigError)
         applied, frames, confirmed, posted = prepare_resume(spec, ctx)
         device = build_device(spec, ctx)
+        injector = FaultInjector(fault, device.request_faults)
         checkpoints = Checkpoints(device, applied)
         replay(device, frames, checkpoints, confirmed, posted)
         if ctx.restarted:
@@ -636,6 +640,8 @@ def _serve_sandboxed(
         _refuse(sock, f"saved state rejected: {e}")
     except ConfigError as e:
         _refuse(sock, f"options rejected: {e}")
+    except ProtocolError as e:  # its fault: an io-error for a model that serves no requests
+        _refuse(sock, f"fault rejected: {e}")
     # Sent once connected: the monitor's journal empties at once, and the writes it journaled
     # late (sent after READY) count as applied after this checkpoint. A first start's too: a
     # restart before the 32nd frame starts from it, not from the options again (the rtc's
@@ -643,4 +649,4 @@ def _serve_sandboxed(
     checkpoints.publish()
     sock.send(wire.encode_ready())
     device.ctx.events.connect(sock.send_now)
-    serve(device, sock, checkpoints, FaultInjector(fault))
+    serve(device, sock, checkpoints, injector)

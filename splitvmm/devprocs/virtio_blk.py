@@ -65,6 +65,7 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, NoReturn, Self, TypeVar
 
 from splitvmm.devprocs.base import DeviceContext, register
+from splitvmm.devprocs.faults import RequestFaults
 from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.virtio.guestram import skip_bytes
 from splitvmm.devprocs.virtio.pci import Pending, Stalled, VirtioPciDevice, log
@@ -99,6 +100,10 @@ VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH = 0, 1, 4
 VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES = 8, 11, 13
 VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP = 0, 1, 2
 WRITE_ZEROES_FLAG_UNMAP = 1
+# What an io-error fault's `on` calls each request type (protocol/faults.py); a type not here
+# (GET_ID, one the device does not know) touches no disk, and no fault counts it.
+FAULT_KIND = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write", VIRTIO_BLK_T_FLUSH: "flush",
+              VIRTIO_BLK_T_DISCARD: "write", VIRTIO_BLK_T_WRITE_ZEROES: "write"}  # fmt: skip
 
 HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 SEGMENT = struct.Struct("<QII")  # discard / write zeroes: sector, num_sectors, flags
@@ -204,6 +209,7 @@ class VirtioBlk(VirtioPciDevice):
         # guest was answered IOERR (for the host's failure or its own request's) and UNSUPP
         self.counts = dict.fromkeys(("aio_requests", "bounced_requests", "io_errors",
                                      "failed_requests", "unsupported_requests"), 0)  # fmt: skip
+        self._faults = self.request_faults = RequestFaults()  # `ctl inject-fault NAME io-error`
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
@@ -298,7 +304,8 @@ class VirtioBlk(VirtioPciDevice):
         }
 
     def stats(self) -> dict[str, int]:
-        return {**super().stats(), **self.counts}
+        # injected_errors: of failed_requests, those an io-error fault failed
+        return {**super().stats(), **self.counts, "injected_errors": self._faults.injected}
 
     # -- what the driver sees ---------------------------------------------------------------
     def device_features(self) -> int:
@@ -333,6 +340,8 @@ class VirtioBlk(VirtioPciDevice):
         )
         try:
             kind, sector = self._header(chain.readable)
+            if self._faults.armed and self._faults.fails(FAULT_KIND.get(kind)):
+                raise RequestError(VIRTIO_BLK_S_IOERR)  # as a failing disk: nothing reaches it
             if self.aio is not None:
                 started = self._start(kind, sector, chain.readable, data_in, status_gpa)
                 if started is not None:

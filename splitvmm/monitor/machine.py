@@ -773,8 +773,14 @@ class Machine:
         slot = next((s for s in self.slots if s.name == name), None)
         if slot is None:
             raise ControlError(f"inject-fault: no device named {str(name)[:63]!r}")
-        fault = {k: req.get(k) for k in faults.Fault.__struct_fields__}
+        # on and count may be left out (an io-error's); the device gets every field
+        fault = {k: req.get(k, faults.DEFAULTS.get(k)) for k in faults.Fault.__struct_fields__}
         faults.decode(fault, "inject-fault", ControlError)
+        if fault["kind"] == "io-error" and not MODELS[slot.model].request_faults:
+            raise ControlError(
+                f"inject-fault: device {slot.name} (model {slot.model}) serves no requests an "
+                "io-error could fail"
+            )
         try:
             pid = slot.arm_fault(fault)
         except DeviceFailure as e:  # as crash-device: unless it failed for good, 75

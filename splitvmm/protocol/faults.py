@@ -10,6 +10,14 @@ frames (reads, writes, host input) the process receives after it is armed, and f
     drop   the reply to frame `after` (or the first reply after it) is never sent
     exit   on receiving frame `after`, before applying it, the process exits (status 3)
 
+One more fails the guest's I/O, not the process, in a model that serves requests
+(ModelDescriptor.request_faults: virtio-blk), as QEMU's blkdebug inject-error does. It counts
+that model's requests of one kind (`on`: read, write -- discard and write-zeroes too --,
+flush, or any of them) instead of frames:
+
+    io-error  request `after` and the `count - 1` after it fail as if the host's disk had
+              failed them (IOERR to the guest; nothing of them reaches the disk)
+
 A fault belongs to one process: the process a restart brings up has none unless armed anew.
 
 Why SEGV only: a device process is pid 1 of its own PID namespace (sandbox/device.py), and
@@ -26,23 +34,32 @@ from splitvmm.errors import ConfigError, SplitvmmError, shown
 from splitvmm.protocol import schema
 from splitvmm.record import Struct
 
-FAULT_KINDS = ("crash", "delay", "drop", "exit")
+FAULT_KINDS = ("crash", "delay", "drop", "exit", "io-error")
 FAULT_SIGNALS = ("SEGV",)
 MAX_DELAY_MS = 10000
 EXIT_STATUS = 3  # the status an `exit` fault leaves with: no other path of a device uses it
 
-Kind = Literal["crash", "delay", "drop", "exit"]
+Kind = Literal["crash", "delay", "drop", "exit", "io-error"]
+REQUEST_KINDS = ("any", "read", "write", "flush")  # what an io-error's `on` may name
+MAX_COUNT = (1 << 32) - 1
+# What a `ctl inject-fault` request may leave out (io-error's fields), and their values then
+DEFAULTS: dict[str, object] = {"on": "any", "count": 1}
 
 
 class Fault(Struct, frozen=True):
     kind: Kind
-    after: Annotated[int, schema.Range(1, (1 << 32) - 1)]  # the frame it fires at, from 1
+    # the frame it fires at, from 1 (io-error: the request of its kind)
+    after: Annotated[int, schema.Range(1, MAX_COUNT)]
     delay_ms: Annotated[int, schema.Range(0, MAX_DELAY_MS)]  # delay only
     signal: Literal["SEGV"]  # crash only
+    on: Literal["any", "read", "write", "flush"]  # io-error only: which requests
+    count: Annotated[int, schema.Range(1, MAX_COUNT)]  # io-error only: how many fail
 
     def validate(self) -> None:
         if self.kind == "delay" and self.delay_ms == 0:
             raise schema.Invalid("a delay fault needs delay_ms of 1 or more", "delay_ms")
+        if self.kind != "io-error" and (self.on, self.count) != ("any", 1):
+            raise schema.Invalid("on and count belong to an io-error fault", "on")
 
 
 def decode(data: object, where: str, error: type[SplitvmmError]) -> Fault:
@@ -50,14 +67,22 @@ def decode(data: object, where: str, error: type[SplitvmmError]) -> Fault:
     return schema.decode(Fault, data, where=where, error=error)
 
 
-def make(kind: str, after: int = 1, delay_ms: int = 0, signal: str = "SEGV") -> dict[str, object]:
+def make(
+    kind: str,
+    after: int = 1,
+    delay_ms: int = 0,
+    signal: str = "SEGV",
+    on: str = "any",  # DEFAULTS
+    count: int = 1,
+) -> dict[str, object]:
     """A fault document from its parts (checked by decode())."""
-    return {"kind": kind, "after": after, "delay_ms": delay_ms, "signal": signal}
+    return {"kind": kind, "after": after, "delay_ms": delay_ms, "signal": signal, "on": on,
+            "count": count}  # fmt: skip
 
 
 def parse(text: object, where: str) -> dict[str, object]:
-    """A config's `fault = "KIND[:after=N][,delay_ms=D][,signal=S]"`, as a checked fault
-    document; ConfigError naming `where` otherwise."""
+    """A config's `fault = "KIND[:after=N][,delay_ms=D][,signal=S][,on=O][,count=C]"`, as a
+    checked fault document; ConfigError naming `where` otherwise."""
     if not isinstance(text, str):
         raise ConfigError(f'{where}: expected a string like "crash:after=200", got {shown(text)}')
     # KIND, then its parts: after ':' as written in full, or after ',' when `after` (the
@@ -66,8 +91,10 @@ def parse(text: object, where: str) -> dict[str, object]:
     doc = make(kind.strip())
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key.strip() not in ("after", "delay_ms", "signal"):
-            raise ConfigError(f"{where}: {shown(item)} is not after=N, delay_ms=D or signal=S")
+        if not eq or key.strip() not in ("after", "delay_ms", "signal", "on", "count"):
+            raise ConfigError(
+                f"{where}: {shown(item)} is not after=N, delay_ms=D, signal=S, on=O or count=C"
+            )
         doc[key.strip()] = _value(key.strip(), value.strip(), where)
     decode(doc, where, ConfigError)
     return doc
@@ -76,6 +103,8 @@ def parse(text: object, where: str) -> dict[str, object]:
 def _value(key: str, value: str, where: str) -> object:
     if key == "signal":
         return value.upper().removeprefix("SIG")
+    if key == "on":
+        return value
     try:
         return int(value, 0)
     except ValueError:

@@ -294,6 +294,9 @@ class ModelDescriptor(Struct, frozen=True):
     # A network link the operator takes down and up (`ctl link`, the control op `link`):
     # while it is down the device drops every frame both ways, as a cable pulled out would.
     link: bool = False
+    # Requests an io-error fault (protocol/faults.py) may fail, as a failing disk would: the
+    # model serves requests of the kinds faults.REQUEST_KINDS names (devprocs/faults.py).
+    request_faults: bool = False
 
     def __post_init__(self) -> None:
         if self.pause_option and self.option(self.pause_option).choices != PAUSE_CHOICES:
@@ -511,6 +514,7 @@ VIRTIO_BLK = ModelDescriptor(
     ),
     state_version=2,
     pause_option="on_full",
+    request_faults=True,
     # IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES (zeroing, then unmapping), and a type the
     # device does not know; each request's last writable byte is its status
     queue_recipes=(

@@ -448,6 +448,30 @@ def test_virtio_blk_killed_under_io_restarts_and_the_guest_sees_no_error(
     assert "mismatch" not in text and ": status " not in text, text[-1500:]
 
 
+@DIRECT
+def test_virtio_blk_io_error_injected_reaches_the_guest_as_a_failing_disk_would(
+    guests, tmp_path, direct
+):
+    """`ctl inject-fault blk0 io-error --on write --after 2` (QEMU's blkdebug inject-error):
+    the loop guest's second write from then on is IOERR, and the guest, which takes none,
+    stops there naming it (exit 9). A model without requests refuses the fault."""
+    vm = loop_vm(tmp_path, guests, blk_extra=direct_table(direct))
+    try:
+        written(vm)
+        refused = vm.ctl("inject-fault", "serial0", "io-error")
+        assert refused.returncode == 1 and "serves no requests" in refused.stderr
+        armed = vm.ctl("inject-fault", "blk0", "io-error", "--on", "write", "--after", "2")
+        assert armed.returncode == 0 and "armed io-error in blk0" in armed.stdout, armed.stderr
+        status, err = vm.finish(timeout=60)
+    finally:
+        vm.kill_if_running()
+    text = vm.text()
+    assert status == 9, text[-1500:] + err
+    assert re.search(r"virtio-blk: write of \d+ bytes at sector \d+: status 1\n", text), text[
+        -1500:
+    ]
+
+
 @pytest.fixture
 def frozen_fs(tmp_path: Path) -> Iterator[Path]:
     """A small ext4 file system on a loop device, mounted under tmp_path, that a test may

@@ -513,6 +513,27 @@ def test_inject_fault_on_a_device_away_is_busy_unless_it_failed_for_good(
     assert isinstance(e.value, ControlBusy) is (failed is None)
 
 
+def test_inject_fault_io_error_refused_for_a_model_without_requests_and_filled_in_for_blk():
+    """An io-error fails a model's requests (ModelDescriptor.request_faults): the serial
+    device is never asked; a request that leaves on and count out gets their defaults."""
+    armed: list[dict[str, object]] = []
+
+    def arm_fault(fault: dict[str, object]) -> int:
+        armed.append(fault)
+        return 7
+
+    slots = [SimpleNamespace(name="serial0", model="serial", arm_fault=arm_fault),
+             SimpleNamespace(name="blk0", model="virtio-blk", arm_fault=arm_fault)]  # fmt: skip
+    machine = SimpleNamespace(slots=slots)
+    asked = {"kind": "io-error", "after": 1, "delay_ms": 0, "signal": "SEGV"}
+
+    with pytest.raises(ControlError, match=r"serial0 \(model serial\) serves no requests"):
+        Machine._inject_fault(machine, {"name": "serial0", **asked})  # type: ignore[arg-type]
+    assert armed == []
+    reply = Machine._inject_fault(machine, {"name": "blk0", **asked})  # type: ignore[arg-type]
+    assert armed == [{**asked, "on": "any", "count": 1}] and reply["pid"] == 7
+
+
 @pytest.mark.parametrize(("restarting", "failed", "refusal"), AWAY)
 def test_link_on_a_device_away_is_busy_unless_it_failed_for_good(restarting, failed, refusal):
     """ctl link: as crash-device and inject-fault, a device that will be back takes it then."""

@@ -35,8 +35,9 @@ def fault(kind: str, **parts: int) -> faults.Fault:
         faults.make("delay", after=1, delay_ms=faults.MAX_DELAY_MS),
         faults.make("drop", after=(1 << 32) - 1),
         faults.make("exit"),
+        faults.make("io-error", after=3, on="flush", count=(1 << 32) - 1),
     ],
-    ids=["crash", "delay-max", "drop-u32", "exit"],
+    ids=["crash", "delay-max", "drop-u32", "exit", "io-error"],
 )
 def test_fault_good_document_decodes(doc: dict[str, object]) -> None:
     assert faults.decode(doc, "test", ProtocolError).kind == doc["kind"]
@@ -54,6 +55,10 @@ def test_fault_good_document_decodes(doc: dict[str, object]) -> None:
         (faults.make("crash", after=True), r"test.*after"),
         ({**faults.make("exit"), "code": "x"}, r"test.*code"),
         ({"kind": "exit"}, r"test"),
+        (faults.make("io-error", on="discard"), r"test.*on"),
+        (faults.make("io-error", count=0), r"test.*count"),
+        (faults.make("crash", on="write"), r"test.*on and count belong to an io-error"),
+        (faults.make("delay", delay_ms=5, count=2), r"test.*on and count belong to an io-error"),
     ],
     ids=[
         "kind",
@@ -65,6 +70,10 @@ def test_fault_good_document_decodes(doc: dict[str, object]) -> None:
         "bool",
         "extra",
         "missing",
+        "on",
+        "count-0",
+        "on-not-io-error",
+        "count-not-io-error",
     ],
 )
 def test_fault_bad_document_raises_error_naming_field(doc: object, message: str) -> None:
@@ -79,18 +88,32 @@ def test_fault_bad_document_raises_error_naming_field(doc: object, message: str)
         ("delay,delay_ms=300", faults.make("delay", delay_ms=300)),
         ("crash,signal=SEGV", faults.make("crash")),
         ("exit", faults.make("exit")),
+        (
+            "io-error:after=2,on=write,count=3",
+            faults.make("io-error", after=2, on="write", count=3),
+        ),
+        ("io-error", faults.make("io-error")),
     ],
-    ids=["after-given", "after-left-out", "signal-only", "kind-only"],
+    ids=["after-given", "after-left-out", "signal-only", "kind-only", "io-error", "io-error-bare"],
 )
 def test_fault_config_string_parses_to_a_document(
     tmp_path: Path, text: str, expected: dict[str, object]
 ) -> None:
-    """The README's `KIND[:after=N][,delay_ms=D][,signal=SEGV]`: with `after` left out the
-    first part follows a comma ("delay,delay_ms=300"), which was refused as a kind."""
+    """The README's `KIND[:after=N][,delay_ms=D][,signal=SEGV][,on=O][,count=C]`: with `after`
+    left out the first part follows a comma ("delay,delay_ms=300"), which was refused as a
+    kind. An io-error on a model that serves requests (virtio-blk)."""
     (tmp_path / "kernel.elf").write_bytes(b"\x7fELF")
-    text = GOOD.replace('model = "serial"\n', f'model = "serial"\nfault = "{text}"\n')
+    if "io-error" in text:
+        (tmp_path / "d.img").write_bytes(bytes(4096))
+        text = (
+            GOOD
+            + f'[[device]]\nname = "blk0"\nmodel = "virtio-blk"\npath = "d.img"\nfault = "{text}"\n'
+        )
+    else:
+        text = GOOD.replace('model = "serial"\n', f'model = "serial"\nfault = "{text}"\n')
     cfg = load_config(write(tmp_path, text))
-    assert cfg.devices[0].fault == expected
+    by_name = {d.name: d for d in cfg.devices}
+    assert by_name["blk0" if "io-error" in text else "serial0"].fault == expected
 
 
 @pytest.mark.parametrize(
@@ -101,8 +124,10 @@ def test_fault_config_string_parses_to_a_document(
         ('"crash:every=3"', r"device 'serial0'\.fault: 'every=3' is not"),
         ('"crash:signal=KILL"', r"device 'serial0'\.fault: .*signal"),
         ("3", r"device 'serial0'\.fault: expected a string"),
+        ('"io-error"', r"device 'serial0'\.fault: model serial serves no requests an io-error"),
+        ('"io-error:count=x"', r"device 'serial0'\.fault: count must be a whole number"),
     ],
-    ids=["kind", "after-text", "unknown-part", "signal", "not-a-string"],
+    ids=["kind", "after-text", "unknown-part", "signal", "not-a-string", "io-error", "count"],
 )
 def test_fault_config_mistake_raises_error_naming_key(
     tmp_path: Path, value: str, message: str

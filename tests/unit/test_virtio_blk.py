@@ -15,14 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitvmm.devprocs import virtio_blk
+from splitvmm.devprocs.base import DeviceContext
 from splitvmm.devprocs.faults import FaultInjector
 from splitvmm.devprocs.progress import Progress
 from splitvmm.devprocs.runtime import _serve_control, build_device
 from splitvmm.devprocs.virtio_blk import VirtioBlk
-from splitvmm.errors import ConfigError, StateError
+from splitvmm.errors import ConfigError, ProtocolError, StateError
 from splitvmm.native import files
 from splitvmm.native.aio import AioContext
-from splitvmm.protocol import codec, control
+from splitvmm.protocol import codec, control, faults
 from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.ratelimit import RateLimitedLog
@@ -618,6 +619,96 @@ def test_virtio_blk_clears_its_dirty_marks_when_asked_and_marks_what_it_writes_a
     request(ring, IN, 0, [(512, True)])
     driver.kick()
     assert os.pread(fds["dirty"], 4096, 0) != bytes(4096)
+
+
+# -- io-error faults (`ctl inject-fault NAME io-error`, protocol/faults.py) ---------------------
+def arm_io_error(dev: VirtioBlk, **parts: object) -> None:
+    """What the runtime does with a `fault` control message of kind io-error."""
+    FaultInjector(requests=dev.request_faults).arm(
+        faults.decode(faults.make("io-error", **parts), "fault", ConfigError)  # type: ignore[arg-type]
+    )
+
+
+def test_virtio_blk_io_error_fails_the_nth_write_as_a_failing_disk_and_nothing_reaches_it(
+    blk, disk
+):
+    """QEMU's blkdebug inject-error: the guest gets IOERR (its buffers zeroed as for any
+    failed request), the disk keeps what it had, reads are not counted, and the fault is
+    spent after it."""
+    driver, ring = started(blk)
+    arm_io_error(blk, after=2, on="write")
+    before = disk.read_bytes()
+    statuses = [
+        request(ring, OUT, 1, [(b"\x11" * 512, False)]),
+        request(ring, IN, 1, [(512, True)]),
+        request(ring, OUT, 2, [(b"\x22" * 512, False)]),  # the second write: fails
+        request(ring, OUT, 3, [(b"\x33" * 512, False)]),
+    ]
+
+    driver.kick()
+
+    assert [status_of(blk, s) for s in statuses] == [OK, OK, IOERR, OK]
+    image = disk.read_bytes()
+    assert image[512:1024] == b"\x11" * 512 and image[1536:2048] == b"\x33" * 512
+    assert image[1024:1536] == before[1024:1536]  # the failed write never reached it
+    stats = blk.stats()
+    assert (stats["injected_errors"], stats["failed_requests"], stats["io_errors"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("on", "kinds", "want"),
+    [
+        ("read", [OUT, IN, IN], [OK, IOERR, IOERR]),
+        ("flush", [IN, FLUSH, FLUSH], [OK, IOERR, IOERR]),
+        ("write", [GET_ID, DISCARD, OUT], [OK, IOERR, IOERR]),  # GET_ID touches no disk
+        ("any", [GET_ID, IN, FLUSH, OUT], [OK, IOERR, IOERR, OK]),
+    ],
+)
+def test_virtio_blk_io_error_counts_its_kind_of_request_and_fails_count_of_them(
+    blk, on, kinds, want
+):
+    driver, ring = started(blk)
+    arm_io_error(blk, on=on, count=2)
+    data = {IN: [(512, True)], OUT: [(b"\x44" * 512, False)], FLUSH: [], GET_ID: [(20, True)],
+            DISCARD: [(struct.pack("<QII", 4, 1, 0), False)]}  # fmt: skip
+    statuses = [request(ring, kind, 0, data[kind]) for kind in kinds]
+
+    driver.kick()
+
+    assert [status_of(blk, s) for s in statuses] == want
+    assert blk.stats()["injected_errors"] == 2
+
+
+def test_virtio_blk_io_error_fails_an_aio_request_on_a_direct_image(direct_fds, disk):
+    """The fault is asked before the request is started on the disk, whichever way it goes."""
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    arm_io_error(dev, on="read")
+    header = ring.buffer(struct.pack("<IIQ", IN, 0, 8))
+    buf, status = aligned(ring, 4096), ring.buffer(b"\xff")
+    ring.add([(*header, False), (*buf, True), (*status, True)])
+
+    driver.kick()
+
+    assert ring.take_used()[0][1] == 4097 and status_of(dev, status[0]) == IOERR
+    assert dev.counts["aio_requests"] == 0
+
+
+def test_io_error_fault_armed_over_the_channel_and_refused_where_no_requests(blk):
+    from splitvmm.devprocs.serial import Uart8250
+    from tests.fakes import FakeIrq
+
+    message = {"op": "fault", "seq": 5, **faults.make("io-error", on="write")}
+    sock = FakeSocket()
+    _serve_control(blk, sock, control.encode(message), FaultInjector(requests=blk.request_faults))
+    assert control.check_reply(control.decode(sock.sent[0]), "fault", 5, "virtio-blk")
+    assert blk.request_faults is not None and blk.request_faults.armed
+
+    uart = Uart8250(DeviceContext(irq=FakeIrq()))
+    sock = FakeSocket()
+    _serve_control(uart, sock, control.encode(message), FaultInjector())
+    with pytest.raises(ProtocolError, match="io-error fault needs a model that serves requests"):
+        control.check_reply(control.decode(sock.sent[0]), "fault", 5, "serial")
 
 
 # -- state ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Crash testing: `splitvmm ctl crash-device NAME [--signal KILL|SEGV|ABRT|...]` and
-`splitvmm ctl inject-fault NAME KIND [--after N] [--delay-ms D] [--signal S]`."""
+`splitvmm ctl inject-fault NAME KIND [--after N] [--delay-ms D] [--signal S] [--on O]
+[--count C]`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from typing import Any, TypeVar
 import click
 
 from splitvmm.cli.ctl import common
-from splitvmm.protocol.faults import FAULT_KINDS, FAULT_SIGNALS, MAX_DELAY_MS
+from splitvmm.protocol.faults import (
+    FAULT_KINDS,
+    FAULT_SIGNALS,
+    MAX_COUNT,
+    MAX_DELAY_MS,
+    REQUEST_KINDS,
+)
 from splitvmm.protocol.spec import CRASH_SIGNALS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,10 +50,11 @@ def crash_device(ctx: click.Context, name: str, sig: str, as_json: bool) -> None
 @click.argument("kind", type=click.Choice(FAULT_KINDS))
 @click.option(
     "--after",
-    type=click.IntRange(1, (1 << 32) - 1),
+    type=click.IntRange(1, MAX_COUNT),
     default=1,
     show_default=True,
-    help="The access frame (read, write, input), counted from now, at which it fires.",
+    help="The access frame (read, write, input), counted from now, at which it fires "
+    "(io-error: the request of its kind).",
 )
 @click.option(
     "--delay-ms",
@@ -55,14 +63,39 @@ def crash_device(ctx: click.Context, name: str, sig: str, as_json: bool) -> None
     help="delay: how long the reply waits (1 or more: a delay fault needs it).",
 )
 @signal_option(FAULT_SIGNALS, "crash: how the process dies.")
+@click.option(
+    "--on",
+    type=click.Choice(REQUEST_KINDS),
+    default="any",
+    show_default=True,
+    help="io-error: the requests it counts and fails (write: discards and write-zeroes too).",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1, MAX_COUNT),
+    default=1,
+    show_default=True,
+    help="io-error: how many requests in a row fail.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def inject_fault(
-    ctx: click.Context, name: str, kind: str, after: int, delay_ms: int, sig: str, as_json: bool
+    ctx: click.Context,
+    name: str,
+    kind: str,
+    after: int,
+    delay_ms: int,
+    sig: str,
+    on: str,
+    count: int,
+    as_json: bool,
 ) -> None:
     """Arm a fault in a device's running process: crash after N frames, delay or drop the
-    reply to frame N, or exit on receiving frame N. It fires once, in this process only."""
-    args = {"name": name, "kind": kind, "after": after, "delay_ms": delay_ms, "signal": sig.upper()}
+    reply to frame N, or exit on receiving frame N; or (io-error, virtio-blk) fail its Nth
+    request and the COUNT - 1 after it with an I/O error, as a failing disk would. It fires
+    once, in this process only."""
+    args = {"name": name, "kind": kind, "after": after, "delay_ms": delay_ms,
+            "signal": sig.upper(), "on": on, "count": count}  # fmt: skip
     reply = common.call(ctx, "inject-fault", **args)
     common.emit(reply, as_json, lambda r: f"armed {r['kind']} in {r['name']} (pid {r['pid']})")
 
