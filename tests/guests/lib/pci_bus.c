@@ -204,7 +204,10 @@ static unsigned size_bar(struct pci_func *f, unsigned i)
 	}
 	u64 m = (u64)mask_hi << 32 | (mask & ~0xfu);
 	b->base = (u64)orig_hi << 32 | (orig & ~0xfu);
-	b->size = (mask & ~0xfu) ? ~m + 1 : 0;
+	/* A 64-bit BAR of 4 GiB or more has no writable bit in its low dword (PCI 3.0 6.2.5.1):
+	 * it is there when either dword has one. */
+	bool present = (mask & ~0xfu) || (b->is64 && mask_hi);
+	b->size = present ? ~m + 1 : 0;
 	return b->is64 ? 2 : 1;
 }
 
