@@ -3,6 +3,7 @@ io-error goes to the model's requests (RequestFaults)."""
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import select
@@ -15,20 +16,40 @@ from splitvmm.protocol.faults import EXIT_STATUS, Fault
 
 class RequestFaults:
     """The io-error fault armed in a model that serves requests (virtio-blk), if any: which
-    of its next requests fail (protocol/faults.py). One at a time: arming replaces it."""
+    of its next requests fail (protocol/faults.py). One at a time: arming replaces it.
 
-    def __init__(self) -> None:
+    A request is known by its place: its queue's ring (a reset makes a new one) and that
+    ring's count of chains taken, itself included (mod 2^16, far more than `window`). A
+    stall gives the chain it met, and every one taken after it, back to the ring
+    (virtio/pci.py), and they are asked about again when taken again: the last `window`
+    requests asked about (the most a model has in flight, all a stall can give back) keep
+    their answer, so that one taken again is counted once and told the same, even after the
+    fault is spent."""
+
+    def __init__(self, window: int = 1) -> None:
         self.armed = False  # checked first on every request: the rest costs nothing then
         self._fault: Fault | None = None
         self._seen = self._left = 0
         self.injected = 0  # requests failed so far
+        self._told: collections.deque[tuple[object, int, bool]] = collections.deque(maxlen=window)
 
     def arm(self, fault: Fault) -> None:
         self._fault, self._seen, self._left, self.armed = fault, 0, fault.count, True
 
-    def fails(self, kind: str | None) -> bool:
+    def fails(self, kind: str | None, ring: object, place: int) -> bool:
         """Whether a request of `kind` (read, write, flush; None: one no fault counts, such
-        as GET_ID) fails now. Call it once per request, as it is served."""
+        as GET_ID), taken as chain `place` of `ring`, fails now. Call it once per request
+        taken, as it is served."""
+        for told_ring, told_place, failed in self._told:
+            if told_ring is ring and told_place == place:
+                return failed  # taken again after a stall: the answer it had
+        failed = self._counts(kind)
+        self._told.append((ring, place, failed))
+        # Armed until no request it failed can be taken again
+        self.armed = self._fault is not None or any(f for _, _, f in self._told)
+        return failed
+
+    def _counts(self, kind: str | None) -> bool:
         fault = self._fault
         if fault is None or kind is None or fault.on not in ("any", kind):
             return False
@@ -37,7 +58,7 @@ class RequestFaults:
             return False
         self._left -= 1
         if not self._left:
-            self._fault, self.armed = None, False
+            self._fault = None
         self.injected += 1
         return True
 

@@ -209,7 +209,8 @@ class VirtioBlk(VirtioPciDevice):
         # guest was answered IOERR (for the host's failure or its own request's) and UNSUPP
         self.counts = dict.fromkeys(("aio_requests", "bounced_requests", "io_errors",
                                      "failed_requests", "unsupported_requests"), 0)  # fmt: skip
-        self._faults = self.request_faults = RequestFaults()  # `ctl inject-fault NAME io-error`
+        # `ctl inject-fault NAME io-error`
+        self._faults = self.request_faults = RequestFaults(self.MAX_IN_FLIGHT)
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
@@ -340,7 +341,7 @@ class VirtioBlk(VirtioPciDevice):
         )
         try:
             kind, sector = self._header(chain.readable)
-            if self._faults.armed and self._faults.fails(FAULT_KIND.get(kind)):
+            if self._faults.armed and self._injected(queue, kind, chain.readable):
                 raise RequestError(VIRTIO_BLK_S_IOERR)  # as a failing disk: nothing reaches it
             if self.aio is not None:
                 started = self._start(kind, sector, chain.readable, data_in, status_gpa)
@@ -352,6 +353,28 @@ class VirtioBlk(VirtioPciDevice):
         except RequestError as e:
             written, status = 0, self._failed(e)
         return self._complete(data_in, written, status_gpa, status)
+
+    def _injected(self, queue: int, kind: int, readable: list[tuple[int, int]]) -> bool:
+        """Whether the io-error fault fails the request just taken from `queue`: its place
+        there is the ring's count of chains taken (RequestFaults says why a place)."""
+        ring = self.rings[queue]
+        assert ring is not None  # handle() serves a chain taken from it
+        return self._faults.fails(self._fault_kind(kind, readable), ring, ring.last_avail)
+
+    def _fault_kind(self, kind: int, readable: list[tuple[int, int]]) -> str | None:
+        """What an io-error fault calls the request (FAULT_KIND), once the checks that refuse
+        it anyway are done, in _serve's order: 5.2.6.2's UNSUPPs come before any other, a
+        read-only disk refuses a write, and a failing disk still knows which commands it has
+        (QEMU's blkdebug sits under the device's own checks). Such a request is not counted."""
+        name = FAULT_KIND.get(kind)
+        segmented = kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES)
+        if segmented:
+            self._negotiated(kind)
+        if name == "write":
+            self._writable()
+        if segmented:
+            self._segment_list(kind, skip_bytes(readable, HEADER.size))
+        return name
 
     def _failed(self, e: RequestError) -> int:
         """The status a request answered with `e` gets, counted."""
@@ -466,7 +489,7 @@ class VirtioBlk(VirtioPciDevice):
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
                 self._negotiated(kind)
                 self._writable()
-                self._segments(kind, skip_bytes(readable, HEADER.size))
+                self._segments(kind, self._segment_list(kind, skip_bytes(readable, HEADER.size)))
                 self._stable()
             case _:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)
@@ -607,7 +630,9 @@ class VirtioBlk(VirtioPciDevice):
             written += len(chunk)
         return written
 
-    def _segments(self, kind: int, out: list[tuple[int, int]]) -> None:
+    def _segment_list(self, kind: int, out: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """The (sector, num_sectors, flags) of a DISCARD or WRITE_ZEROES, their flags known
+        and no more than MAX_SEGMENTS of them; UNSUPP or IOERR otherwise."""
         # One segment more than allowed is read, enough to refuse more: an unknown flag past
         # it goes unseen, and such a request (over max_discard_seg, a driver's MUST NOT) is
         # IOERR rather than UNSUPP.
@@ -620,6 +645,9 @@ class VirtioBlk(VirtioPciDevice):
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)  # unmap is for write zeroes only
         if len(segments) > MAX_SEGMENTS:
             raise RequestError(VIRTIO_BLK_S_IOERR)
+        return segments
+
+    def _segments(self, kind: int, segments: list[tuple[int, int, int]]) -> None:
         for sector, count, flags in segments:
             if sector + count > self.capacity or count > MAX_DISCARD_SECTORS:
                 raise RequestError(VIRTIO_BLK_S_IOERR)

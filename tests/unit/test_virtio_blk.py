@@ -694,6 +694,97 @@ def test_virtio_blk_io_error_fails_an_aio_request_on_a_direct_image(direct_fds, 
     assert dev.counts["aio_requests"] == 0
 
 
+def test_virtio_blk_io_error_counts_a_write_taken_again_after_a_stall_once(blk, host_full):
+    """A write the full host stalls goes back to the ring and is served again at the retry:
+    one request, counted once. The fault fails the second write, not the first one twice."""
+    driver, ring = started(blk)
+    arm_io_error(blk, after=2, on="write")
+    first = request(ring, OUT, 1, [(b"\x11" * 512, False)])
+    second = request(ring, OUT, 2, [(b"\x22" * 512, False)])
+    driver.kick()  # the first write stalls
+    host_full[0] = False
+
+    blk.retry()
+    serve_ready(blk)
+
+    assert (status_of(blk, first), status_of(blk, second)) == (OK, IOERR)
+    assert blk.stats()["injected_errors"] == 1
+
+
+def test_virtio_blk_io_error_of_a_chain_given_back_by_a_stall_fails_it_when_taken_again(
+    direct_fds, monkeypatch
+):
+    """An AIO write in flight stalls (-ENOSPC) after the read taken behind it was failed by
+    the fault: both go back to the ring unused, and the read, taken again at the retry, is
+    the request the fault failed: the guest sees its IOERR, once."""
+    full = [True]
+    real = AioContext.wait
+
+    def wait(
+        self: AioContext, least: int = 1, timeout_ns: int | None = None
+    ) -> list[tuple[int, int]]:
+        return [(t, -errno.ENOSPC if full[0] else r) for t, r in real(self, least, timeout_ns)]
+
+    monkeypatch.setattr(AioContext, "wait", wait)
+    dev = make(direct_fds)
+    driver, ring = started(dev)
+    arm_io_error(dev, on="read")
+    write = aligned_request(ring, OUT, 8, b"\x5a" * 4096)
+    read = aligned_request(ring, IN, 0, 4096)  # failed while the write is in flight
+
+    driver.kick()
+    used_while_full = ring.take_used()
+    full[0] = False
+    dev.retry()
+    serve_ready(dev)
+
+    assert used_while_full == [] and dev.stalled is None
+    assert ring.take_used() == [(write[0], 1), (read[0], 4097)]
+    assert dev.ram.read(read[1] + 4096, 1) == bytes([IOERR])
+    assert dev.stats()["injected_errors"] == 1
+
+
+@pytest.mark.parametrize(
+    ("features", "kind", "flags"),
+    [
+        (F_VERSION_1, DISCARD, 0),  # the driver turned DISCARD down
+        (F_VERSION_1, WRITE_ZEROES, 0),
+        (None, DISCARD, 1),  # unmap is for write zeroes only
+        (None, WRITE_ZEROES, 2),  # an unknown flag
+    ],
+    ids=["discard-declined", "zeroes-declined", "discard-unmap", "unknown-flag"],
+)
+def test_virtio_blk_io_error_leaves_a_command_the_device_refuses_unsupp_and_uncounted(
+    blk, features, kind, flags
+):
+    """5.2.6.2's UNSUPPs come before any other check: a failing disk still knows which
+    commands it has (QEMU's blkdebug sits under the device's own checks). Such a request
+    never reaches the disk, as GET_ID: the fault neither makes it IOERR nor counts it."""
+    driver, ring = started(blk, features)
+    arm_io_error(blk, on="write")
+    refused = request(ring, kind, 0, [(struct.pack("<QII", 4, 1, flags), False)])
+    write = request(ring, OUT, 1, [(b"\x11" * 512, False)])  # the first write: fails
+
+    driver.kick()
+
+    assert (status_of(blk, refused), status_of(blk, write)) == (UNSUPP, IOERR)
+    assert blk.stats()["injected_errors"] == 1
+
+
+def test_virtio_blk_io_error_leaves_a_write_a_readonly_disk_refuses_uncounted(fds):
+    """A read-only disk answers a write IOERR of its own: the fault does not count it, and
+    is still armed for the request it was meant for."""
+    dev = make(fds, readonly=True)
+    driver, ring = started(dev)
+    arm_io_error(dev, on="write")
+    status = request(ring, OUT, 1, [(b"\x11" * 512, False)])
+
+    driver.kick()
+
+    assert status_of(dev, status) == IOERR and dev.stats()["injected_errors"] == 0
+    assert dev.request_faults is not None and dev.request_faults.armed
+
+
 def test_io_error_fault_armed_over_the_channel_and_refused_where_no_requests(blk):
     from splitvmm.devprocs.serial import Uart8250
     from tests.fakes import FakeIrq
