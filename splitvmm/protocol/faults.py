@@ -59,7 +59,8 @@ class Fault(Struct, frozen=True):
         if self.kind == "delay" and self.delay_ms == 0:
             raise schema.Invalid("a delay fault needs delay_ms of 1 or more", "delay_ms")
         if self.kind != "io-error" and (self.on, self.count) != ("any", 1):
-            raise schema.Invalid("on and count belong to an io-error fault", "on")
+            given = "on" if self.on != "any" else "count"
+            raise schema.Invalid("on and count belong to an io-error fault", given)
 
 
 def decode(data: object, where: str, error: type[SplitvmmError]) -> Fault:
@@ -104,7 +105,7 @@ def _value(key: str, value: str, where: str) -> object:
     if key == "signal":
         return value.upper().removeprefix("SIG")
     if key == "on":
-        return value
+        return value.lower()  # as signal's case, any
     try:
         return int(value, 0)
     except ValueError:
