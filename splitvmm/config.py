@@ -358,8 +358,8 @@ def _parse_device(
             f'{where}.{budget[0]}: a restart budget needs on_crash = "restart", not {on_crash!r}'
         )
     fault = faults.parse(table["fault"], f"{where}.fault") if "fault" in table else None
-    if fault is not None and fault["kind"] == "io-error" and not MODELS[model].request_faults:
-        raise ConfigError(f"{where}.fault: model {model} serves no requests an io-error could fail")
+    if fault is not None:
+        faults.check_model(fault, model, f"{where}.fault", ConfigError)
     return DeviceSection(name, model, on_crash, options, max_restarts, window, fault)
 
 

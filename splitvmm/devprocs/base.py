@@ -424,7 +424,8 @@ M = TypeVar("M", bound=type[RegisterDevice])
 
 def register(cls: M) -> M:
     """Register a model; it must match its descriptor (protocol/models.py), which is all the
-    monitor knows of it: a model and its descriptor that disagree fail at import, in tests."""
+    monitor knows of it: a model and its descriptor that disagree fail at import, in tests
+    (what only an instance shows, its request_faults, tests/conformance checks)."""
     descriptor = MODELS.get(cls.NAME)
     if descriptor is None:
         raise TypeError(f"{cls.__name__}: no descriptor {cls.NAME!r} in protocol.models.MODELS")
@@ -432,6 +433,8 @@ def register(cls: M) -> M:
         raise TypeError(f"{cls.__name__}: WINDOW {cls.WINDOW} != its descriptor's window")
     if cls.State.VERSION != descriptor.state_version:
         raise TypeError(f"{cls.__name__}: State.VERSION != its descriptor's state_version")
+    if descriptor.link != (cls.link is not Device.link):  # a `ctl link` the model would fail
+        raise TypeError(f"{cls.__name__}: its descriptor's link and its link() disagree")
     if descriptor.mirrored and not issubclass(cls, MirroredRegisters):
         raise TypeError(f"{cls.__name__}: its descriptor mirrors registers; it has no mirror()")
     REGISTRY[cls.NAME] = cls

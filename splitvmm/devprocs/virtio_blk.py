@@ -206,7 +206,8 @@ class VirtioBlk(VirtioPciDevice):
         self._token = 0
         # ctl devices --json. The failures: io_errors, the host's disk calls that failed
         # (QEMU's failed_*_operations); failed_requests and unsupported_requests, what the
-        # guest was answered IOERR (for the host's failure or its own request's) and UNSUPP
+        # guest was answered IOERR (for the host's failure, its own request's, or an io-error
+        # fault's: injected_errors, stats()) and UNSUPP
         self.counts = dict.fromkeys(("aio_requests", "bounced_requests", "io_errors",
                                      "failed_requests", "unsupported_requests"), 0)  # fmt: skip
         # `ctl inject-fault NAME io-error`
@@ -341,40 +342,44 @@ class VirtioBlk(VirtioPciDevice):
         )
         try:
             kind, sector = self._header(chain.readable)
-            if self._faults.armed and self._injected(queue, kind, chain.readable):
+            segments = self._admitted(kind, chain.readable)
+            if self._faults.armed and self._injected(queue, kind):
                 raise RequestError(VIRTIO_BLK_S_IOERR)  # as a failing disk: nothing reaches it
             if self.aio is not None:
                 started = self._start(kind, sector, chain.readable, data_in, status_gpa)
                 if started is not None:
                     return started
                 self._settle()
-            written = self._serve(kind, sector, chain.readable, data_in)
+            written = self._serve(kind, sector, chain.readable, data_in, segments)
             status = VIRTIO_BLK_S_OK
         except RequestError as e:
             written, status = 0, self._failed(e)
         return self._complete(data_in, written, status_gpa, status)
 
-    def _injected(self, queue: int, kind: int, readable: list[tuple[int, int]]) -> bool:
-        """Whether the io-error fault fails the request just taken from `queue`: its place
-        there is the ring's count of chains taken (RequestFaults says why a place)."""
-        ring = self.rings[queue]
-        assert ring is not None  # handle() serves a chain taken from it
-        return self._faults.fails(self._fault_kind(kind, readable), ring, ring.last_avail)
-
-    def _fault_kind(self, kind: int, readable: list[tuple[int, int]]) -> str | None:
-        """What an io-error fault calls the request (FAULT_KIND), once the checks that refuse
-        it anyway are done, in _serve's order: 5.2.6.2's UNSUPPs come before any other, a
-        read-only disk refuses a write, and a failing disk still knows which commands it has
-        (QEMU's blkdebug sits under the device's own checks). Such a request is not counted."""
-        name = FAULT_KIND.get(kind)
+    def _admitted(self, kind: int, readable: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """The checks that refuse a request whatever the disk does, before anything else:
+        5.2.6.2's UNSUPPs come before any other, and a read-only disk refuses a write; a
+        DISCARD's or WRITE_ZEROES's segments, read once ([] for any other type). An io-error
+        fault counts only a request they admit: a failing disk still knows which commands it
+        has (QEMU's blkdebug sits under the device's own checks)."""
+        if kind == VIRTIO_BLK_T_IN:
+            return []  # most requests: nothing here refuses a read
         segmented = kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES)
         if segmented:
             self._negotiated(kind)
-        if name == "write":
+        if FAULT_KIND.get(kind) == "write":
             self._writable()
         if segmented:
-            self._segment_list(kind, skip_bytes(readable, HEADER.size))
-        return name
+            return self._segment_list(kind, skip_bytes(readable, HEADER.size))
+        return []
+
+    def _injected(self, queue: int, kind: int) -> bool:
+        """Whether the io-error fault fails the request just taken from `queue` (FAULT_KIND
+        names its kind): its place there is the ring's count of chains taken (RequestFaults
+        says why a place)."""
+        ring = self.rings[queue]
+        assert ring is not None  # handle() serves a chain taken from it
+        return self._faults.fails(FAULT_KIND.get(kind), ring, ring.last_avail)
 
     def _failed(self, e: RequestError) -> int:
         """The status a request answered with `e` gets, counted."""
@@ -402,12 +407,11 @@ class VirtioBlk(VirtioPciDevice):
         data_in: list[tuple[int, int]],
         status_gpa: int,
     ) -> BlkRequest | None:
-        """An aligned IN or OUT started on the disk (AIO), or None for handle() to serve
-        in place; RequestError as _serve() would raise it."""
+        """An aligned IN or OUT, admitted, started on the disk (AIO), or None for handle() to
+        serve in place; RequestError as _serve() would raise it."""
         if kind == VIRTIO_BLK_T_IN:
             bufs, write = data_in, False
         elif kind == VIRTIO_BLK_T_OUT:
-            self._writable()
             bufs, write = skip_bytes(readable, HEADER.size), True
         else:
             return None
@@ -471,15 +475,20 @@ class VirtioBlk(VirtioPciDevice):
         return kind, sector
 
     def _serve(
-        self, kind: int, sector: int, readable: list[tuple[int, int]], into: list[tuple[int, int]]
+        self,
+        kind: int,
+        sector: int,
+        readable: list[tuple[int, int]],
+        into: list[tuple[int, int]],
+        segments: list[tuple[int, int, int]],
     ) -> int:
-        """The bytes written into the guest's buffers (before the status byte); `readable`
-        still holds the header."""
+        """The bytes written into the guest's buffers (before the status byte) by a request
+        _admitted() let through (`segments`: what it read); `readable` still holds the
+        header."""
         match kind:
             case 0:  # VIRTIO_BLK_T_IN
                 return self._transfer(sector, into, write=False)
             case 1:  # VIRTIO_BLK_T_OUT
-                self._writable()
                 self._transfer(sector, skip_bytes(readable, HEADER.size), write=True)
                 self._stable()
             case 4:  # VIRTIO_BLK_T_FLUSH
@@ -487,9 +496,7 @@ class VirtioBlk(VirtioPciDevice):
             case 8:  # VIRTIO_BLK_T_GET_ID
                 return self._get_id(into)
             case 11 | 13:  # VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES
-                self._negotiated(kind)
-                self._writable()
-                self._segments(kind, self._segment_list(kind, skip_bytes(readable, HEADER.size)))
+                self._segments(kind, segments)
                 self._stable()
             case _:
                 raise RequestError(VIRTIO_BLK_S_UNSUPP)

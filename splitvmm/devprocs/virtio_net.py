@@ -330,7 +330,7 @@ class VirtioNet(VirtioPciDevice):
         if self.rx_retry_at is None or now < self.rx_retry_at:
             return  # woken early (something else came first)
         self.rx_retry_at = None
-        self.rx_watch = True  # the buffers are still posted: the TAP's next frame lands
+        self.rx_watch = True  # the TAP again: into the buffers still posted, or (link down) dropped
 
     def event_sources(self) -> Sequence[Source]:
         sources = super().event_sources()
@@ -423,18 +423,7 @@ class VirtioNet(VirtioPciDevice):
         """The link is down: up to RX_BATCH frames read from the TAP and dropped; the TAP is
         watched as long as it may hold more (rx_watch)."""
         for _ in range(RX_BATCH):
-            try:
-                n = os.readv(self.tap, [self._scratch])
-            except BlockingIOError:
-                self.rx_watch = True  # drained: the next frame to come wakes us
-                return
-            except OSError as e:
-                self.rx_watch = False  # no spinning on a failing TAP: again at RX_RETRY_S
-                self.rx_retry_at = self.monotonic() + RX_RETRY_S
-                self._warn.warning("rx", "%s: reading the TAP failed: %s", self.NAME, e)
-                return
-            if n == 0:
-                self.backend_gone = True
+            if self._read_frame([]) is None:  # into the scratch alone; drained, or failed
                 return
             self.counts["rx_dropped"] += 1
         self.rx_watch = True

@@ -241,8 +241,8 @@ class DeviceChannel:
     def control(
         self, op: str, timeout_ms: int, args: dict[str, object] | None = None
     ) -> dict[str, object]:
-        """A control request (quiesce, save, resume, retry, fault with `args`), its checked
-        reply."""
+        """A control request (quiesce, save, resume, retry, fault or link with `args`), its
+        checked reply."""
         seq = self._next_seq()
         frame = control.encode({"op": op, "seq": seq, **(args or {})})
         reply = self._request_charged(frame, timeout_ms)

@@ -24,6 +24,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -769,32 +770,22 @@ class Machine:
 
     def _inject_fault(self, req: dict[str, object]) -> dict[str, object]:
         """Arm a fault (protocol/faults.py) in a device's running process: a control message."""
-        name = req.get("name")
-        slot = next((s for s in self.slots if s.name == name), None)
-        if slot is None:
-            raise ControlError(f"inject-fault: no device named {str(name)[:63]!r}")
+        slot = _slot_named(self.slots, "inject-fault", req.get("name"))
         # on and count may be left out (an io-error's); the device gets every field
         fault = {k: req.get(k, faults.DEFAULTS.get(k)) for k in faults.Fault.__struct_fields__}
         faults.decode(fault, "inject-fault", ControlError)
-        if fault["kind"] == "io-error" and not MODELS[slot.model].request_faults:
-            raise ControlError(
-                f"inject-fault: device {slot.name} (model {slot.model}) serves no requests an "
-                "io-error could fail"
-            )
+        faults.check_model(fault, slot.model, f"inject-fault: device {slot.name}", ControlError)
         try:
             pid = slot.arm_fault(fault)
-        except DeviceFailure as e:  # as crash-device: unless it failed for good, 75
-            raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
+        except DeviceFailure as e:
+            raise _refusal(slot, e) from None
         return {"name": slot.name, "pid": pid, **fault}
 
     def _link(self, req: dict[str, object]) -> dict[str, object]:
         """`ctl link NAME [up|down]`: a network device's link taken up or down (`state`), or
         only told (no state), by its process (the control op `link`); a crash restart and a
         snapshot keep it, as they keep the rest of the device's state."""
-        name, state = req.get("name"), req.get("state")
-        slot = next((s for s in self.slots if s.name == name), None)
-        if slot is None:
-            raise ControlError(f"link: no device named {str(name)[:63]!r}")
+        slot, state = _slot_named(self.slots, "link", req.get("name")), req.get("state")
         if not MODELS[slot.model].link:
             raise ControlError(f"link: device {slot.name} (model {slot.model}) has no link")
         if state not in (None, "up", "down"):
@@ -802,25 +793,20 @@ class Machine:
         args: dict[str, object] = {"up": None if state is None else state == "up"}
         try:
             reply = slot.control("link", args=args)
-        except DeviceFailure as e:  # as crash-device: unless it failed for good, 75
-            raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
+        except DeviceFailure as e:
+            raise _refusal(slot, e) from None
         link = "up" if reply["up"] else "down"
         return {"name": slot.name, "link": link, "changed": reply["changed"]}
 
     def _crash_device(self, req: dict[str, object]) -> dict[str, object]:
-        name, sig = req.get("name"), req.get("signal", "KILL")
-        slot = next((s for s in self.slots if s.name == name), None)
-        if slot is None:
-            raise ControlError(f"crash-device: no device named {str(name)[:63]!r}")
+        slot = _slot_named(self.slots, "crash-device", req.get("name"))
+        sig = req.get("signal", "KILL")
         if sig not in CRASH_SIGNALS:
             raise ControlError(f"crash-device: signal must be one of {', '.join(CRASH_SIGNALS)}")
         try:
             pid = slot.crash(signal.Signals[f"SIG{sig}"])
         except DeviceFailure as e:
-            # Unless it failed for good (its on_crash policy), the same request may work
-            # later (ctl's 75): it is restarting, or back already (a warm spare's restart
-            # takes ms, so `restarting` may be clear again by now), or its end is not seen yet.
-            raise (ControlError if slot.failed else ControlBusy)(str(e)) from None
+            raise _refusal(slot, e) from None
         return {"name": slot.name, "pid": pid, "signal": sig}
 
     def _status(self, counters: bool) -> dict[str, object]:
@@ -1035,6 +1021,22 @@ class Machine:
             slot.kill()
         for slot in self.slots:
             slot.close()
+
+
+def _slot_named(slots: Sequence[DeviceSlot], op: str, name: object) -> DeviceSlot:
+    """The slot of the device a control request names (`op`: the request, for the error)."""
+    slot = next((s for s in slots if s.name == name), None)
+    if slot is None:
+        raise ControlError(f"{op}: no device named {str(name)[:63]!r}")
+    return slot
+
+
+def _refusal(slot: DeviceSlot, e: DeviceFailure) -> ControlError:
+    """A request the device could not take (`e`). Unless it failed for good (its on_crash
+    policy), the same request may work later (ctl's 75): it is restarting, or back already
+    (a warm spare's restart takes ms, so `restarting` may be clear again by now), or its end
+    is not seen yet."""
+    return (ControlError if slot.failed else ControlBusy)(str(e))
 
 
 def _log_failure(what: str, error: BaseException | None) -> None:

@@ -28,10 +28,11 @@ SIGABRT included. A fault the CPU raises (a read of address 0) is forced, and ki
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from splitvmm.errors import ConfigError, SplitvmmError, shown
 from splitvmm.protocol import schema
+from splitvmm.protocol.models import MODELS
 from splitvmm.record import Struct
 
 FAULT_KINDS = ("crash", "delay", "drop", "exit", "io-error")
@@ -40,7 +41,8 @@ MAX_DELAY_MS = 10000
 EXIT_STATUS = 3  # the status an `exit` fault leaves with: no other path of a device uses it
 
 Kind = Literal["crash", "delay", "drop", "exit", "io-error"]
-REQUEST_KINDS = ("any", "read", "write", "flush")  # what an io-error's `on` may name
+RequestKind = Literal["any", "read", "write", "flush"]  # what an io-error's `on` may name
+REQUEST_KINDS: tuple[str, ...] = get_args(RequestKind)
 MAX_COUNT = (1 << 32) - 1
 # What a `ctl inject-fault` request may leave out (io-error's fields), and their values then
 DEFAULTS: dict[str, object] = {"on": "any", "count": 1}
@@ -52,7 +54,7 @@ class Fault(Struct, frozen=True):
     after: Annotated[int, schema.Range(1, MAX_COUNT)]
     delay_ms: Annotated[int, schema.Range(0, MAX_DELAY_MS)]  # delay only
     signal: Literal["SEGV"]  # crash only
-    on: Literal["any", "read", "write", "flush"]  # io-error only: which requests
+    on: RequestKind  # io-error only: which requests
     count: Annotated[int, schema.Range(1, MAX_COUNT)]  # io-error only: how many fail
 
     def validate(self) -> None:
@@ -66,6 +68,15 @@ class Fault(Struct, frozen=True):
 def decode(data: object, where: str, error: type[SplitvmmError]) -> Fault:
     """The fault in untrusted `data` (a spec's or a control message's), or `error`."""
     return schema.decode(Fault, data, where=where, error=error)
+
+
+def check_model(
+    fault: dict[str, object], model: str, where: str, error: type[SplitvmmError]
+) -> None:
+    """`error` naming `where` for an io-error on a model that serves no requests
+    (ModelDescriptor.request_faults): the config's and `ctl inject-fault`'s one check."""
+    if fault["kind"] == "io-error" and not MODELS[model].request_faults:
+        raise error(f"{where}: model {model} serves no requests an io-error could fail")
 
 
 def make(

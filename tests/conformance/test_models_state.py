@@ -67,6 +67,17 @@ def exercised(name: str, contexts: Contexts):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_link_and_request_faults_match_its_descriptor(name, contexts):
+    """The monitor offers `ctl link` and io-error faults from the descriptor alone; a model
+    that lacked what its descriptor promises would answer the request with an error, and the
+    monitor fails a device for that."""
+    device = load_model(name).from_options(contexts(name), {})
+
+    assert (device.link(None) is not None) == MODELS[name].link
+    assert (device.request_faults is not None) == MODELS[name].request_faults
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_state_roundtrip_through_codec_is_lossless(name, contexts):
     model, device = exercised(name, contexts)
     device.quiesce()

@@ -497,7 +497,7 @@ def test_inject_fault_on_a_device_away_is_busy_unless_it_failed_for_good(
     """The same answer as crash-device's: a device that will be back takes the fault then."""
 
     class AwaySlot:
-        name, pid = "blk0", 0
+        name, model, pid = "blk0", "virtio-blk", 0
 
         def __init__(self) -> None:
             self.restarting, self.failed = restarting, failed
@@ -527,7 +527,7 @@ def test_inject_fault_io_error_refused_for_a_model_without_requests_and_filled_i
     machine = SimpleNamespace(slots=slots)
     asked = {"kind": "io-error", "after": 1, "delay_ms": 0, "signal": "SEGV"}
 
-    with pytest.raises(ControlError, match=r"serial0 \(model serial\) serves no requests"):
+    with pytest.raises(ControlError, match=r"serial0: model serial serves no requests"):
         Machine._inject_fault(machine, {"name": "serial0", **asked})  # type: ignore[arg-type]
     assert armed == []
     reply = Machine._inject_fault(machine, {"name": "blk0", **asked})  # type: ignore[arg-type]
