@@ -61,7 +61,7 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, NoReturn, Self, TypeVar
 
 from splitvmm.devprocs.base import DeviceContext, register
@@ -100,6 +100,7 @@ VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH = 0, 1, 4
 VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES = 8, 11, 13
 VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP = 0, 1, 2
 WRITE_ZEROES_FLAG_UNMAP = 1
+Segments = Sequence[tuple[int, int, int]]  # a DISCARD's or WRITE_ZEROES's (sector, sectors, flags)
 # What an io-error fault's `on` calls each request type (protocol/faults.py); a type not here
 # (GET_ID, one the device does not know) touches no disk, and no fault counts it.
 FAULT_KIND = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write", VIRTIO_BLK_T_FLUSH: "flush",
@@ -342,7 +343,8 @@ class VirtioBlk(VirtioPciDevice):
         )
         try:
             kind, sector = self._header(chain.readable)
-            segments = self._admitted(kind, chain.readable)
+            # (a read, most requests, is admitted as it is: no call for it)
+            segments = () if kind == VIRTIO_BLK_T_IN else self._admitted(kind, chain.readable)
             if self._faults.armed and self._injected(queue, kind):
                 raise RequestError(VIRTIO_BLK_S_IOERR)  # as a failing disk: nothing reaches it
             if self.aio is not None:
@@ -356,14 +358,12 @@ class VirtioBlk(VirtioPciDevice):
             written, status = 0, self._failed(e)
         return self._complete(data_in, written, status_gpa, status)
 
-    def _admitted(self, kind: int, readable: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    def _admitted(self, kind: int, readable: list[tuple[int, int]]) -> Segments:
         """The checks that refuse a request whatever the disk does, before anything else:
         5.2.6.2's UNSUPPs come before any other, and a read-only disk refuses a write; a
         DISCARD's or WRITE_ZEROES's segments, read once ([] for any other type). An io-error
         fault counts only a request they admit: a failing disk still knows which commands it
         has (QEMU's blkdebug sits under the device's own checks)."""
-        if kind == VIRTIO_BLK_T_IN:
-            return []  # most requests: nothing here refuses a read
         segmented = kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES)
         if segmented:
             self._negotiated(kind)
@@ -371,7 +371,7 @@ class VirtioBlk(VirtioPciDevice):
             self._writable()
         if segmented:
             return self._segment_list(kind, skip_bytes(readable, HEADER.size))
-        return []
+        return ()
 
     def _injected(self, queue: int, kind: int) -> bool:
         """Whether the io-error fault fails the request just taken from `queue` (FAULT_KIND
@@ -480,7 +480,7 @@ class VirtioBlk(VirtioPciDevice):
         sector: int,
         readable: list[tuple[int, int]],
         into: list[tuple[int, int]],
-        segments: list[tuple[int, int, int]],
+        segments: Segments,
     ) -> int:
         """The bytes written into the guest's buffers (before the status byte) by a request
         _admitted() let through (`segments`: what it read); `readable` still holds the
@@ -654,7 +654,7 @@ class VirtioBlk(VirtioPciDevice):
             raise RequestError(VIRTIO_BLK_S_IOERR)
         return segments
 
-    def _segments(self, kind: int, segments: list[tuple[int, int, int]]) -> None:
+    def _segments(self, kind: int, segments: Segments) -> None:
         for sector, count, flags in segments:
             if sector + count > self.capacity or count > MAX_DISCARD_SECTORS:
                 raise RequestError(VIRTIO_BLK_S_IOERR)
