@@ -6,6 +6,7 @@ A fake monitor (a UNIX socket served by a thread) plays each part; no /dev/kvm n
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 import threading
@@ -404,3 +405,48 @@ def test_ctl_snapshot_target_this_user_cannot_read_is_not_clicks_usage_error(
 
     assert result.exit_code == 1, result.output
     assert "not readable" not in result.output
+
+
+LINK_CHANGED = b'{"ok": true, "name": "net0", "link": "down", "changed": true}\n'
+LINK_AS_IT_WAS = b'{"ok": true, "name": "net0", "link": "down", "changed": false}\n'
+
+
+@pytest.mark.parametrize(
+    ("monitor", "args", "asked", "printed"),
+    [
+        (LINK_CHANGED, ["down"], {"state": "down"}, "net0: link down\n"),
+        (LINK_AS_IT_WAS, [], {}, "net0: link down (unchanged)\n"),
+    ],
+    indirect=["monitor"],
+    ids=["down", "told"],
+)
+def test_ctl_link_sends_the_state_given_and_says_whether_it_changed(monitor, args, asked, printed):
+    result = ctl(monitor.sock.getsockname(), "link", "net0", *args)
+    monitor.close()
+
+    assert (result.exit_code, result.output) == (0, printed)
+    assert json.loads(monitor.request) == {"op": "link", "name": "net0", **asked}
+
+
+@pytest.mark.parametrize(
+    "monitor", [b'{"ok": true, "name": "blk0", "pid": 7, "kind": "io-error"}\n'], indirect=True
+)
+@pytest.mark.parametrize(
+    ("options", "sent"),
+    [
+        (["--on", "write", "--count", "3"], {"on": "write", "count": 3}),
+        ([], {"on": "any", "count": 1}),
+    ],
+    ids=["given", "defaults"],
+)
+def test_ctl_inject_fault_io_error_sends_which_requests_fail_and_how_many(monitor, options, sent):
+    """`--on` and `--count` reach the monitor; left out, an io-error fails one request of
+    any kind (protocol/faults.py DEFAULTS)."""
+    result = ctl(monitor.sock.getsockname(), "inject-fault", "blk0", "io-error", *options)
+    monitor.close()
+
+    assert (result.exit_code, result.output) == (0, "armed io-error in blk0 (pid 7)\n")
+    assert json.loads(monitor.request) == {
+        "op": "inject-fault", "name": "blk0", "kind": "io-error", "after": 1, "delay_ms": 0,
+        "signal": "SEGV", **sent,
+    }  # fmt: skip

@@ -448,6 +448,15 @@ def test_virtio_blk_killed_under_io_restarts_and_the_guest_sees_no_error(
     assert "mismatch" not in text and ": status " not in text, text[-1500:]
 
 
+def stopped_on_the_injected_write(vm: VmProcess, status: int, err: str) -> None:
+    """The loop guest, which takes no IOERR, ended (exit 9) naming the write that got it."""
+    text = vm.text()
+    assert status == 9, text[-1500:] + err
+    assert re.search(r"virtio-blk: write of \d+ bytes at sector \d+: status 1\n", text), text[
+        -1500:
+    ]
+
+
 @DIRECT
 def test_virtio_blk_io_error_injected_reaches_the_guest_as_a_failing_disk_would(
     guests, tmp_path, direct
@@ -465,11 +474,18 @@ def test_virtio_blk_io_error_injected_reaches_the_guest_as_a_failing_disk_would(
         status, err = vm.finish(timeout=60)
     finally:
         vm.kill_if_running()
-    text = vm.text()
-    assert status == 9, text[-1500:] + err
-    assert re.search(r"virtio-blk: write of \d+ bytes at sector \d+: status 1\n", text), text[
-        -1500:
-    ]
+    stopped_on_the_injected_write(vm, status, err)
+
+
+def test_virtio_blk_io_error_of_the_config_is_armed_in_the_process_it_starts(guests, tmp_path):
+    """`fault = "io-error:..."` in the device's table: the loop guest's second write is IOERR
+    from the start, as after `ctl inject-fault` (protocol/faults.py parse())."""
+    vm = loop_vm(tmp_path, guests, blk_extra='fault = "io-error:on=write,after=2"\n')
+    try:
+        status, err = vm.finish(timeout=60)
+    finally:
+        vm.kill_if_running()
+    stopped_on_the_injected_write(vm, status, err)
 
 
 @pytest.fixture

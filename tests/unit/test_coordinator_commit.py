@@ -582,14 +582,15 @@ def test_link_asks_the_device_and_says_what_it_answered():
 
     def control(op: str, args: dict[str, object]) -> dict[str, object]:
         asked.append((op, args))
-        return {"op": "link_state", "seq": 1, "up": False, "changed": True}
+        return {"op": "link_state", "seq": 1, "up": False, "changed": args["up"] is not None}
 
     slot = SimpleNamespace(name="net0", model="virtio-net", control=control)
     machine = SimpleNamespace(slots=[slot])
 
     reply = Machine._link(machine, {"name": "net0", "state": "down"})  # type: ignore[arg-type]
     assert reply == {"name": "net0", "link": "down", "changed": True}
-    Machine._link(machine, {"name": "net0"})  # type: ignore[arg-type]
+    told = Machine._link(machine, {"name": "net0"})  # type: ignore[arg-type]
+    assert told == {"name": "net0", "link": "down", "changed": False}
     assert asked == [("link", {"up": False}), ("link", {"up": None})]
 
 

@@ -24,7 +24,7 @@ from tests.unit.test_config import GOOD, write
 LSR = 5
 
 
-def fault(kind: str, **parts: int) -> faults.Fault:
+def fault(kind: str, **parts: object) -> faults.Fault:
     return faults.decode({**faults.make(kind), **parts}, "test", ProtocolError)
 
 
@@ -248,6 +248,31 @@ def test_runtime_fault_control_message_arms_it_and_answers_fault_armed(
     )
     _serve_frame(uart, sock, wire.encode_read(10, LSR, 1), checkpoints, injector)  # type: ignore[arg-type]
     assert len(sock.sent) == 1  # the read's reply was dropped
+
+
+def test_io_error_armed_leaves_the_frame_fault_armed() -> None:
+    """An io-error counts requests, not frames: it replaces an io-error only, and a crash
+    armed before it still fires."""
+    requests = device_faults.RequestFaults()
+    injector = FaultInjector(requests=requests)
+
+    injector.arm(fault("crash", after=5))
+    injector.arm(fault("io-error", on="write"))
+
+    assert injector.fault == fault("crash", after=5) and requests.armed
+
+
+def test_request_faults_forget_a_failed_request_past_their_window() -> None:
+    """Only the last `window` requests asked about keep their answer (the most a stall can
+    give back): a place met again past them (its ring's count wrapped at 2^16) is a new
+    request, and once none it failed can come back the fault is disarmed."""
+    requests, ring = device_faults.RequestFaults(window=2), object()
+    requests.arm(fault("io-error", on="write"))
+    answers = [requests.fails("write", ring, place) for place in (1, 2, 3)]
+
+    again = requests.fails("write", ring, 1)
+
+    assert (answers, again, requests.armed) == ([True, False, False], False, False)
 
 
 def test_runtime_bad_fault_control_message_is_a_protocol_error() -> None:

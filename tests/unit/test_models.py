@@ -50,6 +50,16 @@ def test_register_model_disagreeing_with_descriptor_refused():
     assert REGISTRY["serial"] is serial
 
 
+def test_register_model_with_a_link_its_descriptor_lacks_refused():
+    """The monitor offers `ctl link` from the descriptor alone (ModelDescriptor.link)."""
+    serial = load_model("serial")
+    linked = type("Linked", (serial,), {"link": lambda self, up: True})
+
+    with pytest.raises(TypeError, match="link"):
+        register(linked)
+    assert REGISTRY["serial"] is serial
+
+
 def test_register_model_without_descriptor_refused():
     serial = load_model("serial")
     stray = type("Stray", (serial,), {"NAME": "stray"})

@@ -661,6 +661,7 @@ def test_virtio_blk_io_error_fails_the_nth_write_as_a_failing_disk_and_nothing_r
         ("read", [OUT, IN, IN], [OK, IOERR, IOERR]),
         ("flush", [IN, FLUSH, FLUSH], [OK, IOERR, IOERR]),
         ("write", [GET_ID, DISCARD, OUT], [OK, IOERR, IOERR]),  # GET_ID touches no disk
+        ("write", [FLUSH, WRITE_ZEROES, OUT], [OK, IOERR, IOERR]),
         ("any", [GET_ID, IN, FLUSH, OUT], [OK, IOERR, IOERR, OK]),
     ],
 )
@@ -670,7 +671,8 @@ def test_virtio_blk_io_error_counts_its_kind_of_request_and_fails_count_of_them(
     driver, ring = started(blk)
     arm_io_error(blk, on=on, count=2)
     data = {IN: [(512, True)], OUT: [(b"\x44" * 512, False)], FLUSH: [], GET_ID: [(20, True)],
-            DISCARD: [(struct.pack("<QII", 4, 1, 0), False)]}  # fmt: skip
+            DISCARD: [(struct.pack("<QII", 4, 1, 0), False)],
+            WRITE_ZEROES: [(struct.pack("<QII", 4, 1, 0), False)]}  # fmt: skip
     statuses = [request(ring, kind, 0, data[kind]) for kind in kinds]
 
     driver.kick()
@@ -785,6 +787,54 @@ def test_virtio_blk_io_error_leaves_a_write_a_readonly_disk_refuses_uncounted(fd
     assert dev.request_faults is not None and dev.request_faults.armed
 
 
+def test_virtio_blk_io_error_armed_again_counts_its_requests_from_then(blk):
+    """Arming replaces the fault, and `after` counts from the new one: the write seen under
+    the old one is not the new one's first."""
+    driver, ring = started(blk)
+    arm_io_error(blk, after=2, on="write")
+    first = request(ring, OUT, 1, [(b"\x11" * 512, False)])
+    driver.kick()
+    arm_io_error(blk, after=2, on="write")
+    statuses = [request(ring, OUT, n, [(b"\x22" * 512, False)]) for n in (2, 3)]
+
+    driver.kick()
+
+    assert [status_of(blk, s) for s in (first, *statuses)] == [OK, OK, IOERR]
+
+
+def test_virtio_blk_io_error_spent_fails_nothing_on_the_ring_after_a_reset(blk):
+    """A request is known by its ring and place: the ring a reset brings up is new, and its
+    first request is not the old ring's first, which the fault failed."""
+    driver, ring = started(blk)
+    arm_io_error(blk, on="write")
+    failed = request(ring, OUT, 1, [(b"\x11" * 512, False)])
+    driver.kick()
+
+    driver.set_status(0)  # the driver resets the device, and sets it up on new memory
+    ring = Ring(blk.ram, base=0x20000)
+    ring.heap = 0x30000
+    driver.start(ring, F_VERSION_1)
+    again = request(ring, OUT, 1, [(b"\x22" * 512, False)])
+    driver.kick()
+
+    assert ring.take_used() == [(0, 1)]
+    assert (status_of(blk, failed), status_of(blk, again)) == (IOERR, OK)
+    assert blk.stats()["injected_errors"] == 1
+
+
+def test_virtio_blk_io_error_of_the_config_arms_the_requests_at_start(blk):
+    """A config's `fault = "io-error..."` is the fault the process starts with
+    (runtime._serve_sandboxed): it fails requests as one armed by ctl does."""
+    fault = faults.decode(faults.make("io-error", on="write"), "fault", ConfigError)
+    injector = FaultInjector(fault, blk.request_faults)
+    driver, ring = started(blk)
+    status = request(ring, OUT, 1, [(b"\x11" * 512, False)])
+
+    driver.kick()
+
+    assert status_of(blk, status) == IOERR and injector.fault is None
+
+
 def test_io_error_fault_armed_over_the_channel_and_refused_where_no_requests(blk):
     from splitvmm.devprocs.serial import Uart8250
     from tests.fakes import FakeIrq
@@ -798,8 +848,9 @@ def test_io_error_fault_armed_over_the_channel_and_refused_where_no_requests(blk
     uart = Uart8250(DeviceContext(irq=FakeIrq()))
     sock = FakeSocket()
     _serve_control(uart, sock, control.encode(message), FaultInjector())
+    (refused,) = sock.sent  # one reply: a second would answer the monitor's next request
     with pytest.raises(ProtocolError, match="io-error fault needs a model that serves requests"):
-        control.check_reply(control.decode(sock.sent[0]), "fault", 5, "serial")
+        control.check_reply(control.decode(refused), "fault", 5, "serial")
 
 
 # -- state ------------------------------------------------------------------------------------

@@ -699,13 +699,9 @@ def test_virtio_net_rx_frame_larger_than_buffer_dropped_counted_buffer_reused(ne
     assert net.counts["rx_frames"] == 1
 
 
-def test_virtio_net_rx_after_a_failed_tap_read_resumes_without_a_kick(net, peer, monkeypatch):
-    """A TAP read that fails (not EAGAIN: EBADFD for a detached queue, say) stops the watch
-    for RX_RETRY_S, then the device watches the TAP again by itself: a driver with EVENT_IDX
-    does not kick for buffers behind avail_event, and Linux's with a full ring adds none."""
-    driver, rx, _ = started(net, F_VERSION_1 | F_EVENT_IDX)
-    post(rx, 1526)
-    driver.kick(0)
+def tap_read_fails_once(net: VirtioNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device's next TAP read fails (not EAGAIN: EBADFD for a detached queue, say), at
+    monotonic 50.0 s."""
     real_readv, failures = os.readv, [OSError(errno.EBADFD, "File descriptor in bad state")]
 
     def readv(fd: int, buffers: list) -> int:
@@ -715,6 +711,16 @@ def test_virtio_net_rx_after_a_failed_tap_read_resumes_without_a_kick(net, peer,
 
     monkeypatch.setattr(os, "readv", readv)
     monkeypatch.setattr(net, "monotonic", lambda: 50.0)
+
+
+def test_virtio_net_rx_after_a_failed_tap_read_resumes_without_a_kick(net, peer, monkeypatch):
+    """A TAP read that fails (not EAGAIN: EBADFD for a detached queue, say) stops the watch
+    for RX_RETRY_S, then the device watches the TAP again by itself: a driver with EVENT_IDX
+    does not kick for buffers behind avail_event, and Linux's with a full ring adds none."""
+    driver, rx, _ = started(net, F_VERSION_1 | F_EVENT_IDX)
+    post(rx, 1526)
+    driver.kick(0)
+    tap_read_fails_once(net, monkeypatch)
     os.write(peer, HDR + FRAME)
     tap_readable(net)
     stopped, deadline = not watched(net), net.next_deadline()
@@ -916,11 +922,45 @@ def test_virtio_net_link_down_drops_a_frame_held_for_more_buffers(net, peer):
     tap_readable(net)  # held: too few buffers posted
 
     net.link(False)
+    dropped_when_down = net.counts["rx_dropped"]  # with the cable, not when it is back
     net.link(True)
     post(rx, 1526)
     driver.kick(0)
 
-    assert rx.take_used() == [] and net.counts["rx_dropped"] == 1
+    assert rx.take_used() == [] and dropped_when_down == net.counts["rx_dropped"] == 1
+
+
+def test_virtio_net_link_down_drains_at_most_rx_batch_frames_an_event(net, peer):
+    """A TAP that keeps filling while the link is down is read RX_BATCH frames at a time, as
+    while it is up: the event loop (the monitor's accesses) gets its turn between them."""
+    started(net)
+    net.link(False)
+    for _ in range(virtio_net.RX_BATCH + 1):
+        os.write(peer, HDR + FRAME)
+
+    tap_readable(net)
+    one_event, still_watched = net.counts["rx_dropped"], watched(net)
+    tap_readable(net)
+
+    assert (one_event, still_watched) == (virtio_net.RX_BATCH, True)
+    assert net.counts["rx_dropped"] == virtio_net.RX_BATCH + 1 and pending_in_tap(net.ctx.fds) == 0
+
+
+def test_virtio_net_link_down_tap_read_failed_is_drained_again_at_the_retry(net, peer, monkeypatch):
+    """A TAP read that fails while the link is down stops the watch for RX_RETRY_S, then the
+    TAP is drained again, with no buffer posted: what came meanwhile is dropped, not left
+    there for the guest once the link is back."""
+    started(net)
+    net.link(False)
+    tap_read_fails_once(net, monkeypatch)
+    os.write(peer, HDR + FRAME)
+    tap_readable(net)
+    stopped = not watched(net)
+
+    net.tick(50.0 + virtio_net.RX_RETRY_S)
+    tap_readable(net)
+
+    assert stopped and net.counts["rx_dropped"] == 1 and pending_in_tap(net.ctx.fds) == 0
 
 
 def test_virtio_net_link_down_survives_a_reset_and_a_restore(net, fds, peer):
@@ -960,7 +1000,7 @@ def test_virtio_net_link_request_answered_after_its_checkpoint_even_on_a_full_ch
     for room (the events' own send gives up on a full channel, and the reply overtook it): a
     process that dies once the operator is told comes back as told."""
     from splitvmm.devprocs.faults import FaultInjector
-    from splitvmm.devprocs.runtime import Checkpoints, _serve_control
+    from splitvmm.devprocs.runtime import Checkpoints, _serve_frame
     from splitvmm.protocol import control
     from tests.unit.test_stats import FakeSocket
 
@@ -969,7 +1009,7 @@ def test_virtio_net_link_request_answered_after_its_checkpoint_even_on_a_full_ch
     sock = FakeSocket()
     request = control.encode({"op": "link", "seq": 4, "up": False})
 
-    _serve_control(net, sock, request, FaultInjector(), checkpoints=checkpoints)
+    _serve_frame(net, sock, request, checkpoints, FaultInjector())  # as the event loop does
 
     published, reply = (control.decode(frame) for frame in sock.sent)
     assert published["op"] == "publish" and published["fields"]["link_up"] is False
@@ -977,9 +1017,31 @@ def test_virtio_net_link_request_answered_after_its_checkpoint_even_on_a_full_ch
         "op": "link_state", "seq": 4, "up": False, "changed": True
     }  # fmt: skip
     sock.sent.clear()
-    _serve_control(net, sock, request, FaultInjector(), checkpoints=checkpoints)
+    _serve_frame(net, sock, request, checkpoints, FaultInjector())
     (reply,) = (control.decode(frame) for frame in sock.sent)  # unchanged: nothing to publish
     assert (reply["up"], reply["changed"]) == (False, False)
+
+
+def test_virtio_net_link_request_leaves_the_events_as_they_were_once_answered(net):
+    """The waiting send is lent for the checkpoint alone: it goes once, and what the device
+    says after it goes as before, never blocking the device on a full channel."""
+    from splitvmm.devprocs.faults import FaultInjector
+    from splitvmm.devprocs.runtime import Checkpoints, _serve_frame
+    from splitvmm.protocol import control
+    from tests.unit.test_stats import FakeSocket
+
+    net.ctx.events.connect(lambda frame: False)  # a channel with no room now
+    sock = FakeSocket()
+    request = control.encode({"op": "link", "seq": 4, "up": False})
+    _serve_frame(net, sock, request, Checkpoints(net), FaultInjector())
+    answered = len(sock.sent)
+
+    net.ctx.events.report("after the link")  # the channel has no room for it yet
+    later: list[bytes] = []
+    net.ctx.events.connect(lambda frame: later.append(frame) is None)  # room again
+
+    assert answered == len(sock.sent) == 2  # the checkpoint and the reply, and nothing since
+    assert [control.decode(frame)["op"] for frame in later] == ["report"]
 
 
 def test_link_request_to_a_model_without_a_link_is_an_error_reply():
