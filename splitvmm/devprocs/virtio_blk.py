@@ -180,6 +180,7 @@ class VirtioBlk(VirtioPciDevice):
     CLASS_CODE = 0x018000  # mass storage controller, other
     POLL_NS = 32_000  # a driver keeps requests in flight: see _arrives_within()
     MAX_IN_FLIGHT = AIO_DEPTH  # only an O_DIRECT image's requests are ever in flight
+    request_faults: RequestFaults  # it serves requests: always one (Device's may be None)
 
     def __init__(
         self,
@@ -211,8 +212,7 @@ class VirtioBlk(VirtioPciDevice):
         # fault's: injected_errors, stats()) and UNSUPP
         self.counts = dict.fromkeys(("aio_requests", "bounced_requests", "io_errors",
                                      "failed_requests", "unsupported_requests"), 0)  # fmt: skip
-        # `ctl inject-fault NAME io-error`
-        self._faults = self.request_faults = RequestFaults(self.MAX_IN_FLIGHT)
+        self.request_faults = RequestFaults(self.MAX_IN_FLIGHT)  # `ctl inject-fault NAME io-error`
 
     @classmethod
     def setup(cls, ctx: DeviceContext) -> None:
@@ -308,7 +308,7 @@ class VirtioBlk(VirtioPciDevice):
 
     def stats(self) -> dict[str, int]:
         # injected_errors: of failed_requests, those an io-error fault failed
-        return {**super().stats(), **self.counts, "injected_errors": self._faults.injected}
+        return {**super().stats(), **self.counts, "injected_errors": self.request_faults.injected}
 
     # -- what the driver sees ---------------------------------------------------------------
     def device_features(self) -> int:
@@ -345,7 +345,7 @@ class VirtioBlk(VirtioPciDevice):
             kind, sector = self._header(chain.readable)
             # (a read, most requests, is admitted as it is: no call for it)
             segments = () if kind == VIRTIO_BLK_T_IN else self._admitted(kind, chain.readable)
-            if self._faults.armed and self._injected(queue, kind):
+            if self.request_faults.armed and self._injected(queue, kind):
                 raise RequestError(VIRTIO_BLK_S_IOERR)  # as a failing disk: nothing reaches it
             if self.aio is not None:
                 started = self._start(kind, sector, chain.readable, data_in, status_gpa)
@@ -361,7 +361,7 @@ class VirtioBlk(VirtioPciDevice):
     def _admitted(self, kind: int, readable: list[tuple[int, int]]) -> Segments:
         """The checks that refuse a request whatever the disk does, before anything else:
         5.2.6.2's UNSUPPs come before any other, and a read-only disk refuses a write; a
-        DISCARD's or WRITE_ZEROES's segments, read once ([] for any other type). An io-error
+        DISCARD's or WRITE_ZEROES's segments, read once (none for any other type). An io-error
         fault counts only a request they admit: a failing disk still knows which commands it
         has (QEMU's blkdebug sits under the device's own checks)."""
         segmented = kind in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES)
@@ -379,7 +379,7 @@ class VirtioBlk(VirtioPciDevice):
         says why a place)."""
         ring = self.rings[queue]
         assert ring is not None  # handle() serves a chain taken from it
-        return self._faults.fails(FAULT_KIND.get(kind), ring, ring.last_avail)
+        return self.request_faults.fails(FAULT_KIND.get(kind), ring, ring.last_avail)
 
     def _failed(self, e: RequestError) -> int:
         """The status a request answered with `e` gets, counted."""

@@ -44,8 +44,10 @@ Kind = Literal["crash", "delay", "drop", "exit", "io-error"]
 RequestKind = Literal["any", "read", "write", "flush"]  # what an io-error's `on` may name
 REQUEST_KINDS: tuple[str, ...] = get_args(RequestKind)
 MAX_COUNT = (1 << 32) - 1
-# What a `ctl inject-fault` request may leave out (io-error's fields), and their values then
-DEFAULTS: dict[str, object] = {"on": "any", "count": 1}
+# io-error's fields when not given (every other kind has these): every request, one of them.
+# A `ctl inject-fault` request may leave them out.
+DEFAULT_ON, DEFAULT_COUNT = "any", 1
+DEFAULTS: dict[str, object] = {"on": DEFAULT_ON, "count": DEFAULT_COUNT}
 
 
 class Fault(Struct, frozen=True):
@@ -60,8 +62,8 @@ class Fault(Struct, frozen=True):
     def validate(self) -> None:
         if self.kind == "delay" and self.delay_ms == 0:
             raise schema.Invalid("a delay fault needs delay_ms of 1 or more", "delay_ms")
-        if self.kind != "io-error" and (self.on, self.count) != ("any", 1):
-            given = "on" if self.on != "any" else "count"
+        if self.kind != "io-error" and (self.on, self.count) != (DEFAULT_ON, DEFAULT_COUNT):
+            given = "on" if self.on != DEFAULT_ON else "count"
             raise schema.Invalid("on and count belong to an io-error fault", given)
 
 
@@ -84,8 +86,8 @@ def make(
     after: int = 1,
     delay_ms: int = 0,
     signal: str = "SEGV",
-    on: str = "any",  # DEFAULTS
-    count: int = 1,
+    on: str = DEFAULT_ON,
+    count: int = DEFAULT_COUNT,
 ) -> dict[str, object]:
     """A fault document from its parts (checked by decode())."""
     return {"kind": kind, "after": after, "delay_ms": delay_ms, "signal": signal, "on": on,

@@ -11,6 +11,8 @@ import click
 
 from splitvmm.cli.ctl import common
 from splitvmm.protocol.faults import (
+    DEFAULT_COUNT,
+    DEFAULT_ON,
     FAULT_KINDS,
     FAULT_SIGNALS,
     MAX_COUNT,
@@ -66,14 +68,14 @@ def crash_device(ctx: click.Context, name: str, sig: str, as_json: bool) -> None
 @click.option(
     "--on",
     type=click.Choice(REQUEST_KINDS),
-    default="any",
+    default=DEFAULT_ON,
     show_default=True,
     help="io-error: the requests it counts and fails (write: discards and write-zeroes too).",
 )
 @click.option(
     "--count",
     type=click.IntRange(1, MAX_COUNT),
-    default=1,
+    default=DEFAULT_COUNT,
     show_default=True,
     help="io-error: how many requests in a row fail.",
 )
