@@ -319,10 +319,11 @@ class Device(abc.ABC):
         that stalled up again."""
         return None  # deliberately empty: only a model that stalls has a request to retry
 
-    def clear_dirty(self) -> None:
-        """A live snapshot's copy begins (monitor/dirtylog.py): clear the dirty bitmap of the
-        guest RAM it writes, if it has one. Called between requests, when none is in flight:
-        every write from now on is marked anew."""
+    def harvest_dirty(self) -> None:
+        """A live snapshot's pass begins (monitor/dirtylog.py): move the marks of the dirty
+        bitmap of the guest RAM it writes, if it has one, into the bitmap's harvest, and clear
+        it. Called between requests, when none is in flight: every write from now on is marked
+        anew."""
         return None  # deliberately empty: a model without guest RAM marks nothing
 
     def link(self, up: bool | None) -> bool | None:

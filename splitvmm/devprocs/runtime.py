@@ -130,7 +130,7 @@ def _serve_control(
     mirrors: MirrorPublisher | None = None,
     checkpoints: Checkpoints | None = None,
 ) -> None:
-    """quiesce / save / resume / retry / ping / stats / clear_dirty / fault / link, in the
+    """quiesce / save / resume / retry / ping / stats / harvest_dirty / fault / link, in the
     device's own order. Every access sent before the request was applied already: the
     channel is ordered. While quiesced the output buffer is held: what it holds is part of
     the state a snapshot saves.
@@ -165,8 +165,8 @@ def _serve_control(
             mirrors.republish()
     elif op == "retry":
         device.retry()
-    elif op == "clear_dirty":
-        device.clear_dirty()
+    elif op == "harvest_dirty":
+        device.harvest_dirty()
     elif op == "link":
         sock.send(control.encode(_link(device, sock, seq, msg["up"], checkpoints)))
         return

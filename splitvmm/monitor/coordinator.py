@@ -486,8 +486,9 @@ class Coordinator:
                     half of it: each pass is shorter, and what the next must copy
                     shrinks with it (as a live migration converges). Else the pause copies
                     it, with what comes after."""
+                    harvested = self._harvest_device_marks(Deadline(self.device_deadline_s))
                     try:
-                        written = tracker.written()
+                        written = tracker.written(harvested)
                     except OSError as e:  # (KvmError) as in stopped()
                         raise _NotRam(e) from e
                     size = sum(length for _, length in written)
@@ -498,8 +499,7 @@ class Coordinator:
 
                 # A deadline of their own: the VM runs meanwhile, and a device slow to answer
                 # here must not leave its quiesce, save and resume less time in the pause.
-                self._clear_device_marks(Deadline(self.device_deadline_s))
-                tracker.start()
+                tracker.start(self._harvest_device_marks(Deadline(self.device_deadline_s)))
                 try:
                     w.add_ram_precopy(m.mem, stopped, end_if_stopping, again)
                 except _NotRam as e:
@@ -521,21 +521,27 @@ class Coordinator:
             on_error.pop_all()
         return w
 
-    def _clear_device_marks(self, deadline: Deadline) -> None:
-        """Before a live snapshot's first pass: each device clears its dirty bitmap, on its
-        own thread, between requests (protocol/control.py clear_dirty), so that the pause
-        copies what it writes from now on, not all it wrote since the VM started. A device
-        that does not answer keeps its marks, which only adds to the pause: its crash is its
-        on_crash policy's, and the snapshot's pause finds out the rest."""
+    def _harvest_device_marks(self, deadline: Deadline) -> set[str]:
+        """Before each pass of a live snapshot's copy, the VM running: each device moves the
+        marks of its dirty bitmap into the bitmap's harvest, on its own thread, between
+        requests (protocol/control.py harvest_dirty), so that the pass (and at last the pause)
+        copies what it wrote since the pass before, not all it wrote since the first, or since
+        the VM started. The names of those that answered: the tracker reads their harvests.
+        One that does not answer keeps its marks, which only adds to a later pass or to the
+        pause: its crash is its on_crash policy's, and the snapshot's pause finds out the rest."""
+        harvested: set[str] = set()
         for slot in self.machine.slots:
             timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
             if timeout_ms <= 0:
-                return
+                break
             try:
                 with deadline.counting():
-                    slot.control("clear_dirty", timeout_ms)
+                    slot.control("harvest_dirty", timeout_ms)
             except DeviceFailure as e:
                 log.warning("device %s keeps its dirty marks: %s", slot.name, e)
+                continue
+            harvested.add(slot.name)
+        return harvested
 
     def _stop_and_save(self, deadline: Deadline, quiesced: dict[str, tuple[int, int]]) -> _States:
         """The devices quiesced and their states, then the VM's and the vCPUs' (the vCPUs

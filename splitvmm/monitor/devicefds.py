@@ -125,8 +125,9 @@ class DeviceFds(Struct):
         return self._own(os.open(f"/proc/self/fd/{self.mem.fd}", os.O_RDWR | os.O_CLOEXEC))
 
     def _dirty_log(self, name: str) -> int:
-        """A memfd bitmap, one bit per 4 KiB page of the RAM memfd, in whole pages; sealed
-        like guest RAM: the monitor reads it while the device writes it."""
+        """A memfd of two bitmaps, one bit per 4 KiB page of the RAM memfd each (the device's
+        marks, then their harvest: FdKind.DIRTY_LOG); sealed like guest RAM: the monitor reads
+        it while the device writes it."""
         size = dirty_log_size(self.mem.size)
         fd = self._sealed_memfd(f"{name}-dirty", size)
         self.dirty_log = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -405,9 +406,10 @@ def _appending_if_file(fd: int) -> None:
 
 
 def dirty_log_size(ram_bytes: int) -> int:
-    """Bytes of a dirty bitmap for `ram_bytes` of RAM memfd: ceil(pages / 8), in whole pages."""
+    """Bytes of a dirty log memfd for `ram_bytes` of RAM memfd: two bitmaps (FdKind.DIRTY_LOG)
+    of ceil(pages / 8) bytes, each in whole pages."""
     pages = -(-ram_bytes // PAGE_SIZE)
-    return -(-pages // (8 * PAGE_SIZE)) * PAGE_SIZE
+    return 2 * -(-pages // (8 * PAGE_SIZE)) * PAGE_SIZE
 
 
 class BlockingAsItWas:

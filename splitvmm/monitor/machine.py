@@ -128,7 +128,7 @@ class Machine:
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
-        self._dirty_logs: list[mmap.mmap] = []  # each device's dirty bitmap: DeviceFds
+        self._dirty_logs: dict[str, mmap.mmap] = {}  # each device's dirty log: DeviceFds
         self._write_back_failed: dict[str, str] = {}  # device -> why its image's sync failed
         self.vcpus: list[VcpuThread] = []
         self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
@@ -322,7 +322,7 @@ class Machine:
         if maker.write_back_fd is not None:
             self._images.append((dev.name, maker.write_back_fd))
         if maker.dirty_log is not None:
-            self._dirty_logs.append(maker.dirty_log)
+            self._dirty_logs[dev.name] = maker.dirty_log
         if maker.tap_name is not None:
             self._taps[dev.name] = maker.tap_name
             log.info("%s: TAP %s", dev.name, maker.tap_name)

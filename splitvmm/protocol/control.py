@@ -1,5 +1,5 @@
 """Control messages on a device channel: quiesce, save, resume, retry, ping, stats,
-clear_dirty, fault, link (JSON, never pickle).
+harvest_dirty, fault, link (JSON, never pickle).
 
 A control frame is one byte CONTROL_TAG then a JSON object; access frames are
 fixed-size binary (wire.py) and never start with that byte. Requests carry a
@@ -28,9 +28,10 @@ MAX_DEVICE_FRAME = 64 << 10
 # ping: the monitor's heartbeat (monitor/supervisor.py): a device that cannot answer it in
 # time is hung, whether or not the guest is touching it. stats: the device's counters.
 # retry: the VM resumes after the device's stall (events.py): it tries its request again.
-# clear_dirty: a live snapshot's copy begins (monitor/dirtylog.py): the device clears its dirty
-# bitmap on its own thread, between requests, when none of its writes is in flight.
-REQUESTS = ("quiesce", "save", "resume", "retry", "ping", "stats", "clear_dirty")
+# harvest_dirty: a live snapshot's pass begins (monitor/dirtylog.py): the device moves the marks
+# of its dirty bitmap into the bitmap's harvest and clears it, on its own thread, between
+# requests, when none of its writes is in flight.
+REQUESTS = ("quiesce", "save", "resume", "retry", "ping", "stats", "harvest_dirty")
 REPLY_TO = {
     "quiesce": "quiesced",
     "save": "state",
@@ -39,7 +40,7 @@ REPLY_TO = {
     "fault": "fault_armed",
     "ping": "pong",
     "stats": "counters",
-    "clear_dirty": "dirty_cleared",
+    "harvest_dirty": "dirty_harvested",
     "link": "link_state",
 }
 MAX_ERROR_TEXT = 200
@@ -53,14 +54,14 @@ Seq = Annotated[int, schema.U32]
 class Request(Struct, frozen=True):
     """Monitor -> device."""
 
-    op: Literal["quiesce", "save", "resume", "retry", "ping", "stats", "clear_dirty"]
+    op: Literal["quiesce", "save", "resume", "retry", "ping", "stats", "harvest_dirty"]
     seq: Seq
 
 
 class Done(Struct, frozen=True):
     """Device -> monitor: the request is done."""
 
-    op: Literal["quiesced", "resumed", "retrying", "fault_armed", "pong", "dirty_cleared"]
+    op: Literal["quiesced", "resumed", "retrying", "fault_armed", "pong", "dirty_harvested"]
     seq: Seq
 
 
@@ -202,7 +203,7 @@ class RouteDone(Struct, frozen=True):
 MESSAGES: dict[str, type] = {
     **dict.fromkeys(REQUESTS, Request),
     **dict.fromkeys(
-        ("quiesced", "resumed", "retrying", "fault_armed", "pong", "dirty_cleared"), Done
+        ("quiesced", "resumed", "retrying", "fault_armed", "pong", "dirty_harvested"), Done
     ),
     "fault": FaultRequest,
     "link": LinkRequest,

@@ -51,8 +51,10 @@ class FdKind(enum.Enum):
     OUTPUT = "output"  # the stream named by an option: "stdio", a file path, "unix:PATH"
     # -- PCI functions (virtio) --
     GUEST_RAM = "guest-ram"  # the guest RAM memfd; where it sits: DeviceSpec.transport["ram"]
-    # A memfd bitmap, one bit per 4 KiB page of the memfd (bit n of byte n // 8 = page n),
-    # that the device sets for every page it writes: KVM's dirty log sees vCPU writes only.
+    # A memfd of two bitmaps of one bit per 4 KiB page of the RAM memfd (bit n of byte n // 8 =
+    # page n), each half of it: in the first the device marks every page it writes (KVM's
+    # dirty log sees vCPU writes only); into the second, the harvest, it moves them when asked
+    # (harvest_dirty: devprocs/virtio/guestram.py, monitor/dirtylog.py).
     DIRTY_LOG = "dirty-log"
     # A memfd page that outlives each process of the device: what one writes there (its
     # transmit progress, a latched error, which used rings it wrote: devprocs/progress.py),

@@ -6,16 +6,22 @@ saves are fakes (tests/unit/test_coordinator_commit.py)."""
 from __future__ import annotations
 
 import errno
+import mmap
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from splitvmm.devprocs.virtio.guestram import GuestRam
 from splitvmm.errors import DeviceFailure, KvmError
 from splitvmm.monitor import coordinator as coordinator_module
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.control import ControlError
+from splitvmm.monitor.devicefds import dirty_log_size
+from splitvmm.monitor.dirtylog import DirtyTracker
 from splitvmm.monitor.memory import GuestMemory
+from splitvmm.native.mem import Region
+from splitvmm.record import field
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot import ram as ram_module
 from tests.unit.snapshot_support import CPUID, PAGE, VCPU, VM, VM_CONFIG, memory
@@ -29,7 +35,7 @@ class FakeTracker:
     def __init__(self, events: list[str], mem: GuestMemory, page: int = 0x5000) -> None:
         self.events, self.mem, self.page = events, mem, page
 
-    def start(self) -> None:
+    def start(self, harvested: set[str]) -> None:
         self.events.append("log start")
 
     def take(self) -> list[tuple[int, int]]:
@@ -37,7 +43,7 @@ class FakeTracker:
         self.mem.map[self.page : self.page + PAGE] = b"\x77" * PAGE
         return [(self.page, PAGE)]
 
-    def written(self) -> list[tuple[int, int]]:
+    def written(self, harvested: set[str]) -> list[tuple[int, int]]:
         self.events.append("written")
         return []
 
@@ -52,7 +58,7 @@ class Busy(FakeTracker):
         super().__init__(events, mem)
         self.sizes = sizes
 
-    def written(self) -> list[tuple[int, int]]:
+    def written(self, harvested: set[str]) -> list[tuple[int, int]]:
         self.events.append("written")
         return [(0x100 * PAGE, self.sizes.pop(0))]
 
@@ -100,28 +106,29 @@ def test_live_snapshot_copies_first_then_stops_and_holds_memory_as_it_was_stoppe
     fresh.close()
 
 
-def test_live_snapshot_has_each_device_clear_its_marks_before_the_first_pass(
+def test_live_snapshot_has_each_device_harvest_its_marks_before_the_first_pass(
     tmp_path, monkeypatch, mem, caplog
 ):
     """What a device wrote before the first pass is in it: its marks since the VM started
-    would only lengthen the pause. One that cannot clear them keeps them (more to copy in the
-    pause, nothing lost), and the snapshot goes on."""
+    would only lengthen the pause. One that cannot harvest them keeps them (more to copy in
+    the pause, nothing lost), and the snapshot goes on; the tracker is told who answered."""
     coord, events = live(tmp_path, monkeypatch, mem)
-    blk, net = Unclearing("blk0"), Slot("net0")
+    blk, net = Unharvesting("blk0"), Slot("net0")
     coord.machine.slots = [blk, net]
-    started: list[list[str]] = []
+    started: list[object] = []
     coord.machine.dirty_tracker = lambda: Started(events, mem, started, [blk, net])
 
     coord.snapshot(tmp_path / "snap")
 
-    assert started == [["clear_dirty"], ["clear_dirty"]]  # both asked before the log began
+    # both asked before the log began
+    assert started == [["harvest_dirty"], ["harvest_dirty"], {"net0"}]
     assert "device blk0 keeps its dirty marks" in caplog.text
 
 
-def test_live_snapshot_clearing_marks_leaves_the_pause_its_whole_device_deadline(
+def test_live_snapshot_harvesting_marks_leaves_the_pause_its_whole_device_deadline(
     tmp_path, monkeypatch, mem
 ):
-    """The devices' clears come while the VM runs: one slow to answer there (a host I/O
+    """The devices' harvests come while the VM runs: one slow to answer there (a host I/O
     call) must not leave the quiesce, save and resume in the pause less of their deadline."""
     coord, events = live(tmp_path, monkeypatch, mem)
     coord.device_deadline_s = 0.2
@@ -129,14 +136,15 @@ def test_live_snapshot_clearing_marks_leaves_the_pause_its_whole_device_deadline
 
     coord.snapshot(tmp_path / "snap")
 
-    assert coord.machine.slots[0].ops == ["clear_dirty", "quiesce", "save", "resume"]
+    harvests = ["harvest_dirty"] * 2  # before the first pass, and before the look for another
+    assert coord.machine.slots[0].ops == [*harvests, "quiesce", "save", "resume"]
 
 
 class SlowToClear(FakeSlot):
     model: str = "serial"
 
     def control(self, op: str, timeout_ms: int) -> dict[str, object]:
-        if op == "clear_dirty":
+        if op == "harvest_dirty":
             time.sleep(0.3)  # past the whole deadline of 0.2 s
         return super().control(op, timeout_ms)
 
@@ -145,11 +153,11 @@ class Slot(FakeSlot):
     model: str = "serial"  # what the writer files its (empty) state under
 
 
-class Unclearing(Slot):
+class Unharvesting(Slot):
     def control(self, op: str, timeout_ms: int) -> dict[str, object]:
         result = super().control(op, timeout_ms)
-        if op == "clear_dirty":
-            raise DeviceFailure(f"device {self.name}: did not answer clear_dirty")
+        if op == "harvest_dirty":
+            raise DeviceFailure(f"device {self.name}: did not answer harvest_dirty")
         return result
 
 
@@ -160,9 +168,10 @@ class Started(FakeTracker):
         super().__init__(events, mem)
         self.started, self.slots = started, slots
 
-    def start(self) -> None:
+    def start(self, harvested: set[str]) -> None:
         self.started.extend(list(slot.ops) for slot in self.slots)
-        super().start()
+        self.started.append(harvested)
+        super().start(harvested)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +202,89 @@ def test_live_snapshot_copies_again_while_running_as_long_as_what_comes_shrinks(
     snap = Snapshot.open(tmp_path / "snap")
     snap.verify()
     mem.close()
+
+
+def test_live_snapshot_has_each_device_harvest_its_marks_before_each_look_at_the_log(
+    tmp_path, monkeypatch
+):
+    """Each look for another pass, the VM running, asks the devices first: what a pass
+    copies of theirs is what they wrote since the pass before began."""
+    mem = memory(64 << 20, {offset: b"\x01" for offset in range(0, 40 << 20, PAGE)})
+    coord, events = live(tmp_path, monkeypatch, mem)
+    coord.machine.slots = [Slot("blk0")]
+    coord.machine.dirty_tracker = lambda: Busy(events, mem, [12 << 20, 5 << 20])
+
+    coord.snapshot(tmp_path / "snap")
+
+    harvests = ["harvest_dirty"] * 3  # the first pass, then two looks (MAX_PASSES)
+    assert coord.machine.slots[0].ops == [*harvests, "quiesce", "save", "resume"]
+    mem.close()
+
+
+class Writing(Slot):
+    """A virtio device's slot whose process serves guest requests into RAM (`ram`, its own
+    view, with its dirty log) between answers: `writes[k]` (offset, length) right after its
+    kth harvest, each filled with a byte of its own."""
+
+    ram: object = None
+    writes: list[tuple[int, int]] = field(default_factory=list)
+
+    def control(self, op: str, timeout_ms: int) -> dict[str, object]:
+        result = super().control(op, timeout_ms)
+        if op == "harvest_dirty":
+            self.ram.harvest_dirty()
+            if self.writes:
+                offset, length = self.writes.pop(0)
+                self.ram.write(offset, bytes([0xA0 + len(self.writes)]) * length)
+        return result
+
+
+class Taking(DirtyTracker):
+    """The real tracker; notes what the pause copies."""
+
+    taken: list[tuple[int, int]] = []
+
+    def take(self) -> list[tuple[int, int]]:
+        self.taken = super().take()
+        return self.taken
+
+
+def test_live_snapshot_pause_copies_only_what_a_device_wrote_since_the_last_pass(
+    tmp_path, monkeypatch
+):
+    """A guest reading its disk while its RAM is copied: the device writes 12 MiB during the
+    first pass, 5 during the second, 2 during the third. Each pass copies what it wrote
+    during the one before, and the pause the last 2 MiB, not all 19 (the marks it kept since
+    the first pass, before harvest_dirty). Nothing is lost: the snapshot holds RAM as it was
+    at the pause, with every page the device wrote."""
+    size, mib = 64 << 20, 1 << 20
+    mem = memory(size, {offset: b"\x01" for offset in range(0, 40 * mib, PAGE)})
+    log = mmap.mmap(-1, dirty_log_size(size))
+    coord, events = live(tmp_path, monkeypatch, mem)
+    device_ram = GuestRam(mem.map, log, [[0, size, 0]])
+    writes = [(40 * mib, 12 * mib), (52 * mib, 5 * mib), (57 * mib, 2 * mib)]
+    coord.machine.slots = [Writing("blk0", ram=device_ram, writes=writes)]
+    tracker = Taking(NoVcpuWrites(), [Region(0, size, 0)], {"blk0": log}, size)
+    coord.machine.dirty_tracker = lambda: tracker
+
+    coord.snapshot(tmp_path / "snap")
+
+    assert tracker.taken == [(57 * mib, 2 * mib)]
+    snap = Snapshot.open(tmp_path / "snap")
+    snap.verify()
+    fresh = memory(size, pages={})
+    snap.load_ram(fresh)
+    assert fresh.map[:] == mem.map[:]
+    device_ram.close()
+    for m in (fresh, mem):
+        m.close()
+
+
+class NoVcpuWrites:
+    """KVM_GET_DIRTY_LOG of a VM whose vCPUs write nothing."""
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        return bytes(-(-size // PAGE // 8))
 
 
 def test_live_snapshot_failing_in_its_first_pass_never_paused_and_leaves_nothing(
@@ -279,9 +371,9 @@ class DirtyLogFails(FakeTracker):
         super().__init__(events, mem)
         self.read = read
 
-    def written(self) -> list[tuple[int, int]]:
+    def written(self, harvested: set[str]) -> list[tuple[int, int]]:
         self._fails("written")
-        return super().written()
+        return super().written(harvested)
 
     def take(self) -> list[tuple[int, int]]:
         self._fails("take")

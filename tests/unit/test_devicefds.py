@@ -79,8 +79,10 @@ def make(
     return maker.make(dev, VIRTIO_BLK), vm, maker
 
 
-@pytest.mark.parametrize(("ram", "size"), [(4096, 4096), (64 * MIB, 4096), (1 << 30, 32768)])
-def test_dirty_log_size_is_a_bit_per_page_in_whole_pages(ram: int, size: int) -> None:
+@pytest.mark.parametrize(("ram", "size"), [(4096, 8192), (64 * MIB, 8192), (1 << 30, 65536)])
+def test_dirty_log_size_is_two_bitmaps_of_a_bit_per_page_each_in_whole_pages(
+    ram: int, size: int
+) -> None:
     assert dirty_log_size(ram) == size
 
 
@@ -111,7 +113,7 @@ def test_device_fds_dirty_log_is_sized_and_sealed(mem, owned, disk) -> None:
         seals & fcntl.F_SEAL_SHRINK,
         seals & fcntl.F_SEAL_GROW,
     ) == (
-        4096,
+        2 * 4096,  # the device's marks and their harvest, a page of bits each
         fcntl.F_SEAL_SHRINK,
         fcntl.F_SEAL_GROW,
     )
@@ -123,7 +125,8 @@ def test_device_fds_shared_pages_are_sealed_as_guest_ram_is(mem, owned, disk, ro
     one too), so no process may resize them, nor add or drop a seal (F_SEAL_SEAL)."""
     fds, _, _ = make(mem, owned, blk(disk))
     seals = fcntl.fcntl(fds[role], fcntl.F_GET_SEALS)
-    assert (os.fstat(fds[role]).st_size, seals & SEALS) == (4096, SEALS)
+    size = {"dirty": 2 * 4096, "progress": 4096}[role]
+    assert (os.fstat(fds[role]).st_size, seals & SEALS) == (size, SEALS)
 
 
 def test_device_fds_every_fd_made_is_close_on_exec(mem, owned, disk) -> None:

@@ -144,7 +144,7 @@ def test_guestram_empty_write_marks_nothing():
 
 def test_guestram_writable_buffer_of_1mib_marks_exactly_its_pages():
     size = 4 << 20
-    dirty = bytearray(bitmap_size(size))
+    dirty = bytearray(2 * bitmap_size(size))  # its live bitmap, then its harvest
     ram = GuestRam.from_buffers(bytearray(size), dirty, [[0, size, 0]])
 
     view = ram.buffer(3 * PAGE, (1 << 20) + 1, writable=True)  # pages 3..259
@@ -225,9 +225,37 @@ def test_guestram_bad_ranges_raise(ranges, match):
         GuestRam.from_buffers(bytearray(3 * PAGE), bytearray(PAGE), ranges)
 
 
-def test_guestram_short_dirty_bitmap_raises():
-    with pytest.raises(GuestRamError, match="dirty bitmap of 1 bytes"):
-        GuestRam.from_buffers(bytearray(9 * PAGE), bytearray(1), [[0, 9 * PAGE, 0]])
+@pytest.mark.parametrize("size", [1, 2, 3])  # 9 pages need 2 bytes a bitmap, and two bitmaps
+def test_guestram_short_dirty_bitmap_raises(size):
+    with pytest.raises(GuestRamError, match=f"memfd of {size} bytes holds no two bitmaps of the 2"):
+        GuestRam.from_buffers(bytearray(9 * PAGE), bytearray(size), [[0, 9 * PAGE, 0]])
+
+
+def test_guestram_harvest_moves_the_marks_into_the_second_half_and_clears_the_first():
+    """harvest_dirty (a live snapshot's pass begins: monitor/dirtylog.py): what the device
+    wrote so far is the monitor's to read in the harvest; its next writes are marked anew."""
+    dirty = bytearray(PAGE)
+    ram = GuestRam.from_buffers(bytearray(3 * PAGE), dirty, RANGES)
+    ram.write(8 * PAGE, b"x")  # memfd page 2
+
+    ram.harvest_dirty()
+    ram.write(0, b"y")  # memfd page 0
+
+    assert (dirty[0], dirty[PAGE // 2]) == (0b1, 0b100)
+
+
+def test_guestram_harvest_adds_to_marks_the_monitor_has_not_read():
+    """A harvest the monitor did not wait for (the device answered late) is read with the
+    next one, or in the pause: the next harvest keeps what it holds."""
+    dirty = bytearray(PAGE)
+    ram = GuestRam.from_buffers(bytearray(3 * PAGE), dirty, RANGES)
+    ram.write(8 * PAGE, b"x")  # memfd page 2
+    ram.harvest_dirty()
+    ram.write(0, b"y")  # memfd page 0
+
+    ram.harvest_dirty()
+
+    assert (dirty[0], dirty[PAGE // 2]) == (0, 0b101)
 
 
 def test_guestram_map_reads_and_writes_the_memfd(memfd):
@@ -255,7 +283,7 @@ def test_guestram_map_split_around_the_pci_hole(memfd):
     # RAM as the PC layout gives 4 GiB + 64 KiB: [0, 3 GiB) and [4 GiB, +64 KiB) after it in
     # the memfd; sparse, so only the pages touched cost memory.
     size = 3 * GIB + 16 * PAGE
-    ram_fd, dirty_fd = memfd(size), memfd(-(-bitmap_size(size) // PAGE) * PAGE)
+    ram_fd, dirty_fd = memfd(size), memfd(2 * -(-bitmap_size(size) // PAGE) * PAGE)
     ram = GuestRam.map(ram_fd, dirty_fd, [[0, 3 * GIB, 0], [4 * GIB, 16 * PAGE, 3 * GIB]])
 
     ram.write(4 * GIB, b"high")
@@ -358,7 +386,7 @@ def test_guestram_map_is_not_counted_as_private_memory():
         import os, resource
         from splitvmm.devprocs.virtio.guestram import GuestRam
         ram, dirty = (os.memfd_create("r11") for _ in range(2))
-        os.ftruncate(ram, {1 << 30}); os.ftruncate(dirty, 32768)
+        os.ftruncate(ram, {1 << 30}); os.ftruncate(dirty, 65536)
         resource.setrlimit(resource.RLIMIT_DATA, (512 << 20, resource.RLIM_INFINITY))
         GuestRam.map(ram, dirty, [[0, {1 << 30}, 0]]).close()
         print("mapped")

@@ -604,21 +604,25 @@ def test_virtio_blk_in_marks_the_written_pages_dirty(blk, fds):
     assert os.pread(fds["dirty"], 4096, 0) != bytes(4096)
 
 
-def test_virtio_blk_clears_its_dirty_marks_when_asked_and_marks_what_it_writes_after(blk, fds):
-    """A live snapshot's first pass begins (monitor/coordinator.py _clear_device_marks): the
-    device clears its bitmap between requests and answers; its next write is marked anew."""
+def test_virtio_blk_harvests_its_dirty_marks_when_asked_and_marks_what_it_writes_after(blk, fds):
+    """A live snapshot's pass begins (monitor/coordinator.py _harvest_device_marks): between
+    requests the device moves its marks into its dirty log's harvest, the memfd's second
+    half, clears its live bitmap and answers; its next write is marked anew."""
     driver, ring = started(blk)
     request(ring, IN, 0, [(512, True)])
     driver.kick()
+    half = os.fstat(fds["dirty"]).st_size // 2
+    marked = os.pread(fds["dirty"], half, 0)
     sock = FakeSocket()
 
-    _serve_control(blk, sock, control.encode({"op": "clear_dirty", "seq": 3}), FaultInjector())
+    _serve_control(blk, sock, control.encode({"op": "harvest_dirty", "seq": 3}), FaultInjector())
 
-    assert control.check_reply(control.decode(sock.sent[0]), "clear_dirty", 3, "virtio-blk")
-    assert os.pread(fds["dirty"], 4096, 0) == bytes(4096)
+    assert control.check_reply(control.decode(sock.sent[0]), "harvest_dirty", 3, "virtio-blk")
+    live, harvest = os.pread(fds["dirty"], half, 0), os.pread(fds["dirty"], half, half)
+    assert (live, harvest) == (bytes(half), marked) and marked != bytes(half)
     request(ring, IN, 0, [(512, True)])
     driver.kick()
-    assert os.pread(fds["dirty"], 4096, 0) != bytes(4096)
+    assert os.pread(fds["dirty"], half, 0) != bytes(half)
 
 
 # -- io-error faults (`ctl inject-fault NAME io-error`, protocol/faults.py) ---------------------

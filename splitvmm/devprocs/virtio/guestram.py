@@ -6,9 +6,13 @@ length comes from the guest, so every access is bounds-checked against the RAM r
 monitor gave (DeviceSpec.transport["ram"]) and never reaches a hole or past the memfd.
 
 KVM's dirty log sees vCPU writes only, so every page the device writes is marked in the
-dirty bitmap memfd (bit n % 8 of byte n // 8 for page n of the RAM memfd) for the monitor's
-snapshots. Marks are only ever set here, never cleared: racing the monitor's clearing costs
-at most one page copied again, never a page missed.
+dirty bitmap memfd's first half, its live bitmap (bit n % 8 of byte n // 8 for page n of the
+RAM memfd), for the monitor's snapshots. Its second half is the harvest: between two passes of
+a live snapshot's copy (monitor/dirtylog.py) the device moves its marks there and clears the
+live bitmap (harvest_dirty), on its own thread, between requests, so that no mark races the
+clear; the monitor then reads and clears the harvest, which the device touches at no other
+time. Racing the monitor's clearing of the live bitmap, done only while the device is
+quiesced, costs at most one page copied again, never a page missed.
 
 GuestMemoryView (native/mem.py) is the monitor's view of the same memfd; this one adds the
 dirty log, checks the ranges harder (page aligned, no two aliasing the same memfd pages) and
@@ -110,10 +114,11 @@ class GuestRam:
     def __init__(self, ram: Buffer, dirty: Buffer, ranges: Sequence[Sequence[int]]) -> None:
         """Use map() (a device process) or from_buffers() (tests)."""
         self._regions = _regions(ranges, len(ram))
-        if len(dirty) < bitmap_size(len(ram)):
+        half = len(dirty) // 2  # the live bitmap, then the harvest (the module docstring)
+        if half < bitmap_size(len(ram)):
             raise GuestRamError(
-                f"dirty bitmap of {len(dirty)} bytes is smaller than the {len(ram)} bytes "
-                f"of RAM need ({bitmap_size(len(ram))})"
+                f"dirty bitmap memfd of {len(dirty)} bytes holds no two bitmaps of the "
+                f"{bitmap_size(len(ram))} bytes that {len(ram)} bytes of RAM need"
             )
         self._starts = [r.gpa for r in self._regions]
         # the range offset() found last: a device's buffers are mostly in one range, so most
@@ -121,7 +126,8 @@ class GuestRam:
         self._hit = _hit_of(self._regions[0])
         self._buffers = (ram, dirty)
         self._ram = memoryview(ram)
-        self._dirty = memoryview(dirty)
+        self._log = memoryview(dirty)
+        self._dirty, self._harvest = self._log[:half], self._log[half : 2 * half]
 
     @classmethod
     def map(cls, ram_fd: int, dirty_fd: int, ranges: Sequence[Sequence[int]]) -> GuestRam:
@@ -263,9 +269,16 @@ class GuestRam:
     def write_u32(self, gpa: int, value: int) -> None:
         self.write(gpa, U32.pack(value))
 
-    def clear_dirty(self) -> None:
-        """Every page clean again (a live snapshot's copy begins: monitor/dirtylog.py). On the
-        thread that marks, with no buffer() view being written: none of its marks is lost."""
+    def harvest_dirty(self) -> None:
+        """Move every mark into the harvest and clear the live bitmap (a live snapshot's pass
+        begins: monitor/dirtylog.py). On the thread that marks, with no buffer() view being
+        written: none of its marks is lost. Added to what the harvest holds: one the monitor
+        has not read yet (it did not wait for our answer) keeps its marks."""
+        marks = int.from_bytes(self._dirty, "little")
+        if not marks:
+            return
+        held = int.from_bytes(self._harvest, "little")
+        self._harvest[:] = (held | marks).to_bytes(len(self._harvest), "little")
         self._dirty[:] = bytes(len(self._dirty))
 
     def _mark_dirty(self, off: int, size: int) -> None:
@@ -290,7 +303,8 @@ class GuestRam:
     def close(self) -> None:
         """Unmap (a mapped GuestRam); every view from buffer() must be released first."""
         self._ram.release()
-        self._dirty.release()
+        for view in (self._dirty, self._harvest, self._log):
+            view.release()
         for buf in self._buffers:
             if isinstance(buf, mmap.mmap):
                 buf.close()

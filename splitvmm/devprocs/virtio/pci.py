@@ -884,8 +884,8 @@ class VirtioPciDevice(RegisterDevice):
     def quiesce(self) -> None:
         self.quiesced = True  # nothing is in flight: each notify is served to the end
 
-    def clear_dirty(self) -> None:
-        self.ram.clear_dirty()  # nothing is in flight: _drain returns once all it took is done
+    def harvest_dirty(self) -> None:
+        self.ram.harvest_dirty()  # nothing is in flight: _drain returns once all it took is done
 
     def resume(self) -> None:
         """What came while quiesced is served by the event loop, after the reply: each live
