@@ -149,6 +149,33 @@ guest rewriting its 256 MiB at 256 MiB/s 82 / 11 ms, at 1024 MiB/s 249 / 52 ms. 
 of the busy guest (the tracked snapshot kept, its passes counted): at 64 MiB/s one pass made
 again, at 256 two, at 1024 none (what it wrote during the first was over half of it), and then
 the pause copied the 181 MiB written meanwhile (183-189 ms in those runs, against 261 untracked).
+
+2026-12-06, where the idle restore's last ~10 ms go, with device-side marks (not committed) and
+`perf sched` (idle 512 MiB, this file's snapshot restored 10-20 times per variant, to the vCPUs
+by the monitor's marks; the figures are offsets from the first mark). The zygote is ready at
+~+52 ms and waits; the monitor sends its launch requests at ~+67-72, after its imports and
+config, and the vCPUs start at ~+91. After the launch two paths of ~20 ms each run side by side:
+- the devices: each spawn is a round trip through the launcher and the zygote's two forks (the
+  monitor waits for its pid: 3 ms for the first, 8-13 for the second, its fork sharing the cores
+  with the first device's sandbox entry, ~6 ms of which the warden's fork is ~1.5), then their
+  set-up (~1-3 ms), then READY, which waits for the monitor to serve their channels;
+- the monitor: it serves them only once confined (~4 ms: policies, capabilities, Landlock, the
+  filter), and confines itself only single-threaded, after the PIT's re-injection switch ends.
+  That switch ends 15-25 ms after KVM_CREATE_PIT2, wherever it starts in that window (an SRCU
+  grace period that the PIT's creation leaves under way: 40 ms after it the switch takes 0.3
+  ms): starting it right after the PIT's creation instead of after apply(), 16 pairs, -0.5 ms.
+  Making the VM, its RAM slots, irqchip and PIT before the monitor's imports (a prototype) took
+  the PIT's wait out of the monitor's confinement (13.6 -> 3.5 ms) and left the devices' path
+  the longer: to the vCPUs 104.9 against 103.7 ms, no gain.
+- importing the launcher's server code before its fork (it then imports nothing, as the monitor
+  needs the same modules; the zygote starts ~13 ms later and is still ready before the first
+  request): restore 107.2 against 109.7 ms (20 pairs, paired difference -4.0), a boot's wall
+  clock unchanged (30 alternating pairs of whole `up` processes: 1.004) with 5% less CPU. Not done:
+  it reverses the order that keeps the zygote's exec first (sandbox/launcher_start.py,
+  tests/integration/test_startup_imports.py), for a gain inside this host's spread (102-115 ms).
+- byte-code without column tables (-X no_debug_ranges: .pyc 8% smaller): the same imports.
+So the goal's last 5-10 ms are CPU on 2 cores, shared between the monitor's imports and each
+device's two forks and sandbox: the same work in less CPU, not another order.
 """
 
 from __future__ import annotations

@@ -49,9 +49,9 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   sandboxes, nothing wrote the monitor's .pyc files (the zygote and devices run under -I,
   which ignores the variable, and wrote theirs), so every `up` compiled the monitor's
   modules. scripts/bootstrap.sh now compiles the package, and this bench compiles it
-  before it times anything. From two fresh clones, both bootstrapped, farm-bench -n 15
-  A/B: 265 ms against 315 (paired ratio 0.80). This bench, quiet: 228 ms against QEMU's
-  69.9 (3.27x).
+  before it times anything. From two fresh clones, both bootstrapped, 15 alternating
+  pairs of whole processes: 265 ms against 315 (paired ratio 0.80). This bench, quiet: 228 ms
+  against QEMU's 69.9 (3.27x).
 - Measured since, and left: the dataclass decorator is 86 ms of the monitor's ~200 ms of
   imports in a bare interpreter (100 classes; frozen=True doubles a class's cost, two
   more generated methods) and 31 of the device side's ~56 (44 classes). The zygote
@@ -70,23 +70,24 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   fork" 36-45 -> 11-23 ms); the launcher imports its server code (~30 ms) when the first
   request comes, so that it does not share the two cores with the monitor's and the
   zygote's imports; and configure, that first request, no longer waits for its reply.
-  farm-bench -n 25, alternating, firmware hello guest, quiet: 210 ms against 268 for
+  25 alternating pairs of whole processes, firmware hello guest, quiet: 210 ms against 268 for
   f7e5af6 (paired ratio 0.80; CPU 0.31 s against 0.41). This bench, back to back, --runs
   15: 213.6 ms (QEMU 68.9, 3.10x) against 316.1 for f7e5af6 (QEMU 72.8, 4.34x).
 - Where it goes now: the monitor is done importing ~120 ms after its start and then waits
   ~45 ms ("device launch requests") for the zygote, which execs ~35 ms after the start and
   imports for ~110-120 ms: zmq ~20, msgspec ~18 (of which typing_extensions and inspect ~10:
-  msgspec imports typing_extensions where it is installed, and blake3 requires it), pyseccomp ~11 (ctypes.util runs
-  `ldconfig -p` twice), logging ~9, re ~5. The run is CPU-bound: ~0.31 s of CPU on 2 cores.
+  msgspec imports typing_extensions where it is installed, and blake3 requires it), pyseccomp ~11
+  (ctypes.util runs `ldconfig -p` twice), logging ~9, re ~5. The run is CPU-bound: ~0.31 s of CPU on
+  2 cores.
 - Tried and dropped: forking before anything imports typing (the TYPE_CHECKING = False
-  idiom in errors.py and cli/): the exec came ~5 ms sooner, farm-bench A/B 0.999 (tried
+  idiom in errors.py and cli/): the exec came ~5 ms sooner, whole-process A/B 0.999 (tried
   again 2026-12-03 with json and subprocess kept off that path too, the zygote spawned by
   os.posix_spawn: "launcher fork" 23.5 -> 11.0 ms, device launch requests 28-32 ms both,
   whole `up` 251/247 against 270/239 ms, --runs 7 twice: reverted, cebd2b7; and once more
   2026-12-05, with the zygote now the one long path: the imports before the fork 22.9 ->
-  11.9 ms, farm-bench -n 30 wall 1.005, CPU 1.025: the zygote only shares the cores sooner);
-  gc.disable() during the zygote's imports (41 collections): no difference; importing
-  hashlib lazily in protocol/models.py (~4 ms of the zygote's): a sandboxed virtio-net
+  11.9 ms, 30 alternating pairs of whole processes: wall 1.005, CPU 1.025: the zygote only shares
+  the cores sooner); gc.disable() during the zygote's imports (41 collections): no difference;
+  importing hashlib lazily in protocol/models.py (~4 ms of the zygote's): a sandboxed virtio-net
   device calls default_mac(), and a device cannot import once it is confined.
 - msgspec without typing_extensions (2026-12-01, third round): hiding it for the whole
   process (sys.modules["typing_extensions"] = None) was measured at 0.94 and left, as it
@@ -94,14 +95,14 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   removes the entry right after, so a later import of typing_extensions works; every
   module takes Struct and its helpers from there (ruff's banned-api keeps it so). msgspec
   alone: 24 -> 12 ms (inspect, ast, dis, tokenize no longer imported), in the monitor, the
-  launcher and the zygote. farm-bench -n 25, alternating with c8fd15e, load ~1: wall 236
+  launcher and the zygote. 25 alternating pairs of whole processes with c8fd15e, load ~1: wall 236
   ms against 251 (paired ratio 0.905), CPU 0.351 s against 0.384 (0.91). click still
   imports inspect in the monitor (~6 ms).
 - pyseccomp without ldconfig (same round): its import ran `ldconfig -p` twice
   (ctypes.util.find_library), in the monitor and the zygote; splitvmm/native/seccomp.py
   has find_library try each library's soname with dlopen first during that import: 3.8 ->
   1.3 ms a process (median of 30 fresh interpreters), and four fork+execs fewer per `up`.
-  farm-bench -n 50 A/B: wall 0.99, CPU 0.99 (inside this host's noise).
+  50 alternating pairs of whole processes: wall 0.99, CPU 0.99 (inside this host's noise).
 - Where the CPU goes (same round; BSD process accounting over 30 runs, 10 ms ticks, so
   rough): the monitor ~175 ms a run, the zygote (and its short-lived intermediate children)
   ~108, the launcher ~22, the two wardens ~8 together (their Python before the exec: the
@@ -109,8 +110,8 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   monitor's, imports are most: sampled on-CPU, 98% of its Python stacks were inside an
   import (click ~16 ms with inspect, zmq ~13, the monitor's own modules ~15, pyseccomp and
   ctypes ~5, hashlib's OpenSSL ~3, tomllib, msgspec and what it brings ~10).
-- Tried and dropped (same round), each A/B'd with farm-bench -n 50 against the tree
-  without it, twice: importing the launcher's server code right after the zygote's exec
+- Tried and dropped (same round), each timed in 50 alternating pairs of whole processes against the
+  tree without it, twice: importing the launcher's server code right after the zygote's exec
   instead of at the first request, 0.974 and 0.996 for waiting (kept); sending every
   device's spawn request before taking any answer, so that the monitor builds and confines
   the VM while the launcher and the zygote fork (Launcher.ask_spawn, the slot taking its
@@ -121,8 +122,8 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   calls into libpython.so, position-independent code). Debian's /usr/bin/python3 (3.11.2)
   is linked statically and built with the distribution's optimisations. Importing the
   monitor's and two device models' modules: 84 ms against 115 (medians of 10 fresh
-  interpreters each, alternating); a whole `up`, farm-bench -n 40 A/B: wall 174 ms against
-  211 (paired ratio 0.855), CPU 0.261 s against 0.309 (0.83); this bench, --runs 15,
+  interpreters each, alternating); a whole `up`, 40 alternating pairs of whole processes: wall 174
+  ms against 211 (paired ratio 0.855), CPU 0.261 s against 0.309 (0.83); this bench, --runs 15,
   alternating, two rounds: 174.0 and 190.0 ms (2.33x and 2.43x QEMU) against 212.1 and
   247.0 (2.78x, 3.03x). scripts/bootstrap.sh now makes .venv from /usr/bin/python3. The
   same switch showed that snapshot/ram.py's zero-page scan (mmap.find per page) was 20x
@@ -134,8 +135,8 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   socket polls readable), on the core the zygote leaves: "device launch requests" 24.8 ms
   against 27.5 (--timings, 20 alternating runs each). The monitor no longer loads OpenSSL
   (snapshot/signing.py signs with keyed BLAKE3; sha256 is imported by readers only):
-  farm-bench -n 60 A/B 0.963 wall, 0.970 CPU. This bench, quiet (load 0.6): 160.6 ms against
-  QEMU's 75.9 (2.12x); on a busier hour 174-190 ms (2.33-2.43x).
+  60 alternating pairs of whole processes: 0.963 wall, 0.970 CPU. This bench, quiet (load 0.6):
+  160.6 ms against QEMU's 75.9 (2.12x); on a busier hour 174-190 ms (2.33-2.43x).
 - Measured and dropped (same day): every memslot before KVM_CREATE_IRQCHIP (the first
   memslot made after it waited ~7 ms here, one made before it 0.1 ms, Firecracker's order):
   the VM's close then waited as much longer (teardown 25.0 against 11.0 ms, 20 runs), the
@@ -143,11 +144,11 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   devices and the launcher end: the close took 1-16 ms from run to run (the in-kernel PIT's
   teardown waits out SRCU grace periods) and the medians moved 11.1 -> 11.8 ms. Importing
   the snapshot code (PRELOAD, ~12 ms) on a helper thread while the monitor waits for the
-  launcher's replies: farm-bench -n 60 A/B 1.006.
+  launcher's replies: 60 alternating pairs of whole processes: 1.006.
 - End of 2026-12-02's session, alternating the session's first tree (1aa1705, its .venv from
   pyenv's 3.11.7, as CI made it) and ce01c1b (.venv from Debian's python3), --runs 15, two
   rounds: 173.5 and 211.4 ms (2.68x and 3.12x QEMU; CPU 264 and 321 ms) against 147.9 and
-  143.9 (2.13x and 2.22x; CPU 213 and 206 ms); farm-bench -n 40 A/B of the whole process:
+  143.9 (2.13x and 2.22x; CPU 213 and 206 ms); 40 alternating pairs of the whole process:
   wall 0.831, CPU 0.836 (155 ms against 184). Phases of the quiet run above (160.6 ms):
   interpreter 11.7, launcher fork 12.3, import cli 22.0 (click ~14), command line 9.2,
   import monitor 39.6, device launch requests 22.5 (two spawns of ~8 ms, the zygote's double
@@ -179,16 +180,16 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
 - Tried and dropped again (same session): forking the launcher before `splitvmm` imports
   typing, json, socket and subprocess (a module importing only os and C modules, the
   launcher importing the rest itself): its zygote was ready ~10 ms sooner (85 -> 75 ms, 12
-  runs), but the whole process did not move, farm-bench -n 40 wall 0.99, CPU 1.03, and
-  after the changes above 50 paired runs +3.2 ms [-4.5, 10.2]: the launcher's own imports
+  runs), but the whole process did not move, 40 alternating pairs of whole processes: wall 0.99, CPU
+  1.03, and after the changes above 50 paired runs +3.2 ms [-4.5, 10.2]: the launcher's own imports
   cost the CPU the early start saved.
 - End of that session (7eca8b4; the VM's fds now close once every device's sync is done,
   as a device's event during its sync may still use the VM), against its first tree
   (037f155), busy hour, alternating: this bench --runs 15, two rounds, 194.4 and 190.2 ms
   (2.50x and 2.53x QEMU) -> 176.4 and 155.6 (2.26x, 2.07x); 60 paired `up` runs, whole
-  process -12.8 ms [-18.4, -8.8] (179.8 -> 168.9); farm-bench -n 40 A/B wall 0.928, CPU
-  0.939; 25 alternating runs: teardown (guest end -> last mark) 23.6 -> 15.0 ms, last mark
-  -> exit 4.2 -> 4.1, start -> guest end 173.1 -> 163.9.
+  process -12.8 ms [-18.4, -8.8] (179.8 -> 168.9); 40 alternating pairs of whole processes: wall
+  0.928, CPU 0.939; 25 alternating runs: teardown (guest end -> last mark) 23.6 -> 15.0 ms, last
+  mark -> exit 4.2 -> 4.1, start -> guest end 173.1 -> 163.9.
 - This bench in a third session of 2026-12-02, no change to the path: 123.3 ms against QEMU's
   65.4 (1.88x, load 0.35), then 141.0 against 69.7 (2.02x) and 151.3 against 67.3 (2.25x, with
   `python -c pass` itself 25% slower): the ratio moves with the host. Tried and dropped: the
@@ -201,9 +202,9 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
 2026-12-02, fourth session, another host (`python -c pass` 9.4 ms): --runs 10, quiet, 116.0
 ms against QEMU's 61.0 (1.90x), CPU 174.6 ms. Tried again and dropped: every spawn request
 sent before any answer is taken, the slot taking its process at attach (Launcher.ask_spawn
-above): farm-bench -n 20 A/B against the tree without it, wall 1.033 (two devices) and 1.021
-(five), CPU 1.065 and 1.042. A timeline across the processes (marks written to stderr by the
-launcher, the zygote, the devices and the monitor; not committed) shows why. From the
+above): 20 alternating pairs of whole processes against the tree without it, wall 1.033 (two
+devices) and 1.021 (five), CPU 1.065 and 1.042. A timeline across the processes (marks written to
+stderr by the launcher, the zygote, the devices and the monitor; not committed) shows why. From the
 monitor's configure request to its devices' READY, ~27 ms either way, the path runs through
 the launcher importing its server code once the zygote is ready (~14 ms, so the configure's
 answer waits for it), each spawn's double fork in the zygote (2.5-4 ms, one after the other),
@@ -219,9 +220,9 @@ spawns (~10 ms), the PIT's grace period, confinement (~3 ms) and the devices' RE
 (2.08x) while other work ran beside it. Tried and dropped: the snapshot writer (with digest,
 format, ram, state and signing) imported by the confined monitor at its first snapshot instead
 of before confinement (blake3, their one C extension, left in PRELOAD): ~2-4 ms of the
-monitor's imports and ~0.2 MiB of its private memory, but farm-bench -n 40 A/B wall 0.992,
-CPU 0.993: nothing that shows. And a review saw the cost: a monitor that imports code days
-after its start imports whatever an upgrade put there meanwhile, next to its old modules. The
+monitor's imports and ~0.2 MiB of its private memory, but 40 alternating pairs of whole processes:
+wall 0.992, CPU 0.993: nothing that shows. And a review saw the cost: a monitor that imports code
+days after its start imports whatever an upgrade put there meanwhile, next to its old modules. The
 phases say why the wall clock did not move: "device launch requests" went from 13 to 18 ms,
 the monitor waiting for its devices where it had waited for its imports. A timeline across
 the processes (stderr marks, not committed) has the zygote's main() start 22-24 ms after the
@@ -260,7 +261,7 @@ are the one long path left. Goal (2x) not met.
 
 2026-12-04, the next session: the devices no longer import pyzmq either (each device's end of
 its channel is a plain socket too: devprocs/channel.py), so neither does the zygote, and no
-device starts libzmq's two threads. farm-bench, 30 alternating pairs of `splitvmm up` on this
+device starts libzmq's two threads. 30 alternating pairs of `splitvmm up` on this
 guest against the tree before it (7ffbb48): wall 191 ms against 204 (paired ratio 0.938), CPU
 0.300 s against 0.325 (0.922). This bench, --runs 7, alternating, two pairs: 207.9 and 213.9
 ms (QEMU 83.0, 92.2: 2.50x, 2.32x) against 211.6 and 208.9 (QEMU 86.2, 87.4: 2.46x, 2.39x),
