@@ -79,6 +79,10 @@ PAUSE_COPY_BYTES = 4 << 20
 # Once that time is spent a device still gets this long to resume: one that was quiesced must
 # be let go even when another device used the time up (a healthy resume takes ~1 ms).
 RESUME_FLOOR_MS = 500
+# A device is asked to harvest its dirty marks only with at least this long to answer (or the
+# whole deadline, where that is shorter): a harvest can be done without, and a device that
+# misses a control request's timeout is failed, when another may have used the time up.
+HARVEST_FLOOR_MS = 500
 
 
 class SnapshotReport(Struct, frozen=True):
@@ -530,10 +534,11 @@ class Coordinator:
         One that does not answer keeps its marks, which only adds to a later pass or to the
         pause: its crash is its on_crash policy's, and the snapshot's pause finds out the rest."""
         harvested: set[str] = set()
+        floor_ms = min(HARVEST_FLOOR_MS, deadline.limit_s * 1000)
         for slot in self.machine.slots:
             timeout_ms = min(CONTROL_TIMEOUT_MS, deadline.remaining_ms())
-            if timeout_ms <= 0:
-                break
+            if timeout_ms <= 0 or timeout_ms < floor_ms:
+                break  # the rest keep their marks: asked with less, one could be failed
             try:
                 with deadline.counting():
                     slot.control("harvest_dirty", timeout_ms)
