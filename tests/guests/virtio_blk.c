@@ -14,9 +14,12 @@
  *   ro=1       the disk is expected to be read-only (mode=test only)
  *   every=S    loop: a progress line after every S bytes (default 16M); passes=N: stop after
  *              N passes (default 0: until a byte arrives on COM1; a digit N, 1-9: after
- *              N * S more bytes)
+ *              N * S more bytes); rate=R with tsc_khz=K: at most R blocks a second
  *   ios=N      bench: random 4 KiB reads (default 4096); passes=N: each phase N times
  *              (default 1; the firmware flavour's default is 7)
+ *   spread=S   request buffers over S bytes of RAM from DMA_BASE (a multiple of depth MiB;
+ *              default depth MiB): each slot's requests take its own buffers in turn, as a
+ *              guest's page cache fills, so that a device writes ever other pages
  * README.md describes each mode's output, the data pattern and the exit statuses. */
 #include "bootparams.h"
 #include "cmdline.h"
@@ -81,6 +84,8 @@ struct slot {
 	u64 sector;
 	u32 bytes;
 	u32 type;
+	u8 *buf;    /* the request's data */
+	u64 uses;   /* requests it has made (spread=: which of its buffers is next) */
 };
 
 static struct slot slots[MAX_DEPTH] ALIGNED(64);
@@ -96,6 +101,7 @@ static struct {
 	unsigned depth;
 	bool indirect;
 	u64 tsc_khz;
+	u64 buffer_sets; /* spread=: each slot's buffers, slot i's k-th at buffer k * depth + i */
 } cfg;
 
 /* Checking results, for the read side of a stream. */
@@ -112,6 +118,13 @@ static struct {
 static u8 *slot_buf(unsigned i)
 {
 	return phys_ptr(DMA_BASE + (u64)i * MAX_REQ);
+}
+
+/* Slot i's buffer for its next request: its own, in turn, so that no two requests in flight
+ * share one however the device completes them. */
+static u8 *next_buf(unsigned i)
+{
+	return slot_buf((unsigned)(slots[i].uses++ % cfg.buffer_sets) * cfg.depth + i);
 }
 
 /* ---- the pattern ---- */
@@ -192,7 +205,7 @@ static NORETURN void fail(u8 value)
 	debug_exit(value);
 }
 
-static void submit(unsigned i, u32 type, u64 sector, u32 bytes)
+static void submit(unsigned i, u32 type, u64 sector, u32 bytes, u8 *buf)
 {
 	struct slot *sl = &slots[i];
 	struct vq_buf bufs[MAX_SEGS + 2];
@@ -205,11 +218,12 @@ static void submit(unsigned i, u32 type, u64 sector, u32 bytes)
 	sl->sector = sector;
 	sl->bytes = bytes;
 	sl->type = type;
+	sl->buf = buf;
 	bufs[n++] = (struct vq_buf){ (u64)(uintptr_t)&sl->hdr, sizeof(sl->hdr), false };
 	u32 seg = cfg.seg_bytes ? cfg.seg_bytes : bytes;
 	for (u32 off = 0; off < bytes; off += seg) {
 		u32 len = bytes - off < seg ? bytes - off : seg;
-		bufs[n++] = (struct vq_buf){ (u64)(uintptr_t)slot_buf(i) + off, len, to_driver };
+		bufs[n++] = (struct vq_buf){ (u64)(uintptr_t)buf + off, len, to_driver };
 	}
 	bufs[n++] = (struct vq_buf){ (u64)(uintptr_t)&sl->status, 1, true };
 	if (cfg.seg_max && n - 2 > cfg.seg_max) {
@@ -251,7 +265,7 @@ static unsigned complete_one(void)
 /* One request alone; returns its status. */
 static u8 single(u32 type, u64 sector, u32 bytes)
 {
-	submit(0, type, sector, bytes);
+	submit(0, type, sector, bytes, slot_buf(0));
 	virtq_kick(&vq);
 	return slots[complete_one()].status;
 }
@@ -285,9 +299,10 @@ static u64 stream(u32 type, u64 first, u64 count, u32 bytes, u64 seed, bool rand
 				rng = rng * 6364136223846793005ull + 1442695040888963407ull;
 				sector = ((rng >> 11) % blocks) * (bytes / SECTOR);
 			}
+			u8 *buf = next_buf(i);
 			if (type == VIRTIO_BLK_T_OUT && seed)
-				fill(seed, sector, slot_buf(i), bytes);
-			submit(i, type, sector, bytes);
+				fill(seed, sector, buf, bytes);
+			submit(i, type, sector, bytes, buf);
 			inflight++;
 			next++;
 			posted = true;
@@ -302,7 +317,7 @@ static u64 stream(u32 type, u64 first, u64 count, u32 bytes, u64 seed, bool rand
 			fail(VEXIT_IO);
 		}
 		if (type == VIRTIO_BLK_T_IN && (chk.check || chk.sum_reads))
-			check(sl->sector, slot_buf(i), sl->bytes);
+			check(sl->sector, sl->buf, sl->bytes);
 		free_slot[nfree++] = i;
 		inflight--;
 		done++;
@@ -439,14 +454,26 @@ static void mode_loop(const char *cmdline, u64 seed, u64 size)
 {
 	u64 every = cmdline_size(cmdline, "every", 16 * MIB), passes = cmdline_u64(cmdline, "passes", 0);
 	u64 blocks = size / MAX_REQ, total = 0, newer = 0, stop_at = 0; /* 0: no digit typed */
+	u64 rate = cmdline_u64(cmdline, "rate", 0), tsc_khz = cmdline_u64(cmdline, "tsc_khz", 0);
 
 	if (every < MIB)
 		every = MIB;
-	print(TAG ": loop size=%lu MiB seed=%lu every=%lu MiB passes=%lu\n", size / MIB, seed,
-	      every / MIB, passes);
+	if (rate && !tsc_khz) {
+		print(TAG ": rate needs tsc_khz\n");
+		fail(VEXIT_ARGS);
+	}
+	u64 per_block = rate ? tsc_khz * 1000 / rate : 0, next = rdtsc(); /* TSC ticks, rate= */
+	print(TAG ": loop size=%lu MiB seed=%lu every=%lu MiB passes=%lu spread=%lu MiB rate=%lu\n",
+	      size / MIB, seed, every / MIB, passes, cfg.buffer_sets * cfg.depth, rate);
 	for (u64 p = 0; passes == 0 || p < passes; p++) {
 		for (u64 b = 0; b < blocks; b++) {
 			u64 sector = b * (MAX_REQ / SECTOR);
+			if (rate) {
+				u64 now;
+				while ((now = rdtsc()) < next)
+					asm volatile("pause" ::: "memory");
+				next = now + per_block; /* late: no catching up in a burst */
+			}
 			if (p > 0) {
 				expect(seed + p - 1, seed + p);
 				read_region(sector, MAX_REQ, MAX_REQ);
@@ -549,20 +576,23 @@ static NORETURN void blk_main(void *bp)
 	u64 seed = cmdline_u64(cmdline, "seed", 1);
 	u64 size = cmdline_size(cmdline, "size", test ? 8 * MIB : 64 * MIB);
 	u64 depth = cmdline_u64(cmdline, "depth", 8), seg = cmdline_size(cmdline, "seg", 0);
+	u64 spread = cmdline_size(cmdline, "spread", depth * MAX_REQ);
 	if (!test && !cmdline_is(cmdline, "mode", "write") && !cmdline_is(cmdline, "mode", "verify") &&
 	    !cmdline_is(cmdline, "mode", "loop") && !cmdline_is(cmdline, "mode", "bench")) {
 		print(TAG ": mode= must be test, write, verify, loop or bench\n");
 		debug_exit(VEXIT_ARGS);
 	}
 	if (depth < 1 || depth > MAX_DEPTH || seg % SMALL_REQ || seg > MAX_REQ || seed == 0 ||
-	    size < 2 * MIB || size % MIB) {
+	    size < 2 * MIB || size % MIB || !spread || spread % (depth * MAX_REQ) ||
+	    spread > 1ull << 31) {
 		print(TAG ": need 1 <= depth <= %u, seg a multiple of 4K up to 1M, seed >= 1, size a "
-		      "multiple of 1M >= 2M\n", MAX_DEPTH);
+		      "multiple of 1M >= 2M, spread a multiple of depth MiB up to 2G\n", MAX_DEPTH);
 		debug_exit(VEXIT_ARGS);
 	}
 	cfg.depth = (unsigned)depth;
 	cfg.seg_bytes = (u32)seg;
-	virtio_guest_need_ram(bp, TAG, DMA_BASE, DMA_BASE + depth * MAX_REQ);
+	cfg.buffer_sets = spread / (depth * MAX_REQ);
+	virtio_guest_need_ram(bp, TAG, DMA_BASE, DMA_BASE + spread);
 
 	u64 wanted = 1ull << VIRTIO_BLK_F_SIZE_MAX | 1ull << VIRTIO_BLK_F_SEG_MAX |
 		     1ull << VIRTIO_BLK_F_RO | 1ull << VIRTIO_BLK_F_BLK_SIZE |

@@ -398,14 +398,19 @@ def test_virtio_blk_live_snapshot_of_a_tracked_vm_under_io_restores_and_verifies
     """vm.track_dirty_pages: `ctl snapshot` of the running loop guest copies its RAM while it
     writes and verifies blocks, then, in later passes, what changed meanwhile: the vCPU's
     writes (KVM's dirty log) and the device's (read data and used ring entries, in its dirty
-    bitmap). A block read into a buffer a pass had copied, or a completion it had not seen,
-    missing from the later ones, is a mismatch or a hang in the restored guest, which verifies
-    a whole pass (when the pause falls between a completion and its check: with the devices'
-    bitmaps left out of the pause's pass, 1 run in 3 failed here; tests/unit/test_dirtylog.py
-    pins the merge itself). The first life is stopped by input right after the snapshot, well
-    within its pass of 256 MiB (the guest accepts a block one pass ahead, not two)."""
-    vm = loop_vm(tmp_path, guests, size_mib=256, vm_extra="track_dirty_pages = true")
+    bitmap, harvested before each pass). A block read into a buffer a pass had copied, or a
+    completion it had not seen, missing from the later ones, is a mismatch or a hang in the
+    restored guest, which verifies a whole pass (when the pause falls between a completion and
+    its check: with the devices' bitmaps left out of the pause's pass, 1 run in 3 failed here;
+    tests/unit/test_dirtylog.py pins the merge itself). Its requests take 32 MiB of buffers in
+    turn (spread=), so that the device writes other pages from one pass to the next. The first
+    life is stopped by input right after the snapshot, well within its pass of 256 MiB (the
+    guest accepts a block one pass ahead, not two)."""
+    vm = loop_vm(
+        tmp_path, guests, cmdline="spread=32M", size_mib=256, vm_extra="track_dirty_pages = true"
+    )
     vm.wait_for(r"virtio-blk: loop pass=[1-9]\d* ", timeout=60)  # blocks to read before rewriting
+    assert "passes=0 spread=32 MiB rate=0" in vm.text()
     snap = tmp_path / "s1"
     result = vm.ctl("snapshot", str(snap), "--json")
     assert result.returncode == 0, result.stderr
