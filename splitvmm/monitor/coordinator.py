@@ -206,6 +206,7 @@ class Coordinator:
         def stop() -> None:
             nonlocal t0
             t0 = time.monotonic()
+            self.snapshotting = True  # the devices are quiesced from now on: asked nothing else
             self.pause()
 
         if tracker is None and not was_paused:
@@ -226,7 +227,10 @@ class Coordinator:
             resumed_at = time.monotonic()
 
         ok = False
-        self.snapshotting = True
+        # A paused VM's devices are quiesced at once; a live snapshot's once its copy made while
+        # the VM runs is done (stop()): until then they serve the guest, and may be asked
+        # their counters (`ctl devices`).
+        self.snapshotting = tracker is None
         try:
             with self._write(target, deadline, quiesced, tracker, stop) as writer:
                 if not keep_paused:

@@ -827,7 +827,8 @@ class Machine:
 
     def _counters(self, slot: DeviceSlot) -> dict[str, object]:
         """{"counters": the device's own (Device.stats()), checked}, or {} when it cannot
-        say now: away, busy, or quiesced by a snapshot (asked nothing then)."""
+        say now: away, busy, or quiesced by a snapshot (asked nothing then; a live snapshot's
+        devices are asked while its copy runs with the VM, before they are quiesced)."""
         counters = None if self.coordinator.snapshotting else slot.stats()
         return {} if counters is None else {"counters": counters}
 

@@ -303,6 +303,38 @@ class NoVcpuWrites:
         return bytes(-(-size // PAGE // 8))
 
 
+class Watching(FakeTracker):
+    """Notes whether the coordinator says it is snapshotting (its devices asked nothing
+    else: Machine._counters) as the passes run and as the pause takes the rest."""
+
+    def __init__(self, events, mem, coord) -> None:
+        super().__init__(events, mem)
+        self.coord, self.seen = coord, []
+
+    def written(self, harvested: set[str]) -> list[tuple[int, int]]:
+        self.seen.append(("running", self.coord.snapshotting))
+        return super().written(harvested)
+
+    def take(self) -> list[tuple[int, int]]:
+        self.seen.append(("paused", self.coord.snapshotting))
+        return super().take()
+
+
+def test_live_snapshot_devices_may_be_asked_their_counters_until_the_pause(
+    tmp_path, monkeypatch, mem
+):
+    """While the copy runs with the VM (seconds for a large guest), `ctl devices` shows the
+    devices' counters as at any other time; once they are quiesced, it asks them nothing."""
+    coord, events = live(tmp_path, monkeypatch, mem)
+    tracker = Watching(events, mem, coord)
+    coord.machine.dirty_tracker = lambda: tracker
+
+    coord.snapshot(tmp_path / "snap")
+
+    assert tracker.seen == [("running", False), ("paused", True)]
+    assert coord.snapshotting is False  # the VM runs on
+
+
 def test_live_snapshot_failing_in_its_first_pass_never_paused_and_leaves_nothing(
     tmp_path, monkeypatch, mem
 ):
