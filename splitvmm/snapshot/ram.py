@@ -30,7 +30,11 @@ most memory_size / 8 KiB a pass.
 
 The data comes from the memfd's data extents (lseek SEEK_DATA/SEEK_HOLE): pages the guest
 never touched are holes and cost nothing. All-zero pages among the data (touched, or freed and
-zeroed by the guest) are skipped too, so restoring them leaves holes in the new memfd.
+zeroed by the guest) are skipped too, so restoring them leaves holes in the new memfd. A later
+pass of sparse-v2 skips a written page that is all zeros where no record before it holds the
+page (the restored memory has zeros there already: a page the guest allocated, which it
+zeroes, and had not filled yet); one that a record holds, now zeroed, is recorded, zeros and
+all.
 
 The checksum is taken in the same pass as the data moves, on a helper thread that hashes one
 piece while the next is written or copied (digest.Overlapped): a restore checks what landed in
@@ -167,9 +171,12 @@ class _RamWriter:
         progress: Progress | None,
         checksum: digest.Overlapped,
         running: bool = False,
+        recorded: bytearray | None = None,
     ) -> None:
+        """`recorded`: a bitmap of the memory's pages (bit n % 8 of byte n // 8 for page n),
+        set here for each page a record holds, where later passes need it (_later_runs)."""
         self.out, self.total, self.progress, self.hash = out, total, progress, checksum
-        self.running = running
+        self.running, self.recorded = running, recorded
         self.size = self.scanned = self.extents = self.data = 0
 
     def put(self, data: bytes | memoryview) -> None:
@@ -204,6 +211,8 @@ class _RamWriter:
             self.put(view[piece:piece_end])
             self.report(self.scanned + (0 if scanning is None else piece_end - scanning))
         self.extents, self.data = self.extents + 1, self.data + length
+        if self.recorded is not None:
+            _mark_pages(self.recorded, offset // PAGE_SIZE, length // PAGE_SIZE)
 
 
 def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> RamStats:
@@ -235,11 +244,11 @@ def write_ram_precopy(
             if written is None:
                 break
             before = w.data
-            _pass(w, view, written, mem.size)
+            _pass(w, mem.map, view, written, mem.size)
             held = w.data - before
         written = stop()
         w.running = False  # stopped: what is written now stays as it is until it is hashed
-        _pass(w, view, written, mem.size)
+        _pass(w, mem.map, view, written, mem.size)
 
     return _write(out, mem, progress, PRECOPY_VERSION, later_passes)
 
@@ -259,7 +268,8 @@ def _write(
     total = sum(end - start for start, end in extents)
     # The helper is joined before the view goes (a `with` leaves its last item first).
     with memoryview(mem.map) as view, digest.Overlapped(digest.WRITE_ALGORITHM) as checksum:
-        w = _RamWriter(out, total, progress, checksum, running=later_passes is not None)
+        recorded = None if later_passes is None else bytearray(-(-mem.size // PAGE_SIZE // 8))
+        w = _RamWriter(out, total, progress, checksum, later_passes is not None, recorded)
         w.put(HEADER.pack(MAGIC, version, PAGE_SIZE, mem.size, 0))
         for start, end in extents:
             w.data_extent(mem.map, view, start, end)
@@ -269,8 +279,12 @@ def _write(
         return RamStats(w.extents, w.data, w.size, checksum.hexdigest())
 
 
-def _pass(w: _RamWriter, view: memoryview, written: Written, memory_size: int) -> None:
-    """A pass marker, then each written extent, checked, whatever it holds now."""
+def _pass(
+    w: _RamWriter, mm: mmap.mmap, view: memoryview, written: Written, memory_size: int
+) -> None:
+    """A pass marker, then each written extent, checked, as it is now: what a later pass
+    records of it (_later_runs)."""
+    assert w.recorded is not None  # _write() keeps it for a stream with later passes
     w.put(RECORD.pack(PASS_OFFSET, 0))
     last = 0
     for offset, length in written:
@@ -278,8 +292,60 @@ def _pass(w: _RamWriter, view: memoryview, written: Written, memory_size: int) -
             raise SnapshotError(f"written extent {offset:#x}+{length:#x} is out of order")
         if offset + length > memory_size:
             raise SnapshotError(f"written extent {offset:#x}+{length:#x} lies beyond RAM")
-        w.extent(view, offset, length)
+        for start, run in _later_runs(w.recorded, mm, offset, offset + length):
+            w.extent(view, start, run)
         last = offset + length
+
+
+def _later_runs(
+    recorded: bytearray, mm: mmap.mmap, start: int, end: int
+) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each run of [start, end) that a later pass records: its pages that
+    hold data, and its zero pages that a record before holds (zeroed since); not the zero
+    pages none holds, which the restored memory has as zeros already. Neighbours merged."""
+    run: tuple[int, int] | None = None
+    cursor = start
+    for offset, length in [*nonzero_runs(mm, start, end), (end, 0)]:  # then the gap at the end
+        for part in [*_recorded_runs(recorded, cursor, offset), (offset, length)]:
+            if not part[1]:
+                continue
+            if run is not None and sum(run) == part[0]:
+                run = (run[0], run[1] + part[1])
+                continue
+            if run is not None:
+                yield run
+            run = part
+        cursor = offset + length
+    if run is not None:
+        yield run
+
+
+def _recorded_runs(recorded: bytearray, start: int, end: int) -> list[tuple[int, int]]:
+    """(offset, length) of each run of pages in [start, end) that `recorded` holds."""
+    first, last = start // PAGE_SIZE, end // PAGE_SIZE
+    if first >= last or not recorded[first >> 3 : ((last - 1) >> 3) + 1].strip(b"\0"):
+        return []  # (whole bytes: the pages around the range may be set, and are looked at)
+    runs: list[tuple[int, int]] = []
+    for page in range(first, last):
+        if recorded[page >> 3] >> (page & 7) & 1:
+            if runs and sum(runs[-1]) == page * PAGE_SIZE:
+                runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
+            else:
+                runs.append((page * PAGE_SIZE, PAGE_SIZE))
+    return runs
+
+
+def _mark_pages(bitmap: bytearray, first: int, count: int) -> None:
+    """Set the bits of pages [first, first + count) in `bitmap`: whole bytes by slice."""
+    last = first + count - 1
+    b0, b1 = first >> 3, last >> 3
+    low, high = (0xFF << (first & 7)) & 0xFF, (2 << (last & 7)) - 1
+    if b0 == b1:
+        bitmap[b0] |= low & high
+        return
+    bitmap[b0] |= low
+    bitmap[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
+    bitmap[b1] |= high
 
 
 # --- reading -----------------------------------------------------------------------------------
