@@ -206,8 +206,10 @@ class Coordinator:
         def stop() -> None:
             nonlocal t0
             t0 = time.monotonic()
-            self.snapshotting = True  # the devices are quiesced from now on: asked nothing else
             self.pause()
+            # The devices are quiesced from now on: asked nothing else. Not before the pause:
+            # one that fails quiesces nothing, and the flag would stay (`ctl devices` blind).
+            self.snapshotting = True
 
         if tracker is None and not was_paused:
             stop()

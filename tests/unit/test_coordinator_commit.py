@@ -403,6 +403,22 @@ def test_coordinator_pause_held_by_a_restarting_device_names_it(tmp_path, monkey
     assert (events, coord.paused) == (["pause", "resume"], False)
 
 
+@pytest.mark.parametrize("keep_paused", [False, True], ids=["snapshot", "suspend"])
+def test_coordinator_snapshot_whose_pause_fails_leaves_the_devices_askable(
+    tmp_path, monkeypatch, keep_paused
+):
+    """A snapshot that could not pause the VM (a vCPU that does not stop) quiesced no
+    device: the VM runs on, and `ctl devices` shows their counters as before
+    (Machine._counters asks nothing while the coordinator says it is snapshotting)."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    coord.machine.vcpus = [FakeVcpu(events, parks=False)]
+
+    with pytest.raises(ControlError, match="did not stop"):
+        coord.snapshot(tmp_path / "snap", keep_paused=keep_paused)
+
+    assert (coord.paused, coord.snapshotting) == (False, False)
+
+
 @pytest.mark.parametrize(
     ("target", "why"),
     [
