@@ -158,8 +158,11 @@ class Machine:
         return None if self.firmware is None else vmstate.FirmwareId.of(self.firmware.data)
 
     def _install_stop_handlers(self) -> None:
-        """SIGINT, SIGTERM and SIGHUP stop the VM (_on_signal), from the start of build() to
-        the end of close(). A signal ignored when we started stays ignored (nohup, a shell's
+        """SIGINT, SIGTERM, SIGHUP and SIGQUIT stop the VM (_on_signal), from the start of
+        build() to the end of close(); SIGQUIT's default, which ends the process where it is
+        (with a core dump), left the console's terminal raw, echoing nothing until `reset`
+        (a raw terminal sends no Ctrl-\\: it comes from `kill`). A signal ignored when we
+        started stays ignored (nohup, a shell's
         `cmd &` ignoring SIGINT): the operator asked for that, as for any program. From the
         start: one during the build used to kill the process (its runtime directory, lock
         and sockets left behind) or raise a KeyboardInterrupt in the middle of a spawn;
@@ -170,7 +173,7 @@ class Machine:
             return  # (a test building a machine on another thread: signals are not its)
         stop_signals = [
             s
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
             if signal.getsignal(s) is not signal.SIG_IGN
         ]
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals}

@@ -49,7 +49,7 @@ def _up(
 def _default_stop_signals() -> None:
     """In the child before `up` execs: the stop signals at their defaults, as a shell leaves
     them (pytest's may be ignored or handled), so that `up` installs its own handlers."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
 
 
@@ -111,6 +111,48 @@ def test_console_terminal_is_raw_again_after_the_monitor_is_stopped_and_continue
         os.close(terminal)
     assert proc.returncode == 128 + signal.SIGTERM
     assert raw_after, "the console's terminal stayed cooked after SIGCONT"
+
+
+def test_sigquit_stops_the_vm_and_gives_the_terminal_back_cooked(tmp_path, guests):
+    """`kill -QUIT`: the VM stops as on SIGTERM (131), and the console's terminal gets its
+    modes back. SIGQUIT's default ended the monitor where it was, the terminal left raw (no
+    echo, no line editing) until the operator typed `reset` blind, as QEMU leaves it."""
+    master, terminal = os.openpty()
+    cooked = termios.tcgetattr(terminal)
+
+    def session() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        _default_stop_signals()
+
+    proc = _up(
+        tmp_path, guests["counter"], "", "stdio",
+        stdin=terminal, stdout=terminal, stderr=terminal, preexec_fn=session,
+    )  # fmt: skip
+    out = bytearray()
+    try:
+        deadline = time.monotonic() + 30
+        while b"count=" not in out:
+            assert proc.poll() is None and time.monotonic() < deadline, bytes(out[-300:])
+            if select.select([master], [], [], 0.1)[0]:
+                out.extend(os.read(master, 65536))
+        assert _raw(terminal)
+        proc.send_signal(signal.SIGQUIT)
+        while proc.poll() is None:  # its last lines, so that it never waits on a full pty
+            if select.select([master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    out.extend(os.read(master, 65536))
+        proc.wait(60)
+        modes = termios.tcgetattr(terminal)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(terminal)
+    assert proc.returncode == 128 + signal.SIGQUIT, bytes(out[-500:])
+    assert modes == cooked
+    assert b"stopped by SIGQUIT" in out
 
 
 # -- 2. a runtime dir that is full: one line naming the socket, no traceback -------------------
