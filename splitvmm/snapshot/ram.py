@@ -231,7 +231,8 @@ def write_ram_precopy(
     again: Callable[[int], Written | None] | None = None,
 ) -> RamStats:
     """Encode `mem` into `out` as sparse-v2, its VM running: a first pass over its data;
-    then, up to MAX_PASSES - 2 times, again(bytes the pass before held), which returns the
+    then, up to MAX_PASSES - 2 times, again(bytes the pass before held: the first's data, a
+    later one's written set, its zero pages included), which returns the
     extents written since that pass began, to copy now, the VM still running, or None; then
     stop(), which stops the VM (vCPUs parked, devices quiesced) and returns the extents
     written since the pass before began (monitor/dirtylog.py): the last pass. On return
@@ -243,9 +244,10 @@ def write_ram_precopy(
             written = again(held) if again is not None else None
             if written is None:
                 break
-            before = w.data
             _pass(w, mem.map, view, written, mem.size)
-            held = w.data - before
+            # What it was asked to copy, the zero pages it skipped included: again() weighs the
+            # set it would copy next, counted so too, against it.
+            held = sum(length for _, length in written)
         written = stop()
         w.running = False  # stopped: what is written now stays as it is until it is hashed
         _pass(w, mem.map, view, written, mem.size)

@@ -455,6 +455,28 @@ def test_ram_precopy_passes_made_while_running_hold_memory_as_it_was_stopped():
     fresh.close()
 
 
+def test_ram_precopy_tells_again_what_a_pass_was_asked_to_copy_zero_pages_included():
+    """again() weighs the set of pages said written since, which may hold zero pages a pass
+    skips, against the pass before: counted the same way, a guest that zeroes pages does not
+    look as if its writes grew, and does not lose a pass made while it runs."""
+    mem = memory(pages={0x0: b"\x01"})
+    held: list[int] = []
+
+    def again(copied: int) -> list[tuple[int, int]] | None:
+        held.append(copied)
+        if len(held) == 1:  # during the first pass: a page of data and three of zeros
+            mem.map[0x4000:0x5000] = b"\x04" * PAGE
+            mem.map[0x5000:0x8000] = bytes(3 * PAGE)
+            return [(0x4000, 4 * PAGE)]
+        return None
+
+    out = io.BytesIO()
+    write_ram_precopy(out, mem, lambda: [], again=again)
+
+    assert held == [PAGE, 4 * PAGE]
+    mem.close()
+
+
 def test_ram_precopy_asks_again_at_most_max_passes_minus_two_times():
     mem = memory(pages={0x0: b"\x01"})
     asked: list[int] = []
