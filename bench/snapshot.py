@@ -365,6 +365,12 @@ def started(env: dict[str, str], config: Path) -> subprocess.Popen[str]:
     )
 
 
+def read_spread_mib(mib: int) -> int:
+    """MiB of request buffers (and of disk) of the reading guest in a VM of `mib` MiB: half its
+    RAM, at most READ_SPREAD_MIB."""
+    return min(mib // 2, READ_SPREAD_MIB)
+
+
 def reading_vm(
     work: Path, guest: Path, mib: int, tracked: bool
 ) -> tuple[dict[str, str], subprocess.Popen[str]]:
@@ -372,7 +378,7 @@ def reading_vm(
     READ_BLOCKS_S blocks a second, in a VM with vm.track_dirty_pages or not (its environment
     and process), once it has gone round its buffers."""
     env = {**os.environ, "XDG_RUNTIME_DIR": str(work / "run")}
-    spread = min(mib // 2, READ_SPREAD_MIB)
+    spread = read_spread_mib(mib)
     serial, config, disk = work / "serial-reading.log", work / "reading.toml", work / "reading.img"
     serial.unlink(missing_ok=True)
     with disk.open("wb") as f:
@@ -636,7 +642,7 @@ def print_tables(rows: list[dict[str, object]], runs: int) -> None:
         for r in reading:
             t.add_row(
                 str(r["memory_mib"]),
-                str(min(int(r["memory_mib"]) // 2, READ_SPREAD_MIB)),  # type: ignore[call-overload]
+                str(read_spread_mib(int(r["memory_mib"]))),  # type: ignore[call-overload]
                 str(READ_BLOCKS_S),
                 f"{r['reading_pause_ms']:.0f}",
                 f"{r['reading_tracked_pause_ms']:.0f}",

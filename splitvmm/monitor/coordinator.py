@@ -102,8 +102,9 @@ class Coordinator:
         # One pause, resume or snapshot at a time: ctl's (its worker thread) or one for a
         # device that stalled (Machine._pauser)
         self._lock = threading.RLock()
-        # A snapshot is under way: its devices may be quiesced, and nobody else asks them
-        # anything (`ctl devices` shows no counters meanwhile).
+        # A snapshot's devices may be quiesced (from its pause on; a paused VM's, a suspend's
+        # and an untracked one's from its start): nobody else asks them anything (`ctl
+        # devices` shows no counters meanwhile).
         self.snapshotting = False
         # vm.snapshot_dirs as the monitor's Landlock rules hold them: the directories there
         # when it confined itself ((st_dev, st_ino), bind_snapshot_dirs), not their paths

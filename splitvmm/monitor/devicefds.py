@@ -78,7 +78,8 @@ class DeviceFds(Struct):
     # (Machine.write_back_images): a new open file description, whose write-back errors are
     # its own (errseq), so that syncing it leaves the device's to report to the guest.
     write_back_fd: int | None = None
-    # Its dirty bitmap, mapped: a live snapshot reads and clears it (monitor/dirtylog.py)
+    # Its dirty log (two bitmaps: FdKind.DIRTY_LOG), mapped: a live snapshot reads and clears
+    # them (monitor/dirtylog.py)
     dirty_log: mmap.mmap | None = None
 
     def make(self, dev: DeviceSection, model: ModelDescriptor) -> dict[str, int]:

@@ -67,7 +67,7 @@ from splitvmm.protocol.models import MODELS, FdKind, ModelDescriptor, PciFunctio
 from splitvmm.protocol.spec import CRASH_SIGNALS, MAX_DEVICES
 from splitvmm.record import Struct
 from splitvmm.sandbox.launcher import Launcher
-from splitvmm.sandbox.launcher_start import close_all
+from splitvmm.sandbox.launcher_start import STOP_SIGNALS, close_all
 from splitvmm.snapshot import signing
 
 if TYPE_CHECKING:
@@ -171,11 +171,7 @@ class Machine:
         the VM's close would be skipped)."""
         if threading.current_thread() is not threading.main_thread():
             return  # (a test building a machine on another thread: signals are not its)
-        stop_signals = [
-            s
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-            if signal.getsignal(s) is not signal.SIG_IGN
-        ]
+        stop_signals = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals}
         self._signal_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous_wakeup_fd = signal.set_wakeup_fd(

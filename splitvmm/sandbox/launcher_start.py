@@ -30,6 +30,9 @@ from splitvmm.errors import SplitvmmError
 from splitvmm.sandbox.zygote import MAX_DEVICE_FDS
 
 MAX_FDS = MAX_DEVICE_FDS  # a request carries one device's fds (sandbox/zygote.py)
+# The signals that stop the VM (Machine._install_stop_handlers); a launcher forked after the
+# monitor's handlers were installed takes each at its default: they are not its to act on.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class LauncherError(SplitvmmError):
@@ -75,7 +78,7 @@ def _launcher_main(sock_fd: int, monitor: int) -> int:
     confine.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != monitor:  # the monitor died before prctl took effect
         return 1
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)  # a monitor's (machine.py), forked after its build began: not ours
     _keep_only_fds(sock_fd)

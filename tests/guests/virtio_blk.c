@@ -41,7 +41,7 @@
 #define MAX_REQ MIB
 #define SMALL_REQ (4 * KIB)
 #define MAX_SEGS (MAX_REQ / SMALL_REQ)
-#define DMA_BASE (16 * MIB) /* request buffers: slot i at DMA_BASE + i MiB */
+#define DMA_BASE (16 * MIB) /* request buffers: slot i's first at DMA_BASE + i MiB (next_buf) */
 #define REQ_TIMEOUT_US 30000000ull
 #define GET_ID_BYTES 20
 #define MAX_MISMATCH_LINES 4

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
+from splitvmm.sandbox.launcher_start import STOP_SIGNALS
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import REPO, env_for
 
 pytestmark = pytest.mark.kvm
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _started: list[subprocess.Popen[bytes]] = []
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from splitvmm.sandbox.launcher_start import STOP_SIGNALS
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import REPO, env_for
 from tests.jobshell import SHELL_START, ending, pump_pty
@@ -49,7 +50,7 @@ def _up(
 def _default_stop_signals() -> None:
     """In the child before `up` execs: the stop signals at their defaults, as a shell leaves
     them (pytest's may be ignored or handled), so that `up` installs its own handlers."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
 
 

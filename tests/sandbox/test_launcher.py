@@ -32,7 +32,7 @@ from splitvmm.sandbox import launcher as launcher_module
 from splitvmm.sandbox import launcher_start
 from splitvmm.sandbox import zygote as zygote_module
 from splitvmm.sandbox.launcher import CHUNK, MAX_MESSAGE, LaunchedProcess, Launcher
-from splitvmm.sandbox.launcher_start import MAX_FDS, LauncherError
+from splitvmm.sandbox.launcher_start import MAX_FDS, STOP_SIGNALS, LauncherError
 from splitvmm.sandbox.spawn import readable
 from tests.sandbox.harness import REPO
 from tests.setpriv import needs_setpriv, under_setpriv
@@ -190,6 +190,32 @@ def test_launcher_spec_over_cap_raises_naming_device_before_sending(launcher, ru
     state = {"model": "serial", "version": 1, "fields": {"pad": "A" * MAX_SPEC}}
     with pytest.raises(DeviceFailure, match=f"device serial0: .* over the {MAX_SPEC} a device"):
         launcher.spawn(serial_spec(rundir, fds, state=state))
+
+
+def _caught(pid: int) -> set[int]:
+    """The signals process `pid` has a handler for (/proc: SigCgt)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:"))[7:], 16)
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+
+def test_launcher_forked_after_the_monitors_stop_handlers_runs_none_of_them(rundir):
+    """Machine.build() starts the launcher itself where `up` did not, after it installed its
+    stop handlers (Machine._install_stop_handlers): the fork inherits each of them, which
+    would run the monitor's stop() on the launcher's copy of the machine (its wake fd long
+    closed, or its number another fd's by then), and must take each at its default."""
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in STOP_SIGNALS}
+    try:
+        launcher = Launcher.start(rundir)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        launcher.check_configured()  # ready: it has set its signals up
+        caught = _caught(launcher.pid)
+    finally:
+        launcher.close()
+    assert caught & set(STOP_SIGNALS) == set()
 
 
 def test_launcher_whose_monitor_left_before_it_was_ready_ends_quietly(capfd):

@@ -11,8 +11,8 @@ RAM memfd), for the monitor's snapshots. Its second half is the harvest: between
 a live snapshot's copy (monitor/dirtylog.py) the device moves its marks there and clears the
 live bitmap (harvest_dirty), on its own thread, between requests, so that no mark races the
 clear; the monitor then reads and clears the harvest, which the device touches at no other
-time. Racing the monitor's clearing of the live bitmap, done only while the device is
-quiesced, costs at most one page copied again, never a page missed.
+time. The monitor clears the live bitmap itself only while the device is quiesced: no mark
+races that clear (one that did could be lost).
 
 GuestMemoryView (native/mem.py) is the monitor's view of the same memfd; this one adds the
 dirty log, checks the ranges harder (page aligned, no two aliasing the same memfd pages) and
