@@ -59,65 +59,12 @@ def _raw(fd: int) -> bool:
 
 
 # -- 1. SIGCONT: the console's raw mode is put back ---------------------------------------------
-def test_console_terminal_is_raw_again_after_the_monitor_is_stopped_and_continued(tmp_path, guests):
-    """A shell restores its own (cooked) terminal modes when its foreground job stops
-    (`kill -STOP`, `kill -TSTP`), and does not put the job's back on `fg`: a program that
-    keeps the terminal raw sets it again on SIGCONT (QEMU's char-stdio does). Without that,
-    the console after `fg` is line-buffered and echoed, Ctrl-A x needs Enter, and Ctrl-C,
-    meant for the guest, stops the VM."""
-    master, terminal = os.openpty()
-    cooked = termios.tcgetattr(terminal)
-
-    def session() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        _default_stop_signals()
-
-    proc = _up(
-        tmp_path,
-        guests["counter"],
-        "",
-        "stdio",
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        preexec_fn=session,
-    )
-    out = bytearray()
-
-    def read_for(seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if select.select([master], [], [], 0.05)[0]:
-                with contextlib.suppress(OSError):
-                    out.extend(os.read(master, 65536))
-
-    try:
-        deadline = time.monotonic() + 30
-        while b"count=" not in out:
-            assert proc.poll() is None and time.monotonic() < deadline, bytes(out[-300:])
-            read_for(0.1)
-        assert _raw(terminal)
-        proc.send_signal(signal.SIGSTOP)
-        read_for(0.3)
-        termios.tcsetattr(terminal, termios.TCSANOW, cooked)  # what the shell does
-        proc.send_signal(signal.SIGCONT)  # `fg`
-        read_for(1.0)
-        raw_after = _raw(terminal)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        read_for(1.0)
-        proc.wait(60)
-        os.close(master)
-        os.close(terminal)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert raw_after, "the console's terminal stayed cooked after SIGCONT"
-
-
-def test_sigquit_stops_the_vm_and_gives_the_terminal_back_cooked(tmp_path, guests):
-    """`kill -QUIT`: the VM stops as on SIGTERM (131), and the console's terminal gets its
-    modes back. SIGQUIT's default ended the monitor where it was, the terminal left raw (no
-    echo, no line editing) until the operator typed `reset` blind, as QEMU leaves it."""
+def _counter_on_a_pty(
+    tmp_path: Path, guests
+) -> tuple[subprocess.Popen[bytes], int, int, list[object]]:
+    """The counter guest under `up`, its console on a new pty (master, terminal) that is its
+    session's controlling terminal, its stop signals at their defaults as a shell leaves them;
+    and the terminal's modes before `up` (cooked)."""
     master, terminal = os.openpty()
     cooked = termios.tcgetattr(terminal)
 
@@ -130,19 +77,65 @@ def test_sigquit_stops_the_vm_and_gives_the_terminal_back_cooked(tmp_path, guest
         tmp_path, guests["counter"], "", "stdio",
         stdin=terminal, stdout=terminal, stderr=terminal, preexec_fn=session,
     )  # fmt: skip
+    return proc, master, terminal, cooked
+
+
+def _read_for(master: int, out: bytearray, seconds: float) -> None:
+    """What the pty's master has for `seconds`, into `out` (so that `up` never waits on a full
+    pty)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.05)[0]:
+            with contextlib.suppress(OSError):
+                out.extend(os.read(master, 65536))
+
+
+def _until_counting(proc: subprocess.Popen[bytes], master: int, out: bytearray) -> None:
+    deadline = time.monotonic() + 30
+    while b"count=" not in out:
+        assert proc.poll() is None and time.monotonic() < deadline, bytes(out[-300:])
+        _read_for(master, out, 0.1)
+
+
+def test_console_terminal_is_raw_again_after_the_monitor_is_stopped_and_continued(tmp_path, guests):
+    """A shell restores its own (cooked) terminal modes when its foreground job stops
+    (`kill -STOP`, `kill -TSTP`), and does not put the job's back on `fg`: a program that
+    keeps the terminal raw sets it again on SIGCONT (QEMU's char-stdio does). Without that,
+    the console after `fg` is line-buffered and echoed, Ctrl-A x needs Enter, and Ctrl-C,
+    meant for the guest, stops the VM."""
+    proc, master, terminal, cooked = _counter_on_a_pty(tmp_path, guests)
     out = bytearray()
     try:
-        deadline = time.monotonic() + 30
-        while b"count=" not in out:
-            assert proc.poll() is None and time.monotonic() < deadline, bytes(out[-300:])
-            if select.select([master], [], [], 0.1)[0]:
-                out.extend(os.read(master, 65536))
+        _until_counting(proc, master, out)
+        assert _raw(terminal)
+        proc.send_signal(signal.SIGSTOP)
+        _read_for(master, out, 0.3)
+        termios.tcsetattr(terminal, termios.TCSANOW, cooked)  # what the shell does
+        proc.send_signal(signal.SIGCONT)  # `fg`
+        _read_for(master, out, 1.0)
+        raw_after = _raw(terminal)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _read_for(master, out, 1.0)
+        proc.wait(60)
+        os.close(master)
+        os.close(terminal)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert raw_after, "the console's terminal stayed cooked after SIGCONT"
+
+
+def test_sigquit_stops_the_vm_and_gives_the_terminal_back_cooked(tmp_path, guests):
+    """`kill -QUIT`: the VM stops as on SIGTERM (131), and the console's terminal gets its
+    modes back. SIGQUIT's default ended the monitor where it was, the terminal left raw (no
+    echo, no line editing) until the operator typed `reset` blind, as QEMU leaves it."""
+    proc, master, terminal, cooked = _counter_on_a_pty(tmp_path, guests)
+    out = bytearray()
+    try:
+        _until_counting(proc, master, out)
         assert _raw(terminal)
         proc.send_signal(signal.SIGQUIT)
-        while proc.poll() is None:  # its last lines, so that it never waits on a full pty
-            if select.select([master], [], [], 0.1)[0]:
-                with contextlib.suppress(OSError):
-                    out.extend(os.read(master, 65536))
+        while proc.poll() is None:  # its last lines
+            _read_for(master, out, 0.1)
         proc.wait(60)
         modes = termios.tcgetattr(terminal)
     finally:
