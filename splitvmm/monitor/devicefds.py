@@ -26,6 +26,7 @@ from splitvmm.monitor.layout import PAGE_SIZE
 from splitvmm.monitor.memory import SEALS, GuestMemory
 from splitvmm.native import files, tun
 from splitvmm.native.eventfd import EventFd
+from splitvmm.protocol.dirtybits import dirty_log_size
 from splitvmm.protocol.models import (
     DIRECT_IO_ALIGN,
     FdKind,
@@ -404,13 +405,6 @@ def _appending_if_file(fd: int) -> None:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     if not flags & os.O_APPEND:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
-
-
-def dirty_log_size(ram_bytes: int) -> int:
-    """Bytes of a dirty log memfd for `ram_bytes` of RAM memfd: two bitmaps (FdKind.DIRTY_LOG)
-    of ceil(pages / 8) bytes, each in whole pages."""
-    pages = -(-ram_bytes // PAGE_SIZE)
-    return 2 * -(-pages // (8 * PAGE_SIZE)) * PAGE_SIZE
 
 
 class BlockingAsItWas:

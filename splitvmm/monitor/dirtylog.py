@@ -34,12 +34,12 @@ The monitor itself writes no guest RAM once the VM runs (loaders and restore com
 from __future__ import annotations
 
 import mmap
-import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 from splitvmm.monitor.layout import PAGE_SIZE
 from splitvmm.native.mem import Region
+from splitvmm.protocol.dirtybits import page_runs
 
 
 class DirtyLogVm(Protocol):
@@ -144,40 +144,4 @@ class DirtyTracker:
     def _runs(self, dirty: int) -> list[tuple[int, int]]:
         dirty &= (1 << self._pages) - 1  # a device bitmap's whole last page maps no RAM
         bitmap = dirty.to_bytes(-(-self._pages // 8), "little")
-        return [(page * PAGE_SIZE, pages * PAGE_SIZE) for page, pages in dirty_runs(bitmap)]
-
-
-def _byte_runs(byte: int) -> tuple[tuple[int, int], ...]:
-    """(first bit, bits) of each run of set bits in one byte, lowest first."""
-    runs: list[tuple[int, int]] = []
-    for bit in range(8):
-        if byte >> bit & 1:
-            if runs and sum(runs[-1]) == bit:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((bit, 1))
-    return tuple(runs)
-
-
-BYTE_RUNS = tuple(_byte_runs(b) for b in range(256))
-# A stretch of full bytes, or any other byte with a bit set: zero bytes are never visited.
-_SET = re.compile(rb"\xff+|[^\x00]")
-
-
-def dirty_runs(bitmap: bytes) -> list[tuple[int, int]]:
-    """(first page, pages) of each run of set bits in `bitmap`, in order."""
-    runs: list[tuple[int, int]] = []
-    start = end = -1  # the run under way: pages [start, end)
-    for match in _SET.finditer(bitmap):
-        base, found = match.start() * 8, match.group()
-        parts = ((0, len(found) * 8),) if found[0] == 0xFF else BYTE_RUNS[found[0]]
-        for bit, count in parts:
-            if base + bit == end:
-                end += count
-                continue
-            if end > 0:
-                runs.append((start, end - start))
-            start, end = base + bit, base + bit + count
-    if end > 0:
-        runs.append((start, end - start))
-    return runs
+        return [(page * PAGE_SIZE, pages * PAGE_SIZE) for page, pages in page_runs(bitmap)]

@@ -50,6 +50,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Final, Protocol
 
+from splitvmm.protocol.dirtybits import mark_pages, page_runs
 from splitvmm.record import Struct
 from splitvmm.snapshot import digest
 from splitvmm.snapshot.format import PAGE_SIZE, RamEncoding, SnapshotError
@@ -212,7 +213,7 @@ class _RamWriter:
             self.report(self.scanned + (0 if scanning is None else piece_end - scanning))
         self.extents, self.data = self.extents + 1, self.data + length
         if self.recorded is not None:
-            _mark_pages(self.recorded, offset // PAGE_SIZE, length // PAGE_SIZE)
+            mark_pages(self.recorded, offset // PAGE_SIZE, length // PAGE_SIZE)
 
 
 def write_ram(out: BinaryIO, mem: RamLike, progress: Progress | None = None) -> RamStats:
@@ -325,29 +326,15 @@ def _later_runs(
 def _recorded_runs(recorded: bytearray, start: int, end: int) -> list[tuple[int, int]]:
     """(offset, length) of each run of pages in [start, end) that `recorded` holds."""
     first, last = start // PAGE_SIZE, end // PAGE_SIZE
-    if first >= last or not recorded[first >> 3 : ((last - 1) >> 3) + 1].strip(b"\0"):
-        return []  # (whole bytes: the pages around the range may be set, and are looked at)
-    runs: list[tuple[int, int]] = []
-    for page in range(first, last):
-        if recorded[page >> 3] >> (page & 7) & 1:
-            if runs and sum(runs[-1]) == page * PAGE_SIZE:
-                runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
-            else:
-                runs.append((page * PAGE_SIZE, PAGE_SIZE))
+    if first >= last:
+        return []
+    base = first >> 3 << 3  # the page of the first byte looked at
+    runs = []
+    for page, pages in page_runs(recorded[first >> 3 : ((last - 1) >> 3) + 1]):
+        lo, hi = max(first, base + page), min(last, base + page + pages)
+        if lo < hi:  # (the bytes' other pages lie outside the range)
+            runs.append((lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE))
     return runs
-
-
-def _mark_pages(bitmap: bytearray, first: int, count: int) -> None:
-    """Set the bits of pages [first, first + count) in `bitmap`: whole bytes by slice."""
-    last = first + count - 1
-    b0, b1 = first >> 3, last >> 3
-    low, high = (0xFF << (first & 7)) & 0xFF, (2 << (last & 7)) - 1
-    if b0 == b1:
-        bitmap[b0] |= low & high
-        return
-    bitmap[b0] |= low
-    bitmap[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
-    bitmap[b1] |= high
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -32,9 +32,9 @@ import pytest
 
 from splitvmm import hostpath
 from splitvmm.cli.policy import Trace, traced
-from splitvmm.monitor.devicefds import dirty_log_size
 from splitvmm.monitor.memory import SEALS
 from splitvmm.native.kvm import IOCTL_NUMBERS
+from splitvmm.protocol.dirtybits import dirty_log_size
 from splitvmm.protocol.models import MODELS as DESCRIPTORS
 from tests.sandbox import escapes
 from tests.sandbox.harness import SandboxedDevice

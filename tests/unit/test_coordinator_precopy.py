@@ -17,10 +17,10 @@ from splitvmm.errors import DeviceFailure, KvmError
 from splitvmm.monitor import coordinator as coordinator_module
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.control import ControlError
-from splitvmm.monitor.devicefds import dirty_log_size
 from splitvmm.monitor.dirtylog import DirtyTracker
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.native.mem import Region
+from splitvmm.protocol.dirtybits import dirty_log_size
 from splitvmm.record import field
 from splitvmm.snapshot import Snapshot, SnapshotError
 from splitvmm.snapshot import ram as ram_module

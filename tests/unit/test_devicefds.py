@@ -21,7 +21,6 @@ from splitvmm.monitor.devicefds import (
     Closable,
     DeviceFds,
     PciInterrupts,
-    dirty_log_size,
     lock_disk,
 )
 from splitvmm.monitor.memory import SEALS, GuestMemory
@@ -77,13 +76,6 @@ def make(
     vm = IrqVm()
     maker = DeviceFds(vm, mem, owned, PciInterrupts(intx_gsi=17, msix_gsis=(24, 25)))
     return maker.make(dev, VIRTIO_BLK), vm, maker
-
-
-@pytest.mark.parametrize(("ram", "size"), [(4096, 8192), (64 * MIB, 8192), (1 << 30, 65536)])
-def test_dirty_log_size_is_two_bitmaps_of_a_bit_per_page_each_in_whole_pages(
-    ram: int, size: int
-) -> None:
-    assert dirty_log_size(ram) == size
 
 
 def test_device_fds_virtio_blk_gets_every_role(mem, owned, disk) -> None:

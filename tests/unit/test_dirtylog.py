@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import mmap
 
-from hypothesis import given
-from hypothesis import strategies as st
-
-from splitvmm.monitor.dirtylog import DirtyTracker, dirty_runs
+from splitvmm.monitor.dirtylog import DirtyTracker
 from splitvmm.native.mem import Region
 
 PAGE = 4096
@@ -81,20 +78,6 @@ def test_tracker_ignores_a_device_bitmaps_bits_past_the_end_of_ram():
     tracker = DirtyTracker(FakeVm({}), SLOTS, {"blk0": log}, 24 * PAGE)
 
     assert tracker.take() == [(23 * PAGE, PAGE)]
-
-
-@given(st.binary(max_size=64))
-def test_dirty_runs_are_the_runs_of_set_bits(bitmap: bytes) -> None:
-    bits = [bitmap[i // 8] >> (i % 8) & 1 for i in range(len(bitmap) * 8)]
-    expected, start = [], None
-    for i, bit in enumerate([*bits, 0]):
-        if bit and start is None:
-            start = i
-        elif not bit and start is not None:
-            expected.append((start, i - start))
-            start = None
-
-    assert dirty_runs(bitmap) == expected
 
 
 def test_tracker_between_passes_keeps_what_was_not_copied_for_the_pause():

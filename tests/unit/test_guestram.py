@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from splitvmm.devprocs.virtio.guestram import PAGE_SIZE, GuestRam, GuestRamError, bitmap_size
+from splitvmm.devprocs.virtio.guestram import GuestRam, GuestRamError
+from splitvmm.protocol.dirtybits import PAGE_SIZE, bitmap_size
 
 PAGE = PAGE_SIZE
 GIB = 1 << 30

@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from splitvmm.native.mem import GuestMemoryError, Region, map_shared_fd
+from splitvmm.protocol.dirtybits import PAGE_SHIFT, PAGE_SIZE, bitmap_size, mark_pages
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 GPA_LIMIT = 1 << 64
 
 U16 = struct.Struct("<H")
@@ -44,12 +43,6 @@ Buffer = bytearray | mmap.mmap
 class GuestRamError(GuestMemoryError):
     """A guest address/length outside RAM (the caller turns it into NEEDS_RESET), or RAM
     ranges that do not fit the memfd."""
-
-
-def bitmap_size(ram_size: int) -> int:
-    """The bytes a dirty bitmap needs for `ram_size` bytes of RAM memfd (no rounding up)."""
-    pages = -(-ram_size // PAGE_SIZE)
-    return -(-pages // 8)
 
 
 def skip_bytes(parts: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -282,23 +275,14 @@ class GuestRam:
         self._dirty[:] = bytes(len(self._dirty))
 
     def _mark_dirty(self, off: int, size: int) -> None:
-        """Set the bits of memfd pages [off, off + size): whole bytes by slice, so a 1 MiB
-        buffer costs a few byte operations, not one per page."""
+        """Set the bits of memfd pages [off, off + size) (protocol/dirtybits.py)."""
         if size == 0:
             return
         first, last = off >> PAGE_SHIFT, (off + size - 1) >> PAGE_SHIFT
         if first == last:  # a ring field, a status byte: one bit
             self._dirty[first >> 3] |= 1 << (first & 7)
             return
-        b0, b1 = first >> 3, last >> 3
-        low = (0xFF << (first & 7)) & 0xFF  # pages first.. in byte b0
-        high = (2 << (last & 7)) - 1  # pages ..last in byte b1
-        if b0 == b1:
-            self._dirty[b0] |= low & high
-            return
-        self._dirty[b0] |= low
-        self._dirty[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
-        self._dirty[b1] |= high
+        mark_pages(self._dirty, first, last - first + 1)
 
     def close(self) -> None:
         """Unmap (a mapped GuestRam); every view from buffer() must be released first."""
