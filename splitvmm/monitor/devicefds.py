@@ -82,6 +82,9 @@ class DeviceFds(Struct):
     # Its dirty log (two bitmaps: FdKind.DIRTY_LOG), mapped: a live snapshot reads and clears
     # them (monitor/dirtylog.py)
     dirty_log: mmap.mmap | None = None
+    # The output files that opening them created (the machine's list: kept when a later role
+    # fails)
+    created: list[CreatedFile] = field(default_factory=list)
 
     def make(self, dev: DeviceSection, model: ModelDescriptor) -> dict[str, int]:
         """Role name -> fd, for every role of the model."""
@@ -90,7 +93,7 @@ class DeviceFds(Struct):
     def _make(self, dev: DeviceSection, model: ModelDescriptor, role: FdRole) -> int:
         makers: dict[FdKind, Callable[[], int]] = {
             FdKind.IRQ: lambda: self._isa_irq(model, role),
-            FdKind.OUTPUT: lambda: open_output(dev, role.option, self.owned),
+            FdKind.OUTPUT: lambda: open_output(dev, role.option, self.owned, self.created),
             FdKind.GUEST_RAM: self._guest_ram,
             FdKind.DIRTY_LOG: lambda: self._dirty_log(dev.name),
             FdKind.PROGRESS: lambda: self._sealed_memfd(f"{dev.name}-progress", PAGE_SIZE),
@@ -368,12 +371,17 @@ def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:
     return signalled
 
 
-def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
+def open_output(
+    dev: DeviceSection,
+    option: str,
+    owned: list[Closable],
+    created: list[CreatedFile] | None = None,
+) -> int:
     """An output stream's fd: stdout (a description of our own of it where it may be opened
     anew: a root launcher's devices could not, for the terminal of a user who ran `sudo` in
     it, and made the one the operator's shell shares non-blocking; BlockingAsItWas
-    otherwise), a UNIX socket, or a file (created 0600), FIFO or character device, each
-    opened through hostpath: no symlink, and no hang."""
+    otherwise), a UNIX socket, or a file (created 0600, and then named in `created`), FIFO
+    or character device, each opened through hostpath: no symlink, and no hang."""
     output, key = str(dev.options[option]), f"device {dev.name!r}.{option}"
     if output == "stdio":
         _appending_if_file(STDOUT)
@@ -388,8 +396,13 @@ def open_output(dev: DeviceSection, option: str, owned: list[Closable]) -> int:
         sock = hostpath.connect_unix(path, key)
         owned.append(sock)
         return sock.fileno()
+    existed = os.path.lexists(output)
     fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)
-    owned.append(FdCloser(fd))
+    if existed or created is None:
+        owned.append(FdCloser(fd))
+    else:
+        created.append(CreatedFile(output, fd))
+        owned.append(created[-1])
     return fd
 
 
@@ -429,3 +442,23 @@ class FdCloser:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+class CreatedFile(FdCloser):
+    """An output file that `up` created, and its fd. A VM that never ran (its kernel refused,
+    a disk missing, a stop signal during the build: each found after the outputs were
+    opened) removes it again in Machine.close(), so a failed start leaves no empty log
+    behind; a file that was there before, or that holds a byte, or that is another file by
+    now, stays. Before its fd closes: while it is open, no new file can get its inode."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        super().__init__(fd)
+        self.path = path
+
+    def remove_if_unused(self) -> None:
+        try:
+            ours, now = os.fstat(self.fd), os.lstat(self.path)
+            if (now.st_dev, now.st_ino, ours.st_size) == (ours.st_dev, ours.st_ino, 0):
+                os.unlink(self.path)
+        except OSError as e:  # a confined monitor (a stop after the build) may not: kept
+            log.debug("left %s in place: %s", self.path, e.strerror)

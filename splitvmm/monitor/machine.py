@@ -36,7 +36,7 @@ from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import SOCKET_NAME, ControlBusy, ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
-from splitvmm.monitor.devicefds import DeviceFds, PciInterrupts, raise_interrupts
+from splitvmm.monitor.devicefds import CreatedFile, DeviceFds, PciInterrupts, raise_interrupts
 from splitvmm.monitor.dirtylog import DirtyTracker
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
@@ -129,6 +129,7 @@ class Machine:
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
         self._dirty_logs: dict[str, mmap.mmap] = {}  # each device's dirty log: DeviceFds
+        self._created_files: list[CreatedFile] = []  # removed if no vCPU ran: DeviceFds
         self._write_back_failed: dict[str, str] = {}  # device -> why its image's sync failed
         self.vcpus: list[VcpuThread] = []
         self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
@@ -316,7 +317,7 @@ class Machine:
         if isinstance(model.transport, PciFunction):
             placed = self._place_function(dev.name, model.transport)
         irqs = None if placed is None else placed.irqs
-        maker = DeviceFds(self.vm, self.mem, self._closables, irqs)
+        maker = DeviceFds(self.vm, self.mem, self._closables, irqs, created=self._created_files)
         fds = maker.make(dev, model)
         if maker.write_back_fd is not None:
             self._images.append((dev.name, maker.write_back_fd))
@@ -942,6 +943,9 @@ class Machine:
                 # The VM's fds here only if a vCPU thread still runs (it may be in KVM_RUN) or
                 # the syncs failed first: before the rest, as before the closing thread.
                 _close_all(vm_fds)
+                if not self.vcpus:  # the devices are gone: nobody writes an output now
+                    for created in self._created_files:
+                        created.remove_if_unused()
                 _close_all(self._closables)
                 if self._launcher is not None:  # a build that failed before it took the
                     # launcher among its closables (the runtime dir): a no-op after them

@@ -236,3 +236,22 @@ def test_up_on_a_terminal_it_cannot_reopen_leaves_it_blocking_at_the_end(tmp_pat
     assert proc.returncode == 0, shown.decode(errors="replace")
     assert b"making it non-blocking as shared" in shown  # the fallback this is about
     assert not flags & os.O_NONBLOCK
+
+
+@pytest.mark.parametrize("before", [None, b"", b"kept"], ids=["new", "empty", "written"])
+def test_up_refused_after_opening_its_outputs_removes_only_the_file_it_created(tmp_path, before):
+    """The serial output is opened (created) before the kernel is read: a refused kernel left
+    an empty log behind, as if the VM had run and printed nothing. Now a file `up` created is
+    removed again when no vCPU ran; one that was there before stays as it was."""
+    kernel = tmp_path / "notes.txt"
+    kernel.write_bytes(b"not a kernel" * 100)
+    serial = tmp_path / "serial.log"
+    if before is not None:
+        serial.write_bytes(before)
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'kernel = "{kernel}"', serial_out=serial))
+    argv = [sys.executable, "-m", "splitvmm", "up", str(config)]
+    done = subprocess.run(argv, cwd=REPO, env=env_for(tmp_path), capture_output=True, timeout=60)
+
+    assert done.returncode == 1 and b"not an ELF or bzImage" in done.stderr, done.stderr
+    assert (serial.read_bytes() if serial.exists() else None) == before

@@ -569,3 +569,39 @@ def test_stdio_output_on_a_regular_file_is_made_appending(tmp_path, monkeypatch)
     finally:
         os.close(fd)
     assert log.read_bytes() == b"kept\nforged!"
+
+
+def test_an_output_file_opened_is_named_as_created_only_when_it_was_not_there(tmp_path):
+    new, old = tmp_path / "new.log", tmp_path / "old.log"
+    old.write_bytes(b"")
+    created: list[devicefds.CreatedFile] = []
+    owned: list[devicefds.Closable] = []
+    try:
+        for path in (new, old):
+            dev = DeviceSection("serial0", "serial", "stop", {"output": str(path)})
+            devicefds.open_output(dev, "output", owned, created)
+    finally:
+        for c in owned:
+            c.close()
+    assert [c.path for c in created] == [str(new)]
+
+
+@pytest.mark.parametrize("then", ["written", "replaced", "gone"])
+def test_a_created_output_is_removed_only_while_it_is_that_empty_file(tmp_path, then):
+    """A VM that never ran removes the output file it created (Machine.close), but never a
+    byte of output, nor a file that took its name since."""
+    path = tmp_path / "serial.log"
+    dev = DeviceSection("serial0", "serial", "stop", {"output": str(path)})
+    created: list[devicefds.CreatedFile] = []
+    devicefds.open_output(dev, "output", [], created)
+    if then == "written":
+        path.write_bytes(b"x")
+    elif then == "replaced":
+        path.unlink()
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+
+    created[0].remove_if_unused()  # and a missing file is no error
+    created[0].close()
+    assert path.exists() is (then != "gone")
