@@ -31,7 +31,7 @@ from splitvmm.protocol.models import (
     PortWindow,
     unix_output_path,
 )
-from splitvmm.protocol.spec import MAX_DEVICES, NAME_RE
+from splitvmm.protocol.spec import MAX_DEVICES, NAME_RE, NAME_RULE
 from splitvmm.record import Struct, field
 
 # xAPIC IDs are 8 bits and 0xFF is broadcast; cloud-hypervisor's limit too. (It once left an
@@ -186,7 +186,7 @@ def _parse_vm(table: dict[str, Any], base: Path) -> VmSection:
     _reject_unknown(table, VM_KEYS, "vm")
     name = _get(table, "name", "vm", str, "vm")
     if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"vm.name: {shown(name)} must be 1-63 letters, digits, '_', '.' or '-'")
+        raise ConfigError(f"vm.name: {shown(name)} must be {NAME_RULE}")
     memory = parse_size(table.get("memory", "256M"), "vm.memory")
     if not MIN_MEMORY <= memory <= MAX_MEMORY or memory % 4096:
         raise ConfigError(
@@ -296,7 +296,7 @@ def device_name_problem(name: object) -> str | None:
     """Why `name` cannot name a device, or None: the rule a config's device names follow
     (a restore's stored config too: monitor/restore.py)."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        return "name must be 1-63 letters, digits, '_', '.' or '-'"
+        return f"name must be {NAME_RULE}"
     if RESERVED_NAME_RE.fullmatch(name):
         return "the name is reserved (a snapshot names its own chunks so)"
     if name in RUNTIME_DIR_NAMES:
@@ -392,13 +392,14 @@ def _duration(table: dict[str, Any], key: str, where: str, default: float) -> fl
     return seconds
 
 
-def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
+def _check_shared_disks(devices: tuple[DeviceSection, ...], boot: BootSection) -> None:
     """Two devices may share a disk image only read-only: two writers (two guest drivers,
     each caching what it wrote) corrupt it. Named here, by its path; the image's lock
     (monitor/devicefds.py lock_disk) catches one reached by two paths, and other VMs. No
     device's output may be a disk image of the VM either: the guest's console would be
     appended to the disk (`output = "disk.img"` for `path = "disk.img"`), and no lock keeps
-    an output off it; monitor/slot.py refuse_outputs_on_disks catches one by another path."""
+    an output off it; monitor/slot.py refuse_outputs_on_disks catches one by another path.
+    Nor a file the VM boots from: a firmware grown past a multiple of 64 KiB boots no more."""
     seen: dict[str, tuple[str, bool]] = {}  # path -> (first device, writable)
     outputs: list[tuple[str, str, str]] = []  # (device, option, path)
     for dev in devices:
@@ -415,7 +416,13 @@ def _check_shared_disks(devices: tuple[DeviceSection, ...]) -> None:
                     f"device {shown(seen[path][0])}; two devices may share an image only read-only"
                 )
             seen.setdefault(path, (dev.name, writable))
+    booted = {str(path): key for key in BOOT_RESOURCES if (path := getattr(boot, key))}
     for name, option, path in outputs:
+        if path in booted:
+            raise ConfigError(
+                f"device {shown(name)}.{option}: {shown(path)} is the VM's boot.{booted[path]}; "
+                "the device's output would be appended to it"
+            )
         if path in seen:
             raise ConfigError(
                 f"device {shown(name)}.{option}: {shown(path)} is the disk image of device "
@@ -458,7 +465,7 @@ def parse_config(
         if d.name in names:
             raise ConfigError(f"device {shown(d.name)}: the name is used twice")
         names.add(d.name)
-    _check_shared_disks(devices)
+    _check_shared_disks(devices, boot)
     for model in MODELS.values():  # a PCI function takes a free slot: any number of them
         if (
             isinstance(model.transport, PortWindow)

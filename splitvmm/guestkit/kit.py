@@ -147,6 +147,8 @@ def build_kit(
         raise GuestKitError(f"cannot use {cache_dir} as the cache directory: {e}") from e
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # exist_ok spares a directory only: "File exists" names no fault
+        raise GuestKitError(f"cannot use {cache_dir}: it is there, but not a directory") from None
     except OSError as e:
         raise GuestKitError(f"cannot create the cache directory {cache_dir}: {e.strerror}") from e
     # The lock is the first file written, and the cached kit the first read: a directory

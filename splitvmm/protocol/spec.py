@@ -16,6 +16,8 @@ from splitvmm.record import Struct, asdict, field, replace
 # fullmatch(): `$` also matches before a trailing newline, so match() would take "vm\n" (the
 # anchors stay so that a stray match() cannot take a prefix either).
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# NAME_RE in words, for an error: "..", "-x" and "_x" are made of the characters alone
+NAME_RULE = "1-63 letters, digits, '_', '.' or '-', the first a letter or digit"
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
 # -I (isolated): `-m` would put the working directory first on sys.path, so a json.py there

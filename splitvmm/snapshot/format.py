@@ -30,7 +30,7 @@ from splitvmm.config import MAX_MEMORY
 from splitvmm.errors import SplitvmmError, shown
 from splitvmm.protocol import schema
 from splitvmm.protocol.schema import OPTIONAL_KEY, Invalid, Len, MaxLen, Multiple, Pattern, Range
-from splitvmm.protocol.spec import NAME_RE
+from splitvmm.protocol.spec import NAME_RE, NAME_RULE
 from splitvmm.record import Struct, replace
 from splitvmm.snapshot.digest import Algorithm
 
@@ -64,7 +64,7 @@ MAX_STATE_VERSION = 1 << 31
 Kind = Literal["ram", "vcpu", "vm", "device"]
 RamEncoding = Literal["sparse-v1", "sparse-v2"]
 
-Name = Annotated[str, Pattern(NAME_RE.pattern, "a name of 1-63 letters, digits, '_', '.', '-'")]
+Name = Annotated[str, Pattern(NAME_RE.pattern, f"a name of {NAME_RULE}")]
 # Chunk files are plain names inside the snapshot directory: no '/', no leading '.', so no
 # '..' and no hidden files, and not the manifest's own files; the reader also opens them with
 # O_NOFOLLOW (no symlinks).

@@ -38,7 +38,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from splitvmm import __version__
 from splitvmm.hostpath import Access, HostFileError, open_host_file
-from splitvmm.protocol.spec import NAME_RE
+from splitvmm.protocol.spec import NAME_RE, NAME_RULE
 from splitvmm.snapshot import digest, ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
@@ -234,7 +234,7 @@ class SnapshotWriter:
 
     def _check_name(self, name: str) -> None:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name == "manifest":
-            raise SnapshotError(f"chunk name {name!r} must be 1-63 letters, digits, '_', '.', '-'")
+            raise SnapshotError(f"chunk name {name!r} must be {NAME_RULE}")
         if any(c.name == name for c in self._chunks):
             raise SnapshotError(f"chunk {name}: the name is used twice")
 

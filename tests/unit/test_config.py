@@ -454,6 +454,30 @@ def test_config_output_that_is_a_disk_image_of_the_vm_is_refused(with_virtio_blk
         _cfg(devices=devices)
 
 
+@pytest.mark.parametrize(
+    ("boot", "output", "key"),
+    [
+        ('kernel = "k.elf"\n', "k.elf", "kernel"),
+        ('kernel = "k.elf"\ninitrd = "initrd.img"\n', "./initrd.img", "initrd"),
+        ('firmware = "fw.bin"\n', "fw.bin", "firmware"),
+    ],
+    ids=["kernel", "initrd", "firmware"],
+)
+def test_config_output_that_is_a_boot_file_of_the_vm_is_refused(boot, output, key):
+    """A serial output naming the VM's firmware (a slip, as with a disk image) had the
+    guest's console appended to it: a firmware no longer a multiple of 64 KiB, which the
+    next boot refused, and a kernel or initrd changed by every run."""
+    text = f'[vm]\nname = "t"\n[boot]\n{boot}[[device]]\nname = "serial0"\nmodel = "serial"\n'
+    text += f'output = "{output}"\n'
+
+    with pytest.raises(
+        ConfigError,
+        match=rf"device 'serial0'\.output: '/[a-z.]+' is the VM's boot\.{key}; the device's "
+        "output would be appended to it",
+    ):
+        parse_config(tomllib.loads(text), Path("/"), check_files=False)
+
+
 def test_config_outputs_beside_a_disk_image_are_fine(with_virtio_blk):
     devices = (
         BLK.format("blk0") + 'path = "d.img"\n'
@@ -525,6 +549,24 @@ def test_config_bad_restart_budget_raises_error_naming_key(extra, message):
 
     with pytest.raises(ConfigError, match=message):
         _parse_device({**DEVICE, **extra}, "device", "vm", Path("/"))
+
+
+@pytest.mark.parametrize("name", ["..", "-x", "_x"])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        lambda name: {"vm": {"name": name}},
+        lambda name: {"device": [{"name": name, "model": "virtio-rng"}]},
+    ],
+    ids=["vm", "device"],
+)
+def test_config_name_of_allowed_characters_not_starting_with_one_says_what_starts_it(doc, name):
+    """A name must start with a letter or digit: ".." was refused as not being "1-63 letters,
+    digits, '_', '.' or '-'", which it is."""
+    data = {"boot": {"firmware": "fw.bin"}, **doc(name)}
+
+    with pytest.raises(ConfigError, match="the first a letter or digit"):
+        parse_config(data, Path("/"), check_files=False)
 
 
 @pytest.mark.parametrize("name", ["ram", "vm", "pci", "vcpu0", "vcpu12", "manifest"])

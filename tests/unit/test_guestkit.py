@@ -833,6 +833,19 @@ def test_guest_build_cli_symlink_loop_cache_dir_exits_1_with_message(tmp_path: P
     assert str(tmp_path / "loop") in result.output
 
 
+@pytest.mark.parametrize(
+    "make", [lambda p: p.write_bytes(b"mine"), os.mkfifo], ids=["regular-file", "fifo"]
+)
+def test_build_kit_cache_dir_that_is_no_directory_says_so(tmp_path: Path, make):
+    """A cache dir that is a file (the default one, $XDG_CACHE_HOME's, which click's
+    file_okay=False never sees) or a FIFO: mkdir's "File exists" named no fault."""
+    where = tmp_path / "kit"
+    make(where)
+
+    with pytest.raises(GuestKitError, match="kit: it is there, but not a directory"):
+        kit.build_kit(where, run=FakeHost())
+
+
 def test_guest_build_cli_unknown_user_home_exits_1_with_message():
     """--cache-dir '~nosuchuser/kit' (quoted, so the shell left the ~): a RuntimeError
     traceback from Path.expanduser()."""
