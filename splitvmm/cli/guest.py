@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from splitvmm.cli.paths import GivenPath
 from splitvmm.errors import SplitvmmError, escaped
 from splitvmm.guestkit.kit import build_kit, default_cache_dir, describe
 
@@ -18,19 +19,10 @@ def command() -> None:
     """Guest kits to boot with `splitvmm up`."""
 
 
-def _cache_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
-    """The kit's directory; "" refused: as a Path it is ".", so an unset variable in
-    `--cache-dir "$DIR"` built the kit in the current directory without a word."""
-    if value == "":
-        raise click.BadParameter("an empty path")
-    return None if value is None else Path(value)
-
-
 @command.command()
 @click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False),
-    callback=_cache_dir,
+    type=GivenPath(file_okay=False, path_type=Path),
     default=None,
     help="Where the kit lives [default: $XDG_CACHE_HOME/splitvmm/guest or ~/.cache/...].",
 )

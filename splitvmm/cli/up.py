@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 from splitvmm import timings
+from splitvmm.cli.paths import GivenPath
 from splitvmm.errors import ConfigError, SplitvmmError, escaped
 
 if TYPE_CHECKING:
@@ -32,9 +33,9 @@ ConfigLoader = Callable[["Snapshot | None"], "VmConfig"]
 # the reader judges whether it exists, is a directory and can be read, in one line naming the
 # snapshot (exit 1). click's own checks (file_okay=False; readable, on by default) refused a
 # file or an unreadable directory first, with a usage error and exit 2.
-SNAPSHOT_DIR = click.Path(readable=False, path_type=Path)
+SNAPSHOT_DIR = GivenPath(readable=False, path_type=Path)
 # A signing key file, as `--require-signature` takes it: signing.load_key judges it in one line.
-KEY_FILE = click.Path(readable=False, path_type=Path)
+KEY_FILE = GivenPath(readable=False, path_type=Path)
 
 require_signature_option = click.option(
     "--require-signature",
@@ -175,7 +176,7 @@ timings_option = click.option(
 
 
 @click.command("up", epilog=EXIT_HELP)
-@click.argument("config", type=click.Path(readable=False, path_type=Path))  # as load_config says
+@click.argument("config", type=GivenPath(readable=False, path_type=Path))  # as load_config says
 @click.option(
     "--restore",
     "snapshot_dir",

@@ -450,3 +450,21 @@ def test_ctl_inject_fault_io_error_sends_which_requests_fail_and_how_many(monito
         "op": "inject-fault", "name": "blk0", "kind": "io-error", "after": 1, "delay_ms": 0,
         "signal": "SEGV", **sent,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("vm", ["..", "a/b", "", "-x"])
+def test_ctl_vm_that_is_no_vm_name_says_so(tmp_path, monkeypatch, vm):
+    """--vm took any string: ".." or "a/b" looked for a socket in another directory and
+    said that no VM listened there."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "splitvmm").mkdir(mode=0o700)
+    result = CliRunner().invoke(cli, ["ctl", "--vm", vm, "status"])
+    assert_one_line_error(result, f"Error: --vm: '{vm}' is not a VM name (1-63 letters")
+
+
+def test_ctl_runtime_root_that_cannot_be_a_directory_says_why_in_a_sentence(tmp_path, monkeypatch):
+    """XDG_RUNTIME_DIR naming a file: Python's "[Errno 20] Not a directory: '...'"."""
+    (tmp_path / "file").write_bytes(b"")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "file"))
+    result = CliRunner().invoke(cli, ["ctl", "--vm", "vm", "status"])
+    assert_one_line_error(result, f"Error: cannot use {tmp_path}/file/splitvmm: Not a directory")

@@ -268,3 +268,28 @@ def test_cli_up_error_quoting_a_path_prints_its_control_characters_escaped(
     result = CliRunner().invoke(cli, ["up", str(path)], color=True)
     assert (result.exit_code, result.output.count("\n")) == (1, 1), result.output
     assert "\x1b" not in result.output and shown in result.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "param"),
+    [
+        (["up", ""], "'CONFIG'"),
+        (["up", "vm.toml", "--restore", ""], "'--restore'"),
+        (["restore", ""], "'DIRECTORY'"),
+        (["snapshot", "inspect", ""], "'DIRECTORY'"),
+        (["snapshot", "verify", ""], "'DIRECTORY'"),
+        (["snapshot", "verify", "snap", "--require-signature", ""], "'--require-signature'"),
+        (["ctl", "--socket", "", "status"], "'--socket'"),
+        (["ctl", "--vm", "vm", "snapshot", ""], "'DIRECTORY'"),
+    ],
+)
+def test_an_empty_path_argument_is_a_usage_error_not_the_current_directory(
+    tmp_path, monkeypatch, argv, param
+):
+    """An unset variable in `up "$CONFIG"` or `snapshot verify "$DIR"`: "" is "." as a Path,
+    and the current directory was taken for the config ("is a directory") or the snapshot
+    ("manifest.json: does not exist")."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {param}: an empty path" in result.output

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from splitvmm.cli.ctl import crash, link, snapshot, state
+from splitvmm.cli.paths import GivenPath
 
 # ~24.8 days: a socket's timeout is waited out in poll(2), an int of milliseconds; past it
 # the count wraps (2**32 ms + 0.3 s gave up after 0.3 s)
@@ -25,7 +26,7 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.option("--vm", help="The VM's name (vm.name in its config).")
 @click.option(
     "--socket",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=GivenPath(dir_okay=False, path_type=Path),
     help="The control socket's path, instead of --vm.",
 )
 @click.option(

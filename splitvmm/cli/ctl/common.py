@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from splitvmm.errors import SplitvmmError, escaped
+from splitvmm.errors import SplitvmmError, escaped, shown
+from splitvmm.protocol.spec import NAME_RE, NAME_RULE
 
 
 def socket_path(vm: str | None, socket: Path | None) -> Path:
@@ -23,6 +24,8 @@ def socket_path(vm: str | None, socket: Path | None) -> Path:
 
     root = runtime_root()
     _private(root)
+    if vm is not None and not NAME_RE.fullmatch(vm):  # ("..", "a/b": another directory)
+        raise click.ClickException(f"--vm: {shown(vm)} is not a VM name ({NAME_RULE})")
     if vm is None:
         # A monitor killed outright leaves its socket behind: only a listening one counts.
         running = sorted(p.parent.name for p in root.glob(f"*/{SOCKET_NAME}") if _listening(p))
@@ -44,8 +47,10 @@ def _private(directory: Path) -> None:
         check_private(directory)
     except FileNotFoundError:
         pass
-    except (OSError, SplitvmmError) as e:
+    except SplitvmmError as e:
         raise click.ClickException(escaped(str(e))) from None
+    except OSError as e:  # XDG_RUNTIME_DIR a file (ENOTDIR), a directory we may not search
+        raise click.ClickException(f"cannot use {escaped(str(directory))}: {e.strerror}") from None
 
 
 def _listening(path: Path) -> bool:

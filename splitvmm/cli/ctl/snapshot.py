@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 
 from splitvmm.cli.ctl import common
+from splitvmm.cli.paths import GivenPath
 from splitvmm.cli.up import KEY_FILE
 from splitvmm.errors import escaped
 
 # Judged by our code, in one line (exit 1), not by click's usage error (exit 2): the target by
 # the monitor (a file there is "already exists", as any name taken), the key by signing.load_key.
-target_arg = click.argument("directory", type=click.Path(readable=False, path_type=Path))
+target_arg = click.argument("directory", type=GivenPath(readable=False, path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 sign_option = click.option(
     "--sign",
