@@ -124,7 +124,8 @@ def check_policies(policy_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
                 policy.compile_filter(parsed)
                 compiled.append((path.name, len(parsed.rules)))
         except policy.PolicyError as e:
-            errors.append(str(e))
+            if str(e) not in errors:  # a fault in a file that several include: said once
+                errors.append(str(e))
     return errors, compiled
 
 

@@ -468,3 +468,14 @@ def test_ctl_runtime_root_that_cannot_be_a_directory_says_why_in_a_sentence(tmp_
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "file"))
     result = CliRunner().invoke(cli, ["ctl", "--vm", "vm", "status"])
     assert_one_line_error(result, f"Error: cannot use {tmp_path}/file/splitvmm: Not a directory")
+
+
+@pytest.mark.parametrize(
+    "monitor", [SNAPSHOT_REPLY.replace(b'"/x"', b'"/x\\n\\u001b[31my"')], indirect=True
+)
+def test_ctl_snapshot_path_with_a_newline_is_printed_on_one_line(monitor):
+    """The success line quoted the path as it came: a directory named with a newline (or an
+    escape sequence) split the line, as emit() keeps the newlines of multi-line output."""
+    result = ctl(monitor.sock.getsockname(), "snapshot", "snap1")
+    assert result.exit_code == 0, result.output
+    assert result.output == "snapshot /x\\n\\x1b[31my: 0.0 MiB, VM paused 1.0 ms\n"

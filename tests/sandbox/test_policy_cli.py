@@ -44,6 +44,19 @@ def test_policy_check_when_a_rule_is_bad_exits_1_naming_file_and_line(
     assert f"{tmp_path / 'serial.policy'}:{lines}: {error}" in result.output
 
 
+def test_policy_check_says_a_fault_in_a_file_that_many_include_once(tmp_path: Path) -> None:
+    """common_device.policy is included by every device's policy: a bad rule in it was
+    printed once for each of them, and once for itself (seven identical lines)."""
+    shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
+    with (tmp_path / "common_device.policy").open("a") as f:
+        f.write("no_such_call: 1\n")
+
+    result = CliRunner().invoke(cli, ["policy", "check", "--dir", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert result.output.count("'no_such_call' is not a") == 1, result.output
+
+
 def test_policy_check_when_a_model_has_no_policy_exits_1(tmp_path: Path) -> None:
     shutil.copytree(policy.default_policy_dir(), tmp_path, dirs_exist_ok=True)
     (tmp_path / "serial_device.policy").unlink()

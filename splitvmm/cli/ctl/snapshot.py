@@ -57,7 +57,8 @@ def _request(directory: Path, key_file: Path | None) -> dict[str, object]:
 def _human(r: dict[str, object], verb: str) -> str:
     size = common.reply_int(r, "bytes") / (1 << 20)
     signed = ", signed" if r.get("signed") else ""
-    return f"{verb} {r['path']}: {size:.1f} MiB{signed}, VM paused {r['pause_ms']} ms"
+    # escaped here: emit() keeps newlines (of multi-line output), and the path is one line
+    return f"{verb} {escaped(str(r['path']))}: {size:.1f} MiB{signed}, VM paused {r['pause_ms']} ms"
 
 
 @click.command("snapshot")
