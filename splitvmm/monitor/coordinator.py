@@ -324,7 +324,10 @@ class Coordinator:
             raise ControlError(f"snapshot target {target} is inside the VM's runtime dir {rundir}")
         within = [d for d in allowed if path.parent == d or d in path.parent.parents]
         if not within:
-            where = ", ".join(map(str, allowed)) or "nowhere: the config sets no vm.snapshot_dirs"
+            # (`restore` takes them from --snapshot-dir, not from the snapshot's config)
+            where = ", ".join(map(str, allowed)) or (
+                "nowhere: its config sets no vm.snapshot_dirs, or `restore` had no --snapshot-dir"
+            )
             raise ControlError(
                 f"snapshot target {target} is outside vm.snapshot_dirs (this VM may write to {where})"
             )
