@@ -417,10 +417,16 @@ def _check_shared_disks(devices: tuple[DeviceSection, ...], boot: BootSection) -
                 )
             seen.setdefault(path, (dev.name, writable))
     booted = {str(path): key for key in BOOT_RESOURCES if (path := getattr(boot, key))}
+    # ... and by (st_dev, st_ino): no check at run time catches a boot file by another path
+    # (a symlinked directory, "..", a hard link), as slot.py does a disk image
+    booted_files = {_file_id(path): key for path, key in booted.items()}
+    booted_files.pop(None, None)  # (a boot file not there: a restore's, unchecked)
     for name, option, path in outputs:
-        if path in booted:
+        a_file = path != "stdio" and unix_output_path(path) is None
+        key = booted.get(path) or (booted_files.get(_file_id(path)) if a_file else None)
+        if key is not None:
             raise ConfigError(
-                f"device {shown(name)}.{option}: {shown(path)} is the VM's boot.{booted[path]}; "
+                f"device {shown(name)}.{option}: {shown(path)} is the VM's boot.{key}; "
                 "the device's output would be appended to it"
             )
         if path in seen:
@@ -428,6 +434,15 @@ def _check_shared_disks(devices: tuple[DeviceSection, ...], boot: BootSection) -
                 f"device {shown(name)}.{option}: {shown(path)} is the disk image of device "
                 f"{shown(seen[path][0])}; the device's output would be appended to it"
             )
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`; None where none is, or it cannot be asked."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def parse_config(

@@ -478,6 +478,29 @@ def test_config_output_that_is_a_boot_file_of_the_vm_is_refused(boot, output, ke
         parse_config(tomllib.loads(text), Path("/"), check_files=False)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: "sub/../fw.bin",
+        lambda d: (d / "link").symlink_to(d) or "link/fw.bin",
+        lambda d: os.link(d / "fw.bin", d / "same.bin") or "same.bin",
+    ],
+    ids=["dot-dot", "symlinked-directory", "hard-link"],
+)
+def test_config_output_that_is_a_boot_file_by_another_path_is_refused(tmp_path, make):
+    """Only the boot file's own path was refused: the same firmware by another path had the
+    guest's console appended to it too, and no check at run time caught it (the disks have
+    monitor/slot.py refuse_outputs_on_disks): the next boot refused the grown firmware."""
+    (tmp_path / "fw.bin").write_bytes(bytes(65536))
+    (tmp_path / "sub").mkdir()
+    output = make(tmp_path)
+    text = '[vm]\nname = "t"\n[boot]\nfirmware = "fw.bin"\n'
+    text += f'[[device]]\nname = "serial0"\nmodel = "serial"\noutput = "{output}"\n'
+
+    with pytest.raises(ConfigError, match=r"is the VM's boot\.firmware; the device's output"):
+        parse_config(tomllib.loads(text), tmp_path)
+
+
 def test_config_outputs_beside_a_disk_image_are_fine(with_virtio_blk):
     devices = (
         BLK.format("blk0") + 'path = "d.img"\n'

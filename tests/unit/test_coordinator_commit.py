@@ -444,9 +444,7 @@ def test_coordinator_snapshot_target_behind_or_at_a_symlink_is_refused_before_th
     assert (events, coord.paused) == ([], False)
 
 
-def test_coordinator_snapshot_with_no_snapshot_dirs_says_where_they_are_set(
-    tmp_path, monkeypatch
-):
+def test_coordinator_snapshot_with_no_snapshot_dirs_says_where_they_are_set(tmp_path, monkeypatch):
     """A VM from `restore` takes its snapshot dirs from --snapshot-dir, not from the saved
     config: "the config sets no vm.snapshot_dirs" pointed its operator at the wrong thing."""
     coord, events = coordinator(tmp_path, monkeypatch)
