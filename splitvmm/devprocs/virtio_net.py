@@ -268,7 +268,8 @@ class VirtioNet(VirtioPciDevice):
         return {"mac": self.mac, "link_up": self.link_up}
 
     def stats(self) -> dict[str, int]:
-        return {**super().stats(), **self.counts}
+        # the link too: `ctl devices --json` shows it beside the traffic it explains
+        return {**super().stats(), **self.counts, "link_up": int(self.link_up)}
 
     # -- what the driver sees ---------------------------------------------------------------
     def device_features(self) -> int:

@@ -815,6 +815,15 @@ def test_virtio_net_stats_count_frames_and_notifications(net, peer):
     assert set(stats) >= {"rx_frames", "rx_bytes", "rx_dropped", "tx_dropped", "interrupts"}
 
 
+def test_virtio_net_stats_say_the_link(net):
+    """`ctl devices --json` showed the traffic but not whether the cable was in: only
+    `ctl link NAME` said so, one device at a time."""
+    started(net)
+    assert net.stats()["link_up"] == 1
+    net.link(False)
+    assert net.stats()["link_up"] == 0
+
+
 def test_virtio_net_without_the_monitors_word_on_a_tap_offers_no_offloads(fds):
     ctx = prepared("virtio-net", fds)  # a stand-in transport: no "tap_offloads"
 
