@@ -93,6 +93,7 @@ init, once its warden has died -- on SIGCHLD.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -101,7 +102,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from splitvmm.errors import DeviceFailure, clip
 from splitvmm.protocol.spec import DeviceSpec
@@ -303,13 +304,28 @@ class Launcher:
         header = {**header, "id": self._pending, "size": len(data)}
         try:
             send(self._sock, header, fds)
+        except OSError as e:
+            if e.errno == errno.ETOOMANYREFS:
+                # Nothing went (a SOCK_SEQPACKET message goes whole or not at all): our
+                # user's fds in flight over UNIX sockets, host-wide, are over our
+                # RLIMIT_NOFILE, which any process of that user (another VM's monitor) can
+                # make so for a while, and a confined monitor holds no CAP_SYS_RESOURCE to
+                # pass anyway. This request fails as a refused one does; the next may pass.
+                raise DeviceFailure(
+                    f"the launcher was not sent the request: {e.strerror}"
+                ) from None
+            self._cut_off(e)
+        try:
             for i in range(0, len(data), CHUNK):
                 send(self._sock, data[i : i + CHUNK])
         except OSError as e:
-            # For good: a request cut off (a send timed out after its header or some of its
-            # chunks) leaves the launcher reading the next request's bytes as this one's.
-            self._unsendable = f"the launcher takes no request: {e}"
-            raise LauncherError(self._unsendable) from None
+            self._cut_off(e)
+
+    def _cut_off(self, e: OSError) -> NoReturn:
+        """For good: a request cut off (a send timed out after its header or some of its
+        chunks) leaves the launcher reading the next request's bytes as this one's."""
+        self._unsendable = f"the launcher takes no request: {e}"
+        raise LauncherError(self._unsendable) from None
 
     def _take_unanswered(self) -> None:
         """Take the reply to a configure sent earlier, if any (the spawn lock held)."""

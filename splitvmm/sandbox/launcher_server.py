@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults, schema
 from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.spec import DEFERRED, MAX_DEVICES, MAX_SPEC, NAME_RE, DeviceSpec
+from splitvmm.protocol.spec import (
+    DEFERRED,
+    MAX_DEVICES,
+    MAX_SPEC,
+    NAME_RE,
+    DeviceSpec,
+    spare_path,
+)
 from splitvmm.record import replace
 from splitvmm.sandbox.launcher import (
     CHUNK,
@@ -27,7 +34,13 @@ from splitvmm.sandbox.launcher import (
 )
 from splitvmm.sandbox.launcher_start import MAX_FDS, close_all, receive, send
 from splitvmm.sandbox.relay import READ_SIZE, StderrRelay
-from splitvmm.sandbox.spawn import ChildProcess, readable, resume_child, spawn_child
+from splitvmm.sandbox.spawn import (
+    REAP_TIMEOUT_S,
+    ChildProcess,
+    readable,
+    resume_child,
+    spawn_child,
+)
 from splitvmm.sandbox.zygote import Zygote, device_env
 
 if TYPE_CHECKING:
@@ -306,6 +319,16 @@ class _Server:
         try:
             reply = {"op": "spawned", "id": request, "pid": process.pid}
             send(self.sock, reply, [process.pidfd, listener])
+        except (BrokenPipeError, ConnectionResetError):
+            raise  # the monitor is gone: serve() ends, and the device with us
+        except OSError as e:
+            # Its fds did not go (ETOOMANYREFS: our user's fds in flight, host-wide, over our
+            # RLIMIT_NOFILE -- any process of that user can cause it, another VM's monitor
+            # too): a device nobody holds, ended and refused as a spawn that failed.
+            self._abandon(process, spec)
+            message = f"device {spec.name}: its channel and pidfd could not be sent: {e}"
+            send(self.sock, {"op": "refused", "id": request, "message": clip(message)})
+            return True
         finally:
             os.close(listener)  # the monitor's copy is the one it accepts on
         self.children[process.pidfd] = process
@@ -313,6 +336,17 @@ class _Server:
         if spec.deferred:
             self.spares[process.pid] = process, spec
         return True
+
+    def _abandon(self, process: ChildProcess, spec: DeviceSpec) -> None:
+        """End a device the monitor was never told of (no exit report follows), and its
+        socket, as spawn_child leaves nothing when a start fails."""
+        process.kill()
+        with contextlib.suppress(TimeoutError):  # left then to _reap_orphans
+            process.wait(REAP_TIMEOUT_S)
+        process.close()
+        path = spare_path(spec.channel) if spec.deferred else spec.channel.removeprefix("ipc://")
+        with contextlib.suppress(FileNotFoundError):  # the monitor may remove it (its dir)
+            os.unlink(path)
 
     def _configure(self, payload: bytes, nfds: int) -> None:
         """The runtime dir, once -- the first request decides, refused or not: an absolute

@@ -11,7 +11,9 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -848,6 +850,67 @@ def test_launcher_request_carrying_fewer_fds_than_its_roles_is_refused(launcher,
     got = request(launcher, {"op": "spawn", "id": 7}, json.dumps(spec).encode(), [fds["irq"]])
     assert got["reply"]["op"] == "refused"
     assert "the request names ['irq', 'out'] and carries 1" in got["reply"]["message"]
+    serves_a_device(launcher, rundir, fds)
+
+
+def test_launcher_whose_spawned_reply_cannot_pass_its_fds_refuses_and_serves_on(
+    rundir, fds, monkeypatch
+):
+    """A user's fds in flight over UNIX sockets count, host-wide, against the RLIMIT_NOFILE of
+    each of its processes that sends one, unless it holds CAP_SYS_RESOURCE (which a launcher
+    gives up): a process of the same user -- another VM's compromised monitor, whose fds wait
+    in its own launcher's queue while it reads no reply -- makes the reply's SCM_RIGHTS fail
+    with ETOOMANYREFS. The launcher ended on it with a traceback, and its VM's devices with
+    it. Here the fds wait in a socket of ours, and the launcher's limit drops below them once
+    the zygote has forked the device, as another process's fds would arrive meanwhile."""
+    from splitvmm.sandbox import launcher_server  # the forked launcher uses this module
+
+    spawn_child = launcher_server.spawn_child
+
+    def then_over_the_limit(*args, **kwargs):
+        spawned = spawn_child(*args, **kwargs)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the launcher's fds are below
+        return spawned
+
+    monkeypatch.setattr(launcher_server, "spawn_child", then_over_the_limit)
+    launcher = Launcher.start(rundir)
+    parking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        for _ in range(2):  # 400 in flight, never received
+            socket.send_fds(parking[0], [b"x"], [null] * 200)
+        os.close(null)
+        with pytest.raises(DeviceFailure, match="device serial0: .*Too many references"):
+            launcher.spawn(serial_spec(rundir, fds))
+        for sock in parking:
+            sock.close()  # the fds in flight go: the next reply passes its own
+        serves_a_device(launcher, rundir, fds)
+    finally:
+        for sock in parking:
+            sock.close()
+        launcher.close()
+
+
+def test_monitor_whose_spawn_request_cannot_pass_its_fds_fails_that_spawn_only(
+    launcher, rundir, fds, monkeypatch
+):
+    """The monitor's side of the same limit: a confined monitor holds no CAP_SYS_RESOURCE, so
+    another process of its user (another VM's monitor) with fds in flight makes a spawn
+    request's SCM_RIGHTS fail with ETOOMANYREFS. Nothing was sent, yet the handle took the
+    launcher for one that takes no request, for good: that VM could start no device again,
+    no restart either."""
+    from splitvmm.sandbox import launcher as launcher_module
+
+    real_send = launcher_module.send
+
+    def over_the_limit_once(sock, msg, fds=()):
+        monkeypatch.setattr(launcher_module, "send", real_send)
+        raise OSError(errno.ETOOMANYREFS, os.strerror(errno.ETOOMANYREFS))
+
+    monkeypatch.setattr(launcher_module, "send", over_the_limit_once)
+    with pytest.raises(DeviceFailure, match="not sent the request: Too many references"):
+        launcher.spawn(serial_spec(rundir, fds))
     serves_a_device(launcher, rundir, fds)
 
 
