@@ -28,12 +28,18 @@ from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
 from splitvmm.native.confine import CAP_SETFCAP
 from splitvmm.protocol import spec as spec_module
-from splitvmm.protocol.spec import MAX_SPEC, DeviceSpec
+from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox import launcher as launcher_module
 from splitvmm.sandbox import launcher_start
 from splitvmm.sandbox import zygote as zygote_module
-from splitvmm.sandbox.launcher import CHUNK, MAX_MESSAGE, LaunchedProcess, Launcher
+from splitvmm.sandbox.launcher import (
+    CHUNK,
+    MAX_MESSAGE,
+    READY_TIMEOUT_S,
+    LaunchedProcess,
+    Launcher,
+)
 from splitvmm.sandbox.launcher_start import MAX_FDS, STOP_SIGNALS, LauncherError
 from splitvmm.sandbox.spawn import readable
 from tests.sandbox.harness import REPO
@@ -98,6 +104,8 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
         ({"name": ".s", "channel": "ipc://{rundir}/.s.sock"}, "is not a plain file name"),
         # no socket path encodes it: bind() raised UnicodeEncodeError in the launcher
         ({"name": "s\ud800", "channel": "ipc://{rundir}/s\ud800.sock"}, "not a plain file name"),
+        # NAME_RE's "$" matches before a last newline: only a whole match is the config's rule
+        ({"name": "s\n", "channel": "ipc://{rundir}/s\n.sock"}, "is not a plain file name"),
         ({"fds": {}}, "model serial takes fds ['irq', 'out'], the request names []"),
         ({"transport": ["pci", 1]}, "the spec's transport is not an object"),
     ],
@@ -110,6 +118,7 @@ def test_launcher_spawn_starts_its_own_child_that_says_ready_and_reports_its_end
         "name",
         "hidden-name",
         "surrogate-name",
+        "newline-name",
         "fds",
         "transport",
     ],  # fmt: skip
@@ -166,6 +175,30 @@ def test_launcher_makes_sockets_for_so_many_device_names_and_no_more(rundir, fds
         with pytest.raises(DeviceFailure, match="sockets for 2 device names were made already"):
             spawn("c")
     finally:
+        launcher.close()
+
+
+def test_launcher_runs_so_many_devices_and_no_more(rundir, fds, monkeypatch):
+    """A name used before takes no new socket, but every process counts: a monitor must not
+    start one device after another under the same name (a fork bomb from the launcher)."""
+    monkeypatch.setattr(spec_module, "MAX_DEVICES", 2)  # read by the forked launcher
+    if "splitvmm.sandbox.launcher_server" in sys.modules:  # imported by an earlier test
+        monkeypatch.setattr(sys.modules["splitvmm.sandbox.launcher_server"], "MAX_DEVICES", 2)
+    launcher = Launcher.start(rundir)
+    running: list[tuple[LaunchedProcess, int]] = []
+    try:
+        for name in ("a", "b"):
+            spec = serial_spec(rundir, fds, name=name, channel=f"ipc://{rundir}/{name}.sock")
+            running.append(launcher.spawn(spec))  # its listener kept: a device without ends
+        (rundir / "a.sock").unlink()  # a's name again: its socket could be made anew
+        with pytest.raises(DeviceFailure, match="device a: 2 devices run already"):
+            launcher.spawn(serial_spec(rundir, fds, name="a", channel=f"ipc://{rundir}/a.sock"))
+    finally:
+        for process, listener in running:
+            process.kill()
+            process.wait(10)
+            process.close()
+            os.close(listener)
         launcher.close()
 
 
@@ -545,8 +578,9 @@ def test_launcher_spawn_before_configure_is_refused(rundir, fds):
         (lambda d: d / "missing", "is no runtime dir: No such file or directory"),
         (lambda d: (d / "open").mkdir(mode=0o755) or d / "open", "is not ours alone"),
         (lambda d: (d / "link").symlink_to(d) or d / "link", "is no runtime dir"),
+        (lambda d: (d / "f").touch(mode=0o600) or d / "f", "is no runtime dir: Not a directory"),
     ],
-    ids=["missing", "mode-0755", "symlink"],
+    ids=["missing", "mode-0755", "symlink", "a-file"],
 )
 def test_launcher_configure_refused_is_final(rundir, fds, make, why):
     """A runtime dir that is missing, open to others or a symlink is refused, and so is any
@@ -574,6 +608,28 @@ def test_launcher_refused_configure_is_reported_without_another_request(rundir):
         launcher.check_configured()  # nothing outstanding
     finally:
         launcher.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "with_fd", "why"),
+    [
+        (b"/run/\xff", False, "the runtime dir is not UTF-8"),
+        (b"run/splitvmm", False, "is no absolute path"),
+        (b"/run/a\0b", False, "is no absolute path"),  # os.open's ValueError ended the launcher
+        (None, True, "is no absolute path"),  # the runtime dir, carrying an fd
+    ],
+    ids=["not-utf-8", "relative", "nul", "with-an-fd"],
+)
+def test_launcher_configure_request_outside_its_form_is_refused(rundir, fds, payload, with_fd, why):
+    launcher = Launcher.start()
+    try:
+        launcher._await(lambda: launcher._ready or None, READY_TIMEOUT_S)  # what follows is raw
+        data = str(rundir).encode() if payload is None else payload
+        carried = [fds["irq"]] if with_fd else []
+        got = request(launcher, {"op": "configure", "id": 1, "models": []}, data, carried)
+    finally:
+        launcher.close()
+    assert got["reply"]["op"] == "refused" and why in got["reply"]["message"]
 
 
 def children_of(pid: int) -> set[int]:
@@ -800,6 +856,65 @@ def test_launcher_resume_of_a_process_not_a_waiting_spare_is_refused(launcher, r
         process.close()
 
 
+@contextlib.contextmanager
+def a_spare(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> Iterator[LaunchedProcess]:
+    """A serial device's warm spare, killed at the end (its listener held until then: one
+    resumed connects, and ends if nobody listens, which the launcher would report)."""
+    process, listener = launcher.spawn(serial_spec(rundir, fds).spare())
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+        process.close()
+        os.close(listener)
+
+
+NO_REST = json.dumps(dict.fromkeys(DEFERRED)).encode()
+
+
+@pytest.mark.parametrize(
+    ("rest", "with_fd", "why"),
+    [
+        (b"[]", False, "a spare's rest is not an object of state, resume, fault"),
+        (b'{"fault": {"bogus": 1}}', False, "device 'serial0': fault: unknown key 'bogus'"),
+        (NO_REST, True, "a spare has its fds already"),
+    ],
+    ids=["not-an-object", "bad-fault", "with-an-fd"],
+)
+def test_launcher_resume_outside_what_a_spare_takes_is_refused_and_serves_on(
+    launcher, rundir, fds, rest, with_fd, why
+):
+    """The rest is checked as a spawn's spec is; one that is no object ended the launcher."""
+    with a_spare(launcher, rundir, fds) as spare:
+        header = {"op": "resume", "id": 7, "pid": spare.pid}
+        got = request(launcher, header, rest, [fds["irq"]] if with_fd else [])
+    assert got["reply"]["op"] == "refused" and why in got["reply"]["message"]
+    serves_a_device(launcher, rundir, fds)
+
+
+def test_launcher_resumes_a_spare_once(launcher, rundir, fds):
+    with a_spare(launcher, rundir, fds) as spare:
+        header = {"op": "resume", "pid": spare.pid}
+        first = request(launcher, {**header, "id": 7}, NO_REST)
+        (rundir / "serial0.sock").unlink()  # the channel's second name: a monitor may remove it
+        second = request(launcher, {**header, "id": 8}, NO_REST)
+    assert first["reply"] == {"op": "resumed", "id": 7}
+    assert second["reply"]["op"] == "refused"
+    assert f"pid {spare.pid} is no spare waiting for its spec" in second["reply"]["message"]
+
+
+def test_launcher_resume_onto_a_channel_path_taken_is_refused_and_serves_on(launcher, rundir, fds):
+    """resume_child's link(2) fails (EEXIST): an OSError, which the launcher refuses rather
+    than ending on."""
+    with a_spare(launcher, rundir, fds) as spare:
+        (rundir / "serial0.sock").touch()
+        got = request(launcher, {"op": "resume", "id": 7, "pid": spare.pid}, NO_REST)
+    assert got["reply"]["op"] == "refused" and "File exists" in got["reply"]["message"]
+    (rundir / "serial0.sock").unlink()
+    serves_a_device(launcher, rundir, fds)
+
+
 def request(launcher: Launcher, header: dict[str, object], data: bytes, fds=()) -> dict:
     """One raw request (its header with `fds`, then `data` in chunks) and its reply, read
     with room for more than MAX_MESSAGE: what a reply holds."""
@@ -821,6 +936,31 @@ def serves_a_device(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> No
     process.kill()
     assert process.wait(10) == -signal.SIGKILL
     process.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "chunks", "with_fd"),
+    [
+        (10, [b"x" * 20], False),  # past its size: the spec would pass MAX_SPEC
+        (10, [b"x" * 5, b""], False),
+        (CHUNK + 1, [b"x" * (CHUNK + 1)], False),  # over CHUNK: cut
+        (10, [b"x" * 10], True),
+    ],
+    ids=["past-size", "empty-chunk", "cut-chunk", "chunk-with-fd"],
+)
+def test_launcher_spec_chunks_that_do_not_make_its_size_are_refused(
+    launcher, rundir, fds, size, chunks, with_fd
+):
+    launcher.check_configured()  # ready and configured: what follows speaks raw
+    sock = launcher._sock
+    launcher_start.send(sock, {"op": "spawn", "id": 7, "size": size})
+    for chunk in chunks:
+        launcher_start.send(sock, chunk, [fds["irq"]] if with_fd else [])
+    assert readable(sock.fileno(), 30), "no reply within 30 s"
+    reply = json.loads(launcher_start.receive(sock, MAX_MESSAGE)[0])
+    assert reply == {"op": "refused", "id": 7,
+                     "message": f"launcher: the spec's chunks do not make {size} bytes"}  # fmt: skip
+    serves_a_device(launcher, rundir, fds)
 
 
 @pytest.mark.parametrize("role_bytes", [2000, 300_000], ids=["over-MAX_MESSAGE", "over-sndbuf"])
@@ -853,8 +993,9 @@ def test_launcher_request_carrying_fewer_fds_than_its_roles_is_refused(launcher,
     serves_a_device(launcher, rundir, fds)
 
 
+@pytest.mark.parametrize("spare", [False, True], ids=["device", "spare"])
 def test_launcher_whose_spawned_reply_cannot_pass_its_fds_refuses_and_serves_on(
-    rundir, fds, monkeypatch
+    rundir, fds, monkeypatch, spare
 ):
     """A user's fds in flight over UNIX sockets count, host-wide, against the RLIMIT_NOFILE of
     each of its processes that sends one, unless it holds CAP_SYS_RESOURCE (which a launcher
@@ -881,8 +1022,10 @@ def test_launcher_whose_spawned_reply_cannot_pass_its_fds_refuses_and_serves_on(
         for _ in range(2):  # 400 in flight, never received
             socket.send_fds(parking[0], [b"x"], [null] * 200)
         os.close(null)
+        spec = serial_spec(rundir, fds)
         with pytest.raises(DeviceFailure, match="device serial0: .*Too many references"):
-            launcher.spawn(serial_spec(rundir, fds))
+            launcher.spawn(spec.spare() if spare else spec)
+        assert list(rundir.iterdir()) == []  # its socket removed, as a failed start leaves none
         for sock in parking:
             sock.close()  # the fds in flight go: the next reply passes its own
         serves_a_device(launcher, rundir, fds)

@@ -832,3 +832,9 @@ def test_config_track_dirty_pages_is_kept_when_read_back_and_off_by_default():
 def test_config_track_dirty_pages_not_a_bool_names_the_key():
     with pytest.raises(ConfigError, match="vm.track_dirty_pages"):
         _cfg('track_dirty_pages = "yes"\n')
+
+
+@pytest.mark.parametrize("name", [5, None, ["serial0"]], ids=repr)
+def test_device_name_problem_of_a_name_that_is_no_string_says_the_rule(name: object) -> None:
+    """A restore's stored config is untrusted JSON (monitor/restore.py): 5 spells "5"."""
+    assert config.device_name_problem(name) == f"name must be {config.NAME_RULE}"

@@ -605,3 +605,20 @@ def test_a_created_output_is_removed_only_while_it_is_that_empty_file(tmp_path, 
     created[0].remove_if_unused()  # and a missing file is no error
     created[0].close()
     assert path.exists() is (then != "gone")
+
+
+def test_a_created_output_the_monitor_may_not_remove_is_kept_without_error(tmp_path, monkeypatch):
+    """A confined monitor (a stop after the build) may not unlink: Machine.close goes on."""
+    path = tmp_path / "serial.log"
+    dev = DeviceSection("serial0", "serial", "stop", {"output": str(path)})
+    created: list[devicefds.CreatedFile] = []
+    devicefds.open_output(dev, "output", [], created)
+
+    def denied(target: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+
+    monkeypatch.setattr(devicefds.os, "unlink", denied)
+    created[0].remove_if_unused()
+    monkeypatch.undo()
+    created[0].close()
+    assert path.exists()

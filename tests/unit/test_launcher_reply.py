@@ -1,14 +1,18 @@
 """The monitor's decoder of launcher messages (sandbox/launcher.py): anything else is a
 ValueError, which marks the launcher broken, never another exception."""
 
+import os
 import select
 import socket
 import subprocess
+import threading
+from collections.abc import Iterator
 
 import pytest
 
 from splitvmm.sandbox.launcher import LaunchedProcess, Launcher, _decode_reply
 from splitvmm.sandbox.launcher_start import LauncherError, send
+from splitvmm.sandbox.spawn import readable
 
 
 @pytest.mark.parametrize(
@@ -79,3 +83,154 @@ def test_a_request_cut_off_by_a_send_timeout_ends_requests_for_good(monkeypatch)
         sleeper.wait()
         ours.close()
         theirs.close()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        (b'{"op": "spawned", "id": 1, "pid": 5}', 1),
+        (b'{"op": "refused", "id": 1, "message": "no", "pid": 5}', 0),
+        (b'{"op": "spawned", "id": 1, "pid": "5"}', 2),
+        (b'{"op": "spawned", "id": 1, "pid": true}', 2),
+    ],
+    ids=["one-fd-for-two", "extra-key", "pid-not-int", "pid-a-bool"],
+)
+def test_decode_reply_not_of_its_ops_shape_raises_value_error(data: tuple[bytes, int]) -> None:
+    """Each op with exactly its keys, each of its type (a bool is no int), and its fds."""
+    message, nfds = data
+    with pytest.raises(ValueError, match="malformed spawned|malformed refused|is not int"):
+        _decode_reply(message, list(range(100, 100 + nfds)))
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[Launcher, socket.socket]]:
+    """A handle on a "launcher" whose messages the test sends itself, on `theirs`: the
+    handle, and theirs."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sleeper = subprocess.Popen(["sleep", "30"])  # a pid to hold a pidfd on (the "launcher")
+    try:
+        launcher = Launcher(ours, sleeper.pid)
+        send(theirs, {"op": "ready"})
+        launcher._await(lambda: launcher._ready or None, 5)
+        yield launcher, theirs
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        ours.close()
+        theirs.close()
+
+
+def ended_child() -> int:
+    """The pid of a child of ours that has ended, and been reaped (a device's, as the
+    launcher reports)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_an_exit_report_of_a_pid_not_ours_breaks_the_handle(fake) -> None:
+    launcher, theirs = fake
+    ours = ended_child()
+    launcher._running.add(ours)  # as a "spawned" reply would
+    send(theirs, {"op": "exited", "pid": ours + 1, "status": 0, "lingering": False})
+    send(theirs, {"op": "exited", "pid": ours, "status": 0, "lingering": False})
+
+    with pytest.raises(LauncherError, match=f"the end of pid {ours + 1}, not ours"):
+        launcher.wait_exit(ours, 5)
+
+
+def test_a_reply_naming_another_request_is_not_taken_for_this_ones(fake) -> None:
+    launcher, theirs = fake
+    send(theirs, {"op": "refused", "id": 99, "message": "an answer to nothing"})
+    send(theirs, {"op": "rested", "id": 1})
+
+    launcher.rest()  # its own reply taken, the other dropped
+
+
+def test_a_reply_that_came_while_no_request_waited_is_not_taken_for_the_next_ones(fake) -> None:
+    """A second reply to a request answered already (its id the last one sent) comes while
+    only exit reports are awaited: the next request must wait for its own."""
+    launcher, theirs = fake
+    send(theirs, {"op": "rested", "id": 1})
+    launcher.rest()
+    device = ended_child()
+    launcher._running.add(device)  # as a "spawned" reply would
+    send(theirs, {"op": "refused", "id": 1, "message": "a late second answer"})
+    send(theirs, {"op": "exited", "pid": device, "status": 0, "lingering": False})
+    launcher.wait_exit(device, 5)
+    send(theirs, {"op": "rested", "id": 2})
+
+    launcher.rest()
+
+
+def test_a_spawned_reply_for_no_request_breaks_the_handle(fake) -> None:
+    """A device started for nobody: no slot holds it, so the handle is not to be trusted."""
+    launcher, theirs = fake
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        send(theirs, {"op": "spawned", "id": 99, "pid": 4321}, [r, w])
+        send(theirs, {"op": "rested", "id": 1})
+        with pytest.raises(LauncherError, match="started pid 4321 for nobody"):
+            launcher.rest()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_reply_to_a_request_given_up_lets_the_devices_end_be_reported(fake) -> None:
+    """abandon() gives a spawn up; the launcher's late "spawned" names a device the handle
+    did not take, whose end it then reports (at close): that pid is the launcher's, not a
+    stranger's, and the other devices' reports still come."""
+    launcher, theirs = fake
+    outcome: list[BaseException] = []
+
+    def spawn() -> None:
+        try:
+            launcher._request({"op": "spawn"}, b"{}", [])
+        except LauncherError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=spawn)
+    thread.start()
+    assert readable(theirs.fileno(), 5)  # the request went
+    launcher.abandon("the VM is stopping")
+    thread.join(5)
+    other = ended_child()
+    launcher._running.add(other)  # as a "spawned" reply would
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        send(theirs, {"op": "spawned", "id": 1, "pid": 4321}, [r, w])
+    finally:
+        os.close(r)
+        os.close(w)
+    send(theirs, {"op": "exited", "pid": 4321, "status": -9, "lingering": False})
+    send(theirs, {"op": "exited", "pid": other, "status": 0, "lingering": False})
+
+    assert [str(e) for e in outcome] == ["the VM is stopping"]
+    assert launcher.wait_exit(other, 5) == (0, False)
+
+
+@pytest.mark.parametrize("how", ["abandoned", "broken"])
+def test_a_handle_abandoned_or_broken_sends_no_request(fake, how: str) -> None:
+    launcher, theirs = fake
+    if how == "abandoned":
+        launcher.abandon("the VM is stopping")
+    else:
+        send(theirs, b"[]")  # a protocol error, filed while an exit report is awaited
+        with pytest.raises(LauncherError, match="broke its protocol"):
+            launcher.wait_exit(4321, 5)
+
+    with pytest.raises(LauncherError, match="the VM is stopping|broke its protocol"):
+        launcher.rest()
+    assert not select.select([theirs], [], [], 0)[0]
+
+
+def test_a_launcher_silent_past_a_wait_is_broken_for_good(fake) -> None:
+    """A reply that came after its wait ended would answer the next request."""
+    launcher, theirs = fake
+    with pytest.raises(LauncherError, match="did not answer within 0.1 s"):
+        launcher.wait_exit(4321, 0.1)
+    send(theirs, {"op": "rested", "id": 1})
+
+    with pytest.raises(LauncherError, match="did not answer within 0.1 s"):
+        launcher.rest()

@@ -53,9 +53,19 @@ def test_a_request_with_a_spec_outside_its_bounds_is_refused(op, size):
         header(op="rest", id=1),
         header(op="rest", id=1, size=0, pid=5),
         header(op="spawn", id="1", size=1),
+        header(op="spawn", id=1, size="1"),
+        header(op="resume", id=1, size=1, pid=[5]),
         b"[]",
     ],
-    ids=["unknown-op", "no-size", "extra-key", "id-not-int", "not-an-object"],
+    ids=[
+        "unknown-op",
+        "no-size",
+        "extra-key",
+        "id-not-int",
+        "size-not-int",
+        "pid-not-int",
+        "not-an-object",
+    ],  # fmt: skip
 )
 def test_a_malformed_request_is_refused(data):
     with pytest.raises(Refused):
@@ -72,3 +82,15 @@ def test_a_request_nested_deeper_than_the_parser_goes_is_refused():
 def test_a_spec_nested_deeper_than_the_parser_goes_is_refused():
     with pytest.raises(Refused, match="the request holds no device spec"):
         _decode_spec(b'{"name": ' + b"[" * 100_000)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[]", b'{"name": "serial0"}', b'{"name": "serial0\xff"}'],
+    ids=["not-an-object", "keys-missing", "not-utf-8"],
+)
+def test_a_spec_that_is_no_device_spec_is_refused(data):
+    """from_json's ValueError and TypeError, which no refusal of the server's loop catches:
+    the launcher would end, and every device with it."""
+    with pytest.raises(Refused, match="the request holds no device spec"):
+        _decode_spec(data)
