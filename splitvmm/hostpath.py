@@ -148,6 +148,17 @@ def open_host_file(
     return fd
 
 
+def same_file(fd: int, path: str | os.PathLike[str]) -> bool:
+    """Whether `path` names the file open as `fd` (not a file made there since; a symlink
+    there is not it)."""
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
+
+
 def _connect_error(e: OSError) -> str:
     if isinstance(e, TimeoutError):
         return "did not accept the connection in time"

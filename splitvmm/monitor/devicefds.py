@@ -457,8 +457,7 @@ class CreatedFile(FdCloser):
 
     def remove_if_unused(self) -> None:
         try:
-            ours, now = os.fstat(self.fd), os.lstat(self.path)
-            if (now.st_dev, now.st_ino, ours.st_size) == (ours.st_dev, ours.st_ino, 0):
+            if hostpath.same_file(self.fd, self.path) and os.fstat(self.fd).st_size == 0:
                 os.unlink(self.path)
         except OSError as e:  # a confined monitor (a stop after the build) may not: kept
             log.debug("left %s in place: %s", self.path, e.strerror)

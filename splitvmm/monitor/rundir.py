@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from splitvmm.errors import SplitvmmError
+from splitvmm.hostpath import same_file
 
 log = logging.getLogger("splitvmm.rundir")
 
@@ -88,16 +89,6 @@ def _make_dir(path: Path, parents: bool) -> None:
         ) from None
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether `path` names the file open as `fd` (not a file made there since)."""
-    try:
-        there = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
-
-
 class RuntimeDir:
     def __init__(self, name: str, root: Path | None = None) -> None:
         root = root or runtime_root()
@@ -128,7 +119,7 @@ class RuntimeDir:
             _make_dir(self.path, parents=False)
             _check_ours(self.path)
             lock = self.path / "lock"
-            # O_NOFOLLOW: _same_file compares the path itself; through a symlink the two
+            # O_NOFOLLOW: same_file compares the path itself; through a symlink the two
             # never agree, and this loop would retry for ever
             flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             self._lock_fd = os.open(lock, flags, 0o600)
@@ -140,7 +131,7 @@ class RuntimeDir:
                 raise SplitvmmError(
                     f"a VM named {name!r} is already running ({self.path})"
                 ) from None
-            if _same_file(self._lock_fd, lock):
+            if same_file(self._lock_fd, lock):
                 break
             # The VM of this name that held it ended between our open and our flock: its
             # close() removed the file (and the directory) before it let the lock go, so ours

@@ -16,14 +16,7 @@ from typing import TYPE_CHECKING
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults, schema
 from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.spec import (
-    DEFERRED,
-    MAX_DEVICES,
-    MAX_SPEC,
-    NAME_RE,
-    DeviceSpec,
-    spare_path,
-)
+from splitvmm.protocol.spec import DEFERRED, MAX_DEVICES, MAX_SPEC, NAME_RE, DeviceSpec
 from splitvmm.record import replace
 from splitvmm.sandbox.launcher import (
     CHUNK,
@@ -37,6 +30,7 @@ from splitvmm.sandbox.relay import READ_SIZE, StderrRelay
 from splitvmm.sandbox.spawn import (
     REAP_TIMEOUT_S,
     ChildProcess,
+    listen_path,
     readable,
     resume_child,
     spawn_child,
@@ -344,9 +338,8 @@ class _Server:
         with contextlib.suppress(TimeoutError):  # left then to _reap_orphans
             process.wait(REAP_TIMEOUT_S)
         process.close()
-        path = spare_path(spec.channel) if spec.deferred else spec.channel.removeprefix("ipc://")
         with contextlib.suppress(FileNotFoundError):  # the monitor may remove it (its dir)
-            os.unlink(path)
+            os.unlink(listen_path(spec))
 
     def _configure(self, payload: bytes, nfds: int) -> None:
         """The runtime dir, once -- the first request decides, refused or not: an absolute

@@ -286,6 +286,12 @@ def readable(fd: int, timeout_s: float, wake: int | None = None) -> bool:
     return any(ready == fd for ready, _ in events)
 
 
+def listen_path(spec: DeviceSpec) -> str:
+    """Where spawn_child listens for the spec's device: its channel, or a warm spare's own
+    name beside it."""
+    return spare_path(spec.channel) if spec.deferred else spec.channel.removeprefix("ipc://")
+
+
 def spawn_child(
     spec: DeviceSpec,
     command: tuple[str, ...] = DEVICE_COMMAND,
@@ -297,7 +303,7 @@ def spawn_child(
     the channel's listening socket (an fd the caller owns). What the launcher does for the
     monitor (forked by its `zygote`), and what tests do for themselves (exec'd, perhaps a
     rogue `command`). A warm spare's socket is made at spare_path() (the module docstring)."""
-    path = spare_path(spec.channel) if spec.deferred else spec.channel.removeprefix("ipc://")
+    path = listen_path(spec)
     listener = listen_channel(path)
     try:
         if zygote is not None:

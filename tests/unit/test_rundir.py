@@ -150,7 +150,7 @@ def hang_guard():
 
 @pytest.mark.parametrize("target", ["elsewhere", "dangling"])
 def test_rundir_whose_lock_is_a_symlink_is_refused_naming_it(tmp_path, hang_guard, target):
-    """The lock opened through a symlink is never "the file at its path" (_same_file looks at
+    """The lock opened through a symlink is never "the file at its path" (same_file looks at
     the link): the check that the lock is still there made `up` retry for ever at full CPU."""
     vm = tmp_path / "root" / "vm1"
     vm.mkdir(parents=True, mode=0o700)
