@@ -39,7 +39,7 @@ from typing import Protocol
 
 from splitvmm.monitor.layout import PAGE_SIZE
 from splitvmm.native.mem import Region
-from splitvmm.protocol.dirtybits import page_runs
+from splitvmm.protocol.dirtybits import bitmap_size, page_runs
 
 
 class DirtyLogVm(Protocol):
@@ -89,7 +89,7 @@ class DirtyTracker:
         writable."""
         self._vm, self._slots = vm, list(slots)
         self._devices = {name: DeviceLog(mapping) for name, mapping in device_logs.items()}
-        self._pages = ram_size // PAGE_SIZE
+        self._pages, self._bitmap_size = ram_size // PAGE_SIZE, bitmap_size(ram_size)
         self._pending = 0  # pages written that no pass has copied since: a bitmap
 
     def start(self, harvested: Collection[str]) -> None:
@@ -143,5 +143,5 @@ class DirtyTracker:
 
     def _runs(self, dirty: int) -> list[tuple[int, int]]:
         dirty &= (1 << self._pages) - 1  # a device bitmap's whole last page maps no RAM
-        bitmap = dirty.to_bytes(-(-self._pages // 8), "little")
+        bitmap = dirty.to_bytes(self._bitmap_size, "little")
         return [(page * PAGE_SIZE, pages * PAGE_SIZE) for page, pages in page_runs(bitmap)]

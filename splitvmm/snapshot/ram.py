@@ -50,7 +50,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Final, Protocol
 
-from splitvmm.protocol.dirtybits import mark_pages, page_runs
+from splitvmm.protocol.dirtybits import bitmap_size, mark_pages, page_runs
 from splitvmm.record import Struct
 from splitvmm.snapshot import digest
 from splitvmm.snapshot.format import PAGE_SIZE, RamEncoding, SnapshotError
@@ -271,7 +271,7 @@ def _write(
     total = sum(end - start for start, end in extents)
     # The helper is joined before the view goes (a `with` leaves its last item first).
     with memoryview(mem.map) as view, digest.Overlapped(digest.WRITE_ALGORITHM) as checksum:
-        recorded = None if later_passes is None else bytearray(-(-mem.size // PAGE_SIZE // 8))
+        recorded = None if later_passes is None else bytearray(bitmap_size(mem.size))
         w = _RamWriter(out, total, progress, checksum, later_passes is not None, recorded)
         w.put(HEADER.pack(MAGIC, version, PAGE_SIZE, mem.size, 0))
         for start, end in extents:
