@@ -567,7 +567,7 @@ class Coordinator:
         # reaches the IOAPIC from a kernel worker, at any moment. Landing between the two
         # reads, it is then in the saved LAPIC; the other way round the saved IOAPIC pin
         # waited for an EOI of a vector no saved LAPIC held, and stayed dead once restored.
-        vm_state = vmstate.to_dict(vmstate.save_vm(m.vm, m.firmware_id))
+        vm_state = vmstate.to_dict(vmstate.save_vm(m.vm, m.firmware_id, m.ged.events))
         host = vmstate.VcpuHost.probe(m.kvm, m.vm)
         vcpu_states = [vmstate.to_dict(vmstate.save_vcpu(fd, host)) for fd in m.vcpu_fds]
         return _States(device_states, vm_state, vcpu_states)

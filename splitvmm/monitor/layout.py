@@ -73,6 +73,12 @@ PCI_CONFIG_WINDOW = 8
 # The hardware-reduced ACPI registers the FADT points at (sleep control, sleep status,
 # reset), served by the monitor; 0x600 is free on a PC (cloud-hypervisor's choice too).
 ACPI_PM_PORT = 0x600
+# The Generic Event Device's event register (monitor/platform.py AcpiGed), after them, and
+# the GSI of its interrupt: an ISA IRQ nothing else here uses (COM1 has 4, the RTC 8, PCI
+# INTx 16-23), edge-triggered and active high as ISA IRQs are, so no MADT override is needed.
+# 9 is the SCI's on a PC, which a hardware-reduced platform does not have.
+ACPI_GED_PORT = 0x604
+ACPI_GED_GSI = 9
 
 
 def ram_ranges(ram_size: int) -> list[tuple[int, int]]:

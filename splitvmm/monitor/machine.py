@@ -46,7 +46,7 @@ from splitvmm.monitor.pci.bars import BarAllocator
 from splitvmm.monitor.pci.function import PciFunctionHost, SharedDecode, place_bars
 from splitvmm.monitor.pci.intx import LeftIntx
 from splitvmm.monitor.pci.root import ConfigPorts, Ecam, PciRoot, device_numbers
-from splitvmm.monitor.platform import I8042, AcpiPm, DebugExit
+from splitvmm.monitor.platform import GED_POWER_BUTTON, I8042, AcpiGed, AcpiPm, DebugExit
 from splitvmm.monitor.rundir import RuntimeDir, check_socket_path
 from splitvmm.monitor.slot import (
     DeviceSlot,
@@ -150,6 +150,9 @@ class Machine:
         self._bar_decode = SharedDecode()  # theirs: their BARs share self.mmio
         self._pci_intx: list[tuple[int, int]] = []  # (PCI device, GSI) of each INTA#: _PRT
         self.firmware: loader.FirmwareImage | None = None  # build(): a firmware boot's image
+        # The power button's way to the guest (the DSDT's GED): its events are saved, in the
+        # vm chunk, and it pulses its interrupt once the VM exists (build())
+        self.ged = AcpiGed(self._ged_interrupt)
 
     @functools.cached_property
     def firmware_id(self) -> vmstate.FirmwareId | None:
@@ -301,6 +304,21 @@ class Machine:
             acpi.S5_SLEEP_TYPE, acpi.PM_PORTS.reset_value, lambda why: self.stop(Outcome(0, why))
         )
         self.pio.insert(layout.ACPI_PM_PORT, AcpiPm.WINDOW, pm)
+        self._wire_ged()
+
+    def _wire_ged(self) -> None:
+        """The GED's event register on the port bus, and its line: an irqfd, as every
+        interrupt the monitor raises (the confined monitor may not KVM_IRQ_LINE), made before
+        the filter forbids KVM_IRQFD."""
+        self.pio.insert(layout.ACPI_GED_PORT, AcpiGed.WINDOW, self.ged)
+        self._ged_irq = EventFd()
+        self._closables.append(self._ged_irq)
+        self.vm.register_irqfd(self._ged_irq.fd, layout.ACPI_GED_GSI)
+
+    def _ged_interrupt(self) -> None:
+        """An edge on the GED's line (the DSDT says edge-triggered; an irqfd without a
+        resample fd pulses it): KVM's IOAPIC delivers it if the guest has the pin unmasked."""
+        self._ged_irq.trigger()
 
     def _pit_reinject_off(self) -> None:
         """Turn the PIT's lost-tick re-injection off (native/kvm.py set_pit_reinject) on a
@@ -745,6 +763,7 @@ class Machine:
             "crash-device": self._crash_device,
             "inject-fault": self._inject_fault,
             "link": self._link,
+            "power-button": self._power_button,
         }
         return {
             # {"counters": true}: each device's own counters too (a round trip to each)
@@ -797,6 +816,19 @@ class Machine:
             raise _refusal(slot, e) from None
         link = "up" if reply["up"] else "down"
         return {"name": slot.name, "link": link, "changed": reply["changed"]}
+
+    def _power_button(self, req: dict[str, object]) -> dict[str, object]:
+        """`ctl power-button`: the ACPI power button pressed (QEMU's system_powerdown,
+        cloud-hypervisor's power-button), for a guest OS to shut down as it chooses; the VM
+        ends once it enters S5. Only the monitor's own ACPI tables (a kernel boot) have the
+        button: a firmware builds its own tables, or none. A paused VM gets it when it runs."""
+        if self.cfg.boot.firmware is not None:
+            raise ControlError(
+                f"power-button: VM {self.cfg.vm.name!r} booted a firmware, whose ACPI tables "
+                "(if any) are its own and have no power button of the monitor's"
+            )
+        self.ged.signal(GED_POWER_BUTTON)
+        return {"pressed": "power-button"}
 
     def _crash_device(self, req: dict[str, object]) -> dict[str, object]:
         slot = _slot_named(self.slots, "crash-device", req.get("name"))

@@ -6,6 +6,7 @@ the machine, which only the monitor can do.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 # i8042 (PS/2 controller) commands 0xF0-0xFF pulse low the output port bits whose bits 3:0 in
@@ -98,3 +99,65 @@ class AcpiPm:
             elif at == RESET and value == self._reset_value:
                 self._end("guest reset through the ACPI reset register")
                 return
+
+
+# The Generic Event Device's events (ACPI 6.3 5.6.9): bits of its event register, as QEMU
+# numbers them (docs/specs/acpi_hw_reduced_hotplug.rst: bit 1, system power down).
+GED_POWER_BUTTON = 1 << 1
+GED_EVENTS = GED_POWER_BUTTON  # every bit the register may hold
+
+
+class AcpiGed:
+    """The Generic Event Device's event register: how a hardware-reduced platform tells the OS
+    of an event it has no fixed register for. An event sets its bit and pulses the GED's
+    interrupt (edge-triggered); the OS's GED driver (Linux: acpi-ged) runs the DSDT's _EVT,
+    which reads the register and notifies the object the event is for: the power button
+    (PNP0C0C, Notify 0x80), whose driver asks the OS to shut down. A read returns the events
+    set since the last one and clears those it read, as QEMU's register does; writes do
+    nothing. Events and reads come from different threads (the control socket's, a vCPU's)."""
+
+    name = "acpi-ged"
+    WINDOW = 4  # one 32-bit register: the DSDT's field reads it with DWordAcc
+
+    def __init__(self, pulse: Callable[[], None]) -> None:
+        self._pulse = pulse  # an edge on the GED's interrupt line
+        self._lock = threading.Lock()
+        self._events = 0
+
+    @property
+    def events(self) -> int:
+        """The events set and not read yet (a snapshot saves them)."""
+        with self._lock:
+            return self._events
+
+    def restore(self, events: int) -> None:
+        """A snapshot's events, set without an interrupt (resend() raises one once the
+        vCPUs' state is back)."""
+        if events & ~GED_EVENTS:
+            raise ValueError(f"GED events {events:#x} hold bits no event has")
+        with self._lock:
+            self._events = events
+
+    def resend(self) -> None:
+        """Pulse the interrupt again if events wait unread: the edge an event raised may not
+        be in the saved irqchip or LAPIC (KVM injects an irqfd from a kernel worker, which
+        can land after the save's reads). A second edge is harmless: _EVT reads the register
+        once and notifies only for a bit it finds set, so an extra run finds 0."""
+        with self._lock:
+            if self._events:
+                self._pulse()
+
+    def signal(self, event: int) -> None:
+        with self._lock:
+            self._events |= event
+            self._pulse()
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            shift = 8 * offset
+            read = self._events >> shift & ((1 << 8 * size) - 1)
+            self._events &= ~(read << shift)
+        return read.to_bytes(size, "little")
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass  # nothing to write: an event is the monitor's to set

@@ -515,6 +515,7 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
         vmstate.restore_vm(machine.vm, states.vm)
     except (OSError, StateError) as e:
         raise SnapshotError(f"chunk vm: KVM refused the state: {e}") from None
+    machine.ged.restore(states.vm.ged_events)  # (checked as the chunk was decoded)
     for fd in machine.vcpu_fds:
         name = f"vcpu{fd.vcpu_id}"
         state = states.vcpus[fd.vcpu_id]
@@ -524,6 +525,9 @@ def apply(snap: Snapshot, states: SavedStates, machine: Machine) -> None:
             raise SnapshotError(f"chunk {name}: KVM refused the state: {e}") from None
     for fd in machine.vcpu_fds:
         vmstate.tell_stopped(fd)  # the guest was stopped since it was saved
+    # After the LAPICs are set (KVM_SET_LAPIC would drop an IRR bit set before it): an unread
+    # power button press gets its interrupt, whether or not the saved states held one
+    machine.ged.resend()
     if states.pci is not None:  # None: a snapshot from before the PCI platform (_read_pci)
         try:
             pcistate.apply(states.pci, machine.functions, machine.routes, machine.config_ports)

@@ -80,6 +80,7 @@ import blake3
 
 from splitvmm.errors import KvmError, StateError
 from splitvmm.monitor.cpuid import never_offered
+from splitvmm.monitor.platform import GED_EVENTS
 from splitvmm.native.kvm import (
     DEBUGREGS_SIZE,
     FPU_SIZE,
@@ -272,13 +273,19 @@ class VmState(Struct, frozen=True, kw_only=True):
     it (the ROM stays mapped at the top of 4 GiB, and its size says where), so a restore
     refuses another image (restore.apply), as QEMU refuses a "pc.bios" of another size and
     carries its bytes. None for a kernel boot, and for a state saved before v4, which did not
-    say."""
+    say.
 
-    VERSION: ClassVar[int] = 4
+    ged_events (v5): the Generic Event Device's events the guest has not read yet
+    (monitor/platform.py AcpiGed): a power button pressed just before the snapshot. A restore
+    raises their interrupt again (restore.apply): the one they raised may have landed after
+    the irqchip and LAPICs above were read. Before v5 there was no GED: 0."""
+
+    VERSION: ClassVar[int] = 5
     UPGRADES: ClassVar[Mapping[int, schema.Upgrade]] = {
         1: lambda f: {**f, "clock_flags": 0, "clock_realtime": 0, "clock_host_tsc": 0},
         2: lambda f: {**f, "firmware_shadow": False},
         3: lambda f: {**f, "firmware": None},
+        4: lambda f: {**f, "ged_events": 0},
     }
 
     pic_master: Annotated[bytes, Size(IRQCHIP_SIZE)]
@@ -291,6 +298,11 @@ class VmState(Struct, frozen=True, kw_only=True):
     clock_host_tsc: u64
     firmware_shadow: bool
     firmware: FirmwareId | None
+    ged_events: u32
+
+    def validate(self) -> None:
+        if self.ged_events & ~GED_EVENTS:
+            raise schema.Invalid(f"ged_events {self.ged_events:#x} holds bits no GED event has")
 
 
 # -- capture and restore ----------------------------------------------------------------------
@@ -359,9 +371,9 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, host: VcpuHost | None = None) -
     vcpu.set_vcpu_events(state.events)
 
 
-def save_vm(vm: VmFd, firmware: FirmwareId | None = None) -> VmState:
+def save_vm(vm: VmFd, firmware: FirmwareId | None = None, ged_events: int = 0) -> VmState:
     """Reads the in-kernel PICs, IOAPIC, PIT and kvmclock of a paused VM; `firmware` names a
-    firmware boot's image."""
+    firmware boot's image, `ged_events` are the GED's unread ones."""
     return VmState(
         pic_master=vm.get_irqchip(IRQCHIP_PIC_MASTER),
         pic_slave=vm.get_irqchip(IRQCHIP_PIC_SLAVE),
@@ -370,6 +382,7 @@ def save_vm(vm: VmFd, firmware: FirmwareId | None = None) -> VmState:
         **_clock(vm),
         firmware_shadow=True,
         firmware=firmware,
+        ged_events=ged_events,
     )
 
 

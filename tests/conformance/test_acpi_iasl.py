@@ -20,8 +20,9 @@ from uuid import UUID
 
 import pytest
 
-from splitvmm.monitor import acpi
+from splitvmm.monitor import acpi, layout
 from splitvmm.monitor.acpi.dsdt import PCI_OSC_UUID
+from splitvmm.monitor.platform import GED_POWER_BUTTON
 from splitvmm.protocol.models import RTC, SERIAL
 
 pytestmark = pytest.mark.skipif(
@@ -151,3 +152,35 @@ def test_acpiexec_finds_a_processor_device_for_each_madt_lapic(
     assert out.count('[String] Length 08 = "ACPI0007"') == 2
     assert "[Integer] = 0000000000000001" in out
     assert "AE_NOT_FOUND" not in out
+
+
+# An SSDT of the test's own that writes the GED's event register as the monitor would set it:
+# acpiexec's SystemIO region is memory it keeps, which _EVT then reads.
+PRESS_ASL = """DefinitionBlock ("press.aml", "SSDT", 2, "SPLITV", "PRESS", 1)
+{
+    External (\\_SB.GED.ESEL, FieldUnitObj)
+    Method (\\PRES, 1) { \\_SB.GED.ESEL = Arg0 }
+}
+"""
+NOTIFIED = "Received a Device Notify on [PWRB]"
+
+
+@pytest.mark.parametrize(("events", "notified"), [(GED_POWER_BUTTON, True), (1, False), (0, False)])
+def test_acpiexec_ged_event_notifies_the_power_button_only_for_its_bit(
+    table_files: dict[str, Path], events: int, notified: bool
+) -> None:
+    """ACPI 6.3 5.6.9: the OS runs _EVT with the GED's interrupt number; ours reads the event
+    register and notifies \\_SB.PWRB (PNP0C0C) with 0x80, "pressed" (5.6.6), when the power
+    button's bit is set, and nothing else."""
+    where = table_files["DSDT"].parent
+    (where / "press.asl").write_text(PRESS_ASL)
+    _run(["iasl", "press.asl"], where)
+    script = f"Evaluate \\PRES {events}; Evaluate \\_SB.GED._EVT {layout.ACPI_GED_GSI}; "
+    script += "Evaluate \\_SB.PWRB._HID"
+    names = [table_files[s].name for s in ("FACP", "DSDT")]
+    out = _run(["acpiexec", "-b", script, *names, "press.aml"], where)
+    assert [line for line in out.splitlines() if COMPLAINT.search(line)] == []
+    assert "Evaluation of \\_SB.PWRB._HID returned" in out
+    assert "[Integer] = 000000000C0CD041" in out  # EISAID("PNP0C0C"): a power button
+    assert (f"{NOTIFIED} 0x" in out and "Value 0x80" in out) is notified
+    assert out.count(NOTIFIED) == int(notified)

@@ -293,3 +293,43 @@ def test_suspend_to_a_directory_named_with_a_newline_ends_in_one_escaped_line(gu
 
     assert status == 0, stderr
     assert stderr.rstrip().splitlines()[-1] == f"splitvmm: suspended to {tmp_path}/s\\n\\x1b[2Jx"
+
+
+def ged_events(snapshot: Path) -> int:
+    return int(json.loads((snapshot / "vm.json").read_text())["ged_events"])
+
+
+def test_power_button_pressed_before_a_snapshot_is_still_pending_once_restored(guests, tmp_path):
+    """`ctl power-button` in the confined monitor (its irqfd write): the counter guest never
+    reads the GED's register, so the event waits there, is saved with the vm chunk, and is
+    there again in the restored VM, which saves it again."""
+    serial = tmp_path / "serial.log"
+    vm = VmProcess(tmp_path, ["up", str(counter_config(tmp_path, guests, serial))], serial)
+    vm.wait_for(r"^count=\d+ sum=")
+    pressed = vm.ctl("power-button")
+    assert (pressed.returncode, pressed.stdout) == (0, "power button pressed\n"), pressed.stderr
+    assert vm.ctl("suspend", str(tmp_path / "s1")).returncode == 0
+    assert vm.finish()[0] == 0
+    assert ged_events(tmp_path / "s1") == 2  # platform.py GED_POWER_BUTTON
+
+    serial2 = tmp_path / "serial2.log"
+    restore = ["restore", str(tmp_path / "s1"), "--set", f"serial0.output={serial2}"]
+    vm2 = VmProcess(tmp_path, [*restore, "--snapshot-dir", str(tmp_path)], serial2)
+    vm2.wait_for(r"^count=\d+ sum=")
+    assert vm2.ctl("suspend", str(tmp_path / "s2")).returncode == 0
+    assert vm2.finish()[0] == 0
+    assert ged_events(tmp_path / "s2") == 2
+
+
+def test_power_button_of_a_firmware_vm_is_refused_in_one_sentence(guests, tmp_path):
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(vm_toml(f'firmware = "{guests["firmware-idle"]}"', "16M", 1, serial))
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm.wait_for("firmware-idle: halted")
+    refused = vm.ctl("power-button")
+    vm.proc.terminate()
+    vm.finish()
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("Error: power-button: VM 'test' booted a firmware")
+    assert refused.stderr.count("\n") == 1

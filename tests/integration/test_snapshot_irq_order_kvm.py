@@ -9,7 +9,9 @@ run between the two reads."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -18,8 +20,9 @@ from splitvmm.monitor import cpuid, restore, vmstate
 from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.coordinator import Coordinator
 from splitvmm.monitor.irqroutes import intx_gsi
+from splitvmm.monitor.platform import AcpiGed
 from splitvmm.native.eventfd import EventFd
-from splitvmm.native.kvm import IOAPIC_REDIRTBL_OFFSET, IRQCHIP_IOAPIC
+from splitvmm.native.kvm import IOAPIC_REDIRTBL_OFFSET, IRQCHIP_IOAPIC, Kvm
 from splitvmm.record import replace
 from tests.integration import test_native_kvm as native
 from tests.integration.test_native_kvm import APIC_IRR
@@ -55,6 +58,48 @@ class Stop(Exception):
     """Raised by the stand-in writer: the saves are what this test looks at."""
 
 
+def coordinator_saves(
+    monkeypatch: pytest.MonkeyPatch,
+    kvm: Kvm,
+    guest: native.Guest,
+    ged: AcpiGed,
+    before_read: Callable[[dict[str, Any]], None] = lambda saved: None,
+    before_write: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """The VM and vCPU states the coordinator's own _write reads of `guest` (one vCPU), by
+    "vm" and "vcpu"; `before_read` runs before each of the two reads with what was read so
+    far, `before_write` once both are done (the stand-in writer then ends the save)."""
+    saved: dict[str, Any] = {}
+    real_vcpu, real_vm = vmstate.save_vcpu, vmstate.save_vm
+
+    def save_vcpu(fd: object, host: object = None) -> vmstate.VcpuState:
+        before_read(saved)
+        saved["vcpu"] = state = real_vcpu(fd, host)  # type: ignore[arg-type]
+        return state
+
+    def save_vm(vm: object, firmware: object = None, ged_events: int = 0) -> vmstate.VmState:
+        before_read(saved)
+        saved["vm"] = state = real_vm(vm, firmware, ged_events)  # type: ignore[arg-type]
+        return state
+
+    def writer(*args: object, **kwargs: object) -> None:
+        before_write()
+        raise Stop
+
+    monkeypatch.setattr(vmstate, "save_vcpu", save_vcpu)
+    monkeypatch.setattr(vmstate, "save_vm", save_vm)
+    monkeypatch.setattr(coordinator_module, "SnapshotWriter", writer)
+    monkeypatch.setattr(coordinator_module, "config_to_dict", lambda cfg: {})
+    machine = SimpleNamespace(
+        kvm=kvm, vm=guest.vm, vcpu_fds=[guest.vcpu], slots=[], cfg=None, mem=None,
+        firmware_id=None, ged=ged,
+    )  # fmt: skip
+    with pytest.raises(Stop):
+        coordinator = Coordinator(machine)  # type: ignore[arg-type]
+        coordinator._write(None, Deadline(10), {}, None, lambda: None)  # type: ignore[arg-type]
+    return saved
+
+
 def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw(
     make_guest, kvm, monkeypatch
 ):
@@ -65,10 +110,8 @@ def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw
     route_pin_level(g.vm, pin)
     intx, resample = EventFd(), EventFd()
     g.vm.register_irqfd(intx.fd, pin, resample_fd=resample.fd)  # as devicefds.py does
-    saved: dict[str, object] = {}
-    real_vcpu, real_vm = vmstate.save_vcpu, vmstate.save_vm
 
-    def worker_runs_now() -> None:
+    def worker_runs_now(saved: dict[str, object]) -> None:
         """The device wrote its irqfd before it said "quiesced"; the kernel's worker injects
         it now, after the first of the two reads (only then: the test is deterministic)."""
         if len(saved) != 1:
@@ -79,30 +122,8 @@ def test_snapshot_never_saves_an_intx_pin_waiting_for_an_eoi_its_lapic_never_saw
             assert time.monotonic() < deadline, "the irqfd was never injected"
             time.sleep(0.0005)
 
-    def save_vcpu(fd, host=None):
-        worker_runs_now()
-        saved["vcpu"] = state = real_vcpu(fd, host)
-        return state
-
-    def save_vm(vm, firmware=None):
-        worker_runs_now()
-        saved["vm"] = state = real_vm(vm, firmware)
-        return state
-
-    def writer(*args, **kwargs):
-        raise Stop
-
-    monkeypatch.setattr(vmstate, "save_vcpu", save_vcpu)
-    monkeypatch.setattr(vmstate, "save_vm", save_vm)
-    monkeypatch.setattr(coordinator_module, "SnapshotWriter", writer)
-    monkeypatch.setattr(coordinator_module, "config_to_dict", lambda cfg: {})
-    machine = SimpleNamespace(
-        kvm=kvm, vm=g.vm, vcpu_fds=[g.vcpu], slots=[], cfg=None, mem=None, firmware_id=None
-    )
     try:
-        with pytest.raises(Stop):
-            coordinator = Coordinator(machine)  # type: ignore[arg-type]
-            coordinator._write(None, Deadline(10), {}, None, lambda: None)  # type: ignore[arg-type]
+        saved = coordinator_saves(monkeypatch, kvm, g, AcpiGed(lambda: None), worker_runs_now)
     finally:
         g.vm.unregister_irqfd(intx.fd, pin)
         intx.close()
@@ -166,8 +187,9 @@ def test_restore_of_a_pin_waiting_for_an_eoi_no_saved_lapic_holds_delivers_again
     new.vm.register_irqfd(intx.fd, pin, resample_fd=resample.fd)  # as devicefds.py does
     try:
         machine = SimpleNamespace(
-            kvm=kvm, vm=new.vm, vcpu_fds=[new.vcpu], mem=None, firmware=None
-        )  # what restore.apply uses of a Machine
+            kvm=kvm, vm=new.vm, vcpu_fds=[new.vcpu], mem=None, firmware=None,
+            ged=AcpiGed(lambda: None),
+        )  # what restore.apply uses of a Machine  # fmt: skip
         snap = OlderSnapshot(vcpus, saved)
         restore.apply(snap, restore.decode_states(snap), machine)  # type: ignore[arg-type]
         intx.trigger()  # the restored device's INTA#: its ISR is set
@@ -205,7 +227,10 @@ def test_restore_asserting_a_pin_already_in_service_delivers_nothing_more(make_g
     intx, resample = EventFd(), EventFd()
     new.vm.register_irqfd(intx.fd, pin, resample_fd=resample.fd)
     try:
-        machine = SimpleNamespace(kvm=kvm, vm=new.vm, vcpu_fds=[new.vcpu], mem=None, firmware=None)
+        machine = SimpleNamespace(
+            kvm=kvm, vm=new.vm, vcpu_fds=[new.vcpu], mem=None, firmware=None,
+            ged=AcpiGed(lambda: None),
+        )  # fmt: skip
         snap = OlderSnapshot(vcpus, saved)
         restore.apply(snap, restore.decode_states(snap), machine)  # type: ignore[arg-type]
         intx.trigger()

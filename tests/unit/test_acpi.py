@@ -9,9 +9,15 @@ import pytest
 from splitvmm.devprocs import rtc
 from splitvmm.monitor import acpi, layout
 from splitvmm.monitor.acpi import aml, tables
-from splitvmm.monitor.acpi.dsdt import pci_osc, pci_root_bridge, prt_entry
+from splitvmm.monitor.acpi.dsdt import generic_event_device, pci_osc, pci_root_bridge, prt_entry
 from splitvmm.monitor.mptable import build_mptable
-from splitvmm.monitor.platform import I8042, I8042_STATUS_IDLE, AcpiPm
+from splitvmm.monitor.platform import (
+    GED_POWER_BUTTON,
+    I8042,
+    I8042_STATUS_IDLE,
+    AcpiGed,
+    AcpiPm,
+)
 from splitvmm.protocol.models import RTC, SERIAL
 
 # `Name (_HID, EisaId ("PNP0A08"))`, compiled by iasl -p.
@@ -29,6 +35,19 @@ IASL_DWORD_IO = bytes.fromhex("871700010c030000000000000000f70c000000000000f80c0
 IASL_DWORD_MEMORY = bytes.fromhex("871700000c0100000000000000c0ffffffdf0000000000000020")
 # `Memory32Fixed (ReadWrite, 0xE0000000, 0x00100000)`
 IASL_MEMORY32_FIXED = bytes.fromhex("86090001000000e000001000")
+# Scope (\_SB) { Device (GED) { Name (_HID, "ACPI0013") Name (_UID, Zero)
+#  Name (_CRS, ResourceTemplate () { Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive,
+#  ,, ) { 9 } }) OperationRegion (EREG, SystemIO, 0x0604, 0x04)
+#  Field (EREG, DWordAcc, NoLock, WriteAsZeros) { ESEL, 32 }
+#  Method (_EVT, 1, Serialized) { Local0 = ESEL If (((Local0 & 0x02) == 0x02))
+#  { Notify (PWRB, 0x80) } } }
+#  Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, Zero) } }
+IASL_GED = bytes.fromhex(
+    "1046085c5f53425f5b8246064745445f085f4849440d414350493030313300085f55494400085f435253"
+    "110e0a0b89060003010900000079005b8045524547010b04060a045b810b45524547434553454c20141d"
+    "5f45565409704553454c60a010937b600a02000a0286505752420a805b821550575242085f4849440c41"
+    "d00c0c085f55494400"
+)
 # `Name (_S5, Package (0x02) { 0x05, Zero })`
 IASL_S5 = bytes.fromhex("085f53355f1205020a0500")
 # `Name (\_SB.PCI0.ABCD, 0x12345678)`, `Name (XQ, "hi")`, `Name (BIGI, 0x123456789A)`
@@ -101,6 +120,17 @@ def test_aml_string_and_qword_match_iasl() -> None:
 )
 def test_aml_pkg_length_counts_its_own_bytes(content: int, encoded: str) -> None:
     assert aml.pkg_length(content).hex() == encoded
+
+
+def test_dsdt_generic_event_device_and_power_button_match_iasl() -> None:
+    """The GED's interrupt, register, field and _EVT (Serialized, a Notify under an If), and
+    the button device: every AML term this encoder gained for them, against iasl."""
+    assert aml.scope("\\_SB", generic_event_device()) == IASL_GED
+
+
+def test_aml_field_unit_wider_than_one_length_byte_is_refused() -> None:
+    with pytest.raises(ValueError, match="64 bits"):
+        aml.field("EREG", aml.FIELD_DWORD_ACC, ("WIDE", 64))
 
 
 def test_aml_name_segment_too_long_is_refused() -> None:
@@ -232,7 +262,69 @@ def test_dsdt_reserves_ecam_and_the_pm_ports_as_motherboard_resources(
     dsdt = table_at(built, struct.unpack_from("<Q", fadt, 140)[0])
     assert aml.name("_HID", aml.eisa_id("PNP0C02")) in dsdt
     ranges = aml.memory32_fixed(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE)
-    assert ranges + aml.io(layout.ACPI_PM_PORT, 3) in dsdt
+    ranges += aml.io(layout.ACPI_PM_PORT, 3) + aml.io(layout.ACPI_GED_PORT, AcpiGed.WINDOW)
+    assert ranges in dsdt
+    assert generic_event_device() in dsdt
+
+
+class Pulses:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_acpi_ged_event_sets_its_bit_and_pulses_the_interrupt_once() -> None:
+    pulses = Pulses()
+    ged = AcpiGed(pulses)
+
+    ged.signal(GED_POWER_BUTTON)
+
+    assert (ged.events, pulses.count) == (GED_POWER_BUTTON, 1)
+
+
+def test_acpi_ged_read_returns_the_events_and_clears_them() -> None:
+    """As QEMU's GED register: _EVT reads it once, and a second press after that read is a
+    new event, with an interrupt of its own."""
+    pulses = Pulses()
+    ged = AcpiGed(pulses)
+    ged.signal(GED_POWER_BUTTON)
+    ged.signal(GED_POWER_BUTTON)  # pressed twice before the guest looked: one event
+
+    assert ged.read(0, 4) == GED_POWER_BUTTON.to_bytes(4, "little")
+    assert ged.read(0, 4) == bytes(4)
+    assert pulses.count == 2
+
+
+def test_acpi_ged_byte_read_clears_only_the_byte_read() -> None:
+    ged = AcpiGed(Pulses())
+    ged.signal(GED_POWER_BUTTON)
+
+    assert ged.read(1, 1) == b"\x00"  # bit 1 is in byte 0: not read, not cleared
+    assert ged.events == GED_POWER_BUTTON
+    assert ged.read(0, 1) == bytes([GED_POWER_BUTTON])
+    assert ged.events == 0
+
+
+def test_acpi_ged_write_changes_nothing() -> None:
+    ged = AcpiGed(Pulses())
+    ged.signal(GED_POWER_BUTTON)
+
+    ged.write(0, b"\x00\x00\x00\x00")
+
+    assert ged.events == GED_POWER_BUTTON
+
+
+def test_acpi_ged_restore_sets_events_without_an_interrupt_and_refuses_unknown_bits() -> None:
+    pulses = Pulses()
+    ged = AcpiGed(pulses)
+
+    ged.restore(GED_POWER_BUTTON)
+    assert (ged.events, pulses.count) == (GED_POWER_BUTTON, 0)
+    with pytest.raises(ValueError, match="0x5"):
+        ged.restore(0x5)
+    assert ged.events == GED_POWER_BUTTON
 
 
 def test_mcfg_announces_ecam_for_bus_0(built: acpi.AcpiTables) -> None:

@@ -19,6 +19,7 @@ from splitvmm.monitor import vmstate
 from splitvmm.monitor.control import ControlError
 from splitvmm.monitor.dirtylog import DirtyTracker
 from splitvmm.monitor.memory import GuestMemory
+from splitvmm.monitor.platform import AcpiGed
 from splitvmm.native.mem import Region
 from splitvmm.protocol.dirtybits import dirty_log_size
 from splitvmm.record import field
@@ -75,11 +76,11 @@ def live(tmp_path, monkeypatch, mem):
     coord, events = coordinator(tmp_path, monkeypatch)
     monkeypatch.undo()  # the real _write
     m = coord.machine
-    m.mem, m.vm, m.kvm, m.firmware_id = mem, None, None, None
+    m.mem, m.vm, m.kvm, m.firmware_id, m.ged = mem, None, None, None, AcpiGed(lambda: None)
     m.functions, m.routes, m.config_ports = [], None, None
     m.dirty_tracker = lambda: FakeTracker(events, mem)
     monkeypatch.setattr(coordinator_module, "config_to_dict", lambda cfg: VM_CONFIG)
-    monkeypatch.setattr(vmstate, "save_vm", lambda vm, firmware: "vm")
+    monkeypatch.setattr(vmstate, "save_vm", lambda vm, firmware, ged_events: "vm")
     monkeypatch.setattr(vmstate.VcpuHost, "probe", staticmethod(lambda kvm, vm: None))
     monkeypatch.setattr(vmstate, "save_vcpu", lambda fd, host: "vcpu")
     monkeypatch.setattr(

@@ -168,7 +168,8 @@ def test_requests_that_change_the_vm_are_refused_once_it_stops():
     )
     handlers = m._control_handlers()
     m.stop(Outcome(0, "suspended to /snaps/s"))
-    steering = ("pause", "resume", "snapshot", "suspend", "crash-device", "inject-fault", "link")
+    steering = ("pause", "resume", "snapshot", "suspend", "crash-device", "inject-fault", "link",
+                "power-button")  # fmt: skip
     for op in steering:
         with pytest.raises(ControlError, match="VM 't' is stopping"):
             handlers[op]({"op": op, "path": "/snaps/s2", "name": "serial0"})

@@ -25,6 +25,7 @@ from splitvmm.devprocs.virtio_net import BARE_MAC, VirtioNet
 from splitvmm.errors import ConfigError
 from splitvmm.monitor import loader, machine, restore, vmstate
 from splitvmm.monitor.pci import state as pcistate
+from splitvmm.monitor.platform import GED_POWER_BUTTON, AcpiGed
 from splitvmm.native.kvm import CpuidEntry
 from splitvmm.protocol import codec
 from splitvmm.protocol.models import MODELS
@@ -350,14 +351,19 @@ def test_apply_restores_the_vm_before_its_vcpus_and_tells_them_they_stopped(monk
     monkeypatch.setattr(vmstate, "tell_stopped", lambda fd: calls.append(f"told{fd.vcpu_id}"))
     monkeypatch.setattr(restore, "_boot_cpuid", lambda machine: [])
     fds = [SimpleNamespace(vcpu_id=0), SimpleNamespace(vcpu_id=1)]
-    machine = SimpleNamespace(mem=None, kvm=None, vm=None, vcpu_fds=fds, firmware=None)
+    ged = AcpiGed(lambda: calls.append("interrupt"))
+    machine = SimpleNamespace(mem=None, kvm=None, vm=None, vcpu_fds=fds, firmware=None, ged=ged)
     snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
     vcpu = SimpleNamespace(cpuid=())
-    states = SimpleNamespace(vcpus=[vcpu, vcpu], vm=None, pci=None)
+    vm = SimpleNamespace(firmware=None, ged_events=GED_POWER_BUTTON)
+    states = SimpleNamespace(vcpus=[vcpu, vcpu], vm=vm, pci=None)
 
     restore.apply(snap, states, machine)  # type: ignore[arg-type]
 
-    assert calls == ["ram", "vm", "vcpu0", "vcpu1", "told0", "told1"]
+    # A power button pressed before the snapshot, not read by the guest yet: its event is
+    # back, and its interrupt raised again once the LAPICs are (the saved one may have missed it)
+    assert calls == ["ram", "vm", "vcpu0", "vcpu1", "told0", "told1", "interrupt"]
+    assert ged.events == GED_POWER_BUTTON
 
 
 @pytest.mark.parametrize(("in_ram", "copied"), [(False, True), (True, False)])
@@ -381,10 +387,11 @@ def test_apply_copies_a_firmwares_shadow_only_into_a_snapshot_that_lacks_it(
     machine = SimpleNamespace(
         mem=mem, kvm=None, vm=None, vcpu_fds=[SimpleNamespace(vcpu_id=0)],
         firmware=loader.load_firmware(image), firmware_id=vmstate.FirmwareId.of(image.read_bytes()),
+        ged=AcpiGed(lambda: None),
     )  # fmt: skip
     snap = SimpleNamespace(load_ram=lambda mem: calls.append("ram"))
     firmware = vmstate.FirmwareId.of(image.read_bytes()) if named else None
-    vm = SimpleNamespace(firmware_shadow=in_ram, firmware=firmware)
+    vm = SimpleNamespace(firmware_shadow=in_ram, firmware=firmware, ged_events=0)
     states = SimpleNamespace(vcpus=[SimpleNamespace(cpuid=())], vm=vm, pci=None)
 
     restore.apply(snap, states, machine)  # type: ignore[arg-type]
@@ -466,9 +473,11 @@ def test_apply_says_which_cpu_features_this_host_lacks(monkeypatch, caplog, read
     avx512 = CpuidEntry(7, 0, 1, eax=0, ebx=1 << 16, ecx=0, edx=0)
     kvm = SimpleNamespace(supported_cpuid=lambda: [], check_extension=lambda cap: 1)
     machine = SimpleNamespace(
-        mem=None, kvm=kvm, vm=None, vcpu_fds=[BootedVcpu(read_back)], firmware=None
-    )
-    states = SimpleNamespace(vcpus=[SimpleNamespace(cpuid=(avx512,))], vm=None, pci=None)
+        mem=None, kvm=kvm, vm=None, vcpu_fds=[BootedVcpu(read_back)], firmware=None,
+        ged=AcpiGed(lambda: None),
+    )  # fmt: skip
+    vm = SimpleNamespace(firmware=None, ged_events=0)
+    states = SimpleNamespace(vcpus=[SimpleNamespace(cpuid=(avx512,))], vm=vm, pci=None)
 
     restore.apply(SimpleNamespace(load_ram=lambda mem: None), states, machine)  # type: ignore[arg-type]
 

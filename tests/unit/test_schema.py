@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from splitvmm.devprocs.serial import UartState
 from splitvmm.errors import ProtocolError, StateError
+from splitvmm.monitor.platform import GED_EVENTS
 from splitvmm.monitor.vmstate import MAX_CPUID_ENTRIES, VcpuState, VmState
 from splitvmm.native.kvm import CpuidEntry
 from splitvmm.protocol import codec, control, schema
@@ -508,11 +509,17 @@ def _fitted_vcpu(v: VcpuState) -> VcpuState:
     return replace(v, cpuid=(*leaves, *v.cpuid)[:MAX_CPUID_ENTRIES])
 
 
+def _fitted_vm(v: VmState) -> VmState:
+    """A VM state whose GED events are ones validate() knows, which random u32s rarely are."""
+    return replace(v, ged_events=v.ged_events & GED_EVENTS)
+
+
 RECORDS = [Sample, Versioned, Spans, VmState, VcpuState, UartState, codec.StateDocument]
 RECORDS += [control.Request, control.StateReply, control.Failed, ChunkEntry, RegionEntry]
 STRATEGIES = {
     ChunkEntry: _record(ChunkEntry, (), checked=False).map(_fitted_chunk),
     VcpuState: _record(VcpuState, (), checked=False).map(_fitted_vcpu).filter(_valid),
+    VmState: _record(VmState, (), checked=False).map(_fitted_vm),
 }
 
 

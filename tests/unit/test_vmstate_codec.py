@@ -10,6 +10,7 @@ import errno
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from splitvmm.errors import KvmError, StateError
 from splitvmm.monitor import vmstate
 from splitvmm.monitor.cpuid import EXT1_ECX_SVM, LEAF1_ECX_VMX, LEAF7_ECX_WAITPKG, never_offered
+from splitvmm.monitor.platform import GED_POWER_BUTTON
 from splitvmm.monitor.vmstate import (
     CPUID_LEAF1_ECX_PDCM,
     MSR_IA32_PERF_CAPABILITIES,
@@ -100,6 +102,7 @@ def vm_state() -> VmState:
         clock_host_tsc=U64_MAX,
         firmware_shadow=True,
         firmware=FirmwareId(U64_MAX, bytes(range(32))),
+        ged_events=GED_POWER_BUTTON,
     )
 
 
@@ -224,6 +227,9 @@ VM_BAD = [
     ("clock_negative", _set("clock", value=-5), "VmState: clock: -5 is outside 0..2**64-1"),
     ("unknown_chip", _set("pic_third", value="AAAA"), "VmState: unknown key 'pic_third'"),
     ("missing_clock", _drop("clock"), "VmState: missing key 'clock'"),
+    # a GED event no release defines: its bit would reach the guest's _EVT as is
+    ("unknown_ged_event", _set("ged_events", value=0x5), "VmState: ged_events 0x5 holds bits"),
+    ("ged_events_over_u32", _set("ged_events", value=1 << 32), "VmState: ged_events: 4294967296"),
 ]
 
 
@@ -270,6 +276,29 @@ def test_vmstate_vm_state_v2_says_a_firmwares_shadow_is_not_in_its_ram() -> None
     state = from_dict(VmState, v2, version=2)
 
     assert state.firmware_shadow is False and state.clock_flags == 0x7
+
+
+GOLDEN_V4 = Path(__file__).resolve().parents[1] / "conformance" / "goldens" / "vmstate" / "v4.json"
+
+
+def test_vmstate_vm_state_v4_golden_saved_by_the_release_before_reads_whole() -> None:
+    """The vm chunk as 38da707 saved it (a VM with its irqchip and PIT, named firmware): read
+    now, it keeps every field and has no unread GED event."""
+    golden = json.loads(GOLDEN_V4.read_text())
+
+    state = from_dict(VmState, golden["fields"], version=golden["version"])
+
+    assert golden["version"] == 4 and state.ged_events == 0
+    assert {k: v for k, v in to_dict(state).items() if k != "ged_events"} == golden["fields"]
+
+
+def test_vmstate_vm_state_v4_has_no_unread_ged_event() -> None:
+    """Before v5 there was no GED: a restored guest finds its event register empty."""
+    v4 = {k: v for k, v in to_dict(vm_state()).items() if k != "ged_events"}
+
+    state = from_dict(VmState, v4, version=4)
+
+    assert state.ged_events == 0 and state.firmware == vm_state().firmware
 
 
 def test_vmstate_vm_state_v3_names_no_firmware() -> None:

@@ -41,8 +41,8 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
 )
 @click.pass_context
 def command(ctx: click.Context, vm: str | None, socket: Path | None, timeout: float | None) -> None:
-    """Control a running VM: status, pause, resume, snapshot, suspend, devices, link,
-    crash-device, inject-fault."""
+    """Control a running VM: status, pause, resume, power-button, snapshot, suspend, devices,
+    link, crash-device, inject-fault."""
     ctx.obj = {"vm": vm, "socket": socket, "timeout": timeout}
 
 

@@ -1,4 +1,4 @@
-"""`splitvmm ctl status|pause|resume|devices`."""
+"""`splitvmm ctl status|pause|resume|devices|power-button`."""
 
 from __future__ import annotations
 
@@ -72,4 +72,15 @@ def devices(ctx: click.Context, as_json: bool) -> None:
     )
 
 
-COMMANDS = (status, pause, resume, devices)
+@click.command("power-button")
+@json_option
+@click.pass_context
+def power_button(ctx: click.Context, as_json: bool) -> None:
+    """Press the VM's ACPI power button, for its OS to shut down cleanly (QEMU's
+    system_powerdown): the VM ends once the guest powers off. A kernel boot's VM has the
+    button (the monitor's ACPI tables); a firmware's does not. A paused VM gets it when it
+    runs again."""
+    common.emit(common.call(ctx, "power-button"), as_json, lambda r: "power button pressed")
+
+
+COMMANDS = (status, pause, resume, devices, power_button)

@@ -1,5 +1,5 @@
 """A small AML encoder: the named objects, resource descriptors and the few method terms our
-DSDT needs (the root bridge's _OSC).
+DSDT needs (the root bridge's _OSC, the Generic Event Device's _EVT).
 
 Each function returns the bytes of one term, encoded as ACPI 6.5 chapter 20 ("ACPI Machine
 Language Specification") and 6.4 ("Resource Data Types for ACPI") say; unit tests pin them
@@ -16,14 +16,23 @@ ZERO_OP, ONE_OP, ONES_OP = 0x00, 0x01, 0xFF
 BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0D, 0x0E
 NAME_OP, SCOPE_OP, BUFFER_OP, PACKAGE_OP = 0x08, 0x10, 0x11, 0x12
 EXT_OP_PREFIX, DEVICE_OP = 0x5B, 0x82
+OP_REGION_OP, FIELD_OP = 0x80, 0x81  # after EXT_OP_PREFIX (20.2.5.2)
 ROOT_CHAR, DUAL_NAME_PREFIX, MULTI_NAME_PREFIX = ord("\\"), 0x2E, 0x2F
 ONES = (1 << 64) - 1
 # 20.2.5.2-4: methods and the terms inside them
 METHOD_OP, RETURN_OP, IF_OP, ELSE_OP = 0x14, 0xA4, 0xA0, 0xA1
 STORE_OP, AND_OP, OR_OP, CREATE_DWORD_FIELD_OP = 0x70, 0x7B, 0x7D, 0x8A
+NOTIFY_OP = 0x86
 LNOT_OP, LEQUAL_OP, LLESS_OP = 0x92, 0x93, 0x95
 LOCAL0_OP, ARG0_OP = 0x60, 0x68
 MAX_METHOD_ARGS = 7
+METHOD_SERIALIZED = 1 << 3  # MethodFlags bit 3 (20.2.5.2)
+NULL_TARGET = b"\x00"  # NullName as an operator's target: the result is only returned
+# 19.6.100 OperationRegion spaces, 20.2.5.2 FieldFlags: AccessType in bits 0-3, LockRule in
+# bit 4, UpdateRule in bits 5-6
+REGION_SYSTEM_IO = 0x01
+FIELD_DWORD_ACC = 0x03
+FIELD_WRITE_AS_ZEROS = 0x02 << 5
 
 # 6.4 resource descriptors: small items (tag byte = type << 3 | length) and large items.
 SMALL_IRQ_NO_FLAGS = 0x22  # IRQ descriptor, 2 bytes: the mask alone (edge, active high)
@@ -32,6 +41,10 @@ SMALL_END_TAG = 0x79
 LARGE_MEMORY32_FIXED = 0x86
 LARGE_DWORD_ADDRESS = 0x87
 LARGE_WORD_ADDRESS = 0x88
+LARGE_EXTENDED_INTERRUPT = 0x89
+# 6.4.3.6 Extended Interrupt Descriptor flags: consumer (bit 0), edge (bit 1); active high
+# (bit 2 clear) and exclusive (bit 3 clear)
+INTERRUPT_CONSUMER, INTERRUPT_EDGE = 1 << 0, 1 << 1
 IO_DECODE_16 = 0x01
 RESOURCE_MEMORY, RESOURCE_IO, RESOURCE_BUS = 0, 1, 2
 # 6.4.3.5.5 general flags: producer (bit 0 clear), positive decode, MinFixed, MaxFixed.
@@ -138,11 +151,13 @@ def uuid(text: str) -> bytes:
 # -- methods (20.2.5.2) -----------------------------------------------------------------------
 
 
-def method(path: str, args: int, *terms: bytes) -> bytes:
-    """Method (path, args, NotSerialized): flags are the argument count, sync level 0."""
+def method(path: str, args: int, *terms: bytes, serialized: bool = False) -> bytes:
+    """Method (path, args, NotSerialized or Serialized): flags are the argument count and
+    the serialize flag, sync level 0."""
     if not 0 <= args <= MAX_METHOD_ARGS:
         raise ValueError(f"an AML method takes 0 to {MAX_METHOD_ARGS} arguments, not {args}")
-    body = name_string(path) + bytes([args]) + b"".join(terms)
+    flags = args | (METHOD_SERIALIZED if serialized else 0)
+    body = name_string(path) + bytes([flags]) + b"".join(terms)
     return _packaged(METHOD_OP, body=body)
 
 
@@ -201,6 +216,32 @@ def return_(value: bytes) -> bytes:
     return bytes([RETURN_OP]) + value
 
 
+def notify(path: str, value: int) -> bytes:
+    """Notify (path, value): tell the OS of an event on the object at `path` (5.6.6)."""
+    return bytes([NOTIFY_OP]) + name_string(path) + integer(value)
+
+
+# -- operation regions and fields (19.6.100, 19.6.48) --------------------------------------
+
+
+def operation_region(path: str, space: int, offset: int, length: int) -> bytes:
+    """OperationRegion (path, space, offset, length)."""
+    body = name_string(path) + bytes([space]) + integer(offset) + integer(length)
+    return bytes([EXT_OP_PREFIX, OP_REGION_OP]) + body
+
+
+def field(region: str, flags: int, *units: tuple[str, int]) -> bytes:
+    """Field (region, flags) {name, bits, ...}: named units laid out from the region's start.
+    A unit's width is encoded as a PkgLength holding the bit count itself (20.2.5.2
+    NamedField), not counting its own bytes as a package's length does."""
+    body = name_string(region) + bytes([flags])
+    for unit, bits in units:
+        if not 0 < bits < 0x40:
+            raise ValueError(f"field unit {unit}: {bits} bits is outside what one byte encodes")
+        body += name_seg(unit) + bytes([bits])
+    return _packaged(EXT_OP_PREFIX, FIELD_OP, body=body)
+
+
 # -- resource descriptors (6.4) ------------------------------------------------------------
 
 
@@ -223,6 +264,13 @@ def irq_no_flags(*irqs: int) -> bytes:
     """IRQNoFlags () {irqs}: ISA IRQs, edge-triggered, active high (6.4.2.1)."""
     mask = sum(1 << irq for irq in irqs)
     return struct.pack("<BH", SMALL_IRQ_NO_FLAGS, mask)
+
+
+def extended_interrupt(*gsis: int) -> bytes:
+    """Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) {gsis}: global system
+    interrupts, no resource source (6.4.3.6)."""
+    body = struct.pack(f"<BB{len(gsis)}I", INTERRUPT_CONSUMER | INTERRUPT_EDGE, len(gsis), *gsis)
+    return struct.pack("<BH", LARGE_EXTENDED_INTERRUPT, len(body)) + body
 
 
 def _address_fields(low: int, high: int) -> tuple[int, int, int, int, int]:

@@ -1,5 +1,5 @@
 """The DSDT: a processor device per vCPU, the PCI root bridge, the legacy devices the config
-has, and the S5 sleep state.
+has, the power button behind a Generic Event Device, and the S5 sleep state.
 
 The root bridge's _CRS hands out what layout.py gives PCI: bus 0 (what ECAM covers), all
 of port space but the config ports, and the BAR window of the PCI hole. Its _PRT says which
@@ -7,6 +7,13 @@ GSI each PCI device's INTA# drives (the monitor's choice, monitor/irqroutes.py),
 GSI form (ACPI 6.5 6.2.13: source 0, the GSI as the source index), as cloud-hypervisor
 and Firecracker write it: no interrupt link devices to program. Legacy devices take their
 ports, IRQ and PNP id from their model descriptors (protocol/models.py).
+
+A hardware-reduced platform has no fixed power button (the FADT says so) and no SCI: its
+events come through a Generic Event Device (ACPI 6.3 5.6.9), as on QEMU's virt machines and
+cloud-hypervisor. The GED's _CRS names its interrupt, and its _EVT, which the OS runs when
+that interrupt comes, reads the monitor's event register (monitor/platform.py AcpiGed) and
+notifies the power button device, a control method button (4.8.3.1.2, PNP0C0C): Linux's
+button driver then reports KEY_POWER, and the init system shuts down (ACPI S5).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from collections.abc import Sequence
 from splitvmm.monitor import layout
 from splitvmm.monitor.acpi import aml
 from splitvmm.monitor.acpi.tables import DSDT_REVISION, sdt
-from splitvmm.monitor.platform import AcpiPm
+from splitvmm.monitor.platform import GED_POWER_BUTTON, AcpiGed, AcpiPm
 from splitvmm.protocol.models import PortWindow
 
 PCI_SEGMENT = 0
@@ -28,6 +35,9 @@ PRT_ALL_FUNCTIONS = 0xFFFF  # a _PRT address: device << 16, any function
 PRT_PIN_INTA = 0
 PRT_GSI_SOURCE = 0  # no link device: the source index is the GSI itself
 PROCESSOR_HID = "ACPI0007"  # a processor device (ACPI 6.5 8.4): _UID = its MADT processor UID
+GED_HID = "ACPI0013"  # Generic Event Device (ACPI 6.3 5.6.9)
+POWER_BUTTON_HID = "PNP0C0C"  # a control method power button (4.8.3.1.2)
+POWER_BUTTON_PRESSED = 0x80  # its Notify value (5.6.6, table 5-168)
 
 # _OSC of a PCI host bridge (PCI Firmware 3.3 4.5): the UUID, and what its buffer's dwords say.
 PCI_OSC_UUID = "33db4d5b-1ff7-401c-9657-7441c03dd766"
@@ -140,10 +150,44 @@ def legacy_device(index: int, window: PortWindow) -> bytes:
     )
 
 
+def generic_event_device() -> bytes:
+    """The GED (its interrupt, its event register, _EVT) and the power button it notifies.
+    _EVT's argument is the interrupt's number: there is one, so it is not looked at."""
+    events = aml.local(0)
+    pressed = aml.lequal(
+        aml.and_(events, aml.integer(GED_POWER_BUTTON), aml.NULL_TARGET),
+        aml.integer(GED_POWER_BUTTON),
+    )
+    ged = aml.device(
+        "GED",
+        aml.name("_HID", aml.string(GED_HID)),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_CRS", aml.resource_template(aml.extended_interrupt(layout.ACPI_GED_GSI))),
+        aml.operation_region("EREG", aml.REGION_SYSTEM_IO, layout.ACPI_GED_PORT, AcpiGed.WINDOW),
+        aml.field(
+            "EREG", aml.FIELD_DWORD_ACC | aml.FIELD_WRITE_AS_ZEROS, ("ESEL", 8 * AcpiGed.WINDOW)
+        ),
+        aml.method(
+            "_EVT",
+            1,
+            aml.store(aml.ref("ESEL"), events),  # read once: the read clears what it returns
+            # one segment, found up the scope (5.3): iasl shortens \_SB.PWRB to it
+            aml.if_(pressed, aml.notify("PWRB", POWER_BUTTON_PRESSED)),
+            serialized=True,
+        ),
+    )
+    button = aml.device(
+        "PWRB",
+        aml.name("_HID", aml.eisa_id(POWER_BUTTON_HID)),
+        aml.name("_UID", aml.integer(0)),
+    )
+    return ged + button
+
+
 def motherboard_resources() -> bytes:
     """PNP0C02: ranges the platform decodes that no device claims, for the OS to leave alone.
     ECAM must be one (PCI Firmware 3.2 4.1.2: the MCFG's range is reserved here, else Linux
-    warns and stricter OSes fall back to 0xCF8), and the ACPI PM ports."""
+    warns and stricter OSes fall back to 0xCF8), the ACPI PM ports and the GED's register."""
     return aml.device(
         "MRES",
         aml.name("_HID", aml.eisa_id("PNP0C02")),
@@ -152,6 +196,7 @@ def motherboard_resources() -> bytes:
             aml.resource_template(
                 aml.memory32_fixed(layout.PCIE_ECAM_BASE, layout.PCIE_ECAM_SIZE),
                 aml.io(layout.ACPI_PM_PORT, AcpiPm.WINDOW),
+                aml.io(layout.ACPI_GED_PORT, AcpiGed.WINDOW),
             ),
         ),
     )
@@ -164,7 +209,8 @@ def dsdt(
     (PCI device, GSI) of each PCI device's INTA#."""
     devices = [legacy_device(i, w) for i, w in enumerate(windows)]
     board = motherboard_resources()
-    namespace = (*processors(nvcpus), pci_root_bridge(pci_intx), board, *devices)
+    buses = (pci_root_bridge(pci_intx), board, generic_event_device())
+    namespace = (*processors(nvcpus), *buses, *devices)
     body = aml.scope("_SB", *namespace) + aml.name(
         "_S5", aml.package(aml.integer(S5_SLEEP_TYPE), aml.integer(0))
     )
