@@ -267,6 +267,18 @@ device's own, cost 83 us of CPU, and a third into the guest's buffer again 72. S
 pays for a source that the CPU's caches no longer hold, as the copy-alone floor's does in
 part, plus ~15-20 us of Python: the goal (0.9 of dd) would leave the device ~5% over the
 copy alone. No change to the path.
+
+2026-12-06, another host, --runs 3, page cache, splitvmm / QEMU / floor: seq-read 5855 / 6747
+/ 8379 MiB/s (0.70 of dd, 0.87 of QEMU), the copy alone 7773; rand-read-4k 149762 IOPS (3.35x
+QEMU). Inside a run (the device timing its own 1 MiB reads; not committed): 178.7 us from one
+request's start to the next, of which the preadv 158.1, the rest of handle() 6.5 and 14.1
+between requests. The same preadv into an 8 MiB buffer of the device's own instead of guest
+RAM: 159.3, so the destination is not what costs. The copy alone in a process of its own, 8
+rotating buffers: 106 us a MiB from a file written long before, 131-138 for the first pass
+after a write pass and its fdatasync (the guest's order), 120-123 for the next; with ~30 us
+of Python between the preadvs, 128 against 120. What is left between the device's copy and
+QEMU's whole request (148 us) is the copy's own cost in the VM, not a wait. No change to the
+path.
 """
 
 from __future__ import annotations

@@ -190,6 +190,18 @@ MiB of buffers), tracked, 5 snapshots each, the trees alternating: live pause 34
 while it ran, of 39-48 and 6-9 MiB). At 200 blocks a second, faster than the first pass of
 256 MiB converges here, 117 ms before and 136 after (45-149, 3 runs): both pauses copy what
 was written during the first pass (145 MiB in one run).
+
+2026-12-06, another session and host (`python -c pass` 8.0-8.9 ms; the idle restore 106-110 ms
+to the vCPUs, median of 10), the same marks again (offsets from the spawn, medians of 10):
+the launch requests at +84, the serial device running at +88 and the rtc at +94 (its request
+waits for the first's reply: 3 and 6 ms), the monitor idle in the PIT's switch from +92 to
++100, then its policies (1.5 ms) and confinement (2.4); the devices' filters loaded at +96
+and +100, READY at +104 and +105, the vCPUs at +106. Tried: decoding the states after the
+PIT's creation, so that its grace period starts ~4.6 ms sooner: 12 alternating pairs, paired
+difference -0.3 ms. What the monitor's CPU goes to before the launch: 199 modules, 4.4 MB of
+byte-code unmarshalled (~11 ms; splitvmm's own 1.5 MB, ~4 ms), and click brings inspect,
+ast, dis, uuid (with platform), datetime and gettext, ~6.5 ms that nothing of splitvmm uses.
+No change to the path.
 """
 
 from __future__ import annotations
