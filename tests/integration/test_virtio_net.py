@@ -377,7 +377,7 @@ def test_virtio_net_ctl_link_down_and_up_through_a_crash_restart_and_a_snapshot(
     down = vm.ctl("link", "net0", "down")
     assert (down.returncode, down.stdout) == (0, "net0: link down\n"), down.stderr
     vm.wait_for("link down: the ARP request's buffer came back, no reply")
-    assert vm.device("net0")["counters"]["tx_dropped"] >= 1  # type: ignore[index]
+    assert vm.counters("net0")["tx_dropped"] >= 1  # type: ignore[operator]
 
     assert vm.ctl("crash-device", "net0").returncode == 0
     vm.wait_running("net0", generation=2)

@@ -95,6 +95,19 @@ class VmProcess:
         (found,) = (d for d in devices if d["name"] == name)
         return dict(found)
 
+    def counters(self, name: str, timeout: float = 30) -> dict[str, object]:
+        """The device's counters from `ctl devices --json`. A device busy with a long queue
+        (O_DIRECT writes on a loaded host) may not answer its stats within the monitor's
+        STATS_TIMEOUT_MS, and the entry then has none (monitor/channel.py): asked again."""
+        deadline = time.monotonic() + timeout
+        while "counters" not in (dev := self.device(name)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} gave no counters within {timeout} s: {dev}")
+            time.sleep(0.1)
+        counters = dev["counters"]
+        assert isinstance(counters, dict)
+        return counters
+
     def wait_running(self, name: str, generation: int, timeout: float = 30) -> dict[str, object]:
         """The device once its process number `generation` serves (a restart is done);
         AssertionError if it is not by `timeout`."""
