@@ -814,6 +814,11 @@ def test_launcher_start_with_a_thread_running_raises():
     finally:
         stop.set()
         thread.join()
+        # join() returns before the thread's task leaves /proc/self/task, which the next
+        # test's Launcher.start() counts ("before any thread exists"): wait until it has
+        deadline = time.monotonic() + 10
+        while launcher_start.thread_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
 
 
 # -- warm spares (a deferred spec, then resume: monitor/slot.py) --------------------------------
