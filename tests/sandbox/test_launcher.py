@@ -388,7 +388,7 @@ def test_launcher_has_no_new_privs_and_its_own_session(launcher):
 # runs the monitor so): the capability sets of the launcher, its zygote, a device's warden and
 # the device proper.
 USER_CAPS_PROBE = """
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 from splitvmm.monitor.channel import DeviceChannel
 from splitvmm.protocol.spec import DeviceSpec
@@ -406,6 +406,11 @@ try:
     channel.wait_ready(process)
     (zygote,) = children_of(launcher.pid) - {process.pid}
     (device,) = children_of(process.pid)
+    # The warden confines itself beside the device, which may be READY first (a loaded
+    # host): its capabilities are read once it has dropped them, or after 10 s as they are.
+    deadline = time.monotonic() + 10
+    while any(caps(process.pid).values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     print(json.dumps({name: caps(pid) for name, pid in (("launcher", launcher.pid),
         ("zygote", zygote), ("warden", process.pid), ("device", device))}))
 finally:
