@@ -146,9 +146,9 @@ def test_launcher_refuses_an_fd_not_open_for_io_and_serves_the_next_request(
         for fd in (given, master, terminal):
             os.close(fd)
     process, listener = launcher.spawn(serial_spec(rundir, fds))
-    os.close(listener)
-    process.kill()
+    process.kill()  # its listener open till then: serves_a_device()
     assert process.wait(10) == -signal.SIGKILL
+    os.close(listener)
     process.close()
 
 
@@ -207,18 +207,18 @@ def test_launcher_request_over_fd_cap_is_refused_and_next_request_served(launche
     with pytest.raises(DeviceFailure, match=f"over 4096 bytes or {MAX_FDS} fds"):
         launcher.spawn(serial_spec(rundir, many))
     process, listener = launcher.spawn(serial_spec(rundir, fds))
-    os.close(listener)
-    process.kill()
+    process.kill()  # its listener open till then: serves_a_device()
     assert process.wait(10) == -signal.SIGKILL
+    os.close(listener)
 
 
 def test_launcher_spec_near_cap_arrives_whole_in_chunks(launcher, rundir, fds):
     # A saved state nearly as big as a device reads: many SOCK_SEQPACKET messages.
     state = {"model": "serial", "version": 1, "fields": {"pad": "A" * (MAX_SPEC - 4096)}}
     process, listener = launcher.spawn(serial_spec(rundir, fds, state=state))
-    os.close(listener)
-    process.kill()
+    process.kill()  # its listener open till then: serves_a_device()
     assert process.wait(10) == -signal.SIGKILL
+    os.close(listener)
 
 
 def test_launcher_spec_over_cap_raises_naming_device_before_sending(launcher, rundir, fds):
@@ -942,10 +942,12 @@ def request(launcher: Launcher, header: dict[str, object], data: bytes, fds=()) 
 def serves_a_device(launcher: Launcher, rundir: Path, fds: dict[str, int]) -> None:
     spec = DeviceSpec("serial0", "serial", f"ipc://{rundir}/serial0.sock", fds)
     process, listener = launcher.spawn(spec)
-    os.close(listener)
+    # Its listener closed only once it is dead: closed first, a device quick to connect ended
+    # on its own ("the monitor closed the channel", status 1) before the kill, now and then
     process.kill()
     assert process.wait(10) == -signal.SIGKILL
     process.close()
+    os.close(listener)
 
 
 @pytest.mark.parametrize(
