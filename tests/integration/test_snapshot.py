@@ -305,19 +305,25 @@ def test_power_button_pressed_before_a_snapshot_is_still_pending_once_restored(g
     there again in the restored VM, which saves it again."""
     serial = tmp_path / "serial.log"
     vm = VmProcess(tmp_path, ["up", str(counter_config(tmp_path, guests, serial))], serial)
-    vm.wait_for(r"^count=\d+ sum=")
-    pressed = vm.ctl("power-button")
-    assert (pressed.returncode, pressed.stdout) == (0, "power button pressed\n"), pressed.stderr
-    assert vm.ctl("suspend", str(tmp_path / "s1")).returncode == 0
-    assert vm.finish()[0] == 0
+    try:  # a VM left running by a failed assertion spins its guest for good
+        vm.wait_for(r"^count=\d+ sum=")
+        pressed = vm.ctl("power-button")
+        assert (pressed.returncode, pressed.stdout) == (0, "power button pressed\n"), pressed.stderr
+        assert vm.ctl("suspend", str(tmp_path / "s1")).returncode == 0
+        assert vm.finish()[0] == 0
+    finally:
+        vm.kill_if_running()
     assert ged_events(tmp_path / "s1") == 2  # platform.py GED_POWER_BUTTON
 
     serial2 = tmp_path / "serial2.log"
     restore = ["restore", str(tmp_path / "s1"), "--set", f"serial0.output={serial2}"]
     vm2 = VmProcess(tmp_path, [*restore, "--snapshot-dir", str(tmp_path)], serial2)
-    vm2.wait_for(r"^count=\d+ sum=")
-    assert vm2.ctl("suspend", str(tmp_path / "s2")).returncode == 0
-    assert vm2.finish()[0] == 0
+    try:
+        vm2.wait_for(r"^count=\d+ sum=")
+        assert vm2.ctl("suspend", str(tmp_path / "s2")).returncode == 0
+        assert vm2.finish()[0] == 0
+    finally:
+        vm2.kill_if_running()
     assert ged_events(tmp_path / "s2") == 2
 
 
@@ -326,10 +332,12 @@ def test_power_button_of_a_firmware_vm_is_refused_in_one_sentence(guests, tmp_pa
     config = tmp_path / "vm.toml"
     config.write_text(vm_toml(f'firmware = "{guests["firmware-idle"]}"', "16M", 1, serial))
     vm = VmProcess(tmp_path, ["up", str(config)], serial)
-    vm.wait_for("firmware-idle: halted")
-    refused = vm.ctl("power-button")
-    vm.proc.terminate()
-    vm.finish()
+    try:
+        vm.wait_for("firmware-idle: halted")
+        refused = vm.ctl("power-button")
+    finally:
+        vm.proc.terminate()
+        vm.finish()
     assert refused.returncode == 1
     assert refused.stderr.startswith("Error: power-button: VM 'test' booted a firmware")
     assert refused.stderr.count("\n") == 1
