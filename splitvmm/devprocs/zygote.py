@@ -31,10 +31,9 @@ def main() -> None:
     if os.getppid() != launcher:
         os._exit(1)
     from splitvmm.devprocs import runtime, spec_stdin  # noqa: F401 (what device_main runs)
-    from splitvmm.devprocs.base import load_model
     from splitvmm.sandbox import zygote
 
-    exit_now(zygote.serve(int(sys.argv[1]), device_main, launcher, load_model))  # it waits
+    exit_now(zygote.serve(int(sys.argv[1]), device_main, launcher, runtime.prepare_model))
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ class Machine:
         self._stop_signals = 0  # stop signals received
         self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self._vm_fds: list[_Closable] = []  # the VM's, then its vCPUs': closed apart (close())
-        self._pit_mode: OnThread | None = None  # the PIT's re-injection going off (build())
+        self._pit_mode: OnThread | None = None  # the PIT's re-injection going off
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
@@ -248,14 +248,13 @@ class Machine:
             restore.apply(*restoring, self)  # imported above, for this restore
             if self.stopping:  # a stop signal while RAM loaded: no device is started
                 return
-            self._pit_reinject_off()  # after apply() set the PIT's state, under the same lock
             self._launch_devices()  # after guest RAM holds what they may read at start
         else:
             assert boots is not None and mask is not None  # config.py: a kernel or a firmware
             boot.prepare(self.kvm, self.mem, self.vcpu_fds, boots, mask, self._pci_intx)
         timings.mark("kvm, vm, ram, boot")
-        if self._pit_mode is not None:
-            self._pit_mode.result()  # its thread ends before the monitor confines itself
+        if self._pit_mode is not None:  # a boot's: its thread ends before confinement
+            self._pit_mode.result()
         if self.stopping:
             return
         self.launcher.check_configured()  # the spawns took its reply, or this does
@@ -322,9 +321,15 @@ class Machine:
 
     def _pit_reinject_off(self) -> None:
         """Turn the PIT's lost-tick re-injection off (native/kvm.py set_pit_reinject) on a
-        thread of its own, joined before the monitor confines itself: its grace periods
-        (~15 ms), during which it holds the PIT's lock, pass while the devices start, and the
-        VM's close then waits for none (~16 ms with re-injection on)."""
+        thread of its own: the switch waits out SRCU grace periods (~15 ms here) holding the
+        PIT's lock. A boot starts it before its devices and joins it before the monitor
+        confines itself (single-threaded), by when the devices' start has taken longer. A
+        restore starts its devices only once its RAM is loaded, and that join was then on
+        its way to the vCPUs (~7 ms, bench/snapshot.py): it starts the switch once its
+        vCPUs run (run()). A vCPU's access to the PIT's ports meanwhile waits for the lock,
+        once, and the PIT may re-inject a tick missed in those ms, as it does all along under
+        QEMU's and Firecracker's defaults. With re-injection off the VM's close waits for no
+        grace period (~16 ms with it on); a close that comes first waits for the switch."""
         self._pit_mode = OnThread("pit-mode", lambda: self.vm.set_pit_reinject(False))
 
     def _prepare_device(self, dev: DeviceSection) -> Spawn:
@@ -711,6 +716,8 @@ class Machine:
             for v in self.vcpus:
                 v.start()
             timings.mark("vcpus started")  # where a restore's figure ends (bench/snapshot.py)
+            if self._pit_mode is None:  # a restore's, confined (monitor.policy allows it)
+                self._pit_reinject_off()
             self._serve_console()
             timings.mark("guest run")
         finally:
@@ -958,7 +965,7 @@ class Machine:
         self._give_up_host_io()  # a teardown after a failed build or run has had no stop()
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
-        if self._pit_mode is not None:  # a build that failed may have left it running
+        if self._pit_mode is not None:  # a failed build's, or a restore that ended at once
             _log_failure("turning the PIT's re-injection off", self._pit_mode.wait())
         vm_fds, self._vm_fds = self._vm_fds, []
         vm_closer: OnThread | None = None

@@ -162,6 +162,14 @@ def decode(
         raise error(_message(where, e)) from None
 
 
+def prepare(*classes: type) -> None:
+    """Build the decoding plans of `classes` now, for the processes this one forks (a zygote:
+    devprocs/runtime.py prepare_model), which then start with them instead of building each
+    at its first decode."""
+    for cls in classes:
+        _plan(cls)
+
+
 def upgrade(
     cls: type, version: object, data: object, *, what: str, error: type[SplitvmmError]
 ) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def enter_sandbox(
     """
     mode = _mode(audit)
     _stderr_write_only()
-    device_policy = policy.load_model_policy(model)  # read now: no file system later
+    device_policy = _device_policy(model)  # read now: no file system later
     warden_policy = policy.load_warden_policy(os.getpid())  # the warden is this process
     socket_path = _channel_path(channel)
     _close_fds_except(keep_fds | STD_FDS)
@@ -170,6 +170,23 @@ def enter_sandbox(
     _set_rlimits(held, address_space, private_memory, fixed_size)
     _load_seccomp(device_policy, mode)
     return conn
+
+
+# Device policies read and parsed by a zygote before it forks (preload_policy): its devices
+# inherit them and read none of those files at start.
+_PRELOADED: dict[str, policy.Policy] = {}
+
+
+def preload_policy(model: str) -> None:
+    """Read and parse `model`'s device policy now, for the processes this one forks (a
+    zygote: devprocs/runtime.py prepare_model); PolicyError if it cannot be read."""
+    _PRELOADED[model] = policy.load_model_policy(model)
+
+
+def _device_policy(model: str) -> policy.Policy:
+    """The policy enter_sandbox loads: preloaded, or read from its file now."""
+    preloaded = _PRELOADED.get(model)
+    return preloaded if preloaded is not None else policy.load_model_policy(model)
 
 
 def _stderr_write_only() -> None:

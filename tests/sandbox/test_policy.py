@@ -372,6 +372,18 @@ def test_monitor_filter_control_plain_send_and_receive_are_allowed() -> None:
     assert _under_monitor_filter("ours.send(b'x'); theirs.recv(1)") == 5
 
 
+def test_monitor_filter_lets_the_running_monitor_turn_pit_reinjection_off() -> None:
+    """Done once the vCPUs run (monitor/machine.py _pit_reinject_off), under this filter: on
+    a socket the ioctl fails (ENOTTY) instead of killing the process."""
+    statement = (
+        "try:\n"
+        "    fcntl.ioctl(ours.fileno(), IOCTL_NUMBERS['KVM_REINJECT_CONTROL'], bytes(16))\n"
+        "except OSError:\n"
+        "    pass"
+    )
+    assert _under_monitor_filter(statement) == 5
+
+
 @pytest.mark.parametrize(
     "statement",
     ["ours.send(b'!', socket.MSG_OOB)", "theirs.send(b'!'); ours.recv(1, socket.MSG_OOB)"],

@@ -10,6 +10,8 @@ import resource
 
 import pytest
 
+from splitvmm.devprocs import runtime
+from splitvmm.devprocs.base import load_model
 from splitvmm.native import landlock
 from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.sandbox import device as sandbox
@@ -145,3 +147,31 @@ def test_load_seccomp_when_enforcing_kills_the_whole_process(
     sandbox._load_seccomp(policy.Policy({}, []), mode)
 
     assert compiled == [action]
+
+
+def test_device_policy_preloaded_by_a_zygote_is_not_read_again(monkeypatch) -> None:
+    """A zygote's prepare_model parses each model's policy once; the devices it forks load
+    that, and read no policy file at start."""
+    monkeypatch.setattr(sandbox, "_PRELOADED", {})
+    runtime.prepare_model("serial")
+    from_file = policy.load_model_policy("serial")
+
+    def no_file(model: str, policy_dir: object = None) -> policy.Policy:
+        raise AssertionError(f"{model}'s policy read from its file again")
+
+    monkeypatch.setattr(policy, "load_model_policy", no_file)
+    assert sandbox._device_policy("serial") == from_file
+
+
+def test_prepare_model_leaves_a_policy_it_cannot_read_to_the_device(monkeypatch) -> None:
+    """The preload only saves work: a policy the zygote cannot read fails each device at
+    start, in the device's own words, as an exec'd device fails."""
+    monkeypatch.setattr(sandbox, "_PRELOADED", {})
+
+    def unreadable(model: str, policy_dir: object = None) -> policy.Policy:
+        raise policy.PolicyError(f"{model}_device.policy: cannot be read")
+
+    monkeypatch.setattr(policy, "load_model_policy", unreadable)
+    assert runtime.prepare_model("serial") is load_model("serial")
+    with pytest.raises(policy.PolicyError, match="serial_device.policy: cannot be read"):
+        sandbox._device_policy("serial")

@@ -566,3 +566,23 @@ def test_schema_plans_are_built_once_per_type():
     schema.encode(SAMPLE)
 
     assert schema._plan(Sample) is schema._plan(Sample)
+
+
+def test_schema_prepare_builds_the_plans_a_later_decode_uses(monkeypatch):
+    """What a zygote does before it forks (devprocs/runtime.py prepare_model): a record's
+    first decode in its devices builds nothing."""
+
+    class Prepared(Struct, frozen=True):
+        name: Annotated[str, MaxLen(8)]
+        parts: tuple[Part, ...] = ()
+
+    schema.prepare(Prepared)
+
+    def no_build(tp: object) -> None:
+        raise AssertionError(f"a plan built at decode time: {tp}")
+
+    monkeypatch.setattr(schema, "_build", no_build)
+    doc = {"name": "x", "parts": [{"name": "ab", "weight": 1}]}
+    assert schema.decode(Prepared, doc, where="p", error=StateError) == Prepared(
+        "x", (Part("ab", 1),)
+    )
