@@ -168,25 +168,28 @@ def enter_sandbox(
     held = {int(name) for name in os.listdir(fd_dir)} - {fd_dir}
     os.close(fd_dir)
     _set_rlimits(held, address_space, private_memory, fixed_size)
-    _load_seccomp(device_policy, mode)
+    _load_seccomp(_seccomp_filter(model, device_policy, mode))
     return conn
 
 
-# Device policies read and parsed by a zygote before it forks (preload_policy): its devices
-# inherit them and read none of those files at start.
-_PRELOADED: dict[str, policy.Policy] = {}
+# Device policies a zygote read, parsed and compiled before it forks (preload_policy), by
+# model: its devices inherit them, and read no policy file and build no filter at start. The
+# filter is the enforcing one, the only one a zygote's device loads (a device whose filter
+# logs or traces is exec'd: sandbox/launcher.py).
+_PRELOADED: dict[str, tuple[policy.Policy, seccomp.SyscallFilter]] = {}
 
 
 def preload_policy(model: str) -> None:
-    """Read and parse `model`'s device policy now, for the processes this one forks (a
-    zygote: devprocs/runtime.py prepare_model); PolicyError if it cannot be read."""
-    _PRELOADED[model] = policy.load_model_policy(model)
+    """Read, parse and compile `model`'s device policy now, for the processes this one forks
+    (a zygote: devprocs/runtime.py prepare_model); PolicyError if it cannot be read."""
+    device_policy = policy.load_model_policy(model)
+    _PRELOADED[model] = device_policy, policy.compile_filter(device_policy, seccomp.KILL_PROCESS)
 
 
 def _device_policy(model: str) -> policy.Policy:
     """The policy enter_sandbox loads: preloaded, or read from its file now."""
     preloaded = _PRELOADED.get(model)
-    return preloaded if preloaded is not None else policy.load_model_policy(model)
+    return preloaded[0] if preloaded is not None else policy.load_model_policy(model)
 
 
 def _stderr_write_only() -> None:
@@ -441,14 +444,25 @@ def _sealed_against_growing(fd: int) -> bool:
         return False  # no memfd (EINVAL): no seals
 
 
-def _load_seccomp(device_policy: policy.Policy, mode: SeccompMode) -> None:
+def _seccomp_filter(
+    model: str, device_policy: policy.Policy, mode: SeccompMode
+) -> seccomp.SyscallFilter:
+    """The filter a device of `model` loads last: `device_policy`'s, enforcing (preloaded by
+    a zygote, or built now), logging, or tracing every syscall."""
     if mode is SeccompMode.TRACE:
         # Every syscall goes to the listener (`policy audit` takes it with pidfd_getfd).
         filt = seccomp.SyscallFilter(defaction=seccomp.NOTIFY)
         filt.set_attr(seccomp.Attr.CTL_TSYNC, 1)
-    else:
-        action = seccomp.LOG if mode is SeccompMode.LOG else seccomp.KILL_PROCESS
-        filt = policy.compile_filter(device_policy, action)
+        return filt
+    if mode is SeccompMode.LOG:
+        return policy.compile_filter(device_policy, seccomp.LOG)
+    preloaded = _PRELOADED.get(model)
+    if preloaded is not None and preloaded[0] is device_policy:
+        return preloaded[1]
+    return policy.compile_filter(device_policy, seccomp.KILL_PROCESS)
+
+
+def _load_seccomp(filt: seccomp.SyscallFilter) -> None:
     try:
         filt.load()
     except OSError as e:

@@ -125,7 +125,7 @@ def test_no_nested_user_namespace_where_proc_sys_refuses_warns_and_goes_on(
     [(SeccompMode.KILL, seccomp.KILL_PROCESS), (SeccompMode.LOG, seccomp.LOG)],
     ids=["kill", "log"],
 )
-def test_load_seccomp_when_enforcing_kills_the_whole_process(
+def test_seccomp_filter_when_enforcing_kills_the_whole_process(
     monkeypatch: pytest.MonkeyPatch, mode: SeccompMode, action: int
 ) -> None:
     """DESIGN.md: anything outside the policy kills the process (SECCOMP_RET_KILL_PROCESS),
@@ -143,10 +143,13 @@ def test_load_seccomp_when_enforcing_kills_the_whole_process(
         return Loaded()
 
     monkeypatch.setattr(policy, "compile_filter", compile_filter)
+    monkeypatch.setattr(sandbox, "_PRELOADED", {})
 
-    sandbox._load_seccomp(policy.Policy({}, []), mode)
+    sandbox._seccomp_filter("serial", policy.Policy({}, []), mode)
+    if mode is SeccompMode.KILL:  # what a zygote compiles for its devices, the same
+        sandbox.preload_policy("serial")
 
-    assert compiled == [action]
+    assert compiled == ([action, action] if mode is SeccompMode.KILL else [action])
 
 
 def test_device_policy_preloaded_by_a_zygote_is_not_read_again(monkeypatch) -> None:
@@ -161,6 +164,25 @@ def test_device_policy_preloaded_by_a_zygote_is_not_read_again(monkeypatch) -> N
 
     monkeypatch.setattr(policy, "load_model_policy", no_file)
     assert sandbox._device_policy("serial") == from_file
+
+
+def test_device_filter_preloaded_by_a_zygote_is_the_enforcing_one_alone(monkeypatch) -> None:
+    """The zygote compiles the enforcing filter of each model once; a device loads that one,
+    and builds a logging one itself (a device that logs is exec'd, never forked by one)."""
+    monkeypatch.setattr(sandbox, "_PRELOADED", {})
+    sandbox.preload_policy("serial")
+    preloaded_policy, preloaded_filter = sandbox._PRELOADED["serial"]
+    built: list[int] = []
+    monkeypatch.setattr(
+        policy, "compile_filter", lambda device_policy, action: built.append(action)
+    )
+
+    enforcing = sandbox._seccomp_filter("serial", preloaded_policy, SeccompMode.KILL)
+    sandbox._seccomp_filter("serial", preloaded_policy, SeccompMode.LOG)
+    sandbox._seccomp_filter("serial", policy.Policy({}, []), SeccompMode.KILL)  # not that one
+
+    assert enforcing is preloaded_filter
+    assert built == [seccomp.LOG, seccomp.KILL_PROCESS]
 
 
 def test_prepare_model_leaves_a_policy_it_cannot_read_to_the_device(monkeypatch) -> None:
