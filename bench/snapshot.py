@@ -202,6 +202,40 @@ difference -0.3 ms. What the monitor's CPU goes to before the launch: 199 module
 byte-code unmarshalled (~11 ms; splitvmm's own 1.5 MB, ~4 ms), and click brings inspect,
 ast, dis, uuid (with platform), datetime and gettext, ~6.5 ms that nothing of splitvmm uses.
 No change to the path.
+
+2026-12-06, a third session, same kind of host (the idle restore 108-111 ms to the vCPUs at
+its start, alternating with 1c47f01). Marks in every process again (monitor, launcher,
+zygote, devices, wardens; offsets from the spawn, with each process's CPU time):
+- After the launch requests two paths ran side by side, and both were ~17 ms: the monitor's
+  (the launch replies, then 7.4 ms idle in the PIT's switch, then confinement) and the
+  devices' (each a spawn through the launcher and the zygote's two forks, then its sandbox
+  entry and READY). Moving only one of them gains nothing, which is why each earlier try
+  read ~0: the PIT's switch started once the vCPUs run took the monitor's path to ~10 ms
+  and the restore 0.7 ms (20 pairs), the devices' path then being the longer.
+- The devices' path is CPU on two cores, not waiting: from the first launch request to the
+  last READY five or six processes are runnable (the monitor confining itself, the launcher,
+  the zygote, each device and its warden), and a device's fork of its warden takes 3-6 ms
+  of wall clock for 0.4 ms of its own CPU. Per device: ~2.8 ms of CPU from the zygote's fork
+  to its warden (of which ~1.4 before its own code runs: the forks' copy-on-write), ~1.5 in
+  the warden before its exec, ~3.1 in the device to READY. Sending every launch request
+  before taking any reply (a prototype: the launcher forks the second device while the
+  monitor has not read the first reply) read +0.3 ms over 20 pairs.
+- So the change was CPU a device does that no spec decides, done once in the zygote before
+  it forks: the decoding plans of the model's saved state, its policy parsed (0ff2a5e, with
+  the PIT's switch) and its enforcing filter compiled (af3842c): 3.7 -> 2.8 ms of CPU before
+  the warden, 3.9 -> 2.4-2.8 after. Paired restores, to the vCPUs: 0ff2a5e against 1c47f01,
+  108.2 -> 104.2 ms (20 pairs, median paired difference -3.3; another round -3.8); af3842c
+  against 0ff2a5e -0.3 and -1.3 ms (20 and 24 pairs). This bench, --sizes 512 --runs 3 at
+  0ff2a5e: idle restore 0.100 s (QEMU 0.388), 256 MiB dirty 0.196 s (QEMU 0.522).
+- Whole `up` of the firmware hello guest, 20 alternating pairs: unchanged (+0.5 ms). A boot
+  keeps the PIT's switch before its devices: moved after its vCPUs too, a guest that ends at
+  once made the close wait for it (+9.3 ms).
+- What is left on the way: the monitor's ~60 ms of imports (interpreter 10, launcher fork
+  11, click and logging 18, command line 9, monitor 25) before anything of the VM, and the
+  ~17 ms window above, which is CPU: a device's two forks, its warden's exec, namespaces
+  (a new net namespace is 0.3 ms of its unshare), pivot_root (the old root's lazy unmount
+  ~1 ms in a profile of the device), Landlock, and the monitor's own confinement
+  (~4 ms: its two policies parsed and compiled 1.4, sysconfig's paths for Landlock 0.7).
 """
 
 from __future__ import annotations
