@@ -103,7 +103,8 @@ def prepare_model(name: str) -> type[Device]:
     (build_device) and the model's seccomp policy, read and parsed (sandbox/device.py). The
     devices it forks inherit them; a device exec'd without a zygote does both itself. About
     1.2 ms of CPU less for each device at start, where a restore's devices start together
-    on this host's two busy cores (bench/snapshot.py)."""
+    on this host's two busy cores (bench/snapshot.py). The zygote calls it again at each
+    fork of the model: what was done is not done again."""
     model = load_model(name)
     schema.prepare(codec.StateDocument, model.State)
     # A policy that cannot be read here is left to each device, which then fails at start

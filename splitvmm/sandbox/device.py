@@ -181,7 +181,11 @@ _PRELOADED: dict[str, tuple[policy.Policy, seccomp.SyscallFilter]] = {}
 
 def preload_policy(model: str) -> None:
     """Read, parse and compile `model`'s device policy now, for the processes this one forks
-    (a zygote: devprocs/runtime.py prepare_model); PolicyError if it cannot be read."""
+    (a zygote: devprocs/runtime.py prepare_model); PolicyError if it cannot be read. Once
+    a model: the zygote prepares a model at its `load` and again at each `fork` of it
+    (sandbox/zygote.py _loaded), which must not read and compile it anew on a fork's way."""
+    if model in _PRELOADED:
+        return
     device_policy = policy.load_model_policy(model)
     _PRELOADED[model] = device_policy, policy.compile_filter(device_policy, seccomp.KILL_PROCESS)
 

@@ -166,6 +166,23 @@ def test_device_policy_preloaded_by_a_zygote_is_not_read_again(monkeypatch) -> N
     assert sandbox._device_policy("serial") == from_file
 
 
+def test_a_zygote_prepares_a_model_once_for_all_its_forks(monkeypatch) -> None:
+    """The zygote calls prepare_model at a `load` and again at each `fork` of the model
+    (sandbox/zygote.py _loaded): the policy is read and compiled at the first alone."""
+    monkeypatch.setattr(sandbox, "_PRELOADED", {})
+    reads: list[str] = []
+    load_model_policy = policy.load_model_policy
+
+    def counting(model: str, policy_dir: object = None) -> policy.Policy:
+        reads.append(model)
+        return load_model_policy(model)
+
+    monkeypatch.setattr(policy, "load_model_policy", counting)
+    for _ in range(3):  # load serial, fork serial, fork serial (its spare)
+        runtime.prepare_model("serial")
+    assert reads == ["serial"]
+
+
 def test_device_filter_preloaded_by_a_zygote_is_the_enforcing_one_alone(monkeypatch) -> None:
     """The zygote compiles the enforcing filter of each model once; a device loads that one,
     and builds a logging one itself (a device that logs is exec'd, never forked by one)."""
