@@ -225,8 +225,10 @@ zygote, devices, wardens; offsets from the spawn, with each process's CPU time):
   the PIT's switch) and its enforcing filter compiled (af3842c): 3.7 -> 2.8 ms of CPU before
   the warden, 3.9 -> 2.4-2.8 after. Paired restores, to the vCPUs: 0ff2a5e against 1c47f01,
   108.2 -> 104.2 ms (20 pairs, median paired difference -3.3; another round -3.8); af3842c
-  against 0ff2a5e -0.3 and -1.3 ms (20 and 24 pairs). This bench, --sizes 512 --runs 3 at
-  0ff2a5e: idle restore 0.100 s (QEMU 0.388), 256 MiB dirty 0.196 s (QEMU 0.522).
+  against 0ff2a5e -0.3 and -1.3 ms (20 and 24 pairs); a02a79e (each model prepared once, not
+  again at each fork) against 1c47f01, 107.2 -> 103.7 ms (24 pairs, -3.7). This bench,
+  --sizes 512 --runs 3 at 0ff2a5e: idle restore 0.100 s (QEMU 0.388), 256 MiB dirty 0.196 s
+  (QEMU 0.522); --sizes 128,2048 at 5300baa: idle 0.105 and 0.104 s.
 - Whole `up` of the firmware hello guest, 20 alternating pairs: unchanged (+0.5 ms). A boot
   keeps the PIT's switch before its devices: moved after its vCPUs too, a guest that ends at
   once made the close wait for it (+9.3 ms).
