@@ -53,6 +53,25 @@ class IrqFds(Protocol):
     def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None: ...
 
 
+class HeldIrqfds:
+    """Irqfd registrations held, then made in their order by release(): a restore's, until
+    the saved irqchip is set (restore.apply). KVM_IRQFD injects what its eventfd counts
+    already, so an edge a device sends as it restores (one the save may have missed: the
+    rtc's, the 8250's) lands in the restored IOAPIC, not in the one apply then overwrites."""
+
+    def __init__(self, vm: IrqFds) -> None:
+        self._vm = vm
+        self._held: list[tuple[int, int, int | None]] = []
+
+    def register_irqfd(self, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
+        self._held.append((eventfd, gsi, resample_fd))
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        for eventfd, gsi, resample_fd in held:
+            self._vm.register_irqfd(eventfd, gsi, resample_fd)
+
+
 class PciInterrupts(Struct, frozen=True):
     """Where a PCI function's interrupts go: its INTx GSI (None: no INTx), and the GSI of
     each of its MSI-X vectors."""

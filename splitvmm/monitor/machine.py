@@ -36,7 +36,13 @@ from splitvmm.monitor.bus import Bus
 from splitvmm.monitor.console import pump, raw_terminal
 from splitvmm.monitor.control import SOCKET_NAME, ControlBusy, ControlError, ControlServer, Handler
 from splitvmm.monitor.coordinator import Coordinator
-from splitvmm.monitor.devicefds import CreatedFile, DeviceFds, PciInterrupts, raise_interrupts
+from splitvmm.monitor.devicefds import (
+    CreatedFile,
+    DeviceFds,
+    HeldIrqfds,
+    PciInterrupts,
+    raise_interrupts,
+)
 from splitvmm.monitor.dirtylog import DirtyTracker
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
@@ -125,6 +131,8 @@ class Machine:
         self._closables: list[_Closable] = []  # closed in reverse order, whatever build() got to
         self._vm_fds: list[_Closable] = []  # the VM's, then its vCPUs': closed apart (close())
         self._pit_mode: OnThread | None = None  # the PIT's re-injection going off
+        self._held_irqfds: HeldIrqfds | None = None  # a restore's, until its irqchip is set
+        self._ahead: list[tuple[DeviceSlot, int]] = []  # launch requests sent, not yet taken
         self.slots: list[DeviceSlot] = []
         self._spawns: list[Spawn] = []  # the devices, with their fds, until they are started
         self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
@@ -229,6 +237,8 @@ class Machine:
         self._create_platform()
         if self.stopping:
             return
+        if restoring is not None:
+            self._held_irqfds = HeldIrqfds(self.vm)
         for dev in cfg.devices:  # their fds: irqfds are set up before the filter forbids it
             self._spawns.append(self._prepare_device(dev))
         refuse_outputs_on_disks(self._spawns)
@@ -238,6 +248,12 @@ class Machine:
         if restoring is None:  # a boot's devices start now, while the rest is built
             self._pit_reinject_off()
             self._launch_devices()
+        else:
+            # A restore's devices that are handed no guest RAM start now, while RAM loads: they
+            # read nothing of the VM but their saved states, and their interrupts wait for the
+            # saved irqchip (HeldIrqfds). The others start once RAM is loaded.
+            self._launch_devices(guest_ram=False, ahead=True)
+        timings.mark("device launch requests")
         self.vcpu_fds = [
             self.vm.create_vcpu(i, self.kvm.vcpu_mmap_size()) for i in range(cfg.vm.vcpus)
         ]
@@ -246,9 +262,13 @@ class Machine:
             self._closables.append(boot.Firmware(self.vm, image))
         if restoring is not None:
             restore.apply(*restoring, self)  # imported above, for this restore
-            if self.stopping:  # a stop signal while RAM loaded: no device is started
+            if self.stopping:  # a stop signal while RAM loaded: no other device is started
                 return
-            self._launch_devices()  # after guest RAM holds what they may read at start
+            self._take_launched()
+            assert self._held_irqfds is not None
+            self._held_irqfds.release()  # into the saved irqchip, with any edge sent meanwhile
+            # after guest RAM holds what they may read at start
+            self._launch_devices(guest_ram=True)
         else:
             assert boots is not None and mask is not None  # config.py: a kernel or a firmware
             boot.prepare(self.kvm, self.mem, self.vcpu_fds, boots, mask, self._pci_intx)
@@ -340,7 +360,8 @@ class Machine:
         if isinstance(model.transport, PciFunction):
             placed = self._place_function(dev.name, model.transport)
         irqs = None if placed is None else placed.irqs
-        maker = DeviceFds(self.vm, self.mem, self._closables, irqs, created=self._created_files)
+        irqfds = self.vm if self._held_irqfds is None else self._held_irqfds
+        maker = DeviceFds(irqfds, self.mem, self._closables, irqs, created=self._created_files)
         fds = maker.make(dev, model)
         if maker.write_back_fd is not None:
             self._images.append((dev.name, maker.write_back_fd))
@@ -426,38 +447,63 @@ class Machine:
         if placed.irqs.intx_gsi is not None:
             self._pci_intx.append((placed.device, placed.irqs.intx_gsi))
 
-    def _launch_devices(self) -> None:
-        """Ask the launcher for every device process; their channels are served later, once
-        the monitor is confined (DeviceSlot.attach). The control socket first, the last the
-        monitor makes in its runtime dir: one it cannot make (a runtime dir with no room)
-        then ends no device on its way up, which printed "the monitor closed the channel"
-        before the error's one line."""
-        self.control = ControlServer(
-            self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
-        )
-        for names in mark_shared_outputs(self._spawns):
-            log.info("%s write to one file: a crash restart of a device may repeat its "
-                     "last output there", ", ".join(names))  # fmt: skip
-        for spawn in self._spawns:
-            # A device restarted after a crash keeps a warm spare (monitor/slot.py).
-            restarts = self._device_cfg[spawn.name].on_crash == "restart"
-            slot = DeviceSlot(
-                spawn,
-                self.rundir.path,
-                self.launcher.spawn,
-                self._device_failed,
-                resumer=self.launcher.resume if restarts else None,
-                on_stall=self._stalls.put,
+    def _launch_devices(self, *, guest_ram: bool | None = None, ahead: bool = False) -> None:
+        """Ask the launcher for the processes of the devices whose models are handed guest
+        RAM (`guest_ram` True), are not (False), or of all of them (None); with `ahead`,
+        without waiting for its replies, which _take_launched() takes later. Their channels
+        are served later still, once the monitor is confined (DeviceSlot.attach). The first call makes
+        the control socket first, the last the monitor makes in its runtime dir: one it
+        cannot make (a runtime dir with no room) then ends no device on its way up, which
+        printed "the monitor closed the channel" before the error's one line. Then every
+        device's slot, in the config's order."""
+        if self.control is None:
+            self.control = ControlServer(
+                self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
             )
-            self.slots.append(slot)  # closed by close() from now on, whatever launch() does
-            transport = MODELS[spawn.model].transport
-            if isinstance(transport, PortWindow):
-                self.pio.insert(transport.base, spawn.window, slot)
-            else:  # its BARs are on the MMIO bus already: they forward to the slot now
-                self.functions[spawn.name].bind(slot)
-            self._spawned_at[slot.name] = time.perf_counter()
-            slot.launch()
-        timings.mark("device launch requests")
+            for names in mark_shared_outputs(self._spawns):
+                log.info("%s write to one file: a crash restart of a device may repeat its "
+                         "last output there", ", ".join(names))  # fmt: skip
+            for spawn in self._spawns:
+                self._make_slot(spawn)
+        for slot in self.slots:
+            if guest_ram is None or MODELS[slot.model].reads_guest_ram is guest_ram:
+                self._spawned_at[slot.name] = time.perf_counter()
+                if ahead:
+                    self._ahead.append((slot, self.launcher.send_spawn(slot.next_spec())))
+                else:
+                    slot.launch()
+
+    def _take_launched(self) -> None:
+        """The launcher's replies to the requests _launch_devices sent ahead, each into its
+        slot (from then on close() ends the process with it); the first failure raised once
+        every reply is taken."""
+        ahead, self._ahead = self._ahead, []
+        failure: SplitvmmError | None = None
+        for slot, request in ahead:
+            try:
+                slot.launched(*self.launcher.take_spawn(request))
+            except SplitvmmError as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
+
+    def _make_slot(self, spawn: Spawn) -> None:
+        # A device restarted after a crash keeps a warm spare (monitor/slot.py).
+        restarts = self._device_cfg[spawn.name].on_crash == "restart"
+        slot = DeviceSlot(
+            spawn,
+            self.rundir.path,
+            self.launcher.spawn,
+            self._device_failed,
+            resumer=self.launcher.resume if restarts else None,
+            on_stall=self._stalls.put,
+        )
+        self.slots.append(slot)  # closed by close() from now on, whatever launch() does
+        transport = MODELS[spawn.model].transport
+        if isinstance(transport, PortWindow):
+            self.pio.insert(transport.base, spawn.window, slot)
+        else:  # its BARs are on the MMIO bus already: they forward to the slot now
+            self.functions[spawn.name].bind(slot)
 
     @property
     def launcher(self) -> Launcher:
@@ -965,6 +1011,9 @@ class Machine:
         self._give_up_host_io()  # a teardown after a failed build or run has had no stop()
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
+        if self._ahead:  # a restore's launch requests, its build failing before it took them
+            with contextlib.suppress(SplitvmmError):  # refused, or given up: none to end
+                self._take_launched()  # into their slots, which end them below
         if self._pit_mode is not None:  # a failed build's, or a restore that ended at once
             _log_failure("turning the PIT's re-injection off", self._pit_mode.wait())
         vm_fds, self._vm_fds = self._vm_fds, []

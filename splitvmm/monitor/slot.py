@@ -364,11 +364,20 @@ class DeviceSlot:
         unserved. The process starts and may connect at once (the kernel queues it); a
         machine launches its devices before it is confined, and serves their channels
         only afterwards (monitor/confinement.py)."""
+        self._fill(*self._spawner(self.next_spec(resume)))
+
+    def next_spec(self, resume: dict[str, object] | None = None) -> DeviceSpec:
+        """The spec launch() asks for: a machine that asks for several devices at once
+        (Launcher.send_spawn) asks with it, then hands launched() each one's reply."""
         with self._lock:
             self._check_empty_locked()
             spec = self._spec_locked(resume)
             self._fault = None
-        self._fill(*self._spawner(spec))
+        return spec
+
+    def launched(self, process: DeviceProcess, listener: int) -> None:
+        """The process asked for with next_spec(), and its channel's listening socket."""
+        self._fill(process, listener)
 
     def _check_empty_locked(self) -> None:
         if self.process is not None or self.state is not SlotState.AWAY:
@@ -1301,16 +1310,24 @@ class DeviceSlot:
                     process.kill()
 
     def close(self) -> None:
-        """End the device for good (the VM is going), and its spare."""
+        """End the device for good (the VM is going), and its spare. The listening socket of
+        a process never attached closes once that process has ended: closed first, it reset
+        the connection of a device still on its way up, which said "the monitor closed the
+        channel" beside the error that ended the VM (a restore's devices that read no guest
+        RAM start before its RAM is loaded and checked: monitor/machine.py build)."""
         with self._lock:
             process, channel = self.process, self.channel
             self.process = self.channel = None
             spare = self._drop_spare_locked()
-            self._drop_listener_locked()
+            listener, self._listener = self._listener, None
             if self.state is not SlotState.FAILED:
                 self.state = SlotState.FAILED
             self._back.notify_all()
-        _end(self.name, process, channel)
+        try:
+            _end(self.name, process, channel)
+        finally:
+            if listener is not None:
+                os.close(listener)
         if spare is not None:
             _end(self.name, spare, None)
 

@@ -312,6 +312,12 @@ class ModelDescriptor(Struct, frozen=True):
     def option(self, name: str) -> Option:
         return next(o for o in self.options if o.name == name)
 
+    @property
+    def reads_guest_ram(self) -> bool:
+        """Whether its processes are handed guest RAM (a restore starts one only once RAM is
+        loaded: monitor/machine.py build)."""
+        return any(role.kind is FdKind.GUEST_RAM for role in self.fds)
+
     def pauses(self, options: Mapping[str, object]) -> bool:
         """Whether a device with these options may stall and pause the VM: its model has a
         pause_option, and `options` (the option's default where they leave it out) say

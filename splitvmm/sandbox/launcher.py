@@ -181,12 +181,17 @@ class Launcher:
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)  # now: a confined monitor may not open one
         self._cond = threading.Condition()
-        self._spawn_lock = threading.Lock()  # one spawn at a time: one reply awaited
+        # One request sent at a time, its reply awaited (or filed, for a spawn sent ahead)
+        self._spawn_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending = 0  # the id of the spawn awaiting its reply
         self._reading = False  # one thread receives; the others wait for what it files
         self._ready = False
         self._reply: _Reply | None = None  # to the spawn in progress
+        # Spawns sent ahead (send_spawn) whose replies nobody awaited yet, and those replies
+        # once filed, by request id, until take_spawn() takes each
+        self._ahead: set[int] = set()
+        self._answers: dict[int, _Reply] = {}
         # A configure sent whose reply nobody took yet: the next request takes it first.
         self._unanswered = False
         # pid -> (status, whether an orphan still ran at the report), until its waiter takes it
@@ -251,6 +256,28 @@ class Launcher:
         data = spec.to_json().encode()
         check_spec_size(spec.name, data)
         reply = self._request({"op": "spawn"}, data, list(spec.fds.values()))
+        pidfd, listener = reply.fds
+        return LaunchedProcess(self, reply.pid, pidfd), listener
+
+    def send_spawn(self, spec: DeviceSpec) -> int:
+        """Ask for a device as spawn() does, without waiting for the reply: the request's id,
+        for take_spawn(). A machine asks for several devices this way and goes on building
+        the VM while the launcher starts them (monitor/machine.py); the launcher answers its
+        requests in order, and each reply is filed by its id until taken."""
+        data = spec.to_json().encode()
+        check_spec_size(spec.name, data)
+        with self._spawn_lock:
+            self._take_unanswered()
+            self._send({"op": "spawn"}, data, list(spec.fds.values()))
+            self._ahead.add(self._pending)
+            return self._pending
+
+    def take_spawn(self, request: int) -> tuple[LaunchedProcess, int]:
+        """What spawn() returns, for the request send_spawn() sent: DeviceFailure with the
+        launcher's words if it refused, LauncherError if it broke or the VM is stopping."""
+        reply = _accepted(
+            self._await(lambda: self._answers.pop(request, None), REPLY_TIMEOUT_S, request=True)
+        )
         pidfd, listener = reply.fds
         return LaunchedProcess(self, reply.pid, pidfd), listener
 
@@ -410,7 +437,12 @@ class Launcher:
             return
         if reply.op == "ready":
             self._ready = True
-        elif self._abandoned is not None and reply.id == self._pending and reply.op != "exited":
+        elif (
+            self._abandoned is not None
+            and reply.op != "exited"
+            and (reply.id == self._pending or reply.id in self._ahead)
+        ):
+            self._ahead.discard(reply.id)
             close_all(fds)  # the reply to a request given up at the stop (abandon)
             if reply.op == "spawned":  # a device nobody takes: the launcher ends it at close
                 self._running.add(reply.pid)
@@ -419,6 +451,11 @@ class Launcher:
                 self._broken = f"the launcher reported the end of pid {reply.pid}, not ours"
             self._running.discard(reply.pid)
             self._exits[reply.pid] = reply.status, reply.lingering
+        elif reply.id in self._ahead:  # a spawn sent ahead: kept for its take_spawn()
+            self._ahead.discard(reply.id)
+            if reply.op == "spawned":
+                self._running.add(reply.pid)
+            self._answers[reply.id] = reply
         elif reply.id != self._pending or not (self._spawn_lock.locked() or self._unanswered):
             close_all(fds)
             if reply.op == "spawned":  # a refusal may answer a garbled request; this may not
@@ -436,6 +473,9 @@ class Launcher:
         with self._cond:  # a stop signal in the teardown abandons nothing now
             self._abandoned = self._abandoned or "the launcher is closed"
             os.close(self._abandon_fd)
+            for reply in self._answers.values():  # spawns sent ahead that nobody took
+                close_all(list(reply.fds))
+            self._answers.clear()
         if not readable(self._pidfd, STOP_TIMEOUT_S):
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         os.waitpid(self.pid, 0)

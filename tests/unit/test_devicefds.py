@@ -20,6 +20,7 @@ from splitvmm.monitor import devicefds
 from splitvmm.monitor.devicefds import (
     Closable,
     DeviceFds,
+    HeldIrqfds,
     PciInterrupts,
     lock_disk,
 )
@@ -85,6 +86,23 @@ def test_device_fds_virtio_blk_gets_every_role(mem, owned, disk) -> None:
 
 def test_device_fds_msix_irqfds_on_their_gsis_and_intx_with_resample(mem, owned, disk) -> None:
     fds, vm, _ = make(mem, owned, blk(disk))
+    assert vm.irqfds == [
+        (fds["msix0"], 24, None),
+        (fds["msix1"], 25, None),
+        (fds["intx"], 17, fds["intx_resample"]),
+    ]
+
+
+def test_held_irqfds_reach_the_vm_only_at_release_in_their_order(mem, owned, disk) -> None:
+    """A restore's (monitor/machine.py build): registered once the saved irqchip is set."""
+    vm = IrqVm()
+    held = HeldIrqfds(vm)
+    fds = DeviceFds(held, mem, owned, PciInterrupts(intx_gsi=17, msix_gsis=(24, 25))).make(
+        blk(disk), VIRTIO_BLK
+    )
+    assert vm.irqfds == []
+    held.release()
+    held.release()  # once: nothing is held any more
     assert vm.irqfds == [
         (fds["msix0"], 24, None),
         (fds["msix1"], 25, None),

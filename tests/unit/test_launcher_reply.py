@@ -1,6 +1,7 @@
 """The monitor's decoder of launcher messages (sandbox/launcher.py): anything else is a
 ValueError, which marks the launcher broken, never another exception."""
 
+import json
 import os
 import select
 import socket
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from splitvmm.errors import DeviceFailure
+from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.sandbox.launcher import LaunchedProcess, Launcher, _decode_reply
 from splitvmm.sandbox.launcher_start import LauncherError, send
 from splitvmm.sandbox.spawn import readable
@@ -234,3 +237,78 @@ def test_a_launcher_silent_past_a_wait_is_broken_for_good(fake) -> None:
 
     with pytest.raises(LauncherError, match="did not answer within 0.1 s"):
         launcher.rest()
+
+
+def _drain(sock: socket.socket) -> list[dict[str, object]]:
+    """The request headers the launcher's end received (chunks of spec bytes skipped)."""
+    headers = []
+    while select.select([sock], [], [], 0)[0]:
+        data = sock.recv(1 << 20)
+        if data.startswith(b"{") and b'"op"' in data[:40]:
+            headers.append(json.loads(data))
+    return headers
+
+
+def test_spawns_sent_ahead_are_each_taken_by_their_id_whatever_the_order() -> None:
+    """A restore asks for its devices that read no guest RAM, loads RAM, then takes the
+    replies (monitor/machine.py): each request's reply goes to its own take, a refusal
+    included, whichever is taken first; an exit report meanwhile is filed as ever."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sleeper = subprocess.Popen(["sleep", "30"])  # a pid to hold a pidfd on (the "launcher")
+    device = subprocess.Popen(["sleep", "30"])  # the device the first request got
+    try:
+        launcher = Launcher(ours, sleeper.pid)
+        send(theirs, {"op": "ready"})
+        first = launcher.send_spawn(DeviceSpec("serial0", "serial", "ipc:///x/serial0.sock"))
+        second = launcher.send_spawn(DeviceSpec("rtc", "rtc", "ipc:///x/rtc.sock"))
+        assert [h["id"] for h in _drain(theirs)] == [first, second]
+        listener_r, listener_w = os.pipe()  # stands in for the channel's listening socket
+        pidfd = os.pidfd_open(device.pid)
+        send(theirs, {"op": "spawned", "id": first, "pid": device.pid}, [pidfd, listener_r])
+        send(theirs, {"op": "refused", "id": second, "message": "device rtc: no room"})
+        for fd in (pidfd, listener_r):
+            os.close(fd)  # the launcher's copies
+
+        with pytest.raises(DeviceFailure, match="device rtc: no room"):
+            launcher.take_spawn(second)
+        process, listener = launcher.take_spawn(first)
+
+        assert process.pid == device.pid
+        os.write(listener_w, b"!")
+        assert os.read(listener, 1) == b"!"  # the very fd the reply carried
+        os.close(listener)
+        os.close(listener_w)
+        process.close()
+    finally:
+        for p in (sleeper, device):
+            p.kill()
+            p.wait()
+        ours.close()
+        theirs.close()
+
+
+def test_a_spawn_sent_ahead_and_given_up_at_a_stop_is_not_taken() -> None:
+    """A stop abandons the launcher's requests: the take of a spawn sent ahead fails at once,
+    and its reply's fds, when it comes, are closed; the device is the launcher's to end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        launcher = Launcher(ours, sleeper.pid)
+        send(theirs, {"op": "ready"})
+        request = launcher.send_spawn(DeviceSpec("serial0", "serial", "ipc:///x/serial0.sock"))
+        launcher.send_spawn(DeviceSpec("rtc", "rtc", "ipc:///x/rtc.sock"))  # the latest one
+        launcher.abandon("the VM is stopping")
+        with pytest.raises(LauncherError, match="the VM is stopping"):
+            launcher.take_spawn(request)
+        r, w = os.pipe()
+        send(theirs, {"op": "spawned", "id": request, "pid": 12345}, [r, w])
+        os.close(r)
+        os.close(w)
+        # whoever reads next files it: the device is known, to be reported ended, not kept
+        launcher._await(lambda: True if 12345 in launcher._running else None, 5)
+        assert launcher._answers == {} and not launcher._broken
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        ours.close()
+        theirs.close()

@@ -11,8 +11,12 @@ from splitvmm.errors import BootError, ConfigError, SplitvmmError
 from splitvmm.monitor.control import SOCKET_NAME
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.rundir import MAX_SOCKET_PATH
-from splitvmm.protocol.models import MODELS
+from splitvmm.native.kvm import VmFd
+from splitvmm.protocol.models import MODELS, PortWindow
+from splitvmm.snapshot.format import SnapshotError
+from splitvmm.snapshot.reader import Snapshot
 from tests.unit.images import make_bzimage
+from tests.unit.snapshot_support import VM_CONFIG, flip_byte, make_snapshot
 
 
 class UnusedLauncher:
@@ -123,3 +127,46 @@ def test_second_console_on_stdio_is_told_how_its_model_takes_input(caplog, secon
         record.getMessage()
     )
     assert hint in record.getMessage() and not_hint not in record.getMessage()
+
+
+@pytest.mark.kvm
+def test_a_restore_starts_its_devices_without_guest_ram_before_the_ram_is_loaded(
+    tmp_path, monkeypatch
+):
+    """The 8250 is handed no guest RAM: a restore asks for it before loading RAM (what it
+    reads is its saved state), and holds its irqfd until the saved irqchip is set. RAM that
+    fails its checksum as it loads then ends the build with none of the device's irqfds in
+    KVM (an edge it sent meanwhile would have been overwritten by the saved irqchip) and no
+    device that reads guest RAM asked for."""
+    snap = make_snapshot(tmp_path / "snap")
+    flip_byte(snap / "ram.bin", 32 + 16 + 100)  # inside the first page's data
+    cfg = parse_config(VM_CONFIG, tmp_path, check_files=False)
+    launched: list[tuple[bool | None, bool]] = []
+    monkeypatch.setattr(
+        Machine,
+        "_launch_devices",
+        lambda self, guest_ram=None, ahead=False: launched.append((guest_ram, ahead)),
+    )
+    gsis: list[int] = []
+    register = VmFd.register_irqfd
+
+    def registered(vm: VmFd, eventfd: int, gsi: int, resample_fd: int | None = None) -> None:
+        gsis.append(gsi)
+        register(vm, eventfd, gsi, resample_fd)
+
+    monkeypatch.setattr(VmFd, "register_irqfd", registered)
+    machine = Machine(
+        cfg,
+        runtime_root=tmp_path / "run",
+        snapshot=Snapshot.open(snap),
+        launcher=IdleLauncher(),  # type: ignore[arg-type]
+    )
+    try:
+        with pytest.raises(SnapshotError, match=r"chunk ram .*checksum mismatch"):
+            machine.build()
+    finally:
+        machine.close()
+    serial = MODELS["serial"].transport
+    assert isinstance(serial, PortWindow)
+    assert launched == [(False, True)]  # asked for ahead: the RAM loads meanwhile
+    assert serial.irq not in gsis

@@ -130,3 +130,10 @@ def test_pauses_follows_the_pause_option_and_its_default():
     assert VIRTIO_BLK.pauses({"on_full": "error"}) is False
     assert VIRTIO_BLK.pauses({}) is True  # the option's default
     assert SERIAL.pauses({"on_full": "pause"}) is False  # its model has no pause_option
+
+
+def test_models_handed_guest_ram_are_the_virtio_ones() -> None:
+    """A restore starts the others before it loads RAM (monitor/machine.py build)."""
+    assert {name for name, model in MODELS.items() if model.reads_guest_ram} == {
+        name for name in MODELS if name.startswith("virtio-")
+    }
