@@ -72,8 +72,8 @@ from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS, FdKind, ModelDescriptor, PciFunction, PortWindow
 from splitvmm.protocol.spec import CRASH_SIGNALS, MAX_DEVICES
 from splitvmm.record import Struct
-from splitvmm.sandbox.launcher import Launcher
-from splitvmm.sandbox.launcher_start import STOP_SIGNALS, close_all
+from splitvmm.sandbox.launcher import STOP_TIMEOUT_S, Launcher
+from splitvmm.sandbox.launcher_start import STOP_SIGNALS, LauncherError, close_all
 from splitvmm.snapshot import signing
 
 if TYPE_CHECKING:
@@ -473,15 +473,27 @@ class Machine:
                 else:
                     slot.launch()
 
-    def _take_launched(self) -> None:
+    def _take_launched(self, *, closing: bool = False) -> None:
         """The launcher's replies to the requests _launch_devices sent ahead, each into its
         slot (from then on close() ends the process with it); the first failure raised once
-        every reply is taken."""
+        every reply is taken. A request a stop gave up (LauncherError) is left to close(),
+        which takes it all the same (`closing`): its device is ended by its slot before its
+        listening socket closes."""
         ahead, self._ahead = self._ahead, []
         failure: SplitvmmError | None = None
         for slot, request in ahead:
             try:
-                slot.launched(*self.launcher.take_spawn(request))
+                if closing:
+                    taken = self.launcher.take_spawn(
+                        request, given_up=True, timeout_s=STOP_TIMEOUT_S
+                    )
+                else:
+                    taken = self.launcher.take_spawn(request)
+                slot.launched(*taken)
+            except LauncherError as e:
+                failure = failure or e
+                if not closing:
+                    self._ahead.append((slot, request))
             except SplitvmmError as e:
                 failure = failure or e
         if failure is not None:
@@ -1013,7 +1025,7 @@ class Machine:
             self.control.close()  # first: no request may start on a machine being torn down
         if self._ahead:  # a restore's launch requests, its build failing before it took them
             with contextlib.suppress(SplitvmmError):  # refused, or given up: none to end
-                self._take_launched()  # into their slots, which end them below
+                self._take_launched(closing=True)  # into their slots, which end them below
         if self._pit_mode is not None:  # a failed build's, or a restore that ended at once
             _log_failure("turning the PIT's re-injection off", self._pit_mode.wait())
         vm_fds, self._vm_fds = self._vm_fds, []

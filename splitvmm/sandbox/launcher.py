@@ -272,11 +272,17 @@ class Launcher:
             self._ahead.add(self._pending)
             return self._pending
 
-    def take_spawn(self, request: int) -> tuple[LaunchedProcess, int]:
+    def take_spawn(
+        self, request: int, *, given_up: bool = False, timeout_s: float = REPLY_TIMEOUT_S
+    ) -> tuple[LaunchedProcess, int]:
         """What spawn() returns, for the request send_spawn() sent: DeviceFailure with the
-        launcher's words if it refused, LauncherError if it broke or the VM is stopping."""
+        launcher's words if it refused, LauncherError if it broke or the VM is stopping.
+        With `given_up` (a teardown's), taken even once abandon() gave it up: the launcher
+        answers at once then (our sending side shut: _await), and whoever takes the device
+        ends it before its channel's listening socket closes -- closed first, the device on
+        its way up said "the monitor closed the channel"."""
         reply = _accepted(
-            self._await(lambda: self._answers.pop(request, None), REPLY_TIMEOUT_S, request=True)
+            self._await(lambda: self._answers.pop(request, None), timeout_s, request=not given_up)
         )
         pidfd, listener = reply.fds
         return LaunchedProcess(self, reply.pid, pidfd), listener
@@ -437,12 +443,14 @@ class Launcher:
             return
         if reply.op == "ready":
             self._ready = True
-        elif (
-            self._abandoned is not None
-            and reply.op != "exited"
-            and (reply.id == self._pending or reply.id in self._ahead)
-        ):
+        elif reply.op != "exited" and reply.id in self._ahead:
+            # A spawn sent ahead: kept for its take_spawn(), given up at a stop or not (a
+            # teardown takes it; one nobody takes is closed once the launcher has ended)
             self._ahead.discard(reply.id)
+            if reply.op == "spawned":
+                self._running.add(reply.pid)
+            self._answers[reply.id] = reply
+        elif self._abandoned is not None and reply.id == self._pending and reply.op != "exited":
             close_all(fds)  # the reply to a request given up at the stop (abandon)
             if reply.op == "spawned":  # a device nobody takes: the launcher ends it at close
                 self._running.add(reply.pid)
@@ -451,11 +459,6 @@ class Launcher:
                 self._broken = f"the launcher reported the end of pid {reply.pid}, not ours"
             self._running.discard(reply.pid)
             self._exits[reply.pid] = reply.status, reply.lingering
-        elif reply.id in self._ahead:  # a spawn sent ahead: kept for its take_spawn()
-            self._ahead.discard(reply.id)
-            if reply.op == "spawned":
-                self._running.add(reply.pid)
-            self._answers[reply.id] = reply
         elif reply.id != self._pending or not (self._spawn_lock.locked() or self._unanswered):
             close_all(fds)
             if reply.op == "spawned":  # a refusal may answer a garbled request; this may not
@@ -473,12 +476,12 @@ class Launcher:
         with self._cond:  # a stop signal in the teardown abandons nothing now
             self._abandoned = self._abandoned or "the launcher is closed"
             os.close(self._abandon_fd)
-            for reply in self._answers.values():  # spawns sent ahead that nobody took
-                close_all(list(reply.fds))
-            self._answers.clear()
+            untaken, self._answers = list(self._answers.values()), {}
         if not readable(self._pidfd, STOP_TIMEOUT_S):
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         os.waitpid(self.pid, 0)
+        for reply in untaken:  # spawns sent ahead that nobody took: now that their devices
+            close_all(list(reply.fds))  # ended with the launcher, their sockets may close
         os.close(self._pidfd)
         self._pidfd = -1
 

@@ -287,11 +287,14 @@ def test_spawns_sent_ahead_are_each_taken_by_their_id_whatever_the_order() -> No
         theirs.close()
 
 
-def test_a_spawn_sent_ahead_and_given_up_at_a_stop_is_not_taken() -> None:
-    """A stop abandons the launcher's requests: the take of a spawn sent ahead fails at once,
-    and its reply's fds, when it comes, are closed; the device is the launcher's to end."""
+def test_a_spawn_sent_ahead_and_given_up_at_a_stop_is_taken_only_by_the_teardown() -> None:
+    """A stop abandons the launcher's requests: the build's take of a spawn sent ahead fails
+    at once, but its reply, when it comes, is kept for the teardown's take (given_up), whose
+    slot ends the device before its listening socket closes: closed first, a device on its
+    way up said "the monitor closed the channel" after a stop during a restore's RAM load."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sleeper = subprocess.Popen(["sleep", "30"])
+    device = subprocess.Popen(["sleep", "30"])
     try:
         launcher = Launcher(ours, sleeper.pid)
         send(theirs, {"op": "ready"})
@@ -300,15 +303,24 @@ def test_a_spawn_sent_ahead_and_given_up_at_a_stop_is_not_taken() -> None:
         launcher.abandon("the VM is stopping")
         with pytest.raises(LauncherError, match="the VM is stopping"):
             launcher.take_spawn(request)
-        r, w = os.pipe()
-        send(theirs, {"op": "spawned", "id": request, "pid": 12345}, [r, w])
-        os.close(r)
-        os.close(w)
-        # whoever reads next files it: the device is known, to be reported ended, not kept
-        launcher._await(lambda: True if 12345 in launcher._running else None, 5)
+        listener_r, listener_w = os.pipe()
+        pidfd = os.pidfd_open(device.pid)
+        send(theirs, {"op": "spawned", "id": request, "pid": device.pid}, [pidfd, listener_r])
+        os.close(pidfd)
+        os.close(listener_r)
+
+        process, listener = launcher.take_spawn(request, given_up=True, timeout_s=5)
+
+        assert process.pid == device.pid and device.pid in launcher._running
+        os.write(listener_w, b"!")
+        assert os.read(listener, 1) == b"!"  # the very fd the reply carried, still open
         assert launcher._answers == {} and not launcher._broken
+        os.close(listener)
+        os.close(listener_w)
+        process.close()
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        for p in (sleeper, device):
+            p.kill()
+            p.wait()
         ours.close()
         theirs.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +173,53 @@ def test_a_restore_starts_its_devices_without_guest_ram_before_the_ram_is_loaded
     assert isinstance(serial, PortWindow)
     assert launched == [(False, True)]  # asked for ahead: the RAM loads meanwhile
     assert serial.irq not in gsis
+
+
+# In a process of its own: a real launcher is forked only from a single-threaded process
+# (sandbox/launcher_start.py), which a test process after others may not be.
+STOP_DURING_RAM_LOAD = """
+import json, sys, time
+from pathlib import Path
+from splitvmm.config import parse_config
+from splitvmm.monitor import restore
+from splitvmm.monitor.exits import Outcome
+from splitvmm.monitor.machine import Machine
+from splitvmm.snapshot.reader import Snapshot
+from tests.unit.snapshot_support import VM_CONFIG, make_snapshot
+
+tmp = Path(sys.argv[1])
+snap = make_snapshot(tmp / "snap")
+machine = Machine(parse_config(VM_CONFIG, tmp, check_files=False), runtime_root=tmp / "run",
+                  snapshot=Snapshot.open(snap))
+
+def apply(snapshot, states, m):
+    snapshot.load_ram(m.mem)
+    time.sleep(0.5)  # a big RAM: the devices asked for ahead wait for their channels
+    m.stop(Outcome(0, "a stop signal"))
+
+restore.apply = apply
+try:
+    machine.build()
+    outcome = machine.run()
+finally:
+    machine.close()
+print(json.dumps([outcome.message, [[s.name, s.generation] for s in machine.slots]]))
+"""
+
+
+@pytest.mark.kvm
+def test_a_stop_during_a_restores_ram_load_ends_the_devices_asked_for_ahead(tmp_path):
+    """A stop while RAM loads gives up the launch requests sent ahead; the teardown takes
+    their replies all the same, and each slot ends its device before its listening socket
+    closes. Dropped with the launcher's socket instead, it reset the connection of a device
+    waiting for its channel, which said "the monitor closed the channel" after the stop."""
+    ran = subprocess.run(
+        [sys.executable, "-c", STOP_DURING_RAM_LOAD, str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout) == ["a stop signal", [["serial0", 1], ["rtc", 1]]]
+    assert "closed the channel" not in ran.stderr
