@@ -1024,6 +1024,10 @@ class Machine:
         if self.control is not None:
             self.control.close()  # first: no request may start on a machine being torn down
         if self._ahead:  # a restore's launch requests, its build failing before it took them
+            # Nobody wants those devices now: a launcher still waiting for its zygote (a new
+            # one's imports on a loaded host) refuses them at once, not after STOP_TIMEOUT_S
+            # with its handle broken. A stop abandoned them already; a failed build had not.
+            self.launcher.abandon("the VM is closing")
             with contextlib.suppress(SplitvmmError):  # refused, or given up: none to end
                 self._take_launched(closing=True)  # into their slots, which end them below
         if self._pit_mode is not None:  # a failed build's, or a restore that ended at once

@@ -292,6 +292,12 @@ class _Server:
             spec = _decode_spec(payload)
             _check_spec(spec, self.channel_dir, len(fds))
             _check_fds(spec.name, fds)
+            if self._monitor_left():
+                # A request queued before the monitor shut its sending side (a stop gave up
+                # the spawns a restore sent ahead: Launcher abandon): nobody wants its device.
+                # Handed to the zygote, its wait ended at the hang-up, which killed it, and the
+                # next spawn said "the zygote ended (-9); starting a new one" after the stop.
+                raise Refused(f"device {spec.name}: the monitor gave its request up")
             if len(self.children) >= MAX_DEVICES:
                 raise Refused(f"device {spec.name}: {MAX_DEVICES} devices run already")
             if spec.name not in self._names and len(self._names) >= MAX_DEVICES:

@@ -223,3 +223,68 @@ def test_a_stop_during_a_restores_ram_load_ends_the_devices_asked_for_ahead(tmp_
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout) == ["a stop signal", [["serial0", 1], ["rtc", 1]]]
     assert "closed the channel" not in ran.stderr
+
+
+# As STOP_DURING_RAM_LOAD, the RAM load ended by a stop at once or by an error (a checksum),
+# the launcher's zygote perhaps slow to start (a new one's imports on a loaded host).
+RAM_LOAD_ENDS = """
+import json, sys, time
+from pathlib import Path
+from splitvmm.config import parse_config
+from splitvmm.errors import SplitvmmError
+from splitvmm.monitor import restore
+from splitvmm.monitor.exits import Outcome
+from splitvmm.monitor.machine import Machine
+from splitvmm.sandbox import zygote
+from splitvmm.snapshot.reader import Snapshot
+from tests.unit.snapshot_support import VM_CONFIG, make_snapshot
+
+tmp, how, delay = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+if delay:
+    slow = ("sh", "-c", f'sleep {delay}; exec "$@"', "sh", *zygote.ZYGOTE_COMMAND)
+    zygote.Zygote.start.__func__.__defaults__ = (slow,)
+snap = make_snapshot(tmp / "snap")
+machine = Machine(parse_config(VM_CONFIG, tmp, check_files=False), runtime_root=tmp / "run",
+                  snapshot=Snapshot.open(snap))
+
+def apply(snapshot, states, m):
+    snapshot.load_ram(m.mem)
+    if how == "error":
+        raise SplitvmmError("ram: its checksum does not match")
+    m.stop(Outcome(0, "a stop signal"))
+
+restore.apply = apply
+try:
+    try:
+        machine.build()
+    except SplitvmmError:
+        pass
+finally:
+    start = time.monotonic()
+    machine.close()
+print(json.dumps([time.monotonic() - start, machine.launcher._broken]))
+"""
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(("how", "delay"), [("stop", 0), ("error", 3)])
+def test_a_restore_whose_ram_load_ends_it_gives_up_the_devices_asked_for_ahead_at_once(
+    tmp_path, how, delay
+):
+    """A stop right after the RAM load shuts our sending side before the launcher served the
+    spawns sent ahead: it handed each to its zygote, whose wait ended at the hang-up, which
+    killed it, and the next spawn said "the zygote ended (-9); starting a new one" after
+    the stop. A build error (RAM refused by its checksum) gave up nothing: the teardown's take
+    waited for a slow zygote's imports (3 s here), or for STOP_TIMEOUT_S and then broke the
+    handle, to end devices nobody wanted."""
+    ran = subprocess.run(
+        [sys.executable, "-c", RAM_LOAD_ENDS, str(tmp_path), how, str(delay)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    took, broken = json.loads(ran.stdout)
+    assert "splitvmm: launcher" not in ran.stderr
+    assert broken is None and took < 1.0
