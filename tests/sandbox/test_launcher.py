@@ -1094,7 +1094,9 @@ def test_launcher_abandon_ends_a_spawn_its_hung_zygote_holds_and_the_launcher_th
     devices and zygote killed, their last words relayed), not SIGKILLed after STOP_TIMEOUT_S."""
     _, (zygote,) = serve_one(launcher, rundir, fds)  # ready and idle
     os.kill(zygote, signal.SIGSTOP)
-    thread, outcome = spawn_on_thread(launcher, serial_spec(rundir, fds))
+    spec = serial_spec(rundir, fds, name="serial1", channel=f"ipc://{rundir}/serial1.sock")
+    thread, outcome = spawn_on_thread(launcher, spec)
+    wait_for(lambda: (rundir / "serial1.sock").exists())  # in the zygote's hands (below)
     launcher.abandon("the VM is stopping")
     thread.join(5)  # the zygote's fork timeout is 10 s
     assert not thread.is_alive()
@@ -1129,6 +1131,10 @@ def spawn_abandoned_behind_a_hung_zygote(
         os.kill(zygote, signal.SIGSTOP)
         thread, outcome = spawn_on_thread(launcher, serial_spec(rundir, fds, name="serial1",
                                           channel=f"ipc://{rundir}/serial1.sock"))  # fmt: skip
+        # The launcher listens on a spawn's channel just before it asks its zygote: the spawn
+        # is in the zygote's hands then. A spawn it reads only after the stop it refuses
+        # before the zygote (launcher_server.py), and that zygote would hold nothing.
+        wait_for(lambda: (rundir / "serial1.sock").exists())
         launcher.abandon("the VM is stopping")
         thread.join(5)
         assert isinstance(outcome[0], LauncherError)
