@@ -72,7 +72,7 @@ from splitvmm.protocol import faults
 from splitvmm.protocol.models import MODELS, FdKind, ModelDescriptor, PciFunction, PortWindow
 from splitvmm.protocol.spec import CRASH_SIGNALS, MAX_DEVICES
 from splitvmm.record import Struct
-from splitvmm.sandbox.launcher import STOP_TIMEOUT_S, Launcher
+from splitvmm.sandbox.launcher import REPLY_TIMEOUT_S, STOP_TIMEOUT_S, Launcher
 from splitvmm.sandbox.launcher_start import STOP_SIGNALS, LauncherError, close_all
 from splitvmm.snapshot import signing
 
@@ -451,11 +451,11 @@ class Machine:
         """Ask the launcher for the processes of the devices whose models are handed guest
         RAM (`guest_ram` True), are not (False), or of all of them (None); with `ahead`,
         without waiting for its replies, which _take_launched() takes later. Their channels
-        are served later still, once the monitor is confined (DeviceSlot.attach). The first call makes
-        the control socket first, the last the monitor makes in its runtime dir: one it
-        cannot make (a runtime dir with no room) then ends no device on its way up, which
-        printed "the monitor closed the channel" before the error's one line. Then every
-        device's slot, in the config's order."""
+        are served later still, once the monitor is confined (DeviceSlot.attach). The first
+        call makes the control socket first, the last the monitor makes in its runtime dir:
+        one it cannot make (a runtime dir with no room) then ends no device on its way up,
+        which printed "the monitor closed the channel" before the error's one line. Then
+        every device's slot, in the config's order."""
         if self.control is None:
             self.control = ControlServer(
                 self.rundir.path, self._control_handlers(), read_only=READ_ONLY_REQUESTS
@@ -480,16 +480,11 @@ class Machine:
         which takes it all the same (`closing`): its device is ended by its slot before its
         listening socket closes."""
         ahead, self._ahead = self._ahead, []
+        wait = STOP_TIMEOUT_S if closing else REPLY_TIMEOUT_S
         failure: SplitvmmError | None = None
         for slot, request in ahead:
             try:
-                if closing:
-                    taken = self.launcher.take_spawn(
-                        request, given_up=True, timeout_s=STOP_TIMEOUT_S
-                    )
-                else:
-                    taken = self.launcher.take_spawn(request)
-                slot.launched(*taken)
+                slot.launched(*self.launcher.take_spawn(request, given_up=closing, timeout_s=wait))
             except LauncherError as e:
                 failure = failure or e
                 if not closing:

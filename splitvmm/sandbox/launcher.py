@@ -255,9 +255,7 @@ class Launcher:
         a warm spare, which waits for resume()."""
         data = spec.to_json().encode()
         check_spec_size(spec.name, data)
-        reply = self._request({"op": "spawn"}, data, list(spec.fds.values()))
-        pidfd, listener = reply.fds
-        return LaunchedProcess(self, reply.pid, pidfd), listener
+        return self._launched(self._request({"op": "spawn"}, data, list(spec.fds.values())))
 
     def send_spawn(self, spec: DeviceSpec) -> int:
         """Ask for a device as spawn() does, without waiting for the reply: the request's id,
@@ -281,9 +279,13 @@ class Launcher:
         answers at once then (our sending side shut: _await), and whoever takes the device
         ends it before its channel's listening socket closes -- closed first, the device on
         its way up said "the monitor closed the channel"."""
-        reply = _accepted(
-            self._await(lambda: self._answers.pop(request, None), timeout_s, request=not given_up)
+        reply = self._await(
+            lambda: self._answers.pop(request, None), timeout_s, request=not given_up
         )
+        return self._launched(_accepted(reply))
+
+    def _launched(self, reply: _Reply) -> tuple[LaunchedProcess, int]:
+        """A spawned reply's device process and its channel's listening socket."""
         pidfd, listener = reply.fds
         return LaunchedProcess(self, reply.pid, pidfd), listener
 

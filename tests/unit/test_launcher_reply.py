@@ -1,6 +1,7 @@
 """The monitor's decoder of launcher messages (sandbox/launcher.py): anything else is a
 ValueError, which marks the launcher broken, never another exception."""
 
+import contextlib
 import json
 import os
 import select
@@ -249,42 +250,63 @@ def _drain(sock: socket.socket) -> list[dict[str, object]]:
     return headers
 
 
-def test_spawns_sent_ahead_are_each_taken_by_their_id_whatever_the_order() -> None:
-    """A restore asks for its devices that read no guest RAM, loads RAM, then takes the
-    replies (monitor/machine.py): each request's reply goes to its own take, a refusal
-    included, whichever is taken first; an exit report meanwhile is filed as ever."""
+@contextlib.contextmanager
+def _ahead_launcher() -> Iterator[tuple[Launcher, socket.socket, int]]:
+    """A handle on a stand-in launcher (its end of the socket, as the second item), ready,
+    and a running process to stand in for the device a spawn gets (its pid)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sleeper = subprocess.Popen(["sleep", "30"])  # a pid to hold a pidfd on (the "launcher")
-    device = subprocess.Popen(["sleep", "30"])  # the device the first request got
+    device = subprocess.Popen(["sleep", "30"])
     try:
         launcher = Launcher(ours, sleeper.pid)
         send(theirs, {"op": "ready"})
-        first = launcher.send_spawn(DeviceSpec("serial0", "serial", "ipc:///x/serial0.sock"))
-        second = launcher.send_spawn(DeviceSpec("rtc", "rtc", "ipc:///x/rtc.sock"))
-        assert [h["id"] for h in _drain(theirs)] == [first, second]
-        listener_r, listener_w = os.pipe()  # stands in for the channel's listening socket
-        pidfd = os.pidfd_open(device.pid)
-        send(theirs, {"op": "spawned", "id": first, "pid": device.pid}, [pidfd, listener_r])
-        send(theirs, {"op": "refused", "id": second, "message": "device rtc: no room"})
-        for fd in (pidfd, listener_r):
-            os.close(fd)  # the launcher's copies
-
-        with pytest.raises(DeviceFailure, match="device rtc: no room"):
-            launcher.take_spawn(second)
-        process, listener = launcher.take_spawn(first)
-
-        assert process.pid == device.pid
-        os.write(listener_w, b"!")
-        assert os.read(listener, 1) == b"!"  # the very fd the reply carried
-        os.close(listener)
-        os.close(listener_w)
-        process.close()
+        yield launcher, theirs, device.pid
     finally:
         for p in (sleeper, device):
             p.kill()
             p.wait()
         ours.close()
         theirs.close()
+
+
+def _reply_spawned(theirs: socket.socket, request: int, pid: int) -> int:
+    """Answer `request` with a device: its pidfd and, standing in for its channel's listening
+    socket, a pipe's read end; the write end, to tell that fd by."""
+    listener_r, listener_w = os.pipe()
+    pidfd = os.pidfd_open(pid)
+    send(theirs, {"op": "spawned", "id": request, "pid": pid}, [pidfd, listener_r])
+    for fd in (pidfd, listener_r):
+        os.close(fd)  # the launcher's copies
+    return listener_w
+
+
+def _check_taken(taken: tuple[LaunchedProcess, int], pid: int, listener_w: int) -> None:
+    """The device of a spawned reply, with the very listening fd the reply carried."""
+    process, listener = taken
+    try:
+        assert process.pid == pid
+        os.write(listener_w, b"!")
+        assert os.read(listener, 1) == b"!"
+    finally:
+        os.close(listener)
+        os.close(listener_w)
+        process.close()
+
+
+def test_spawns_sent_ahead_are_each_taken_by_their_id_whatever_the_order() -> None:
+    """A restore asks for its devices that read no guest RAM, loads RAM, then takes the
+    replies (monitor/machine.py): each request's reply goes to its own take, a refusal
+    included, whichever is taken first; an exit report meanwhile is filed as ever."""
+    with _ahead_launcher() as (launcher, theirs, device):
+        first = launcher.send_spawn(DeviceSpec("serial0", "serial", "ipc:///x/serial0.sock"))
+        second = launcher.send_spawn(DeviceSpec("rtc", "rtc", "ipc:///x/rtc.sock"))
+        assert [h["id"] for h in _drain(theirs)] == [first, second]
+        listener_w = _reply_spawned(theirs, first, device)
+        send(theirs, {"op": "refused", "id": second, "message": "device rtc: no room"})
+
+        with pytest.raises(DeviceFailure, match="device rtc: no room"):
+            launcher.take_spawn(second)
+        _check_taken(launcher.take_spawn(first), device, listener_w)
 
 
 def test_a_spawn_sent_ahead_and_given_up_at_a_stop_is_taken_only_by_the_teardown() -> None:
@@ -292,35 +314,16 @@ def test_a_spawn_sent_ahead_and_given_up_at_a_stop_is_taken_only_by_the_teardown
     at once, but its reply, when it comes, is kept for the teardown's take (given_up), whose
     slot ends the device before its listening socket closes: closed first, a device on its
     way up said "the monitor closed the channel" after a stop during a restore's RAM load."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sleeper = subprocess.Popen(["sleep", "30"])
-    device = subprocess.Popen(["sleep", "30"])
-    try:
-        launcher = Launcher(ours, sleeper.pid)
-        send(theirs, {"op": "ready"})
+    with _ahead_launcher() as (launcher, theirs, device):
         request = launcher.send_spawn(DeviceSpec("serial0", "serial", "ipc:///x/serial0.sock"))
         launcher.send_spawn(DeviceSpec("rtc", "rtc", "ipc:///x/rtc.sock"))  # the latest one
         launcher.abandon("the VM is stopping")
         with pytest.raises(LauncherError, match="the VM is stopping"):
             launcher.take_spawn(request)
-        listener_r, listener_w = os.pipe()
-        pidfd = os.pidfd_open(device.pid)
-        send(theirs, {"op": "spawned", "id": request, "pid": device.pid}, [pidfd, listener_r])
-        os.close(pidfd)
-        os.close(listener_r)
+        listener_w = _reply_spawned(theirs, request, device)
 
-        process, listener = launcher.take_spawn(request, given_up=True, timeout_s=5)
+        taken = launcher.take_spawn(request, given_up=True, timeout_s=5)
 
-        assert process.pid == device.pid and device.pid in launcher._running
-        os.write(listener_w, b"!")
-        assert os.read(listener, 1) == b"!"  # the very fd the reply carried, still open
+        assert device in launcher._running
         assert launcher._answers == {} and not launcher._broken
-        os.close(listener)
-        os.close(listener_w)
-        process.close()
-    finally:
-        for p in (sleeper, device):
-            p.kill()
-            p.wait()
-        ours.close()
-        theirs.close()
+        _check_taken(taken, device, listener_w)  # the fd still open

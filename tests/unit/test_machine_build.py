@@ -175,58 +175,11 @@ def test_a_restore_starts_its_devices_without_guest_ram_before_the_ram_is_loaded
     assert serial.irq not in gsis
 
 
-# In a process of its own: a real launcher is forked only from a single-threaded process
-# (sandbox/launcher_start.py), which a test process after others may not be.
-STOP_DURING_RAM_LOAD = """
-import json, sys, time
-from pathlib import Path
-from splitvmm.config import parse_config
-from splitvmm.monitor import restore
-from splitvmm.monitor.exits import Outcome
-from splitvmm.monitor.machine import Machine
-from splitvmm.snapshot.reader import Snapshot
-from tests.unit.snapshot_support import VM_CONFIG, make_snapshot
-
-tmp = Path(sys.argv[1])
-snap = make_snapshot(tmp / "snap")
-machine = Machine(parse_config(VM_CONFIG, tmp, check_files=False), runtime_root=tmp / "run",
-                  snapshot=Snapshot.open(snap))
-
-def apply(snapshot, states, m):
-    snapshot.load_ram(m.mem)
-    time.sleep(0.5)  # a big RAM: the devices asked for ahead wait for their channels
-    m.stop(Outcome(0, "a stop signal"))
-
-restore.apply = apply
-try:
-    machine.build()
-    outcome = machine.run()
-finally:
-    machine.close()
-print(json.dumps([outcome.message, [[s.name, s.generation] for s in machine.slots]]))
-"""
-
-
-@pytest.mark.kvm
-def test_a_stop_during_a_restores_ram_load_ends_the_devices_asked_for_ahead(tmp_path):
-    """A stop while RAM loads gives up the launch requests sent ahead; the teardown takes
-    their replies all the same, and each slot ends its device before its listening socket
-    closes. Dropped with the launcher's socket instead, it reset the connection of a device
-    waiting for its channel, which said "the monitor closed the channel" after the stop."""
-    ran = subprocess.run(
-        [sys.executable, "-c", STOP_DURING_RAM_LOAD, str(tmp_path)],
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert ran.returncode == 0, ran.stderr
-    assert json.loads(ran.stdout) == ["a stop signal", [["serial0", 1], ["rtc", 1]]]
-    assert "closed the channel" not in ran.stderr
-
-
-# As STOP_DURING_RAM_LOAD, the RAM load ended by a stop at once or by an error (a checksum),
-# the launcher's zygote perhaps slow to start (a new one's imports on a loaded host).
+# A restore whose RAM load ends in a stop (`how` "stop", after `settle` s: a big RAM, the
+# devices asked for ahead waiting for their channels) or an error (RAM refused by its
+# checksum), the launcher's zygote slow to start by `delay` s (a new one's imports on a loaded
+# host). In a process of its own: a real launcher is forked only from a single-threaded
+# process (sandbox/launcher_start.py), which a test process after others may not be.
 RAM_LOAD_ENDS = """
 import json, sys, time
 from pathlib import Path
@@ -239,7 +192,7 @@ from splitvmm.sandbox import zygote
 from splitvmm.snapshot.reader import Snapshot
 from tests.unit.snapshot_support import VM_CONFIG, make_snapshot
 
-tmp, how, delay = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+tmp, how, settle, delay = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 if delay:
     slow = ("sh", "-c", f'sleep {delay}; exec "$@"', "sh", *zygote.ZYGOTE_COMMAND)
     zygote.Zygote.start.__func__.__defaults__ = (slow,)
@@ -249,21 +202,54 @@ machine = Machine(parse_config(VM_CONFIG, tmp, check_files=False), runtime_root=
 
 def apply(snapshot, states, m):
     snapshot.load_ram(m.mem)
+    time.sleep(settle)
     if how == "error":
         raise SplitvmmError("ram: its checksum does not match")
     m.stop(Outcome(0, "a stop signal"))
 
 restore.apply = apply
+outcome = None
 try:
     try:
         machine.build()
+        outcome = machine.run().message
     except SplitvmmError:
         pass
 finally:
     start = time.monotonic()
     machine.close()
-print(json.dumps([time.monotonic() - start, machine.launcher._broken]))
+print(json.dumps({
+    "outcome": outcome,
+    "slots": [[s.name, s.generation] for s in machine.slots],
+    "close_s": time.monotonic() - start,
+    "broken": machine.launcher._broken,
+}))
 """
+
+
+def _ram_load_ends(tmp_path: Path, how: str, settle: float, delay: float) -> tuple[dict, str]:
+    """RAM_LOAD_ENDS's report, and its stderr."""
+    ran = subprocess.run(
+        [sys.executable, "-c", RAM_LOAD_ENDS, str(tmp_path), how, str(settle), str(delay)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout), ran.stderr
+
+
+@pytest.mark.kvm
+def test_a_stop_during_a_restores_ram_load_ends_the_devices_asked_for_ahead(tmp_path):
+    """A stop while RAM loads gives up the launch requests sent ahead; the teardown takes
+    their replies all the same, and each slot ends its device before its listening socket
+    closes. Dropped with the launcher's socket instead, it reset the connection of a device
+    waiting for its channel, which said "the monitor closed the channel" after the stop."""
+    report, stderr = _ram_load_ends(tmp_path, "stop", 0.5, 0)
+    assert report["outcome"] == "a stop signal"
+    assert report["slots"] == [["serial0", 1], ["rtc", 1]]
+    assert "closed the channel" not in stderr
 
 
 @pytest.mark.kvm
@@ -277,14 +263,6 @@ def test_a_restore_whose_ram_load_ends_it_gives_up_the_devices_asked_for_ahead_a
     the stop. A build error (RAM refused by its checksum) gave up nothing: the teardown's take
     waited for a slow zygote's imports (3 s here), or for STOP_TIMEOUT_S and then broke the
     handle, to end devices nobody wanted."""
-    ran = subprocess.run(
-        [sys.executable, "-c", RAM_LOAD_ENDS, str(tmp_path), how, str(delay)],
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert ran.returncode == 0, ran.stderr
-    took, broken = json.loads(ran.stdout)
-    assert "splitvmm: launcher" not in ran.stderr
-    assert broken is None and took < 1.0
+    report, stderr = _ram_load_ends(tmp_path, how, 0, delay)
+    assert "splitvmm: launcher" not in stderr
+    assert report["broken"] is None and report["close_s"] < 1.0
