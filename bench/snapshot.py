@@ -246,6 +246,19 @@ zygote, devices, wardens; offsets from the spawn, with each process's CPU time):
   (a new net namespace is 0.3 ms of its unshare), pivot_root (the old root's lazy unmount
   ~1 ms in a profile of the device), Landlock, and the monitor's own confinement
   (~4 ms: its two policies parsed and compiled 1.4, sysconfig's paths for Landlock 0.7).
+
+2026-12-06, the cyclic collector held off while the monitor imports and reads its config and
+snapshot (cli/early.py hold_collector, released before run_vm), and in the zygote for its
+life (devprocs/zygote.py; each device turns it on). Collections counted with gc.callbacks:
+the monitor 49 (boot) and 52 (restore) collections, ~5-6 ms, before its release point; the
+zygote's imports and two models 27, ~2.4 ms. Earlier tries read no difference (bench/startup.py:
+the zygote alone, and the monitor alone up to its imports, in start-ups of ~250 ms); both
+together, paired with the tree before (34637fc), whole restores of the 512 MiB idle snapshot
+to the vCPUs: 100.8 -> 97.1 ms (20 pairs, paired median -3.9), 95.6 -> 90.3 (20, -5.5), 96.5
+-> 92.7 (30, -4.0); whole `up` of the hello guest 103.7 -> 99.7 (20, -3.3), 101.2 -> 97.1 (30,
+-3.7). Held on until the vCPUs start instead (a prototype): -0.2 ms more, not kept. The
+garbage frozen at the release: ~395 objects (functions and classes of the imports), none
+holding an fd.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   whole `up` 251/247 against 270/239 ms, --runs 7 twice: reverted, cebd2b7; and once more
   2026-12-05, with the zygote now the one long path: the imports before the fork 22.9 ->
   11.9 ms, 30 alternating pairs of whole processes: wall 1.005, CPU 1.025: the zygote only shares
-  the cores sooner); gc.disable() during the zygote's imports (41 collections): no difference;
+  the cores sooner); gc.disable() during the zygote's imports (41 collections): no difference (since
+  taken, with the monitor's: bench/snapshot.py, 2026-12-06);
   importing hashlib lazily in protocol/models.py (~4 ms of the zygote's): a sandboxed virtio-net
   device calls default_mac(), and a device cannot import once it is confined.
 - msgspec without typing_extensions (2026-12-01, third round): hiding it for the whole
@@ -197,7 +198,8 @@ Where the time went, and what changed (issue 12, goal 1; this 2-core host, --run
   instead of once the zygote is ready (in some runs that import came between the monitor's
   first request and its answer, ~6 ms): 50 paired `up` runs, +2.1 ms [-0.7, 5.4]. And
   gc.disable() in the monitor from the launcher's fork to the end of its imports (as tried
-  in the zygote before): 40 paired runs, +1.6 ms [-7.8, 7.1].
+  in the zygote before): 40 paired runs, +1.6 ms [-7.8, 7.1] (since taken, through the
+  config and snapshot checks: bench/snapshot.py, 2026-12-06).
 
 2026-12-02, fourth session, another host (`python -c pass` 9.4 ms): --runs 10, quiet, 116.0
 ms against QEMU's 61.0 (1.90x), CPU 174.6 ms. Tried again and dropped: every spawn request

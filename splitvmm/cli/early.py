@@ -11,6 +11,7 @@ here, and an unused one ends with the process (it dies with its parent).
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ VALUED_OPTIONS = ("--log-level",)  # the root command's options that take a valu
 _forked: tuple[socket.socket, int] | None = None  # launcher_start.fork()'s socket and pid
 _closed_inherited = False  # close_inherited_fds() ran: no fd past 2 is the operator's
 _interrupted = False  # a SIGINT came while _hold_interrupt() held it, for take() to raise
+_collector_held = False  # hold_collector() turned the cyclic garbage collector off
 # Where a path names an open fd of this process (a shell's `<(make-config)` is /dev/fd/63)
 FD_DIRS = ("/dev/fd", "/proc/self/fd", "/proc/thread-self/fd")
 
@@ -38,6 +40,7 @@ def start_launcher(args: list[str]) -> None:
     if subcommand(args) not in VM_COMMANDS:
         return
     close_inherited_fds()
+    hold_collector()
     # launcher_start, not the launcher's client: what is imported before the fork delays the
     # zygote twice (here and in the launcher before its exec), and the client imports msgspec.
     from splitvmm.sandbox import launcher_start
@@ -48,6 +51,28 @@ def start_launcher(args: list[str]) -> None:
     except launcher_start.LauncherError:
         return  # run_and_exit tries again, and says why it failed
     timings.mark("launcher fork")
+
+
+def hold_collector() -> None:
+    """Turn Python's cyclic garbage collector off while a VM's command imports: the monitor's
+    ~60 ms of imports make ~35k objects that live as long as it does, and as they grew the
+    collector walked them again and again, ~5 ms of a restore's way to its vCPUs on this
+    host (bench/snapshot.py). release_collector() turns it back on once they are done."""
+    global _collector_held
+    if gc.isenabled():
+        gc.disable()
+        _collector_held = True
+
+
+def release_collector() -> None:
+    """The collector back on, if hold_collector() turned it off, with what was made meanwhile
+    frozen (gc.freeze): the modules, the config and the snapshot's checks live as long as
+    the VM, and no collection in the vCPU threads' exits need walk them again."""
+    global _collector_held
+    if _collector_held:
+        _collector_held = False
+        gc.freeze()
+        gc.enable()
 
 
 def _hold_interrupt() -> None:

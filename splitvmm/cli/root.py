@@ -51,6 +51,10 @@ class LazyGroup(click.Group):
 )
 def cli(log_level: str) -> None:
     """A KVM virtual machine monitor with every device model in its own sandboxed process."""
+    from splitvmm.cli import early
+
+    if click.get_current_context().invoked_subcommand not in early.VM_COMMANDS:
+        early.release_collector()  # held by a wrong guess of main()'s; a VM's releases it later
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
         format="splitvmm: %(levelname)s %(name)s: %(message)s",

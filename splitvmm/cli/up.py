@@ -115,6 +115,9 @@ def _run(
     except BaseException:
         launcher.close()
         raise
+    from splitvmm.cli import early
+
+    early.release_collector()  # the imports are done; what runs the VM makes garbage
     timings.mark("config")
     if snapshot_dir is None:
         return run_vm(cfg, snap, launcher)

@@ -56,6 +56,7 @@ def fork() -> tuple[socket.socket, int]:
     if pid == 0:
         code = 1
         gc.freeze()  # what we inherited is never collected: no finalizer closes an fd we reuse
+        gc.enable()  # the monitor may hold it off while it imports (cli/early.py)
         try:
             code = _launcher_main(theirs.detach(), monitor)
         except BaseException:

@@ -338,6 +338,7 @@ def _device(sock: socket.socket, fds: list[int], launcher: int, main: DeviceMain
         sock.detach()  # the fd is closed below; the object must never close a reused number
         os.setsid()  # as an exec'd device (sandbox/spawn.py start_device)
         _arrange_fds(fds)
+        gc.enable()  # a zygote may hold it off (devprocs/zygote.py); a device runs for long
         main(launcher)
         code = 0
     except SystemExit as e:  # ends as an exec'd device would, by the interpreter's rules

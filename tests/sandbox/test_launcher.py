@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import resource
@@ -260,6 +261,28 @@ def test_launcher_whose_monitor_left_before_it_was_ready_ends_quietly(capfd):
     sock.close()
     _, status = os.waitpid(pid, 0)
     assert (os.waitstatus_to_exitcode(status), capfd.readouterr().err) == (0, "")
+
+
+def test_launcher_forked_while_the_monitor_holds_its_collector_off_turns_its_own_on(
+    monkeypatch,
+):
+    """The monitor holds the cyclic collector off while it imports (cli/early.py), and the
+    launcher forked then runs for the VM's whole life: it must not inherit that."""
+
+    def report(sock_fd: int, monitor: int) -> int:
+        os.write(sock_fd, b"on" if gc.isenabled() else b"off")
+        return 0
+
+    monkeypatch.setattr(launcher_start, "_launcher_main", report)
+    gc.disable()
+    try:
+        sock, pid = launcher_start.fork()
+    finally:
+        gc.enable()
+    with sock:
+        said = sock.recv(16)
+    os.waitpid(pid, 0)
+    assert said == b"on"
 
 
 def test_launcher_spec_trickled_a_byte_at_a_time_is_refused_within_one_deadline(

@@ -91,6 +91,12 @@ def test_zygote_device_has_stdin_then_its_fds_from_3_and_nothing_else():
     assert facts["fds"]["2"] == facts["stderr"]
 
 
+def test_zygote_device_runs_with_the_collector_on_though_its_zygote_held_it_off():
+    facts = as_launcher(lambda: fork_and_report(b"x\n"))
+    assert isinstance(facts, dict), facts
+    assert facts["collector"] is True
+
+
 def test_zygote_device_is_reparented_to_the_launcher_in_a_session_of_its_own():
     facts = as_launcher(lambda: fork_and_report(b"x\n"))
     assert isinstance(facts, dict), facts

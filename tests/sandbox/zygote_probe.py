@@ -1,8 +1,10 @@
 """A zygote whose 'device' reports what it was born with (tests/sandbox/test_zygote.py):
 `python -m tests.sandbox.zygote_probe FD`. It runs sandbox/zygote.py serve() as the real
 zygote does; its device main writes one JSON line to its fd 3 and ends. Its models: any
-name but "no-such-model", each noted in `loaded` (which the device reports) on its load."""
+name but "no-such-model", each noted in `loaded` (which the device reports) on its load.
+Its collector is off, as the real zygote's is."""
 
+import gc
 import json
 import os
 import sys
@@ -36,6 +38,7 @@ def report(launcher: int) -> None:
         "sid": os.getsid(0),
         "pid": os.getpid(),
         "loaded": loaded,
+        "collector": gc.isenabled(),
     }
     os.write(3, json.dumps(facts).encode() + b"\n")
     words = line.split()
@@ -55,4 +58,5 @@ def report(launcher: int) -> None:
 
 
 if __name__ == "__main__":
+    gc.disable()  # as the real zygote holds it (devprocs/zygote.py)
     os._exit(zygote.serve(int(sys.argv[1]), report, os.getppid(), load))

@@ -1,8 +1,10 @@
 """The root command: version, help, lazy subcommands, and a clear error for a bad config."""
 
+import gc
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -71,6 +73,15 @@ class NoLauncher:
         pass
 
 
+def kernel_config(tmp_path: Path) -> Path:
+    """A config that loads: a VM booting a kernel file (an ELF by its magic alone)."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[vm]\nname = "t"\n[boot]\nkernel = "{kernel}"\n')
+    return config
+
+
 def test_cli_up_timings_of_a_failed_start_come_before_its_error(tmp_path, monkeypatch):
     """`up --timings` says where start-up time went at exit (README), a start that failed
     included: one whose device never got READY (READY_TIMEOUT_MS, 10 s) is when the operator
@@ -84,12 +95,8 @@ def test_cli_up_timings_of_a_failed_start_come_before_its_error(tmp_path, monkey
         raise DeviceFailure("device serial0: exited with status 1 before it was ready")
 
     monkeypatch.setattr(machine, "run_vm", failed_start)
-    kernel = tmp_path / "vmlinux"
-    kernel.write_bytes(b"\x7fELF")
-    config = tmp_path / "vm.toml"
-    config.write_text(f'[vm]\nname = "t"\n[boot]\nkernel = "{kernel}"\n')
 
-    result = CliRunner().invoke(cli, ["up", "--timings", str(config)])
+    result = CliRunner().invoke(cli, ["up", "--timings", str(kernel_config(tmp_path))])
 
     phases = re.findall(r"^splitvmm: timings: phase (.+?)\s+[\d.]+ ms$", result.output, re.M)
     assert result.exit_code == 1
@@ -153,16 +160,71 @@ def test_early_subcommand_skips_root_options_and_their_values(args, found):
     assert early.subcommand(args) == found
 
 
-def test_early_launcher_is_taken_once_and_only_for_a_vm(monkeypatch):
+@pytest.fixture
+def collector(monkeypatch):
+    """The collector on and nothing frozen after the test, whatever cli/early.py did (nothing
+    freezes in this process otherwise)."""
+    monkeypatch.setattr(early, "_collector_held", False)
+    frozen = gc.get_freeze_count()
+    yield
+    gc.enable()
+    if gc.get_freeze_count() != frozen:
+        gc.unfreeze()
+
+
+def test_early_collector_is_held_while_a_vm_imports_then_back_on_with_that_frozen(collector):
+    early.hold_collector()
+    assert not gc.isenabled()
+    made: list[list[int]] = [[]]  # what the imports make: a container the collector tracks
+    assert any(o is made for o in gc.get_objects())  # in a generation a collection walks
+    early.release_collector()
+    assert gc.isenabled()
+    assert gc.is_tracked(made) and not any(o is made for o in gc.get_objects())  # frozen
+    frozen = gc.get_freeze_count()
+    gc.disable()
+    early.release_collector()  # once only: a second one neither freezes nor turns it on
+    assert (gc.isenabled(), gc.get_freeze_count()) == (False, frozen)
+
+
+def test_early_collector_release_leaves_one_it_did_not_hold_alone(collector):
+    gc.disable()  # as the embedding program (a test's process) may have it
+    frozen = gc.get_freeze_count()
+    early.release_collector()
+    assert (gc.isenabled(), gc.get_freeze_count()) == (False, frozen)
+
+
+def test_cli_other_commands_release_the_collector_held_by_a_guess_of_a_vm(collector):
+    """main() guessed `up` from the arguments (a value of an option it does not know); click
+    ran another command, which must not run with the collector off."""
+    early.hold_collector()
+    result = CliRunner().invoke(cli, ["policy", "check"])
+    assert (result.exit_code, gc.isenabled()) == (0, True), result.output
+
+
+def test_cli_up_runs_the_vm_with_the_collector_on(tmp_path, monkeypatch, collector):
+    monkeypatch.setattr(Launcher, "start", classmethod(lambda cls: NoLauncher()))
+    seen: list[bool] = []
+
+    def run(cfg, snapshot, launcher):
+        seen.append(gc.isenabled())
+        raise DeviceFailure("enough")
+
+    monkeypatch.setattr(machine, "run_vm", run)
+    early.hold_collector()  # as main() does for `up`
+    result = CliRunner().invoke(cli, ["up", str(kernel_config(tmp_path))])
+    assert (result.exit_code, seen) == (1, [True]), result.output
+
+
+def test_early_launcher_is_taken_once_and_only_for_a_vm(monkeypatch, collector):
     forked = []
     monkeypatch.setattr(launcher_start, "fork", lambda: forked.append(1) or ("sock", 42))
     monkeypatch.setattr(launcher, "Launcher", lambda sock, pid: ("L", sock, pid))
     closes: list[bool] = []
     monkeypatch.setattr(early, "close_inherited_fds", lambda: closes.append(True))
     early.start_launcher(["ctl", "status"])
-    assert (forked, early.take()) == ([], None)
+    assert (forked, early.take(), gc.isenabled()) == ([], None, True)
     early.start_launcher(["up", "vm.toml"])
-    assert (early.take(), early.take()) == (("L", "sock", 42), None)
+    assert (early.take(), early.take(), gc.isenabled()) == (("L", "sock", 42), None, False)
     assert closes == [True]  # only a VM's process closes what it inherited
 
 
