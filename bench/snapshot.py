@@ -37,6 +37,9 @@ ctl suspend` and restore it with `splitvmm up --restore --timings`.
   before the save, and one before the floor's timed write (disk_floor): the floor
   comes after a restored VM ended, and its single try paid the same (252-434 ms
   against 85-122 for the same write right after, in 4 of 6 runs of 256/128).
+- floor wb s: the same write+fsync, its writeback started every WRITEBACK_STEP bytes as it
+  is written (sync_file_range), as a suspend's RAM file now is (snapshot/writer.py): what
+  the save's own way of writing costs. write/floor, the goal's ratio, stays against floor s.
 - restore s: from our clock reading before the spawn of `up --restore` to the
   monitor's "vcpus started" mark, taken once its vCPU threads are started (its
   --timings marks use the same CLOCK_MONOTONIC), as QEMU's figure runs until its
@@ -259,6 +262,24 @@ to the vCPUs: 100.8 -> 97.1 ms (20 pairs, paired median -3.9), 95.6 -> 90.3 (20,
 -3.7). Held on until the vCPUs start instead (a prototype): -0.2 ms more, not kept. The
 garbage frozen at the release: ~395 objects (functions and classes of the imports), none
 holding an fd.
+
+2026-12-06, same session: a suspend's RAM file starts to reach the disk as it is written
+(SnapshotWriter.add_ram's writeback: sync_file_range(SYNC_FILE_RANGE_WRITE) every 8 MiB),
+so the commit's fsync waits for the last piece, not the whole file. By hand first (a file
+written in 8 MiB pieces, then fsynced, 7 alternating tries each): 64 MiB 56.0 -> 40.2 ms,
+256 MiB 186.3 -> 118.7; the writes themselves 18.4 -> 21.8 and 65.7 -> 114.8 ms, as each
+piece now goes to the disk while the next is copied. So a live snapshot, whose pause ends
+with the copy, does not do it; a suspend, or a snapshot of a paused VM, whose VM waits for
+the commit anyway, does. This bench, --sizes 128,512 --runs 3, one run each of the tree
+before and after, same hour: save write 56 -> 38 ms at 64 of 128 MiB (write/floor 1.31 ->
+1.03), 178 -> 148 ms at 256 of 512 (1.14 -> 0.89); the live pauses unchanged (29 and 77 ms
+both). The floor now has a second column taken the save's way (floor wb s, above).
+Then, both changes in (the collector's hold and this), --sizes 128,512,2048 --runs 3: idle
+restore 0.094 / 0.092 / 0.091 s (QEMU 0.108 / 0.303 / 1.077); save write/floor 1.14 at 64 of
+128 MiB (38 ms against a floor of ~33), 0.83 at 256 of 512, 0.84 at 1024 of 2048 (472 ms
+against 0.56 s; floor wb 0.47); restore with 256 MiB dirty 0.179 s (QEMU 0.361). A live
+pause of 117 ms at 64 of 128 MiB in that run, the first VM of it; --sizes 128 again right
+after: 25 ms (29 before the change), write/floor 0.97.
 """
 
 from __future__ import annotations
@@ -290,6 +311,8 @@ from bench.vmrun import (  # noqa: E402
     write_config,
 )
 from splitvmm.monitor.control import READ_ONLY_TIMEOUT_S, ControlError, request  # noqa: E402
+from splitvmm.native import files  # noqa: E402
+from splitvmm.snapshot.writer import WRITEBACK_STEP  # noqa: E402
 from tests.guests.build import build_guests  # noqa: E402
 
 FIRST = re.compile(r"timings: first mark at monotonic ([\d.]+) s")
@@ -335,14 +358,19 @@ def disk_floor(work: Path, size: int) -> float:
     return write_fsync(work, size, piece)
 
 
-def write_fsync(work: Path, size: int, piece: bytes) -> float:
+def write_fsync(work: Path, size: int, piece: bytes, writeback: bool = False) -> float:
     """Seconds to write `size` bytes (whole pieces) to a new file in `work` and fsync it,
-    from a settled disk; the file is removed afterwards."""
+    from a settled disk; the file is removed afterwards. `writeback`: the file's disk writes
+    started every WRITEBACK_STEP bytes as it is written, as a suspend's RAM file is
+    (snapshot/writer.py)."""
     settle()
     t0 = time.perf_counter()
     with open(work / "floor.bin", "wb") as f:
-        for _ in range(size >> 20):
+        for n in range(1, (size >> 20) + 1):
             f.write(piece)
+            if writeback and not (n << 20) % WRITEBACK_STEP:
+                f.flush()
+                files.start_writeback(f.fileno())
         f.flush()
         os.fsync(f.fileno())
     elapsed = time.perf_counter() - t0
@@ -530,6 +558,7 @@ def one(
     size = sum(p.stat().st_size for p in snap.iterdir())
     restored = restore(env, config, snap, work)
     floor_s = disk_floor(work, size)  # one try, as the save had one: medians over the runs
+    floor_wb_s = write_fsync(work, size, os.urandom(1 << 20), writeback=True)
     shutil.rmtree(snap)
     saved = json.loads(reply.stdout)
     return {
@@ -540,6 +569,7 @@ def one(
         "size_mib": size / (1 << 20),
         **restored,
         "floor_write_fsync_s": floor_s,
+        "floor_writeback_fsync_s": floor_wb_s,
         **tracked_live(work, guest, mib, dirty_mib, reader),
     }
 
@@ -663,15 +693,16 @@ def print_tables(rows: list[dict[str, object]], runs: int) -> None:
     console = Console(width=max(Console().width, 190))  # a pipe gets 80: too narrow
     table = Table(
         title=f"snapshot (suspend) and restore, median of {runs}; "
-        "floor = write+fsync of the same bytes"
+        "floor = write+fsync of the same bytes; wb: written back as written, as the save"
     )
     columns = ["RAM MiB", "dirty MiB", "save s", "write ms", "pause ms", "live pause ms"]
-    columns += ["tracked live pause ms", "tracked write ms", "size MiB", "floor s"]
+    columns += ["tracked live pause ms", "tracked write ms", "size MiB", "floor s", "floor wb s"]
     qemu_columns = ("QEMU save s", "QEMU restore s", "restore / QEMU")
     for col in (*columns, "write/floor", "restore s", "ctl s", *qemu_columns):
         table.add_column(col, justify="right")
     for r in rows:
         floor = float(r["floor_write_fsync_s"])  # type: ignore[arg-type]
+        floor_wb = float(r["floor_writeback_fsync_s"])  # type: ignore[arg-type]
         write_s = float(r["write_ms"]) / 1e3  # type: ignore[arg-type]
         table.add_row(
             *(str(r[k]) for k in ("memory_mib", "dirty_mib")),
@@ -683,6 +714,7 @@ def print_tables(rows: list[dict[str, object]], runs: int) -> None:
             f"{r['tracked_write_ms']:.0f}",
             f"{r['size_mib']:.1f}",
             f"{floor:.2f}",
+            f"{floor_wb:.2f}",
             f"{write_s / floor:.2f}" if floor >= 0.01 else "—",
             f"{r['restore_s']:.3f}",
             f"{r['ctl_s']:.2f}",

@@ -235,7 +235,8 @@ class Coordinator:
         # their counters (`ctl devices`).
         self.snapshotting = tracker is None
         try:
-            with self._write(target, deadline, quiesced, tracker, stop) as writer:
+            stays_stopped = was_paused or keep_paused  # until the commit
+            with self._write(target, deadline, quiesced, tracker, stop, stays_stopped) as writer:
                 if not keep_paused:
                     let_go()  # the VM's data is copied: commit reads none of it
                 self._write_back_images()
@@ -463,12 +464,16 @@ class Coordinator:
         quiesced: dict[str, tuple[int, int]],
         tracker: DirtyTracker | None,
         stop: Callable[[], None],
+        stays_stopped: bool,
     ) -> SnapshotWriter:
         """Every chunk written, not yet committed: the caller commits it (or it aborts on
         leaving its `with`). The VM is stopped (`stop`) when it returns. With `tracker`, it
         runs at first: its RAM is copied while it runs (the first pass), and what it wrote
         meanwhile as long as that shrinks (again()), then stopped, then what it wrote since
-        the last pass is copied again (snapshot/ram.py sparse-v2)."""
+        the last pass is copied again (snapshot/ram.py sparse-v2). `stays_stopped`: the VM
+        runs again only after the commit, so the RAM file goes to the disk as it is written
+        (SnapshotWriter.add_ram's writeback); a pause that ends with the copy does not wait
+        for that."""
         m = self.machine
         if tracker is None:
             states = self._stop_and_save(deadline, quiesced)
@@ -478,7 +483,7 @@ class Coordinator:
         with contextlib.ExitStack() as on_error:
             on_error.callback(w.abort)
             if tracker is None:
-                w.add_ram(m.mem)
+                w.add_ram(m.mem, writeback=stays_stopped)
             else:
                 saved: list[_States] = []
 

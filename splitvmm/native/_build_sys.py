@@ -156,18 +156,25 @@ FUTEX_TYPES = "".join(
 )
 
 # -- <fcntl.h>, <linux/falloc.h>: a virtio-blk device's discard and write-zeroes ----------------
-# (os.posix_fallocate takes no mode: punching a hole or zeroing a range needs fallocate(2))
+# (os.posix_fallocate takes no mode: punching a hole or zeroing a range needs fallocate(2)),
+# and sync_file_range(2), which os lacks: a snapshot's RAM file starts to reach the disk as it
+# is written (snapshot/writer.py)
 FALLOC_INCLUDES = "#include <fcntl.h>\n#include <linux/falloc.h>\n"
 FALLOC_TYPES = "".join(
     f"static const int {name};\n"
-    for name in "FALLOC_FL_KEEP_SIZE FALLOC_FL_PUNCH_HOLE FALLOC_FL_ZERO_RANGE".split()
+    for name in """
+    FALLOC_FL_KEEP_SIZE FALLOC_FL_PUNCH_HOLE FALLOC_FL_ZERO_RANGE SYNC_FILE_RANGE_WRITE
+    """.split()
 )
 FALLOC_FUNCTIONS = """
 int sv_fallocate(int fd, int mode, long long offset, long long len);
+int sv_sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags);
 """
 FALLOC_SOURCE = """
 static int sv_fallocate(int fd, int mode, long long offset, long long len)
 { return fallocate(fd, mode, (off_t)offset, (off_t)len); }
+static int sv_sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags)
+{ return sync_file_range(fd, (off_t)offset, (off_t)nbytes, flags); }
 """
 
 # -- <fcntl.h>: open file description locks on a disk image (the monitor's QEMU-style lock) ---

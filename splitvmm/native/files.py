@@ -1,8 +1,9 @@
 """File operations the standard library lacks: fallocate(2) with a mode (a virtio-blk
 device's discard and write-zeroes punch holes in, or zero ranges of, its disk image),
 byte-range locks of an open file description (a disk image's lock as QEMU takes it: the
-standard library's fcntl would need struct flock packed by hand), and a write-only
-description of an fd shared read-write (a device's output and its stderr)."""
+standard library's fcntl would need struct flock packed by hand), a write-only
+description of an fd shared read-write (a device's output and its stderr), and the start of a
+file's writeback (sync_file_range(2): a snapshot's RAM file)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from splitvmm.native._sys import ffi, lib
 FALLOC_FL_KEEP_SIZE: int = lib.FALLOC_FL_KEEP_SIZE
 FALLOC_FL_PUNCH_HOLE: int = lib.FALLOC_FL_PUNCH_HOLE  # needs KEEP_SIZE with it
 FALLOC_FL_ZERO_RANGE: int = lib.FALLOC_FL_ZERO_RANGE
+SYNC_FILE_RANGE_WRITE: int = lib.SYNC_FILE_RANGE_WRITE  # start the writes, wait for none
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -23,6 +25,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if lib.sv_fallocate(fd, mode, offset, length) < 0:
         err = ffi.errno
         raise OSError(err, f"fallocate(mode={mode:#x}, {offset}, {length})")
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing the dirty pages of `fd`'s file to its disk, without waiting for them
+    (sync_file_range(SYNC_FILE_RANGE_WRITE) over the whole file): a later fsync then waits
+    for what was written since, not for all of it. No durability of its own (the metadata,
+    the disk's cache): only fsync gives that."""
+    if lib.sv_sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) < 0:
+        err = ffi.errno
+        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 
 
 def ofd_read_lock(fd: int, start: int, length: int) -> None:

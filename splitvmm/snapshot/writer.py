@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import re
@@ -34,10 +35,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from splitvmm import __version__
 from splitvmm.hostpath import Access, HostFileError, open_host_file
+from splitvmm.native import files
 from splitvmm.protocol.spec import NAME_RE, NAME_RULE
 from splitvmm.snapshot import digest, ram, signing, state
 from splitvmm.snapshot.format import (
@@ -54,10 +56,16 @@ from splitvmm.snapshot.format import (
     parse_manifest,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
 T = TypeVar("T")
 RAM_NAME, RAM_FILE = "ram", "ram.bin"
 JSON_KINDS = ("vcpu", "vm", "device")
 WRITE_BUFFER = 1 << 20
+# A RAM file written back as it is written (add_ram's writeback) starts its disk writes every
+# this many bytes: one RAM piece (ram.PIECE)
+WRITEBACK_STEP = ram.PIECE
 # A temporary directory younger than this is left alone even when no writer holds it: its
 # writer may be between its mkdir and its flock.
 STALE_AFTER_S = 2.0
@@ -143,6 +151,33 @@ def _writers_files(dirfd: int) -> bool:
     return True
 
 
+class _WritingBack(io.BufferedWriter):
+    """A buffered file that starts the disk writes of what it was given every WRITEBACK_STEP
+    bytes (files.start_writeback), as the file grows: by its fsync most of it is on the disk
+    already, where a file written whole and then fsynced waits for all of its writes then.
+
+    A start that fails stops the starts, and nothing else: it is a hint. The kernel does not
+    retry a write it could not start without waiting (no memory for it, say), as fsync's does,
+    and whatever the disk got wrong fsync reports at the commit."""
+
+    def __init__(self, raw: io.FileIO) -> None:
+        super().__init__(raw, WRITE_BUFFER)
+        self._fd: int | None = raw.fileno()  # None once a start failed
+        self._unstarted = 0  # bytes given since the last start
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        written = super().write(data)
+        self._unstarted += written
+        if self._unstarted >= WRITEBACK_STEP and self._fd is not None:
+            self._unstarted = 0
+            try:
+                files.start_writeback(self._fd)  # what reached the file; the buffer's follows
+            except OSError as e:
+                log.debug("snapshot RAM file: no more writeback as it is written: %s", e)
+                self._fd = None
+        return written
+
+
 class SnapshotWriter:
     """Collects chunks into a temporary directory; commit() publishes them as one snapshot."""
 
@@ -213,14 +248,22 @@ class SnapshotWriter:
             self.abort()
             raise
 
-    def _write_file(self, name: str, fill: Callable[[BinaryIO], T], sync: bool = False) -> T:
-        """Create `name` and fill it; fsync it now, or (a chunk) leave it open for commit()."""
+    def _write_file(
+        self,
+        name: str,
+        fill: Callable[[BinaryIO], T],
+        sync: bool = False,
+        writeback: bool = False,
+    ) -> T:
+        """Create `name` and fill it; fsync it now, or (a chunk) leave it open for commit().
+        `writeback`: its disk writes start as it is filled (_WritingBack)."""
         try:
             fd = open_host_file(name, f"snapshot file {name}", Access.CREATE, self._dirfd)
         except HostFileError as e:
             raise SnapshotError(f"snapshot {self.target}: {name}: {e.reason}") from None
         self._unsynced.append(fd)  # closed by _sync_files() or abort(), whatever happens
-        with open(fd, "wb", buffering=WRITE_BUFFER, closefd=False) as f:
+        raw = io.FileIO(fd, "wb", closefd=False)
+        with _WritingBack(raw) if writeback else io.BufferedWriter(raw, WRITE_BUFFER) as f:
             result = fill(f)
         if sync:
             self._sync_files()
@@ -260,18 +303,33 @@ class SnapshotWriter:
             self._chunks.append(entry)
             return entry
 
-    def add_ram(self, mem: ram.RamLike, progress: ram.Progress | None = None) -> ChunkEntry:
-        """Write guest RAM (the VM paused, devices quiesced); progress(done, total) in bytes."""
-        return self._add_ram(mem, lambda f: ram.write_ram(f, mem, progress), ram.ENCODING)
+    def add_ram(
+        self, mem: ram.RamLike, progress: ram.Progress | None = None, *, writeback: bool = False
+    ) -> ChunkEntry:
+        """Write guest RAM (the VM paused, devices quiesced); progress(done, total) in bytes.
+
+        `writeback`: the file's disk writes start as it is written, so that commit()'s fsync
+        waits for the last piece only, not the whole file (bench/snapshot.py: a file of 64
+        MiB written in 8 MiB pieces and fsynced, 56 -> 40 ms here; 256 MiB, 186 -> 119). For
+        a VM that stays stopped until the commit (a suspend's): the copy itself takes longer
+        so (the pieces go to the disk as it goes on: 66 -> 115 ms for the 256 MiB), which a
+        pause that ends with the copy, a live snapshot's, would pay."""
+        return self._add_ram(
+            mem, lambda f: ram.write_ram(f, mem, progress), ram.ENCODING, writeback
+        )
 
     def _add_ram(
-        self, mem: ram.RamLike, fill: Callable[[BinaryIO], ram.RamStats], encoding: RamEncoding
+        self,
+        mem: ram.RamLike,
+        fill: Callable[[BinaryIO], ram.RamStats],
+        encoding: RamEncoding,
+        writeback: bool = False,
     ) -> ChunkEntry:
         with self._guarded("chunk ram"):
             self._check_name(RAM_NAME)
             if _layout(mem) != self._memory:
                 raise SnapshotError("chunk ram: the memory differs from the one given at start")
-            stats = self._write_file(RAM_FILE, fill)
+            stats = self._write_file(RAM_FILE, fill, writeback=writeback)
             entry = ChunkEntry(
                 kind="ram",
                 name=RAM_NAME,

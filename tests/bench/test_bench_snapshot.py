@@ -3,6 +3,7 @@ try a run, medians over the runs), not against the best of several tries of the 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
@@ -46,6 +47,21 @@ def test_the_floor_is_timed_after_an_untimed_write_of_the_same_size(monkeypatch,
     monkeypatch.setattr(snapshot, "write_fsync", write_fsync)
     assert snapshot.disk_floor(tmp_path, 4 << 20) == 0.1
     assert sizes == [4 << 20, 4 << 20]
+
+
+def test_the_written_back_floor_starts_the_disk_every_step_as_the_save_does(monkeypatch, tmp_path):
+    """The second floor writes as a suspend's RAM file is written (snapshot/writer.py): its
+    writeback started every WRITEBACK_STEP bytes, each time once all of them reached the file."""
+    sizes: list[int] = []
+    monkeypatch.setattr(snapshot.files, "start_writeback", lambda fd: sizes.append(fd_size(fd)))
+    snapshot.write_fsync(tmp_path, 2 * snapshot.WRITEBACK_STEP + (1 << 20), b"x" * (1 << 20), True)
+    assert sizes == [snapshot.WRITEBACK_STEP, 2 * snapshot.WRITEBACK_STEP]
+    snapshot.write_fsync(tmp_path, 2 * snapshot.WRITEBACK_STEP, b"x" * (1 << 20))
+    assert len(sizes) == 2  # the plain floor: none
+
+
+def fd_size(fd: int) -> int:
+    return os.fstat(fd).st_size
 
 
 class Nothing:

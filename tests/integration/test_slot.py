@@ -1387,7 +1387,7 @@ def test_suspend_holds_the_restart_of_a_device_that_crashed_after_its_save(tmp_p
         m._restarter()
         slot.sync()  # a restarted process served its kicks by now (none, away: False)
 
-    def write(target, deadline, quiesced, tracker, stop):
+    def write(target, deadline, quiesced, tracker, stop, stays_stopped):
         states = coord._quiesce_devices(deadline, quiesced)
         coord._check_generations(states)  # as _write: every device is the one it saved
         saved.update(states["net0"][1])

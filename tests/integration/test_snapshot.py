@@ -17,7 +17,7 @@ import pytest
 
 from splitvmm.monitor.memory import GuestMemory
 from splitvmm.snapshot.reader import Snapshot
-from splitvmm.snapshot.writer import STALE_AFTER_S
+from splitvmm.snapshot.writer import STALE_AFTER_S, WRITEBACK_STEP
 from tests.integration.conftest import vm_toml
 from tests.integration.vmproc import VmProcess, splitvmm
 
@@ -38,9 +38,13 @@ def counter_sum(v: int) -> int:
 
 
 def counter_config(tmp_path: Path, guests, serial: Path) -> Path:
+    return guest_config(tmp_path, guests["counter"], f"period={PERIOD} check=1", serial)
+
+
+def guest_config(tmp_path: Path, guest: Path, cmdline: str, serial: Path) -> Path:
+    """tmp_path/vm.toml: a 64 MiB VM of one vCPU booting `guest` with `cmdline`."""
     config = tmp_path / "vm.toml"
-    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period={PERIOD} check=1"'
-    config.write_text(vm_toml(boot, "64M", 1, serial))
+    config.write_text(vm_toml(f'kernel = "{guest}"\ncmdline = "{cmdline}"', "64M", 1, serial))
     return config
 
 
@@ -167,6 +171,28 @@ def test_live_snapshot_of_a_guest_writing_all_the_time_holds_one_instant(guests,
         assert g >= 1 and gens == [g] * k + [g - 1] * (len(gens) - k), (i, g, sorted(set(gens))[:8])
 
 
+@pytest.mark.parametrize("paused", [False, True], ids=["suspend", "paused VM"])
+def test_a_stopped_vms_snapshot_writes_its_ram_back_under_the_monitors_filter(
+    guests, tmp_path, paused
+):
+    """A suspend's RAM file, or a paused VM's, starts its writeback every WRITEBACK_STEP bytes
+    (snapshot/writer.py), by sync_file_range from the confined monitor: a RAM file of several
+    steps, as the counter guest's (under 100 KiB) is not, so that the call is made at all."""
+    serial = tmp_path / "serial.log"
+    config = guest_config(tmp_path, guests["dirty"], f"mib={FILL_MIB}", serial)
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    vm.wait_for(r"^dirty: \d+ MiB written$")
+    if paused:
+        assert vm.ctl("pause").returncode == 0
+    r = vm.ctl("snapshot" if paused else "suspend", str(tmp_path / "s"))
+    if paused:
+        vm.ctl("suspend", str(tmp_path / "end"))
+    status, err = vm.finish()
+
+    assert (r.returncode, status) == (0, 0), (r.stderr, err)
+    assert (tmp_path / "s" / "ram.bin").stat().st_size > 2 * WRITEBACK_STEP
+
+
 def test_snapshot_removes_what_a_killed_writer_left(guests, tmp_path):
     """A monitor killed while it wrote a snapshot leaves its temporary directory, a copy of
     guest RAM: the confined monitor's next snapshot into that directory removes it."""
@@ -219,9 +245,7 @@ def test_snapshot_during_forwarded_reads_loses_nothing(guests, tmp_path):
     # so the snapshot lands while a vCPU is in the middle of one. Its reads go to IIR: the
     # monitor answers SCR reads (the default port) from the serial's register mirror.
     serial = tmp_path / "serial.log"
-    config = tmp_path / "vm.toml"
-    boot = f'kernel = "{guests["pio-loop"]}"\ncmdline = "count=3000 in_port=0x3fa"'
-    config.write_text(vm_toml(boot, "64M", 1, serial))
+    config = guest_config(tmp_path, guests["pio-loop"], "count=3000 in_port=0x3fa", serial)
     vm = VmProcess(tmp_path, ["up", str(config)], serial)
     vm.wait_for(r"pio-loop: count=")
     snapshot_running(vm, tmp_path / "s1", "suspend")

@@ -385,6 +385,24 @@ def test_monitor_filter_lets_the_running_monitor_turn_pit_reinjection_off() -> N
 
 
 @pytest.mark.parametrize(
+    ("flags", "status"),
+    [("files.SYNC_FILE_RANGE_WRITE", 5), ("files.SYNC_FILE_RANGE_WRITE | 4", -signal.SIGSYS)],
+    ids=["start the writes", "and wait for them"],
+)
+def test_monitor_filter_lets_a_suspend_start_its_ram_files_writeback_only(
+    flags: str, status: int
+) -> None:
+    """A suspend's RAM file is written back as it is written (snapshot/writer.py), through
+    sync_file_range(SYNC_FILE_RANGE_WRITE); what waits for the disk stays fsync's. (On a
+    socket the call fails, ESPIPE, instead of killing the process.)"""
+    statement = (
+        "from splitvmm.native import files\n"
+        f"files.lib.sv_sync_file_range(ours.fileno(), 0, 0, {flags})"
+    )
+    assert _under_monitor_filter(statement) == status
+
+
+@pytest.mark.parametrize(
     "statement",
     ["ours.send(b'!', socket.MSG_OOB)", "theirs.send(b'!'); ours.recv(1, socket.MSG_OOB)"],
 )

@@ -58,6 +58,7 @@ class FakeWriter(Struct):
     fail: bool = False
     aborted: list[bool] = field(default_factory=list)
     archived: bool = False  # moved away by something else as soon as it is committed
+    stays_stopped: list[bool] = field(default_factory=list)  # what each _write was told
 
     def __enter__(self) -> FakeWriter:
         return self
@@ -93,8 +94,34 @@ def coordinator(
     )  # fmt: skip
     coord = Coordinator(machine)  # type: ignore[arg-type]
     writer = FakeWriter(events, tmp_path / "snap", fail, archived=archived)
-    monkeypatch.setattr(coord, "_write", lambda target, deadline, quiesced, tracker, stop: writer)
+
+    def write(target, deadline, quiesced, tracker, stop, stays_stopped):
+        writer.stays_stopped.append(stays_stopped)
+        return writer
+
+    monkeypatch.setattr(coord, "_write", write)
+    coord.writer = writer  # type: ignore[attr-defined]
     return coord, events
+
+
+@pytest.mark.parametrize(
+    ("paused", "keep_paused", "stays"),
+    [(False, False, False), (False, True, True), (True, False, True)],
+    ids=["live", "suspend", "paused VM"],
+)
+def test_coordinator_writes_ram_back_as_it_goes_only_where_the_vm_waits_for_the_commit(
+    tmp_path, monkeypatch, paused, keep_paused, stays
+):
+    """The RAM file goes to the disk as it is written (SnapshotWriter.add_ram's writeback)
+    where the VM stays stopped until the commit: a suspend, a paused VM's snapshot. Not a live
+    snapshot's, whose pause ends with the copy, which the writeback makes longer."""
+    coord, events = coordinator(tmp_path, monkeypatch)
+    if paused:
+        coord.pause()
+
+    coord.snapshot(tmp_path / "snap", keep_paused=keep_paused)
+
+    assert coord.writer.stays_stopped == [stays]  # type: ignore[attr-defined]
 
 
 def test_coordinator_snapshot_resumes_vcpus_before_the_commit(tmp_path, monkeypatch):
@@ -280,7 +307,7 @@ def test_coordinator_restarts_a_device_that_crashed_after_its_save_once_the_vm_r
     coord.machine.slots = [saved]
     coord.machine.restart_later = lambda slot: events.append(f"restart {slot.name}")
 
-    def write(target, deadline, quiesced, tracker, stop):
+    def write(target, deadline, quiesced, tracker, stop, stays_stopped):
         coord._quiesce_devices(deadline, quiesced)
         events.append(f"held {coord.hold_restart(saved)} {coord.hold_restart(late)}")
         return FakeWriter(events, target)
@@ -723,7 +750,7 @@ def test_coordinator_failed_suspend_leaves_no_snapshot_of_the_vm_it_resumed(
     runs on (a failed suspend resumes everything), so the snapshot must not stay behind."""
     coord, events = coordinator(tmp_path, monkeypatch)
 
-    def write(target, deadline, quiesced, tracker, stop):
+    def write(target, deadline, quiesced, tracker, stop, stays_stopped):
         w = SnapshotWriter(target, VM_CONFIG, CPUID, mem)
         w.add_ram(mem)
         w.add_json_chunk("vcpu", "vcpu0", 1, VCPU)

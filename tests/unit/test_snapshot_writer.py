@@ -49,6 +49,64 @@ def test_writer_roundtrip_restores_identical_memory(tmp_path, mem, fresh):
     assert fresh.map[:] == mem.map[:]
 
 
+def test_writer_ram_written_back_as_it_goes_starts_the_disk_every_step_same_bytes(
+    tmp_path, monkeypatch
+):
+    """add_ram(writeback=True), a suspend's: the RAM file's disk writes start every
+    WRITEBACK_STEP bytes as it is written, on that file; the bytes are the same as without."""
+    monkeypatch.setattr(writer_module, "WRITEBACK_STEP", 2 * PAGE)
+    monkeypatch.setattr(writer_module, "WRITE_BUFFER", PAGE)  # the file grows as it is given
+    started: list[tuple[int, int]] = []  # (fd, the file's size then)
+    start_writeback = writer_module.files.start_writeback
+
+    def start(fd: int) -> None:
+        started.append((fd, os.fstat(fd).st_size))
+        start_writeback(fd)  # the real call: a regular file in a snapshot directory takes it
+
+    monkeypatch.setattr(writer_module.files, "start_writeback", start)
+    pages = {2 * n * PAGE: bytes([n + 1]) for n in range(8)}  # 8 extents of a data page
+    mem = memory(pages=pages)
+    files = {}
+    try:
+        for name, writeback in (("back", True), ("plain", False)):
+            with SnapshotWriter(tmp_path / name, VM_CONFIG, CPUID, mem) as w:
+                w.add_ram(mem, writeback=writeback)
+                files[name] = (tmp_path / name, w.commit())
+    finally:
+        mem.close()
+    back, plain = ((path / "ram.bin").read_bytes() for path, _ in files.values())
+    assert back == plain
+    assert len({fd for fd, _ in started}) == 1  # one file's: the RAM's, not the manifest's
+    sizes = [size for _, size in started]
+    assert sizes == sorted(set(sizes)) and sizes[0] > 0 and len(sizes) >= 3  # as it grew
+
+
+def test_writer_ram_writeback_that_cannot_start_is_a_hint_the_snapshot_is_written(
+    tmp_path, monkeypatch, mem
+):
+    """A start of the writeback that fails (the kernel could not start the writes without
+    waiting) stops the starts and fails nothing: the commit's fsync reports what the disk got
+    wrong."""
+    monkeypatch.setattr(writer_module, "WRITEBACK_STEP", PAGE)
+    monkeypatch.setattr(writer_module, "WRITE_BUFFER", PAGE)
+    tries: list[int] = []
+
+    def refuse(fd: int) -> None:
+        tries.append(fd)
+        raise OSError(errno.ENOMEM, "sync_file_range: Cannot allocate memory")
+
+    monkeypatch.setattr(writer_module.files, "start_writeback", refuse)
+    with SnapshotWriter(tmp_path / "s", VM_CONFIG, CPUID, mem) as w:
+        w.add_ram(mem, writeback=True)
+        snap = Snapshot.open(w.commit())
+    fresh = memory(pages={})
+    try:
+        snap.load_ram(fresh)
+        assert (fresh.map[:] == mem.map[:], len(tries)) == (True, 1)
+    finally:
+        fresh.close()
+
+
 def test_writer_ram_chunk_size_is_the_data_not_the_memory(tmp_path):
     big = memory(64 * MIB, {0x1000: b"\x01", 0x2000000: b"\x02", 0x3FFF000: b"\x03"})
 
