@@ -96,7 +96,7 @@ def coordinator_saves(
     )  # fmt: skip
     with pytest.raises(Stop):
         coordinator = Coordinator(machine)  # type: ignore[arg-type]
-        coordinator._write(None, Deadline(10), {}, None, lambda: None)  # type: ignore[arg-type]
+        coordinator._write(None, Deadline(10), {}, None, lambda: None, False)  # type: ignore[arg-type]
     return saved
 
 
