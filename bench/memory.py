@@ -102,6 +102,11 @@ before its first fork. --runs 1, same session: serial 45.8 -> 44.9 MiB resident 
 its first fork instead: 5 devices then read 62.5 (1.83x), the devices' PSS 35.3 against 34.0,
 as a later model's import wrote the zygote's heap between forks and the devices forked
 before and after it shared fewer pages.
+
+2026-12-06, a later session (the cyclic collector held off while a VM's processes import:
+cli/early.py, devprocs/zygote.py), --runs 3: serial 45.0 MiB resident against QEMU's 32.8
+(1.37x), the monitor 17.5 PSS, the launcher 8.3, the devices 16.4; 5 devices 59.4 against
+34.1 (1.74x); the last session read 44.9 and 60.8: no change that shows.
 """
 
 from __future__ import annotations

@@ -277,6 +277,11 @@ names them; sandbox/zygote.py). 30 alternating pairs of `up --timings` on this g
 round, in a noisy hour. This bench, --runs 9, quiet, same session: 115.1 ms against QEMU's
 60.6 (1.90x; CPU 177.5 ms), and 120.8 / 63.0 (1.92x) in an earlier run. Within 2x in quiet
 runs; the host's load moves it by more than this change did.
+
+2026-12-06, a later session: the cyclic collector held off while the monitor and the zygote
+import (cli/early.py, devprocs/zygote.py; figures in bench/snapshot.py): 30 alternating
+pairs of whole `up` runs against the tree before, 101.2 -> 97.1 ms (paired median -3.7).
+This bench, --runs 9: 105.4 ms against QEMU's 57.9 (1.82x; CPU 158.9 ms against 27.6).
 """
 
 from __future__ import annotations
