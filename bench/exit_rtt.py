@@ -218,8 +218,13 @@ socket, whose state the device's looking keeps on the other CPU, right after the
 on this one, costs ~10 us on this host, where the floor (taken without a guest) pays ~1.
 That is a third of what is left; the next step there would be no system call at all on a
 looked-for access: a doorbell in memory shared with the device, looked at by both ends,
-with the socket for the sleeping end. Not built. Goal (<= 1.2) not met on this host by
-~6 us; no change to the path.
+with the socket for the sleeping end. Not built. A bare Python KVM_RUN loop (bench/floors.py's
+real-mode guest, so CPL0: PVM emulates it) and a peer process pinned to the other CPU,
+looking (a script outside the tree, 20000 exits, two runs): the socket round trip after each
+exit 4.5 us (4.2 after a 10 us spin instead of the exit), a doorbell round trip in shared
+memory 1.3 (1.1-1.4): no ~10 us first write after a CPL0 guest. So the first write's cost
+goes with the guest running natively at CPL3 (PVM switches to its page tables), which this
+loop does not reproduce. Goal (<= 1.2) not met on this host by ~6 us; no change to the path.
 """
 
 from __future__ import annotations
