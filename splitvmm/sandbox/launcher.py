@@ -253,20 +253,17 @@ class Launcher:
         """Start a device: its process, and its channel's listening socket (an fd we own).
         DeviceFailure naming the device if the launcher refused it. A deferred spec starts
         a warm spare, which waits for resume()."""
-        data = spec.to_json().encode()
-        check_spec_size(spec.name, data)
-        return self._launched(self._request({"op": "spawn"}, data, list(spec.fds.values())))
+        return self._launched(self._request(*_spawn_request(spec)))
 
     def send_spawn(self, spec: DeviceSpec) -> int:
         """Ask for a device as spawn() does, without waiting for the reply: the request's id,
         for take_spawn(). A machine asks for several devices this way and goes on building
         the VM while the launcher starts them (monitor/machine.py); the launcher answers its
         requests in order, and each reply is filed by its id until taken."""
-        data = spec.to_json().encode()
-        check_spec_size(spec.name, data)
+        request = _spawn_request(spec)
         with self._spawn_lock:
             self._take_unanswered()
-            self._send({"op": "spawn"}, data, list(spec.fds.values()))
+            self._send(*request)
             self._ahead.add(self._pending)
             return self._pending
 
@@ -486,6 +483,14 @@ class Launcher:
             close_all(list(reply.fds))  # ended with the launcher, their sockets may close
         os.close(self._pidfd)
         self._pidfd = -1
+
+
+def _spawn_request(spec: DeviceSpec) -> tuple[dict[str, object], bytes, list[int]]:
+    """The spawn request for `spec`, spawn()'s and send_spawn()'s: (header, data, fds);
+    DeviceFailure, nothing sent, if a device could not read a spec that large."""
+    data = spec.to_json().encode()
+    check_spec_size(spec.name, data)
+    return {"op": "spawn"}, data, list(spec.fds.values())
 
 
 def _accepted(reply: _Reply) -> _Reply:
