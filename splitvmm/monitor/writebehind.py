@@ -59,8 +59,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from splitvmm.errors import KvmError
@@ -114,6 +113,22 @@ class _Held:
         self.offset: int | None = None  # the offset every write is at; None: several
         self.lock = threading.Lock()  # one delivery at a time, and accesses wait for it
         self.deliveries = 0
+
+
+class _Serving:
+    """WriteBehind.serving()'s access: its device's lock, held until the block ends; `with`
+    gives the mirror's answer (None: none)."""
+
+    __slots__ = ("_lock", "_answer")
+
+    def __init__(self, lock: threading.Lock, answer: bytes | None) -> None:
+        self._lock, self._answer = lock, answer
+
+    def __enter__(self) -> bytes | None:
+        return self._answer
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def kernel_holds_rep_outs_once(release: str) -> bool:
@@ -177,20 +192,35 @@ class WriteBehind:
         self._thread.start()
 
     # -- the vCPUs' side ---------------------------------------------------------------------
-    @contextmanager
-    def serving(self, port: int, size: int | None = None) -> Iterator[bytes | None]:
-        """An exit at `port`, of a device's window (in `ports`), served inside: the device's
-        held writes go first, and no held write goes to it until the access is served (one
-        another vCPU made meanwhile, which a read answered from the mirror counted as coming
-        before this access, must not come after it). With `size`, a read of `size` bytes:
-        the mirror's answer if exact with the held writes counted (then nothing is
-        delivered), else None."""
+    def serving(self, port: int, size: int | None = None) -> _Serving:
+        """An exit at `port`, of a device's window (in `ports`), served inside (`with`): the
+        device's held writes go first, and no held write goes to it until the access is
+        served (one another vCPU made meanwhile, which a read answered from the mirror
+        counted as coming before this access, must not come after it). With `size`, a read
+        of `size` bytes: the mirror's answer if exact with the held writes counted (then
+        nothing is delivered), else None.
+
+        Nothing held for the device (the ring and its queue empty, looked at under the
+        ring's lock, which the flusher holds while it moves writes from one to the other) is
+        the common case, a forwarded read's: then nothing is collected or delivered, and
+        the access only holds the device's lock. A class, not @contextmanager: its
+        generator cost each forwarded read ~0.5 us more here (a vCPU's exits run on cold
+        caches, where it is more: bench/exit_rtt.py)."""
         held = self._window[port]
-        with held.lock:
-            answer = self._answer_locked(held, port, size) if size is not None else None
-            if answer is None:
-                self._deliver_locked(held)
-            yield answer
+        lock = held.lock
+        lock.acquire()
+        try:
+            with self._ring_lock:
+                idle = not held.writes and not self._ring.pending()
+            answer = None
+            if not idle:
+                answer = self._answer_locked(held, port, size) if size is not None else None
+                if answer is None:
+                    self._deliver_locked(held)
+        except BaseException:
+            lock.release()
+            raise
+        return _Serving(lock, answer)
 
     def _answer_locked(self, held: _Held, port: int, size: int) -> bytes | None:
         """A read's answer from the mirror (serving()), `held`'s lock held."""

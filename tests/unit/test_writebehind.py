@@ -327,6 +327,56 @@ def test_access_during_a_delivery_waits_for_it(kernel, ring):
     assert (order, com1.runs) == (["delivered", "access"], [[(0, b"a")]])
 
 
+def test_access_with_nothing_held_keeps_the_device_until_it_is_served(kernel, ring):
+    """Nothing held when the access came (serving() takes nothing, delivers nothing): a write
+    held meanwhile (another vCPU's) still waits for the access to be served."""
+    com1 = Device("com1")
+    held = make(ring, Vm(), com1)
+    with held.serving(COM1 + IER, 1) as answer:
+        assert answer is None
+        kernel.write(COM1, b"a")
+        flusher = threading.Thread(target=held.flush)
+        flusher.start()
+        flusher.join(0.05)
+        assert com1.runs == []  # not while the access is served
+    flusher.join(DEADLINE_S)
+    assert com1.runs == [[(0, b"a")]]
+
+
+def test_access_while_the_flusher_moves_writes_from_the_ring_delivers_them_first(
+    kernel, ring, monkeypatch
+):
+    """The flusher's look takes the writes from the ring, then queues them, under the ring's
+    lock: the ring is empty and the queue too in between, and an access that looked then
+    without that lock would overtake them."""
+    com1 = Device("com1", answer=None)  # its mirror cannot answer: the writes go first
+    held = make(ring, Vm(), com1)
+    kernel.write(COM1, b"a")
+    taken, go_on = threading.Event(), threading.Event()
+    take = ring.take
+
+    def slow_take() -> list[tuple[int, bytes]]:
+        writes = take()
+        if writes:  # the flusher's: the ring is empty now, the queue not yet filled
+            taken.set()
+            go_on.wait(DEADLINE_S)
+        return writes
+
+    monkeypatch.setattr(ring, "take", slow_take)
+    flusher = threading.Thread(target=held._collect)
+    flusher.start()
+    assert taken.wait(DEADLINE_S)
+    answers: list[bytes | None] = []
+    access = threading.Thread(target=lambda: answers.append(served(held, COM1 + IER, 1)))
+    access.start()
+    access.join(0.05)
+    go_on.set()
+    flusher.join(DEADLINE_S)
+    access.join(DEADLINE_S)
+    assert com1.runs == [[(0, b"a")]]  # delivered by the access, before it was served
+    assert (answers, len(com1.reads)) == ([None], 1)  # asked once, with the write counted
+
+
 # -- arming, the flusher ---------------------------------------------------------------------
 def test_arm_registers_every_zone_once(ring):
     vm = Vm()
