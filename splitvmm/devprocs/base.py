@@ -398,6 +398,12 @@ class TimedEvents(Protocol):
 
 @runtime_checkable
 class MirroredRegisters(Protocol):
+    def quiet_reads(self) -> frozenset[int]:
+        """Offsets whose one-byte read, in any state, changes no value mirror() returns, nor
+        its credit: the runtime answers such a read without asking mirror() again
+        (runtime.MirrorPublisher applied_read). Asked once; the model's promise, which its
+        tests check."""
+
     def mirror(self) -> wire.Mirror:
         """What reads of the registers its descriptor mirrors (ModelDescriptor.mirrored, in
         order) return now, None for one whose read would have a side effect now; and the

@@ -58,6 +58,9 @@ class Op(enum.IntEnum):
     CHECKPOINT = 9
 
 
+_OPS = {op.value: op for op in Op}  # a dict's lookup: Op(value) costs ~0.3 us a frame
+
+
 class Access(Struct, frozen=True):
     """A guest access forwarded to a device: `offset` is relative to the device window."""
 
@@ -202,7 +205,7 @@ def decode_access(buf: bytes, window: int) -> Access:
             raise ProtocolError(
                 f"access {Op(op).name} size={size} offset={offset:#x} out of window"
             )
-        return Access(Op(op), size, seq, offset, data[:size] if op == Op.WRITE else b"")
+        return Access(_OPS[op], size, seq, offset, data[:size] if op == Op.WRITE else b"")
     if op == Op.SYNC:
         return Access(Op.SYNC, 0, seq, 0, b"", drain=bool(flags & DRAIN))
     if op == Op.INPUT:

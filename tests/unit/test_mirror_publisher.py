@@ -53,3 +53,45 @@ def test_publisher_read_that_changes_a_mirrored_value_sends_a_mirror_before_its_
     published = wire.decode_mirror(mirror, MODELS["serial"].mirrored, Uart8250.WINDOW)
     assert (published.stamp, published.values[3] is not None) == (1, True)
     assert wire.decode_read_reply(reply, 1, 1)[1] is None
+
+
+def asked(channel: Channel) -> list[int]:
+    """Counts the model's mirror() calls from now on (one element per call)."""
+    calls: list[int] = []
+    mirror = channel.uart.mirror
+
+    def counted() -> wire.Mirror:
+        calls.append(1)
+        return mirror()
+
+    channel.uart.mirror = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_publisher_quiet_read_is_restamped_without_asking_the_model():
+    channel = Channel()
+    calls = asked(channel)
+    for seq, reg in enumerate((Reg.IIR_FCR, Reg.IER, Reg.LCR, Reg.MCR, Reg.SCR), 1):
+        (reply,) = channel.read(reg)
+        assert wire.decode_read_reply(reply, seq, 1)[1] == seq  # RESTAMPED at its count
+    assert calls == []
+
+
+def test_publisher_quiet_read_after_a_write_within_the_credit_asks_the_model():
+    """The write used the credit: whether a restamp may give it whole again is the model's
+    credit now, which only mirror() says."""
+    channel = Channel()
+    channel.frame(wire.encode_write(Reg.RX_TX, b"a"))  # THR, within the credit
+    calls = asked(channel)
+    (reply,) = channel.read(Reg.IIR_FCR)
+    assert (len(calls), wire.decode_read_reply(reply, 1, 1)[1]) == (1, 2)
+    channel.read(Reg.IIR_FCR)  # restamped whole: quiet again
+    assert len(calls) == 1
+
+
+def test_publisher_read_that_is_not_quiet_asks_the_model():
+    channel = Channel()
+    calls = asked(channel)
+    channel.read(Reg.LSR)
+    channel.read(Reg.RX_TX)
+    assert len(calls) == 2
