@@ -616,6 +616,8 @@ class DeviceChannel:
     def _handled_event(self, buf: bytes) -> bool:
         """Whether `buf` was an event, a MIRROR or a CHECKPOINT, now handled (decoded once:
         events.event_in, wire.decode_mirror, wire.decode_checkpoint)."""
+        if wire.is_access_reply(buf):  # first: what a vCPU's read waits for
+            return False
         if wire.is_mirror(buf):
             self._take_mirror(buf)
             return True

@@ -160,6 +160,15 @@ def decode_checkpoint(buf: bytes) -> tuple[int, int]:
     return applied, emitted
 
 
+_ACCESS_REPLIES = frozenset((Op.READ_DONE, Op.SYNC_DONE))
+
+
+def is_access_reply(buf: bytes) -> bool:
+    """Whether a frame from a device claims to answer an access (READ_DONE, SYNC_DONE: no
+    event; decode_read_reply and decode_sync_done check it)."""
+    return len(buf) == FRAME.size and buf[0] in _ACCESS_REPLIES
+
+
 def is_mirror(buf: bytes) -> bool:
     """Whether a frame from a device claims to be a MIRROR (decode_mirror checks it)."""
     return len(buf) == FRAME.size and buf[0] == Op.MIRROR

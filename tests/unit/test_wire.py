@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitvmm.errors import ProtocolError
-from splitvmm.protocol import wire
+from splitvmm.protocol import control, wire
 
 
 def test_read_done_matching_reply_returns_data():
@@ -230,3 +230,17 @@ def test_checkpoint_random_frames_never_crash_the_decoder(buf):
     except ProtocolError:
         return
     assert 0 <= applied <= wire.MAX_COUNT and 0 <= emitted <= wire.MAX_COUNT
+
+
+def test_access_replies_are_told_from_every_other_frame_a_device_sends():
+    assert wire.is_access_reply(wire.encode_read_done(1, b"\x01"))
+    assert wire.is_access_reply(wire.encode_sync_done(2))
+    others = (
+        wire.encode_ready(),
+        wire.encode_checkpoint(3, 4),
+        wire.encode_mirror(wire.Mirror((b"\x00",)), ((0, 1),)),
+        wire.encode_read(1, 0, 1),
+        control.encode({"op": "pong", "seq": 1}),
+        wire.encode_read_done(1, b"\x01")[:-1],  # a frame's length is part of what it is
+    )
+    assert not any(wire.is_access_reply(frame) for frame in others)
