@@ -134,6 +134,27 @@ def test_an_event_the_kernel_takes_in_part_goes_out_whole_before_the_next() -> N
         channel.close()
 
 
+def test_a_send_the_kernel_takes_in_part_waits_and_goes_out_whole() -> None:
+    """send() (a reply's way: one write when it all fits) waits for room for the rest, and
+    nothing else goes in between."""
+    monitor, channel = channel_pair()
+    big = bytes(range(256)) * 4096  # 1 MiB: past any socket buffer here
+    try:
+        monitor.send(b"hello")
+        assert channel.recv() == b"hello"
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.extend([monitor.recv(), monitor.recv()]))
+        reader.start()
+        channel.send(big)
+        assert not channel.sending
+        channel.send(b"reply")
+        reader.join(10)
+        assert got == [big, b"reply"]
+    finally:
+        monitor.close()
+        channel.close()
+
+
 def test_a_closed_monitor_end_is_channel_closed_both_ways() -> None:
     monitor, channel = channel_pair()
     monitor.send(b"x")
