@@ -591,7 +591,8 @@ class Uart8250(RegisterDevice):
     # -- state ------------------------------------------------------------------
     def save(self) -> UartState:
         return UartState(
-            ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=int(self._line_status(self._holding_empty())), msr=self.msr,
+            ier=self.ier, lcr=self.lcr, mcr=self.mcr,
+            lsr=int(self._line_status(self._holding_empty())), msr=self.msr,
             scr=self.scr, dll=self.dll, dlm=self.dlm, fcr=self.fcr,
             thr_interrupt=self.thr_interrupt, rx=bytes(self.rx), line_in=bytes(self.line_in),
             rx_cleared=self.rx_cleared,
