@@ -257,6 +257,11 @@ Tried and dropped, paired pio-loop runs against the tree without each:
   nothing (0.25 against 0.6 us a look, warm): 0.996, 10 pairs.
 - one write(2) for a reply or request that fits, without the channel's general send path
   (both ends): 0.998, 12 pairs.
+- the monitor's look at the socket the same way, poll(2) first: 1.004, 12 pairs. A perf
+  profile of the looking device shows why a look is dear (an empty read raises
+  BlockingIOError, whose message strerror() translates through the locale: gettext, gconv,
+  PyUnicode_FromWideChar ~10% of its samples), and also that it does not matter here: the
+  frame is caught within a look either way.
 What is left (the marks above, less what went): ~8 us of the monitor's Python around the
 request (slot, channel, the reply's checks), the device's ~5 us to its reply, and the two
 ends' looks. Goal (<= 1.2) not met on this host: 1.27.
