@@ -51,6 +51,13 @@ header and before any chain is served, so a byte of 1 means every used idx in th
 the device's. Byte stores in a mapping, as the host-I/O flag (no syscall, which virtio-rng's
 and virtio-net's policies lack): a store is whole once made, and a process that dies leaves
 those it made in the page.
+
+Past those, at VECTORS_AT (protocol/models.py PROGRESS_VECTORS_AT), a byte per MSI-X vector:
+1 while the device may send the vector's message, 0 while MSI-X is off, the function or the
+vector is masked, or Bus Master Enable is clear (virtio/msix.py stores each change). The
+monitor reads them (pread) for a device it leaves dead, whose vectors it signals so that a
+waiting driver looks at the device: only those a live device could have sent. A compromised
+device may store 1s, and its own guest gets interrupts it could have sent it anyway.
 """
 
 from __future__ import annotations
@@ -61,7 +68,11 @@ import zlib
 
 from splitvmm.errors import StateError
 from splitvmm.native.mem import map_shared_page
-from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
+from splitvmm.protocol.models import (
+    PROGRESS_HOST_IO_BYTE,
+    PROGRESS_MAX_VECTORS,
+    PROGRESS_VECTORS_AT,
+)
 
 RECORD = struct.Struct("<QQ")  # used idx, output (or input) count
 CRC = struct.Struct("<I")
@@ -75,7 +86,8 @@ COUNT_MOD, SIGNED_FROM = 1 << 64, 1 << 63
 STREAM_AT = (0, HOST_IO + 8)  # receive's pair was added past the flag, where the page had room
 RINGS_AT = STREAM_AT[RECEIVE] + 2 * SLOT  # a byte per virtqueue: its used ring was written
 MAX_QUEUES = 64  # virtqueues the page has a byte for
-SIZE = RINGS_AT + MAX_QUEUES  # what the page must hold
+VECTORS_AT = PROGRESS_VECTORS_AT  # a byte per MSI-X vector: it may fire (the module docstring)
+SIZE = VECTORS_AT + PROGRESS_MAX_VECTORS  # what the page must hold
 
 
 class Progress:
@@ -124,6 +136,11 @@ class Progress:
         host-I/O flag is."""
         return self._mapped()[RINGS_AT : RINGS_AT + MAX_QUEUES]
 
+    def vectors_unmasked(self) -> memoryview:
+        """The page's byte per MSI-X vector (the module docstring), writable; mapped as the
+        host-I/O flag is."""
+        return self._mapped()[VECTORS_AT:SIZE]
+
     def _mapped(self) -> memoryview:
         if self._page is None:
             self._page = map_shared_page(self.fd, SIZE)
@@ -150,3 +167,4 @@ def _sealed(record: bytes) -> bytes:
 
 
 assert 3 * SLOT <= HOST_IO < STREAM_AT[RECEIVE], "the host-I/O flag lies between the records"
+assert RINGS_AT + MAX_QUEUES <= VECTORS_AT, "the vectors' bytes lie past the rings'"

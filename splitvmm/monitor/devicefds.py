@@ -29,6 +29,8 @@ from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol.dirtybits import dirty_log_size
 from splitvmm.protocol.models import (
     DIRECT_IO_ALIGN,
+    PROGRESS_MAX_VECTORS,
+    PROGRESS_VECTORS_AT,
     FdKind,
     FdRole,
     ModelDescriptor,
@@ -376,15 +378,26 @@ def check_direct_io(fd: int, path: str, key: str) -> None:
 
 
 def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:
-    """Signal every MSI-X vector of a device left dead (on_crash = "leave"), so that a driver
+    """Signal the MSI-X vectors of a device left dead (on_crash = "leave"), so that a driver
     waiting for an interrupt looks at the device and finds it failed (virtio: its status
-    reads all-ones, NEEDS_RESET among them; the ISR's configuration-change bit set). A
-    vector without a route raises nothing; a spurious interrupt costs a driver one look.
-    Its INTx, a level, is held by the monitor instead (pci/intx.py). The number of fds
-    signalled."""
+    reads all-ones, NEEDS_RESET among them; the ISR's configuration-change bit set): each
+    vector whose message the device could send when it died, as its progress page says
+    (protocol/models.py PROGRESS_VECTORS_AT, read with pread: the monitor maps nothing a
+    device writes). One masked, or with MSI-X off or Bus Master Enable clear, is not: PCI
+    3.0 6.8.2.9 forbids its message, and the dead device can set no pending bit. A vector
+    without a route raises nothing; a spurious interrupt costs a driver one look. Its INTx,
+    a level, is held by the monitor instead (pci/intx.py). The number of fds signalled."""
+    vectors = [role for role in model.fds if role.kind is FdKind.MSIX and role.name in fds]
+    progress = next(
+        (fds[r.name] for r in model.fds if r.kind is FdKind.PROGRESS and r.name in fds), None
+    )
+    if not vectors or progress is None:
+        return 0
+    may_fire = os.pread(progress, PROGRESS_MAX_VECTORS, PROGRESS_VECTORS_AT)
     signalled = 0
-    for role in model.fds:
-        if role.kind is FdKind.MSIX and role.name in fds:
+    for role in vectors:
+        k = role.index  # msix<k>: vector k
+        if k < len(may_fire) and may_fire[k] == 1:
             os.eventfd_write(fds[role.name], 1)
             signalled += 1
     return signalled

@@ -36,6 +36,13 @@ DIRECT_IO_ALIGN = 4096
 # device is inside a host I/O call that may block for long: the monitor then waits for it
 # past a request's deadline, rather than failing it as hung (devprocs/progress.py).
 PROGRESS_HOST_IO_BYTE = 64
+# Where a PCI device's progress page has a byte per MSI-X vector (PROGRESS_MAX_VECTORS of
+# them): 1 while the device may send the vector's message (MSI-X enabled, neither the function
+# nor the vector masked, Bus Master Enable set), 0 otherwise. A device left dead has its
+# vectors signalled by the monitor, which signals only these (PCI 3.0 6.8.2.9: a masked
+# vector's message is not sent) (devprocs/virtio/msix.py, monitor/devicefds.py).
+PROGRESS_VECTORS_AT = 192
+PROGRESS_MAX_VECTORS = 128
 
 
 def unix_output_path(value: object) -> str | None:

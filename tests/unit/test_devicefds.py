@@ -313,22 +313,40 @@ def test_device_fds_pci_role_on_a_port_window_model_is_refused(mem, owned) -> No
         maker.make(DeviceSection("odd0", "odd"), model)
 
 
-def test_raise_interrupts_signals_each_msix_vector_of_a_left_device() -> None:
-    """on_crash = leave: every MSI-X fd of the dead device is written once, nothing else (its
-    INTx is the monitor's to hold: pci/intx.py)."""
+def left_blk(may_fire: bytes) -> set[str]:
+    """A dead virtio-blk's fds, its progress page saying `may_fire` per vector; the fds
+    raise_interrupts() signalled."""
     from splitvmm.monitor.devicefds import raise_interrupts
-    from splitvmm.protocol.models import MODELS, FdKind
+    from splitvmm.protocol.models import MODELS, PROGRESS_VECTORS_AT, FdKind
 
     model = MODELS["virtio-blk"]
-    fds = {r.name: os.eventfd(0, os.EFD_NONBLOCK) for r in model.fds}
+    fds = {
+        r.name: os.eventfd(0, os.EFD_NONBLOCK) for r in model.fds if r.kind is not FdKind.PROGRESS
+    }
+    fds["progress"] = os.memfd_create("progress")
     try:
-        assert raise_interrupts(model, fds) == 2  # msix0, msix1 (config)
-        signalled = {name for name, fd in fds.items() if _pending(fd)}
-        kinds = {r.name: r.kind for r in model.fds}
-        assert signalled == {n for n, k in kinds.items() if k is FdKind.MSIX}
+        os.ftruncate(fds["progress"], 4096)
+        os.pwrite(fds["progress"], may_fire, PROGRESS_VECTORS_AT)
+        count = raise_interrupts(model, fds)
+        signalled = {name for name, fd in fds.items() if name != "progress" and _pending(fd)}
+        assert count == len(signalled)
+        return signalled
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_raise_interrupts_signals_the_vectors_a_left_device_could_send() -> None:
+    """on_crash = leave: each MSI-X vector whose message the device could send when it died
+    is signalled once, nothing else (its INTx is the monitor's to hold: pci/intx.py)."""
+    assert left_blk(b"\x01\x01") == {"msix0", "msix1"}  # the queue's, the configuration's
+
+
+def test_raise_interrupts_leaves_a_masked_vector_alone() -> None:
+    """PCI 3.0 6.8.2.9: a masked vector's message is not sent (nor one with MSI-X off, the
+    function masked or Bus Master Enable clear: the page says 0 for each)."""
+    assert left_blk(b"\x00\x01") == {"msix1"}
+    assert left_blk(b"\x00\x00") == set()
 
 
 def test_raise_interrupts_of_a_port_device_signals_nothing() -> None:

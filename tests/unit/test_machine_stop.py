@@ -23,7 +23,7 @@ from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.machine import Machine
 from splitvmm.monitor.pci.function import PciFunctionHost
 from splitvmm.monitor.slot import SlotState
-from splitvmm.protocol.models import MODELS, FdKind
+from splitvmm.protocol.models import MODELS, PROGRESS_VECTORS_AT, FdKind
 from splitvmm.protocol.spec import MAX_DEVICES
 from splitvmm.sandbox.launcher_start import LauncherError
 from splitvmm.sandbox.spawn import readable
@@ -243,12 +243,16 @@ def test_a_build_that_fails_without_a_stop_still_raises(monkeypatch):
 @pytest.fixture
 def blk_irq_fds() -> Iterator[dict[str, int]]:
     """An eventfd for each interrupt role (MSI-X vectors, INTx and its resample fd) of a
-    virtio-blk device."""
+    virtio-blk device, and its progress page, which says that each vector may fire (the
+    guest enabled MSI-X and unmasked them: devprocs/progress.py)."""
     model = MODELS["virtio-blk"]
     kinds = (FdKind.MSIX, FdKind.INTX, FdKind.INTX_RESAMPLE)
     roles = [r.name for r in model.fds if r.kind in kinds]
     fds = {name: os.eventfd(0, os.EFD_NONBLOCK) for name in roles}
+    fds["progress"] = os.memfd_create("progress")
     try:
+        os.ftruncate(fds["progress"], 4096)
+        os.pwrite(fds["progress"], b"\x01\x01", PROGRESS_VECTORS_AT)
         yield fds
     finally:
         for fd in fds.values():
@@ -273,7 +277,7 @@ def test_a_device_left_dead_raises_each_of_its_interrupts_once(blk_irq_fds):
     m, slot = leaving_blk0(blk_irq_fds, Function().host)
 
     assert m._device_failed(slot, "killed by SIGKILL") is False  # type: ignore[arg-type]
-    lines = {n: fd for n, fd in blk_irq_fds.items() if n != "intx_resample"}
+    lines = {n: fd for n, fd in blk_irq_fds.items() if n not in ("intx_resample", "progress")}
     assert lines and {n: os.eventfd_read(fd) for n, fd in lines.items()} == dict.fromkeys(lines, 1)
     assert m._outcome is None  # the VM runs on
 
@@ -307,7 +311,7 @@ def test_a_device_that_fails_its_first_start_is_not_left_dead_by_on_crash_leave(
 
     why = "exited with status 1 before it was ready"
     failed = m._device_failed(slot, why)  # type: ignore[arg-type]
-    raised = [n for n, fd in blk_irq_fds.items() if readable(fd, 0)]
+    raised = [n for n, fd in blk_irq_fds.items() if n != "progress" and readable(fd, 0)]
 
     assert (failed, raised, "stays dead" in caplog.text) == (False, [], False)
     assert m._outcome is not None and m._outcome.message == f"device blk0 failed: {why}"

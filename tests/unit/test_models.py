@@ -6,7 +6,15 @@ import pytest
 
 from splitvmm.devprocs.base import REGISTRY, load_all_models, load_model, register
 from splitvmm.errors import StateError
-from splitvmm.protocol.models import MODELS, SERIAL, VIRTIO_BLK, FdKind, ModelDescriptor
+from splitvmm.protocol.models import (
+    MODELS,
+    PROGRESS_MAX_VECTORS,
+    SERIAL,
+    VIRTIO_BLK,
+    FdKind,
+    ModelDescriptor,
+    PciFunction,
+)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -137,3 +145,9 @@ def test_models_handed_guest_ram_are_the_virtio_ones() -> None:
     assert {name for name, model in MODELS.items() if model.reads_guest_ram} == {
         name for name in MODELS if name.startswith("virtio-")
     }
+
+
+def test_every_pci_models_vectors_have_a_byte_in_the_progress_page():
+    """The page says which vectors may fire (devprocs/progress.py): one byte each."""
+    functions = [m.transport for m in MODELS.values() if isinstance(m.transport, PciFunction)]
+    assert functions and all(f.msix_vectors <= PROGRESS_MAX_VECTORS for f in functions)

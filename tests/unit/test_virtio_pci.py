@@ -3,6 +3,7 @@ driver does (virtio 1.2 4.1), with virtio-rng as the model (it has no state of i
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Iterator
 
@@ -15,6 +16,7 @@ from splitvmm.devprocs.virtio.queue import Chain
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import StateError
+from splitvmm.protocol.models import PROGRESS_VECTORS_AT
 from splitvmm.record import replace
 from tests.virtio.support import (
     ACK,
@@ -953,6 +955,45 @@ def test_virtio_pci_msix_table_reads_back_and_vectors_start_masked(driver):
 
     assert driver.rd(BAR1 + 16, 4) == MSI_ADDRESS | 0x1000
     assert driver.rd(BAR1 + 12, 4) == 1 and driver.rd(BAR1 + 28, 4) == 1
+
+
+def may_fire(fds: dict[str, int]) -> list[int]:
+    """The progress page's byte per vector: what the monitor signals once it leaves the
+    device dead (monitor/devicefds.py raise_interrupts)."""
+    return list(os.pread(fds["progress"], 2, PROGRESS_VECTORS_AT))
+
+
+def test_virtio_pci_msix_progress_page_says_which_vectors_may_fire(driver, fds):
+    """PCI 3.0 6.8.2.9: a vector's message may go only with MSI-X enabled, neither the
+    function nor the vector masked, and the function a bus master (6.2.2)."""
+    assert may_fire(fds) == [0, 0]  # at reset: MSI-X off, every vector masked
+    driver.enable_bus_master()
+    msix_on(driver, vector=1)
+    assert may_fire(fds) == [0, 1]
+    at = msix_cap(driver)
+    driver.wr(at + 2, cfg(driver, at + 2, 2) | 0x4000, 2)  # the function masked
+    assert may_fire(fds) == [0, 0]
+    driver.wr(at + 2, cfg(driver, at + 2, 2) & ~0x4000, 2)
+    assert may_fire(fds) == [0, 1]
+    driver.wr(BAR1 + 16 + 12, 1, 4)  # vector 1 masked
+    assert may_fire(fds) == [0, 0]
+    driver.wr(BAR1 + 16 + 12, 0, 4)
+    driver.wr(COMMAND, driver.rd(COMMAND, 2) & ~COMMAND_MASTER, 2)
+    assert may_fire(fds) == [0, 0]
+    driver.enable_bus_master()
+    driver.wr(at + 2, cfg(driver, at + 2, 2) & ~0x8000, 2)  # MSI-X off: INTx
+    assert may_fire(fds) == [0, 0]
+
+
+def test_virtio_pci_msix_progress_page_is_told_again_by_a_restored_process(rng, driver, fds):
+    """The process after a crash starts from the saved table: what it stores holds for the
+    guest as it is, not for a reset function."""
+    driver.enable_bus_master()
+    msix_on(driver, vector=0)
+    saved = rng.save()
+    os.pwrite(fds["progress"], bytes(2), PROGRESS_VECTORS_AT)  # as if never stored
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), saved)
+    assert restored.msix.enabled and may_fire(fds) == [1, 0]
 
 
 def test_virtio_pci_msix_byte_access_is_bad(rng, driver):

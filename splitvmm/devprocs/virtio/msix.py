@@ -9,7 +9,9 @@ message it has no route for, and signals the vector only once a route_done for t
 message came back ok. Until then, and while the vector or the function is masked or the
 function may not master the bus (an MSI-X message is a memory write: PCI 3.0 6.2.2, Bus
 Master Enable clear "disables the device from generating PCI accesses"), the vector's
-pending bit is set; it is signalled when the last obstacle goes.
+pending bit is set; it is signalled when the last obstacle goes. Which vectors may fire is
+also stored in the device's progress page at each change (devprocs/progress.py): the
+monitor signals those, and only those, for a device it leaves dead.
 
 INTx (PCI 3.0 2.2.6, virtio 1.2 4.1.4.5): a level-triggered line through an irqfd with a
 resample fd. The device asserts it (writes the irqfd) when the ISR becomes non-zero while
@@ -43,7 +45,14 @@ class Entry(Struct):
 class Msix:
     """The MSI-X table, PBA and control bits of one function, and its route requests."""
 
-    def __init__(self, triggers: Sequence[Trigger], events: DeviceEvents) -> None:
+    def __init__(
+        self,
+        triggers: Sequence[Trigger],
+        events: DeviceEvents,
+        unmasked: memoryview | None = None,
+    ) -> None:
+        """`unmasked`: the progress page's byte per vector (devprocs/progress.py), told
+        whether each vector may fire whenever that changes; None: nobody is told."""
         self.triggers = list(triggers)  # one irqfd per vector
         self.events = events
         self.entries = [Entry() for _ in triggers]
@@ -57,6 +66,13 @@ class Msix:
         # Each vector's message the monitor refused: not asked for again until the guest
         # writes its entry (else every interrupt would cost the monitor a refusal)
         self._refused: list[tuple[int, int] | None] = [None] * len(triggers)
+        self._unmasked = unmasked
+        if unmasked is not None and len(unmasked) < len(triggers):
+            raise ValueError(f"{len(triggers)} vectors, a byte for {len(unmasked)}")
+        # The vectors `unmasked` says may fire (a bit each); None: not told yet, so the first
+        # change stores every byte. Not at reset: the page holds what the process before this
+        # one stored, true for the guest until a restore sets the table it had (set_control).
+        self._told: int | None = None
 
     @property
     def vectors(self) -> int:
@@ -80,6 +96,7 @@ class Msix:
             return False
         for i in range(0, len(data), 4):
             self._write_dword(offset + i, int.from_bytes(data[i : i + 4], "little"))
+        self._tell()
         self.update()
         return True
 
@@ -105,11 +122,31 @@ class Msix:
     def set_control(self, enabled: bool, function_mask: bool) -> None:
         """The capability's message control bits, as the guest wrote them."""
         self.enabled, self.function_mask = enabled, function_mask
+        self._tell()
         self.update()
 
     def set_bus_master(self, enabled: bool) -> None:
         self.bus_master = enabled
+        self._tell()
         self.update()
+
+    def _tell(self) -> None:
+        """Store in the progress page which vectors may fire now, where that changed: what
+        the monitor signals for this device once it is left dead (PCI 3.0 6.8.2.9: while a
+        vector is masked its message is not sent, only its pending bit set)."""
+        page = self._unmasked
+        if page is None:
+            return
+        now = 0
+        if self.enabled and not self.function_mask and self.bus_master:
+            for k, entry in enumerate(self.entries):
+                if not entry.control & VECTOR_MASKED:
+                    now |= 1 << k
+        changed = now ^ self._told if self._told is not None else (1 << self.vectors) - 1
+        for k in range(self.vectors):
+            if changed >> k & 1:
+                page[k] = now >> k & 1
+        self._told = now
 
     # -- signalling ------------------------------------------------------------------------
     def signal(self, vector: int) -> None:
