@@ -53,8 +53,11 @@ and virtio-net's policies lack): a store is whole once made, and a process that 
 those it made in the page.
 
 Past those, at VECTORS_AT (protocol/models.py PROGRESS_VECTORS_AT), a byte per MSI-X vector:
-1 while the device may send the vector's message, 0 while MSI-X is off, the function or the
-vector is masked, or Bus Master Enable is clear (virtio/msix.py stores each change). The
+1 while the device would send the vector's message, 0 while MSI-X is off, the function or
+the vector is masked, Bus Master Enable is clear, or the monitor has not routed the message
+the entry holds now (refused, or not answered yet: the route still holds an older message, or
+none) (virtio/msix.py stores each change). The byte before them is 1 while MSI-X Enable is
+set: the monitor then raises no INTx for the dead device (PCI 3.0 6.8.2.3). The
 monitor reads them (pread) for a device it leaves dead, whose vectors it signals so that a
 waiting driver looks at the device: only those a live device could have sent. A compromised
 device may store 1s, and its own guest gets interrupts it could have sent it anyway.
@@ -71,6 +74,7 @@ from splitvmm.native.mem import map_shared_page
 from splitvmm.protocol.models import (
     PROGRESS_HOST_IO_BYTE,
     PROGRESS_MAX_VECTORS,
+    PROGRESS_MSIX_ENABLED_BYTE,
     PROGRESS_VECTORS_AT,
 )
 
@@ -141,6 +145,12 @@ class Progress:
         host-I/O flag is."""
         return self._mapped()[VECTORS_AT:SIZE]
 
+    def msix_enabled_flag(self) -> memoryview:
+        """The page's MSI-X Enable byte (protocol/models.py PROGRESS_MSIX_ENABLED_BYTE),
+        writable; mapped as the host-I/O flag is."""
+        at = PROGRESS_MSIX_ENABLED_BYTE
+        return self._mapped()[at : at + 1]
+
     def _mapped(self) -> memoryview:
         if self._page is None:
             self._page = map_shared_page(self.fd, SIZE)
@@ -167,4 +177,4 @@ def _sealed(record: bytes) -> bytes:
 
 
 assert 3 * SLOT <= HOST_IO < STREAM_AT[RECEIVE], "the host-I/O flag lies between the records"
-assert RINGS_AT + MAX_QUEUES <= VECTORS_AT, "the vectors' bytes lie past the rings'"
+assert RINGS_AT + MAX_QUEUES <= PROGRESS_MSIX_ENABLED_BYTE < VECTORS_AT, "past the rings'"

@@ -30,6 +30,7 @@ from splitvmm.protocol.dirtybits import dirty_log_size
 from splitvmm.protocol.models import (
     DIRECT_IO_ALIGN,
     PROGRESS_MAX_VECTORS,
+    PROGRESS_MSIX_ENABLED_BYTE,
     PROGRESS_VECTORS_AT,
     FdKind,
     FdRole,
@@ -384,13 +385,12 @@ def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:
     vector whose message the device could send when it died, as its progress page says
     (protocol/models.py PROGRESS_VECTORS_AT, read with pread: the monitor maps nothing a
     device writes). One masked, or with MSI-X off or Bus Master Enable clear, is not: PCI
-    3.0 6.8.2.9 forbids its message, and the dead device can set no pending bit. A vector
+    3.0 6.8.2.9 forbids its message, and the dead device can set no pending bit. Nor one
+    whose current message was never routed: its GSI still holds an older message. A vector
     without a route raises nothing; a spurious interrupt costs a driver one look. Its INTx,
     a level, is held by the monitor instead (pci/intx.py). The number of fds signalled."""
     vectors = [role for role in model.fds if role.kind is FdKind.MSIX and role.name in fds]
-    progress = next(
-        (fds[r.name] for r in model.fds if r.kind is FdKind.PROGRESS and r.name in fds), None
-    )
+    progress = _progress_fd(model, fds)
     if not vectors or progress is None:
         return 0
     may_fire = os.pread(progress, PROGRESS_MAX_VECTORS, PROGRESS_VECTORS_AT)
@@ -401,6 +401,20 @@ def raise_interrupts(model: ModelDescriptor, fds: dict[str, int]) -> int:
             os.eventfd_write(fds[role.name], 1)
             signalled += 1
     return signalled
+
+
+def msix_was_enabled(model: ModelDescriptor, fds: dict[str, int]) -> bool:
+    """Whether a dead PCI device's MSI-X Enable was set, as its progress page says
+    (protocol/models.py PROGRESS_MSIX_ENABLED_BYTE, read with pread); False without a page."""
+    progress = _progress_fd(model, fds)
+    return progress is not None and os.pread(progress, 1, PROGRESS_MSIX_ENABLED_BYTE) == b"\x01"
+
+
+def _progress_fd(model: ModelDescriptor, fds: dict[str, int]) -> int | None:
+    """The device's progress page (FdKind.PROGRESS), if its model has one and it was made."""
+    return next(
+        (fds[r.name] for r in model.fds if r.kind is FdKind.PROGRESS and r.name in fds), None
+    )
 
 
 def open_output(

@@ -41,6 +41,7 @@ from splitvmm.monitor.devicefds import (
     DeviceFds,
     HeldIrqfds,
     PciInterrupts,
+    msix_was_enabled,
     raise_interrupts,
 )
 from splitvmm.monitor.dirtylog import DirtyTracker
@@ -599,6 +600,8 @@ class Machine:
         host = self.functions.get(name)
         if host is None or len(lines) != len(kinds):
             return
+        if msix_was_enabled(model, fds):
+            return  # PCI 3.0 6.8.2.3: with MSI-X enabled the function may not use INTx#
         intx = LeftIntx(lines[FdKind.INTX], lines[FdKind.INTX_RESAMPLE])
         if self._supervisor is not None:
             self._supervisor.watch_resample(intx.resample_fd, intx.resampled)

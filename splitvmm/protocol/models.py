@@ -37,11 +37,16 @@ DIRECT_IO_ALIGN = 4096
 # past a request's deadline, rather than failing it as hung (devprocs/progress.py).
 PROGRESS_HOST_IO_BYTE = 64
 # Where a PCI device's progress page has a byte per MSI-X vector (PROGRESS_MAX_VECTORS of
-# them): 1 while the device may send the vector's message (MSI-X enabled, neither the function
-# nor the vector masked, Bus Master Enable set), 0 otherwise. A device left dead has its
+# them): 1 while the device would send the vector's message (MSI-X enabled, neither the
+# function nor the vector masked, Bus Master Enable set, and the monitor's route for the
+# vector holds the message its entry holds now), 0 otherwise. A device left dead has its
 # vectors signalled by the monitor, which signals only these (PCI 3.0 6.8.2.9: a masked
 # vector's message is not sent) (devprocs/virtio/msix.py, monitor/devicefds.py).
 PROGRESS_VECTORS_AT = 192
+# The byte before them: 1 while the function's MSI-X Enable is set. PCI 3.0 6.8.2.3: the
+# function may not use its INTx# pin then, so the monitor does not raise the INTx of a device
+# it leaves dead while it is 1 (monitor/machine.py _leave_intx).
+PROGRESS_MSIX_ENABLED_BYTE = PROGRESS_VECTORS_AT - 1
 PROGRESS_MAX_VECTORS = 128
 
 

@@ -16,7 +16,7 @@ from splitvmm.devprocs.virtio.queue import Chain
 from splitvmm.devprocs.virtio.state import VirtioPciState
 from splitvmm.devprocs.virtio_rng import VirtioRng
 from splitvmm.errors import StateError
-from splitvmm.protocol.models import PROGRESS_VECTORS_AT
+from splitvmm.protocol.models import PROGRESS_MSIX_ENABLED_BYTE, PROGRESS_VECTORS_AT
 from splitvmm.record import replace
 from tests.virtio.support import (
     ACK,
@@ -963,12 +963,15 @@ def may_fire(fds: dict[str, int]) -> list[int]:
     return list(os.pread(fds["progress"], 2, PROGRESS_VECTORS_AT))
 
 
-def test_virtio_pci_msix_progress_page_says_which_vectors_may_fire(driver, fds):
+def test_virtio_pci_msix_progress_page_says_which_vectors_may_fire(rng, driver, fds, channel):
     """PCI 3.0 6.8.2.9: a vector's message may go only with MSI-X enabled, neither the
-    function nor the vector masked, and the function a bus master (6.2.2)."""
+    function nor the vector masked, and the function a bus master (6.2.2); and the device
+    sends it only once the monitor routed that message."""
     assert may_fire(fds) == [0, 0]  # at reset: MSI-X off, every vector masked
     driver.enable_bus_master()
     msix_on(driver, vector=1)
+    assert may_fire(fds) == [0, 0]  # its route not confirmed yet
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
     assert may_fire(fds) == [0, 1]
     at = msix_cap(driver)
     driver.wr(at + 2, cfg(driver, at + 2, 2) | 0x4000, 2)  # the function masked
@@ -981,8 +984,10 @@ def test_virtio_pci_msix_progress_page_says_which_vectors_may_fire(driver, fds):
     driver.wr(COMMAND, driver.rd(COMMAND, 2) & ~COMMAND_MASTER, 2)
     assert may_fire(fds) == [0, 0]
     driver.enable_bus_master()
+    assert os.pread(fds["progress"], 1, PROGRESS_MSIX_ENABLED_BYTE) == b"\x01"
     driver.wr(at + 2, cfg(driver, at + 2, 2) & ~0x8000, 2)  # MSI-X off: INTx
     assert may_fire(fds) == [0, 0]
+    assert os.pread(fds["progress"], 1, PROGRESS_MSIX_ENABLED_BYTE) == b"\x00"
 
 
 def test_virtio_pci_msix_progress_page_is_told_again_by_a_restored_process(rng, driver, fds):
@@ -993,7 +998,27 @@ def test_virtio_pci_msix_progress_page_is_told_again_by_a_restored_process(rng, 
     saved = rng.save()
     os.pwrite(fds["progress"], bytes(2), PROGRESS_VECTORS_AT)  # as if never stored
     restored = VirtioRng.restore(prepared("virtio-rng", fds), saved)
-    assert restored.msix.enabled and may_fire(fds) == [1, 0]
+    ch = Channel()
+    restored.ctx.events.connect(ch.send)
+    assert restored.msix.enabled and may_fire(fds) == [0, 0]  # its route asked for again
+    restored.msix.update()
+    restored.ctx.events.route_done(int(ch.ops("msi")[0]["id"]), True, "")
+    assert may_fire(fds) == [1, 0]
+
+
+def test_virtio_pci_msix_progress_page_says_0_for_a_refused_message(rng, driver, fds, channel):
+    """A vector whose new message the monitor refused is never sent by the device (it stays
+    pending), while the monitor's route for it still holds the old message: the page says
+    0, or the monitor would send the old message for a device it leaves dead."""
+    driver.enable_bus_master()
+    msix_on(driver, vector=1)
+    rng.ctx.events.route_done(int(channel.ops("msi")[0]["id"]), True, "")
+    assert may_fire(fds) == [0, 1]
+    driver.wr(BAR1 + 16 + 12, 1, 4)  # masked, a new message written, unmasked
+    driver.wr(BAR1 + 16 + 8, 0x05, 4)  # vector 5: below 16, refused
+    driver.wr(BAR1 + 16 + 12, 0, 4)
+    rng.ctx.events.route_done(int(channel.ops("msi")[-1]["id"]), False, "vector below 16")
+    assert may_fire(fds) == [0, 0]
 
 
 def test_virtio_pci_msix_byte_access_is_bad(rng, driver):

@@ -50,6 +50,7 @@ class Msix:
         triggers: Sequence[Trigger],
         events: DeviceEvents,
         unmasked: memoryview | None = None,
+        enabled_flag: memoryview | None = None,
     ) -> None:
         """`unmasked`: the progress page's byte per vector (devprocs/progress.py), told
         whether each vector may fire whenever that changes; None: nobody is told."""
@@ -73,6 +74,8 @@ class Msix:
         # change stores every byte. Not at reset: the page holds what the process before this
         # one stored, true for the guest until a restore sets the table it had (set_control).
         self._told: int | None = None
+        self._enabled_flag = enabled_flag  # the page's MSI-X Enable byte (None: not told)
+        self._told_enabled: bool | None = None
 
     @property
     def vectors(self) -> int:
@@ -134,13 +137,20 @@ class Msix:
         """Store in the progress page which vectors may fire now, where that changed: what
         the monitor signals for this device once it is left dead (PCI 3.0 6.8.2.9: while a
         vector is masked its message is not sent, only its pending bit set)."""
+        flag = self._enabled_flag
+        if flag is not None and self._told_enabled is not self.enabled:
+            flag[0] = int(self.enabled)
+            self._told_enabled = self.enabled
         page = self._unmasked
         if page is None:
             return
         now = 0
         if self.enabled and not self.function_mask and self.bus_master:
             for k, entry in enumerate(self.entries):
-                if not entry.control & VECTOR_MASKED:
+                # routed: the monitor's route for the vector is this message (a refused or
+                # unanswered one leaves the GSI on an older message, or on none)
+                routed = self.routed[k] == (entry.address, entry.data)
+                if not entry.control & VECTOR_MASKED and routed:
                     now |= 1 << k
         changed = now ^ self._told if self._told is not None else (1 << self.vectors) - 1
         for k in range(self.vectors):
@@ -193,6 +203,7 @@ class Msix:
             self._refused[vector] = (address, data)
             return
         self.routed[vector] = (address, data)
+        self._tell()
         self.update()
 
 

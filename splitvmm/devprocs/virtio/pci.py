@@ -242,6 +242,7 @@ class VirtioPciDevice(RegisterDevice):
         progress = ctx.prepared["progress"] = Progress(ctx.fds["progress"])
         ctx.prepared["rings_written"] = progress.rings_written()
         ctx.prepared["vectors_unmasked"] = progress.vectors_unmasked()
+        ctx.prepared["msix_enabled"] = progress.msix_enabled_flag()
 
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
@@ -260,8 +261,9 @@ class VirtioPciDevice(RegisterDevice):
         self._bar0 = function.region_of_bar(0)
         self._bar1 = function.region_of_bar(1)
         unmasked = ctx.made("vectors_unmasked", memoryview, f"{self.NAME}: no progress page")
+        enabled = ctx.made("msix_enabled", memoryview, f"{self.NAME}: no progress page")
         self.msix = Msix([EventFd(ctx.fds[f"msix{k}"]) for k in range(function.msix_vectors)],
-                         ctx.events, unmasked)  # fmt: skip
+                         ctx.events, unmasked, enabled)  # fmt: skip
         ctx.events.on_route_done = self.msix.route_done
         self.intx = Intx(EventFd(ctx.fds["intx"]), self._intx_level)
         self._notify = [EventFd(ctx.fds[f"notify{q}"]) for q in range(self.queue_count)]
