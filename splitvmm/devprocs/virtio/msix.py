@@ -53,7 +53,8 @@ class Msix:
         enabled_flag: memoryview | None = None,
     ) -> None:
         """`unmasked`: the progress page's byte per vector (devprocs/progress.py), told
-        whether each vector may fire whenever that changes; None: nobody is told."""
+        whether each vector may fire whenever that changes; `enabled_flag`: its MSI-X Enable
+        byte, told likewise. None: nobody is told."""
         self.triggers = list(triggers)  # one irqfd per vector
         self.events = events
         self.entries = [Entry() for _ in triggers]
@@ -134,9 +135,11 @@ class Msix:
         self.update()
 
     def _tell(self) -> None:
-        """Store in the progress page which vectors may fire now, where that changed: what
-        the monitor signals for this device once it is left dead (PCI 3.0 6.8.2.9: while a
-        vector is masked its message is not sent, only its pending bit set)."""
+        """Store in the progress page which vectors may fire now, and whether MSI-X Enable is
+        set, where that changed: what the monitor signals for this device once it is left
+        dead (PCI 3.0 6.8.2.9: while a vector is masked its message is not sent, only its
+        pending bit set), and whether it may raise its INTx then (6.8.2.3: not with MSI-X
+        enabled)."""
         flag = self._enabled_flag
         if flag is not None and self._told_enabled is not self.enabled:
             flag[0] = int(self.enabled)
