@@ -2,13 +2,14 @@
 # Installs what splitvmm needs on a fresh Debian 12 machine (as root, or with sudo):
 # the Debian packages (compiler for the cffi bindings and the test guests, kernel
 # headers for <linux/kvm.h>, libseccomp; qemu-utils for qemu-io, which the tests of the disk
-# lock against QEMU's run; seabios, the firmware a test boots from a virtio-blk disk), then a
-# virtualenv in .venv with splitvmm.
+# lock against QEMU's run; seabios, the firmware a test boots from a virtio-blk disk; mount's
+# losetup and e2fsprogs' mkfs.ext4 for the tests' failing file system, tests/failing_disk.py),
+# then a virtualenv in .venv with splitvmm.
 # Idempotent and quiet when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 python3-venv python3-dev acpica-tools iproute2 qemu-utils seabios)
+APT_PACKAGES=(gcc make binutils libc6-dev linux-libc-dev libseccomp2 python3-venv python3-dev acpica-tools iproute2 qemu-utils seabios mount e2fsprogs)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

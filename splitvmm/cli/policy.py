@@ -530,9 +530,10 @@ def stand_in_fds(
     """An fd for each of the model's roles, as the monitor would make it: `given` for the
     kinds the caller makes itself (IRQ, OUTPUT), else a memfd for guest RAM, its dirty log
     and a progress page, an eventfd for a notify, MSI-X or INTx role, a file in `rundir`
-    for a disk, and for a TAP one end of a non-blocking SOCK_SEQPACKET socketpair (one
-    frame per message, as a TAP reads and writes them; no TAP or CAP_NET_ADMIN needed),
-    whose other end goes into `peers` by role (closed when the caller wants none)."""
+    for a disk (and that disk's file opened again read-only for its errors), and for a TAP
+    one end of a non-blocking SOCK_SEQPACKET socketpair (one frame per message, as a TAP
+    reads and writes them; no TAP or CAP_NET_ADMIN needed), whose other end goes into
+    `peers` by role (closed when the caller wants none)."""
     from splitvmm.protocol.models import FdKind
 
     fds: dict[str, int] = {}
@@ -553,6 +554,11 @@ def stand_in_fds(
             path = rundir / f"{role.name}.img"
             path.write_bytes(bytes(STAND_IN_DISK))
             fds[role.name] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        elif role.kind is FdKind.DISK_ERRORS:
+            (disk,) = (
+                r.name for r in model.fds if r.kind is FdKind.DISK and r.option == role.option
+            )
+            fds[role.name] = os.open(f"/proc/self/fd/{fds[disk]}", os.O_RDONLY | os.O_CLOEXEC)
         else:
             fds[role.name] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     return fds

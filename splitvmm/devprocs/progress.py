@@ -39,7 +39,10 @@ A third slot holds a latched error: a nonzero code (crc'd the same way) that a d
 records once, before the guest can see its effect, and that every later process of the
 device reads back. virtio-blk latches a failed write-back there (its fdatasync's errno):
 the kernel reports such a failure once per open file, and the restarted process shares the
-dead one's, so it would otherwise answer the next FLUSH with OK.
+dead one's, so it would otherwise answer the next FLUSH with OK. A latch made in doubt
+(the record's count 1) is one a process made before a question whose answer only it would
+have heard, and takes back once the answer is that nothing failed: found by the next process,
+it stands, since what its maker may have heard is lost with it.
 
 Past the receive records, a byte per virtqueue (RINGS_AT, MAX_QUEUES of them): 1 once the
 device wrote the used ring header of the queue's ring (virtio/pci.py _start_ring), 0 while
@@ -113,21 +116,37 @@ class Progress:
         record = RECORD.pack(used_idx, count % COUNT_MOD)
         os.pwrite(self.fd, _sealed(record), STREAM_AT[stream] + (used_idx % 2) * SLOT)
 
-    def latch(self, code: int) -> None:
-        """Latch a nonzero error `code`: every later process of the device reads it back."""
+    def latch(self, code: int, in_doubt: bool = False) -> None:
+        """Latch a nonzero error `code`: every later process of the device reads it back.
+        `in_doubt`: latched only in case this process dies before it knows whether it must
+        be, taken back by unlatch() once it knows it need not."""
         if code <= 0:
             raise ValueError(f"latch: {code} is no error code")
-        os.pwrite(self.fd, _sealed(RECORD.pack(code, 0)), 2 * SLOT)
+        os.pwrite(self.fd, _sealed(RECORD.pack(code, int(in_doubt))), 2 * SLOT)
+
+    def unlatch(self) -> None:
+        """Take back a latch made in doubt (latch(in_doubt=True)); no other is ever taken
+        back."""
+        os.pwrite(self.fd, _sealed(RECORD.pack(0, 0)), 2 * SLOT)
 
     def latched(self) -> int:
         """The latched error code, or 0 where none was latched (or the slot holds no record:
         a compromised process may scribble on the page, but only over its own device's)."""
+        return self._latch()[0]
+
+    def latched_in_doubt(self) -> bool:
+        """Whether the latch was made in doubt by a process that died before it knew."""
+        code, in_doubt = self._latch()
+        return bool(code and in_doubt)
+
+    def _latch(self) -> tuple[int, int]:
+        """The latch slot's (code, in doubt), (0, 0) where it holds no record."""
         slot = os.pread(self.fd, SLOT, 2 * SLOT)
         record = slot[:LATCH]
         if len(slot) < SLOT or zlib.crc32(record) != CRC.unpack_from(slot, LATCH)[0]:
-            return 0
-        code: int = RECORD.unpack(record)[0]
-        return code
+            return 0, 0
+        code, in_doubt = RECORD.unpack(record)
+        return code, in_doubt
 
     def host_io_flag(self) -> memoryview:
         """The page's host-I/O flag, writable: map it before the sandbox; it stays mapped for

@@ -36,9 +36,19 @@ again, and the failure is reported once per open file. So once a sync of a page-
 failed, every later FLUSH (and stable write) is IOERR, as QEMU's file-posix does
 (page_cache_inconsistent), until the VM stops. The failure is latched in the device's
 progress page (progress.py) before the guest sees its IOERR, so a process restarted after a
-crash, which shares the dead one's open file, keeps failing too (the window between the
-fdatasync's return and the latch is a few microseconds of Python); a snapshot carries it
-(flush_error). An O_DIRECT image has no page cache to lose, as QEMU also reasons.
+crash, which shares the dead one's open file, keeps failing too; a snapshot carries it
+(flush_error). A process killed during a failing fdatasync (a SIGKILL from outside: the
+wait for the disk cannot be interrupted) dies with the failure taken and nothing latched.
+So the monitor also hands each process the image opened again (role `disk-errors`), once
+for the VM's life: a description of its own, which has reported nothing, so the kernel still
+tells it of every failure since the VM started. A restarted process's first sync asks it
+(native/files.py wait_writeback, which starts no writes) before its own fdatasync, and a
+failure there is latched as any other. That question takes its answer as the fdatasync
+does, so a process killed inside it would lose the failure again: it latches EIO in doubt
+before it asks, and takes it back once the answer is that nothing failed (progress.py).
+So a kill during a question that would have found nothing fails the later FLUSHes too:
+when in doubt, the guest is told its data may be lost, never that it is safe. An O_DIRECT
+image has no page cache to lose, as QEMU also reasons.
 
 A full host: a write (or discard, or write-zeroes) that meets ENOSPC or EDQUOT stalls the
 device (the transport's stall(): the request waits, the monitor pauses the VM, and its next
@@ -191,6 +201,7 @@ class VirtioBlk(VirtioPciDevice):
     ) -> None:
         super().__init__(ctx)
         self.disk = ctx.fds["disk"]
+        self.disk_errors = ctx.fds["disk-errors"]  # FdKind.DISK_ERRORS
         self.capacity = ctx.made("capacity", int, f"{self.NAME}: the disk's size is unknown")
         self.readonly = readonly
         self.serial = serial
@@ -202,6 +213,8 @@ class VirtioBlk(VirtioPciDevice):
         self._host_io = ctx.made("host_io", memoryview, f"{self.NAME}: no host-I/O flag")
         self._host_io[0] = 0  # a process killed inside a disk call left it set: this one is not
         self.flush_error = 0  # a failed write-back's errno: see the module docstring
+        # A restarted process's first sync asks disk_errors first (after_restart)
+        self._errors_unasked = False
         # on_full (protocol/models.py): a write the host has no room for stalls the device
         self.pause_when_full = pause_when_full
         self._requests: dict[int, BlkRequest] = {}  # AIO token -> its request, in flight
@@ -292,10 +305,18 @@ class VirtioBlk(VirtioPciDevice):
 
     def after_restart(self) -> None:
         """A failed write-back the dead process latched after its last checkpoint fails
-        this process's FLUSHes too (the module docstring), before any request is served."""
+        this process's FLUSHes too (the module docstring), before any request is served; one
+        it took with it unlatched is asked of disk_errors by this process's first sync."""
         latched = self._progress.latched()
         if latched and not self.flush_error:
             self.flush_error = min(latched, MAX_ERRNO)
+            if self._progress.latched_in_doubt():  # nobody said why FLUSH fails from now on
+                self._warn.warning(
+                    "write-back", "%s: a process was killed while it asked the image for a "
+                    "failed write-back, whose answer died with it: every later FLUSH fails",
+                    self.NAME,
+                )  # fmt: skip
+        self._errors_unasked = not (self.flush_error or self.readonly) and self.bounce is None
         super().after_restart()
 
     def model_fields(self) -> dict[str, Any]:
@@ -532,6 +553,15 @@ class VirtioBlk(VirtioPciDevice):
         if self.readonly:  # nothing of ours to write back; a failure an earlier writer left
             return  # in the file's error state would latch IOERR for good (QEMU: OK at once)
         try:
+            if self._errors_unasked:  # what a dead process's sync may have taken with it
+                self._errors_unasked = False
+                # The answer is taken as the call returns, and a process killed inside it
+                # (as inside a failing fdatasync) dies with it: no description would tell
+                # the next one again. So a failure is latched first, in doubt, and taken back
+                # once the answer is that nothing failed.
+                self._progress.latch(errno.EIO, in_doubt=True)
+                self._host_call(files.wait_writeback, self.disk_errors)
+                self._progress.unlatch()
             self._host_call(os.fdatasync, self.disk)
         except OSError as e:
             if self.bounce is not None:  # O_DIRECT: nothing lost in a page cache

@@ -101,6 +101,9 @@ class DeviceFds(Struct):
     # (Machine.write_back_images): a new open file description, whose write-back errors are
     # its own (errseq), so that syncing it leaves the device's to report to the guest.
     write_back_fd: int | None = None
+    # Each disk it was handed, by the option naming it: the file its DISK_ERRORS role opens
+    # again
+    disks: dict[str, tuple[int, str, str]] = field(default_factory=dict)  # (fd, path, key)
     # Its dirty log (two bitmaps: FdKind.DIRTY_LOG), mapped: a live snapshot reads and clears
     # them (monitor/dirtylog.py)
     dirty_log: mmap.mmap | None = None
@@ -124,6 +127,7 @@ class DeviceFds(Struct):
             FdKind.INTX: lambda: self._intx_pair(model, role)[0].fd,
             FdKind.INTX_RESAMPLE: lambda: self._intx_pair(model, role)[1].fd,
             FdKind.DISK: lambda: self._disk(dev, role),
+            FdKind.DISK_ERRORS: lambda: self._disk_errors(model, role),
             FdKind.TAP: lambda: self._tap(dev, role),
         }
         return makers[role.kind]()
@@ -224,14 +228,19 @@ class DeviceFds(Struct):
         lock_disk(fd, path, key, readonly)
         if direct:
             check_direct_io(fd, path, f"device {dev.name!r}.{role.direct_option}")
-        if not readonly:  # the very file, whatever its path names now
-            try:
-                again = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                reason = f"cannot be opened again to be written back: {e.strerror}"
-                raise hostpath.HostFileError(key, path, reason) from None
-            self.write_back_fd = self._own(again)
+        if not readonly:
+            self.write_back_fd = self._own(_open_again(fd, path, key, "to be written back"))
+        self.disks[role.option] = fd, path, key
         return fd
+
+    def _disk_errors(self, model: ModelDescriptor, role: FdRole) -> int:
+        """The file of the model's DISK role with the same option, opened again read-only
+        (FdKind.DISK_ERRORS): a description of its own, which hears of every write-back
+        error of the file from now on, whichever process's sync takes it first."""
+        if role.option not in self.disks:
+            raise ConfigError(f"model {model.name}: fd role {role.name} has no disk before it")
+        fd, path, key = self.disks[role.option]
+        return self._own(_open_again(fd, path, key, "for its write-back errors"))
 
     def _tap(self, dev: DeviceSection, role: FdRole) -> int:
         """The TAP the option names, made if missing (which needs CAP_NET_ADMIN), else the
@@ -249,6 +258,16 @@ class DeviceFds(Struct):
                 why += "no interface of that name (TUNSETIFF: Invalid argument)"
             raise ConfigError(f"{key}: cannot open TAP {name!r}: {why}") from None
         return self._own(fd)
+
+
+def _open_again(fd: int, path: str, key: str, why: str) -> int:
+    """The very file `fd` is, whatever its path names now, opened again read-only: a new open
+    file description, with write-back errors of its own to report (errseq)."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        reason = f"cannot be opened again {why}: {e.strerror}"
+        raise hostpath.HostFileError(key, path, reason) from None
 
 
 def lock_disk(fd: int, path: str, key: str, readonly: bool) -> None:

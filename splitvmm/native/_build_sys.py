@@ -158,12 +158,14 @@ FUTEX_TYPES = "".join(
 # -- <fcntl.h>, <linux/falloc.h>: a virtio-blk device's discard and write-zeroes ----------------
 # (os.posix_fallocate takes no mode: punching a hole or zeroing a range needs fallocate(2)),
 # and sync_file_range(2), which os lacks: a snapshot's RAM file starts to reach the disk as it
-# is written (snapshot/writer.py)
+# is written (snapshot/writer.py), and a restarted virtio-blk device asks a disk image for a
+# write-back error without starting any writes (devprocs/virtio_blk.py)
 FALLOC_INCLUDES = "#include <fcntl.h>\n#include <linux/falloc.h>\n"
 FALLOC_TYPES = "".join(
     f"static const int {name};\n"
     for name in """
     FALLOC_FL_KEEP_SIZE FALLOC_FL_PUNCH_HOLE FALLOC_FL_ZERO_RANGE SYNC_FILE_RANGE_WRITE
+    SYNC_FILE_RANGE_WAIT_BEFORE
     """.split()
 )
 FALLOC_FUNCTIONS = """

@@ -3,7 +3,8 @@ device's discard and write-zeroes punch holes in, or zero ranges of, its disk im
 byte-range locks of an open file description (a disk image's lock as QEMU takes it: the
 standard library's fcntl would need struct flock packed by hand), a write-only
 description of an fd shared read-write (a device's output and its stderr), and the start of a
-file's writeback (sync_file_range(2): a snapshot's RAM file)."""
+file's writeback and the wait for the writeback under way (sync_file_range(2): a snapshot's
+RAM file, a restarted virtio-blk device's look for a write-back error)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ FALLOC_FL_KEEP_SIZE: int = lib.FALLOC_FL_KEEP_SIZE
 FALLOC_FL_PUNCH_HOLE: int = lib.FALLOC_FL_PUNCH_HOLE  # needs KEEP_SIZE with it
 FALLOC_FL_ZERO_RANGE: int = lib.FALLOC_FL_ZERO_RANGE
 SYNC_FILE_RANGE_WRITE: int = lib.SYNC_FILE_RANGE_WRITE  # start the writes, wait for none
+SYNC_FILE_RANGE_WAIT_BEFORE: int = lib.SYNC_FILE_RANGE_WAIT_BEFORE  # wait, start nothing
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -32,7 +34,22 @@ def start_writeback(fd: int) -> None:
     (sync_file_range(SYNC_FILE_RANGE_WRITE) over the whole file): a later fsync then waits
     for what was written since, not for all of it. No durability of its own (the metadata,
     the disk's cache): only fsync gives that."""
-    if lib.sv_sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) < 0:
+    _sync_file_range(fd, SYNC_FILE_RANGE_WRITE)
+
+
+def wait_writeback(fd: int) -> None:
+    """Wait for the writes of `fd`'s file to its disk that are under way, starting none
+    (sync_file_range(SYNC_FILE_RANGE_WAIT_BEFORE) over the whole file). OSError with the
+    write-back error, if any, that this open file description has not been told of yet, as
+    fsync would report it: the kernel keeps one such mark per description (errseq), so a
+    description opened before a failure learns of it even after another description's fsync
+    took the failure. Nothing is made durable."""
+    _sync_file_range(fd, SYNC_FILE_RANGE_WAIT_BEFORE)
+
+
+def _sync_file_range(fd: int, flags: int) -> None:
+    """sync_file_range(2) over the whole file; OSError naming the call."""
+    if lib.sv_sync_file_range(fd, 0, 0, flags) < 0:
         err = ffi.errno
         raise OSError(err, f"sync_file_range: {os.strerror(err)}")
 

@@ -80,6 +80,12 @@ class FdKind(enum.Enum):
     # The file `option` names: read-only when option `readonly_option` is true, and with
     # O_DIRECT (no host page cache) when option `direct_option` is (DIRECT_IO_ALIGN).
     DISK = "disk"
+    # The file of the DISK role with the same option, opened again read-only, once for the
+    # VM's life: an open file description of its own, which tells of each write-back error
+    # of the file once (errseq), whoever else's sync took it. A process started after its
+    # device's crash asks it, for a failure the dead process's sync took with it
+    # (devprocs/virtio_blk.py). No process of the device syncs it otherwise.
+    DISK_ERRORS = "disk-errors"
     # The TAP interface `option` names (made if missing), opened with a virtio net header
     # per frame (native/tun.py): the device reads and writes frames, nothing else.
     TAP = "tap"
@@ -531,6 +537,7 @@ VIRTIO_BLK = ModelDescriptor(
             direct_option="direct",
             min_size=BLK_SECTOR,  # a disk of no sector is none
         ),
+        FdRole("disk-errors", FdKind.DISK_ERRORS, option="path"),
     ),
     state_version=2,
     pause_option="on_full",

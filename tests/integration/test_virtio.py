@@ -453,6 +453,28 @@ def test_virtio_blk_killed_under_io_restarts_and_the_guest_sees_no_error(
     assert "mismatch" not in text and ": status " not in text, text[-1500:]
 
 
+def test_virtio_blk_killed_while_the_guest_flushes_each_block_sees_no_error(guests, tmp_path):
+    """The loop guest FLUSHes after each block (flush=1): each process a kill brings up asks
+    its disk-errors fd at its first FLUSH (devprocs/virtio_blk.py), inside its sandbox, and
+    finds nothing on a healthy disk: no FLUSH fails. Were the question refused by its seccomp
+    filter, the process would die inside it, its successor would find the failure latched in
+    doubt, and the guest would stop at that FLUSH's IOERR."""
+    restart = 'on_crash = "restart"\nmax_restarts = 100\n'
+    vm = loop_vm(tmp_path, guests, blk_extra=restart, cmdline="flush=1")
+    try:
+        written(vm)
+        for kill in range(3):
+            result = vm.ctl("crash-device", "blk0")
+            assert result.returncode == 0, result.stderr
+            vm.wait_running("blk0", generation=kill + 2)
+            written(vm, after=len(vm.text()))  # flushed past the restart: asked and answered
+        blk = blk_device(vm)
+    finally:
+        text = stop_loop(vm)
+    assert blk["restarts"] == 3 and blk["state"] == "running", blk
+    assert "mismatch" not in text and ": status " not in text, text[-1500:]
+
+
 def stopped_on_the_injected_write(vm: VmProcess, status: int, err: str) -> None:
     """The loop guest, which takes no IOERR, ended (exit 9) naming the write that got it."""
     text = vm.text()

@@ -341,6 +341,35 @@ def test_a_device_takes_the_largest_frame_its_channel_accepts_under_its_own_filt
     assert (said, ended) == ([b"connected", b"got %d" % control.MAX_CONTROL], 0)
 
 
+@pytest.mark.parametrize(
+    ("flag", "ended"),
+    [("SYNC_FILE_RANGE_WAIT_BEFORE", 0), ("SYNC_FILE_RANGE_WRITE", signal.SIGSYS)],
+    ids=["wait for writes under way", "start writes"],
+)
+def test_virtio_blk_filter_lets_a_restarted_device_ask_its_disk_errors_only(
+    tmp_path, flag: str, ended: object
+) -> None:
+    """A restarted virtio-blk process asks its disk-errors fd for a failed write-back with
+    sync_file_range(SYNC_FILE_RANGE_WAIT_BEFORE) (devprocs/virtio_blk.py): allowed; the
+    call's other uses start writes, which a device has no need of."""
+    from splitvmm.native import files
+
+    image = os.open(tmp_path / "disk.img", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.write(image, b"\x01" * 4096)
+
+    def ask(sock) -> None:
+        files.lib.sv_sync_file_range(image, 0, 0, getattr(files, flag))
+        sock.send(b"asked")
+        sock.flush()
+
+    try:
+        said, how = _device_under_its_own_filter(tmp_path, "virtio-blk", ask)
+    finally:
+        os.close(image)
+
+    assert (said, how) == ([b"connected", b"asked"] if ended == 0 else [b"connected"], ended)
+
+
 # A process under the monitor's own filter (monitor.policy, as Confinement compiles it), with
 # a connected UNIX stream pair made beforehand, as the monitor's channels and control clients
 # are; it runs `statement` and exits 5.

@@ -183,6 +183,31 @@ def test_device_fds_writable_disk_gets_the_monitors_own_description_for_its_writ
     os.fdatasync(maker.write_back_fd)
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+def test_device_fds_disk_errors_is_the_disks_file_in_a_read_only_description_of_its_own(
+    mem, owned, disk, readonly
+) -> None:
+    """What a restarted virtio-blk process asks for a write-back failure its predecessor's
+    fdatasync took (devprocs/virtio_blk.py): a description neither the device's disk nor the
+    monitor's write-back shares, so no sync of theirs takes what it is to hear."""
+    fds, _, maker = make(mem, owned, blk(disk, readonly))
+
+    errors, theirs = os.fstat(fds["disk-errors"]), os.fstat(fds["disk"])
+    assert (errors.st_dev, errors.st_ino) == (theirs.st_dev, theirs.st_ino)
+    assert fcntl.fcntl(fds["disk-errors"], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    others = [fds["disk"]] + ([] if maker.write_back_fd is None else [maker.write_back_fd])
+    for other in others:  # another description: its own offset
+        os.lseek(other, 4096, os.SEEK_SET)
+    assert os.lseek(fds["disk-errors"], 0, os.SEEK_CUR) == 0
+
+
+def test_device_fds_disk_errors_role_without_its_disk_is_refused(mem, owned, disk) -> None:
+    role = FdRole("disk-errors", FdKind.DISK_ERRORS, option="path")
+    alone = ModelDescriptor("alone", VIRTIO_BLK.transport, fds=(role,))
+    with pytest.raises(ConfigError, match="model alone: fd role disk-errors has no disk before"):
+        DeviceFds(IrqVm(), mem, owned).make(blk(disk), alone)
+
+
 @pytest.mark.parametrize(("readonly", "mode"), [(True, os.O_RDONLY), (False, os.O_RDWR)])
 def test_device_fds_disk_opens_as_readonly_option_says(mem, owned, disk, readonly, mode) -> None:
     fds, _, _ = make(mem, owned, blk(disk, readonly))

@@ -29,6 +29,26 @@ def test_progress_latched_error_is_read_back_by_a_later_process(page):
     assert Progress(page).latched() == 5  # another process's Progress on the same page
 
 
+def test_progress_latch_in_doubt_is_read_back_as_one_and_taken_back_by_unlatch(page):
+    """A latch made before a question whose answer only its maker would hear (virtio-blk's
+    disk-errors): a later process finds it, in doubt; its maker, knowing, takes it back."""
+    Progress(page).latch(5, in_doubt=True)
+    found = Progress(page).latched(), Progress(page).latched_in_doubt()
+
+    Progress(page).unlatch()
+
+    assert found == (5, True)
+    assert (Progress(page).latched(), Progress(page).latched_in_doubt()) == (0, False)
+
+
+def test_progress_latch_made_knowing_is_not_in_doubt(page):
+    progress = Progress(page)
+    progress.latch(5, in_doubt=True)
+    progress.latch(28)  # the answer: a failure
+
+    assert (progress.latched(), progress.latched_in_doubt()) == (28, False)
+
+
 def test_progress_latch_leaves_the_queue_records_alone(page):
     progress = Progress(page)
     progress.write(7, 100)

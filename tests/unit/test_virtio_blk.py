@@ -27,7 +27,8 @@ from splitvmm.protocol import codec, control, faults
 from splitvmm.protocol.models import PROGRESS_HOST_IO_BYTE
 from splitvmm.protocol.spec import DeviceSpec
 from splitvmm.ratelimit import RateLimitedLog
-from splitvmm.record import replace
+from splitvmm.record import Struct, replace
+from tests.failing_disk import TOO_MUCH, failing_fs
 from tests.unit.test_stats import FakeSocket
 from tests.virtio.support import (
     ACK,
@@ -1040,6 +1041,180 @@ def test_virtio_blk_failed_write_back_fails_flushes_after_a_crash_restart(
 
     assert (status_of(blk, failed), status_of(restarted, again)) == (IOERR, IOERR)
     assert len(write_back_fails) == 1
+
+
+class Killed(BaseException):
+    """SIGKILL, delivered to a process as a system call returns: no Python runs after it."""
+
+
+def next_process(fds: dict[str, int], stale: VirtioBlk.State) -> VirtioBlk:
+    """The process a crash restart brings up, from the dead one's last checkpoint."""
+    device = VirtioBlk.restore(prepared("virtio-blk", fds, restarted=True), stale)
+    device.after_restart()
+    return device
+
+
+class KilledInAFailedSync(Struct):
+    """A device whose process was killed inside a failing fdatasync, on a real failing file
+    system (tests/failing_disk.py): the failure taken on the device's open file, nothing
+    latched. `fds`, its ring, and the dead process's last checkpoint (before the failure)."""
+
+    fds: dict[str, int]
+    ring: Ring
+    stale: VirtioBlk.State
+
+    def next_process(self) -> VirtioBlk:
+        return next_process(self.fds, self.stale)
+
+
+@pytest.fixture
+def killed_in_a_failed_sync(tmp_path: Path) -> Iterator[KilledInAFailedSync]:
+    with failing_fs(tmp_path) as top:
+        disk = top / "disk.img"
+        with open(disk, "wb") as f:
+            f.truncate(TOO_MUCH)
+        fds = host_fds("virtio-blk", disk)
+        try:
+            dead = make(fds)
+            _, ring = started(dead, F_VERSION_1 | F_FLUSH)
+            stale = dead.save()
+            # What the dead process did on its disk: its writes, then its FLUSH's fdatasync,
+            # which failed as the process was killed
+            os.pwrite(fds["disk"], b"\xab" * TOO_MUCH, 0)
+            with pytest.raises(OSError):
+                os.fdatasync(fds["disk"])
+            yield KilledInAFailedSync(fds, ring, stale)
+        finally:
+            close_fds(fds)  # before the file system is unmounted
+
+
+def test_virtio_blk_restart_fails_the_flushes_whose_failure_a_killed_process_took(
+    killed_in_a_failed_sync,
+):
+    """A process killed during a failing fdatasync (SIGKILL waits for the disk, then ends the
+    process before it latches anything) took the failure with it: the device's open file
+    says nothing more. The next process's first FLUSH learns of it from its disk-errors
+    description, latches it, and is IOERR, as is every later one."""
+    dead = killed_in_a_failed_sync
+    restarted = dead.next_process()
+    first, second = request(dead.ring, FLUSH, 0, []), request(dead.ring, FLUSH, 0, [])
+    Driver(restarted).kick()
+
+    assert (status_of(restarted, first), status_of(restarted, second)) == (IOERR, IOERR)
+    assert Progress(dead.fds["progress"]).latched() in (errno.EIO, errno.ENOSPC)
+
+
+def test_virtio_blk_restart_after_a_kill_inside_the_disk_errors_question_still_fails(
+    killed_in_a_failed_sync, monkeypatch
+):
+    """The question takes its answer as the call returns, as fdatasync does: a second
+    process killed inside it (a failing disk holds its wait as it held the first's fdatasync)
+    took the failure with it too. It latched EIO in doubt before it asked: the third
+    process's FLUSH is IOERR."""
+    dead = killed_in_a_failed_sync
+    second = dead.next_process()
+    real = files.wait_writeback
+
+    def killed_as_it_returns(fd: int) -> None:
+        try:
+            real(fd)
+        finally:
+            raise Killed
+
+    monkeypatch.setattr(files, "wait_writeback", killed_as_it_returns)
+    request(dead.ring, FLUSH, 0, [])  # the FLUSH the first never answered, run again
+    with pytest.raises(Killed):
+        Driver(second).kick()
+    monkeypatch.undo()
+
+    third = dead.next_process()
+    flush = request(dead.ring, FLUSH, 0, [])
+    Driver(third).kick()
+
+    assert status_of(third, flush) == IOERR
+
+
+@pytest.fixture
+def asked(fds: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bytes, bool]]:
+    """Every question to a disk-errors description (files.wait_writeback), which finds no
+    failure: (its fd, the host-I/O flag meanwhile, whether a latch in doubt stood)."""
+    questions: list[tuple[int, bytes, bool]] = []
+
+    def wait_writeback(fd: int) -> None:
+        flag = os.pread(fds["progress"], 1, PROGRESS_HOST_IO_BYTE)
+        questions.append((fd, flag, Progress(fds["progress"]).latched_in_doubt()))
+
+    monkeypatch.setattr(files, "wait_writeback", wait_writeback)
+    return questions
+
+
+def test_virtio_blk_restarted_process_asks_its_disk_errors_at_its_first_sync_only(blk, fds, asked):
+    """Once, before its first fdatasync, as a host call (a wait on writes under way may be
+    long); the first process has nothing to ask: its disk-errors description heard of
+    nothing before it."""
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    stale = blk.save()
+    before = request(ring, FLUSH, 0, [])
+    driver.kick()
+    assert (status_of(blk, before), asked) == (OK, [])
+
+    restarted = next_process(fds, stale)
+    first, second = request(ring, FLUSH, 0, []), request(ring, FLUSH, 0, [])
+    Driver(restarted).kick()
+
+    assert (status_of(restarted, first), status_of(restarted, second)) == (OK, OK)
+    assert asked == [(fds["disk-errors"], b"\x01", True)]
+    assert Progress(fds["progress"]).latched() == 0  # the answer: nothing failed
+
+
+def test_virtio_blk_restart_after_a_kill_inside_a_question_that_found_nothing_fails_flushes(
+    blk, fds, monkeypatch, caplog
+):
+    """When in doubt, the guest is told its data may be lost, never that it is safe: the
+    answer that died with its process is not known to have been "nothing"."""
+
+    def killed_as_it_returns(fd: int) -> None:
+        raise Killed
+
+    driver, ring = started(blk, F_VERSION_1 | F_FLUSH)
+    stale = blk.save()
+    second = next_process(fds, stale)
+    monkeypatch.setattr(files, "wait_writeback", killed_as_it_returns)
+    request(ring, FLUSH, 0, [])
+    with pytest.raises(Killed):
+        Driver(second).kick()
+    monkeypatch.undo()
+
+    third = next_process(fds, stale)
+    flush = request(ring, FLUSH, 0, [])
+    Driver(third).kick()
+
+    assert status_of(third, flush) == IOERR
+    assert "killed while it asked the image for a failed write-back" in caplog.text
+
+
+def asks_after_restart(fds: dict[str, int], monkeypatch, readonly: bool = False) -> list[int]:
+    """The disk-errors questions (their fds) a restarted process asks at its first FLUSH,
+    which must be OK."""
+    questions: list[int] = []
+    monkeypatch.setattr(files, "wait_writeback", questions.append)
+    dead = make(fds, readonly=readonly)
+    _, ring = started(dead, F_VERSION_1 | F_FLUSH)
+    restarted = next_process(fds, dead.save())
+    flush = request(ring, FLUSH, 0, [])
+    Driver(restarted).kick()
+    assert status_of(restarted, flush) == OK
+    return questions
+
+
+def test_virtio_blk_restarted_direct_process_asks_nothing(direct_fds, monkeypatch):
+    """O_DIRECT: no page cache to lose; each call says how it failed."""
+    assert asks_after_restart(direct_fds, monkeypatch) == []
+
+
+def test_virtio_blk_restarted_read_only_process_asks_nothing(fds, monkeypatch):
+    """Nothing of ours to write back (QEMU: FLUSH is OK at once)."""
+    assert asks_after_restart(fds, monkeypatch, readonly=True) == []
 
 
 def test_virtio_blk_snapshot_keeps_a_failed_write_back(blk, fds, write_back_fails):
