@@ -78,7 +78,7 @@ until the resume, whose reply comes after the device's new MIRROR.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from splitvmm.protocol import wire
 from splitvmm.protocol.models import condition_holds
@@ -169,13 +169,20 @@ class RegisterMirror:
         else:
             self._run_offset, self._run = write_offset, int(write_offset is not None)
 
-    def value(self, offset: int) -> bytes | None:
-        """The latest MIRROR's value of the register at `offset`, however many frames were sent
-        since (None: none taken, paused, not declared, or marked not valid)."""
-        mirror, where = self._latest, self._registers.get(offset)
-        if mirror is None or where is None or self.paused:
+    def values(self, offsets: Sequence[int]) -> list[bytes] | None:
+        """The latest MIRROR's values of the registers at `offsets`, however many frames were
+        sent since (None: none taken, paused, or one not declared or marked not valid)."""
+        mirror = self._latest
+        if mirror is None or self.paused:
             return None
-        return mirror.values[where[0]]
+        found = []
+        for offset in offsets:
+            where = self._registers.get(offset)
+            value = None if where is None else mirror.values[where[0]]
+            if value is None:
+                return None
+            found.append(value)
+        return found
 
     def answer(
         self, offset: int, size: int, frames: int, held: int = 0, held_at: int = 0

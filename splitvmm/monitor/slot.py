@@ -856,10 +856,10 @@ class DeviceSlot:
                 self.reads += 1
             return data
 
-    def mirrored_value(self, offset: int) -> bytes | None:
-        """What the device's newest MIRROR says of its register at `offset` (None: it is not
-        live, published none, or marks it not valid): whether its model wants write-behind
-        now (monitor/writebehind.py), not a guest read's answer."""
+    def mirrored_values(self, offsets: Sequence[int]) -> list[bytes] | None:
+        """What the device's newest MIRROR says of its registers at `offsets`, all from that
+        one (None: it is not live, published none, or marks one not valid): whether its
+        model wants write-behind now (monitor/writebehind.py), not a guest read's answer."""
         with self._lock:
             channel = self.channel
             if self.state is not SlotState.LIVE or channel is None:
@@ -869,7 +869,7 @@ class DeviceSlot:
             except ChannelError as e:
                 self._channel_failed_locked(str(e))
                 return None
-            return channel.mirror.value(offset)
+            return channel.mirror.values(offsets)
 
     def write_many(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """Guest writes, (offset, data) in the order made, that KVM held without an exit

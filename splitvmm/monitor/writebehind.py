@@ -30,8 +30,8 @@ every write exited:
   touching the device (or halts in the kernel's irqchip) has its bytes out, and sees their
   interrupts, about a millisecond later. So write-behind suits registers of drivers that
   poll: the model says when (ModelDescriptor.write_behind_while: the 8250 while IER has THRI
-  off; a driver that waits for the THRE interrupt gets its writes served as they come, as
-  before).
+  off and LCR's DLAB is clear; a driver that waits for the THRE interrupt gets its writes
+  served as they come, as before).
 
 Arming. KVM tells nobody when it adds to the ring, so something has to look, and looking
 every TICK_S for an idle VM's whole life would be wake-ups for nothing. The registers start
@@ -89,19 +89,20 @@ class HeldWriter(Protocol):
 
     def read_held(self, offset: int, size: int, held: int, held_at: int) -> bytes | None: ...
     def write_many(self, writes: Sequence[tuple[int, bytes]]) -> None: ...
-    def mirrored_value(self, offset: int) -> bytes | None: ...
+    def mirrored_values(self, offsets: Sequence[int]) -> list[bytes] | None: ...
 
 
 class Zone(Struct, frozen=True):
     """One write-behind register: ports [port, port + size) of the device whose port window
-    is [base, base + window); wanted while `when` holds of its mirror (None: always)."""
+    is [base, base + window); wanted while every condition of `when` holds of its mirror
+    (none: always)."""
 
     port: int
     size: int
     device: HeldWriter
     base: int
     window: int
-    when: tuple[int, int, int] | None = None  # (mirrored offset, mask, value)
+    when: tuple[tuple[int, int, int], ...] = ()  # (mirrored offset, mask, value) each
 
 
 class _Held:
@@ -315,15 +316,18 @@ class WriteBehind:
             self._wish_changes += 1
 
     def _wish(self, zone: Zone) -> bool | None:
-        """Whether the zone's model wants write-behind now, by its device's latest MIRROR;
+        """Whether the zone's model wants write-behind now, by its device's latest MIRROR (one
+        for every condition: the 8250's offset 1 means IER or DLM by the LCR beside it);
         None: no answer now (no MIRROR yet, as after a restart, or the device not live)."""
-        if zone.when is None:
+        if not zone.when:
             return True
-        offset, mask, value = zone.when
-        current = zone.device.mirrored_value(offset)
-        if current is None:
+        values = zone.device.mirrored_values([offset for offset, _, _ in zone.when])
+        if values is None:
             return None
-        return condition_holds(current, mask, value)
+        return all(
+            condition_holds(current, mask, value)
+            for current, (_, mask, value) in zip(values, zone.when, strict=True)
+        )
 
     # -- the flusher ---------------------------------------------------------------------------
     def _flusher(self) -> None:

@@ -296,9 +296,10 @@ class ModelDescriptor(Struct, frozen=True):
     # before a snapshot, and within a few milliseconds: a model declares only registers
     # whose write the guest sees the effect of through those reads and its interrupts alone.
     write_behind: tuple[tuple[int, int], ...] = ()
-    # When: while the mirrored register at offset has (value & mask) == value (None: always);
-    # a register the monitor reads from the device's MIRROR, nothing else of its meaning.
-    write_behind_while: tuple[int, int, int] | None = None
+    # When: while every mirrored register at offset has (value & mask) == value (none given:
+    # always), all read from one MIRROR; registers the monitor reads from the device's
+    # MIRROR, nothing else of their meaning.
+    write_behind_while: tuple[tuple[int, int, int], ...] = ()
     # While every (offset, mask, value) holds of its mirrored registers, the model raises no
     # interrupt but in answer to a frame: what it does on its own (its output line draining)
     # shows only through its mirrored registers. A read may then be answered from a MIRROR
@@ -323,8 +324,7 @@ class ModelDescriptor(Struct, frozen=True):
             raise ValueError(f"{self.name}: {self.pause_option} must offer {PAUSE_CHOICES}")
         check_mirrored(self.name, self.mirrored, self.transport.size)
         check_write_behind(self.name, self.write_behind, self.transport)
-        when = () if self.write_behind_while is None else (self.write_behind_while,)
-        check_conditions(self.name, "write_behind_while", when, self.mirrored)
+        check_conditions(self.name, "write_behind_while", self.write_behind_while, self.mirrored)
         check_conditions(self.name, "quiet_while", self.quiet_while, self.mirrored)
 
     def option(self, name: str) -> Option:
@@ -420,10 +420,12 @@ SERIAL = ModelDescriptor(
     mirrored=((1, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 1)),
     # THR (DLL with DLAB): a polled driver writes it once per byte, after an LSR read the
     # mirror answers; the device's THR credit covers the writes held meanwhile. Only while
-    # IER has THRI (bit 1) off: a driver that waits for the THRE interrupt instead would wait
-    # for the flusher's tick (monitor/writebehind.py).
+    # THRI is off: a driver that waits for the THRE interrupt instead would wait for the
+    # flusher's tick (monitor/writebehind.py). With DLAB set, offset 1 mirrors DLM, not IER,
+    # and says nothing of THRI: not then either (a divisor whose DLM had bit 1 clear let a
+    # driver with THRI on arm write-behind, its THRE interrupts then held for ticks).
     write_behind=((0, 1),),
-    write_behind_while=(1, 0x02, 0x00),
+    write_behind_while=((3, 0x80, 0x00), (1, 0x02, 0x00)),
     # DLAB clear and IER's THRI off: the line draining is then no interrupt (the THRE one),
     # and every other interrupt answers a frame (input, a write). A polled driver's LSR reads
     # need not ask for news each.

@@ -84,17 +84,18 @@ def test_mirror_held_writes_after_a_sent_frame_the_credit_does_not_cover_ask_the
     assert mirror.answer(7, 1, frames=4, held=1, held_at=THR) is None
 
 
-def test_mirror_value_is_the_latest_whatever_was_sent_since():
+def test_mirror_values_are_the_latests_whatever_was_sent_since():
     mirror = mirror_at(stamp=3)
     mirror.sent(None)
-    assert (mirror.value(4), mirror.value(7), mirror.value(0)) == (b"\x02\x03", b"\x5a", None)
+    assert mirror.values([4, 7]) == [b"\x02\x03", b"\x5a"]
+    assert mirror.values([4, 0]) is None  # one not declared
 
 
-def test_mirror_value_while_paused_or_marked_not_valid_is_none():
+def test_mirror_values_while_paused_or_one_marked_not_valid_are_none():
     mirror = mirror_at(stamp=3, scr=None)
-    assert mirror.value(7) is None
+    assert (mirror.values([7]), mirror.values([1, 7])) == (None, None)
     mirror.paused = True
-    assert mirror.value(1) is None
+    assert mirror.values([1]) is None
 
 
 def test_mirror_read_frame_after_stamp_asks_the_device():

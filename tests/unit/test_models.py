@@ -107,7 +107,7 @@ def test_write_behind_in_a_pci_function_is_refused():
 
 def test_write_behind_while_a_register_not_mirrored_is_refused():
     with pytest.raises(ValueError, match="does not mirror"):
-        _serial_with(write_behind_while=(2, 0x01, 0))
+        _serial_with(write_behind_while=((2, 0x01, 0),))
 
 
 # -- quiet declarations (monitor/mirror.py, news) -------------------------------------------------
@@ -128,7 +128,7 @@ def test_quiet_while_not_valid_is_refused(conditions, why):
 
 def test_write_behind_while_with_a_mask_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="write_behind_while has mask 0x100"):
-        _serial_with(write_behind_while=(1, 0x100, 0))
+        _serial_with(write_behind_while=((1, 0x100, 0),))
 
 
 def test_pauses_follows_the_pause_option_and_its_default():

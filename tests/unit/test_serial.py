@@ -35,7 +35,7 @@ from splitvmm.fdline import FdLine
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import DeviceSlot, SlotState, Spawn
 from splitvmm.protocol import codec, events, wire
-from splitvmm.protocol.models import SERIAL
+from splitvmm.protocol.models import SERIAL, condition_holds
 from splitvmm.protocol.wire import MAX_CREDIT
 from splitvmm.record import replace
 from tests.fakes import FakeIrq, FakeLine, MonitorEnd, channel_pair
@@ -490,6 +490,37 @@ def test_uart_quiet_exactly_while_its_line_draining_raises_no_interrupt(
     was_quiet = quiet(uart)
     reader_catches_up(uart, line)  # no frame: the host's line took the bytes
     assert (was_quiet, irq.count - before) == (quiet_now, drain_irqs)
+
+
+# SERIAL.write_behind_while (monitor/writebehind.py): THR writes are held only for a driver
+# that polls, whose THRE interrupt is off: no interrupt waits on the flusher's tick.
+def wants_write_behind(uart: Uart8250) -> bool:
+    mirror = RegisterMirror(SERIAL.mirrored, SERIAL.quiet_while)
+    mirror.take(uart.mirror())
+    when = SERIAL.write_behind_while
+    values = mirror.values([offset for offset, _, _ in when])
+    assert values is not None
+    return all(condition_holds(v, m, want) for v, (_, m, want) in zip(values, when, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("ier", "dlm", "wanted"),
+    [
+        (0, None, True),  # a polled driver
+        (Ier.THRI, None, False),  # one that waits for the THRE interrupt
+        (Ier.THRI, 0x00, False),  # DLAB: offset 1 mirrors DLM, whose bit 1 says nothing
+        (Ier.THRI, 0x02, False),
+        (0, 0x00, False),  # likewise: THRI cannot be told while DLAB is set
+    ],
+    ids=["thri off", "thri on", "dlab, thri on, dlm 0", "dlab, thri on, dlm 2", "dlab, thri off"],
+)
+def test_uart_write_behind_wanted_exactly_while_thri_is_off_and_dlab_clear(ier, dlm, wanted):
+    uart, _, _ = slow_uart()
+    uart.write(Reg.IER, bytes([ier]))
+    if dlm is not None:
+        uart.write(Reg.LCR, bytes([Lcr.DLAB | Lcr.WLEN8]))
+        uart.write(Reg.IER, bytes([dlm]))  # DLM
+    assert wants_write_behind(uart) == wanted
 
 
 @pytest.mark.parametrize("accept", [0, 1], ids=["byte buffered", "byte taken"])

@@ -707,14 +707,14 @@ def test_slot_read_after_sent_and_held_writes_counts_both_against_the_credit(slo
     assert slot.read_held(LSR, 1, held=2, held_at=THR) is None
 
 
-def test_slot_mirrored_value_takes_the_devices_news_first(slot, held):
-    """What write-behind asks (whether the model wants it now): the newest MIRROR's value."""
+def test_slot_mirrored_values_take_the_devices_news_first(slot, held):
+    """What write-behind asks (whether the model wants it now): the newest MIRROR's values."""
     held.mirror.take(wire.Mirror((b"\x20",), THR, 4, 0))
-    assert (slot.mirrored_value(LSR), held.drains) == (b"\x20", 1)
+    assert (slot.mirrored_values([LSR]), held.drains) == ([b"\x20"], 1)
 
 
-def test_slot_mirrored_value_of_a_device_not_live_is_none(slot):
-    assert slot.mirrored_value(LSR) is None
+def test_slot_mirrored_values_of_a_device_not_live_are_none(slot):
+    assert slot.mirrored_values([LSR]) is None
 
 
 # -- a channel broken by the device's death ------------------------------------------------------

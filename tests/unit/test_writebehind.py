@@ -129,6 +129,8 @@ class Device:
         self.name = name
         self.answer = answer
         self.ier = ier  # None: no MIRROR yet (a process just restarted)
+        self.lcr = 0
+        self.asked: list[list[int]] = []  # the offsets of each mirrored_values()
         self.asking: Callable[[], None] | None = None  # what happens while it is asked
         self.runs: list[list[tuple[int, bytes]]] = []
         self.reads: list[tuple[int, int, int, int]] = []
@@ -145,11 +147,15 @@ class Device:
             self.gate.wait(DEADLINE_S)
         self.runs.append(list(writes))
 
-    def mirrored_value(self, offset: int) -> bytes | None:
-        value = bytes([self.ier]) if offset == IER and self.ier is not None else None
-        if self.asking is not None:  # after the value is read: it is the older one
+    def mirrored_values(self, offsets: Sequence[int]) -> list[bytes] | None:
+        self.asked.append(list(offsets))
+        registers = {IER: self.ier, LCR: self.lcr}
+        values = [registers.get(o) for o in offsets]
+        if self.asking is not None:  # after the values are read: they are the older ones
             self.asking()
-        return value
+        if any(v is None for v in values):
+            return None
+        return [bytes([v]) for v in values if v is not None]
 
 
 class Vm:
@@ -175,7 +181,7 @@ class Vm:
             self.on_unregister()
 
 
-IER, LSR, THRI = 1, 5, 0x02
+IER, LCR, LSR, THRI, DLAB = 1, 3, 5, 0x02, 0x80
 Failures = list[str]
 
 
@@ -188,7 +194,7 @@ def make(
     failures: Failures | None = None,
 ) -> WriteBehind:
     """THR of a UART at COM1 (and COM2) for each device, in order, wanted while THRI is off."""
-    when = (IER, THRI, 0)
+    when = ((IER, THRI, 0),)
     zones = [Zone(b, 1, d, b, 8, when) for b, d in zip((COM1, COM2), devices, strict=False)]
     fail = (failures if failures is not None else []).append
     return WriteBehind(vm, ring, zones, fail, tick_s=tick_s, idle_ticks=idle_ticks)  # type: ignore[arg-type]
@@ -499,17 +505,30 @@ def test_arm_while_the_flusher_disarms_does_not_wait_for_the_grace_period(ring):
 def test_arm_the_model_declined_asks_again_only_after_another_register_is_written(ring):
     vm = Vm()
     com1 = Device("com1", ier=THRI)
-    asked: list[int] = []
-    real = com1.mirrored_value
-    com1.mirrored_value = lambda offset: (asked.append(offset), real(offset))[1]  # type: ignore[method-assign]
     held = make(ring, vm, com1)
     held.written(COM1)
     held.written(COM1)  # THR again: not asked (a round with the device's channel each)
-    assert (held.armed, asked) == (False, [IER])
+    assert (held.armed, com1.asked) == (False, [[IER]])
     com1.ier = 0
     held.written(COM1 + IER)  # the driver turned THRI off
     held.written(COM1)
-    assert (held.armed, asked) == (True, [IER, IER])
+    assert (held.armed, com1.asked) == (True, [[IER], [IER]])
+
+
+def test_arm_reads_every_condition_from_one_mirror(ring):
+    """The 8250's: DLAB clear (offset 1 mirrors DLM, not IER, while it is set) and THRI off,
+    asked of one MIRROR together: from two, the THRI bit could be read from a DLM."""
+    vm = Vm()
+    com1 = Device("com1", ier=0)
+    com1.lcr = DLAB  # a driver programming the divisor; its DLM has bit 1 clear
+    zone = Zone(COM1, 1, com1, COM1, 8, ((LCR, DLAB, 0), (IER, THRI, 0)))
+    held = WriteBehind(vm, ring, [zone], [].append, tick_s=60.0)  # type: ignore[arg-type]
+    held.written(COM1)
+    assert (held.armed, com1.asked) == (False, [[LCR, IER]])
+    com1.lcr = 0
+    held.written(COM1 + LCR)
+    held.written(COM1)
+    assert held.armed
 
 
 def test_flusher_disarms_once_the_model_no_longer_wants_it(ring):
