@@ -282,6 +282,18 @@ runs; the host's load moves it by more than this change did.
 import (cli/early.py, devprocs/zygote.py; figures in bench/snapshot.py): 30 alternating
 pairs of whole `up` runs against the tree before, 101.2 -> 97.1 ms (paired median -3.7).
 This bench, --runs 9: 105.4 ms against QEMU's 57.9 (1.82x; CPU 158.9 ms against 27.6).
+
+2026-12-07: this bench, --runs 9 and 15 in one hour: 110.1 / 54.8 ms (2.01x) and 115.7 /
+61.0 (1.90x); `python -c pass` 9.8-10.0 ms (9.3 the last session). Tried and dropped: `up`
+without click (a click-free parser for up's usual lines, click's for the rest, held to the
+same values by a differential test; click's import is ~15 ms of the monitor's path, inspect
+among it). The monitor's phases shrank as expected ("import cli" + "command line" 25.9 ->
+17.4 ms), but "device launch requests" grew 15.3 -> 24.0: the first launch request then
+waits for the zygote, and the whole run did not move (113.7 ms, --runs 9, QEMU 66.9 in that
+noisy run). Restores likewise (bench/snapshot.py's fixture, 10 alternating pairs to the
+vCPUs: +0.5 ms). The devices' start (the launcher's fork at ~21 ms, the zygote's exec and
+imports, then the device's fork, sandbox and READY, ready at ~105 ms from the start) is the
+path a faster monitor waits on; it has to get shorter before the monitor's imports matter.
 """
 
 from __future__ import annotations
