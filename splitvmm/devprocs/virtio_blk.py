@@ -316,7 +316,7 @@ class VirtioBlk(VirtioPciDevice):
                     "failed write-back, whose answer died with it: every later FLUSH fails",
                     self.NAME,
                 )  # fmt: skip
-        self._errors_unasked = not (self.flush_error or self.readonly) and self.bounce is None
+        self._errors_unasked = not self.flush_error and self.bounce is None  # (read-only: _flush)
         super().after_restart()
 
     def model_fields(self) -> dict[str, Any]:
