@@ -273,9 +273,9 @@ class MirrorPublisher:
         model's ~5 a forwarded read (bench/exit_rtt.py)."""
         last, model = self._last, self._model
         if last is not None and model is not None and not self._events.mirror_pending:
-            if size == 1 and offset in self._quiet and not self._used:
-                if not self._injector.awaits_reply():
-                    return self._restamp(last)
+            quiet = size == 1 and offset in self._quiet and not self._used
+            if quiet and not self._injector.awaits_reply():
+                return self._restamp(last)
             now = self._now(model)
             same = now.values == last.values and now.credit_offset == last.credit_offset
             if same and last.credit <= now.credit <= 2 * last.credit:
