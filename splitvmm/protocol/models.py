@@ -404,6 +404,10 @@ def check_write_behind(
         taken |= span
 
 
+# The 8250's THRE interrupt known to be off: LCR's DLAB clear (offset 1 mirrors IER, not DLM)
+# and IER's THRI clear. Both its write-behind and its quietness rest on it.
+_SERIAL_THRI_OFF = ((3, 0x80, 0x00), (1, 0x02, 0x00))
+
 SERIAL = ModelDescriptor(
     name="serial",  # 8250/16550A at COM1
     transport=PortWindow(base=0x3F8, size=8, irq=4, acpi_hid="PNP0501"),  # 16550A-compatible
@@ -425,11 +429,11 @@ SERIAL = ModelDescriptor(
     # and says nothing of THRI: not then either (a divisor whose DLM had bit 1 clear let a
     # driver with THRI on arm write-behind, its THRE interrupts then held for ticks).
     write_behind=((0, 1),),
-    write_behind_while=((3, 0x80, 0x00), (1, 0x02, 0x00)),
+    write_behind_while=_SERIAL_THRI_OFF,
     # DLAB clear and IER's THRI off: the line draining is then no interrupt (the THRE one),
     # and every other interrupt answers a frame (input, a write). A polled driver's LSR reads
     # need not ask for news each.
-    quiet_while=((3, 0x80, 0x00), (1, 0x02, 0x00)),
+    quiet_while=_SERIAL_THRI_OFF,
 )
 
 RTC = ModelDescriptor(
