@@ -294,6 +294,29 @@ noisy run). Restores likewise (bench/snapshot.py's fixture, 10 alternating pairs
 vCPUs: +0.5 ms). The devices' start (the launcher's fork at ~21 ms, the zygote's exec and
 imports, then the device's fork, sandbox and READY, ready at ~105 ms from the start) is the
 path a faster monitor waits on; it has to get shorter before the monitor's imports matter.
+
+2026-12-07, the next session: a timeline of `up` on this guest (marks in the launcher, the
+zygote and the devices, 15 runs, not committed), ms from the spawn of `up`: the launcher's fork
+at 22, the zygote's main() at 45 and its imports done at 70; the launcher's server imported at
+80 (the monitor's configure came at 75); the VM's two models loaded by 85 (4.6 ms alone);
+the zygote's two double forks at 87 and 90; then each device waits in its channel's
+handshake for the monitor to serve it, which it does at the end of its confinement (101), and
+the last is READY at 102. Both cores are busy throughout (CPU ~165 ms in a ~105 ms run), so
+work moved earlier only takes a core from another path. Tried, each as 16-30 alternating pairs
+against the tree without it (whole `up` runs and bench/snapshot.py's idle restore to the
+vCPUs), and dropped:
+- a boot's devices asked for ahead, as a restore's are (Machine._launch_devices(ahead=True),
+  the replies taken before the confinement): -0.4 ms.
+- the launcher exec'd as a new interpreter that imports the device runtime with its server,
+  then forks the first zygote from itself before it reads any request (no separate zygote
+  exec, no server import after the zygote's ready): -1.9 ms for `up`, -0.7 for the restore,
+  and bench/memory.py 0.9 MiB more resident (the launcher and the devices each write the
+  pages they share: their refcounts).
+- the zygote loading the clock's and the UART's models while it waits for the configure:
+  +3.0 ms for the restore (its imports take the core the monitor's imports need).
+- the zygote started with -I -S and a -c entry (no site, no runpy; the module search path
+  handed over): ready 36.6 against 37.4 ms alone (40 alternating starts), -1.0 / -1.3 ms
+  paired: the modules site and runpy import are ones the zygote imports anyway.
 """
 
 from __future__ import annotations
