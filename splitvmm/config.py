@@ -4,6 +4,8 @@
           snapshot_dirs (where `ctl snapshot` may write: the monitor can reach nothing else),
           track_dirty_pages (KVM logs the guest's writes, so that `ctl snapshot` pauses only
           for what it wrote while its RAM was copied: monitor/dirtylog.py)
+          device_uid and device_gid (the host user and group every device process runs as,
+          outside its user namespace: a monitor run as root otherwise runs them as root)
 [boot]    kernel (bzImage or ELF) [+ initrd, cmdline], or firmware (flat binary)
 [[device]] name, model, on_crash ("stop", "restart" or "leave"), max_restarts and
           restart_window (the restart budget: at most max_restarts restarts within any
@@ -31,7 +33,7 @@ from splitvmm.protocol.models import (
     PortWindow,
     unix_output_path,
 )
-from splitvmm.protocol.spec import MAX_DEVICES, NAME_RE, NAME_RULE
+from splitvmm.protocol.spec import HOST_IDS, MAX_DEVICES, NAME_RE, NAME_RULE
 from splitvmm.record import Struct, field
 
 # xAPIC IDs are 8 bits and 0xFF is broadcast; cloud-hypervisor's limit too. (It once left an
@@ -97,6 +99,8 @@ class VmSection(Struct, frozen=True):
     snapshot_dirs: tuple[Path, ...] = ()
     # KVM logs the vCPUs' writes to RAM for the VM's life (monitor/dirtylog.py)
     track_dirty_pages: bool = False
+    # The host (uid, gid) its devices run as (sandbox/device.py); None: the monitor's own.
+    device_user: tuple[int, int] | None = None
 
 
 class BootSection(Struct, frozen=True):
@@ -178,7 +182,7 @@ def _reject_unknown(table: dict[str, Any], allowed: set[str], where: str) -> Non
 
 VM_KEYS = {
     "name", "memory", "vcpus", "cpuid_mask", "snapshot_dirs", "track_dirty_pages",
-    *DEFAULT_DEVICES,
+    "device_uid", "device_gid", *DEFAULT_DEVICES,
 }  # fmt: skip
 
 
@@ -201,7 +205,23 @@ def _parse_vm(table: dict[str, Any], base: Path) -> VmSection:
             f'vm.cpuid_mask: expected at most {MAX_CPUID_MASKS} strings like "1.ecx:0x80000000"'
         )
     tracked = _get(table, "track_dirty_pages", "vm", bool, False)
-    return VmSection(name, memory, vcpus, tuple(mask), _snapshot_dirs(table, base), tracked)
+    return VmSection(
+        name, memory, vcpus, tuple(mask), _snapshot_dirs(table, base), tracked, _device_user(table)
+    )
+
+
+def _device_user(table: dict[str, Any]) -> tuple[int, int] | None:
+    """vm.device_uid and vm.device_gid, both or neither: a device whose uid is dropped but
+    whose gid stays the monitor's (root's group) would keep what that group may reach."""
+    given = [key for key in ("device_uid", "device_gid") if key in table]
+    if not given:
+        return None
+    if len(given) == 1:
+        other = "device_gid" if given[0] == "device_uid" else "device_uid"
+        raise ConfigError(f"vm.{given[0]}: vm.{other} must be set with it")
+    uid = _int(table, "device_uid", "vm", HOST_IDS, 0)
+    gid = _int(table, "device_gid", "vm", HOST_IDS, 0)
+    return uid, gid
 
 
 def _snapshot_dirs(table: dict[str, Any], base: Path) -> tuple[Path, ...]:
@@ -576,8 +596,9 @@ def load_config(path: Path, check_files: bool = True, kept_empty: Collection[str
 def config_to_dict(cfg: VmConfig) -> dict[str, Any]:
     """The config as TOML-shaped plain data (absolute paths), which parse_config reads back.
 
-    Leaves out vm.snapshot_dirs: what the monitor may write to is the operator's to say
-    each time it starts, never a snapshot's."""
+    Leaves out vm.snapshot_dirs and vm.device_uid/device_gid: what the monitor may write to
+    and which host user its devices run as are the operator's to say each time it starts,
+    never a snapshot's."""
     boot: dict[str, Any] = {}
     for key in ("kernel", "initrd", "firmware"):
         value = getattr(cfg.boot, key)

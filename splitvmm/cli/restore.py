@@ -41,7 +41,7 @@ def _overrides(values: tuple[str, ...]) -> dict[str, str]:
     help="Name a host resource, e.g. serial0.output=/tmp/log or boot.firmware=fw.bin "
     "(repeatable). None is taken from the snapshot: serial output is stdio unless set, and "
     "a firmware-booted VM needs boot.firmware. vm.track_dirty_pages=true|false overrides "
-    "the saved VM's.",
+    "the saved VM's; vm.device_uid=ID and vm.device_gid=ID run its devices as that user.",
 )
 @require_signature_option
 @click.option(

@@ -640,6 +640,7 @@ def run(
             fixed_size=frozenset(
                 spec.fds[role.name] for role in MODELS[spec.model].fds if role.kind in FIXED_SIZE
             ),
+            user=spec.user,
         )
     except SplitvmmError as e:  # a layer the host refuses, a policy that does not load: the
         # operator's to fix, said in one line (the launcher relays it, named), no traceback

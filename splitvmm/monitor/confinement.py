@@ -17,7 +17,9 @@ in this order (Machine.build calls the steps; the reasons are the order):
    thread and are inherited by the threads it makes later, so they are
    applied while there is still one thread. The vCPU, control and supervisor
    threads are all made afterwards and are born confined. Capabilities: all dropped, bounding and ambient sets emptied and
-   the securebits locked, when there are any (a root monitor); the bounding set and
+   the securebits locked, when there are any (a root monitor), but CAP_KILL where the
+   devices run as another user (vm.device_uid): the monitor ends them, through the pidfds
+   the launcher sent (its filter allows no other signal but its own threads'); the bounding set and
    securebits stay where it lacks CAP_SETPCAP to change them (they act only at an
    execve, which it cannot make); an unprivileged monitor has none to drop. Not dumpable, and no core file: a crash writes no
    guest RAM to disk, and no process of the same user may ptrace the monitor or
@@ -56,10 +58,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import splitvmm
-from splitvmm.errors import SplitvmmError
+from splitvmm.errors import ConfigError, SplitvmmError
 from splitvmm.native import confine, landlock
 from splitvmm.native.kvm import IOCTL_NUMBERS
 from splitvmm.native.seccomp import pyseccomp as seccomp
+from splitvmm.protocol.spec import another_user
 from splitvmm.sandbox import policy
 from splitvmm.sandbox.launcher_start import thread_count
 
@@ -93,12 +96,30 @@ class ConfinementError(SplitvmmError):
     """The monitor could not confine itself; it does not run a guest unconfined."""
 
 
+def devices_elsewhere(user: tuple[int, int] | None) -> bool:
+    """Whether the devices run as another host user than the monitor (config.py
+    vm.device_uid): the confined monitor then keeps CAP_KILL to end them (a signal to
+    another user's process needs it). ConfigError if it may not: only root starts a
+    process as another user."""
+    if not another_user(user):
+        return False
+    if os.geteuid() != 0:
+        raise ConfigError(
+            "vm.device_uid: only a monitor run as root may run its devices as another user "
+            f"(this one runs as uid {os.geteuid()}, gid {os.getegid()})"
+        )
+    return True
+
+
 class Confinement:
     """The monitor's confinement, prepared while files can still be read (the policies)."""
 
-    def __init__(self, *, launcher_fd: int, policy_dir: Path | None = None) -> None:
+    def __init__(
+        self, *, launcher_fd: int, policy_dir: Path | None = None, keep_kill: bool = False
+    ) -> None:
         """`launcher_fd`: the socket to the launcher, the only one the monitor may send fds
-        over or receive them from."""
+        over or receive them from. `keep_kill`: keep CAP_KILL (devices_elsewhere)."""
+        self._keep_kill = keep_kill
         mode = os.environ.get(SECCOMP_ENV, "kill")
         if mode not in ("kill", "log"):
             raise ConfinementError(f"{SECCOMP_ENV}={mode!r}: expected kill or log")
@@ -130,7 +151,8 @@ class Confinement:
                 # without it, a user given CAP_NET_ADMIN for its TAPs). Both act only at an
                 # execve, which no_new_privs and the monitor's filter rule out.
                 setpcap = bool(effective >> confine.CAP_SETPCAP & 1)
-                confine.drop_capabilities(bounding=setpcap)
+                keep = frozenset({confine.CAP_KILL}) if self._keep_kill else frozenset()
+                confine.drop_capabilities(bounding=setpcap, keep=keep)
             confine.set_no_new_privs()
             confine.set_dumpable(False)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -196,7 +196,10 @@ class Machine:
         (a restore's RAM load first), and run() then runs nothing."""
         self._install_stop_handlers()
         cfg = self.cfg
-        self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root)
+        # Refused before anything is made: a monitor that may not run its devices as the user
+        # the config names (only root may)
+        elsewhere = confinement.devices_elsewhere(cfg.vm.device_user)
+        self.rundir = RuntimeDir(cfg.vm.name, self._runtime_root, enterable=elsewhere)
         self._closables.append(self.rundir)
         # Now, before the launcher and /dev/kvm: ControlServer binds it only as the devices
         # are about to start (_launch_devices).
@@ -207,7 +210,9 @@ class Machine:
         if self._launcher is None:
             self._launcher = Launcher.start()
         self._closables.append(self.launcher)
-        self.launcher.configure(self.rundir.path, [dev.model for dev in cfg.devices])
+        self.launcher.configure(
+            self.rundir.path, [dev.model for dev in cfg.devices], cfg.vm.device_user
+        )
         timings.mark("launcher configure sent")
         if self.stopping:
             return
@@ -280,7 +285,9 @@ class Machine:
             return
         self.launcher.check_configured()  # the spawns took its reply, or this does
         # Reads its policies (files, now); its rules name the launcher's socket.
-        self.confinement = confinement.Confinement(launcher_fd=self.launcher.fileno())
+        self.confinement = confinement.Confinement(
+            launcher_fd=self.launcher.fileno(), keep_kill=elsewhere
+        )
         # Everything is open: from here on the monitor holds no capability and can reach
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
         if self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs):
@@ -383,6 +390,7 @@ class Machine:
         spawn = Spawn(
             dev.name, dev.model, model.transport.size, dict(dev.options), fds, state, dev.fault
         )
+        spawn.user = self.cfg.vm.device_user
         if model.machine_facts:
             spawn.transport = {"machine": self._machine_facts()}
         if placed is not None:

@@ -168,8 +168,8 @@ def _split_key(key: str) -> tuple[str, str]:
     name, _, option = key.rpartition(".")
     if not name or not option:
         raise ConfigError(
-            f"--set {shown(key)}: expected DEVICE.OPTION=VALUE, boot.firmware=PATH or "
-            "vm.track_dirty_pages=true|false"
+            f"--set {shown(key)}: expected DEVICE.OPTION=VALUE, boot.firmware=PATH, "
+            "vm.track_dirty_pages=true|false or vm.device_uid/device_gid=ID"
         )
     return name, option
 
@@ -186,17 +186,25 @@ def _set_boot(boot: dict[str, Any], option: str, value: str, firmware: bool) -> 
     boot["firmware"] = value
 
 
+# [vm] keys that are the host's, not the saved machine's: what logging the guest's writes
+# costs the host (a fault per page after each snapshot, 4 KiB pages on hardware KVM), and the
+# host user the devices run as. The operator's to choose, as `up --restore` takes them from
+# the operator's config; a stored config's are dropped (_restore_data).
+VM_SETTABLE: dict[str, type] = {"track_dirty_pages": bool, "device_uid": int, "device_gid": int}
+VM_HOST_ONLY = ("snapshot_dirs", "device_uid", "device_gid")  # never taken from a snapshot
+
+
 def _set_vm(data: dict[str, Any], option: str, value: str) -> None:
-    """vm.track_dirty_pages: what logging the guest's writes costs the host (a fault per
-    page after each snapshot, 4 KiB pages on hardware KVM) is the operator's to choose, as
-    `up --restore` takes it from the operator's config; nothing else of [vm] is settable (it
-    is the saved machine's)."""
-    if option != "track_dirty_pages":
-        raise ConfigError(f"--set vm.{shown(option)}: only vm.track_dirty_pages can be set")
+    """A VM_SETTABLE key; nothing else of [vm] is settable (it is the saved machine's)."""
+    kind = VM_SETTABLE.get(option)
+    if kind is None:
+        raise ConfigError(
+            f"--set vm.{shown(option)}: only {', '.join(f'vm.{k}' for k in VM_SETTABLE)} can be set"
+        )
     vm = data.get("vm")
     if not isinstance(vm, dict):  # the stored config's own fault, named when it is parsed
         return
-    data["vm"] = {**vm, option: _typed(value, bool, f"--set vm.{option}")}
+    data["vm"] = {**vm, option: _typed(value, kind, f"--set vm.{option}")}
 
 
 def _set_device(device: dict[str, Any], name: str, option: str, value: str) -> None:
@@ -274,8 +282,8 @@ def _restore_data(snap: Snapshot, overrides: dict[str, str]) -> dict[str, Any]:
     firmware = firmware_booted(snap)
     data["boot"] = {k: v for k, v in boot.items() if k not in BOOT_RESOURCES}
     vm = data.get("vm")
-    if isinstance(vm, dict):  # where the monitor may write: `restore --snapshot-dir` says
-        data["vm"] = {k: v for k, v in vm.items() if k != "snapshot_dirs"}
+    if isinstance(vm, dict):  # where the monitor may write (`restore --snapshot-dir`), and
+        data["vm"] = {k: v for k, v in vm.items() if k not in VM_HOST_ONLY}  # who devices are
     data["device"] = [dict(d) if isinstance(d, dict) else d for d in devices]
     by_name: dict[str, dict[str, Any]] = {}
     for d in data["device"]:

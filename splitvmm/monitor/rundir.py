@@ -90,7 +90,11 @@ def _make_dir(path: Path, parents: bool) -> None:
 
 
 class RuntimeDir:
-    def __init__(self, name: str, root: Path | None = None) -> None:
+    def __init__(self, name: str, root: Path | None = None, enterable: bool = False) -> None:
+        """`enterable`: 0711, not 0700, for devices that run as another user (config.py
+        vm.device_uid): each enters it as root before it switches, and must then look its
+        channel's name up in it (sandbox/device.py); the root above stays 0700, so no one
+        else reaches it."""
         root = root or runtime_root()
         self.path = root / name
         self._lock_fd = -1
@@ -103,6 +107,8 @@ class RuntimeDir:
             ) from None
         try:
             self._take(root, name)
+            if enterable:
+                os.chmod(self.path, 0o711)
         except OSError as e:  # what _make_dir does not name: a chmod, the lock file, a stale
             # socket on a file system that turned read-only under an existing directory
             if self._lock_fd >= 0:

@@ -181,6 +181,7 @@ class Spawn(Struct):
     fault: dict[str, object] | None = None  # crash testing: armed in the first process only
     transport: dict[str, object] | None = None  # DeviceSpec.transport: where a PCI function sits
     msi: MsiVectors | None = None  # a PCI function's MSI-X vectors, routed when it asks
+    user: tuple[int, int] | None = None  # DeviceSpec.user: the host user it runs as
 
 
 class Checkpoint(Struct, frozen=True):
@@ -240,6 +241,7 @@ class DeviceSlot:
         self._options = spawn.options
         self._fds = spawn.fds  # the machine owns them; each process gets them again
         self._transport = spawn.transport
+        self._user = spawn.user
         self._msi = spawn.msi
         channel_path = runtime_dir / f"{spawn.name}.sock"
         check_socket_path(channel_path, f"device {spawn.name}: channel path", device_named=True)
@@ -396,6 +398,7 @@ class DeviceSlot:
             resume=resume,
             fault=self._fault,
             transport=self._transport,
+            user=self._user,
         )
 
     def _fill(self, process: DeviceProcess, listener: int) -> None:

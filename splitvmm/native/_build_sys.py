@@ -26,7 +26,9 @@ NS_TYPES = "".join(
     for name in """
     CLONE_NEWUSER CLONE_NEWNS CLONE_NEWNET CLONE_NEWIPC CLONE_NEWUTS CLONE_NEWPID CLONE_THREAD
     MS_RDONLY MS_NOSUID MS_NODEV MS_NOEXEC MS_REMOUNT MS_BIND MS_REC MS_PRIVATE
-    MNT_DETACH
+    MNT_DETACH FSOPEN_CLOEXEC FSCONFIG_SET_STRING FSCONFIG_CMD_CREATE FSMOUNT_CLOEXEC
+    MOUNT_ATTR_NOSUID MOUNT_ATTR_NODEV MOUNT_ATTR_NOEXEC MOVE_MOUNT_F_EMPTY_PATH
+    MOVE_MOUNT_T_EMPTY_PATH
     """.split()
 )
 NS_FUNCTIONS = """
@@ -35,10 +37,24 @@ int mount(const char *source, const char *target, const char *fstype,
           unsigned long flags, const void *data);
 int umount2(const char *target, int flags);
 int sv_pivot_root(const char *new_root, const char *put_old);
+int sv_fsopen(const char *fs, unsigned int flags);
+int sv_fsconfig(int fd, unsigned int cmd, const char *key, const char *value, int aux);
+int sv_fsmount(int fd, unsigned int flags, unsigned int attrs);
+int sv_move_mount(int from_fd, const char *from_path, int to_fd, const char *to_path,
+                  unsigned int flags);
 """
 NS_SOURCE = """
 static int sv_pivot_root(const char *new_root, const char *put_old)
 { return (int)syscall(SYS_pivot_root, new_root, put_old); }
+static int sv_fsopen(const char *fs, unsigned int flags)
+{ return (int)syscall(SYS_fsopen, fs, flags); }
+static int sv_fsconfig(int fd, unsigned int cmd, const char *key, const char *value, int aux)
+{ return (int)syscall(SYS_fsconfig, fd, cmd, key, value, aux); }
+static int sv_fsmount(int fd, unsigned int flags, unsigned int attrs)
+{ return (int)syscall(SYS_fsmount, fd, flags, attrs); }
+static int sv_move_mount(int from_fd, const char *from_path, int to_fd, const char *to_path,
+                         unsigned int flags)
+{ return (int)syscall(SYS_move_mount, from_fd, from_path, to_fd, to_path, flags); }
 """
 
 # -- <linux/capability.h>, <linux/securebits.h>, <sys/prctl.h> ---------------------------------
@@ -57,7 +73,8 @@ static const int _LINUX_CAPABILITY_U32S_3;
     for name in """
     PR_SET_NO_NEW_PRIVS PR_CAPBSET_DROP PR_CAPBSET_READ PR_CAP_AMBIENT PR_CAP_AMBIENT_CLEAR_ALL
     PR_SET_DUMPABLE PR_SET_SECUREBITS PR_GET_SECUREBITS PR_SET_PDEATHSIG PR_SET_NAME
-    PR_SET_CHILD_SUBREAPER CAP_SETPCAP CAP_SETFCAP CAP_SYS_ADMIN
+    PR_SET_CHILD_SUBREAPER PR_SET_KEEPCAPS CAP_SETPCAP CAP_SETFCAP CAP_SYS_ADMIN CAP_SETUID
+    CAP_SETGID CAP_KILL
     SECBIT_NOROOT SECBIT_NOROOT_LOCKED SECBIT_NO_SETUID_FIXUP SECBIT_NO_SETUID_FIXUP_LOCKED
     SECBIT_KEEP_CAPS_LOCKED SECBIT_NO_CAP_AMBIENT_RAISE SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
     """.split()

@@ -54,8 +54,11 @@ FUTEX_OPS: dict[str, int] = {
 }
 
 CAP_SETPCAP: int = lib.CAP_SETPCAP  # what the bounding set and securebits take to change
-CAP_SETFCAP: int = lib.CAP_SETFCAP  # all a root launcher keeps (sandbox/launcher.py) ...
-CAP_SYS_ADMIN: int = lib.CAP_SYS_ADMIN  # ... but where only it may make a user namespace
+CAP_SETFCAP: int = lib.CAP_SETFCAP  # what a root launcher keeps (sandbox/launcher.py) ...
+CAP_SYS_ADMIN: int = lib.CAP_SYS_ADMIN  # ... where only it may make a user namespace ...
+CAP_SETUID: int = lib.CAP_SETUID  # ... and, for devices run as another user (vm.device_uid),
+CAP_SETGID: int = lib.CAP_SETGID  # their switch to it ...
+CAP_KILL: int = lib.CAP_KILL  # ... and their end (the monitor keeps it: monitor/confinement.py)
 
 # Every securebit with its lock: root gets no capabilities from uid 0, setuid keeps
 # none, ambient capabilities cannot be raised -- and none of it can be undone.
@@ -93,6 +96,30 @@ def umount2(target: str, flags: int) -> None:
     check(lib.umount2(target.encode(), flags), f"umount2({target!r})")
 
 
+def detached_tmpfs(options: dict[str, str]) -> int:
+    """A new tmpfs with `options` (size=, mode=...), nosuid, nodev and noexec, mounted nowhere
+    yet: the fd of its root (fsopen, fsconfig, fsmount; Linux 5.2+), for attach_mount()."""
+    fs = check(lib.sv_fsopen(b"tmpfs", lib.FSOPEN_CLOEXEC), "fsopen(tmpfs)")
+    try:
+        for key, value in options.items():
+            check(
+                lib.sv_fsconfig(fs, lib.FSCONFIG_SET_STRING, key.encode(), value.encode(), 0),
+                f"fsconfig({key}={value})",
+            )
+        check(lib.sv_fsconfig(fs, lib.FSCONFIG_CMD_CREATE, ffi.NULL, ffi.NULL, 0), "fsconfig")
+        attrs = lib.MOUNT_ATTR_NOSUID | lib.MOUNT_ATTR_NODEV | lib.MOUNT_ATTR_NOEXEC
+        return check(lib.sv_fsmount(fs, lib.FSMOUNT_CLOEXEC, attrs), "fsmount")
+    finally:
+        os.close(fs)
+
+
+def attach_mount(mount_fd: int, target_fd: int) -> None:
+    """Mount the detached `mount_fd` (detached_tmpfs) on the directory `target_fd` (an O_PATH
+    fd): no path is looked up, so no directory above the target need be searchable."""
+    flags = lib.MOVE_MOUNT_F_EMPTY_PATH | lib.MOVE_MOUNT_T_EMPTY_PATH
+    check(lib.sv_move_mount(mount_fd, b"", target_fd, b"", flags), "move_mount")
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
     check(lib.sv_pivot_root(new_root.encode(), put_old.encode()), "pivot_root")
 
@@ -124,6 +151,12 @@ def set_child_subreaper() -> None:
     prctl(lib.PR_SET_CHILD_SUBREAPER, 1)
 
 
+def set_keep_capabilities(keep: bool) -> None:
+    """PR_SET_KEEPCAPS: whether the permitted set survives a switch from uid 0 to another uid
+    (cleared at the next execve)."""
+    prctl(lib.PR_SET_KEEPCAPS, int(keep))
+
+
 def set_dumpable(dumpable: bool) -> None:
     """Not dumpable: no core file (it would hold guest memory), no same-uid ptrace."""
     prctl(lib.PR_SET_DUMPABLE, int(dumpable))
@@ -141,8 +174,9 @@ def _securebits_to_lock() -> int:
     return bits
 
 
-def drop_capabilities(bounding: bool = True) -> None:
-    """Lock the securebits, empty the bounding and ambient sets, then all capability sets.
+def drop_capabilities(bounding: bool = True, keep: frozenset[int] = frozenset()) -> None:
+    """Lock the securebits, empty the bounding and ambient sets, then all capability sets,
+    but for those of `keep` held now (effective and permitted, and in the bounding set).
 
     Capabilities are per thread: only the calling thread loses them, so call
     this before any other thread exists. bounding=False: leave the securebits and the
@@ -150,9 +184,10 @@ def drop_capabilities(bounding: bool = True) -> None:
     """
     if bounding:
         prctl(lib.PR_SET_SECUREBITS, _securebits_to_lock())
-        _limit_bounding_set(frozenset())
+        _limit_bounding_set(keep)
     prctl(lib.PR_CAP_AMBIENT, lib.PR_CAP_AMBIENT_CLEAR_ALL)
-    _capset(0, 0, 0)
+    kept = capabilities()[1] & sum(1 << cap for cap in keep)
+    _capset(kept, kept, 0)
 
 
 def keep_only_capabilities(keep: frozenset[int]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import cast
@@ -23,6 +24,17 @@ NAME_RULE = "1-63 letters, digits, '_', '.' or '-', the first a letter or digit"
 # -I (isolated): `-m` would put the working directory first on sys.path, so a json.py there
 # would run in every device before its sandbox; -I leaves it out, and PYTHON* variables too.
 DEVICE_COMMAND = (sys.executable, "-I", "-m", "splitvmm.devprocs")
+
+# A host uid or gid a device may run as (DeviceSpec.user, config.py vm.device_uid): not 0,
+# which is root, nor 2**32 - 1, which is -1 to setresuid(2) ("leave it as it is") and no id.
+HOST_IDS = range(1, 2**32 - 1)
+
+
+def another_user(user: tuple[int, int] | None) -> bool:
+    """Whether devices of `user` (DeviceSpec.user) run as another host user than this
+    process: only root may start them (sandbox/device.py _become)."""
+    return user is not None and user != (os.geteuid(), os.getegid())
+
 
 # What `ctl crash-device --signal` may send a device (monitor.policy allows these, through a
 # pidfd only): the ways a process dies that crash testing wants to see.
@@ -54,6 +66,9 @@ class DeviceSpec(Struct, frozen=True):
     options: dict[str, object] = field(default_factory=dict)
     # -- sandbox (issue 3) --
     seccomp: str = "kill"  # sandbox.SeccompMode: "kill" (enforce), "log" or "trace" (audit)
+    # The host (uid, gid) the device runs as, outside its user namespace (config.py
+    # vm.device_uid); None: its starter's (sandbox/device.py).
+    user: tuple[int, int] | None = None
     # Tests only: base64 of a cloudpickled callable `hook(fds) -> dict` that runs inside
     # the sandbox before READY; its JSON result goes to fds["hook_result"] (runtime.py).
     hook: str = ""
@@ -106,6 +121,11 @@ class DeviceSpec(Struct, frozen=True):
         for key in ("state", "resume", "fault", "transport"):  # an object, or none
             if getattr(self, key) is not None and type(getattr(self, key)) is not dict:
                 return f"{key} is not an object"
+        user = self.user
+        if user is not None and not (
+            type(user) is tuple and len(user) == 2 and all(type(v) is int for v in user)
+        ):
+            return "user is not a [uid, gid] pair"
         return None
 
     def to_json(self) -> str:
@@ -117,7 +137,10 @@ class DeviceSpec(Struct, frozen=True):
     def from_json(cls, text: str) -> DeviceSpec:
         """ProtocolError if `text` is no JSON object (or nests deeper than schema.MAX_DEPTH);
         TypeError if its keys are not the spec's."""
-        return cls(**schema.loads(text.encode(), what="a device spec", error=ProtocolError))
+        fields = schema.loads(text.encode(), what="a device spec", error=ProtocolError)
+        if isinstance(fields, dict) and type(fields.get("user")) is list:
+            fields["user"] = tuple(fields["user"])  # JSON has no tuple: field_problem checks it
+        return cls(**fields)
 
 
 # The type of each field of a spec that must be there (DeviceSpec.field_problem).

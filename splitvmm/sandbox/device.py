@@ -1,7 +1,8 @@
 """enter_sandbox(): the capability mode every device process enters before it reads guest data.
 
 Layers, each with an escape test in tests/sandbox/:
-(a) namespaces: a new user (root inside, mapped to the monitor's uid outside),
+(a) namespaces: a new user (root inside, mapped to the monitor's uid outside, or
+    to the VM's device user: vm.device_uid),
     mount, network, IPC, UTS and PID namespace; the root is an empty read-only
     tmpfs holding only the device's channel socket;
 (b) rlimits: no new processes, no fd above those it holds, no core file, no
@@ -60,11 +61,18 @@ Why this order, and not "connect the channel, then sandbox":
   signals it has no handler for unless they come as SIGKILL or SIGSTOP from an
   ancestor namespace: the monitor stops a device by killing its warden.
 
-Caveats: the uid map can name only the caller's own uid (a process cannot map
-another uid once it is inside the new namespace), so when the monitor runs as
-root the device is uid 0 outside; the kernel does not apply RLIMIT_NPROC to
-that uid, and seccomp's clone/fork rules are then the barrier against new
-processes. Landlock's `scoped` rights (signals, abstract UNIX sockets) are not
+The host user: the uid map can name only the caller's own uid (a process cannot
+map another uid once it is inside the new namespace), so the device is root
+inside its namespaces and, outside, whoever it is when it makes them. A root
+monitor's device is uid 0 outside, unless the VM's config names another user
+(config.py vm.device_uid): then the device becomes that user first (_become), and
+a device that escaped every other layer would be that user on the host, not
+root. As root, the kernel does not apply RLIMIT_NPROC to it, and seccomp's
+clone/fork rules are then the barrier against new processes. Its empty root is
+made by fds alone (_pivot_to_empty_root), as that user may not search the
+directories above its channel.
+
+Caveats: Landlock's `scoped` rights (signals, abstract UNIX sockets) are not
 used: the build host's <linux/landlock.h> predates them; seccomp and the PID
 and network namespaces cover the same ground. The bind-mounted channel socket
 stays connectable from the empty root (Landlock, up to ABI 7 at least, does
@@ -76,6 +84,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import logging
 import os
@@ -89,7 +98,9 @@ from splitvmm import native
 from splitvmm.errors import SplitvmmError
 from splitvmm.native import confine, files, landlock
 from splitvmm.native.seccomp import pyseccomp as seccomp
+from splitvmm.protocol.spec import another_user
 from splitvmm.sandbox import policy
+from splitvmm.sandbox.launcher_start import userns_needs_sys_admin
 
 log = logging.getLogger("splitvmm.dev.sandbox")
 
@@ -136,6 +147,7 @@ def enter_sandbox(
     address_space: int,
     private_memory: int,
     fixed_size: frozenset[int] = frozenset(),
+    user: tuple[int, int] | None = None,
 ) -> T:
     """Confine this device process; returns what `connect(endpoint)` returned.
 
@@ -144,6 +156,8 @@ def enter_sandbox(
     `private_memory`: RLIMIT_DATA in bytes, the device's own memory (_set_rlimits).
     `fixed_size`: fds of `keep_fds` whose files must not grow (a disk image): what the
     file-size limit is made of (_file_size_limit).
+    `user`: the host (uid, gid) to run as from before the namespaces on (_become); None:
+    stay who we are.
 
     Call it single-threaded, after every import, holding the fds in `keep_fds`
     (0, 1 and 2 are always kept; any other fd is closed). `connect` gets the
@@ -157,11 +171,18 @@ def enter_sandbox(
     warden_policy = policy.load_warden_policy(os.getpid())  # the warden is this process
     socket_path = _channel_path(channel)
     _close_fds_except(keep_fds | STD_FDS)
-    os.chdir("/")  # so that pivot_root moves the warden's cwd too
+    # Entered as the one who started us: as another user (`user`) we may not pass the
+    # runtime dir's parents, but may look a name up in it (monitor/rundir.py: 0711 then).
+    _enter_dir(os.path.dirname(socket_path))
+    program = _open_warden()
+    if user is not None and another_user(user):  # our own: nothing to become
+        _become(*user)
     _unshare_namespaces()
-    _fork_warden(warden_policy, address_space)
+    channel_dir, channel_fd = _open_channel(os.path.basename(socket_path))
+    os.chdir("/")  # so that pivot_root moves the warden's cwd too
+    _fork_warden(warden_policy, address_space, program)
     fd_dir = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    endpoint = _pivot_to_empty_root(socket_path)
+    endpoint = _pivot_to_empty_root(channel_dir, channel_fd)
     _drop_privileges(dumpable=mode is SeccompMode.TRACE)
     _restrict_landlock()
     conn = connect(endpoint)
@@ -240,6 +261,68 @@ def _close_fds_except(keep: set[int]) -> None:
             continue
 
 
+def _enter_dir(path: str) -> None:
+    try:
+        os.chdir(path)
+    except OSError as e:
+        raise SandboxError(f"cannot enter the channel's directory {path}: {e.strerror}") from None
+
+
+def _open_channel(name: str) -> tuple[int, int]:
+    """O_PATH fds of the working directory (the channel's) and of the channel's socket in
+    it, by its `name`: what _pivot_to_empty_root mounts on and binds. Opened in our own mount
+    namespace, as a bind mount takes no source from another one."""
+    try:
+        directory = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return directory, os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as e:
+        raise SandboxError(f"cannot open the device channel {name}: {e.strerror}") from None
+
+
+def _open_warden() -> int:
+    """splitvmm/native/warden, for the warden to exec (_fork_warden): opened now, as the
+    device may pivot to its empty root (the same mount namespace as the warden's, whose root
+    moves with it) before the warden has exec'd it."""
+    try:
+        return os.open(WARDEN, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SandboxError(
+            f"the device warden {WARDEN} cannot be opened ({e.strerror}): it is built with "
+            "splitvmm's native modules (scripts/bootstrap.sh)"
+        ) from None
+
+
+def _become(uid: int, gid: int) -> None:
+    """Run as host user `uid` and group `gid` from here on (config.py vm.device_uid): no
+    supplementary group, every id switched (real, effective, saved and file-system), and
+    with that every capability in the host's user namespace gone (the launcher's root kept
+    CAP_SETUID and CAP_SETGID for this alone: sandbox/launcher_start.py).
+    The namespaces that follow are that user's, whose uid_map maps root inside to it: a
+    device that escaped them all would be that user on the host, not root. Where only
+    CAP_SYS_ADMIN makes a user namespace (launcher_start.py USERNS_RESTRICTED), that one
+    capability is kept across the switch, for the unshare; _drop_privileges drops it.
+
+    A switch of uid leaves the process not dumpable, which gives its /proc/self files to the
+    host's root: its uid_map and gid_map could not be written. It is made dumpable again until
+    _drop_privileges (nothing else runs as this user in our namespaces)."""
+    restricted = userns_needs_sys_admin()
+    try:
+        if restricted:
+            confine.set_keep_capabilities(True)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        if restricted:
+            confine.set_keep_capabilities(False)
+            confine.keep_only_capabilities(frozenset({confine.CAP_SYS_ADMIN}))
+        confine.set_dumpable(True)
+    except OSError as e:
+        raise SandboxError(
+            f"cannot run as uid {uid}, gid {gid}: {e.strerror or e}"
+            + (" (only a launcher run as root may)" if e.errno == errno.EPERM else "")
+        ) from None
+
+
 # -- (a) namespaces ---------------------------------------------------------------------------
 def _unshare_namespaces() -> None:
     uid, gid = os.geteuid(), os.getegid()
@@ -278,18 +361,10 @@ def _write_proc(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _fork_warden(warden_policy: policy.Policy, address_space: int) -> None:
-    """Fork: the child returns (pid 1 of the new PID namespace); the parent never does."""
+def _fork_warden(warden_policy: policy.Policy, address_space: int, program: int) -> None:
+    """Fork: the child returns (pid 1 of the new PID namespace); the parent never does, but
+    execs `program` (_open_warden) as the warden."""
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
-    # Opened now: the device may pivot to its empty root (the same mount namespace as the
-    # warden's, whose root moves with it) before the warden has exec'd its program.
-    try:
-        program = os.open(WARDEN, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise SandboxError(
-            f"the device warden {WARDEN} cannot be opened ({e.strerror}): it is built with "
-            "splitvmm's native modules (scripts/bootstrap.sh)"
-        ) from None
     try:
         pid = os.fork()
     except OSError as e:  # EAGAIN: a limit on processes (a cgroup's pids.max)
@@ -314,25 +389,22 @@ def _fork_warden(warden_policy: policy.Policy, address_space: int) -> None:
     os.close(alive_r)
 
 
-def _pivot_to_empty_root(socket_path: str) -> str:
-    """Make an empty read-only tmpfs our root, with only the channel socket bound in it."""
+def _pivot_to_empty_root(directory: int, sock_fd: int) -> str:
+    """Make an empty read-only tmpfs our root, with only the channel socket bound in it:
+    `directory` and `sock_fd` from _open_channel, which this closes. Every step goes by fd
+    or by a name in the new tmpfs: no path above it is looked up (a device run as another
+    user may not search the runtime dir's parents)."""
     try:
         confine.mount(None, "/", None, confine.MS_REC | confine.MS_PRIVATE)
-        sock_fd = os.open(socket_path, os.O_PATH | os.O_CLOEXEC)
-        new_root = os.path.dirname(socket_path)  # exists; hidden only in our mount namespace
-        confine.mount(
-            "tmpfs",
-            new_root,
-            "tmpfs",
-            confine.MS_NOSUID | confine.MS_NODEV | confine.MS_NOEXEC,
-            "size=4k,nr_inodes=4,mode=0555",
-        )
-        target = f"{new_root}/{CHANNEL_NAME}"
-        os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        root = confine.detached_tmpfs({"size": "4k", "nr_inodes": "4", "mode": "0555"})
+        confine.attach_mount(root, directory)  # on the channel's dir, in our namespace only
+        os.close(directory)
+        os.fchdir(root)
+        os.close(root)
+        os.close(os.open(CHANNEL_NAME, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         # The tmpfs now hides the socket's directory: bind it through our O_PATH fd.
-        confine.mount(f"/proc/self/fd/{sock_fd}", target, None, confine.MS_BIND)
+        confine.mount(f"/proc/self/fd/{sock_fd}", CHANNEL_NAME, None, confine.MS_BIND)
         os.close(sock_fd)
-        os.chdir(new_root)
         confine.pivot_root(".", ".")  # the old root is stacked on "." ...
         confine.umount2(".", confine.MNT_DETACH)  # ... and detached, with everything under it
         os.chdir("/")

@@ -12,8 +12,10 @@ it for every device process from then on -- and, later, for every restart.
 Over a SOCK_SEQPACKET socketpair (messages keep their bounds; fds ride along):
 
     launcher -> monitor  ready                       once, when it is set up
-    monitor -> launcher  configure {id, size}        then `size` bytes: the runtime dir,
-                                                     once, before any spawn
+    monitor -> launcher  configure {id, size,        then `size` bytes: the runtime dir,
+                         models, device_user}        once, before any spawn; the VM's
+                                                     models, and the [uid, gid] its
+                                                     devices run as (or null: ours)
     launcher -> monitor  configured {id} | refused {id, message}
     monitor -> launcher  spawn {id, size} + fds      then `size` bytes of spec JSON,
                                                      in chunks (a message must fit
@@ -65,11 +67,14 @@ Its own confinement: no launcher may be landlocked or filtered (every device inh
 before entering its own sandbox, which unshares and mounts), so the narrow request above is
 the barrier; but before its zygote starts it gives up every capability that neither it, nor
 the zygote, nor a device before its sandbox needs, and they hold no more. A root launcher
-keeps CAP_SETFCAP alone, effective, permitted and in its bounding set: a device writes uid 0
+keeps CAP_SETFCAP, effective, permitted and in its bounding set: a device writes uid 0
 into its user namespace's uid_map (Linux 5.12+), which fails without it even holding every
-other capability; it needs none for the rest (the monitor opens every device's files and
-TAPs; the runtime dir, its sockets, the zygote and the devices are root's by uid; rlimits
-only go down). uid 0 still owns root's files (and CAP_SETFCAP may give them file
+other capability. It keeps CAP_SETUID, CAP_SETGID and CAP_KILL for devices that run as
+another user (config.py vm.device_uid: each becomes it before its namespaces, and is
+ended by us or the monitor); it needs none for the rest (the monitor opens every device's
+files and TAPs; the runtime dir, its sockets, the zygote and the devices are root's by uid,
+but for such a device, whose channel socket it may connect to; rlimits only go down). uid 0
+still owns root's files (and CAP_SETFCAP may give them file
 capabilities), so this takes the kernel's powers away (mounts, modules, ptrace, raw I/O,
 other users' files), not those files. Without
 CAP_DAC_READ_SEARCH root reads by the modes as anyone: a checkout or interpreter in another
@@ -219,9 +224,15 @@ class Launcher:
             launcher.configure(channel_dir)
         return launcher
 
-    def configure(self, channel_dir: Path, models: Sequence[str] = ()) -> None:
-        """Fix the runtime dir where the devices' channels are made (once), and say which
-        device `models` the VM has: its zygotes import those before their first fork
+    def configure(
+        self,
+        channel_dir: Path,
+        models: Sequence[str] = (),
+        device_user: tuple[int, int] | None = None,
+    ) -> None:
+        """Fix the runtime dir where the devices' channels are made (once), the host (uid,
+        gid) every device of the VM runs as (`device_user`: config.py vm.device_uid; None:
+        ours), and say which device `models` the VM has: its zygotes import those before their first fork
         (sandbox/zygote.py), and no other. This sends the
         request and returns: its reply is taken by the next request, which fails with the
         launcher's words (DeviceFailure) if it was refused. The launcher imports what it
@@ -230,7 +241,11 @@ class Launcher:
         VM meanwhile (a restore: its RAM too)."""
         with self._spawn_lock:
             self._take_unanswered()
-            header: dict[str, object] = {"op": "configure", "models": sorted(set(models))}
+            header: dict[str, object] = {
+                "op": "configure",
+                "models": sorted(set(models)),
+                "device_user": None if device_user is None else list(device_user),
+            }
             self._send(header, str(channel_dir).encode(), [])
             self._unanswered = True
 

@@ -10,13 +10,22 @@ import os
 import select
 import signal
 import socket
+import stat
 import time
 from typing import TYPE_CHECKING
 
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
 from splitvmm.protocol import faults, schema
 from splitvmm.protocol.models import MODELS
-from splitvmm.protocol.spec import DEFERRED, MAX_DEVICES, MAX_SPEC, NAME_RE, DeviceSpec
+from splitvmm.protocol.spec import (
+    DEFERRED,
+    HOST_IDS,
+    MAX_DEVICES,
+    MAX_SPEC,
+    NAME_RE,
+    DeviceSpec,
+    another_user,
+)
 from splitvmm.record import replace
 from splitvmm.sandbox.launcher import (
     CHUNK,
@@ -62,6 +71,8 @@ class _Server:
         if zygote is not None:  # (a test's server may have none)
             zygote.hangup_fd = sock.fileno()
         self.channel_dir: str | None = None  # set by the first configure request
+        # The host (uid, gid) the VM's devices run as, from that request (None: ours)
+        self.device_user: tuple[int, int] | None = None
         self._configured = False  # a configure request came (the first is the only one)
         self.children: dict[int, ChildProcess] = {}  # pidfd -> the device
         self.spares: dict[int, tuple[ChildProcess, DeviceSpec]] = {}  # pid -> spare, its spec
@@ -265,12 +276,12 @@ class _Server:
             return True
         request = 0
         try:
-            op, request, size, spare, models = _decode_header(data)
+            op, request, size, spare, models, device_user = _decode_header(data)
             payload = self._read_chunks(size)  # read whole even to be refused
             if cut:
                 raise Refused(f"launcher: a request over {MAX_MESSAGE} bytes or {MAX_FDS} fds")
             if op == "configure":
-                self._configure(payload, len(fds))
+                self._configure(payload, len(fds), _device_user(device_user))
                 self._load_models(models)
                 send(self.sock, {"op": "configured", "id": request})
                 return True
@@ -290,7 +301,7 @@ class _Server:
             if self.channel_dir is None:
                 raise Refused("launcher: no runtime dir yet (configure comes first)")
             spec = _decode_spec(payload)
-            _check_spec(spec, self.channel_dir, len(fds))
+            _check_spec(spec, self.channel_dir, len(fds), self.device_user)
             _check_fds(spec.name, fds)
             if self._monitor_left():
                 # A request queued before the monitor shut its sending side (a stop gave up
@@ -347,10 +358,11 @@ class _Server:
         with contextlib.suppress(FileNotFoundError):  # the monitor may remove it (its dir)
             os.unlink(listen_path(spec))
 
-    def _configure(self, payload: bytes, nfds: int) -> None:
+    def _configure(self, payload: bytes, nfds: int, device_user: tuple[int, int] | None) -> None:
         """The runtime dir, once -- the first request decides, refused or not: an absolute
         path to a directory (not a symlink) of ours that nobody else may enter, as the
-        monitor makes it (monitor/rundir.py)."""
+        monitor makes it (monitor/rundir.py). Where the devices run as another user
+        (`device_user`), they may search it (0711), in a parent of ours nobody else may."""
         if self._configured:
             raise Refused("launcher: the runtime dir was set already")
         self._configured = True
@@ -368,8 +380,15 @@ class _Server:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        elsewhere = another_user(device_user)
+        if st.st_uid != os.geteuid() or st.st_mode & (0o066 if elsewhere else 0o077):
             raise Refused(f"launcher: {clip(path)!r} is not ours alone (owner, mode 0700)")
+        if elsewhere and not _ours_alone(os.path.dirname(path)):
+            raise Refused(
+                f"launcher: {clip(path)!r} may be searched by the devices' user, but its "
+                "parent is not ours alone (owner, mode 0700)"
+            )
+        self.device_user = device_user
         self.channel_dir = path
 
     def _resume(self, pid: int, payload: bytes, nfds: int) -> None:
@@ -451,9 +470,10 @@ class _Server:
         return bytes(data)
 
 
-def _decode_header(data: bytes) -> tuple[str, int, int, int | None, list[str]]:
+def _decode_header(data: bytes) -> tuple[str, int, int, int | None, list[str], object]:
     """A request's (op, id, size of what follows, the spare's pid for a resume request, the
-    VM's models for a configure request)."""
+    VM's models and its devices' user for a configure request: the user checked with the
+    request's id known, by _device_user)."""
     try:
         msg = schema.loads(data, what="a request", error=ProtocolError)
     except ProtocolError:
@@ -461,7 +481,7 @@ def _decode_header(data: bytes) -> tuple[str, int, int, int | None, list[str]]:
     keys = {
         "spawn": {"op", "id", "size"},
         "resume": {"op", "id", "size", "pid"},
-        "configure": {"op", "id", "size", "models"},
+        "configure": {"op", "id", "size", "models", "device_user"},
         "rest": {"op", "id", "size"},
     }
     if not isinstance(msg, dict) or keys.get(str(msg.get("op"))) != set(msg):
@@ -478,7 +498,24 @@ def _decode_header(data: bytes) -> tuple[str, int, int, int | None, list[str]]:
     models = msg.get("models", [])
     if not isinstance(models, list) or not all(type(m) is str and m in MODELS for m in models):
         raise Refused(f"launcher: a configure request's models must be among {sorted(MODELS)}")
-    return msg["op"], request, size, pid, sorted(set(models))
+    return msg["op"], request, size, pid, sorted(set(models)), msg.get("device_user")
+
+
+def _device_user(value: object) -> tuple[int, int] | None:
+    """A configure request's device_user: the host [uid, gid] the VM's devices run as
+    (config.py vm.device_uid), or None (ours)."""
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(v) is int and v in HOST_IDS for v in value)
+    ):
+        raise Refused("launcher: a configure request's device_user is not [uid, gid], neither 0")
+    user = (value[0], value[1])
+    if another_user(user) and os.geteuid() != 0:
+        raise Refused("launcher: only a launcher run as root starts devices as another user")
+    return user
 
 
 def _children() -> set[int]:
@@ -531,8 +568,20 @@ def _check_fds(name: str, fds: list[int]) -> None:
             )
 
 
-def _check_spec(spec: DeviceSpec, channel_dir: str, nfds: int) -> None:
-    """Only a known model, enforcing, without a hook, on its own channel, with its fds."""
+def _ours_alone(path: str) -> bool:
+    """Whether `path` is a directory of ours (not a symlink) that nobody else may enter."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _check_spec(
+    spec: DeviceSpec, channel_dir: str, nfds: int, device_user: tuple[int, int] | None = None
+) -> None:
+    """Only a known model, enforcing, without a hook, on its own channel, with its fds, as
+    the configured user (`device_user`)."""
     name = spec.name
     if not NAME_RE.fullmatch(name):  # the config's rule: what its sockets are named after
         raise Refused(f"launcher: device name {name[:63]!r} is not a plain file name")
@@ -546,6 +595,11 @@ def _check_spec(spec: DeviceSpec, channel_dir: str, nfds: int) -> None:
         )
     if spec.channel != f"ipc://{channel_dir}/{name}.sock":
         raise Refused(f"device {name}: its channel must be {name}.sock in {channel_dir}")
+    if spec.user != device_user:
+        raise Refused(
+            f"device {name}: it would run as {spec.user}, the VM's devices as {device_user} "
+            "(uid, gid)"
+        )
     roles = {role.name for role in model.fds}
     if set(spec.fds) != roles or nfds != len(roles):
         raise Refused(

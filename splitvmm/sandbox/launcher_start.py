@@ -130,7 +130,8 @@ def _own_stderr() -> int | None:
 
 def _narrow_capabilities() -> None:
     """Give up what neither the launcher nor its zygote nor a device before its sandbox needs
-    (sandbox/launcher.py): a user's every capability, root's all but CAP_SETFCAP.
+    (sandbox/launcher.py): a user's every capability, root's all but CAP_SETFCAP, CAP_SETUID,
+    CAP_SETGID and CAP_KILL.
     LauncherError, saying why, if that fails or leaves the zygote unable to start."""
     from splitvmm.native import confine
 
@@ -143,11 +144,14 @@ def _narrow_capabilities() -> None:
             confine.drop_capabilities(bounding=False)
             return
         # Root's every capability stayed here, in the zygote and in each device until its
-        # sandbox, for the VM's life. A device needs CAP_SETFCAP alone: to write uid 0 into
-        # its user namespace's uid_map (and CAP_SYS_ADMIN to make that namespace, on a host
-        # that lets nothing else make one). The zygote, exec'd as root, gets the bounding
-        # set, and under no_new_privs no more than we hold.
-        keep = {confine.CAP_SETFCAP}
+        # sandbox, for the VM's life. A device needs CAP_SETFCAP: to write uid 0 into its
+        # user namespace's uid_map (and CAP_SYS_ADMIN to make that namespace, on a host
+        # that lets nothing else make one). One that runs as another user (vm.device_uid,
+        # which a VM's config says after this fork) needs CAP_SETUID and CAP_SETGID to
+        # become it, and we CAP_KILL to end it at our close (sandbox/device.py _become).
+        # The zygote, exec'd as root, gets the bounding set, and under no_new_privs no more
+        # than we hold.
+        keep = {confine.CAP_SETFCAP, confine.CAP_SETUID, confine.CAP_SETGID, confine.CAP_KILL}
         if userns_needs_sys_admin():
             keep.add(confine.CAP_SYS_ADMIN)
         confine.keep_only_capabilities(frozenset(keep))

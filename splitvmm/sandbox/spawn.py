@@ -39,7 +39,7 @@ import threading
 from typing import IO
 
 from splitvmm.errors import DeviceFailure
-from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, spare_path
+from splitvmm.protocol.spec import DEVICE_COMMAND, MAX_SPEC, DeviceSpec, another_user, spare_path
 from splitvmm.record import replace
 from splitvmm.sandbox.zygote import FIRST_FD, Zygote, device_env
 
@@ -152,12 +152,15 @@ def _fds_above_stdio(spec: DeviceSpec) -> tuple[DeviceSpec, list[int]]:
     return replace(spec, fds=fds), dups
 
 
-def listen_channel(path: str) -> socket.socket:
+def listen_channel(path: str, others: bool = False) -> socket.socket:
     """A device channel's listening UNIX socket, 0600 (inside the 0700 runtime dir), made
     before the device starts: the device connects once, and a refused connection is fatal
-    to it. The monitor's end of the channel accepts on it (monitor/zmtp.py ZmtpLink)."""
+    to it. The monitor's end of the channel accepts on it (monitor/zmtp.py ZmtpLink).
+    `others`: 0602, for a device that runs as another user (a connect takes write
+    permission); the runtime dir is then 0711, in a root that stays 0700 (monitor/rundir.py),
+    so only the devices, which enter the dir as root before they switch, reach it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
+    old_umask = os.umask(0o175 if others else 0o177)
     try:
         sock.bind(path)
         sock.listen(1)  # one peer: the device
@@ -304,7 +307,7 @@ def spawn_child(
     monitor (forked by its `zygote`), and what tests do for themselves (exec'd, perhaps a
     rogue `command`). A warm spare's socket is made at spare_path() (the module docstring)."""
     path = listen_path(spec)
-    listener = listen_channel(path)
+    listener = listen_channel(path, others=another_user(spec.user))
     try:
         if zygote is not None:
             process = fork_device(zygote, spec, 2 if stderr is None else stderr)

@@ -687,3 +687,78 @@ def test_root_monitor_confines_itself_with_every_securebit_set_and_locked():
     capability."""
     bits = confined_caps(["--reuid=0"], probe=SECUREBITS_PROBE)
     assert bits == {"Securebits": 0xEF}
+
+
+# The monitor of a VM whose devices run as another user (config.py vm.device_uid): it keeps
+# CAP_KILL alone, to end them through the pidfds the launcher sent (its filter allows no other
+# signal but to its own threads), with the securebits locked as ever.
+KEEP_KILL_PROBE = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    from pathlib import Path
+    from splitvmm.monitor.confinement import Confinement
+    status = open("/proc/self/status")
+    Confinement(launcher_fd=3, keep_kill=True).confine_process(Path(sys.argv[1]), [])
+    fields = dict(l.split(":", 1) for l in status.read().splitlines())
+    caps = {k: int(fields[k], 16) for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh")}
+    print(json.dumps({**caps, "Securebits": ctypes.CDLL(None).prctl(27, 0, 0, 0, 0)}))
+    """
+)
+
+
+@needs_setpriv
+def test_root_monitor_of_devices_run_as_another_user_keeps_cap_kill_alone():
+    from splitvmm.native.confine import CAP_KILL, SECUREBITS_LOCKED
+
+    caps = confined_caps([], probe=KEEP_KILL_PROBE)
+
+    kill = 1 << CAP_KILL
+    assert caps == {
+        "CapEff": kill,
+        "CapPrm": kill,
+        "CapBnd": kill,
+        "CapAmb": 0,
+        "CapInh": 0,
+        "Securebits": SECUREBITS_LOCKED,
+    }
+
+
+def _uids(pid: int) -> list[str]:
+    return status_fields(Path(f"/proc/{pid}/status"))["Uid"].split()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs its devices as another user")
+def test_vm_whose_devices_run_as_another_user_runs_restarts_and_suspends(guests, tmp_path):
+    """Every device process (wardens, devices, a crashed one's successor) is that user on the
+    host; the monitor, root, ends one (`ctl crash-device`) and its restart comes back as it."""
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    boot = f'kernel = "{guests["counter"]}"\ncmdline = "period=100000"'
+    toml = vm_toml(boot, serial_out=serial, vm_extra="device_uid = 65534\ndevice_gid = 65534")
+    config.write_text(toml + 'on_crash = "restart"\n')
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^count=\d+")
+        before = json.loads(vm.ctl("status", "--json").stdout)
+        crashed = vm.ctl("crash-device", "serial0")
+        vm.wait_for(r"^count=\d+", after=len(vm.text()))
+        after = json.loads(vm.ctl("status", "--json").stdout)
+        monitor = status_fields(Path(f"/proc/{after['pid']}/status"))
+        wardens = [d["pid"] for d in after["devices"]]
+        devices = [int(c) for w in wardens for c in _children(w)]
+        uids = [_uids(pid) for pid in wardens + devices]
+    finally:
+        suspended = vm.ctl("suspend", str(tmp_path / "end"))
+        status, err = vm.finish()
+    assert crashed.returncode == 0, crashed.stderr
+    serial0 = {d["name"]: d for d in after["devices"]}["serial0"]
+    assert serial0["restarts"] == 1 and serial0["pid"] != before["devices"][0]["pid"]
+    assert len(devices) == len(wardens) == 2  # serial0 and the clock
+    assert uids == [["65534"] * 4] * 4
+    assert int(monitor["CapEff"], 16) == 1 << 5  # CAP_KILL
+    assert (suspended.returncode, status) == (0, 0), err
+    assert list((tmp_path / "run" / "splitvmm").iterdir()) == []
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()

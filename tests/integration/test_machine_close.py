@@ -212,7 +212,7 @@ class FakeLauncher:
     def close(self) -> None:
         self.closed += 1
 
-    def configure(self, path: Path, models: object = ()) -> None:
+    def configure(self, path: Path, models: object = (), device_user: object = None) -> None:
         raise AssertionError("configured without a runtime dir")
 
 

@@ -54,10 +54,13 @@ class SandboxedDevice:
         out: int | None = None,
         stderr_fd: int | None = None,
         transport: dict[str, object] | None = None,
+        user: tuple[int, int] | None = None,
     ) -> None:
         """out: the device's output fd (default: a pipe read back by output()); stderr_fd:
         its stderr (default: a file, or /dev/null without stderr_to_file); transport: what
-        the monitor would add to a virtio device's stand-in transport."""
+        the monitor would add to a virtio device's stand-in transport; user: the host (uid,
+        gid) it runs as (DeviceSpec.user), its runtime dir and channel opened to it as the
+        monitor and the launcher do (monitor/rundir.py, sandbox/spawn.py listen_channel)."""
         # Pickle first: a hook that cannot be pickled must fail before anything is open.
         encoded = base64.b64encode(cloudpickle.dumps(hook)).decode() if hook else ""
         self.zctx = zmq.Context()
@@ -66,6 +69,9 @@ class SandboxedDevice:
         self.sock.setsockopt(zmq.SNDTIMEO, 2000)  # a dead device must fail the test, not hang it
         self.endpoint = f"ipc://{rundir}/{model}0.sock"
         self.sock.bind(self.endpoint)
+        if user is not None:
+            os.chmod(rundir, 0o711)
+            os.chmod(self.endpoint.removeprefix("ipc://"), 0o602)
         self.irq = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # A virtio model's roles (guest RAM, eventfds, a disk) as the monitor would make them.
@@ -80,7 +86,7 @@ class SandboxedDevice:
             self.result_r, fds["hook_result"] = os.pipe2(os.O_CLOEXEC)
         spec = DeviceSpec(
             f"{model}0", model, self.endpoint, fds, seccomp=seccomp, hook=encoded,
-            transport=transport,
+            transport=transport, user=user,
         )  # fmt: skip
         self.stderr_path = rundir / f"{model}0.stderr"
         argv = list(DEVICE_COMMAND)  # the spec goes on stdin

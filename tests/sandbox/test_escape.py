@@ -222,6 +222,42 @@ def test_sandbox_escape_attempt_without_seccomp_meets_the_other_layers(
     assert sleeper.poll() is None
 
 
+# A device run as another host user (config.py vm.device_uid): every attempt of one model, with
+# seccomp enforced and without it. As that user the layers beneath seccomp must stop the same
+# attempts (the file system's, the monitor's, the namespaces'), now from outside root.
+NOBODY = (65534, 65534)
+AS_ANOTHER_USER = [a for a, m in CASES if m == "serial"]
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="only root starts a process as another user"
+)
+
+
+@needs_root
+@pytest.mark.parametrize("seccomp", ["kill", "trace"])
+@pytest.mark.parametrize("attempt", AS_ANOTHER_USER)
+def test_sandbox_escape_attempt_as_another_user_fails_or_kills(
+    attempt: str,
+    seccomp: str,
+    spawn: Callable[..., SandboxedDevice],
+    sleeper: subprocess.Popen[bytes],
+    handed_fds: dict[str, int],
+) -> None:
+    ctx = attempt_context(sleeper)
+
+    outcome = _attempt(
+        spawn, "serial", attempt, ctx, extra_fds=handed_fds, seccomp=seccomp, user=NOBODY
+    )
+    RESULTS["serial/nobody", attempt, "enforced" if seccomp == "kill" else "without seccomp"] = (
+        outcome
+    )
+
+    if seccomp == "kill":
+        assert outcome == "killed (SIGSYS)" or outcome.startswith("E"), outcome
+    elif attempt in STOPPED_WITHOUT_SECCOMP:
+        assert outcome.startswith("E"), outcome
+    assert sleeper.poll() is None
+
+
 # Guest RAM larger than the 1 GiB the attempt allocates, as a VM's is: sparse, nothing touched.
 LARGE_RAM = 2 << 30
 VIRTIO_MODELS = sorted(m for m, d in DESCRIPTORS.items() if any(r.name == "ram" for r in d.fds))
@@ -283,12 +319,12 @@ def test_sandbox_escape_summary_prints_table(tmp_path_factory: pytest.TempPathFa
         pytest.skip("no escape attempt ran in this session")
     rows = sorted({(m, a) for m, a, _ in RESULTS})
     width = max(len(a) for _, a in rows)
-    lines = [f"{'model':<7} {'attempt':<{width}}  {'enforced':<16} without seccomp"]
+    model_width = max(len("model"), *(len(m) for m, _ in rows))
+    lines = [f"{'model':<{model_width}} {'attempt':<{width}}  {'enforced':<16} without seccomp"]
     for m, a in rows:
         enforced = RESULTS.get((m, a, "enforced"), "-")
-        lines.append(
-            f"{m:<7} {a:<{width}}  {enforced:<16} {RESULTS.get((m, a, 'without seccomp'), '-')}"
-        )
+        without = RESULTS.get((m, a, "without seccomp"), "-")
+        lines.append(f"{m:<{model_width}} {a:<{width}}  {enforced:<16} {without}")
     table = "\n".join(lines)
     path = tmp_path_factory.getbasetemp() / "escape-table.txt"
     path.write_text(table + "\n")

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ import pytest
 
 from splitvmm.errors import DeviceFailure
 from splitvmm.monitor.channel import DeviceChannel
-from splitvmm.native.confine import CAP_SETFCAP
+from splitvmm.native.confine import CAP_KILL, CAP_SETFCAP, CAP_SETGID, CAP_SETUID
 from splitvmm.protocol import spec as spec_module
 from splitvmm.protocol.spec import DEFERRED, MAX_SPEC, DeviceSpec
 from splitvmm.record import replace
@@ -492,11 +493,12 @@ def test_root_launcher_keeps_cap_sys_admin_where_only_it_makes_a_user_namespace(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root launcher's capabilities need root")
-def test_root_launcher_and_its_zygote_hold_cap_setfcap_alone(launcher, rundir, fds):
+def test_root_launcher_and_its_zygote_hold_only_what_a_devices_start_needs(launcher, rundir, fds):
     """A root launcher kept every capability of root's (CapEff 0x1fffeffffff) for the VM's
     whole life, serving a monitor that parses guest data, and so did its zygote and each
-    device until its sandbox. A device needs CAP_SETFCAP alone there (to write uid 0 into
-    its user namespace's uid_map), and still gets ready with nothing else."""
+    device until its sandbox. A device needs CAP_SETFCAP there (to write uid 0 into its user
+    namespace's uid_map), CAP_SETUID and CAP_SETGID where it runs as another user
+    (vm.device_uid), whom the launcher ends with CAP_KILL; it gets ready with nothing else."""
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec)
     channel = DeviceChannel("serial", spec.channel, listener)
@@ -508,8 +510,8 @@ def test_root_launcher_and_its_zygote_hold_cap_setfcap_alone(launcher, rundir, f
         process.kill()
         process.wait(10)
         channel.close()
-    setfcap = 1 << CAP_SETFCAP
-    only = {"CapEff": setfcap, "CapPrm": setfcap, "CapBnd": setfcap, "CapInh": 0, "CapAmb": 0}
+    kept = sum(1 << cap for cap in (CAP_SETFCAP, CAP_SETUID, CAP_SETGID, CAP_KILL))
+    only = {"CapEff": kept, "CapPrm": kept, "CapBnd": kept, "CapInh": 0, "CapAmb": 0}
     assert held == {"launcher": only, "zygote": only}
 
 
@@ -654,7 +656,8 @@ def test_launcher_configure_request_outside_its_form_is_refused(rundir, fds, pay
         launcher._await(lambda: launcher._ready or None, READY_TIMEOUT_S)  # what follows is raw
         data = str(rundir).encode() if payload is None else payload
         carried = [fds["irq"]] if with_fd else []
-        got = request(launcher, {"op": "configure", "id": 1, "models": []}, data, carried)
+        header = {"op": "configure", "id": 1, "models": [], "device_user": None}
+        got = request(launcher, header, data, carried)
     finally:
         launcher.close()
     assert got["reply"]["op"] == "refused" and why in got["reply"]["message"]
@@ -1298,3 +1301,84 @@ def test_root_launcher_on_a_users_terminal_has_a_description_of_its_own_to_write
         os.close(terminal)
     own = [fd for fd, nonblocking in held.items() if fd != 2 and nonblocking]
     assert (held.get(2), len(own)) == (False, 1), held
+
+
+# -- devices run as another host user (config.py vm.device_uid) -------------------------------
+NOBODY = (65534, 65534)
+needs_root_for_users = pytest.mark.skipif(
+    os.geteuid() != 0, reason="only root starts a process as another user"
+)
+
+
+@pytest.fixture
+def launcher_for_nobody(rundir: Path) -> Iterator[Launcher]:
+    rundir.chmod(0o711)  # as the monitor makes it for such a VM (monitor/rundir.py)
+    launcher = Launcher.start()
+    launcher.configure(rundir, (), NOBODY)
+    yield launcher
+    launcher.close()
+
+
+@needs_root_for_users
+def test_launcher_configured_for_another_user_starts_its_devices_as_that_user(
+    launcher_for_nobody, rundir, fds
+):
+    """Each device becomes the user before its namespaces (sandbox/device.py _become); its
+    channel's socket lets that user connect (0602), in a runtime dir it may only search."""
+    spec = serial_spec(rundir, fds, user=NOBODY)
+    process, listener = launcher_for_nobody.spawn(spec)
+    channel = DeviceChannel("serial", spec.channel, listener)
+    try:
+        channel.wait_ready(process)
+        status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+        mode = stat.S_IMODE(os.stat(rundir / "serial0.sock").st_mode)
+        process.kill()
+        process.wait(10)
+    finally:
+        channel.close()
+        process.close()
+    assert [line.split()[1:] for line in status if line.startswith(("Uid:", "Gid:"))] == [
+        ["65534"] * 4,
+        ["65534"] * 4,
+    ]
+    assert mode == 0o602
+
+
+@needs_root_for_users
+def test_launcher_for_another_user_starts_no_device_as_ours(launcher_for_nobody, rundir, fds):
+    """The configure says which user the VM's devices are, once: a spawn that names another
+    (or none) is refused."""
+    with pytest.raises(DeviceFailure, match=r"would run as None, the VM's devices as \(65534"):
+        launcher_for_nobody.spawn(serial_spec(rundir, fds))
+
+
+def test_launcher_for_our_user_starts_no_device_as_another(launcher, rundir, fds):
+    with pytest.raises(
+        DeviceFailure, match=r"would run as \(65534, 65534\), the VM's devices as None"
+    ):
+        launcher.spawn(serial_spec(rundir, fds, user=NOBODY))
+
+
+@needs_root_for_users
+@pytest.mark.parametrize(
+    ("parent_mode", "dir_mode", "user", "why"),
+    [
+        (0o700, 0o711, None, "is not ours alone"),  # searchable only for another user's devices
+        (0o700, 0o755, NOBODY, "is not ours alone"),  # and even then listed by no one
+        (0o755, 0o711, NOBODY, "its parent is not ours alone"),
+        (0o700, 0o711, (0, 1), "device_user is not \\[uid, gid\\], neither 0"),
+        (0o700, 0o711, (1, 2**32 - 1), "device_user is not \\[uid, gid\\], neither 0"),
+    ],
+    ids=["0711-for-ours", "0755", "open-parent", "root", "gid-minus-one"],
+)
+def test_launcher_configure_for_another_user_refused(rundir, fds, parent_mode, dir_mode, user, why):
+    rundir.parent.chmod(parent_mode)
+    rundir.chmod(dir_mode)
+    launcher = Launcher.start()
+    try:
+        launcher.configure(rundir, (), user)
+        with pytest.raises(DeviceFailure, match=why):
+            launcher.check_configured()
+    finally:
+        launcher.close()
+        rundir.parent.chmod(0o700)

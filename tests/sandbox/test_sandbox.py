@@ -407,3 +407,82 @@ def test_device_securebits_when_serving_are_set_and_locked(
     dev = spawn(hook=securebits, seccomp="log")
 
     assert dev.hook_result() == {"securebits": confine.SECUREBITS_LOCKED}
+
+
+# -- a device run as another host user (config.py vm.device_uid) -------------------------------
+NOBODY = (65534, 65534)  # no file of the suite's is this user's
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="only root starts a process as another user"
+)
+
+
+@needs_root
+def test_device_run_as_another_user_is_that_user_on_the_host_and_serves(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """The device and its warden are that user, with no supplementary group and no
+    capability; root in the device's user namespace is that user outside, and only it."""
+    dev = spawn(user=NOBODY)
+    dev.wait_ready()
+    dev.write(Reg.SCR, b"\x5a")
+
+    for pid in (dev.proc.pid, dev.device_pid()):  # the warden, the device
+        status = _status(pid)
+        assert status["Uid"].split() == [str(NOBODY[0])] * 4
+        assert status["Gid"].split() == [str(NOBODY[1])] * 4
+        assert status["Groups"] == ""
+    assert _confinement(_status(dev.device_pid())) == CONFINED
+    assert Path(f"/proc/{dev.device_pid()}/uid_map").read_text().split() == ["0", "65534", "1"]
+    assert Path(f"/proc/{dev.device_pid()}/gid_map").read_text().split() == ["0", "65534", "1"]
+    assert dev.read(Reg.SCR) == b"\x5a"
+
+
+@needs_root
+def test_device_run_as_another_user_has_the_same_empty_root(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """It cannot search the runtime dir's parents: its empty root is made by fd alone."""
+    dev = spawn(user=NOBODY)
+    dev.wait_ready()
+
+    assert sorted(os.listdir(f"/proc/{dev.device_pid()}/root")) == ["channel"]
+
+
+# A device whose starter holds no capability (root's uid, or a user's, with none left).
+NO_CAPABILITY = (
+    "import runpy; from splitvmm.native import confine; confine.drop_capabilities(); "
+    "runpy.run_module('splitvmm.devprocs', run_name='__main__')"
+)
+
+
+def test_device_of_its_starters_own_user_switches_nothing(
+    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's monitor may name its own ids as vm.device_uid: its devices must not try to
+    switch (setgroups takes CAP_SETGID, which a user lacks), and serve as ever."""
+    never_become = (
+        "import runpy, sys; from splitvmm.sandbox import device; "
+        "device._become = lambda *ids: sys.exit(f'became {ids}'); "
+        "runpy.run_module('splitvmm.devprocs', run_name='__main__')"
+    )
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", (sys.executable, "-I", "-c", never_become))
+    dev = spawn(user=(os.geteuid(), os.getegid()))
+    dev.wait_ready()
+
+    assert dev.read(Reg.SCR) == b"\x00"
+
+
+@needs_root
+def test_device_that_may_not_become_the_user_says_why_in_one_line(
+    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started by a process that holds no CAP_SETUID (a launcher not run as root): the
+    launcher refuses first (sandbox/launcher_server.py), and the device itself names it."""
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", (sys.executable, "-I", "-c", NO_CAPABILITY))
+    dev = spawn(user=NOBODY, stderr_to_file=True)
+
+    assert dev.wait_exit(10) == 1
+    assert dev.stderr() == (
+        "device serial0: cannot run as uid 65534, gid 65534: Operation not permitted "
+        "(only a launcher run as root may)\n"
+    )

@@ -12,11 +12,12 @@ import pytest
 
 from splitvmm.devprocs import runtime
 from splitvmm.devprocs.base import load_model
-from splitvmm.native import landlock
+from splitvmm.native import confine, landlock
 from splitvmm.native.seccomp import pyseccomp as seccomp
 from splitvmm.sandbox import device as sandbox
 from splitvmm.sandbox import policy
 from splitvmm.sandbox.device import SandboxError, SeccompMode
+from tests.sandbox.forked import in_a_child
 
 
 @pytest.mark.parametrize(
@@ -214,3 +215,43 @@ def test_prepare_model_leaves_a_policy_it_cannot_read_to_the_device(monkeypatch)
     assert runtime.prepare_model("serial") is load_model("serial")
     with pytest.raises(policy.PolicyError, match="serial_device.policy: cannot be read"):
         sandbox._device_policy("serial")
+
+
+NOBODY = (65534, 65534)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root becomes another user")
+
+
+@needs_root
+@pytest.mark.parametrize(("restricted", "kept"), [(False, 0), (True, 1 << confine.CAP_SYS_ADMIN)])
+def test_become_another_user_keeps_only_what_its_user_namespace_needs(
+    monkeypatch: pytest.MonkeyPatch, restricted: bool, kept: int
+) -> None:
+    """Every id switched, no group, no capability of the host's -- but CAP_SYS_ADMIN where
+    only it makes a user namespace (launcher_start.py USERNS_RESTRICTED) -- and the user
+    namespace made as that user, with root in it mapped to the user."""
+    monkeypatch.setattr(sandbox, "userns_needs_sys_admin", lambda: restricted)
+
+    def become() -> object:
+        sandbox._become(*NOBODY)
+        effective, permitted, inheritable = confine.capabilities()
+        ids = [*os.getresuid(), *os.getresgid(), os.getgroups()]
+        sandbox._unshare_namespaces()
+        return [effective, permitted, inheritable, ids, open("/proc/self/uid_map").read().split()]
+
+    effective, permitted, inheritable, ids, uid_map = in_a_child(become)  # type: ignore[misc]
+
+    assert (effective, permitted, inheritable) == (kept, kept, 0)
+    assert ids == [65534] * 6 + [[]]
+    assert uid_map == ["0", "65534", "1"]
+
+
+def test_become_as_a_user_without_cap_setuid_says_only_root_may() -> None:
+    def become() -> object:
+        confine.drop_capabilities(bounding=False)
+        sandbox._become(*NOBODY)
+        return "became"
+
+    assert in_a_child(become) == {
+        "error": "SandboxError: cannot run as uid 65534, gid 65534: Operation not permitted "
+        "(only a launcher run as root may)"
+    }

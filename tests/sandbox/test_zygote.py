@@ -17,6 +17,7 @@ import pytest
 
 from splitvmm.native import confine
 from splitvmm.sandbox.zygote import Zygote
+from tests.sandbox.forked import in_a_child
 
 PROBE = (sys.executable, "-m", "tests.sandbox.zygote_probe")
 
@@ -24,22 +25,7 @@ PROBE = (sys.executable, "-m", "tests.sandbox.zygote_probe")
 def as_launcher(body: Callable[[], object]) -> object:
     """`body`'s JSON result, run in a forked subreaper process (repr of its error if it
     raised)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            confine.set_child_subreaper()
-            result = body()
-        except Exception as e:  # reported to the test, which asserts on it
-            result = {"error": f"{type(e).__name__}: {e}"}
-        os.write(w, json.dumps(result).encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+    return in_a_child(body, before=confine.set_child_subreaper)
 
 
 def fork_and_report(line: bytes) -> dict[str, object]:

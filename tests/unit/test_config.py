@@ -834,6 +834,38 @@ def test_config_track_dirty_pages_not_a_bool_names_the_key():
         _cfg('track_dirty_pages = "yes"\n')
 
 
+def test_config_device_user_is_the_pair_and_none_by_default():
+    assert _cfg("device_uid = 64000\ndevice_gid = 64001\n").vm.device_user == (64000, 64001)
+    assert _cfg("").vm.device_user is None
+
+
+def test_config_device_user_is_never_written_back():
+    """The host user devices run as is the operator's to say at each start, not a snapshot's
+    (config_to_dict: a restore takes it from the operator: monitor/restore.py)."""
+    cfg = _cfg("device_uid = 64000\ndevice_gid = 64000\n")
+
+    assert "device_uid" not in config_to_dict(cfg)["vm"]
+    assert "device_gid" not in config_to_dict(cfg)["vm"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("device_uid = 64000\n", "vm.device_uid: vm.device_gid must be set with it"),
+        ("device_gid = 64000\n", "vm.device_gid: vm.device_uid must be set with it"),
+        ("device_uid = 0\ndevice_gid = 5\n", "vm.device_uid: 0 is outside 1..4294967294"),
+        ("device_uid = 5\ndevice_gid = 0\n", "vm.device_gid: 0 is outside 1..4294967294"),
+        ("device_uid = 4294967295\ndevice_gid = 5\n", "vm.device_uid: 4294967295 is outside"),
+        ("device_uid = -1\ndevice_gid = 5\n", "vm.device_uid: -1 is outside"),
+        ('device_uid = "nobody"\ndevice_gid = 5\n', "vm.device_uid: expected int, got str"),
+        ("device_uid = true\ndevice_gid = 5\n", "vm.device_uid: expected int, got bool"),
+    ],
+)
+def test_config_device_user_refused_names_the_key(lines: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cfg(lines)
+
+
 @pytest.mark.parametrize("name", [5, None, ["serial0"]], ids=repr)
 def test_device_name_problem_of_a_name_that_is_no_string_says_the_rule(name: object) -> None:
     """A restore's stored config is untrusted JSON (monitor/restore.py): 5 spells "5"."""

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from splitvmm.protocol.spec import MAX_SPEC
-from splitvmm.sandbox.launcher_server import Refused, _decode_header, _decode_spec
+from splitvmm.sandbox import launcher_server
+from splitvmm.sandbox.launcher_server import Refused, _decode_header, _decode_spec, _device_user
 
 
 def header(**msg: object) -> bytes:
@@ -14,13 +15,15 @@ def header(**msg: object) -> bytes:
 
 
 def test_rest_request_carries_nothing():
-    assert _decode_header(header(op="rest", id=3, size=0)) == ("rest", 3, 0, None, [])
+    assert _decode_header(header(op="rest", id=3, size=0)) == ("rest", 3, 0, None, [], None)
 
 
 def test_configure_request_names_the_vms_models_each_once():
-    data = header(op="configure", id=1, size=9, models=["serial", "virtio-blk", "serial"])
+    data = header(
+        op="configure", id=1, size=9, models=["serial", "virtio-blk", "serial"], device_user=None
+    )
 
-    assert _decode_header(data) == ("configure", 1, 9, None, ["serial", "virtio-blk"])
+    assert _decode_header(data) == ("configure", 1, 9, None, ["serial", "virtio-blk"], None)
 
 
 @pytest.mark.parametrize(
@@ -29,7 +32,27 @@ def test_configure_request_names_the_vms_models_each_once():
 def test_configure_request_with_models_the_launcher_has_not_is_refused(models):
     """The names go to the zygote, which imports each: only models the launcher starts."""
     with pytest.raises(Refused, match="a configure request's models must be among"):
-        _decode_header(header(op="configure", id=1, size=9, models=models))
+        _decode_header(header(op="configure", id=1, size=9, models=models, device_user=None))
+
+
+@pytest.mark.parametrize(
+    "user", [[0, 1], [1, 0], [1, 2**32 - 1], [1], [1, 2, 3], ["1", "2"], [1.0, 2], "1:2", 5]
+)
+def test_configure_request_device_user_that_is_no_user_pair_is_refused(user):
+    """The [uid, gid] every device of the VM runs as (config.py vm.device_uid): never root,
+    nor -1 (setresuid's "unchanged")."""
+    with pytest.raises(Refused, match=r"device_user is not \[uid, gid\], neither 0"):
+        _device_user(user)
+
+
+def test_configure_request_device_user_of_ours_or_none_is_taken(monkeypatch):
+    monkeypatch.setattr(launcher_server.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(launcher_server.os, "getegid", lambda: 1000)
+
+    assert _device_user(None) is None
+    assert _device_user([1000, 1000]) == (1000, 1000)
+    with pytest.raises(Refused, match="only a launcher run as root starts devices as another"):
+        _device_user([65534, 65534])
 
 
 @pytest.mark.parametrize("size", [1, MAX_SPEC])
@@ -41,7 +64,7 @@ def test_rest_request_with_a_payload_is_refused(size):
 @pytest.mark.parametrize("op", ["spawn", "configure"])
 @pytest.mark.parametrize("size", [0, MAX_SPEC + 1])
 def test_a_request_with_a_spec_outside_its_bounds_is_refused(op, size):
-    models = {"models": []} if op == "configure" else {}
+    models = {"models": [], "device_user": None} if op == "configure" else {}
     with pytest.raises(Refused, match=f"spec must be 1 to {MAX_SPEC} bytes"):
         _decode_header(header(op=op, id=1, size=size, **models))
 

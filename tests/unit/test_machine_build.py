@@ -23,7 +23,7 @@ from tests.unit.snapshot_support import VM_CONFIG, flip_byte, make_snapshot
 
 
 class UnusedLauncher:
-    def configure(self, rundir: object, models: object = ()) -> None:
+    def configure(self, rundir: object, models: object = (), device_user: object = None) -> None:
         raise AssertionError("the launcher was asked for the VM")
 
     def close(self) -> None:
@@ -48,7 +48,7 @@ def test_build_control_socket_path_too_long_fails_before_the_launcher_is_used(tm
 
 
 class IdleLauncher(UnusedLauncher):
-    def configure(self, rundir: object, models: object = ()) -> None:
+    def configure(self, rundir: object, models: object = (), device_user: object = None) -> None:
         pass
 
 

@@ -162,7 +162,10 @@ def test_config_of_firmware_from_set_relative_to_cwd(tmp_path, monkeypatch):
         ("serial0.path", "--set serial0.'path': not an option of device 'serial0'"),
         ("serial0.name", "--set serial0.'name': not an option"),
         ("serial0", "--set 'serial0': expected DEVICE.OPTION=VALUE"),
-        ("vm.memory", "--set vm.'memory': only vm.track_dirty_pages can be set"),
+        (
+            "vm.memory",
+            "--set vm.'memory': only vm.track_dirty_pages, vm.device_uid, vm.device_gid can be set",
+        ),
         ("vm.track_dirty_pages", "--set vm.track_dirty_pages: expected true or false"),
     ],
 )
@@ -183,6 +186,37 @@ def test_config_of_set_track_dirty_pages_overrides_the_saved_vms(tmp_path, edit,
     cfg = restore.config_of(golden(tmp_path, edit), {"vm.track_dirty_pages": value})
 
     assert cfg.vm.track_dirty_pages is (value == "true")
+
+
+def test_config_of_set_device_user_runs_the_devices_as_it(tmp_path):
+    cfg = restore.config_of(golden(tmp_path), {"vm.device_uid": "64000", "vm.device_gid": "64001"})
+
+    assert cfg.vm.device_user == (64000, 64001)
+
+
+def names_a_device_user(m: dict[str, Any]) -> None:
+    m["vm_config"]["vm"] |= {"device_uid": 1, "device_gid": 1}
+
+
+def test_config_of_a_snapshot_that_names_a_device_user_is_not_taken_at_its_word(tmp_path):
+    """A snapshot is untrusted input: which host user its devices run as is the operator's
+    to say (--set), never the snapshot's (config_to_dict never writes it either)."""
+    cfg = restore.config_of(golden(tmp_path, names_a_device_user), {})
+
+    assert cfg.vm.device_user is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"vm.device_uid": "64000"}, "vm.device_uid: vm.device_gid must be set with it"),
+        ({"vm.device_uid": "x", "vm.device_gid": "1"}, "--set vm.device_uid: expected an integer"),
+        ({"vm.device_uid": "0", "vm.device_gid": "1"}, "vm.device_uid: 0 is outside"),
+    ],
+)
+def test_config_of_bad_device_user_refused_naming_it(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        restore.config_of(golden(tmp_path), settings)
 
 
 def test_config_of_empty_set_value_refused(tmp_path):

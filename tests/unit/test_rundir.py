@@ -19,6 +19,27 @@ def test_rundir_is_private_to_the_user(tmp_path):
     assert mode == 0o700
 
 
+def test_rundir_for_devices_of_another_user_may_be_searched_under_a_private_root(tmp_path):
+    """vm.device_uid: each device enters it as root before it becomes that user, and looks
+    its channel up in it then (sandbox/device.py); its root stays ours alone."""
+    root = tmp_path / "splitvmm"
+    rundir = RuntimeDir("vm1", root, enterable=True)
+    modes = [stat.S_IMODE(p.stat().st_mode) for p in (rundir.path, root)]
+    rundir.close()
+
+    assert modes == [0o711, 0o700]
+
+
+def test_rundir_left_searchable_by_an_earlier_vm_is_private_again(tmp_path):
+    (tmp_path / "vm1").mkdir(mode=0o711)
+
+    rundir = RuntimeDir("vm1", tmp_path)
+    mode = stat.S_IMODE(rundir.path.stat().st_mode)
+    rundir.close()
+
+    assert mode == 0o700
+
+
 def test_rundir_second_vm_with_same_name_is_refused(tmp_path):
     first = RuntimeDir("vm1", tmp_path)
     with pytest.raises(SplitvmmError, match="a VM named 'vm1' is already running"):
