@@ -55,7 +55,7 @@ from splitvmm.native.eventfd import EventFd
 from splitvmm.protocol import codec, control, events, faults, schema, wire
 from splitvmm.protocol.models import MODELS, OUTPUT_SHARED, FdKind
 from splitvmm.protocol.polling import max_poll_ns
-from splitvmm.protocol.spec import DeviceSpec, spare_path
+from splitvmm.protocol.spec import DeviceSpec, another_user, spare_path
 from splitvmm.record import replace
 from splitvmm.sandbox import device as sandbox
 
@@ -604,6 +604,10 @@ def run(
     # Our parent died before prctl took effect: we were reparented (to init, or a subreaper).
     if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
         os._exit(1)
+    if not another_user(spec.user):
+        # What a root launcher keeps for devices run as another user (sandbox/launcher_start.py)
+        # is not this one's to hold while its model sets up, before its sandbox.
+        confine.drop_only(frozenset({confine.CAP_SETUID, confine.CAP_SETGID, confine.CAP_KILL}))
     load_model(spec.model)  # imports the model's module: there is no file system once sandboxed
     logging.basicConfig(
         # no name of its own: the launcher's relay prints each line as the device's, named

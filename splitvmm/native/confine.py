@@ -206,6 +206,14 @@ def keep_only_capabilities(keep: frozenset[int]) -> None:
     _capset(permitted & mask, permitted & mask, inheritable & mask)
 
 
+def drop_only(drop: frozenset[int]) -> None:
+    """Give up the capabilities of `drop` (effective, permitted and inheritable), keeping
+    every other one held (the bounding set, which takes CAP_SETPCAP, stays)."""
+    effective, permitted, inheritable = capabilities()
+    mask = ~sum(1 << cap for cap in drop)
+    _capset(effective & mask, permitted & mask, inheritable & mask)
+
+
 def _limit_bounding_set(keep: frozenset[int]) -> None:
     cap = 0
     while lib.sv_prctl(lib.PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last cap

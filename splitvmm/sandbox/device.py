@@ -302,20 +302,25 @@ def _become(uid: int, gid: int) -> None:
     CAP_SYS_ADMIN makes a user namespace (launcher_start.py USERNS_RESTRICTED), that one
     capability is kept across the switch, for the unshare; _drop_privileges drops it.
 
-    A switch of uid leaves the process not dumpable, which gives its /proc/self files to the
-    host's root: its uid_map and gid_map could not be written. It is made dumpable again until
-    _drop_privileges (nothing else runs as this user in our namespaces)."""
+    The switch also leaves the process not dumpable (its /proc/self files the host root's:
+    _unshare_namespaces) and clears its parent-death signal, which is armed again here: a
+    device must die with its launcher, whoever it runs as."""
     restricted = userns_needs_sys_admin()
+    parent = os.getppid()
     try:
         if restricted:
             confine.set_keep_capabilities(True)
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
+        # A change of effective uid or gid clears PR_SET_PDEATHSIG (prctl(2)): arm it again,
+        # or the warden outlives the launcher (and the monitor) that started it.
+        confine.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the signal was armed again
+            os._exit(1)
         if restricted:
             confine.set_keep_capabilities(False)
             confine.keep_only_capabilities(frozenset({confine.CAP_SYS_ADMIN}))
-        confine.set_dumpable(True)
     except OSError as e:
         raise SandboxError(
             f"cannot run as uid {uid}, gid {gid}: {e.strerror or e}"
@@ -329,12 +334,30 @@ def _unshare_namespaces() -> None:
     try:
         confine.unshare(NAMESPACES)
         # Without setgroups denied, an unprivileged process may not write its gid map.
-        _write_proc("/proc/self/setgroups", "deny")
-        _write_proc("/proc/self/uid_map", f"0 {uid} 1")
-        _write_proc("/proc/self/gid_map", f"0 {gid} 1")
+        for fd, text in zip(_open_id_maps(), ("deny", f"0 {uid} 1", f"0 {gid} 1"), strict=True):
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
     except OSError as e:
         raise SandboxError(f"cannot create the device's namespaces: {e}") from None
     _no_nested_user_namespace()
+
+
+def _open_id_maps() -> list[int]:
+    """/proc/self/setgroups, uid_map and gid_map, open for writing. Opened dumpable: a process
+    that switched its uid (_become) is not, and its /proc/self files are then the host root's.
+    For no longer: any host process of its uid may reach a dumpable process in a user
+    namespace that uid owns (/proc/PID/fd, ptrace). A write is checked against the opener's
+    credentials, not against its dumpability."""
+    confine.set_dumpable(True)
+    try:
+        return [
+            os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            for name in ("setgroups", "uid_map", "gid_map")
+        ]
+    finally:
+        confine.set_dumpable(False)
 
 
 def _no_nested_user_namespace() -> None:

@@ -1382,3 +1382,36 @@ def test_launcher_configure_for_another_user_refused(rundir, fds, parent_mode, d
     finally:
         launcher.close()
         rundir.parent.chmod(0o700)
+
+
+@needs_root_for_users
+def test_devices_of_another_user_die_with_their_launcher(rundir, fds):
+    """PR_SET_PDEATHSIG: a launcher killed (the OOM killer; the monitor's death, through its
+    own parent-death signal) takes its wardens with it, whoever they run as."""
+    rundir.chmod(0o711)
+    launcher = Launcher.start()
+    launcher.configure(rundir, (), NOBODY)
+    spec = serial_spec(rundir, fds, user=NOBODY)
+    process, listener = launcher.spawn(spec)
+    channel = DeviceChannel("serial", spec.channel, listener)
+    try:
+        channel.wait_ready(process)
+        os.kill(launcher.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _state(process.pid) not in ("Z", None):
+            time.sleep(0.05)
+        state = _state(process.pid)
+    finally:
+        if _state(process.pid) not in ("Z", None):
+            os.kill(process.pid, signal.SIGKILL)
+        channel.close()
+        with contextlib.suppress(Exception):
+            launcher.close()
+    assert state in ("Z", None)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None

@@ -486,3 +486,39 @@ def test_device_that_may_not_become_the_user_says_why_in_one_line(
         "device serial0: cannot run as uid 65534, gid 65534: Operation not permitted "
         "(only a launcher run as root may)\n"
     )
+
+
+# Runs the device with its model's first load (before its sandbox) reporting the capabilities
+# it holds then, on stderr.
+CAPS_AT_SETUP = textwrap.dedent(
+    """
+    import runpy, sys
+    from splitvmm.devprocs import runtime
+    load = runtime.load_model
+    def first_load(model):
+        runtime.load_model = load
+        caps = [line for line in open("/proc/self/status") if line.startswith("CapEff")]
+        sys.stderr.write(caps[0])
+        return load(model)
+    runtime.load_model = first_load
+    runpy.run_module("splitvmm.devprocs", run_name="__main__")
+    """
+)
+
+
+@needs_root
+@pytest.mark.parametrize("user", [None, NOBODY], ids=["own-user", "another-user"])
+def test_device_holds_cap_setuid_setgid_kill_before_its_sandbox_only_to_become_its_user(
+    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch, user: object
+) -> None:
+    """A root launcher keeps them for devices run as another user (launcher_start.py); a
+    device of its own user gives them up before its model sets up (devprocs/runtime.py run)."""
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", (sys.executable, "-I", "-c", CAPS_AT_SETUP))
+    dev = spawn(user=user, stderr_to_file=True)
+    dev.wait_ready()
+
+    effective = int(dev.stderr().splitlines()[0].split()[1], 16)
+    held = [
+        effective >> cap & 1 for cap in (confine.CAP_SETUID, confine.CAP_SETGID, confine.CAP_KILL)
+    ]
+    assert held == ([1, 1, 1] if user else [0, 0, 0])

@@ -218,6 +218,7 @@ def test_prepare_model_leaves_a_policy_it_cannot_read_to_the_device(monkeypatch)
 
 
 NOBODY = (65534, 65534)
+PR_GET_DUMPABLE = 3  # <linux/prctl.h>
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root becomes another user")
 
 
@@ -236,13 +237,18 @@ def test_become_another_user_keeps_only_what_its_user_namespace_needs(
         effective, permitted, inheritable = confine.capabilities()
         ids = [*os.getresuid(), *os.getresgid(), os.getgroups()]
         sandbox._unshare_namespaces()
-        return [effective, permitted, inheritable, ids, open("/proc/self/uid_map").read().split()]
+        uid_map = open("/proc/self/uid_map").read().split()
+        return [effective, permitted, inheritable, ids, uid_map, confine.prctl(PR_GET_DUMPABLE)]
 
-    effective, permitted, inheritable, ids, uid_map = in_a_child(become)  # type: ignore[misc]
+    result = in_a_child(become)
+    effective, permitted, inheritable, ids, uid_map, dumpable = result  # type: ignore[misc]
 
     assert (effective, permitted, inheritable) == (kept, kept, 0)
     assert ids == [65534] * 6 + [[]]
     assert uid_map == ["0", "65534", "1"]
+    # Dumpable only while it opened its maps: any host process of that user may reach a
+    # dumpable process in a user namespace the user owns (/proc/PID/fd, ptrace).
+    assert dumpable == 0
 
 
 def test_become_as_a_user_without_cap_setuid_says_only_root_may() -> None:
