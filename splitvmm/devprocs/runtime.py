@@ -607,7 +607,7 @@ def run(
     if not another_user(spec.user):
         # What a root launcher keeps for devices run as another user (sandbox/launcher_start.py)
         # is not this one's to hold while its model sets up, before its sandbox.
-        confine.drop_only(frozenset({confine.CAP_SETUID, confine.CAP_SETGID, confine.CAP_KILL}))
+        confine.drop_only(confine.FOR_ANOTHER_USER)
     load_model(spec.model)  # imports the model's module: there is no file system once sandboxed
     logging.basicConfig(
         # no name of its own: the launcher's relay prints each line as the device's, named

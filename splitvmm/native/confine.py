@@ -59,6 +59,9 @@ CAP_SYS_ADMIN: int = lib.CAP_SYS_ADMIN  # ... where only it may make a user name
 CAP_SETUID: int = lib.CAP_SETUID  # ... and, for devices run as another user (vm.device_uid),
 CAP_SETGID: int = lib.CAP_SETGID  # their switch to it ...
 CAP_KILL: int = lib.CAP_KILL  # ... and their end (the monitor keeps it: monitor/confinement.py)
+# What a root launcher keeps for devices run as another user, and gives up (as do its
+# devices) where the VM has none (sandbox/launcher_start.py, launcher_server.py).
+FOR_ANOTHER_USER = frozenset({CAP_SETUID, CAP_SETGID, CAP_KILL})
 
 # Every securebit with its lock: root gets no capabilities from uid 0, setuid keeps
 # none, ambient capabilities cannot be raised -- and none of it can be undone.

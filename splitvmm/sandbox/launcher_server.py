@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from splitvmm.errors import DeviceFailure, ProtocolError, clip
+from splitvmm.native import confine
 from splitvmm.protocol import faults, schema
 from splitvmm.protocol.models import MODELS
 from splitvmm.protocol.spec import (
@@ -390,6 +391,8 @@ class _Server:
             )
         self.device_user = device_user
         self.channel_dir = path
+        if not elsewhere:  # kept for devices of another user (launcher_start.py): none here
+            confine.drop_only(confine.FOR_ANOTHER_USER)
 
     def _resume(self, pid: int, payload: bytes, nfds: int) -> None:
         """Give the spare `pid` the rest of its spec (the module docstring), once."""

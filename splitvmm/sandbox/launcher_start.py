@@ -148,10 +148,11 @@ def _narrow_capabilities() -> None:
         # user namespace's uid_map (and CAP_SYS_ADMIN to make that namespace, on a host
         # that lets nothing else make one). One that runs as another user (vm.device_uid,
         # which a VM's config says after this fork) needs CAP_SETUID and CAP_SETGID to
-        # become it, and we CAP_KILL to end it at our close (sandbox/device.py _become).
+        # become it, and we CAP_KILL to end it at our close (sandbox/device.py _become); we
+        # give those three up once the VM has said it has no such device (launcher_server.py).
         # The zygote, exec'd as root, gets the bounding set, and under no_new_privs no more
         # than we hold.
-        keep = {confine.CAP_SETFCAP, confine.CAP_SETUID, confine.CAP_SETGID, confine.CAP_KILL}
+        keep = {confine.CAP_SETFCAP, *confine.FOR_ANOTHER_USER}
         if userns_needs_sys_admin():
             keep.add(confine.CAP_SYS_ADMIN)
         confine.keep_only_capabilities(frozenset(keep))
