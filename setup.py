@@ -31,6 +31,11 @@ class BuildExtAndWarden(build_ext):
                 f"cannot link the device warden statically ({e}): it needs the C library's "
                 "static archive, libc.a (Debian: libc6-dev; Fedora: glibc-static)"
             ) from None
+        # Executable by anyone, readable by its owner alone: a device run as another user
+        # (vm.device_uid) execs it in a user namespace that user owns, and only a program it
+        # may not read keeps the warden out of that user's reach there (the kernel's
+        # would_dump: sandbox/device.py _open_warden checks it).
+        os.chmod(os.path.join(out_dir, "warden"), 0o711)
 
 
 setup(

@@ -60,6 +60,7 @@ static int sv_move_mount(int from_fd, const char *from_path, int to_fd, const ch
 # -- <linux/capability.h>, <linux/securebits.h>, <sys/prctl.h> ---------------------------------
 CAPS_INCLUDES = (
     "#include <linux/capability.h>\n#include <linux/securebits.h>\n#include <sys/prctl.h>\n"
+    "#include <sys/fsuid.h>\n"
 )
 CAPS_TYPES = """
 typedef unsigned int __u32;
@@ -73,7 +74,7 @@ static const int _LINUX_CAPABILITY_U32S_3;
     for name in """
     PR_SET_NO_NEW_PRIVS PR_CAPBSET_DROP PR_CAPBSET_READ PR_CAP_AMBIENT PR_CAP_AMBIENT_CLEAR_ALL
     PR_SET_DUMPABLE PR_SET_SECUREBITS PR_GET_SECUREBITS PR_SET_PDEATHSIG PR_SET_NAME
-    PR_SET_CHILD_SUBREAPER PR_SET_KEEPCAPS CAP_SETPCAP CAP_SETFCAP CAP_SYS_ADMIN CAP_SETUID
+    PR_SET_CHILD_SUBREAPER CAP_SETPCAP CAP_SETFCAP CAP_SYS_ADMIN CAP_SETUID
     CAP_SETGID CAP_KILL
     SECBIT_NOROOT SECBIT_NOROOT_LOCKED SECBIT_NO_SETUID_FIXUP SECBIT_NO_SETUID_FIXUP_LOCKED
     SECBIT_KEEP_CAPS_LOCKED SECBIT_NO_CAP_AMBIENT_RAISE SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
@@ -84,6 +85,7 @@ int sv_capget(cap_user_header_t header, cap_user_data_t data);
 int sv_capset(cap_user_header_t header, cap_user_data_t data);
 int sv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
              unsigned long arg5);
+int sv_setfsuid(unsigned int uid);
 """
 CAPS_SOURCE = """
 static int sv_capget(cap_user_header_t header, cap_user_data_t data)
@@ -93,6 +95,8 @@ static int sv_capset(cap_user_header_t header, cap_user_data_t data)
 static int sv_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
                     unsigned long arg5)
 { return prctl(option, arg2, arg3, arg4, arg5); }
+static int sv_setfsuid(unsigned int uid)
+{ return setfsuid(uid); }
 """
 
 # -- <linux/landlock.h> -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ nothing but the cffi module.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -154,10 +155,11 @@ def set_child_subreaper() -> None:
     prctl(lib.PR_SET_CHILD_SUBREAPER, 1)
 
 
-def set_keep_capabilities(keep: bool) -> None:
-    """PR_SET_KEEPCAPS: whether the permitted set survives a switch from uid 0 to another uid
-    (cleared at the next execve)."""
-    prctl(lib.PR_SET_KEEPCAPS, int(keep))
+def set_fsuid(uid: int) -> None:
+    """This thread's file-system uid (setfsuid(2)), which reports no failure: read back."""
+    lib.sv_setfsuid(uid)
+    if lib.sv_setfsuid(0xFFFFFFFF) != uid:  # -1: no change, the current one returned
+        raise OSError(errno.EPERM, f"setfsuid({uid}): {os.strerror(errno.EPERM)}")
 
 
 def set_dumpable(dumpable: bool) -> None:

@@ -174,10 +174,13 @@ def enter_sandbox(
     # Entered as the one who started us: as another user (`user`) we may not pass the
     # runtime dir's parents, but may look a name up in it (monitor/rundir.py: 0711 then).
     _enter_dir(os.path.dirname(socket_path))
-    program = _open_warden()
-    if user is not None and another_user(user):  # our own: nothing to become
-        _become(*user)
+    became = user if user is not None and another_user(user) else None  # ours: none to become
+    program = _open_warden(became)
+    if became is not None:
+        _become(*became)
     _unshare_namespaces()
+    if became is not None:
+        _settle_ids()
     channel_dir, channel_fd = _open_channel(os.path.basename(socket_path))
     os.chdir("/")  # so that pivot_root moves the warden's cwd too
     _fork_warden(warden_policy, address_space, program)
@@ -279,53 +282,93 @@ def _open_channel(name: str) -> tuple[int, int]:
         raise SandboxError(f"cannot open the device channel {name}: {e.strerror}") from None
 
 
-def _open_warden() -> int:
+def _open_warden(user: tuple[int, int] | None = None) -> int:
     """splitvmm/native/warden, for the warden to exec (_fork_warden): opened now, as the
     device may pivot to its empty root (the same mount namespace as the warden's, whose root
-    moves with it) before the warden has exec'd it."""
+    moves with it) before the warden has exec'd it.
+
+    For a device of another `user` (_become), a program that user may not read: the warden
+    execs it in a user namespace the user owns, where any host process of the user has
+    every capability, and the kernel keeps the warden out of their reach (not dumpable, its
+    memory the host's) only for a program its exec could not read (would_dump). A review
+    ptraced a warden exec'd from a 0755 program that way, and forged its exit status."""
     try:
-        return os.open(WARDEN, os.O_RDONLY | os.O_CLOEXEC)
+        program = os.open(WARDEN, os.O_PATH | os.O_CLOEXEC)  # exec'd by fd: no read needed
     except OSError as e:
         raise SandboxError(
             f"the device warden {WARDEN} cannot be opened ({e.strerror}): it is built with "
             "splitvmm's native modules (scripts/bootstrap.sh)"
         ) from None
+    if user is not None and _readable_by(os.fstat(program), *user):
+        os.close(program)
+        raise SandboxError(
+            f"the device warden {WARDEN} may be read by uid {user[0]}, which its devices run "
+            f"as: a process of that user could take the warden over (chmod 0711 {WARDEN}, "
+            "as the build leaves it)"
+        )
+    return program
+
+
+def _readable_by(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether the mode bits let `uid` (in group `gid` alone) read the file of `st`."""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 def _become(uid: int, gid: int) -> None:
     """Run as host user `uid` and group `gid` from here on (config.py vm.device_uid): no
-    supplementary group, every id switched (real, effective, saved and file-system), and
-    with that every capability in the host's user namespace gone (the launcher's root kept
-    CAP_SETUID and CAP_SETGID for this alone: sandbox/launcher_start.py).
-    The namespaces that follow are that user's, whose uid_map maps root inside to it: a
-    device that escaped them all would be that user on the host, not root. Where only
-    CAP_SYS_ADMIN makes a user namespace (launcher_start.py USERNS_RESTRICTED), that one
-    capability is kept across the switch, for the unshare; _drop_privileges drops it.
+    supplementary group, and real and effective uid the user's, with every capability in
+    the host's user namespace gone (the launcher's root kept CAP_SETUID and CAP_SETGID for
+    this: sandbox/launcher_start.py). The user namespace that follows is that user's, its
+    root mapped to it: a device that escaped every layer would be that user on the host.
+    Where only CAP_SYS_ADMIN makes a user namespace (launcher_start.py USERNS_RESTRICTED),
+    that capability alone stays, for the unshare.
 
-    The switch also leaves the process not dumpable (its /proc/self files the host root's:
-    _unshare_namespaces) and clears its parent-death signal, which is armed again here: a
-    device must die with its launcher, whoever it runs as."""
+    Root stays the saved and the file-system uid until the maps are written (_settle_ids
+    then makes every uid the user's). The switch leaves the process not dumpable, its
+    /proc/self files the host root's, which the file-system uid may still open; and it must
+    stay so: made dumpable to open its maps, it was open meanwhile to any host process of
+    `uid` (/proc/PID/mem, ptrace: the namespace it makes is that user's), and a PTRACE_SEIZE
+    in that window kept a device traced, its seccomp filter never loaded (a review's race).
+    A change of ids also clears the parent-death signal, which is armed again each time."""
     restricted = userns_needs_sys_admin()
     parent = os.getppid()
     try:
-        if restricted:
-            confine.set_keep_capabilities(True)
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        # A change of effective uid or gid clears PR_SET_PDEATHSIG (prctl(2)): arm it again,
-        # or the warden outlives the launcher (and the monitor) that started it.
-        confine.set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != parent:  # it died before the signal was armed again
-            os._exit(1)
-        if restricted:
-            confine.set_keep_capabilities(False)
-            confine.keep_only_capabilities(frozenset({confine.CAP_SYS_ADMIN}))
+        os.setresuid(uid, uid, 0)  # the effective capabilities go; the permitted ones next
+        confine.keep_only_capabilities(
+            frozenset({confine.CAP_SYS_ADMIN}) if restricted else frozenset()
+        )
+        confine.set_fsuid(0)  # allowed by the saved uid; no capability raised with it
+        _arm_parent_death_again(parent)
     except OSError as e:
         raise SandboxError(
             f"cannot run as uid {uid}, gid {gid}: {e.strerror or e}"
             + (" (only a launcher run as root may)" if e.errno == errno.EPERM else "")
         ) from None
+
+
+def _settle_ids() -> None:
+    """Once the maps are written: every uid the namespace's root, i.e. the device's user
+    (the saved and file-system uids were still the host's root: _become)."""
+    parent = os.getppid()
+    try:
+        os.setresuid(0, 0, 0)
+        _arm_parent_death_again(parent)
+    except OSError as e:
+        raise SandboxError(f"cannot give up the host root's saved uid: {e}") from None
+
+
+def _arm_parent_death_again(parent: int) -> None:
+    """A change of effective or file-system uid or gid clears PR_SET_PDEATHSIG (prctl(2)): arm
+    it again, or the warden outlives the launcher (and the monitor) that started it."""
+    confine.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the signal was armed again
+        os._exit(1)
 
 
 # -- (a) namespaces ---------------------------------------------------------------------------
@@ -345,19 +388,15 @@ def _unshare_namespaces() -> None:
 
 
 def _open_id_maps() -> list[int]:
-    """/proc/self/setgroups, uid_map and gid_map, open for writing. Opened dumpable: a process
-    that switched its uid (_become) is not, and its /proc/self files are then the host root's.
-    For no longer: any host process of its uid may reach a dumpable process in a user
-    namespace that uid owns (/proc/PID/fd, ptrace). A write is checked against the opener's
-    credentials, not against its dumpability."""
-    confine.set_dumpable(True)
-    try:
-        return [
-            os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
-            for name in ("setgroups", "uid_map", "gid_map")
-        ]
-    finally:
-        confine.set_dumpable(False)
+    """/proc/self/setgroups, uid_map and gid_map, open for writing; the process is not dumpable
+    from here on. One that switched its uid (_become) never is: its /proc/self files are the
+    host root's, which is its file-system uid until _settle_ids."""
+    fds = [
+        os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        for name in ("setgroups", "uid_map", "gid_map")
+    ]
+    confine.set_dumpable(False)
+    return fds
 
 
 def _no_nested_user_namespace() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
+import shutil
 import signal
 import sys
 import textwrap
@@ -16,8 +18,10 @@ import pytest
 from splitvmm.devprocs.runtime import RUNTIME_ADDRESS_SPACE
 from splitvmm.devprocs.serial import Lsr, Reg
 from splitvmm.native import confine
+from splitvmm.sandbox import device as sandbox_device
 from splitvmm.sandbox.device import MAX_STACK
 from tests.sandbox import harness
+from tests.sandbox.forked import in_a_child
 from tests.sandbox.harness import SandboxedDevice
 
 pytestmark = pytest.mark.sandbox
@@ -522,3 +526,68 @@ def test_device_holds_cap_setuid_setgid_kill_before_its_sandbox_only_to_become_i
         effective >> cap & 1 for cap in (confine.CAP_SETUID, confine.CAP_SETGID, confine.CAP_KILL)
     ]
     assert held == ([1, 1, 1] if user else [0, 0, 0])
+
+
+def _opened_as(uid: int, gid: int, paths: list[str]) -> object:
+    """What a process of host user `uid` gets opening each of `paths` (the errno's name)."""
+
+    def open_each() -> object:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        got = []
+        for path in paths:
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                got.append("opened")
+            except OSError as e:
+                got.append(errno.errorcode[e.errno])
+        return got
+
+    return in_a_child(open_each)
+
+
+@needs_root
+def test_device_run_as_another_user_and_its_warden_are_out_of_that_users_reach(
+    spawn: Callable[..., SandboxedDevice],
+) -> None:
+    """Their user namespace is that user's, so its host processes hold every capability in
+    it: only being not dumpable, with their memory the host's, keeps them out. The warden,
+    exec'd inside it, is so only because its program is not readable by that user (0711:
+    sandbox/device.py _open_warden); a review read and ptraced it when it was 0755."""
+    dev = spawn(user=NOBODY)
+    dev.wait_ready()
+    pids = [dev.proc.pid, dev.device_pid()]
+
+    got = _opened_as(
+        *NOBODY, [f"/proc/{pid}/{what}" for pid in pids for what in ("mem", "environ")]
+    )
+
+    assert got == ["EACCES"] * 4
+
+
+@needs_root
+def test_device_for_another_user_refuses_a_warden_that_user_may_read(
+    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    readable = tmp_path / "warden"
+    shutil.copy(sandbox_device.WARDEN, readable)
+    readable.chmod(0o755)
+    tmp_path.chmod(0o755)
+    command = textwrap.dedent(
+        f"""
+        import runpy
+        from splitvmm.sandbox import device
+        device.WARDEN = {str(readable)!r}
+        runpy.run_module("splitvmm.devprocs", run_name="__main__")
+        """
+    )
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", (sys.executable, "-I", "-c", command))
+    dev = spawn(user=NOBODY, stderr_to_file=True)
+
+    assert dev.wait_exit(10) == 1
+    assert dev.stderr() == (
+        f"device serial0: the device warden {readable} may be read by uid 65534, which its "
+        "devices run as: a process of that user could take the warden over "
+        f"(chmod 0711 {readable}, as the build leaves it)\n"
+    )

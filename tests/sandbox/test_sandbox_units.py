@@ -231,24 +231,40 @@ def test_become_another_user_keeps_only_what_its_user_namespace_needs(
     only it makes a user namespace (launcher_start.py USERNS_RESTRICTED) -- and the user
     namespace made as that user, with root in it mapped to the user."""
     monkeypatch.setattr(sandbox, "userns_needs_sys_admin", lambda: restricted)
+    made_dumpable = []
+    set_dumpable = confine.set_dumpable
+    monkeypatch.setattr(
+        confine, "set_dumpable", lambda on: (made_dumpable.append(on), set_dumpable(on))[1]
+    )
 
     def become() -> object:
         sandbox._become(*NOBODY)
         effective, permitted, inheritable = confine.capabilities()
         ids = [*os.getresuid(), *os.getresgid(), os.getgroups()]
+        dumpable = [confine.prctl(PR_GET_DUMPABLE)]
         sandbox._unshare_namespaces()
+        dumpable.append(confine.prctl(PR_GET_DUMPABLE))
+        sandbox._settle_ids()
+        dumpable.append(confine.prctl(PR_GET_DUMPABLE))
+        dumpable.append(True in made_dumpable)  # not even for a moment
         uid_map = open("/proc/self/uid_map").read().split()
-        return [effective, permitted, inheritable, ids, uid_map, confine.prctl(PR_GET_DUMPABLE)]
+        status = open("/proc/self/status").read().splitlines()
+        uids = next(line.split()[1:] for line in status if line.startswith("Uid:"))
+        return [effective, permitted, inheritable, ids, uid_map, uids, dumpable]
 
     result = in_a_child(become)
-    effective, permitted, inheritable, ids, uid_map, dumpable = result  # type: ignore[misc]
+    effective, permitted, inheritable, ids, uid_map, uids, dumpable = result  # type: ignore[misc]
 
     assert (effective, permitted, inheritable) == (kept, kept, 0)
-    assert ids == [65534] * 6 + [[]]
+    # root the saved uid, for a file-system uid that opens its maps (_become), until ...
+    assert ids == [65534, 65534, 0] + [65534] * 3 + [[]]
     assert uid_map == ["0", "65534", "1"]
-    # Dumpable only while it opened its maps: any host process of that user may reach a
-    # dumpable process in a user namespace the user owns (/proc/PID/fd, ptrace).
-    assert dumpable == 0
+    # ... every uid is the namespace's root, the user (65534 would be the overflow uid: the
+    # host's root, unmapped)
+    assert uids == ["0"] * 4
+    # Never dumpable: any host process of that user may reach a dumpable process in a user
+    # namespace the user owns (/proc/PID/mem, ptrace).
+    assert dumpable == [0, 0, 0, False]
 
 
 def test_become_as_a_user_without_cap_setuid_says_only_root_may() -> None:
