@@ -175,12 +175,13 @@ def enter_sandbox(
     # runtime dir's parents, but may look a name up in it (monitor/rundir.py: 0711 then).
     _enter_dir(os.path.dirname(socket_path))
     became = user if user is not None and another_user(user) else None  # ours: none to become
-    program = _open_warden(became)
+    program = _open_warden()
     if became is not None:
         _become(*became)
     _unshare_namespaces()
     if became is not None:
         _settle_ids()
+        _refuse_a_warden_we_may_read(program, became[0])
     channel_dir, channel_fd = _open_channel(os.path.basename(socket_path))
     os.chdir("/")  # so that pivot_root moves the warden's cwd too
     _fork_warden(warden_policy, address_space, program)
@@ -282,40 +283,35 @@ def _open_channel(name: str) -> tuple[int, int]:
         raise SandboxError(f"cannot open the device channel {name}: {e.strerror}") from None
 
 
-def _open_warden(user: tuple[int, int] | None = None) -> int:
+def _open_warden() -> int:
     """splitvmm/native/warden, for the warden to exec (_fork_warden): opened now, as the
     device may pivot to its empty root (the same mount namespace as the warden's, whose root
-    moves with it) before the warden has exec'd it.
-
-    For a device of another `user` (_become), a program that user may not read: the warden
-    execs it in a user namespace the user owns, where any host process of the user has
-    every capability, and the kernel keeps the warden out of their reach (not dumpable, its
-    memory the host's) only for a program its exec could not read (would_dump). A review
-    ptraced a warden exec'd from a 0755 program that way, and forged its exit status."""
+    moves with it) before the warden has exec'd it."""
     try:
-        program = os.open(WARDEN, os.O_PATH | os.O_CLOEXEC)  # exec'd by fd: no read needed
+        return os.open(WARDEN, os.O_PATH | os.O_CLOEXEC)  # exec'd by fd: no read needed
     except OSError as e:
         raise SandboxError(
             f"the device warden {WARDEN} cannot be opened ({e.strerror}): it is built with "
             "splitvmm's native modules (scripts/bootstrap.sh)"
         ) from None
-    if user is not None and _readable_by(os.fstat(program), *user):
-        os.close(program)
-        raise SandboxError(
-            f"the device warden {WARDEN} may be read by uid {user[0]}, which its devices run "
-            f"as: a process of that user could take the warden over (chmod 0711 {WARDEN}, "
-            "as the build leaves it)"
-        )
-    return program
 
 
-def _readable_by(st: os.stat_result, uid: int, gid: int) -> bool:
-    """Whether the mode bits let `uid` (in group `gid` alone) read the file of `st`."""
-    if st.st_uid == uid:
-        return bool(st.st_mode & stat.S_IRUSR)
-    if st.st_gid == gid:
-        return bool(st.st_mode & stat.S_IRGRP)
-    return bool(st.st_mode & stat.S_IROTH)
+def _refuse_a_warden_we_may_read(program: int, uid: int) -> None:
+    """For a device of another user, once every id is that user's (_settle_ids): a program
+    that user may not read. The warden execs it in a user namespace the user owns, where any
+    host process of the user has every capability, and the kernel keeps the warden out of
+    their reach (not dumpable, its memory the host's) only for a program its exec could not
+    read (would_dump). The kernel's own check, by a read-only open of our O_PATH fd: the mode
+    bits alone miss a POSIX ACL."""
+    try:
+        os.close(os.open(f"/proc/self/fd/{program}", os.O_RDONLY | os.O_CLOEXEC))
+    except PermissionError:
+        return
+    raise SandboxError(
+        f"the device warden {WARDEN} may be read by uid {uid}, which its devices run "
+        f"as: a process of that user could take the warden over (chmod 0711 {WARDEN}: "
+        "the build leaves it so, a wheel's install does not)"
+    )
 
 
 def _become(uid: int, gid: int) -> None:
@@ -336,6 +332,11 @@ def _become(uid: int, gid: int) -> None:
     A change of ids also clears the parent-death signal, which is armed again each time."""
     restricted = userns_needs_sys_admin()
     parent = os.getppid()
+    if _suid_dumpable() == 1:  # the warden's exec then makes it dumpable to that user
+        raise SandboxError(
+            "fs.suid_dumpable is 1: a device run as another user would be open to that "
+            "user's processes (sysctl fs.suid_dumpable=0 or 2)"
+        )
     try:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -344,12 +345,22 @@ def _become(uid: int, gid: int) -> None:
             frozenset({confine.CAP_SYS_ADMIN}) if restricted else frozenset()
         )
         confine.set_fsuid(0)  # allowed by the saved uid; no capability raised with it
-        _arm_parent_death_again(parent)
+        _after_ids_changed(parent)
     except OSError as e:
         raise SandboxError(
             f"cannot run as uid {uid}, gid {gid}: {e.strerror or e}"
             + (" (only a launcher run as root may)" if e.errno == errno.EPERM else "")
         ) from None
+
+
+def _suid_dumpable() -> int:
+    """fs.suid_dumpable: what a change of ids, or the exec of a program the process may not
+    read, sets its dumpable flag to (1: dumpable to its own user)."""
+    try:
+        with open("/proc/sys/fs/suid_dumpable") as f:
+            return int(f.read())
+    except (OSError, ValueError) as e:
+        raise SandboxError(f"cannot read fs.suid_dumpable: {e}") from None
 
 
 def _settle_ids() -> None:
@@ -358,14 +369,17 @@ def _settle_ids() -> None:
     parent = os.getppid()
     try:
         os.setresuid(0, 0, 0)
-        _arm_parent_death_again(parent)
+        _after_ids_changed(parent)
     except OSError as e:
         raise SandboxError(f"cannot give up the host root's saved uid: {e}") from None
 
 
-def _arm_parent_death_again(parent: int) -> None:
+def _after_ids_changed(parent: int) -> None:
     """A change of effective or file-system uid or gid clears PR_SET_PDEATHSIG (prctl(2)): arm
-    it again, or the warden outlives the launcher (and the monitor) that started it."""
+    it again, or the warden outlives the launcher (and the monitor) that started it. It also
+    sets the dumpable flag to fs.suid_dumpable (kernel/cred.c commit_creds), 1 or 2 on some
+    hosts: not dumpable again, whatever that sysctl says."""
+    confine.set_dumpable(False)
     confine.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # it died before the signal was armed again
         os._exit(1)

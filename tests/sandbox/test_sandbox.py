@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import signal
+import struct
 import sys
 import textwrap
 import time
@@ -566,13 +567,29 @@ def test_device_run_as_another_user_and_its_warden_are_out_of_that_users_reach(
     assert got == ["EACCES"] * 4
 
 
+UNDEFINED_ID = 0xFFFFFFFF  # an ACL entry's id where it names no one (<linux/posix_acl_xattr.h>)
+
+
+def _acl_lets_read(path: Path, uid: int) -> None:
+    """Mode 0711 plus an ACL entry user:`uid`:r-x (what `setfacl -m u:UID:rx PATH` writes)."""
+    entries = [(0x01, 7, UNDEFINED_ID), (0x02, 5, uid), (0x04, 1, UNDEFINED_ID),
+               (0x10, 5, UNDEFINED_ID), (0x20, 1, UNDEFINED_ID)]  # fmt: skip
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(path, "system.posix_acl_access", blob)
+
+
 @needs_root
+@pytest.mark.parametrize("how", ["mode-0755", "acl"])
 def test_device_for_another_user_refuses_a_warden_that_user_may_read(
-    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, how: str
 ) -> None:
+    """The kernel's own read check, not the mode bits: an ACL let the user read a 0711 one
+    (0751 shown), and the device started, its warden's /proc/PID/mem open to the user."""
     readable = tmp_path / "warden"
     shutil.copy(sandbox_device.WARDEN, readable)
-    readable.chmod(0o755)
+    readable.chmod(0o755 if how == "mode-0755" else 0o711)
+    if how == "acl":
+        _acl_lets_read(readable, NOBODY[0])
     tmp_path.chmod(0o755)
     command = textwrap.dedent(
         f"""
@@ -589,5 +606,5 @@ def test_device_for_another_user_refuses_a_warden_that_user_may_read(
     assert dev.stderr() == (
         f"device serial0: the device warden {readable} may be read by uid 65534, which its "
         "devices run as: a process of that user could take the warden over "
-        f"(chmod 0711 {readable}, as the build leaves it)\n"
+        f"(chmod 0711 {readable}: the build leaves it so, a wheel's install does not)\n"
     )

@@ -277,3 +277,21 @@ def test_become_as_a_user_without_cap_setuid_says_only_root_may() -> None:
         "error": "SandboxError: cannot run as uid 65534, gid 65534: Operation not permitted "
         "(only a launcher run as root may)"
     }
+
+
+@needs_root
+def test_become_another_user_where_suid_dumpable_is_1_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fs.suid_dumpable=1 makes the warden's exec (of a program its user may not read)
+    dumpable to that user until warden.c turns it off: a window no code of ours can close."""
+    monkeypatch.setattr(sandbox, "_suid_dumpable", lambda: 1)
+
+    def become() -> object:
+        sandbox._become(*NOBODY)
+        return os.getresuid()
+
+    assert in_a_child(become) == {
+        "error": "SandboxError: fs.suid_dumpable is 1: a device run as another user would be "
+        "open to that user's processes (sysctl fs.suid_dumpable=0 or 2)"
+    }
