@@ -34,7 +34,7 @@ class BuildExtAndWarden(build_ext):
         # Executable by anyone, readable by its owner alone: a device run as another user
         # (vm.device_uid) execs it in a user namespace that user owns, and only a program it
         # may not read keeps the warden out of that user's reach there (the kernel's
-        # would_dump: sandbox/device.py _open_warden checks it).
+        # would_dump: sandbox/device.py _refuse_a_warden_we_may_read checks it).
         os.chmod(os.path.join(out_dir, "warden"), 0o711)
 
 

@@ -301,11 +301,19 @@ def _refuse_a_warden_we_may_read(program: int, uid: int) -> None:
     that user may not read. The warden execs it in a user namespace the user owns, where any
     host process of the user has every capability, and the kernel keeps the warden out of
     their reach (not dumpable, its memory the host's) only for a program its exec could not
-    read (would_dump). The kernel's own check, by a read-only open of our O_PATH fd: the mode
-    bits alone miss a POSIX ACL."""
+    read (would_dump). The kernel's own check, the one would_dump makes (inode_permission,
+    MAY_READ: POSIX ACLs and LSMs' inode hooks included), by access(2) through our O_PATH fd:
+    the mode bits alone miss an ACL, and an open(2) would also ask the LSMs' file_open
+    (AppArmor's only read check, which would_dump does not) and block on a FIFO. Our real
+    ids are the user's, as every other one (_settle_ids)."""
+    path = f"/proc/self/fd/{program}"
     try:
-        os.close(os.open(f"/proc/self/fd/{program}", os.O_RDONLY | os.O_CLOEXEC))
-    except PermissionError:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise SandboxError(f"the device warden {WARDEN} cannot be checked: {e.strerror}") from None
+    if not regular:
+        raise SandboxError(f"the device warden {WARDEN} is not a regular file")
+    if not os.access(path, os.R_OK):
         return
     raise SandboxError(
         f"the device warden {WARDEN} may be read by uid {uid}, which its devices run "

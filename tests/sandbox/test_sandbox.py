@@ -555,7 +555,8 @@ def test_device_run_as_another_user_and_its_warden_are_out_of_that_users_reach(
     """Their user namespace is that user's, so its host processes hold every capability in
     it: only being not dumpable, with their memory the host's, keeps them out. The warden,
     exec'd inside it, is so only because its program is not readable by that user (0711:
-    sandbox/device.py _open_warden); a review read and ptraced it when it was 0755."""
+    sandbox/device.py _refuse_a_warden_we_may_read); a review read and ptraced it when it
+    was 0755."""
     dev = spawn(user=NOBODY)
     dev.wait_ready()
     pids = [dev.proc.pid, dev.device_pid()]
@@ -565,6 +566,19 @@ def test_device_run_as_another_user_and_its_warden_are_out_of_that_users_reach(
     )
 
     assert got == ["EACCES"] * 4
+
+
+def with_warden(program: Path) -> tuple[str, ...]:
+    """A device command whose warden's program is `program`."""
+    command = textwrap.dedent(
+        f"""
+        import runpy
+        from splitvmm.sandbox import device
+        device.WARDEN = {str(program)!r}
+        runpy.run_module("splitvmm.devprocs", run_name="__main__")
+        """
+    )
+    return (sys.executable, "-I", "-c", command)
 
 
 UNDEFINED_ID = 0xFFFFFFFF  # an ACL entry's id where it names no one (<linux/posix_acl_xattr.h>)
@@ -591,15 +605,7 @@ def test_device_for_another_user_refuses_a_warden_that_user_may_read(
     if how == "acl":
         _acl_lets_read(readable, NOBODY[0])
     tmp_path.chmod(0o755)
-    command = textwrap.dedent(
-        f"""
-        import runpy
-        from splitvmm.sandbox import device
-        device.WARDEN = {str(readable)!r}
-        runpy.run_module("splitvmm.devprocs", run_name="__main__")
-        """
-    )
-    monkeypatch.setattr(harness, "DEVICE_COMMAND", (sys.executable, "-I", "-c", command))
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", with_warden(readable))
     dev = spawn(user=NOBODY, stderr_to_file=True)
 
     assert dev.wait_exit(10) == 1
@@ -608,3 +614,18 @@ def test_device_for_another_user_refuses_a_warden_that_user_may_read(
         "devices run as: a process of that user could take the warden over "
         f"(chmod 0711 {readable}: the build leaves it so, a wheel's install does not)\n"
     )
+
+
+@needs_root
+def test_device_for_another_user_refuses_a_warden_that_is_no_regular_file(
+    spawn: Callable[..., SandboxedDevice], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Asked without opening it: an open of a FIFO that user may read blocked the device."""
+    fifo = tmp_path / "warden"
+    os.mkfifo(fifo, 0o644)
+    tmp_path.chmod(0o755)
+    monkeypatch.setattr(harness, "DEVICE_COMMAND", with_warden(fifo))
+    dev = spawn(user=NOBODY, stderr_to_file=True)
+
+    assert dev.wait_exit(10) == 1
+    assert dev.stderr() == f"device serial0: the device warden {fifo} is not a regular file\n"
