@@ -388,9 +388,15 @@ class Machine:
         ):
             self._take_console(dev.name, model)
         spawn = Spawn(
-            dev.name, dev.model, model.transport.size, dict(dev.options), fds, state, dev.fault
+            dev.name,
+            dev.model,
+            model.transport.size,
+            dict(dev.options),
+            fds,
+            state,
+            dev.fault,
+            user=self.cfg.vm.device_user,
         )
-        spawn.user = self.cfg.vm.device_user
         if model.machine_facts:
             spawn.transport = {"machine": self._machine_facts()}
         if placed is not None:

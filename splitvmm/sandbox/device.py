@@ -174,7 +174,7 @@ def enter_sandbox(
     # Entered as the one who started us: as another user (`user`) we may not pass the
     # runtime dir's parents, but may look a name up in it (monitor/rundir.py: 0711 then).
     _enter_dir(os.path.dirname(socket_path))
-    became = user if user is not None and another_user(user) else None  # ours: none to become
+    became = user if another_user(user) else None  # our own: nothing to become
     program = _open_warden()
     if became is not None:
         _become(*became)
