@@ -51,6 +51,9 @@ class Access(enum.Enum):
     READ = os.O_RDONLY  # kernel, initrd, firmware, snapshot chunks, key files
     READ_WRITE = os.O_RDWR  # a disk image a device writes to (never created)
     APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # serial output: created 0600 if missing
+    # the same, only if this open makes the file (open_output_file): O_EXCL never opens one
+    # that is there, symlink or FIFO, so nothing is looked at before it
+    APPEND_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
     CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # snapshot writer: a new file, never reused
 
 
@@ -62,6 +65,10 @@ class HostFileError(SplitvmmError):
         name = os.fspath(path)
         super().__init__(f"{key}: {name if name and name.isprintable() else shown(name)} {reason}")
         self.key, self.path, self.reason = key, name, reason
+
+
+class HostFileExists(HostFileError):
+    """An open that was to make the file found one there (O_EXCL: EEXIST)."""
 
 
 def _kind(mode: int) -> str:
@@ -128,7 +135,7 @@ def open_host_file(
     given, opened with `flags` besides (O_DIRECT for a disk image that asks for it);
     HostFileError naming `key` and the path otherwise. The caller closes the fd."""
     name = os.fspath(path)
-    reason = _precheck(name, dir_fd, access)
+    reason = None if access is Access.APPEND_NEW else _precheck(name, dir_fd, access)
     if reason is not None:
         raise HostFileError(key, name, reason)
     try:
@@ -136,6 +143,8 @@ def open_host_file(
     except OSError as e:
         if e.errno == errno.EINVAL and flags & os.O_DIRECT:
             raise HostFileError(key, name, "is on a file system without direct I/O") from None
+        if e.errno == errno.EEXIST:
+            raise HostFileExists(key, name, _open_error(e, access)) from None
         raise HostFileError(key, name, _open_error(e, access)) from None
     try:
         mode = os.fstat(fd).st_mode
@@ -146,6 +155,16 @@ def open_host_file(
         os.close(fd)
         raise
     return fd
+
+
+def open_output_file(path: str, key: str) -> tuple[int, bool]:
+    """An output's fd (Access.APPEND), and whether this open made the file. Asked of the open
+    itself (O_EXCL first): a look before it could see no file that another VM, starting at
+    the same moment, then made, and both would take it for theirs."""
+    try:
+        return open_host_file(path, key, Access.APPEND_NEW), True
+    except HostFileExists:
+        return open_host_file(path, key, Access.APPEND), False
 
 
 def same_file(fd: int, path: str | os.PathLike[str]) -> bool:

@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import stat
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -461,14 +462,76 @@ def open_output(
         sock = hostpath.connect_unix(path, key)
         owned.append(sock)
         return sock.fileno()
-    existed = os.path.lexists(output)
-    fd = hostpath.open_host_file(output, key, hostpath.Access.APPEND)
-    if existed or created is None:
-        owned.append(FdCloser(fd))
-    else:
+    fd, made = _open_output_file(output, key)
+    if made and created is not None:
         created.append(CreatedFile(output, fd))
         owned.append(created[-1])
+        return fd
+    if created is not None and (first := _made_by_this_vm(fd, created)) is not None:
+        # Another of this VM's devices writes it too: its description, so that this VM holds
+        # one lock on the file, which the removal can make exclusive
+        os.close(fd)
+        fd = os.dup(first.fd)
+    owned.append(FdCloser(fd))
     return fd
+
+
+def _made_by_this_vm(fd: int, created: list[CreatedFile]) -> CreatedFile | None:
+    """The CreatedFile of `created` that is the file open as `fd`, if any."""
+    held = os.fstat(fd)
+    for made in created:
+        other = os.fstat(made.fd)
+        if (other.st_dev, other.st_ino) == (held.st_dev, held.st_ino):
+            return made
+    return None
+
+
+# Output files: every VM that writes one holds a shared flock on it (on the open file
+# description, which its devices share, so held for as long as any of them may write), and a
+# VM that made one and never ran removes it only under an exclusive one (CreatedFile): so a
+# failed start never removes a file that another VM, which names it too, still writes.
+OUTPUT_OPEN_TRIES = 3  # each: a removal that came between our open and our lock
+OUTPUT_LOCK_TRIES = 50  # 1 ms apart: a removal holds its exclusive lock for a stat and an unlink
+
+
+def _open_output_file(output: str, key: str) -> tuple[int, bool]:
+    """The output file's fd, locked shared, and whether this open made it (CreatedFile).
+    A file that a removal took away between our open and our lock is opened again: made
+    anew, then, and ours."""
+    for _ in range(OUTPUT_OPEN_TRIES):
+        fd, made = hostpath.open_output_file(output, key)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a terminal: nobody removes it
+                return fd, made
+            _share_output(fd, output, key)
+            if hostpath.same_file(fd, output):
+                return fd, made
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise hostpath.HostFileError(
+        key,
+        output,
+        f"was removed each of the {OUTPUT_OPEN_TRIES} times it was opened (by the failed start "
+        "of another VM, which made it)",
+    )
+
+
+def _share_output(fd: int, path: str, key: str) -> None:
+    """A shared flock on an output file. One that another process holds exclusively for
+    longer than a removal takes (not a VM's), or a file system without locks, leaves it
+    unlocked, written as before; a removal then finds it locked or unlockable, and keeps it."""
+    for _ in range(OUTPUT_LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.001)
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: some network file systems
+            log.debug("%s: %s cannot be locked: %s", key, path, e.strerror)
+            return
+    log.debug("%s: %s is locked by another process: written unlocked", key, path)
 
 
 def _appending_if_file(fd: int) -> None:
@@ -514,7 +577,8 @@ class CreatedFile(FdCloser):
     a disk missing, a stop signal during the build: each found after the outputs were
     opened) removes it again in Machine.close(), so a failed start leaves no empty log
     behind; a file that was there before, or that holds a byte, or that is another file by
-    now, stays. Before its fd closes: while it is open, no new file can get its inode."""
+    now, or that another VM has open (its shared lock: _open_output_file), stays. Before its
+    fd closes: while it is open, no new file can get its inode."""
 
     def __init__(self, path: str, fd: int) -> None:
         super().__init__(fd)
@@ -522,7 +586,13 @@ class CreatedFile(FdCloser):
 
     def remove_if_unused(self) -> None:
         try:
+            # Exclusive, from our shared one: refused while another VM holds its own. Held
+            # until our close, so a VM that opens the file meanwhile waits for its lock, then
+            # finds it gone and makes it anew.
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if hostpath.same_file(self.fd, self.path) and os.fstat(self.fd).st_size == 0:
                 os.unlink(self.path)
+        except BlockingIOError:
+            log.debug("left %s in place: another VM has it open", self.path)
         except OSError as e:  # a confined monitor (a stop after the build) may not: kept
             log.debug("left %s in place: %s", self.path, e.strerror)

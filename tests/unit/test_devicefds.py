@@ -668,6 +668,129 @@ def test_a_created_output_is_removed_only_while_it_is_that_empty_file(tmp_path, 
     assert path.exists() is (then != "gone")
 
 
+class OutputsOfOneVm:
+    """What Machine keeps of one VM's outputs (its closables and its created files), for tests
+    of two VMs that name one file."""
+
+    def __init__(self) -> None:
+        self.owned: list[devicefds.Closable] = []
+        self.created: list[devicefds.CreatedFile] = []
+
+    def open(self, path: Path, name: str = "serial0") -> int:
+        dev = DeviceSection(name, "serial", "stop", {"output": str(path)})
+        return devicefds.open_output(dev, "output", self.owned, self.created)
+
+    def fail_start(self) -> None:
+        """Machine.close() of a VM that never ran."""
+        for created in self.created:
+            created.remove_if_unused()
+        self.close()
+
+    def close(self) -> None:
+        for c in self.owned:
+            c.close()
+        self.owned.clear()
+
+
+def test_which_vm_made_an_output_file_is_decided_by_its_open(tmp_path):
+    """Two VMs that both found no file before their opens (the old lexists() look) each took
+    it for theirs; O_EXCL makes the first open the maker, the other a user."""
+    path = tmp_path / "shared.log"
+    opened = [devicefds.hostpath.open_output_file(str(path), key) for key in ("a", "b")]
+    for fd, _ in opened:
+        os.close(fd)
+    assert [made for _, made in opened] == [True, False]
+
+
+def test_a_failed_start_keeps_an_output_file_another_vm_has_open(tmp_path):
+    """Two VMs name one output file; the one that made it fails before its vCPUs ran, after
+    the other opened it. The file stays: removed, it took the running VM's output with it."""
+    path = tmp_path / "shared.log"
+    failing, running = OutputsOfOneVm(), OutputsOfOneVm()
+    failing.open(path)
+    assert [c.path for c in failing.created] == [str(path)]
+    fd = running.open(path)
+    assert running.created == []
+    try:
+        failing.fail_start()
+        assert path.exists()
+        os.write(fd, b"the running VM's output\n")
+        assert path.read_bytes() == b"the running VM's output\n"
+    finally:
+        running.close()
+    # Once nobody else holds it, a failed start removes what it made, as before
+    failing = OutputsOfOneVm()
+    failing.open(tmp_path / "alone.log")
+    failing.fail_start()
+    assert not (tmp_path / "alone.log").exists()
+
+
+def test_a_failed_start_removes_the_output_file_two_of_its_devices_name(tmp_path):
+    """One VM's two devices with one output file share one description: the VM's own second
+    open does not keep the file it made from its failed start's removal."""
+    path = tmp_path / "both.log"
+    vm = OutputsOfOneVm()
+    first, second = vm.open(path, "serial0"), vm.open(path, "serial1")
+    assert first != second and os.fstat(first).st_ino == os.fstat(second).st_ino
+    assert len(vm.created) == 1
+    vm.fail_start()
+    assert not path.exists()
+
+
+def test_an_output_removed_between_its_open_and_its_lock_is_made_anew(tmp_path, monkeypatch):
+    """Another VM's failed start removed the file after our open found it and before our
+    lock: the open is made again, and the file we write is the one the path names."""
+    path = tmp_path / "serial.log"
+    path.write_bytes(b"")
+    real_flock = fcntl.flock
+    removals = []
+
+    def removed_first(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_SH and not removals:
+            removals.append(fd)
+            path.unlink()  # as the other VM's CreatedFile.remove_if_unused
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(devicefds.fcntl, "flock", removed_first)
+    vm = OutputsOfOneVm()
+    fd = vm.open(path)
+    try:
+        assert removals and path.exists()
+        assert os.fstat(fd).st_ino == path.stat().st_ino
+        assert [c.path for c in vm.created] == [str(path)]  # made by this open: ours
+    finally:
+        vm.close()
+
+
+def test_an_output_another_program_holds_locked_is_written_unlocked_and_kept(tmp_path, monkeypatch):
+    """An exclusive flock that something other than a VM holds does not stop `up`: the file
+    is written unlocked. And the VM that made it cannot take it exclusively, so its failed
+    start keeps it."""
+    monkeypatch.setattr(devicefds, "OUTPUT_LOCK_TRIES", 2)
+    path = tmp_path / "serial.log"
+    real = devicefds.hostpath.open_output_file
+    others: list[int] = []
+
+    def locked_by_another(output: str, key: str) -> tuple[int, bool]:
+        opened = real(output, key)
+        others.append(os.open(output, os.O_RDONLY))
+        fcntl.flock(others[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return opened
+
+    monkeypatch.setattr(devicefds.hostpath, "open_output_file", locked_by_another)
+    vm = OutputsOfOneVm()
+    try:
+        fd = vm.open(path)
+        assert [c.path for c in vm.created] == [str(path)]
+        os.write(fd, b"")
+        vm.fail_start()
+        assert path.exists()
+    finally:
+        vm.close()
+        for other in others:
+            os.close(other)
+
+
 def test_a_created_output_the_monitor_may_not_remove_is_kept_without_error(tmp_path, monkeypatch):
     """A confined monitor (a stop after the build) may not unlink: Machine.close goes on."""
     path = tmp_path / "serial.log"

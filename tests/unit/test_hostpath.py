@@ -54,6 +54,28 @@ def test_open_host_file_symlink_not_followed_when_creating(tmp_path):
     assert not (tmp_path / "etc-passwd").exists()
 
 
+def test_open_output_file_says_whether_its_open_made_the_file(tmp_path):
+    path = str(tmp_path / "serial.log")
+    made = hostpath.open_output_file(path, "device 'serial0'.output")
+    found = hostpath.open_output_file(path, "device 'serial0'.output")
+    for fd, _ in (made, found):
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino
+        os.close(fd)
+    assert (made[1], found[1]) == (True, False)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_open_output_file_neither_follows_a_symlink_nor_hangs_on_a_fifo(tmp_path):
+    """The first open (O_EXCL) finds whatever is there; the second checks it, as any output."""
+    os.symlink(tmp_path / "etc-passwd", tmp_path / "serial.log")
+    with pytest.raises(HostFileError, match="is a symlink"):
+        hostpath.open_output_file(str(tmp_path / "serial.log"), "device 'serial0'.output")
+    assert not (tmp_path / "etc-passwd").exists()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(HostFileError, match="is a FIFO that nobody reads"):
+        hostpath.open_output_file(str(tmp_path / "fifo"), "device 'serial0'.output")
+
+
 def test_open_host_file_fifo_refused_for_reading_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "fifo")
 
