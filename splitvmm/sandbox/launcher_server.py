@@ -393,6 +393,8 @@ class _Server:
         self.channel_dir = path
         if not elsewhere:  # kept for devices of another user (launcher_start.py): none here
             confine.drop_only(confine.FOR_ANOTHER_USER)
+            if self.zygote is not None:  # started before this: it holds them too
+                self.zygote.own_user()
 
     def _resume(self, pid: int, payload: bytes, nfds: int) -> None:
         """Give the spare `pid` the rest of its spec (the module docstring), once."""

@@ -149,7 +149,8 @@ def _narrow_capabilities() -> None:
         # that lets nothing else make one). One that runs as another user (vm.device_uid,
         # which a VM's config says after this fork) needs CAP_SETUID and CAP_SETGID to
         # become it, and we CAP_KILL to end it at our close (sandbox/device.py _become); we
-        # give those three up once the VM has said it has no such device (launcher_server.py).
+        # and the zygote started below give those three up once the VM has said it has no
+        # such device (launcher_server.py _configure, Zygote.own_user).
         # The zygote, exec'd as root, gets the bounding set, and under no_new_privs no more
         # than we hold.
         keep = {confine.CAP_SETFCAP, *confine.FOR_ANOTHER_USER}

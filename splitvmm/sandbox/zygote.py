@@ -39,6 +39,8 @@ Over a SOCK_SEQPACKET socketpair with the launcher:
 
     zygote -> launcher   ready                          once, after its imports
     launcher -> zygote   load MODEL...                  the VM's models, no reply
+    launcher -> zygote   own-user                       the VM's devices are of our user:
+                                                        give up what another's needs, no reply
     launcher -> zygote   fork MODEL + fds [stdin, stderr, fd 3, fd 4, ...]
     zygote -> launcher   {"pid": N} | {"error": "..."}  one of the two per fork
 
@@ -97,6 +99,7 @@ READY_TIMEOUT_S = 30.0  # the zygote's imports, on a loaded host
 FORK_TIMEOUT_S = 10.0  # the model's import (its first fork: ~5-20 ms) and two forks
 EXIT_TIMEOUT_S = 1.0  # a zygote that closed its socket is ending
 MESSAGE = 256
+OWN_USER = b"own-user"
 
 
 def device_env() -> dict[str, str]:
@@ -149,6 +152,17 @@ class Zygote:
             self._sock.send(b"load " + " ".join(models).encode())
         except OSError:
             pass  # it has ended: the next fork says so, and the launcher starts another
+
+    def own_user(self) -> None:
+        """Tell it that the VM's devices run as our user (no vm.device_uid): it gives up the
+        capabilities that only a device of another user needs (confine.FOR_ANOTHER_USER:
+        CAP_SETUID, CAP_SETGID, CAP_KILL), which a root launcher kept for it, as it was
+        started before the VM's config was read (sandbox/launcher_start.py). No reply; sent
+        before the first fork, so read before it."""
+        try:
+            self._sock.send(OWN_USER)
+        except OSError:
+            pass  # it has ended: the launcher starts another, which inherits no such capability
 
     def fork(self, model: str, stdin: int, stderr: int, fds: Sequence[int]) -> int:
         """A device process of `model` with `stdin` as fd 0, `stderr` as fd 2 and `fds` as
@@ -269,6 +283,10 @@ def _serve_requests(
                 for name in model.decode().split():
                     _loaded(load_model, name)  # a failure is the fork's of that model
                 continue  # no reply
+            if data == OWN_USER and not fds and not cut:
+                if not _gave_up_another_users_capabilities():
+                    return
+                continue  # no reply
             if verb != b"fork" or not model.isascii() or cut or len(fds) < 2:
                 reply: dict[str, object] = {"error": "a request is not fork MODEL with its fds"}
             elif (problem := _loaded(load_model, model.decode())) is not None:
@@ -281,6 +299,20 @@ def _serve_requests(
             for fd in fds:
                 os.close(fd)
         sock.sendall(json.dumps(reply).encode())
+
+
+def _gave_up_another_users_capabilities() -> bool:
+    """Zygote.own_user's request: whether it was done. A zygote that cannot (capset refused:
+    no known cause) says why and ends; the launcher's next fork starts another, which
+    inherits none of them (it gave them up itself)."""
+    from splitvmm.native import confine  # here: the launcher's path to our exec imports us
+
+    try:
+        confine.drop_only(confine.FOR_ANOTHER_USER)
+    except OSError as e:
+        print(f"splitvmm: zygote: cannot give up its capabilities: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _loaded(load_model: LoadModel, model: str) -> str | None:

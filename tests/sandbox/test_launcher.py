@@ -492,6 +492,23 @@ def test_root_launcher_keeps_cap_sys_admin_where_only_it_makes_a_user_namespace(
     assert launcher_start.userns_needs_sys_admin(str(tmp_path)) is needed
 
 
+def held_by_launcher_and_zygote(launcher: Launcher, spec: DeviceSpec) -> dict[str, dict]:
+    """The capabilities of `launcher` and of its zygote, once the device of `spec` is ready."""
+    process, listener = launcher.spawn(spec)
+    channel = DeviceChannel("serial", spec.channel, listener)
+    try:
+        channel.wait_ready(process)
+        (zygote,) = children_of(launcher.pid) - {process.pid}
+        return {"launcher": capabilities(launcher.pid), "zygote": capabilities(zygote)}
+    finally:
+        process.kill()
+        process.wait(10)
+        channel.close()
+
+
+FOR_ANOTHER_USER = sum(1 << cap for cap in (CAP_SETUID, CAP_SETGID, CAP_KILL))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root launcher's capabilities need root")
 def test_root_launcher_and_its_zygote_hold_only_what_a_devices_start_needs(launcher, rundir, fds):
     """A root launcher kept every capability of root's (CapEff 0x1fffeffffff) for the VM's
@@ -499,24 +516,13 @@ def test_root_launcher_and_its_zygote_hold_only_what_a_devices_start_needs(launc
     device until its sandbox. A device needs CAP_SETFCAP there (to write uid 0 into its user
     namespace's uid_map), CAP_SETUID and CAP_SETGID where it runs as another user
     (vm.device_uid), whom the launcher ends with CAP_KILL; it gets ready with nothing else.
-    A launcher whose VM has no such device gives the three up at its configure; its first
-    zygote, started before it, keeps them (each device gives them up: test_sandbox.py)."""
-    spec = serial_spec(rundir, fds)
-    process, listener = launcher.spawn(spec)
-    channel = DeviceChannel("serial", spec.channel, listener)
-    try:
-        channel.wait_ready(process)
-        (zygote,) = children_of(launcher.pid) - {process.pid}
-        held = {"launcher": capabilities(launcher.pid), "zygote": capabilities(zygote)}
-    finally:
-        process.kill()
-        process.wait(10)
-        channel.close()
-    setfcap, kept = 1 << CAP_SETFCAP, sum(1 << cap for cap in (CAP_SETUID, CAP_SETGID, CAP_KILL))
-    launcher_holds = {"CapEff": setfcap, "CapPrm": setfcap, "CapBnd": setfcap | kept}
-    zygote_holds = {"CapEff": setfcap | kept, "CapPrm": setfcap | kept, "CapBnd": setfcap | kept}
+    A launcher whose VM has no such device gives the three up at its configure, and so does
+    its first zygote, started before it (it kept them until it rested)."""
+    held = held_by_launcher_and_zygote(launcher, serial_spec(rundir, fds))
+    setfcap = 1 << CAP_SETFCAP
+    holds = {"CapEff": setfcap, "CapPrm": setfcap, "CapBnd": setfcap | FOR_ANOTHER_USER}
     none = {"CapInh": 0, "CapAmb": 0}
-    assert held == {"launcher": launcher_holds | none, "zygote": zygote_holds | none}
+    assert held == {"launcher": holds | none, "zygote": holds | none}
 
 
 @needs_setpriv
@@ -1346,6 +1352,18 @@ def test_launcher_configured_for_another_user_starts_its_devices_as_that_user(
         ["65534"] * 4,
     ]
     assert mode == 0o602
+
+
+@needs_root_for_users
+def test_launcher_for_another_user_and_its_zygote_keep_what_becoming_it_needs(
+    launcher_for_nobody, rundir, fds
+):
+    """CAP_SETUID and CAP_SETGID (each device becomes the user with them) and CAP_KILL (the
+    launcher ends such devices) stay in a VM whose devices run as another user."""
+    held = held_by_launcher_and_zygote(launcher_for_nobody, serial_spec(rundir, fds, user=NOBODY))
+    kept = (1 << CAP_SETFCAP) | FOR_ANOTHER_USER
+    holds = {"CapEff": kept, "CapPrm": kept, "CapBnd": kept, "CapInh": 0, "CapAmb": 0}
+    assert held == {"launcher": holds, "zygote": holds}
 
 
 @needs_root_for_users

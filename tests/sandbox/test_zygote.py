@@ -159,6 +159,36 @@ def test_zygote_loads_the_vms_models_before_its_first_fork():
     assert as_launcher(body) == ["serial", "virtio-blk"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root zygote's capabilities need root")
+def test_zygote_told_its_devices_are_of_its_own_user_gives_up_what_another_needs():
+    """A root launcher's first zygote is started before the VM's config says whether its
+    devices run as another user (vm.device_uid), so it held CAP_SETUID, CAP_SETGID and
+    CAP_KILL until it rested. Told they do not, it gives them up before its next fork, and
+    keeps the rest."""
+
+    def body() -> object:
+        zygote = Zygote.start({}, PROBE)
+        try:
+            zygote.own_user()
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+            stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+            pid = zygote.fork("serial", stdin_r, 2, [report_w])  # after the request: read
+            for fd in (stdin_r, report_w, stdin_w):
+                os.close(fd)
+            os.close(report_r)
+            os.waitpid(pid, 0)
+            with open(f"/proc/{zygote.process.pid}/status") as f:
+                held = {k: int(v, 16) for k, v in (line.split(":") for line in f) if k == "CapPrm"}
+        finally:
+            zygote.close()
+        return held["CapPrm"]
+
+    held = as_launcher(body)
+    assert isinstance(held, int)
+    assert held & sum(1 << cap for cap in confine.FOR_ANOTHER_USER) == 0
+    assert held & (1 << confine.CAP_SETFCAP)
+
+
 def test_zygote_refuses_a_model_it_cannot_load_naming_it():
     def body() -> object:
         zygote = Zygote.start({}, PROBE)
