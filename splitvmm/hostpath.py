@@ -43,6 +43,7 @@ CONNECT_TIMEOUT_S = 2.0  # a local listener accepts at once; a full or stuck one
 # its session, would be its controlling terminal from then on, refused by fstat or not
 BASE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 NEW_FILE_MODE = 0o600
+MISSING = "does not exist"
 
 
 class Access(enum.Enum):
@@ -51,9 +52,11 @@ class Access(enum.Enum):
     READ = os.O_RDONLY  # kernel, initrd, firmware, snapshot chunks, key files
     READ_WRITE = os.O_RDWR  # a disk image a device writes to (never created)
     APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # serial output: created 0600 if missing
-    # the same, only if this open makes the file (open_output_file): O_EXCL never opens one
-    # that is there, symlink or FIFO, so nothing is looked at before it
+    # The same in two opens that say whether it made the file (open_output_file): one that
+    # makes it or fails (O_EXCL never opens what is there, symlink or FIFO, so nothing is
+    # looked at before it), and one that opens only a file that is there.
     APPEND_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+    APPEND_EXISTING = os.O_WRONLY | os.O_APPEND
     CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # snapshot writer: a new file, never reused
 
 
@@ -69,6 +72,10 @@ class HostFileError(SplitvmmError):
 
 class HostFileExists(HostFileError):
     """An open that was to make the file found one there (O_EXCL: EEXIST)."""
+
+
+class HostFileMissing(HostFileError):
+    """An open of a file that is there (no O_CREAT) found none (ENOENT)."""
 
 
 def _kind(mode: int) -> str:
@@ -92,7 +99,8 @@ def not_regular(mode: int) -> str:
 
 def _usable(mode: int, access: Access) -> bool:
     """A regular file, or for an output also a FIFO or a character device (a stream)."""
-    if access is Access.APPEND and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+    streams = (Access.APPEND, Access.APPEND_EXISTING)
+    if access in streams and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
         return True
     return stat.S_ISREG(mode)
 
@@ -102,7 +110,7 @@ def _precheck(path: str, dir_fd: int | None, access: Access) -> str | None:
     try:
         st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return None if access.value & os.O_CREAT else "does not exist"
+        return None if access.value & os.O_CREAT else MISSING
     except OSError as e:
         return f"cannot be opened: {e.strerror}"
     return None if _usable(st.st_mode, access) else not_regular(st.st_mode)
@@ -114,7 +122,7 @@ def _open_error(e: OSError, access: Access) -> str:
     if e.errno == errno.ENOENT and access.value & os.O_CREAT:
         return "cannot be created: its directory does not exist"
     if e.errno == errno.ENOENT:
-        return "does not exist"
+        return MISSING
     if e.errno == errno.EISDIR:
         return "is a directory, not a regular file"
     if e.errno == errno.EEXIST:
@@ -137,15 +145,16 @@ def open_host_file(
     name = os.fspath(path)
     reason = None if access is Access.APPEND_NEW else _precheck(name, dir_fd, access)
     if reason is not None:
-        raise HostFileError(key, name, reason)
+        raise (HostFileMissing if reason == MISSING else HostFileError)(key, name, reason)
     try:
         fd = os.open(name, access.value | BASE_FLAGS | flags, NEW_FILE_MODE, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.EINVAL and flags & os.O_DIRECT:
             raise HostFileError(key, name, "is on a file system without direct I/O") from None
+        reason = _open_error(e, access)
         if e.errno == errno.EEXIST:
-            raise HostFileExists(key, name, _open_error(e, access)) from None
-        raise HostFileError(key, name, _open_error(e, access)) from None
+            raise HostFileExists(key, name, reason) from None
+        raise (HostFileMissing if reason == MISSING else HostFileError)(key, name, reason) from None
     try:
         mode = os.fstat(fd).st_mode
         if not _usable(mode, access):
@@ -157,14 +166,29 @@ def open_host_file(
     return fd
 
 
+OUTPUT_OPEN_TRIES = 3  # each: the file removed between the open that found it and the next
+
+
 def open_output_file(path: str, key: str) -> tuple[int, bool]:
-    """An output's fd (Access.APPEND), and whether this open made the file. Asked of the open
-    itself (O_EXCL first): a look before it could see no file that another VM, starting at
-    the same moment, then made, and both would take it for theirs."""
-    try:
-        return open_host_file(path, key, Access.APPEND_NEW), True
-    except HostFileExists:
-        return open_host_file(path, key, Access.APPEND), False
+    """An output's fd (as Access.APPEND opens it), and whether this open made the file. Asked
+    of the opens themselves: a look before them could see no file that another VM, starting
+    at the same moment, then made, and both would take it for theirs; and one open that
+    makes a missing file could not tell. So an open that makes it or fails (O_EXCL), then one
+    that opens it only if it is there, again while it is removed between the two."""
+    for _ in range(OUTPUT_OPEN_TRIES):
+        try:
+            return open_host_file(path, key, Access.APPEND_NEW), True
+        except HostFileExists:
+            pass
+        try:
+            return open_host_file(path, key, Access.APPEND_EXISTING), False
+        except HostFileMissing:
+            continue
+    raise HostFileError(
+        key,
+        path,
+        f"was removed each of the {OUTPUT_OPEN_TRIES} times it was found as it was opened",
+    )
 
 
 def same_file(fd: int, path: str | os.PathLike[str]) -> bool:

@@ -462,9 +462,9 @@ def open_output(
         sock = hostpath.connect_unix(path, key)
         owned.append(sock)
         return sock.fileno()
-    fd, made = _open_output_file(output, key)
+    fd, made, locked = _open_output_file(output, key)
     if made and created is not None:
-        created.append(CreatedFile(output, fd))
+        created.append(CreatedFile(output, fd, locked))
         owned.append(created[-1])
         return fd
     if created is not None and (first := _made_by_this_vm(fd, created)) is not None:
@@ -494,44 +494,44 @@ OUTPUT_OPEN_TRIES = 3  # each: a removal that came between our open and our lock
 OUTPUT_LOCK_TRIES = 50  # 1 ms apart: a removal holds its exclusive lock for a stat and an unlink
 
 
-def _open_output_file(output: str, key: str) -> tuple[int, bool]:
-    """The output file's fd, locked shared, and whether this open made it (CreatedFile).
-    A file that a removal took away between our open and our lock is opened again: made
-    anew, then, and ours."""
+def _open_output_file(output: str, key: str) -> tuple[int, bool, bool]:
+    """The output file's fd, whether this open made it, and whether it holds its shared lock
+    (CreatedFile). A file that a removal took away between our open and our lock is opened
+    again: made anew, then, and ours."""
     for _ in range(OUTPUT_OPEN_TRIES):
         fd, made = hostpath.open_output_file(output, key)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a terminal: nobody removes it
-                return fd, made
-            _share_output(fd, output, key)
+                return fd, made, False
+            locked = _share_output(fd, output, key)
             if hostpath.same_file(fd, output):
-                return fd, made
+                return fd, made, locked
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
     raise hostpath.HostFileError(
-        key,
-        output,
-        f"was removed each of the {OUTPUT_OPEN_TRIES} times it was opened (by the failed start "
-        "of another VM, which made it)",
+        key, output, f"was removed each of the {OUTPUT_OPEN_TRIES} times it was opened and locked"
     )
 
 
-def _share_output(fd: int, path: str, key: str) -> None:
-    """A shared flock on an output file. One that another process holds exclusively for
-    longer than a removal takes (not a VM's), or a file system without locks, leaves it
-    unlocked, written as before; a removal then finds it locked or unlockable, and keeps it."""
+def _share_output(fd: int, path: str, key: str) -> bool:
+    """Whether a shared flock on an output file was taken. One that another process holds
+    exclusively for longer than a removal takes (not a VM's), or a file system that refuses
+    it (ENOLCK; NFSv4 refuses a shared lock on a write-only fd, EBADF, and grants an
+    exclusive one), leaves it unlocked: written as before, and never removed by this VM
+    (CreatedFile), which cannot know who else writes it."""
     for _ in range(OUTPUT_LOCK_TRIES):
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
             time.sleep(0.001)
-        except OSError as e:  # ENOLCK, EOPNOTSUPP: some network file systems
+        except OSError as e:
             log.debug("%s: %s cannot be locked: %s", key, path, e.strerror)
-            return
+            return False
     log.debug("%s: %s is locked by another process: written unlocked", key, path)
+    return False
 
 
 def _appending_if_file(fd: int) -> None:
@@ -577,14 +577,23 @@ class CreatedFile(FdCloser):
     a disk missing, a stop signal during the build: each found after the outputs were
     opened) removes it again in Machine.close(), so a failed start leaves no empty log
     behind; a file that was there before, or that holds a byte, or that is another file by
-    now, or that another VM has open (its shared lock: _open_output_file), stays. Before its
-    fd closes: while it is open, no new file can get its inode."""
+    now, or that another VM has open (its shared lock: _open_output_file), stays; and so does
+    one this VM could not lock (`locked` False), as it cannot tell who else writes it. Before
+    its fd closes: while it is open, no new file can get its inode.
 
-    def __init__(self, path: str, fd: int) -> None:
+    What is left: a VM that opened the file while another process held it locked for over
+    OUTPUT_LOCK_TRIES ms writes it unlocked, and one that made it and locked it after that
+    lock went removes it on a failed start even so."""
+
+    def __init__(self, path: str, fd: int, locked: bool = True) -> None:
         super().__init__(fd)
         self.path = path
+        self.locked = locked
 
     def remove_if_unused(self) -> None:
+        if not self.locked:
+            log.debug("left %s in place: it could not be locked", self.path)
+            return
         try:
             # Exclusive, from our shared one: refused while another VM holds its own. Held
             # until our close, so a VM that opens the file meanwhile waits for its lock, then

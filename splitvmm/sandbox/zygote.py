@@ -162,7 +162,9 @@ class Zygote:
         try:
             self._sock.send(OWN_USER)
         except OSError:
-            pass  # it has ended: the launcher starts another, which inherits no such capability
+            # It has ended, or may not have read it: ended either way, so that the launcher's
+            # next fork starts another, which inherits no such capability
+            self.process.kill()
 
     def fork(self, model: str, stdin: int, stderr: int, fds: Sequence[int]) -> int:
         """A device process of `model` with `stdin` as fd 0, `stderr` as fd 2 and `fds` as

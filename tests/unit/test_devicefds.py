@@ -692,16 +692,6 @@ class OutputsOfOneVm:
         self.owned.clear()
 
 
-def test_which_vm_made_an_output_file_is_decided_by_its_open(tmp_path):
-    """Two VMs that both found no file before their opens (the old lexists() look) each took
-    it for theirs; O_EXCL makes the first open the maker, the other a user."""
-    path = tmp_path / "shared.log"
-    opened = [devicefds.hostpath.open_output_file(str(path), key) for key in ("a", "b")]
-    for fd, _ in opened:
-        os.close(fd)
-    assert [made for _, made in opened] == [True, False]
-
-
 def test_a_failed_start_keeps_an_output_file_another_vm_has_open(tmp_path):
     """Two VMs name one output file; the one that made it fails before its vCPUs ran, after
     the other opened it. The file stays: removed, it took the running VM's output with it."""
@@ -723,6 +713,31 @@ def test_a_failed_start_keeps_an_output_file_another_vm_has_open(tmp_path):
     failing.open(tmp_path / "alone.log")
     failing.fail_start()
     assert not (tmp_path / "alone.log").exists()
+
+
+@pytest.mark.parametrize("refusal", [errno.EBADF, errno.ENOLCK])
+def test_a_failed_start_keeps_an_output_file_it_could_not_lock(tmp_path, monkeypatch, refusal):
+    """NFSv4 refuses a shared flock on a write-only fd (EBADF) and grants an exclusive one:
+    every VM wrote the file unlocked, and the maker's failed start took the exclusive lock and
+    removed the file that another VM wrote. A VM that holds no shared lock removes nothing."""
+    real_flock = fcntl.flock
+
+    def no_shared_lock(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_SH:
+            raise OSError(refusal, os.strerror(refusal))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(devicefds.fcntl, "flock", no_shared_lock)
+    path = tmp_path / "shared.log"
+    failing, running = OutputsOfOneVm(), OutputsOfOneVm()
+    failing.open(path)
+    fd = running.open(path)
+    try:
+        failing.fail_start()
+        os.write(fd, b"the running VM's output\n")
+        assert path.read_bytes() == b"the running VM's output\n"
+    finally:
+        running.close()
 
 
 def test_a_failed_start_removes_the_output_file_two_of_its_devices_name(tmp_path):

@@ -65,6 +65,46 @@ def test_open_output_file_says_whether_its_open_made_the_file(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
+def test_open_output_file_made_by_another_just_before_our_open_is_not_ours(tmp_path, monkeypatch):
+    """Another VM makes the file after we found none and before our open: a look before the
+    open (lexists) took it for ours too, and both VMs' failed starts would remove it. The
+    open itself decides."""
+    path = str(tmp_path / "serial.log")
+    real_open = os.open
+    made_by_another: list[int] = []
+
+    def another_vm_first(name, flags, *args, **kw):  # type: ignore[no-untyped-def]
+        if os.fspath(name) == path and not made_by_another:
+            made_by_another.append(real_open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return real_open(name, flags, *args, **kw)
+
+    monkeypatch.setattr(hostpath.os, "open", another_vm_first)
+    fd, made = hostpath.open_output_file(path, "device 'serial0'.output")
+    os.close(fd)
+    os.close(made_by_another[0])
+    assert made is False
+
+
+def test_open_output_file_removed_between_its_two_opens_is_made_and_ours(tmp_path, monkeypatch):
+    """The file was there for the open that makes one (EEXIST) and gone by the next: that one
+    made it anew (O_CREAT) and called it found, and a failed start left it behind empty."""
+    path = tmp_path / "serial.log"
+    path.write_bytes(b"")
+    real_open = os.open
+    removed: list[bool] = []
+
+    def removed_after_the_first(name, flags, *args, **kw):  # type: ignore[no-untyped-def]
+        if os.fspath(name) == str(path) and not flags & os.O_EXCL and not removed:
+            removed.append(True)
+            path.unlink()
+        return real_open(name, flags, *args, **kw)
+
+    monkeypatch.setattr(hostpath.os, "open", removed_after_the_first)
+    fd, made = hostpath.open_output_file(str(path), "device 'serial0'.output")
+    os.close(fd)
+    assert removed and made is True and path.exists()
+
+
 def test_open_output_file_neither_follows_a_symlink_nor_hangs_on_a_fifo(tmp_path):
     """The first open (O_EXCL) finds whatever is there; the second checks it, as any output."""
     os.symlink(tmp_path / "etc-passwd", tmp_path / "serial.log")
