@@ -15,8 +15,12 @@ Here, as Firecracker does:
 * a line stderr takes none of now is dropped and counted; the next line that gets through
   says first how many were dropped, and so does close (logging.shutdown, as the monitor
   exits; the launcher's end) if it can;
-* the rest of a line stderr took only part of (a terminal's short write) goes first next
-  time, so that no line is cut by another;
+* each line is a write of its own, which a pipe takes whole or not at all up to PIPE_BUF
+  bytes: the launcher and the monitor write the same stderr, and the launcher wrote a batch
+  of a device's lines at once, which a nearly full pipe took in part, and a line of the
+  monitor's then cut the device's line in two, its tail printed with no device's name;
+* the rest of a line stderr took only part of (a terminal's short write, a line longer than
+  PIPE_BUF) goes first next time, so that no line of ours is cut by another of ours;
 * a stderr whose reader is gone (EPIPE, a terminal hung up) takes nothing more.
 
 The launcher writes there what each device writes to its stderr (sandbox/relay.py) and what it
@@ -93,14 +97,28 @@ class StderrLines:
             os.set_inheritable(own, False)  # FdLine's reopen dup2()ed over it: no child's
 
     def write(self, lines: Sequence[str]) -> None:
-        """`lines` (each without its newline) together, or none of them, dropped and counted."""
+        """`lines` (each without its newline), each in a write(2) of its own: another process
+        writes the same stderr (the monitor's log and the launcher's lines share it), and a
+        pipe takes a write of up to PIPE_BUF bytes whole or not at all (pipe(7)), so no line
+        of that size is cut by the other's. One that stderr does not take is dropped and
+        counted, and said before the next that it takes."""
+        for line in lines:
+            self._write_line(line)
+
+    def _write_line(self, line: str) -> None:
         if not self._send_rest():
-            self.dropped += len(lines)
+            self.dropped += 1
             return
-        dropped, self.dropped = self.dropped, 0
-        text = self._dropped_line(dropped) + "".join(f"{line}\n" for line in lines)
-        if not self._send(self._encoded(text)):
-            self.dropped = dropped + len(lines)
+        if self.dropped:
+            if not self._send(self._encoded(self._dropped_line(self.dropped))):
+                self.dropped += 1
+                return
+            self.dropped = 0
+            if self._rest:  # the note went in part: the line waits behind it, dropped
+                self.dropped = 1
+                return
+        if not self._send(self._encoded(f"{line}\n")):
+            self.dropped = 1
 
     def finish(self) -> None:
         """The VM has ended (`up`, before its outcome or error): the rest of a line and how

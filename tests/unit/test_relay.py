@@ -3,6 +3,7 @@ and at most BURST_BYTES a window."""
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 
@@ -51,6 +52,17 @@ def test_relay_cuts_a_long_line_and_drops_the_rest_of_it():
     out = relay.feed(b"a" * (MAX_RAW + 10))
     out += relay.feed(b"b" * 10_000 + b"\nnext\n")
     assert out == [f"splitvmm: device x: {'a' * MAX_LINE} [cut]", "splitvmm: device x: next"]
+
+
+def test_relay_line_at_its_longest_fits_in_one_atomic_pipe_write():
+    """The launcher writes each relayed line in a write of its own, which a pipe takes whole
+    or not at all only up to PIPE_BUF bytes (stderrlog.py): the longest name, MAX_LINE
+    characters of four bytes each, the cut mark and a terminal's CR LF stay within it."""
+    name = "n" * 63  # protocol/spec.py NAME_RE: 63 characters at most
+    relay = StderrRelay(name)
+    (line,) = relay.feed("\U0001f600".encode() * (MAX_LINE + 10) + b"\n")
+    assert line.endswith(" [cut]")
+    assert len(f"{line}\r\n".encode()) <= select.PIPE_BUF
 
 
 def test_relay_drops_past_its_rate_and_says_how_much_once_it_shows_again():

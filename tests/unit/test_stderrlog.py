@@ -97,6 +97,32 @@ def test_stderr_lines_full_pipe_drops_each_line_of_a_write_and_says_how_many(pip
     lines.close()
 
 
+def test_stderr_lines_of_the_launcher_are_never_cut_by_the_monitors(pipe):
+    """The launcher relayed a batch of a device's lines in one write; a nearly full pipe took
+    part of it, the monitor's next line went in after that part, and the rest of the device's
+    line came after the monitor's, printed with no device's name: a line any device could
+    have made look like anyone's. Each line is a write of its own, which a pipe takes whole
+    or not at all."""
+    r, w = pipe
+    lines = StderrLines(w, "launcher")
+    device = [f"splitvmm: device rng0: {c * 2000}" for c in "abc"]
+    fill(w, leave=5000)  # room for two of them, and part of the third
+    lines.write(device)
+    shown = drain(r)
+    os.write(w, b"splitvmm: the monitor's line\n")  # another process, between our writes
+    lines.write(["splitvmm: launcher: next"])
+    shown += drain(r)
+
+    got = shown.decode().removeprefix("x" * (PIPE_SIZE - 5000)).splitlines()
+    assert got == [
+        *device[:2],
+        "splitvmm: the monitor's line",
+        "splitvmm: 1 launcher line dropped: stderr was not taking them",
+        "splitvmm: launcher: next",
+    ]
+    lines.close()
+
+
 def test_stderr_lines_given_a_description_of_their_own_write_through_it_and_never_wait(pipe):
     """A root launcher opens its own before it gives up what may open the operator's
     terminal (sandbox/launcher_start.py): the lines go through it, never blocking, and the
