@@ -462,15 +462,20 @@ def open_output(
         sock = hostpath.connect_unix(path, key)
         owned.append(sock)
         return sock.fileno()
-    fd, made, locked = _open_output_file(output, key)
+    fd, made, holder = _open_output_file(output, key)
+    if holder is not None:
+        owned.append(FdCloser(holder))  # the VM's shared lock on the file, for its life
     if made and created is not None:
-        created.append(CreatedFile(output, fd, locked))
+        created.append(CreatedFile(output, fd, holder))
         owned.append(created[-1])
         return fd
     if created is not None and (first := _made_by_this_vm(fd, created)) is not None:
-        # Another of this VM's devices writes it too: its description, so that this VM holds
-        # one lock on the file, which the removal can make exclusive
+        # Another of this VM's devices writes it too: its description and its lock, so that
+        # this VM holds one lock on the file, which its removal can make exclusive
         os.close(fd)
+        if holder is not None:
+            owned.pop()
+            os.close(holder)
         fd = os.dup(first.fd)
     owned.append(FdCloser(fd))
     return fd
@@ -486,52 +491,69 @@ def _made_by_this_vm(fd: int, created: list[CreatedFile]) -> CreatedFile | None:
     return None
 
 
-# Output files: every VM that writes one holds a shared flock on it (on the open file
-# description, which its devices share, so held for as long as any of them may write), and a
-# VM that made one and never ran removes it only under an exclusive one (CreatedFile): so a
-# failed start never removes a file that another VM, which names it too, still writes.
+# Output files: every VM that writes one holds a shared lock on it while it runs, and a VM that
+# made one and never ran removes it only under an exclusive one (CreatedFile): so a failed
+# start never removes a file that another VM, which names it too, still writes. OFD locks on
+# one byte far past any data (F_OFD_SETLK, as QEMU locks its images: files.ofd_read_lock),
+# not flock: a VM's disk images are flocked whole (lock_disk), and an output that is the VM's
+# own disk by another path must reach refuse_outputs_on_disks (monitor/slot.py) to be refused
+# by name, not fail the disk's lock. A shared lock needs a description open for reading, and
+# a device's output is write-only: the monitor holds a read-only one of its own for the lock.
+OUTPUT_LOCK_BYTE = 1 << 62  # QEMU's lock bytes are 100-203, libvirt's 0
 OUTPUT_OPEN_TRIES = 3  # each: a removal that came between our open and our lock
 OUTPUT_LOCK_TRIES = 50  # 1 ms apart: a removal holds its exclusive lock for a stat and an unlink
 
 
-def _open_output_file(output: str, key: str) -> tuple[int, bool, bool]:
-    """The output file's fd, whether this open made it, and whether it holds its shared lock
-    (CreatedFile). A file that a removal took away between our open and our lock is opened
-    again: made anew, then, and ours."""
+def _open_output_file(output: str, key: str) -> tuple[int, bool, int | None]:
+    """The output file's fd, whether this open made it, and the read-only description that
+    holds its shared lock (None: unlocked, _share_output). A file that a removal took away
+    between our open and our lock is opened again: made anew, then, and ours."""
     for _ in range(OUTPUT_OPEN_TRIES):
         fd, made = hostpath.open_output_file(output, key)
+        holder = None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a terminal: nobody removes it
-                return fd, made, False
-            locked = _share_output(fd, output, key)
+                return fd, made, None
+            holder = _share_output(fd, output, key)
             if hostpath.same_file(fd, output):
-                return fd, made, locked
+                return fd, made, holder
         except BaseException:
             os.close(fd)
+            if holder is not None:
+                os.close(holder)
             raise
         os.close(fd)
+        if holder is not None:
+            os.close(holder)
     raise hostpath.HostFileError(
         key, output, f"was removed each of the {OUTPUT_OPEN_TRIES} times it was opened and locked"
     )
 
 
-def _share_output(fd: int, path: str, key: str) -> bool:
-    """Whether a shared flock on an output file was taken. One that another process holds
-    exclusively for longer than a removal takes (not a VM's), or a file system that refuses
-    it (ENOLCK; NFSv4 refuses a shared lock on a write-only fd, EBADF, and grants an
-    exclusive one), leaves it unlocked: written as before, and never removed by this VM
-    (CreatedFile), which cannot know who else writes it."""
+def _share_output(fd: int, path: str, key: str) -> int | None:
+    """A read-only description of the output file open as `fd`, holding a shared lock on
+    OUTPUT_LOCK_BYTE; None where it cannot: a file we may not read, a lock another process
+    holds for longer than a removal takes (not a VM's), a file system without locks. The
+    output is then written unlocked, as before, and never removed by this VM (CreatedFile),
+    which cannot know who else writes it."""
+    try:  # the same file, not whatever the path names now
+        holder = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        log.debug("%s: %s cannot be opened to lock it: %s", key, path, e.strerror)
+        return None
     for _ in range(OUTPUT_LOCK_TRIES):
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            time.sleep(0.001)
+            files.ofd_read_lock(holder, OUTPUT_LOCK_BYTE, 1)
+            return holder
         except OSError as e:
-            log.debug("%s: %s cannot be locked: %s", key, path, e.strerror)
-            return False
-    log.debug("%s: %s is locked by another process: written unlocked", key, path)
-    return False
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # EINVAL, ENOLCK, EOPNOTSUPP
+                log.debug("%s: %s cannot be locked: %s", key, path, e.strerror)
+                break
+            time.sleep(0.001)
+    else:
+        log.debug("%s: %s is locked by another process: written unlocked", key, path)
+    os.close(holder)
+    return None
 
 
 def _appending_if_file(fd: int) -> None:
@@ -578,30 +600,35 @@ class CreatedFile(FdCloser):
     opened) removes it again in Machine.close(), so a failed start leaves no empty log
     behind; a file that was there before, or that holds a byte, or that is another file by
     now, or that another VM has open (its shared lock: _open_output_file), stays; and so does
-    one this VM could not lock (`locked` False), as it cannot tell who else writes it. Before
+    one this VM could not lock (`holder` None), as it cannot tell who else writes it. Before
     its fd closes: while it is open, no new file can get its inode.
 
     What is left: a VM that opened the file while another process held it locked for over
     OUTPUT_LOCK_TRIES ms writes it unlocked, and one that made it and locked it after that
     lock went removes it on a failed start even so."""
 
-    def __init__(self, path: str, fd: int, locked: bool = True) -> None:
+    def __init__(self, path: str, fd: int, holder: int | None) -> None:
         super().__init__(fd)
         self.path = path
-        self.locked = locked
+        self.holder = holder  # the read-only description holding our shared lock (owned)
 
     def remove_if_unused(self) -> None:
-        if not self.locked:
+        """Only before the monitor confines itself: its filter allows no lock, nor its
+        Landlock domain the unlink (Machine.close)."""
+        if self.holder is None:
             log.debug("left %s in place: it could not be locked", self.path)
             return
         try:
-            # Exclusive, from our shared one: refused while another VM holds its own. Held
-            # until our close, so a VM that opens the file meanwhile waits for its lock, then
-            # finds it gone and makes it anew.
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Exclusive, on the output's own description (open for writing, as F_WRLCK
+            # wants), once our shared one is gone: refused while another VM holds its own.
+            # Held until our close, so a VM that opens the file meanwhile waits for its
+            # lock, then finds it gone and makes it anew.
+            files.ofd_unlock(self.holder, OUTPUT_LOCK_BYTE, 1)
+            files.ofd_write_lock(self.fd, OUTPUT_LOCK_BYTE, 1)
             if hostpath.same_file(self.fd, self.path) and os.fstat(self.fd).st_size == 0:
                 os.unlink(self.path)
-        except BlockingIOError:
-            log.debug("left %s in place: another VM has it open", self.path)
-        except OSError as e:  # a confined monitor (a stop after the build) may not: kept
-            log.debug("left %s in place: %s", self.path, e.strerror)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                log.debug("left %s in place: another VM has it open", self.path)
+            else:
+                log.debug("left %s in place: %s", self.path, e.strerror)

@@ -66,6 +66,22 @@ def ofd_read_lock(fd: int, start: int, length: int) -> None:
         raise OSError(err, f"F_OFD_SETLK(F_RDLCK, {start}, {length}): {os.strerror(err)}")
 
 
+def ofd_write_lock(fd: int, start: int, length: int) -> None:
+    """An exclusive (F_WRLCK) lock of `fd`'s open file description on `length` bytes at
+    `start` (F_OFD_SETLK), which `fd` must be open for writing to take; OSError as
+    ofd_read_lock says (EAGAIN or EACCES: another holds a lock there)."""
+    if lib.sv_ofd_setlk(fd, fcntl.F_WRLCK, start, length) < 0:
+        err = ffi.errno
+        raise OSError(err, f"F_OFD_SETLK(F_WRLCK, {start}, {length}): {os.strerror(err)}")
+
+
+def ofd_unlock(fd: int, start: int, length: int) -> None:
+    """Drop `fd`'s description's locks on `length` bytes at `start` (F_OFD_SETLK, F_UNLCK)."""
+    if lib.sv_ofd_setlk(fd, fcntl.F_UNLCK, start, length) < 0:
+        err = ffi.errno
+        raise OSError(err, f"F_OFD_SETLK(F_UNLCK, {start}, {length}): {os.strerror(err)}")
+
+
 def ofd_locked_by_another(fd: int, start: int, length: int) -> bool:
     """Whether another open file description (or a process's F_SETLK lock) holds any lock
     on `length` bytes at `start`: F_OFD_GETLK asked for a write lock there, as QEMU asks.

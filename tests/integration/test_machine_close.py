@@ -231,3 +231,29 @@ def test_the_launcher_up_started_is_closed_when_the_build_fails_before_taking_it
     m.close()
 
     assert launcher.closed == 1
+
+
+class FakeCreatedFile:
+    def __init__(self, steps: Steps) -> None:
+        self.steps = steps
+
+    def remove_if_unused(self) -> None:
+        self.steps.note("remove", "serial.log")
+
+
+@pytest.mark.parametrize("confined", [False, True])
+def test_a_vm_that_never_ran_removes_its_created_outputs_only_before_its_confinement(
+    tmp_path, confined
+):
+    """The removal locks the file (F_OFD_SETLK, devicefds.CreatedFile) and unlinks it: the
+    confined monitor's filter kills it on the first, and its Landlock domain refuses the
+    second. A VM that stops after its confinement and before its vCPUs keeps the file."""
+    steps = Steps(1, overlap=False)
+    m = machine(tmp_path, steps, 1)
+    m.vcpus = []
+    m._created_files = [FakeCreatedFile(steps)]  # type: ignore[list-item]
+    m._confined = confined
+
+    m.close()
+
+    assert ("remove" in steps.kinds()) is not confined

@@ -25,6 +25,7 @@ from splitvmm.monitor.devicefds import (
     lock_disk,
 )
 from splitvmm.monitor.memory import SEALS, GuestMemory
+from splitvmm.native import files
 from splitvmm.protocol.models import (
     SERIAL,
     VIRTIO_BLK,
@@ -715,19 +716,18 @@ def test_a_failed_start_keeps_an_output_file_another_vm_has_open(tmp_path):
     assert not (tmp_path / "alone.log").exists()
 
 
-@pytest.mark.parametrize("refusal", [errno.EBADF, errno.ENOLCK])
+@pytest.mark.parametrize("refusal", [errno.EBADF, errno.ENOLCK, errno.EINVAL])
 def test_a_failed_start_keeps_an_output_file_it_could_not_lock(tmp_path, monkeypatch, refusal):
-    """NFSv4 refuses a shared flock on a write-only fd (EBADF) and grants an exclusive one:
-    every VM wrote the file unlocked, and the maker's failed start took the exclusive lock and
-    removed the file that another VM wrote. A VM that holds no shared lock removes nothing."""
-    real_flock = fcntl.flock
+    """A file system that refuses the shared lock (ENOLCK; NFSv4 refused a shared flock on a
+    write-only fd, EBADF, and granted an exclusive one; a kernel without OFD locks, EINVAL)
+    had every VM write the file unlocked, and the maker's failed start could take the
+    exclusive lock and remove what another VM wrote. A VM that holds no shared lock removes
+    nothing."""
 
-    def no_shared_lock(fd: int, operation: int) -> None:
-        if operation & fcntl.LOCK_SH:
-            raise OSError(refusal, os.strerror(refusal))
-        real_flock(fd, operation)
+    def refused(fd: int, start: int, length: int) -> None:
+        raise OSError(refusal, os.strerror(refusal))
 
-    monkeypatch.setattr(devicefds.fcntl, "flock", no_shared_lock)
+    monkeypatch.setattr(devicefds.files, "ofd_read_lock", refused)
     path = tmp_path / "shared.log"
     failing, running = OutputsOfOneVm(), OutputsOfOneVm()
     failing.open(path)
@@ -757,16 +757,16 @@ def test_an_output_removed_between_its_open_and_its_lock_is_made_anew(tmp_path, 
     lock: the open is made again, and the file we write is the one the path names."""
     path = tmp_path / "serial.log"
     path.write_bytes(b"")
-    real_flock = fcntl.flock
+    real_lock = files.ofd_read_lock
     removals = []
 
-    def removed_first(fd: int, operation: int) -> None:
-        if operation & fcntl.LOCK_SH and not removals:
+    def removed_first(fd: int, start: int, length: int) -> None:
+        if not removals:
             removals.append(fd)
             path.unlink()  # as the other VM's CreatedFile.remove_if_unused
-        real_flock(fd, operation)
+        real_lock(fd, start, length)
 
-    monkeypatch.setattr(devicefds.fcntl, "flock", removed_first)
+    monkeypatch.setattr(devicefds.files, "ofd_read_lock", removed_first)
     vm = OutputsOfOneVm()
     fd = vm.open(path)
     try:
@@ -778,9 +778,9 @@ def test_an_output_removed_between_its_open_and_its_lock_is_made_anew(tmp_path, 
 
 
 def test_an_output_another_program_holds_locked_is_written_unlocked_and_kept(tmp_path, monkeypatch):
-    """An exclusive flock that something other than a VM holds does not stop `up`: the file
-    is written unlocked. And the VM that made it cannot take it exclusively, so its failed
-    start keeps it."""
+    """An exclusive lock on the output's lock byte that something other than a VM holds does
+    not stop `up`: the file is written unlocked. And the VM that made it cannot know who
+    else writes it, so its failed start keeps it."""
     monkeypatch.setattr(devicefds, "OUTPUT_LOCK_TRIES", 2)
     path = tmp_path / "serial.log"
     real = devicefds.hostpath.open_output_file
@@ -788,8 +788,8 @@ def test_an_output_another_program_holds_locked_is_written_unlocked_and_kept(tmp
 
     def locked_by_another(output: str, key: str) -> tuple[int, bool]:
         opened = real(output, key)
-        others.append(os.open(output, os.O_RDONLY))
-        fcntl.flock(others[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        others.append(os.open(output, os.O_WRONLY))
+        files.ofd_write_lock(others[-1], devicefds.OUTPUT_LOCK_BYTE, 1)
         return opened
 
     monkeypatch.setattr(devicefds.hostpath, "open_output_file", locked_by_another)
@@ -798,12 +798,34 @@ def test_an_output_another_program_holds_locked_is_written_unlocked_and_kept(tmp
         fd = vm.open(path)
         assert [c.path for c in vm.created] == [str(path)]
         os.write(fd, b"")
+        for other in others:
+            os.close(other)  # the lock is gone before the failed start
+        others.clear()
         vm.fail_start()
         assert path.exists()
     finally:
         vm.close()
         for other in others:
             os.close(other)
+
+
+def test_an_output_that_is_the_vms_disk_by_another_path_leaves_the_disk_lock_to_the_disk(
+    tmp_path,
+):
+    """Outputs are locked on one byte (OFD), not with flock, which a disk image holds whole
+    (lock_disk): an output that is the VM's own disk by another path must reach
+    refuse_outputs_on_disks, which says so by name; with a flock on the output, the disk's
+    lock failed first, saying another VM had the image."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    vm = OutputsOfOneVm()
+    vm.open(tmp_path / "disk.img")
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        devicefds.lock_disk(fd, str(disk), "device 'blk0'.path", readonly=False)
+    finally:
+        os.close(fd)
+        vm.close()
 
 
 def test_a_created_output_the_monitor_may_not_remove_is_kept_without_error(tmp_path, monkeypatch):
