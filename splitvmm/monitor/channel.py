@@ -147,6 +147,7 @@ class DeviceChannel:
         self._seq = 0
         self._budget = LatencyBudget(LATENCY_BUDGET_MS, LATENCY_WINDOW_S, SLOW_REPLY_MS)
         self._checked_ms = 0.0  # drains' event checking not charged yet (_charge_drain)
+        self._events_ms = 0.0  # the CPU the last request's events took (_access)
         self._link = zmtp.ZmtpLink(listener, control.MAX_DEVICE_FRAME)
         # A vCPU's wait for its access's reply looks before it sleeps (protocol/polling.py):
         # the reply of a device that is running comes within tens of microseconds.
@@ -385,11 +386,20 @@ class DeviceChannel:
         return self._seq
 
     def _access(self, frame: bytes) -> bytes:
-        """A read or sync, which a vCPU waits for: its deadline, then the latency budget."""
+        """A read or sync, which a vCPU waits for: its deadline, then the latency budget. A
+        slow one is charged whole; under SLOW_REPLY_MS, the CPU its events took (_request's
+        events_ms) adds up across accesses as a drain's checking does (_sum_checked): a
+        device answering each of the guest's accesses with ~255 route requests, each a whole
+        KVM_SET_GSI_ROUTING (~40 us-0.2 ms here) holding the GIL and the VM's routes, cost
+        the vCPU ~10-50 ms an access, for ever, and was never charged."""
         start = time.monotonic()
         reply = self._request(frame, READ_TIMEOUT_MS, poll=self.access_poll)
         if not self._waited_on_host_io:  # the disk's slowness is not the device's
-            self._charge((time.monotonic() - start) * 1e3)
+            waited_ms = (time.monotonic() - start) * 1e3
+            if waited_ms >= SLOW_REPLY_MS:
+                self._charge(waited_ms)
+            elif self._events_ms:
+                self._sum_checked(self._events_ms)
         return reply
 
     def _request_charged(self, frame: bytes, timeout_ms: int, wait_host_io: bool = True) -> bytes:
@@ -432,6 +442,7 @@ class DeviceChannel:
         host I/O call is waited for (the module docstring), or, without `wait_host_io`,
         _InHostIo is raised."""
         self._waited_on_host_io = False
+        self._events_ms = 0.0
         try:
             self._send(encode(frame), "a request", wait_host_io=wait_host_io)
             deadline = time.monotonic() + timeout_ms / 1000
@@ -447,7 +458,9 @@ class DeviceChannel:
                         if not wait_host_io:
                             raise _InHostIo(sent=True) from None
                     deadline = time.monotonic() + timeout_ms / 1000  # wait on, a slice more
-                if not self._handled_event(buf):  # replies are binary, or control of another op
+                # Replies are binary (an access's: no event, checked first, on every access),
+                # or control of another op
+                if wire.is_access_reply(buf) or not self._timed_event(buf):
                     self.mirror.news_taken()  # everything the device sent before its reply
                     return buf
                 # The deadline bounds the events too: _recv returns a frame already there
@@ -608,10 +621,27 @@ class DeviceChannel:
         if spent_ms >= SLOW_REPLY_MS:
             self._charge(spent_ms)
             return
+        self._sum_checked(checked_ms)
+
+    def _sum_checked(self, checked_ms: float) -> None:
+        """Add the CPU that checking a device's events took; charged once it reaches
+        SLOW_REPLY_MS (_charge_drain)."""
         self._checked_ms += checked_ms
         if self._checked_ms >= SLOW_REPLY_MS:
             checked, self._checked_ms = self._checked_ms, 0.0
             self._charge(checked)
+
+    def _timed_event(self, buf: bytes) -> bool:
+        """_handled_event for a frame that is no access reply, an event's CPU added to the
+        request's events_ms (_access). Not a MIRROR's, whose check is bounded: no clock is
+        read on a vCPU's way through a mirrored register (CLOCK_THREAD_CPUTIME_ID is a
+        system call)."""
+        if wire.is_mirror(buf):
+            return self._handled_event(buf)
+        began = time.thread_time()
+        handled = self._handled_event(buf)
+        self._events_ms += (time.thread_time() - began) * 1e3
+        return handled
 
     def _handled_event(self, buf: bytes) -> bool:
         """Whether `buf` was an event, a MIRROR or a CHECKPOINT, now handled (decoded once:

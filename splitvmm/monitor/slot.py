@@ -1177,6 +1177,11 @@ class DeviceSlot:
                 self._input_room = event
             case events.MsiRequest(route_id, vector, address, data):
                 reason = self._msi_route(vector, address, data)
+                if reason:  # the guest's vector never fires: said, as the device is told
+                    self._reports.warning(
+                        "msi", "device %s: MSI-X vector %d not routed: %s", self.name, vector,
+                        escaped(reason),
+                    )  # fmt: skip
                 if self.channel is not None and not self._ended_events:
                     self.channel.answer(events.encode_route_done(route_id, not reason, reason))
 
@@ -1195,8 +1200,7 @@ class DeviceSlot:
             return f"{self.model} devices have no MSI-X vectors"
         try:
             return self._msi.route(vector, address, data)
-        except KvmError as e:  # the host's failure, not the device's: say so, refuse
-            log.error("device %s: MSI-X vector %d not routed: %s", self.name, vector, e)
+        except KvmError as e:  # the host's failure, not the device's: refused, and said
             return f"the host refused the route: {e}"
 
     # -- the journal: frames past the last checkpoint (the module docstring) --------------------

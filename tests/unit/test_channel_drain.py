@@ -14,7 +14,7 @@ import pytest
 
 from splitvmm.monitor import channel
 from splitvmm.monitor.budget import LatencyBudget
-from splitvmm.protocol import control
+from splitvmm.protocol import control, wire
 
 EVENT_S = 0.030
 
@@ -142,3 +142,45 @@ def test_a_ping_the_host_stalled_is_not_the_devices_doing():
     ch._request = answer  # type: ignore[method-assign]
     for _ in range(channel.LATENCY_BUDGET_MS // int(2 * EVENT_S * 1e3) + 5):  # over, if charged
         assert ch.ping(2000)
+
+
+def access_channel(event_s: float) -> tuple[channel.DeviceChannel, list[int]]:
+    """A channel whose device answers each access with one event costing `event_s` of the
+    monitor's CPU (burned by the stand-in check), then the reply; and how many it sent."""
+    sent: list[int] = []
+    ch = drained_channel(lambda buf: buf == b"e" and (burn(event_s) or True))
+    ch._seq, ch._late, ch._host_io, ch._model = 0, {}, None, "virtio-blk"
+    ch._pidfd, ch.access_poll, ch._posted, ch._events_ms = None, None, 0, 0.0
+    frames: list[bytes | None] = []
+
+    def send(data: bytes, what: str, wait_host_io: bool = True) -> None:
+        frames[:] = [b"e", None]  # the event, then the reply to this request
+        sent.append(1)
+
+    def recv(deadline: float, poll: object = None, again: bool = False) -> bytes:
+        frame = frames.pop(0)
+        return frame if frame is not None else wire.encode_read_done(ch._seq, bytes(4))
+
+    ch._send = send  # type: ignore[method-assign]
+    ch._recv = recv  # type: ignore[method-assign,assignment]
+    return ch, sent
+
+
+def test_a_device_sending_a_costly_event_before_each_access_reply_spends_its_budget():
+    """A vCPU's read or sync is where a device's route requests come (the sync after an
+    MSI-X table write), each a whole KVM_SET_GSI_ROUTING with the GIL held: ~255 of them
+    before each reply cost the vCPU ~10-50 ms an access, and an access under SLOW_REPLY_MS
+    was never charged. Their CPU adds up now, as a drain's checking does."""
+    under_s = 0.6 * channel.SLOW_REPLY_MS / 1000
+    ch, sent = access_channel(under_s)
+    with pytest.raises(channel.ChannelError, match="over the budget"):
+        while len(sent) < 300:
+            ch.read(0, 4)
+    assert len(sent) * under_s * 1e3 <= 2 * channel.LATENCY_BUDGET_MS
+
+
+def test_cheap_events_around_accesses_add_up_to_nothing_to_speak_of():
+    ch, sent = access_channel(0.0)
+    for _ in range(5000):
+        ch.read(0, 4)
+    assert sum(ch._budget._spent) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import logging
 import os
 import re
 import resource
@@ -186,6 +187,21 @@ def test_slot_msi_event_out_of_range_is_refused_with_a_reason(tmp_path, failures
         "vector 5 is past the 2 MSI-X vectors of blk0",
         [],
     )
+
+
+def test_slot_msi_route_refused_is_said_once_a_second_naming_the_device(tmp_path, failures, caplog):
+    """A refused route leaves the guest's vector silent for good: the device is told why,
+    and the operator too, at most once a second however often the device asks."""
+    slot, posted, vm = msi_slot(tmp_path, failures)
+    with caplog.at_level(logging.WARNING, logger="splitvmm.slot"):
+        for _ in range(3):
+            slot._on_event(events.MsiRequest(9, 1, 0xFEE0_0000, 0x0401))  # delivery mode NMI
+    lines = [r.getMessage() for r in caplog.records if "not routed" in r.getMessage()]
+    assert lines == [
+        "device blk0: MSI-X vector 1 not routed: data 0x401: delivery mode 100 is not fixed "
+        "or lowest priority"
+    ]
+    assert vm.tables == []
 
 
 def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
