@@ -613,8 +613,7 @@ class CreatedFile(FdCloser):
         self.holder = holder  # the read-only description holding our shared lock (owned)
 
     def remove_if_unused(self) -> None:
-        """Only before the monitor confines itself: its filter allows no lock, nor its
-        Landlock domain the unlink (Machine.close)."""
+        """Only before the monitor's filter is on: it allows no lock (Machine.close)."""
         if self.holder is None:
             log.debug("left %s in place: it could not be locked", self.path)
             return
@@ -625,10 +624,12 @@ class CreatedFile(FdCloser):
             # lock, then finds it gone and makes it anew.
             files.ofd_unlock(self.holder, OUTPUT_LOCK_BYTE, 1)
             files.ofd_write_lock(self.fd, OUTPUT_LOCK_BYTE, 1)
+        except OSError as e:
+            why = "another VM has it open" if e.errno in (errno.EAGAIN, errno.EACCES) else e
+            log.debug("left %s in place: %s", self.path, why)
+            return
+        try:
             if hostpath.same_file(self.fd, self.path) and os.fstat(self.fd).st_size == 0:
                 os.unlink(self.path)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                log.debug("left %s in place: another VM has it open", self.path)
-            else:
-                log.debug("left %s in place: %s", self.path, e.strerror)
+        except OSError as e:  # its directory's permissions, Landlock: kept
+            log.debug("left %s in place: %s", self.path, e.strerror)

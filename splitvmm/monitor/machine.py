@@ -139,7 +139,7 @@ class Machine:
         self._images: list[tuple[str, int]] = []  # (device, its write_back_fd): DeviceFds
         self._dirty_logs: dict[str, mmap.mmap] = {}  # each device's dirty log: DeviceFds
         self._created_files: list[CreatedFile] = []  # removed if no vCPU ran: DeviceFds
-        self._confined = False  # confine_process began: no file is removed from then on
+        self._confined = False  # the monitor's filter is (or may be) on: no file is removed
         self._write_back_failed: dict[str, str] = {}  # device -> why its image's sync failed
         self.vcpus: list[VcpuThread] = []
         self._host_release = os.uname().release  # (the confined monitor may not ask: uname)
@@ -291,9 +291,9 @@ class Machine:
         )
         # Everything is open: from here on the monitor holds no capability and can reach
         # nothing on the host but its runtime dir and the snapshot dirs the config names.
-        self._confined = True
         if self.confinement.confine_process(self.rundir.path, cfg.vm.snapshot_dirs):
             self.coordinator.bind_snapshot_dirs()  # what Landlock's rules for them hold
+        self._confined = True  # as the filter goes on: it allows no F_OFD_SETLK (close)
         self.confinement.load_monitor_filter()
         for slot in self.slots:  # nothing a device sends is read before this point
             slot.attach()
@@ -1061,8 +1061,8 @@ class Machine:
                 # The VM's fds here only if a vCPU thread still runs (it may be in KVM_RUN) or
                 # the syncs failed first: before the rest, as before the closing thread.
                 _close_all(vm_fds)
-                # The devices are gone: nobody writes an output now. Confined, the monitor
-                # may neither lock nor unlink (its filter, its Landlock domain): kept.
+                # The devices are gone: nobody writes an output now. Under its filter the
+                # monitor may not lock (nor, under Landlock, unlink): kept.
                 if not self.vcpus and not self._confined:
                     for created in self._created_files:
                         created.remove_if_unused()

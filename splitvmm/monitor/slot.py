@@ -127,6 +127,9 @@ log = logging.getLogger("splitvmm.slot")
 # An access to a device that is away waits no longer than one to a device that is there may
 # (its read deadline): a pause waits for every vCPU to finish its access (coordinator.py).
 AWAY_WAIT_MS = READ_TIMEOUT_MS
+# A route the host refused (KVM_SET_GSI_ROUTING failed): said apart from a device's refused
+# requests, which a guest may cause at will and which would hide it (RateLimitedLog)
+HOST_REFUSED = "the host refused the route"
 MAX_FAILED_STARTS = 3  # restarts in a row whose process fails before READY: then it has failed
 MAX_SPARE_LOSSES = 3  # warm spares in a row that end while they wait: then none till a restart
 END_TIMEOUT_S = 5.0  # a killed device is gone at once; its status follows from the launcher
@@ -1178,8 +1181,9 @@ class DeviceSlot:
             case events.MsiRequest(route_id, vector, address, data):
                 reason = self._msi_route(vector, address, data)
                 if reason:  # the guest's vector never fires: said, as the device is told
+                    kind = "msi-host" if reason.startswith(HOST_REFUSED) else "msi"
                     self._reports.warning(
-                        "msi", "device %s: MSI-X vector %d not routed: %s", self.name, vector,
+                        kind, "device %s: MSI-X vector %d not routed: %s", self.name, vector,
                         escaped(reason),
                     )  # fmt: skip
                 if self.channel is not None and not self._ended_events:
@@ -1201,7 +1205,7 @@ class DeviceSlot:
         try:
             return self._msi.route(vector, address, data)
         except KvmError as e:  # the host's failure, not the device's: refused, and said
-            return f"the host refused the route: {e}"
+            return f"{HOST_REFUSED}: {e}"
 
     # -- the journal: frames past the last checkpoint (the module docstring) --------------------
     def _journal_locked(self, frame: bytes, sent: int | None = None) -> None:

@@ -655,7 +655,8 @@ def test_a_created_output_is_removed_only_while_it_is_that_empty_file(tmp_path, 
     path = tmp_path / "serial.log"
     dev = DeviceSection("serial0", "serial", "stop", {"output": str(path)})
     created: list[devicefds.CreatedFile] = []
-    devicefds.open_output(dev, "output", [], created)
+    owned: list[devicefds.Closable] = []
+    devicefds.open_output(dev, "output", owned, created)
     if then == "written":
         path.write_bytes(b"x")
     elif then == "replaced":
@@ -665,7 +666,8 @@ def test_a_created_output_is_removed_only_while_it_is_that_empty_file(tmp_path, 
         path.unlink()
 
     created[0].remove_if_unused()  # and a missing file is no error
-    created[0].close()
+    for c in reversed(owned):
+        c.close()
     assert path.exists() is (then != "gone")
 
 
@@ -829,11 +831,13 @@ def test_an_output_that_is_the_vms_disk_by_another_path_leaves_the_disk_lock_to_
 
 
 def test_a_created_output_the_monitor_may_not_remove_is_kept_without_error(tmp_path, monkeypatch):
-    """A confined monitor (a stop after the build) may not unlink: Machine.close goes on."""
+    """A monitor that may not unlink (its directory's permissions; Landlock): Machine.close
+    goes on."""
     path = tmp_path / "serial.log"
     dev = DeviceSection("serial0", "serial", "stop", {"output": str(path)})
     created: list[devicefds.CreatedFile] = []
-    devicefds.open_output(dev, "output", [], created)
+    owned: list[devicefds.Closable] = []
+    devicefds.open_output(dev, "output", owned, created)
 
     def denied(target: object) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
@@ -841,5 +845,6 @@ def test_a_created_output_the_monitor_may_not_remove_is_kept_without_error(tmp_p
     monkeypatch.setattr(devicefds.os, "unlink", denied)
     created[0].remove_if_unused()
     monkeypatch.undo()
-    created[0].close()
+    for c in reversed(owned):
+        c.close()
     assert path.exists()

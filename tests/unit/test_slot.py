@@ -23,7 +23,7 @@ from splitvmm.devprocs.output import BoundedOutput
 from splitvmm.devprocs.serial import Reg, Uart8250
 from splitvmm.devprocs.virtio_console import VirtioConsole
 from splitvmm.devprocs.virtio_rng import VirtioRng
-from splitvmm.errors import ConfigError, DeviceFailure
+from splitvmm.errors import ConfigError, DeviceFailure, KvmError
 from splitvmm.fdline import FdLine
 from splitvmm.monitor import slot as slot_module
 from splitvmm.monitor.channel import GONE_WAIT_MS, ChannelError
@@ -202,6 +202,24 @@ def test_slot_msi_route_refused_is_said_once_a_second_naming_the_device(tmp_path
         "or lowest priority"
     ]
     assert vm.tables == []
+
+
+def test_slot_msi_route_the_host_refused_is_said_though_a_guests_refusal_was_just_said(
+    tmp_path, failures, caplog
+):
+    """The host's refusal (KVM_SET_GSI_ROUTING failed) was logged apart before refused routes
+    were said at all; rate-limited with them, a guest's refused request hid it."""
+    slot, posted, vm = msi_slot(tmp_path, failures)
+
+    def refused(routes: list[object]) -> None:
+        raise KvmError(errno.ENOMEM, "KVM_SET_GSI_ROUTING")
+
+    with caplog.at_level(logging.WARNING, logger="splitvmm.slot"):
+        slot._on_event(events.MsiRequest(9, 1, 0xFEE0_0000, 0x0401))  # delivery mode NMI
+        vm.set_gsi_routing = refused  # type: ignore[method-assign]
+        slot._on_event(events.MsiRequest(10, 0, 0xFEE0_0000, 0x41))
+    lines = [r.getMessage() for r in caplog.records if "not routed" in r.getMessage()]
+    assert len(lines) == 2 and "the host refused the route: KVM_SET_GSI_ROUTING" in lines[1]
 
 
 def test_slot_msi_event_from_device_without_vectors_is_refused(slot):
