@@ -33,7 +33,7 @@ from splitvmm.protocol.models import (
     PortWindow,
     unix_output_path,
 )
-from splitvmm.protocol.spec import HOST_IDS, MAX_DEVICES, NAME_RE, NAME_RULE
+from splitvmm.protocol.spec import HOST_IDS, MAX_DEVICES, NAME_RE, NAME_RULE, RUNTIME_DIR_NAMES
 from splitvmm.record import Struct, field
 
 # xAPIC IDs are 8 bits and 0xFF is broadcast; cloud-hypervisor's limit too. (It once left an
@@ -55,9 +55,6 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 # A snapshot's chunks are named by device name, beside the monitor's own and its manifest: no
 # device may take one of theirs (the writer would refuse it only once guest RAM is copied).
 RESERVED_NAME_RE = re.compile(r"ram|vm|pci|vcpu[0-9]+|manifest")
-# A device's channel is <name>.sock in the VM's runtime dir, beside the monitor's control.sock
-# (monitor/control.py SOCKET_NAME): one named "control" would take the other's place.
-RUNTIME_DIR_NAMES = ("control",)
 # At most 16 digits: 1T in bytes has 13, and int() of a 5000-digit string raises ValueError.
 SIZE_RE = re.compile(r"^(\d{1,16})\s*([KMGT]i?B?)?$", re.IGNORECASE)
 # A config is a few hundred bytes; the cap keeps a huge or stack-deep file from reaching tomllib.

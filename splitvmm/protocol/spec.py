@@ -19,6 +19,10 @@ from splitvmm.record import Struct, asdict, field, replace
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # NAME_RE in words, for an error: "..", "-x" and "_x" are made of the characters alone
 NAME_RULE = "1-63 letters, digits, '_', '.' or '-', the first a letter or digit"
+# A device's channel is <name>.sock in the VM's runtime dir, beside the monitor's control.sock
+# (monitor/control.py SOCKET_NAME): one named "control" would take the other's place. The
+# config refuses these names, and so does the launcher, which a compromised monitor asks.
+RUNTIME_DIR_NAMES = ("control",)
 
 # How a device process is started: this interpreter, the device package, the spec on stdin.
 # -I (isolated): `-m` would put the working directory first on sys.path, so a json.py there

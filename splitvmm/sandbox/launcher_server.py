@@ -24,6 +24,7 @@ from splitvmm.protocol.spec import (
     MAX_DEVICES,
     MAX_SPEC,
     NAME_RE,
+    RUNTIME_DIR_NAMES,
     DeviceSpec,
     another_user,
 )
@@ -72,6 +73,10 @@ class _Server:
         if zygote is not None:  # (a test's server may have none)
             zygote.hangup_fd = sock.fileno()
         self.channel_dir: str | None = None  # set by the first configure request
+        # That dir, open: every socket is made, linked and removed in it through this fd, not
+        # by its path, which a compromised monitor may have emptied and removed (its Landlock
+        # domain lets it), and another `up` of the same name made anew, with its own sockets
+        self.channel_dir_fd: int | None = None
         # The host (uid, gid) the VM's devices run as, from that request (None: ours)
         self.device_user: tuple[int, int] | None = None
         self._configured = False  # a configure request came (the first is the only one)
@@ -175,11 +180,12 @@ class _Server:
         try:
             zygote = self._live_zygote(spec.name)
             try:
-                spawned = spawn_child(spec, stderr=relay_w, zygote=zygote)
+                spawned = spawn_child(spec, stderr=relay_w, zygote=zygote, dir_fd=self._dir_fd())
             except DeviceFailure:
                 if not zygote.ended() or zygote.timed_out or self._monitor_left():
                     raise  # the device's own failure, a zygote that never answered, or nobody waits
-                spawned = spawn_child(spec, stderr=relay_w, zygote=self._live_zygote(spec.name))
+                zygote = self._live_zygote(spec.name)
+                spawned = spawn_child(spec, stderr=relay_w, zygote=zygote, dir_fd=self._dir_fd())
         except BaseException:
             os.close(relay_r)
             raise
@@ -277,7 +283,14 @@ class _Server:
             return True
         request = 0
         try:
-            op, request, size, spare, models, device_user = _decode_header(data)
+            try:
+                op, request, size, spare, models, device_user = _decode_header(data)
+            except Refused:
+                if _claims_configure(data):
+                    self._configured = True  # the first configure decides, refused or not
+                raise
+            if op == "configure":
+                self._configure_once()
             payload = self._read_chunks(size)  # read whole even to be refused
             if cut:
                 raise Refused(f"launcher: a request over {MAX_MESSAGE} bytes or {MAX_FDS} fds")
@@ -357,16 +370,25 @@ class _Server:
             process.wait(REAP_TIMEOUT_S)
         process.close()
         with contextlib.suppress(FileNotFoundError):  # the monitor may remove it (its dir)
-            os.unlink(listen_path(spec))
+            os.unlink(os.path.basename(listen_path(spec)), dir_fd=self._dir_fd())
 
-    def _configure(self, payload: bytes, nfds: int, device_user: tuple[int, int] | None) -> None:
-        """The runtime dir, once -- the first request decides, refused or not: an absolute
-        path to a directory (not a symlink) of ours that nobody else may enter, as the
-        monitor makes it (monitor/rundir.py). Where the devices run as another user
-        (`device_user`), they may search it (0711), in a parent of ours nobody else may."""
+    def _dir_fd(self) -> int:
+        """The runtime dir's fd (a spawn comes only once it was configured)."""
+        assert self.channel_dir_fd is not None, "a spawn before the runtime dir was set"
+        return self.channel_dir_fd
+
+    def _configure_once(self) -> None:
+        """A configure request came: the first decides, whatever in it is refused."""
         if self._configured:
             raise Refused("launcher: the runtime dir was set already")
         self._configured = True
+
+    def _configure(self, payload: bytes, nfds: int, device_user: tuple[int, int] | None) -> None:
+        """The runtime dir (_configure_once): an absolute path to a directory (not a
+        symlink) of ours that nobody else may enter, as the monitor makes it
+        (monitor/rundir.py), kept open (channel_dir_fd). Where the devices run as another
+        user (`device_user`), they may search it (0711), in a parent of ours nobody else
+        may."""
         try:
             path = payload.decode()
         except UnicodeDecodeError:
@@ -379,18 +401,19 @@ class _Server:
             raise Refused(f"launcher: {clip(path)!r} is no runtime dir: {e.strerror}") from None
         try:
             st = os.fstat(fd)
-        finally:
+            elsewhere = another_user(device_user)
+            if st.st_uid != os.geteuid() or st.st_mode & (0o066 if elsewhere else 0o077):
+                raise Refused(f"launcher: {clip(path)!r} is not ours alone (owner, mode 0700)")
+            if elsewhere and not _ours_alone(os.path.dirname(path)):
+                raise Refused(
+                    f"launcher: {clip(path)!r} may be searched by the devices' user, but its "
+                    "parent is not ours alone (owner, mode 0700)"
+                )
+        except BaseException:
             os.close(fd)
-        elsewhere = another_user(device_user)
-        if st.st_uid != os.geteuid() or st.st_mode & (0o066 if elsewhere else 0o077):
-            raise Refused(f"launcher: {clip(path)!r} is not ours alone (owner, mode 0700)")
-        if elsewhere and not _ours_alone(os.path.dirname(path)):
-            raise Refused(
-                f"launcher: {clip(path)!r} may be searched by the devices' user, but its "
-                "parent is not ours alone (owner, mode 0700)"
-            )
+            raise
         self.device_user = device_user
-        self.channel_dir = path
+        self.channel_dir, self.channel_dir_fd = path, fd
         if not elsewhere:  # kept for devices of another user (launcher_start.py): none here
             confine.drop_only(confine.FOR_ANOTHER_USER)
             if self.zygote is not None:  # started before this: it holds them too
@@ -410,7 +433,7 @@ class _Server:
             ) from None
         if nfds:
             raise Refused(f"device {spec.name}: a spare has its fds already")
-        resume_child(spare, spec, whole)
+        resume_child(spare, spec, whole, dir_fd=self._dir_fd())
 
     def _report_end(self, pidfd: int) -> None:
         self.poller.unregister(pidfd)
@@ -506,6 +529,15 @@ def _decode_header(data: bytes) -> tuple[str, int, int, int | None, list[str], o
     return msg["op"], request, size, pid, sorted(set(models)), msg.get("device_user")
 
 
+def _claims_configure(data: bytes) -> bool:
+    """Whether a request _decode_header refused says it is a configure request."""
+    try:
+        msg = schema.loads(data, what="a request", error=ProtocolError)
+    except ProtocolError:
+        return False
+    return isinstance(msg, dict) and msg.get("op") == "configure"
+
+
 def _device_user(value: object) -> tuple[int, int] | None:
     """A configure request's device_user: the host [uid, gid] the VM's devices run as
     (config.py vm.device_uid), or None (ours)."""
@@ -590,6 +622,8 @@ def _check_spec(
     name = spec.name
     if not NAME_RE.fullmatch(name):  # the config's rule: what its sockets are named after
         raise Refused(f"launcher: device name {name[:63]!r} is not a plain file name")
+    if name in RUNTIME_DIR_NAMES:  # the config's too: its socket would be the monitor's
+        raise Refused(f"launcher: device name {name!r} is reserved ({name}.sock is the VM's)")
     model = MODELS.get(spec.model)
     if model is None:
         raise Refused(f"device {name}: unknown model {spec.model[:63]!r}")

@@ -152,17 +152,18 @@ def _fds_above_stdio(spec: DeviceSpec) -> tuple[DeviceSpec, list[int]]:
     return replace(spec, fds=fds), dups
 
 
-def listen_channel(path: str, others: bool = False) -> socket.socket:
+def listen_channel(path: str, others: bool = False, dir_fd: int | None = None) -> socket.socket:
     """A device channel's listening UNIX socket, 0600 (inside the 0700 runtime dir), made
     before the device starts: the device connects once, and a refused connection is fatal
     to it. The monitor's end of the channel accepts on it (monitor/zmtp.py ZmtpLink).
     `others`: 0602, for a device that runs as another user (a connect takes write
     permission); the runtime dir is then 0711, in a root that stays 0700 (monitor/rundir.py),
-    so only the devices, which enter the dir as root before they switch, reach it."""
+    so only the devices, which enter the dir as root before they switch, reach it.
+    `dir_fd`: the runtime dir, open; the socket is made in it by `path`'s file name (in_dir)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o175 if others else 0o177)
     try:
-        sock.bind(path)
+        sock.bind(in_dir(path, dir_fd))
         sock.listen(1)  # one peer: the device
     except OSError as e:  # a runtime dir with no room (ENOSPC, EDQUOT): the refusal names it
         sock.close()
@@ -289,6 +290,13 @@ def readable(fd: int, timeout_s: float, wake: int | None = None) -> bool:
     return any(ready == fd for ready, _ in events)
 
 
+def in_dir(path: str, dir_fd: int | None) -> str:
+    """`path`, or with `dir_fd` its file name in that open directory, through /proc/self/fd:
+    the directory the fd holds even once its path names another (bind(2) takes no dir fd).
+    A directory removed since takes no new name (ENOENT)."""
+    return path if dir_fd is None else f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
+
+
 def listen_path(spec: DeviceSpec) -> str:
     """Where spawn_child listens for the spec's device: its channel, or a warm spare's own
     name beside it."""
@@ -301,13 +309,15 @@ def spawn_child(
     stderr: int | None = None,
     *,
     zygote: Zygote | None = None,
+    dir_fd: int | None = None,
 ) -> tuple[ChildProcess, int]:
     """Listen on the spec's channel, then start the device as our child: the process, and
     the channel's listening socket (an fd the caller owns). What the launcher does for the
-    monitor (forked by its `zygote`), and what tests do for themselves (exec'd, perhaps a
-    rogue `command`). A warm spare's socket is made at spare_path() (the module docstring)."""
+    monitor (forked by its `zygote`, in its runtime dir's `dir_fd`), and what tests do for
+    themselves (exec'd, perhaps a rogue `command`). A warm spare's socket is made at
+    spare_path() (the module docstring)."""
     path = listen_path(spec)
-    listener = listen_channel(path, others=another_user(spec.user))
+    listener = listen_channel(path, others=another_user(spec.user), dir_fd=dir_fd)
     try:
         if zygote is not None:
             process = fork_device(zygote, spec, 2 if stderr is None else stderr)
@@ -315,20 +325,22 @@ def spawn_child(
             process = ChildProcess.started(start_device(command, spec, stderr))
     except BaseException:
         listener.close()
-        os.unlink(path)
+        os.unlink(in_dir(path, dir_fd))
         raise
     return process, listener.detach()
 
 
-def resume_child(process: ChildProcess, spec: DeviceSpec, rest: DeviceSpec) -> None:
+def resume_child(
+    process: ChildProcess, spec: DeviceSpec, rest: DeviceSpec, dir_fd: int | None = None
+) -> None:
     """Hand the warm spare `process`, started from the deferred `spec`, the rest of its spec:
     its socket gets the channel path as a second name (the module docstring), then `rest`'s
     DEFERRED part goes down its stdin. DeviceFailure if the spare has ended meanwhile (the
     caller starts a process cold instead); nothing is left at the channel path then."""
-    path = spec.channel.removeprefix("ipc://")
+    path = in_dir(spec.channel.removeprefix("ipc://"), dir_fd)
     data = json.dumps(rest.rest()).encode()
     check_spec_size(spec.name, data)
-    os.link(spare_path(spec.channel), path)
+    os.link(in_dir(spare_path(spec.channel), dir_fd), path)
     try:
         process.write_stdin(data, close=True)
     except BrokenPipeError:

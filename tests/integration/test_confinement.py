@@ -115,18 +115,20 @@ def test_running_vm_devices_are_the_launchers_children_not_the_monitors(guests, 
     # no_new_privs, no filter of its own (its devices would inherit it)
     assert (launcher_status["NoNewPrivs"], launcher_status["Seccomp"]) == ("1", "0")
     # nothing of the VM: what it keeps, and only that (_launcher_fd_kinds)
-    assert kinds_of(launcher_fds) == _launcher_fd_kinds(wardens)
+    rundir = str(tmp_path / "run" / "splitvmm" / "test")
+    assert kinds_of(launcher_fds) == _launcher_fd_kinds(wardens, rundir)
     # Each warden is the small warden program; each device is named after itself in ps.
     assert names == {name: ("warden", f"sv-{name}") for name in names}
 
 
-def _launcher_fd_kinds(wardens: list[int]) -> list[str]:
+def _launcher_fd_kinds(wardens: list[int], rundir: str = "") -> list[str]:
     """/dev/null, stderr (a pipe here: vmproc.py) and its own description of that pipe for
     its lines (sandbox/launcher_start.py _own_stderr), its socket to the monitor (its
-    zygote's went with the zygote), its SIGCHLD wake-up pipe, and a pidfd and a stderr pipe
-    (sandbox/relay.py) per device."""
+    zygote's went with the zygote), its SIGCHLD wake-up pipe, the VM's runtime dir, in which
+    it makes the devices' sockets (sandbox/launcher_server.py channel_dir_fd), and a pidfd
+    and a stderr pipe (sandbox/relay.py) per device."""
     return sorted(
-        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * (3 + len(wardens)) + ["socket"]
+        ["anon_inode:[pidfd]"] * len(wardens) + ["pipe"] * (3 + len(wardens)) + ["socket", rundir]
     )
 
 

@@ -1437,3 +1437,57 @@ def _state(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return None
+
+
+# -- what a compromised monitor asks of its launcher ------------------------------------------
+def test_launcher_refuses_a_device_named_after_the_control_socket(launcher, rundir, fds):
+    """config.py refuses the name "control" (its channel would be the VM's control.sock); a
+    compromised monitor asks the launcher directly, which refused nothing but NAME_RE."""
+    spec = DeviceSpec("control", "serial", f"ipc://{rundir}/control.sock", fds)
+    with pytest.raises(DeviceFailure, match="device name 'control' is reserved"):
+        launcher.spawn(spec)
+    assert not (rundir / "control.sock").exists()
+    serves_a_device(launcher, rundir, fds)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"models": ["no-such-model"], "device_user": None}, {"models": [], "device_user": [0, 0]}],
+    ids=["bad-models", "root-as-device-user"],
+)
+def test_launcher_configure_refused_in_its_header_is_the_only_one(rundir, fds, header):
+    """The first configure decides, refused or not; one refused for its header (a model it
+    does not know, a device user of 0) left the next configure free to set another dir."""
+    launcher = Launcher.start()
+    try:
+        assert readable(launcher._sock.fileno(), 30), "no ready within 30 s"
+        ready = launcher_start.receive(launcher._sock, MAX_MESSAGE)[0]
+        assert json.loads(ready) == {"op": "ready"}  # what follows speaks raw
+        got = request(launcher, {"op": "configure", "id": 1, **header}, str(rundir).encode())
+        assert got["reply"]["op"] == "refused"
+        while readable(launcher._sock.fileno(), 1):  # a header refused leaves its spec unread,
+            launcher_start.receive(launcher._sock, MAX_MESSAGE)  # taken then as a request
+        got = request(
+            launcher,
+            {"op": "configure", "id": 2, "models": [], "device_user": None},
+            str(rundir).encode(),
+        )
+        assert got["reply"] == {
+            "op": "refused", "id": 2, "message": "launcher: the runtime dir was set already"
+        }  # fmt: skip
+    finally:
+        launcher.close()
+
+
+def test_launcher_makes_no_socket_in_a_runtime_dir_made_anew_at_its_path(launcher, rundir, fds):
+    """A compromised monitor may empty and remove its runtime dir (its Landlock domain lets it
+    remove what is there, and the dir itself); another `up` of the VM's name then makes the
+    dir anew at the same path. The launcher made its sockets by the path, in the new VM's dir,
+    where the new VM's own sockets then could not be made. It makes them in the dir it was
+    configured with, held open, which takes no new name once removed."""
+    launcher.check_configured()
+    rundir.rmdir()
+    rundir.mkdir(mode=0o700)  # the next VM's
+    with pytest.raises(DeviceFailure, match="cannot make the device channel"):
+        launcher.spawn(serial_spec(rundir, fds))
+    assert list(rundir.iterdir()) == []
