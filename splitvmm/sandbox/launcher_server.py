@@ -289,12 +289,15 @@ class _Server:
                 if _claims_configure(data):
                     self._configured = True  # the first configure decides, refused or not
                 raise
+            again = op == "configure" and self._configured
             if op == "configure":
-                self._configure_once()
+                self._configured = True  # the first configure decides, refused or not
             payload = self._read_chunks(size)  # read whole even to be refused
             if cut:
                 raise Refused(f"launcher: a request over {MAX_MESSAGE} bytes or {MAX_FDS} fds")
             if op == "configure":
+                if again:
+                    raise Refused("launcher: the runtime dir was set already")
                 self._configure(payload, len(fds), _device_user(device_user))
                 self._load_models(models)
                 send(self.sock, {"op": "configured", "id": request})
@@ -377,14 +380,8 @@ class _Server:
         assert self.channel_dir_fd is not None, "a spawn before the runtime dir was set"
         return self.channel_dir_fd
 
-    def _configure_once(self) -> None:
-        """A configure request came: the first decides, whatever in it is refused."""
-        if self._configured:
-            raise Refused("launcher: the runtime dir was set already")
-        self._configured = True
-
     def _configure(self, payload: bytes, nfds: int, device_user: tuple[int, int] | None) -> None:
-        """The runtime dir (_configure_once): an absolute path to a directory (not a
+        """The runtime dir (the first configure's): an absolute path to a directory (not a
         symlink) of ours that nobody else may enter, as the monitor makes it
         (monitor/rundir.py), kept open (channel_dir_fd). Where the devices run as another
         user (`device_user`), they may search it (0711), in a parent of ours nobody else

@@ -325,7 +325,8 @@ def spawn_child(
             process = ChildProcess.started(start_device(command, spec, stderr))
     except BaseException:
         listener.close()
-        os.unlink(in_dir(path, dir_fd))
+        with contextlib.suppress(FileNotFoundError):  # the monitor may remove it (its dir)
+            os.unlink(in_dir(path, dir_fd))
         raise
     return process, listener.detach()
 
@@ -337,14 +338,22 @@ def resume_child(
     its socket gets the channel path as a second name (the module docstring), then `rest`'s
     DEFERRED part goes down its stdin. DeviceFailure if the spare has ended meanwhile (the
     caller starts a process cold instead); nothing is left at the channel path then."""
-    path = in_dir(spec.channel.removeprefix("ipc://"), dir_fd)
+    channel = spec.channel.removeprefix("ipc://")
+    path = in_dir(channel, dir_fd)
     data = json.dumps(rest.rest()).encode()
     check_spec_size(spec.name, data)
-    os.link(in_dir(spare_path(spec.channel), dir_fd), path)
+    try:
+        os.link(in_dir(spare_path(spec.channel), dir_fd), path)
+    except OSError as e:  # said with the channel's own path, not the one through /proc
+        raise DeviceFailure(
+            f"device {spec.name}: its spare's socket cannot take the name {channel}: "
+            f"{e.strerror or e}"
+        ) from None
     try:
         process.write_stdin(data, close=True)
     except BrokenPipeError:
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # the monitor may remove it (its dir)
+            os.unlink(path)
         raise DeviceFailure(
             f"device {spec.name}: its spare (pid {process.pid}) ended before it took over"
         ) from None

@@ -863,13 +863,15 @@ def test_launcher_start_with_a_thread_running_raises():
 
 
 # -- warm spares (a deferred spec, then resume: monitor/slot.py) --------------------------------
+NOTHING_TO_REPLAY = {"applied": 0, "emitted": 0, "skip": 0, "replay": [], "replay_wall_ns": []}
+
+
 def test_launcher_spare_resumed_says_ready_on_its_channel(launcher, rundir, fds):
     spec = serial_spec(rundir, fds)
     process, listener = launcher.spawn(spec.spare())
-    resume = {"applied": 0, "emitted": 0, "skip": 0, "replay": [], "replay_wall_ns": []}
     channel = None
     try:
-        launcher.resume(process, replace(spec, resume=resume))
+        launcher.resume(process, replace(spec, resume=NOTHING_TO_REPLAY))
         channel = DeviceChannel("serial", spec.channel, listener)
         channel.wait_ready(process)  # ChannelError, failing the test, if it is not READY
         parent = parent_of(process.pid)
@@ -1475,8 +1477,32 @@ def test_launcher_configure_refused_in_its_header_is_the_only_one(rundir, fds, h
         assert got["reply"] == {
             "op": "refused", "id": 2, "message": "launcher: the runtime dir was set already"
         }  # fmt: skip
+        # read whole, though refused: no part of it is taken as a request of its own
+        assert not readable(launcher._sock.fileno(), 1)
     finally:
         launcher.close()
+
+
+def test_launcher_resume_whose_channel_name_is_taken_is_refused_naming_the_channel(
+    launcher, rundir, fds
+):
+    """A spare's socket takes the channel's name by a link made through the runtime dir's fd
+    (/proc/self/fd/N/NAME); a refusal names the channel's own path, not that one."""
+    spec = serial_spec(rundir, fds)
+    process, listener = launcher.spawn(spec.spare())
+    try:
+        (rundir / "serial0.sock").touch()  # something has the channel's name
+        with pytest.raises(DeviceFailure) as refused:
+            launcher.resume(process, replace(spec, resume=NOTHING_TO_REPLAY))
+    finally:
+        process.kill()
+        process.wait(10)
+        process.close()
+        os.close(listener)
+    assert str(refused.value) == (
+        f"device serial0: its spare's socket cannot take the name {rundir}/serial0.sock: "
+        "File exists"
+    )
 
 
 def test_launcher_makes_no_socket_in_a_runtime_dir_made_anew_at_its_path(launcher, rundir, fds):
