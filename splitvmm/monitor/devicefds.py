@@ -500,7 +500,7 @@ def _made_by_this_vm(fd: int, created: list[CreatedFile]) -> CreatedFile | None:
 # by name, not fail the disk's lock. A shared lock needs a description open for reading, and
 # a device's output is write-only: the monitor holds a read-only one of its own for the lock.
 OUTPUT_LOCK_BYTE = 1 << 62  # QEMU's lock bytes are 100-203, libvirt's 0
-OUTPUT_OPEN_TRIES = 3  # each: a removal that came between our open and our lock
+OUTPUT_LOCK_OPENS = 3  # opens to lock: each retried after a removal between open and lock
 OUTPUT_LOCK_TRIES = 50  # 1 ms apart: a removal holds its exclusive lock for a stat and an unlink
 
 
@@ -508,7 +508,7 @@ def _open_output_file(output: str, key: str) -> tuple[int, bool, int | None]:
     """The output file's fd, whether this open made it, and the read-only description that
     holds its shared lock (None: unlocked, _share_output). A file that a removal took away
     between our open and our lock is opened again: made anew, then, and ours."""
-    for _ in range(OUTPUT_OPEN_TRIES):
+    for _ in range(OUTPUT_LOCK_OPENS):
         fd, made = hostpath.open_output_file(output, key)
         holder = None
         try:
@@ -526,7 +526,7 @@ def _open_output_file(output: str, key: str) -> tuple[int, bool, int | None]:
         if holder is not None:
             os.close(holder)
     raise hostpath.HostFileError(
-        key, output, f"was removed each of the {OUTPUT_OPEN_TRIES} times it was opened and locked"
+        key, output, f"was removed each of the {OUTPUT_LOCK_OPENS} times it was opened and locked"
     )
 
 

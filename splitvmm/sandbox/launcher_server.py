@@ -41,6 +41,7 @@ from splitvmm.sandbox.relay import READ_SIZE, StderrRelay
 from splitvmm.sandbox.spawn import (
     REAP_TIMEOUT_S,
     ChildProcess,
+    in_dir,
     listen_path,
     readable,
     resume_child,
@@ -373,7 +374,7 @@ class _Server:
             process.wait(REAP_TIMEOUT_S)
         process.close()
         with contextlib.suppress(FileNotFoundError):  # the monitor may remove it (its dir)
-            os.unlink(os.path.basename(listen_path(spec)), dir_fd=self._dir_fd())
+            os.unlink(in_dir(listen_path(spec), self._dir_fd()))
 
     def _dir_fd(self) -> int:
         """The runtime dir's fd (a spawn comes only once it was configured)."""
