@@ -27,6 +27,7 @@ import os
 import selectors
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -58,6 +59,7 @@ ACCEPT_BACKOFF_S = 0.1
 READ_ONLY_TIMEOUT_S = 30
 CONNECT_WAIT_S = 2.0  # a client waits this long for room in a busy monitor's listen backlog
 CONNECT_RETRY_S = 0.01
+PEERCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid (SO_PEERCRED)
 MAX_REPLY = 1 << 20  # a status of every device fits many times over; more is not our monitor
 SOCKET_NAME = "control.sock"
 
@@ -373,6 +375,7 @@ def _connected(path: Path) -> socket.socket:
         s.settimeout(CONNECT_WAIT_S)
         try:
             s.connect(str(path))
+            _check_server(s, path)
             return s
         except BlockingIOError:
             s.close()
@@ -384,6 +387,20 @@ def _connected(path: Path) -> socket.socket:
         except BaseException:
             s.close()
             raise
+
+
+def _check_server(s: socket.socket, path: Path) -> None:
+    """Refuse a socket that another user serves, before any request (a snapshot's signing
+    key among them) goes to it. Our monitor runs as we do, and its socket is 0600: a socket
+    served by anyone else is theirs, whatever path led to it (a directory another user could
+    swap between ctl's checks and its connect, or a --socket given)."""
+    creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+    _pid, uid, _gid = PEERCRED.unpack(creds)
+    if uid != os.geteuid():
+        raise ControlError(
+            f"the socket {path} is served by uid {uid}, not by this user "
+            f"(uid {os.geteuid()}): no request is sent to it"
+        )
 
 
 def _exchange(s: socket.socket, line: bytes, path: Path, deadline: float | None) -> bytes:

@@ -3,7 +3,8 @@
 `$XDG_RUNTIME_DIR/splitvmm/<name>/`, else `/run/splitvmm/<name>/` for root, else
 a directory under the system temp dir; mode 0700. A relative XDG_RUNTIME_DIR is
 ignored, as the XDG Base Directory spec asks (it would make the directory under
-whatever the cwd is, and the launcher refuses a relative path anyway). A lock file
+whatever the cwd is, and the launcher refuses a relative path anyway), and so is one
+that another user owns or may write to (_xdg_problem). A lock file
 held for the VM's lifetime tells a second `up` with the same name that the first
 still runs.
 """
@@ -29,12 +30,37 @@ MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 def runtime_root() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "splitvmm"
-    if xdg:
+        problem = _xdg_problem(xdg)
+        if problem is None:
+            return Path(xdg) / "splitvmm"
+        log.warning("XDG_RUNTIME_DIR=%r %s: ignored", xdg, problem)
+    elif xdg:
         log.warning("XDG_RUNTIME_DIR=%r is not an absolute path: ignored", xdg)
     if os.geteuid() == 0:
         return Path("/run/splitvmm")
     return Path(tempfile.gettempdir()) / f"splitvmm-{os.geteuid()}"
+
+
+def _xdg_problem(xdg: str) -> str | None:
+    """Why an existing XDG_RUNTIME_DIR is not ours to use, or None. The XDG Base Directory
+    spec: it must be owned by the user, who alone may write to it. One another user owns or
+    may write to, as root inherits it through `sudo -E` or `su` without `-`, would let that
+    user swap our splitvmm/ beneath it for a symlink between our checks and our use: the
+    control socket's signing keys sent to their socket, the runtime dir's removal made in
+    a directory of their choosing. One not there yet is made ours (RuntimeDir)."""
+    try:
+        st = os.stat(xdg)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None  # a file in the way, a dir we may not search: RuntimeDir names it
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"may be written by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
 
 
 def _check_ours(path: Path) -> None:

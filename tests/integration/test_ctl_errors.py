@@ -323,6 +323,45 @@ def test_ctl_refuses_a_socket_another_user_could_have_planted(tmp_path, monkeypa
     assert fake.request == b""  # nothing was sent to it
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to serve a socket as another user")
+@pytest.mark.parametrize("how", ["--socket", "--vm"])
+def test_ctl_sends_nothing_to_a_socket_another_user_serves(tmp_path, monkeypatch, how):
+    """Whatever path led there (a --socket given; a directory another user swapped between
+    ctl's checks and its connect), a socket served by another user is theirs: no request,
+    a snapshot's signing key among them, goes to it (SO_PEERCRED)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    vm_dir = tmp_path / "splitvmm" / "vm"
+    vm_dir.mkdir(parents=True, mode=0o700)
+    path = vm_dir / "control.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listening_r, listening_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # listen() records the credentials a client's SO_PEERCRED reads: nobody's
+        code = 1
+        try:
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            listener.listen(1)
+            os.write(listening_w, b"!")
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            code = 3 if conn.recv(4096) else 0  # 3: a request reached us
+        finally:
+            os._exit(code)
+    listener.close()
+    os.close(listening_w)
+    try:
+        assert os.read(listening_r, 1) == b"!"
+        args = ["--socket", str(path)] if how == "--socket" else ["--vm", "vm"]
+        result = CliRunner().invoke(cli, ["ctl", *args, "snapshot", str(tmp_path / "s")])
+        assert_one_line_error(result, f"{path} is served by uid 65534, not by this user (uid 0)")
+    finally:
+        os.close(listening_r)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 @pytest.mark.parametrize("kind", ["file", "fifo"])
 def test_ctl_socket_that_is_no_socket_says_so(tmp_path, kind):
     """A file or a FIFO refuses a connect as a stale socket does: named for what it is."""

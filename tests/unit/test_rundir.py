@@ -106,6 +106,41 @@ def test_runtime_root_relative_xdg_runtime_dir_is_ignored_with_a_warning(monkeyp
     assert "XDG_RUNTIME_DIR='relative/dir' is not an absolute path" in caplog.text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+@pytest.mark.parametrize("whose", ["another user's", "group-writable", "world-writable"])
+def test_runtime_root_in_an_xdg_runtime_dir_others_may_change_is_ignored(
+    tmp_path, monkeypatch, caplog, whose
+):
+    """Root under `sudo -E` or `su` keeps the user's XDG_RUNTIME_DIR: its owner could swap
+    splitvmm/ beneath it for a symlink between our checks and our use (a root `up`'s
+    removal of its runtime dir made elsewhere, root's ctl sending a signing key to their
+    socket). The XDG spec: the user's own, written by no one else."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    if whose == "another user's":
+        os.chown(xdg, 65534, 65534)
+    else:
+        xdg.chmod(0o770 if whose == "group-writable" else 0o1777)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    unset = runtime_root()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+
+    assert runtime_root() == unset
+    words = "belongs to uid 65534" if whose == "another user's" else "may be written by other"
+    assert f"XDG_RUNTIME_DIR={str(xdg)!r} {words}" in caplog.text
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_runtime_root_in_an_xdg_runtime_dir_of_ours_or_still_to_make_is_used(
+    tmp_path, monkeypatch, exists
+):
+    xdg = tmp_path / "xdg"
+    if exists:
+        xdg.mkdir(mode=0o755)  # writable by us alone, as the directories tests make
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    assert runtime_root() == xdg / "splitvmm"
+
+
 def test_socket_path_of_sun_path_size_is_accepted(tmp_path):
     path = tmp_path / ("s" * (MAX_SOCKET_PATH - len(str(tmp_path)) - 1))
     check_socket_path(path, "control socket")
