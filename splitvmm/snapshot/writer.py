@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -38,9 +37,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from splitvmm import __version__
+from splitvmm.config import MAX_VCPUS
 from splitvmm.hostpath import Access, HostFileError, open_host_file
 from splitvmm.native import files
-from splitvmm.protocol.spec import NAME_RE, NAME_RULE
+from splitvmm.protocol.spec import MAX_DEVICES, NAME_RE, NAME_RULE
 from splitvmm.snapshot import digest, ram, signing, state
 from splitvmm.snapshot.format import (
     MANIFEST,
@@ -69,6 +69,14 @@ WRITEBACK_STEP = ram.PIECE
 # A temporary directory younger than this is left alone even when no writer holds it: its
 # writer may be between its mkdir and its flock.
 STALE_AFTER_S = 2.0
+# A sweep looks at this many look-alike names at most, and gives up on a directory holding
+# more entries than a writer makes: guest RAM, the manifest and its MAC, and a chunk per
+# vCPU, per device and for the VM's own state (a few).
+STALE_CANDIDATES = 16
+WRITER_FILES_MAX = 3 + MAX_VCPUS + MAX_DEVICES + 8
+# Whose a writer's directories are: taken at import, since the monitor's filter allows no
+# geteuid (policies/x86_64/monitor.policy), and its user never changes.
+EUID = os.geteuid()
 
 log = logging.getLogger("splitvmm.snapshot")
 
@@ -111,23 +119,29 @@ STAGING_NAME = re.compile(r"\..+\.tmp-[0-9]+", re.DOTALL)
 
 def remove_stale_staging(directory: Path) -> list[Path]:
     """Remove, in `directory`, the temporary directories of writers that died before their
-    rename: named as staging_path() names them, holding only files a writer makes, no flock
-    held, older than STALE_AFTER_S. The paths removed. Anything else is left as it is: a
-    directory we cannot open, list or lock, or one that holds what no writer makes, is not
-    ours to judge."""
+    rename: named as staging_path() names them, ours (a writer runs as we do), holding only
+    files a writer makes, no flock held, older than STALE_AFTER_S. The paths removed.
+    Anything else is left as it is: a directory we cannot open, list or lock, another user's,
+    or one that holds what no writer makes, is not ours to judge. The work is bounded
+    (STALE_CANDIDATES, WRITER_FILES_MAX): in a snapshot directory others may write to, their
+    look-alikes must not make every snapshot slow."""
     try:
-        names = [n for n in os.listdir(directory) if STAGING_NAME.fullmatch(n)]
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries if STAGING_NAME.fullmatch(e.name)]
     except OSError:
         return []  # the directory's own problem is reported by the writer's mkdir
     removed = []
-    for name in names:
+    for name in names[:STALE_CANDIDATES]:  # the rest, the next snapshot's
         path = directory / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            if time.time() - os.fstat(fd).st_ctime < STALE_AFTER_S or not _writers_files(fd):
+            st = os.fstat(fd)
+            if st.st_uid != EUID or time.time() - st.st_ctime < STALE_AFTER_S:
+                continue
+            if not _writers_files(fd):
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
         except OSError:  # BlockingIOError: a live writer holds it
@@ -135,19 +149,27 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         finally:
             os.close(fd)
         shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):  # (rmtree's errors ignored: what it could not remove)
+            log.warning("could not remove %s, left by a snapshot writer that died", path)
+            continue
         log.warning("removed %s, left by a snapshot writer that died before it finished", path)
         removed.append(path)
     return removed
 
 
 def _writers_files(dirfd: int) -> bool:
-    """Whether the directory holds nothing but regular files a writer makes."""
-    for name in os.listdir(dirfd):
-        chunk = name.endswith(".json") and NAME_RE.fullmatch(name.removesuffix(".json"))
-        if not (chunk or name in (RAM_FILE, MANIFEST, signing.SIG_FILE)):
-            return False
-        if not stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
-            return False
+    """Whether the directory holds nothing but regular files a writer makes, and no more of
+    them than a writer makes (WRITER_FILES_MAX)."""
+    with os.scandir(dirfd) as entries:
+        for count, entry in enumerate(entries):
+            name = entry.name
+            chunk = name.endswith(".json") and NAME_RE.fullmatch(name.removesuffix(".json"))
+            if count >= WRITER_FILES_MAX or not (
+                chunk or name in (RAM_FILE, MANIFEST, signing.SIG_FILE)
+            ):
+                return False
+            if not entry.is_file(follow_symlinks=False):
+                return False
     return True
 
 
@@ -189,7 +211,10 @@ class SnapshotWriter:
         memory: ram.MemoryLayoutLike,
         *,
         created: datetime | None = None,
+        sweep: bool = True,
     ) -> None:
+        """`sweep`: remove what dead writers left in the target's directory first
+        (remove_stale_staging); False where the caller did so already, before a pause."""
         self.target = Path(target)
         if not isinstance(vm_config, Mapping):
             raise SnapshotError("vm_config must be a dict (the VM's config as written)")
@@ -205,7 +230,8 @@ class SnapshotWriter:
         _refuse_existing(self.target)
         if problem := staging_name_problem(self.target):
             raise SnapshotError(f"snapshot target {self.target}: {problem}")
-        remove_stale_staging(self.target.parent)
+        if sweep:
+            remove_stale_staging(self.target.parent)
         self.tmp = staging_path(self.target)
         try:
             os.mkdir(self.tmp, 0o700)

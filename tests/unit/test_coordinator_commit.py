@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from splitvmm.errors import DeviceFailure
+from splitvmm.monitor import coordinator as coordinator_module
 from splitvmm.monitor.budget import Deadline
 from splitvmm.monitor.control import ControlBusy, ControlError
 from splitvmm.monitor.coordinator import Coordinator
@@ -153,6 +154,32 @@ def test_coordinator_removes_a_killed_writers_leftover_before_the_pause(tmp_path
     coord.snapshot(tmp_path / "snap")
 
     assert events[0] == "pause with the leftover there: False"
+
+
+@pytest.mark.parametrize("tracked", [False, True], ids=["untracked", "tracked"])
+def test_coordinator_writer_made_in_the_pause_does_not_sweep_again(tmp_path, monkeypatch, tracked):
+    """The sweep before the pause has done it: the writer's own would take its time (a
+    directory others write to may hold many look-alikes) while the guest stands still."""
+    coord, _ = coordinator(tmp_path, monkeypatch)
+    sweeps = []
+
+    class Made(Exception):
+        pass
+
+    def writer(*args: object, sweep: bool = True, **kwargs: object) -> None:
+        sweeps.append(sweep)
+        raise Made
+
+    monkeypatch.setattr(coordinator_module, "SnapshotWriter", writer)
+    monkeypatch.setattr(coordinator_module, "config_to_dict", lambda cfg: {})
+    monkeypatch.setattr(coord, "_stop_and_save", lambda *args: SimpleNamespace(cpuid=dict))
+    coord.machine.mem = None
+    tracker = object() if tracked else None
+
+    with pytest.raises(Made):
+        Coordinator._write(coord, tmp_path / "s", Deadline(1.0), {}, tracker, list, False)  # type: ignore[arg-type]
+
+    assert sweeps == [False]
 
 
 @pytest.mark.parametrize("keep_paused", [False, True], ids=["snapshot", "suspend"])

@@ -441,6 +441,66 @@ def test_writer_leaves_a_directory_holding_what_no_writer_makes(
     assert sorted(os.listdir(tmp_path)) == [".backup.tmp-7", "s"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_writer_leaves_a_look_alike_of_another_users_alone(tmp_path, mem, monkeypatch, caplog):
+    """A snapshot directory others may write to (the README's /tmp): another user's
+    `.x.tmp-1` full of chunk-named files was opened, listed whole and tried at every
+    snapshot, its removal failing and logged as done."""
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    theirs = tmp_path / ".x.tmp-1"
+    theirs.mkdir()
+    (theirs / "ram.bin").write_bytes(b"?")
+    os.chown(theirs, 65534, 65534)
+    listed = []
+    monkeypatch.setattr(writer_module, "_writers_files", lambda fd: listed.append(fd) or True)
+
+    assert writer_module.remove_stale_staging(tmp_path) == []
+    assert (listed, os.listdir(theirs), "removed" in caplog.text) == ([], ["ram.bin"], False)
+
+
+def test_writer_gives_up_on_a_look_alike_holding_more_files_than_a_writer_makes(
+    tmp_path, mem, monkeypatch
+):
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    left = tmp_path / _killed_writer(tmp_path / "s", mem)
+    for n in range(writer_module.WRITER_FILES_MAX):  # every one a name a writer may make
+        (left / f"c{n}.json").write_text("{}")
+
+    assert writer_module.remove_stale_staging(tmp_path) == []
+    assert len(os.listdir(left)) == writer_module.WRITER_FILES_MAX + 1
+
+
+def test_writer_sweep_looks_at_a_bounded_number_of_look_alikes(tmp_path, mem, monkeypatch):
+    lefts = [_killed_writer(tmp_path / f"s{n}", mem) for n in range(3)]  # young: none swept
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    monkeypatch.setattr(writer_module, "STALE_CANDIDATES", 2)
+
+    assert len(writer_module.remove_stale_staging(tmp_path)) == 2
+    assert len(writer_module.remove_stale_staging(tmp_path)) == 1  # the next sweep's
+    assert not any((tmp_path / left).exists() for left in lefts)
+
+
+def test_writer_removal_that_fails_is_not_logged_as_done(tmp_path, mem, monkeypatch, caplog):
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    left = _killed_writer(tmp_path / "s", mem)
+    monkeypatch.setattr(writer_module.shutil, "rmtree", lambda path, ignore_errors: None)
+
+    assert writer_module.remove_stale_staging(tmp_path) == []
+    assert f"could not remove {tmp_path / left}" in caplog.text
+    assert "removed" not in caplog.text
+
+
+def test_writer_told_the_directory_was_swept_sweeps_it_not_again(tmp_path, mem, monkeypatch):
+    """The coordinator sweeps before the pause: the writer it makes in the pause must not
+    take that time again."""
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    left = _killed_writer(tmp_path / "s", mem)
+
+    SnapshotWriter(tmp_path / "t", VM_CONFIG, CPUID, mem, sweep=False).abort()
+
+    assert os.listdir(tmp_path) == [left]
+
+
 def test_writer_holds_its_flock_until_the_rename(tmp_path, mem, monkeypatch):
     """The flock marks a directory as being written until it is renamed: released before
     the rename, another monitor's sweep into the same directory (its commit's fsyncs took
