@@ -19,8 +19,10 @@ from splitvmm.monitor.confinement import Confinement, ConfinementError
 from splitvmm.monitor.exits import Outcome
 from splitvmm.monitor.memory import GuestMemory, GuestMemoryError
 from splitvmm.monitor.writebehind import WriteBehind
+from splitvmm.native import confine
 from splitvmm.native.exits import (
     INTERRUPTED,
+    UNSTARTED,
     Exit,
     FailEntry,
     Hlt,
@@ -39,6 +41,12 @@ from splitvmm.native.kvm import VcpuFd
 log = logging.getLogger("splitvmm.vcpu")
 
 KICK_SIGNAL = signal.SIGUSR1
+# An AP that no INIT and SIPI started, woken again and again by an event KVM cannot deliver
+# to it (exits.Unstarted: an NMI IPI a guest sent it), would have its thread call KVM_RUN in
+# a loop, a host core's worth for the VM's life. It waits between KVM_RUNs instead, from the
+# first to the longest wait, doubling. The first EAGAIN of a row is run again at once: an
+# honest INIT or SIPI gives one, and the AP then runs at the next KVM_RUN.
+UNSTARTED_WAIT_S = (0.001, 0.05)
 
 
 def install_kick_handler() -> None:
@@ -88,6 +96,7 @@ class VcpuThread(threading.Thread):
     def request_pause(self) -> None:
         with self._cond:
             self._pause_requested = True
+            self._cond.notify_all()  # an unstarted AP's wait (_wait_unstarted) ends
         self.kick()
 
     def wait_parked(self, timeout: float) -> bool:
@@ -109,7 +118,7 @@ class VcpuThread(threading.Thread):
         # returns EINTR, so no exit is left half done.
         vcpu = self.vcpu
         vcpu.set_immediate_exit(True)
-        while (ex := vcpu.run()) is not INTERRUPTED:
+        while (ex := vcpu.run()) is not INTERRUPTED and ex is not UNSTARTED:
             outcome = self._handle_exit(ex)
             if outcome is not None:
                 self._stop_vm(outcome)
@@ -125,6 +134,10 @@ class VcpuThread(threading.Thread):
 
     def run(self) -> None:
         try:
+            confine.set_name(self.name)  # the OS's name of the thread: top -H, ps -L, perf
+        except OSError as e:  # a name is for people: the vCPU runs without one
+            log.debug("vcpu%d: its thread keeps its name: %s", self.vcpu.vcpu_id, e)
+        try:
             self._confinement.confine_vcpu_thread()  # the thread that serves the guest's exits
         except ConfinementError as e:
             self._stop_vm(Outcome.fault(f"vcpu{self.vcpu.vcpu_id}: {e}"))
@@ -139,6 +152,7 @@ class VcpuThread(threading.Thread):
 
     def _loop(self) -> None:
         vcpu = self.vcpu
+        unstarted_wait = 0.0  # the wait before the next KVM_RUN of an unstarted AP (0: none)
         while not self.stopping:
             if self._pause_requested:
                 self._park()
@@ -147,11 +161,25 @@ class VcpuThread(threading.Thread):
             if ex is INTERRUPTED:  # kicked: look at the stop and pause requests
                 vcpu.set_immediate_exit(False)
                 continue
+            if ex is UNSTARTED:
+                unstarted_wait = self._wait_unstarted(unstarted_wait)
+                continue
+            unstarted_wait = 0.0
             self.exits += 1
             outcome = self._handle_exit(ex)
             if outcome is not None:
                 self._stop_vm(outcome)
                 return
+
+    def _wait_unstarted(self, wait: float) -> float:
+        """Wait `wait` s (UNSTARTED_WAIT_S), or until a pause or a stop is asked for; the
+        wait after the next EAGAIN."""
+        first, longest = UNSTARTED_WAIT_S
+        if not wait:
+            return first
+        with self._cond:
+            self._cond.wait_for(lambda: self._pause_requested or self.stopping, wait)
+        return min(wait * 2, longest)
 
     def _handle_exit(self, ex: Exit) -> Outcome | None:
         """Serves an access exit (None: run on), or says why the VM stops.

@@ -86,8 +86,16 @@ class Shutdown(Struct, frozen=True):
 
 
 class Interrupted(Struct, frozen=True):
-    """KVM_RUN returned without running the guest to an exit: a kick (EINTR, EAGAIN,
+    """KVM_RUN returned without running the guest to an exit: a kick (EINTR,
     immediate_exit) or KVM_EXIT_INTR. Nothing is pending; run again."""
+
+
+class Unstarted(Struct, frozen=True):
+    """KVM_RUN returned EAGAIN: the vCPU is an AP no INIT and start-up IPI has started yet
+    (KVM_MP_STATE_UNINITIALIZED), and an event woke it. Once after its INIT or its SIPI
+    (KVM took it, and runs the AP at the next KVM_RUN); again and again, at once, while an
+    event KVM cannot deliver to it stays pending (an NMI IPI sent to it: any guest can).
+    Nothing is pending; run again, but not in a tight loop."""
 
 
 class FailEntry(Struct, frozen=True):
@@ -139,6 +147,7 @@ Exit = (
     | Hlt
     | Shutdown
     | Interrupted
+    | Unstarted
     | FailEntry
     | InternalError
     | SystemEvent
@@ -148,6 +157,7 @@ Exit = (
 HLT = Hlt()
 SHUTDOWN = Shutdown()
 INTERRUPTED = Interrupted()
+UNSTARTED = Unstarted()
 
 # KVM_EXIT_* names by number, for Unknown (only the ones the build names; the rest say "?").
 EXIT_NAMES: dict[int, str] = {

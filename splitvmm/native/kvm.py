@@ -17,7 +17,7 @@ from typing import Any
 from splitvmm.errors import KvmError, KvmUnavailable
 from splitvmm.native._kvm import ffi, lib
 from splitvmm.native.coalesced import CoalescedRing
-from splitvmm.native.exits import INTERRUPTED, Exit, RunPage
+from splitvmm.native.exits import INTERRUPTED, UNSTARTED, Exit, RunPage
 from splitvmm.native.fd import OwnedFd
 from splitvmm.native.routing import IRQCHIP_IOAPIC as IRQCHIP_IOAPIC
 from splitvmm.native.routing import IRQCHIP_PIC_MASTER as IRQCHIP_PIC_MASTER
@@ -40,7 +40,6 @@ IOCTL_NUMBERS: Mapping[str, int] = {
 
 KVM_PATH = "/dev/kvm"
 DIRTY_PAGE = 4096  # what one bit of a KVM dirty log stands for: a page of x86 guest memory
-_KICKED = (errno.EINTR, errno.EAGAIN)  # KVM_RUN stopped by a signal or immediate_exit
 
 # Header constants the monitor's vCPU setup needs, by their header names (<linux/kvm.h>,
 # <asm/processor-flags.h>): code outside native/ never imports the cffi module itself.
@@ -552,11 +551,14 @@ class VcpuFd(OwnedFd):
     def run(self) -> Exit:
         """KVM_RUN (GIL released by cffi) to the next exit, as a record (native/exits.py).
 
-        INTERRUPTED when a signal or immediate_exit stopped it first (EINTR, EAGAIN)."""
+        INTERRUPTED when a signal or immediate_exit stopped it first (EINTR); UNSTARTED
+        when it is an AP not started yet that something woke (EAGAIN: exits.Unstarted)."""
         if lib.sv_ioctl_val(self.fd, lib.KVM_RUN, 0) < 0:
             err = ffi.errno
-            if err in _KICKED:
+            if err == errno.EINTR:
                 return INTERRUPTED
+            if err == errno.EAGAIN:
+                return UNSTARTED
             raise KvmError(err, "KVM_RUN")
         return self._page.decode()
 

@@ -1,9 +1,14 @@
 /* smp: brings up every application processor listed in the MP table with INIT-SIPI-SIPI and
- * checks that each one runs.  Exit statuses (debug-exit value -> host status):
+ * checks that each one runs.  With nmi_first_ms=T it first sends each AP an NMI IPI (SDM Vol.
+ * 3A 11.6.1, delivery mode 100b), which a processor that no INIT and SIPI started cannot take,
+ * prints "smp: NMI sent to the APs" and waits T ms before the INIT (which clears it): what a
+ * hostile guest may do, for the host to watch.  Exit statuses (debug-exit value -> host status):
  *   0x10 -> 33  all N processors came up
  *   0x02 ->  5  an AP did not come up in time ("smp: only K of N cpus came up")
  *   0x03 ->  7  no usable MP table, or the BSP is not listed in it
  *   0x04 ->  9  an IPI stayed "send pending" */
+#include "bootparams.h"
+#include "cmdline.h"
 #include "exit.h"
 #include "io.h"
 #include "lapic.h"
@@ -91,6 +96,20 @@ static bool wait_for_aps(u32 count)
 	return true;
 }
 
+/* The NMI IPI of nmi_first_ms=T: to every AP, then T ms of waiting. */
+static void nmi_first(const struct mp_info *mp, u8 bsp_id, u64 wait_ms)
+{
+	for (unsigned i = 0; i < mp->ncpus; i++) {
+		u8 id = mp->cpus[i].apic_id;
+		if (id != bsp_id && !lapic_send_ipi(mp->lapic_addr, id, APIC_DM_NMI | APIC_INT_ASSERT)) {
+			print("smp: NMI IPI to apic id %u stays pending\n", id);
+			debug_exit(EXIT_IPI_FAILED);
+		}
+	}
+	print("smp: NMI sent to the APs\n");
+	tsc_delay_us(wait_ms * 1000);
+}
+
 /* Starts the APs one after the other, so that their lines come out in MP-table order. */
 static void start_all(const struct mp_info *mp, u8 bsp_id)
 {
@@ -143,8 +162,8 @@ NORETURN void guest_main(const void *boot_params)
 {
 	struct mp_info mp;
 
-	(void)boot_params;
 	serial_init();
+	u64 nmi_wait_ms = cmdline_u64(bp_cmdline(boot_params), "nmi_first_ms", 0);
 	if (!mp_find_cpus(&mp))
 		debug_exit(EXIT_NO_MPTABLE);
 	u8 bsp_id = lapic_id(mp.lapic_addr);
@@ -157,6 +176,8 @@ NORETURN void guest_main(const void *boot_params)
 	memcpy(phys_ptr(TRAMPOLINE_ADDR), ap_trampoline_start,
 	       (size_t)(ap_trampoline_end - ap_trampoline_start));
 	lapic_enable(mp.lapic_addr); /* SDM 9.4.4.1: the BSP enables its local APIC first */
+	if (nmi_wait_ms)
+		nmi_first(&mp, bsp_id, nmi_wait_ms);
 	start_all(&mp, bsp_id);
 	check_reported_ids(&mp, bsp_id);
 	print("smp: all %u cpus online\n", mp.ncpus);

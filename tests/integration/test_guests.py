@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
+from pathlib import Path
 
 import pytest
 
 from splitvmm.monitor.cpuid import physical_address_bits
 from splitvmm.native.kvm import Kvm
-from tests.integration.conftest import run_up
+from tests.integration.conftest import run_up, vm_toml
+from tests.integration.vmproc import VmProcess
 
 pytestmark = pytest.mark.kvm
 
@@ -77,6 +81,38 @@ def test_smp_every_vcpu_reports_in(guests, tmp_path, vcpus):
     online = sorted(int(n) for n in re.findall(r"^cpu (\d+) online$", run.serial, re.M))
     assert online == list(range(1, vcpus))
     assert f"smp: all {vcpus} cpus online" in run.serial
+
+
+def thread_cpu_s(pid: int, name: str) -> float:
+    """CPU seconds (user + system) of `pid`'s thread named `name`."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().strip() == name:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime stime
+    raise AssertionError(f"no thread {name} in {pid}")
+
+
+def test_smp_ap_sent_an_nmi_before_its_start_costs_the_host_no_core(guests, tmp_path):
+    """An NMI IPI to an AP no INIT and SIPI started stays pending in KVM, which makes every
+    KVM_RUN of that AP return EAGAIN at once: its thread called KVM_RUN in a loop, a host
+    core's worth (~95% of a CPU here) for the VM's life, from one guest write. Now it waits
+    between them, and the AP still starts at its INIT and SIPI."""
+    serial = tmp_path / "serial.log"
+    config = tmp_path / "vm.toml"
+    config.write_text(
+        vm_toml(kernel(guests, "smp", "nmi_first_ms=4000"), vcpus=2, serial_out=serial)
+    )
+    vm = VmProcess(tmp_path, ["up", str(config)], serial)
+    try:
+        vm.wait_for(r"^smp: NMI sent to the APs$", timeout=60)
+        before = thread_cpu_s(vm.proc.pid, "vcpu1")
+        time.sleep(2.0)
+        spent = thread_cpu_s(vm.proc.pid, "vcpu1") - before
+        status, err = vm.finish(timeout=60)
+    finally:
+        vm.kill_if_running()
+    assert spent < 0.2, f"vcpu1 took {spent:.2f} s of CPU in 2 s while the guest waited"
+    assert status == 33 and "smp: all 2 cpus online" in vm.text(), vm.text() + err
 
 
 def test_pio_loop_round_trips_through_device_process(guests, tmp_path):

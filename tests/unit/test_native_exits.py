@@ -17,6 +17,7 @@ from splitvmm.native.exits import (
     HLT,
     INTERRUPTED,
     SHUTDOWN,
+    UNSTARTED,
     FailEntry,
     InternalError,
     MmioRead,
@@ -134,7 +135,7 @@ def test_runpage_exit_without_fields_is_its_singleton(fake: Page, reason: int, e
 
 
 def test_runpage_exit_singletons_differ_from_each_other() -> None:
-    assert len({HLT, SHUTDOWN, INTERRUPTED}) == 3
+    assert len({HLT, SHUTDOWN, INTERRUPTED, UNSTARTED}) == 4
 
 
 def test_runpage_fail_entry_gives_hardware_reason(fake: Page) -> None:

@@ -15,6 +15,7 @@
 #define APIC_DEST_SHIFT 24        /* in ICR2: physical destination APIC ID */
 #define APIC_ICR_BUSY 0x1000      /* delivery status: 1 = send pending */
 #define APIC_INT_ASSERT 0x4000    /* level: assert */
+#define APIC_DM_NMI 0x400         /* delivery mode NMI (the vector field is ignored) */
 #define APIC_DM_INIT 0x500        /* delivery mode INIT */
 #define APIC_DM_STARTUP 0x600     /* delivery mode start-up; vector = start page number */
 
