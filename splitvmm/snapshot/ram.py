@@ -43,6 +43,7 @@ guest memory, at the cost of the copy alone.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import mmap
 import os
@@ -134,6 +135,20 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
         extents.append((start, end))
         pos = end
     return extents
+
+
+def file_holes(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the holes in the first `size` bytes of file `fd`, page aligned: ranges
+    that hold nothing on disk and read as zeros. None listed where the file system cannot
+    say (data_extents)."""
+    holes, pos = [], 0
+    for start, end in data_extents(fd, size):
+        if start > pos:
+            holes.append((pos, start))
+        pos = end
+    if pos < size:
+        holes.append((pos, size))
+    return holes
 
 
 def nonzero_runs(mm: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -345,9 +360,16 @@ class _Stream:
     names the chunk."""
 
     def __init__(
-        self, fd: int, file_size: int, where: str, checksum: digest.Overlapped | None = None
+        self,
+        fd: int,
+        file_size: int,
+        where: str,
+        checksum: digest.Overlapped | None = None,
+        holes: Sequence[tuple[int, int]] = (),
     ) -> None:
+        """`holes`: the file's (file_holes), for load_extent."""
         self.fd, self.file_size, self.where, self.hash = fd, file_size, where, checksum
+        self.holes = holes
         self.pos = 0
 
     def fail(self, message: str) -> SnapshotError:
@@ -376,6 +398,43 @@ class _Stream:
         self.pos += length
 
     def load_extent(
+        self,
+        mem: RamLike,
+        view: memoryview,
+        offset: int,
+        length: int,
+        progress: Progress | None,
+        zero_pages: Callable[[int, int], None],
+    ) -> None:
+        """The extent's `length` bytes of data into `mem` at `offset`, but its whole pages that
+        a hole of the file holds: zeros, that only zero_pages(offset, length) gets to make
+        (or refuse), so that a file of a few KiB on disk never fills host memory with them."""
+        done = 0
+        for start, end in self._zero_runs(length):
+            self._copy_extent(mem, view, offset + done, start - done, progress)
+            zero_pages(offset + start, end - start)
+            if self.hash is not None:
+                for piece in range(start, end, PIECE):
+                    self.hash.update(_zeros()[: min(PIECE, end - piece)])  # (a view)
+            self.pos += end - start
+            done = end
+        self._copy_extent(mem, view, offset + done, length - done, progress)
+
+    def _zero_runs(self, length: int) -> Iterator[tuple[int, int]]:
+        """(start, end), from the data at self.pos, of each run of the next `length` bytes'
+        whole pages that lie in a hole of the file."""
+        first = bisect.bisect_right(self.holes, (self.pos, END_OFFSET)) - 1
+        for hole_start, hole_end in self.holes[max(first, 0) :]:
+            if hole_start >= self.pos + length:
+                break
+            start = max(hole_start - self.pos, 0)
+            start += -start % PAGE_SIZE  # the first whole page in it
+            end = min(hole_end - self.pos, length)
+            end -= end % PAGE_SIZE
+            if start < end:
+                yield start, end
+
+    def _copy_extent(
         self, mem: RamLike, view: memoryview, offset: int, length: int, progress: Progress | None
     ) -> None:
         for piece in range(offset, offset + length, PIECE):
@@ -465,12 +524,26 @@ def check_ram(
 def clear(mem: RamLike) -> None:
     """Make every page of `mem` a hole again, so pages absent from the snapshot read as zero."""
     for start, end in data_extents(mem.fd, mem.size):
-        try:
-            # Punches a hole in the memfd (frees the pages), as fallocate(PUNCH_HOLE) would.
-            mem.map.madvise(mmap.MADV_REMOVE, start, end - start)
-        except OSError:  # a mapping that cannot punch holes: zero the bytes instead
-            for pos in range(start, end, PAGE_SIZE):
-                mem.map[pos : pos + PAGE_SIZE] = ZERO_PAGE
+        _punch(mem, start, end - start)
+
+
+def _punch(mem: RamLike, offset: int, length: int) -> None:
+    """Zero `length` bytes of `mem` at `offset` (page aligned) by making them a hole."""
+    try:
+        # Punches a hole in the memfd (frees the pages), as fallocate(PUNCH_HOLE) would.
+        mem.map.madvise(mmap.MADV_REMOVE, offset, length)
+    except OSError:  # a mapping that cannot punch holes: zero the bytes instead
+        for pos in range(offset, offset + length, PAGE_SIZE):
+            mem.map[pos : pos + PAGE_SIZE] = ZERO_PAGE
+
+
+_ZEROS: list[memoryview] = []  # one PIECE of zeros, made by the first restore that needs it
+
+
+def _zeros() -> memoryview:
+    if not _ZEROS:
+        _ZEROS.append(memoryview(bytes(PIECE)))
+    return _ZEROS[0]
 
 
 def load_ram(
@@ -486,13 +559,28 @@ def load_ram(
     checksum (hex, of `algorithm`) of what was read, for the caller to compare. On error `mem`
     holds a partial image."""
     clear(mem)
+    holes = file_holes(fd, file_size)
+
+    def zero_pages(offset: int, length: int) -> None:
+        """Whole pages of zeros, read from a hole of the file. sparse-v1 is written from a
+        stopped VM's pages that are not zero (write_ram): a zero page there is a forged or
+        damaged file. A sparse-v2 pass may hold them (a page zeroed while the first pass ran,
+        or since a record before held it), and gets them as a hole in guest RAM: nothing of
+        the host's memory, however large the extent a forger wrote."""
+        if encoding == ENCODING:
+            raise s.fail(
+                f"guest RAM {offset:#x}+{length:#x} is stored as pages of zeros (a hole in "
+                f"the file), which no {ENCODING} writer stores"
+            )
+        _punch(mem, offset, length)
+
     with memoryview(mem.map) as view, digest.Overlapped(algorithm) as checksum:
-        s = _Stream(fd, file_size, where, checksum)
+        s = _Stream(fd, file_size, where, checksum, holes)
         for offset, length in _records(s, mem.size, encoding):
             if offset == PASS_OFFSET:
                 # A pass is hashed where it landed: all of it before the next overwrites
                 # any (the helper may still be at its last piece).
                 checksum.wait()
                 continue
-            s.load_extent(mem, view, offset, length, progress)
+            s.load_extent(mem, view, offset, length, progress, zero_pages)
         return checksum.hexdigest()

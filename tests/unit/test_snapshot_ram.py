@@ -234,6 +234,62 @@ def _load(stream: bytes, encoding: str) -> GuestMemory:
     return fresh
 
 
+def _load_sparse(stream: bytes, encoding: str) -> GuestMemory:
+    """_load of the stream copied as `cp --sparse=always` copies: each 4 KiB block of zeros
+    a hole in the file."""
+    fresh = memory(pages={})
+    with tempfile.TemporaryFile() as f:
+        for block in range(0, len(stream), PAGE):
+            if stream[block : block + PAGE].count(0) == len(stream[block : block + PAGE]):
+                f.seek(block + PAGE)
+            else:
+                f.seek(block)
+                f.write(stream[block : block + PAGE])
+        f.truncate(len(stream))
+        f.flush()
+        assert ram.file_holes(f.fileno(), len(stream)), "this file system made no hole"
+        alg = digest.WRITE_ALGORITHM
+        try:
+            got = load_ram(f.fileno(), len(stream), fresh, "chunk ram", alg, None, encoding)
+        except BaseException:
+            fresh.close()
+            raise
+    assert got == digest.of(alg, stream)  # the zeros of the holes are hashed too
+    return fresh
+
+
+def test_ram_v1_stream_whose_pages_of_zeros_are_holes_is_refused_before_they_take_memory():
+    """A forged RAM chunk: one extent of zeros as large as the RAM it claims, stored as a hole
+    (a few KiB on disk). Copied into guest RAM, it filled as much of the host's memory before
+    the checksum could say no. A sparse-v1 writer never stores a page of zeros."""
+    body = HEADER + _record(0, 16 * PAGE, b"\0") + _end(16 * PAGE)
+    with pytest.raises(SnapshotError, match="chunk ram: guest RAM 0x1000\\+0xe000 is stored as"):
+        _load_sparse(body, "sparse-v1")
+
+
+def test_ram_v2_stream_copied_sparse_restores_its_zeroed_pages_as_holes():
+    """A live snapshot's later pass records the pages a record before held and the guest zeroed
+    since: copied with holes for its zeros, it restores the same memory, and those pages
+    take none of the host's."""
+    mem = memory(pages={0x0: b"\x01", **{o: b"\x02" for o in range(0x4000, 0xC000, PAGE)}})
+
+    def stop() -> list[tuple[int, int]]:
+        mem.map[0x4000:0xC000] = bytes(8 * PAGE)  # zeroed after the first pass took them
+        return [(0x4000, 8 * PAGE)]
+
+    out = io.BytesIO()
+    write_ram_precopy(out, mem, stop)
+    fresh = _load_sparse(out.getvalue(), "sparse-v2")
+    held = data_extents(fresh.fd, fresh.size)  # (before a read of the mapping allocates)
+
+    assert fresh.map[:] == mem.map[:]
+    # the pages whole in a hole of the file (each record's data starts where the one before
+    # ends, not at a page of the file: the first and last zeroed pages are copied)
+    assert not [(start, end) for start, end in held if start < 0xB000 and end > 0x5000], held
+    mem.close()
+    fresh.close()
+
+
 def test_ram_precopy_holds_memory_as_it_was_when_stopped():
     """The guest writes pages after the first pass copied them (one it had, one new, one it
     zeroed): the second pass holds them as they are once the VM is stopped."""
