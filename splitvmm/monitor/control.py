@@ -334,15 +334,20 @@ class ControlServer(threading.Thread):
 
 
 def request(
-    path: Path, op: str, args: dict[str, object] | None = None, timeout_s: float | None = None
+    path: Path,
+    op: str,
+    args: dict[str, object] | None = None,
+    timeout_s: float | None = None,
+    monitor_uid: int | None = None,
 ) -> dict[str, object]:
     """Client side: one request, one reply, within `timeout_s` in all (None: until the reply
     comes or the monitor closes the connection). Raises ControlError with the monitor's
-    words, or one sentence saying why there was no usable reply."""
+    words, or one sentence saying why there was no usable reply. `monitor_uid`: the user
+    the VM's monitor runs as, where it is not ours (_check_server)."""
     line = json.dumps({"op": op, **(args or {})}).encode() + b"\n"
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        with _connected(path) as s:
+        with _connected(path, os.geteuid() if monitor_uid is None else monitor_uid) as s:
             buf = _exchange(s, line, path, deadline)
     except FileNotFoundError:
         raise ControlError(f"no VM is listening at {path}") from None
@@ -364,7 +369,7 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
-def _connected(path: Path) -> socket.socket:
+def _connected(path: Path, monitor_uid: int) -> socket.socket:
     """A socket connected to `path`. A UNIX socket with a timeout set does not wait for room
     in a listener's backlog: connect() fails with EAGAIN at once when the monitor has as
     many connections not yet accepted as it listens for. That is a busy monitor
@@ -375,7 +380,7 @@ def _connected(path: Path) -> socket.socket:
         s.settimeout(CONNECT_WAIT_S)
         try:
             s.connect(str(path))
-            _check_server(s, path)
+            _check_server(s, path, monitor_uid)
             return s
         except BlockingIOError:
             s.close()
@@ -389,17 +394,19 @@ def _connected(path: Path) -> socket.socket:
             raise
 
 
-def _check_server(s: socket.socket, path: Path) -> None:
-    """Refuse a socket that another user serves, before any request (a snapshot's signing
-    key among them) goes to it. Our monitor runs as we do, and its socket is 0600: a socket
-    served by anyone else is theirs, whatever path led to it (a directory another user could
-    swap between ctl's checks and its connect, or a --socket given)."""
+def _check_server(s: socket.socket, path: Path, monitor_uid: int) -> None:
+    """Refuse a socket served by another user than `monitor_uid`, before any request (a
+    snapshot's signing key among them) goes to it. Our monitor runs as we do, and its
+    socket is 0600: a socket served by anyone else is theirs, whatever path led to it (a
+    directory another user could swap between ctl's checks and its connect, or a --socket
+    given), unless we said whose VM it is (root steering a service account's VM)."""
     creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
     _pid, uid, _gid = PEERCRED.unpack(creds)
-    if uid != os.geteuid():
+    if uid != monitor_uid:
+        whose = "this user" if monitor_uid == os.geteuid() else "--monitor-uid"
         raise ControlError(
-            f"the socket {path} is served by uid {uid}, not by this user "
-            f"(uid {os.geteuid()}): no request is sent to it"
+            f"the socket {path} is served by uid {uid}, not by {whose} (uid {monitor_uid}): "
+            "no request is sent to it"
         )
 
 

@@ -30,9 +30,10 @@ MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 def runtime_root() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isabs(xdg):
-        problem = _xdg_problem(xdg)
+        real = os.path.realpath(xdg)  # what a symlink named when we looked, used from now on
+        problem = _xdg_problem(real)
         if problem is None:
-            return Path(xdg) / "splitvmm"
+            return Path(real) / "splitvmm"
         log.warning("XDG_RUNTIME_DIR=%r %s: ignored", xdg, problem)
     elif xdg:
         log.warning("XDG_RUNTIME_DIR=%r is not an absolute path: ignored", xdg)
@@ -41,19 +42,19 @@ def runtime_root() -> Path:
     return Path(tempfile.gettempdir()) / f"splitvmm-{os.geteuid()}"
 
 
-def _xdg_problem(xdg: str) -> str | None:
-    """Why an existing XDG_RUNTIME_DIR is not ours to use, or None. The XDG Base Directory
+def _xdg_problem(real: str) -> str | None:
+    """Why XDG_RUNTIME_DIR (its real path) is not ours to use, or None. The XDG Base Directory
     spec: it must be owned by the user, who alone may write to it. One another user owns or
-    may write to, as root inherits it through `sudo -E` or `su` without `-`, would let that
-    user swap our splitvmm/ beneath it for a symlink between our checks and our use: the
-    control socket's signing keys sent to their socket, the runtime dir's removal made in
-    a directory of their choosing. One not there yet is made ours (RuntimeDir)."""
+    may write to, or could replace (untrusted_component), as root inherits it through
+    `sudo -E` or `su` without `-`, would let that user swap our splitvmm/ beneath it for a
+    symlink between our checks and our use: the control socket's signing keys sent to their
+    socket, the runtime dir's removal made in a directory of their choosing."""
+    if problem := untrusted_component(real):
+        return problem
     try:
-        st = os.stat(xdg)
-    except FileNotFoundError:
-        return None
+        st = os.stat(real)
     except OSError:
-        return None  # a file in the way, a dir we may not search: RuntimeDir names it
+        return None  # not made yet (RuntimeDir makes it ours), or a file in the way: named there
     if not stat.S_ISDIR(st.st_mode):
         return None
     if st.st_uid != os.geteuid():
@@ -61,6 +62,36 @@ def _xdg_problem(xdg: str) -> str | None:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"may be written by other users (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
+
+
+def untrusted_component(real: str | os.PathLike[str]) -> str | None:
+    """Where another user could change what the real path `real` names, or None: a directory
+    on the way that is neither root's nor ours, or that others may write to without the
+    sticky bit (which keeps them from renaming or removing our entries, as in /tmp). The
+    path's components not made yet are left to be made ours."""
+    parts = Path(real).parts
+    for depth in range(1, len(parts)):  # the directories above the last component
+        directory = os.path.join(*parts[:depth])
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None  # one we may not search: whoever makes the path below names it
+        if st.st_uid not in (0, os.geteuid()):
+            return f"lies in {directory}, which belongs to uid {st.st_uid}"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            mode = stat.S_IMODE(st.st_mode)
+            return f"lies in {directory}, which other users may write to (mode {mode:04o})"
+    return None
+
+
+def _check_trusted(root: Path) -> None:
+    if problem := untrusted_component(os.path.realpath(root)):
+        raise SplitvmmError(
+            f"the runtime directory's root {root} {problem}: set XDG_RUNTIME_DIR to a "
+            "directory of yours"
+        )
 
 
 def _check_ours(path: Path) -> None:
@@ -145,7 +176,12 @@ class RuntimeDir:
             ) from None
 
     def _take(self, root: Path, name: str) -> None:
+        # Before we make anything there, and again after: runtime_root() checked
+        # XDG_RUNTIME_DIR, but one not there yet, in a sticky directory others may write to,
+        # is theirs if they make it first.
+        _check_trusted(root)
         _make_dir(root, parents=True)
+        _check_trusted(root)
         _check_ours(root)
         while True:
             _make_dir(self.path, parents=False)

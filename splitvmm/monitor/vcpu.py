@@ -45,7 +45,9 @@ KICK_SIGNAL = signal.SIGUSR1
 # to it (exits.Unstarted: an NMI IPI a guest sent it), would have its thread call KVM_RUN in
 # a loop, a host core's worth for the VM's life. It waits between KVM_RUNs instead, from the
 # first to the longest wait, doubling. The first EAGAIN of a row is run again at once: an
-# honest INIT or SIPI gives one, and the AP then runs at the next KVM_RUN.
+# honest INIT or SIPI gives one, and the AP then runs at the next KVM_RUN. An AP sent an NMI
+# before its start (an honest guest's NMI to all but itself, in a panic) starts up to the
+# longest wait late: KVM sees its INIT at the next KVM_RUN.
 UNSTARTED_WAIT_S = (0.001, 0.05)
 
 

@@ -43,7 +43,6 @@ guest memory, at the cost of the copy alone.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import mmap
 import os
@@ -370,6 +369,7 @@ class _Stream:
         """`holes`: the file's (file_holes), for load_extent."""
         self.fd, self.file_size, self.where, self.hash = fd, file_size, where, checksum
         self.holes = holes
+        self._hole = 0  # the first of `holes` that may end past pos (pos only grows)
         self.pos = 0
 
     def fail(self, message: str) -> SnapshotError:
@@ -421,15 +421,19 @@ class _Stream:
         self._copy_extent(mem, view, offset + done, length - done, progress)
 
     def _zero_runs(self, length: int) -> Iterator[tuple[int, int]]:
-        """(start, end), from the data at self.pos, of each run of the next `length` bytes'
-        whole pages that lie in a hole of the file."""
-        first = bisect.bisect_right(self.holes, (self.pos, END_OFFSET)) - 1
-        for hole_start, hole_end in self.holes[max(first, 0) :]:
-            if hole_start >= self.pos + length:
+        """(start, end), from the data at self.pos as it is at the first next(), of each run
+        of the next `length` bytes' whole pages that lie in a hole of the file. (The caller
+        moves pos on while it takes them.)"""
+        base, holes = self.pos, self.holes
+        while self._hole < len(holes) and holes[self._hole][1] <= base:
+            self._hole += 1  # ended before this extent: no later one reaches it either
+        for i in range(self._hole, len(holes)):
+            hole_start, hole_end = holes[i]
+            if hole_start >= base + length:
                 break
-            start = max(hole_start - self.pos, 0)
+            start = max(hole_start - base, 0)
             start += -start % PAGE_SIZE  # the first whole page in it
-            end = min(hole_end - self.pos, length)
+            end = min(hole_end - base, length)
             end -= end % PAGE_SIZE
             if start < end:
                 yield start, end

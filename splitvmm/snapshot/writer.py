@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -127,10 +128,11 @@ def remove_stale_staging(directory: Path) -> list[Path]:
     look-alikes must not make every snapshot slow."""
     try:
         with os.scandir(directory) as entries:
-            names = [e.name for e in entries if STAGING_NAME.fullmatch(e.name)]
+            names = [e.name for e in entries if STAGING_NAME.fullmatch(e.name) and _ours(e)]
     except OSError:
         return []  # the directory's own problem is reported by the writer's mkdir
     removed = []
+    # Only our own count: another user's look-alikes, however many, take no one's place.
     for name in names[:STALE_CANDIDATES]:  # the rest, the next snapshot's
         path = directory / name
         try:
@@ -138,7 +140,7 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         except OSError:
             continue
         try:
-            st = os.fstat(fd)
+            st = os.fstat(fd)  # (what the path names now: checked again)
             if st.st_uid != EUID or time.time() - st.st_ctime < STALE_AFTER_S:
                 continue
             if not _writers_files(fd):
@@ -155,6 +157,16 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         log.warning("removed %s, left by a snapshot writer that died before it finished", path)
         removed.append(path)
     return removed
+
+
+def _ours(entry: os.DirEntry[str]) -> bool:
+    """Whether a look-alike is a directory of ours (not a symlink), old enough to judge."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    young = time.time() - st.st_ctime < STALE_AFTER_S
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == EUID and not young
 
 
 def _writers_files(dirfd: int) -> bool:

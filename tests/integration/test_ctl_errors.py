@@ -323,21 +323,15 @@ def test_ctl_refuses_a_socket_another_user_could_have_planted(tmp_path, monkeypa
     assert fake.request == b""  # nothing was sent to it
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to serve a socket as another user")
-@pytest.mark.parametrize("how", ["--socket", "--vm"])
-def test_ctl_sends_nothing_to_a_socket_another_user_serves(tmp_path, monkeypatch, how):
-    """Whatever path led there (a --socket given; a directory another user swapped between
-    ctl's checks and its connect), a socket served by another user is theirs: no request,
-    a snapshot's signing key among them, goes to it (SO_PEERCRED)."""
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    vm_dir = tmp_path / "splitvmm" / "vm"
-    vm_dir.mkdir(parents=True, mode=0o700)
-    path = vm_dir / "control.sock"
+def ctl_against_nobodys_socket(path: Path, args: list[str]) -> tuple[Result, bool]:
+    """ctl `args` against a socket at `path` that uid 65534 listens on (listen() records the
+    credentials a client's SO_PEERCRED reads) and closes once it got a request or none:
+    ctl's result, and whether a request reached it."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listening_r, listening_w = os.pipe()
     child = os.fork()
-    if child == 0:  # listen() records the credentials a client's SO_PEERCRED reads: nobody's
+    if child == 0:
         code = 1
         try:
             os.setresgid(65534, 65534, 65534)
@@ -353,13 +347,47 @@ def test_ctl_sends_nothing_to_a_socket_another_user_serves(tmp_path, monkeypatch
     os.close(listening_w)
     try:
         assert os.read(listening_r, 1) == b"!"
-        args = ["--socket", str(path)] if how == "--socket" else ["--vm", "vm"]
-        result = CliRunner().invoke(cli, ["ctl", *args, "snapshot", str(tmp_path / "s")])
-        assert_one_line_error(result, f"{path} is served by uid 65534, not by this user (uid 0)")
+        result = CliRunner().invoke(cli, ["ctl", *args])
     finally:
         os.close(listening_r)
         _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 3), code
+    return result, code == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to serve a socket as another user")
+@pytest.mark.parametrize("how", ["--socket", "--vm"])
+def test_ctl_sends_nothing_to_a_socket_another_user_serves(tmp_path, monkeypatch, how):
+    """Whatever path led there (a --socket given; a directory another user swapped between
+    ctl's checks and its connect), a socket served by another user is theirs: no request,
+    a snapshot's signing key among them, goes to it (SO_PEERCRED)."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    vm_dir = tmp_path / "splitvmm" / "vm"
+    vm_dir.mkdir(parents=True, mode=0o700)
+    path = vm_dir / "control.sock"
+    args = ["--socket", str(path)] if how == "--socket" else ["--vm", "vm"]
+
+    result, reached = ctl_against_nobodys_socket(path, [*args, "snapshot", str(tmp_path / "s")])
+
+    assert_one_line_error(result, f"{path} is served by uid 65534, not by this user (uid 0)")
+    assert not reached
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to serve a socket as another user")
+@pytest.mark.parametrize(("uid", "reaches"), [(65534, True), (1000, False)])
+def test_ctl_monitor_uid_names_whose_vm_root_may_steer(tmp_path, uid, reaches):
+    """Root steering a VM a service account runs: --monitor-uid says whose it is, and no
+    other user's socket is sent anything either."""
+    path = tmp_path / "control.sock"
+
+    result, reached = ctl_against_nobodys_socket(
+        path, ["--socket", str(path), "--monitor-uid", str(uid), "status"]
+    )
+
+    assert reached == reaches
+    words = "closed the connection without a reply" if reaches else "not by --monitor-uid"
+    assert_one_line_error(result, words)
 
 
 @pytest.mark.parametrize("kind", ["file", "fifo"])

@@ -130,6 +130,50 @@ def test_runtime_root_in_an_xdg_runtime_dir_others_may_change_is_ignored(
     assert f"XDG_RUNTIME_DIR={str(xdg)!r} {words}" in caplog.text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+@pytest.mark.parametrize("exists", [True, False], ids=["ours", "to make"])
+def test_runtime_root_in_an_xdg_runtime_dir_under_another_users_directory_is_ignored(
+    tmp_path, monkeypatch, caplog, exists
+):
+    """Its owner may rename ours away and put theirs in its place, or make it theirs first."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    xdg = theirs / "xdg"
+    if exists:
+        xdg.mkdir(mode=0o700)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    unset = runtime_root()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+
+    assert runtime_root() == unset
+    assert f"lies in {theirs}, which belongs to uid 65534: ignored" in caplog.text
+
+
+def test_runtime_root_through_a_symlink_is_where_it_pointed_when_looked_at(tmp_path, monkeypatch):
+    """Whoever may change the link does not decide later where the runtime dir is: its
+    target, checked, is used."""
+    (tmp_path / "real").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "link"))
+    assert runtime_root() == tmp_path / "real" / "splitvmm"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_rundir_whose_root_another_user_made_first_is_refused(tmp_path):
+    """XDG_RUNTIME_DIR not there when runtime_root() looked, in a sticky directory others may
+    write to: made by another user since, it is theirs, and so would be what we made in it."""
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    theirs = sticky / "xdg"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(SplitvmmError, match=f"lies in {theirs}, which belongs to uid 65534"):
+        RuntimeDir("vm1", theirs / "splitvmm")
+    assert os.listdir(theirs) == []  # nothing of ours made in it
+
+
 @pytest.mark.parametrize("exists", [True, False])
 def test_runtime_root_in_an_xdg_runtime_dir_of_ours_or_still_to_make_is_used(
     tmp_path, monkeypatch, exists

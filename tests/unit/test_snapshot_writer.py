@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -456,6 +457,30 @@ def test_writer_leaves_a_look_alike_of_another_users_alone(tmp_path, mem, monkey
 
     assert writer_module.remove_stale_staging(tmp_path) == []
     assert (listed, os.listdir(theirs), "removed" in caplog.text) == ([], ["ram.bin"], False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_writer_sweep_is_not_held_off_by_more_look_alikes_of_others_than_it_looks_at(
+    tmp_path, mem, monkeypatch
+):
+    """The bound counts our own only: another user's look-alikes, listed before ours in
+    whatever order the file system keeps, left a killed writer's copy of RAM for ever."""
+    left = _killed_writer(tmp_path / "s", mem)
+    for n in range(writer_module.STALE_CANDIDATES + 4):
+        theirs = tmp_path / f".x{n}.tmp-1"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+    monkeypatch.setattr(writer_module, "STALE_AFTER_S", 0.0)
+    real_scandir = os.scandir
+
+    @contextlib.contextmanager
+    def theirs_first(path):  # the order that hid ours, whatever this file system's is
+        with real_scandir(path) as entries:
+            yield iter(sorted(entries, key=lambda e: e.name == left))
+
+    monkeypatch.setattr(writer_module.os, "scandir", theirs_first)
+
+    assert writer_module.remove_stale_staging(tmp_path) == [tmp_path / left]
 
 
 def test_writer_gives_up_on_a_look_alike_holding_more_files_than_a_writer_makes(

@@ -39,11 +39,24 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
     "works on it: a suspend to slow storage may take longer than any fixed limit, and a VM "
     "that dies ends the wait.",
 )
+@click.option(
+    "--monitor-uid",
+    type=click.IntRange(0, 2**32 - 2),
+    metavar="UID",
+    help="The user the VM runs as, where it is not you (root steering a service account's "
+    "VM). Without it, a socket served by another user is sent nothing.",
+)
 @click.pass_context
-def command(ctx: click.Context, vm: str | None, socket: Path | None, timeout: float | None) -> None:
+def command(
+    ctx: click.Context,
+    vm: str | None,
+    socket: Path | None,
+    timeout: float | None,
+    monitor_uid: int | None,
+) -> None:
     """Control a running VM: status, pause, resume, power-button, snapshot, suspend, devices,
     link, crash-device, inject-fault."""
-    ctx.obj = {"vm": vm, "socket": socket, "timeout": timeout}
+    ctx.obj = {"vm": vm, "socket": socket, "timeout": timeout, "monitor_uid": monitor_uid}
 
 
 for sub in (*state.COMMANDS, *snapshot.COMMANDS, *link.COMMANDS, *crash.COMMANDS):

@@ -100,7 +100,8 @@ def _call(
     if timeout_s is None and read_only:
         timeout_s = control.READ_ONLY_TIMEOUT_S
     try:
-        return request(socket_path(opts["vm"], opts["socket"]), op, args, timeout_s)
+        path = socket_path(opts["vm"], opts["socket"])
+        return request(path, op, args, timeout_s, opts["monitor_uid"])
     except ControlBusy as e:
         raise TryAgain(escaped(str(e))) from None
     except ControlError as e:  # its text may quote a device's words: never raw on a terminal
