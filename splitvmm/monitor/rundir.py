@@ -12,6 +12,7 @@ still runs.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -39,7 +40,7 @@ def runtime_root() -> Path:
         log.warning("XDG_RUNTIME_DIR=%r is not an absolute path: ignored", xdg)
     if os.geteuid() == 0:
         return Path("/run/splitvmm")
-    return Path(tempfile.gettempdir()) / f"splitvmm-{os.geteuid()}"
+    return Path(os.path.realpath(tempfile.gettempdir())) / f"splitvmm-{os.geteuid()}"
 
 
 def _xdg_problem(real: str) -> str | None:
@@ -64,30 +65,67 @@ def _xdg_problem(real: str) -> str | None:
     return None
 
 
-def untrusted_component(real: str | os.PathLike[str]) -> str | None:
-    """Where another user could change what the real path `real` names, or None: a directory
-    on the way that is neither root's nor ours, or that others may write to without the
-    sticky bit (which keeps them from renaming or removing our entries, as in /tmp). The
-    path's components not made yet are left to be made ours."""
-    parts = Path(real).parts
+def untrusted_component(path: str | os.PathLike[str]) -> str | None:
+    """Where another user could change what `path` (a real path when it was looked up) names,
+    or None: a directory on the way that is a symlink (one put there since), that is neither
+    root's nor ours, or that others may write to without the sticky bit (which keeps them
+    from renaming or removing our entries, as in /tmp). A group's write counts unless it is
+    our user-private group (umask 002 hosts). Inside a user namespace, a directory of a user
+    it does not map (the host's root, as /) cannot be told from another's, and is taken on
+    trust unless others may write to it. The components not made yet are left to be made
+    ours."""
+    parts = Path(path).parts
     for depth in range(1, len(parts)):  # the directories above the last component
         directory = os.path.join(*parts[:depth])
         try:
-            st = os.stat(directory)
+            st = os.lstat(directory)
         except FileNotFoundError:
             return None
         except OSError:
             return None  # one we may not search: whoever makes the path below names it
-        if st.st_uid not in (0, os.geteuid()):
+        if stat.S_ISLNK(st.st_mode):
+            return f"lies under {directory}, a symlink put there since it was looked up"
+        if st.st_uid not in (0, os.geteuid(), _unmapped_uid()):
             return f"lies in {directory}, which belongs to uid {st.st_uid}"
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        writable = stat.S_IWOTH | (0 if _private_group(st.st_gid) else stat.S_IWGRP)
+        if st.st_mode & writable and not st.st_mode & stat.S_ISVTX:
             mode = stat.S_IMODE(st.st_mode)
             return f"lies in {directory}, which other users may write to (mode {mode:04o})"
     return None
 
 
+@functools.cache
+def _unmapped_uid() -> int | None:
+    """The uid that an unmapped user reads as, inside a user namespace (overflowuid); None
+    outside one (uid_map maps every uid to itself)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            if f.read().split() == ["0", "0", "4294967295"]:
+                return None
+        with open("/proc/sys/kernel/overflowuid") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _private_group(gid: int) -> bool:
+    """Whether `gid` is our user-private group: our own, named as we are, with no other
+    member listed."""
+    import grp
+    import pwd
+
+    if gid != os.getegid():
+        return False
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return group.gr_name == name and set(group.gr_mem) <= {name}
+
+
 def _check_trusted(root: Path) -> None:
-    if problem := untrusted_component(os.path.realpath(root)):
+    if problem := untrusted_component(root):
         raise SplitvmmError(
             f"the runtime directory's root {root} {problem}: set XDG_RUNTIME_DIR to a "
             "directory of yours"
@@ -178,7 +216,8 @@ class RuntimeDir:
     def _take(self, root: Path, name: str) -> None:
         # Before we make anything there, and again after: runtime_root() checked
         # XDG_RUNTIME_DIR, but one not there yet, in a sticky directory others may write to,
-        # is theirs if they make it first.
+        # is theirs if they make it first (a directory, or a symlink to one of ours). One
+        # they make between the two checks holds an empty splitvmm/ of ours, refused.
         _check_trusted(root)
         _make_dir(root, parents=True)
         _check_trusted(root)

@@ -123,9 +123,10 @@ def remove_stale_staging(directory: Path) -> list[Path]:
     rename: named as staging_path() names them, ours (a writer runs as we do), holding only
     files a writer makes, no flock held, older than STALE_AFTER_S. The paths removed.
     Anything else is left as it is: a directory we cannot open, list or lock, another user's,
-    or one that holds what no writer makes, is not ours to judge. The work is bounded
-    (STALE_CANDIDATES, WRITER_FILES_MAX): in a snapshot directory others may write to, their
-    look-alikes must not make every snapshot slow."""
+    or one that holds what no writer makes, is not ours to judge. What is opened and listed
+    is bounded (STALE_CANDIDATES of ours, WRITER_FILES_MAX entries each): in a snapshot
+    directory others may write to, their look-alikes must not make every snapshot slow, nor
+    keep ours. (Each look-alike directory costs one lstat, before the pause.)"""
     try:
         with os.scandir(directory) as entries:
             names = [e.name for e in entries if STAGING_NAME.fullmatch(e.name) and _ours(e)]
@@ -160,8 +161,11 @@ def remove_stale_staging(directory: Path) -> list[Path]:
 
 
 def _ours(entry: os.DirEntry[str]) -> bool:
-    """Whether a look-alike is a directory of ours (not a symlink), old enough to judge."""
+    """Whether a look-alike is a directory of ours (not a symlink), old enough to judge: its
+    kind from the listing (no syscall where the file system gives it), then one lstat."""
     try:
+        if not entry.is_dir(follow_symlinks=False):
+            return False
         st = entry.stat(follow_symlinks=False)
     except OSError:
         return False

@@ -338,6 +338,7 @@ def ctl_against_nobodys_socket(path: Path, args: list[str]) -> tuple[Result, boo
             os.setresuid(65534, 65534, 65534)
             listener.listen(1)
             os.write(listening_w, b"!")
+            listener.settimeout(30)  # a ctl that never connects fails the test, not hangs it
             conn, _ = listener.accept()
             conn.settimeout(10)
             code = 3 if conn.recv(4096) else 0  # 3: a request reached us
@@ -388,6 +389,16 @@ def test_ctl_monitor_uid_names_whose_vm_root_may_steer(tmp_path, uid, reaches):
     assert reached == reaches
     words = "closed the connection without a reply" if reaches else "not by --monitor-uid"
     assert_one_line_error(result, words)
+
+
+@pytest.mark.parametrize("monitor", [None], indirect=True)  # None: it closes, sends nothing
+def test_ctl_monitor_uid_of_another_user_refuses_our_own_socket(monitor, tmp_path):
+    """--monitor-uid says whose VM it is: a socket served by anyone else, us included, is sent
+    nothing."""
+    other = 65534 if os.geteuid() != 65534 else 65533
+    result = ctl(tmp_path / "control.sock", "--monitor-uid", str(other), "status")
+    assert_one_line_error(result, f"not by --monitor-uid (uid {other})")
+    assert monitor.request == b""
 
 
 @pytest.mark.parametrize("kind", ["file", "fifo"])

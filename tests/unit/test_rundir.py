@@ -174,6 +174,54 @@ def test_rundir_whose_root_another_user_made_first_is_refused(tmp_path):
     assert os.listdir(theirs) == []  # nothing of ours made in it
 
 
+def test_rundir_whose_root_another_user_made_a_symlink_first_is_refused(tmp_path):
+    """XDG_RUNTIME_DIR not there when runtime_root() looked: another user makes it a symlink
+    to a directory of ours, which passes every check of what it points to, and re-points
+    it later, with our sockets and our removal beneath it."""
+    (tmp_path / "ours").mkdir(mode=0o700)
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    (sticky / "xdg").symlink_to(tmp_path / "ours")
+    with pytest.raises(SplitvmmError, match=f"lies under {sticky / 'xdg'}, a symlink put there"):
+        RuntimeDir("vm1", sticky / "xdg" / "splitvmm")
+    assert os.listdir(tmp_path / "ours") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+@pytest.mark.parametrize(("group", "used"), [("ours", True), ("another", False)])
+def test_rundir_under_a_group_writable_directory_is_used_only_where_the_group_is_ours_alone(
+    tmp_path, group, used
+):
+    """umask 002 hosts (user-private groups, as Fedora's) make every directory 0775: its
+    group is its user alone. A group others share may replace what is in it."""
+    shared = tmp_path / "home"
+    shared.mkdir(mode=0o775)
+    shared.chmod(0o775)
+    if group == "another":
+        os.chown(shared, 0, 65534)
+    if used:
+        RuntimeDir("vm1", shared / "splitvmm").close()
+    else:
+        with pytest.raises(SplitvmmError, match="other users may write to \\(mode 0775\\)"):
+            RuntimeDir("vm1", shared / "splitvmm")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_rundir_inside_a_user_namespace_takes_its_unmapped_users_directories_on_trust(
+    tmp_path, monkeypatch
+):
+    """`unshare -r`: the host's root reads as the overflow uid there, / included."""
+    theirs = tmp_path / "host"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setattr(rundir, "_unmapped_uid", lambda: 65534)
+    RuntimeDir("vm1", theirs / "splitvmm").close()
+    monkeypatch.setattr(rundir, "_unmapped_uid", lambda: None)
+    with pytest.raises(SplitvmmError, match="belongs to uid 65534"):
+        RuntimeDir("vm1", theirs / "splitvmm")
+
+
 @pytest.mark.parametrize("exists", [True, False])
 def test_runtime_root_in_an_xdg_runtime_dir_of_ours_or_still_to_make_is_used(
     tmp_path, monkeypatch, exists

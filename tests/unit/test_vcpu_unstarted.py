@@ -62,7 +62,10 @@ def test_an_unstarted_ap_woken_again_and_again_waits_between_its_runs_and_parks_
     t = thread(vcpu)
     t.start()
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while vcpu.runs < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # in its wait, where a loop would run on
         runs = vcpu.runs
         t.request_pause()
         asked = time.monotonic()

@@ -44,7 +44,7 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
     type=click.IntRange(0, 2**32 - 2),
     metavar="UID",
     help="The user the VM runs as, where it is not you (root steering a service account's "
-    "VM). Without it, a socket served by another user is sent nothing.",
+    "VM, with --socket). Without it, a socket served by another user is sent nothing.",
 )
 @click.pass_context
 def command(
