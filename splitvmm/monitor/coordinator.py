@@ -475,13 +475,12 @@ class Coordinator:
         (SnapshotWriter.add_ram's writeback); a pause that ends with the copy does not wait
         for that."""
         m = self.machine
-        config = config_to_dict(m.cfg)
         # the target's directory was swept before the pause (_snapshot)
         if tracker is None:
             states = self._stop_and_save(deadline, quiesced)
-            w = SnapshotWriter(target, config, states.cpuid(), m.mem, sweep=False)
+            w = SnapshotWriter(target, config_to_dict(m.cfg), states.cpuid(), m.mem, sweep=False)
         else:
-            w = SnapshotWriter(target, config, None, m.mem, sweep=False)  # cpuid: below
+            w = SnapshotWriter(target, config_to_dict(m.cfg), None, m.mem, sweep=False)
         with contextlib.ExitStack() as on_error:
             on_error.callback(w.abort)
             if tracker is None:

@@ -68,13 +68,14 @@ def _xdg_problem(real: str) -> str | None:
 def untrusted_component(path: str | os.PathLike[str]) -> str | None:
     """Where another user could change what `path` (a real path when it was looked up) names,
     or None: a directory on the way that is a symlink (one put there since), that is neither
-    root's nor ours, or that others may write to without the sticky bit (which keeps them
-    from renaming or removing our entries, as in /tmp). A group's write counts unless it is
-    our user-private group (umask 002 hosts). Inside a user namespace, a directory of a user
-    it does not map (the host's root, as /) cannot be told from another's, and is taken on
-    trust unless others may write to it. The components not made yet are left to be made
-    ours."""
+    root's nor ours, or that others may write to (its group included) without the sticky bit
+    (which keeps them from renaming or removing our entries, as in /tmp). Inside a user
+    namespace, a directory of a user it does not map (the host's root, as /) cannot be told
+    from another's: it is taken on trust above every directory others may write to, and
+    nowhere below one, where any user could have made it. The components not made yet are
+    left to be made ours."""
     parts = Path(path).parts
+    unmapped = _unmapped_uid()
     for depth in range(1, len(parts)):  # the directories above the last component
         directory = os.path.join(*parts[:depth])
         try:
@@ -85,43 +86,38 @@ def untrusted_component(path: str | os.PathLike[str]) -> str | None:
             return None  # one we may not search: whoever makes the path below names it
         if stat.S_ISLNK(st.st_mode):
             return f"lies under {directory}, a symlink put there since it was looked up"
-        if st.st_uid not in (0, os.geteuid(), _unmapped_uid()):
+        if st.st_uid not in (0, os.geteuid(), unmapped):
             return f"lies in {directory}, which belongs to uid {st.st_uid}"
-        writable = stat.S_IWOTH | (0 if _private_group(st.st_gid) else stat.S_IWGRP)
-        if st.st_mode & writable and not st.st_mode & stat.S_ISVTX:
-            mode = stat.S_IMODE(st.st_mode)
-            return f"lies in {directory}, which other users may write to (mode {mode:04o})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            if not st.st_mode & stat.S_ISVTX:
+                mode = stat.S_IMODE(st.st_mode)
+                return f"lies in {directory}, which other users may write to (mode {mode:04o})"
+            unmapped = None  # below a shared directory: an unmapped owner may be anyone
     return None
 
 
 @functools.cache
 def _unmapped_uid() -> int | None:
-    """The uid that an unmapped user reads as, inside a user namespace (overflowuid); None
-    outside one (uid_map maps every uid to itself)."""
+    """The uid that a user our user namespace does not map reads as (overflowuid), or None
+    where every user is mapped (no user namespace)."""
     try:
         with open("/proc/self/uid_map") as f:
-            if f.read().split() == ["0", "0", "4294967295"]:
-                return None
+            uid_map = f.read()
         with open("/proc/sys/kernel/overflowuid") as f:
-            return int(f.read())
+            overflow = int(f.read())
     except (OSError, ValueError):
         return None
+    return unmapped_uid(uid_map, overflow)
 
 
-def _private_group(gid: int) -> bool:
-    """Whether `gid` is our user-private group: our own, named as we are, with no other
-    member listed."""
-    import grp
-    import pwd
-
-    if gid != os.getegid():
-        return False
-    try:
-        name = pwd.getpwuid(os.geteuid()).pw_name
-        group = grp.getgrgid(gid)
-    except KeyError:
-        return False
-    return group.gr_name == name and set(group.gr_mem) <= {name}
+def unmapped_uid(uid_map: str, overflow: int) -> int | None:
+    """`overflow`, unless a range of `uid_map` (/proc/PID/uid_map: inside, outside, count per
+    line) maps it: then it names a user of the namespace's own (rootless podman's nobody)."""
+    for line in uid_map.splitlines():
+        inside, _outside, count = (int(field) for field in line.split())
+        if inside <= overflow < inside + count:
+            return None
+    return overflow
 
 
 def _check_trusted(root: Path) -> None:

@@ -2,8 +2,11 @@
 
 import fcntl
 import os
+import shutil
 import signal
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -188,38 +191,75 @@ def test_rundir_whose_root_another_user_made_a_symlink_first_is_refused(tmp_path
     assert os.listdir(tmp_path / "ours") == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
-@pytest.mark.parametrize(("group", "used"), [("ours", True), ("another", False)])
-def test_rundir_under_a_group_writable_directory_is_used_only_where_the_group_is_ours_alone(
-    tmp_path, group, used
-):
-    """umask 002 hosts (user-private groups, as Fedora's) make every directory 0775: its
-    group is its user alone. A group others share may replace what is in it."""
+def test_rundir_under_a_directory_its_group_may_write_to_is_refused(tmp_path):
+    """Whoever is in its group may rename what is in it (a user-private group's directory
+    too: an ACL shows as its group bits, and gid 0 has members by primary group alone)."""
     shared = tmp_path / "home"
-    shared.mkdir(mode=0o775)
+    shared.mkdir()
     shared.chmod(0o775)
-    if group == "another":
-        os.chown(shared, 0, 65534)
-    if used:
-        RuntimeDir("vm1", shared / "splitvmm").close()
-    else:
-        with pytest.raises(SplitvmmError, match="other users may write to \\(mode 0775\\)"):
-            RuntimeDir("vm1", shared / "splitvmm")
+    with pytest.raises(SplitvmmError, match="other users may write to \\(mode 0775\\)"):
+        RuntimeDir("vm1", shared / "splitvmm")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
 def test_rundir_inside_a_user_namespace_takes_its_unmapped_users_directories_on_trust(
     tmp_path, monkeypatch
 ):
-    """`unshare -r`: the host's root reads as the overflow uid there, / included."""
-    theirs = tmp_path / "host"
+    """`unshare -r`: the host's root reads as the overflow uid there, / included. (Not under
+    tmp_path: /tmp, which anyone may write to, lies above it.)"""
+    above = Path(tempfile.mkdtemp(dir="/run"))
+    theirs = above / "host"
     theirs.mkdir()
     os.chown(theirs, 65534, 65534)
     monkeypatch.setattr(rundir, "_unmapped_uid", lambda: 65534)
-    RuntimeDir("vm1", theirs / "splitvmm").close()
-    monkeypatch.setattr(rundir, "_unmapped_uid", lambda: None)
-    with pytest.raises(SplitvmmError, match="belongs to uid 65534"):
+    try:
+        RuntimeDir("vm1", theirs / "splitvmm").close()
+        monkeypatch.setattr(rundir, "_unmapped_uid", lambda: None)
+        with pytest.raises(SplitvmmError, match="belongs to uid 65534"):
+            RuntimeDir("vm1", theirs / "splitvmm")
+    finally:
+        shutil.rmtree(above)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_rundir_inside_a_user_namespace_trusts_no_unmapped_owner_below_a_shared_directory(
+    tmp_path, monkeypatch
+):
+    """Below a sticky directory anyone may write to (/tmp), an unmapped owner may be any host
+    user, who as its owner may rename what we make in it."""
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    theirs = sticky / "x"
+    theirs.mkdir()
+    theirs.chmod(0o1777)
+    os.chown(theirs, 65534, 65534)
+    monkeypatch.setattr(rundir, "_unmapped_uid", lambda: 65534)
+    with pytest.raises(SplitvmmError, match=f"lies in {theirs}, which belongs to uid 65534"):
         RuntimeDir("vm1", theirs / "splitvmm")
+
+
+@pytest.mark.parametrize(
+    ("uid_map", "unmapped"),
+    [
+        ("         0          0 4294967295\n", None),  # no user namespace
+        ("         0       1000          1\n", 65534),  # unshare -r
+        ("0 1000 1\n1 100000 65536\n", None),  # rootless podman: its own nobody is mapped
+    ],
+)
+def test_unmapped_uid_is_the_overflow_uid_where_no_range_maps_it(uid_map, unmapped):
+    assert rundir.unmapped_uid(uid_map, 65534) == unmapped
+
+
+def test_runtime_root_of_a_user_under_a_symlinked_temp_dir_is_its_real_path(tmp_path, monkeypatch):
+    """/tmp or TMPDIR through a symlink (Silverblue's /home -> var/home): the runtime root is
+    checked with no symlink allowed on its way, so it must be the real path."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(rundir.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(rundir.tempfile, "tempdir", str(tmp_path / "link"))
+    assert runtime_root() == tmp_path / "real" / "splitvmm-1000"
 
 
 @pytest.mark.parametrize("exists", [True, False])
