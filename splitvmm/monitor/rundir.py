@@ -70,10 +70,11 @@ def untrusted_component(path: str | os.PathLike[str]) -> str | None:
     or None: a directory on the way that is a symlink (one put there since), that is neither
     root's nor ours, or that others may write to (its group included) without the sticky bit
     (which keeps them from renaming or removing our entries, as in /tmp). Inside a user
-    namespace, a directory of a user it does not map (the host's root, as /) cannot be told
-    from another's: it is taken on trust above every directory others may write to, and
-    nowhere below one, where any user could have made it. The components not made yet are
-    left to be made ours."""
+    namespace, a directory of a user it does not map (the host's root, as / and /tmp)
+    cannot be told from another's: it is taken on trust down to the first directory others
+    may write to, and nowhere below one, where any user could have made it. (So another
+    host user's shared directory that lies there, not below one, passes in a namespace.)
+    The components not made yet are left to be made ours."""
     parts = Path(path).parts
     unmapped = _unmapped_uid()
     for depth in range(1, len(parts)):  # the directories above the last component

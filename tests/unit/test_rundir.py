@@ -222,6 +222,22 @@ def test_rundir_inside_a_user_namespace_takes_its_unmapped_users_directories_on_
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_rundir_inside_a_user_namespace_takes_the_hosts_tmp_on_trust(monkeypatch):
+    """The fallback root's /tmp, seen from `unshare -r`: the host root's, read as the overflow
+    uid, and sticky for all to write to. It is the shared directory, not below one."""
+    above = Path(tempfile.mkdtemp(dir="/run"))
+    host_tmp = above / "tmp"
+    host_tmp.mkdir()
+    host_tmp.chmod(0o1777)
+    os.chown(host_tmp, 65534, 65534)
+    monkeypatch.setattr(rundir, "_unmapped_uid", lambda: 65534)
+    try:
+        RuntimeDir("vm1", host_tmp / "splitvmm-0").close()
+    finally:
+        shutil.rmtree(above)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
 def test_rundir_inside_a_user_namespace_trusts_no_unmapped_owner_below_a_shared_directory(
     tmp_path, monkeypatch
 ):
