@@ -225,13 +225,12 @@ class VcpuThread(threading.Thread):
         if len(data) == size:
             self.pio.write(port, data)
         else:  # rep outs: len(data) // size accesses, back to back
-            for i in range(0, len(data), size):
-                self.pio.write(port, data[i : i + size])
+            self.pio.write_repeated(port, size, data)
 
     def _pio_read(self, port: int, size: int, count: int) -> bytes:
         if count == 1:
             return self.pio.read(port, size)
-        return b"".join(self.pio.read(port, size) for _ in range(count))  # rep ins
+        return self.pio.read_repeated(port, size, count)  # rep ins
 
     def _fatal_exit(self, ex: Exit) -> Outcome:
         vid = self.vcpu.vcpu_id

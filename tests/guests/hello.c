@@ -1,6 +1,9 @@
 /* hello: the first guest to boot.  Prints a greeting, the command line and the e820 map from
  * struct boot_params, then ends through the i8042 reset (host exit status 0), or with
- * reset=cf9 through the reset control register at 0xCF9. */
+ * reset=cf9 through the reset control register at 0xCF9.  With rep=N it first moves N bytes
+ * with string I/O (Intel SDM Vol. 2, INS/OUTS with the REP prefix): `rep insb` from port 0x80,
+ * which no device claims (all-ones), printing how many bytes read 0xff, then `rep outsb` of
+ * N bytes of 'r' to COM1's THR. */
 #include "bootparams.h"
 #include "cmdline.h"
 #include "exit.h"
@@ -25,6 +28,22 @@ NORETURN void guest_main(const void *boot_params)
 		struct e820_entry e = bp_e820_entry(boot_params, i);
 		/* end is exclusive: addr + size */
 		print("e820: %#018lx-%#018lx %u\n", e.addr, e.addr + e.size, e.type);
+	}
+	u64 rep = cmdline_u64(cmdline, "rep", 0);
+	if (rep) {
+		static u8 buf[4096];
+		u64 n = rep < sizeof(buf) ? rep : sizeof(buf), ones = 0;
+		void *dst = buf;
+		u64 left = n;
+		asm volatile("rep insb" : "+D"(dst), "+c"(left) : "d"((u16)0x80) : "memory");
+		for (u64 i = 0; i < n; i++)
+			ones += buf[i] == 0xff;
+		print("rep ins: %lu of %lu bytes read 0xff\n", ones, n);
+		memset(buf, 'r', n);
+		const void *src = buf;
+		left = n;
+		asm volatile("rep outsb" : "+S"(src), "+c"(left) : "d"((u16)0x3f8) : "memory");
+		print("\nrep outs: done\n");
 	}
 	if (cmdline_is(cmdline, "reset", "cf9"))
 		cf9_reset();

@@ -38,6 +38,17 @@ def test_hello_resets_through_0xcf9_with_status_0(guests, tmp_path):
     assert "guest reset through the reset control register (0xCF9)" in run.stderr
 
 
+def test_hello_string_io_reads_all_ones_where_no_device_is_and_writes_each_byte_to_com1(
+    guests, tmp_path
+):
+    """`rep insb` of 4 KiB from port 0x80 (unclaimed: the bus answers it in one step) and
+    `rep outsb` to COM1's THR (each byte a write the serial device takes)."""
+    run = run_up(tmp_path, kernel(guests, "hello", "rep=4096"))
+    assert run.status == 0, run.stderr
+    assert "rep ins: 4096 of 4096 bytes read 0xff\n" in run.serial
+    assert "r" * 4096 + "\nrep outs: done\n" in run.serial
+
+
 def test_hello_sees_e820_map_with_ebda_ecam_and_kvm_pages_reserved(guests, tmp_path):
     run = run_up(tmp_path, kernel(guests, "hello"), memory="64M")
     entries = re.findall(r"e820: (0x[0-9a-f]+)-(0x[0-9a-f]+) (\d+)", run.serial)

@@ -197,3 +197,48 @@ def test_bus_split_access_matches_a_byte_by_byte_model(windows, addr, size):
     assert written == {a: (owner[a], data[a - addr]) for a in span if a in owner}
     assert whole or all(d.odd == [] for d in devices)
     assert bus.unclaimed == (0 if all(a in owner for a in span) else 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 48), st.integers(1, 12)), max_size=5),
+    st.integers(0, 64),
+    st.sampled_from([1, 2, 4]),
+    st.integers(1, 6),
+)
+def test_bus_repeated_access_is_its_accesses_one_after_another(windows, addr, size, count):
+    """A rep ins or outs: what `count` reads or writes one by one give, counted alike,
+    whether a window holds all of it, part of it or none (then in one step)."""
+    buses = []
+    for _ in range(2):
+        bus, devices = Bus("pio"), []
+        for base, length in windows:
+            device = Bytes(base, length)
+            with contextlib.suppress(BusError):
+                bus.insert(base, length, device)
+                devices.append(device)
+        buses.append((bus, devices))
+    (repeated, theirs), (one_by_one, ours) = buses
+    data = bytes(range(0x80, 0x80 + size * count))
+
+    read = repeated.read_repeated(addr, size, count)
+    repeated.write_repeated(addr, size, data)
+    expected = b"".join(one_by_one.read(addr, size) for _ in range(count))
+    for i in range(0, len(data), size):
+        one_by_one.write(addr, data[i : i + size])
+
+    assert read == expected
+    assert [d.writes for d in theirs] == [d.writes for d in ours]
+    assert repeated.unclaimed == one_by_one.unclaimed
+
+
+def test_bus_repeated_access_nowhere_is_one_step_counted_per_access():
+    bus = Bus("pio")
+    bus.insert(0x3F8, 8, Recorder("uart"))
+    calls = []
+    bus._parts = lambda *args: calls.append(args)  # type: ignore[method-assign]
+
+    assert bus.read_repeated(0x80, 1, 4096) == b"\xff" * 4096
+    bus.write_repeated(0x400, 2, bytes(2048))  # right after COM1's window: none of it there
+
+    assert (calls, bus.unclaimed, list(bus.recent_unclaimed)) == ([], 4096 + 1024, [0x80, 0x400])
