@@ -2,8 +2,9 @@
  * struct boot_params, then ends through the i8042 reset (host exit status 0), or with
  * reset=cf9 through the reset control register at 0xCF9.  With rep=N it first moves N bytes
  * with string I/O (Intel SDM Vol. 2, INS/OUTS with the REP prefix): `rep insb` from port 0x80,
- * which no device claims (all-ones), printing how many bytes read 0xff, then `rep outsb` of
- * N bytes of 'r' to COM1's THR. */
+ * which no device claims (all-ones), printing how many bytes read 0xff, then N bytes of 'r' to
+ * COM1's THR, a `rep outsb` of a FIFO's worth (16) each time THRE says the transmit FIFO is
+ * empty, as a 16550 driver may (datasheet: with FIFOs on, THRE = the FIFO is empty). */
 #include "bootparams.h"
 #include "cmdline.h"
 #include "exit.h"
@@ -40,9 +41,15 @@ NORETURN void guest_main(const void *boot_params)
 			ones += buf[i] == 0xff;
 		print("rep ins: %lu of %lu bytes read 0xff\n", ones, n);
 		memset(buf, 'r', n);
-		const void *src = buf;
-		left = n;
-		asm volatile("rep outsb" : "+S"(src), "+c"(left) : "d"((u16)0x3f8) : "memory");
+		for (u64 sent = 0; sent < n; sent += UART_FIFO_SIZE) {
+			const void *src = buf + sent;
+			left = n - sent < UART_FIFO_SIZE ? n - sent : UART_FIFO_SIZE;
+			serial_wait_thre();
+			asm volatile("rep outsb"
+				     : "+S"(src), "+c"(left)
+				     : "d"((u16)COM1_PORT)
+				     : "memory");
+		}
 		print("\nrep outs: done\n");
 	}
 	if (cmdline_is(cmdline, "reset", "cf9"))

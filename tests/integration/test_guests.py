@@ -41,8 +41,9 @@ def test_hello_resets_through_0xcf9_with_status_0(guests, tmp_path):
 def test_hello_string_io_reads_all_ones_where_no_device_is_and_writes_each_byte_to_com1(
     guests, tmp_path
 ):
-    """`rep insb` of 4 KiB from port 0x80 (unclaimed: the bus answers it in one step) and
-    `rep outsb` to COM1's THR (each byte a write the serial device takes)."""
+    """`rep insb` of 4 KiB from port 0x80 (unclaimed: the bus answers it in one step), and
+    `rep outsb` to COM1's THR, 16 bytes (the transmit FIFO) each time THRE is set: each byte
+    a write the serial device takes."""
     run = run_up(tmp_path, kernel(guests, "hello", "rep=4096"))
     assert run.status == 0, run.stderr
     assert "rep ins: 4096 of 4096 bytes read 0xff\n" in run.serial

@@ -48,13 +48,19 @@ void serial_init(void)
 	outb(COM1_PORT + UART_MCR, UART_MCR_DTR | UART_MCR_RTS);
 }
 
-void serial_putc(char c)
+void serial_wait_thre(void)
 {
-	/* LSR.THRE: the transmit holding register can take the next byte. */
+	/* LSR.THRE: the transmit holding register (with FIFOs on, the whole transmit FIFO) is
+	 * empty and can take the next byte (or UART_FIFO_SIZE of them). */
 	for (int i = 0; i < THRE_POLL_LIMIT; i++) {
 		if (inb(COM1_PORT + UART_LSR) & UART_LSR_THRE)
 			break;
 	}
+}
+
+void serial_putc(char c)
+{
+	serial_wait_thre();
 	outb(COM1_PORT + UART_TX, (u8)c);
 }
 
