@@ -132,6 +132,11 @@ def _open_error(e: OSError, access: Access) -> str:
     return f"cannot be opened: {e.strerror}"
 
 
+def _refusal(key: str, name: str, reason: str) -> HostFileError:
+    """The error for `reason`: HostFileMissing where the file is not there."""
+    return (HostFileMissing if reason == MISSING else HostFileError)(key, name, reason)
+
+
 def open_host_file(
     path: str | os.PathLike[str],
     key: str,
@@ -145,7 +150,7 @@ def open_host_file(
     name = os.fspath(path)
     reason = None if access is Access.APPEND_NEW else _precheck(name, dir_fd, access)
     if reason is not None:
-        raise (HostFileMissing if reason == MISSING else HostFileError)(key, name, reason)
+        raise _refusal(key, name, reason)
     try:
         fd = os.open(name, access.value | BASE_FLAGS | flags, NEW_FILE_MODE, dir_fd=dir_fd)
     except OSError as e:
@@ -154,7 +159,7 @@ def open_host_file(
         reason = _open_error(e, access)
         if e.errno == errno.EEXIST:
             raise HostFileExists(key, name, reason) from None
-        raise (HostFileMissing if reason == MISSING else HostFileError)(key, name, reason) from None
+        raise _refusal(key, name, reason) from None
     try:
         mode = os.fstat(fd).st_mode
         if not _usable(mode, access):

@@ -61,25 +61,27 @@ def ofd_read_lock(fd: int, start: int, length: int) -> None:
     process's F_SETLK lock). OSError: EAGAIN or EACCES where another holds a write lock
     there; EINVAL where the kernel has no OFD locks; ENOLCK or EOPNOTSUPP where the file
     system has none."""
-    if lib.sv_ofd_setlk(fd, fcntl.F_RDLCK, start, length) < 0:
-        err = ffi.errno
-        raise OSError(err, f"F_OFD_SETLK(F_RDLCK, {start}, {length}): {os.strerror(err)}")
+    _ofd_setlk(fd, "F_RDLCK", start, length)
 
 
 def ofd_write_lock(fd: int, start: int, length: int) -> None:
     """An exclusive (F_WRLCK) lock of `fd`'s open file description on `length` bytes at
     `start` (F_OFD_SETLK), which `fd` must be open for writing to take; OSError as
     ofd_read_lock says (EAGAIN or EACCES: another holds a lock there)."""
-    if lib.sv_ofd_setlk(fd, fcntl.F_WRLCK, start, length) < 0:
-        err = ffi.errno
-        raise OSError(err, f"F_OFD_SETLK(F_WRLCK, {start}, {length}): {os.strerror(err)}")
+    _ofd_setlk(fd, "F_WRLCK", start, length)
 
 
 def ofd_unlock(fd: int, start: int, length: int) -> None:
     """Drop `fd`'s description's locks on `length` bytes at `start` (F_OFD_SETLK, F_UNLCK)."""
-    if lib.sv_ofd_setlk(fd, fcntl.F_UNLCK, start, length) < 0:
+    _ofd_setlk(fd, "F_UNLCK", start, length)
+
+
+def _ofd_setlk(fd: int, kind: str, start: int, length: int) -> None:
+    """F_OFD_SETLK of lock type `kind` (its fcntl name) on `length` bytes at `start`; OSError
+    naming the call."""
+    if lib.sv_ofd_setlk(fd, getattr(fcntl, kind), start, length) < 0:
         err = ffi.errno
-        raise OSError(err, f"F_OFD_SETLK(F_UNLCK, {start}, {length}): {os.strerror(err)}")
+        raise OSError(err, f"F_OFD_SETLK({kind}, {start}, {length}): {os.strerror(err)}")
 
 
 def ofd_locked_by_another(fd: int, start: int, length: int) -> bool:

@@ -44,6 +44,7 @@ guest memory, at the cost of the copy alone.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import struct
@@ -541,13 +542,10 @@ def _punch(mem: RamLike, offset: int, length: int) -> None:
             mem.map[pos : pos + PAGE_SIZE] = ZERO_PAGE
 
 
-_ZEROS: list[memoryview] = []  # one PIECE of zeros, made by the first restore that needs it
-
-
+@functools.cache
 def _zeros() -> memoryview:
-    if not _ZEROS:
-        _ZEROS.append(memoryview(bytes(PIECE)))
-    return _ZEROS[0]
+    """One PIECE of zeros, made by the first restore that needs it."""
+    return memoryview(bytes(PIECE))
 
 
 def load_ram(

@@ -141,8 +141,7 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         except OSError:
             continue
         try:
-            st = os.fstat(fd)  # (what the path names now: checked again)
-            if st.st_uid != EUID or time.time() - st.st_ctime < STALE_AFTER_S:
+            if not _judgeable(os.fstat(fd)):  # what the path names now: checked again
                 continue
             if not _writers_files(fd):
                 continue
@@ -169,8 +168,12 @@ def _ours(entry: os.DirEntry[str]) -> bool:
         st = entry.stat(follow_symlinks=False)
     except OSError:
         return False
-    young = time.time() - st.st_ctime < STALE_AFTER_S
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == EUID and not young
+    return stat.S_ISDIR(st.st_mode) and _judgeable(st)
+
+
+def _judgeable(st: os.stat_result) -> bool:
+    """Whether a directory is ours (a writer runs as we do) and older than STALE_AFTER_S."""
+    return st.st_uid == EUID and time.time() - st.st_ctime >= STALE_AFTER_S
 
 
 def _writers_files(dirfd: int) -> bool:
