@@ -284,6 +284,21 @@ path.
 floor: seq-read 5678 / 6821 / 8760 MiB/s (0.65 of dd, 0.83 of QEMU, which gets 0.78 of dd),
 the copy alone 8054; seq-write 0.85 of QEMU; rand-read-4k 144076 IOPS (3.33x QEMU). No
 change to the path.
+
+2026-12-07, a host where the copy is fast (dd 15.7 GB/s), --runs 3, page cache, splitvmm /
+QEMU / floor: seq-read 12252 / 14899 / 15660 MiB/s (0.78 of dd, 0.82 of QEMU, which gets 0.95
+of dd here), the copy alone 16837; seq-write 0.81 of QEMU; rand-read-4k 127809 IOPS (1.95x
+QEMU). Per MiB in the VM: splitvmm 81.6 us, QEMU 67.1, the copy alone 59.4: QEMU's request
+costs 7.7 us beyond the copy, the device's ~22. bench/blk_request.py: 1 MiB IN 62.0 us of which
+preadv 51.0, 4 KiB IN 8.1 of which 1.2. Measured and not built, the image mapped into the
+device and each read a copy out of the mapping (memoryview slice assignment) instead of a
+preadv: 64 reads of 1 MiB into 8 rotating memfd slots, 15 passes, three rounds: 42.9-46.7 us
+a MiB against 52.0-53.4. ~12% of the copy, about half of what parts the device from QEMU; but
+a file mapping kills the device with SIGBUS where the image shrinks under it (a preadv reads
+short, and the guest gets an I/O error), and RLIMIT_AS (sandbox/device.py) would have to
+hold the whole image or the device remap windows of it. Not built. What is left between the
+device and QEMU on such a host is the Python of each request (~11 us warm in one process,
+more after the copy has emptied the caches), which QEMU's C and its merged preadvs do not pay.
 """
 
 from __future__ import annotations

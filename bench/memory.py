@@ -107,6 +107,27 @@ before and after it shared fewer pages.
 cli/early.py, devprocs/zygote.py), --runs 3: serial 45.0 MiB resident against QEMU's 32.8
 (1.37x), the monitor 17.5 PSS, the launcher 8.3, the devices 16.4; 5 devices 59.4 against
 34.1 (1.74x); the last session read 44.9 and 60.8: no change that shows.
+
+2026-12-07, where a device's own pages come from (a settled rtc device of the serial VM, its
+Private_Dirty from /proc sampled every 50 ms while it paused 0.6 s at each step of its start;
+not committed): 1.8-2.3 MiB once forked and its spec read, +0.4 its model's setup(), +0.1 its
+sandbox (namespaces, empty root, Landlock, connect, rlimits), +0.01 its seccomp filter, +0.5
+its state and device built, +0.4 once READY and serving; the zygote's rest then turns the
+pages it alone shared with the device into the device's (~4.3-4.6 MiB in all, as above). A
+child forked from an interpreter holding the same imports, gc frozen, that only sleeps keeps
+0.75-0.9 MiB of its own; one that also decodes a device spec, 1.2. Every step writes pages
+the zygote made (CPython 3.11 writes the reference count of every object it touches), and
+none holds a large part. Tried and dropped: a device loading its filter from the BPF program
+the zygote exported (seccomp(2) on bytes) instead of libseccomp's seccomp_load, which
+generates the program again from the rule database the zygote built: in a process forked
+from a zygote-like parent, 0.4 MiB less of private pages (+8 KiB against +436) and 0.1-0.2
+ms against 0.4-0.6 to load; in this bench, --runs 3 alternating with the tree without it,
+the devices' RSS fell 0.7 MiB but resident did not (serial 45.5 against 45.4 MiB, 5 devices
+60.6 against 60.4): the pages it spared are written later on the device's way anyway.
+What goal 5 would take, from these figures: QEMU with 5 devices is 34.2 MiB here; the five
+device processes alone are 32.7 MiB of PSS and the monitor 17.4. To meet it each device
+would have to keep under ~2.3 MiB of pages of its own with the launcher free, below what the
+steps above write on the path every device runs.
 """
 
 from __future__ import annotations
