@@ -478,3 +478,20 @@ def test_bar_allocator_full_window_is_refused() -> None:
     alloc = BarAllocator(0xC000_0000, 0xC000_1000, "mmio32")
     with pytest.raises(ConfigError, match="mmio32 window"):
         alloc.allocate(0x2000)
+
+
+# -- mutation audit: guest-facing checks no test caught when broken -------------------------------
+def test_host_bridge_only_command_and_interrupt_line_take_writes() -> None:
+    """PCI 3.0 6.1: of the host bridge's header only the command bits it has and Interrupt
+    Line (6.2.4, a scratch byte) are writable; Interrupt Pin (0x3D) beside it, the IDs and
+    the rest keep their values whatever a guest writes over the whole header."""
+    bridge = HostBridge()
+    before = bridge.config_read(0, 256)
+
+    for offset in range(0, 256, 4):
+        bridge.config_write(offset, b"\xff\xff\xff\xff")
+
+    after = bridge.config_read(0, 256)
+    changed = {i for i in range(256) if after[i] != before[i]}
+    assert changed == {0x04, 0x05, 0x3C}
+    assert (after[0x3C], after[0x3D], u32(after[4:8]) & 0xFFFF) == (0xFF, 0, 0x0147)

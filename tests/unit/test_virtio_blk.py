@@ -2085,3 +2085,103 @@ def test_virtio_blk_direct_out_on_readonly_disk_is_ioerr_and_starts_nothing(dire
 
     assert (status_of(dev, status[0]), dev.counts["aio_requests"]) == (IOERR, 0)
     assert disk.read_bytes()[8 * 512 : 16 * 512] == sector_bytes(8) * 8
+
+
+# -- mutation audit: guest-facing checks no test caught when broken -------------------------------
+def test_virtio_blk_header_cut_short_is_ioerr_and_reads_nothing(blk):
+    """5.2.6: the request header is 16 bytes. One cut short (8 bytes: type IN, no sector) is
+    the driver's to fix: IOERR, its data buffer zeroed, never a request read as if the rest
+    of the header were zeros."""
+    driver, ring = started(blk)
+    header = ring.buffer(struct.pack("<II", IN, 0))
+    data, status = ring.buffer(b"\xee" * 512), ring.buffer(b"\xff")
+    ring.add([(*header, False), (data[0], 512, True), (*status, True)])
+
+    driver.kick()
+
+    assert (status_of(blk, status[0]), ring.take_used()[0][1]) == (IOERR, 513)
+    assert blk.ram.read(data[0], 512) == bytes(512)
+    assert not driver.status() & NEEDS_RESET
+
+
+@pytest.mark.parametrize("kind", [DISCARD, WRITE_ZEROES])
+@pytest.mark.parametrize(
+    "segment", [b"", bytes(10), bytes(16 + 8)], ids=["none", "10-bytes", "1.5"]
+)
+def test_virtio_blk_segments_not_a_whole_number_of_16_bytes_are_ioerr(blk, disk, kind, segment):
+    """5.2.6: a DISCARD or WRITE_ZEROES carries whole 16-byte segments, at least one. Any
+    other data (none, or a segment cut short) is IOERR, nothing on the disk changes, and the
+    device goes on (a cut one once reached struct's unpacking, an error of its own)."""
+    driver, ring = started(blk)
+    before = disk.read_bytes()
+    status = request(ring, kind, 0, [(segment, False)] if segment else [])
+
+    driver.kick()
+
+    assert status_of(blk, status) == IOERR and disk.read_bytes() == before
+    assert not driver.status() & NEEDS_RESET
+
+
+def test_virtio_blk_get_id_into_small_buffers_writes_none_past_them(blk):
+    """GET_ID's 20 bytes go into the writable buffers as far as each reaches (2.7.4: any
+    split), never a byte past a buffer's end into the guest memory beside it."""
+    driver, ring = started(blk)
+    header = ring.buffer(struct.pack("<IIQ", GET_ID, 0, 0))
+    first, second = ring.buffer(b"\xcc" * 16), ring.buffer(b"\xcc" * 16)
+    status = ring.buffer(1)
+    ring.add([(*header, False), (first[0], 7, True), (second[0], 13, True), (*status, True)])
+
+    driver.kick()
+
+    assert status_of(blk, status[0]) == OK and ring.take_used()[0][1] == 21
+    serial = b"disk-0001".ljust(20, b"\0")
+    assert blk.ram.read(first[0], 16) == serial[:7] + b"\xcc" * 9
+    assert blk.ram.read(second[0], 16) == serial[7:] + b"\xcc" * 3
+
+
+def test_virtio_blk_header_split_across_descriptors_is_gathered(blk, disk):
+    """2.7.4: the device makes no assumption about how the driver splits the header: its
+    type in one descriptor and its sector in another (not next to it in RAM) make the
+    same request, not one read from the bytes after the first descriptor."""
+    driver, ring = started(blk)
+    head_lo = ring.buffer(struct.pack("<II", OUT, 0))  # 8 bytes, then 8 bytes of padding
+    head_hi = ring.buffer(struct.pack("<Q", 5))
+    data, status = ring.buffer(b"\xab" * 512), ring.buffer(1)
+    ring.add([(*head_lo, False), (*head_hi, False), (*data, False), (*status, True)])
+
+    driver.kick()
+
+    assert status_of(blk, status[0]) == OK
+    assert disk.read_bytes()[5 * 512 : 6 * 512] == b"\xab" * 512
+    assert disk.read_bytes()[:512] == sector_bytes(0)
+
+
+def test_virtio_blk_status_byte_at_the_end_of_the_data_descriptor(blk):
+    """2.7.4: the status byte is the last byte of the writable part, wherever the driver put
+    it: data and status in one 513-byte descriptor read one sector into its first 512."""
+    driver, ring = started(blk)
+    header = ring.buffer(struct.pack("<IIQ", IN, 0, 2))
+    both = ring.buffer(b"\xee" * 513)
+    ring.add([(*header, False), (*both, True)])
+
+    driver.kick()
+
+    assert (status_of(blk, both[0] + 512), ring.take_used()[0][1]) == (OK, 513)
+    assert blk.ram.read(both[0], 512) == sector_bytes(2)
+
+
+def test_virtio_blk_failed_request_zeroes_overlapping_buffers_whole(blk):
+    """A failed request's writable buffers are zeroed whole (used len counts them): one that
+    lies inside another (a driver may point descriptors at one buffer) shrinks nothing of
+    the outer's range, which keeps no stale byte."""
+    driver, ring = started(blk)
+    header = ring.buffer(struct.pack("<IIQ", IN, 0, 0))
+    outer, status = ring.buffer(b"\xee" * 512), ring.buffer(b"\xff")
+    inner = (outer[0] + 16, 16)
+    ring.add([(*header, False), (*outer, True), (*inner, True), (*status, True)])
+
+    driver.kick()
+
+    assert status_of(blk, status[0]) == IOERR  # 528 bytes: no whole number of sectors
+    assert ring.take_used()[0][1] == 512 + 16 + 1
+    assert blk.ram.read(outer[0], 512) == bytes(512)

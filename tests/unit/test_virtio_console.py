@@ -1785,3 +1785,109 @@ def test_virtio_console_restart_after_the_disk_was_full_for_a_while_sends_no_byt
     Driver(after.dev).kick(1)
 
     assert bytes(line.taken + after.line.taken) == b"boot\nsecond\nthird\n"
+
+
+# -- mutation audit: guest-facing checks no test caught when broken -------------------------------
+def enabled_not_running(dev: VirtioConsole, bus_master: bool) -> tuple[Driver, Ring, Ring]:
+    """Both queues enabled, but the device may not run them yet: DRIVER_OK not set (with
+    Bus Master Enable), or set with Bus Master Enable clear."""
+    rx, tx = Ring(dev.ram), Ring(dev.ram, base=TX_BASE)
+    tx.heap = TX_HEAP
+    if not bus_master:
+        return set_up(dev, rx, tx, bus_master=False), rx, tx
+    driver = Driver(dev)
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    driver.setup_queue(0, rx)
+    driver.setup_queue(1, tx)
+    return driver, rx, tx
+
+
+def run_now(driver: Driver, bus_master: bool) -> None:
+    if bus_master:
+        driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    else:
+        driver.enable_bus_master()
+
+
+@pytest.mark.parametrize("bus_master", [True, False], ids=["before-driver-ok", "bus-master-off"])
+def test_virtio_console_input_waits_until_the_device_may_use_the_ring(host, bus_master):
+    """3.1.1 (no buffer used before DRIVER_OK) and PCI 3.0 6.2.2 (no DMA without Bus Master
+    Enable): input with a receive buffer posted waits, then goes in once the device may."""
+    dev = VirtioConsole(host.context(Line()))
+    driver, rx, _ = enabled_not_running(dev, bus_master)
+    head, gpa = post(rx, 64)
+
+    dev.host_input(b"early")
+
+    assert (rx.take_used(), dev.ram.read(gpa, 5)) == ([], bytes(5))
+    run_now(driver, bus_master)
+    driver.kick(0)
+    assert rx.take_used() == [(head, 5)] and dev.ram.read(gpa, 5) == b"early"
+
+
+@pytest.mark.parametrize("bus_master", [True, False], ids=["before-driver-ok", "bus-master-off"])
+def test_virtio_console_transmit_waits_until_the_device_may_use_the_ring(host, bus_master):
+    """As for input: a transmit chain made available (and kicked) before the device may run
+    its queues is neither read nor completed until it may."""
+    line = Line()
+    dev = VirtioConsole(host.context(line))
+    driver, _, tx = enabled_not_running(dev, bus_master)
+    head = transmit(tx, b"too soon")
+
+    driver.kick(1)
+
+    assert (bytes(line.taken), tx.take_used()) == (b"", [])
+    run_now(driver, bus_master)
+    driver.kick(1)
+    assert bytes(line.taken) == b"too soon" and tx.take_used() == [(head, 0)]
+
+
+def test_virtio_console_restart_without_records_past_a_ring_of_completions_drops_no_input(
+    host, caplog
+):
+    """Without the progress page's receive records (a page scribbled on), the used entries
+    since the checkpoint say what was delivered only while fewer than a ring's worth
+    completed: past that their slots were reused (and their lens are the driver's to
+    rewrite), so nothing is dropped from the replayed input: it may repeat, never be lost."""
+    from splitvmm.devprocs import progress
+
+    channel = Channel()
+    ctx = host.context(Line())
+    ctx.events.connect(channel.send)
+    dev = VirtioConsole(ctx)
+    driver, rx, tx = started(dev)
+    data = bytes(range(64))
+    transmit(tx, b"!")
+    driver.kick(1)  # the checkpoint the monitor last read
+    checkpoint = published(channel)
+    dev.host_input(data)  # the journal's input frame
+    for _ in range(3 * rx.size):  # one byte a chain, three rings' worth
+        post(rx, 1)
+        driver.kick(0)
+        rx.take_used()
+    at = progress.STREAM_AT[progress.RECEIVE]
+    os.pwrite(host.fds["progress"], b"\xff" * 2 * progress.SLOT, at)
+
+    restarted = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    with replaying(restarted):
+        restarted.host_input(data)
+
+    assert restarted.stats()["rx_pending"] == len(data)
+    assert "input may repeat" in caplog.text
+
+
+def test_virtio_console_restart_holds_no_more_replayed_input_than_a_live_process(host):
+    """A journal of input frames past what the buffer holds (none delivered, the rest was
+    the monitor's to drop): replayed, what is pending is capped at RX_BUFFER_MAX as in the
+    live process, the excess counted as dropped, never held past the bound."""
+    dev = VirtioConsole(host.context(Line()))
+    started(dev)
+    checkpoint = dev.save()
+    journal = [bytes([i % 251]) * 8 for i in range(RX_BUFFER_MAX // 8 + 100)]
+
+    new = VirtioConsole.restore(host.context(Line(), restarted=True), checkpoint)
+    with replaying(new):
+        for chunk in journal:
+            new.host_input(chunk)
+
+    assert (new.stats()["rx_pending"], new.stats()["rx_dropped"]) == (RX_BUFFER_MAX, 800)

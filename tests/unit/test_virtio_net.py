@@ -1174,3 +1174,140 @@ def test_virtio_net_rx_frames_arrive_intact_in_order_whatever_the_buffers(merge,
     finally:
         close_fds(fds)
         close_fds(peers)
+
+
+# -- mutation audit: guest-facing checks no test caught when broken -------------------------------
+@pytest.mark.parametrize("shape", ["writable-only", "4-bytes"])
+def test_virtio_net_tx_chain_shorter_than_the_header_is_dropped_and_the_next_sent(net, peer, shape):
+    """5.1.6.2: every transmit buffer starts with the 12-byte header. A chain with less (none
+    readable at all, or 4 bytes) is no frame: dropped and counted, nothing reaches the TAP
+    for it (a chain with no readable buffer once failed the device), and the next is sent."""
+    driver, _, tx = started(net)
+    if shape == "writable-only":
+        tx.add([(*tx.buffer(16), True)])
+    else:
+        tx.add([(*tx.buffer(HDR[:4]), False)])
+    tx.add([(*tx.buffer(HDR), False), (*tx.buffer(FRAME), False)])
+
+    driver.kick(1)
+
+    assert os.read(peer, 1 << 16) == HDR + FRAME
+    assert tx.take_used() == [(0, 0), (1, 0)]
+    assert (net.counts["tx_dropped"], net.counts["tx_frames"]) == (1, 1)
+
+
+def test_virtio_net_tx_header_split_across_descriptors_goes_to_the_tap_whole(net, peer):
+    """2.7.4: the header split 6 + 6 over two descriptors apart in RAM is gathered: the TAP
+    gets the driver's gso_size, csum_start and csum_offset (hdr_len 0), not the bytes that
+    follow the first descriptor."""
+    driver, _, tx = started(net)
+    header = struct.pack("<BBHHHHH", 0, 0, 0, 0x1234, 0x22, 0x10, 0)
+    tx.add([(*tx.buffer(header[:6]), False), (*tx.buffer(header[6:] + FRAME), False)])
+
+    driver.kick(1)
+
+    assert os.read(peer, 1 << 16) == header + FRAME
+
+
+def test_virtio_net_rx_frame_shorter_than_the_header_is_dropped(net, peer):
+    """The TAP's frames start with the vnet header; one shorter than it is no frame: dropped
+    and counted, the buffer kept for the next, never handed to the driver headerless."""
+    driver, rx, _ = started(net)
+    post(rx, 1526)
+    driver.kick(0)
+    os.write(peer, HDR[:5])
+    os.write(peer, HDR + FRAME)
+
+    tap_readable(net)
+
+    assert rx.take_used() == [(0, 12 + len(FRAME))] and net.counts["rx_dropped"] == 1
+
+
+def test_virtio_net_rx_mrg_rxbuf_first_chain_smaller_than_the_header_needs_a_reset(net, peer):
+    """5.1.6.3.1 (a MUST with MRG_RXBUF): every receive buffer holds the header, the first
+    of a frame's chains too."""
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 8, 1526)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+
+    tap_readable(net)
+
+    assert driver.status() & NEEDS_RESET and rx.take_used() == []
+
+
+def test_virtio_net_rx_held_frame_offered_a_chain_smaller_than_the_header_needs_a_reset(net, peer):
+    """5.1.6.3.1 holds for the chains posted for a held frame too."""
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF)
+    post(rx, 100, 100)
+    driver.kick(0)
+    os.write(peer, HDR + bytes(300))  # 312 bytes: held for more than the 200 posted
+    tap_readable(net)
+    assert rx.take_used() == []
+
+    post(rx, 100, 4, 100)
+    driver.kick(0)
+
+    assert driver.status() & NEEDS_RESET and rx.take_used() == []
+
+
+def test_virtio_net_rx_mrg_rxbuf_chains_of_many_buffers_stay_under_iov_max(net, peer):
+    """A readv takes at most IOV_MAX buffers: chains of 200 one-byte buffers each (indirect)
+    are taken for a frame only while the first read needs no more than half of that, and
+    the frame is delivered (past it, the read failed with EINVAL and nothing came)."""
+    from tests.virtio.support import F_INDIRECT
+
+    driver, rx, _ = started(net, F_VERSION_1 | F_MRG_RXBUF | F_INDIRECT)
+    for _ in range(8):
+        rx.add([(*rx.buffer(1), True) for _ in range(200)], indirect=True)
+    driver.kick(0)
+    os.write(peer, HDR + FRAME)
+
+    tap_readable(net)
+
+    assert (rx.take_used(), net.counts["rx_frames"]) == ([(0, 12 + len(FRAME))], 1)
+    assert not driver.status() & NEEDS_RESET
+
+
+@pytest.mark.parametrize("mac", ["010203040506", "000000000000"], ids=["multicast", "zero"])
+def test_virtio_net_restore_refuses_a_multicast_or_all_zero_mac(net, fds, mac):
+    from splitvmm.record import replace
+
+    state = replace(net.save(), mac=bytes.fromhex(mac))
+
+    with pytest.raises(StateError, match="multicast or the all-zero"):
+        VirtioNet.restore(prepared("virtio-net", fds), state)
+
+
+def test_virtio_net_every_queue_notify_off_names_its_own_notify_address(net, peer):
+    """4.1.4.4: queue q's notify address is cap.offset + queue_notify_off * multiplier, with
+    queue_notify_off as the device reads it for q: a write there serves that queue."""
+    from tests.virtio.support import NOTIFY
+
+    driver, _, tx = started(net)
+    offs = []
+    for q in (0, 1):
+        driver.set_common(0x16, q, 2)
+        offs.append(driver.common(0x1E, 2))
+    tx.add([(*tx.buffer(HDR), False), (*tx.buffer(FRAME), False)])
+
+    driver.wr(NOTIFY + 4 * offs[1], 1, 2)
+
+    assert offs[0] != offs[1] and os.read(peer, 1 << 16) == HDR + FRAME
+
+
+def test_virtio_net_rx_reads_at_most_rx_batch_frames_an_event(net, peer):
+    """The module docstring: each event reads at most RX_BATCH frames, then interrupts once
+    and leaves the rest to the next turn of the event loop (the TAP stays watched)."""
+    n = virtio_net.RX_BATCH + 6
+    driver, rx, _ = started(net, rx_size=128)
+    post(rx, *[1526] * n)
+    driver.kick(0)
+    for _ in range(n):
+        os.write(peer, HDR + FRAME)
+
+    tap_readable(net)
+    first, more_wait = len(rx.take_used()), watched(net)
+    tap_readable(net)
+
+    assert (first, more_wait, len(rx.take_used())) == (virtio_net.RX_BATCH, True, 6)

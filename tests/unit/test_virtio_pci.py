@@ -1481,3 +1481,332 @@ def test_virtio_pci_restarted_device_leaves_intx_to_after_restart(rng, fds):
     VirtioRng.restore(prepared("virtio-rng", fds, restarted=True), state)
 
     assert signalled(fds["intx"]) == 0
+
+
+# -- mutation audit: guest-facing checks no test caught when broken -------------------------------
+def served_one(rng: VirtioRng, driver: Driver) -> Ring:
+    """Queue 0 running on a ring with one chain served (the ISR's queue bit set, INTx)."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    assert len(ring.take_used()) == 1
+    return ring
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_virtio_pci_isr_read_wider_than_its_byte_is_bad_and_leaves_it_set(rng, driver, size):
+    """4.1.4.5: the ISR status is one byte, read (and cleared) by a byte access. A wider read
+    is no read of it: as many zeros as were asked (never a reply of another width), counted,
+    and the ISR is still there for the driver's byte read."""
+    served_one(rng, driver)
+    bad = rng.ctx.counters.bad_access
+
+    raw = rng.read(ISR, size)
+
+    assert (raw, rng.ctx.counters.bad_access - bad) == (bytes(size), 1)
+    assert driver.rd(ISR, 1) == 1
+
+
+def test_virtio_pci_notify_past_the_last_queue_is_a_bad_access_not_a_queue(rng, driver):
+    """The notify structure covers num_queues * multiplier bytes (4.1.4.4): a write just past
+    it names no queue (a queue index past the device's crashed it), and serves nothing."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.add([(*ring.buffer(8), True)])
+    bad = rng.ctx.counters.bad_access
+
+    driver.wr(NOTIFY + 4 * rng.queue_count, 0, 2)
+
+    assert (rng.ctx.counters.bad_access - bad, ring.take_used()) == (1, [])
+
+
+def test_virtio_pci_driver_feature_select_past_128_bits_takes_nothing(rng, driver):
+    """driver_feature_select 4 and on name no feature bits: a write there is ignored (and
+    counted), reads 0, and leaves nothing in driver_features that would make the device
+    refuse FEATURES_OK (an unbounded select was a shift of the guest's choosing)."""
+    driver.set_common(0x08, 4, 4)
+    bad = rng.ctx.counters.bad_access
+
+    driver.set_common(0x0C, 0xFFFF_FFFF, 4)
+
+    assert (rng.ctx.counters.bad_access - bad, driver.common(0x0C, 4)) == (1, 0)
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+
+
+def test_virtio_pci_queue_address_written_16_bits_at_a_time_is_bad(rng, driver):
+    """4.1.3.1: a 64-bit field is accessed as a whole or as two 32-bit halves; a 16-bit
+    access is neither: counted, and the field keeps its value."""
+    driver.set_common(0x20, 0x1234, 2)
+
+    assert (driver.common(0x20, 8), rng.ctx.counters.bad_access) == (0, 1)
+
+
+def test_virtio_pci_enabled_queue_keeps_its_size_and_addresses(rng, driver):
+    """4.1.4.3.2: the driver sets a queue up before queue_enable and does not change it while
+    enabled: such writes are ignored (counted), else the device would save and restore a
+    ring other than the one it runs. It goes on serving the ring it was enabled on."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    bad = rng.ctx.counters.bad_access
+
+    driver.set_common(0x18, ring.size // 2, 2)
+    driver.set_common(0x20, 0x8000, 4)
+    driver.set_common(0x30, 0x9000, 4)
+
+    assert (driver.common(0x18, 2), driver.common(0x20, 8), driver.common(0x30, 8)) == (
+        ring.size,
+        ring.desc,
+        ring.used,
+    )
+    assert rng.ctx.counters.bad_access - bad == 3
+    assert rng.save().queues[0].desc == ring.desc
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    assert len(ring.take_used()) == 1
+
+
+@pytest.mark.parametrize("size", [0, 512, 1 << 15])
+def test_virtio_pci_queue_size_zero_or_past_the_offered_is_refused(rng, driver, size):
+    """A driver may make a queue smaller than the device offers (4.1.4.3), a power of 2,
+    never 0 (no queue) nor larger than the offered 256."""
+    driver.set_common(0x18, size, 2)
+
+    assert (driver.common(0x18, 2), rng.ctx.counters.bad_access) == (256, 1)
+
+
+@pytest.mark.parametrize("value", [2, 0x8001])
+def test_virtio_pci_queue_enable_of_a_value_other_than_1_enables_nothing(rng, driver, value):
+    """4.1.4.3: queue_enable 1 enables the queue; another value is no enable."""
+    ring = Ring(rng.ram)
+    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
+    driver.set_common(0x16, 0, 2)
+    for off, gpa in ((0x20, ring.desc), (0x28, ring.avail), (0x30, ring.used)):
+        driver.set_common(off, gpa, 8)
+
+    driver.set_common(0x1C, value, 2)
+
+    assert (driver.common(0x1C, 2), rng.rings) == (0, [None])
+
+
+def test_virtio_pci_driver_cannot_set_needs_reset(rng, driver):
+    """DEVICE_NEEDS_RESET is the device's (2.1.1): a status write that has it sets nothing
+    of it, and the device goes on serving."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET)
+
+    assert not driver.status() & NEEDS_RESET
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    assert len(ring.take_used()) == 1
+
+
+def test_virtio_pci_failed_status_stops_the_queues(rng, driver):
+    """2.1.1 FAILED: the driver gave the device up; it serves nothing more (the module
+    docstring: only while DRIVER_OK is set and neither NEEDS_RESET nor FAILED)."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+
+    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK | 0x80)
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+
+    assert ring.take_used() == []
+
+
+def test_virtio_pci_needs_reset_serves_nothing_though_the_driver_mends_the_ring(rng, driver):
+    """A hostile ring stops the device until the driver resets it: mending the ring (the bad
+    avail entry rewritten to a good chain) and kicking again serves nothing."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    ring.publish(200)  # a head past the queue size
+    driver.kick()
+    assert driver.status() & NEEDS_RESET
+
+    gpa, n = ring.buffer(8)
+    ring._descs(ring.desc, [(gpa, n, True)], 0)
+    ring._w(ring.avail + 4, struct.pack("<H", 0))  # avail ring[0]: head 0, a good chain
+    driver.kick()
+
+    assert ring.take_used() == []
+
+
+def test_virtio_pci_restore_refuses_a_vector_just_past_the_table(rng):
+    bad = replace(rng.save(), msix_config=rng.msix.vectors)
+
+    with pytest.raises(StateError, match="MSI-X vector"):
+        VirtioRng.restore(rng.ctx, bad)
+
+
+def test_virtio_pci_restore_refuses_a_queue_larger_than_offered(rng):
+    state = rng.save()
+    bad = replace(state, queues=(replace(state.queues[0], size=2 * VirtioRng.QUEUE_SIZE),))
+
+    with pytest.raises(StateError, match="not one offered"):
+        VirtioRng.restore(rng.ctx, bad)
+
+
+def test_virtio_pci_msix_pending_config_vector_mapped_to_no_vector_is_dropped(
+    rng, driver, fds, channel
+):
+    """4.1.5.2: with config_msix_vector NO_VECTOR, the vector pending behind its mask that
+    only the configuration event still mapped to is dropped, as for a queue's vector."""
+    pending_behind_mask(rng, driver, fds, channel)
+    driver.set_common(0x10, 1, 2)  # config_msix_vector 1 too
+    driver.set_common(0x16, 0, 2)
+    driver.set_common(0x1A, NO_VECTOR, 2)  # the queue maps away: the configuration keeps it
+
+    driver.set_common(0x10, NO_VECTOR, 2)  # ...and now nothing maps to vector 1
+    driver.wr(BAR1 + 16 + 12, 0, 4)
+
+    assert (signalled(fds["msix1"]), driver.rd(BAR1 + 0x800, 8)) == (0, 0)
+
+
+def test_virtio_pci_msix_misaligned_table_write_is_bad_and_unmasks_nothing(rng, driver):
+    """PCI 3.0 6.8.2: table accesses are aligned dwords or qwords. A dword write that
+    straddles vector 1's data and vector control is refused whole (counted): it must not
+    land in the vector control and unmask the vector."""
+    driver.wr(BAR1 + 16 + 10, 0, 4)
+
+    assert (rng.ctx.counters.bad_access, driver.rd(BAR1 + 16 + 12, 4)) == (1, 1)
+
+
+def test_virtio_pci_msix_disabled_sends_no_message_when_a_pending_vector_is_unmasked(
+    rng, driver, fds, channel
+):
+    """PCI 3.0 6.8.2.3: with MSI-X Enable clear the function sends no MSI-X message: a vector
+    pending behind its mask and unmasked then neither fires nor asks for a route."""
+    pending_behind_mask(rng, driver, fds, channel)
+    at = msix_cap(driver)
+    driver.wr(at + 2, cfg(driver, at + 2, 2) & ~0x8000, 2)  # MSI-X off
+    asked = len(channel.ops("msi"))
+
+    driver.wr(BAR1 + 16 + 12, 0, 4)  # vector 1 unmasked
+
+    assert (signalled(fds["msix1"]), len(channel.ops("msi"))) == (0, asked)
+
+
+def test_virtio_pci_msix_entry_rewritten_over_and_over_keeps_one_route_request(
+    rng, driver, channel
+):
+    """A guest rewriting an unmasked entry while the monitor answers nothing cannot grow the
+    device's outstanding requests: one per vector, the latest message's."""
+    driver.enable_bus_master()
+    msix_on(driver, vector=1)
+
+    for data in range(64):
+        driver.wr(BAR1 + 16 + 8, 0x100 + data, 4)
+
+    assert len(channel.ops("msi")) == 65
+    assert list(rng.msix._asked.values()) == [(1, MSI_ADDRESS, 0x100 + 63)]
+
+
+@pytest.mark.parametrize("length", [0, 3])
+def test_virtio_pci_cfg_access_cap_of_a_length_not_1_2_or_4_reaches_nothing(rng, driver, length):
+    """4.1.4.9: cap.length is 1, 2 or 4 (a driver's MUST). Any other selects nothing: the
+    data reads 0 and a write there changes nothing (length 0 divided by zero)."""
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 4, 0, 1)
+    driver.wr(at + 8, 0x14, 4)  # device_status
+    driver.wr(at + 12, length, 4)
+
+    assert cfg(driver, at + 16, 4) == 0
+    driver.wr(at + 16, ACK, 4)
+    assert driver.status() == 0
+
+
+def test_virtio_pci_cfg_access_cap_just_past_bar0_does_not_reach_bar1(rng, driver):
+    """The window selects cap.length bytes inside the BAR it names (4.1.4.9): offset = BAR
+    0's size is past it, not BAR 1's first dword (vector 0's message address)."""
+    driver.wr(BAR1, MSI_ADDRESS, 4)
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 4, 0, 1)
+    driver.wr(at + 8, rng.function.region_of_bar(0).size, 4)
+    driver.wr(at + 12, 4, 4)
+
+    assert cfg(driver, at + 16, 4) == 0
+    driver.wr(at + 16, 0x1234, 4)
+    assert driver.rd(BAR1, 4) == MSI_ADDRESS
+
+
+def test_virtio_pci_cfg_access_cap_bar_byte_is_kept_whole_and_a_bad_one_selects_nothing(
+    rng, driver
+):
+    """cap.bar 0x81 is no BAR (not BAR 1 by its low bits): it reads back as written, the
+    data reads 0, and a write of the data, which reaches nothing, is counted."""
+    driver.wr(BAR1, MSI_ADDRESS, 4)
+    at = pci_cfg_cap(driver)
+    driver.wr(at + 4, 0x81, 1)
+    driver.wr(at + 8, 0, 4)
+    driver.wr(at + 12, 4, 4)
+    bad = rng.ctx.counters.bad_access
+
+    assert (cfg(driver, at + 4, 1), cfg(driver, at + 16, 4)) == (0x81, 0)
+    driver.wr(at + 16, 0x1234, 4)
+    assert (rng.ctx.counters.bad_access - bad, driver.rd(BAR1, 4)) == (1, MSI_ADDRESS)
+
+
+@pytest.mark.parametrize("offset", [0x100, 0xFFC])
+def test_virtio_pci_extended_config_space_reads_as_many_zeros_as_asked(rng, offset):
+    """ECAM reaches 4 KiB of configuration space; past the 256 bytes of a conventional
+    function every read is zeros of its width (PCIe 7.9.1: no extended capability), never a
+    reply of another length."""
+    assert rng.read(offset, 4) == bytes(4)
+
+
+def test_virtio_pci_clearing_interrupt_disable_asserts_a_pending_intx(rng, driver, fds):
+    """PCI 3.0 6.2.2 bit 10: Interrupt Disable holds INTA# down; cleared while the ISR is
+    set (an interrupt pending, 4.1.4.5.1), the line comes up."""
+    ring = Ring(rng.ram)
+    driver.start(ring)
+    driver.wr(0x04, 0x0406, 2)  # memory, bus master, interrupt disable
+    ring.add([(*ring.buffer(8), True)])
+    driver.kick()
+    assert signalled(fds["intx"]) == 0
+
+    driver.wr(0x04, 0x0006, 2)
+
+    assert signalled(fds["intx"]) == 1
+
+
+def test_virtio_pci_interrupt_pin_is_read_only(driver):
+    """PCI 3.0 6.2.4: Interrupt Pin (0x3D) is read-only; only Interrupt Line is written."""
+    driver.wr(0x3C, 5, 1)
+    driver.wr(0x3D, 7, 1)
+
+    assert (cfg(driver, 0x3C, 1), cfg(driver, 0x3D, 1)) == (5, 1)
+
+
+def test_virtio_pci_restored_with_bus_master_off_holds_a_pending_vector(rng, driver, fds):
+    """PCI 3.0 6.2.2: a snapshot of a function without Bus Master Enable restores one that
+    sends no MSI-X message: its pending vector waits, routed or not, for the bit."""
+    used_with_msix(rng, driver)  # vector 1 pending: its route not confirmed yet
+    driver.wr(0x04, 0x0002, 2)  # Bus Master Enable off
+    saved = rng.save()
+    assert saved.msix_pending == 0b10
+
+    restored = VirtioRng.restore(prepared("virtio-rng", fds), saved)
+    ch = Channel()
+    restored.ctx.events.connect(ch.send)
+    restored.msix.update()
+    restored.ctx.events.route_done(int(ch.ops("msi")[-1]["id"]), True, "")
+    held = signalled(fds["msix1"])
+    Driver(restored).wr(0x04, 0x0006, 2)
+
+    assert (held, signalled(fds["msix1"])) == (0, 1)
+
+
+def test_virtio_pci_msix_answer_to_no_request_of_its_own_routes_nothing(rng, driver, channel):
+    """A route answer whose id the device is not waiting for (superseded by a newer request
+    of the vector, or never asked) confirms no message: vector 0, unmasked later at its
+    reset message, still asks for its route."""
+    driver.enable_bus_master()
+    msix_on(driver, vector=1)
+    rng.ctx.events.route_done(999, True, "")
+
+    driver.wr(BAR1 + 12, 0, 4)  # vector 0 unmasked, its message as at reset: (0, 0)
+
+    asked = [(m["vector"], m["address"], m["data"]) for m in channel.ops("msi")]
+    assert asked[-1] == (0, 0, 0)
