@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from splitvmm.errors import ConfigError
-from splitvmm.monitor.irqroutes import GsiRoutes, MsiVectors, intx_gsi
+from splitvmm.monitor.irqroutes import FIRST_MSI_GSI, GsiRoutes, MsiVectors, intx_gsi
 from splitvmm.native.routing import GsiRoute, MsiRoute, pc_default_routes
 
 MSI_ADDRESS = 0xFEE0_0000
@@ -158,3 +158,14 @@ def test_gsi_routes_check_msi_of_a_message_no_driver_programs_says_why() -> None
     routes = GsiRoutes(RoutingVm())
     routes.allocate(1, "blk0")  # GSI 24
     assert "delivery mode 101" in routes.check_msi(24, MSI_ADDRESS, 0x0541)
+
+
+@pytest.mark.parametrize("gsi", [FIRST_MSI_GSI - 1, FIRST_MSI_GSI + 2], ids=["last-pin", "next"])
+def test_gsi_routes_check_msi_refuses_the_gsis_next_to_the_allocated_ones(gsi: int) -> None:
+    """check_msi (a snapshot's routes, pci/state.py) refuses IOAPIC pin 23 and the first GSI
+    past those allocated: a route there would replace the PC's wiring of the pin, or be set
+    on a GSI no irqfd has; set_msi's own check was tested, check_msi's bounds were not."""
+    routes = GsiRoutes(RoutingVm())
+    routes.allocate(2, "blk0")  # GSIs 24 and 25
+    assert routes.check_msi(gsi, MSI_ADDRESS, 0x30) == f"GSI {gsi} is no MSI GSI of this VM"
+    assert routes.check_msi(FIRST_MSI_GSI, MSI_ADDRESS, 0x30) == ""

@@ -1,6 +1,6 @@
 """What the monitor refuses of a device that lies (or of a snapshot standing in for one), at
-unit level, beside tests/integration/test_rogue_device.py's real processes: route requests,
-register mirrors, late and stale answers, checkpoints, input counts, journals across
+unit level, beside tests/integration/test_rogue_device.py's real processes: register
+mirrors, late and stale answers, checkpoints, input counts, journals across
 restarts, the ZMTP handshake and heartbeats. One test per check; each fails if its check
 is broken (a mutation audit found them untested)."""
 
@@ -11,7 +11,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,38 +19,14 @@ import pytest
 from splitvmm.errors import DeviceFailure, ProtocolError
 from splitvmm.monitor import channel as channel_module
 from splitvmm.monitor.channel import ChannelError, DeviceChannel
-from splitvmm.monitor.irqroutes import FIRST_MSI_GSI, GsiRoutes
 from splitvmm.monitor.mirror import RegisterMirror
 from splitvmm.monitor.slot import Checkpoint, DeviceSlot, SlotState, Spawn
 from splitvmm.monitor.supervisor import HEARTBEAT_TIMEOUT_MS, Supervisor
-from splitvmm.native.routing import GsiRoute
 from splitvmm.protocol import control, events, wire, zmtp
 from splitvmm.protocol.models import MODELS
 from tests.unit.test_channel_drain import access_channel, drained_channel
 from tests.unit.test_channel_multipart import _channel, _raw_peer
 from tests.unit.test_slot import InputChannel, refuse
-
-MSI_ADDRESS = 0xFEE0_0000
-
-
-class RoutingVm:
-    def __init__(self) -> None:
-        self.tables: list[list[GsiRoute]] = []
-
-    def set_gsi_routing(self, routes: Sequence[GsiRoute]) -> None:
-        self.tables.append(list(routes))
-
-
-# -- monitor/irqroutes.py ----------------------------------------------------------------------
-@pytest.mark.parametrize("gsi", [FIRST_MSI_GSI - 1, FIRST_MSI_GSI + 2], ids=["last-pin", "next"])
-def test_gsi_routes_check_msi_refuses_the_gsis_next_to_the_allocated_ones(gsi: int) -> None:
-    """check_msi (a snapshot's routes, pci/state.py) refuses IOAPIC pin 23 and the first GSI
-    past those allocated: a route there would replace the PC's wiring of the pin, or be set
-    on a GSI no irqfd has; set_msi's own check was tested, check_msi's bounds were not."""
-    routes = GsiRoutes(RoutingVm())
-    routes.allocate(2, "blk0")  # GSIs 24 and 25
-    assert routes.check_msi(gsi, MSI_ADDRESS, 0x30) == f"GSI {gsi} is no MSI GSI of this VM"
-    assert routes.check_msi(FIRST_MSI_GSI, MSI_ADDRESS, 0x30) == ""
 
 
 # -- monitor/mirror.py -------------------------------------------------------------------------
