@@ -1393,3 +1393,134 @@ def test_checkpoint_counts_what_the_file_took_of_a_short_write_before_a_full_dis
     os.close(r)
     os.close(fd)
     assert (path.read_bytes(), counted) == (b"hell", 4)
+
+
+# -- what a lying device's events say, and restarts around them (a mutation audit's) ----------
+SERIAL_STATE = {"model": "serial", "version": MODELS["serial"].state_version, "fields": {}}
+
+
+def test_slot_checkpoint_past_the_frames_sent_is_a_broken_channel(slot, live) -> None:
+    """A checkpoint says how many frames the device applied: more than were sent is a lie
+    that would empty the journal a restart replays (and refuse every honest checkpoint
+    after it)."""
+    for _ in range(3):
+        slot.write(0, b"A")
+    slot._on_event(events.Published(SERIAL_STATE, 3, 0))  # all three: fine
+    with pytest.raises(ChannelError, match="published a checkpoint at frame 4, but it was sent 3"):
+        slot._on_event(events.Published(SERIAL_STATE, 4, 0))
+
+
+def test_slot_checkpoint_before_the_last_one_is_a_broken_channel(slot, live) -> None:
+    """Checkpoints only go forward: one behind the last would replay frames the journal no
+    longer holds (dropped when the later one came)."""
+    for _ in range(3):
+        slot.write(0, b"A")
+    slot._on_event(events.Published(SERIAL_STATE, 2, 0))
+    with pytest.raises(ChannelError, match="its last checkpoint was at 2"):
+        slot._on_event(events.Published(SERIAL_STATE, 1, 0))
+
+
+def test_slot_input_room_claiming_one_byte_more_than_was_sent_fails_the_device(slot, live) -> None:
+    """The bound exactly: 3 bytes sent, the device says it received 4 (the room it then
+    claims would let the monitor send past its buffer)."""
+    live.events.append(events.InputRoom(0, 3))
+    assert slot.input(b"abc") == 3
+    slot._on_event(events.InputRoom(3, 0))  # exactly what was sent: fine
+    with pytest.raises(ChannelError, match="said it received 4 bytes of input, but was sent 3"):
+        slot._on_event(events.InputRoom(4, 0))
+
+
+def test_slot_restart_skips_nothing_when_the_checkpoint_counts_more_than_the_file_grew(
+    tmp_path: Path,
+) -> None:
+    """skip = the file's growth less the checkpoint's emitted, never below 0: the count is
+    the device's word (a lie, or a file truncated since, as logrotate's copytruncate does),
+    and a negative skip is refused by the next process, which then never starts."""
+    out = os.open(tmp_path / "serial.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        slot = DeviceSlot(Spawn("serial0", "serial", 8, fds={"out": out}), tmp_path, refuse,
+                          lambda s, why: True)  # fmt: skip
+        os.write(out, b"boot\n")  # the file grew by 5
+        slot._checkpoint = Checkpoint(None, 0, 12)  # the device says its line took 12
+        with slot._lock:
+            resume = slot._resume_locked()
+    finally:
+        os.close(out)
+    assert resume["skip"] == 0
+
+
+def test_slot_ready_of_a_process_no_longer_in_the_slot_leaves_it_away(tmp_path: Path) -> None:
+    """A READY that comes once its process was taken out of the slot (vacate() from another
+    thread while wait_ready() waited) does not make the slot live with no process in it."""
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, lambda s, why: True)
+    gone = object()
+    assert (slot.process, slot.state) == (None, SlotState.AWAY)
+    slot._now_live(gone)  # type: ignore[arg-type]
+    assert slot.state is SlotState.AWAY
+
+
+def test_slot_restart_past_the_journal_hands_no_spare_a_journal_with_frames_missing(
+    tmp_path: Path,
+) -> None:
+    """More frames than MAX_JOURNAL since the last checkpoint: the restart is refused before
+    a warm spare is handed the rest (it would go on without the frames dropped, and the
+    check after a spare failed to take over is never reached once one takes over)."""
+    failures: list[str] = []
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse,
+                      lambda s, why: failures.append(why) or True)  # fmt: skip
+    resumed: list[object] = []
+
+    def resumer(process: object, spec: object) -> None:
+        resumed.append(spec)
+        raise DeviceFailure("the test's spare takes over nothing")
+
+    slot._resumer = resumer  # type: ignore[assignment]
+    slot._spare = (Outlived(lingered=False), os.open(os.devnull, os.O_RDONLY))  # type: ignore[assignment]
+    slot.process, slot.state, slot.restarting = Outlived(lingered=False), SlotState.AWAY, True  # type: ignore[assignment]
+    slot._lost = 5  # frames 1-5 fell out of the journal; the checkpoint is at 0
+
+    with pytest.raises(DeviceFailure, match="more than 4096 frames since its last checkpoint"):
+        slot.restart()
+    assert resumed == []
+
+
+def test_slot_writes_lost_from_the_journal_while_it_restarted_fail_the_device(
+    slot, failures
+) -> None:
+    """Posted writes that came while a restart was away past RESTART_WAIT_MS go to the new
+    process once READY; when the journal dropped some of them (more than MAX_JOURNAL) the
+    device cannot go on transparently and has failed, rather than get the rest."""
+    process = Outlived(lingered=False)
+    channel = SyncedChannel(slot)
+    slot.process, slot.channel = process, channel  # type: ignore[assignment]
+    slot.state, slot.restarting = SlotState.AWAY, True
+    with slot._lock:
+        for _ in range(3):
+            slot._journal_locked(wire.encode_write(0, b"A"))
+    slot._resumed_at, slot._lost = 0, 1  # frame 1 went out of the journal
+
+    slot._now_live(process)  # type: ignore[arg-type]
+
+    assert failures == ["more than 4096 writes came while it restarted"]
+    assert (slot.state, list(channel)) == (SlotState.FAILED, [])
+
+
+class SyncedChannel(InputChannel):
+    def sync(self, drain: bool = False) -> None:
+        pass
+
+
+def test_slot_route_request_in_an_ended_process_last_words_is_not_answered(tmp_path) -> None:
+    """As an MSI request's (test_slot.py): the answer could not go to a process that ended,
+    and its send failing ended the drain, losing its last checkpoint after the request."""
+    slot = DeviceSlot(Spawn("serial0", "serial", 8), tmp_path, refuse, lambda s, why: True)
+    answers: list[bytes] = []
+    slot.channel = SimpleNamespace(answer=answers.append)  # type: ignore[assignment]
+
+    def last_words(limited: bool) -> None:
+        slot._on_event(events.RouteRequest(9, 4))
+
+    slot._drain_events_locked(SimpleNamespace(drain_events=last_words))  # type: ignore[arg-type]
+    assert answers == []
+    slot._on_event(events.RouteRequest(9, 4))  # from a live process: answered
+    assert len(answers) == 1
