@@ -127,16 +127,20 @@ def started(dev: VirtioConsole) -> tuple[Driver, Ring, Ring]:
     return set_up(dev, rx, tx), rx, tx
 
 
-def set_up(dev: VirtioConsole, rx: Ring, tx: Ring, bus_master: bool = True) -> Driver:
+def set_up(
+    dev: VirtioConsole, rx: Ring, tx: Ring, bus_master: bool = True, driver_ok: bool = True
+) -> Driver:
     """The driver's initialisation (3.1.1) with receiveq0 on `rx` and transmitq0 on `tx`;
-    without `bus_master`, its queues are enabled with Bus Master Enable clear."""
+    without `bus_master`, its queues are enabled with Bus Master Enable clear; without
+    `driver_ok`, it stops before DRIVER_OK."""
     driver = Driver(dev)
     assert driver.negotiate(F_VERSION_1) & FEATURES_OK
     if not bus_master:
         driver.wr(COMMAND, driver.rd(COMMAND, 2) & ~COMMAND_MASTER, 2)
     driver.setup_queue(0, rx)
     driver.setup_queue(1, tx)
-    driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    if driver_ok:
+        driver.set_status(ACK | DRIVER | FEATURES_OK | DRIVER_OK)
     return driver
 
 
@@ -1793,13 +1797,7 @@ def enabled_not_running(dev: VirtioConsole, bus_master: bool) -> tuple[Driver, R
     Bus Master Enable), or set with Bus Master Enable clear."""
     rx, tx = Ring(dev.ram), Ring(dev.ram, base=TX_BASE)
     tx.heap = TX_HEAP
-    if not bus_master:
-        return set_up(dev, rx, tx, bus_master=False), rx, tx
-    driver = Driver(dev)
-    assert driver.negotiate(F_VERSION_1) & FEATURES_OK
-    driver.setup_queue(0, rx)
-    driver.setup_queue(1, tx)
-    return driver, rx, tx
+    return set_up(dev, rx, tx, bus_master=bus_master, driver_ok=not bus_master), rx, tx
 
 
 def run_now(driver: Driver, bus_master: bool) -> None:
